@@ -1,0 +1,38 @@
+# Everything installs from nothing: `make test` and `make figures` create .venv when missing.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+# Torch first, pinned to the releases this machine's pip serves from its local cache.
+TORCH_PINS := torch==2.14.1 torchvision==0.29.1
+
+.PHONY: install test test-slow figures figures-full bench clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --upgrade pip
+
+$(STAMP): $(PY) pyproject.toml
+	$(PY) -m pip install $(TORCH_PINS)
+	$(PY) -m pip install -e '.[test]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+test-slow: $(STAMP)
+	$(PY) -m pytest -q -m slow
+
+figures: $(STAMP)
+	$(PY) recipes/run_all.py --quick
+
+figures-full: $(STAMP)
+	$(PY) recipes/run_all.py
+
+bench: $(STAMP)
+	$(PY) recipes/benchmark_kernels.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,199 @@
+"""One small adapter between user models and the functional kernel core.
+
+Every entry point of genkernel accepts the same shapes of data:
+
+- ``inputs`` / ``probes``: a Tensor, or a tuple of Tensors passed as positional arguments
+  (a denoiser called as ``model(x_t, t)``). Every tensor has the batch on dimension 0.
+- ``targets``: a Tensor, a tuple of Tensors, or ``None`` when the loss needs none.
+- model outputs: a Tensor, an object with a ``.sample`` tensor (diffusers), a dict with a
+  ``"sample"`` key, or a tuple whose first element is the output. They are flattened per
+  example to ``[B, d]``.
+
+The adapter also refuses models whose per-example gradients would be meaningless (BatchNorm
+in training mode, dropout in training mode) and runs analysis passes in a context that cannot
+disturb training: modules are put in eval mode (so spectral norm's power iteration does not
+advance; BatchNorm/dropout in training mode were refused, so nothing else changes), attention
+uses the math SDPA backend (forward-mode AD does not pass through the fused CPU kernels), and
+no global random state is consumed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Callable, Iterator, Sequence
+
+import torch
+from torch import nn
+from torch.func import functional_call
+
+Batch = torch.Tensor | tuple[torch.Tensor, ...]
+
+
+def as_tuple(batch: Batch, *, name: str = "inputs") -> tuple[torch.Tensor, ...]:
+    """Return ``batch`` as a tuple of tensors; a single tensor becomes a 1-tuple."""
+    if isinstance(batch, torch.Tensor):
+        return (batch,)
+    if isinstance(batch, (tuple, list)) and len(batch) > 0 and all(isinstance(t, torch.Tensor) for t in batch):
+        return tuple(batch)
+    raise TypeError(
+        f"{name} must be a Tensor or a non-empty tuple of Tensors (positional model arguments), "
+        f"got {type(batch).__name__}"
+    )
+
+
+def batch_size(batch: tuple[torch.Tensor, ...], *, name: str = "inputs") -> int:
+    """Return the common leading dimension of every tensor in ``batch``; raise if they differ."""
+    sizes = {t.shape[0] if t.dim() > 0 else None for t in batch}
+    if None in sizes:
+        raise ValueError(f"every tensor in {name} needs a batch dimension 0; got a 0-d tensor")
+    if len(sizes) != 1:
+        raise ValueError(f"tensors in {name} disagree on the batch size: {[tuple(t.shape) for t in batch]}")
+    return sizes.pop()
+
+
+def select(batch: tuple[torch.Tensor, ...] | None, index: torch.Tensor | slice) -> tuple[torch.Tensor, ...] | None:
+    """Rows ``index`` of every tensor of ``batch`` (``None`` stays ``None``)."""
+    if batch is None:
+        return None
+    return tuple(t[index] for t in batch)
+
+
+def output_tensor(output: Any) -> torch.Tensor:
+    """The tensor inside a model output (Tensor, ``.sample``, ``{"sample": ...}``, or tuple[0])."""
+    if isinstance(output, torch.Tensor):
+        return output
+    sample = getattr(output, "sample", None)
+    if isinstance(sample, torch.Tensor):
+        return sample
+    if isinstance(output, dict) and isinstance(output.get("sample"), torch.Tensor):
+        return output["sample"]
+    if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
+        return output[0]
+    raise TypeError(
+        f"cannot find the output tensor in a {type(output).__name__}: return a Tensor, an object "
+        "with a .sample Tensor, a dict with 'sample', or a tuple whose first element is the output"
+    )
+
+
+def flat_output(output: Any, batch: int) -> torch.Tensor:
+    """Model output as ``Tensor[batch, d]``."""
+    out = output_tensor(output)
+    if out.dim() == 0 or out.shape[0] != batch:
+        raise ValueError(
+            f"the model returned shape {tuple(out.shape)} for a batch of {batch}: outputs need the "
+            "batch on dimension 0"
+        )
+    return out.reshape(batch, -1)
+
+
+def trainable_parameters(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The model's parameters that require grad, by name (the θ of every ledger)."""
+    params = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    if not params:
+        raise ValueError(
+            f"{type(model).__name__} has no trainable parameters (none with requires_grad=True): "
+            "there is nothing to attribute"
+        )
+    return params
+
+
+def check_per_example_safe(model: nn.Module) -> None:
+    """Raise if per-example analysis of ``model`` in its current mode would be wrong.
+
+    BatchNorm in training mode mixes the examples of a batch, so per-example gradients are
+    undefined; dropout in training mode makes the analysis forward differ from the training one.
+    """
+    for name, module in model.named_modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.training:
+            raise ValueError(
+                f"module '{name or type(model).__name__}' ({type(module).__name__}) is in training "
+                "mode: BatchNorm mixes the examples of a batch, so per-example gradients are "
+                "undefined. Put it in eval mode (fixed running statistics: module.eval()) or "
+                "replace it with GroupNorm/LayerNorm."
+            )
+        if isinstance(module, nn.modules.dropout._DropoutNd) and module.training and module.p > 0:
+            raise ValueError(
+                f"module '{name or type(model).__name__}' ({type(module).__name__}, p={module.p}) is "
+                "in training mode: dropout draws fresh randomness every forward, so the analysis "
+                "forward would not match the training forward. Set p=0 or call module.eval()."
+            )
+
+
+def check_deterministic(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
+    """Raise if two forward passes of ``model`` on ``inputs`` differ (hidden randomness).
+
+    Runs under ``torch.random.fork_rng`` so training's random stream is untouched.
+    """
+    devices = [t.device.index for t in inputs if t.device.type == "cuda"]
+    with torch.no_grad(), torch.random.fork_rng(devices=devices):
+        first = output_tensor(model(*inputs))
+        second = output_tensor(model(*inputs))
+    if not torch.equal(first, second):
+        raise ValueError(
+            f"{type(model).__name__} is not deterministic in its current mode: two forward passes on "
+            "the same input differ (dropout, noise injection or other randomness in training mode). "
+            "The analysis forward would not match the training forward; remove the randomness or "
+            "put the random modules in eval mode."
+        )
+
+
+@contextlib.contextmanager
+def analysis_mode(model: nn.Module) -> Iterator[None]:
+    """Context for analysis passes that must not disturb training.
+
+    Modules go to eval mode (restored afterwards, module by module), attention uses the math
+    SDPA backend (which supports forward-mode AD on every device), and the global RNG state is
+    forked and restored.
+    """
+    modes = [(m, m.training) for m in model.modules()]
+    devices = [p.device.index for p in model.parameters() if p.device.type == "cuda"]
+    try:
+        model.eval()
+        with torch.random.fork_rng(devices=devices), _math_attention():
+            yield
+    finally:
+        for module, training in modes:
+            module.training = training
+
+
+def _math_attention():
+    try:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+    except ImportError:  # pragma: no cover - older torch
+        return contextlib.nullcontext()
+    return sdpa_kernel([SDPBackend.MATH])
+
+
+def functional_model(
+    model: nn.Module, buffers: dict[str, torch.Tensor] | None = None
+) -> Callable[[dict[str, torch.Tensor], tuple[torch.Tensor, ...]], torch.Tensor]:
+    """``f(params, inputs) -> Tensor[B, d]``: the model as a pure function of its parameters.
+
+    ``params`` need only hold the trainable parameters; frozen parameters and buffers are
+    taken from the module (or ``buffers``) as they are.
+    """
+    frozen = {name: p for name, p in model.named_parameters() if not p.requires_grad}
+    fixed = {**dict(model.named_buffers()), **frozen, **(buffers or {})}
+
+    def forward(params: dict[str, torch.Tensor], inputs: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        out = functional_call(model, {**fixed, **params}, inputs, strict=False, tie_weights=True)
+        return flat_output(out, inputs[0].shape[0])
+
+    return forward
+
+
+def checked_forward(model: nn.Module, inputs: tuple[torch.Tensor, ...], *, name: str) -> torch.Tensor:
+    """Plain forward pass, ``Tensor[B, d]``, with a clear error when ``inputs`` do not fit."""
+    try:
+        out = model(*inputs)
+    except (RuntimeError, TypeError, ValueError, IndexError) as error:
+        shapes = [tuple(t.shape) for t in inputs]
+        raise ValueError(f"{name} of shapes {shapes} do not fit {type(model).__name__}: {error}") from error
+    return flat_output(out, batch_size(inputs, name=name))
+
+
+def same_device_dtype(batch: Sequence[torch.Tensor], like: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Move floating tensors of ``batch`` to ``like``'s device and dtype; others to its device."""
+    return tuple(
+        t.to(device=like.device, dtype=like.dtype) if t.is_floating_point() else t.to(like.device) for t in batch
+    )

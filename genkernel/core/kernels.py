@@ -1,0 +1,185 @@
+"""Gradient kernels and tangent features, functional: (model, inputs) -> tensor.
+
+The gradient kernel of a model f(x; θ) with d outputs is K(x, x') = J(x) J(x')ᵀ (d×d), with
+J = ∂f/∂θ over the trainable parameters. ``gradient_kernel`` returns its trace (``[M, N]``)
+or the full blocks (``[M, N, d, d]``); ``tangent_features`` returns φ(x) = J(x) itself.
+
+Per-example Jacobians come from ``torch.func`` (``functional_call`` + ``vmap`` + ``jacrev``)
+and are evaluated in row chunks sized by ``memory_budget`` so that an M×N kernel never holds
+the M×d×P and N×d×P Jacobians at once. Every pass runs in :func:`analysis_mode`, so computing
+a kernel never disturbs training.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+import torch
+from torch import nn
+from torch.func import jacrev, vmap
+
+from .adapter import (
+    Batch,
+    analysis_mode,
+    as_tuple,
+    batch_size,
+    check_per_example_safe,
+    checked_forward,
+    functional_model,
+    trainable_parameters,
+)
+
+DEFAULT_MEMORY_BUDGET = 512 * 2**20  # bytes of Jacobians held at once
+REDUCTIONS = ("trace", "none")
+
+
+def _per_example_jacobian(model: nn.Module, params: dict[str, torch.Tensor]):
+    """``jac(*inputs) -> Tensor[m, d, P]``: per-example Jacobians of a chunk of inputs."""
+    forward = functional_model(model)
+
+    def single(p: dict[str, torch.Tensor], *x: torch.Tensor) -> torch.Tensor:
+        return forward(p, tuple(t.unsqueeze(0) for t in x))[0]
+
+    jac_single = jacrev(single)
+
+    def jac(*inputs: torch.Tensor) -> torch.Tensor:
+        in_dims = (None,) + (0,) * len(inputs)
+        blocks = vmap(jac_single, in_dims=in_dims)(params, *inputs)
+        m = inputs[0].shape[0]
+        return torch.cat([blocks[name].reshape(m, blocks[name].shape[1], -1) for name in params], dim=2)
+
+    return jac
+
+
+def _chunks(n: int, size: int) -> Iterator[slice]:
+    for start in range(0, n, size):
+        yield slice(start, min(start + size, n))
+
+
+def _rows_per_chunk(memory_budget: int, d: int, num_params: int, itemsize: int, held: int) -> int:
+    """Rows of Jacobians that fit when ``held`` chunks are alive at once (vmap roughly doubles)."""
+    if memory_budget <= 0:
+        raise ValueError(f"memory_budget must be a positive number of bytes, got {memory_budget}")
+    per_row = 2 * d * num_params * itemsize
+    return max(1, memory_budget // (held * per_row))
+
+
+def _prepare(model: nn.Module, x: Batch, name: str):
+    check_per_example_safe(model)
+    params = trainable_parameters(model)
+    xs = as_tuple(x, name=name)
+    n = batch_size(xs, name=name)
+    with torch.no_grad(), analysis_mode(model):
+        d = checked_forward(model, tuple(t[:1] for t in xs), name=name).shape[1]
+    return params, xs, n, d
+
+
+def gradient_kernel(
+    model: nn.Module,
+    x1: Batch,
+    x2: Batch | None = None,
+    *,
+    normalize: bool = False,
+    reduce: str = "trace",
+    memory_budget: int = DEFAULT_MEMORY_BUDGET,
+) -> torch.Tensor:
+    """The gradient kernel between two batches of inputs.
+
+    Args:
+        model: any ``nn.Module``; outputs are flattened per example to d values.
+        x1: M inputs (Tensor or tuple of Tensors, batch on dim 0).
+        x2: N inputs, or ``None`` for ``x1`` against itself.
+        normalize: divide by sqrt(k(x, x) k(x', x')) so that values lie in [-1, 1]; with
+            ``reduce="none"`` each output pair (i, j) is normalized by its own diagonals.
+        reduce: ``"trace"`` sums J(x)_i · J(x')_i over outputs i; ``"none"`` keeps the blocks.
+        memory_budget: bytes of per-example Jacobians held at once.
+
+    Returns:
+        ``Tensor[M, N]`` for ``reduce="trace"``, ``Tensor[M, N, d, d]`` for ``reduce="none"``,
+        in the model's dtype.
+    """
+    if reduce not in REDUCTIONS:
+        raise ValueError(f"reduce must be one of {REDUCTIONS}, got {reduce!r}")
+    params, x1s, m_total, d = _prepare(model, x1, "x1")
+    x2s = x1s if x2 is None else as_tuple(x2, name="x2")
+    n_total = batch_size(x2s, name="x2")
+    if x2 is not None:
+        with torch.no_grad(), analysis_mode(model):
+            d2 = checked_forward(model, tuple(t[:1] for t in x2s), name="x2").shape[1]
+        if d2 != d:
+            raise ValueError(f"x1 gives {d} outputs per example but x2 gives {d2}")
+
+    first = next(iter(params.values()))
+    num_params = sum(p.numel() for p in params.values())
+    rows = _rows_per_chunk(memory_budget, d, num_params, first.element_size(), held=2)
+    shape = (m_total, n_total) if reduce == "trace" else (m_total, n_total, d, d)
+    kernel = torch.empty(shape, dtype=first.dtype, device=first.device)
+    diag_shape = (d,) if reduce == "none" else ()
+    diag1 = torch.empty((m_total, *diag_shape), dtype=first.dtype, device=first.device)
+    diag2 = torch.empty((n_total, *diag_shape), dtype=first.dtype, device=first.device)
+    jac = _per_example_jacobian(model, params)
+
+    def self_kernel(j: torch.Tensor) -> torch.Tensor:
+        return (j * j).sum(dim=2) if reduce == "none" else (j * j).sum(dim=(1, 2))
+
+    with analysis_mode(model):
+        # 1. Outer loop over row chunks of x1: J1 [m, d, P].
+        for rows1 in _chunks(m_total, rows):
+            j1 = jac(*(t[rows1] for t in x1s)).detach()
+            diag1[rows1] = self_kernel(j1)
+            # 2. Inner loop over row chunks of x2: J2 [n, d, P]; K = J1 J2ᵀ (Section 2, K_θ).
+            for rows2 in _chunks(n_total, rows):
+                j2 = j1 if (x2 is None and rows2 == rows1) else jac(*(t[rows2] for t in x2s)).detach()
+                if rows1.start == 0:
+                    diag2[rows2] = self_kernel(j2)
+                if reduce == "trace":
+                    kernel[rows1, rows2] = torch.einsum("mdp,ndp->mn", j1, j2)
+                else:
+                    kernel[rows1, rows2] = torch.einsum("mdp,nep->mnde", j1, j2)
+    if not normalize:
+        return kernel
+    # 3. Normalized kernel k̂ = k / sqrt(k(x, x) k(x', x')) (Section 2).
+    if reduce == "trace":
+        return normalize_kernel(kernel, diag1, diag2)
+    scale = torch.sqrt(diag1[:, None, :, None] * diag2[None, :, None, :])
+    return kernel / scale.clamp_min(torch.finfo(kernel.dtype).tiny)
+
+
+def tangent_features(
+    model: nn.Module,
+    x: Batch,
+    *,
+    output_index: int | None = None,
+    memory_budget: int = DEFAULT_MEMORY_BUDGET,
+) -> torch.Tensor:
+    """Tangent features φ(x) = ∂f(x; θ)/∂θ, flattened over the trainable parameters.
+
+    Returns:
+        ``Tensor[M, d, P]``, or ``Tensor[M, P]`` for output ``output_index``. Their inner
+        products (summed over outputs) equal :func:`gradient_kernel` with ``reduce="trace"``.
+        P follows the order of ``model.named_parameters()`` (trainable ones only).
+    """
+    params, xs, m_total, d = _prepare(model, x, "x")
+    if output_index is not None and not (-d <= output_index < d):
+        raise ValueError(f"output_index {output_index} is out of range for a model with {d} outputs")
+    first = next(iter(params.values()))
+    num_params = sum(p.numel() for p in params.values())
+    rows = _rows_per_chunk(memory_budget, d, num_params, first.element_size(), held=1)
+    width = 1 if output_index is not None else d
+    features = torch.empty((m_total, width, num_params), dtype=first.dtype, device=first.device)
+    jac = _per_example_jacobian(model, params)
+    with analysis_mode(model):
+        for chunk in _chunks(m_total, rows):
+            j = jac(*(t[chunk] for t in xs)).detach()
+            features[chunk] = j if output_index is None else j[:, output_index : output_index + 1]
+    return features[:, 0] if output_index is not None else features
+
+
+def normalize_kernel(kernel: torch.Tensor, diag1: torch.Tensor, diag2: torch.Tensor | None = None) -> torch.Tensor:
+    """k / sqrt(k(x, x) k(x', x')) for a ``[M, N]`` kernel and its diagonals ``[M]``, ``[N]``."""
+    diag2 = diag1 if diag2 is None else diag2
+    scale = torch.sqrt(diag1[:, None] * diag2[None, :])
+    return kernel / scale.clamp_min(torch.finfo(kernel.dtype).tiny)
+
+
+__all__ = ["gradient_kernel", "tangent_features", "normalize_kernel", "DEFAULT_MEMORY_BUDGET"]

@@ -1,0 +1,79 @@
+"""Per-example loss gradients, summed into groups (DESIGN.md section 2).
+
+ĝ_g = Σ_{n ∈ g} c_n ∇_θ ℓ_n: per-example gradients come from ``torch.func`` (``vmap`` over
+``grad`` of a ``functional_call``), in example chunks sized by a memory budget, and are summed
+into ``G`` groups in float64 straight away, so at most one chunk of per-example gradients is
+alive at a time.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+from torch.func import grad_and_value, vmap
+
+from .adapter import functional_model
+
+DEFAULT_GRADIENT_BUDGET = 256 * 2**20
+
+
+def group_gradients(
+    model: torch.nn.Module,
+    params: dict[str, torch.Tensor],
+    inputs: tuple[torch.Tensor, ...],
+    targets: torch.Tensor | tuple[torch.Tensor, ...] | None,
+    loss_fn: Callable[[torch.Tensor, Any], torch.Tensor],
+    groups: torch.Tensor,
+    coefficients: torch.Tensor,
+    num_groups: int,
+    *,
+    memory_budget: int = DEFAULT_GRADIENT_BUDGET,
+) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """Group-summed loss gradients and the per-example losses of the analysis forward.
+
+    Args:
+        params: the trainable parameters (θ_k), by name.
+        inputs, targets: the batch (batch on dim 0); ``targets`` may be None.
+        groups: ``LongTensor[B]`` of group ids in [0, num_groups).
+        coefficients: ``Tensor[B]`` of c_n (1/B for a mean).
+
+    Returns:
+        ``({name: Tensor[G, *shape] float64}, losses Tensor[B])``.
+    """
+    forward = functional_model(model)
+    detached = {name: p.detach() for name, p in params.items()}
+
+    # 1. One example's loss as a function of θ: ℓ_n(θ) = loss_fn(f(x_n; θ), y_n).
+    def example_loss(p, x, y):
+        out = forward(p, tuple(t.unsqueeze(0) for t in x))
+        target = None if y is None else tuple(t.unsqueeze(0) for t in y)
+        if target is not None and isinstance(targets, torch.Tensor):
+            target = target[0]
+        return loss_fn(out, target).reshape(())
+
+    per_example = vmap(grad_and_value(example_loss), in_dims=(None, 0, 0 if targets is not None else None))
+    target_tuple = None if targets is None else ((targets,) if isinstance(targets, torch.Tensor) else tuple(targets))
+
+    batch = inputs[0].shape[0]
+    num_params = sum(p.numel() for p in params.values())
+    itemsize = next(iter(params.values())).element_size()
+    chunk = max(1, memory_budget // (3 * num_params * itemsize))
+    sums = {name: torch.zeros((num_groups, *p.shape), dtype=torch.float64, device=p.device) for name, p in params.items()}
+    losses = []
+    for start in range(0, batch, chunk):
+        rows = slice(start, min(start + chunk, batch))
+        # 2. Per-example gradients ∇ℓ_n for a chunk of examples: {name: [c, *shape]}.
+        grads, values = per_example(
+            detached,
+            tuple(t[rows] for t in inputs),
+            None if target_tuple is None else tuple(t[rows] for t in target_tuple),
+        )
+        losses.append(values.detach())
+        scale = coefficients[rows].to(torch.float64)
+        index = groups[rows]
+        # 3. ĝ_g += Σ_{n ∈ chunk ∩ g} c_n ∇ℓ_n, in float64.
+        for name, g in grads.items():
+            weighted = g.detach().to(torch.float64) * scale.view(-1, *([1] * (g.dim() - 1)))
+            sums[name].index_add_(0, index, weighted)
+    return sums, torch.cat(losses)
