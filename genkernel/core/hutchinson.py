@@ -1,0 +1,489 @@
+"""Second-order (Itô) term of stochastic Domingos, by Hessian-vector products.
+
+DESIGN.md section 2, "Stochastic Domingos (expected output)". For plain SGD with step η and
+mini-batch gradient covariance Σ_k, a second-order Taylor step of a probe output adds, in
+expectation over the batch,
+
+    (η²/2) tr(Σ_k H),      H = ∇²_θ f(x; θ_k),                                          (Itô)
+
+next to the same-order deterministic term (η²/2) ḡᵀ H ḡ. Σ_k is never formed: with the
+batch's per-example loss gradients g_n, their mean ḡ and independent Rademacher signs r_n,
+
+    v = (1/B) Σ_n r_n (g_n − ḡ)   has   E[v vᵀ] = (1/B²) Σ_n (g_n − ḡ)(g_n − ḡ)ᵀ = Σ_k,   (V)
+
+(the batch estimate of Σ_k: per-example covariance with 1/B, divided by B), so
+E[vᵀ H v] = tr(Σ_k H) (Hutchinson), and vᵀ H v needs only Hessian-vector products.
+
+Model conventions shared by every function here:
+
+- `model` is an nn.Module called as model(*inputs); `x` is a Tensor or a tuple of Tensors,
+  all with the same leading (batch) dimension M >= 1. The model must treat examples
+  independently (e.g. BatchNorm in eval mode) and be deterministic (no active dropout).
+- Each example's output is flattened; it must have one element, or `output_index` picks
+  one element of the flattened output. That scalar is f(x_m; θ).
+- θ is the set of parameters named by the keys of the given dict (v, per-example gradients,
+  mean gradient): a subset of model.named_parameters(). Other parameters and buffers are
+  held fixed. Parameters are read with torch.func.functional_call, never modified.
+- Derivatives are computed in the parameters' dtype (use a float64 model for exact checks);
+  returned tensors are float64 on the parameters' device.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Mapping, Union
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call, grad, hessian, jacrev, jvp, vmap
+
+__all__ = [
+    "hessian_vector_product",
+    "per_probe_hessian_vector_product",
+    "hessian_quadratic_form",
+    "ito_term_estimate",
+    "deterministic_second_order_term",
+    "exact_trace_sigma_hessian",
+]
+
+Inputs = Union[Tensor, tuple]
+
+
+# --------------------------------------------------------------------------------------------
+# validation helpers
+# --------------------------------------------------------------------------------------------
+
+
+def _check_model(model) -> None:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
+
+
+def _as_inputs(x, name: str = "x") -> tuple[tuple[Tensor, ...], int]:
+    """Return (inputs as a tuple, batch size M); all tensors share the leading dimension."""
+    inputs = (x,) if isinstance(x, Tensor) else x
+    if not isinstance(inputs, tuple) or len(inputs) == 0 or not all(
+        isinstance(t, Tensor) for t in inputs
+    ):
+        raise TypeError(
+            f"{name} must be a Tensor or a non-empty tuple of Tensors (the model's positional "
+            f"inputs), got {type(x).__name__}."
+        )
+    sizes = {t.shape[0] if t.dim() > 0 else None for t in inputs}
+    if None in sizes or len(sizes) != 1:
+        raise ValueError(
+            f"every tensor in {name} needs the same leading batch dimension, got shapes "
+            f"{[tuple(t.shape) for t in inputs]}; add a batch dimension (x.unsqueeze(0))."
+        )
+    m = sizes.pop()
+    if m == 0:
+        raise ValueError(f"{name} has an empty batch; pass at least one example.")
+    return tuple(t.detach() for t in inputs), int(m)
+
+
+def _keys(d, name: str) -> list[str]:
+    """Keys of a dict argument, raising TypeError for anything else."""
+    if not isinstance(d, Mapping):
+        raise TypeError(f"{name} must be a dict name -> Tensor, got {type(d).__name__}.")
+    return list(d.keys())
+
+
+def _params_for(model: nn.Module, keys, name: str) -> dict[str, Tensor]:
+    """Current values (detached) of the model parameters named by `keys`."""
+    named = dict(model.named_parameters())
+    keys = list(keys)
+    if not keys:
+        raise ValueError(f"{name} is empty; give at least one parameter name.")
+    unknown = [k for k in keys if k not in named]
+    if unknown:
+        raise ValueError(
+            f"{name} has keys {unknown[:5]} that are not parameters of the model; use names "
+            f"from model.named_parameters(), e.g. {list(named)[:3]}."
+        )
+    return {k: named[k].detach() for k in keys}
+
+
+def _direction(v, params: dict[str, Tensor], name: str) -> dict[str, Tensor]:
+    """Validate a direction dict name -> Tensor[param shape]; cast to the params' dtype."""
+    if not isinstance(v, Mapping):
+        raise TypeError(f"{name} must be a dict name -> Tensor, got {type(v).__name__}.")
+    out = {}
+    for k, p in params.items():
+        t = v[k]
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{name}[{k!r}] must be a Tensor, got {type(t).__name__}.")
+        if tuple(t.shape) != tuple(p.shape):
+            raise ValueError(
+                f"{name}[{k!r}] has shape {tuple(t.shape)} but the parameter has "
+                f"{tuple(p.shape)}; pass one tensor per parameter, shaped like it."
+            )
+        if not torch.isfinite(t).all():
+            raise ValueError(f"{name}[{k!r}] contains NaN or infinite entries.")
+        out[k] = t.detach().to(device=p.device, dtype=p.dtype)
+    return out
+
+
+def _per_example(grads, params: dict[str, Tensor], name: str) -> tuple[dict[str, Tensor], int]:
+    """Validate per-example gradients name -> Tensor[B, *param shape]; return float64, B."""
+    if not isinstance(grads, Mapping):
+        raise TypeError(
+            f"{name} must be a dict name -> Tensor[B, ...], got {type(grads).__name__}."
+        )
+    out, sizes = {}, set()
+    for k, p in params.items():
+        t = grads[k]
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{name}[{k!r}] must be a Tensor, got {type(t).__name__}.")
+        if t.dim() != p.dim() + 1 or tuple(t.shape[1:]) != tuple(p.shape):
+            raise ValueError(
+                f"{name}[{k!r}] has shape {tuple(t.shape)}; expected [B, *{tuple(p.shape)}] "
+                "(one gradient per batch example, stacked on dim 0)."
+            )
+        if not torch.isfinite(t).all():
+            raise ValueError(f"{name}[{k!r}] contains NaN or infinite entries.")
+        sizes.add(int(t.shape[0]))
+        out[k] = t.detach().to(device=p.device, dtype=torch.float64)
+    if len(sizes) != 1:
+        raise ValueError(f"{name} tensors disagree on the batch size B: {sorted(sizes)}.")
+    b = sizes.pop()
+    if b == 0:
+        raise ValueError(f"{name} has an empty batch (B = 0).")
+    return out, b
+
+
+def _check_lr(lr) -> float:
+    if isinstance(lr, Tensor) and lr.numel() == 1:
+        lr = float(lr)
+    if isinstance(lr, bool) or not isinstance(lr, (int, float)):
+        raise TypeError(f"lr must be a float, got {type(lr).__name__}.")
+    if not (math.isfinite(lr) and lr > 0):
+        raise ValueError(f"lr must be a finite number > 0, got {lr!r}.")
+    return float(lr)
+
+
+def _check_output_index(output_index) -> None:
+    if output_index is not None and (
+        isinstance(output_index, bool) or not isinstance(output_index, int)
+    ):
+        raise TypeError(f"output_index must be an int or None, got {type(output_index).__name__}.")
+
+
+def _scalar_outputs(model, params, inputs, m: int, output_index) -> Tensor:
+    """f(x_m; θ) for every example m, Tensor[M] (differentiable in `params`)."""
+    out = functional_call(model, params, inputs)
+    if not isinstance(out, Tensor):
+        raise TypeError(
+            f"the model returned {type(out).__name__}; it must return one Tensor [M, ...]. "
+            "Wrap it so that it returns the output to analyse."
+        )
+    if out.dim() == 0 or out.shape[0] != m:
+        raise ValueError(
+            f"the model output has shape {tuple(out.shape)}; expected a leading batch "
+            f"dimension M = {m}."
+        )
+    flat = out.reshape(m, -1)
+    if output_index is None:
+        if flat.shape[1] != 1:
+            raise ValueError(
+                f"each example's output has {flat.shape[1]} elements; pass output_index to "
+                "choose the scalar f(x) (an index into the flattened per-example output)."
+            )
+        return flat[:, 0]
+    if not -flat.shape[1] <= output_index < flat.shape[1]:
+        raise ValueError(
+            f"output_index={output_index} is out of range for {flat.shape[1]} output elements."
+        )
+    return flat[:, output_index]
+
+
+def _f64(d: dict[str, Tensor]) -> dict[str, Tensor]:
+    return {k: t.to(torch.float64) for k, t in d.items()}
+
+
+# --------------------------------------------------------------------------------------------
+# Hessian-vector products
+# --------------------------------------------------------------------------------------------
+
+
+def hessian_vector_product(model: nn.Module, x: Inputs, v: Mapping[str, Tensor], *,
+                           output_index: int | None = None) -> dict[str, Tensor]:
+    """H v with H = ∇²_θ Σ_m f(x_m; θ), the Hessian of the output summed over the batch.
+
+    For a single example (M = 1) this is ∇²_θ f(x; θ) v. For one HVP per probe use
+    :func:`per_probe_hessian_vector_product`.
+
+    Args:
+        model: the network (see module docstring for conventions).
+        x: Tensor[M, ...] or tuple of them.
+        v: dict name -> Tensor[param shape]; its keys choose θ.
+        output_index: element of the flattened per-example output, or None for scalar outputs.
+
+    Returns:
+        dict name -> Tensor[param shape] float64, the HVP.
+
+    Algorithm:
+        1. s(θ) = Σ_m f(x_m; θ) through functional_call.
+        2. Forward-over-reverse: jvp of grad(s) at θ along v gives H v.
+    """
+    _check_model(model)
+    _check_output_index(output_index)
+    inputs, m = _as_inputs(x)
+    params = _params_for(model, _keys(v, "v"), "v")
+    vv = _direction(v, params, "v")
+
+    # 1. summed scalar output
+    def total(p):
+        return _scalar_outputs(model, p, inputs, m, output_index).sum()
+
+    # 2. forward-over-reverse
+    _, hv = jvp(grad(total), (params,), (vv,))
+    return _f64(hv)
+
+
+def per_probe_hessian_vector_product(model: nn.Module, probe_x: Inputs,
+                                     v: Mapping[str, Tensor], *,
+                                     output_index: int | None = None) -> dict[str, Tensor]:
+    """H_m v for every probe, H_m = ∇²_θ f(x_m; θ).
+
+    Args:
+        model, output_index: as in :func:`hessian_vector_product`.
+        probe_x: Tensor[M, ...] or tuple of them, M probes.
+        v: dict name -> Tensor[param shape], the same direction for every probe.
+
+    Returns:
+        dict name -> Tensor[M, *param shape] float64; entry m is H_m v.
+
+    Algorithm:
+        1. F(θ) = [f(x_1; θ), ..., f(x_M; θ)].
+        2. jacrev(F) is the per-probe gradient [M, P]; its jvp along v is [H_m v]_m.
+    """
+    _check_model(model)
+    _check_output_index(output_index)
+    inputs, m = _as_inputs(probe_x, "probe_x")
+    params = _params_for(model, _keys(v, "v"), "v")
+    vv = _direction(v, params, "v")
+
+    def outputs(p):
+        return _scalar_outputs(model, p, inputs, m, output_index)
+
+    _, hv = jvp(jacrev(outputs), (params,), (vv,))
+    return _f64(hv)
+
+
+def hessian_quadratic_form(model: nn.Module, probe_x: Inputs, v: Mapping[str, Tensor], *,
+                           output_index: int | None = None) -> Tensor:
+    """vᵀ H_m v for every probe, H_m = ∇²_θ f(x_m; θ).
+
+    Args:
+        model, output_index: as in :func:`hessian_vector_product`.
+        probe_x: Tensor[M, ...] or tuple of them.
+        v: dict name -> Tensor[param shape].
+
+    Returns:
+        Tensor[M] float64.
+
+    Algorithm:
+        1. The second directional derivative d²/dt² f(x_m; θ + t v) at t = 0 equals vᵀ H_m v;
+           compute it as a jvp of a jvp (forward over forward), all probes in one pass.
+    """
+    _check_model(model)
+    _check_output_index(output_index)
+    inputs, m = _as_inputs(probe_x, "probe_x")
+    params = _params_for(model, _keys(v, "v"), "v")
+    vv = _direction(v, params, "v")
+    return _quad_form_fn(model, params, inputs, m, output_index)(vv).to(torch.float64)
+
+
+def _quad_form_fn(model, params, inputs, m, output_index):
+    """Return v -> [vᵀ H_m v]_m (forward over forward), in the params' dtype."""
+
+    def outputs(p):
+        return _scalar_outputs(model, p, inputs, m, output_index)
+
+    def quad(v):
+        def first(p):
+            return jvp(outputs, (p,), (v,))[1]
+
+        return jvp(first, (params,), (v,))[1]
+
+    return quad
+
+
+# --------------------------------------------------------------------------------------------
+# Itô term and the deterministic second-order term
+# --------------------------------------------------------------------------------------------
+
+
+def ito_term_estimate(model: nn.Module, probe_x: Inputs,
+                      per_example_grads: Mapping[str, Tensor], lr: float, *,
+                      num_samples: int, generator: torch.Generator,
+                      output_index: int | None = None,
+                      chunk_size: int | None = None) -> tuple[Tensor, Tensor]:
+    """Hutchinson estimate of the Itô term (η²/2) tr(Σ_k H_m) for every probe.
+
+    Args:
+        model, output_index: as in :func:`hessian_vector_product`.
+        probe_x: Tensor[M, ...] or tuple of them, M probes with one scalar output each.
+        per_example_grads: dict name -> Tensor[B, *param shape], the batch's per-example loss
+            gradients g_n at θ_k (their keys choose θ). For a loss with per-example
+            coefficients, pass the gradients of the per-example losses ℓ_n.
+        lr: the SGD step size η > 0.
+        num_samples: number S >= 2 of Rademacher draws.
+        generator: torch.Generator drawing the signs (on the device it belongs to); results
+            are reproducible for a given seed and do not depend on chunk_size.
+        chunk_size: draws evaluated together under torch.func.vmap (per-call overhead
+            dominates small models, so larger is faster); memory grows as chunk_size x P for
+            the directions plus chunk_size x M forward activations. None (default) takes
+            min(num_samples, max(1, 2**25 // P)), about 256 MB of float64 directions.
+            1 evaluates one draw at a time without vmap (for ops lacking batching rules).
+
+    Returns:
+        (mean, stderr), each Tensor[M] float64: the average of (η²/2) v_sᵀ H_m v_s over the
+        S draws, an unbiased estimate of (η²/2) tr(Σ_k H_m) with Σ_k as in (V), and its
+        standard error std_s / sqrt(S). With B = 1 the covariance is 0 and so is the term.
+
+    Note:
+        The exact value is (η²/2)(1/B²) Σ_n (g_n − ḡ)ᵀ H_m (g_n − ḡ): B quadratic forms. When
+        S would be comparable to B, computing those directly is cheaper and has no noise.
+
+    Algorithm:
+        1. Centre the gradients, d_n = g_n − ḡ (float64).
+        2. Draw signs r ∈ {−1, +1}^{S×B} from `generator`.
+        3. v_s = (1/B) Σ_n r_{s,n} d_n                                                      (V)
+        4. q_{s,m} = v_sᵀ H_m v_s by forward-over-forward directional derivatives, in chunks.
+        5. t = (η²/2) q; mean over s and standard error std(ddof=1)/sqrt(S).        (Itô)
+    """
+    _check_model(model)
+    _check_output_index(output_index)
+    eta = _check_lr(lr)
+    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 2:
+        raise ValueError(f"num_samples must be an int >= 2 (for a standard error), got "
+                         f"{num_samples!r}.")
+    if not isinstance(generator, torch.Generator):
+        raise TypeError(
+            f"generator must be a torch.Generator (e.g. torch.Generator().manual_seed(0)), "
+            f"got {type(generator).__name__}."
+        )
+    if chunk_size is not None and (
+        isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1
+    ):
+        raise ValueError(f"chunk_size must be an int >= 1 or None, got {chunk_size!r}.")
+    inputs, m = _as_inputs(probe_x, "probe_x")
+    params = _params_for(
+        model, _keys(per_example_grads, "per_example_grads"),
+        "per_example_grads")
+    g, b = _per_example(per_example_grads, params, "per_example_grads")
+    if chunk_size is None:
+        p_total = sum(p.numel() for p in params.values())
+        chunk_size = min(num_samples, max(1, 2**25 // p_total))
+    # 1. centre
+    d = {k: t - t.mean(dim=0, keepdim=True) for k, t in g.items()}
+    # 2. Rademacher signs, all draws at once (S x B is small)
+    signs = torch.randint(0, 2, (num_samples, b), generator=generator,
+                          device=generator.device).to(torch.float64) * 2.0 - 1.0
+    quad = _quad_form_fn(model, params, inputs, m, output_index)
+    batched = vmap(quad) if chunk_size > 1 else None
+    values = []
+    for start in range(0, num_samples, chunk_size):
+        r = signs[start:start + chunk_size]
+        # 3. v_s = (1/B) Σ_n r_{s,n} d_n, cast to the parameters' dtype
+        vs = {}
+        for k, t in d.items():
+            r_k = r.to(t.device)
+            vs[k] = (torch.tensordot(r_k, t, dims=([1], [0])) / b).to(params[k].dtype)
+        # 4. quadratic forms
+        if batched is None:
+            values.append(quad({k: t[0] for k, t in vs.items()})[None])
+        else:
+            values.append(batched(vs))
+    q = torch.cat(values, dim=0).to(torch.float64)  # [S, M]
+    # 5. scale, mean, standard error
+    terms = 0.5 * eta**2 * q
+    return terms.mean(dim=0), terms.std(dim=0, correction=1) / math.sqrt(num_samples)
+
+
+def deterministic_second_order_term(model: nn.Module, probe_x: Inputs,
+                                    mean_grad: Mapping[str, Tensor], lr: float, *,
+                                    output_index: int | None = None) -> Tensor:
+    """The deterministic second-order term (η²/2) ḡᵀ H_m ḡ for every probe.
+
+    Args:
+        model, output_index: as in :func:`hessian_vector_product`.
+        probe_x: Tensor[M, ...] or tuple of them.
+        mean_grad: dict name -> Tensor[param shape], the batch-mean loss gradient ḡ.
+        lr: the SGD step size η > 0.
+
+    Returns:
+        Tensor[M] float64.
+
+    Algorithm:
+        1. q_m = ḡᵀ H_m ḡ by forward-over-forward directional derivatives.
+        2. Multiply by η²/2.
+    """
+    _check_model(model)
+    _check_output_index(output_index)
+    eta = _check_lr(lr)
+    inputs, m = _as_inputs(probe_x, "probe_x")
+    params = _params_for(model, _keys(mean_grad, "mean_grad"),
+                         "mean_grad")
+    gbar = _direction(mean_grad, params, "mean_grad")
+    q = _quad_form_fn(model, params, inputs, m, output_index)(gbar).to(torch.float64)
+    return 0.5 * eta**2 * q
+
+
+def exact_trace_sigma_hessian(model: nn.Module, probe_x: Inputs,
+                              per_example_grads: Mapping[str, Tensor], lr: float, *,
+                              output_index: int | None = None,
+                              max_params: int = 4096) -> Tensor:
+    """Exact (η²/2) tr(Σ_k H_m), forming H_m and Σ_k as matrices. For tests and small models.
+
+    Args:
+        model, output_index: as in :func:`hessian_vector_product`.
+        probe_x: Tensor[M, ...] or tuple of them.
+        per_example_grads: dict name -> Tensor[B, *param shape] (keys choose θ).
+        lr: the SGD step size η > 0.
+        max_params: refuse models with more than this many parameters in θ (H is P x P per
+            probe); use :func:`ito_term_estimate` for those.
+
+    Returns:
+        Tensor[M] float64.
+
+    Algorithm:
+        1. Flatten θ (keys in dict order) to a vector of length P.
+        2. H = torch.func.hessian of θ ↦ [f(x_m; θ)]_m, shape [M, P, P].
+        3. D[n] = g_n − ḡ flattened, Σ_k = Dᵀ D / B²                                       (V)
+        4. (η²/2) Σ_{ij} Σ_k[i, j] H_m[i, j]                                              (Itô)
+    """
+    _check_model(model)
+    _check_output_index(output_index)
+    eta = _check_lr(lr)
+    inputs, m = _as_inputs(probe_x, "probe_x")
+    params = _params_for(
+        model, _keys(per_example_grads, "per_example_grads"),
+        "per_example_grads")
+    g, b = _per_example(per_example_grads, params, "per_example_grads")
+    # 1. flatten
+    names = list(params)
+    shapes = [params[k].shape for k in names]
+    sizes = [params[k].numel() for k in names]
+    p_total = sum(sizes)
+    if p_total > max_params:
+        raise ValueError(
+            f"θ has {p_total} parameters > max_params={max_params}; the explicit Hessian would "
+            "be too large. Use ito_term_estimate, or raise max_params."
+        )
+    flat0 = torch.cat([params[k].reshape(-1) for k in names])
+
+    def outputs_flat(flat):
+        pieces = torch.split(flat, sizes)
+        p = {k: piece.reshape(s) for k, piece, s in zip(names, pieces, shapes)}
+        return _scalar_outputs(model, p, inputs, m, output_index)
+
+    # 2. explicit Hessians
+    h = hessian(outputs_flat)(flat0).to(torch.float64)  # [M, P, P]
+    # 3. batch covariance
+    dmat = torch.cat([g[k].reshape(b, -1) for k in names], dim=1)
+    dmat = dmat - dmat.mean(dim=0, keepdim=True)
+    sigma = dmat.T @ dmat / b**2
+    # 4. trace
+    return 0.5 * eta**2 * torch.einsum("ij,mij->m", sigma.to(h.device), h)

@@ -1,0 +1,612 @@
+"""Spectral tools for path kernels: generalization and the null space.
+
+DESIGN.md section 2, "Generalization and the null space". Given the N x N Gram matrix of a
+(path) kernel over the training inputs, these functions
+
+- eigen-decompose it (:func:`eigendecompose`),
+- extend its eigenvectors to eigenfunctions at new inputs (:func:`nystrom_extend`),
+- measure how much of a target lies in the top-k eigenspace (:func:`top_k_target_energy`,
+  :func:`target_energy_curve`) and how well kernel and target align
+  (:func:`kernel_target_alignment`),
+- measure, for each test input, the part of its kernel feature outside the span the operator
+  can reach (:func:`out_of_span_residual`), and correlate it with the test error
+  (:func:`spearman_with_interval`),
+- assemble the path kernel from checkpoint kernels (:func:`path_kernel_gram`).
+
+Conventions. Kernels are symmetric PSD. The integral operator on the training sample is
+
+    (T g)(x) = (1/N) Σ_n K(x, x_n) g(x_n),                                             (T)
+
+so if K u = λ u for the Gram matrix K[n, m] = K(x_n, x_m), the operator eigenvalue is λ / N.
+All functions accept torch tensors (any float dtype, any device) or array-likes and compute in
+float64 on the CPU with scipy; tensors they return are torch float64 on the CPU.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import scipy.linalg
+import scipy.stats
+import torch
+from torch import Tensor
+
+__all__ = [
+    "KernelEigensystem",
+    "eigendecompose",
+    "operator_eigenvalues",
+    "nystrom_extend",
+    "top_k_target_energy",
+    "target_energy_curve",
+    "kernel_target_alignment",
+    "default_ridge",
+    "out_of_span_residual",
+    "spearman_with_interval",
+    "path_kernel_gram",
+]
+
+
+# --------------------------------------------------------------------------------------------
+# input helpers
+# --------------------------------------------------------------------------------------------
+
+
+def _to_numpy(x, name: str) -> np.ndarray:
+    """Return `x` as a float64 numpy array (a copy when it came from torch).
+
+    Raises:
+        TypeError: when `x` is not a tensor or an array-like of real numbers.
+        ValueError: when it holds NaN or infinity.
+    """
+    if isinstance(x, Tensor):
+        if x.is_complex():
+            raise TypeError(f"{name} is a complex tensor; pass a real-valued tensor.")
+        arr = x.detach().to(device="cpu", dtype=torch.float64).numpy()
+    else:
+        try:
+            arr = np.asarray(x, dtype=np.float64)
+        except (TypeError, ValueError) as exc:
+            raise TypeError(
+                f"{name} must be a torch.Tensor or an array-like of real numbers, "
+                f"got {type(x).__name__}."
+            ) from exc
+    if not np.all(np.isfinite(arr)):
+        raise ValueError(f"{name} contains NaN or infinite entries; clean the input first.")
+    return arr
+
+
+def _square(gram, name: str = "gram") -> np.ndarray:
+    """Return `gram` as a float64 numpy [N, N] array, raising on a non-square shape."""
+    k = _to_numpy(gram, name)
+    if k.ndim != 2 or k.shape[0] != k.shape[1] or k.shape[0] == 0:
+        raise ValueError(
+            f"{name} must be a non-empty square matrix [N, N], got shape {tuple(k.shape)}; "
+            "pass the Gram matrix of the training inputs."
+        )
+    return k
+
+
+def _targets(y, n: int, name: str = "y") -> np.ndarray:
+    """Return targets as a float64 [N, d] array (a vector [N] becomes [N, 1])."""
+    arr = _to_numpy(y, name)
+    if arr.ndim == 1:
+        arr = arr[:, None]
+    if arr.ndim != 2 or arr.shape[0] != n:
+        raise ValueError(
+            f"{name} must have shape [N] or [N, d] with N = {n}, got {tuple(arr.shape)}; "
+            "pass one target row per training input, in Gram-matrix order."
+        )
+    if not np.any(arr):
+        raise ValueError(f"{name} is identically zero; energy and alignment are undefined.")
+    return arr
+
+
+# --------------------------------------------------------------------------------------------
+# eigen-decomposition
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class KernelEigensystem:
+    """Eigen-decomposition of a symmetric PSD Gram matrix, K = U diag(λ) Uᵀ.
+
+    Attributes:
+        eigenvalues: Tensor[N] float64, descending, non-negative (tiny negative ones clipped).
+        eigenvectors: Tensor[N, N] float64; column i is u_i, columns orthonormal.
+        min_raw_eigenvalue: the most negative eigenvalue found before clipping (0.0 when none
+            was negative): a measure of how far the input was from PSD.
+        num_clipped: how many negative eigenvalues were set to 0.
+    """
+
+    eigenvalues: Tensor
+    eigenvectors: Tensor
+    min_raw_eigenvalue: float
+    num_clipped: int
+
+    @property
+    def size(self) -> int:
+        """N, the number of training inputs."""
+        return int(self.eigenvalues.shape[0])
+
+
+def eigendecompose(gram, *, psd_tol: float = 1e-8) -> KernelEigensystem:
+    """Eigen-decompose a symmetric PSD Gram matrix.
+
+    Args:
+        gram: Tensor[N, N], the kernel on the training inputs.
+        psd_tol: negative eigenvalues with |λ| <= psd_tol * max|λ| are rounding and are
+            clipped to 0; a more negative eigenvalue means the matrix is not PSD and raises.
+
+    Returns:
+        KernelEigensystem with eigenvalues [N] (descending, >= 0) and eigenvectors [N, N]
+        (orthonormal columns), plus the most negative raw eigenvalue and the clip count.
+
+    Raises:
+        ValueError: non-square or non-finite input, or an eigenvalue below -psd_tol * max|λ|.
+
+    Algorithm:
+        1. Symmetrize, K ← (K + Kᵀ)/2 (removes asymmetric rounding from accumulation).
+        2. scipy.linalg.eigh gives ascending eigenpairs; reverse them to descending.
+        3. Record the most negative eigenvalue; clip negatives within tolerance to 0.
+    """
+    if not (isinstance(psd_tol, (int, float)) and math.isfinite(psd_tol) and psd_tol >= 0):
+        raise ValueError(f"psd_tol must be a finite number >= 0, got {psd_tol!r}.")
+    k = _square(gram)
+    # 1. symmetrize
+    k = 0.5 * (k + k.T)
+    # 2. eigh, descending
+    vals, vecs = scipy.linalg.eigh(k)
+    vals = vals[::-1].copy()
+    vecs = vecs[:, ::-1].copy()
+    # 3. clip within tolerance
+    scale = float(np.max(np.abs(vals)))
+    min_raw = float(min(vals[-1], 0.0))
+    negative = vals < 0
+    if min_raw < -psd_tol * scale:
+        raise ValueError(
+            f"gram is not positive semi-definite: eigenvalue {min_raw:.3e} against largest "
+            f"|eigenvalue| {scale:.3e} (tolerance psd_tol={psd_tol:g}). Check that the kernel "
+            "is a Gram matrix of features with non-negative step sizes, or raise psd_tol."
+        )
+    vals[negative] = 0.0
+    return KernelEigensystem(
+        eigenvalues=torch.from_numpy(vals),
+        eigenvectors=torch.from_numpy(vecs),
+        min_raw_eigenvalue=min_raw,
+        num_clipped=int(np.count_nonzero(negative)),
+    )
+
+
+def operator_eigenvalues(system: KernelEigensystem) -> Tensor:
+    """Eigenvalues of the integral operator (T) on the training sample.
+
+    Returns:
+        Tensor[N] float64, μ_i = λ_i / N, descending.
+    """
+    _check_system(system)
+    return system.eigenvalues / system.size
+
+
+def _check_system(system) -> None:
+    if not isinstance(system, KernelEigensystem):
+        raise TypeError(
+            f"expected a KernelEigensystem, got {type(system).__name__}; "
+            "build one with eigendecompose(gram)."
+        )
+
+
+def _num_usable(eigenvalues: np.ndarray, rtol: float) -> int:
+    """Number of eigenvalues with λ_i > rtol * λ_1 (eigenvalues descending)."""
+    top = eigenvalues[0]
+    if top <= 0:
+        return 0
+    return int(np.count_nonzero(eigenvalues > rtol * top))
+
+
+# --------------------------------------------------------------------------------------------
+# Nyström extension
+# --------------------------------------------------------------------------------------------
+
+
+def nystrom_extend(
+    system: KernelEigensystem,
+    cross_kernel,
+    *,
+    k: int | None = None,
+    rtol: float = 1e-10,
+    normalization: str = "vector",
+) -> Tensor:
+    """Extend the Gram eigenvectors to eigenfunctions of the operator (T) at new inputs.
+
+    With K u_i = λ_i u_i and the operator eigenvalue μ_i = λ_i / N, the eigenfunction
+    equation φ_i = (1/μ_i) T φ_i evaluated at any x gives the Nyström formula
+
+        φ_i(x) = (1/λ_i) Σ_n K(x, x_n) u_i[n].                                         (Ny)
+
+    Normalisation ("vector", the default): φ_i(x_n) = u_i[n] on the training inputs, i.e.
+    the restriction of φ_i to the sample is the unit-norm Gram eigenvector, so the empirical
+    L2 norm is (1/N) Σ_n φ_i(x_n)² = 1/N. With normalization="l2" the result is multiplied by
+    sqrt(N) so that (1/N) Σ_n φ_i(x_n)² = 1 (orthonormal in L2 of the empirical measure).
+
+    Which eigenvalues are usable: (Ny) divides by λ_i, so an eigenfunction is only defined
+    for λ_i > rtol * λ_1 (λ_1 the largest). With k=None every usable eigenfunction is
+    returned; an explicit k larger than the number usable raises.
+
+    Args:
+        system: from :func:`eigendecompose` on the training Gram matrix.
+        cross_kernel: Tensor[M, N], cross_kernel[m, n] = K(x'_m, x_n) between the new inputs
+            and the training inputs (same kernel, same training order as the Gram matrix).
+        k: number of leading eigenfunctions (1 <= k <= usable count), or None for all usable.
+        rtol: relative eigenvalue threshold of the usable rule above.
+        normalization: "vector" or "l2", see above.
+
+    Returns:
+        Tensor[M, k] float64, column i is φ_i at the M new inputs.
+
+    Raises:
+        TypeError / ValueError: wrong types, shapes, k out of range, no usable eigenvalue.
+
+    Algorithm:
+        1. Count usable eigenvalues, λ_i > rtol * λ_1; settle k.
+        2. φ = K_cross U_k diag(1/λ_k)                                                 (Ny)
+        3. Multiply by sqrt(N) for normalization="l2".
+    """
+    _check_system(system)
+    if normalization not in ("vector", "l2"):
+        raise ValueError(f'normalization must be "vector" or "l2", got {normalization!r}.')
+    if not (isinstance(rtol, (int, float)) and math.isfinite(rtol) and rtol > 0):
+        raise ValueError(f"rtol must be a finite number > 0, got {rtol!r}.")
+    n = system.size
+    cross = _to_numpy(cross_kernel, "cross_kernel")
+    if cross.ndim != 2 or cross.shape[1] != n:
+        raise ValueError(
+            f"cross_kernel must have shape [M, N] with N = {n} training inputs, got "
+            f"{tuple(cross.shape)}; rows are new inputs, columns the training inputs."
+        )
+    lam = system.eigenvalues.numpy()
+    vecs = system.eigenvectors.numpy()
+    # 1. usable eigenvalues
+    usable = _num_usable(lam, rtol)
+    if usable == 0:
+        raise ValueError("the Gram matrix has no eigenvalue above rtol * largest; "
+                         "the kernel is zero and has no eigenfunctions.")
+    if k is None:
+        k = usable
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)):
+        raise TypeError(f"k must be an int or None, got {type(k).__name__}.")
+    if not 1 <= k <= usable:
+        raise ValueError(
+            f"k={k} but only {usable} eigenvalues exceed rtol * largest (rtol={rtol:g}); "
+            f"eigenfunctions of negligible eigenvalues are not defined. Use k <= {usable}, "
+            "or lower rtol if those eigenvalues are genuine."
+        )
+    # 2. Nyström formula
+    phi = (cross @ vecs[:, :k]) / lam[:k]
+    # 3. normalisation
+    if normalization == "l2":
+        phi = phi * math.sqrt(n)
+    return torch.from_numpy(np.ascontiguousarray(phi))
+
+
+# --------------------------------------------------------------------------------------------
+# target energy and alignment
+# --------------------------------------------------------------------------------------------
+
+
+def target_energy_curve(system: KernelEigensystem, y) -> Tensor:
+    """Share of target energy in the top-k eigenspace, for every k.
+
+    E(k) = Σ_{i<=k} ‖u_iᵀ Y‖² / ‖Y‖_F², with Y = y as [N, 1] for a vector target.
+
+    Args:
+        system: from :func:`eigendecompose`.
+        y: Tensor[N] or [N, d], targets in Gram-matrix order (not identically zero).
+
+    Returns:
+        Tensor[N] float64; entry k-1 is E(k). Non-decreasing, last entry 1 (up to rounding).
+        Inside a block of equal eigenvalues (e.g. the null space) the split of energy between
+        the block's eigenvectors is arbitrary; E at the block's end is not.
+
+    Algorithm:
+        1. Project: P = Uᵀ Y, [N, d].
+        2. Per-eigenvector energy e_i = ‖P[i]‖² / ‖Y‖_F²; E = cumulative sum of e.
+    """
+    _check_system(system)
+    yy = _targets(y, system.size)
+    proj = system.eigenvectors.numpy().T @ yy
+    energy = np.sum(proj**2, axis=1) / np.sum(yy**2)
+    return torch.from_numpy(np.cumsum(energy))
+
+
+def top_k_target_energy(system: KernelEigensystem, y, k: int) -> float:
+    """Share of target energy in the top-k eigenspace, Σ_{i<=k} ⟨u_i, y⟩² / ‖y‖².
+
+    For y of shape [N, d], ⟨u_i, y⟩² is ‖u_iᵀ Y‖² and ‖y‖² is ‖Y‖_F².
+
+    Args:
+        system: from :func:`eigendecompose`.
+        y: Tensor[N] or [N, d].
+        k: 0 <= k <= N (k = 0 gives 0.0).
+
+    Returns:
+        float in [0, 1].
+    """
+    _check_system(system)
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)):
+        raise TypeError(f"k must be an int, got {type(k).__name__}.")
+    if not 0 <= k <= system.size:
+        raise ValueError(f"k must satisfy 0 <= k <= N = {system.size}, got {k}.")
+    curve = target_energy_curve(system, y)
+    return 0.0 if k == 0 else float(curve[k - 1])
+
+
+def kernel_target_alignment(gram, y) -> float:
+    """Kernel-target alignment A(K, y) = ⟨K, Y Yᵀ⟩_F / (‖K‖_F ‖Y Yᵀ‖_F).
+
+    For a vector target ‖y yᵀ‖_F = ‖y‖², which is DESIGN.md's ⟨K, yyᵀ⟩ / (‖K‖_F ‖y‖²).
+    For Y of shape [N, d] the normaliser is ‖Y Yᵀ‖_F (= ‖YᵀY‖_F), which makes A the cosine
+    between K and Y Yᵀ: A = 1 exactly when K is a positive multiple of Y Yᵀ. (‖Y‖_F² would
+    overstate the normaliser for d > 1, e.g. by sqrt(C) for balanced one-hot labels.)
+    Uncentered (no centering of K or Y): subtract column means first if that is wanted.
+
+    Args:
+        gram: Tensor[N, N].
+        y: Tensor[N] or [N, d], not identically zero.
+
+    Returns:
+        float in [-1, 1]; invariant to positive scaling of K and to any scaling of y.
+
+    Algorithm:
+        1. Symmetrize K; ⟨K, Y Yᵀ⟩ = Σ_j y_jᵀ K y_j = tr(Yᵀ K Y).
+        2. ‖Y Yᵀ‖_F = ‖Yᵀ Y‖_F (d x d, cheap); divide by ‖K‖_F times it.
+    """
+    k = _square(gram)
+    yy = _targets(y, k.shape[0])
+    k = 0.5 * (k + k.T)
+    norm_k = float(np.linalg.norm(k))
+    if norm_k == 0.0:
+        raise ValueError("gram is identically zero; alignment is undefined.")
+    inner = float(np.trace(yy.T @ k @ yy))
+    norm_yy = float(np.linalg.norm(yy.T @ yy))
+    return inner / (norm_k * norm_yy)
+
+
+# --------------------------------------------------------------------------------------------
+# out-of-span residual
+# --------------------------------------------------------------------------------------------
+
+
+def default_ridge(gram, relative: float = 1e-6) -> float:
+    """Default ridge for :func:`out_of_span_residual`: λ = relative * tr(K) / N.
+
+    tr(K)/N is the mean self-similarity k(x_n, x_n), so the ridge is scale-free: the residual
+    is unchanged when the kernel is multiplied by a constant.
+
+    Returns:
+        float > 0.
+    """
+    if not (isinstance(relative, (int, float)) and math.isfinite(relative) and relative > 0):
+        raise ValueError(f"relative must be a finite number > 0, got {relative!r}.")
+    k = _square(gram)
+    mean_diag = float(np.trace(k)) / k.shape[0]
+    if not mean_diag > 0:
+        raise ValueError(
+            f"gram has non-positive trace ({mean_diag * k.shape[0]:.3e}); a PSD kernel with "
+            "any non-zero feature has positive trace. Pass an explicit ridge > 0."
+        )
+    return relative * mean_diag
+
+
+def out_of_span_residual(gram, cross, self_kernel, *, ridge: float | None = None) -> Tensor:
+    """Share of each test input's kernel feature outside the span of the training features.
+
+    r(x) = 1 − k_xᵀ (K + λI)⁻¹ k_x / k(x, x),                                        (R)
+
+    with k_x = [K(x, x_1), ..., K(x, x_N)]. For λ → 0 this is 1 − ‖P φ(x)‖² / ‖φ(x)‖², with
+    P the projector onto the span of the training features φ(x_n): 0 for a test input whose
+    feature lies in that span, 1 for one orthogonal to it, and within [0, 1] for any PSD
+    kernel (Schur complement). The ridge makes the solve well-posed when K is singular and
+    biases r upward by O(λ / λ_min_nonzero).
+
+    Args:
+        gram: Tensor[N, N], kernel on the training inputs.
+        cross: Tensor[M, N], cross[m, n] = K(x'_m, x_n).
+        self_kernel: Tensor[M], self_kernel[m] = K(x'_m, x'_m) > 0.
+        ridge: λ > 0. None (default) uses :func:`default_ridge`, λ = 1e-6 * tr(K)/N.
+
+    Returns:
+        Tensor[M] float64, r at each test input.
+
+    Raises:
+        ValueError: shapes disagree, ridge <= 0, a self-kernel value <= 0, or K + λI not
+            positive definite (K far from PSD: raise the ridge or check the kernel).
+
+    Algorithm:
+        1. Symmetrize K; λ = ridge or 1e-6 tr(K)/N.
+        2. Cholesky of K + λI (scipy.linalg.cho_factor).
+        3. A = (K + λI)⁻¹ K_crossᵀ by cho_solve; q_m = Σ_n K_cross[m, n] A[n, m].
+        4. r = 1 − q / k(x, x)                                                          (R)
+    """
+    k = _square(gram)
+    n = k.shape[0]
+    kc = _to_numpy(cross, "cross")
+    if kc.ndim != 2 or kc.shape[1] != n:
+        raise ValueError(
+            f"cross must have shape [M, N] with N = {n}, got {tuple(kc.shape)}; rows are test "
+            "inputs, columns training inputs."
+        )
+    m = kc.shape[0]
+    kxx = _to_numpy(self_kernel, "self_kernel")
+    if kxx.shape != (m,):
+        raise ValueError(
+            f"self_kernel must have shape [M] with M = {m} (one K(x, x) per row of cross), "
+            f"got {tuple(kxx.shape)}."
+        )
+    bad = np.flatnonzero(kxx <= 0)
+    if bad.size:
+        raise ValueError(
+            f"self_kernel must be > 0 (K(x, x) = ‖φ(x)‖²); test inputs {bad[:10].tolist()} have "
+            "K(x, x) <= 0, their residual is undefined. Drop them."
+        )
+    # 1. ridge
+    k = 0.5 * (k + k.T)
+    if ridge is None:
+        lam = default_ridge(k)
+    else:
+        if isinstance(ridge, bool) or not isinstance(ridge, (int, float, np.floating)):
+            raise TypeError(f"ridge must be a float or None, got {type(ridge).__name__}.")
+        if not (math.isfinite(ridge) and ridge > 0):
+            raise ValueError(
+                f"ridge must be a finite number > 0, got {ridge!r}; a good default is "
+                "1e-6 * trace(K) / N (ridge=None)."
+            )
+        lam = float(ridge)
+    # 2. Cholesky
+    try:
+        factor = scipy.linalg.cho_factor(k + lam * np.eye(n), lower=True, check_finite=False)
+    except np.linalg.LinAlgError as exc:
+        raise ValueError(
+            f"K + {lam:.3e} I is not positive definite; the kernel is not PSD at this scale. "
+            "Pass a larger ridge or check the Gram matrix."
+        ) from exc
+    # 3. quadratic forms k_xᵀ (K + λI)⁻¹ k_x
+    sol = scipy.linalg.cho_solve(factor, kc.T, check_finite=False)  # [N, M]
+    quad = np.einsum("mn,nm->m", kc, sol)
+    # 4. residual
+    return torch.from_numpy(1.0 - quad / kxx)
+
+
+# --------------------------------------------------------------------------------------------
+# rank correlation with a bootstrap interval
+# --------------------------------------------------------------------------------------------
+
+
+def spearman_with_interval(
+    a, b, *, confidence: float = 0.95, n_boot: int = 2000, seed: int = 0
+) -> tuple[float, tuple[float, float]]:
+    """Spearman rank correlation with a percentile bootstrap interval over pairs.
+
+    Args:
+        a, b: Tensor[M] each (e.g. out-of-span residual and test error), M >= 3.
+        confidence: interval level in (0, 1).
+        n_boot: number of bootstrap resamples (>= 100).
+        seed: seed of the numpy generator that draws the resamples.
+
+    Returns:
+        (rho, (lo, hi)): rho from scipy.stats.spearmanr on all pairs; lo, hi the
+        (1−confidence)/2 and (1+confidence)/2 percentiles of rho over resamples of the M pairs
+        drawn with replacement. Resamples whose a or b is constant (rho undefined) are dropped.
+
+    Raises:
+        ValueError: shapes differ, M < 3, a or b constant, bad confidence or n_boot.
+
+    Algorithm:
+        1. rho = spearmanr(a, b).
+        2. Draw n_boot index vectors of length M with replacement.
+        3. Per resample: average ranks (scipy.stats.rankdata, ties averaged like spearmanr),
+           Pearson correlation of the ranks = Spearman rho of the resample.
+        4. Percentile interval of the finite resample rhos.
+    """
+    x = _to_numpy(a, "a")
+    z = _to_numpy(b, "b")
+    if x.ndim != 1 or z.ndim != 1 or x.shape != z.shape:
+        raise ValueError(f"a and b must be 1-D of equal length, got {x.shape} and {z.shape}.")
+    if x.shape[0] < 3:
+        raise ValueError(f"need at least 3 pairs for a rank correlation, got {x.shape[0]}.")
+    if not (isinstance(confidence, float) and 0.0 < confidence < 1.0):
+        raise ValueError(f"confidence must be a float in (0, 1), got {confidence!r}.")
+    if isinstance(n_boot, bool) or not isinstance(n_boot, (int, np.integer)) or n_boot < 100:
+        raise ValueError(f"n_boot must be an int >= 100, got {n_boot!r}.")
+    if np.all(x == x[0]) or np.all(z == z[0]):
+        raise ValueError("a or b is constant; the rank correlation is undefined.")
+    # 1. point estimate
+    rho = float(scipy.stats.spearmanr(x, z).statistic)
+    # 2. resamples
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, x.shape[0], size=(int(n_boot), x.shape[0]))
+    # 3. Spearman per resample = Pearson of average ranks
+    ra = scipy.stats.rankdata(x[idx], axis=1)
+    rb = scipy.stats.rankdata(z[idx], axis=1)
+    ra -= ra.mean(axis=1, keepdims=True)
+    rb -= rb.mean(axis=1, keepdims=True)
+    denom = np.sqrt(np.sum(ra**2, axis=1) * np.sum(rb**2, axis=1))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        boot = np.sum(ra * rb, axis=1) / denom
+    boot = boot[np.isfinite(boot)]
+    if boot.size < 0.5 * n_boot:
+        raise ValueError(
+            f"only {boot.size} of {n_boot} resamples had a defined rank correlation; "
+            "a or b is nearly constant. Use more pairs."
+        )
+    # 4. percentile interval
+    alpha = 1.0 - confidence
+    lo, hi = np.quantile(boot, [alpha / 2.0, 1.0 - alpha / 2.0])
+    return rho, (float(lo), float(hi))
+
+
+# --------------------------------------------------------------------------------------------
+# path kernel
+# --------------------------------------------------------------------------------------------
+
+
+def path_kernel_gram(kernels: Sequence, step_sizes: Sequence[float]) -> Tensor:
+    """Path kernel over stated checkpoints, K^p = Σ_k η_k K_{θ_k}.
+
+    Args:
+        kernels: list of S kernel matrices, each Tensor[N, N] (Gram) or Tensor[M, N] (cross),
+            all of the same shape, evaluated at checkpoints θ_1..θ_S.
+        step_sizes: list of S floats η_k (the step size, or step size times the number of
+            steps a checkpoint stands for).
+
+    Returns:
+        Tensor of the kernels' shape, float64.
+
+    Raises:
+        TypeError / ValueError: empty lists, unequal lengths, shapes, non-finite step sizes.
+
+    Algorithm:
+        1. Validate; convert each kernel to float64.
+        2. Accumulate Σ_k η_k K_k.
+    """
+    if isinstance(kernels, Tensor) or not isinstance(kernels, Sequence):
+        raise TypeError(
+            "kernels must be a list of Tensor[N, N] or Tensor[M, N] (one per checkpoint); "
+            "for a stacked tensor pass list(stacked)."
+        )
+    if isinstance(step_sizes, Tensor):
+        step_sizes = step_sizes.detach().cpu().reshape(-1).tolist()
+    if not isinstance(step_sizes, Sequence):
+        raise TypeError("step_sizes must be a list of floats, one per kernel.")
+    if len(kernels) == 0:
+        raise ValueError("kernels is empty; pass at least one checkpoint kernel.")
+    if len(kernels) != len(step_sizes):
+        raise ValueError(
+            f"got {len(kernels)} kernels but {len(step_sizes)} step sizes; pass one step size "
+            "per checkpoint kernel."
+        )
+    # 1. validate
+    mats = [_to_numpy(km, f"kernels[{i}]") for i, km in enumerate(kernels)]
+    shape = mats[0].shape
+    if len(shape) != 2:
+        raise ValueError(f"kernels[0] must be 2-D ([N, N] or [M, N]), got shape {shape}.")
+    for i, km in enumerate(mats):
+        if km.shape != shape:
+            raise ValueError(
+                f"kernels[{i}] has shape {km.shape} but kernels[0] has {shape}; all "
+                "checkpoint kernels must be over the same inputs."
+            )
+    etas = []
+    for i, eta in enumerate(step_sizes):
+        if isinstance(eta, bool) or not isinstance(eta, (int, float, np.floating, np.integer)):
+            raise TypeError(f"step_sizes[{i}] must be a float, got {type(eta).__name__}.")
+        if not math.isfinite(eta):
+            raise ValueError(f"step_sizes[{i}] = {eta!r} is not finite.")
+        etas.append(float(eta))
+    # 2. accumulate
+    out = np.zeros(shape, dtype=np.float64)
+    for eta, km in zip(etas, mats):
+        out += eta * km
+    return torch.from_numpy(out)

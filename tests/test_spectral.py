@@ -1,0 +1,321 @@
+"""Tests for genkernel.core.spectral and genkernel.core.neighbors."""
+
+import numpy as np
+import pytest
+import scipy.stats
+import torch
+
+from genkernel.core.neighbors import euclidean_neighbors, kernel_neighbors, label_purity
+from genkernel.core.spectral import (
+    KernelEigensystem,
+    default_ridge,
+    eigendecompose,
+    kernel_target_alignment,
+    nystrom_extend,
+    operator_eigenvalues,
+    out_of_span_residual,
+    path_kernel_gram,
+    spearman_with_interval,
+    target_energy_curve,
+    top_k_target_energy,
+)
+
+
+def _features(n, r, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, r, generator=g, dtype=torch.float64)
+
+
+# ------------------------------------------------------------------ eigendecompose
+
+
+def test_eigendecompose_reconstructs_and_is_orthonormal():
+    f = _features(30, 5)
+    k = f @ f.T
+    sys_ = eigendecompose(k)
+    lam, u = sys_.eigenvalues, sys_.eigenvectors
+    assert lam.dtype == torch.float64 and u.shape == (30, 30)
+    assert torch.all(lam[:-1] >= lam[1:])
+    assert torch.all(lam >= 0)
+    assert torch.allclose(u.T @ u, torch.eye(30, dtype=torch.float64), atol=1e-12)
+    assert torch.allclose(u @ torch.diag(lam) @ u.T, k, atol=1e-10)
+    # rank 5: 25 eigenvalues are rounding noise, some negative ones were clipped
+    assert sys_.min_raw_eigenvalue <= 0.0
+    assert sys_.min_raw_eigenvalue > -1e-10
+    assert torch.allclose(operator_eigenvalues(sys_), lam / 30)
+
+
+def test_eigendecompose_symmetrizes_and_accepts_float32():
+    f = _features(10, 10, seed=1)
+    k = f @ f.T + 0.1 * torch.eye(10, dtype=torch.float64)
+    noisy = k + 1e-9 * torch.triu(torch.ones(10, 10, dtype=torch.float64), 1)
+    sys_ = eigendecompose(noisy.float())
+    assert sys_.eigenvalues.dtype == torch.float64
+    assert sys_.num_clipped == 0 and sys_.min_raw_eigenvalue == 0.0
+    ref = np.linalg.eigvalsh(0.5 * (noisy + noisy.T).float().double().numpy())[::-1]
+    assert np.allclose(sys_.eigenvalues.numpy(), ref, rtol=1e-10)
+
+
+def test_eigendecompose_bad_input():
+    with pytest.raises(ValueError, match="square"):
+        eigendecompose(torch.zeros(3, 4))
+    with pytest.raises(ValueError, match="NaN"):
+        eigendecompose(torch.tensor([[1.0, float("nan")], [0.0, 1.0]]))
+    with pytest.raises(ValueError, match="positive semi-definite"):
+        eigendecompose(torch.diag(torch.tensor([1.0, -0.5])))
+    with pytest.raises(TypeError):
+        eigendecompose("not a matrix")
+    with pytest.raises(ValueError, match="psd_tol"):
+        eigendecompose(torch.eye(2), psd_tol=-1.0)
+
+
+# ------------------------------------------------------------------ Nyström
+
+
+def test_nystrom_matches_exact_eigenfunctions_on_union():
+    # Rank-r kernel K(x, x') = f(x)·f(x'). The operator T on the training sample has
+    # eigenfunctions φ_i(x) = f(x)ᵀ w_i / sqrt(λ_i), with C w_i = (λ_i / N) w_i for the
+    # feature second moment C = FᵀF / N (||w_i|| = 1): exact, computed in feature space.
+    n, m, r = 40, 15, 4
+    f_all = _features(n + m, r, seed=3)
+    f_tr, f_te = f_all[:n], f_all[n:]
+    sys_ = eigendecompose(f_tr @ f_tr.T)
+    phi_te = nystrom_extend(sys_, f_te @ f_tr.T)
+    assert phi_te.shape == (m, r)  # k=None keeps exactly the r non-negligible eigenvalues
+
+    mu, w = np.linalg.eigh((f_tr.T @ f_tr).numpy() / n)
+    mu, w = mu[::-1], w[:, ::-1]
+    lam = n * mu
+    exact_union = f_all.numpy() @ w / np.sqrt(lam)  # [N + M, r]
+    nys_union = np.concatenate([sys_.eigenvectors[:, :r].numpy(), phi_te.numpy()], axis=0)
+    for i in range(r):
+        sign = np.sign(exact_union[:, i] @ nys_union[:, i])
+        assert np.allclose(sign * nys_union[:, i], exact_union[:, i], atol=1e-8, rtol=0)
+    assert np.allclose(sys_.eigenvalues[:r].numpy(), lam, rtol=1e-10)
+
+    # on the training inputs the extension reproduces the eigenvectors
+    phi_tr = nystrom_extend(sys_, f_tr @ f_tr.T, k=r)
+    assert torch.allclose(phi_tr, sys_.eigenvectors[:, :r], atol=1e-10)
+    # "l2": orthonormal in the empirical measure
+    phi_l2 = nystrom_extend(sys_, f_tr @ f_tr.T, k=r, normalization="l2")
+    assert torch.allclose(phi_l2.T @ phi_l2 / n, torch.eye(r, dtype=torch.float64), atol=1e-10)
+
+
+def test_nystrom_bad_input():
+    f = _features(10, 3)
+    sys_ = eigendecompose(f @ f.T)
+    with pytest.raises(ValueError, match="only 3 eigenvalues"):
+        nystrom_extend(sys_, torch.zeros(2, 10), k=5)
+    with pytest.raises(ValueError, match="shape"):
+        nystrom_extend(sys_, torch.zeros(2, 9))
+    with pytest.raises(ValueError, match="normalization"):
+        nystrom_extend(sys_, torch.zeros(2, 10), normalization="unit")
+    with pytest.raises(TypeError, match="KernelEigensystem"):
+        nystrom_extend(f @ f.T, torch.zeros(2, 10))
+    with pytest.raises(ValueError, match="no eigenvalue"):
+        nystrom_extend(eigendecompose(torch.zeros(4, 4)), torch.zeros(1, 4))
+
+
+# ------------------------------------------------------------------ energy and alignment
+
+
+def test_target_energy_curve_monotone_to_one():
+    f = _features(25, 6, seed=4)
+    sys_ = eigendecompose(f @ f.T)
+    y = torch.sin(torch.arange(25, dtype=torch.float64))
+    curve = target_energy_curve(sys_, y)
+    assert curve.shape == (25,)
+    assert torch.all(curve[1:] >= curve[:-1] - 1e-15)
+    assert abs(float(curve[-1]) - 1.0) < 1e-12
+    assert top_k_target_energy(sys_, y, 0) == 0.0
+    assert top_k_target_energy(sys_, y, 3) == pytest.approx(float(curve[2]))
+    # a target in the span of the top eigenvector has all its energy there
+    u1 = sys_.eigenvectors[:, 0]
+    assert top_k_target_energy(sys_, 3.0 * u1, 1) == pytest.approx(1.0, abs=1e-12)
+    # matrix targets: energy of [y, 2y] equals energy of y
+    ymat = torch.stack([y, 2 * y], dim=1)
+    assert torch.allclose(target_energy_curve(sys_, ymat), curve, atol=1e-12)
+    with pytest.raises(ValueError, match="0 <= k"):
+        top_k_target_energy(sys_, y, 26)
+    with pytest.raises(ValueError, match="zero"):
+        target_energy_curve(sys_, torch.zeros(25))
+    with pytest.raises(ValueError, match="shape"):
+        target_energy_curve(sys_, torch.ones(24))
+
+
+def test_kernel_target_alignment():
+    y = torch.tensor([1.0, -2.0, 0.5, 3.0], dtype=torch.float64)
+    k = torch.outer(y, y)
+    assert kernel_target_alignment(k, y) == pytest.approx(1.0, abs=1e-12)
+    assert kernel_target_alignment(7.5 * k, y) == pytest.approx(1.0, abs=1e-12)
+    assert kernel_target_alignment(k, -3 * y) == pytest.approx(1.0, abs=1e-12)
+    f = _features(4, 2, seed=5)
+    k2 = f @ f.T
+    a = kernel_target_alignment(k2, y)
+    assert kernel_target_alignment(100.0 * k2, y) == pytest.approx(a, rel=1e-12)
+    ref = float((k2 * torch.outer(y, y)).sum() / (k2.norm() * (y @ y)))
+    assert a == pytest.approx(ref, rel=1e-12)
+    # matrix targets: K = Y Yᵀ is perfectly aligned
+    ymat = torch.nn.functional.one_hot(torch.tensor([0, 1, 2, 0, 1, 2])).double()
+    assert kernel_target_alignment(ymat @ ymat.T, ymat) == pytest.approx(1.0, abs=1e-12)
+    with pytest.raises(ValueError, match="zero"):
+        kernel_target_alignment(torch.zeros(4, 4), y)
+    with pytest.raises(ValueError, match="shape"):
+        kernel_target_alignment(k, torch.ones(3))
+
+
+# ------------------------------------------------------------------ out-of-span residual
+
+
+def test_out_of_span_residual():
+    n, r = 20, 5
+    f = torch.zeros(n, r + 1, dtype=torch.float64)
+    f[:, :r] = _features(n, r, seed=6)  # training features span the first r coordinates
+    gram = f @ f.T
+    test = torch.zeros(3, r + 1, dtype=torch.float64)
+    test[0, :r] = torch.tensor([1.0, -2.0, 0.5, 0.0, 1.0])  # in the span
+    test[1, r] = 2.0  # orthogonal to the span
+    test[2, 0], test[2, r] = 1.0, 1.0  # half in, half out
+    cross = test @ f.T
+    self_k = (test**2).sum(dim=1)
+    res = out_of_span_residual(gram, cross, self_k, ridge=1e-10)
+    assert res.dtype == torch.float64 and res.shape == (3,)
+    assert abs(float(res[0])) < 1e-6
+    assert float(res[1]) == pytest.approx(1.0, abs=1e-12)
+    assert float(res[2]) == pytest.approx(0.5, abs=1e-6)
+    # default ridge is relative to tr(K)/N: scale-free
+    r1 = out_of_span_residual(gram, cross, self_k)
+    r2 = out_of_span_residual(1e3 * gram, 1e3 * cross, 1e3 * self_k)
+    assert torch.allclose(r1, r2, atol=1e-10)
+    assert default_ridge(gram) == pytest.approx(1e-6 * float(gram.trace()) / n)
+
+
+def test_out_of_span_residual_bad_input():
+    gram = torch.eye(3, dtype=torch.float64)
+    cross = torch.ones(2, 3, dtype=torch.float64)
+    with pytest.raises(ValueError, match="ridge"):
+        out_of_span_residual(gram, cross, torch.ones(2), ridge=0.0)
+    with pytest.raises(ValueError, match="shape"):
+        out_of_span_residual(gram, torch.ones(2, 4), torch.ones(2), ridge=1e-3)
+    with pytest.raises(ValueError, match="self_kernel"):
+        out_of_span_residual(gram, cross, torch.ones(3), ridge=1e-3)
+    with pytest.raises(ValueError, match="> 0"):
+        out_of_span_residual(gram, cross, torch.tensor([1.0, 0.0]), ridge=1e-3)
+    with pytest.raises(ValueError, match="positive definite"):
+        out_of_span_residual(-gram, cross, torch.ones(2), ridge=1e-3)
+
+
+# ------------------------------------------------------------------ Spearman
+
+
+def test_spearman_with_interval():
+    g = torch.Generator().manual_seed(7)
+    a = torch.randn(60, generator=g, dtype=torch.float64)
+    b = a + 0.8 * torch.randn(60, generator=g, dtype=torch.float64)
+    rho, (lo, hi) = spearman_with_interval(a, b)
+    assert rho == pytest.approx(scipy.stats.spearmanr(a.numpy(), b.numpy()).statistic)
+    assert lo <= rho <= hi
+    assert 0.0 < lo < hi < 1.0
+    assert spearman_with_interval(a, b) == (rho, (lo, hi))  # seeded: reproducible
+    rho90, (lo90, hi90) = spearman_with_interval(a, b, confidence=0.5)
+    assert lo <= lo90 <= hi90 <= hi
+    with pytest.raises(ValueError, match="equal length"):
+        spearman_with_interval(a, b[:-1])
+    with pytest.raises(ValueError, match="constant"):
+        spearman_with_interval(a, torch.ones(60))
+    with pytest.raises(ValueError, match="confidence"):
+        spearman_with_interval(a, b, confidence=1.5)
+    with pytest.raises(ValueError, match="at least 3"):
+        spearman_with_interval(a[:2], b[:2])
+
+
+# ------------------------------------------------------------------ path kernel
+
+
+def test_path_kernel_gram():
+    k1 = torch.eye(3)
+    k2 = torch.ones(3, 3, dtype=torch.float64)
+    out = path_kernel_gram([k1, k2], [0.1, 0.2])
+    assert out.dtype == torch.float64
+    assert torch.allclose(out, 0.1 * torch.eye(3, dtype=torch.float64) + 0.2 * k2)
+    cross = path_kernel_gram([torch.ones(2, 5)] * 3, [1.0, 2.0, 3.0])
+    assert torch.allclose(cross, 6.0 * torch.ones(2, 5, dtype=torch.float64))
+    with pytest.raises(ValueError, match="step sizes"):
+        path_kernel_gram([k1, k2], [0.1])
+    with pytest.raises(ValueError, match="shape"):
+        path_kernel_gram([k1, torch.ones(3, 4)], [0.1, 0.1])
+    with pytest.raises(ValueError, match="empty"):
+        path_kernel_gram([], [])
+    with pytest.raises(TypeError):
+        path_kernel_gram(torch.stack([k1, k1]), [0.1, 0.1])
+    with pytest.raises(ValueError, match="not finite"):
+        path_kernel_gram([k1], [float("nan")])
+
+
+# ------------------------------------------------------------------ neighbours
+
+
+def _brute_force_top_k(rows: np.ndarray, k: int) -> np.ndarray:
+    # decreasing value, ties by increasing index
+    return np.array([sorted(range(len(r)), key=lambda j: (-r[j], j))[:k] for r in rows])
+
+
+def test_kernel_neighbors_match_brute_force_with_ties():
+    g = torch.Generator().manual_seed(8)
+    rows = torch.randint(0, 5, (12, 30), generator=g).double()  # many ties
+    idx = kernel_neighbors(rows, 7)
+    assert idx.dtype == torch.long and idx.shape == (12, 7)
+    assert np.array_equal(idx.numpy(), _brute_force_top_k(rows.numpy(), 7))
+    rows_c = torch.randn(12, 30, generator=g)
+    ref = np.argsort(-rows_c.double().numpy(), axis=1, kind="stable")[:, :5]
+    assert np.array_equal(kernel_neighbors(rows_c, 5).numpy(), ref)
+
+
+def test_kernel_neighbors_exclude_self():
+    f = _features(8, 3, seed=9)
+    gram = f @ f.T
+    idx = kernel_neighbors(gram, 3, exclude=torch.arange(8))
+    assert not (idx == torch.arange(8)[:, None]).any()
+    masked = gram.clone()
+    masked.fill_diagonal_(-float("inf"))
+    assert np.array_equal(idx.numpy(), _brute_force_top_k(masked.numpy(), 3))
+    with pytest.raises(ValueError, match="k must satisfy"):
+        kernel_neighbors(gram, 8, exclude=torch.arange(8))
+    with pytest.raises(ValueError, match="shape"):
+        kernel_neighbors(gram, 2, exclude=torch.arange(7))
+
+
+def test_euclidean_neighbors_match_brute_force():
+    g = torch.Generator().manual_seed(10)
+    pts = torch.randint(0, 3, (40, 2), generator=g).double()  # lattice: ties
+    anchors = torch.randint(0, 3, (6, 2), generator=g).double()
+    idx = euclidean_neighbors(anchors, pts, 9)
+    d = ((anchors[:, None, :] - pts[None, :, :]) ** 2).sum(-1).numpy()
+    assert np.array_equal(idx.numpy(), _brute_force_top_k(-d, 9))
+    with pytest.raises(ValueError, match="features"):
+        euclidean_neighbors(anchors, torch.zeros(40, 3), 2)
+    with pytest.raises(ValueError, match="k must satisfy"):
+        euclidean_neighbors(anchors, pts, 41)
+
+
+def test_label_purity():
+    labels = torch.tensor([0, 0, 1, 1, 2, 0])
+    idx = torch.tensor([[0, 1, 5], [0, 2, 4], [2, 3, 0], [1, 1, 1]])
+    pur = label_purity(idx, labels)
+    assert pur.dtype == torch.float64
+    assert torch.allclose(pur, torch.tensor([1.0, 1 / 3, 2 / 3, 1.0], dtype=torch.float64))
+    with pytest.raises(ValueError, match="outside"):
+        label_purity(torch.tensor([[0, 6]]), labels)
+    with pytest.raises(TypeError, match="integer"):
+        label_purity(torch.tensor([[0.0, 1.0]]), labels)
+    with pytest.raises(ValueError, match="labels"):
+        label_purity(idx, labels[None])
+    with pytest.raises(TypeError):
+        kernel_neighbors(np.ones((2, 2)), 1)
+    with pytest.raises(ValueError, match="NaN"):
+        kernel_neighbors(torch.tensor([[1.0, float("nan")]]), 1)
+
+
+def test_eigensystem_is_dataclass():
+    sys_ = eigendecompose(torch.eye(2))
+    assert isinstance(sys_, KernelEigensystem) and sys_.size == 2
