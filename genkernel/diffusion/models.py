@@ -1,0 +1,196 @@
+"""Denoisers for the DDPM trainer: a time-embedded MLP for 2-D points, a small diffusers
+``UNet2DModel`` for images, and the sanity-check denoisers of DESIGN.md section 3.
+
+Every denoiser is called as ``model(x_t, t)`` with ``x_t: Tensor[B, *shape]`` and integer
+timesteps ``t: LongTensor[B]`` (a 0-d or 1-element ``t`` is broadcast), and returns a tensor
+shaped like ``x_t`` (the UNet returns diffusers' output object with ``.sample``; the core's
+adapter unwraps it).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+__all__ = [
+    "sinusoidal_embedding",
+    "MLPDenoiser",
+    "BinnedDenoiser",
+    "TimeIgnoringDenoiser",
+    "tiny_unet",
+    "freeze_attention_key_biases",
+]
+
+
+def sinusoidal_embedding(t: torch.Tensor, dim: int, *, max_period: float = 10000.0) -> torch.Tensor:
+    """Transformer-style embedding of timesteps ``t [B]`` -> ``[B, dim]`` (cos | sin halves)."""
+    if dim < 2 or dim % 2:
+        raise ValueError(f"the time-embedding dimension must be an even number >= 2, got {dim}")
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float64, device=t.device) / half)
+    args = t.to(torch.float64)[:, None] * freqs[None, :]
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=1)
+
+
+def _timesteps(t: torch.Tensor | int, batch: int, device: torch.device) -> torch.Tensor:
+    if not isinstance(t, torch.Tensor):
+        t = torch.tensor([t], device=device)
+    t = t.reshape(-1).to(device)
+    if t.numel() == 1 and batch != 1:
+        t = t.expand(batch)
+    if t.numel() != batch:
+        raise ValueError(f"need one timestep per example: x_t has batch {batch}, t has {t.numel()} values")
+    return t
+
+
+class MLPDenoiser(nn.Module):
+    """ε-network for low-dimensional points: an MLP on [x_t, emb(t)] with SiLU activations.
+
+    Smooth activations keep the ledger's quadrature accurate (ReLU kinks break the midpoint
+    rule, DESIGN.md section 3). The time embedding is sinusoidal, then a learned linear layer;
+    with ``film=True`` every hidden layer is additionally scaled and shifted by the embedding
+    (the "blocks modulated by time" architecture, for comparison with the concatenated one).
+
+    Args:
+        data_dim: dimension of the points (2 for the toy sets).
+        hidden: width of the hidden layers.
+        depth: number of hidden layers.
+        time_dim: width of the time embedding.
+        film: FiLM-modulate every hidden layer by the time embedding.
+
+    Shapes: ``forward(x_t [B, data_dim], t [B]) -> [B, data_dim]``.
+    """
+
+    def __init__(self, data_dim: int = 2, hidden: int = 128, depth: int = 3, time_dim: int = 32, *, film: bool = False):
+        super().__init__()
+        if depth < 1 or hidden < 1 or data_dim < 1:
+            raise ValueError(f"data_dim, hidden and depth must be positive, got {data_dim}, {hidden}, {depth}")
+        self.data_dim, self.time_dim, self.film = data_dim, time_dim, film
+        self.time_proj = nn.Linear(time_dim, time_dim)
+        layers = []
+        width = data_dim + time_dim
+        for _ in range(depth):
+            layers.append(nn.Linear(width, hidden))
+            width = hidden
+        self.layers = nn.ModuleList(layers)
+        self.films = nn.ModuleList([nn.Linear(time_dim, 2 * hidden) for _ in range(depth)]) if film else None
+        self.out = nn.Linear(hidden, data_dim)
+        self.act = nn.SiLU()
+
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        t = _timesteps(t, x_t.shape[0], x_t.device)
+        emb = self.act(self.time_proj(sinusoidal_embedding(t, self.time_dim).to(x_t.dtype)))
+        h = torch.cat([x_t, emb], dim=1)
+        for i, layer in enumerate(self.layers):
+            h = layer(h)
+            if self.films is not None:
+                scale, shift = self.films[i](emb).chunk(2, dim=1)
+                h = h * (1 + scale) + shift
+            h = self.act(h)
+        return self.out(h)
+
+
+class BinnedDenoiser(nn.Module):
+    """One independent :class:`MLPDenoiser` per noise-level bin (DESIGN.md section 3 sanity case).
+
+    Timestep t is served by expert ``bin(t) = floor(t * num_bins / num_train_timesteps)``. No
+    parameter is shared between bins, so training at level t cannot move the output at a level s
+    in another bin: the ledger's off-diagonal contributions are exactly zero. All experts are
+    evaluated and masked (no data-dependent indexing), so ``vmap`` and ``jvp`` pass through.
+    """
+
+    def __init__(self, num_bins: int, num_train_timesteps: int = 1000, **mlp_kwargs):
+        super().__init__()
+        if num_bins < 1:
+            raise ValueError(f"num_bins must be >= 1, got {num_bins}")
+        self.num_bins, self.num_train_timesteps = num_bins, num_train_timesteps
+        self.experts = nn.ModuleList([MLPDenoiser(**mlp_kwargs) for _ in range(num_bins)])
+
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        t = _timesteps(t, x_t.shape[0], x_t.device)
+        bins = torch.div(t * self.num_bins, self.num_train_timesteps, rounding_mode="floor").clamp(0, self.num_bins - 1)
+        outs = torch.stack([expert(x_t, t) for expert in self.experts], dim=1)  # [B, G, D]
+        mask = nn.functional.one_hot(bins, self.num_bins).to(outs.dtype)  # [B, G]
+        return (outs * mask[:, :, None]).sum(dim=1)
+
+
+class TimeIgnoringDenoiser(nn.Module):
+    """A denoiser that ignores t (an SiLU MLP on x_t only): k̂((z, s), (z, t)) = 1 for every s, t."""
+
+    def __init__(self, data_dim: int = 2, hidden: int = 64):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(data_dim, hidden), nn.SiLU(), nn.Linear(hidden, hidden), nn.SiLU(), nn.Linear(hidden, data_dim))
+
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return self.net(x_t)
+
+
+def tiny_unet(
+    sample_size: int = 16,
+    in_channels: int = 1,
+    *,
+    channels: tuple[int, ...] = (16, 32),
+    attention: bool = True,
+    layers_per_block: int = 1,
+    norm_num_groups: int = 8,
+    attention_head_dim: int = 8,
+):
+    """A small ``diffusers.UNet2DModel`` whose blocks are modulated by the time embedding.
+
+    Args:
+        sample_size: image side (16 for the upsampled digits, 28/32 for MNIST/CIFAR-10).
+        in_channels: 1 (grey) or 3 (RGB); the output has the same channels.
+        channels: block widths, one per resolution.
+        attention: put self-attention in the lowest-resolution down and up blocks
+            (``AttnDownBlock2D`` / ``AttnUpBlock2D``, plus the mid-block's attention).
+        layers_per_block, norm_num_groups, attention_head_dim: as in diffusers.
+
+    GroupNorm only (no BatchNorm, no dropout): per-example gradients are well defined. The
+    attention key biases are frozen (:func:`freeze_attention_key_biases`: their gradient is
+    exactly zero in exact arithmetic).
+    """
+    from diffusers import UNet2DModel
+
+    if any(c % norm_num_groups for c in channels):
+        raise ValueError(f"every channel count {channels} must be divisible by norm_num_groups={norm_num_groups}")
+    n = len(channels)
+    down = ["DownBlock2D"] * n
+    up = ["UpBlock2D"] * n
+    if attention:
+        down[-1] = "AttnDownBlock2D"
+        up[0] = "AttnUpBlock2D"
+    model = UNet2DModel(
+        sample_size=sample_size,
+        in_channels=in_channels,
+        out_channels=in_channels,
+        block_out_channels=tuple(channels),
+        down_block_types=tuple(down),
+        up_block_types=tuple(up),
+        layers_per_block=layers_per_block,
+        norm_num_groups=norm_num_groups,
+        attention_head_dim=attention_head_dim,
+        add_attention=attention,
+        dropout=0.0,
+    )
+    freeze_attention_key_biases(model)
+    return model
+
+
+def freeze_attention_key_biases(model: nn.Module) -> list[str]:
+    """Freeze the key-projection biases (``*.to_k.bias``) of attention layers; return their names.
+
+    Softmax attention is invariant to a bias added to every key (it shifts all logits of a query
+    by the same amount), so these biases have gradient exactly zero in exact arithmetic. In
+    floating point the batched backward leaves rounding noise (~1e-10) that differs from the sum
+    of per-example gradients, and Adam normalizes that noise into steps of size ~lr: the ledger's
+    check then (correctly) refuses the step. Freezing them changes no function the model can
+    represent and makes training reproducible to the ledger.
+    """
+    frozen = []
+    for name, p in model.named_parameters():
+        if name.endswith("to_k.bias") and p.requires_grad:
+            p.requires_grad_(False)
+            frozen.append(name)
+    return frozen

@@ -1,0 +1,150 @@
+"""DDPM training objective: schedulers, prediction targets, the per-example loss, noise-level bins.
+
+A training contribution is a triple i = (n, t, ε) (DESIGN.md section 3). With ᾱ_t the
+scheduler's cumulative product of (1 − β):
+
+    z_i = sqrt(ᾱ_t) x_n + sqrt(1 − ᾱ_t) ε                        (scheduler.add_noise)
+
+and the denoiser f(z_i, t) regresses a target y_i that depends on the prediction type:
+
+    epsilon        y = ε
+    v_prediction   y = v = sqrt(ᾱ_t) ε − sqrt(1 − ᾱ_t) x_n       (scheduler.get_velocity)
+    sample         y = x_n
+
+The loss is the mean squared error over the D output values, ℓ_i = ‖f(z_i, t) − y_i‖² / D, so
+the ledger's loss weight (DESIGN.md section 2, w = ∂ℓ/∂f) is, for every prediction type,
+
+    w_i = 2 (f(z_i, t) − y_i) / D.
+
+Only y differs, and with it what w measures: the error of the predicted noise, of the
+predicted velocity, or of the predicted clean input. The ledger differentiates the loss that was
+really trained, so it needs no conversion between them (:func:`loss_weight` returns w).
+"""
+
+from __future__ import annotations
+
+import torch
+
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+BETA_SCHEDULES = ("linear", "squaredcos_cap_v2")
+
+__all__ = [
+    "PREDICTION_TYPES",
+    "BETA_SCHEDULES",
+    "make_scheduler",
+    "check_prediction_type",
+    "check_timesteps",
+    "training_target",
+    "diffusion_loss",
+    "loss_weight",
+    "timestep_bins",
+    "bin_centers",
+    "bin_edges",
+]
+
+
+def make_scheduler(
+    num_train_timesteps: int = 1000,
+    beta_schedule: str = "linear",
+    prediction_type: str = "epsilon",
+    *,
+    clip_sample: bool = False,
+    **kwargs,
+):
+    """A ``diffusers.DDPMScheduler`` with a checked schedule and prediction type.
+
+    ``clip_sample`` defaults to False (diffusers' default clips the predicted x0 to [-1, 1],
+    which is right for images scaled to [-1, 1] and wrong for 2-D point sets of radius 2).
+    """
+    from diffusers import DDPMScheduler
+
+    if beta_schedule not in BETA_SCHEDULES:
+        raise ValueError(f"beta_schedule {beta_schedule!r} is not supported; choose one of {BETA_SCHEDULES}")
+    if prediction_type not in PREDICTION_TYPES:
+        raise ValueError(f"prediction_type {prediction_type!r} is not supported; choose one of {PREDICTION_TYPES}")
+    if not isinstance(num_train_timesteps, int) or num_train_timesteps < 2:
+        raise ValueError(f"num_train_timesteps must be an int >= 2, got {num_train_timesteps!r}")
+    return DDPMScheduler(
+        num_train_timesteps=num_train_timesteps, beta_schedule=beta_schedule, prediction_type=prediction_type,
+        clip_sample=clip_sample, **kwargs
+    )
+
+
+def check_prediction_type(scheduler) -> str:
+    """The scheduler's prediction type; a ValueError naming the supported ones otherwise."""
+    config = getattr(scheduler, "config", None)
+    kind = getattr(config, "prediction_type", None) if config is not None else None
+    if kind not in PREDICTION_TYPES:
+        raise ValueError(
+            f"the scheduler's prediction_type is {kind!r}, which the diffusion analyzer does not handle; "
+            f"supported: {', '.join(PREDICTION_TYPES)} (make_scheduler(prediction_type=...))"
+        )
+    return kind
+
+
+def num_train_timesteps(scheduler) -> int:
+    return int(scheduler.config.num_train_timesteps)
+
+
+def check_timesteps(timesteps: torch.Tensor, scheduler, *, name: str = "timesteps") -> torch.Tensor:
+    """Return ``timesteps`` as a LongTensor[B] after checking they lie in [0, T)."""
+    if not isinstance(timesteps, torch.Tensor) or timesteps.dim() != 1:
+        raise TypeError(f"{name} must be a 1-D integer Tensor [B], got {getattr(timesteps, 'shape', type(timesteps).__name__)}")
+    if timesteps.is_floating_point() or timesteps.is_complex():
+        raise TypeError(f"{name} must be integer timesteps (a LongTensor), got dtype {timesteps.dtype}")
+    total = num_train_timesteps(scheduler)
+    if timesteps.numel() and (int(timesteps.min()) < 0 or int(timesteps.max()) >= total):
+        raise ValueError(
+            f"{name} must lie in [0, {total}) (the scheduler's num_train_timesteps); got values from "
+            f"{int(timesteps.min())} to {int(timesteps.max())}"
+        )
+    return timesteps.long()
+
+
+def training_target(scheduler, clean: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+    """The regression target y for ``clean``, ``noise`` ``[B, *shape]`` and ``timesteps [B]``."""
+    kind = check_prediction_type(scheduler)
+    if kind == "epsilon":
+        return noise
+    if kind == "sample":
+        return clean
+    return scheduler.get_velocity(clean, noise, timesteps)
+
+
+def noisy_input(scheduler, clean: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+    """z = sqrt(ᾱ_t) x + sqrt(1 − ᾱ_t) ε, computed by ``scheduler.add_noise`` in ``clean``'s dtype."""
+    if clean.shape != noise.shape:
+        raise ValueError(f"clean inputs {tuple(clean.shape)} and noise {tuple(noise.shape)} must have the same shape")
+    return scheduler.add_noise(clean, noise, timesteps)
+
+
+def diffusion_loss(outputs: torch.Tensor, targets: torch.Tensor | tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """Per-example mean squared error ``[B]`` (mean over the D output values, not over the batch)."""
+    if isinstance(targets, tuple):
+        targets = targets[0]
+    batch = outputs.shape[0]
+    diff = outputs.reshape(batch, -1) - targets.reshape(batch, -1)
+    return (diff * diff).mean(dim=1)
+
+
+def loss_weight(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """w = ∂ℓ/∂f = 2 (f − y) / D, ``[B, D]`` (the same formula for every prediction type)."""
+    batch = outputs.shape[0]
+    flat = outputs.reshape(batch, -1)
+    return 2.0 * (flat - targets.reshape(batch, -1)) / flat.shape[1]
+
+
+def timestep_bins(timesteps: torch.Tensor, num_bins: int, total: int) -> torch.Tensor:
+    """Bin id ``floor(t · G / T)`` of every timestep, ``LongTensor[B]`` in [0, G)."""
+    return torch.div(timesteps.long() * num_bins, total, rounding_mode="floor").clamp(0, num_bins - 1)
+
+
+def bin_edges(num_bins: int, total: int) -> torch.Tensor:
+    """``[G + 1]`` first timestep of each bin, then T: bin g holds t with edges[g] <= t < edges[g+1]."""
+    return torch.tensor([-(-g * total // num_bins) for g in range(num_bins + 1)], dtype=torch.long)
+
+
+def bin_centers(num_bins: int, total: int) -> torch.Tensor:
+    """``LongTensor[G]`` the middle timestep of every bin (the probe levels s)."""
+    edges = bin_edges(num_bins, total)
+    return torch.div(edges[:-1] + edges[1:] - 1, 2, rounding_mode="floor")
