@@ -125,9 +125,16 @@ def check_deterministic(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> N
     Runs under ``torch.random.fork_rng`` so training's random stream is untouched.
     """
     devices = [t.device.index for t in inputs if t.device.type == "cuda"]
+    # Buffers a training-mode forward updates in place (spectral norm's u, v) are restored after
+    # each pass: the check must neither advance them (training would change) nor see them move.
+    saved = [(b, b.detach().clone()) for b in model.buffers()]
     with torch.no_grad(), torch.random.fork_rng(devices=devices):
         first = output_tensor(model(*inputs))
+        for b, value in saved:
+            b.copy_(value)
         second = output_tensor(model(*inputs))
+        for b, value in saved:
+            b.copy_(value)
     if not torch.equal(first, second):
         raise ValueError(
             f"{type(model).__name__} is not deterministic in its current mode: two forward passes on "
