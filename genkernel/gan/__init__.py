@@ -1,0 +1,41 @@
+"""GANs: a trainer with alternating steps and the discriminator-geometry path-kernel analyzer.
+
+DESIGN.md section 3. The generator's change at a probe latent is an exact sum, over generator
+steps and groups of training latents, of kernel-weighted discriminator input gradients; the
+analyzer records it, split by the discriminator's gradient geometry, beside the discriminator's
+own ledger (real / generated / gradient-penalty examples).
+
+    from genkernel.gan import GANTrainer, GANKernelAnalyzer, MLPGenerator, MLPDiscriminator
+"""
+
+from .analyzer import GANKernelAnalyzer
+from .geometry import (
+    ConfidenceGroups,
+    DirectionGroups,
+    FunctionGroups,
+    GeometryGrouping,
+    MagnitudeGroups,
+    ModeGroups,
+    NearestModeGroups,
+    make_grouping,
+)
+from .losses import (
+    LOSSES,
+    DiscriminatorLoss,
+    DiscriminatorObjective,
+    GeneratorLoss,
+    discriminator_losses,
+    generator_losses,
+)
+from .metrics import coupling_matrix, mode_coverage
+from .models import DCDiscriminator, DCGenerator, MLPDiscriminator, MLPGenerator
+from .trainer import GANTrainer, discriminator_input_gradients, frozen
+
+__all__ = [
+    "GANKernelAnalyzer", "GANTrainer", "frozen", "discriminator_input_gradients",
+    "GeometryGrouping", "DirectionGroups", "ModeGroups", "NearestModeGroups", "MagnitudeGroups", "ConfidenceGroups",
+    "FunctionGroups", "make_grouping",
+    "LOSSES", "GeneratorLoss", "DiscriminatorLoss", "DiscriminatorObjective", "generator_losses", "discriminator_losses",
+    "coupling_matrix", "mode_coverage",
+    "MLPGenerator", "MLPDiscriminator", "DCGenerator", "DCDiscriminator",
+]

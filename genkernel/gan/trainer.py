@@ -1,0 +1,328 @@
+"""A GAN trainer with alternating discriminator and generator steps on the shared callback protocol.
+
+One *iteration* is ``d_steps`` discriminator steps then one generator step. Every update is an
+:class:`~genkernel.core.step.OptimizerStep` performed through :func:`~genkernel.core.callbacks.perform_step`
+with ``phase`` "discriminator" or "generator", so an analyzer can take it over without changing
+training:
+
+- discriminator step: ``model`` = :class:`DiscriminatorObjective` (D, plus the per-example gradient
+  penalty for WGAN-GP), ``inputs = (x, roles)`` with x the real, generated (and interpolated)
+  samples concatenated, ``targets = roles`` (0 generated, 1 real, 2 penalty), per-example
+  ``weights`` c_n = 1/|B_real|, 1/|B_fake|, 1/|B_gp|; ``info``: "roles", "real_labels" (mode or
+  class ids of the real rows, -1 elsewhere), "discriminator".
+- generator step: ``model`` = G, ``inputs`` = latents z ``[B, latent_dim]``, ``targets`` None,
+  ``loss_fn`` = :class:`GeneratorLoss` (ℓ_G(D(G(z))) per example); ``info``: "latents",
+  "discriminator". The step runs inside :func:`frozen` (D in eval mode with its parameters
+  frozen), so spectral norm's power iteration advances only in discriminator steps and the
+  generator's backward leaves D's gradients alone.
+
+All randomness (batches, latents, interpolation factors) comes from the trainer's own seeded
+``torch.Generator``; analyzers never touch it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..core.adapter import analysis_mode, output_tensor
+from ..core.callbacks import TrainerCallback, fire, perform_step
+from ..core.errors import NonFiniteError
+from ..core.ledger import atomic_save
+from ..core.step import OptimizerStep
+from .losses import (
+    GENERATED,
+    PENALTY,
+    REAL,
+    DiscriminatorLoss,
+    DiscriminatorObjective,
+    GeneratorLoss,
+    check_loss,
+)
+
+
+@contextlib.contextmanager
+def frozen(module: nn.Module) -> Iterator[nn.Module]:
+    """D during a generator step: eval mode (spectral norm's power iteration does not advance) and
+    ``requires_grad=False`` (the generator's backward does not write D's ``.grad``). Restored after."""
+    modes = [(m, m.training) for m in module.modules()]
+    flags = [(p, p.requires_grad) for p in module.parameters()]
+    try:
+        module.eval()
+        for p, _ in flags:
+            p.requires_grad_(False)
+        yield module
+    finally:
+        for m, training in modes:
+            m.training = training
+        for p, flag in flags:
+            p.requires_grad_(flag)
+
+
+def discriminator_input_gradients(
+    generator: nn.Module, loss_fn, latents: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The weights w_i = ∇_x ℓ_G(D(x)) at x = G(z_i) (DESIGN.md section 3), without touching training.
+
+    Args:
+        generator: G; evaluated in :func:`analysis_mode` (eval, forked RNG).
+        loss_fn: the generator step's ``loss_fn(samples, None) -> [B]`` (closes over D).
+        latents: ``[B, latent_dim]``.
+
+    Returns:
+        ``(samples [B, ...], w [B, ...], losses [B])``, detached. Uses ``torch.autograd.grad`` on a
+        detached copy of the samples, so no parameter's ``.grad`` changes.
+    """
+    with torch.no_grad(), analysis_mode(generator):
+        samples = output_tensor(generator(latents)).detach()
+    devices = [samples.device.index] if samples.device.type == "cuda" else []
+    with torch.enable_grad(), torch.random.fork_rng(devices=devices):
+        x = samples.clone().requires_grad_(True)
+        losses = loss_fn(x, None)
+        if not isinstance(losses, torch.Tensor) or losses.shape != (x.shape[0],):
+            raise ValueError(f"the generator loss must return per-example losses of shape [{x.shape[0]}]")
+        (w,) = torch.autograd.grad(losses.sum(), x)
+    return samples, w.detach(), losses.detach()
+
+
+class GANTrainer:
+    """Alternating GAN training on an in-memory data set.
+
+    Args:
+        generator, discriminator: G maps ``[B, latent_dim]`` latents to samples shaped like ``data``
+            rows; D maps samples to one score per example. No BatchNorm in training mode.
+        data: ``[N, ...]`` real samples (2-D points, or images in [-1, 1]).
+        labels: optional ``LongTensor[N]`` (mixture mode or class of each real sample), passed to
+            analyzers as ``info["real_labels"]``.
+        latent_dim: defaults to ``generator.latent_dim``.
+        loss: "nonsaturating" (default), "hinge" or "wgan-gp".
+        g_optimizer, d_optimizer: default Adam (lr ``lr_g`` / ``lr_d``, ``betas``).
+        batch_size: real and generated examples per discriminator step; latents per generator step.
+        d_steps: discriminator steps per generator step.
+        gp_weight: λ of the gradient penalty (wgan-gp only).
+        max_grad_norm: global-norm clipping of both players (inf: none).
+        callbacks: :class:`TrainerCallback` objects (e.g. :class:`GANKernelAnalyzer`).
+        seed: seeds the trainer's own generator (batches, latents, interpolation factors).
+        progress: show a tqdm bar.
+        checkpoint_dir, checkpoint_every: write ``checkpoint.pt`` atomically every this many
+            iterations (0: never); ``train(..., resume=True)`` continues from it.
+    """
+
+    def __init__(
+        self,
+        generator: nn.Module,
+        discriminator: nn.Module,
+        data: torch.Tensor,
+        *,
+        labels: torch.Tensor | None = None,
+        latent_dim: int | None = None,
+        loss: str = "nonsaturating",
+        g_optimizer: torch.optim.Optimizer | None = None,
+        d_optimizer: torch.optim.Optimizer | None = None,
+        lr_g: float = 1e-3,
+        lr_d: float = 1e-3,
+        betas: tuple[float, float] = (0.5, 0.999),
+        batch_size: int = 64,
+        d_steps: int = 1,
+        gp_weight: float = 10.0,
+        max_grad_norm: float = math.inf,
+        callbacks: Sequence[TrainerCallback] = (),
+        seed: int = 0,
+        progress: bool = False,
+        checkpoint_dir: str | os.PathLike | None = None,
+        checkpoint_every: int = 0,
+    ) -> None:
+        if not isinstance(data, torch.Tensor) or data.dim() < 2:
+            raise ValueError(f"data must be a Tensor [N, ...] of real samples, got {getattr(data, 'shape', type(data).__name__)}")
+        if labels is not None and (not isinstance(labels, torch.Tensor) or labels.shape != (data.shape[0],)):
+            raise ValueError(f"labels must be a LongTensor[{data.shape[0]}] (one per real sample)")
+        if batch_size < 1 or batch_size > data.shape[0]:
+            raise ValueError(f"batch_size must be in [1, {data.shape[0]}] (the data set size), got {batch_size}")
+        if d_steps < 1:
+            raise ValueError(f"d_steps must be a positive int, got {d_steps}")
+        if checkpoint_every and checkpoint_dir is None:
+            raise ValueError("checkpoint_every needs a checkpoint_dir")
+        self.generator = generator
+        self.discriminator = discriminator
+        self.data = data
+        self.labels = labels
+        self.latent_dim = int(latent_dim if latent_dim is not None else getattr(generator, "latent_dim", 0))
+        if self.latent_dim < 1:
+            raise ValueError("pass latent_dim= (the generator has no .latent_dim attribute)")
+        self.loss = check_loss(loss)
+        self.critic = DiscriminatorObjective(discriminator, penalty=(loss == "wgan-gp"))
+        self.g_loss = GeneratorLoss(discriminator, loss)
+        self.d_loss = DiscriminatorLoss(loss, gp_weight)
+        self.g_optimizer = g_optimizer or torch.optim.Adam(generator.parameters(), lr=lr_g, betas=betas)
+        self.d_optimizer = d_optimizer or torch.optim.Adam(discriminator.parameters(), lr=lr_d, betas=betas)
+        self.batch_size = batch_size
+        self.d_steps = d_steps
+        self.max_grad_norm = max_grad_norm
+        self.callbacks = list(callbacks)
+        self.rng = torch.Generator(device="cpu").manual_seed(seed)
+        self.progress = progress
+        self.checkpoint_dir = None if checkpoint_dir is None else Path(checkpoint_dir)
+        self.checkpoint_every = checkpoint_every
+        self.iteration = 0
+        self.g_steps = 0
+        self.d_steps_done = 0
+        self.history: dict[str, list[float]] = {"d_loss": [], "g_loss": []}
+
+    # -- sampling ------------------------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return next(self.generator.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.generator.parameters()).dtype
+
+    def sample_latents(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        """``[n, latent_dim]`` standard normal latents from the trainer's generator (or ``generator``)."""
+        z = torch.randn(n, self.latent_dim, generator=generator or self.rng, dtype=torch.float64)
+        return z.to(device=self.device, dtype=self.dtype)
+
+    @torch.no_grad()
+    def sample(self, latents: torch.Tensor) -> torch.Tensor:
+        """G(latents) in eval mode, detached."""
+        with analysis_mode(self.generator):
+            return output_tensor(self.generator(latents)).detach()
+
+    def input_gradients(self, latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(G(z), w, ℓ_G)`` with w_i = ∇_x ℓ_G(D(x)) at x = G(z_i), D as in a generator step."""
+        with frozen(self.discriminator):
+            return discriminator_input_gradients(self.generator, self.g_loss, latents)
+
+    # -- steps ---------------------------------------------------------------------------------
+    def discriminator_step(self) -> torch.Tensor:
+        """One discriminator step; returns the per-example losses."""
+        b = self.batch_size
+        index = torch.randint(0, self.data.shape[0], (b,), generator=self.rng)
+        real = self.data[index].to(device=self.device, dtype=self.dtype)
+        with torch.no_grad():
+            fake = output_tensor(self.generator(self.sample_latents(b))).detach()
+        parts, roles = [real, fake], [torch.full((b,), REAL), torch.full((b,), GENERATED)]
+        if self.critic.penalty:
+            eps = torch.rand(b, generator=self.rng, dtype=torch.float64).to(real)
+            eps = eps.view(-1, *([1] * (real.dim() - 1)))
+            parts.append(eps * real + (1 - eps) * fake)
+            roles.append(torch.full((b,), PENALTY))
+        x = torch.cat(parts)
+        roles = torch.cat(roles).to(self.device)
+        weights = torch.full((x.shape[0],), 1.0 / b, dtype=self.dtype, device=self.device)
+        real_labels = torch.full((x.shape[0],), -1, dtype=torch.long)
+        if self.labels is not None:
+            real_labels[:b] = self.labels[index]
+        step = OptimizerStep(
+            self.critic, self.d_optimizer, self.d_loss, (x, roles), roles, weights,
+            max_grad_norm=self.max_grad_norm, phase="discriminator",
+            info={"roles": roles, "real_labels": real_labels, "discriminator": self.discriminator, "iteration": self.iteration},
+        )
+        losses = self._perform(step)
+        self.d_steps_done += 1
+        self.history["d_loss"].append(float((losses * weights).sum()))
+        return losses
+
+    def generator_step(self) -> torch.Tensor:
+        """One generator step (D frozen); returns the per-example losses."""
+        z = self.sample_latents(self.batch_size)
+        step = OptimizerStep(
+            self.generator, self.g_optimizer, self.g_loss, z, None,
+            max_grad_norm=self.max_grad_norm, phase="generator",
+            info={"latents": z, "discriminator": self.discriminator, "iteration": self.iteration},
+        )
+        with frozen(self.discriminator):
+            losses = self._perform(step)
+        self.g_steps += 1
+        self.history["g_loss"].append(float(losses.mean()))
+        return losses
+
+    def _perform(self, step: OptimizerStep) -> torch.Tensor:
+        try:
+            return perform_step(self.callbacks, self, step)
+        except NonFiniteError as error:
+            raise NonFiniteError(
+                f"iteration {self.iteration}, {step.phase} step: {error} (training stopped before this update; "
+                "models, optimizers and any ledger keep the state from before it)"
+            ) from error
+
+    # -- loop ----------------------------------------------------------------------------------
+    def train(self, iterations: int, *, resume: bool = False) -> dict[str, list[float]]:
+        """Run until ``self.iteration == iterations`` (resuming from the checkpoint when asked)."""
+        if resume and self.checkpoint_dir is not None and (self.checkpoint_dir / "checkpoint.pt").exists():
+            self.load_checkpoint(self.checkpoint_dir / "checkpoint.pt")
+        fire(self.callbacks, "on_train_start", self)
+        bar = tqdm(total=iterations, initial=self.iteration, disable=not self.progress, desc="gan")
+        while self.iteration < iterations:
+            for _ in range(self.d_steps):
+                self.discriminator_step()
+            self.generator_step()
+            self.iteration += 1
+            bar.update(1)
+            if self.progress and self.iteration % 10 == 0:
+                bar.set_postfix(d=f"{self.history['d_loss'][-1]:.3f}", g=f"{self.history['g_loss'][-1]:.3f}")
+            if self.checkpoint_every and self.iteration % self.checkpoint_every == 0:
+                self.save_checkpoint(self.checkpoint_dir / "checkpoint.pt")
+        bar.close()
+        fire(self.callbacks, "on_train_end", self)
+        return self.history
+
+    # -- persistence ---------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "format": "genkernel.GANTrainer/1",
+            "generator": self.generator.state_dict(),
+            "discriminator": self.discriminator.state_dict(),
+            "g_optimizer": self.g_optimizer.state_dict(),
+            "d_optimizer": self.d_optimizer.state_dict(),
+            "rng": self.rng.get_state(),
+            "iteration": self.iteration,
+            "g_steps": self.g_steps,
+            "d_steps_done": self.d_steps_done,
+            "history": {k: list(v) for k, v in self.history.items()},
+            "callbacks": [cb.state_dict() if hasattr(cb, "state_dict") else None for cb in self.callbacks],
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("format") != "genkernel.GANTrainer/1":
+            raise ValueError("not a GANTrainer checkpoint (written by GANTrainer.save_checkpoint)")
+        self.generator.load_state_dict(state["generator"])
+        self.discriminator.load_state_dict(state["discriminator"])
+        self.g_optimizer.load_state_dict(state["g_optimizer"])
+        self.d_optimizer.load_state_dict(state["d_optimizer"])
+        self.rng.set_state(state["rng"])
+        self.iteration, self.g_steps, self.d_steps_done = state["iteration"], state["g_steps"], state["d_steps_done"]
+        self.history = {k: list(v) for k, v in state["history"].items()}
+        saved = state.get("callbacks", [])
+        if len(saved) != len(self.callbacks):
+            raise ValueError(f"the checkpoint holds {len(saved)} callback states but the trainer has {len(self.callbacks)} callbacks")
+        for cb, cb_state in zip(self.callbacks, saved):
+            if cb_state is not None:
+                cb.load_state_dict(cb_state)
+
+    def save_checkpoint(self, path: str | os.PathLike) -> None:
+        """Everything needed to resume (models, optimizers, RNG, analyzer ledgers), written atomically."""
+        atomic_save(self.state_dict(), path)
+
+    def load_checkpoint(self, path: str | os.PathLike) -> None:
+        self.load_state_dict(torch.load(path, map_location="cpu", weights_only=False))
+
+    def save_samples(self, path: str | os.PathLike, latents: torch.Tensor, *, nrow: int = 8) -> None:
+        """A sample grid of G(latents) (images; values in [-1, 1] mapped to [0, 1]) via torchvision."""
+        from torchvision.utils import save_image
+
+        images = self.sample(latents)
+        if images.dim() != 4:
+            raise ValueError(f"save_samples needs image samples [B, C, H, W], got shape {tuple(images.shape)}")
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        save_image((images.float().cpu() + 1) / 2, str(path), nrow=nrow)
+
+
+__all__ = ["GANTrainer", "frozen", "discriminator_input_gradients"]
