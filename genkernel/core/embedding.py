@@ -1,0 +1,55 @@
+"""Two-dimensional embeddings of tangent features for plots: UMAP when umap-learn is installed
+(an optional extra), otherwise t-SNE from scikit-learn. The method used is returned, so the
+figure can state it.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+__all__ = ["embed_2d", "umap_available"]
+
+
+def umap_available() -> bool:
+    """Whether ``umap-learn`` can be imported."""
+    try:
+        import umap  # noqa: F401
+    except Exception:  # ImportError, or a broken numba install
+        return False
+    return True
+
+
+def embed_2d(distances, *, method: str = "auto", seed: int = 0, perplexity: float = 30.0) -> tuple[np.ndarray, str]:
+    """Embed points in 2-D from a precomputed distance matrix.
+
+    Args:
+        distances: ``[N, N]`` symmetric, zero diagonal (e.g. :func:`kernel_distance`).
+        method: "auto" (UMAP if importable, else t-SNE), "umap" or "tsne".
+        seed: random state of the embedding.
+        perplexity: t-SNE perplexity, capped at (N − 1) / 3.
+
+    Returns:
+        ``(coords [N, 2], method_used)`` with ``method_used`` "umap" or "t-SNE".
+    """
+    d = np.asarray(distances, dtype=np.float64)
+    if d.ndim != 2 or d.shape[0] != d.shape[1] or d.shape[0] < 4:
+        raise ValueError(f"distances must be a square matrix with at least 4 points, got shape {d.shape}")
+    if not np.all(np.isfinite(d)) or (d < 0).any():
+        raise ValueError("distances must be finite and non-negative")
+    if method not in ("auto", "umap", "tsne"):
+        raise ValueError(f"method must be 'auto', 'umap' or 'tsne', got {method!r}")
+    if method == "umap" and not umap_available():
+        raise ImportError("method='umap' needs umap-learn (pip install 'genkernel[umap]'); use method='auto' or 'tsne'")
+    if method in ("auto", "umap") and umap_available():
+        import umap
+
+        reducer = umap.UMAP(n_components=2, metric="precomputed", random_state=seed, n_neighbors=min(15, d.shape[0] - 1))
+        return np.asarray(reducer.fit_transform(d)), "umap"
+    from sklearn.manifold import TSNE
+
+    n = d.shape[0]
+    tsne = TSNE(
+        n_components=2, metric="precomputed", init="random", random_state=seed,
+        perplexity=float(min(perplexity, max(1.0, (n - 1) / 3.0))),
+    )
+    return np.asarray(tsne.fit_transform(d)), "t-SNE"

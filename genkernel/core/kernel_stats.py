@@ -1,0 +1,149 @@
+"""Summaries of a kernel matrix against labels: class-block means, within-minus-between gaps,
+centered kernel–target alignment, kernel distances (DESIGN.md section 2, "kernel structure").
+
+All functions take torch tensors or array-likes and return float64 results on the CPU.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .spectral import kernel_target_alignment
+
+__all__ = ["BlockGap", "class_block_means", "within_between_gap", "centered_alignment", "kernel_distance"]
+
+
+def _matrix(kernel, name: str = "kernel") -> np.ndarray:
+    k = kernel.detach().cpu().to(torch.float64).numpy() if isinstance(kernel, torch.Tensor) else np.asarray(kernel, dtype=np.float64)
+    if k.ndim != 2:
+        raise ValueError(f"{name} must be a 2-D matrix [M, N], got shape {tuple(k.shape)}")
+    if not np.all(np.isfinite(k)):
+        raise ValueError(f"{name} contains NaN or infinite entries")
+    return k
+
+
+def _labels(labels, n: int, name: str) -> np.ndarray:
+    lab = labels.detach().cpu().numpy() if isinstance(labels, torch.Tensor) else np.asarray(labels)
+    if lab.shape != (n,):
+        raise ValueError(f"{name} must have one label per kernel {'row' if 'row' in name else 'column'}: shape [{n}], got {tuple(lab.shape)}")
+    if not np.issubdtype(lab.dtype, np.integer):
+        raise TypeError(f"{name} must hold integer class ids, got dtype {lab.dtype}")
+    return lab.astype(np.int64)
+
+
+def class_block_means(kernel, row_labels, col_labels=None, *, exclude_diagonal: bool | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Mean kernel value in every (row class, column class) block.
+
+    Args:
+        kernel: ``[M, N]`` kernel matrix (e.g. a normalized gradient kernel).
+        row_labels: ``[M]`` integer classes of the rows.
+        col_labels: ``[N]`` classes of the columns; None for a square kernel over the same inputs.
+        exclude_diagonal: leave out k(x, x) (self-similarity, 1 for a normalized kernel); default
+            True exactly when ``col_labels`` is None.
+
+    Returns:
+        ``(classes [C], means [C, C])``, classes sorted ascending; a block without entries is NaN.
+    """
+    k = _matrix(kernel)
+    m, n = k.shape
+    rows = _labels(row_labels, m, "row_labels")
+    same = col_labels is None
+    if same and m != n:
+        raise ValueError(f"kernel is {m}×{n}: pass col_labels for a non-square kernel")
+    cols = rows if same else _labels(col_labels, n, "col_labels")
+    exclude = same if exclude_diagonal is None else exclude_diagonal
+    mask = np.ones_like(k, dtype=bool)
+    if exclude:
+        np.fill_diagonal(mask, False)
+    classes = np.union1d(rows, cols)
+    means = np.full((classes.size, classes.size), np.nan)
+    for i, a in enumerate(classes):
+        for j, b in enumerate(classes):
+            block = mask & (rows[:, None] == a) & (cols[None, :] == b)
+            if block.any():
+                means[i, j] = k[block].mean()
+    return classes, means
+
+
+@dataclass
+class BlockGap:
+    """Within-class minus between-class kernel mean.
+
+    Attributes:
+        gap: mean over entries with equal labels minus mean over entries with different labels.
+        within, between: the two means.
+        per_class: ``[C]`` per row class: its within mean minus its between mean (for intervals).
+        classes: ``[C]`` the row classes.
+    """
+
+    gap: float
+    within: float
+    between: float
+    per_class: np.ndarray
+    classes: np.ndarray
+
+
+def within_between_gap(kernel, row_labels, col_labels=None, *, exclude_diagonal: bool | None = None) -> BlockGap:
+    """Mean k over same-label pairs minus mean over different-label pairs (see :class:`BlockGap`).
+
+    Arguments as :func:`class_block_means`; for a square kernel over one set the diagonal (self
+    pairs) is excluded by default.
+    """
+    k = _matrix(kernel)
+    m, n = k.shape
+    rows = _labels(row_labels, m, "row_labels")
+    same = col_labels is None
+    cols = rows if same else _labels(col_labels, n, "col_labels")
+    exclude = same if exclude_diagonal is None else exclude_diagonal
+    mask = np.ones_like(k, dtype=bool)
+    if exclude:
+        np.fill_diagonal(mask, False)
+    eq = rows[:, None] == cols[None, :]
+    if not (eq & mask).any() or not (~eq & mask).any():
+        raise ValueError("need both same-label and different-label pairs to compare within and between")
+    within = float(k[eq & mask].mean())
+    between = float(k[~eq & mask].mean())
+    classes = np.unique(rows)
+    per_class = []
+    for c in classes:
+        r = rows == c
+        w = (eq & mask)[r]
+        b = (~eq & mask)[r]
+        per_class.append(k[r][w].mean() - k[r][b].mean() if w.any() and b.any() else np.nan)
+    return BlockGap(within - between, within, between, np.asarray(per_class, dtype=np.float64), classes)
+
+
+def centered_alignment(gram, y) -> float:
+    """Centered kernel–target alignment: :func:`kernel_target_alignment` of H K H and H y with
+    H = I − 11ᵀ/N (Cortes et al. 2012), so that a constant offset in K or y does not count.
+
+    Args:
+        gram: ``[N, N]`` kernel over the training inputs.
+        y: ``[N]`` or ``[N, d]`` targets (one-hot for classes).
+
+    Returns:
+        float in [−1, 1].
+    """
+    k = _matrix(gram, "gram")
+    if k.shape[0] != k.shape[1]:
+        raise ValueError(f"gram must be square, got {k.shape}")
+    yy = y.detach().cpu().to(torch.float64).numpy() if isinstance(y, torch.Tensor) else np.asarray(y, dtype=np.float64)
+    yy = yy.reshape(k.shape[0], -1)
+    h = np.eye(k.shape[0]) - 1.0 / k.shape[0]
+    return kernel_target_alignment(h @ k @ h, yy - yy.mean(axis=0, keepdims=True))
+
+
+def kernel_distance(normalized_kernel) -> np.ndarray:
+    """Distances between unit-norm tangent features, d = sqrt(max(0, 2 − 2 k̂)), ``[M, N]``.
+
+    For a square matrix the diagonal is set to exactly 0 (what t-SNE/UMAP/silhouette expect).
+    """
+    k = _matrix(normalized_kernel, "normalized_kernel")
+    d = np.sqrt(np.clip(2.0 - 2.0 * k, 0.0, None))
+    if d.shape[0] == d.shape[1]:
+        d = 0.5 * (d + d.T)
+        np.fill_diagonal(d, 0.0)
+    return d

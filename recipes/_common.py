@@ -1,0 +1,198 @@
+"""Shared helpers for the recipes: arguments, settings per mode, claims, results files, timing.
+
+Every recipe is ``recipes/NAME.py`` with ``main(argv=None)`` and runs as::
+
+    python recipes/NAME.py [--quick] [--out-dir figures] [--seed 0] [--device cpu]
+
+and writes ``OUT/NAME.png`` and ``OUT/NAME.json``. The JSON holds the numbers behind the figure,
+the settings, the wall time and a ``claims`` section: for each claim whether it ``held`` in this
+run, computed from the numbers (never written by hand), its ``value`` and ``interval``.
+
+Modes: full (paper-fidelity, default), ``--quick`` (at most 90 s on 2 CPU cores) and the hidden
+``--smoke`` (tiny sizes, for the test suite only: its numbers check the plumbing, not the claims).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+MODES = ("full", "quick", "smoke")
+
+
+def make_parser(description: str, *, datasets: Sequence[str] | None = None) -> argparse.ArgumentParser:
+    """The common command line: --quick, --out-dir, --seed, --device, optional --dataset/--data-root."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--quick", action="store_true", help="small settings (at most 90 s on 2 CPU cores)")
+    parser.add_argument("--smoke", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--out-dir", default="figures", help="folder for NAME.png and NAME.json (default: figures)")
+    parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    parser.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    parser.add_argument(
+        "--threads", type=int, default=1,
+        help="torch CPU threads (default 1: these models are small, and extra threads spin on a busy machine)",
+    )
+    if datasets is not None:
+        parser.add_argument("--dataset", default=datasets[0], choices=list(datasets), help=f"data set (default {datasets[0]})")
+        parser.add_argument(
+            "--data-root", default=None,
+            help="folder holding MNIST/CIFAR-10 files (or env GENKERNEL_DATA_ROOT); never downloads",
+        )
+    return parser
+
+
+def parse(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> argparse.Namespace:
+    """Parse ``argv`` and add ``args.mode`` ("smoke", "quick" or "full")."""
+    args = parser.parse_args(None if argv is None else list(argv))
+    args.mode = "smoke" if args.smoke else ("quick" if args.quick else "full")
+    try:
+        args.torch_device = torch.device(args.device)
+    except RuntimeError as error:
+        parser.error(f"--device {args.device!r} is not a torch device: {error}")
+    if args.threads < 1:
+        parser.error(f"--threads must be >= 1, got {args.threads}")
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    np.random.seed(args.seed % 2**32)
+    return args
+
+
+def pick(mode: str, *, full: dict, quick: dict, smoke: dict) -> dict[str, Any]:
+    """The settings of ``mode``; every mode must define the same keys."""
+    table = {"full": full, "quick": quick, "smoke": smoke}
+    if mode not in table:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    keys = {k: set(v) for k, v in table.items()}
+    if len({frozenset(k) for k in keys.values()}) != 1:
+        raise ValueError(f"settings disagree on their keys: {keys}")
+    return dict(table[mode])
+
+
+def claim(statement: str, held: bool, value: float, interval: Sequence[float] | None = None, **extra: Any) -> dict:
+    """One entry of the ``claims`` section. ``held`` must be computed from the numbers."""
+    return {
+        "statement": statement,
+        "held": bool(held),
+        "value": _clean(value),
+        "interval": None if interval is None else [_clean(float(interval[0])), _clean(float(interval[1]))],
+        **{k: _clean(v) for k, v in extra.items()},
+    }
+
+
+def mean_interval(values: Sequence[float], z: float = 1.96) -> tuple[float, tuple[float, float]]:
+    """Mean and normal-approximation interval mean ± z·se over independent values (se = 0 for one)."""
+    a = np.asarray(values, dtype=np.float64)
+    a = a[np.isfinite(a)]
+    if a.size == 0:
+        return float("nan"), (float("nan"), float("nan"))
+    m = float(a.mean())
+    se = float(a.std(ddof=1) / math.sqrt(a.size)) if a.size > 1 else 0.0
+    return m, (m - z * se, m + z * se)
+
+
+def bootstrap_interval(values: np.ndarray, stat, *, n_boot: int = 1000, seed: int = 0, confidence: float = 0.95):
+    """Percentile bootstrap interval of ``stat(values[idx])`` over resamples of the first axis."""
+    values = np.asarray(values)
+    rng = np.random.default_rng(seed)
+    n = values.shape[0]
+    boots = np.array([stat(values[rng.integers(0, n, n)]) for _ in range(n_boot)], dtype=np.float64)
+    boots = boots[np.isfinite(boots)]
+    if boots.size == 0:
+        return float("nan"), float("nan")
+    alpha = (1.0 - confidence) / 2
+    lo, hi = np.quantile(boots, [alpha, 1.0 - alpha])
+    return float(lo), float(hi)
+
+
+def wilson_interval(successes: int, total: int, z: float = 1.96) -> tuple[float, float]:
+    """Wilson score interval of a proportion."""
+    if total <= 0:
+        return float("nan"), float("nan")
+    p = successes / total
+    denom = 1 + z * z / total
+    centre = (p + z * z / (2 * total)) / denom
+    half = z * math.sqrt(p * (1 - p) / total + z * z / (4 * total * total)) / denom
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def _clean(value: Any) -> Any:
+    """JSON-ready: tensors and arrays to lists, numpy scalars to floats, non-finite floats to None."""
+    if isinstance(value, torch.Tensor):
+        value = value.detach().cpu().numpy()
+    if isinstance(value, np.ndarray):
+        return [_clean(v) for v in value.tolist()] if value.ndim else _clean(value.item())
+    if isinstance(value, (np.floating, float)):
+        value = float(value)
+        return value if math.isfinite(value) else None
+    if isinstance(value, (np.integer,)):
+        return int(value)
+    if isinstance(value, (np.bool_,)):
+        return bool(value)
+    if isinstance(value, dict):
+        return {str(k): _clean(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_clean(v) for v in value]
+    return value
+
+
+class Timer:
+    """Wall-clock timer started at construction."""
+
+    def __init__(self) -> None:
+        self.start = time.perf_counter()
+
+    @property
+    def seconds(self) -> float:
+        return time.perf_counter() - self.start
+
+
+def finish(
+    name: str,
+    args: argparse.Namespace,
+    figure,
+    results: dict[str, Any],
+    claims: dict[str, dict],
+    settings: dict[str, Any],
+    timer: Timer,
+) -> dict[str, Any]:
+    """Save ``OUT/NAME.png`` and ``OUT/NAME.json``, print the wall time and the claims; return the JSON."""
+    import matplotlib.pyplot as plt
+
+    out = Path(args.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    png = out / f"{name}.png"
+    figure.savefig(png, dpi=110 if args.mode != "smoke" else 50)
+    plt.close(figure)
+    payload = {
+        "recipe": name,
+        "mode": args.mode,
+        "seed": args.seed,
+        "device": str(args.device),
+        "settings": _clean(settings),
+        "results": _clean(results),
+        "claims": _clean(claims),
+        "wall_seconds": round(timer.seconds, 2),
+        "figure": png.name,
+    }
+    path = out / f"{name}.json"
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(payload, indent=2, allow_nan=False) + "\n")
+    os.replace(tmp, path)
+    for key, c in claims.items():
+        print(f"[{name}] claim {key}: {'held' if c['held'] else 'did NOT hold'} (value {_fmt(c['value'])}, interval {c['interval']})")
+    print(f"[{name}] wrote {png} and {path} in {timer.seconds:.1f} s ({args.mode} mode)")
+    sys.stdout.flush()
+    return payload
+
+
+def _fmt(x: Any) -> str:
+    return f"{x:.4g}" if isinstance(x, float) else str(x)
