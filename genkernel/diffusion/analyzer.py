@@ -1,0 +1,499 @@
+"""NoiseLevelAnalyzer: the path-kernel ledger of a DDPM denoiser, split by training noise level.
+
+DESIGN.md section 3. A training contribution is a triple (x_n, t, ε); groups are bins of the
+training timestep t (default 10 bins of equal width); a probe is (clean x, level s, fixed
+noise ε') fed to the denoiser as the state (z_s, s) with z_s = sqrt(ᾱ_s) x + sqrt(1 − ᾱ_s) ε'.
+The core's exact ledger (:class:`~genkernel.core.tracker.PathKernelTracker`) gives, at every
+probe,
+
+    f(z_s, s; θ_T) − f(z_s, s; θ_0) = Σ_t-bins C[probe, bin] + C_rest + R,
+
+i.e. the noise-level × noise-level matrix C[s, t] of section 3 once probes at a level are
+averaged. From it the analyzer reports traffic and net shares (with κ), their locality within a
+band of w bins against a label-permutation control on the same trajectory, the normalized
+gradient kernel across levels at checkpoints, and the residual.
+
+The permutation control. Every example also gets a *control* label: the bin of another example
+of the same batch (a random permutation of the batch's bin labels, from the analyzer's own
+generator). The tracker is run on the joint groups (bin, control bin) — G² groups — so both
+splits come from one exact ledger of one trajectory (same steps, same batches, same group sizes
+per step): measured C[probe, b] = Σ_c C[probe, (b, c)], control C[probe, c] = Σ_b C[probe, (b, c)].
+``control=False`` tracks the G bins only (G× cheaper in analysis; no control, no claims).
+
+Use with the built-in trainer::
+
+    analyzer = NoiseLevelAnalyzer(scheduler, probe_data)
+    trainer = DDPMTrainer(model, scheduler, data, callbacks=[analyzer])
+    trainer.train(500)
+    analyzer.report()
+
+or in your own loop, in place of ``loss.backward(); optimizer.step()``::
+
+    analyzer = NoiseLevelAnalyzer(scheduler, probe_data)
+    analyzer.bind(model, optimizer)
+    for x0 in loader:                                   # x0 [B, *shape] clean inputs
+        noise = torch.randn_like(x0)
+        t = torch.randint(0, scheduler.config.num_train_timesteps, (x0.shape[0],))
+        losses = analyzer.step(x0, noise, t)            # [B] per-example losses
+    analyzer.report()
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from ..core.callbacks import TrainerCallback
+from ..core.errors import LedgerCheckError
+from ..core.ledger import atomic_save
+from ..core.step import OptimizerStep
+from ..core.tracker import PathKernelTracker, StepContributions
+from .kernels import make_states, state_kernel
+from .locality import band_total, compare, kernel_locality, level_average
+from .objectives import (
+    bin_centers,
+    check_prediction_type,
+    check_timesteps,
+    diffusion_loss,
+    noisy_input,
+    num_train_timesteps,
+    timestep_bins,
+    training_target,
+)
+
+__all__ = ["NoiseLevelAnalyzer"]
+
+FORMAT = "genkernel.NoiseLevelAnalyzer/1"
+
+
+class NoiseLevelAnalyzer(TrainerCallback):
+    """Keeps the noise-level-split path-kernel ledger of a denoiser while it trains.
+
+    Args:
+        scheduler: the ``DDPMScheduler`` used for training (prediction type "epsilon",
+            "v_prediction" or "sample"; add_noise builds the probes).
+        probe_data: ``Tensor[N0, *shape]`` clean inputs for probes and kernel checkpoints
+            (held-out data is best; the first ``kernel_points`` rows serve the kernel).
+        num_bins: G, bins of the training timestep (groups).
+        num_probes: M probes, assigned round-robin to the probe levels.
+        probe_levels: ``LongTensor[L]`` probe timesteps s; default the G bin centres.
+        band: w, the half-width in bins of "nearby levels" for the locality measures.
+        control: also track the label-permutation control (G² joint groups).
+        quadrature: the ledger's rule ("midpoint" default; "left", "trapezoid", "simpson").
+        snapshot_every: record locality summaries every this many tracked steps (0: only at
+            the end); they are the "locality over training" curves.
+        kernel_every: compute the kernel structure every this many tracked steps (0: only when
+            tracking starts and at ``on_train_end``).
+        kernel_points: clean inputs n used for the kernel structure (n × G states).
+        kernel_sketch: None for the exact kernel, or V output directions (images: 8–16).
+        seed: seeds probe noise, the control permutations and kernel sketches (private
+            generators; the global RNG is untouched).
+        memory_budget: bytes of per-example gradients held at once by the tracker.
+        progress: tqdm for the kernel checkpoints.
+    """
+
+    def __init__(
+        self,
+        scheduler,
+        probe_data: torch.Tensor,
+        *,
+        num_bins: int = 10,
+        num_probes: int = 64,
+        probe_levels: torch.Tensor | None = None,
+        band: int = 1,
+        control: bool = True,
+        quadrature: str = "midpoint",
+        snapshot_every: int = 5,
+        kernel_every: int = 0,
+        kernel_points: int = 8,
+        kernel_sketch: int | None = None,
+        seed: int = 0,
+        memory_budget: int = 256 * 2**20,
+    ) -> None:
+        self.prediction_type = check_prediction_type(scheduler)
+        self.scheduler = scheduler
+        self.total = num_train_timesteps(scheduler)
+        if not isinstance(num_bins, int) or not 1 <= num_bins <= self.total:
+            raise ValueError(f"num_bins must be an int in [1, {self.total}] (num_train_timesteps), got {num_bins!r}")
+        if not isinstance(num_probes, int) or num_probes < 1:
+            raise ValueError(f"num_probes must be a positive int, got {num_probes!r}")
+        if not isinstance(probe_data, torch.Tensor) or probe_data.dim() < 2 or not probe_data.is_floating_point():
+            raise TypeError(
+                "probe_data must be a floating Tensor [N0, *shape] of clean inputs shaped like the training data, "
+                f"got {getattr(probe_data, 'shape', type(probe_data).__name__)}"
+            )
+        if not isinstance(band, int) or band < 0:
+            raise ValueError(f"band must be a non-negative int (bins), got {band!r}")
+        if snapshot_every < 0 or kernel_every < 0:
+            raise ValueError("snapshot_every and kernel_every must be >= 0 (0: only at the start/end)")
+        if not isinstance(kernel_points, int) or kernel_points < 2:
+            raise ValueError(f"kernel_points must be an int >= 2 (pairs of different inputs), got {kernel_points!r}")
+        self.num_bins = num_bins
+        self.band = band
+        self.control = bool(control)
+        self.quadrature = quadrature
+        self.snapshot_every = snapshot_every
+        self.kernel_every = kernel_every
+        self.kernel_sketch = kernel_sketch
+        self.seed = seed
+        self.memory_budget = memory_budget
+
+        # Probes: (clean x, level s, fixed noise) -> states (z_s, s); round-robin over levels.
+        levels = bin_centers(num_bins, self.total) if probe_levels is None else check_timesteps(
+            torch.as_tensor(probe_levels), scheduler, name="probe_levels"
+        )
+        self.levels = levels.long()
+        self.level_bins = timestep_bins(self.levels, num_bins, self.total)
+        generator = torch.Generator().manual_seed(seed)
+        self.probe_level = torch.arange(num_probes) % self.levels.numel()  # level index per probe
+        self.probe_timesteps = self.levels[self.probe_level]
+        self.probe_bins = self.level_bins[self.probe_level]
+        pick = torch.randperm(probe_data.shape[0], generator=generator)
+        self.probe_clean = probe_data[pick[torch.arange(num_probes) % probe_data.shape[0]]].detach().to(torch.float64).cpu()
+        self.probe_noise = torch.randn(self.probe_clean.shape, generator=generator, dtype=torch.float64)
+        self.kernel_clean = probe_data[: kernel_points].detach().to(torch.float64).cpu()
+        if self.kernel_clean.shape[0] < 2:
+            raise ValueError("probe_data needs at least 2 rows for the kernel structure")
+        self.kernel_noise = torch.randn(self.kernel_clean.shape, generator=generator, dtype=torch.float64)
+        self._perm_generator = torch.Generator().manual_seed(seed + 1)
+
+        self.tracker: PathKernelTracker | None = None
+        self.model: nn.Module | None = None
+        self._pending_state: dict[str, Any] | None = None
+        self._reset_records()
+
+    # -- binding -----------------------------------------------------------------------------
+    @property
+    def num_groups(self) -> int:
+        """Groups the tracker keeps: G, or G² joint (bin, control bin) groups with the control."""
+        return self.num_bins * self.num_bins if self.control else self.num_bins
+
+    def probes(self, like: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The probe states ``(z_s [M, *shape], s [M])`` in ``like``'s dtype/device."""
+        clean, noise = self.probe_clean, self.probe_noise
+        if like is not None:
+            clean, noise = clean.to(like), noise.to(like)
+        t = self.probe_timesteps.to(clean.device)
+        return noisy_input(self.scheduler, clean, noise, t), t
+
+    def bind(self, model: nn.Module, optimizer: torch.optim.Optimizer, *, max_grad_norm: float = math.inf) -> None:
+        """Start tracking ``model`` trained by ``optimizer`` (the window starts at the current θ)."""
+        if self.tracker is not None:
+            raise RuntimeError("this analyzer is already bound to a model; build a new one for another run")
+        param = next(model.parameters())
+        probes = self.probes(param)
+        self.model = model
+        self.tracker = PathKernelTracker(
+            model, optimizer, diffusion_loss, probes, num_groups=self.num_groups, quadrature=self.quadrature,
+            max_grad_norm=max_grad_norm, memory_budget=self.memory_budget,
+        )
+        m, d = self.tracker.ledger.f_start.shape
+        self._alloc(m, d)
+        if self._pending_state is not None:
+            self._load(self._pending_state)
+            self._pending_state = None
+        elif not self.kernel_history:
+            self.record_kernel()
+
+    # -- the trainer callback ----------------------------------------------------------------
+    def on_train_start(self, trainer: Any) -> None:
+        if self.tracker is None:
+            self.bind(trainer.model, trainer.optimizer, max_grad_norm=getattr(trainer, "max_grad_norm", math.inf))
+
+    def wrap_step(self, trainer: Any, step: OptimizerStep, perform: Callable[[], torch.Tensor]) -> torch.Tensor:
+        if "timesteps" not in step.info:
+            raise ValueError(
+                "the step carries no timesteps: a diffusion trainer must put the training timesteps in "
+                "step.info['timesteps'] (DDPMTrainer does)"
+            )
+        if self.tracker is None:
+            self.bind(step.model, step.optimizer, max_grad_norm=step.max_grad_norm)
+        self._global_step = getattr(trainer, "global_step", None)
+        return self.track(step, step.info["timesteps"]).losses
+
+    def on_train_end(self, trainer: Any) -> None:
+        if self.tracker is not None and self.tracker.ledger.steps and (
+            not self.kernel_history or self.kernel_history[-1]["tracked_step"] != self.tracker.ledger.steps
+        ):
+            self.record_kernel()
+
+    # -- the user-loop verb ------------------------------------------------------------------
+    def step(self, clean: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor, *, max_grad_norm: float | None = None) -> torch.Tensor:
+        """One real optimizer step of the bound model on a DDPM batch, recorded in the ledger.
+
+        Replaces ``loss.backward(); optimizer.step()`` in a user's loop. Args: ``clean`` and
+        ``noise`` ``[B, *shape]``, ``timesteps`` ``LongTensor[B]`` in [0, T). Builds z with
+        ``scheduler.add_noise`` and the target for the scheduler's prediction type. Returns the
+        per-example losses ``[B]``.
+        """
+        if self.tracker is None:
+            raise RuntimeError("call analyzer.bind(model, optimizer) before analyzer.step(...)")
+        timesteps = check_timesteps(timesteps, self.scheduler)
+        noisy = noisy_input(self.scheduler, clean, noise, timesteps)
+        target = training_target(self.scheduler, clean, noise, timesteps)
+        step = OptimizerStep(
+            self.tracker.model, self.tracker.optimizer, diffusion_loss, (noisy, timesteps), target,
+            max_grad_norm=self.tracker.max_grad_norm if max_grad_norm is None else max_grad_norm,
+            info={"timesteps": timesteps},
+        )
+        return self.track(step, timesteps).losses
+
+    def track(self, step: OptimizerStep, timesteps: torch.Tensor) -> StepContributions:
+        """Group the step's examples by timestep bin (and control bin) and let the tracker take it."""
+        timesteps = check_timesteps(timesteps, self.scheduler)
+        if timesteps.numel() != step.batch:
+            raise ValueError(f"got {timesteps.numel()} timesteps for a batch of {step.batch}")
+        bins = timestep_bins(timesteps, self.num_bins, self.total).cpu()
+        groups = bins
+        if self.control:
+            shuffled = bins[torch.randperm(bins.numel(), generator=self._perm_generator)]
+            groups = bins * self.num_bins + shuffled
+        try:
+            result = self.tracker.track(step, groups.to(timesteps.device))
+        except LedgerCheckError as error:
+            if "to_k.bias" in str(error):
+                raise LedgerCheckError(
+                    f"{error}. Attention key biases have exactly zero gradient (softmax is shift invariant) and "
+                    "only rounding noise moves them: freeze them with "
+                    "genkernel.diffusion.freeze_attention_key_biases(model) before building the optimizer"
+                ) from error
+            raise
+        self._record(result, bins)
+        return result
+
+    # -- recording -----------------------------------------------------------------------------
+    def _reset_records(self) -> None:
+        self.contributions = self.contributions_control = None
+        self.traffic = self.traffic_control = None
+        self.bin_counts: list[list[int]] = []
+        self.global_steps: list[int | None] = []
+        self.history: list[dict[str, Any]] = []
+        self.kernel_history: list[dict[str, Any]] = []
+        self._global_step = None
+
+    def _alloc(self, m: int, d: int) -> None:
+        g = self.num_bins
+        self.contributions = torch.zeros((m, g, d), dtype=torch.float64)
+        self.traffic = torch.zeros((m, g), dtype=torch.float64)
+        if self.control:
+            self.contributions_control = torch.zeros((m, g, d), dtype=torch.float64)
+            self.traffic_control = torch.zeros((m, g), dtype=torch.float64)
+
+    def _record(self, result: StepContributions, bins: torch.Tensor) -> None:
+        c = result.contributions.cpu()  # [M, groups, d]
+        m, _, d = c.shape
+        if self.control:
+            joint = c.reshape(m, self.num_bins, self.num_bins, d)
+            measured, control = joint.sum(dim=2), joint.sum(dim=1)
+            self.contributions_control += control
+            self.traffic_control += control.norm(dim=2)
+        else:
+            measured = c
+        self.contributions += measured
+        self.traffic += measured.norm(dim=2)
+        self.bin_counts.append(torch.bincount(bins, minlength=self.num_bins).tolist())
+        self.global_steps.append(self._global_step)
+        self._global_step = None
+        steps = self.tracker.ledger.steps
+        if self.snapshot_every and steps % self.snapshot_every == 0:
+            self.history.append(self._summary_row())
+        if self.kernel_every and steps % self.kernel_every == 0:
+            self.record_kernel()
+
+    def _summary_row(self) -> dict[str, Any]:
+        row = {"tracked_step": self.tracker.ledger.steps, "global_step": self.global_steps[-1] if self.global_steps else None,
+               "relative_residual": self.tracker.ledger.relative_residual()}
+        row.update({k: v for k, v in self.locality().items()})
+        return row
+
+    def record_kernel(self) -> dict[str, Any]:
+        """Kernel structure at the current θ: k̂ decay with |Δbin| and kernel locality (appended)."""
+        if self.model is None:
+            raise RuntimeError("bind the analyzer to a model first")
+        param = next(self.model.parameters())
+        all_levels = bin_centers(self.num_bins, self.total)
+        states = make_states(self.scheduler, self.kernel_clean.to(param), self.kernel_noise.to(param), all_levels)
+        kernel = state_kernel(self.model, states, output_sketch=self.kernel_sketch, seed=self.seed,
+                              memory_budget=self.memory_budget)
+        summary = kernel_locality(kernel.cpu(), self.kernel_clean.shape[0], torch.arange(self.num_bins), self.band, seed=self.seed)
+        entry = {
+            "tracked_step": 0 if self.tracker is None else self.tracker.ledger.steps,
+            "global_step": self.global_steps[-1] if self.global_steps else None,
+            "sketch": self.kernel_sketch,
+            **summary,
+        }
+        self.kernel_history.append(entry)
+        return entry
+
+    # -- summaries -----------------------------------------------------------------------------
+    def _require(self) -> None:
+        if self.tracker is None or self.contributions is None:
+            raise RuntimeError("the analyzer has not tracked anything yet (bind it and train)")
+
+    @property
+    def ledger(self):
+        """The core :class:`~genkernel.core.ledger.PathKernelLedger` (joint groups when control=True)."""
+        self._require()
+        return self.tracker.ledger
+
+    def shares(self, *, control: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """Net shares ``[M, G]`` per training-level bin and κ ``[M]`` (measured or control split)."""
+        self._require()
+        contributions = self._contrib(control)
+        delta = self.tracker.ledger.delta.cpu()
+        norm_sq = (delta * delta).sum(dim=1)
+        safe = torch.where(norm_sq > 0, norm_sq, torch.full_like(norm_sq, math.nan))
+        shares = torch.einsum("mgd,md->mg", contributions, delta) / safe[:, None]
+        kappa = contributions.norm(dim=2).sum(dim=1) / safe.sqrt()
+        return shares, kappa
+
+    def traffic_shares(self, *, control: bool = False) -> torch.Tensor:
+        """Traffic ``[M, G]`` normalized over bins per probe (rows sum to 1)."""
+        self._require()
+        traffic = self.traffic_control if control else self.traffic
+        if traffic is None:
+            raise RuntimeError("no control was tracked (control=False)")
+        total = traffic.sum(dim=1, keepdim=True)
+        return traffic / torch.where(total > 0, total, torch.full_like(total, math.nan))
+
+    def _contrib(self, control: bool) -> torch.Tensor:
+        if control and self.contributions_control is None:
+            raise RuntimeError("no control was tracked (control=False)")
+        return self.contributions_control if control else self.contributions
+
+    def matrices(self) -> dict[str, torch.Tensor]:
+        """Noise × noise matrices ``[L, G]`` (rows: probe level, averaged over its probes; columns:
+        training-level bin): traffic and net shares, measured and control, plus κ ``[L]`` and
+        the relative residual per level ``[L]``."""
+        self._require()
+        num_levels = self.levels.numel()
+        shares, kappa = self.shares()
+        out = {
+            "traffic": level_average(self.traffic_shares(), self.probe_level, num_levels),
+            "share": level_average(shares, self.probe_level, num_levels),
+            "kappa": level_average(kappa[:, None], self.probe_level, num_levels)[:, 0],
+            "residual": level_average(self._probe_residual()[:, None], self.probe_level, num_levels)[:, 0],
+        }
+        if self.control:
+            shares_c, _ = self.shares(control=True)
+            out["traffic_control"] = level_average(self.traffic_shares(control=True), self.probe_level, num_levels)
+            out["share_control"] = level_average(shares_c, self.probe_level, num_levels)
+        return out
+
+    def _probe_residual(self) -> torch.Tensor:
+        ledger = self.tracker.ledger
+        change = ledger.delta.norm(dim=1)
+        return (ledger.residual.norm(dim=1) / torch.where(change > 0, change, torch.full_like(change, math.nan))).cpu()
+
+    def locality(self, band: int | None = None) -> dict[str, Any]:
+        """Traffic and net-share locality (share within w bins of each probe's level) against the
+        control, per probe, as "measured minus control" with a 95 % interval over probes."""
+        self._require()
+        w = self.band if band is None else band
+        bins = self.probe_bins
+        traffic = band_total(self.traffic_shares(), bins, w)
+        shares, kappa = self.shares()
+        share = band_total(shares, bins, w)
+        out: dict[str, Any] = {"band": w, "median_kappa": float(kappa.nanmedian())}
+        if self.control:
+            shares_c, kappa_c = self.shares(control=True)
+            out["traffic"] = compare(traffic, band_total(self.traffic_shares(control=True), bins, w))
+            out["share"] = compare(share, band_total(shares_c, bins, w))
+            out["median_kappa_control"] = float(kappa_c.nanmedian())
+        else:
+            out["traffic"] = {"measured": float(traffic.nanmean())}
+            out["share"] = {"measured": float(share.nanmean())}
+        return out
+
+    def residual(self) -> dict[str, float]:
+        """The ledger's residual: relative overall, worst probe, and the core summary."""
+        self._require()
+        summary = self.tracker.ledger.summary()
+        return {
+            "relative_residual": summary["relative_residual"],
+            "max_probe_relative_residual": summary["max_probe_relative_residual"],
+            "rest_norm": summary["rest_norm"],
+            "mean_change_norm": summary["mean_change_norm"],
+            "steps": summary["steps"],
+        }
+
+    def report(self) -> dict[str, Any]:
+        """Everything as JSON-ready numbers (matrices as nested lists, NaN as None)."""
+        self._require()
+        mats = {k: _jsonable(v) for k, v in self.matrices().items()}
+        return _jsonable({
+            "config": {
+                "num_bins": self.num_bins, "band": self.band, "num_probes": int(self.probe_level.numel()),
+                "probe_levels": self.levels.tolist(), "probe_level_bins": self.level_bins.tolist(),
+                "control": self.control, "quadrature": self.quadrature, "prediction_type": self.prediction_type,
+                "beta_schedule": self.scheduler.config.beta_schedule, "num_train_timesteps": self.total,
+                "kernel_points": int(self.kernel_clean.shape[0]), "kernel_sketch": self.kernel_sketch,
+            },
+            "tracked_steps": self.tracker.ledger.steps,
+            "global_steps": [self.global_steps[0], self.global_steps[-1]] if self.global_steps else None,
+            "residual": self.residual(),
+            "matrices": mats,
+            "locality": self.locality(),
+            "locality_over_training": self.history,
+            "kernel": self.kernel_history,
+            "bin_counts_total": torch.tensor(self.bin_counts).sum(0).tolist() if self.bin_counts else [],
+        })
+
+    # -- persistence ---------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        if self.tracker is None:
+            return {"format": FORMAT, "bound": False}
+        return {
+            "format": FORMAT, "bound": True, "tracker": self.tracker.state_dict(),
+            "contributions": self.contributions, "contributions_control": self.contributions_control,
+            "traffic": self.traffic, "traffic_control": self.traffic_control,
+            "bin_counts": self.bin_counts, "global_steps": self.global_steps,
+            "history": self.history, "kernel_history": self.kernel_history,
+            "perm_generator": self._perm_generator.get_state(),
+            "config": (self.num_bins, self.control, self.probe_timesteps.tolist()),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore; if not bound yet, the state is applied when :meth:`bind` runs."""
+        if state.get("format") != FORMAT:
+            raise ValueError("not a NoiseLevelAnalyzer state (written by NoiseLevelAnalyzer.state_dict)")
+        if not state["bound"]:
+            return
+        if tuple(state["config"][:2]) != (self.num_bins, self.control) or state["config"][2] != self.probe_timesteps.tolist():
+            raise ValueError("the saved analyzer had other bins, control or probes than this one; build it with the same settings")
+        if self.tracker is None:
+            self._pending_state = state
+        else:
+            self._load(state)
+
+    def _load(self, state: dict[str, Any]) -> None:
+        self.tracker.load_state_dict(state["tracker"])
+        for key in ("contributions", "contributions_control", "traffic", "traffic_control"):
+            value = state[key]
+            setattr(self, key, None if value is None else value.clone())
+        self.bin_counts, self.global_steps = list(state["bin_counts"]), list(state["global_steps"])
+        self.history, self.kernel_history = list(state["history"]), list(state["kernel_history"])
+        self._perm_generator.set_state(state["perm_generator"])
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write the analyzer state atomically."""
+        atomic_save(self.state_dict(), path)
+
+    def load(self, path: str | os.PathLike) -> None:
+        self.load_state_dict(torch.load(path, map_location="cpu", weights_only=False))
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return _jsonable(value.tolist())
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
