@@ -33,7 +33,7 @@ DEFAULT_MEMORY_BUDGET = 512 * 2**20  # bytes of Jacobians held at once
 REDUCTIONS = ("trace", "none")
 
 
-def _per_example_jacobian(model: nn.Module, params: dict[str, torch.Tensor]):
+def per_example_jacobian(model: nn.Module, params: dict[str, torch.Tensor]):
     """``jac(*inputs) -> Tensor[m, d, P]``: per-example Jacobians of a chunk of inputs."""
     forward = functional_model(model)
 
@@ -82,6 +82,7 @@ def gradient_kernel(
     normalize: bool = False,
     reduce: str = "trace",
     memory_budget: int = DEFAULT_MEMORY_BUDGET,
+    engine: str = "auto",
 ) -> torch.Tensor:
     """The gradient kernel between two batches of inputs.
 
@@ -92,7 +93,11 @@ def gradient_kernel(
         normalize: divide by sqrt(k(x, x) k(x', x')) so that values lie in [-1, 1]; with
             ``reduce="none"`` each output pair (i, j) is normalized by its own diagonals.
         reduce: ``"trace"`` sums J(x)_i · J(x')_i over outputs i; ``"none"`` keeps the blocks.
-        memory_budget: bytes of per-example Jacobians held at once.
+        memory_budget: bytes of per-example Jacobians (or captured factors) held at once.
+        engine: ``"factored"`` computes per-layer kernels from activations and output gradients
+            (:mod:`genkernel.core.factored`; unsupported modules go through torch.func in the
+            same call); ``"functional"`` materializes per-example Jacobians with torch.func (the
+            reference); ``"auto"`` picks factored when it covers any trainable parameter.
 
     Returns:
         ``Tensor[M, N]`` for ``reduce="trace"``, ``Tensor[M, N, d, d]`` for ``reduce="none"``,
@@ -100,6 +105,8 @@ def gradient_kernel(
     """
     if reduce not in REDUCTIONS:
         raise ValueError(f"reduce must be one of {REDUCTIONS}, got {reduce!r}")
+    if engine not in ("auto", "factored", "functional"):
+        raise ValueError(f"engine must be 'auto', 'factored' or 'functional', got {engine!r}")
     params, x1s, m_total, d = _prepare(model, x1, "x1")
     x2s = x1s if x2 is None else as_tuple(x2, name="x2")
     n_total = batch_size(x2s, name="x2")
@@ -109,6 +116,20 @@ def gradient_kernel(
         if d2 != d:
             raise ValueError(f"x1 gives {d} outputs per example but x2 gives {d2}")
 
+    if engine != "functional":
+        from .factored import factored_gradient_kernel, make_plan
+
+        if engine == "factored" or make_plan(model).blocks:
+            kernel, diag1, diag2 = factored_gradient_kernel(
+                model, x1s, None if x2 is None else x2s, reduce=reduce, memory_budget=memory_budget, d=d
+            )
+            if not normalize:
+                return kernel
+            if reduce == "trace":
+                return normalize_kernel(kernel, diag1, diag2)
+            scale = torch.sqrt(diag1[:, None, :, None] * diag2[None, :, None, :])
+            return kernel / scale.clamp_min(torch.finfo(kernel.dtype).tiny)
+
     first = next(iter(params.values()))
     num_params = sum(p.numel() for p in params.values())
     rows = _rows_per_chunk(memory_budget, d, num_params, first.element_size(), held=2)
@@ -117,7 +138,7 @@ def gradient_kernel(
     diag_shape = (d,) if reduce == "none" else ()
     diag1 = torch.empty((m_total, *diag_shape), dtype=first.dtype, device=first.device)
     diag2 = torch.empty((n_total, *diag_shape), dtype=first.dtype, device=first.device)
-    jac = _per_example_jacobian(model, params)
+    jac = per_example_jacobian(model, params)
 
     def self_kernel(j: torch.Tensor) -> torch.Tensor:
         return (j * j).sum(dim=2) if reduce == "none" else (j * j).sum(dim=(1, 2))
@@ -151,6 +172,7 @@ def tangent_features(
     *,
     output_index: int | None = None,
     memory_budget: int = DEFAULT_MEMORY_BUDGET,
+    engine: str = "auto",
 ) -> torch.Tensor:
     """Tangent features φ(x) = ∂f(x; θ)/∂θ, flattened over the trainable parameters.
 
@@ -158,7 +180,12 @@ def tangent_features(
         ``Tensor[M, d, P]``, or ``Tensor[M, P]`` for output ``output_index``. Their inner
         products (summed over outputs) equal :func:`gradient_kernel` with ``reduce="trace"``.
         P follows the order of ``model.named_parameters()`` (trainable ones only).
+        ``engine="factored"`` (or ``"auto"`` when any module is supported) materializes each
+        layer's per-example gradient from captured factors (:mod:`genkernel.core.factored`)
+        instead of torch.func's per-example Jacobians; ``"functional"`` is the reference.
     """
+    if engine not in ("auto", "factored", "functional"):
+        raise ValueError(f"engine must be 'auto', 'factored' or 'functional', got {engine!r}")
     params, xs, m_total, d = _prepare(model, x, "x")
     if output_index is not None and not (-d <= output_index < d):
         raise ValueError(f"output_index {output_index} is out of range for a model with {d} outputs")
@@ -167,11 +194,23 @@ def tangent_features(
     rows = _rows_per_chunk(memory_budget, d, num_params, first.element_size(), held=1)
     width = 1 if output_index is not None else d
     features = torch.empty((m_total, width, num_params), dtype=first.dtype, device=first.device)
-    jac = _per_example_jacobian(model, params)
+    jac = per_example_jacobian(model, params)
+    if engine != "functional":
+        from .factored import factored_jacobian, make_plan
+
+        plan = make_plan(model)
+        if engine == "factored" or plan.blocks:
+            outs = list(range(d)) if output_index is None else [output_index % d]
+
+            def jac(*chunk_inputs: torch.Tensor) -> torch.Tensor:  # noqa: F811 - the factored path
+                return factored_jacobian(model, chunk_inputs, outs, plan)
+
     with analysis_mode(model):
         for chunk in _chunks(m_total, rows):
             j = jac(*(t[chunk] for t in xs)).detach()
-            features[chunk] = j if output_index is None else j[:, output_index : output_index + 1]
+            if j.shape[1] != width:
+                j = j[:, output_index % d : output_index % d + 1]
+            features[chunk] = j
     return features[:, 0] if output_index is not None else features
 
 
@@ -183,3 +222,5 @@ def normalize_kernel(kernel: torch.Tensor, diag1: torch.Tensor, diag2: torch.Ten
 
 
 __all__ = ["gradient_kernel", "tangent_features", "normalize_kernel", "DEFAULT_MEMORY_BUDGET"]
+
+_per_example_jacobian = per_example_jacobian  # old private name, still used by factored.py

@@ -45,12 +45,14 @@ from .adapter import (
     trainable_parameters,
 )
 from .errors import LedgerCheckError, NonFiniteError
+from .kernels import per_example_jacobian
 from .ledger import PathKernelLedger, atomic_save
 from .pergrad import DEFAULT_GRADIENT_BUDGET, group_gradients
 from .quadrature import quadrature_rule
 from .splitting import make_splitter
 from .step import LossFn, OptimizerStep
 
+CONTRIBUTION_ROUTES = ("auto", "jvp", "jacobian")
 CHECK_RTOL = {torch.float64: 1e-10, torch.float32: 1e-5}
 
 
@@ -90,7 +92,9 @@ class PathKernelTracker:
         max_grad_norm: global-norm gradient clipping applied to the real step (inf: none); every
             group's share is scaled by the same factor.
         snapshot_every: copy the ledger into ``ledger.history`` every this many steps (0: never).
-        memory_budget: bytes of per-example gradients alive at once.
+        memory_budget: bytes of per-example gradients (or probe Jacobians) alive at once.
+        contribution_route: how J̄_k(x) u_g is computed: "auto", "jvp" (one forward-mode pass per
+            group) or "jacobian" (the probes' Jacobians times the updates); all exact.
 
     Per-group state costs (G + 1) × P float64 values per kind of optimizer state (momentum
     buffer or first moment) plus the same for each step's updates.
@@ -108,6 +112,7 @@ class PathKernelTracker:
         max_grad_norm: float = math.inf,
         snapshot_every: int = 0,
         memory_budget: int = DEFAULT_GRADIENT_BUDGET,
+        contribution_route: str = "auto",
     ) -> None:
         if not isinstance(num_groups, int) or num_groups < 1:
             raise ValueError(f"num_groups must be a positive int, got {num_groups!r}")
@@ -121,6 +126,9 @@ class PathKernelTracker:
         self.max_grad_norm = max_grad_norm
         self.snapshot_every = snapshot_every
         self.memory_budget = memory_budget
+        if contribution_route not in CONTRIBUTION_ROUTES:
+            raise ValueError(f"contribution_route must be one of {CONTRIBUTION_ROUTES}, got {contribution_route!r}")
+        self.contribution_route = contribution_route
 
         check_per_example_safe(model)
         self.params = trainable_parameters(model)
@@ -329,22 +337,23 @@ class PathKernelTracker:
                 )
 
     def _contributions(self, updates, theta_before, theta_after) -> torch.Tensor:
-        """``[M, G + 1, d]`` float64: Σ_q w_q J(x; θ_k + s_q Δ_k) u_g, for every group and the rest."""
-        forward = functional_model(self.model)
-        probes = self.probes
+        """``[M, G + 1, d]`` float64: Σ_q w_q J(x; θ_k + s_q Δ_k) u_g, for every group and the rest.
+
+        Two exact routes: one JVP per group and node (cost ∝ G + 1), or the probes' Jacobians
+        J(x) ``[M, d, P]`` times the updates (cost ∝ d, memory M·d·P). "auto" takes the
+        Jacobian route when 8 d <= G + 1 (measured: a reverse-mode Jacobian pass costs several
+        JVPs) and the Jacobians fit in the memory budget.
+        """
         names = list(self.params)
         dtype = theta_before[names[0]].dtype
         tangents = {n: updates[n].to(dtype) for n in names}
-
-        def output(p):
-            return forward(p, probes)
-
-        def push(theta, tangent):
-            return jvp(output, (theta,), (tangent,))[1]
-
         rows = updates[names[0]].shape[0]
         num_params = sum(t[0].numel() for t in tangents.values())
-        chunk = max(1, self.memory_budget // (4 * num_params * tangents[names[0]].element_size()))
+        m, d = self._f_prev.shape
+        route = self.contribution_route
+        if route == "auto":
+            fits = 2 * m * d * num_params * tangents[names[0]].element_size() <= self.memory_budget
+            route = "jacobian" if (8 * d <= rows and fits) else "jvp"
         total = None
         for node, weight in zip(self.rule.nodes, self.rule.weights):
             if node == 0.0:
@@ -356,10 +365,27 @@ class PathKernelTracker:
                     n: (theta_before[n].to(torch.float64) + node * (theta_after[n].to(torch.float64) - theta_before[n].to(torch.float64))).to(dtype)
                     for n in names
                 }
-            parts = []
-            for start in range(0, rows, chunk):
-                block = {n: t[start : start + chunk] for n, t in tangents.items()}
-                parts.append(vmap(push, in_dims=(None, 0))(theta, block))
-            value = torch.cat(parts).to(torch.float64) * weight  # [G + 1, M, d]
+            if route == "jacobian":
+                jac = per_example_jacobian(self.model, theta)(*self.probes)  # [M, d, P]
+                flat = torch.cat([tangents[n].reshape(rows, -1) for n in names], dim=1)  # [G + 1, P]
+                value = torch.einsum("mdp,gp->gmd", jac, flat)
+            else:
+                value = self._jvp_contributions(theta, tangents, rows, num_params)
+            value = value.to(torch.float64) * weight  # [G + 1, M, d]
             total = value if total is None else total + value
         return total.permute(1, 0, 2).contiguous()
+
+    def _jvp_contributions(self, theta, tangents, rows, num_params) -> torch.Tensor:
+        """``[G + 1, M, d]``: J(x; θ) u_g by forward-mode AD, vmapped over chunks of groups."""
+        forward = functional_model(self.model)
+        probes = self.probes
+
+        def push(tangent):
+            return jvp(lambda p: forward(p, probes), (theta,), (tangent,))[1]
+
+        first = next(iter(tangents.values()))
+        chunk = max(1, self.memory_budget // (4 * num_params * first.element_size()))
+        parts = []
+        for start in range(0, rows, chunk):
+            parts.append(vmap(push)({n: t[start : start + chunk] for n, t in tangents.items()}))
+        return torch.cat(parts)

@@ -1,0 +1,125 @@
+"""gradient_kernel and tangent_features against a brute-force autograd loop."""
+
+import pytest
+import torch
+from torch import nn
+
+from genkernel import gradient_kernel, tangent_features
+
+
+@pytest.fixture(autouse=True)
+def _float64(float64):
+    yield
+
+
+def brute_jacobians(model, x):
+    """[M, d, P] by one autograd call per example and output."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    rows = []
+    for n in range(x.shape[0]):
+        out = model(x[n : n + 1]).reshape(-1)
+        rows.append(torch.stack([
+            torch.cat([g.reshape(-1) for g in torch.autograd.grad(out[i], params, retain_graph=True)])
+            for i in range(out.shape[0])
+        ]))
+    return torch.stack(rows)
+
+
+def mlp():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 2))
+
+
+def convnet():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(1, 3, 3, padding=1), nn.GroupNorm(1, 3), nn.SiLU(), nn.AvgPool2d(2),
+                         nn.Flatten(), nn.Linear(3 * 4 * 4, 3))
+
+
+CASES = {"mlp": (mlp, (3,)), "convnet": (convnet, (1, 8, 8))}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_kernel_and_features_match_autograd_loop(name):
+    build, shape = CASES[name]
+    model = build()
+    x1, x2 = torch.randn(5, *shape), torch.randn(4, *shape)
+    j1, j2 = brute_jacobians(model, x1), brute_jacobians(model, x2)
+    expected = torch.einsum("mdp,ndp->mn", j1, j2)
+    torch.testing.assert_close(gradient_kernel(model, x1, x2), expected, rtol=1e-8, atol=0)
+    blocks = gradient_kernel(model, x1, x2, reduce="none")
+    torch.testing.assert_close(blocks, torch.einsum("mdp,nep->mnde", j1, j2), rtol=1e-8, atol=1e-12)
+    torch.testing.assert_close(tangent_features(model, x1), j1, rtol=1e-8, atol=1e-14)
+    torch.testing.assert_close(tangent_features(model, x1, output_index=1), j1[:, 1], rtol=1e-8, atol=1e-14)
+    feats = tangent_features(model, x1).flatten(1)
+    torch.testing.assert_close(feats @ tangent_features(model, x2).flatten(1).T, expected, rtol=1e-8, atol=0)
+
+
+def test_kernel_is_symmetric_psd_and_normalized_diagonal_is_one():
+    model = mlp()
+    x = torch.randn(12, 3)
+    k = gradient_kernel(model, x)
+    torch.testing.assert_close(k, k.T, rtol=1e-12, atol=0)
+    assert torch.linalg.eigvalsh(k).min() > -1e-10 * k.diag().max()
+    kn = gradient_kernel(model, x, normalize=True)
+    torch.testing.assert_close(kn.diag(), torch.ones(12), rtol=1e-12, atol=1e-12)
+    assert kn.abs().max() <= 1 + 1e-12
+    kn_blocks = gradient_kernel(model, x, normalize=True, reduce="none")
+    torch.testing.assert_close(torch.diagonal(kn_blocks, dim1=2, dim2=3)[range(12), range(12)], torch.ones(12, 2))
+
+
+def test_chunking_under_a_tiny_budget_gives_the_same_kernel():
+    model = mlp()
+    x1, x2 = torch.randn(9, 3), torch.randn(7, 3)
+    full = gradient_kernel(model, x1, x2, normalize=True)
+    per_row = 2 * 2 * sum(p.numel() for p in model.parameters()) * 8
+    torch.testing.assert_close(gradient_kernel(model, x1, x2, normalize=True, memory_budget=2 * per_row * 2), full)
+    torch.testing.assert_close(gradient_kernel(model, x1, normalize=True, memory_budget=1), gradient_kernel(model, x1, normalize=True))
+
+
+class TwoInput(nn.Module):
+    """A denoiser-like model called as model(x, t) returning an object with .sample."""
+
+    class Output:
+        def __init__(self, sample):
+            self.sample = sample
+
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(3, 8), nn.SiLU(), nn.Linear(8, 2))
+
+    def forward(self, x, t):
+        return self.Output(self.net(torch.cat([x, t[:, None].to(x.dtype)], dim=1)))
+
+
+def test_tuple_inputs_and_wrapped_outputs():
+    torch.manual_seed(0)
+    model = TwoInput()
+    x, t = torch.randn(4, 2), torch.tensor([1, 5, 9, 3])
+    k = gradient_kernel(model, (x, t))
+    plain = model.net
+    expected = gradient_kernel(plain, torch.cat([x, t[:, None].double()], dim=1))
+    torch.testing.assert_close(k, expected)
+
+
+def test_frozen_parameters_are_not_in_the_kernel():
+    model = mlp()
+    model[0].weight.requires_grad_(False)
+    x = torch.randn(3, 3)
+    j = brute_jacobians(model, x)
+    torch.testing.assert_close(gradient_kernel(model, x), torch.einsum("mdp,ndp->mn", j, j), rtol=1e-8, atol=0)
+    assert tangent_features(model, x).shape == (3, 2, j.shape[2])
+
+
+def test_bad_input_is_refused():
+    model = mlp()
+    with pytest.raises(ValueError, match="reduce"):
+        gradient_kernel(model, torch.randn(2, 3), reduce="sum")
+    with pytest.raises(ValueError, match="do not fit"):
+        gradient_kernel(model, torch.randn(2, 5))
+    with pytest.raises(ValueError, match="output_index"):
+        tangent_features(model, torch.randn(2, 3), output_index=4)
+    with pytest.raises(ValueError, match="BatchNorm"):
+        gradient_kernel(nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4)), torch.randn(2, 3))
+    with pytest.raises(TypeError, match="Tensor"):
+        gradient_kernel(model, [1.0, 2.0])

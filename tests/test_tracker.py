@@ -1,0 +1,208 @@
+"""Properties of the tracker: grouping invariance, quadrature order, non-disturbance, resume."""
+
+import copy
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from genkernel import PathKernelLedger, PathKernelTracker
+from genkernel.supervised import mse_loss
+
+
+def smooth_mlp(seed=0, dtype=torch.float64):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(2, 16), nn.Tanh(), nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 1)).to(dtype)
+
+
+def data(n=24, seed=1, dtype=torch.float64):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 2, generator=gen).to(dtype)
+    y = (3 * torch.randn(n, 1, generator=gen)).to(dtype)
+    return x, y, torch.arange(n) % 3
+
+
+def train(tracker, x, y, group_ids, steps=4, batch=8, seed=2):
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        idx = torch.randperm(x.shape[0], generator=gen)[:batch]
+        tracker.step(x[idx], y[idx], group_ids[idx])
+
+
+def test_per_example_groups_summed_by_class_equal_class_groups():
+    x, y, cls = data()
+    probes = torch.randn(4, 2, dtype=torch.float64)
+    ledgers = {}
+    for name, groups, g in [("example", torch.arange(24), 24), ("class", cls, 3), ("one", torch.zeros(24, dtype=torch.long), 1)]:
+        model = smooth_mlp()
+        opt = torch.optim.Adam(model.parameters(), lr=0.01, weight_decay=0.01)
+        tracker = PathKernelTracker(model, opt, mse_loss, probes, num_groups=g)
+        train(tracker, x, y, groups)
+        ledgers[name] = tracker.ledger
+    by_class = ledgers["example"].grouped_contributions(cls, 3)
+    torch.testing.assert_close(by_class, ledgers["class"].contributions, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(ledgers["class"].contributions.sum(1, keepdim=True), ledgers["one"].contributions,
+                               rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(ledgers["example"].rest, ledgers["one"].rest, rtol=1e-9, atol=1e-12)
+    # Traffic is not additive: grouping coarser can only cancel, never add.
+    assert (ledgers["one"].traffic[:, 0] <= ledgers["class"].traffic.sum(1) + 1e-12).all()
+
+
+@pytest.mark.parametrize("quadrature,order", [("left", 2), ("midpoint", 3), ("trapezoid", 3), ("simpson", 5)])
+def test_residual_shrinks_with_the_step_size_as_the_rule_order_says(quadrature, order):
+    x, y, _ = data(16)
+    probes = torch.randn(8, 2, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    lrs = np.geomspace(0.02, 0.3, 5)
+    residuals = []
+    for lr in lrs:
+        model = smooth_mlp()
+        tracker = PathKernelTracker(model, torch.optim.SGD(model.parameters(), lr=lr), mse_loss, probes,
+                                    num_groups=1, quadrature=quadrature)
+        residuals.append(float(tracker.step(x, y, torch.zeros(16, dtype=torch.long)).residual.norm()))
+    slope = np.polyfit(np.log(lrs), np.log(residuals), 1)[0]
+    assert abs(slope - order) < 0.3, (slope, residuals)
+
+
+CONFIGS = [
+    (torch.optim.SGD, dict(lr=0.05, momentum=0.9, nesterov=True, weight_decay=1e-3), math.inf),
+    (torch.optim.Adam, dict(lr=0.01, weight_decay=1e-3), 1.0),
+    (torch.optim.AdamW, dict(lr=0.01, amsgrad=True), math.inf),
+    (torch.optim.RMSprop, dict(lr=0.003, momentum=0.5, centered=True), 0.5),
+]
+
+
+@pytest.mark.parametrize("opt_cls,hp,clip", CONFIGS, ids=lambda v: getattr(v, "__name__", None))
+def test_tracking_does_not_change_training(opt_cls, hp, clip):
+    """float32 training, with and without the tracker: torch.equal parameters."""
+    x, y, cls = data(dtype=torch.float32)
+    probes = torch.randn(5, 2)
+    tracked, plain = smooth_mlp(dtype=torch.float32), smooth_mlp(dtype=torch.float32)
+    opt_t, opt_p = opt_cls(tracked.parameters(), **hp), opt_cls(plain.parameters(), **hp)
+    tracker = PathKernelTracker(tracked, opt_t, mse_loss, probes, num_groups=3, max_grad_norm=clip)
+    from genkernel import OptimizerStep
+    gen_t, gen_p = torch.Generator().manual_seed(4), torch.Generator().manual_seed(4)
+    for _ in range(5):
+        idx = torch.randperm(24, generator=gen_t)[:8]
+        tracker.step(x[idx], y[idx], cls[idx])
+        idx = torch.randperm(24, generator=gen_p)[:8]
+        OptimizerStep(plain, opt_p, mse_loss, x[idx], y[idx], max_grad_norm=clip).run()
+    for a, b in zip(tracked.parameters(), plain.parameters()):
+        assert torch.equal(a, b)
+    # Also bit-equal to a hand-written loop using .mean() and clip_grad_norm_.
+    hand = smooth_mlp(dtype=torch.float32)
+    opt_h = opt_cls(hand.parameters(), **hp)
+    gen_h = torch.Generator().manual_seed(4)
+    for _ in range(5):
+        idx = torch.randperm(24, generator=gen_h)[:8]
+        opt_h.zero_grad()
+        mse_loss(hand(x[idx]), y[idx]).mean().backward()
+        if math.isfinite(clip):
+            nn.utils.clip_grad_norm_(hand.parameters(), clip)
+        opt_h.step()
+    for a, b in zip(tracked.parameters(), hand.parameters()):
+        assert torch.equal(a, b)
+    assert tracker.ledger.relative_residual() < 1e-2
+
+
+def make_run(seed=0):
+    model = smooth_mlp(seed)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-3)
+    probes = torch.randn(4, 2, generator=torch.Generator().manual_seed(9), dtype=torch.float64)
+    return model, opt, PathKernelTracker(model, opt, mse_loss, probes, num_groups=3, snapshot_every=2)
+
+
+def test_resume_gives_an_equal_ledger(tmp_path):
+    x, y, cls = data()
+    model, opt, tracker = make_run()
+    train(tracker, x, y, cls, steps=6)
+
+    model2, opt2, tracker2 = make_run()
+    train(tracker2, x, y, cls, steps=3)
+    tracker2.save(tmp_path / "tracker.pt")
+    torch.save({"model": model2.state_dict(), "opt": opt2.state_dict()}, tmp_path / "train.pt")
+
+    model3, opt3, _ = make_run(seed=5)
+    state = torch.load(tmp_path / "train.pt")
+    model3.load_state_dict(state["model"])
+    opt3.load_state_dict(state["opt"])
+    tracker3 = PathKernelTracker(model3, opt3, mse_loss, tracker2.probes, num_groups=3, snapshot_every=2)
+    tracker3.load(tmp_path / "tracker.pt")
+    gen = torch.Generator().manual_seed(2)
+    for _ in range(3):
+        torch.randperm(24, generator=gen)
+    for _ in range(3):
+        idx = torch.randperm(24, generator=gen)[:8]
+        tracker3.step(x[idx], y[idx], cls[idx])
+    for field in ("contributions", "rest", "residual", "f_start", "f_end", "traffic"):
+        assert torch.equal(getattr(tracker.ledger, field), getattr(tracker3.ledger, field)), field
+    assert tracker3.ledger.steps == 6 and len(tracker3.ledger.history) == 3
+    assert torch.equal(tracker.ledger.history[-1]["contributions"], tracker3.ledger.history[-1]["contributions"])
+
+
+def test_interrupted_save_leaves_the_previous_file_loadable(tmp_path, monkeypatch):
+    x, y, cls = data()
+    _, _, tracker = make_run()
+    train(tracker, x, y, cls, steps=2)
+    path = tmp_path / "ledger.pt"
+    tracker.ledger.save(path)
+
+    def crash(obj, handle, *args, **kwargs):
+        handle.write(b"half a file")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch, "save", crash)
+    with pytest.raises(KeyboardInterrupt):
+        tracker.ledger.save(path)
+    monkeypatch.undo()
+    loaded = PathKernelLedger.load(path)
+    assert torch.equal(loaded.contributions, tracker.ledger.contributions)
+    assert [p.name for p in tmp_path.iterdir()] == ["ledger.pt"]
+
+
+def test_shares_sum_to_one_and_summary_reports_the_residual():
+    x, y, cls = data()
+    _, _, tracker = make_run()
+    train(tracker, x, y, cls, steps=4)
+    ledger = tracker.ledger
+    shares = ledger.shares()
+    total = shares.groups.sum(1) + shares.rest + shares.residual
+    torch.testing.assert_close(total, torch.ones_like(total), rtol=1e-10, atol=1e-10)
+    expected_kappa = ledger.contributions.norm(dim=2).sum(1) / ledger.delta.norm(dim=1)
+    torch.testing.assert_close(shares.kappa, expected_kappa)
+    assert (shares.kappa >= shares.groups.abs().sum(1) * 0).all()
+    summary = ledger.summary()
+    assert summary["steps"] == 4
+    assert summary["relative_residual"] == pytest.approx(float(ledger.residual.norm() / ledger.delta.norm()))
+    assert 0 < summary["relative_residual"] < 1e-2
+    torch.testing.assert_close(ledger.traffic_shares().sum(1), torch.ones(4, dtype=torch.float64))
+    assert [h["step"] for h in ledger.history] == [2, 4]
+
+
+def test_tracker_attached_after_warm_up_puts_old_momentum_in_rest():
+    x, y, cls = data()
+    model, opt, _ = make_run()
+    from genkernel import OptimizerStep
+    for _ in range(3):
+        OptimizerStep(model, opt, mse_loss, x[:8], y[:8]).run()
+    probes = torch.randn(3, 2, dtype=torch.float64)
+    tracker = PathKernelTracker(model, opt, mse_loss, probes, num_groups=3)
+    train(tracker, x, y, cls, steps=3)
+    ledger = tracker.ledger
+    assert ledger.rest.norm() > 0.1 * ledger.contributions.sum(1).norm()
+    assert ledger.relative_residual() < 1e-2
+
+
+def test_jacobian_and_jvp_routes_agree():
+    x, y, cls = data()
+    probes = torch.randn(4, 2, generator=torch.Generator().manual_seed(9), dtype=torch.float64)
+    ledgers = []
+    for route in ("jvp", "jacobian"):
+        model = smooth_mlp()
+        opt = torch.optim.Adam(model.parameters(), lr=0.01)
+        tracker = PathKernelTracker(model, opt, mse_loss, probes, num_groups=3, contribution_route=route)
+        train(tracker, x, y, cls, steps=3)
+        ledgers.append(tracker.ledger)
+    torch.testing.assert_close(ledgers[0].contributions, ledgers[1].contributions, rtol=1e-10, atol=1e-13)
+    torch.testing.assert_close(ledgers[0].rest, ledgers[1].rest, rtol=1e-10, atol=1e-13)
