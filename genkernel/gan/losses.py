@@ -116,20 +116,24 @@ class DiscriminatorObjective(nn.Module):
         self.penalty = bool(penalty)
         self.eps = float(eps)
 
-    def input_gradient_norm(self, x: torch.Tensor) -> torch.Tensor:
-        """``[B]`` ‖∇_x D(x)‖ per example, differentiable in D's parameters (and under torch.func)."""
+    def input_gradient_norm(self, x: torch.Tensor, *, with_scores: bool = False):
+        """``[B]`` ‖∇_x D(x)‖ per example, differentiable in D's parameters (and under torch.func);
+        with ``with_scores`` also the scores D(x) ``[B]`` of the same evaluation."""
 
         def total(inputs):
-            return scores_of(self.net(inputs)).sum()
+            scores = scores_of(self.net(inputs))
+            return scores.sum(), scores
 
-        g = torch.func.grad(total)(x)
-        return (g.reshape(g.shape[0], -1).pow(2).sum(dim=1) + self.eps).sqrt()
+        g, scores = torch.func.grad(total, has_aux=True)(x)
+        norms = (g.reshape(g.shape[0], -1).pow(2).sum(dim=1) + self.eps).sqrt()
+        return (norms, scores) if with_scores else norms
 
     def forward(self, x: torch.Tensor, roles: torch.Tensor) -> torch.Tensor:
-        scores = scores_of(self.net(x))
         if not self.penalty:
-            return scores.unsqueeze(1)
-        norms = self.input_gradient_norm(x)
+            return scores_of(self.net(x)).unsqueeze(1)
+        # One evaluation of D gives both the scores (aux) and the input gradient, so a training-mode
+        # forward advances spectral norm's power iteration once, as a plain D(x) would.
+        norms, scores = self.input_gradient_norm(x, with_scores=True)
         return torch.where(roles == PENALTY, norms, scores).unsqueeze(1)
 
 

@@ -1,0 +1,305 @@
+"""GAN trainer and discriminator-geometry analyzer: exactness, the one-step formula, sanity cases,
+non-disturbance, the user-loop example and bad input (issue 4)."""
+
+import json
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from genkernel import OptimizerStep, gradient_kernel, perform_step
+from genkernel.core.errors import NonFiniteError
+from genkernel.data import gaussian_ring, ring_mode_centers
+from genkernel.gan import (
+    DirectionGroups,
+    FunctionGroups,
+    GANKernelAnalyzer,
+    GANTrainer,
+    GeneratorLoss,
+    MLPDiscriminator,
+    MLPGenerator,
+    frozen,
+)
+
+F64 = torch.float64
+
+
+def _ring(n=512, dtype=F64):
+    data, modes = gaussian_ring(n, radius=2.0, std=0.05, seed=0)
+    return data.to(dtype), modes
+
+
+def _pair(dtype=F64, sn=False, hidden=16, seed=0, latent=2):
+    torch.manual_seed(seed)
+    return MLPGenerator(latent, 2, hidden=hidden, depth=2).to(dtype), MLPDiscriminator(2, hidden=hidden, depth=2, spectral_norm=sn).to(dtype)
+
+
+def _probes(m=12, k=2, dtype=F64, seed=1):
+    return torch.randn(m, k, generator=torch.Generator().manual_seed(seed), dtype=dtype)
+
+
+# ------------------------------------------------------------------------------------------
+# exactness
+# ------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("loss,sn", [("nonsaturating", True), ("wgan-gp", False)])
+def test_relative_residual_small_for_generator_and_discriminator(loss, sn):
+    data, modes = _ring()
+    G, D = _pair(sn=sn)
+    analyzer = GANKernelAnalyzer(
+        G, D, _probes(8), grouping="mode", mode_centers=ring_mode_centers(8, 2.0), mode_std=0.05,
+        window=3, eval_every=1, discriminator_groups="role_mode" if loss != "wgan-gp" else "role",
+    )
+    trainer = GANTrainer(G, D, data, labels=modes, loss=loss, batch_size=16, lr_g=2e-3, lr_d=2e-3, callbacks=[analyzer])
+    trainer.train(6)
+    report = analyzer.report()
+    assert report["generator"]["steps"] == 6 and report["discriminator"]["steps"] == 6
+    assert report["generator"]["relative_residual"] < 1e-3
+    assert report["discriminator"]["relative_residual"] < 1e-3
+    assert report["generator"]["mean_change_norm"] > 0 and report["discriminator"]["mean_change_norm"] > 0
+    # the ledger sums exactly: contributions + rest + residual = real change
+    ledger = analyzer.generator_ledger()
+    total = ledger.contributions.sum(1) + ledger.rest + ledger.residual
+    assert torch.allclose(total, ledger.delta, atol=1e-12)
+    if sn:  # spectral norm's power iteration moved D between steps: reported as buffer drift in rest
+        assert report["discriminator"]["buffer_drift_norm"] > 0
+    if loss == "wgan-gp":  # the gradient penalty is its own group with nonzero traffic
+        assert analyzer.d_tracker.ledger.traffic[:, 2].sum() > 0
+    # formula alignment: the ledger's prediction matches each step's change up to the residual
+    assert all(row["cos_formula"] > 0.999 for row in report["alignment"])
+
+
+def test_three_steps_match_brute_force_autograd():
+    """Independent float64 brute force: per-example gradients by a Python loop, SGD momentum by hand,
+    midpoint Jacobians by torch.autograd.functional.jacobian; compared with the analyzer's groups."""
+    G, D = _pair(hidden=8)
+    D.eval()
+    probes = _probes(5)
+    lr, mu = 0.05, 0.9
+    opt = torch.optim.SGD(G.parameters(), lr=lr, momentum=mu)
+    region = FunctionGroups(lambda z, x, w, s: (z[:, 0] > 0).long(), 2)
+    analyzer = GANKernelAnalyzer(G, D, probes, grouping=region, control=False, window=1, eval_every=1, track_discriminator=False)
+    loss_fn = GeneratorLoss(D)
+    names = [n for n, _ in G.named_parameters()]
+    shapes = [p.shape for _, p in G.named_parameters()]
+
+    def unflat(v):
+        out, i = {}, 0
+        for n, s in zip(names, shapes):
+            out[n] = v[i : i + s.numel()].view(s)
+            i += s.numel()
+        return out
+
+    def g_of(theta, z):
+        return torch.func.functional_call(G, unflat(theta), (z,))
+
+    theta = torch.cat([p.detach().reshape(-1) for p in G.parameters()]).clone()
+    buffers = None
+    expected = torch.zeros(5, 2, 2, dtype=F64)
+    gen = torch.Generator().manual_seed(5)
+    for _ in range(3):
+        z = torch.randn(10, 2, generator=gen, dtype=F64)
+        groups = (z[:, 0] > 0).long()
+        grads = torch.zeros(2, theta.numel(), dtype=F64)
+        for i in range(10):
+            t = theta.clone().requires_grad_(True)
+            li = loss_fn(g_of(t, z[i : i + 1]), None)[0]
+            (gi,) = torch.autograd.grad(li, t)
+            grads[groups[i]] += gi / 10
+        buffers = grads.clone() if buffers is None else mu * buffers + grads
+        updates = -lr * buffers
+        new_theta = theta + updates.sum(0)
+        mid = theta + 0.5 * (new_theta - theta)
+        jac = torch.autograd.functional.jacobian(lambda t: g_of(t, probes), mid)  # [5, 2, P]
+        expected += torch.einsum("mdp,gp->mgd", jac, updates)
+        theta = new_theta
+        with frozen(D):
+            analyzer.perform(OptimizerStep(G, opt, loss_fn, z, phase="generator"))
+    got = analyzer.generator_ledger().contributions
+    assert torch.allclose(torch.cat([p.detach().reshape(-1) for p in G.parameters()]), theta, atol=1e-12)
+    assert torch.allclose(got, expected, rtol=1e-8, atol=1e-12), float((got - expected).abs().max())
+
+
+def test_one_step_formula_matches_observed_change():
+    """ΔG(z') ≈ −(η/B) Σ_i K_G(z', z_i) w_i after one small plain-SGD step (independent of the ledger)."""
+    G, D = _pair(hidden=16)
+    D.eval()
+    lr, batch = 1e-3, 32
+    z = torch.randn(batch, 2, generator=torch.Generator().manual_seed(3), dtype=F64)
+    probes = _probes(16)
+    loss_fn = GeneratorLoss(D)
+    x = G(z).detach().requires_grad_(True)
+    (w,) = torch.autograd.grad(loss_fn(x, None).sum(), x)
+    kernel = gradient_kernel(G, probes, z, reduce="none")  # [M, B, 2, 2]
+    predicted = -(lr / batch) * torch.einsum("mbde,be->md", kernel, w)
+    before = G(probes).detach()
+    opt = torch.optim.SGD(G.parameters(), lr=lr)
+    with frozen(D):
+        OptimizerStep(G, opt, loss_fn, z, phase="generator").run()
+    observed = G(probes).detach() - before
+    cos = torch.nn.functional.cosine_similarity(predicted, observed, dim=1)
+    assert (cos > 0.99).all(), cos
+
+
+# ------------------------------------------------------------------------------------------
+# sanity: a region-gated generator has no cross-region coupling
+# ------------------------------------------------------------------------------------------
+class GatedGenerator(nn.Module):
+    """Separate sub-networks for z[:, 0] > 0 and z[:, 0] <= 0."""
+
+    latent_dim = 2
+
+    def __init__(self):
+        super().__init__()
+        self.pos = MLPGenerator(2, 2, hidden=8, depth=2)
+        self.neg = MLPGenerator(2, 2, hidden=8, depth=2)
+
+    def forward(self, z):
+        return torch.where(z[:, :1] > 0, self.pos(z), self.neg(z))
+
+
+def test_region_gated_generator_has_zero_cross_region_coupling():
+    torch.manual_seed(0)
+    G = GatedGenerator().double()
+    D = MLPDiscriminator(2, hidden=8, depth=2).double()
+    data, _ = _ring()
+    probes = torch.cat([_probes(6) .abs(), -_probes(6, seed=2).abs()])  # 6 positive, 6 negative z0
+    region = FunctionGroups(lambda z, x, w, s: (z[:, 0] > 0).long(), 2, name="region")
+    analyzer = GANKernelAnalyzer(G, D, probes, grouping=region, control=True, window=3, eval_every=1, track_discriminator=False)
+    GANTrainer(G, D, data, latent_dim=2, batch_size=16, callbacks=[analyzer]).train(6)
+    report = analyzer.report()
+    for record in report["windows"] + [report["generator"]["coupling_whole_run"]]:
+        for key in ("traffic_matrix", "net_matrix"):
+            m = torch.tensor(record[key])
+            assert m[0, 1] == 0.0 and m[1, 0] == 0.0, (key, m)
+            assert m[0, 0] != 0 and m[1, 1] != 0
+        # the permutation control mixes regions, so it does couple them
+        assert torch.tensor(record["traffic_matrix_control"])[0, 1] > 0
+    ledger = analyzer.generator_ledger()
+    own_region = (probes[:, 0] > 0).long()
+    cross = ledger.contributions[torch.arange(12), 1 - own_region]
+    assert torch.equal(cross, torch.zeros_like(cross))
+
+
+# ------------------------------------------------------------------------------------------
+# non-disturbance, resume, user loop
+# ------------------------------------------------------------------------------------------
+def _run(loss, analyze, iterations=5, checkpoint_dir=None, checkpoint_every=0, resume=False):
+    data, modes = _ring(dtype=torch.float32)
+    G, D = _pair(dtype=torch.float32, sn=True, hidden=16)
+    callbacks = []
+    if analyze:
+        callbacks.append(GANKernelAnalyzer(
+            G, D, _probes(8, dtype=torch.float32), grouping="direction", num_groups=3, window=2, eval_every=1,
+            mode_centers=ring_mode_centers(8, 2.0), mode_std=0.05,
+        ))
+    trainer = GANTrainer(G, D, data, labels=modes, loss=loss, batch_size=16, callbacks=callbacks, seed=3,
+                         checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every)
+    trainer.train(iterations, resume=resume)
+    return trainer
+
+
+@pytest.mark.parametrize("loss", ["nonsaturating", "wgan-gp"])
+def test_analyzer_leaves_training_bitwise_unchanged_with_spectral_norm(loss):
+    plain, analyzed = _run(loss, False), _run(loss, True)
+    for a, b in ((plain.generator, analyzed.generator), (plain.discriminator, analyzed.discriminator)):
+        sa, sb = a.state_dict(), b.state_dict()  # parameters and spectral norm's u, v buffers
+        assert sa.keys() == sb.keys()
+        for key in sa:
+            assert torch.equal(sa[key], sb[key]), key
+    assert plain.history == analyzed.history
+    assert analyzed.callbacks[0].report()["generator"]["relative_residual"] < 1e-2  # float32
+
+
+def test_checkpoint_resume_continues_training_and_ledgers(tmp_path):
+    full = _run("nonsaturating", True, iterations=4)
+    _run("nonsaturating", True, iterations=2, checkpoint_dir=tmp_path, checkpoint_every=2)
+    resumed = _run("nonsaturating", True, iterations=4, checkpoint_dir=tmp_path, resume=True)
+    for key, value in full.generator.state_dict().items():
+        assert torch.equal(value, resumed.generator.state_dict()[key])
+    a, b = full.callbacks[0], resumed.callbacks[0]
+    assert torch.equal(a.g_tracker.ledger.contributions, b.g_tracker.ledger.contributions)
+    assert torch.equal(a.d_tracker.ledger.contributions, b.d_tracker.ledger.contributions)
+    assert json.dumps(a.report()["windows"]) == json.dumps(b.report()["windows"])  # NaN-safe equality
+
+
+def test_user_loop_example_runs():
+    # --- the README example: an analyzer in your own GAN loop ---
+    torch.manual_seed(0)
+    G, D = MLPGenerator(2, 2, hidden=16), MLPDiscriminator(2, hidden=16, spectral_norm=True)
+    g_opt, d_opt = torch.optim.Adam(G.parameters(), 1e-3), torch.optim.Adam(D.parameters(), 1e-3)
+    real_data, _ = gaussian_ring(256, std=0.05)
+    analyzer = GANKernelAnalyzer(G, D, probe_latents=torch.randn(16, 2), grouping="direction", num_groups=4,
+                                 window=4, eval_every=2, track_discriminator=False)
+    g_loss = GeneratorLoss(D)
+    for it in range(4):
+        real = real_data[torch.randint(0, 256, (32,))]
+        fake = G(torch.randn(32, 2)).detach()
+        d_loss = nn.functional.softplus(-D(real)).mean() + nn.functional.softplus(D(fake)).mean()
+        d_opt.zero_grad()
+        d_loss.backward()
+        d_opt.step()
+        step = OptimizerStep(G, g_opt, g_loss, torch.randn(32, 2), phase="generator")  # added
+        with frozen(D):                                                                 # added
+            perform_step([analyzer], None, step)                                        # added
+    report = analyzer.report()
+    # --- end of example ---
+    assert report["generator_steps"] == 4 and report["generator"]["relative_residual"] < 1e-2
+    assert len(report["alignment"]) >= 1 and "traffic_own_minus_control" in report["windows"][0]
+
+
+# ------------------------------------------------------------------------------------------
+# bad input
+# ------------------------------------------------------------------------------------------
+def test_probe_latents_of_wrong_dimension_are_refused():
+    G, D = _pair()
+    with pytest.raises(ValueError, match="latent dimension 3 but the generator expects 2"):
+        GANKernelAnalyzer(G, D, torch.randn(4, 3, dtype=F64))
+
+
+def test_discriminator_must_give_one_value_per_example():
+    G, _ = _pair()
+    D2 = nn.Sequential(nn.Linear(2, 2)).double()
+    with pytest.raises(ValueError, match="one value per example"):
+        GANKernelAnalyzer(G, D2, _probes(4))
+
+
+def test_more_groups_than_the_batch_can_fill_is_an_error():
+    data, _ = _ring()
+    G, D = _pair()
+    analyzer = GANKernelAnalyzer(G, D, _probes(4), grouping="direction", num_groups=20, track_discriminator=False)
+    trainer = GANTrainer(G, D, data, batch_size=8, callbacks=[analyzer])
+    with pytest.raises(ValueError, match="20 groups but the batch has only 8 examples"):
+        trainer.train(1)
+    few = DirectionGroups(5)
+    same = torch.ones(10, 2, dtype=F64)
+    with pytest.raises(ValueError, match="1 distinct gradient directions, fewer than num_groups=5"):
+        few.fit(same, same, same, same[:, 0])
+
+
+def test_non_finite_losses_stop_with_step_and_phase_and_keep_the_ledger():
+    data, modes = _ring()
+    G, D = _pair()
+    analyzer = GANKernelAnalyzer(G, D, _probes(4), grouping="direction", num_groups=3, window=1, eval_every=1)
+    trainer = GANTrainer(G, D, data, batch_size=16, callbacks=[analyzer])
+    trainer.train(2)
+    kept_g, kept_d = analyzer.g_tracker.ledger.contributions.clone(), analyzer.d_tracker.ledger.contributions.clone()
+    trainer.data = torch.full_like(data, math.inf)  # corrupt real data: the discriminator loss is inf
+    with pytest.raises(NonFiniteError, match=r"iteration 2, discriminator step: step 3 \(discriminator\)"):
+        trainer.train(3)
+    assert analyzer.d_tracker.ledger.steps == 2 and torch.equal(analyzer.d_tracker.ledger.contributions, kept_d)
+    # generator phase, in a user loop
+    bad_loss = lambda x, t: GeneratorLoss(D)(x) * math.inf  # noqa: E731
+    step = OptimizerStep(G, trainer.g_optimizer, bad_loss, torch.randn(16, 2, dtype=F64), phase="generator")
+    with pytest.raises(NonFiniteError, match=r"generator step 3 \(phase generator\)"), frozen(D):
+        analyzer.perform(step)
+    assert analyzer.g_tracker.ledger.steps == 2 and torch.equal(analyzer.g_tracker.ledger.contributions, kept_g)
+
+
+def test_training_mode_spectral_norm_during_generator_step_is_refused():
+    G, D = _pair(sn=True)
+    analyzer = GANKernelAnalyzer(G, D, _probes(4), num_groups=2, track_discriminator=False)
+    opt = torch.optim.Adam(G.parameters())
+    step = OptimizerStep(G, opt, GeneratorLoss(D), _probes(8, seed=4), phase="generator")
+    with pytest.raises(ValueError, match="frozen"):
+        analyzer.perform(step)
