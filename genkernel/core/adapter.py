@@ -129,10 +129,10 @@ def check_deterministic(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> N
     # each pass: the check must neither advance them (training would change) nor see them move.
     saved = [(b, b.detach().clone()) for b in model.buffers()]
     with torch.no_grad(), torch.random.fork_rng(devices=devices):
-        first = output_tensor(model(*inputs))
+        first = checked_forward(model, inputs, name="probes")
         for b, value in saved:
             b.copy_(value)
-        second = output_tensor(model(*inputs))
+        second = checked_forward(model, inputs, name="probes")
         for b, value in saved:
             b.copy_(value)
     if not torch.equal(first, second):

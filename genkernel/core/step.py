@@ -70,7 +70,11 @@ class OptimizerStep:
 
         Raises NonFiniteError before any parameter changes when a loss or gradient is not finite.
         """
-        outputs = output_tensor(self.model(*self.inputs))
+        try:
+            outputs = output_tensor(self.model(*self.inputs))
+        except (RuntimeError, TypeError, ValueError, IndexError) as error:
+            shapes = [tuple(t.shape) for t in self.inputs]
+            raise ValueError(f"inputs of shapes {shapes} do not fit {type(self.model).__name__}: {error}") from error
         losses = self.loss_fn(outputs, self.targets)
         if not isinstance(losses, torch.Tensor) or losses.shape != (self.batch,):
             shape = tuple(losses.shape) if isinstance(losses, torch.Tensor) else type(losses).__name__

@@ -178,7 +178,7 @@ class PathKernelTracker:
         index = self.ledger.steps + 1
         groups = self._check_groups(groups, step.batch)
         self._check_untouched()
-        if torch.is_autocast_enabled():
+        if any(torch.is_autocast_enabled(device) for device in ("cpu", "cuda")):
             raise RuntimeError(
                 "mixed precision (autocast, GradScaler) is not supported: the ledger must reproduce each "
                 "update exactly; train the tracked model in float32 or float64"

@@ -1,0 +1,169 @@
+"""Every bad input named in the core's contract raises a clear error (and loses nothing)."""
+
+import pytest
+import torch
+from torch import nn
+
+from genkernel import NonFiniteError, PathKernelTracker, gradient_kernel
+from genkernel.supervised import mse_loss
+
+
+def mlp():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(2, 8), nn.Tanh(), nn.Linear(8, 1))
+
+
+def tracker_for(model, **kwargs):
+    opt = kwargs.pop("optimizer", None) or torch.optim.SGD(model.parameters(), lr=0.1)
+    return PathKernelTracker(model, opt, mse_loss, torch.randn(3, 2), num_groups=2, **kwargs)
+
+
+X, Y, G = torch.randn(4, 2), torch.randn(4, 1), torch.tensor([0, 1, 0, 1])
+
+
+def test_batchnorm_in_training_mode():
+    model = nn.Sequential(nn.Linear(2, 4), nn.BatchNorm1d(4), nn.Linear(4, 1))
+    with pytest.raises(ValueError, match="BatchNorm.*eval.*GroupNorm"):
+        tracker_for(model)
+    model.eval()
+    tracker_for(model).step(X, Y, G)  # eval-mode statistics are fine
+
+
+def test_dropout_in_training_mode():
+    with pytest.raises(ValueError, match="dropout"):
+        tracker_for(nn.Sequential(nn.Linear(2, 4), nn.Dropout(0.5), nn.Linear(4, 1)))
+
+
+class Noisy(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(2, 1)
+
+    def forward(self, x):
+        return self.lin(x) + 0.1 * torch.randn(x.shape[0], 1)
+
+
+def test_hidden_randomness_is_detected_without_touching_the_global_rng():
+    model, probes = Noisy(), torch.randn(3, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    state = torch.random.get_rng_state()
+    with pytest.raises(ValueError, match="not deterministic"):
+        PathKernelTracker(model, opt, mse_loss, probes, num_groups=2)
+    assert torch.equal(state, torch.random.get_rng_state())
+
+
+def test_no_trainable_parameters():
+    model = mlp().requires_grad_(False)
+    with pytest.raises(ValueError, match="no trainable parameters"):
+        PathKernelTracker(model, torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.1), mse_loss, X, num_groups=1)
+
+
+def test_probes_and_inputs_that_do_not_fit():
+    model = mlp()
+    with pytest.raises(ValueError, match=r"probes of shapes \[\(3, 5\)\] do not fit"):
+        PathKernelTracker(model, torch.optim.SGD(model.parameters(), lr=0.1), mse_loss, torch.randn(3, 5), num_groups=2)
+    tracker = tracker_for(mlp())
+    with pytest.raises(ValueError, match=r"inputs of shapes \[\(4, 3\)\] do not fit"):
+        tracker.step(torch.randn(4, 3), Y, G)
+
+
+def test_group_ids_out_of_range_wrong_length_or_type():
+    tracker = tracker_for(mlp())
+    with pytest.raises(ValueError, match=r"group ids must lie in \[0, 2\)"):
+        tracker.step(X, Y, torch.tensor([0, 1, 2, 0]))
+    with pytest.raises(ValueError, match=r"one id per example, shape \[4\]"):
+        tracker.step(X, Y, torch.tensor([0, 1]))
+    with pytest.raises(TypeError, match="integer Tensor"):
+        tracker.step(X, Y, torch.tensor([0.0, 1.0, 0.0, 1.0]))
+    with pytest.raises(ValueError, match="weights must be a Tensor of shape"):
+        tracker.step(X, Y, G, weights=torch.ones(3))
+    assert tracker.ledger.steps == 0
+
+
+def test_scalar_loss_is_refused():
+    model = mlp()
+    tracker = PathKernelTracker(model, torch.optim.SGD(model.parameters(), lr=0.1),
+                                lambda out, y: ((out - y) ** 2).mean(), torch.randn(3, 2), num_groups=2)
+    with pytest.raises(ValueError, match="per-example losses of shape \\[4\\]"):
+        tracker.step(X, Y, G)
+
+
+def test_non_finite_loss_stops_with_the_step_and_keeps_the_ledger():
+    model = mlp()
+    tracker = tracker_for(model)
+    tracker.step(X, Y, G)
+    before = [p.detach().clone() for p in model.parameters()]
+    kept = tracker.ledger.contributions.clone()
+    bad = Y.clone()
+    bad[2] = float("nan")
+    with pytest.raises(NonFiniteError, match="step 2.*non-finite loss at examples \\[2\\].*keeps the 1 steps"):
+        tracker.step(X, bad, G)
+    assert tracker.ledger.steps == 1 and torch.equal(tracker.ledger.contributions, kept)
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    tracker.step(X, Y, G)  # training can go on
+    assert tracker.ledger.steps == 2
+
+
+def test_non_finite_gradient():
+    model = mlp()
+    tracker = PathKernelTracker(model, torch.optim.SGD(model.parameters(), lr=0.1),
+                                lambda out, y: (out - y).abs().sqrt().reshape(-1), torch.randn(3, 2), num_groups=2)
+    with pytest.raises(NonFiniteError, match="step 1.*non-finite gradient"):
+        tracker.step(X, model(X).detach(), G)
+
+
+def test_parameters_not_owned_by_the_optimizer_and_foreign_parameters():
+    model = mlp()
+    with pytest.raises(ValueError, match="not owned by the optimizer"):
+        tracker_for(model, optimizer=torch.optim.SGD(model[0].parameters(), lr=0.1))
+    other = nn.Linear(2, 2)
+    with pytest.raises(ValueError, match="not trainable parameters of the tracked model"):
+        tracker_for(model, optimizer=torch.optim.SGD(list(model.parameters()) + list(other.parameters()), lr=0.1))
+
+
+def test_unknown_optimizer_names_the_supported_ones():
+    model = mlp()
+    with pytest.raises(TypeError, match="Adagrad is not supported.*SGD.*Adam.*AdamW.*RMSprop"):
+        tracker_for(model, optimizer=torch.optim.Adagrad(model.parameters()))
+
+
+def test_parameters_changed_outside_the_step():
+    model = mlp()
+    tracker = tracker_for(model)
+    tracker.step(X, Y, G)
+    with torch.no_grad():
+        model[0].weight.mul_(0.99)
+    with pytest.raises(RuntimeError, match="changed outside the tracked optimizer step"):
+        tracker.step(X, Y, G)
+
+
+def test_gradient_accumulation_is_refused():
+    model = mlp()
+    tracker = tracker_for(model)
+    tracker.step(X, Y, G)
+    mse_loss(model(X), Y).mean().backward()
+    with pytest.raises(RuntimeError, match="gradient accumulation is not supported"):
+        tracker.step(X, Y, G)
+
+
+def test_mixed_precision_is_refused():
+    tracker = tracker_for(mlp())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        with pytest.raises(RuntimeError, match="mixed precision"):
+            tracker.step(X, Y, G)
+
+
+def test_bad_tracker_options():
+    with pytest.raises(ValueError, match="unknown quadrature 'gauss'"):
+        tracker_for(mlp(), quadrature="gauss")
+    with pytest.raises(ValueError, match="num_groups"):
+        PathKernelTracker(mlp(), torch.optim.SGD(mlp().parameters(), lr=0.1), mse_loss, X, num_groups=0)
+    with pytest.raises(ValueError, match="contribution_route"):
+        tracker_for(mlp(), contribution_route="magic")
+    with pytest.raises(ValueError, match="max_grad_norm"):
+        tracker_for(mlp(), max_grad_norm=0.0).step(X, Y, G)
+
+
+def test_kernel_refuses_dropout():
+    with pytest.raises(ValueError, match="dropout"):
+        gradient_kernel(nn.Sequential(nn.Linear(2, 4), nn.Dropout(0.2)), X)
