@@ -32,7 +32,10 @@ def _np(x) -> np.ndarray:
 
 
 def _kernel_image(ax, kernel, title: str, *, vmin=-1.0, vmax=1.0, boundaries: Sequence[int] = ()):
-    im = ax.imshow(_np(kernel), cmap="RdBu_r", vmin=vmin, vmax=vmax, interpolation="nearest")
+    k = _np(kernel)
+    if vmin is None:  # data range: a trained normalized kernel often lies within [0.5, 1]
+        vmin = float(np.percentile(k, 1))
+    im = ax.imshow(k, cmap="RdBu_r" if vmin < 0 else "viridis", vmin=vmin, vmax=vmax, interpolation="nearest")
     for b in boundaries:
         ax.axhline(b - 0.5, color="k", lw=0.3)
         ax.axvline(b - 0.5, color="k", lw=0.3)
@@ -75,9 +78,12 @@ def plot_class_kernels(init_kernel, final_kernel, per_class: int, *, dataset: st
     fig, axes = plt.subplots(1, 2, figsize=(9, 4.3))
     n = _np(init_kernel).shape[0]
     bounds = list(range(per_class, n, per_class))
-    _kernel_image(axes[0], init_kernel, f"{dataset}: initialization\nwithin − between = {gaps['init']:.3f}", boundaries=bounds)
-    im = _kernel_image(axes[1], final_kernel, f"{dataset}: after training\nwithin − between = {gaps['final']:.3f}", boundaries=bounds)
-    fig.colorbar(im, ax=list(axes), fraction=0.03)
+    im = _kernel_image(axes[0], init_kernel, f"{dataset}: initialization\nwithin − between = {gaps['init']:.3f}",
+                       vmin=None, boundaries=bounds)
+    fig.colorbar(im, ax=axes[0], fraction=0.046)
+    im = _kernel_image(axes[1], final_kernel, f"{dataset}: after training\nwithin − between = {gaps['final']:.3f}",
+                       vmin=None, boundaries=bounds)
+    fig.colorbar(im, ax=axes[1], fraction=0.046)
     return fig
 
 
@@ -136,14 +142,17 @@ def plot_printed_digits(init_kernel, final_kernel, confusion, per_class: int, ex
                         gaps: dict[str, float]) -> plt.Figure:
     """Figure 5: interleaved handwritten/printed kernels (blocks of ``per_class``) at init and after
     training, the confusion matrix on printed digits, and a strip of printed examples."""
-    fig = plt.figure(figsize=(14, 4.8))
-    grid = fig.add_gridspec(2, 4, height_ratios=[5, 1])
+    fig = plt.figure(figsize=(16, 4.6))
+    grid = fig.add_gridspec(1, 4, width_ratios=[1, 1, 1, 0.8])
     n = _np(init_kernel).shape[0]
     bounds = list(range(per_class, n, per_class))
     ax = fig.add_subplot(grid[0, 0])
-    _kernel_image(ax, init_kernel, f"(a) initialization\nwithin − cross digit (hand×printed) {gaps['init']:.3f}", boundaries=bounds)
+    im = _kernel_image(ax, init_kernel, f"(a) initialization (blocks: hand 0, printed 0, hand 1, ...)\n"
+                       f"within − cross digit (hand×printed) {gaps['init']:.3f}", vmin=None, boundaries=bounds)
+    fig.colorbar(im, ax=ax, fraction=0.046)
     ax = fig.add_subplot(grid[0, 1])
-    im = _kernel_image(ax, final_kernel, f"(b) after training\nwithin − cross digit (hand×printed) {gaps['final']:.3f}", boundaries=bounds)
+    im = _kernel_image(ax, final_kernel, f"(b) after training\nwithin − cross digit (hand×printed) {gaps['final']:.3f}",
+                       vmin=None, boundaries=bounds)
     fig.colorbar(im, ax=ax, fraction=0.046)
     ax = fig.add_subplot(grid[0, 2])
     conf = _np(confusion)
