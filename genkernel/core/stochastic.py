@@ -1,0 +1,194 @@
+"""Stochastic Domingos: the expected output change over random batch orders, decomposed
+(DESIGN.md section 2, "Stochastic Domingos (expected output)").
+
+For plain SGD (step η) from a fixed θ_0, each of R seeds draws its own batch order; per seed and
+probe x the recorded quantities, summed over the K steps, are
+
+- ``change``: f(x; θ_K) − f(x; θ_0) (fresh forward passes);
+- ``first_order``: the left-point ledger Σ_k J(x; θ_k) Δ_k (contributions plus rest);
+- ``ito``: Σ_k (η²/2) tr(Σ_k H_k(x)), the Itô term, by the Hutchinson estimator of
+  :func:`genkernel.core.hutchinson.ito_term_estimate` (Σ_k the batch estimate of the mini-batch
+  gradient covariance, from the batch's per-example gradients);
+- ``deterministic``: Σ_k (η²/2) ḡ_kᵀ H_k(x) ḡ_k with ḡ_k = ∇L(θ_k) the *full training-set*
+  gradient (with the batch mean it would count the batch noise a second time: the batch mean's
+  second moment is ḡḡᵀ + Σ_k);
+- ``realized_second_order``: Σ_k ½ Δ_kᵀ H_k(x) Δ_k = Σ_k (η²/2) ĝ_kᵀ H_k ĝ_k with the batch
+  gradient ĝ_k, whose expectation over batches is deterministic + Itô.
+
+Averaged over seeds: E[change] ≈ E[first_order] + E[deterministic] + E[ito] up to third order
+in η. :meth:`ExpectedOutputDecomposition.shares` reports each term as a share of the mean change,
+⟨mean term, mean change⟩ / ‖mean change‖² over probes, with bootstrap intervals over seeds.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from .adapter import trainable_parameters
+from .hutchinson import deterministic_second_order_term, ito_term_estimate
+from .pergrad import group_gradients
+from .tracker import PathKernelTracker
+
+__all__ = ["ExpectedOutputDecomposition", "expected_output_decomposition"]
+
+TERMS = ("change", "first_order", "deterministic", "ito", "realized_second_order")
+
+
+@dataclass
+class ExpectedOutputDecomposition:
+    """Per-seed terms of the stochastic-Domingos decomposition, each ``Tensor[R, M]`` float64
+    (R seeds of batch order, M probes); see the module docstring for their definitions.
+
+    ``ito_stderr [R, M]`` is the Hutchinson standard error of ``ito`` (steps' errors added in
+    quadrature); ``ledger_residual [R, M]`` the tracker's residual (change − first_order, i.e.
+    what the left-point ledger leaves: second and higher order).
+    """
+
+    change: torch.Tensor
+    first_order: torch.Tensor
+    deterministic: torch.Tensor
+    ito: torch.Tensor
+    realized_second_order: torch.Tensor
+    ito_stderr: torch.Tensor
+    ledger_residual: torch.Tensor
+    seeds: list[int]
+
+    def mean(self, term: str) -> torch.Tensor:
+        """``[M]`` mean over seeds of ``term`` (one of the five terms or ``"remainder"``)."""
+        return self._per_seed(term).mean(dim=0)
+
+    def _per_seed(self, term: str) -> torch.Tensor:
+        if term == "remainder":
+            return self.change - self.first_order - self.deterministic - self.ito
+        if term not in TERMS:
+            raise ValueError(f"term must be one of {TERMS + ('remainder',)}, got {term!r}")
+        return getattr(self, term)
+
+    def shares(self, *, n_boot: int = 1000, seed: int = 0, confidence: float = 0.95) -> dict[str, dict]:
+        """Each term's share of the mean change, ⟨E[term], E[change]⟩ / ‖E[change]‖², with a
+        percentile bootstrap interval over seeds (seeds resampled with replacement).
+
+        Returns:
+            ``{term: {"share": float, "interval": (lo, hi)}}`` for first_order, deterministic, ito,
+            realized_second_order and remainder (change − first_order − deterministic − ito), plus
+            ``second_order_gap_ratio``: ‖E[change − first_order − deterministic − ito]‖ /
+            ‖E[change − first_order]‖ (below 1: the second-order terms explain part of what the
+            first-order ledger leaves).
+        """
+        r = self.change.shape[0]
+        stacks = {t: self._per_seed(t).numpy() for t in TERMS + ("remainder",)}
+
+        def share(idx, term):
+            d = stacks["change"][idx].mean(0)
+            return float(np.dot(stacks[term][idx].mean(0), d) / np.dot(d, d))
+
+        def gap_ratio(idx):
+            first_gap = (stacks["change"][idx] - stacks["first_order"][idx]).mean(0)
+            return float(np.linalg.norm(stacks["remainder"][idx].mean(0)) / np.linalg.norm(first_gap))
+
+        rng = np.random.default_rng(seed)
+        boots = [rng.integers(0, r, r) for _ in range(n_boot)] if r > 1 else []
+        alpha = (1 - confidence) / 2
+        everyone = np.arange(r)
+
+        def summarize(fn):
+            value = fn(everyone)
+            if not boots:
+                return {"share": value, "interval": (value, value)}
+            vals = np.array([fn(i) for i in boots])
+            vals = vals[np.isfinite(vals)]
+            lo, hi = np.quantile(vals, [alpha, 1 - alpha]) if vals.size else (np.nan, np.nan)
+            return {"share": value, "interval": (float(lo), float(hi))}
+
+        out = {t: summarize(lambda i, t=t: share(i, t)) for t in ("first_order", "deterministic", "ito", "realized_second_order", "remainder")}
+        out["second_order_gap_ratio"] = summarize(gap_ratio)
+        return out
+
+
+def expected_output_decomposition(
+    model: nn.Module,
+    inputs: torch.Tensor,
+    targets: torch.Tensor,
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    probes: torch.Tensor,
+    *,
+    lr: float,
+    batch_size: int,
+    steps: int,
+    seeds: Sequence[int],
+    hutchinson_samples: int = 8,
+) -> ExpectedOutputDecomposition:
+    """Train copies of ``model`` with plain SGD over ``len(seeds)`` batch orders and record the
+    decomposition of the probes' output change (module docstring).
+
+    Args:
+        model: the network at θ_0 with one scalar output per example (copied per seed; not trained).
+        inputs: ``[N, ...]`` training inputs; targets: ``[N, ...]``.
+        loss_fn: per-example loss ``(outputs, targets) -> [B]``.
+        probes: ``[M, ...]`` inputs x at which the output is followed.
+        lr: SGD step η; batch_size: B (batches drawn without replacement within each epoch);
+        steps: K optimizer steps per seed.
+        seeds: one batch order (and Hutchinson sign stream) per seed.
+        hutchinson_samples: Rademacher draws S ≥ 2 per step.
+
+    Returns:
+        :class:`ExpectedOutputDecomposition`.
+    """
+    n = inputs.shape[0]
+    if not 1 <= batch_size <= n:
+        raise ValueError(f"batch_size must lie in [1, N={n}], got {batch_size}")
+    if steps < 1 or len(seeds) < 1:
+        raise ValueError(f"need steps >= 1 and at least one seed, got steps={steps}, seeds={list(seeds)}")
+    if not lr > 0:
+        raise ValueError(f"lr must be positive, got {lr}")
+    rows: dict[str, list[torch.Tensor]] = {k: [] for k in TERMS + ("ito_var", "ledger_residual")}
+    for seed in seeds:
+        net = copy.deepcopy(model)
+        optimizer = torch.optim.SGD(net.parameters(), lr=lr)
+        # 1. The exact ledger with the left-point rule: its contributions are J(x; θ_k) Δ_k.
+        tracker = PathKernelTracker(net, optimizer, loss_fn, probes, num_groups=1, quadrature="left")
+        params = trainable_parameters(net)
+        gen = torch.Generator().manual_seed(int(seed))
+        signs = torch.Generator(device=probes.device).manual_seed(int(seed) + 1)
+        m = probes.shape[0]
+        acc = {k: torch.zeros(m, dtype=torch.float64) for k in ("deterministic", "ito", "ito_var", "realized_second_order")}
+        order = torch.empty(0, dtype=torch.long)
+        for _ in range(steps):
+            if order.numel() < batch_size:
+                order = torch.cat([order, torch.randperm(n, generator=gen)])
+            idx, order = order[:batch_size], order[batch_size:]
+            xb, yb = inputs[idx], targets[idx]
+            # 2. Per-example gradients g_n of the batch at θ_k, and the full training-set gradient.
+            per_example, _ = group_gradients(
+                net, params, (xb,), yb, loss_fn, torch.arange(batch_size), torch.ones(batch_size, dtype=torch.float64),
+                batch_size,
+            )
+            full = torch.autograd.grad(loss_fn(net(inputs), targets).mean(), list(params.values()))
+            full = dict(zip(params, full))
+            batch_mean = {k: g.mean(dim=0) for k, g in per_example.items()}
+            # 3. Itô term (Hutchinson), deterministic and realized second-order terms at θ_k.
+            ito, se = ito_term_estimate(net, probes, per_example, lr, num_samples=hutchinson_samples, generator=signs)
+            acc["ito"] += ito.cpu()
+            acc["ito_var"] += se.cpu() ** 2
+            acc["deterministic"] += deterministic_second_order_term(net, probes, full, lr).cpu()
+            acc["realized_second_order"] += deterministic_second_order_term(net, probes, batch_mean, lr).cpu()
+            # 4. The real SGD step, recorded in the ledger.
+            tracker.step(xb, yb, torch.zeros(batch_size, dtype=torch.long))
+        ledger = tracker.ledger
+        rows["change"].append(ledger.delta[:, 0].cpu())
+        rows["first_order"].append((ledger.contributions.sum(dim=1) + ledger.rest)[:, 0].cpu())
+        rows["ledger_residual"].append(ledger.residual[:, 0].cpu())
+        for k, v in acc.items():
+            rows[k].append(v)
+    stack = {k: torch.stack(v) for k, v in rows.items()}
+    return ExpectedOutputDecomposition(
+        change=stack["change"], first_order=stack["first_order"], deterministic=stack["deterministic"],
+        ito=stack["ito"], realized_second_order=stack["realized_second_order"],
+        ito_stderr=stack["ito_var"].sqrt(), ledger_residual=stack["ledger_residual"], seeds=[int(s) for s in seeds],
+    )
