@@ -65,4 +65,16 @@ def mode_coverage(samples: torch.Tensor, centers: torch.Tensor, std: float, sigm
     }
 
 
-__all__ = ["coupling_matrix", "own_share", "mean_interval", "cosine", "mode_coverage"]
+__all__ = ["coupling_matrix", "own_share", "mean_interval", "cosine", "mode_coverage", "push_field"]
+
+
+def push_field(loss_fn, samples: torch.Tensor) -> torch.Tensor:
+    """``[N, ...]`` the discriminator's push −w = −∇_x ℓ_G(D(x)) at arbitrary samples (e.g. a grid).
+
+    ``loss_fn`` is the generator loss ``loss_fn(samples, None) -> [N]``; evaluate D in eval mode
+    (:func:`genkernel.gan.frozen`) so nothing about training changes.
+    """
+    with torch.enable_grad():
+        x = samples.detach().clone().requires_grad_(True)
+        (w,) = torch.autograd.grad(loss_fn(x, None).sum(), x)
+    return -w.detach()
