@@ -222,8 +222,9 @@ def plot_null_space(spectrum, energy_curve, x_train, x_test, y_test, pred_test, 
     out-of-span part r(x), and error against r(x)."""
     fig, axes = plt.subplots(1, 4, figsize=(17, 4))
     s = _np(spectrum)
-    axes[0].semilogy(np.arange(1, s.size + 1), np.clip(s, 1e-300, None), ".-", ms=3)
-    axes[0].set_xlabel("index i", fontsize=8)
+    floor = max(float(s.max()), 1e-300) * 1e-16  # below this: rounding (shown at the floor)
+    axes[0].semilogy(np.arange(1, s.size + 1), np.clip(s, floor, None), ".-", ms=3)
+    axes[0].set_xlabel("index i (values below 1e-16 × largest shown at that floor)", fontsize=8)
     axes[0].set_title("spectrum of the path-kernel operator (λ_i / N)", fontsize=9)
     e = _np(energy_curve)
     axes[1].plot(np.arange(1, e.size + 1), e, ".-", ms=3)
@@ -237,12 +238,12 @@ def plot_null_space(spectrum, energy_curve, x_train, x_test, y_test, pred_test, 
     axes[2].plot(xt[order], _np(pred_test)[order], "C3--", lw=1.2, label="network")
     axes[2].plot(_np(x_train), np.full(len(_np(x_train)), axes[2].get_ylim()[0]), "|", color="C0", label="training inputs")
     ax2 = axes[2].twinx()
-    ax2.plot(xt[order], _np(residual)[order], "C2-", lw=1, label="r(x)")
-    ax2.set_ylabel("out-of-span part r(x)", fontsize=8, color="C2")
+    ax2.semilogy(xt[order], np.clip(_np(residual)[order], 1e-16, None), "C2-", lw=1, label="r(x)")
+    ax2.set_ylabel("out-of-span part r(x) (log)", fontsize=8, color="C2")
     if eigenfunctions is not None:
         ef = _np(eigenfunctions)
         for i in range(min(3, ef.shape[1])):
-            ax2.plot(xt[order], ef[order, i] / (np.abs(ef[:, i]).max() + 1e-300) * 0.5, lw=0.6, alpha=0.5, color=f"C{4 + i}")
+            axes[2].plot(xt[order], ef[order, i] / (np.abs(ef[:, i]).max() + 1e-300), lw=0.6, alpha=0.5, color=f"C{4 + i}")
     axes[2].legend(fontsize=7, loc="upper left")
     axes[2].set_title("test predictions and out-of-span part (Nyström eigenfunctions faint)", fontsize=8)
     axes[3].scatter(_np(residual), _np(error), s=8)
