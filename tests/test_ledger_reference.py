@@ -84,6 +84,8 @@ class Reference:
         wd = hp.get("weight_decay", 0.0)
         decoupled = self.kind == "adamw"
         rest_grad = theta * wd if not decoupled else torch.zeros_like(theta)
+        if hp.get("maximize"):  # ascent on the loss; PyTorch adds weight decay after negating
+            group_grads = -group_grads
         g = torch.cat([group_grads, rest_grad[None]])
         total_grad = g.sum(0)
         if self.kind == "sgd":
@@ -127,6 +129,8 @@ CONFIGS = {
     "adam_coupled_wd": ("adam", dict(lr=0.02, weight_decay=0.05)),
     "adam_amsgrad": ("adam", dict(lr=0.02, amsgrad=True, betas=(0.8, 0.9))),
     "adamw": ("adamw", dict(lr=0.02, weight_decay=0.1)),
+    "sgd_maximize": ("sgd", dict(lr=0.01, momentum=0.5, weight_decay=0.01, maximize=True)),
+    "adam_maximize": ("adam", dict(lr=0.01, maximize=True, weight_decay=0.01)),
     "rmsprop": ("rmsprop", dict(lr=0.005)),
     "rmsprop_centered_momentum_wd": ("rmsprop", dict(lr=0.003, momentum=0.7, centered=True, weight_decay=0.02)),
 }
