@@ -172,19 +172,20 @@ def _math_attention():
 
 
 def functional_model(
-    model: nn.Module, buffers: dict[str, torch.Tensor] | None = None
+    model: nn.Module, buffers: dict[str, torch.Tensor] | None = None, *, flatten: bool = True
 ) -> Callable[[dict[str, torch.Tensor], tuple[torch.Tensor, ...]], torch.Tensor]:
     """``f(params, inputs) -> Tensor[B, d]``: the model as a pure function of its parameters.
 
     ``params`` need only hold the trainable parameters; frozen parameters and buffers are
-    taken from the module (or ``buffers``) as they are.
+    taken from the module (or ``buffers``) as they are. ``flatten=False`` returns the output
+    tensor in the model's own shape (what a ``loss_fn`` receives in training).
     """
     frozen = {name: p for name, p in model.named_parameters() if not p.requires_grad}
     fixed = {**dict(model.named_buffers()), **frozen, **(buffers or {})}
 
     def forward(params: dict[str, torch.Tensor], inputs: tuple[torch.Tensor, ...]) -> torch.Tensor:
         out = functional_call(model, {**fixed, **params}, inputs, strict=False, tie_weights=True)
-        return flat_output(out, inputs[0].shape[0])
+        return flat_output(out, inputs[0].shape[0]) if flatten else output_tensor(out)
 
     return forward
 

@@ -41,7 +41,7 @@ def group_gradients(
     Returns:
         ``({name: Tensor[G, *shape] float64}, losses Tensor[B])``.
     """
-    forward = functional_model(model)
+    forward = functional_model(model, flatten=False)  # loss_fn sees outputs shaped as in training
     detached = {name: p.detach() for name, p in params.items()}
 
     # 1. One example's loss as a function of θ: ℓ_n(θ) = loss_fn(f(x_n; θ), y_n).
