@@ -93,11 +93,11 @@ class DCGenerator(nn.Module):
         self.project = nn.Sequential(nn.Linear(latent_dim, 2 * width * 16), activation(act))
         self.body = nn.Sequential(
             nn.Upsample(scale_factor=2, mode="nearest"),
-            nn.Conv2d(2 * width, width, 3, padding=1),
+            nn.Conv2d(2 * width, width, 3, padding=1, bias=False),  # a bias before GroupNorm has zero gradient
             nn.GroupNorm(groups, width),
             activation(act),
             nn.Upsample(scale_factor=2, mode="nearest"),
-            nn.Conv2d(width, width, 3, padding=1),
+            nn.Conv2d(width, width, 3, padding=1, bias=False),
             nn.GroupNorm(groups, width),
             activation(act),
             nn.Conv2d(width, channels, 3, padding=1),
