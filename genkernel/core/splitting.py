@@ -81,18 +81,27 @@ class UpdateSplitter:
                                  for key, value in opt_state.items()}
 
     def split(
-        self, group_grads: dict[str, torch.Tensor], theta_before: dict[str, torch.Tensor]
+        self,
+        group_grads: dict[str, torch.Tensor],
+        theta_before: dict[str, torch.Tensor],
+        rounding: dict[str, torch.Tensor] | None = None,
     ) -> dict[str, torch.Tensor]:
-        """Per-group updates ``{name: Tensor[G + 1, *shape]}`` in float64 (row G: the rest)."""
+        """Per-group updates ``{name: Tensor[G + 1, *shape]}`` in float64 (row G: the rest).
+
+        ``rounding``: the optimizer's batched gradient minus Σ_g group gradients (rounding only),
+        added to the rest's gradient so that the rows' gradients sum to what the optimizer used.
+        """
         updates = {}
         for name, p in self.params.items():
             h = self.hyper[name]
             grads = group_grads[name].to(torch.float64)
+            gap = torch.zeros_like(grads[0]) if rounding is None else rounding[name].to(torch.float64)
             if h.get("maximize", False):
-                grads = -grads
+                grads, gap = -grads, -gap
             theta = theta_before[name]
             # The rest's "gradient": coupled weight decay λθ_k (zero when decoupled or absent).
             rest = theta * h["weight_decay"] if not h.get("decoupled", False) else torch.zeros_like(theta)
+            rest = rest + gap
             full = torch.cat([grads, rest.unsqueeze(0)], dim=0)
             updates[name] = self._update(name, p, full, theta)
         return updates

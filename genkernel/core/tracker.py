@@ -213,7 +213,13 @@ class PathKernelTracker:
         with torch.no_grad(), analysis_mode(self.model):
             theta_after = {name: p.detach().clone() for name, p in self.params.items()}
             # 3. Δ_k = Σ_g u_{k,g} + u_rest.
-            updates = self.splitter.split(grads, {n: t.to(torch.float64) for n, t in theta_before.items()})
+            # The optimizer stepped on the batched gradient, which differs from Σ_g ĝ_g by rounding
+            # (checked above); Adam amplifies that gap where a gradient cancels, so it goes to the rest.
+            rounding = {
+                n: (torch.zeros_like(grads[n][0]) if p.grad is None else p.grad.to(torch.float64)) - grads[n].sum(dim=0)
+                for n, p in self.params.items()
+            }
+            updates = self.splitter.split(grads, {n: t.to(torch.float64) for n, t in theta_before.items()}, rounding)
             # 4. The check against what the optimizer really did.
             self._check_updates(index, updates, theta_before, theta_after)
             # 5. c_{k,g}(x) = Σ_q w_q J(x; θ_k + s_q Δ_k) u_{k,g}.
