@@ -212,7 +212,8 @@ class NoiseLevelAnalyzer(TrainerCallback):
             )
         if self.tracker is None:
             self.bind(step.model, step.optimizer, max_grad_norm=step.max_grad_norm)
-        self._global_step = getattr(trainer, "global_step", None)
+        current = getattr(trainer, "global_step", None)
+        self._global_step = None if current is None else current + 1  # 1-based index of this step
         return self.track(step, step.info["timesteps"]).losses
 
     def on_train_end(self, trainer: Any) -> None:

@@ -112,7 +112,7 @@ class BinnedDenoiser(nn.Module):
         t = _timesteps(t, x_t.shape[0], x_t.device)
         bins = torch.div(t * self.num_bins, self.num_train_timesteps, rounding_mode="floor").clamp(0, self.num_bins - 1)
         outs = torch.stack([expert(x_t, t) for expert in self.experts], dim=1)  # [B, G, D]
-        mask = nn.functional.one_hot(bins, self.num_bins).to(outs.dtype)  # [B, G]
+        mask = (bins[:, None] == torch.arange(self.num_bins, device=bins.device)).to(outs.dtype)  # [B, G]
         return (outs * mask[:, :, None]).sum(dim=1)
 
 
@@ -134,7 +134,7 @@ def tiny_unet(
     channels: tuple[int, ...] = (16, 32),
     attention: bool = True,
     layers_per_block: int = 1,
-    norm_num_groups: int = 8,
+    norm_num_groups: int = 4,
     attention_head_dim: int = 8,
 ):
     """A small ``diffusers.UNet2DModel`` whose blocks are modulated by the time embedding.
@@ -153,8 +153,12 @@ def tiny_unet(
     """
     from diffusers import UNet2DModel
 
-    if any(c % norm_num_groups for c in channels):
-        raise ValueError(f"every channel count {channels} must be divisible by norm_num_groups={norm_num_groups}")
+    if any(c % norm_num_groups or c // norm_num_groups < 2 for c in channels):
+        raise ValueError(
+            f"every channel count {channels} must be a multiple of 2 * norm_num_groups={norm_num_groups}: with one "
+            "channel per group, GroupNorm removes every per-channel bias and the time embedding added before it "
+            "(their gradients are exactly zero and the block loses its time modulation)"
+        )
     n = len(channels)
     down = ["DownBlock2D"] * n
     up = ["UpBlock2D"] * n

@@ -1,0 +1,352 @@
+"""Tests of the diffusion trainer and the noise-level analyzer (issue 3, DESIGN.md section 3).
+
+Every check asserts a property that must hold exactly (or to float64 rounding): the ledger
+against an independent brute-force computation, zero off-diagonal contributions for a denoiser
+with separate parameters per bin, k̂ = 1 for a denoiser that ignores t, bit-for-bit training
+with and without the analyzer, clear errors for bad input. No test asks the paper's claim to hold.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from genkernel import NonFiniteError
+from genkernel.diffusion import (
+    BinnedDenoiser,
+    DDPMTrainer,
+    MLPDenoiser,
+    NoiseLevelAnalyzer,
+    TimeIgnoringDenoiser,
+    bin_centers,
+    diffusion_loss,
+    make_scheduler,
+    state_kernel,
+    timestep_bins,
+    tiny_unet,
+    training_target,
+)
+
+T = 100  # short schedules keep the tests fast; the maths does not depend on T
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """These models are tiny: one thread is faster, and far faster on a busy machine."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def ring(n, seed=0, dtype=torch.float64):
+    angle = torch.rand(n, generator=torch.Generator().manual_seed(seed), dtype=torch.float64) * 2 * math.pi
+    return (2 * torch.stack([angle.cos(), angle.sin()], dim=1)).to(dtype)
+
+
+def small_mlp(seed=0, hidden=16):
+    torch.manual_seed(seed)
+    return MLPDenoiser(hidden=hidden, depth=2, time_dim=8).double()
+
+
+# ------------------------------------------------------------------------------------------
+# the ledger against brute force
+# ------------------------------------------------------------------------------------------
+def brute_force_adam(model, scheduler, batches, probes, num_bins, lr, betas=(0.9, 0.999), eps=1e-8):
+    """Independent reference: plain autograd loops, float64, Adam written out by hand.
+
+    Returns contributions ``[M, G, d]`` summed over the steps (midpoint rule) and the final model.
+    """
+    params = [p for p in model.parameters()]
+    m_groups = [[torch.zeros_like(p) for p in params] for _ in range(num_bins)]
+    v = [torch.zeros_like(p) for p in params]
+    z_probe, s_probe = probes
+    num_probes, dim = z_probe.shape
+    total = torch.zeros(num_probes, num_bins, dim, dtype=torch.float64)
+    for k, (clean, noise, t) in enumerate(batches, start=1):
+        z = scheduler.add_noise(clean, noise, t)
+        bins = (t * num_bins) // T
+        batch = clean.shape[0]
+        # per-example gradients, one autograd call each, summed into bins with c_n = 1/B
+        group_grads = [[torch.zeros_like(p) for p in params] for _ in range(num_bins)]
+        full = [torch.zeros_like(p) for p in params]
+        for n in range(batch):
+            loss = ((model(z[n : n + 1], t[n : n + 1]) - noise[n : n + 1]) ** 2).mean()
+            grads = torch.autograd.grad(loss, params)
+            for i, g in enumerate(grads):
+                group_grads[int(bins[n])][i] += g / batch
+                full[i] += g / batch
+        # Adam by hand: shared second moment from the full gradient, per-bin first moments
+        updates = []
+        for g_id in range(num_bins):
+            ups = []
+            for i, p in enumerate(params):
+                m_groups[g_id][i] = betas[0] * m_groups[g_id][i] + (1 - betas[0]) * group_grads[g_id][i]
+                ups.append(m_groups[g_id][i])
+            updates.append(ups)
+        for i in range(len(params)):
+            v[i] = betas[1] * v[i] + (1 - betas[1]) * full[i] ** 2
+        theta0 = [p.detach().clone() for p in params]
+        for g_id in range(num_bins):
+            updates[g_id] = [
+                -lr * (updates[g_id][i] / (1 - betas[0] ** k)) / ((v[i] / (1 - betas[1] ** k)).sqrt() + eps)
+                for i in range(len(params))
+            ]
+        delta = [sum(updates[g][i] for g in range(num_bins)) for i in range(len(params))]
+        # midpoint Jacobian of every probe output, one reverse pass per output coordinate
+        with torch.no_grad():
+            for p, t0, d in zip(params, theta0, delta):
+                p.copy_(t0 + 0.5 * d)
+        for a in range(num_probes):
+            for j in range(dim):
+                out = model(z_probe[a : a + 1], s_probe[a : a + 1])[0, j]
+                jac = torch.autograd.grad(out, params)
+                for g_id in range(num_bins):
+                    total[a, g_id, j] += sum((jg * u).sum() for jg, u in zip(jac, updates[g_id]))
+        with torch.no_grad():
+            for p, t0, d in zip(params, theta0, delta):
+                p.copy_(t0 + d)
+    return total
+
+
+def test_ledger_matches_brute_force_and_residual_is_small():
+    scheduler = make_scheduler(T)
+    num_bins, lr = 3, 1e-2
+    model = small_mlp()
+    reference_model = small_mlp()
+    analyzer = NoiseLevelAnalyzer(scheduler, ring(12, seed=5), num_bins=num_bins, num_probes=6, control=False,
+                                  kernel_points=2, snapshot_every=0)
+    analyzer.bind(model, torch.optim.Adam(model.parameters(), lr=lr))
+    gen = torch.Generator().manual_seed(1)
+    batches = []
+    for _ in range(3):
+        clean = ring(8, seed=int(torch.randint(0, 10**6, (1,), generator=gen)))
+        noise = torch.randn(8, 2, generator=gen, dtype=torch.float64)
+        t = torch.randint(0, T, (8,), generator=gen)
+        batches.append((clean, noise, t))
+        analyzer.step(clean, noise, t)
+    reference = brute_force_adam(reference_model, scheduler, batches, analyzer.probes(torch.zeros((), dtype=torch.float64)), num_bins, lr)
+    ours = analyzer.contributions
+    assert torch.allclose(ours, reference, rtol=1e-9, atol=1e-12 * float(reference.abs().max()))
+    for p, q in zip(model.parameters(), reference_model.parameters()):
+        assert torch.allclose(p, q, rtol=1e-12, atol=1e-14)
+    # the ledger adds up: relative residual of the midpoint rule in float64
+    assert analyzer.residual()["relative_residual"] < 1e-3
+
+
+def run_trainer(num_bins, control, steps=4, seed=0, callbacks=True, **analyzer_kwargs):
+    scheduler = make_scheduler(T)
+    model = small_mlp(seed)
+    analyzer = NoiseLevelAnalyzer(scheduler, ring(16, seed=3), num_bins=num_bins, num_probes=8, control=control,
+                                  kernel_points=3, **analyzer_kwargs) if callbacks else None
+    trainer = DDPMTrainer(model, scheduler, ring(64), batch_size=16, lr=1e-2, seed=seed, progress=False,
+                          callbacks=[analyzer] if analyzer else [])
+    trainer.train(steps)
+    return trainer, analyzer
+
+
+def test_one_group_equals_sum_of_bins_and_control_adds_up():
+    levels = bin_centers(5, T)  # the same probes for both runs
+    _, one = run_trainer(1, control=False, probe_levels=levels)
+    _, many = run_trainer(5, control=True, probe_levels=levels)
+    total_one = one.contributions.sum(dim=1)
+    scale = float(total_one.abs().max())
+    assert torch.allclose(many.contributions.sum(dim=1), total_one, rtol=0, atol=1e-10 * scale)
+    assert torch.allclose(many.contributions_control.sum(dim=1), total_one, rtol=0, atol=1e-10 * scale)
+    # net shares over bins + rest + residual sum to 1
+    shares, kappa = many.shares()
+    ledger = many.ledger
+    delta = ledger.delta
+    rest = (ledger.rest * delta).sum(1) / (delta * delta).sum(1)
+    residual = (ledger.residual * delta).sum(1) / (delta * delta).sum(1)
+    assert torch.allclose(shares.sum(1) + rest + residual, torch.ones(8, dtype=torch.float64), atol=1e-10)
+    assert (kappa >= shares.sum(1).abs() - 1e-9).all()
+    assert torch.allclose(many.traffic_shares().sum(1), torch.ones(8, dtype=torch.float64))
+
+
+def test_separate_parameters_per_bin_give_exactly_zero_off_diagonal():
+    scheduler = make_scheduler(T)
+    num_bins = 4
+    torch.manual_seed(0)
+    model = BinnedDenoiser(num_bins, T, hidden=8, depth=1, time_dim=4).double()
+    analyzer = NoiseLevelAnalyzer(scheduler, ring(8, seed=2), num_bins=num_bins, num_probes=8, control=True, kernel_points=2)
+    trainer = DDPMTrainer(model, scheduler, ring(64), batch_size=32, lr=1e-2, progress=False, callbacks=[analyzer])
+    trainer.train(3)
+    off = ~torch.eye(num_bins, dtype=torch.bool)[analyzer.probe_bins]  # [M, G]: training bin != probe bin
+    assert torch.count_nonzero(analyzer.contributions[off]) == 0
+    assert torch.count_nonzero(analyzer.traffic[off]) == 0
+    assert (analyzer.traffic[~off] > 0).all()  # the own bin did move every probe
+    # the control's labels are random, so its traffic is spread over bins
+    assert torch.count_nonzero(analyzer.traffic_control[off]) > 0
+    matrices = analyzer.matrices()
+    assert torch.allclose(matrices["traffic"], torch.eye(num_bins, dtype=torch.float64))
+
+
+def test_time_ignoring_denoiser_has_unit_kernel_across_levels():
+    torch.manual_seed(0)
+    model = TimeIgnoringDenoiser(hidden=16).double()
+    z = ring(1, seed=4).repeat(6, 1)
+    levels = torch.tensor([0, 10, 30, 50, 80, 99])
+    k = state_kernel(model, (z, levels))
+    assert torch.allclose(k, torch.ones(6, 6, dtype=torch.float64), atol=1e-12)
+    # a time-embedded MLP does not (the kernel depends on the level)
+    k_mlp = state_kernel(small_mlp(), (z, levels))
+    assert (k_mlp < 1 - 1e-6).any()
+
+
+def test_sketched_kernel_is_unbiased_for_the_exact_one():
+    model = small_mlp()
+    states = (ring(4, seed=7), torch.tensor([5, 30, 60, 90]))
+    exact = state_kernel(model, states)
+    sketched = state_kernel(model, states, output_sketch=200, seed=1)
+    assert torch.allclose(torch.diagonal(sketched), torch.ones(4, dtype=torch.float64))
+    assert (sketched - exact).abs().max() < 0.1
+
+
+def test_analyzer_leaves_training_bit_for_bit_unchanged():
+    bare, _ = run_trainer(5, control=True, steps=5, callbacks=False)
+    tracked, analyzer = run_trainer(5, control=True, steps=5)
+    for p, q in zip(bare.model.parameters(), tracked.model.parameters()):
+        assert torch.equal(p, q)
+    assert bare.losses == tracked.losses
+    assert analyzer.ledger.steps == 5
+    samples_bare, _ = bare.sample(3, num_inference_steps=5)
+    samples_tracked, _ = tracked.sample(3, num_inference_steps=5)
+    assert torch.equal(samples_bare, samples_tracked)
+
+
+def test_attach_after_warm_up_and_checkpoint_resume(tmp_path):
+    scheduler = make_scheduler(T)
+    make = lambda: DDPMTrainer(small_mlp(), scheduler, ring(64), batch_size=16, lr=1e-2, progress=False,
+                               checkpoint_dir=tmp_path)
+    make_analyzer = lambda: NoiseLevelAnalyzer(scheduler, ring(16, seed=3), num_bins=4, num_probes=8, kernel_points=3,
+                                               snapshot_every=2)
+    straight = make()
+    straight.train(2)  # warm-up without analysis
+    analyzer = make_analyzer()
+    straight.callbacks.append(analyzer)
+    straight.train(4)
+
+    first = make()
+    first.train(2)
+    first.callbacks.append(make_analyzer())
+    first.train(2)
+    first.save_checkpoint()
+    resumed = make()
+    resumed.callbacks.append(make_analyzer())
+    assert resumed.resume()
+    resumed.train(2)
+    for p, q in zip(straight.model.parameters(), resumed.model.parameters()):
+        assert torch.equal(p, q)
+    again = resumed.callbacks[0]
+    assert again.ledger.steps == 4 and again.global_steps == analyzer.global_steps == [3, 4, 5, 6]
+    assert torch.allclose(again.contributions, analyzer.contributions, rtol=1e-12, atol=0)
+    assert torch.equal(again.traffic_control, analyzer.traffic_control)
+    report = analyzer.report()
+    assert [row["tracked_step"] for row in report["locality_over_training"]] == [2, 4]
+    assert [row["tracked_step"] for row in report["kernel"]] == [0, 4]
+
+
+def test_user_loop_example_runs():
+    # The docstring's user loop: analyzer.step replaces loss.backward(); optimizer.step().
+    scheduler = make_scheduler(T, prediction_type="v_prediction")
+    model = small_mlp()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    analyzer = NoiseLevelAnalyzer(scheduler, ring(16, seed=3), num_bins=4, num_probes=8, kernel_points=3)
+    analyzer.bind(model, optimizer)
+    data = ring(64)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(3):
+        x0 = data[torch.randint(0, 64, (16,), generator=gen)]
+        noise = torch.randn(x0.shape, generator=gen, dtype=x0.dtype)
+        t = torch.randint(0, scheduler.config.num_train_timesteps, (16,), generator=gen)
+        losses = analyzer.step(x0, noise, t)
+        assert losses.shape == (16,)
+    report = analyzer.report()
+    assert report["tracked_steps"] == 3 and report["residual"]["relative_residual"] < 1e-3
+    assert set(report["locality"]) >= {"traffic", "share", "band", "median_kappa"}
+
+
+@pytest.mark.parametrize("kind", ["epsilon", "v_prediction", "sample"])
+def test_prediction_type_targets(kind):
+    scheduler = make_scheduler(T, prediction_type=kind)
+    clean, noise, t = ring(5), ring(5, seed=9), torch.tensor([0, 10, 50, 90, 99])
+    target = training_target(scheduler, clean, noise, t)
+    abar = scheduler.alphas_cumprod[t].double()[:, None]
+    expected = {"epsilon": noise, "sample": clean, "v_prediction": abar.sqrt() * noise - (1 - abar).sqrt() * clean}[kind]
+    assert torch.allclose(target, expected)
+    assert torch.allclose(diffusion_loss(target + 1, target), torch.ones(5, dtype=torch.float64))
+
+
+def test_attention_unet_runs_through_the_analyzer():
+    scheduler = make_scheduler(T, clip_sample=True)
+    torch.manual_seed(0)
+    # float64: in float32 Adam turns the rounding gap between the batched gradient and the summed
+    # per-example gradients of near-cancelling elements into update gaps above the core's 1e-5 check.
+    model = tiny_unet(sample_size=8, channels=(8, 16), attention=True, attention_head_dim=4, norm_num_groups=4)
+    assert any("attentions" in name for name, _ in model.named_parameters())
+    images = torch.rand(12, 1, 8, 8) * 2 - 1
+    analyzer = NoiseLevelAnalyzer(scheduler, images[:4], num_bins=2, num_probes=4, kernel_points=2, kernel_sketch=2)
+    trainer = DDPMTrainer(model, scheduler, images, batch_size=4, lr=1e-4, progress=False, callbacks=[analyzer])
+    trainer.train(2)
+    summary = analyzer.residual()
+    assert summary["steps"] == 2 and summary["relative_residual"] < 0.05
+    assert math.isfinite(analyzer.kernel_history[-1]["by_distance"][0])
+
+
+# ------------------------------------------------------------------------------------------
+# bad input
+# ------------------------------------------------------------------------------------------
+def test_bad_inputs_raise_clear_errors():
+    scheduler = make_scheduler(T)
+    model = small_mlp()
+    with pytest.raises(ValueError, match="beta_schedule"):
+        make_scheduler(T, beta_schedule="cosine")
+    from diffusers import DDPMScheduler
+
+    odd = DDPMScheduler(num_train_timesteps=T)
+    odd.register_to_config(prediction_type="flow")
+    with pytest.raises(ValueError, match="epsilon, v_prediction, sample"):
+        NoiseLevelAnalyzer(odd, ring(8))
+    analyzer = NoiseLevelAnalyzer(scheduler, ring(8), num_bins=4, num_probes=4, kernel_points=2)
+    analyzer.bind(model, torch.optim.Adam(model.parameters()))
+    with pytest.raises(ValueError, match=r"\[0, 100\)"):
+        analyzer.step(ring(4), ring(4, seed=1), torch.tensor([0, 5, 100, 3]))
+    with pytest.raises(TypeError, match="integer"):
+        analyzer.step(ring(4), ring(4, seed=1), torch.tensor([0.0, 5.0, 10.0, 3.0]))
+    with pytest.raises(ValueError, match="probe_levels"):
+        NoiseLevelAnalyzer(scheduler, ring(8), probe_levels=torch.tensor([10, 200]))
+    # probes whose shape does not fit the model
+    wrong = NoiseLevelAnalyzer(scheduler, torch.zeros(8, 3, dtype=torch.float64), num_bins=2, num_probes=4, kernel_points=2)
+    with pytest.raises(ValueError, match="probes of shapes"):
+        other = small_mlp()
+        wrong.bind(other, torch.optim.Adam(other.parameters()))
+    with pytest.raises(TypeError, match="probe_data"):
+        NoiseLevelAnalyzer(scheduler, torch.zeros(8, dtype=torch.long))
+    with pytest.raises(ValueError, match="optimizer"):
+        DDPMTrainer(model, scheduler, ring(8), optimizer="lbfgs")
+
+
+def test_non_finite_loss_stops_with_the_step_and_keeps_the_ledger():
+    scheduler = make_scheduler(T)
+    model = small_mlp()
+    analyzer = NoiseLevelAnalyzer(scheduler, ring(8), num_bins=2, num_probes=4, kernel_points=2)
+    trainer = DDPMTrainer(model, scheduler, ring(32), batch_size=8, progress=False, callbacks=[analyzer])
+    trainer.train(2)
+    before = analyzer.contributions.clone()
+    params = [p.detach().clone() for p in model.parameters()]
+    trainer.data[:] = float("nan")
+    with pytest.raises(NonFiniteError, match="step 3"):
+        trainer.train(1)
+    assert analyzer.ledger.steps == 2 and torch.equal(analyzer.contributions, before)
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), params))
+    assert analyzer.residual()["relative_residual"] < 1e-3
+
+
+def test_bins():
+    centers = bin_centers(10, 1000)
+    assert centers.tolist() == [49, 149, 249, 349, 449, 549, 649, 749, 849, 949]
+    assert timestep_bins(torch.tensor([0, 99, 100, 999]), 10, 1000).tolist() == [0, 0, 1, 9]
+    assert timestep_bins(bin_centers(7, 100), 7, 100).tolist() == list(range(7))
