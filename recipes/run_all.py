@@ -1,0 +1,104 @@
+"""Run every recipe (``make figures``: ``--quick``; ``make figures-full``: paper settings).
+
+Each recipe runs in its own subprocess with a timeout; its wall time is printed and a final
+table lists every recipe's status, time and claims. A recipe whose file does not exist yet is
+skipped with a notice; a recipe that fails or times out makes this script exit non-zero, naming
+it (after the others have run, so one failure does not hide another).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+RECIPES = (
+    "circle_neighborhoods",
+    "regression_kernels",
+    "classification_kernels",
+    "tangent_svm",
+    "tangent_embedding",
+    "printed_digits",
+    "optimizer_weighting",
+    "null_space",
+    "diffusion_toy2d",
+    "diffusion_digits",
+    "gan_ring2d",
+    "gan_digits",
+)
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="run every recipe with --quick")
+    parser.add_argument("--smoke", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--out-dir", default="figures", help="folder for the figures and JSON files")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--timeout", type=float, default=None,
+                        help="seconds per recipe (default: 300 with --quick, 7200 otherwise)")
+    parser.add_argument("--only", nargs="*", default=None, help="run only these recipes (names as in the list)")
+    parser.add_argument("--recipes-dir", default=str(HERE), help=argparse.SUPPRESS)
+    return parser.parse_args(argv)
+
+
+def claims_of(out_dir: Path, name: str) -> str:
+    path = out_dir / f"{name}.json"
+    try:
+        claims = json.loads(path.read_text()).get("claims", {})
+    except (OSError, ValueError):
+        return "-"
+    held = sum(1 for c in claims.values() if c.get("held"))
+    return f"{held}/{len(claims)} held"
+
+
+def main(argv=None) -> int:
+    args = parse_args(None if argv is None else list(argv))
+    recipes_dir = Path(args.recipes_dir)
+    out_dir = Path(args.out_dir)
+    timeout = args.timeout or (300.0 if (args.quick or args.smoke) else 7200.0)
+    names = RECIPES if args.only is None else tuple(args.only)
+    unknown = [n for n in names if n not in RECIPES]
+    if unknown:
+        print(f"unknown recipes {unknown}; known: {', '.join(RECIPES)}", file=sys.stderr)
+        return 2
+    mode = ["--smoke"] if args.smoke else (["--quick"] if args.quick else [])
+    rows, failed = [], []
+    start = time.perf_counter()
+    for name in names:
+        script = recipes_dir / f"{name}.py"
+        if not script.is_file():
+            print(f"[run_all] SKIP {name}: {script} does not exist yet", flush=True)
+            rows.append((name, "skipped (no file)", 0.0, "-"))
+            continue
+        cmd = [sys.executable, str(script), *mode, "--out-dir", str(out_dir), "--seed", str(args.seed), "--device", args.device]
+        print(f"[run_all] {name}: {' '.join(cmd[1:])}", flush=True)
+        t0 = time.perf_counter()
+        try:
+            rc = subprocess.run(cmd, timeout=timeout).returncode
+            status = "ok" if rc == 0 else f"FAILED (exit {rc})"
+        except subprocess.TimeoutExpired:
+            status = f"FAILED (timeout {timeout:.0f} s)"
+        seconds = time.perf_counter() - t0
+        print(f"[run_all] {name}: {status} in {seconds:.1f} s", flush=True)
+        if status != "ok":
+            failed.append(name)
+        rows.append((name, status, seconds, claims_of(out_dir, name) if status == "ok" else "-"))
+    total = time.perf_counter() - start
+    width = max(len(r[0]) for r in rows)
+    print("\nrecipe".ljust(width + 1) + "  status                  seconds  claims")
+    for name, status, seconds, claims in rows:
+        print(f"{name.ljust(width)}  {status.ljust(22)}  {seconds:7.1f}  {claims}")
+    print(f"{'total'.ljust(width)}  {'':22}  {total:7.1f}")
+    if failed:
+        print(f"[run_all] FAILED: {', '.join(failed)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
