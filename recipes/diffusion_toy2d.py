@@ -1,0 +1,157 @@
+"""Diffusion on 2-D points: is the denoiser corrected stage-wise and noise-localized?
+
+DESIGN.md section 3, issue 3. A time-embedded SiLU MLP denoiser (ε-prediction, Adam) is trained
+with diffusers' DDPMScheduler on a Gaussian ring (or two moons). The NoiseLevelAnalyzer keeps the
+exact path-kernel ledger split by the training timestep's bin, at probes (clean x, level s, fixed
+noise) placed at the bin centres, with a label-permutation control on the same trajectory.
+
+Writes into --out-dir:
+
+- diffusion_toy2d.png              overview (traffic matrix, locality vs control, k̂ decay, entropy)
+- diffusion_toy2d_noise_matrix.png traffic and net shares C[s, t], measured and control, with κ
+- diffusion_toy2d_locality.png     traffic / net-share / kernel locality over training vs control
+- diffusion_toy2d_kernel_decay.png mean k̂((x, s), (x', t)) against |bin(s) − bin(t)| at checkpoints
+- diffusion_toy2d_retrieval.png    generated samples with their retrieved training points per stage
+- diffusion_toy2d.json             the numbers, the claims (held or not, with intervals), timings
+
+Run:  python recipes/diffusion_toy2d.py [--quick] [--out-dir figures] [--seed 0] [--device cpu]
+      [--dataset ring|moons] [--film]
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from _common import Timer, claim, finish, make_parser, parse, pick  # noqa: E402
+
+from genkernel.data import gaussian_ring, two_moons  # noqa: E402
+from genkernel.diffusion import DDPMTrainer, MLPDenoiser, NoiseLevelAnalyzer, make_scheduler, retrieval_attribution  # noqa: E402
+from genkernel.plotting import diffusion as plots  # noqa: E402
+
+NAME = "diffusion_toy2d"
+
+SETTINGS = dict(
+    full=dict(num_train=4000, hidden=128, depth=3, batch_size=256, lr=1e-3, warmup_steps=0, window_steps=3000,
+              num_bins=10, num_probes=64, band=1, snapshot_every=100, kernel_every=500, kernel_points=24,
+              retrieval_samples=16, retrieval_train=512, retrieval_stages=6, inference_steps=200, timesteps=1000),
+    quick=dict(num_train=1024, hidden=64, depth=3, batch_size=128, lr=2e-3, warmup_steps=1500, window_steps=60,
+               num_bins=10, num_probes=64, band=1, snapshot_every=10, kernel_every=30, kernel_points=12,
+               retrieval_samples=8, retrieval_train=256, retrieval_stages=5, inference_steps=100, timesteps=1000),
+    smoke=dict(num_train=128, hidden=16, depth=2, batch_size=32, lr=2e-3, warmup_steps=5, window_steps=4,
+               num_bins=4, num_probes=8, band=1, snapshot_every=2, kernel_every=2, kernel_points=3,
+               retrieval_samples=3, retrieval_train=32, retrieval_stages=3, inference_steps=10, timesteps=100),
+)
+
+
+def load(dataset: str, n: int, seed: int) -> torch.Tensor:
+    if dataset == "ring":
+        return gaussian_ring(n, num_modes=8, radius=2.0, std=0.05, seed=seed)[0]
+    return two_moons(n, noise=0.05, seed=seed)[0]
+
+
+def main(argv=None) -> dict:
+    parser = make_parser(__doc__.splitlines()[0], datasets=("ring", "moons"))
+    parser.add_argument("--film", action="store_true", help="FiLM-modulate every hidden layer by the time embedding")
+    args = parse(parser, argv)
+    s = pick(args.mode, **SETTINGS)
+    s.update(dataset=args.dataset, film=args.film)
+    timer = Timer()
+    device = args.torch_device
+
+    # 1. Data, model, scheduler, trainer (seeded; the analyzer never touches the trainer's RNG).
+    data = load(args.dataset, s["num_train"], args.seed)
+    held_out = load(args.dataset, 256, args.seed + 1000)
+    torch.manual_seed(args.seed)
+    model = MLPDenoiser(2, hidden=s["hidden"], depth=s["depth"], film=args.film).to(device)
+    scheduler = make_scheduler(s["timesteps"], "linear")
+    trainer = DDPMTrainer(model, scheduler, data.to(device), batch_size=s["batch_size"], lr=s["lr"], seed=args.seed,
+                          progress=args.mode == "full")
+
+    # 2. Warm-up without analysis (quick mode), then the tracked window.
+    t0 = Timer()
+    trainer.train(s["warmup_steps"])
+    warmup_seconds = t0.seconds
+    analyzer = NoiseLevelAnalyzer(
+        scheduler, held_out.to(device), num_bins=s["num_bins"], num_probes=s["num_probes"], band=s["band"],
+        snapshot_every=s["snapshot_every"], kernel_every=s["kernel_every"], kernel_points=s["kernel_points"], seed=args.seed,
+    )
+    trainer.callbacks.append(analyzer)
+    t0 = Timer()
+    trainer.train(s["window_steps"])
+    window_seconds = t0.seconds
+    report = analyzer.report()
+
+    # 3. Stage-wise attribution along reverse sampling at θ_T.
+    t0 = Timer()
+    retrieval = retrieval_attribution(
+        model, scheduler, data[: s["retrieval_train"]].to(device), num_samples=s["retrieval_samples"],
+        num_stages=s["retrieval_stages"], num_inference_steps=s["inference_steps"], seed=args.seed,
+    )
+    retrieval_seconds = t0.seconds
+    retrieval_json = retrieval.to_json()
+
+    # 4. Figures.
+    out = Path(args.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    dpi = 50 if args.mode == "smoke" else 110
+    extra = {
+        "noise_matrix": plots.plot_noise_matrices(report),
+        "locality": plots.plot_locality_over_training(report),
+        "kernel_decay": plots.plot_kernel_decay(report),
+        "retrieval": plots.plot_retrieval(retrieval, data[: s["retrieval_train"]], images=False),
+    }
+    for key, fig in extra.items():
+        fig.savefig(out / f"{NAME}_{key}.png", dpi=dpi)
+        plots.plt.close(fig)
+
+    # 5. Claims, computed from the numbers with their intervals.
+    claims = claims_from(report, retrieval_json)
+    results = {
+        "report": report,
+        "retrieval": retrieval_json,
+        "figures": [f"{NAME}_{key}.png" for key in extra],
+        "final_loss": sum(trainer.losses[-20:]) / max(1, len(trainer.losses[-20:])),
+        "timing": {"warmup_s": warmup_seconds, "window_s": window_seconds, "retrieval_s": retrieval_seconds,
+                   "seconds_per_tracked_step": window_seconds / max(1, s["window_steps"])},
+    }
+    return finish(NAME, args, plots.plot_overview(report, retrieval_json), results, claims, s, timer)
+
+
+def claims_from(report: dict, retrieval_json: dict) -> dict:
+    """The section-3 claims, each "held" only when its 95 % interval of (measured − control) > 0."""
+    loc = report["locality"]
+    kernel = report["kernel"][-1]["locality"]
+    band = report["config"]["band"]
+    out = {}
+    for key, what in (("traffic", "traffic"), ("share", "net share")):
+        c = loc[key]
+        out[f"{key}_locality"] = claim(
+            f"the {what} of a probe's correction from training within ±{band} bins of its own level exceeds the "
+            "label-permutation control (same trajectory)", c["held"], c["difference"], c["interval"],
+            measured=c["measured"], control=c["control"], median_kappa=loc["median_kappa"],
+        )
+    out["kernel_locality"] = claim(
+        f"at θ_T, k̂ between states within ±{band} bins exceeds k̂ outside, beyond a level-label permutation",
+        kernel["held"], kernel["difference"], kernel["interval"], measured=kernel["measured"], control=kernel["control"],
+    )
+    e = retrieval_json["entropy_high_minus_low"]
+    out["retrieval_broad_to_narrow"] = claim(
+        "retrieval entropy along reverse sampling is higher at the noisiest stage than at the cleanest",
+        e["held"], e["difference"], e["interval"],
+    )
+    residual = report["residual"]["relative_residual"]
+    out["ledger_adds_up"] = claim(
+        "the noise-level ledger adds up: relative residual ‖R‖/‖Δf‖ below 1e-2", residual is not None and residual < 1e-2,
+        residual, None,
+    )
+    return out
+
+
+if __name__ == "__main__":
+    main()
