@@ -8,8 +8,9 @@ DESIGN.md section 3, issue 4. Trains MLP G and D (SiLU, Adam, float64) with the
 argmax_m cos(−w_i, μ_m − G(z_i)) with a label-permutation control on the same trajectory, and the
 discriminator's ledger grouped into real (by mode), generated (by nearest mode) and penalty examples.
 
-Writes ``gan_ring2d.png`` (overview), ``gan_ring2d_coupling.png`` (coupling matrices, first and
-last window) and ``gan_ring2d.json`` (numbers and claims, each held / not held from its interval).
+Writes ``gan_ring2d.png`` (overview), ``gan_ring2d_coupling.png`` (coupling matrices, early and
+last window) and ``gan_ring2d.json`` (numbers and claims, each held / not held from its interval);
+``--mixture grid`` writes the same as ``gan_grid2d*``.
 """
 
 from __future__ import annotations
@@ -112,6 +113,7 @@ def main(argv=None) -> dict:
     s = settings_for(args.mode)
     device = args.torch_device
     data, modes, centers, std, extent = make_data(args.mixture, s["n_data"], args.seed)
+    s["batch"] = max(s["batch"], 2 * centers.shape[0])  # every mode group can be filled (25 on the grid)
     data = data.to(device, DTYPE)
 
     torch.manual_seed(args.seed)
@@ -145,7 +147,8 @@ def main(argv=None) -> dict:
     windows = report["windows"]
     claims = build_claims(report, windows)
     figure = draw(report, analyzer, grid.cpu(), push, data.cpu()[:1000], end_samples, centers, extent)
-    draw_coupling(windows, analyzer.grouping.labels(), Path(args.out_dir) / f"{NAME}_coupling.png")
+    name = NAME if args.mixture == "ring" else "gan_grid2d"  # the grid variant keeps its own files
+    draw_coupling(windows, analyzer.grouping.labels(), Path(args.out_dir) / f"{name}_coupling.png")
     results = {
         "generator": {k: v for k, v in report["generator"].items() if k != "coupling_whole_run"},
         "coupling_whole_run": report["generator"]["coupling_whole_run"],
@@ -160,8 +163,8 @@ def main(argv=None) -> dict:
     }
     settings = {**s, "mixture": args.mixture, "loss": args.loss, "spectral_norm": args.spectral_norm,
                 "grouping": "pushed-to mode", "control": "label permutation within each batch, same trajectory",
-                "dtype": "float64", "optimizer": "Adam(betas=(0.5, 0.999))", "extra_figures": [f"{NAME}_coupling.png"]}
-    return _common.finish(NAME, args, figure, results, claims, settings, timer)
+                "dtype": "float64", "optimizer": "Adam(betas=(0.5, 0.999))", "extra_figures": [f"{name}_coupling.png"]}
+    return _common.finish(name, args, figure, results, claims, settings, timer)
 
 
 def draw(report, analyzer, grid, push, real, fake, centers, extent):

@@ -303,3 +303,32 @@ def test_training_mode_spectral_norm_during_generator_step_is_refused():
     step = OptimizerStep(G, opt, GeneratorLoss(D), _probes(8, seed=4), phase="generator")
     with pytest.raises(ValueError, match="frozen"):
         analyzer.perform(step)
+
+
+# ------------------------------------------------------------------------------------------
+# losses and the per-example gradient penalty
+# ------------------------------------------------------------------------------------------
+def test_losses_match_their_formulas_and_the_penalty_matches_autograd():
+    from genkernel.gan import DiscriminatorLoss, DiscriminatorObjective, discriminator_losses, generator_losses
+
+    s = torch.tensor([-1.5, 0.2, 2.0], dtype=F64)
+    roles = torch.tensor([1, 0, 1])
+    sp = nn.functional.softplus
+    assert torch.allclose(discriminator_losses("nonsaturating", s, roles), torch.stack([sp(-s[0]), sp(s[1]), sp(-s[2])]))
+    assert torch.allclose(discriminator_losses("hinge", s, roles), torch.stack([torch.relu(1 - s[0]), torch.relu(1 + s[1]), torch.relu(1 - s[2])]))
+    assert torch.allclose(discriminator_losses("wgan-gp", s, roles), torch.stack([-s[0], s[1], -s[2]]))
+    assert torch.allclose(generator_losses("nonsaturating", s), sp(-s)) and torch.equal(generator_losses("hinge", s), -s)
+    with pytest.raises(ValueError, match="unknown GAN loss"):
+        generator_losses("lsgan", s)
+    _, D = _pair(sn=True)
+    D.eval()
+    critic = DiscriminatorObjective(D, penalty=True)
+    x = torch.randn(5, 2, dtype=F64)
+    roles = torch.tensor([0, 1, 2, 2, 1])
+    values = critic(x, roles)[:, 0]
+    xr = x.clone().requires_grad_(True)
+    (g,) = torch.autograd.grad(D(xr).sum(), xr)
+    expected = torch.where(roles == 2, g.norm(dim=1), D(x)[:, 0])
+    assert torch.allclose(values, expected, rtol=1e-6)
+    loss = DiscriminatorLoss("wgan-gp", gp_weight=10.0)(critic(x, roles), roles)
+    assert torch.allclose(loss[2:4], 10.0 * (g.norm(dim=1)[2:4] - 1) ** 2, rtol=1e-6)

@@ -425,6 +425,7 @@ class GANKernelAnalyzer(TrainerCallback):
         ids = self._discriminator_groups(step)
         if self.d_tracker is None:
             num = 3 if self.discriminator_groups == "role" else 2 * self.mode_centers.shape[0] + 1
+            self._check_fillable(num, step.batch, f"discriminator grouping {self.discriminator_groups!r}")
             if self.discriminator_probes is None:
                 x, roles = step.inputs[0], ids if self.discriminator_groups == "role" else step.info["roles"]
                 roles = roles.to(x.device)
