@@ -332,3 +332,22 @@ def test_losses_match_their_formulas_and_the_penalty_matches_autograd():
     assert torch.allclose(values, expected, rtol=1e-6)
     loss = DiscriminatorLoss("wgan-gp", gp_weight=10.0)(critic(x, roles), roles)
     assert torch.allclose(loss[2:4], 10.0 * (g.norm(dim=1)[2:4] - 1) ** 2, rtol=1e-6)
+
+
+def test_geometry_groupings_assign_as_documented():
+    from genkernel.gan import ConfidenceGroups, MagnitudeGroups, ModeGroups, NearestModeGroups
+
+    centers = ring_mode_centers(4, 2.0).double()  # modes at +x, +y, -x, -y
+    x = torch.zeros(3, 2, dtype=F64)
+    w = torch.tensor([[-1.0, 0.0], [0.0, 1.0], [0.1, -1.0]], dtype=F64)  # pushes −w: +x, −y, ~+y
+    z = torch.zeros(3, 2, dtype=F64)
+    assert ModeGroups(centers)(z, x, w, z[:, 0]).tolist() == [0, 3, 1]
+    near = torch.tensor([[1.9, 0.1], [0.0, -1.5], [-2.2, 0.0]], dtype=F64)
+    assert NearestModeGroups(centers)(z, near, w, z[:, 0]).tolist() == [0, 3, 2]
+    ref_w = torch.arange(1, 9, dtype=F64).view(8, 1) * torch.tensor([[1.0, 0.0]], dtype=F64)
+    mags = MagnitudeGroups(4).fit(ref_w, ref_w, ref_w, ref_w[:, 0])
+    assert mags(ref_w, ref_w, ref_w, ref_w[:, 0]).tolist() == [0, 0, 1, 1, 2, 2, 3, 3]
+    conf = ConfidenceGroups(2).fit(ref_w, ref_w, ref_w, -ref_w[:, 0])
+    assert conf(ref_w, ref_w, ref_w, -ref_w[:, 0]).tolist() == [1, 1, 1, 1, 0, 0, 0, 0]
+    with pytest.raises(ValueError, match="distinct levels"):
+        MagnitudeGroups(4).fit(ref_w, torch.ones(8, 2), torch.ones(8, 2), ref_w[:, 0])
