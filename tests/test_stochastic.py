@@ -1,0 +1,152 @@
+"""Library tools behind the paper-experiment recipes: the stochastic-Domingos decomposition,
+the preconditioned kernel, kernel statistics, checkpoint kernels, tangent SVMs, 2-D embeddings."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+from genkernel import gradient_kernel, tangent_features
+from genkernel.core.embedding import embed_2d
+from genkernel.core.hutchinson import exact_trace_sigma_hessian
+from genkernel.core.kernel_stats import centered_alignment, class_block_means, kernel_distance, within_between_gap
+from genkernel.core.optimizer_kernels import adaptive_preconditioner, preconditioned_kernel
+from genkernel.core.stochastic import expected_output_decomposition
+from genkernel.supervised import SupervisedTrainer, mlp, mse_loss
+from genkernel.supervised.checkpoint_kernels import CheckpointKernels
+from genkernel.supervised.svm import fit_rbf_svm, fit_tangent_svm
+
+
+def tiny_problem(n=10, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.rand(n, 1, generator=g, dtype=torch.float64) * 4 - 2
+    torch.manual_seed(seed)
+    return x, torch.sin(x), mlp(1, [6], 1, act="tanh").double()
+
+
+def test_decomposition_is_a_taylor_expansion_of_each_run():
+    x, y, model = tiny_problem()
+    probes = torch.linspace(-1.5, 1.5, 3, dtype=torch.float64)[:, None]
+    before = copy.deepcopy(model.state_dict())
+    dec = expected_output_decomposition(model, x, y, mse_loss, probes, lr=0.02, batch_size=3, steps=5, seeds=[0, 1, 2],
+                                        hutchinson_samples=4)
+    assert dec.change.shape == (3, 3) and dec.ito.shape == (3, 3)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # the model itself is not trained
+    # first order + realized second order reproduce each run's change up to third order in η:
+    # halving η divides what the first-order ledger leaves by ~4 and what both leave by ~8
+    gaps = []
+    for lr in (0.01, 0.005):
+        d = expected_output_decomposition(model, x, y, mse_loss, probes, lr=lr, batch_size=3, steps=5, seeds=[0],
+                                          hutchinson_samples=2)
+        gaps.append(((d.change - d.first_order).abs().max(), (d.change - d.first_order - d.realized_second_order).abs().max()))
+    assert 3.0 < gaps[0][0] / gaps[1][0] < 5.5 and 6.0 < gaps[0][1] / gaps[1][1] < 10.0
+    assert gaps[1][1] < 0.05 * gaps[1][0]
+    torch.testing.assert_close(dec.ledger_residual, dec.change - dec.first_order, rtol=0, atol=1e-12)
+    shares = dec.shares(n_boot=200)
+    total = sum(shares[k]["share"] for k in ("first_order", "deterministic", "ito", "remainder"))
+    assert total == pytest.approx(1.0, abs=1e-12)
+    assert 0.9 < shares["first_order"]["share"] < 1.1
+    for v in shares.values():
+        assert v["interval"][0] <= v["share"] + 1e-12 and v["share"] <= v["interval"][1] + 1e-12
+    assert (dec.ito_stderr >= 0).all()
+    # Different seeds draw different batch orders.
+    assert not torch.allclose(dec.change[0], dec.change[1])
+
+
+def test_decomposition_ito_term_matches_exact_trace_for_one_step():
+    x, y, model = tiny_problem(n=6, seed=1)
+    probes = x[:2]
+    dec = expected_output_decomposition(model, x, y, mse_loss, probes, lr=0.1, batch_size=6, steps=1, seeds=[0],
+                                        hutchinson_samples=400)
+    from genkernel.core.pergrad import group_gradients
+    from genkernel.core.adapter import trainable_parameters
+
+    params = trainable_parameters(model)
+    per_example, _ = group_gradients(model, params, (x,), y, mse_loss, torch.arange(6), torch.ones(6, dtype=torch.float64), 6)
+    exact = exact_trace_sigma_hessian(model, probes, per_example, 0.1)
+    assert ((dec.ito[0] - exact).abs() <= 3 * dec.ito_stderr[0] + 1e-12).all()
+    # With B = N the batch is the training set: deterministic and realized terms coincide.
+    torch.testing.assert_close(dec.deterministic, dec.realized_second_order, rtol=1e-8, atol=1e-14)
+
+
+def test_decomposition_rejects_bad_arguments():
+    x, y, model = tiny_problem()
+    with pytest.raises(ValueError, match="batch_size"):
+        expected_output_decomposition(model, x, y, mse_loss, x[:2], lr=0.1, batch_size=20, steps=1, seeds=[0])
+    with pytest.raises(ValueError, match="lr"):
+        expected_output_decomposition(model, x, y, mse_loss, x[:2], lr=-1.0, batch_size=2, steps=1, seeds=[0])
+
+
+def test_preconditioned_kernel_plain_and_adam():
+    x, y, model = tiny_problem()
+    plain = preconditioned_kernel(model, x[:3], x, None)
+    torch.testing.assert_close(plain, gradient_kernel(model, x[:3], x).double(), rtol=1e-10, atol=1e-12)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    with pytest.raises(ValueError, match="not taken a step"):
+        adaptive_preconditioner(model, opt)
+    SupervisedTrainer(model, opt, mse_loss, batch_size=5).fit(x, y, steps=3)
+    p = adaptive_preconditioner(model, opt)
+    v = torch.cat([opt.state[q]["exp_avg_sq"].reshape(-1) for q in model.parameters()]).double() / (1 - 0.999**3)
+    torch.testing.assert_close(p, 1 / (v.sqrt() + 1e-8))
+    phi = tangent_features(model, x, output_index=0).double()
+    torch.testing.assert_close(preconditioned_kernel(model, x[:3], x, p), phi[:3] @ (p[:, None] * phi.T))
+    k = preconditioned_kernel(model, x, x, p, normalize=True)
+    torch.testing.assert_close(k.diagonal(), torch.ones(10, dtype=torch.float64))
+    with pytest.raises(TypeError, match="no diagonal preconditioner"):
+        adaptive_preconditioner(model, torch.optim.SGD(model.parameters(), lr=0.1))
+
+
+def test_kernel_statistics_on_a_block_kernel():
+    labels = torch.tensor([0, 0, 1, 1, 1])
+    k = torch.where(labels[:, None] == labels[None, :], 0.9, 0.2).double()
+    k.fill_diagonal_(1.0)
+    classes, means = class_block_means(k, labels)
+    assert classes.tolist() == [0, 1] and np.allclose(means, [[0.9, 0.2], [0.2, 0.9]])
+    gap = within_between_gap(k, labels)
+    assert gap.gap == pytest.approx(0.7) and np.allclose(gap.per_class, 0.7)
+    cross = within_between_gap(k[:2], labels[:2], labels)  # rectangular: self pairs kept
+    assert cross.within == pytest.approx((1.0 * 2 + 0.9 * 2) / 4)
+    y = torch.nn.functional.one_hot(labels).double()
+    assert centered_alignment(y @ y.T, y) == pytest.approx(1.0)
+    d = kernel_distance(k)
+    assert np.allclose(np.diag(d), 0) and d[0, 2] == pytest.approx(np.sqrt(1.6))
+    with pytest.raises(ValueError, match="one label per"):
+        within_between_gap(k, labels[:3])
+    with pytest.raises(TypeError, match="integer"):
+        class_block_means(k, labels.float())
+
+
+def test_checkpoint_kernels_weights_and_path_kernel():
+    x, y, model = tiny_problem()
+    probe = torch.tensor([[0.3], [2.5]], dtype=torch.float64)
+    rec = CheckpointKernels(x, probe, every=4, steps=10)
+    SupervisedTrainer(model, torch.optim.SGD(model.parameters(), lr=0.1), mse_loss, batch_size=10,
+                      callbacks=[rec]).fit(x, y, steps=10)
+    assert rec.checkpoints == [0, 4, 8] and rec.weights == pytest.approx([0.4, 0.4, 0.2])
+    gram, cross, self_k = rec.path_kernel()
+    torch.testing.assert_close(gram[:, :], sum(w * g for w, g in zip(rec.weights, rec.grams)))
+    # the last checkpoint's kernel is the kernel at θ_8; its diagonal of probes matches a fresh kernel
+    assert gram.shape == (10, 10) and cross.shape == (2, 10) and (self_k > 0).all()
+    with pytest.raises(RuntimeError, match="no checkpoint"):
+        CheckpointKernels(x, probe, every=2, steps=4).path_kernel()
+
+
+def test_tangent_svm_and_embedding():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(40, 2, generator=g)
+    y = torch.where(x[:, 0] > 0, 1.0, -1.0)
+    torch.manual_seed(0)
+    model = mlp(2, [8], 1)
+    svm = fit_tangent_svm(model, x, y)
+    assert svm.features(x).shape == (40, 2 * 8 + 8 + 8 + 1)
+    assert 0.8 <= svm.accuracy(x, y) <= 1.0
+    assert svm.decision_function(x[:5]).shape == (5,)
+    assert fit_rbf_svm(x, y).score(x.double().numpy(), y.numpy()) > 0.8
+    d = kernel_distance(gradient_kernel(model, x[:12], normalize=True))
+    coords, method = embed_2d(d, method="tsne", seed=0)
+    assert coords.shape == (12, 2) and np.isfinite(coords).all() and method == "t-SNE"
+    with pytest.raises(ValueError, match="square"):
+        embed_2d(d[:3])
