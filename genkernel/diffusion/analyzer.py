@@ -202,6 +202,7 @@ class NoiseLevelAnalyzer(TrainerCallback):
     # -- the trainer callback ----------------------------------------------------------------
     def on_train_start(self, trainer: Any) -> None:
         if self.tracker is None:
+            self._start_step = getattr(trainer, "global_step", None)
             self.bind(trainer.model, trainer.optimizer, max_grad_norm=getattr(trainer, "max_grad_norm", math.inf))
 
     def wrap_step(self, trainer: Any, step: OptimizerStep, perform: Callable[[], torch.Tensor]) -> torch.Tensor:
@@ -275,6 +276,7 @@ class NoiseLevelAnalyzer(TrainerCallback):
         self.history: list[dict[str, Any]] = []
         self.kernel_history: list[dict[str, Any]] = []
         self._global_step = None
+        self._start_step: int | None = None
 
     def _alloc(self, m: int, d: int) -> None:
         g = self.num_bins
@@ -323,7 +325,7 @@ class NoiseLevelAnalyzer(TrainerCallback):
         summary = kernel_locality(kernel.cpu(), self.kernel_clean.shape[0], torch.arange(self.num_bins), self.band, seed=self.seed)
         entry = {
             "tracked_step": 0 if self.tracker is None else self.tracker.ledger.steps,
-            "global_step": self.global_steps[-1] if self.global_steps else None,
+            "global_step": self.global_steps[-1] if self.global_steps else self._start_step,
             "sketch": self.kernel_sketch,
             **summary,
         }
@@ -413,8 +415,11 @@ class NoiseLevelAnalyzer(TrainerCallback):
     def residual(self) -> dict[str, float]:
         """The ledger's residual: relative overall, worst probe, and the core summary."""
         self._require()
-        summary = self.tracker.ledger.summary()
+        ledger = self.tracker.ledger
+        summary = ledger.summary()
+        rest_share = ledger.shares().rest
         return {
+            "median_rest_share": float(rest_share.nanmedian()) if rest_share.numel() else math.nan,
             "relative_residual": summary["relative_residual"],
             "max_probe_relative_residual": summary["max_probe_relative_residual"],
             "rest_norm": summary["rest_norm"],
