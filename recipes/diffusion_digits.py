@@ -40,7 +40,7 @@ SETTINGS = dict(
     quick=dict(num_train=512, channels=(8, 16), batch_size=16, lr=1e-3, warmup_steps=80, window_steps=6,
                num_bins=5, num_probes=10, band=1, snapshot_every=2, kernel_every=0, kernel_points=3, kernel_sketch=2,
                retrieval_samples=3, retrieval_train=24, retrieval_stages=3, inference_steps=25, timesteps=1000),
-    smoke=dict(num_train=64, channels=(8, 16), batch_size=4, lr=1e-3, warmup_steps=1, window_steps=2,
+    smoke=dict(num_train=64, channels=(8, 16), batch_size=4, lr=1e-4, warmup_steps=1, window_steps=2,
                num_bins=2, num_probes=4, band=0, snapshot_every=1, kernel_every=0, kernel_points=2, kernel_sketch=1,
                retrieval_samples=2, retrieval_train=6, retrieval_stages=2, inference_steps=4, timesteps=100),
 )

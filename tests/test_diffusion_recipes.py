@@ -1,0 +1,117 @@
+"""Smoke runs of the diffusion recipes: they write their PNGs and a JSON whose numbers are
+consistent (claims computed from them, shares that add up, residual small). The smoke sizes
+check the plumbing, not the paper's claim."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import struct
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+RECIPES = Path(__file__).resolve().parents[1] / "recipes"
+
+
+@pytest.fixture(autouse=True, scope="module")
+def restore_threads():
+    previous = torch.get_num_threads()
+    yield
+    torch.set_num_threads(previous)
+
+
+def load_recipe(name):
+    sys.path.insert(0, str(RECIPES))
+    spec = importlib.util.spec_from_file_location(name, RECIPES / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def check_payload(out: Path, name: str, payload: dict) -> dict:
+    on_disk = json.loads((out / f"{name}.json").read_text())
+    assert on_disk["recipe"] == name and on_disk["mode"] == "smoke"
+    assert (out / f"{name}.png").stat().st_size > 1000
+    for fig in on_disk["results"]["figures"]:
+        assert (out / fig).stat().st_size > 1000, fig
+    report = on_disk["results"]["report"]
+    config = report["config"]
+    levels, bins = len(config["probe_levels"]), config["num_bins"]
+    traffic = np.array(report["matrices"]["traffic"], dtype=float)
+    assert traffic.shape == (levels, bins)
+    assert np.allclose(traffic.sum(axis=1), 1.0)
+    for key in ("traffic", "share"):
+        loc = report["locality"][key]
+        assert math.isclose(loc["difference"], loc["measured"] - loc["control"], rel_tol=1e-9, abs_tol=1e-12)
+        low, high = loc["interval"]
+        assert low <= loc["difference"] <= high
+        assert on_disk["claims"][f"{key}_locality"]["held"] == (low > 0)
+    kernel = report["kernel"][-1]
+    assert len(kernel["by_distance"]) == bins
+    assert on_disk["claims"]["kernel_locality"]["held"] == kernel["locality"]["held"]
+    residual = report["residual"]["relative_residual"]
+    assert residual < 1e-2 and on_disk["claims"]["ledger_adds_up"]["held"]
+    retrieval = on_disk["results"]["retrieval"]
+    assert len(retrieval["mean_entropy"]) == len(retrieval["stages"])
+    assert all(0 <= e <= 1 + 1e-12 for e in retrieval["mean_entropy"])
+    assert on_disk["wall_seconds"] > 0
+    return on_disk
+
+
+def test_toy2d_recipe_smoke(tmp_path):
+    module = load_recipe("diffusion_toy2d")
+    payload = module.main(["--smoke", "--out-dir", str(tmp_path), "--seed", "1"])
+    on_disk = check_payload(tmp_path, "diffusion_toy2d", payload)
+    assert on_disk["settings"]["dataset"] == "ring"
+
+
+def write_tiny_mnist(root: Path) -> None:
+    raw = root / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for prefix, n in (("train", 12), ("t10k", 6)):
+        images = rng.integers(0, 256, size=(n, 28, 28), dtype=np.uint8)
+        (raw / f"{prefix}-images-idx3-ubyte").write_bytes(struct.pack(">IIII", 0x803, n, 28, 28) + images.tobytes())
+        labels = (np.arange(n) % 10).astype(np.uint8)
+        (raw / f"{prefix}-labels-idx1-ubyte").write_bytes(struct.pack(">II", 0x801, n) + labels.tobytes())
+
+
+def test_digits_recipe_smoke_on_tiny_mnist_files(tmp_path):
+    write_tiny_mnist(tmp_path / "data")
+    module = load_recipe("diffusion_digits")
+    out = tmp_path / "figs"
+    payload = module.main(["--smoke", "--out-dir", str(out), "--dataset", "mnist", "--data-root", str(tmp_path / "data")])
+    on_disk = check_payload(out, "diffusion_digits", payload)
+    assert on_disk["settings"]["image_shape"] == [1, 16, 16] and on_disk["settings"]["num_train"] == 12
+
+
+def test_digits_recipe_missing_folder_says_what_to_put_where(tmp_path):
+    module = load_recipe("diffusion_digits")
+    with pytest.raises(FileNotFoundError, match=r"MNIST"):
+        module.main(["--smoke", "--out-dir", str(tmp_path), "--dataset", "mnist", "--data-root", str(tmp_path / "missing")])
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(FileNotFoundError, match=r"train-images-idx3-ubyte"):
+        module.main(["--smoke", "--out-dir", str(tmp_path), "--dataset", "mnist", "--data-root", str(empty)])
+
+
+@pytest.mark.slow
+def test_digits_recipe_smoke_default_dataset(tmp_path):
+    module = load_recipe("diffusion_digits")
+    payload = module.main(["--smoke", "--out-dir", str(tmp_path)])
+    check_payload(tmp_path, "diffusion_digits", payload)
+
+
+def test_benchmark_smoke(tmp_path):
+    module = load_recipe("benchmark_diffusion")
+    payload = module.main(["--smoke", "--out-dir", str(tmp_path)])
+    results = json.loads((tmp_path / "benchmark_diffusion.json").read_text())["results"]
+    for model in ("mlp", "unet"):
+        r = results[model]
+        assert r["bare"] > 0 and math.isclose(r["ratio_no_control"], r["analyzer_no_control"] / r["bare"])
+    assert payload["claims"]["mlp_overhead_target"]["held"] == (results["mlp"]["ratio_no_control"] <= 3.0)
