@@ -206,3 +206,25 @@ def test_jacobian_and_jvp_routes_agree():
         ledgers.append(tracker.ledger)
     torch.testing.assert_close(ledgers[0].contributions, ledgers[1].contributions, rtol=1e-10, atol=1e-13)
     torch.testing.assert_close(ledgers[0].rest, ledgers[1].rest, rtol=1e-10, atol=1e-13)
+
+
+def test_parameter_with_an_exactly_zero_gradient_passes_the_check():
+    """A conv bias before GroupNorm has a zero true gradient: both sides are rounding noise."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.GroupNorm(4, 4), nn.SiLU(), nn.Flatten(), nn.Linear(64, 1))
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    tracker = PathKernelTracker(model, opt, mse_loss, torch.randn(3, 1, 4, 4), num_groups=2)
+    for _ in range(3):
+        tracker.step(torch.randn(8, 1, 4, 4), torch.randn(8, 1), torch.arange(8) % 2)
+    assert tracker.ledger.steps == 3
+
+
+def test_track_uses_the_steps_own_loss():
+    from genkernel import OptimizerStep
+    x, y, cls = data()
+    model = smooth_mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    tracker = PathKernelTracker(model, opt, mse_loss, torch.randn(3, 2, dtype=torch.float64), num_groups=3)
+    halved = lambda out, t: 0.5 * mse_loss(out, t)  # noqa: E731
+    tracker.track(OptimizerStep(model, opt, halved, x[:8], y[:8]), cls[:8])
+    assert tracker.ledger.relative_residual() < 1e-3
