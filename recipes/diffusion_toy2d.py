@@ -74,18 +74,23 @@ def main(argv=None) -> dict:
                           progress=args.mode == "full")
 
     # 2. Warm-up without analysis (quick mode), then the tracked window.
-    t0 = Timer()
-    trainer.train(s["warmup_steps"])
-    warmup_seconds = t0.seconds
     analyzer = NoiseLevelAnalyzer(
         scheduler, held_out.to(device), num_bins=s["num_bins"], num_probes=s["num_probes"], band=s["band"],
         snapshot_every=s["snapshot_every"], kernel_every=s["kernel_every"], kernel_points=s["kernel_points"], seed=args.seed,
     )
+    if s["warmup_steps"]:
+        # The kernel structure at initialization is not in the window: record it first.
+        init = {"tracked_step": None, "global_step": 0, **analyzer.kernel_structure(model)}
+    t0 = Timer()
+    trainer.train(s["warmup_steps"])
+    warmup_seconds = t0.seconds
     trainer.callbacks.append(analyzer)
     t0 = Timer()
     trainer.train(s["window_steps"])
     window_seconds = t0.seconds
     report = analyzer.report()
+    if s["warmup_steps"]:
+        report["kernel"].insert(0, init)
 
     # 3. Stage-wise attribution along reverse sampling at θ_T.
     t0 = Timer()
@@ -104,6 +109,7 @@ def main(argv=None) -> dict:
         "noise_matrix": plots.plot_noise_matrices(report),
         "locality": plots.plot_locality_over_training(report),
         "kernel_decay": plots.plot_kernel_decay(report),
+        "matrix_evolution": plots.plot_matrix_evolution(report),
         "retrieval": plots.plot_retrieval(retrieval, data[: s["retrieval_train"]], images=False),
     }
     for key, fig in extra.items():

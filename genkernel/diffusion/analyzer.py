@@ -311,23 +311,35 @@ class NoiseLevelAnalyzer(TrainerCallback):
         row = {"tracked_step": self.tracker.ledger.steps, "global_step": self.global_steps[-1] if self.global_steps else None,
                "relative_residual": self.tracker.ledger.relative_residual()}
         row.update({k: v for k, v in self.locality().items()})
+        matrices = self.matrices()
+        row["traffic_matrix"] = matrices["traffic"].tolist()
+        row["share_matrix"] = matrices["share"].tolist()
         return row
 
-    def record_kernel(self) -> dict[str, Any]:
-        """Kernel structure at the current θ: k̂ decay with |Δbin| and kernel locality (appended)."""
-        if self.model is None:
-            raise RuntimeError("bind the analyzer to a model first")
-        param = next(self.model.parameters())
+    def kernel_structure(self, model: nn.Module | None = None) -> dict[str, Any]:
+        """Kernel structure of ``model`` (default: the bound one) at its current θ, not recorded.
+
+        k̂ between the states of ``kernel_points`` clean inputs at every bin centre (fixed noise):
+        its decay with |Δbin| (different inputs, and the same input at two levels) and kernel
+        locality against a level-label permutation (:func:`~genkernel.diffusion.locality.kernel_locality`).
+        Use it before training or a warm-up to get the structure at initialization.
+        """
+        model = self.model if model is None else model
+        if model is None:
+            raise RuntimeError("pass a model, or bind the analyzer to one first")
+        param = next(model.parameters())
         all_levels = bin_centers(self.num_bins, self.total)
         states = make_states(self.scheduler, self.kernel_clean.to(param), self.kernel_noise.to(param), all_levels)
-        kernel = state_kernel(self.model, states, output_sketch=self.kernel_sketch, seed=self.seed,
-                              memory_budget=self.memory_budget)
+        kernel = state_kernel(model, states, output_sketch=self.kernel_sketch, seed=self.seed, memory_budget=self.memory_budget)
         summary = kernel_locality(kernel.cpu(), self.kernel_clean.shape[0], torch.arange(self.num_bins), self.band, seed=self.seed)
+        return {"sketch": self.kernel_sketch, **summary}
+
+    def record_kernel(self) -> dict[str, Any]:
+        """:meth:`kernel_structure` at the current θ, appended to ``kernel_history``."""
         entry = {
             "tracked_step": 0 if self.tracker is None else self.tracker.ledger.steps,
             "global_step": self.global_steps[-1] if self.global_steps else self._start_step,
-            "sketch": self.kernel_sketch,
-            **summary,
+            **self.kernel_structure(),
         }
         self.kernel_history.append(entry)
         return entry

@@ -21,6 +21,7 @@ __all__ = [
     "plot_kernel_decay",
     "plot_retrieval",
     "plot_overview",
+    "plot_matrix_evolution",
 ]
 
 
@@ -29,6 +30,11 @@ def _arr(x) -> np.ndarray:
     if hasattr(x, "detach"):
         return x.detach().cpu().double().numpy()
     return np.array(x, dtype=float)
+
+
+def _step(row: dict) -> Any:
+    """The x value of a snapshot: its global training step when known, else its tracked step."""
+    return row["global_step"] if row.get("global_step") is not None else row.get("tracked_step")
 
 
 def _heat(ax, matrix, levels, title, *, diverging=False, kappa=None):
@@ -73,7 +79,7 @@ def _locality_series(history: Sequence[dict], key: str):
         entry = row.get(key)
         if not isinstance(entry, dict) or "control" not in entry:
             continue
-        xs.append(row.get("global_step") or row["tracked_step"])
+        xs.append(_step(row))
         meas.append(entry["measured"])
         ctrl.append(entry["control"])
         interval = entry["interval"] or [None, None]
@@ -98,7 +104,7 @@ def plot_locality_over_training(report: dict[str, Any], ax_row=None) -> plt.Figu
         ax.set_xlabel("training step")
         ax.legend(fontsize=7)
     xs, meas, ctrl, lo, hi = _locality_series(
-        [{"tracked_step": k["tracked_step"], "global_step": k.get("global_step") or k["tracked_step"], "locality": k["locality"]} for k in kernels],
+        [{"tracked_step": k["tracked_step"], "global_step": _step(k), "locality": k["locality"]} for k in kernels],
         "locality",
     )
     ax = axes[2]
@@ -123,7 +129,7 @@ def plot_kernel_decay(report: dict[str, Any]) -> plt.Figure:
     for i, entry in enumerate(kernels):
         colour = cmap(i / max(1, len(kernels) - 1))
         d = np.arange(len(entry["by_distance"]))
-        step = entry.get("global_step") or entry["tracked_step"]
+        step = _step(entry)
         ax.plot(d, _arr(entry["by_distance"]), "o-", color=colour, label=f"step {step}: x ≠ x'")
         ax.plot(d, _arr(entry["by_distance_same_input"]), "--", color=colour, alpha=0.7, label=f"step {step}: x = x'")
     ax.set_xlabel("|bin(s) − bin(t)|")
@@ -219,7 +225,7 @@ def plot_overview(report: dict[str, Any], retrieval_json: dict[str, Any] | None 
     axes[1].set_title(f"locality (±{report['config']['band']} bins), error bar: 95% CI of difference", fontsize=8)
     axes[1].legend(fontsize=7)
     for i, entry in enumerate(report["kernel"]):
-        step = entry.get("global_step") or entry["tracked_step"]
+        step = _step(entry)
         axes[2].plot(_arr(entry["by_distance"]), "o-", label=f"step {step}")
     axes[2].set_xlabel("|Δ bin|")
     axes[2].set_title("mean k̂ across noise levels", fontsize=9)
@@ -231,5 +237,21 @@ def plot_overview(report: dict[str, Any], retrieval_json: dict[str, Any] | None 
         axes[3].set_title("retrieval entropy / log N", fontsize=9)
     else:
         axes[3].set_axis_off()
+    fig.tight_layout()
+    return fig
+
+
+def plot_matrix_evolution(report: dict[str, Any], *, max_panels: int = 5) -> plt.Figure:
+    """Traffic matrices (rows: probe level; columns: training bin) at ledger snapshots: how the
+    noise × noise structure of the corrections builds up over the tracked window."""
+    history = [row for row in report["locality_over_training"] if "traffic_matrix" in row]
+    if len(history) > max_panels:
+        picks = np.linspace(0, len(history) - 1, max_panels).round().astype(int)
+        history = [history[i] for i in picks]
+    fig, axes = plt.subplots(1, max(1, len(history)), figsize=(3.4 * max(1, len(history)), 3.3), squeeze=False)
+    levels = report["config"]["probe_levels"]
+    for ax, row in zip(axes[0], history):
+        step = _step(row)
+        _heat(ax, row["traffic_matrix"], levels, f"traffic share, step {step}")
     fig.tight_layout()
     return fig
