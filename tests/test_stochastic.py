@@ -16,7 +16,7 @@ from genkernel.core.kernel_stats import centered_alignment, class_block_means, k
 from genkernel.core.optimizer_kernels import adaptive_preconditioner, preconditioned_kernel
 from genkernel.core.stochastic import expected_output_decomposition
 from genkernel.supervised import SupervisedTrainer, mlp, mse_loss
-from genkernel.supervised.checkpoint_kernels import CheckpointKernels
+from genkernel.supervised.checkpoint_kernels import CheckpointKernels, geometric_checkpoints
 from genkernel.supervised.svm import fit_rbf_svm, fit_tangent_svm
 
 
@@ -132,6 +132,21 @@ def test_checkpoint_kernels_weights_and_path_kernel():
     assert gram.shape == (10, 10) and cross.shape == (2, 10) and (self_k > 0).all()
     with pytest.raises(RuntimeError, match="no checkpoint"):
         CheckpointKernels(x, probe, every=2, steps=4).path_kernel()
+    with pytest.raises(ValueError, match="start at 0"):
+        CheckpointKernels(x, probe, at=[1, 3], steps=4)
+    assert geometric_checkpoints(2000, 20)[:4] == [0, 1, 2, 4] and geometric_checkpoints(2000, 20)[-1] == 1999
+
+
+def test_checkpoint_kernel_machine_reproduces_small_steps():
+    x, y, model = tiny_problem()
+    probe = torch.tensor([[0.3], [2.5]], dtype=torch.float64)
+    f0 = model(probe).detach()
+    rec = CheckpointKernels(x, probe, at=list(range(30)), steps=30)
+    SupervisedTrainer(model, torch.optim.SGD(model.parameters(), lr=0.005), mse_loss, batch_size=10,
+                      callbacks=[rec]).fit(x, y, steps=30)
+    real = model(probe).detach() - f0
+    machine = rec.kernel_machine_change(lambda f: 2 * (f - y))
+    assert float((machine - real).norm() / real.norm()) < 0.02
 
 
 def test_tangent_svm_and_embedding():
