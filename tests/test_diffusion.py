@@ -217,6 +217,13 @@ def test_analyzer_leaves_training_bit_for_bit_unchanged():
     assert torch.equal(samples_bare, samples_tracked)
 
 
+def test_samples_are_saved(tmp_path):
+    trainer, _ = run_trainer(2, control=False, steps=1, callbacks=False)
+    samples = trainer.save_samples(tmp_path / "samples.png", 5, num_inference_steps=4)
+    assert samples.shape == (5, 2) and (tmp_path / "samples.png").stat().st_size > 1000
+    assert torch.equal(torch.load(tmp_path / "samples.pt"), samples)
+
+
 def test_attach_after_warm_up_and_checkpoint_resume(tmp_path):
     scheduler = make_scheduler(T)
     make = lambda: DDPMTrainer(small_mlp(), scheduler, ring(64), batch_size=16, lr=1e-2, progress=False,

@@ -205,6 +205,40 @@ class DDPMTrainer:
         return reverse_sample(self.model, self.scheduler, (num_samples, *self.data.shape[1:]),
                               num_inference_steps=num_inference_steps, seed=seed, keep=keep)
 
+    def save_samples(self, path: str | os.PathLike, num_samples: int = 16, *, num_inference_steps: int | None = None,
+                     seed: int = 0) -> torch.Tensor:
+        """Generate samples and write them as ``path`` (a PNG: an image grid, or a scatter over the
+        data for points) plus ``path`` with suffix ``.pt`` (the tensor). Returns the samples."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        samples, _ = self.sample(num_samples, num_inference_steps=num_inference_steps, seed=seed)
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_save(samples.cpu(), path.with_suffix(".pt"))
+        if samples.dim() == 2:
+            fig, ax = plt.subplots(figsize=(4, 4))
+            data = self.data.detach().cpu()
+            ax.scatter(data[:, 0], data[:, 1], s=2, c="lightgrey", label="training data")
+            ax.scatter(samples[:, 0].cpu(), samples[:, 1].cpu(), s=6, c="C3", label="samples")
+            ax.set_aspect("equal", adjustable="datalim")
+            ax.legend(fontsize=7)
+        else:
+            cols = int(math.ceil(math.sqrt(num_samples)))
+            rows = int(math.ceil(num_samples / cols))
+            fig, axes = plt.subplots(rows, cols, figsize=(cols, rows), squeeze=False)
+            for ax in axes.flat:
+                ax.set_axis_off()
+            for ax, image in zip(axes.flat, samples.detach().cpu().float()):
+                image = ((image.clamp(-1, 1) + 1) / 2).permute(1, 2, 0).numpy()
+                ax.imshow(image[..., 0] if image.shape[-1] == 1 else image, cmap="gray", vmin=0, vmax=1)
+        fig.suptitle(f"samples at step {self.global_step}", fontsize=8)
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        return samples
+
     # -- checkpoints ----------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         return {
