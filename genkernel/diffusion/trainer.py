@@ -209,9 +209,6 @@ class DDPMTrainer:
                      seed: int = 0) -> torch.Tensor:
         """Generate samples and write them as ``path`` (a PNG: an image grid, or a scatter over the
         data for points) plus ``path`` with suffix ``.pt`` (the tensor). Returns the samples."""
-        import matplotlib
-
-        matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
         samples, _ = self.sample(num_samples, num_inference_steps=num_inference_steps, seed=seed)
