@@ -11,7 +11,8 @@ Writes diffusion_digits.png (overview), diffusion_digits_{noise_matrix,locality,
 retrieval}.png and diffusion_digits.json (numbers, claims with intervals, timings) into --out-dir.
 
 Run:  python recipes/diffusion_digits.py [--quick] [--out-dir figures] [--seed 0] [--device cpu]
-      [--dataset digits|mnist|cifar10] [--data-root DIR]
+      [--dataset digits|mnist|cifar10] [--data-root DIR] [--prediction-type ...] [--beta-schedule ...]
+      [--num-bins G] [--band w]
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from _common import Timer, finish, make_parser, parse, pick  # noqa: E402
-from diffusion_toy2d import claims_from  # noqa: E402
+from diffusion_toy2d import add_diffusion_arguments, apply_overrides, claims_from  # noqa: E402
 
 from genkernel.data import load_image_dataset  # noqa: E402
 from genkernel.diffusion import DDPMTrainer, NoiseLevelAnalyzer, make_scheduler, retrieval_attribution, tiny_unet  # noqa: E402
@@ -60,8 +61,9 @@ def load(args, mode_settings) -> tuple[torch.Tensor, torch.Tensor]:
 def main(argv=None) -> dict:
     parser = make_parser(__doc__.splitlines()[0], datasets=("digits", "mnist", "cifar10"))
     parser.add_argument("--image-size", type=int, default=None, help="resize images (default 16; 32 for CIFAR-10)")
+    add_diffusion_arguments(parser)
     args = parse(parser, argv)
-    s = pick(args.mode, **SETTINGS)
+    s = apply_overrides(pick(args.mode, **SETTINGS), args)
     timer = Timer()
     device = args.torch_device
 
@@ -70,7 +72,7 @@ def main(argv=None) -> dict:
     s.update(dataset=args.dataset, image_shape=list(data.shape[1:]), num_train=int(data.shape[0]))
     torch.manual_seed(args.seed)
     model = tiny_unet(data.shape[-1], data.shape[1], channels=tuple(s["channels"]), attention=True).to(device)
-    scheduler = make_scheduler(s["timesteps"], "linear", clip_sample=True)
+    scheduler = make_scheduler(s["timesteps"], s["beta_schedule"], s["prediction_type"], clip_sample=True)
     trainer = DDPMTrainer(model, scheduler, data.to(device), batch_size=s["batch_size"], lr=s["lr"], seed=args.seed,
                           progress=args.mode == "full")
 

@@ -15,7 +15,8 @@ Writes into --out-dir:
 - diffusion_toy2d.json             the numbers, the claims (held or not, with intervals), timings
 
 Run:  python recipes/diffusion_toy2d.py [--quick] [--out-dir figures] [--seed 0] [--device cpu]
-      [--dataset ring|moons] [--film]
+      [--dataset ring|moons] [--film] [--prediction-type epsilon|v_prediction|sample]
+      [--beta-schedule linear|squaredcos_cap_v2] [--num-bins G] [--band w]
 """
 
 from __future__ import annotations
@@ -58,8 +59,9 @@ def load(dataset: str, n: int, seed: int) -> torch.Tensor:
 def main(argv=None) -> dict:
     parser = make_parser(__doc__.splitlines()[0], datasets=("ring", "moons"))
     parser.add_argument("--film", action="store_true", help="FiLM-modulate every hidden layer by the time embedding")
+    add_diffusion_arguments(parser)
     args = parse(parser, argv)
-    s = pick(args.mode, **SETTINGS)
+    s = apply_overrides(pick(args.mode, **SETTINGS), args)
     s.update(dataset=args.dataset, film=args.film)
     timer = Timer()
     device = args.torch_device
@@ -69,7 +71,7 @@ def main(argv=None) -> dict:
     held_out = load(args.dataset, 256, args.seed + 1000)
     torch.manual_seed(args.seed)
     model = MLPDenoiser(2, hidden=s["hidden"], depth=s["depth"], film=args.film).to(device)
-    scheduler = make_scheduler(s["timesteps"], "linear")
+    scheduler = make_scheduler(s["timesteps"], s["beta_schedule"], s["prediction_type"])
     trainer = DDPMTrainer(model, scheduler, data.to(device), batch_size=s["batch_size"], lr=s["lr"], seed=args.seed,
                           progress=args.mode == "full")
 
@@ -127,6 +129,22 @@ def main(argv=None) -> dict:
                    "seconds_per_tracked_step": window_seconds / max(1, s["window_steps"])},
     }
     return finish(NAME, args, plots.plot_overview(report, retrieval_json), results, claims, s, timer)
+
+
+def add_diffusion_arguments(parser) -> None:
+    """Options shared by the diffusion recipes (defaults: the mode's settings)."""
+    parser.add_argument("--prediction-type", default="epsilon", choices=["epsilon", "v_prediction", "sample"])
+    parser.add_argument("--beta-schedule", default="linear", choices=["linear", "squaredcos_cap_v2"])
+    parser.add_argument("--num-bins", type=int, default=None, help="training-level bins (default: the mode's)")
+    parser.add_argument("--band", type=int, default=None, help="locality band w in bins (default: the mode's)")
+
+
+def apply_overrides(settings: dict, args) -> dict:
+    settings.update(prediction_type=args.prediction_type, beta_schedule=args.beta_schedule)
+    for key in ("num_bins", "band"):
+        if getattr(args, key) is not None:
+            settings[key] = getattr(args, key)
+    return settings
 
 
 def claims_from(report: dict, retrieval_json: dict) -> dict:

@@ -65,9 +65,12 @@ def check_payload(out: Path, name: str, payload: dict) -> dict:
 
 def test_toy2d_recipe_smoke(tmp_path):
     module = load_recipe("diffusion_toy2d")
-    payload = module.main(["--smoke", "--out-dir", str(tmp_path), "--seed", "1"])
+    payload = module.main(["--smoke", "--out-dir", str(tmp_path), "--seed", "1", "--prediction-type", "v_prediction",
+                           "--beta-schedule", "squaredcos_cap_v2", "--num-bins", "3"])
     on_disk = check_payload(tmp_path, "diffusion_toy2d", payload)
-    assert on_disk["settings"]["dataset"] == "ring"
+    assert on_disk["settings"]["dataset"] == "ring" and on_disk["settings"]["num_bins"] == 3
+    assert on_disk["results"]["report"]["config"]["prediction_type"] == "v_prediction"
+    assert on_disk["results"]["report"]["config"]["beta_schedule"] == "squaredcos_cap_v2"
 
 
 def write_tiny_mnist(root: Path) -> None:
