@@ -271,8 +271,10 @@ def test_user_loop_example_runs():
         t = torch.randint(0, scheduler.config.num_train_timesteps, (16,), generator=gen)
         losses = analyzer.step(x0, noise, t)
         assert losses.shape == (16,)
+    analyzer.record_kernel()
     report = analyzer.report()
     assert report["tracked_steps"] == 3 and report["residual"]["relative_residual"] < 1e-3
+    assert [k["tracked_step"] for k in report["kernel"]] == [0, 3]
     assert set(report["locality"]) >= {"traffic", "share", "band", "median_kappa"}
 
 

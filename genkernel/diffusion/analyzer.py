@@ -35,6 +35,7 @@ or in your own loop, in place of ``loss.backward(); optimizer.step()``::
         noise = torch.randn_like(x0)
         t = torch.randint(0, scheduler.config.num_train_timesteps, (x0.shape[0],))
         losses = analyzer.step(x0, noise, t)            # [B] per-example losses
+    analyzer.record_kernel()                            # kernel structure at θ_T (the trainer does this itself)
     analyzer.report()
 """
 
