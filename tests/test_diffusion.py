@@ -359,3 +359,12 @@ def test_bins():
     assert centers.tolist() == [49, 149, 249, 349, 449, 549, 649, 749, 849, 949]
     assert timestep_bins(torch.tensor([0, 99, 100, 999]), 10, 1000).tolist() == [0, 0, 1, 9]
     assert timestep_bins(bin_centers(7, 100), 7, 100).tolist() == list(range(7))
+
+
+def test_loss_weight_is_the_gradient_of_the_loss():
+    from genkernel.diffusion import loss_weight
+
+    outputs = torch.randn(3, 1, 4, 4, dtype=torch.float64, requires_grad=True)
+    targets = torch.randn(3, 1, 4, 4, dtype=torch.float64)
+    (grad,) = torch.autograd.grad(diffusion_loss(outputs, targets).sum(), outputs)
+    assert torch.allclose(loss_weight(outputs.detach(), targets), grad.reshape(3, -1))
