@@ -37,7 +37,7 @@ def time_generator_steps(analyzer_kwargs: dict | None, *, steps: int, warmup: in
     torch.manual_seed(seed)
     data, modes = gaussian_ring(4096, radius=2.0, std=0.05, seed=seed)
     # float64: the core's float32 Adam check can trip on coordinates whose batch gradient is a small
-    # net of large per-example terms (see docs/figures_gan.md); the 2-D models are tiny either way.
+    # net of large per-example terms (see figures/README.md); the 2-D models are tiny either way.
     G = MLPGenerator(2, 2, hidden=64, depth=3).to(device, DTYPE)
     D = MLPDiscriminator(2, hidden=64, depth=3).to(device, DTYPE)
     callbacks = []
