@@ -123,12 +123,7 @@ def gradient_kernel(
             kernel, diag1, diag2 = factored_gradient_kernel(
                 model, x1s, None if x2 is None else x2s, reduce=reduce, memory_budget=memory_budget, d=d
             )
-            if not normalize:
-                return kernel
-            if reduce == "trace":
-                return normalize_kernel(kernel, diag1, diag2)
-            scale = torch.sqrt(diag1[:, None, :, None] * diag2[None, :, None, :])
-            return kernel / scale.clamp_min(torch.finfo(kernel.dtype).tiny)
+            return _normalized(kernel, diag1, diag2) if normalize else kernel
 
     first = next(iter(params.values()))
     num_params = sum(p.numel() for p in params.values())
@@ -157,10 +152,14 @@ def gradient_kernel(
                     kernel[rows1, rows2] = torch.einsum("mdp,ndp->mn", j1, j2)
                 else:
                     kernel[rows1, rows2] = torch.einsum("mdp,nep->mnde", j1, j2)
-    if not normalize:
-        return kernel
     # 3. Normalized kernel k̂ = k / sqrt(k(x, x) k(x', x')) (Section 2).
-    if reduce == "trace":
+    return _normalized(kernel, diag1, diag2) if normalize else kernel
+
+
+def _normalized(kernel: torch.Tensor, diag1: torch.Tensor, diag2: torch.Tensor) -> torch.Tensor:
+    """k̂ for a trace kernel ``[M, N]`` (diagonals ``[M]``, ``[N]``) or blocks ``[M, N, d, d]``
+    (diagonals ``[M, d]``, ``[N, d]``: each output pair normalized by its own diagonals)."""
+    if kernel.dim() == 2:
         return normalize_kernel(kernel, diag1, diag2)
     scale = torch.sqrt(diag1[:, None, :, None] * diag2[None, :, None, :])
     return kernel / scale.clamp_min(torch.finfo(kernel.dtype).tiny)
