@@ -29,7 +29,7 @@ from _common import Timer, finish, make_parser, parse, pick  # noqa: E402
 from diffusion_toy2d import add_diffusion_arguments, apply_overrides, claims_from  # noqa: E402
 
 from genkernel.data import load_image_dataset  # noqa: E402
-from genkernel.diffusion import DDPMTrainer, NoiseLevelAnalyzer, make_scheduler, retrieval_attribution, tiny_unet  # noqa: E402
+from genkernel.diffusion import DDPMTrainer, NoiseLevelAnalyzer, make_scheduler, retrieval_attribution, train_with_window, tiny_unet  # noqa: E402
 from genkernel.plotting import diffusion as plots  # noqa: E402
 
 NAME = "diffusion_digits"
@@ -82,19 +82,8 @@ def main(argv=None) -> dict:
         snapshot_every=s["snapshot_every"], kernel_every=s["kernel_every"], kernel_points=s["kernel_points"],
         kernel_sketch=s["kernel_sketch"], seed=args.seed,
     )
-    if s["warmup_steps"]:
-        # The kernel structure at initialization is not in the window: record it first.
-        init = {"tracked_step": None, "global_step": 0, **analyzer.kernel_structure(model)}
-    t0 = Timer()
-    trainer.train(s["warmup_steps"])
-    warmup_seconds = t0.seconds
-    trainer.callbacks.append(analyzer)
-    t0 = Timer()
-    trainer.train(s["window_steps"])
-    window_seconds = t0.seconds
-    report = analyzer.report()
-    if s["warmup_steps"]:
-        report["kernel"].insert(0, init)
+    window = train_with_window(trainer, analyzer, warmup_steps=s["warmup_steps"], window_steps=s["window_steps"])
+    report, warmup_seconds, window_seconds = window["report"], window["warmup_s"], window["window_s"]
 
     # 3. Stage-wise attribution of generated images.
     t0 = Timer()

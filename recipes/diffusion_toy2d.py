@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from _common import Timer, claim, finish, make_parser, parse, pick  # noqa: E402
 
 from genkernel.data import gaussian_ring, two_moons  # noqa: E402
-from genkernel.diffusion import DDPMTrainer, MLPDenoiser, NoiseLevelAnalyzer, make_scheduler, retrieval_attribution  # noqa: E402
+from genkernel.diffusion import DDPMTrainer, MLPDenoiser, NoiseLevelAnalyzer, make_scheduler, retrieval_attribution, train_with_window  # noqa: E402
 from genkernel.plotting import diffusion as plots  # noqa: E402
 
 NAME = "diffusion_toy2d"
@@ -80,19 +80,8 @@ def main(argv=None) -> dict:
         scheduler, held_out.to(device), num_bins=s["num_bins"], num_probes=s["num_probes"], band=s["band"],
         snapshot_every=s["snapshot_every"], kernel_every=s["kernel_every"], kernel_points=s["kernel_points"], seed=args.seed,
     )
-    if s["warmup_steps"]:
-        # The kernel structure at initialization is not in the window: record it first.
-        init = {"tracked_step": None, "global_step": 0, **analyzer.kernel_structure(model)}
-    t0 = Timer()
-    trainer.train(s["warmup_steps"])
-    warmup_seconds = t0.seconds
-    trainer.callbacks.append(analyzer)
-    t0 = Timer()
-    trainer.train(s["window_steps"])
-    window_seconds = t0.seconds
-    report = analyzer.report()
-    if s["warmup_steps"]:
-        report["kernel"].insert(0, init)
+    window = train_with_window(trainer, analyzer, warmup_steps=s["warmup_steps"], window_steps=s["window_steps"])
+    report, warmup_seconds, window_seconds = window["report"], window["warmup_s"], window["window_s"]
 
     # 3. Stage-wise attribution along reverse sampling at θ_T.
     t0 = Timer()

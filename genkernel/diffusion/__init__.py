@@ -12,7 +12,7 @@ Public API::
 See :mod:`genkernel.diffusion.analyzer` for the user-loop example and DESIGN.md section 3.
 """
 
-from .analyzer import NoiseLevelAnalyzer
+from .analyzer import NoiseLevelAnalyzer, train_with_window
 from .kernels import make_states, state_kernel
 from .locality import band_mask, band_total, compare, kernel_locality, level_average, mean_interval
 from .models import BinnedDenoiser, MLPDenoiser, TimeIgnoringDenoiser, freeze_attention_key_biases, sinusoidal_embedding, tiny_unet
@@ -34,6 +34,7 @@ from .retrieval import RetrievalResult, retrieval_attribution
 from .trainer import OPTIMIZERS, DDPMTrainer, make_optimizer, reverse_sample
 
 __all__ = [
+    "train_with_window",
     "BETA_SCHEDULES", "BinnedDenoiser", "DDPMTrainer", "MLPDenoiser", "NoiseLevelAnalyzer", "OPTIMIZERS",
     "PREDICTION_TYPES", "RetrievalResult", "TimeIgnoringDenoiser", "band_mask", "band_total", "bin_centers",
     "bin_edges", "check_prediction_type", "check_timesteps", "compare", "diffusion_loss",

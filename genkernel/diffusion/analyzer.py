@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import math
 import os
+import time
 from typing import Any, Callable
 
 import torch
@@ -516,3 +517,28 @@ def _jsonable(value: Any) -> Any:
     if isinstance(value, float) and not math.isfinite(value):
         return None
     return value
+
+
+def train_with_window(trainer: Any, analyzer: NoiseLevelAnalyzer, *, warmup_steps: int, window_steps: int) -> dict[str, Any]:
+    """Warm up untracked, then attach ``analyzer`` and train a tracked window.
+
+    The kernel structure at initialization is recorded before the warm-up (it is not in the
+    window) and put first in the report's ``kernel`` list.
+
+    Returns:
+        ``{"report": analyzer.report(), "warmup_s": float, "window_s": float}``.
+    """
+    if warmup_steps < 0 or window_steps < 1:
+        raise ValueError(f"need warmup_steps >= 0 and window_steps >= 1, got {warmup_steps} and {window_steps}")
+    init = {"tracked_step": None, "global_step": 0, **analyzer.kernel_structure(trainer.model)} if warmup_steps else None
+    start = time.perf_counter()
+    trainer.train(warmup_steps)
+    warmup_s = time.perf_counter() - start
+    trainer.callbacks.append(analyzer)
+    start = time.perf_counter()
+    trainer.train(window_steps)
+    window_s = time.perf_counter() - start
+    report = analyzer.report()
+    if init is not None:
+        report["kernel"].insert(0, init)
+    return {"report": report, "warmup_s": warmup_s, "window_s": window_s}
