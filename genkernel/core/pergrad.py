@@ -84,8 +84,11 @@ def group_gradients(
         losses.append(values.detach())
         # 3. ĝ_g += Σ_{n ∈ chunk ∩ g} c_n ∇ℓ_n in float64, as one matmul with the [G, c]
         #    matrix of coefficients (index_add_ is far slower on CPU).
-        assign = torch.zeros((num_groups, rows.stop - rows.start), dtype=torch.float64, device=groups.device)
-        assign[groups[rows], torch.arange(rows.stop - rows.start, device=groups.device)] = coefficients[rows].to(torch.float64)
+        device = next(iter(detached.values())).device
+        assign = torch.zeros((num_groups, rows.stop - rows.start), dtype=torch.float64, device=device)
+        assign[groups[rows].to(device), torch.arange(rows.stop - rows.start, device=device)] = (
+            coefficients[rows].to(device=device, dtype=torch.float64)
+        )
         for name, g in grads.items():
             sums[name] += (assign @ g.detach().reshape(g.shape[0], -1).to(torch.float64)).view_as(sums[name])
     return sums, torch.cat(losses)
@@ -105,7 +108,7 @@ def _group_route(model, params, inputs, targets, loss_fn, groups, coefficients, 
 
     # 2. W[g, n] = c_n if example n is in group g, else 0.
     weights = torch.zeros((num_groups, batch), dtype=first.dtype, device=first.device)
-    weights[groups.to(first.device), torch.arange(batch, device=first.device)] = coefficients.to(first)
+    weights[groups.to(first.device), torch.arange(batch, device=first.device)] = coefficients.to(device=first.device, dtype=first.dtype)
     num_params = sum(p.numel() for p in detached.values())
     chunk = max(1, memory_budget // (3 * num_params * first.element_size()))
     batched = vmap(grad(weighted_loss, has_aux=True), in_dims=(None, 0))
