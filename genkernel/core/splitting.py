@@ -76,9 +76,10 @@ class UpdateSplitter:
         for name, p in self.params.items():
             group = self.optimizer.param_groups[self.group_of[name]]
             self.hyper[name] = self._hyperparameters(group)
-            opt_state = self.optimizer.state.get(p, {})
-            self.before[name] = {key: (value.detach().clone() if isinstance(value, torch.Tensor) else value)
-                                 for key, value in opt_state.items()}
+            # The optimizer's own buffer matters only until the splitter keeps its own split copy.
+            if name not in self.state and self.optimizer_buffer is not None:
+                existing = self.optimizer.state.get(p, {}).get(self.optimizer_buffer)
+                self.before[name] = {self.optimizer_buffer: None if existing is None else existing.detach().clone()}
 
     def split(
         self,

@@ -139,7 +139,8 @@ class PathKernelTracker:
         self._has_buffers = any(True for _ in model.buffers())
         dtype = next(iter(self.params.values())).dtype
         self.rtol = CHECK_RTOL.get(dtype, 1e-3)
-        self.ledger = PathKernelLedger.empty(self._probe_outputs(), num_groups)
+        with torch.no_grad(), analysis_mode(model):
+            self.ledger = PathKernelLedger.empty(self._probe_outputs(), num_groups)
         self._f_prev = self.ledger.f_end.clone()
         self._theta_after: dict[str, torch.Tensor] | None = None
         self._grad_marks: dict[str, tuple[int, int]] | None = None
@@ -274,8 +275,8 @@ class PathKernelTracker:
 
     # -- internals ------------------------------------------------------------------------------
     def _probe_outputs(self) -> torch.Tensor:
-        with torch.no_grad(), analysis_mode(self.model):
-            return checked_forward(self.model, self.probes, name="probes").to(torch.float64)
+        """``[M, d]`` float64 outputs at the probes; callers run it inside :func:`analysis_mode`."""
+        return checked_forward(self.model, self.probes, name="probes").to(torch.float64)
 
     def _check_groups(self, groups: torch.Tensor, batch: int) -> torch.Tensor:
         if not isinstance(groups, torch.Tensor) or groups.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
