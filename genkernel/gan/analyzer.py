@@ -241,7 +241,6 @@ class GANKernelAnalyzer(TrainerCallback):
             )
         if self.g_tracker is None:
             self._build_generator_tracker(step, geo)
-        self.g_tracker.loss_fn = step.loss_fn  # the tracker differentiates the step's own loss
         # 2. Group ids (and permuted control ids on the same step).
         ids = self.grouping(geo["z"], geo["x"], geo["w"], geo["scores"])
         tracked = ids
@@ -439,7 +438,6 @@ class GANKernelAnalyzer(TrainerCallback):
             )
             if self._pending and self._pending.get("d_tracker") is not None:
                 self.d_tracker.load_state_dict(self._pending["d_tracker"])
-        self.d_tracker.loss_fn = step.loss_fn
         result = self.d_tracker.track(step, ids.to(step.inputs[0].device))
         self.d_steps += 1
         return result.losses
