@@ -2,6 +2,7 @@
 
 from .adapter import analysis_mode, as_tuple, functional_model, output_tensor, trainable_parameters
 from .callbacks import TrainerCallback, fire, perform_step
+from .distributed import distributed_gradient_kernel
 from .errors import LedgerCheckError, NonFiniteError
 from .kernels import gradient_kernel, normalize_kernel, tangent_features
 from .ledger import NetShares, PathKernelLedger, atomic_save
@@ -13,6 +14,6 @@ from .tracker import PathKernelTracker, StepContributions
 __all__ = [
     "LedgerCheckError", "NetShares", "NonFiniteError", "OptimizerStep", "PathKernelLedger", "PathKernelTracker",
     "QUADRATURE_RULES", "SUPPORTED_OPTIMIZERS", "StepContributions", "TrainerCallback", "analysis_mode", "as_tuple",
-    "atomic_save", "fire", "functional_model", "gradient_kernel", "make_splitter", "normalize_kernel",
+    "atomic_save", "distributed_gradient_kernel", "fire", "functional_model", "gradient_kernel", "make_splitter", "normalize_kernel",
     "output_tensor", "perform_step", "quadrature_rule", "tangent_features", "trainable_parameters",
 ]

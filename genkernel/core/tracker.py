@@ -44,6 +44,7 @@ from .adapter import (
     functional_model,
     trainable_parameters,
 )
+from .distributed import combine_group_gradients, ddp_context, unwrap
 from .errors import LedgerCheckError, NonFiniteError
 from .kernels import per_example_jacobian
 from .ledger import PathKernelLedger, atomic_save
@@ -96,6 +97,10 @@ class PathKernelTracker:
         contribution_route: how J̄_k(x) u_g is computed: "auto", "jvp" (one forward-mode pass per
             group) or "jacobian" (the probes' Jacobians times the updates); all exact.
 
+    Under torch.distributed, pass the DistributedDataParallel-wrapped model and each rank's shard:
+    the ranks' group gradients are averaged as DDP averages gradients, so every rank keeps the
+    ledger a single process would keep on the global batches (equal shard sizes required).
+
     Per-group state costs (G + 1) × P float64 values per kind of optimizer state (momentum
     buffer or first moment) plus the same for each step's updates.
     """
@@ -119,6 +124,10 @@ class PathKernelTracker:
         if snapshot_every < 0:
             raise ValueError(f"snapshot_every must be >= 0 (0: no snapshots), got {snapshot_every}")
         self.model = model
+        # Under DistributedDataParallel the real step runs through the wrapper (its gradient
+        # averaging); the analysis runs on the wrapped module (genkernel.core.distributed).
+        self.module = unwrap(model)
+        self.distributed = ddp_context(model)
         self.optimizer = optimizer
         self.loss_fn = loss_fn
         self.num_groups = num_groups
@@ -130,16 +139,16 @@ class PathKernelTracker:
             raise ValueError(f"contribution_route must be one of {CONTRIBUTION_ROUTES}, got {contribution_route!r}")
         self.contribution_route = contribution_route
 
-        check_per_example_safe(model)
-        self.params = trainable_parameters(model)
+        check_per_example_safe(self.module)
+        self.params = trainable_parameters(self.module)
         self.splitter = make_splitter(optimizer, self.params, num_groups)
         self.probes = as_tuple(probes, name="probes")
         batch_size(self.probes, name="probes")
-        check_deterministic(model, self.probes)
-        self._has_buffers = any(True for _ in model.buffers())
+        check_deterministic(self.module, self.probes)
+        self._has_buffers = any(True for _ in self.module.buffers())
         dtype = next(iter(self.params.values())).dtype
         self.rtol = CHECK_RTOL.get(dtype, 1e-3)
-        with torch.no_grad(), analysis_mode(model):
+        with torch.no_grad(), analysis_mode(self.module):
             self.ledger = PathKernelLedger.empty(self._probe_outputs(), num_groups)
         self._f_prev = self.ledger.f_end.clone()
         self._theta_after: dict[str, torch.Tensor] | None = None
@@ -194,16 +203,18 @@ class PathKernelTracker:
             raise NonFiniteError(f"step {index} ({step.phase}): {error}; the ledger keeps the {index - 1} steps before") from error
         theta_before = {name: p.detach().clone() for name, p in self.params.items()}
 
-        with torch.no_grad(), analysis_mode(self.model):
+        with torch.no_grad(), analysis_mode(self.module):
             # Buffers may have changed in the training forward (spectral norm): not an example's doing.
             f_before = self._probe_outputs() if self._has_buffers else self._f_prev
             drift = f_before - self._f_prev
             # 1. ĝ_{k,g} = Σ_{n ∈ g} c_n ∇ℓ_n at θ_k, times the clipping factor.
             with torch.enable_grad():
                 grads, analysis_losses = group_gradients(
-                    self.model, theta_before, step.inputs, step.targets, step.loss_fn, groups,
+                    self.module, theta_before, step.inputs, step.targets, step.loss_fn, groups,
                     coefficients.to(losses.device), self.num_groups, memory_budget=self.memory_budget,
                 )
+            if self.distributed is not None:
+                grads = combine_group_gradients(grads, step.batch, self.distributed)
             grads = {name: g * step.clip_factor for name, g in grads.items()}
             self._check_gradients(index, grads, losses, analysis_losses)
 
@@ -211,7 +222,7 @@ class PathKernelTracker:
         self.splitter.capture()
         step.apply_update()
 
-        with torch.no_grad(), analysis_mode(self.model):
+        with torch.no_grad(), analysis_mode(self.module):
             theta_after = {name: p.detach().clone() for name, p in self.params.items()}
             # 3. Δ_k = Σ_g u_{k,g} + u_rest.
             # The optimizer stepped on the batched gradient, which differs from Σ_g ĝ_g by rounding
@@ -276,7 +287,7 @@ class PathKernelTracker:
     # -- internals ------------------------------------------------------------------------------
     def _probe_outputs(self) -> torch.Tensor:
         """``[M, d]`` float64 outputs at the probes; callers run it inside :func:`analysis_mode`."""
-        return checked_forward(self.model, self.probes, name="probes").to(torch.float64)
+        return checked_forward(self.module, self.probes, name="probes").to(torch.float64)
 
     def _check_groups(self, groups: torch.Tensor, batch: int) -> torch.Tensor:
         if not isinstance(groups, torch.Tensor) or groups.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
@@ -380,7 +391,7 @@ class PathKernelTracker:
                     for n in names
                 }
             if route == "jacobian":
-                jac = per_example_jacobian(self.model, theta)(*self.probes)  # [M, d, P]
+                jac = per_example_jacobian(self.module, theta)(*self.probes)  # [M, d, P]
                 flat = torch.cat([tangents[n].reshape(rows, -1) for n in names], dim=1)  # [G + 1, P]
                 value = torch.einsum("mdp,gp->gmd", jac, flat)
             else:
@@ -391,7 +402,7 @@ class PathKernelTracker:
 
     def _jvp_contributions(self, theta, tangents, rows, num_params) -> torch.Tensor:
         """``[G + 1, M, d]``: J(x; θ) u_g by forward-mode AD, vmapped over chunks of groups."""
-        forward = functional_model(self.model)
+        forward = functional_model(self.module)
         probes = self.probes
 
         def push(tangent):
