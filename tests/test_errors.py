@@ -110,6 +110,8 @@ def test_non_finite_gradient():
                                 lambda out, y: (out - y).abs().sqrt().reshape(-1), torch.randn(3, 2), num_groups=2)
     with pytest.raises(NonFiniteError, match="step 1.*non-finite gradient"):
         tracker.step(X, model(X).detach(), G)
+    tracker.step(X, model(X).detach() + 1.0, G)  # the failed step's backward is not "accumulation"
+    assert tracker.ledger.steps == 1
 
 
 def test_parameters_not_owned_by_the_optimizer_and_foreign_parameters():

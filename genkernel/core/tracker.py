@@ -188,6 +188,7 @@ class PathKernelTracker:
         index = self.ledger.steps + 1
         groups = self._check_groups(groups, step.batch)
         self._check_untouched()
+        self._grad_marks = None  # this step's own backward touches the gradients, even if it fails
         if any(torch.is_autocast_enabled(device) for device in ("cpu", "cuda")):
             raise RuntimeError(
                 "mixed precision (autocast, GradScaler) is not supported: the ledger must reproduce each "
