@@ -108,10 +108,11 @@ def test_non_finite_gradient():
     model = mlp()
     tracker = PathKernelTracker(model, torch.optim.SGD(model.parameters(), lr=0.1),
                                 lambda out, y: (out - y).abs().sqrt().reshape(-1), torch.randn(3, 2), num_groups=2)
-    with pytest.raises(NonFiniteError, match="step 1.*non-finite gradient"):
+    tracker.step(X, model(X).detach() + 1.0, G)
+    with pytest.raises(NonFiniteError, match="step 2.*non-finite gradient"):
         tracker.step(X, model(X).detach(), G)
     tracker.step(X, model(X).detach() + 1.0, G)  # the failed step's backward is not "accumulation"
-    assert tracker.ledger.steps == 1
+    assert tracker.ledger.steps == 2
 
 
 def test_parameters_not_owned_by_the_optimizer_and_foreign_parameters():
