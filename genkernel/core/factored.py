@@ -474,8 +474,8 @@ def chunk_sizes(
     fb = sum(p.numel() for p in plan.fallback.values())
 
     def per_example(c: int) -> int:
-        # factors + the graph (about 3 copies of every activation) + c output gradients, + fallback Jacobians
-        return itemsize * (a_size + c * g_size + 3 * act + c * act + 2 * d * fb)
+        # factors + the graph (about 4 copies of every activation, clones included) + c output gradients, + fallback Jacobians
+        return itemsize * (a_size + c * g_size + 4 * act + c * act + 2 * d * fb)
 
     c = d
     while c > 1 and memory_budget // (held * per_example(c)) < min(rows_total, 8):

@@ -1,0 +1,188 @@
+"""Seeded blockwise random projections of per-example gradients and tangent features.
+
+A projection R: R^P → R^k with R = S / sqrt(k) and i.i.d. entries S of mean 0 and variance 1
+(Rademacher ±1 or standard Gaussian) satisfies E[Rᵀ R] = I, so for any two vectors
+
+    E[⟨R u, R v⟩] = ⟨u, v⟩,    Var[⟨R u, R v⟩] = (|u|² |v|² + ⟨u, v⟩²) / k   (Gaussian; Rademacher ≤)
+
+and E|R u|² = |u|² with relative standard deviation sqrt(2 / k) (Gaussian; Rademacher ≤). A
+sketched gradient kernel Σ_o ⟨R J_o(x), R J_o(x')⟩ is therefore unbiased, with expected squared
+relative Frobenius error ((tr K)² / |K|²_F + 1) / k (:func:`expected_relative_error`).
+
+R is never held: the columns of parameter number i (in ``named_parameters`` order) are cut into
+blocks of ``GENERATION_BLOCK`` columns, and block j is drawn from a generator seeded with
+(seed, i, j) whenever it is needed, so at most k × GENERATION_BLOCK entries exist at once and the
+same seed gives the same R whatever the chunking of examples or the engine.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from .adapter import Batch, analysis_mode, as_tuple, batch_size, check_per_example_safe, flat_output, trainable_parameters
+
+GENERATION_BLOCK = 1024
+KINDS = ("rademacher", "gaussian")
+DEFAULT_MEMORY_BUDGET = 256 * 2**20
+
+
+def _check(k: int, kind: str) -> None:
+    if not isinstance(k, int) or k < 1:
+        raise ValueError(f"the projection dimension k must be a positive int, got {k!r}")
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+
+
+def projection_block(
+    seed: int, param_index: int, block: int, k: int, columns: int, kind: str, dtype: torch.dtype, device=None
+) -> torch.Tensor:
+    """Block j of parameter i's columns of R: ``Tensor[columns, k]`` (already divided by sqrt(k))."""
+    generator = torch.Generator().manual_seed((seed * 1_000_003 + param_index) * 1_000_033 + block)
+    if kind == "gaussian":
+        s = torch.randn((columns, k), generator=generator, dtype=torch.float64)
+    else:
+        s = torch.randint(0, 2, (columns, k), generator=generator).to(torch.float64) * 2 - 1
+    return (s / math.sqrt(k)).to(dtype=dtype, device=device)
+
+
+def project_parameter(
+    values: torch.Tensor, param_index: int, k: int, *, seed: int = 0, kind: str = "rademacher"
+) -> torch.Tensor:
+    """R_i v for per-row flattened values of parameter i: ``[..., numel] -> [..., k]``."""
+    _check(k, kind)
+    lead, numel = values.shape[:-1], values.shape[-1]
+    flat = values.reshape(-1, numel)
+    out = flat.new_zeros((flat.shape[0], k))
+    for block, start in enumerate(range(0, numel, GENERATION_BLOCK)):
+        stop = min(start + GENERATION_BLOCK, numel)
+        r = projection_block(seed, param_index, block, k, stop - start, kind, flat.dtype, flat.device)
+        out += flat[:, start:stop] @ r
+    return out.reshape(*lead, k)
+
+
+def project_gradients(
+    grads: dict[str, torch.Tensor], order: list[str], k: int, *, seed: int = 0, kind: str = "rademacher"
+) -> torch.Tensor:
+    """Project per-example gradients ``{name: [B, *shape]}`` to ``[B, k]``.
+
+    ``order`` lists every parameter name of the model in ``named_parameters`` order (the index
+    of a name seeds its columns); names missing from ``grads`` contribute zero.
+    """
+    _check(k, kind)
+    total = None
+    for index, name in enumerate(order):
+        if name not in grads:
+            continue
+        g = grads[name]
+        part = project_parameter(g.reshape(g.shape[0], -1), index, k, seed=seed, kind=kind)
+        total = part if total is None else total + part
+    if total is None:
+        raise ValueError("none of the gradients' names is in `order`: pass the model's parameter names")
+    return total
+
+
+def sketched_tangent_features(
+    model: nn.Module,
+    x: Batch,
+    *,
+    k: int,
+    seed: int = 0,
+    kind: str = "rademacher",
+    memory_budget: int = DEFAULT_MEMORY_BUDGET,
+    engine: str = "auto",
+) -> torch.Tensor:
+    """R φ(x): projected tangent features ``Tensor[M, d, k]``.
+
+    Algorithm:
+        1. Rows in chunks sized by ``memory_budget``; per chunk, one block's per-example
+           gradients at a time (factored engine: materialized from captured factors, one layer
+           at a time; torch.func for the rest).
+        2. Each block's gradients are multiplied by R's columns for that block, generated on the
+           fly, and summed into ``[m, d, k]``.
+    """
+    from .factored import block_gradients, capture, make_plan, output_cotangents
+    from .kernels import per_example_jacobian
+
+    _check(k, kind)
+    if engine not in ("auto", "factored", "functional"):
+        raise ValueError(f"engine must be 'auto', 'factored' or 'functional', got {engine!r}")
+    check_per_example_safe(model)
+    params = trainable_parameters(model)
+    order = list(params)
+    xs = as_tuple(x, name="x")
+    m_total = batch_size(xs, name="x")
+    with torch.no_grad(), analysis_mode(model):
+        d = flat_output(model(*(t[:1] for t in xs)), 1).shape[1]
+    first = next(iter(params.values()))
+    plan = make_plan(model) if engine != "functional" else None
+    use_factored = plan is not None and (engine == "factored" or plan.blocks)
+    largest = max(p.numel() for p in params.values())
+    per_row = (2 * d * (largest if use_factored else sum(p.numel() for p in params.values()))) * first.element_size()
+    rows = max(1, memory_budget // max(per_row, 1))
+    out = torch.zeros((m_total, d, k), dtype=first.dtype, device=first.device)
+    with analysis_mode(model):
+        for start in range(0, m_total, rows):
+            chunk = slice(start, min(start + rows, m_total))
+            batch = tuple(t[chunk] for t in xs)
+            m = chunk.stop - chunk.start
+            if use_factored:
+                factors, _ = capture(model, plan, batch, output_cotangents(list(range(d))))
+                for block, f in zip(plan.blocks, factors):
+                    if f.kind == "dense" and f.g.shape[-1] == 0:
+                        continue
+                    for name, g in block_gradients(block, f).items():  # [d, m, *shape]
+                        flat = g.detach().reshape(d, m, -1).transpose(0, 1)
+                        out[chunk] += project_parameter(flat, order.index(name), k, seed=seed, kind=kind)
+                    del f
+                fallback = plan.fallback
+            else:
+                fallback = params
+            if fallback:
+                j = per_example_jacobian(model, fallback)(*batch).detach()  # [m, d, P_fb]
+                offset = 0
+                for name, p in fallback.items():
+                    part = j[:, :, offset : offset + p.numel()]
+                    out[chunk] += project_parameter(part, order.index(name), k, seed=seed, kind=kind)
+                    offset += p.numel()
+    return out
+
+
+def sketched_gradient_kernel(
+    model: nn.Module,
+    x1: Batch,
+    x2: Batch | None = None,
+    *,
+    k: int,
+    seed: int = 0,
+    kind: str = "rademacher",
+    memory_budget: int = DEFAULT_MEMORY_BUDGET,
+    engine: str = "auto",
+) -> torch.Tensor:
+    """Unbiased sketch of the trace gradient kernel: Σ_o ⟨R J_o(x), R J_o(x')⟩, ``[M, N]``.
+
+    Its expected squared relative Frobenius error is ((tr K)² / |K|²_F + 1) / k
+    (:func:`expected_relative_error`); the same ``seed`` gives the same R for x1 and x2.
+    """
+    f1 = sketched_tangent_features(model, x1, k=k, seed=seed, kind=kind, memory_budget=memory_budget, engine=engine)
+    f2 = f1 if x2 is None else sketched_tangent_features(
+        model, x2, k=k, seed=seed, kind=kind, memory_budget=memory_budget, engine=engine
+    )
+    return torch.einsum("mdk,ndk->mn", f1, f2)
+
+
+def expected_relative_error(kernel: torch.Tensor, k: int) -> float:
+    """sqrt(E|K̂ − K|²_F) / |K|_F of a Gaussian sketch of a d = 1 PSD ``kernel`` (Rademacher: at most this).
+
+    Entry (i, j) of K̂ has variance (K_ii K_jj + K_ij²) / k, so E|K̂ − K|²_F = ((tr K)² + |K|²_F) / k.
+    """
+    fro2 = float((kernel * kernel).sum())
+    return math.sqrt((float(kernel.diagonal().sum()) ** 2 + fro2) / (k * fro2))
+
+
+__all__ = [
+    "GENERATION_BLOCK", "KINDS", "expected_relative_error", "project_gradients", "project_parameter",
+    "projection_block", "sketched_gradient_kernel", "sketched_tangent_features",
+]

@@ -1,0 +1,91 @@
+"""Random projections: unbiasedness, norm preservation, determinism (genkernel.core.projections).
+
+Statistical tests are seeded (so deterministic) and their tolerances come from the variances
+in the module docstring: 5 standard deviations of the estimator, a bound a correct
+implementation exceeds with probability below 1e-6 under the normal approximation.
+"""
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from genkernel.core.kernels import gradient_kernel, tangent_features
+from genkernel.core.projections import (
+    GENERATION_BLOCK, expected_relative_error, project_gradients, project_parameter, sketched_gradient_kernel,
+    sketched_tangent_features,
+)
+
+
+@pytest.mark.parametrize("kind", ["rademacher", "gaussian"])
+def test_inner_products_are_unbiased(kind):
+    g = torch.Generator().manual_seed(0)
+    u = torch.randn(2, 300, generator=g, dtype=torch.float64)  # two vectors u, v; P = 300
+    k, seeds = 16, 400
+    est = torch.stack([project_parameter(u, 0, k, seed=s, kind=kind) for s in range(seeds)])  # [S, 2, k]
+    inner = (est[:, 0] * est[:, 1]).sum(1)
+    exact = float(u[0] @ u[1])
+    # Var of one estimate (Gaussian; Rademacher is at most this): (|u|²|v|² + <u,v>²) / k.
+    sd = math.sqrt((float(u[0] @ u[0]) * float(u[1] @ u[1]) + exact**2) / k / seeds)
+    assert abs(float(inner.mean()) - exact) < 5 * sd
+    norms = (est[:, 0] ** 2).sum(1)
+    sd_norm = float(u[0] @ u[0]) * math.sqrt(2 / k / seeds)
+    assert abs(float(norms.mean()) - float(u[0] @ u[0])) < 5 * sd_norm
+
+
+@pytest.mark.parametrize("kind", ["rademacher", "gaussian"])
+def test_norms_are_preserved(kind):
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(20, 3000, generator=g, dtype=torch.float64)  # spans three generation blocks
+    k = 1024
+    ratio = (project_parameter(x, 3, k, seed=7, kind=kind) ** 2).sum(1) / (x**2).sum(1)
+    # |R x|² / |x|² has mean 1 and standard deviation at most sqrt(2 / k) (≈ 0.044 here).
+    assert float((ratio - 1).abs().max()) < 5 * math.sqrt(2 / k)
+
+
+def test_projection_is_deterministic_and_blockwise():
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(6, 2 * GENERATION_BLOCK + 5, generator=g, dtype=torch.float64)
+    whole = project_parameter(x, 1, 32, seed=3)
+    rows = torch.cat([project_parameter(x[:2], 1, 32, seed=3), project_parameter(x[2:], 1, 32, seed=3)])
+    assert torch.allclose(whole, rows, rtol=1e-12, atol=1e-12)
+    assert not torch.allclose(whole, project_parameter(x, 1, 32, seed=4))
+    assert not torch.allclose(whole, project_parameter(x, 2, 32, seed=3))  # other parameter, other columns
+    grads = {"a": x[:, :10].reshape(6, 2, 5), "b": x[:, 10:]}
+    both = project_gradients(grads, ["a", "b"], 32, seed=3)
+    assert torch.allclose(both, project_parameter(x[:, :10], 0, 32, seed=3) + project_parameter(x[:, 10:], 1, 32, seed=3))
+
+
+def test_sketched_features_match_projected_exact_features():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 40), nn.Tanh(), nn.Linear(40, 2)).double()
+    x = torch.randn(5, 3, dtype=torch.float64)
+    exact = tangent_features(model, x, engine="functional")  # [5, 2, P]
+    names = [n for n, _ in model.named_parameters()]
+    sizes = [p.numel() for p in model.parameters()]
+    grads = dict(zip(names, torch.split(exact, sizes, dim=2)))
+    ref = torch.stack([project_gradients({n: g[:, o] for n, g in grads.items()}, names, 64, seed=5) for o in range(2)], 1)
+    for engine in ("factored", "functional"):
+        fast = sketched_tangent_features(model, x, k=64, seed=5, engine=engine, memory_budget=8_000)
+        assert torch.allclose(fast, ref, rtol=1e-10, atol=1e-12), engine
+
+
+def test_sketched_kernel_error_matches_its_variance():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 64), nn.Tanh(), nn.Linear(64, 1)).double()
+    x = torch.randn(24, 3, dtype=torch.float64)
+    exact = gradient_kernel(model, x)
+    for k in (64, 1024):
+        errors = [float((sketched_gradient_kernel(model, x, k=k, seed=s) - exact).norm() / exact.norm()) for s in range(4)]
+        rms = math.sqrt(sum(e * e for e in errors) / len(errors))
+        expected = expected_relative_error(exact, k)
+        # The mean of 4 squared errors has relative sd ≈ 1/sqrt(2) (heavier tails allowed): 0.3–2.5x.
+        assert 0.3 * expected < rms < 2.5 * expected, (k, rms, expected)
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="k must be"):
+        project_parameter(torch.zeros(2, 3), 0, 0)
+    with pytest.raises(ValueError, match="kind"):
+        project_parameter(torch.zeros(2, 3), 0, 4, kind="sparse")
