@@ -148,3 +148,27 @@ def test_tangent_features_from_factors():
 def test_engine_keyword_is_checked():
     with pytest.raises(ValueError, match="engine"):
         gradient_kernel(mlp(torch.float64), torch.zeros(2, 3, dtype=torch.float64), engine="fast")
+
+
+def test_group_gradients_from_factors_equal_torch_func():
+    from genkernel.core.factored import factored_group_gradients
+    from genkernel.core.pergrad import group_gradients
+
+    g = torch.Generator().manual_seed(4)
+    for name, model, x1, _ in _cases(torch.float64):
+        with torch.no_grad():
+            out = model(x1)
+        y = torch.randn(out.shape, generator=g, dtype=torch.float64)
+        params = dict(model.named_parameters())
+        params = {n: p for n, p in params.items() if p.requires_grad}
+        groups = torch.arange(x1.shape[0]) % 3
+        coef = torch.rand(x1.shape[0], generator=g, dtype=torch.float64)
+
+        def loss_fn(o, t):
+            return ((o - t) ** 2).sum(dim=1)
+
+        ref, ref_losses = group_gradients(model, params, (x1,), y, loss_fn, groups, coef, 3)
+        fac, fac_losses = factored_group_gradients(model, params, (x1,), y, loss_fn, groups, coef, 3, memory_budget=4_000)
+        assert torch.allclose(ref_losses, fac_losses, rtol=1e-12)
+        for n in ref:
+            assert torch.allclose(ref[n], fac[n], rtol=1e-10, atol=1e-12 * float(ref[n].abs().max())), (name, n)

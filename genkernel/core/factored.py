@@ -679,7 +679,74 @@ def factored_jacobian(
     return torch.cat([grads[n].reshape(len(outputs), b, -1) for n in plan.order], dim=2).transpose(0, 1)
 
 
+def factored_group_gradients(
+    model: nn.Module,
+    params: dict[str, torch.Tensor],
+    inputs: tuple[torch.Tensor, ...],
+    targets,
+    loss_fn,
+    groups: torch.Tensor,
+    coefficients: torch.Tensor,
+    num_groups: int,
+    *,
+    memory_budget: int = DEFAULT_MEMORY_BUDGET,
+) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """ĝ_g = Σ_{n ∈ g} c_n ∇ℓ_n from captured factors: the same contract as
+    :func:`genkernel.core.pergrad.group_gradients` (the torch.func reference it is tested against).
+
+    Algorithm:
+        1. One forward of a chunk with hooks; per-example losses ℓ_n = loss_fn(f(x_n), y_n).
+        2. One backward of Σ_n ℓ_n gives each example's output gradients (examples are
+           independent); per layer, per-example gradients Σ_t g_t a_tᵀ are materialized one block
+           at a time, scaled by c_n and index-added into the G groups in float64.
+        3. Parameters outside supported modules: the torch.func reference, restricted to them.
+
+    Returns:
+        ``({name: Tensor[G, *shape] float64}, losses Tensor[B])``.
+    """
+    from .pergrad import group_gradients
+
+    plan = make_plan(model)
+    targets_tuple = None if targets is None else ((targets,) if isinstance(targets, torch.Tensor) else tuple(targets))
+    batch = batch_size(inputs)
+    sums = {n: torch.zeros((num_groups, *p.shape), dtype=torch.float64, device=p.device) for n, p in params.items()}
+    largest = max(p.numel() for p in params.values())
+    rows = max(1, memory_budget // (4 * largest * next(iter(params.values())).element_size()))
+    losses = []
+    for start in range(0, batch, rows):
+        chunk = slice(start, min(start + rows, batch))
+        xs = tuple(t[chunk] for t in inputs)
+        ys = None if targets_tuple is None else tuple(t[chunk] for t in targets_tuple)
+        y = None if ys is None else (ys[0] if isinstance(targets, torch.Tensor) else ys)
+        box = {}
+
+        def cotangents(out):
+            value = loss_fn(out, y)
+            box["losses"] = value.detach()
+            return value, torch.ones((1, *value.shape), dtype=value.dtype, device=value.device)
+
+        factors, _ = capture(model, plan, xs, cotangents)
+        losses.append(box["losses"])
+        scale = coefficients[chunk].to(torch.float64)
+        index = groups[chunk]
+        for block, f in zip(plan.blocks, factors):
+            if f.kind == "dense" and f.g.shape[-1] == 0:
+                continue
+            for name, g in block_gradients(block, f).items():
+                if name in sums:
+                    g = g[0].to(torch.float64)
+                    sums[name].index_add_(0, index, g * scale.view(-1, *([1] * (g.dim() - 1))))
+    fallback = {n: params[n] for n in plan.fallback if n in params}
+    if fallback:
+        extra, _ = group_gradients(
+            model, fallback, inputs, targets, loss_fn, groups, coefficients, num_groups, memory_budget=memory_budget
+        )
+        sums.update(extra)
+    return sums, torch.cat(losses)
+
+
 __all__ = [
-    "ENGINES", "Factors", "Plan", "Unfactorable", "capture", "factored_gradient_kernel", "factored_jacobian",
+    "ENGINES", "Factors", "Plan", "Unfactorable", "capture", "factored_gradient_kernel", "factored_group_gradients",
+    "factored_jacobian",
     "make_plan", "output_cotangents", "pair_kernel", "self_kernel",
 ]
