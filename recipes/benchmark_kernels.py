@@ -197,9 +197,12 @@ def method_ntk_vps(model, x1, x2, cap):
     kernel = torch.zeros(m, n)
     start = time.perf_counter()
     done = 0
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
     for i in range(0, m, rows):
         r1 = slice(i, min(i + rows, m))
-        kernel[r1] = outer(*_rows(x1, r1), *_rows(x2, slice(0, n)))
+        with sdpa_kernel([SDPBackend.MATH]):  # forward-mode AD needs the math attention backend on CPU
+            kernel[r1] = outer(*_rows(x1, r1), *_rows(x2, slice(0, n)))
         done = r1.stop
         if time.perf_counter() - start > cap:
             break
