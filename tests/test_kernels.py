@@ -123,3 +123,13 @@ def test_bad_input_is_refused():
         gradient_kernel(nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4)), torch.randn(2, 3))
     with pytest.raises(TypeError, match="Tensor"):
         gradient_kernel(model, [1.0, 2.0])
+
+
+def test_auto_engine_uses_factored_only_where_it_was_measured_faster():
+    from genkernel.core.factored import make_plan
+    from genkernel.core.kernels import _auto_picks_factored
+
+    assert _auto_picks_factored(make_plan(mlp()), 2)
+    assert not _auto_picks_factored(make_plan(mlp()), 256)  # many outputs: one backward per output chunk
+    assert not _auto_picks_factored(make_plan(convnet()), 3)  # factored convolutions were slower
+    assert not _auto_picks_factored(make_plan(nn.Sequential(nn.Tanh())), 2)

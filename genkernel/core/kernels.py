@@ -74,6 +74,17 @@ def _prepare(model: nn.Module, x: Batch, name: str):
     return params, xs, n, d
 
 
+AUTO_FACTORED_MAX_OUTPUTS = 64
+
+
+def _auto_picks_factored(plan, d: int) -> bool:
+    """The "auto" engine's choice. Measured (recipes/benchmark_kernels.py, 2 CPU cores): factored
+    Linear layers are 25-430x torch.func on MLPs, but factored convolutions ran at 0.66x on a
+    convnet and far slower on a UNet with d = 256 outputs (one output-batched backward per chunk
+    of outputs), so convolutional or many-output models stay on torch.func."""
+    return bool(plan.blocks) and d <= AUTO_FACTORED_MAX_OUTPUTS and all(b.kind != "conv" for b in plan.blocks)
+
+
 def gradient_kernel(
     model: nn.Module,
     x1: Batch,
@@ -97,7 +108,8 @@ def gradient_kernel(
         engine: ``"factored"`` computes per-layer kernels from activations and output gradients
             (:mod:`genkernel.core.factored`; unsupported modules go through torch.func in the
             same call); ``"functional"`` materializes per-example Jacobians with torch.func (the
-            reference); ``"auto"`` picks factored when it covers any trainable parameter.
+            reference); ``"auto"`` picks factored for models without convolutions and with at most
+            64 outputs (where the benchmark measured it faster), functional otherwise.
 
     Returns:
         ``Tensor[M, N]`` for ``reduce="trace"``, ``Tensor[M, N, d, d]`` for ``reduce="none"``,
@@ -119,7 +131,7 @@ def gradient_kernel(
     if engine != "functional":
         from .factored import factored_gradient_kernel, make_plan
 
-        if engine == "factored" or make_plan(model).blocks:
+        if engine == "factored" or _auto_picks_factored(make_plan(model), d):
             kernel, diag1, diag2 = factored_gradient_kernel(
                 model, x1s, None if x2 is None else x2s, reduce=reduce, memory_budget=memory_budget, d=d
             )
@@ -179,7 +191,7 @@ def tangent_features(
         ``Tensor[M, d, P]``, or ``Tensor[M, P]`` for output ``output_index``. Their inner
         products (summed over outputs) equal :func:`gradient_kernel` with ``reduce="trace"``.
         P follows the order of ``model.named_parameters()`` (trainable ones only).
-        ``engine="factored"`` (or ``"auto"`` when any module is supported) materializes each
+        ``engine="factored"`` (or ``"auto"``, as for :func:`gradient_kernel`) materializes each
         layer's per-example gradient from captured factors (:mod:`genkernel.core.factored`)
         instead of torch.func's per-example Jacobians; ``"functional"`` is the reference.
     """
@@ -198,7 +210,7 @@ def tangent_features(
         from .factored import factored_jacobian, make_plan
 
         plan = make_plan(model)
-        if engine == "factored" or plan.blocks:
+        if engine == "factored" or _auto_picks_factored(plan, d):
             outs = list(range(d)) if output_index is None else [output_index % d]
 
             def jac(*chunk_inputs: torch.Tensor) -> torch.Tensor:  # noqa: F811 - the factored path
