@@ -132,4 +132,13 @@ def test_auto_engine_uses_factored_only_where_it_was_measured_faster():
     assert _auto_picks_factored(make_plan(mlp()), 2)
     assert not _auto_picks_factored(make_plan(mlp()), 256)  # many outputs: one backward per output chunk
     assert not _auto_picks_factored(make_plan(convnet()), 3)  # factored convolutions were slower
-    assert not _auto_picks_factored(make_plan(nn.Sequential(nn.Tanh())), 2)
+
+    class OwnParameter(nn.Module):  # nothing the factored engine supports
+        def __init__(self):
+            super().__init__()
+            self.scale = nn.Parameter(torch.ones(3))
+
+        def forward(self, x):
+            return (x * self.scale).sum(1, keepdim=True)
+
+    assert not _auto_picks_factored(make_plan(OwnParameter()), 1)
