@@ -25,8 +25,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from _common import Timer, finish, make_parser, parse, pick  # noqa: E402
-from diffusion_toy2d import add_diffusion_arguments, apply_overrides, claims_from  # noqa: E402
+from _common import Timer, make_parser, parse, pick  # noqa: E402
+from diffusion_toy2d import add_diffusion_arguments, apply_overrides, write_outputs  # noqa: E402
 
 from genkernel.data import load_image_dataset  # noqa: E402
 from genkernel.diffusion import DDPMTrainer, NoiseLevelAnalyzer, make_scheduler, retrieval_attribution, train_with_window, tiny_unet  # noqa: E402
@@ -94,34 +94,11 @@ def main(argv=None) -> dict:
         seed=args.seed,
     )
     retrieval_seconds = t0.seconds
-    retrieval_json = retrieval.to_json()
 
-    # 4. Figures.
-    out = Path(args.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    dpi = 50 if args.mode == "smoke" else 110
-    extra = {
-        "noise_matrix": plots.plot_noise_matrices(report),
-        "locality": plots.plot_locality_over_training(report),
-        "kernel_decay": plots.plot_kernel_decay(report),
-        "matrix_evolution": plots.plot_matrix_evolution(report),
-        "retrieval": plots.plot_retrieval(retrieval, train_subset, images=True, top=min(3, s["retrieval_train"])),
-    }
-    for key, fig in extra.items():
-        fig.savefig(out / f"{NAME}_{key}.png", dpi=dpi)
-        plots.plt.close(fig)
-
-    # 5. Claims from the numbers.
-    claims = claims_from(report, retrieval_json)
-    results = {
-        "report": report,
-        "retrieval": retrieval_json,
-        "figures": [f"{NAME}_{key}.png" for key in extra],
-        "final_loss": sum(trainer.losses[-20:]) / max(1, len(trainer.losses[-20:])),
-        "timing": {"warmup_s": warmup_seconds, "window_s": window_seconds, "retrieval_s": retrieval_seconds,
-                   "seconds_per_tracked_step": window_seconds / max(1, s["window_steps"])},
-    }
-    return finish(NAME, args, plots.plot_overview(report, retrieval_json), results, claims, s, timer)
+    # 4. Figures and the JSON, claims computed from the numbers with their intervals.
+    timings = {"warmup_s": warmup_seconds, "window_s": window_seconds, "retrieval_s": retrieval_seconds}
+    figure = plots.plot_retrieval(retrieval, train_subset, images=True, top=min(3, s["retrieval_train"]))
+    return write_outputs(NAME, args, s, timer, trainer, report, retrieval, figure, timings)
 
 
 if __name__ == "__main__":

@@ -90,34 +90,42 @@ def main(argv=None) -> dict:
         num_stages=s["retrieval_stages"], num_inference_steps=s["inference_steps"], seed=args.seed,
     )
     retrieval_seconds = t0.seconds
-    retrieval_json = retrieval.to_json()
 
-    # 4. Figures.
+    # 4. Figures and the JSON, claims computed from the numbers with their intervals.
+    timings = {"warmup_s": warmup_seconds, "window_s": window_seconds, "retrieval_s": retrieval_seconds}
+    figure = plots.plot_retrieval(retrieval, data[: s["retrieval_train"]], images=False)
+    return write_outputs(NAME, args, s, timer, trainer, report, retrieval, figure, timings)
+
+
+def write_outputs(name, args, s, timer, trainer, report, retrieval, retrieval_figure, timings) -> dict:
+    """Save the per-view figures, then the overview PNG and the JSON (claims from the numbers).
+
+    ``retrieval_figure``: the recipe's retrieval plot; ``timings``: warm-up, window and retrieval
+    seconds. Returns the JSON payload.
+    """
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     dpi = 50 if args.mode == "smoke" else 110
+    retrieval_json = retrieval.to_json()
     extra = {
         "noise_matrix": plots.plot_noise_matrices(report),
         "locality": plots.plot_locality_over_training(report),
         "kernel_decay": plots.plot_kernel_decay(report),
         "matrix_evolution": plots.plot_matrix_evolution(report),
-        "retrieval": plots.plot_retrieval(retrieval, data[: s["retrieval_train"]], images=False),
+        "retrieval": retrieval_figure,
     }
     for key, fig in extra.items():
-        fig.savefig(out / f"{NAME}_{key}.png", dpi=dpi)
+        fig.savefig(out / f"{name}_{key}.png", dpi=dpi)
         plots.plt.close(fig)
-
-    # 5. Claims, computed from the numbers with their intervals.
     claims = claims_from(report, retrieval_json)
     results = {
         "report": report,
         "retrieval": retrieval_json,
-        "figures": [f"{NAME}_{key}.png" for key in extra],
+        "figures": [f"{name}_{key}.png" for key in extra],
         "final_loss": sum(trainer.losses[-20:]) / max(1, len(trainer.losses[-20:])),
-        "timing": {"warmup_s": warmup_seconds, "window_s": window_seconds, "retrieval_s": retrieval_seconds,
-                   "seconds_per_tracked_step": window_seconds / max(1, s["window_steps"])},
+        "timing": {**timings, "seconds_per_tracked_step": timings["window_s"] / max(1, s["window_steps"])},
     }
-    return finish(NAME, args, plots.plot_overview(report, retrieval_json), results, claims, s, timer)
+    return finish(name, args, plots.plot_overview(report, retrieval_json), results, claims, s, timer)
 
 
 def add_diffusion_arguments(parser) -> None:

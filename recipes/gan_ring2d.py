@@ -44,7 +44,7 @@ def settings_for(mode: str) -> dict:
 
 def make_data(mixture: str, n: int, seed: int):
     if mixture == "ring":
-        std, spread = 0.05, 2.0
+        std = 0.05
         data, modes = gaussian_ring(n, num_modes=8, radius=2.0, std=std, seed=seed)
         return data, modes, ring_mode_centers(8, 2.0), std, 3.0
     std = 0.05

@@ -119,7 +119,7 @@ class Reference:
                 return -lr * g / a
             self.m = g / a if self.m is None else mu * self.m + g / a
             return -lr * self.m
-        raise AssertionError(kind)
+        raise AssertionError(self.kind)
 
 
 CONFIGS = {

@@ -1,6 +1,5 @@
 """Properties of the tracker: grouping invariance, quadrature order, non-disturbance, resume."""
 
-import copy
 import math
 
 import numpy as np

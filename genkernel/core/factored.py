@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .adapter import Batch, analysis_mode, as_tuple, batch_size, check_per_example_safe, flat_output, trainable_parameters
+from .adapter import Batch, analysis_mode, as_tuple, batch_size, flat_output, trainable_parameters
 
 DEFAULT_MEMORY_BUDGET = 512 * 2**20
 ENGINES = ("auto", "factored", "functional")
@@ -585,7 +585,6 @@ def _factored_kernel(
                 # 2.-3. Factored blocks, per chunk of outputs.
                 for outs in out_chunks:
                     factors, _ = capture(model, plan, batch, output_cotangents(outs))
-                    o = slice(outs[0], outs[-1] + 1)
                     for f in factors:
                         if f.kind == "dense" and f.g.shape[-1] == 0:
                             continue

@@ -108,7 +108,7 @@ def _prepare_mnist(root: Path) -> None:
                 break
         raise FileNotFoundError(
             "MNIST files missing: expected " + ", ".join(str(m) for m in missing)
-            + f" (the standard MNIST files, gunzipped or .gz; torchvision needs all four, train and test)"
+            + " (the standard MNIST files, gunzipped or .gz; torchvision needs all four, train and test)"
             + hint + f"; {_HOW_TO_GET}"
         )
 

@@ -33,7 +33,6 @@ Use it as a :class:`TrainerCallback` of :class:`GANTrainer`, or in your own loop
 
 from __future__ import annotations
 
-import math
 from typing import Any, Callable
 
 import torch
@@ -46,7 +45,7 @@ from ..core.errors import NonFiniteError
 from ..core.ledger import PathKernelLedger
 from ..core.step import OptimizerStep
 from ..core.tracker import PathKernelTracker
-from .geometry import GeometryGrouping, NearestModeGroups, make_grouping
+from .geometry import GeometryGrouping, make_grouping
 from .losses import GENERATED, PENALTY, REAL, ROLE_NAMES, DiscriminatorObjective, scores_of
 from .metrics import cosine, coupling_matrix, mean_interval, mode_coverage, own_share
 from .trainer import discriminator_input_gradients

@@ -6,7 +6,6 @@ Inputs are the plain numbers of :meth:`NoiseLevelAnalyzer.report` (nested lists 
 
 from __future__ import annotations
 
-import math
 from typing import Any, Sequence
 
 import matplotlib.pyplot as plt
