@@ -146,16 +146,7 @@ def gaussian_ring(
     mode_ids : LongTensor[n]
         The mode each point was drawn from, in ``0..num_modes-1``.
     """
-    n = _check_int(n, "n")
-    num_modes = _check_int(num_modes, "num_modes")
-    radius = _check_float(radius, "radius", positive=True)
-    std = _check_float(std, "std", nonnegative=True)
-    _check_dtype(dtype)
-    gen = _generator(seed)
-    centers = ring_mode_centers(num_modes, radius, dtype=torch.float64)
-    mode_ids = _balanced_ids(n, num_modes, gen)
-    noise = torch.randn(n, 2, generator=gen, dtype=torch.float64)
-    return (centers[mode_ids] + std * noise).to(dtype), mode_ids
+    return _sample_mixture(ring_mode_centers(num_modes, radius, dtype=torch.float64), n, std, seed, dtype)
 
 
 def grid_mode_centers(side: int = 5, spacing: float = 2.0, *, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -193,14 +184,16 @@ def gaussian_grid(
     mode_ids : LongTensor[n]
         In ``0..side*side-1``.
     """
+    return _sample_mixture(grid_mode_centers(side, spacing, dtype=torch.float64), n, std, seed, dtype)
+
+
+def _sample_mixture(centers: torch.Tensor, n: int, std: float, seed: SeedLike, dtype: torch.dtype):
+    """``(points [n, 2], mode_ids [n])``: balanced modes in random order plus std·N(0, I) noise."""
     n = _check_int(n, "n")
-    side = _check_int(side, "side")
-    spacing = _check_float(spacing, "spacing", positive=True)
     std = _check_float(std, "std", nonnegative=True)
     _check_dtype(dtype)
     gen = _generator(seed)
-    centers = grid_mode_centers(side, spacing, dtype=torch.float64)
-    mode_ids = _balanced_ids(n, side * side, gen)
+    mode_ids = _balanced_ids(n, centers.shape[0], gen)
     noise = torch.randn(n, 2, generator=gen, dtype=torch.float64)
     return (centers[mode_ids] + std * noise).to(dtype), mode_ids
 
