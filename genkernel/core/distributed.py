@@ -83,6 +83,7 @@ def distributed_gradient_kernel(
     normalize: bool = False,
     reduce: str = "trace",
     memory_budget: int = DEFAULT_MEMORY_BUDGET,
+    engine: str = "auto",
     group: object | None = None,
 ) -> torch.Tensor:
     """:func:`gradient_kernel` with the rows of ``x1`` split across the ranks of ``group``.
@@ -99,13 +100,10 @@ def distributed_gradient_kernel(
     bounds = [round(i * m / world) for i in range(world + 1)]
     rows = slice(bounds[rank], bounds[rank + 1])
     other = x1s if x2 is None else x2
-    if rows.stop > rows.start:
-        block = gradient_kernel(model, tuple(t[rows] for t in x1s), other, normalize=normalize, reduce=reduce,
-                                memory_budget=memory_budget)
-    else:  # more ranks than rows: this rank contributes nothing
-        probe = gradient_kernel(model, tuple(t[:1] for t in x1s), other, normalize=normalize, reduce=reduce,
-                                memory_budget=memory_budget)
-        block = probe[:0]
+    # With more ranks than rows a rank computes one row for the shape and contributes none of it.
+    mine = rows if rows.stop > rows.start else slice(0, 1)
+    block = gradient_kernel(model, tuple(t[mine] for t in x1s), other, normalize=normalize, reduce=reduce,
+                            memory_budget=memory_budget, engine=engine)[: rows.stop - rows.start]
     # all_gather needs equal shapes: pad every block to the largest and trim after.
     widest = max(bounds[r + 1] - bounds[r] for r in range(world))
     padded = block.new_zeros((widest, *block.shape[1:]))
