@@ -237,4 +237,3 @@ def normalize_kernel(kernel: torch.Tensor, diag1: torch.Tensor, diag2: torch.Ten
 
 __all__ = ["gradient_kernel", "tangent_features", "normalize_kernel", "DEFAULT_MEMORY_BUDGET"]
 
-_per_example_jacobian = per_example_jacobian  # old private name, still used by factored.py
