@@ -58,11 +58,12 @@ class PathKernelLedger:
     Attributes:
         contributions: ``[M, G, d]`` Σ_k J̄_k(x) u_{k,g}.
         rest: ``[M, d]`` what no tracked example caused: weight decay, optimizer state from before
-            tracking, changes of buffers such as spectral norm's power iteration (``buffer_drift``),
-            and the rounding gap between the optimizer's batched gradient and Σ_g ĝ_g (checked to
-            be rounding-sized every step; Adam can amplify it where a gradient cancels).
+            tracking, changes of buffers such as spectral norm's power iteration (``buffer_drift``).
         buffer_drift: ``[M, d]`` the part of ``rest`` due to buffers changing between steps.
-        residual: ``[M, d]`` f_end − f_start − Σ_g contributions − rest.
+        residual: ``[M, d]`` f_end − f_start − Σ_g contributions − rest: quadrature error and
+            rounding, including the rounding gap between the optimizer's batched gradient and
+            Σ_g ĝ_g (checked to be rounding-sized every step; Adam can magnify its effect where a
+            gradient cancels).
         f_start, f_end: ``[M, d]`` outputs at the first and latest parameters.
         traffic: ``[M, G]`` Σ_k ‖c_{k,g}(x)‖, norms of per-step contributions (no cancellation).
         steps: number of optimizer steps recorded.

@@ -9,10 +9,11 @@ real step.
 
 Lifecycle per step: ``capture()`` before ``optimizer.step()`` (hyperparameters of every
 parameter group, which may change between steps, and the pre-existing state on the first tracked
-step); the real step; ``split(group_grads, theta_before)`` returning ``{name: [G + 1, *shape]}``
-(row G is the rest); ``check_state()`` comparing the summed group state with the optimizer's.
+step); the real step; ``split(group_grads, theta_before, rounding)`` returning
+``{name: [G + 2, *shape]}`` (row G is the rest, row G + 1 the batched gradient's rounding gap);
+``check_state()`` comparing the summed group state with the optimizer's.
 
-Memory: every per-group state is ``(G + 1) × P`` float64 values (one copy of the parameters per
+Memory: every per-group state is ``(G + 2) × P`` float64 values (one copy of the parameters per
 group): fine for tens of groups, large for one group per example on a big model.
 """
 
@@ -87,10 +88,13 @@ class UpdateSplitter:
         theta_before: dict[str, torch.Tensor],
         rounding: dict[str, torch.Tensor] | None = None,
     ) -> dict[str, torch.Tensor]:
-        """Per-group updates ``{name: Tensor[G + 1, *shape]}`` in float64 (row G: the rest).
+        """Per-row updates ``{name: Tensor[G + 2, *shape]}`` in float64: rows 0..G−1 the groups,
+        row G the rest, row G + 1 the rounding gap.
 
-        ``rounding``: the optimizer's batched gradient minus Σ_g group gradients (rounding only),
-        added to the rest's gradient so that the rows' gradients sum to what the optimizer used.
+        ``rounding``: the optimizer's batched gradient minus Σ_g group gradients (rounding only). It
+        is its own pseudo-group, carried through the optimizer's state like any other, so the rows
+        add up to the real update (Adam magnifies the gap where a gradient cancels) while its
+        effect on the probes stays in the residual, as rounding should.
         """
         updates = {}
         for name, p in self.params.items():
@@ -102,8 +106,7 @@ class UpdateSplitter:
             theta = theta_before[name]
             # The rest's "gradient": coupled weight decay λθ_k (zero when decoupled or absent).
             rest = theta * h["weight_decay"] if not h.get("decoupled", False) else torch.zeros_like(theta)
-            rest = rest + gap
-            full = torch.cat([grads, rest.unsqueeze(0)], dim=0)
+            full = torch.cat([grads, rest.unsqueeze(0), gap.unsqueeze(0)], dim=0)
             updates[name] = self._update(name, p, full, theta)
         return updates
 
@@ -143,7 +146,7 @@ class UpdateSplitter:
         state = torch.zeros_like(like)
         existing = self.before[name].get(self.optimizer_buffer) if self.optimizer_buffer else None
         if isinstance(existing, torch.Tensor):
-            state[-1] = existing.to(torch.float64)
+            state[self.num_groups] = existing.to(torch.float64)
         return state
 
 
@@ -228,7 +231,7 @@ class AdamSplitter(UpdateSplitter):
         denom = second.sqrt() / bias2**0.5 + h["eps"]
         updates = -(h["lr"] / bias1) * m / denom
         if h["decoupled"] and h["weight_decay"] != 0:
-            updates[-1] -= h["lr"] * h["weight_decay"] * theta
+            updates[self.num_groups] -= h["lr"] * h["weight_decay"] * theta
         return updates
 
 

@@ -19,7 +19,7 @@ untracked trainer runs, so training is bit-for-bit unchanged) and around it:
    node (never per example);
 6. a fresh forward pass at θ_{k+1}; the ledger records contributions, rest, traffic and residual.
 
-Memory: the per-group updates and optimizer state are (G + 1) × P float64 values each.
+Memory: the per-group updates and optimizer state are (G + 2) × P float64 values each.
 """
 
 from __future__ import annotations
@@ -67,7 +67,8 @@ class StepContributions:
         rest: ``[M, d]`` J̄_k(x) u_{k,rest} plus buffer drift.
         residual: ``[M, d]`` this step's f(θ_{k+1}) − f(θ_k) − Σ_g contributions − rest.
         losses: ``[B]`` the per-example training losses.
-        group_updates: ``{name: [G + 1, *shape]}`` float64 updates (row G: the rest).
+        group_updates: ``{name: [G + 2, *shape]}`` float64 updates (row G: the rest, row G + 1:
+            the batched gradient's rounding gap, whose effect stays in the residual).
     """
 
     step: int
@@ -101,7 +102,7 @@ class PathKernelTracker:
     the ranks' group gradients are averaged as DDP averages gradients, so every rank keeps the
     ledger a single process would keep on the global batches (equal shard sizes required).
 
-    Per-group state costs (G + 1) × P float64 values per kind of optimizer state (momentum
+    Per-group state costs (G + 2) × P float64 values per kind of optimizer state (momentum
     buffer or first moment) plus the same for each step's updates.
     """
 
@@ -227,7 +228,7 @@ class PathKernelTracker:
             theta_after = {name: p.detach().clone() for name, p in self.params.items()}
             # 3. Δ_k = Σ_g u_{k,g} + u_rest.
             # The optimizer stepped on the batched gradient, which differs from Σ_g ĝ_g by rounding
-            # (checked above); Adam amplifies that gap where a gradient cancels, so it goes to the rest.
+            # (checked above): its own row of the split, left out of the contributions (residual).
             rounding = {
                 n: (torch.zeros_like(grads[n][0]) if p.grad is None else p.grad.to(torch.float64)) - grads[n].sum(dim=0)
                 for n, p in self.params.items()
@@ -236,7 +237,8 @@ class PathKernelTracker:
             # 4. The check against what the optimizer really did.
             self._check_updates(index, updates, theta_before, theta_after)
             # 5. c_{k,g}(x) = Σ_q w_q J(x; θ_k + s_q Δ_k) u_{k,g}.
-            contributions = self._contributions(updates, theta_before, theta_after)
+            contributions = self._contributions({n: u[: self.num_groups + 1] for n, u in updates.items()},
+                                                theta_before, theta_after)
             # 6. Fresh forward at θ_{k+1}; record.
             f_after = self._probe_outputs()
         rest = contributions[:, -1] + drift
