@@ -20,7 +20,7 @@ no global random state is consumed.
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
@@ -198,10 +198,3 @@ def checked_forward(model: nn.Module, inputs: tuple[torch.Tensor, ...], *, name:
         shapes = [tuple(t.shape) for t in inputs]
         raise ValueError(f"{name} of shapes {shapes} do not fit {type(model).__name__}: {error}") from error
     return flat_output(out, batch_size(inputs, name=name))
-
-
-def same_device_dtype(batch: Sequence[torch.Tensor], like: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """Move floating tensors of ``batch`` to ``like``'s device and dtype; others to its device."""
-    return tuple(
-        t.to(device=like.device, dtype=like.dtype) if t.is_floating_point() else t.to(like.device) for t in batch
-    )
