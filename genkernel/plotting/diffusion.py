@@ -11,6 +11,8 @@ from typing import Any, Sequence
 import matplotlib.pyplot as plt
 import numpy as np
 
+from .arrays import float_array as _arr
+
 __all__ = [
     "plot_noise_matrices",
     "plot_locality_over_training",
@@ -19,13 +21,6 @@ __all__ = [
     "plot_overview",
     "plot_matrix_evolution",
 ]
-
-
-def _arr(x) -> np.ndarray:
-    """Tensor or nested lists (None for NaN, as in the JSON) -> float array."""
-    if hasattr(x, "detach"):
-        return x.detach().cpu().double().numpy()
-    return np.array(x, dtype=float)
 
 
 def _step(row: dict) -> Any:

@@ -14,6 +14,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from .arrays import float_array as _np  # noqa: E402
+
 __all__ = [
     "plot_regression_kernels",
     "plot_class_kernels",
@@ -23,12 +25,6 @@ __all__ = [
     "plot_optimizer_weighting",
     "plot_null_space",
 ]
-
-
-def _np(x) -> np.ndarray:
-    if hasattr(x, "detach"):
-        x = x.detach().cpu().numpy()
-    return np.asarray(x, dtype=np.float64)
 
 
 def _kernel_image(ax, kernel, title: str, *, vmin=-1.0, vmax=1.0, boundaries: Sequence[int] = ()):

@@ -8,11 +8,8 @@ from __future__ import annotations
 from typing import Sequence
 
 import numpy as np
-import torch
 
-
-def _np(t) -> np.ndarray:
-    return t.detach().cpu().to(torch.float64).numpy() if isinstance(t, torch.Tensor) else np.asarray(t, dtype=np.float64)
+from .arrays import float_array as _np
 
 
 def _unit(v: np.ndarray) -> np.ndarray:
