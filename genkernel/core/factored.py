@@ -37,7 +37,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .adapter import Batch, analysis_mode, as_tuple, batch_size, flat_output, trainable_parameters
+from torch.func import functional_call
+
+from .adapter import Batch, analysis_mode, as_tuple, batch_size, flat_output, output_tensor, trainable_parameters
 
 DEFAULT_MEMORY_BUDGET = 512 * 2**20
 ENGINES = ("auto", "factored", "functional")
@@ -262,13 +264,18 @@ def capture(
     plan: Plan,
     inputs: tuple[torch.Tensor, ...],
     cotangents: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
+    parameters: dict[str, torch.Tensor] | None = None,
 ) -> tuple[list[Factors], torch.Tensor]:
     """Factors of every block for one batch.
 
     Args:
         inputs: the batch, B examples on dimension 0.
-        cotangents: ``out [B, d] -> (target, E)`` with ``E [c, *target.shape]``: the backward
-            computes, for each of the c cotangents, ∂⟨E_k, target⟩/∂z at every block output z.
+        cotangents: ``out -> (target, E)`` with ``E [c, *target.shape]``, where ``out`` is the
+            model's output tensor in its own shape (what a loss function receives in training):
+            the backward computes, for each of the c cotangents, ∂⟨E_k, target⟩/∂z at every
+            block output z.
+        parameters: trainable parameters to run the model at (``torch.func.functional_call``;
+            they must require grad); by default the module's own.
 
     Returns:
         (one :class:`Factors` per block of ``plan``, the detached model output ``[B, d]``).
@@ -292,14 +299,19 @@ def capture(
         for index, block in enumerate(plan.blocks):
             handles.append(block.module.register_forward_hook(make_hook(index, block)))
         with torch.enable_grad():
-            out = flat_output(model(*inputs), batch)
+            if parameters is None:
+                raw = output_tensor(model(*inputs))
+            else:
+                raw = output_tensor(functional_call(model, parameters, inputs, strict=False, tie_weights=True))
+            out = flat_output(raw, batch)
     finally:
         for handle in handles:
             handle.remove()
-    target, cot = cotangents(out)
     used = [(i, j) for i in range(len(plan.blocks)) for j in range(len(records[i]))]
     zs = [records[i][j][1] for i, j in used]
-    grads = _batched_grad(target, zs, cot)
+    with torch.enable_grad():  # callers may run under no_grad: the cotangents' target needs its graph
+        target, cot = cotangents(raw)
+        grads = _batched_grad(target, zs, cot)
     calls: dict[int, list] = {i: [] for i in range(len(plan.blocks))}
     for (i, j), g in zip(used, grads):
         z = records[i][j][1]
@@ -333,7 +345,8 @@ def _batched_grad(target: torch.Tensor, zs: list[torch.Tensor], cot: torch.Tenso
 def output_cotangents(outputs: list[int]) -> Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
     """Cotangents selecting model outputs ``outputs``: E_k = e_{outputs[k]} for every example."""
 
-    def make(out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def make(raw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        out = raw.reshape(raw.shape[0], -1)
         cot = out.new_zeros((len(outputs), *out.shape))
         for k, o in enumerate(outputs):
             cot[k, :, o] = 1

@@ -33,9 +33,10 @@ DEFAULT_MEMORY_BUDGET = 512 * 2**20  # bytes of Jacobians held at once
 REDUCTIONS = ("trace", "none")
 
 
-def per_example_jacobian(model: nn.Module, params: dict[str, torch.Tensor]):
-    """``jac(*inputs) -> Tensor[m, d, P]``: per-example Jacobians of a chunk of inputs."""
-    forward = functional_model(model)
+def per_example_jacobian(model: nn.Module, params: dict[str, torch.Tensor], fixed: dict[str, torch.Tensor] | None = None):
+    """``jac(*inputs) -> Tensor[m, d, P]``: per-example Jacobians of a chunk of inputs with
+    respect to ``params``; ``fixed`` holds values for other parameters (default: the module's)."""
+    forward = functional_model(model, fixed)
 
     def single(p: dict[str, torch.Tensor], *x: torch.Tensor) -> torch.Tensor:
         return forward(p, tuple(t.unsqueeze(0) for t in x))[0]

@@ -19,7 +19,10 @@ untracked trainer runs, so training is bit-for-bit unchanged) and around it:
    node (never per example);
 6. a fresh forward pass at θ_{k+1}; the ledger records contributions, rest, traffic and residual.
 
-Memory: the per-group updates and optimizer state are (G + 2) × P float64 values each.
+Memory: with ``group_state="dense"`` the per-group updates and optimizer state are (G + 2) × P
+float64 values each; with ``"factored"`` (plain SGD) there is no per-group copy: step 1 keeps the
+batch's layer factors and step 5 computes each example's contribution from them
+(:mod:`genkernel.core.per_example`), so one group per example costs O(B) per step, not O(G·P).
 """
 
 from __future__ import annotations
@@ -46,14 +49,17 @@ from .adapter import (
 )
 from .distributed import combine_group_gradients, ddp_context, unwrap
 from .errors import LedgerCheckError, NonFiniteError
+from .factored import Unfactorable, make_plan
 from .kernels import per_example_jacobian
 from .ledger import PathKernelLedger, atomic_save
+from .per_example import BatchFactors, batch_totals, capture_batch, factored_contributions
 from .pergrad import DEFAULT_GRADIENT_BUDGET, group_gradients
 from .quadrature import quadrature_rule
 from .splitting import make_splitter
 from .step import LossFn, OptimizerStep
 
 CONTRIBUTION_ROUTES = ("auto", "jvp", "jacobian")
+GROUP_STATES = ("auto", "dense", "factored")
 CHECK_RTOL = {torch.float64: 1e-10, torch.float32: 1e-5}
 
 
@@ -67,8 +73,10 @@ class StepContributions:
         rest: ``[M, d]`` J̄_k(x) u_{k,rest} plus buffer drift.
         residual: ``[M, d]`` this step's f(θ_{k+1}) − f(θ_k) − Σ_g contributions − rest.
         losses: ``[B]`` the per-example training losses.
-        group_updates: ``{name: [G + 2, *shape]}`` float64 updates (row G: the rest, row G + 1:
-            the batched gradient's rounding gap, whose effect stays in the residual).
+        group_updates: ``{name: [rows, *shape]}`` float64 updates: with ``group_state="dense"``
+            G + 2 rows (row G: the rest, row G + 1: the batched gradient's rounding gap, whose
+            effect stays in the residual); otherwise 3 rows (all groups together, the rest, the
+            rounding gap).
     """
 
     step: int
@@ -95,8 +103,18 @@ class PathKernelTracker:
             group's share is scaled by the same factor.
         snapshot_every: copy the ledger into ``ledger.history`` every this many steps (0: never).
         memory_budget: bytes of per-example gradients (or probe Jacobians) alive at once.
-        contribution_route: how J̄_k(x) u_g is computed: "auto", "jvp" (one forward-mode pass per
-            group) or "jacobian" (the probes' Jacobians times the updates); all exact.
+        contribution_route: how J̄_k(x) u_g is computed on the dense route: "auto", "jvp" (one
+            forward-mode pass per group) or "jacobian" (the probes' Jacobians times the updates);
+            all exact.
+        group_state: how the groups' updates are held:
+            "dense": a float64 copy of the parameters per group and per kind of optimizer state,
+            (G + 2) × P values (any supported optimizer; cost grows with G);
+            "factored": no per-group copy at all: each example's contribution is a cross kernel
+            computed from layer factors (:mod:`genkernel.core.per_example`); exact, plain SGD
+            only (no momentum: a buffer mixes steps), one process; cost grows with B, not G;
+            "auto": "factored" for plain SGD in one process when the probes' outputs are no more
+            than the groups plus one (d ≤ G + 1: d backward cotangents replace G + 1 JVPs),
+            else "dense".
 
     Under torch.distributed, pass the DistributedDataParallel-wrapped model and each rank's shard:
     the ranks' group gradients are averaged as DDP averages gradients, so every rank keeps the
@@ -119,6 +137,7 @@ class PathKernelTracker:
         snapshot_every: int = 0,
         memory_budget: int = DEFAULT_GRADIENT_BUDGET,
         contribution_route: str = "auto",
+        group_state: str = "auto",
     ) -> None:
         if not isinstance(num_groups, int) or num_groups < 1:
             raise ValueError(f"num_groups must be a positive int, got {num_groups!r}")
@@ -142,7 +161,6 @@ class PathKernelTracker:
 
         check_per_example_safe(self.module)
         self.params = trainable_parameters(self.module)
-        self.splitter = make_splitter(optimizer, self.params, num_groups)
         self.probes = as_tuple(probes, name="probes")
         batch_size(self.probes, name="probes")
         check_deterministic(self.module, self.probes)
@@ -151,6 +169,12 @@ class PathKernelTracker:
         self.rtol = CHECK_RTOL.get(dtype, 1e-3)
         with torch.no_grad(), analysis_mode(self.module):
             self.ledger = PathKernelLedger.empty(self._probe_outputs(), num_groups)
+        self.group_state = self._choose_group_state(group_state, self.ledger.f_end.shape[1])
+        # Dense: one row per group. Otherwise the splitter keeps the exact totals only (row 0: all
+        # groups together), against which the tracker checks every step.
+        self.splitter = make_splitter(optimizer, self.params, num_groups if self.group_state == "dense" else 1)
+        self._factor_exclusions: set[str] = set()
+        self.plan = make_plan(self.module) if self.group_state == "factored" else None
         self._f_prev = self.ledger.f_end.clone()
         self._theta_after: dict[str, torch.Tensor] | None = None
         self._grad_marks: dict[str, tuple[int, int]] | None = None
@@ -209,16 +233,14 @@ class PathKernelTracker:
             # Buffers may have changed in the training forward (spectral norm): not an example's doing.
             f_before = self._probe_outputs() if self._has_buffers else self._f_prev
             drift = f_before - self._f_prev
-            # 1. ĝ_{k,g} = Σ_{n ∈ g} c_n ∇ℓ_n at θ_k, times the clipping factor.
+            # 1. ĝ_{k,g} = Σ_{n ∈ g} c_n ∇ℓ_n at θ_k, times the clipping factor (dense: one row per
+            #    group; factored: the total only, with the batch's factors for step 5).
             with torch.enable_grad():
-                grads, analysis_losses = group_gradients(
-                    self.module, theta_before, step.inputs, step.targets, step.loss_fn, groups,
-                    coefficients.to(losses.device), self.num_groups, memory_budget=self.memory_budget,
-                )
-            if self.distributed is not None:
-                grads = combine_group_gradients(grads, step.batch, self.distributed)
-            grads = {name: g * step.clip_factor for name, g in grads.items()}
-            self._check_gradients(index, grads, losses, analysis_losses)
+                grads, analysis_losses, sizes, batch = self._gradients(step, groups, coefficients.to(losses.device))
+            # The optimizer will step on the batched gradient, which differs from Σ_g ĝ_g by
+            # rounding (checked here): its own row of the split in step 3, left out of the
+            # contributions (residual).
+            rounding = self._check_gradients(index, grads, losses, analysis_losses, sizes)
 
         # 2. The real optimizer step.
         self.splitter.capture()
@@ -226,31 +248,108 @@ class PathKernelTracker:
 
         with torch.no_grad(), analysis_mode(self.module):
             theta_after = {name: p.detach().clone() for name, p in self.params.items()}
-            # 3. Δ_k = Σ_g u_{k,g} + u_rest.
-            # The optimizer stepped on the batched gradient, which differs from Σ_g ĝ_g by rounding
-            # (checked above): its own row of the split, left out of the contributions (residual).
-            rounding = {
-                n: (torch.zeros_like(grads[n][0]) if p.grad is None else p.grad.to(torch.float64)) - grads[n].sum(dim=0)
-                for n, p in self.params.items()
-            }
+            # 3. Δ_k = Σ_g u_{k,g} + u_rest (+ the rounding row).
             updates = self.splitter.split(grads, {n: t.to(torch.float64) for n, t in theta_before.items()}, rounding)
             # 4. The check against what the optimizer really did.
             self._check_updates(index, updates, theta_before, theta_after)
-            # 5. c_{k,g}(x) = Σ_q w_q J(x; θ_k + s_q Δ_k) u_{k,g}.
-            contributions = self._contributions({n: u[: self.num_groups + 1] for n, u in updates.items()},
-                                                theta_before, theta_after)
+            # 5. c_{k,g}(x) = Σ_q w_q J(x; θ_k + s_q Δ_k) u_{k,g}, and the rest's.
+            nodes = self._nodes(theta_before, theta_after)
+            contributions, rest = self._step_contributions(updates, nodes, batch, groups, step.clip_factor)
             # 6. Fresh forward at θ_{k+1}; record.
             f_after = self._probe_outputs()
-        rest = contributions[:, -1] + drift
-        step_residual = f_after - f_before - contributions[:, :-1].sum(dim=1) - contributions[:, -1]
+        step_residual = f_after - f_before - contributions.sum(dim=1) - rest
+        rest = rest + drift
         self.ledger.buffer_drift += drift
-        self.ledger.record(contributions[:, :-1], rest, f_after)
+        self.ledger.record(contributions, rest, f_after)
         if self.snapshot_every and self.ledger.steps % self.snapshot_every == 0:
             self.ledger.snapshot()
         self._f_prev = f_after
         self._theta_after = theta_after
         self._grad_marks = {n: (id(p.grad), p.grad._version) for n, p in self.params.items() if p.grad is not None}
-        return StepContributions(index, contributions[:, :-1], rest, step_residual, losses, updates)
+        return StepContributions(index, contributions, rest, step_residual, losses, updates)
+
+    # -- the two routes ---------------------------------------------------------------------------
+    def _gradients(self, step: OptimizerStep, groups: torch.Tensor, coefficients: torch.Tensor):
+        """Step 1: ``(grads {name: [rows, *shape]} float64, analysis losses [B], sizes, batch)``.
+
+        Dense: one row per group, by :func:`group_gradients`. Factored: one row (Σ_n c_n ∇ℓ_n,
+        from the batch's layer factors, which are returned for step 5). ``sizes[name]`` is the
+        size against which the gradient's rounding is judged.
+        """
+        if self.group_state == "dense":
+            grads, analysis_losses = group_gradients(
+                self.module, self.params, step.inputs, step.targets, step.loss_fn, groups,
+                coefficients, self.num_groups, memory_budget=self.memory_budget,
+            )
+            if self.distributed is not None:
+                grads = combine_group_gradients(grads, step.batch, self.distributed)
+            grads = {name: g * step.clip_factor for name, g in grads.items()}
+            sizes = {name: float(g.abs().sum(dim=0).norm()) for name, g in grads.items()}
+            return grads, analysis_losses, sizes, None
+        self._require_plain_sgd()
+        while True:
+            try:
+                batch = capture_batch(
+                    self.module, self.plan, step.inputs, step.targets, step.loss_fn, coefficients, self.memory_budget
+                )
+                break
+            except Unfactorable as error:  # a module that mixes the batch: torch.func handles it
+                self._factor_exclusions.add(error.module_name)
+                self.plan = make_plan(self.module, self._factor_exclusions)
+        totals, sizes = batch_totals(self.plan, batch)
+        grads = {n: (totals[n] * step.clip_factor).unsqueeze(0) for n in self.params}
+        sizes = {n: sizes[n] * step.clip_factor for n in self.params}
+        return grads, batch.losses, sizes, batch
+
+    def _step_contributions(self, updates, nodes, batch: BatchFactors | None, groups, clip_factor):
+        """Step 5: ``([M, G, d] group contributions, [M, d] the rest's)``, float64."""
+        if self.group_state == "dense":
+            both = self._contributions({n: u[: self.num_groups + 1] for n, u in updates.items()}, nodes)
+            return both[:, :-1], both[:, -1]
+        # Factored: per-example cross kernels with u_n = −η_p s c_n ∇ℓ_n, summed into the groups.
+        scale = {}
+        for name in self.params:
+            h = self.splitter.hyper[name]
+            scale[name] = -h["lr"] * clip_factor * (-1.0 if h["maximize"] else 1.0)
+        d = self._f_prev.shape[1]
+        per_example = factored_contributions(
+            self.module, self.plan, self.probes, nodes, batch, scale, d, self.memory_budget
+        ).to(torch.float64)  # [M, B, d]
+        m = per_example.shape[0]
+        contributions = per_example.new_zeros((m, self.num_groups, d)).index_add_(1, groups.to(per_example.device), per_example)
+        rest_update = {n: u[1:2] for n, u in updates.items()}
+        if any(bool(u.any()) for u in rest_update.values()):
+            rest = self._contributions(rest_update, nodes)[:, 0]
+        else:
+            rest = per_example.new_zeros((m, d))
+        return contributions, rest
+
+    def _choose_group_state(self, group_state: str, d: int) -> str:
+        if group_state not in GROUP_STATES:
+            raise ValueError(f"group_state must be one of {GROUP_STATES}, got {group_state!r}")
+        plain = _plain_sgd(self.optimizer)
+        if group_state == "auto":
+            return "factored" if plain and self.distributed is None and d <= self.num_groups + 1 else "dense"
+        if group_state == "factored":
+            if self.distributed is not None:
+                raise ValueError(
+                    "group_state='factored' runs in one process; under DistributedDataParallel use "
+                    "group_state='dense'"
+                )
+            if not plain:
+                raise ValueError(
+                    "group_state='factored' needs plain SGD (torch.optim.SGD without momentum): a momentum "
+                    "buffer or Adam's preconditioner mixes steps or coordinates, which the layer factors "
+                    "cannot carry; use group_state='dense'"
+                )
+        return group_state
+
+    def _require_plain_sgd(self) -> None:
+        if not _plain_sgd(self.optimizer):
+            raise ValueError(
+                "the optimizer is no longer plain SGD (momentum was switched on?): the factored route "
+                "cannot follow it; build the tracker with group_state='dense'"
+            )
 
     # -- persistence ----------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -263,15 +362,18 @@ class PathKernelTracker:
             "theta_after": None if self._theta_after is None else {k: v.clone() for k, v in self._theta_after.items()},
             "num_groups": self.num_groups,
             "quadrature": self.rule.name,
+            "group_state": self.group_state,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state.get("format") != "genkernel.PathKernelTracker/1":
             raise ValueError("not a PathKernelTracker state (made by tracker.state_dict())")
-        if state["num_groups"] != self.num_groups or state["quadrature"] != self.rule.name:
+        saved = (state["num_groups"], state["quadrature"], state.get("group_state", "dense"))
+        if saved != (self.num_groups, self.rule.name, self.group_state):
             raise ValueError(
-                f"the saved tracker had num_groups={state['num_groups']}, quadrature={state['quadrature']!r}; "
-                f"this one has num_groups={self.num_groups}, quadrature={self.rule.name!r}"
+                f"the saved tracker had num_groups={saved[0]}, quadrature={saved[1]!r}, group_state={saved[2]!r}; "
+                f"this one has num_groups={self.num_groups}, quadrature={self.rule.name!r}, "
+                f"group_state={self.group_state!r}"
             )
         self.ledger = PathKernelLedger.from_state_dict(state["ledger"])
         self.splitter.load_state_dict(state["splitter"])
@@ -324,7 +426,8 @@ class PathKernelTracker:
                     "per-example coefficients"
                 )
 
-    def _check_gradients(self, index, grads, losses, analysis_losses) -> None:
+    def _check_gradients(self, index, grads, losses, analysis_losses, sizes) -> dict[str, torch.Tensor]:
+        """Check step 1 against training; returns the rounding gap {name: real gradient − Σ_g ĝ_g}."""
         loss_tolerance = max(self.rtol, 1e-6) * 10
         scale = float(losses.abs().max()) if losses.numel() else 0.0
         if not torch.allclose(analysis_losses.to(losses), losses, rtol=loss_tolerance, atol=loss_tolerance * scale):
@@ -333,11 +436,12 @@ class PathKernelTracker:
                 f"step {index}: the per-example analysis forward does not reproduce the training losses (max gap "
                 f"{gap:.3e}); the model's output must depend only on its own example and parameters"
             )
-        gaps, scales = {}, {}
+        gaps, scales, rounding = {}, {}, {}
         for name, p in self.params.items():
-            real = torch.zeros_like(p, dtype=torch.float64) if p.grad is None else p.grad.to(torch.float64)
-            gaps[name] = float((grads[name].sum(dim=0) - real).norm())
-            scales[name] = float(real.norm() + grads[name].abs().sum(dim=0).norm())
+            real = torch.zeros_like(p, dtype=torch.float64) if p.grad is None else p.grad.to(torch.float64, copy=True)
+            scales[name] = float(real.norm()) + sizes[name]
+            rounding[name] = real.sub_(grads[name].sum(dim=0))
+            gaps[name] = float(rounding[name].norm())
         # A parameter whose true gradient is zero (a bias before a normalization) carries pure
         # rounding noise on both sides: compare it with rounding of the whole gradient too.
         floor = 16 * torch.finfo(next(iter(self.params.values())).dtype).eps * math.sqrt(sum(v * v for v in scales.values()))
@@ -347,15 +451,18 @@ class PathKernelTracker:
                     f"step {index}: the group gradients of '{name}' do not add up to the real gradient (gap "
                     f"{gaps[name]:.3e}, scale {scales[name]:.3e})"
                 )
+        return rounding
 
     def _check_updates(self, index, updates, theta_before, theta_after) -> None:
         self.splitter.check_state(self.rtol)
         for name, u in updates.items():
             before, after = theta_before[name], theta_after[name]
-            delta = after.to(torch.float64) - before.to(torch.float64)
-            ulp = (torch.nextafter(after.abs(), torch.full_like(after, math.inf)) - after.abs()).to(torch.float64)
-            tolerance = 2 * ulp + self.rtol * (delta.abs() + u.abs().sum(dim=0))
-            gap = (u.sum(dim=0) - delta).abs()
+            # In place where possible: on a per-example route this check is a fair part of a step.
+            size = after.abs()
+            ulp = torch.nextafter(size, size.new_tensor(math.inf)).sub_(size).to(torch.float64)
+            delta = after.to(torch.float64, copy=True).sub_(before.to(torch.float64))
+            gap = u.sum(dim=0).sub_(delta).abs_()
+            tolerance = u.abs().sum(dim=0).add_(delta.abs_()).mul_(self.rtol).add_(ulp, alpha=2)
             if bool((gap > tolerance).any()):
                 worst = float((gap - tolerance).max())
                 raise LedgerCheckError(
@@ -364,16 +471,32 @@ class PathKernelTracker:
                     "the tracker cannot see?"
                 )
 
-    def _contributions(self, updates, theta_before, theta_after) -> torch.Tensor:
-        """``[M, G + 1, d]`` float64: Σ_q w_q J(x; θ_k + s_q Δ_k) u_g, for every group and the rest.
+    def _nodes(self, theta_before, theta_after) -> list[tuple[float, dict[str, torch.Tensor]]]:
+        """(w_q, θ_k + s_q Δ_k) for the quadrature rule's nodes, in the parameters' dtype."""
+        nodes = []
+        for node, weight in zip(self.rule.nodes, self.rule.weights):
+            if node == 0.0:
+                theta = theta_before
+            elif node == 1.0:
+                theta = theta_after
+            else:
+                theta = {
+                    n: (b.to(torch.float64) + node * (theta_after[n].to(torch.float64) - b.to(torch.float64))).to(b.dtype)
+                    for n, b in theta_before.items()
+                }
+            nodes.append((weight, theta))
+        return nodes
 
-        Two exact routes: one JVP per group and node (cost ∝ G + 1), or the probes' Jacobians
+    def _contributions(self, updates, nodes) -> torch.Tensor:
+        """``[M, rows, d]`` float64: Σ_q w_q J(x; θ_q) u_r for every row r of ``updates``.
+
+        Two exact routes: one JVP per row and node (cost ∝ rows), or the probes' Jacobians
         J(x) ``[M, d, P]`` times the updates (cost ∝ d, memory M·d·P). "auto" takes the
-        Jacobian route when 8 d <= G + 1 (measured: a reverse-mode Jacobian pass costs several
+        Jacobian route when 8 d <= rows (measured: a reverse-mode Jacobian pass costs several
         JVPs) and the Jacobians fit in the memory budget.
         """
         names = list(self.params)
-        dtype = theta_before[names[0]].dtype
+        dtype = nodes[0][1][names[0]].dtype
         tangents = {n: updates[n].to(dtype) for n in names}
         rows = updates[names[0]].shape[0]
         num_params = sum(t[0].numel() for t in tangents.values())
@@ -383,23 +506,14 @@ class PathKernelTracker:
             fits = 2 * m * d * num_params * tangents[names[0]].element_size() <= self.memory_budget
             route = "jacobian" if (8 * d <= rows and fits) else "jvp"
         total = None
-        for node, weight in zip(self.rule.nodes, self.rule.weights):
-            if node == 0.0:
-                theta = theta_before
-            elif node == 1.0:
-                theta = theta_after
-            else:
-                theta = {
-                    n: (theta_before[n].to(torch.float64) + node * (theta_after[n].to(torch.float64) - theta_before[n].to(torch.float64))).to(dtype)
-                    for n in names
-                }
+        for weight, theta in nodes:
             if route == "jacobian":
                 jac = per_example_jacobian(self.module, theta)(*self.probes)  # [M, d, P]
-                flat = torch.cat([tangents[n].reshape(rows, -1) for n in names], dim=1)  # [G + 1, P]
+                flat = torch.cat([tangents[n].reshape(rows, -1) for n in names], dim=1)  # [rows, P]
                 value = torch.einsum("mdp,gp->gmd", jac, flat)
             else:
                 value = self._jvp_contributions(theta, tangents, rows, num_params)
-            value = value.to(torch.float64) * weight  # [G + 1, M, d]
+            value = value.to(torch.float64) * weight  # [rows, M, d]
             total = value if total is None else total + value
         return total.permute(1, 0, 2).contiguous()
 
@@ -417,3 +531,8 @@ class PathKernelTracker:
         for start in range(0, rows, chunk):
             parts.append(vmap(push)({n: t[start : start + chunk] for n, t in tangents.items()}))
         return torch.cat(parts)
+
+
+def _plain_sgd(optimizer: torch.optim.Optimizer) -> bool:
+    """torch.optim.SGD with no momentum in any parameter group (its update is −η ĝ, stateless)."""
+    return type(optimizer) is torch.optim.SGD and all(float(g.get("momentum", 0.0)) == 0.0 for g in optimizer.param_groups)
