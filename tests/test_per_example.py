@@ -166,3 +166,106 @@ def test_resume_checks_the_group_state(tmp_path):
     dense = PathKernelTracker(model, opt, mse_loss, probes, num_groups=4, group_state="dense")
     with pytest.raises(ValueError, match="group_state"):
         dense.load(tmp_path / "t.pt")
+
+
+# ------------------------------------------------------------------ sketched per-group state
+def small_mlp(dtype=torch.float64):
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(3, 12), nn.Tanh(), nn.Linear(12, 12), nn.Tanh(), nn.Linear(12, 1)).to(dtype)
+
+
+OPTIMIZERS = {
+    "sgd_momentum": lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9, dampening=0.1, weight_decay=0.01),
+    "nesterov": lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9, nesterov=True),
+    "adam": lambda p: torch.optim.Adam(p, lr=0.01, weight_decay=0.01),
+    "adamw_amsgrad_maximize": lambda p: torch.optim.AdamW(p, lr=0.01, amsgrad=True, maximize=True),
+}
+
+
+def sketched_run(opt_name, group_state, dtype=torch.float64, steps=4, **sketch):
+    model = small_mlp(dtype)
+    opt = OPTIMIZERS[opt_name](model.parameters())
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(8 * steps, 3, generator=g, dtype=dtype), torch.randn(8 * steps, 1, generator=g, dtype=dtype)
+    probes = torch.randn(4, 3, generator=g, dtype=dtype)
+    tracker = PathKernelTracker(model, opt, mse_loss, probes, num_groups=8 * steps, group_state=group_state,
+                                quadrature="simpson", **sketch)
+    for k in range(steps):
+        rows = slice(8 * k, 8 * k + 8)
+        tracker.step(x[rows], y[rows], torch.arange(rows.start, rows.stop))
+    return tracker, model
+
+
+@pytest.mark.parametrize("opt_name", list(OPTIMIZERS))
+def test_sketched_state_keeps_the_exact_totals_and_is_unbiased(opt_name):
+    dense, dense_model = sketched_run(opt_name, "dense")
+    ref = dense.ledger
+    estimates, errors = [], []
+    for seed in range(12):
+        sketched, model = sketched_run(opt_name, "sketched", sketch_dim=64, sketch_seed=seed)
+        led = sketched.ledger
+        # Exact parts: training, the rest, the residual, and the examples' total (estimates + sketch error).
+        for a, b in zip(dense_model.parameters(), model.parameters()):
+            assert torch.equal(a, b)
+        scale = float(ref.delta.abs().max())
+        assert float((led.rest - ref.rest).abs().max()) < 1e-10 * scale
+        assert float((led.residual - ref.residual).abs().max()) < 1e-10 * scale
+        total = led.contributions.sum(dim=1) + led.sketch_error
+        assert float((total - ref.contributions.sum(dim=1)).abs().max()) < 1e-10 * scale
+        estimates.append(led.contributions)
+        errors.append(float((led.contributions - ref.contributions).norm() / ref.contributions.norm()))
+    # Unbiased: the mean of 12 independent sketches is much closer than a typical single one
+    # (by about sqrt(12) ≈ 3.5 for independent errors).
+    mean_error = float((torch.stack(estimates).mean(0) - ref.contributions).norm() / ref.contributions.norm())
+    median_error = sorted(errors)[len(errors) // 2]
+    assert mean_error < 0.5 * median_error, (mean_error, median_error)
+
+
+def test_sketch_error_shrinks_with_the_projection_dimension():
+    dense, _ = sketched_run("sgd_momentum", "dense")
+    errors = []
+    for k in (16, 256, 4096):
+        per_seed = []
+        for seed in range(3):
+            sketched, _ = sketched_run("sgd_momentum", "sketched", sketch_dim=k, sketch_seed=seed)
+            per_seed.append(float((sketched.ledger.contributions - dense.ledger.contributions).norm()))
+        errors.append(sum(per_seed) / len(per_seed))
+    # Expected ∝ k^-1/2: a factor 4 per 16× k; allow noise of 3 seeds.
+    assert errors[1] < errors[0] / 2 and errors[2] < errors[1] / 2, errors
+
+
+def test_sketched_resume_is_bit_exact(tmp_path):
+    whole, _ = sketched_run("adam", "sketched", sketch_dim=32)
+    model = small_mlp()
+    opt = OPTIMIZERS["adam"](model.parameters())
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(32, 3, generator=g, dtype=torch.float64), torch.randn(32, 1, generator=g, dtype=torch.float64)
+    probes = torch.randn(4, 3, generator=g, dtype=torch.float64)
+    make = lambda: PathKernelTracker(model, opt, mse_loss, probes, num_groups=32, group_state="sketched",  # noqa: E731
+                                     quadrature="simpson", sketch_dim=32)
+    first = make()
+    for k in range(2):
+        first.step(x[8 * k: 8 * k + 8], y[8 * k: 8 * k + 8], torch.arange(8 * k, 8 * k + 8))
+    first.save(tmp_path / "t.pt")
+    second = make()
+    second.load(tmp_path / "t.pt")
+    for k in range(2, 4):
+        second.step(x[8 * k: 8 * k + 8], y[8 * k: 8 * k + 8], torch.arange(8 * k, 8 * k + 8))
+    assert torch.equal(second.ledger.contributions, whole.ledger.contributions)
+    assert torch.equal(second.ledger.sketch_error, whole.ledger.sketch_error)
+    other = PathKernelTracker(model, opt, mse_loss, probes, num_groups=32, group_state="sketched",
+                              quadrature="simpson", sketch_dim=64)
+    with pytest.raises(ValueError, match="k=32"):
+        other.load(tmp_path / "t.pt")
+
+
+def test_sketched_refuses_what_it_cannot_sketch():
+    model = small_mlp()
+    probes = torch.randn(3, 3, dtype=torch.float64)
+    with pytest.raises(ValueError, match="supports torch.optim.SGD"):
+        PathKernelTracker(model, torch.optim.RMSprop(model.parameters()), mse_loss, probes, num_groups=4,
+                          group_state="sketched")
+    split = torch.optim.SGD([{"params": list(model.parameters())[:2], "momentum": 0.9},
+                             {"params": list(model.parameters())[2:], "momentum": 0.5}], lr=0.1)
+    with pytest.raises(ValueError, match="same momentum"):
+        PathKernelTracker(model, split, mse_loss, probes, num_groups=4, group_state="sketched")

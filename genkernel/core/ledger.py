@@ -40,7 +40,8 @@ def atomic_save(obj: Any, path: str | os.PathLike) -> None:
 class NetShares:
     """Net shares of the final change, share(x, g) = ⟨C(x, g), Δf(x)⟩ / ‖Δf(x)‖².
 
-    ``groups [M, G]``, ``rest [M]`` and ``residual [M]`` sum to 1 per probe. ``kappa [M]`` is the
+    ``groups [M, G]``, ``rest [M]``, ``residual [M]`` and ``sketch_error [M]`` (zero unless the
+    groups' state was sketched) sum to 1 per probe. ``kappa [M]`` is the
     cancellation ratio Σ_g ‖C(x, g)‖ / ‖Δf(x)‖: with κ in the tens, shares are ill-conditioned.
     Probes whose output did not change get NaN.
     """
@@ -49,6 +50,7 @@ class NetShares:
     rest: torch.Tensor
     residual: torch.Tensor
     kappa: torch.Tensor
+    sketch_error: torch.Tensor
 
 
 @dataclass
@@ -60,10 +62,12 @@ class PathKernelLedger:
         rest: ``[M, d]`` what no tracked example caused: weight decay, optimizer state from before
             tracking, changes of buffers such as spectral norm's power iteration (``buffer_drift``).
         buffer_drift: ``[M, d]`` the part of ``rest`` due to buffers changing between steps.
-        residual: ``[M, d]`` f_end − f_start − Σ_g contributions − rest: quadrature error and
-            rounding, including the rounding gap between the optimizer's batched gradient and
-            Σ_g ĝ_g (checked to be rounding-sized every step; Adam can magnify its effect where a
-            gradient cancels).
+        residual: ``[M, d]`` f_end − f_start − Σ_g contributions − rest − sketch_error: quadrature
+            error and rounding, including the rounding gap between the optimizer's batched
+            gradient and Σ_g ĝ_g (checked to be rounding-sized every step; Adam can magnify its
+            effect where a gradient cancels).
+        sketch_error: ``[M, d]`` with sketched per-group state, the exact total of the examples'
+            contributions minus the sum of their sketched estimates (zero otherwise).
         f_start, f_end: ``[M, d]`` outputs at the first and latest parameters.
         traffic: ``[M, G]`` Σ_k ‖c_{k,g}(x)‖, norms of per-step contributions (no cancellation).
         steps: number of optimizer steps recorded.
@@ -77,6 +81,7 @@ class PathKernelLedger:
     f_end: torch.Tensor
     traffic: torch.Tensor
     buffer_drift: torch.Tensor
+    sketch_error: torch.Tensor | None = None
     steps: int = 0
     history: list[dict[str, Any]] = field(default_factory=list)
 
@@ -93,7 +98,12 @@ class PathKernelLedger:
             f_end=f_start.clone(),
             traffic=f_start.new_zeros((m, num_groups)),
             buffer_drift=zeros.clone(),
+            sketch_error=zeros.clone(),
         )
+
+    def __post_init__(self) -> None:
+        if self.sketch_error is None:  # ledgers saved before sketched state existed
+            self.sketch_error = torch.zeros_like(self.rest)
 
     @property
     def num_groups(self) -> int:
@@ -104,13 +114,19 @@ class PathKernelLedger:
         """``[M, d]`` the real change f_end − f_start."""
         return self.f_end - self.f_start
 
-    def record(self, step_contributions: torch.Tensor, step_rest: torch.Tensor, f_new: torch.Tensor) -> None:
-        """Add one step: ``step_contributions [M, G, d]``, ``step_rest [M, d]``, new outputs ``[M, d]``."""
+    def record(
+        self, step_contributions: torch.Tensor, step_rest: torch.Tensor, f_new: torch.Tensor,
+        step_sketch_error: torch.Tensor | None = None,
+    ) -> None:
+        """Add one step: ``step_contributions [M, G, d]``, ``step_rest [M, d]``, new outputs ``[M, d]``
+        and, with sketched state, the step's ``[M, d]`` sketch error."""
         self.contributions += step_contributions
         self.rest += step_rest
+        if step_sketch_error is not None:
+            self.sketch_error += step_sketch_error
         self.traffic += step_contributions.norm(dim=2)
         self.f_end = f_new.detach().to(torch.float64).clone()
-        self.residual = self.f_end - self.f_start - self.contributions.sum(dim=1) - self.rest
+        self.residual = self.f_end - self.f_start - self.contributions.sum(dim=1) - self.rest - self.sketch_error
         self.steps += 1
 
     def snapshot(self) -> None:
@@ -118,7 +134,8 @@ class PathKernelLedger:
         self.history.append(
             {
                 "step": self.steps,
-                **{key: getattr(self, key).clone() for key in ("contributions", "rest", "residual", "f_end", "traffic")},
+                **{key: getattr(self, key).clone()
+                   for key in ("contributions", "rest", "residual", "f_end", "traffic", "sketch_error")},
             }
         )
 
@@ -133,6 +150,7 @@ class PathKernelLedger:
             rest=(self.rest * delta).sum(dim=1) / safe,
             residual=(self.residual * delta).sum(dim=1) / safe,
             kappa=self.cancellation_ratio(),
+            sketch_error=(self.sketch_error * delta).sum(dim=1) / safe,
         )
 
     def cancellation_ratio(self) -> torch.Tensor:
@@ -176,11 +194,17 @@ class PathKernelLedger:
             "median_kappa": float(kappa.nanmedian()) if kappa.numel() else float("nan"),
             "mean_change_norm": float(change.mean()) if change.numel() else 0.0,
             "rest_norm": float(self.rest.norm()),
+            "relative_sketch_error": self.relative_sketch_error(),
         }
+
+    def relative_sketch_error(self) -> float:
+        """‖sketch_error‖ / ‖Δf‖ (0 without sketched state)."""
+        change = self.delta.norm()
+        return float(self.sketch_error.norm() / change) if change > 0 else float("nan")
 
     # -- persistence ---------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        fields = ("contributions", "rest", "residual", "f_start", "f_end", "traffic", "buffer_drift")
+        fields = ("contributions", "rest", "residual", "f_start", "f_end", "traffic", "buffer_drift", "sketch_error")
         return {
             **{key: getattr(self, key).clone() for key in fields},
             "steps": self.steps,

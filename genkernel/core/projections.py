@@ -18,6 +18,7 @@ same seed gives the same R whatever the chunking of examples or the engine.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from torch import nn
@@ -61,6 +62,117 @@ def project_parameter(
         r = projection_block(seed, param_index, block, k, stop - start, kind, flat.dtype, flat.device)
         out += flat[:, start:stop] @ r
     return out.reshape(*lead, k)
+
+
+class Projector:
+    """R for a fixed (seed, k, kind), with each parameter's columns kept once they are drawn,
+    while they fit in ``cache_bytes`` (beyond that, blocks are drawn again at every use).
+
+    ``project(values, param_index)`` equals :func:`project_parameter` with the same arguments up
+    to rounding (the same blocks from the same seeds, whatever is cached). For repeated projections (the tracker
+    projects every step) drawing R once is most of the saving.
+    """
+
+    def __init__(self, k: int, *, seed: int = 0, kind: str = "rademacher", cache_bytes: int = DEFAULT_MEMORY_BUDGET):
+        _check(k, kind)
+        self.k, self.seed, self.kind, self.cache_bytes = k, seed, kind, cache_bytes
+        self._columns: dict[tuple[int, torch.dtype, Any], torch.Tensor] = {}
+        self._cached_bytes = 0
+
+    def columns(self, param_index: int, numel: int, dtype: torch.dtype, device=None) -> torch.Tensor | None:
+        """``[numel, k]`` columns of parameter ``param_index`` when cached (or cacheable), else None."""
+        key = (param_index, dtype, device)
+        if key in self._columns:
+            return self._columns[key]
+        size = numel * self.k * torch.empty((), dtype=dtype).element_size()
+        if self._cached_bytes + size > self.cache_bytes:
+            return None
+        blocks = [
+            projection_block(self.seed, param_index, block, self.k, min(start + GENERATION_BLOCK, numel) - start,
+                             self.kind, dtype, device)
+            for block, start in enumerate(range(0, numel, GENERATION_BLOCK))
+        ]
+        self._columns[key] = torch.cat(blocks) if blocks else torch.zeros((0, self.k), dtype=dtype, device=device)
+        self._cached_bytes += size
+        return self._columns[key]
+
+    def project(self, values: torch.Tensor, param_index: int) -> torch.Tensor:
+        """R_i v: ``[..., numel] -> [..., k]``."""
+        cached = self.columns(param_index, values.shape[-1], values.dtype, values.device)
+        if cached is None:
+            return project_parameter(values, param_index, self.k, seed=self.seed, kind=self.kind)
+        return values @ cached
+
+
+class ParameterProjection:
+    """A projection R of a model's parameter space to R^k, one parameter at a time, built for
+    repeated use on per-example gradients (the tracker's sketched state).
+
+    - A parameter with two or more dimensions, seen as a matrix W ``[O, I]`` (O = shape[0]), gets
+      rows (r_j ⊗ s_j) / sqrt(k) with r_j ∈ R^O, s_j ∈ R^I of i.i.d. entries of mean 0 and
+      variance 1 (Rademacher or Gaussian): R vec(W) = (r_jᵀ W s_j)_j / sqrt(k), and for an outer
+      product R vec(g aᵀ) = ((r_j · g)(s_j · a))_j / sqrt(k). So the per-example gradients of
+      linear and convolutional layers are sketched from their factors without being formed, and
+      R costs (O + I) k numbers instead of O I k. Still E[RᵀR] = E[r rᵀ] ⊗ E[s sᵀ] = I (unbiased
+      inner products); its variance is larger than an i.i.d. R's for some inputs.
+    - Every other parameter: the i.i.d. blockwise projection (:class:`Projector`).
+
+    Args:
+        shapes: ``{name: shape}`` of the parameters in ``named_parameters`` order (the index of a
+            name seeds its part of R).
+        k, seed, kind: as for :func:`project_parameter`.
+        cache_bytes: how much of the vectors' i.i.d. columns may be kept between uses.
+    """
+
+    def __init__(self, shapes: dict[str, tuple[int, ...]], k: int, *, seed: int = 0, kind: str = "rademacher",
+                 cache_bytes: int = DEFAULT_MEMORY_BUDGET):
+        _check(k, kind)
+        self.k, self.seed, self.kind = k, seed, kind
+        self.shapes = {name: tuple(shape) for name, shape in shapes.items()}
+        self.index = {name: i for i, name in enumerate(shapes)}
+        self.vectors = Projector(k, seed=seed, kind=kind, cache_bytes=cache_bytes)
+        self._factors: dict[tuple[str, torch.dtype, Any], tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def is_matrix(self, name: str) -> bool:
+        return len(self.shapes[name]) >= 2
+
+    def factors(self, name: str, dtype: torch.dtype, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(r ``[k, O]``, s ``[k, I]``) of a matrix parameter, s already divided by sqrt(k)."""
+        key = (name, dtype, device)
+        if key not in self._factors:
+            shape = self.shapes[name]
+            rows, cols = shape[0], math.prod(shape[1:])
+            generator = torch.Generator().manual_seed((self.seed * 1_000_003 + self.index[name]) * 1_000_033 + 999_983)
+            if self.kind == "gaussian":
+                r = torch.randn((self.k, rows), generator=generator, dtype=torch.float64)
+                s = torch.randn((self.k, cols), generator=generator, dtype=torch.float64)
+            else:
+                r = torch.randint(0, 2, (self.k, rows), generator=generator).to(torch.float64) * 2 - 1
+                s = torch.randint(0, 2, (self.k, cols), generator=generator).to(torch.float64) * 2 - 1
+            self._factors[key] = (r.to(dtype=dtype, device=device), (s / math.sqrt(self.k)).to(dtype=dtype, device=device))
+        return self._factors[key]
+
+    def project(self, name: str, values: torch.Tensor, chunk_bytes: int = 64 * 2**20) -> torch.Tensor:
+        """R v for rows of values of parameter ``name``: ``[N, *shape]`` (or ``[N, numel]``) -> ``[N, k]``."""
+        n = values.shape[0]
+        flat = values.reshape(n, -1)
+        if not self.is_matrix(name):
+            return self.vectors.project(flat, self.index[name])
+        r, s = self.factors(name, values.dtype, values.device)
+        rows = self.shapes[name][0]
+        matrices = flat.reshape(n, rows, -1)
+        out = flat.new_empty((n, self.k))
+        step = max(1, chunk_bytes // max(rows * self.k * flat.element_size(), 1))
+        for start in range(0, n, step):
+            part = matrices[start : start + step] @ s.T  # [n, O, k]
+            out[start : start + step] = torch.einsum("nok,ko->nk", part, r)
+        return out
+
+    def project_outer(self, name: str, a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+        """R vec(Σ_t g_t a_tᵀ) for a matrix parameter from factors ``a [N, T, I]``, ``g [N, T, O]``:
+        ``[N, k]``."""
+        r, s = self.factors(name, a.dtype, a.device)
+        return (torch.einsum("nto,ko->ntk", g, r) * torch.einsum("nti,ki->ntk", a, s)).sum(dim=1)
 
 
 def project_gradients(
@@ -183,6 +295,6 @@ def expected_relative_error(kernel: torch.Tensor, k: int) -> float:
 
 
 __all__ = [
-    "GENERATION_BLOCK", "KINDS", "expected_relative_error", "project_gradients", "project_parameter",
+    "GENERATION_BLOCK", "KINDS", "ParameterProjection", "Projector", "expected_relative_error", "project_gradients", "project_parameter",
     "projection_block", "sketched_gradient_kernel", "sketched_tangent_features",
 ]

@@ -51,6 +51,12 @@ class UpdateSplitter:
         self.state: dict[str, dict[str, torch.Tensor]] = {}  # name -> state_name -> [G+1, *shape]
         self.hyper: dict[str, dict[str, Any]] = {}
         self.before: dict[str, dict[str, Any]] = {}
+        # The optimizer keeps its linear state in the parameters' dtype: where it cancels over
+        # steps, its own rounding is relative to the magnitudes it summed, not to the result.
+        # magnitude[name] follows the state's recurrence on |gradients| (one row, float64) and
+        # rounding_scale[name] is the update that magnitude would make: the scale of that rounding.
+        self.magnitude: dict[str, torch.Tensor] = {}
+        self.rounding_scale: dict[str, torch.Tensor] = {}
 
     @staticmethod
     def _group_index(optimizer: torch.optim.Optimizer, params: dict[str, torch.nn.Parameter]) -> dict[str, int]:
@@ -97,6 +103,7 @@ class UpdateSplitter:
         effect on the probes stays in the residual, as rounding should.
         """
         updates = {}
+        self.rounding_scale = {}
         for name, p in self.params.items():
             h = self.hyper[name]
             grads = group_grads[name].to(torch.float64)
@@ -128,10 +135,23 @@ class UpdateSplitter:
                 )
 
     def state_dict(self) -> dict[str, Any]:
-        return {"state": {n: {k: v.clone() for k, v in s.items()} for n, s in self.state.items()}}
+        return {
+            "state": {n: {k: v.clone() for k, v in s.items()} for n, s in self.state.items()},
+            "magnitude": {n: v.clone() for n, v in self.magnitude.items()},
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.state = {n: {k: v.clone() for k, v in s.items()} for n, s in state["state"].items()}
+        self.magnitude = {n: v.clone() for n, v in state.get("magnitude", {}).items()}
+
+    def _advance_magnitude(self, name: str, full: torch.Tensor, decay: float, gain: float) -> torch.Tensor:
+        """magnitude ← decay · magnitude + gain · Σ_rows |full| (starting from |pre-existing buffer|)."""
+        size = full.abs().sum(dim=0)
+        if name not in self.magnitude:
+            existing = self.before.get(name, {}).get(self.optimizer_buffer) if self.optimizer_buffer else None
+            start = existing.abs().to(torch.float64) if isinstance(existing, torch.Tensor) else torch.zeros_like(size)
+            self.magnitude[name] = start
+        return self.magnitude[name].mul_(decay).add_(size, alpha=gain)
 
     # -- per optimizer ------------------------------------------------------------------------
     def _hyperparameters(self, group: dict[str, Any]) -> dict[str, Any]:
@@ -179,11 +199,14 @@ class SGDSplitter(UpdateSplitter):
         if "momentum_buffer" not in state:
             if self.before[name].get("momentum_buffer") is None:
                 state["momentum_buffer"] = full.clone()  # PyTorch's first step: b_1 = g_1
+                self.magnitude[name] = full.abs().sum(dim=0)
                 buffer = state["momentum_buffer"]
+                self.rounding_scale[name] = h["lr"] * self.magnitude[name]
                 return -h["lr"] * (full + h["momentum"] * buffer) if h["nesterov"] else -h["lr"] * buffer
             state["momentum_buffer"] = self._initial_state(name, "momentum_buffer", full)
         buffer = state["momentum_buffer"]
         buffer.mul_(h["momentum"]).add_(full, alpha=1 - h["dampening"])
+        self.rounding_scale[name] = h["lr"] * self._advance_magnitude(name, full, h["momentum"], 1 - h["dampening"])
         return -h["lr"] * (full + h["momentum"] * buffer) if h["nesterov"] else -h["lr"] * buffer
 
 
@@ -230,6 +253,8 @@ class AdamSplitter(UpdateSplitter):
         bias2 = 1 - h["beta2"] ** step
         denom = second.sqrt() / bias2**0.5 + h["eps"]
         updates = -(h["lr"] / bias1) * m / denom
+        magnitude = self._advance_magnitude(name, full, h["beta1"], 1 - h["beta1"])
+        self.rounding_scale[name] = (h["lr"] / bias1) * magnitude / denom
         if h["decoupled"] and h["weight_decay"] != 0:
             updates[self.num_groups] -= h["lr"] * h["weight_decay"] * theta
         return updates
@@ -270,6 +295,7 @@ class RMSpropSplitter(UpdateSplitter):
             state["momentum_buffer"] = self._initial_state(name, "momentum_buffer", full)
         buffer = state["momentum_buffer"]
         buffer.mul_(h["momentum"]).add_(preconditioned)
+        self.rounding_scale[name] = h["lr"] * self._advance_magnitude(name, preconditioned, h["momentum"], 1.0)
         return -h["lr"] * buffer
 
 

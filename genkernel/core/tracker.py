@@ -55,11 +55,12 @@ from .ledger import PathKernelLedger, atomic_save
 from .per_example import BatchFactors, batch_totals, capture_batch, factored_contributions
 from .pergrad import DEFAULT_GRADIENT_BUDGET, group_gradients
 from .quadrature import quadrature_rule
+from .sketched_state import SketchedGroupState
 from .splitting import make_splitter
 from .step import LossFn, OptimizerStep
 
 CONTRIBUTION_ROUTES = ("auto", "jvp", "jacobian")
-GROUP_STATES = ("auto", "dense", "factored")
+GROUP_STATES = ("auto", "dense", "factored", "sketched")
 CHECK_RTOL = {torch.float64: 1e-10, torch.float32: 1e-5}
 
 
@@ -112,9 +113,16 @@ class PathKernelTracker:
             "factored": no per-group copy at all: each example's contribution is a cross kernel
             computed from layer factors (:mod:`genkernel.core.per_example`); exact, plain SGD
             only (no momentum: a buffer mixes steps), one process; cost grows with B, not G;
+            "sketched": each group keeps a k-dimensional random projection of its optimizer state
+            (:mod:`genkernel.core.sketched_state`; SGD with momentum, Adam, AdamW, one process):
+            G × k values; contributions are unbiased estimates, the exact totals are still checked
+            every step, and ``ledger.sketch_error`` reports how far the estimates' sum is from
+            the exact total of the examples' contributions;
             "auto": "factored" for plain SGD in one process when the probes' outputs are no more
             than the groups plus one (d ≤ G + 1: d backward cotangents replace G + 1 JVPs),
-            else "dense".
+            else "dense" (never "sketched", which is approximate: ask for it).
+        sketch_dim, sketch_seed, sketch_kind: k, the seed and the entries ("rademacher" or
+            "gaussian") of the projection for ``group_state="sketched"``.
 
     Under torch.distributed, pass the DistributedDataParallel-wrapped model and each rank's shard:
     the ranks' group gradients are averaged as DDP averages gradients, so every rank keeps the
@@ -138,6 +146,9 @@ class PathKernelTracker:
         memory_budget: int = DEFAULT_GRADIENT_BUDGET,
         contribution_route: str = "auto",
         group_state: str = "auto",
+        sketch_dim: int = 512,
+        sketch_seed: int = 0,
+        sketch_kind: str = "rademacher",
     ) -> None:
         if not isinstance(num_groups, int) or num_groups < 1:
             raise ValueError(f"num_groups must be a positive int, got {num_groups!r}")
@@ -174,7 +185,11 @@ class PathKernelTracker:
         # groups together), against which the tracker checks every step.
         self.splitter = make_splitter(optimizer, self.params, num_groups if self.group_state == "dense" else 1)
         self._factor_exclusions: set[str] = set()
-        self.plan = make_plan(self.module) if self.group_state == "factored" else None
+        self.plan = None if self.group_state == "dense" else make_plan(self.module)
+        self.sketch = None
+        if self.group_state == "sketched":
+            self.sketch = SketchedGroupState(optimizer, self.params, num_groups, k=sketch_dim, seed=sketch_seed,
+                                             kind=sketch_kind, cache_bytes=memory_budget)
         self._f_prev = self.ledger.f_end.clone()
         self._theta_after: dict[str, torch.Tensor] | None = None
         self._grad_marks: dict[str, tuple[int, int]] | None = None
@@ -244,6 +259,8 @@ class PathKernelTracker:
 
         # 2. The real optimizer step.
         self.splitter.capture()
+        if self.sketch is not None:
+            self.sketch.before_step()
         step.apply_update()
 
         with torch.no_grad(), analysis_mode(self.module):
@@ -254,13 +271,13 @@ class PathKernelTracker:
             self._check_updates(index, updates, theta_before, theta_after)
             # 5. c_{k,g}(x) = Σ_q w_q J(x; θ_k + s_q Δ_k) u_{k,g}, and the rest's.
             nodes = self._nodes(theta_before, theta_after)
-            contributions, rest = self._step_contributions(updates, nodes, batch, groups, step.clip_factor)
+            contributions, rest, sketch_error = self._step_contributions(updates, nodes, batch, groups, step.clip_factor)
             # 6. Fresh forward at θ_{k+1}; record.
             f_after = self._probe_outputs()
-        step_residual = f_after - f_before - contributions.sum(dim=1) - rest
+        step_residual = f_after - f_before - contributions.sum(dim=1) - rest - sketch_error
         rest = rest + drift
         self.ledger.buffer_drift += drift
-        self.ledger.record(contributions, rest, f_after)
+        self.ledger.record(contributions, rest, f_after, sketch_error)
         if self.snapshot_every and self.ledger.steps % self.snapshot_every == 0:
             self.ledger.snapshot()
         self._f_prev = f_after
@@ -286,7 +303,8 @@ class PathKernelTracker:
             grads = {name: g * step.clip_factor for name, g in grads.items()}
             sizes = {name: float(g.abs().sum(dim=0).norm()) for name, g in grads.items()}
             return grads, analysis_losses, sizes, None
-        self._require_plain_sgd()
+        if self.group_state == "factored":
+            self._require_plain_sgd()
         while True:
             try:
                 batch = capture_batch(
@@ -302,10 +320,13 @@ class PathKernelTracker:
         return grads, batch.losses, sizes, batch
 
     def _step_contributions(self, updates, nodes, batch: BatchFactors | None, groups, clip_factor):
-        """Step 5: ``([M, G, d] group contributions, [M, d] the rest's)``, float64."""
+        """Step 5: ``([M, G, d] group contributions, [M, d] the rest's, [M, d] sketch error)``,
+        float64 (the sketch error is zero except on the sketched route)."""
         if self.group_state == "dense":
             both = self._contributions({n: u[: self.num_groups + 1] for n, u in updates.items()}, nodes)
-            return both[:, :-1], both[:, -1]
+            return both[:, :-1], both[:, -1], torch.zeros_like(both[:, -1])
+        if self.group_state == "sketched":
+            return self._sketched_contributions(updates, nodes, batch, groups, clip_factor)
         # Factored: per-example cross kernels with u_n = −η_p s c_n ∇ℓ_n, summed into the groups.
         scale = {}
         for name in self.params:
@@ -322,7 +343,24 @@ class PathKernelTracker:
             rest = self._contributions(rest_update, nodes)[:, 0]
         else:
             rest = per_example.new_zeros((m, d))
-        return contributions, rest
+        return contributions, rest, torch.zeros_like(rest)
+
+    def _sketched_contributions(self, updates, nodes, batch: BatchFactors, groups, clip_factor):
+        """Sketched route: ⟨R D J̄(x)ᵀ, R v_g⟩ per group; the examples' exact total and the rest by
+        JVP; the sketch error is their difference (see :mod:`genkernel.core.sketched_state`)."""
+        sketch = self.sketch
+        # R c_n ∇ℓ_n (times clipping), then the groups' sketched state and update directions.
+        directions = sketch.advance(groups.to(self._f_prev.device), sketch.project_batch(self.plan, batch) * clip_factor)
+        key = self.splitter.state_names[0] if self.splitter.state_names else None
+        if key is not None and key in self.splitter.state.get(next(iter(self.params)), {}):
+            sketch.check({n: self.splitter.state[n][key][0] for n in self.params}, self.splitter.hyper, self.rtol)
+        d = self._f_prev.shape[1]
+        probe_side = sketch.project_probes(
+            self.module, self.plan, self.probes, nodes, sketch.preconditioner(self.splitter.hyper), d
+        )  # [M, d, k]
+        contributions = torch.einsum("mdk,gk->mgd", probe_side, directions)
+        exact = self._contributions({n: u[0:2] for n, u in updates.items()}, nodes)  # [M, 2, d]
+        return contributions, exact[:, 1], exact[:, 0] - contributions.sum(dim=1)
 
     def _choose_group_state(self, group_state: str, d: int) -> str:
         if group_state not in GROUP_STATES:
@@ -330,12 +368,12 @@ class PathKernelTracker:
         plain = _plain_sgd(self.optimizer)
         if group_state == "auto":
             return "factored" if plain and self.distributed is None and d <= self.num_groups + 1 else "dense"
+        if group_state in ("factored", "sketched") and self.distributed is not None:
+            raise ValueError(
+                f"group_state={group_state!r} runs in one process; under DistributedDataParallel use "
+                "group_state='dense'"
+            )
         if group_state == "factored":
-            if self.distributed is not None:
-                raise ValueError(
-                    "group_state='factored' runs in one process; under DistributedDataParallel use "
-                    "group_state='dense'"
-                )
             if not plain:
                 raise ValueError(
                     "group_state='factored' needs plain SGD (torch.optim.SGD without momentum): a momentum "
@@ -363,6 +401,7 @@ class PathKernelTracker:
             "num_groups": self.num_groups,
             "quadrature": self.rule.name,
             "group_state": self.group_state,
+            "sketch": None if self.sketch is None else self.sketch.state_dict(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -377,6 +416,8 @@ class PathKernelTracker:
             )
         self.ledger = PathKernelLedger.from_state_dict(state["ledger"])
         self.splitter.load_state_dict(state["splitter"])
+        if self.sketch is not None:
+            self.sketch.load_state_dict(state["sketch"])
         self._f_prev = state["f_prev"].clone()
         self._theta_after = state["theta_after"]
         self._grad_marks = None
@@ -462,7 +503,10 @@ class PathKernelTracker:
             ulp = torch.nextafter(size, size.new_tensor(math.inf)).sub_(size).to(torch.float64)
             delta = after.to(torch.float64, copy=True).sub_(before.to(torch.float64))
             gap = u.sum(dim=0).sub_(delta).abs_()
-            tolerance = u.abs().sum(dim=0).add_(delta.abs_()).mul_(self.rtol).add_(ulp, alpha=2)
+            size = u.abs().sum(dim=0).add_(delta.abs_())
+            if name in self.splitter.rounding_scale:  # the optimizer's own state rounding (splitting.py)
+                size.add_(self.splitter.rounding_scale[name])
+            tolerance = size.mul_(self.rtol).add_(ulp, alpha=2)
             if bool((gap > tolerance).any()):
                 worst = float((gap - tolerance).max())
                 raise LedgerCheckError(
