@@ -15,8 +15,9 @@ untracked trainer runs, so training is bit-for-bit unchanged) and around it:
 3. the optimizer-aware split Δ_k = Σ_g u_{k,g} + u_rest (:mod:`genkernel.core.splitting`);
 4. the check: Σ_g ĝ_g equals the real gradient, the summed group state equals the optimizer's
    buffers and Σ_g u_g + u_rest equals Δ_k (DESIGN.md section 2, "The check");
-5. contributions c_{k,g}(x) = J̄_k(x) u_{k,g} at every probe, one JVP per group and quadrature
-   node (never per example);
+5. contributions c_{k,g}(x) = J̄_k(x) u_{k,g} at every probe: one JVP per group and quadrature
+   node ("dense"), per-example cross kernels from layer factors summed into groups ("factored",
+   plain SGD), or sketched estimates beside an exact total ("sketched");
 6. a fresh forward pass at θ_{k+1}; the ledger records contributions, rest, traffic and residual.
 
 Memory: with ``group_state="dense"`` the per-group updates and optimizer state are (G + 2) × P
@@ -72,12 +73,14 @@ class StepContributions:
         step: 1-based index of the step in the ledger.
         contributions: ``[M, G, d]`` float64, J̄_k(x) u_{k,g}.
         rest: ``[M, d]`` J̄_k(x) u_{k,rest} plus buffer drift.
-        residual: ``[M, d]`` this step's f(θ_{k+1}) − f(θ_k) − Σ_g contributions − rest.
+        residual: ``[M, d]`` this step's f(θ_{k+1}) − f(θ_k) − Σ_g contributions − rest − sketch_error.
         losses: ``[B]`` the per-example training losses.
         group_updates: ``{name: [rows, *shape]}`` float64 updates: with ``group_state="dense"``
             G + 2 rows (row G: the rest, row G + 1: the batched gradient's rounding gap, whose
             effect stays in the residual); otherwise 3 rows (all groups together, the rest, the
             rounding gap).
+        sketch_error: ``[M, d]`` with ``group_state="sketched"``, the examples' exact total
+            contribution minus the sum of the groups' sketched estimates (zero otherwise).
     """
 
     step: int
@@ -86,6 +89,7 @@ class StepContributions:
     residual: torch.Tensor
     losses: torch.Tensor
     group_updates: dict[str, torch.Tensor]
+    sketch_error: torch.Tensor
 
 
 class PathKernelTracker:
@@ -283,13 +287,13 @@ class PathKernelTracker:
         self._f_prev = f_after
         self._theta_after = theta_after
         self._grad_marks = {n: (id(p.grad), p.grad._version) for n, p in self.params.items() if p.grad is not None}
-        return StepContributions(index, contributions, rest, step_residual, losses, updates)
+        return StepContributions(index, contributions, rest, step_residual, losses, updates, sketch_error)
 
-    # -- the two routes ---------------------------------------------------------------------------
+    # -- the routes: dense, factored, sketched -------------------------------------------------
     def _gradients(self, step: OptimizerStep, groups: torch.Tensor, coefficients: torch.Tensor):
         """Step 1: ``(grads {name: [rows, *shape]} float64, analysis losses [B], sizes, batch)``.
 
-        Dense: one row per group, by :func:`group_gradients`. Factored: one row (Σ_n c_n ∇ℓ_n,
+        Dense: one row per group, by :func:`group_gradients`. Factored and sketched: one row (Σ_n c_n ∇ℓ_n,
         from the batch's layer factors, which are returned for step 5). ``sizes[name]`` is the
         size against which the gradient's rounding is judged.
         """
