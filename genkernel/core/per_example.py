@@ -151,6 +151,21 @@ def _scaled_for_update(block, f: Factors, scale: dict[str, float]) -> Factors:
     return Factors("dense", None, g)
 
 
+def probe_factors(
+    model: nn.Module, plan: Plan, probes: tuple[torch.Tensor, ...], theta: dict[str, torch.Tensor], d: int
+) -> tuple[list[Factors], torch.Tensor | None]:
+    """The probes' factors at θ (d output cotangents) and, for parameters outside the blocks,
+    their torch.func Jacobians ``[M, d, P_fb]`` at θ (None when every parameter is in a block)."""
+    # θ must require grad for the block outputs to have a graph.
+    params = {n: t.detach().requires_grad_(True) for n, t in theta.items()}
+    factors, _ = capture(model, plan, probes, output_cotangents(list(range(d))), parameters=params)
+    if not plan.fallback:
+        return factors, None
+    others = {n: t for n, t in theta.items() if n not in plan.fallback}
+    jac = per_example_jacobian(model, {n: theta[n] for n in plan.fallback}, fixed=others)(*probes).detach()
+    return factors, jac
+
+
 def factored_contributions(
     model: nn.Module,
     plan: Plan,
@@ -184,20 +199,17 @@ def factored_contributions(
     }
     total = None
     for weight, theta in nodes:
-        # 2. Probe factors at θ_q; θ_q must require grad for the block outputs to have a graph.
-        params = {n: t.detach().requires_grad_(True) for n, t in theta.items()}
-        probe_factors, _ = capture(model, plan, probes, output_cotangents(list(range(d))), parameters=params)
+        # 2. Probe factors at θ_q.
+        factors, jac = probe_factors(model, plan, probes, theta, d)
         value = None
         # 3. Cross kernels per block.
-        for f_batch, f_probe in zip(scaled, probe_factors):
+        for f_batch, f_probe in zip(scaled, factors):
             if f_batch is None:
                 continue
             block = pair_kernel(f_probe, f_batch, "none", memory_budget)[..., 0]  # [M, B, d]
             value = block if value is None else value + block
         # 4. torch.func for the rest of the parameters.
-        if fallback:
-            others = {n: t for n, t in theta.items() if n not in plan.fallback}
-            jac = per_example_jacobian(model, {n: theta[n] for n in plan.fallback}, fixed=others)(*probes).detach()
+        if jac is not None:
             flat = torch.cat([fallback[n].reshape(fallback[n].shape[0], -1) for n in plan.fallback], dim=1)
             part = torch.einsum("mdp,bp->mbd", jac.to(torch.float64), flat).to(jac.dtype)
             value = part if value is None else value + part
@@ -206,4 +218,4 @@ def factored_contributions(
     return total
 
 
-__all__ = ["BatchFactors", "batch_totals", "capture_batch", "factored_contributions"]
+__all__ = ["BatchFactors", "batch_totals", "capture_batch", "factored_contributions", "probe_factors"]

@@ -33,11 +33,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import LedgerCheckError
 from .adapter import batch_size as batch_size_of
-from .factored import Factors, Plan, block_gradients, capture, output_cotangents
-from .kernels import per_example_jacobian
-from .per_example import BatchFactors
+from .errors import LedgerCheckError
+from .factored import Factors, Plan, block_gradients
+from .per_example import BatchFactors, probe_factors
 from .projections import ParameterProjection
 
 SKETCH_OPTIMIZERS = "torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW"
@@ -174,8 +173,7 @@ class SketchedGroupState:
         total = None
         m = batch_size_of(probes)
         for weight, theta in nodes:
-            params = {n: t.detach().requires_grad_(True) for n, t in theta.items()}
-            factors, _ = capture(model, plan, probes, output_cotangents(list(range(d))), parameters=params)
+            factors, fb = probe_factors(model, plan, probes, theta, d)
             value = None
             for block, f in zip(plan.blocks, factors):
                 for c in range(d):  # one output at a time: [M, k] each
@@ -184,9 +182,7 @@ class SketchedGroupState:
                         continue
                     value = value if value is not None else part.new_zeros((d, m, self.k))
                     value[c] += part
-            if plan.fallback:
-                others = {n: t for n, t in theta.items() if n not in plan.fallback}
-                fb = per_example_jacobian(model, {n: theta[n] for n in plan.fallback}, fixed=others)(*probes).detach()
+            if fb is not None:
                 offset = 0
                 value = value if value is not None else fb.new_zeros((d, m, self.k), dtype=torch.float64)
                 for name, p in plan.fallback.items():
