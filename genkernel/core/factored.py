@@ -397,9 +397,14 @@ def pair_kernel(f1: Factors, f2: Factors, reduce: str, budget: int = DEFAULT_MEM
     """
     if _prefer_dense(f1, f2, budget):
         d1, d2 = _as_dense(f1), _as_dense(f2)
+        # One matmul per cotangent (pair): an einsum would copy both sides into a [B, c·P] layout.
         if reduce == "trace":
-            return torch.einsum("cbp,cep->be", d1, d2)
-        return torch.einsum("cbp,dep->becd", d1, d2)
+            return sum(d1[k] @ d2[k].T for k in range(d1.shape[0]))
+        out = d1.new_empty((d1.shape[1], d2.shape[1], d1.shape[0], d2.shape[0]))
+        for k in range(d1.shape[0]):
+            for q in range(d2.shape[0]):
+                out[:, :, k, q] = d1[k] @ d2[q].T
+        return out
     # 3b. Factored: S ⊙ (g g'ᵀ), summed over positions.
     if f1.a.shape[1] == 1 and f2.a.shape[1] == 1 and f1.kind == "outer":
         s = f1.a[:, 0] @ f2.a[:, 0].T  # [m, n]
@@ -423,6 +428,11 @@ def pair_kernel(f1: Factors, f2: Factors, reduce: str, budget: int = DEFAULT_MEM
 
 def self_kernel(f: Factors, reduce: str) -> torch.Tensor:
     """Diagonal k(x, x) of one block: ``[B]`` (trace) or ``[B, c]`` (per output)."""
+    c, t = f.g.shape[0], f.g.shape[2] if f.kind != "dense" else 1
+    # Many positions: materializing Σ_t g_t a_tᵀ (T·c·I·O per example) beats the T² form
+    # (T²·(I + c·O)), as in pair_kernel's choice.
+    if f.kind == "outer" and t > 1 and t * (f.a.shape[2] + c * f.g.shape[3]) > c * f.a.shape[2] * f.g.shape[3]:
+        f = Factors("dense", None, _as_dense(f))
     if f.kind == "dense":
         d = f.g
         per = (d * d).sum(dim=2)  # [c, B]
@@ -554,6 +564,93 @@ def factored_gradient_kernel(
             excluded.add(error.module_name)
 
 
+def _compact(f: Factors) -> Factors:
+    """A block's factors in the cheaper form for pair kernels: per-example gradients Σ_t g_t a_tᵀ
+    where a pair costs less materialized (c·I·O) than in the T² factored form (T²·(I + c·O))."""
+    if f.kind == "outer" and f.a.shape[1] > 1:
+        c, _, t, o = f.g.shape
+        i = f.a.shape[2]
+        if t * t * (i + c * o) > c * i * o:
+            return Factors("dense", None, _as_dense(f))
+    return f
+
+
+def _factor_bytes(f: Factors) -> int:
+    return sum(t.numel() * t.element_size() for t in (f.a, f.g) if t is not None)
+
+
+def _held_kernel(model, plan, xs1, xs2, m_total, n_total, reduce, memory_budget, d, jac_fb):
+    """The kernel with one side's factors held: x2 (x1 when symmetric) is captured once and kept
+    in compact form, x1 is streamed past it in chunks, so every example is captured once.
+    Returns ``(kernel, diag1, diag2)``, or None when the held side would take more than half of
+    ``memory_budget`` (the caller then recomputes factors per pair of row chunks). Captures are
+    sized to the other half."""
+    rows, c = chunk_sizes(model, plan, xs1, d, max(m_total, n_total), memory_budget, held=2)
+    if c < d:
+        return None
+    held_xs, held_total = (xs1, m_total) if xs2 is None else (xs2, n_total)
+
+    def side_chunk(xs, r):
+        batch = tuple(t[r] for t in xs)
+        factors, _ = capture(model, plan, batch, output_cotangents(list(range(d))))
+        return [_compact(f) for f in factors], (None if jac_fb is None else jac_fb(*batch).detach())
+
+    # 1. The held side, chunk by chunk into preallocated storage (no concatenated copy).
+    held, held_fb = None, None
+    for r in _chunks(held_total, rows):
+        factors, fb = side_chunk(held_xs, r)
+        if held is None:
+            chunk_bytes = sum(_factor_bytes(f) for f in factors) + (0 if fb is None else fb.numel() * fb.element_size())
+            per_example = chunk_bytes / (r.stop - r.start)
+            if per_example * held_total > memory_budget // 2:
+                return None
+            held = [_allocate(f, held_total) for f in factors]
+            held_fb = None if fb is None else fb.new_empty((held_total, *fb.shape[1:]))
+        for target, f in zip(held, factors):
+            _write(target, f, r)
+        if fb is not None:
+            held_fb[r] = fb
+        del factors, fb
+
+    # 2. Stream x1 past it (symmetric: the held side's own chunks).
+    shape = (m_total, n_total) if reduce == "trace" else (m_total, n_total, d, d)
+    first = held[0].g
+    kernel = torch.zeros(shape, dtype=first.dtype, device=first.device)
+    diag_shape = () if reduce == "trace" else (d,)
+    diag1 = torch.zeros((m_total, *diag_shape), dtype=first.dtype, device=first.device)
+    for r in _chunks(m_total, rows):
+        if xs2 is None:
+            factors, fb = [f.select(r) for f in held], (None if held_fb is None else held_fb[r])
+        else:
+            factors, fb = side_chunk(xs1, r)
+        for f1, f2 in zip(factors, held):
+            if f1.kind == "dense" and f1.g.shape[-1] == 0:
+                continue
+            kernel[r] += pair_kernel(f1, f2, reduce, memory_budget)
+            diag1[r] += self_kernel(f1, reduce)
+        if fb is not None:
+            kernel[r] += torch.einsum("mdp,ndp->mn", fb, held_fb) if reduce == "trace" else torch.einsum("mdp,nep->mnde", fb, held_fb)
+            diag1[r] += (fb * fb).sum(dim=(1, 2)) if reduce == "trace" else (fb * fb).sum(dim=2)
+    if xs2 is None:
+        return kernel, diag1, diag1
+    diag2 = sum(self_kernel(f, reduce) for f in held if not (f.kind == "dense" and f.g.shape[-1] == 0))
+    if held_fb is not None:
+        diag2 = diag2 + ((held_fb * held_fb).sum(dim=(1, 2)) if reduce == "trace" else (held_fb * held_fb).sum(dim=2))
+    return kernel, diag1, diag2
+
+
+def _allocate(f: Factors, total: int) -> Factors:
+    """Empty factors like ``f`` for ``total`` examples."""
+    a = None if f.a is None else f.a.new_empty((total, *f.a.shape[1:]))
+    return Factors(f.kind, a, f.g.new_empty((f.g.shape[0], total, *f.g.shape[2:])))
+
+
+def _write(target: Factors, f: Factors, rows: slice) -> None:
+    if f.a is not None:
+        target.a[rows] = f.a
+    target.g[:, rows] = f.g
+
+
 def _factored_kernel(
     model: nn.Module,
     x1: Batch,
@@ -585,6 +682,11 @@ def _factored_kernel(
     symmetric = x2 is None
 
     with analysis_mode(model):
+        # 2'. When both sides' factors fit, capture each side once (no recomputation per pair).
+        held = _held_kernel(model, plan, xs1, None if symmetric else xs2, m_total, n_total, reduce, memory_budget, d, jac_fb)
+        if held is not None:
+            return held
+
         for r1 in _chunks(m_total, rows):
             for r2 in _chunks(n_total, rows):
                 if symmetric and r2.start < r1.start:
