@@ -319,17 +319,19 @@ def method_ntk_vps(model, x1, x2, pacer):
 def _engine_blocks(model, x1, engine: str, pacer) -> tuple[int, int]:
     """(first block's rows, rows per unit) for a genkernel engine.
 
-    Where the engine runs torch.func (``functional``; ``auto`` on models with convolutions or
-    more than 64 outputs, as documented in ``gradient_kernel``), blocks are whole multiples of its
+    Where the engine runs torch.func (``functional``; ``auto`` where genkernel's own choice,
+    ``_auto_picks_factored``, says so: models with more than 64 outputs), blocks are whole multiples of its
     own row chunk: it recomputes x2's Jacobians per chunk anyway, so such blocks cost what one
     call costs. The factored route computes x2's factors once per call: one block for a fast
     method, else paced blocks from one row (which repeat that cost, so the time is an upper bound).
     """
     from genkernel.core.kernels import DEFAULT_MEMORY_BUDGET
 
+    from genkernel.core.factored import make_plan
+    from genkernel.core.kernels import _auto_picks_factored
+
     d = model_outputs(model, x1)
-    has_conv = any(isinstance(mod, nn.modules.conv._ConvNd) for mod in model.modules())
-    if engine == "functional" or (engine == "auto" and (has_conv or d > 64)):
+    if engine == "functional" or (engine == "auto" and not _auto_picks_factored(make_plan(model), d)):
         first = next(iter(model.parameters()))
         per_row = 2 * d * sum(p.numel() for p in model.parameters()) * first.element_size()
         chunk = max(1, DEFAULT_MEMORY_BUDGET // (2 * per_row))
@@ -483,9 +485,12 @@ def _profile(runner, model, x1, x2, pacer) -> str:
     return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12)
 
 
-def run_child(model_name, method, n, cap, quick, profile=False, timeout=1800):
+def run_child(model_name, method, n, cap, quick, profile=False, timeout=None):
     """Runs :func:`child` in a subprocess: ``(kernel or None, result)``, result ``{"error": ...}``
-    when the child failed or ran past ``timeout`` seconds."""
+    when the child failed or ran past ``timeout`` seconds (default: 5 caps, at least 150 s: a
+    method whose warm-up on 2 × 2 rows alone takes minutes, such as NTK-vector products or the
+    factored engine with d = 256 on the UNet, is recorded as too slow instead of holding the run)."""
+    timeout = max(150.0, 5 * cap) if timeout is None else timeout
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "result.pt")
         cmd = [sys.executable, __file__, "--child", model_name, method, str(n), str(cap), out]
