@@ -269,3 +269,22 @@ def test_sketched_refuses_what_it_cannot_sketch():
                              {"params": list(model.parameters())[2:], "momentum": 0.5}], lr=0.1)
     with pytest.raises(ValueError, match="same momentum"):
         PathKernelTracker(model, split, mse_loss, probes, num_groups=4, group_state="sketched")
+
+
+def test_a_layer_the_forward_skips_has_zero_contributions():
+    class Skips(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.used = nn.Linear(3, 1)
+            self.unused = nn.Linear(3, 1)
+
+        def forward(self, x):
+            return self.used(x)
+
+    torch.manual_seed(0)
+    model = Skips().double()
+    tracker = PathKernelTracker(model, torch.optim.SGD(model.parameters(), lr=0.1), mse_loss,
+                                torch.randn(3, 3, dtype=torch.float64), num_groups=4, group_state="factored")
+    tracker.step(torch.randn(4, 3, dtype=torch.float64), torch.randn(4, 1, dtype=torch.float64), torch.arange(4))
+    assert tracker.ledger.relative_residual() < 1e-10  # linear in θ: the midpoint rule is exact
+    assert model.unused.weight.grad is None  # and the tracker took its gradient as zero

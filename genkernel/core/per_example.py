@@ -92,7 +92,11 @@ def batch_totals(plan: Plan, batch: BatchFactors) -> tuple[dict[str, torch.Tenso
     totals: dict[str, torch.Tensor] = {}
     scales: dict[str, float] = {}
     for block, f in zip(plan.blocks, batch.factors):
-        if f.kind == "dense" and f.g.shape[-1] == 0:
+        if f.kind == "dense" and f.g.shape[-1] == 0:  # the module was not called: zero gradients
+            for name, p in ((block.weight, block.module.weight), (block.bias, block.module.bias)):
+                if name is not None:
+                    totals[name] = torch.zeros(p.shape, dtype=torch.float64, device=p.device)
+                    scales[name] = 0.0
             continue
         size = float(self_kernel(f, "trace").clamp_min(0).sqrt().sum())
         for name, total in _block_totals(block, f).items():
