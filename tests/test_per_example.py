@@ -288,3 +288,26 @@ def test_a_layer_the_forward_skips_has_zero_contributions():
     tracker.step(torch.randn(4, 3, dtype=torch.float64), torch.randn(4, 1, dtype=torch.float64), torch.arange(4))
     assert tracker.ledger.relative_residual() < 1e-10  # linear in θ: the midpoint rule is exact
     assert model.unused.weight.grad is None  # and the tracker took its gradient as zero
+
+
+@pytest.mark.parametrize("group_state,opt_name", [("factored", None), ("sketched", "adam")])
+def test_a_small_memory_budget_chunks_the_batch_and_probes_without_changing_the_ledger(group_state, opt_name):
+    """Captures of the batch and of the probes go in chunks under memory_budget; the ledger is the same."""
+    ledgers = []
+    for budget in (256 * 2**20, 64 * 2**10):  # the default, and a budget of a few examples
+        model = small_mlp()
+        opt = torch.optim.SGD(model.parameters(), lr=0.05) if opt_name is None else OPTIMIZERS[opt_name](model.parameters())
+        g = torch.Generator().manual_seed(1)
+        x, y = torch.randn(64, 3, generator=g, dtype=torch.float64), torch.randn(64, 1, generator=g, dtype=torch.float64)
+        probes = torch.randn(40, 3, generator=g, dtype=torch.float64)
+        tracker = PathKernelTracker(model, opt, mse_loss, probes, num_groups=64, group_state=group_state,
+                                    memory_budget=budget, sketch_dim=32)
+        for k in range(2):
+            tracker.step(x[32 * k: 32 * k + 32], y[32 * k: 32 * k + 32], torch.arange(32 * k, 32 * k + 32))
+        ledgers.append(tracker.ledger)
+    from genkernel.core.per_example import row_chunks
+    from genkernel.core.factored import make_plan
+    assert len(row_chunks(model, make_plan(model), (x[:32],), 1, 64 * 2**10)) > 1  # really chunked
+    scale = float(ledgers[0].contributions.abs().max())
+    assert float((ledgers[0].contributions - ledgers[1].contributions).abs().max()) < 1e-12 * scale
+    assert float((ledgers[0].sketch_error - ledgers[1].sketch_error).abs().max()) < 1e-12 * scale

@@ -579,6 +579,15 @@ def _factor_bytes(f: Factors) -> int:
     return sum(t.numel() * t.element_size() for t in (f.a, f.g) if t is not None)
 
 
+def concat_factors(chunks: list[Factors]) -> Factors:
+    """Factors of consecutive row chunks of one block, joined along the batch."""
+    first = chunks[0]
+    if len(chunks) == 1:
+        return first
+    a = None if first.a is None else torch.cat([f.a for f in chunks])
+    return Factors(first.kind, a, torch.cat([f.g for f in chunks], dim=1))
+
+
 def _held_kernel(model, plan, xs1, xs2, m_total, n_total, reduce, memory_budget, d, jac_fb):
     """The kernel with one side's factors held: x2 (x1 when symmetric) is captured once and kept
     in compact form, x1 is streamed past it in chunks, so every example is captured once.

@@ -28,7 +28,10 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from .factored import Factors, Plan, block_gradients, capture, output_cotangents, pair_kernel, self_kernel
+from .adapter import batch_size
+from .factored import (
+    Factors, Plan, block_gradients, capture, chunk_sizes, concat_factors, output_cotangents, pair_kernel, self_kernel,
+)
 from .kernels import per_example_jacobian
 from .pergrad import group_gradients
 
@@ -63,27 +66,48 @@ def capture_batch(
     coefficients: torch.Tensor,
     memory_budget: int,
 ) -> BatchFactors:
-    """Loss factors of the batch at the module's current parameters (one forward, one backward).
+    """Loss factors of the batch at the module's current parameters (a forward and a backward per
+    chunk of rows; chunks sized so that one capture stays within half of ``memory_budget``).
 
     ``coefficients``: ``[B]`` c_n. Runs under the caller's :func:`analysis_mode`.
     """
-    box: dict[str, torch.Tensor] = {}
+    total = coefficients.shape[0]
+    chunks, losses = [], []
+    for rows in row_chunks(model, plan, inputs, 1, memory_budget):
+        box: dict[str, torch.Tensor] = {}
+        chunk_targets = _rows_of(targets, rows)
 
-    def cotangents(out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        losses = loss_fn(out, targets).reshape(-1)
-        box["losses"] = losses.detach()
-        return losses, torch.ones((1, *losses.shape), dtype=losses.dtype, device=losses.device)
+        def cotangents(out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            values = loss_fn(out, chunk_targets).reshape(-1)
+            box["losses"] = values.detach()
+            return values, torch.ones((1, *values.shape), dtype=values.dtype, device=values.device)
 
-    factors, _ = capture(model, plan, inputs, cotangents)
-    factors = [_weighted(f, coefficients) for f in factors]
+        factors, _ = capture(model, plan, tuple(t[rows] for t in inputs), cotangents)
+        chunks.append(factors)
+        losses.append(box["losses"])
+    factors = [_weighted(concat_factors([chunk[i] for chunk in chunks]), coefficients) for i in range(len(plan.blocks))]
     fallback: dict[str, torch.Tensor] = {}
     if plan.fallback:
-        batch = coefficients.shape[0]
         fallback, _ = group_gradients(
-            model, dict(plan.fallback), inputs, targets, loss_fn, torch.arange(batch, device=coefficients.device),
-            coefficients, batch, memory_budget=memory_budget, route="example",
+            model, dict(plan.fallback), inputs, targets, loss_fn, torch.arange(total, device=coefficients.device),
+            coefficients, total, memory_budget=memory_budget, route="example",
         )
-    return BatchFactors(factors, fallback, box["losses"])
+    return BatchFactors(factors, fallback, torch.cat(losses))
+
+
+def row_chunks(model: nn.Module, plan: Plan, inputs: tuple[torch.Tensor, ...], d: int, memory_budget: int) -> list[slice]:
+    """Row chunks of ``inputs`` whose capture with d cotangents takes at most half of the budget."""
+    total = batch_size(inputs)
+    rows, _ = chunk_sizes(model, plan, inputs, d, total, memory_budget, held=2)
+    return [slice(start, min(start + rows, total)) for start in range(0, total, rows)]
+
+
+def _rows_of(targets: Any, rows: slice) -> Any:
+    if targets is None:
+        return None
+    if isinstance(targets, torch.Tensor):
+        return targets[rows]
+    return tuple(t[rows] for t in targets)
 
 
 def batch_totals(plan: Plan, batch: BatchFactors) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
@@ -201,25 +225,33 @@ def factored_contributions(
     fallback = {
         name: g * scale[name] for name, g in batch.fallback.items()
     }
-    total = None
+    total = torch.zeros((batch_size(probes), batch.losses.shape[0], d), dtype=next(iter(plan.params.values())).dtype,
+                        device=batch.losses.device)
+    chunks = row_chunks(model, plan, probes, d, memory_budget)
     for weight, theta in nodes:
-        # 2. Probe factors at θ_q.
-        factors, jac = probe_factors(model, plan, probes, theta, d)
-        value = None
-        # 3. Cross kernels per block.
-        for f_batch, f_probe in zip(scaled, factors):
-            if f_batch is None:
-                continue
-            block = pair_kernel(f_probe, f_batch, "none", memory_budget)[..., 0]  # [M, B, d]
-            value = block if value is None else value + block
-        # 4. torch.func for the rest of the parameters.
-        if jac is not None:
-            flat = torch.cat([fallback[n].reshape(fallback[n].shape[0], -1) for n in plan.fallback], dim=1)
-            part = torch.einsum("mdp,bp->mbd", jac.to(torch.float64), flat).to(jac.dtype)
-            value = part if value is None else value + part
-        value = value * weight
-        total = value if total is None else total + value
+        for rows in chunks:
+            total[rows] += weight * _chunk_contributions(model, plan, tuple(t[rows] for t in probes), theta, scaled,
+                                                         fallback, d, memory_budget)
     return total
 
 
-__all__ = ["BatchFactors", "batch_totals", "capture_batch", "factored_contributions", "probe_factors"]
+def _chunk_contributions(model, plan, probes, theta, scaled, fallback, d, memory_budget) -> torch.Tensor:
+    """Steps 2-4 of :func:`factored_contributions` for one chunk of probes at one node: ``[m, B, d]``."""
+    # 2. Probe factors at θ_q.
+    factors, jac = probe_factors(model, plan, probes, theta, d)
+    value = None
+    # 3. Cross kernels per block.
+    for f_batch, f_probe in zip(scaled, factors):
+        if f_batch is None:
+            continue
+        block = pair_kernel(f_probe, f_batch, "none", memory_budget)[..., 0]  # [m, B, d]
+        value = block if value is None else value + block
+    # 4. torch.func for the rest of the parameters.
+    if jac is not None:
+        flat = torch.cat([fallback[n].reshape(fallback[n].shape[0], -1) for n in plan.fallback], dim=1)
+        part = torch.einsum("mdp,bp->mbd", jac.to(torch.float64), flat).to(jac.dtype)
+        value = part if value is None else value + part
+    return value
+
+
+__all__ = ["BatchFactors", "batch_totals", "capture_batch", "factored_contributions", "probe_factors", "row_chunks"]

@@ -36,7 +36,7 @@ from torch import nn
 from .adapter import batch_size as batch_size_of
 from .errors import LedgerCheckError
 from .factored import Factors, Plan, block_gradients
-from .per_example import BatchFactors, probe_factors
+from .per_example import BatchFactors, probe_factors, row_chunks
 from .projections import ParameterProjection
 
 SKETCH_OPTIMIZERS = "torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW"
@@ -166,33 +166,37 @@ class SketchedGroupState:
     def project_probes(
         self, model: nn.Module, plan: Plan, probes: tuple[torch.Tensor, ...],
         nodes: list[tuple[float, dict[str, torch.Tensor]]], preconditioner: dict[str, Any], d: int,
+        memory_budget: int,
     ) -> torch.Tensor:
         """``[M, d, k]`` float64: Σ_q w_q R D J(x; θ_q)ᵀ with D per parameter: a number (SGD: from
         the layer factors) or a tensor of the parameter's shape (Adam: the Jacobian block is
-        formed, scaled and projected)."""
-        total = None
-        m = batch_size_of(probes)
+        formed, scaled and projected). Probes go in chunks whose capture fits half the budget."""
+        total = torch.zeros((batch_size_of(probes), d, self.k), dtype=torch.float64, device=probes[0].device)
+        chunks = row_chunks(model, plan, probes, d, memory_budget)
         for weight, theta in nodes:
-            factors, fb = probe_factors(model, plan, probes, theta, d)
-            value = None
-            for block, f in zip(plan.blocks, factors):
-                for c in range(d):  # one output at a time: [M, k] each
-                    part = self._project_block(block, f, c, preconditioner)
-                    if part is None:
-                        continue
-                    value = value if value is not None else part.new_zeros((d, m, self.k))
-                    value[c] += part
-            if fb is not None:
-                offset = 0
-                value = value if value is not None else fb.new_zeros((d, m, self.k), dtype=torch.float64)
-                for name, p in plan.fallback.items():
-                    jac = fb[:, :, offset : offset + p.numel()].transpose(0, 1).reshape(d * m, *p.shape)
-                    scaled = jac * _as(preconditioner[name], jac)
-                    value += self.projection.project(name, scaled).to(torch.float64).reshape(d, m, self.k)
-                    offset += p.numel()
-            value = value.transpose(0, 1) * weight  # [M, d, k]
-            total = value if total is None else total + value
+            for rows in chunks:
+                total[rows] += weight * self._project_chunk(model, plan, tuple(t[rows] for t in probes), theta,
+                                                            preconditioner, d)
         return total
+
+    def _project_chunk(self, model, plan, probes, theta, preconditioner, d) -> torch.Tensor:
+        """``[m, d, k]`` float64: R D J(x; θ)ᵀ for one chunk of probes at one node."""
+        m = batch_size_of(probes)
+        factors, fb = probe_factors(model, plan, probes, theta, d)
+        value = torch.zeros((d, m, self.k), dtype=torch.float64, device=probes[0].device)
+        for block, f in zip(plan.blocks, factors):
+            for c in range(d):  # one output at a time: [m, k] each
+                part = self._project_block(block, f, c, preconditioner)
+                if part is not None:
+                    value[c] += part
+        if fb is not None:
+            offset = 0
+            for name, p in plan.fallback.items():
+                jac = fb[:, :, offset : offset + p.numel()].transpose(0, 1).reshape(d * m, *p.shape)
+                scaled = jac * _as(preconditioner[name], jac)
+                value += self.projection.project(name, scaled).to(torch.float64).reshape(d, m, self.k)
+                offset += p.numel()
+        return value.transpose(0, 1)
 
     def _project_block(self, block, f, cotangent: int, scale: dict[str, Any]) -> torch.Tensor | None:
         """R D of one block's per-example gradients for one cotangent: ``[N, k]`` float64 (None for

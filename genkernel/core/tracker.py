@@ -360,8 +360,8 @@ class PathKernelTracker:
             sketch.check({n: self.splitter.state[n][key][0] for n in self.params}, self.splitter.hyper, self.rtol)
         d = self._f_prev.shape[1]
         probe_side = sketch.project_probes(
-            self.module, self.plan, self.probes, nodes, sketch.preconditioner(self.splitter.hyper), d
-        )  # [M, d, k]
+            self.module, self.plan, self.probes, nodes, sketch.preconditioner(self.splitter.hyper), d, self.memory_budget
+        ).to(directions.device)  # [M, d, k]
         contributions = torch.einsum("mdk,gk->mgd", probe_side, directions)
         exact = self._contributions({n: u[0:2] for n, u in updates.items()}, nodes)  # [M, 2, d]
         return contributions, exact[:, 1], exact[:, 0] - contributions.sum(dim=1)
