@@ -89,3 +89,32 @@ def test_bad_arguments():
         project_parameter(torch.zeros(2, 3), 0, 0)
     with pytest.raises(ValueError, match="kind"):
         project_parameter(torch.zeros(2, 3), 0, 4, kind="sparse")
+
+
+def test_kronecker_rows_sketch_outer_products_from_factors_and_are_unbiased():
+    from genkernel.core.projections import ParameterProjection
+
+    g = torch.Generator().manual_seed(0)
+    shapes = {"w": (6, 5), "b": (6,)}
+    a = torch.randn(4, 3, 5, generator=g, dtype=torch.float64)   # [N, T, I]
+    o = torch.randn(4, 3, 6, generator=g, dtype=torch.float64)   # [N, T, O]
+    dense = torch.einsum("nto,nti->noi", o, a)                   # Σ_t g_t a_tᵀ
+    projection = ParameterProjection(shapes, 64, seed=1)
+    # The factor path is the same linear map as the dense one.
+    torch.testing.assert_close(projection.project_outer("w", a, o), projection.project("w", dense), rtol=1e-12, atol=1e-12)
+    # Unbiased inner products and norms: averages over seeds approach the exact values.
+    u, v = dense[0], dense[1]
+    inner, norm = [], []
+    for seed in range(400):
+        p = ParameterProjection(shapes, 16, seed=seed)
+        ru, rv = p.project("w", u[None])[0], p.project("w", v[None])[0]
+        inner.append(float(ru @ rv))
+        norm.append(float(ru @ ru))
+    inner, norm = torch.tensor(inner), torch.tensor(norm)
+    exact_inner, exact_norm = float((u * v).sum()), float((u * u).sum())
+    assert abs(float(inner.mean()) - exact_inner) < 4 * float(inner.std()) / 20
+    assert abs(float(norm.mean()) - exact_norm) < 4 * float(norm.std()) / 20
+    # Vectors use the i.i.d. blockwise projection, as project_parameter does.
+    from genkernel.core.projections import project_parameter
+    bias = torch.randn(3, 6, generator=g, dtype=torch.float64)
+    torch.testing.assert_close(projection.project("b", bias), project_parameter(bias, 1, 64, seed=1), rtol=1e-12, atol=1e-12)
