@@ -564,6 +564,17 @@ def factored_gradient_kernel(
             excluded.add(error.module_name)
 
 
+def jacobian_pair_kernel(j1: torch.Tensor, j2: torch.Tensor, reduce: str) -> torch.Tensor:
+    """Kernel between per-example Jacobians ``[m, d, P]`` and ``[n, d, P]``: ``[m, n]`` (trace)
+    or ``[m, n, d, d]`` (``reduce="none"``)."""
+    return torch.einsum("mdp,ndp->mn", j1, j2) if reduce == "trace" else torch.einsum("mdp,nep->mnde", j1, j2)
+
+
+def jacobian_self_kernel(j: torch.Tensor, reduce: str) -> torch.Tensor:
+    """Diagonal of :func:`jacobian_pair_kernel` for ``[m, d, P]``: ``[m]`` or ``[m, d]``."""
+    return (j * j).sum(dim=(1, 2)) if reduce == "trace" else (j * j).sum(dim=2)
+
+
 def _compact(f: Factors) -> Factors:
     """A block's factors in the cheaper form for pair kernels: per-example gradients Σ_t g_t a_tᵀ
     where a pair costs less materialized (c·I·O) than in the T² factored form (T²·(I + c·O))."""
@@ -638,13 +649,13 @@ def _held_kernel(model, plan, xs1, xs2, m_total, n_total, reduce, memory_budget,
             kernel[r] += pair_kernel(f1, f2, reduce, memory_budget)
             diag1[r] += self_kernel(f1, reduce)
         if fb is not None:
-            kernel[r] += torch.einsum("mdp,ndp->mn", fb, held_fb) if reduce == "trace" else torch.einsum("mdp,nep->mnde", fb, held_fb)
-            diag1[r] += (fb * fb).sum(dim=(1, 2)) if reduce == "trace" else (fb * fb).sum(dim=2)
+            kernel[r] += jacobian_pair_kernel(fb, held_fb, reduce)
+            diag1[r] += jacobian_self_kernel(fb, reduce)
     if xs2 is None:
         return kernel, diag1, diag1
     diag2 = sum(self_kernel(f, reduce) for f in held if not (f.kind == "dense" and f.g.shape[-1] == 0))
     if held_fb is not None:
-        diag2 = diag2 + ((held_fb * held_fb).sum(dim=(1, 2)) if reduce == "trace" else (held_fb * held_fb).sum(dim=2))
+        diag2 = diag2 + jacobian_self_kernel(held_fb, reduce)
     return kernel, diag1, diag2
 
 
@@ -714,13 +725,9 @@ def _factored_kernel(
                             continue
                         f1 = f if same else f.select(slice(0, m))
                         f2 = f if same else f.select(slice(m, None))
-                        block = pair_kernel(f1, f2, reduce, memory_budget)
-                        if reduce == "trace":
-                            kernel[r1, r2] += block
-                        else:
-                            kernel[r1, r2] += block  # c = d: the whole d×d block
+                        kernel[r1, r2] += pair_kernel(f1, f2, reduce, memory_budget)  # "none": c = d, whole blocks
                         if first_pair:
-                            diag1[r1] += self_kernel(f1, reduce) if reduce == "trace" else self_kernel(f1, reduce)[:, :]
+                            diag1[r1] += self_kernel(f1, reduce)
                         if not symmetric and r1.start == 0:
                             diag2[r2] += self_kernel(f2, reduce)
                     del factors
@@ -728,18 +735,11 @@ def _factored_kernel(
                 if jac_fb is not None:
                     j = jac_fb(*batch).detach()  # [b, d, P_fb]
                     j1, j2 = (j, j) if same else (j[:m], j[m:])
-                    if reduce == "trace":
-                        kernel[r1, r2] += torch.einsum("mdp,ndp->mn", j1, j2)
-                        if first_pair:
-                            diag1[r1] += (j1 * j1).sum(dim=(1, 2))
-                        if not symmetric and r1.start == 0:
-                            diag2[r2] += (j2 * j2).sum(dim=(1, 2))
-                    else:
-                        kernel[r1, r2] += torch.einsum("mdp,nep->mnde", j1, j2)
-                        if first_pair:
-                            diag1[r1] += (j1 * j1).sum(dim=2)
-                        if not symmetric and r1.start == 0:
-                            diag2[r2] += (j2 * j2).sum(dim=2)
+                    kernel[r1, r2] += jacobian_pair_kernel(j1, j2, reduce)
+                    if first_pair:
+                        diag1[r1] += jacobian_self_kernel(j1, reduce)
+                    if not symmetric and r1.start == 0:
+                        diag2[r2] += jacobian_self_kernel(j2, reduce)
                 # 4. Mirror the symmetric block.
                 if symmetric and not same:
                     if reduce == "trace":

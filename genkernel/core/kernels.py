@@ -28,6 +28,7 @@ from .adapter import (
     functional_model,
     trainable_parameters,
 )
+from .factored import jacobian_pair_kernel, jacobian_self_kernel
 
 DEFAULT_MEMORY_BUDGET = 512 * 2**20  # bytes of Jacobians held at once
 REDUCTIONS = ("trace", "none")
@@ -149,23 +150,17 @@ def gradient_kernel(
     diag2 = torch.empty((n_total, *diag_shape), dtype=first.dtype, device=first.device)
     jac = per_example_jacobian(model, params)
 
-    def self_kernel(j: torch.Tensor) -> torch.Tensor:
-        return (j * j).sum(dim=2) if reduce == "none" else (j * j).sum(dim=(1, 2))
-
     with analysis_mode(model):
         # 1. Outer loop over row chunks of x1: J1 [m, d, P].
         for rows1 in _chunks(m_total, rows):
             j1 = jac(*(t[rows1] for t in x1s)).detach()
-            diag1[rows1] = self_kernel(j1)
+            diag1[rows1] = jacobian_self_kernel(j1, reduce)
             # 2. Inner loop over row chunks of x2: J2 [n, d, P]; K = J1 J2ᵀ (Section 2, K_θ).
             for rows2 in _chunks(n_total, rows):
                 j2 = j1 if (x2 is None and rows2 == rows1) else jac(*(t[rows2] for t in x2s)).detach()
                 if rows1.start == 0:
-                    diag2[rows2] = self_kernel(j2)
-                if reduce == "trace":
-                    kernel[rows1, rows2] = torch.einsum("mdp,ndp->mn", j1, j2)
-                else:
-                    kernel[rows1, rows2] = torch.einsum("mdp,nep->mnde", j1, j2)
+                    diag2[rows2] = jacobian_self_kernel(j2, reduce)
+                kernel[rows1, rows2] = jacobian_pair_kernel(j1, j2, reduce)
     # 3. Normalized kernel k̂ = k / sqrt(k(x, x) k(x', x')) (Section 2).
     return _normalized(kernel, diag1, diag2) if normalize else kernel
 
