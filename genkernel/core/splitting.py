@@ -199,9 +199,8 @@ class SGDSplitter(UpdateSplitter):
         if "momentum_buffer" not in state:
             if self.before[name].get("momentum_buffer") is None:
                 state["momentum_buffer"] = full.clone()  # PyTorch's first step: b_1 = g_1
-                self.magnitude[name] = full.abs().sum(dim=0)
                 buffer = state["momentum_buffer"]
-                self.rounding_scale[name] = h["lr"] * self.magnitude[name]
+                self.rounding_scale[name] = h["lr"] * self._advance_magnitude(name, full, h["momentum"], 1.0)
                 return -h["lr"] * (full + h["momentum"] * buffer) if h["nesterov"] else -h["lr"] * buffer
             state["momentum_buffer"] = self._initial_state(name, "momentum_buffer", full)
         buffer = state["momentum_buffer"]
