@@ -564,6 +564,15 @@ def factored_gradient_kernel(
             excluded.add(error.module_name)
 
 
+def split_columns(jac: torch.Tensor, params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Views of a Jacobian ``[m, d, P]`` whose columns run over ``params`` in order: ``{name: [m, d, numel]}``."""
+    out, offset = {}, 0
+    for name, p in params.items():
+        out[name] = jac[:, :, offset : offset + p.numel()]
+        offset += p.numel()
+    return out
+
+
 def jacobian_pair_kernel(j1: torch.Tensor, j2: torch.Tensor, reduce: str) -> torch.Tensor:
     """Kernel between per-example Jacobians ``[m, d, P]`` and ``[n, d, P]``: ``[m, n]`` (trace)
     or ``[m, n, d, d]`` (``reduce="none"``)."""
@@ -794,10 +803,8 @@ def factored_jacobian(
         grads.update(block_gradients(block, f))
     if plan.fallback:
         j = _fallback_jacobian(model, plan)(*inputs).detach()[:, outputs]  # [B, c, P_fb]
-        offset = 0
-        for name, p in plan.fallback.items():
-            grads[name] = j[:, :, offset : offset + p.numel()].transpose(0, 1).reshape(len(outputs), -1, *p.shape)
-            offset += p.numel()
+        for name, part in split_columns(j, plan.fallback).items():
+            grads[name] = part.transpose(0, 1).reshape(len(outputs), -1, *plan.fallback[name].shape)
     b = batch_size(inputs)
     return torch.cat([grads[n].reshape(len(outputs), b, -1) for n in plan.order], dim=2).transpose(0, 1)
 

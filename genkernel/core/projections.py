@@ -215,7 +215,7 @@ def sketched_tangent_features(
         2. Each block's gradients are multiplied by R's columns for that block, generated on the
            fly, and summed into ``[m, d, k]``.
     """
-    from .factored import block_gradients, capture, make_plan, output_cotangents
+    from .factored import block_gradients, capture, make_plan, output_cotangents, split_columns
     from .kernels import per_example_jacobian
 
     _check(k, kind)
@@ -254,11 +254,8 @@ def sketched_tangent_features(
                 fallback = params
             if fallback:
                 j = per_example_jacobian(model, fallback)(*batch).detach()  # [m, d, P_fb]
-                offset = 0
-                for name, p in fallback.items():
-                    part = j[:, :, offset : offset + p.numel()]
+                for name, part in split_columns(j, fallback).items():
                     out[chunk] += project_parameter(part, order.index(name), k, seed=seed, kind=kind)
-                    offset += p.numel()
     return out
 
 

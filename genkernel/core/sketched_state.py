@@ -35,7 +35,7 @@ from torch import nn
 
 from .adapter import batch_size as batch_size_of
 from .errors import LedgerCheckError
-from .factored import Factors, Plan, block_gradients
+from .factored import Factors, Plan, block_gradients, split_columns
 from .per_example import BatchFactors, probe_factors, row_chunks
 from .projections import ParameterProjection
 
@@ -190,12 +190,10 @@ class SketchedGroupState:
                 if part is not None:
                     value[c] += part
         if fb is not None:
-            offset = 0
-            for name, p in plan.fallback.items():
-                jac = fb[:, :, offset : offset + p.numel()].transpose(0, 1).reshape(d * m, *p.shape)
+            for name, part in split_columns(fb, plan.fallback).items():
+                jac = part.transpose(0, 1).reshape(d * m, *plan.fallback[name].shape)
                 scaled = jac * _as(preconditioner[name], jac)
                 value += self.projection.project(name, scaled).to(torch.float64).reshape(d, m, self.k)
-                offset += p.numel()
         return value.transpose(0, 1)
 
     def _project_block(self, block, f, cotangent: int, scale: dict[str, Any]) -> torch.Tensor | None:
