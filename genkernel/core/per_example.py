@@ -202,12 +202,14 @@ def factored_contributions(
     batch: BatchFactors,
     scale: dict[str, float],
     d: int,
+    probe_chunks: list[slice],
     memory_budget: int,
 ) -> torch.Tensor:
     """Per-example contributions ``[M, B, d]`` (model dtype): Σ_q w_q J(x; θ_q) u_n with
     u_n = scale_p c_n ∇ℓ_n(θ_k) per parameter p (``scale``: −η_p times the clipping factor).
 
-    ``nodes``: (weight w_q, parameters θ_q) of the quadrature rule.
+    ``nodes``: (weight w_q, parameters θ_q) of the quadrature rule. ``probe_chunks``: row
+    chunks of the probes (:func:`row_chunks`; fixed probes, so callers compute them once).
 
     Algorithm:
         1. Scale the batch side once: each parameter's columns of the factors by scale_p.
@@ -227,9 +229,8 @@ def factored_contributions(
     }
     total = torch.zeros((batch_size(probes), batch.losses.shape[0], d), dtype=next(iter(plan.params.values())).dtype,
                         device=batch.losses.device)
-    chunks = row_chunks(model, plan, probes, d, memory_budget)
     for weight, theta in nodes:
-        for rows in chunks:
+        for rows in probe_chunks:
             total[rows] += weight * _chunk_contributions(model, plan, tuple(t[rows] for t in probes), theta, scaled,
                                                          fallback, d, memory_budget)
     return total

@@ -36,7 +36,7 @@ from torch import nn
 from .adapter import batch_size as batch_size_of
 from .errors import LedgerCheckError
 from .factored import Factors, Plan, block_gradients, split_columns
-from .per_example import BatchFactors, probe_factors, row_chunks
+from .per_example import BatchFactors, probe_factors
 from .projections import ParameterProjection
 
 SKETCH_OPTIMIZERS = "torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW"
@@ -166,15 +166,15 @@ class SketchedGroupState:
     def project_probes(
         self, model: nn.Module, plan: Plan, probes: tuple[torch.Tensor, ...],
         nodes: list[tuple[float, dict[str, torch.Tensor]]], preconditioner: dict[str, Any], d: int,
-        memory_budget: int,
+        probe_chunks: list[slice],
     ) -> torch.Tensor:
         """``[M, d, k]`` float64: Σ_q w_q R D J(x; θ_q)ᵀ with D per parameter: a number (SGD: from
         the layer factors) or a tensor of the parameter's shape (Adam: the Jacobian block is
-        formed, scaled and projected). Probes go in chunks whose capture fits half the budget."""
+        formed, scaled and projected). Probes go in ``probe_chunks`` (see
+        :func:`genkernel.core.per_example.row_chunks`)."""
         total = torch.zeros((batch_size_of(probes), d, self.k), dtype=torch.float64, device=probes[0].device)
-        chunks = row_chunks(model, plan, probes, d, memory_budget)
         for weight, theta in nodes:
-            for rows in chunks:
+            for rows in probe_chunks:
                 total[rows] += weight * self._project_chunk(model, plan, tuple(t[rows] for t in probes), theta,
                                                             preconditioner, d)
         return total

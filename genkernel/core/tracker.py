@@ -53,7 +53,7 @@ from .errors import LedgerCheckError, NonFiniteError
 from .factored import Unfactorable, make_plan
 from .kernels import per_example_jacobian
 from .ledger import PathKernelLedger, atomic_save
-from .per_example import BatchFactors, batch_totals, capture_batch, factored_contributions
+from .per_example import BatchFactors, batch_totals, capture_batch, factored_contributions, row_chunks
 from .pergrad import DEFAULT_GRADIENT_BUDGET, group_gradients
 from .quadrature import quadrature_rule
 from .sketched_state import SketchedGroupState
@@ -190,6 +190,7 @@ class PathKernelTracker:
         self.splitter = make_splitter(optimizer, self.params, num_groups if self.group_state == "dense" else 1)
         self._factor_exclusions: set[str] = set()
         self.plan = None if self.group_state == "dense" else make_plan(self.module)
+        self._probe_row_chunks: list[slice] | None = None  # fixed probes: sized once per plan
         self.sketch = None
         if self.group_state == "sketched":
             self.sketch = SketchedGroupState(optimizer, self.params, num_groups, k=sketch_dim, seed=sketch_seed,
@@ -318,6 +319,7 @@ class PathKernelTracker:
             except Unfactorable as error:  # a module that mixes the batch: torch.func handles it
                 self._factor_exclusions.add(error.module_name)
                 self.plan = make_plan(self.module, self._factor_exclusions)
+                self._probe_row_chunks = None
         totals, sizes = batch_totals(self.plan, batch)
         grads = {n: (totals[n] * step.clip_factor).unsqueeze(0) for n in self.params}
         sizes = {n: sizes[n] * step.clip_factor for n in self.params}
@@ -338,7 +340,7 @@ class PathKernelTracker:
             scale[name] = -h["lr"] * clip_factor * (-1.0 if h["maximize"] else 1.0)
         d = self._f_prev.shape[1]
         per_example = factored_contributions(
-            self.module, self.plan, self.probes, nodes, batch, scale, d, self.memory_budget
+            self.module, self.plan, self.probes, nodes, batch, scale, d, self._probe_chunks(), self.memory_budget
         ).to(torch.float64)  # [M, B, d]
         m = per_example.shape[0]
         contributions = per_example.new_zeros((m, self.num_groups, d)).index_add_(1, groups.to(per_example.device), per_example)
@@ -360,11 +362,17 @@ class PathKernelTracker:
             sketch.check({n: self.splitter.state[n][key][0] for n in self.params}, self.splitter.hyper, self.rtol)
         d = self._f_prev.shape[1]
         probe_side = sketch.project_probes(
-            self.module, self.plan, self.probes, nodes, sketch.preconditioner(self.splitter.hyper), d, self.memory_budget
+            self.module, self.plan, self.probes, nodes, sketch.preconditioner(self.splitter.hyper), d, self._probe_chunks()
         ).to(directions.device)  # [M, d, k]
         contributions = torch.einsum("mdk,gk->mgd", probe_side, directions)
         exact = self._contributions({n: u[0:2] for n, u in updates.items()}, nodes)  # [M, 2, d]
         return contributions, exact[:, 1], exact[:, 0] - contributions.sum(dim=1)
+
+    def _probe_chunks(self) -> list[slice]:
+        """Row chunks of the probes for the factored and sketched routes (under analysis_mode)."""
+        if self._probe_row_chunks is None:
+            self._probe_row_chunks = row_chunks(self.module, self.plan, self.probes, self._f_prev.shape[1], self.memory_budget)
+        return self._probe_row_chunks
 
     def _choose_group_state(self, group_state: str, d: int) -> str:
         if group_state not in GROUP_STATES:
