@@ -325,10 +325,10 @@ def _engine_blocks(model, x1, engine: str, pacer) -> tuple[int, int]:
     call costs. The factored route computes x2's factors once per call: one block for a fast
     method, else paced blocks from one row (which repeat that cost, so the time is an upper bound).
     """
-    from genkernel.core.kernels import DEFAULT_MEMORY_BUDGET
+    from genkernel.core.engine.kernels import DEFAULT_MEMORY_BUDGET
 
-    from genkernel.core.factored import make_plan
-    from genkernel.core.kernels import _auto_picks_factored
+    from genkernel.core.engine.factored import make_plan
+    from genkernel.core.engine.kernels import _auto_picks_factored
 
     d = model_outputs(model, x1)
     if engine == "functional" or (engine == "auto" and not _auto_picks_factored(make_plan(model), d)):
@@ -525,13 +525,13 @@ def projection_errors(quick: bool) -> list[dict]:
     """Sketched kernels against the exact one on the 784-input MLP, per projection dimension k.
 
     Returns one row per k: the relative Frobenius error per seed (3 seeds) and its mean, the
-    error :func:`~genkernel.core.projections.expected_relative_error` predicts, and the seconds
+    error :func:`~genkernel.core.engine.projections.expected_relative_error` predicts, and the seconds
     per sketch. That formula is derived for d = 1 PSD kernels; this MLP has d = 10 outputs, and
     its trace kernel, PSD too, goes in as is, so the key's name says which formula it is (for
     d > 1 it is not the exact expectation: the outputs' cross terms differ).
     """
     try:
-        from genkernel.core.projections import expected_relative_error, sketched_gradient_kernel
+        from genkernel.core.engine.projections import expected_relative_error, sketched_gradient_kernel
     except ImportError:
         return []
     from genkernel.core import gradient_kernel

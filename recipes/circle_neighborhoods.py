@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as common  # noqa: E402
 
 from genkernel import PathKernelTracker, gradient_kernel  # noqa: E402
-from genkernel.core.neighbors import euclidean_neighbors, kernel_neighbors, label_purity  # noqa: E402
+from genkernel.analysis.neighbors import euclidean_neighbors, kernel_neighbors, label_purity  # noqa: E402
 from genkernel.data import circle_task  # noqa: E402
 from genkernel.plotting.core import circle_neighborhoods_figure  # noqa: E402
 from genkernel.supervised import LedgerCallback, SupervisedTrainer, mlp, mse_loss  # noqa: E402

@@ -25,7 +25,7 @@ import torch  # noqa: E402
 from _common import Timer, claim, finish, make_parser, mean_interval, parse, pick  # noqa: E402
 
 from genkernel import gradient_kernel  # noqa: E402
-from genkernel.core.kernel_stats import within_between_gap  # noqa: E402
+from genkernel.analysis.kernel_stats import within_between_gap  # noqa: E402
 from genkernel.data import load_image_dataset  # noqa: E402
 from genkernel.plotting.figures import plot_class_kernels  # noqa: E402
 from genkernel.supervised import SmallConvNet, SupervisedTrainer, cross_entropy_loss  # noqa: E402

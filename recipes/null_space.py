@@ -28,8 +28,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch  # noqa: E402
 from _common import Timer, claim, finish, make_parser, parse, pick  # noqa: E402
 
-from genkernel.core.kernel_stats import centered_alignment  # noqa: E402
-from genkernel.core.spectral import (  # noqa: E402
+from genkernel.analysis.kernel_stats import centered_alignment  # noqa: E402
+from genkernel.analysis.spectral import (  # noqa: E402
     eigendecompose,
     kernel_target_alignment,
     nystrom_extend,

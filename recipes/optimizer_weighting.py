@@ -32,8 +32,8 @@ from _common import Timer, bootstrap_interval, claim, finish, make_parser, parse
 from scipy.stats import spearmanr  # noqa: E402
 
 from genkernel import PathKernelTracker  # noqa: E402
-from genkernel.core.optimizer_kernels import adaptive_preconditioner, preconditioned_kernel  # noqa: E402
-from genkernel.core.stochastic import expected_output_decomposition  # noqa: E402
+from genkernel.analysis.optimizer_kernels import adaptive_preconditioner, preconditioned_kernel  # noqa: E402
+from genkernel.analysis.stochastic import expected_output_decomposition  # noqa: E402
 from genkernel.data import regression_1d  # noqa: E402
 from genkernel.plotting.figures import plot_optimizer_weighting  # noqa: E402
 from genkernel.supervised import LedgerCallback, SupervisedTrainer, mlp, mse_loss  # noqa: E402

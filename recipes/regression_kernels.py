@@ -21,7 +21,7 @@ import torch  # noqa: E402
 from _common import Timer, claim, finish, make_parser, mean_interval, parse, pick  # noqa: E402
 
 from genkernel import gradient_kernel  # noqa: E402
-from genkernel.core.kernel_stats import centered_alignment  # noqa: E402
+from genkernel.analysis.kernel_stats import centered_alignment  # noqa: E402
 from genkernel.data import regression_1d  # noqa: E402
 from genkernel.plotting.figures import plot_regression_kernels  # noqa: E402
 from genkernel.supervised import SupervisedTrainer, mlp, mse_loss  # noqa: E402

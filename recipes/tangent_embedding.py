@@ -28,8 +28,8 @@ from _common import Timer, claim, finish, make_parser, mean_interval, parse, pic
 from sklearn.metrics import silhouette_samples  # noqa: E402
 
 from genkernel import gradient_kernel  # noqa: E402
-from genkernel.core.embedding import embed_2d  # noqa: E402
-from genkernel.core.kernel_stats import kernel_distance  # noqa: E402
+from genkernel.analysis.embedding import embed_2d  # noqa: E402
+from genkernel.analysis.kernel_stats import kernel_distance  # noqa: E402
 from genkernel.data import load_digits_images  # noqa: E402
 from genkernel.plotting.figures import plot_tangent_embedding  # noqa: E402
 from genkernel.supervised import SmallConvNet, SupervisedTrainer, cross_entropy_loss  # noqa: E402

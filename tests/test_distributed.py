@@ -12,7 +12,7 @@ import torch.multiprocessing as mp
 from torch import nn
 
 from genkernel import PathKernelTracker, gradient_kernel
-from genkernel.core.distributed import distributed_gradient_kernel
+from genkernel.core.engine.distributed import distributed_gradient_kernel
 from genkernel.supervised import mse_loss
 
 WORLD = 2

@@ -1,11 +1,12 @@
-"""The factored kernel engine against the torch.func reference (genkernel.core.factored)."""
+"""The factored kernel engine against the torch.func reference (genkernel.core.engine.factored)."""
 
 import pytest
 import torch
 from torch import nn
 
-from genkernel.core.factored import factored_jacobian, make_plan
-from genkernel.core.kernels import gradient_kernel, tangent_features
+from genkernel.core.engine.factored import factored_jacobian
+from genkernel.core.engine.factors import make_plan
+from genkernel.core.engine.kernels import gradient_kernel, tangent_features
 
 
 class Scale(nn.Module):
@@ -151,8 +152,7 @@ def test_engine_keyword_is_checked():
 
 
 def test_group_gradients_from_factors_equal_torch_func():
-    from genkernel.core.factored import factored_group_gradients
-    from genkernel.core.pergrad import group_gradients
+    from genkernel.core.engine.gradients import group_gradients, membership_matrix
 
     g = torch.Generator().manual_seed(4)
     for name, model, x1, _ in _cases(torch.float64):
@@ -167,8 +167,9 @@ def test_group_gradients_from_factors_equal_torch_func():
         def loss_fn(o, t):
             return ((o - t) ** 2).sum(dim=1)
 
-        ref, ref_losses = group_gradients(model, params, (x1,), y, loss_fn, groups, coef, 3)
-        fac, fac_losses = factored_group_gradients(model, params, (x1,), y, loss_fn, groups, coef, 3, memory_budget=4_000)
+        membership = membership_matrix([groups], coef, [3])
+        ref, ref_losses = group_gradients(model, params, (x1,), y, loss_fn, membership, route="example")
+        fac, fac_losses = group_gradients(model, params, (x1,), y, loss_fn, membership, route="factored", memory_budget=4_000)
         assert torch.allclose(ref_losses, fac_losses, rtol=1e-12)
         for n in ref:
             assert torch.allclose(ref[n], fac[n], rtol=1e-10, atol=1e-12 * float(ref[n].abs().max())), (name, n)

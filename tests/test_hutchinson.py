@@ -1,11 +1,11 @@
-"""Tests for genkernel.core.hutchinson (the Itô term of stochastic Domingos)."""
+"""Tests for genkernel.analysis.hutchinson (the Itô term of stochastic Domingos)."""
 
 import pytest
 import torch
 from torch import nn
 from torch.func import functional_call, grad, hessian, vmap
 
-from genkernel.core.hutchinson import (
+from genkernel.analysis.hutchinson import (
     deterministic_second_order_term,
     exact_trace_sigma_hessian,
     hessian_quadratic_form,

@@ -126,8 +126,11 @@ def test_bad_input_is_refused():
 
 
 def test_auto_engine_uses_factored_only_where_it_was_measured_faster():
-    from genkernel.core.factored import make_plan
-    from genkernel.core.kernels import _auto_picks_factored
+    from genkernel.core.engine.factors import make_plan
+    from genkernel.core.engine.kernels import choose_engine
+
+    def _auto_picks_factored(plan, d):
+        return choose_engine(plan, d) == "factored"
 
     assert _auto_picks_factored(make_plan(mlp()), 2)
     assert not _auto_picks_factored(make_plan(mlp()), 256)  # many outputs: one backward per output chunk

@@ -18,8 +18,8 @@ SCRIPT = textwrap.dedent(
     import torch
     from torch import nn
     torch.set_num_threads(1)
-    from genkernel.core.kernels import gradient_kernel, tangent_features
-    from genkernel.core.pergrad import group_gradients
+    from genkernel.core.engine.kernels import gradient_kernel, tangent_features
+    from genkernel.core.engine.gradients import group_gradients, membership_matrix
 
     def rss():
         with open("/proc/self/statm") as f:
@@ -70,7 +70,8 @@ SCRIPT = textwrap.dedent(
         loss = lambda out, t: ((out - t) ** 2).sum(dim=1)
         groups = torch.arange(n) % 4
         coef = torch.full((n,), 1.0 / n, dtype=torch.float64)
-        return lambda: group_gradients(model, params, (x[:n],), y[:n], loss, groups, coef, 4, memory_budget=budget)
+        return lambda: group_gradients(model, params, (x[:n],), y[:n], loss, membership_matrix([groups], coef, [4]),
+                                       memory_budget=budget)
 
     wanted = sys.argv[1].split(",")
     for name, fn in [("kernel_functional", kernel("functional")), ("kernel_factored", kernel("factored")),

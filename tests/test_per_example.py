@@ -305,8 +305,8 @@ def test_a_small_memory_budget_chunks_the_batch_and_probes_without_changing_the_
         for k in range(2):
             tracker.step(x[32 * k: 32 * k + 32], y[32 * k: 32 * k + 32], torch.arange(32 * k, 32 * k + 32))
         ledgers.append(tracker.ledger)
-    from genkernel.core.per_example import row_chunks
-    from genkernel.core.factored import make_plan
+    from genkernel.core.engine.per_example import row_chunks
+    from genkernel.core.engine.factors import make_plan
     assert len(row_chunks(model, make_plan(model), (x[:32],), 1, 64 * 2**10)) > 1  # really chunked
     scale = float(ledgers[0].contributions.abs().max())
     assert float((ledgers[0].contributions - ledgers[1].contributions).abs().max()) < 1e-12 * scale

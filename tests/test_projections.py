@@ -1,4 +1,4 @@
-"""Random projections: unbiasedness, norm preservation, determinism (genkernel.core.projections).
+"""Random projections: unbiasedness, norm preservation, determinism (genkernel.core.engine.projections).
 
 Statistical tests are seeded (so deterministic) and their tolerances come from the variances
 in the module docstring: 5 standard deviations of the estimator, a bound a correct
@@ -11,8 +11,8 @@ import pytest
 import torch
 from torch import nn
 
-from genkernel.core.kernels import gradient_kernel, tangent_features
-from genkernel.core.projections import (
+from genkernel.core.engine.kernels import gradient_kernel, tangent_features
+from genkernel.core.engine.projections import (
     GENERATION_BLOCK, expected_relative_error, project_gradients, project_parameter, sketched_gradient_kernel,
     sketched_tangent_features,
 )
@@ -92,7 +92,7 @@ def test_bad_arguments():
 
 
 def test_kronecker_rows_sketch_outer_products_from_factors_and_are_unbiased():
-    from genkernel.core.projections import ParameterProjection
+    from genkernel.core.engine.projections import ParameterProjection
 
     g = torch.Generator().manual_seed(0)
     shapes = {"w": (6, 5), "b": (6,)}
@@ -115,6 +115,6 @@ def test_kronecker_rows_sketch_outer_products_from_factors_and_are_unbiased():
     assert abs(float(inner.mean()) - exact_inner) < 4 * float(inner.std()) / 20
     assert abs(float(norm.mean()) - exact_norm) < 4 * float(norm.std()) / 20
     # Vectors use the i.i.d. blockwise projection, as project_parameter does.
-    from genkernel.core.projections import project_parameter
+    from genkernel.core.engine.projections import project_parameter
     bias = torch.randn(3, 6, generator=g, dtype=torch.float64)
     torch.testing.assert_close(projection.project("b", bias), project_parameter(bias, 1, 64, seed=1), rtol=1e-12, atol=1e-12)

@@ -1,12 +1,12 @@
-"""Tests for genkernel.core.spectral and genkernel.core.neighbors."""
+"""Tests for genkernel.analysis.spectral and genkernel.analysis.neighbors."""
 
 import numpy as np
 import pytest
 import scipy.stats
 import torch
 
-from genkernel.core.neighbors import euclidean_neighbors, kernel_neighbors, label_purity
-from genkernel.core.spectral import (
+from genkernel.analysis.neighbors import euclidean_neighbors, kernel_neighbors, label_purity
+from genkernel.analysis.spectral import (
     KernelEigensystem,
     default_ridge,
     eigendecompose,

@@ -10,11 +10,11 @@ import pytest
 import torch
 
 from genkernel import gradient_kernel, tangent_features
-from genkernel.core.embedding import embed_2d
-from genkernel.core.hutchinson import exact_trace_sigma_hessian
-from genkernel.core.kernel_stats import centered_alignment, class_block_means, kernel_distance, within_between_gap
-from genkernel.core.optimizer_kernels import adaptive_preconditioner, preconditioned_kernel
-from genkernel.core.stochastic import expected_output_decomposition
+from genkernel.analysis.embedding import embed_2d
+from genkernel.analysis.hutchinson import exact_trace_sigma_hessian
+from genkernel.analysis.kernel_stats import centered_alignment, class_block_means, kernel_distance, within_between_gap
+from genkernel.analysis.optimizer_kernels import adaptive_preconditioner, preconditioned_kernel
+from genkernel.analysis.stochastic import expected_output_decomposition
 from genkernel.supervised import SupervisedTrainer, mlp, mse_loss
 from genkernel.supervised.checkpoint_kernels import CheckpointKernels, geometric_checkpoints
 from genkernel.supervised.svm import fit_rbf_svm, fit_tangent_svm
@@ -61,11 +61,11 @@ def test_decomposition_ito_term_matches_exact_trace_for_one_step():
     probes = x[:2]
     dec = expected_output_decomposition(model, x, y, mse_loss, probes, lr=0.1, batch_size=6, steps=1, seeds=[0],
                                         hutchinson_samples=400)
-    from genkernel.core.pergrad import group_gradients
+    from genkernel.core.engine.gradients import group_gradients
     from genkernel.core.adapter import trainable_parameters
 
     params = trainable_parameters(model)
-    per_example, _ = group_gradients(model, params, (x,), y, mse_loss, torch.arange(6), torch.ones(6, dtype=torch.float64), 6)
+    per_example, _ = group_gradients(model, params, (x,), y, mse_loss, torch.eye(6, dtype=torch.float64))
     exact = exact_trace_sigma_hessian(model, probes, per_example, 0.1)
     assert ((dec.ito[0] - exact).abs() <= 3 * dec.ito_stderr[0] + 1e-12).all()
     # With B = N the batch is the training set: deterministic and realized terms coincide.

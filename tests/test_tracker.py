@@ -230,18 +230,20 @@ def test_track_uses_the_steps_own_loss():
 
 
 def test_example_and_group_gradient_routes_agree():
-    from genkernel.core.pergrad import group_gradients
+    from genkernel.core.engine.gradients import group_gradients, membership_matrix
     from genkernel.core.adapter import trainable_parameters
     x, y, cls = data()
     model = smooth_mlp()
     params = trainable_parameters(model)
     coefficients = torch.rand(24, dtype=torch.float64)
     out = {}
-    for route in ("example", "group"):
-        out[route] = group_gradients(model, params, (x,), y, mse_loss, cls, coefficients, 3, route=route)
+    for route in ("example", "group", "factored"):
+        out[route] = group_gradients(model, params, (x,), y, mse_loss, membership_matrix([cls], coefficients, [3]), route=route)
     for name in params:
         torch.testing.assert_close(out["example"][0][name], out["group"][0][name], rtol=1e-10, atol=1e-14)
+        torch.testing.assert_close(out["example"][0][name], out["factored"][0][name], rtol=1e-10, atol=1e-14)
     torch.testing.assert_close(out["example"][1], out["group"][1], rtol=1e-12, atol=0)
+    torch.testing.assert_close(out["example"][1], out["factored"][1], rtol=1e-12, atol=0)
     # Brute force for one group: Σ_{n in g} c_n ∇ℓ_n by autograd.
     model.zero_grad()
     mask = (cls == 1).double()

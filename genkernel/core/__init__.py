@@ -1,22 +1,45 @@
-"""The shared kernel core: adapters, kernels, per-example gradients, update splitting, ledgers."""
+"""The shared kernel core, in three layers a reader can tell apart by name.
 
-from .adapter import analysis_mode, as_tuple, functional_model, output_tensor, trainable_parameters
-from .callbacks import TrainerCallback, fire, perform_step
-from .distributed import distributed_gradient_kernel
+- :mod:`genkernel.core.engine`: the kernel engine: gradient kernels, tangent features and loss
+  gradients (the torch.func reference, layer factors, factored kernels, projections);
+- :mod:`genkernel.core.tracking`: the ledger machinery: optimizer steps (performed or observed),
+  update splitting per optimizer, group-state routes, quadrature, the tracker and its ledgers;
+- :mod:`genkernel.core.grouping`: partitions of the training contributions and what is read
+  from a ledger (shares with κ, traffic, coarser views, measured minus control).
+
+:mod:`genkernel.core.adapter` is the one input adapter every layer uses. This package exports
+the API; plumbing stays importable from its module.
+"""
+
+from .engine import (
+    KernelPlan,
+    distributed_gradient_kernel,
+    expected_relative_error,
+    gradient_kernel,
+    kernel_plan,
+    normalize_kernel,
+    sketched_gradient_kernel,
+    sketched_tangent_features,
+    tangent_features,
+)
 from .errors import LedgerCheckError, NonFiniteError
-from .factored import factored_gradient_kernel, make_plan
-from .kernels import gradient_kernel, normalize_kernel, tangent_features
-from .ledger import NetShares, PathKernelLedger, atomic_save
-from .projections import project_gradients, sketched_gradient_kernel, sketched_tangent_features
-from .quadrature import QUADRATURE_RULES, quadrature_rule
-from .splitting import SUPPORTED_OPTIMIZERS, make_splitter
-from .step import OptimizerStep
-from .tracker import PathKernelTracker, StepContributions
+from .grouping import Partitions
+from .tracking import (
+    GROUP_STATES,
+    QUADRATURE_RULES,
+    SUPPORTED_OPTIMIZERS,
+    NetShares,
+    OptimizerStep,
+    PathKernelLedger,
+    PathKernelTracker,
+    StepContributions,
+    TrainerCallback,
+    perform_step,
+)
 
 __all__ = [
-    "LedgerCheckError", "NetShares", "NonFiniteError", "OptimizerStep", "PathKernelLedger", "PathKernelTracker",
-    "QUADRATURE_RULES", "SUPPORTED_OPTIMIZERS", "StepContributions", "TrainerCallback", "analysis_mode", "as_tuple",
-    "atomic_save", "distributed_gradient_kernel", "fire", "functional_model", "gradient_kernel", "make_splitter", "normalize_kernel",
-    "output_tensor", "perform_step", "quadrature_rule", "tangent_features", "trainable_parameters",
-    "factored_gradient_kernel", "make_plan", "project_gradients", "sketched_gradient_kernel", "sketched_tangent_features",
+    "GROUP_STATES", "KernelPlan", "LedgerCheckError", "NetShares", "NonFiniteError", "OptimizerStep", "Partitions",
+    "PathKernelLedger", "PathKernelTracker", "QUADRATURE_RULES", "SUPPORTED_OPTIMIZERS", "StepContributions",
+    "TrainerCallback", "distributed_gradient_kernel", "expected_relative_error", "gradient_kernel", "kernel_plan",
+    "normalize_kernel", "perform_step", "sketched_gradient_kernel", "sketched_tangent_features", "tangent_features",
 ]

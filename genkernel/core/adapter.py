@@ -86,6 +86,11 @@ def flat_output(output: Any, batch: int) -> torch.Tensor:
     return out.reshape(batch, -1)
 
 
+def unwrap(model: nn.Module) -> nn.Module:
+    """The module inside DistributedDataParallel (or ``model`` itself)."""
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
 def trainable_parameters(model: nn.Module) -> dict[str, torch.Tensor]:
     """The model's parameters that require grad, by name (the θ of every ledger)."""
     params = {name: p for name, p in model.named_parameters() if p.requires_grad}

@@ -3,7 +3,7 @@
 DESIGN.md section 3. A training contribution is a triple (x_n, t, ε); groups are bins of the
 training timestep t (default 10 bins of equal width); a probe is (clean x, level s, fixed
 noise ε') fed to the denoiser as the state (z_s, s) with z_s = sqrt(ᾱ_s) x + sqrt(1 − ᾱ_s) ε'.
-The core's exact ledger (:class:`~genkernel.core.tracker.PathKernelTracker`) gives, at every
+The core's exact ledger (:class:`~genkernel.core.tracking.tracker.PathKernelTracker`) gives, at every
 probe,
 
     f(z_s, s; θ_T) − f(z_s, s; θ_0) = Σ_t-bins C[probe, bin] + C_rest + R,
@@ -49,11 +49,11 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from ..core.callbacks import TrainerCallback
+from ..core.tracking.callbacks import TrainerCallback
 from ..core.errors import LedgerCheckError
-from ..core.ledger import atomic_save
-from ..core.step import OptimizerStep
-from ..core.tracker import PathKernelTracker, StepContributions
+from ..core.tracking.io import atomic_save
+from ..core.tracking.step import OptimizerStep
+from ..core.tracking.tracker import PathKernelTracker, StepContributions
 from .kernels import make_states, state_kernel
 from .locality import band_total, compare, kernel_locality, level_average
 from .objectives import (
@@ -353,7 +353,7 @@ class NoiseLevelAnalyzer(TrainerCallback):
 
     @property
     def ledger(self):
-        """The core :class:`~genkernel.core.ledger.PathKernelLedger` (joint groups when control=True)."""
+        """The core :class:`~genkernel.core.tracking.ledger.PathKernelLedger` (joint groups when control=True)."""
         self._require()
         return self.tracker.ledger
 

@@ -5,7 +5,7 @@ k̂((z, s), (z', t)) = k / sqrt(k(z, z) k(z', t')) (DESIGN.md section 2) uses th
 k = tr J(z, s) J(z', t)ᵀ over the trainable parameters.
 
 For d outputs and P parameters the exact kernel needs per-state Jacobians d×P (the core's
-:func:`~genkernel.core.kernels.gradient_kernel`): cheap for 2-D points, d = 256 backward passes
+:func:`~genkernel.core.engine.kernels.gradient_kernel`): cheap for 2-D points, d = 256 backward passes
 per state for a 16×16 image. ``output_sketch=V`` estimates the trace with V shared Rademacher
 output directions r_v instead (Hutchinson): k ≈ (1/V) Σ_v ⟨J(z)ᵀ r_v, J(z')ᵀ r_v⟩, unbiased for
 k, one per-state gradient per direction. The estimate is reported as sketched; its spread over
@@ -19,7 +19,7 @@ from torch import nn
 from torch.func import grad, vmap
 
 from ..core.adapter import analysis_mode, as_tuple, batch_size, checked_forward, functional_model, trainable_parameters
-from ..core.kernels import gradient_kernel, normalize_kernel
+from ..core.engine.kernels import gradient_kernel, normalize_kernel
 
 __all__ = ["state_kernel", "make_states"]
 

@@ -1,8 +1,8 @@
 """A small DDPM trainer on diffusers parts, with the shared callback protocol.
 
-Every update is built as an :class:`~genkernel.core.step.OptimizerStep` and run through
-:func:`~genkernel.core.callbacks.perform_step`, so an analyzer (a
-:class:`~genkernel.core.callbacks.TrainerCallback`) can take the step over and keep a ledger while
+Every update is built as an :class:`~genkernel.core.tracking.step.OptimizerStep` and run through
+:func:`~genkernel.core.tracking.callbacks.perform_step`, so an analyzer (a
+:class:`~genkernel.core.tracking.callbacks.TrainerCallback`) can take the step over and keep a ledger while
 training stays bit-for-bit what it is without it. The trainer draws batches, timesteps and noise
 from its own seeded ``torch.Generator`` (never the global one), so analysis passes cannot change
 what it trains on.
@@ -27,9 +27,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..core.adapter import output_tensor
-from ..core.callbacks import TrainerCallback, fire, perform_step
-from ..core.ledger import atomic_save
-from ..core.step import OptimizerStep
+from ..core.tracking.callbacks import TrainerCallback, fire, perform_step
+from ..core.tracking.io import atomic_save
+from ..core.tracking.step import OptimizerStep
 from .objectives import check_prediction_type, diffusion_loss, noisy_input, num_train_timesteps, training_target
 
 OPTIMIZERS = ("adam", "adamw", "sgd")

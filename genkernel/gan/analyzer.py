@@ -40,11 +40,11 @@ from torch import nn
 from torch.func import functional_call, grad, jvp
 
 from ..core.adapter import analysis_mode, output_tensor, trainable_parameters
-from ..core.callbacks import TrainerCallback, perform_step
+from ..core.tracking.callbacks import TrainerCallback, perform_step
 from ..core.errors import NonFiniteError
-from ..core.ledger import PathKernelLedger
-from ..core.step import OptimizerStep
-from ..core.tracker import PathKernelTracker
+from ..core.tracking.ledger import PathKernelLedger
+from ..core.tracking.step import OptimizerStep
+from ..core.tracking.tracker import PathKernelTracker
 from .geometry import GeometryGrouping, make_grouping
 from .losses import GENERATED, PENALTY, REAL, ROLE_NAMES, DiscriminatorObjective, scores_of
 from .metrics import cosine, coupling_matrix, mean_interval, mode_coverage, own_share

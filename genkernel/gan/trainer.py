@@ -1,7 +1,7 @@
 """A GAN trainer with alternating discriminator and generator steps on the shared callback protocol.
 
 One *iteration* is ``d_steps`` discriminator steps then one generator step. Every update is an
-:class:`~genkernel.core.step.OptimizerStep` performed through :func:`~genkernel.core.callbacks.perform_step`
+:class:`~genkernel.core.tracking.step.OptimizerStep` performed through :func:`~genkernel.core.tracking.callbacks.perform_step`
 with ``phase`` "discriminator" or "generator", so an analyzer can take it over without changing
 training:
 
@@ -33,10 +33,10 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..core.adapter import analysis_mode, output_tensor
-from ..core.callbacks import TrainerCallback, fire, perform_step
+from ..core.tracking.callbacks import TrainerCallback, fire, perform_step
 from ..core.errors import NonFiniteError
-from ..core.ledger import atomic_save
-from ..core.step import OptimizerStep
+from ..core.tracking.io import atomic_save
+from ..core.tracking.step import OptimizerStep
 from .losses import (
     GENERATED,
     PENALTY,

@@ -9,8 +9,8 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from ..core.callbacks import TrainerCallback
-from ..core.kernels import gradient_kernel
+from ..core.tracking.callbacks import TrainerCallback
+from ..core.engine.kernels import gradient_kernel
 
 __all__ = ["CheckpointKernels", "geometric_checkpoints"]
 

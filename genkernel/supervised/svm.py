@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..core.kernels import tangent_features
+from ..core.engine.kernels import tangent_features
 
 __all__ = ["TangentSVM", "fit_tangent_svm", "fit_rbf_svm"]
 

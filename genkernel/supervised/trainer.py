@@ -17,9 +17,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..core.adapter import Batch, as_tuple, batch_size, select
-from ..core.callbacks import TrainerCallback, fire, perform_step
-from ..core.step import LossFn, OptimizerStep
-from ..core.tracker import PathKernelTracker
+from ..core.tracking.callbacks import TrainerCallback, fire, perform_step
+from ..core.tracking.step import LossFn, OptimizerStep
+from ..core.tracking.tracker import PathKernelTracker
 
 
 class SupervisedTrainer:

@@ -4,58 +4,87 @@ The gradient kernel of a model f(x; θ) with d outputs is K(x, x') = J(x) J(x')�
 J = ∂f/∂θ over the trainable parameters. ``gradient_kernel`` returns its trace (``[M, N]``)
 or the full blocks (``[M, N, d, d]``); ``tangent_features`` returns φ(x) = J(x) itself.
 
-Per-example Jacobians come from ``torch.func`` (``functional_call`` + ``vmap`` + ``jacrev``)
-and are evaluated in row chunks sized by ``memory_budget`` so that an M×N kernel never holds
-the M×d×P and N×d×P Jacobians at once. Every pass runs in :func:`analysis_mode`, so computing
-a kernel never disturbs training.
+Two engines compute them: the torch.func reference (per-example Jacobians, ``functional_call``
++ ``vmap`` + ``jacrev``, :mod:`genkernel.core.engine.reference`), evaluated in row chunks sized
+by ``memory_budget`` so that an M×N kernel never holds the M×d×P and N×d×P Jacobians at once,
+and the factored engine (:mod:`genkernel.core.engine.factored`). :func:`kernel_plan` says which
+one a call uses and how it chunks the rows. Every pass runs in :func:`analysis_mode`, so
+computing a kernel never disturbs training.
 """
 
 from __future__ import annotations
 
-from typing import Iterator
+from dataclasses import dataclass
 
 import torch
 from torch import nn
-from torch.func import jacrev, vmap
 
-from .adapter import (
-    Batch,
-    analysis_mode,
-    as_tuple,
-    batch_size,
-    check_per_example_safe,
-    checked_forward,
-    functional_model,
-    trainable_parameters,
-)
-from .factored import jacobian_pair_kernel, jacobian_self_kernel
+from ..adapter import Batch, analysis_mode, as_tuple, batch_size, check_per_example_safe, checked_forward, trainable_parameters
+from .factored import chunk_sizes, chunks, factored_gradient_kernel, factored_jacobian
+from .factors import DEFAULT_MEMORY_BUDGET, Plan, make_plan
+from .reference import jacobian_pair_kernel, jacobian_self_kernel, per_example_jacobian
 
-DEFAULT_MEMORY_BUDGET = 512 * 2**20  # bytes of Jacobians held at once
+ENGINES = ("auto", "factored", "functional")
 REDUCTIONS = ("trace", "none")
+AUTO_FACTORED_MAX_OUTPUTS = 64
 
 
-def per_example_jacobian(model: nn.Module, params: dict[str, torch.Tensor], fixed: dict[str, torch.Tensor] | None = None):
-    """``jac(*inputs) -> Tensor[m, d, P]``: per-example Jacobians of a chunk of inputs with
-    respect to ``params``; ``fixed`` holds values for other parameters (default: the module's)."""
-    forward = functional_model(model, fixed)
+@dataclass(frozen=True)
+class KernelPlan:
+    """What :func:`gradient_kernel` does for a model and inputs.
 
-    def single(p: dict[str, torch.Tensor], *x: torch.Tensor) -> torch.Tensor:
-        return forward(p, tuple(t.unsqueeze(0) for t in x))[0]
+    Attributes:
+        engine: "factored" or "functional", the engine the call runs.
+        outputs: d, outputs per example.
+        rows: examples per chunk of work (functional: Jacobian rows held at once; factored: rows
+            per capture, when one side's factors do not fit in half the budget and are recomputed
+            per pair of chunks).
+        cotangents: outputs per backward pass (factored; d for functional).
+        factored_fraction: share of the trainable parameters read from layer factors (0 for functional).
+    """
 
-    jac_single = jacrev(single)
-
-    def jac(*inputs: torch.Tensor) -> torch.Tensor:
-        in_dims = (None,) + (0,) * len(inputs)
-        blocks = vmap(jac_single, in_dims=in_dims)(params, *inputs)
-        m = inputs[0].shape[0]
-        return torch.cat([blocks[name].reshape(m, blocks[name].shape[1], -1) for name in params], dim=2)
-
-    return jac
+    engine: str
+    outputs: int
+    rows: int
+    cotangents: int
+    factored_fraction: float
 
 
-def _chunks(n: int, size: int) -> Iterator[slice]:
-    for start in range(0, n, size):
-        yield slice(start, min(start + size, n))
+def choose_engine(plan: Plan, d: int, engine: str = "auto") -> str:
+    """The engine a call runs: ``engine`` unless "auto", which picks "factored" for models with
+    factorable layers and at most ``AUTO_FACTORED_MAX_OUTPUTS`` outputs. Measured
+    (``recipes/benchmarks``, 2 CPU cores): factored Linear layers are 25-430x torch.func on MLPs,
+    and with one side's factors held a convnet with d = 10 ran 2.2x faster; a UNet with d = 256
+    outputs was far slower (one output-batched backward per chunk of outputs), so many-output
+    models stay on torch.func."""
+    if engine not in ENGINES:
+        raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
+    if engine != "auto":
+        return engine
+    return "factored" if plan.blocks and d <= AUTO_FACTORED_MAX_OUTPUTS else "functional"
+
+
+def kernel_plan(model: nn.Module, x: Batch, *, engine: str = "auto", memory_budget: int = DEFAULT_MEMORY_BUDGET,
+                rows_total: int | None = None) -> KernelPlan:
+    """The engine and chunk sizes :func:`gradient_kernel` uses for ``model`` on inputs like ``x``
+    (``rows_total``: the larger side's example count, default ``x``'s)."""
+    params, xs, n, d = _prepare(model, x, "x")
+    return _plan(model, params, xs, d, n if rows_total is None else rows_total, engine, memory_budget)
+
+
+def _plan(model, params, xs, d: int, rows_total: int, engine: str, memory_budget: int) -> KernelPlan:
+    plan = make_plan(model)
+    if choose_engine(plan, d, engine) == "functional":
+        return KernelPlan("functional", d, min(_functional_rows(params, d, memory_budget), rows_total), d, 0.0)
+    with analysis_mode(model):
+        rows, c = chunk_sizes(model, plan, xs, d, rows_total, memory_budget, held=2)
+    return KernelPlan("factored", d, rows, c, plan.factored_fraction)
+
+
+def _functional_rows(params: dict[str, torch.Tensor], d: int, memory_budget: int) -> int:
+    """Rows of the functional engine's chunks: two chunks of Jacobians in the budget."""
+    first = next(iter(params.values()))
+    return _rows_per_chunk(memory_budget, d, sum(p.numel() for p in params.values()), first.element_size(), held=2)
 
 
 def _rows_per_chunk(memory_budget: int, d: int, num_params: int, itemsize: int, held: int) -> int:
@@ -74,18 +103,6 @@ def _prepare(model: nn.Module, x: Batch, name: str):
     with torch.no_grad(), analysis_mode(model):
         d = checked_forward(model, tuple(t[:1] for t in xs), name=name).shape[1]
     return params, xs, n, d
-
-
-AUTO_FACTORED_MAX_OUTPUTS = 64
-
-
-def _auto_picks_factored(plan, d: int) -> bool:
-    """The "auto" engine's choice. Measured (recipes/benchmark_kernels.py, 2 CPU cores): factored
-    Linear layers are 25-430x torch.func on MLPs, and with one side's factors held (each example
-    captured once, convolutions materialized per layer) a convnet with d = 10 ran 2.2x faster;
-    a UNet with d = 256 outputs was far slower (one output-batched backward per chunk of
-    outputs), so many-output models stay on torch.func."""
-    return bool(plan.blocks) and d <= AUTO_FACTORED_MAX_OUTPUTS
 
 
 def gradient_kernel(
@@ -109,10 +126,9 @@ def gradient_kernel(
         reduce: ``"trace"`` sums J(x)_i · J(x')_i over outputs i; ``"none"`` keeps the blocks.
         memory_budget: bytes of per-example Jacobians (or captured factors) held at once.
         engine: ``"factored"`` computes per-layer kernels from activations and output gradients
-            (:mod:`genkernel.core.factored`; unsupported modules go through torch.func in the
-            same call); ``"functional"`` materializes per-example Jacobians with torch.func (the
-            reference); ``"auto"`` picks factored for models without convolutions and with at most
-            64 outputs (where the benchmark measured it faster), functional otherwise.
+            (:mod:`genkernel.core.engine.factored`; unsupported modules go through torch.func in
+            the same call); ``"functional"`` materializes per-example Jacobians with torch.func
+            (the reference); ``"auto"``: :func:`choose_engine`.
 
     Returns:
         ``Tensor[M, N]`` for ``reduce="trace"``, ``Tensor[M, N, d, d]`` for ``reduce="none"``,
@@ -120,8 +136,8 @@ def gradient_kernel(
     """
     if reduce not in REDUCTIONS:
         raise ValueError(f"reduce must be one of {REDUCTIONS}, got {reduce!r}")
-    if engine not in ("auto", "factored", "functional"):
-        raise ValueError(f"engine must be 'auto', 'factored' or 'functional', got {engine!r}")
+    if engine not in ENGINES:
+        raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
     params, x1s, m_total, d = _prepare(model, x1, "x1")
     x2s = x1s if x2 is None else as_tuple(x2, name="x2")
     n_total = batch_size(x2s, name="x2")
@@ -131,32 +147,28 @@ def gradient_kernel(
         if d2 != d:
             raise ValueError(f"x1 gives {d} outputs per example but x2 gives {d2}")
 
-    if engine != "functional":
-        from .factored import factored_gradient_kernel, make_plan
-
-        if engine == "factored" or _auto_picks_factored(make_plan(model), d):
-            kernel, diag1, diag2 = factored_gradient_kernel(
-                model, x1s, None if x2 is None else x2s, reduce=reduce, memory_budget=memory_budget, d=d
-            )
-            return _normalized(kernel, diag1, diag2) if normalize else kernel
+    if choose_engine(make_plan(model), d, engine) == "factored":
+        kernel, diag1, diag2 = factored_gradient_kernel(
+            model, x1s, None if x2 is None else x2s, reduce=reduce, memory_budget=memory_budget, d=d
+        )
+        return _normalized(kernel, diag1, diag2) if normalize else kernel
 
     first = next(iter(params.values()))
-    num_params = sum(p.numel() for p in params.values())
-    rows = _rows_per_chunk(memory_budget, d, num_params, first.element_size(), held=2)
     shape = (m_total, n_total) if reduce == "trace" else (m_total, n_total, d, d)
     kernel = torch.empty(shape, dtype=first.dtype, device=first.device)
     diag_shape = (d,) if reduce == "none" else ()
     diag1 = torch.empty((m_total, *diag_shape), dtype=first.dtype, device=first.device)
     diag2 = torch.empty((n_total, *diag_shape), dtype=first.dtype, device=first.device)
     jac = per_example_jacobian(model, params)
+    rows = _functional_rows(params, d, memory_budget)
 
     with analysis_mode(model):
         # 1. Outer loop over row chunks of x1: J1 [m, d, P].
-        for rows1 in _chunks(m_total, rows):
+        for rows1 in chunks(m_total, rows):
             j1 = jac(*(t[rows1] for t in x1s)).detach()
             diag1[rows1] = jacobian_self_kernel(j1, reduce)
             # 2. Inner loop over row chunks of x2: J2 [n, d, P]; K = J1 J2ᵀ (Section 2, K_θ).
-            for rows2 in _chunks(n_total, rows):
+            for rows2 in chunks(n_total, rows):
                 j2 = j1 if (x2 is None and rows2 == rows1) else jac(*(t[rows2] for t in x2s)).detach()
                 if rows1.start == 0:
                     diag2[rows2] = jacobian_self_kernel(j2, reduce)
@@ -188,12 +200,12 @@ def tangent_features(
         ``Tensor[M, d, P]``, or ``Tensor[M, P]`` for output ``output_index``. Their inner
         products (summed over outputs) equal :func:`gradient_kernel` with ``reduce="trace"``.
         P follows the order of ``model.named_parameters()`` (trainable ones only).
-        ``engine="factored"`` (or ``"auto"``, as for :func:`gradient_kernel`) materializes each
-        layer's per-example gradient from captured factors (:mod:`genkernel.core.factored`)
-        instead of torch.func's per-example Jacobians; ``"functional"`` is the reference.
+        ``engine="factored"`` (or ``"auto"``, :func:`choose_engine`) materializes each layer's
+        per-example gradient from captured factors instead of torch.func's per-example
+        Jacobians; ``"functional"`` is the reference.
     """
-    if engine not in ("auto", "factored", "functional"):
-        raise ValueError(f"engine must be 'auto', 'factored' or 'functional', got {engine!r}")
+    if engine not in ENGINES:
+        raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
     params, xs, m_total, d = _prepare(model, x, "x")
     if output_index is not None and not (-d <= output_index < d):
         raise ValueError(f"output_index {output_index} is out of range for a model with {d} outputs")
@@ -205,19 +217,17 @@ def tangent_features(
     rows = _rows_per_chunk(memory_budget, d, num_params, first.element_size(), held=3)
     width = 1 if output_index is not None else d
     features = torch.empty((m_total, width, num_params), dtype=first.dtype, device=first.device)
-    jac = per_example_jacobian(model, params)
-    if engine != "functional":
-        from .factored import factored_jacobian, make_plan
+    plan = make_plan(model)
+    if choose_engine(plan, d, engine) == "factored":
+        outs = list(range(d)) if output_index is None else [output_index % d]
 
-        plan = make_plan(model)
-        if engine == "factored" or _auto_picks_factored(plan, d):
-            outs = list(range(d)) if output_index is None else [output_index % d]
-
-            def jac(*chunk_inputs: torch.Tensor) -> torch.Tensor:  # noqa: F811 - the factored path
-                return factored_jacobian(model, chunk_inputs, outs, plan)
+        def jac(*chunk_inputs: torch.Tensor) -> torch.Tensor:
+            return factored_jacobian(model, chunk_inputs, outs, plan)
+    else:
+        jac = per_example_jacobian(model, params)
 
     with analysis_mode(model):
-        for chunk in _chunks(m_total, rows):
+        for chunk in chunks(m_total, rows):
             j = jac(*(t[chunk] for t in xs)).detach()
             if j.shape[1] != width:
                 j = j[:, output_index % d : output_index % d + 1]
@@ -232,5 +242,7 @@ def normalize_kernel(kernel: torch.Tensor, diag1: torch.Tensor, diag2: torch.Ten
     return kernel / scale.clamp_min(torch.finfo(kernel.dtype).tiny)
 
 
-__all__ = ["gradient_kernel", "tangent_features", "normalize_kernel", "DEFAULT_MEMORY_BUDGET"]
-
+__all__ = [
+    "AUTO_FACTORED_MAX_OUTPUTS", "DEFAULT_MEMORY_BUDGET", "ENGINES", "KernelPlan", "choose_engine", "gradient_kernel",
+    "kernel_plan", "normalize_kernel", "tangent_features",
+]

@@ -23,7 +23,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from .adapter import Batch, analysis_mode, as_tuple, batch_size, check_per_example_safe, flat_output, trainable_parameters
+from ..adapter import Batch, analysis_mode, as_tuple, batch_size, check_per_example_safe, flat_output, trainable_parameters
+from .factors import capture, make_plan, output_cotangents
+from .kernels import ENGINES
+from .reference import per_example_jacobian, split_columns
 
 GENERATION_BLOCK = 1024
 KINDS = ("rademacher", "gaussian")
@@ -215,12 +218,9 @@ def sketched_tangent_features(
         2. Each block's gradients are multiplied by R's columns for that block, generated on the
            fly, and summed into ``[m, d, k]``.
     """
-    from .factored import block_gradients, capture, make_plan, output_cotangents, split_columns
-    from .kernels import per_example_jacobian
-
     _check(k, kind)
-    if engine not in ("auto", "factored", "functional"):
-        raise ValueError(f"engine must be 'auto', 'factored' or 'functional', got {engine!r}")
+    if engine not in ENGINES:
+        raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
     check_per_example_safe(model)
     params = trainable_parameters(model)
     order = list(params)
@@ -242,10 +242,8 @@ def sketched_tangent_features(
             m = chunk.stop - chunk.start
             if use_factored:
                 factors, _ = capture(model, plan, batch, output_cotangents(list(range(d))))
-                for block, f in zip(plan.blocks, factors):
-                    if f.kind == "dense" and f.g.shape[-1] == 0:
-                        continue
-                    for name, g in block_gradients(block, f).items():  # [d, m, *shape]
+                for f in factors:
+                    for name, g in f.gradients().items():  # [d, m, *shape]
                         flat = g.detach().reshape(d, m, -1).transpose(0, 1)
                         out[chunk] += project_parameter(flat, order.index(name), k, seed=seed, kind=kind)
                     del f

@@ -7,7 +7,7 @@ probe x the recorded quantities, summed over the K steps, are
 - ``change``: f(x; θ_K) − f(x; θ_0) (fresh forward passes);
 - ``first_order``: the left-point ledger Σ_k J(x; θ_k) Δ_k (contributions plus rest);
 - ``ito``: Σ_k (η²/2) tr(Σ_k H_k(x)), the Itô term, by the Hutchinson estimator of
-  :func:`genkernel.core.hutchinson.ito_term_estimate` (Σ_k the batch estimate of the mini-batch
+  :func:`genkernel.analysis.hutchinson.ito_term_estimate` (Σ_k the batch estimate of the mini-batch
   gradient covariance, from the batch's per-example gradients);
 - ``deterministic``: Σ_k (η²/2) ḡ_kᵀ H_k(x) ḡ_k with ḡ_k = ∇L(θ_k) the *full training-set*
   gradient (with the batch mean it would count the batch noise a second time: the batch mean's
@@ -30,10 +30,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from .adapter import trainable_parameters
+from ..core.adapter import trainable_parameters
 from .hutchinson import deterministic_second_order_term, ito_term_estimate
-from .pergrad import group_gradients
-from .tracker import PathKernelTracker
+from ..core.engine.gradients import group_gradients, membership_matrix
+from ..core.tracking.tracker import PathKernelTracker
 
 __all__ = ["ExpectedOutputDecomposition", "expected_output_decomposition"]
 
@@ -166,8 +166,7 @@ def expected_output_decomposition(
             xb, yb = inputs[idx], targets[idx]
             # 2. Per-example gradients g_n of the batch at θ_k, and the full training-set gradient.
             per_example, _ = group_gradients(
-                net, params, (xb,), yb, loss_fn, torch.arange(batch_size), torch.ones(batch_size, dtype=torch.float64),
-                batch_size,
+                net, params, (xb,), yb, loss_fn, torch.eye(batch_size, dtype=torch.float64)
             )
             full = torch.autograd.grad(loss_fn(net(inputs), targets).mean(), list(params.values()))
             full = dict(zip(params, full))

@@ -2,38 +2,26 @@
 
     f(x; θ_T) − f(x; θ_0) = Σ_g C(x, g) + C_rest(x) + R(x)
 
-All tensors are float64. ``f_end`` is a fresh forward pass at the latest parameters, so the
-residual R = f_end − f_start − Σ_g C − C_rest holds quadrature error and rounding only, and is
-always reported.
+One ledger per partition of the training contributions (:mod:`genkernel.core.grouping`); the
+partitions of one tracker share ``rest``, ``f_start``, ``f_end`` and (up to float64 rounding of
+their sums) the residual. All tensors are float64. ``f_end`` is a fresh forward pass at the
+latest parameters, so the residual R = f_end − f_start − Σ_g C − C_rest holds quadrature error
+and rounding only, and is always reported.
 """
 
 from __future__ import annotations
 
 import os
-import tempfile
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
 
+from .. import grouping
+from .io import atomic_save, load_state
 
-def atomic_save(obj: Any, path: str | os.PathLike) -> None:
-    """``torch.save`` to a temporary file in the same folder, then rename over ``path``: a save
-    interrupted half-way leaves the previous file intact."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            torch.save(obj, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+FORMAT = "genkernel.PathKernelLedger/1"
+_FIELDS = ("contributions", "rest", "residual", "f_start", "f_end", "traffic", "buffer_drift", "sketch_error")
 
 
 @dataclass
@@ -116,12 +104,15 @@ class PathKernelLedger:
 
     def record(
         self, step_contributions: torch.Tensor, step_rest: torch.Tensor, f_new: torch.Tensor,
-        step_sketch_error: torch.Tensor | None = None,
+        step_sketch_error: torch.Tensor | None = None, step_drift: torch.Tensor | None = None,
     ) -> None:
-        """Add one step: ``step_contributions [M, G, d]``, ``step_rest [M, d]``, new outputs ``[M, d]``
-        and, with sketched state, the step's ``[M, d]`` sketch error."""
+        """Add one step: ``step_contributions [M, G, d]``, ``step_rest [M, d]`` (buffer drift
+        included, ``step_drift`` being its part), new outputs ``[M, d]`` and, with sketched
+        state, the step's ``[M, d]`` sketch error."""
         self.contributions += step_contributions
         self.rest += step_rest
+        if step_drift is not None:
+            self.buffer_drift += step_drift
         if step_sketch_error is not None:
             self.sketch_error += step_sketch_error
         self.traffic += step_contributions.norm(dim=2)
@@ -139,51 +130,67 @@ class PathKernelLedger:
             }
         )
 
+    def since(self, earlier: "PathKernelLedger") -> "PathKernelLedger":
+        """The ledger of the steps after ``earlier`` (a copy of this ledger taken then): contributions,
+        rest, traffic and sketch error are differences, ``f_start`` is ``earlier.f_end``."""
+        if earlier.contributions.shape != self.contributions.shape or earlier.steps > self.steps:
+            raise ValueError("`earlier` must be an earlier copy of this same ledger (ledger.copy())")
+        window = PathKernelLedger(
+            contributions=self.contributions - earlier.contributions,
+            rest=self.rest - earlier.rest,
+            residual=torch.zeros_like(self.rest),
+            f_start=earlier.f_end.clone(),
+            f_end=self.f_end.clone(),
+            traffic=self.traffic - earlier.traffic,
+            buffer_drift=self.buffer_drift - earlier.buffer_drift,
+            sketch_error=self.sketch_error - earlier.sketch_error,
+            steps=self.steps - earlier.steps,
+        )
+        window.residual = window.delta - window.contributions.sum(dim=1) - window.rest - window.sketch_error
+        return window
+
+    def copy(self) -> "PathKernelLedger":
+        """A deep copy (history excluded)."""
+        return PathKernelLedger(**{key: getattr(self, key).clone() for key in _FIELDS}, steps=self.steps)
+
     # -- summaries ----------------------------------------------------------------------------
     def shares(self) -> NetShares:
         """Net shares with their cancellation ratio (see :class:`NetShares`)."""
         delta = self.delta
-        norm_sq = (delta * delta).sum(dim=1)
-        safe = torch.where(norm_sq > 0, norm_sq, torch.full_like(norm_sq, float("nan")))
         return NetShares(
-            groups=torch.einsum("mgd,md->mg", self.contributions, delta) / safe[:, None],
-            rest=(self.rest * delta).sum(dim=1) / safe,
-            residual=(self.residual * delta).sum(dim=1) / safe,
+            groups=grouping.net_shares(self.contributions, delta),
+            rest=grouping.part_share(self.rest, delta),
+            residual=grouping.part_share(self.residual, delta),
             kappa=self.cancellation_ratio(),
-            sketch_error=(self.sketch_error * delta).sum(dim=1) / safe,
+            sketch_error=grouping.part_share(self.sketch_error, delta),
         )
 
     def cancellation_ratio(self) -> torch.Tensor:
         """``[M]`` κ(x) = Σ_g ‖C(x, g)‖ / ‖Δf(x)‖ (NaN where the output did not change)."""
-        change = self.delta.norm(dim=1)
-        safe = torch.where(change > 0, change, torch.full_like(change, float("nan")))
-        return self.contributions.norm(dim=2).sum(dim=1) / safe
+        return grouping.cancellation_ratio(self.contributions, self.delta)
 
     def traffic_shares(self) -> torch.Tensor:
         """``[M, G]`` traffic normalized over groups per probe (rows sum to 1; NaN for no traffic)."""
-        total = self.traffic.sum(dim=1, keepdim=True)
-        return self.traffic / torch.where(total > 0, total, torch.full_like(total, float("nan")))
+        return grouping.traffic_shares(self.traffic)
 
     def relative_residual(self) -> float:
         """‖R‖ / ‖Δf‖ over all probes (Frobenius norms)."""
         change = self.delta.norm()
         return float(self.residual.norm() / change) if change > 0 else float("nan")
 
+    def probe_relative_residual(self) -> torch.Tensor:
+        """``[M]`` ‖R(x)‖ / ‖Δf(x)‖ (NaN where the output did not change)."""
+        change = self.delta.norm(dim=1)
+        return self.residual.norm(dim=1) / torch.where(change > 0, change, torch.full_like(change, float("nan")))
+
     def grouped_contributions(self, mapping: torch.Tensor, num_new_groups: int) -> torch.Tensor:
         """``[M, G', d]`` contributions summed into coarser groups: old group g goes to ``mapping[g]``."""
-        mapping = torch.as_tensor(mapping, dtype=torch.long, device=self.contributions.device)
-        if mapping.shape != (self.num_groups,):
-            raise ValueError(f"mapping needs one new id per group: shape [{self.num_groups}], got {tuple(mapping.shape)}")
-        if mapping.numel() and (mapping.min() < 0 or mapping.max() >= num_new_groups):
-            raise ValueError(f"mapping ids must lie in [0, {num_new_groups})")
-        m, _, d = self.contributions.shape
-        out = self.contributions.new_zeros((m, num_new_groups, d))
-        return out.index_add_(1, mapping, self.contributions)
+        return grouping.coarsen(self.contributions, mapping, num_new_groups)
 
     def summary(self) -> dict[str, float]:
         """Plain numbers: steps, relative residual (overall and worst probe), κ median, change size."""
         change = self.delta.norm(dim=1)
-        per_probe = self.residual.norm(dim=1) / torch.where(change > 0, change, torch.full_like(change, float("nan")))
+        per_probe = self.probe_relative_residual()
         kappa = self.cancellation_ratio()
         return {
             "steps": self.steps,
@@ -204,9 +211,8 @@ class PathKernelLedger:
 
     # -- persistence ---------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        fields = ("contributions", "rest", "residual", "f_start", "f_end", "traffic", "buffer_drift", "sketch_error")
         return {
-            **{key: getattr(self, key).clone() for key in fields},
+            **{key: getattr(self, key).clone() for key in _FIELDS},
             "steps": self.steps,
             "history": [{k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in h.items()} for h in self.history],
         }
@@ -217,11 +223,10 @@ class PathKernelLedger:
 
     def save(self, path: str | os.PathLike) -> None:
         """Write the ledger atomically (temporary file, then rename)."""
-        atomic_save({"format": "genkernel.PathKernelLedger/1", **self.state_dict()}, path)
+        atomic_save({"format": FORMAT, **self.state_dict()}, path)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "PathKernelLedger":
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        if state.pop("format", None) != "genkernel.PathKernelLedger/1":
-            raise ValueError(f"{path} is not a genkernel ledger file (written by PathKernelLedger.save)")
+        state = dict(load_state(path, FORMAT))
+        state.pop("format")
         return cls.from_state_dict(state)

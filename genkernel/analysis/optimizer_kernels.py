@@ -10,8 +10,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .adapter import trainable_parameters
-from .kernels import normalize_kernel, tangent_features
+from ..core.adapter import trainable_parameters
+from ..core.engine.kernels import normalize_kernel, tangent_features
 
 __all__ = ["adaptive_preconditioner", "preconditioned_kernel"]
 

@@ -18,8 +18,8 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from .adapter import Batch, as_tuple, batch_size, output_tensor
-from .errors import NonFiniteError
+from ..adapter import Batch, as_tuple, batch_size, output_tensor
+from ..errors import NonFiniteError
 
 LossFn = Callable[[torch.Tensor, Any], torch.Tensor]
 

@@ -1,6 +1,6 @@
 """The callback protocol shared by every genkernel trainer (diffusion, GAN, supervised).
 
-A trainer builds an :class:`~genkernel.core.step.OptimizerStep` for each update and hands it to
+A trainer builds an :class:`~genkernel.core.tracking.step.OptimizerStep` for each update and hands it to
 its callbacks through :func:`perform_step`. A callback that keeps a ledger needs θ_k and the
 batch *before* the update, so it wraps the step: ``wrap_step(trainer, step, perform)`` either
 calls ``perform()`` (observe only) or takes the step over with ``tracker.track(step, groups)``,

@@ -1,0 +1,200 @@
+"""Loss gradients summed into groups (DESIGN.md section 2): ĝ_r = Σ_n W[r, n] ∇_θ ℓ_n.
+
+A *membership* matrix ``W [R, B]`` says how much of example n's loss gradient row r holds:
+W[r, n] = c_n when example n is in the group of row r, else 0. Rows may come from several
+partitions of the same batch stacked on top of each other (:func:`membership_matrix`); every
+route below costs the same whatever the rows mean. Three exact routes:
+
+- "example": per-example gradients (``vmap`` over ``grad`` of a one-example
+  ``functional_call``), in example chunks sized by a memory budget, multiplied into the rows in
+  float64 straight away; cost ∝ B gradients of size P, whatever R.
+- "group": one forward of the whole batch and R backward passes batched with ``vmap``, each with
+  the cotangent W[r]; no per-example gradient is formed; cost ∝ R backward passes. The only
+  route for models whose examples interact in the forward (BatchNorm in training mode).
+- "factored": one forward with hooks and one backward of Σ_n ℓ_n per chunk give each example's
+  layer factors (:mod:`genkernel.core.engine.factors`); each layer's per-example gradients are
+  materialized one layer at a time and multiplied into the rows; parameters outside supported
+  layers take the "example" route. Cost ∝ one batch backward plus B·P multiply-adds per row block.
+
+"auto" takes "group" when 2 R <= B (few rows, e.g. noise-level bins), else "example".
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+import torch
+from torch.func import grad, grad_and_value, vmap
+
+from ..adapter import batch_size, functional_model
+from .factors import capture, loss_cotangents, make_plan
+
+DEFAULT_GRADIENT_BUDGET = 256 * 2**20
+GRADIENT_ROUTES = ("auto", "example", "group", "factored")
+
+
+def membership_matrix(
+    groups: Sequence[torch.Tensor], coefficients: torch.Tensor, sizes: Sequence[int], *, dtype=torch.float64
+) -> torch.Tensor:
+    """``W [Σ sizes, B]``: for each partition p (ids ``groups[p]`` in [0, sizes[p])), rows
+    offset_p + g hold c_n for the examples of group g."""
+    batch = coefficients.shape[0]
+    device = coefficients.device
+    out = torch.zeros((sum(sizes), batch), dtype=dtype, device=device)
+    columns = torch.arange(batch, device=device)
+    offset = 0
+    for ids, size in zip(groups, sizes):
+        out[offset + ids.to(device), columns] = coefficients.to(dtype)
+        offset += size
+    return out
+
+
+def group_gradients(
+    model: torch.nn.Module,
+    params: dict[str, torch.Tensor],
+    inputs: tuple[torch.Tensor, ...],
+    targets: torch.Tensor | tuple[torch.Tensor, ...] | None,
+    loss_fn: Callable[[torch.Tensor, Any], torch.Tensor],
+    membership: torch.Tensor,
+    *,
+    memory_budget: int = DEFAULT_GRADIENT_BUDGET,
+    route: str = "auto",
+) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """Row-summed loss gradients and the per-example losses of the analysis forward.
+
+    Args:
+        params: the trainable parameters (θ_k), by name.
+        inputs, targets: the batch (batch on dim 0); ``targets`` may be None.
+        membership: ``W [R, B]`` (see the module docstring; :func:`membership_matrix`).
+        route: "auto", "example", "group" or "factored" (see the module docstring).
+
+    Returns:
+        ``({name: Tensor[R, *shape] float64}, losses Tensor[B])``.
+    """
+    if route not in GRADIENT_ROUTES:
+        raise ValueError(f"route must be one of {GRADIENT_ROUTES}, got {route!r}")
+    batch = batch_size(inputs)
+    if membership.dim() != 2 or membership.shape[1] != batch:
+        raise ValueError(f"membership must be [rows, {batch}], got {tuple(membership.shape)}")
+    if route == "group" or (route == "auto" and 2 * membership.shape[0] <= batch):
+        return _group_route(model, params, inputs, targets, loss_fn, membership, memory_budget)
+    if route == "factored":
+        return _factored_route(model, params, inputs, targets, loss_fn, membership, memory_budget)
+    return _example_route(model, params, inputs, targets, loss_fn, membership, memory_budget)
+
+
+def _target_rows(targets, rows: slice):
+    if targets is None:
+        return None
+    if isinstance(targets, torch.Tensor):
+        return targets[rows]
+    return tuple(t[rows] for t in targets)
+
+
+def _example_route(model, params, inputs, targets, loss_fn, membership, memory_budget):
+    """Per-example gradients in chunks, multiplied into the rows (see the module docstring)."""
+    forward = functional_model(model, flatten=False)  # loss_fn sees outputs shaped as in training
+    detached = {name: p.detach() for name, p in params.items()}
+    batch = inputs[0].shape[0]
+
+    # 1. One example's loss as a function of θ: ℓ_n(θ) = loss_fn(f(x_n; θ), y_n).
+    def example_loss(p, x, y):
+        out = forward(p, tuple(t.unsqueeze(0) for t in x))
+        target = None if y is None else tuple(t.unsqueeze(0) for t in y)
+        if target is not None and isinstance(targets, torch.Tensor):
+            target = target[0]
+        return loss_fn(out, target).reshape(())
+
+    per_example = vmap(grad_and_value(example_loss), in_dims=(None, 0, 0 if targets is not None else None))
+    target_tuple = None if targets is None else ((targets,) if isinstance(targets, torch.Tensor) else tuple(targets))
+
+    num_params = sum(p.numel() for p in params.values())
+    itemsize = next(iter(params.values())).element_size()
+    chunk = max(1, memory_budget // (3 * num_params * itemsize))
+    rows_total = membership.shape[0]
+    sums = {name: torch.zeros((rows_total, *p.shape), dtype=torch.float64, device=p.device) for name, p in params.items()}
+    losses = []
+    for start in range(0, batch, chunk):
+        rows = slice(start, min(start + chunk, batch))
+        # 2. Per-example gradients ∇ℓ_n for a chunk of examples: {name: [c, *shape]}.
+        grads, values = per_example(
+            detached,
+            tuple(t[rows] for t in inputs),
+            None if target_tuple is None else tuple(t[rows] for t in target_tuple),
+        )
+        losses.append(values.detach())
+        # 3. ĝ_r += Σ_{n ∈ chunk} W[r, n] ∇ℓ_n in float64, as one matmul (index_add_ is far slower on CPU).
+        weights = membership[:, rows].to(torch.float64)
+        for name, g in grads.items():
+            sums[name] += (weights.to(g.device) @ g.detach().reshape(g.shape[0], -1).to(torch.float64)).view_as(sums[name])
+    return sums, torch.cat(losses)
+
+
+def _group_route(model, params, inputs, targets, loss_fn, membership, memory_budget):
+    """ĝ_r as R vmapped backward passes through one batch forward (see the module docstring)."""
+    forward = functional_model(model, flatten=False)
+    detached = {name: p.detach() for name, p in params.items()}
+    first = next(iter(detached.values()))
+    batch = inputs[0].shape[0]
+
+    # 1. The step's weighted loss for one row of coefficients w: Σ_n w_n ℓ_n(θ).
+    def weighted_loss(p, w):
+        losses = loss_fn(forward(p, inputs), targets).reshape(batch)
+        return (losses * w).sum(), losses
+
+    # 2. The rows W[r] in the parameters' dtype.
+    weights = membership.to(device=first.device, dtype=first.dtype)
+    rows_total = weights.shape[0]
+    num_params = sum(p.numel() for p in detached.values())
+    chunk = max(1, memory_budget // (3 * num_params * first.element_size()))
+    batched = vmap(grad(weighted_loss, has_aux=True), in_dims=(None, 0))
+    sums = {name: torch.empty((rows_total, *p.shape), dtype=torch.float64, device=p.device) for name, p in detached.items()}
+    losses = None
+    for start in range(0, rows_total, chunk):
+        rows = slice(start, min(start + chunk, rows_total))
+        # 3. Backward passes for a chunk of rows at once: {name: [r, *shape]}.
+        grads, values = batched(detached, weights[rows])
+        losses = values[0].detach() if losses is None else losses
+        for name, g in grads.items():
+            sums[name][rows] = g.detach().to(torch.float64)
+    return sums, losses
+
+
+def _factored_route(model, params, inputs, targets, loss_fn, membership, memory_budget):
+    """ĝ_r from captured layer factors: one forward and one backward of Σ_n ℓ_n per chunk.
+
+    Algorithm:
+        1. One forward of a chunk with hooks; per-example losses ℓ_n = loss_fn(f(x_n), y_n).
+        2. One backward of Σ_n ℓ_n gives each example's output gradients (examples are
+           independent); per layer, per-example gradients Σ_t g_t a_tᵀ are materialized one block
+           at a time and multiplied into the rows in float64.
+        3. Parameters outside supported modules: the "example" route, restricted to them.
+    """
+    plan = make_plan(model)
+    batch = batch_size(inputs)
+    rows_total = membership.shape[0]
+    sums = {n: torch.zeros((rows_total, *p.shape), dtype=torch.float64, device=p.device) for n, p in params.items()}
+    largest = max(p.numel() for p in params.values())
+    rows = max(1, memory_budget // (4 * largest * next(iter(params.values())).element_size()))
+    losses = []
+    for start in range(0, batch, rows):
+        chunk = slice(start, min(start + rows, batch))
+        cotangents, box = loss_cotangents(loss_fn, _target_rows(targets, chunk))
+        factors, _ = capture(model, plan, tuple(t[chunk] for t in inputs), cotangents)
+        losses.append(box["losses"])
+        weights = membership[:, chunk].to(torch.float64)
+        for f in factors:
+            if f.is_unused:
+                continue
+            for name, g in f.gradients().items():
+                if name in sums:
+                    g = g[0].reshape(g.shape[1], -1).to(torch.float64)
+                    sums[name] += (weights.to(g.device) @ g).view_as(sums[name])
+    fallback = {n: params[n] for n in plan.fallback if n in params}
+    if fallback:
+        extra, _ = _example_route(model, fallback, inputs, targets, loss_fn, membership, memory_budget)
+        sums.update(extra)
+    return sums, torch.cat(losses)
+
+
+__all__ = ["DEFAULT_GRADIENT_BUDGET", "GRADIENT_ROUTES", "group_gradients", "membership_matrix"]

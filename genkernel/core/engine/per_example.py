@@ -1,0 +1,181 @@
+"""Per-example contributions from layer factors: the tracker's routes without per-group copies.
+
+With one group per example (G in the thousands) the tracker's dense route, which keeps every
+group's update and optimizer state as a float64 copy of the parameters ((G + 2) × P values),
+does not fit. Under plain SGD the update of example n is u_{k,n} = −η_p s c_n ∇ℓ_n(θ_k) per
+parameter p (s: the clipping factor, −1 more under ``maximize``), so its contribution is a cross
+kernel
+
+    c_{k,n}(x) = Σ_q w_q Σ_layers ⟨J_layer(x; θ_q), −η s c_n ∇_layer ℓ_n(θ_k)⟩,
+
+computed per layer from captured factors (:mod:`genkernel.core.engine.factors`): activations and
+output gradients of the batch at θ_k and of the probes at each quadrature node. No per-example
+gradient and no per-group update is ever formed.
+
+This module holds those pieces: :func:`capture_batch` (the batch's loss factors, weighted by
+c_n), :func:`batch_totals` (Σ_n c_n ∇ℓ_n and a rounding scale, for the tracker's exact
+checks), :func:`probe_factors` and :func:`factored_contributions` (the per-example contributions
+above). The sketched route (:mod:`genkernel.core.tracking.sketched`) reads the same batch factors.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from ..adapter import batch_size
+from .factored import row_chunks
+from .factors import Factors, Plan, capture, loss_cotangents, output_cotangents
+from .gradients import group_gradients
+from .reference import per_example_jacobian
+
+
+@dataclass
+class BatchFactors:
+    """One batch's loss factors at θ_k, each example's already multiplied by its c_n.
+
+    Attributes:
+        factors: one :class:`Factors` per block of the plan, with one cotangent (the loss).
+        fallback: ``{name: [B, *shape]}`` float64 c_n ∇ℓ_n of the parameters outside the blocks.
+        losses: ``[B]`` per-example losses of the analysis forward.
+    """
+
+    factors: list[Factors]
+    fallback: dict[str, torch.Tensor]
+    losses: torch.Tensor
+
+
+def capture_batch(
+    model: nn.Module,
+    plan: Plan,
+    inputs: tuple[torch.Tensor, ...],
+    targets: Any,
+    loss_fn: Callable,
+    coefficients: torch.Tensor,
+    memory_budget: int,
+) -> BatchFactors:
+    """Loss factors of the batch at the module's current parameters (a forward and a backward per
+    chunk of rows; chunks sized so that one capture stays within half of ``memory_budget``).
+
+    ``coefficients``: ``[B]`` c_n. Runs under the caller's :func:`analysis_mode`.
+    """
+    total = coefficients.shape[0]
+    chunks, losses = [], []
+    for rows in row_chunks(model, plan, inputs, 1, memory_budget):
+        cotangents, box = loss_cotangents(loss_fn, _rows_of(targets, rows))
+        factors, _ = capture(model, plan, tuple(t[rows] for t in inputs), cotangents)
+        chunks.append(factors)
+        losses.append(box["losses"])
+    factors = [
+        Factors.concat([chunk[i] for chunk in chunks]).per_example_scaled(coefficients) for i in range(len(plan.blocks))
+    ]
+    fallback: dict[str, torch.Tensor] = {}
+    if plan.fallback:
+        one_per_example = torch.diag(coefficients.to(torch.float64))  # row n: c_n for example n alone
+        fallback, _ = group_gradients(
+            model, dict(plan.fallback), inputs, targets, loss_fn, one_per_example, memory_budget=memory_budget,
+            route="example",
+        )
+    return BatchFactors(factors, fallback, torch.cat(losses))
+
+
+def _rows_of(targets: Any, rows: slice) -> Any:
+    if targets is None:
+        return None
+    if isinstance(targets, torch.Tensor):
+        return targets[rows]
+    return tuple(t[rows] for t in targets)
+
+
+def batch_totals(batch: BatchFactors) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+    """Σ_n c_n ∇ℓ_n per parameter (float64, from factors: no per-example gradient is formed) and,
+    per parameter, Σ_n ‖c_n ∇_block ℓ_n‖: the size against which its rounding is judged."""
+    totals: dict[str, torch.Tensor] = {}
+    scales: dict[str, float] = {}
+    for f in batch.factors:
+        size = 0.0 if f.is_unused else float(f.self_kernel("trace").clamp_min(0).sqrt().sum())
+        for name, total in f.totals().items():
+            totals[name] = total
+            scales[name] = size
+    for name, g in batch.fallback.items():
+        totals[name] = g.sum(dim=0)
+        scales[name] = float(g.reshape(g.shape[0], -1).norm(dim=1).sum())
+    return totals, scales
+
+
+def probe_factors(
+    model: nn.Module, plan: Plan, probes: tuple[torch.Tensor, ...], theta: dict[str, torch.Tensor], d: int
+) -> tuple[list[Factors], torch.Tensor | None]:
+    """The probes' factors at θ (d output cotangents) and, for parameters outside the blocks,
+    their torch.func Jacobians ``[M, d, P_fb]`` at θ (None when every parameter is in a block)."""
+    # θ must require grad for the block outputs to have a graph.
+    params = {n: t.detach().requires_grad_(True) for n, t in theta.items()}
+    factors, _ = capture(model, plan, probes, output_cotangents(list(range(d))), parameters=params)
+    if not plan.fallback:
+        return factors, None
+    others = {n: t for n, t in theta.items() if n not in plan.fallback}
+    jac = per_example_jacobian(model, {n: theta[n] for n in plan.fallback}, fixed=others)(*probes).detach()
+    return factors, jac
+
+
+def factored_contributions(
+    model: nn.Module,
+    plan: Plan,
+    probes: tuple[torch.Tensor, ...],
+    nodes: list[tuple[float, dict[str, torch.Tensor]]],
+    batch: BatchFactors,
+    scale: dict[str, float],
+    d: int,
+    probe_chunks: list[slice],
+    memory_budget: int,
+) -> torch.Tensor:
+    """Per-example contributions ``[M, B, d]`` (model dtype): Σ_q w_q J(x; θ_q) u_n with
+    u_n = scale_p c_n ∇ℓ_n(θ_k) per parameter p (``scale``: −η_p times the clipping factor).
+
+    ``nodes``: (weight w_q, parameters θ_q) of the quadrature rule. ``probe_chunks``: row
+    chunks of the probes (:func:`~genkernel.core.engine.factored.row_chunks`; fixed probes, so
+    callers compute them once).
+
+    Algorithm:
+        1. Scale the batch side once: each parameter's part of the factors by scale_p.
+        2. Per node, capture the probes' factors at θ_q with d output cotangents.
+        3. Per block, the cross kernel between probe and batch factors (``reduce="none"``:
+           ``[M, B, d, 1]``), weighted by w_q and summed.
+        4. Parameters outside the blocks: the probes' torch.func Jacobians at θ_q times the
+           scaled per-example gradients.
+    """
+    # 1. The batch side of every block, scaled once.
+    scaled = [None if f.is_unused else f.parameter_scaled(scale) for f in batch.factors]
+    fallback = {name: g * scale[name] for name, g in batch.fallback.items()}
+    total = torch.zeros((batch_size(probes), batch.losses.shape[0], d), dtype=next(iter(plan.params.values())).dtype,
+                        device=batch.losses.device)
+    for weight, theta in nodes:
+        for rows in probe_chunks:
+            total[rows] += weight * _chunk_contributions(model, plan, tuple(t[rows] for t in probes), theta, scaled,
+                                                         fallback, d, memory_budget)
+    return total
+
+
+def _chunk_contributions(model, plan, probes, theta, scaled, fallback, d, memory_budget) -> torch.Tensor:
+    """Steps 2-4 of :func:`factored_contributions` for one chunk of probes at one node: ``[m, B, d]``."""
+    # 2. Probe factors at θ_q.
+    factors, jac = probe_factors(model, plan, probes, theta, d)
+    value = None
+    # 3. Cross kernels per block.
+    for f_batch, f_probe in zip(scaled, factors):
+        if f_batch is None:
+            continue
+        block = f_probe.pair_kernel(f_batch, "none", memory_budget)[..., 0]  # [m, B, d]
+        value = block if value is None else value + block
+    # 4. torch.func for the rest of the parameters.
+    if jac is not None:
+        flat = torch.cat([fallback[n].reshape(fallback[n].shape[0], -1) for n in plan.fallback], dim=1)
+        part = torch.einsum("mdp,bp->mbd", jac.to(torch.float64), flat).to(jac.dtype)
+        value = part if value is None else value + part
+    return value
+
+
+__all__ = ["BatchFactors", "batch_totals", "capture_batch", "factored_contributions", "probe_factors"]

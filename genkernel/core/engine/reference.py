@@ -1,0 +1,55 @@
+"""The torch.func reference: per-example Jacobians and the kernels between them.
+
+Every fast path of the engine is tested against these. A Jacobian here is ``[m, d, P]``: m
+examples, d flattened outputs, P parameters (the columns of ``params`` in order).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.func import jacrev, vmap
+
+from ..adapter import functional_model
+
+
+def per_example_jacobian(model: nn.Module, params: dict[str, torch.Tensor], fixed: dict[str, torch.Tensor] | None = None):
+    """``jac(*inputs) -> Tensor[m, d, P]``: per-example Jacobians of a chunk of inputs with
+    respect to ``params``; ``fixed`` holds values for other parameters (default: the module's)."""
+    forward = functional_model(model, fixed)
+
+    def single(p: dict[str, torch.Tensor], *x: torch.Tensor) -> torch.Tensor:
+        return forward(p, tuple(t.unsqueeze(0) for t in x))[0]
+
+    jac_single = jacrev(single)
+
+    def jac(*inputs: torch.Tensor) -> torch.Tensor:
+        in_dims = (None,) + (0,) * len(inputs)
+        blocks = vmap(jac_single, in_dims=in_dims)(params, *inputs)
+        m = inputs[0].shape[0]
+        return torch.cat([blocks[name].reshape(m, blocks[name].shape[1], -1) for name in params], dim=2)
+
+    return jac
+
+
+def split_columns(jac: torch.Tensor, params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Views of a Jacobian ``[m, d, P]`` whose columns run over ``params`` in order: ``{name: [m, d, numel]}``."""
+    out, offset = {}, 0
+    for name, p in params.items():
+        out[name] = jac[:, :, offset : offset + p.numel()]
+        offset += p.numel()
+    return out
+
+
+def jacobian_pair_kernel(j1: torch.Tensor, j2: torch.Tensor, reduce: str) -> torch.Tensor:
+    """Kernel between per-example Jacobians ``[m, d, P]`` and ``[n, d, P]``: ``[m, n]`` (trace)
+    or ``[m, n, d, d]`` (``reduce="none"``)."""
+    return torch.einsum("mdp,ndp->mn", j1, j2) if reduce == "trace" else torch.einsum("mdp,nep->mnde", j1, j2)
+
+
+def jacobian_self_kernel(j: torch.Tensor, reduce: str) -> torch.Tensor:
+    """Diagonal of :func:`jacobian_pair_kernel` for ``[m, d, P]``: ``[m]`` or ``[m, d]``."""
+    return (j * j).sum(dim=(1, 2)) if reduce == "trace" else (j * j).sum(dim=2)
+
+
+__all__ = ["jacobian_pair_kernel", "jacobian_self_kernel", "per_example_jacobian", "split_columns"]

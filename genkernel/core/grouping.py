@@ -1,0 +1,228 @@
+"""The grouping layer: partitions of the training contributions and what is read from a ledger.
+
+A *partition* assigns every training contribution of a step one of its groups (a noise-level
+bin, a discriminator-geometry cluster, a class, one example, a permuted control label). A
+tracker splits every step for several partitions of the same examples at once
+(:class:`Partitions`): each partition keeps its own group state and its own ledger, and for each
+Σ_{g∈π} u_{k,g} + u_rest = Δ_k, so the partitions' ledgers share their rest and residual.
+
+Everything an analyzer reports about a grouping is computed here, once, from the ledger's own
+formulas (DESIGN.md section 2, "Scalar summaries of contributions"):
+
+- :func:`net_shares` share(x, g) = ⟨C(x, g), Δf(x)⟩ / ‖Δf(x)‖² and :func:`cancellation_ratio`
+  κ(x) = Σ_g ‖C(x, g)‖ / ‖Δf(x)‖ (report them together);
+- :func:`traffic_shares` T(x, g) / Σ_g T(x, g);
+- :func:`coarsen` sums groups into coarser ones; :func:`average_by_probe_group` averages probes
+  sharing a label (the noise × noise and coupling matrices); :func:`band_total` and
+  :func:`own_share` read one number per probe from such a matrix;
+- :func:`measured_minus_control` compares a statistic of the measured partition with the same
+  statistic of control partitions on the same trajectory (:mod:`genkernel.stats`).
+
+Every function is pure tensor arithmetic: nothing here touches a model.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Any, Mapping
+
+import torch
+
+from ..stats import difference_interval
+
+DEFAULT_PARTITION = "groups"
+INTEGER_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
+
+
+class Partitions:
+    """Named partitions of the same training contributions, laid out as consecutive rows.
+
+    Args:
+        sizes: ``{name: number of groups}`` in order; the first partition is the primary one
+            (``tracker.ledger``). An int G means one partition named ``"groups"``.
+    """
+
+    def __init__(self, sizes: int | Mapping[str, int]):
+        if isinstance(sizes, Mapping):
+            items = list(sizes.items())
+        else:
+            items = [(DEFAULT_PARTITION, sizes)]
+        if not items:
+            raise ValueError("give at least one partition: num_groups=G or num_groups={'name': G, ...}")
+        for name, size in items:
+            if not isinstance(name, str) or not name:
+                raise TypeError(f"partition names must be non-empty strings, got {name!r}")
+            if isinstance(size, bool) or not isinstance(size, numbers.Integral) or size < 1:
+                raise ValueError(f"num_groups: partition {name!r} needs a positive int number of groups, got {size!r}")
+        self.sizes: dict[str, int] = {name: int(size) for name, size in items}
+        self.names: list[str] = list(self.sizes)
+        self.slices: dict[str, slice] = {}
+        offset = 0
+        for name, size in self.sizes.items():
+            self.slices[name] = slice(offset, offset + size)
+            offset += size
+        self.total = offset
+
+    @property
+    def primary(self) -> str:
+        return self.names[0]
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Partitions) and self.sizes == other.sizes
+
+    def __repr__(self) -> str:
+        return f"Partitions({self.sizes})"
+
+    def check(self, groups: torch.Tensor | Mapping[str, torch.Tensor], batch: int) -> dict[str, torch.Tensor]:
+        """Validate one step's group ids: ``{name: LongTensor[B]}`` (a Tensor for a single partition)."""
+        if isinstance(groups, Mapping):
+            missing = [n for n in self.names if n not in groups]
+            extra = [n for n in groups if n not in self.sizes]
+            if missing or extra:
+                raise ValueError(
+                    f"groups must give ids for exactly the partitions {self.names}; missing {missing}, unknown {extra}"
+                )
+            items = [(n, groups[n]) for n in self.names]
+        elif len(self.names) == 1:
+            items = [(self.primary, groups)]
+        else:
+            raise TypeError(f"this tracker splits {len(self.names)} partitions: pass groups as a dict {{name: LongTensor[B]}}")
+        out = {}
+        for name, ids in items:
+            label = "groups" if len(self.names) == 1 else f"groups[{name!r}]"
+            if not isinstance(ids, torch.Tensor) or ids.dtype not in INTEGER_DTYPES:
+                kind = ids.dtype if isinstance(ids, torch.Tensor) else type(ids).__name__
+                raise TypeError(f"{label} must be an integer Tensor of shape [{batch}] (group ids), got {kind}")
+            if ids.shape != (batch,):
+                raise ValueError(f"{label} must have one id per example, shape [{batch}], got {tuple(ids.shape)}")
+            size = self.sizes[name]
+            if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= size):
+                where = "" if len(self.names) == 1 else f"partition {name!r}: "
+                raise ValueError(
+                    f"{where}group ids must lie in [0, {size}); got ids from {int(ids.min())} to {int(ids.max())}"
+                )
+            out[name] = ids.to(torch.long)
+        return out
+
+    def state_dict(self) -> dict[str, int]:
+        return dict(self.sizes)
+
+
+# -- shares, κ and traffic --------------------------------------------------------------------
+def _safe(values: torch.Tensor) -> torch.Tensor:
+    """``values`` with zeros replaced by NaN (a ratio with a zero denominator is undefined)."""
+    return torch.where(values > 0, values, torch.full_like(values, math.nan))
+
+
+def net_shares(contributions: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    """``[M, G]`` ⟨C(x, g), Δf(x)⟩ / ‖Δf(x)‖² from ``contributions [M, G, d]`` and ``delta [M, d]``
+    (NaN for probes whose output did not change)."""
+    return torch.einsum("mgd,md->mg", contributions, delta) / _safe((delta * delta).sum(dim=1))[:, None]
+
+
+def part_share(part: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    """``[M]`` ⟨part(x), Δf(x)⟩ / ‖Δf(x)‖² for one ``[M, d]`` term (rest, residual, sketch error)."""
+    return (part * delta).sum(dim=1) / _safe((delta * delta).sum(dim=1))
+
+
+def cancellation_ratio(contributions: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    """``[M]`` κ(x) = Σ_g ‖C(x, g)‖ / ‖Δf(x)‖ (NaN where the output did not change)."""
+    return contributions.norm(dim=2).sum(dim=1) / _safe(delta.norm(dim=1))
+
+
+def traffic_shares(traffic: torch.Tensor) -> torch.Tensor:
+    """``[M, G]`` traffic normalized over groups per probe (rows sum to 1; NaN for no traffic)."""
+    return traffic / _safe(traffic.sum(dim=1, keepdim=True))
+
+
+# -- coarser views ----------------------------------------------------------------------------
+def coarsen(contributions: torch.Tensor, mapping: torch.Tensor, num_new_groups: int) -> torch.Tensor:
+    """``[M, G', ...]`` groups summed into coarser ones: old group g goes to ``mapping[g]``."""
+    num_groups = contributions.shape[1]
+    mapping = torch.as_tensor(mapping, dtype=torch.long, device=contributions.device)
+    if mapping.shape != (num_groups,):
+        raise ValueError(f"mapping needs one new id per group: shape [{num_groups}], got {tuple(mapping.shape)}")
+    if mapping.numel() and (mapping.min() < 0 or mapping.max() >= num_new_groups):
+        raise ValueError(f"mapping ids must lie in [0, {num_new_groups})")
+    out = contributions.new_zeros((contributions.shape[0], num_new_groups, *contributions.shape[2:]))
+    return out.index_add_(1, mapping, contributions)
+
+
+def average_by_probe_group(values: torch.Tensor, probe_groups: torch.Tensor, num_groups: int) -> torch.Tensor:
+    """``[L, ...]`` mean of ``values [M, ...]`` over the probes of each label in [0, L) (entry-wise,
+    ignoring NaN; NaN for labels without probes): the noise × noise matrix when labels are probe
+    levels, the coupling matrix when they are the probes' own geometry groups."""
+    out = torch.full((num_groups, *values.shape[1:]), math.nan, dtype=torch.float64)
+    labels = probe_groups.to(values.device)
+    for label in range(num_groups):
+        rows = values[labels == label].to(torch.float64)
+        if rows.shape[0]:
+            out[label] = rows.nanmean(dim=0).cpu()
+    return out
+
+
+def band_mask(probe_groups: torch.Tensor, num_groups: int, band: int) -> torch.Tensor:
+    """``[M, G]`` True where |g − group(probe)| <= band (ordered groups, e.g. noise-level bins)."""
+    if band < 0:
+        raise ValueError(f"band must be >= 0 groups, got {band}")
+    g = torch.arange(num_groups, device=probe_groups.device)
+    return (g[None, :] - probe_groups[:, None]).abs() <= band
+
+
+def band_total(matrix: torch.Tensor, probe_groups: torch.Tensor, band: int) -> torch.Tensor:
+    """``[M]`` Σ over the band around each probe's own group of ``matrix [M, G]`` (NaN rows stay NaN)."""
+    mask = band_mask(probe_groups.to(matrix.device), matrix.shape[1], band).to(matrix.dtype)
+    return (matrix * mask).sum(dim=1)
+
+
+def own_share(matrix: torch.Tensor, probe_groups: torch.Tensor) -> torch.Tensor:
+    """``[M]`` each probe's entry for its own group, matrix[m, group(m)] (band 0)."""
+    return matrix.gather(1, probe_groups.view(-1, 1).to(device=matrix.device, dtype=torch.long)).squeeze(1).to(torch.float64)
+
+
+# -- measured minus control -------------------------------------------------------------------
+def measured_minus_control(
+    measured: torch.Tensor, controls: torch.Tensor, *, clusters: torch.Tensor | None = None, confidence: float = 0.95
+) -> dict[str, Any]:
+    """A per-probe statistic of the measured partition against the same statistic of control
+    partitions on the same trajectory.
+
+    Args:
+        measured: ``[M]``.
+        controls: ``[K, M]`` (K control partitions; ``[M]`` for one).
+        clusters: optional ``[M]`` labels of probes that are not independent (the interval is
+            then over cluster means, :func:`genkernel.stats.mean_interval`).
+
+    Returns:
+        ``{"measured", "control", "difference", "interval", "confidence", "n", "method",
+        "held"}``: the means, the paired difference's Student-t interval and ``held`` (the whole
+        interval above zero).
+    """
+    measured = measured.to(torch.float64)
+    controls = controls.to(torch.float64)
+    if controls.dim() == 1:
+        controls = controls[None]
+    interval = difference_interval(measured, controls, confidence=confidence, clusters=clusters)
+    finite = torch.isfinite(measured)
+    control_mean = controls.mean(dim=0)
+    return {
+        "measured": float(measured[finite].mean()) if finite.any() else math.nan,
+        "control": float(control_mean[torch.isfinite(control_mean)].mean()) if torch.isfinite(control_mean).any() else math.nan,
+        "difference": interval.estimate,
+        "interval": [interval.low, interval.high],
+        "confidence": confidence,
+        "n": interval.n,
+        "controls": int(controls.shape[0]),
+        "method": interval.method,
+        "held": interval.above(0.0),
+    }
+
+
+__all__ = [
+    "DEFAULT_PARTITION", "Partitions", "average_by_probe_group", "band_mask", "band_total", "cancellation_ratio", "coarsen",
+    "measured_minus_control", "net_shares", "own_share", "part_share", "traffic_shares",
+]

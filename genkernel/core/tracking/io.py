@@ -1,0 +1,67 @@
+"""Atomic checkpoint files and safe loading.
+
+Every state genkernel writes (ledgers, trackers, analyzers, trainers) goes through
+:func:`atomic_save`: a temporary file in the same folder, flushed and fsynced, then renamed over
+the target, so a save interrupted half-way (a kill, a full disk) leaves the previous file intact.
+Left-over temporary files of interrupted saves are removed by the next save to the same path.
+:func:`load_state` reads them back with ``weights_only=True``: plain containers, numbers,
+strings and tensors only, never arbitrary pickled objects.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+def atomic_save(obj: Any, path: str | os.PathLike) -> None:
+    """``torch.save`` to a temporary file in the same folder, then rename over ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for stale in glob.glob(str(path.parent / f".{glob.escape(path.name)}.*.tmp")):
+        try:
+            os.unlink(stale)
+        except OSError:
+            pass
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            torch.save(obj, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except OSError as error:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise OSError(error.errno, f"could not write {path} ({error.strerror or error}); the previous file, if any, "
+                      "is intact: free disk space or choose another folder") from error
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def load_state(path: str | os.PathLike, expected_format: str | None = None) -> dict[str, Any]:
+    """A state written by :func:`atomic_save`, loaded with ``weights_only=True`` onto the CPU.
+
+    ``expected_format``: the ``"format"`` entry the state must carry (a clear error otherwise).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no genkernel state at {path}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except RuntimeError as error:
+        raise ValueError(f"{path} is not a readable genkernel state file ({error})") from error
+    if expected_format is not None and (not isinstance(state, dict) or state.get("format") != expected_format):
+        found = state.get("format") if isinstance(state, dict) else type(state).__name__
+        raise ValueError(f"{path} holds {found!r}, not a {expected_format!r} state")
+    return state
+
+
+__all__ = ["atomic_save", "load_state"]

@@ -1,0 +1,293 @@
+"""How a tracker holds its groups' share of every update: one class per group-state route.
+
+A route is chosen once, when the tracker is built, and answers the tracker's numbered steps
+(:mod:`genkernel.core.tracking.tracker`) with the same small set of verbs:
+
+- :meth:`GroupStateRoute.gradients` (step 1): the rows of group gradients the splitter keeps,
+  with the analysis losses and the sizes their rounding is judged against;
+- :meth:`GroupStateRoute.before_step` (step 2): anything read just before ``optimizer.step()``;
+- :meth:`GroupStateRoute.contributions` (step 5): every partition's ``[M, G, d]`` contributions,
+  the rest's ``[M, d]`` and the per-partition sketch error;
+- ``state_dict`` / ``load_state_dict``.
+
+Routes:
+
+- :class:`DenseRoute`: a float64 copy of the parameters per group of every partition and per
+  kind of optimizer state ((Σ G_π + 2) × P values); exact, every supported optimizer.
+- :class:`FactoredRoute` (plain SGD, exact): no per-group copy; each example's contribution is a
+  cross kernel of layer factors (:mod:`genkernel.core.engine.per_example`), summed into the
+  groups of every partition; cost grows with the batch, not with the groups.
+- :class:`~genkernel.core.tracking.sketched.SketchedRoute`: k-dimensional sketches of each
+  group's optimizer state (SGD with momentum, Adam, AdamW).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from torch.func import jvp, vmap
+
+from ..adapter import analysis_mode, functional_model
+from ..engine.factored import row_chunks
+from ..engine.factors import Plan, Unfactorable, make_plan
+from ..engine.gradients import group_gradients, membership_matrix
+from ..engine.per_example import BatchFactors, batch_totals, capture_batch, factored_contributions
+from ..engine.reference import per_example_jacobian
+from ..grouping import Partitions
+from .distributed import DistributedContext, combine_group_gradients
+from .splitters import UpdateSplitter
+
+CONTRIBUTION_ROUTES = ("auto", "jvp", "jacobian")
+ALL_GROUPS = Partitions({"all": 1})  # what the splitter keeps on routes without per-group rows
+
+
+@dataclass
+class TrackedModel:
+    """What every route reads: the analysed module, its trainable parameters, the probes and the
+    partitions, the memory budget and (under DDP) the process group."""
+
+    module: nn.Module
+    params: dict[str, torch.Tensor]
+    probes: tuple[torch.Tensor, ...]
+    partitions: Partitions
+    outputs: int  # d
+    memory_budget: int
+    distributed: DistributedContext | None
+    check_rtol: float  # relative tolerance of the exact checks (float64: 1e-10, float32: 1e-5)
+
+
+@dataclass
+class StepGradients:
+    """Step 1's result.
+
+    Attributes:
+        grads: ``{name: [rows, *shape]}`` float64 group gradients times the clipping factor, one
+            row per group of the splitter's partitions.
+        losses: ``[B]`` per-example losses of the analysis forward.
+        sizes: per parameter, the size against which the gradient's rounding is judged.
+        batch: the batch's layer factors (factored and sketched routes), else None.
+    """
+
+    grads: dict[str, torch.Tensor]
+    losses: torch.Tensor
+    sizes: dict[str, float]
+    batch: BatchFactors | None = None
+
+
+@dataclass
+class RouteContributions:
+    """Step 5's result: ``contributions {partition: [M, G, d]}``, ``rest [M, d]`` and
+    ``sketch_error {partition: [M, d]}`` (zeros except on the sketched route), float64."""
+
+    contributions: dict[str, torch.Tensor]
+    rest: torch.Tensor
+    sketch_error: dict[str, torch.Tensor]
+
+
+def push_rows(
+    model: TrackedModel, updates: dict[str, torch.Tensor], nodes: list[tuple[float, dict[str, torch.Tensor]]],
+    route: str = "auto",
+) -> torch.Tensor:
+    """``[M, rows, d]`` float64: Σ_q w_q J(x; θ_q) u_r for every row r of ``updates`` at the probes.
+
+    Two exact routes: one JVP per row and node ("jvp", cost ∝ rows), or the probes' Jacobians
+    J(x) ``[M, d, P]`` times the updates ("jacobian", cost ∝ d, memory M·d·P). "auto" takes the
+    Jacobian route when 8 d <= rows (measured: a reverse-mode Jacobian pass costs several JVPs)
+    and the Jacobians fit in the memory budget.
+    """
+    names = list(model.params)
+    dtype = nodes[0][1][names[0]].dtype
+    tangents = {n: updates[n].to(dtype) for n in names}
+    rows = updates[names[0]].shape[0]
+    num_params = sum(t[0].numel() for t in tangents.values())
+    m, d = model.probes[0].shape[0], model.outputs
+    if route == "auto":
+        fits = 2 * m * d * num_params * tangents[names[0]].element_size() <= model.memory_budget
+        route = "jacobian" if (8 * d <= rows and fits) else "jvp"
+    total = None
+    for weight, theta in nodes:
+        if route == "jacobian":
+            jac = per_example_jacobian(model.module, theta)(*model.probes)  # [M, d, P]
+            flat = torch.cat([tangents[n].reshape(rows, -1) for n in names], dim=1)  # [rows, P]
+            value = torch.einsum("mdp,gp->gmd", jac, flat)
+        else:
+            value = _jvp_rows(model, theta, tangents, rows, num_params)
+        value = value.to(torch.float64) * weight  # [rows, M, d]
+        total = value if total is None else total + value
+    return total.permute(1, 0, 2).contiguous()
+
+
+def _jvp_rows(model: TrackedModel, theta, tangents, rows: int, num_params: int) -> torch.Tensor:
+    """``[rows, M, d]``: J(x; θ) u_r by forward-mode AD, vmapped over chunks of rows."""
+    forward = functional_model(model.module)
+    probes = model.probes
+
+    def push(tangent):
+        return jvp(lambda p: forward(p, probes), (theta,), (tangent,))[1]
+
+    first = next(iter(tangents.values()))
+    chunk = max(1, model.memory_budget // (4 * num_params * first.element_size()))
+    parts = []
+    for start in range(0, rows, chunk):
+        parts.append(vmap(push)({n: t[start : start + chunk] for n, t in tangents.items()}))
+    return torch.cat(parts)
+
+
+class GroupStateRoute:
+    """Base class of the group-state routes (see the module docstring)."""
+
+    name = ""
+
+    def __init__(self, model: TrackedModel, splitter: UpdateSplitter, contribution_route: str):
+        self.model = model
+        self.splitter = splitter
+        self.contribution_route = contribution_route
+
+    @property
+    def splitter_partitions(self) -> Partitions:
+        """The rows the splitter keeps: every partition's groups (dense) or their total."""
+        return ALL_GROUPS
+
+    def gradients(self, step, ids: dict[str, torch.Tensor], coefficients: torch.Tensor) -> StepGradients:
+        raise NotImplementedError
+
+    def before_step(self) -> None:
+        pass
+
+    def contributions(self, updates, nodes, gradients: StepGradients, ids: dict[str, torch.Tensor],
+                      clip_factor: float) -> RouteContributions:
+        raise NotImplementedError
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
+
+    def _no_sketch_error(self, rest: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {name: torch.zeros_like(rest) for name in self.model.partitions.names}
+
+
+class DenseRoute(GroupStateRoute):
+    """One float64 row per group of every partition: the splitter keeps each row's optimizer
+    state and update, and step 5 pushes every row through the probes (:func:`push_rows`)."""
+
+    name = "dense"
+
+    @property
+    def splitter_partitions(self) -> Partitions:
+        return self.model.partitions
+
+    def gradients(self, step, ids, coefficients):
+        model = self.model
+        partitions = model.partitions
+        membership = membership_matrix([ids[n] for n in partitions.names], coefficients, list(partitions.sizes.values()))
+        grads, losses = group_gradients(
+            model.module, model.params, step.inputs, step.targets, step.loss_fn, membership,
+            memory_budget=model.memory_budget,
+        )
+        if model.distributed is not None:
+            grads = combine_group_gradients(grads, step.batch, model.distributed)
+        grads = {name: g * step.clip_factor for name, g in grads.items()}
+        first = partitions.slices[partitions.primary]
+        sizes = {name: float(g[first].abs().sum(dim=0).norm()) for name, g in grads.items()}
+        return StepGradients(grads, losses, sizes)
+
+    def contributions(self, updates, nodes, gradients, ids, clip_factor):
+        partitions = self.model.partitions
+        rows = partitions.total
+        both = push_rows(self.model, {n: u[: rows + 1] for n, u in updates.items()}, nodes, self.contribution_route)
+        rest = both[:, rows]
+        contributions = {name: both[:, part] for name, part in partitions.slices.items()}
+        return RouteContributions(contributions, rest, self._no_sketch_error(rest))
+
+
+class _FactorRoute(GroupStateRoute):
+    """Shared by the factored and sketched routes: the batch's layer factors at θ_k (step 1), the
+    exact totals the splitter keeps, and the probes' row chunks."""
+
+    def __init__(self, model: TrackedModel, splitter: UpdateSplitter, contribution_route: str):
+        super().__init__(model, splitter, contribution_route)
+        self._exclusions: set[str] = set()
+        self.plan: Plan = make_plan(model.module)
+        self._probe_chunks: list[slice] | None = None  # fixed probes: sized once per plan
+
+    def gradients(self, step, ids, coefficients):
+        model = self.model
+        while True:
+            try:
+                batch = capture_batch(
+                    model.module, self.plan, step.inputs, step.targets, step.loss_fn, coefficients, model.memory_budget
+                )
+                break
+            except Unfactorable as error:  # a module that mixes the batch: torch.func handles it
+                self._exclusions.add(error.module_name)
+                self.plan = make_plan(model.module, self._exclusions)
+                self._probe_chunks = None
+        totals, sizes = batch_totals(batch)
+        grads = {n: (totals[n] * step.clip_factor).unsqueeze(0) for n in model.params}
+        sizes = {n: sizes[n] * step.clip_factor for n in model.params}
+        return StepGradients(grads, batch.losses, sizes, batch)
+
+    def probe_chunks(self) -> list[slice]:
+        """Row chunks of the probes (under analysis_mode)."""
+        if self._probe_chunks is None:
+            model = self.model
+            with analysis_mode(model.module):
+                self._probe_chunks = row_chunks(model.module, self.plan, model.probes, model.outputs, model.memory_budget)
+        return self._probe_chunks
+
+    def _rest(self, updates, nodes) -> torch.Tensor:
+        """``[M, d]`` the rest row pushed to the probes (zero without weight decay or old state)."""
+        rest_update = {n: u[1:2] for n, u in updates.items()}
+        if any(bool(u.any()) for u in rest_update.values()):
+            return push_rows(self.model, rest_update, nodes, self.contribution_route)[:, 0]
+        return torch.zeros((self.model.probes[0].shape[0], self.model.outputs), dtype=torch.float64,
+                           device=next(iter(updates.values())).device)
+
+
+class FactoredRoute(_FactorRoute):
+    """Plain SGD, exact, no per-group copy: per-example cross kernels with u_n = −η_p s c_n ∇ℓ_n,
+    summed into the groups of every partition."""
+
+    name = "factored"
+
+    def gradients(self, step, ids, coefficients):
+        if not plain_sgd(self.splitter.optimizer):
+            raise ValueError(
+                "the optimizer is no longer plain SGD (momentum was switched on?): the factored route "
+                "cannot follow it; build the tracker with group_state='dense'"
+            )
+        return super().gradients(step, ids, coefficients)
+
+    def contributions(self, updates, nodes, gradients, ids, clip_factor):
+        model = self.model
+        scale = {}
+        for name in model.params:
+            h = self.splitter.hyper[name]
+            scale[name] = -h["lr"] * clip_factor * (-1.0 if h["maximize"] else 1.0)
+        per_example = factored_contributions(
+            model.module, self.plan, model.probes, nodes, gradients.batch, scale, model.outputs, self.probe_chunks(),
+            model.memory_budget,
+        ).to(torch.float64)  # [M, B, d]
+        m, _, d = per_example.shape
+        contributions = {
+            name: per_example.new_zeros((m, size, d)).index_add_(1, ids[name].to(per_example.device), per_example)
+            for name, size in model.partitions.sizes.items()
+        }
+        rest = self._rest(updates, nodes)
+        return RouteContributions(contributions, rest, self._no_sketch_error(rest))
+
+
+def plain_sgd(optimizer: torch.optim.Optimizer) -> bool:
+    """torch.optim.SGD with no momentum in any parameter group (its update is −η ĝ, stateless)."""
+    return type(optimizer) is torch.optim.SGD and all(float(g.get("momentum", 0.0)) == 0.0 for g in optimizer.param_groups)
+
+
+__all__ = [
+    "ALL_GROUPS", "CONTRIBUTION_ROUTES", "DenseRoute", "FactoredRoute", "GroupStateRoute", "RouteContributions",
+    "StepGradients", "TrackedModel", "plain_sgd", "push_rows",
+]

@@ -1,0 +1,259 @@
+"""The sketched group-state route: per-example ledgers for SGD with momentum, Adam and AdamW.
+
+With one group per example, the dense route's per-group optimizer state is a float64 copy of
+the parameters per example. Here each group keeps the random projection R s_g ∈ R^k of its
+linear state s_g instead (:class:`genkernel.core.engine.projections.ParameterProjection`,
+E[RᵀR] = I; weight matrices get Kronecker rows r_j ⊗ s_j, so per-example gradients of linear and
+convolutional layers are sketched from their layer factors without being formed). The state
+follows the optimizer's own linear recurrence, :meth:`UpdateSplitter.advance` (the same code
+the dense route runs on full rows):
+
+- SGD (momentum μ, dampening τ, Nesterov): s_g = b_g, the group's momentum buffer; the update
+  is u_g = −η v_g with v_g = b_g, or ĝ_g + μ b_g with Nesterov (μ = 0: v_g = ĝ_g).
+- Adam / AdamW: s_g = m_g, the group's first moment; u_g = −(η / (1 − β1^k)) m_g ⊘ (sqrt(v̂_k) + ε)
+  with the optimizer's own second moment.
+
+Both are u_g = D v_g with D diagonal (:meth:`UpdateSplitter.preconditioner`, read after the
+step), so a contribution is J̄(x) D v_g = ⟨D J̄(x)ᵀ, v_g⟩ ≈ ⟨R D J̄(x)ᵀ, R v_g⟩: unbiased, with the
+probe side ``[M, d, k]`` computed once per step from layer factors at the quadrature nodes and
+shared by every partition.
+
+Exactness is kept where it can be: the splitter keeps the exact totals (all groups together, the
+rest, the rounding gap) and checks them against the optimizer every step; the total of the
+examples' contributions is computed exactly (one JVP), and the difference between it and the sum
+of a partition's sketched contributions is that partition's ``sketch_error``, reported apart from
+the residual. Every step also checks Σ_g R s_g = R s_total for every partition.
+
+Memory: (Σ G_π) × k float64 state, (O + I) × k numbers of R per weight matrix, and the i.i.d.
+columns of the vector parameters (biases, norms) while they fit in the memory budget.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ..adapter import analysis_mode
+from ..engine.factors import Factors
+from ..engine.per_example import BatchFactors, probe_factors
+from ..engine.projections import ParameterProjection
+from ..engine.reference import split_columns
+from ..errors import LedgerCheckError
+from .routes import RouteContributions, TrackedModel, _FactorRoute, push_rows
+from .splitters import UpdateSplitter
+
+SKETCH_OPTIMIZERS = "torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW"
+
+
+class SketchedRoute(_FactorRoute):
+    """Per-group linear optimizer state as k-dimensional sketches (see the module docstring).
+
+    Args:
+        model, splitter, contribution_route: as for every route; the optimizer must be SGD,
+            Adam or AdamW with the same momentum, dampening and Nesterov (SGD) or β1 (Adam) in
+            every parameter group, since a group's sketched state mixes every parameter.
+        k: the projection dimension.
+        seed, kind: R's seed and entries ("rademacher" or "gaussian").
+    """
+
+    name = "sketched"
+
+    def __init__(self, model: TrackedModel, splitter: UpdateSplitter, contribution_route: str, *, k: int, seed: int,
+                 kind: str):
+        optimizer = splitter.optimizer
+        if type(optimizer) not in (torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW):
+            raise ValueError(
+                f"group_state='sketched' supports {SKETCH_OPTIMIZERS}; got {type(optimizer).__name__} "
+                "(use group_state='dense')"
+            )
+        super().__init__(model, splitter, contribution_route)
+        self.projection = ParameterProjection({n: tuple(p.shape) for n, p in model.params.items()}, k, seed=seed,
+                                              kind=kind, cache_bytes=model.memory_budget)
+        self.adam = type(optimizer) is not torch.optim.SGD
+        self.state: torch.Tensor | None = None  # [Σ G_π, k] float64
+        self._fresh: bool | None = None
+        self.hyper = self._shared_hyperparameters()
+
+    @property
+    def k(self) -> int:
+        return self.projection.k
+
+    # -- the recurrence ------------------------------------------------------------------------
+    def _shared_hyperparameters(self) -> dict[str, Any]:
+        keys = ("betas",) if self.adam else ("momentum", "dampening", "nesterov")
+        values = {tuple(_plain(group.get(key)) for key in keys) for group in self.splitter.optimizer.param_groups}
+        if len(values) != 1:
+            raise ValueError(
+                f"group_state='sketched' needs the same {', '.join(keys)} in every parameter group (one "
+                f"sketched state per group of examples mixes all parameters); got {sorted(values)}"
+            )
+        (shared,) = values
+        if self.adam:
+            return {"beta1": shared[0][0]}
+        return {"momentum": shared[0], "dampening": shared[1], "nesterov": bool(shared[2])}
+
+    def before_step(self) -> None:
+        """Reads the shared hyperparameters and, on the first step, whether SGD starts its momentum
+        buffers now (b_1 = ĝ_1) or had them already."""
+        self.hyper = self._shared_hyperparameters()
+        if self.state is None and not self.adam:
+            optimizer = self.splitter.optimizer
+            has = {optimizer.state.get(p, {}).get("momentum_buffer") is not None for p in self.model.params.values()}
+            if len(has) != 1:
+                raise ValueError(
+                    "some parameters have SGD momentum buffers and others not: start the sketched tracker "
+                    "before the first step or after every parameter has stepped"
+                )
+            self._fresh = not has.pop()
+
+    def _advance(self, ids: dict[str, torch.Tensor], sketched_grads: torch.Tensor) -> torch.Tensor:
+        """Advance every partition's groups with this step's ``[B, k]`` sketches R c_n ∇ℓ_n (times
+        clipping); returns the groups' sketched update directions R v_g ``[Σ G_π, k]`` float64."""
+        partitions = self.model.partitions
+        step = sketched_grads.new_zeros((partitions.total, self.k))
+        for name, part in partitions.slices.items():
+            step.index_add_(0, ids[name].to(step.device) + part.start, sketched_grads)
+        state = self.state
+        if state is None and not self.adam and not self._fresh and self.hyper["momentum"] != 0:
+            state = torch.zeros_like(step)  # the optimizer's buffers predate tracking: their part is the rest's
+        self.state, direction = self.splitter.advance(state, step, self.hyper)
+        return direction
+
+    def _check(self, rtol: float) -> None:
+        """Σ_g R s_g must equal R s_total for every partition, s_total being the exact state the
+        splitter keeps for all groups together (under ``maximize`` it holds negated gradients,
+        the sketches do not)."""
+        key = self.splitter.state_key
+        if self.state is None or any(key not in self.splitter.state.get(n, {}) for n in self.model.params):
+            return
+        reference = sum(
+            self.projection.project(n, self.splitter.state[n][key][0].unsqueeze(0).to(self._dtype()))[0].to(torch.float64)
+            * (-1.0 if self.splitter.hyper[n].get("maximize", False) else 1.0)
+            for n in self.model.params
+        )
+        for name, part in self.model.partitions.slices.items():
+            rows = self.state[part]
+            scale = float(reference.norm() + rows.abs().sum(dim=0).norm())
+            gap = float((rows.sum(dim=0) - reference).norm())
+            if gap > rtol * scale + 1e-300:
+                raise LedgerCheckError(
+                    f"the sketched per-group state of partition '{name}' does not add up to the sketch of the "
+                    f"optimizer's total (gap {gap:.3e}, scale {scale:.3e})"
+                )
+
+    # -- step 5 ------------------------------------------------------------------------------
+    def contributions(self, updates, nodes, gradients, ids, clip_factor):
+        """⟨R D J̄(x)ᵀ, R v_g⟩ per group of every partition; the examples' exact total and the rest
+        by JVP; each partition's sketch error is their difference."""
+        model = self.model
+        directions = self._advance(ids, self.project_batch(gradients.batch) * clip_factor)
+        self._check(model.check_rtol)
+        probe_side = self.project_probes(nodes).to(directions.device)  # [M, d, k]
+        estimates = torch.einsum("mdk,gk->mgd", probe_side, directions)
+        exact = push_rows(model, {n: u[0:2] for n, u in updates.items()}, nodes, self.contribution_route)  # [M, 2, d]
+        contributions = {name: estimates[:, part] for name, part in model.partitions.slices.items()}
+        sketch_error = {name: exact[:, 0] - c.sum(dim=1) for name, c in contributions.items()}
+        return RouteContributions(contributions, exact[:, 1], sketch_error)
+
+    # -- the two sides of ⟨R D J̄(x)ᵀ, R v_g⟩ --------------------------------------------------
+    def project_batch(self, batch: BatchFactors) -> torch.Tensor:
+        """``[B, k]`` float64: R c_n ∇ℓ_n; weight matrices of linear and convolutional layers from
+        their factors, everything else from per-example gradients, one block at a time."""
+        ones = {name: 1.0 for name in self.model.params}
+        parts = [self._project_block(f, 0, ones) for f in batch.factors]
+        parts += [self.projection.project(n, g.to(self._dtype())).to(torch.float64) for n, g in batch.fallback.items()]
+        return sum(p for p in parts if p is not None)
+
+    def project_probes(self, nodes: list[tuple[float, dict[str, torch.Tensor]]]) -> torch.Tensor:
+        """``[M, d, k]`` float64: Σ_q w_q R D J(x; θ_q)ᵀ with D per parameter: a number (SGD: from
+        the layer factors) or a tensor of the parameter's shape (Adam: the Jacobian block is
+        formed, scaled and projected)."""
+        model = self.model
+        preconditioner = self.preconditioner()
+        probes = model.probes
+        total = torch.zeros((probes[0].shape[0], model.outputs, self.k), dtype=torch.float64, device=probes[0].device)
+        chunks = self.probe_chunks()
+        with analysis_mode(model.module):
+            for weight, theta in nodes:
+                for rows in chunks:
+                    total[rows] += weight * self._project_chunk(tuple(t[rows] for t in probes), theta, preconditioner)
+        return total
+
+    def _project_chunk(self, probes, theta, preconditioner) -> torch.Tensor:
+        """``[m, d, k]`` float64: R D J(x; θ)ᵀ for one chunk of probes at one node."""
+        d, m = self.model.outputs, probes[0].shape[0]
+        factors, fb = probe_factors(self.model.module, self.plan, probes, theta, d)
+        value = torch.zeros((d, m, self.k), dtype=torch.float64, device=probes[0].device)
+        for f in factors:
+            for c in range(d):  # one output at a time: [m, k] each
+                part = self._project_block(f, c, preconditioner)
+                if part is not None:
+                    value[c] += part
+        if fb is not None:
+            for name, part in split_columns(fb, self.plan.fallback).items():
+                jac = part.transpose(0, 1).reshape(d * m, *self.plan.fallback[name].shape)
+                scaled = jac * _as(preconditioner[name], jac)
+                value += self.projection.project(name, scaled).to(torch.float64).reshape(d, m, self.k)
+        return value.transpose(0, 1)
+
+    def _project_block(self, f: Factors, cotangent: int, scale: dict[str, Any]) -> torch.Tensor | None:
+        """R D of one block's per-example gradients for one cotangent: ``[N, k]`` float64 (None for
+        a block the forward did not call). ``scale``: D per parameter name."""
+        if f.is_unused:
+            return None
+        one = f.cotangent(cotangent)
+        block = f.block
+        total, names = None, block.names
+        outer = one.weight_outer()
+        if outer is not None and not isinstance(scale[block.weight], torch.Tensor):
+            # A number for D: the weight's sketch straight from the factors, Σ_t (r·g_t)(s·a_t).
+            total = self.projection.project_outer(block.weight, *outer).to(torch.float64) * scale[block.weight]
+            names = [n for n in names if n != block.weight]
+        for name, grads in one.gradients(names).items():
+            values = grads[0] * _as(scale[name], grads[0])
+            part = self.projection.project(name, values).to(torch.float64)
+            total = part if total is None else total + part
+        return total
+
+    def preconditioner(self) -> dict[str, Any]:
+        """D per parameter from the splitter (read after the real step), negated under
+        ``maximize``: the groups' sketched state holds gradients, not ascent directions."""
+        out = {}
+        for name, p in self.model.params.items():
+            sign = -1.0 if self.splitter.hyper[name].get("maximize", False) else 1.0
+            value = self.splitter.preconditioner(name)
+            out[name] = (value * sign).to(p.dtype) if isinstance(value, torch.Tensor) else value * sign
+        return out
+
+    def _dtype(self) -> torch.dtype:
+        return next(iter(self.model.params.values())).dtype
+
+    # -- persistence -------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {"state": None if self.state is None else self.state.clone(), "fresh": self._fresh,
+                "k": self.k, "seed": self.projection.seed, "kind": self.projection.kind}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if (state["k"], state["seed"], state["kind"]) != (self.k, self.projection.seed, self.projection.kind):
+            raise ValueError(
+                f"the saved sketch has k={state['k']}, seed={state['seed']}, kind={state['kind']!r}; this "
+                f"tracker has k={self.k}, seed={self.projection.seed}, kind={self.projection.kind!r}"
+            )
+        self.state = None if state["state"] is None else state["state"].clone()
+        self._fresh = state["fresh"]
+
+
+def _as(value: Any, like: torch.Tensor) -> Any:
+    return value.to(like.device) if isinstance(value, torch.Tensor) else value
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return float(value.item())
+    if isinstance(value, tuple):
+        return tuple(_plain(v) for v in value)
+    return value
+
+
+__all__ = ["SKETCH_OPTIMIZERS", "SketchedRoute"]

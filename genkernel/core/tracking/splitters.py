@@ -1,0 +1,366 @@
+"""Optimizer-aware update splitting (DESIGN.md section 2, "Update splitting").
+
+An optimizer step Δ_k is written as Σ_g u_{k,g} + u_{k,rest}: one update per group of training
+contributions plus a rest that no example caused (weight decay, optimizer state that existed
+before tracking began). Each splitter writes its optimizer's rule once, as two pieces every
+route uses:
+
+- :meth:`UpdateSplitter.advance`: the optimizer's *linear* recurrence on a stack of rows (SGD's
+  momentum buffer, Adam's first moment, RMSprop's momentum of preconditioned gradients), exactly
+  as PyTorch updates its own buffer, returning the rows' update directions;
+- :meth:`UpdateSplitter.preconditioner`: the diagonal D read from the optimizer *after* its step
+  (−η, or Adam's −η / (1 − β1^k) / (sqrt(v̂_k) + ε)) that turns a direction into an update.
+
+The dense route keeps the rows as float64 copies of the parameters (:meth:`UpdateSplitter.split`);
+the sketched route (:mod:`genkernel.core.tracking.sketched`) runs the same ``advance`` on k-dim
+sketches of the rows and applies D on the probes' side.
+
+Rows: every partition's groups in order (:class:`~genkernel.core.grouping.Partitions`), then the
+rest, then the batched gradient's rounding gap. The recurrences are linear per row, so one stack
+serves any number of partitions, and for each partition its rows plus the rest and the rounding
+row add up to the optimizer's update.
+
+Lifecycle per step: ``capture()`` before ``optimizer.step()`` (hyperparameters of every
+parameter group, which may change between steps, and the pre-existing state on the first tracked
+step); the real step; ``split(group_grads, theta_before, rounding)`` returning
+``{name: [R + 2, *shape]}``; ``check_state()`` comparing each partition's summed state with the
+optimizer's.
+
+Memory: every per-group state is ``(R + 2) × P`` float64 values (one copy of the parameters per
+row): fine for tens of groups, large for one group per example on a big model.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ..errors import LedgerCheckError
+from ..grouping import Partitions
+
+SUPPORTED_OPTIMIZERS = "torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW, torch.optim.RMSprop"
+
+
+def _scalar(value: Any) -> float:
+    return float(value.item()) if isinstance(value, torch.Tensor) else float(value)
+
+
+def _relative_gap(total: torch.Tensor, reference: torch.Tensor, scale: torch.Tensor) -> float:
+    gap = (total - reference).norm()
+    return _scalar(gap / scale.clamp_min(torch.finfo(torch.float64).tiny))
+
+
+class UpdateSplitter:
+    """Base class: maps group gradients to group updates for one optimizer.
+
+    Args:
+        optimizer: the optimizer whose steps are split.
+        params: the tracked trainable parameters by name.
+        partitions: the partitions whose groups are the rows (one partition of one group, "all",
+            for routes that keep only the groups' total).
+    """
+
+    state_key: str | None = None  # the optimizer's linear state, kept per row by the splitter
+
+    def __init__(self, optimizer: torch.optim.Optimizer, params: dict[str, torch.nn.Parameter], partitions: Partitions):
+        self.optimizer = optimizer
+        self.params = params
+        self.partitions = partitions
+        self.rows = partitions.total
+        self.group_of = self._group_index(optimizer, params)
+        self.state: dict[str, dict[str, torch.Tensor]] = {}  # name -> state_key -> [R + 2, *shape]
+        self.hyper: dict[str, dict[str, Any]] = {}
+        self.before: dict[str, torch.Tensor | None] = {}
+        # The optimizer keeps its linear state in the parameters' dtype: where it cancels over
+        # steps, its own rounding is relative to the magnitudes it summed, not to the result.
+        # magnitude[name] follows the state's recurrence on |gradients| (one row, float64) and
+        # rounding_scale[name] is the update that magnitude would make: the scale of that rounding.
+        self.magnitude: dict[str, torch.Tensor] = {}
+        self.rounding_scale: dict[str, torch.Tensor] = {}
+
+    @staticmethod
+    def _group_index(optimizer: torch.optim.Optimizer, params: dict[str, torch.nn.Parameter]) -> dict[str, int]:
+        owner = {id(p): i for i, group in enumerate(optimizer.param_groups) for p in group["params"]}
+        missing = [name for name, p in params.items() if id(p) not in owner]
+        if missing:
+            raise ValueError(
+                f"trainable parameters {missing[:5]} are not owned by the optimizer: add them to it, "
+                "or freeze them with requires_grad_(False) so the ledger does not expect them to move"
+            )
+        tracked = {id(p) for p in params.values()}
+        extra = [p.shape for group in optimizer.param_groups for p in group["params"] if id(p) not in tracked]
+        if extra:
+            raise ValueError(
+                f"the optimizer owns {len(extra)} parameter(s) (shapes {[tuple(s) for s in extra[:5]]}) that "
+                "are not trainable parameters of the tracked model: track the model that owns them, or "
+                "give the tracker an optimizer over this model only"
+            )
+        return {name: owner[id(p)] for name, p in params.items()}
+
+    # -- the optimizer's rule, written once -------------------------------------------------
+    @staticmethod
+    def advance(state: torch.Tensor | None, grads: torch.Tensor, h: dict[str, Any]) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """One step of the optimizer's linear recurrence on rows ``grads`` (any trailing shape).
+
+        ``state``: the rows' state before the step, or None when the optimizer starts its state
+        at this step. Updates ``state`` in place where it exists. Returns ``(new state (None for a
+        stateless rule), update directions)``, the directions in the rows' shape.
+        """
+        raise NotImplementedError
+
+    def preconditioner(self, name: str) -> float | torch.Tensor:
+        """D for parameter ``name``, read after the real step: the update of a row is D ⊙ direction
+        (a number, or a float64 tensor of the parameter's shape)."""
+        raise NotImplementedError
+
+    def prepare(self, name: str, grads: torch.Tensor) -> torch.Tensor:
+        """The rows' gradients as the recurrence takes them (RMSprop: preconditioned first)."""
+        return grads
+
+    # -- lifecycle ---------------------------------------------------------------------------
+    def capture(self) -> None:
+        """Read hyperparameters (and the pre-existing state on the first step) before the step."""
+        for name, p in self.params.items():
+            group = self.optimizer.param_groups[self.group_of[name]]
+            self.hyper[name] = self._hyperparameters(group)
+            # The optimizer's own buffer matters only until the splitter keeps its own split copy.
+            if name not in self.state and self.state_key is not None:
+                existing = self.optimizer.state.get(p, {}).get(self.state_key)
+                self.before[name] = None if existing is None else existing.detach().clone()
+
+    def split(
+        self,
+        group_grads: dict[str, torch.Tensor],
+        theta_before: dict[str, torch.Tensor],
+        rounding: dict[str, torch.Tensor] | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """Per-row updates ``{name: Tensor[R + 2, *shape]}`` in float64: rows 0..R−1 the groups of
+        every partition, row R the rest, row R + 1 the rounding gap.
+
+        ``rounding``: the optimizer's batched gradient minus Σ_g group gradients (rounding only). It
+        is its own pseudo-group, carried through the optimizer's state like any other, so the rows
+        add up to the real update (Adam magnifies the gap where a gradient cancels) while its
+        effect on the probes stays in the residual, as rounding should.
+        """
+        updates = {}
+        self.rounding_scale = {}
+        first = self.partitions.slices[self.partitions.primary]
+        for name in self.params:
+            h = self.hyper[name]
+            grads = group_grads[name].to(torch.float64)
+            gap = torch.zeros_like(grads[0]) if rounding is None else rounding[name].to(torch.float64)
+            if h.get("maximize", False):
+                grads, gap = -grads, -gap
+            theta = theta_before[name]
+            # The rest's "gradient": coupled weight decay λθ_k (zero when decoupled or absent).
+            rest = theta * h["weight_decay"] if not h.get("decoupled", False) else torch.zeros_like(theta)
+            full = self.prepare(name, torch.cat([grads, rest.unsqueeze(0), gap.unsqueeze(0)], dim=0))
+            # 1. The recurrence on every row (the optimizer's own buffer goes to the rest row).
+            state, direction = self.advance(self._state_before(name, full), full, h)
+            if state is not None:
+                self.state.setdefault(name, {})[self.state_key] = state
+                # 2. The rounding scale: the same recurrence on the magnitudes of one partition's rows.
+                size = torch.cat([full[first], full[self.rows :]]).abs().sum(dim=0, keepdim=True)
+                previous = self.magnitude.get(name)
+                if previous is None and self.before.get(name) is not None:
+                    previous = self.before[name].abs().to(torch.float64).unsqueeze(0)
+                magnitude, _ = self.advance(previous, size, h)
+                self.magnitude[name] = magnitude
+                self.rounding_scale[name] = (self.preconditioner(name) * magnitude[0]).abs()
+            # 3. u = D ⊙ direction, and decoupled weight decay in the rest row.
+            update = direction * self.preconditioner(name)
+            if h.get("decoupled", False) and h["weight_decay"] != 0:
+                update[self.rows] -= h["lr"] * h["weight_decay"] * theta
+            updates[name] = update
+        return updates
+
+    def _state_before(self, name: str, like: torch.Tensor) -> torch.Tensor | None:
+        """The rows' state before this step: the splitter's own, else None when the optimizer
+        starts its state now, else zeros with the optimizer's pre-existing buffer in the rest
+        row (no tracked example caused it)."""
+        if self.state_key is None:
+            return None
+        own = self.state.get(name, {}).get(self.state_key)
+        if own is not None:
+            return own
+        existing = self.before.get(name)
+        if existing is None:
+            return None
+        state = torch.zeros_like(like)
+        state[self.rows] = existing.to(torch.float64)
+        return state
+
+    def check_state(self, rtol: float) -> None:
+        """Raise when a partition's summed state differs from the optimizer's own buffer."""
+        if self.state_key is None:
+            return
+        for name, p in self.params.items():
+            rows = self.state.get(name, {}).get(self.state_key)
+            if rows is None:
+                continue
+            # Under maximize both the optimizer and the rows hold the negated gradients' state.
+            reference = self.optimizer.state[p][self.state_key].to(torch.float64)
+            shared = rows[self.rows :].sum(0)
+            for partition, part in self.partitions.slices.items():
+                total = rows[part].sum(0) + shared
+                scale = reference.norm() + (rows[part].abs().sum(0) + rows[self.rows :].abs().sum(0)).norm()
+                gap = _relative_gap(total, reference, scale)
+                if gap > rtol:
+                    where = "" if len(self.partitions) == 1 else f" of partition '{partition}'"
+                    raise LedgerCheckError(
+                        f"parameter '{name}': the groups' {self.state_key}{where} sums to something other than the "
+                        f"optimizer's {self.state_key} (relative gap {gap:.2e} > {rtol:.0e})"
+                    )
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "state": {n: {k: v.clone() for k, v in s.items()} for n, s in self.state.items()},
+            "magnitude": {n: v.clone() for n, v in self.magnitude.items()},
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.state = {n: {k: v.clone() for k, v in s.items()} for n, s in state["state"].items()}
+        self.magnitude = {n: v.clone() for n, v in state.get("magnitude", {}).items()}
+
+    def _hyperparameters(self, group: dict[str, Any]) -> dict[str, Any]:
+        raise NotImplementedError
+
+
+class SGDSplitter(UpdateSplitter):
+    """torch.optim.SGD: momentum μ, dampening τ, Nesterov, coupled weight decay λ.
+
+    PyTorch adds λθ_k to the gradient before the buffer and its very first step sets the buffer
+    to the gradient without dampening: b_1 = g_1, b_k = μ b_{k−1} + (1 − τ) g_k;
+    u = −η b, or −η (g + μ b) with Nesterov.
+    """
+
+    state_key = "momentum_buffer"
+
+    def _hyperparameters(self, group):
+        return {
+            "lr": _scalar(group["lr"]),
+            "momentum": _scalar(group.get("momentum", 0.0)),
+            "dampening": _scalar(group.get("dampening", 0.0)),
+            "nesterov": bool(group.get("nesterov", False)),
+            "weight_decay": _scalar(group.get("weight_decay", 0.0)),
+            "maximize": bool(group.get("maximize", False)),
+        }
+
+    @staticmethod
+    def advance(state, grads, h):
+        mu = h["momentum"]
+        if mu == 0:
+            return None, grads
+        if state is None:
+            state = grads.clone()  # PyTorch's first step: b_1 = g_1
+        else:
+            state.mul_(mu).add_(grads, alpha=1 - h["dampening"])
+        return state, (grads + mu * state if h["nesterov"] else state)
+
+    def preconditioner(self, name):
+        return -self.hyper[name]["lr"]
+
+
+class AdamSplitter(UpdateSplitter):
+    """torch.optim.Adam and AdamW (amsgrad and maximize too).
+
+    Per-group first moments m_{k,g} = β1 m_{k−1,g} + (1 − β1) ĝ_{k,g}; the shared second moment v_k
+    (or its running maximum with amsgrad) and the step counter k are the optimizer's own:
+    u_{k,g} = −η (m_{k,g} / (1 − β1^k)) ⊘ (sqrt(v_k / (1 − β2^k)) + ε). Coupled decay is the rest
+    pseudo-group's gradient; decoupled decay (AdamW) adds −η λ θ_k to the rest.
+    """
+
+    state_key = "exp_avg"
+
+    def __init__(self, optimizer, params, partitions):
+        super().__init__(optimizer, params, partitions)
+        self._adamw = isinstance(optimizer, torch.optim.AdamW)
+
+    def _hyperparameters(self, group):
+        beta1, beta2 = group["betas"]
+        return {
+            "lr": _scalar(group["lr"]),
+            "beta1": _scalar(beta1),
+            "beta2": _scalar(beta2),
+            "eps": _scalar(group["eps"]),
+            "weight_decay": _scalar(group.get("weight_decay", 0.0)),
+            "amsgrad": bool(group.get("amsgrad", False)),
+            "maximize": bool(group.get("maximize", False)),
+            "decoupled": bool(group.get("decoupled_weight_decay", self._adamw)),
+        }
+
+    @staticmethod
+    def advance(state, grads, h):
+        if state is None:
+            state = torch.zeros_like(grads)
+        state.mul_(h["beta1"]).add_(grads, alpha=1 - h["beta1"])
+        return state, state
+
+    def preconditioner(self, name):
+        h = self.hyper[name]
+        opt_state = self.optimizer.state[self.params[name]]
+        step = _scalar(opt_state["step"])
+        second = opt_state["max_exp_avg_sq" if h["amsgrad"] else "exp_avg_sq"].to(torch.float64)
+        denom = second.sqrt() / (1 - h["beta2"] ** step) ** 0.5 + h["eps"]
+        return -(h["lr"] / (1 - h["beta1"] ** step)) / denom
+
+
+class RMSpropSplitter(UpdateSplitter):
+    """torch.optim.RMSprop (momentum, centered, coupled weight decay, maximize).
+
+    a_k = sqrt(v_k) + ε (centered: sqrt(v_k − ḡ_k²) + ε), read from the optimizer after its step.
+    Without momentum u_{k,g} = −η ĝ_{k,g} ⊘ a_k; with momentum the buffer holds preconditioned
+    gradients, b_{k,g} = μ b_{k−1,g} + ĝ_{k,g} ⊘ a_k, u_{k,g} = −η b_{k,g}.
+    """
+
+    state_key = "momentum_buffer"
+
+    def _hyperparameters(self, group):
+        return {
+            "lr": _scalar(group["lr"]),
+            "eps": _scalar(group["eps"]),
+            "momentum": _scalar(group.get("momentum", 0.0)),
+            "centered": bool(group.get("centered", False)),
+            "weight_decay": _scalar(group.get("weight_decay", 0.0)),
+            "maximize": bool(group.get("maximize", False)),
+        }
+
+    def prepare(self, name, grads):
+        h = self.hyper[name]
+        opt_state = self.optimizer.state[self.params[name]]
+        square = opt_state["square_avg"].to(torch.float64)
+        if h["centered"]:
+            square = square - opt_state["grad_avg"].to(torch.float64) ** 2
+        return grads / (square.sqrt() + h["eps"])
+
+    @staticmethod
+    def advance(state, grads, h):
+        mu = h["momentum"]
+        if mu == 0:
+            return None, grads
+        if state is None:
+            state = torch.zeros_like(grads)
+        state.mul_(mu).add_(grads)
+        return state, state
+
+    def preconditioner(self, name):
+        return -self.hyper[name]["lr"]
+
+
+def make_splitter(optimizer: torch.optim.Optimizer, params: dict[str, torch.nn.Parameter], partitions: Partitions) -> UpdateSplitter:
+    """The splitter for ``optimizer``; a clear error names the supported optimizers."""
+    kind = type(optimizer)
+    if kind is torch.optim.SGD:
+        return SGDSplitter(optimizer, params, partitions)
+    if kind in (torch.optim.Adam, torch.optim.AdamW):
+        return AdamSplitter(optimizer, params, partitions)
+    if kind is torch.optim.RMSprop:
+        return RMSpropSplitter(optimizer, params, partitions)
+    raise TypeError(
+        f"{kind.__module__}.{kind.__name__} is not supported: the ledger must reproduce the optimizer's "
+        f"update exactly, and genkernel knows how for {SUPPORTED_OPTIMIZERS}"
+    )
+
+
+__all__ = ["SUPPORTED_OPTIMIZERS", "AdamSplitter", "RMSpropSplitter", "SGDSplitter", "UpdateSplitter", "make_splitter"]

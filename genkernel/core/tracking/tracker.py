@@ -1,0 +1,486 @@
+"""PathKernelTracker: exact path-kernel ledgers kept while a model trains.
+
+Lifecycle::
+
+    tracker = PathKernelTracker(model, optimizer, loss_fn, probes, num_groups=G)
+    for inputs, targets, groups in data:
+        tracker.step(inputs, targets, groups)      # replaces backward() + optimizer.step()
+    tracker.ledger.summary()                       # contributions, rest, residual, shares
+
+Several partitions of the same examples are split at once, each into its own ledger::
+
+    tracker = PathKernelTracker(model, optimizer, loss_fn, probes,
+                                num_groups={"level": 10, "control_0": 10})
+    tracker.step(inputs, targets, {"level": bins, "control_0": permuted_bins})
+    tracker.ledgers["level"], tracker.ledgers["control_0"]
+
+Each ``step`` performs the real optimizer step through :class:`OptimizerStep` (the same code an
+untracked trainer runs, so training is bit-for-bit unchanged) and around it:
+
+1. group gradients at θ_k, ĝ_{k,g} = Σ_{n ∈ g} c_n ∇ℓ_n (times the clipping factor), for every
+   group of every partition (the route decides which rows it keeps);
+2. the real step; Δ_k = θ_{k+1} − θ_k read from the parameters;
+3. the optimizer-aware split Δ_k = Σ_{g∈π} u_{k,g} + u_rest for every partition π
+   (:mod:`genkernel.core.tracking.splitters`);
+4. the check: for every partition Σ_g ĝ_g equals the real gradient, the summed group state
+   equals the optimizer's buffers and Σ_g u_g + u_rest equals Δ_k (DESIGN.md section 2, "The
+   check");
+5. contributions c_{k,g}(x) = J̄_k(x) u_{k,g} at every probe, by the group-state route
+   (:mod:`genkernel.core.tracking.routes`: "dense", "factored", "sketched");
+6. a fresh forward pass at θ_{k+1}; every partition's ledger records its contributions, the
+   shared rest and traffic, and the residual.
+
+Cost adds over partitions (Σ G_π group rows), it never multiplies: a grouping and k permuted
+controls cost (k + 1) G rows, not G^(k+1).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+import torch
+from torch import nn
+
+from ..adapter import (
+    Batch,
+    analysis_mode,
+    as_tuple,
+    batch_size,
+    check_deterministic,
+    check_per_example_safe,
+    checked_forward,
+    trainable_parameters,
+    unwrap,
+)
+from ..engine.gradients import DEFAULT_GRADIENT_BUDGET
+from ..errors import LedgerCheckError, NonFiniteError
+from ..grouping import Partitions
+from .distributed import ddp_context
+from .io import atomic_save, load_state
+from .ledger import PathKernelLedger
+from .quadrature import quadrature_rule
+from .routes import CONTRIBUTION_ROUTES, DenseRoute, FactoredRoute, GroupStateRoute, TrackedModel, plain_sgd
+from .sketched import SketchedRoute
+from .splitters import make_splitter
+from .step import LossFn, OptimizerStep
+
+GROUP_STATES = ("auto", "dense", "factored", "sketched")
+CHECK_RTOL = {torch.float64: 1e-10, torch.float32: 1e-5}
+FORMAT = "genkernel.PathKernelTracker/2"
+
+
+@dataclass
+class StepContributions:
+    """What one tracked step did at the probes.
+
+    Attributes:
+        step: 1-based index of the step in the ledgers.
+        partitions: ``{name: [M, G, d]}`` float64, J̄_k(x) u_{k,g} for every partition.
+        rest: ``[M, d]`` J̄_k(x) u_{k,rest} plus buffer drift.
+        residual: ``[M, d]`` this step's f(θ_{k+1}) − f(θ_k) − Σ_g contributions − rest − sketch_error
+            (of the primary partition; the others' agree up to float64 rounding of their sums).
+        losses: ``[B]`` the per-example training losses.
+        group_updates: ``{name: [rows, *shape]}`` float64 updates: on the dense route one row per
+            group of every partition, then the rest and the batched gradient's rounding gap
+            (whose effect stays in the residual); otherwise 3 rows (all groups together, the
+            rest, the rounding gap).
+        sketch_errors: ``{name: [M, d]}`` on the sketched route, the examples' exact total
+            contribution minus the sum of the partition's sketched estimates (zero otherwise).
+    """
+
+    step: int
+    partitions: dict[str, torch.Tensor]
+    rest: torch.Tensor
+    residual: torch.Tensor
+    losses: torch.Tensor
+    group_updates: dict[str, torch.Tensor]
+    sketch_errors: dict[str, torch.Tensor]
+
+    @property
+    def contributions(self) -> torch.Tensor:
+        """``[M, G, d]`` of the primary (first) partition."""
+        return next(iter(self.partitions.values()))
+
+    @property
+    def sketch_error(self) -> torch.Tensor:
+        """``[M, d]`` sketch error of the primary partition."""
+        return next(iter(self.sketch_errors.values()))
+
+
+class PathKernelTracker:
+    """Keeps the exact path-kernel ledgers of ``model`` trained by ``optimizer``.
+
+    Args:
+        model: the trained module. BatchNorm or dropout in training mode are refused.
+        optimizer: SGD (momentum, dampening, Nesterov, weight decay), Adam, AdamW (amsgrad,
+            maximize) or RMSprop (momentum, centered), one or several parameter groups, owning
+            exactly the model's trainable parameters.
+        loss_fn: ``loss_fn(outputs, targets) -> Tensor[B]`` per-example losses.
+        probes: inputs x at which contributions are recorded (Tensor or tuple of Tensors).
+        num_groups: G, the number of groups of training contributions; or ``{name: G}`` for
+            several partitions of the same examples, each split exactly into its own ledger
+            (``tracker.ledgers[name]``; the first is ``tracker.ledger``).
+        quadrature: "left", "midpoint", "trapezoid" or "simpson" (see :mod:`quadrature`).
+        max_grad_norm: global-norm gradient clipping applied to the real step (inf: none); every
+            group's share is scaled by the same factor.
+        snapshot_every: copy the ledgers into their ``history`` every this many steps (0: never).
+        memory_budget: bytes of per-example gradients (or probe Jacobians) alive at once.
+        contribution_route: how J̄_k(x) u_g is computed on the dense route: "auto", "jvp" (one
+            forward-mode pass per group) or "jacobian" (the probes' Jacobians times the updates);
+            all exact.
+        group_state: how the groups' updates are held (:mod:`genkernel.core.tracking.routes`):
+            "dense": a float64 copy of the parameters per group and per kind of optimizer state,
+            (Σ G + 2) × P values (any supported optimizer; cost grows with the groups);
+            "factored": no per-group copy at all: each example's contribution is a cross kernel
+            computed from layer factors; exact, plain SGD only (no momentum: a buffer mixes
+            steps), one process; cost grows with B, not G;
+            "sketched": each group keeps a k-dimensional random projection of its optimizer state
+            (SGD with momentum, Adam, AdamW, one process): Σ G × k values; contributions are
+            unbiased estimates, the exact totals are still checked every step, and
+            ``ledger.sketch_error`` reports how far the estimates' sum is from the exact total of
+            the examples' contributions;
+            "auto": "factored" for plain SGD in one process when the probes' outputs are no more
+            than the groups plus one (d ≤ Σ G + 1: d backward cotangents replace Σ G + 1 JVPs),
+            else "dense" (never "sketched", which is approximate: ask for it).
+        sketch_dim, sketch_seed, sketch_kind: k, the seed and the entries ("rademacher" or
+            "gaussian") of the projection for ``group_state="sketched"``.
+
+    Under torch.distributed, pass the DistributedDataParallel-wrapped model and each rank's shard:
+    the ranks' group gradients are averaged as DDP averages gradients, so every rank keeps the
+    ledger a single process would keep on the global batches (equal shard sizes required).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        loss_fn: LossFn,
+        probes: Batch,
+        *,
+        num_groups: int | Mapping[str, int],
+        quadrature: str = "midpoint",
+        max_grad_norm: float = math.inf,
+        snapshot_every: int = 0,
+        memory_budget: int = DEFAULT_GRADIENT_BUDGET,
+        contribution_route: str = "auto",
+        group_state: str = "auto",
+        sketch_dim: int = 512,
+        sketch_seed: int = 0,
+        sketch_kind: str = "rademacher",
+    ) -> None:
+        self.partitions = Partitions(num_groups)
+        if snapshot_every < 0:
+            raise ValueError(f"snapshot_every must be >= 0 (0: no snapshots), got {snapshot_every}")
+        if contribution_route not in CONTRIBUTION_ROUTES:
+            raise ValueError(f"contribution_route must be one of {CONTRIBUTION_ROUTES}, got {contribution_route!r}")
+        self.model = model
+        # Under DistributedDataParallel the real step runs through the wrapper (its gradient
+        # averaging); the analysis runs on the wrapped module.
+        self.module = unwrap(model)
+        self.distributed = ddp_context(model)
+        self.optimizer = optimizer
+        self.loss_fn = loss_fn
+        self.rule = quadrature_rule(quadrature)
+        self.max_grad_norm = max_grad_norm
+        self.snapshot_every = snapshot_every
+        self.memory_budget = memory_budget
+
+        check_per_example_safe(self.module)
+        self.params = trainable_parameters(self.module)
+        self.probes = as_tuple(probes, name="probes")
+        batch_size(self.probes, name="probes")
+        check_deterministic(self.module, self.probes)
+        self._has_buffers = any(True for _ in self.module.buffers())
+        dtype = next(iter(self.params.values())).dtype
+        self.rtol = CHECK_RTOL.get(dtype, 1e-3)
+        with torch.no_grad(), analysis_mode(self.module):
+            f_start = self._probe_outputs()
+        self.ledgers = {name: PathKernelLedger.empty(f_start, size) for name, size in self.partitions.sizes.items()}
+        tracked = TrackedModel(self.module, self.params, self.probes, self.partitions, f_start.shape[1], memory_budget,
+                               self.distributed, self.rtol)
+        self.group_state = self._choose_group_state(group_state, f_start.shape[1])
+        self.route = self._make_route(tracked, contribution_route, sketch_dim, sketch_seed, sketch_kind)
+        self.splitter = self.route.splitter
+        self._f_prev = f_start.clone()
+        self._theta_after: dict[str, torch.Tensor] | None = None
+        self._grad_marks: dict[str, tuple[int, int]] | None = None
+
+    @property
+    def ledger(self) -> PathKernelLedger:
+        """The primary (first) partition's ledger."""
+        return self.ledgers[self.partitions.primary]
+
+    @property
+    def num_groups(self) -> int:
+        """G of the primary partition."""
+        return self.partitions.sizes[self.partitions.primary]
+
+    def _make_route(self, tracked: TrackedModel, contribution_route: str, k: int, seed: int, kind: str) -> GroupStateRoute:
+        if self.group_state == "dense":
+            return DenseRoute(tracked, make_splitter(self.optimizer, self.params, self.partitions), contribution_route)
+        # The other routes' splitter keeps the exact totals only (one row: all groups together),
+        # against which the tracker checks every step.
+        splitter = make_splitter(self.optimizer, self.params, Partitions({"all": 1}))
+        if self.group_state == "factored":
+            return FactoredRoute(tracked, splitter, contribution_route)
+        return SketchedRoute(tracked, splitter, contribution_route, k=k, seed=seed, kind=kind)
+
+    # -- public verbs ---------------------------------------------------------------------------
+    def step(
+        self,
+        inputs: Batch,
+        targets: Batch | None,
+        groups: torch.Tensor | Mapping[str, torch.Tensor],
+        weights: torch.Tensor | None = None,
+        **info: Any,
+    ) -> StepContributions:
+        """Perform one real optimizer step on the batch and record it in the ledgers.
+
+        Args:
+            inputs, targets: the batch (targets may be None when ``loss_fn`` needs none).
+            groups: ``LongTensor[B]`` group id of every example, in [0, num_groups); with several
+                partitions ``{name: LongTensor[B]}``.
+            weights: per-example coefficients c_n ``Tensor[B]`` of the loss Σ_n c_n ℓ_n; default the
+                mean (1/B), computed as ``losses.mean()`` like an untracked loop.
+
+        Returns:
+            :class:`StepContributions` of this step.
+        """
+        step = OptimizerStep(
+            self.model, self.optimizer, self.loss_fn, inputs, targets, weights, max_grad_norm=self.max_grad_norm, info=info
+        )
+        return self.track(step, groups)
+
+    def track(self, step: OptimizerStep, groups: torch.Tensor | Mapping[str, torch.Tensor]) -> StepContributions:
+        """Perform and record a prepared :class:`OptimizerStep` (what trainers' callbacks use)."""
+        if step.model is not self.model or step.optimizer is not self.optimizer:
+            raise ValueError("this step trains a different model or optimizer than the tracker was built for")
+        if step.max_grad_norm != self.max_grad_norm:
+            raise ValueError(f"the step clips at {step.max_grad_norm} but the tracker at {self.max_grad_norm}")
+        index = self.ledger.steps + 1
+        ids = self.partitions.check(groups, step.batch)
+        self._check_untouched()
+        self._grad_marks = None  # this step's own backward touches the gradients, even if it fails
+        if any(torch.is_autocast_enabled(device) for device in ("cpu", "cuda")):
+            raise RuntimeError(
+                "mixed precision (autocast, GradScaler) is not supported: the ledger must reproduce each "
+                "update exactly; train the tracked model in float32 or float64"
+            )
+        coefficients = (
+            torch.full((step.batch,), 1.0 / step.batch, dtype=torch.float64) if step.weights is None else step.weights
+        ).to(torch.float64)
+
+        try:
+            losses = step.compute_gradients()
+        except NonFiniteError as error:
+            raise NonFiniteError(f"step {index} ({step.phase}): {error}; the ledger keeps the {index - 1} steps before") from error
+        theta_before = {name: p.detach().clone() for name, p in self.params.items()}
+
+        with torch.no_grad(), analysis_mode(self.module):
+            # Buffers may have changed in the training forward (spectral norm): not an example's doing.
+            f_before = self._probe_outputs() if self._has_buffers else self._f_prev
+            drift = f_before - self._f_prev
+            # 1. ĝ_{k,g} = Σ_{n ∈ g} c_n ∇ℓ_n at θ_k, times the clipping factor.
+            with torch.enable_grad():
+                gradients = self.route.gradients(step, ids, coefficients.to(losses.device))
+            # The optimizer will step on the batched gradient, which differs from Σ_g ĝ_g by
+            # rounding (checked here): its own row of the split in step 3, left out of the
+            # contributions (residual).
+            rounding = self._check_gradients(index, gradients, losses)
+
+        # 2. The real optimizer step.
+        self.splitter.capture()
+        self.route.before_step()
+        step.apply_update()
+
+        with torch.no_grad(), analysis_mode(self.module):
+            theta_after = {name: p.detach().clone() for name, p in self.params.items()}
+            # 3. Δ_k = Σ_g u_{k,g} + u_rest (+ the rounding row), for every partition.
+            updates = self.splitter.split(
+                gradients.grads, {n: t.to(torch.float64) for n, t in theta_before.items()}, rounding
+            )
+            # 4. The check against what the optimizer really did.
+            self._check_updates(index, updates, theta_before, theta_after)
+            # 5. c_{k,g}(x) = Σ_q w_q J(x; θ_k + s_q Δ_k) u_{k,g}, and the rest's.
+            nodes = self._nodes(theta_before, theta_after)
+            result = self.route.contributions(updates, nodes, gradients, ids, step.clip_factor)
+            # 6. Fresh forward at θ_{k+1}; record.
+            f_after = self._probe_outputs()
+        primary = self.partitions.primary
+        step_residual = (f_after - f_before - result.contributions[primary].sum(dim=1) - result.rest
+                         - result.sketch_error[primary])
+        rest = result.rest + drift
+        for name, ledger in self.ledgers.items():
+            ledger.record(result.contributions[name], rest, f_after, result.sketch_error[name], drift)
+            if self.snapshot_every and ledger.steps % self.snapshot_every == 0:
+                ledger.snapshot()
+        self._f_prev = f_after
+        self._theta_after = theta_after
+        self._grad_marks = {n: (id(p.grad), p.grad._version) for n, p in self.params.items() if p.grad is not None}
+        return StepContributions(index, result.contributions, rest, step_residual, losses, updates, result.sketch_error)
+
+    def _choose_group_state(self, group_state: str, d: int) -> str:
+        if group_state not in GROUP_STATES:
+            raise ValueError(f"group_state must be one of {GROUP_STATES}, got {group_state!r}")
+        plain = plain_sgd(self.optimizer)
+        if group_state == "auto":
+            return "factored" if plain and self.distributed is None and d <= self.partitions.total + 1 else "dense"
+        if group_state in ("factored", "sketched") and self.distributed is not None:
+            raise ValueError(
+                f"group_state={group_state!r} runs in one process; under DistributedDataParallel use "
+                "group_state='dense'"
+            )
+        if group_state == "factored" and not plain:
+            raise ValueError(
+                "group_state='factored' needs plain SGD (torch.optim.SGD without momentum): a momentum "
+                "buffer or Adam's preconditioner mixes steps or coordinates, which the layer factors "
+                "cannot carry; use group_state='dense'"
+            )
+        return group_state
+
+    # -- persistence ----------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Ledgers, per-group optimizer state and the last parameters (for the outside-change check)."""
+        return {
+            "format": FORMAT,
+            "ledgers": {name: ledger.state_dict() for name, ledger in self.ledgers.items()},
+            "splitter": self.splitter.state_dict(),
+            "route": self.route.state_dict(),
+            "f_prev": self._f_prev.clone(),
+            "theta_after": None if self._theta_after is None else {k: v.clone() for k, v in self._theta_after.items()},
+            "partitions": self.partitions.state_dict(),
+            "quadrature": self.rule.name,
+            "group_state": self.group_state,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if not isinstance(state, dict) or state.get("format") != FORMAT:
+            raise ValueError("not a PathKernelTracker state (made by tracker.state_dict())")
+        saved = (state["partitions"], state["quadrature"], state["group_state"])
+        mine = (self.partitions.state_dict(), self.rule.name, self.group_state)
+        if saved != mine:
+            raise ValueError(
+                f"the saved tracker had partitions={saved[0]}, quadrature={saved[1]!r}, group_state={saved[2]!r}; "
+                f"this one has partitions={mine[0]}, quadrature={mine[1]!r}, group_state={mine[2]!r}"
+            )
+        self.ledgers = {name: PathKernelLedger.from_state_dict(s) for name, s in state["ledgers"].items()}
+        self.splitter.load_state_dict(state["splitter"])
+        self.route.load_state_dict(state["route"])
+        self._f_prev = state["f_prev"].clone()
+        self._theta_after = state["theta_after"]
+        self._grad_marks = None
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write the tracker state atomically (temporary file, then rename)."""
+        atomic_save(self.state_dict(), path)
+
+    def load(self, path: str | os.PathLike) -> None:
+        """Restore the state written by :meth:`save` (the model and optimizer are restored by the caller)."""
+        self.load_state_dict(load_state(path, FORMAT))
+
+    # -- internals ------------------------------------------------------------------------------
+    def _probe_outputs(self) -> torch.Tensor:
+        """``[M, d]`` float64 outputs at the probes; callers run it inside :func:`analysis_mode`."""
+        return checked_forward(self.module, self.probes, name="probes").to(torch.float64)
+
+    def _check_untouched(self) -> None:
+        if self._theta_after is not None:
+            changed = [n for n, p in self.params.items() if not torch.equal(p.detach(), self._theta_after[n].to(p.device))]
+            if changed:
+                raise RuntimeError(
+                    f"parameters {changed[:5]} changed outside the tracked optimizer step (an EMA written into "
+                    "the model, a manual edit, a second optimizer): the ledger cannot attribute that change. "
+                    "Make every update through tracker.step, or start a new tracker after the change."
+                )
+        if self._grad_marks is not None:
+            touched = [
+                n for n, p in self.params.items()
+                if p.grad is not None and self._grad_marks.get(n) != (id(p.grad), p.grad._version)
+            ]
+            if touched:
+                raise RuntimeError(
+                    f"gradients of {touched[:5]} were accumulated outside tracker.step (gradient accumulation is "
+                    "not supported): pass the whole accumulated batch to one tracker.step, with weights= for the "
+                    "per-example coefficients"
+                )
+
+    def _check_gradients(self, index: int, gradients, losses: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Check step 1 against training; returns the rounding gap {name: real gradient − Σ_g ĝ_g}
+        (of the splitter's first partition)."""
+        loss_tolerance = max(self.rtol, 1e-6) * 10
+        scale = float(losses.abs().max()) if losses.numel() else 0.0
+        analysis_losses = gradients.losses.to(losses)
+        if not torch.allclose(analysis_losses, losses, rtol=loss_tolerance, atol=loss_tolerance * scale):
+            gap = float((analysis_losses - losses).abs().max())
+            raise LedgerCheckError(
+                f"step {index}: the per-example analysis forward does not reproduce the training losses (max gap "
+                f"{gap:.3e}); the model's output must depend only on its own example and parameters"
+            )
+        partitions = self.route.splitter_partitions
+        first = partitions.slices[partitions.primary]
+        real, scales, rounding = {}, {}, {}
+        for name, p in self.params.items():
+            real[name] = torch.zeros_like(p, dtype=torch.float64) if p.grad is None else p.grad.to(torch.float64, copy=True)
+            scales[name] = float(real[name].norm()) + gradients.sizes[name]
+            rounding[name] = real[name] - gradients.grads[name][first].sum(dim=0)
+        # A parameter whose true gradient is zero (a bias before a normalization) carries pure
+        # rounding noise on both sides: compare it with rounding of the whole gradient too.
+        floor = 16 * torch.finfo(next(iter(self.params.values())).dtype).eps * math.sqrt(sum(v * v for v in scales.values()))
+        for partition, part in partitions.slices.items():
+            for name in self.params:
+                gap = float((real[name] - gradients.grads[name][part].sum(dim=0)).norm())
+                if gap > self.rtol * scales[name] + floor:
+                    where = "" if len(partitions) == 1 else f" of partition '{partition}'"
+                    raise LedgerCheckError(
+                        f"step {index}: the group gradients{where} of '{name}' do not add up to the real gradient "
+                        f"(gap {gap:.3e}, scale {scales[name]:.3e})"
+                    )
+        return rounding
+
+    def _check_updates(self, index, updates, theta_before, theta_after) -> None:
+        self.splitter.check_state(self.rtol)
+        partitions = self.route.splitter_partitions
+        rows = partitions.total
+        for name, u in updates.items():
+            before, after = theta_before[name], theta_after[name]
+            size = after.abs()
+            ulp = torch.nextafter(size, size.new_tensor(math.inf)).sub_(size).to(torch.float64)
+            delta = after.to(torch.float64, copy=True).sub_(before.to(torch.float64))
+            shared = u[rows:]
+            for partition, part in partitions.slices.items():
+                # In place where possible: on a per-example route this check is a fair part of a step.
+                gap = u[part].sum(dim=0).add_(shared.sum(dim=0)).sub_(delta).abs_()
+                scale = u[part].abs().sum(dim=0).add_(shared.abs().sum(dim=0)).add_(delta.abs())
+                if name in self.splitter.rounding_scale:  # the optimizer's own state rounding (splitters.py)
+                    scale.add_(self.splitter.rounding_scale[name])
+                tolerance = scale.mul_(self.rtol).add_(ulp, alpha=2)
+                if bool((gap > tolerance).any()):
+                    worst = float((gap - tolerance).max())
+                    where = "" if len(partitions) == 1 else f" (partition '{partition}')"
+                    raise LedgerCheckError(
+                        f"step {index}: the split update of '{name}'{where} does not add up to the optimizer's real "
+                        f"step (excess gap {worst:.3e}); was the optimizer's state or hyperparameters changed in a way "
+                        "the tracker cannot see?"
+                    )
+
+    def _nodes(self, theta_before, theta_after) -> list[tuple[float, dict[str, torch.Tensor]]]:
+        """(w_q, θ_k + s_q Δ_k) for the quadrature rule's nodes, in the parameters' dtype."""
+        nodes = []
+        for node, weight in zip(self.rule.nodes, self.rule.weights):
+            if node == 0.0:
+                theta = theta_before
+            elif node == 1.0:
+                theta = theta_after
+            else:
+                theta = {
+                    n: (b.to(torch.float64) + node * (theta_after[n].to(torch.float64) - b.to(torch.float64))).to(b.dtype)
+                    for n, b in theta_before.items()
+                }
+            nodes.append((weight, theta))
+        return nodes
+
+
+__all__ = ["GROUP_STATES", "PathKernelTracker", "StepContributions"]

@@ -1,0 +1,192 @@
+"""Every interval genkernel and its recipes report, computed one way and returned as one type.
+
+- :func:`mean_interval`: Student-t interval of a mean (right at small n, where a normal z is
+  too narrow), optionally over clusters: when several values share a unit (probes in one group,
+  steps of one seed), the unit means are the independent values.
+- :func:`difference_interval`: the paired "measured minus control" difference, with several
+  controls per unit averaged first.
+- :func:`bootstrap_interval`: ``scipy.stats.bootstrap`` (BCa by default, percentile on request)
+  for statistics without a closed-form interval.
+- :func:`proportion_interval`: Wilson score interval of a proportion (``scipy.stats.binomtest``).
+
+Non-finite values are dropped and counted in ``dropped``; an interval that cannot be computed
+(fewer than two independent values) has ``low = high = NaN`` and :meth:`Interval.above` and
+:meth:`Interval.below` are then False: "not shown", never "held".
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import scipy.stats
+
+
+@dataclass(frozen=True)
+class Interval:
+    """A point estimate with its confidence interval.
+
+    Attributes:
+        estimate: the statistic on the data.
+        low, high: the interval's ends (NaN where it is undefined).
+        n: the number of independent values it rests on (clusters, when clustered).
+        confidence: the nominal coverage, e.g. 0.95.
+        method: "student-t", "bootstrap-bca", "bootstrap-percentile" or "wilson".
+        dropped: non-finite values left out.
+    """
+
+    estimate: float
+    low: float
+    high: float
+    n: int
+    confidence: float
+    method: str
+    dropped: int = 0
+
+    @property
+    def defined(self) -> bool:
+        return math.isfinite(self.low) and math.isfinite(self.high)
+
+    def above(self, value: float = 0.0) -> bool:
+        """True when the whole interval lies above ``value``."""
+        return self.defined and self.low > value
+
+    def below(self, value: float = 0.0) -> bool:
+        """True when the whole interval lies below ``value``."""
+        return self.defined and self.high < value
+
+    def as_dict(self) -> dict[str, Any]:
+        """Plain numbers (non-finite as None), for JSON."""
+        return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in asdict(self).items()}
+
+
+def _finite(values: Any) -> tuple[np.ndarray, np.ndarray]:
+    """(values as float64, mask of the finite ones)."""
+    a = np.asarray(_numpy(values), dtype=np.float64).reshape(-1)
+    return a, np.isfinite(a)
+
+
+def _numpy(values: Any) -> Any:
+    if hasattr(values, "detach"):  # a torch tensor, without importing torch here
+        return values.detach().cpu().numpy()
+    return values
+
+
+def _check_confidence(confidence: float) -> None:
+    if not 0.0 < confidence < 1.0:
+        raise ValueError(f"confidence must lie in (0, 1), got {confidence}")
+
+
+def mean_interval(values: Any, *, confidence: float = 0.95, clusters: Any | None = None) -> Interval:
+    """Student-t interval of the mean of the finite ``values``.
+
+    Args:
+        values: a sequence, array or tensor of numbers.
+        confidence: nominal coverage.
+        clusters: optional labels, one per value: values with the same label are one unit. The
+            interval is then over the unit means (n = number of units), and the estimate is the
+            mean of the unit means.
+
+    Returns:
+        :class:`Interval` (``method="student-t"``).
+    """
+    _check_confidence(confidence)
+    a, keep = _finite(values)
+    dropped = int((~keep).sum())
+    if clusters is not None:
+        labels = np.asarray(_numpy(clusters)).reshape(-1)
+        if labels.shape[0] != a.shape[0]:
+            raise ValueError(f"clusters needs one label per value: {a.shape[0]} values, {labels.shape[0]} labels")
+        labels = labels[keep]
+        a = a[keep]
+        a = np.array([a[labels == u].mean() for u in np.unique(labels)], dtype=np.float64)
+    else:
+        a = a[keep]
+    n = int(a.size)
+    if n == 0:
+        return Interval(math.nan, math.nan, math.nan, 0, confidence, "student-t", dropped)
+    mean = float(a.mean())
+    if n == 1:
+        return Interval(mean, math.nan, math.nan, 1, confidence, "student-t", dropped)
+    half = float(scipy.stats.t.ppf(0.5 + confidence / 2, n - 1)) * float(a.std(ddof=1)) / math.sqrt(n)
+    return Interval(mean, mean - half, mean + half, n, confidence, "student-t", dropped)
+
+
+def difference_interval(measured: Any, controls: Any, *, confidence: float = 0.95, clusters: Any | None = None) -> Interval:
+    """Paired "measured minus control": per value, measured minus the mean of its controls, then
+    :func:`mean_interval` of those differences.
+
+    Args:
+        measured: ``[n]`` values.
+        controls: ``[n]`` or ``[k, n]`` (k control replicates of every value, e.g. k permutations).
+        clusters: as for :func:`mean_interval`.
+    """
+    m = np.asarray(_numpy(measured), dtype=np.float64).reshape(-1)
+    c = np.asarray(_numpy(controls), dtype=np.float64)
+    if c.ndim == 1:
+        c = c[None]
+    if c.ndim != 2 or c.shape[1] != m.shape[0]:
+        raise ValueError(f"controls must be [{m.shape[0]}] or [k, {m.shape[0]}], got {tuple(c.shape)}")
+    with np.errstate(invalid="ignore"):
+        diff = m - c.mean(axis=0)
+    return mean_interval(diff, confidence=confidence, clusters=clusters)
+
+
+def bootstrap_interval(
+    values: Any,
+    statistic: Callable[..., float] = np.mean,
+    *,
+    confidence: float = 0.95,
+    resamples: int = 2000,
+    seed: int = 0,
+    method: str = "BCa",
+    paired: Sequence[Any] = (),
+) -> Interval:
+    """Bootstrap interval of ``statistic`` by ``scipy.stats.bootstrap``.
+
+    Args:
+        values: ``[n]`` (or ``[n, ...]``) data; rows with a non-finite entry are dropped.
+        statistic: ``statistic(values, *paired) -> float`` (resampled together, rows paired).
+        method: "BCa" (default) or "percentile".
+        paired: further arrays with the same first dimension, resampled with ``values``.
+    """
+    _check_confidence(confidence)
+    arrays = [np.asarray(_numpy(values), dtype=np.float64)] + [np.asarray(_numpy(p), dtype=np.float64) for p in paired]
+    n_total = arrays[0].shape[0]
+    if any(a.shape[0] != n_total for a in arrays):
+        raise ValueError("bootstrap_interval: every paired array needs the same number of rows as values")
+    keep = np.ones(n_total, dtype=bool)
+    for a in arrays:
+        keep &= np.isfinite(a.reshape(n_total, -1)).all(axis=1)
+    arrays = [a[keep] for a in arrays]
+    n = int(keep.sum())
+    label = f"bootstrap-{method.lower()}"
+    if n == 0:
+        return Interval(math.nan, math.nan, math.nan, 0, confidence, label, n_total - n)
+    estimate = float(statistic(*arrays))
+    if n < 3 or np.all(arrays[0] == arrays[0][0]):
+        return Interval(estimate, math.nan, math.nan, n, confidence, label, n_total - n)
+    result = scipy.stats.bootstrap(
+        tuple(arrays), lambda *xs: statistic(*xs), paired=True, vectorized=False, confidence_level=confidence,
+        n_resamples=resamples, method=method, random_state=np.random.default_rng(seed),
+    )
+    low, high = float(result.confidence_interval.low), float(result.confidence_interval.high)
+    return Interval(estimate, low, high, n, confidence, label, n_total - n)
+
+
+def proportion_interval(successes: int, total: int, *, confidence: float = 0.95) -> Interval:
+    """Wilson score interval of a proportion ``successes / total`` (``scipy.stats.binomtest``)."""
+    _check_confidence(confidence)
+    if not (isinstance(successes, (int, np.integer)) and isinstance(total, (int, np.integer))):
+        raise TypeError(f"successes and total must be integers, got {successes!r} and {total!r}")
+    if total <= 0:
+        return Interval(math.nan, math.nan, math.nan, 0, confidence, "wilson")
+    if not 0 <= successes <= total:
+        raise ValueError(f"successes must lie in [0, total={total}], got {successes}")
+    ci = scipy.stats.binomtest(int(successes), int(total)).proportion_ci(confidence_level=confidence, method="wilson")
+    return Interval(successes / total, float(ci.low), float(ci.high), int(total), confidence, "wilson")
+
+
+__all__ = ["Interval", "bootstrap_interval", "difference_interval", "mean_interval", "proportion_interval"]
