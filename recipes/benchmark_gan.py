@@ -6,7 +6,7 @@
 Adam. Times generator steps only (discriminator steps run untimed in between) for:
 
 - bare: the trainer's plain step;
-- analyzer: the exact ledger with 8 groups (``control=False``, evaluations off);
+- analyzer: the exact ledger with 8 groups (``controls=0``, evaluations off);
 - analyzer + evaluations: alignment / coverage every 5 steps;
 - analyzer + control: the label-permutation control (8 × 8 = 64 tracked groups).
 
@@ -71,9 +71,9 @@ def main(argv=None) -> dict:
     )
     configs = {
         "bare": None,
-        "analyzer": dict(control=False, window=10**6, eval_every=10**6),
-        "analyzer_with_evaluations": dict(control=False, window=20, eval_every=5),
-        "analyzer_with_control": dict(control=True, window=10**6, eval_every=10**6),
+        "analyzer": dict(controls=0, window=10**6, eval_every=10**6),
+        "analyzer_with_evaluations": dict(controls=0, window=20, eval_every=5),
+        "analyzer_with_control": dict(controls=1, window=10**6, eval_every=10**6),
     }
     seconds = {}
     for name, kwargs in configs.items():

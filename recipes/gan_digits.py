@@ -26,7 +26,7 @@ import _common  # noqa: E402
 
 from genkernel.data import load_image_dataset  # noqa: E402
 from genkernel.gan import GANKernelAnalyzer, GANTrainer, DCDiscriminator, DCGenerator  # noqa: E402
-from genkernel.gan.metrics import mean_interval  # noqa: E402
+from genkernel.stats import mean_interval  # noqa: E402
 
 NAME = "gan_digits"
 
@@ -60,18 +60,18 @@ def build_claims(report: dict) -> dict:
         ("distribution_guided", "cos_kernel_field", 0.5, "the step follows the plain kernel-smoothed discriminator field (mean cosine > 0.5)"),
     ):
         m = mean_interval(torch.tensor([r[stat] for r in rows]))
-        claims[key] = _common.claim(text, m["low"] > threshold, m["mean"], (m["low"], m["high"]))
+        claims[key] = _common.claim(text, m.above(threshold), m.estimate, (m.low, m.high))
     cmp = mean_interval(torch.tensor([r["cos_kernel_field"] - r["cos_local_push"] for r in rows]))
     claims["kernel_smoothing_matters"] = _common.claim(
         "the kernel-smoothed field predicts the step better than the probe's local push −w(z') (difference > 0)",
-        cmp["low"] > 0, cmp["mean"], (cmp["low"], cmp["high"]),
+        cmp.above(0), cmp.estimate, (cmp.low, cmp.high),
     )
     for label, w in (("early", windows[0]), ("late", windows[-1])):
         t = w["traffic_own_minus_control"]
         claims[f"own_direction_traffic_{label}"] = _common.claim(
             f"{label} window (steps {w['steps'][0]}-{w['steps'][1]}): a probe's own gradient-direction cluster carries "
             "more traffic than under the permutation control (measured − control > 0)",
-            t["low"] > 0, t["mean"], (t["low"], t["high"]), kappa_median=w["kappa_median"],
+            t["held"], t["difference"], t["interval"], kappa_median=w["kappa_median"],
         )
     return claims
 
@@ -93,7 +93,7 @@ def main(argv=None) -> dict:
     gen = torch.Generator().manual_seed(args.seed + 1)
     probes = torch.randn(s["probes"], s["latent"], generator=gen, dtype=torch.float64).to(device, dtype)
     analyzer = GANKernelAnalyzer(
-        G, D, probes, grouping="direction", num_groups=s["groups"], control=True,
+        G, D, probes, grouping="direction", num_groups=s["groups"], controls=1,
         window=s["window"], eval_every=s["eval_every"], coverage_latents=0, seed=args.seed,
     )
     trainer = GANTrainer(G, D, data, labels=labels, batch_size=s["batch"], lr_g=s["lr"], lr_d=s["lr"],

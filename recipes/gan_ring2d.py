@@ -27,7 +27,7 @@ from genkernel.data import gaussian_grid, gaussian_ring, grid_mode_centers, ring
 from genkernel.gan import (  # noqa: E402
     LOSSES, GANKernelAnalyzer, GANTrainer, MLPDiscriminator, MLPGenerator, frozen, mode_coverage, push_field,
 )
-from genkernel.gan.metrics import mean_interval  # noqa: E402
+from genkernel.stats import mean_interval  # noqa: E402
 
 NAME = "gan_ring2d"
 DTYPE = torch.float64
@@ -64,19 +64,19 @@ def build_claims(report: dict, windows: list[dict]) -> dict:
     formula = mean_interval(torch.tensor([r["cos_formula"] for r in rows]))
     claims["formula_matches_each_step"] = _common.claim(
         "each step's ΔG(z') equals the ledger's kernel machine (optimizer weights): mean cosine > 0.99",
-        formula["low"] > 0.99, formula["mean"], (formula["low"], formula["high"]),
+        formula.above(0.99), formula.estimate, (formula.low, formula.high),
     )
     field = mean_interval(torch.tensor([r["cos_kernel_field"] for r in rows]))
     claims["distribution_guided"] = _common.claim(
         "the generator's step follows the plain kernel-smoothed discriminator field −Σ_i c_i K_G(z', z_i) w_i "
         "(mean cosine over evaluation steps > 0.5)",
-        field["low"] > 0.5, field["mean"], (field["low"], field["high"]),
+        field.above(0.5), field.estimate, (field.low, field.high),
     )
     cmp = mean_interval(torch.tensor([r["cos_kernel_field"] - r["cos_local_push"] for r in rows]))
     claims["kernel_smoothing_matters"] = _common.claim(
         "the kernel-smoothed field predicts the step's direction better than the probe's own local push −w(z') "
         "(mean over evaluation steps of cos(ΔG, field) − cos(ΔG, −w) > 0)",
-        cmp["low"] > 0, cmp["mean"], (cmp["low"], cmp["high"]),
+        cmp.above(0), cmp.estimate, (cmp.low, cmp.high),
     )
     early, late = early_window(windows), windows[-1]
     for label, w in (("early", early), ("late", late)):
@@ -84,11 +84,11 @@ def build_claims(report: dict, windows: list[dict]) -> dict:
         claims[f"own_mode_traffic_{label}"] = _common.claim(
             f"{label} window (steps {w['steps'][0]}-{w['steps'][1]}): a probe's own pushed-to-mode group carries more "
             "traffic than under the label-permutation control (measured − control > 0)",
-            t["low"] > 0, t["mean"], (t["low"], t["high"]),
+            t["held"], t["difference"], t["interval"],
         )
         claims[f"own_mode_net_share_{label}"] = _common.claim(
             f"{label} window: own-group net share exceeds the control's (measured − control > 0; read with κ)",
-            n["low"] > 0, n["mean"], (n["low"], n["high"]), kappa_median=w["kappa_median"],
+            n["held"], n["difference"], n["interval"], kappa_median=w["kappa_median"],
         )
     return claims
 
@@ -124,7 +124,7 @@ def main(argv=None) -> dict:
     axis = torch.linspace(-extent, extent, 8, dtype=DTYPE)
     d_probes = torch.cartesian_prod(axis, axis).to(device)
     analyzer = GANKernelAnalyzer(
-        G, D, probes, grouping="mode", mode_centers=centers, mode_std=std, control=True,
+        G, D, probes, grouping="mode", mode_centers=centers, mode_std=std, controls=1,
         window=s["window"], eval_every=s["eval_every"], discriminator_probes=d_probes,
         discriminator_groups="role_mode", seed=args.seed,
     )

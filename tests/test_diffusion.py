@@ -13,7 +13,7 @@ import math
 import pytest
 import torch
 
-from genkernel import NonFiniteError
+from genkernel import NonFiniteError, TrainerCallback
 from genkernel.diffusion import (
     BinnedDenoiser,
     DDPMTrainer,
@@ -116,7 +116,7 @@ def test_ledger_matches_brute_force_and_residual_is_small():
     num_bins, lr = 3, 1e-2
     model = small_mlp()
     reference_model = small_mlp()
-    analyzer = NoiseLevelAnalyzer(scheduler, ring(12, seed=5), num_bins=num_bins, num_probes=6, control=False,
+    analyzer = NoiseLevelAnalyzer(scheduler, ring(12, seed=5), num_bins=num_bins, num_probes=6, controls=0,
                                   kernel_points=2, snapshot_every=0)
     analyzer.bind(model, torch.optim.Adam(model.parameters(), lr=lr))
     gen = torch.Generator().manual_seed(1)
@@ -136,10 +136,10 @@ def test_ledger_matches_brute_force_and_residual_is_small():
     assert analyzer.residual()["relative_residual"] < 1e-3
 
 
-def run_trainer(num_bins, control, steps=4, seed=0, callbacks=True, **analyzer_kwargs):
+def run_trainer(num_bins, controls, steps=4, seed=0, callbacks=True, **analyzer_kwargs):
     scheduler = make_scheduler(T)
     model = small_mlp(seed)
-    analyzer = NoiseLevelAnalyzer(scheduler, ring(16, seed=3), num_bins=num_bins, num_probes=8, control=control,
+    analyzer = NoiseLevelAnalyzer(scheduler, ring(16, seed=3), num_bins=num_bins, num_probes=8, controls=controls,
                                   kernel_points=3, **analyzer_kwargs) if callbacks else None
     trainer = DDPMTrainer(model, scheduler, ring(64), batch_size=16, lr=1e-2, seed=seed, progress=False,
                           callbacks=[analyzer] if analyzer else [])
@@ -149,12 +149,12 @@ def run_trainer(num_bins, control, steps=4, seed=0, callbacks=True, **analyzer_k
 
 def test_one_group_equals_sum_of_bins_and_control_adds_up():
     levels = bin_centers(5, T)  # the same probes for both runs
-    _, one = run_trainer(1, control=False, probe_levels=levels)
-    _, many = run_trainer(5, control=True, probe_levels=levels)
+    _, one = run_trainer(1, controls=0, probe_levels=levels)
+    _, many = run_trainer(5, controls=1, probe_levels=levels)
     total_one = one.contributions.sum(dim=1)
     scale = float(total_one.abs().max())
     assert torch.allclose(many.contributions.sum(dim=1), total_one, rtol=0, atol=1e-10 * scale)
-    assert torch.allclose(many.contributions_control.sum(dim=1), total_one, rtol=0, atol=1e-10 * scale)
+    assert torch.allclose(many.ledgers["control_0"].contributions.sum(dim=1), total_one, rtol=0, atol=1e-10 * scale)
     # net shares over bins + rest + residual sum to 1
     shares, kappa = many.shares()
     ledger = many.ledger
@@ -171,7 +171,7 @@ def test_separate_parameters_per_bin_give_exactly_zero_off_diagonal():
     num_bins = 4
     torch.manual_seed(0)
     model = BinnedDenoiser(num_bins, T, hidden=8, depth=1, time_dim=4).double()
-    analyzer = NoiseLevelAnalyzer(scheduler, ring(8, seed=2), num_bins=num_bins, num_probes=8, control=True, kernel_points=2)
+    analyzer = NoiseLevelAnalyzer(scheduler, ring(8, seed=2), num_bins=num_bins, num_probes=8, controls=1, kernel_points=2)
     trainer = DDPMTrainer(model, scheduler, ring(64), batch_size=32, lr=1e-2, progress=False, callbacks=[analyzer])
     trainer.train(3)
     off = ~torch.eye(num_bins, dtype=torch.bool)[analyzer.probe_bins]  # [M, G]: training bin != probe bin
@@ -179,7 +179,7 @@ def test_separate_parameters_per_bin_give_exactly_zero_off_diagonal():
     assert torch.count_nonzero(analyzer.traffic[off]) == 0
     assert (analyzer.traffic[~off] > 0).all()  # the own bin did move every probe
     # the control's labels are random, so its traffic is spread over bins
-    assert torch.count_nonzero(analyzer.traffic_control[off]) > 0
+    assert torch.count_nonzero(analyzer.ledgers["control_0"].traffic[off]) > 0
     matrices = analyzer.matrices()
     assert torch.allclose(matrices["traffic"], torch.eye(num_bins, dtype=torch.float64))
 
@@ -206,8 +206,8 @@ def test_sketched_kernel_is_unbiased_for_the_exact_one():
 
 
 def test_analyzer_leaves_training_bit_for_bit_unchanged():
-    bare, _ = run_trainer(5, control=True, steps=5, callbacks=False)
-    tracked, analyzer = run_trainer(5, control=True, steps=5)
+    bare, _ = run_trainer(5, controls=1, steps=5, callbacks=False)
+    tracked, analyzer = run_trainer(5, controls=1, steps=5)
     for p, q in zip(bare.model.parameters(), tracked.model.parameters()):
         assert torch.equal(p, q)
     assert bare.losses == tracked.losses
@@ -218,7 +218,7 @@ def test_analyzer_leaves_training_bit_for_bit_unchanged():
 
 
 def test_samples_are_saved(tmp_path):
-    trainer, _ = run_trainer(2, control=False, steps=1, callbacks=False)
+    trainer, _ = run_trainer(2, controls=0, steps=1, callbacks=False)
     samples = trainer.save_samples(tmp_path / "samples.png", 5, num_inference_steps=4)
     assert samples.shape == (5, 2) and (tmp_path / "samples.png").stat().st_size > 1000
     assert torch.equal(torch.load(tmp_path / "samples.pt"), samples)
@@ -250,7 +250,7 @@ def test_attach_after_warm_up_and_checkpoint_resume(tmp_path):
     again = resumed.callbacks[0]
     assert again.ledger.steps == 4 and again.global_steps == analyzer.global_steps == [3, 4, 5, 6]
     assert torch.allclose(again.contributions, analyzer.contributions, rtol=1e-12, atol=0)
-    assert torch.equal(again.traffic_control, analyzer.traffic_control)
+    assert torch.equal(again.ledgers["control_0"].traffic, analyzer.ledgers["control_0"].traffic)
     report = analyzer.report()
     assert [row["tracked_step"] for row in report["locality_over_training"]] == [2, 4]
     assert [row["tracked_step"] for row in report["kernel"]] == [0, 4]
@@ -368,3 +368,93 @@ def test_loss_weight_is_the_gradient_of_the_loss():
     targets = torch.randn(3, 1, 4, 4, dtype=torch.float64)
     (grad,) = torch.autograd.grad(diffusion_loss(outputs, targets).sum(), outputs)
     assert torch.allclose(loss_weight(outputs.detach(), targets), grad.reshape(3, -1))
+
+
+def test_matrices_and_locality_are_read_from_the_tracker_ledgers():
+    # Core v2: the analyzer builds no ledger by hand; its measured and control numbers are the
+    # grouping layer's formulas applied to the tracker's per-partition ledgers.
+    from genkernel.core import grouping
+
+    _, analyzer = run_trainer(4, controls=3, steps=3)
+    ledgers = analyzer.tracker.ledgers
+    assert list(ledgers) == ["level", "control_0", "control_1", "control_2"]
+    level = ledgers["level"]
+    scale = float(level.contributions.abs().max())
+    for name in ("control_0", "control_1", "control_2"):  # every partition splits the same total
+        torch.testing.assert_close(ledgers[name].contributions.sum(1), level.contributions.sum(1), rtol=0, atol=1e-12 * scale)
+    by_level = lambda v: grouping.average_by_probe_group(v, analyzer.probe_level, analyzer.levels.numel())  # noqa: E731
+    controls = [grouping.traffic_shares(ledgers[f"control_{i}"].traffic) for i in range(3)]
+    matrices = analyzer.matrices()
+    assert torch.equal(matrices["traffic"], by_level(grouping.traffic_shares(level.traffic)))
+    torch.testing.assert_close(matrices["traffic_control"], torch.stack([by_level(c) for c in controls]).mean(0))
+    band = [grouping.band_total(c, analyzer.probe_bins, analyzer.band) for c in controls]
+    locality = analyzer.locality()["traffic"]
+    assert locality["controls"] == 3
+    assert locality["control"] == pytest.approx(float(torch.stack(band).mean(0).mean()))
+    measured = grouping.band_total(grouping.traffic_shares(level.traffic), analyzer.probe_bins, analyzer.band)
+    assert locality["difference"] == pytest.approx(float((measured - torch.stack(band).mean(0)).mean()))
+
+
+class StepCounter(TrainerCallback):
+    """A second stateful callback: only one analyzer can take a step over, so order is tested with this."""
+
+    def __init__(self, name=None):
+        self.name, self.count = name, 0
+
+    def on_step_end(self, trainer, step):
+        self.count += 1
+
+    def state_dict(self):
+        return {"count": self.count}
+
+    def load_state_dict(self, state):
+        self.count = state["count"]
+
+
+def test_resume_restores_callback_states_by_name_in_any_order_or_refuses(tmp_path):
+    scheduler = make_scheduler(T)
+    make = lambda: DDPMTrainer(small_mlp(), scheduler, ring(64), batch_size=16, lr=1e-2, progress=False,  # noqa: E731
+                               checkpoint_dir=tmp_path)
+
+    def callbacks():
+        analyzer = NoiseLevelAnalyzer(scheduler, ring(16, seed=3), num_bins=4, num_probes=6, kernel_points=2, name="levels")
+        return [analyzer, StepCounter()]
+
+    straight = make()
+    straight.callbacks.extend(callbacks())
+    straight.train(4)
+
+    first = make()
+    first.callbacks.extend(callbacks())
+    first.train(2)
+    first.save_checkpoint()
+    # callbacks attached in the other order
+    reordered = make()
+    reordered.callbacks.extend(reversed(callbacks()))
+    assert reordered.resume()
+    reordered.train(2)
+    # callbacks attached only after resume()
+    late = make()
+    assert late.resume()
+    late.callbacks.extend(callbacks())
+    late.train(2)
+    for trainer in (reordered, late):
+        resumed = {cb.state_key: cb for cb in trainer.callbacks}
+        assert resumed["levels"].ledger.steps == 4 and resumed["StepCounter"].count == 4
+        assert torch.equal(resumed["levels"].contributions, straight.callbacks[0].contributions)
+    # a saved analyzer state without its callback is refused, naming it, before any step
+    missing = make()
+    assert missing.resume()
+    missing.callbacks.append(StepCounter())
+    step_before = missing.global_step
+    with pytest.raises(ValueError, match=r"\['levels'\]"):
+        missing.train(1)
+    assert missing.global_step == step_before
+    missing.discard_callback_states(["levels"])
+    missing.train(1)  # continues without it once the user says so
+    assert missing.callbacks[0].count == 3
+    # two callbacks with the same state key cannot be told apart: refused at save time
+    twins = make()
+    twins.callbacks.extend([StepCounter(), StepCounter()])
+    with pytest.raises(ValueError, match="share the state key 'StepCounter'"):
+        twins.save_checkpoint()

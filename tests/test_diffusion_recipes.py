@@ -116,5 +116,7 @@ def test_benchmark_smoke(tmp_path):
     results = json.loads((tmp_path / "benchmark_diffusion.json").read_text())["results"]
     for model in ("mlp", "unet"):
         r = results[model]
-        assert r["bare"] > 0 and math.isclose(r["ratio_no_control"], r["analyzer_no_control"] / r["bare"])
+        assert r["bare"] > 0 and math.isclose(r["ratio_no_control"], r["no_control"] / r["bare"])
+        assert math.isclose(r["control_cost_five"], r["five_controls"] / r["no_control"])
+        assert payload["claims"][f"{model}_one_control_cost"]["held"] == (r["control_cost_one"] <= 2.2)
     assert payload["claims"]["mlp_overhead_target"]["held"] == (results["mlp"]["ratio_no_control"] <= 3.0)

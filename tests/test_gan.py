@@ -78,7 +78,7 @@ def test_three_steps_match_brute_force_autograd():
     lr, mu = 0.05, 0.9
     opt = torch.optim.SGD(G.parameters(), lr=lr, momentum=mu)
     region = FunctionGroups(lambda z, x, w, s: (z[:, 0] > 0).long(), 2)
-    analyzer = GANKernelAnalyzer(G, D, probes, grouping=region, control=False, window=1, eval_every=1, track_discriminator=False)
+    analyzer = GANKernelAnalyzer(G, D, probes, grouping=region, controls=0, window=1, eval_every=1, track_discriminator=False)
     loss_fn = GeneratorLoss(D)
     names = [n for n, _ in G.named_parameters()]
     shapes = [p.shape for _, p in G.named_parameters()]
@@ -165,7 +165,7 @@ def test_region_gated_generator_has_zero_cross_region_coupling():
     data, _ = _ring()
     probes = torch.cat([_probes(6) .abs(), -_probes(6, seed=2).abs()])  # 6 positive, 6 negative z0
     region = FunctionGroups(lambda z, x, w, s: (z[:, 0] > 0).long(), 2, name="region")
-    analyzer = GANKernelAnalyzer(G, D, probes, grouping=region, control=True, window=3, eval_every=1, track_discriminator=False)
+    analyzer = GANKernelAnalyzer(G, D, probes, grouping=region, controls=1, window=3, eval_every=1, track_discriminator=False)
     GANTrainer(G, D, data, latent_dim=2, batch_size=16, callbacks=[analyzer]).train(6)
     report = analyzer.report()
     for record in report["windows"] + [report["generator"]["coupling_whole_run"]]:
@@ -351,3 +351,56 @@ def test_geometry_groupings_assign_as_documented():
     assert conf(ref_w, ref_w, ref_w, -ref_w[:, 0]).tolist() == [1, 1, 1, 1, 0, 0, 0, 0]
     with pytest.raises(ValueError, match="distinct levels"):
         MagnitudeGroups(4).fit(ref_w, torch.ones(8, 2), torch.ones(8, 2), ref_w[:, 0])
+
+
+def test_window_coupling_is_read_from_ledger_differences():
+    from genkernel.core import grouping
+
+    G, D = _pair()
+    data, _ = _ring()
+    analyzer = GANKernelAnalyzer(G, D, _probes(8), grouping="direction", num_groups=3, controls=2, window=2, eval_every=1,
+                                 track_discriminator=False)
+    trainer = GANTrainer(G, D, data, batch_size=16, callbacks=[analyzer])
+    trainer.train(2)
+    start = {name: ledger.copy() for name, ledger in analyzer.generator_ledgers.items()}
+    trainer.train(4)
+    record = analyzer.windows[1]
+    groups = torch.tensor(record["probe_groups"])
+    window = analyzer.generator_ledger().since(start["geometry"])
+    expected = grouping.average_by_probe_group(grouping.traffic_shares(window.traffic), groups, 3)
+    torch.testing.assert_close(torch.tensor(record["traffic_matrix"], dtype=F64), expected, equal_nan=True)
+    controls = [analyzer.generator_ledger(f"control_{i}").since(start[f"control_{i}"]) for i in range(2)]
+    own = [grouping.own_share(grouping.traffic_shares(c.traffic), groups) for c in controls]
+    diff = record["traffic_own_minus_control"]
+    assert diff["controls"] == 2
+    assert diff["control"] == pytest.approx(float(torch.stack(own).mean(0).nanmean()))
+    with pytest.raises(ValueError, match="unknown partition 'level'"):
+        analyzer.generator_ledger("level")
+
+
+def test_resume_with_callbacks_in_another_order_or_missing(tmp_path):
+    from test_diffusion import StepCounter
+
+    def build(with_analyzer=True, checkpoint=True):
+        G, D = _pair()
+        data, _ = _ring()
+        callbacks = [StepCounter()]
+        if with_analyzer:
+            callbacks.append(GANKernelAnalyzer(G, D, _probes(6), grouping="direction", num_groups=2, window=2, eval_every=1))
+        kwargs = dict(checkpoint_dir=tmp_path, checkpoint_every=2) if checkpoint else {}
+        return GANTrainer(G, D, data, batch_size=16, callbacks=callbacks, **kwargs)
+
+    straight = build(checkpoint=False)
+    straight.train(4)
+    build().train(2)
+    reordered = build()
+    reordered.callbacks.reverse()
+    reordered.train(4, resume=True)
+    analyzer, counter = reordered.callbacks
+    ref = straight.callbacks[1]
+    assert counter.count == 8  # one discriminator and one generator step per iteration
+    assert torch.equal(analyzer.generator_ledger().contributions, ref.generator_ledger().contributions)
+    assert torch.equal(analyzer.discriminator_ledger.contributions, ref.discriminator_ledger.contributions)
+    missing = build(with_analyzer=False)
+    with pytest.raises(ValueError, match=r"\['GANKernelAnalyzer'\]"):
+        missing.train(6, resume=True)

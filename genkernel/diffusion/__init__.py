@@ -3,42 +3,29 @@
 Public API::
 
     from genkernel.diffusion import (
-        DDPMTrainer, make_scheduler, make_optimizer,           # training
-        MLPDenoiser, tiny_unet, BinnedDenoiser, TimeIgnoringDenoiser,
-        NoiseLevelAnalyzer,                                     # the ledger split by noise level
-        state_kernel, make_states, retrieval_attribution,       # kernel structure, stage-wise attribution
+        DDPMTrainer, make_scheduler, make_optimizer, reverse_sample,   # training and sampling
+        MLPDenoiser, tiny_unet, BinnedDenoiser, TimeIgnoringDenoiser,  # denoisers (and sanity models)
+        NoiseLevelAnalyzer, train_with_window,                          # the ledger split by noise level
+        state_kernel, make_states, kernel_locality,                     # kernel structure across levels
+        retrieval_attribution,                                          # stage-wise attribution
+        diffusion_loss, training_target, noisy_input, timestep_bins,    # the DDPM objective, for user loops
     )
 
 See :mod:`genkernel.diffusion.analyzer` for the user-loop example and DESIGN.md section 3.
+Plumbing (argument checks, schedule constants) stays importable from its module.
 """
 
 from .analyzer import NoiseLevelAnalyzer, train_with_window
 from .kernels import make_states, state_kernel
-from .locality import band_mask, band_total, compare, kernel_locality, level_average, mean_interval
-from .models import BinnedDenoiser, MLPDenoiser, TimeIgnoringDenoiser, freeze_attention_key_biases, sinusoidal_embedding, tiny_unet
-from .objectives import (
-    BETA_SCHEDULES,
-    PREDICTION_TYPES,
-    bin_centers,
-    bin_edges,
-    check_prediction_type,
-    check_timesteps,
-    diffusion_loss,
-    loss_weight,
-    make_scheduler,
-    noisy_input,
-    timestep_bins,
-    training_target,
-)
+from .locality import kernel_locality
+from .models import BinnedDenoiser, MLPDenoiser, TimeIgnoringDenoiser, freeze_attention_key_biases, tiny_unet
+from .objectives import bin_centers, bin_edges, diffusion_loss, loss_weight, make_scheduler, noisy_input, timestep_bins, training_target
 from .retrieval import RetrievalResult, retrieval_attribution
-from .trainer import OPTIMIZERS, DDPMTrainer, make_optimizer, reverse_sample
+from .trainer import DDPMTrainer, make_optimizer, reverse_sample
 
 __all__ = [
-    "train_with_window",
-    "BETA_SCHEDULES", "BinnedDenoiser", "DDPMTrainer", "MLPDenoiser", "NoiseLevelAnalyzer", "OPTIMIZERS",
-    "PREDICTION_TYPES", "RetrievalResult", "TimeIgnoringDenoiser", "band_mask", "band_total", "bin_centers",
-    "bin_edges", "check_prediction_type", "check_timesteps", "compare", "diffusion_loss",
-    "freeze_attention_key_biases", "kernel_locality", "level_average", "loss_weight", "make_optimizer",
-    "make_scheduler", "make_states", "mean_interval", "noisy_input", "retrieval_attribution", "reverse_sample",
-    "sinusoidal_embedding", "state_kernel", "timestep_bins", "tiny_unet", "training_target",
+    "BinnedDenoiser", "DDPMTrainer", "MLPDenoiser", "NoiseLevelAnalyzer", "RetrievalResult", "TimeIgnoringDenoiser",
+    "bin_centers", "bin_edges", "diffusion_loss", "freeze_attention_key_biases", "kernel_locality", "loss_weight",
+    "make_optimizer", "make_scheduler", "make_states", "noisy_input", "retrieval_attribution", "reverse_sample",
+    "state_kernel", "timestep_bins", "tiny_unet", "train_with_window", "training_target",
 ]

@@ -13,12 +13,13 @@ averaged. From it the analyzer reports traffic and net shares (with κ), their l
 band of w bins against a label-permutation control on the same trajectory, the normalized
 gradient kernel across levels at checkpoints, and the residual.
 
-The permutation control. Every example also gets a *control* label: the bin of another example
-of the same batch (a random permutation of the batch's bin labels, from the analyzer's own
-generator). The tracker is run on the joint groups (bin, control bin) — G² groups — so both
-splits come from one exact ledger of one trajectory (same steps, same batches, same group sizes
-per step): measured C[probe, b] = Σ_c C[probe, (b, c)], control C[probe, c] = Σ_b C[probe, (b, c)].
-``control=False`` tracks the G bins only (G× cheaper in analysis; no control, no claims).
+The permutation controls. For each of ``controls`` control partitions every example also gets a
+*control* label: the bin of another example of the same batch (a random permutation of the
+batch's bin labels, from the analyzer's own generator). The tracker splits every step for the
+level partition and each control partition at once (:class:`~genkernel.core.grouping.Partitions`),
+so all come from one exact trajectory (same steps, same batches, same group sizes per step), each
+with its own ledger, at a cost that adds over partitions ((1 + controls) · G group rows).
+``controls=0`` tracks the G bins only (no control, no claims).
 
 Use with the built-in trainer::
 
@@ -49,13 +50,15 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from ..core.tracking.callbacks import TrainerCallback
+from ..core import grouping
 from ..core.errors import LedgerCheckError
-from ..core.tracking.io import atomic_save
+from ..core.tracking.callbacks import TrainerCallback
+from ..core.tracking.io import atomic_save, load_state
+from ..core.tracking.ledger import PathKernelLedger
 from ..core.tracking.step import OptimizerStep
 from ..core.tracking.tracker import PathKernelTracker, StepContributions
 from .kernels import make_states, state_kernel
-from .locality import band_total, compare, kernel_locality, level_average
+from .locality import kernel_locality
 from .objectives import (
     bin_centers,
     check_prediction_type,
@@ -69,7 +72,8 @@ from .objectives import (
 
 __all__ = ["NoiseLevelAnalyzer"]
 
-FORMAT = "genkernel.NoiseLevelAnalyzer/1"
+FORMAT = "genkernel.NoiseLevelAnalyzer/2"
+LEVEL = "level"
 
 
 class NoiseLevelAnalyzer(TrainerCallback):
@@ -84,7 +88,8 @@ class NoiseLevelAnalyzer(TrainerCallback):
         num_probes: M probes, assigned round-robin to the probe levels.
         probe_levels: ``LongTensor[L]`` probe timesteps s; default the G bin centres.
         band: w, the half-width in bins of "nearby levels" for the locality measures.
-        control: also track the label-permutation control (G² joint groups).
+        controls: number of label-permutation control partitions tracked beside the level
+            partition (0: none); each adds G group rows to every step's cost.
         quadrature: the ledger's rule ("midpoint" default; "left", "trapezoid", "simpson").
         snapshot_every: record locality summaries every this many tracked steps (0: only at
             the end); they are the "locality over training" curves.
@@ -95,7 +100,7 @@ class NoiseLevelAnalyzer(TrainerCallback):
         seed: seeds probe noise, the control permutations and kernel sketches (private
             generators; the global RNG is untouched).
         memory_budget: bytes of per-example gradients held at once by the tracker.
-        progress: tqdm for the kernel checkpoints.
+        name: the key of this analyzer's state in a trainer's checkpoint (default the class name).
     """
 
     def __init__(
@@ -107,7 +112,7 @@ class NoiseLevelAnalyzer(TrainerCallback):
         num_probes: int = 64,
         probe_levels: torch.Tensor | None = None,
         band: int = 1,
-        control: bool = True,
+        controls: int = 1,
         quadrature: str = "midpoint",
         snapshot_every: int = 5,
         kernel_every: int = 0,
@@ -115,6 +120,7 @@ class NoiseLevelAnalyzer(TrainerCallback):
         kernel_sketch: int | None = None,
         seed: int = 0,
         memory_budget: int = 256 * 2**20,
+        name: str | None = None,
     ) -> None:
         self.prediction_type = check_prediction_type(scheduler)
         self.scheduler = scheduler
@@ -128,6 +134,8 @@ class NoiseLevelAnalyzer(TrainerCallback):
                 "probe_data must be a floating Tensor [N0, *shape] of clean inputs shaped like the training data, "
                 f"got {getattr(probe_data, 'shape', type(probe_data).__name__)}"
             )
+        if isinstance(controls, bool) or not isinstance(controls, int) or controls < 0:
+            raise ValueError(f"controls must be a non-negative int (permutation control partitions), got {controls!r}")
         if not isinstance(band, int) or band < 0:
             raise ValueError(f"band must be a non-negative int (bins), got {band!r}")
         if snapshot_every < 0 or kernel_every < 0:
@@ -136,7 +144,8 @@ class NoiseLevelAnalyzer(TrainerCallback):
             raise ValueError(f"kernel_points must be an int >= 2 (pairs of different inputs), got {kernel_points!r}")
         self.num_bins = num_bins
         self.band = band
-        self.control = bool(control)
+        self.controls = controls
+        self.name = name
         self.quadrature = quadrature
         self.snapshot_every = snapshot_every
         self.kernel_every = kernel_every
@@ -170,9 +179,13 @@ class NoiseLevelAnalyzer(TrainerCallback):
 
     # -- binding -----------------------------------------------------------------------------
     @property
-    def num_groups(self) -> int:
-        """Groups the tracker keeps: G, or G² joint (bin, control bin) groups with the control."""
-        return self.num_bins * self.num_bins if self.control else self.num_bins
+    def partitions(self) -> dict[str, int]:
+        """The partitions the tracker splits: ``{"level": G, "control_0": G, ...}``."""
+        return {LEVEL: self.num_bins, **{name: self.num_bins for name in self.control_names}}
+
+    @property
+    def control_names(self) -> list[str]:
+        return [f"control_{i}" for i in range(self.controls)]
 
     def probes(self, like: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """The probe states ``(z_s [M, *shape], s [M])`` in ``like``'s dtype/device."""
@@ -190,11 +203,9 @@ class NoiseLevelAnalyzer(TrainerCallback):
         probes = self.probes(param)
         self.model = model
         self.tracker = PathKernelTracker(
-            model, optimizer, diffusion_loss, probes, num_groups=self.num_groups, quadrature=self.quadrature,
+            model, optimizer, diffusion_loss, probes, num_groups=self.partitions, quadrature=self.quadrature,
             max_grad_norm=max_grad_norm, memory_budget=self.memory_budget,
         )
-        m, d = self.tracker.ledger.f_start.shape
-        self._alloc(m, d)
         if self._pending_state is not None:
             self._load(self._pending_state)
             self._pending_state = None
@@ -247,17 +258,17 @@ class NoiseLevelAnalyzer(TrainerCallback):
         return self.track(step, timesteps).losses
 
     def track(self, step: OptimizerStep, timesteps: torch.Tensor) -> StepContributions:
-        """Group the step's examples by timestep bin (and control bin) and let the tracker take it."""
+        """Group the step's examples by timestep bin (and permuted bins for the controls) and let
+        the tracker take the step."""
         timesteps = check_timesteps(timesteps, self.scheduler)
         if timesteps.numel() != step.batch:
             raise ValueError(f"got {timesteps.numel()} timesteps for a batch of {step.batch}")
         bins = timestep_bins(timesteps, self.num_bins, self.total).cpu()
-        groups = bins
-        if self.control:
-            shuffled = bins[torch.randperm(bins.numel(), generator=self._perm_generator)]
-            groups = bins * self.num_bins + shuffled
+        groups = {LEVEL: bins}
+        for name in self.control_names:
+            groups[name] = bins[torch.randperm(bins.numel(), generator=self._perm_generator)]
         try:
-            result = self.tracker.track(step, groups.to(timesteps.device))
+            result = self.tracker.track(step, {k: v.to(timesteps.device) for k, v in groups.items()})
         except LedgerCheckError as error:
             if "to_k.bias" in str(error):
                 raise LedgerCheckError(
@@ -271,8 +282,6 @@ class NoiseLevelAnalyzer(TrainerCallback):
 
     # -- recording -----------------------------------------------------------------------------
     def _reset_records(self) -> None:
-        self.contributions = self.contributions_control = None
-        self.traffic = self.traffic_control = None
         self.bin_counts: list[list[int]] = []
         self.global_steps: list[int | None] = []
         self.history: list[dict[str, Any]] = []
@@ -280,26 +289,7 @@ class NoiseLevelAnalyzer(TrainerCallback):
         self._global_step = None
         self._start_step: int | None = None
 
-    def _alloc(self, m: int, d: int) -> None:
-        g = self.num_bins
-        self.contributions = torch.zeros((m, g, d), dtype=torch.float64)
-        self.traffic = torch.zeros((m, g), dtype=torch.float64)
-        if self.control:
-            self.contributions_control = torch.zeros((m, g, d), dtype=torch.float64)
-            self.traffic_control = torch.zeros((m, g), dtype=torch.float64)
-
     def _record(self, result: StepContributions, bins: torch.Tensor) -> None:
-        c = result.contributions.cpu()  # [M, groups, d]
-        m, _, d = c.shape
-        if self.control:
-            joint = c.reshape(m, self.num_bins, self.num_bins, d)
-            measured, control = joint.sum(dim=2), joint.sum(dim=1)
-            self.contributions_control += control
-            self.traffic_control += control.norm(dim=2)
-        else:
-            measured = c
-        self.contributions += measured
-        self.traffic += measured.norm(dim=2)
         self.bin_counts.append(torch.bincount(bins, minlength=self.num_bins).tolist())
         self.global_steps.append(self._global_step)
         self._global_step = None
@@ -348,79 +338,86 @@ class NoiseLevelAnalyzer(TrainerCallback):
 
     # -- summaries -----------------------------------------------------------------------------
     def _require(self) -> None:
-        if self.tracker is None or self.contributions is None:
+        if self.tracker is None:
             raise RuntimeError("the analyzer has not tracked anything yet (bind it and train)")
 
     @property
-    def ledger(self):
-        """The core :class:`~genkernel.core.tracking.ledger.PathKernelLedger` (joint groups when control=True)."""
+    def ledgers(self) -> dict[str, PathKernelLedger]:
+        """The tracker's ledgers: ``"level"`` (groups: training-level bins) and ``"control_i"``."""
         self._require()
-        return self.tracker.ledger
+        return self.tracker.ledgers
 
-    def shares(self, *, control: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-        """Net shares ``[M, G]`` per training-level bin and κ ``[M]`` (measured or control split)."""
-        self._require()
-        contributions = self._contrib(control)
-        delta = self.tracker.ledger.delta.cpu()
-        norm_sq = (delta * delta).sum(dim=1)
-        safe = torch.where(norm_sq > 0, norm_sq, torch.full_like(norm_sq, math.nan))
-        shares = torch.einsum("mgd,md->mg", contributions, delta) / safe[:, None]
-        kappa = contributions.norm(dim=2).sum(dim=1) / safe.sqrt()
-        return shares, kappa
+    @property
+    def ledger(self) -> PathKernelLedger:
+        """The level partition's :class:`~genkernel.core.tracking.ledger.PathKernelLedger`."""
+        return self.ledgers[LEVEL]
 
-    def traffic_shares(self, *, control: bool = False) -> torch.Tensor:
-        """Traffic ``[M, G]`` normalized over bins per probe (rows sum to 1)."""
-        self._require()
-        traffic = self.traffic_control if control else self.traffic
-        if traffic is None:
-            raise RuntimeError("no control was tracked (control=False)")
-        total = traffic.sum(dim=1, keepdim=True)
-        return traffic / torch.where(total > 0, total, torch.full_like(total, math.nan))
+    @property
+    def contributions(self) -> torch.Tensor:
+        """``[M, G, d]`` contributions per training-level bin (the level ledger's, on the CPU)."""
+        return self.ledger.contributions.cpu()
 
-    def _contrib(self, control: bool) -> torch.Tensor:
-        if control and self.contributions_control is None:
-            raise RuntimeError("no control was tracked (control=False)")
-        return self.contributions_control if control else self.contributions
+    @property
+    def traffic(self) -> torch.Tensor:
+        """``[M, G]`` traffic per training-level bin (the level ledger's, on the CPU)."""
+        return self.ledger.traffic.cpu()
+
+    def _partition(self, partition: str) -> PathKernelLedger:
+        if partition not in self.ledgers:
+            raise ValueError(f"unknown partition {partition!r}; this analyzer tracks {list(self.ledgers)}")
+        return self.ledgers[partition]
+
+    def shares(self, partition: str = LEVEL) -> tuple[torch.Tensor, torch.Tensor]:
+        """Net shares ``[M, G]`` per bin of ``partition`` and κ ``[M]`` (on the CPU)."""
+        ledger = self._partition(partition)
+        delta = ledger.delta.cpu()
+        contributions = ledger.contributions.cpu()
+        return grouping.net_shares(contributions, delta), grouping.cancellation_ratio(contributions, delta)
+
+    def traffic_shares(self, partition: str = LEVEL) -> torch.Tensor:
+        """Traffic ``[M, G]`` of ``partition`` normalized over bins per probe (rows sum to 1)."""
+        return grouping.traffic_shares(self._partition(partition).traffic.cpu())
 
     def matrices(self) -> dict[str, torch.Tensor]:
         """Noise × noise matrices ``[L, G]`` (rows: probe level, averaged over its probes; columns:
-        training-level bin): traffic and net shares, measured and control, plus κ ``[L]`` and
-        the relative residual per level ``[L]``."""
+        training-level bin): traffic and net shares, measured and (averaged over the control
+        partitions) control, plus κ ``[L]`` and the relative residual per level ``[L]``."""
         self._require()
         num_levels = self.levels.numel()
+
+        def by_level(values: torch.Tensor) -> torch.Tensor:
+            return grouping.average_by_probe_group(values, self.probe_level, num_levels)
+
         shares, kappa = self.shares()
         out = {
-            "traffic": level_average(self.traffic_shares(), self.probe_level, num_levels),
-            "share": level_average(shares, self.probe_level, num_levels),
-            "kappa": level_average(kappa[:, None], self.probe_level, num_levels)[:, 0],
-            "residual": level_average(self._probe_residual()[:, None], self.probe_level, num_levels)[:, 0],
+            "traffic": by_level(self.traffic_shares()),
+            "share": by_level(shares),
+            "kappa": by_level(kappa[:, None])[:, 0],
+            "residual": by_level(self.ledger.probe_relative_residual().cpu()[:, None])[:, 0],
         }
-        if self.control:
-            shares_c, _ = self.shares(control=True)
-            out["traffic_control"] = level_average(self.traffic_shares(control=True), self.probe_level, num_levels)
-            out["share_control"] = level_average(shares_c, self.probe_level, num_levels)
+        if self.controls:
+            out["traffic_control"] = torch.stack([by_level(self.traffic_shares(c)) for c in self.control_names]).mean(0)
+            out["share_control"] = torch.stack([by_level(self.shares(c)[0]) for c in self.control_names]).mean(0)
         return out
-
-    def _probe_residual(self) -> torch.Tensor:
-        ledger = self.tracker.ledger
-        change = ledger.delta.norm(dim=1)
-        return (ledger.residual.norm(dim=1) / torch.where(change > 0, change, torch.full_like(change, math.nan))).cpu()
 
     def locality(self, band: int | None = None) -> dict[str, Any]:
         """Traffic and net-share locality (share within w bins of each probe's level) against the
-        control, per probe, as "measured minus control" with a 95 % interval over probes."""
+        control partitions, per probe, as "measured minus control" with a 95 % interval over
+        probes (:func:`~genkernel.core.grouping.measured_minus_control`)."""
         self._require()
         w = self.band if band is None else band
         bins = self.probe_bins
-        traffic = band_total(self.traffic_shares(), bins, w)
         shares, kappa = self.shares()
-        share = band_total(shares, bins, w)
+        traffic = grouping.band_total(self.traffic_shares(), bins, w)
+        share = grouping.band_total(shares, bins, w)
         out: dict[str, Any] = {"band": w, "median_kappa": float(kappa.nanmedian())}
-        if self.control:
-            shares_c, kappa_c = self.shares(control=True)
-            out["traffic"] = compare(traffic, band_total(self.traffic_shares(control=True), bins, w))
-            out["share"] = compare(share, band_total(shares_c, bins, w))
-            out["median_kappa_control"] = float(kappa_c.nanmedian())
+        if self.controls:
+            control_shares = [self.shares(c) for c in self.control_names]
+            traffic_c = torch.stack([grouping.band_total(self.traffic_shares(c), bins, w) for c in self.control_names])
+            share_c = torch.stack([grouping.band_total(sc, bins, w) for sc, _ in control_shares])
+            out["traffic"] = grouping.measured_minus_control(traffic, traffic_c)
+            out["share"] = grouping.measured_minus_control(share, share_c)
+            out["median_kappa_control"] = float(torch.stack([k for _, k in control_shares]).nanmedian())
         else:
             out["traffic"] = {"measured": float(traffic.nanmean())}
             out["share"] = {"measured": float(share.nanmean())}
@@ -449,7 +446,7 @@ class NoiseLevelAnalyzer(TrainerCallback):
             "config": {
                 "num_bins": self.num_bins, "band": self.band, "num_probes": int(self.probe_level.numel()),
                 "probe_levels": self.levels.tolist(), "probe_level_bins": self.level_bins.tolist(),
-                "control": self.control, "quadrature": self.quadrature, "prediction_type": self.prediction_type,
+                "controls": self.controls, "quadrature": self.quadrature, "prediction_type": self.prediction_type,
                 "beta_schedule": self.scheduler.config.beta_schedule, "num_train_timesteps": self.total,
                 "kernel_points": int(self.kernel_clean.shape[0]), "kernel_sketch": self.kernel_sketch,
             },
@@ -469,12 +466,10 @@ class NoiseLevelAnalyzer(TrainerCallback):
             return {"format": FORMAT, "bound": False}
         return {
             "format": FORMAT, "bound": True, "tracker": self.tracker.state_dict(),
-            "contributions": self.contributions, "contributions_control": self.contributions_control,
-            "traffic": self.traffic, "traffic_control": self.traffic_control,
             "bin_counts": self.bin_counts, "global_steps": self.global_steps,
             "history": self.history, "kernel_history": self.kernel_history,
             "perm_generator": self._perm_generator.get_state(),
-            "config": (self.num_bins, self.control, self.probe_timesteps.tolist()),
+            "config": {"num_bins": self.num_bins, "controls": self.controls, "probe_timesteps": self.probe_timesteps.tolist()},
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -483,8 +478,13 @@ class NoiseLevelAnalyzer(TrainerCallback):
             raise ValueError("not a NoiseLevelAnalyzer state (written by NoiseLevelAnalyzer.state_dict)")
         if not state["bound"]:
             return
-        if tuple(state["config"][:2]) != (self.num_bins, self.control) or state["config"][2] != self.probe_timesteps.tolist():
-            raise ValueError("the saved analyzer had other bins, control or probes than this one; build it with the same settings")
+        mine = {"num_bins": self.num_bins, "controls": self.controls, "probe_timesteps": self.probe_timesteps.tolist()}
+        differ = [key for key in mine if state["config"][key] != mine[key]]
+        if differ:
+            raise ValueError(
+                f"the saved analyzer had other {', '.join(differ)} than this one "
+                f"(saved {[state['config'][k] for k in differ]}, here {[mine[k] for k in differ]}); build it with the same settings"
+            )
         if self.tracker is None:
             self._pending_state = state
         else:
@@ -492,9 +492,6 @@ class NoiseLevelAnalyzer(TrainerCallback):
 
     def _load(self, state: dict[str, Any]) -> None:
         self.tracker.load_state_dict(state["tracker"])
-        for key in ("contributions", "contributions_control", "traffic", "traffic_control"):
-            value = state[key]
-            setattr(self, key, None if value is None else value.clone())
         self.bin_counts, self.global_steps = list(state["bin_counts"]), list(state["global_steps"])
         self.history, self.kernel_history = list(state["history"]), list(state["kernel_history"])
         self._perm_generator.set_state(state["perm_generator"])
@@ -504,7 +501,7 @@ class NoiseLevelAnalyzer(TrainerCallback):
         atomic_save(self.state_dict(), path)
 
     def load(self, path: str | os.PathLike) -> None:
-        self.load_state_dict(torch.load(path, map_location="cpu", weights_only=False))
+        self.load_state_dict(load_state(path, FORMAT))
 
 
 def _jsonable(value: Any) -> Any:

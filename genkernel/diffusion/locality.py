@@ -1,13 +1,9 @@
-"""Locality summaries and their intervals (DESIGN.md sections 2 and 3).
+"""Kernel locality across noise levels (DESIGN.md section 3).
 
-Everything here is plain tensor arithmetic on ledger summaries; nothing touches a model.
-
-- :func:`band_mask`: which training-level bins lie within w bins of each probe's level.
-- :func:`band_total`: a probe's share (or traffic share) within the band.
-- :func:`level_average`: average probes at the same level -> the noise × noise matrix.
-- :func:`compare`: "measured minus control" with a 95 % t-interval over probes (or points).
-- :func:`kernel_locality`: within-band minus outside-band mean of k̂ per point, with a
-  level-label permutation control, and the decay profile of k̂ with |Δbin|.
+:func:`kernel_locality`: within-band minus outside-band mean of k̂ per point, with a level-label
+permutation control, and the decay profile of k̂ with |Δbin|. Plain tensor arithmetic on a
+kernel matrix; the ledger-side locality (traffic and net shares within a band) is read with the
+grouping layer (:func:`genkernel.core.grouping.band_total`).
 """
 
 from __future__ import annotations
@@ -17,65 +13,9 @@ from typing import Any
 
 import torch
 
-__all__ = ["band_mask", "band_total", "level_average", "mean_interval", "compare", "kernel_locality"]
+from ..core.grouping import measured_minus_control
 
-
-def band_mask(probe_bins: torch.Tensor, num_bins: int, band: int) -> torch.Tensor:
-    """``[M, G]`` True where |g − bin(probe)| <= band."""
-    if band < 0:
-        raise ValueError(f"band must be >= 0 bins, got {band}")
-    g = torch.arange(num_bins, device=probe_bins.device)
-    return (g[None, :] - probe_bins[:, None]).abs() <= band
-
-
-def band_total(matrix: torch.Tensor, probe_bins: torch.Tensor, band: int) -> torch.Tensor:
-    """``[M]`` Σ over the band of ``matrix [M, G]`` (NaN rows stay NaN)."""
-    mask = band_mask(probe_bins, matrix.shape[1], band).to(matrix.dtype)
-    return (matrix * mask).sum(dim=1)
-
-
-def level_average(matrix: torch.Tensor, probe_levels: torch.Tensor, num_levels: int) -> torch.Tensor:
-    """``[L, ...]`` mean of ``matrix [M, ...]`` over the probes at each level (NaN-aware)."""
-    out = torch.full((num_levels, *matrix.shape[1:]), float("nan"), dtype=torch.float64)
-    for level in range(num_levels):
-        rows = matrix[probe_levels == level].to(torch.float64)
-        if rows.shape[0]:
-            out[level] = rows.nanmean(dim=0)
-    return out
-
-
-def mean_interval(values: torch.Tensor, confidence: float = 0.95) -> tuple[float, float, float, int]:
-    """``(mean, low, high, n)``: Student-t interval of the mean of the finite ``values``."""
-    from scipy import stats
-
-    v = values[torch.isfinite(values)].to(torch.float64)
-    n = int(v.numel())
-    if n == 0:
-        return math.nan, math.nan, math.nan, 0
-    mean = float(v.mean())
-    if n == 1:
-        return mean, math.nan, math.nan, 1
-    half = float(stats.t.ppf(0.5 + confidence / 2, n - 1)) * float(v.std(unbiased=True)) / math.sqrt(n)
-    return mean, mean - half, mean + half, n
-
-
-def compare(measured: torch.Tensor, control: torch.Tensor, *, confidence: float = 0.95) -> dict[str, Any]:
-    """Paired "measured minus control" over probes: means, the difference's interval, held.
-
-    ``held`` is True when the whole interval of the difference lies above zero (localized beyond
-    the control), False otherwise (including an undefined interval).
-    """
-    diff = measured.to(torch.float64) - control.to(torch.float64)
-    mean, low, high, n = mean_interval(diff, confidence)
-    return {
-        "measured": float(measured[torch.isfinite(measured)].double().mean()) if n else math.nan,
-        "control": float(control[torch.isfinite(control)].double().mean()) if n else math.nan,
-        "difference": mean,
-        "interval": [low, high],
-        "confidence": confidence,
-        "n": n,
-        "held": bool(n > 1 and math.isfinite(low) and low > 0),
-    }
+__all__ = ["kernel_locality"]
 
 
 def kernel_locality(
@@ -98,7 +38,7 @@ def kernel_locality(
 
     - ``by_distance``: mean k̂ at every |Δbin| = 0 … G−1 (NaN where no pair has that distance),
     - ``by_distance_same_input``: the same for x = x' (same clean input and noise, two levels),
-    - ``locality``: :func:`compare` of, per clean input x, mean over its levels s of
+    - ``locality``: :func:`~genkernel.core.grouping.measured_minus_control` of, per clean input x, mean over its levels s of
       [mean k̂ within w bins of s − mean k̂ outside], against the same statistic after randomly
       permuting the level labels of the other states (averaged over ``num_permutations``).
     """
@@ -138,4 +78,4 @@ def kernel_locality(
     for _ in range(num_permutations):
         perm = torch.stack([level_bins[torch.randperm(levels, generator=generator)] for _ in range(n)])
         control += statistic(k, perm) / num_permutations
-    return {"by_distance": by_distance, "by_distance_same_input": same, "locality": compare(measured, control)}
+    return {"by_distance": by_distance, "by_distance_same_input": same, "locality": measured_minus_control(measured, control)}

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from .kernels import state_kernel
-from .locality import compare
+from ..core.grouping import measured_minus_control
 from .objectives import noisy_input
 from .trainer import reverse_sample
 
@@ -60,7 +60,7 @@ class RetrievalResult:
     def claim(self) -> dict[str, Any]:
         """"Broad at high noise, narrow at low noise": entropy at the first (noisiest) stage minus
         entropy at the last, paired over samples, with a 95 % interval; held when it is > 0."""
-        return compare(self.entropy[0], self.entropy[-1])
+        return measured_minus_control(self.entropy[0], self.entropy[-1])
 
     def to_json(self) -> dict[str, Any]:
         mean = self.entropy.nanmean(dim=1)

@@ -27,8 +27,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..core.adapter import output_tensor
-from ..core.tracking.callbacks import TrainerCallback, fire, perform_step
-from ..core.tracking.io import atomic_save
+from ..core.tracking.callbacks import CallbackStates, TrainerCallback, fire, perform_step
+from ..core.tracking.io import atomic_save, load_state
 from ..core.tracking.step import OptimizerStep
 from .objectives import check_prediction_type, diffusion_loss, noisy_input, num_train_timesteps, training_target
 
@@ -122,6 +122,7 @@ class DDPMTrainer:
         self.losses: list[float] = []
         self._order = torch.empty(0, dtype=torch.long)
         self._cursor = 0
+        self._callback_states = CallbackStates()
 
     @property
     def num_train_timesteps(self) -> int:
@@ -172,6 +173,7 @@ class DDPMTrainer:
         if not isinstance(num_steps, int) or num_steps < 0:
             raise ValueError(f"num_steps must be a non-negative int, got {num_steps!r}")
         self.model.train()
+        self._callback_states.claim(self.callbacks)
         fire(self.callbacks, "on_train_start", self)
         out = []
         bar = tqdm(range(num_steps), desc="ddpm", disable=not self.progress, leave=False)
@@ -239,7 +241,7 @@ class DDPMTrainer:
     # -- checkpoints ----------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         return {
-            "format": "genkernel.DDPMTrainer/1",
+            "format": "genkernel.DDPMTrainer/2",
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "generator": self.generator.get_state(),
@@ -247,11 +249,11 @@ class DDPMTrainer:
             "losses": list(self.losses),
             "order": self._order.clone(),
             "cursor": self._cursor,
-            "callbacks": [cb.state_dict() if hasattr(cb, "state_dict") else None for cb in self.callbacks],
+            "callbacks": self._callback_states.save(self.callbacks),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if state.get("format") != "genkernel.DDPMTrainer/1":
+        if state.get("format") != "genkernel.DDPMTrainer/2":
             raise ValueError("not a DDPMTrainer checkpoint (written by DDPMTrainer.save_checkpoint)")
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
@@ -259,10 +261,11 @@ class DDPMTrainer:
         self.global_step = state["global_step"]
         self.losses = list(state["losses"])
         self._order, self._cursor = state["order"].clone(), state["cursor"]
-        saved = state.get("callbacks", [])
-        for cb, cb_state in zip(self.callbacks, saved):
-            if cb_state is not None and hasattr(cb, "load_state_dict"):
-                cb.load_state_dict(cb_state)
+        self._callback_states.load(self.callbacks, state["callbacks"])
+
+    def discard_callback_states(self, keys: Sequence[str]) -> None:
+        """Drop loaded callback states no attached callback claims (training then goes on without them)."""
+        self._callback_states.discard(keys)
 
     def save_checkpoint(self, path: str | os.PathLike | None = None) -> Path:
         """Write the trainer (model, optimizer, generator, callbacks' state) atomically."""
@@ -281,7 +284,7 @@ class DDPMTrainer:
             path = self.checkpoint_dir / "checkpoint.pt"
         if not Path(path).is_file():
             return False
-        self.load_state_dict(torch.load(path, map_location="cpu", weights_only=False))
+        self.load_state_dict(load_state(path, "genkernel.DDPMTrainer/2"))
         return True
 
 

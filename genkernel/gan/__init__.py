@@ -27,7 +27,7 @@ from .losses import (
     discriminator_losses,
     generator_losses,
 )
-from .metrics import coupling_matrix, mode_coverage, push_field
+from .metrics import mode_coverage, push_field
 from .models import DCDiscriminator, DCGenerator, MLPDiscriminator, MLPGenerator
 from .trainer import GANTrainer, discriminator_input_gradients, frozen
 
@@ -36,6 +36,6 @@ __all__ = [
     "GeometryGrouping", "DirectionGroups", "ModeGroups", "NearestModeGroups", "MagnitudeGroups", "ConfidenceGroups",
     "FunctionGroups", "make_grouping",
     "LOSSES", "GeneratorLoss", "DiscriminatorLoss", "DiscriminatorObjective", "generator_losses", "discriminator_losses",
-    "coupling_matrix", "mode_coverage", "push_field",
+    "mode_coverage", "push_field",
     "MLPGenerator", "MLPDiscriminator", "DCGenerator", "DCDiscriminator",
 ]

@@ -1,45 +1,14 @@
-"""Numbers the GAN analyzer reports: coupling matrices, paired intervals, alignment, mode coverage.
+"""Numbers the GAN analyzer reports besides the ledgers: alignment cosines, mode coverage, the push field.
+
+Coupling matrices and own-group shares are read from the ledgers by :mod:`genkernel.core.grouping`.
 
 All functions are pure (tensors in, tensors or floats out) and float64.
 """
 
 from __future__ import annotations
 
-import math
 
 import torch
-
-
-def coupling_matrix(shares: torch.Tensor, probe_groups: torch.Tensor, num_groups: int) -> torch.Tensor:
-    """``[G, G]``: row a is the mean over probes in group a of their per-group ``shares [M, G]``.
-
-    Rows of groups without probes are NaN. With traffic shares rows sum to 1; with net shares they
-    sum to 1 minus the rest and residual shares.
-    """
-    out = torch.full((num_groups, num_groups), float("nan"), dtype=torch.float64)
-    for a in range(num_groups):
-        rows = shares[probe_groups == a]
-        rows = rows[torch.isfinite(rows).all(dim=1)]
-        if rows.shape[0]:
-            out[a] = rows.to(torch.float64).mean(dim=0)
-    return out
-
-
-def own_share(shares: torch.Tensor, probe_groups: torch.Tensor) -> torch.Tensor:
-    """``[M]`` each probe's share from its own group, shares[m, group(m)]."""
-    return shares.gather(1, probe_groups.view(-1, 1).to(torch.long)).squeeze(1).to(torch.float64)
-
-
-def mean_interval(values: torch.Tensor, z: float = 1.96) -> dict[str, float]:
-    """Mean and normal interval mean ± z·se over the finite entries of ``values`` (paired differences)."""
-    v = values.to(torch.float64)
-    v = v[torch.isfinite(v)]
-    n = int(v.numel())
-    if n == 0:
-        return {"mean": float("nan"), "low": float("nan"), "high": float("nan"), "n": 0}
-    m = float(v.mean())
-    se = float(v.std(unbiased=True) / math.sqrt(n)) if n > 1 else 0.0
-    return {"mean": m, "low": m - z * se, "high": m + z * se, "n": n}
 
 
 def cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -65,7 +34,7 @@ def mode_coverage(samples: torch.Tensor, centers: torch.Tensor, std: float, sigm
     }
 
 
-__all__ = ["coupling_matrix", "own_share", "mean_interval", "cosine", "mode_coverage", "push_field"]
+__all__ = ["cosine", "mode_coverage", "push_field"]
 
 
 def push_field(loss_fn, samples: torch.Tensor) -> torch.Tensor:

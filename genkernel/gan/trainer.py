@@ -33,9 +33,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..core.adapter import analysis_mode, output_tensor
-from ..core.tracking.callbacks import TrainerCallback, fire, perform_step
+from ..core.tracking.callbacks import CallbackStates, TrainerCallback, fire, perform_step
 from ..core.errors import NonFiniteError
-from ..core.tracking.io import atomic_save
+from ..core.tracking.io import atomic_save, load_state
 from ..core.tracking.step import OptimizerStep
 from .losses import (
     GENERATED,
@@ -174,6 +174,7 @@ class GANTrainer:
         self.g_steps = 0
         self.d_steps_done = 0
         self.history: dict[str, list[float]] = {"d_loss": [], "g_loss": []}
+        self._callback_states = CallbackStates()
 
     # -- sampling ------------------------------------------------------------------------------
     @property
@@ -258,6 +259,7 @@ class GANTrainer:
         """Run until ``self.iteration == iterations`` (resuming from the checkpoint when asked)."""
         if resume and self.checkpoint_dir is not None and (self.checkpoint_dir / "checkpoint.pt").exists():
             self.load_checkpoint(self.checkpoint_dir / "checkpoint.pt")
+        self._callback_states.claim(self.callbacks)
         fire(self.callbacks, "on_train_start", self)
         bar = tqdm(total=iterations, initial=self.iteration, disable=not self.progress, desc="gan")
         while self.iteration < iterations:
@@ -277,7 +279,7 @@ class GANTrainer:
     # -- persistence ---------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         return {
-            "format": "genkernel.GANTrainer/1",
+            "format": "genkernel.GANTrainer/2",
             "generator": self.generator.state_dict(),
             "discriminator": self.discriminator.state_dict(),
             "g_optimizer": self.g_optimizer.state_dict(),
@@ -287,11 +289,11 @@ class GANTrainer:
             "g_steps": self.g_steps,
             "d_steps_done": self.d_steps_done,
             "history": {k: list(v) for k, v in self.history.items()},
-            "callbacks": [cb.state_dict() if hasattr(cb, "state_dict") else None for cb in self.callbacks],
+            "callbacks": self._callback_states.save(self.callbacks),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if state.get("format") != "genkernel.GANTrainer/1":
+        if state.get("format") != "genkernel.GANTrainer/2":
             raise ValueError("not a GANTrainer checkpoint (written by GANTrainer.save_checkpoint)")
         self.generator.load_state_dict(state["generator"])
         self.discriminator.load_state_dict(state["discriminator"])
@@ -300,19 +302,18 @@ class GANTrainer:
         self.rng.set_state(state["rng"])
         self.iteration, self.g_steps, self.d_steps_done = state["iteration"], state["g_steps"], state["d_steps_done"]
         self.history = {k: list(v) for k, v in state["history"].items()}
-        saved = state.get("callbacks", [])
-        if len(saved) != len(self.callbacks):
-            raise ValueError(f"the checkpoint holds {len(saved)} callback states but the trainer has {len(self.callbacks)} callbacks")
-        for cb, cb_state in zip(self.callbacks, saved):
-            if cb_state is not None:
-                cb.load_state_dict(cb_state)
+        self._callback_states.load(self.callbacks, state["callbacks"])
+
+    def discard_callback_states(self, keys: Sequence[str]) -> None:
+        """Drop loaded callback states no attached callback claims (training then goes on without them)."""
+        self._callback_states.discard(keys)
 
     def save_checkpoint(self, path: str | os.PathLike) -> None:
         """Everything needed to resume (models, optimizers, RNG, analyzer ledgers), written atomically."""
         atomic_save(self.state_dict(), path)
 
     def load_checkpoint(self, path: str | os.PathLike) -> None:
-        self.load_state_dict(torch.load(path, map_location="cpu", weights_only=False))
+        self.load_state_dict(load_state(path, "genkernel.GANTrainer/2"))
 
     def save_samples(self, path: str | os.PathLike, latents: torch.Tensor, *, nrow: int = 8) -> None:
         """A sample grid of G(latents) (images; values in [-1, 1] mapped to [0, 1]) via torchvision."""

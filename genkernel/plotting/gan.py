@@ -107,7 +107,9 @@ def plot_coverage_and_coupling(ax, coverage: list[dict], windows: list[dict], *,
     if windows and "traffic_own_minus_control" in windows[0]:
         mids = [0.5 * (w["steps"][0] + w["steps"][1]) for w in windows]
         d = [w["traffic_own_minus_control"] for w in windows]
-        ax.errorbar(mids, [x["mean"] for x in d], yerr=[[x["mean"] - x["low"] for x in d], [x["high"] - x["mean"] for x in d]],
+        mean = [x["difference"] for x in d]
+        low, high = [x["interval"][0] for x in d], [x["interval"][1] for x in d]
+        ax.errorbar(mids, mean, yerr=[[m - lo for m, lo in zip(mean, low)], [hi - m for m, hi in zip(mean, high)]],
                     fmt="o-", color="tab:purple", ms=3, lw=1, label="own-group traffic − control")
     ax.axhline(0, color="0.7", lw=0.6)
     ax.set_xlabel("generator step", fontsize=7)

@@ -13,6 +13,12 @@ Lifecycle::
         wrap_step(trainer, step, perform) -> per-example losses [B]
         on_step_end(trainer, step)
     on_train_end(trainer)
+
+State: a callback with something to checkpoint returns it from ``state_dict()`` and takes it back in
+``load_state_dict()``; trainers save callback states keyed by the callback's ``state_key`` (its
+class name unless given a ``name``), never by position (:class:`CallbackStates`), so a run
+resumed with its callbacks in another order, or attached after ``resume()``, gets every state
+back, and a saved state no callback claims is an error that names it.
 """
 
 from __future__ import annotations
@@ -26,7 +32,25 @@ from .step import OptimizerStep
 
 
 class TrainerCallback:
-    """Base class: every hook is optional and does nothing by default."""
+    """Base class: every hook is optional and does nothing by default.
+
+    ``name``: the key this callback's checkpointed state is saved under (default: the class
+    name); give two callbacks of one class different names.
+    """
+
+    name: str | None = None
+
+    @property
+    def state_key(self) -> str:
+        return self.name or type(self).__name__
+
+    def state_dict(self) -> dict[str, Any] | None:
+        """The callback's state for a checkpoint (None: nothing to save)."""
+        return None
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned."""
+        raise NotImplementedError(f"{type(self).__name__} saved a state but cannot load one")
 
     def on_train_start(self, trainer: Any) -> None:
         pass
@@ -55,6 +79,67 @@ def perform_step(callbacks: Sequence[TrainerCallback], trainer: Any, step: Optim
     for callback in callbacks:
         callback.on_step_end(trainer, step)
     return losses
+
+
+class CallbackStates:
+    """Callback states in a trainer's checkpoint, keyed by ``state_key``.
+
+    ``save(callbacks)`` returns ``{key: state}``; ``load(callbacks, saved)`` restores the states
+    of the callbacks attached now and keeps the others pending; ``claim(callbacks)`` (at the start
+    of training) restores pending states into callbacks attached since, and raises naming any
+    state left without a callback, before a step could silently start a new ledger.
+    """
+
+    def __init__(self) -> None:
+        self.pending: dict[str, dict[str, Any]] = {}
+
+    @staticmethod
+    def _keyed(callbacks: Sequence[TrainerCallback]) -> dict[str, TrainerCallback]:
+        keyed: dict[str, TrainerCallback] = {}
+        for callback in callbacks:
+            key = callback.state_key if isinstance(callback, TrainerCallback) else type(callback).__name__
+            if key in keyed:
+                raise ValueError(
+                    f"two callbacks share the state key {key!r}: give them different names (name=...) so their "
+                    "checkpointed states cannot be swapped"
+                )
+            keyed[key] = callback
+        return keyed
+
+    def save(self, callbacks: Sequence[TrainerCallback]) -> dict[str, dict[str, Any]]:
+        out = {}
+        for key, callback in self._keyed(callbacks).items():
+            state = callback.state_dict() if hasattr(callback, "state_dict") else None
+            if state is not None:
+                out[key] = state
+        # States loaded from a checkpoint whose callback is not attached yet travel on.
+        return {**{k: v for k, v in self.pending.items() if k not in out}, **out}
+
+    def load(self, callbacks: Sequence[TrainerCallback], saved: dict[str, dict[str, Any]]) -> None:
+        if not isinstance(saved, dict):
+            raise ValueError(
+                "this checkpoint stores callback states by position (an older genkernel); it cannot be matched to "
+                "callbacks safely: start the analysis anew from the model and optimizer it holds"
+            )
+        self.pending = dict(saved)
+        self.claim(callbacks, strict=False)
+
+    def claim(self, callbacks: Sequence[TrainerCallback], *, strict: bool = True) -> None:
+        keyed = self._keyed(callbacks)
+        for key in list(self.pending):
+            if key in keyed:
+                keyed[key].load_state_dict(self.pending.pop(key))
+        if strict and self.pending:
+            names = sorted(self.pending)
+            raise ValueError(
+                f"the checkpoint holds the state of callback(s) {names} but no attached callback has that state key: "
+                f"attach them (e.g. the analyzer, built with the same settings and name) before training on, or "
+                f"call trainer.discard_callback_states({names!r}) to continue without them"
+            )
+
+    def discard(self, keys: Sequence[str]) -> None:
+        for key in keys:
+            self.pending.pop(key, None)
 
 
 def fire(callbacks: Sequence[TrainerCallback], hook: str, trainer: Any) -> None:
