@@ -34,6 +34,8 @@ import scipy.stats
 import torch
 from torch import Tensor
 
+from ..stats import bootstrap_interval
+
 __all__ = [
     "KernelEigensystem",
     "eigendecompose",
@@ -498,17 +500,11 @@ def spearman_with_interval(
     Returns:
         (rho, (lo, hi)): rho from scipy.stats.spearmanr on all pairs; lo, hi the
         (1−confidence)/2 and (1+confidence)/2 percentiles of rho over resamples of the M pairs
-        drawn with replacement. Resamples whose a or b is constant (rho undefined) are dropped.
+        drawn with replacement (:func:`genkernel.stats.bootstrap_interval`, method "percentile").
 
     Raises:
         ValueError: shapes differ, M < 3, a or b constant, bad confidence or n_boot.
 
-    Algorithm:
-        1. rho = spearmanr(a, b).
-        2. Draw n_boot index vectors of length M with replacement.
-        3. Per resample: average ranks (scipy.stats.rankdata, ties averaged like spearmanr),
-           Pearson correlation of the ranks = Spearman rho of the resample.
-        4. Percentile interval of the finite resample rhos.
     """
     x = _to_numpy(a, "a")
     z = _to_numpy(b, "b")
@@ -522,29 +518,19 @@ def spearman_with_interval(
         raise ValueError(f"n_boot must be an int >= 100, got {n_boot!r}.")
     if np.all(x == x[0]) or np.all(z == z[0]):
         raise ValueError("a or b is constant; the rank correlation is undefined.")
-    # 1. point estimate
-    rho = float(scipy.stats.spearmanr(x, z).statistic)
-    # 2. resamples
-    rng = np.random.default_rng(seed)
-    idx = rng.integers(0, x.shape[0], size=(int(n_boot), x.shape[0]))
-    # 3. Spearman per resample = Pearson of average ranks
-    ra = scipy.stats.rankdata(x[idx], axis=1)
-    rb = scipy.stats.rankdata(z[idx], axis=1)
-    ra -= ra.mean(axis=1, keepdims=True)
-    rb -= rb.mean(axis=1, keepdims=True)
-    denom = np.sqrt(np.sum(ra**2, axis=1) * np.sum(rb**2, axis=1))
-    with np.errstate(invalid="ignore", divide="ignore"):
-        boot = np.sum(ra * rb, axis=1) / denom
-    boot = boot[np.isfinite(boot)]
-    if boot.size < 0.5 * n_boot:
-        raise ValueError(
-            f"only {boot.size} of {n_boot} resamples had a defined rank correlation; "
-            "a or b is nearly constant. Use more pairs."
-        )
-    # 4. percentile interval
-    alpha = 1.0 - confidence
-    lo, hi = np.quantile(boot, [alpha / 2.0, 1.0 - alpha / 2.0])
-    return rho, (float(lo), float(hi))
+    # 1.-4. scipy's percentile bootstrap over pairs; resamples with a constant side give NaN and are dropped
+    interval = bootstrap_interval(x, _spearman, paired=(z,), confidence=confidence, resamples=int(n_boot), seed=seed,
+                                  method="percentile")
+    if not interval.defined:
+        raise ValueError("too few resamples had a defined rank correlation; a or b is nearly constant. Use more pairs.")
+    return interval.estimate, (interval.low, interval.high)
+
+
+def _spearman(x: np.ndarray, z: np.ndarray) -> float:
+    """Spearman's rho of paired samples (NaN when one side is constant)."""
+    if np.all(x == x[0]) or np.all(z == z[0]):
+        return float("nan")
+    return float(scipy.stats.spearmanr(x, z).statistic)
 
 
 # --------------------------------------------------------------------------------------------

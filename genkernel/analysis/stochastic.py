@@ -34,6 +34,7 @@ from ..core.adapter import trainable_parameters
 from .hutchinson import deterministic_second_order_term, ito_term_estimate
 from ..core.engine.gradients import group_gradients, membership_matrix
 from ..core.tracking.tracker import PathKernelTracker
+from ..stats import bootstrap_interval
 
 __all__ = ["ExpectedOutputDecomposition", "expected_output_decomposition"]
 
@@ -72,7 +73,8 @@ class ExpectedOutputDecomposition:
 
     def shares(self, *, n_boot: int = 1000, seed: int = 0, confidence: float = 0.95) -> dict[str, dict]:
         """Each term's share of the mean change, ⟨E[term], E[change]⟩ / ‖E[change]‖², with a
-        percentile bootstrap interval over seeds (seeds resampled with replacement).
+        percentile bootstrap interval over seeds (seeds resampled with replacement,
+        :func:`genkernel.stats.bootstrap_interval`; NaN with a single seed).
 
         Returns:
             ``{term: {"share": float, "interval": (lo, hi)}}`` for first_order, deterministic, ito,
@@ -92,19 +94,10 @@ class ExpectedOutputDecomposition:
             first_gap = (stacks["change"][idx] - stacks["first_order"][idx]).mean(0)
             return float(np.linalg.norm(stacks["remainder"][idx].mean(0)) / np.linalg.norm(first_gap))
 
-        rng = np.random.default_rng(seed)
-        boots = [rng.integers(0, r, r) for _ in range(n_boot)] if r > 1 else []
-        alpha = (1 - confidence) / 2
-        everyone = np.arange(r)
-
         def summarize(fn):
-            value = fn(everyone)
-            if not boots:
-                return {"share": value, "interval": (value, value)}
-            vals = np.array([fn(i) for i in boots])
-            vals = vals[np.isfinite(vals)]
-            lo, hi = np.quantile(vals, [alpha, 1 - alpha]) if vals.size else (np.nan, np.nan)
-            return {"share": value, "interval": (float(lo), float(hi))}
+            interval = bootstrap_interval(np.arange(r), lambda idx: fn(idx.astype(int)), confidence=confidence,
+                                          resamples=n_boot, seed=seed, method="percentile")
+            return {"share": interval.estimate, "interval": (interval.low, interval.high)}
 
         out = {t: summarize(lambda i, t=t: share(i, t)) for t in ("first_order", "deterministic", "ito", "realized_second_order", "remainder")}
         out["second_order_gap_ratio"] = summarize(gap_ratio)
