@@ -23,7 +23,8 @@ Model conventions shared by every function here:
   one element of the flattened output. That scalar is f(x_m; θ).
 - θ is the set of parameters named by the keys of the given dict (v, per-example gradients,
   mean gradient): a subset of model.named_parameters(). Other parameters and buffers are
-  held fixed. Parameters are read with torch.func.functional_call, never modified.
+  held fixed. Parameters are read with torch.func.functional_call (through
+  :func:`genkernel.core.adapter.call_with`), never modified.
 - Derivatives are computed in the parameters' dtype (use a float64 model for exact checks);
   returned tensors are float64 on the parameters' device.
 """
@@ -35,7 +36,9 @@ from typing import Mapping, Union
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call, grad, hessian, jacrev, jvp, vmap
+from torch.func import grad, hessian, jacrev, jvp, vmap
+
+from ..core.adapter import call_with
 
 __all__ = [
     "hessian_vector_product",
@@ -170,7 +173,7 @@ def _check_output_index(output_index) -> None:
 
 def _scalar_outputs(model, params, inputs, m: int, output_index) -> Tensor:
     """f(x_m; θ) for every example m, Tensor[M] (differentiable in `params`)."""
-    out = functional_call(model, params, inputs)
+    out = call_with(model, params, inputs)
     if not isinstance(out, Tensor):
         raise TypeError(
             f"the model returned {type(out).__name__}; it must return one Tensor [M, ...]. "

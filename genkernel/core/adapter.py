@@ -42,13 +42,17 @@ def as_tuple(batch: Batch, *, name: str = "inputs") -> tuple[torch.Tensor, ...]:
 
 
 def batch_size(batch: tuple[torch.Tensor, ...], *, name: str = "inputs") -> int:
-    """Return the common leading dimension of every tensor in ``batch``; raise if they differ."""
+    """Return the common leading dimension of every tensor in ``batch``; raise if they differ or
+    the batch is empty."""
     sizes = {t.shape[0] if t.dim() > 0 else None for t in batch}
     if None in sizes:
         raise ValueError(f"every tensor in {name} needs a batch dimension 0; got a 0-d tensor")
     if len(sizes) != 1:
         raise ValueError(f"tensors in {name} disagree on the batch size: {[tuple(t.shape) for t in batch]}")
-    return sizes.pop()
+    size = sizes.pop()
+    if size == 0:
+        raise ValueError(f"{name} is empty (batch size 0): pass at least one example")
+    return size
 
 
 def select(batch: tuple[torch.Tensor, ...] | None, index: torch.Tensor | slice) -> tuple[torch.Tensor, ...] | None:
@@ -87,8 +91,35 @@ def flat_output(output: Any, batch: int) -> torch.Tensor:
 
 
 def unwrap(model: nn.Module) -> nn.Module:
-    """The module inside DistributedDataParallel (or ``model`` itself)."""
-    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+    """The module inside DistributedDataParallel or DataParallel (or ``model`` itself): analysis
+    passes run on the wrapped module, whose parameters the wrapper shares."""
+    while isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+        model = model.module
+    return model
+
+
+def check_memory_budget(value: Any, *, name: str = "memory_budget") -> int:
+    """A memory budget as a positive int number of bytes (ints, numpy integers and finite floats
+    such as ``2e9`` are accepted); a clear error otherwise."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) and not hasattr(value, "__index__"):
+        raise TypeError(f"{name} must be a number of bytes (e.g. 256 * 2**20), got {value!r}")
+    number = float(value)
+    if not (number >= 1 and number != float("inf")):
+        raise ValueError(f"{name} must be a positive, finite number of bytes (e.g. 256 * 2**20), got {value!r}")
+    return int(number)
+
+
+def check_finite(batch: tuple[torch.Tensor, ...], *, name: str) -> None:
+    """Raise if a floating tensor of ``batch`` holds NaN or ±inf (naming the first bad rows)."""
+    for position, t in enumerate(batch):
+        if t.is_floating_point() or t.is_complex():
+            bad = ~torch.isfinite(t.reshape(t.shape[0], -1)).all(dim=1) if t.dim() else ~torch.isfinite(t)
+            if bool(bad.any()):
+                rows = torch.nonzero(bad).flatten().tolist()[:10]
+                where = "" if len(batch) == 1 else f" (tensor {position})"
+                raise ValueError(
+                    f"{name}{where} hold NaN or infinite values at rows {rows}: every probe and input must be finite"
+                )
 
 
 def trainable_parameters(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -109,6 +140,12 @@ def check_per_example_safe(model: nn.Module) -> None:
     undefined; dropout in training mode makes the analysis forward differ from the training one.
     """
     for name, module in model.named_modules():
+        if isinstance(module, (nn.Embedding, nn.EmbeddingBag)) and module.max_norm is not None:
+            raise ValueError(
+                f"module '{name or type(model).__name__}' ({type(module).__name__}, max_norm={module.max_norm}) "
+                "renormalizes its weight in place on every forward call, so an analysis forward would change the "
+                "model. Build it with max_norm=None (and renormalize in the training loop if you need to)."
+            )
         if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.training:
             raise ValueError(
                 f"module '{name or type(model).__name__}' ({type(module).__name__}) is in training "
@@ -176,6 +213,30 @@ def _math_attention():
     return sdpa_kernel([SDPBackend.MATH])
 
 
+def call_with(model: nn.Module, values: dict[str, torch.Tensor], inputs: tuple[torch.Tensor, ...]) -> Any:
+    """``model(*inputs)`` with parameters and buffers replaced by ``values`` (by name), leaving the
+    module exactly as it was.
+
+    ``torch.func.functional_call`` with ``tie_weights=True`` (needed so a parameter registered under
+    two names is replaced under both) leaves the replacement tensor in the module when a module is
+    registered twice (measured with torch 2.14: the model's Parameter became the analysis tensor,
+    so training silently stopped updating it). Every parameter and buffer slot is recorded before
+    the call and put back after it.
+    """
+    slots = [
+        (module, table, name, value)
+        for module in model.modules()
+        for table in (module._parameters, module._buffers)
+        for name, value in table.items()
+    ]
+    try:
+        return functional_call(model, values, inputs, strict=False, tie_weights=True)
+    finally:
+        for module, table, name, value in slots:
+            if table.get(name) is not value:
+                table[name] = value
+
+
 def functional_model(
     model: nn.Module, buffers: dict[str, torch.Tensor] | None = None, *, flatten: bool = True
 ) -> Callable[[dict[str, torch.Tensor], tuple[torch.Tensor, ...]], torch.Tensor]:
@@ -189,7 +250,7 @@ def functional_model(
     fixed = {**dict(model.named_buffers()), **frozen, **(buffers or {})}
 
     def forward(params: dict[str, torch.Tensor], inputs: tuple[torch.Tensor, ...]) -> torch.Tensor:
-        out = functional_call(model, {**fixed, **params}, inputs, strict=False, tie_weights=True)
+        out = call_with(model, {**fixed, **params}, inputs)
         return flat_output(out, inputs[0].shape[0]) if flatten else output_tensor(out)
 
     return forward

@@ -37,10 +37,10 @@ from typing import Any, Callable
 
 import torch
 from torch import nn
-from torch.func import functional_call, grad, jvp
+from torch.func import grad, jvp
 
 from ..core import grouping as grouping_layer
-from ..core.adapter import analysis_mode, output_tensor, trainable_parameters
+from ..core.adapter import analysis_mode, call_with, output_tensor, trainable_parameters
 from ..core.errors import NonFiniteError
 from ..core.tracking.callbacks import TrainerCallback, perform_step
 from ..core.tracking.ledger import PathKernelLedger
@@ -288,11 +288,11 @@ class GANKernelAnalyzer(TrainerCallback):
         z, w = geo["z"], geo["w"]
 
         def pulled(p):  # Σ_i c_i ⟨G_p(z_i), w_i⟩: its θ-gradient is Σ_i c_i J(z_i)ᵀ w_i
-            out = output_tensor(functional_call(self.generator, p, (z,)))
+            out = output_tensor(call_with(self.generator, p, (z,)))
             return (out * (c.view(-1, *([1] * (w.dim() - 1))) * w)).sum()
 
         def probes(p):
-            return output_tensor(functional_call(self.generator, p, (self.probe_latents,)))
+            return output_tensor(call_with(self.generator, p, (self.probe_latents,)))
 
         with analysis_mode(self.generator):
             vector = grad(pulled)(params)

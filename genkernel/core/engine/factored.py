@@ -21,8 +21,8 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from ..adapter import Batch, analysis_mode, as_tuple, batch_size, flat_output
-from .factors import DEFAULT_MEMORY_BUDGET, Factors, Plan, Unfactorable, capture, make_plan, output_cotangents
+from ..adapter import Batch, analysis_mode, as_tuple, batch_size, check_memory_budget, flat_output
+from .factors import DEFAULT_MEMORY_BUDGET, Plan, Unfactorable, capture, covering_plan, output_cotangents
 from .reference import jacobian_pair_kernel, jacobian_self_kernel, per_example_jacobian, split_columns
 
 
@@ -69,8 +69,7 @@ def chunk_sizes(
     model: nn.Module, plan: Plan, inputs: tuple[torch.Tensor, ...], d: int, rows_total: int, memory_budget: int, held: int = 2
 ) -> tuple[int, int]:
     """(rows per chunk, cotangents per chunk) keeping ``held`` chunks of factors in the budget."""
-    if memory_budget <= 0:
-        raise ValueError(f"memory_budget must be a positive number of bytes, got {memory_budget}")
+    memory_budget = check_memory_budget(memory_budget)
     itemsize = next(iter(plan.params.values())).element_size()
     a_size, g_size, act = _probe_sizes(model, plan, inputs)
     fb = sum(p.numel() for p in plan.fallback.values())
@@ -131,9 +130,10 @@ def factored_gradient_kernel(
         ``[M, N, d, d]`` and ``[M, d]``, ``[N, d]`` for ``"none"``.
 
     Algorithm:
-        1. Plan: supported modules are factored, every other parameter goes to torch.func; a
-           module found not to keep the batch on dimension 0 moves to torch.func and the
-           computation restarts.
+        1. Plan: supported modules are factored, every other parameter goes to torch.func
+           (:func:`~genkernel.core.engine.factors.covering_plan` checks on x1 that every block's
+           factors give its parameters' whole gradient); a module found not to keep the batch on
+           dimension 0 moves to torch.func and the computation restarts.
         2. When one side's factors fit in half the budget, that side is captured once and held
            in compact form while the other streams past it (:func:`_held_kernel`). Otherwise,
            for each pair of row chunks, one forward pass of the concatenated chunk with hooks
@@ -144,8 +144,9 @@ def factored_gradient_kernel(
         4. Symmetric case: only blocks on and above the diagonal are computed, then mirrored.
     """
     excluded: set[str] = set()
+    xs1 = as_tuple(x1, name="x1")
     while True:
-        plan = make_plan(model, excluded)
+        plan = covering_plan(model, xs1, excluded)
         try:
             return _factored_kernel(model, x1, x2, reduce=reduce, memory_budget=memory_budget, d=d, plan=plan)
         except Unfactorable as error:
@@ -298,7 +299,7 @@ def factored_jacobian(
 ) -> torch.Tensor:
     """Per-example Jacobians ``[B, c, P]`` (P in ``named_parameters`` order) for model outputs
     ``outputs``, materialized per layer from factors (one forward and one batched backward)."""
-    plan = make_plan(model) if plan is None else plan
+    plan = covering_plan(model, inputs) if plan is None else plan
     factors, _ = capture(model, plan, inputs, output_cotangents(outputs))
     grads: dict[str, torch.Tensor] = {}
     for f in factors:

@@ -26,8 +26,9 @@ from typing import Any, Callable, Sequence
 import torch
 from torch.func import grad, grad_and_value, vmap
 
-from ..adapter import batch_size, functional_model
-from .factors import capture, loss_cotangents, make_plan
+from ..adapter import batch_size, check_memory_budget, functional_model
+from .factors import capture, covering_plan, loss_cotangents
+from .reference import per_example
 
 DEFAULT_GRADIENT_BUDGET = 256 * 2**20
 GRADIENT_ROUTES = ("auto", "example", "group", "factored")
@@ -73,6 +74,7 @@ def group_gradients(
     """
     if route not in GRADIENT_ROUTES:
         raise ValueError(f"route must be one of {GRADIENT_ROUTES}, got {route!r}")
+    memory_budget = check_memory_budget(memory_budget)
     batch = batch_size(inputs)
     if membership.dim() != 2 or membership.shape[1] != batch:
         raise ValueError(f"membership must be [rows, {batch}], got {tuple(membership.shape)}")
@@ -105,7 +107,7 @@ def _example_route(model, params, inputs, targets, loss_fn, membership, memory_b
             target = target[0]
         return loss_fn(out, target).reshape(())
 
-    per_example = vmap(grad_and_value(example_loss), in_dims=(None, 0, 0 if targets is not None else None))
+    per_example_grads = per_example(grad_and_value(example_loss), (None, 0, 0 if targets is not None else None))
     target_tuple = None if targets is None else ((targets,) if isinstance(targets, torch.Tensor) else tuple(targets))
 
     num_params = sum(p.numel() for p in params.values())
@@ -117,7 +119,7 @@ def _example_route(model, params, inputs, targets, loss_fn, membership, memory_b
     for start in range(0, batch, chunk):
         rows = slice(start, min(start + chunk, batch))
         # 2. Per-example gradients ∇ℓ_n for a chunk of examples: {name: [c, *shape]}.
-        grads, values = per_example(
+        grads, values = per_example_grads(
             detached,
             tuple(t[rows] for t in inputs),
             None if target_tuple is None else tuple(t[rows] for t in target_tuple),
@@ -170,7 +172,7 @@ def _factored_route(model, params, inputs, targets, loss_fn, membership, memory_
            at a time and multiplied into the rows in float64.
         3. Parameters outside supported modules: the "example" route, restricted to them.
     """
-    plan = make_plan(model)
+    plan = covering_plan(model, inputs)
     batch = batch_size(inputs)
     rows_total = membership.shape[0]
     sums = {n: torch.zeros((rows_total, *p.shape), dtype=torch.float64, device=p.device) for n, p in params.items()}

@@ -19,9 +19,19 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..adapter import Batch, analysis_mode, as_tuple, batch_size, check_per_example_safe, checked_forward, trainable_parameters
+from ..adapter import (
+    Batch,
+    analysis_mode,
+    as_tuple,
+    batch_size,
+    check_finite,
+    check_memory_budget,
+    check_per_example_safe,
+    checked_forward,
+    trainable_parameters,
+)
 from .factored import chunk_sizes, chunks, factored_gradient_kernel, factored_jacobian
-from .factors import DEFAULT_MEMORY_BUDGET, Plan, make_plan
+from .factors import DEFAULT_MEMORY_BUDGET, Plan, covering_plan, make_plan
 from .reference import jacobian_pair_kernel, jacobian_self_kernel, per_example_jacobian
 
 ENGINES = ("auto", "factored", "functional")
@@ -68,14 +78,15 @@ def kernel_plan(model: nn.Module, x: Batch, *, engine: str = "auto", memory_budg
                 rows_total: int | None = None) -> KernelPlan:
     """The engine and chunk sizes :func:`gradient_kernel` uses for ``model`` on inputs like ``x``
     (``rows_total``: the larger side's example count, default ``x``'s)."""
+    memory_budget = check_memory_budget(memory_budget)
     params, xs, n, d = _prepare(model, x, "x")
     return _plan(model, params, xs, d, n if rows_total is None else rows_total, engine, memory_budget)
 
 
 def _plan(model, params, xs, d: int, rows_total: int, engine: str, memory_budget: int) -> KernelPlan:
-    plan = make_plan(model)
-    if choose_engine(plan, d, engine) == "functional":
+    if choose_engine(make_plan(model), d, engine) == "functional":
         return KernelPlan("functional", d, min(_functional_rows(params, d, memory_budget), rows_total), d, 0.0)
+    plan = covering_plan(model, xs)
     with analysis_mode(model):
         rows, c = chunk_sizes(model, plan, xs, d, rows_total, memory_budget, held=2)
     return KernelPlan("factored", d, rows, c, plan.factored_fraction)
@@ -89,8 +100,6 @@ def _functional_rows(params: dict[str, torch.Tensor], d: int, memory_budget: int
 
 def _rows_per_chunk(memory_budget: int, d: int, num_params: int, itemsize: int, held: int) -> int:
     """Rows of Jacobians that fit when ``held`` chunks are alive at once (vmap roughly doubles)."""
-    if memory_budget <= 0:
-        raise ValueError(f"memory_budget must be a positive number of bytes, got {memory_budget}")
     per_row = 2 * d * num_params * itemsize
     return max(1, memory_budget // (held * per_row))
 
@@ -100,6 +109,7 @@ def _prepare(model: nn.Module, x: Batch, name: str):
     params = trainable_parameters(model)
     xs = as_tuple(x, name=name)
     n = batch_size(xs, name=name)
+    check_finite(xs, name=name)
     with torch.no_grad(), analysis_mode(model):
         d = checked_forward(model, tuple(t[:1] for t in xs), name=name).shape[1]
     return params, xs, n, d
@@ -138,9 +148,11 @@ def gradient_kernel(
         raise ValueError(f"reduce must be one of {REDUCTIONS}, got {reduce!r}")
     if engine not in ENGINES:
         raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
+    memory_budget = check_memory_budget(memory_budget)
     params, x1s, m_total, d = _prepare(model, x1, "x1")
     x2s = x1s if x2 is None else as_tuple(x2, name="x2")
     n_total = batch_size(x2s, name="x2")
+    check_finite(x2s, name="x2")
     if x2 is not None:
         with torch.no_grad(), analysis_mode(model):
             d2 = checked_forward(model, tuple(t[:1] for t in x2s), name="x2").shape[1]
@@ -206,6 +218,7 @@ def tangent_features(
     """
     if engine not in ENGINES:
         raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
+    memory_budget = check_memory_budget(memory_budget)
     params, xs, m_total, d = _prepare(model, x, "x")
     if output_index is not None and not (-d <= output_index < d):
         raise ValueError(f"output_index {output_index} is out of range for a model with {d} outputs")
@@ -217,9 +230,9 @@ def tangent_features(
     rows = _rows_per_chunk(memory_budget, d, num_params, first.element_size(), held=3)
     width = 1 if output_index is not None else d
     features = torch.empty((m_total, width, num_params), dtype=first.dtype, device=first.device)
-    plan = make_plan(model)
-    if choose_engine(plan, d, engine) == "factored":
+    if choose_engine(make_plan(model), d, engine) == "factored":
         outs = list(range(d)) if output_index is None else [output_index % d]
+        plan = covering_plan(model, xs)
 
         def jac(*chunk_inputs: torch.Tensor) -> torch.Tensor:
             return factored_jacobian(model, chunk_inputs, outs, plan)

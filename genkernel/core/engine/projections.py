@@ -23,8 +23,18 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..adapter import Batch, analysis_mode, as_tuple, batch_size, check_per_example_safe, flat_output, trainable_parameters
-from .factors import capture, make_plan, output_cotangents
+from ..adapter import (
+    Batch,
+    analysis_mode,
+    as_tuple,
+    batch_size,
+    check_finite,
+    check_memory_budget,
+    check_per_example_safe,
+    flat_output,
+    trainable_parameters,
+)
+from .factors import capture, covering_plan, output_cotangents
 from .kernels import ENGINES
 from .reference import per_example_jacobian, split_columns
 
@@ -221,15 +231,17 @@ def sketched_tangent_features(
     _check(k, kind)
     if engine not in ENGINES:
         raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
+    memory_budget = check_memory_budget(memory_budget)
     check_per_example_safe(model)
     params = trainable_parameters(model)
     order = list(params)
     xs = as_tuple(x, name="x")
     m_total = batch_size(xs, name="x")
+    check_finite(xs, name="x")
     with torch.no_grad(), analysis_mode(model):
         d = flat_output(model(*(t[:1] for t in xs)), 1).shape[1]
     first = next(iter(params.values()))
-    plan = make_plan(model) if engine != "functional" else None
+    plan = covering_plan(model, xs) if engine != "functional" else None
     use_factored = plan is not None and (engine == "factored" or plan.blocks)
     largest = max(p.numel() for p in params.values())
     per_row = (2 * d * (largest if use_factored else sum(p.numel() for p in params.values()))) * first.element_size()

@@ -6,11 +6,38 @@ examples, d flattened outputs, P parameters (the columns of ``params`` in order)
 
 from __future__ import annotations
 
+import warnings
+from typing import Any, Callable
+
 import torch
 from torch import nn
 from torch.func import jacrev, vmap
 
 from ..adapter import functional_model
+
+
+def per_example(fn: Callable, in_dims: tuple) -> Callable:
+    """``vmap(fn, in_dims)``, or, for a model some layer of which has no batching rule (PReLU's
+    one-parameter form, recurrent layers' fused kernels), the same results one example at a time.
+
+    The fallback is exact and slower; it is taken once per call with a warning that names the
+    error, never silently."""
+    batched = vmap(fn, in_dims=in_dims)
+
+    def run(*args: Any):
+        try:
+            return batched(*args)
+        except RuntimeError as error:
+            warnings.warn(
+                f"torch.func.vmap cannot batch this model over examples ({str(error).splitlines()[0][:200]}); "
+                "genkernel computes per-example quantities one example at a time instead (exact, slower)",
+                RuntimeWarning, stacklevel=3,
+            )
+        size = next(a.shape[d] for a, d in zip(args, in_dims) if d is not None)
+        outs = [fn(*(a if d is None else a.select(d, i) for a, d in zip(args, in_dims))) for i in range(size)]
+        return torch.utils._pytree.tree_map(lambda *xs: torch.stack(xs), *outs)
+
+    return run
 
 
 def per_example_jacobian(model: nn.Module, params: dict[str, torch.Tensor], fixed: dict[str, torch.Tensor] | None = None):
@@ -25,7 +52,7 @@ def per_example_jacobian(model: nn.Module, params: dict[str, torch.Tensor], fixe
 
     def jac(*inputs: torch.Tensor) -> torch.Tensor:
         in_dims = (None,) + (0,) * len(inputs)
-        blocks = vmap(jac_single, in_dims=in_dims)(params, *inputs)
+        blocks = per_example(jac_single, in_dims)(params, *inputs)
         m = inputs[0].shape[0]
         return torch.cat([blocks[name].reshape(m, blocks[name].shape[1], -1) for name in params], dim=2)
 
@@ -52,4 +79,4 @@ def jacobian_self_kernel(j: torch.Tensor, reduce: str) -> torch.Tensor:
     return (j * j).sum(dim=(1, 2)) if reduce == "trace" else (j * j).sum(dim=2)
 
 
-__all__ = ["jacobian_pair_kernel", "jacobian_self_kernel", "per_example_jacobian", "split_columns"]
+__all__ = ["jacobian_pair_kernel", "jacobian_self_kernel", "per_example", "per_example_jacobian", "split_columns"]

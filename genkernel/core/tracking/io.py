@@ -35,11 +35,14 @@ def atomic_save(obj: Any, path: str | os.PathLike) -> None:
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
-    except OSError as error:
+    except (OSError, RuntimeError) as error:
         if os.path.exists(tmp):
             os.unlink(tmp)
-        raise OSError(error.errno, f"could not write {path} ({error.strerror or error}); the previous file, if any, "
-                      "is intact: free disk space or choose another folder") from error
+        # torch.save reports a full disk as a RuntimeError from its zip writer ("enforce fail ...").
+        if isinstance(error, RuntimeError) and "write" not in str(error).lower() and "enforce" not in str(error).lower():
+            raise
+        raise OSError(getattr(error, "errno", None), f"could not write {path} ({getattr(error, 'strerror', None) or error}); "
+                      "the previous file, if any, is intact: free disk space or choose another folder") from error
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)

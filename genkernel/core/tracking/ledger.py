@@ -190,14 +190,18 @@ class PathKernelLedger:
     def summary(self) -> dict[str, float]:
         """Plain numbers: steps, relative residual (overall and worst probe), κ median, change size."""
         change = self.delta.norm(dim=1)
-        per_probe = self.probe_relative_residual()
+        per_probe = self.probe_relative_residual()[change > 0]  # a probe that did not move has no ratio
         kappa = self.cancellation_ratio()
+        if not bool(torch.isfinite(self.residual).all()):
+            worst = float("nan")  # a non-finite residual must not be summarized as a finite number
+        else:
+            worst = float(per_probe.max()) if per_probe.numel() else 0.0
         return {
             "steps": self.steps,
             "probes": self.contributions.shape[0],
             "groups": self.num_groups,
             "relative_residual": self.relative_residual(),
-            "max_probe_relative_residual": float(torch.nan_to_num(per_probe, nan=0.0).max()) if per_probe.numel() else 0.0,
+            "max_probe_relative_residual": worst,
             "median_kappa": float(kappa.nanmedian()) if kappa.numel() else float("nan"),
             "mean_change_norm": float(change.mean()) if change.numel() else 0.0,
             "rest_norm": float(self.rest.norm()),

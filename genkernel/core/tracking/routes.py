@@ -8,6 +8,8 @@ A route is chosen once, when the tracker is built, and answers the tracker's num
 - :meth:`GroupStateRoute.before_step` (step 2): anything read just before ``optimizer.step()``;
 - :meth:`GroupStateRoute.contributions` (step 5): every partition's ``[M, G, d]`` contributions,
   the rest's ``[M, d]`` and the per-partition sketch error;
+- :meth:`GroupStateRoute.commit` / :meth:`GroupStateRoute.discard`: the group state a step
+  computed is kept only once the whole step is recorded;
 - ``state_dict`` / ``load_state_dict``.
 
 Routes:
@@ -32,7 +34,7 @@ from torch.func import jvp, vmap
 
 from ..adapter import analysis_mode, functional_model
 from ..engine.factored import row_chunks
-from ..engine.factors import Plan, Unfactorable, make_plan
+from ..engine.factors import Plan, Unfactorable, covering_plan
 from ..engine.gradients import group_gradients, membership_matrix
 from ..engine.per_example import BatchFactors, batch_totals, capture_batch, factored_contributions
 from ..engine.reference import per_example_jacobian
@@ -161,6 +163,14 @@ class GroupStateRoute:
                       clip_factor: float) -> RouteContributions:
         raise NotImplementedError
 
+    def commit(self) -> None:
+        """Keep this step's new group state (the whole step was recorded)."""
+        self.splitter.commit()
+
+    def discard(self) -> None:
+        """Forget this step's new group state (the step was rolled back)."""
+        self.splitter.discard()
+
     def state_dict(self) -> dict[str, Any]:
         return {}
 
@@ -212,7 +222,7 @@ class _FactorRoute(GroupStateRoute):
     def __init__(self, model: TrackedModel, splitter: UpdateSplitter, contribution_route: str):
         super().__init__(model, splitter, contribution_route)
         self._exclusions: set[str] = set()
-        self.plan: Plan = make_plan(model.module)
+        self.plan: Plan = covering_plan(model.module, model.probes)
         self._probe_chunks: list[slice] | None = None  # fixed probes: sized once per plan
 
     def gradients(self, step, ids, coefficients):
@@ -225,7 +235,7 @@ class _FactorRoute(GroupStateRoute):
                 break
             except Unfactorable as error:  # a module that mixes the batch: torch.func handles it
                 self._exclusions.add(error.module_name)
-                self.plan = make_plan(model.module, self._exclusions)
+                self.plan = covering_plan(model.module, step.inputs, self._exclusions)
                 self._probe_chunks = None
         totals, sizes = batch_totals(batch)
         grads = {n: (totals[n] * step.clip_factor).unsqueeze(0) for n in model.params}

@@ -72,6 +72,7 @@ class SketchedRoute(_FactorRoute):
                                               kind=kind, cache_bytes=model.memory_budget)
         self.adam = type(optimizer) is not torch.optim.SGD
         self.state: torch.Tensor | None = None  # [Σ G_π, k] float64
+        self._pending: torch.Tensor | None = None  # this step's new state, until commit()
         self._fresh: bool | None = None
         self.hyper = self._shared_hyperparameters()
 
@@ -114,26 +115,35 @@ class SketchedRoute(_FactorRoute):
         step = sketched_grads.new_zeros((partitions.total, self.k))
         for name, part in partitions.slices.items():
             step.index_add_(0, ids[name].to(step.device) + part.start, sketched_grads)
-        state = self.state
+        state = None if self.state is None else self.state.clone()
         if state is None and not self.adam and not self._fresh and self.hyper["momentum"] != 0:
             state = torch.zeros_like(step)  # the optimizer's buffers predate tracking: their part is the rest's
-        self.state, direction = self.splitter.advance(state, step, self.hyper)
+        self._pending, direction = self.splitter.advance(state, step, self.hyper)
         return direction
+
+    def commit(self) -> None:
+        self.state = self._pending
+        self._pending = None
+        super().commit()
+
+    def discard(self) -> None:
+        self._pending = None
+        super().discard()
 
     def _check(self, rtol: float) -> None:
         """Σ_g R s_g must equal R s_total for every partition, s_total being the exact state the
         splitter keeps for all groups together (under ``maximize`` it holds negated gradients,
         the sketches do not)."""
-        key = self.splitter.state_key
-        if self.state is None or any(key not in self.splitter.state.get(n, {}) for n in self.model.params):
+        exact = {n: self.splitter.current(n) for n in self.model.params}
+        if self._pending is None or any(v is None for v in exact.values()):
             return
         reference = sum(
-            self.projection.project(n, self.splitter.state[n][key][0].unsqueeze(0).to(self._dtype()))[0].to(torch.float64)
+            self.projection.project(n, exact[n][0].unsqueeze(0).to(self._dtype()))[0].to(torch.float64)
             * (-1.0 if self.splitter.hyper[n].get("maximize", False) else 1.0)
             for n in self.model.params
         )
         for name, part in self.model.partitions.slices.items():
-            rows = self.state[part]
+            rows = self._pending[part]
             scale = float(reference.norm() + rows.abs().sum(dim=0).norm())
             gap = float((rows.sum(dim=0) - reference).norm())
             if gap > rtol * scale + 1e-300:

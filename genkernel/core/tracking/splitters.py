@@ -23,8 +23,9 @@ row add up to the optimizer's update.
 Lifecycle per step: ``capture()`` before ``optimizer.step()`` (hyperparameters of every
 parameter group, which may change between steps, and the pre-existing state on the first tracked
 step); the real step; ``split(group_grads, theta_before, rounding)`` returning
-``{name: [R + 2, *shape]}``; ``check_state()`` comparing each partition's summed state with the
-optimizer's.
+``{name: [R + 2, *shape]}`` and computing the new state aside; ``check_state()`` comparing each
+partition's summed new state with the optimizer's; ``commit()`` once the whole step is recorded
+(or ``discard()`` when it is rolled back: the state stays that of the step before).
 
 Memory: every per-group state is ``(R + 2) × P`` float64 values (one copy of the parameters per
 row): fine for tens of groups, large for one group per example on a big model.
@@ -70,6 +71,7 @@ class UpdateSplitter:
         self.rows = partitions.total
         self.group_of = self._group_index(optimizer, params)
         self.state: dict[str, dict[str, torch.Tensor]] = {}  # name -> state_key -> [R + 2, *shape]
+        self.pending: dict[str, torch.Tensor] = {}  # this step's new state, until commit()
         self.hyper: dict[str, dict[str, Any]] = {}
         self.before: dict[str, torch.Tensor | None] = {}
         # The optimizer keeps its linear state in the parameters' dtype: where it cancels over
@@ -77,6 +79,7 @@ class UpdateSplitter:
         # magnitude[name] follows the state's recurrence on |gradients| (one row, float64) and
         # rounding_scale[name] is the update that magnitude would make: the scale of that rounding.
         self.magnitude: dict[str, torch.Tensor] = {}
+        self.pending_magnitude: dict[str, torch.Tensor] = {}
         self.rounding_scale: dict[str, torch.Tensor] = {}
 
     @staticmethod
@@ -145,6 +148,7 @@ class UpdateSplitter:
         """
         updates = {}
         self.rounding_scale = {}
+        self.discard()
         first = self.partitions.slices[self.partitions.primary]
         for name in self.params:
             h = self.hyper[name]
@@ -159,14 +163,16 @@ class UpdateSplitter:
             # 1. The recurrence on every row (the optimizer's own buffer goes to the rest row).
             state, direction = self.advance(self._state_before(name, full), full, h)
             if state is not None:
-                self.state.setdefault(name, {})[self.state_key] = state
+                self.pending[name] = state
                 # 2. The rounding scale: the same recurrence on the magnitudes of one partition's rows.
                 size = torch.cat([full[first], full[self.rows :]]).abs().sum(dim=0, keepdim=True)
                 previous = self.magnitude.get(name)
-                if previous is None and self.before.get(name) is not None:
+                if previous is not None:
+                    previous = previous.clone()
+                elif self.before.get(name) is not None:
                     previous = self.before[name].abs().to(torch.float64).unsqueeze(0)
                 magnitude, _ = self.advance(previous, size, h)
-                self.magnitude[name] = magnitude
+                self.pending_magnitude[name] = magnitude
                 self.rounding_scale[name] = (self.preconditioner(name) * magnitude[0]).abs()
             # 3. u = D ⊙ direction, and decoupled weight decay in the rest row.
             update = direction * self.preconditioner(name)
@@ -175,15 +181,32 @@ class UpdateSplitter:
             updates[name] = update
         return updates
 
+    def commit(self) -> None:
+        """Keep this step's new state (the step was recorded)."""
+        for name, state in self.pending.items():
+            self.state.setdefault(name, {})[self.state_key] = state
+        self.magnitude.update(self.pending_magnitude)
+        self.discard()
+
+    def discard(self) -> None:
+        """Forget this step's new state (the step was rolled back)."""
+        self.pending, self.pending_magnitude = {}, {}
+
+    def current(self, name: str) -> torch.Tensor | None:
+        """The rows' state of ``name`` after this step's split (before commit), else the committed one."""
+        if name in self.pending:
+            return self.pending[name]
+        return self.state.get(name, {}).get(self.state_key)
+
     def _state_before(self, name: str, like: torch.Tensor) -> torch.Tensor | None:
-        """The rows' state before this step: the splitter's own, else None when the optimizer
-        starts its state now, else zeros with the optimizer's pre-existing buffer in the rest
-        row (no tracked example caused it)."""
+        """A copy of the rows' state before this step: the splitter's own, else None when the
+        optimizer starts its state now, else zeros with the optimizer's pre-existing buffer in the
+        rest row (no tracked example caused it)."""
         if self.state_key is None:
             return None
         own = self.state.get(name, {}).get(self.state_key)
         if own is not None:
-            return own
+            return own.clone()
         existing = self.before.get(name)
         if existing is None:
             return None
@@ -196,7 +219,7 @@ class UpdateSplitter:
         if self.state_key is None:
             return
         for name, p in self.params.items():
-            rows = self.state.get(name, {}).get(self.state_key)
+            rows = self.current(name)
             if rows is None:
                 continue
             # Under maximize both the optimizer and the rows hold the negated gradients' state.

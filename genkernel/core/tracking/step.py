@@ -76,6 +76,11 @@ class OptimizerStep:
             shapes = [tuple(t.shape) for t in self.inputs]
             raise ValueError(f"inputs of shapes {shapes} do not fit {type(self.model).__name__}: {error}") from error
         losses = self.loss_fn(outputs, self.targets)
+        if isinstance(losses, torch.Tensor) and torch.is_grad_enabled() and not losses.requires_grad:
+            raise ValueError(
+                "loss_fn returned losses that do not depend on the model's parameters (detached, or computed under "
+                "torch.no_grad()): return the per-example losses with their graph"
+            )
         if not isinstance(losses, torch.Tensor) or losses.shape != (self.batch,):
             shape = tuple(losses.shape) if isinstance(losses, torch.Tensor) else type(losses).__name__
             raise ValueError(

@@ -36,9 +36,10 @@ controls cost (k + 1) G rows, not G^(k+1).
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Mapping
 
 import torch
@@ -50,6 +51,8 @@ from ..adapter import (
     as_tuple,
     batch_size,
     check_deterministic,
+    check_finite,
+    check_memory_budget,
     check_per_example_safe,
     checked_forward,
     trainable_parameters,
@@ -62,7 +65,7 @@ from .distributed import ddp_context
 from .io import atomic_save, load_state
 from .ledger import PathKernelLedger
 from .quadrature import quadrature_rule
-from .routes import CONTRIBUTION_ROUTES, DenseRoute, FactoredRoute, GroupStateRoute, TrackedModel, plain_sgd
+from .routes import CONTRIBUTION_ROUTES, DenseRoute, FactoredRoute, GroupStateRoute, TrackedModel, plain_sgd, push_rows
 from .sketched import SketchedRoute
 from .splitters import make_splitter
 from .step import LossFn, OptimizerStep
@@ -186,22 +189,27 @@ class PathKernelTracker:
         self.rule = quadrature_rule(quadrature)
         self.max_grad_norm = max_grad_norm
         self.snapshot_every = snapshot_every
-        self.memory_budget = memory_budget
+        self.memory_budget = check_memory_budget(memory_budget)
 
         check_per_example_safe(self.module)
         self.params = trainable_parameters(self.module)
         self.probes = as_tuple(probes, name="probes")
         batch_size(self.probes, name="probes")
+        check_finite(self.probes, name="probes")
         check_deterministic(self.module, self.probes)
-        self._has_buffers = any(True for _ in self.module.buffers())
+        self._has_state = any(True for _ in self.module.buffers()) or any(
+            not p.requires_grad for p in self.module.parameters()
+        )
+        self._optimizer_params = {id(p) for group in optimizer.param_groups for p in group["params"]}
         dtype = next(iter(self.params.values())).dtype
         self.rtol = CHECK_RTOL.get(dtype, 1e-3)
         with torch.no_grad(), analysis_mode(self.module):
             f_start = self._probe_outputs()
         self.ledgers = {name: PathKernelLedger.empty(f_start, size) for name, size in self.partitions.sizes.items()}
-        tracked = TrackedModel(self.module, self.params, self.probes, self.partitions, f_start.shape[1], memory_budget,
+        tracked = TrackedModel(self.module, self.params, self.probes, self.partitions, f_start.shape[1], self.memory_budget,
                                self.distributed, self.rtol)
         self.group_state = self._choose_group_state(group_state, f_start.shape[1])
+        contribution_route = self._differentiable_route(tracked, contribution_route)
         self.route = self._make_route(tracked, contribution_route, sketch_dim, sketch_seed, sketch_kind)
         self.splitter = self.route.splitter
         self._f_prev = f_start.clone()
@@ -217,6 +225,29 @@ class PathKernelTracker:
     def num_groups(self) -> int:
         """G of the primary partition."""
         return self.partitions.sizes[self.partitions.primary]
+
+    def _differentiable_route(self, tracked: TrackedModel, requested: str) -> str:
+        """The contribution route, checked before any step on one probe: forward-mode AD ("jvp")
+        is not implemented for some layers (LSTM's fused kernel, EmbeddingBag); "auto" then uses
+        the probes' Jacobians (reverse mode, exact) instead, and an explicit route that cannot run is
+        refused here rather than after an optimizer step."""
+        one = replace(tracked, probes=tuple(t[:1] for t in tracked.probes))
+        tangent = {n: torch.ones((1, *p.shape), dtype=p.dtype, device=p.device) for n, p in self.params.items()}
+        nodes = [(1.0, {n: p.detach() for n, p in self.params.items()})]
+        errors = {}
+        for route in (("jvp", "jacobian") if requested == "auto" else (requested,)):
+            try:
+                with torch.no_grad(), analysis_mode(self.module):
+                    push_rows(one, tangent, nodes, route)
+            except (RuntimeError, NotImplementedError) as error:
+                errors[route] = str(error).splitlines()[0][:200]
+                continue
+            return requested if route == "jvp" else route
+        detail = "; ".join(f"{route}: {message}" for route, message in errors.items())
+        hint = "use contribution_route='auto'" if requested != "auto" else "replace the layer the message names"
+        raise ValueError(
+            f"the model cannot be differentiated the way the ledger needs ({detail}); {hint}"
+        )
 
     def _make_route(self, tracked: TrackedModel, contribution_route: str, k: int, seed: int, kind: str) -> GroupStateRoute:
         if self.group_state == "dense":
@@ -255,33 +286,46 @@ class PathKernelTracker:
         return self.track(step, groups)
 
     def track(self, step: OptimizerStep, groups: torch.Tensor | Mapping[str, torch.Tensor]) -> StepContributions:
-        """Perform and record a prepared :class:`OptimizerStep` (what trainers' callbacks use)."""
-        if step.model is not self.model or step.optimizer is not self.optimizer:
-            raise ValueError("this step trains a different model or optimizer than the tracker was built for")
-        if step.max_grad_norm != self.max_grad_norm:
-            raise ValueError(f"the step clips at {step.max_grad_norm} but the tracker at {self.max_grad_norm}")
+        """Perform and record a prepared :class:`OptimizerStep` (what trainers' callbacks use).
+
+        The step is all-or-nothing: everything that can be checked is checked before the training
+        forward, and a failure after it (a failed check, an error or an interrupt in the
+        analysis) restores the parameters, buffers and optimizer state to θ_k and leaves every
+        ledger and group state as it was, so ``ledger.steps`` keeps counting the recorded steps.
+        """
         index = self.ledger.steps + 1
-        ids = self.partitions.check(groups, step.batch)
-        self._check_untouched()
+        ids = self._check_before(step, groups)
+        theta_before = {name: p.detach().clone() for name, p in self.params.items()}
+        saved = self._save_state()
         self._grad_marks = None  # this step's own backward touches the gradients, even if it fails
-        if any(torch.is_autocast_enabled(device) for device in ("cpu", "cuda")):
-            raise RuntimeError(
-                "mixed precision (autocast, GradScaler) is not supported: the ledger must reproduce each "
-                "update exactly; train the tracked model in float32 or float64"
-            )
+        try:
+            result = self._track(index, step, ids, theta_before)
+        except BaseException as error:
+            self._restore_state(saved, theta_before)
+            if isinstance(error, NonFiniteError) and not step.applied:
+                raise NonFiniteError(
+                    f"step {index} ({step.phase}): {error}; the ledger keeps the {index - 1} steps before"
+                ) from error
+            note = (f"genkernel: step {index} ({step.phase}) was rolled back: the parameters, buffers and optimizer state "
+                    f"are those of θ_{index - 1 if index > 1 else 0} again and the ledgers keep their {index - 1} "
+                    "recorded steps; fix the cause and call the step again")
+            if hasattr(error, "add_note"):
+                error.add_note(note)
+            raise
+        self.route.commit()
+        return result
+
+    def _track(self, index: int, step: OptimizerStep, ids: dict[str, torch.Tensor], theta_before) -> StepContributions:
+        """The numbered steps of the module docstring; the ledgers change only at the very end."""
         coefficients = (
             torch.full((step.batch,), 1.0 / step.batch, dtype=torch.float64) if step.weights is None else step.weights
         ).to(torch.float64)
-
-        try:
-            losses = step.compute_gradients()
-        except NonFiniteError as error:
-            raise NonFiniteError(f"step {index} ({step.phase}): {error}; the ledger keeps the {index - 1} steps before") from error
-        theta_before = {name: p.detach().clone() for name, p in self.params.items()}
+        losses = step.compute_gradients()
 
         with torch.no_grad(), analysis_mode(self.module):
-            # Buffers may have changed in the training forward (spectral norm): not an example's doing.
-            f_before = self._probe_outputs() if self._has_buffers else self._f_prev
+            # State outside the trainable parameters (buffers, frozen parameters) may have changed since
+            # the last step, or in the training forward (spectral norm): not an example's doing.
+            f_before = self._probe_outputs() if self._has_state else self._f_prev
             drift = f_before - self._f_prev
             # 1. ĝ_{k,g} = Σ_{n ∈ g} c_n ∇ℓ_n at θ_k, times the clipping factor.
             with torch.enable_grad():
@@ -322,6 +366,66 @@ class PathKernelTracker:
         self._grad_marks = {n: (id(p.grad), p.grad._version) for n, p in self.params.items() if p.grad is not None}
         return StepContributions(index, result.contributions, rest, step_residual, losses, updates, result.sketch_error)
 
+    # -- all-or-nothing steps -------------------------------------------------------------------
+    def _check_before(self, step: OptimizerStep, groups) -> dict[str, torch.Tensor]:
+        """Everything that can be refused before the training forward changes anything."""
+        if step.model is not self.model or step.optimizer is not self.optimizer:
+            raise ValueError("this step trains a different model or optimizer than the tracker was built for")
+        if step.max_grad_norm != self.max_grad_norm:
+            raise ValueError(f"the step clips at {step.max_grad_norm} but the tracker at {self.max_grad_norm}")
+        ids = self.partitions.check(groups, step.batch)
+        if any(torch.is_autocast_enabled(device) for device in ("cpu", "cuda")):
+            raise RuntimeError(
+                "mixed precision (autocast, GradScaler) is not supported: the ledger must reproduce each "
+                "update exactly; train the tracked model in float32 or float64"
+            )
+        check_per_example_safe(self.module)  # BatchNorm or dropout switched to training mode since
+        current = {name: p for name, p in self.module.named_parameters() if p.requires_grad}
+        if current.keys() != self.params.keys() or any(current[n] is not p for n, p in self.params.items()):
+            replaced = sorted(n for n in current.keys() | self.params.keys()
+                              if current.get(n) is not self.params.get(n))
+            raise RuntimeError(
+                f"the model's trainable parameters changed since the tracker was built ({replaced[:5]}: replaced by new "
+                "tensors, frozen or unfrozen): the optimizer and the ledger follow the old ones. Build the optimizer and "
+                "a new tracker for the model as it is now"
+            )
+        owned = {id(p) for group in self.optimizer.param_groups for p in group["params"]}
+        if owned != self._optimizer_params:
+            raise RuntimeError(
+                "the optimizer's parameters changed since the tracker was built (optimizer.add_param_group?): the "
+                "ledger cannot attribute updates of parameters it does not track. Build a new tracker after changing "
+                "the optimizer"
+            )
+        hooks = [*self.optimizer._optimizer_step_pre_hooks.values(), *self.optimizer._optimizer_step_post_hooks.values()]
+        if hooks:
+            raise RuntimeError(
+                f"the optimizer has {len(hooks)} step hook(s) (register_step_pre_hook / register_step_post_hook): they may "
+                "change the gradients or parameters in ways the split cannot see. Remove them while tracking"
+            )
+        self._check_untouched()
+        return ids
+
+    def _save_state(self) -> dict[str, Any]:
+        """What a rolled-back step restores: buffers and the optimizer's state (θ_k is saved by the caller)."""
+        return {
+            "buffers": [(b, b.detach().clone()) for b in self.module.buffers()],
+            "optimizer": {p: {k: (v.detach().clone() if isinstance(v, torch.Tensor) else v) for k, v in state.items()}
+                          for p, state in self.optimizer.state.items()},
+        }
+
+    def _restore_state(self, saved: dict[str, Any], theta_before: dict[str, torch.Tensor]) -> None:
+        self.route.discard()
+        with torch.no_grad():
+            for name, p in self.params.items():
+                p.copy_(theta_before[name])
+            for buffer, value in saved["buffers"]:
+                buffer.copy_(value)
+        for p in list(self.optimizer.state):
+            if p not in saved["optimizer"]:
+                del self.optimizer.state[p]
+        for p, state in saved["optimizer"].items():
+            self.optimizer.state[p] = state
+
     def _choose_group_state(self, group_state: str, d: int) -> str:
         if group_state not in GROUP_STATES:
             raise ValueError(f"group_state must be one of {GROUP_STATES}, got {group_state!r}")
@@ -354,6 +458,16 @@ class PathKernelTracker:
             "partitions": self.partitions.state_dict(),
             "quadrature": self.rule.name,
             "group_state": self.group_state,
+            "identity": self._identity(),
+        }
+
+    def _identity(self) -> dict[str, Any]:
+        """What a saved state belongs to: the probes (shapes, dtypes and a digest of their values),
+        the model's trainable parameters (names and shapes) and the optimizer's kind."""
+        return {
+            "probes": [(tuple(t.shape), str(t.dtype), _digest(t)) for t in self.probes],
+            "parameters": {name: tuple(p.shape) for name, p in self.params.items()},
+            "optimizer": type(self.optimizer).__name__,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -365,6 +479,12 @@ class PathKernelTracker:
             raise ValueError(
                 f"the saved tracker had partitions={saved[0]}, quadrature={saved[1]!r}, group_state={saved[2]!r}; "
                 f"this one has partitions={mine[0]}, quadrature={mine[1]!r}, group_state={mine[2]!r}"
+            )
+        differences = _differences(state["identity"], self._identity())
+        if differences:
+            raise ValueError(
+                "the saved tracker state belongs to another set-up: " + "; ".join(differences)
+                + ". Load it into a tracker built with the same probes, model and optimizer"
             )
         self.ledgers = {name: PathKernelLedger.from_state_dict(s) for name, s in state["ledgers"].items()}
         self.splitter.load_state_dict(state["splitter"])
@@ -481,6 +601,32 @@ class PathKernelTracker:
                 }
             nodes.append((weight, theta))
         return nodes
+
+
+def _digest(t: torch.Tensor) -> str:
+    """A short SHA-256 of a tensor's values (bytes of its CPU copy)."""
+    raw = t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+    return hashlib.sha256(raw).hexdigest()[:16]
+
+
+def _differences(saved: dict[str, Any], mine: dict[str, Any]) -> list[str]:
+    """What differs between a saved set-up and this one, in words."""
+    out = []
+    if saved["optimizer"] != mine["optimizer"]:
+        out.append(f"the optimizer was {saved['optimizer']}, here {mine['optimizer']}")
+    old, new = saved["parameters"], mine["parameters"]
+    if old != new:
+        missing, extra = sorted(set(old) - set(new)), sorted(set(new) - set(old))
+        reshaped = sorted(n for n in set(old) & set(new) if tuple(old[n]) != tuple(new[n]))
+        out.append(f"the model's trainable parameters differ (saved only: {missing[:5]}, here only: {extra[:5]}, "
+                   f"other shapes: {reshaped[:5]})")
+    old_probes, new_probes = saved["probes"], mine["probes"]
+    if [(tuple(a), b) for a, b, _ in old_probes] != [(tuple(a), b) for a, b, _ in new_probes]:
+        out.append(f"the probes had shapes/dtypes {[(tuple(a), b) for a, b, _ in old_probes]}, here "
+                   f"{[(tuple(a), b) for a, b, _ in new_probes]}")
+    elif [c for _, _, c in old_probes] != [c for _, _, c in new_probes]:
+        out.append("the probes have the same shapes but other values")
+    return out
 
 
 __all__ = ["GROUP_STATES", "PathKernelTracker", "StepContributions"]
