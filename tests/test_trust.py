@@ -119,3 +119,251 @@ def test_the_factored_tracker_covers_every_parameter_use(name):
                                 quadrature="simpson")
     tracker.step(x, y, torch.arange(x.shape[0]))
     assert tracker.ledger.relative_residual() < 1e-6
+
+
+# ------------------------------------------------------------------------------------------
+# 1b. State changed outside the step: refused or booked in a named row, never in the residual
+# ------------------------------------------------------------------------------------------
+def mlp(seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 2)).to(F64)
+
+
+def batch(seed=1, n=8):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 3, generator=g, dtype=F64), torch.randn(n, 2, generator=g, dtype=F64), torch.arange(n) % 2
+
+
+def make_tracker(model, opt=None, **kwargs):
+    opt = opt or torch.optim.Adam(model.parameters(), lr=0.01)
+    probes = torch.randn(4, 3, generator=torch.Generator().manual_seed(9), dtype=F64)
+    return PathKernelTracker(model, opt, mse_loss, probes, num_groups=2, quadrature="simpson", **kwargs)
+
+
+def test_add_param_group_mid_run_is_refused_before_anything_changes():
+    model = mlp()
+    extra = nn.Parameter(torch.zeros(3, dtype=F64))
+    tracker = make_tracker(model)
+    tracker.step(*batch())
+    tracker.optimizer.add_param_group({"params": [extra]})
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(RuntimeError, match="add_param_group"):
+        tracker.step(*batch(2))
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before)) and tracker.ledger.steps == 1
+
+
+def test_frozen_parameters_and_buffers_edited_between_steps_are_booked_as_drift():
+    model = mlp()
+    model[2].bias.requires_grad_(False)  # frozen
+    model.register_buffer("offset", torch.zeros(2, dtype=F64))
+    model.register_forward_hook(lambda m, i, out: out + m.offset)
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.05)
+    tracker = make_tracker(model, opt)
+    tracker.step(*batch())
+    with torch.no_grad():
+        model[2].bias.add_(0.3)
+        model.offset.add_(0.2)
+    tracker.step(*batch(2))
+    ledger = tracker.ledger
+    assert float(ledger.buffer_drift.abs().max()) > 0.4  # both edits moved every probe by 0.5
+    assert ledger.relative_residual() < 1e-8  # and none of it is in the residual
+
+
+def test_a_replaced_parameter_is_refused():
+    model = mlp()
+    tracker = make_tracker(model)
+    model[0].weight = nn.Parameter(model[0].weight.detach().clone())
+    with pytest.raises(RuntimeError, match=r"trainable parameters changed.*0.weight"):
+        tracker.step(*batch())
+
+
+def test_optimizer_step_hooks_are_refused_before_the_step():
+    model = mlp()
+    tracker = make_tracker(model)
+    handle = tracker.optimizer.register_step_pre_hook(lambda opt, args, kwargs: None)
+    with pytest.raises(RuntimeError, match="step hook"):
+        tracker.step(*batch())
+    handle.remove()
+    tracker.step(*batch())
+
+
+def test_a_state_loaded_against_other_probes_model_or_optimizer_is_refused(tmp_path):
+    tracker = make_tracker(mlp())
+    tracker.step(*batch())
+    tracker.save(tmp_path / "t.pt")
+    model = mlp()
+    other_probes = PathKernelTracker(model, torch.optim.Adam(model.parameters()), mse_loss, torch.randn(4, 3, dtype=F64),
+                                     num_groups=2, quadrature="simpson")
+    with pytest.raises(ValueError, match="same shapes but other values"):
+        other_probes.load(tmp_path / "t.pt")
+    model = mlp()
+    other_optimizer = make_tracker(model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9))
+    with pytest.raises(ValueError, match="optimizer was Adam, here SGD"):
+        other_optimizer.load(tmp_path / "t.pt")
+    torch.manual_seed(0)
+    wider = nn.Sequential(nn.Linear(3, 9), nn.Tanh(), nn.Linear(9, 2)).to(F64)
+    with pytest.raises(ValueError, match="other shapes: \\['0.bias', '0.weight', '2.weight'\\]"):
+        make_tracker(wider).load(tmp_path / "t.pt")
+
+
+def test_non_finite_probes_are_refused_up_front_and_summaries_keep_nan():
+    model = mlp()
+    for bad in (float("nan"), float("inf")):
+        probes = torch.randn(4, 3, dtype=F64)
+        probes[2, 1] = bad
+        with pytest.raises(ValueError, match=r"probes hold NaN or infinite values at rows \[2\]"):
+            PathKernelTracker(model, torch.optim.Adam(model.parameters()), mse_loss, probes, num_groups=2)
+        with pytest.raises(ValueError, match="NaN or infinite"):
+            gradient_kernel(model, probes)
+    tracker = make_tracker(mlp())
+    tracker.step(*batch())
+    tracker.ledger.residual[1, 0] = float("nan")
+    assert math.isnan(tracker.ledger.summary()["max_probe_relative_residual"])
+
+
+# ------------------------------------------------------------------------------------------
+# 2. Steps are all-or-nothing
+# ------------------------------------------------------------------------------------------
+STAGES = ["gradients", "split", "contributions", "probe_forward"]
+
+
+@pytest.mark.parametrize("group_state", ["dense", "sketched"])
+@pytest.mark.parametrize("stage", STAGES)
+def test_a_fault_at_any_stage_rolls_the_step_back(stage, group_state, monkeypatch):
+    model = mlp()
+    tracker = make_tracker(model, torch.optim.Adam(model.parameters(), lr=0.01, weight_decay=0.01), group_state=group_state)
+    reference_model = mlp()
+    reference = make_tracker(reference_model, torch.optim.Adam(reference_model.parameters(), lr=0.01, weight_decay=0.01),
+                             group_state=group_state)
+    for t in (tracker, reference):
+        t.step(*batch())
+    theta = [p.detach().clone() for p in model.parameters()]
+    optimizer_state = {k: v.clone() for k, v in tracker.optimizer.state[model[0].weight].items()}
+
+    class Fault(RuntimeError):
+        pass
+
+    target = {"gradients": (tracker.route, "gradients"), "split": (tracker.splitter, "split"),
+              "contributions": (tracker.route, "contributions"), "probe_forward": (tracker, "_probe_outputs")}[stage]
+    original = getattr(*target)
+
+    def fail_late(*args, **kwargs):  # the probe forward may also run before the step: fail after it
+        if stage != "probe_forward" or int(tracker.optimizer.state[model[0].weight]["step"]) == 2:
+            raise Fault("injected")
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(*target, fail_late)
+    with pytest.raises(Fault) as caught:
+        tracker.step(*batch(2))
+    assert any("rolled back" in note for note in getattr(caught.value, "__notes__", []))
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), theta))
+    for key, value in tracker.optimizer.state[model[0].weight].items():
+        assert torch.equal(value, optimizer_state[key])
+    assert tracker.ledger.steps == 1 == int(tracker.optimizer.state[model[0].weight]["step"])
+    monkeypatch.setattr(*target, original)
+    # the tracker continues as if the failed step had never been tried
+    tracker.step(*batch(2))
+    reference.step(*batch(2))
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), reference_model.parameters()))
+    torch.testing.assert_close(tracker.ledger.contributions, reference.ledger.contributions, rtol=0, atol=1e-15)
+
+
+def test_keyboard_interrupt_in_the_analysis_rolls_back_too(monkeypatch):
+    model = mlp()
+    tracker = make_tracker(model)
+    theta = [p.detach().clone() for p in model.parameters()]
+
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(tracker.route, "contributions", interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        tracker.step(*batch())
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), theta)) and not tracker.optimizer.state
+
+
+def test_batchnorm_switched_to_training_is_refused_before_it_moves_its_statistics():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 2)).to(F64).eval()
+    tracker = make_tracker(model)
+    model.train()
+    stats = model[1].running_mean.clone()
+    with pytest.raises(ValueError, match="BatchNorm1d"):
+        tracker.step(*batch())
+    assert torch.equal(model[1].running_mean, stats)
+
+
+# ------------------------------------------------------------------------------------------
+# 3. Analysis never touches the model
+# ------------------------------------------------------------------------------------------
+def _state(model):
+    return {n: (t, t.detach().clone()) for n, t in [*model.named_parameters(), *model.named_buffers()]}
+
+
+def _unchanged(model, state):
+    now = dict([*model.named_parameters(), *model.named_buffers()])
+    return now.keys() == state.keys() and all(now[n] is t and torch.equal(t, v) for n, (t, v) in state.items())
+
+
+@pytest.mark.parametrize("name", PATTERNS)
+def test_no_analysis_entry_point_changes_the_model(name):
+    from genkernel.core import kernel_plan, sketched_gradient_kernel
+
+    model, x = _case(name)
+    state = _state(model)
+    for engine in ("functional", "factored", "auto"):
+        gradient_kernel(model, x, x[:2], engine=engine)
+        tangent_features(model, x, engine=engine)
+        kernel_plan(model, x, engine=engine)
+    sketched_gradient_kernel(model, x, k=8)
+    PathKernelTracker(model, torch.optim.SGD(model.parameters(), lr=0.1), mse_loss, x[:2], num_groups=2)
+    assert _unchanged(model, state)
+
+
+def test_layers_that_write_their_weights_in_the_forward_are_refused_before_anything_runs():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(10, 4, max_norm=0.5), nn.Flatten(), nn.Linear(12, 1))
+    state = _state(model)
+    tokens = torch.randint(0, 10, (5, 3))
+    with pytest.raises(ValueError, match="max_norm=0.5"):
+        gradient_kernel(model, tokens)
+    with pytest.raises(ValueError, match="renormalizes its weight"):
+        PathKernelTracker(model, torch.optim.SGD(model.parameters(), lr=0.1), mse_loss, tokens, num_groups=1)
+    assert _unchanged(model, state)
+
+
+# ------------------------------------------------------------------------------------------
+# 4. Clear errors, raised before anything changes
+# ------------------------------------------------------------------------------------------
+def test_memory_budgets_are_checked_alike_everywhere():
+    from genkernel.core.engine.gradients import group_gradients, membership_matrix
+
+    model = mlp()
+    x, y, groups = batch()
+    for bad, error in ((0, ValueError), (-5, ValueError), (float("nan"), ValueError), (True, TypeError), ("1GB", TypeError)):
+        with pytest.raises(error, match="memory_budget"):
+            gradient_kernel(model, x, memory_budget=bad)
+        with pytest.raises(error, match="memory_budget"):
+            tangent_features(model, x, memory_budget=bad)
+        with pytest.raises(error, match="memory_budget"):
+            make_tracker(model, memory_budget=bad)
+        with pytest.raises(error, match="memory_budget"):
+            group_gradients(model, dict(model.named_parameters()), (x,), y, mse_loss,
+                            membership_matrix([groups], torch.ones(8), [2]), memory_budget=bad)
+    torch.testing.assert_close(gradient_kernel(model, x, memory_budget=2e6), gradient_kernel(model, x))
+
+
+def test_empty_inputs_detached_losses_and_data_parallel():
+    model = mlp()
+    with pytest.raises(ValueError, match="empty"):
+        gradient_kernel(model, torch.zeros(0, 3, dtype=F64))
+    tracker = make_tracker(model)
+    with pytest.raises(ValueError, match="inputs is empty"):
+        tracker.step(torch.zeros(0, 3, dtype=F64), torch.zeros(0, 2, dtype=F64), torch.zeros(0, dtype=torch.long))
+    detached = PathKernelTracker(model, tracker.optimizer, lambda out, t: mse_loss(out, t).detach(), torch.randn(2, 3, dtype=F64),
+                                 num_groups=2)
+    with pytest.raises(ValueError, match="do not depend on the model's parameters"):
+        detached.step(*batch())
+    assert detached.ledger.steps == 0
+    wrapped = nn.DataParallel(mlp())
+    torch.testing.assert_close(gradient_kernel(wrapped, batch()[0]), gradient_kernel(mlp(), batch()[0]))

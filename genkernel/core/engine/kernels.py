@@ -29,6 +29,7 @@ from ..adapter import (
     check_per_example_safe,
     checked_forward,
     trainable_parameters,
+    unwrap,
 )
 from .factored import chunk_sizes, chunks, factored_gradient_kernel, factored_jacobian
 from .factors import DEFAULT_MEMORY_BUDGET, Plan, covering_plan, make_plan
@@ -79,6 +80,7 @@ def kernel_plan(model: nn.Module, x: Batch, *, engine: str = "auto", memory_budg
     """The engine and chunk sizes :func:`gradient_kernel` uses for ``model`` on inputs like ``x``
     (``rows_total``: the larger side's example count, default ``x``'s)."""
     memory_budget = check_memory_budget(memory_budget)
+    model = unwrap(model)
     params, xs, n, d = _prepare(model, x, "x")
     return _plan(model, params, xs, d, n if rows_total is None else rows_total, engine, memory_budget)
 
@@ -149,6 +151,7 @@ def gradient_kernel(
     if engine not in ENGINES:
         raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
     memory_budget = check_memory_budget(memory_budget)
+    model = unwrap(model)
     params, x1s, m_total, d = _prepare(model, x1, "x1")
     x2s = x1s if x2 is None else as_tuple(x2, name="x2")
     n_total = batch_size(x2s, name="x2")
@@ -219,6 +222,7 @@ def tangent_features(
     if engine not in ENGINES:
         raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
     memory_budget = check_memory_budget(memory_budget)
+    model = unwrap(model)
     params, xs, m_total, d = _prepare(model, x, "x")
     if output_index is not None and not (-d <= output_index < d):
         raise ValueError(f"output_index {output_index} is out of range for a model with {d} outputs")

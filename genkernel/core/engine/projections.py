@@ -33,6 +33,7 @@ from ..adapter import (
     check_per_example_safe,
     flat_output,
     trainable_parameters,
+    unwrap,
 )
 from .factors import capture, covering_plan, output_cotangents
 from .kernels import ENGINES
@@ -232,6 +233,7 @@ def sketched_tangent_features(
     if engine not in ENGINES:
         raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
     memory_budget = check_memory_budget(memory_budget)
+    model = unwrap(model)
     check_per_example_safe(model)
     params = trainable_parameters(model)
     order = list(params)
