@@ -367,3 +367,48 @@ def test_empty_inputs_detached_losses_and_data_parallel():
     assert detached.ledger.steps == 0
     wrapped = nn.DataParallel(mlp())
     torch.testing.assert_close(gradient_kernel(wrapped, batch()[0]), gradient_kernel(mlp(), batch()[0]))
+
+
+def test_a_full_disk_is_reported_as_such_and_stale_temporary_files_are_cleaned(tmp_path, monkeypatch):
+    tracker = make_tracker(mlp())
+    tracker.step(*batch())
+    path = tmp_path / "tracker.pt"
+    tracker.save(path)
+    (tmp_path / ".tracker.pt.leftover.tmp").write_bytes(b"a save killed half-way")
+
+    def full(obj, handle, *args, **kwargs):
+        handle.write(b"part")
+        raise RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 64 vs 0 (file write failed)")
+
+    monkeypatch.setattr(torch, "save", full)
+    with pytest.raises(OSError, match="free disk space"):
+        tracker.save(path)
+    monkeypatch.undo()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tracker.pt"]  # the old file, nothing else
+    tracker.load(path)
+
+
+@pytest.mark.parametrize("layer", ["prelu", "gru"])
+def test_layers_without_a_vmap_rule_are_computed_one_example_at_a_time(layer):
+    torch.manual_seed(0)
+
+    class Recurrent(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.rnn, self.out = nn.GRU(3, 4, batch_first=True), nn.Linear(4, 1)
+
+        def forward(self, x):
+            return self.out(self.rnn(x)[0][:, -1])
+
+    if layer == "prelu":
+        model, x = nn.Sequential(nn.Linear(3, 4), nn.PReLU(), nn.Linear(4, 1)).to(F64), torch.randn(4, 3, dtype=F64)
+    else:
+        model, x = Recurrent().to(F64), torch.randn(4, 5, 3, dtype=F64)
+    rows = []
+    for i in range(4):  # brute force: one autograd gradient per example
+        grads = torch.autograd.grad(model(x[i : i + 1]).sum(), list(model.parameters()))
+        rows.append(torch.cat([g.reshape(-1) for g in grads]))
+    j = torch.stack(rows)
+    with pytest.warns(RuntimeWarning, match="one example at a time"):
+        got = gradient_kernel(model, x, engine="functional")
+    torch.testing.assert_close(got, j @ j.T, rtol=1e-10, atol=1e-12)
