@@ -33,7 +33,7 @@ figures-full: $(STAMP)
 
 # The committed figures/benchmark_kernels.{json,png} come from this command (about 30 minutes).
 bench: $(STAMP)
-	$(PY) recipes/benchmark_kernels.py --cap 20
+	$(PY) -m recipes.benchmarks.kernels --cap 20
 
 clean:
 	rm -rf $(VENV) build *.egg-info

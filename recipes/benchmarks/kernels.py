@@ -1,6 +1,8 @@
 """Benchmark: gradient kernels by every method, side by side (numbers, not timed tests).
 
-    python recipes/benchmark_kernels.py [--quick] [--out-dir figures] [--cap 60] [--skip-tracker]
+    python -m recipes.benchmarks.kernels [--quick] [--out-dir figures] [--cap 60] [--skip-tracker]
+
+(from the repository root; ``make bench`` runs it with ``--cap 20``).
 
 For each model (MLP 2→512→512→1 at M = N = 1024, MLP 784→256→256→10 at 512, a convnet on
 1×28×28 at 256, a small UNet2DModel on 1×16×16 at 64) and each method
@@ -12,7 +14,7 @@ For each model (MLP 2→512→512→1 at M = N = 1024, MLP 784→256→256→10 
 - ``auto`` / ``factored`` / ``functional``: :func:`genkernel.core.gradient_kernel` engines,
 
 one subprocess runs the method once (after a small warm-up), so that its peak memory is its own:
-working memory = peak RSS − the process's RSS after setup.
+working memory = peak RSS − the process's RSS after setup (:mod:`recipes.benchmarks.harness`).
 
 Every method checks ``--cap`` seconds as it goes: ``naive`` before every output's gradient, ``vmap``
 between vmap calls, ``ntk_vps`` between blocks of pairs, the genkernel engines between row
@@ -38,20 +40,31 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
-import sys
-import tempfile
 import time
 from pathlib import Path
 
 import torch
 from torch import nn
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+from genkernel.core import PathKernelTracker, gradient_kernel
+from genkernel.core.engine import kernel_plan
+from genkernel.core.engine.factors import DEFAULT_MEMORY_BUDGET
+from genkernel.core.engine.projections import expected_relative_error, sketched_gradient_kernel
+from recipes.benchmarks.harness import (
+    REPO_ROOT,
+    Pacer,
+    count_flops,
+    cpu_profile,
+    matmul_flops,
+    peak_working_memory,
+    print_ratios,
+    run_child,
+    timing,
+    use_bench_threads,
+    write_outputs,
+)
 
+MODULE = "recipes.benchmarks.kernels"  # what child processes run: python -m MODULE --child ...
 METHODS = ("naive", "vmap", "ntk_vps", "captum", "auto", "factored", "functional")
 FULL = {"mlp2d": 1024, "mlp784": 512, "convnet": 256, "unet": 64}
 QUICK = {"mlp2d": 256, "mlp784": 128, "convnet": 64, "unet": 8}
@@ -97,77 +110,25 @@ def build(name: str, n: int, quick: bool):
 
 
 def _rows(batch, rows):
+    """The rows ``rows`` of a batch (a tensor or a tuple of them), as a tuple of tensors."""
     return tuple(t[rows] for t in batch) if isinstance(batch, tuple) else (batch[rows],)
 
 
 def _n(batch):
+    """The batch's number of examples."""
     return (batch[0] if isinstance(batch, tuple) else batch).shape[0]
 
 
-# ------------------------------------------------------------------------------------ pacing
-class Pacer:
-    """The cap of one timed run: seconds since it started, whether the cap is spent, work done,
-    and row blocks sized so that one block takes about ``share`` of the cap.
-
-    ``warm_s`` is the warm-up call's seconds (on 2 × 2 rows, ``None`` when there was none); a
-    warm-up within ``share`` of the cap marks the method fast, and fast methods take whole
-    batches in one block (splitting a batch repeats its fixed costs, such as x2's Jacobians).
-    ``work_total`` / ``work_done`` count a method's own units (output gradients, per-example
-    Jacobians, pairs).
-    """
-
-    def __init__(self, cap: float, warm_s: float | None = None, share: float = 0.25):
-        self.cap, self.warm_s, self.share = cap, warm_s, share
-        self.work_total, self.work_done = None, 0
-        self.size = None  # the block size learned so far, carried from one blocks() loop to the next
-        self.start = time.perf_counter()
-
-    def elapsed(self) -> float:
-        """Seconds since the run started."""
-        return time.perf_counter() - self.start
-
-    def spent(self) -> bool:
-        """Whether the cap has run out."""
-        return self.elapsed() > self.cap
-
-    def fast(self) -> bool:
-        """Whether the warm-up took at most ``share`` of the cap."""
-        return self.warm_s is not None and self.warm_s <= self.share * self.cap
-
-    def add_work(self, units: int) -> None:
-        self.work_done += units
-
-    def work_fraction(self, fraction: float) -> float:
-        """Share of the method's units done; ``fraction`` (of rows) when it counts none."""
-        return fraction if not self.work_total else min(self.work_done / self.work_total, 1.0)
-
-    def blocks(self, total: int, first: int, unit: int = 1):
-        """Slices over range(total) in order, until the cap is spent or what is left of it is
-        shorter than one unit took (checked before each block; the first block always runs).
-
-        The first block has ``first`` rows (or the size an earlier loop learned); each later one
-        has as many whole ``unit``s as the last block's seconds per unit say fit in ``share`` of
-        the cap (or in what is left of it), and at least one unit.
-        """
-        start = 0
-        while start < total:
-            stop = min(start + (self.size or max(1, first)), total)
-            began = time.perf_counter()
-            yield slice(start, stop)
-            per_unit = (time.perf_counter() - began) * unit / (stop - start)
-            start, left = stop, self.cap - self.elapsed()
-            if left < per_unit:
-                return
-            self.size = unit * max(1, int(min(self.share * self.cap, left) / max(per_unit, 1e-9)))
-
-
 def _chunks(total: int, size: int):
+    """Consecutive slices of at most ``size`` rows covering range(total)."""
     for start in range(0, total, size):
         yield slice(start, min(start + size, total))
 
 
 # ----------------------------------------------------------------------------------- methods
 def _single_fn(model):
+    """``single(params, *x)``: the model on one example (x without its batch dimension), with
+    ``params`` for its parameters; returns its d outputs flattened, ``Tensor[d]``."""
     from torch.func import functional_call
 
     def single(params, *x):
@@ -316,39 +277,32 @@ def method_ntk_vps(model, x1, x2, pacer):
     return kernel[:done], done / m
 
 
-def _engine_blocks(model, x1, engine: str, pacer) -> tuple[int, int]:
+def _engine_blocks(model, x1, x2, engine: str, pacer) -> tuple[int, int]:
     """(first block's rows, rows per unit) for a genkernel engine.
 
     Where the engine runs torch.func (``functional``; ``auto`` where genkernel's own choice,
-    ``_auto_picks_factored``, says so: models with more than 64 outputs), blocks are whole multiples of its
-    own row chunk: it recomputes x2's Jacobians per chunk anyway, so such blocks cost what one
-    call costs. The factored route computes x2's factors once per call: one block for a fast
-    method, else paced blocks from one row (which repeat that cost, so the time is an upper bound).
+    :func:`~genkernel.core.engine.kernel_plan`, says so: models with more than 64 outputs), blocks
+    are whole multiples of its own row chunk: it recomputes x2's Jacobians per chunk anyway, so
+    such blocks cost what one call costs. The factored route computes x2's factors once per call:
+    one block for a fast method, else paced blocks from one row (which repeat that cost, so the
+    time is an upper bound).
     """
-    from genkernel.core.engine.kernels import DEFAULT_MEMORY_BUDGET
-
-    from genkernel.core.engine.factored import make_plan
-    from genkernel.core.engine.kernels import _auto_picks_factored
-
-    d = model_outputs(model, x1)
-    if engine == "functional" or (engine == "auto" and not _auto_picks_factored(make_plan(model), d)):
-        first = next(iter(model.parameters()))
-        per_row = 2 * d * sum(p.numel() for p in model.parameters()) * first.element_size()
-        chunk = max(1, DEFAULT_MEMORY_BUDGET // (2 * per_row))
-        return chunk, chunk
+    plan = kernel_plan(model, x1, engine=engine, memory_budget=DEFAULT_MEMORY_BUDGET, rows_total=max(_n(x1), _n(x2)))
+    if plan.engine == "functional":
+        return plan.rows, plan.rows
     return (_n(x1) if pacer.fast() else 1), 1
 
 
 def method_genkernel(engine):
+    """The runner of one :func:`genkernel.core.gradient_kernel` engine (see ``run``)."""
+
     def run(model, x1, x2, pacer):
         """:func:`genkernel.core.gradient_kernel` on paced row blocks of x1 against all of x2.
 
         Returns ``(kernel rows done, fraction of rows done)``.
         """
-        from genkernel.core import gradient_kernel
-
         m = _n(x1)
-        first, unit = _engine_blocks(model, x1, engine, pacer)
+        first, unit = _engine_blocks(model, x1, x2, engine, pacer)
         kernel = torch.zeros(m, _n(x2))
         done = 0
         for r1 in pacer.blocks(m, first, unit):
@@ -359,7 +313,8 @@ def method_genkernel(engine):
     return run
 
 
-def model_outputs(model, x):
+def model_outputs(model, x) -> int:
+    """d: the model's outputs per example (``.sample`` for diffusers models)."""
     with torch.no_grad():
         y = model(*_rows(x, slice(0, 1)))
     return getattr(y, "sample", y).numel()
@@ -372,46 +327,14 @@ RUNNERS = {
 }
 
 
-def _rss_bytes() -> int:
-    with open("/proc/self/statm") as handle:
-        return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-class PeakRSS:
-    """Polls the resident set size every 2 ms in a thread; ``peak`` is the maximum seen
-    (ru_maxrss cannot be reset, and setup may have peaked higher than the method)."""
-
-    def __init__(self, interval: float = 0.002):
-        import threading
-
-        self.interval, self.peak = interval, 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self):
-        while not self._stop.is_set():
-            self.peak = max(self.peak, _rss_bytes())
-            time.sleep(self.interval)
-
-    def __enter__(self):
-        self.peak = _rss_bytes()
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, _rss_bytes())
-        return False
-
-
 def child(model_name: str, method: str, n: int, cap: float, out: str, quick: bool, profile: bool) -> None:
     """One method on one model, in its own process; saves ``{"kernel", "result"}`` to ``out``.
 
-    ``result``: time (see :func:`_timing`), working memory, FLOPs; with ``profile``, only the
-    warm-up and a profile of the method on up to 64 × 64 rows (``{"profile": table}``).
+    ``result``: time (see :func:`~recipes.benchmarks.harness.timing`), working memory, FLOPs;
+    with ``profile``, only the warm-up and a profile of the method on up to 64 × 64 rows
+    (``{"profile": table}``).
     """
-    torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
+    use_bench_threads()
     model, x1, x2 = build(model_name, n, quick)
     model.eval()
     for p in model.parameters():
@@ -423,101 +346,35 @@ def child(model_name: str, method: str, n: int, cap: float, out: str, quick: boo
     runner(model, _rows(x1, slice(0, 2)), _rows(x2, slice(0, 2)), Pacer(cap / 4))
     warm_s = time.perf_counter() - began
     if profile:
-        torch.save({"kernel": None, "result": {"profile": _profile(runner, model, x1, x2, Pacer(cap, warm_s))}}, out)
+        k = min(_n(x1), 64)
+        pacer = Pacer(cap, warm_s)
+        table = cpu_profile(lambda: runner(model, _rows(x1, slice(0, k)), _rows(x2, slice(0, k)), pacer))
+        torch.save({"kernel": None, "result": {"profile": table}}, out)
         return
-    baseline = _rss_bytes()
-    watcher = PeakRSS()
     pacer = Pacer(cap, warm_s)
-    with watcher:
-        kernel, fraction = runner(model, x1, x2, pacer)
+    (kernel, fraction), working, baseline = peak_working_memory(lambda: runner(model, x1, x2, pacer))
     seconds = pacer.elapsed()
-    result = _timing(seconds, fraction, pacer.work_fraction(fraction))
-    result.update(warm_up_s=warm_s, working_memory_bytes=max(watcher.peak - baseline, 0), rss_after_setup_bytes=baseline)
-    result["flops_estimate"] = _count_flops(runner, model, x1, x2, cap, warm_s) if fraction == 1.0 and seconds <= 30 else None
+    result = timing(seconds, fraction, pacer.work_fraction(fraction))
+    result.update(warm_up_s=warm_s, working_memory_bytes=working, rss_after_setup_bytes=baseline)
+
+    def run_slice(k: int) -> bool:
+        _, done = runner(model, _rows(x1, slice(0, k)), _rows(x2, slice(0, k)), Pacer(cap, warm_s))
+        return done == 1.0
+
+    result["flops_estimate"] = count_flops(run_slice, _n(x1), _n(x2)) if fraction == 1.0 and seconds <= 30 else None
     torch.save({"kernel": kernel, "result": result}, out)
 
 
-def _timing(seconds: float, fraction: float, work: float) -> dict:
-    """Measured and full-run seconds: seconds = measured / fraction of rows done.
-
-    With no whole row done within the cap, seconds = measured / fraction of the method's own
-    work units done (``extrapolated_from: "work"``), or None when not even one unit finished.
-    """
-    result = {"seconds_measured": seconds, "fraction_done": fraction, "work_fraction_done": work,
-              "extrapolated": fraction < 1.0, "extrapolated_from": None, "seconds": None}
-    if fraction > 0:
-        result["seconds"] = seconds / fraction
-        result["extrapolated_from"] = "rows" if fraction < 1.0 else None
-    elif work > 0:
-        result["seconds"] = seconds / work
-        result["extrapolated_from"] = "work"
-    return result
-
-
-def _count_flops(runner, model, x1, x2, cap: float, warm_s: float) -> float | None:
-    """Matmul-class FLOPs of the full run, or None: counted on k×k slices for k = 4 and 8 and
-    fitted as a·k + b·k² (per-example work plus pairwise work), then evaluated at n; None when
-    the counter fails or a slice did not finish within the cap."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    counts = []
-    try:
-        for k in (4, 8):
-            with FlopCounterMode(display=False) as counter:
-                _, fraction = runner(model, _rows(x1, slice(0, k)), _rows(x2, slice(0, k)), Pacer(cap, warm_s))
-            if fraction < 1.0:
-                return None
-            counts.append(counter.get_total_flops())
-    except Exception:  # noqa: BLE001 - a counter failure must not lose the timing
-        return None
-    b = max((counts[1] - 2 * counts[0]) / 32, 0.0)
-    a = max((counts[0] - 16 * b) / 4, 0.0)
-    return a * _n(x1) + b * _n(x1) * _n(x2)
-
-
-def _profile(runner, model, x1, x2, pacer) -> str:
-    """Where the time goes: the profiler's table of the method on up to 64 × 64 rows (capped)."""
-    from torch.profiler import ProfilerActivity, profile as torch_profile
-
-    k = min(_n(x1), 64)
-    with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
-        runner(model, _rows(x1, slice(0, k)), _rows(x2, slice(0, k)), pacer)
-    return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12)
-
-
-def run_child(model_name, method, n, cap, quick, profile=False, timeout=None):
+def run_method(model_name: str, method: str, n: int, cap: float, quick: bool, profile: bool = False):
     """Runs :func:`child` in a subprocess: ``(kernel or None, result)``, result ``{"error": ...}``
-    when the child failed or ran past ``timeout`` seconds (default: 5 caps, at least 150 s: a
-    method whose warm-up on 2 × 2 rows alone takes minutes, such as NTK-vector products or the
-    factored engine with d = 256 on the UNet, is recorded as too slow instead of holding the run)."""
-    timeout = max(150.0, 5 * cap) if timeout is None else timeout
-    with tempfile.TemporaryDirectory() as tmp:
-        out = os.path.join(tmp, "result.pt")
-        cmd = [sys.executable, __file__, "--child", model_name, method, str(n), str(cap), out]
-        if quick:
-            cmd.append("--quick")
-        if profile:
-            cmd.append("--profile")
-        try:
-            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
-        except subprocess.TimeoutExpired:
-            return None, {"error": f"ran past {timeout} s"}
-        if proc.returncode != 0 or not os.path.exists(out):
-            return None, {"error": (proc.stderr or proc.stdout)[-2000:]}
-        data = torch.load(out, weights_only=False)
-        return data["kernel"], data["result"]
-
-
-def matmul_flops() -> float:
-    """FLOP/s of a float32 1024² matmul on this machine, now."""
-    torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
-    a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
-    a @ b
-    start = time.perf_counter()
-    reps = 10
-    for _ in range(reps):
-        a @ b
-    return 2 * 1024**3 * reps / (time.perf_counter() - start)
+    when the child failed or ran past 5 caps, at least 150 s (a method whose warm-up on 2 × 2 rows
+    alone takes minutes, such as NTK-vector products or the factored engine with d = 256 on the
+    UNet, is recorded as too slow instead of holding the run)."""
+    args = ["--child", model_name, method, str(n), str(cap)] + ["--quick"] * quick + ["--profile"] * profile
+    data = run_child(MODULE, args, timeout=max(150.0, 5 * cap))
+    if "error" in data:
+        return None, data
+    return data["kernel"], data["result"]
 
 
 # --------------------------------------------------------------------------- extra sections
@@ -530,12 +387,6 @@ def projection_errors(quick: bool) -> list[dict]:
     its trace kernel, PSD too, goes in as is, so the key's name says which formula it is (for
     d > 1 it is not the exact expectation: the outputs' cross terms differ).
     """
-    try:
-        from genkernel.core.engine.projections import expected_relative_error, sketched_gradient_kernel
-    except ImportError:
-        return []
-    from genkernel.core import gradient_kernel
-
     model, x1, _ = build("mlp784", 64 if quick else 128, quick)
     exact = gradient_kernel(model, x1)
     rows = []
@@ -561,8 +412,6 @@ def _tracker_run(optimizer: str, group_state: str, batch: int, steps: int, profi
     import cProfile
     import io
     import pstats
-
-    from genkernel.core import PathKernelTracker
 
     make_opt = {
         "sgd": lambda p: torch.optim.SGD(p, lr=1e-2),
@@ -641,17 +490,20 @@ def main(argv=None) -> dict:
     """Runs the benchmark (or, with ``--child``, one method of it); returns the report."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smaller sizes and caps: a smoke test (minutes)")
-    parser.add_argument("--out-dir", default=str(ROOT / "figures"))
+    parser.add_argument("--out-dir", default=str(REPO_ROOT / "figures"))
     parser.add_argument("--cap", type=float, default=None, help="seconds per method before extrapolating")
     parser.add_argument("--models", default=",".join(FULL))
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--skip-tracker", action="store_true", help="leave out the tracker-vs-bare-step section")
-    parser.add_argument("--child", nargs=5, metavar=("MODEL", "METHOD", "N", "CAP", "OUT"), help=argparse.SUPPRESS)
+    parser.add_argument("--child", nargs=4, metavar=("MODEL", "METHOD", "N", "CAP"), help=argparse.SUPPRESS)
+    parser.add_argument("--child-out", help=argparse.SUPPRESS)
     parser.add_argument("--profile", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
-        model_name, method, n, cap, out = args.child
-        child(model_name, method, int(n), float(cap), out, args.quick, args.profile)
+        if args.child_out is None:
+            parser.error("--child needs --child-out PATH")
+        model_name, method, n, cap = args.child
+        child(model_name, method, int(n), float(cap), args.child_out, args.quick, args.profile)
         return {}
 
     sizes = QUICK if args.quick else FULL
@@ -673,8 +525,9 @@ def main(argv=None) -> dict:
     report["projection_error_vs_k"] = projection_errors(args.quick)
     report["tracker_vs_bare_step"] = {"skipped": "--skip-tracker"} if args.skip_tracker else tracker_ratio(args.quick)
     report["wall_s"] = time.perf_counter() - started
-    (out_dir / "benchmark_kernels.json").write_text(json.dumps(report, indent=2))
-    plot(report, out_dir / "benchmark_kernels.png")
+    print_ratios("speed-up over vmap (method × model)", _ratio_table(report, "speedup_vs_vmap"))
+    print_ratios("working memory / vmap's (method × model)", _ratio_table(report, "memory_ratio_vs_vmap"))
+    write_outputs(report, out_dir / "benchmark_kernels.json", out_dir / "benchmark_kernels.png", plot)
     print(json.dumps({"targets": {k: {kk: vv for kk, vv in v.items() if kk != "profile_of_auto"}
                                   for k, v in report["targets"].items()},
                       "projection": report["projection_error_vs_k"],
@@ -700,7 +553,7 @@ def run_methods(model_name: str, methods: list[str], n: int, cap: float, quick: 
         if method == "captum":
             rows[method] = captum_note()
             continue
-        kernel, result = run_child(model_name, method, n, cap, quick)
+        kernel, result = run_method(model_name, method, n, cap, quick)
         rows[method] = result
         if kernel is not None:
             kernels[method] = kernel
@@ -752,14 +605,24 @@ def check_target(model_name: str, rows: dict, n: int, cap: float, quick: bool) -
         return entry
     entry["met"] = entry["speedup"] >= want_speed and entry["memory_ratio"] <= want_mem
     if not entry["met"]:
-        _, prof = run_child(model_name, "auto", n, cap, quick, profile=True)
+        _, prof = run_method(model_name, "auto", n, cap, quick, profile=True)
         entry["profile_of_auto"] = prof.get("profile", prof.get("error"))
     print(f"{model_name}: auto is {entry['speedup']:.1f}x vmap (target {want_speed}x), memory ratio "
           f"{entry['memory_ratio']:.3f} (target <= {want_mem}): {'met' if entry['met'] else 'MISSED'}", flush=True)
     return entry
 
 
+def _ratio_table(report: dict, key: str) -> dict[str, dict[str, float | None]]:
+    """``{method: {model: result[key] or None}}`` over the report's models and the timed methods
+    that ran on any of them."""
+    models = report["models"]
+    methods = [m for m in METHODS if m != "captum" and any(m in entry["methods"] for entry in models.values())]
+    return {method: {name: entry["methods"].get(method, {}).get(key) for name, entry in models.items()}
+            for method in methods}
+
+
 def _num(value) -> float:
+    """``value``, or NaN for None (a bar matplotlib leaves out)."""
     return float("nan") if value is None else value
 
 

@@ -1,0 +1,1 @@
+"""Recipes: experiments, benchmarks and examples; run as `python -m recipes.<sub>.<name>`."""

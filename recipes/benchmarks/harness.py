@@ -1,0 +1,259 @@
+"""What any benchmark here can reuse: a time cap that paces work, peak working memory of one
+measured call, a fresh child process per measurement, FLOP counting, the machine's matmul
+FLOP/s, and outputs printed side by side and written atomically.
+
+A measurement runs in its own process so that its peak memory is its own: the benchmark module
+calls :func:`run_child` with the arguments of its hidden child mode; the child (the same module,
+started as ``python -m <module> ... --child-out PATH`` from the repository root) measures with
+:class:`Pacer`, :func:`peak_working_memory` and :func:`timing`, and saves a dict to PATH with
+``torch.save``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Callable, Iterator, Sequence
+
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+CHILD_OUT_FLAG = "--child-out"  # the child's argument naming the file it saves its dict to
+
+
+def use_bench_threads() -> int:
+    """Sets torch's intra-op threads to ``$BENCH_THREADS`` (default 2, the cores the committed
+    figures were measured on); returns that number."""
+    threads = int(os.environ.get("BENCH_THREADS", "2"))
+    torch.set_num_threads(threads)
+    return threads
+
+
+# ------------------------------------------------------------------------------------ pacing
+class Pacer:
+    """The cap of one timed run: seconds since it started, whether the cap is spent, work done,
+    and row blocks sized so that one block takes about ``share`` of the cap.
+
+    ``warm_s`` is the warm-up call's seconds (on 2 × 2 rows, ``None`` when there was none); a
+    warm-up within ``share`` of the cap marks the method fast, and fast methods take whole
+    batches in one block (splitting a batch repeats its fixed costs, such as x2's Jacobians).
+    ``work_total`` / ``work_done`` count a method's own units (output gradients, per-example
+    Jacobians, pairs).
+    """
+
+    def __init__(self, cap: float, warm_s: float | None = None, share: float = 0.25):
+        self.cap, self.warm_s, self.share = cap, warm_s, share
+        self.work_total, self.work_done = None, 0
+        self.size = None  # the block size learned so far, carried from one blocks() loop to the next
+        self.start = time.perf_counter()
+
+    def elapsed(self) -> float:
+        """Seconds since the run started."""
+        return time.perf_counter() - self.start
+
+    def spent(self) -> bool:
+        """Whether the cap has run out."""
+        return self.elapsed() > self.cap
+
+    def fast(self) -> bool:
+        """Whether the warm-up took at most ``share`` of the cap."""
+        return self.warm_s is not None and self.warm_s <= self.share * self.cap
+
+    def add_work(self, units: int) -> None:
+        """Counts ``units`` more of the method's work units as done; returns nothing."""
+        self.work_done += units
+
+    def work_fraction(self, fraction: float) -> float:
+        """Share of the method's units done; ``fraction`` (of rows) when it counts none."""
+        return fraction if not self.work_total else min(self.work_done / self.work_total, 1.0)
+
+    def blocks(self, total: int, first: int, unit: int = 1) -> Iterator[slice]:
+        """Slices over range(total) in order, until the cap is spent or what is left of it is
+        shorter than one unit took (checked before each block; the first block always runs).
+
+        The first block has ``first`` rows (or the size an earlier loop learned); each later one
+        has as many whole ``unit``s as the last block's seconds per unit say fit in ``share`` of
+        the cap (or in what is left of it), and at least one unit.
+        """
+        start = 0
+        while start < total:
+            stop = min(start + (self.size or max(1, first)), total)
+            began = time.perf_counter()
+            yield slice(start, stop)
+            per_unit = (time.perf_counter() - began) * unit / (stop - start)
+            start, left = stop, self.cap - self.elapsed()
+            if left < per_unit:
+                return
+            self.size = unit * max(1, int(min(self.share * self.cap, left) / max(per_unit, 1e-9)))
+
+
+def timing(seconds: float, fraction: float, work: float) -> dict:
+    """Measured and full-run seconds: seconds = measured / fraction of rows done.
+
+    With no whole row done within the cap, seconds = measured / fraction of the method's own
+    work units done (``extrapolated_from: "work"``), or None when not even one unit finished.
+
+    Returns ``{"seconds_measured", "fraction_done", "work_fraction_done", "extrapolated",
+    "extrapolated_from" (None, "rows" or "work"), "seconds" (None when nothing finished)}``.
+    """
+    result = {"seconds_measured": seconds, "fraction_done": fraction, "work_fraction_done": work,
+              "extrapolated": fraction < 1.0, "extrapolated_from": None, "seconds": None}
+    if fraction > 0:
+        result["seconds"] = seconds / fraction
+        result["extrapolated_from"] = "rows" if fraction < 1.0 else None
+    elif work > 0:
+        result["seconds"] = seconds / work
+        result["extrapolated_from"] = "work"
+    return result
+
+
+# ------------------------------------------------------------------------------------ memory
+def rss_bytes() -> int:
+    """This process's resident set size now, in bytes (Linux: ``/proc/self/statm``)."""
+    with open("/proc/self/statm") as handle:
+        return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+class PeakRSS:
+    """Polls the resident set size every 2 ms in a thread; ``peak`` is the maximum seen
+    (ru_maxrss cannot be reset, and setup may have peaked higher than the method)."""
+
+    def __init__(self, interval: float = 0.002):
+        self.interval, self.peak = interval, 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self):
+        while not self._stop.is_set():
+            self.peak = max(self.peak, rss_bytes())
+            time.sleep(self.interval)
+
+    def __enter__(self):
+        self.peak = rss_bytes()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, rss_bytes())
+        return False
+
+
+def peak_working_memory(fn: Callable[[], object]) -> tuple[object, int, int]:
+    """Calls ``fn()`` while polling RSS; returns ``(fn's value, working memory, baseline)``:
+    working memory is the peak RSS during the call minus the RSS just before it (bytes, at
+    least 0), baseline that RSS before it. Meaningful in a fresh process (:func:`run_child`),
+    where nothing else allocates."""
+    baseline = rss_bytes()
+    with PeakRSS() as watcher:
+        value = fn()
+    return value, max(watcher.peak - baseline, 0), baseline
+
+
+# ------------------------------------------------------------------------------- child process
+def run_child(module: str, args: Sequence[str], timeout: float) -> dict:
+    """Runs ``python -m module *args --child-out PATH`` in a fresh process, from the repository
+    root, and returns the dict the child saved to PATH with ``torch.save``.
+
+    Returns ``{"error": text}`` instead when the child ran past ``timeout`` seconds, exited with
+    an error or saved nothing (text: the end of its stderr, or stdout when stderr is empty).
+    """
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "result.pt")
+        cmd = [sys.executable, "-m", module, *args, CHILD_OUT_FLAG, out]
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=REPO_ROOT)
+        except subprocess.TimeoutExpired:
+            return {"error": f"ran past {timeout} s"}
+        if proc.returncode != 0 or not os.path.exists(out):
+            return {"error": (proc.stderr or proc.stdout)[-2000:]}
+        return torch.load(out, weights_only=False)
+
+
+# ------------------------------------------------------------------------------------- FLOPs
+def count_flops(run_slice: Callable[[int], bool], m: int, n: int) -> float | None:
+    """Matmul-class FLOPs (``torch.utils.flop_counter``) of a full m × n run, or None.
+
+    ``run_slice(k)`` runs the work on the first k rows of both sides and returns whether it
+    finished. Counted for k = 4 and 8, fitted as a·k + b·k² (per-example work plus pairwise
+    work) and evaluated as a·m + b·m·n; None when the counter fails or a slice did not finish.
+    """
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counts = []
+    try:
+        for k in (4, 8):
+            with FlopCounterMode(display=False) as counter:
+                finished = run_slice(k)
+            if not finished:
+                return None
+            counts.append(counter.get_total_flops())
+    except Exception:  # noqa: BLE001 - a counter failure must not lose the timing
+        return None
+    b = max((counts[1] - 2 * counts[0]) / 32, 0.0)
+    a = max((counts[0] - 16 * b) / 4, 0.0)
+    return a * m + b * m * n
+
+
+def matmul_flops() -> float:
+    """FLOP/s of a float32 1024² matmul on this machine, now (on :func:`use_bench_threads` threads)."""
+    use_bench_threads()
+    a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
+    a @ b
+    start = time.perf_counter()
+    reps = 10
+    for _ in range(reps):
+        a @ b
+    return 2 * 1024**3 * reps / (time.perf_counter() - start)
+
+
+def cpu_profile(fn: Callable[[], object], row_limit: int = 12) -> str:
+    """Where the time of ``fn()`` goes: torch.profiler's table of its CPU operators, sorted by
+    self CPU time, ``row_limit`` rows."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=row_limit)
+
+
+# ----------------------------------------------------------------------------------- outputs
+def print_ratios(title: str, table: dict[str, dict[str, float | None]]) -> str:
+    """Prints ``table`` ({row: {column: ratio}}) as rows side by side under ``title``, columns in
+    order of first appearance, "—" where a row has no value; returns the printed text."""
+    columns = list(dict.fromkeys(col for cells in table.values() for col in cells))
+    width = max([len(row) for row in table] + [4])
+    lines = [title, " " * width + "".join(f" {col:>10s}" for col in columns)]
+    for row, cells in table.items():
+        values = "".join(" " + (f"{cells[col]:10.3g}" if cells.get(col) is not None else f"{'—':>10s}")
+                         for col in columns)
+        lines.append(f"{row:{width}s}{values}")
+    text = "\n".join(lines)
+    print(text, flush=True)
+    return text
+
+
+def write_outputs(report: dict, json_path: Path, png_path: Path, plot: Callable[[dict, Path], None]) -> None:
+    """Writes ``report`` as indented JSON to ``json_path``, then ``plot(report, path)``'s figure
+    to ``png_path``; each file is written beside its target and renamed into place, so a run
+    that fails midway never leaves a half-written file. Returns nothing."""
+    _replace_atomically(Path(json_path), lambda tmp: tmp.write_text(json.dumps(report, indent=2)))
+    _replace_atomically(Path(png_path), lambda tmp: plot(report, tmp))
+
+
+def _replace_atomically(path: Path, write: Callable[[Path], object]) -> None:
+    """``write(tmp)`` to a temporary file beside ``path`` (same suffix, so that writers that go
+    by it still can), then renames it over ``path``; the temporary file is removed on failure."""
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
