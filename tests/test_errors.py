@@ -21,17 +21,27 @@ def tracker_for(model, **kwargs):
 X, Y, G = torch.randn(4, 2), torch.randn(4, 1), torch.tensor([0, 1, 0, 1])
 
 
-def test_batchnorm_in_training_mode():
+def test_batchnorm_in_training_mode_is_refused_by_per_example_routes_only():
     model = nn.Sequential(nn.Linear(2, 4), nn.BatchNorm1d(4), nn.Linear(4, 1))
-    with pytest.raises(ValueError, match="BatchNorm.*eval.*GroupNorm"):
-        tracker_for(model)
+    for state in ("factored", "sketched"):
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9 if state == "sketched" else 0.0)
+        with pytest.raises(ValueError, match=r"BatchNorm1d.*group_state='dense' with gradient_route='graph'"):
+            tracker_for(model, group_state=state, optimizer=optimizer)
+    with pytest.raises(ValueError, match="BatchNorm1d"):
+        tracker_for(model, group_state="dense", gradient_route="example")
+    assert tracker_for(model).group_state == "dense"  # "auto" picks the route where it is exact
+    with pytest.raises(ValueError, match="BatchNorm1d.*eval"):
+        gradient_kernel(model, X)  # per-example kernels are undefined with batch statistics
     model.eval()
-    tracker_for(model).step(X, Y, G)  # eval-mode statistics are fine
+    tracker_for(model).step(X, Y, G)  # eval-mode statistics are fine everywhere
 
 
-def test_dropout_in_training_mode():
-    with pytest.raises(ValueError, match="dropout"):
-        tracker_for(nn.Sequential(nn.Linear(2, 4), nn.Dropout(0.5), nn.Linear(4, 1)))
+def test_dropout_in_training_mode_is_refused_by_per_example_routes_only():
+    model = nn.Sequential(nn.Linear(2, 4), nn.Dropout(0.5), nn.Linear(4, 1))
+    with pytest.raises(ValueError, match="Dropout"):
+        tracker_for(model, group_state="factored")
+    with pytest.raises(ValueError, match="Dropout"):
+        gradient_kernel(model, X)
 
 
 class Noisy(nn.Module):

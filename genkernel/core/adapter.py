@@ -133,12 +133,21 @@ def trainable_parameters(model: nn.Module) -> dict[str, torch.Tensor]:
     return params
 
 
-def check_per_example_safe(model: nn.Module) -> None:
-    """Raise if per-example analysis of ``model`` in its current mode would be wrong.
+def coupled_modules(model: nn.Module) -> list[str]:
+    """Modules whose training-mode forward couples or randomizes examples: BatchNorm in training
+    mode (batch statistics) and dropout with p > 0 in training mode (fresh masks)."""
+    out = []
+    for name, module in model.named_modules():
+        batch_norm = isinstance(module, nn.modules.batchnorm._BatchNorm) and module.training
+        dropout = isinstance(module, nn.modules.dropout._DropoutNd) and module.training and module.p > 0
+        if batch_norm or dropout:
+            out.append(f"{name or type(model).__name__} ({type(module).__name__})")
+    return out
 
-    BatchNorm in training mode mixes the examples of a batch, so per-example gradients are
-    undefined; dropout in training mode makes the analysis forward differ from the training one.
-    """
+
+def check_analysis_safe(model: nn.Module) -> None:
+    """Raise if an analysis forward of ``model`` would change it: an embedding with ``max_norm``
+    rewrites its weight on every forward call."""
     for name, module in model.named_modules():
         if isinstance(module, (nn.Embedding, nn.EmbeddingBag)) and module.max_norm is not None:
             raise ValueError(
@@ -146,31 +155,44 @@ def check_per_example_safe(model: nn.Module) -> None:
                 "renormalizes its weight in place on every forward call, so an analysis forward would change the "
                 "model. Build it with max_norm=None (and renormalize in the training loop if you need to)."
             )
-        if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.training:
-            raise ValueError(
-                f"module '{name or type(model).__name__}' ({type(module).__name__}) is in training "
-                "mode: BatchNorm mixes the examples of a batch, so per-example gradients are "
-                "undefined. Put it in eval mode (fixed running statistics: module.eval()) or "
-                "replace it with GroupNorm/LayerNorm."
-            )
-        if isinstance(module, nn.modules.dropout._DropoutNd) and module.training and module.p > 0:
-            raise ValueError(
-                f"module '{name or type(model).__name__}' ({type(module).__name__}, p={module.p}) is "
-                "in training mode: dropout draws fresh randomness every forward, so the analysis "
-                "forward would not match the training forward. Set p=0 or call module.eval()."
-            )
+
+
+def check_per_example_safe(model: nn.Module, *, route: str | None = None) -> None:
+    """Raise if per-example analysis of ``model`` in its current mode would be wrong or would
+    change the model.
+
+    BatchNorm in training mode mixes the examples of a batch, so per-example gradients are
+    undefined; dropout in training mode makes a second forward differ from the training one; an
+    embedding with ``max_norm`` rewrites its weight on every forward. ``route``: the tracker route
+    that needs per-example gradients (named in the message, with the one that works).
+    """
+    check_analysis_safe(model)
+    coupled = coupled_modules(model)
+    if not coupled:
+        return
+    if route is not None:
+        raise ValueError(
+            f"{route} needs per-example gradients, but {', '.join(coupled[:3])} couple or randomize the examples in "
+            "training mode (batch statistics, fresh dropout masks). Use group_state='dense' with "
+            "gradient_route='graph' (or 'auto'), which takes group gradients from the training step's own graph, "
+            "or put those modules in eval mode."
+        )
+    raise ValueError(
+        f"{', '.join(coupled[:3])} are in training mode: BatchNorm mixes the examples of a batch and dropout draws "
+        "fresh masks, so per-example gradients of this model are undefined here. Put them in eval mode "
+        "(module.eval()) for kernels and tangent features; a tracker takes group gradients from the training graph."
+    )
 
 
 def check_deterministic(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
-    """Raise if two forward passes of ``model`` on ``inputs`` differ (hidden randomness).
-
-    Runs under ``torch.random.fork_rng`` so training's random stream is untouched.
-    """
+    """Raise if two forward passes of ``model`` on ``inputs`` differ (hidden randomness), in the
+    mode analysis passes use (:func:`analysis_mode`: eval mode, forked RNG, so training's random
+    stream is untouched)."""
     devices = [t.device.index for t in inputs if t.device.type == "cuda"]
     # Buffers a training-mode forward updates in place (spectral norm's u, v) are restored after
     # each pass: the check must neither advance them (training would change) nor see them move.
     saved = [(b, b.detach().clone()) for b in model.buffers()]
-    with torch.no_grad(), torch.random.fork_rng(devices=devices):
+    with torch.no_grad(), analysis_mode(model), torch.random.fork_rng(devices=devices):
         first = checked_forward(model, inputs, name="probes")
         for b, value in saved:
             b.copy_(value)
@@ -179,10 +201,9 @@ def check_deterministic(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> N
             b.copy_(value)
     if not torch.equal(first, second):
         raise ValueError(
-            f"{type(model).__name__} is not deterministic in its current mode: two forward passes on "
-            "the same input differ (dropout, noise injection or other randomness in training mode). "
-            "The analysis forward would not match the training forward; remove the randomness or "
-            "put the random modules in eval mode."
+            f"{type(model).__name__} is not deterministic in eval mode: two forward passes on the same input "
+            "differ (noise injection or other randomness that eval mode does not switch off). Probes must have one "
+            "output each: remove the randomness from eval mode."
         )
 
 

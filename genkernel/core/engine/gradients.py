@@ -17,6 +17,10 @@ route below costs the same whatever the rows mean. Three exact routes:
   layers take the "example" route. Cost ∝ one batch backward plus B·P multiply-adds per row block.
 
 "auto" takes "group" when 2 R <= B (few rows, e.g. noise-level bins), else "example".
+
+:func:`gradients_from_losses` is the same sum taken from the training step's own graph (the
+per-example losses before the user's backward): R backward passes with ``retain_graph=True``, no
+second forward, so BatchNorm's batch statistics and dropout's masks are the ones training used.
 """
 
 from __future__ import annotations
@@ -83,6 +87,34 @@ def group_gradients(
     if route == "factored":
         return _factored_route(model, params, inputs, targets, loss_fn, membership, memory_budget)
     return _example_route(model, params, inputs, targets, loss_fn, membership, memory_budget)
+
+
+def gradients_from_losses(
+    losses: torch.Tensor, params: dict[str, torch.Tensor], membership: torch.Tensor
+) -> dict[str, torch.Tensor]:
+    """ĝ_r = ∇_θ Σ_n W[r, n] ℓ_n through the graph ``losses [B]`` already carry.
+
+    Returns ``{name: Tensor[R, *shape] float64}`` (zeros for a parameter the losses do not reach).
+    The graph is retained, so the caller's own backward runs afterwards unchanged. The R backward
+    passes are batched (``is_grads_batched``) and taken one row at a time where an operation has
+    no batching rule.
+    """
+    if membership.dim() != 2 or membership.shape[1] != losses.shape[0]:
+        raise ValueError(f"membership must be [rows, {losses.shape[0]}], got {tuple(membership.shape)}")
+    names = list(params)
+    inputs = [params[n] for n in names]
+    weights = membership.to(device=losses.device, dtype=losses.dtype)
+    try:
+        grads = torch.autograd.grad(losses, inputs, grad_outputs=weights, retain_graph=True, allow_unused=True,
+                                    is_grads_batched=True)
+    except RuntimeError:  # an operation without a batching rule: one backward per row
+        rows = [torch.autograd.grad(losses, inputs, grad_outputs=w, retain_graph=True, allow_unused=True) for w in weights]
+        grads = [None if rows[0][i] is None else torch.stack([r[i] for r in rows]) for i in range(len(inputs))]
+    out = {}
+    for name, p, g in zip(names, inputs, grads):
+        out[name] = (torch.zeros((weights.shape[0], *p.shape), dtype=torch.float64, device=p.device) if g is None
+                     else g.detach().to(torch.float64))
+    return out
 
 
 def _target_rows(targets, rows: slice):
@@ -199,4 +231,4 @@ def _factored_route(model, params, inputs, targets, loss_fn, membership, memory_
     return sums, torch.cat(losses)
 
 
-__all__ = ["DEFAULT_GRADIENT_BUDGET", "GRADIENT_ROUTES", "group_gradients", "membership_matrix"]
+__all__ = ["DEFAULT_GRADIENT_BUDGET", "GRADIENT_ROUTES", "gradients_from_losses", "group_gradients", "membership_matrix"]

@@ -32,10 +32,10 @@ import torch
 from torch import nn
 from torch.func import jvp, vmap
 
-from ..adapter import analysis_mode, functional_model
+from ..adapter import analysis_mode, check_per_example_safe, coupled_modules, functional_model
 from ..engine.factored import row_chunks
 from ..engine.factors import Plan, Unfactorable, covering_plan
-from ..engine.gradients import group_gradients, membership_matrix
+from ..engine.gradients import gradients_from_losses, group_gradients, membership_matrix
 from ..engine.per_example import BatchFactors, batch_totals, capture_batch, factored_contributions
 from ..engine.reference import per_example_jacobian
 from ..grouping import Partitions
@@ -43,6 +43,7 @@ from .distributed import DistributedContext, combine_group_gradients
 from .splitters import UpdateSplitter
 
 CONTRIBUTION_ROUTES = ("auto", "jvp", "jacobian")
+GRADIENT_ROUTES = ("auto", "graph", "example", "factored")
 ALL_GROUPS = Partitions({"all": 1})  # what the splitter keeps on routes without per-group rows
 
 
@@ -153,6 +154,23 @@ class GroupStateRoute:
         """The rows the splitter keeps: every partition's groups (dense) or their total."""
         return ALL_GROUPS
 
+    def uses_graph(self, batch: int) -> bool:
+        """Whether step 1 takes the group gradients from the training step's own graph
+        (:meth:`graph_gradients`, before the backward) rather than from a second pass (:meth:`gradients`)."""
+        return False
+
+    def graph_gradients(self, losses: torch.Tensor, ids: dict[str, torch.Tensor], coefficients: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Rows of group gradients from the per-example ``losses`` with their graph (before clipping)."""
+        raise ValueError(
+            f"group_state={self.name!r} reads its group gradients from per-example layer factors, not from the "
+            "training graph: observing a loop (or BatchNorm or dropout in training mode) needs group_state='dense'"
+        )
+
+    def from_graph(self, grads: dict[str, torch.Tensor], losses: torch.Tensor, step) -> StepGradients:
+        """Step 1's result from :meth:`graph_gradients` (summed over micro-batches), times the
+        step's gradient scale (clipping, loss scaling), averaged across ranks under DDP."""
+        raise NotImplementedError
+
     def gradients(self, step, ids: dict[str, torch.Tensor], coefficients: torch.Tensor) -> StepGradients:
         raise NotImplementedError
 
@@ -183,26 +201,57 @@ class GroupStateRoute:
 
 class DenseRoute(GroupStateRoute):
     """One float64 row per group of every partition: the splitter keeps each row's optimizer
-    state and update, and step 5 pushes every row through the probes (:func:`push_rows`)."""
+    state and update, and step 5 pushes every row through the probes (:func:`push_rows`).
+
+    Group gradients (``gradient_route``): "graph" takes them from the training step's own graph
+    (R backward passes, no second forward: exact with BatchNorm's batch statistics and dropout's
+    masks); "example" and "factored" from per-example gradients of a second, analysis-mode pass
+    (cost ∝ B, whatever R; examples must be independent); "auto" takes "graph" when 2 R <= B or the
+    model couples examples in training mode, else "example".
+    """
 
     name = "dense"
+
+    def __init__(self, model: TrackedModel, splitter: UpdateSplitter, contribution_route: str, gradient_route: str = "auto"):
+        super().__init__(model, splitter, contribution_route)
+        if gradient_route not in GRADIENT_ROUTES:
+            raise ValueError(f"gradient_route must be one of {GRADIENT_ROUTES}, got {gradient_route!r}")
+        self.gradient_route = gradient_route
 
     @property
     def splitter_partitions(self) -> Partitions:
         return self.model.partitions
 
+    def uses_graph(self, batch: int) -> bool:
+        if self.gradient_route != "auto":
+            return self.gradient_route == "graph"
+        return 2 * self.model.partitions.total <= batch or bool(coupled_modules(self.model.module))
+
+    def _membership(self, ids, coefficients) -> torch.Tensor:
+        partitions = self.model.partitions
+        return membership_matrix([ids[n] for n in partitions.names], coefficients, list(partitions.sizes.values()))
+
+    def graph_gradients(self, losses, ids, coefficients):
+        return gradients_from_losses(losses, self.model.params, self._membership(ids, coefficients))
+
+    def from_graph(self, grads, losses, step):
+        return self._finish(grads, losses.detach(), step.batch, step.clip_factor)
+
     def gradients(self, step, ids, coefficients):
         model = self.model
-        partitions = model.partitions
-        membership = membership_matrix([ids[n] for n in partitions.names], coefficients, list(partitions.sizes.values()))
+        check_per_example_safe(model.module, route=f"gradient_route={self.gradient_route!r}")
         grads, losses = group_gradients(
-            model.module, model.params, step.inputs, step.targets, step.loss_fn, membership,
-            memory_budget=model.memory_budget,
+            model.module, model.params, step.inputs, step.targets, step.loss_fn, self._membership(ids, coefficients),
+            memory_budget=model.memory_budget, route="factored" if self.gradient_route == "factored" else "example",
         )
+        return self._finish(grads, losses, step.batch, step.clip_factor)
+
+    def _finish(self, grads, losses, batch: int, scale: float) -> StepGradients:
+        model = self.model
         if model.distributed is not None:
-            grads = combine_group_gradients(grads, step.batch, model.distributed)
-        grads = {name: g * step.clip_factor for name, g in grads.items()}
-        first = partitions.slices[partitions.primary]
+            grads = combine_group_gradients(grads, batch, model.distributed)
+        grads = {name: g * scale for name, g in grads.items()}
+        first = model.partitions.slices[model.partitions.primary]
         sizes = {name: float(g[first].abs().sum(dim=0).norm()) for name, g in grads.items()}
         return StepGradients(grads, losses, sizes)
 
@@ -227,6 +276,7 @@ class _FactorRoute(GroupStateRoute):
 
     def gradients(self, step, ids, coefficients):
         model = self.model
+        check_per_example_safe(model.module, route=f"group_state={self.name!r}")
         while True:
             try:
                 batch = capture_batch(

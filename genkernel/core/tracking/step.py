@@ -65,8 +65,12 @@ class OptimizerStep:
         if not self.max_grad_norm > 0:
             raise ValueError(f"max_grad_norm must be positive (math.inf for no clipping), got {self.max_grad_norm}")
 
-    def compute_gradients(self) -> torch.Tensor:
+    def compute_gradients(self, before_backward: Callable[[torch.Tensor], None] | None = None) -> torch.Tensor:
         """Forward, per-example losses, backward, clipping. Returns the losses ``[B]`` (detached).
+
+        ``before_backward(losses)``: called with the per-example losses, graph attached, between the
+        forward and the backward (an analyzer takes group gradients from the step's own graph there,
+        with ``retain_graph=True``; training is unchanged).
 
         Raises NonFiniteError before any parameter changes when a loss or gradient is not finite.
         """
@@ -90,6 +94,8 @@ class OptimizerStep:
         if not torch.isfinite(losses).all():
             bad = torch.nonzero(~torch.isfinite(losses)).flatten().tolist()
             raise NonFiniteError(f"non-finite loss at examples {bad[:10]}")
+        if before_backward is not None:
+            before_backward(losses)
         loss = losses.mean() if self.weights is None else (losses * self.weights.to(losses)).sum()
         self.optimizer.zero_grad()
         loss.backward()

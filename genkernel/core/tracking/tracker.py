@@ -50,18 +50,20 @@ from ..adapter import (
     analysis_mode,
     as_tuple,
     batch_size,
+    check_analysis_safe,
     check_deterministic,
     check_finite,
     check_memory_budget,
     check_per_example_safe,
     checked_forward,
+    coupled_modules,
     trainable_parameters,
     unwrap,
 )
 from ..engine.gradients import DEFAULT_GRADIENT_BUDGET
 from ..errors import LedgerCheckError, NonFiniteError
 from ..grouping import Partitions
-from .distributed import ddp_context
+from .distributed import combine_group_gradients, ddp_context
 from .io import atomic_save, load_state
 from .ledger import PathKernelLedger
 from .quadrature import quadrature_rule
@@ -113,6 +115,33 @@ class StepContributions:
         return next(iter(self.sketch_errors.values()))
 
 
+@dataclass
+class _StepInProgress:
+    """A step between its real gradient and its recording (owned: inside ``track``; observed:
+    between the optimizer's pre- and post-step hooks)."""
+
+    index: int
+    phase: str
+    ids: dict[str, torch.Tensor]
+    theta_before: dict[str, torch.Tensor]
+    saved: dict[str, Any]
+    gradients: Any
+    rounding: dict[str, torch.Tensor]
+    f_before: torch.Tensor
+    drift: torch.Tensor
+    losses: torch.Tensor
+    clip_factor: float
+
+
+@dataclass
+class _Batch:
+    """What ``route.from_graph`` reads of an observed step: the examples and the gradient scale
+    already applied."""
+
+    batch: int
+    clip_factor: float
+
+
 class PathKernelTracker:
     """Keeps the exact path-kernel ledgers of ``model`` trained by ``optimizer``.
 
@@ -134,6 +163,10 @@ class PathKernelTracker:
         contribution_route: how J̄_k(x) u_g is computed on the dense route: "auto", "jvp" (one
             forward-mode pass per group) or "jacobian" (the probes' Jacobians times the updates);
             all exact.
+        gradient_route: where the dense route's group gradients come from: "graph" (the training
+            step's own graph, R backward passes, exact with BatchNorm and dropout in training
+            mode), "example" or "factored" (per-example gradients of a second pass, cost ∝ B), or
+            "auto" ("graph" for few groups or a model that couples examples, else "example").
         group_state: how the groups' updates are held (:mod:`genkernel.core.tracking.routes`):
             "dense": a float64 copy of the parameters per group and per kind of optimizer state,
             (Σ G + 2) × P values (any supported optimizer; cost grows with the groups);
@@ -170,6 +203,7 @@ class PathKernelTracker:
         memory_budget: int = DEFAULT_GRADIENT_BUDGET,
         contribution_route: str = "auto",
         group_state: str = "auto",
+        gradient_route: str = "auto",
         sketch_dim: int = 512,
         sketch_seed: int = 0,
         sketch_kind: str = "rademacher",
@@ -191,7 +225,7 @@ class PathKernelTracker:
         self.snapshot_every = snapshot_every
         self.memory_budget = check_memory_budget(memory_budget)
 
-        check_per_example_safe(self.module)
+        check_analysis_safe(self.module)
         self.params = trainable_parameters(self.module)
         self.probes = as_tuple(probes, name="probes")
         batch_size(self.probes, name="probes")
@@ -210,11 +244,18 @@ class PathKernelTracker:
                                self.distributed, self.rtol)
         self.group_state = self._choose_group_state(group_state, f_start.shape[1])
         contribution_route = self._differentiable_route(tracked, contribution_route)
-        self.route = self._make_route(tracked, contribution_route, sketch_dim, sketch_seed, sketch_kind)
+        self.route = self._make_route(tracked, contribution_route, gradient_route, sketch_dim, sketch_seed, sketch_kind)
         self.splitter = self.route.splitter
         self._f_prev = f_start.clone()
         self._theta_after: dict[str, torch.Tensor] | None = None
         self._grad_marks: dict[str, tuple[int, int]] | None = None
+        self._observed: dict[str, Any] | None = None  # micro-batches observed since the last step
+        self._pending_step: _StepInProgress | None = None  # an observed step between its hooks
+        self._hooks: list = []
+        self.listeners: list = []  # callables given every recorded StepContributions
+        self.gradient_scales: list[dict[str, float]] = []  # observed steps: real gradient / observed sum
+        if not self.route.uses_graph(self.partitions.total * 2):
+            check_per_example_safe(self.module, route=f"group_state={self.group_state!r}")
 
     @property
     def ledger(self) -> PathKernelLedger:
@@ -249,9 +290,16 @@ class PathKernelTracker:
             f"the model cannot be differentiated the way the ledger needs ({detail}); {hint}"
         )
 
-    def _make_route(self, tracked: TrackedModel, contribution_route: str, k: int, seed: int, kind: str) -> GroupStateRoute:
+    def _make_route(self, tracked: TrackedModel, contribution_route: str, gradient_route: str, k: int, seed: int,
+                    kind: str) -> GroupStateRoute:
         if self.group_state == "dense":
-            return DenseRoute(tracked, make_splitter(self.optimizer, self.params, self.partitions), contribution_route)
+            return DenseRoute(tracked, make_splitter(self.optimizer, self.params, self.partitions), contribution_route,
+                              gradient_route)
+        if gradient_route not in ("auto", "factored"):
+            raise ValueError(
+                f"gradient_route={gradient_route!r} belongs to group_state='dense'; group_state={self.group_state!r} "
+                "reads its gradients from layer factors"
+            )
         # The other routes' splitter keeps the exact totals only (one row: all groups together),
         # against which the tracker checks every step.
         splitter = make_splitter(self.optimizer, self.params, Partitions({"all": 1}))
@@ -293,93 +341,244 @@ class PathKernelTracker:
         analysis) restores the parameters, buffers and optimizer state to θ_k and leaves every
         ledger and group state as it was, so ``ledger.steps`` keeps counting the recorded steps.
         """
+        if step.model is not self.model or step.optimizer is not self.optimizer:
+            raise ValueError("this step trains a different model or optimizer than the tracker was built for")
+        if step.max_grad_norm != self.max_grad_norm:
+            raise ValueError(f"the step clips at {step.max_grad_norm} but the tracker at {self.max_grad_norm}")
+        if self._observed is not None or self._hooks:
+            raise RuntimeError("this tracker observes a loop (tracker.observe): let the loop's optimizer.step() record steps")
         index = self.ledger.steps + 1
-        ids = self._check_before(step, groups)
+        ids = self.partitions.check(groups, step.batch)
+        self._check_before()
         theta_before = {name: p.detach().clone() for name, p in self.params.items()}
         saved = self._save_state()
         self._grad_marks = None  # this step's own backward touches the gradients, even if it fails
+        coefficients = (
+            torch.full((step.batch,), 1.0 / step.batch, dtype=torch.float64) if step.weights is None else step.weights
+        ).to(torch.float64)
         try:
-            result = self._track(index, step, ids, theta_before)
+            # 1. ĝ_{k,g} = Σ_{n ∈ g} c_n ∇ℓ_n at θ_k (from the step's own graph, or a second pass).
+            if self.route.uses_graph(step.batch):
+                box: dict[str, Any] = {}
+                losses = step.compute_gradients(
+                    lambda graph_losses: box.update(grads=self.route.graph_gradients(graph_losses, ids, coefficients))
+                )
+                with torch.no_grad():
+                    gradients = self.route.from_graph(box["grads"], losses, step)
+            else:
+                losses = step.compute_gradients()
+                with torch.no_grad(), analysis_mode(self.module), torch.enable_grad():
+                    gradients = self.route.gradients(step, ids, coefficients.to(losses.device))
+            pending = self._begin(index, step.phase, ids, theta_before, saved, gradients, losses, step.clip_factor)
+            # 2. The real optimizer step.
+            step.apply_update()
+            result = self._finish(pending)
         except BaseException as error:
-            self._restore_state(saved, theta_before)
+            self._roll_back(error, index, step.phase, saved, theta_before, applied=step.applied)
             if isinstance(error, NonFiniteError) and not step.applied:
                 raise NonFiniteError(
                     f"step {index} ({step.phase}): {error}; the ledger keeps the {index - 1} steps before"
                 ) from error
-            note = (f"genkernel: step {index} ({step.phase}) was rolled back: the parameters, buffers and optimizer state "
-                    f"are those of θ_{index - 1 if index > 1 else 0} again and the ledgers keep their {index - 1} "
-                    "recorded steps; fix the cause and call the step again")
-            if hasattr(error, "add_note"):
-                error.add_note(note)
             raise
         self.route.commit()
+        self._notify(result)
         return result
 
-    def _track(self, index: int, step: OptimizerStep, ids: dict[str, torch.Tensor], theta_before) -> StepContributions:
-        """The numbered steps of the module docstring; the ledgers change only at the very end."""
-        coefficients = (
-            torch.full((step.batch,), 1.0 / step.batch, dtype=torch.float64) if step.weights is None else step.weights
-        ).to(torch.float64)
-        losses = step.compute_gradients()
+    # -- observing a loop the user owns ---------------------------------------------------------
+    def observe(
+        self,
+        losses: torch.Tensor,
+        groups: torch.Tensor | Mapping[str, torch.Tensor],
+        weights: torch.Tensor | None = None,
+    ) -> None:
+        """Record one micro-batch of a training loop the user owns, before its backward.
 
+        ``losses``: the ``[B]`` per-example losses with their graph, whose mean (or, with
+        ``weights``, Σ_n c_n ℓ_n) is the micro-batch's loss. The group gradients are taken from
+        this graph (``retain_graph=True``: the loop's own backward runs unchanged), summed over the
+        micro-batches observed until the optimizer steps. ``optimizer.step()`` (through any
+        wrapper: accelerate, Lightning) then records the step through the optimizer's step hooks:
+        its real gradient must be the observed groups' sum times one scalar (gradient
+        accumulation, global-norm clipping, a constant loss scale; reported per step in
+        ``gradient_scales``), else the step is refused before the parameters move.
+        """
+        if self._pending_step is not None:
+            raise RuntimeError("observe() was called inside optimizer.step(): call it before the loop's backward")
+        if not isinstance(losses, torch.Tensor) or losses.dim() != 1 or losses.numel() == 0:
+            raise ValueError(
+                f"losses must be the per-example losses, a non-empty Tensor[B] with its graph, got "
+                f"{tuple(losses.shape) if isinstance(losses, torch.Tensor) else type(losses).__name__}"
+            )
+        if not losses.requires_grad:
+            raise ValueError(
+                "losses carry no graph (detached, or computed under torch.no_grad()): pass them before the loop's "
+                "backward, as computed from the model's output"
+            )
+        batch = losses.shape[0]
+        if weights is not None and (not isinstance(weights, torch.Tensor) or weights.shape != (batch,)):
+            raise ValueError(f"weights must be a Tensor of shape [{batch}] (one c_n per example)")
+        self._check_precision(losses)
+        if not bool(torch.isfinite(losses).all()):
+            bad = torch.nonzero(~torch.isfinite(losses)).flatten().tolist()
+            raise NonFiniteError(f"non-finite loss at examples {bad[:10]}: this micro-batch was not observed")
+        ids = self.partitions.check(groups, batch)
+        coefficients = (torch.full((batch,), 1.0 / batch, dtype=torch.float64) if weights is None else weights).to(torch.float64)
+        grads = self.route.graph_gradients(losses, {k: v.to(losses.device) for k, v in ids.items()}, coefficients.to(losses.device))
+        if self._observed is None:
+            self._observed = {"grads": grads, "losses": [losses.detach()], "micro_batches": 1, "ids": [ids]}
+        else:
+            for name, g in grads.items():
+                self._observed["grads"][name] += g
+            self._observed["losses"].append(losses.detach())
+            self._observed["micro_batches"] += 1
+            self._observed["ids"].append(ids)
+        if not self._hooks:
+            self._hooks = [
+                self.optimizer.register_step_pre_hook(self._before_observed_step),
+                self.optimizer.register_step_post_hook(self._after_observed_step),
+            ]
+
+    def close(self) -> None:
+        """Stop observing: remove the optimizer hooks and forget micro-batches not stepped on."""
+        for handle in self._hooks:
+            handle.remove()
+        self._hooks = []
+        self._observed = None
+        self._pending_step = None
+
+    def _before_observed_step(self, optimizer, args, kwargs) -> None:
+        observed, self._observed = self._observed, None
+        if observed is None:
+            raise RuntimeError(
+                "optimizer.step() was called without an observed micro-batch since the last step: call "
+                "tracker.observe(per_example_losses, groups) before every backward (or tracker.close() to stop tracking)"
+            )
+        index = self.ledger.steps + 1
+        self._check_before()
+        theta_before = {name: p.detach().clone() for name, p in self.params.items()}
+        saved = self._save_state()
+        losses = torch.cat(observed["losses"])
+        with torch.no_grad():
+            grads, scale = self._scaled_to_real(index, observed["grads"])
+            gradients = self.route.from_graph(grads, losses, _Batch(losses.shape[0], 1.0))
+            self.gradient_scales.append({"step": index, "scale": scale, "micro_batches": observed["micro_batches"],
+                                         "scale_times_micro_batches": scale * observed["micro_batches"]})
+            ids = {name: torch.cat([i[name] for i in observed["ids"]]) for name in self.partitions.names}
+            self._pending_step = self._begin(index, "observed", ids, theta_before, saved, gradients, losses, scale)
+
+    def _after_observed_step(self, optimizer, args, kwargs) -> None:
+        pending, self._pending_step = self._pending_step, None
+        if pending is None:
+            return
+        try:
+            result = self._finish(pending)
+        except BaseException as error:
+            self._roll_back(error, pending.index, pending.phase, pending.saved, pending.theta_before, applied=True)
+            raise
+        self.route.commit()
+        self._grad_marks = None  # the loop zeroes or keeps its gradients as it likes
+        self._notify(result)
+
+    def _scaled_to_real(self, index: int, grads: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], float]:
+        """The observed group gradients times the one scalar α that makes their sum the optimizer's
+        real gradient (least squares; the check of step 4 then bounds what is left by rounding)."""
+        first = self.partitions.slices[self.partitions.primary]
+        if self.distributed is not None:
+            grads = combine_group_gradients(grads, 1, self.distributed)
+        dot, norm = 0.0, 0.0
+        for name, p in self.params.items():
+            total = grads[name][first].sum(dim=0)
+            real = torch.zeros_like(total) if p.grad is None else p.grad.to(torch.float64)
+            dot += float((real * total).sum())
+            norm += float((total * total).sum())
+        scale = dot / norm if norm > 0 else 1.0
+        if not math.isfinite(scale):
+            raise NonFiniteError(f"step {index}: the optimizer's gradient is not finite")
+        return {name: g * scale for name, g in grads.items()}, scale
+
+    def _notify(self, result: StepContributions) -> None:
+        for listener in self.listeners:
+            listener(result)
+
+    # -- the numbered steps, shared by owned and observed steps ---------------------------------
+    def _begin(self, index, phase, ids, theta_before, saved, gradients, losses, clip_factor) -> "_StepInProgress":
+        """Everything before the real optimizer step: the drift of state outside the trainable
+        parameters, the gradient check and the splitter's capture."""
         with torch.no_grad(), analysis_mode(self.module):
-            # State outside the trainable parameters (buffers, frozen parameters) may have changed since
-            # the last step, or in the training forward (spectral norm): not an example's doing.
+            # Buffers (running statistics, spectral norm) and frozen parameters may have changed since
+            # the last step, or in the training forward: not an example's doing.
             f_before = self._probe_outputs() if self._has_state else self._f_prev
-            drift = f_before - self._f_prev
-            # 1. ĝ_{k,g} = Σ_{n ∈ g} c_n ∇ℓ_n at θ_k, times the clipping factor.
-            with torch.enable_grad():
-                gradients = self.route.gradients(step, ids, coefficients.to(losses.device))
             # The optimizer will step on the batched gradient, which differs from Σ_g ĝ_g by
             # rounding (checked here): its own row of the split in step 3, left out of the
             # contributions (residual).
             rounding = self._check_gradients(index, gradients, losses)
-
-        # 2. The real optimizer step.
         self.splitter.capture()
         self.route.before_step()
-        step.apply_update()
+        return _StepInProgress(index, phase, ids, theta_before, saved, gradients, rounding, f_before,
+                               f_before - self._f_prev, losses, clip_factor)
 
+    def _finish(self, pending: "_StepInProgress") -> StepContributions:
+        """Steps 3-6 after the real optimizer step; the ledgers change only at the very end."""
+        index, theta_before = pending.index, pending.theta_before
         with torch.no_grad(), analysis_mode(self.module):
             theta_after = {name: p.detach().clone() for name, p in self.params.items()}
             # 3. Δ_k = Σ_g u_{k,g} + u_rest (+ the rounding row), for every partition.
             updates = self.splitter.split(
-                gradients.grads, {n: t.to(torch.float64) for n, t in theta_before.items()}, rounding
+                pending.gradients.grads, {n: t.to(torch.float64) for n, t in theta_before.items()}, pending.rounding
             )
             # 4. The check against what the optimizer really did.
             self._check_updates(index, updates, theta_before, theta_after)
             # 5. c_{k,g}(x) = Σ_q w_q J(x; θ_k + s_q Δ_k) u_{k,g}, and the rest's.
             nodes = self._nodes(theta_before, theta_after)
-            result = self.route.contributions(updates, nodes, gradients, ids, step.clip_factor)
+            result = self.route.contributions(updates, nodes, pending.gradients, pending.ids, pending.clip_factor)
             # 6. Fresh forward at θ_{k+1}; record.
             f_after = self._probe_outputs()
         primary = self.partitions.primary
-        step_residual = (f_after - f_before - result.contributions[primary].sum(dim=1) - result.rest
+        step_residual = (f_after - pending.f_before - result.contributions[primary].sum(dim=1) - result.rest
                          - result.sketch_error[primary])
-        rest = result.rest + drift
+        rest = result.rest + pending.drift
         for name, ledger in self.ledgers.items():
-            ledger.record(result.contributions[name], rest, f_after, result.sketch_error[name], drift)
+            ledger.record(result.contributions[name], rest, f_after, result.sketch_error[name], pending.drift)
             if self.snapshot_every and ledger.steps % self.snapshot_every == 0:
                 ledger.snapshot()
         self._f_prev = f_after
         self._theta_after = theta_after
         self._grad_marks = {n: (id(p.grad), p.grad._version) for n, p in self.params.items() if p.grad is not None}
-        return StepContributions(index, result.contributions, rest, step_residual, losses, updates, result.sketch_error)
+        return StepContributions(index, result.contributions, rest, step_residual, pending.losses, updates,
+                                 result.sketch_error)
+
+    def _roll_back(self, error: BaseException, index: int, phase: str, saved, theta_before, *, applied: bool) -> None:
+        """Put the parameters, buffers and optimizer state back to θ_k after a failed step."""
+        self._restore_state(saved, theta_before)
+        if isinstance(error, NonFiniteError) and not applied:
+            return
+        note = (f"genkernel: step {index} ({phase}) was rolled back: the parameters, buffers and optimizer state "
+                f"are those before it again and the ledgers keep their {index - 1} recorded steps; fix the cause and "
+                "call the step again")
+        if hasattr(error, "add_note"):
+            error.add_note(note)
 
     # -- all-or-nothing steps -------------------------------------------------------------------
-    def _check_before(self, step: OptimizerStep, groups) -> dict[str, torch.Tensor]:
-        """Everything that can be refused before the training forward changes anything."""
-        if step.model is not self.model or step.optimizer is not self.optimizer:
-            raise ValueError("this step trains a different model or optimizer than the tracker was built for")
-        if step.max_grad_norm != self.max_grad_norm:
-            raise ValueError(f"the step clips at {step.max_grad_norm} but the tracker at {self.max_grad_norm}")
-        ids = self.partitions.check(groups, step.batch)
-        if any(torch.is_autocast_enabled(device) for device in ("cpu", "cuda")):
+    def _check_precision(self, losses: torch.Tensor | None = None) -> None:
+        wrapped = hasattr(self.module, "_original_forward") or hasattr(self.model, "_original_forward")
+        autocast = any(torch.is_autocast_enabled(device) for device in ("cpu", "cuda"))
+        low = losses is not None and losses.dtype in (torch.float16, torch.bfloat16)
+        if wrapped or autocast or low:
+            where = "the model's forward is wrapped in autocast (accelerate's mixed_precision)" if wrapped else (
+                "autocast is on" if autocast else f"the losses are {losses.dtype}")
             raise RuntimeError(
-                "mixed precision (autocast, GradScaler) is not supported: the ledger must reproduce each "
-                "update exactly; train the tracked model in float32 or float64"
+                f"mixed precision is not supported ({where}): the ledger must reproduce each update exactly. Track a "
+                "window in full precision: build the Accelerator with mixed_precision='no' (or run the tracked steps "
+                "outside torch.autocast, without a GradScaler), train the rest as you like"
             )
-        check_per_example_safe(self.module)  # BatchNorm or dropout switched to training mode since
+
+    def _check_before(self) -> None:
+        """Everything that can be refused before the training forward (or the observed step) changes anything."""
+        self._check_precision()
+        if self.route.uses_graph(max(self.partitions.total * 2, 1)):
+            check_analysis_safe(self.module)
+        else:
+            check_per_example_safe(self.module, route=f"group_state={self.group_state!r}")
         current = {name: p for name, p in self.module.named_parameters() if p.requires_grad}
         if current.keys() != self.params.keys() or any(current[n] is not p for n, p in self.params.items()):
             replaced = sorted(n for n in current.keys() | self.params.keys()
@@ -396,14 +595,15 @@ class PathKernelTracker:
                 "ledger cannot attribute updates of parameters it does not track. Build a new tracker after changing "
                 "the optimizer"
             )
-        hooks = [*self.optimizer._optimizer_step_pre_hooks.values(), *self.optimizer._optimizer_step_post_hooks.values()]
+        mine = {handle.id for handle in self._hooks}
+        hooks = [h for table in (self.optimizer._optimizer_step_pre_hooks, self.optimizer._optimizer_step_post_hooks)
+                 for key, h in table.items() if key not in mine]
         if hooks:
             raise RuntimeError(
                 f"the optimizer has {len(hooks)} step hook(s) (register_step_pre_hook / register_step_post_hook): they may "
                 "change the gradients or parameters in ways the split cannot see. Remove them while tracking"
             )
         self._check_untouched()
-        return ids
 
     def _save_state(self) -> dict[str, Any]:
         """What a rolled-back step restores: buffers and the optimizer's state (θ_k is saved by the caller)."""
@@ -431,7 +631,8 @@ class PathKernelTracker:
             raise ValueError(f"group_state must be one of {GROUP_STATES}, got {group_state!r}")
         plain = plain_sgd(self.optimizer)
         if group_state == "auto":
-            return "factored" if plain and self.distributed is None and d <= self.partitions.total + 1 else "dense"
+            factored = plain and self.distributed is None and d <= self.partitions.total + 1
+            return "factored" if factored and not coupled_modules(self.module) else "dense"
         if group_state in ("factored", "sketched") and self.distributed is not None:
             raise ValueError(
                 f"group_state={group_state!r} runs in one process; under DistributedDataParallel use "
@@ -459,6 +660,7 @@ class PathKernelTracker:
             "quadrature": self.rule.name,
             "group_state": self.group_state,
             "identity": self._identity(),
+            "gradient_scales": list(self.gradient_scales),
         }
 
     def _identity(self) -> dict[str, Any]:
@@ -491,6 +693,7 @@ class PathKernelTracker:
         self.route.load_state_dict(state["route"])
         self._f_prev = state["f_prev"].clone()
         self._theta_after = state["theta_after"]
+        self.gradient_scales = list(state["gradient_scales"])
         self._grad_marks = None
 
     def save(self, path: str | os.PathLike) -> None:
