@@ -1,9 +1,12 @@
-"""Run every recipe (``make figures``: ``--quick``; ``make figures-full``: paper settings).
+"""Run every experiment (``make figures``: ``--quick``; ``make figures-full``: paper settings).
 
-Each recipe runs in its own subprocess with a timeout; its wall time is printed and a final
-table lists every recipe's status, time and claims. A recipe whose file does not exist yet is
-skipped with a notice; a recipe that fails or times out makes this script exit non-zero, naming
-it (after the others have run, so one failure does not hide another).
+    python -m recipes [--quick] [--out-dir figures] [--seed 0] [--device cpu] [--only NAME ...]
+
+Each experiment runs in its own subprocess, ``python -m <package>.experiments.NAME``, started from
+the folder the package imports from (the repository root), with a timeout; its wall time is
+printed and a final table lists every experiment's status, time and claims. An experiment whose
+module does not exist is skipped with a notice; one that fails or times out makes this script
+exit non-zero, naming it (after the others have run, so one failure does not hide another).
 """
 
 from __future__ import annotations
@@ -15,7 +18,10 @@ import sys
 import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
+from .common import import_root
+
+PACKAGE = f"{__spec__.parent}.experiments"  # recipes.experiments, or genkernel.recipes.experiments
+EXPERIMENTS_DIR = Path(__file__).resolve().parent / "experiments"
 RECIPES = (
     "circle_neighborhoods",
     "regression_kernels",
@@ -33,20 +39,23 @@ RECIPES = (
 
 
 def parse_args(argv):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="run every recipe with --quick")
+    """The command line as an ``argparse.Namespace``."""
+    parser = argparse.ArgumentParser(prog=f"python -m {__spec__.parent}", description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="run every experiment with --quick")
     parser.add_argument("--smoke", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--out-dir", default="figures", help="folder for the figures and JSON files")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--timeout", type=float, default=None,
-                        help="seconds per recipe (default: 300 with --quick, 7200 otherwise)")
-    parser.add_argument("--only", nargs="*", default=None, help="run only these recipes (names as in the list)")
-    parser.add_argument("--recipes-dir", default=str(HERE), help=argparse.SUPPRESS)
+                        help="seconds per experiment (default: 300 with --quick, 7200 otherwise)")
+    parser.add_argument("--only", nargs="*", default=None, help="run only these experiments (names as in the list)")
+    # the folder of the experiment modules; its package name is PACKAGE's (the tests point it elsewhere)
+    parser.add_argument("--experiments-dir", default=str(EXPERIMENTS_DIR), help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
 
 def claims_of(out_dir: Path, name: str) -> str:
+    """``"held/total held"`` from ``OUT/NAME.json``'s claims, or ``"-"`` when it cannot be read."""
     path = out_dir / f"{name}.json"
     try:
         claims = json.loads(path.read_text()).get("claims", {})
@@ -57,9 +66,12 @@ def claims_of(out_dir: Path, name: str) -> str:
 
 
 def main(argv=None) -> int:
+    """Runs the experiments, prints the summary table; returns the exit status (0 all ran, 1 one
+    failed, 2 an unknown name)."""
     args = parse_args(None if argv is None else list(argv))
-    recipes_dir = Path(args.recipes_dir)
-    out_dir = Path(args.out_dir)
+    experiments_dir = Path(args.experiments_dir).resolve()
+    root = import_root(PACKAGE, experiments_dir)
+    out_dir = Path(args.out_dir).resolve()  # the children run from `root`
     timeout = args.timeout or (300.0 if (args.quick or args.smoke) else 7200.0)
     names = RECIPES if args.only is None else tuple(args.only)
     unknown = [n for n in names if n not in RECIPES]
@@ -70,16 +82,16 @@ def main(argv=None) -> int:
     rows, failed = [], []
     start = time.perf_counter()
     for name in names:
-        script = recipes_dir / f"{name}.py"
-        if not script.is_file():
-            print(f"[run_all] SKIP {name}: {script} does not exist yet", flush=True)
+        if not (experiments_dir / f"{name}.py").is_file():
+            print(f"[run_all] SKIP {name}: {experiments_dir / name}.py does not exist", flush=True)
             rows.append((name, "skipped (no file)", 0.0, "-"))
             continue
-        cmd = [sys.executable, str(script), *mode, "--out-dir", str(out_dir), "--seed", str(args.seed), "--device", args.device]
+        cmd = [sys.executable, "-m", f"{PACKAGE}.{name}", *mode, "--out-dir", str(out_dir),
+               "--seed", str(args.seed), "--device", args.device]
         print(f"[run_all] {name}: {' '.join(cmd[1:])}", flush=True)
         t0 = time.perf_counter()
         try:
-            rc = subprocess.run(cmd, timeout=timeout).returncode
+            rc = subprocess.run(cmd, timeout=timeout, cwd=root).returncode
             status = "ok" if rc == 0 else f"FAILED (exit {rc})"
         except subprocess.TimeoutExpired:
             status = f"FAILED (timeout {timeout:.0f} s)"

@@ -1,17 +1,12 @@
 """The Figure 1 recipe runs end to end in its smoke setting and writes consistent numbers."""
 
-import importlib.util
+import importlib
 import json
 import math
-from pathlib import Path
-
-RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "circle_neighborhoods.py"
 
 
 def test_circle_neighborhoods_smoke(tmp_path):
-    spec = importlib.util.spec_from_file_location("circle_neighborhoods", RECIPE)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = importlib.import_module("recipes.experiments.circle_neighborhoods")
     module.main(["--smoke", "--out-dir", str(tmp_path)])
     assert (tmp_path / "circle_neighborhoods.png").stat().st_size > 10_000
     data = json.loads((tmp_path / "circle_neighborhoods.json").read_text())

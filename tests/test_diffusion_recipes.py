@@ -4,18 +4,15 @@ check the plumbing, not the paper's claim."""
 
 from __future__ import annotations
 
-import importlib.util
+import importlib
 import json
 import math
 import struct
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-
-RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -26,11 +23,8 @@ def restore_threads():
 
 
 def load_recipe(name):
-    sys.path.insert(0, str(RECIPES))
-    spec = importlib.util.spec_from_file_location(name, RECIPES / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    """The recipe module ``recipes.<name>`` (e.g. ``experiments.diffusion_toy2d``)."""
+    return importlib.import_module(f"recipes.{name}")
 
 
 def check_payload(out: Path, name: str, payload: dict) -> dict:
@@ -64,7 +58,7 @@ def check_payload(out: Path, name: str, payload: dict) -> dict:
 
 
 def test_toy2d_recipe_smoke(tmp_path):
-    module = load_recipe("diffusion_toy2d")
+    module = load_recipe("experiments.diffusion_toy2d")
     payload = module.main(["--smoke", "--out-dir", str(tmp_path), "--seed", "1", "--prediction-type", "v_prediction",
                            "--beta-schedule", "squaredcos_cap_v2", "--num-bins", "3"])
     on_disk = check_payload(tmp_path, "diffusion_toy2d", payload)
@@ -86,7 +80,7 @@ def write_tiny_mnist(root: Path) -> None:
 
 def test_digits_recipe_smoke_on_tiny_mnist_files(tmp_path):
     write_tiny_mnist(tmp_path / "data")
-    module = load_recipe("diffusion_digits")
+    module = load_recipe("experiments.diffusion_digits")
     out = tmp_path / "figs"
     payload = module.main(["--smoke", "--out-dir", str(out), "--dataset", "mnist", "--data-root", str(tmp_path / "data")])
     on_disk = check_payload(out, "diffusion_digits", payload)
@@ -94,7 +88,7 @@ def test_digits_recipe_smoke_on_tiny_mnist_files(tmp_path):
 
 
 def test_digits_recipe_missing_folder_says_what_to_put_where(tmp_path):
-    module = load_recipe("diffusion_digits")
+    module = load_recipe("experiments.diffusion_digits")
     with pytest.raises(FileNotFoundError, match=r"MNIST"):
         module.main(["--smoke", "--out-dir", str(tmp_path), "--dataset", "mnist", "--data-root", str(tmp_path / "missing")])
     empty = tmp_path / "empty"
@@ -105,13 +99,13 @@ def test_digits_recipe_missing_folder_says_what_to_put_where(tmp_path):
 
 @pytest.mark.slow
 def test_digits_recipe_smoke_default_dataset(tmp_path):
-    module = load_recipe("diffusion_digits")
+    module = load_recipe("experiments.diffusion_digits")
     payload = module.main(["--smoke", "--out-dir", str(tmp_path)])
     check_payload(tmp_path, "diffusion_digits", payload)
 
 
 def test_benchmark_smoke(tmp_path):
-    module = load_recipe("benchmark_diffusion")
+    module = load_recipe("benchmarks.diffusion")
     payload = module.main(["--smoke", "--out-dir", str(tmp_path)])
     results = json.loads((tmp_path / "benchmark_diffusion.json").read_text())["results"]
     for model in ("mlp", "unet"):

@@ -1,23 +1,16 @@
 """The GAN recipes run end to end (smoke settings) and write figures and JSON with computed claims;
 the image recipe reads MNIST from tiny idx files the test writes (nothing is downloaded)."""
 
-import importlib.util
+import importlib
 import json
 import struct
-import sys
 from pathlib import Path
 
 import numpy as np
 
-RECIPES = Path(__file__).resolve().parents[1] / "recipes"
-
 
 def _recipe(name):
-    sys.path.insert(0, str(RECIPES))
-    spec = importlib.util.spec_from_file_location(name, RECIPES / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return importlib.import_module(f"recipes.experiments.{name}")
 
 
 def _check_payload(out: Path, name: str, extra: list[str]):

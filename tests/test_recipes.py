@@ -5,11 +5,12 @@ with their claims; run_all skips missing recipes and fails naming a failed one."
 from __future__ import annotations
 
 import hashlib
-import importlib.util
+import importlib
 import json
 import math
 import pickle
 import struct
+import subprocess
 import sys
 from pathlib import Path
 
@@ -17,14 +18,12 @@ import numpy as np
 import pytest
 import torch
 
-RECIPES = Path(__file__).resolve().parents[1] / "recipes"
+REPO = Path(__file__).resolve().parents[1]
+RECIPES = REPO / "recipes"
 
 
 def load(name: str):
-    spec = importlib.util.spec_from_file_location(f"recipe_{name}", RECIPES / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return importlib.import_module(f"recipes.experiments.{name}")
 
 
 @pytest.fixture(autouse=True)
@@ -185,9 +184,11 @@ def test_null_space_smoke(tmp_path):
 
 
 def test_run_all_skips_missing_and_names_failures(tmp_path, capsys):
-    run_all = load("run_all")
-    fake = tmp_path / "recipes"
-    fake.mkdir()
+    run_all = importlib.import_module("recipes.run_all")
+    fake = tmp_path / "recipes" / "experiments"  # a package of the same name, run from tmp_path
+    fake.mkdir(parents=True)
+    for package in (fake.parent, fake):
+        (package / "__init__.py").write_text("")
     (fake / "regression_kernels.py").write_text(
         "import json, sys, pathlib\n"
         "out = pathlib.Path(sys.argv[sys.argv.index('--out-dir') + 1]); out.mkdir(parents=True, exist_ok=True)\n"
@@ -195,14 +196,27 @@ def test_run_all_skips_missing_and_names_failures(tmp_path, capsys):
         "(out / 'regression_kernels.json').write_text(json.dumps({'claims': {'a': {'held': True}, 'b': {'held': False}}}))\n"
     )
     (fake / "null_space.py").write_text("raise SystemExit(3)\n")
-    rc = run_all.main(["--quick", "--recipes-dir", str(fake), "--out-dir", str(tmp_path / "out"),
+    rc = run_all.main(["--quick", "--experiments-dir", str(fake), "--out-dir", str(tmp_path / "out"),
                        "--only", "regression_kernels", "null_space", "gan_digits"])
     out, err = capsys.readouterr()
     assert rc == 1
     assert "SKIP gan_digits" in out and "FAILED (exit 3)" in out and "1/2 held" in out
     assert "FAILED: null_space" in err
-    rc = run_all.main(["--quick", "--recipes-dir", str(fake), "--out-dir", str(tmp_path / "out"), "--only", "regression_kernels"])
+    rc = run_all.main(["--quick", "--experiments-dir", str(fake), "--out-dir", str(tmp_path / "out"), "--only", "regression_kernels"])
     assert rc == 0
     assert run_all.main(["--only", "no_such_recipe"]) == 2
     assert set(run_all.RECIPES) >= {"circle_neighborhoods", "optimizer_weighting", "null_space", "gan_digits", "diffusion_toy2d"}
     assert len(run_all.RECIPES) == 12 and sys.executable
+
+
+def test_recipes_are_a_package_run_as_modules(tmp_path):
+    """No recipe edits sys.path; an experiment runs as ``python -m`` from the repository root."""
+    edits = [str(path.relative_to(REPO)) for path in RECIPES.rglob("*.py") if "sys.path" in path.read_text()]
+    assert edits == []
+    proc = subprocess.run(
+        [sys.executable, "-m", "recipes.experiments.null_space", "--smoke", "--out-dir", str(tmp_path)],
+        cwd=REPO, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    data = json.loads((tmp_path / "null_space.json").read_text())
+    assert data["recipe"] == "null_space" and data["mode"] == "smoke"

@@ -3,10 +3,10 @@ measured call, a fresh child process per measurement, FLOP counting, the machine
 FLOP/s, and outputs printed side by side and written atomically.
 
 A measurement runs in its own process so that its peak memory is its own: the benchmark module
-calls :func:`run_child` with the arguments of its hidden child mode; the child (the same module,
-started as ``python -m <module> ... --child-out PATH`` from the repository root) measures with
-:class:`Pacer`, :func:`peak_working_memory` and :func:`timing`, and saves a dict to PATH with
-``torch.save``.
+calls :func:`run_child` with its own ``__spec__.name`` and the arguments of its hidden child mode;
+the child (the same module, started as ``python -m <module> ... --child-out PATH`` from the
+repository root) measures with :class:`Pacer`, :func:`peak_working_memory` and :func:`timing`, and
+saves a dict to PATH with ``torch.save``.
 """
 
 from __future__ import annotations
@@ -23,7 +23,9 @@ from typing import Callable, Iterator, Sequence
 
 import torch
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+from ..common import import_root
+
+REPO_ROOT = import_root(__package__, Path(__file__).parent)  # where `python -m <package>.<module>` runs
 CHILD_OUT_FLAG = "--child-out"  # the child's argument naming the file it saves its dict to
 
 

@@ -50,7 +50,7 @@ from genkernel.core import PathKernelTracker, gradient_kernel
 from genkernel.core.engine import kernel_plan
 from genkernel.core.engine.factors import DEFAULT_MEMORY_BUDGET
 from genkernel.core.engine.projections import expected_relative_error, sketched_gradient_kernel
-from recipes.benchmarks.harness import (
+from .harness import (
     REPO_ROOT,
     Pacer,
     count_flops,
@@ -64,7 +64,7 @@ from recipes.benchmarks.harness import (
     write_outputs,
 )
 
-MODULE = "recipes.benchmarks.kernels"  # what child processes run: python -m MODULE --child ...
+MODULE = __spec__.name  # what child processes run: python -m MODULE --child ... (recipes.benchmarks.kernels)
 METHODS = ("naive", "vmap", "ntk_vps", "captum", "auto", "factored", "functional")
 FULL = {"mlp2d": 1024, "mlp784": 512, "convnet": 256, "unet": 64}
 QUICK = {"mlp2d": 256, "mlp784": 128, "convnet": 64, "unet": 8}

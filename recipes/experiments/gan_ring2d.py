@@ -1,6 +1,6 @@
 """GAN on a 2-D Gaussian mixture: the generator's path kernel split by discriminator gradient geometry.
 
-    python recipes/gan_ring2d.py [--quick] [--out-dir figures] [--seed 0] [--device cpu]
+    python -m recipes.experiments.gan_ring2d [--quick] [--out-dir figures] [--seed 0] [--device cpu]
                                  [--mixture ring|grid] [--loss nonsaturating|hinge|wgan-gp] [--spectral-norm]
 
 DESIGN.md section 3, issue 4. Trains MLP G and D (SiLU, Adam, float64) with the
@@ -15,26 +15,24 @@ last window) and ``gan_ring2d.json`` (numbers and claims, each held / not held f
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import _common  # noqa: E402
-
-from genkernel.data import gaussian_grid, gaussian_ring, grid_mode_centers, ring_mode_centers  # noqa: E402
-from genkernel.gan import (  # noqa: E402
+from genkernel.data import gaussian_grid, gaussian_ring, grid_mode_centers, ring_mode_centers
+from genkernel.gan import (
     LOSSES, GANKernelAnalyzer, GANTrainer, MLPDiscriminator, MLPGenerator, frozen, mode_coverage, push_field,
 )
-from genkernel.stats import mean_interval  # noqa: E402
+from genkernel.stats import mean_interval
+
+from .. import common
 
 NAME = "gan_ring2d"
 DTYPE = torch.float64
 
 
 def settings_for(mode: str) -> dict:
-    return _common.pick(
+    return common.pick(
         mode,
         full=dict(iterations=1500, hidden=64, depth=3, batch=128, probes=64, window=100, eval_every=10, lr=1e-3, n_data=8192),
         quick=dict(iterations=150, hidden=32, depth=3, batch=64, probes=64, window=25, eval_every=5, lr=2e-3, n_data=4096),
@@ -56,24 +54,24 @@ def build_claims(report: dict, windows: list[dict]) -> dict:
     g, d = report["generator"], report["discriminator"]
     claims = {}
     worst = max(g["relative_residual"], d["relative_residual"])
-    claims["exact_ledger"] = _common.claim(
+    claims["exact_ledger"] = common.claim(
         "the contributions add up to the real change of G and of D (relative residual < 1e-3, midpoint)",
         worst < 1e-3, worst, None, generator=g["relative_residual"], discriminator=d["relative_residual"],
     )
     rows = report["alignment"]
     formula = mean_interval(torch.tensor([r["cos_formula"] for r in rows]))
-    claims["formula_matches_each_step"] = _common.claim(
+    claims["formula_matches_each_step"] = common.claim(
         "each step's ΔG(z') equals the ledger's kernel machine (optimizer weights): mean cosine > 0.99",
         formula.above(0.99), formula.estimate, (formula.low, formula.high),
     )
     field = mean_interval(torch.tensor([r["cos_kernel_field"] for r in rows]))
-    claims["distribution_guided"] = _common.claim(
+    claims["distribution_guided"] = common.claim(
         "the generator's step follows the plain kernel-smoothed discriminator field −Σ_i c_i K_G(z', z_i) w_i "
         "(mean cosine over evaluation steps > 0.5)",
         field.above(0.5), field.estimate, (field.low, field.high),
     )
     cmp = mean_interval(torch.tensor([r["cos_kernel_field"] - r["cos_local_push"] for r in rows]))
-    claims["kernel_smoothing_matters"] = _common.claim(
+    claims["kernel_smoothing_matters"] = common.claim(
         "the kernel-smoothed field predicts the step's direction better than the probe's own local push −w(z') "
         "(mean over evaluation steps of cos(ΔG, field) − cos(ΔG, −w) > 0)",
         cmp.above(0), cmp.estimate, (cmp.low, cmp.high),
@@ -81,12 +79,12 @@ def build_claims(report: dict, windows: list[dict]) -> dict:
     early, late = early_window(windows), windows[-1]
     for label, w in (("early", early), ("late", late)):
         t, n = w["traffic_own_minus_control"], w["net_own_minus_control"]
-        claims[f"own_mode_traffic_{label}"] = _common.claim(
+        claims[f"own_mode_traffic_{label}"] = common.claim(
             f"{label} window (steps {w['steps'][0]}-{w['steps'][1]}): a probe's own pushed-to-mode group carries more "
             "traffic than under the label-permutation control (measured − control > 0)",
             t["held"], t["difference"], t["interval"],
         )
-        claims[f"own_mode_net_share_{label}"] = _common.claim(
+        claims[f"own_mode_net_share_{label}"] = common.claim(
             f"{label} window: own-group net share exceeds the control's (measured − control > 0; read with κ)",
             n["held"], n["difference"], n["interval"], kappa_median=w["kappa_median"],
         )
@@ -104,12 +102,12 @@ def early_window(windows: list[dict], min_groups: int = 3) -> dict:
 
 
 def main(argv=None) -> dict:
-    parser = _common.make_parser(__doc__.splitlines()[0])
+    parser = common.make_parser(__doc__.splitlines()[0])
     parser.add_argument("--mixture", default="ring", choices=["ring", "grid"], help="8 Gaussians on a ring or 25 on a grid")
     parser.add_argument("--loss", default="nonsaturating", choices=list(LOSSES))
     parser.add_argument("--spectral-norm", action="store_true", help="spectral norm in D")
-    args = _common.parse(parser, argv)
-    timer = _common.Timer()
+    args = common.parse(parser, argv)
+    timer = common.Timer()
     s = settings_for(args.mode)
     device = args.torch_device
     data, modes, centers, std, extent = make_data(args.mixture, s["n_data"], args.seed)
@@ -164,7 +162,7 @@ def main(argv=None) -> dict:
     settings = {**s, "mixture": args.mixture, "loss": args.loss, "spectral_norm": args.spectral_norm,
                 "grouping": "pushed-to mode", "control": "label permutation within each batch, same trajectory",
                 "dtype": "float64", "optimizer": "Adam(betas=(0.5, 0.999))", "extra_figures": [f"{name}_coupling.png"]}
-    return _common.finish(name, args, figure, results, claims, settings, timer)
+    return common.finish(name, args, figure, results, claims, settings, timer)
 
 
 def draw(report, analyzer, grid, push, real, fake, centers, extent):

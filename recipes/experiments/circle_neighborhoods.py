@@ -6,24 +6,20 @@ anchors, the k nearest training points in Euclidean space and under the normaliz
 kernel k̂_t at initialization, mid-training and the end. Purity (share of the majority label)
 is measured for the three anchors and, for an interval, for many random anchors.
 
-    python recipes/circle_neighborhoods.py [--quick] [--out-dir figures] [--seed 0]
+    python -m recipes.experiments.circle_neighborhoods [--quick] [--out-dir figures] [--seed 0]
 """
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import _common as common  # noqa: E402
+from genkernel import PathKernelTracker, gradient_kernel
+from genkernel.analysis.neighbors import euclidean_neighbors, kernel_neighbors, label_purity
+from genkernel.data import circle_task
+from genkernel.plotting.core import circle_neighborhoods_figure
+from genkernel.supervised import LedgerCallback, SupervisedTrainer, mlp, mse_loss
 
-from genkernel import PathKernelTracker, gradient_kernel  # noqa: E402
-from genkernel.analysis.neighbors import euclidean_neighbors, kernel_neighbors, label_purity  # noqa: E402
-from genkernel.data import circle_task  # noqa: E402
-from genkernel.plotting.core import circle_neighborhoods_figure  # noqa: E402
-from genkernel.supervised import LedgerCallback, SupervisedTrainer, mlp, mse_loss  # noqa: E402
+from .. import common
 
 NAME = "circle_neighborhoods"
 ANCHORS = [(0.0, 0.95), (0.55, 0.55), (-0.3, -0.2)]

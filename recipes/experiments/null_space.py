@@ -20,16 +20,11 @@ Steps (DESIGN.md section 2, "Generalization and the null space"):
 from __future__ import annotations
 
 import math
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+import torch
 
-import torch  # noqa: E402
-from _common import Timer, claim, finish, make_parser, parse, pick  # noqa: E402
-
-from genkernel.analysis.kernel_stats import centered_alignment  # noqa: E402
-from genkernel.analysis.spectral import (  # noqa: E402
+from genkernel.analysis.kernel_stats import centered_alignment
+from genkernel.analysis.spectral import (
     eigendecompose,
     kernel_target_alignment,
     nystrom_extend,
@@ -38,10 +33,12 @@ from genkernel.analysis.spectral import (  # noqa: E402
     spearman_with_interval,
     target_energy_curve,
 )
-from genkernel.data import regression_1d  # noqa: E402
-from genkernel.plotting.figures import plot_null_space  # noqa: E402
-from genkernel.supervised import SupervisedTrainer, mlp, mse_loss  # noqa: E402
-from genkernel.supervised.checkpoint_kernels import CheckpointKernels, geometric_checkpoints  # noqa: E402
+from genkernel.data import regression_1d
+from genkernel.plotting.figures import plot_null_space
+from genkernel.supervised import SupervisedTrainer, mlp, mse_loss
+from genkernel.supervised.checkpoint_kernels import CheckpointKernels, geometric_checkpoints
+
+from ..common import Timer, claim, finish, make_parser, parse, pick
 
 NAME = "null_space"
 

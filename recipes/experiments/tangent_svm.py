@@ -14,19 +14,15 @@ Steps:
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
+import numpy as np
+import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+from genkernel.data import ellipse_task
+from genkernel.plotting.figures import plot_tangent_svm
+from genkernel.supervised import SupervisedTrainer, logistic_loss, mlp
+from genkernel.supervised.svm import fit_rbf_svm, fit_tangent_svm
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from _common import Timer, bootstrap_interval, claim, finish, make_parser, parse, pick  # noqa: E402
-
-from genkernel.data import ellipse_task  # noqa: E402
-from genkernel.plotting.figures import plot_tangent_svm  # noqa: E402
-from genkernel.supervised import SupervisedTrainer, logistic_loss, mlp  # noqa: E402
-from genkernel.supervised.svm import fit_rbf_svm, fit_tangent_svm  # noqa: E402
+from ..common import Timer, bootstrap_interval, claim, finish, make_parser, parse, pick
 
 NAME = "tangent_svm"
 TASKS = {"circle": 1.0, "ellipse": 100.0}

@@ -21,22 +21,19 @@ Steps (DESIGN.md section 2, "Update splitting", "Stochastic Domingos"):
 from __future__ import annotations
 
 import copy
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+import numpy as np
+import torch
+from scipy.stats import spearmanr
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from _common import Timer, bootstrap_interval, claim, finish, make_parser, parse, pick  # noqa: E402
-from scipy.stats import spearmanr  # noqa: E402
+from genkernel import PathKernelTracker
+from genkernel.analysis.optimizer_kernels import adaptive_preconditioner, preconditioned_kernel
+from genkernel.analysis.stochastic import expected_output_decomposition
+from genkernel.data import regression_1d
+from genkernel.plotting.figures import plot_optimizer_weighting
+from genkernel.supervised import LedgerCallback, SupervisedTrainer, mlp, mse_loss
 
-from genkernel import PathKernelTracker  # noqa: E402
-from genkernel.analysis.optimizer_kernels import adaptive_preconditioner, preconditioned_kernel  # noqa: E402
-from genkernel.analysis.stochastic import expected_output_decomposition  # noqa: E402
-from genkernel.data import regression_1d  # noqa: E402
-from genkernel.plotting.figures import plot_optimizer_weighting  # noqa: E402
-from genkernel.supervised import LedgerCallback, SupervisedTrainer, mlp, mse_loss  # noqa: E402
+from ..common import Timer, bootstrap_interval, claim, finish, make_parser, parse, pick
 
 NAME = "optimizer_weighting"
 

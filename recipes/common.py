@@ -1,8 +1,10 @@
-"""Shared helpers for the recipes: arguments, settings per mode, claims, results files, timing.
+"""What the recipes share: arguments, settings per mode, claims, results files, timing, and the
+diffusion recipes' options, claims and outputs.
 
-Every recipe is ``recipes/NAME.py`` with ``main(argv=None)`` and runs as::
+Every experiment is a module ``recipes/experiments/NAME.py`` with ``main(argv=None)`` and runs
+from the repository root as::
 
-    python recipes/NAME.py [--quick] [--out-dir figures] [--seed 0] [--device cpu]
+    python -m recipes.experiments.NAME [--quick] [--out-dir figures] [--seed 0] [--device cpu]
 
 and writes ``OUT/NAME.png`` and ``OUT/NAME.json``. The JSON holds the numbers behind the figure,
 the settings, the wall time and a ``claims`` section: for each claim whether it ``held`` in this
@@ -196,3 +198,96 @@ def finish(
 
 def _fmt(x: Any) -> str:
     return f"{x:.4g}" if isinstance(x, float) else str(x)
+
+
+def import_root(package: str, folder: Path) -> Path:
+    """The folder that ``package``, whose files lie in ``folder``, imports from: ``python -m
+    package.module`` started there imports these files. Returns ``folder``'s ancestor one level
+    up per dot in ``package`` (the repository root for ``recipes.experiments``)."""
+    return Path(folder).resolve().parents[package.count(".")]
+
+
+# ------------------------------------------------------------------------- diffusion recipes
+def add_diffusion_arguments(parser: argparse.ArgumentParser) -> None:
+    """Adds the options the diffusion recipes share (defaults: the mode's settings); returns nothing."""
+    parser.add_argument("--prediction-type", default="epsilon", choices=["epsilon", "v_prediction", "sample"])
+    parser.add_argument("--beta-schedule", default="linear", choices=["linear", "squaredcos_cap_v2"])
+    parser.add_argument("--num-bins", type=int, default=None, help="training-level bins (default: the mode's)")
+    parser.add_argument("--band", type=int, default=None, help="locality band w in bins (default: the mode's)")
+
+
+def apply_diffusion_overrides(settings: dict, args: argparse.Namespace) -> dict:
+    """Writes the options of :func:`add_diffusion_arguments` that were given into ``settings``;
+    returns ``settings``."""
+    settings.update(prediction_type=args.prediction_type, beta_schedule=args.beta_schedule)
+    for key in ("num_bins", "band"):
+        if getattr(args, key) is not None:
+            settings[key] = getattr(args, key)
+    return settings
+
+
+def write_diffusion_outputs(name, args, s, timer, trainer, report, retrieval, retrieval_figure, timings) -> dict:
+    """Saves a diffusion recipe's per-view figures (``OUT/NAME_<view>.png``), then the overview PNG
+    and the JSON (claims from the numbers, :func:`diffusion_claims`).
+
+    ``report``: the NoiseLevelAnalyzer's report; ``retrieval``: the retrieval attribution;
+    ``retrieval_figure``: the recipe's retrieval plot; ``timings``: warm-up, window and retrieval
+    seconds. Returns the JSON payload (see :func:`finish`).
+    """
+    from genkernel.plotting import diffusion as plots
+
+    out = Path(args.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    dpi = 50 if args.mode == "smoke" else 110
+    retrieval_json = retrieval.to_json()
+    extra = {
+        "noise_matrix": plots.plot_noise_matrices(report),
+        "locality": plots.plot_locality_over_training(report),
+        "kernel_decay": plots.plot_kernel_decay(report),
+        "matrix_evolution": plots.plot_matrix_evolution(report),
+        "retrieval": retrieval_figure,
+    }
+    for key, fig in extra.items():
+        fig.savefig(out / f"{name}_{key}.png", dpi=dpi)
+        plots.plt.close(fig)
+    claims = diffusion_claims(report, retrieval_json)
+    results = {
+        "report": report,
+        "retrieval": retrieval_json,
+        "figures": [f"{name}_{key}.png" for key in extra],
+        "final_loss": sum(trainer.losses[-20:]) / max(1, len(trainer.losses[-20:])),
+        "timing": {**timings, "seconds_per_tracked_step": timings["window_s"] / max(1, s["window_steps"])},
+    }
+    return finish(name, args, plots.plot_overview(report, retrieval_json), results, claims, s, timer)
+
+
+def diffusion_claims(report: dict, retrieval_json: dict) -> dict:
+    """The section-3 claims of a diffusion recipe, ``{key: claim}``: the locality ones "held" only
+    when the 95 % interval of (measured − control) lies above 0, the retrieval one when the
+    interval of (noisiest − cleanest entropy) does; the ledger one when its residual is small."""
+    loc = report["locality"]
+    kernel = report["kernel"][-1]["locality"]
+    band = report["config"]["band"]
+    out = {}
+    for key, what in (("traffic", "traffic"), ("share", "net share")):
+        c = loc[key]
+        out[f"{key}_locality"] = claim(
+            f"the {what} of a probe's correction from training within ±{band} bins of its own level exceeds the "
+            "label-permutation control (same trajectory)", c["held"], c["difference"], c["interval"],
+            measured=c["measured"], control=c["control"], median_kappa=loc["median_kappa"],
+        )
+    out["kernel_locality"] = claim(
+        f"at θ_T, k̂ between states within ±{band} bins exceeds k̂ outside, beyond a level-label permutation",
+        kernel["held"], kernel["difference"], kernel["interval"], measured=kernel["measured"], control=kernel["control"],
+    )
+    e = retrieval_json["entropy_high_minus_low"]
+    out["retrieval_broad_to_narrow"] = claim(
+        "retrieval entropy along reverse sampling is higher at the noisiest stage than at the cleanest",
+        e["held"], e["difference"], e["interval"],
+    )
+    residual = report["residual"]["relative_residual"]
+    out["ledger_adds_up"] = claim(
+        "the noise-level ledger adds up: relative residual ‖R‖/‖Δf‖ below 1e-2", residual is not None and residual < 1e-2,
+        residual, None,
+    )
+    return out

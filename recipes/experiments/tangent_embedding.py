@@ -17,22 +17,19 @@ Steps:
 from __future__ import annotations
 
 import math
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+import numpy as np
+import torch
+from sklearn.metrics import silhouette_samples
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from _common import Timer, claim, finish, make_parser, mean_interval, parse, pick  # noqa: E402
-from sklearn.metrics import silhouette_samples  # noqa: E402
+from genkernel import gradient_kernel
+from genkernel.analysis.embedding import embed_2d
+from genkernel.analysis.kernel_stats import kernel_distance
+from genkernel.data import load_digits_images
+from genkernel.plotting.figures import plot_tangent_embedding
+from genkernel.supervised import SmallConvNet, SupervisedTrainer, cross_entropy_loss
 
-from genkernel import gradient_kernel  # noqa: E402
-from genkernel.analysis.embedding import embed_2d  # noqa: E402
-from genkernel.analysis.kernel_stats import kernel_distance  # noqa: E402
-from genkernel.data import load_digits_images  # noqa: E402
-from genkernel.plotting.figures import plot_tangent_embedding  # noqa: E402
-from genkernel.supervised import SmallConvNet, SupervisedTrainer, cross_entropy_loss  # noqa: E402
+from ..common import Timer, claim, finish, make_parser, mean_interval, parse, pick
 
 NAME = "tangent_embedding"
 SEEN = [0, 1, 2, 3, 4]

@@ -10,27 +10,22 @@ permutation control; kernels between image states use an output sketch (V Radema
 Writes diffusion_digits.png (overview), diffusion_digits_{noise_matrix,locality,kernel_decay,
 retrieval}.png and diffusion_digits.json (numbers, claims with intervals, timings) into --out-dir.
 
-Run:  python recipes/diffusion_digits.py [--quick] [--out-dir figures] [--seed 0] [--device cpu]
+Run:  python -m recipes.experiments.diffusion_digits [--quick] [--out-dir figures] [--seed 0] [--device cpu]
       [--dataset digits|mnist|cifar10] [--data-root DIR] [--prediction-type ...] [--beta-schedule ...]
       [--num-bins G] [--band w]
 """
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from genkernel.data import load_image_dataset
+from genkernel.diffusion import DDPMTrainer, NoiseLevelAnalyzer, make_scheduler, retrieval_attribution, train_with_window, tiny_unet
+from genkernel.plotting import diffusion as plots
 
-from _common import Timer, make_parser, parse, pick  # noqa: E402
-from diffusion_toy2d import add_diffusion_arguments, apply_overrides, write_outputs  # noqa: E402
-
-from genkernel.data import load_image_dataset  # noqa: E402
-from genkernel.diffusion import DDPMTrainer, NoiseLevelAnalyzer, make_scheduler, retrieval_attribution, train_with_window, tiny_unet  # noqa: E402
-from genkernel.plotting import diffusion as plots  # noqa: E402
+from ..common import (
+    Timer, add_diffusion_arguments, apply_diffusion_overrides, make_parser, parse, pick, write_diffusion_outputs,
+)
 
 NAME = "diffusion_digits"
 
@@ -63,7 +58,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--image-size", type=int, default=None, help="resize images (default 16; 32 for CIFAR-10)")
     add_diffusion_arguments(parser)
     args = parse(parser, argv)
-    s = apply_overrides(pick(args.mode, **SETTINGS), args)
+    s = apply_diffusion_overrides(pick(args.mode, **SETTINGS), args)
     timer = Timer()
     device = args.torch_device
 
@@ -98,7 +93,7 @@ def main(argv=None) -> dict:
     # 4. Figures and the JSON, claims computed from the numbers with their intervals.
     timings = {"warmup_s": warmup_seconds, "window_s": window_seconds, "retrieval_s": retrieval_seconds}
     figure = plots.plot_retrieval(retrieval, train_subset, images=True, top=min(3, s["retrieval_train"]))
-    return write_outputs(NAME, args, s, timer, trainer, report, retrieval, figure, timings)
+    return write_diffusion_outputs(NAME, args, s, timer, trainer, report, retrieval, figure, timings)
 
 
 if __name__ == "__main__":

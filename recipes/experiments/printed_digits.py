@@ -16,20 +16,16 @@ Steps:
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
+import numpy as np
+import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+from genkernel import gradient_kernel
+from genkernel.analysis.kernel_stats import within_between_gap
+from genkernel.data import load_digits_images, render_printed_digits
+from genkernel.plotting.figures import plot_printed_digits
+from genkernel.supervised import SmallConvNet, SupervisedTrainer, cross_entropy_loss
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from _common import Timer, claim, finish, make_parser, mean_interval, parse, pick, wilson_interval  # noqa: E402
-
-from genkernel import gradient_kernel  # noqa: E402
-from genkernel.analysis.kernel_stats import within_between_gap  # noqa: E402
-from genkernel.data import load_digits_images, render_printed_digits  # noqa: E402
-from genkernel.plotting.figures import plot_printed_digits  # noqa: E402
-from genkernel.supervised import SmallConvNet, SupervisedTrainer, cross_entropy_loss  # noqa: E402
+from ..common import Timer, claim, finish, make_parser, mean_interval, parse, pick, wilson_interval
 
 NAME = "printed_digits"
 

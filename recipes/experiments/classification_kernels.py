@@ -16,19 +16,15 @@ Steps:
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
+import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+from genkernel import gradient_kernel
+from genkernel.analysis.kernel_stats import within_between_gap
+from genkernel.data import load_image_dataset
+from genkernel.plotting.figures import plot_class_kernels
+from genkernel.supervised import SmallConvNet, SupervisedTrainer, cross_entropy_loss
 
-import torch  # noqa: E402
-from _common import Timer, claim, finish, make_parser, mean_interval, parse, pick  # noqa: E402
-
-from genkernel import gradient_kernel  # noqa: E402
-from genkernel.analysis.kernel_stats import within_between_gap  # noqa: E402
-from genkernel.data import load_image_dataset  # noqa: E402
-from genkernel.plotting.figures import plot_class_kernels  # noqa: E402
-from genkernel.supervised import SmallConvNet, SupervisedTrainer, cross_entropy_loss  # noqa: E402
+from ..common import Timer, claim, finish, make_parser, mean_interval, parse, pick
 
 NAME = "classification_kernels"
 DATASETS = ("digits", "mnist", "cifar10")

@@ -1,6 +1,6 @@
 """GAN on 16×16 images: the generator's path kernel split by discriminator gradient direction.
 
-    python recipes/gan_digits.py [--quick] [--out-dir figures] [--seed 0] [--device cpu]
+    python -m recipes.experiments.gan_digits [--quick] [--out-dir figures] [--seed 0] [--device cpu]
                                  [--dataset digits|mnist|cifar10] [--data-root DIR]
 
 DESIGN.md section 3, issue 4. A small DCGAN-style pair (GroupNorm generator, spectral-norm
@@ -16,23 +16,21 @@ Writes ``gan_digits.png`` (samples before/after, alignment, coupling), ``gan_dig
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import _common  # noqa: E402
+from genkernel.data import load_image_dataset
+from genkernel.gan import GANKernelAnalyzer, GANTrainer, DCDiscriminator, DCGenerator
+from genkernel.stats import mean_interval
 
-from genkernel.data import load_image_dataset  # noqa: E402
-from genkernel.gan import GANKernelAnalyzer, GANTrainer, DCDiscriminator, DCGenerator  # noqa: E402
-from genkernel.stats import mean_interval  # noqa: E402
+from .. import common
 
 NAME = "gan_digits"
 
 
 def settings_for(mode: str) -> dict:
-    return _common.pick(
+    return common.pick(
         mode,
         full=dict(iterations=600, width=32, latent=32, batch=64, probes=32, groups=6, window=100, eval_every=10, lr=1e-3, limit=None, dtype="float64"),
         quick=dict(iterations=45, width=8, latent=16, batch=32, probes=16, groups=4, window=15, eval_every=5, lr=1e-3, limit=None, dtype="float64"),
@@ -50,7 +48,7 @@ def build_claims(report: dict) -> dict:
     rows, windows = report["alignment"], report["windows"]
     worst = max(g["relative_residual"], d["relative_residual"])
     claims = {
-        "exact_ledger": _common.claim(
+        "exact_ledger": common.claim(
             "the contributions add up to the real change of G and of D (relative residual < 1e-3, midpoint)",
             worst < 1e-3, worst, None, generator=g["relative_residual"], discriminator=d["relative_residual"],
         )
@@ -60,15 +58,15 @@ def build_claims(report: dict) -> dict:
         ("distribution_guided", "cos_kernel_field", 0.5, "the step follows the plain kernel-smoothed discriminator field (mean cosine > 0.5)"),
     ):
         m = mean_interval(torch.tensor([r[stat] for r in rows]))
-        claims[key] = _common.claim(text, m.above(threshold), m.estimate, (m.low, m.high))
+        claims[key] = common.claim(text, m.above(threshold), m.estimate, (m.low, m.high))
     cmp = mean_interval(torch.tensor([r["cos_kernel_field"] - r["cos_local_push"] for r in rows]))
-    claims["kernel_smoothing_matters"] = _common.claim(
+    claims["kernel_smoothing_matters"] = common.claim(
         "the kernel-smoothed field predicts the step better than the probe's local push −w(z') (difference > 0)",
         cmp.above(0), cmp.estimate, (cmp.low, cmp.high),
     )
     for label, w in (("early", windows[0]), ("late", windows[-1])):
         t = w["traffic_own_minus_control"]
-        claims[f"own_direction_traffic_{label}"] = _common.claim(
+        claims[f"own_direction_traffic_{label}"] = common.claim(
             f"{label} window (steps {w['steps'][0]}-{w['steps'][1]}): a probe's own gradient-direction cluster carries "
             "more traffic than under the permutation control (measured − control > 0)",
             t["held"], t["difference"], t["interval"], kappa_median=w["kappa_median"],
@@ -77,9 +75,9 @@ def build_claims(report: dict) -> dict:
 
 
 def main(argv=None) -> dict:
-    parser = _common.make_parser(__doc__.splitlines()[0], datasets=["digits", "mnist", "cifar10"])
-    args = _common.parse(parser, argv)
-    timer = _common.Timer()
+    parser = common.make_parser(__doc__.splitlines()[0], datasets=["digits", "mnist", "cifar10"])
+    args = common.parse(parser, argv)
+    timer = common.Timer()
     s = settings_for(args.mode)
     dtype = getattr(torch, s["dtype"])
     device = args.torch_device
@@ -120,7 +118,7 @@ def main(argv=None) -> dict:
     settings = {**s, "dataset": args.dataset, "images": int(images.shape[0]), "grouping": "k-means of w/|w|",
                 "control": "label permutation within each batch, same trajectory", "loss": "nonsaturating",
                 "optimizer": "Adam(betas=(0.5, 0.999))", "extra_figures": [f"{NAME}_samples.png"]}
-    return _common.finish(NAME, args, figure, results, claims, settings, timer)
+    return common.finish(NAME, args, figure, results, claims, settings, timer)
 
 
 def draw(report, analyzer, before, after, real):

@@ -1,6 +1,6 @@
 """Generator step time with and without the GAN analyzer, in one process (issue 4, "Speed").
 
-    python recipes/benchmark_gan.py [--quick] [--out-dir figures] [--seed 0] [--device cpu]
+    python -m recipes.benchmarks.gan [--quick] [--out-dir figures] [--seed 0] [--device cpu]
 
 2-D MLP GAN (8-Gaussian ring), batch 64, 64 probe latents, 8 geometry groups (pushed-to mode),
 Adam. Times generator steps only (discriminator steps run untimed in between) for:
@@ -8,28 +8,29 @@ Adam. Times generator steps only (discriminator steps run untimed in between) fo
 - bare: the trainer's plain step;
 - analyzer: the exact ledger with 8 groups (``controls=0``, evaluations off);
 - analyzer + evaluations: alignment / coverage every 5 steps;
-- analyzer + control: the label-permutation control (8 × 8 = 64 tracked groups).
+- analyzer + control: one label-permutation control partition (8 more tracked group rows).
 
 Prints the ratio to the bare step (target: at most 3× for the analyzer alone) and writes
-``benchmark_gan.json``. Reported, not asserted: timings depend on the machine and its load.
+``benchmark_gan.json`` and ``benchmark_gan.png`` (the ratios as bars). Reported, not asserted:
+timings depend on the machine and its load.
 """
 
 from __future__ import annotations
 
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import _common  # noqa: E402
+from genkernel.data import gaussian_ring, ring_mode_centers
+from genkernel.gan import GANKernelAnalyzer, GANTrainer, MLPDiscriminator, MLPGenerator
 
-from genkernel.data import gaussian_ring, ring_mode_centers  # noqa: E402
-from genkernel.gan import GANKernelAnalyzer, GANTrainer, MLPDiscriminator, MLPGenerator  # noqa: E402
+from ..common import Timer, make_parser, parse, pick
+from .harness import print_ratios, write_outputs
 
 NAME = "benchmark_gan"
 DTYPE = torch.float64
+TARGET_RATIO = 3.0  # the analyzer alone, against a bare generator step
 
 
 def time_generator_steps(analyzer_kwargs: dict | None, *, steps: int, warmup: int, seed: int, device) -> float:
@@ -60,10 +61,10 @@ def time_generator_steps(analyzer_kwargs: dict | None, *, steps: int, warmup: in
 
 
 def main(argv=None) -> dict:
-    parser = _common.make_parser(__doc__.splitlines()[0])
-    args = _common.parse(parser, argv)
-    timer = _common.Timer()
-    settings = _common.pick(
+    """Times every configuration, prints the ratios and writes the JSON and PNG; returns the JSON's dict."""
+    args = parse(make_parser(__doc__.splitlines()[0]), argv)
+    timer = Timer()
+    settings = pick(
         args.mode,
         full=dict(steps=60, warmup=5),
         quick=dict(steps=20, warmup=3),
@@ -80,21 +81,37 @@ def main(argv=None) -> dict:
         seconds[name] = time_generator_steps(kwargs, seed=args.seed, device=args.torch_device, **settings)
         print(f"[{NAME}] {name:28s} {1e3 * seconds[name]:8.2f} ms per generator step")
     ratios = {name: seconds[name] / seconds["bare"] for name in configs if name != "bare"}
-    for name, ratio in ratios.items():
-        print(f"[{NAME}] ratio {name:28s} {ratio:6.2f}x a bare step (target <= 3x for 'analyzer')")
+    print_ratios(f"[{NAME}] generator step time, x a bare step (target <= {TARGET_RATIO:g}x for 'analyzer')",
+                 {name: {"x bare": ratio} for name, ratio in ratios.items()})
     payload = {
         "recipe": NAME, "mode": args.mode, "settings": settings, "threads": torch.get_num_threads(),
         "milliseconds": {k: 1e3 * v for k, v in seconds.items()}, "ratios": ratios,
-        "target_ratio": 3.0, "within_target": ratios["analyzer"] <= 3.0,
+        "target_ratio": TARGET_RATIO, "within_target": ratios["analyzer"] <= TARGET_RATIO,
         "wall_seconds": round(timer.seconds, 2),
     }
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    import json
-
-    (out / f"{NAME}.json").write_text(json.dumps(_common._clean(payload), indent=2) + "\n")
+    write_outputs(payload, out / f"{NAME}.json", out / f"{NAME}.png", plot)
     print(f"[{NAME}] done in {timer.seconds:.1f} s")
     return payload
+
+
+def plot(payload: dict, path: Path) -> None:
+    """Draws each configuration's ratio to the bare step as a bar, with the target line, to
+    ``path``; returns nothing."""
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 3.5))
+    names = list(payload["ratios"])
+    ax.bar(range(len(names)), [payload["ratios"][n] for n in names])
+    ax.axhline(payload["target_ratio"], color="k", ls="--", lw=0.8, label=f"{payload['target_ratio']:g}x target (analyzer)")
+    ax.set_xticks(range(len(names)))
+    ax.set_xticklabels([n.replace("_", " ") for n in names], fontsize=8)
+    ax.set_ylabel("generator step / bare step")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=50 if payload["mode"] == "smoke" else 110)
+    plt.close(fig)
 
 
 if __name__ == "__main__":

@@ -8,24 +8,22 @@ to a step (Core v2; before it the control was a G² joint grouping). Targets: an
 without control at most 3× a bare step; with one control at most 2.2× the step without, with five
 at most 6×. The JSON records every time; no claim is tuned.
 
-Run:  python recipes/benchmark_diffusion.py [--quick] [--out-dir figures] [--seed 0] [--device cpu]
+Run:  python -m recipes.benchmarks.diffusion [--quick] [--out-dir figures] [--seed 0] [--device cpu]
+
+Writes OUT/benchmark_diffusion.png and OUT/benchmark_diffusion.json.
 """
 
 from __future__ import annotations
 
-import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from genkernel.data import gaussian_ring, load_image_dataset
+from genkernel.diffusion import DDPMTrainer, MLPDenoiser, NoiseLevelAnalyzer, make_scheduler, tiny_unet
 
-from _common import Timer, claim, finish, make_parser, parse, pick  # noqa: E402
-
-from genkernel.data import gaussian_ring, load_image_dataset  # noqa: E402
-from genkernel.diffusion import DDPMTrainer, MLPDenoiser, NoiseLevelAnalyzer, make_scheduler, tiny_unet  # noqa: E402
+from ..common import Timer, claim, finish, make_parser, parse, pick
+from .harness import print_ratios
 
 NAME = "benchmark_diffusion"
 
@@ -85,10 +83,11 @@ def main(argv=None) -> dict:
     unet = measure(lambda: tiny_unet(16, 1, channels=tuple(s["unet_channels"])).to(device), images, images[:64],
                    batch=s["unet_batch"], steps=s["unet_steps"], warmup=s["warmup"], num_bins=s["num_bins"],
                    num_probes=s["unet_probes"], kernel_sketch=1, seed=args.seed)
-    for name, r in (("MLP", mlp), ("UNet", unet)):
-        print(f"[{NAME}] {name}: bare {r['bare'] * 1e3:.1f} ms/step; analyzer {r['no_control'] * 1e3:.1f} ms "
-              f"({r['ratio_no_control']:.1f}x bare) without control; one control {r['control_cost_one']:.2f}x, "
-              f"five controls {r['control_cost_five']:.2f}x the step without control")
+    print_ratios(
+        f"[{NAME}] bare ms per step; analyzed step without control (x bare); one and five controls (x without)",
+        {name: {"bare ms": r["bare"] * 1e3, "analyzed": r["ratio_no_control"], "1 control": r["control_cost_one"],
+                "5 controls": r["control_cost_five"]} for name, r in (("MLP", mlp), ("UNet", unet))},
+    )
     claims = {
         "mlp_overhead_target": claim(
             f"an analyzed MLP step ({s['num_probes']} probes, {s['num_bins']} bins, no control) costs at most 3x a bare step",

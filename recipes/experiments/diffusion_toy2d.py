@@ -14,26 +14,22 @@ Writes into --out-dir:
 - diffusion_toy2d_retrieval.png    generated samples with their retrieved training points per stage
 - diffusion_toy2d.json             the numbers, the claims (held or not, with intervals), timings
 
-Run:  python recipes/diffusion_toy2d.py [--quick] [--out-dir figures] [--seed 0] [--device cpu]
+Run:  python -m recipes.experiments.diffusion_toy2d [--quick] [--out-dir figures] [--seed 0] [--device cpu]
       [--dataset ring|moons] [--film] [--prediction-type epsilon|v_prediction|sample]
       [--beta-schedule linear|squaredcos_cap_v2] [--num-bins G] [--band w]
 """
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from genkernel.data import gaussian_ring, two_moons
+from genkernel.diffusion import DDPMTrainer, MLPDenoiser, NoiseLevelAnalyzer, make_scheduler, retrieval_attribution, train_with_window
+from genkernel.plotting import diffusion as plots
 
-from _common import Timer, claim, finish, make_parser, parse, pick  # noqa: E402
-
-from genkernel.data import gaussian_ring, two_moons  # noqa: E402
-from genkernel.diffusion import DDPMTrainer, MLPDenoiser, NoiseLevelAnalyzer, make_scheduler, retrieval_attribution, train_with_window  # noqa: E402
-from genkernel.plotting import diffusion as plots  # noqa: E402
+from ..common import (
+    Timer, add_diffusion_arguments, apply_diffusion_overrides, make_parser, parse, pick, write_diffusion_outputs,
+)
 
 NAME = "diffusion_toy2d"
 
@@ -51,6 +47,7 @@ SETTINGS = dict(
 
 
 def load(dataset: str, n: int, seed: int) -> torch.Tensor:
+    """``n`` points ``[n, 2]`` of the 8-Gaussian ring or of two moons."""
     if dataset == "ring":
         return gaussian_ring(n, num_modes=8, radius=2.0, std=0.05, seed=seed)[0]
     return two_moons(n, noise=0.05, seed=seed)[0]
@@ -61,7 +58,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--film", action="store_true", help="FiLM-modulate every hidden layer by the time embedding")
     add_diffusion_arguments(parser)
     args = parse(parser, argv)
-    s = apply_overrides(pick(args.mode, **SETTINGS), args)
+    s = apply_diffusion_overrides(pick(args.mode, **SETTINGS), args)
     s.update(dataset=args.dataset, film=args.film)
     timer = Timer()
     device = args.torch_device
@@ -94,84 +91,7 @@ def main(argv=None) -> dict:
     # 4. Figures and the JSON, claims computed from the numbers with their intervals.
     timings = {"warmup_s": warmup_seconds, "window_s": window_seconds, "retrieval_s": retrieval_seconds}
     figure = plots.plot_retrieval(retrieval, data[: s["retrieval_train"]], images=False)
-    return write_outputs(NAME, args, s, timer, trainer, report, retrieval, figure, timings)
-
-
-def write_outputs(name, args, s, timer, trainer, report, retrieval, retrieval_figure, timings) -> dict:
-    """Save the per-view figures, then the overview PNG and the JSON (claims from the numbers).
-
-    ``retrieval_figure``: the recipe's retrieval plot; ``timings``: warm-up, window and retrieval
-    seconds. Returns the JSON payload.
-    """
-    out = Path(args.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    dpi = 50 if args.mode == "smoke" else 110
-    retrieval_json = retrieval.to_json()
-    extra = {
-        "noise_matrix": plots.plot_noise_matrices(report),
-        "locality": plots.plot_locality_over_training(report),
-        "kernel_decay": plots.plot_kernel_decay(report),
-        "matrix_evolution": plots.plot_matrix_evolution(report),
-        "retrieval": retrieval_figure,
-    }
-    for key, fig in extra.items():
-        fig.savefig(out / f"{name}_{key}.png", dpi=dpi)
-        plots.plt.close(fig)
-    claims = claims_from(report, retrieval_json)
-    results = {
-        "report": report,
-        "retrieval": retrieval_json,
-        "figures": [f"{name}_{key}.png" for key in extra],
-        "final_loss": sum(trainer.losses[-20:]) / max(1, len(trainer.losses[-20:])),
-        "timing": {**timings, "seconds_per_tracked_step": timings["window_s"] / max(1, s["window_steps"])},
-    }
-    return finish(name, args, plots.plot_overview(report, retrieval_json), results, claims, s, timer)
-
-
-def add_diffusion_arguments(parser) -> None:
-    """Options shared by the diffusion recipes (defaults: the mode's settings)."""
-    parser.add_argument("--prediction-type", default="epsilon", choices=["epsilon", "v_prediction", "sample"])
-    parser.add_argument("--beta-schedule", default="linear", choices=["linear", "squaredcos_cap_v2"])
-    parser.add_argument("--num-bins", type=int, default=None, help="training-level bins (default: the mode's)")
-    parser.add_argument("--band", type=int, default=None, help="locality band w in bins (default: the mode's)")
-
-
-def apply_overrides(settings: dict, args) -> dict:
-    settings.update(prediction_type=args.prediction_type, beta_schedule=args.beta_schedule)
-    for key in ("num_bins", "band"):
-        if getattr(args, key) is not None:
-            settings[key] = getattr(args, key)
-    return settings
-
-
-def claims_from(report: dict, retrieval_json: dict) -> dict:
-    """The section-3 claims, each "held" only when its 95 % interval of (measured − control) > 0."""
-    loc = report["locality"]
-    kernel = report["kernel"][-1]["locality"]
-    band = report["config"]["band"]
-    out = {}
-    for key, what in (("traffic", "traffic"), ("share", "net share")):
-        c = loc[key]
-        out[f"{key}_locality"] = claim(
-            f"the {what} of a probe's correction from training within ±{band} bins of its own level exceeds the "
-            "label-permutation control (same trajectory)", c["held"], c["difference"], c["interval"],
-            measured=c["measured"], control=c["control"], median_kappa=loc["median_kappa"],
-        )
-    out["kernel_locality"] = claim(
-        f"at θ_T, k̂ between states within ±{band} bins exceeds k̂ outside, beyond a level-label permutation",
-        kernel["held"], kernel["difference"], kernel["interval"], measured=kernel["measured"], control=kernel["control"],
-    )
-    e = retrieval_json["entropy_high_minus_low"]
-    out["retrieval_broad_to_narrow"] = claim(
-        "retrieval entropy along reverse sampling is higher at the noisiest stage than at the cleanest",
-        e["held"], e["difference"], e["interval"],
-    )
-    residual = report["residual"]["relative_residual"]
-    out["ledger_adds_up"] = claim(
-        "the noise-level ledger adds up: relative residual ‖R‖/‖Δf‖ below 1e-2", residual is not None and residual < 1e-2,
-        residual, None,
-    )
-    return out
+    return write_diffusion_outputs(NAME, args, s, timer, trainer, report, retrieval, figure, timings)
 
 
 if __name__ == "__main__":

@@ -12,19 +12,15 @@ Steps:
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
+import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+from genkernel import gradient_kernel
+from genkernel.analysis.kernel_stats import centered_alignment
+from genkernel.data import regression_1d
+from genkernel.plotting.figures import plot_regression_kernels
+from genkernel.supervised import SupervisedTrainer, mlp, mse_loss
 
-import torch  # noqa: E402
-from _common import Timer, claim, finish, make_parser, mean_interval, parse, pick  # noqa: E402
-
-from genkernel import gradient_kernel  # noqa: E402
-from genkernel.analysis.kernel_stats import centered_alignment  # noqa: E402
-from genkernel.data import regression_1d  # noqa: E402
-from genkernel.plotting.figures import plot_regression_kernels  # noqa: E402
-from genkernel.supervised import SupervisedTrainer, mlp, mse_loss  # noqa: E402
+from ..common import Timer, claim, finish, make_parser, mean_interval, parse, pick
 
 NAME = "regression_kernels"
 R2_LEVEL = {"sin": 0.95, "square": 0.8}  # the fit claims' thresholds (square waves have jumps)
