@@ -39,6 +39,7 @@ from __future__ import annotations
 import hashlib
 import math
 import os
+import weakref
 from dataclasses import dataclass, replace
 from typing import Any, Mapping
 
@@ -64,6 +65,7 @@ from ..engine.gradients import DEFAULT_GRADIENT_BUDGET
 from ..errors import LedgerCheckError, NonFiniteError
 from ..grouping import Partitions
 from .distributed import combine_group_gradients, ddp_context
+from .ema import EMALedgers, ema_parameters
 from .io import atomic_save, load_state
 from .ledger import PathKernelLedger
 from .quadrature import quadrature_rule
@@ -242,16 +244,28 @@ class PathKernelTracker:
         self.ledgers = {name: PathKernelLedger.empty(f_start, size) for name, size in self.partitions.sizes.items()}
         tracked = TrackedModel(self.module, self.params, self.probes, self.partitions, f_start.shape[1], self.memory_budget,
                                self.distributed, self.rtol)
+        self._requested = {"group_state": group_state, "contribution_route": contribution_route,
+                           "gradient_route": gradient_route}
         self.group_state = self._choose_group_state(group_state, f_start.shape[1])
         contribution_route = self._differentiable_route(tracked, contribution_route)
         self.route = self._make_route(tracked, contribution_route, gradient_route, sketch_dim, sketch_seed, sketch_kind)
+        self._tracked = tracked
+        self.ema: EMALedgers | None = None
         self.splitter = self.route.splitter
         self._f_prev = f_start.clone()
         self._theta_after: dict[str, torch.Tensor] | None = None
         self._grad_marks: dict[str, tuple[int, int]] | None = None
         self._observed: dict[str, Any] | None = None  # micro-batches observed since the last step
         self._pending_step: _StepInProgress | None = None  # an observed step between its hooks
-        self._hooks: list = []
+        self._observing = False  # set by the first observe()
+        # Step hooks on the optimizer, inert until the tracker observes a loop: installed now because a
+        # loop that steps with a closure calls observe() inside optimizer.step(), after the pre-hooks ran.
+        # They hold the tracker weakly: a tracker that is dropped leaves inert hooks behind.
+        this = weakref.ref(self)
+        self._hooks = [
+            optimizer.register_step_pre_hook(_TrackerHook(this, "_before_observed_step")),
+            optimizer.register_step_post_hook(_TrackerHook(this, "_after_observed_step")),
+        ]
         self.listeners: list = []  # callables given every recorded StepContributions
         self.gradient_scales: list[dict[str, float]] = []  # observed steps: real gradient / observed sum
         if not self.route.uses_graph(self.partitions.total * 2):
@@ -345,7 +359,7 @@ class PathKernelTracker:
             raise ValueError("this step trains a different model or optimizer than the tracker was built for")
         if step.max_grad_norm != self.max_grad_norm:
             raise ValueError(f"the step clips at {step.max_grad_norm} but the tracker at {self.max_grad_norm}")
-        if self._observed is not None or self._hooks:
+        if self._observing:
             raise RuntimeError("this tracker observes a loop (tracker.observe): let the loop's optimizer.step() record steps")
         index = self.ledger.steps + 1
         ids = self.partitions.check(groups, step.batch)
@@ -381,8 +395,40 @@ class PathKernelTracker:
                 ) from error
             raise
         self.route.commit()
-        self._notify(result)
+        self._recorded(result)
         return result
+
+    # -- the EMA of the weights -------------------------------------------------------------------
+    def track_ema(self, ema: Any) -> EMALedgers:
+        """Keep a second, exact ledger for an exponential moving average of the weights (diffusers'
+        ``EMAModel``, ema-pytorch's ``EMA``, ``AveragedModel``, an averaged copy of the model, or a
+        callable returning ``{name: tensor}``), from now on; read it with :attr:`ema_ledgers`.
+        The EMA is updated by the loop as usual, after each optimizer step
+        (:mod:`genkernel.core.tracking.ema`)."""
+        self._need_dense("an EMA ledger")
+        self.ema = EMALedgers(self._tracked, ema_parameters(ema, list(self.params), self.module), self.rtol, self.rule)
+        return self.ema
+
+    def _need_dense(self, what: str) -> None:
+        """Switch "auto" to the dense route (before any step), or refuse: ``what`` needs per-group rows
+        taken from the training graph."""
+        if self.group_state == "dense":
+            return
+        if self._requested["group_state"] != "auto" or self.ledger.steps:
+            raise ValueError(f"{what} needs one update row per group from the training graph: build the tracker with "
+                             "group_state='dense'")
+        self.group_state = "dense"
+        gradient_route = "graph" if self._requested["gradient_route"] == "auto" else self._requested["gradient_route"]
+        self.route = self._make_route(self._tracked, self.route.contribution_route, gradient_route, 0, 0, "rademacher")
+        self.splitter = self.route.splitter
+
+    @property
+    def ema_ledgers(self) -> dict[str, PathKernelLedger]:
+        """The EMA weights' ledgers per partition, up to the EMA's latest update."""
+        if self.ema is None:
+            raise RuntimeError("no EMA is tracked: call tracker.track_ema(ema) first")
+        self.ema.sync(self.ledger.steps)
+        return self.ema.ledgers
 
     # -- observing a loop the user owns ---------------------------------------------------------
     def observe(
@@ -422,6 +468,7 @@ class PathKernelTracker:
             bad = torch.nonzero(~torch.isfinite(losses)).flatten().tolist()
             raise NonFiniteError(f"non-finite loss at examples {bad[:10]}: this micro-batch was not observed")
         ids = self.partitions.check(groups, batch)
+        self._need_dense("observing a loop")
         coefficients = (torch.full((batch,), 1.0 / batch, dtype=torch.float64) if weights is None else weights).to(torch.float64)
         grads = self.route.graph_gradients(losses, {k: v.to(losses.device) for k, v in ids.items()}, coefficients.to(losses.device))
         if self._observed is None:
@@ -432,11 +479,7 @@ class PathKernelTracker:
             self._observed["losses"].append(losses.detach())
             self._observed["micro_batches"] += 1
             self._observed["ids"].append(ids)
-        if not self._hooks:
-            self._hooks = [
-                self.optimizer.register_step_pre_hook(self._before_observed_step),
-                self.optimizer.register_step_post_hook(self._after_observed_step),
-            ]
+        self._observing = True
 
     def close(self) -> None:
         """Stop observing: remove the optimizer hooks and forget micro-batches not stepped on."""
@@ -445,8 +488,29 @@ class PathKernelTracker:
         self._hooks = []
         self._observed = None
         self._pending_step = None
+        self._observing = False
 
-    def _before_observed_step(self, optimizer, args, kwargs) -> None:
+    def _before_observed_step(self, optimizer, args, kwargs):
+        """The optimizer's pre-step hook. With a closure (Lightning's automatic optimization runs the
+        forward, the backward and gradient clipping inside ``optimizer.step(closure)``), the step
+        is begun when the closure returns; otherwise now."""
+        closure = kwargs.get("closure", args[1] if len(args) > 1 else None)  # args[0]: the optimizer itself
+        if closure is None:
+            if self._observed is not None or self._observing:
+                self._begin_observed()
+            return None  # an owned step (tracker.step) or a loop not observed
+
+        def observed_closure():
+            loss = closure()
+            if self._observed is not None or self._observing:
+                self._begin_observed()
+            return loss
+
+        if "closure" in kwargs:
+            return args, {**kwargs, "closure": observed_closure}
+        return (args[0], observed_closure, *args[2:]), kwargs
+
+    def _begin_observed(self) -> None:
         observed, self._observed = self._observed, None
         if observed is None:
             raise RuntimeError(
@@ -477,7 +541,7 @@ class PathKernelTracker:
             raise
         self.route.commit()
         self._grad_marks = None  # the loop zeroes or keeps its gradients as it likes
-        self._notify(result)
+        self._recorded(result)
 
     def _scaled_to_real(self, index: int, grads: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], float]:
         """The observed group gradients times the one scalar α that makes their sum the optimizer's
@@ -496,7 +560,10 @@ class PathKernelTracker:
             raise NonFiniteError(f"step {index}: the optimizer's gradient is not finite")
         return {name: g * scale for name, g in grads.items()}, scale
 
-    def _notify(self, result: StepContributions) -> None:
+    def _recorded(self, result: StepContributions) -> None:
+        """After a step is committed: the EMA's displacements, then the listeners."""
+        if self.ema is not None:
+            self.ema.after_step(result.group_updates)
         for listener in self.listeners:
             listener(result)
 
@@ -575,6 +642,8 @@ class PathKernelTracker:
     def _check_before(self) -> None:
         """Everything that can be refused before the training forward (or the observed step) changes anything."""
         self._check_precision()
+        if self.ema is not None:
+            self.ema.sync(self.ledger.steps)  # the EMA's update after the previous step
         if self.route.uses_graph(max(self.partitions.total * 2, 1)):
             check_analysis_safe(self.module)
         else:
@@ -595,9 +664,8 @@ class PathKernelTracker:
                 "ledger cannot attribute updates of parameters it does not track. Build a new tracker after changing "
                 "the optimizer"
             )
-        mine = {handle.id for handle in self._hooks}
         hooks = [h for table in (self.optimizer._optimizer_step_pre_hooks, self.optimizer._optimizer_step_post_hooks)
-                 for key, h in table.items() if key not in mine]
+                 for h in table.values() if not isinstance(h, _TrackerHook)]  # trackers' own hooks only read
         if hooks:
             raise RuntimeError(
                 f"the optimizer has {len(hooks)} step hook(s) (register_step_pre_hook / register_step_post_hook): they may "
@@ -661,6 +729,7 @@ class PathKernelTracker:
             "group_state": self.group_state,
             "identity": self._identity(),
             "gradient_scales": list(self.gradient_scales),
+            "ema": None if self.ema is None else self.ema.state_dict(),
         }
 
     def _identity(self) -> dict[str, Any]:
@@ -694,6 +763,11 @@ class PathKernelTracker:
         self._f_prev = state["f_prev"].clone()
         self._theta_after = state["theta_after"]
         self.gradient_scales = list(state["gradient_scales"])
+        if (state["ema"] is None) != (self.ema is None):
+            raise ValueError("the saved tracker and this one differ in keeping an EMA ledger: call track_ema(ema) on "
+                             "both or on neither before loading")
+        if self.ema is not None:
+            self.ema.load_state_dict(state["ema"])
         self._grad_marks = None
 
     def save(self, path: str | os.PathLike) -> None:
@@ -804,6 +878,18 @@ class PathKernelTracker:
                 }
             nodes.append((weight, theta))
         return nodes
+
+
+class _TrackerHook:
+    """An optimizer step hook that calls ``method`` of the tracker behind a weak reference (nothing
+    once it is gone); trackers recognize each other's hooks by this type."""
+
+    def __init__(self, tracker_ref, method: str):
+        self.tracker_ref, self.method = tracker_ref, method
+
+    def __call__(self, *args):
+        tracker = self.tracker_ref()
+        return None if tracker is None else getattr(tracker, self.method)(*args)
 
 
 def _digest(t: torch.Tensor) -> str:

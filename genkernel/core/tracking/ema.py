@@ -1,0 +1,186 @@
+"""The ledger of an exponential moving average of the weights (DESIGN.md section 2, "EMA of the weights").
+
+An EMA of the weights, θ̄_{k+1} = β_k θ̄_k + (1 − β_k) θ_{k+1}, is linear in the trajectory, so its
+change splits into the same groups as the model's. With per-group cumulative displacements
+D_{k,g} = Σ_{j<k} u_{j,g} (θ_k = θ_0 + Σ_g D_{k,g} + D_{k,rest}) and EMA offsets E_{k,g}
+(θ̄_k = θ̄_0 + Σ_g E_{k,g} + E_{k,rest} + E_{k,start}):
+
+    E_{k+1,g} = β_k E_{k,g} + (1 − β_k) D_{k+1,g},   E_{k+1,start} = β_k E_{k,start} + (1 − β_k)(θ_0 − θ̄_0),
+
+exactly. Each EMA update's change ΔĒ_{k,g} = E_{k+1,g} − E_{k,g} is pushed to the probes through the
+EMA weights' own quadrature nodes θ̄_k + s (θ̄_{k+1} − θ̄_k): a second ledger, for the weights
+people sample from, with its own residual, rest and a ``start`` row (what the EMA's own start
+away from θ_0 contributes), one per partition.
+
+β_k is read, not assumed: after each optimizer step the EMA's weights are compared with their
+previous value and the model's, (1 − β) = ⟨Δθ̄, θ − θ̄⟩ / ‖θ − θ̄‖², and the update is checked to be
+exactly that interpolation (diffusers' ``EMAModel`` warm-up decay, ema-pytorch's schedule and
+``AveragedModel``'s running mean all are). An EMA that moved otherwise is refused with the step.
+
+Lifecycle (driven by the tracker): ``after_step(updates)`` when a step is recorded accumulates
+D; ``sync()`` (before the next step, and whenever the ledgers are read) reads the EMA and records
+its update, if any. The probes see f(x; θ̄) with the live model's buffers and frozen parameters.
+Memory: two more float64 copies of the parameters per group row (D and E).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from ..adapter import analysis_mode, functional_model
+from ..errors import LedgerCheckError
+from .ledger import PathKernelLedger
+from .routes import TrackedModel, push_rows
+
+
+def ema_parameters(ema: Any, names: list[str], model: nn.Module) -> Callable[[], dict[str, torch.Tensor]]:
+    """A reader of an EMA object's weights by parameter name: diffusers' ``EMAModel``
+    (``shadow_params`` in the order of ``model.parameters()``), ema-pytorch's ``EMA``
+    (``ema_model``), ``torch.optim.swa_utils.AveragedModel`` (``module``), an ``nn.Module`` holding
+    the averaged weights, or a callable returning ``{name: tensor}``."""
+    if callable(ema) and not isinstance(ema, nn.Module):
+        return lambda: {n: ema()[n] for n in names}
+    if hasattr(ema, "shadow_params"):  # diffusers.training_utils.EMAModel
+        all_names = [n for n, _ in model.named_parameters()]
+        if len(ema.shadow_params) != len(all_names):
+            raise ValueError(
+                f"the EMAModel averages {len(ema.shadow_params)} tensors but the model has {len(all_names)} "
+                "parameters: build it as EMAModel(model.parameters(), ...)"
+            )
+        return lambda: {n: t for n, t in zip(all_names, ema.shadow_params) if n in names}
+    module = getattr(ema, "ema_model", None) or getattr(ema, "module", None) or ema
+    if not isinstance(module, nn.Module):
+        raise TypeError(
+            f"cannot read averaged weights from a {type(ema).__name__}: pass diffusers' EMAModel, ema-pytorch's EMA, "
+            "torch.optim.swa_utils.AveragedModel, the averaged nn.Module itself, or a callable returning {name: tensor}"
+        )
+    missing = [n for n in names if n not in dict(module.named_parameters())]
+    if missing:
+        raise ValueError(f"the EMA model has no parameters {missing[:5]}: it must be a copy of the tracked model")
+    return lambda: {n: p for n, p in module.named_parameters() if n in names}
+
+
+class EMALedgers:
+    """The EMA weights' ledgers of a tracker (see the module docstring); ``tracker.track_ema(ema)``
+    builds it. ``ledgers[name]`` per partition, ``ledger`` the primary one (their ``rest`` holds
+    the EMA's start row, also kept apart in ``start [M, d]``), ``decays`` the β_k read."""
+
+    def __init__(self, model: TrackedModel, read: Callable[[], dict[str, torch.Tensor]], rtol: float, rule):
+        self.model = model
+        self.read = read
+        self.rtol = rtol
+        self.rule = rule
+        partitions = model.partitions
+        self.rows = partitions.total
+        theta = {n: p.detach().to(torch.float64).clone() for n, p in model.params.items()}
+        bar = {n: t.detach().to(torch.float64).clone() for n, t in read().items()}
+        self.theta_start, self.bar_start = theta, bar
+        # rows: every partition's groups, the rest, the rounding gap, (E only) the start
+        self.displacement = {n: torch.zeros((self.rows + 2, *t.shape), dtype=torch.float64, device=t.device)
+                             for n, t in theta.items()}
+        self.offset = {n: torch.zeros((self.rows + 3, *t.shape), dtype=torch.float64, device=t.device)
+                       for n, t in theta.items()}
+        self.last_bar = {n: t.clone() for n, t in bar.items()}
+        self.decays: list[float] = []
+        with torch.no_grad(), analysis_mode(model.module):
+            f_start = self._outputs(bar)
+        self.ledgers = {name: PathKernelLedger.empty(f_start, size) for name, size in partitions.sizes.items()}
+        self.start = torch.zeros_like(f_start)  # [M, d] the part of ``rest`` the start row made
+        self._f_prev = f_start
+
+    @property
+    def ledger(self) -> PathKernelLedger:
+        return self.ledgers[self.model.partitions.primary]
+
+    def after_step(self, updates: dict[str, torch.Tensor]) -> None:
+        """D_{k+1} = D_k + u_k, with the step's rows ``{name: [R + 2, *shape]}``."""
+        for name, u in updates.items():
+            if u.shape[0] != self.rows + 2:
+                raise ValueError("an EMA ledger needs one update row per group: build the tracker with group_state='dense'")
+            self.displacement[name] += u
+
+    def sync(self, step: int) -> None:
+        """Record the EMA's update since the last sync, if it moved (``step``: the optimizer steps so far)."""
+        bar = {n: t.detach().to(torch.float64) for n, t in self.read().items()}
+        if all(torch.equal(bar[n], self.last_bar[n]) for n in bar):
+            return
+        theta = {n: p.detach().to(torch.float64) for n, p in self.model.params.items()}
+        # 1. (1 − β) from the EMA's own move: Δθ̄ = (1 − β)(θ − θ̄).
+        dot = sum(float(((bar[n] - self.last_bar[n]) * (theta[n] - self.last_bar[n])).sum()) for n in bar)
+        norm = sum(float(((theta[n] - self.last_bar[n]) ** 2).sum()) for n in bar)
+        gain = dot / norm if norm > 0 else math.nan
+        for name in bar:
+            expected = self.last_bar[name] + gain * (theta[name] - self.last_bar[name])
+            gap = float((expected - bar[name]).abs().max()) if math.isfinite(gain) else math.inf
+            scale = float(bar[name].abs().max() + theta[name].abs().max())
+            ulp = float(torch.finfo(self.model.params[name].dtype).eps) * 4 * scale
+            if gap > self.rtol * scale + ulp:
+                raise LedgerCheckError(
+                    f"after step {step} the EMA weights of '{name}' moved in a way that is not β θ̄ + (1 − β) θ of the "
+                    f"model's current weights (best 1 − β = {gain:.6g}, gap {gap:.3e}): update the EMA right after "
+                    "optimizer.step(), with the model's parameters"
+                )
+        beta = 1.0 - gain
+        # 2. E_{k+1} = β E_k + (1 − β) D_{k+1}; the start row: β E + (1 − β)(θ_0 − θ̄_0).
+        change = {}
+        for name in bar:
+            target = torch.cat([self.displacement[name],
+                                (self.theta_start[name] - self.bar_start[name]).unsqueeze(0)])
+            new = self.offset[name] * beta + target * gain
+            change[name] = new - self.offset[name]
+            self.offset[name] = new
+        # 3. The check: the rows add up to the EMA's real move.
+        for name in bar:
+            total = change[name].sum(dim=0)
+            real = bar[name] - self.last_bar[name]
+            scale = change[name].abs().sum(dim=0) + real.abs()
+            if bool(((total - real).abs() > self.rtol * scale + 4 * torch.finfo(self.model.params[name].dtype).eps
+                     * bar[name].abs()).any()):
+                raise LedgerCheckError(f"after step {step} the EMA offsets of '{name}' do not add up to the EMA's move")
+        # 4. Push the groups, the rest and the start row through the EMA's own quadrature nodes
+        #    (the rounding row's effect stays in the residual, as in the model's ledger).
+        keep = list(range(self.rows + 1)) + [self.rows + 2]
+        nodes = []
+        dtype = next(iter(self.model.params.values())).dtype
+        for s, w in zip(self.rule.nodes, self.rule.weights):
+            nodes.append((w, {n: (self.last_bar[n] + s * (bar[n] - self.last_bar[n])).to(dtype) for n in bar}))
+        with torch.no_grad(), analysis_mode(self.model.module):
+            f_before = self._outputs(self.last_bar)
+            pushed = push_rows(self.model, {n: c[keep] for n, c in change.items()}, nodes)  # [M, R + 2, d]
+            f_after = self._outputs(bar)
+        drift = f_before - self._f_prev  # the live model's buffers moved the EMA weights' outputs
+        rest = pushed[:, self.rows] + pushed[:, self.rows + 1] + drift  # the rest and the start rows
+        for name, part in self.model.partitions.slices.items():
+            self.ledgers[name].record(pushed[:, part], rest, f_after, None, drift)
+        self.start = self.start + pushed[:, self.rows + 1]
+        self._f_prev = f_after
+        self.last_bar = {n: t.clone() for n, t in bar.items()}
+        self.decays.append(beta)
+
+    def _outputs(self, theta: dict[str, torch.Tensor]) -> torch.Tensor:
+        dtype = next(iter(self.model.params.values())).dtype
+        forward = functional_model(self.model.module)
+        return forward({n: t.to(dtype) for n, t in theta.items()}, self.model.probes).to(torch.float64)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "ledgers": {n: ledger.state_dict() for n, ledger in self.ledgers.items()},
+            "displacement": self.displacement, "offset": self.offset, "last_bar": self.last_bar,
+            "theta_start": self.theta_start, "bar_start": self.bar_start, "decays": list(self.decays),
+            "f_prev": self._f_prev, "start": self.start,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.ledgers = {n: PathKernelLedger.from_state_dict(s) for n, s in state["ledgers"].items()}
+        for key in ("displacement", "offset", "last_bar", "theta_start", "bar_start"):
+            setattr(self, key, {n: t.clone() for n, t in state[key].items()})
+        self.decays = list(state["decays"])
+        self._f_prev = state["f_prev"].clone()
+        self.start = state["start"].clone()
+
+
+__all__ = ["EMALedgers", "ema_parameters"]
