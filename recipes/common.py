@@ -28,6 +28,8 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from genkernel.stats import Interval
+
 MODES = ("full", "quick", "smoke")
 
 
@@ -79,8 +81,19 @@ def pick(mode: str, *, full: dict, quick: dict, smoke: dict) -> dict[str, Any]:
     return dict(table[mode])
 
 
-def claim(statement: str, held: bool, value: float, interval: Sequence[float] | None = None, **extra: Any) -> dict:
-    """One entry of the ``claims`` section. ``held`` must be computed from the numbers."""
+def claim(
+    statement: str, held: bool, value: float, interval: Interval | Sequence[float] | None = None, **extra: Any
+) -> dict:
+    """One entry of the ``claims`` section: ``{"statement", "held", "value", "interval": [low, high]
+    or None, **extra}``, JSON-ready. An ``interval`` from :mod:`genkernel.stats` also adds its
+    ``method`` and ``n`` (unless ``extra`` names them).
+
+    ``held`` must be computed from the numbers, and where there is an interval, from the interval
+    (e.g. ``interval.above(0)``), never from the point estimate alone.
+    """
+    if isinstance(interval, Interval):
+        extra = {"method": interval.method, "n": interval.n, **extra}
+        interval = (interval.low, interval.high)
     return {
         "statement": statement,
         "held": bool(held),
@@ -88,42 +101,6 @@ def claim(statement: str, held: bool, value: float, interval: Sequence[float] | 
         "interval": None if interval is None else [_clean(float(interval[0])), _clean(float(interval[1]))],
         **{k: _clean(v) for k, v in extra.items()},
     }
-
-
-def mean_interval(values: Sequence[float], z: float = 1.96) -> tuple[float, tuple[float, float]]:
-    """Mean and normal-approximation interval mean ± z·se over independent values (se = 0 for one)."""
-    a = np.asarray(values, dtype=np.float64)
-    a = a[np.isfinite(a)]
-    if a.size == 0:
-        return float("nan"), (float("nan"), float("nan"))
-    m = float(a.mean())
-    se = float(a.std(ddof=1) / math.sqrt(a.size)) if a.size > 1 else 0.0
-    return m, (m - z * se, m + z * se)
-
-
-def bootstrap_interval(values: np.ndarray, stat, *, n_boot: int = 1000, seed: int = 0, confidence: float = 0.95):
-    """Percentile bootstrap interval of ``stat(values[idx])`` over resamples of the first axis."""
-    values = np.asarray(values)
-    rng = np.random.default_rng(seed)
-    n = values.shape[0]
-    boots = np.array([stat(values[rng.integers(0, n, n)]) for _ in range(n_boot)], dtype=np.float64)
-    boots = boots[np.isfinite(boots)]
-    if boots.size == 0:
-        return float("nan"), float("nan")
-    alpha = (1.0 - confidence) / 2
-    lo, hi = np.quantile(boots, [alpha, 1.0 - alpha])
-    return float(lo), float(hi)
-
-
-def wilson_interval(successes: int, total: int, z: float = 1.96) -> tuple[float, float]:
-    """Wilson score interval of a proportion."""
-    if total <= 0:
-        return float("nan"), float("nan")
-    p = successes / total
-    denom = 1 + z * z / total
-    centre = (p + z * z / (2 * total)) / denom
-    half = z * math.sqrt(p * (1 - p) / total + z * z / (4 * total * total)) / denom
-    return max(0.0, centre - half), min(1.0, centre + half)
 
 
 def _clean(value: Any) -> Any:
@@ -154,6 +131,7 @@ class Timer:
 
     @property
     def seconds(self) -> float:
+        """Seconds since construction."""
         return time.perf_counter() - self.start
 
 
@@ -197,6 +175,7 @@ def finish(
 
 
 def _fmt(x: Any) -> str:
+    """``x`` for a log line: floats to 4 significant digits."""
     return f"{x:.4g}" if isinstance(x, float) else str(x)
 
 
@@ -274,16 +253,17 @@ def diffusion_claims(report: dict, retrieval_json: dict) -> dict:
         out[f"{key}_locality"] = claim(
             f"the {what} of a probe's correction from training within ±{band} bins of its own level exceeds the "
             "label-permutation control (same trajectory)", c["held"], c["difference"], c["interval"],
-            measured=c["measured"], control=c["control"], median_kappa=loc["median_kappa"],
+            measured=c["measured"], control=c["control"], median_kappa=loc["median_kappa"], method=c["method"], n=c["n"],
         )
     out["kernel_locality"] = claim(
         f"at θ_T, k̂ between states within ±{band} bins exceeds k̂ outside, beyond a level-label permutation",
         kernel["held"], kernel["difference"], kernel["interval"], measured=kernel["measured"], control=kernel["control"],
+        method=kernel["method"], n=kernel["n"],
     )
     e = retrieval_json["entropy_high_minus_low"]
     out["retrieval_broad_to_narrow"] = claim(
         "retrieval entropy along reverse sampling is higher at the noisiest stage than at the cleanest",
-        e["held"], e["difference"], e["interval"],
+        e["held"], e["difference"], e["interval"], method=e["method"], n=e["n"],
     )
     residual = report["residual"]["relative_residual"]
     out["ledger_adds_up"] = claim(

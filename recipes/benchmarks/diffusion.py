@@ -71,6 +71,7 @@ def measure(make_model, data, probe_data, *, batch, steps, warmup, num_bins, num
 
 
 def main(argv=None) -> dict:
+    """Runs the benchmark on the command line ``argv``; returns the JSON payload it wrote."""
     args = parse(make_parser(__doc__.splitlines()[0]), argv)
     s = pick(args.mode, **SETTINGS)
     timer = Timer()

@@ -17,12 +17,18 @@ from genkernel import PathKernelTracker, gradient_kernel
 from genkernel.analysis.neighbors import euclidean_neighbors, kernel_neighbors, label_purity
 from genkernel.data import circle_task
 from genkernel.plotting.core import circle_neighborhoods_figure
+from genkernel.stats import Interval, mean_interval
 from genkernel.supervised import LedgerCallback, SupervisedTrainer, mlp, mse_loss
 
 from .. import common
 
 NAME = "circle_neighborhoods"
 ANCHORS = [(0.0, 0.95), (0.55, 0.55), (-0.3, -0.2)]
+
+
+def summary(interval: Interval) -> dict:
+    """``{"mean", "interval": [low, high], "n", "method"}`` of a mean's interval, for the results."""
+    return {"mean": interval.estimate, "interval": [interval.low, interval.high], "n": interval.n, "method": interval.method}
 
 
 def stage_neighborhoods(model, anchors, points, labels, k):
@@ -33,6 +39,7 @@ def stage_neighborhoods(model, anchors, points, labels, k):
 
 
 def main(argv=None) -> dict:
+    """Runs the experiment on the command line ``argv``; returns the JSON payload it wrote (OUT/NAME.json)."""
     parser = common.make_parser(__doc__.splitlines()[0])
     args = common.parse(parser, argv)
     timer = common.Timer()
@@ -78,10 +85,8 @@ def main(argv=None) -> dict:
     for stage, (idx, pur) in stages.items():
         purity[f"kernel_{stage}"] = pur[:a]
         random_purity[f"kernel_{stage}"] = pur[a:]
-    rise = (random_purity["kernel_end"] - random_purity["kernel_init"]).numpy()
-    rise_mean, rise_ci = common.mean_interval(rise)
-    over_euclid = (random_purity["kernel_end"] - random_purity["euclidean"]).numpy()
-    over_mean, over_ci = common.mean_interval(over_euclid)
+    rise = mean_interval(random_purity["kernel_end"] - random_purity["kernel_init"])  # Student t over random anchors
+    over_euclid = mean_interval(random_purity["kernel_end"] - random_purity["euclidean"])
     with torch.no_grad():
         accuracy = float(((model(points)[:, 0] > 0) == (labels > 0)).double().mean())
         grid = torch.linspace(-1.3, 1.3, 121, dtype=dtype)
@@ -95,8 +100,8 @@ def main(argv=None) -> dict:
         "k": k,
         "purity": {key: value.tolist() for key, value in purity.items()},
         "random_anchor_mean_purity": {key: float(value.mean()) for key, value in random_purity.items()},
-        "purity_rise_init_to_end": {"mean": rise_mean, "interval": rise_ci},
-        "purity_end_minus_euclidean": {"mean": over_mean, "interval": over_ci},
+        "purity_rise_init_to_end": summary(rise),
+        "purity_end_minus_euclidean": summary(over_euclid),
         "purity_rose_for_each_anchor": [bool(purity["kernel_end"][i] > purity["kernel_init"][i]) for i in range(a)],
         "train_accuracy": accuracy,
         "ledger": ledger.summary(),
@@ -106,10 +111,10 @@ def main(argv=None) -> dict:
     claims = {
         "kernel_neighborhoods_sharpen": common.claim(
             "training makes kernel neighbourhoods more label-pure (mean purity end − init over random anchors > 0)",
-            rise_ci[0] > 0, rise_mean, rise_ci),
+            rise.above(0), rise.estimate, rise),
         "kernel_purer_than_euclidean": common.claim(
             "after training, kernel neighbourhoods are purer than Euclidean ones (mean difference > 0)",
-            over_ci[0] > 0, over_mean, over_ci),
+            over_euclid.above(0), over_euclid.estimate, over_euclid),
         "ledger_exact": common.claim(
             "the ledger adds up to the real output change (relative residual < 1e-3)",
             ledger.relative_residual() < 1e-3, ledger.relative_residual()),

@@ -54,6 +54,7 @@ def load(args, mode_settings) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def main(argv=None) -> dict:
+    """Runs the experiment on the command line ``argv``; returns the JSON payload it wrote (OUT/NAME.json)."""
     parser = make_parser(__doc__.splitlines()[0], datasets=("digits", "mnist", "cifar10"))
     parser.add_argument("--image-size", type=int, default=None, help="resize images (default 16; 32 for CIFAR-10)")
     add_diffusion_arguments(parser)

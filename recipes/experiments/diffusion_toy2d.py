@@ -54,6 +54,7 @@ def load(dataset: str, n: int, seed: int) -> torch.Tensor:
 
 
 def main(argv=None) -> dict:
+    """Runs the experiment on the command line ``argv``; returns the JSON payload it wrote (OUT/NAME.json)."""
     parser = make_parser(__doc__.splitlines()[0], datasets=("ring", "moons"))
     parser.add_argument("--film", action="store_true", help="FiLM-modulate every hidden layer by the time embedding")
     add_diffusion_arguments(parser)

@@ -30,6 +30,7 @@ NAME = "gan_digits"
 
 
 def settings_for(mode: str) -> dict:
+    """The settings of ``mode`` (full, quick or smoke)."""
     return common.pick(
         mode,
         full=dict(iterations=600, width=32, latent=32, batch=64, probes=32, groups=6, window=100, eval_every=10, lr=1e-3, limit=None, dtype="float64"),
@@ -39,11 +40,14 @@ def settings_for(mode: str) -> dict:
 
 
 def load(args, s):
+    """``(images [N, C, 16, 16] in [-1, 1], labels [N])`` of the chosen data set."""
     images, labels = load_image_dataset(args.dataset, data_root=args.data_root, train=True, size=16, limit=s["limit"], seed=args.seed)
     return images * 2 - 1, labels  # [-1, 1], the generator's tanh range
 
 
 def build_claims(report: dict) -> dict:
+    """The claims ``{key: claim}`` from the analyzer's report: exactness, alignment (Student-t intervals over
+    evaluation steps) and own-direction traffic against the control, first and last window."""
     g, d = report["generator"], report["discriminator"]
     rows, windows = report["alignment"], report["windows"]
     worst = max(g["relative_residual"], d["relative_residual"])
@@ -58,23 +62,24 @@ def build_claims(report: dict) -> dict:
         ("distribution_guided", "cos_kernel_field", 0.5, "the step follows the plain kernel-smoothed discriminator field (mean cosine > 0.5)"),
     ):
         m = mean_interval(torch.tensor([r[stat] for r in rows]))
-        claims[key] = common.claim(text, m.above(threshold), m.estimate, (m.low, m.high))
+        claims[key] = common.claim(text, m.above(threshold), m.estimate, m)
     cmp = mean_interval(torch.tensor([r["cos_kernel_field"] - r["cos_local_push"] for r in rows]))
     claims["kernel_smoothing_matters"] = common.claim(
         "the kernel-smoothed field predicts the step better than the probe's local push −w(z') (difference > 0)",
-        cmp.above(0), cmp.estimate, (cmp.low, cmp.high),
+        cmp.above(0), cmp.estimate, cmp,
     )
     for label, w in (("early", windows[0]), ("late", windows[-1])):
         t = w["traffic_own_minus_control"]
         claims[f"own_direction_traffic_{label}"] = common.claim(
             f"{label} window (steps {w['steps'][0]}-{w['steps'][1]}): a probe's own gradient-direction cluster carries "
             "more traffic than under the permutation control (measured − control > 0)",
-            t["held"], t["difference"], t["interval"], kappa_median=w["kappa_median"],
+            t["held"], t["difference"], t["interval"], method=t["method"], n=t["n"], kappa_median=w["kappa_median"],
         )
     return claims
 
 
 def main(argv=None) -> dict:
+    """Runs the experiment on the command line ``argv``; returns the JSON payload it wrote (OUT/NAME.json)."""
     parser = common.make_parser(__doc__.splitlines()[0], datasets=["digits", "mnist", "cifar10"])
     args = common.parse(parser, argv)
     timer = common.Timer()
@@ -122,6 +127,7 @@ def main(argv=None) -> dict:
 
 
 def draw(report, analyzer, before, after, real):
+    """The overview figure (samples, alignment, coupling minus control); returns it."""
     import matplotlib.pyplot as plt
 
     from genkernel.plotting.gan import plot_alignment, plot_coupling, plot_coverage_and_coupling, plot_sample_grid

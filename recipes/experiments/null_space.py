@@ -44,6 +44,7 @@ NAME = "null_space"
 
 
 def main(argv=None) -> dict:
+    """Runs the experiment on the command line ``argv``; returns the JSON payload it wrote (OUT/NAME.json)."""
     timer = Timer()
     args = parse(make_parser(__doc__.splitlines()[0]), argv)
     s = pick(

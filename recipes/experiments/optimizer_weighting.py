@@ -31,14 +31,16 @@ from genkernel.analysis.optimizer_kernels import adaptive_preconditioner, precon
 from genkernel.analysis.stochastic import expected_output_decomposition
 from genkernel.data import regression_1d
 from genkernel.plotting.figures import plot_optimizer_weighting
+from genkernel.stats import bootstrap_interval
 from genkernel.supervised import LedgerCallback, SupervisedTrainer, mlp, mse_loss
 
-from ..common import Timer, bootstrap_interval, claim, finish, make_parser, parse, pick
+from ..common import Timer, claim, finish, make_parser, parse, pick
 
 NAME = "optimizer_weighting"
 
 
 def optimizers(model, s):
+    """``{"SGD", "momentum", "Adam"}`` optimizers over ``model``'s parameters (momentum's lr scaled by 1 − μ)."""
     mu = 0.9
     return {
         "SGD": torch.optim.SGD(model.parameters(), lr=s["lr"]),
@@ -53,6 +55,7 @@ def rank_agreement(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 def main(argv=None) -> dict:
+    """Runs the experiment on the command line ``argv``; returns the JSON payload it wrote (OUT/NAME.json)."""
     timer = Timer()
     args = parse(make_parser(__doc__.splitlines()[0]), argv)
     s = pick(
@@ -84,8 +87,8 @@ def main(argv=None) -> dict:
         models[name] = (model, opt)
     rho_mom = rank_agreement(contributions["SGD"], contributions["momentum"])
     rho_adam = rank_agreement(contributions["SGD"], contributions["Adam"])
-    diff = rho_mom - rho_adam
-    diff_int = bootstrap_interval(diff, np.nanmean, seed=args.seed)
+    # BCa bootstrap over probes of the mean (probes where a correlation is undefined are left out)
+    reweighting = bootstrap_interval(rho_mom - rho_adam, np.mean, seed=args.seed)
     adam_model, adam_opt = models["Adam"]
     precond = adaptive_preconditioner(adam_model, adam_opt)
     k_plain = preconditioned_kernel(adam_model, probes, x, None, normalize=True)
@@ -120,7 +123,7 @@ def main(argv=None) -> dict:
         "adam_reweights_examples": claim(
             "Adam's per-example contributions agree less with SGD's than momentum's do "
             "(Spearman over examples, momentum minus Adam, bootstrap over probes)",
-            diff_int[0] > 0, float(np.nanmean(diff)), diff_int,
+            reweighting.above(0), reweighting.estimate, reweighting,
         ),
         "first_order_ledger_explains_mean_change": claim(
             "plain SGD over batch orders: the mean first-order (left-point) ledger is within 10% of the mean change",

@@ -23,9 +23,10 @@ from genkernel import gradient_kernel
 from genkernel.analysis.kernel_stats import within_between_gap
 from genkernel.data import load_digits_images, render_printed_digits
 from genkernel.plotting.figures import plot_printed_digits
+from genkernel.stats import mean_interval, proportion_interval
 from genkernel.supervised import SmallConvNet, SupervisedTrainer, cross_entropy_loss
 
-from ..common import Timer, claim, finish, make_parser, mean_interval, parse, pick, wilson_interval
+from ..common import Timer, claim, finish, make_parser, parse, pick
 
 NAME = "printed_digits"
 
@@ -39,6 +40,7 @@ def interleave(hand: torch.Tensor, printed: torch.Tensor, per_class: int) -> tor
 
 
 def main(argv=None) -> dict:
+    """Runs the experiment on the command line ``argv``; returns the JSON payload it wrote (OUT/NAME.json)."""
     timer = Timer()
     args = parse(make_parser(__doc__.splitlines()[0]), argv)
     s = pick(
@@ -79,11 +81,10 @@ def main(argv=None) -> dict:
         return within_between_gap(k[hand_rows][:, print_cols], digit[hand_rows], digit[print_cols])
 
     before, after = cross(k_init), cross(k_final)
-    change_mean, change_int = mean_interval(after.per_class - before.per_class)
-    accuracy = correct / len(y_print)
-    acc_int = wilson_interval(correct, len(y_print))
+    change = mean_interval(after.per_class - before.per_class)  # Student t over digits
+    accuracy = proportion_interval(correct, len(y_print))  # Wilson
     results = {
-        "printed_accuracy": accuracy, "printed_accuracy_interval": list(acc_int),
+        "printed_accuracy": accuracy.estimate, "printed_accuracy_interval": [accuracy.low, accuracy.high],
         "handwritten_accuracy": float((pred_hand == y_hand).double().mean()),
         "confusion": confusion,
         "cross_domain_gap_init": before.gap, "cross_domain_gap_final": after.gap,
@@ -95,15 +96,15 @@ def main(argv=None) -> dict:
     claims = {
         "printed_recognised_above_chance": claim(
             "the network trained on handwritten digits classifies printed digits above chance (0.1; Wilson interval)",
-            acc_int[0] > 0.1, accuracy, acc_int,
+            accuracy.above(0.1), accuracy.estimate, accuracy,
         ),
         "cross_domain_digit_blocks_sharpen": claim(
             "training raises the handwritten×printed within-digit minus cross-digit kernel gap (interval over digits)",
-            change_int[0] > 0, change_mean, change_int, gap_init=before.gap, gap_final=after.gap,
+            change.above(0), change.estimate, change, gap_init=before.gap, gap_final=after.gap,
         ),
     }
     examples = np.stack([x_hand[::pc, 0].numpy(), x_print[::pc, 0].numpy()])
-    fig = plot_printed_digits(k_init, k_final, confusion, pc, examples, accuracy=accuracy,
+    fig = plot_printed_digits(k_init, k_final, confusion, pc, examples, accuracy=accuracy.estimate,
                               gaps={"init": before.gap, "final": after.gap})
     return finish(NAME, args, fig, results, claims, s, timer)
 

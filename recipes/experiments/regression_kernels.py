@@ -18,15 +18,17 @@ from genkernel import gradient_kernel
 from genkernel.analysis.kernel_stats import centered_alignment
 from genkernel.data import regression_1d
 from genkernel.plotting.figures import plot_regression_kernels
+from genkernel.stats import mean_interval
 from genkernel.supervised import SupervisedTrainer, mlp, mse_loss
 
-from ..common import Timer, claim, finish, make_parser, mean_interval, parse, pick
+from ..common import Timer, claim, finish, make_parser, parse, pick
 
 NAME = "regression_kernels"
 R2_LEVEL = {"sin": 0.95, "square": 0.8}  # the fit claims' thresholds (square waves have jumps)
 
 
 def run_one(kind: str, seed: int, s: dict, device) -> dict:
+    """Trains one MLP on ``kind`` from ``seed``; returns its data, predictions, final kernel, R², losses and alignments."""
     x, y = regression_1d(kind, s["n_train"], seed=seed)
     x_test, y_test = regression_1d(kind, s["n_test"], grid=True)
     x, y, x_test = x.to(device), y.to(device), x_test.to(device)
@@ -51,6 +53,7 @@ def run_one(kind: str, seed: int, s: dict, device) -> dict:
 
 
 def main(argv=None) -> dict:
+    """Runs the experiment on the command line ``argv``; returns the JSON payload it wrote (OUT/NAME.json)."""
     timer = Timer()
     args = parse(make_parser(__doc__.splitlines()[0]), argv)
     s = pick(
@@ -63,26 +66,25 @@ def main(argv=None) -> dict:
     for kind in ("sin", "square"):
         runs = [run_one(kind, args.seed + r, s, args.torch_device) for r in range(s["seeds"])]
         panels[kind] = runs[0]
-        r2 = [r["r2"] for r in runs]
-        gain = [r["alignment"]["final"] - r["alignment"]["init"] for r in runs]
-        r2_mean, r2_int = mean_interval(r2)
-        gain_mean, gain_int = mean_interval(gain)
+        r2_values = [r["r2"] for r in runs]
+        r2 = mean_interval(r2_values)  # Student t over seeds
+        gain = mean_interval([r["alignment"]["final"] - r["alignment"]["init"] for r in runs])
         results[kind] = {
-            "test_r2": r2, "test_r2_mean": r2_mean,
+            "test_r2": r2_values, "test_r2_mean": r2.estimate,
             "final_train_mse": [r["final_loss"] for r in runs],
             "alignment_init": [r["alignment"]["init"] for r in runs],
             "alignment_final": [r["alignment"]["final"] for r in runs],
-            "alignment_gain_mean": gain_mean,
+            "alignment_gain_mean": gain.estimate,
             "test_mse": [r["test_mse"] for r in runs],
             "kernel_final_offdiag_mean": float(runs[0]["kernel"][~torch.eye(len(runs[0]["kernel"]), dtype=torch.bool)].mean()),
         }
         claims[f"{kind}_fitted"] = claim(
             f"the MLP fits {kind} (test R² ≥ {R2_LEVEL[kind]}, interval over seeds)",
-            r2_int[0] >= R2_LEVEL[kind], r2_mean, r2_int,
+            r2.above(R2_LEVEL[kind]), r2.estimate, r2,
         )
         claims[f"{kind}_kernel_aligns_with_target"] = claim(
             f"training raises the centered kernel–target alignment for {kind} (gain > 0 over seeds)",
-            gain_int[0] > 0, gain_mean, gain_int,
+            gain.above(0), gain.estimate, gain,
         )
     fig = plot_regression_kernels(panels)
     return finish(NAME, args, fig, results, claims, s, timer)
