@@ -26,10 +26,10 @@ test-slow: $(STAMP)
 	$(PY) -m pytest -q -m slow
 
 figures: $(STAMP)
-	$(PY) recipes/run_all.py --quick
+	$(PY) -m recipes --quick
 
 figures-full: $(STAMP)
-	$(PY) recipes/run_all.py
+	$(PY) -m recipes
 
 # The committed figures/benchmark_kernels.{json,png} come from this command (about 30 minutes).
 bench: $(STAMP)
