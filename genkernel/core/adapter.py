@@ -91,11 +91,30 @@ def flat_output(output: Any, batch: int) -> torch.Tensor:
 
 
 def unwrap(model: nn.Module) -> nn.Module:
-    """The module inside DistributedDataParallel or DataParallel (or ``model`` itself): analysis
-    passes run on the wrapped module, whose parameters the wrapper shares."""
-    while isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
-        model = model.module
-    return model
+    """The module inside DistributedDataParallel, DataParallel or ``torch.compile`` (or ``model``
+    itself): analysis passes run on the wrapped module, whose parameters the wrapper shares."""
+    while True:
+        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            model = model.module
+        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):  # torch.compile's OptimizedModule
+            model = model._orig_mod
+        else:
+            return model
+
+
+def unwrap_optimizer(optimizer: Any) -> torch.optim.Optimizer:
+    """The ``torch.optim.Optimizer`` inside accelerate's ``AcceleratedOptimizer`` (``.optimizer``) or
+    Lightning's ``LightningOptimizer`` (``._optimizer``), or ``optimizer`` itself."""
+    seen = 0
+    while not isinstance(optimizer, torch.optim.Optimizer):
+        inner = getattr(optimizer, "optimizer", None) or getattr(optimizer, "_optimizer", None)
+        if inner is None or seen > 8:
+            raise TypeError(
+                f"{type(optimizer).__name__} is not a torch.optim.Optimizer and wraps none that genkernel can find "
+                "(.optimizer or ._optimizer)"
+            )
+        optimizer, seen = inner, seen + 1
+    return optimizer
 
 
 def check_memory_budget(value: Any, *, name: str = "memory_budget") -> int:

@@ -28,16 +28,26 @@ Use with the built-in trainer::
     trainer.train(500)
     analyzer.report()
 
-or in your own loop, in place of ``loss.backward(); optimizer.step()``::
+or observing your own loop, which keeps its forward, loss, backward, clipping, accumulation and
+``optimizer.step()`` (accelerate's and Lightning's too)::
 
     analyzer = NoiseLevelAnalyzer(scheduler, probe_data)
-    analyzer.bind(model, optimizer)
-    for x0 in loader:                                   # x0 [B, *shape] clean inputs
-        noise = torch.randn_like(x0)
-        t = torch.randint(0, scheduler.config.num_train_timesteps, (x0.shape[0],))
-        losses = analyzer.step(x0, noise, t)            # [B] per-example losses
-    analyzer.record_kernel()                            # kernel structure at θ_T (the trainer does this itself)
+    analyzer.bind(model, optimizer, ema=ema_model)     # ema: optional, a second ledger for the EMA weights
+    for x0 in loader:
+        noise, t = torch.randn_like(x0), torch.randint(0, T, (x0.shape[0],))
+        pred = model(scheduler.add_noise(x0, noise, t), t).sample
+        losses = ((pred - noise) ** 2).mean(dim=(1, 2, 3))   # per-example, any weighting (min-SNR ...)
+        analyzer.observe(losses, t)                     # the one added line, before the backward
+        losses.mean().backward(); optimizer.step(); optimizer.zero_grad()
+    analyzer.finish()                                   # kernel structure at θ_T
     analyzer.report()
+
+or, in place of ``loss.backward(); optimizer.step()``, let the analyzer perform the step:
+``losses = analyzer.step(x0, noise, t)``.
+
+Conditional denoisers ``model(x_t, t, *conditioning)`` (class labels, ``encoder_hidden_states``):
+``probe_conditioning`` gives the probes' extra inputs, steps pass ``conditioning=``, and with
+``num_classes`` a "level_class" partition (noise level × class) is split beside the levels.
 """
 
 from __future__ import annotations
@@ -51,6 +61,7 @@ import torch
 from torch import nn
 
 from ..core import grouping
+from ..core.adapter import as_tuple, unwrap, unwrap_optimizer
 from ..core.errors import LedgerCheckError
 from ..core.tracking.callbacks import TrainerCallback
 from ..core.tracking.io import atomic_save, load_state
@@ -74,6 +85,8 @@ __all__ = ["NoiseLevelAnalyzer"]
 
 FORMAT = "genkernel.NoiseLevelAnalyzer/2"
 LEVEL = "level"
+LEVEL_CLASS = "level_class"
+WEIGHTS = ("model", "ema")
 
 
 class NoiseLevelAnalyzer(TrainerCallback):
@@ -100,6 +113,11 @@ class NoiseLevelAnalyzer(TrainerCallback):
         seed: seeds probe noise, the control permutations and kernel sketches (private
             generators; the global RNG is untouched).
         memory_budget: bytes of per-example gradients held at once by the tracker.
+        probe_conditioning: extra model inputs per row of ``probe_data`` (a Tensor or tuple of
+            Tensors with N0 rows: class labels, conditioning embeddings) for a conditional
+            denoiser ``model(x_t, t, *conditioning)``.
+        num_classes: C: also split every step into noise level × class groups (partition
+            ``"level_class"``, G·C groups, group ``bin·C + class``); steps then pass ``class_labels``.
         name: the key of this analyzer's state in a trainer's checkpoint (default the class name).
     """
 
@@ -120,6 +138,8 @@ class NoiseLevelAnalyzer(TrainerCallback):
         kernel_sketch: int | None = None,
         seed: int = 0,
         memory_budget: int = 256 * 2**20,
+        probe_conditioning: torch.Tensor | tuple[torch.Tensor, ...] | None = None,
+        num_classes: int | None = None,
         name: str | None = None,
     ) -> None:
         self.prediction_type = check_prediction_type(scheduler)
@@ -142,6 +162,15 @@ class NoiseLevelAnalyzer(TrainerCallback):
             raise ValueError("snapshot_every and kernel_every must be >= 0 (0: only at the start/end)")
         if not isinstance(kernel_points, int) or kernel_points < 2:
             raise ValueError(f"kernel_points must be an int >= 2 (pairs of different inputs), got {kernel_points!r}")
+        if num_classes is not None and (isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1):
+            raise ValueError(f"num_classes must be None or a positive int, got {num_classes!r}")
+        conditioning = () if probe_conditioning is None else as_tuple(probe_conditioning, name="probe_conditioning")
+        if any(c.shape[0] != probe_data.shape[0] for c in conditioning):
+            raise ValueError(
+                f"probe_conditioning needs one row per row of probe_data ({probe_data.shape[0]}), got "
+                f"{[tuple(c.shape) for c in conditioning]}"
+            )
+        self.num_classes = num_classes
         self.num_bins = num_bins
         self.band = band
         self.controls = controls
@@ -164,7 +193,10 @@ class NoiseLevelAnalyzer(TrainerCallback):
         self.probe_timesteps = self.levels[self.probe_level]
         self.probe_bins = self.level_bins[self.probe_level]
         pick = torch.randperm(probe_data.shape[0], generator=generator)
-        self.probe_clean = probe_data[pick[torch.arange(num_probes) % probe_data.shape[0]]].detach().to(torch.float64).cpu()
+        rows = pick[torch.arange(num_probes) % probe_data.shape[0]]
+        self.probe_clean = probe_data[rows].detach().to(torch.float64).cpu()
+        self.probe_conditioning = tuple(c[rows.to(c.device)].detach().cpu() for c in conditioning)
+        self.kernel_conditioning = tuple(c[:kernel_points].detach().cpu() for c in conditioning)
         self.probe_noise = torch.randn(self.probe_clean.shape, generator=generator, dtype=torch.float64)
         self.kernel_clean = probe_data[: kernel_points].detach().to(torch.float64).cpu()
         if self.kernel_clean.shape[0] < 2:
@@ -180,32 +212,58 @@ class NoiseLevelAnalyzer(TrainerCallback):
     # -- binding -----------------------------------------------------------------------------
     @property
     def partitions(self) -> dict[str, int]:
-        """The partitions the tracker splits: ``{"level": G, "control_0": G, ...}``."""
-        return {LEVEL: self.num_bins, **{name: self.num_bins for name in self.control_names}}
+        """The partitions the tracker splits: ``{"level": G, "control_0": G, ..., "level_class": G·C}``."""
+        out = {LEVEL: self.num_bins, **{name: self.num_bins for name in self.control_names}}
+        if self.num_classes is not None:
+            out[LEVEL_CLASS] = self.num_bins * self.num_classes
+        return out
 
     @property
     def control_names(self) -> list[str]:
         return [f"control_{i}" for i in range(self.controls)]
 
-    def probes(self, like: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """The probe states ``(z_s [M, *shape], s [M])`` in ``like``'s dtype/device."""
+    def probes(self, like: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
+        """The probe states ``(z_s [M, *shape], s [M], *conditioning)`` in ``like``'s dtype/device."""
         clean, noise = self.probe_clean, self.probe_noise
+        conditioning = self.probe_conditioning
         if like is not None:
             clean, noise = clean.to(like), noise.to(like)
+            conditioning = tuple(c.to(device=like.device, dtype=like.dtype if c.is_floating_point() else c.dtype)
+                                 for c in conditioning)
         t = self.probe_timesteps.to(clean.device)
-        return noisy_input(self.scheduler, clean, noise, t), t
+        return (noisy_input(self.scheduler, clean, noise, t), t, *conditioning)
 
-    def bind(self, model: nn.Module, optimizer: torch.optim.Optimizer, *, max_grad_norm: float = math.inf) -> None:
-        """Start tracking ``model`` trained by ``optimizer`` (the window starts at the current θ)."""
+    def bind(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        *,
+        ema: Any = None,
+        max_grad_norm: float = math.inf,
+        start_step: int = 0,
+    ) -> None:
+        """Start tracking ``model`` trained by ``optimizer`` (the window starts at the current θ).
+
+        ``model`` and ``optimizer`` may be wrapped (DistributedDataParallel, accelerate's prepared
+        objects, ``torch.compile``, Lightning's optimizer): the analyzer reads through the wrappers.
+        ``ema``: an EMA of the weights (diffusers' ``EMAModel``, ema-pytorch's ``EMA``,
+        ``AveragedModel``) that the loop updates after each step: a second ledger is kept for it.
+        ``start_step``: the loop's step count now (reports number steps from it).
+        """
         if self.tracker is not None:
             raise RuntimeError("this analyzer is already bound to a model; build a new one for another run")
-        param = next(model.parameters())
+        optimizer = unwrap_optimizer(optimizer)
+        param = next(unwrap(model).parameters())
         probes = self.probes(param)
         self.model = model
         self.tracker = PathKernelTracker(
             model, optimizer, diffusion_loss, probes, num_groups=self.partitions, quadrature=self.quadrature,
             max_grad_norm=max_grad_norm, memory_budget=self.memory_budget,
         )
+        self.tracker.listeners.append(self._record)
+        if ema is not None:
+            self.tracker.track_ema(ema)
+        self._start_step = start_step if self._start_step is None else self._start_step
         if self._pending_state is not None:
             self._load(self._pending_state)
             self._pending_state = None
@@ -228,7 +286,7 @@ class NoiseLevelAnalyzer(TrainerCallback):
             self.bind(step.model, step.optimizer, max_grad_norm=step.max_grad_norm)
         current = getattr(trainer, "global_step", None)
         self._global_step = None if current is None else current + 1  # 1-based index of this step
-        return self.track(step, step.info["timesteps"]).losses
+        return self.track(step, step.info["timesteps"], class_labels=step.info.get("class_labels")).losses
 
     def on_train_end(self, trainer: Any) -> None:
         if self.tracker is not None and self.tracker.ledger.steps and (
@@ -236,40 +294,81 @@ class NoiseLevelAnalyzer(TrainerCallback):
         ):
             self.record_kernel()
 
-    # -- the user-loop verb ------------------------------------------------------------------
-    def step(self, clean: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor, *, max_grad_norm: float | None = None) -> torch.Tensor:
+    # -- the user-loop verbs -------------------------------------------------------------------
+    def observe(
+        self,
+        losses: torch.Tensor,
+        timesteps: torch.Tensor,
+        *,
+        class_labels: torch.Tensor | None = None,
+        weights: torch.Tensor | None = None,
+    ) -> None:
+        """Report one micro-batch of your own loop, before its backward.
+
+        Args:
+            losses: ``[B]`` per-example losses with their graph, weighted as your loss weights them
+                (min-SNR and the like); your loss is their mean, or Σ_n c_n ℓ_n with ``weights``.
+            timesteps: ``LongTensor[B]`` the training timesteps.
+            class_labels: ``LongTensor[B]`` in [0, C), with ``num_classes``.
+
+        The loop's ``optimizer.step()`` records the step (gradient accumulation over several
+        observed micro-batches and global-norm clipping are followed exactly).
+        """
+        if self.tracker is None:
+            raise RuntimeError("call analyzer.bind(model, optimizer) before analyzer.observe(...)")
+        groups, bins = self._groups(timesteps, losses.shape[0] if isinstance(losses, torch.Tensor) else -1, class_labels)
+        self.tracker.observe(losses, {k: v.to(losses.device) for k, v in groups.items()}, weights)
+        self._pending_bins.append(bins)
+
+    def finish(self) -> None:
+        """Record the kernel structure at the current θ unless the last tracked step has it already
+        (what a built-in trainer's end of training does)."""
+        if self.tracker is not None and self.tracker.ledger.steps and (
+            not self.kernel_history or self.kernel_history[-1]["tracked_step"] != self.tracker.ledger.steps
+        ):
+            self.record_kernel()
+
+    def step(
+        self,
+        clean: torch.Tensor,
+        noise: torch.Tensor,
+        timesteps: torch.Tensor,
+        *,
+        conditioning: torch.Tensor | tuple[torch.Tensor, ...] | None = None,
+        class_labels: torch.Tensor | None = None,
+        weights: torch.Tensor | None = None,
+        max_grad_norm: float | None = None,
+    ) -> torch.Tensor:
         """One real optimizer step of the bound model on a DDPM batch, recorded in the ledger.
 
         Replaces ``loss.backward(); optimizer.step()`` in a user's loop. Args: ``clean`` and
-        ``noise`` ``[B, *shape]``, ``timesteps`` ``LongTensor[B]`` in [0, T). Builds z with
-        ``scheduler.add_noise`` and the target for the scheduler's prediction type. Returns the
-        per-example losses ``[B]``.
+        ``noise`` ``[B, *shape]``, ``timesteps`` ``LongTensor[B]`` in [0, T); ``conditioning``: the
+        model's extra inputs; ``weights``: per-example coefficients c_n of the loss Σ_n c_n ℓ_n
+        (default the mean; min-SNR weighting goes here). Builds z with ``scheduler.add_noise`` and
+        the target for the scheduler's prediction type. Returns the per-example losses ``[B]``.
         """
         if self.tracker is None:
             raise RuntimeError("call analyzer.bind(model, optimizer) before analyzer.step(...)")
         timesteps = check_timesteps(timesteps, self.scheduler)
         noisy = noisy_input(self.scheduler, clean, noise, timesteps)
         target = training_target(self.scheduler, clean, noise, timesteps)
+        extra = () if conditioning is None else as_tuple(conditioning, name="conditioning")
         step = OptimizerStep(
-            self.tracker.model, self.tracker.optimizer, diffusion_loss, (noisy, timesteps), target,
+            self.tracker.model, self.tracker.optimizer, diffusion_loss, (noisy, timesteps, *extra), target, weights,
             max_grad_norm=self.tracker.max_grad_norm if max_grad_norm is None else max_grad_norm,
             info={"timesteps": timesteps},
         )
-        return self.track(step, timesteps).losses
+        return self.track(step, timesteps, class_labels=class_labels).losses
 
-    def track(self, step: OptimizerStep, timesteps: torch.Tensor) -> StepContributions:
-        """Group the step's examples by timestep bin (and permuted bins for the controls) and let
-        the tracker take the step."""
-        timesteps = check_timesteps(timesteps, self.scheduler)
-        if timesteps.numel() != step.batch:
-            raise ValueError(f"got {timesteps.numel()} timesteps for a batch of {step.batch}")
-        bins = timestep_bins(timesteps, self.num_bins, self.total).cpu()
-        groups = {LEVEL: bins}
-        for name in self.control_names:
-            groups[name] = bins[torch.randperm(bins.numel(), generator=self._perm_generator)]
+    def track(self, step: OptimizerStep, timesteps: torch.Tensor, *, class_labels: torch.Tensor | None = None) -> StepContributions:
+        """Group the step's examples by timestep bin (and permuted bins for the controls, and level ×
+        class) and let the tracker take the step."""
+        groups, bins = self._groups(timesteps, step.batch, class_labels)
+        self._pending_bins.append(bins)
         try:
-            result = self.tracker.track(step, {k: v.to(timesteps.device) for k, v in groups.items()})
+            return self.tracker.track(step, {k: v.to(timesteps.device) for k, v in groups.items()})
         except LedgerCheckError as error:
+            self._pending_bins = []
             if "to_k.bias" in str(error):
                 raise LedgerCheckError(
                     f"{error}. Attention key biases have exactly zero gradient (softmax is shift invariant) and "
@@ -277,11 +376,32 @@ class NoiseLevelAnalyzer(TrainerCallback):
                     "genkernel.diffusion.freeze_attention_key_biases(model) before building the optimizer"
                 ) from error
             raise
-        self._record(result, bins)
-        return result
+        except BaseException:
+            self._pending_bins = []
+            raise
+
+    def _groups(self, timesteps, batch: int, class_labels) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """Every partition's ids for a batch: level bins, permuted bins per control, level × class."""
+        timesteps = check_timesteps(timesteps, self.scheduler)
+        if timesteps.numel() != batch:
+            raise ValueError(f"got {timesteps.numel()} timesteps for a batch of {batch}")
+        bins = timestep_bins(timesteps, self.num_bins, self.total).cpu()
+        groups = {LEVEL: bins}
+        for name in self.control_names:
+            groups[name] = bins[torch.randperm(bins.numel(), generator=self._perm_generator)]
+        if self.num_classes is not None:
+            if not isinstance(class_labels, torch.Tensor) or class_labels.shape != (batch,):
+                raise ValueError(f"this analyzer splits by level × class (num_classes={self.num_classes}): pass "
+                                 f"class_labels, a LongTensor[{batch}]")
+            labels = class_labels.cpu().long()
+            if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= self.num_classes):
+                raise ValueError(f"class_labels must lie in [0, {self.num_classes})")
+            groups[LEVEL_CLASS] = bins * self.num_classes + labels
+        return groups, bins
 
     # -- recording -----------------------------------------------------------------------------
     def _reset_records(self) -> None:
+        self._pending_bins: list[torch.Tensor] = []  # the bins of the micro-batches of the step in progress
         self.bin_counts: list[list[int]] = []
         self.global_steps: list[int | None] = []
         self.history: list[dict[str, Any]] = []
@@ -289,9 +409,15 @@ class NoiseLevelAnalyzer(TrainerCallback):
         self._global_step = None
         self._start_step: int | None = None
 
-    def _record(self, result: StepContributions, bins: torch.Tensor) -> None:
+    def _record(self, result: StepContributions) -> None:
+        """The tracker's listener: bookkeeping after every recorded step (owned or observed)."""
+        bins = torch.cat(self._pending_bins) if self._pending_bins else torch.zeros(0, dtype=torch.long)
+        self._pending_bins = []
         self.bin_counts.append(torch.bincount(bins, minlength=self.num_bins).tolist())
-        self.global_steps.append(self._global_step)
+        step = self._global_step
+        if step is None:  # a user loop: count from bind's start_step
+            step = (self._start_step or 0) + self.tracker.ledger.steps
+        self.global_steps.append(step)
         self._global_step = None
         steps = self.tracker.ledger.steps
         if self.snapshot_every and steps % self.snapshot_every == 0:
@@ -319,9 +445,11 @@ class NoiseLevelAnalyzer(TrainerCallback):
         model = self.model if model is None else model
         if model is None:
             raise RuntimeError("pass a model, or bind the analyzer to one first")
-        param = next(model.parameters())
+        param = next(unwrap(model).parameters())
         all_levels = bin_centers(self.num_bins, self.total)
         states = make_states(self.scheduler, self.kernel_clean.to(param), self.kernel_noise.to(param), all_levels)
+        levels = all_levels.numel()
+        states = (*states, *(c.to(param.device).repeat_interleave(levels, dim=0) for c in self.kernel_conditioning))
         kernel = state_kernel(model, states, output_sketch=self.kernel_sketch, seed=self.seed, memory_budget=self.memory_budget)
         summary = kernel_locality(kernel.cpu(), self.kernel_clean.shape[0], torch.arange(self.num_bins), self.band, seed=self.seed)
         return {"sketch": self.kernel_sketch, **summary}
@@ -362,23 +490,33 @@ class NoiseLevelAnalyzer(TrainerCallback):
         """``[M, G]`` traffic per training-level bin (the level ledger's, on the CPU)."""
         return self.ledger.traffic.cpu()
 
-    def _partition(self, partition: str) -> PathKernelLedger:
-        if partition not in self.ledgers:
-            raise ValueError(f"unknown partition {partition!r}; this analyzer tracks {list(self.ledgers)}")
-        return self.ledgers[partition]
+    @property
+    def ema_ledgers(self) -> dict[str, PathKernelLedger]:
+        """The EMA weights' ledgers (``bind(..., ema=...)``), per partition."""
+        self._require()
+        return self.tracker.ema_ledgers
 
-    def shares(self, partition: str = LEVEL) -> tuple[torch.Tensor, torch.Tensor]:
-        """Net shares ``[M, G]`` per bin of ``partition`` and κ ``[M]`` (on the CPU)."""
-        ledger = self._partition(partition)
+    def _partition(self, partition: str, weights: str = "model") -> PathKernelLedger:
+        if weights not in WEIGHTS:
+            raise ValueError(f"weights must be one of {WEIGHTS}, got {weights!r}")
+        ledgers = self.ledgers if weights == "model" else self.ema_ledgers
+        if partition not in ledgers:
+            raise ValueError(f"unknown partition {partition!r}; this analyzer tracks {list(ledgers)}")
+        return ledgers[partition]
+
+    def shares(self, partition: str = LEVEL, *, weights: str = "model") -> tuple[torch.Tensor, torch.Tensor]:
+        """Net shares ``[M, G]`` per group of ``partition`` and κ ``[M]`` (on the CPU), of the model's
+        ledgers or (``weights="ema"``) the EMA weights'."""
+        ledger = self._partition(partition, weights)
         delta = ledger.delta.cpu()
         contributions = ledger.contributions.cpu()
         return grouping.net_shares(contributions, delta), grouping.cancellation_ratio(contributions, delta)
 
-    def traffic_shares(self, partition: str = LEVEL) -> torch.Tensor:
-        """Traffic ``[M, G]`` of ``partition`` normalized over bins per probe (rows sum to 1)."""
-        return grouping.traffic_shares(self._partition(partition).traffic.cpu())
+    def traffic_shares(self, partition: str = LEVEL, *, weights: str = "model") -> torch.Tensor:
+        """Traffic ``[M, G]`` of ``partition`` normalized over groups per probe (rows sum to 1)."""
+        return grouping.traffic_shares(self._partition(partition, weights).traffic.cpu())
 
-    def matrices(self) -> dict[str, torch.Tensor]:
+    def matrices(self, *, weights: str = "model") -> dict[str, torch.Tensor]:
         """Noise × noise matrices ``[L, G]`` (rows: probe level, averaged over its probes; columns:
         training-level bin): traffic and net shares, measured and (averaged over the control
         partitions) control, plus κ ``[L]`` and the relative residual per level ``[L]``."""
@@ -388,32 +526,36 @@ class NoiseLevelAnalyzer(TrainerCallback):
         def by_level(values: torch.Tensor) -> torch.Tensor:
             return grouping.average_by_probe_group(values, self.probe_level, num_levels)
 
-        shares, kappa = self.shares()
+        shares, kappa = self.shares(weights=weights)
+        ledger = self._partition(LEVEL, weights)
         out = {
-            "traffic": by_level(self.traffic_shares()),
+            "traffic": by_level(self.traffic_shares(weights=weights)),
             "share": by_level(shares),
             "kappa": by_level(kappa[:, None])[:, 0],
-            "residual": by_level(self.ledger.probe_relative_residual().cpu()[:, None])[:, 0],
+            "residual": by_level(ledger.probe_relative_residual().cpu()[:, None])[:, 0],
         }
         if self.controls:
-            out["traffic_control"] = torch.stack([by_level(self.traffic_shares(c)) for c in self.control_names]).mean(0)
-            out["share_control"] = torch.stack([by_level(self.shares(c)[0]) for c in self.control_names]).mean(0)
+            out["traffic_control"] = torch.stack([by_level(self.traffic_shares(c, weights=weights))
+                                                  for c in self.control_names]).mean(0)
+            out["share_control"] = torch.stack([by_level(self.shares(c, weights=weights)[0])
+                                                for c in self.control_names]).mean(0)
         return out
 
-    def locality(self, band: int | None = None) -> dict[str, Any]:
+    def locality(self, band: int | None = None, *, weights: str = "model") -> dict[str, Any]:
         """Traffic and net-share locality (share within w bins of each probe's level) against the
         control partitions, per probe, as "measured minus control" with a 95 % interval over
         probes (:func:`~genkernel.core.grouping.measured_minus_control`)."""
         self._require()
         w = self.band if band is None else band
         bins = self.probe_bins
-        shares, kappa = self.shares()
-        traffic = grouping.band_total(self.traffic_shares(), bins, w)
+        shares, kappa = self.shares(weights=weights)
+        traffic = grouping.band_total(self.traffic_shares(weights=weights), bins, w)
         share = grouping.band_total(shares, bins, w)
         out: dict[str, Any] = {"band": w, "median_kappa": float(kappa.nanmedian())}
         if self.controls:
-            control_shares = [self.shares(c) for c in self.control_names]
-            traffic_c = torch.stack([grouping.band_total(self.traffic_shares(c), bins, w) for c in self.control_names])
+            control_shares = [self.shares(c, weights=weights) for c in self.control_names]
+            traffic_c = torch.stack([grouping.band_total(self.traffic_shares(c, weights=weights), bins, w)
+                                     for c in self.control_names])
             share_c = torch.stack([grouping.band_total(sc, bins, w) for sc, _ in control_shares])
             out["traffic"] = grouping.measured_minus_control(traffic, traffic_c)
             out["share"] = grouping.measured_minus_control(share, share_c)
@@ -423,10 +565,10 @@ class NoiseLevelAnalyzer(TrainerCallback):
             out["share"] = {"measured": float(share.nanmean())}
         return out
 
-    def residual(self) -> dict[str, float]:
+    def residual(self, *, weights: str = "model") -> dict[str, float]:
         """The ledger's residual: relative overall, worst probe, and the core summary."""
         self._require()
-        ledger = self.tracker.ledger
+        ledger = self._partition(LEVEL, weights)
         summary = ledger.summary()
         rest_share = ledger.shares().rest
         return {
@@ -439,10 +581,38 @@ class NoiseLevelAnalyzer(TrainerCallback):
         }
 
     def report(self) -> dict[str, Any]:
-        """Everything as JSON-ready numbers (matrices as nested lists, NaN as None)."""
+        """Everything as strict-JSON numbers (matrices as nested lists, NaN as None), with the axes of
+        the matrices named, the loop's step numbers, the EMA weights' ledger when one is kept, and
+        notes on what the numbers cannot support (a large residual, with the rule that shrinks it)."""
         self._require()
         mats = {k: _jsonable(v) for k, v in self.matrices().items()}
+        residual = self.residual()
+        notes = []
+        if residual["relative_residual"] > 1e-3:
+            notes.append(
+                f"the residual is {residual['relative_residual']:.2g} of the change (quadrature {self.quadrature!r}): "
+                + ("quadrature='simpson' makes it orders of magnitude smaller at large steps"
+                   if self.quadrature != "simpson" else "the steps are large for this model: shorten them or track fewer")
+            )
+        extra: dict[str, Any] = {}
+        if self.tracker.ema is not None:
+            extra["ema"] = {
+                "residual": self.residual(weights="ema"),
+                "matrices": {k: _jsonable(v) for k, v in self.matrices(weights="ema").items()},
+                "locality": self.locality(weights="ema"),
+                "decays": list(self.tracker.ema.decays),
+                "start_share_mean": float(grouping.part_share(self.tracker.ema.start.cpu(),
+                                                             self.ema_ledgers[LEVEL].delta.cpu()).nanmean()),
+            }
+        if self.num_classes is not None:
+            by_level = grouping.average_by_probe_group(self.traffic_shares(LEVEL_CLASS), self.probe_level, self.levels.numel())
+            extra["level_class_traffic"] = {
+                "matrix": by_level, "columns": f"training group bin·{self.num_classes} + class",
+            }
         return _jsonable({
+            "axes": {"rows": "probe level (timestep s, config.probe_levels)", "columns": "training-timestep bin (0: least noise)"},
+            "notes": notes,
+            **extra,
             "config": {
                 "num_bins": self.num_bins, "band": self.band, "num_probes": int(self.probe_level.numel()),
                 "probe_levels": self.levels.tolist(), "probe_level_bins": self.level_bins.tolist(),
@@ -452,7 +622,7 @@ class NoiseLevelAnalyzer(TrainerCallback):
             },
             "tracked_steps": self.tracker.ledger.steps,
             "global_steps": [self.global_steps[0], self.global_steps[-1]] if self.global_steps else None,
-            "residual": self.residual(),
+            "residual": residual,
             "matrices": mats,
             "locality": self.locality(),
             "locality_over_training": self.history,

@@ -60,6 +60,7 @@ from ..adapter import (
     coupled_modules,
     trainable_parameters,
     unwrap,
+    unwrap_optimizer,
 )
 from ..engine.gradients import DEFAULT_GRADIENT_BUDGET
 from ..errors import LedgerCheckError, NonFiniteError
@@ -220,7 +221,7 @@ class PathKernelTracker:
         # averaging); the analysis runs on the wrapped module.
         self.module = unwrap(model)
         self.distributed = ddp_context(model)
-        self.optimizer = optimizer
+        self.optimizer = optimizer = unwrap_optimizer(optimizer)
         self.loss_fn = loss_fn
         self.rule = quadrature_rule(quadrature)
         self.max_grad_norm = max_grad_norm
@@ -355,7 +356,7 @@ class PathKernelTracker:
         analysis) restores the parameters, buffers and optimizer state to θ_k and leaves every
         ledger and group state as it was, so ``ledger.steps`` keeps counting the recorded steps.
         """
-        if step.model is not self.model or step.optimizer is not self.optimizer:
+        if step.model is not self.model or unwrap_optimizer(step.optimizer) is not self.optimizer:
             raise ValueError("this step trains a different model or optimizer than the tracker was built for")
         if step.max_grad_norm != self.max_grad_norm:
             raise ValueError(f"the step clips at {step.max_grad_norm} but the tracker at {self.max_grad_norm}")
