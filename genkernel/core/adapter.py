@@ -105,15 +105,17 @@ def unwrap(model: nn.Module) -> nn.Module:
 def unwrap_optimizer(optimizer: Any) -> torch.optim.Optimizer:
     """The ``torch.optim.Optimizer`` inside accelerate's ``AcceleratedOptimizer`` (``.optimizer``) or
     Lightning's ``LightningOptimizer`` (``._optimizer``), or ``optimizer`` itself."""
-    seen = 0
-    while not isinstance(optimizer, torch.optim.Optimizer):
-        inner = getattr(optimizer, "optimizer", None) or getattr(optimizer, "_optimizer", None)
-        if inner is None or seen > 8:
-            raise TypeError(
-                f"{type(optimizer).__name__} is not a torch.optim.Optimizer and wraps none that genkernel can find "
-                "(.optimizer or ._optimizer)"
-            )
-        optimizer, seen = inner, seen + 1
+    for _ in range(8):  # wrappers may subclass Optimizer themselves (accelerate's does)
+        inner = getattr(optimizer, "optimizer", None)
+        inner = inner if isinstance(inner, torch.optim.Optimizer) else getattr(optimizer, "_optimizer", None)
+        if not isinstance(inner, torch.optim.Optimizer):
+            break
+        optimizer = inner
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise TypeError(
+            f"{type(optimizer).__name__} is not a torch.optim.Optimizer and wraps none that genkernel can find "
+            "(.optimizer or ._optimizer)"
+        )
     return optimizer
 
 

@@ -133,14 +133,20 @@ class EMALedgers:
             new = self.offset[name] * beta + target * gain
             change[name] = new - self.offset[name]
             self.offset[name] = new
-        # 3. The check: the rows add up to the EMA's real move.
+        # 3. The check: for every partition, its rows and the shared ones add up to the EMA's real move.
         for name in bar:
-            total = change[name].sum(dim=0)
             real = bar[name] - self.last_bar[name]
-            scale = change[name].abs().sum(dim=0) + real.abs()
-            if bool(((total - real).abs() > self.rtol * scale + 4 * torch.finfo(self.model.params[name].dtype).eps
-                     * bar[name].abs()).any()):
-                raise LedgerCheckError(f"after step {step} the EMA offsets of '{name}' do not add up to the EMA's move")
+            shared = change[name][self.rows:]
+            floor = 4 * torch.finfo(self.model.params[name].dtype).eps * bar[name].abs()
+            for partition, part in self.model.partitions.slices.items():
+                rows = change[name][part]
+                total = rows.sum(dim=0) + shared.sum(dim=0)
+                scale = rows.abs().sum(dim=0) + shared.abs().sum(dim=0) + real.abs()
+                if bool(((total - real).abs() > self.rtol * scale + floor).any()):
+                    raise LedgerCheckError(
+                        f"after step {step} the EMA offsets of '{name}' (partition '{partition}') do not add up to the "
+                        "EMA's move"
+                    )
         # 4. Push the groups, the rest and the start row through the EMA's own quadrature nodes
         #    (the rounding row's effect stays in the residual, as in the model's ledger).
         keep = list(range(self.rows + 1)) + [self.rows + 2]

@@ -1,0 +1,70 @@
+"""A Lightning callback that attaches a genkernel analyzer to a ``LightningModule``'s training.
+
+Lifecycle::
+
+    analyzer = NoiseLevelAnalyzer(scheduler, probe_data)
+    class Denoiser(L.LightningModule):
+        def training_step(self, batch, i):
+            ...
+            losses = per_example_losses                 # [B], with their graph
+            self.analyzer.observe(losses, timesteps)    # the one added line
+            return losses.mean()
+    module = Denoiser(); module.analyzer = analyzer
+    L.Trainer(..., callbacks=[GenkernelCallback(analyzer)]).fit(module, loader)
+    analyzer.report()
+
+At ``on_train_start`` the callback binds the analyzer to the module (or ``model_attribute`` of it)
+and the trainer's first optimizer (Lightning's wrapper is read through); automatic optimization
+steps with a closure, which the tracker follows (the step is begun when the closure's backward
+and gradient clipping are done); ``accumulate_grad_batches`` and ``gradient_clip_val`` are
+followed exactly. ``on_train_end`` records the final kernel structure. The analyzer's state is
+saved in, and restored from, Lightning checkpoints.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning.pytorch as pl
+
+
+class GenkernelCallback(pl.Callback):
+    """Binds ``analyzer`` when training starts and finishes it when training ends.
+
+    Args:
+        analyzer: a :class:`~genkernel.diffusion.NoiseLevelAnalyzer` (or anything with
+            ``bind(model, optimizer, ema=..., start_step=...)``, ``finish()``, ``state_dict()`` and
+            ``load_state_dict()``).
+        model_attribute: the attribute of the LightningModule holding the trained network (default:
+            the LightningModule itself).
+        ema: an EMA of the weights the module updates after each step (a second ledger).
+    """
+
+    def __init__(self, analyzer: Any, *, model_attribute: str | None = None, ema: Any = None) -> None:
+        super().__init__()
+        self.analyzer = analyzer
+        self.model_attribute = model_attribute
+        self.ema = ema
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if getattr(self.analyzer, "tracker", None) is not None:
+            return  # bound already (a resumed fit)
+        if len(trainer.optimizers) != 1:
+            raise ValueError(
+                f"the module has {len(trainer.optimizers)} optimizers: bind each analyzer to its own model and "
+                "optimizer by hand (analyzer.bind) instead of through GenkernelCallback"
+            )
+        model = pl_module if self.model_attribute is None else getattr(pl_module, self.model_attribute)
+        self.analyzer.bind(model, trainer.optimizers[0], ema=self.ema, start_step=trainer.global_step)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.analyzer.finish()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"analyzer": self.analyzer.state_dict()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.analyzer.load_state_dict(state_dict["analyzer"])
+
+
+__all__ = ["GenkernelCallback"]

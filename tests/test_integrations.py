@@ -1,0 +1,190 @@
+"""Analyzers attached to loops people already run: accelerate, Lightning, torch.compile'd and
+wrapped models (issue 14). Each run is compared with the same loop without the analyzer."""
+
+import copy
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+from genkernel.diffusion import MLPDenoiser, NoiseLevelAnalyzer, make_scheduler
+
+F64 = torch.float64
+T = 100
+
+
+def ring(n, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    angle = torch.rand(n, generator=g, dtype=F64) * 6.283
+    return torch.stack([angle.cos(), angle.sin()], 1) + 0.05 * torch.randn(n, 2, generator=g, dtype=F64)
+
+
+def denoiser(seed=0):
+    torch.manual_seed(seed)
+    return MLPDenoiser(2, hidden=16, depth=2).to(F64)
+
+
+def per_example_loss(model, scheduler, x0, generator):
+    noise = torch.randn(x0.shape, generator=generator, dtype=F64)
+    t = torch.randint(0, T, (x0.shape[0],), generator=generator)
+    pred = model(scheduler.add_noise(x0, noise, t), t)
+    return ((pred - noise) ** 2).mean(dim=1), t
+
+
+def test_an_accelerate_loop_with_accumulation_clipping_and_a_scheduler_is_observed_exactly():
+    from accelerate import Accelerator
+
+    scheduler = make_scheduler(T)
+    data = ring(64)
+    loader = torch.utils.data.DataLoader(data, batch_size=8, shuffle=False)
+
+    def run(analyze):
+        accelerator = Accelerator(gradient_accumulation_steps=2, cpu=True)
+        model = denoiser()
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.01)
+        lr_schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda k: min(1.0, (k + 1) / 3))
+        model, optimizer, batches, lr_schedule = accelerator.prepare(model, optimizer, loader, lr_schedule)
+        analyzer = None
+        if analyze:
+            analyzer = NoiseLevelAnalyzer(scheduler, ring(16, seed=3), num_bins=3, num_probes=6, kernel_points=2,
+                                          quadrature="simpson")
+            analyzer.bind(model, optimizer)  # the prepared objects, as the script has them
+        g = torch.Generator().manual_seed(5)
+        steps = 0
+        for x0 in batches:
+            with accelerator.accumulate(model):
+                losses, t = per_example_loss(model, scheduler, x0, g)
+                if analyzer is not None:
+                    analyzer.observe(losses, t)  # the added line
+                accelerator.backward(losses.mean())
+                if accelerator.sync_gradients:
+                    accelerator.clip_grad_norm_(model.parameters(), 0.1)
+                    steps += 1
+                optimizer.step()
+                lr_schedule.step()
+                optimizer.zero_grad()
+        return accelerator.unwrap_model(model), analyzer, steps
+
+    bare, _, _ = run(False)
+    model, analyzer, steps = run(True)
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), bare.parameters()))
+    ledger = analyzer.ledger
+    assert steps == 4 and ledger.steps == 4  # 8 micro-batches, accumulation over 2
+    torch.testing.assert_close(ledger.contributions.sum(1) + ledger.rest + ledger.residual, ledger.delta, rtol=0, atol=1e-13)
+    assert ledger.relative_residual() < 1e-5
+    scales = analyzer.tracker.gradient_scales
+    assert all(s["micro_batches"] == 2 for s in scales)
+    assert any(s["scale_times_micro_batches"] < 1 for s in scales)  # clipping acted and was followed
+
+
+def test_a_lightning_module_with_accumulation_and_clipping_is_observed_exactly():
+    import lightning.pytorch as pl
+
+    from genkernel.integrations.lightning import GenkernelCallback
+
+    scheduler = make_scheduler(T)
+    data = ring(48)
+
+    class Module(pl.LightningModule):
+        def __init__(self, analyzer=None):
+            super().__init__()
+            self.net = denoiser()
+            self.analyzer = analyzer
+            self.g = torch.Generator().manual_seed(5)
+
+        def training_step(self, x0, index):
+            losses, t = per_example_loss(self.net, scheduler, x0, self.g)
+            if self.analyzer is not None:
+                self.analyzer.observe(losses, t)  # the added line
+            return losses.mean()
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.05, momentum=0.9)
+
+    def fit(analyzer):
+        module = Module(analyzer)
+        callbacks = [] if analyzer is None else [GenkernelCallback(analyzer, model_attribute="net")]
+        trainer = pl.Trainer(max_epochs=1, accumulate_grad_batches=2, gradient_clip_val=0.5, logger=False,
+                             enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                             accelerator="cpu", callbacks=callbacks)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            trainer.fit(module, torch.utils.data.DataLoader(data, batch_size=8, shuffle=False))
+        return module
+
+    bare = fit(None)
+    analyzer = NoiseLevelAnalyzer(scheduler, ring(16, seed=3), num_bins=3, num_probes=6, kernel_points=2,
+                                  quadrature="simpson")
+    tracked = fit(analyzer)
+    assert all(torch.equal(p, q) for p, q in zip(tracked.net.parameters(), bare.net.parameters()))
+    ledger = analyzer.ledger
+    assert ledger.steps == 3  # 6 batches, accumulation over 2
+    torch.testing.assert_close(ledger.contributions.sum(1) + ledger.rest + ledger.residual, ledger.delta, rtol=0, atol=1e-13)
+    assert ledger.relative_residual() < 1e-5
+    assert analyzer.report()["global_steps"] == [1, 3]
+    assert [row["tracked_step"] for row in analyzer.kernel_history] == [0, 3]  # finished at the end
+
+
+def test_a_compiled_or_data_parallel_model_is_read_through():
+    from genkernel.core.adapter import unwrap
+
+    model = denoiser()
+    assert unwrap(nn.DataParallel(model)) is model
+    compiled = torch.compile(model, backend="eager")
+    assert unwrap(compiled) is model
+    analyzer = NoiseLevelAnalyzer(make_scheduler(T), ring(16, seed=3), num_bins=2, num_probes=4, kernel_points=2)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    analyzer.bind(compiled, optimizer)
+    g = torch.Generator().manual_seed(1)
+    losses, t = per_example_loss(compiled, make_scheduler(T), ring(8), g)
+    analyzer.observe(losses, t)
+    losses.mean().backward()
+    optimizer.step()
+    assert analyzer.ledger.steps == 1 and analyzer.ledger.relative_residual() < 1e-3
+
+
+def test_an_observed_denoiser_keeps_an_ema_ledger_and_a_class_partition():
+    from diffusers.training_utils import EMAModel
+
+    class Conditional(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = MLPDenoiser(2, hidden=16, depth=2)
+            self.embed = nn.Embedding(3, 2)
+
+        def forward(self, x, t, y):
+            return self.net(x + self.embed(y), t)
+
+    torch.manual_seed(0)
+    model = Conditional().to(F64)
+    ema = EMAModel(model.parameters(), decay=0.9)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    scheduler = make_scheduler(T)
+    probe_labels = torch.arange(16) % 3
+    analyzer = NoiseLevelAnalyzer(scheduler, ring(16, seed=3), num_bins=3, num_probes=6, kernel_points=2,
+                                  probe_conditioning=probe_labels, num_classes=3, quadrature="simpson")
+    analyzer.bind(model, optimizer, ema=ema)
+    g = torch.Generator().manual_seed(2)
+    for _ in range(3):
+        x0, y = ring(12, seed=int(torch.randint(0, 99, (1,), generator=g))), torch.randint(0, 3, (12,), generator=g)
+        noise = torch.randn(x0.shape, generator=g, dtype=F64)
+        t = torch.randint(0, T, (12,), generator=g)
+        losses = ((model(scheduler.add_noise(x0, noise, t), t, y) - noise) ** 2).mean(1)
+        analyzer.observe(losses, t, class_labels=y)
+        losses.mean().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        ema.step(model.parameters())
+    ledgers = analyzer.ledgers
+    level, level_class = ledgers["level"], ledgers["level_class"]
+    scale = float(level.contributions.abs().max())
+    # level × class groups sum to the level groups (group bin·C + class)
+    torch.testing.assert_close(level_class.contributions.reshape(6, 3, 3, -1).sum(2), level.contributions, rtol=0,
+                               atol=1e-12 * scale)
+    ema_ledger = analyzer.ema_ledgers["level"]
+    assert ema_ledger.steps == 3 and ema_ledger.relative_residual() < 1e-5
+    report = analyzer.report()
+    assert "ema" in report and len(report["level_class_traffic"]["matrix"]) == 3
+    kernel = analyzer.kernel_structure()  # the kernel takes the conditioning inputs too
+    assert len(kernel["by_distance"]) == 3
