@@ -54,6 +54,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 import time
 from typing import Any, Callable
 
@@ -118,6 +119,12 @@ class NoiseLevelAnalyzer(TrainerCallback):
             denoiser ``model(x_t, t, *conditioning)``.
         num_classes: C: also split every step into noise level × class groups (partition
             ``"level_class"``, G·C groups, group ``bin·C + class``); steps then pass ``class_labels``.
+        track_steps: ``(first, last)`` trainer steps (1-based, inclusive) to track under a built-in
+            trainer: the analyzer binds at ``first`` and stops paying after ``last`` (in your own loop,
+            call ``bind`` when the window starts and :meth:`stop` when it ends).
+        progress: print what a step will cost when the analyzer binds (one line on stderr).
+        group_state, state_dtype: the tracker's (:class:`~genkernel.core.PathKernelTracker`):
+            "auto"/"dense"/"sketched", and float64 or (for a float32 model) float32 group state.
         name: the key of this analyzer's state in a trainer's checkpoint (default the class name).
     """
 
@@ -140,6 +147,10 @@ class NoiseLevelAnalyzer(TrainerCallback):
         memory_budget: int = 256 * 2**20,
         probe_conditioning: torch.Tensor | tuple[torch.Tensor, ...] | None = None,
         num_classes: int | None = None,
+        track_steps: tuple[int, int] | None = None,
+        progress: bool = True,
+        group_state: str = "auto",
+        state_dtype: torch.dtype = torch.float64,
         name: str | None = None,
     ) -> None:
         self.prediction_type = check_prediction_type(scheduler)
@@ -171,6 +182,13 @@ class NoiseLevelAnalyzer(TrainerCallback):
                 f"{[tuple(c.shape) for c in conditioning]}"
             )
         self.num_classes = num_classes
+        if track_steps is not None and (len(track_steps) != 2 or not 1 <= track_steps[0] <= track_steps[1]):
+            raise ValueError(f"track_steps must be (first, last) with 1 <= first <= last, got {track_steps!r}")
+        self.track_steps = track_steps
+        self.progress = progress
+        self.group_state = group_state
+        self.state_dtype = state_dtype
+        self.stopped = False
         self.num_bins = num_bins
         self.band = band
         self.controls = controls
@@ -258,11 +276,14 @@ class NoiseLevelAnalyzer(TrainerCallback):
         self.model = model
         self.tracker = PathKernelTracker(
             model, optimizer, diffusion_loss, probes, num_groups=self.partitions, quadrature=self.quadrature,
-            max_grad_norm=max_grad_norm, memory_budget=self.memory_budget,
+            max_grad_norm=max_grad_norm, memory_budget=self.memory_budget, group_state=self.group_state,
+            state_dtype=self.state_dtype,
         )
         self.tracker.listeners.append(self._record)
         if ema is not None:
             self.tracker.track_ema(ema)
+        if self.progress:
+            print(f"[genkernel] NoiseLevelAnalyzer: {self.tracker.cost.describe()}", file=sys.stderr)
         self._start_step = start_step if self._start_step is None else self._start_step
         if self._pending_state is not None:
             self._load(self._pending_state)
@@ -272,11 +293,26 @@ class NoiseLevelAnalyzer(TrainerCallback):
 
     # -- the trainer callback ----------------------------------------------------------------
     def on_train_start(self, trainer: Any) -> None:
-        if self.tracker is None:
+        if self.tracker is None and self._in_window(getattr(trainer, "global_step", 0) + 1):
             self._start_step = getattr(trainer, "global_step", None)
             self.bind(trainer.model, trainer.optimizer, max_grad_norm=getattr(trainer, "max_grad_norm", math.inf))
 
+    def _in_window(self, step: int) -> bool:
+        return self.track_steps is None or self.track_steps[0] <= step <= self.track_steps[1]
+
+    def stop(self) -> None:
+        """Stop tracking (the end of the tracked window): the ledgers are kept and reported, the
+        loop's later steps are not analysed and cost nothing more."""
+        if self.tracker is not None:
+            self.tracker.close()
+        self.stopped = True
+
     def wrap_step(self, trainer: Any, step: OptimizerStep, perform: Callable[[], torch.Tensor]) -> torch.Tensor:
+        index = getattr(trainer, "global_step", 0) + 1
+        if self.stopped or not self._in_window(index):
+            if self.tracker is not None and not self.stopped:
+                self.stop()
+            return perform()
         if "timesteps" not in step.info:
             raise ValueError(
                 "the step carries no timesteps: a diffusion trainer must put the training timesteps in "
@@ -316,6 +352,8 @@ class NoiseLevelAnalyzer(TrainerCallback):
         """
         if self.tracker is None:
             raise RuntimeError("call analyzer.bind(model, optimizer) before analyzer.observe(...)")
+        if self.stopped:
+            raise RuntimeError("the analyzer was stopped (its tracked window ended): do not observe later steps")
         groups, bins = self._groups(timesteps, losses.shape[0] if isinstance(losses, torch.Tensor) else -1, class_labels)
         self.tracker.observe(losses, {k: v.to(losses.device) for k, v in groups.items()}, weights)
         self._pending_bins.append(bins)
@@ -617,6 +655,8 @@ class NoiseLevelAnalyzer(TrainerCallback):
                 "num_bins": self.num_bins, "band": self.band, "num_probes": int(self.probe_level.numel()),
                 "probe_levels": self.levels.tolist(), "probe_level_bins": self.level_bins.tolist(),
                 "controls": self.controls, "quadrature": self.quadrature, "prediction_type": self.prediction_type,
+                "track_steps": self.track_steps, "group_state": self.tracker.group_state,
+                "cost": self.tracker.cost.as_dict(),
                 "beta_schedule": self.scheduler.config.beta_schedule, "num_train_timesteps": self.total,
                 "kernel_points": int(self.kernel_clean.shape[0]), "kernel_sketch": self.kernel_sketch,
             },

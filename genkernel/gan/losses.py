@@ -7,6 +7,14 @@ Losses (``kind``):
 - ``"wgan-gp"``: ℓ_D = −D(x) on real, D(x) on generated, λ(‖∇_x D(x̂)‖ − 1)² on interpolates x̂;
   ℓ_G = −D(G(z)).
 
+Discriminators that end in a sigmoid output probabilities p = D(x) ∈ [0, 1], not logits
+(``output="probability"``, non-saturating loss only, as ``nn.BCELoss``): ℓ_G = −log p, ℓ_D = −log p on
+real and −log(1 − p) on generated. Every log is clamped at −100, as ``nn.BCELoss`` does, so p = 0 (or
+1 − p = 0) gives the finite loss 100 with zero gradient instead of inf. A mismatch is refused: a
+logit loss with a D whose last module is ``nn.Sigmoid`` (at construction when the final element of
+D's ``nn.Sequential`` chain is one, else at the first call, from the last leaf module executed),
+and a probability loss whose first scores leave [0, 1].
+
 A discriminator step's loss is Σ_n c_n ℓ_n with c_n = 1/|B_real|, 1/|B_fake| and 1/|B_gp| (DESIGN.md
 section 2), so every example, the gradient-penalty ones included, is one contribution of the ledger.
 
@@ -28,17 +36,97 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..core.adapter import output_tensor
+from ..core.adapter import output_tensor, unwrap
 
 LOSSES = ("nonsaturating", "hinge", "wgan-gp")
+OUTPUTS = ("logit", "probability")
 GENERATED, REAL, PENALTY = 0, 1, 2
 ROLE_NAMES = ("generated", "real", "penalty")
+LOG_FLOOR = -100.0  # nn.BCELoss's clamp of every log
 
 
 def check_loss(kind: str) -> str:
     if kind not in LOSSES:
         raise ValueError(f"unknown GAN loss {kind!r}; choose one of {LOSSES}")
     return kind
+
+
+def check_output(output: str, kind: str = "nonsaturating") -> str:
+    """``output`` ("logit" or "probability"); probabilities go with the non-saturating loss only."""
+    if output not in OUTPUTS:
+        raise ValueError(f"output must be one of {OUTPUTS} (what the discriminator returns), got {output!r}")
+    if output == "probability" and kind != "nonsaturating":
+        raise ValueError(
+            f"output='probability' goes with kind='nonsaturating' (binary cross-entropy on D's probabilities); the "
+            f"{kind!r} loss needs D's raw scores: remove the final sigmoid and use output='logit'"
+        )
+    return output
+
+
+def _clamped_log(p: torch.Tensor) -> torch.Tensor:
+    return torch.log(p).clamp_min(LOG_FLOOR)
+
+
+def _children(module: nn.Module) -> list[nn.Module]:
+    """A module's children, leaving out the parametrizations (spectral norm) of its weights."""
+    return [c for name, c in module.named_children() if name != "parametrizations"]
+
+
+def final_module(discriminator: nn.Module) -> nn.Module:
+    """The last element of D's ``nn.Sequential`` chain (descending through wrappers with a single
+    child and the last element of each Sequential); D itself when there is no such chain."""
+    module = unwrap(discriminator)
+    for _ in range(64):
+        children = _children(module)
+        if isinstance(module, nn.Sequential) and len(module):
+            module = module[-1]
+        elif len(children) == 1:
+            module = children[0]
+        else:
+            break
+    return module
+
+
+def _sigmoid_message(what: str) -> str:
+    return (
+        f"the discriminator's {what} is nn.Sigmoid: it outputs probabilities, but this loss expects logits "
+        "(output='logit'). Pass output='probability' (GeneratorLoss(D, output='probability'), "
+        "DiscriminatorLoss(output='probability')), or drop the Sigmoid and keep logits (as BCEWithLogitsLoss expects)"
+    )
+
+
+def check_not_sigmoid(discriminator: nn.Module) -> None:
+    """Refuse a D whose ``nn.Sequential`` chain ends in ``nn.Sigmoid`` (for logit losses)."""
+    if isinstance(final_module(discriminator), nn.Sigmoid):
+        raise ValueError(_sigmoid_message("final module"))
+
+
+def last_leaf_executed(discriminator: nn.Module, samples: torch.Tensor):
+    """``(output, last leaf module run)`` of one forward of D on ``samples`` (forward hooks on its leaves)."""
+    order: list[nn.Module] = []
+    leaves = [m for m in unwrap(discriminator).modules() if not _children(m)]
+    handles = [m.register_forward_hook(lambda module, args, out: order.append(module)) for m in leaves]
+    try:
+        out = discriminator(samples)
+    finally:
+        for h in handles:
+            h.remove()
+    return out, (order[-1] if order else None)
+
+
+def _transformed(t: torch.Tensor) -> bool:
+    """Inside torch.func transforms (vmap, grad): no data-dependent checks there."""
+    return bool(torch._C._functorch.is_functorch_wrapped_tensor(t))
+
+
+def check_probabilities(values: torch.Tensor, what: str = "discriminator scores") -> None:
+    """Refuse values outside [0, 1] for a probability loss (the first call's check)."""
+    v = values.detach()
+    if v.numel() and not bool(((v >= 0) & (v <= 1)).all()):
+        raise ValueError(
+            f"output='probability' but the {what} range over [{float(v.min()):.3g}, {float(v.max()):.3g}], outside "
+            "[0, 1]: this discriminator outputs logits (raw scores). Use output='logit' (the default)"
+        )
 
 
 def scores_of(output) -> torch.Tensor:
@@ -54,16 +142,24 @@ def scores_of(output) -> torch.Tensor:
     )
 
 
-def generator_losses(kind: str, scores: torch.Tensor) -> torch.Tensor:
-    """ℓ_G per example ``[B]`` from discriminator scores ``[B]`` of generated samples."""
+def generator_losses(kind: str, scores: torch.Tensor, output: str = "logit") -> torch.Tensor:
+    """ℓ_G per example ``[B]`` from discriminator scores ``[B]`` of generated samples (logits, or with
+    ``output="probability"`` probabilities p: −log p, the log clamped at −100 as ``nn.BCELoss``)."""
     check_loss(kind)
+    if check_output(output, kind) == "probability":
+        return -_clamped_log(scores)
     return F.softplus(-scores) if kind == "nonsaturating" else -scores
 
 
-def discriminator_losses(kind: str, values: torch.Tensor, roles: torch.Tensor, gp_weight: float = 10.0) -> torch.Tensor:
-    """ℓ_D per example ``[B]`` from ``values [B]`` (scores, or gradient norms for penalty rows) and ``roles [B]``."""
+def discriminator_losses(
+    kind: str, values: torch.Tensor, roles: torch.Tensor, gp_weight: float = 10.0, output: str = "logit"
+) -> torch.Tensor:
+    """ℓ_D per example ``[B]`` from ``values [B]`` (scores, or gradient norms for penalty rows) and ``roles [B]``;
+    with ``output="probability"``: −log p on real, −log(1 − p) on generated (logs clamped at −100)."""
     check_loss(kind)
-    if kind == "nonsaturating":
+    if check_output(output, kind) == "probability":
+        real, fake = -_clamped_log(values), -_clamped_log(1 - values)
+    elif kind == "nonsaturating":
         real, fake = F.softplus(-values), F.softplus(values)
     elif kind == "hinge":
         real, fake = F.relu(1 - values), F.relu(1 + values)
@@ -78,25 +174,65 @@ class GeneratorLoss:
 
     This is the generator step's ``loss_fn``. Its gradient with respect to a sample is the weight
     w_i = ∇_x ℓ_G(D(x)) of DESIGN.md section 3 (see :func:`genkernel.gan.discriminator_input_gradients`).
+
+    Args:
+        discriminator: D (samples -> one score per example).
+        kind: "nonsaturating", "hinge" or "wgan-gp".
+        output: what D returns: "logit" (raw scores, the default) or "probability" (D ends in a
+            sigmoid; non-saturating only: ℓ_G = −log p, the log clamped at −100 as ``nn.BCELoss``).
+            "logit" with a D whose last module is ``nn.Sigmoid`` is refused (here when D's
+            ``nn.Sequential`` chain ends in one, else at the first call from the last leaf module
+            executed); "probability" with scores outside [0, 1] is refused at the first call.
     """
 
-    def __init__(self, discriminator: nn.Module, kind: str = "nonsaturating") -> None:
+    def __init__(self, discriminator: nn.Module, kind: str = "nonsaturating", output: str = "logit") -> None:
         self.discriminator = discriminator
         self.kind = check_loss(kind)
+        self.output = check_output(output, kind)
+        if self.output == "logit":
+            check_not_sigmoid(discriminator)
+        self._checked = False
 
     def __call__(self, samples: torch.Tensor, targets=None) -> torch.Tensor:
-        return generator_losses(self.kind, scores_of(self.discriminator(samples)))
+        if self._checked or _transformed(samples):
+            scores = scores_of(self.discriminator(samples))
+        else:
+            out, last = last_leaf_executed(self.discriminator, samples)
+            scores = scores_of(out)
+            if self.output == "logit" and isinstance(last, nn.Sigmoid):
+                raise ValueError(_sigmoid_message("last module executed"))
+            if self.output == "probability":
+                check_probabilities(scores)
+            self._checked = True
+        return generator_losses(self.kind, scores, self.output)
 
 
 class DiscriminatorLoss:
-    """``loss_fn(values, roles) -> [B]`` for :class:`DiscriminatorObjective` outputs."""
+    """``loss_fn(values, roles) -> [B]`` for :class:`DiscriminatorObjective` outputs.
 
-    def __init__(self, kind: str = "nonsaturating", gp_weight: float = 10.0) -> None:
+    ``output``: "logit" (default) or "probability" (a D ending in a sigmoid; non-saturating only:
+    −log p on real, −log(1 − p) on generated, logs clamped at −100 as ``nn.BCELoss``); probabilities
+    outside [0, 1] are refused at the first call. ``discriminator``: optional, D itself, so that
+    "logit" with a D whose ``nn.Sequential`` chain ends in ``nn.Sigmoid`` is refused here.
+    """
+
+    def __init__(
+        self, kind: str = "nonsaturating", gp_weight: float = 10.0, output: str = "logit", *,
+        discriminator: nn.Module | None = None,
+    ) -> None:
         self.kind = check_loss(kind)
         self.gp_weight = float(gp_weight)
+        self.output = check_output(output, kind)
+        if self.output == "logit" and discriminator is not None:
+            check_not_sigmoid(discriminator)
+        self._checked = self.output == "logit"
 
     def __call__(self, values: torch.Tensor, roles: torch.Tensor) -> torch.Tensor:
-        return discriminator_losses(self.kind, values.reshape(values.shape[0]), roles, self.gp_weight)
+        values = values.reshape(values.shape[0])
+        if not self._checked and not _transformed(values):
+            check_probabilities(values[roles != PENALTY])
+            self._checked = True
+        return discriminator_losses(self.kind, values, roles, self.gp_weight, self.output)
 
 
 class DiscriminatorObjective(nn.Module):
@@ -138,6 +274,6 @@ class DiscriminatorObjective(nn.Module):
 
 
 __all__ = [
-    "LOSSES", "GENERATED", "REAL", "PENALTY", "ROLE_NAMES", "generator_losses", "discriminator_losses",
+    "OUTPUTS", "check_output", "check_not_sigmoid", "final_module", "LOSSES", "GENERATED", "REAL", "PENALTY", "ROLE_NAMES", "generator_losses", "discriminator_losses",
     "GeneratorLoss", "DiscriminatorLoss", "DiscriminatorObjective", "scores_of", "check_loss",
 ]

@@ -40,10 +40,14 @@ __all__ = ["cosine", "mode_coverage", "push_field"]
 def push_field(loss_fn, samples: torch.Tensor) -> torch.Tensor:
     """``[N, ...]`` the discriminator's push −w = −∇_x ℓ_G(D(x)) at arbitrary samples (e.g. a grid).
 
-    ``loss_fn`` is the generator loss ``loss_fn(samples, None) -> [N]``; evaluate D in eval mode
-    (:func:`genkernel.gan.frozen`) so nothing about training changes.
+    ``loss_fn`` is the generator loss ``loss_fn(samples, None) -> [N]``. D runs in its current mode;
+    when ``loss_fn`` has a ``.discriminator`` (a :class:`~genkernel.gan.GeneratorLoss`) its buffers
+    (running statistics, spectral norm's u, v) are written back after, so nothing about training
+    changes (``with frozen(D, modes="eval")`` evaluates it in eval mode instead).
     """
-    with torch.enable_grad():
+    from .passes import preserved
+
+    with torch.enable_grad(), preserved(getattr(loss_fn, "discriminator", None)):
         x = samples.detach().clone().requires_grad_(True)
         (w,) = torch.autograd.grad(loss_fn(x, None).sum(), x)
     return -w.detach()

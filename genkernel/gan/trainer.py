@@ -12,9 +12,12 @@ training:
   class ids of the real rows, -1 elsewhere), "discriminator".
 - generator step: ``model`` = G, ``inputs`` = latents z ``[B, latent_dim]``, ``targets`` None,
   ``loss_fn`` = :class:`GeneratorLoss` (ℓ_G(D(G(z))) per example); ``info``: "latents",
-  "discriminator". The step runs inside :func:`frozen` (D in eval mode with its parameters
-  frozen), so spectral norm's power iteration advances only in discriminator steps and the
-  generator's backward leaves D's gradients alone.
+  "discriminator". The step runs inside :func:`frozen`: D's parameters are frozen (the generator's
+  backward leaves D's gradients alone) and every module keeps its mode, as in the PyTorch DCGAN
+  example. A training-mode D therefore advances spectral norm's power iteration (and BatchNorm's
+  running statistics) in generator steps too; a discriminator tracker books that change of D's
+  buffers as buffer drift in its ledger's rest. (Before this, D ran in eval mode during generator
+  steps; ``frozen(D, modes="eval")`` still does that in your own loop.)
 
 All randomness (batches, latents, interpolation factors) comes from the trainer's own seeded
 ``torch.Generator``; analyzers never touch it.
@@ -46,44 +49,63 @@ from .losses import (
     GeneratorLoss,
     check_loss,
 )
+from .passes import preserved
+
+
+FROZEN_MODES = ("keep", "eval")
 
 
 @contextlib.contextmanager
-def frozen(module: nn.Module) -> Iterator[nn.Module]:
-    """D during a generator step: eval mode (spectral norm's power iteration does not advance) and
-    ``requires_grad=False`` (the generator's backward does not write D's ``.grad``). Restored after."""
-    modes = [(m, m.training) for m in module.modules()]
+def frozen(module: nn.Module, *, modes: str = "keep") -> Iterator[nn.Module]:
+    """D during a generator step: ``requires_grad=False`` on every parameter (the generator's backward
+    does not write D's ``.grad``), restored after.
+
+    Args:
+        module: the network to freeze (D).
+        modes: ``"keep"`` (default): every module keeps its mode, as in the PyTorch DCGAN example: a
+            training-mode D normalizes with the batch's statistics, advances spectral norm's power
+            iteration and updates BatchNorm's running statistics in the generator step. ``"eval"``: D
+            is put in eval mode for the block (every module's mode restored after): no power
+            iteration, BatchNorm with its running statistics (not what a training-mode D computes).
+    """
+    if modes not in FROZEN_MODES:
+        raise ValueError(f"modes must be one of {FROZEN_MODES} (a named option), got {modes!r}")
+    saved_modes = [(m, m.training) for m in module.modules()]
     flags = [(p, p.requires_grad) for p in module.parameters()]
     try:
-        module.eval()
+        if modes == "eval":
+            module.eval()
         for p, _ in flags:
             p.requires_grad_(False)
         yield module
     finally:
-        for m, training in modes:
+        for m, training in saved_modes:
             m.training = training
         for p, flag in flags:
             p.requires_grad_(flag)
 
 
 def discriminator_input_gradients(
-    generator: nn.Module, loss_fn, latents: torch.Tensor
+    generator: nn.Module, loss_fn, latents: torch.Tensor, *, discriminator: nn.Module | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The weights w_i = ∇_x ℓ_G(D(x)) at x = G(z_i) (DESIGN.md section 3), without touching training.
 
     Args:
         generator: G; evaluated in :func:`analysis_mode` (eval, forked RNG).
-        loss_fn: the generator step's ``loss_fn(samples, None) -> [B]`` (closes over D).
-        latents: ``[B, latent_dim]``.
+        loss_fn: the generator step's ``loss_fn(samples, None) -> [B]`` (closes over D, which runs
+            in its current mode).
+        latents: ``[B, ...]``, whatever G takes.
+        discriminator: D, whose buffers (running statistics, spectral norm's u, v) are saved and
+            written back around the pass; default ``loss_fn.discriminator`` (a :class:`GeneratorLoss`).
 
     Returns:
         ``(samples [B, ...], w [B, ...], losses [B])``, detached. Uses ``torch.autograd.grad`` on a
         detached copy of the samples, so no parameter's ``.grad`` changes.
     """
-    with torch.no_grad(), analysis_mode(generator):
+    discriminator = discriminator if discriminator is not None else getattr(loss_fn, "discriminator", None)
+    with torch.no_grad(), preserved(generator), analysis_mode(generator):
         samples = output_tensor(generator(latents)).detach()
-    devices = [samples.device.index] if samples.device.type == "cuda" else []
-    with torch.enable_grad(), torch.random.fork_rng(devices=devices):
+    with torch.enable_grad(), preserved(discriminator):
         x = samples.clone().requires_grad_(True)
         losses = loss_fn(x, None)
         if not isinstance(losses, torch.Tensor) or losses.shape != (x.shape[0],):
@@ -97,12 +119,16 @@ class GANTrainer:
 
     Args:
         generator, discriminator: G maps ``[B, latent_dim]`` latents to samples shaped like ``data``
-            rows; D maps samples to one score per example. No BatchNorm in training mode.
+            rows; D maps samples to one score per example. No BatchNorm in training mode. D keeps
+            its mode in generator steps (see :func:`frozen`): a training-mode D with spectral norm
+            advances its power iteration in both players' steps.
         data: ``[N, ...]`` real samples (2-D points, or images in [-1, 1]).
         labels: optional ``LongTensor[N]`` (mixture mode or class of each real sample), passed to
             analyzers as ``info["real_labels"]``.
         latent_dim: defaults to ``generator.latent_dim``.
         loss: "nonsaturating" (default), "hinge" or "wgan-gp".
+        output: what D returns, "logit" (default) or "probability" (D ends in a sigmoid;
+            non-saturating loss only); see :class:`GeneratorLoss`.
         g_optimizer, d_optimizer: default Adam (lr ``lr_g`` / ``lr_d``, ``betas``).
         batch_size: real and generated examples per discriminator step; latents per generator step.
         d_steps: discriminator steps per generator step.
@@ -124,6 +150,7 @@ class GANTrainer:
         labels: torch.Tensor | None = None,
         latent_dim: int | None = None,
         loss: str = "nonsaturating",
+        output: str = "logit",
         g_optimizer: torch.optim.Optimizer | None = None,
         d_optimizer: torch.optim.Optimizer | None = None,
         lr_g: float = 1e-3,
@@ -158,8 +185,8 @@ class GANTrainer:
             raise ValueError("pass latent_dim= (the generator has no .latent_dim attribute)")
         self.loss = check_loss(loss)
         self.critic = DiscriminatorObjective(discriminator, penalty=(loss == "wgan-gp"))
-        self.g_loss = GeneratorLoss(discriminator, loss)
-        self.d_loss = DiscriminatorLoss(loss, gp_weight)
+        self.g_loss = GeneratorLoss(discriminator, loss, output)
+        self.d_loss = DiscriminatorLoss(loss, gp_weight, output, discriminator=discriminator)
         self.g_optimizer = g_optimizer or torch.optim.Adam(generator.parameters(), lr=lr_g, betas=betas)
         self.d_optimizer = d_optimizer or torch.optim.Adam(discriminator.parameters(), lr=lr_d, betas=betas)
         self.batch_size = batch_size
@@ -197,7 +224,8 @@ class GANTrainer:
             return output_tensor(self.generator(latents)).detach()
 
     def input_gradients(self, latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``(G(z), w, ℓ_G)`` with w_i = ∇_x ℓ_G(D(x)) at x = G(z_i), D as in a generator step."""
+        """``(G(z), w, ℓ_G)`` with w_i = ∇_x ℓ_G(D(x)) at x = G(z_i), D as in a generator step (its
+        mode kept, its buffers written back after)."""
         with frozen(self.discriminator):
             return discriminator_input_gradients(self.generator, self.g_loss, latents)
 
@@ -232,7 +260,7 @@ class GANTrainer:
         return losses
 
     def generator_step(self) -> torch.Tensor:
-        """One generator step (D frozen); returns the per-example losses."""
+        """One generator step (D's parameters frozen, its modes kept); returns the per-example losses."""
         z = self.sample_latents(self.batch_size)
         step = OptimizerStep(
             self.generator, self.g_optimizer, self.g_loss, z, None,

@@ -90,11 +90,11 @@ def group_gradients(
 
 
 def gradients_from_losses(
-    losses: torch.Tensor, params: dict[str, torch.Tensor], membership: torch.Tensor
+    losses: torch.Tensor, params: dict[str, torch.Tensor], membership: torch.Tensor, *, dtype: torch.dtype = torch.float64
 ) -> dict[str, torch.Tensor]:
     """ĝ_r = ∇_θ Σ_n W[r, n] ℓ_n through the graph ``losses [B]`` already carry.
 
-    Returns ``{name: Tensor[R, *shape] float64}`` (zeros for a parameter the losses do not reach).
+    Returns ``{name: Tensor[R, *shape]}`` in ``dtype`` (zeros for a parameter the losses do not reach).
     The graph is retained, so the caller's own backward runs afterwards unchanged. The R backward
     passes are batched (``is_grads_batched``) and taken one row at a time where an operation has
     no batching rule.
@@ -112,8 +112,8 @@ def gradients_from_losses(
         grads = [None if rows[0][i] is None else torch.stack([r[i] for r in rows]) for i in range(len(inputs))]
     out = {}
     for name, p, g in zip(names, inputs, grads):
-        out[name] = (torch.zeros((weights.shape[0], *p.shape), dtype=torch.float64, device=p.device) if g is None
-                     else g.detach().to(torch.float64))
+        out[name] = (torch.zeros((weights.shape[0], *p.shape), dtype=dtype, device=p.device) if g is None
+                     else g.detach().to(dtype))
     return out
 
 

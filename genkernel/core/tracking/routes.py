@@ -60,6 +60,7 @@ class TrackedModel:
     memory_budget: int
     distributed: DistributedContext | None
     check_rtol: float  # relative tolerance of the exact checks (float64: 1e-10, float32: 1e-5)
+    state_dtype: torch.dtype = torch.float64  # of the groups' gradients, optimizer state and updates
 
 
 @dataclass
@@ -232,7 +233,8 @@ class DenseRoute(GroupStateRoute):
         return membership_matrix([ids[n] for n in partitions.names], coefficients, list(partitions.sizes.values()))
 
     def graph_gradients(self, losses, ids, coefficients):
-        return gradients_from_losses(losses, self.model.params, self._membership(ids, coefficients))
+        return gradients_from_losses(losses, self.model.params, self._membership(ids, coefficients),
+                                     dtype=self.model.state_dtype)
 
     def from_graph(self, grads, losses, step):
         return self._finish(grads, losses.detach(), step.batch, step.clip_factor)
@@ -244,7 +246,7 @@ class DenseRoute(GroupStateRoute):
             model.module, model.params, step.inputs, step.targets, step.loss_fn, self._membership(ids, coefficients),
             memory_budget=model.memory_budget, route="factored" if self.gradient_route == "factored" else "example",
         )
-        return self._finish(grads, losses, step.batch, step.clip_factor)
+        return self._finish({n: g.to(model.state_dtype) for n, g in grads.items()}, losses, step.batch, step.clip_factor)
 
     def _finish(self, grads, losses, batch: int, scale: float) -> StepGradients:
         model = self.model

@@ -64,8 +64,10 @@ class UpdateSplitter:
 
     state_key: str | None = None  # the optimizer's linear state, kept per row by the splitter
 
-    def __init__(self, optimizer: torch.optim.Optimizer, params: dict[str, torch.nn.Parameter], partitions: Partitions):
+    def __init__(self, optimizer: torch.optim.Optimizer, params: dict[str, torch.nn.Parameter], partitions: Partitions,
+                 dtype: torch.dtype = torch.float64):
         self.optimizer = optimizer
+        self.dtype = dtype  # of the rows' state and updates (float64, or float32 for large float32 models)
         self.params = params
         self.partitions = partitions
         self.rows = partitions.total
@@ -152,11 +154,11 @@ class UpdateSplitter:
         first = self.partitions.slices[self.partitions.primary]
         for name in self.params:
             h = self.hyper[name]
-            grads = group_grads[name].to(torch.float64)
-            gap = torch.zeros_like(grads[0]) if rounding is None else rounding[name].to(torch.float64)
+            grads = group_grads[name].to(self.dtype)
+            gap = torch.zeros_like(grads[0]) if rounding is None else rounding[name].to(self.dtype)
             if h.get("maximize", False):
                 grads, gap = -grads, -gap
-            theta = theta_before[name]
+            theta = theta_before[name].to(self.dtype)
             # The rest's "gradient": coupled weight decay λθ_k (zero when decoupled or absent).
             rest = theta * h["weight_decay"] if not h.get("decoupled", False) else torch.zeros_like(theta)
             full = self.prepare(name, torch.cat([grads, rest.unsqueeze(0), gap.unsqueeze(0)], dim=0))
@@ -170,7 +172,7 @@ class UpdateSplitter:
                 if previous is not None:
                     previous = previous.clone()
                 elif self.before.get(name) is not None:
-                    previous = self.before[name].abs().to(torch.float64).unsqueeze(0)
+                    previous = self.before[name].abs().to(self.dtype).unsqueeze(0)
                 magnitude, _ = self.advance(previous, size, h)
                 self.pending_magnitude[name] = magnitude
                 self.rounding_scale[name] = (self.preconditioner(name) * magnitude[0]).abs()
@@ -211,7 +213,7 @@ class UpdateSplitter:
         if existing is None:
             return None
         state = torch.zeros_like(like)
-        state[self.rows] = existing.to(torch.float64)
+        state[self.rows] = existing.to(self.dtype)
         return state
 
     def check_state(self, rtol: float) -> None:
@@ -296,8 +298,8 @@ class AdamSplitter(UpdateSplitter):
 
     state_key = "exp_avg"
 
-    def __init__(self, optimizer, params, partitions):
-        super().__init__(optimizer, params, partitions)
+    def __init__(self, optimizer, params, partitions, dtype=torch.float64):
+        super().__init__(optimizer, params, partitions, dtype)
         self._adamw = isinstance(optimizer, torch.optim.AdamW)
 
     def _hyperparameters(self, group):
@@ -324,7 +326,7 @@ class AdamSplitter(UpdateSplitter):
         h = self.hyper[name]
         opt_state = self.optimizer.state[self.params[name]]
         step = _scalar(opt_state["step"])
-        second = opt_state["max_exp_avg_sq" if h["amsgrad"] else "exp_avg_sq"].to(torch.float64)
+        second = opt_state["max_exp_avg_sq" if h["amsgrad"] else "exp_avg_sq"].to(self.dtype)
         denom = second.sqrt() / (1 - h["beta2"] ** step) ** 0.5 + h["eps"]
         return -(h["lr"] / (1 - h["beta1"] ** step)) / denom
 
@@ -352,9 +354,9 @@ class RMSpropSplitter(UpdateSplitter):
     def prepare(self, name, grads):
         h = self.hyper[name]
         opt_state = self.optimizer.state[self.params[name]]
-        square = opt_state["square_avg"].to(torch.float64)
+        square = opt_state["square_avg"].to(self.dtype)
         if h["centered"]:
-            square = square - opt_state["grad_avg"].to(torch.float64) ** 2
+            square = square - opt_state["grad_avg"].to(self.dtype) ** 2
         return grads / (square.sqrt() + h["eps"])
 
     @staticmethod
@@ -371,15 +373,16 @@ class RMSpropSplitter(UpdateSplitter):
         return -self.hyper[name]["lr"]
 
 
-def make_splitter(optimizer: torch.optim.Optimizer, params: dict[str, torch.nn.Parameter], partitions: Partitions) -> UpdateSplitter:
+def make_splitter(optimizer: torch.optim.Optimizer, params: dict[str, torch.nn.Parameter], partitions: Partitions,
+                  dtype: torch.dtype = torch.float64) -> UpdateSplitter:
     """The splitter for ``optimizer``; a clear error names the supported optimizers."""
     kind = type(optimizer)
     if kind is torch.optim.SGD:
-        return SGDSplitter(optimizer, params, partitions)
+        return SGDSplitter(optimizer, params, partitions, dtype)
     if kind in (torch.optim.Adam, torch.optim.AdamW):
-        return AdamSplitter(optimizer, params, partitions)
+        return AdamSplitter(optimizer, params, partitions, dtype)
     if kind is torch.optim.RMSprop:
-        return RMSpropSplitter(optimizer, params, partitions)
+        return RMSpropSplitter(optimizer, params, partitions, dtype)
     raise TypeError(
         f"{kind.__module__}.{kind.__name__} is not supported: the ledger must reproduce the optimizer's "
         f"update exactly, and genkernel knows how for {SUPPORTED_OPTIMIZERS}"

@@ -64,6 +64,7 @@ from ..adapter import (
 )
 from ..engine.gradients import DEFAULT_GRADIENT_BUDGET
 from ..errors import LedgerCheckError, NonFiniteError
+from ..cost import estimate_cost
 from ..grouping import Partitions
 from .distributed import combine_group_gradients, ddp_context
 from .ema import EMALedgers, ema_parameters
@@ -186,6 +187,9 @@ class PathKernelTracker:
             else "dense" (never "sketched", which is approximate: ask for it).
         sketch_dim, sketch_seed, sketch_kind: k, the seed and the entries ("rademacher" or
             "gaussian") of the projection for ``group_state="sketched"``.
+        state_dtype: dtype of the dense route's per-group gradients, optimizer state and updates:
+            float64 (default), or float32 for a float32 model (half the memory; the checks keep the
+            float32 tolerance); the ledgers stay float64.
 
     Under torch.distributed, pass the DistributedDataParallel-wrapped model and each rank's shard:
     the ranks' group gradients are averaged as DDP averages gradients, so every rank keeps the
@@ -210,6 +214,7 @@ class PathKernelTracker:
         sketch_dim: int = 512,
         sketch_seed: int = 0,
         sketch_kind: str = "rademacher",
+        state_dtype: torch.dtype = torch.float64,
     ) -> None:
         self.partitions = Partitions(num_groups)
         if snapshot_every < 0:
@@ -243,14 +248,32 @@ class PathKernelTracker:
         with torch.no_grad(), analysis_mode(self.module):
             f_start = self._probe_outputs()
         self.ledgers = {name: PathKernelLedger.empty(f_start, size) for name, size in self.partitions.sizes.items()}
+        if state_dtype not in (torch.float64, torch.float32):
+            raise ValueError(f"state_dtype must be torch.float64 or torch.float32, got {state_dtype!r}")
+        if state_dtype == torch.float32 and dtype == torch.float64:
+            raise ValueError("state_dtype=torch.float32 is for float32 models (half the memory of the group state); a "
+                             "float64 model keeps float64 state, or its exact checks could not hold")
         tracked = TrackedModel(self.module, self.params, self.probes, self.partitions, f_start.shape[1], self.memory_budget,
-                               self.distributed, self.rtol)
+                               self.distributed, self.rtol, state_dtype)
         self._requested = {"group_state": group_state, "contribution_route": contribution_route,
                            "gradient_route": gradient_route}
         self.group_state = self._choose_group_state(group_state, f_start.shape[1])
         contribution_route = self._differentiable_route(tracked, contribution_route)
         self.route = self._make_route(tracked, contribution_route, gradient_route, sketch_dim, sketch_seed, sketch_kind)
         self._tracked = tracked
+        # What a step will cost, before anything runs; refuse a set-up the device cannot hold.
+        with analysis_mode(self.module):
+            self.cost = estimate_cost(
+                self.module, optimizer, self.probes, outputs=f_start.shape[1], rows=self.partitions.total,
+                group_state=self.group_state, gradient_route=getattr(self.route, "gradient_route", "factored"),
+                contribution_route=self.route.contribution_route, quadrature_nodes=len(self.rule.nodes),
+                state_dtype=state_dtype, memory_budget=self.memory_budget, sketch_dim=sketch_dim,
+            )
+        if not self.cost.fits:
+            raise MemoryError(
+                f"this tracker would not fit on {self.cost.settings['device']}: {self.cost.describe()}. Cheaper: "
+                + "; ".join(self.cost.cheaper)
+            )
         self.ema: EMALedgers | None = None
         self.splitter = self.route.splitter
         self._f_prev = f_start.clone()
@@ -308,8 +331,8 @@ class PathKernelTracker:
     def _make_route(self, tracked: TrackedModel, contribution_route: str, gradient_route: str, k: int, seed: int,
                     kind: str) -> GroupStateRoute:
         if self.group_state == "dense":
-            return DenseRoute(tracked, make_splitter(self.optimizer, self.params, self.partitions), contribution_route,
-                              gradient_route)
+            return DenseRoute(tracked, make_splitter(self.optimizer, self.params, self.partitions, tracked.state_dtype),
+                              contribution_route, gradient_route)
         if gradient_route not in ("auto", "factored"):
             raise ValueError(
                 f"gradient_route={gradient_route!r} belongs to group_state='dense'; group_state={self.group_state!r} "

@@ -1,0 +1,235 @@
+"""What a tracked step will cost, known before the run (memory per part, work per step).
+
+:func:`estimate_cost` counts, from the model's parameter count, the probes, the partitions and
+the route, the arrays a tracker keeps and the passes a step makes:
+
+Memory (bytes):
+
+- ``group_gradients``: the rows of group gradients, R × P in the state dtype (dense route);
+- ``group_state``: the optimizer's linear state per row, (R + 2) × P, twice while a step's new
+  state is checked before it is committed (dense route; none for plain SGD); with sketches R × k;
+- ``group_updates``: the split update, (R + 2) × P;
+- ``parameter_copies``: θ_k, θ_{k+1}, the quadrature nodes in between, the rolled-back step's
+  optimizer state;
+- ``ema``: the EMA ledger's displacements and offsets, 2 (R + 3) × P;
+- ``probe_pushes``: forward-mode AD through the probes, bounded by the memory budget (the JVP
+  chunks are sized to it), or the probes' Jacobians M × d × P on the "jacobian" route;
+- ``training_step``: the parameters, their gradients and the optimizer's own state, and the
+  batch's activations (a hook pass on one example, times the batch and a factor for what autograd
+  keeps), when ``batch_size`` is given.
+
+Work per step, in passes (a backward counted as two forwards of the same examples), and the
+expected ratio of an analyzed step to a bare one (forward and backward of the batch):
+
+- group gradients: "graph" R backward passes of the batch; "example" about one batch forward and
+  backward more (vmapped per-example gradients, a second forward); sketched and factored routes
+  one capture of the batch;
+- contributions: per quadrature node, a forward of the probes plus one tangent pass per pushed row
+  (dense: R + 1 rows), or d backward passes of the probes for the probes' Jacobians;
+- the probe forwards before and after the step.
+
+Trackers and analyzers call it at construction and refuse, with the numbers and the cheaper
+options, when the device cannot hold the total. The counts are of the dominant arrays: Python's
+and the allocator's overheads are not in them.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+GiB = 2**30
+
+
+@dataclass
+class CostEstimate:
+    """Memory per part (bytes) and work per step of a tracked step; see the module docstring.
+
+    Attributes:
+        memory: ``{part: bytes}``.
+        available: bytes the device has free now (None where that is unknown).
+        work: ``{part: passes}`` in units of one forward pass over one example.
+        bare_step: the same units for a bare step (forward and backward of the batch).
+        cheaper: options that would make the tracker fit or run faster, in words.
+    """
+
+    memory: dict[str, int]
+    available: int | None
+    work: dict[str, float]
+    bare_step: float
+    settings: dict[str, Any] = field(default_factory=dict)
+    cheaper: list[str] = field(default_factory=list)
+
+    @property
+    def total_bytes(self) -> int:
+        return int(sum(self.memory.values()))
+
+    @property
+    def analysis_bytes(self) -> int:
+        """What tracking adds to the training step's own memory."""
+        return self.total_bytes - self.memory.get("training_step", 0)
+
+    @property
+    def fits(self) -> bool:
+        return self.available is None or self.total_bytes <= self.available
+
+    @property
+    def ratio(self) -> float:
+        """Expected analyzed step time over a bare step's (work counted in passes)."""
+        return 1.0 + sum(self.work.values()) / max(self.bare_step, 1e-12)
+
+    def describe(self) -> str:
+        """The estimate in words, for errors and logs."""
+        parts = ", ".join(f"{k} {v / GiB:.2f} GiB" for k, v in self.memory.items() if v)
+        free = "unknown" if self.available is None else f"{self.available / GiB:.1f} GiB"
+        work = ", ".join(f"{k} {v:.0f}" for k, v in self.work.items() if v)
+        return (f"memory {self.total_bytes / GiB:.2f} GiB ({parts}; {free} free); work per step in example-forwards: "
+                f"{work} against {self.bare_step:.0f} for a bare step: about {self.ratio:.1f}x a bare step")
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"memory_bytes": dict(self.memory), "total_bytes": self.total_bytes, "available_bytes": self.available,
+                "work": dict(self.work), "bare_step": self.bare_step, "ratio": self.ratio, "fits": self.fits,
+                "settings": dict(self.settings), "cheaper": list(self.cheaper)}
+
+
+def available_memory(device: torch.device | str) -> int | None:
+    """Free bytes on ``device`` now: ``torch.cuda.mem_get_info`` on CUDA, ``MemAvailable`` of
+    /proc/meminfo on a Linux CPU; None elsewhere."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free)
+    if device.type == "cpu" and os.path.exists("/proc/meminfo"):
+        with open("/proc/meminfo") as handle:
+            for line in handle:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    return None
+
+
+def activation_elements(model: nn.Module, example: tuple[torch.Tensor, ...]) -> int:
+    """Elements of every module output for one example (a forward with hooks, no grad)."""
+    count = [0]
+
+    def hook(module, args, output):
+        if isinstance(output, torch.Tensor):
+            count[0] += output[:1].numel()
+
+    handles = [m.register_forward_hook(hook) for m in model.modules() if not list(m.children())]
+    try:
+        with torch.no_grad():
+            model(*example)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return count[0]
+
+
+def estimate_cost(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    probes: tuple[torch.Tensor, ...],
+    *,
+    outputs: int,
+    rows: int,
+    group_state: str = "dense",
+    gradient_route: str = "graph",
+    contribution_route: str = "jvp",
+    quadrature_nodes: int = 1,
+    state_dtype: torch.dtype = torch.float64,
+    memory_budget: int = 256 * 2**20,
+    batch_size: int | None = None,
+    ema: bool = False,
+    sketch_dim: int = 512,
+    device: torch.device | str | None = None,
+) -> CostEstimate:
+    """Memory and work of a tracked step before the run (see the module docstring).
+
+    Args:
+        model, optimizer, probes: what the tracker is built with (the probes ``[M, ...]``).
+        outputs: d, outputs per probe.
+        rows: R, the groups of all partitions together.
+        group_state, gradient_route, contribution_route, quadrature_nodes, state_dtype,
+        memory_budget, sketch_dim: the tracker's settings.
+        batch_size: B of a training step (activations and the bare step's work; default M).
+        ema: whether an EMA ledger is kept.
+        device: where the state lives (default the parameters').
+    """
+    params = [p for p in model.parameters() if p.requires_grad]
+    num = sum(p.numel() for p in params)
+    param_bytes = params[0].element_size() if params else 4
+    state_bytes = torch.empty((), dtype=state_dtype).element_size()
+    m = probes[0].shape[0]
+    b = m if batch_size is None else batch_size
+    device = params[0].device if device is None and params else torch.device(device or "cpu")
+    linear_state = type(optimizer) in (torch.optim.Adam, torch.optim.AdamW, torch.optim.RMSprop) or any(
+        float(g.get("momentum", 0.0)) != 0.0 for g in optimizer.param_groups
+    )
+    optimizer_state = {torch.optim.Adam: 2, torch.optim.AdamW: 2, torch.optim.RMSprop: 2}.get(type(optimizer), 1)
+
+    memory: dict[str, int] = {}
+    work: dict[str, float] = {}
+    per_example_forward = 1.0
+    # What training itself holds: parameters, gradients, optimizer state, activations.
+    acts = activation_elements(model, tuple(t[:1] for t in probes))
+    memory["training_step"] = num * param_bytes * (2 + optimizer_state) + 3 * acts * b * param_bytes
+    bare = 3.0 * b * per_example_forward
+    memory["parameter_copies"] = num * param_bytes * (2 + quadrature_nodes) + num * param_bytes * optimizer_state
+    if group_state == "dense":
+        memory["group_gradients"] = rows * num * state_bytes
+        memory["group_state"] = 2 * (rows + 2) * num * state_bytes if linear_state else 0
+        memory["group_updates"] = (rows + 2) * num * state_bytes
+        if ema:
+            memory["ema"] = (2 * rows + 5) * num * state_bytes
+        pushed = rows + 1
+        if gradient_route == "graph":
+            work["group_gradients"] = 2.0 * rows * b
+        else:
+            work["group_gradients"] = 4.5 * b
+    else:
+        memory["group_state"] = rows * sketch_dim * 8 if group_state == "sketched" else 0
+        memory["group_updates"] = 3 * num * state_bytes
+        memory["held_factors"] = min(memory_budget, 3 * acts * b * param_bytes)
+        pushed = 2
+        work["group_gradients"] = 3.0 * b
+    if contribution_route == "jacobian":
+        memory["probe_pushes"] = 2 * m * outputs * num * param_bytes
+        work["contributions"] = quadrature_nodes * 2.0 * m * outputs
+    else:
+        memory["probe_pushes"] = min(memory_budget, 4 * pushed * num * param_bytes + 3 * acts * m * param_bytes * pushed)
+        work["contributions"] = quadrature_nodes * m * (1.0 + pushed)
+    if group_state in ("factored", "sketched"):
+        work["contributions"] += quadrature_nodes * m * (1.0 + 2.0 * outputs)  # the probes' factors
+    work["probe_forwards"] = 2.0 * m
+    if ema:
+        work["ema_contributions"] = quadrature_nodes * m * (1.0 + rows + 2)
+    estimate = CostEstimate(memory, available_memory(device), work, bare, settings={
+        "parameters": num, "rows": rows, "probes": m, "outputs": outputs, "batch": b, "group_state": group_state,
+        "state_dtype": str(state_dtype).replace("torch.", ""), "device": str(device),
+    })
+    estimate.cheaper = _cheaper_options(estimate, group_state, state_dtype, param_bytes)
+    return estimate
+
+
+def _cheaper_options(estimate: CostEstimate, group_state: str, state_dtype: torch.dtype, param_bytes: int) -> list[str]:
+    options = []
+    settings = estimate.settings
+    if group_state == "dense":
+        options.append(f"fewer groups (now {settings['rows']} rows over all partitions: fewer bins or control partitions)")
+        options.append("group_state='sketched' (k-dimensional sketches of each group's state instead of P-sized copies)")
+        if state_dtype == torch.float64 and param_bytes == 4:
+            options.append("state_dtype=torch.float32 (halves the group arrays of a float32 model; on GPU float32 is "
+                           "also much faster)")
+    options.append(f"fewer probes (now {settings['probes']})")
+    options.append("a shorter tracked window (track steps a..b, then stop paying)")
+    if not math.isinf(estimate.ratio) and estimate.ratio > 10 and group_state == "dense":
+        options.append("quadrature='midpoint' (one node) if a larger residual is acceptable")
+    return options
+
+
+__all__ = ["CostEstimate", "available_memory", "estimate_cost"]

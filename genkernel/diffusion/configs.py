@@ -1,0 +1,85 @@
+"""Denoisers of the sizes people train, built offline with random weights (nothing downloads).
+
+- :func:`ddpm_cifar10_unet`: the DDPM CIFAR-10 model (Ho et al. 2020; diffusers'
+  ``google/ddpm-cifar10-32`` configuration): ``UNet2DModel`` at 32×32×3, block widths
+  128-256-256-256, two residual layers per block, self-attention at the 16×16 resolution, dropout
+  0.1; about 35.7M parameters.
+- :func:`mnist_unet`: a smaller UNet for 28×28 (or 32×32) grey images: widths 32-64-64, attention
+  at the lowest resolution; about 1.1M parameters.
+
+Use them with :class:`~genkernel.diffusion.DDPMTrainer` or your own loop; the cost of analysing
+them is estimated before a run by :func:`genkernel.core.cost.estimate_cost`, which trackers and
+analyzers call at construction.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from .models import freeze_attention_key_biases
+
+CONFIGS = ("ddpm_cifar10", "mnist")
+
+
+def ddpm_cifar10_unet(*, dropout: float = 0.1, seed: int | None = None) -> nn.Module:
+    """The DDPM CIFAR-10 ``UNet2DModel`` (35.7M parameters), random weights.
+
+    ``dropout``: 0.1 as in the original model (a tracker takes its group gradients from the
+    training graph, so dropout in training mode is exact); 0.0 for per-example routes.
+    """
+    from diffusers import UNet2DModel
+
+    _seed(seed)
+    model = UNet2DModel(
+        sample_size=32,
+        in_channels=3,
+        out_channels=3,
+        layers_per_block=2,
+        block_out_channels=(128, 256, 256, 256),
+        down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
+        dropout=dropout,
+        norm_num_groups=32,
+        attention_head_dim=None,
+    )
+    freeze_attention_key_biases(model)
+    return model
+
+
+def mnist_unet(*, sample_size: int = 28, dropout: float = 0.0, seed: int | None = None) -> nn.Module:
+    """A smaller ``UNet2DModel`` for 28×28 (or 32×32) grey images, random weights."""
+    from diffusers import UNet2DModel
+
+    _seed(seed)
+    model = UNet2DModel(
+        sample_size=sample_size,
+        in_channels=1,
+        out_channels=1,
+        layers_per_block=1,
+        block_out_channels=(32, 64, 64),
+        down_block_types=("DownBlock2D", "DownBlock2D", "AttnDownBlock2D"),
+        up_block_types=("AttnUpBlock2D", "UpBlock2D", "UpBlock2D"),
+        dropout=dropout,
+        norm_num_groups=8,
+        attention_head_dim=8,
+    )
+    freeze_attention_key_biases(model)
+    return model
+
+
+def denoiser_config(name: str, **kwargs) -> nn.Module:
+    """The denoiser called ``name`` (one of :data:`CONFIGS`)."""
+    builders = {"ddpm_cifar10": ddpm_cifar10_unet, "mnist": mnist_unet}
+    if name not in builders:
+        raise ValueError(f"unknown denoiser configuration {name!r}; choose one of {CONFIGS}")
+    return builders[name](**kwargs)
+
+
+def _seed(seed: int | None) -> None:
+    if seed is not None:
+        import torch
+
+        torch.manual_seed(seed)
+
+
+__all__ = ["CONFIGS", "ddpm_cifar10_unet", "denoiser_config", "mnist_unet"]

@@ -1,0 +1,107 @@
+"""Real scale: configurations people train, cost known before the run, state dtype and tracked
+windows (issue 15)."""
+
+import pytest
+import torch
+from torch import nn
+
+from genkernel import PathKernelTracker
+from genkernel.core.cost import estimate_cost
+from genkernel.diffusion import DDPMTrainer, MLPDenoiser, NoiseLevelAnalyzer, make_scheduler
+from genkernel.supervised import mse_loss
+
+F64 = torch.float64
+
+
+def test_the_configurations_have_the_published_sizes():
+    from genkernel.diffusion.configs import ddpm_cifar10_unet, mnist_unet
+    from genkernel.gan.configs import dcgan64_discriminator, dcgan64_generator
+
+    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    assert abs(count(ddpm_cifar10_unet()) - 35.75e6) < 0.05e6  # DDPM CIFAR-10: 35.7M
+    assert count(mnist_unet()) < 2e6
+    g, d = dcgan64_generator(), dcgan64_discriminator()
+    assert abs(count(g) - 3.58e6) < 0.01e6 and abs(count(d) - 2.77e6) < 0.01e6
+    x = g(torch.randn(2, 100, 1, 1))
+    assert x.shape == (2, 3, 64, 64) and d(x).shape == (2,)
+    assert any(isinstance(m, nn.BatchNorm2d) for m in d.modules())
+
+
+def _tracker(model, rows, **kwargs):
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    probes = torch.randn(6, 3, dtype=next(model.parameters()).dtype)
+    return PathKernelTracker(model, opt, mse_loss, probes, num_groups=rows, **kwargs)
+
+
+def test_the_estimate_counts_the_arrays_the_dense_route_allocates():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 64), nn.Tanh(), nn.Linear(64, 2))
+    tracker = _tracker(model, 7, group_state="dense", state_dtype=torch.float32)
+    x, y = torch.randn(16, 3), torch.randn(16, 2)
+    result = tracker.step(x, y, torch.arange(16) % 7)
+    num = sum(p.numel() for p in model.parameters())
+    memory = tracker.cost.memory
+    assert memory["group_updates"] == sum(u.numel() * u.element_size() for u in result.group_updates.values()) == 9 * num * 4
+    state = sum(s["exp_avg"].numel() * s["exp_avg"].element_size() for s in tracker.splitter.state.values())
+    assert memory["group_state"] == 2 * state  # committed and pending while a step is checked
+    assert tracker.cost.settings["state_dtype"] == "float32" and tracker.cost.ratio > 1
+
+
+def test_float32_state_keeps_the_float64_ledger_to_float32_precision():
+    ledgers = {}
+    for dtype in (torch.float64, torch.float32):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(3, 16), nn.Tanh(), nn.Linear(16, 2))
+        tracker = _tracker(model, 3, group_state="dense", state_dtype=dtype, quadrature="simpson")
+        g = torch.Generator().manual_seed(1)
+        for _ in range(3):
+            tracker.step(torch.randn(12, 3, generator=g), torch.randn(12, 2, generator=g), torch.randint(0, 3, (12,), generator=g))
+        ledgers[dtype] = tracker.ledger
+        assert tracker.splitter.state["0.weight"]["exp_avg"].dtype == dtype
+    a, b = ledgers[torch.float64], ledgers[torch.float32]
+    torch.testing.assert_close(b.contributions, a.contributions, rtol=1e-4, atol=1e-6 * float(a.contributions.abs().max()))
+    with pytest.raises(ValueError, match="float32 models"):
+        _tracker(nn.Linear(3, 2).to(F64), 2, state_dtype=torch.float32)
+
+
+def test_a_tracker_the_device_cannot_hold_is_refused_with_the_numbers_and_the_cheaper_options(monkeypatch):
+    import genkernel.core.cost as cost
+
+    monkeypatch.setattr(cost, "available_memory", lambda device: 1000)
+    with pytest.raises(MemoryError, match="would not fit.*GiB.*Cheaper: fewer groups.*group_state='sketched'"):
+        _tracker(nn.Linear(3, 2), 4, group_state="dense")
+
+
+def test_the_cifar_unet_estimate_points_at_what_does_not_fit():
+    from genkernel.diffusion.configs import ddpm_cifar10_unet
+
+    model = ddpm_cifar10_unet(dropout=0.0)
+    probes = (torch.randn(64, 3, 32, 32), torch.randint(0, 1000, (64,)))
+    estimate = estimate_cost(model, torch.optim.Adam(model.parameters()), probes, outputs=3 * 32 * 32, rows=20,
+                             batch_size=128, device="cpu")
+    # 20 rows of float64 state, updates and gradients for 35.7M parameters: tens of GB
+    assert estimate.memory["group_state"] > 10 * 2**30 and "state_dtype=torch.float32" in " ".join(estimate.cheaper)
+    sketched = estimate_cost(model, torch.optim.Adam(model.parameters()), probes, outputs=3 * 32 * 32, rows=20,
+                             batch_size=128, group_state="sketched", device="cpu")
+    assert sketched.analysis_bytes < estimate.analysis_bytes / 10
+
+
+def test_a_tracked_window_tracks_only_its_steps_and_leaves_training_unchanged():
+    scheduler = make_scheduler(100)
+    g = torch.Generator().manual_seed(0)
+    data = torch.randn(64, 2, generator=g, dtype=F64)
+
+    def trainer(callbacks):
+        torch.manual_seed(0)
+        return DDPMTrainer(MLPDenoiser(2, hidden=16, depth=2).to(F64), scheduler, data, batch_size=16, progress=False,
+                           callbacks=callbacks)
+
+    bare = trainer([])
+    bare.train(8)
+    analyzer = NoiseLevelAnalyzer(scheduler, data[:16], num_bins=3, num_probes=6, kernel_points=2, track_steps=(3, 5),
+                                  progress=False)
+    tracked = trainer([analyzer])
+    tracked.train(8)
+    assert analyzer.ledger.steps == 3 and analyzer.global_steps == [3, 4, 5]
+    assert all(torch.equal(p, q) for p, q in zip(bare.model.parameters(), tracked.model.parameters()))
+    assert analyzer.report()["config"]["track_steps"] == [3, 5]
