@@ -117,7 +117,7 @@ def test_ledger_matches_brute_force_and_residual_is_small():
     model = small_mlp()
     reference_model = small_mlp()
     analyzer = NoiseLevelAnalyzer(scheduler, ring(12, seed=5), num_bins=num_bins, num_probes=6, controls=0,
-                                  kernel_points=2, snapshot_every=0)
+                                  kernel_points=2, snapshot_every=0, bin_spacing="timestep")
     analyzer.bind(model, torch.optim.Adam(model.parameters(), lr=lr))
     gen = torch.Generator().manual_seed(1)
     batches = []
@@ -166,12 +166,28 @@ def test_one_group_equals_sum_of_bins_and_control_adds_up():
     assert torch.allclose(many.traffic_shares().sum(1), torch.ones(8, dtype=torch.float64))
 
 
+def test_log_snr_bins_span_equal_widths_of_log_snr():
+    from genkernel.diffusion.objectives import NoiseBins
+
+    scheduler = make_scheduler(1000)
+    bins = NoiseBins(scheduler, 10)
+    widths = bins.log_snr[:-1] - bins.log_snr[1:]
+    assert (widths > 0).all() and float(widths.max() / widths.min()) < 1.3  # integer edges: nearly equal
+    assert bins(bins.edges[:-1]).tolist() == list(range(10)) and bins(bins.centers).tolist() == list(range(10))
+    signal = scheduler.alphas_cumprod[bins.centers].sqrt()
+    assert int((signal <= 0.12).sum()) <= 3  # equal-width t bins put 4 of 10 levels there
+    even = NoiseBins(scheduler, 10, spacing="timestep")
+    assert int((scheduler.alphas_cumprod[even.centers].sqrt() <= 0.12).sum()) == 4
+    with pytest.raises(ValueError, match="spacing"):
+        NoiseBins(scheduler, 10, spacing="sigma")
+
+
 def test_separate_parameters_per_bin_give_exactly_zero_off_diagonal():
     scheduler = make_scheduler(T)
     num_bins = 4
-    torch.manual_seed(0)
-    model = BinnedDenoiser(num_bins, T, hidden=8, depth=1, time_dim=4).double()
     analyzer = NoiseLevelAnalyzer(scheduler, ring(8, seed=2), num_bins=num_bins, num_probes=8, controls=1, kernel_points=2)
+    torch.manual_seed(0)
+    model = BinnedDenoiser(num_bins, T, hidden=8, depth=1, time_dim=4, edges=analyzer.bins.edges).double()  # log-SNR bins
     trainer = DDPMTrainer(model, scheduler, ring(64), batch_size=32, lr=1e-2, progress=False, callbacks=[analyzer])
     trainer.train(3)
     off = ~torch.eye(num_bins, dtype=torch.bool)[analyzer.probe_bins]  # [M, G]: training bin != probe bin

@@ -72,13 +72,12 @@ from ..core.tracking.tracker import PathKernelTracker, StepContributions
 from .kernels import make_states, state_kernel
 from .locality import kernel_locality
 from .objectives import (
-    bin_centers,
     check_prediction_type,
     check_timesteps,
     diffusion_loss,
     noisy_input,
     num_train_timesteps,
-    timestep_bins,
+    NoiseBins,
     training_target,
 )
 
@@ -99,6 +98,8 @@ class NoiseLevelAnalyzer(TrainerCallback):
         probe_data: ``Tensor[N0, *shape]`` clean inputs for probes and kernel checkpoints
             (held-out data is best; the first ``kernel_points`` rows serve the kernel).
         num_bins: G, bins of the training timestep (groups).
+        bin_spacing: "log_snr" (default: equal widths of log SNR, :class:`~genkernel.diffusion.objectives.NoiseBins`)
+            or "timestep" (equal widths of t).
         num_probes: M probes, assigned round-robin to the probe levels.
         probe_levels: ``LongTensor[L]`` probe timesteps s; default the G bin centres.
         band: w, the half-width in bins of "nearby levels" for the locality measures.
@@ -134,6 +135,7 @@ class NoiseLevelAnalyzer(TrainerCallback):
         probe_data: torch.Tensor,
         *,
         num_bins: int = 10,
+        bin_spacing: str = "log_snr",
         num_probes: int = 64,
         probe_levels: torch.Tensor | None = None,
         band: int = 1,
@@ -156,8 +158,7 @@ class NoiseLevelAnalyzer(TrainerCallback):
         self.prediction_type = check_prediction_type(scheduler)
         self.scheduler = scheduler
         self.total = num_train_timesteps(scheduler)
-        if not isinstance(num_bins, int) or not 1 <= num_bins <= self.total:
-            raise ValueError(f"num_bins must be an int in [1, {self.total}] (num_train_timesteps), got {num_bins!r}")
+        self.bins = NoiseBins(scheduler, num_bins, bin_spacing)
         if not isinstance(num_probes, int) or num_probes < 1:
             raise ValueError(f"num_probes must be a positive int, got {num_probes!r}")
         if not isinstance(probe_data, torch.Tensor) or probe_data.dim() < 2 or not probe_data.is_floating_point():
@@ -201,11 +202,11 @@ class NoiseLevelAnalyzer(TrainerCallback):
         self.memory_budget = memory_budget
 
         # Probes: (clean x, level s, fixed noise) -> states (z_s, s); round-robin over levels.
-        levels = bin_centers(num_bins, self.total) if probe_levels is None else check_timesteps(
+        levels = self.bins.centers if probe_levels is None else check_timesteps(
             torch.as_tensor(probe_levels), scheduler, name="probe_levels"
         )
         self.levels = levels.long()
-        self.level_bins = timestep_bins(self.levels, num_bins, self.total)
+        self.level_bins = self.bins(self.levels)
         generator = torch.Generator().manual_seed(seed)
         self.probe_level = torch.arange(num_probes) % self.levels.numel()  # level index per probe
         self.probe_timesteps = self.levels[self.probe_level]
@@ -423,7 +424,7 @@ class NoiseLevelAnalyzer(TrainerCallback):
         timesteps = check_timesteps(timesteps, self.scheduler)
         if timesteps.numel() != batch:
             raise ValueError(f"got {timesteps.numel()} timesteps for a batch of {batch}")
-        bins = timestep_bins(timesteps, self.num_bins, self.total).cpu()
+        bins = self.bins(timesteps).cpu()
         groups = {LEVEL: bins}
         for name in self.control_names:
             groups[name] = bins[torch.randperm(bins.numel(), generator=self._perm_generator)]
@@ -484,7 +485,7 @@ class NoiseLevelAnalyzer(TrainerCallback):
         if model is None:
             raise RuntimeError("pass a model, or bind the analyzer to one first")
         param = next(unwrap(model).parameters())
-        all_levels = bin_centers(self.num_bins, self.total)
+        all_levels = self.bins.centers
         states = make_states(self.scheduler, self.kernel_clean.to(param), self.kernel_noise.to(param), all_levels)
         levels = all_levels.numel()
         states = (*states, *(c.to(param.device).repeat_interleave(levels, dim=0) for c in self.kernel_conditioning))
@@ -652,7 +653,8 @@ class NoiseLevelAnalyzer(TrainerCallback):
             "notes": notes,
             **extra,
             "config": {
-                "num_bins": self.num_bins, "band": self.band, "num_probes": int(self.probe_level.numel()),
+                "num_bins": self.num_bins, "bins": self.bins.describe(), "band": self.band,
+                "num_probes": int(self.probe_level.numel()),
                 "probe_levels": self.levels.tolist(), "probe_level_bins": self.level_bins.tolist(),
                 "controls": self.controls, "quadrature": self.quadrature, "prediction_type": self.prediction_type,
                 "track_steps": self.track_steps, "group_state": self.tracker.group_state,
@@ -679,7 +681,8 @@ class NoiseLevelAnalyzer(TrainerCallback):
             "bin_counts": self.bin_counts, "global_steps": self.global_steps,
             "history": self.history, "kernel_history": self.kernel_history,
             "perm_generator": self._perm_generator.get_state(),
-            "config": {"num_bins": self.num_bins, "controls": self.controls, "probe_timesteps": self.probe_timesteps.tolist()},
+            "config": {"num_bins": self.num_bins, "controls": self.controls, "probe_timesteps": self.probe_timesteps.tolist(),
+                       "bin_edges": self.bins.edges.tolist()},
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -688,7 +691,8 @@ class NoiseLevelAnalyzer(TrainerCallback):
             raise ValueError("not a NoiseLevelAnalyzer state (written by NoiseLevelAnalyzer.state_dict)")
         if not state["bound"]:
             return
-        mine = {"num_bins": self.num_bins, "controls": self.controls, "probe_timesteps": self.probe_timesteps.tolist()}
+        mine = {"num_bins": self.num_bins, "controls": self.controls, "probe_timesteps": self.probe_timesteps.tolist(),
+                "bin_edges": self.bins.edges.tolist()}
         differ = [key for key in mine if state["config"][key] != mine[key]]
         if differ:
             raise ValueError(

@@ -95,22 +95,30 @@ class MLPDenoiser(nn.Module):
 class BinnedDenoiser(nn.Module):
     """One independent :class:`MLPDenoiser` per noise-level bin (DESIGN.md section 3 sanity case).
 
-    Timestep t is served by expert ``bin(t) = floor(t * num_bins / num_train_timesteps)``. No
+    Timestep t is served by expert ``bin(t)``: ``floor(t * num_bins / num_train_timesteps)``, or the
+    bin of ``edges`` (the first timestep of every bin, then T: an analyzer's ``bins.edges``). No
     parameter is shared between bins, so training at level t cannot move the output at a level s
     in another bin: the ledger's off-diagonal contributions are exactly zero. All experts are
     evaluated and masked (no data-dependent indexing), so ``vmap`` and ``jvp`` pass through.
     """
 
-    def __init__(self, num_bins: int, num_train_timesteps: int = 1000, **mlp_kwargs):
+    def __init__(self, num_bins: int, num_train_timesteps: int = 1000, *, edges: torch.Tensor | None = None,
+                 **mlp_kwargs):
         super().__init__()
         if num_bins < 1:
             raise ValueError(f"num_bins must be >= 1, got {num_bins}")
         self.num_bins, self.num_train_timesteps = num_bins, num_train_timesteps
+        if edges is None:
+            edges = torch.tensor([-(-g * num_train_timesteps // num_bins) for g in range(num_bins + 1)])
+        edges = torch.as_tensor(edges, dtype=torch.long)
+        if edges.shape != (num_bins + 1,):
+            raise ValueError(f"edges must hold num_bins + 1 = {num_bins + 1} timesteps, got {tuple(edges.shape)}")
+        self.register_buffer("edges", edges, persistent=False)
         self.experts = nn.ModuleList([MLPDenoiser(**mlp_kwargs) for _ in range(num_bins)])
 
     def forward(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         t = _timesteps(t, x_t.shape[0], x_t.device)
-        bins = torch.div(t * self.num_bins, self.num_train_timesteps, rounding_mode="floor").clamp(0, self.num_bins - 1)
+        bins = (torch.searchsorted(self.edges, t, right=True) - 1).clamp(0, self.num_bins - 1)
         outs = torch.stack([expert(x_t, t) for expert in self.experts], dim=1)  # [B, G, D]
         mask = (bins[:, None] == torch.arange(self.num_bins, device=bins.device)).to(outs.dtype)  # [B, G]
         return (outs * mask[:, :, None]).sum(dim=1)

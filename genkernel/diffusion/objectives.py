@@ -40,6 +40,8 @@ __all__ = [
     "timestep_bins",
     "bin_centers",
     "bin_edges",
+    "BIN_SPACINGS",
+    "NoiseBins",
 ]
 
 
@@ -148,3 +150,64 @@ def bin_centers(num_bins: int, total: int) -> torch.Tensor:
     """``LongTensor[G]`` the middle timestep of every bin (the probe levels s)."""
     edges = bin_edges(num_bins, total)
     return torch.div(edges[:-1] + edges[1:] - 1, 2, rounding_mode="floor")
+
+
+BIN_SPACINGS = ("log_snr", "timestep")
+
+
+class NoiseBins:
+    """Bins of the training timesteps (the groups of the noise-level analysis).
+
+    ``spacing="log_snr"`` (default): every bin spans the same width of log SNR_t =
+    log(ᾱ_t / (1 − ᾱ_t)), so a bin is a step in signal-to-noise ratio, not in t (equal-width t bins
+    put 4 of 10 bins of a linear schedule where sqrt(ᾱ_t) <= 0.12, inputs that are nearly pure
+    noise). ``spacing="timestep"``: equal widths in t, ``floor(t · G / T)``. Either way bin 0 holds
+    the least noise and a bin is a contiguous range of timesteps.
+
+    Attributes:
+        edges: ``LongTensor[G + 1]`` the first timestep of every bin, then T.
+        centers: ``LongTensor[G]`` the probe level of every bin: the timestep whose log SNR is
+            nearest the middle of the bin's range (``"log_snr"``), or the middle timestep.
+        log_snr: ``Tensor[G + 1]`` log SNR at the bins' edges (their ends: ``log_snr[g]`` at
+            ``edges[g]``, the last at ``T − 1``).
+    """
+
+    def __init__(self, scheduler, num_bins: int, spacing: str = "log_snr"):
+        if spacing not in BIN_SPACINGS:
+            raise ValueError(f"spacing must be one of {BIN_SPACINGS}, got {spacing!r}")
+        total = num_train_timesteps(scheduler)
+        if isinstance(num_bins, bool) or not isinstance(num_bins, int) or not 1 <= num_bins <= total:
+            raise ValueError(f"num_bins must be an int in [1, {total}] (num_train_timesteps), got {num_bins!r}")
+        self.num_bins, self.total, self.spacing = num_bins, total, spacing
+        alphas = scheduler.alphas_cumprod.to(torch.float64)
+        snr = torch.log(alphas / (1 - alphas).clamp_min(1e-300))  # decreasing in t
+        self.snr_of_t = snr
+        if spacing == "timestep":
+            self.edges = bin_edges(num_bins, total)
+            self.centers = bin_centers(num_bins, total)
+        else:
+            bounds = torch.linspace(float(snr[0]), float(snr[-1]), num_bins + 1, dtype=torch.float64)
+            edges = [0]
+            for g in range(1, num_bins):
+                # the first timestep whose log SNR has fallen to or below the bin's boundary
+                first = int(torch.searchsorted(-snr, -bounds[g]).item())
+                edges.append(min(max(first, edges[-1] + 1), total - (num_bins - g)))
+            edges.append(total)
+            self.edges = torch.tensor(edges, dtype=torch.long)
+            middles = (bounds[:-1] + bounds[1:]) / 2
+            centers = []
+            for g in range(num_bins):
+                ts = torch.arange(int(self.edges[g]), int(self.edges[g + 1]))
+                centers.append(int(ts[(snr[ts] - middles[g]).abs().argmin()]))
+            self.centers = torch.tensor(centers, dtype=torch.long)
+        self.log_snr = torch.cat([snr[self.edges[:-1]], snr[-1:]])
+
+    def __call__(self, timesteps: torch.Tensor) -> torch.Tensor:
+        """``LongTensor[B]`` the bin of every timestep."""
+        t = timesteps.long().cpu()
+        return (torch.searchsorted(self.edges, t, right=True) - 1).clamp(0, self.num_bins - 1).to(timesteps.device)
+
+    def describe(self) -> dict:
+        """Plain numbers for reports: spacing, edges, centers and the log SNR at the edges."""
+        return {"spacing": self.spacing, "edges": self.edges.tolist(), "centers": self.centers.tolist(),
+                "log_snr_at_edges": [round(float(v), 4) for v in self.log_snr]}
