@@ -599,6 +599,14 @@ class NoiseLevelAnalyzer(TrainerCallback):
             out["traffic"] = grouping.measured_minus_control(traffic, traffic_c)
             out["share"] = grouping.measured_minus_control(share, share_c)
             out["median_kappa_control"] = float(torch.stack([k for _, k in control_shares]).nanmedian())
+            # Per probe level: an average over levels can hide a sign flip between them.
+            out["per_level"] = [
+                {"level": int(self.levels[level]), "bin": int(self.level_bins[level]),
+                 "traffic": grouping.measured_minus_control(traffic[rows], traffic_c[:, rows]),
+                 "share": grouping.measured_minus_control(share[rows], share_c[:, rows])}
+                for level in range(self.levels.numel())
+                for rows in [self.probe_level == level]
+            ]
         else:
             out["traffic"] = {"measured": float(traffic.nanmean())}
             out["share"] = {"measured": float(share.nanmean())}
@@ -634,6 +642,16 @@ class NoiseLevelAnalyzer(TrainerCallback):
                    if self.quadrature != "simpson" else "the steps are large for this model: shorten them or track fewer")
             )
         extra: dict[str, Any] = {}
+        rest_share = residual["median_rest_share"]
+        if math.isfinite(rest_share) and abs(rest_share) > 0.5:
+            extra["measured"] = False
+            notes.append(
+                f"the window's change is mostly the rest (median rest share {rest_share:.2f}): optimizer state from "
+                "before tracking began (momentum, Adam's first moment) or weight decay, which no tracked example caused; "
+                "the group shares describe the smaller remainder: track a longer window"
+            )
+        else:
+            extra["measured"] = True
         if self.tracker.ema is not None:
             extra["ema"] = {
                 "residual": self.residual(weights="ema"),
