@@ -6,14 +6,16 @@ same level, (z_n = sqrt(ᾱ_s) x_n + sqrt(1 − ᾱ_s) ε_n, s) with fixed ε_n,
 examples the denoiser treats as similar at that stage. Turning k̂ into weights
 p_n = max(k̂_n, 0) / Σ_m max(k̂_m, 0), its normalized entropy H(p) / log N is 1 for uniform
 averaging over the training set and small when a few neighbours dominate (the feature-memory
-view: broad averaging at high noise, near-neighbour retrieval at low noise).
+view: broad averaging at high noise, near-neighbour retrieval at low noise). The reverse chain
+is DDPM's by default; any diffusers sampler on the training noise schedule (DDIM, with fewer
+steps) gives its own chain, whose states are compared the same way.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -85,8 +87,10 @@ def retrieval_attribution(
     top_k: int = 5,
     output_sketch: int | None = None,
     seed: int = 0,
+    sampler: Any = None,
+    step_kwargs: Mapping[str, Any] | None = None,
 ) -> RetrievalResult:
-    """Generate ``num_samples`` with reverse DDPM sampling and compute the retrieval kernel at stages.
+    """Generate ``num_samples`` by reverse sampling and compute the retrieval kernel at stages.
 
     Args:
         train_data: ``[N, *shape]`` clean training inputs (a subset is fine; N sets the cost).
@@ -94,6 +98,12 @@ def retrieval_attribution(
             ``num_stages`` evenly spaced from the noisiest to the cleanest.
         output_sketch: None for the exact kernel, V directions for images.
         seed: seeds sampling, the fixed training noise and the sketch.
+        sampler, step_kwargs: the reverse sampler (default DDPM; a diffusers scheduler class or
+            instance on the training schedule, e.g. ``DDIMScheduler``) and its ``step`` arguments
+            (:func:`~genkernel.diffusion.trainer.reverse_sample`).
+
+    Returns:
+        The :class:`RetrievalResult` (stages from the noisiest).
     """
     if not isinstance(train_data, torch.Tensor) or train_data.dim() < 2:
         raise TypeError(f"train_data must be a Tensor [N, *shape], got {getattr(train_data, 'shape', type(train_data).__name__)}")
@@ -105,7 +115,8 @@ def retrieval_attribution(
         stages = torch.linspace(total - 1, 0, num_stages).round().long().tolist()
     param = next(model.parameters())
     samples, kept = reverse_sample(
-        model, scheduler, (num_samples, *train_data.shape[1:]), num_inference_steps=num_inference_steps, seed=seed, keep=stages
+        model, scheduler, (num_samples, *train_data.shape[1:]), num_inference_steps=num_inference_steps, seed=seed,
+        keep=stages, sampler=sampler, step_kwargs=step_kwargs,
     )
     order = sorted(kept, reverse=True)
     generator = torch.Generator().manual_seed(seed + 7)

@@ -3,22 +3,39 @@
 Every update is built as an :class:`~genkernel.core.tracking.step.OptimizerStep` and run through
 :func:`~genkernel.core.tracking.callbacks.perform_step`, so an analyzer (a
 :class:`~genkernel.core.tracking.callbacks.TrainerCallback`) can take the step over and keep a ledger while
-training stays bit-for-bit what it is without it. The trainer draws batches, timesteps and noise
-from its own seeded ``torch.Generator`` (never the global one), so analysis passes cannot change
-what it trains on.
+training stays bit-for-bit what it is without it. The trainer draws timesteps and noise (and the
+order of Tensor data) from its own seeded ``torch.Generator`` (never the global one), so analysis
+passes cannot change what it trains on.
 
 One step (DESIGN.md section 3):
 
-1. a batch of clean inputs x_n (an epoch-wise permutation of the data);
+1. a batch of clean inputs x_n (and class labels y_n, if any): from Tensor data an epoch-wise
+   permutation, from a DataLoader (or any re-iterable of batches) its next batch;
 2. timesteps t ~ U{0, …, T−1} and noise ε ~ N(0, I);
 3. z = sqrt(ᾱ_t) x + sqrt(1 − ᾱ_t) ε (``scheduler.add_noise``) and the target y (ε, v or x);
-4. ``OptimizerStep(model(z, t), diffusion_loss, info={"timesteps": t, ...})`` through the callbacks.
+4. ``OptimizerStep(model(z, t[, y]), diffusion_loss, info={"timesteps": t, "class_labels": y, ...})``
+   through the callbacks.
+
+What a checkpoint reproduces. :meth:`DDPMTrainer.resume` restores the model, the optimizer, the
+trainer's generator (so the timesteps and noise continue exactly) and the callbacks' states. With
+Tensor data it restores the epoch's permutation and position too. With a DataLoader it records how
+many batches of the current epoch were trained on and, when the loader draws its order from a
+``torch.Generator`` (``DataLoader(..., shuffle=True, generator=g)``, or a sampler's ``generator``),
+that generator's state at the start of the epoch: resuming restores the state, restarts the epoch
+and skips (loads and discards) the batches already trained on, so the batches continue in the
+order an uninterrupted run sees, and so do random augmentations drawn in worker processes (they
+are seeded from the loader's generator). Not reproduced: an order drawn from the global RNG
+(``shuffle=True`` without ``generator=``), random augmentations drawn from the global RNG in the
+main process (``num_workers=0``), and any iterable whose batches differ from epoch to epoch for
+other reasons.
 """
 
 from __future__ import annotations
 
+import inspect
 import math
 import os
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -26,15 +43,20 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..core.adapter import output_tensor
+from ..core.adapter import as_tuple, output_tensor
 from ..core.tracking.callbacks import CallbackStates, TrainerCallback, fire, perform_step
 from ..core.tracking.io import atomic_save, load_state
 from ..core.tracking.step import OptimizerStep
 from .objectives import check_prediction_type, diffusion_loss, noisy_input, num_train_timesteps, training_target
 
 OPTIMIZERS = ("adam", "adamw", "sgd")
+IMAGE_KEYS = ("images", "pixel_values", "input")  # where a dict batch holds its clean inputs ("input": diffusers' example)
+LABEL_KEYS = ("class_labels", "labels", "label")  # ... and its class labels
+FORMAT = "genkernel.DDPMTrainer/3"
+TENSOR_FORMAT_2 = "genkernel.DDPMTrainer/2"  # checkpoints of Tensor data before iterable data; still load
+_END = object()
 
-__all__ = ["DDPMTrainer", "make_optimizer", "OPTIMIZERS"]
+__all__ = ["DDPMTrainer", "make_optimizer", "make_sampler", "reverse_sample", "split_batch", "OPTIMIZERS"]
 
 
 def make_optimizer(model: nn.Module, name: str = "adam", lr: float = 1e-3, *, weight_decay: float = 0.0, momentum: float = 0.0):
@@ -54,19 +76,79 @@ def make_optimizer(model: nn.Module, name: str = "adam", lr: float = 1e-3, *, we
     raise ValueError(f"optimizer {name!r} is not supported here; choose one of {OPTIMIZERS} or pass an optimizer object")
 
 
+def split_batch(batch: Any) -> tuple[Any, Any]:
+    """The clean inputs and the class labels of one batch of iterable data.
+
+    A batch is a Tensor of clean inputs; a tuple or list whose first element is (its second, if
+    any, is the candidate class labels: an ``ImageFolder`` batch is ``(images, classes)``); or a
+    dict with the inputs under "images", "pixel_values" or "input" and labels, if any, under
+    "class_labels", "labels" or "label".
+
+    Returns:
+        ``(clean inputs, labels or None)`` as found in the batch (not yet checked).
+    """
+    if isinstance(batch, torch.Tensor):
+        return batch, None
+    if isinstance(batch, Mapping):
+        image_key = next((key for key in IMAGE_KEYS if key in batch), None)
+        if image_key is None:
+            raise TypeError(f"a dict batch needs its clean inputs under one of {IMAGE_KEYS}; its keys are {list(batch)}")
+        label_key = next((key for key in LABEL_KEYS if key in batch), None)
+        return batch[image_key], None if label_key is None else batch[label_key]
+    if isinstance(batch, (tuple, list)) and batch:
+        return batch[0], batch[1] if len(batch) > 1 else None
+    raise TypeError(
+        "a batch must be a Tensor of clean inputs, a tuple/list whose first element is, or a dict with the inputs "
+        f"under one of {IMAGE_KEYS}; got {type(batch).__name__}"
+    )
+
+
+def _is_class_labels(labels: Any, n: int) -> bool:
+    integer = isinstance(labels, torch.Tensor) and not (labels.is_floating_point() or labels.is_complex())
+    return integer and labels.dtype != torch.bool and labels.shape == (n,)
+
+
+def _class_labels(labels: Any, n: int, what: str) -> torch.Tensor:
+    """``labels`` as a LongTensor[n] of class labels; a TypeError naming ``what`` otherwise."""
+    if not _is_class_labels(labels, n):
+        found = f"{labels.dtype} {tuple(labels.shape)}" if isinstance(labels, torch.Tensor) else type(labels).__name__
+        raise TypeError(f"{what} must be integer class labels, a LongTensor[{n}], got {found}")
+    return labels.long()
+
+
+def _order_generators(data: Any) -> list[torch.Generator]:
+    """The ``torch.Generator`` objects a DataLoader draws its order (and workers' seeds) from: the
+    loader's ``generator`` and its sampler's (often the same object)."""
+    found: list[torch.Generator] = []
+    for owner in (data, getattr(data, "sampler", None)):
+        generator = getattr(owner, "generator", None)
+        if isinstance(generator, torch.Generator) and all(generator is not g for g in found):
+            found.append(generator)
+    return found
+
+
 class DDPMTrainer:
-    """Trains a denoiser ``model(x_t, t)`` with a ``diffusers.DDPMScheduler``.
+    """Trains a denoiser ``model(x_t, t)`` (or ``model(x_t, t, y)``) with a ``diffusers.DDPMScheduler``.
 
     Args:
         model: the denoiser (:class:`~genkernel.diffusion.models.MLPDenoiser`,
             :func:`~genkernel.diffusion.models.tiny_unet`, or any module called as ``model(x_t, t)``).
         scheduler: a ``DDPMScheduler`` (``make_scheduler``); its ``prediction_type`` chooses the target.
-        data: ``Tensor[N, *shape]`` clean training inputs (points ``[N, 2]`` or images ``[N, C, H, W]``).
+        data: ``Tensor[N, *shape]`` clean training inputs (points ``[N, 2]`` or images ``[N, C, H, W]``),
+            or a ``torch.utils.data.DataLoader`` / any re-iterable of batches (:func:`split_batch`);
+            every epoch restarts it. See the module docstring for what a checkpoint reproduces.
+        labels: ``LongTensor[N]`` class labels of Tensor data (iterable data carries them in its batches).
+            Labels reach the analyzers as ``step.info["class_labels"]``.
+        conditional: pass the class labels to the model as its third positional input,
+            ``model(x_t, t, y)`` (a class-conditional ``UNet2DModel`` takes them so); every batch then
+            needs labels.
+        shuffle: Tensor data: a fresh permutation every epoch (default), or the data's own order.
         optimizer: "adam" (default), "adamw", "sgd", or a ``torch.optim.Optimizer`` over ``model``.
         lr, weight_decay, momentum: for a named optimizer.
-        batch_size: examples per step (capped at N).
+        batch_size: examples per step of Tensor data (default 128, capped at N); a DataLoader batches itself.
         max_grad_norm: global-norm gradient clipping (inf: none).
-        seed: seeds the trainer's own generator (batches, timesteps, noise) and nothing global.
+        seed: seeds the trainer's own generator (timesteps, noise, the order of Tensor data) and
+            nothing global.
         callbacks: :class:`TrainerCallback` objects (analyzers); more can be appended between
             calls of :meth:`train` (an analyzer may attach after a warm-up).
         checkpoint_dir, checkpoint_every: write ``checkpoint.pt`` atomically every that many steps
@@ -78,13 +160,16 @@ class DDPMTrainer:
         self,
         model: nn.Module,
         scheduler,
-        data: torch.Tensor,
+        data: torch.Tensor | Iterable[Any],
         *,
+        labels: torch.Tensor | None = None,
+        conditional: bool = False,
+        shuffle: bool = True,
         optimizer: str | torch.optim.Optimizer = "adam",
         lr: float = 1e-3,
         weight_decay: float = 0.0,
         momentum: float = 0.0,
-        batch_size: int = 128,
+        batch_size: int | None = None,
         max_grad_norm: float = math.inf,
         seed: int = 0,
         callbacks: Sequence[TrainerCallback] = (),
@@ -92,11 +177,7 @@ class DDPMTrainer:
         checkpoint_every: int = 0,
         progress: bool = True,
     ) -> None:
-        if not isinstance(data, torch.Tensor) or data.dim() < 2 or data.shape[0] < 1:
-            raise TypeError(f"data must be a Tensor [N, *shape] of clean training inputs, got {getattr(data, 'shape', type(data).__name__)}")
-        if not data.is_floating_point():
-            raise TypeError(f"data must be floating point, got {data.dtype}")
-        if not isinstance(batch_size, int) or batch_size < 1:
+        if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
             raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
         if checkpoint_every < 0:
             raise ValueError(f"checkpoint_every must be >= 0, got {checkpoint_every}")
@@ -105,12 +186,17 @@ class DDPMTrainer:
         self.prediction_type = check_prediction_type(scheduler)
         self.model = model
         self.scheduler = scheduler
+        self.conditional = bool(conditional)
+        self.shuffle = bool(shuffle)
         param = next(model.parameters())
-        self.data = data.to(device=param.device, dtype=param.dtype)
+        self.device, self.dtype = param.device, param.dtype
+        if isinstance(data, torch.Tensor):
+            self._init_tensor_data(data, labels, batch_size)
+        else:
+            self._init_iterable_data(data, labels, batch_size)
         self.optimizer = optimizer if isinstance(optimizer, torch.optim.Optimizer) else make_optimizer(
             model, optimizer, lr, weight_decay=weight_decay, momentum=momentum
         )
-        self.batch_size = min(batch_size, data.shape[0])
         self.max_grad_norm = max_grad_norm
         self.seed = seed
         self.callbacks: list[TrainerCallback] = list(callbacks)
@@ -120,9 +206,51 @@ class DDPMTrainer:
         self.generator = torch.Generator(device="cpu").manual_seed(seed)
         self.global_step = 0
         self.losses: list[float] = []
+        # Tensor data: the epoch's permutation and the position in it
         self._order = torch.empty(0, dtype=torch.long)
         self._cursor = 0
+        # iterable data: finished epochs, batches of this epoch trained on, the order generators'
+        # states at the epoch's start; _iterator None with _reopen: restore them and skip the batches
+        self._epoch = 0
+        self._batches_in_epoch = 0
+        self._epoch_states: list[torch.Tensor] | None = None
+        self._iterator: Iterator[Any] | None = None
+        self._reopen = False
         self._callback_states = CallbackStates()
+
+    def _init_tensor_data(self, data: torch.Tensor, labels: torch.Tensor | None, batch_size: int | None) -> None:
+        if data.dim() < 2 or data.shape[0] < 1:
+            raise TypeError(f"data must be a Tensor [N, *shape] of clean training inputs, got shape {tuple(data.shape)}")
+        if not data.is_floating_point():
+            raise TypeError(f"data must be floating point, got {data.dtype}")
+        if self.conditional and labels is None:
+            raise ValueError("conditional=True passes class labels to the model: give labels=, a LongTensor[N]")
+        self.data = data.to(device=self.device, dtype=self.dtype)
+        self.labels = None if labels is None else _class_labels(labels, data.shape[0], "labels").to(self.device)
+        self.batch_size = min(128 if batch_size is None else batch_size, data.shape[0])
+        self.sample_shape: tuple[int, ...] | None = tuple(data.shape[1:])
+
+    def _init_iterable_data(self, data: Any, labels: Any, batch_size: int | None) -> None:
+        if not isinstance(data, Iterable) or isinstance(data, (str, bytes, Mapping)):
+            raise TypeError(
+                "data must be a Tensor [N, *shape] of clean inputs or a re-iterable of batches (a DataLoader, a list), "
+                f"got {type(data).__name__}"
+            )
+        if isinstance(data, Iterator):
+            raise TypeError(
+                f"data is an iterator ({type(data).__name__}), which cannot restart for the next epoch: pass the "
+                "DataLoader (or a list of batches) itself"
+            )
+        for name, value, default in (("labels", labels, None), ("batch_size", batch_size, None), ("shuffle", self.shuffle, True)):
+            if value is not default:
+                raise ValueError(
+                    f"{name}= is for Tensor data: with a DataLoader the batches carry their labels (a tuple's second "
+                    "element, a dict's 'class_labels') and the loader sets the batch size and the order"
+                )
+        self.data = data
+        self.labels = None
+        self.batch_size = getattr(data, "batch_size", None)
+        self.sample_shape = None  # known from the first batch
 
     @property
     def num_train_timesteps(self) -> int:
@@ -130,31 +258,102 @@ class DDPMTrainer:
 
     # -- one step -----------------------------------------------------------------------------
     def next_batch(self) -> dict[str, torch.Tensor]:
-        """Draw the next batch from the trainer's generator: indices, clean x, t, ε, z and target."""
+        """The next batch, with timesteps and noise drawn from the trainer's generator.
+
+        Returns:
+            ``{"clean", "timesteps", "noise", "noisy", "target"}``, plus ``"labels"`` when the batch
+            has class labels and ``"indices"`` (rows of Tensor data).
+        """
+        batch = self._tensor_batch() if isinstance(self.data, torch.Tensor) else self._iterable_batch()
+        clean = batch["clean"]
+        timesteps = torch.randint(0, self.num_train_timesteps, (clean.shape[0],), generator=self.generator)
+        noise = torch.randn(clean.shape, generator=self.generator, dtype=torch.float64).to(clean)
+        timesteps = timesteps.to(clean.device)
+        batch.update(
+            timesteps=timesteps, noise=noise, noisy=noisy_input(self.scheduler, clean, noise, timesteps),
+            target=training_target(self.scheduler, clean, noise, timesteps),
+        )
+        return batch
+
+    def _tensor_batch(self) -> dict[str, torch.Tensor]:
+        """The next rows of Tensor data (a new permutation when the epoch's is used up)."""
         n = self.data.shape[0]
         if self._cursor + self.batch_size > self._order.numel():
-            self._order = torch.randperm(n, generator=self.generator)
+            self._order = torch.randperm(n, generator=self.generator) if self.shuffle else torch.arange(n)
             self._cursor = 0
         index = self._order[self._cursor : self._cursor + self.batch_size]
         self._cursor += self.batch_size
-        clean = self.data[index.to(self.data.device)]
-        timesteps = torch.randint(0, self.num_train_timesteps, (index.numel(),), generator=self.generator)
-        noise = torch.randn(clean.shape, generator=self.generator, dtype=torch.float64).to(clean)
-        timesteps = timesteps.to(clean.device)
-        noisy = noisy_input(self.scheduler, clean, noise, timesteps)
-        target = training_target(self.scheduler, clean, noise, timesteps)
-        return {"indices": index, "clean": clean, "timesteps": timesteps, "noise": noise, "noisy": noisy, "target": target}
+        batch = {"indices": index, "clean": self.data[index.to(self.data.device)]}
+        if self.labels is not None:
+            batch["labels"] = self.labels[index.to(self.labels.device)]
+        return batch
+
+    def _iterable_batch(self) -> dict[str, torch.Tensor]:
+        """The next batch of iterable data, checked and on the model's device; an epoch that ends
+        restarts the iterable."""
+        while True:
+            if self._iterator is None:
+                self._open_epoch()
+            raw = next(self._iterator, _END)
+            if raw is not _END:
+                break
+            if self._batches_in_epoch == 0:
+                raise ValueError("data yielded no batch in a whole epoch: pass a non-empty DataLoader or list of batches")
+            self._iterator = None
+            self._epoch += 1
+        self._batches_in_epoch += 1
+        clean, labels = split_batch(raw)
+        if not isinstance(clean, torch.Tensor) or clean.dim() < 2 or not clean.is_floating_point():
+            found = f"{clean.dtype} {tuple(clean.shape)}" if isinstance(clean, torch.Tensor) else type(clean).__name__
+            raise TypeError(f"a batch's clean inputs must be a floating Tensor [B, *shape], got {found}")
+        if self.sample_shape is not None and tuple(clean.shape[1:]) != self.sample_shape:
+            raise ValueError(f"a batch of inputs shaped {tuple(clean.shape[1:])} follows batches shaped {self.sample_shape}")
+        self.sample_shape = tuple(clean.shape[1:])
+        batch = {"clean": clean.to(device=self.device, dtype=self.dtype)}
+        if self.conditional:
+            batch["labels"] = _class_labels(labels, clean.shape[0], "the batch's class labels (conditional=True)")
+        elif _is_class_labels(labels, clean.shape[0]):
+            batch["labels"] = labels.long()
+        if "labels" in batch:
+            batch["labels"] = batch["labels"].to(self.device)
+        return batch
+
+    def _open_epoch(self) -> None:
+        """Start an epoch of iterable data, noting the state of its order generators; after a
+        resume, first restore the saved states, then skip the batches the checkpoint trained on."""
+        generators = _order_generators(self.data)
+        skip = 0
+        if self._reopen and self._epoch_states is not None:  # (None: saved before its first batch)
+            saved = self._epoch_states
+            if len(saved) != len(generators):
+                raise ValueError(
+                    f"the checkpoint's data drew its order from {len(saved)} torch.Generator(s), this data from "
+                    f"{len(generators)}: resume with a DataLoader built as the saved run's was"
+                )
+            for generator, state in zip(generators, saved):
+                generator.set_state(state)
+            skip = self._batches_in_epoch
+        self._reopen = False
+        self._epoch_states = [generator.get_state() for generator in generators]
+        self._iterator = iter(self.data)
+        for skipped in range(skip):
+            if next(self._iterator, _END) is _END:
+                raise ValueError(
+                    f"the checkpoint had trained on {skip} batches of this epoch, but the data yields only {skipped}: "
+                    "resume with the data the run was saved with"
+                )
+        self._batches_in_epoch = skip
 
     def build_step(self, batch: dict[str, torch.Tensor]) -> OptimizerStep:
-        """The :class:`OptimizerStep` for ``batch``: inputs (z, t), target y, per-example MSE."""
+        """The :class:`OptimizerStep` for ``batch``: inputs (z, t) or (z, t, y), target y, per-example MSE."""
+        inputs = (batch["noisy"], batch["timesteps"])
+        if self.conditional:
+            inputs = (*inputs, batch["labels"])
+        info = {k: batch[k] for k in ("timesteps", "clean", "noise", "indices") if k in batch}
+        if "labels" in batch:
+            info["class_labels"] = batch["labels"]
         return OptimizerStep(
-            self.model,
-            self.optimizer,
-            diffusion_loss,
-            (batch["noisy"], batch["timesteps"]),
-            batch["target"],
-            max_grad_norm=self.max_grad_norm,
-            info={k: batch[k] for k in ("timesteps", "clean", "noise", "indices")},
+            self.model, self.optimizer, diffusion_loss, inputs, batch["target"], max_grad_norm=self.max_grad_norm, info=info,
         )
 
     def train_step(self) -> float:
@@ -189,38 +388,55 @@ class DDPMTrainer:
         self,
         num_samples: int,
         *,
+        labels: torch.Tensor | None = None,
         num_inference_steps: int | None = None,
         seed: int = 0,
         keep: Sequence[int] | None = None,
+        sampler: Any = None,
+        step_kwargs: Mapping[str, Any] | None = None,
     ) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
-        """Reverse DDPM sampling (``DDPMScheduler.step``) from pure noise.
+        """Reverse sampling from pure noise (:func:`reverse_sample`: DDPM unless ``sampler`` is given).
 
         Args:
             num_samples: S.
+            labels: ``LongTensor[S]`` classes to sample (a conditional trainer needs them).
             num_inference_steps: reverse steps (default: all T).
             seed: seeds the sampling generator (the global RNG is untouched).
             keep: timesteps t at which to keep the current sample x_t (the input of the step at t).
+            sampler, step_kwargs: another diffusers scheduler (class or instance) and its ``step``
+                arguments, e.g. ``sampler=DDIMScheduler, num_inference_steps=50``.
 
         Returns:
             ``(samples [S, *shape], {t: x_t [S, *shape]})``.
         """
-        return reverse_sample(self.model, self.scheduler, (num_samples, *self.data.shape[1:]),
-                              num_inference_steps=num_inference_steps, seed=seed, keep=keep)
+        if self.conditional != (labels is not None):
+            raise ValueError(
+                "this trainer's model is conditional: pass labels, a LongTensor[num_samples] of classes to sample"
+                if self.conditional else "labels are for a conditional model (DDPMTrainer(..., conditional=True))"
+            )
+        if self.sample_shape is None:
+            raise RuntimeError("the shape of the samples is known once a batch was drawn: train a step first")
+        conditioning = None if labels is None else _class_labels(labels, num_samples, "labels").to(self.device)
+        return reverse_sample(self.model, self.scheduler, (num_samples, *self.sample_shape),
+                              num_inference_steps=num_inference_steps, seed=seed, keep=keep, sampler=sampler,
+                              step_kwargs=step_kwargs, conditioning=conditioning)
 
-    def save_samples(self, path: str | os.PathLike, num_samples: int = 16, *, num_inference_steps: int | None = None,
-                     seed: int = 0) -> torch.Tensor:
+    def save_samples(self, path: str | os.PathLike, num_samples: int = 16, *, labels: torch.Tensor | None = None,
+                     num_inference_steps: int | None = None, seed: int = 0, sampler: Any = None) -> torch.Tensor:
         """Generate samples and write them as ``path`` (a PNG: an image grid, or a scatter over the
         data for points) plus ``path`` with suffix ``.pt`` (the tensor). Returns the samples."""
         import matplotlib.pyplot as plt
 
-        samples, _ = self.sample(num_samples, num_inference_steps=num_inference_steps, seed=seed)
+        samples, _ = self.sample(num_samples, labels=labels, num_inference_steps=num_inference_steps, seed=seed,
+                                 sampler=sampler)
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_save(samples.cpu(), path.with_suffix(".pt"))
         if samples.dim() == 2:
             fig, ax = plt.subplots(figsize=(4, 4))
-            data = self.data.detach().cpu()
-            ax.scatter(data[:, 0], data[:, 1], s=2, c="lightgrey", label="training data")
+            if isinstance(self.data, torch.Tensor):
+                data = self.data.detach().cpu()
+                ax.scatter(data[:, 0], data[:, 1], s=2, c="lightgrey", label="training data")
             ax.scatter(samples[:, 0].cpu(), samples[:, 1].cpu(), s=6, c="C3", label="samples")
             ax.set_aspect("equal", adjustable="datalim")
             ax.legend(fontsize=7)
@@ -240,8 +456,13 @@ class DDPMTrainer:
 
     # -- checkpoints ----------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
+        """Everything :meth:`load_state_dict` needs to continue exactly (see the module docstring)."""
+        iterable = None
+        if not isinstance(self.data, torch.Tensor):
+            iterable = {"epoch": self._epoch, "batches": self._batches_in_epoch, "generator_states": self._epoch_states,
+                        "sample_shape": self.sample_shape}
         return {
-            "format": "genkernel.DDPMTrainer/2",
+            "format": FORMAT,
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "generator": self.generator.get_state(),
@@ -249,18 +470,29 @@ class DDPMTrainer:
             "losses": list(self.losses),
             "order": self._order.clone(),
             "cursor": self._cursor,
+            "iterable": iterable,
             "callbacks": self._callback_states.save(self.callbacks),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if state.get("format") != "genkernel.DDPMTrainer/2":
+        tensor_data = isinstance(self.data, torch.Tensor)
+        if state.get("format") not in (FORMAT, TENSOR_FORMAT_2):
             raise ValueError("not a DDPMTrainer checkpoint (written by DDPMTrainer.save_checkpoint)")
+        iterable = state.get("iterable")
+        if tensor_data != (iterable is None):
+            saved, here = ("Tensor", "iterable") if iterable is None else ("iterable", "Tensor")
+            raise ValueError(f"the checkpoint was written by a trainer on {saved} data, this one trains on {here} data")
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.generator.set_state(state["generator"])
         self.global_step = state["global_step"]
         self.losses = list(state["losses"])
         self._order, self._cursor = state["order"].clone(), state["cursor"]
+        if iterable is not None:
+            self._epoch, self._batches_in_epoch = iterable["epoch"], iterable["batches"]
+            self._epoch_states = iterable["generator_states"]
+            self.sample_shape = None if iterable["sample_shape"] is None else tuple(iterable["sample_shape"])
+            self._iterator, self._reopen = None, True
         self._callback_states.load(self.callbacks, state["callbacks"])
 
     def discard_callback_states(self, keys: Sequence[str]) -> None:
@@ -268,7 +500,8 @@ class DDPMTrainer:
         self._callback_states.discard(keys)
 
     def save_checkpoint(self, path: str | os.PathLike | None = None) -> Path:
-        """Write the trainer (model, optimizer, generator, callbacks' state) atomically."""
+        """Write the trainer (model, optimizer, generator, data position, callbacks' state) atomically;
+        returns the path written."""
         if path is None:
             if self.checkpoint_dir is None:
                 raise ValueError("pass a path, or build the trainer with checkpoint_dir=")
@@ -284,8 +517,48 @@ class DDPMTrainer:
             path = self.checkpoint_dir / "checkpoint.pt"
         if not Path(path).is_file():
             return False
-        self.load_state_dict(load_state(path, "genkernel.DDPMTrainer/2"))
+        self.load_state_dict(load_state(path))
         return True
+
+
+def make_sampler(scheduler, sampler: Any = None):
+    """A private sampling scheduler on ``scheduler``'s noise schedule.
+
+    Args:
+        scheduler: the training ``DDPMScheduler``.
+        sampler: None (``DDPMScheduler``: ancestral sampling); a diffusers scheduler class
+            (``DDIMScheduler``, ...), built by ``from_config`` from the entries of the training
+            scheduler's config that the class takes; or a scheduler instance, copied with its own
+            settings (DDIM's ``timestep_spacing``, ...), which must share the training noise schedule.
+
+    Returns:
+        A new scheduler whose ``alphas_cumprod`` and ``prediction_type`` are the training scheduler's
+        (``set_timesteps`` on it touches neither ``scheduler`` nor ``sampler``).
+    """
+    from diffusers import DDPMScheduler
+
+    sampler = DDPMScheduler if sampler is None else sampler
+    cls = sampler if isinstance(sampler, type) else type(sampler)
+    if not (hasattr(cls, "from_config") and hasattr(cls, "step") and hasattr(cls, "set_timesteps")):
+        raise TypeError(f"sampler must be a diffusers scheduler class or instance (DDIMScheduler, ...), got {cls.__name__}")
+    if isinstance(sampler, type):
+        accepted = inspect.signature(cls.__init__).parameters
+        out = cls.from_config({key: value for key, value in scheduler.config.items() if key in accepted})
+    else:
+        out = cls.from_config(sampler.config)
+    ours, theirs = scheduler.alphas_cumprod.to(torch.float64), getattr(out, "alphas_cumprod", None)
+    same = (
+        isinstance(theirs, torch.Tensor) and theirs.shape == ours.shape
+        and torch.allclose(theirs.to(torch.float64), ours, rtol=1e-6, atol=0)
+        and getattr(out.config, "prediction_type", None) == scheduler.config.prediction_type
+    )
+    if not same:
+        raise ValueError(
+            f"the sampler {cls.__name__} does not use the training scheduler's noise schedule (alphas_cumprod) and "
+            f"prediction type {scheduler.config.prediction_type!r}: pass the class, or build the instance with "
+            f"{cls.__name__}.from_config(scheduler.config)"
+        )
+    return out
 
 
 @torch.no_grad()
@@ -297,34 +570,52 @@ def reverse_sample(
     num_inference_steps: int | None = None,
     seed: int = 0,
     keep: Sequence[int] | None = None,
+    sampler: Any = None,
+    step_kwargs: Mapping[str, Any] | None = None,
+    conditioning: torch.Tensor | tuple[torch.Tensor, ...] | None = None,
 ) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
-    """DDPM ancestral sampling with a private copy of ``scheduler`` (its timesteps are not touched).
+    """Reverse sampling from pure noise with a private sampler on ``scheduler``'s noise schedule.
 
-    Returns ``(x_0 samples [S, *shape[1:]], {t: x_t})`` for the requested ``keep`` timesteps (a
-    requested t that is not a reverse step of this schedule is snapped to the nearest one; the
-    dict is keyed by the step actually used).
+    Args:
+        shape: ``(S, *sample shape)``.
+        num_inference_steps: reverse steps (default: all T).
+        seed: seeds the initial noise and the sampler's noise (a private generator).
+        keep: timesteps at which to keep the state the model is given at that step
+            (``sampler.scale_model_input(x_t, t)``: x_t itself for DDPM and DDIM); a requested t that
+            is not a reverse step of this schedule is snapped to the nearest one.
+        sampler: None (DDPM ancestral sampling) or a diffusers scheduler class or instance such as
+            ``DDIMScheduler`` (:func:`make_sampler`).
+        step_kwargs: extra arguments of the sampler's ``step``: ``{"eta": 1.0}`` for DDIM, whose
+            default ``eta=0`` makes sampling a deterministic function of the initial noise.
+        conditioning: extra model inputs with S rows (class labels) for ``model(x_t, t, *conditioning)``.
+
+    Returns:
+        ``(x_0 samples [S, *shape[1:]], {t: state [S, *shape[1:]]})``, keyed by the steps used.
     """
-    from diffusers import DDPMScheduler
-
-    sampler = DDPMScheduler.from_config(scheduler.config)
+    sampler = make_sampler(scheduler, sampler)
     sampler.set_timesteps(num_inference_steps or num_train_timesteps(scheduler))
     steps = [int(t) for t in sampler.timesteps]
-    wanted = set()
-    for t in keep or ():
-        wanted.add(min(steps, key=lambda s: abs(s - int(t))))
+    wanted = {min(steps, key=lambda s: abs(s - int(t))) for t in keep or ()}
+    extra = () if conditioning is None else as_tuple(conditioning, name="conditioning")
+    if any(c.shape[0] != shape[0] for c in extra):
+        raise ValueError(f"conditioning needs one row per sample ({shape[0]}), got {[tuple(c.shape) for c in extra]}")
     param = next(model.parameters())
     generator = torch.Generator(device="cpu").manual_seed(seed)
-    x = torch.randn(tuple(shape), generator=generator, dtype=torch.float64).to(param)
+    kwargs = dict(step_kwargs or {})
+    if "generator" in inspect.signature(sampler.step).parameters:
+        kwargs["generator"] = generator
+    x = torch.randn(tuple(shape), generator=generator, dtype=torch.float64).to(param) * sampler.init_noise_sigma
     kept: dict[int, torch.Tensor] = {}
     was_training = model.training
     model.eval()
     try:
-        for t in steps:
-            if t in wanted:
-                kept[t] = x.clone()
-            timestep = torch.full((x.shape[0],), t, dtype=torch.long, device=x.device)
-            out = output_tensor(model(x, timestep))
-            x = sampler.step(out, t, x, generator=generator).prev_sample
+        for t, step in zip(sampler.timesteps, steps):
+            state = sampler.scale_model_input(x, t)
+            if step in wanted:
+                kept[step] = state.clone()
+            timestep = t.to(x.device).repeat(x.shape[0])
+            out = output_tensor(model(state, timestep, *(c.to(x.device) for c in extra)))
+            x = sampler.step(out, t, x, **kwargs).prev_sample
     finally:
         model.train(was_training)
     return x, kept
