@@ -1,0 +1,212 @@
+"""The GPU check: CUDA tests and the analyzers on models of the size people train, in one script.
+
+    python -m recipes.benchmarks.gpu_check [--tiny] [--out-dir figures] [--budget 480]
+
+On a CUDA device (``make gpu-check``), within ``--budget`` seconds (8 minutes by default):
+
+1. the ``cuda``-marked tests (``tests/test_cuda.py``: exact ledgers, bit-equal training under
+   deterministic algorithms, engines that agree);
+2. the DDPM CIFAR-10 UNet (35.7M parameters) under the noise-level analyzer: 10 log-SNR bins, one
+   control partition, 100 probes, float32 group state, a few tracked steps against bare steps
+   (interleaved): seconds per step, their ratio, the peak memory against the cost estimate;
+3. the DCGAN at 64×64 (BatchNorm in training mode) under the GAN analyzer in an observed loop:
+   seconds per iteration with and without the analyzer, peak memory.
+
+It writes ``OUT/gpu_check.json`` (device name, per-step times, ratios, peak memory, test
+results). ``--tiny`` runs the same code on the CPU with tiny models and sizes (what CI runs, to
+keep the script working); its numbers say nothing about a GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+
+def _settings(tiny: bool) -> dict:
+    if tiny:
+        return dict(unet="tiny", batch=4, probes=4, bins=2, controls=1, steps=1, images=8, gan_width=4, gan_batch=4,
+                    gan_steps=1)
+    return dict(unet="ddpm_cifar10", batch=64, probes=100, bins=10, controls=1, steps=3, images=512, gan_width=64,
+                gan_batch=64, gan_steps=3)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _peak(device: torch.device) -> int | None:
+    return int(torch.cuda.max_memory_allocated(device)) if device.type == "cuda" else None
+
+
+def _reset_peak(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def run_cuda_tests(root: Path, budget: float) -> dict:
+    """The ``cuda``-marked tests in a subprocess: exit code and the last lines of their output."""
+    if not torch.cuda.is_available():
+        return {"ran": False, "why": "no CUDA device"}
+    start = time.perf_counter()
+    try:
+        done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-m", "cuda", "tests/test_cuda.py"], cwd=root,
+                              capture_output=True, text=True, timeout=budget)
+    except subprocess.TimeoutExpired:
+        return {"ran": True, "passed": False, "why": f"timed out after {budget:.0f} s"}
+    return {"ran": True, "passed": done.returncode == 0, "seconds": round(time.perf_counter() - start, 1),
+            "tail": (done.stdout + done.stderr).strip().splitlines()[-5:]}
+
+
+def diffusion_benchmark(device: torch.device, s: dict) -> dict:
+    """Bare and analyzed DDPM steps of the CIFAR-sized UNet (tiny: ``tiny_unet``), interleaved."""
+    from genkernel.diffusion import DDPMTrainer, NoiseLevelAnalyzer, make_scheduler, tiny_unet
+    from genkernel.diffusion.configs import ddpm_cifar10_unet
+
+    scheduler = make_scheduler(1000, clip_sample=True)
+    g = torch.Generator().manual_seed(0)
+    channels, size = (3, 32) if s["unet"] == "ddpm_cifar10" else (1, 16)
+    data = (torch.rand(s["images"], channels, size, size, generator=g) * 2 - 1).to(device)
+
+    def model():
+        torch.manual_seed(0)
+        net = ddpm_cifar10_unet(dropout=0.0) if s["unet"] == "ddpm_cifar10" else tiny_unet(16, 1, channels=(8, 16))
+        return net.to(device)
+
+    out: dict = {"model": s["unet"], "batch": s["batch"], "probes": s["probes"], "bins": s["bins"],
+                 "controls": s["controls"], "state_dtype": "float32"}
+    bare = DDPMTrainer(model(), scheduler, data, batch_size=s["batch"], progress=False)
+    _reset_peak(device)
+    bare.train(1)
+    out["bare_peak_bytes"] = _peak(device)
+    analyzer = NoiseLevelAnalyzer(scheduler, data[:32], num_bins=s["bins"], num_probes=s["probes"], controls=s["controls"],
+                                  kernel_points=2, kernel_sketch=1, snapshot_every=0, state_dtype=torch.float32,
+                                  progress=False)
+    tracked = DDPMTrainer(model(), scheduler, data, batch_size=s["batch"], progress=False, callbacks=[analyzer])
+    _reset_peak(device)
+    analyzer.on_train_start(tracked)
+    analyzer.record_kernel = lambda: None  # the kernel structure is not part of a step
+    tracked.train(1)
+    out["analyzed_peak_bytes"] = _peak(device)
+    out["estimate"] = analyzer.tracker.cost.as_dict()
+    times = {"bare": [], "analyzed": []}
+    for _ in range(s["steps"]):
+        for label, trainer in (("bare", bare), ("analyzed", tracked)):
+            _sync(device)
+            start = time.perf_counter()
+            trainer.train(1)
+            _sync(device)
+            times[label].append(time.perf_counter() - start)
+    out["seconds_per_step"] = {k: sorted(v)[len(v) // 2] for k, v in times.items()}
+    out["ratio"] = out["seconds_per_step"]["analyzed"] / out["seconds_per_step"]["bare"]
+    out["relative_residual"] = analyzer.ledger.relative_residual()
+    out["tracked_steps"] = analyzer.ledger.steps
+    if out["analyzed_peak_bytes"] is not None:
+        out["estimate_over_measured_peak"] = out["estimate"]["total_bytes"] / out["analyzed_peak_bytes"]
+    return out
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tiny", action="store_true", help="tiny models on the CPU (what CI runs)")
+    parser.add_argument("--out-dir", default="figures", help="folder for gpu_check.json")
+    parser.add_argument("--budget", type=float, default=480.0, help="seconds for the whole check (default 8 minutes)")
+    args = parser.parse_args(argv)
+    root = Path(__file__).resolve().parents[2]
+    device = torch.device("cuda" if torch.cuda.is_available() and not args.tiny else "cpu")
+    s = _settings(args.tiny or device.type == "cpu")
+    start = time.perf_counter()
+    result: dict = {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "tiny": args.tiny or device.type == "cpu", "torch": torch.__version__, "settings": s,
+    }
+    result["cuda_tests"] = run_cuda_tests(root, budget=args.budget / 3)
+    result["diffusion"] = diffusion_benchmark(device, s)
+    result["gan"] = gan_benchmark(device, s)
+    result["wall_seconds"] = round(time.perf_counter() - start, 1)
+    out = Path(args.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "gpu_check.json"
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(result, indent=2, allow_nan=False, default=str) + "\n")
+    os.replace(tmp, path)
+    print(f"[gpu_check] {result['device']}: diffusion {result['diffusion']['ratio']:.1f}x a bare step, "
+          f"GAN {result['gan'].get('ratio', float('nan')):.1f}x; wrote {path} in {result['wall_seconds']} s")
+    return result
+
+
+def gan_benchmark(device: torch.device, s: dict) -> dict:
+    """Bare and analyzed iterations of the 64×64 DCGAN (BatchNorm in training mode) in an observed loop."""
+    from genkernel.gan import GANKernelAnalyzer, GeneratorLoss
+    from genkernel.gan.configs import dcgan64_discriminator, dcgan64_generator
+
+    width, batch = s["gan_width"], s["gan_batch"]
+    nz = 100
+    real = (torch.rand(64, 3, 64, 64, generator=torch.Generator().manual_seed(1)) * 2 - 1).to(device)
+    bce = torch.nn.BCELoss(reduction="none")
+
+    def players():
+        G = dcgan64_generator(nz, width, seed=0).to(device)
+        D = dcgan64_discriminator(width, seed=1).to(device)
+        return G, D, torch.optim.Adam(G.parameters(), 2e-4, betas=(0.5, 0.999)), torch.optim.Adam(D.parameters(), 2e-4, betas=(0.5, 0.999))
+
+    def iteration(G, D, g_opt, d_opt, analyzer, step):
+        gen = torch.Generator().manual_seed(100 + step)
+        x = real[torch.randint(0, real.shape[0], (batch,), generator=gen).to(device)]
+        z = torch.randn(batch, nz, 1, 1, generator=gen).to(device)
+        fake = G(z)
+        d_in = torch.cat([x, fake.detach()])
+        roles = torch.cat([torch.ones(batch), torch.zeros(batch)]).long().to(device)
+        d_losses = bce(D(d_in), roles.to(real.dtype))
+        if analyzer is not None:
+            analyzer.observe_discriminator(d_losses, roles, d_in)
+        d_opt.zero_grad()
+        d_losses.mean().backward()
+        d_opt.step()
+        g_losses = bce(D(fake), torch.ones(batch, device=device))
+        if analyzer is not None:
+            analyzer.observe_generator(g_losses, z, fake)
+        g_opt.zero_grad()
+        g_losses.mean().backward()
+        g_opt.step()
+
+    out: dict = {"width": width, "batch": batch}
+    try:
+        bare = players()
+        tracked = players()
+        probes = torch.randn(16 if s["gan_width"] > 8 else 4, nz, 1, 1, generator=torch.Generator().manual_seed(3)).to(device)
+        analyzer = GANKernelAnalyzer(tracked[0], tracked[1], probes, grouping="direction", num_groups=4, controls=1,
+                                     generator_loss=GeneratorLoss(tracked[1], output="probability"), window=10**6,
+                                     eval_every=10**6)
+        analyzer.bind(g_optimizer=tracked[2], d_optimizer=tracked[3])
+    except (TypeError, AttributeError) as error:  # the observe API of the GAN analyzer
+        return {"ran": False, "why": f"the GAN analyzer cannot observe this loop: {error}"}
+    times = {"bare": [], "analyzed": []}
+    _reset_peak(device)
+    for step in range(s["gan_steps"] + 1):
+        for label, (G, D, g_opt, d_opt), a in (("bare", bare, None), ("analyzed", tracked, analyzer)):
+            _sync(device)
+            start = time.perf_counter()
+            iteration(G, D, g_opt, d_opt, a, step)
+            _sync(device)
+            if step:  # the first iteration builds the trackers
+                times[label].append(time.perf_counter() - start)
+    out["seconds_per_iteration"] = {k: sorted(v)[len(v) // 2] for k, v in times.items()}
+    out["ratio"] = out["seconds_per_iteration"]["analyzed"] / out["seconds_per_iteration"]["bare"]
+    out["peak_bytes"] = _peak(device)
+    out["generator_relative_residual"] = analyzer.generator_ledger().relative_residual()
+    out["discriminator_relative_residual"] = analyzer.discriminator_ledger.relative_residual()
+    out["training_unchanged"] = all(torch.equal(p, q) for p, q in zip(bare[0].parameters(), tracked[0].parameters()))
+    return out
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,17 @@
+"""The GPU check script keeps working: its tiny CPU mode runs in CI (``make gpu-check`` runs the
+full one where a GPU is present)."""
+
+import json
+
+
+def test_the_gpu_check_runs_in_its_tiny_cpu_mode(tmp_path):
+    from recipes.benchmarks import gpu_check
+
+    result = gpu_check.main(["--tiny", "--out-dir", str(tmp_path)])
+    written = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert written["tiny"] and written["device"] == "cpu"
+    diffusion = written["diffusion"]
+    assert diffusion["tracked_steps"] == 2 and diffusion["ratio"] > 1  # one warm-up and one timed step
+    assert diffusion["estimate"]["total_bytes"] > 0
+    assert written["gan"].get("training_unchanged", False) or not written["gan"].get("ran", True)
+    assert result["cuda_tests"]["ran"] is False
