@@ -3,8 +3,11 @@
 Every model treats the examples of a batch independently (no BatchNorm in training mode), so
 per-example gradients are defined, and uses smooth activations by default (SiLU, softplus):
 ReLU kinks break the quadrature of the exact one-step identity (DESIGN.md section 3).
-Discriminators may use spectral norm (``torch.nn.utils.parametrizations.spectral_norm``); its
-power iteration advances only in training-mode forwards, and the analysis runs in eval mode.
+(The analyzer also follows your own models with BatchNorm in training mode: it takes group
+gradients from training's graph.) Discriminators may use spectral norm
+(``torch.nn.utils.parametrizations.spectral_norm``); its power iteration advances in every
+training-mode forward of D (both players' steps), and analysis passes through D run on copies of
+its buffers, so they never advance it (:mod:`genkernel.gan.passes`).
 
 Shapes: generators map latents ``[B, latent_dim]`` to samples ``[B, 2]`` or ``[B, C, 16, 16]``
 (images in [-1, 1], tanh output); discriminators map samples to scores ``[B, 1]``.

@@ -1,0 +1,80 @@
+"""Analysis passes through a GAN's networks that leave training exactly as it was.
+
+An analysis forward of D during training (the geometry w_i = ∇_x ℓ_G(D(x)) of a batch or of the
+probes, the check of the user's generator losses) runs in D's *current* mode, so it sees what
+training sees: a BatchNorm D in training mode normalizes with the batch's statistics, as in the
+PyTorch DCGAN example's generator step. A training-mode forward also writes state: BatchNorm's
+running statistics and ``num_batches_tracked``, spectral norm's power-iteration vectors u, v.
+:func:`preserved` runs the pass on copies of every buffer and puts the original tensors back after
+(and forks the RNG), so the pass leaves no trace: D's buffers and parameters compare ``torch.equal``
+before and after, and a graph the user's forward saved them in can still backpropagate.
+
+Spectral norm needs one more rule. A training-mode forward first advances u, v one power
+iteration and then normalizes the weight with the new u, v. Before the training forward of a
+step (an owned step) a pass in training mode therefore computes exactly the weight training is
+about to use (and the buffers are put back). *After* the training forward (an observed loop: the
+user's forward has run), another training-mode iteration would use a weight one iteration
+further on; there ``reuse_power_iteration=True`` puts the spectral-norm modules alone in eval
+mode, where they read the u, v that training's forward left: exactly the weight it used.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator
+
+import torch
+from torch import nn
+from torch.nn.utils.parametrizations import _SpectralNorm
+from torch.nn.utils.spectral_norm import SpectralNorm as _LegacySpectralNorm
+
+
+def power_iteration_modules(module: nn.Module) -> list[nn.Module]:
+    """Modules whose training-mode forward runs spectral norm's power iteration: the
+    ``parametrizations.spectral_norm`` modules and the layers with the legacy hook."""
+    out = []
+    for m in module.modules():
+        if isinstance(m, _SpectralNorm) or any(isinstance(h, _LegacySpectralNorm) for h in m._forward_pre_hooks.values()):
+            out.append(m)
+    return out
+
+
+@contextlib.contextmanager
+def preserved(module: nn.Module | None, *, reuse_power_iteration: bool = False) -> Iterator[None]:
+    """A pass through ``module`` in its current mode that changes none of its buffers and no RNG.
+
+    During the pass every buffer slot holds a copy (running statistics, ``num_batches_tracked``,
+    spectral norm's u and v), so whatever the forward writes goes to the copy; after it the original
+    tensors are put back, untouched: not even their version counters move, so a graph the user's
+    forward saved them in (training-mode BatchNorm) still backpropagates. The global RNG is forked,
+    and with ``reuse_power_iteration`` the spectral-norm modules are in eval mode during the pass (see
+    the module docstring). Parameters are not touched by a forward; ``.grad`` is not touched as long
+    as the pass differentiates with ``torch.autograd.grad``. ``module=None``: a no-op.
+    """
+    if module is None:
+        yield
+        return
+    slots = [(m, name, b) for m in module.modules() for name, b in m._buffers.items() if b is not None]
+    held = [(m, m.training) for m in power_iteration_modules(module)] if reuse_power_iteration else []
+    devices = sorted({t.device.index for t in [*module.parameters(), *module.buffers()] if t.device.type == "cuda"})
+    try:
+        with torch.no_grad():
+            for m, name, b in slots:
+                m._buffers[name] = b.clone()
+        for m, _ in held:
+            m.training = False
+        with torch.random.fork_rng(devices=devices):
+            yield
+    finally:
+        for m, training in held:
+            m.training = training
+        for m, name, b in slots:
+            m._buffers[name] = b
+
+
+def state_snapshot(module: nn.Module) -> dict[str, torch.Tensor]:
+    """Copies of every parameter and buffer of ``module`` by name (for checks that nothing changed)."""
+    return {name: t.detach().clone() for name, t in [*module.named_parameters(), *module.named_buffers()]}
+
+
+__all__ = ["preserved", "power_iteration_modules", "state_snapshot"]
