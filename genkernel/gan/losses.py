@@ -72,14 +72,19 @@ def _children(module: nn.Module) -> list[nn.Module]:
     return [c for name, c in module.named_children() if name != "parametrizations"]
 
 
+SHAPE_ONLY = (nn.Flatten, nn.Unflatten, nn.Identity)  # modules after the last computing one (DCGAN's Flatten)
+
+
 def final_module(discriminator: nn.Module) -> nn.Module:
-    """The last element of D's ``nn.Sequential`` chain (descending through wrappers with a single
-    child and the last element of each Sequential); D itself when there is no such chain."""
+    """The last computing element of D's ``nn.Sequential`` chain (descending through wrappers with a
+    single child and the last element of each Sequential that is not a reshape such as
+    ``nn.Flatten``); D itself when there is no such chain."""
     module = unwrap(discriminator)
     for _ in range(64):
         children = _children(module)
-        if isinstance(module, nn.Sequential) and len(module):
-            module = module[-1]
+        computing = [m for m in module if not isinstance(m, SHAPE_ONLY)] if isinstance(module, nn.Sequential) else []
+        if computing:
+            module = computing[-1]
         elif len(children) == 1:
             module = children[0]
         else:
@@ -102,9 +107,10 @@ def check_not_sigmoid(discriminator: nn.Module) -> None:
 
 
 def last_leaf_executed(discriminator: nn.Module, samples: torch.Tensor):
-    """``(output, last leaf module run)`` of one forward of D on ``samples`` (forward hooks on its leaves)."""
+    """``(output, last leaf module run)`` of one forward of D on ``samples`` (forward hooks on its
+    leaves; reshapes such as ``nn.Flatten`` are not counted)."""
     order: list[nn.Module] = []
-    leaves = [m for m in unwrap(discriminator).modules() if not _children(m)]
+    leaves = [m for m in unwrap(discriminator).modules() if not _children(m) and not isinstance(m, SHAPE_ONLY)]
     handles = [m.register_forward_hook(lambda module, args, out: order.append(module)) for m in leaves]
     try:
         out = discriminator(samples)
