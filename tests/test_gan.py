@@ -296,13 +296,27 @@ def test_non_finite_losses_stop_with_step_and_phase_and_keep_the_ledger():
     assert analyzer.g_tracker.ledger.steps == 2 and torch.equal(analyzer.g_tracker.ledger.contributions, kept_g)
 
 
-def test_training_mode_spectral_norm_during_generator_step_is_refused():
-    G, D = _pair(sn=True)
-    analyzer = GANKernelAnalyzer(G, D, _probes(4), num_groups=2, track_discriminator=False)
-    opt = torch.optim.Adam(G.parameters())
-    step = OptimizerStep(G, opt, GeneratorLoss(D), _probes(8, seed=4), phase="generator")
-    with pytest.raises(ValueError, match="frozen"):
-        analyzer.perform(step)
+def test_training_mode_spectral_norm_during_generator_step_is_analysed_without_changing_training():
+    # Formerly refused (the analysis ran D in eval mode and could not leave a training-mode D alone);
+    # now every analysis pass writes D's buffers back, so D ends exactly as after the plain step:
+    # its power iteration advanced once, by the training forward.
+    def run(analyze):
+        G, D = _pair(sn=True)
+        opt = torch.optim.Adam(G.parameters())
+        step = OptimizerStep(G, opt, GeneratorLoss(D), _probes(8, seed=4), phase="generator")
+        before = {k: v.clone() for k, v in D.state_dict().items()}
+        with frozen(D):
+            if analyze:
+                GANKernelAnalyzer(G, D, _probes(4), num_groups=2, track_discriminator=False, window=1, eval_every=1).perform(step)
+            else:
+                step.run()
+        return G, D, before
+
+    (G0, D0, start), (G1, D1, _) = run(False), run(True)
+    assert D0.training and any(not torch.equal(start[k], v) for k, v in D0.state_dict().items())  # u, v advanced
+    for a, b in ((G0, G1), (D0, D1)):
+        for key, value in a.state_dict().items():
+            assert torch.equal(value, b.state_dict()[key]), key
 
 
 # ------------------------------------------------------------------------------------------

@@ -3,7 +3,9 @@
 DESIGN.md section 3. The generator's change at a probe latent is an exact sum, over generator
 steps and groups of training latents, of kernel-weighted discriminator input gradients; the
 analyzer records it, split by the discriminator's gradient geometry, beside the discriminator's
-own ledger (real / generated / gradient-penalty examples).
+own ledger (real / generated / gradient-penalty examples). It attaches to the built-in trainer as
+a callback, or observes your own loop (``analyzer.bind(g_opt, d_opt)``, then
+``observe_discriminator`` / ``observe_generator`` before each backward).
 
     from genkernel.gan import GANTrainer, GANKernelAnalyzer, MLPGenerator, MLPDiscriminator
 """
@@ -21,6 +23,7 @@ from .geometry import (
 )
 from .losses import (
     LOSSES,
+    OUTPUTS,
     DiscriminatorLoss,
     DiscriminatorObjective,
     GeneratorLoss,
@@ -28,6 +31,7 @@ from .losses import (
     generator_losses,
 )
 from .metrics import mode_coverage, push_field
+from .passes import preserved
 from .models import DCDiscriminator, DCGenerator, MLPDiscriminator, MLPGenerator
 from .trainer import GANTrainer, discriminator_input_gradients, frozen
 
@@ -35,7 +39,7 @@ __all__ = [
     "GANKernelAnalyzer", "GANTrainer", "frozen", "discriminator_input_gradients",
     "GeometryGrouping", "DirectionGroups", "ModeGroups", "NearestModeGroups", "MagnitudeGroups", "ConfidenceGroups",
     "FunctionGroups", "make_grouping",
-    "LOSSES", "GeneratorLoss", "DiscriminatorLoss", "DiscriminatorObjective", "generator_losses", "discriminator_losses",
+    "LOSSES", "OUTPUTS", "preserved", "GeneratorLoss", "DiscriminatorLoss", "DiscriminatorObjective", "generator_losses", "discriminator_losses",
     "mode_coverage", "push_field",
     "MLPGenerator", "MLPDiscriminator", "DCGenerator", "DCDiscriminator",
 ]

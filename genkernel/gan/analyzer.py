@@ -10,64 +10,96 @@ a kernel-smoothed field of discriminator input gradients. Groups g follow the di
 geometry (:mod:`genkernel.gan.geometry`). The discriminator keeps its own ledger at fixed probe
 points, grouped into generated / real / gradient-penalty examples (and by mode for mixtures).
 
-Per generator step (numbered as in :meth:`GANKernelAnalyzer._generator_step`):
+Per generator step, owned (:meth:`GANKernelAnalyzer._generator_step`) or observed
+(:meth:`GANKernelAnalyzer.observe_generator`) alike:
 
-1. w_i, G(z_i), D(G(z_i)) at θ_k (analysis mode, forked RNG; training untouched);
-2. group ids from the geometry grouping (fitted once on a reference batch), and, for each of the
-   ``controls`` control partitions, label-permuted ids on the *same* step: the tracker splits the
-   geometry partition and every control partition at once, each into its own exact ledger;
+1. w_i, G(z_i), D(G(z_i)) at θ_k as training sees them: observed, w_i comes from the user's own graph
+   (``torch.autograd.grad(losses.sum(), samples)``), so BatchNorm batch statistics (in G and D) and
+   dropout masks are training's; owned, from a pass in the networks' current modes before the
+   training forward (buffers written back, RNG forked: the same values training is about to use);
+2. group ids from the geometry grouping (fitted once, on the first batch together with the probes,
+   and then kept fixed), and, for each of the ``controls`` control partitions, label-permuted ids on
+   the *same* step: the tracker splits the geometry partition and every control partition at once,
+   each into its own exact ledger;
 3. at evaluation steps, the probes' own geometry (w(z'), group) and the plain kernel-smoothed
-   field −J_G(z'; θ_k) Σ_i c_i J_G(z_i; θ_k)ᵀ w_i (one VJP, one JVP: K_G is never formed);
-4. the real step through the core tracker (exact split, check, contributions, fresh forward);
-5. bookkeeping: windows are differences of the ledgers between their first and last step
-   (:meth:`PathKernelLedger.since`); alignment cosines of the step's actual ΔG(z'), mode coverage.
+   field −J_G(z'; θ_k) Σ_i c_i J_G(z_i; θ_k)ᵀ w_i (the pulled-back vector from training's batch, one
+   JVP at the probes: K_G is never formed);
+4. the real step, recorded by the core tracker (exact split, check, contributions, fresh forward);
+5. bookkeeping in the tracker's listener, shared by owned and observed steps: windows are
+   differences of the ledgers between their first and last step (:meth:`PathKernelLedger.since`);
+   alignment cosines of the step's actual ΔG(z'), mode coverage, the loop's step numbers.
 
-Use it as a :class:`TrainerCallback` of :class:`GANTrainer`, or in your own loop::
+**Analysis never changes D.** Every analysis pass through D (geometry of a batch or of the probes,
+the loss check) runs in D's current mode with all its buffers (BatchNorm's running statistics,
+spectral norm's u, v) saved and written back, and the RNG forked (:mod:`genkernel.gan.passes`);
+after the training forward (observed loops) spectral norm reads the u, v that forward left rather
+than iterating again, so the pass uses the very weight training used. D's parameters and buffers
+compare ``torch.equal`` before and after every verb of this class.
 
-    analyzer = GANKernelAnalyzer(G, D, probe_latents=torch.randn(64, 2), grouping="direction")
+Use it as a :class:`TrainerCallback` of :class:`GANTrainer`, observing your own loop::
+
+    analyzer = GANKernelAnalyzer(G, D, probe_latents=torch.randn(64, nz, 1, 1))
+    analyzer.bind(g_optimizer, d_optimizer, ema=None, start_step=0)
+    for real in loader:
+        # discriminator step
+        fake = G(torch.randn(b, nz, 1, 1))
+        x = torch.cat([real, fake.detach()]); roles = torch.cat([ones, zeros]).long()   # 1 real, 0 generated
+        d_losses = F.binary_cross_entropy_with_logits(D(x).view(-1), roles.float(), reduction="none")
+        analyzer.observe_discriminator(d_losses, roles, x)              # added
+        d_optimizer.zero_grad(); d_losses.mean().backward(); d_optimizer.step()
+        # generator step
+        z = torch.randn(b, nz, 1, 1); fake = G(z)
+        g_losses = F.binary_cross_entropy_with_logits(D(fake).view(-1), ones, reduction="none")
+        analyzer.observe_generator(g_losses, z, fake)                   # added
+        g_optimizer.zero_grad(); g_losses.mean().backward(); g_optimizer.step()
+    analyzer.finish(); analyzer.report()
+
+or performing prepared steps yourself::
+
     step = OptimizerStep(G, g_opt, GeneratorLoss(D), z, phase="generator")
-    with frozen(D):                       # D in eval mode, parameters frozen, during G steps
-        perform_step([analyzer], None, step)
-    analyzer.report()
+    with frozen(D):                       # D's parameters frozen, modules keep their mode
+        analyzer.perform(step)
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any, Callable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
-from torch.func import grad, jvp
+from torch.func import jvp
 
 from ..core import grouping as grouping_layer
-from ..core.adapter import analysis_mode, call_with, output_tensor, trainable_parameters
+from ..core.adapter import analysis_mode, call_with, output_tensor, trainable_parameters, unwrap, unwrap_optimizer
 from ..core.errors import NonFiniteError
 from ..core.tracking.callbacks import TrainerCallback, perform_step
 from ..core.tracking.ledger import PathKernelLedger
 from ..core.tracking.step import OptimizerStep
-from ..core.tracking.tracker import PathKernelTracker
+from ..core.tracking.tracker import PathKernelTracker, StepContributions
 from ..stats import mean_interval
 from .geometry import GeometryGrouping, make_grouping
-from .losses import GENERATED, PENALTY, REAL, ROLE_NAMES, DiscriminatorObjective, scores_of
+from .losses import GENERATED, PENALTY, REAL, ROLE_NAMES, DiscriminatorObjective, GeneratorLoss, scores_of
 from .metrics import cosine, mode_coverage
-from .trainer import discriminator_input_gradients
+from .passes import preserved
 
 GEOMETRY = "geometry"
-FORMAT = "genkernel.GANKernelAnalyzer/2"
+FORMAT = "genkernel.GANKernelAnalyzer/3"
+RESIDUAL_NOTE = 1e-3  # a ledger's relative residual above this gets a note suggesting Simpson's rule
 
 
-def _check_discriminator_frozen(discriminator: nn.Module) -> None:
-    """Generator steps must see D without training-mode state changes (spectral norm's power iteration)."""
-    moving = [
-        name or type(discriminator).__name__
-        for name, m in discriminator.named_modules()
-        if m.training and (any(True for _ in m.buffers(recurse=False)) or isinstance(m, (nn.modules.batchnorm._BatchNorm, nn.modules.dropout._DropoutNd)))
-    ]
-    if moving:
-        raise ValueError(
-            f"the discriminator has modules in training mode with state that a forward pass changes ({moving[:3]}, e.g. "
-            "spectral norm's power iteration) during a generator step: the analysis would change training. "
-            "Wrap generator steps in `with genkernel.gan.frozen(discriminator):` (eval mode, frozen parameters)."
+class _ObservedOnly:
+    """The loss function of a tracker that only observes a loop: it never performs a step itself."""
+
+    def __init__(self, phase: str) -> None:
+        self.phase = phase
+
+    def __call__(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        raise RuntimeError(
+            f"this {self.phase} tracker observes your own loop (GANKernelAnalyzer.bind) and has no loss function of "
+            "its own: it cannot perform a step. Let the loop's optimizer.step() record the steps (observe_generator / "
+            "observe_discriminator before each backward), or use a separate analyzer with GANTrainer or analyzer.perform"
         )
 
 
@@ -75,11 +107,16 @@ class GANKernelAnalyzer(TrainerCallback):
     """Generator and discriminator path-kernel ledgers of a GAN, split by discriminator geometry.
 
     Args:
-        generator, discriminator: G (latents ``[B, k]`` -> samples) and D (samples -> one score each).
-        probe_latents: ``[M, k]`` fixed probe latents z' (64 is a good size).
+        generator, discriminator: G (latents ``[B, ...]``, any shape G takes, e.g. DCGAN's
+            ``[B, nz, 1, 1]``, -> samples) and D (samples -> one score each). Either may be wrapped
+            (DistributedDataParallel, ``torch.compile``); analysis passes run on the wrapped module.
+            BatchNorm in training mode is fine in both: group gradients come from training's graph.
+        probe_latents: ``[M, ...]`` fixed probe latents z', shaped like G's input (64 is a good size).
+            A generator with a ``latent_dim`` attribute must get ``latent_dim`` values per example.
         grouping: "direction" (k-means of w/|w|), "mode" (pushed-to mode, needs ``mode_centers``),
             "nearest_mode", "magnitude", "confidence", a :class:`GeometryGrouping`, or a callable
-            ``fn(z, x, w, scores) -> LongTensor[B]`` (with ``num_groups``).
+            ``fn(z, x, w, scores) -> LongTensor[B]`` (with ``num_groups``). Groupings see latents
+            flattened per example, ``z [B, k]``.
         num_groups: G for the groupings that take a count.
         mode_centers, mode_std: real mixture modes ``[num_modes, dim]`` and their std (2-D): enables
             mode coverage, the direction-to-nearest-mode alignment and mode groups for D.
@@ -89,14 +126,21 @@ class GANKernelAnalyzer(TrainerCallback):
         eval_every: generator steps between alignment / coverage evaluations (must divide ``window``).
         coverage_latents: number of fixed latents for mode coverage.
         coverage_sigmas: a sample is "on" a mode within this many std.
-        reference_latents: ``[R, k]`` latents the grouping is fitted on (default: the first batch
-            together with the probes).
+        reference_latents: ``[R, ...]`` latents the grouping is fitted on (default: the first batch
+            together with the probes). The grouping is never refitted: a window whose probes or
+            training examples fall in fewer than half the groups is reported ``"collapsed"``.
         track_discriminator: keep D's ledger too.
-        discriminator_probes: ``[P, ...]`` fixed points for D's ledger (default: 32 real and 32
-            generated samples of the first discriminator step).
+        discriminator_probes: ``[P, ...]`` fixed points for D's ledger (default: the first 32 real and
+            32 generated rows of the first discriminator batch).
         discriminator_groups: "role" (generated / real / penalty) or "role_mode" (real by mode,
             generated by nearest mode, penalty; needs ``mode_centers``).
         quadrature: quadrature rule of both trackers (DESIGN.md section 2).
+        generator_loss: ℓ_G as a function of samples, ``fn(samples) -> [B]`` (default
+            ``GeneratorLoss(discriminator)``, for logits with the non-saturating loss;
+            ``GeneratorLoss(D, output="probability")`` for a D ending in a sigmoid, ``kind="hinge"``
+            ...). Observed loops use it for the probes' geometry; on the first observed generator
+            micro-batch it must reproduce the loop's own losses, else the analyzer refuses with the
+            likely cause. (Owned steps use their step's ``loss_fn``.)
         seed: the analyzer's own random generator (permutation control, coverage latents).
         name: the key of this analyzer's state in a trainer's checkpoint (default the class name).
     """
@@ -121,13 +165,12 @@ class GANKernelAnalyzer(TrainerCallback):
         discriminator_probes: torch.Tensor | None = None,
         discriminator_groups: str = "role",
         quadrature: str = "midpoint",
+        generator_loss: Callable[[torch.Tensor], torch.Tensor] | None = None,
         seed: int = 0,
         name: str | None = None,
     ) -> None:
         if isinstance(controls, bool) or not isinstance(controls, int) or controls < 0:
             raise ValueError(f"controls must be a non-negative int (permutation control partitions), got {controls!r}")
-        if not isinstance(probe_latents, torch.Tensor) or probe_latents.dim() != 2:
-            raise ValueError(f"probe_latents must be a Tensor [M, latent_dim], got {getattr(probe_latents, 'shape', type(probe_latents).__name__)}")
         if window < 1 or eval_every < 1 or window % eval_every:
             raise ValueError(f"window ({window}) and eval_every ({eval_every}) must be positive, eval_every dividing window")
         if discriminator_groups not in ("role", "role_mode"):
@@ -136,8 +179,12 @@ class GANKernelAnalyzer(TrainerCallback):
             raise ValueError("discriminator_groups='role_mode' needs mode_centers")
         if mode_centers is not None and mode_std is None:
             raise ValueError("mode_centers needs mode_std (the std of each real mode) for mode coverage")
+        if generator_loss is not None and not callable(generator_loss):
+            raise TypeError(f"generator_loss must be callable as fn(samples) -> [B] losses, got {type(generator_loss).__name__}")
         self.generator = generator
         self.discriminator = discriminator
+        self._g = unwrap(generator)  # analysis passes run on the modules inside any wrapper
+        self._d = unwrap(discriminator)
         self.mode_centers = None if mode_centers is None else torch.as_tensor(mode_centers, dtype=torch.float64)
         self.mode_std = mode_std
         self.grouping = make_grouping(grouping, num_groups=num_groups, centers=self.mode_centers, seed=seed)
@@ -151,9 +198,12 @@ class GANKernelAnalyzer(TrainerCallback):
         self.track_discriminator = track_discriminator
         self.discriminator_groups = discriminator_groups
         self.quadrature = quadrature
+        self._generator_loss = generator_loss
         self.rng = torch.Generator().manual_seed(seed)
         self.probe_latents = self._checked_latents(probe_latents, "probe_latents")
-        self.coverage_latents = torch.randn(coverage_latents, probe_latents.shape[1], generator=self.rng, dtype=torch.float64).to(probe_latents)
+        self.coverage_latents = torch.randn(
+            coverage_latents, *probe_latents.shape[1:], generator=self.rng, dtype=torch.float64
+        ).to(probe_latents)
         self.discriminator_probes = discriminator_probes
 
         self.g_tracker: PathKernelTracker | None = None
@@ -164,28 +214,58 @@ class GANKernelAnalyzer(TrainerCallback):
         self.alignment: list[dict[str, float]] = []
         self.coverage: list[dict[str, Any]] = []
         self.windows: list[dict[str, Any]] = []
+        self.partial_window: dict[str, Any] | None = None  # finish(): the window in progress
         self.fields: list[dict[str, torch.Tensor]] = []  # probe fields at evaluation steps (for figures)
+        self.g_loop_steps: list[int] = []  # the loop's number of every tracked generator step
+        self.d_loop_steps: list[int] = []
+        self.g_group_counts: list[list[int]] = []  # training examples per geometry group, per tracked step
+        self.d_group_counts: list[list[int]] = []
+        self.notes: list[str] = []  # what the report must say about how the numbers were made
         self._window_start: dict[str, PathKernelLedger] | None = None  # the ledgers when the window opened
         self._window_groups: torch.Tensor | None = None  # the probes' geometry groups at the window's start
         self._run_groups: torch.Tensor | None = None  # ... at the first tracked step (whole-run coupling)
         self._probe_state: dict[str, torch.Tensor] | None = None
+        self._g_f_prev: torch.Tensor | None = None  # the generator ledger's f_end before the step
+        self._g_pending: dict[str, Any] | None = None  # the generator step in progress (ids, loop step)
+        self._d_pending: dict[str, Any] | None = None
+        # observe mode (bind)
+        self._bound = False
+        self._g_optimizer: torch.optim.Optimizer | None = None
+        self._d_optimizer: torch.optim.Optimizer | None = None
+        self._ema: Any = None
+        self._start_step = 0
+        self._loss_checked = False
 
     # -- validation ----------------------------------------------------------------------------
     def _checked_latents(self, latents: torch.Tensor, name: str) -> torch.Tensor:
-        expected = getattr(self.generator, "latent_dim", None)
-        if expected is not None and latents.shape[1] != expected:
+        if not isinstance(latents, torch.Tensor) or latents.dim() < 1 or latents.shape[0] < 1:
             raise ValueError(
-                f"{name} have latent dimension {latents.shape[1]} but the generator expects {expected}: "
-                f"pass a Tensor [M, {expected}]"
+                f"{name} must be a Tensor [M, ...] of latents shaped as the generator takes them, got "
+                f"{getattr(latents, 'shape', type(latents).__name__)}"
             )
-        try:
-            with torch.no_grad(), analysis_mode(self.generator), analysis_mode(self.discriminator):
-                samples = output_tensor(self.generator(latents))
-                scores = self.discriminator(samples)
+        expected = getattr(self._g, "latent_dim", None)
+        size = latents[0].numel()
+        if isinstance(expected, int) and size != expected:
+            raise ValueError(
+                f"{name} have latent dimension {size} but the generator expects {expected}: "
+                f"pass a Tensor [M, {expected}] (or [M, {expected}, 1, 1], whatever the generator takes)"
+            )
+        try:  # a shape check: eval mode, nothing written
+            with torch.no_grad(), preserved(self._g), analysis_mode(self._g), preserved(self._d), analysis_mode(self._d):
+                samples = output_tensor(self._g(latents))
+                scores = self._d(samples)
         except (RuntimeError, TypeError, IndexError) as error:
             raise ValueError(f"{name} of shape {tuple(latents.shape)} do not fit the generator/discriminator: {error}") from error
         scores_of(scores)  # one value per example, or a clear error
         return latents
+
+    def _check_step_latents(self, latents: torch.Tensor) -> None:
+        if latents.shape[1:] != self.probe_latents.shape[1:]:
+            raise ValueError(
+                f"the generator step's latents have shape {tuple(latents.shape)} but the probe latents are "
+                f"[M, {', '.join(str(n) for n in self.probe_latents.shape[1:])}]: probes and training latents must have "
+                "the same shape per example"
+            )
 
     def _check_fillable(self, groups: int, batch: int, what: str) -> None:
         if groups > batch:
@@ -196,108 +276,396 @@ class GANKernelAnalyzer(TrainerCallback):
 
     # -- protocol ------------------------------------------------------------------------------
     def wrap_step(self, trainer: Any, step: OptimizerStep, perform: Callable[[], torch.Tensor]) -> torch.Tensor:
+        if self._bound and step.phase in ("generator", "discriminator"):
+            raise RuntimeError(
+                "this analyzer observes your own loop (bind): its optimizers' step() records the steps. Use another "
+                "analyzer for steps a trainer or analyzer.perform performs"
+            )
         if step.phase == "generator":
-            return self._generator_step(step)
+            return self._generator_step(step, _count(trainer, "g_steps"))
         if step.phase == "discriminator":
-            return self._discriminator_step(step) if self.track_discriminator else perform()
+            return self._discriminator_step(step, _count(trainer, "d_steps_done")) if self.track_discriminator else perform()
         return perform()
 
     def perform(self, step: OptimizerStep) -> torch.Tensor:
         """Run one prepared step through this analyzer (for your own training loop)."""
         return perform_step([self], None, step)
 
-    # -- generator -----------------------------------------------------------------------------
-    def _geometry(self, latents: torch.Tensor, loss_fn) -> dict[str, torch.Tensor]:
-        """1. ``{"z", "x", "w", "losses", "scores"}`` at the current θ (no training state touched)."""
-        x, w, losses = discriminator_input_gradients(self.generator, loss_fn, latents)
-        with torch.no_grad(), analysis_mode(self.discriminator):
-            scores = scores_of(self.discriminator(x)).detach()
-        return {"z": latents.detach(), "x": x, "w": w, "losses": losses, "scores": scores}
+    # -- observe mode --------------------------------------------------------------------------
+    def bind(
+        self,
+        g_optimizer: Any = None,
+        d_optimizer: Any = None,
+        *,
+        ema: Any = None,
+        start_step: int = 0,
+    ) -> None:
+        """Observe a loop you own: its ``g_optimizer.step()`` and ``d_optimizer.step()`` record the steps.
 
-    def _build_generator_tracker(self, step: OptimizerStep, geo: dict[str, torch.Tensor]) -> None:
-        z = step.inputs[0]
-        if z.dim() != 2 or z.shape[1] != self.probe_latents.shape[1]:
-            raise ValueError(
-                f"the generator step's latents have shape {tuple(z.shape)} but the probe latents are "
-                f"[M, {self.probe_latents.shape[1]}]: probes and training latents must share the latent dimension"
-            )
-        self._check_fillable(self.num_groups, step.batch, f"grouping {type(self.grouping).__name__}")
-        if not self.grouping.fitted:
-            if self.reference_latents is not None:
-                ref = self._geometry(self._checked_latents(self.reference_latents, "reference_latents"), step.loss_fn)
-            else:
-                probe = self._geometry(self.probe_latents, step.loss_fn)
-                ref = {k: torch.cat([geo[k], probe[k]]) for k in ("z", "x", "w", "scores")}
-            self.grouping.fit(ref["z"], ref["x"], ref["w"], ref["scores"])
-        self.g_tracker = PathKernelTracker(
-            self.generator, step.optimizer, step.loss_fn, self.probe_latents,
-            num_groups=self.partitions, quadrature=self.quadrature, max_grad_norm=step.max_grad_norm,
-        )
-        if self._pending and self._pending.get("g_tracker") is not None:
-            self.g_tracker.load_state_dict(self._pending["g_tracker"])
+        Args:
+            g_optimizer, d_optimizer: the players' optimizers (either may be None: that player is not
+                tracked); wrapped ones (accelerate, Lightning) are read through.
+            ema: an EMA of the generator's weights (ema-pytorch's ``EMA``, ``AveragedModel``, diffusers'
+                ``EMAModel``, ...) that the loop updates after each generator step: a second ledger
+                (``generator_ema_ledgers``) for the weights people sample from.
+            start_step: the loop's step count now; reports number the tracked steps from it
+                (``start_step + 1``, ``start_step + 2``, ... for each player).
 
-    def _generator_step(self, step: OptimizerStep) -> torch.Tensor:
-        if step.model is not self.generator:
-            raise ValueError("the generator step trains a different model than the analyzer's generator")
-        _check_discriminator_frozen(self.discriminator)
+        Then call :meth:`observe_generator` / :meth:`observe_discriminator` before each backward.
+        """
+        if self._bound:
+            raise RuntimeError("this analyzer is already bound to a loop; build a new one for another run")
+        if self.g_tracker is not None or self.d_tracker is not None:
+            raise RuntimeError("this analyzer already tracks steps a trainer performs; build a new one to observe a loop")
+        if g_optimizer is None and d_optimizer is None:
+            raise ValueError("bind needs g_optimizer, d_optimizer or both")
+        if ema is not None and g_optimizer is None:
+            raise ValueError("ema is an EMA of the generator's weights: bind it with the g_optimizer")
+        if isinstance(start_step, bool) or not isinstance(start_step, int) or start_step < 0:
+            raise ValueError(f"start_step must be a non-negative int (the loop's step count now), got {start_step!r}")
+        if self._generator_loss is None:
+            self._generator_loss = GeneratorLoss(self._d)
+        self._start_step = start_step
+        self._ema = ema
+        if g_optimizer is not None:
+            self._g_optimizer = unwrap_optimizer(g_optimizer)
+            self._build_generator_tracker(self._g_optimizer, _ObservedOnly("generator"), math.inf)
+        if d_optimizer is not None:
+            self._d_optimizer = unwrap_optimizer(d_optimizer)
+        self._bound = True
+
+    @property
+    def generator_loss(self) -> Callable[[torch.Tensor], torch.Tensor]:
+        """ℓ_G as a function of samples (``generator_loss=``; ``GeneratorLoss(D)`` once bound)."""
+        if self._generator_loss is None:
+            return GeneratorLoss(self._d)
+        return self._generator_loss
+
+    def _loss_fn(self, samples: torch.Tensor, targets: Any = None) -> torch.Tensor:
+        return self.generator_loss(samples)
+
+    def observe_generator(
+        self, losses: torch.Tensor, latents: torch.Tensor, samples: torch.Tensor, *, weights: torch.Tensor | None = None
+    ) -> None:
+        """Report one generator micro-batch of your loop, before its backward.
+
+        Args:
+            losses: ``[B]`` per-example generator losses with their graph (your loss is their mean,
+                or Σ_n c_n ℓ_n with ``weights``).
+            latents: the latents ``[B, ...]`` your generator took (any shape, e.g. ``[B, nz, 1, 1]``).
+            samples: ``G(latents)`` from the same forward, with its graph: the weights
+                w_i = ∂ℓ/∂x_i are read from it, so they are exactly what training saw (BatchNorm
+                batch statistics included).
+            weights: per-example coefficients c_n ``[B]`` (default the mean).
+
+        The loop's ``g_optimizer.step()`` then records the step (gradient accumulation over several
+        observed micro-batches and global-norm clipping are followed exactly).
+        """
+        if not self._bound or self.g_tracker is None:
+            raise RuntimeError("call analyzer.bind(g_optimizer, d_optimizer) before analyzer.observe_generator(...)")
+        batch = _check_losses(losses)
+        for what, t in (("latents", latents), ("samples", samples)):
+            if not isinstance(t, torch.Tensor) or t.dim() < 1 or t.shape[0] != batch:
+                raise ValueError(f"{what} must be a Tensor [{batch}, ...] (one row per loss), got "
+                                 f"{getattr(t, 'shape', type(t).__name__)}")
+        if not samples.requires_grad:
+            raise ValueError("samples carry no graph: pass samples = G(latents) as computed in the forward that gave the losses")
+        self._check_step_latents(latents)
+        if weights is not None and (not isinstance(weights, torch.Tensor) or weights.shape != (batch,)):
+            raise ValueError(f"weights must be a Tensor of shape [{batch}] (one c_n per example)")
+        if self._g_pending is not None and self.g_tracker._observed is None:
+            self._g_pending = None  # the step that was in progress failed and was rolled back
         index = self.g_steps + 1
-        # 1. Geometry of the batch at θ_k.
-        geo = self._geometry(step.inputs[0], step.loss_fn)
-        if not torch.isfinite(geo["losses"]).all() or not torch.isfinite(geo["w"]).all():
-            bad = torch.nonzero(~torch.isfinite(geo["losses"])).flatten().tolist()
+        with torch.enable_grad():
+            (w,) = torch.autograd.grad(losses.sum(), samples, retain_graph=True, allow_unused=True)
+        if w is None:
+            raise ValueError("the losses do not depend on samples: pass samples = G(latents), the tensor your loss fed to D")
+        w = w.detach()
+        if not torch.isfinite(losses).all() or not torch.isfinite(w).all():
+            bad = torch.nonzero(~torch.isfinite(losses.detach())).flatten().tolist()
             raise NonFiniteError(
                 f"generator step {index} (phase generator): non-finite generator loss or discriminator gradient "
-                f"(examples {bad[:10]}); the step was not applied and the ledgers keep the {index - 1} generator steps before"
+                f"(examples {bad[:10]}); this micro-batch was not observed"
             )
-        if self.g_tracker is None:
-            self._build_generator_tracker(step, geo)
-        # 2. Group ids (and permuted control ids on the same step).
-        ids = self.grouping(geo["z"], geo["x"], geo["w"], geo["scores"])
+        if not self._loss_checked:
+            self._check_generator_losses(losses.detach(), samples.detach())
+        x = samples.detach()
+        geo = {"z": latents.detach(), "x": x, "w": w, "losses": losses.detach(),
+               "scores": self._scores(x, after_forward=True)}
+        first = self._g_pending is None
+        if first and self.g_steps == 0:
+            self._check_fillable(self.num_groups, batch, f"grouping {type(self.grouping).__name__}")
+        self._fit_grouping(geo, self._loss_fn, after_forward=True)
+        tracked = self._partition_ids(geo)
+        evaluate = (index - 1) % self.eval_every == 0
+        vector = self._pull(samples, w, _coefficients(weights, batch, w)) if evaluate else None
+        if first:
+            self._begin_generator_step(index, vector, self._loss_fn, after_forward=True)
+        elif evaluate:  # a further micro-batch of the step: its pull adds to the field (linear)
+            self._probe_state["field"] = self._probe_state["field"] + self._field(vector)
+        self.g_tracker.observe(losses, {k: v.to(losses.device) for k, v in tracked.items()}, weights)
+        if first:
+            self._g_pending = {"ids": [], "loop_step": None}
+        self._g_pending["ids"].append(tracked[GEOMETRY])
+        self._loss_checked = True
+
+    def observe_discriminator(
+        self,
+        losses: torch.Tensor,
+        roles: torch.Tensor,
+        inputs: torch.Tensor,
+        *,
+        weights: torch.Tensor | None = None,
+        real_labels: torch.Tensor | None = None,
+    ) -> None:
+        """Report one discriminator micro-batch of your loop, before its backward.
+
+        Args:
+            losses: ``[B]`` per-example discriminator losses with their graph.
+            roles: ``LongTensor[B]``: 0 generated, 1 real, 2 gradient penalty.
+            inputs: the discriminator batch ``[B, ...]`` (its first 32 real and 32 generated rows
+                become D's probes on the first call, unless ``discriminator_probes`` were given).
+            weights: per-example coefficients c_n ``[B]`` (default the mean; a loop whose loss is
+                mean(real) + mean(generated) is followed as well: the scale is reported per step).
+            real_labels: mode ids of the real rows (``discriminator_groups="role_mode"``).
+
+        The loop's ``d_optimizer.step()`` records the step. A loop that shows D its real and
+        generated rows in two micro-batches (the DCGAN example) is followed as accumulation.
+        """
+        if not self.track_discriminator:
+            return
+        if not self._bound or self._d_optimizer is None:
+            raise RuntimeError("call analyzer.bind(g_optimizer, d_optimizer) before analyzer.observe_discriminator(...)")
+        batch = _check_losses(losses)
+        if not isinstance(inputs, torch.Tensor) or inputs.dim() < 1 or inputs.shape[0] != batch:
+            raise ValueError(f"inputs must be the discriminator batch, a Tensor [{batch}, ...], got "
+                             f"{getattr(inputs, 'shape', type(inputs).__name__)}")
+        roles = _check_roles(roles, batch)
+        ids = self._discriminator_ids(roles, inputs, real_labels)
+        if self.d_tracker is None:
+            # Built now, after the loop's forward: its checks run on copies of D's buffers, so the graph
+            # that forward saved them in (training-mode BatchNorm) still backpropagates.
+            with preserved(self._d):
+                self._build_discriminator_tracker(self.discriminator, self._d_optimizer, _ObservedOnly("discriminator"),
+                                                  math.inf, inputs, roles, batch, wrap_critic=False)
+        if self._d_pending is not None and self.d_tracker._observed is None:
+            self._d_pending = None
+        self.d_tracker.observe(losses, ids.to(losses.device), weights)
+        if self._d_pending is None:
+            self._d_pending = {"ids": [], "loop_step": None}
+        self._d_pending["ids"].append(ids)
+
+    def finish(self) -> None:
+        """Close the coupling window in progress as a partial one (``partial_window`` in the report;
+        training may go on: the next full window is unaffected)."""
+        self.partial_window = None
+        if self.g_tracker is None or self._window_start is None or self.g_steps % self.window == 0:
+            return
+        first = self.g_steps - (self.g_steps - 1) % self.window  # the open window's first step
+        record = self._window_record(first, self.g_steps, self._window_start, self._window_groups)
+        record["partial"] = True
+        self.partial_window = record
+
+    # -- generator -----------------------------------------------------------------------------
+    def _scores(self, x: torch.Tensor, *, after_forward: bool) -> torch.Tensor:
+        with torch.no_grad(), preserved(self._d, reuse_power_iteration=after_forward):
+            return scores_of(self._d(x)).detach()
+
+    def _geometry(self, latents: torch.Tensor, loss_fn, *, after_forward: bool) -> dict[str, torch.Tensor]:
+        """``{"z", "x", "w", "losses", "scores"}`` of probe (or reference) latents at the current θ:
+        G in eval mode (as the tracker evaluates probes), D in its current mode, every buffer kept."""
+        with torch.no_grad(), preserved(self._g), analysis_mode(self._g):
+            x = output_tensor(self._g(latents)).detach()
+        return self._push(latents, x, loss_fn, after_forward=after_forward)
+
+    def _push(self, latents: torch.Tensor, x: torch.Tensor, loss_fn, *, after_forward: bool) -> dict[str, torch.Tensor]:
+        """w = ∇_x ℓ_G(D(x)) at samples ``x`` (``loss_fn(x, None)`` closes over D), D's losses and scores:
+        D in its current mode, its buffers kept (:func:`~genkernel.gan.passes.preserved`)."""
+        with torch.enable_grad(), preserved(self._d, reuse_power_iteration=after_forward):
+            xr = x.clone().requires_grad_(True)
+            losses = loss_fn(xr, None)
+            if not isinstance(losses, torch.Tensor) or losses.shape != (x.shape[0],):
+                raise ValueError(f"the generator loss must return per-example losses of shape [{x.shape[0]}]")
+            (w,) = torch.autograd.grad(losses.sum(), xr)
+        return {"z": latents.detach(), "x": x, "w": w.detach(), "losses": losses.detach(),
+                "scores": self._scores(x, after_forward=after_forward)}
+
+    def _check_generator_losses(self, losses: torch.Tensor, samples: torch.Tensor) -> None:
+        """The first observed micro-batch: ``generator_loss(samples)`` must give the loop's losses."""
+        with torch.no_grad(), preserved(self._d, reuse_power_iteration=True):
+            mine = self.generator_loss(samples)
+        if not isinstance(mine, torch.Tensor) or mine.shape != losses.shape:
+            raise ValueError(f"generator_loss(samples) must return per-example losses of shape {tuple(losses.shape)}, "
+                             f"got {getattr(mine, 'shape', type(mine).__name__)}")
+        tol = 1e-8 if losses.dtype == torch.float64 else 1e-4
+        scale = max(1.0, float(losses.abs().max()))
+        if torch.allclose(mine.to(losses), losses, rtol=tol, atol=tol * scale):
+            return
+        gap = float((mine.to(losses) - losses).abs().max())
+        if torch.allclose(mine.to(losses), losses, rtol=1e-4, atol=1e-4 * scale):
+            cause = (
+                "They agree only roughly: the loss is right, but your losses came from another evaluation of D than "
+                "D(samples) now (D changed in between, randomness in D such as dropout in training mode, or samples "
+                "other than the tensor fed to D). Compute the losses from D(samples) just before observe_generator."
+            )
+        else:
+            cause = self._diagnose(losses, samples)
+        raise ValueError(
+            f"the analyzer's generator_loss does not reproduce your generator losses on the first observed micro-batch "
+            f"(max gap {gap:.3g}); the probes' geometry w(z') needs your loss as a function of the samples. " + cause
+        )
+
+    def _diagnose(self, losses: torch.Tensor, samples: torch.Tensor) -> str:
+        with torch.no_grad(), preserved(self._d, reuse_power_iteration=True):
+            s = scores_of(self._d(samples)).detach().to(torch.float64)
+        user = losses.to(torch.float64)
+        candidates = [
+            ("D returns logits and the loss is the non-saturating one (BCEWithLogitsLoss against 1)",
+             F.softplus(-s), "generator_loss=GeneratorLoss(D) (output='logit')"),
+            ("the hinge / WGAN generator loss −D(x)", -s, "generator_loss=GeneratorLoss(D, kind='hinge')"),
+            ("the saturating minimax loss log(1 − σ(D(x)))", -F.softplus(s),
+             "generator_loss=lambda x: -torch.nn.functional.softplus(D(x).view(-1))"),
+        ]
+        if bool(((s >= 0) & (s <= 1)).all()):
+            candidates.insert(0, ("D returns probabilities (it ends in a sigmoid) and the loss is BCELoss against 1",
+                                  -torch.log(s).clamp_min(-100.0), "generator_loss=GeneratorLoss(D, output='probability')"))
+        scale = max(1.0, float(user.abs().max()))
+        for text, value, fix in candidates:
+            if torch.allclose(value, user, rtol=1e-4, atol=1e-4 * scale):
+                return f"Your losses look like {text}: pass {fix}."
+        return (
+            "Likely causes: D outputs probabilities (a final sigmoid) but the loss expects logits, or the other way round "
+            "(GeneratorLoss(D, output='probability')); another loss kind (GeneratorLoss(D, kind='hinge')); or losses "
+            "from another forward of D than D(samples). Pass generator_loss=<fn(samples) -> [B] losses> matching your loop."
+        )
+
+    def _fit_grouping(self, geo: dict[str, torch.Tensor], loss_fn, *, after_forward: bool) -> None:
+        """Fit the grouping once, on the first batch and the probes (or ``reference_latents``)."""
+        if self.grouping.fitted:
+            return
+        if self.reference_latents is not None:
+            ref = self._geometry(self._checked_latents(self.reference_latents, "reference_latents"), loss_fn,
+                                 after_forward=after_forward)
+        else:
+            probe = self._geometry(self.probe_latents, loss_fn, after_forward=after_forward)
+            ref = {k: torch.cat([_flat_latents(geo[k]) if k == "z" else geo[k],
+                                 _flat_latents(probe[k]) if k == "z" else probe[k]]) for k in ("z", "x", "w", "scores")}
+        self.grouping.fit(_flat_latents(ref["z"]), ref["x"], ref["w"], ref["scores"])
+
+    def _partition_ids(self, geo: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """2. Geometry ids and the permuted control ids of the same step."""
+        ids = self.grouping(_flat_latents(geo["z"]), geo["x"], geo["w"], geo["scores"])
         tracked = {GEOMETRY: ids}
         for control in self.control_names:
             tracked[control] = ids[torch.randperm(ids.shape[0], generator=self.rng)]
-        # 3. Probe geometry and the plain kernel-smoothed field at evaluation steps.
-        evaluate = (index - 1) % self.eval_every == 0
-        if evaluate:
-            probe = self._geometry(self.probe_latents, step.loss_fn)
-            probe["groups"] = self.grouping(probe["z"], probe["x"], probe["w"], probe["scores"])
-            probe["field"] = self._kernel_field(step, geo)
+        return tracked
+
+    def _begin_generator_step(self, index: int, vector, loss_fn, *, after_forward: bool) -> None:
+        """3. At evaluation steps the probes' geometry and the kernel field at θ_k; window openings."""
+        if (index - 1) % self.eval_every == 0:
+            probe = self._geometry(self.probe_latents, loss_fn, after_forward=after_forward)
+            probe["groups"] = self.grouping(_flat_latents(probe["z"]), probe["x"], probe["w"], probe["scores"])
+            probe["field"] = self._field(vector() if callable(vector) else vector)
             self._probe_state = probe
         if (index - 1) % self.window == 0:
             self._window_start = {name: ledger.copy() for name, ledger in self.g_tracker.ledgers.items()}
             self._window_groups = self._probe_state["groups"].clone()
         if self._run_groups is None:
             self._run_groups = self._probe_state["groups"].clone()
-        # 4. The real step, tracked.
-        f_before = self.g_tracker.ledger.f_end.clone()
-        device = step.inputs[0].device
-        contributions = self.g_tracker.track(step, {name: t.to(device) for name, t in tracked.items()})
-        self.g_steps = index
-        # 5. Bookkeeping.
-        change = (self.g_tracker.ledger.f_end - f_before).cpu()
-        if evaluate:
-            self._record_alignment(index, contributions, change)
-        if index % self.window == 0:
-            self._close_window(index)
+
+    def _build_generator_tracker(self, optimizer, loss_fn, max_grad_norm: float) -> None:
+        # Group gradients from the training step's own graph (R masked backward passes), never from a
+        # second per-example pass: that pass would run D again after the training forward (a
+        # training-mode D would advance spectral norm once more, and BatchNorm would see single examples).
+        self.g_tracker = PathKernelTracker(
+            self.generator, optimizer, loss_fn, self.probe_latents,
+            num_groups=self.partitions, quadrature=self.quadrature, max_grad_norm=max_grad_norm,
+            group_state="dense", gradient_route="graph",
+        )
+        if self._ema is not None:
+            self.g_tracker.track_ema(self._ema)
+        if self._pending and self._pending.get("g_tracker") is not None:
+            self.g_tracker.load_state_dict(self._pending["g_tracker"])
+            self._pending["g_tracker"] = None
+        self.g_tracker.listeners.append(self._record_generator)
+        self._g_f_prev = self.g_tracker.ledger.f_end.clone()
+
+    def _generator_step(self, step: OptimizerStep, loop_step: int | None = None) -> torch.Tensor:
+        if unwrap(step.model) is not self._g:
+            raise ValueError("the generator step trains a different model than the analyzer's generator")
+        index = self.g_steps + 1
+        latents = step.inputs[0]
+        self._check_step_latents(latents)
+        evaluate = (index - 1) % self.eval_every == 0
+        if self.g_tracker is None:
+            self._check_fillable(self.num_groups, step.batch, f"grouping {type(self.grouping).__name__}")
+            self._build_generator_tracker(step.optimizer, step.loss_fn, step.max_grad_norm)
+        # The analysis before the training forward runs G on copies of its buffers, advanced by the batch
+        # pass exactly as the training forward will advance the real ones: the probes then see G as the
+        # tracker (and an observed loop) sees it at θ_k, after the step's forward.
+        with preserved(self._g):
+            # 1. The batch at θ_k as training's forward computes it (G's current mode, the same RNG).
+            with torch.set_grad_enabled(evaluate), torch.random.fork_rng(devices=_cuda(latents)):
+                samples = output_tensor(self._g(latents))
+            geo = self._push(latents, samples.detach(), step.loss_fn, after_forward=False)
+            if not torch.isfinite(geo["losses"]).all() or not torch.isfinite(geo["w"]).all():
+                bad = torch.nonzero(~torch.isfinite(geo["losses"])).flatten().tolist()
+                raise NonFiniteError(
+                    f"generator step {index} (phase generator): non-finite generator loss or discriminator gradient "
+                    f"(examples {bad[:10]}); the step was not applied and the ledgers keep the {index - 1} generator "
+                    "steps before"
+                )
+            self._fit_grouping(geo, step.loss_fn, after_forward=False)
+            # 2. Group ids (and permuted control ids on the same step).
+            tracked = self._partition_ids(geo)
+            # 3. Probe geometry and the plain kernel-smoothed field at evaluation steps.
+            vector = self._pull(samples, geo["w"], _coefficients(step.weights, step.batch, geo["w"])) if evaluate else None
+            self._begin_generator_step(index, vector, step.loss_fn, after_forward=False)
+        # 4. The real step, tracked; 5. the listener's bookkeeping.
+        self._g_pending = {"ids": [tracked[GEOMETRY]], "loop_step": loop_step}
+        device = latents.device
+        try:
+            contributions = self.g_tracker.track(step, {name: t.to(device) for name, t in tracked.items()})
+        finally:
+            self._g_pending = None
         return contributions.losses
 
-    def _kernel_field(self, step: OptimizerStep, geo: dict[str, torch.Tensor]) -> torch.Tensor:
-        """``[M, d]`` −J_G(z') Σ_i c_i J_G(z_i)ᵀ w_i = −Σ_i c_i K_G(z', z_i) w_i at θ_k (a VJP then a JVP)."""
-        params = {n: p.detach() for n, p in trainable_parameters(self.generator).items()}
-        c = (torch.full((step.batch,), 1.0 / step.batch) if step.weights is None else step.weights).to(geo["w"])
-        z, w = geo["z"], geo["w"]
+    def _pull(self, samples: torch.Tensor, w: torch.Tensor, c: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Σ_i c_i J_G(z_i)ᵀ w_i at θ_k from the graph of ``samples`` = G(z) (training's, or the batch pass's)."""
+        params = trainable_parameters(self._g)
+        with torch.enable_grad():
+            grads = torch.autograd.grad(samples, list(params.values()), grad_outputs=c.view(-1, *([1] * (w.dim() - 1))) * w,
+                                        retain_graph=True, allow_unused=True)
+        return {n: (torch.zeros_like(p) if g is None else g.detach()) for (n, p), g in zip(params.items(), grads)}
 
-        def pulled(p):  # Σ_i c_i ⟨G_p(z_i), w_i⟩: its θ-gradient is Σ_i c_i J(z_i)ᵀ w_i
-            out = output_tensor(call_with(self.generator, p, (z,)))
-            return (out * (c.view(-1, *([1] * (w.dim() - 1))) * w)).sum()
+    def _field(self, vector: dict[str, torch.Tensor]) -> torch.Tensor:
+        """``[M, d]`` −J_G(z') v at θ_k for the pulled vector v = Σ_i c_i J_G(z_i)ᵀ w_i: the plain
+        kernel-smoothed field −Σ_i c_i K_G(z', z_i) w_i (one JVP; K_G is never formed)."""
+        params = {n: p.detach() for n, p in trainable_parameters(self._g).items()}
 
         def probes(p):
-            return output_tensor(call_with(self.generator, p, (self.probe_latents,)))
+            return output_tensor(call_with(self._g, p, (self.probe_latents,)))
 
-        with analysis_mode(self.generator):
-            vector = grad(pulled)(params)
-            _, field = jvp(probes, (params,), ({n: -v for n, v in vector.items()},))
+        with preserved(self._g), analysis_mode(self._g):
+            _, field = jvp(probes, (params,), ({n: -vector[n].to(p) for n, p in params.items()},))
         return field.detach().reshape(field.shape[0], -1).to(torch.float64)
+
+    def _record_generator(self, result: StepContributions) -> None:
+        """5. The generator tracker's listener: bookkeeping after every recorded step, owned or observed."""
+        pending, self._g_pending = self._g_pending or {"ids": [], "loop_step": None}, None
+        index = self.g_steps + 1
+        self.g_steps = index
+        ids = torch.cat(pending["ids"]) if pending["ids"] else torch.zeros(0, dtype=torch.long)
+        self.g_group_counts.append(torch.bincount(ids.cpu(), minlength=self.num_groups).tolist())
+        loop = pending["loop_step"]
+        self.g_loop_steps.append(int(loop) if loop is not None else self._start_step + index)
+        f_end = self.g_tracker.ledger.f_end
+        change = (f_end - self._g_f_prev).cpu()
+        self._g_f_prev = f_end.clone()
+        if (index - 1) % self.eval_every == 0 and self._probe_state is not None:
+            self._record_alignment(index, result, change)
+        if index % self.window == 0 and self._window_start is not None:
+            self._close_window(index)
 
     @property
     def partitions(self) -> dict[str, int]:
@@ -308,10 +676,10 @@ class GANKernelAnalyzer(TrainerCallback):
     def control_names(self) -> list[str]:
         return [f"control_{i}" for i in range(self.controls)]
 
-    def _coupling(self, ledgers: dict[str, PathKernelLedger], probe_groups: torch.Tensor) -> dict[str, Any]:
+    def _coupling(self, ledgers: dict[str, PathKernelLedger], probe_groups: torch.Tensor, first: int, last: int) -> dict[str, Any]:
         """Coupling matrices of traffic and net shares, measured and (averaged over the controls)
         control, and each probe's share from its own geometry group against the controls', from
-        ledgers over a window (or the whole run)."""
+        ledgers over tracked generator steps ``first..last`` (a window, or the whole run)."""
         g = self.num_groups
         measured = ledgers[GEOMETRY]
         delta = measured.delta.cpu()
@@ -323,12 +691,28 @@ class GANKernelAnalyzer(TrainerCallback):
         mine = shares(measured)
         controls = [shares(ledgers[name]) for name in self.control_names]
         kappa = measured.cancellation_ratio().cpu()
+        counts = torch.tensor(self.g_group_counts[first - 1:last], dtype=torch.long).reshape(-1, g).sum(0)
+        probe_occupied = int(torch.unique(probe_groups).numel())
+        training_occupied = int((counts > 0).sum())
         out: dict[str, Any] = {
-            "steps": [self.g_steps - measured.steps + 1, int(self.g_steps)],
+            "steps": [first, last],
+            "loop_steps": [self.g_loop_steps[first - 1], self.g_loop_steps[last - 1]],
             "probe_groups": probe_groups.tolist(),
+            "training_group_counts": counts.tolist(),
+            "probe_groups_occupied": probe_occupied,
+            "training_groups_occupied": training_occupied,
+            "collapsed": min(probe_occupied, training_occupied) < g / 2,
             "kappa_median": float(kappa.nanmedian()) if torch.isfinite(kappa).any() else float("nan"),
             "residual_share_mean": float(grouping_layer.part_share(measured.residual.cpu(), delta).nanmean()),
         }
+        if out["collapsed"]:
+            out["note"] = (
+                f"collapsed: the probes fall in {probe_occupied} and the training examples in {training_occupied} of "
+                f"{g} geometry groups. The grouping was fitted on the first batch (with the probes) and is kept fixed, "
+                "so a group means the same thing over the run; the geometry has moved away from it. Own-group shares "
+                "here compare few groups with themselves: read them with care (a new analyzer with reference_latents= "
+                "refits)"
+            )
         for kind in ("traffic", "net"):
             out[f"{kind}_matrix"] = grouping_layer.average_by_probe_group(mine[kind], probe_groups, g).tolist()
             own = grouping_layer.own_share(mine[kind], probe_groups)
@@ -341,19 +725,23 @@ class GANKernelAnalyzer(TrainerCallback):
                 out[f"{kind}_own_minus_control"] = grouping_layer.measured_minus_control(own, own_control)
         return out
 
-    def _close_window(self, index: int) -> None:
-        window = {name: ledger.since(self._window_start[name]) for name, ledger in self.g_tracker.ledgers.items()}
-        record = self._coupling(window, self._window_groups)
+    def _window_record(self, first: int, last: int, start: dict[str, PathKernelLedger], groups: torch.Tensor) -> dict[str, Any]:
+        window = {name: ledger.since(start[name]) for name, ledger in self.g_tracker.ledgers.items()}
+        record = self._coupling(window, groups, first, last)
         if self.mode_centers is not None and self.coverage:
             record["coverage"] = self.coverage[-1]
-        self.windows.append(record)
+        return record
 
-    def _record_alignment(self, index: int, contributions, change: torch.Tensor) -> None:
+    def _close_window(self, index: int) -> None:
+        self.windows.append(self._window_record(index - self.window + 1, index, self._window_start, self._window_groups))
+
+    def _record_alignment(self, index: int, contributions: StepContributions, change: torch.Tensor) -> None:
         probe = self._probe_state
         predicted = (contributions.contributions.sum(dim=1) + contributions.rest).cpu()
         local = -probe["w"].reshape(probe["w"].shape[0], -1).to(torch.float64).cpu()
         row: dict[str, Any] = {
             "step": index,
+            "loop_step": self.g_loop_steps[-1],
             "cos_local_push": float(cosine(change, local).nanmean()),
             "cos_formula": float(cosine(change, predicted).nanmean()),
             "cos_kernel_field": float(cosine(change, probe["field"].cpu()).nanmean()),
@@ -366,15 +754,27 @@ class GANKernelAnalyzer(TrainerCallback):
             x = probe["x"].reshape(probe["x"].shape[0], -1).to(torch.float64).cpu()
             nearest = self.mode_centers[torch.cdist(x, self.mode_centers).argmin(dim=1)]
             row["cos_nearest_mode"] = float(cosine(change, nearest - x).nanmean())
-            with torch.no_grad(), analysis_mode(self.generator):
-                samples = output_tensor(self.generator(self.coverage_latents)).detach().cpu()
+            with torch.no_grad(), preserved(self._g), analysis_mode(self._g):
+                samples = output_tensor(self._g(self.coverage_latents)).detach().cpu()
             cov = mode_coverage(samples, self.mode_centers, self.mode_std, self.coverage_sigmas)
             cov["step"] = index
+            cov["loop_step"] = self.g_loop_steps[-1]
             self.coverage.append(cov)
         self.alignment.append(row)
         self.fields.append(snapshot)
 
     # -- discriminator -------------------------------------------------------------------------
+    def _discriminator_ids(self, roles: torch.Tensor, inputs: torch.Tensor, real_labels: torch.Tensor | None) -> torch.Tensor:
+        roles = roles.cpu().long()
+        if self.discriminator_groups == "role":
+            return roles
+        k = self.mode_centers.shape[0]
+        x = inputs.detach().reshape(inputs.shape[0], -1).to(torch.float64).cpu()
+        nearest = torch.cdist(x, self.mode_centers).argmin(dim=1)
+        real_mode = nearest if real_labels is None else torch.where(real_labels.cpu() >= 0, real_labels.cpu(), nearest)
+        ids = torch.where(roles == REAL, real_mode, k + nearest)
+        return torch.where(roles == PENALTY, torch.full_like(ids, 2 * k), ids)
+
     def _discriminator_groups(self, step: OptimizerStep) -> torch.Tensor:
         roles = step.info.get("roles")
         if roles is None and isinstance(step.targets, torch.Tensor) and step.targets.dtype == torch.long:
@@ -384,16 +784,7 @@ class GANKernelAnalyzer(TrainerCallback):
                 "discriminator steps need step.info['roles'], a LongTensor[B] with 0 for generated, 1 for real and 2 "
                 "for gradient-penalty examples (GANTrainer sets it)"
             )
-        roles = roles.cpu().long()
-        if self.discriminator_groups == "role":
-            return roles
-        k = self.mode_centers.shape[0]
-        x = step.inputs[0].detach().reshape(step.batch, -1).to(torch.float64).cpu()
-        nearest = torch.cdist(x, self.mode_centers).argmin(dim=1)
-        labels = step.info.get("real_labels")
-        real_mode = nearest if labels is None else torch.where(labels.cpu() >= 0, labels.cpu(), nearest)
-        ids = torch.where(roles == REAL, real_mode, k + nearest)
-        return torch.where(roles == PENALTY, torch.full_like(ids, 2 * k), ids)
+        return self._discriminator_ids(roles, step.inputs[0], step.info.get("real_labels"))
 
     def discriminator_group_labels(self) -> list[str]:
         if self.discriminator_groups == "role":
@@ -401,27 +792,56 @@ class GANKernelAnalyzer(TrainerCallback):
         k = self.mode_centers.shape[0]
         return [f"real m{m}" for m in range(k)] + [f"generated m{m}" for m in range(k)] + ["penalty"]
 
-    def _discriminator_step(self, step: OptimizerStep) -> torch.Tensor:
+    @property
+    def _d_num_groups(self) -> int:
+        return 3 if self.discriminator_groups == "role" else 2 * self.mode_centers.shape[0] + 1
+
+    def _build_discriminator_tracker(self, model, optimizer, loss_fn, max_grad_norm, x, roles, batch, *, wrap_critic) -> None:
+        num = self._d_num_groups
+        self._check_fillable(num, batch, f"discriminator grouping {self.discriminator_groups!r}")
+        if self.discriminator_probes is None:
+            roles = roles.to(x.device)
+            real, generated = x[roles == REAL][:32], x[roles == GENERATED][:32]
+            self.discriminator_probes = torch.cat([real, generated]).detach().clone()
+            if not real.shape[0] or not generated.shape[0]:
+                missing = "real" if not real.shape[0] else "generated"
+                self.notes.append(
+                    f"the discriminator's probes are the first discriminator batch's rows, which held no {missing} rows "
+                    "(real and generated examples in separate micro-batches): pass discriminator_probes= to choose them"
+                )
+        probes = self.discriminator_probes.to(x)
+        if wrap_critic:
+            probes = (probes, torch.full((probes.shape[0],), GENERATED, dtype=torch.long, device=probes.device))
+        self.d_tracker = PathKernelTracker(
+            model, optimizer, loss_fn, probes, num_groups=num, quadrature=self.quadrature, max_grad_norm=max_grad_norm,
+        )
+        if self._pending and self._pending.get("d_tracker") is not None:
+            self.d_tracker.load_state_dict(self._pending["d_tracker"])
+            self._pending["d_tracker"] = None
+        self.d_tracker.listeners.append(self._record_discriminator)
+
+    def _discriminator_step(self, step: OptimizerStep, loop_step: int | None = None) -> torch.Tensor:
         ids = self._discriminator_groups(step)
         if self.d_tracker is None:
-            num = 3 if self.discriminator_groups == "role" else 2 * self.mode_centers.shape[0] + 1
-            self._check_fillable(num, step.batch, f"discriminator grouping {self.discriminator_groups!r}")
-            if self.discriminator_probes is None:
-                x, roles = step.inputs[0], ids if self.discriminator_groups == "role" else step.info["roles"]
-                roles = roles.to(x.device)
-                self.discriminator_probes = torch.cat([x[roles == REAL][:32], x[roles == GENERATED][:32]]).detach().clone()
-            probes = self.discriminator_probes.to(step.inputs[0])
-            if isinstance(step.model, DiscriminatorObjective):
-                probes = (probes, torch.full((probes.shape[0],), GENERATED, dtype=torch.long, device=probes.device))
-            self.d_tracker = PathKernelTracker(
-                step.model, step.optimizer, step.loss_fn, probes, num_groups=num,
-                quadrature=self.quadrature, max_grad_norm=step.max_grad_norm,
-            )
-            if self._pending and self._pending.get("d_tracker") is not None:
-                self.d_tracker.load_state_dict(self._pending["d_tracker"])
-        result = self.d_tracker.track(step, ids.to(step.inputs[0].device))
-        self.d_steps += 1
+            roles = ids if self.discriminator_groups == "role" else step.info["roles"]
+            self._build_discriminator_tracker(step.model, step.optimizer, step.loss_fn, step.max_grad_norm,
+                                              step.inputs[0], roles, step.batch,
+                                              wrap_critic=isinstance(step.model, DiscriminatorObjective))
+        self._d_pending = {"ids": [ids], "loop_step": loop_step}
+        try:
+            result = self.d_tracker.track(step, ids.to(step.inputs[0].device))
+        finally:
+            self._d_pending = None
         return result.losses
+
+    def _record_discriminator(self, result: StepContributions) -> None:
+        """The discriminator tracker's listener (owned and observed steps)."""
+        pending, self._d_pending = self._d_pending or {"ids": [], "loop_step": None}, None
+        self.d_steps += 1
+        ids = torch.cat(pending["ids"]) if pending["ids"] else torch.zeros(0, dtype=torch.long)
+        self.d_group_counts.append(torch.bincount(ids.cpu(), minlength=self._d_num_groups).tolist())
+        loop = pending["loop_step"]
+        self.d_loop_steps.append(int(loop) if loop is not None else self._start_step + self.d_steps)
 
     # -- results -------------------------------------------------------------------------------
     @property
@@ -440,42 +860,88 @@ class GANKernelAnalyzer(TrainerCallback):
         return ledgers[partition]
 
     @property
+    def generator_ema_ledgers(self) -> dict[str, PathKernelLedger]:
+        """The ledgers of the generator's EMA weights (``bind(..., ema=...)``), per partition."""
+        if self.g_tracker is None or self.g_tracker.ema is None:
+            raise RuntimeError("no EMA of the generator is tracked: bind(g_optimizer, ..., ema=ema)")
+        return self.g_tracker.ema_ledgers
+
+    @property
     def discriminator_ledger(self) -> PathKernelLedger:
         """The discriminator's ledger at its probes, grouped by role (or role and mode)."""
         if self.d_tracker is None:
             raise RuntimeError("no discriminator step has been tracked yet (track_discriminator=True and train)")
         return self.d_tracker.ledger
 
+    def _residual_note(self, which: str, ledger: PathKernelLedger) -> str | None:
+        residual = ledger.relative_residual()
+        if not residual > RESIDUAL_NOTE:
+            return None
+        fix = ("quadrature='simpson' makes it orders of magnitude smaller at large steps" if self.quadrature != "simpson"
+               else "the steps are large for this model: shorten them (a smaller learning rate) or track fewer")
+        return f"the {which} ledger's relative residual is {residual:.2g} (quadrature {self.quadrature!r}): {fix}"
+
     def report(self) -> dict[str, Any]:
-        """Everything measured so far, as plain numbers (JSON-ready after float conversion)."""
+        """Everything measured so far as strict JSON (NaN as None), with the loop's step numbers, the
+        windows flagged ``"collapsed"`` where the geometry groups no longer spread, and notes on what
+        the numbers cannot support (a large residual, with the rule that shrinks it)."""
+        notes = list(self.notes)
         out: dict[str, Any] = {"generator_steps": self.g_steps, "discriminator_steps": self.d_steps,
                                "grouping": type(self.grouping).__name__, "group_labels": self.grouping.labels(),
-                               "controls": self.controls}
-        if self.g_tracker is not None:
+                               "controls": self.controls, "start_step": self._start_step,
+                               "loop_steps": {"generator": _span(self.g_loop_steps), "discriminator": _span(self.d_loop_steps)}}
+        if self.g_tracker is not None and self.g_steps:
             ledger = self.generator_ledger()
             shares = ledger.shares()
+            whole = self._coupling(self.g_tracker.ledgers, self._run_groups, 1, self.g_steps)
             out["generator"] = {
                 **ledger.summary(),
+                "loop_steps": _span(self.g_loop_steps),
                 "mean_group_shares": shares.groups.nanmean(dim=0).tolist(),
                 "mean_traffic_shares": ledger.traffic_shares().nanmean(dim=0).tolist(),
                 "rest_share_mean": float(shares.rest.nanmean()),
                 "residual_share_mean": float(shares.residual.nanmean()),
-                "coupling_whole_run": self._coupling(self.g_tracker.ledgers, self._run_groups),
+                "buffer_drift_norm": float(ledger.buffer_drift.norm()),
+                "group_counts_total": torch.tensor(self.g_group_counts).sum(0).tolist(),
+                "coupling_whole_run": whole,
             }
             out["windows"] = self.windows
             out["alignment"] = self.alignment
             out["coverage"] = self.coverage
-        if self.d_tracker is not None:
+            if self.partial_window is not None:
+                out["partial_window"] = self.partial_window
+            notes.append(self._residual_note("generator", ledger))
+            collapsed = [w for w in self.windows if w["collapsed"]]
+            if collapsed:
+                spans = ", ".join(f"{w['loop_steps'][0]}-{w['loop_steps'][1]}" for w in collapsed[:5])
+                notes.append(
+                    f"{len(collapsed)} of {len(self.windows)} windows are collapsed (steps {spans}): their probes or training "
+                    "examples fall in fewer than half the geometry groups. The grouping was fitted on the first batch and "
+                    "is not refitted, so a group keeps its meaning; read those windows' own-group shares with care"
+                )
+            if self.g_tracker.ema is not None:
+                ema = self.generator_ema_ledgers[GEOMETRY]
+                out["generator_ema"] = {**ema.summary(), "decays": list(self.g_tracker.ema.decays)}
+                notes.append(self._residual_note("generator EMA", ema))
+        if self.d_tracker is not None and self.d_steps:
             ledger = self.d_tracker.ledger
             shares = ledger.shares()
             out["discriminator"] = {
                 **ledger.summary(),
+                "loop_steps": _span(self.d_loop_steps),
                 "group_labels": self.discriminator_group_labels(),
                 "mean_group_shares": shares.groups.nanmean(dim=0).tolist(),
                 "mean_traffic_shares": ledger.traffic_shares().nanmean(dim=0).tolist(),
                 "buffer_drift_norm": float(ledger.buffer_drift.norm()),
+                "group_counts_total": torch.tensor(self.d_group_counts).sum(0).tolist(),
             }
-        return out
+            if self.d_tracker.gradient_scales:
+                out["discriminator"]["gradient_scales"] = self.d_tracker.gradient_scales
+            notes.append(self._residual_note("discriminator", ledger))
+        if self.g_tracker is not None and self.g_tracker.gradient_scales and "generator" in out:
+            out["generator"]["gradient_scales"] = self.g_tracker.gradient_scales
+        out["notes"] = [n for n in notes if n]
+        return _jsonable(out)
 
     # -- persistence ---------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -492,10 +958,15 @@ class GANKernelAnalyzer(TrainerCallback):
             "window_start": None if self._window_start is None else {k: v.state_dict() for k, v in self._window_start.items()},
             "window_groups": self._window_groups, "run_groups": self._run_groups,
             "discriminator_probes": self.discriminator_probes,
+            "g_loop_steps": list(self.g_loop_steps), "d_loop_steps": list(self.d_loop_steps),
+            "g_group_counts": list(self.g_group_counts), "d_group_counts": list(self.d_group_counts),
+            "notes": list(self.notes), "start_step": self._start_step, "loss_checked": self._loss_checked,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore a saved analyzer; trackers are rebuilt at the next step of each phase."""
+        """Restore a saved analyzer. Trackers of owned steps are rebuilt at the next step of each
+        phase; a bound analyzer (observe mode) rebuilds its generator tracker now and its
+        discriminator tracker at the next observed discriminator micro-batch."""
         if state.get("format") != FORMAT:
             raise ValueError("not a GANKernelAnalyzer state (made by analyzer.state_dict())")
         mine = {"num_groups": self.num_groups, "controls": self.controls, "grouping": type(self.grouping).__name__}
@@ -512,8 +983,82 @@ class GANKernelAnalyzer(TrainerCallback):
         self._window_start = None if starts is None else {k: PathKernelLedger.from_state_dict(v) for k, v in starts.items()}
         self._window_groups, self._run_groups = state["window_groups"], state["run_groups"]
         self.discriminator_probes = state["discriminator_probes"]
+        self.g_loop_steps, self.d_loop_steps = list(state["g_loop_steps"]), list(state["d_loop_steps"])
+        self.g_group_counts, self.d_group_counts = list(state["g_group_counts"]), list(state["d_group_counts"])
+        self.notes, self._loss_checked = list(state["notes"]), state["loss_checked"]
+        if not self._bound:
+            self._start_step = state["start_step"]
         self._pending = {"g_tracker": state["g_tracker"], "d_tracker": state["d_tracker"]}
+        self._g_pending = self._d_pending = None
+        for tracker in (self.g_tracker, self.d_tracker):
+            if tracker is not None:
+                tracker.close()
         self.g_tracker = self.d_tracker = None
+        if self._bound and self._g_optimizer is not None:
+            self._build_generator_tracker(self._g_optimizer, _ObservedOnly("generator"), math.inf)
+
+
+def _count(trainer: Any, attribute: str) -> int | None:
+    """The trainer's 1-based number of the step about to run (its counter + 1), if it keeps one."""
+    value = getattr(trainer, attribute, None)
+    return value + 1 if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def _cuda(t: torch.Tensor) -> list[int]:
+    return [t.device.index] if t.device.type == "cuda" else []
+
+
+def _check_losses(losses: Any) -> int:
+    if not isinstance(losses, torch.Tensor) or losses.dim() != 1 or losses.numel() == 0:
+        raise ValueError(
+            "losses must be the per-example losses, a non-empty Tensor[B] with its graph (reduction='none'), got "
+            f"{tuple(losses.shape) if isinstance(losses, torch.Tensor) else type(losses).__name__}"
+        )
+    if not losses.requires_grad:
+        raise ValueError("losses carry no graph (detached, or computed under torch.no_grad()): pass them before the backward")
+    return losses.shape[0]
+
+
+def _check_roles(roles: Any, batch: int) -> torch.Tensor:
+    if not isinstance(roles, torch.Tensor) or roles.shape != (batch,) or roles.is_floating_point() or roles.dtype == torch.bool:
+        raise ValueError(
+            f"roles must be a LongTensor[{batch}]: 0 for generated, 1 for real, 2 for gradient-penalty rows, got "
+            f"{getattr(roles, 'dtype', type(roles).__name__)} {tuple(getattr(roles, 'shape', ()))}"
+        )
+    roles = roles.long()
+    if roles.numel() and (int(roles.min()) < 0 or int(roles.max()) > PENALTY):
+        raise ValueError("roles must be 0 (generated), 1 (real) or 2 (gradient penalty)")
+    return roles
+
+
+def _coefficients(weights: torch.Tensor | None, batch: int, like: torch.Tensor) -> torch.Tensor:
+    return (torch.full((batch,), 1.0 / batch) if weights is None else weights.detach()).to(like)
+
+
+def _flat_latents(z: torch.Tensor) -> torch.Tensor:
+    """Latents flattened per example, ``[B, k]`` (what groupings see)."""
+    return z.reshape(z.shape[0], -1)
+
+
+def _span(steps: list[int]) -> list[int] | None:
+    return [steps[0], steps[-1]] if steps else None
+
+
+def _jsonable(value: Any) -> Any:
+    """Strict JSON: tensors to lists, non-finite floats to None."""
+    if isinstance(value, torch.Tensor):
+        return _jsonable(value.tolist())
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, bool) or value is None or isinstance(value, (int, str)):
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if hasattr(value, "item"):  # numpy / torch scalars
+        return _jsonable(value.item())
+    return value
 
 
 __all__ = ["GANKernelAnalyzer"]

@@ -1,6 +1,7 @@
 """Figures of the GAN analyzer (matplotlib; every function draws on a given ``Axes``).
 
-Inputs are plain tensors / lists from :class:`genkernel.gan.GANKernelAnalyzer` and its ``report()``.
+Inputs are plain tensors / lists from :class:`genkernel.gan.GANKernelAnalyzer` and its ``report()``
+(strict JSON: a None entry, how the report writes NaN, is drawn as a gap).
 """
 
 from __future__ import annotations
@@ -88,7 +89,7 @@ def plot_alignment(ax, alignment: list[dict], *, title="alignment of each step's
     ]
     for key, label, color in series:
         if key in alignment[0]:
-            ax.plot(steps, [row[key] for row in alignment], label=label, color=color, lw=1.2)
+            ax.plot(steps, _np([row[key] for row in alignment]), label=label, color=color, lw=1.2)
     ax.axhline(0, color="0.7", lw=0.6)
     ax.set_ylim(-1.05, 1.05)
     ax.set_xlabel("generator step", fontsize=7)
@@ -105,11 +106,11 @@ def plot_coverage_and_coupling(ax, coverage: list[dict], windows: list[dict], *,
         ax.plot(steps, [c["modes_hit"] / c["num_modes"] for c in coverage], color="tab:green", label="modes hit (fraction)")
         ax.plot(steps, [c["quality_share"] for c in coverage], color="tab:olive", label="samples within 3σ of a mode")
     if windows and "traffic_own_minus_control" in windows[0]:
-        mids = [0.5 * (w["steps"][0] + w["steps"][1]) for w in windows]
+        mids = _np([0.5 * (w["steps"][0] + w["steps"][1]) for w in windows])
         d = [w["traffic_own_minus_control"] for w in windows]
-        mean = [x["difference"] for x in d]
-        low, high = [x["interval"][0] for x in d], [x["interval"][1] for x in d]
-        ax.errorbar(mids, mean, yerr=[[m - lo for m, lo in zip(mean, low)], [hi - m for m, hi in zip(mean, high)]],
+        mean = _np([x["difference"] for x in d])
+        interval = _np([x["interval"] if x.get("interval") is not None else [None, None] for x in d]).reshape(-1, 2)
+        ax.errorbar(mids, mean, yerr=[mean - interval[:, 0], interval[:, 1] - mean],
                     fmt="o-", color="tab:purple", ms=3, lw=1, label="own-group traffic − control")
     ax.axhline(0, color="0.7", lw=0.6)
     ax.set_xlabel("generator step", fontsize=7)
