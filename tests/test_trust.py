@@ -243,7 +243,7 @@ def test_a_fault_at_any_stage_rolls_the_step_back(stage, group_state, monkeypatc
     class Fault(RuntimeError):
         pass
 
-    first_pass = "graph_gradients" if tracker.route.uses_graph(8) else "gradients"
+    first_pass = "graph_gradients" if tracker.route.uses_graph() else "gradients"
     target = {"gradients": (tracker.route, first_pass), "split": (tracker.splitter, "split"),
               "contributions": (tracker.route, "contributions"), "probe_forward": (tracker, "_probe_outputs")}[stage]
     original = getattr(*target)

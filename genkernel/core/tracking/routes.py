@@ -155,7 +155,7 @@ class GroupStateRoute:
         """The rows the splitter keeps: every partition's groups (dense) or their total."""
         return ALL_GROUPS
 
-    def uses_graph(self, batch: int) -> bool:
+    def uses_graph(self) -> bool:
         """Whether step 1 takes the group gradients from the training step's own graph
         (:meth:`graph_gradients`, before the backward) rather than from a second pass (:meth:`gradients`)."""
         return False
@@ -207,8 +207,11 @@ class DenseRoute(GroupStateRoute):
     Group gradients (``gradient_route``): "graph" takes them from the training step's own graph
     (R backward passes, no second forward: exact with BatchNorm's batch statistics and dropout's
     masks); "example" and "factored" from per-example gradients of a second, analysis-mode pass
-    (cost ∝ B, whatever R; examples must be independent); "auto" takes "graph" when 2 R <= B or the
-    model couples examples in training mode, else "example".
+    (cost ∝ B, whatever R; examples must be independent); "auto" takes "graph" when the model
+    couples examples in training mode (or there is one row), else "example": measured on the tiny
+    UNet (B = 32, 2 CPU cores), the vmapped per-example gradients cost about two bare steps at any
+    R, the graph's R backward passes grow with R and already cost more at R = 2
+    (``recipes/benchmarks/diffusion.py`` times the analyzer with either).
     """
 
     name = "dense"
@@ -223,10 +226,10 @@ class DenseRoute(GroupStateRoute):
     def splitter_partitions(self) -> Partitions:
         return self.model.partitions
 
-    def uses_graph(self, batch: int) -> bool:
+    def uses_graph(self) -> bool:
         if self.gradient_route != "auto":
             return self.gradient_route == "graph"
-        return 2 * self.model.partitions.total <= batch or bool(coupled_modules(self.model.module))
+        return self.model.partitions.total <= 1 or bool(coupled_modules(self.model.module))
 
     def _membership(self, ids, coefficients) -> torch.Tensor:
         partitions = self.model.partitions

@@ -265,7 +265,7 @@ class PathKernelTracker:
         with analysis_mode(self.module):
             self.cost = estimate_cost(
                 self.module, optimizer, self.probes, outputs=f_start.shape[1], rows=self.partitions.total,
-                group_state=self.group_state, gradient_route=getattr(self.route, "gradient_route", "factored"),
+                group_state=self.group_state, gradient_route="graph" if self.route.uses_graph() else "example",
                 contribution_route=self.route.contribution_route, quadrature_nodes=len(self.rule.nodes),
                 state_dtype=state_dtype, memory_budget=self.memory_budget, sketch_dim=sketch_dim,
             )
@@ -292,7 +292,7 @@ class PathKernelTracker:
         ]
         self.listeners: list = []  # callables given every recorded StepContributions
         self.gradient_scales: list[dict[str, float]] = []  # observed steps: real gradient / observed sum
-        if not self.route.uses_graph(self.partitions.total * 2):
+        if not self.route.uses_graph():
             check_per_example_safe(self.module, route=f"group_state={self.group_state!r}")
 
     @property
@@ -396,7 +396,7 @@ class PathKernelTracker:
         ).to(torch.float64)
         try:
             # 1. ĝ_{k,g} = Σ_{n ∈ g} c_n ∇ℓ_n at θ_k (from the step's own graph, or a second pass).
-            if self.route.uses_graph(step.batch):
+            if self.route.uses_graph():
                 box: dict[str, Any] = {}
                 losses = step.compute_gradients(
                     lambda graph_losses: box.update(grads=self.route.graph_gradients(graph_losses, ids, coefficients))
@@ -668,7 +668,7 @@ class PathKernelTracker:
         self._check_precision()
         if self.ema is not None:
             self.ema.sync(self.ledger.steps)  # the EMA's update after the previous step
-        if self.route.uses_graph(max(self.partitions.total * 2, 1)):
+        if self.route.uses_graph():
             check_analysis_safe(self.module)
         else:
             check_per_example_safe(self.module, route=f"group_state={self.group_state!r}")
