@@ -15,7 +15,9 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from genkernel import TrainerCallback
-from genkernel.diffusion import DDPMTrainer, MLPDenoiser, NoiseLevelAnalyzer, make_scheduler, retrieval_attribution, reverse_sample
+from genkernel.diffusion import (
+    DDPMTrainer, MLPDenoiser, NoiseLevelAnalyzer, make_scheduler, retrieval_attribution, reverse_sample,
+)
 
 T = 100
 F64 = torch.float64
@@ -92,7 +94,6 @@ def test_a_dataloader_trains_as_the_same_tensor_data_in_the_same_order():
         trainer.train(6)
         assert params_equal(trainer.model, reference.model), form
         assert trainer.losses == reference.losses, form
-    assert trainer._epoch == 1 and trainer._batches_in_epoch == 2
 
 
 def test_a_loader_seeded_through_its_generator_resumes_to_the_same_batch_order(tmp_path):
@@ -228,8 +229,9 @@ def test_ddim_sampling_with_eta_zero_is_the_deterministic_ddim_chain():
             x = prev ** 0.5 * x0 + (1 - prev) ** 0.5 * eps
     torch.testing.assert_close(samples, x, rtol=1e-10, atol=1e-10)
     # deterministic given the initial noise: the same seed gives the same samples, with eta = 0 said or not
-    again, _ = reverse_sample(model, scheduler, (5, 2), sampler=DDIMScheduler.from_config(scheduler.config), num_inference_steps=10,
-                              seed=4, step_kwargs={"eta": 0.0})
+    instance = DDIMScheduler.from_config(scheduler.config)
+    again, _ = reverse_sample(model, scheduler, (5, 2), sampler=instance, num_inference_steps=10, seed=4,
+                              step_kwargs={"eta": 0.0})
     assert torch.equal(again, samples)
     stochastic, _ = reverse_sample(model, scheduler, (5, 2), sampler=DDIMScheduler, num_inference_steps=10, seed=4,
                                    step_kwargs={"eta": 1.0})
@@ -238,7 +240,8 @@ def test_ddim_sampling_with_eta_zero_is_the_deterministic_ddim_chain():
     ddpm, _ = reverse_sample(model, scheduler, (5, 2), num_inference_steps=10, seed=4)
     assert not torch.allclose(ddpm, samples)
     with pytest.raises(ValueError, match="noise schedule"):
-        reverse_sample(model, scheduler, (5, 2), sampler=DDIMScheduler(num_train_timesteps=T, beta_schedule="squaredcos_cap_v2"))
+        other = DDIMScheduler(num_train_timesteps=T, beta_schedule="squaredcos_cap_v2")
+        reverse_sample(model, scheduler, (5, 2), sampler=other)
     with pytest.raises(TypeError, match="diffusers scheduler"):
         reverse_sample(model, scheduler, (5, 2), sampler=torch.optim.SGD)
 

@@ -241,12 +241,13 @@ class DDPMTrainer:
                 f"data is an iterator ({type(data).__name__}), which cannot restart for the next epoch: pass the "
                 "DataLoader (or a list of batches) itself"
             )
-        for name, value, default in (("labels", labels, None), ("batch_size", batch_size, None), ("shuffle", self.shuffle, True)):
-            if value is not default:
-                raise ValueError(
-                    f"{name}= is for Tensor data: with a DataLoader the batches carry their labels (a tuple's second "
-                    "element, a dict's 'class_labels') and the loader sets the batch size and the order"
-                )
+        given = [name for name, value in (("labels", labels), ("batch_size", batch_size)) if value is not None]
+        given += [] if self.shuffle else ["shuffle"]
+        if given:
+            raise ValueError(
+                f"{given[0]}= is for Tensor data: with a DataLoader the batches carry their labels (a "
+                "tuple's second element, a dict's 'class_labels') and the loader sets the batch size and the order"
+            )
         self.data = data
         self.labels = None
         self.batch_size = getattr(data, "batch_size", None)
@@ -353,7 +354,8 @@ class DDPMTrainer:
         if "labels" in batch:
             info["class_labels"] = batch["labels"]
         return OptimizerStep(
-            self.model, self.optimizer, diffusion_loss, inputs, batch["target"], max_grad_norm=self.max_grad_norm, info=info,
+            self.model, self.optimizer, diffusion_loss, inputs, batch["target"], max_grad_norm=self.max_grad_norm,
+            info=info,
         )
 
     def train_step(self) -> float:
