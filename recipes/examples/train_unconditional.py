@@ -1,0 +1,310 @@
+"""diffusers' unconditional image training example, with genkernel's noise-level analyzer attached.
+
+The flow is that of diffusers' ``examples/unconditional_image_generation/train_unconditional.py``:
+an ``Accelerator`` with gradient accumulation, a ``UNet2DModel`` trained as a DDPM denoiser
+(``DDPMScheduler``), AdamW with a warm-up learning-rate schedule (``get_scheduler``), an
+``EMAModel`` of the weights stepped after each optimizer step, ``accelerator.accumulate``,
+``accelerator.backward``, global-norm clipping at 1.0, and the pipeline saved at the end.
+What differs from upstream, so that it runs offline and small:
+
+- the images come from a torchvision ``ImageFolder`` (upstream: ``datasets.load_dataset("imagefolder")``);
+- no hub, trackers, checkpoints or sample images;
+- ``--unet tiny`` (the default) builds a small UNet for tests and CPUs, ``--unet upstream`` upstream's
+  (for ``--resolution`` 64), and ``--max_train_steps`` stops early;
+- the loss is computed per example (``reduction="none"``, averaged over the pixels only); the loss
+  trained is their mean, upstream's loss;
+- the attention layers' key biases are frozen, with or without the analyzer: softmax ignores a bias
+  added to every key, so their gradient is zero but for rounding, which Adam turns into steps that
+  the ledger's check refuses; freezing them changes no function the UNet computes;
+- the lines marked ``# genkernel`` attach :class:`~genkernel.diffusion.NoiseLevelAnalyzer`
+  (DESIGN.md section 2, "Observing a loop the user owns"): it observes the per-example losses
+  before the backward, and the loop's own ``optimizer.step()`` records every step, following the
+  accumulation and the clipping exactly. Training is bit-for-bit the same with ``--no-analyze``.
+
+Run from the repository root::
+
+    python -m recipes.examples.train_unconditional --train_data_dir DIR --output_dir OUT --resolution 16 --use_ema
+
+``DIR`` is an ``ImageFolder`` (one sub-folder of images per class). Writes
+``OUT/genkernel_report.json`` (``analyzer.report()`` as strict JSON; with ``--use_ema`` its
+``"ema"`` section is the ledger of the EMA weights) and the pipeline (``save_pretrained``).
+The analyzer refuses mixed precision (the ledger must reproduce each update exactly): train with
+``--mixed_precision no``, or use ``--no-analyze`` with fp16/bf16.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json  # genkernel
+import math
+import os
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
+from diffusers.optimization import get_scheduler
+from diffusers.training_utils import EMAModel
+from torchvision import transforms
+from torchvision.datasets import ImageFolder
+from tqdm.auto import tqdm
+
+from genkernel.diffusion import NoiseLevelAnalyzer, freeze_attention_key_biases  # genkernel
+
+UNETS = {
+    # upstream's architecture (for 64×64 images)
+    "upstream": {
+        "layers_per_block": 2,
+        "block_out_channels": (128, 128, 256, 256, 512, 512),
+        "down_block_types": ("DownBlock2D",) * 4 + ("AttnDownBlock2D", "DownBlock2D"),
+        "up_block_types": ("UpBlock2D", "AttnUpBlock2D") + ("UpBlock2D",) * 4,
+    },
+    # the same kinds of blocks (attention included), small enough for tests on a CPU
+    "tiny": {
+        "layers_per_block": 1,
+        "block_out_channels": (8, 16),
+        "norm_num_groups": 4,
+        "down_block_types": ("DownBlock2D", "AttnDownBlock2D"),
+        "up_block_types": ("AttnUpBlock2D", "UpBlock2D"),
+    },
+}
+
+
+def _extract_into_tensor(arr, timesteps, broadcast_shape):
+    """Values of ``arr`` at ``timesteps``, broadcast to ``broadcast_shape`` (as upstream)."""
+    if not isinstance(arr, torch.Tensor):
+        arr = torch.from_numpy(arr)
+    res = arr[timesteps].float().to(timesteps.device)
+    while len(res.shape) < len(broadcast_shape):
+        res = res[..., None]
+    return res.expand(broadcast_shape)
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """The command line (upstream's argument names) as an ``argparse.Namespace``."""
+    parser = argparse.ArgumentParser(description="diffusers' unconditional training example with genkernel's analyzer.")
+    parser.add_argument("--train_data_dir", type=str, required=True,
+                        help="an ImageFolder: a folder with one sub-folder of images per class")
+    parser.add_argument("--model_config_name_or_path", type=str, default=None,
+                        help="a local UNet2DModel config (file or folder); overrides --unet")
+    parser.add_argument("--unet", choices=sorted(UNETS), default="tiny", help="the UNet's size (default tiny)")
+    parser.add_argument("--output_dir", type=str, default="ddpm-model")
+    parser.add_argument("--resolution", type=int, default=16)
+    parser.add_argument("--center_crop", action="store_true")
+    parser.add_argument("--random_flip", action="store_true")
+    parser.add_argument("--train_batch_size", type=int, default=8)
+    parser.add_argument("--dataloader_num_workers", type=int, default=0)
+    parser.add_argument("--num_epochs", type=int, default=1)
+    parser.add_argument("--max_train_steps", type=int, default=None, help="stop after this many optimizer steps")
+    parser.add_argument("--gradient_accumulation_steps", type=int, default=1)
+    parser.add_argument("--learning_rate", type=float, default=1e-4)
+    parser.add_argument("--lr_scheduler", type=str, default="cosine")
+    parser.add_argument("--lr_warmup_steps", type=int, default=5)
+    parser.add_argument("--adam_beta1", type=float, default=0.95)
+    parser.add_argument("--adam_beta2", type=float, default=0.999)
+    parser.add_argument("--adam_weight_decay", type=float, default=1e-6)
+    parser.add_argument("--adam_epsilon", type=float, default=1e-08)
+    parser.add_argument("--use_ema", action="store_true")
+    parser.add_argument("--ema_inv_gamma", type=float, default=1.0)
+    parser.add_argument("--ema_power", type=float, default=3 / 4)
+    parser.add_argument("--ema_max_decay", type=float, default=0.9999)
+    parser.add_argument("--mixed_precision", type=str, default="no", choices=["no", "fp16", "bf16"])
+    parser.add_argument("--prediction_type", type=str, default="epsilon", choices=["epsilon", "sample"])
+    parser.add_argument("--ddpm_num_steps", type=int, default=1000)
+    parser.add_argument("--ddpm_beta_schedule", type=str, default="linear")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--analyze", action=argparse.BooleanOptionalAction, default=True,
+                        help="keep genkernel's noise-level ledger (default on)")  # genkernel
+    parser.add_argument("--num_bins", type=int, default=10, help="training-timestep bins (groups)")  # genkernel
+    parser.add_argument("--num_probes", type=int, default=16, help="probe (image, noise level) pairs")  # genkernel
+    parser.add_argument("--controls", type=int, default=1, help="label-permutation controls")  # genkernel
+    args = parser.parse_args(None if argv is None else list(argv))
+    if args.max_train_steps is not None and args.max_train_steps < 1:
+        raise ValueError(f"--max_train_steps must be at least 1, got {args.max_train_steps}")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    """Train; returns ``{"model": the trained UNet, "ema_model": EMAModel or None, "analyzer":
+    NoiseLevelAnalyzer or None, "global_step": optimizer steps made}``."""
+    args = parse_args(argv)
+    accelerator = Accelerator(
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        mixed_precision=args.mixed_precision,
+    )
+    set_seed(args.seed)
+    if accelerator.is_main_process:
+        os.makedirs(args.output_dir, exist_ok=True)
+
+    # Initialize the model
+    if args.model_config_name_or_path is None:
+        model = UNet2DModel(sample_size=args.resolution, in_channels=3, out_channels=3, **UNETS[args.unet])
+    else:
+        model = UNet2DModel.from_config(UNet2DModel.load_config(args.model_config_name_or_path))
+    freeze_attention_key_biases(model)  # genkernel: zero gradient but for rounding, which Adam would turn into steps
+
+    # Create EMA for the model.
+    if args.use_ema:
+        ema_model = EMAModel(
+            model.parameters(),
+            decay=args.ema_max_decay,
+            use_ema_warmup=True,
+            inv_gamma=args.ema_inv_gamma,
+            power=args.ema_power,
+            model_cls=UNet2DModel,
+            model_config=model.config,
+        )
+
+    weight_dtype = torch.float32
+    if accelerator.mixed_precision == "fp16":
+        weight_dtype = torch.float16
+    elif accelerator.mixed_precision == "bf16":
+        weight_dtype = torch.bfloat16
+
+    # Initialize the scheduler
+    noise_scheduler = DDPMScheduler(
+        num_train_timesteps=args.ddpm_num_steps,
+        beta_schedule=args.ddpm_beta_schedule,
+        prediction_type=args.prediction_type,
+    )
+
+    # Initialize the optimizer
+    optimizer = torch.optim.AdamW(
+        [p for p in model.parameters() if p.requires_grad],  # genkernel: without the frozen key biases
+        lr=args.learning_rate,
+        betas=(args.adam_beta1, args.adam_beta2),
+        weight_decay=args.adam_weight_decay,
+        eps=args.adam_epsilon,
+    )
+
+    # Preprocessing the datasets and DataLoaders creation.
+    augmentations = transforms.Compose(
+        [
+            transforms.Resize(args.resolution, interpolation=transforms.InterpolationMode.BILINEAR),
+            transforms.CenterCrop(args.resolution) if args.center_crop else transforms.RandomCrop(args.resolution),
+            transforms.RandomHorizontalFlip() if args.random_flip else transforms.Lambda(lambda x: x),
+            transforms.ToTensor(),
+            transforms.Normalize([0.5], [0.5]),
+        ]
+    )
+    dataset = ImageFolder(args.train_data_dir, transform=augmentations)
+    train_dataloader = torch.utils.data.DataLoader(
+        dataset, batch_size=args.train_batch_size, shuffle=True, num_workers=args.dataloader_num_workers
+    )
+
+    # Initialize the learning rate scheduler
+    lr_scheduler = get_scheduler(
+        args.lr_scheduler,
+        optimizer=optimizer,
+        num_warmup_steps=args.lr_warmup_steps * args.gradient_accumulation_steps,
+        num_training_steps=(len(train_dataloader) * args.num_epochs),
+    )
+
+    # Prepare everything with our `accelerator`.
+    model, optimizer, train_dataloader, lr_scheduler = accelerator.prepare(
+        model, optimizer, train_dataloader, lr_scheduler
+    )
+    if args.use_ema:
+        ema_model.to(accelerator.device)
+
+    analyzer = None  # genkernel: the noise-level ledger; probes are dataset images without random augmentations
+    if args.analyze:  # genkernel
+        probe_set = ImageFolder(args.train_data_dir, transform=transforms.Compose([transforms.Resize(args.resolution),
+            transforms.CenterCrop(args.resolution), transforms.ToTensor(), transforms.Normalize([0.5], [0.5])]))
+        rows = torch.linspace(0, len(probe_set) - 1, min(len(probe_set), args.num_probes)).long().tolist()
+        analyzer = NoiseLevelAnalyzer(noise_scheduler, torch.stack([probe_set[i][0] for i in rows]), num_bins=args.num_bins,
+                                      num_probes=args.num_probes, controls=args.controls, kernel_sketch=8, seed=args.seed)
+        analyzer.bind(model, optimizer, ema=ema_model if args.use_ema else None)
+
+    num_update_steps_per_epoch = math.ceil(len(train_dataloader) / args.gradient_accumulation_steps)
+    max_train_steps = args.max_train_steps or args.num_epochs * num_update_steps_per_epoch
+    global_step = 0
+
+    # Train!
+    for epoch in range(args.num_epochs):
+        model.train()
+        progress_bar = tqdm(total=num_update_steps_per_epoch, disable=not accelerator.is_local_main_process)
+        progress_bar.set_description(f"Epoch {epoch}")
+        for batch in train_dataloader:
+            clean_images = batch[0].to(weight_dtype)
+            # Sample noise that we'll add to the images
+            noise = torch.randn(clean_images.shape, dtype=weight_dtype, device=clean_images.device)
+            bsz = clean_images.shape[0]
+            # Sample a random timestep for each image
+            timesteps = torch.randint(
+                0, noise_scheduler.config.num_train_timesteps, (bsz,), device=clean_images.device
+            ).long()
+
+            # Add noise to the clean images according to the noise magnitude at each timestep
+            # (this is the forward diffusion process)
+            noisy_images = noise_scheduler.add_noise(clean_images, noise, timesteps)
+
+            with accelerator.accumulate(model):
+                # Predict the noise residual
+                model_output = model(noisy_images, timesteps).sample
+
+                # per-example losses (mean over the pixels only); the loss is their mean, as upstream's
+                if args.prediction_type == "epsilon":
+                    losses = F.mse_loss(model_output.float(), noise.float(), reduction="none").mean(dim=(1, 2, 3))
+                else:
+                    alpha_t = _extract_into_tensor(
+                        noise_scheduler.alphas_cumprod, timesteps, (clean_images.shape[0], 1, 1, 1)
+                    )
+                    snr_weights = alpha_t / (1 - alpha_t)
+                    # use SNR weighting from distillation paper
+                    losses = (snr_weights * F.mse_loss(model_output.float(), clean_images.float(), reduction="none"))
+                    losses = losses.mean(dim=(1, 2, 3))
+                if analyzer is not None:  # genkernel
+                    analyzer.observe(losses, timesteps)  # genkernel: before the backward
+                loss = losses.mean()
+
+                accelerator.backward(loss)
+
+                if accelerator.sync_gradients:
+                    accelerator.clip_grad_norm_(model.parameters(), 1.0)
+                optimizer.step()
+                lr_scheduler.step()
+                optimizer.zero_grad()
+
+            # Checks if the accelerator has performed an optimization step behind the scenes
+            if accelerator.sync_gradients:
+                if args.use_ema:
+                    ema_model.step(model.parameters())
+                progress_bar.update(1)
+                global_step += 1
+
+            logs = {"loss": loss.detach().item(), "lr": lr_scheduler.get_last_lr()[0], "step": global_step}
+            if args.use_ema:
+                logs["ema_decay"] = ema_model.cur_decay_value
+            progress_bar.set_postfix(**logs)
+            if global_step >= max_train_steps:
+                break
+        progress_bar.close()
+        accelerator.wait_for_everyone()
+        if global_step >= max_train_steps:
+            break
+
+    if analyzer is not None:  # genkernel: the kernel structure at the final weights, then the report
+        analyzer.finish()
+        with open(os.path.join(args.output_dir, "genkernel_report.json"), "w") as file:
+            file.write(json.dumps(analyzer.report(), allow_nan=False, indent=1))  # strict JSON: no NaN, no Infinity
+
+    # Save the pipeline (with the EMA weights, as upstream)
+    unet = accelerator.unwrap_model(model)
+    if accelerator.is_main_process:
+        if args.use_ema:
+            ema_model.store(unet.parameters())
+            ema_model.copy_to(unet.parameters())
+        DDPMPipeline(unet=unet, scheduler=noise_scheduler).save_pretrained(args.output_dir)
+        if args.use_ema:
+            ema_model.restore(unet.parameters())
+
+    accelerator.end_training()
+    return {"model": unet, "ema_model": ema_model if args.use_ema else None, "analyzer": analyzer,
+            "global_step": global_step}
+
+
+if __name__ == "__main__":
+    main()
