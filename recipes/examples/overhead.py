@@ -1,0 +1,108 @@
+"""Wall time per optimizer step of the diffusers example, with the analyzer against without it.
+
+Runs :mod:`recipes.examples.train_unconditional` on one tiny ``ImageFolder`` (random 16×16 RGB
+images written to a temporary folder, unless ``--train_data_dir`` names one), alternating
+``--analyze`` and ``--no-analyze`` runs (interleaved repeats, each pair in alternating order, so a
+change in the machine's load hits both). Every optimizer step is timed by a global
+optimizer-step post hook: the time between the ends of consecutive steps covers everything a step
+costs (the micro-batches' forward, the analyzer's ``observe``, the backward, the optimizer, the EMA
+and the analyzer's work in its step hooks), and leaves out the set-up and the kernel structure at
+the start and the end, which are reported apart as the rest of the run's wall time.
+
+    python -m recipes.examples.overhead [--repeats 3] [--steps 12] [--threads 1] [--out FILE] [-- SCRIPT ARGS]
+
+Arguments after ``--`` go to the training script (e.g. ``-- --num_bins 4 --controls 0``).
+Prints every run and the ratio of seconds per step (analyzed / bare): the median over repeats
+of the paired ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.optim.optimizer import register_optimizer_step_post_hook
+
+from .train_unconditional import main as train
+
+SETTINGS = ["--resolution", "16", "--train_batch_size", "4", "--gradient_accumulation_steps", "2", "--use_ema"]
+
+
+def write_images(root: Path, count: int = 32, size: int = 16, seed: int = 0) -> Path:
+    """Write ``count`` random RGB ``size``×``size`` PNGs into two class folders of ``root``; returns ``root``."""
+    rng = np.random.default_rng(seed)
+    for i in range(count):
+        folder = root / f"class_{i % 2}"
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    return root
+
+
+def timed_run(argv: Sequence[str]) -> dict[str, Any]:
+    """Run the training script once. Returns ``{"steps", "seconds_per_step" (mean time between the
+    ends of consecutive optimizer steps), "other_s" (the rest of the wall time), "total_s"}``."""
+    ends: list[float] = []
+    handle = register_optimizer_step_post_hook(lambda optimizer, args, kwargs: ends.append(time.perf_counter()))
+    start = time.perf_counter()
+    try:
+        train(argv)
+    finally:
+        handle.remove()
+    total = time.perf_counter() - start
+    if len(ends) < 3:
+        raise ValueError(f"only {len(ends)} optimizer steps: give --steps >= 3 so that step times can be measured")
+    per_step = (ends[-1] - ends[0]) / (len(ends) - 1)
+    return {"steps": len(ends), "seconds_per_step": per_step, "other_s": total - per_step * (len(ends) - 1),
+            "total_s": total}
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    """Measure; returns (and prints) the runs and the ratio of seconds per step."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=3, help="pairs of runs (default 3)")
+    parser.add_argument("--steps", type=int, default=12, help="optimizer steps per run (default 12)")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
+    parser.add_argument("--train_data_dir", default=None, help="an ImageFolder (default: 32 random 16×16 images)")
+    parser.add_argument("--out", default=None, help="also write the results as JSON here")
+    parser.add_argument("script_args", nargs=argparse.REMAINDER, help="after --: arguments of the training script")
+    args = parser.parse_args(argv)
+    if args.repeats < 1 or args.steps < 3:
+        raise ValueError(f"need --repeats >= 1 and --steps >= 3, got {args.repeats} and {args.steps}")
+    extra = [a for a in args.script_args if a != "--"]
+    torch.set_num_threads(args.threads)
+    runs: dict[str, list[dict[str, Any]]] = {"analyze": [], "no-analyze": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        data = args.train_data_dir or str(write_images(Path(tmp) / "images"))
+        base = ["--train_data_dir", data, "--output_dir", str(Path(tmp) / "out"), *SETTINGS,
+                "--num_epochs", "1000", "--max_train_steps", str(args.steps), *extra]
+        for repeat in range(args.repeats):
+            order = ("no-analyze", "analyze") if repeat % 2 == 0 else ("analyze", "no-analyze")
+            for mode in order:
+                result = timed_run([*base, f"--{mode}"])
+                runs[mode].append(result)
+                print(f"repeat {repeat} {mode:>10}: {result['seconds_per_step']:.4f} s/step over {result['steps']} steps, "
+                      f"{result['other_s']:.1f} s besides the steps", flush=True)
+    ratios = [a["seconds_per_step"] / b["seconds_per_step"] for a, b in zip(runs["analyze"], runs["no-analyze"])]
+    summary = {
+        "settings": {"script_args": [*SETTINGS, *extra], "steps": args.steps, "repeats": args.repeats,
+                     "threads": args.threads, "device": "cuda" if torch.cuda.is_available() else "cpu"},
+        "runs": runs,
+        "ratios": ratios,
+        "ratio_median": statistics.median(ratios),
+    }
+    print(f"seconds per optimizer step, analyzed / bare: {summary['ratio_median']:.2f} (median of {ratios})")
+    if args.out:
+        Path(args.out).write_text(json.dumps(summary, indent=1, allow_nan=False))
+    return summary
+
+
+if __name__ == "__main__":
+    main()
