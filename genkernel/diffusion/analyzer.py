@@ -84,6 +84,8 @@ from .objectives import (
 __all__ = ["NoiseLevelAnalyzer"]
 
 FORMAT = "genkernel.NoiseLevelAnalyzer/2"
+AUTO_EXACT_OUTPUTS = 64  # kernel_sketch="auto": exact up to this many outputs per state
+AUTO_SKETCH_DIRECTIONS = 8
 LEVEL = "level"
 LEVEL_CLASS = "level_class"
 WEIGHTS = ("model", "ema")
@@ -111,7 +113,9 @@ class NoiseLevelAnalyzer(TrainerCallback):
         kernel_every: compute the kernel structure every this many tracked steps (0: only when
             tracking starts and at ``on_train_end``).
         kernel_points: clean inputs n used for the kernel structure (n × G states).
-        kernel_sketch: None for the exact kernel, or V output directions (images: 8–16).
+        kernel_sketch: "auto" (the exact kernel for at most 64 outputs per state, else 8 output
+            directions: an image's exact kernel needs one backward pass per pixel), None for the
+            exact kernel, or V output directions.
         seed: seeds probe noise, the control permutations and kernel sketches (private
             generators; the global RNG is untouched).
         memory_budget: bytes of per-example gradients held at once by the tracker.
@@ -144,7 +148,7 @@ class NoiseLevelAnalyzer(TrainerCallback):
         snapshot_every: int = 5,
         kernel_every: int = 0,
         kernel_points: int = 8,
-        kernel_sketch: int | None = None,
+        kernel_sketch: int | str | None = "auto",
         seed: int = 0,
         memory_budget: int = 256 * 2**20,
         probe_conditioning: torch.Tensor | tuple[torch.Tensor, ...] | None = None,
@@ -489,9 +493,13 @@ class NoiseLevelAnalyzer(TrainerCallback):
         states = make_states(self.scheduler, self.kernel_clean.to(param), self.kernel_noise.to(param), all_levels)
         levels = all_levels.numel()
         states = (*states, *(c.to(param.device).repeat_interleave(levels, dim=0) for c in self.kernel_conditioning))
-        kernel = state_kernel(model, states, output_sketch=self.kernel_sketch, seed=self.seed, memory_budget=self.memory_budget)
+        sketch = self.kernel_sketch
+        if sketch == "auto":
+            sketch = None if self.kernel_clean[0].numel() <= AUTO_EXACT_OUTPUTS else AUTO_SKETCH_DIRECTIONS
+        kernel = state_kernel(model, states, output_sketch=sketch, seed=self.seed, memory_budget=self.memory_budget,
+                              progress=self.progress)
         summary = kernel_locality(kernel.cpu(), self.kernel_clean.shape[0], torch.arange(self.num_bins), self.band, seed=self.seed)
-        return {"sketch": self.kernel_sketch, **summary}
+        return {"sketch": sketch, **summary}
 
     def record_kernel(self) -> dict[str, Any]:
         """:meth:`kernel_structure` at the current θ, appended to ``kernel_history``."""
