@@ -173,7 +173,7 @@ def assert_identity(ledger, atol=1e-12):
 # observed = owned, identities, bit-for-bit training
 # ------------------------------------------------------------------------------------------
 def test_an_observed_loop_keeps_the_ledgers_of_the_owned_path():
-    data = batches(4)
+    data = batches(3)
     G, D = nets()
     g_opt, d_opt = optimizers(G, D)
     observed = analyzer_for(G, D)
@@ -187,7 +187,7 @@ def test_an_observed_loop_keeps_the_ledgers_of_the_owned_path():
     pairs = [(observed.generator_ledger(p), owned.generator_ledger(p)) for p in ("geometry", "control_0")]
     pairs.append((observed.discriminator_ledger, owned.discriminator_ledger))
     for a, b in pairs:
-        assert a.steps == b.steps == 4
+        assert a.steps == b.steps == 3
         scale = float(b.contributions.abs().max())
         assert scale > 0
         for field in ("contributions", "residual", "traffic", "f_end"):
@@ -210,7 +210,7 @@ def test_an_observed_loop_keeps_the_ledgers_of_the_owned_path():
     for a, b in zip(observed.fields, owned.fields):
         for key in ("x", "w", "field"):
             torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-12 * float(b[key].abs().max()), msg=key)
-    assert len(observed.alignment) == len(owned.alignment) == 4
+    assert len(observed.alignment) == len(owned.alignment) == 3
     for x, y in zip(observed.alignment[1:], owned.alignment[1:]):
         assert x.keys() == y.keys()
         for key in x:
