@@ -16,43 +16,91 @@ against the torch.func reference (``gradient_kernel(..., engine="functional")``)
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
 from typing import Iterator
 
 import torch
 from torch import nn
 
-from ..adapter import Batch, analysis_mode, as_tuple, batch_size, check_memory_budget, flat_output
-from .factors import DEFAULT_MEMORY_BUDGET, Plan, Unfactorable, capture, covering_plan, output_cotangents
+from ..adapter import Batch, as_tuple, batch_size, check_memory_budget, flat_output
+from .factors import (
+    DEFAULT_MEMORY_BUDGET, Plan, Unfactorable, _dense_is_cheaper, analysis, capture, covering_plan, output_cotangents,
+)
 from .reference import jacobian_pair_kernel, jacobian_self_kernel, per_example_jacobian, split_columns
 
 
 # ---------------------------------------------------------------------------------------------
 # 1. Chunk sizes from a memory budget.
 # ---------------------------------------------------------------------------------------------
-def _probe_sizes(model: nn.Module, plan: Plan, inputs: tuple[torch.Tensor, ...]) -> tuple[int, int, int]:
-    """Per-example element counts: (activation factors, output-gradient factors per cotangent,
-    all module outputs) from a forward pass on one example."""
+@dataclass
+class _Sizes:
+    """Per-example element counts of one forward pass (:func:`_probe_sizes`)."""
+
+    a: int = 0  # activation factors in the outer form (unfolded convolution patches)
+    g: int = 0  # output-gradient factors per cotangent
+    act: int = 0  # outputs of every module, containers included
+    leaf_act: int = 0  # outputs of modules without children (what the graph keeps, about)
+    xhat: int = 0  # normalized inputs of norm blocks (recorded in the forward)
+    blocks: dict = field(default_factory=dict)  # block index -> [T, I, O, P_block] (linear/conv), summed over calls
+
+    def compact_factors(self, plan: Plan, c: int) -> int:
+        """Elements of the compact form (:func:`~genkernel.core.engine.factors.capture` with
+        ``compact=True``) per example with c cotangents."""
+        total = 0
+        for index, block in enumerate(plan.blocks):
+            if index not in self.blocks:
+                continue
+            t, i, o, p = self.blocks[index]
+            if block.kind in ("linear", "conv"):
+                total += c * p if _dense_is_cheaper(t, i, o, c) else t * i + c * t * o
+            elif block.kind == "embedding":
+                total += t + c * t * o
+            else:
+                total += c * p
+        return total
+
+
+def _probe_sizes(model: nn.Module, plan: Plan, inputs: tuple[torch.Tensor, ...]) -> _Sizes:
+    """Per-example element counts (:class:`_Sizes`) from a forward pass on one example."""
     one = tuple(t[:1] for t in inputs)
-    sizes = {"a": 0, "g": 0, "act": 0}
-    block_modules = {id(b.module): b for b in plan.blocks}
+    sizes = _Sizes()
+    block_index = {id(b.module): i for i, b in enumerate(plan.blocks)}
+    leaves = {id(m) for m in model.modules() if next(m.children(), None) is None}
     handles = []
 
     def hook(module, args, output):
-        if isinstance(output, torch.Tensor):
-            sizes["act"] += output.numel()
-            block = block_modules.get(id(module))
-            if block is not None:
-                if block.kind == "norm":
-                    sizes["g"] += output.numel() + sum(p.numel() for p in module.parameters(recurse=False))
-                    sizes["a"] += output.numel()
-                elif block.kind == "conv":
-                    k = math.prod(module.kernel_size) * module.in_channels + 1
-                    positions = output[0, 0].numel()
-                    sizes["a"] += positions * k
-                    sizes["g"] += output.numel()
-                else:
-                    sizes["a"] += args[0].numel() + output.numel() // max(output.shape[-1], 1)
-                    sizes["g"] += output.numel()
+        if not isinstance(output, torch.Tensor):
+            return
+        sizes.act += output.numel()
+        if id(module) in leaves:
+            sizes.leaf_act += output.numel()
+        index = block_index.get(id(module))
+        if index is None:
+            return
+        block = plan.blocks[index]
+        numel = sum(block.parameter(n).numel() for n in block.names)
+        # I as the compact form counts it: weight columns (when trainable) and a bias column
+        i = (0 if block.weight is None else module.weight[0].numel()) + (block.bias is not None)
+        if block.kind == "norm":
+            sizes.g += output.numel() + numel
+            sizes.a += output.numel()
+            sizes.xhat += output.numel()
+            t, o = 1, 1
+        elif block.kind == "conv":
+            t, o = output[0, 0].numel(), output.shape[1]
+            sizes.a += t * (math.prod(module.kernel_size) * module.in_channels + 1)
+            sizes.g += output.numel()
+        elif block.kind == "linear":
+            o = output.shape[-1]
+            t = output.numel() // max(o, 1)
+            sizes.a += args[0].numel() + t
+            sizes.g += output.numel()
+        else:  # embedding
+            t, i, o = args[0].numel(), 1, output.shape[-1]
+            sizes.a += args[0].numel() + output.numel() // max(output.shape[-1], 1)
+            sizes.g += output.numel()
+        old = sizes.blocks.get(index, [0, i, o, numel])
+        sizes.blocks[index] = [old[0] + t, i, o, numel]
 
     for module in model.modules():
         handles.append(module.register_forward_hook(hook))
@@ -62,21 +110,32 @@ def _probe_sizes(model: nn.Module, plan: Plan, inputs: tuple[torch.Tensor, ...])
     finally:
         for handle in handles:
             handle.remove()
-    return sizes["a"], sizes["g"], sizes["act"]
+    return sizes
 
 
 def chunk_sizes(
-    model: nn.Module, plan: Plan, inputs: tuple[torch.Tensor, ...], d: int, rows_total: int, memory_budget: int, held: int = 2
+    model: nn.Module, plan: Plan, inputs: tuple[torch.Tensor, ...], d: int, rows_total: int, memory_budget: int, held: int = 2,
+    compact: bool = False,
 ) -> tuple[int, int]:
-    """(rows per chunk, cotangents per chunk) keeping ``held`` chunks of factors in the budget."""
+    """(rows per chunk, cotangents per chunk) keeping ``held`` chunks of factors in the budget.
+
+    ``compact``: the captures keep the compact form (the kernel's): per block the smaller of
+    the factors and the per-example gradients, and no unfolded patches. The graph is counted as
+    2 copies of every leaf module's output plus c output gradients of that size (measured peak
+    of a compact capture: 0.30 MiB per example on the benchmark's convnet and 2.5 MiB on its
+    UNet, against 0.57 and 4.5 MiB counted). Otherwise the outer form's factors, and the graph
+    as about 4 copies of every module output plus c output gradients."""
     memory_budget = check_memory_budget(memory_budget)
     itemsize = next(iter(plan.params.values())).element_size()
-    a_size, g_size, act = _probe_sizes(model, plan, inputs)
+    sizes = _probe_sizes(model, plan, inputs)
     fb = sum(p.numel() for p in plan.fallback.values())
 
     def per_example(c: int) -> int:
-        # factors + the graph (about 4 copies of every activation, clones included) + c output gradients, + fallback Jacobians
-        return itemsize * (a_size + c * g_size + 4 * act + c * act + 2 * d * fb)
+        if compact:
+            graph = sizes.compact_factors(plan, c) + sizes.xhat + (2 + c) * sizes.leaf_act
+        else:  # factors + the graph (about 4 copies of every activation) + c output gradients
+            graph = sizes.a + c * sizes.g + 4 * sizes.act + c * sizes.act
+        return itemsize * (graph + 2 * d * fb)  # + fallback Jacobians
 
     c = d
     while c > 1 and memory_budget // (held * per_example(c)) < min(rows_total, 8):
@@ -93,9 +152,18 @@ def row_chunks(model: nn.Module, plan: Plan, inputs: tuple[torch.Tensor, ...], d
 
 
 def chunks(n: int, size: int) -> Iterator[slice]:
-    """Consecutive slices of at most ``size`` rows covering ``range(n)``."""
-    for start in range(0, n, size):
-        yield slice(start, min(start + size, n))
+    """Consecutive slices of at most ``size`` rows covering ``range(n)``, as few as that allows
+    and of equal sizes (within one row): 256 rows at 236 per chunk are two chunks of 128, not
+    236 + 20 (each chunk repeats the fixed costs of a pass)."""
+    if n <= 0:
+        return
+    count = -(-n // max(size, 1))
+    base, extra = divmod(n, count)
+    start = 0
+    for k in range(count):
+        stop = start + base + (k < extra)
+        yield slice(start, stop)
+        start = stop
 
 
 def fallback_jacobian(model: nn.Module, plan: Plan):
@@ -116,7 +184,8 @@ def factored_gradient_kernel(
     reduce: str = "trace",
     memory_budget: int = DEFAULT_MEMORY_BUDGET,
     d: int | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    diagonals: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """Gradient kernel from captured factors (unnormalized) and both diagonals.
 
     Args:
@@ -124,6 +193,7 @@ def factored_gradient_kernel(
         x1, x2: M and N inputs (``x2=None``: x1 against itself).
         reduce: ``"trace"`` or ``"none"``.
         memory_budget: bytes of captured factors (and the graph they come from) held at once.
+        diagonals: also compute k(x, x) and k(x', x') (what normalizing needs); False: None.
 
     Returns:
         ``(kernel, diag1, diag2)``: ``[M, N]`` and ``[M]``, ``[N]`` for ``"trace"``;
@@ -145,39 +215,51 @@ def factored_gradient_kernel(
     """
     excluded: set[str] = set()
     xs1 = as_tuple(x1, name="x1")
-    while True:
-        plan = covering_plan(model, xs1, excluded)
-        try:
-            return _factored_kernel(model, x1, x2, reduce=reduce, memory_budget=memory_budget, d=d, plan=plan)
-        except Unfactorable as error:
-            excluded.add(error.module_name)
+    with analysis(model):
+        while True:
+            plan = covering_plan(model, xs1, excluded)
+            try:
+                kernel, diag1, diag2 = _factored_kernel(model, x1, x2, reduce=reduce, memory_budget=memory_budget, d=d,
+                                                        plan=plan, diagonals=diagonals)
+            except Unfactorable as error:
+                excluded.add(error.module_name)
+                continue
+            return (kernel, diag1, diag2) if diagonals else (kernel, None, None)
 
 
-def _held_kernel(model, plan, xs1, xs2, m_total, n_total, reduce, memory_budget, d, jac_fb):
+def _held_kernel(model, plan, xs1, xs2, m_total, n_total, reduce, memory_budget, d, jac_fb, rows, c, diagonals=True):
     """The kernel with one side's factors held: x2 (x1 when symmetric) is captured once and kept
     in compact form, x1 is streamed past it in chunks, so every example is captured once.
-    Returns ``(kernel, diag1, diag2)``, or None when the held side would take more than half of
-    ``memory_budget`` (the caller then recomputes factors per pair of row chunks). Captures are
-    sized to the other half."""
-    rows, c = chunk_sizes(model, plan, xs1, d, max(m_total, n_total), memory_budget, held=2)
+    Returns ``(kernel, diag1, diag2)`` (diagonals None unless ``diagonals``), or None when the
+    held side would take more than half of ``memory_budget`` (the caller then recomputes factors
+    per pair of row chunks). Captures are sized to the other half (``rows`` examples, all d
+    outputs: ``c == d``, else None).
+
+    Both sides are captured in compact form (:func:`~genkernel.core.engine.factors.capture`):
+    per block the cheaper of the factored form and per-example gradients materialized straight
+    from the recorded layouts, so a layer with many positions (a convolution) costs one grouped
+    convolution backward per chunk and one matmul per pair of chunks."""
     if c < d:
         return None
     held_xs, held_total = (xs1, m_total) if xs2 is None else (xs2, n_total)
 
     def side_chunk(xs, r):
         batch = tuple(t[r] for t in xs)
-        factors, _ = capture(model, plan, batch, output_cotangents(list(range(d))))
-        return [f.compact() for f in factors], (None if jac_fb is None else jac_fb(*batch).detach())
+        factors, _ = capture(model, plan, batch, output_cotangents(list(range(d))), compact=True)
+        return factors, (None if jac_fb is None else jac_fb(*batch).detach())
 
-    # 1. The held side, chunk by chunk into preallocated storage (no concatenated copy).
+    # 1. The held side: one capture, or chunk by chunk into preallocated storage.
     held, held_fb = None, None
-    for r in chunks(held_total, rows):
+    held_chunks = list(chunks(held_total, rows))
+    for r in held_chunks:
         factors, fb = side_chunk(held_xs, r)
+        chunk_bytes = sum(f.nbytes for f in factors) + (0 if fb is None else fb.numel() * fb.element_size())
+        if held is None and chunk_bytes / (r.stop - r.start) * held_total > memory_budget // 2:
+            return None
+        if len(held_chunks) == 1:
+            held, held_fb = factors, fb
+            break
         if held is None:
-            chunk_bytes = sum(f.nbytes for f in factors) + (0 if fb is None else fb.numel() * fb.element_size())
-            per_example = chunk_bytes / (r.stop - r.start)
-            if per_example * held_total > memory_budget // 2:
-                return None
             held = [f.allocate(held_total) for f in factors]
             held_fb = None if fb is None else fb.new_empty((held_total, *fb.shape[1:]))
         for target, f in zip(held, factors):
@@ -191,21 +273,26 @@ def _held_kernel(model, plan, xs1, xs2, m_total, n_total, reduce, memory_budget,
     first = held[0].g
     kernel = torch.zeros(shape, dtype=first.dtype, device=first.device)
     diag_shape = () if reduce == "trace" else (d,)
-    diag1 = torch.zeros((m_total, *diag_shape), dtype=first.dtype, device=first.device)
+    diag1 = torch.zeros((m_total, *diag_shape), dtype=first.dtype, device=first.device) if diagonals else None
     for r in chunks(m_total, rows):
         if xs2 is None:
-            factors, fb = [f.select(r) for f in held], (None if held_fb is None else held_fb[r])
+            whole = r.start == 0 and r.stop == m_total
+            factors = held if whole else [f.select(r) for f in held]
+            fb = None if held_fb is None else held_fb[r]
         else:
             factors, fb = side_chunk(xs1, r)
         for f1, f2 in zip(factors, held):
             if f1.is_unused:
                 continue
-            kernel[r] += f1.pair_kernel(f2, reduce, memory_budget)
-            diag1[r] += f1.self_kernel(reduce)
+            f1.add_pair_kernel(kernel[r], f2, reduce, memory_budget)
+            if diagonals:
+                diag1[r] += f1.self_kernel(reduce)
         if fb is not None:
             kernel[r] += jacobian_pair_kernel(fb, held_fb, reduce)
-            diag1[r] += jacobian_self_kernel(fb, reduce)
-    if xs2 is None:
+            if diagonals:
+                diag1[r] += jacobian_self_kernel(fb, reduce)
+        del factors, fb
+    if xs2 is None or not diagonals:
         return kernel, diag1, diag1
     diag2 = sum(f.self_kernel(reduce) for f in held if not f.is_unused)
     if held_fb is not None:
@@ -222,18 +309,18 @@ def _factored_kernel(
     memory_budget: int = DEFAULT_MEMORY_BUDGET,
     d: int | None = None,
     plan: Plan,
+    diagonals: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     xs1 = as_tuple(x1, name="x1")
     xs2 = xs1 if x2 is None else as_tuple(x2, name="x2")
     m_total, n_total = batch_size(xs1, name="x1"), batch_size(xs2, name="x2")
     first = next(iter(plan.params.values()))
     if d is None:
-        with torch.no_grad(), analysis_mode(model):
+        with torch.no_grad(), analysis(model):
             d = flat_output(model(*(t[:1] for t in xs1)), 1).shape[1]
-    with analysis_mode(model):
-        rows, c = chunk_sizes(model, plan, xs1, d, max(m_total, n_total), memory_budget, held=2)
-    if reduce == "none":
-        c = d
+    with analysis(model):
+        rows, c_fit = chunk_sizes(model, plan, xs1, d, max(m_total, n_total), memory_budget, held=2, compact=True)
+    c = d if reduce == "none" else c_fit
     out_chunks = [list(range(s.start, s.stop)) for s in chunks(d, c)]
     shape = (m_total, n_total) if reduce == "trace" else (m_total, n_total, d, d)
     kernel = torch.zeros(shape, dtype=first.dtype, device=first.device)
@@ -243,9 +330,10 @@ def _factored_kernel(
     jac_fb = fallback_jacobian(model, plan)
     symmetric = x2 is None
 
-    with analysis_mode(model):
+    with analysis(model):
         # 2. When one side's factors fit, capture each side once (no recomputation per pair).
-        held = _held_kernel(model, plan, xs1, None if symmetric else xs2, m_total, n_total, reduce, memory_budget, d, jac_fb)
+        held = _held_kernel(model, plan, xs1, None if symmetric else xs2, m_total, n_total, reduce, memory_budget, d, jac_fb,
+                            rows, c_fit, diagonals)
         if held is not None:
             return held
 
@@ -261,7 +349,7 @@ def _factored_kernel(
                 first_pair = r2.start == 0 or (symmetric and same)
                 # 2.-3. Factored blocks, per chunk of outputs.
                 for outs in out_chunks:
-                    factors, _ = capture(model, plan, batch, output_cotangents(outs))
+                    factors, _ = capture(model, plan, batch, output_cotangents(outs), compact=True)
                     for f in factors:
                         if f.is_unused:
                             continue

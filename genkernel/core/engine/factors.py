@@ -29,16 +29,38 @@ left to the fallback.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 from dataclasses import dataclass, field
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd.graph import get_gradient_edge
 
 from ..adapter import analysis_mode, batch_size, call_with, flat_output, output_tensor, trainable_parameters
 
 DEFAULT_MEMORY_BUDGET = 512 * 2**20
+
+_IN_ANALYSIS: contextvars.ContextVar[frozenset] = contextvars.ContextVar("genkernel_in_analysis", default=frozenset())
+
+
+@contextlib.contextmanager
+def analysis(model: nn.Module) -> Iterator[None]:
+    """:func:`~genkernel.core.adapter.analysis_mode`, entered once per model: inside it, nested
+    ``analysis(model)`` calls cost nothing. (Entering walks every module twice; on a small
+    UNet2DModel, 130 modules, that is 10-20 ms, and one kernel call entered it ten times.)"""
+    inside = _IN_ANALYSIS.get()
+    if id(model) in inside:
+        yield
+        return
+    with analysis_mode(model):
+        token = _IN_ANALYSIS.set(inside | {id(model)})
+        try:
+            yield
+        finally:
+            _IN_ANALYSIS.reset(token)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -154,9 +176,10 @@ def covering_plan(model: nn.Module, inputs: tuple[torch.Tensor, ...], exclude: I
     head through ``F.linear(h, emb.weight)``, any functional use) would silently lose that part of
     its gradient. The check is the gradient-sum identity on the first two examples: for a random
     cotangent E, Σ_n ∂⟨E_n, f(x_n)⟩/∂θ read from the factors must equal autograd's gradient of
-    ⟨E, f(x)⟩ with respect to the parameter (relative 1e-9 in float64, 1e-4 in float32). Modules
-    that do not keep the batch on dimension 0 move to the fallback too. Cost: two forward and
-    backward passes on two examples.
+    ⟨E, f(x)⟩ with respect to the parameter, per block (relative to the block's gradient norm:
+    1e-9 in float64, 1e-4 in float32). Modules
+    that do not keep the batch on dimension 0 move to the fallback too. Cost: one forward and
+    one backward pass on two examples.
     """
     exclude = set(exclude)
     sample = tuple(t[:2] for t in inputs)
@@ -165,7 +188,7 @@ def covering_plan(model: nn.Module, inputs: tuple[torch.Tensor, ...], exclude: I
         if not plan.blocks:
             return plan
         try:
-            with analysis_mode(model):
+            with analysis(model):
                 uncovered = _uncovered_blocks(model, plan, sample)
         except Unfactorable as error:
             exclude.add(error.module_name)
@@ -176,32 +199,34 @@ def covering_plan(model: nn.Module, inputs: tuple[torch.Tensor, ...], exclude: I
 
 
 def _uncovered_blocks(model: nn.Module, plan: Plan, sample: tuple[torch.Tensor, ...]) -> list[str]:
-    """Names of the blocks whose factors miss part of their parameters' gradient on ``sample``."""
+    """Names of the blocks whose factors miss part of their parameters' gradient on ``sample``
+    (one forward with hooks, one backward for both the block outputs and the parameters)."""
     generator = torch.Generator().manual_seed(0)
-    box: dict[str, torch.Tensor] = {}
-
-    def cotangent(raw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if "E" not in box:
-            box["E"] = torch.randn(raw.shape, generator=generator, dtype=torch.float64).to(raw)
-        return raw, box["E"][None]
-
-    factors, _ = capture(model, plan, sample, cotangent)
+    records, raw, out = _recorded_forward(model, plan, sample)
+    E = torch.randn(raw.shape, generator=generator, dtype=torch.float64).to(raw)
     params = [p for block in plan.blocks for p in (block.parameter(n) for n in block.names)]
+    edges = [edge for calls in records.values() for _, edge, _ in calls]
     with torch.enable_grad():
-        raw = output_tensor(model(*sample))
-        true = torch.autograd.grad((raw * box["E"]).sum(), params, allow_unused=True)
-    true_by_id = {id(p): g for p, g in zip(params, true)}
+        grads = torch.autograd.grad((raw * E).sum(), edges + params, allow_unused=True)
+    factors = _assemble(plan, records, [None if g is None else g.unsqueeze(0) for g in grads[: len(edges)]], 1, out)
+    true_by_id = {id(p): g for p, g in zip(params, grads[len(edges):])}
     uncovered = []
     for f in factors:
+        # One tolerance per block, relative to the block's whole gradient: a parameter whose
+        # gradient is zero in exact arithmetic (the bias of attention keys: softmax ignores a
+        # shift shared by all keys) has rounding noise on both sides, which no relative test
+        # on that parameter alone can pass.
+        gap2 = ref2 = tot2 = 0.0
         for name, total in f.totals().items():
             p = f.block.parameter(name)
             reference = true_by_id[id(p)]
             reference = torch.zeros_like(total) if reference is None else reference.to(torch.float64)
-            gap = float((total - reference).norm())
-            scale = float(reference.norm() + total.norm())
-            if gap > COVERAGE_RTOL.get(p.dtype, 1e-3) * scale + torch.finfo(torch.float64).tiny:
-                uncovered.append(f.block.name)
-                break
+            gap2 += float((total - reference).norm()) ** 2
+            ref2 += float(reference.norm()) ** 2
+            tot2 += float(total.norm()) ** 2
+        rtol = COVERAGE_RTOL.get(f.block.parameter(f.block.names[0]).dtype, 1e-3)
+        if gap2**0.5 > rtol * (ref2**0.5 + tot2**0.5) + torch.finfo(torch.float64).tiny:
+            uncovered.append(f.block.name)
     return uncovered
 
 
@@ -302,21 +327,18 @@ class Factors:
     def compact(self) -> "Factors":
         """The cheaper form for pair kernels: per-example gradients Σ_t g_t a_tᵀ where a pair
         costs less materialized (c·I·O) than in the T² factored form (T²·(I + c·O))."""
-        if self.kind == "outer" and self.a.shape[1] > 1:
-            c, _, t, o = self.g.shape
-            i = self.a.shape[2]
-            if t * t * (i + c * o) > c * i * o:
-                return Factors(self.block, "dense", None, self.as_dense())
+        if self.kind == "outer" and _dense_is_cheaper(self.a.shape[1], self.a.shape[2], self.g.shape[3], self.g.shape[0]):
+            return Factors(self.block, "dense", None, self.as_dense())
         return self
 
     # -- gradients --------------------------------------------------------------------------
     def as_dense(self) -> torch.Tensor:
-        """Per-example gradients ``[c, B, P_block]`` of the block (materialized)."""
+        """Per-example gradients ``[c, B, P_block]`` of the block (materialized; weight columns,
+        then bias)."""
         if self.kind == "dense":
             return self.g
         if self.kind == "outer":
-            c, b = self.g.shape[:2]
-            return torch.einsum("cbto,bti->cboi", self.g, self.a).reshape(c, b, -1)
+            return _dense_from_calls(self.block, [(self.a, self.g)], outer=True)
         raise TypeError("embedding factors are never materialized")
 
     def gradients(self, names: Iterable[str] | None = None) -> dict[str, torch.Tensor]:
@@ -419,6 +441,15 @@ class Factors:
             per = torch.einsum("bts,cbto,cbso->cb", s, f.g, f.g)
         return per.sum(0) if reduce == "trace" else per.T
 
+    def add_pair_kernel(self, out: torch.Tensor, other: "Factors", reduce: str, budget: int = DEFAULT_MEMORY_BUDGET) -> None:
+        """``out += self.pair_kernel(other, reduce, budget)``, in place (one matmul per
+        cotangent for materialized blocks, with no temporary kernel); returns nothing."""
+        if reduce == "trace" and self.kind == "dense" and other.kind == "dense":
+            for k in range(self.g.shape[0]):
+                out.addmm_(self.g[k], other.g[k].T)
+            return
+        out += self.pair_kernel(other, reduce, budget)
+
     def pair_kernel(self, other: "Factors", reduce: str, budget: int = DEFAULT_MEMORY_BUDGET) -> torch.Tensor:
         """The block's kernel between these factors and ``other``'s.
 
@@ -433,18 +464,19 @@ class Factors:
             # One matmul per cotangent (pair): an einsum would copy both sides into a [B, c·P] layout.
             if reduce == "trace":
                 return sum(d1[k] @ d2[k].T for k in range(d1.shape[0]))
-            out = d1.new_empty((d1.shape[1], d2.shape[1], d1.shape[0], d2.shape[0]))
-            for k in range(d1.shape[0]):
-                for q in range(d2.shape[0]):
-                    out[:, :, k, q] = d1[k] @ d2[q].T
-            return out
+            (c1, m, p), (c2, n) = d1.shape, d2.shape[:2]  # every (k, q) pair in one matmul
+            return (d1.reshape(c1 * m, p) @ d2.reshape(c2 * n, p).T).view(c1, m, c2, n).permute(1, 3, 0, 2)
         # Factored: S ⊙ (g g'ᵀ), summed over positions.
         if f1.a.shape[1] == 1 and f2.a.shape[1] == 1 and f1.kind == "outer":
             s = f1.a[:, 0] @ f2.a[:, 0].T  # [m, n]
-            if reduce == "trace":
-                gg = torch.einsum("cbo,ceo->be", f1.g[:, :, 0], f2.g[:, :, 0])
-                return s * gg
-            return s[:, :, None, None] * torch.einsum("cbo,deo->becd", f1.g[:, :, 0], f2.g[:, :, 0])
+            g1, g2 = f1.g[:, :, 0], f2.g[:, :, 0]  # [c, m, O], [c', n, O]
+            (c1, m, o), (c2, n) = g1.shape, g2.shape[:2]
+            if reduce == "trace":  # Σ_c g_c g'_cᵀ as one matmul over (c, O)
+                if c1 == 1:
+                    return s.mul_(g1[0] @ g2[0].T)
+                return s.mul_(g1.transpose(0, 1).reshape(m, c1 * o) @ g2.transpose(0, 1).reshape(n, c2 * o).T)
+            gg = (g1.reshape(c1 * m, o) @ g2.reshape(c2 * n, o).T).view(c1, m, c2, n).permute(1, 3, 0, 2)
+            return s[:, :, None, None] * gg
         if f1.kind == "embedding":
             s = (f1.a[:, None, :, None] == f2.a[None, :, None, :]).to(f1.g.dtype)
         else:
@@ -480,47 +512,113 @@ def _prefer_dense(f1: Factors, f2: Factors, budget: int) -> bool:
 # ---------------------------------------------------------------------------------------------
 # 3. Capture: one forward with hooks, one output-batched backward.
 # ---------------------------------------------------------------------------------------------
-def _pad_conv_input(module: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...]]:
-    """Zero-pad a conv input explicitly (string paddings included); returns (x, kernel)."""
+def _conv2d_call(module: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, tuple, tuple, tuple, tuple]:
+    """A convolution's call as a 2-D one: ``(x [B, C, H, W], kernel, stride, padding, dilation)``.
+
+    Conv1d becomes a Conv2d of height 1; string paddings become numbers ("same" puts the extra
+    element on the right, as PyTorch does: such an input is zero-padded here, explicitly)."""
     dims = x.dim() - 2
-    kernel = tuple(module.kernel_size)
+    kernel, stride, dilation = tuple(module.kernel_size), tuple(module.stride), tuple(module.dilation)
     if isinstance(module.padding, str):
         if module.padding == "valid":
             pads = [(0, 0)] * dims
-        else:  # "same": PyTorch puts the extra element on the right
-            pads = []
-            for k, dil in zip(kernel, module.dilation):
-                total = dil * (k - 1)
-                pads.append((total // 2, total - total // 2))
+        else:
+            pads = [(dil * (k - 1) // 2, dil * (k - 1) - dil * (k - 1) // 2) for k, dil in zip(kernel, dilation)]
     else:
         pads = [(p, p) for p in module.padding]
-    flat = [v for pair in reversed(pads) for v in pair]
-    return (F.pad(x, flat) if any(flat) else x), kernel
+    if any(lo != hi for lo, hi in pads):
+        x = F.pad(x, [v for pair in reversed(pads) for v in pair])
+        pads = [(0, 0)] * dims
+    padding = tuple(lo for lo, _ in pads)
+    if dims == 1:
+        return x.unsqueeze(2), (1, *kernel), (1, *stride), (0, *padding), (1, *dilation)
+    return x, kernel, stride, padding, dilation
+
+
+def _unfold(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The patches of a convolution's input, ``[B, I·k, T]`` (F.unfold's own layout)."""
+    x, kernel, stride, padding, dilation = _conv2d_call(module, x)
+    return F.unfold(x, kernel, dilation=dilation, padding=padding, stride=stride)
+
+
+# Per-example weight gradients of a convolution: a grouped convolution's weight gradient (the B
+# examples as B groups: no unfolded copy of the input) or unfolded patches and one batched matmul.
+# Both are exact; which is faster depends on the backend (measured on 2 CPU cores: see
+# _conv_weight_by_groups).
+def _conv_weight_by_groups(module: nn.Module, x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """Σ_t g_t a_tᵀ of every example by one grouped convolution backward: ``g [B, O, *spatial]``
+    -> ``[B, O·I·k]``."""
+    x, kernel, stride, padding, dilation = _conv2d_call(module, x)
+    b, ch = x.shape[:2]
+    g = g.unsqueeze(2) if g.dim() == 3 else g  # Conv1d: height 1
+    o = g.shape[1]
+    weight = x.new_empty(()).expand(b * o, ch, *kernel)
+    grad = torch.ops.aten.convolution_backward(
+        g.reshape(1, b * o, *g.shape[2:]), x.reshape(1, b * ch, *x.shape[2:]), weight, None,
+        list(stride), list(padding), list(dilation), False, [0, 0], b, [False, True, False],
+    )[1]
+    return grad.reshape(b, -1)
+
+
+def _conv_weight_by_unfold(module: nn.Module, x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """The same from unfolded patches: ``g [B, O, *spatial]`` -> ``[B, O·I·k]``."""
+    a = _unfold(module, x)  # [B, I·k, T]
+    return torch.bmm(g.reshape(g.shape[0], g.shape[1], -1), a.transpose(1, 2)).reshape(g.shape[0], -1)
+
+
+def _dense_from_calls(block: Block, calls: list[tuple[torch.Tensor, torch.Tensor]], outer: bool = False) -> torch.Tensor:
+    """Per-example gradients ``[c, B, P_block]`` (weight columns, then bias) of a linear or
+    convolutional block, materialized from its calls' raw activations and output gradients
+    (Linear: ``a [B, T, I]``, ``g [c, B, T, O]``; Conv: the input, ``g [c, B, O, *spatial]``;
+    ``outer``: the outer form's ``a [B, T, I]`` with its bias column, which
+    :meth:`Factors.parameter_scaled` may have scaled)."""
+    module = block.module
+    linear = outer or block.kind == "linear"
+    weight = bias = None
+    for x, g in calls:
+        c, b = g.shape[:2]
+        column = None
+        if outer and block.bias is not None:
+            x, column = x[..., :-1], x[..., -1]
+        if block.weight is not None:
+            if not linear:
+                w = torch.stack([_conv_weight(module, x, g[k]) for k in range(c)]) if c > 1 else _conv_weight(module, x, g[0])[None]
+            elif c == 1:
+                w = torch.bmm(g[0].transpose(1, 2), x).reshape(1, b, -1)
+            else:
+                w = torch.einsum("cbto,bti->cboi", g, x).reshape(c, b, -1)
+            weight = w if weight is None else weight + w
+        if block.bias is not None:
+            if column is not None:
+                s = torch.einsum("cbto,bt->cbo", g, column)
+            else:
+                s = g.sum(dim=2) if linear else g.reshape(c, b, g.shape[2], -1).sum(dim=3)
+            bias = s if bias is None else bias + s
+    parts = [p for p in (weight, bias) if p is not None]
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)
+
+
+def _conv_weight(module: nn.Module, x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    return _conv_weight_by_groups(module, x, g)
+
+
+def _dense_is_cheaper(t: int, i: int, o: int, c: int) -> bool:
+    """Whether a pair costs less materialized (c·I·O) than in the T² factored form (T²·(I + c·O))."""
+    return t > 1 and t * t * (i + c * o) > c * i * o
 
 
 def _activation(block: Block, inputs: tuple, batch: int) -> torch.Tensor:
-    """Per-example activation factor of one call: ``[B, T, I]`` (or indices, or x̂)."""
+    """Per-example activation of one call, as the hook records it: ``[B, T, I]`` (Linear), the
+    input itself (Conv: unfolded or differentiated after the backward), indices, or x̂."""
     module = block.module
     x = inputs[0]
     if not isinstance(x, torch.Tensor) or x.dim() == 0 or x.shape[0] != batch:
         raise Unfactorable(block.name, "its input does not keep the batch on dimension 0")
     x = x.detach()
-    if block.kind in ("linear", "conv"):
-        if block.kind == "linear":
-            a = x.reshape(batch, -1, x.shape[-1])
-        else:
-            xp, kernel = _pad_conv_input(module, x)
-            if x.dim() == 3:  # Conv1d as a Conv2d of height 1
-                xp = xp.unsqueeze(2)
-                kernel, dilation, stride = (1, kernel[0]), (1, module.dilation[0]), (1, module.stride[0])
-            else:
-                dilation, stride = tuple(module.dilation), tuple(module.stride)
-            a = F.unfold(xp, kernel, dilation=dilation, stride=stride).transpose(1, 2)  # [B, T, I·k]
-        if block.weight is None:
-            a = a.new_zeros((*a.shape[:2], 0))
-        if block.bias is not None:
-            a = torch.cat([a, a.new_ones((*a.shape[:2], 1))], dim=2)
-        return a
+    if block.kind == "linear":
+        return x.reshape(batch, -1, x.shape[-1])
+    if block.kind == "conv":
+        return x
     if block.kind == "embedding":
         return x.reshape(batch, -1).clone()
     # norm: the normalized input x̂
@@ -529,23 +627,51 @@ def _activation(block: Block, inputs: tuple, batch: int) -> torch.Tensor:
     return F.layer_norm(x, module.normalized_shape, None, None, module.eps)
 
 
-def _block_factors(block: Block, calls: list[tuple[torch.Tensor, torch.Tensor]], batch: int) -> Factors:
-    """Combine the calls of one block (a module used several times adds positions)."""
+def _outer_activation(block: Block, x: torch.Tensor) -> torch.Tensor:
+    """``a [B, T, I]`` of the outer form from a recorded activation, with a trailing column of
+    ones when the block has a bias."""
+    a = _unfold(block.module, x).transpose(1, 2) if block.kind == "conv" else x
+    if block.weight is None:
+        a = a.new_zeros((*a.shape[:2], 0))
+    if block.bias is not None:
+        a = torch.cat([a, a.new_ones((*a.shape[:2], 1))], dim=2)
+    return a
+
+
+def _joined(parts: list[torch.Tensor], dim: int) -> torch.Tensor:
+    """``torch.cat(parts, dim)``, without a copy for one part."""
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=dim)
+
+
+def _block_factors(block: Block, calls: list[tuple[torch.Tensor, torch.Tensor]], batch: int, compact: bool = False) -> Factors:
+    """Combine the calls of one block (a module used several times adds positions); ``compact``:
+    the form :meth:`Factors.compact` would give, materialized straight from the recorded layouts."""
     module = block.module
-    if block.kind in ("linear", "conv", "embedding"):
+    if block.kind in ("linear", "conv"):
+        c = calls[0][1].shape[0]
+        if block.kind == "linear":
+            calls = [(x, g.reshape(c, batch, -1, g.shape[-1])) for x, g in calls]
+        if compact:
+            t = sum(g.shape[2] if block.kind == "linear" else g[0, 0, 0].numel() for _, g in calls)
+            i = (0 if block.weight is None else module.weight[0].numel()) + (block.bias is not None)
+            if _dense_is_cheaper(t, i, module.weight.shape[0], c):
+                return Factors(block, "dense", None, _dense_from_calls(block, calls))
         acts, grads = [], []
-        for a, g in calls:
-            c = g.shape[0]
+        for x, g in calls:
             if block.kind == "conv":
                 g = g.reshape(c, batch, g.shape[2], -1).transpose(2, 3)  # [c, B, T, O]
-            else:
-                g = g.reshape(c, batch, -1, g.shape[-1])
-            if block.kind == "embedding" and module.padding_idx is not None:
+            acts.append(_outer_activation(block, x))
+            grads.append(g)
+        return Factors(block, "outer", _joined(acts, 1), _joined(grads, 2))
+    if block.kind == "embedding":
+        acts, grads = [], []
+        for a, g in calls:
+            g = g.reshape(g.shape[0], batch, -1, g.shape[-1])
+            if module.padding_idx is not None:
                 g = g * (a != module.padding_idx).unsqueeze(-1).to(g.dtype)
             acts.append(a)
             grads.append(g)
-        kind = "embedding" if block.kind == "embedding" else "outer"
-        return Factors(block, kind, torch.cat(acts, dim=1), torch.cat(grads, dim=2))
+        return Factors(block, "embedding", _joined(acts, 1), _joined(grads, 2))
     # norms: per-example gradients of weight and bias, summed over calls
     total = None
     for xhat, g in calls:
@@ -570,12 +696,83 @@ def _block_factors(block: Block, calls: list[tuple[torch.Tensor, torch.Tensor]],
     return Factors(block, "dense", None, total)
 
 
+def _recorded_forward(
+    model: nn.Module, plan: Plan, inputs: tuple[torch.Tensor, ...], parameters: dict[str, torch.Tensor] | None = None
+) -> tuple[dict[int, list], torch.Tensor, torch.Tensor]:
+    """The forward pass of :func:`capture`: ``(records, raw output, flat output [B, d])`` with
+    ``records[i]`` one ``(activation, gradient edge, (shape, dtype, device))`` per call of block i.
+
+    The gradient edge of a block's output is recorded in the hook: an in-place operation after
+    the module (``ReLU(inplace=True)``, ``h += r``) moves the tensor's own edge, not the
+    recorded one, so no output is copied."""
+    batch = batch_size(inputs)
+    records: dict[int, list] = {i: [] for i in range(len(plan.blocks))}
+    handles = []
+
+    def make_hook(index: int, block: Block):
+        def hook(module, args, output):
+            a = _activation(block, args, batch)
+            if not isinstance(output, torch.Tensor) or output.shape[0] != batch:
+                raise Unfactorable(block.name, "its output does not keep the batch on dimension 0")
+            records[index].append((a, get_gradient_edge(output), (output.shape, output.dtype, output.device)))
+
+        return hook
+
+    try:
+        for index, block in enumerate(plan.blocks):
+            handles.append(block.module.register_forward_hook(make_hook(index, block)))
+        # Reverse mode only: every attention backend may run (analysis_mode keeps the math one,
+        # which forward-mode AD needs); on CPU the fused one is 2x faster forward and backward.
+        with torch.enable_grad(), _any_attention():
+            if parameters is None:
+                raw = output_tensor(model(*inputs))
+            else:
+                raw = output_tensor(call_with(model, parameters, inputs))
+            out = flat_output(raw, batch)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return records, raw, out
+
+
+def _any_attention():
+    try:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+    except ImportError:  # pragma: no cover - older torch
+        return contextlib.nullcontext()
+    names = ("CUDNN_ATTENTION", "FLASH_ATTENTION", "EFFICIENT_ATTENTION", "MATH")
+    return sdpa_kernel([getattr(SDPBackend, n) for n in names if hasattr(SDPBackend, n)])
+
+
+def _assemble(plan: Plan, records: dict[int, list], grads: list, cotangents: int, out: torch.Tensor,
+              compact: bool = False) -> list[Factors]:
+    """One :class:`Factors` per block from the recorded calls and their output gradients
+    (``grads``: ``[c, *z.shape]`` or None per call, in the order of ``records``)."""
+    batch = out.shape[0]
+    calls: dict[int, list] = {i: [] for i in range(len(plan.blocks))}
+    position = 0
+    for i in range(len(plan.blocks)):
+        for a, _, (shape, dtype, device) in records[i]:
+            g = grads[position]
+            position += 1
+            g = torch.zeros((cotangents, *shape), dtype=dtype, device=device) if g is None else g.detach()
+            calls[i].append((a, g))
+    factors = []
+    for i, block in enumerate(plan.blocks):
+        if not calls[i]:  # the module was not called: its gradients are zero
+            factors.append(Factors.unused(block, cotangents, batch, out))
+            continue
+        factors.append(_block_factors(block, calls.pop(i), batch, compact))
+    return factors
+
+
 def capture(
     model: nn.Module,
     plan: Plan,
     inputs: tuple[torch.Tensor, ...],
     cotangents: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
     parameters: dict[str, torch.Tensor] | None = None,
+    compact: bool = False,
 ) -> tuple[list[Factors], torch.Tensor]:
     """Factors of every block for one batch.
 
@@ -587,58 +784,25 @@ def capture(
             block output z.
         parameters: trainable parameters to run the model at (``torch.func.functional_call``;
             they must require grad); by default the module's own.
+        compact: give each block in the form :meth:`Factors.compact` gives (what pair kernels
+            read), materialized straight from the recorded layouts: per-example convolution
+            gradients by a grouped convolution, with no unfolded copy of the input.
 
     Returns:
         (one :class:`Factors` per block of ``plan``, the detached model output ``[B, d]``).
     """
-    batch = batch_size(inputs)
-    records: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {i: [] for i in range(len(plan.blocks))}
-    handles = []
-
-    def make_hook(index: int, block: Block):
-        def hook(module, args, output):
-            a = _activation(block, args, batch)
-            if not isinstance(output, torch.Tensor) or output.shape[0] != batch:
-                raise Unfactorable(block.name, "its output does not keep the batch on dimension 0")
-            # A clone for downstream use: in-place ops after the module cannot touch `output`.
-            records[index].append((a, output))
-            return output.clone()
-
-        return hook
-
-    try:
-        for index, block in enumerate(plan.blocks):
-            handles.append(block.module.register_forward_hook(make_hook(index, block)))
-        with torch.enable_grad():
-            if parameters is None:
-                raw = output_tensor(model(*inputs))
-            else:
-                raw = output_tensor(call_with(model, parameters, inputs))
-            out = flat_output(raw, batch)
-    finally:
-        for handle in handles:
-            handle.remove()
-    used = [(i, j) for i in range(len(plan.blocks)) for j in range(len(records[i]))]
-    zs = [records[i][j][1] for i, j in used]
+    records, raw, out = _recorded_forward(model, plan, inputs, parameters)
+    edges = [edge for i in range(len(plan.blocks)) for _, edge, _ in records[i]]
     with torch.enable_grad():  # callers may run under no_grad: the cotangents' target needs its graph
         target, cot = cotangents(raw)
-        grads = _batched_grad(target, zs, cot)
-    calls: dict[int, list] = {i: [] for i in range(len(plan.blocks))}
-    for (i, j), g in zip(used, grads):
-        z = records[i][j][1]
-        g = torch.zeros((cot.shape[0], *z.shape), dtype=z.dtype, device=z.device) if g is None else g
-        calls[i].append((records[i][j][0], g.detach()))
-    factors = []
-    for i, block in enumerate(plan.blocks):
-        if not calls[i]:  # the module was not called: its gradients are zero
-            factors.append(Factors.unused(block, cot.shape[0], batch, out))
-            continue
-        factors.append(_block_factors(block, calls[i], batch))
-    return factors, out.detach()
+        grads = _batched_grad(target, edges, cot)
+    del target, raw
+    return _assemble(plan, records, grads, cot.shape[0], out, compact), out.detach()
 
 
-def _batched_grad(target: torch.Tensor, zs: list[torch.Tensor], cot: torch.Tensor) -> list[torch.Tensor | None]:
-    """∂⟨E_k, target⟩/∂z for every z and cotangent k: ``[c, *z.shape]`` each (None: unused)."""
+def _batched_grad(target: torch.Tensor, zs: list, cot: torch.Tensor) -> list[torch.Tensor | None]:
+    """∂⟨E_k, target⟩/∂z for every z (a tensor or a gradient edge) and cotangent k:
+    ``[c, *z.shape]`` each (None: unused)."""
     if not zs:
         return []
     if cot.shape[0] == 1:

@@ -21,7 +21,6 @@ from torch import nn
 
 from ..adapter import (
     Batch,
-    analysis_mode,
     as_tuple,
     batch_size,
     check_finite,
@@ -32,7 +31,7 @@ from ..adapter import (
     unwrap,
 )
 from .factored import chunk_sizes, chunks, factored_gradient_kernel, factored_jacobian
-from .factors import DEFAULT_MEMORY_BUDGET, Plan, covering_plan, make_plan
+from .factors import DEFAULT_MEMORY_BUDGET, Plan, analysis, covering_plan, make_plan
 from .reference import jacobian_pair_kernel, jacobian_self_kernel, per_example_jacobian
 
 ENGINES = ("auto", "factored", "functional")
@@ -81,16 +80,18 @@ def kernel_plan(model: nn.Module, x: Batch, *, engine: str = "auto", memory_budg
     (``rows_total``: the larger side's example count, default ``x``'s)."""
     memory_budget = check_memory_budget(memory_budget)
     model = unwrap(model)
-    params, xs, n, d = _prepare(model, x, "x")
-    return _plan(model, params, xs, d, n if rows_total is None else rows_total, engine, memory_budget)
+    check_per_example_safe(model)
+    with analysis(model):
+        params, xs, n, d = _prepare(model, x, "x", checked=True)
+        return _plan(model, params, xs, d, n if rows_total is None else rows_total, engine, memory_budget)
 
 
 def _plan(model, params, xs, d: int, rows_total: int, engine: str, memory_budget: int) -> KernelPlan:
     if choose_engine(make_plan(model), d, engine) == "functional":
         return KernelPlan("functional", d, min(_functional_rows(params, d, memory_budget), rows_total), d, 0.0)
     plan = covering_plan(model, xs)
-    with analysis_mode(model):
-        rows, c = chunk_sizes(model, plan, xs, d, rows_total, memory_budget, held=2)
+    with analysis(model):
+        rows, c = chunk_sizes(model, plan, xs, d, rows_total, memory_budget, held=2, compact=True)
     return KernelPlan("factored", d, rows, c, plan.factored_fraction)
 
 
@@ -106,13 +107,14 @@ def _rows_per_chunk(memory_budget: int, d: int, num_params: int, itemsize: int, 
     return max(1, memory_budget // (held * per_row))
 
 
-def _prepare(model: nn.Module, x: Batch, name: str):
-    check_per_example_safe(model)
+def _prepare(model: nn.Module, x: Batch, name: str, checked: bool = False):
+    if not checked:
+        check_per_example_safe(model)  # before analysis mode, which puts every module in eval mode
     params = trainable_parameters(model)
     xs = as_tuple(x, name=name)
     n = batch_size(xs, name=name)
     check_finite(xs, name=name)
-    with torch.no_grad(), analysis_mode(model):
+    with torch.no_grad(), analysis(model):
         d = checked_forward(model, tuple(t[:1] for t in xs), name=name).shape[1]
     return params, xs, n, d
 
@@ -152,19 +154,25 @@ def gradient_kernel(
         raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
     memory_budget = check_memory_budget(memory_budget)
     model = unwrap(model)
-    params, x1s, m_total, d = _prepare(model, x1, "x1")
+    check_per_example_safe(model)  # before analysis mode, which puts every module in eval mode
+    with analysis(model):  # entered once for the whole call
+        return _gradient_kernel(model, x1, x2, normalize, reduce, memory_budget, engine)
+
+
+def _gradient_kernel(model, x1, x2, normalize, reduce, memory_budget, engine) -> torch.Tensor:
+    params, x1s, m_total, d = _prepare(model, x1, "x1", checked=True)
     x2s = x1s if x2 is None else as_tuple(x2, name="x2")
     n_total = batch_size(x2s, name="x2")
     check_finite(x2s, name="x2")
     if x2 is not None:
-        with torch.no_grad(), analysis_mode(model):
+        with torch.no_grad(), analysis(model):
             d2 = checked_forward(model, tuple(t[:1] for t in x2s), name="x2").shape[1]
         if d2 != d:
             raise ValueError(f"x1 gives {d} outputs per example but x2 gives {d2}")
 
     if choose_engine(make_plan(model), d, engine) == "factored":
         kernel, diag1, diag2 = factored_gradient_kernel(
-            model, x1s, None if x2 is None else x2s, reduce=reduce, memory_budget=memory_budget, d=d
+            model, x1s, None if x2 is None else x2s, reduce=reduce, memory_budget=memory_budget, d=d, diagonals=normalize
         )
         return _normalized(kernel, diag1, diag2) if normalize else kernel
 
@@ -177,7 +185,7 @@ def gradient_kernel(
     jac = per_example_jacobian(model, params)
     rows = _functional_rows(params, d, memory_budget)
 
-    with analysis_mode(model):
+    with analysis(model):
         # 1. Outer loop over row chunks of x1: J1 [m, d, P].
         for rows1 in chunks(m_total, rows):
             j1 = jac(*(t[rows1] for t in x1s)).detach()
@@ -243,7 +251,7 @@ def tangent_features(
     else:
         jac = per_example_jacobian(model, params)
 
-    with analysis_mode(model):
+    with analysis(model):
         for chunk in chunks(m_total, rows):
             j = jac(*(t[chunk] for t in xs)).detach()
             if j.shape[1] != width:
