@@ -1,0 +1,549 @@
+"""Streaming a run's numbers while it trains: a logger protocol, TensorBoard and CSV writers, and
+the flat metrics of an analyzer's running summaries.
+
+A logger is any callable ``log(metrics: dict[str, float], step: int)``; a writer may also take
+images (``log_image(name, array, step)``, an ``[H, W]`` or ``[H, W, 3|4]`` array) and matplotlib
+figures (``log_figure(name, figure, step)``). :func:`log_image` and :func:`log_figure` send to
+whatever the logger supports and skip the rest, so a plain function is a complete logger::
+
+    def log(metrics, step):
+        print(step, metrics["loss"])
+
+Ready-made writers: :class:`TensorBoardWriter` (``pip install genkernel[tensorboard]``; imported
+only when built), :class:`CSVWriter` (one wide CSV, images as PNG files beside it) and
+:class:`MultiLogger` (several at once).
+
+What the analyzers measure, as flat numbers (:func:`analyzer_metrics`): the ledger's relative
+residual, the median rest share and κ, locality (diffusion) or coupling (GAN) as measured minus
+control, and traffic shares per group. The mathematics behind each name is in
+``docs/summaries.md``. :class:`LoggingCallback` streams the loss of every step and these metrics
+every k steps from any genkernel trainer (``callbacks=[analyzer, LoggingCallback(writer,
+analyzer=analyzer, every=10)]``), or from your own loop through :meth:`LoggingCallback.log_step`.
+
+This module is ``genkernel.logging``; Python resolves ``import logging`` anywhere (genkernel
+included) to the standard library, because imports are absolute.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+from pathlib import Path
+from typing import Any, Callable, Mapping, Protocol, Sequence, runtime_checkable
+
+import numpy as np
+import torch
+
+from .core import grouping
+from .core.tracking.callbacks import TrainerCallback
+
+__all__ = [
+    "CSVWriter", "Logger", "LoggingCallback", "MultiLogger", "TensorBoardWriter", "analyzer_images", "analyzer_metrics",
+    "figure_to_array", "image_grid", "ledger_metrics", "log_figure", "log_image", "matrix_image",
+]
+
+
+@runtime_checkable
+class Logger(Protocol):
+    """What genkernel calls: ``log(metrics, step)`` with plain ``float`` values.
+
+    Writers may add ``log_image(name, array, step)`` (``uint8`` or float in [0, 1], ``[H, W]`` or
+    ``[H, W, C]``) and ``log_figure(name, figure, step)``; see :func:`log_image`, :func:`log_figure`.
+    """
+
+    def __call__(self, metrics: Mapping[str, float], step: int) -> None: ...
+
+
+# -- images ----------------------------------------------------------------------------------
+def _as_uint8(array: Any) -> np.ndarray:
+    """``[H, W]`` or ``[H, W, C]`` as uint8 (floats are read as [0, 1])."""
+    if isinstance(array, torch.Tensor):
+        array = array.detach().cpu().numpy()
+    array = np.asarray(array)
+    if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[2] not in (1, 3, 4)):
+        raise ValueError(f"an image must be [H, W] or [H, W, 1|3|4], got shape {array.shape}")
+    if array.dtype != np.uint8:
+        array = (np.clip(np.nan_to_num(array.astype(np.float64)), 0.0, 1.0) * 255).round().astype(np.uint8)
+    if array.ndim == 3 and array.shape[2] == 1:
+        array = array[:, :, 0]
+    return array
+
+
+def matrix_image(matrix: Any, *, cmap: str = "viridis", vmin: float | None = None, vmax: float | None = None,
+                 cell: int = 16) -> np.ndarray:
+    """A matrix as an ``[H, W, 3]`` uint8 image, one ``cell``×``cell`` block per entry (NaN in grey).
+
+    No pyplot and no backend: the colours come from ``matplotlib.colormaps[cmap]``.
+    """
+    import matplotlib
+
+    values = matrix.detach().cpu().double().numpy() if isinstance(matrix, torch.Tensor) else np.asarray(matrix, dtype=np.float64)
+    if values.ndim == 1:
+        values = values[None]
+    if values.ndim != 2:
+        raise ValueError(f"matrix_image takes a 2-D matrix, got shape {values.shape}")
+    finite = np.isfinite(values)
+    low = float(values[finite].min()) if vmin is None and finite.any() else (0.0 if vmin is None else vmin)
+    high = float(values[finite].max()) if vmax is None and finite.any() else (1.0 if vmax is None else vmax)
+    scaled = (values - low) / (high - low) if high > low else np.zeros_like(values)
+    rgb = matplotlib.colormaps[cmap](np.clip(np.nan_to_num(scaled), 0, 1))[..., :3]
+    rgb[~finite] = 0.5
+    rgb = np.repeat(np.repeat(rgb, cell, axis=0), cell, axis=1)
+    return (rgb * 255).round().astype(np.uint8)
+
+
+def image_grid(images: Any, *, nrow: int = 8, value_range: tuple[float, float] | None = (-1.0, 1.0),
+               padding: int = 2) -> np.ndarray:
+    """Samples ``[N, C, H, W]`` (C = 1 or 3) or ``[N, H, W]`` as one ``[H', W', 3]`` uint8 grid.
+
+    ``value_range``: the samples' range (a diffusion model's [-1, 1] by default); None scales
+    the grid's own min and max to [0, 1].
+    """
+    x = images.detach().cpu().double() if isinstance(images, torch.Tensor) else torch.as_tensor(np.asarray(images), dtype=torch.float64)
+    if x.dim() == 3:
+        x = x[:, None]
+    if x.dim() != 4 or x.shape[1] not in (1, 3):
+        raise ValueError(f"image_grid takes [N, C, H, W] with C = 1 or 3, or [N, H, W]; got {tuple(x.shape)}")
+    low, high = value_range if value_range is not None else (float(x.min()), float(x.max()))
+    x = ((x - low) / (high - low if high > low else 1.0)).clamp(0, 1)
+    if x.shape[1] == 1:
+        x = x.expand(-1, 3, -1, -1)
+    n, _, h, w = x.shape
+    cols = max(1, min(nrow, n))
+    rows = math.ceil(n / cols)
+    grid = torch.ones(3, rows * (h + padding) + padding, cols * (w + padding) + padding, dtype=torch.float64)
+    for i in range(n):
+        r, c = divmod(i, cols)
+        top, left = padding + r * (h + padding), padding + c * (w + padding)
+        grid[:, top:top + h, left:left + w] = x[i]
+    return _as_uint8(grid.permute(1, 2, 0).numpy())
+
+
+def figure_to_array(figure: Any, *, dpi: int = 100) -> np.ndarray:
+    """A matplotlib figure rendered to an ``[H, W, 4]`` uint8 array (Agg; no pyplot, no backend)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    canvas = FigureCanvasAgg(figure)
+    figure.set_dpi(dpi)
+    canvas.draw()
+    return np.asarray(canvas.buffer_rgba()).copy()
+
+
+def log_image(logger: Any, name: str, array: Any, step: int) -> bool:
+    """Send an image to ``logger`` if it takes images; returns whether it did."""
+    method = getattr(logger, "log_image", None)
+    if method is None:
+        return False
+    method(name, _as_uint8(array), int(step))
+    return True
+
+
+def log_figure(logger: Any, name: str, figure: Any, step: int) -> bool:
+    """Send a matplotlib figure to ``logger`` (as a figure, else as an image); returns whether it did."""
+    method = getattr(logger, "log_figure", None)
+    if method is not None:
+        method(name, figure, int(step))
+        return True
+    return log_image(logger, name, figure_to_array(figure), step)
+
+
+def _scalars(metrics: Mapping[str, Any]) -> dict[str, float]:
+    """The metrics that are numbers, as floats (booleans as 0/1; tensors of one element)."""
+    out = {}
+    for key, value in metrics.items():
+        if isinstance(value, torch.Tensor) and value.numel() == 1:
+            value = value.item()
+        if isinstance(value, (bool, int, float, np.integer, np.floating)):
+            out[str(key)] = float(value)
+    return out
+
+
+# -- writers ---------------------------------------------------------------------------------
+class TensorBoardWriter:
+    """Scalars, images and figures as a TensorBoard event file in ``log_dir``.
+
+    Needs ``tensorboard`` (``pip install genkernel[tensorboard]``); ``torch.utils.tensorboard`` is
+    imported when the writer is built, not before. Non-finite values are written as they are
+    (TensorBoard shows NaN); ``flush()`` and ``close()`` as ``SummaryWriter``'s. A context manager.
+    """
+
+    def __init__(self, log_dir: str | os.PathLike, **kwargs: Any) -> None:
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError as error:  # torch raises ImportError naming tensorboard when it is missing
+            raise ImportError(
+                "TensorBoardWriter needs the tensorboard package: pip install 'genkernel[tensorboard]' "
+                f"(or pip install tensorboard) ({error})"
+            ) from error
+        self.log_dir = Path(log_dir)
+        self.writer = SummaryWriter(log_dir=str(log_dir), **kwargs)
+
+    def __call__(self, metrics: Mapping[str, Any], step: int) -> None:
+        for key, value in _scalars(metrics).items():
+            self.writer.add_scalar(key, value, int(step))
+
+    def log_image(self, name: str, array: Any, step: int) -> None:
+        image = _as_uint8(array)
+        self.writer.add_image(name, image, int(step), dataformats="HW" if image.ndim == 2 else "HWC")
+
+    def log_figure(self, name: str, figure: Any, step: int) -> None:
+        self.log_image(name, figure_to_array(figure), step)
+
+    def flush(self) -> None:
+        self.writer.flush()
+
+    def close(self) -> None:
+        self.writer.close()
+
+    def __enter__(self) -> "TensorBoardWriter":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+class CSVWriter:
+    """One row per ``(step)`` call in a wide CSV file: a ``step`` column, then one column per metric
+    name (in the order names first appear; a name that appears later adds a column and the file is
+    rewritten with the wider header, earlier rows left blank there). Images go to PNG files in
+    ``image_dir`` (default: a folder ``<name>_images`` beside the CSV) as ``<name>_<step>.png``.
+    """
+
+    def __init__(self, path: str | os.PathLike, *, image_dir: str | os.PathLike | None = None) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.image_dir = Path(image_dir) if image_dir is not None else self.path.with_name(self.path.stem + "_images")
+        self.columns: list[str] = ["step"]
+        self.rows: list[dict[str, Any]] = []
+        self.path.write_text("step\n")
+
+    def __call__(self, metrics: Mapping[str, Any], step: int) -> None:
+        row = {"step": int(step), **_scalars(metrics)}
+        new = [key for key in row if key not in self.columns]
+        self.rows.append(row)
+        if new:
+            self.columns.extend(new)
+            self._rewrite()
+        else:
+            with self.path.open("a", newline="") as handle:
+                csv.DictWriter(handle, self.columns).writerow(row)
+
+    def _rewrite(self) -> None:
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        with tmp.open("w", newline="") as handle:
+            writer = csv.DictWriter(handle, self.columns)
+            writer.writeheader()
+            writer.writerows(self.rows)
+        os.replace(tmp, self.path)
+
+    def log_image(self, name: str, array: Any, step: int) -> None:
+        from matplotlib.image import imsave
+
+        self.image_dir.mkdir(parents=True, exist_ok=True)
+        safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
+        image = _as_uint8(array)
+        imsave(self.image_dir / f"{safe}_{int(step)}.png", image, cmap="gray" if image.ndim == 2 else None)
+
+    def flush(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self) -> "CSVWriter":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+class MultiLogger:
+    """Several loggers as one (each gets what it supports)."""
+
+    def __init__(self, *loggers: Any) -> None:
+        self.loggers = [logger for logger in loggers if logger is not None]
+
+    def __call__(self, metrics: Mapping[str, Any], step: int) -> None:
+        for logger in self.loggers:
+            logger(metrics, step)
+
+    def log_image(self, name: str, array: Any, step: int) -> None:
+        for logger in self.loggers:
+            log_image(logger, name, array, step)
+
+    def log_figure(self, name: str, figure: Any, step: int) -> None:
+        for logger in self.loggers:
+            log_figure(logger, name, figure, step)
+
+    def flush(self) -> None:
+        for logger in self.loggers:
+            getattr(logger, "flush", lambda: None)()
+
+    def close(self) -> None:
+        for logger in self.loggers:
+            getattr(logger, "close", lambda: None)()
+
+
+# -- what the analyzers measure, as flat numbers -----------------------------------------------
+def _finite(value: Any) -> float:
+    value = float(value)
+    return value if math.isfinite(value) else math.nan
+
+
+def ledger_metrics(ledger: Any, prefix: str = "ledger") -> dict[str, float]:
+    """A :class:`~genkernel.core.tracking.ledger.PathKernelLedger`'s running summary: steps, relative
+    residual, median rest share, median κ, and the traffic share of every group (mean over probes)."""
+    summary = ledger.summary()
+    shares = ledger.shares()
+    out = {
+        f"{prefix}/steps": float(summary["steps"]),
+        f"{prefix}/relative_residual": _finite(summary["relative_residual"]),
+        f"{prefix}/max_probe_relative_residual": _finite(summary["max_probe_relative_residual"]),
+        f"{prefix}/rest_share_median": _finite(shares.rest.nanmedian()) if shares.rest.numel() else math.nan,
+        f"{prefix}/kappa_median": _finite(summary["median_kappa"]),
+        f"{prefix}/mean_change_norm": _finite(summary["mean_change_norm"]),
+    }
+    traffic = ledger.traffic_shares().cpu().nanmean(dim=0)
+    for g, value in enumerate(traffic.tolist()):
+        out[f"{prefix}/traffic_share/group_{g}"] = _finite(value)
+    return out
+
+
+def _difference(prefix: str, result: Mapping[str, Any]) -> dict[str, float]:
+    """The numbers of a :func:`~genkernel.core.grouping.measured_minus_control` result."""
+    out = {f"{prefix}/measured": _finite(result.get("measured", math.nan))}
+    if "difference" in result:
+        low, high = result.get("interval") or (math.nan, math.nan)
+        out.update({
+            f"{prefix}/control": _finite(result["control"]),
+            f"{prefix}/measured_minus_control": _finite(result["difference"]),
+            f"{prefix}/interval_low": _finite(math.nan if low is None else low),
+            f"{prefix}/interval_high": _finite(math.nan if high is None else high),
+        })
+    return out
+
+
+def _diffusion_metrics(analyzer: Any) -> dict[str, float]:
+    residual = analyzer.residual()
+    out = {
+        "ledger/steps": float(residual["steps"]),
+        "ledger/relative_residual": _finite(residual["relative_residual"]),
+        "ledger/max_probe_relative_residual": _finite(residual["max_probe_relative_residual"]),
+        "ledger/rest_share_median": _finite(residual["median_rest_share"]),
+    }
+    locality = analyzer.locality()
+    out["ledger/kappa_median"] = _finite(locality["median_kappa"])
+    out.update(_difference("locality/traffic", locality["traffic"]))
+    out.update(_difference("locality/share", locality["share"]))
+    traffic = analyzer.traffic_shares().nanmean(dim=0)
+    for g, value in enumerate(traffic.tolist()):
+        out[f"traffic_share/bin_{g}"] = _finite(value)
+    return out
+
+
+def _gan_metrics(analyzer: Any) -> dict[str, float]:
+    out: dict[str, float] = {}
+    if getattr(analyzer, "g_tracker", None) is not None and analyzer.g_steps:
+        ledger = analyzer.generator_ledger()
+        out.update(ledger_metrics(ledger, "generator"))
+        run_groups = getattr(analyzer, "_run_groups", None)
+        if run_groups is not None and analyzer.controls:
+            out.update(_coupling_metrics(analyzer.generator_ledgers, run_groups, analyzer.control_names, "coupling"))
+    windows = getattr(analyzer, "windows", None) or []
+    if windows:
+        last = windows[-1]
+        for kind in ("traffic", "net"):
+            if f"{kind}_own_minus_control" in last:
+                out.update(_difference(f"coupling_window/{kind}_own", last[f"{kind}_own_minus_control"]))
+        kappa = last.get("kappa_median")
+        out["coupling_window/kappa_median"] = _finite(math.nan if kappa is None else kappa)
+    alignment = getattr(analyzer, "alignment", None) or []
+    if alignment:
+        for key, value in alignment[-1].items():
+            if key.startswith("cos_"):
+                out[f"alignment/{key[4:]}"] = _finite(value if value is not None else math.nan)
+    if getattr(analyzer, "d_tracker", None) is not None and analyzer.d_steps:
+        out.update(ledger_metrics(analyzer.discriminator_ledger, "discriminator"))
+    return out
+
+
+def _coupling_metrics(ledgers: Mapping[str, Any], probe_groups: torch.Tensor, controls: Sequence[str],
+                      prefix: str) -> dict[str, float]:
+    """Own-group share (traffic and net) of the geometry ledger against its control ledgers."""
+    measured = ledgers["geometry"]
+    delta = measured.delta.cpu()
+    groups = torch.as_tensor(probe_groups).cpu().long()
+    out: dict[str, float] = {}
+    traffic_own = grouping.own_share(grouping.traffic_shares(measured.traffic.cpu()), groups)
+    traffic_control = torch.stack([grouping.own_share(grouping.traffic_shares(ledgers[c].traffic.cpu()), groups)
+                                   for c in controls])
+    out.update(_difference(f"{prefix}/traffic_own", grouping.measured_minus_control(traffic_own, traffic_control)))
+    net_own = grouping.own_share(grouping.net_shares(measured.contributions.cpu(), delta), groups)
+    net_control = torch.stack([grouping.own_share(grouping.net_shares(ledgers[c].contributions.cpu(), delta), groups)
+                               for c in controls])
+    out.update(_difference(f"{prefix}/net_own", grouping.measured_minus_control(net_own, net_control)))
+    return out
+
+
+def analyzer_metrics(analyzer: Any) -> dict[str, float]:
+    """Flat running numbers of a :class:`~genkernel.diffusion.NoiseLevelAnalyzer`, a
+    :class:`~genkernel.gan.GANKernelAnalyzer`, a :class:`~genkernel.PathKernelTracker` or a
+    :class:`~genkernel.PathKernelLedger` (empty until something was tracked).
+
+    Diffusion: ``ledger/relative_residual``, ``ledger/rest_share_median``, ``ledger/kappa_median``,
+    ``locality/{traffic,share}/{measured,control,measured_minus_control,interval_low,interval_high}``
+    and ``traffic_share/bin_g``. GAN: ``generator/...`` and ``discriminator/...`` ledger numbers,
+    ``coupling/{traffic,net}_own/...`` over the whole run, ``coupling_window/...`` for the latest
+    window and ``alignment/...`` cosines. Tracker: ``ledger/...`` (``<partition>/...`` for each
+    further partition). NaN where a number is undefined (no change yet, no control).
+    """
+    from .core.tracking.ledger import PathKernelLedger
+    from .core.tracking.tracker import PathKernelTracker
+
+    if isinstance(analyzer, PathKernelLedger):
+        return ledger_metrics(analyzer) if analyzer.steps else {}
+    if isinstance(analyzer, PathKernelTracker):
+        out: dict[str, float] = {}
+        for i, (name, ledger) in enumerate(analyzer.ledgers.items()):
+            if ledger.steps:
+                out.update(ledger_metrics(ledger, "ledger" if i == 0 else name))
+        return out
+    kind = type(analyzer).__name__
+    if hasattr(analyzer, "locality") and hasattr(analyzer, "matrices"):  # NoiseLevelAnalyzer
+        if getattr(analyzer, "tracker", None) is None or not analyzer.tracker.ledger.steps:
+            return {}
+        return _diffusion_metrics(analyzer)
+    if hasattr(analyzer, "generator_ledgers"):  # GANKernelAnalyzer
+        return _gan_metrics(analyzer)
+    raise TypeError(f"analyzer_metrics takes a genkernel analyzer, tracker or ledger, got {kind}")
+
+
+def analyzer_images(analyzer: Any) -> dict[str, np.ndarray]:
+    """Images of an analyzer's matrices now: the noise×noise traffic and net-share matrices
+    (diffusion, rows probe level, columns training bin) or the latest window's coupling matrices
+    (GAN, rows probe group, columns training group); ``{}`` until something was tracked."""
+    if hasattr(analyzer, "locality") and hasattr(analyzer, "matrices"):
+        if getattr(analyzer, "tracker", None) is None or not analyzer.tracker.ledger.steps:
+            return {}
+        mats = analyzer.matrices()
+        return {"matrix/traffic": matrix_image(mats["traffic"], vmin=0.0),
+                "matrix/share": matrix_image(mats["share"], cmap="coolwarm")}
+    windows = getattr(analyzer, "windows", None) or []
+    if windows:
+        last = windows[-1]
+        return {"coupling/traffic": matrix_image(last["traffic_matrix"], vmin=0.0),
+                "coupling/net": matrix_image(last["net_matrix"], cmap="coolwarm")}
+    return {}
+
+
+# -- a callback for the built-in trainers ------------------------------------------------------
+class LoggingCallback(TrainerCallback):
+    """Streams a run to ``log`` from any genkernel trainer (or :func:`~genkernel.perform_step`).
+
+    Args:
+        log: a logger (``log(metrics, step)``; images and figures where it takes them).
+        analyzer: an analyzer, tracker or ledger whose :func:`analyzer_metrics` are logged.
+        every: log the loss every this many steps.
+        analysis_every: log the analyzer's metrics every this many steps (default ``every``;
+            they cost a few small reductions over the ledgers).
+        image_every: log the analyzer's matrices as images every this many steps (0: at the end only).
+        samples: optional ``fn(trainer) -> Tensor[N, C, H, W]`` (or ``[N, H, W]``), logged as a
+            grid ``samples`` at image steps and at the end (e.g. ``lambda t: t.sample(16)[0]``).
+        sample_range: the samples' value range for the grid (None: their own min and max).
+
+    The step number is the trainer's (``global_step`` + 1, or the GAN trainer's ``iteration`` + 1),
+    else a count of the steps seen. Names: ``loss`` (``loss/generator``, ``loss/discriminator``
+    for a GAN), ``lr`` (``lr/<phase>``), then :func:`analyzer_metrics`'s. Put it *after* the
+    analyzer in ``callbacks`` so it sees the step the analyzer recorded.
+    """
+
+    def __init__(self, log: Callable[[Mapping[str, float], int], None], *, analyzer: Any = None, every: int = 1,
+                 analysis_every: int | None = None, image_every: int = 0,
+                 samples: Callable[[Any], Any] | None = None, sample_range: tuple[float, float] | None = (-1.0, 1.0),
+                 name: str | None = None) -> None:
+        if not callable(log):
+            raise TypeError(f"log must be callable as log(metrics, step), got {type(log).__name__}")
+        for key, value in (("every", every), ("image_every", image_every)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < (1 if key == "every" else 0):
+                raise ValueError(f"{key} must be an int >= {1 if key == 'every' else 0}, got {value!r}")
+        self.log = log
+        self.analyzer = analyzer
+        self.every = every
+        self.analysis_every = every if analysis_every is None else analysis_every
+        self.image_every = image_every
+        self.samples = samples
+        self.sample_range = sample_range
+        self.name = name
+        self.seen = 0
+        self.last_step = 0
+        self.last_image_step: int | None = None
+
+    def _step_number(self, trainer: Any) -> int:
+        if trainer is not None and isinstance(getattr(trainer, "global_step", None), int):
+            return trainer.global_step + 1
+        if trainer is not None and isinstance(getattr(trainer, "iteration", None), int):
+            return trainer.iteration + 1
+        return self.seen
+
+    def on_step_end(self, trainer: Any, step: Any) -> None:
+        self.seen += 1
+        number = self._step_number(trainer)
+        phase = getattr(step, "phase", "train")
+        losses = getattr(step, "losses", None)
+        loss = None
+        if isinstance(losses, torch.Tensor) and losses.numel():
+            weights = getattr(step, "weights", None)
+            loss = float((losses * weights.to(losses)).sum()) if isinstance(weights, torch.Tensor) else float(losses.mean())
+        lr = None
+        optimizer = getattr(step, "optimizer", None)
+        if optimizer is not None and getattr(optimizer, "param_groups", None):
+            lr = float(optimizer.param_groups[0].get("lr", math.nan))
+        self.log_step(number, loss=loss, lr=lr, phase=phase, trainer=trainer)
+
+    def log_step(self, step: int, *, loss: float | None = None, lr: float | None = None, phase: str = "train",
+                 trainer: Any = None, extra: Mapping[str, float] | None = None) -> None:
+        """Log one step from any loop: the loss every ``every`` steps, the analyzer's metrics every
+        ``analysis_every`` steps, images every ``image_every`` steps."""
+        suffix = "" if phase == "train" else f"/{phase}"
+        metrics: dict[str, float] = dict(extra or {})
+        if step % self.every == 0:
+            if loss is not None:
+                metrics[f"loss{suffix}"] = loss
+            if lr is not None:
+                metrics[f"lr{suffix}"] = lr
+        # the analysis once per step number (a GAN iteration has two or more optimizer steps)
+        fresh = step != self.last_step and phase in ("train", "generator")
+        if fresh:
+            self.last_step = step
+            if self.analyzer is not None and self.analysis_every and step % self.analysis_every == 0:
+                metrics.update(analyzer_metrics(self.analyzer))
+        if metrics:
+            self.log(metrics, step)
+        if fresh and self.image_every and step % self.image_every == 0:
+            self.log_images(step, trainer)
+
+    def log_images(self, step: int, trainer: Any = None) -> None:
+        """The analyzer's matrices (and samples, with ``samples=``) as images at ``step``."""
+        if step == self.last_image_step:
+            return
+        self.last_image_step = step
+        if self.analyzer is not None:
+            for name, image in analyzer_images(self.analyzer).items():
+                log_image(self.log, name, image, step)
+        if self.samples is not None and trainer is not None and getattr(self.log, "log_image", None) is not None:
+            with torch.no_grad():
+                images = self.samples(trainer)
+            log_image(self.log, "samples", image_grid(images, value_range=self.sample_range), step)
+
+    def on_train_end(self, trainer: Any) -> None:
+        step = max(self.last_step, self._step_number(trainer) - 1 if trainer is not None else self.seen)
+        if self.analyzer is not None:
+            metrics = analyzer_metrics(self.analyzer)
+            if metrics:
+                self.log(metrics, step)
+        self.log_images(step, trainer)
+        flush = getattr(self.log, "flush", None)
+        if callable(flush):
+            flush()
+

@@ -1,0 +1,152 @@
+"""genkernel.logging: the writers read back with their own readers, the callback on a real run."""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from genkernel import PathKernelTracker
+from genkernel.diffusion import DDPMTrainer, MLPDenoiser, NoiseLevelAnalyzer, make_scheduler
+from genkernel.logging import (
+    CSVWriter,
+    Logger,
+    LoggingCallback,
+    MultiLogger,
+    TensorBoardWriter,
+    analyzer_metrics,
+    image_grid,
+    log_figure,
+    log_image,
+    matrix_image,
+)
+
+
+class Collect:
+    """A logger that keeps what it gets (scalars and images)."""
+
+    def __init__(self):
+        self.rows, self.images = [], []
+
+    def __call__(self, metrics, step):
+        self.rows.append((step, dict(metrics)))
+
+    def log_image(self, name, array, step):
+        self.images.append((name, array, step))
+
+
+def test_tensorboard_event_file_reads_back_with_tensorboards_reader(tmp_path):
+    pytest.importorskip("tensorboard", reason="the tensorboard extra is not installed")
+    from PIL import Image
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    image = matrix_image(torch.tensor([[0.0, 0.5], [1.0, float("nan")]]), cell=8)
+    with TensorBoardWriter(tmp_path / "tb") as writer:
+        for step in (1, 2, 3):
+            writer({"loss": 1.0 / step, "ledger/relative_residual": 1e-6 * step, "label": "skipped"}, step)
+        writer.log_image("matrix/traffic", image, 3)
+    events = EventAccumulator(str(tmp_path / "tb"), size_guidance={"scalars": 0, "images": 0})
+    events.Reload()
+    assert set(events.Tags()["scalars"]) == {"loss", "ledger/relative_residual"}  # strings are not scalars
+    loss = events.Scalars("loss")
+    assert [e.step for e in loss] == [1, 2, 3]
+    assert [e.value for e in loss] == pytest.approx([1.0, 0.5, 1 / 3], rel=1e-6)
+    assert events.Scalars("ledger/relative_residual")[-1].value == pytest.approx(3e-6, rel=1e-5)
+    (event,) = events.Images("matrix/traffic")
+    assert (event.step, event.width, event.height) == (3, 16, 16)
+    decoded = np.asarray(Image.open(io.BytesIO(event.encoded_image_string)).convert("RGB"))
+    assert np.array_equal(decoded, image)  # PNG is lossless: the very pixels written
+
+
+def test_csv_writer_widens_its_header_and_saves_images(tmp_path):
+    writer = CSVWriter(tmp_path / "run" / "metrics.csv")
+    writer({"loss": 0.5}, 1)
+    writer({"loss": 0.25, "ledger/kappa_median": 2.0, "flag": True}, 2)
+    writer({"loss": float("nan")}, 3)
+    log_image(writer, "matrix/share", np.eye(2), 2)
+    with open(writer.path, newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert list(rows[0]) == ["step", "loss", "ledger/kappa_median", "flag"]
+    assert [r["step"] for r in rows] == ["1", "2", "3"]
+    assert rows[0]["ledger/kappa_median"] == "" and float(rows[1]["ledger/kappa_median"]) == 2.0
+    assert float(rows[1]["flag"]) == 1.0 and math.isnan(float(rows[2]["loss"]))
+    assert (tmp_path / "run" / "metrics_images" / "matrix_share_2.png").is_file()
+
+
+def test_a_plain_function_is_a_complete_logger():
+    seen = []
+
+    def log(metrics, step):
+        seen.append((step, metrics))
+
+    assert isinstance(log, Logger)
+    assert log_image(log, "x", np.zeros((2, 2)), 1) is False  # no image support: skipped, not an error
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(1, 1))
+    collect = Collect()
+    assert log_figure(collect, "fig", figure, 4) is True  # a writer with images gets the figure rendered
+    assert collect.images[0][1].shape[2] == 4 and collect.images[0][2] == 4
+    both = MultiLogger(log, collect)
+    both({"loss": 1.0}, 5)
+    both.log_image("m", np.ones((2, 2)), 5)
+    assert seen[-1] == (5, {"loss": 1.0}) and collect.rows[-1] == (5, {"loss": 1.0}) and len(collect.images) == 2
+
+
+def test_image_helpers_shapes():
+    grid = image_grid(torch.rand(5, 1, 4, 6) * 2 - 1, nrow=3)
+    assert grid.dtype == np.uint8 and grid.shape == (2 * 6 + 2, 3 * 8 + 2, 3)
+    assert matrix_image(np.array([1.0, 2.0, 3.0]), cell=2).shape == (2, 6, 3)
+    with pytest.raises(ValueError, match=r"\[N, C, H, W\]"):
+        image_grid(torch.zeros(2, 5, 4, 4))
+
+
+def test_logging_callback_streams_a_diffusion_run():
+    torch.manual_seed(0)
+    angle = torch.rand(128, dtype=torch.float64) * 2 * math.pi
+    data = 2 * torch.stack([angle.cos(), angle.sin()], dim=1)
+    scheduler = make_scheduler(100)
+    model = MLPDenoiser(hidden=16, depth=2, time_dim=8).double()
+    analyzer = NoiseLevelAnalyzer(scheduler, data[:16], num_bins=4, num_probes=8, snapshot_every=0, kernel_points=2,
+                                  progress=False)
+    log = Collect()
+    callback = LoggingCallback(log, analyzer=analyzer, every=1, analysis_every=3, image_every=3)
+    DDPMTrainer(model, scheduler, data, batch_size=16, callbacks=[analyzer, callback], progress=False).train(6)
+
+    steps = [step for step, metrics in log.rows if "loss" in metrics]
+    assert steps == [1, 2, 3, 4, 5, 6]
+    analysed = {step: metrics for step, metrics in log.rows if "ledger/relative_residual" in metrics}
+    assert sorted(analysed) == [3, 6]
+    final = analysed[6]
+    assert final["ledger/steps"] == 6 and final["ledger/relative_residual"] < 1e-3
+    assert final["ledger/relative_residual"] == pytest.approx(analyzer.residual()["relative_residual"])
+    locality = analyzer.locality()
+    assert final["locality/traffic/measured_minus_control"] == pytest.approx(locality["traffic"]["difference"])
+    assert final["ledger/kappa_median"] == pytest.approx(locality["median_kappa"])
+    traffic = [final[f"traffic_share/bin_{g}"] for g in range(4)]
+    assert sum(traffic) == pytest.approx(1.0)
+    names = {(name, step) for name, _, step in log.images}
+    assert names == {("matrix/traffic", 3), ("matrix/share", 3), ("matrix/traffic", 6), ("matrix/share", 6)}
+    assert all(image.dtype == np.uint8 and image.shape == (4 * 16, 4 * 16, 3) for _, image, _ in log.images)
+
+
+def test_analyzer_metrics_of_a_tracker_and_its_ledger():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(2, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1)).double()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    loss = lambda out, y: ((out - y) ** 2).mean(dim=1)  # noqa: E731
+    tracker = PathKernelTracker(model, optimizer, loss, torch.randn(4, 2, dtype=torch.float64), num_groups=2)
+    assert analyzer_metrics(tracker) == {}
+    x, y = torch.randn(16, 2, dtype=torch.float64), torch.randn(16, 1, dtype=torch.float64)
+    for _ in range(3):
+        tracker.step(x, y, (x[:, 0] > 0).long())
+    metrics = analyzer_metrics(tracker)
+    assert metrics == analyzer_metrics(tracker.ledger)
+    assert metrics["ledger/steps"] == 3 and metrics["ledger/relative_residual"] < 1e-3
+    assert metrics["ledger/traffic_share/group_0"] + metrics["ledger/traffic_share/group_1"] == pytest.approx(1.0)
+    with pytest.raises(TypeError, match="analyzer, tracker or ledger"):
+        analyzer_metrics(object())
