@@ -1,0 +1,338 @@
+"""The report's figures, drawn from a :func:`~genkernel.report.summary.summarize_state` summary.
+
+Every function returns a :class:`matplotlib.figure.Figure` built without pyplot, so no backend is
+chosen or needed (the PNG and GIF bytes come from Agg). :func:`png` and :func:`matrix_animation`
+turn them into bytes for the page.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import os
+import tempfile
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+from matplotlib.figure import Figure
+
+__all__ = [
+    "alignment_figure", "coupling_figure", "gan_windows_figure", "group_shares_figure", "kernel_figure",
+    "ledger_figure", "locality_figure", "matrix_animation", "noise_matrix_figure", "png",
+]
+
+
+def png(figure: Figure, *, dpi: int = 110) -> bytes:
+    """The figure as PNG bytes."""
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=dpi)
+    return buffer.getvalue()
+
+
+def _array(values: Any) -> np.ndarray:
+    return np.array([[np.nan if v is None else v for v in row] for row in values], dtype=float) \
+        if values and isinstance(values[0], (list, tuple)) else np.array([np.nan if v is None else v for v in values], dtype=float)
+
+
+def _heatmap(fig: Figure, ax: Any, matrix: Any, title: str, *, diverging: bool, limit: float | None = None,
+             rows: Sequence[Any] | None = None, xlabel: str = "", ylabel: str = "") -> None:
+    values = _array(matrix)
+    if diverging:
+        bound = limit if limit is not None else (np.nanmax(np.abs(values)) if np.isfinite(values).any() else 1.0)
+        image = ax.imshow(values, cmap="coolwarm", vmin=-bound, vmax=bound, aspect="auto")
+    else:
+        image = ax.imshow(values, cmap="viridis", vmin=0.0, vmax=limit, aspect="auto")
+    ax.set_title(title, fontsize=9)
+    ax.set_xlabel(xlabel, fontsize=8)
+    ax.set_ylabel(ylabel, fontsize=8)
+    ax.set_xticks(range(values.shape[1]))
+    if rows is not None:
+        ax.set_yticks(range(len(rows)), [str(r) for r in rows])
+    ax.tick_params(labelsize=7)
+    fig.colorbar(image, ax=ax, shrink=0.8)
+
+
+def _finite_max(*matrices: Any) -> float:
+    values = np.concatenate([_array(m).ravel() for m in matrices if m is not None])
+    values = values[np.isfinite(values)]
+    return float(values.max()) if values.size else 1.0
+
+
+def _finite_absmax(*matrices: Any) -> float:
+    values = np.concatenate([_array(m).ravel() for m in matrices if m is not None])
+    values = np.abs(values[np.isfinite(values)])
+    return float(values.max()) if values.size and values.max() > 0 else 1.0
+
+
+def noise_matrix_figure(summary: Mapping[str, Any]) -> Figure:
+    """Noise × noise matrices: traffic and net shares, measured and control (rows: probe level)."""
+    mats = summary["matrices"]
+    levels = summary["settings"]["probe_levels"]
+    panels = [("traffic", "traffic share, measured", False), ("traffic_control", "traffic share, control", False),
+              ("share", "net share, measured", True), ("share_control", "net share, control", True)]
+    panels = [p for p in panels if p[0] in mats]
+    fig = Figure(figsize=(3.3 * len(panels), 3.2), layout="constrained")
+    axes = fig.subplots(1, len(panels), squeeze=False)[0]
+    traffic_max = _finite_max(mats["traffic"], mats.get("traffic_control"))
+    share_max = _finite_absmax(mats["share"], mats.get("share_control"))
+    for ax, (key, title, diverging) in zip(axes, panels):
+        _heatmap(fig, ax, mats[key], title, diverging=diverging, limit=share_max if diverging else traffic_max,
+                 rows=[f"t={t}" for t in levels], xlabel="training bin", ylabel="probe level")
+    return fig
+
+
+def locality_figure(summary: Mapping[str, Any]) -> Figure:
+    """Locality per probe level (measured minus control with intervals) and, when snapshots exist,
+    over training; κ and the residual per level."""
+    loc = summary["locality"]
+    history = summary.get("locality_over_training") or []
+    ncols = 3 if history else 2
+    fig = Figure(figsize=(4.0 * ncols, 3.2), layout="constrained")
+    axes = fig.subplots(1, ncols, squeeze=False)[0]
+    ax = axes[0]
+    per_level = loc.get("per_level") or []
+    if per_level:
+        x = np.arange(len(per_level))
+        for offset, kind, colour in ((-0.12, "traffic", "C0"), (0.12, "share", "C1")):
+            mid = np.array([_nan(r[kind].get("difference")) for r in per_level])
+            low = np.array([_nan((r[kind].get("interval") or [None, None])[0]) for r in per_level])
+            high = np.array([_nan((r[kind].get("interval") or [None, None])[1]) for r in per_level])
+            ax.errorbar(x + offset, mid, yerr=[mid - low, high - mid], fmt="o", color=colour, capsize=3,
+                        label="traffic" if kind == "traffic" else "net share")
+        ax.set_xticks(x, [f"t={r['level']}" for r in per_level])
+        ax.legend(fontsize=7)
+    else:
+        ax.text(0.5, 0.5, "no control partition:\nno measured-minus-control", ha="center", va="center", fontsize=8)
+    ax.axhline(0.0, color="grey", lw=0.8)
+    ax.set_title(f"locality within {loc['band']} bin(s): measured − control", fontsize=9)
+    ax.set_xlabel("probe level", fontsize=8)
+    ax.tick_params(labelsize=7)
+    if history:
+        ax = axes[1]
+        steps = [row.get("global_step") if row.get("global_step") is not None else row["tracked_step"] for row in history]
+        for kind, colour in (("traffic", "C0"), ("share", "C1")):
+            rows = [row.get(kind) or {} for row in history]
+            mid = np.array([_nan(r.get("difference")) for r in rows])
+            low = np.array([_nan((r.get("interval") or [None, None])[0]) for r in rows])
+            high = np.array([_nan((r.get("interval") or [None, None])[1]) for r in rows])
+            ax.plot(steps, mid, "o-", color=colour, ms=3, label="traffic" if kind == "traffic" else "net share")
+            ax.fill_between(steps, low, high, color=colour, alpha=0.2)
+        ax.axhline(0.0, color="grey", lw=0.8)
+        ax.set_title("locality over training (measured − control)", fontsize=9)
+        ax.set_xlabel("training step", fontsize=8)
+        ax.legend(fontsize=7)
+        ax.tick_params(labelsize=7)
+    ax = axes[-1]
+    mats = summary["matrices"]
+    levels = summary["settings"]["probe_levels"]
+    x = np.arange(len(levels))
+    ax.bar(x - 0.2, _array(mats["kappa"]), width=0.4, color="C2")
+    ax.set_ylabel("κ (mean over the level's probes)", fontsize=8)
+    ax.set_xticks(x, [f"t={t}" for t in levels])
+    twin = ax.twinx()
+    residual = _array(mats["residual"])
+    twin.bar(x + 0.2, np.where(np.isfinite(residual) & (residual > 0), residual, np.nan), width=0.4, color="C3", label="relative residual")
+    if np.isfinite(residual).any() and np.nanmax(residual) > 0:
+        twin.set_yscale("log")
+    twin.set_ylabel("relative residual", fontsize=8)
+    ax.set_title("κ and residual per probe level", fontsize=9)
+    ax.tick_params(labelsize=7)
+    twin.tick_params(labelsize=7)
+    return fig
+
+
+def kernel_figure(summary: Mapping[str, Any]) -> Figure | None:
+    """Normalized-kernel similarity against |Δbin| at every kernel checkpoint."""
+    kernel = [k for k in summary.get("kernel") or [] if k.get("by_distance")]
+    if not kernel:
+        return None
+    fig = Figure(figsize=(7.0, 3.0), layout="constrained")
+    axes = fig.subplots(1, 2)
+    for i, entry in enumerate(kernel):
+        label = f"step {entry.get('global_step')}" if entry.get("tracked_step") is not None else "initialization"
+        colour = f"C{i % 10}"
+        axes[0].plot(_array(entry["by_distance"]), "o-", ms=3, color=colour, label=label)
+        if entry.get("by_distance_same_input"):
+            axes[1].plot(_array(entry["by_distance_same_input"]), "o-", ms=3, color=colour, label=label)
+    axes[0].set_title("k̂ between different inputs", fontsize=9)
+    axes[1].set_title("k̂ of one input at two levels", fontsize=9)
+    for ax in axes:
+        ax.set_xlabel("|Δ bin|", fontsize=8)
+        ax.set_ylabel("mean normalized kernel", fontsize=8)
+        ax.tick_params(labelsize=7)
+        ax.legend(fontsize=7)
+    return fig
+
+
+def ledger_figure(ledger: Mapping[str, Any], title: str = "") -> Figure:
+    """One ledger: traffic and net shares per probe and group, κ and the residual per probe."""
+    fig = Figure(figsize=(11.0, 3.2), layout="constrained")
+    axes = fig.subplots(1, 3)
+    _heatmap(fig, axes[0], ledger["traffic_shares"], f"{title}traffic share", diverging=False,
+             limit=_finite_max(ledger["traffic_shares"]), xlabel="group", ylabel="probe")
+    _heatmap(fig, axes[1], ledger["net_shares"], f"{title}net share", diverging=True,
+             limit=_finite_absmax(ledger["net_shares"]), xlabel="group", ylabel="probe")
+    ax = axes[2]
+    kappa = _array(ledger["kappa"])
+    ax.plot(kappa, "o", ms=3, color="C2", label="κ")
+    ax.set_xlabel("probe", fontsize=8)
+    ax.set_ylabel("κ", fontsize=8)
+    twin = ax.twinx()
+    residual = _array(ledger["probe_relative_residual"])
+    twin.plot(np.where(residual > 0, residual, np.nan), "x", ms=3, color="C3", label="relative residual")
+    if np.isfinite(residual).any() and np.nanmax(residual) > 0:
+        twin.set_yscale("log")
+    twin.set_ylabel("relative residual", fontsize=8)
+    ax.set_title(f"{title}κ (dots) and residual (crosses) per probe", fontsize=9)
+    ax.tick_params(labelsize=7)
+    twin.tick_params(labelsize=7)
+    return fig
+
+
+def group_shares_figure(ledgers: Mapping[str, Mapping[str, Any]]) -> Figure:
+    """Mean traffic and net share per group, one panel per ledger."""
+    fig = Figure(figsize=(4.2 * len(ledgers), 3.0), layout="constrained")
+    axes = fig.subplots(1, len(ledgers), squeeze=False)[0]
+    for ax, (name, ledger) in zip(axes, ledgers.items()):
+        x = np.arange(len(ledger["group_names"]))
+        ax.bar(x - 0.2, _array(ledger["mean_traffic_shares"]), width=0.4, label="traffic share")
+        ax.bar(x + 0.2, _array(ledger["mean_net_shares"]), width=0.4, label="net share")
+        ax.axhline(0.0, color="grey", lw=0.8)
+        ax.set_xticks(x, ledger["group_names"], rotation=30, ha="right")
+        ax.set_title(f"{name}: mean over probes (median κ {_fmt(ledger.get('median_kappa'))})", fontsize=9)
+        ax.tick_params(labelsize=7)
+        ax.legend(fontsize=7)
+    return fig
+
+
+def coupling_figure(coupling: Mapping[str, Any]) -> Figure:
+    """GAN coupling matrices over the run: traffic and net shares, measured and control."""
+    panels = [("traffic_matrix", "traffic share, measured", False), ("traffic_matrix_control", "traffic share, control", False),
+              ("net_matrix", "net share, measured", True), ("net_matrix_control", "net share, control", True)]
+    panels = [p for p in panels if coupling.get(p[0]) is not None]
+    fig = Figure(figsize=(3.3 * len(panels), 3.2), layout="constrained")
+    axes = fig.subplots(1, len(panels), squeeze=False)[0]
+    traffic_max = _finite_max(coupling["traffic_matrix"], coupling.get("traffic_matrix_control"))
+    net_max = _finite_absmax(coupling["net_matrix"], coupling.get("net_matrix_control"))
+    for ax, (key, title, diverging) in zip(axes, panels):
+        _heatmap(fig, ax, coupling[key], title, diverging=diverging, limit=net_max if diverging else traffic_max,
+                 xlabel="training geometry group", ylabel="probe's group")
+    return fig
+
+
+def gan_windows_figure(windows: Sequence[Mapping[str, Any]]) -> Figure | None:
+    """Own-group share (measured − control, with intervals) and κ per coupling window."""
+    rows = [w for w in windows if w.get("traffic_own_minus_control")]
+    if not rows:
+        return None
+    fig = Figure(figsize=(8.0, 3.0), layout="constrained")
+    axes = fig.subplots(1, 2)
+    x = [w["loop_steps"][1] if w.get("loop_steps") else w["steps"][1] for w in rows]
+    for kind, colour in (("traffic", "C0"), ("net", "C1")):
+        results = [w.get(f"{kind}_own_minus_control") or {} for w in rows]
+        mid = np.array([_nan(r.get("difference")) for r in results])
+        low = np.array([_nan((r.get("interval") or [None, None])[0]) for r in results])
+        high = np.array([_nan((r.get("interval") or [None, None])[1]) for r in results])
+        axes[0].plot(x, mid, "o-", ms=3, color=colour, label="traffic" if kind == "traffic" else "net share")
+        axes[0].fill_between(x, low, high, color=colour, alpha=0.2)
+    collapsed = [xi for xi, w in zip(x, rows) if w.get("collapsed")]
+    if collapsed:
+        axes[0].plot(collapsed, [0.0] * len(collapsed), "kx", label="collapsed window")
+    axes[0].axhline(0.0, color="grey", lw=0.8)
+    axes[0].set_title("own-group share per window: measured − control", fontsize=9)
+    axes[0].legend(fontsize=7)
+    axes[1].plot(x, [_nan(w.get("kappa_median")) for w in rows], "o-", ms=3, color="C2")
+    axes[1].set_yscale("log")
+    axes[1].set_title("median κ per window", fontsize=9)
+    for ax in axes:
+        ax.set_xlabel("generator step (window end)", fontsize=8)
+        ax.tick_params(labelsize=7)
+    return fig
+
+
+def alignment_figure(alignment: Sequence[Mapping[str, Any]], coverage: Sequence[Mapping[str, Any]]) -> Figure | None:
+    """Alignment cosines of ΔG at the evaluation steps, and mode coverage where measured."""
+    if not alignment:
+        return None
+    ncols = 2 if coverage else 1
+    fig = Figure(figsize=(4.6 * ncols, 3.0), layout="constrained")
+    axes = fig.subplots(1, ncols, squeeze=False)[0]
+    x = [row.get("loop_step", row.get("step")) for row in alignment]
+    keys = [k for k in alignment[0] if k.startswith("cos_")]
+    for i, key in enumerate(keys):
+        axes[0].plot(x, [_nan(row.get(key)) for row in alignment], "o-", ms=3, color=f"C{i}", label=key[4:].replace("_", " "))
+    axes[0].set_ylim(-1.05, 1.05)
+    axes[0].axhline(0.0, color="grey", lw=0.8)
+    axes[0].set_title("cosines of the generator's change at the probes", fontsize=9)
+    axes[0].set_xlabel("generator step", fontsize=8)
+    axes[0].legend(fontsize=6)
+    axes[0].tick_params(labelsize=7)
+    if coverage:
+        ax = axes[1]
+        cx = [row.get("loop_step", row.get("step", i)) for i, row in enumerate(coverage)]
+        numeric = [k for k, v in coverage[0].items() if isinstance(v, (int, float)) and k not in ("step", "loop_step")]
+        for i, key in enumerate(numeric[:4]):
+            ax.plot(cx, [_nan(row.get(key)) for row in coverage], "o-", ms=3, color=f"C{i}", label=key.replace("_", " "))
+        ax.set_title("mode coverage", fontsize=9)
+        ax.set_xlabel("generator step", fontsize=8)
+        ax.legend(fontsize=6)
+        ax.tick_params(labelsize=7)
+    return fig
+
+
+def matrix_animation(frames: Sequence[Mapping[str, Any]], *, keys: Sequence[tuple[str, str, bool]],
+                     xlabel: str, ylabel: str, fps: float = 2.0, dpi: int = 80) -> bytes | None:
+    """An animated GIF (matplotlib's ``PillowWriter``) of matrices over the run.
+
+    ``frames``: ``[{"label": str, key: matrix, ...}]``; ``keys``: ``(key, title, diverging)`` per
+    panel. Colour scales are fixed over the frames so the change is visible. None for < 2 frames.
+    """
+    from matplotlib.animation import FuncAnimation, PillowWriter
+
+    if len(frames) < 2:
+        return None
+    fig = Figure(figsize=(3.6 * len(keys), 3.3), layout="constrained")
+    axes = fig.subplots(1, len(keys), squeeze=False)[0]
+    images, limits = [], []
+    for ax, (key, title, diverging) in zip(axes, keys):
+        if diverging:
+            bound = _finite_absmax(*[f[key] for f in frames])
+            image = ax.imshow(_array(frames[0][key]), cmap="coolwarm", vmin=-bound, vmax=bound, aspect="auto")
+        else:
+            image = ax.imshow(_array(frames[0][key]), cmap="viridis", vmin=0.0, vmax=_finite_max(*[f[key] for f in frames]),
+                              aspect="auto")
+        fig.colorbar(image, ax=ax, shrink=0.8)
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel(xlabel, fontsize=8)
+        ax.set_ylabel(ylabel, fontsize=8)
+        ax.tick_params(labelsize=7)
+        images.append(image)
+        limits.append(key)
+    caption = fig.suptitle(frames[0]["label"], fontsize=10)
+    fig.set_dpi(dpi)
+    fig.draw_without_rendering()  # lay the figure out once; every frame keeps that layout
+    fig.set_layout_engine("none")
+
+    def draw(i: int) -> list[Any]:
+        for image, key in zip(images, limits):
+            image.set_data(_array(frames[i][key]))
+        caption.set_text(frames[i]["label"])
+        return [*images, caption]
+
+    animation = FuncAnimation(fig, draw, frames=len(frames), blit=False)
+    handle, path = tempfile.mkstemp(suffix=".gif")
+    os.close(handle)
+    try:
+        animation.save(path, writer=PillowWriter(fps=fps), dpi=dpi)
+        with open(path, "rb") as gif:
+            return gif.read()
+    finally:
+        os.unlink(path)
+
+
+def _nan(value: Any) -> float:
+    return math.nan if value is None else float(value)
+
+
+def _fmt(value: Any) -> str:
+    return "n/a" if value is None else f"{value:.3g}"

@@ -1,0 +1,514 @@
+"""Saved states read back as plain numbers: what ``genkernel summarize`` prints and the HTML report draws.
+
+A state is what genkernel writes with ``save`` / ``state_dict``: a
+:class:`~genkernel.core.tracking.ledger.PathKernelLedger`, a
+:class:`~genkernel.core.tracking.tracker.PathKernelTracker`, a
+:class:`~genkernel.diffusion.NoiseLevelAnalyzer`, a :class:`~genkernel.gan.GANKernelAnalyzer`, or
+a trainer checkpoint holding analyzer states among its callbacks. Files are read with
+:func:`~genkernel.core.tracking.io.load_state` (``weights_only=True``). Everything here is
+computed from the saved ledgers with the same grouping functions the analyzers use
+(:mod:`genkernel.core.grouping`), so the numbers equal the analyzer's own ``report()``; no model,
+scheduler or data is needed. The quantities are defined in ``docs/summaries.md``.
+
+:func:`summarize` returns strict-JSON-ready dicts (NaN as None), :func:`format_summary` the text.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import Any, Iterator, Mapping
+
+import torch
+
+from ..core import grouping
+from ..core.tracking.io import load_state
+from ..core.tracking.ledger import PathKernelLedger
+
+__all__ = ["find_states", "format_summary", "kind_of", "ledger_from_state", "read_state", "summarize", "summarize_state"]
+
+KINDS = {
+    "genkernel.NoiseLevelAnalyzer/": "diffusion",
+    "genkernel.GANKernelAnalyzer/": "gan",
+    "genkernel.PathKernelTracker/": "tracker",
+    "genkernel.PathKernelLedger/": "ledger",
+}
+RESIDUAL_LIMIT = 1e-3  # the analyzers' own threshold for a residual note
+REST_LIMIT = 0.5  # above it the window measured mostly what no tracked example caused
+ROLE_NAMES = ("generated", "real", "penalty")  # genkernel.gan.losses.ROLE_NAMES, without importing the GAN stack
+
+
+# -- reading ---------------------------------------------------------------------------------
+def read_state(source: Any) -> tuple[dict[str, Any], str]:
+    """``(state, origin)`` from a path (loaded with ``weights_only=True``), a state dict, or an
+    object with ``state_dict()`` (an analyzer, tracker or ledger)."""
+    if isinstance(source, (str, os.PathLike)):
+        return load_state(source), str(Path(source))
+    if isinstance(source, Mapping):
+        return dict(source), "state dict"
+    if hasattr(source, "state_dict"):
+        state = source.state_dict()
+        if isinstance(source, PathKernelLedger):
+            state = {"format": "genkernel.PathKernelLedger/1", **state}
+        return state, f"{type(source).__name__} object"
+    raise TypeError(f"expected a path, a state dict or a genkernel object, got {type(source).__name__}")
+
+
+def kind_of(state: Any) -> str | None:
+    """``"diffusion"``, ``"gan"``, ``"tracker"``, ``"ledger"`` or None, from a state's ``format``."""
+    fmt = state.get("format") if isinstance(state, Mapping) else None
+    if not isinstance(fmt, str):
+        return None
+    for prefix, kind in KINDS.items():
+        if fmt.startswith(prefix):
+            return kind
+    return None
+
+
+def find_states(state: Any, path: str = "", depth: int = 3) -> Iterator[tuple[str, dict[str, Any]]]:
+    """Every state genkernel can summarize inside ``state``: itself, or (a trainer checkpoint) the
+    analyzer states among its values, as ``(key path, state)``."""
+    if kind_of(state) is not None:
+        yield path or "(top level)", state
+        return
+    if isinstance(state, Mapping) and depth > 0:
+        for key, value in state.items():
+            yield from find_states(value, f"{path}.{key}" if path else str(key), depth - 1)
+
+
+def ledger_from_state(state: Mapping[str, Any]) -> PathKernelLedger:
+    """A :class:`PathKernelLedger` from its ``state_dict()`` (with or without ``format``)."""
+    fields = {k: v for k, v in state.items() if k != "format"}
+    return PathKernelLedger.from_state_dict(fields)
+
+
+# -- shared pieces ---------------------------------------------------------------------------
+def _num(value: Any) -> float | None:
+    if isinstance(value, torch.Tensor):
+        value = value.item()
+    value = float(value)
+    return value if math.isfinite(value) else None
+
+
+def jsonable(value: Any) -> Any:
+    """Tensors to lists, non-finite floats to None, tuples to lists, keys to strings."""
+    if isinstance(value, torch.Tensor):
+        return jsonable(value.tolist())
+    if isinstance(value, Mapping):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [jsonable(v) for v in value]
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, (bool, int, str)) or value is None:
+        return value
+    if hasattr(value, "item"):
+        return jsonable(value.item())
+    return str(value)
+
+
+def _median(values: torch.Tensor) -> float | None:
+    values = values[torch.isfinite(values)]
+    return _num(values.median()) if values.numel() else None
+
+
+def _claim(statement: str, held: bool | None, value: Any = None, interval: Any = None, **extra: Any) -> dict[str, Any]:
+    return {"statement": statement, "held": held, "value": value, "interval": interval, **extra}
+
+
+def ledger_summary(ledger: PathKernelLedger, *, top: int = 3, group_names: list[str] | None = None,
+                   probe_names: list[str] | None = None) -> dict[str, Any]:
+    """The ledger identity's numbers, shares with κ, traffic, and the ``top`` groups of every
+    probe (by traffic share, with the net share beside it)."""
+    summary = ledger.summary()
+    shares = ledger.shares()
+    traffic = ledger.traffic_shares().cpu()
+    net = shares.groups.cpu()
+    kappa = shares.kappa.cpu()
+    residual = ledger.probe_relative_residual().cpu()
+    names = group_names or [f"group {g}" for g in range(ledger.num_groups)]
+    per_probe = []
+    for m in range(traffic.shape[0]):
+        order = torch.argsort(torch.nan_to_num(traffic[m], nan=-1.0), descending=True)[:top]
+        per_probe.append({
+            "probe": m, **({"label": probe_names[m]} if probe_names else {}),
+            "kappa": _num(kappa[m]), "relative_residual": _num(residual[m]),
+            "rest_share": _num(shares.rest[m]),
+            "top_groups": [{"group": int(g), "name": names[int(g)], "traffic_share": _num(traffic[m, g]),
+                            "net_share": _num(net[m, g])} for g in order.tolist()],
+        })
+    return jsonable({
+        **summary,
+        "median_rest_share": _median(shares.rest.cpu()),
+        "median_residual_share": _median(shares.residual.cpu()),
+        "max_kappa": _num(kappa[torch.isfinite(kappa)].max()) if torch.isfinite(kappa).any() else None,
+        "group_names": names,
+        "mean_traffic_shares": traffic.nanmean(dim=0),
+        "mean_net_shares": net.nanmean(dim=0),
+        "traffic_shares": traffic,
+        "net_shares": net,
+        "kappa": kappa,
+        "probe_relative_residual": residual,
+        "top_groups": per_probe,
+        "history_steps": [h["step"] for h in ledger.history],
+    })
+
+
+def _ledger_claims(summary: Mapping[str, Any], what: str = "ledger") -> list[dict[str, Any]]:
+    residual = summary.get("relative_residual")
+    claims = [_claim(
+        f"The {what} adds up: Σ contributions + rest + residual equals the measured change, with a relative "
+        f"residual below {RESIDUAL_LIMIT:g}", None if residual is None else residual <= RESIDUAL_LIMIT, residual)]
+    rest = summary.get("median_rest_share")
+    if rest is not None:
+        claims.append(_claim(
+            f"The change is what the tracked examples caused (median rest share below {REST_LIMIT})",
+            abs(rest) <= REST_LIMIT, rest))
+    return claims
+
+
+# -- diffusion -------------------------------------------------------------------------------
+def _diffusion(state: Mapping[str, Any], top: int) -> dict[str, Any]:
+    if not state.get("bound"):
+        return {"kind": "diffusion", "format": state.get("format"), "bound": False,
+                "notes": ["the analyzer was saved before it tracked anything"]}
+    tracker = state["tracker"]
+    ledgers = {name: ledger_from_state(s) for name, s in tracker["ledgers"].items()}
+    config = state["config"]
+    num_bins = int(config["num_bins"])
+    controls = [name for name in ledgers if name.startswith("control_")]
+    timesteps = torch.tensor(config["probe_timesteps"], dtype=torch.long)
+    edges = torch.tensor(config["bin_edges"], dtype=torch.long)
+    levels, probe_level = torch.unique(timesteps, return_inverse=True)  # rows: probe levels, ascending
+    num_levels = levels.numel()
+    probe_bins = (torch.searchsorted(edges, timesteps, right=True) - 1).clamp(0, num_bins - 1)
+    level_bins = (torch.searchsorted(edges, levels, right=True) - 1).clamp(0, num_bins - 1)
+    history = list(state.get("history") or [])
+    band = int(history[-1]["band"]) if history and "band" in history[-1] else 1
+    measured = ledgers["level"]
+    delta = measured.delta.cpu()
+
+    def by_level(values: torch.Tensor) -> torch.Tensor:
+        return grouping.average_by_probe_group(values, probe_level, num_levels)
+
+    def shares_of(ledger: PathKernelLedger) -> tuple[torch.Tensor, torch.Tensor]:
+        contributions = ledger.contributions.cpu()
+        return grouping.net_shares(contributions, ledger.delta.cpu()), grouping.cancellation_ratio(contributions, ledger.delta.cpu())
+
+    share, kappa = shares_of(measured)
+    traffic = grouping.traffic_shares(measured.traffic.cpu())
+    matrices: dict[str, Any] = {
+        "traffic": by_level(traffic), "share": by_level(share), "kappa": by_level(kappa[:, None])[:, 0],
+        "residual": by_level(measured.probe_relative_residual().cpu()[:, None])[:, 0],
+    }
+    locality: dict[str, Any] = {"band": band, "median_kappa": _median(kappa)}
+    traffic_band = grouping.band_total(traffic, probe_bins, band)
+    share_band = grouping.band_total(share, probe_bins, band)
+    if controls:
+        control_traffic = [grouping.traffic_shares(ledgers[c].traffic.cpu()) for c in controls]
+        control_shares = [shares_of(ledgers[c]) for c in controls]
+        matrices["traffic_control"] = torch.stack([by_level(t) for t in control_traffic]).mean(0)
+        matrices["share_control"] = torch.stack([by_level(s) for s, _ in control_shares]).mean(0)
+        traffic_c = torch.stack([grouping.band_total(t, probe_bins, band) for t in control_traffic])
+        share_c = torch.stack([grouping.band_total(s, probe_bins, band) for s, _ in control_shares])
+        locality["traffic"] = grouping.measured_minus_control(traffic_band, traffic_c)
+        locality["share"] = grouping.measured_minus_control(share_band, share_c)
+        locality["median_kappa_control"] = _median(torch.stack([k for _, k in control_shares]))
+        locality["per_level"] = [
+            {"level": int(levels[i]), "bin": int(level_bins[i]),
+             "traffic": grouping.measured_minus_control(traffic_band[rows], traffic_c[:, rows]),
+             "share": grouping.measured_minus_control(share_band[rows], share_c[:, rows])}
+            for i in range(num_levels) for rows in [probe_level == i]
+        ]
+    else:
+        locality["traffic"] = {"measured": _num(traffic_band.nanmean())}
+        locality["share"] = {"measured": _num(share_band.nanmean())}
+    bin_names = [f"bin {g} (t {int(edges[g])}–{int(edges[g + 1]) - 1})" for g in range(num_bins)]
+    ledger = ledger_summary(measured, top=top, group_names=bin_names,
+                            probe_names=[f"level t={int(t)}" for t in timesteps.tolist()])
+    top_by_level = []
+    for i in range(num_levels):
+        row = matrices["traffic"][i]
+        order = torch.argsort(torch.nan_to_num(row, nan=-1.0), descending=True)[:top]
+        top_by_level.append({"level": int(levels[i]), "bin": int(level_bins[i]), "kappa": _num(matrices["kappa"][i]),
+                             "top_groups": [{"group": int(g), "name": bin_names[int(g)],
+                                             "traffic_share": _num(row[g]), "net_share": _num(matrices["share"][i, g])}
+                                            for g in order.tolist()]})
+    claims = _ledger_claims(ledger)
+    if controls:
+        for kind, what in (("traffic", "traffic"), ("share", "net share")):
+            result = locality[kind]
+            claims.append(_claim(
+                f"Corrections are noise-localized ({what}): the {what} from training within {band} bin(s) of a probe's "
+                "level exceeds the label-permutation control on the same trajectory (measured minus control, "
+                f"{int(result['confidence'] * 100)} % interval above 0)",
+                bool(result["held"]), result["difference"], result["interval"], method=result["method"], n=result["n"]))
+        if locality["median_kappa"] is not None and locality["median_kappa"] > 10:
+            claims[-1]["caveat"] = (f"median κ is {locality['median_kappa']:.3g}: net shares are ill-conditioned here; "
+                                    "read the traffic claim")
+    notes = []
+    if ledger["relative_residual"] is not None and ledger["relative_residual"] > RESIDUAL_LIMIT:
+        notes.append(f"the residual is {ledger['relative_residual']:.2g} of the change (quadrature "
+                     f"{tracker.get('quadrature')!r}): quadrature='simpson' makes it orders of magnitude smaller at large steps")
+    if ledger["median_rest_share"] is not None and abs(ledger["median_rest_share"]) > REST_LIMIT:
+        notes.append("the window's change is mostly the rest (optimizer state from before tracking began, or weight "
+                     "decay): the group shares describe the smaller remainder; track a longer window")
+    global_steps = [s for s in state.get("global_steps", []) if s is not None]
+    return jsonable({
+        "kind": "diffusion", "format": state["format"],
+        "settings": {
+            "num_bins": num_bins, "bin_edges": edges, "controls": len(controls), "band": band,
+            "probe_levels": levels, "probe_level_bins": level_bins, "num_probes": int(timesteps.numel()),
+            "quadrature": tracker.get("quadrature"), "group_state": tracker.get("group_state"),
+            **_identity(tracker),
+        },
+        "tracked_steps": measured.steps,
+        "global_steps": [global_steps[0], global_steps[-1]] if global_steps else None,
+        "ledger": ledger,
+        "matrices": matrices,
+        "axes": {"rows": "probe level (timestep s)", "columns": "training-timestep bin (0: least noise)"},
+        "locality": locality,
+        "top_groups_by_level": top_by_level,
+        "locality_over_training": history,
+        "kernel": list(state.get("kernel_history") or []),
+        "bin_counts_total": torch.tensor(state["bin_counts"]).sum(0) if state.get("bin_counts") else [],
+        "ema": _ema_summary(tracker),
+        "claims": claims,
+        "notes": notes,
+    })
+
+
+def _identity(tracker: Mapping[str, Any]) -> dict[str, Any]:
+    identity = tracker.get("identity") or {}
+    parameters = identity.get("parameters") or {}
+    return {
+        "optimizer": identity.get("optimizer"),
+        "parameter_tensors": len(parameters),
+        "parameters": int(sum(math.prod(shape) for shape in parameters.values())),
+        "probe_shapes": [list(p[0]) for p in identity.get("probes", [])],
+    }
+
+
+def _ema_summary(tracker: Mapping[str, Any]) -> dict[str, Any] | None:
+    ema = tracker.get("ema")
+    if not isinstance(ema, Mapping):
+        return None
+    ledgers = ema.get("ledgers")
+    if not isinstance(ledgers, Mapping) or not ledgers:
+        return None
+    first = next(iter(ledgers.values()))
+    return {"ledger": ledger_from_state(first).summary(), "decays": list(ema.get("decays", []))[-5:]}
+
+
+# -- GAN -------------------------------------------------------------------------------------
+def _coupling(ledgers: Mapping[str, PathKernelLedger], probe_groups: torch.Tensor, num_groups: int) -> dict[str, Any]:
+    measured = ledgers["geometry"]
+    delta = measured.delta.cpu()
+    controls = [name for name in ledgers if name.startswith("control_")]
+
+    def shares(ledger: PathKernelLedger) -> dict[str, torch.Tensor]:
+        return {"traffic": grouping.traffic_shares(ledger.traffic.cpu()),
+                "net": grouping.net_shares(ledger.contributions.cpu(), delta)}
+
+    mine = shares(measured)
+    others = [shares(ledgers[c]) for c in controls]
+    out: dict[str, Any] = {"kappa_median": _median(measured.cancellation_ratio().cpu()), "controls": len(controls)}
+    for kind in ("traffic", "net"):
+        out[f"{kind}_matrix"] = grouping.average_by_probe_group(mine[kind], probe_groups, num_groups)
+        own = grouping.own_share(mine[kind], probe_groups)
+        if others:
+            out[f"{kind}_matrix_control"] = torch.stack(
+                [grouping.average_by_probe_group(o[kind], probe_groups, num_groups) for o in others]).mean(0)
+            own_control = torch.stack([grouping.own_share(o[kind], probe_groups) for o in others])
+            out[f"{kind}_own_minus_control"] = grouping.measured_minus_control(own, own_control)
+        else:
+            out[f"{kind}_own"] = _num(own.nanmean())
+    return out
+
+
+def _gan(state: Mapping[str, Any], top: int) -> dict[str, Any]:
+    config = state.get("config", {})
+    num_groups = int(config.get("num_groups", 0))
+    out: dict[str, Any] = {
+        "kind": "gan", "format": state["format"],
+        "settings": {"num_groups": num_groups, "controls": config.get("controls"), "grouping": config.get("grouping"),
+                     "start_step": state.get("start_step")},
+        "generator_steps": state.get("g_steps", 0), "discriminator_steps": state.get("d_steps", 0),
+        "notes": [n for n in state.get("notes", []) if n],
+    }
+    claims: list[dict[str, Any]] = []
+    g_tracker = state.get("g_tracker")
+    if g_tracker:
+        ledgers = {name: ledger_from_state(s) for name, s in g_tracker["ledgers"].items()}
+        names = [f"geometry group {g}" for g in range(num_groups)]
+        out["settings"].update(quadrature=g_tracker.get("quadrature"), group_state=g_tracker.get("group_state"),
+                               **_identity(g_tracker))
+        out["generator"] = ledger_summary(ledgers["geometry"], top=top, group_names=names)
+        claims += _ledger_claims(out["generator"], "generator ledger")
+        run_groups = state.get("run_groups")
+        if run_groups is not None:
+            coupling = _coupling(ledgers, torch.as_tensor(run_groups).long().cpu(), num_groups)
+            out["coupling_whole_run"] = coupling
+            for kind, what in (("traffic", "traffic"), ("net", "net share")):
+                result = coupling.get(f"{kind}_own_minus_control")
+                if result is not None:
+                    claims.append(_claim(
+                        f"Coupling follows the discriminator's geometry ({what}): a probe's correction comes more from its own "
+                        "geometry group than under permuted labels on the same steps (own-group share, measured minus control, "
+                        f"{int(result['confidence'] * 100)} % interval above 0)",
+                        bool(result["held"]), result["difference"], result["interval"], method=result["method"], n=result["n"]))
+            if coupling["kappa_median"] is not None and coupling["kappa_median"] > 10 and claims:
+                claims[-1]["caveat"] = (f"median κ is {coupling['kappa_median']:.3g}: net shares are ill-conditioned here; "
+                                        "read the traffic claim")
+        out["ema"] = _ema_summary(g_tracker)
+    windows = []
+    for w in state.get("windows", []):
+        row = {k: w.get(k) for k in ("steps", "loop_steps", "collapsed", "kappa_median", "traffic_matrix", "net_matrix",
+                                     "traffic_own_minus_control", "net_own_minus_control", "traffic_own", "net_own")
+               if k in w}
+        windows.append(row)
+    out["windows"] = windows
+    out["alignment"] = list(state.get("alignment", []))
+    out["coverage"] = list(state.get("coverage", []))
+    formula = [row.get("cos_formula") for row in out["alignment"] if row.get("cos_formula") is not None]
+    if formula:
+        mean = sum(formula) / len(formula)
+        claims.append(_claim("The one-step formula holds: the ledger's predicted ΔG(z') points along the observed change "
+                             "(mean cosine ≥ 0.99 at the evaluation steps)", mean >= 0.99, mean, n=len(formula)))
+    d_tracker = state.get("d_tracker")
+    if d_tracker:
+        ledger = ledger_from_state(next(iter(d_tracker["ledgers"].values())))
+        labels = list(ROLE_NAMES) if ledger.num_groups == 3 else None
+        out["discriminator"] = ledger_summary(ledger, top=top, group_names=labels)
+        claims += _ledger_claims(out["discriminator"], "discriminator ledger")
+    out["claims"] = claims
+    return jsonable(out)
+
+
+# -- tracker and ledger ----------------------------------------------------------------------
+def _tracker(state: Mapping[str, Any], top: int) -> dict[str, Any]:
+    ledgers = {name: ledger_summary(ledger_from_state(s), top=top) for name, s in state["ledgers"].items()}
+    first = next(iter(ledgers.values()))
+    return jsonable({
+        "kind": "tracker", "format": state["format"],
+        "settings": {"partitions": state.get("partitions"), "quadrature": state.get("quadrature"),
+                     "group_state": state.get("group_state"), **_identity(state)},
+        "ledgers": ledgers, "claims": _ledger_claims(first), "ema": _ema_summary(state), "notes": [],
+    })
+
+
+def _ledger(state: Mapping[str, Any], top: int) -> dict[str, Any]:
+    summary = ledger_summary(ledger_from_state(state), top=top)
+    return jsonable({"kind": "ledger", "format": state.get("format"), "settings": {},
+                     "ledgers": {"ledger": summary}, "claims": _ledger_claims(summary), "notes": []})
+
+
+def summarize_state(state: Mapping[str, Any], *, top: int = 3) -> dict[str, Any]:
+    """The summary of one state of a known ``format`` (see :func:`kind_of`)."""
+    kind = kind_of(state)
+    if kind is None:
+        raise ValueError(f"not a genkernel state genkernel can summarize (format {state.get('format')!r})")
+    return {"diffusion": _diffusion, "gan": _gan, "tracker": _tracker, "ledger": _ledger}[kind](state, top)
+
+
+def summarize(source: Any, *, top: int = 3) -> dict[str, Any]:
+    """Every summarizable state in ``source`` (a path, a state, or an analyzer/tracker/ledger).
+
+    Returns ``{"source": ..., "states": {key: summary}}``, strict-JSON ready.
+    """
+    state, origin = read_state(source)
+    found = list(find_states(state))
+    if not found:
+        keys = sorted(state) if isinstance(state, Mapping) else type(state).__name__
+        raise ValueError(
+            f"{origin} holds no ledger, tracker or analyzer state (format {state.get('format')!r}, keys {keys}); "
+            "summarize takes what PathKernelLedger.save, PathKernelTracker.save, NoiseLevelAnalyzer.save, "
+            "a GANKernelAnalyzer's state_dict or a trainer checkpoint wrote"
+        )
+    return {"source": origin, "states": {key: summarize_state(s, top=top) for key, s in found}}
+
+
+# -- text ------------------------------------------------------------------------------------
+def _fmt(value: Any, digits: int = 3) -> str:
+    if value is None:
+        return "n/a"
+    if isinstance(value, float):
+        return f"{value:.{digits}g}"
+    return str(value)
+
+
+def _interval(result: Mapping[str, Any] | None) -> str:
+    if not result or "difference" not in result:
+        return "n/a" if not result else f"measured {_fmt(result.get('measured'))} (no control)"
+    low, high = result["interval"]
+    return (f"{_fmt(result['difference'])} [{_fmt(low)}, {_fmt(high)}] (measured {_fmt(result['measured'])}, "
+            f"control {_fmt(result['control'])})")
+
+
+def _ledger_lines(name: str, summary: Mapping[str, Any], top_probes: int) -> list[str]:
+    lines = [
+        f"  {name}: {summary['steps']} steps, {summary['probes']} probes × {summary['groups']} groups",
+        f"    relative residual {_fmt(summary['relative_residual'])} (worst probe {_fmt(summary['max_probe_relative_residual'])}), "
+        f"median rest share {_fmt(summary['median_rest_share'])}, median κ {_fmt(summary['median_kappa'])}",
+        "    mean traffic shares: " + ", ".join(
+            f"{n}: {_fmt(v, 2)}" for n, v in zip(summary["group_names"], summary["mean_traffic_shares"])),
+        "    mean net shares:     " + ", ".join(
+            f"{n}: {_fmt(v, 2)}" for n, v in zip(summary["group_names"], summary["mean_net_shares"])),
+        f"    top groups per probe (traffic share / net share; κ), first {min(top_probes, len(summary['top_groups']))}:",
+    ]
+    for row in summary["top_groups"][:top_probes]:
+        groups = "; ".join(f"{g['name']} {_fmt(g['traffic_share'], 2)}/{_fmt(g['net_share'], 2)}" for g in row["top_groups"])
+        lines.append(f"      probe {row['probe']}{' (' + row['label'] + ')' if 'label' in row else ''}: {groups}; κ {_fmt(row['kappa'])}")
+    return lines
+
+
+def format_summary(summary: Mapping[str, Any], *, top_probes: int = 8) -> str:
+    """:func:`summarize`'s result as readable text."""
+    lines = [f"genkernel summary of {summary['source']}"]
+    for key, s in summary["states"].items():
+        lines.append(f"\n[{key}] {s.get('format')}")
+        kind = s["kind"]
+        settings = s.get("settings") or {}
+        if settings:
+            lines.append("  settings: " + ", ".join(
+                f"{k}={v}" for k, v in settings.items() if not isinstance(v, (list, dict)) or len(str(v)) < 60))
+        if kind == "diffusion" and s.get("ledger"):
+            lines += _ledger_lines("level ledger", s["ledger"], top_probes)
+            loc = s["locality"]
+            lines.append(f"  locality within {loc['band']} bin(s), measured minus control (95 % interval):")
+            lines.append(f"    traffic   {_interval(loc.get('traffic'))}")
+            lines.append(f"    net share {_interval(loc.get('share'))}")
+            lines.append("  top training bins per probe level (traffic share / net share):")
+            for row in s["top_groups_by_level"]:
+                groups = "; ".join(f"bin {g['group']} {_fmt(g['traffic_share'], 2)}/{_fmt(g['net_share'], 2)}"
+                                   for g in row["top_groups"])
+                lines.append(f"    t={row['level']} (bin {row['bin']}): {groups}; κ {_fmt(row['kappa'])}")
+        elif kind == "gan":
+            lines.append(f"  generator steps {s['generator_steps']}, discriminator steps {s['discriminator_steps']}")
+            if s.get("generator"):
+                lines += _ledger_lines("generator ledger (geometry groups)", s["generator"], top_probes)
+            coupling = s.get("coupling_whole_run")
+            if coupling:
+                lines.append("  own-group share over the run, measured minus control (95 % interval):")
+                lines.append(f"    traffic   {_interval(coupling.get('traffic_own_minus_control'))}")
+                lines.append(f"    net share {_interval(coupling.get('net_own_minus_control'))}")
+            if s.get("windows"):
+                lines.append(f"  {len(s['windows'])} coupling windows; last: traffic own "
+                             f"{_interval(s['windows'][-1].get('traffic_own_minus_control'))}")
+            if s.get("discriminator"):
+                lines += _ledger_lines("discriminator ledger", s["discriminator"], min(top_probes, 4))
+        elif s.get("ledgers"):
+            for name, ledger in s["ledgers"].items():
+                lines += _ledger_lines(f"ledger {name!r}", ledger, top_probes)
+        elif kind == "diffusion":
+            lines.append("  (not bound: nothing tracked)")
+        for claim in s.get("claims", []):
+            mark = {True: "held", False: "not held", None: "n/a"}[claim["held"]]
+            lines.append(f"  claim [{mark}] {claim['statement']}: {_fmt(claim['value'])}"
+                         + (f" [{_fmt(claim['interval'][0])}, {_fmt(claim['interval'][1])}]" if claim.get("interval") else ""))
+            if claim.get("caveat"):
+                lines.append(f"    caveat: {claim['caveat']}")
+        for note in s.get("notes", []):
+            lines.append(f"  note: {note}")
+    return "\n".join(lines)
