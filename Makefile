@@ -3,18 +3,33 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-# Torch first, pinned to the releases this machine's pip serves from its local cache.
+# Torch first, pinned to the releases this machine's pip serves from its local cache, so the
+# environment is reproducible. The package itself has lower bounds only (pyproject.toml).
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
+# The index torch and torchvision come from (empty: pip's default). For a CPU-only torch, where
+# the index serves one (the default wheels carry about 4 GB of CUDA libraries):
+#     make install TORCH_INDEX=https://download.pytorch.org/whl/cpu
+TORCH_INDEX ?=
+TORCH_CHOICE := $(VENV)/.torch-choice
+# The recipes and figure scripts save figures without a display; library modules never choose.
+export MPLBACKEND ?= Agg
 
-.PHONY: install test test-slow figures figures-full bench clean
+.PHONY: install test test-slow figures figures-full bench docs report-screenshot clean FORCE
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --upgrade pip
 
-$(STAMP): $(PY) pyproject.toml
-	$(PY) -m pip install $(TORCH_PINS)
-	$(PY) -m pip install -e '.[test]'
+# Rewritten only when the torch choice changes; a change reinstalls torch in the existing .venv.
+$(TORCH_CHOICE): FORCE | $(PY)
+	@if [ "$$(cat $@ 2>/dev/null)" != "$(TORCH_PINS) index=$(TORCH_INDEX)" ]; then \
+		if [ -f $@ ]; then $(PY) -m pip uninstall -y torch torchvision; fi; \
+		echo "$(TORCH_PINS) index=$(TORCH_INDEX)" > $@; \
+	fi
+
+$(STAMP): $(PY) pyproject.toml $(TORCH_CHOICE)
+	$(PY) -m pip install $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) $(TORCH_PINS)
+	$(PY) -m pip install -e '.[test,docs]'
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -35,5 +50,20 @@ figures-full: $(STAMP)
 bench: $(STAMP)
 	$(PY) -m recipes.benchmarks.kernels --cap 20
 
+# The mathematics (docs/*.md) rendered, links and docstring references checked, and the API
+# reference from the docstrings (pdoc) into docs/_build/; any warning fails the build.
+docs: $(STAMP)
+	$(PY) docs/build.py
+
+# figures/report_screenshot.png: the HTML report of a small real run (docs/examples/diffusion.py)
+# rendered in headless Chromium (apt-get install chromium).
+report-screenshot: $(STAMP)
+	$(PY) -c "import sys; sys.path.insert(0, 'docs/examples'); import diffusion; \
+	from genkernel.report.browser import inspect_page; run = diffusion.main('build/report-example'); \
+	page = inspect_page(run['report'], screenshot='figures/report_screenshot.png'); \
+	assert not page['broken'] and not page['errors'], page; print('wrote figures/report_screenshot.png')"
+
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) build *.egg-info docs/_build
+
+FORCE:
