@@ -1,4 +1,4 @@
-"""The optimizer-weighted gradient kernel (DESIGN.md section 2, optimizer-specific weighting).
+"""The optimizer-weighted gradient kernel (docs/optimizers.md, "Adam and AdamW").
 
 Under Adam/AdamW/RMSprop a step's update is the gradient preconditioned by P_k = diag(1/(sqrt(v̂_k)+ε)),
 so the kernel through which a training example moves a probe becomes J(x) P_k J(x')ᵀ instead of

@@ -1,6 +1,6 @@
 """Spectral tools for path kernels: generalization and the null space.
 
-DESIGN.md section 2, "Generalization and the null space". Given the N x N Gram matrix of a
+docs/generalization.md, "The null space". Given the N x N Gram matrix of a
 (path) kernel over the training inputs, these functions
 
 - eigen-decompose it (:func:`eigendecompose`),
@@ -348,7 +348,7 @@ def top_k_target_energy(system: KernelEigensystem, y, k: int) -> float:
 def kernel_target_alignment(gram, y) -> float:
     """Kernel-target alignment A(K, y) = ⟨K, Y Yᵀ⟩_F / (‖K‖_F ‖Y Yᵀ‖_F).
 
-    For a vector target ‖y yᵀ‖_F = ‖y‖², which is DESIGN.md's ⟨K, yyᵀ⟩ / (‖K‖_F ‖y‖²).
+    For a vector target ‖y yᵀ‖_F = ‖y‖², which is ⟨K, yyᵀ⟩ / (‖K‖_F ‖y‖²) of docs/generalization.md.
     For Y of shape [N, d] the normaliser is ‖Y Yᵀ‖_F (= ‖YᵀY‖_F), which makes A the cosine
     between K and Y Yᵀ: A = 1 exactly when K is a positive multiple of Y Yᵀ. (‖Y‖_F² would
     overstate the normaliser for d > 1, e.g. by sqrt(C) for balanced one-hot labels.)

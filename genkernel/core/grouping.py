@@ -7,7 +7,7 @@ tracker splits every step for several partitions of the same examples at once
 Σ_{g∈π} u_{k,g} + u_rest = Δ_k, so the partitions' ledgers share their rest and residual.
 
 Everything an analyzer reports about a grouping is computed here, once, from the ledger's own
-formulas (DESIGN.md section 2, "Scalar summaries of contributions"):
+formulas (docs/summaries.md):
 
 - :func:`net_shares` share(x, g) = ⟨C(x, g), Δf(x)⟩ / ‖Δf(x)‖² and :func:`cancellation_ratio`
   κ(x) = Σ_g ‖C(x, g)‖ / ‖Δf(x)‖ (report them together);

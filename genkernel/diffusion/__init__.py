@@ -11,7 +11,7 @@ Public API::
         diffusion_loss, training_target, noisy_input, timestep_bins,    # the DDPM objective, for user loops
     )
 
-See :mod:`genkernel.diffusion.analyzer` for the user-loop example and DESIGN.md section 3.
+See :mod:`genkernel.diffusion.analyzer` for the user-loop example and docs/diffusion.md.
 Plumbing (argument checks, schedule constants) stays importable from its module.
 """
 

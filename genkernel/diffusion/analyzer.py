@@ -1,6 +1,6 @@
 """NoiseLevelAnalyzer: the path-kernel ledger of a DDPM denoiser, split by training noise level.
 
-DESIGN.md section 3. A training contribution is a triple (x_n, t, ε); groups are bins of the
+docs/diffusion.md. A training contribution is a triple (x_n, t, ε); groups are bins of the
 training timestep t (default 10 bins of equal width); a probe is (clean x, level s, fixed
 noise ε') fed to the denoiser as the state (z_s, s) with z_s = sqrt(ᾱ_s) x + sqrt(1 − ᾱ_s) ε'.
 The core's exact ledger (:class:`~genkernel.core.tracking.tracker.PathKernelTracker`) gives, at every

@@ -1,7 +1,7 @@
 """Normalized gradient kernels between denoiser states (x_t, t), exact or output-sketched.
 
 A *state* is a denoiser input, the tuple ``(z [M, *shape], t [M])``. The normalized kernel
-k̂((z, s), (z', t)) = k / sqrt(k(z, z) k(z', t')) (DESIGN.md section 2) uses the trace kernel
+k̂((z, s), (z', t)) = k / sqrt(k(z, z) k(z', t')) (docs/ledger.md, "Gradient kernels") uses the trace kernel
 k = tr J(z, s) J(z', t)ᵀ over the trainable parameters.
 
 For d outputs and P parameters the exact kernel needs per-state Jacobians d×P (the core's

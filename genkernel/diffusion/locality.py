@@ -1,4 +1,4 @@
-"""Kernel locality across noise levels (DESIGN.md section 3).
+"""Kernel locality across noise levels (docs/diffusion.md, "Locality: the claim and how it is measured").
 
 :func:`kernel_locality`: within-band minus outside-band mean of k̂ per point, with a level-label
 permutation control, and the decay profile of k̂ with |Δbin|. Plain tensor arithmetic on a

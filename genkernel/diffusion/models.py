@@ -1,5 +1,5 @@
 """Denoisers for the DDPM trainer: a time-embedded MLP for 2-D points, a small diffusers
-``UNet2DModel`` for images, and the sanity-check denoisers of DESIGN.md section 3.
+``UNet2DModel`` for images, and the sanity-check denoisers of docs/diffusion.md.
 
 Every denoiser is called as ``model(x_t, t)`` with ``x_t: Tensor[B, *shape]`` and integer
 timesteps ``t: LongTensor[B]`` (a 0-d or 1-element ``t`` is broadcast), and returns a tensor
@@ -49,7 +49,7 @@ class MLPDenoiser(nn.Module):
     """ε-network for low-dimensional points: an MLP on [x_t, emb(t)] with SiLU activations.
 
     Smooth activations keep the ledger's quadrature accurate (ReLU kinks break the midpoint
-    rule, DESIGN.md section 3). The time embedding is sinusoidal, then a learned linear layer;
+    rule, docs/ledger.md, "Quadrature and the residual"). The time embedding is sinusoidal, then a learned linear layer;
     with ``film=True`` every hidden layer is additionally scaled and shifted by the embedding
     (the "blocks modulated by time" architecture, for comparison with the concatenated one).
 
@@ -93,7 +93,7 @@ class MLPDenoiser(nn.Module):
 
 
 class BinnedDenoiser(nn.Module):
-    """One independent :class:`MLPDenoiser` per noise-level bin (DESIGN.md section 3 sanity case).
+    """One independent :class:`MLPDenoiser` per noise-level bin (docs/diffusion.md, "The built-in sanity case").
 
     Timestep t is served by expert ``bin(t)``: ``floor(t * num_bins / num_train_timesteps)``, or the
     bin of ``edges`` (the first timestep of every bin, then T: an analyzer's ``bins.edges``). No

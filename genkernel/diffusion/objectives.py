@@ -1,6 +1,6 @@
 """DDPM training objective: schedulers, prediction targets, the per-example loss, noise-level bins.
 
-A training contribution is a triple i = (n, t, ε) (DESIGN.md section 3). With ᾱ_t the
+A training contribution is a triple i = (n, t, ε) (docs/diffusion.md). With ᾱ_t the
 scheduler's cumulative product of (1 − β):
 
     z_i = sqrt(ᾱ_t) x_n + sqrt(1 − ᾱ_t) ε                        (scheduler.add_noise)
@@ -12,7 +12,7 @@ and the denoiser f(z_i, t) regresses a target y_i that depends on the prediction
     sample         y = x_n
 
 The loss is the mean squared error over the D output values, ℓ_i = ‖f(z_i, t) − y_i‖² / D, so
-the ledger's loss weight (DESIGN.md section 2, w = ∂ℓ/∂f) is, for every prediction type,
+the ledger's loss weight (docs/ledger.md: w = ∂ℓ/∂f) is, for every prediction type,
 
     w_i = 2 (f(z_i, t) − y_i) / D.
 

@@ -1,6 +1,6 @@
 """Stage-wise attribution of generated samples: the retrieval kernel along reverse sampling.
 
-DESIGN.md section 3. At each kept reverse step s, the normalized gradient kernel at the final
+docs/diffusion.md. At each kept reverse step s, the normalized gradient kernel at the final
 parameters between the current sample's state (x_s, s) and the training images noised to the
 same level, (z_n = sqrt(ᾱ_s) x_n + sqrt(1 − ᾱ_s) ε_n, s) with fixed ε_n, says which training
 examples the denoiser treats as similar at that stage. Turning k̂ into weights

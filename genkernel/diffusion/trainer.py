@@ -7,7 +7,7 @@ training stays bit-for-bit what it is without it. The trainer draws timesteps an
 order of Tensor data) from its own seeded ``torch.Generator`` (never the global one), so analysis
 passes cannot change what it trains on.
 
-One step (DESIGN.md section 3):
+One step (docs/diffusion.md):
 
 1. a batch of clean inputs x_n (and class labels y_n, if any): from Tensor data an epoch-wise
    permutation, from a DataLoader (or any re-iterable of batches) its next batch;

@@ -1,6 +1,6 @@
 """GANs: a trainer with alternating steps and the discriminator-geometry path-kernel analyzer.
 
-DESIGN.md section 3. The generator's change at a probe latent is an exact sum, over generator
+docs/gan.md. The generator's change at a probe latent is an exact sum, over generator
 steps and groups of training latents, of kernel-weighted discriminator input gradients; the
 analyzer records it, split by the discriminator's gradient geometry, beside the discriminator's
 own ledger (real / generated / gradient-penalty examples). It attaches to the built-in trainer as

@@ -1,4 +1,4 @@
-"""Groups of generator contributions by the discriminator's gradient geometry (DESIGN.md section 3).
+"""Groups of generator contributions by the discriminator's gradient geometry (docs/gan.md, "Geometry groups").
 
 A generator contribution is a latent z_i with weight w_i = ∇_x ℓ_G(D(x)) at x = G(z_i). A grouping
 maps ``(z [B, k], x [B, ...], w [B, ...], scores [B])`` to group ids ``LongTensor[B]`` in

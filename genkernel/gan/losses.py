@@ -15,8 +15,8 @@ logit loss with a D whose last module is ``nn.Sigmoid`` (at construction when th
 D's ``nn.Sequential`` chain is one, else at the first call, from the last leaf module executed),
 and a probability loss whose first scores leave [0, 1].
 
-A discriminator step's loss is Σ_n c_n ℓ_n with c_n = 1/|B_real|, 1/|B_fake| and 1/|B_gp| (DESIGN.md
-section 2), so every example, the gradient-penalty ones included, is one contribution of the ledger.
+A discriminator step's loss is Σ_n c_n ℓ_n with c_n = 1/|B_real|, 1/|B_fake| and 1/|B_gp| (docs/optimizers.md,
+"Group gradients"), so every example, the gradient-penalty ones included, is one contribution of the ledger.
 
 **The per-example gradient penalty.** The penalty of an interpolate needs the discriminator's input
 gradient inside the per-example function that the tracker differentiates (``vmap`` over ``grad``
@@ -179,7 +179,7 @@ class GeneratorLoss:
     """``loss_fn(samples, None) -> [B]``: ℓ_G(D(samples)) per example, closing over the discriminator.
 
     This is the generator step's ``loss_fn``. Its gradient with respect to a sample is the weight
-    w_i = ∇_x ℓ_G(D(x)) of DESIGN.md section 3 (see :func:`genkernel.gan.discriminator_input_gradients`).
+    w_i = ∇_x ℓ_G(D(x)) of docs/gan.md (see :func:`genkernel.gan.discriminator_input_gradients`).
 
     Args:
         discriminator: D (samples -> one score per example).

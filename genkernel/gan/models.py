@@ -2,7 +2,7 @@
 
 Every model treats the examples of a batch independently (no BatchNorm in training mode), so
 per-example gradients are defined, and uses smooth activations by default (SiLU, softplus):
-ReLU kinks break the quadrature of the exact one-step identity (DESIGN.md section 3).
+ReLU kinks break the quadrature of the exact one-step identity (docs/gan.md).
 (The analyzer also follows your own models with BatchNorm in training mode: it takes group
 gradients from training's graph.) Discriminators may use spectral norm
 (``torch.nn.utils.parametrizations.spectral_norm``); its power iteration advances in every

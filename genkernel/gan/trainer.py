@@ -88,7 +88,7 @@ def frozen(module: nn.Module, *, modes: str = "keep") -> Iterator[nn.Module]:
 def discriminator_input_gradients(
     generator: nn.Module, loss_fn, latents: torch.Tensor, *, discriminator: nn.Module | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The weights w_i = ∇_x ℓ_G(D(x)) at x = G(z_i) (DESIGN.md section 3), without touching training.
+    """The weights w_i = ∇_x ℓ_G(D(x)) at x = G(z_i) (docs/gan.md), without touching training.
 
     Args:
         generator: G; evaluated in :func:`analysis_mode` (eval, forked RNG).

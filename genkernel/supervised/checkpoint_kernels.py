@@ -1,5 +1,5 @@
 """Gradient kernels recorded at stated checkpoints while a model trains, for the path kernel
-K^p = Σ_k η_k k_{θ_k} (DESIGN.md section 2, "Generalization and the null space").
+K^p = Σ_k η_k k_{θ_k} (docs/generalization.md, "The null space").
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Loss gradients summed into groups (DESIGN.md section 2): ĝ_r = Σ_n W[r, n] ∇_θ ℓ_n.
+"""Loss gradients summed into groups (docs/optimizers.md, "Group gradients"): ĝ_r = Σ_n W[r, n] ∇_θ ℓ_n.
 
 A *membership* matrix ``W [R, B]`` says how much of example n's loss gradient row r holds:
 W[r, n] = c_n when example n is in the group of row r, else 0. Rows may come from several

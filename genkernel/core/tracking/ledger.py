@@ -1,4 +1,4 @@
-"""The path-kernel ledger: who moved each probe's output, and by how much (DESIGN.md section 2).
+"""The path-kernel ledger: who moved each probe's output, and by how much (docs/ledger.md).
 
     f(x; θ_T) − f(x; θ_0) = Σ_g C(x, g) + C_rest(x) + R(x)
 

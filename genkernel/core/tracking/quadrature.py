@@ -1,4 +1,4 @@
-"""Quadrature rules for the exact one-step identity (DESIGN.md section 2).
+"""Quadrature rules for the exact one-step identity (docs/ledger.md, "Quadrature and the residual").
 
     f(x; θ_k + Δ) − f(x; θ_k) = ∫_0^1 J(x; θ_k + sΔ) ds · Δ
 
