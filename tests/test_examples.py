@@ -97,12 +97,6 @@ def test_max_train_steps_stops_after_that_many_optimizer_steps(image_folder, tmp
     assert result["global_step"] == 6 and result["ema_model"].optimization_step == 6
 
 
-@pytest.mark.xfail(
-    strict=True, raises=ValueError,
-    reason="genkernel/core/tracking/tracker.py: PathKernelTracker.__init__ tries its contribution route on the "
-           "autocast-wrapped forward (ValueError 'cannot be differentiated') before its mixed-precision check; "
-           "calling self._check_precision() first in __init__ gives the library's message",
-)
 def test_bf16_mixed_precision_is_refused_before_any_step_with_the_library_message(image_folder, tmp_path):
     steps = []
     handle = register_optimizer_step_pre_hook(lambda *args: steps.append(1))

@@ -210,22 +210,36 @@ def check_deterministic(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> N
     mode analysis passes use (:func:`analysis_mode`: eval mode, forked RNG, so training's random
     stream is untouched)."""
     devices = [t.device.index for t in inputs if t.device.type == "cuda"]
-    # Buffers a training-mode forward updates in place (spectral norm's u, v) are restored after
-    # each pass: the check must neither advance them (training would change) nor see them move.
-    saved = [(b, b.detach().clone()) for b in model.buffers()]
+    # Each pass runs on copies of the buffers (a forward may write them): the check must neither
+    # advance them (training would change) nor see them move.
     with torch.no_grad(), analysis_mode(model), torch.random.fork_rng(devices=devices):
-        first = checked_forward(model, inputs, name="probes")
-        for b, value in saved:
-            b.copy_(value)
-        second = checked_forward(model, inputs, name="probes")
-        for b, value in saved:
-            b.copy_(value)
+        with preserved_buffers(model):
+            first = checked_forward(model, inputs, name="probes")
+        with preserved_buffers(model):
+            second = checked_forward(model, inputs, name="probes")
     if not torch.equal(first, second):
         raise ValueError(
             f"{type(model).__name__} is not deterministic in eval mode: two forward passes on the same input "
             "differ (noise injection or other randomness that eval mode does not switch off). Probes must have one "
             "output each: remove the randomness from eval mode."
         )
+
+
+@contextlib.contextmanager
+def preserved_buffers(module: nn.Module) -> Iterator[None]:
+    """Run a pass with a copy in every buffer slot of ``module`` and put the original tensors back
+    after it, untouched: whatever the pass writes (running statistics, spectral norm's u and v)
+    goes to the copies, and not even the originals' version counters move, so a graph that
+    training's forward saved them in still backpropagates (restoring with ``copy_`` would break it)."""
+    slots = [(m, name, b) for m in module.modules() for name, b in m._buffers.items() if b is not None]
+    try:
+        with torch.no_grad():
+            for m, name, b in slots:
+                m._buffers[name] = b.clone()
+        yield
+    finally:
+        for m, name, b in slots:
+            m._buffers[name] = b
 
 
 @contextlib.contextmanager

@@ -6,9 +6,10 @@ the route, the arrays a tracker keeps and the passes a step makes:
 Memory (bytes):
 
 - ``group_gradients``: the rows of group gradients, R × P in the state dtype (dense route);
-- ``group_state``: the optimizer's linear state per row, (R + 2) × P, twice while a step's new
-  state is checked before it is committed (dense route; none for plain SGD); with sketches R × k;
-- ``group_updates``: the split update, (R + 2) × P;
+- ``group_state``: the optimizer's linear state per row, (R + 1 + Π) × P (the groups of Π
+  partitions, the rest, a rounding row per partition), twice while a step's new state is checked
+  before it is committed (dense route; none for plain SGD); with sketches R × k;
+- ``group_updates``: the split update, (R + 1 + Π) × P;
 - ``parameter_copies``: θ_k, θ_{k+1}, the quadrature nodes in between, the rolled-back step's
   optimizer state;
 - ``ema``: the EMA ledger's displacements and offsets, 2 (R + 3) × P;
@@ -137,6 +138,7 @@ def estimate_cost(
     *,
     outputs: int,
     rows: int,
+    partitions: int = 1,
     group_state: str = "dense",
     gradient_route: str = "graph",
     contribution_route: str = "jvp",
@@ -153,7 +155,7 @@ def estimate_cost(
     Args:
         model, optimizer, probes: what the tracker is built with (the probes ``[M, ...]``).
         outputs: d, outputs per probe.
-        rows: R, the groups of all partitions together.
+        rows: R, the groups of all partitions together; ``partitions``: how many partitions.
         group_state, gradient_route, contribution_route, quadrature_nodes, state_dtype,
         memory_budget, sketch_dim: the tracker's settings.
         batch_size: B of a training step (activations and the bare step's work; default M).
@@ -182,10 +184,11 @@ def estimate_cost(
     memory["parameter_copies"] = num * param_bytes * (2 + quadrature_nodes) + num * param_bytes * optimizer_state
     if group_state == "dense":
         memory["group_gradients"] = rows * num * state_bytes
-        memory["group_state"] = 2 * (rows + 2) * num * state_bytes if linear_state else 0
-        memory["group_updates"] = (rows + 2) * num * state_bytes
+        stacked = rows + 1 + partitions  # the groups, the rest, one rounding row per partition
+        memory["group_state"] = 2 * stacked * num * state_bytes if linear_state else 0
+        memory["group_updates"] = stacked * num * state_bytes
         if ema:
-            memory["ema"] = (2 * rows + 5) * num * state_bytes
+            memory["ema"] = (2 * stacked + 1) * num * state_bytes
         pushed = rows + 1
         if gradient_route == "graph":
             work["group_gradients"] = 2.0 * rows * b

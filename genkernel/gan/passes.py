@@ -28,6 +28,8 @@ from torch import nn
 from torch.nn.utils.parametrizations import _SpectralNorm
 from torch.nn.utils.spectral_norm import SpectralNorm as _LegacySpectralNorm
 
+from ..core.adapter import preserved_buffers
+
 
 def power_iteration_modules(module: nn.Module) -> list[nn.Module]:
     """Modules whose training-mode forward runs spectral norm's power iteration: the
@@ -54,22 +56,16 @@ def preserved(module: nn.Module | None, *, reuse_power_iteration: bool = False) 
     if module is None:
         yield
         return
-    slots = [(m, name, b) for m in module.modules() for name, b in m._buffers.items() if b is not None]
     held = [(m, m.training) for m in power_iteration_modules(module)] if reuse_power_iteration else []
     devices = sorted({t.device.index for t in [*module.parameters(), *module.buffers()] if t.device.type == "cuda"})
     try:
-        with torch.no_grad():
-            for m, name, b in slots:
-                m._buffers[name] = b.clone()
         for m, _ in held:
             m.training = False
-        with torch.random.fork_rng(devices=devices):
+        with preserved_buffers(module), torch.random.fork_rng(devices=devices):
             yield
     finally:
         for m, training in held:
             m.training = training
-        for m, name, b in slots:
-            m._buffers[name] = b
 
 
 def state_snapshot(module: nn.Module) -> dict[str, torch.Tensor]:

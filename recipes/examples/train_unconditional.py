@@ -172,7 +172,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
     # Initialize the optimizer
     optimizer = torch.optim.AdamW(
-        [p for p in model.parameters() if p.requires_grad],  # genkernel: without the frozen key biases
+        model.parameters(),
         lr=args.learning_rate,
         betas=(args.adam_beta1, args.adam_beta2),
         weight_decay=args.adam_weight_decay,

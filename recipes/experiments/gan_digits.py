@@ -22,6 +22,7 @@ import torch
 
 from genkernel.data import load_image_dataset
 from genkernel.gan import GANKernelAnalyzer, GANTrainer, DCDiscriminator, DCGenerator
+from genkernel.plotting.arrays import float_array
 from genkernel.stats import mean_interval
 
 from .. import common
@@ -61,9 +62,9 @@ def build_claims(report: dict) -> dict:
         ("formula_matches_each_step", "cos_formula", 0.99, "each step's ΔG(z') equals the ledger's kernel machine: mean cosine > 0.99"),
         ("distribution_guided", "cos_kernel_field", 0.5, "the step follows the plain kernel-smoothed discriminator field (mean cosine > 0.5)"),
     ):
-        m = mean_interval(torch.tensor([r[stat] for r in rows]))
+        m = mean_interval(float_array([r[stat] for r in rows]))
         claims[key] = common.claim(text, m.above(threshold), m.estimate, m)
-    cmp = mean_interval(torch.tensor([r["cos_kernel_field"] - r["cos_local_push"] for r in rows]))
+    cmp = mean_interval(float_array([r["cos_kernel_field"] for r in rows]) - float_array([r["cos_local_push"] for r in rows]))
     claims["kernel_smoothing_matters"] = common.claim(
         "the kernel-smoothed field predicts the step better than the probe's local push −w(z') (difference > 0)",
         cmp.above(0), cmp.estimate, cmp,
@@ -138,7 +139,7 @@ def draw(report, analyzer, before, after, real):
     plot_sample_grid(axes[0, 2], after, title=f"generated after {report['generator_steps']} generator steps")
     plot_alignment(axes[1, 0], report["alignment"])
     last = report["windows"][-1]
-    diff = torch.tensor(last["traffic_matrix"]) - torch.tensor(last["traffic_matrix_control"])
+    diff = float_array(last["traffic_matrix"]) - float_array(last["traffic_matrix_control"])
     plot_coupling(axes[1, 1], diff, analyzer.grouping.labels(), diverging=True,
                   title=f"traffic coupling − control, steps {last['steps'][0]}-{last['steps'][1]}")
     plot_coverage_and_coupling(axes[1, 2], [], report["windows"], title="own-direction traffic − control per window")

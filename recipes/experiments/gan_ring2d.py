@@ -23,6 +23,7 @@ from genkernel.data import gaussian_grid, gaussian_ring, grid_mode_centers, ring
 from genkernel.gan import (
     LOSSES, GANKernelAnalyzer, GANTrainer, MLPDiscriminator, MLPGenerator, frozen, mode_coverage, push_field,
 )
+from genkernel.plotting.arrays import float_array
 from genkernel.stats import mean_interval
 
 from .. import common
@@ -63,18 +64,18 @@ def build_claims(report: dict, windows: list[dict]) -> dict:
         worst < 1e-3, worst, None, generator=g["relative_residual"], discriminator=d["relative_residual"],
     )
     rows = report["alignment"]
-    formula = mean_interval(torch.tensor([r["cos_formula"] for r in rows]))
+    formula = mean_interval(float_array([r["cos_formula"] for r in rows]))
     claims["formula_matches_each_step"] = common.claim(
         "each step's ΔG(z') equals the ledger's kernel machine (optimizer weights): mean cosine > 0.99",
         formula.above(0.99), formula.estimate, formula,
     )
-    field = mean_interval(torch.tensor([r["cos_kernel_field"] for r in rows]))
+    field = mean_interval(float_array([r["cos_kernel_field"] for r in rows]))
     claims["distribution_guided"] = common.claim(
         "the generator's step follows the plain kernel-smoothed discriminator field −Σ_i c_i K_G(z', z_i) w_i "
         "(mean cosine over evaluation steps > 0.5)",
         field.above(0.5), field.estimate, field,
     )
-    cmp = mean_interval(torch.tensor([r["cos_kernel_field"] - r["cos_local_push"] for r in rows]))
+    cmp = mean_interval(float_array([r["cos_kernel_field"] for r in rows]) - float_array([r["cos_local_push"] for r in rows]))
     claims["kernel_smoothing_matters"] = common.claim(
         "the kernel-smoothed field predicts the step's direction better than the probe's own local push −w(z') "
         "(mean over evaluation steps of cos(ΔG, field) − cos(ΔG, −w) > 0)",
@@ -189,7 +190,7 @@ def draw(report, analyzer, grid, push, real, fake, centers, extent):
     plot_probe_field(axes[0, 1], early["x"], -early["w"], centers, title=f"step {early['step']}: raw push −w(z') at probes", color="tab:orange")
     plot_probe_field(axes[0, 2], early["x"], early["field"], centers, title=f"step {early['step']}: kernel-smoothed field −Σ c K_G w", color="tab:blue")
     first = early_window(report["windows"])
-    diff = torch.tensor(first["traffic_matrix"]) - torch.tensor(first["traffic_matrix_control"])
+    diff = float_array(first["traffic_matrix"]) - float_array(first["traffic_matrix_control"])
     plot_coupling(axes[1, 0], diff, analyzer.grouping.labels(), diverging=True,
                   title=f"traffic coupling − control, steps {first['steps'][0]}-{first['steps'][1]}")
     plot_alignment(axes[1, 1], report["alignment"])

@@ -75,14 +75,17 @@ class EMALedgers:
         self.rtol = rtol
         self.rule = rule
         partitions = model.partitions
-        self.rows = partitions.total
+        self.rows = partitions.total  # groups of every partition; then the rest, one rounding row per partition
+        self.rounding_rows = {name: self.rows + 1 + i for i, name in enumerate(partitions.names)}
+        self.num_rows = self.rows + 1 + len(partitions.names)
+        self.start_row = self.num_rows  # E's extra row
         theta = {n: p.detach().to(torch.float64).clone() for n, p in model.params.items()}
         bar = {n: t.detach().to(torch.float64).clone() for n, t in read().items()}
         self.theta_start, self.bar_start = theta, bar
-        # rows: every partition's groups, the rest, the rounding gap, (E only) the start
-        self.displacement = {n: torch.zeros((self.rows + 2, *t.shape), dtype=torch.float64, device=t.device)
+        # rows: every partition's groups, the rest, each partition's rounding gap, (E only) the start
+        self.displacement = {n: torch.zeros((self.num_rows, *t.shape), dtype=torch.float64, device=t.device)
                              for n, t in theta.items()}
-        self.offset = {n: torch.zeros((self.rows + 3, *t.shape), dtype=torch.float64, device=t.device)
+        self.offset = {n: torch.zeros((self.num_rows + 1, *t.shape), dtype=torch.float64, device=t.device)
                        for n, t in theta.items()}
         self.last_bar = {n: t.clone() for n, t in bar.items()}
         self.decays: list[float] = []
@@ -97,9 +100,9 @@ class EMALedgers:
         return self.ledgers[self.model.partitions.primary]
 
     def after_step(self, updates: dict[str, torch.Tensor]) -> None:
-        """D_{k+1} = D_k + u_k, with the step's rows ``{name: [R + 2, *shape]}``."""
+        """D_{k+1} = D_k + u_k, with the step's rows ``{name: [R + 1 + Π, *shape]}``."""
         for name, u in updates.items():
-            if u.shape[0] != self.rows + 2:
+            if u.shape[0] != self.num_rows:
                 raise ValueError("an EMA ledger needs one update row per group: build the tracker with group_state='dense'")
             self.displacement[name] += u
 
@@ -136,9 +139,9 @@ class EMALedgers:
         # 3. The check: for every partition, its rows and the shared ones add up to the EMA's real move.
         for name in bar:
             real = bar[name] - self.last_bar[name]
-            shared = change[name][self.rows:]
             floor = 4 * torch.finfo(self.model.params[name].dtype).eps * bar[name].abs()
             for partition, part in self.model.partitions.slices.items():
+                shared = change[name][[self.rows, self.rounding_rows[partition], self.start_row]]
                 rows = change[name][part]
                 total = rows.sum(dim=0) + shared.sum(dim=0)
                 scale = rows.abs().sum(dim=0) + shared.abs().sum(dim=0) + real.abs()
@@ -149,7 +152,7 @@ class EMALedgers:
                     )
         # 4. Push the groups, the rest and the start row through the EMA's own quadrature nodes
         #    (the rounding row's effect stays in the residual, as in the model's ledger).
-        keep = list(range(self.rows + 1)) + [self.rows + 2]
+        keep = list(range(self.rows + 1)) + [self.start_row]
         nodes = []
         dtype = next(iter(self.model.params.values())).dtype
         for s, w in zip(self.rule.nodes, self.rule.weights):

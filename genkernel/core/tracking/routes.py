@@ -68,8 +68,8 @@ class StepGradients:
     """Step 1's result.
 
     Attributes:
-        grads: ``{name: [rows, *shape]}`` float64 group gradients times the clipping factor, one
-            row per group of the splitter's partitions.
+        grads: ``{name: [rows, *shape]}`` group gradients (the state dtype) times the clipping factor,
+            one row per group of the splitter's partitions.
         losses: ``[B]`` per-example losses of the analysis forward.
         sizes: per parameter, the size against which the gradient's rounding is judged.
         batch: the batch's layer factors (factored and sketched routes), else None.

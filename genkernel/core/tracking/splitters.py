@@ -16,18 +16,19 @@ the sketched route (:mod:`genkernel.core.tracking.sketched`) runs the same ``adv
 sketches of the rows and applies D on the probes' side.
 
 Rows: every partition's groups in order (:class:`~genkernel.core.grouping.Partitions`), then the
-rest, then the batched gradient's rounding gap. The recurrences are linear per row, so one stack
-serves any number of partitions, and for each partition its rows plus the rest and the rounding
-row add up to the optimizer's update.
+rest, then each partition's rounding gap (the batched gradient minus that partition's Σ_g ĝ_g:
+different groupings round differently). The recurrences are linear per row, so one stack serves any
+number of partitions, and for each partition its rows plus the rest and its rounding row add up to
+the optimizer's update.
 
 Lifecycle per step: ``capture()`` before ``optimizer.step()`` (hyperparameters of every
 parameter group, which may change between steps, and the pre-existing state on the first tracked
 step); the real step; ``split(group_grads, theta_before, rounding)`` returning
-``{name: [R + 2, *shape]}`` and computing the new state aside; ``check_state()`` comparing each
+``{name: [R + 1 + Π, *shape]}`` (Π partitions) and computing the new state aside; ``check_state()`` comparing each
 partition's summed new state with the optimizer's; ``commit()`` once the whole step is recorded
 (or ``discard()`` when it is rolled back: the state stays that of the step before).
 
-Memory: every per-group state is ``(R + 2) × P`` float64 values (one copy of the parameters per
+Memory: every per-group state is ``(R + 1 + Π) × P`` float64 values (one copy of the parameters per
 row): fine for tens of groups, large for one group per example on a big model.
 """
 
@@ -70,9 +71,11 @@ class UpdateSplitter:
         self.dtype = dtype  # of the rows' state and updates (float64, or float32 for large float32 models)
         self.params = params
         self.partitions = partitions
-        self.rows = partitions.total
+        self.rows = partitions.total  # also the rest row's index
+        self.rounding_rows = {name: self.rows + 1 + i for i, name in enumerate(partitions.names)}
+        self.num_rows = self.rows + 1 + len(partitions.names)
         self.group_of = self._group_index(optimizer, params)
-        self.state: dict[str, dict[str, torch.Tensor]] = {}  # name -> state_key -> [R + 2, *shape]
+        self.state: dict[str, dict[str, torch.Tensor]] = {}  # name -> state_key -> [R + 1 + Π, *shape]
         self.pending: dict[str, torch.Tensor] = {}  # this step's new state, until commit()
         self.hyper: dict[str, dict[str, Any]] = {}
         self.before: dict[str, torch.Tensor | None] = {}
@@ -94,7 +97,10 @@ class UpdateSplitter:
                 "or freeze them with requires_grad_(False) so the ledger does not expect them to move"
             )
         tracked = {id(p) for p in params.values()}
-        extra = [p.shape for group in optimizer.param_groups for p in group["params"] if id(p) not in tracked]
+        # Frozen parameters the optimizer holds (AdamW(model.parameters()) with some frozen) get no
+        # gradient, so PyTorch's optimizers skip them: they never move.
+        extra = [p.shape for group in optimizer.param_groups for p in group["params"]
+                 if id(p) not in tracked and p.requires_grad]
         if extra:
             raise ValueError(
                 f"the optimizer owns {len(extra)} parameter(s) (shapes {[tuple(s) for s in extra[:5]]}) that "
@@ -138,15 +144,16 @@ class UpdateSplitter:
         self,
         group_grads: dict[str, torch.Tensor],
         theta_before: dict[str, torch.Tensor],
-        rounding: dict[str, torch.Tensor] | None = None,
+        rounding: dict[str, dict[str, torch.Tensor]],
     ) -> dict[str, torch.Tensor]:
-        """Per-row updates ``{name: Tensor[R + 2, *shape]}`` in float64: rows 0..R−1 the groups of
-        every partition, row R the rest, row R + 1 the rounding gap.
+        """Per-row updates ``{name: Tensor[R + 1 + Π, *shape]}`` in the state dtype: rows 0..R−1 the
+        groups of every partition, row R the rest, then one rounding row per partition.
 
-        ``rounding``: the optimizer's batched gradient minus Σ_g group gradients (rounding only). It
-        is its own pseudo-group, carried through the optimizer's state like any other, so the rows
-        add up to the real update (Adam magnifies the gap where a gradient cancels) while its
-        effect on the probes stays in the residual, as rounding should.
+        ``rounding``: ``{partition: {name: gap}}``, the optimizer's batched gradient minus the
+        partition's Σ_g group gradients (rounding only). Each is its own pseudo-group, carried
+        through the optimizer's state like any other, so a partition's rows add up to the real update
+        (Adam magnifies the gap where a gradient cancels) while its effect on the probes stays in the
+        residual, as rounding should.
         """
         updates = {}
         self.rounding_scale = {}
@@ -155,19 +162,21 @@ class UpdateSplitter:
         for name in self.params:
             h = self.hyper[name]
             grads = group_grads[name].to(self.dtype)
-            gap = torch.zeros_like(grads[0]) if rounding is None else rounding[name].to(self.dtype)
+            gaps = torch.stack([rounding[partition][name].to(self.dtype) for partition in self.partitions.names])
             if h.get("maximize", False):
-                grads, gap = -grads, -gap
+                grads, gaps = -grads, -gaps
             theta = theta_before[name].to(self.dtype)
             # The rest's "gradient": coupled weight decay λθ_k (zero when decoupled or absent).
             rest = theta * h["weight_decay"] if not h.get("decoupled", False) else torch.zeros_like(theta)
-            full = self.prepare(name, torch.cat([grads, rest.unsqueeze(0), gap.unsqueeze(0)], dim=0))
+            full = self.prepare(name, torch.cat([grads, rest.unsqueeze(0), gaps], dim=0))
             # 1. The recurrence on every row (the optimizer's own buffer goes to the rest row).
             state, direction = self.advance(self._state_before(name, full), full, h)
             if state is not None:
                 self.pending[name] = state
                 # 2. The rounding scale: the same recurrence on the magnitudes of one partition's rows.
-                size = torch.cat([full[first], full[self.rows :]]).abs().sum(dim=0, keepdim=True)
+                primary = self.rounding_rows[self.partitions.primary]
+                size = torch.cat([full[first], full[self.rows : self.rows + 1], full[primary : primary + 1]]).abs()
+                size = size.sum(dim=0, keepdim=True)
                 previous = self.magnitude.get(name)
                 if previous is not None:
                     previous = previous.clone()
@@ -226,10 +235,10 @@ class UpdateSplitter:
                 continue
             # Under maximize both the optimizer and the rows hold the negated gradients' state.
             reference = self.optimizer.state[p][self.state_key].to(torch.float64)
-            shared = rows[self.rows :].sum(0)
             for partition, part in self.partitions.slices.items():
-                total = rows[part].sum(0) + shared
-                scale = reference.norm() + (rows[part].abs().sum(0) + rows[self.rows :].abs().sum(0)).norm()
+                own = rows[[self.rows, self.rounding_rows[partition]]]  # the rest and this partition's rounding
+                total = rows[part].sum(0) + own.sum(0)
+                scale = reference.norm() + (rows[part].abs().sum(0) + own.abs().sum(0)).norm()
                 gap = _relative_gap(total, reference, scale)
                 if gap > rtol:
                     where = "" if len(self.partitions) == 1 else f" of partition '{partition}'"

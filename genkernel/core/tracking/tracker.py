@@ -92,10 +92,10 @@ class StepContributions:
         residual: ``[M, d]`` this step's f(θ_{k+1}) − f(θ_k) − Σ_g contributions − rest − sketch_error
             (of the primary partition; the others' agree up to float64 rounding of their sums).
         losses: ``[B]`` the per-example training losses.
-        group_updates: ``{name: [rows, *shape]}`` float64 updates: on the dense route one row per
-            group of every partition, then the rest and the batched gradient's rounding gap
-            (whose effect stays in the residual); otherwise 3 rows (all groups together, the
-            rest, the rounding gap).
+        group_updates: ``{name: [rows, *shape]}`` updates (the state dtype): on the dense route one
+            row per group of every partition, then the rest, then each partition's rounding gap
+            between the batched gradient and its Σ_g ĝ_g (whose effect stays in the residual);
+            otherwise 3 rows (all groups together, the rest, the rounding gap).
         sketch_errors: ``{name: [M, d]}`` on the sketched route, the examples' exact total
             contribution minus the sum of the partition's sketched estimates (zero otherwise).
     """
@@ -233,6 +233,7 @@ class PathKernelTracker:
         self.snapshot_every = snapshot_every
         self.memory_budget = check_memory_budget(memory_budget)
 
+        self._check_precision()  # before anything runs the model: autocast may hide in a wrapped forward
         check_analysis_safe(self.module)
         self.params = trainable_parameters(self.module)
         self.probes = as_tuple(probes, name="probes")
@@ -265,6 +266,7 @@ class PathKernelTracker:
         with analysis_mode(self.module):
             self.cost = estimate_cost(
                 self.module, optimizer, self.probes, outputs=f_start.shape[1], rows=self.partitions.total,
+                partitions=len(self.partitions),
                 group_state=self.group_state, gradient_route="graph" if self.route.uses_graph() else "example",
                 contribution_route=self.route.contribution_route, quadrature_nodes=len(self.rule.nodes),
                 state_dtype=state_dtype, memory_budget=self.memory_budget, sketch_dim=sketch_dim,
@@ -828,9 +830,9 @@ class PathKernelTracker:
                     "per-example coefficients"
                 )
 
-    def _check_gradients(self, index: int, gradients, losses: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Check step 1 against training; returns the rounding gap {name: real gradient − Σ_g ĝ_g}
-        (of the splitter's first partition)."""
+    def _check_gradients(self, index: int, gradients, losses: torch.Tensor) -> dict[str, dict[str, torch.Tensor]]:
+        """Check step 1 against training; returns every partition's rounding gap
+        ``{partition: {name: real gradient − Σ_g ĝ_g}}``."""
         loss_tolerance = max(self.rtol, 1e-6) * 10
         scale = float(losses.abs().max()) if losses.numel() else 0.0
         analysis_losses = gradients.losses.to(losses)
@@ -841,18 +843,18 @@ class PathKernelTracker:
                 f"{gap:.3e}); the model's output must depend only on its own example and parameters"
             )
         partitions = self.route.splitter_partitions
-        first = partitions.slices[partitions.primary]
-        real, scales, rounding = {}, {}, {}
+        real, scales = {}, {}
         for name, p in self.params.items():
             real[name] = torch.zeros_like(p, dtype=torch.float64) if p.grad is None else p.grad.to(torch.float64, copy=True)
             scales[name] = float(real[name].norm()) + gradients.sizes[name]
-            rounding[name] = real[name] - gradients.grads[name][first].sum(dim=0)
+        rounding = {partition: {name: real[name] - gradients.grads[name][part].sum(dim=0) for name in self.params}
+                    for partition, part in partitions.slices.items()}
         # A parameter whose true gradient is zero (a bias before a normalization) carries pure
         # rounding noise on both sides: compare it with rounding of the whole gradient too.
         floor = 16 * torch.finfo(next(iter(self.params.values())).dtype).eps * math.sqrt(sum(v * v for v in scales.values()))
         for partition, part in partitions.slices.items():
             for name in self.params:
-                gap = float((real[name] - gradients.grads[name][part].sum(dim=0)).norm())
+                gap = float(rounding[partition][name].norm())
                 if gap > self.rtol * scales[name] + floor:
                     where = "" if len(partitions) == 1 else f" of partition '{partition}'"
                     raise LedgerCheckError(
@@ -870,8 +872,8 @@ class PathKernelTracker:
             size = after.abs()
             ulp = torch.nextafter(size, size.new_tensor(math.inf)).sub_(size).to(torch.float64)
             delta = after.to(torch.float64, copy=True).sub_(before.to(torch.float64))
-            shared = u[rows:]
             for partition, part in partitions.slices.items():
+                shared = u[[rows, self.splitter.rounding_rows[partition]]]  # the rest and this partition's rounding
                 # In place where possible: on a per-example route this check is a fair part of a step.
                 gap = u[part].sum(dim=0).add_(shared.sum(dim=0)).sub_(delta).abs_()
                 scale = u[part].abs().sum(dim=0).add_(shared.abs().sum(dim=0)).add_(delta.abs())
