@@ -5,11 +5,16 @@ import torch
 from torch import nn
 from torch.func import functional_call, grad, hessian, vmap
 
+import itertools
+import math
+
 from genkernel.analysis.hutchinson import (
+    batch_ito_term,
     deterministic_second_order_term,
     exact_trace_sigma_hessian,
     hessian_quadratic_form,
     hessian_vector_product,
+    ito_scale,
     ito_term_estimate,
     per_probe_hessian_vector_product,
 )
@@ -141,17 +146,112 @@ def test_exact_trace_matches_per_example_quadratic_forms():
     assert torch.allclose(exact, 0.5 * lr**2 * total / b**2, rtol=1e-10, atol=1e-14)
 
 
-def test_hutchinson_matches_exact_trace_within_three_standard_errors():
+def test_hutchinson_matches_its_batch_expectation_within_three_standard_errors():
+    """Over the signs, the estimate's mean is the batch's own term a² Σ_n d_nᵀ H d_n."""
     model, probe, grads = _setup()
     lr = 0.1
-    exact = exact_trace_sigma_hessian(model, probe, grads, lr)
-    gen = torch.Generator().manual_seed(0)
-    mean, se = ito_term_estimate(model, probe, grads, lr, num_samples=3000, generator=gen)
-    assert mean.shape == se.shape == (4,) and mean.dtype == torch.float64
-    assert torch.all(se > 0)
-    assert torch.all((mean - exact).abs() <= 3 * se), (mean, exact, se)
-    # the estimate is informative: the interval is narrow compared with the value
-    assert torch.all(se < 0.1 * exact.abs()), (se, exact)
+    for kwargs in ({}, {"sampling": "without_replacement", "population": 64}):
+        target = batch_ito_term(model, probe, grads, lr, **kwargs)
+        gen = torch.Generator().manual_seed(0)
+        mean, se = ito_term_estimate(model, probe, grads, lr, num_samples=3000, generator=gen, **kwargs)
+        assert mean.shape == se.shape == (4,) and mean.dtype == torch.float64
+        assert torch.all(se > 0)
+        assert torch.all((mean - target).abs() <= 3 * se), (mean, target, se)
+        # the estimate is informative: the interval is narrow compared with the value
+        assert torch.all(se < 0.1 * target.abs()), (se, target)
+
+
+def test_batch_term_is_the_scaled_sum_of_per_example_quadratic_forms():
+    model, probe, grads = _setup()
+    lr, b = 0.3, 12
+    gbar = {k: t.mean(0) for k, t in grads.items()}
+    total = torch.zeros(probe.shape[0], dtype=torch.float64)
+    for n in range(b):
+        total += hessian_quadratic_form(model, probe, {k: grads[k][n] - gbar[k] for k in grads})
+    torch.testing.assert_close(batch_ito_term(model, probe, grads, lr), 0.5 * lr**2 * total / (b * (b - 1)),
+                               rtol=1e-10, atol=1e-14)
+    torch.testing.assert_close(batch_ito_term(model, probe, grads, lr, sampling="without_replacement", population=40),
+                               0.5 * lr**2 * total * (40 - b) / (40 * b * (b - 1)), rtol=1e-10, atol=1e-14)
+
+
+def test_ito_scale_and_the_bias_of_one_over_b():
+    assert ito_scale(4) == pytest.approx(1 / 12)
+    assert ito_scale(4, sampling="without_replacement", population=64) == pytest.approx(60 / (64 * 4 * 3))
+    assert ito_scale(64, sampling="without_replacement", population=64) == 0.0  # a full batch has no noise
+    # the former scale a = 1/B against the right one, without replacement: (B − 1)/B · N/(N − B) = 0.80
+    assert (1 / 16) / ito_scale(4, sampling="without_replacement", population=64) == pytest.approx(0.8)
+    with pytest.raises(ValueError, match="B >= 2"):
+        ito_scale(1)
+    with pytest.raises(ValueError, match="population"):
+        ito_scale(4, sampling="without_replacement")
+    with pytest.raises(ValueError, match="population is for"):
+        ito_scale(4, population=10)
+
+
+def _population(n, seed=5):
+    model = _mlp(seed)
+    g = torch.Generator().manual_seed(seed + 100)
+    x = torch.randn(n, 3, dtype=torch.float64, generator=g)
+    y = torch.randn(n, 1, dtype=torch.float64, generator=g)
+    probe = torch.randn(3, 3, dtype=torch.float64, generator=g)
+    return model, probe, _per_example_grads(model, x, y)
+
+
+@pytest.mark.parametrize("sampling", ["with_replacement", "without_replacement"])
+def test_exact_itô_term_equals_the_covariance_of_every_possible_batch(sampling):
+    """The exact reference, checked by enumerating every batch: tr(Cov(batch mean) H)."""
+    n, b, lr = 7, 3, 0.2
+    model, probe, grads = _population(n)
+    flat = torch.cat([t.reshape(n, -1) for t in grads.values()], dim=1)
+    if sampling == "with_replacement":
+        batches = list(itertools.product(range(n), repeat=b))
+    else:
+        batches = list(itertools.combinations(range(n), b))
+    means = torch.stack([flat[list(idx)].mean(0) for idx in batches])
+    centred = means - flat.mean(0)
+    cov = centred.T @ centred / len(batches)
+    h = _explicit_hessians(model, probe)
+    truth = 0.5 * lr**2 * torch.einsum("ij,mij->m", cov, h)
+    exact = exact_trace_sigma_hessian(model, probe, grads, lr, batch_size=b, sampling=sampling)
+    torch.testing.assert_close(exact, truth, rtol=1e-9, atol=1e-15)
+
+
+def test_itô_estimate_is_unbiased_over_batch_draws_without_replacement():
+    """Monte Carlo over many batch draws (B = 4 of N = 64, without replacement, the recipes' setting):
+    the mean of the batch estimates matches the exact Itô term, and the former scale a = 1/B, biased
+    by (B − 1)/B · N/(N − B) = 0.8, lies far outside the Monte-Carlo error."""
+    n, b, lr, draws = 64, 4, 0.1, 20000
+    model, probe, grads = _population(n)
+    exact = exact_trace_sigma_hessian(model, probe, grads, lr, batch_size=b, sampling="without_replacement")
+    # Q[m, i, j] = g_iᵀ H_m g_j: every batch's term from the same matrices
+    flat = torch.cat([t.reshape(n, -1) for t in grads.values()], dim=1)
+    h = _explicit_hessians(model, probe)
+    q = torch.einsum("ip,mpq,jq->mij", flat, h, flat)
+    a2 = ito_scale(b, sampling="without_replacement", population=n)
+    rng = torch.Generator().manual_seed(0)
+    idx = torch.stack([torch.randperm(n, generator=rng)[:b] for _ in range(draws)])  # [R, B]
+    sub = q[:, idx[:, :, None], idx[:, None, :]]  # [M, R, B, B]
+    per_batch = 0.5 * lr**2 * a2 * (sub.diagonal(dim1=2, dim2=3).sum(-1) - sub.sum((-1, -2)) / b)  # [M, R]
+    # the library's batch term is this number (checked on a few draws)
+    for r in range(3):
+        torch.testing.assert_close(
+            batch_ito_term(model, probe, {k: t[idx[r]] for k, t in grads.items()}, lr,
+                           sampling="without_replacement", population=n),
+            per_batch[:, r], rtol=1e-9, atol=1e-15)
+    mean, se = per_batch.mean(1), per_batch.std(1) / math.sqrt(draws)
+    assert torch.all((mean - exact).abs() <= 4 * se), (mean, exact, se)
+    biased = mean * (1 / b**2) / a2
+    assert torch.allclose(biased / mean, torch.full_like(mean, 0.8))
+    assert torch.all((biased - exact).abs() > 8 * se), (biased, exact, se)
+    # the sign-sampled estimator, through the library, over fewer draws: unbiased within its error
+    values = []
+    for r in range(300):
+        est, _ = ito_term_estimate(model, probe, {k: t[idx[r]] for k, t in grads.items()}, lr, num_samples=4,
+                                   generator=torch.Generator().manual_seed(r), sampling="without_replacement",
+                                   population=n)
+        values.append(est)
+    values = torch.stack(values, 1)
+    assert torch.all((values.mean(1) - exact).abs() <= 4 * values.std(1) / math.sqrt(300)), (values.mean(1), exact)
 
 
 def test_hutchinson_reproducible_and_chunk_independent():
@@ -164,11 +264,16 @@ def test_hutchinson_reproducible_and_chunk_independent():
         assert torch.allclose(se, out[0][1], rtol=1e-12)
 
 
-def test_hutchinson_single_example_batch_is_zero():
+def test_hutchinson_single_example_batch_is_refused_and_full_batch_is_zero():
     model, probe, grads = _setup(batch=1, probes=2)
-    mean, se = ito_term_estimate(model, probe, grads, 0.1, num_samples=4,
-                                 generator=torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match="no spread"):
+        ito_term_estimate(model, probe, grads, 0.1, num_samples=4, generator=torch.Generator().manual_seed(0))
+    model, probe, grads = _setup(batch=6, probes=2)  # B = N without replacement: the batch is the training set
+    mean, se = ito_term_estimate(model, probe, grads, 0.1, num_samples=4, generator=torch.Generator().manual_seed(0),
+                                 sampling="without_replacement", population=6)
     assert torch.all(mean == 0) and torch.all(se == 0)
+    exact = exact_trace_sigma_hessian(model, probe, grads, 0.1, batch_size=6, sampling="without_replacement")
+    assert torch.all(exact.abs() < 1e-15)
 
 
 def test_deterministic_second_order_term():

@@ -57,19 +57,29 @@ def test_decomposition_is_a_taylor_expansion_of_each_run():
 
 
 def test_decomposition_ito_term_matches_exact_trace_for_one_step():
+    from genkernel.analysis.hutchinson import batch_ito_term
+    from genkernel.core.adapter import trainable_parameters
+    from genkernel.core.engine.gradients import group_gradients
+
     x, y, model = tiny_problem(n=6, seed=1)
     probes = x[:2]
-    dec = expected_output_decomposition(model, x, y, mse_loss, probes, lr=0.1, batch_size=6, steps=1, seeds=[0],
-                                        hutchinson_samples=400)
-    from genkernel.core.engine.gradients import group_gradients
-    from genkernel.core.adapter import trainable_parameters
-
     params = trainable_parameters(model)
     per_example, _ = group_gradients(model, params, (x,), y, mse_loss, torch.eye(6, dtype=torch.float64))
-    exact = exact_trace_sigma_hessian(model, probes, per_example, 0.1)
-    assert ((dec.ito[0] - exact).abs() <= 3 * dec.ito_stderr[0] + 1e-12).all()
-    # With B = N the batch is the training set: deterministic and realized terms coincide.
+    # With B = N the batch is the training set: no sampling noise, no Itô term (sampling without replacement);
+    # deterministic and realized terms coincide.
+    dec = expected_output_decomposition(model, x, y, mse_loss, probes, lr=0.1, batch_size=6, steps=1, seeds=[0],
+                                        hutchinson_samples=4)
+    assert torch.all(dec.ito == 0) and torch.all(exact_trace_sigma_hessian(
+        model, probes, per_example, 0.1, batch_size=6, sampling="without_replacement").abs() < 1e-15)
     torch.testing.assert_close(dec.deterministic, dec.realized_second_order, rtol=1e-8, atol=1e-14)
+    # B = 3 of N = 6: the estimate matches its batch's own term (the batch the seed draws first)
+    dec = expected_output_decomposition(model, x, y, mse_loss, probes, lr=0.1, batch_size=3, steps=1, seeds=[0],
+                                        hutchinson_samples=400)
+    batch = torch.randperm(6, generator=torch.Generator().manual_seed(0))[:3]
+    target = batch_ito_term(model, probes, {k: v[batch] for k, v in per_example.items()}, 0.1,
+                            sampling="without_replacement", population=6)
+    assert ((dec.ito[0] - target).abs() <= 3 * dec.ito_stderr[0] + 1e-12).all()
+    assert (target.abs() > 0).all()
 
 
 def test_decomposition_rejects_bad_arguments():

@@ -1,18 +1,34 @@
 """Second-order (Itô) term of stochastic Domingos, by Hessian-vector products.
 
-DESIGN.md section 2, "Stochastic Domingos (expected output)". For plain SGD with step η and
+docs/generalization.md, "Stochastic Domingos: the expected output". For plain SGD with step η and
 mini-batch gradient covariance Σ_k, a second-order Taylor step of a probe output adds, in
 expectation over the batch,
 
     (η²/2) tr(Σ_k H),      H = ∇²_θ f(x; θ_k),                                          (Itô)
 
 next to the same-order deterministic term (η²/2) ḡᵀ H ḡ. Σ_k is never formed: with the
-batch's per-example loss gradients g_n, their mean ḡ and independent Rademacher signs r_n,
+batch's per-example loss gradients g_n (n = 1..B), their mean ḡ and independent Rademacher signs r_n,
 
-    v = (1/B) Σ_n r_n (g_n − ḡ)   has   E[v vᵀ] = (1/B²) Σ_n (g_n − ḡ)(g_n − ḡ)ᵀ = Σ_k,   (V)
+    v = a Σ_n r_n (g_n − ḡ)   has   E_r[v vᵀ] = a² Σ_n (g_n − ḡ)(g_n − ḡ)ᵀ = a² (B − 1) S²_b,      (V)
 
-(the batch estimate of Σ_k: per-example covariance with 1/B, divided by B), so
-E[vᵀ H v] = tr(Σ_k H) (Hutchinson), and vᵀ H v needs only Hessian-vector products.
+with S²_b the unbiased sample covariance of the batch's gradients, so E_r[vᵀ H v] = a² (B − 1)
+tr(S²_b H) (Hutchinson), and vᵀ H v needs only Hessian-vector products. The scale a is set by how
+batches are drawn (the *sampling model*, :func:`ito_scale`): Σ_k, the covariance of the mean of
+one batch of B examples from the N training examples (population covariance S², denominator N − 1),
+is
+
+- with replacement (B independent uniform draws; also an infinite training set):
+  Σ_k = S² (N − 1)/N / B, and E[S²_b] = S² (N − 1)/N, so  a² = 1 / (B (B − 1));
+- without replacement (a uniform B-subset, e.g. one batch of an epoch-wise permutation):
+  Σ_k = S² / B · (N − B)/N, and E[S²_b] = S², so  a² = (N − B) / (N B (B − 1)).
+
+Either way E_batch E_r[vᵀ H v] = tr(Σ_k H): the estimate is unbiased over batch draws (the tests
+check this by Monte Carlo over many batches against :func:`exact_trace_sigma_hessian`). The
+earlier choice a = 1/B is biased low by (B − 1)/B · N/(N − B) (0.80 at B = 4, N = 64). A batch of
+one example has no spread to estimate Σ_k from (refused), and a full batch drawn without
+replacement (B = N) has Σ_k = 0. Within one epoch consecutive batches are not independent (they
+exclude each other's examples); the Itô term uses each batch's marginal distribution and does
+not model that dependence.
 
 Model conventions shared by every function here:
 
@@ -44,7 +60,9 @@ __all__ = [
     "hessian_vector_product",
     "per_probe_hessian_vector_product",
     "hessian_quadratic_form",
+    "ito_scale",
     "ito_term_estimate",
+    "batch_ito_term",
     "deterministic_second_order_term",
     "exact_trace_sigma_hessian",
 ]
@@ -317,9 +335,49 @@ def _quad_form_fn(model, params, inputs, m, output_index):
 # --------------------------------------------------------------------------------------------
 
 
+SAMPLINGS = ("with_replacement", "without_replacement")
+
+
+def ito_scale(batch_size: int, *, sampling: str = "with_replacement", population: int | None = None) -> float:
+    """a², the squared scale of the Hutchinson direction v = a Σ_n r_n (g_n − ḡ) (module docstring, (V)).
+
+    Args:
+        batch_size: B >= 2 examples in the batch (B = 1 only for a full batch without replacement).
+        sampling: "with_replacement" (B independent uniform draws, or an infinite training set) or
+            "without_replacement" (a uniform B-subset of the N training examples, e.g. one batch of
+            an epoch-wise permutation).
+        population: N, the number of training examples (needed without replacement).
+
+    Returns:
+        1 / (B (B − 1)) with replacement; (N − B) / (N B (B − 1)) without (0 when B = N).
+    """
+    if sampling not in SAMPLINGS:
+        raise ValueError(f"sampling must be one of {SAMPLINGS}, got {sampling!r}.")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}.")
+    b = batch_size
+    if sampling == "without_replacement":
+        if isinstance(population, bool) or not isinstance(population, int) or population < b:
+            raise ValueError(
+                f"sampling without replacement needs population = N >= B = {b} (the number of training examples), "
+                f"got {population!r}."
+            )
+        if population == b:
+            return 0.0  # the batch is the training set: no sampling noise
+        if b < 2:
+            raise ValueError("a batch of one example has no spread to estimate the gradient covariance from; use B >= 2.")
+        return (population - b) / (population * b * (b - 1))
+    if population is not None:
+        raise ValueError("population is for sampling='without_replacement' (with replacement it does not enter).")
+    if b < 2:
+        raise ValueError("a batch of one example has no spread to estimate the gradient covariance from; use B >= 2.")
+    return 1.0 / (b * (b - 1))
+
+
 def ito_term_estimate(model: nn.Module, probe_x: Inputs,
                       per_example_grads: Mapping[str, Tensor], lr: float, *,
                       num_samples: int, generator: torch.Generator,
+                      sampling: str = "with_replacement", population: int | None = None,
                       output_index: int | None = None,
                       chunk_size: int | None = None) -> tuple[Tensor, Tensor]:
     """Hutchinson estimate of the Itô term (η²/2) tr(Σ_k H_m) for every probe.
@@ -334,6 +392,9 @@ def ito_term_estimate(model: nn.Module, probe_x: Inputs,
         num_samples: number S >= 2 of Rademacher draws.
         generator: torch.Generator drawing the signs (on the device it belongs to); results
             are reproducible for a given seed and do not depend on chunk_size.
+        sampling, population: how the batch was drawn (:func:`ito_scale`): with replacement
+            (default; or an infinite training set), or without replacement from ``population``
+            = N training examples. It sets the scale a² of (V) that makes the estimate unbiased.
         chunk_size: draws evaluated together under torch.func.vmap (per-call overhead
             dominates small models, so larger is faster); memory grows as chunk_size x P for
             the directions plus chunk_size x M forward activations. None (default) takes
@@ -342,17 +403,18 @@ def ito_term_estimate(model: nn.Module, probe_x: Inputs,
 
     Returns:
         (mean, stderr), each Tensor[M] float64: the average of (η²/2) v_sᵀ H_m v_s over the
-        S draws, an unbiased estimate of (η²/2) tr(Σ_k H_m) with Σ_k as in (V), and its
-        standard error std_s / sqrt(S). With B = 1 the covariance is 0 and so is the term.
+        S draws and its standard error std_s / sqrt(S) over the signs. Its expectation over the
+        signs is :func:`batch_ito_term`; over the signs and the batch draw, (η²/2) tr(Σ_k H_m)
+        (:func:`exact_trace_sigma_hessian`).
 
     Note:
-        The exact value is (η²/2)(1/B²) Σ_n (g_n − ḡ)ᵀ H_m (g_n − ḡ): B quadratic forms. When
-        S would be comparable to B, computing those directly is cheaper and has no noise.
+        The signs' expectation is B quadratic forms (:func:`batch_ito_term`); when S would be
+        comparable to B, computing those directly is cheaper and has no sign noise.
 
     Algorithm:
-        1. Centre the gradients, d_n = g_n − ḡ (float64).
+        1. Centre the gradients, d_n = g_n − ḡ (float64); a² from the sampling model.
         2. Draw signs r ∈ {−1, +1}^{S×B} from `generator`.
-        3. v_s = (1/B) Σ_n r_{s,n} d_n                                                      (V)
+        3. v_s = a Σ_n r_{s,n} d_n                                                          (V)
         4. q_{s,m} = v_sᵀ H_m v_s by forward-over-forward directional derivatives, in chunks.
         5. t = (η²/2) q; mean over s and standard error std(ddof=1)/sqrt(S).        (Itô)
     """
@@ -376,6 +438,7 @@ def ito_term_estimate(model: nn.Module, probe_x: Inputs,
         model, _keys(per_example_grads, "per_example_grads"),
         "per_example_grads")
     g, b = _per_example(per_example_grads, params, "per_example_grads")
+    a = math.sqrt(ito_scale(b, sampling=sampling, population=population))
     if chunk_size is None:
         p_total = sum(p.numel() for p in params.values())
         chunk_size = min(num_samples, max(1, 2**25 // p_total))
@@ -389,11 +452,11 @@ def ito_term_estimate(model: nn.Module, probe_x: Inputs,
     values = []
     for start in range(0, num_samples, chunk_size):
         r = signs[start:start + chunk_size]
-        # 3. v_s = (1/B) Σ_n r_{s,n} d_n, cast to the parameters' dtype
+        # 3. v_s = a Σ_n r_{s,n} d_n, cast to the parameters' dtype
         vs = {}
         for k, t in d.items():
             r_k = r.to(t.device)
-            vs[k] = (torch.tensordot(r_k, t, dims=([1], [0])) / b).to(params[k].dtype)
+            vs[k] = (a * torch.tensordot(r_k, t, dims=([1], [0]))).to(params[k].dtype)
         # 4. quadratic forms
         if batched is None:
             values.append(quad({k: t[0] for k, t in vs.items()})[None])
@@ -403,6 +466,32 @@ def ito_term_estimate(model: nn.Module, probe_x: Inputs,
     # 5. scale, mean, standard error
     terms = 0.5 * eta**2 * q
     return terms.mean(dim=0), terms.std(dim=0, correction=1) / math.sqrt(num_samples)
+
+
+def batch_ito_term(model: nn.Module, probe_x: Inputs, per_example_grads: Mapping[str, Tensor], lr: float, *,
+                   sampling: str = "with_replacement", population: int | None = None,
+                   output_index: int | None = None) -> Tensor:
+    """The Hutchinson estimate's expectation over the signs for one batch, without sign noise:
+    (η²/2) a² Σ_n (g_n − ḡ)ᵀ H_m (g_n − ḡ) (B quadratic forms).
+
+    Its expectation over batch draws is the Itô term (η²/2) tr(Σ_k H_m) of the sampling model
+    (:func:`ito_scale`). Arguments as :func:`ito_term_estimate`. Returns Tensor[M] float64.
+    """
+    _check_model(model)
+    _check_output_index(output_index)
+    eta = _check_lr(lr)
+    inputs, m = _as_inputs(probe_x, "probe_x")
+    params = _params_for(model, _keys(per_example_grads, "per_example_grads"), "per_example_grads")
+    g, b = _per_example(per_example_grads, params, "per_example_grads")
+    a2 = ito_scale(b, sampling=sampling, population=population)
+    quad = _quad_form_fn(model, params, inputs, m, output_index)
+    total = torch.zeros(m, dtype=torch.float64, device=next(iter(params.values())).device)
+    if a2 == 0.0:
+        return total
+    mean = {k: t.mean(dim=0) for k, t in g.items()}
+    for n in range(b):
+        total += quad({k: (g[k][n] - mean[k]).to(params[k].dtype) for k in params}).to(torch.float64)
+    return 0.5 * eta**2 * a2 * total
 
 
 def deterministic_second_order_term(model: nn.Module, probe_x: Inputs,
@@ -434,17 +523,26 @@ def deterministic_second_order_term(model: nn.Module, probe_x: Inputs,
     return 0.5 * eta**2 * q
 
 
+
 def exact_trace_sigma_hessian(model: nn.Module, probe_x: Inputs,
                               per_example_grads: Mapping[str, Tensor], lr: float, *,
+                              batch_size: int | None = None, sampling: str = "with_replacement",
                               output_index: int | None = None,
                               max_params: int = 4096) -> Tensor:
-    """Exact (η²/2) tr(Σ_k H_m), forming H_m and Σ_k as matrices. For tests and small models.
+    """Exact Itô term (η²/2) tr(Σ H_m) of a batch of ``batch_size`` examples drawn from the
+    examples whose gradients are given, forming H_m and Σ as matrices. For tests and small models.
 
     Args:
         model, output_index: as in :func:`hessian_vector_product`.
         probe_x: Tensor[M, ...] or tuple of them.
-        per_example_grads: dict name -> Tensor[B, *param shape] (keys choose θ).
+        per_example_grads: dict name -> Tensor[N, *param shape]: the gradients of *every*
+            example a batch may be drawn from (the training set at θ_k; keys choose θ).
         lr: the SGD step size η > 0.
+        batch_size: B (default N: a batch as large as the set).
+        sampling: "with_replacement" (default) or "without_replacement" (:func:`ito_scale`):
+            Σ is the covariance of the mean of one such batch,
+            with replacement σ²/B, without (N − B)/(N − 1) · σ²/B, where σ² = Dᵀ D / N is the
+            covariance of the N gradients (D their centred rows).
         max_params: refuse models with more than this many parameters in θ (H is P x P per
             probe); use :func:`ito_term_estimate` for those.
 
@@ -454,17 +552,22 @@ def exact_trace_sigma_hessian(model: nn.Module, probe_x: Inputs,
     Algorithm:
         1. Flatten θ (keys in dict order) to a vector of length P.
         2. H = torch.func.hessian of θ ↦ [f(x_m; θ)]_m, shape [M, P, P].
-        3. D[n] = g_n − ḡ flattened, Σ_k = Dᵀ D / B²                                       (V)
-        4. (η²/2) Σ_{ij} Σ_k[i, j] H_m[i, j]                                              (Itô)
+        3. D[n] = g_n − ḡ flattened, σ² = Dᵀ D / N, Σ from the sampling model.
+        4. (η²/2) Σ_{ij} Σ[i, j] H_m[i, j]                                                (Itô)
     """
     _check_model(model)
     _check_output_index(output_index)
     eta = _check_lr(lr)
+    if sampling not in SAMPLINGS:
+        raise ValueError(f"sampling must be one of {SAMPLINGS}, got {sampling!r}.")
     inputs, m = _as_inputs(probe_x, "probe_x")
     params = _params_for(
         model, _keys(per_example_grads, "per_example_grads"),
         "per_example_grads")
-    g, b = _per_example(per_example_grads, params, "per_example_grads")
+    g, n = _per_example(per_example_grads, params, "per_example_grads")
+    b = n if batch_size is None else batch_size
+    if isinstance(b, bool) or not isinstance(b, int) or not 1 <= b <= (n if sampling == "without_replacement" else b):
+        raise ValueError(f"batch_size must be an int in [1, N={n}] (without replacement) or >= 1, got {batch_size!r}.")
     # 1. flatten
     names = list(params)
     shapes = [params[k].shape for k in names]
@@ -484,9 +587,11 @@ def exact_trace_sigma_hessian(model: nn.Module, probe_x: Inputs,
 
     # 2. explicit Hessians
     h = hessian(outputs_flat)(flat0).to(torch.float64)  # [M, P, P]
-    # 3. batch covariance
-    dmat = torch.cat([g[k].reshape(b, -1) for k in names], dim=1)
+    # 3. covariance of one batch mean
+    dmat = torch.cat([g[k].reshape(n, -1) for k in names], dim=1)
     dmat = dmat - dmat.mean(dim=0, keepdim=True)
-    sigma = dmat.T @ dmat / b**2
+    sigma = dmat.T @ dmat / (n * b)
+    if sampling == "without_replacement":
+        sigma = sigma * ((n - b) / (n - 1) if n > 1 else 0.0)
     # 4. trace
     return 0.5 * eta**2 * torch.einsum("ij,mij->m", sigma.to(h.device), h)

@@ -1,5 +1,5 @@
 """Stochastic Domingos: the expected output change over random batch orders, decomposed
-(DESIGN.md section 2, "Stochastic Domingos (expected output)").
+(docs/generalization.md, "Stochastic Domingos: the expected output").
 
 For plain SGD (step η) from a fixed θ_0, each of R seeds draws its own batch order; per seed and
 probe x the recorded quantities, summed over the K steps, are
@@ -7,8 +7,11 @@ probe x the recorded quantities, summed over the K steps, are
 - ``change``: f(x; θ_K) − f(x; θ_0) (fresh forward passes);
 - ``first_order``: the left-point ledger Σ_k J(x; θ_k) Δ_k (contributions plus rest);
 - ``ito``: Σ_k (η²/2) tr(Σ_k H_k(x)), the Itô term, by the Hutchinson estimator of
-  :func:`genkernel.analysis.hutchinson.ito_term_estimate` (Σ_k the batch estimate of the mini-batch
-  gradient covariance, from the batch's per-example gradients);
+  :func:`genkernel.analysis.hutchinson.ito_term_estimate` from the batch's per-example gradients,
+  scaled for the sampling model used here: each batch is a uniform B-subset of the N training
+  examples drawn *without replacement* (consecutive batches of an epoch-wise permutation), so
+  a² = (N − B) / (N B (B − 1)) and the estimate is unbiased over batch draws (a full batch, B = N,
+  has no Itô term);
 - ``deterministic``: Σ_k (η²/2) ḡ_kᵀ H_k(x) ḡ_k with ḡ_k = ∇L(θ_k) the *full training-set*
   gradient (with the batch mean it would count the batch noise a second time: the batch mean's
   second moment is ḡḡᵀ + Σ_k);
@@ -17,16 +20,18 @@ probe x the recorded quantities, summed over the K steps, are
 
 Averaged over seeds: E[change] ≈ E[first_order] + E[deterministic] + E[ito] up to third order
 in η. :meth:`ExpectedOutputDecomposition.shares` reports each term as a share of the mean change,
-⟨mean term, mean change⟩ / ‖mean change‖² over probes, with bootstrap intervals over seeds.
+⟨mean term, mean change⟩ / ‖mean change‖² over probes, with jackknife Student-t intervals over seeds.
 """
 
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import numpy as np
+import scipy.stats
 import torch
 from torch import nn
 
@@ -71,18 +76,26 @@ class ExpectedOutputDecomposition:
             raise ValueError(f"term must be one of {TERMS + ('remainder',)}, got {term!r}")
         return getattr(self, term)
 
-    def shares(self, *, n_boot: int = 1000, seed: int = 0, confidence: float = 0.95) -> dict[str, dict]:
-        """Each term's share of the mean change, ⟨E[term], E[change]⟩ / ‖E[change]‖², with a
-        percentile bootstrap interval over seeds (seeds resampled with replacement,
-        :func:`genkernel.stats.bootstrap_interval`; NaN with a single seed).
+    def shares(self, *, n_boot: int = 1000, seed: int = 0, confidence: float = 0.95, method: str = "jackknife-t") -> dict[str, dict]:
+        """Each term's share of the mean change, ⟨E[term], E[change]⟩ / ‖E[change]‖², with an
+        interval over seeds (the independent replicates).
+
+        Args:
+            method: "jackknife-t" (default): the leave-one-seed-out jackknife standard error with
+                Student t quantiles on R − 1 degrees of freedom (right at the few seeds a run has,
+                where a percentile bootstrap over seeds is too narrow); "percentile": the
+                percentile bootstrap over seeds (:func:`genkernel.stats.bootstrap_interval`, ``n_boot``
+                resamples from ``seed``). NaN ends with a single seed.
 
         Returns:
-            ``{term: {"share": float, "interval": (lo, hi)}}`` for first_order, deterministic, ito,
-            realized_second_order and remainder (change − first_order − deterministic − ito), plus
-            ``second_order_gap_ratio``: ‖E[change − first_order − deterministic − ito]‖ /
-            ‖E[change − first_order]‖ (below 1: the second-order terms explain part of what the
-            first-order ledger leaves).
+            ``{term: {"share": float, "interval": (lo, hi), "method", "n"}}`` for first_order,
+            deterministic, ito, realized_second_order and remainder (change − first_order −
+            deterministic − ito), plus ``second_order_gap_ratio``: ‖E[change − first_order −
+            deterministic − ito]‖ / ‖E[change − first_order]‖ (below 1: the second-order terms
+            explain part of what the first-order ledger leaves).
         """
+        if method not in ("jackknife-t", "percentile"):
+            raise ValueError(f"method must be 'jackknife-t' or 'percentile', got {method!r}")
         r = self.change.shape[0]
         stacks = {t: self._per_seed(t).numpy() for t in TERMS + ("remainder",)}
 
@@ -95,9 +108,18 @@ class ExpectedOutputDecomposition:
             return float(np.linalg.norm(stacks["remainder"][idx].mean(0)) / np.linalg.norm(first_gap))
 
         def summarize(fn):
-            interval = bootstrap_interval(np.arange(r), lambda idx: fn(idx.astype(int)), confidence=confidence,
-                                          resamples=n_boot, seed=seed, method="percentile")
-            return {"share": interval.estimate, "interval": (interval.low, interval.high)}
+            if method == "percentile":
+                interval = bootstrap_interval(np.arange(r), lambda idx: fn(idx.astype(int)), confidence=confidence,
+                                              resamples=n_boot, seed=seed, method="percentile")
+                return {"share": interval.estimate, "interval": (interval.low, interval.high), "method": interval.method,
+                        "n": r}
+            estimate = fn(np.arange(r))
+            if r < 2:
+                return {"share": estimate, "interval": (math.nan, math.nan), "method": "jackknife-t", "n": r}
+            leave_out = np.array([fn(np.delete(np.arange(r), i)) for i in range(r)])
+            se = math.sqrt((r - 1) / r * float(((leave_out - leave_out.mean()) ** 2).sum()))
+            half = float(scipy.stats.t.ppf(0.5 + confidence / 2, r - 1)) * se
+            return {"share": estimate, "interval": (estimate - half, estimate + half), "method": "jackknife-t", "n": r}
 
         out = {t: summarize(lambda i, t=t: share(i, t)) for t in ("first_order", "deterministic", "ito", "realized_second_order", "remainder")}
         out["second_order_gap_ratio"] = summarize(gap_ratio)
@@ -125,7 +147,8 @@ def expected_output_decomposition(
         inputs: ``[N, ...]`` training inputs; targets: ``[N, ...]``.
         loss_fn: per-example loss ``(outputs, targets) -> [B]``.
         probes: ``[M, ...]`` inputs x at which the output is followed.
-        lr: SGD step η; batch_size: B (batches drawn without replacement within each epoch);
+        lr: SGD step η; batch_size: B (batches drawn without replacement within each epoch: the
+            Itô term's sampling model, :func:`genkernel.analysis.hutchinson.ito_scale`);
         steps: K optimizer steps per seed.
         seeds: one batch order (and Hutchinson sign stream) per seed.
         hutchinson_samples: Rademacher draws S ≥ 2 per step.
@@ -165,7 +188,8 @@ def expected_output_decomposition(
             full = dict(zip(params, full))
             batch_mean = {k: g.mean(dim=0) for k, g in per_example.items()}
             # 3. Itô term (Hutchinson), deterministic and realized second-order terms at θ_k.
-            ito, se = ito_term_estimate(net, probes, per_example, lr, num_samples=hutchinson_samples, generator=signs)
+            ito, se = ito_term_estimate(net, probes, per_example, lr, num_samples=hutchinson_samples, generator=signs,
+                                        sampling="without_replacement", population=n)
             acc["ito"] += ito.cpu()
             acc["ito_var"] += se.cpu() ** 2
             acc["deterministic"] += deterministic_second_order_term(net, probes, full, lr).cpu()
