@@ -7,8 +7,11 @@ from the repository root as::
     python -m recipes.experiments.NAME [--quick] [--out-dir figures] [--seed 0] [--device cpu]
 
 and writes ``OUT/NAME.png`` and ``OUT/NAME.json``. The JSON holds the numbers behind the figure,
-the settings, the wall time and a ``claims`` section: for each claim whether it ``held`` in this
-run, computed from the numbers (never written by hand), its ``value`` and ``interval``.
+the settings, the wall time and a ``claims`` section: for each claim its ``statistic``, its ``baseline`` (the same
+statistic at θ₀ or on a null model), its ``value`` and ``interval``, and whether it ``held`` in this
+run, computed from the interval (never written by hand), or ``measured: false`` with ``why`` when
+these settings cannot answer it. ``python -m recipes`` writes the claims table of
+``figures/README.md`` from these files.
 
 Modes: full (paper-fidelity, default), ``--quick`` (at most 90 s on 2 CPU cores) and the hidden
 ``--smoke`` (tiny sizes, for the test suite only: its numbers check the plumbing, not the claims).
@@ -28,7 +31,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from genkernel.stats import Interval
+from genkernel.stats import Interval, mean_interval
 
 MODES = ("full", "quick", "smoke")
 
@@ -81,26 +84,61 @@ def pick(mode: str, *, full: dict, quick: dict, smoke: dict) -> dict[str, Any]:
     return dict(table[mode])
 
 
+def baseline(value: Any, what: str, interval: Interval | Sequence[float] | None = None, **extra: Any) -> dict:
+    """The ``baseline`` of a claim: the same statistic where the effect should be absent, ``{"value",
+    "what", "interval"}``. ``what`` says which: "θ₀" (the same network before training), a null model
+    ("time-blind denoiser"), a fixed baseline ("distance to the training set") or a trivial reference
+    ("no change predicted")."""
+    if isinstance(interval, Interval):
+        interval = (interval.low, interval.high)
+    return {"value": _clean(value), "what": what,
+            "interval": None if interval is None else [_clean(float(interval[0])), _clean(float(interval[1]))],
+            **{k: _clean(v) for k, v in extra.items()}}
+
+
 def claim(
-    statement: str, held: bool, value: float, interval: Interval | Sequence[float] | None = None, **extra: Any
+    statement: str, held: bool, value: float, interval: Interval | Sequence[float] | None = None, *,
+    statistic: str | None = None, baseline: dict | None = None, measured: bool = True, why: str | None = None,
+    **extra: Any,
 ) -> dict:
-    """One entry of the ``claims`` section: ``{"statement", "held", "value", "interval": [low, high]
-    or None, **extra}``, JSON-ready. An ``interval`` from :mod:`genkernel.stats` also adds its
-    ``method`` and ``n`` (unless ``extra`` names them).
+    """One entry of the ``claims`` section, JSON-ready::
+
+        {"statement", "statistic", "baseline": {"value", "what", "interval"}, "value",
+         "interval": [low, high] or None, "held", "measured", ("why"), **extra}
+
+    An ``interval`` from :mod:`genkernel.stats` also adds its ``method`` and ``n`` (unless ``extra``
+    names them). ``statistic`` says in a few words what ``value`` is; ``baseline`` (see
+    :func:`baseline`) is the same statistic where the effect should be absent (θ₀, a null model).
 
     ``held`` must be computed from the numbers, and where there is an interval, from the interval
-    (e.g. ``interval.above(0)``), never from the point estimate alone.
+    (e.g. ``interval.above(0)``), never from the point estimate alone. A claim these settings
+    cannot measure (too few steps, samples that are still noise) passes ``measured=False`` and
+    ``why``: its ``held`` is then None ("not measured"), not False.
     """
     if isinstance(interval, Interval):
         extra = {"method": interval.method, "n": interval.n, **extra}
         interval = (interval.low, interval.high)
-    return {
+    if not measured and not why:
+        raise ValueError("a claim that was not measured needs why=")
+    entry = {
         "statement": statement,
-        "held": bool(held),
+        "statistic": statistic or statement,
+        "baseline": baseline if baseline is not None else {"value": None, "what": "none", "interval": None},
         "value": _clean(value),
         "interval": None if interval is None else [_clean(float(interval[0])), _clean(float(interval[1]))],
-        **{k: _clean(v) for k, v in extra.items()},
+        "held": bool(held) if measured else None,
+        "measured": bool(measured),
     }
+    if not measured:
+        entry["why"] = why
+    entry.update({k: _clean(v) for k, v in extra.items()})
+    return entry
+
+
+def over_seeds(values: Sequence[float]) -> Interval:
+    """Student-t interval of a per-seed statistic (the seeds are the independent replicates of a
+    claim about training); NaN ends with a single seed."""
+    return mean_interval(np.asarray(values, dtype=np.float64))
 
 
 def _clean(value: Any) -> Any:
@@ -168,7 +206,8 @@ def finish(
     tmp.write_text(json.dumps(payload, indent=2, allow_nan=False) + "\n")
     os.replace(tmp, path)
     for key, c in claims.items():
-        print(f"[{name}] claim {key}: {'held' if c['held'] else 'did NOT hold'} (value {_fmt(c['value'])}, interval {c['interval']})")
+        verdict = "not measured" if c.get("measured") is False else ("held" if c["held"] else "did NOT hold")
+        print(f"[{name}] claim {key}: {verdict} (value {_fmt(c['value'])}, interval {c['interval']})")
     print(f"[{name}] wrote {png} and {path} in {timer.seconds:.1f} s ({args.mode} mode)")
     sys.stdout.flush()
     return payload
@@ -187,87 +226,475 @@ def import_root(package: str, folder: Path) -> Path:
 
 
 # ------------------------------------------------------------------------- diffusion recipes
+#
+# Both diffusion recipes run the same protocol, one independent run per seed:
+#
+#   1. θ_0: the untrained denoiser is kept (and, with --checkpoint-dir, saved) as the baseline;
+#   2. an untracked warm-up, then a tracked window of the NoiseLevelAnalyzer (``track_steps``) with
+#      several label-permutation control partitions on the same trajectory;
+#   3. the kernel's noise-level locality per clean input at θ_0 and θ_T (paired: the claim is the
+#      change), and for the null models: a time-blind denoiser trained the same way (its kernel,
+#      and with ``reference="ledger"`` its ledger over the same window); the per-bin-parameter
+#      model's traffic locality is 1 by construction (no parameter is shared between bins);
+#   4. retrieval along reverse sampling at θ_T, and at θ_0 only when θ_T's samples are not noise.
+#
+# Claims rest on the runs: with several seeds, one value per seed and a Student-t interval over
+# seeds; with one seed, within the run with its own units (probe levels, clean inputs, samples).
+# A claim the settings cannot measure (a window whose change is mostly pre-window optimizer state,
+# samples that are still noise) says ``measured: false`` and why.
+
+SAMPLE_NOISE_LIMIT = 0.5  # samples count as noise when they sit at least half-way from held-out data to θ₀'s samples
+
+
 def add_diffusion_arguments(parser: argparse.ArgumentParser) -> None:
     """Adds the options the diffusion recipes share (defaults: the mode's settings); returns nothing."""
     parser.add_argument("--prediction-type", default="epsilon", choices=["epsilon", "v_prediction", "sample"])
     parser.add_argument("--beta-schedule", default="linear", choices=["linear", "squaredcos_cap_v2"])
     parser.add_argument("--num-bins", type=int, default=None, help="training-level bins (default: the mode's)")
     parser.add_argument("--band", type=int, default=None, help="locality band w in bins (default: the mode's)")
+    parser.add_argument("--controls", type=int, default=None, help="permutation control partitions (default: the mode's)")
+    parser.add_argument("--warmup-steps", type=int, default=None, help="untracked steps before the window (default: the mode's)")
+    parser.add_argument("--window-steps", type=int, default=None, help="tracked steps (default: the mode's)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=None,
+                        help="independent runs, one per seed (default: --seed only); claims then rest on the seeds")
+    parser.add_argument("--runs-dir", default=None,
+                        help="folder for one JSON per seed (default OUT/NAME_runs when several seeds or --aggregate)")
+    parser.add_argument("--aggregate", action="store_true",
+                        help="run nothing: aggregate the per-seed JSON files in --runs-dir into OUT/NAME.json and the figures")
+    parser.add_argument("--checkpoint-dir", default=None,
+                        help="resumable runs: trainer + analyzer checkpoints per seed in DIR/seed_S (rerun to continue)")
+    parser.add_argument("--checkpoint-every", type=int, default=None, help="steps between checkpoints (default: the mode's)")
+    parser.add_argument("--estimate-only", action="store_true",
+                        help="time a few bare and tracked steps on --device and print the expected wall time; train nothing")
 
 
 def apply_diffusion_overrides(settings: dict, args: argparse.Namespace) -> dict:
     """Writes the options of :func:`add_diffusion_arguments` that were given into ``settings``;
     returns ``settings``."""
     settings.update(prediction_type=args.prediction_type, beta_schedule=args.beta_schedule)
-    for key in ("num_bins", "band"):
-        if getattr(args, key) is not None:
+    for key in ("num_bins", "band", "controls", "warmup_steps", "window_steps", "checkpoint_every"):
+        if getattr(args, key, None) is not None:
             settings[key] = getattr(args, key)
     return settings
 
 
-def write_diffusion_outputs(name, args, s, timer, trainer, report, retrieval, retrieval_figure, timings) -> dict:
-    """Saves a diffusion recipe's per-view figures (``OUT/NAME_<view>.png``), then the overview PNG
-    and the JSON (claims from the numbers, :func:`diffusion_claims`).
+class TimeBlind(torch.nn.Module):
+    """A null model: ``inner(x_t, 0)`` whatever t is (the denoiser cannot tell the noise levels
+    apart, so any noise-level locality it shows comes from the inputs' similarity alone)."""
 
-    ``report``: the NoiseLevelAnalyzer's report; ``retrieval``: the retrieval attribution;
-    ``retrieval_figure``: the recipe's retrieval plot; ``timings``: warm-up, window and retrieval
-    seconds. Returns the JSON payload (see :func:`finish`).
+    def __init__(self, inner: torch.nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor, *rest):
+        return self.inner(x_t, torch.zeros_like(t.reshape(-1).expand(x_t.shape[0])), *rest)
+
+
+def sample_quality(samples: torch.Tensor, train: torch.Tensor, held_out: torch.Tensor,
+                   untrained_samples: torch.Tensor) -> dict[str, Any]:
+    """Are generated samples still noise? Mean distance to the nearest training input of the
+    samples (d_s), of held-out data (d_h: what real samples reach) and of the untrained denoiser's
+    samples from the same initial noise (d_0: what θ₀ makes of it). ``score`` = (d_s − d_h) /
+    (d_0 − d_h): 0 for samples as close to the data as fresh data, 1 for no better than θ₀'s;
+    ``noise`` when above :data:`SAMPLE_NOISE_LIMIT`."""
+    def flat(x):
+        return x.detach().reshape(x.shape[0], -1).to(torch.float64).cpu()
+
+    b = flat(train)
+
+    def nearest(x):
+        return float(torch.cdist(flat(x), b).min(dim=1).values.mean())
+
+    d_s, d_h, d_0 = nearest(samples), nearest(held_out), nearest(untrained_samples)
+    score = (d_s - d_h) / (d_0 - d_h) if d_0 > d_h else math.inf
+    return {"score": score, "limit": SAMPLE_NOISE_LIMIT, "noise": not score <= SAMPLE_NOISE_LIMIT,
+            "distance_samples": d_s, "distance_held_out": d_h, "distance_untrained_samples": d_0}
+
+
+def _kernel_locality_per_input(analyzer, model, scheduler) -> np.ndarray:
+    """Per clean input of the analyzer's kernel points: k̂ locality minus its permutation control
+    (``level_locality_per_point``) for ``model`` at its current θ."""
+    from genkernel.analysis.kernel_stats import level_locality_per_point
+    from genkernel.diffusion import make_states, state_kernel
+
+    param = next(model.parameters())
+    states = make_states(scheduler, analyzer.kernel_clean.to(param), analyzer.kernel_noise.to(param), analyzer.bins.centers)
+    kernel = state_kernel(model, states, output_sketch=analyzer.kernel_sketch, seed=analyzer.seed,
+                          memory_budget=analyzer.memory_budget)
+    measured, control = level_locality_per_point(kernel.cpu(), analyzer.kernel_clean.shape[0],
+                                                 torch.arange(analyzer.num_bins), analyzer.band, seed=analyzer.seed)
+    return measured - control
+
+
+def _per_level(report: dict, key: str) -> list[dict]:
+    """``[{level, difference, interval, n}]`` of ``report["locality"]["per_level"]`` for ``key``."""
+    return [{"level": row["level"], "bin": row["bin"], **{k: row[key][k] for k in ("difference", "interval", "n", "measured", "control")}}
+            for row in report["locality"].get("per_level", [])]
+
+
+def _make_analyzer(scheduler, held_out, s: dict, seed: int, *, controls: int, snapshots: bool, progress: bool):
+    from genkernel.diffusion import NoiseLevelAnalyzer
+
+    warmup, window = s["warmup_steps"], s["window_steps"]
+    return NoiseLevelAnalyzer(
+        scheduler, held_out, num_bins=s["num_bins"], num_probes=s["num_probes"], band=s["band"], controls=controls,
+        snapshot_every=s["snapshot_every"] if snapshots else 0, kernel_every=s["kernel_every"] if snapshots else 0,
+        kernel_points=s["kernel_points"], kernel_sketch=s.get("kernel_sketch"), seed=seed,
+        track_steps=(warmup + 1, warmup + window), progress=progress,
+    )
+
+
+def _train(trainer, warmup: int, total: int) -> tuple[float, float]:
+    """Train up to ``warmup`` (untracked) and then to ``total`` steps; returns (warm-up s, window s)
+    of this process (a resumed run counts only what it trained)."""
+    t0 = time.perf_counter()
+    if trainer.global_step < warmup:
+        trainer.train(warmup - trainer.global_step)
+    t1 = time.perf_counter()
+    if trainer.global_step < total:
+        trainer.train(total - trainer.global_step)
+    return t1 - t0, time.perf_counter() - t1
+
+
+def diffusion_seed_run(spec: dict, args: argparse.Namespace, s: dict, seed: int) -> tuple[dict, Any]:
+    """One independent run of a diffusion recipe (the protocol above) from ``seed``.
+
+    ``spec``: ``load(seed) -> (train data, held-out data)``, ``model() -> denoiser``,
+    ``scheduler() -> DDPMScheduler``, ``time_blind() -> denoiser or None`` (the null model),
+    ``retrieval`` (keyword arguments of ``retrieval_attribution``), ``images`` (bool).
+
+    Returns ``(run, retrieval_result)``: the run's JSON-ready numbers and the θ_T retrieval (for figures).
+    """
+    import copy
+
+    from genkernel.diffusion import DDPMTrainer, retrieval_attribution, reverse_sample
+
+    device = args.torch_device
+    timer = Timer()
+    data, held_out = spec["load"](seed)
+    data, held_out = data.to(device), held_out.to(device)
+    torch.manual_seed(seed)
+    model = spec["model"]().to(device)
+    scheduler = spec["scheduler"]()
+    theta0 = copy.deepcopy(model)
+    run_dir = None if args.checkpoint_dir is None else Path(args.checkpoint_dir) / f"seed_{seed}"
+    if run_dir is not None:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if (run_dir / "theta0.pt").is_file():
+            theta0.load_state_dict(torch.load(run_dir / "theta0.pt", map_location=device))
+        else:
+            torch.save(model.state_dict(), run_dir / "theta0.pt")
+    warmup, window = s["warmup_steps"], s["window_steps"]
+    total = warmup + window
+    progress = args.mode == "full"
+    analyzer = _make_analyzer(scheduler, held_out, s, seed, controls=s["controls"], snapshots=True, progress=progress)
+    trainer = DDPMTrainer(model, scheduler, data, batch_size=s["batch_size"], lr=s["lr"], seed=seed, callbacks=[analyzer],
+                          checkpoint_dir=run_dir, checkpoint_every=s["checkpoint_every"] if run_dir else 0, progress=progress)
+    resumed = bool(run_dir is not None and trainer.resume())
+    warmup_s, window_s = _train(trainer, warmup, total)
+    if run_dir is not None:
+        trainer.save_checkpoint()
+    report = analyzer.report()
+    if warmup:
+        report["kernel"].insert(0, {"tracked_step": None, "global_step": 0, **analyzer.kernel_structure(theta0)})
+    t0 = Timer()
+    kernel = {"theta_0": _kernel_locality_per_input(analyzer, theta0, scheduler),
+              "theta_T": _kernel_locality_per_input(analyzer, model, scheduler)}
+    reference = None
+    if s.get("reference") and spec.get("time_blind") is not None:
+        torch.manual_seed(seed)
+        blind = spec["time_blind"]().to(device)
+        ledger = s["reference"] == "ledger"
+        blind_analyzer = _make_analyzer(scheduler, held_out, s, seed, controls=s["controls"], snapshots=False,
+                                        progress=False) if ledger else None
+        blind_trainer = DDPMTrainer(blind, scheduler, data, batch_size=s["batch_size"], lr=s["lr"], seed=seed,
+                                    callbacks=[blind_analyzer] if ledger else [], progress=progress)
+        _train(blind_trainer, warmup, total)
+        kernel["time_blind"] = _kernel_locality_per_input(analyzer, blind, scheduler)
+        reference = {"what": "time-blind denoiser (the same network fed t = 0), trained the same way"}
+        if ledger:
+            blind_report = blind_analyzer.report()
+            reference.update(measured=blind_report["measured"], notes=blind_report["notes"],
+                             locality=blind_report["locality"], residual=blind_report["residual"],
+                             kernel_by_distance=blind_analyzer.kernel_structure(blind)["by_distance"])
+        else:
+            reference["kernel_by_distance"] = analyzer.kernel_structure(blind)["by_distance"]
+    reference_s = t0.seconds
+    # Retrieval along reverse sampling: at θ_T; at θ_0 (paired by sample) only when θ_T's samples are not noise.
+    t0 = Timer()
+    train_subset = data[: s["retrieval_train"]]
+    options = dict(num_samples=s["retrieval_samples"], num_stages=s["retrieval_stages"],
+                   num_inference_steps=s["inference_steps"], seed=seed, **spec.get("retrieval", {}))
+    retrieval = retrieval_attribution(model, scheduler, train_subset, **options)
+    untrained, _ = reverse_sample(theta0, scheduler, tuple(retrieval.samples.shape), num_inference_steps=s["inference_steps"],
+                                  seed=seed)
+    quality = sample_quality(retrieval.samples, train_subset, held_out, untrained)
+    entropy0 = None
+    if not quality["noise"]:
+        entropy0 = retrieval_attribution(theta0, scheduler, train_subset, **options).entropy
+    retrieval_s = t0.seconds
+    run = _clean({
+        "seed": seed, "resumed": resumed, "report": report,
+        "kernel_locality_per_input": kernel,
+        "reference": reference,
+        "retrieval": retrieval.to_json(), "retrieval_entropy": retrieval.entropy,
+        "retrieval_entropy_theta_0": entropy0, "sample_quality": quality,
+        "final_loss": sum(trainer.losses[-20:]) / max(1, len(trainer.losses[-20:])),
+        "timing": {"warmup_s": warmup_s, "window_s": window_s, "reference_s": reference_s, "retrieval_s": retrieval_s,
+                   "seconds_per_tracked_step": window_s / max(1, window), "total_s": timer.seconds},
+    })
+    return run, retrieval
+
+
+def _within_or_over_seeds(per_run: list[np.ndarray]) -> Interval:
+    """One seed: Student t over the run's own units (the entries); several: over the seeds' means."""
+    if len(per_run) == 1:
+        return mean_interval(np.asarray(per_run[0], dtype=np.float64))
+    return over_seeds([float(np.nanmean(np.asarray(v, dtype=np.float64))) for v in per_run])
+
+
+def diffusion_claims(runs: list[dict]) -> dict:
+    """The section-3 claims from one or several runs (:func:`diffusion_seed_run`); see the module
+    comment above for the units of the intervals."""
+    seeds = len(runs)
+    units = "seeds" if seeds > 1 else None
+    reports = [r["report"] for r in runs]
+    band = reports[0]["config"]["band"]
+    out: dict[str, dict] = {}
+    window_measured = all(rep.get("measured", True) for rep in reports)
+    why_window = "; ".join(sorted({n for rep in reports for n in rep.get("notes", []) if "mostly the rest" in n})) or None
+    reference = [r.get("reference") for r in runs]
+    has_ledger_ref = all(ref is not None and "locality" in ref for ref in reference)
+    for key, what in (("traffic", "traffic"), ("share", "net share")):
+        per_level = [np.array([row["difference"] for row in _per_level(rep, key)], dtype=np.float64) for rep in reports]
+        interval = _within_or_over_seeds(per_level)
+        extra: dict[str, Any] = {
+            "per_level": _per_level(reports[0], key) if seeds == 1 else [
+                {"level": row["level"], "difference_per_seed": [float(v[i]) for v in per_level]}
+                for i, row in enumerate(_per_level(reports[0], key))],
+            "units": units or "probe levels (one run)", "controls": reports[0]["config"]["controls"],
+            "median_kappa": float(np.median([rep["locality"]["median_kappa"] for rep in reports])),
+            "median_rest_share": [rep["residual"]["median_rest_share"] for rep in reports],
+        }
+        base = baseline(None, "per-bin parameters: 1 − control by construction (no reference run)")
+        held = interval.above(0)
+        if has_ledger_ref:
+            ref_levels = [np.array([row[key]["difference"] for row in ref["locality"]["per_level"]], dtype=np.float64)
+                          for ref in reference]
+            ref_interval = _within_or_over_seeds(ref_levels)
+            beyond = _within_or_over_seeds([a - b for a, b in zip(per_level, ref_levels)])
+            base = baseline(ref_interval.estimate, "null model: time-blind denoiser, same window", ref_interval)
+            extra.update(beyond_null=beyond.estimate, beyond_null_interval=[beyond.low, beyond.high])
+            held = held and beyond.above(0)
+        statement = (f"the {what} of a probe's correction from training within ±{band} bins of its own level exceeds the "
+                     "label-permutation controls (same trajectory), and exceeds what a time-blind denoiser shows "
+                     "(when run); interval over " + (units or "probe levels"))
+        stat = f"{what} within ±{band} bins − permutation control, mean over probe levels"
+        if not window_measured:
+            out[f"{key}_locality"] = claim(statement, False, interval.estimate, interval, statistic=stat, baseline=base,
+                                           measured=False, why=why_window, **extra)
+        else:
+            out[f"{key}_locality"] = claim(statement, held, interval.estimate, interval, statistic=stat, baseline=base, **extra)
+    # every level: the average over levels hides a sign flip between them
+    rows = _per_level(reports[0], "traffic")
+    if rows:
+        if seeds == 1:
+            lows = [row["interval"][0] for row in rows]
+            worst = int(np.nanargmin([np.nan if v is None else v for v in lows]))
+            value, interval_w = rows[worst]["difference"], rows[worst]["interval"]
+            every = all(v is not None and v > 0 for v in lows)
+        else:
+            per_level_iv = [over_seeds([float(_per_level(rep, "traffic")[i]["difference"]) for rep in reports])
+                            for i in range(len(rows))]
+            worst = int(np.nanargmin([iv.low for iv in per_level_iv]))
+            value, interval_w = per_level_iv[worst].estimate, (per_level_iv[worst].low, per_level_iv[worst].high)
+            every = all(iv.above(0) for iv in per_level_iv)
+        statement = (f"traffic locality (±{band} bins, minus control) holds at every probe level, not only on "
+                     "average: the level with the lowest interval still lies above 0")
+        stat = "traffic within band − control at the worst probe level"
+        kw = dict(statistic=stat, baseline=baseline(None, "per-bin parameters: 1 − control by construction"),
+                  worst_level=rows[worst]["level"],
+                  levels_above_zero=[row["level"] for row in rows if row["interval"][0] is not None and row["interval"][0] > 0]
+                  if seeds == 1 else None)
+        if not window_measured:
+            out["traffic_locality_every_level"] = claim(statement, False, value, interval_w, measured=False, why=why_window, **kw)
+        else:
+            out["traffic_locality_every_level"] = claim(statement, every, value, interval_w, **kw)
+    # kernel locality: the change from θ_0, per clean input (and beyond the time-blind denoiser's)
+    per_input = [r["kernel_locality_per_input"] for r in runs]
+    change = _within_or_over_seeds([np.asarray(k["theta_T"]) - np.asarray(k["theta_0"]) for k in per_input])
+    at_0 = _within_or_over_seeds([np.asarray(k["theta_0"]) for k in per_input])
+    at_T = _within_or_over_seeds([np.asarray(k["theta_T"]) for k in per_input])
+    extra = {"at_theta_T": at_T.estimate, "at_theta_T_interval": [at_T.low, at_T.high],
+             "units": units or "clean inputs of the kernel (one run)", "sketch": reports[0]["config"].get("kernel_sketch")}
+    held = change.above(0)
+    if all("time_blind" in k for k in per_input):
+        beyond = _within_or_over_seeds([np.asarray(k["theta_T"]) - np.asarray(k["time_blind"]) for k in per_input])
+        blind = _within_or_over_seeds([np.asarray(k["time_blind"]) for k in per_input])
+        extra.update(time_blind=blind.estimate, time_blind_interval=[blind.low, blind.high],
+                     beyond_time_blind=beyond.estimate, beyond_time_blind_interval=[beyond.low, beyond.high])
+        held = held and beyond.above(0)
+    out["kernel_locality"] = claim(
+        f"training makes k̂ noise-local: (mean k̂ within ±{band} bins − outside, minus a level-label permutation) "
+        "rises from θ₀ to θ_T, and (when a time-blind denoiser is trained beside it) exceeds the time-blind "
+        "denoiser's at θ_T, whose locality comes from the inputs' similarity alone",
+        held, change.estimate, change,
+        statistic="kernel locality (within − outside band, minus permutation), θ_T − θ₀",
+        baseline=baseline(at_0.estimate, "θ₀: kernel locality before training", at_0), **extra)
+    # retrieval: broad → narrow, against θ_0, only where samples are not noise
+    quality = [r["sample_quality"] for r in runs]
+    noise = any(q["noise"] for q in quality)
+    high_low = [np.asarray(r["retrieval_entropy"], dtype=np.float64) for r in runs]
+    high_low = [e[0] - e[-1] for e in high_low]
+    at_T = _within_or_over_seeds(high_low)
+    statement = ("retrieval entropy along reverse sampling falls from the noisiest stage to the cleanest more at θ_T "
+                 "than at θ₀ (paired by sample: the same initial noise)")
+    stat = "entropy(noisiest) − entropy(cleanest), θ_T − θ₀"
+    if noise:
+        worst = max(q["score"] for q in quality)
+        out["retrieval_broad_to_narrow"] = claim(
+            statement, False, at_T.estimate, at_T, statistic=stat,
+            baseline=baseline(None, "θ₀ (not run: θ_T's samples are noise)"), measured=False,
+            why=(f"the samples are still noise: their distance to the training set is {worst:.2f} of the way from "
+                 f"held-out data's (0) to the untrained denoiser's samples' (1), above {SAMPLE_NOISE_LIMIT:g}; "
+                 "retrieval of noise says nothing about the trained denoiser"),
+            at_theta_T=at_T.estimate, sample_quality=quality)
+    else:
+        h0 = [np.asarray(r["retrieval_entropy_theta_0"], dtype=np.float64) for r in runs]
+        h0 = [e[0] - e[-1] for e in h0]
+        did = _within_or_over_seeds([a - b for a, b in zip(high_low, h0)])
+        base0 = _within_or_over_seeds(h0)
+        out["retrieval_broad_to_narrow"] = claim(
+            statement, did.above(0), did.estimate, did, statistic=stat,
+            baseline=baseline(base0.estimate, "θ₀: the untrained denoiser's retrieval", base0),
+            at_theta_T=at_T.estimate, at_theta_T_interval=[at_T.low, at_T.high], sample_quality=quality,
+            units=units or "samples (one run)")
+    residual = max(rep["residual"]["relative_residual"] for rep in reports)
+    out["ledger_adds_up"] = claim(
+        "the noise-level ledger adds up: relative residual ‖R‖/‖Δf‖ below 1e-2 (worst run)",
+        residual is not None and residual < 1e-2, residual, (residual, residual),
+        statistic="relative residual ‖R‖/‖Δf‖ of the ledger (worst seed)",
+        baseline=baseline(1.0, "no ledger: predicting no change"),
+    )
+    return out
+
+
+def write_diffusion_outputs(name: str, args: argparse.Namespace, s: dict, timer: Timer, runs: list[dict],
+                            retrieval, retrieval_data, *, images: bool) -> dict:
+    """Saves a diffusion recipe's per-view figures (``OUT/NAME_<view>.png``), then the overview PNG
+    and the JSON (claims from the runs, :func:`diffusion_claims`). Figures aggregate the runs: the
+    matrices are averaged over seeds, the per-level and kernel panels show every seed.
+
+    ``retrieval``: seed 0's θ_T retrieval result (None when aggregating saved runs: the retrieval
+    figure then shows the entropy only); ``retrieval_data``: the training inputs it retrieved from.
+    Returns the JSON payload (see :func:`finish`).
     """
     from genkernel.plotting import diffusion as plots
 
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     dpi = 50 if args.mode == "smoke" else 110
-    retrieval_json = retrieval.to_json()
+    claims = diffusion_claims(runs)
+    report = plots.average_reports([r["report"] for r in runs])
+    references = [r.get("reference") for r in runs]
+    quality = runs[0]["sample_quality"]
     extra = {
         "noise_matrix": plots.plot_noise_matrices(report),
-        "locality": plots.plot_locality_over_training(report),
-        "kernel_decay": plots.plot_kernel_decay(report),
-        "matrix_evolution": plots.plot_matrix_evolution(report),
-        "retrieval": retrieval_figure,
+        "locality": plots.plot_locality_over_training(report, runs=runs, claims=claims),
+        "kernel_decay": plots.plot_kernel_decay(report, reference=references[0]),
+        "matrix_evolution": plots.plot_matrix_evolution(runs[0]["report"]),
+        "retrieval": plots.plot_retrieval(retrieval, retrieval_data, images=images, quality=quality,
+                                          top=min(3, retrieval_data.shape[0]), entropy=runs[0]["retrieval_entropy"],
+                                          stages=runs[0]["retrieval"]["stages"]),
     }
     for key, fig in extra.items():
         fig.savefig(out / f"{name}_{key}.png", dpi=dpi)
         plots.plt.close(fig)
-    claims = diffusion_claims(report, retrieval_json)
+    first = runs[0]
     results = {
-        "report": report,
-        "retrieval": retrieval_json,
+        "seeds": [r["seed"] for r in runs],
+        "report": first["report"],
+        "retrieval": first["retrieval"],
+        "runs": [{k: v for k, v in r.items() if k not in ("report", "retrieval")} | {
+            "residual": r["report"]["residual"], "measured": r["report"].get("measured"), "notes": r["report"].get("notes"),
+            "locality": r["report"]["locality"]} for r in runs],
         "figures": [f"{name}_{key}.png" for key in extra],
-        "final_loss": sum(trainer.losses[-20:]) / max(1, len(trainer.losses[-20:])),
-        "timing": {**timings, "seconds_per_tracked_step": timings["window_s"] / max(1, s["window_steps"])},
+        "final_loss": first["final_loss"],
+        "timing": first["timing"],
+        "what_ran": (f"{args.mode} settings, {len(runs)} seed(s) {[r['seed'] for r in runs]}: warm-up "
+                     f"{s['warmup_steps']} untracked steps, then a tracked window of {s['window_steps']} steps, "
+                     f"{s['num_probes']} probes, {s['num_bins']} log-SNR bins, {s['controls']} permutation controls"),
     }
-    return finish(name, args, plots.plot_overview(report, retrieval_json), results, claims, s, timer)
+    return finish(name, args, plots.plot_overview(report, first["retrieval"], claims=claims), results, claims, s, timer)
 
 
-def diffusion_claims(report: dict, retrieval_json: dict) -> dict:
-    """The section-3 claims of a diffusion recipe, ``{key: claim}``: the locality ones "held" only
-    when the 95 % interval of (measured − control) lies above 0, the retrieval one when the
-    interval of (noisiest − cleanest entropy) does; the ledger one when its residual is small."""
-    loc = report["locality"]
-    kernel = report["kernel"][-1]["locality"]
-    band = report["config"]["band"]
-    out = {}
-    for key, what in (("traffic", "traffic"), ("share", "net share")):
-        c = loc[key]
-        out[f"{key}_locality"] = claim(
-            f"the {what} of a probe's correction from training within ±{band} bins of its own level exceeds the "
-            "label-permutation control (same trajectory)", c["held"], c["difference"], c["interval"],
-            measured=c["measured"], control=c["control"], median_kappa=loc["median_kappa"], method=c["method"], n=c["n"],
-        )
-    out["kernel_locality"] = claim(
-        f"at θ_T, k̂ between states within ±{band} bins exceeds k̂ outside, beyond a level-label permutation",
-        kernel["held"], kernel["difference"], kernel["interval"], measured=kernel["measured"], control=kernel["control"],
-        method=kernel["method"], n=kernel["n"],
-    )
-    e = retrieval_json["entropy_high_minus_low"]
-    out["retrieval_broad_to_narrow"] = claim(
-        "retrieval entropy along reverse sampling is higher at the noisiest stage than at the cleanest",
-        e["held"], e["difference"], e["interval"], method=e["method"], n=e["n"],
-    )
-    residual = report["residual"]["relative_residual"]
-    out["ledger_adds_up"] = claim(
-        "the noise-level ledger adds up: relative residual ‖R‖/‖Δf‖ below 1e-2", residual is not None and residual < 1e-2,
-        residual, None,
-    )
-    return out
+def run_diffusion_recipe(name: str, spec: dict, args: argparse.Namespace, s: dict) -> dict:
+    """The whole protocol for ``--seeds`` (or ``--seed``): run each seed (writing
+    ``RUNS/seed_S.json`` when a runs folder is in use), or with ``--aggregate`` read them, then
+    write the figures and ``OUT/NAME.json``. Returns the JSON payload."""
+    timer = Timer()
+    seeds = args.seeds or [args.seed]
+    runs_dir = args.runs_dir or (str(Path(args.out_dir) / f"{name}_runs") if (len(seeds) > 1 or args.aggregate) else None)
+    if args.estimate_only:
+        return estimate_diffusion_wall_time(name, spec, args, s, seeds)
+    runs, retrieval = [], None
+    data = None
+    if args.aggregate:
+        files = sorted(Path(runs_dir).glob("seed_*.json"))
+        if not files:
+            raise FileNotFoundError(f"no seed_*.json in {runs_dir}: run the seeds first (--seeds ... --runs-dir {runs_dir})")
+        runs = [json.loads(f.read_text()) for f in files]
+        data = spec["load"](runs[0]["seed"])[0][: s["retrieval_train"]]
+    else:
+        for i, seed in enumerate(seeds):
+            run, result = diffusion_seed_run(spec, args, s, seed)
+            runs.append(run)
+            if i == 0:
+                retrieval = result
+                data = spec["load"](seed)[0][: s["retrieval_train"]]
+            if runs_dir is not None:
+                Path(runs_dir).mkdir(parents=True, exist_ok=True)
+                path = Path(runs_dir) / f"seed_{seed}.json"
+                path.write_text(json.dumps({**run, "settings": _clean(s), "mode": args.mode}, allow_nan=False) + "\n")
+    return write_diffusion_outputs(name, args, s, timer, runs, retrieval, data, images=spec["images"])
+
+
+def estimate_diffusion_wall_time(name: str, spec: dict, args: argparse.Namespace, s: dict, seeds: list[int]) -> dict:
+    """``--estimate-only``: time ``n`` bare steps and ``n`` tracked steps of these settings on
+    ``--device`` and print the expected wall time of the whole run (warm-up at the bare rate,
+    window at the tracked rate, kernels and retrieval not counted); returns the numbers."""
+    from genkernel.diffusion import DDPMTrainer
+
+    device = args.torch_device
+    data, held_out = spec["load"](seeds[0])
+    torch.manual_seed(seeds[0])
+    model = spec["model"]().to(device)
+    scheduler = spec["scheduler"]()
+    n = 5 if args.mode == "smoke" else 20
+    trainer = DDPMTrainer(model, scheduler, data.to(device), batch_size=s["batch_size"], lr=s["lr"], seed=seeds[0], progress=False)
+    trainer.train(2)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync()
+    t0 = time.perf_counter()
+    trainer.train(n)
+    sync()
+    bare = (time.perf_counter() - t0) / n
+    settings = {**s, "warmup_steps": trainer.global_step, "window_steps": n}
+    analyzer = _make_analyzer(scheduler, held_out.to(device), settings, seeds[0], controls=s["controls"], snapshots=False,
+                              progress=True)
+    trainer.callbacks.append(analyzer)
+    trainer.train(1)  # binds (and records the kernel at the window's start)
+    sync()
+    t0 = time.perf_counter()
+    trainer.train(n - 1)
+    sync()
+    tracked = (time.perf_counter() - t0) / max(1, n - 1)
+    per_seed = s["warmup_steps"] * bare + s["window_steps"] * tracked
+    if s.get("reference"):
+        per_seed += s["warmup_steps"] * bare + (s["window_steps"] * tracked if s["reference"] == "ledger" else s["window_steps"] * bare)
+    result = {"device": str(device), "bare_step_s": bare, "tracked_step_s": tracked, "expected_s_per_seed": per_seed,
+              "expected_s_total": per_seed * len(seeds), "seeds": seeds,
+              "note": "warm-up at the bare rate, window at the tracked rate; kernels, retrieval and imports not counted"}
+    print(f"[{name}] {device}: bare step {bare:.3g} s, tracked step {tracked:.3g} s -> about {per_seed / 3600:.2f} h per "
+          f"seed, {per_seed * len(seeds) / 3600:.2f} h for {len(seeds)} seed(s)")
+    return result

@@ -1,4 +1,4 @@
-"""Figures of the diffusion analyzer (DESIGN.md section 3). Each function returns a Figure.
+"""Figures of the diffusion analyzer (docs/diffusion.md). Each function returns a Figure.
 
 Inputs are the plain numbers of :meth:`NoiseLevelAnalyzer.report` (nested lists are fine) and a
 :class:`~genkernel.diffusion.retrieval.RetrievalResult`, so figures can be redrawn from JSON.
@@ -14,6 +14,7 @@ import numpy as np
 from .arrays import float_array as _arr
 
 __all__ = [
+    "average_reports",
     "plot_noise_matrices",
     "plot_locality_over_training",
     "plot_kernel_decay",
@@ -28,13 +29,29 @@ def _step(row: dict) -> Any:
     return row["global_step"] if row.get("global_step") is not None else row.get("tracked_step")
 
 
-def _heat(ax, matrix, levels, title, *, diverging=False, kappa=None):
+def average_reports(reports: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """One report for the figures of several runs (seeds): the first run's, with its noise × noise
+    matrices replaced by their mean over the runs (``seeds_averaged`` says how many)."""
+    if len(reports) == 1:
+        return reports[0]
+    out = dict(reports[0])
+    mats = {}
+    for key in reports[0]["matrices"]:
+        stack = [_arr(rep["matrices"][key]) for rep in reports if key in rep["matrices"]]
+        with np.errstate(invalid="ignore"):
+            mats[key] = np.nanmean(np.stack(stack), axis=0).tolist()
+    out["matrices"] = mats
+    out["seeds_averaged"] = len(reports)
+    return out
+
+
+def _heat(ax, matrix, levels, title, *, diverging=False, kappa=None, vmin=None, vmax=None):
     m = _arr(matrix)
     if diverging:
-        lim = np.nanmax(np.abs(m)) if np.isfinite(m).any() else 1.0
+        lim = vmax if vmax is not None else (np.nanmax(np.abs(m)) if np.isfinite(m).any() else 1.0)
         im = ax.imshow(m, cmap="RdBu_r", vmin=-lim, vmax=lim, origin="lower", aspect="auto")
     else:
-        im = ax.imshow(m, cmap="viridis", vmin=0, origin="lower", aspect="auto")
+        im = ax.imshow(m, cmap="viridis", vmin=0 if vmin is None else vmin, vmax=vmax, origin="lower", aspect="auto")
     ax.set_xlabel("training level t (bin)")
     ax.set_ylabel("probe level s (timestep)")
     ax.set_yticks(range(len(levels)))
@@ -47,19 +64,34 @@ def _heat(ax, matrix, levels, title, *, diverging=False, kappa=None):
     plt.colorbar(im, ax=ax, fraction=0.046, pad=0.12 if kappa is not None else 0.04)
 
 
+def _finite_max(*matrices, absolute: bool = False) -> float:
+    values = np.concatenate([_arr(m).ravel() for m in matrices])
+    values = np.abs(values) if absolute else values
+    values = values[np.isfinite(values)]
+    return float(values.max()) if values.size else 1.0
+
+
 def plot_noise_matrices(report: dict[str, Any]) -> plt.Figure:
     """Noise × noise matrices: traffic and net shares (rows: probe level; columns: training bin),
-    measured and permutation control, with κ per level beside the net shares."""
+    measured and permutation control on one colour scale per row, with κ per level beside the net
+    shares (mean over seeds when ``report`` averages several)."""
     mats, levels = report["matrices"], report["config"]["probe_levels"]
     has_control = "traffic_control" in mats
     fig, axes = plt.subplots(2, 2 if has_control else 1, figsize=(10 if has_control else 5.5, 8), squeeze=False)
-    _heat(axes[0, 0], mats["traffic"], levels, "traffic share T(s, t) (normalized per probe)")
-    _heat(axes[1, 0], mats["share"], levels, "net share ⟨C, Δf⟩/‖Δf‖² (κ: cancellation)", diverging=True, kappa=mats["kappa"])
+    traffic_max = _finite_max(mats["traffic"], *( [mats["traffic_control"]] if has_control else []))
+    share_max = _finite_max(mats["share"], *([mats["share_control"]] if has_control else []), absolute=True)
+    _heat(axes[0, 0], mats["traffic"], levels, "traffic share T(s, t) (normalized per probe)", vmin=0, vmax=traffic_max)
+    _heat(axes[1, 0], mats["share"], levels, "net share ⟨C, Δf⟩/‖Δf‖² (κ: cancellation)", diverging=True,
+          kappa=mats["kappa"], vmax=share_max)
     if has_control:
-        _heat(axes[0, 1], mats["traffic_control"], levels, "traffic, permutation control")
-        _heat(axes[1, 1], mats["share_control"], levels, "net share, permutation control", diverging=True)
+        _heat(axes[0, 1], mats["traffic_control"], levels, "traffic, permutation control (same scale)", vmin=0,
+              vmax=traffic_max)
+        _heat(axes[1, 1], mats["share_control"], levels, "net share, permutation control (same scale)", diverging=True,
+              vmax=share_max)
+    seeds = report.get("seeds_averaged")
     fig.suptitle(f"Which training noise level moved the denoiser at each probe level "
-                 f"({report['tracked_steps']} tracked steps, residual {report['residual']['relative_residual']:.1e})", fontsize=10)
+                 f"({report['tracked_steps']} tracked steps, residual {report['residual']['relative_residual']:.1e}"
+                 + (f"; mean of {seeds} seeds" if seeds else "") + ")", fontsize=10)
     fig.tight_layout()
     return fig
 
@@ -79,42 +111,85 @@ def _locality_series(history: Sequence[dict], key: str):
     return [np.array(v, dtype=float) for v in (xs, meas, ctrl, lo, hi)]
 
 
-def plot_locality_over_training(report: dict[str, Any], ax_row=None) -> plt.Figure:
-    """Traffic, net-share and kernel locality over training, each beside its permutation control.
-    The shaded band is control + the 95 % interval of (measured − control) over probes."""
+def plot_locality_over_training(report: dict[str, Any], ax_row=None, *, runs: Sequence[dict] | None = None,
+                                claims: dict | None = None) -> plt.Figure:
+    """Traffic, net-share and kernel locality over training, each beside its permutation control,
+    with the sanity models as reference lines (per-bin parameters: band share 1 by construction;
+    the time-blind denoiser's measured value; θ₀ is the kernel's first checkpoint), and the
+    locality per probe level (measured − control with its interval, per seed): an average over
+    levels can hide a sign flip between them. The shaded band is control + the 95 % interval of
+    (measured − control) over probes."""
     history, kernels = report["locality_over_training"], report["kernel"]
     band = report["config"]["band"]
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    runs = list(runs or [])
+    reference = runs[0].get("reference") if runs else None
+    fig, axes = plt.subplots(1, 4, figsize=(18, 3.9))
     for ax, key, title in ((axes[0], "traffic", "traffic locality"), (axes[1], "share", "net-share locality")):
         xs, meas, ctrl, lo, hi = _locality_series(history, key)
         if xs.size:
             ax.plot(xs, meas, "o-", label="measured")
             ax.plot(xs, ctrl, "s--", color="grey", label="permutation control")
             ax.fill_between(xs, lo, hi, color="C0", alpha=0.2, label="control + 95% CI of difference")
-        ax.set_title(f"{title} (share within ±{band} bins of s)", fontsize=9)
+        if key == "traffic":
+            ax.axhline(1.0, color="C2", lw=1, ls=":", label="per-bin parameters (1 by construction)")
+        if reference is not None and "locality" in reference and "control" in reference["locality"].get(key, {}):
+            ax.axhline(reference["locality"][key]["measured"], color="C3", lw=1, ls="-.",
+                       label="time-blind denoiser, end of window")
+        measured = (claims or {}).get(f"{key}_locality", {}).get("measured", True)
+        ax.set_title(f"{title} (share within ±{band} bins of s)" + ("" if measured else "\nNOT MEASURED: window mostly pre-window state"),
+                     fontsize=8)
         ax.set_xlabel("training step")
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=6)
     xs, meas, ctrl, lo, hi = _locality_series(
         [{"tracked_step": k["tracked_step"], "global_step": _step(k), "locality": k["locality"]} for k in kernels],
         "locality",
     )
     ax = axes[2]
     if xs.size:
-        ax.plot(xs, meas, "o-", label="measured (within − outside)")
+        ax.plot(xs, meas, "o-", label="measured (within − outside); first point θ₀")
         ax.plot(xs, ctrl, "s--", color="grey", label="level-label permutation")
         ax.fill_between(xs, lo, hi, color="C0", alpha=0.2)
+    kernel_claim = (claims or {}).get("kernel_locality", {})
+    if kernel_claim.get("time_blind") is not None:
+        ax.axhline(kernel_claim["time_blind"], color="C3", lw=1, ls="-.", label="time-blind denoiser at θ_T (− control)")
     ax.axhline(0, color="k", lw=0.5)
-    ax.set_title(f"kernel locality: mean k̂ within ±{band} bins minus outside", fontsize=9)
+    ax.set_title(f"kernel locality: mean k̂ within ±{band} bins minus outside", fontsize=8)
     ax.set_xlabel("training step (kernel checkpoints)")
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=6)
+    ax = axes[3]
+    levels = None
+    for i, run in enumerate(runs or [{"report": report}]):
+        rows = run["report"]["locality"].get("per_level", [])
+        if not rows:
+            continue
+        levels = [row["level"] for row in rows]
+        diff = np.array([row["traffic"]["difference"] for row in rows], dtype=float)
+        low = np.array([np.nan if row["traffic"]["interval"][0] is None else row["traffic"]["interval"][0] for row in rows])
+        high = np.array([np.nan if row["traffic"]["interval"][1] is None else row["traffic"]["interval"][1] for row in rows])
+        x = np.arange(len(rows)) + 0.12 * (i - (len(runs) - 1) / 2 if runs else 0)
+        ax.errorbar(x, diff, yerr=[diff - low, high - diff], fmt="o", capsize=2, ms=3, color=f"C{i % 10}",
+                    label=f"seed {run.get('seed', i)}")
+    if reference is not None and "locality" in reference and reference["locality"].get("per_level"):
+        rows = reference["locality"]["per_level"]
+        ax.plot(np.arange(len(rows)), [row["traffic"]["difference"] for row in rows], "x--", color="C3",
+                label="time-blind denoiser")
+    if levels is not None:
+        ax.set_xticks(range(len(levels)))
+        ax.set_xticklabels([str(v) for v in levels], fontsize=7)
+    ax.axhline(0, color="k", lw=0.5)
+    ax.set_xlabel("probe level s (timestep, log-SNR bin centres)")
+    ax.set_ylabel("traffic within band − control")
+    ax.set_title("traffic locality per probe level (95% CI over its probes)", fontsize=8)
+    ax.legend(fontsize=6)
     fig.tight_layout()
     return fig
 
 
-def plot_kernel_decay(report: dict[str, Any]) -> plt.Figure:
+def plot_kernel_decay(report: dict[str, Any], *, reference: dict | None = None) -> plt.Figure:
     """Mean normalized gradient kernel k̂((x, s), (x', t)) against |bin(s) − bin(t)| at each
-    checkpoint; dashed: the same clean input and noise at two levels."""
-    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    checkpoint (the first is θ₀); dashed: the same clean input and noise at two levels; grey
+    dash-dot: the time-blind denoiser at θ_T (its decay comes from the inputs alone)."""
+    fig, ax = plt.subplots(figsize=(6, 4))
     kernels = report["kernel"]
     cmap = plt.get_cmap("viridis")
     for i, entry in enumerate(kernels):
@@ -123,6 +198,9 @@ def plot_kernel_decay(report: dict[str, Any]) -> plt.Figure:
         step = _step(entry)
         ax.plot(d, _arr(entry["by_distance"]), "o-", color=colour, label=f"step {step}: x ≠ x'")
         ax.plot(d, _arr(entry["by_distance_same_input"]), "--", color=colour, alpha=0.7, label=f"step {step}: x = x'")
+    if reference is not None and reference.get("kernel_by_distance") is not None:
+        values = _arr(reference["kernel_by_distance"])
+        ax.plot(np.arange(len(values)), values, "-.", color="0.4", label="time-blind denoiser, θ_T: x ≠ x'")
     ax.set_xlabel("|bin(s) − bin(t)|")
     ax.set_ylabel("mean k̂")
     sketch = report["config"].get("kernel_sketch")
@@ -132,9 +210,22 @@ def plot_kernel_decay(report: dict[str, Any]) -> plt.Figure:
     return fig
 
 
-def plot_retrieval(result, train_data, *, images: bool, top: int = 3) -> plt.Figure:
+def plot_retrieval(result, train_data, *, images: bool, top: int = 3, quality: dict | None = None,
+                   entropy=None, stages=None) -> plt.Figure:
     """Stage-wise attribution: for each sample (rows) and reverse stage s (column blocks), the
-    current sample x_s and its ``top`` training examples by k̂ at θ_T; entropy per stage below."""
+    current sample x_s and its ``top`` training examples by k̂ at θ_T; entropy per stage below.
+
+    Retrieval is shown only where the samples are not noise (``quality["noise"]`` False: their
+    distance to the training set is nearer held-out data's than the untrained denoiser's samples'): otherwise the figure shows the final samples beside
+    training inputs and says why the retrieval is left out. ``result`` None (runs read back from
+    JSON): the entropy curve only, from ``entropy [K, S]`` and ``stages``."""
+    if quality is not None and quality.get("noise"):
+        return _noise_samples_figure(result, train_data, images=images, quality=quality)
+    if result is None:
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        _entropy_panel(ax, np.asarray(stages), _arr(entropy))
+        fig.tight_layout()
+        return fig
     stages = result.stages.tolist()
     num_samples = result.states.shape[1]
     if images:
@@ -170,15 +261,52 @@ def plot_retrieval(result, train_data, *, images: bool, top: int = 3) -> plt.Fig
             ax.set_title(f"s={s}: x_s (dots), top-{top} k̂ (x)", fontsize=8)
             ax.set_aspect("equal", adjustable="datalim")
         ax = fig.add_subplot(grid[1, :])
-    entropy = result.entropy.numpy()
-    ax.plot(stages, np.nanmean(entropy, axis=1), "o-", color="k", label="mean")
-    for i in range(num_samples):
-        ax.plot(stages, entropy[:, i], "-", alpha=0.3)
+    _entropy_panel(ax, np.asarray(stages), result.entropy.numpy())
+    fig.tight_layout()
+    return fig
+
+
+def _entropy_panel(ax, stages: np.ndarray, entropy: np.ndarray) -> None:
+    ax.plot(stages, np.nanmean(entropy, axis=1), "o-", color="k", label="mean over samples")
+    for i in range(entropy.shape[1]):
+        ax.plot(stages, entropy[:, i], "-", alpha=0.3, label="one sample" if i == 0 else None)
     ax.invert_xaxis()
     ax.set_xlabel("reverse step s (sampling runs left to right)")
     ax.set_ylabel("entropy / log N")
     ax.set_title("retrieval entropy: broad averaging (1) vs few neighbours (0)", fontsize=8)
-    fig.tight_layout()
+    ax.legend(fontsize=6)
+
+
+def _noise_samples_figure(result, train_data, *, images: bool, quality: dict) -> plt.Figure:
+    """The final samples next to training inputs, and why retrieval is not shown."""
+    why = (f"samples are still noise: their distance to the training set is {quality['score']:.2f} of the way from "
+           f"held-out data's (0) to the untrained denoiser's samples' (1), above {quality['limit']:g}: retrieval not shown")
+    if result is None:
+        fig, ax = plt.subplots(figsize=(7, 2))
+        ax.set_axis_off()
+        ax.text(0.5, 0.5, why, ha="center", va="center", fontsize=9, wrap=True)
+        return fig
+    samples = result.samples
+    if images:
+        n = min(8, samples.shape[0], train_data.shape[0])
+        fig, axes = plt.subplots(2, max(n, 1), figsize=(1.3 * max(n, 1) + 1, 3.4), squeeze=False)
+        for j in range(axes.shape[1]):
+            for i, (row, label) in enumerate(((samples, "generated"), (train_data, "training"))):
+                ax = axes[i, j]
+                ax.set_axis_off()
+                if j < n:
+                    ax.imshow(_image(row[j]), cmap="gray", vmin=0, vmax=1)
+                if j == 0:
+                    ax.set_title(label, fontsize=7, loc="left")
+    else:
+        fig, ax = plt.subplots(figsize=(5, 4.5))
+        data = train_data.detach().cpu().numpy()
+        ax.scatter(data[:, 0], data[:, 1], s=3, c="lightgrey", label="training")
+        ax.scatter(samples[:, 0], samples[:, 1], s=12, c="C3", label="generated")
+        ax.set_aspect("equal", adjustable="datalim")
+        ax.legend(fontsize=7)
+    fig.suptitle(why, fontsize=8, wrap=True)
+    fig.tight_layout(rect=(0, 0, 1, 0.85))
     return fig
 
 
@@ -188,48 +316,64 @@ def _image(x):
     return a[0].numpy() if a.shape[0] == 1 else a.permute(1, 2, 0).numpy()
 
 
-def plot_overview(report: dict[str, Any], retrieval_json: dict[str, Any] | None = None) -> plt.Figure:
-    """One-page summary: traffic matrix, locality vs control, kernel decay, retrieval entropy."""
-    fig, axes = plt.subplots(1, 4, figsize=(17, 3.8))
+def plot_overview(report: dict[str, Any], retrieval_json: dict[str, Any] | None = None, *,
+                  claims: dict | None = None) -> plt.Figure:
+    """One-page summary: traffic matrix, the locality claims (value with its interval, baseline as
+    a cross; "not measured" where the settings cannot answer), kernel decay, retrieval entropy."""
+    fig, axes = plt.subplots(1, 4, figsize=(18, 3.9))
     _heat(axes[0], report["matrices"]["traffic"], report["config"]["probe_levels"], "traffic share (rows: probe level s)")
-    loc = report["locality"]
-    names, meas, ctrl, errs = [], [], [], []
-    for key in ("traffic", "share"):
-        if "control" in loc[key]:
-            names.append(key)
-            meas.append(loc[key]["measured"])
-            ctrl.append(loc[key]["control"])
-            low, high = loc[key]["interval"]
-            errs.append(0 if low is None else (high - low) / 2)
-    if report["kernel"]:
-        k = report["kernel"][-1]["locality"]
-        names.append("kernel")
-        meas.append(k["measured"])
-        ctrl.append(k["control"])
-        low, high = k["interval"]
-        errs.append(0 if low is None else (high - low) / 2)
-    x = np.arange(len(names))
-    axes[1].bar(x - 0.2, meas, 0.4, label="measured", yerr=errs, capsize=3)
-    axes[1].bar(x + 0.2, ctrl, 0.4, color="grey", label="control")
-    axes[1].set_xticks(x)
-    axes[1].set_xticklabels(names)
-    axes[1].set_title(f"locality (±{report['config']['band']} bins), error bar: 95% CI of difference", fontsize=8)
-    axes[1].legend(fontsize=7)
+    names = ("traffic_locality", "kernel_locality", "retrieval_broad_to_narrow")  # net shares: own scale, in the note
+    ax = axes[1]
+    for i, key in enumerate(names):
+        c = (claims or {}).get(key)
+        if c is None:
+            continue
+        value, interval = c.get("value"), c.get("interval") or [None, None]
+        if c.get("measured") is False:
+            ax.text(i, 0, "not\nmeasured", ha="center", va="center", fontsize=7, color="0.4")
+            continue
+        if value is None:
+            continue
+        low = value if interval[0] is None else interval[0]
+        high = value if interval[1] is None else interval[1]
+        ax.errorbar([i], [value], yerr=[[value - low], [high - value]], fmt="o", capsize=3,
+                    color="C2" if c.get("held") else "C3", label="held" if c.get("held") else "not held")
+        base = (c.get("baseline") or {}).get("value")
+        if base is not None:
+            ax.plot([i], [base], "x", color="k", label="baseline (θ₀ / null)")
+    handles, labels = ax.get_legend_handles_labels()
+    unique = dict(zip(labels, handles))
+    ax.legend(unique.values(), unique.keys(), fontsize=6)
+    ax.axhline(0, color="k", lw=0.5)
+    ax.set_xticks(range(len(names)))
+    ax.set_xticklabels(["traffic − control", "kernel, θ_T − θ₀", "retrieval, θ_T − θ₀"], fontsize=7)
+    share = (claims or {}).get("share_locality")
+    note = "" if share is None else (
+        "\nnet share − control: not measured" if share.get("measured") is False else
+        f"\nnet share − control {share['value']:.2g} [{_fmt_interval(share.get('interval'))}] (κ in the tens: unstable)")
+    ax.set_title(f"claims (±{report['config']['band']} bins): value, 95% CI, baseline" + note, fontsize=7)
     for i, entry in enumerate(report["kernel"]):
         step = _step(entry)
         axes[2].plot(_arr(entry["by_distance"]), "o-", label=f"step {step}")
     axes[2].set_xlabel("|Δ bin|")
-    axes[2].set_title("mean k̂ across noise levels", fontsize=9)
+    axes[2].set_title("mean k̂ across noise levels (first: θ₀)", fontsize=9)
     axes[2].legend(fontsize=7)
     if retrieval_json is not None:
         axes[3].plot(retrieval_json["stages"], _arr(retrieval_json["mean_entropy"]), "o-")
         axes[3].invert_xaxis()
         axes[3].set_xlabel("reverse step s")
-        axes[3].set_title("retrieval entropy / log N", fontsize=9)
+        measured = (claims or {}).get("retrieval_broad_to_narrow", {}).get("measured", True)
+        axes[3].set_title("retrieval entropy / log N" + ("" if measured else "\n(samples are noise: not measured)"), fontsize=9)
     else:
         axes[3].set_axis_off()
     fig.tight_layout()
     return fig
+
+
+def _fmt_interval(interval) -> str:
+    if not interval or any(v is None for v in interval):
+        return "—"
+    return f"{interval[0]:.2g}, {interval[1]:.2g}"
 
 
 def plot_matrix_evolution(report: dict[str, Any], *, max_panels: int = 5) -> plt.Figure:

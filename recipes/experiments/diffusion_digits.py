@@ -8,11 +8,40 @@ NoiseLevelAnalyzer keeps the exact ledger split by training-timestep bin with a 
 permutation control; kernels between image states use an output sketch (V Rademacher directions).
 
 Writes diffusion_digits.png (overview), diffusion_digits_{noise_matrix,locality,kernel_decay,
-retrieval}.png and diffusion_digits.json (numbers, claims with intervals, timings) into --out-dir.
+matrix_evolution,retrieval}.png and diffusion_digits.json (numbers, claims with intervals,
+timings, what ran) into --out-dir. Claims as in the toy recipe (recipes/common.py, "diffusion
+recipes"); a claim these settings cannot measure says so (``measured: false`` and why).
+
+What the quick setting can and cannot say. Quick mode (`make figures`) trains 80 steps and
+tracks 6: the samples are still noise and the window's change is mostly Adam's first moment from
+before the window, so the ledger-locality and retrieval claims come out "not measured"; only the
+kernel's change from θ₀ and the ledger's residual are measured there.
+
+The full run the paper's claim needs (default, no --quick): a UNet2DModel (32, 64 channels) trained
+untracked until its samples are recognisable (20 000 steps), then tracked over a window of 500
+steps with 100 probes, 10 log-SNR bins and 3 permutation controls, a time-blind UNet trained the
+same way as the null model's kernel, several seeds::
+
+    python -m recipes.experiments.diffusion_digits --device cuda --seeds 0 1 2 \
+        --checkpoint-dir runs/diffusion_digits --out-dir figures
+
+One invocation runs the seeds in turn and aggregates them (claims with Student-t intervals over
+seeds); or run one seed per invocation (``--seeds 1 --runs-dir R``, on several machines) and
+aggregate with ``--aggregate --runs-dir R``. ``--checkpoint-dir`` makes every run resumable: the
+trainer, the analyzer's ledgers (the trackers' save/load) and θ₀ are checkpointed every
+``--checkpoint-every`` steps in DIR/seed_S; rerunning the same command continues where it stopped.
+
+Expected wall time: ``--estimate-only --device DEVICE`` times 20 bare and 20 tracked steps on the
+device and prints the whole run's time. Measured here (2 shared CPU cores, quick settings): about
+4 min. The full settings on these CPUs: about 1.5 s per bare step and about 60 s per tracked step
+(estimate from the quick per-step costs scaled by channels, batch, probes and groups), i.e. days
+per seed; on one H100 or H200 the tracked step is expected in the seconds and the run per seed in
+a few hours (not measured: no GPU was available to this work; run --estimate-only there first).
 
 Run:  python -m recipes.experiments.diffusion_digits [--quick] [--out-dir figures] [--seed 0] [--device cpu]
       [--dataset digits|mnist|cifar10] [--data-root DIR] [--prediction-type ...] [--beta-schedule ...]
-      [--num-bins G] [--band w]
+      [--num-bins G] [--band w] [--controls K] [--seeds S ...] [--runs-dir DIR] [--aggregate]
+      [--checkpoint-dir DIR] [--checkpoint-every N] [--estimate-only]
 """
 
 from __future__ import annotations
@@ -20,33 +49,33 @@ from __future__ import annotations
 import torch
 
 from genkernel.data import load_image_dataset
-from genkernel.diffusion import DDPMTrainer, NoiseLevelAnalyzer, make_scheduler, retrieval_attribution, train_with_window, tiny_unet
-from genkernel.plotting import diffusion as plots
+from genkernel.diffusion import make_scheduler, tiny_unet
 
-from ..common import (
-    Timer, add_diffusion_arguments, apply_diffusion_overrides, make_parser, parse, pick, write_diffusion_outputs,
-)
+from ..common import TimeBlind, add_diffusion_arguments, apply_diffusion_overrides, make_parser, parse, pick, run_diffusion_recipe
 
 NAME = "diffusion_digits"
 
 SETTINGS = dict(
-    full=dict(num_train=None, channels=(32, 64), batch_size=64, lr=2e-4, warmup_steps=0, window_steps=4000,
-              num_bins=10, num_probes=64, band=1, snapshot_every=200, kernel_every=1000, kernel_points=8, kernel_sketch=16,
-              retrieval_samples=8, retrieval_train=256, retrieval_stages=6, inference_steps=250, timesteps=1000),
+    full=dict(num_train=None, channels=(32, 64), batch_size=64, lr=2e-4, warmup_steps=20000, window_steps=500,
+              num_bins=10, num_probes=100, band=1, controls=3, reference="kernel", snapshot_every=50, kernel_every=250,
+              kernel_points=8, kernel_sketch=16, retrieval_samples=8, retrieval_train=256, retrieval_stages=6,
+              inference_steps=250, timesteps=1000, checkpoint_every=1000),
     quick=dict(num_train=512, channels=(8, 16), batch_size=16, lr=1e-3, warmup_steps=80, window_steps=6,
-               num_bins=5, num_probes=10, band=1, snapshot_every=2, kernel_every=0, kernel_points=3, kernel_sketch=2,
-               retrieval_samples=3, retrieval_train=24, retrieval_stages=3, inference_steps=25, timesteps=1000),
+               num_bins=5, num_probes=10, band=1, controls=1, reference=None, snapshot_every=2, kernel_every=0,
+               kernel_points=3, kernel_sketch=2, retrieval_samples=3, retrieval_train=24, retrieval_stages=3,
+               inference_steps=25, timesteps=1000, checkpoint_every=2),
     smoke=dict(num_train=64, channels=(8, 16), batch_size=4, lr=1e-4, warmup_steps=1, window_steps=2,
-               num_bins=2, num_probes=4, band=0, snapshot_every=1, kernel_every=0, kernel_points=2, kernel_sketch=1,
-               retrieval_samples=2, retrieval_train=6, retrieval_stages=2, inference_steps=4, timesteps=100),
+               num_bins=2, num_probes=4, band=0, controls=1, reference=None, snapshot_every=1, kernel_every=0,
+               kernel_points=2, kernel_sketch=1, retrieval_samples=2, retrieval_train=6, retrieval_stages=2,
+               inference_steps=4, timesteps=100, checkpoint_every=1),
 )
 
 
-def load(args, mode_settings) -> tuple[torch.Tensor, torch.Tensor]:
+def load(args, mode_settings, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Training and held-out images in [-1, 1] (the UNet's convention)."""
     size = args.image_size or (32 if args.dataset == "cifar10" else 16)
     limit = mode_settings["num_train"]
-    common = dict(size=size, seed=args.seed)
+    common = dict(size=size, seed=seed)
     root = dict(data_root=args.data_root) if args.dataset != "digits" else {}
     train, _ = load_image_dataset(args.dataset, train=True, limit=limit, **root, **common)
     held, _ = load_image_dataset(args.dataset, train=False, limit=64, **root, **common)
@@ -60,41 +89,21 @@ def main(argv=None) -> dict:
     add_diffusion_arguments(parser)
     args = parse(parser, argv)
     s = apply_diffusion_overrides(pick(args.mode, **SETTINGS), args)
-    timer = Timer()
-    device = args.torch_device
+    first = load(args, s, (args.seeds or [args.seed])[0])[0]  # fails early, naming the files, when a data set is missing
+    s.update(dataset=args.dataset, image_shape=list(first.shape[1:]), num_train=int(first.shape[0]))
 
-    # 1. Data, model, scheduler, trainer.
-    data, held_out = load(args, s)
-    s.update(dataset=args.dataset, image_shape=list(data.shape[1:]), num_train=int(data.shape[0]))
-    torch.manual_seed(args.seed)
-    model = tiny_unet(data.shape[-1], data.shape[1], channels=tuple(s["channels"]), attention=True).to(device)
-    scheduler = make_scheduler(s["timesteps"], s["beta_schedule"], s["prediction_type"], clip_sample=True)
-    trainer = DDPMTrainer(model, scheduler, data.to(device), batch_size=s["batch_size"], lr=s["lr"], seed=args.seed,
-                          progress=args.mode == "full")
+    def model():
+        return tiny_unet(first.shape[-1], first.shape[1], channels=tuple(s["channels"]), attention=True)
 
-    # 2. Warm-up without analysis (quick mode), then the tracked window.
-    analyzer = NoiseLevelAnalyzer(
-        scheduler, held_out.to(device), num_bins=s["num_bins"], num_probes=s["num_probes"], band=s["band"],
-        snapshot_every=s["snapshot_every"], kernel_every=s["kernel_every"], kernel_points=s["kernel_points"],
-        kernel_sketch=s["kernel_sketch"], seed=args.seed,
-    )
-    window = train_with_window(trainer, analyzer, warmup_steps=s["warmup_steps"], window_steps=s["window_steps"])
-    report, warmup_seconds, window_seconds = window["report"], window["warmup_s"], window["window_s"]
-
-    # 3. Stage-wise attribution of generated images.
-    t0 = Timer()
-    train_subset = data[: s["retrieval_train"]].to(device)
-    retrieval = retrieval_attribution(
-        model, scheduler, train_subset, num_samples=s["retrieval_samples"], num_stages=s["retrieval_stages"],
-        num_inference_steps=s["inference_steps"], output_sketch=s["kernel_sketch"], top_k=min(3, s["retrieval_train"]),
-        seed=args.seed,
-    )
-    retrieval_seconds = t0.seconds
-
-    # 4. Figures and the JSON, claims computed from the numbers with their intervals.
-    timings = {"warmup_s": warmup_seconds, "window_s": window_seconds, "retrieval_s": retrieval_seconds}
-    figure = plots.plot_retrieval(retrieval, train_subset, images=True, top=min(3, s["retrieval_train"]))
-    return write_diffusion_outputs(NAME, args, s, timer, trainer, report, retrieval, figure, timings)
+    spec = {
+        "load": lambda seed: load(args, s, seed),
+        "model": model,
+        "time_blind": lambda: TimeBlind(model()),
+        "scheduler": lambda: make_scheduler(s["timesteps"], s["beta_schedule"], s["prediction_type"], clip_sample=True),
+        "retrieval": {"output_sketch": s["kernel_sketch"], "top_k": min(3, s["retrieval_train"])},
+        "images": True,
+    }
+    return run_diffusion_recipe(NAME, spec, args, s)
 
 
 if __name__ == "__main__":

@@ -14,9 +14,17 @@ Writes into --out-dir:
 - diffusion_toy2d_retrieval.png    generated samples with their retrieved training points per stage
 - diffusion_toy2d.json             the numbers, the claims (held or not, with intervals), timings
 
+Claims (recipes/common.py, "diffusion recipes"): ledger locality (traffic, net share) against
+several permutation controls on the same trajectory and against a time-blind denoiser trained the
+same way (the null model), also per probe level; kernel locality as the change from θ₀ (and
+beyond the time-blind denoiser's); retrieval broad → narrow against θ₀; the ledger's residual.
+
 Run:  python -m recipes.experiments.diffusion_toy2d [--quick] [--out-dir figures] [--seed 0] [--device cpu]
       [--dataset ring|moons] [--film] [--prediction-type epsilon|v_prediction|sample]
-      [--beta-schedule linear|squaredcos_cap_v2] [--num-bins G] [--band w]
+      [--beta-schedule linear|squaredcos_cap_v2] [--num-bins G] [--band w] [--controls K]
+      [--seeds 0 1 2 [--runs-dir DIR]] [--aggregate --runs-dir DIR] [--checkpoint-dir DIR] [--estimate-only]
+
+Wall time (2 shared CPU cores): quick about 3 min; full about 15 min per seed on CPU.
 """
 
 from __future__ import annotations
@@ -24,25 +32,25 @@ from __future__ import annotations
 import torch
 
 from genkernel.data import gaussian_ring, two_moons
-from genkernel.diffusion import DDPMTrainer, MLPDenoiser, NoiseLevelAnalyzer, make_scheduler, retrieval_attribution, train_with_window
-from genkernel.plotting import diffusion as plots
+from genkernel.diffusion import MLPDenoiser, make_scheduler
 
-from ..common import (
-    Timer, add_diffusion_arguments, apply_diffusion_overrides, make_parser, parse, pick, write_diffusion_outputs,
-)
+from ..common import TimeBlind, add_diffusion_arguments, apply_diffusion_overrides, make_parser, parse, pick, run_diffusion_recipe
 
 NAME = "diffusion_toy2d"
 
 SETTINGS = dict(
     full=dict(num_train=4000, hidden=128, depth=3, batch_size=256, lr=1e-3, warmup_steps=0, window_steps=3000,
-              num_bins=10, num_probes=64, band=1, snapshot_every=100, kernel_every=500, kernel_points=24,
-              retrieval_samples=16, retrieval_train=512, retrieval_stages=6, inference_steps=200, timesteps=1000),
-    quick=dict(num_train=1024, hidden=64, depth=3, batch_size=128, lr=2e-3, warmup_steps=1500, window_steps=60,
-               num_bins=10, num_probes=64, band=1, snapshot_every=10, kernel_every=30, kernel_points=12,
-               retrieval_samples=8, retrieval_train=256, retrieval_stages=5, inference_steps=100, timesteps=1000),
+              num_bins=10, num_probes=100, band=1, controls=5, reference="ledger", snapshot_every=100, kernel_every=500,
+              kernel_points=24, retrieval_samples=16, retrieval_train=512, retrieval_stages=6, inference_steps=200,
+              timesteps=1000, checkpoint_every=500),
+    quick=dict(num_train=1024, hidden=64, depth=3, batch_size=128, lr=2e-3, warmup_steps=1500, window_steps=200,
+               num_bins=10, num_probes=64, band=1, controls=3, reference="ledger", snapshot_every=25, kernel_every=100,
+               kernel_points=12, retrieval_samples=8, retrieval_train=256, retrieval_stages=5, inference_steps=100,
+               timesteps=1000, checkpoint_every=100),
     smoke=dict(num_train=128, hidden=16, depth=2, batch_size=32, lr=2e-3, warmup_steps=5, window_steps=4,
-               num_bins=4, num_probes=8, band=1, snapshot_every=2, kernel_every=2, kernel_points=3,
-               retrieval_samples=3, retrieval_train=32, retrieval_stages=3, inference_steps=10, timesteps=100),
+               num_bins=4, num_probes=8, band=1, controls=2, reference="ledger", snapshot_every=2, kernel_every=2,
+               kernel_points=3, retrieval_samples=3, retrieval_train=32, retrieval_stages=3, inference_steps=10,
+               timesteps=100, checkpoint_every=2),
 )
 
 
@@ -61,38 +69,19 @@ def main(argv=None) -> dict:
     args = parse(parser, argv)
     s = apply_diffusion_overrides(pick(args.mode, **SETTINGS), args)
     s.update(dataset=args.dataset, film=args.film)
-    timer = Timer()
-    device = args.torch_device
 
-    # 1. Data, model, scheduler, trainer (seeded; the analyzer never touches the trainer's RNG).
-    data = load(args.dataset, s["num_train"], args.seed)
-    held_out = load(args.dataset, 256, args.seed + 1000)
-    torch.manual_seed(args.seed)
-    model = MLPDenoiser(2, hidden=s["hidden"], depth=s["depth"], film=args.film).to(device)
-    scheduler = make_scheduler(s["timesteps"], s["beta_schedule"], s["prediction_type"])
-    trainer = DDPMTrainer(model, scheduler, data.to(device), batch_size=s["batch_size"], lr=s["lr"], seed=args.seed,
-                          progress=args.mode == "full")
+    def model():
+        return MLPDenoiser(2, hidden=s["hidden"], depth=s["depth"], film=args.film)
 
-    # 2. Warm-up without analysis (quick mode), then the tracked window.
-    analyzer = NoiseLevelAnalyzer(
-        scheduler, held_out.to(device), num_bins=s["num_bins"], num_probes=s["num_probes"], band=s["band"],
-        snapshot_every=s["snapshot_every"], kernel_every=s["kernel_every"], kernel_points=s["kernel_points"], seed=args.seed,
-    )
-    window = train_with_window(trainer, analyzer, warmup_steps=s["warmup_steps"], window_steps=s["window_steps"])
-    report, warmup_seconds, window_seconds = window["report"], window["warmup_s"], window["window_s"]
-
-    # 3. Stage-wise attribution along reverse sampling at θ_T.
-    t0 = Timer()
-    retrieval = retrieval_attribution(
-        model, scheduler, data[: s["retrieval_train"]].to(device), num_samples=s["retrieval_samples"],
-        num_stages=s["retrieval_stages"], num_inference_steps=s["inference_steps"], seed=args.seed,
-    )
-    retrieval_seconds = t0.seconds
-
-    # 4. Figures and the JSON, claims computed from the numbers with their intervals.
-    timings = {"warmup_s": warmup_seconds, "window_s": window_seconds, "retrieval_s": retrieval_seconds}
-    figure = plots.plot_retrieval(retrieval, data[: s["retrieval_train"]], images=False)
-    return write_diffusion_outputs(NAME, args, s, timer, trainer, report, retrieval, figure, timings)
+    spec = {
+        "load": lambda seed: (load(args.dataset, s["num_train"], seed), load(args.dataset, 256, seed + 1000)),
+        "model": model,
+        "time_blind": lambda: TimeBlind(model()),
+        "scheduler": lambda: make_scheduler(s["timesteps"], s["beta_schedule"], s["prediction_type"]),
+        "retrieval": {},
+        "images": False,
+    }
+    return run_diffusion_recipe(NAME, spec, args, s)
 
 
 if __name__ == "__main__":
