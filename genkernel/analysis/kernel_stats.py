@@ -1,5 +1,11 @@
 """Summaries of a kernel matrix against labels: class-block means, within-minus-between gaps,
-centered kernel–target alignment, kernel distances (DESIGN.md section 2, "kernel structure").
+the scale-free block AUC, centered kernel–target alignment, kernel distances, and the kernel's
+locality across noise levels per clean input (docs/summaries.md, "Kernel structure").
+
+Absolute gaps (within − between) grow when every similarity falls and the spread widens, so a
+claim that training sharpened class blocks uses :func:`block_auc` (the probability that a
+within-class pair is more similar than a between-class pair: invariant to any increasing
+transformation of the kernel) before and after.
 
 All functions take torch tensors or array-likes and return float64 results on the CPU.
 """
@@ -13,7 +19,10 @@ import torch
 
 from .spectral import kernel_target_alignment
 
-__all__ = ["BlockGap", "class_block_means", "within_between_gap", "centered_alignment", "kernel_distance"]
+__all__ = [
+    "BlockAUC", "BlockGap", "block_auc", "centered_alignment", "class_block_means", "kernel_distance",
+    "level_locality_per_point", "within_between_gap",
+]
 
 
 def _matrix(kernel, name: str = "kernel") -> np.ndarray:
@@ -114,6 +123,101 @@ def within_between_gap(kernel, row_labels, col_labels=None, *, exclude_diagonal:
         b = (~eq & mask)[r]
         per_class.append(k[r][w].mean() - k[r][b].mean() if w.any() and b.any() else np.nan)
     return BlockGap(within - between, within, between, np.asarray(per_class, dtype=np.float64), classes)
+
+
+@dataclass
+class BlockAUC:
+    """Scale-free separation of class blocks.
+
+    Attributes:
+        auc: P(k of a same-label pair > k of a different-label pair), ties counting ½, over all
+            such pairs (Mann–Whitney U / (n_within · n_between)). 0.5: no block structure.
+        per_class: ``[C]`` the same over the pairs of each row class's rows (for per-class views).
+        classes: ``[C]`` the row classes.
+        distance_ratio: mean between-label over mean within-label distance sqrt(2 − 2k) (for a
+            normalized kernel; > 1 when same-label pairs are closer).
+    """
+
+    auc: float
+    per_class: np.ndarray
+    classes: np.ndarray
+    distance_ratio: float
+
+
+def _auc(within: np.ndarray, between: np.ndarray) -> float:
+    """Mann–Whitney AUC of ``within`` against ``between`` (ties ½)."""
+    from scipy.stats import rankdata
+
+    if within.size == 0 or between.size == 0:
+        return float("nan")
+    ranks = rankdata(np.concatenate([within, between]))
+    u = ranks[: within.size].sum() - within.size * (within.size + 1) / 2.0
+    return float(u / (within.size * between.size))
+
+
+def block_auc(kernel, row_labels, col_labels=None, *, exclude_diagonal: bool | None = None) -> BlockAUC:
+    """Block AUC of a kernel against labels (see :class:`BlockAUC`); arguments as
+    :func:`within_between_gap` (self pairs of a square kernel over one set are left out)."""
+    k = _matrix(kernel)
+    m, n = k.shape
+    rows = _labels(row_labels, m, "row_labels")
+    same = col_labels is None
+    cols = rows if same else _labels(col_labels, n, "col_labels")
+    exclude = same if exclude_diagonal is None else exclude_diagonal
+    mask = np.ones_like(k, dtype=bool)
+    if exclude:
+        np.fill_diagonal(mask, False)
+    eq = rows[:, None] == cols[None, :]
+    if not (eq & mask).any() or not (~eq & mask).any():
+        raise ValueError("need both same-label and different-label pairs to compare within and between")
+    classes = np.unique(rows)
+    per_class = np.array([_auc(k[rows == c][(eq & mask)[rows == c]], k[rows == c][(~eq & mask)[rows == c]])
+                          for c in classes], dtype=np.float64)
+    d = np.sqrt(np.clip(2.0 - 2.0 * k, 0.0, None))
+    return BlockAUC(_auc(k[eq & mask], k[~eq & mask]), per_class, classes,
+                    float(d[~eq & mask].mean() / max(d[eq & mask].mean(), 1e-300)))
+
+
+def level_locality_per_point(kernel, num_points: int, level_bins, band: int, *, num_permutations: int = 20,
+                             seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Kernel locality across noise levels, per clean input, with its permutation control.
+
+    Args:
+        kernel: ``[n·L, n·L]`` normalized kernel between the states of ``num_points`` = n clean
+            inputs at L levels, rows point-major (state i·L + a), as
+            :func:`genkernel.diffusion.make_states` orders them.
+        level_bins: ``[L]`` the bin of each level; band: w, in bins.
+        num_permutations: permutations of the other states' level labels for the control.
+
+    Returns:
+        ``(measured [n], control [n])``: per clean input x, the mean over its levels s of
+        [mean k̂ to states of other inputs within w bins of s − mean k̂ to those outside], and the
+        same statistic with the other states' level labels permuted (mean over permutations).
+        The statistic of :func:`genkernel.diffusion.kernel_locality`, kept per input so that two
+        checkpoints (θ₀ and θ_T) can be paired input by input.
+    """
+    lb = np.asarray(level_bins.detach().cpu().numpy() if isinstance(level_bins, torch.Tensor) else level_bins,
+                    dtype=np.int64)
+    n, levels = int(num_points), lb.size
+    k = _matrix(kernel).reshape(n, levels, n, levels)
+    other = ~np.eye(n, dtype=bool)
+
+    def statistic(col_bins: np.ndarray) -> np.ndarray:  # col_bins [n, L] -> [n]
+        d = np.abs(lb[:, None, None] - col_bins[None, :, :])  # [L, n, L]
+        keep = other[:, None, :, None]
+        inside = (d <= band)[None] & keep
+        outside = (d > band)[None] & keep
+        n_in, n_out = inside.sum(axis=(2, 3)), outside.sum(axis=(2, 3))
+        with np.errstate(invalid="ignore", divide="ignore"):
+            per_level = (k * inside).sum(axis=(2, 3)) / n_in - (k * outside).sum(axis=(2, 3)) / n_out
+        per_level = np.where((n_in > 0) & (n_out > 0), per_level, np.nan)
+        return np.nanmean(per_level, axis=1)
+
+    measured = statistic(np.broadcast_to(lb[None, :], (n, levels)))
+    rng = np.random.default_rng(seed)
+    control = np.mean([statistic(np.stack([rng.permutation(lb) for _ in range(n)])) for _ in range(num_permutations)],
+                      axis=0)
+    return measured, control
 
 
 def centered_alignment(gram, y) -> float:

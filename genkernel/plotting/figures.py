@@ -1,20 +1,18 @@
 """Figure functions for the paper's base experiments (Figures 2–5, optimizer weighting, null space).
 
 Each function takes plain arrays (numpy or torch) and returns a matplotlib Figure; the recipes
-save it. The Agg backend is used, so nothing needs a display.
+save it. No backend is chosen here (scripts and tests choose; without a display matplotlib
+falls back to Agg), so ``plt.show()`` keeps working in a notebook that imports this module.
 """
 
 from __future__ import annotations
 
 from typing import Sequence
 
-import matplotlib
+import matplotlib.pyplot as plt
+import numpy as np
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-
-from .arrays import float_array as _np  # noqa: E402
+from .arrays import float_array as _np
 
 __all__ = [
     "plot_regression_kernels",
@@ -27,18 +25,28 @@ __all__ = [
 ]
 
 
-def _kernel_image(ax, kernel, title: str, *, vmin=-1.0, vmax=1.0, boundaries: Sequence[int] = ()):
+def _kernel_image(ax, kernel, title: str, *, vmin=-1.0, vmax=1.0, boundaries: Sequence[int] = (),
+                  ticks: Sequence[float] = (), ticklabels: Sequence[str] = (), line_width: float = 0.3):
     k = _np(kernel)
     if vmin is None:  # data range: a trained normalized kernel often lies within [0.5, 1]
         vmin = float(np.percentile(k, 1))
     im = ax.imshow(k, cmap="RdBu_r" if vmin < 0 else "viridis", vmin=vmin, vmax=vmax, interpolation="nearest")
     for b in boundaries:
-        ax.axhline(b - 0.5, color="k", lw=0.3)
-        ax.axvline(b - 0.5, color="k", lw=0.3)
+        ax.axhline(b - 0.5, color="w" if vmin >= 0 else "k", lw=line_width)
+        ax.axvline(b - 0.5, color="w" if vmin >= 0 else "k", lw=line_width)
     ax.set_title(title, fontsize=9)
-    ax.set_xticks([])
-    ax.set_yticks([])
+    ax.set_xticks(list(ticks))
+    ax.set_yticks(list(ticks))
+    if len(ticks):
+        ax.set_xticklabels(list(ticklabels), fontsize=6)
+        ax.set_yticklabels(list(ticklabels), fontsize=6)
     return im
+
+
+def shared_range(*kernels, low_percentile: float = 1.0) -> tuple[float, float]:
+    """One colour range for several normalized kernels: from the lowest of their ``low_percentile``
+    percentiles to 1 (panels compared by eye must share their scale)."""
+    return min(float(np.percentile(_np(k), low_percentile)) for k in kernels), 1.0
 
 
 def plot_regression_kernels(panels: dict[str, dict]) -> plt.Figure:
@@ -68,47 +76,69 @@ def plot_regression_kernels(panels: dict[str, dict]) -> plt.Figure:
     return fig
 
 
-def plot_class_kernels(init_kernel, final_kernel, per_class: int, *, dataset: str, gaps: dict[str, float]) -> plt.Figure:
+def plot_class_kernels(init_kernel, final_kernel, per_class: int, *, dataset: str, gaps: dict[str, float],
+                       aucs: dict[str, float] | None = None) -> plt.Figure:
     """Figure 2 (e–h): normalized kernels over class-ordered images at initialization and after
-    training, with class-block boundaries every ``per_class`` rows."""
-    fig, axes = plt.subplots(1, 2, figsize=(9, 4.3))
+    training, on one colour scale, with class-block boundaries every ``per_class`` rows and the
+    class at each block's centre. Titles give the block AUC (scale-free) and the absolute gap."""
+    fig = plt.figure(figsize=(10, 4.6))
+    grid = fig.add_gridspec(1, 3, width_ratios=[1, 1, 0.05])
     n = _np(init_kernel).shape[0]
     bounds = list(range(per_class, n, per_class))
-    im = _kernel_image(axes[0], init_kernel, f"{dataset}: initialization\nwithin − between = {gaps['init']:.3f}",
-                       vmin=None, boundaries=bounds)
-    fig.colorbar(im, ax=axes[0], fraction=0.046)
-    im = _kernel_image(axes[1], final_kernel, f"{dataset}: after training\nwithin − between = {gaps['final']:.3f}",
-                       vmin=None, boundaries=bounds)
-    fig.colorbar(im, ax=axes[1], fraction=0.046)
+    ticks = [per_class * (c + 0.5) - 0.5 for c in range(n // per_class)]
+    vmin, vmax = shared_range(init_kernel, final_kernel)
+    for i, (key, kernel, when) in enumerate((("init", init_kernel, "initialization"), ("final", final_kernel, "after training"))):
+        auc = "" if aucs is None else f"block AUC {aucs[key]:.3f}, "
+        im = _kernel_image(fig.add_subplot(grid[0, i]), kernel, f"{dataset}: {when}\n{auc}within − between {gaps[key]:.3f}",
+                           vmin=vmin, vmax=vmax, boundaries=bounds, ticks=ticks,
+                           ticklabels=[str(c) for c in range(len(ticks))], line_width=0.6)
+    fig.colorbar(im, cax=fig.add_subplot(grid[0, 2]), label="k̂ (shared scale)")
+    fig.tight_layout()
     return fig
 
 
 def _decision(ax, grid_x, grid_y, scores, x, y, title: str):
+    from matplotlib.patches import Patch
+
     ax.contourf(grid_x, grid_y, _np(scores), levels=[-1e9, 0, 1e9], colors=["#cfe0f3", "#f6d3cf"], alpha=0.9)
     ax.contour(grid_x, grid_y, _np(scores), levels=[0], colors="k", linewidths=0.8)
     x, y = _np(x), _np(y)
-    ax.scatter(x[y > 0, 0], x[y > 0, 1], s=3, c="C3", label="+1")
-    ax.scatter(x[y <= 0, 0], x[y <= 0, 1], s=3, c="C0", label="−1")
-    ax.set_title(title, fontsize=9)
-    ax.set_aspect("auto")
+    ax.scatter(x[y > 0, 0], x[y > 0, 1], s=3, c="C3", label="test point, +1")
+    ax.scatter(x[y <= 0, 0], x[y <= 0, 1], s=3, c="C0", label="test point, −1")
+    ax.set_title(title, fontsize=8)
+    ax.set_aspect("equal")  # the geometry is the point: an ellipse must not be drawn as a circle
+    ax.set_xlim(float(np.min(grid_x)), float(np.max(grid_x)))
+    ax.set_ylim(float(np.min(grid_y)), float(np.max(grid_y)))
+    ax.tick_params(labelsize=6)
+    return [Patch(color="#f6d3cf", label="predicted +1"), Patch(color="#cfe0f3", label="predicted −1")]
 
 
 def plot_tangent_svm(panels: dict[str, dict]) -> plt.Figure:
-    """Figure 3. ``panels[task]`` holds ``grid_x, grid_y [G, G]``, ``tangent_scores``,
-    ``rbf_scores [G, G]`` (decision functions), ``x_test [M, 2]``, ``y_test [M]``,
-    ``tangent_acc``, ``rbf_acc``."""
+    """Figure 3. ``panels[task]`` holds ``grid_x, grid_y [G, G']``, ``tangent_scores``,
+    ``rbf_scores`` (decision functions), ``x_test [M, 2]``, ``y_test [M]``, ``tangent_acc``,
+    ``rbf_acc`` and the tuned ``tangent_C``, ``rbf_C``, ``rbf_gamma``. Equal aspect: each task's
+    columns are as wide as its data."""
     tasks = list(panels)
-    fig, axes = plt.subplots(2, len(tasks), figsize=(4.2 * len(tasks), 7.8))
-    axes = np.asarray(axes).reshape(2, len(tasks))
+    widths = [float(np.ptp(_np(panels[t]["grid_x"]))) / float(np.ptp(_np(panels[t]["grid_y"]))) for t in tasks]
+    widths = [max(w, 0.35) for w in widths]  # room for the titles
+    fig = plt.figure(figsize=(3.2 * sum(widths) + 2.5, 8.2))
+    grid = fig.add_gridspec(2, len(tasks), width_ratios=widths)
     letters = "abcd"
+    handles = None
     for j, task in enumerate(tasks):
         p = panels[task]
-        _decision(axes[0, j], p["grid_x"], p["grid_y"], p["tangent_scores"], p["x_test"], p["y_test"],
-                  f"({letters[j]}) {task}: linear SVM on tangent features\ntest accuracy {p['tangent_acc']:.3f}")
-        _decision(axes[1, j], p["grid_x"], p["grid_y"], p["rbf_scores"], p["x_test"], p["y_test"],
-                  f"({letters[j + 2]}) {task}: RBF SVM on raw inputs\ntest accuracy {p['rbf_acc']:.3f}")
-    axes[0, 0].legend(fontsize=7, loc="upper right")
-    fig.tight_layout()
+        handles = _decision(fig.add_subplot(grid[0, j]), p["grid_x"], p["grid_y"], p["tangent_scores"], p["x_test"], p["y_test"],
+                            f"({letters[j]}) {task}: linear SVM on\ntangent features (C={p.get('tangent_C', '?'):g})\n"
+                            f"test accuracy {p['tangent_acc']:.3f}")
+        ax = fig.add_subplot(grid[1, j])
+        _decision(ax, p["grid_x"], p["grid_y"], p["rbf_scores"], p["x_test"], p["y_test"],
+                  f"({letters[j + 2]}) {task}: RBF SVM on inputs\n(C={p.get('rbf_C', '?'):g}, γ={p.get('rbf_gamma', float('nan')):.3g})\n"
+                  f"test accuracy {p['rbf_acc']:.3f}")
+        if j == 0:
+            points = ax.get_legend_handles_labels()[0]
+    fig.legend(handles=handles + points, loc="lower center", ncol=4, fontsize=7, frameon=False)
+    fig.suptitle("seed 0; C and γ tuned by cross-validation; equal aspect", fontsize=9)
+    fig.tight_layout(rect=(0, 0.04, 1, 0.97))
     return fig
 
 
@@ -135,39 +165,47 @@ def plot_tangent_embedding(panels: list[dict], *, method: str) -> plt.Figure:
 
 
 def plot_printed_digits(init_kernel, final_kernel, confusion, per_class: int, examples, *, accuracy: float,
-                        gaps: dict[str, float]) -> plt.Figure:
-    """Figure 5: interleaved handwritten/printed kernels (blocks of ``per_class``) at init and after
-    training, the confusion matrix on printed digits, and a strip of printed examples."""
-    fig = plt.figure(figsize=(16, 4.6))
-    grid = fig.add_gridspec(1, 4, width_ratios=[1, 1, 1, 0.8])
+                        gaps: dict[str, float], aucs: dict[str, float] | None = None) -> plt.Figure:
+    """Figure 5: interleaved handwritten/printed kernels (blocks of ``per_class``: hand 0, printed 0,
+    hand 1, ...) at init and after training on one colour scale, large enough that the blocks show
+    (thick lines between digits, thin between the two domains of a digit, the digit at each pair
+    of blocks); the confusion matrix on printed digits and a strip of examples."""
+    fig = plt.figure(figsize=(15, 12))
+    grid = fig.add_gridspec(2, 3, width_ratios=[1, 1, 0.04], height_ratios=[1.35, 1])
     n = _np(init_kernel).shape[0]
-    bounds = list(range(per_class, n, per_class))
-    ax = fig.add_subplot(grid[0, 0])
-    im = _kernel_image(ax, init_kernel, f"(a) initialization (blocks: hand 0, printed 0, hand 1, ...)\n"
-                       f"within − cross digit (hand×printed) {gaps['init']:.3f}", vmin=None, boundaries=bounds)
-    fig.colorbar(im, ax=ax, fraction=0.046)
-    ax = fig.add_subplot(grid[0, 1])
-    im = _kernel_image(ax, final_kernel, f"(b) after training\nwithin − cross digit (hand×printed) {gaps['final']:.3f}",
-                       vmin=None, boundaries=bounds)
-    fig.colorbar(im, ax=ax, fraction=0.046)
-    ax = fig.add_subplot(grid[0, 2])
+    pair = 2 * per_class
+    ticks = [pair * (d + 0.5) - 0.5 for d in range(n // pair)]
+    vmin, vmax = shared_range(init_kernel, final_kernel)
+    for i, (key, kernel, title) in enumerate((("init", init_kernel, "(a) initialization"),
+                                               ("final", final_kernel, "(b) after training on handwritten digits"))):
+        ax = fig.add_subplot(grid[0, i])
+        auc = "" if aucs is None else f"block AUC (hand×printed) {aucs[key]:.3f}, "
+        im = _kernel_image(ax, kernel, f"{title}\n{auc}same − different digit {gaps[key]:.3f}", vmin=vmin, vmax=vmax,
+                           boundaries=list(range(pair, n, pair)), ticks=ticks,
+                           ticklabels=[str(d) for d in range(len(ticks))], line_width=1.2)
+        for b in range(per_class, n, pair):  # hand | printed inside each digit
+            ax.axhline(b - 0.5, color="w", lw=0.4, ls=":")
+            ax.axvline(b - 0.5, color="w", lw=0.4, ls=":")
+        ax.set_xlabel("digit (each: handwritten block, then printed block)", fontsize=8)
+    fig.colorbar(im, cax=fig.add_subplot(grid[0, 2]), label="k̂ (shared scale)")
+    ax = fig.add_subplot(grid[1, 0])
     conf = _np(confusion)
     ax.imshow(conf, cmap="Blues")
     for i in range(conf.shape[0]):
         for j in range(conf.shape[1]):
             if conf[i, j]:
-                ax.text(j, i, int(conf[i, j]), ha="center", va="center", fontsize=6)
+                ax.text(j, i, int(conf[i, j]), ha="center", va="center", fontsize=7)
     ax.set_xlabel("predicted", fontsize=8)
     ax.set_ylabel("printed digit", fontsize=8)
     ax.set_xticks(range(10))
     ax.set_yticks(range(10))
-    ax.tick_params(labelsize=6)
-    ax.set_title(f"(c) confusion on printed digits\naccuracy {accuracy:.3f}", fontsize=9)
-    ax = fig.add_subplot(grid[0, 3])
+    ax.tick_params(labelsize=7)
+    ax.set_title(f"(c) confusion on printed digits (seed 0)\naccuracy {accuracy:.3f}", fontsize=9)
+    ax = fig.add_subplot(grid[1, 1])
     ex = _np(examples)
     strip = np.concatenate([np.concatenate(list(row), axis=1) for row in ex], axis=0)
     ax.imshow(strip, cmap="gray_r")
-    ax.set_title("top: handwritten, bottom: printed", fontsize=9)
+    ax.set_title("examples, top: handwritten, bottom: printed", fontsize=9)
     ax.axis("off")
     fig.tight_layout()
     return fig
@@ -198,30 +236,46 @@ def plot_optimizer_weighting(weights: dict[str, np.ndarray], x_train, probe_x, k
     _kernel_image(axes[1], kernels["plain"], "normalized kernel J Jᵀ at θ_T (probes × train)")
     im = _kernel_image(axes[2], kernels["preconditioned"], "Adam-preconditioned J P Jᵀ at θ_T")
     fig.colorbar(im, ax=axes[2], fraction=0.046)
-    names = list(decomposition)
-    shares = [decomposition[k]["share"] for k in names]
-    lo = [decomposition[k]["share"] - decomposition[k]["interval"][0] for k in names]
-    hi = [decomposition[k]["interval"][1] - decomposition[k]["share"] for k in names]
-    axes[3].bar(range(len(names)), shares, yerr=[lo, hi], color=[f"C{i}" for i in range(len(names))], capsize=3)
-    axes[3].set_xticks(range(len(names)))
-    axes[3].set_xticklabels(names, rotation=25, fontsize=7, ha="right")
-    axes[3].set_yscale("symlog", linthresh=1e-3)
-    axes[3].axhline(1.0, color="k", lw=0.5, ls=":")
-    axes[3].set_title("plain SGD, mean over batch orders:\nshare of the mean output change", fontsize=8)
+    # The first-order share sits near 1, the others near 0: the panel shows what the first-order
+    # ledger leaves (1 − first order) and the terms that explain it, on a linear axis (points and
+    # interval bars, no bars on a log axis); the first-order share is in the title.
+    first = decomposition.get("first_order")
+    names = [k for k in decomposition if k != "first_order"]
+    rows = []
+    if first is not None:
+        lo, hi = first["interval"]
+        rows.append(("gap: 1 − first order", 1 - first["share"], 1 - hi, 1 - lo))
+    rows += [(k, decomposition[k]["share"], *decomposition[k]["interval"]) for k in names]
+    ys = np.arange(len(rows))[::-1]
+    for yv, (label, value, low, high) in zip(ys, rows):
+        color = "k" if label.startswith("gap") else f"C{names.index(label) % 10 if label in names else 0}"
+        err = None if low is None or high is None or not np.isfinite([low, high]).all() else [[value - low], [high - value]]
+        axes[3].errorbar([value], [yv], xerr=err, fmt="o", color=color, capsize=3, ms=4)
+    axes[3].set_yticks(ys)
+    axes[3].set_yticklabels([r[0] for r in rows], fontsize=7)
+    axes[3].axvline(0.0, color="k", lw=0.5)
+    axes[3].set_xlabel("share of the mean output change (95% interval over seeds)", fontsize=7)
+    title = "plain SGD, mean over batch orders"
+    if first is not None:
+        title += f"\nfirst-order ledger: {first['share']:.3f} [{first['interval'][0]:.3f}, {first['interval'][1]:.3f}]"
+    axes[3].set_title(title, fontsize=8)
     fig.tight_layout()
     return fig
 
 
 def plot_null_space(spectrum, energy_curve, x_train, x_test, y_test, pred_test, residual, error, *,
-                    rho: float, interval: Sequence[float], eigenfunctions=None) -> plt.Figure:
+                    rho: float, interval: Sequence[float], eigenfunctions=None, distance=None,
+                    by_region: dict | None = None, operator_error: float | None = None) -> plt.Figure:
     """Generalization and the null space: spectrum, top-k target energy, predictions with the
-    out-of-span part r(x), and error against r(x)."""
-    fig, axes = plt.subplots(1, 4, figsize=(17, 4))
+    out-of-span part r(x), and error against r(x) (inside the training range: filled; outside:
+    open), with the Spearman correlations per region beside the distance baseline."""
+    fig, axes = plt.subplots(1, 4, figsize=(18, 4.3))
     s = _np(spectrum)
     floor = max(float(s.max()), 1e-300) * 1e-16  # below this: rounding (shown at the floor)
     axes[0].semilogy(np.arange(1, s.size + 1), np.clip(s, floor, None), ".-", ms=3)
     axes[0].set_xlabel("index i (values below 1e-16 × largest shown at that floor)", fontsize=8)
-    axes[0].set_title("spectrum of the path-kernel operator (λ_i / N)", fontsize=9)
+    note = "" if operator_error is None else f"\n(checkpoint operator: its kernel machine misses the change, rel. error {operator_error:.2g})"
+    axes[0].set_title("spectrum of the checkpoint path-kernel operator (λ_i / N)" + note, fontsize=8)
     e = _np(energy_curve)
     axes[1].plot(np.arange(1, e.size + 1), e, ".-", ms=3)
     axes[1].set_xscale("log")
@@ -233,20 +287,29 @@ def plot_null_space(spectrum, energy_curve, x_train, x_test, y_test, pred_test, 
     axes[2].plot(xt[order], _np(y_test)[order], "k-", lw=1, label="target")
     axes[2].plot(xt[order], _np(pred_test)[order], "C3--", lw=1.2, label="network")
     axes[2].plot(_np(x_train), np.full(len(_np(x_train)), axes[2].get_ylim()[0]), "|", color="C0", label="training inputs")
-    ax2 = axes[2].twinx()
-    ax2.semilogy(xt[order], np.clip(_np(residual)[order], 1e-16, None), "C2-", lw=1, label="r(x)")
-    ax2.set_ylabel("out-of-span part r(x) (log)", fontsize=8, color="C2")
     if eigenfunctions is not None:
         ef = _np(eigenfunctions)
         for i in range(min(3, ef.shape[1])):
-            axes[2].plot(xt[order], ef[order, i] / (np.abs(ef[:, i]).max() + 1e-300), lw=0.6, alpha=0.5, color=f"C{4 + i}")
-    axes[2].legend(fontsize=7, loc="upper left")
-    axes[2].set_title("test predictions and out-of-span part (Nyström eigenfunctions faint)", fontsize=8)
-    axes[3].scatter(_np(residual), _np(error), s=8)
+            axes[2].plot(xt[order], ef[order, i] / (np.abs(ef[:, i]).max() + 1e-300), lw=0.6, alpha=0.6,
+                         color=f"C{4 + i}", label=f"Nyström eigenfunction {i + 1} (scaled)")
+    ax2 = axes[2].twinx()
+    ax2.semilogy(xt[order], np.clip(_np(residual)[order], 1e-16, None), "C2-", lw=1)
+    ax2.set_ylabel("out-of-span part r(x) (log, green)", fontsize=8, color="C2")
+    axes[2].legend(fontsize=6, loc="upper left")
+    axes[2].set_title("test predictions, eigenfunctions, and r(x) (green, right axis)", fontsize=8)
+    inside = np.abs(xt) <= np.pi
+    r, err = _np(residual), _np(error)
+    axes[3].scatter(r[inside], err[inside], s=9, color="C0", label="inside the training range")
+    axes[3].scatter(r[~inside], err[~inside], s=12, facecolors="none", edgecolors="C1", label="outside")
     axes[3].set_xscale("log")
     axes[3].set_yscale("log")
     axes[3].set_xlabel("out-of-span part r(x)", fontsize=8)
     axes[3].set_ylabel("test error |f(x) − y(x)|", fontsize=8)
-    axes[3].set_title(f"Spearman ρ = {rho:.2f}  [{interval[0]:.2f}, {interval[1]:.2f}]", fontsize=9)
+    title = f"seed 0: Spearman ρ = {rho:.2f}  [{interval[0]:.2f}, {interval[1]:.2f}] (test points)"
+    if by_region:
+        title += "\nmean over seeds, ρ(r, err) vs ρ(distance, err): " + ", ".join(
+            f"{k} {v['rho_residual']:.2f} vs {v['rho_distance']:.2f}" for k, v in by_region.items())
+    axes[3].set_title(title, fontsize=7)
+    axes[3].legend(fontsize=7)
     fig.tight_layout()
     return fig

@@ -1,12 +1,19 @@
 """Support vector machines on tangent features and on raw inputs (paper Figure 3).
 
 A linear SVM on tangent features φ(x) = ∇_θ f(x; θ_T) is a kernel machine with the gradient
-kernel at θ_T; an RBF SVM on the raw inputs is the fixed-kernel baseline.
+kernel at θ_T; an RBF SVM on the raw inputs is the fixed-kernel baseline. Both are
+``sklearn.svm.SVC`` (hinge loss): the tangent SVM on the precomputed Gram matrix of the scaled
+features (the same classifier as a linear SVM on the features, and fast for a few thousand
+training points however many parameters the network has). A comparison of the two is only fair
+when both are tuned the same way: ``tune=True`` chooses C (and the RBF's gamma) by stratified
+k-fold cross-validation on the training set, and the chosen values and the cross-validated
+accuracy are kept in ``.tuning``.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -14,7 +21,11 @@ from torch import nn
 
 from ..core.engine.kernels import tangent_features
 
-__all__ = ["TangentSVM", "fit_tangent_svm", "fit_rbf_svm"]
+__all__ = ["TangentSVM", "fit_tangent_svm", "fit_rbf_svm", "TANGENT_CS", "RBF_CS", "RBF_GAMMA_FACTORS"]
+
+TANGENT_CS = (0.01, 0.1, 1.0, 10.0, 100.0, 1000.0)  # C grid of the tangent SVM (features scaled to mean norm 1)
+RBF_CS = (1.0, 10.0, 100.0, 1000.0, 10000.0)  # C grid of the RBF SVM
+RBF_GAMMA_FACTORS = (1.0, 10.0, 100.0, 1000.0)  # gamma grid, as multiples of sklearn's "scale"
 
 
 def _labels(y) -> np.ndarray:
@@ -22,62 +33,111 @@ def _labels(y) -> np.ndarray:
     return lab.reshape(-1)
 
 
+def _search(estimator, grid: dict, x: np.ndarray, y: np.ndarray, folds: int, seed: int):
+    """Stratified k-fold grid search; returns (best estimator refit on all of x, tuning record)."""
+    from sklearn.model_selection import GridSearchCV, StratifiedKFold
+
+    counts = np.unique(y, return_counts=True)[1]
+    folds = int(min(folds, counts.min()))
+    if folds < 2:
+        raise ValueError("cross-validation needs at least 2 examples of every class")
+    search = GridSearchCV(estimator, grid, cv=StratifiedKFold(folds, shuffle=True, random_state=seed)).fit(x, y)
+    best = {k: (float(v) if isinstance(v, (int, float, np.floating)) else v) for k, v in search.best_params_.items()}
+    return search.best_estimator_, {"tuned": True, "best": best, "cv_accuracy": float(search.best_score_),
+                                    "folds": folds, "grid": {k: [float(v) for v in vs] for k, vs in grid.items()}}
+
+
 @dataclass
 class TangentSVM:
-    """A linear SVM fitted on tangent features of ``model`` at its current parameters.
+    """A linear SVM on tangent features of ``model`` at its parameters when fitted.
 
     Attributes:
-        model: the network whose tangent features are used (not modified).
-        svm: the fitted ``sklearn.svm.LinearSVC``.
+        model: the network whose tangent features are used (not modified; its parameters must not
+            change between fitting and prediction).
+        svm: the fitted ``sklearn.svm.SVC(kernel="precomputed")`` on the Gram matrix of the scaled features.
         scale: features are divided by this constant (the mean training feature norm), so that
             the SVM's C means the same across models.
         output_index: which output's gradient is the feature (None: the single output).
+        train_features: ``[N, P]`` the scaled training features (the Gram matrix's other side).
+        tuning: how C was chosen (``{"tuned": False, "best": {"C": ...}}`` or the search's record).
     """
 
     model: nn.Module
-    svm: object
+    svm: Any
     scale: float
     output_index: int | None
+    train_features: np.ndarray
+    tuning: dict = field(default_factory=dict)
+
+    @property
+    def num_features(self) -> int:
+        return int(self.train_features.shape[1])
 
     def features(self, x: torch.Tensor) -> np.ndarray:
         """``[M, P]`` scaled tangent features of inputs ``x``."""
         phi = tangent_features(self.model, x, output_index=0 if self.output_index is None else self.output_index)
         return phi.detach().cpu().to(torch.float64).numpy() / self.scale
 
+    def _gram(self, x: torch.Tensor, chunk: int = 2048) -> np.ndarray:
+        return np.concatenate([self.features(x[i:i + chunk]) @ self.train_features.T for i in range(0, x.shape[0], chunk)])
+
     def decision_function(self, x: torch.Tensor) -> np.ndarray:
         """``[M]`` signed distances to the separating hyperplane (> 0: the positive class)."""
-        return self.svm.decision_function(self.features(x))
+        return self.svm.decision_function(self._gram(x))
+
+    def predict(self, x: torch.Tensor) -> np.ndarray:
+        """``[M]`` predicted labels."""
+        return self.svm.predict(self._gram(x))
 
     def accuracy(self, x: torch.Tensor, y) -> float:
         """Share of ``x`` whose predicted label equals ``y``."""
-        return float((self.svm.predict(self.features(x)) == _labels(y)).mean())
+        return float((self.predict(x) == _labels(y)).mean())
 
 
 def fit_tangent_svm(model: nn.Module, x: torch.Tensor, y, *, C: float = 1.0, output_index: int | None = None,
-                    max_iter: int = 20000) -> TangentSVM:
-    """Fit a linear SVM on φ(x_n) = ∇_θ f(x_n; θ) (flattened, ``[N, P]``).
+                    tune: bool = False, Cs: Sequence[float] = TANGENT_CS, folds: int = 5, seed: int = 0) -> TangentSVM:
+    """Fit a linear SVM on φ(x_n) = ∇_θ f(x_n; θ) (flattened, ``[N, P]``, scaled to mean norm 1).
 
     Args:
         model: a network with one output (or pick one with ``output_index``).
         x: ``[N, ...]`` training inputs; y: ``[N]`` labels (any two or more values).
-        C: SVM regularization (larger: fit the training set harder).
+        C: SVM regularization (larger: fit the training set harder), when not tuned.
+        tune: choose C from ``Cs`` by stratified ``folds``-fold cross-validation (seeded by ``seed``).
     """
-    from sklearn.svm import LinearSVC
+    from sklearn.svm import SVC
 
-    if not C > 0:
-        raise ValueError(f"C must be positive, got {C}")
     phi = tangent_features(model, x, output_index=0 if output_index is None else output_index)
     phi = phi.detach().cpu().to(torch.float64).numpy()
     scale = float(np.linalg.norm(phi, axis=1).mean())
     if not scale > 0:
         raise ValueError("the tangent features are all zero: the model's output does not depend on its parameters here")
-    svm = LinearSVC(C=C, max_iter=max_iter, dual="auto").fit(phi / scale, _labels(y))
-    return TangentSVM(model, svm, scale, output_index)
+    phi = phi / scale
+    gram, labels = phi @ phi.T, _labels(y)
+    if tune:
+        svm, tuning = _search(SVC(kernel="precomputed"), {"C": list(Cs)}, gram, labels, folds, seed)
+    else:
+        if not C > 0:
+            raise ValueError(f"C must be positive, got {C}")
+        svm, tuning = SVC(kernel="precomputed", C=C).fit(gram, labels), {"tuned": False, "best": {"C": float(C)}}
+    return TangentSVM(model, svm, scale, output_index, phi, tuning)
 
 
-def fit_rbf_svm(x: torch.Tensor, y, *, C: float = 1.0, gamma: str | float = "scale"):
-    """Fit ``sklearn.svm.SVC(kernel="rbf")`` on the raw inputs ``x [N, D]``; returns the SVC."""
+def fit_rbf_svm(x: torch.Tensor, y, *, C: float = 1.0, gamma: str | float = "scale", tune: bool = False,
+                Cs: Sequence[float] = RBF_CS, gamma_factors: Sequence[float] = RBF_GAMMA_FACTORS, folds: int = 5,
+                seed: int = 0):
+    """Fit ``sklearn.svm.SVC(kernel="rbf")`` on the raw inputs ``x [N, D]``; returns the SVC with
+    ``.tuning`` (``tune=True``: C from ``Cs`` and gamma from ``gamma_factors`` × sklearn's "scale",
+    1 / (D · Var(x)), by stratified ``folds``-fold cross-validation)."""
     from sklearn.svm import SVC
 
     xs = x.detach().cpu().to(torch.float64).reshape(x.shape[0], -1).numpy()
-    return SVC(kernel="rbf", C=C, gamma=gamma).fit(xs, _labels(y))
+    labels = _labels(y)
+    if tune:
+        scale = 1.0 / (xs.shape[1] * xs.var())
+        svm, tuning = _search(SVC(kernel="rbf"), {"C": list(Cs), "gamma": [f * scale for f in gamma_factors]},
+                              xs, labels, folds, seed)
+    else:
+        svm = SVC(kernel="rbf", C=C, gamma=gamma).fit(xs, labels)
+        tuning = {"tuned": False, "best": {"C": float(C), "gamma": gamma}}
+    svm.tuning = tuning
+    return svm

@@ -10,12 +10,16 @@ Steps (DESIGN.md section 2, "Update splitting", "Stochastic Domingos"):
      Per-example weights are compared across optimizers by rank correlation over examples
      (mean over probes); Adam's preconditioned kernel J P Jᵀ (P from its own second moment) is
      compared with the plain kernel J Jᵀ at θ_T.
+     Part A is repeated over ``seeds_a`` independent runs (initialization and batch order).
   3. Part B: plain SGD from one θ_0 over R seeds of batch order: the mean output change, the mean
-     left-point ledger, the Itô term (Hutchinson) and the deterministic term, each as a share of
-     the mean change with bootstrap intervals over seeds (``expected_output_decomposition``).
-  4. Claims: Adam reweights examples more than momentum (its rank correlation with SGD is lower);
-     the first-order ledger explains the mean change within 10 %; the second-order terms explain
-     part of the rest (gap ratio < 1).
+     left-point ledger, the Itô term (Hutchinson, scaled for batches drawn without replacement
+     from the N training examples, so unbiased over batch draws) and the deterministic term, each
+     as a share of the mean change with jackknife Student-t intervals over seeds
+     (``expected_output_decomposition``).
+  4. Claims: Adam reweights examples more than momentum (its rank correlation with SGD is lower;
+     Student t over seeds; null: SGD in Adam's place gives ρ(SGD, momentum) − 1 ≤ 0); the
+     first-order ledger explains the mean change within 10 %; the second-order terms explain part
+     of the rest (gap ratio < 1; null: without them the ratio is 1).
 """
 
 from __future__ import annotations
@@ -31,10 +35,10 @@ from genkernel.analysis.optimizer_kernels import adaptive_preconditioner, precon
 from genkernel.analysis.stochastic import expected_output_decomposition
 from genkernel.data import regression_1d
 from genkernel.plotting.figures import plot_optimizer_weighting
-from genkernel.stats import bootstrap_interval
+from genkernel.stats import Interval
 from genkernel.supervised import LedgerCallback, SupervisedTrainer, mlp, mse_loss
 
-from ..common import Timer, claim, finish, make_parser, parse, pick
+from ..common import Timer, baseline, claim, finish, make_parser, over_seeds, parse, pick
 
 NAME = "optimizer_weighting"
 
@@ -54,41 +58,89 @@ def rank_agreement(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.array([spearmanr(a[i], b[i]).statistic for i in range(a.shape[0])])
 
 
+def part_a(init, x, y, probes, s, seed) -> tuple[dict, dict, dict]:
+    """Trains copies of ``init`` with SGD, momentum and Adam on the same batch order (``seed``),
+    each with one ledger group per training example; returns per-example contributions
+    ``{name: [M, N]}``, ledger summaries and the trained ``(model, optimizer)`` pairs."""
+    contributions, ledgers, models = {}, {}, {}
+    for name in ("SGD", "momentum", "Adam"):
+        model = copy.deepcopy(init)
+        opt = optimizers(model, s)[name]
+        tracker = PathKernelTracker(model, opt, mse_loss, probes, num_groups=s["n_train"])
+        trainer = SupervisedTrainer(model, opt, mse_loss, batch_size=s["batch"], seed=seed,
+                                    callbacks=[LedgerCallback(tracker, torch.arange(s["n_train"]))])
+        trainer.fit(x, y, steps=s["steps_a"])
+        contributions[name] = tracker.ledger.contributions[:, :, 0].numpy()  # [M, N]
+        ledgers[name] = tracker.ledger.summary()
+        models[name] = (model, opt)
+    return contributions, ledgers, models
+
+
+def claims_from(per_seed: list[dict], shares: dict) -> dict:
+    """The three claims from Part A's per-seed rank agreements (``{"rho_mom", "rho_adam"}``) and
+    Part B's shares (:meth:`ExpectedOutputDecomposition.shares`)."""
+    reweighting = over_seeds([r["rho_mom"] - r["rho_adam"] for r in per_seed])
+    mean_rho_mom = float(np.mean([r["rho_mom"] for r in per_seed]))
+    first, gap = shares["first_order"], shares["second_order_gap_ratio"]
+    return {
+        "adam_reweights_examples": claim(
+            "Adam's per-example contributions agree less with SGD's than momentum's do "
+            "(Spearman over examples, mean over probes, momentum minus Adam; Student t over seeds)",
+            reweighting.above(0), reweighting.estimate, reweighting,
+            statistic="ρ(SGD, momentum) − ρ(SGD, Adam), per-example contributions",
+            baseline=baseline(mean_rho_mom - 1.0, "null: SGD in Adam's place, ρ(SGD, momentum) − ρ(SGD, SGD)"),
+        ),
+        "first_order_ledger_explains_mean_change": claim(
+            "plain SGD over batch orders: the mean first-order (left-point) ledger is within 10% of the mean change "
+            "(jackknife Student t over seeds)",
+            0.9 <= first["interval"][0] and first["interval"][1] <= 1.1, first["share"], first["interval"],
+            statistic="share of the mean change explained by the mean first-order ledger",
+            baseline=baseline(0.0, "no ledger: share 0"), method=first["method"], n=first["n"],
+        ),
+        "second_order_terms_close_gap": claim(
+            "the Itô and deterministic second-order terms explain part of what the first-order ledger leaves "
+            "(‖remainder‖ / ‖change − first order‖ < 1; jackknife Student t over seeds)",
+            gap["interval"][1] < 1.0, gap["share"], gap["interval"],
+            statistic="‖change − first − deterministic − Itô‖ / ‖change − first‖",
+            baseline=baseline(1.0, "null: second-order terms left out"),
+            ito_share=shares["ito"]["share"], ito_interval=shares["ito"]["interval"], method=gap["method"], n=gap["n"],
+        ),
+    }
+
+
 def main(argv=None) -> dict:
     """Runs the experiment on the command line ``argv``; returns the JSON payload it wrote (OUT/NAME.json)."""
     timer = Timer()
     args = parse(make_parser(__doc__.splitlines()[0]), argv)
     s = pick(
         args.mode,
-        full=dict(n_train=32, width=32, probes=16, lr=0.05, adam_lr=5e-3, batch=8, steps_a=400,
+        full=dict(n_train=32, width=32, probes=16, lr=0.05, adam_lr=5e-3, batch=8, steps_a=400, seeds_a=5,
                   n_b=64, steps_b=200, seeds_b=16, batch_b=4, hutchinson=16),
-        quick=dict(n_train=32, width=32, probes=16, lr=0.05, adam_lr=5e-3, batch=8, steps_a=200,
+        quick=dict(n_train=32, width=32, probes=16, lr=0.05, adam_lr=5e-3, batch=8, steps_a=200, seeds_a=3,
                    n_b=64, steps_b=50, seeds_b=6, batch_b=4, hutchinson=4),
-        smoke=dict(n_train=12, width=6, probes=4, lr=0.05, adam_lr=5e-3, batch=4, steps_a=4,
+        smoke=dict(n_train=12, width=6, probes=4, lr=0.05, adam_lr=5e-3, batch=4, steps_a=4, seeds_a=2,
                    n_b=12, steps_b=3, seeds_b=3, batch_b=3, hutchinson=2),
     )
     dtype = torch.float64
-    # 1. Data and one initialization.
+    # 1. Data and one initialization (seed 0 draws the figure; Part A repeats over seeds_a runs).
     x, y = regression_1d("sin", s["n_train"], seed=args.seed, dtype=dtype)
     probes = torch.linspace(-3.0, 3.0, s["probes"], dtype=dtype)[:, None]
     torch.manual_seed(args.seed)
     init = mlp(1, [s["width"]] * 2, 1, act="tanh").to(dtype)
-    # 2. Part A: per-example ledgers under three optimizers, same batch order.
-    contributions, ledgers, models = {}, {}, {}
-    for name in ("SGD", "momentum", "Adam"):
-        model = copy.deepcopy(init)
-        opt = optimizers(model, s)[name]
-        tracker = PathKernelTracker(model, opt, mse_loss, probes, num_groups=s["n_train"])
-        trainer = SupervisedTrainer(model, opt, mse_loss, batch_size=s["batch"], seed=args.seed,
-                                    callbacks=[LedgerCallback(tracker, torch.arange(s["n_train"]))])
-        trainer.fit(x, y, steps=s["steps_a"])
-        contributions[name] = tracker.ledger.contributions[:, :, 0].numpy()  # [M, N]
-        ledgers[name] = tracker.ledger.summary()
-        models[name] = (model, opt)
+    # 2. Part A: per-example ledgers under three optimizers, same batch order, per seed.
+    contributions, ledgers, models = part_a(init, x, y, probes, s, args.seed)
     rho_mom = rank_agreement(contributions["SGD"], contributions["momentum"])
     rho_adam = rank_agreement(contributions["SGD"], contributions["Adam"])
-    # BCa bootstrap over probes of the mean (probes where a correlation is undefined are left out)
-    reweighting = bootstrap_interval(rho_mom - rho_adam, np.mean, seed=args.seed)
+    per_seed = [{"seed": args.seed, "rho_mom": float(np.nanmean(rho_mom)), "rho_adam": float(np.nanmean(rho_adam))}]
+    for r in range(1, s["seeds_a"]):
+        seed = args.seed + r
+        torch.manual_seed(seed)
+        other = part_a(mlp(1, [s["width"]] * 2, 1, act="tanh").to(dtype), x, y, probes, s, seed)[0]
+        per_seed.append({"seed": seed,
+                         "rho_mom": float(np.nanmean(rank_agreement(other["SGD"], other["momentum"]))),
+                         "rho_adam": float(np.nanmean(rank_agreement(other["SGD"], other["Adam"])))})
+    # one value per seed (the mean over probes: probes of one run are not independent)
+    reweighting: Interval = over_seeds([r["rho_mom"] - r["rho_adam"] for r in per_seed])
     adam_model, adam_opt = models["Adam"]
     precond = adaptive_preconditioner(adam_model, adam_opt)
     k_plain = preconditioned_kernel(adam_model, probes, x, None, normalize=True)
@@ -106,6 +158,8 @@ def main(argv=None) -> dict:
         "part_a": {
             "rank_corr_sgd_momentum": float(np.nanmean(rho_mom)), "rank_corr_sgd_adam": float(np.nanmean(rho_adam)),
             "rank_corr_per_probe_sgd_momentum": rho_mom, "rank_corr_per_probe_sgd_adam": rho_adam,
+            "per_seed": per_seed, "momentum_minus_adam_over_seeds": reweighting.estimate,
+            "momentum_minus_adam_interval": [reweighting.low, reweighting.high],
             "plain_vs_preconditioned_kernel_rank_corr": kernel_rho,
             "preconditioner_spread_log10": float(torch.log10(precond.max() / precond.min())),
             "ledger_summaries": ledgers,
@@ -114,28 +168,14 @@ def main(argv=None) -> dict:
             "shares": shares,
             "mean_change_norm": float(decomposition.mean("change").norm()),
             "mean_ito_stderr_over_seeds": float(decomposition.ito_stderr.mean()),
+            "ito_sampling": "batches of batch_b drawn without replacement from n_b examples (epoch-wise permutation); "
+                            "Hutchinson scale a² = (N − B)/(N B (B − 1))",
             "ledger_relative_residual": float(decomposition.ledger_residual.norm() / decomposition.change.norm()),
         },
     }
     first = shares["first_order"]
     gap = shares["second_order_gap_ratio"]
-    claims = {
-        "adam_reweights_examples": claim(
-            "Adam's per-example contributions agree less with SGD's than momentum's do "
-            "(Spearman over examples, momentum minus Adam, bootstrap over probes)",
-            reweighting.above(0), reweighting.estimate, reweighting,
-        ),
-        "first_order_ledger_explains_mean_change": claim(
-            "plain SGD over batch orders: the mean first-order (left-point) ledger is within 10% of the mean change",
-            0.9 <= first["interval"][0] and first["interval"][1] <= 1.1, first["share"], first["interval"],
-        ),
-        "second_order_terms_close_gap": claim(
-            "the Itô and deterministic second-order terms explain part of what the first-order ledger leaves "
-            "(‖remainder‖ / ‖change − first order‖ < 1)",
-            gap["interval"][1] < 1.0, gap["share"], gap["interval"],
-            ito_share=shares["ito"]["share"], ito_interval=shares["ito"]["interval"],
-        ),
-    }
+    claims = claims_from(per_seed, shares)
     # 4. Figure: normalized per-example weights at the middle probe.
     mid = s["probes"] // 2
     weights = {}

@@ -8,10 +8,12 @@ Steps:
   2. Order the kernel's images in interleaved blocks: handwritten k, printed k, for k = 0..9
      (block 2k handwritten, block 2k+1 printed). k̂ at θ_0 and at θ_T (``SmallConvNet``,
      cross-entropy, Adam).
-  3. Numbers: accuracy on printed digits (Wilson interval), the confusion matrix, and on the
-     handwritten × printed part of k̂: mean over same-digit pairs minus different-digit pairs.
-  4. Claims: printed digits are recognised above chance (0.1); training raises the cross-domain
-     within-digit minus cross-digit gap (interval over digits).
+  3. Numbers: accuracy on printed digits at θ_0 and θ_T, the confusion matrix, and on the
+     handwritten × printed part of k̂ the block AUC (a same-digit pair more similar than a
+     different-digit pair; scale-free) and, beside it, the absolute same-minus-different gap.
+  4. Claims (Student t over independent training runs, ``seeds``): printed digits are recognised
+     above chance (0.1; the untrained network is the baseline); training raises the cross-domain
+     block AUC (θ_T − θ₀).
 """
 
 from __future__ import annotations
@@ -20,13 +22,13 @@ import numpy as np
 import torch
 
 from genkernel import gradient_kernel
-from genkernel.analysis.kernel_stats import within_between_gap
+from genkernel.analysis.kernel_stats import block_auc, within_between_gap
 from genkernel.data import load_digits_images, render_printed_digits
 from genkernel.plotting.figures import plot_printed_digits
-from genkernel.stats import mean_interval, proportion_interval
+from genkernel.stats import proportion_interval
 from genkernel.supervised import SmallConvNet, SupervisedTrainer, cross_entropy_loss
 
-from ..common import Timer, claim, finish, make_parser, parse, pick
+from ..common import Timer, baseline, claim, finish, make_parser, over_seeds, parse, pick
 
 NAME = "printed_digits"
 
@@ -39,15 +41,75 @@ def interleave(hand: torch.Tensor, printed: torch.Tensor, per_class: int) -> tor
     return torch.cat(blocks)
 
 
+def train_once(seed, s, x_train, y_train, x_k, x_hand, y_hand, x_print, y_print, digit, hand_rows, print_cols,
+               device) -> dict:
+    """One training run from ``seed`` (initialization and batch order): k̂ over the interleaved
+    images at θ_0 and θ_T, the cross-domain block AUCs and gaps, accuracies and the confusion."""
+    torch.manual_seed(seed)
+    model = SmallConvNet(1, 10, size=16, width=s["width"]).to(device)
+    k_init = gradient_kernel(model, x_k, normalize=True).cpu()
+    with torch.no_grad():
+        accuracy_init = float((model(x_print.to(device)).argmax(1).cpu() == y_print).double().mean())
+    trainer = SupervisedTrainer(model, torch.optim.Adam(model.parameters(), lr=s["lr"]), cross_entropy_loss,
+                                batch_size=min(s["batch"], len(x_train)), seed=seed)
+    history = trainer.fit(x_train.to(device), y_train.to(device), steps=s["steps"])
+    k_final = gradient_kernel(model, x_k, normalize=True).cpu()
+    with torch.no_grad():
+        pred_print = model(x_print.to(device)).argmax(1).cpu()
+        pred_hand = model(x_hand.to(device)).argmax(1).cpu()
+    confusion = np.zeros((10, 10), dtype=np.int64)
+    np.add.at(confusion, (y_print.numpy(), pred_print.numpy()), 1)
+
+    def cross(k, measure):
+        return measure(k[hand_rows][:, print_cols], digit[hand_rows], digit[print_cols])
+
+    correct = int((pred_print == y_print).sum())
+    return {
+        "k_init": k_init, "k_final": k_final, "history": history, "confusion": confusion, "correct": correct,
+        "accuracy": correct / len(y_print), "accuracy_init": accuracy_init,
+        "hand_accuracy": float((pred_hand == y_hand).double().mean()),
+        "auc_init": cross(k_init, block_auc), "auc_final": cross(k_final, block_auc),
+        "gap_init": cross(k_init, within_between_gap), "gap_final": cross(k_final, within_between_gap),
+    }
+
+
+def claims_from_runs(runs: list[dict], num_printed: int) -> dict:
+    """The two claims from the runs (one per seed, :func:`train_once`) on ``num_printed`` printed images."""
+    # every seed's network on the same printed images: a Wilson interval per seed (the images' sampling
+    # error); the claim holds when every seed's interval lies above chance (the envelope's low end).
+    wilson = [proportion_interval(r["correct"], num_printed) for r in runs]
+    envelope = (min(w.low for w in wilson), max(w.high for w in wilson))
+    change = over_seeds([r["auc_final"].auc - r["auc_init"].auc for r in runs])
+    return {
+        "printed_recognised_above_chance": claim(
+            "the network trained on handwritten digits classifies printed digits above chance: every seed's Wilson "
+            "interval lies above 0.1 (the untrained network is the baseline)",
+            envelope[0] > 0.1, float(np.mean([r["accuracy"] for r in runs])), envelope,
+            statistic="accuracy on printed digits at θ_T, mean over seeds (interval: envelope of per-seed Wilson)",
+            baseline=baseline(float(np.mean([r["accuracy_init"] for r in runs])), "θ₀: the untrained network's accuracy"),
+            method="wilson per seed, envelope", n=num_printed,
+        ),
+        "cross_domain_digit_blocks_sharpen": claim(
+            "training raises the handwritten×printed block AUC of k̂ (a same-digit pair more similar than a "
+            "different-digit pair; scale-free), θ_T − θ₀ (Student t over seeds)",
+            change.above(0), change.estimate, change,
+            statistic="hand×printed block AUC of k̂, θ_T − θ₀",
+            baseline=baseline(float(np.mean([r["auc_init"].auc for r in runs])), "θ₀: block AUC before training"),
+            at_theta_T=float(np.mean([r["auc_final"].auc for r in runs])),
+            gap_init=runs[0]["gap_init"].gap, gap_final=runs[0]["gap_final"].gap,
+        ),
+    }
+
+
 def main(argv=None) -> dict:
     """Runs the experiment on the command line ``argv``; returns the JSON payload it wrote (OUT/NAME.json)."""
     timer = Timer()
     args = parse(make_parser(__doc__.splitlines()[0]), argv)
     s = pick(
         args.mode,
-        full=dict(per_class=10, width=16, steps=1500, batch=64, lr=2e-3, train_limit=None),
-        quick=dict(per_class=10, width=16, steps=300, batch=64, lr=2e-3, train_limit=None),
-        smoke=dict(per_class=2, width=4, steps=5, batch=8, lr=2e-3, train_limit=40),
+        full=dict(per_class=10, width=16, steps=1500, batch=64, lr=2e-3, train_limit=None, seeds=5),
+        quick=dict(per_class=10, width=16, steps=300, batch=64, lr=2e-3, train_limit=None, seeds=3),
+        smoke=dict(per_class=2, width=4, steps=5, batch=8, lr=2e-3, train_limit=40, seeds=2),
     )
     device = args.torch_device
     pc = s["per_class"]
@@ -61,51 +123,37 @@ def main(argv=None) -> dict:
     x_k = interleave(x_hand, x_print, pc).to(device)
     digit = interleave(y_hand, y_print, pc)
     domain = torch.arange(20).remainder(2).repeat_interleave(pc)
-    torch.manual_seed(args.seed)
-    model = SmallConvNet(1, 10, size=16, width=s["width"]).to(device)
-    k_init = gradient_kernel(model, x_k, normalize=True).cpu()
-    trainer = SupervisedTrainer(model, torch.optim.Adam(model.parameters(), lr=s["lr"]), cross_entropy_loss,
-                                batch_size=min(s["batch"], len(x_train)), seed=args.seed)
-    history = trainer.fit(x_train.to(device), y_train.to(device), steps=s["steps"])
-    k_final = gradient_kernel(model, x_k, normalize=True).cpu()
-    # 3. Numbers.
-    with torch.no_grad():
-        pred_print = model(x_print.to(device)).argmax(1).cpu()
-        pred_hand = model(x_hand.to(device)).argmax(1).cpu()
-    correct = int((pred_print == y_print).sum())
-    confusion = np.zeros((10, 10), dtype=np.int64)
-    np.add.at(confusion, (y_print.numpy(), pred_print.numpy()), 1)
     hand_rows, print_cols = domain == 0, domain == 1
-
-    def cross(k):
-        return within_between_gap(k[hand_rows][:, print_cols], digit[hand_rows], digit[print_cols])
-
-    before, after = cross(k_init), cross(k_final)
-    change = mean_interval(after.per_class - before.per_class)  # Student t over digits
-    accuracy = proportion_interval(correct, len(y_print))  # Wilson
+    runs = [train_once(args.seed + r, s, x_train, y_train, x_k, x_hand, y_hand, x_print, y_print, digit, hand_rows,
+                       print_cols, device) for r in range(s["seeds"])]
+    first = runs[0]
+    # 3. Numbers (figure, confusion and per-digit values: seed 0; the claims rest on every seed).
+    confusion = first["confusion"]
+    before, after = first["gap_init"], first["gap_final"]
+    wilson = [proportion_interval(r["correct"], len(y_print)) for r in runs]
+    envelope = (min(w.low for w in wilson), max(w.high for w in wilson))
     results = {
-        "printed_accuracy": accuracy.estimate, "printed_accuracy_interval": [accuracy.low, accuracy.high],
-        "handwritten_accuracy": float((pred_hand == y_hand).double().mean()),
+        "printed_accuracy": first["accuracy"], "printed_accuracy_interval": list(envelope),
+        "printed_accuracy_per_seed": [r["accuracy"] for r in runs],
+        "printed_accuracy_wilson_per_seed": [[w.low, w.high] for w in wilson],
+        "printed_accuracy_init_per_seed": [r["accuracy_init"] for r in runs],
+        "handwritten_accuracy": first["hand_accuracy"],
         "confusion": confusion,
+        "cross_domain_auc_init": [r["auc_init"].auc for r in runs],
+        "cross_domain_auc_final": [r["auc_final"].auc for r in runs],
+        "cross_domain_per_digit_auc_init": first["auc_init"].per_class,
+        "cross_domain_per_digit_auc_final": first["auc_final"].per_class,
         "cross_domain_gap_init": before.gap, "cross_domain_gap_final": after.gap,
         "cross_domain_within_final": after.within, "cross_domain_between_final": after.between,
         "cross_domain_per_digit_gap_init": before.per_class, "cross_domain_per_digit_gap_final": after.per_class,
-        "final_train_loss": history[-1],
+        "final_train_loss": first["history"][-1] if first["history"] else None,
+        "seeds": [args.seed + r for r in range(s["seeds"])],
     }
-    # 4. Claims.
-    claims = {
-        "printed_recognised_above_chance": claim(
-            "the network trained on handwritten digits classifies printed digits above chance (0.1; Wilson interval)",
-            accuracy.above(0.1), accuracy.estimate, accuracy,
-        ),
-        "cross_domain_digit_blocks_sharpen": claim(
-            "training raises the handwritten×printed within-digit minus cross-digit kernel gap (interval over digits)",
-            change.above(0), change.estimate, change, gap_init=before.gap, gap_final=after.gap,
-        ),
-    }
+    claims = claims_from_runs(runs, len(y_print))  # 4. Claims.
     examples = np.stack([x_hand[::pc, 0].numpy(), x_print[::pc, 0].numpy()])
-    fig = plot_printed_digits(k_init, k_final, confusion, pc, examples, accuracy=accuracy.estimate,
-                              gaps={"init": before.gap, "final": after.gap})
+    fig = plot_printed_digits(first["k_init"], first["k_final"], confusion, pc, examples, accuracy=first["accuracy"],
+                              gaps={"init": before.gap, "final": after.gap},
+                              aucs={"init": first["auc_init"].auc, "final": first["auc_final"].auc})
     return finish(NAME, args, fig, results, claims, s, timer)
 
 

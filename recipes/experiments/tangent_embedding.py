@@ -10,9 +10,11 @@ Steps:
   3. Embed with UMAP when umap-learn is installed, otherwise t-SNE (stated in the figure and
      the JSON). Silhouette scores are computed on the tangent-feature distances themselves (not
      on the 2-D embedding): seen digits among seen, unseen among unseen, before and after.
-  4. Claims: training raises the seen digits' silhouette (paired per-image Student-t interval);
-     after training seen digits are better separated than unseen ones (two-sample bootstrap
-     interval over images of the difference of mean silhouettes).
+  4. Claims, each a change from θ_0 with a Student-t interval over independent training runs
+     (``seeds``: initialization and batch order): training raises the seen digits' silhouette;
+     training separates seen digits more than unseen ones (difference in differences: the
+     seen − unseen silhouette gap at θ_T minus the same gap at θ_0, which is not zero: the
+     untrained network's kernel already clusters digits).
 """
 
 from __future__ import annotations
@@ -26,10 +28,9 @@ from genkernel.analysis.embedding import embed_2d
 from genkernel.analysis.kernel_stats import kernel_distance
 from genkernel.data import load_digits_images
 from genkernel.plotting.figures import plot_tangent_embedding
-from genkernel.stats import Interval, bootstrap_interval, mean_interval
 from genkernel.supervised import SmallConvNet, SupervisedTrainer, cross_entropy_loss
 
-from ..common import Timer, claim, finish, make_parser, parse, pick
+from ..common import Timer, baseline, claim, finish, make_parser, over_seeds, parse, pick
 
 NAME = "tangent_embedding"
 SEEN = [0, 1, 2, 3, 4]
@@ -42,13 +43,54 @@ def silhouettes(dist: np.ndarray, labels: np.ndarray, classes: list[int]) -> np.
     return silhouette_samples(dist[np.ix_(sel, sel)], labels[sel], metric="precomputed")
 
 
-def mean_difference(a: np.ndarray, b: np.ndarray, seed: int) -> Interval:
-    """mean(a) − mean(b) of two independent samples, with a BCa bootstrap interval: the pooled
-    values are resampled with their sample labels (so the sample sizes vary between resamples)."""
-    values = np.concatenate([a, b])
-    in_a = np.concatenate([np.ones(len(a)), np.zeros(len(b))])
-    return bootstrap_interval(values, lambda v, first: v[first == 1].mean() - v[first == 0].mean(),
-                              paired=(in_a,), seed=seed)
+def train_once(seed, s, x_train, y_train, x_emb, y_emb, labels, device) -> dict:
+    """One training run from ``seed``: tangent-feature distances over the embedding images at θ_0
+    and θ_T, the per-image silhouettes (seen among seen, unseen among unseen) at both, the seen
+    digits' test accuracy and the loss history."""
+    torch.manual_seed(seed)
+    model = SmallConvNet(1, len(SEEN), size=16, width=s["width"]).to(device)
+    x_emb_d = x_emb.to(device)
+    d_init = kernel_distance(gradient_kernel(model, x_emb_d, normalize=True).cpu())
+    trainer = SupervisedTrainer(model, torch.optim.Adam(model.parameters(), lr=s["lr"]), cross_entropy_loss,
+                                batch_size=min(s["batch"], len(x_train)), seed=seed)
+    history = trainer.fit(x_train.to(device), y_train.to(device), steps=s["steps"])
+    d_final = kernel_distance(gradient_kernel(model, x_emb_d, normalize=True).cpu())
+    seen_mask = torch.from_numpy(np.isin(labels, SEEN))
+    with torch.no_grad():
+        seen_acc = float((model(x_emb_d[seen_mask.to(device)]).argmax(1).cpu() == y_emb[seen_mask]).double().mean())
+    sil = {
+        (when, group): silhouettes(d, labels, classes)
+        for when, d in (("init", d_init), ("final", d_final))
+        for group, classes in (("seen", SEEN), ("unseen", UNSEEN))
+    }
+    return {"d_init": d_init, "d_final": d_final, "seen_acc": seen_acc, "history": history, "sil": sil}
+
+
+def claims_from_runs(runs: list[dict]) -> dict:
+    """The two claims from the runs (one per seed, :func:`train_once`): changes from θ_0."""
+    per_seed = {f"{group}_{when}": np.array([float(r["sil"][(when, group)].mean()) for r in runs])
+                for when in ("init", "final") for group in ("seen", "unseen")}
+    gain = over_seeds(per_seed["seen_final"] - per_seed["seen_init"])
+    gap_init = per_seed["seen_init"] - per_seed["unseen_init"]
+    gap_final = per_seed["seen_final"] - per_seed["unseen_final"]
+    did = over_seeds(gap_final - gap_init)
+    return {
+        "seen_digits_cluster_after_training": claim(
+            "training on digits 0–4 raises their silhouette in tangent-feature space (θ_T − θ₀, Student t over seeds)",
+            gain.above(0), gain.estimate, gain,
+            statistic="silhouette of digits 0–4 (tangent-feature distances), θ_T − θ₀",
+            baseline=baseline(float(per_seed["seen_init"].mean()), "θ₀: silhouette before training"),
+            at_theta_T=float(per_seed["seen_final"].mean()),
+        ),
+        "unseen_digits_cluster_less": claim(
+            "training separates the seen digits (0–4) more than the unseen ones (5–9): the seen − unseen silhouette "
+            "gap at θ_T minus the same gap at θ₀ > 0 (difference in differences, Student t over seeds)",
+            did.above(0), did.estimate, did,
+            statistic="(seen − unseen silhouette) at θ_T minus at θ₀",
+            baseline=baseline(float(gap_init.mean()), "θ₀: seen − unseen gap before training"),
+            at_theta_T=float(gap_final.mean()),
+        ),
+    }
 
 
 def main(argv=None) -> dict:
@@ -57,9 +99,9 @@ def main(argv=None) -> dict:
     args = parse(make_parser(__doc__.splitlines()[0]), argv)
     s = pick(
         args.mode,
-        full=dict(per_class=60, width=16, steps=1500, batch=64, lr=2e-3, train_limit=None),
-        quick=dict(per_class=30, width=16, steps=300, batch=64, lr=2e-3, train_limit=None),
-        smoke=dict(per_class=4, width=4, steps=5, batch=8, lr=2e-3, train_limit=40),
+        full=dict(per_class=60, width=16, steps=1500, batch=64, lr=2e-3, train_limit=None, seeds=5),
+        quick=dict(per_class=30, width=16, steps=300, batch=64, lr=2e-3, train_limit=None, seeds=3),
+        smoke=dict(per_class=4, width=4, steps=5, batch=8, lr=2e-3, train_limit=40, seeds=2),
     )
     device = args.torch_device
     # 1. Data.
@@ -68,45 +110,20 @@ def main(argv=None) -> dict:
         x_train, y_train = x_train[: s["train_limit"]], y_train[: s["train_limit"]]
     x_emb, y_emb = load_digits_images(size=16, per_class=s["per_class"], split="test", seed=args.seed)
     labels = y_emb.numpy()
-    # 2. Kernels at θ_0 and θ_T.
-    torch.manual_seed(args.seed)
-    model = SmallConvNet(1, len(SEEN), size=16, width=s["width"]).to(device)
-    x_emb_d = x_emb.to(device)
-    d_init = kernel_distance(gradient_kernel(model, x_emb_d, normalize=True).cpu())
-    trainer = SupervisedTrainer(model, torch.optim.Adam(model.parameters(), lr=s["lr"]), cross_entropy_loss,
-                                batch_size=min(s["batch"], len(x_train)), seed=args.seed)
-    history = trainer.fit(x_train.to(device), y_train.to(device), steps=s["steps"])
-    d_final = kernel_distance(gradient_kernel(model, x_emb_d, normalize=True).cpu())
-    with torch.no_grad():
-        seen_mask = np.isin(labels, SEEN)
-        seen_acc = float((model(x_emb_d[torch.from_numpy(seen_mask)]).argmax(1).cpu() == y_emb[torch.from_numpy(seen_mask)]).double().mean())
-    # 3. Silhouettes (on tangent distances) and embeddings.
-    sil = {
-        (when, group): silhouettes(d, labels, classes)
-        for when, d in (("init", d_init), ("final", d_final))
-        for group, classes in (("seen", SEEN), ("unseen", UNSEEN))
-    }
+    # 2. Kernels at θ_0 and θ_T, one independent training run per seed (seed 0 also draws the figure).
+    runs = [train_once(args.seed + r, s, x_train, y_train, x_emb, y_emb, labels, device) for r in range(s["seeds"])]
+    first = runs[0]
+    d_init, d_final, seen_acc, history, sil = first["d_init"], first["d_final"], first["seen_acc"], first["history"], first["sil"]
     seen_sel = np.isin(labels, SEEN)
     coords_init, method = embed_2d(d_init[np.ix_(seen_sel, seen_sel)], seed=args.seed)
     coords_seen, _ = embed_2d(d_final[np.ix_(seen_sel, seen_sel)], seed=args.seed)
     coords_all, _ = embed_2d(d_final, seed=args.seed)
     results = {"embedding_method": method, "num_train": len(x_train), "seen_test_accuracy": seen_acc,
-               "final_train_loss": history[-1]}
+               "final_train_loss": history[-1] if history else None, "seeds": [args.seed + r for r in range(s["seeds"])]}
     for (when, group), v in sil.items():
         results[f"silhouette_{group}_{when}"] = float(v.mean())
-    # 4. Claims.
-    gain = mean_interval(sil[("final", "seen")] - sil[("init", "seen")])  # paired over images
-    gap = mean_difference(sil[("final", "seen")], sil[("final", "unseen")], seed=args.seed)
-    claims = {
-        "seen_digits_cluster_after_training": claim(
-            "training on digits 0–4 raises their silhouette in tangent-feature space (paired over images)",
-            gain.above(0), gain.estimate, gain,
-        ),
-        "unseen_digits_cluster_less": claim(
-            "after training, seen digits (0–4) are better separated than unseen digits (5–9): silhouette gap > 0",
-            gap.above(0), gap.estimate, gap,
-        ),
-    }
+        results[f"silhouette_{group}_{when}_per_seed"] = [float(r["sil"][(when, group)].mean()) for r in runs]
+    claims = claims_from_runs(runs)  # 4. Claims: changes from θ_0, one value per seed.
     panels = [
         {"coords": coords_init, "labels": labels[seen_sel], "seen": SEEN,
          "title": f"initialization, digits 0–4\nsilhouette {results['silhouette_seen_init']:.3f}"},
