@@ -78,7 +78,7 @@ def check_pages() -> list[str]:
                     problems.append(f"{where}: points at docs/{name}, which does not exist")
                 elif anchor and anchor not in anchors[name]:
                     problems.append(f"{where}: points at docs/{name}#{anchor}, no such heading")
-                elif section and slug(section) not in anchors[name]:
+                elif section and slug(" ".join(section.split())) not in anchors[name]:  # wrapped quotes too
                     problems.append(f"{where}: points at docs/{name}, section {section!r}, no such heading")
     return problems
 

@@ -1,4 +1,4 @@
-"""The ledger of an exponential moving average of the weights (DESIGN.md section 2, "EMA of the weights").
+"""The ledger of an exponential moving average of the weights (docs/observing.md, "EMA of the weights").
 
 An EMA of the weights, θ̄_{k+1} = β_k θ̄_k + (1 − β_k) θ_{k+1}, is linear in the trajectory, so its
 change splits into the same groups as the model's. With per-group cumulative displacements

@@ -1,4 +1,4 @@
-"""Optimizer-aware update splitting (DESIGN.md section 2, "Update splitting").
+"""Optimizer-aware update splitting (docs/optimizers.md).
 
 An optimizer step Δ_k is written as Σ_g u_{k,g} + u_{k,rest}: one update per group of training
 contributions plus a rest that no example caused (weight decay, optimizer state that existed

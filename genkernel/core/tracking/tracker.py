@@ -23,7 +23,7 @@ untracked trainer runs, so training is bit-for-bit unchanged) and around it:
 3. the optimizer-aware split Δ_k = Σ_{g∈π} u_{k,g} + u_rest for every partition π
    (:mod:`genkernel.core.tracking.splitters`);
 4. the check: for every partition Σ_g ĝ_g equals the real gradient, the summed group state
-   equals the optimizer's buffers and Σ_g u_g + u_rest equals Δ_k (DESIGN.md section 2, "The
+   equals the optimizer's buffers and Σ_g u_g + u_rest equals Δ_k (docs/optimizers.md, "The
    check");
 5. contributions c_{k,g}(x) = J̄_k(x) u_{k,g} at every probe, by the group-state route
    (:mod:`genkernel.core.tracking.routes`: "dense", "factored", "sketched");
