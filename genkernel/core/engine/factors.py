@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import weakref
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Iterator
 
@@ -177,25 +178,53 @@ def covering_plan(model: nn.Module, inputs: tuple[torch.Tensor, ...], exclude: I
     its gradient. The check is the gradient-sum identity on the first two examples: for a random
     cotangent E, Σ_n ∂⟨E_n, f(x_n)⟩/∂θ read from the factors must equal autograd's gradient of
     ⟨E, f(x)⟩ with respect to the parameter, per block (relative to the block's gradient norm:
-    1e-9 in float64, 1e-4 in float32). Modules
-    that do not keep the batch on dimension 0 move to the fallback too. Cost: one forward and
-    one backward pass on two examples.
+    1e-9 in float64, 1e-4 in float32). Modules that do not keep the batch on dimension 0 move to
+    the fallback too. Cost: one forward and one backward pass on two examples.
+
+    The outcome is remembered per model for the same structure and inputs of the same kind
+    (:func:`_covering_key`: every module and parameter by identity, shape, dtype and
+    trainability, instance-level ``forward`` overrides and hooks, the inputs' per-example shapes
+    and dtypes, ``exclude``): a later call with any of them changed checks again.
     """
-    exclude = set(exclude)
+    exclude = frozenset(exclude)
+    key = _covering_key(model, inputs, exclude)
+    known = _COVERED.get(model, {})
+    if key in known:
+        return make_plan(model, known[key])
+    found = set(exclude)
     sample = tuple(t[:2] for t in inputs)
     while True:
-        plan = make_plan(model, exclude)
+        plan = make_plan(model, found)
         if not plan.blocks:
-            return plan
+            break
         try:
             with analysis(model):
                 uncovered = _uncovered_blocks(model, plan, sample)
         except Unfactorable as error:
-            exclude.add(error.module_name)
+            found.add(error.module_name)
             continue
         if not uncovered:
-            return plan
-        exclude.update(uncovered)
+            break
+        found.update(uncovered)
+    if len(known) >= 8:  # a few kinds of inputs per model
+        known.pop(next(iter(known)))
+    known[key] = frozenset(found)
+    _COVERED[model] = known
+    return plan
+
+
+_COVERED: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
+
+
+def _covering_key(model: nn.Module, inputs: tuple[torch.Tensor, ...], exclude: frozenset) -> tuple:
+    """What :func:`covering_plan`'s outcome depends on, short of running the model."""
+    modules = tuple(
+        (name, id(m), type(m), id(m.__dict__.get("forward")), tuple(m._forward_hooks), tuple(m._forward_pre_hooks),
+         tuple((pn, id(p), tuple(p.shape), p.dtype, p.requires_grad) for pn, p in m._parameters.items() if p is not None))
+        for name, m in model.named_modules(remove_duplicate=False)
+    )
+    xs = tuple((tuple(t.shape[1:]), t.dtype, t.device.type) if isinstance(t, torch.Tensor) else type(t) for t in inputs)
+    return modules, xs, exclude
 
 
 def _uncovered_blocks(model: nn.Module, plan: Plan, sample: tuple[torch.Tensor, ...]) -> list[str]:
