@@ -15,7 +15,7 @@ from torch import nn
 from genkernel.core.engine import factors as factors_module
 from genkernel.core.engine.factored import chunks, factored_gradient_kernel
 from genkernel.core.engine.factors import (
-    _conv_weight_by_groups, _conv_weight_by_unfold, capture, covering_plan, make_plan, output_cotangents,
+    _conv_weight, _conv_weight_by_groups, _conv_weight_by_unfold, capture, covering_plan, make_plan, output_cotangents,
 )
 from genkernel.core.engine.kernels import choose_engine, gradient_kernel, kernel_plan
 
@@ -125,7 +125,8 @@ def test_conv_per_example_weights_grouped_unfolded_and_autograd_agree():
     convs = [
         nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(3, 4, (2, 3), stride=(2, 1), padding=(1, 0), dilation=(1, 2)),
         nn.Conv2d(3, 4, 1), nn.Conv2d(3, 4, 4, padding="same"), nn.Conv1d(3, 4, 4, padding="same"),
-        nn.Conv1d(3, 4, 3, stride=2, dilation=2, padding="valid"),
+        nn.Conv1d(3, 4, 3, stride=2, dilation=2, padding="valid"), nn.Conv1d(3, 4, 1, padding="same", bias=False),
+        nn.Conv2d(3, 4, 1, stride=2),
     ]
     for conv in convs:
         conv = conv.to(F64)
@@ -138,6 +139,7 @@ def test_conv_per_example_weights_grouped_unfolded_and_autograd_agree():
         grouped, unfolded = _conv_weight_by_groups(conv, x, e), _conv_weight_by_unfold(conv, x, e)
         torch.testing.assert_close(grouped, loop, rtol=1e-10, atol=1e-12)
         torch.testing.assert_close(unfolded, loop, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(_conv_weight(conv, x, e), loop, rtol=1e-10, atol=1e-12)  # the one capture uses
 
 
 @pytest.mark.parametrize("name", ["convnet", "mlp"])
@@ -219,3 +221,34 @@ def test_chunks_are_balanced():
     assert [s.stop - s.start for s in chunks(10, 3)] == [3, 3, 2, 2]
     assert [s.stop - s.start for s in chunks(5, 8)] == [5]
     assert list(chunks(0, 4)) == []
+
+
+class Scaled(nn.Module):
+    """A model times a parameter of its own: a parameter the factored engine leaves to torch.func."""
+
+    def __init__(self, body):
+        super().__init__()
+        self.body = body
+        self.scale = nn.Parameter(torch.tensor([1.5]))
+
+    def forward(self, x):
+        return self.body(x) * self.scale
+
+
+def test_auto_counts_the_torch_func_pass_of_a_fallback():
+    """With a fallback, factored costs one more pass: auto takes it where the layers kept
+    factored save more (a wide MLP, enough pairs), not for a convnet (its layers materialize)."""
+    from genkernel.core.engine.factored import _probe_sizes
+
+    g = torch.Generator().manual_seed(5)
+    wide = Scaled(nn.Sequential(nn.Linear(8, 64), nn.Tanh(), nn.Linear(64, 1))).to(F64)
+    conv = Scaled(nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 1))).to(F64)
+    for model, x, rows, want in ((wide, torch.randn(8, 8, generator=g, dtype=F64), (8, 8), "factored"),
+                                 (wide, torch.randn(4, 8, generator=g, dtype=F64), (4, 4), "functional"),
+                                 (conv, torch.randn(8, 1, 6, 6, generator=g, dtype=F64), (8, 8), "functional")):
+        plan = covering_plan(model, (x,))
+        assert list(plan.fallback) == ["scale"]
+        assert choose_engine(plan, 1, rows=rows, sizes=_probe_sizes(model, plan, (x,))) == want
+        assert kernel_plan(model, x).engine == want
+        ref = gradient_kernel(model, x, engine="functional")
+        assert _rel(ref, gradient_kernel(model, x, engine="auto")) < 1e-9

@@ -43,6 +43,22 @@ class _Sizes:
     xhat: int = 0  # normalized inputs of norm blocks (recorded in the forward)
     blocks: dict = field(default_factory=dict)  # block index -> [T, I, O, P_block] (linear/conv), summed over calls
 
+    def forward_and_factored(self, plan: Plan, c: int) -> tuple[int, int]:
+        """(multiply-adds of the linear and convolutional blocks' forward, Σ T·I·O; parameters of
+        the blocks whose pairs cost less in the factored form than materialized, with c
+        cotangents) per example."""
+        forward = kept = 0
+        for index, block in enumerate(plan.blocks):
+            if index not in self.blocks:
+                continue
+            t, i, o, p = self.blocks[index]
+            if block.kind in ("linear", "conv"):
+                forward += t * i * o
+                kept += 0 if _dense_is_cheaper(t, i, o, c) else p
+            elif block.kind == "embedding":
+                kept += p
+        return forward, kept
+
     def compact_factors(self, plan: Plan, c: int) -> int:
         """Elements of the compact form (:func:`~genkernel.core.engine.factors.capture` with
         ``compact=True``) per example with c cotangents."""

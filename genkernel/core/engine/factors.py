@@ -628,6 +628,14 @@ def _dense_from_calls(block: Block, calls: list[tuple[torch.Tensor, torch.Tensor
 
 
 def _conv_weight(module: nn.Module, x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """Per-example weight gradients ``[B, O·I·k]`` of one call: a 1x1 convolution with stride 1
+    and no padding is a Linear over positions (one batched matmul, nothing unfolded); any other,
+    a grouped convolution backward (measured on 2 CPU cores against unfold + bmm on the layers of
+    a small UNet2DModel: 0.09 s against 0.26 s per 64 examples, 1.2-6x per layer)."""
+    unpadded = isinstance(module.padding, str) or all(p == 0 for p in module.padding)  # a 1-wide "same" pads nothing
+    if unpadded and all(k == 1 for k in module.kernel_size) and all(s == 1 for s in module.stride):
+        b, o = g.shape[:2]
+        return torch.bmm(g.reshape(b, o, -1), x.reshape(b, x.shape[1], -1).transpose(1, 2)).reshape(b, -1)
     return _conv_weight_by_groups(module, x, g)
 
 

@@ -30,7 +30,7 @@ from ..adapter import (
     trainable_parameters,
     unwrap,
 )
-from .factored import chunk_sizes, chunks, factored_gradient_kernel, factored_jacobian
+from .factored import _probe_sizes, _Sizes, chunk_sizes, chunks, factored_gradient_kernel, factored_jacobian
 from .factors import DEFAULT_MEMORY_BUDGET, Plan, analysis, covering_plan, make_plan
 from .reference import jacobian_pair_kernel, jacobian_self_kernel, per_example_jacobian
 
@@ -60,18 +60,43 @@ class KernelPlan:
     factored_fraction: float
 
 
-def choose_engine(plan: Plan, d: int, engine: str = "auto") -> str:
-    """The engine a call runs: ``engine`` unless "auto", which picks "factored" for models with
-    factorable layers and at most ``AUTO_FACTORED_MAX_OUTPUTS`` outputs. Measured
-    (``recipes/benchmarks``, 2 CPU cores): factored Linear layers are 25-430x torch.func on MLPs,
-    and with one side's factors held a convnet with d = 10 ran 2.2x faster; a UNet with d = 256
-    outputs was far slower (one output-batched backward per chunk of outputs), so many-output
-    models stay on torch.func."""
+def choose_engine(plan: Plan, d: int, engine: str = "auto", *, rows: tuple[int, int] | None = None,
+                  sizes: _Sizes | None = None) -> str:
+    """The engine a call runs: ``engine`` unless "auto", which decides by operation counts.
+
+    "auto" picks:
+
+    1. "functional" when no module is factored, or for more than ``AUTO_FACTORED_MAX_OUTPUTS``
+       outputs (measured, ``recipes/benchmarks``: a UNet with d = 256 was far slower factored,
+       one output-batched backward per chunk of outputs).
+    2. "factored" when every trainable parameter is in a factored block (``plan.fallback`` is
+       empty). Per example, both engines run one forward and one output-batched backward;
+       torch.func's backward also forms every per-example weight gradient, the factored one only
+       the activations' gradients. Per block, the factored engine then takes the cheaper of the
+       T² factored form (T²·(I + d·O) per pair) and per-example gradients materialized from the
+       factors (T·I·O per example, a grouped convolution for convolutions, then d·I·O per pair:
+       the count torch.func pays for that block), so it never counts more than torch.func.
+    3. With parameters left to torch.func (``plan.fallback``, a covering plan's: modules the
+       engine does not support or whose parameters are also read outside their forward), the
+       factored engine runs torch.func's pass for them on top of its own capture: one more
+       forward and backward per example, about 3·F multiply-adds with F those of the factored
+       layers' forward (Σ T·I·O). It saves the pairs of the layers it keeps factored (P1 of
+       their parameters, T·T·(I + d·O) < d·I·O): about M·N·d·P1. So "factored" when
+       M·N·d·P1 > 3·(M + N)·F, else "functional". ``rows`` = (M, N) and ``sizes`` (one
+       example's counts, :func:`~genkernel.core.engine.factored.chunk_sizes`' probe) give the
+       counts; without them such a plan stays "factored".
+    """
     if engine not in ENGINES:
         raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
     if engine != "auto":
         return engine
-    return "factored" if plan.blocks and d <= AUTO_FACTORED_MAX_OUTPUTS else "functional"
+    if not plan.blocks or d > AUTO_FACTORED_MAX_OUTPUTS:
+        return "functional"
+    if not plan.fallback or rows is None or sizes is None:
+        return "factored"
+    forward, kept = sizes.forward_and_factored(plan, d)
+    m, n = rows
+    return "factored" if m * n * d * kept > 3 * (m + n) * forward else "functional"
 
 
 def kernel_plan(model: nn.Module, x: Batch, *, engine: str = "auto", memory_budget: int = DEFAULT_MEMORY_BUDGET,
@@ -87,12 +112,25 @@ def kernel_plan(model: nn.Module, x: Batch, *, engine: str = "auto", memory_budg
 
 
 def _plan(model, params, xs, d: int, rows_total: int, engine: str, memory_budget: int) -> KernelPlan:
-    if choose_engine(make_plan(model), d, engine) == "functional":
+    n = batch_size(xs)
+    plan = _engine_plan(model, xs, d, (n, rows_total), engine)
+    if plan is None:
         return KernelPlan("functional", d, min(_functional_rows(params, d, memory_budget), rows_total), d, 0.0)
-    plan = covering_plan(model, xs)
-    with analysis(model):
-        rows, c = chunk_sizes(model, plan, xs, d, rows_total, memory_budget, held=2, compact=True)
+    rows, c = chunk_sizes(model, plan, xs, d, rows_total, memory_budget, held=2, compact=True)
     return KernelPlan("factored", d, rows, c, plan.factored_fraction)
+
+
+def _engine_plan(model: nn.Module, xs: tuple[torch.Tensor, ...], d: int, rows: tuple[int, int], engine: str) -> Plan | None:
+    """The covering plan the factored engine runs, or None where :func:`choose_engine` picks
+    torch.func (called in analysis mode). The covering check runs only where "auto" needs it to
+    decide (a model with factored layers and at most ``AUTO_FACTORED_MAX_OUTPUTS`` outputs)."""
+    if choose_engine(make_plan(model), d, engine) == "functional":
+        return None
+    plan = covering_plan(model, xs)
+    if engine == "auto" and plan.fallback:
+        if choose_engine(plan, d, engine, rows=rows, sizes=_probe_sizes(model, plan, xs)) == "functional":
+            return None
+    return plan
 
 
 def _functional_rows(params: dict[str, torch.Tensor], d: int, memory_budget: int) -> int:
@@ -170,7 +208,7 @@ def _gradient_kernel(model, x1, x2, normalize, reduce, memory_budget, engine) ->
         if d2 != d:
             raise ValueError(f"x1 gives {d} outputs per example but x2 gives {d2}")
 
-    if choose_engine(make_plan(model), d, engine) == "factored":
+    if _engine_plan(model, x1s, d, (m_total, n_total), engine) is not None:
         kernel, diag1, diag2 = factored_gradient_kernel(
             model, x1s, None if x2 is None else x2s, reduce=reduce, memory_budget=memory_budget, d=d, diagonals=normalize
         )
