@@ -418,3 +418,81 @@ def test_resume_with_callbacks_in_another_order_or_missing(tmp_path):
     missing = build(with_analyzer=False)
     with pytest.raises(ValueError, match=r"\['GANKernelAnalyzer'\]"):
         missing.train(6, resume=True)
+
+
+# ------------------------------------------------------------------------------------------
+# the comparison grouping and the geometry of another loss (issue 11)
+# ------------------------------------------------------------------------------------------
+def _comparison_analyzer(G, D, **options):
+    settings = dict(grouping="mode", comparison="nearest_mode", mode_centers=ring_mode_centers(8, 2.0), mode_std=0.05,
+                    controls=2, window=3, eval_every=1, track_discriminator=False)
+    settings.update(options)
+    return GANKernelAnalyzer(G, D, _probes(12), **settings)
+
+
+def test_a_comparison_grouping_is_split_on_the_same_steps_with_its_own_controls():
+    from genkernel.core import grouping
+    from genkernel.gan.metrics import own_minus_others
+
+    G, D = _pair()
+    data, modes = _ring()
+    analyzer = _comparison_analyzer(G, D)
+    assert analyzer.partitions == {"geometry": 8, "spatial": 8, "control_0": 8, "control_1": 8,
+                                   "spatial_control_0": 8, "spatial_control_1": 8}
+    trainer = GANTrainer(G, D, data, labels=modes, batch_size=32, callbacks=[analyzer])
+    trainer.train(3)
+    start = {name: ledger.copy() for name, ledger in analyzer.generator_ledgers.items()}
+    trainer.train(6)
+    ledgers = analyzer.generator_ledgers
+    total = ledgers["geometry"].contributions.sum(1)
+    for name, ledger in ledgers.items():  # every partition splits the same steps: same total, rest and residual
+        torch.testing.assert_close(ledger.contributions.sum(1), total, rtol=0, atol=1e-12 * float(total.abs().max()), msg=name)
+        assert torch.equal(ledger.rest, ledgers["geometry"].rest)  # the residual differs by each partition's rounding
+        torch.testing.assert_close(ledger.residual, ledgers["geometry"].residual, rtol=0, atol=1e-12 * float(total.abs().max()))
+    assert len(analyzer.g_spatial_counts) == 6 and all(sum(c) == 32 for c in analyzer.g_spatial_counts)
+    # the window's statistics are the ledger differences' (the spatial partition with its own probe groups)
+    stats = analyzer.windows[1]["statistics"]
+    assert {"geometry", "spatial", "geometry_minus_spatial"} <= set(stats)
+    groups = torch.tensor(stats["spatial"]["probe_groups"])
+    window = {name: ledgers[name].since(start[name]) for name in ("spatial", "spatial_control_0", "spatial_control_1")}
+    mine = own_minus_others(grouping.traffic_shares(window["spatial"].traffic), groups, 8)
+    controls = torch.stack([own_minus_others(grouping.traffic_shares(window[f"spatial_control_{i}"].traffic), groups, 8)
+                            for i in range(2)])
+    expected = (mine - controls.mean(0)).tolist()
+    got = stats["spatial"]["traffic"]["per_probe"]["interaction_minus_control"]
+    assert got == pytest.approx(expected, nan_ok=True)
+    geometry = stats["geometry"]["traffic"]["per_probe"]["interaction_minus_control"]
+    difference = stats["geometry_minus_spatial"]["traffic"]
+    assert difference["per_probe"] == pytest.approx([a - b for a, b in zip(geometry, got)], nan_ok=True)
+    assert difference["n"] == len({g for g, v in zip(stats["geometry"]["probe_groups"], difference["per_probe"])
+                                   if v == v})  # clustered by geometry probe group
+    assert "spatial" not in analyzer.windows[1]["traffic_own_minus_control"]  # the older keys are unchanged
+    # save / load: the comparison's fit and the windows come back, and a report works before any further step
+    fresh = _comparison_analyzer(G, D)
+    fresh.load_state_dict(analyzer.state_dict())
+    assert json.dumps(fresh.report()["windows"]) == json.dumps(analyzer.report()["windows"])
+    assert fresh.report()["generator"]["steps"] == 6 and fresh.state_dict()["g_tracker"] is not None
+    with pytest.raises(ValueError, match="same size"):
+        GANKernelAnalyzer(G, D, _probes(12), grouping="direction", num_groups=3, comparison="nearest_mode",
+                          mode_centers=ring_mode_centers(8, 2.0), mode_std=0.05)
+
+
+def test_geometry_loss_groups_by_D_while_G_trains_on_a_loss_that_ignores_D():
+    from genkernel.gan import push_field
+
+    G, D = _pair()
+    torch.manual_seed(5)
+    fixed = MLPDiscriminator(2, hidden=16, depth=2).double().requires_grad_(False)
+    data, modes = _ring()
+    analyzer = _comparison_analyzer(G, D, comparison="latent_kmeans", controls=1, geometry_loss=GeneratorLoss(D))
+    trainer = GANTrainer(G, D, data, labels=modes, batch_size=32, callbacks=[analyzer])
+    trainer.g_loss = GeneratorLoss(fixed)  # G's steps ignore D
+    trainer.train(3)
+    snap = analyzer.fields[-1]  # the probes at the last generator step, before it, D as it was then
+    with frozen(D):
+        torch.testing.assert_close(snap["w"], -push_field(GeneratorLoss(D), snap["x"]))
+        assert not torch.allclose(snap["w"], -push_field(GeneratorLoss(fixed), snap["x"]))
+    for ledger in analyzer.generator_ledgers.values():  # the ledger is the training loss's, exact
+        total = ledger.contributions.sum(1) + ledger.rest + ledger.residual
+        torch.testing.assert_close(total, ledger.delta, rtol=0, atol=1e-12)
+    assert all(row["cos_formula"] > 0.999 for row in analyzer.alignment)

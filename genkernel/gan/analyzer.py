@@ -81,10 +81,12 @@ from ..core.tracking.tracker import PathKernelTracker, StepContributions
 from ..stats import mean_interval
 from .geometry import GeometryGrouping, make_grouping
 from .losses import GENERATED, PENALTY, REAL, ROLE_NAMES, DiscriminatorObjective, GeneratorLoss, scores_of
-from .metrics import cosine, mode_coverage
+from .metrics import MIN_UNITS, cosine, few_units, mode_coverage, own_minus_others
 from .passes import preserved
 
 GEOMETRY = "geometry"
+SPATIAL = "spatial"
+KINDS = ("traffic", "net")
 FORMAT = "genkernel.GANKernelAnalyzer/3"
 RESIDUAL_NOTE = 1e-3  # a ledger's relative residual above this gets a note suggesting Simpson's rule
 
@@ -118,10 +120,18 @@ class GANKernelAnalyzer(TrainerCallback):
             ``fn(z, x, w, scores) -> LongTensor[B]`` (with ``num_groups``). Groupings see latents
             flattened per example, ``z [B, k]``.
         num_groups: G for the groupings that take a count.
+        comparison: a discriminator-independent grouping of the same size, tracked as a second partition
+            ``"spatial"`` on the same steps (with its own permutation controls ``"spatial_control_i"``):
+            "nearest_mode" (the mode nearest to G(z_i), needs ``mode_centers``), "latent_kmeans"
+            (k-means of z), a :class:`GeometryGrouping` or None (default: none). Nearby latents share a
+            spatial group and, through G's smoothness, a kernel: the spatial partition measures the
+            coupling that smoothness alone gives, and each window reports the geometry grouping's
+            statistics minus the spatial grouping's (``windows[i]["statistics"]``).
         mode_centers, mode_std: real mixture modes ``[num_modes, dim]`` and their std (2-D): enables
             mode coverage, the direction-to-nearest-mode alignment and mode groups for D.
         controls: number of label-permutation control partitions kept on the same trajectory
-            (0: none); each adds G group rows to every generator step's cost.
+            (0: none), each an independent permutation of every step's ids; each adds G group rows to
+            every generator step's cost (2G with a ``comparison``: the spatial ids get their own).
         window: generator steps per coupling window (coupling over training).
         eval_every: generator steps between alignment / coverage evaluations (must divide ``window``).
         coverage_latents: number of fixed latents for mode coverage.
@@ -141,6 +151,12 @@ class GANKernelAnalyzer(TrainerCallback):
             ...). Observed loops use it for the probes' geometry; on the first observed generator
             micro-batch it must reproduce the loop's own losses, else the analyzer refuses with the
             likely cause. (Owned steps use their step's ``loss_fn``.)
+        geometry_loss: ``fn(samples) -> [B]`` whose input gradient defines the geometry instead of the
+            training loss's: the groups, the probes' pushes −w(z') and the kernel-smoothed field. Default
+            None: w is what training sees (the ledger's own weights). For a null model: train G on a
+            loss that ignores D and pass ``GeneratorLoss(D)`` here, so that every discriminator-based
+            statistic is computed as for the GAN while G's corrections do not depend on D (observed
+            loops then skip the check that ``generator_loss`` reproduces the loop's losses).
         seed: the analyzer's own random generator (permutation control, coverage latents).
         name: the key of this analyzer's state in a trainer's checkpoint (default the class name).
     """
@@ -153,6 +169,7 @@ class GANKernelAnalyzer(TrainerCallback):
         *,
         grouping: str | GeometryGrouping | Callable = "direction",
         num_groups: int = 8,
+        comparison: str | GeometryGrouping | Callable | None = None,
         mode_centers: torch.Tensor | None = None,
         mode_std: float | None = None,
         controls: int = 1,
@@ -166,6 +183,7 @@ class GANKernelAnalyzer(TrainerCallback):
         discriminator_groups: str = "role",
         quadrature: str = "midpoint",
         generator_loss: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        geometry_loss: Callable[[torch.Tensor], torch.Tensor] | None = None,
         seed: int = 0,
         name: str | None = None,
     ) -> None:
@@ -179,8 +197,9 @@ class GANKernelAnalyzer(TrainerCallback):
             raise ValueError("discriminator_groups='role_mode' needs mode_centers")
         if mode_centers is not None and mode_std is None:
             raise ValueError("mode_centers needs mode_std (the std of each real mode) for mode coverage")
-        if generator_loss is not None and not callable(generator_loss):
-            raise TypeError(f"generator_loss must be callable as fn(samples) -> [B] losses, got {type(generator_loss).__name__}")
+        for what, fn in (("generator_loss", generator_loss), ("geometry_loss", geometry_loss)):
+            if fn is not None and not callable(fn):
+                raise TypeError(f"{what} must be callable as fn(samples) -> [B] losses, got {type(fn).__name__}")
         self.generator = generator
         self.discriminator = discriminator
         self._g = unwrap(generator)  # analysis passes run on the modules inside any wrapper
@@ -189,6 +208,13 @@ class GANKernelAnalyzer(TrainerCallback):
         self.mode_std = mode_std
         self.grouping = make_grouping(grouping, num_groups=num_groups, centers=self.mode_centers, seed=seed)
         self.num_groups = self.grouping.num_groups
+        self.comparison = None if comparison is None else make_grouping(
+            comparison, num_groups=self.num_groups, centers=self.mode_centers, seed=seed)
+        if self.comparison is not None and self.comparison.num_groups != self.num_groups:
+            raise ValueError(
+                f"comparison has {self.comparison.num_groups} groups but the geometry grouping {self.num_groups}: compare "
+                "groupings of the same size (own-group shares grow as groups get fewer and larger)"
+            )
         self.controls = controls
         self.name = name
         self.window = window
@@ -199,6 +225,7 @@ class GANKernelAnalyzer(TrainerCallback):
         self.discriminator_groups = discriminator_groups
         self.quadrature = quadrature
         self._generator_loss = generator_loss
+        self._geometry_loss = geometry_loss
         self.rng = torch.Generator().manual_seed(seed)
         self.probe_latents = self._checked_latents(probe_latents, "probe_latents")
         self.coverage_latents = torch.randn(
@@ -219,11 +246,14 @@ class GANKernelAnalyzer(TrainerCallback):
         self.g_loop_steps: list[int] = []  # the loop's number of every tracked generator step
         self.d_loop_steps: list[int] = []
         self.g_group_counts: list[list[int]] = []  # training examples per geometry group, per tracked step
+        self.g_spatial_counts: list[list[int]] = []  # ... per spatial group (with a comparison)
         self.d_group_counts: list[list[int]] = []
         self.notes: list[str] = []  # what the report must say about how the numbers were made
         self._window_start: dict[str, PathKernelLedger] | None = None  # the ledgers when the window opened
         self._window_groups: torch.Tensor | None = None  # the probes' geometry groups at the window's start
         self._run_groups: torch.Tensor | None = None  # ... at the first tracked step (whole-run coupling)
+        self._window_spatial: torch.Tensor | None = None  # the probes' spatial groups (comparison), likewise
+        self._run_spatial: torch.Tensor | None = None
         self._probe_state: dict[str, torch.Tensor] | None = None
         self._g_f_prev: torch.Tensor | None = None  # the generator ledger's f_end before the step
         self._g_pending: dict[str, Any] | None = None  # the generator step in progress (ids, loop step)
@@ -323,7 +353,7 @@ class GANKernelAnalyzer(TrainerCallback):
             raise ValueError("ema is an EMA of the generator's weights: bind it with the g_optimizer")
         if isinstance(start_step, bool) or not isinstance(start_step, int) or start_step < 0:
             raise ValueError(f"start_step must be a non-negative int (the loop's step count now), got {start_step!r}")
-        if self._generator_loss is None:
+        if self._generator_loss is None and self._geometry_loss is None:
             self._generator_loss = GeneratorLoss(self._d)
         self._start_step = start_step
         self._ema = ema
@@ -343,6 +373,14 @@ class GANKernelAnalyzer(TrainerCallback):
 
     def _loss_fn(self, samples: torch.Tensor, targets: Any = None) -> torch.Tensor:
         return self.generator_loss(samples)
+
+    def _geometry_fn(self, default: Callable) -> Callable:
+        """The loss whose input gradient w defines groups, probe pushes and the field: ``geometry_loss``
+        when given (as ``fn(samples, targets)``), else ``default`` (the training loss)."""
+        if self._geometry_loss is None:
+            return default
+        geometry = self._geometry_loss
+        return lambda samples, targets=None: geometry(samples)
 
     def observe_generator(
         self, losses: torch.Tensor, latents: torch.Tensor, samples: torch.Tensor, *, weights: torch.Tensor | None = None
@@ -387,26 +425,32 @@ class GANKernelAnalyzer(TrainerCallback):
                 f"generator step {index} (phase generator): non-finite generator loss or discriminator gradient "
                 f"(examples {bad[:10]}); this micro-batch was not observed"
             )
-        if not self._loss_checked:
-            self._check_generator_losses(losses.detach(), samples.detach())
-        x = samples.detach()
-        geo = {"z": latents.detach(), "x": x, "w": w, "losses": losses.detach(),
-               "scores": self._scores(x, after_forward=True)}
+        loss_fn = self._geometry_fn(self._loss_fn)
+        if self._geometry_loss is None:
+            if not self._loss_checked:
+                self._check_generator_losses(losses.detach(), samples.detach())
+            x = samples.detach()
+            geo = {"z": latents.detach(), "x": x, "w": w, "losses": losses.detach(),
+                   "scores": self._scores(x, after_forward=True)}
+        else:  # the geometry of another loss (a null model): w from D at the samples, D's buffers kept
+            geo = self._push(latents.detach(), samples.detach(), loss_fn, after_forward=True)
         first = self._g_pending is None
         if first and self.g_steps == 0:
             self._check_fillable(self.num_groups, batch, f"grouping {type(self.grouping).__name__}")
-        self._fit_grouping(geo, self._loss_fn, after_forward=True)
+        self._fit_grouping(geo, loss_fn, after_forward=True)
         tracked = self._partition_ids(geo)
         evaluate = (index - 1) % self.eval_every == 0
-        vector = self._pull(samples, w, _coefficients(weights, batch, w)) if evaluate else None
+        vector = self._pull(samples, geo["w"], _coefficients(weights, batch, geo["w"])) if evaluate else None
         if first:
-            self._begin_generator_step(index, vector, self._loss_fn, after_forward=True)
+            self._begin_generator_step(index, vector, loss_fn, after_forward=True)
         elif evaluate:  # a further micro-batch of the step: its pull adds to the field (linear)
             self._probe_state["field"] = self._probe_state["field"] + self._field(vector)
         self.g_tracker.observe(losses, {k: v.to(losses.device) for k, v in tracked.items()}, weights)
         if first:
-            self._g_pending = {"ids": [], "loop_step": None}
+            self._g_pending = {"ids": [], "spatial": [], "loop_step": None}
         self._g_pending["ids"].append(tracked[GEOMETRY])
+        if SPATIAL in tracked:
+            self._g_pending["spatial"].append(tracked[SPATIAL])
         self._loss_checked = True
 
     def observe_discriminator(
@@ -459,10 +503,10 @@ class GANKernelAnalyzer(TrainerCallback):
         """Close the coupling window in progress as a partial one (``partial_window`` in the report;
         training may go on: the next full window is unaffected)."""
         self.partial_window = None
-        if self.g_tracker is None or self._window_start is None or self.g_steps % self.window == 0:
+        if self._view("g_tracker") is None or self._window_start is None or self.g_steps % self.window == 0:
             return
         first = self.g_steps - (self.g_steps - 1) % self.window  # the open window's first step
-        record = self._window_record(first, self.g_steps, self._window_start, self._window_groups)
+        record = self._window_record(first, self.g_steps, self._window_start, self._window_groups, self._window_spatial)
         record["partial"] = True
         self.partial_window = record
 
@@ -540,8 +584,8 @@ class GANKernelAnalyzer(TrainerCallback):
         )
 
     def _fit_grouping(self, geo: dict[str, torch.Tensor], loss_fn, *, after_forward: bool) -> None:
-        """Fit the grouping once, on the first batch and the probes (or ``reference_latents``)."""
-        if self.grouping.fitted:
+        """Fit the grouping (and the comparison) once, on the first batch and the probes (or ``reference_latents``)."""
+        if self.grouping.fitted and (self.comparison is None or self.comparison.fitted):
             return
         if self.reference_latents is not None:
             ref = self._geometry(self._checked_latents(self.reference_latents, "reference_latents"), loss_fn,
@@ -550,14 +594,22 @@ class GANKernelAnalyzer(TrainerCallback):
             probe = self._geometry(self.probe_latents, loss_fn, after_forward=after_forward)
             ref = {k: torch.cat([_flat_latents(geo[k]) if k == "z" else geo[k],
                                  _flat_latents(probe[k]) if k == "z" else probe[k]]) for k in ("z", "x", "w", "scores")}
-        self.grouping.fit(_flat_latents(ref["z"]), ref["x"], ref["w"], ref["scores"])
+        for grouping in (self.grouping, self.comparison):
+            if grouping is not None and not grouping.fitted:
+                grouping.fit(_flat_latents(ref["z"]), ref["x"], ref["w"], ref["scores"])
 
     def _partition_ids(self, geo: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """2. Geometry ids and the permuted control ids of the same step."""
-        ids = self.grouping(_flat_latents(geo["z"]), geo["x"], geo["w"], geo["scores"])
+        """2. Geometry ids (and the comparison's spatial ids) and the permuted control ids of the same step:
+        each control an independent permutation of the step's ids."""
+        z = _flat_latents(geo["z"])
+        ids = self.grouping(z, geo["x"], geo["w"], geo["scores"])
         tracked = {GEOMETRY: ids}
+        if self.comparison is not None:
+            tracked[SPATIAL] = self.comparison(z, geo["x"], geo["w"], geo["scores"])
         for control in self.control_names:
             tracked[control] = ids[torch.randperm(ids.shape[0], generator=self.rng)]
+        for control in self.spatial_control_names:
+            tracked[control] = tracked[SPATIAL][torch.randperm(ids.shape[0], generator=self.rng)]
         return tracked
 
     def _begin_generator_step(self, index: int, vector, loss_fn, *, after_forward: bool) -> None:
@@ -565,13 +617,19 @@ class GANKernelAnalyzer(TrainerCallback):
         if (index - 1) % self.eval_every == 0:
             probe = self._geometry(self.probe_latents, loss_fn, after_forward=after_forward)
             probe["groups"] = self.grouping(_flat_latents(probe["z"]), probe["x"], probe["w"], probe["scores"])
+            if self.comparison is not None:
+                probe["spatial_groups"] = self.comparison(_flat_latents(probe["z"]), probe["x"], probe["w"], probe["scores"])
             probe["field"] = self._field(vector() if callable(vector) else vector)
             self._probe_state = probe
         if (index - 1) % self.window == 0:
             self._window_start = {name: ledger.copy() for name, ledger in self.g_tracker.ledgers.items()}
             self._window_groups = self._probe_state["groups"].clone()
+            if self.comparison is not None:
+                self._window_spatial = self._probe_state["spatial_groups"].clone()
         if self._run_groups is None:
             self._run_groups = self._probe_state["groups"].clone()
+            if self.comparison is not None:
+                self._run_spatial = self._probe_state["spatial_groups"].clone()
 
     def _build_generator_tracker(self, optimizer, loss_fn, max_grad_norm: float) -> None:
         # Group gradients from the training step's own graph (R masked backward passes), never from a
@@ -603,11 +661,12 @@ class GANKernelAnalyzer(TrainerCallback):
         # The analysis before the training forward runs G on copies of its buffers, advanced by the batch
         # pass exactly as the training forward will advance the real ones: the probes then see G as the
         # tracker (and an observed loop) sees it at θ_k, after the step's forward.
+        loss_fn = self._geometry_fn(step.loss_fn)
         with preserved(self._g):
             # 1. The batch at θ_k as training's forward computes it (G's current mode, the same RNG).
             with torch.set_grad_enabled(evaluate), torch.random.fork_rng(devices=_cuda(latents)):
                 samples = output_tensor(self._g(latents))
-            geo = self._push(latents, samples.detach(), step.loss_fn, after_forward=False)
+            geo = self._push(latents, samples.detach(), loss_fn, after_forward=False)
             if not torch.isfinite(geo["losses"]).all() or not torch.isfinite(geo["w"]).all():
                 bad = torch.nonzero(~torch.isfinite(geo["losses"])).flatten().tolist()
                 raise NonFiniteError(
@@ -615,14 +674,15 @@ class GANKernelAnalyzer(TrainerCallback):
                     f"(examples {bad[:10]}); the step was not applied and the ledgers keep the {index - 1} generator "
                     "steps before"
                 )
-            self._fit_grouping(geo, step.loss_fn, after_forward=False)
+            self._fit_grouping(geo, loss_fn, after_forward=False)
             # 2. Group ids (and permuted control ids on the same step).
             tracked = self._partition_ids(geo)
             # 3. Probe geometry and the plain kernel-smoothed field at evaluation steps.
             vector = self._pull(samples, geo["w"], _coefficients(step.weights, step.batch, geo["w"])) if evaluate else None
-            self._begin_generator_step(index, vector, step.loss_fn, after_forward=False)
+            self._begin_generator_step(index, vector, loss_fn, after_forward=False)
         # 4. The real step, tracked; 5. the listener's bookkeeping.
-        self._g_pending = {"ids": [tracked[GEOMETRY]], "loop_step": loop_step}
+        self._g_pending = {"ids": [tracked[GEOMETRY]], "spatial": [tracked[SPATIAL]] if SPATIAL in tracked else [],
+                           "loop_step": loop_step}
         device = latents.device
         try:
             contributions = self.g_tracker.track(step, {name: t.to(device) for name, t in tracked.items()})
@@ -652,11 +712,14 @@ class GANKernelAnalyzer(TrainerCallback):
 
     def _record_generator(self, result: StepContributions) -> None:
         """5. The generator tracker's listener: bookkeeping after every recorded step, owned or observed."""
-        pending, self._g_pending = self._g_pending or {"ids": [], "loop_step": None}, None
+        pending, self._g_pending = self._g_pending or {"ids": [], "spatial": [], "loop_step": None}, None
         index = self.g_steps + 1
         self.g_steps = index
         ids = torch.cat(pending["ids"]) if pending["ids"] else torch.zeros(0, dtype=torch.long)
         self.g_group_counts.append(torch.bincount(ids.cpu(), minlength=self.num_groups).tolist())
+        if self.comparison is not None:
+            spatial = torch.cat(pending["spatial"]) if pending.get("spatial") else torch.zeros(0, dtype=torch.long)
+            self.g_spatial_counts.append(torch.bincount(spatial.cpu(), minlength=self.num_groups).tolist())
         loop = pending["loop_step"]
         self.g_loop_steps.append(int(loop) if loop is not None else self._start_step + index)
         f_end = self.g_tracker.ledger.f_end
@@ -669,17 +732,36 @@ class GANKernelAnalyzer(TrainerCallback):
 
     @property
     def partitions(self) -> dict[str, int]:
-        """The generator tracker's partitions: ``{"geometry": G, "control_0": G, ...}``."""
-        return {GEOMETRY: self.num_groups, **{name: self.num_groups for name in self.control_names}}
+        """The generator tracker's partitions: ``{"geometry": G, "control_0": G, ...}``, and with a
+        comparison ``"spatial"`` and ``"spatial_control_i"`` too (cost adds over partitions)."""
+        g = self.num_groups
+        out = {GEOMETRY: g}
+        if self.comparison is not None:
+            out[SPATIAL] = g
+        out.update({name: g for name in self.control_names})
+        out.update({name: g for name in self.spatial_control_names})
+        return out
 
     @property
     def control_names(self) -> list[str]:
         return [f"control_{i}" for i in range(self.controls)]
 
-    def _coupling(self, ledgers: dict[str, PathKernelLedger], probe_groups: torch.Tensor, first: int, last: int) -> dict[str, Any]:
+    @property
+    def spatial_control_names(self) -> list[str]:
+        """The comparison's permutation controls (none without a comparison)."""
+        return [] if self.comparison is None else [f"spatial_control_{i}" for i in range(self.controls)]
+
+    def _coupling(self, ledgers: dict[str, PathKernelLedger], probe_groups: torch.Tensor, first: int, last: int,
+                  spatial_groups: torch.Tensor | None = None) -> dict[str, Any]:
         """Coupling matrices of traffic and net shares, measured and (averaged over the controls)
         control, and each probe's share from its own geometry group against the controls', from
-        ledgers over tracked generator steps ``first..last`` (a window, or the whole run)."""
+        ledgers over tracked generator steps ``first..last`` (a window, or the whole run).
+
+        ``"statistics"`` holds what claims should read (:func:`partition_statistics`): per partition
+        (geometry, and spatial with a comparison) the own share and the interaction statistic, each
+        minus control, with intervals clustered by probe group, and ``"geometry_minus_spatial"``. The
+        top-level ``{kind}_own_minus_control`` keys are the older, unclustered own-minus-control
+        numbers (kept for :mod:`genkernel.report`): confounded by source-group strength, not a claim."""
         g = self.num_groups
         measured = ledgers[GEOMETRY]
         delta = measured.delta.cpu()
@@ -723,17 +805,49 @@ class GANKernelAnalyzer(TrainerCallback):
                 own_control = torch.stack([grouping_layer.own_share(c[kind], probe_groups) for c in controls])
                 out[f"{kind}_own_control"] = mean_interval(own_control.mean(0)).as_dict()
                 out[f"{kind}_own_minus_control"] = grouping_layer.measured_minus_control(own, own_control)
+        out["statistics"] = self._statistics(ledgers, probe_groups, spatial_groups, first, last)
         return out
 
-    def _window_record(self, first: int, last: int, start: dict[str, PathKernelLedger], groups: torch.Tensor) -> dict[str, Any]:
-        window = {name: ledger.since(start[name]) for name, ledger in self.g_tracker.ledgers.items()}
-        record = self._coupling(window, groups, first, last)
+    def _statistics(self, ledgers: dict[str, PathKernelLedger], probe_groups: torch.Tensor,
+                    spatial_groups: torch.Tensor | None, first: int, last: int) -> dict[str, Any]:
+        g = self.num_groups
+        delta = ledgers[GEOMETRY].delta.cpu()
+        stats: dict[str, Any] = {
+            GEOMETRY: partition_statistics(ledgers[GEOMETRY], [ledgers[n] for n in self.control_names], delta, probe_groups, g),
+            "clusters": "each partition's probe groups; the geometry probe groups for geometry_minus_spatial",
+        }
+        if self.comparison is None or spatial_groups is None:
+            return stats
+        spatial = partition_statistics(ledgers[SPATIAL], [ledgers[n] for n in self.spatial_control_names], delta,
+                                       spatial_groups, g)
+        counts = torch.tensor(self.g_spatial_counts[first - 1:last], dtype=torch.long).reshape(-1, g).sum(0)
+        spatial["training_group_counts"] = counts.tolist()
+        spatial["grouping"] = type(self.comparison).__name__
+        stats[SPATIAL] = spatial
+        if self.controls:
+            stats["geometry_minus_spatial"] = {}
+            for kind in KINDS:
+                mine = torch.tensor(_floats(stats[GEOMETRY][kind]["per_probe"]["interaction_minus_control"]), dtype=torch.float64)
+                theirs = torch.tensor(_floats(spatial[kind]["per_probe"]["interaction_minus_control"]), dtype=torch.float64)
+                diff = mine - theirs
+                interval = mean_interval(diff, clusters=probe_groups.cpu())
+                stats["geometry_minus_spatial"][kind] = few_units({
+                    **interval.as_dict(), "held": interval.above(0.0), "per_probe": diff.tolist(),
+                    "statistic": f"{kind}: (geometry interaction − control) − (spatial interaction − control), per probe",
+                })
+        return stats
+
+    def _window_record(self, first: int, last: int, start: dict[str, PathKernelLedger], groups: torch.Tensor,
+                       spatial: torch.Tensor | None = None) -> dict[str, Any]:
+        window = {name: ledger.since(start[name]) for name, ledger in self.generator_ledgers.items()}
+        record = self._coupling(window, groups, first, last, spatial)
         if self.mode_centers is not None and self.coverage:
             record["coverage"] = self.coverage[-1]
         return record
 
     def _close_window(self, index: int) -> None:
-        self.windows.append(self._window_record(index - self.window + 1, index, self._window_start, self._window_groups))
+        self.windows.append(self._window_record(index - self.window + 1, index, self._window_start, self._window_groups,
+                                                self._window_spatial))
 
     def _record_alignment(self, index: int, contributions: StepContributions, change: torch.Tensor) -> None:
         probe = self._probe_state
@@ -848,9 +962,10 @@ class GANKernelAnalyzer(TrainerCallback):
     def generator_ledgers(self) -> dict[str, PathKernelLedger]:
         """The generator's ledgers: ``"geometry"`` (groups: the discriminator-geometry groups) and
         ``"control_i"`` (permuted labels on the same steps)."""
-        if self.g_tracker is None:
+        tracker = self._view("g_tracker")
+        if tracker is None:
             raise RuntimeError("no generator step has been tracked yet")
-        return self.g_tracker.ledgers
+        return tracker.ledgers
 
     def generator_ledger(self, partition: str = GEOMETRY) -> PathKernelLedger:
         """The generator ledger of ``partition`` (default the geometry groups), ``[M, G, d]``."""
@@ -862,16 +977,26 @@ class GANKernelAnalyzer(TrainerCallback):
     @property
     def generator_ema_ledgers(self) -> dict[str, PathKernelLedger]:
         """The ledgers of the generator's EMA weights (``bind(..., ema=...)``), per partition."""
-        if self.g_tracker is None or self.g_tracker.ema is None:
+        tracker = self._view("g_tracker")
+        if tracker is None or tracker.ema is None:
             raise RuntimeError("no EMA of the generator is tracked: bind(g_optimizer, ..., ema=ema)")
-        return self.g_tracker.ema_ledgers
+        return tracker.ema_ledgers
 
     @property
     def discriminator_ledger(self) -> PathKernelLedger:
         """The discriminator's ledger at its probes, grouped by role (or role and mode)."""
-        if self.d_tracker is None:
+        tracker = self._view("d_tracker")
+        if tracker is None:
             raise RuntimeError("no discriminator step has been tracked yet (track_discriminator=True and train)")
-        return self.d_tracker.ledger
+        return tracker.ledger
+
+    def _view(self, which: str) -> "PathKernelTracker | _SavedTracker | None":
+        """The live tracker, or right after :meth:`load_state_dict` (before the next step rebuilds it) a
+        read-only view of its saved ledgers, so that a resumed run reports without another step."""
+        tracker = getattr(self, which)
+        if tracker is None and self._pending and self._pending.get(which) is not None:
+            return _SavedTracker(self._pending[which])
+        return tracker
 
     def _residual_note(self, which: str, ledger: PathKernelLedger) -> str | None:
         residual = ledger.relative_residual()
@@ -888,12 +1013,14 @@ class GANKernelAnalyzer(TrainerCallback):
         notes = list(self.notes)
         out: dict[str, Any] = {"generator_steps": self.g_steps, "discriminator_steps": self.d_steps,
                                "grouping": type(self.grouping).__name__, "group_labels": self.grouping.labels(),
+                               "comparison": None if self.comparison is None else type(self.comparison).__name__,
                                "controls": self.controls, "start_step": self._start_step,
                                "loop_steps": {"generator": _span(self.g_loop_steps), "discriminator": _span(self.d_loop_steps)}}
-        if self.g_tracker is not None and self.g_steps:
+        g_tracker, d_tracker = self._view("g_tracker"), self._view("d_tracker")
+        if g_tracker is not None and self.g_steps:
             ledger = self.generator_ledger()
             shares = ledger.shares()
-            whole = self._coupling(self.g_tracker.ledgers, self._run_groups, 1, self.g_steps)
+            whole = self._coupling(g_tracker.ledgers, self._run_groups, 1, self.g_steps, self._run_spatial)
             out["generator"] = {
                 **ledger.summary(),
                 "loop_steps": _span(self.g_loop_steps),
@@ -919,12 +1046,12 @@ class GANKernelAnalyzer(TrainerCallback):
                     "examples fall in fewer than half the geometry groups. The grouping was fitted on the first batch and "
                     "is not refitted, so a group keeps its meaning; read those windows' own-group shares with care"
                 )
-            if self.g_tracker.ema is not None:
+            if g_tracker.ema is not None:
                 ema = self.generator_ema_ledgers[GEOMETRY]
-                out["generator_ema"] = {**ema.summary(), "decays": list(self.g_tracker.ema.decays)}
+                out["generator_ema"] = {**ema.summary(), "decays": list(g_tracker.ema.decays)}
                 notes.append(self._residual_note("generator EMA", ema))
-        if self.d_tracker is not None and self.d_steps:
-            ledger = self.d_tracker.ledger
+        if d_tracker is not None and self.d_steps:
+            ledger = d_tracker.ledger
             shares = ledger.shares()
             out["discriminator"] = {
                 **ledger.summary(),
@@ -935,11 +1062,11 @@ class GANKernelAnalyzer(TrainerCallback):
                 "buffer_drift_norm": float(ledger.buffer_drift.norm()),
                 "group_counts_total": torch.tensor(self.d_group_counts).sum(0).tolist(),
             }
-            if self.d_tracker.gradient_scales:
-                out["discriminator"]["gradient_scales"] = self.d_tracker.gradient_scales
+            if d_tracker.gradient_scales:
+                out["discriminator"]["gradient_scales"] = d_tracker.gradient_scales
             notes.append(self._residual_note("discriminator", ledger))
-        if self.g_tracker is not None and self.g_tracker.gradient_scales and "generator" in out:
-            out["generator"]["gradient_scales"] = self.g_tracker.gradient_scales
+        if g_tracker is not None and g_tracker.gradient_scales and "generator" in out:
+            out["generator"]["gradient_scales"] = g_tracker.gradient_scales
         out["notes"] = [n for n in notes if n]
         return _jsonable(out)
 
@@ -947,21 +1074,34 @@ class GANKernelAnalyzer(TrainerCallback):
     def state_dict(self) -> dict[str, Any]:
         return {
             "format": FORMAT,
-            "config": {"num_groups": self.num_groups, "controls": self.controls, "grouping": type(self.grouping).__name__},
-            "g_tracker": None if self.g_tracker is None else self.g_tracker.state_dict(),
-            "d_tracker": None if self.d_tracker is None else self.d_tracker.state_dict(),
+            "config": self._config(),
+            "g_tracker": self._tracker_state("g_tracker"),
+            "d_tracker": self._tracker_state("d_tracker"),
             "grouping": self.grouping.state_dict() if self.grouping.fitted else None,
+            "comparison": self.comparison.state_dict() if self.comparison is not None and self.comparison.fitted else None,
             "rng": self.rng.get_state(),
             "g_steps": self.g_steps, "d_steps": self.d_steps,
             "alignment": list(self.alignment), "coverage": list(self.coverage), "windows": list(self.windows),
             "fields": list(self.fields), "probe_state": self._probe_state,
             "window_start": None if self._window_start is None else {k: v.state_dict() for k, v in self._window_start.items()},
             "window_groups": self._window_groups, "run_groups": self._run_groups,
+            "window_spatial": self._window_spatial, "run_spatial": self._run_spatial, "g_spatial_counts": list(self.g_spatial_counts),
             "discriminator_probes": self.discriminator_probes,
             "g_loop_steps": list(self.g_loop_steps), "d_loop_steps": list(self.d_loop_steps),
             "g_group_counts": list(self.g_group_counts), "d_group_counts": list(self.d_group_counts),
             "notes": list(self.notes), "start_step": self._start_step, "loss_checked": self._loss_checked,
         }
+
+    def _tracker_state(self, which: str) -> dict[str, Any] | None:
+        """A tracker's state; one loaded but not yet rebuilt (no step since load_state_dict) is saved as loaded."""
+        tracker = getattr(self, which)
+        if tracker is not None:
+            return tracker.state_dict()
+        return (self._pending or {}).get(which)
+
+    def _config(self) -> dict[str, Any]:
+        return {"num_groups": self.num_groups, "controls": self.controls, "grouping": type(self.grouping).__name__,
+                "comparison": None if self.comparison is None else type(self.comparison).__name__}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore a saved analyzer. Trackers of owned steps are rebuilt at the next step of each
@@ -969,11 +1109,13 @@ class GANKernelAnalyzer(TrainerCallback):
         discriminator tracker at the next observed discriminator micro-batch."""
         if state.get("format") != FORMAT:
             raise ValueError("not a GANKernelAnalyzer state (made by analyzer.state_dict())")
-        mine = {"num_groups": self.num_groups, "controls": self.controls, "grouping": type(self.grouping).__name__}
-        if state["config"] != mine:
+        mine = self._config()
+        if {"comparison": None, **state["config"]} != mine:
             raise ValueError(f"the saved analyzer had settings {state['config']}, this one {mine}; build it with the same settings")
         if state["grouping"] is not None:
             self.grouping.load_state_dict(state["grouping"])
+        if self.comparison is not None and state.get("comparison") is not None:
+            self.comparison.load_state_dict(state["comparison"])
         self.rng.set_state(state["rng"])
         self.g_steps, self.d_steps = state["g_steps"], state["d_steps"]
         self.alignment, self.coverage, self.windows = list(state["alignment"]), list(state["coverage"]), list(state["windows"])
@@ -982,6 +1124,8 @@ class GANKernelAnalyzer(TrainerCallback):
         starts = state["window_start"]
         self._window_start = None if starts is None else {k: PathKernelLedger.from_state_dict(v) for k, v in starts.items()}
         self._window_groups, self._run_groups = state["window_groups"], state["run_groups"]
+        self._window_spatial, self._run_spatial = state.get("window_spatial"), state.get("run_spatial")
+        self.g_spatial_counts = list(state.get("g_spatial_counts", []))
         self.discriminator_probes = state["discriminator_probes"]
         self.g_loop_steps, self.d_loop_steps = list(state["g_loop_steps"]), list(state["d_loop_steps"])
         self.g_group_counts, self.d_group_counts = list(state["g_group_counts"]), list(state["d_group_counts"])
@@ -996,6 +1140,77 @@ class GANKernelAnalyzer(TrainerCallback):
         self.g_tracker = self.d_tracker = None
         if self._bound and self._g_optimizer is not None:
             self._build_generator_tracker(self._g_optimizer, _ObservedOnly("generator"), math.inf)
+
+
+class _SavedTracker:
+    """A saved tracker state read back as ledgers (no model, no optimizer): what ``report()`` needs
+    between :meth:`GANKernelAnalyzer.load_state_dict` and the step that rebuilds the real tracker."""
+
+    def __init__(self, state: dict[str, Any]) -> None:
+        def ledgers(states):
+            return {n: PathKernelLedger.from_state_dict({k: v for k, v in st.items() if k != "format"}) for n, st in states.items()}
+
+        self.ledgers = ledgers(state["ledgers"])
+        self.ledger = next(iter(self.ledgers.values()))
+        self.gradient_scales = list(state.get("gradient_scales") or [])
+        ema = state.get("ema")
+        self.ema = None if ema is None else _Decays(list(ema["decays"]))
+        self.ema_ledgers = {} if ema is None else ledgers(ema["ledgers"])
+
+
+class _Decays:
+    def __init__(self, decays: list[float]) -> None:
+        self.decays = decays
+
+
+def partition_statistics(measured: PathKernelLedger, controls: list[PathKernelLedger], delta: torch.Tensor,
+                         probe_groups: torch.Tensor, num_groups: int) -> dict[str, Any]:
+    """What a partition's coupling claims read, from its ledger and its control partitions' ledgers over
+    the same steps (a window's ledger differences, or the whole run).
+
+    Per kind ("traffic": traffic shares; "net": net shares ⟨C, Δf⟩/‖Δf‖², read with κ):
+    ``matrix`` / ``matrix_control`` (probe group × source group), ``own`` (each probe's share from its
+    own group), ``interaction`` (:func:`~genkernel.gan.metrics.own_minus_others`: own share minus the
+    other probe groups' mean share from the same source group, which removes source-group strength),
+    and with controls ``own_minus_control`` and ``interaction_minus_control``
+    (:func:`~genkernel.core.grouping.measured_minus_control`, every control its own permutation, averaged
+    per probe) with ``per_probe`` values. Every interval is clustered by probe group: probes in one
+    group share their source column, so the independent units are the groups, not the probes.
+    """
+    groups = probe_groups.to(torch.long).cpu()
+
+    def shares(ledger: PathKernelLedger) -> dict[str, torch.Tensor]:
+        return {"traffic": grouping_layer.traffic_shares(ledger.traffic.cpu()),
+                "net": grouping_layer.net_shares(ledger.contributions.cpu(), delta)}
+
+    mine = shares(measured)
+    others = [shares(c) for c in controls]
+    out: dict[str, Any] = {"probe_groups": groups.tolist(), "probe_groups_occupied": int(torch.unique(groups).numel()),
+                           "controls": len(controls)}
+    for kind in KINDS:
+        own = grouping_layer.own_share(mine[kind], groups)
+        interaction = own_minus_others(mine[kind], groups, num_groups)
+        entry: dict[str, Any] = {
+            "matrix": grouping_layer.average_by_probe_group(mine[kind], groups, num_groups).tolist(),
+            "own": mean_interval(own, clusters=groups).as_dict(),
+            "interaction": mean_interval(interaction, clusters=groups).as_dict(),
+        }
+        if others:
+            entry["matrix_control"] = torch.stack(
+                [grouping_layer.average_by_probe_group(o[kind], groups, num_groups) for o in others]).mean(0).tolist()
+            own_c = torch.stack([grouping_layer.own_share(o[kind], groups) for o in others])
+            inter_c = torch.stack([own_minus_others(o[kind], groups, num_groups) for o in others])
+            entry["own_minus_control"] = few_units(grouping_layer.measured_minus_control(own, own_c, clusters=groups))
+            entry["interaction_minus_control"] = few_units(
+                grouping_layer.measured_minus_control(interaction, inter_c, clusters=groups))
+            entry["per_probe"] = {"own_minus_control": (own - own_c.mean(0)).tolist(),
+                                  "interaction_minus_control": (interaction - inter_c.mean(0)).tolist()}
+        out[kind] = entry
+    return out
+
+
+def _floats(values: list) -> list[float]:
+    return [math.nan if v is None else float(v) for v in values]
 
 
 def _count(trainer: Any, attribute: str) -> int | None:
@@ -1061,4 +1276,4 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
-__all__ = ["GANKernelAnalyzer"]
+__all__ = ["GANKernelAnalyzer", "partition_statistics"]

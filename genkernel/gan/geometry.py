@@ -11,7 +11,13 @@ then kept fixed, so a group means the same thing over the whole run.
 - :class:`NearestModeGroups`: the mode nearest to G(z_i) (where the sample is, not where it is pushed).
 - :class:`MagnitudeGroups`: quantile bins of ‖w_i‖.
 - :class:`ConfidenceGroups`: quantile bins of the score D(G(z_i)).
+- :class:`LatentKMeansGroups`: k-means clusters of the latents z (ignores D and G: a spatial grouping
+  to compare a geometry grouping with).
 - :class:`FunctionGroups`: any user function of (z, x, w, scores).
+
+:class:`NearestModeGroups` and :class:`LatentKMeansGroups` do not look at D: as the analyzer's
+``comparison`` they measure how much coupling a grouping gets from the generator's smoothness alone
+(nearby latents share a group and a kernel), which a discriminator-geometry grouping must exceed.
 """
 
 from __future__ import annotations
@@ -151,6 +157,43 @@ class NearestModeGroups(ModeGroups):
         return torch.cdist(x, self.centers).argmin(dim=1)
 
 
+class LatentKMeansGroups(GeometryGrouping):
+    """k-means clusters of the latents z (flattened), fitted once (sklearn KMeans, seeded).
+
+    Neither D nor G enters: a grouping that is spatial in latent space, for comparison with a
+    discriminator-geometry grouping of the same size on the same steps.
+    """
+
+    name = "latent cluster"
+
+    def __init__(self, num_groups: int = 8, *, seed: int = 0) -> None:
+        self.num_groups = _check_count(num_groups, "num_groups")
+        self.seed = seed
+        self.centers: torch.Tensor | None = None
+        self.fitted = False
+
+    def fit(self, z, x, w, scores):
+        from sklearn.cluster import KMeans
+
+        flat = _flat(z).numpy()
+        if len(np.unique(np.round(flat, 12), axis=0)) < self.num_groups:
+            raise ValueError(f"LatentKMeansGroups: the reference batch has fewer distinct latents than num_groups={self.num_groups}")
+        km = KMeans(self.num_groups, n_init=4, random_state=self.seed).fit(flat)
+        self.centers = torch.as_tensor(km.cluster_centers_, dtype=torch.float64)
+        self.fitted = True
+        return self
+
+    def assign(self, z, x, w, scores):
+        return torch.cdist(_flat(z), self.centers).argmin(dim=1)
+
+    def state_dict(self):
+        return {"centers": self.centers}
+
+    def load_state_dict(self, state):
+        self.centers = state["centers"]
+        self.fitted = True
+
+
 class _QuantileBins(GeometryGrouping):
     """Quantile bins of a scalar, edges fitted on the reference batch."""
 
@@ -225,11 +268,11 @@ class FunctionGroups(GeometryGrouping):
 
 
 GROUPINGS = {"direction": DirectionGroups, "mode": ModeGroups, "nearest_mode": NearestModeGroups,
-             "magnitude": MagnitudeGroups, "confidence": ConfidenceGroups}
+             "magnitude": MagnitudeGroups, "confidence": ConfidenceGroups, "latent_kmeans": LatentKMeansGroups}
 
 
 def make_grouping(spec, *, num_groups: int = 8, centers: torch.Tensor | None = None, seed: int = 0) -> GeometryGrouping:
-    """A grouping from a name ("direction", "mode", "nearest_mode", "magnitude", "confidence"), a
+    """A grouping from a name ("direction", "mode", "nearest_mode", "magnitude", "confidence", "latent_kmeans"), a
     :class:`GeometryGrouping`, or a callable ``fn(z, x, w, scores)`` (then ``num_groups`` is required)."""
     if isinstance(spec, GeometryGrouping):
         return spec
@@ -241,6 +284,8 @@ def make_grouping(spec, *, num_groups: int = 8, centers: torch.Tensor | None = N
         return GROUPINGS[spec](centers)
     if spec == "direction":
         return DirectionGroups(num_groups, seed=seed)
+    if spec == "latent_kmeans":
+        return LatentKMeansGroups(num_groups, seed=seed)
     if spec in ("magnitude", "confidence"):
         return GROUPINGS[spec](num_groups)
     raise ValueError(f"unknown grouping {spec!r}; choose one of {sorted(GROUPINGS)}, a GeometryGrouping or a callable")
@@ -248,5 +293,5 @@ def make_grouping(spec, *, num_groups: int = 8, centers: torch.Tensor | None = N
 
 __all__ = [
     "GeometryGrouping", "DirectionGroups", "ModeGroups", "NearestModeGroups", "MagnitudeGroups", "ConfidenceGroups",
-    "FunctionGroups", "make_grouping", "GROUPINGS",
+    "LatentKMeansGroups", "FunctionGroups", "make_grouping", "GROUPINGS",
 ]

@@ -1,4 +1,5 @@
-"""Numbers the GAN analyzer reports besides the ledgers: alignment cosines, mode coverage, the push field.
+"""Numbers the GAN analyzer reports besides the ledgers: alignment cosines, mode coverage, the push
+field, the interaction statistic of a coupling matrix and intervals pooled over windows.
 
 Coupling matrices and own-group shares are read from the ledgers by :mod:`genkernel.core.grouping`.
 
@@ -7,8 +8,13 @@ All functions are pure (tensors in, tensors or floats out) and float64.
 
 from __future__ import annotations
 
+import math
+from typing import Any, Sequence
 
+import numpy as np
 import torch
+
+from ..stats import Interval, mean_interval
 
 
 def cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -34,7 +40,6 @@ def mode_coverage(samples: torch.Tensor, centers: torch.Tensor, std: float, sigm
     }
 
 
-__all__ = ["cosine", "mode_coverage", "push_field"]
 
 
 def push_field(loss_fn, samples: torch.Tensor) -> torch.Tensor:
@@ -51,3 +56,96 @@ def push_field(loss_fn, samples: torch.Tensor) -> torch.Tensor:
         x = samples.detach().clone().requires_grad_(True)
         (w,) = torch.autograd.grad(loss_fn(x, None).sum(), x)
     return -w.detach()
+
+
+# -- coupling statistics ----------------------------------------------------------------------
+MIN_UNITS = 3  # a within-run interval over fewer probe groups is not read as evidence
+
+
+def few_units(result: dict[str, Any], *, minimum: int = MIN_UNITS) -> dict[str, Any]:
+    """``result`` (an interval as a dict with ``"n"`` and ``"held"``) with ``held`` False and a ``why``
+    when it rests on fewer than ``minimum`` independent units. With two probe groups the interaction
+    statistic's two cluster means can be equal by construction (each group's column entry is the
+    other's complement), which gives a zero-width interval: not evidence of anything."""
+    n = result.get("n") or 0
+    if n < minimum:
+        result = {**result, "held": False,
+                  "why": f"{n} independent unit(s) (probe groups); a within-run interval needs at least {minimum}"}
+    return result
+
+
+def own_minus_others(shares: torch.Tensor, probe_groups: torch.Tensor, num_groups: int) -> torch.Tensor:
+    """``[M]`` the interaction statistic: each probe's share from its own group a, minus the mean over
+    the *other* probe groups a' ≠ a of their (probe-averaged) share from the same source group a.
+
+    ``shares [M, G]`` are per-probe traffic or net shares of a partition, ``probe_groups [M]`` the
+    probes' own groups. Own share minus control is confounded by source-group strength: when a
+    source group pushes every probe hard, its whole column of the coupling matrix is large and every
+    probe's own entry in it too. Subtracting the same column's entries of the other probe groups
+    removes that: what is left is how much *more* a group's training latents move its own probes
+    than they move the others. NaN for a probe whose column has no other occupied probe group.
+    """
+    from ..core.grouping import average_by_probe_group, own_share
+
+    groups = probe_groups.to(torch.long).cpu()
+    shares = shares.to(torch.float64).cpu()
+    matrix = average_by_probe_group(shares, groups, num_groups)  # [G, G], NaN rows for empty probe groups
+    columns = matrix.T[groups].clone()  # [M, G]: columns[m, a'] = matrix[a', group(m)]
+    columns[torch.arange(groups.shape[0]), groups] = float("nan")
+    finite = torch.isfinite(columns)
+    count = finite.sum(dim=1)
+    others = torch.where(finite, columns, torch.zeros_like(columns)).sum(dim=1) / count.clamp_min(1)
+    others = torch.where(count > 0, others, torch.full_like(others, float("nan")))
+    return own_share(shares, groups) - others
+
+
+def pooled_interval(values: Sequence[Sequence[float | None]], clusters: Sequence[Sequence[int]]) -> Interval:
+    """Student-t interval of per-probe values pooled over several windows of one run, clustered by
+    probe group: probes that share a group (in any window; the grouping is fitted once and keeps its
+    meaning) are one unit, so 64 probes in 2 groups count as 2 values, not 64."""
+    flat = np.asarray([np.nan if v is None else float(v) for row in values for v in row], dtype=np.float64)
+    labels = np.asarray([int(c) for row in clusters for c in row])
+    if flat.size == 0:
+        return mean_interval(flat)
+    return mean_interval(flat, clusters=labels)
+
+
+def image_coverage(samples: torch.Tensor, train: torch.Tensor, train_labels: torch.Tensor, held_out: torch.Tensor,
+                   *, quantile: float = 0.95) -> dict[str, Any]:
+    """Mode coverage of image samples, by nearest neighbours (the image analogue of :func:`mode_coverage`).
+
+    A sample's class is that of its nearest training image (Euclidean, pixels); it is *on the data*
+    when that distance is at most the ``quantile`` of held-out real images' nearest-training
+    distances. Returns ``{"modes_hit", "num_modes", "quality_share", "mode_counts", "threshold"}``:
+    classes with at least one on-data sample, the share of on-data samples, on-data samples per
+    class, the distance threshold. Noise samples are far from every training image: no class is hit.
+    """
+    def flat(x):
+        return x.detach().reshape(x.shape[0], -1).to(torch.float64).cpu()
+
+    base = flat(train)
+    labels = train_labels.reshape(-1).long().cpu()
+    held = torch.cdist(flat(held_out), base).min(dim=1).values
+    threshold = float(torch.quantile(held, quantile))
+    distance, nearest = torch.cdist(flat(samples), base).min(dim=1)
+    near = distance <= threshold
+    classes = int(labels.max()) + 1
+    counts = torch.bincount(labels[nearest][near], minlength=classes)
+    return {"modes_hit": int((counts > 0).sum()), "num_modes": classes, "quality_share": float(near.to(torch.float64).mean()),
+            "mode_counts": counts.tolist(), "threshold": threshold}
+
+
+def converged(coverage: dict[str, Any], *, modes_fraction: float = 0.75, quality: float = 0.5) -> tuple[bool, str]:
+    """Did the GAN converge enough for claims about a trained GAN? ``(ok, why)`` from a coverage record
+    (:func:`mode_coverage` or :func:`image_coverage`): at least ``modes_fraction`` of the modes hit
+    *and* at least ``quality`` of the samples on a mode (a diffuse generator hits every mode with few
+    samples on any)."""
+    hit, total, share = coverage["modes_hit"], coverage["num_modes"], coverage["quality_share"]
+    need = math.ceil(modes_fraction * total)
+    ok = hit >= need and share >= quality
+    why = (f"{hit} of {total} modes hit and {100 * share:.0f}% of samples on a mode at the end; a converged GAN needs at "
+           f"least {need} modes and {100 * quality:.0f}%")
+    return ok, why
+
+
+__all__ = ["MIN_UNITS", "few_units", "converged", "cosine", "image_coverage", "mode_coverage", "own_minus_others", "pooled_interval", "push_field"]
