@@ -1,11 +1,17 @@
-"""Figures of the GAN analyzer (matplotlib; every function draws on a given ``Axes``).
+"""Figures of the GAN analyzer (matplotlib; the ``plot_*`` functions draw on a given ``Axes``, the
+``*_figure`` functions build a whole figure).
 
 Inputs are plain tensors / lists from :class:`genkernel.gan.GANKernelAnalyzer` and its ``report()``
-(strict JSON: a None entry, how the report writes NaN, is drawn as a gap).
+(strict JSON: a None entry, how the report writes NaN, is drawn as a gap). Figures that summarize
+several runs take one list of windows per seed and show every window of every seed: nothing is
+chosen by looking at the numbers first. Measured and control matrices share one colour scale, and
+every colour that carries meaning has a colour bar or a legend.
 """
 
 from __future__ import annotations
 
+import math
+import warnings
 from typing import Sequence
 
 import numpy as np
@@ -24,6 +30,9 @@ def plot_discriminator_field(ax, points, push, real=None, fake=None, centers=Non
     mag = np.log10(np.linalg.norm(v, axis=1) + 1e-12)
     u = _unit(v)
     q = ax.quiver(p[:, 0], p[:, 1], u[:, 0], u[:, 1], mag, cmap="viridis", angles="xy", scale=28, width=0.004)
+    bar = ax.figure.colorbar(q, ax=ax, fraction=0.046, pad=0.02)
+    bar.set_label("log10 ‖w‖ (push strength)", fontsize=7)
+    bar.ax.tick_params(labelsize=6)
     if real is not None:
         r = _np(real)
         ax.scatter(r[:, 0], r[:, 1], s=3, c="0.5", alpha=0.4, label="real")
@@ -51,21 +60,43 @@ def plot_probe_field(ax, samples, vectors, centers=None, *, title: str, color="t
     ax.set_title(title, fontsize=9)
 
 
-def plot_coupling(ax, matrix, labels: Sequence[str] | None = None, *, title: str, diverging: bool = False, fmt="{:.2f}"):
-    """Heat map of a ``[G, G]`` coupling matrix (rows: probe group a, columns: source group b)."""
+def shared_limit(*matrices, diverging: bool = False) -> float:
+    """One colour limit for several matrices (the largest finite value, or |value| when diverging),
+    so that measured and control heat maps are read on the same scale."""
+    values = np.concatenate([_np(m).reshape(-1) for m in matrices if m is not None] or [np.zeros(0)])
+    values = values[np.isfinite(values)]
+    if not values.size:
+        return 1.0
+    lim = float(np.abs(values).max() if diverging else values.max())
+    return lim if lim > 0 else 1.0
+
+
+def plot_coupling(ax, matrix, labels: Sequence[str] | None = None, *, title: str, diverging: bool = False, fmt="{:.2f}",
+                  limit: float | None = None, colorbar: str | None = None):
+    """Heat map of a ``[G, G]`` coupling matrix (rows: probe group a, columns: source group b).
+
+    ``limit``: the colour scale's end (pass :func:`shared_limit` of the matrices shown side by side);
+    default this matrix's own. ``colorbar``: a label draws a colour bar with it."""
     m = _np(matrix)
     finite = m[np.isfinite(m)]
     if diverging:
-        lim = float(np.abs(finite).max()) if finite.size else 1.0
+        lim = limit if limit is not None else (float(np.abs(finite).max()) if finite.size else 1.0)
         im = ax.imshow(m, cmap="RdBu_r", vmin=-lim, vmax=lim)
     else:
-        im = ax.imshow(m, cmap="magma", vmin=0, vmax=float(finite.max()) if finite.size else 1.0)
+        top = limit if limit is not None else (float(finite.max()) if finite.size else 1.0)
+        im = ax.imshow(m, cmap="magma", vmin=0, vmax=top)
+    if colorbar:
+        bar = ax.figure.colorbar(im, ax=ax, fraction=0.046, pad=0.03)
+        bar.set_label(colorbar, fontsize=7)
+        bar.ax.tick_params(labelsize=6)
     g = m.shape[0]
     if g <= 10:
         for i in range(g):
             for j in range(g):
                 if np.isfinite(m[i, j]):
-                    ax.text(j, i, fmt.format(m[i, j]), ha="center", va="center", fontsize=5, color="w" if not diverging else "k")
+                    light = (not diverging) and m[i, j] < 0.6 * float(im.norm.vmax)
+                    ax.text(j, i, fmt.format(m[i, j]), ha="center", va="center", fontsize=5,
+                            color="w" if light else "k")
     ticks = list(range(g))
     short = [str(i) for i in ticks] if labels is None else [str(s).replace("mode ", "m") for s in labels]
     ax.set_xticks(ticks, short, fontsize=6)
@@ -98,31 +129,166 @@ def plot_alignment(ax, alignment: list[dict], *, title="alignment of each step's
     ax.legend(fontsize=6, loc="lower left")
 
 
-def plot_coverage_and_coupling(ax, coverage: list[dict], windows: list[dict], *, title="coverage vs cross-group coupling"):
-    """Modes hit (fraction) and share of samples on a mode over training, beside the own-group traffic
-    share minus its permutation control per window (with its interval)."""
+def plot_coverage_and_coupling(ax, coverage: list[dict], windows: list[dict], *, title="coverage vs cross-group coupling",
+                               kind: str = "traffic"):
+    """Modes hit (fraction) and share of samples on a mode over training, beside every window's
+    geometry interaction statistic minus its permutation controls (clustered interval)."""
     if coverage:
         steps = [c["step"] for c in coverage]
         ax.plot(steps, [c["modes_hit"] / c["num_modes"] for c in coverage], color="tab:green", label="modes hit (fraction)")
         ax.plot(steps, [c["quality_share"] for c in coverage], color="tab:olive", label="samples within 3σ of a mode")
-    if windows and "traffic_own_minus_control" in windows[0]:
-        mids = _np([0.5 * (w["steps"][0] + w["steps"][1]) for w in windows])
-        d = [w["traffic_own_minus_control"] for w in windows]
-        mean = _np([x["difference"] for x in d])
-        interval = _np([x["interval"] if x.get("interval") is not None else [None, None] for x in d]).reshape(-1, 2)
-        ax.errorbar(mids, mean, yerr=[mean - interval[:, 0], interval[:, 1] - mean],
-                    fmt="o-", color="tab:purple", ms=3, lw=1, label="own-group traffic − control")
+    rows = [w for w in windows if _stat(w, "geometry", kind) is not None]
+    if rows:
+        _errorbars(ax, rows, lambda w: _stat(w, "geometry", kind), 0.0, "tab:purple",
+                   f"own-group {kind} interaction − control")
     ax.axhline(0, color="0.7", lw=0.6)
     ax.set_xlabel("generator step", fontsize=7)
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=6)
 
 
+def _stat(window: dict, partition: str, kind: str) -> dict | None:
+    """A window's interval dict: ``partition`` "geometry" / "spatial" (interaction − control) or
+    "geometry_minus_spatial"; None where the window does not have it."""
+    stats = window.get("statistics") or {}
+    if partition == "geometry_minus_spatial":
+        return (stats.get(partition) or {}).get(kind)
+    return ((stats.get(partition) or {}).get(kind) or {}).get("interaction_minus_control")
+
+
+def _estimate_and_interval(result: dict) -> tuple[float, float, float]:
+    estimate = result.get("difference", result.get("estimate"))
+    low, high = result.get("interval", [result.get("low"), result.get("high")]) or [None, None]
+    nan = float("nan")
+    return (nan if estimate is None else estimate), (nan if low is None else low), (nan if high is None else high)
+
+
+def _errorbars(ax, windows: list[dict], pick, offset: float, color: str, label: str | None, marker: str = "o") -> None:
+    mids, est, lo, hi = [], [], [], []
+    for w in windows:
+        result = pick(w)
+        if result is None:
+            continue
+        e, low, high = _estimate_and_interval(result)
+        mids.append(0.5 * (w["steps"][0] + w["steps"][1]) + offset)
+        est.append(e)
+        lo.append(e - low if np.isfinite(low) else 0.0)
+        hi.append(high - e if np.isfinite(high) else 0.0)
+    if mids:
+        ax.errorbar(mids, est, yerr=[lo, hi], fmt=marker, color=color, ms=3.5, lw=1, capsize=2, label=label)
+
+
+WINDOW_SERIES = (
+    ("geometry", "geometry: interaction − control", "tab:blue"),
+    ("spatial", "spatial (D-independent): interaction − control", "tab:orange"),
+    ("geometry_minus_spatial", "geometry − spatial", "k"),
+)
+SEED_MARKERS = "osD^v<>p*h"
+
+
+def plot_window_statistics(ax, windows_per_seed: Sequence[Sequence[dict]], *, kind: str = "traffic", title: str | None = None):
+    """Every window of every seed: the geometry and the spatial partition's interaction statistic
+    minus control, and their difference, each with its interval (clustered by probe group). Colour:
+    the statistic (legend); marker: the seed."""
+    span = max((w["steps"][1] - w["steps"][0] + 1 for ws in windows_per_seed for w in ws), default=1)
+    shift = 0.12 * span
+    for i, windows in enumerate(windows_per_seed):
+        marker = SEED_MARKERS[i % len(SEED_MARKERS)]
+        for j, (partition, label, color) in enumerate(WINDOW_SERIES):
+            _errorbars(ax, list(windows), lambda w, p=partition: _stat(w, p, kind), (j - 1) * shift, color,
+                       label if i == 0 else None, marker)
+    ax.axhline(0, color="0.6", lw=0.7)
+    ax.set_xlabel("generator step (window centre)", fontsize=7)
+    ax.set_ylabel(f"{kind} share difference", fontsize=7)
+    seeds = len(windows_per_seed)
+    ax.set_title(title or f"every window, {kind} ({seeds} seed{'s' if seeds != 1 else ''}; marker = seed)", fontsize=9)
+    ax.legend(fontsize=6, loc="best")
+
+
+def average_window_matrices(windows_per_seed: Sequence[Sequence[dict]], partition: str, key: str) -> np.ndarray | None:
+    """``[G, G]`` entry-wise mean (NaN ignored) of ``statistics[partition][kind][matrix]`` over every
+    window of every seed; ``key`` is "traffic_matrix", "traffic_matrix_control", "net_matrix" or
+    "net_matrix_control". None when no window has it."""
+    kind, _, which = key.partition("_")
+    mats = []
+    for windows in windows_per_seed:
+        for w in windows:
+            entry = (((w.get("statistics") or {}).get(partition) or {}).get(kind) or {}).get(which)
+            if entry is not None:
+                mats.append(_np(entry))
+    if not mats:
+        return None
+    stack = np.stack(mats)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # entries no window has: NaN, drawn as gaps
+        return np.nanmean(stack, axis=0)
+
+
+def coupling_figure(windows_per_seed: Sequence[Sequence[dict]], labels: Sequence[str], spatial_labels: Sequence[str] | None,
+                    *, title: str):
+    """The coupling matrices averaged over every window and seed, measured beside control on one colour
+    scale (rows: geometry, then spatial), and every window's statistics for traffic and net shares."""
+    import matplotlib.pyplot as plt
+
+    partitions = [("geometry", labels)] + ([("spatial", spatial_labels)] if spatial_labels is not None else [])
+    fig, axes = plt.subplots(len(partitions) + 1, 4, figsize=(17, 4.2 * (len(partitions) + 1)))
+    for row, (partition, names) in enumerate(partitions):
+        mats = {k: average_window_matrices(windows_per_seed, partition, k)
+                for k in ("traffic_matrix", "traffic_matrix_control", "net_matrix", "net_matrix_control")}
+        t_lim = shared_limit(mats["traffic_matrix"], mats["traffic_matrix_control"])
+        n_lim = shared_limit(mats["net_matrix"], mats["net_matrix_control"], diverging=True)
+        panels = [("traffic_matrix", "traffic share, measured", False, t_lim, None),
+                  ("traffic_matrix_control", "traffic share, permutation controls", False, t_lim, "traffic share"),
+                  ("net_matrix", "net share, measured", True, n_lim, None),
+                  ("net_matrix_control", "net share, permutation controls", True, n_lim, "net share")]
+        for col, (key, what, diverging, lim, bar) in enumerate(panels):
+            ax = axes[row, col]
+            if mats[key] is None:
+                ax.set_axis_off()
+                continue
+            plot_coupling(ax, mats[key], names, title=f"{partition}: {what}", diverging=diverging, limit=lim, colorbar=bar)
+    plot_window_statistics(axes[-1, 0], windows_per_seed, kind="traffic")
+    plot_window_statistics(axes[-1, 1], windows_per_seed, kind="net")
+    for ax in axes[-1, 2:]:
+        ax.set_axis_off()
+    axes[-1, 2].text(0.0, 0.95, COUPLING_NOTE, fontsize=7.5, va="top", ha="left", wrap=True, transform=axes[-1, 2].transAxes)
+    fig.suptitle(title, fontsize=11)
+    fig.tight_layout()
+    return fig
+
+
+COUPLING_NOTE = (
+    "Matrices: mean over every window of every seed\n(probe groups at each window's start).\n\n"
+    "interaction = own-group share − the other probe\ngroups' mean share from the same source group\n"
+    "(removes source-group strength);\n− control: minus the same statistic under label\npermutations on the same steps.\n\n"
+    "spatial: a grouping that ignores D (nearest mode /\nk-means of z): coupling from G's smoothness alone.\n"
+    "geometry − spatial > 0: coupling the discriminator's\ngeometry explains beyond smoothness.\n\n"
+    "Intervals: 95 %, clustered by probe group."
+)
+
+
+def sample_figure(panels: Sequence[tuple[str, object]], *, nrow: int = 8, title: str | None = None, scale: float = 0.42):
+    """A readable sample sheet: one large panel per ``(title, images [B, C, H, W] in [-1, 1])``,
+    side by side, each a grid with ``nrow`` images per row, drawn at a size where a 16×16 image is
+    several millimetres wide."""
+    import matplotlib.pyplot as plt
+
+    rows = max(math.ceil(int(images.shape[0]) / nrow) for _, images in panels)
+    fig, axes = plt.subplots(1, len(panels), figsize=(len(panels) * nrow * scale + 0.4, rows * scale + 0.9), squeeze=False)
+    for ax, (name, images) in zip(axes[0], panels):
+        plot_sample_grid(ax, images, nrow=nrow, title=name)
+        ax.title.set_fontsize(10)
+    if title:
+        fig.suptitle(title, fontsize=11)
+    fig.tight_layout()
+    return fig
+
+
 def plot_sample_grid(ax, images, *, nrow: int = 8, title: str = "samples"):
     """A torchvision grid of ``images [B, C, H, W]`` in [-1, 1]."""
     from torchvision.utils import make_grid
 
-    grid = make_grid((images.detach().float().cpu() + 1) / 2, nrow=nrow, padding=1, pad_value=1.0).clamp(0, 1)
+    grid = make_grid((images.detach().float().cpu() + 1) / 2, nrow=nrow, padding=2, pad_value=1.0).clamp(0, 1)
     ax.imshow(grid.permute(1, 2, 0).numpy(), interpolation="nearest")
     ax.set_axis_off()
     ax.set_title(title, fontsize=9)
@@ -130,5 +296,6 @@ def plot_sample_grid(ax, images, *, nrow: int = 8, title: str = "samples"):
 
 __all__ = [
     "plot_discriminator_field", "plot_probe_field", "plot_coupling", "plot_alignment",
-    "plot_coverage_and_coupling", "plot_sample_grid",
+    "plot_coverage_and_coupling", "plot_sample_grid", "plot_window_statistics", "shared_limit",
+    "average_window_matrices", "coupling_figure", "sample_figure",
 ]
