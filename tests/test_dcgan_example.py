@@ -1,0 +1,97 @@
+"""PyTorch's DCGAN example with the GAN analyzer attached (recipes/examples/dcgan.py), run offline on a
+tiny ImageFolder at a tiny width (64×64 images, ngf = ndf = 4, BatchNorm in training mode in G and D):
+the generator and discriminator ledgers add up, the report is strict JSON, and training (weights,
+BatchNorm buffers, optimizer state) is bit-for-bit the run with --no-analyze."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from recipes.examples.dcgan import main
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture
+def image_folder(tmp_path):
+    """An ImageFolder of 12 RGB 16×16 PNGs in two class folders (resized to 64×64 by the script)."""
+    rng = np.random.default_rng(0)
+    root = tmp_path / "images"
+    for name in ("a", "b"):
+        (root / name).mkdir(parents=True)
+        for i in range(6):
+            Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(root / name / f"{i}.png")
+    return root
+
+
+def run(image_folder, out, *extra):
+    # 12 images in batches of 4: 3 iterations (a D step on real and generated rows, then a G step)
+    return main(["--dataroot", str(image_folder), "--outf", str(out), "--imageSize", "64", "--batchSize", "4", "--nz", "8",
+                 "--ngf", "4", "--ndf", "4", "--niter", "1", "--workers", "0", "--groups", "2", "--probes", "4", *extra])
+
+
+def assert_identity(ledger, what):
+    """contributions + rest + residual = Δ output at every probe (the ledger is float64)."""
+    total = ledger.contributions.sum(1) + ledger.rest + ledger.residual
+    torch.testing.assert_close(total, ledger.delta, rtol=0, atol=1e-10 * max(1.0, float(ledger.delta.abs().max())), msg=what)
+
+
+def state(result):
+    out = {f"G.{k}": v for k, v in result["netG"].state_dict().items()}  # parameters and BatchNorm buffers
+    out.update({f"D.{k}": v for k, v in result["netD"].state_dict().items()})
+    for name in ("optimizerG", "optimizerD"):
+        for i, s in enumerate(result[name].state.values()):
+            out.update({f"{name}.{i}.{k}": v for k, v in s.items()})
+    return out
+
+
+def test_the_dcgan_example_keeps_exact_ledgers_writes_strict_json_and_trains_bit_for_bit(image_folder, tmp_path):
+    analyzed = run(image_folder, tmp_path / "analyzed")
+    analyzer = analyzed["analyzer"]
+    assert analyzed["iterations"] == 3
+    assert any(isinstance(m, torch.nn.BatchNorm2d) and m.training for m in analyzed["netD"].modules())
+    for name, ledger in analyzer.generator_ledgers.items():
+        assert ledger.steps == 3
+        assert_identity(ledger, f"generator {name}")
+    assert_identity(analyzer.discriminator_ledger, "discriminator")
+    assert analyzer.discriminator_ledger.steps == 3
+    # D's loss is mean(real) + mean(generated), two backwards: followed as two micro-batches, scale 1
+    assert all(s["micro_batches"] == 2 and s["scale"] == pytest.approx(1.0) for s in analyzer.d_tracker.gradient_scales)
+    # G's BatchNorm running statistics moved outside the optimizer (the fixed-noise sample at i = 0): in rest
+    assert float(analyzer.generator_ledger().buffer_drift.abs().max()) > 0
+
+    text = (tmp_path / "analyzed" / "genkernel_report.json").read_text()
+    report = json.loads(text, parse_constant=lambda name: pytest.fail(f"{name} in the report"))
+    assert report["generator_steps"] == 3 and report["discriminator_steps"] == 3
+    assert report["loop_steps"] == {"generator": [1, 3], "discriminator": [1, 3]}
+    assert report["partial_window"]["steps"] == [1, 3]  # the window in progress, closed by finish()
+    assert report["generator"]["relative_residual"] < 1e-2 and report["discriminator"]["relative_residual"] < 1e-2
+    assert (tmp_path / "analyzed" / "netG_epoch_0.pth").is_file()  # upstream's outputs are still written
+
+    bare = run(image_folder, tmp_path / "bare", "--no-analyze")
+    assert bare["analyzer"] is None and bare["iterations"] == 3
+    mine, theirs = state(analyzed), state(bare)
+    assert mine.keys() == theirs.keys() and any("running_mean" in k for k in mine)
+    for key in mine:
+        assert torch.equal(mine[key], theirs[key]), key
+    assert not (tmp_path / "bare" / "genkernel_report.json").exists()
+
+
+def test_the_added_block_is_at_most_15_marked_lines():
+    import inspect
+
+    import recipes.examples.dcgan as example
+
+    marked = [line for line in inspect.getsource(example).splitlines() if "# genkernel" in line and "``# genkernel``" not in line]
+    assert 0 < len(marked) <= 15, len(marked)
