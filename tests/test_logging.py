@@ -150,3 +150,76 @@ def test_analyzer_metrics_of_a_tracker_and_its_ledger():
     assert metrics["ledger/traffic_share/group_0"] + metrics["ledger/traffic_share/group_1"] == pytest.approx(1.0)
     with pytest.raises(TypeError, match="analyzer, tracker or ledger"):
         analyzer_metrics(object())
+
+
+def test_trainer_and_analyzer_take_the_logger_themselves():
+    """``log=`` on the trainer streams loss and lr; on the analyzer its running numbers every
+    ``log_every`` tracked steps (same step numbers) and its matrices at the end."""
+    torch.manual_seed(0)
+    angle = torch.rand(128, dtype=torch.float64) * 2 * math.pi
+    data = 2 * torch.stack([angle.cos(), angle.sin()], dim=1)
+    scheduler = make_scheduler(100)
+    model = MLPDenoiser(hidden=16, depth=2, time_dim=8).double()
+    log = Collect()
+    analyzer = NoiseLevelAnalyzer(scheduler, data[:16], num_bins=4, num_probes=8, snapshot_every=0, kernel_points=2,
+                                  progress=False, log=log, log_every=2)
+    DDPMTrainer(model, scheduler, data, batch_size=16, callbacks=[analyzer], progress=False, log=log,
+                log_every=1, lr=2e-3).train(4)
+
+    losses = {step: metrics["loss"] for step, metrics in log.rows if "loss" in metrics}
+    assert sorted(losses) == [1, 2, 3, 4]
+    assert all(metrics.get("lr", 2e-3) == pytest.approx(2e-3) for _, metrics in log.rows)
+    analysed = [(step, metrics) for step, metrics in log.rows if "ledger/relative_residual" in metrics]
+    assert [step for step, _ in analysed] == [2, 4, 4]  # every 2nd tracked step, then the end of training
+    assert analysed[0][1]["ledger/steps"] == 2 and analysed[-1][1]["ledger/steps"] == 4
+    assert analysed[-1][1]["ledger/relative_residual"] == pytest.approx(analyzer.residual()["relative_residual"])
+    assert {name for name, _, step in log.images if step == 4} == {"matrix/traffic", "matrix/share"}
+
+
+def test_an_observed_loop_logs_through_the_analyzer():
+    """In a hand-written loop the analyzer is the only thing that knows the analysis: its ``log``
+    gets the numbers at the loop's own step count (``bind``'s ``start_step`` onwards)."""
+    torch.manual_seed(0)
+    data = torch.randn(64, 2, dtype=torch.float64)
+    scheduler = make_scheduler(100)
+    model = MLPDenoiser(hidden=8, depth=2, time_dim=8).double()
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    log = Collect()
+    analyzer = NoiseLevelAnalyzer(scheduler, data[:8], num_bins=2, num_probes=4, snapshot_every=0, kernel_points=2,
+                                  controls=0, progress=False, log=log, image_every=3)
+    analyzer.bind(model, optimizer, start_step=10)
+    generator = torch.Generator().manual_seed(1)
+    for _ in range(3):
+        x0 = data[torch.randint(0, 64, (8,), generator=generator)]
+        t = torch.randint(0, 100, (8,), generator=generator)
+        noise = torch.randn(x0.shape, generator=generator, dtype=x0.dtype)
+        losses = ((model(scheduler.add_noise(x0, noise, t), t) - noise) ** 2).mean(dim=1)
+        analyzer.observe(losses, t)
+        optimizer.zero_grad()
+        losses.mean().backward()
+        optimizer.step()
+    analyzer.finish()
+    steps = [step for step, metrics in log.rows if "ledger/steps" in metrics]
+    assert steps == [11, 12, 13, 13]
+    assert [metrics["ledger/steps"] for _, metrics in log.rows] == [1, 2, 3, 3]
+    # images at step numbers divisible by image_every (12), and at the end (13)
+    assert {(name, step) for name, _, step in log.images} == {(name, step) for name in ("matrix/traffic", "matrix/share")
+                                                              for step in (12, 13)}
+
+
+def test_gan_trainer_logs_both_players():
+    from genkernel.gan import GANTrainer, MLPDiscriminator, MLPGenerator
+
+    torch.manual_seed(0)
+    log = Collect()
+    data = torch.randn(64, 2)
+    trainer = GANTrainer(MLPGenerator(latent_dim=2, hidden=8, out_dim=2), MLPDiscriminator(in_dim=2, hidden=8), data,
+                         batch_size=16, d_steps=2, log=log, log_every=2)
+    trainer.train(4)
+    logged = {}
+    for step, metrics in log.rows:
+        for key in metrics:
+            logged.setdefault(key, []).append(step)
+    assert logged["loss/generator"] == [2, 4]
+    assert logged["loss/discriminator"] == [2, 2, 4, 4]  # two D steps per iteration
+    assert set(logged) == {"loss/generator", "loss/discriminator", "lr/generator", "lr/discriminator"}

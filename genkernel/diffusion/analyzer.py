@@ -56,7 +56,7 @@ import math
 import os
 import sys
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import torch
 from torch import nn
@@ -69,6 +69,7 @@ from ..core.tracking.io import atomic_save, load_state
 from ..core.tracking.ledger import PathKernelLedger
 from ..core.tracking.step import OptimizerStep
 from ..core.tracking.tracker import PathKernelTracker, StepContributions
+from ..logging import LoggingCallback
 from .kernels import make_states, state_kernel
 from .locality import kernel_locality
 from .objectives import (
@@ -131,6 +132,11 @@ class NoiseLevelAnalyzer(TrainerCallback):
         group_state, state_dtype: the tracker's (:class:`~genkernel.core.PathKernelTracker`):
             "auto"/"dense"/"sketched", and float64 or (for a float32 model) float32 group state.
         name: the key of this analyzer's state in a trainer's checkpoint (default the class name).
+        log: a logger ``log(metrics, step)`` (:mod:`genkernel.logging`: TensorBoard, CSV, or any
+            callable): the running residual, rest share, κ, traffic shares and locality
+            (:func:`~genkernel.logging.analyzer_metrics`) every ``log_every`` tracked steps, and the
+            noise×noise matrices as images every ``image_every`` steps (0: when training ends).
+        log_every, image_every: see ``log``.
     """
 
     def __init__(
@@ -158,6 +164,9 @@ class NoiseLevelAnalyzer(TrainerCallback):
         group_state: str = "auto",
         state_dtype: torch.dtype = torch.float64,
         name: str | None = None,
+        log: Callable[[Mapping[str, float], int], None] | None = None,
+        log_every: int = 1,
+        image_every: int = 0,
     ) -> None:
         self.prediction_type = check_prediction_type(scheduler)
         self.scheduler = scheduler
@@ -204,6 +213,10 @@ class NoiseLevelAnalyzer(TrainerCallback):
         self.kernel_sketch = kernel_sketch
         self.seed = seed
         self.memory_budget = memory_budget
+        # one piece logs for the trainers, the callback and this analyzer (genkernel.logging)
+        self.logging = None if log is None else LoggingCallback(
+            log, analyzer=self, every=log_every, analysis_every=log_every, image_every=image_every
+        )
 
         # Probes: (clean x, level s, fixed noise) -> states (z_s, s); round-robin over levels.
         levels = self.bins.centers if probe_levels is None else check_timesteps(
@@ -330,10 +343,7 @@ class NoiseLevelAnalyzer(TrainerCallback):
         return self.track(step, step.info["timesteps"], class_labels=step.info.get("class_labels")).losses
 
     def on_train_end(self, trainer: Any) -> None:
-        if self.tracker is not None and self.tracker.ledger.steps and (
-            not self.kernel_history or self.kernel_history[-1]["tracked_step"] != self.tracker.ledger.steps
-        ):
-            self.record_kernel()
+        self.finish()
 
     # -- the user-loop verbs -------------------------------------------------------------------
     def observe(
@@ -365,11 +375,14 @@ class NoiseLevelAnalyzer(TrainerCallback):
 
     def finish(self) -> None:
         """Record the kernel structure at the current θ unless the last tracked step has it already
-        (what a built-in trainer's end of training does)."""
+        (what a built-in trainer's end of training does), and log the final numbers and matrices
+        when the analyzer has a ``log``."""
         if self.tracker is not None and self.tracker.ledger.steps and (
             not self.kernel_history or self.kernel_history[-1]["tracked_step"] != self.tracker.ledger.steps
         ):
             self.record_kernel()
+        if self.logging is not None:
+            self.logging.on_train_end(None)
 
     def step(
         self,
@@ -467,6 +480,8 @@ class NoiseLevelAnalyzer(TrainerCallback):
             self.history.append(self._summary_row())
         if self.kernel_every and steps % self.kernel_every == 0:
             self.record_kernel()
+        if self.logging is not None:
+            self.logging.log_step(step)
 
     def _summary_row(self) -> dict[str, Any]:
         row = {"tracked_step": self.tracker.ledger.steps, "global_step": self.global_steps[-1] if self.global_steps else None,

@@ -37,7 +37,7 @@ import math
 import os
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -47,6 +47,7 @@ from ..core.adapter import as_tuple, output_tensor
 from ..core.tracking.callbacks import CallbackStates, TrainerCallback, fire, perform_step
 from ..core.tracking.io import atomic_save, load_state
 from ..core.tracking.step import OptimizerStep
+from ..logging import LoggingCallback
 from .objectives import check_prediction_type, diffusion_loss, noisy_input, num_train_timesteps, training_target
 
 OPTIMIZERS = ("adam", "adamw", "sgd")
@@ -154,6 +155,10 @@ class DDPMTrainer:
         checkpoint_dir, checkpoint_every: write ``checkpoint.pt`` atomically every that many steps
             (0: only when :meth:`save_checkpoint` is called); :meth:`resume` continues from it.
         progress: show a tqdm bar.
+        log: a logger ``log(metrics, step)`` (:mod:`genkernel.logging`): ``loss`` and ``lr`` every
+            ``log_every`` steps (step = ``global_step`` after the update). An analyzer logs its own
+            numbers with its own ``log=`` (pass the same logger for one stream).
+        log_every: see ``log``.
     """
 
     def __init__(
@@ -176,6 +181,8 @@ class DDPMTrainer:
         checkpoint_dir: str | os.PathLike | None = None,
         checkpoint_every: int = 0,
         progress: bool = True,
+        log: Callable[[Mapping[str, float], int], None] | None = None,
+        log_every: int = 1,
     ) -> None:
         if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
             raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
@@ -203,6 +210,7 @@ class DDPMTrainer:
         self.checkpoint_dir = None if checkpoint_dir is None else Path(checkpoint_dir)
         self.checkpoint_every = checkpoint_every
         self.progress = progress
+        self.logging = None if log is None else LoggingCallback(log, every=log_every)
         self.generator = torch.Generator(device="cpu").manual_seed(seed)
         self.global_step = 0
         self.losses: list[float] = []
@@ -362,6 +370,8 @@ class DDPMTrainer:
         """One update through the callbacks; returns the mean loss."""
         step = self.build_step(self.next_batch())
         losses = perform_step(self.callbacks, self, step)
+        if self.logging is not None:
+            self.logging.on_step_end(self, step)
         self.global_step += 1
         loss = float(losses.mean())
         self.losses.append(loss)
@@ -382,6 +392,8 @@ class DDPMTrainer:
             out.append(self.train_step())
             bar.set_postfix(loss=f"{out[-1]:.4f}", refresh=False)
         fire(self.callbacks, "on_train_end", self)
+        if self.logging is not None:
+            self.logging.on_train_end(self)
         return out
 
     # -- sampling -------------------------------------------------------------------------------

@@ -29,7 +29,7 @@ import contextlib
 import math
 import os
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -40,6 +40,7 @@ from ..core.tracking.callbacks import CallbackStates, TrainerCallback, fire, per
 from ..core.errors import NonFiniteError
 from ..core.tracking.io import atomic_save, load_state
 from ..core.tracking.step import OptimizerStep
+from ..logging import LoggingCallback
 from .losses import (
     GENERATED,
     PENALTY,
@@ -139,6 +140,10 @@ class GANTrainer:
         progress: show a tqdm bar.
         checkpoint_dir, checkpoint_every: write ``checkpoint.pt`` atomically every this many
             iterations (0: never); ``train(..., resume=True)`` continues from it.
+        log: a logger ``log(metrics, step)`` (:mod:`genkernel.logging`): ``loss/generator``,
+            ``loss/discriminator`` and their ``lr/...`` every ``log_every`` iterations (step =
+            ``iteration`` after it). An analyzer logs its own numbers with its own ``log=``.
+        log_every: see ``log``.
     """
 
     def __init__(
@@ -165,6 +170,8 @@ class GANTrainer:
         progress: bool = False,
         checkpoint_dir: str | os.PathLike | None = None,
         checkpoint_every: int = 0,
+        log: Callable[[Mapping[str, float], int], None] | None = None,
+        log_every: int = 1,
     ) -> None:
         if not isinstance(data, torch.Tensor) or data.dim() < 2:
             raise ValueError(f"data must be a Tensor [N, ...] of real samples, got {getattr(data, 'shape', type(data).__name__)}")
@@ -197,6 +204,7 @@ class GANTrainer:
         self.progress = progress
         self.checkpoint_dir = None if checkpoint_dir is None else Path(checkpoint_dir)
         self.checkpoint_every = checkpoint_every
+        self.logging = None if log is None else LoggingCallback(log, every=log_every)
         self.iteration = 0
         self.g_steps = 0
         self.d_steps_done = 0
@@ -275,7 +283,10 @@ class GANTrainer:
 
     def _perform(self, step: OptimizerStep) -> torch.Tensor:
         try:
-            return perform_step(self.callbacks, self, step)
+            losses = perform_step(self.callbacks, self, step)
+            if self.logging is not None:
+                self.logging.on_step_end(self, step)
+            return losses
         except NonFiniteError as error:
             raise NonFiniteError(
                 f"iteration {self.iteration}, {step.phase} step: {error} (training stopped before this update; "
@@ -302,6 +313,8 @@ class GANTrainer:
                 self.save_checkpoint(self.checkpoint_dir / "checkpoint.pt")
         bar.close()
         fire(self.callbacks, "on_train_end", self)
+        if self.logging is not None:
+            self.logging.on_train_end(self)
         return self.history
 
     # -- persistence ---------------------------------------------------------------------------
