@@ -14,7 +14,7 @@ TORCH_CHOICE := $(VENV)/.torch-choice
 # The recipes and figure scripts save figures without a display; library modules never choose.
 export MPLBACKEND ?= Agg
 
-.PHONY: install test test-slow figures figures-full bench docs report-screenshot clean FORCE
+.PHONY: install test test-slow figures figures-full bench gpu-check docs report-screenshot clean FORCE
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -49,6 +49,11 @@ figures-full: $(STAMP)
 # The committed figures/benchmark_kernels.{json,png} come from this command (about 30 minutes).
 bench: $(STAMP)
 	$(PY) -m recipes.benchmarks.kernels --cap 20
+
+# On a machine with a GPU: the prepared device check (CIFAR-sized UNet and 64x64 DCGAN tracked on
+# CUDA, exactness, bit-for-bit training, memory and time per step) into figures/gpu_check.json.
+gpu-check: $(STAMP)
+	$(PY) -m recipes.benchmarks.gpu_check
 
 # The mathematics (docs/*.md) rendered, links and docstring references checked, and the API
 # reference from the docstrings (pdoc) into docs/_build/; any warning fails the build.
