@@ -506,3 +506,39 @@ def test_latents_of_any_shape_and_the_latent_dim_check():
     z = torch.randn(B, NZ, dtype=F64)  # flat latents: not what the probes are
     with pytest.raises(ValueError, match="same shape per example"):
         analyzer.observe_generator(torch.zeros(B, dtype=F64, requires_grad=True), z, torch.zeros(B, 1, 8, 8, requires_grad=True))
+
+
+def test_an_observed_null_model_takes_its_geometry_from_D_while_G_trains_on_another_discriminator():
+    """geometry_loss in an observed loop: the loop's G losses come from a fixed random D0 (a generator
+    independent of D); the analyzer groups and pushes by D's gradients, skips the check that its
+    generator loss reproduces the loop's, and the ledgers stay exact."""
+    from genkernel.gan import push_field
+
+    G, D = nets()
+    torch.manual_seed(9)
+    fixed = TinyD(batch_norm=False).to(F64).requires_grad_(False)
+    g_opt, d_opt = optimizers(G, D)
+    analyzer = analyzer_for(G, D, comparison="latent_kmeans", geometry_loss=GeneratorLoss(D))
+    analyzer.bind(g_opt, d_opt)
+    for real, z_d, z_g in batches(3):
+        with torch.no_grad():
+            fake = G(z_d)
+        x = torch.cat([real, fake])
+        d_opt.zero_grad()
+        losses = F.binary_cross_entropy_with_logits(D(x), ROLES.to(F64), reduction="none")
+        analyzer.observe_discriminator(losses, ROLES, x)
+        losses.mean().backward()
+        d_opt.step()
+        g_opt.zero_grad()
+        fake = G(z_g)
+        losses = F.binary_cross_entropy_with_logits(fixed(fake), torch.ones(B, dtype=F64), reduction="none")
+        analyzer.observe_generator(losses, z_g, fake)  # not D's loss: accepted, geometry from D
+        losses.mean().backward()
+        g_opt.step()
+    snap = analyzer.fields[-1]
+    expected = -push_field(GeneratorLoss(D), snap["x"])  # D in training mode, its buffers kept, as in the analysis
+    torch.testing.assert_close(snap["w"], expected)
+    for name, ledger in analyzer.generator_ledgers.items():
+        assert ledger.steps == 3, name
+        assert_identity(ledger)
+    assert set(analyzer.generator_ledgers) == {"geometry", "spatial", "control_0", "spatial_control_0"}

@@ -135,16 +135,17 @@ def image_coverage(samples: torch.Tensor, train: torch.Tensor, train_labels: tor
             "mode_counts": counts.tolist(), "threshold": threshold}
 
 
-def converged(coverage: dict[str, Any], *, modes_fraction: float = 0.75, quality: float = 0.5) -> tuple[bool, str]:
+def converged(coverage: dict[str, Any], *, modes_fraction: float = 0.75, quality: float = 0.5,
+              modes: str = "modes", on: str = "on a mode") -> tuple[bool, str]:
     """Did the GAN converge enough for claims about a trained GAN? ``(ok, why)`` from a coverage record
     (:func:`mode_coverage` or :func:`image_coverage`): at least ``modes_fraction`` of the modes hit
     *and* at least ``quality`` of the samples on a mode (a diffuse generator hits every mode with few
-    samples on any)."""
+    samples on any). ``modes`` and ``on`` name them in ``why`` (e.g. "classes", "on the data")."""
     hit, total, share = coverage["modes_hit"], coverage["num_modes"], coverage["quality_share"]
     need = math.ceil(modes_fraction * total)
     ok = hit >= need and share >= quality
-    why = (f"{hit} of {total} modes hit and {100 * share:.0f}% of samples on a mode at the end; a converged GAN needs at "
-           f"least {need} modes and {100 * quality:.0f}%")
+    why = (f"{hit} of {total} {modes} hit and {100 * share:.0f}% of samples {on} at the end; a converged GAN needs at "
+           f"least {need} {modes} and {100 * quality:.0f}%")
     return ok, why
 
 
