@@ -16,6 +16,7 @@ against the torch.func reference (``gradient_kernel(..., engine="functional")``)
 from __future__ import annotations
 
 import math
+import weakref
 from dataclasses import dataclass, field
 from typing import Iterator
 
@@ -24,7 +25,8 @@ from torch import nn
 
 from ..adapter import Batch, as_tuple, batch_size, check_memory_budget, flat_output
 from .factors import (
-    DEFAULT_MEMORY_BUDGET, Plan, Unfactorable, _dense_is_cheaper, analysis, capture, covering_plan, output_cotangents,
+    DEFAULT_MEMORY_BUDGET, Plan, Unfactorable, _covering_key, _dense_is_cheaper, analysis, capture, covering_plan,
+    output_cotangents,
 )
 from .reference import jacobian_pair_kernel, jacobian_self_kernel, per_example_jacobian, split_columns
 
@@ -76,8 +78,26 @@ class _Sizes:
         return total
 
 
+CAPTURE_SHARE = 4  # a compact capture's estimated working memory: at most this share of the budget
+
+_PROBED: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
+
+
 def _probe_sizes(model: nn.Module, plan: Plan, inputs: tuple[torch.Tensor, ...]) -> _Sizes:
-    """Per-example element counts (:class:`_Sizes`) from a forward pass on one example."""
+    """Per-example element counts (:class:`_Sizes`) from a forward pass on one example,
+    remembered per model like :func:`~genkernel.core.engine.factors.covering_plan`'s outcome (same
+    structure, per-example shapes and dtypes, and blocks)."""
+    key = _covering_key(model, inputs, frozenset(b.name for b in plan.blocks))
+    known = _PROBED.get(model, {})
+    if key not in known:
+        if len(known) >= 8:
+            known.pop(next(iter(known)))
+        known[key] = _probe(model, plan, inputs)
+        _PROBED[model] = known
+    return known[key]
+
+
+def _probe(model: nn.Module, plan: Plan, inputs: tuple[torch.Tensor, ...]) -> _Sizes:
     one = tuple(t[:1] for t in inputs)
     sizes = _Sizes()
     block_index = {id(b.module): i for i, b in enumerate(plan.blocks)}
@@ -139,8 +159,12 @@ def chunk_sizes(
     the factors and the per-example gradients, and no unfolded patches. The graph is counted as
     2 copies of every leaf module's output plus c output gradients of that size (measured peak
     of a compact capture: 0.30 MiB per example on the benchmark's convnet and 2.5 MiB on its
-    UNet, against 0.57 and 4.5 MiB counted). Otherwise the outer form's factors, and the graph
-    as about 4 copies of every module output plus c output gradients."""
+    UNet, against 0.57 and 4.5 MiB counted), and one capture takes at most 1/``CAPTURE_SHARE`` of
+    the budget: per example a capture is no faster past that, and the working memory grows with
+    it (2 CPU cores, default budget: the convnet's 256 rows in one capture took 0.31 s and
+    133 MiB, in two 0.28 s and 72 MiB, in four 0.31 s and 52 MiB; the UNet's 64 rows, 0.88 s
+    in one, 0.79 s in two). Otherwise the outer form's factors, and the graph as about 4 copies
+    of every module output plus c output gradients."""
     memory_budget = check_memory_budget(memory_budget)
     itemsize = next(iter(plan.params.values())).element_size()
     sizes = _probe_sizes(model, plan, inputs)
@@ -157,6 +181,8 @@ def chunk_sizes(
     while c > 1 and memory_budget // (held * per_example(c)) < min(rows_total, 8):
         c = (c + 1) // 2
     rows = max(1, memory_budget // (held * per_example(c)))
+    if compact:  # captures past an eighth of the budget are no faster per example, only larger
+        rows = min(rows, max(1, memory_budget // (CAPTURE_SHARE * per_example(c))))
     return min(rows, rows_total), c
 
 
@@ -201,6 +227,7 @@ def factored_gradient_kernel(
     memory_budget: int = DEFAULT_MEMORY_BUDGET,
     d: int | None = None,
     diagonals: bool = True,
+    plan: Plan | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """Gradient kernel from captured factors (unnormalized) and both diagonals.
 
@@ -210,6 +237,7 @@ def factored_gradient_kernel(
         reduce: ``"trace"`` or ``"none"``.
         memory_budget: bytes of captured factors (and the graph they come from) held at once.
         diagonals: also compute k(x, x) and k(x', x') (what normalizing needs); False: None.
+        plan: x1's covering plan, when the caller has it (else computed here).
 
     Returns:
         ``(kernel, diag1, diag2)``: ``[M, N]`` and ``[M]``, ``[N]`` for ``"trace"``;
@@ -233,7 +261,7 @@ def factored_gradient_kernel(
     xs1 = as_tuple(x1, name="x1")
     with analysis(model):
         while True:
-            plan = covering_plan(model, xs1, excluded)
+            plan = covering_plan(model, xs1, excluded) if plan is None or excluded else plan
             try:
                 kernel, diag1, diag2 = _factored_kernel(model, x1, x2, reduce=reduce, memory_budget=memory_budget, d=d,
                                                         plan=plan, diagonals=diagonals)

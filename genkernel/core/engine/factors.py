@@ -646,7 +646,8 @@ def _dense_is_cheaper(t: int, i: int, o: int, c: int) -> bool:
 
 def _activation(block: Block, inputs: tuple, batch: int) -> torch.Tensor:
     """Per-example activation of one call, as the hook records it: ``[B, T, I]`` (Linear), the
-    input itself (Conv: unfolded or differentiated after the backward), indices, or x̂."""
+    input itself (Conv: unfolded or differentiated after the backward; norms: normalized after
+    it), or indices."""
     module = block.module
     x = inputs[0]
     if not isinstance(x, torch.Tensor) or x.dim() == 0 or x.shape[0] != batch:
@@ -658,7 +659,12 @@ def _activation(block: Block, inputs: tuple, batch: int) -> torch.Tensor:
         return x
     if block.kind == "embedding":
         return x.reshape(batch, -1).clone()
-    # norm: the normalized input x̂
+    return x  # norm: the input, normalized after the backward (_normalized_input: one block at a time)
+
+
+def _normalized_input(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """x̂ of a norm block's recorded input (the input is kept alive by the graph anyway: the
+    norm's backward saves it)."""
     if isinstance(module, nn.GroupNorm):
         return F.group_norm(x, module.num_groups, None, None, module.eps)
     return F.layer_norm(x, module.normalized_shape, None, None, module.eps)
@@ -711,7 +717,8 @@ def _block_factors(block: Block, calls: list[tuple[torch.Tensor, torch.Tensor]],
         return Factors(block, "embedding", _joined(acts, 1), _joined(grads, 2))
     # norms: per-example gradients of weight and bias, summed over calls
     total = None
-    for xhat, g in calls:
+    for x, g in calls:
+        xhat = _normalized_input(module, x)
         c = g.shape[0]
         if isinstance(module, nn.GroupNorm):
             dims = tuple(range(3, g.dim()))

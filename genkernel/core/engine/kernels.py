@@ -145,6 +145,11 @@ def _rows_per_chunk(memory_budget: int, d: int, num_params: int, itemsize: int, 
     return max(1, memory_budget // (held * per_row))
 
 
+def _kind(xs: tuple[torch.Tensor, ...]) -> tuple:
+    """Per-example shapes, dtypes and devices of a batch."""
+    return tuple((tuple(t.shape[1:]), t.dtype, t.device) for t in xs)
+
+
 def _prepare(model: nn.Module, x: Batch, name: str, checked: bool = False):
     if not checked:
         check_per_example_safe(model)  # before analysis mode, which puts every module in eval mode
@@ -202,15 +207,17 @@ def _gradient_kernel(model, x1, x2, normalize, reduce, memory_budget, engine) ->
     x2s = x1s if x2 is None else as_tuple(x2, name="x2")
     n_total = batch_size(x2s, name="x2")
     check_finite(x2s, name="x2")
-    if x2 is not None:
+    if x2 is not None and _kind(x2s) != _kind(x1s):  # inputs like x1's give x1's d outputs
         with torch.no_grad(), analysis(model):
             d2 = checked_forward(model, tuple(t[:1] for t in x2s), name="x2").shape[1]
         if d2 != d:
             raise ValueError(f"x1 gives {d} outputs per example but x2 gives {d2}")
 
-    if _engine_plan(model, x1s, d, (m_total, n_total), engine) is not None:
+    plan = _engine_plan(model, x1s, d, (m_total, n_total), engine)
+    if plan is not None:
         kernel, diag1, diag2 = factored_gradient_kernel(
-            model, x1s, None if x2 is None else x2s, reduce=reduce, memory_budget=memory_budget, d=d, diagonals=normalize
+            model, x1s, None if x2 is None else x2s, reduce=reduce, memory_budget=memory_budget, d=d, diagonals=normalize,
+            plan=plan,
         )
         return _normalized(kernel, diag1, diag2) if normalize else kernel
 
