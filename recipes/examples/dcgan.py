@@ -16,7 +16,7 @@ offline and from a test:
 - ``--cuda`` / ``--mps`` / ``--ngpu`` are as upstream; ``--dry-run`` runs one iteration.
 
 The 15 lines marked ``# genkernel`` attach :class:`~genkernel.gan.GANKernelAnalyzer` to the loop
-(DESIGN.md section 2, "Observing a loop the user owns"): an import of ``json`` and one of the
+(docs/observing.md, "Observing a loop the user owns"): an import of ``json`` and one of the
 analyzer, three options (``--analyze/--no-analyze``, ``--groups``, ``--probes``), a second
 criterion with ``reduction="none"`` (the per-example losses; upstream's ``criterion`` still gives the
 loss trained, their mean), the probes drawn from their own generator (training's random draws are

@@ -17,7 +17,7 @@ What differs from upstream, so that it runs offline and small:
   added to every key, so their gradient is zero but for rounding, which Adam turns into steps that
   the ledger's check refuses; freezing them changes no function the UNet computes;
 - the lines marked ``# genkernel`` attach :class:`~genkernel.diffusion.NoiseLevelAnalyzer`
-  (DESIGN.md section 2, "Observing a loop the user owns"): it observes the per-example losses
+  (docs/observing.md, "Observing a loop the user owns"): it observes the per-example losses
   before the backward, and the loop's own ``optimizer.step()`` records every step, following the
   accumulation and the clipping exactly. Training is bit-for-bit the same with ``--no-analyze``.
 

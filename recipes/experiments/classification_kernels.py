@@ -6,8 +6,8 @@ Steps:
      --data-root DIR`` reads the real sets through torchvision, never downloading). Training
      images from the train split; the kernel's images, ``per_class`` per class ordered by class,
      from the test split.
-  2. k̂ at θ_0, train ``SmallConvNet`` with cross-entropy (Adam), k̂ at θ_T (DESIGN.md
-     section 2, trace over the class logits).
+  2. k̂ at θ_0, train ``SmallConvNet`` with cross-entropy (Adam), k̂ at θ_T (docs/ledger.md,
+     "Gradient kernels", trace over the class logits).
   3. Numbers: the block AUC (probability that a within-class pair has higher k̂ than a
      between-class pair, self pairs excluded: scale-free, unlike the absolute within − between gap,
      which grows when all similarities fall) before and after, per class, the absolute gaps and

@@ -4,7 +4,7 @@
         [--dataset digits|mnist|cifar10] [--data-root DIR] [--controls K] [--null-model | --no-null-model]
         [--runs-dir DIR] [--aggregate] [--checkpoint-dir DIR] [--estimate-only]
 
-DESIGN.md section 3, issue 11. A small DCGAN-style pair (GroupNorm generator, spectral-norm
+docs/gan.md. A small DCGAN-style pair (GroupNorm generator, spectral-norm
 discriminator, SiLU, Adam, non-saturating loss) on sklearn digits upsampled to 16×16 (MNIST or
 CIFAR-10 from local files with ``--data-root``; nothing is downloaded). The generator ledger is split
 on the same steps by k-means clusters of the discriminator's input-gradient directions w_i/‖w_i‖

@@ -4,7 +4,7 @@
         [--mixture ring|grid] [--loss nonsaturating|hinge|wgan-gp] [--spectral-norm] [--controls K]
         [--null-model | --no-null-model] [--runs-dir DIR] [--aggregate] [--checkpoint-dir DIR] [--estimate-only]
 
-DESIGN.md section 3, issue 11. Trains MLP G and D (SiLU, Adam, float64) with the
+docs/gan.md. Trains MLP G and D (SiLU, Adam, float64) with the
 :class:`GANKernelAnalyzer` attached: the generator ledger is split on the same steps by the
 pushed-to mode argmax_m cos(−w_i, μ_m − G(z_i)) (the discriminator's geometry), by the mode nearest
 to G(z_i) (a spatial grouping of the same size that ignores D), and by K label permutations of each;

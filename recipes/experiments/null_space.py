@@ -2,7 +2,7 @@
 target energy, alignment, and each test point's error against the part of its kernel feature
 outside the span the operator can reach.
 
-Steps (DESIGN.md section 2, "Generalization and the null space"):
+Steps (docs/generalization.md, "The null space"):
   1. Data: ``regression_1d("sin")`` training inputs on [−π, π]; test points on a wider grid
      [−1.5π, 1.5π] (inside and outside the training range).
   2. Train a tanh MLP with full-batch gradient descent; ``CheckpointKernels`` records the gradient

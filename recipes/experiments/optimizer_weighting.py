@@ -2,7 +2,7 @@
 expected output over batch orders decomposed into first-order ledger, Itô and deterministic
 second-order terms.
 
-Steps (DESIGN.md section 2, "Update splitting", "Stochastic Domingos"):
+Steps (docs/optimizers.md, "Group gradients"; docs/generalization.md, "Stochastic Domingos: the expected output"):
   1. Data: ``regression_1d("sin")``, a float64 tanh MLP, probes on [−π, π].
   2. Part A: the same initialization and batch order trained with SGD, SGD+momentum (lr scaled
      by 1−μ, so the effective step matches) and Adam, each with a ``PathKernelTracker`` keeping

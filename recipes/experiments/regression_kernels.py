@@ -4,7 +4,7 @@ ground truth and the normalized gradient kernel at the last step.
 Steps:
   1. Data: ``regression_1d`` on [−π, π] (sorted training inputs), a dense test grid.
   2. Train a tanh MLP (full batch, Adam) from several seeds; kernel at initialization and at
-     the last step, k̂ (DESIGN.md section 2, "Normalized kernel").
+     the last step, k̂ (docs/ledger.md, "Gradient kernels").
   3. Numbers: test R² (fit), centered kernel–target alignment before and after training.
   4. Claims: each target is fitted (R² above a stated level); training raises the kernel's
      alignment with the target (interval over seeds).

@@ -6,7 +6,7 @@ Steps:
      ``per_class`` images of every digit 0–9 from the test split for the embedding.
   2. ``SmallConvNet`` with 5 outputs, cross-entropy (Adam). Normalized gradient kernel k̂ over
      the embedding images at θ_0 and θ_T; tangent-feature distance d = sqrt(2 − 2 k̂)
-     (DESIGN.md section 2, "Tangent features", "Normalized kernel").
+     (docs/ledger.md, "Gradient kernels").
   3. Embed with UMAP when umap-learn is installed, otherwise t-SNE (stated in the figure and
      the JSON). Silhouette scores are computed on the tangent-feature distances themselves (not
      on the 2-D embedding): seen digits among seen, unseen among unseen, before and after.

@@ -5,7 +5,7 @@ Steps:
   1. Data: ``ellipse_task(a=1, level=0.9)`` (circle: x1² + x2² ≤ 0.9 against = 1) and
      ``ellipse_task(a=100, level=0.9)`` (100 x1² + x2² ≤ 0.9 against = 1); train and test sets.
   2. Train a tanh MLP with the logistic loss (Adam, full batch); tangent features
-     φ(x) = ∇_θ f(x; θ_T) (DESIGN.md section 2, "Tangent features").
+     φ(x) = ∇_θ f(x; θ_T) (docs/ledger.md, "Gradient kernels").
   3. Fit a linear SVM on φ(x_n) at θ_T, the same on φ at θ_0 (the untrained network's tangent
      features: the baseline), and an RBF SVM on x_n; every one *tuned*: C (and the RBF's gamma)
      by stratified k-fold cross-validation on the training set (an untuned RBF SVM at C = 1,
