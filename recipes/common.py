@@ -243,7 +243,8 @@ def import_root(package: str, folder: Path) -> Path:
 # A claim the settings cannot measure (a window whose change is mostly pre-window optimizer state,
 # samples that are still noise) says ``measured: false`` and why.
 
-SAMPLE_NOISE_LIMIT = 0.5  # samples count as noise when they sit at least half-way from held-out data to θ₀'s samples
+SAMPLE_NOISE_LIMIT = 0.5  # samples count as noise when they sit at least half-way from held-out data's distance to
+# the training set to the training inputs' distance to one another (sample_quality)
 
 
 def add_diffusion_arguments(parser: argparse.ArgumentParser) -> None:
@@ -291,12 +292,13 @@ class TimeBlind(torch.nn.Module):
 
 
 def sample_quality(samples: torch.Tensor, train: torch.Tensor, held_out: torch.Tensor,
-                   untrained_samples: torch.Tensor) -> dict[str, Any]:
+                   untrained_samples: torch.Tensor | None = None) -> dict[str, Any]:
     """Are generated samples still noise? Mean distance to the nearest training input of the
-    samples (d_s), of held-out data (d_h: what real samples reach) and of the untrained denoiser's
-    samples from the same initial noise (d_0: what θ₀ makes of it). ``score`` = (d_s − d_h) /
-    (d_0 − d_h): 0 for samples as close to the data as fresh data, 1 for no better than θ₀'s;
-    ``noise`` when above :data:`SAMPLE_NOISE_LIMIT`."""
+    samples (d_s) and of held-out data (d_h: what real samples reach), against the training inputs'
+    mean distance to one another (d_r: the data's own spread; a sample no nearer the data than that
+    has not found it). ``score`` = (d_s − d_h) / (d_r − d_h): 0 for samples as close to the data as
+    fresh data, 1 or more for noise spread over the data's region; ``noise`` when above
+    :data:`SAMPLE_NOISE_LIMIT`. The untrained denoiser's samples' distance is reported beside it."""
     def flat(x):
         return x.detach().reshape(x.shape[0], -1).to(torch.float64).cpu()
 
@@ -305,10 +307,15 @@ def sample_quality(samples: torch.Tensor, train: torch.Tensor, held_out: torch.T
     def nearest(x):
         return float(torch.cdist(flat(x), b).min(dim=1).values.mean())
 
-    d_s, d_h, d_0 = nearest(samples), nearest(held_out), nearest(untrained_samples)
-    score = (d_s - d_h) / (d_0 - d_h) if d_0 > d_h else math.inf
-    return {"score": score, "limit": SAMPLE_NOISE_LIMIT, "noise": not score <= SAMPLE_NOISE_LIMIT,
-            "distance_samples": d_s, "distance_held_out": d_h, "distance_untrained_samples": d_0}
+    pairs = torch.cdist(b, b)
+    d_r = float(pairs[~torch.eye(b.shape[0], dtype=torch.bool)].mean()) if b.shape[0] > 1 else math.nan
+    d_s, d_h = nearest(samples), nearest(held_out)
+    score = (d_s - d_h) / (d_r - d_h) if d_r > d_h else math.inf
+    out = {"score": score, "limit": SAMPLE_NOISE_LIMIT, "noise": not score <= SAMPLE_NOISE_LIMIT,
+           "distance_samples": d_s, "distance_held_out": d_h, "distance_between_training_inputs": d_r}
+    if untrained_samples is not None:
+        out["distance_untrained_samples"] = nearest(untrained_samples)
+    return out
 
 
 def _kernel_locality_per_input(analyzer, model, scheduler) -> np.ndarray:
@@ -392,6 +399,8 @@ def diffusion_seed_run(spec: dict, args: argparse.Namespace, s: dict, seed: int)
                           checkpoint_dir=run_dir, checkpoint_every=s["checkpoint_every"] if run_dir else 0, progress=progress)
     resumed = bool(run_dir is not None and trainer.resume())
     warmup_s, window_s = _train(trainer, warmup, total)
+    if analyzer.tracker is None:  # resumed after the window had ended: bind to apply the checkpointed ledgers
+        analyzer.bind(model, trainer.optimizer, start_step=warmup)
     if run_dir is not None:
         trainer.save_checkpoint()
     report = analyzer.report()
@@ -556,8 +565,8 @@ def diffusion_claims(runs: list[dict]) -> dict:
             statement, False, at_T.estimate, at_T, statistic=stat,
             baseline=baseline(None, "θ₀ (not run: θ_T's samples are noise)"), measured=False,
             why=(f"the samples are still noise: their distance to the training set is {worst:.2f} of the way from "
-                 f"held-out data's (0) to the untrained denoiser's samples' (1), above {SAMPLE_NOISE_LIMIT:g}; "
-                 "retrieval of noise says nothing about the trained denoiser"),
+                 f"held-out data's (0) to the training inputs' distance to one another (1), above "
+                 f"{SAMPLE_NOISE_LIMIT:g}; retrieval of noise says nothing about the trained denoiser"),
             at_theta_T=at_T.estimate, sample_quality=quality)
     else:
         h0 = [np.asarray(r["retrieval_entropy_theta_0"], dtype=np.float64) for r in runs]
@@ -660,9 +669,11 @@ def run_diffusion_recipe(name: str, spec: dict, args: argparse.Namespace, s: dic
 
 
 def estimate_diffusion_wall_time(name: str, spec: dict, args: argparse.Namespace, s: dict, seeds: list[int]) -> dict:
-    """``--estimate-only``: time ``n`` bare steps and ``n`` tracked steps of these settings on
-    ``--device`` and print the expected wall time of the whole run (warm-up at the bare rate,
-    window at the tracked rate, kernels and retrieval not counted); returns the numbers."""
+    """``--estimate-only``: time bare steps, tracked steps and one kernel structure of these settings
+    on ``--device`` and print the expected wall time of the whole run: warm-up at the bare rate,
+    window at the tracked rate, the kernels (θ₀, the window's checkpoints, the per-input kernels,
+    the time-blind one) at the measured kernel time, and the time-blind reference; retrieval and
+    imports not counted. Returns the numbers."""
     from genkernel.diffusion import DDPMTrainer
 
     device = args.torch_device
@@ -670,31 +681,39 @@ def estimate_diffusion_wall_time(name: str, spec: dict, args: argparse.Namespace
     torch.manual_seed(seeds[0])
     model = spec["model"]().to(device)
     scheduler = spec["scheduler"]()
-    n = 5 if args.mode == "smoke" else 20
+    n = 5 if args.mode == "smoke" or device.type == "cpu" else 20
     trainer = DDPMTrainer(model, scheduler, data.to(device), batch_size=s["batch_size"], lr=s["lr"], seed=seeds[0], progress=False)
-    trainer.train(2)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    trainer.train(2)
     sync()
     t0 = time.perf_counter()
     trainer.train(n)
     sync()
     bare = (time.perf_counter() - t0) / n
-    settings = {**s, "warmup_steps": trainer.global_step, "window_steps": n}
+    settings = {**s, "warmup_steps": trainer.global_step, "window_steps": n + 1}
     analyzer = _make_analyzer(scheduler, held_out.to(device), settings, seeds[0], controls=s["controls"], snapshots=False,
                               progress=True)
+    t0 = time.perf_counter()
+    analyzer.kernel_structure(model)
+    sync()
+    kernel = time.perf_counter() - t0
+    analyzer.record_kernel = lambda: None  # timed apart, above
     trainer.callbacks.append(analyzer)
-    trainer.train(1)  # binds (and records the kernel at the window's start)
+    trainer.train(1)  # binds
     sync()
     t0 = time.perf_counter()
-    trainer.train(n - 1)
+    trainer.train(n)
     sync()
-    tracked = (time.perf_counter() - t0) / max(1, n - 1)
-    per_seed = s["warmup_steps"] * bare + s["window_steps"] * tracked
+    tracked = (time.perf_counter() - t0) / n
+    kernels = 2 + (s["window_steps"] // s["kernel_every"] if s["kernel_every"] else 0) + 1 + 2
+    per_seed = s["warmup_steps"] * bare + s["window_steps"] * tracked + kernels * kernel
     if s.get("reference"):
-        per_seed += s["warmup_steps"] * bare + (s["window_steps"] * tracked if s["reference"] == "ledger" else s["window_steps"] * bare)
-    result = {"device": str(device), "bare_step_s": bare, "tracked_step_s": tracked, "expected_s_per_seed": per_seed,
-              "expected_s_total": per_seed * len(seeds), "seeds": seeds,
-              "note": "warm-up at the bare rate, window at the tracked rate; kernels, retrieval and imports not counted"}
-    print(f"[{name}] {device}: bare step {bare:.3g} s, tracked step {tracked:.3g} s -> about {per_seed / 3600:.2f} h per "
-          f"seed, {per_seed * len(seeds) / 3600:.2f} h for {len(seeds)} seed(s)")
+        per_seed += s["warmup_steps"] * bare + kernel + s["window_steps"] * (tracked if s["reference"] == "ledger" else bare)
+    result = {"device": str(device), "bare_step_s": bare, "tracked_step_s": tracked, "kernel_structure_s": kernel,
+              "kernels_per_seed": kernels, "expected_s_per_seed": per_seed, "expected_s_total": per_seed * len(seeds),
+              "seeds": seeds, "settings": _clean(s),
+              "note": "warm-up at the bare rate, window at the tracked rate, kernels at the measured kernel time; "
+                      "retrieval and imports not counted"}
+    print(f"[{name}] {device}: bare step {bare:.3g} s, tracked step {tracked:.3g} s, kernel structure {kernel:.3g} s "
+          f"-> about {per_seed / 3600:.2f} h per seed, {per_seed * len(seeds) / 3600:.2f} h for {len(seeds)} seed(s)")
     return result

@@ -125,3 +125,39 @@ def test_benchmark_smoke(tmp_path):
         assert math.isclose(r["control_cost_five"], r["five_controls"] / r["no_control"])
         assert payload["claims"][f"{model}_one_control_cost"]["held"] == (r["control_cost_one"] <= 2.2)
     assert payload["claims"]["mlp_overhead_target"]["held"] == (results["mlp"]["ratio_no_control"] <= 3.0)
+
+
+def test_diffusion_run_resumes_mid_window_to_the_same_ledger(tmp_path):
+    """A run stopped inside its tracked window and continued from --checkpoint-dir (trainer, the
+    analyzer's ledgers, θ₀) ends with the ledger of an uninterrupted run."""
+    import argparse
+
+    from genkernel.data import gaussian_ring
+    from genkernel.diffusion import MLPDenoiser, make_scheduler
+    from recipes.common import diffusion_seed_run
+
+    spec = {
+        "load": lambda seed: (gaussian_ring(96, num_modes=4, radius=2.0, std=0.05, seed=seed)[0],
+                              gaussian_ring(24, num_modes=4, radius=2.0, std=0.05, seed=seed + 1000)[0]),
+        "model": lambda: MLPDenoiser(2, hidden=16, depth=2), "time_blind": None,
+        "scheduler": lambda: make_scheduler(100, "linear", "epsilon"), "retrieval": {}, "images": False,
+    }
+    s = dict(num_bins=3, num_probes=9, band=0, controls=2, reference=None, snapshot_every=1, kernel_every=0,
+             kernel_points=3, kernel_sketch=None, warmup_steps=3, window_steps=4, batch_size=16, lr=2e-3,
+             retrieval_samples=2, retrieval_train=16, retrieval_stages=2, inference_steps=5, checkpoint_every=1)
+
+    def args(folder):
+        return argparse.Namespace(torch_device=torch.device("cpu"), mode="smoke", checkpoint_dir=folder)
+
+    whole, _ = diffusion_seed_run(spec, args(None), s, 0)
+    folder = str(tmp_path / "ckpt")
+    first, _ = diffusion_seed_run(spec, args(folder), {**s, "window_steps": 2}, 0)  # stops after 2 of the 4 tracked steps
+    assert first["report"]["tracked_steps"] == 2 and not first["resumed"]
+    resumed, _ = diffusion_seed_run(spec, args(folder), s, 0)
+    assert resumed["resumed"] and resumed["report"]["tracked_steps"] == 4
+    for key in ("traffic", "share"):
+        assert resumed["report"]["locality"][key]["difference"] == pytest.approx(whole["report"]["locality"][key]["difference"], rel=1e-9, abs=1e-12)
+    np.testing.assert_allclose(np.array(resumed["report"]["matrices"]["traffic"], dtype=float),
+                               np.array(whole["report"]["matrices"]["traffic"], dtype=float), rtol=1e-9, atol=1e-12)
+    assert resumed["report"]["residual"]["relative_residual"] == pytest.approx(whole["report"]["residual"]["relative_residual"], rel=1e-6)
+    np.testing.assert_allclose(resumed["kernel_locality_per_input"]["theta_0"], whole["kernel_locality_per_input"]["theta_0"])

@@ -29,6 +29,18 @@ Per generator step, owned (:meth:`GANKernelAnalyzer._generator_step`) or observe
    differences of the ledgers between their first and last step (:meth:`PathKernelLedger.since`);
    alignment cosines of the step's actual ΔG(z'), mode coverage, the loop's step numbers.
 
+**What the coupling claims read** (``windows[i]["statistics"]``, :func:`partition_statistics`). Own-group
+share minus a permutation control is confounded by source-group strength (a group that pushes every
+probe hard makes its whole column of the coupling matrix large), so each window also reports the
+*interaction statistic*: a probe's share from its own group minus the other probe groups' mean share
+from that same group, minus the same under the controls. Intervals are clustered by probe group
+(probes in one group share their column: 64 probes in 2 groups are about 2 units, and fewer than 3
+units never count as held). With ``comparison=`` a discriminator-independent grouping of the same size
+(nearest mode, k-means of z) is split on the same steps with its own controls, and each window reports
+geometry minus spatial: coupling that G's smoothness alone produces is not credited to D. A null model
+(G trained on a loss that ignores D, ``geometry_loss=GeneratorLoss(D)``) shows what the statistics
+give when G does not depend on D.
+
 **Analysis never changes D.** Every analysis pass through D (geometry of a batch or of the probes,
 the loss check) runs in D's current mode with all its buffers (BatchNorm's running statistics,
 spectral norm's u, v) saved and written back, and the RNG forked (:mod:`genkernel.gan.passes`);

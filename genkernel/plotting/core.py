@@ -26,6 +26,11 @@ def plot_decision_regions(ax, grid_x, grid_y, scores, points, labels, title: str
     ax.contourf(_np(grid_x), _np(grid_y), _np(scores), levels=[-1e9, 0, 1e9], colors=["#c6dbef", "#fcbba1"], alpha=0.8)
     ax.contour(_np(grid_x), _np(grid_y), _np(scores), levels=[0], colors="k", linewidths=0.8)
     scatter_labels(ax, points, labels, size=3, alpha=0.5)
+    from matplotlib.patches import Patch
+
+    handles = ax.get_legend_handles_labels()[0] + [Patch(color="#fcbba1", label="predicted +1"),
+                                                    Patch(color="#c6dbef", label="predicted −1")]
+    ax.legend(handles=handles, fontsize=6, loc="lower left", framealpha=0.8)
     ax.set_title(title, fontsize=9)
 
 

@@ -216,7 +216,7 @@ def plot_retrieval(result, train_data, *, images: bool, top: int = 3, quality: d
     current sample x_s and its ``top`` training examples by k̂ at θ_T; entropy per stage below.
 
     Retrieval is shown only where the samples are not noise (``quality["noise"]`` False: their
-    distance to the training set is nearer held-out data's than the untrained denoiser's samples'): otherwise the figure shows the final samples beside
+    distance to the training set is nearer held-out data's than the training inputs' own spread): otherwise the figure shows the final samples beside
     training inputs and says why the retrieval is left out. ``result`` None (runs read back from
     JSON): the entropy curve only, from ``entropy [K, S]`` and ``stages``."""
     if quality is not None and quality.get("noise"):
@@ -280,7 +280,8 @@ def _entropy_panel(ax, stages: np.ndarray, entropy: np.ndarray) -> None:
 def _noise_samples_figure(result, train_data, *, images: bool, quality: dict) -> plt.Figure:
     """The final samples next to training inputs, and why retrieval is not shown."""
     why = (f"samples are still noise: their distance to the training set is {quality['score']:.2f} of the way from "
-           f"held-out data's (0) to the untrained denoiser's samples' (1), above {quality['limit']:g}: retrieval not shown")
+           f"held-out data's (0) to the training inputs' distance to one another (1), above {quality['limit']:g}: "
+           "retrieval not shown")
     if result is None:
         fig, ax = plt.subplots(figsize=(7, 2))
         ax.set_axis_off()

@@ -158,8 +158,8 @@ def plot_tangent_embedding(panels: list[dict], *, method: str) -> plt.Figure:
         ax.set_title(p["title"], fontsize=9)
         ax.set_xticks([])
         ax.set_yticks([])
-    axes[-1].legend(fontsize=6, markerscale=1.5, ncol=2, loc="best", title="digit (o seen, x unseen)", title_fontsize=6)
-    fig.suptitle(f"tangent features embedded with {method} (distances from the normalized gradient kernel)", fontsize=9)
+        ax.legend(fontsize=6, markerscale=1.5, ncol=2, loc="best", title="digit (o seen, x unseen)", title_fontsize=6)
+    fig.suptitle(f"tangent features embedded with {method} (distances from the normalized gradient kernel; seed 0)", fontsize=9)
     fig.tight_layout()
     return fig
 
@@ -307,7 +307,7 @@ def plot_null_space(spectrum, energy_curve, x_train, x_test, y_test, pred_test, 
     axes[3].set_ylabel("test error |f(x) − y(x)|", fontsize=8)
     title = f"seed 0: Spearman ρ = {rho:.2f}  [{interval[0]:.2f}, {interval[1]:.2f}] (test points)"
     if by_region:
-        title += "\nmean over seeds, ρ(r, err) vs ρ(distance, err): " + ", ".join(
+        title += "\nmean over seeds, ρ(r, err) vs ρ(distance to training, err):\n" + "; ".join(
             f"{k} {v['rho_residual']:.2f} vs {v['rho_distance']:.2f}" for k, v in by_region.items())
     axes[3].set_title(title, fontsize=7)
     axes[3].legend(fontsize=7)

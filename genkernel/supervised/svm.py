@@ -4,7 +4,10 @@ A linear SVM on tangent features φ(x) = ∇_θ f(x; θ_T) is a kernel machine w
 kernel at θ_T; an RBF SVM on the raw inputs is the fixed-kernel baseline. Both are
 ``sklearn.svm.SVC`` (hinge loss): the tangent SVM on the precomputed Gram matrix of the scaled
 features (the same classifier as a linear SVM on the features, and fast for a few thousand
-training points however many parameters the network has). A comparison of the two is only fair
+training points however many parameters the network has). The features are centred on the
+training mean first: with the SVM's unpenalized intercept this changes no classifier (w·(φ − μ) + b
+is w·φ + b'), but the untrained network's features share one dominant direction, and without it
+the quadratic program on their Gram matrix barely converges at large C. A comparison of the two is only fair
 when both are tuned the same way: ``tune=True`` chooses C (and the RBF's gamma) by stratified
 k-fold cross-validation on the training set, and the chosen values and the cross-validated
 accuracy are kept in ``.tuning``.
@@ -26,6 +29,7 @@ __all__ = ["TangentSVM", "fit_tangent_svm", "fit_rbf_svm", "TANGENT_CS", "RBF_CS
 TANGENT_CS = (0.01, 0.1, 1.0, 10.0, 100.0, 1000.0)  # C grid of the tangent SVM (features scaled to mean norm 1)
 RBF_CS = (1.0, 10.0, 100.0, 1000.0, 10000.0)  # C grid of the RBF SVM
 RBF_GAMMA_FACTORS = (1.0, 10.0, 100.0, 1000.0)  # gamma grid, as multiples of sklearn's "scale"
+MAX_ITER = 10_000_000  # libsvm iterations per fit: a cap against a quadratic program that does not converge
 
 
 def _labels(y) -> np.ndarray:
@@ -55,8 +59,9 @@ class TangentSVM:
         model: the network whose tangent features are used (not modified; its parameters must not
             change between fitting and prediction).
         svm: the fitted ``sklearn.svm.SVC(kernel="precomputed")`` on the Gram matrix of the scaled features.
-        scale: features are divided by this constant (the mean training feature norm), so that
+        scale: centred features are divided by this constant (their mean training norm), so that
             the SVM's C means the same across models.
+        mean: ``[P]`` the training features' mean (features are centred on it).
         output_index: which output's gradient is the feature (None: the single output).
         train_features: ``[N, P]`` the scaled training features (the Gram matrix's other side).
         tuning: how C was chosen (``{"tuned": False, "best": {"C": ...}}`` or the search's record).
@@ -67,6 +72,7 @@ class TangentSVM:
     scale: float
     output_index: int | None
     train_features: np.ndarray
+    mean: np.ndarray | float = 0.0
     tuning: dict = field(default_factory=dict)
 
     @property
@@ -74,9 +80,9 @@ class TangentSVM:
         return int(self.train_features.shape[1])
 
     def features(self, x: torch.Tensor) -> np.ndarray:
-        """``[M, P]`` scaled tangent features of inputs ``x``."""
+        """``[M, P]`` centred and scaled tangent features of inputs ``x``."""
         phi = tangent_features(self.model, x, output_index=0 if self.output_index is None else self.output_index)
-        return phi.detach().cpu().to(torch.float64).numpy() / self.scale
+        return (phi.detach().cpu().to(torch.float64).numpy() - self.mean) / self.scale
 
     def _gram(self, x: torch.Tensor, chunk: int = 2048) -> np.ndarray:
         return np.concatenate([self.features(x[i:i + chunk]) @ self.train_features.T for i in range(0, x.shape[0], chunk)])
@@ -108,18 +114,22 @@ def fit_tangent_svm(model: nn.Module, x: torch.Tensor, y, *, C: float = 1.0, out
 
     phi = tangent_features(model, x, output_index=0 if output_index is None else output_index)
     phi = phi.detach().cpu().to(torch.float64).numpy()
+    mean = phi.mean(axis=0)
+    phi = phi - mean
     scale = float(np.linalg.norm(phi, axis=1).mean())
     if not scale > 0:
-        raise ValueError("the tangent features are all zero: the model's output does not depend on its parameters here")
+        raise ValueError("the tangent features do not vary over the training inputs: the model's output gradient is the "
+                         "same everywhere")
     phi = phi / scale
     gram, labels = phi @ phi.T, _labels(y)
     if tune:
-        svm, tuning = _search(SVC(kernel="precomputed"), {"C": list(Cs)}, gram, labels, folds, seed)
+        svm, tuning = _search(SVC(kernel="precomputed", max_iter=MAX_ITER), {"C": list(Cs)}, gram, labels, folds, seed)
     else:
         if not C > 0:
             raise ValueError(f"C must be positive, got {C}")
-        svm, tuning = SVC(kernel="precomputed", C=C).fit(gram, labels), {"tuned": False, "best": {"C": float(C)}}
-    return TangentSVM(model, svm, scale, output_index, phi, tuning)
+        svm = SVC(kernel="precomputed", C=C, max_iter=MAX_ITER).fit(gram, labels)
+        tuning = {"tuned": False, "best": {"C": float(C)}}
+    return TangentSVM(model, svm, scale, output_index, phi, mean=mean, tuning=tuning)
 
 
 def fit_rbf_svm(x: torch.Tensor, y, *, C: float = 1.0, gamma: str | float = "scale", tune: bool = False,
@@ -134,10 +144,10 @@ def fit_rbf_svm(x: torch.Tensor, y, *, C: float = 1.0, gamma: str | float = "sca
     labels = _labels(y)
     if tune:
         scale = 1.0 / (xs.shape[1] * xs.var())
-        svm, tuning = _search(SVC(kernel="rbf"), {"C": list(Cs), "gamma": [f * scale for f in gamma_factors]},
+        svm, tuning = _search(SVC(kernel="rbf", max_iter=MAX_ITER), {"C": list(Cs), "gamma": [f * scale for f in gamma_factors]},
                               xs, labels, folds, seed)
     else:
-        svm = SVC(kernel="rbf", C=C, gamma=gamma).fit(xs, labels)
+        svm = SVC(kernel="rbf", C=C, gamma=gamma, max_iter=MAX_ITER).fit(xs, labels)
         tuning = {"tuned": False, "best": {"C": float(C), "gamma": gamma}}
     svm.tuning = tuning
     return svm

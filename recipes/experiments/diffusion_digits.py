@@ -1,6 +1,6 @@
 """Diffusion on images: noise-level path kernels of a small attention UNet2DModel on digits.
 
-DESIGN.md section 3, issue 3. A diffusers ``UNet2DModel`` whose blocks are modulated by the time
+docs/diffusion.md. A diffusers ``UNet2DModel`` whose blocks are modulated by the time
 embedding (self-attention at the lowest resolution) is trained with DDPMScheduler (ε-prediction,
 Adam) on sklearn's 8×8 digits upsampled to 16×16 (default), or on MNIST / CIFAR-10 read from a
 local folder (``--dataset mnist|cifar10 --data-root DIR``; nothing is downloaded). The
@@ -31,12 +31,13 @@ aggregate with ``--aggregate --runs-dir R``. ``--checkpoint-dir`` makes every ru
 trainer, the analyzer's ledgers (the trackers' save/load) and θ₀ are checkpointed every
 ``--checkpoint-every`` steps in DIR/seed_S; rerunning the same command continues where it stopped.
 
-Expected wall time: ``--estimate-only --device DEVICE`` times 20 bare and 20 tracked steps on the
-device and prints the whole run's time. Measured here (2 shared CPU cores, quick settings): about
-4 min. The full settings on these CPUs: about 1.5 s per bare step and about 60 s per tracked step
-(estimate from the quick per-step costs scaled by channels, batch, probes and groups), i.e. days
-per seed; on one H100 or H200 the tracked step is expected in the seconds and the run per seed in
-a few hours (not measured: no GPU was available to this work; run --estimate-only there first).
+Expected wall time: ``--estimate-only --device DEVICE`` times bare steps, tracked steps and one
+kernel structure on the device and prints the whole run's time (warm-up, window, kernels and the
+time-blind reference; retrieval not counted). Measured on 2 shared CPU cores (load about 4): quick
+settings about 2 min in all; full settings 0.95 s per bare step, 95 s per tracked step and 234 s per
+kernel structure, i.e. about 24 h per seed on those CPUs. On one H100 or H200 nothing was measured
+(no GPU was available to this work): run ``--estimate-only --device cuda`` there first. On the CPUs
+a tracked step cost about 100 bare steps, so the 500-step window outweighs the 20 000-step warm-up.
 
 Run:  python -m recipes.experiments.diffusion_digits [--quick] [--out-dir figures] [--seed 0] [--device cpu]
       [--dataset digits|mnist|cifar10] [--data-root DIR] [--prediction-type ...] [--beta-schedule ...]
@@ -61,7 +62,7 @@ SETTINGS = dict(
               kernel_points=8, kernel_sketch=16, retrieval_samples=8, retrieval_train=256, retrieval_stages=6,
               inference_steps=250, timesteps=1000, checkpoint_every=1000),
     quick=dict(num_train=512, channels=(8, 16), batch_size=16, lr=1e-3, warmup_steps=80, window_steps=6,
-               num_bins=5, num_probes=10, band=1, controls=1, reference=None, snapshot_every=2, kernel_every=0,
+               num_bins=5, num_probes=10, band=1, controls=2, reference=None, snapshot_every=2, kernel_every=0,
                kernel_points=3, kernel_sketch=2, retrieval_samples=3, retrieval_train=24, retrieval_stages=3,
                inference_steps=25, timesteps=1000, checkpoint_every=2),
     smoke=dict(num_train=64, channels=(8, 16), batch_size=4, lr=1e-4, warmup_steps=1, window_steps=2,

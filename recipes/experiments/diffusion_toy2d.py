@@ -1,6 +1,6 @@
 """Diffusion on 2-D points: is the denoiser corrected stage-wise and noise-localized?
 
-DESIGN.md section 3, issue 3. A time-embedded SiLU MLP denoiser (ε-prediction, Adam) is trained
+docs/diffusion.md. A time-embedded SiLU MLP denoiser (ε-prediction, Adam) is trained
 with diffusers' DDPMScheduler on a Gaussian ring (or two moons). The NoiseLevelAnalyzer keeps the
 exact path-kernel ledger split by the training timestep's bin, at probes (clean x, level s, fixed
 noise) placed at the bin centres, with a label-permutation control on the same trajectory.
@@ -24,7 +24,7 @@ Run:  python -m recipes.experiments.diffusion_toy2d [--quick] [--out-dir figures
       [--beta-schedule linear|squaredcos_cap_v2] [--num-bins G] [--band w] [--controls K]
       [--seeds 0 1 2 [--runs-dir DIR]] [--aggregate --runs-dir DIR] [--checkpoint-dir DIR] [--estimate-only]
 
-Wall time (2 shared CPU cores): quick about 3 min; full about 15 min per seed on CPU.
+Wall time (2 shared CPU cores): quick about 1–2 min; full: time it with --estimate-only.
 """
 
 from __future__ import annotations
