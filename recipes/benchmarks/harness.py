@@ -1,6 +1,7 @@
-"""What any benchmark here can reuse: a time cap that paces work, peak working memory of one
-measured call, a fresh child process per measurement, FLOP counting, the machine's matmul
-FLOP/s, and outputs printed side by side and written atomically.
+"""What any benchmark here can reuse: a time cap that paces work, interleaved repeated timing with
+the machine's load beside each time, peak working memory of one measured call, a fresh child
+process per measurement, FLOP counting, the machine's matmul FLOP/s, and outputs printed side by
+side and written atomically.
 
 A measurement runs in its own process so that its peak memory is its own: the benchmark module
 calls :func:`run_child` with its own ``__spec__.name`` and the arguments of its hidden child mode;
@@ -113,6 +114,54 @@ def timing(seconds: float, fraction: float, work: float) -> dict:
         result["seconds"] = seconds / work
         result["extrapolated_from"] = "work"
     return result
+
+
+def load_average() -> float:
+    """The machine's 1-minute load average now (``os.getloadavg``): what else was running while
+    a time was taken; on 2 cores a load above 2 means the cores were shared."""
+    return os.getloadavg()[0]
+
+
+def interleaved(methods: dict[str, Callable[[], object]], repeats: int,
+                first: dict[str, Callable[[], object]] | None = None, seconds: float | None = None) -> dict[str, dict]:
+    """Times every method in one process, interleaved, so that a change in machine load hits all
+    of them alike.
+
+    ``first``: per method, the call that measures its first-call time (by default the method
+    itself); each runs once, in order, before any repeat. Then ``repeats`` rounds call every
+    method once, the order rotated each round (no method always first after another); with
+    ``seconds``, a method whose first call took longer than ``seconds / repeats`` takes part in
+    only as many rounds as fit in ``seconds`` (at least one). Each call records its seconds and
+    the 1-minute load average after it.
+
+    Returns ``{method: {"first_call_s", "first_call_load", "steady_s" (list), "steady_load" (list),
+    "steady_min_s", "steady_median_s", "load_mean"}}``.
+    """
+    first = first or {}
+    out: dict[str, dict] = {}
+    for name, fn in methods.items():
+        began = time.perf_counter()
+        first.get(name, fn)()
+        out[name] = {"first_call_s": time.perf_counter() - began, "first_call_load": load_average(),
+                     "steady_s": [], "steady_load": []}
+    names = list(methods)
+    rounds = {name: repeats if seconds is None else max(1, min(repeats, int(seconds / max(out[name]["first_call_s"], 1e-9))))
+              for name in names}
+    for round_ in range(repeats):
+        for name in names[round_ % len(names):] + names[: round_ % len(names)]:
+            if round_ >= rounds[name]:
+                continue
+            began = time.perf_counter()
+            methods[name]()
+            out[name]["steady_s"].append(time.perf_counter() - began)
+            out[name]["steady_load"].append(load_average())
+    for entry in out.values():
+        times = sorted(entry["steady_s"]) or [entry["first_call_s"]]
+        loads = entry["steady_load"] or [entry["first_call_load"]]
+        entry["steady_min_s"] = times[0]
+        entry["steady_median_s"] = times[len(times) // 2]
+        entry["load_mean"] = sum(loads) / len(loads)
+    return out
 
 
 # ------------------------------------------------------------------------------------ memory

@@ -1,0 +1,60 @@
+"""The scale benchmark's plumbing (``--smoke``: tiny sizes, numbers that say nothing about the
+claims): every claim's ``held`` follows from the numbers beside it, ratios are the quotients of
+the medians written, the SGD rows ran on the factored route without changing training, and the
+time breakdown accounts for the analyzed step."""
+
+import json
+import math
+
+import pytest
+
+from recipes.benchmarks import scale
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
+    out = tmp_path_factory.mktemp("scale")
+    scale.main(["--smoke", "--out-dir", str(out)])
+    path = out / "benchmark_scale.json"
+    assert path.exists() and (out / "benchmark_scale.png").exists()
+    return json.loads(path.read_text())
+
+
+def test_claims_follow_from_their_numbers(report):
+    claims = report["claims"]
+    assert len(claims) == 2 + len(report["sgd_factored"]) + 1
+    for claim in claims:
+        n = claim["numbers"]
+        if "relative_error" in n:
+            assert n["relative_error"] == pytest.approx((n["predicted_bytes"] - n["measured_bytes"]) / n["measured_bytes"])
+            assert claim["held"] == (abs(n["relative_error"]) <= n["tolerance"])
+        else:
+            assert claim["held"] == (n["ratio"] <= n["target"] and n.get("group_state", "factored") == "factored")
+
+
+def test_ratios_are_the_medians_quotients(report):
+    for run in report["sgd_factored"]:
+        assert run["ratio"] == pytest.approx(run["tracked_median_s"] / run["bare_median_s"])
+        assert run["group_state"] == "factored"  # one group per example on plain SGD: the factored route
+        assert run["groups"] >= run["batch"]
+        assert run["training_unchanged"] is True
+        assert math.isfinite(run["relative_residual"]) and run["relative_residual"] < 0.1
+    unet = report["tiny_unet"]
+    assert unet["ratio"] == pytest.approx(unet["analyzed_median_s"] / unet["bare_median_s"])
+    assert unet["rows"] == unet["bins"] * (1 + unet["controls"])
+
+
+def test_breakdown_accounts_for_the_step(report):
+    breakdown = report["tiny_unet"]["breakdown"]
+    phases = breakdown["phases"]
+    assert sum(p["fraction"] for p in phases) == pytest.approx(1.0, abs=0.02)
+    assert sum(p["seconds"] for p in phases) == pytest.approx(breakdown["wall_s"], rel=0.02)
+    assert any(p["phase"].startswith("training forward") for p in phases)
+
+
+def test_memory_comparisons_name_their_parts(report):
+    memory = report["memory"]
+    for key in ("total", "analysis_only", "training"):
+        c = memory["comparisons"][key]
+        assert c["measured_bytes"] > 0 and c["predicted_bytes"] > 0
+        assert c["within_20_percent"] == (abs(c["relative_error"]) <= 0.2)
