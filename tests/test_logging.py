@@ -223,3 +223,61 @@ def test_gan_trainer_logs_both_players():
     assert logged["loss/generator"] == [2, 4]
     assert logged["loss/discriminator"] == [2, 2, 4, 4]  # two D steps per iteration
     assert set(logged) == {"loss/generator", "loss/discriminator", "lr/generator", "lr/discriminator"}
+
+
+def _gan_run(log=None, **kwargs):
+    from genkernel.data import gaussian_ring, ring_mode_centers
+    from genkernel.gan import GANKernelAnalyzer, GANTrainer, MLPDiscriminator, MLPGenerator
+
+    torch.manual_seed(0)
+    data, modes = gaussian_ring(128, num_modes=4, radius=2.0, std=0.05, seed=0)
+    G = MLPGenerator(2, 2, hidden=8, depth=2).double()
+    D = MLPDiscriminator(2, hidden=8, depth=2).double()
+    probes = torch.randn(8, 2, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    analyzer = GANKernelAnalyzer(G, D, probes, grouping="mode", mode_centers=ring_mode_centers(4, 2.0), mode_std=0.05,
+                                 window=2, eval_every=1, log=log, **kwargs)
+    trainer = GANTrainer(G, D, data.double(), labels=modes, batch_size=16, lr_g=2e-3, lr_d=2e-3, callbacks=[analyzer])
+    return analyzer, trainer
+
+
+def test_gan_analyzer_logs_its_numbers_at_generator_steps():
+    log = Collect()
+    analyzer, trainer = _gan_run(log, log_every=1, image_every=2)
+    trainer.train(3)
+    tracked = [(step, metrics) for step, metrics in log.rows if "generator/steps" in metrics]
+    # one row per generator step at the loop's iteration numbers, and the final one from on_train_end
+    assert [step for step, _ in tracked] == [1, 2, 3, 3]
+    assert [metrics["generator/steps"] for _, metrics in tracked] == [1, 2, 3, 3]
+    last = tracked[-1][1]
+    assert last["generator/relative_residual"] == pytest.approx(analyzer.report()["generator"]["relative_residual"])
+    assert last["discriminator/steps"] == 3
+    # the window closed at step 2: its statistics appear from step 2 on, not before
+    assert not any(k.startswith("coupling_window/") for k in tracked[0][1])
+    assert any(k.startswith("coupling_window/") for k in tracked[1][1])
+    # coupling matrices as images at step 2 (image_every) and at the end (3); the partial window is closed
+    assert {(name, step) for name, _, step in log.images} == {("coupling/traffic", 2), ("coupling/net", 2),
+                                                              ("coupling/traffic", 3), ("coupling/net", 3)}
+    assert analyzer.partial_window is not None and analyzer.partial_window["partial"]
+
+
+def test_gan_analyzer_saves_and_loads_its_state(tmp_path):
+    analyzer, trainer = _gan_run()
+    trainer.train(3)
+    path = tmp_path / "gan_state.pt"
+    analyzer.save(path)
+    fresh, _ = _gan_run()
+    fresh.load(path)
+    before, after = analyzer.report(), fresh.report()
+    assert after["generator"]["steps"] == before["generator"]["steps"] == 3
+    assert after["generator"]["relative_residual"] == before["generator"]["relative_residual"]
+    assert after["windows"] == before["windows"]
+    with pytest.raises(ValueError, match="GANKernelAnalyzer"):
+        fresh.load(_save_other(tmp_path))
+
+
+def _save_other(tmp_path):
+    from genkernel.core.tracking.io import atomic_save
+
+    path = tmp_path / "other.pt"
+    atomic_save({"format": "something else"}, path)
+    return path

@@ -76,7 +76,8 @@ or performing prepared steps yourself::
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
+import os
+from typing import Any, Callable, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -87,9 +88,11 @@ from ..core import grouping as grouping_layer
 from ..core.adapter import analysis_mode, call_with, output_tensor, trainable_parameters, unwrap, unwrap_optimizer
 from ..core.errors import NonFiniteError
 from ..core.tracking.callbacks import TrainerCallback, perform_step
+from ..core.tracking.io import atomic_save, load_state
 from ..core.tracking.ledger import PathKernelLedger
 from ..core.tracking.step import OptimizerStep
 from ..core.tracking.tracker import PathKernelTracker, StepContributions
+from ..logging import LoggingCallback
 from ..stats import mean_interval
 from .geometry import GeometryGrouping, make_grouping
 from .losses import GENERATED, PENALTY, REAL, ROLE_NAMES, DiscriminatorObjective, GeneratorLoss, scores_of
@@ -171,6 +174,13 @@ class GANKernelAnalyzer(TrainerCallback):
             loops then skip the check that ``generator_loss`` reproduces the loop's losses).
         seed: the analyzer's own random generator (permutation control, coverage latents).
         name: the key of this analyzer's state in a trainer's checkpoint (default the class name).
+        log: a logger ``log(metrics, step)`` (:mod:`genkernel.logging`: TensorBoard, CSV, or any
+            callable). The analyzer logs its own numbers (:func:`~genkernel.logging.analyzer_metrics`:
+            the generator's residual and shares, coupling against its controls, window statistics,
+            alignment, coverage, the discriminator's residual) at the loop's step numbers every
+            ``log_every`` tracked generator steps, and the latest window's coupling matrices as
+            images every ``image_every`` steps (0: when training ends, :meth:`finish`).
+        log_every, image_every: see ``log``.
     """
 
     def __init__(
@@ -198,6 +208,9 @@ class GANKernelAnalyzer(TrainerCallback):
         geometry_loss: Callable[[torch.Tensor], torch.Tensor] | None = None,
         seed: int = 0,
         name: str | None = None,
+        log: Callable[[Mapping[str, float], int], None] | None = None,
+        log_every: int = 1,
+        image_every: int = 0,
     ) -> None:
         if isinstance(controls, bool) or not isinstance(controls, int) or controls < 0:
             raise ValueError(f"controls must be a non-negative int (permutation control partitions), got {controls!r}")
@@ -244,6 +257,9 @@ class GANKernelAnalyzer(TrainerCallback):
             coverage_latents, *probe_latents.shape[1:], generator=self.rng, dtype=torch.float64
         ).to(probe_latents)
         self.discriminator_probes = discriminator_probes
+        self.logging = None if log is None else LoggingCallback(
+            log, analyzer=self, every=log_every, analysis_every=log_every, image_every=image_every
+        )
 
         self.g_tracker: PathKernelTracker | None = None
         self.d_tracker: PathKernelTracker | None = None
@@ -511,12 +527,20 @@ class GANKernelAnalyzer(TrainerCallback):
             self._d_pending = {"ids": [], "loop_step": None}
         self._d_pending["ids"].append(ids)
 
+    def on_train_end(self, trainer: Any) -> None:
+        self.finish()
+
     def finish(self) -> None:
         """Close the coupling window in progress as a partial one (``partial_window`` in the report;
-        training may go on: the next full window is unaffected)."""
+        training may go on: the next full window is unaffected), and log the final numbers and
+        matrices when the analyzer has a ``log``."""
         self.partial_window = None
-        if self._view("g_tracker") is None or self._window_start is None or self.g_steps % self.window == 0:
-            return
+        if self._view("g_tracker") is not None and self._window_start is not None and self.g_steps % self.window:
+            self._close_partial_window()
+        if self.logging is not None:
+            self.logging.on_train_end(None)
+
+    def _close_partial_window(self) -> None:
         first = self.g_steps - (self.g_steps - 1) % self.window  # the open window's first step
         record = self._window_record(first, self.g_steps, self._window_start, self._window_groups, self._window_spatial)
         record["partial"] = True
@@ -741,6 +765,8 @@ class GANKernelAnalyzer(TrainerCallback):
             self._record_alignment(index, result, change)
         if index % self.window == 0 and self._window_start is not None:
             self._close_window(index)
+        if self.logging is not None:  # after the window closed: its statistics are in this step's numbers
+            self.logging.log_step(self.g_loop_steps[-1], phase="generator")
 
     @property
     def partitions(self) -> dict[str, int]:
@@ -1114,6 +1140,14 @@ class GANKernelAnalyzer(TrainerCallback):
     def _config(self) -> dict[str, Any]:
         return {"num_groups": self.num_groups, "controls": self.controls, "grouping": type(self.grouping).__name__,
                 "comparison": None if self.comparison is None else type(self.comparison).__name__}
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write the analyzer state (:meth:`state_dict`) atomically."""
+        atomic_save(self.state_dict(), path)
+
+    def load(self, path: str | os.PathLike) -> None:
+        """Restore a state written by :meth:`save` (:meth:`load_state_dict`; ``weights_only`` load)."""
+        self.load_state_dict(load_state(path, FORMAT))
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore a saved analyzer. Trackers of owned steps are rebuilt at the next step of each
