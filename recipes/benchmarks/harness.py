@@ -225,6 +225,8 @@ def run_child(module: str, args: Sequence[str], timeout: float) -> dict:
             return {"error": f"ran past {timeout} s"}
         if proc.returncode != 0 or not os.path.exists(out):
             return {"error": (proc.stderr or proc.stdout)[-2000:]}
+        # our own child wrote this file into a private temporary folder a moment ago (plans and
+        # timing records, not only tensors): nothing foreign is unpickled
         return torch.load(out, weights_only=False)
 
 
