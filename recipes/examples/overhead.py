@@ -1,6 +1,9 @@
-"""Wall time per optimizer step of the diffusers example, with the analyzer against without it.
+"""Wall time per optimizer step of an example script, with the analyzer against without it.
 
-Runs :mod:`recipes.examples.train_unconditional` on one tiny ``ImageFolder`` (random 16×16 RGB
+Runs :mod:`recipes.examples.train_unconditional` (``--example unconditional``, the default) or
+:mod:`recipes.examples.dcgan` (``--example dcgan``: upstream's 64×64 networks at batch 16, ``--nz
+100 --ngf 64 --ndf 64``, 16 probes, 4 groups; one D step and one G step per iteration, each timed
+as an optimizer step) on one tiny ``ImageFolder`` (random 16×16 RGB
 images written to a temporary folder, unless ``--train_data_dir`` names one), alternating
 ``--analyze`` and ``--no-analyze`` runs (interleaved repeats, each pair in alternating order, so a
 change in the machine's load hits both). Every optimizer step is timed by a global
@@ -9,7 +12,8 @@ costs (the micro-batches' forward, the analyzer's ``observe``, the backward, the
 and the analyzer's work in its step hooks), and leaves out the set-up and the kernel structure at
 the start and the end, which are reported apart as the rest of the run's wall time.
 
-    python -m recipes.examples.overhead [--repeats 3] [--steps 12] [--threads 1] [--out FILE] [-- SCRIPT ARGS]
+    python -m recipes.examples.overhead [--example unconditional|dcgan] [--repeats 3] [--steps 12] [--threads 1]
+        [--out FILE] [-- SCRIPT ARGS]
 
 Arguments after ``--`` go to the training script (e.g. ``-- --num_bins 4 --controls 0``).
 Prints every run and the ratio of seconds per step (analyzed / bare): the median over repeats
@@ -31,9 +35,21 @@ import torch
 from PIL import Image
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
-from .train_unconditional import main as train
+from .dcgan import main as train_dcgan
+from .train_unconditional import main as train_unconditional
 
 SETTINGS = ["--resolution", "16", "--train_batch_size", "4", "--gradient_accumulation_steps", "2", "--use_ema"]
+DCGAN_SETTINGS = ["--imageSize", "64", "--batchSize", "16", "--workers", "0", "--groups", "4", "--probes", "16"]
+
+
+def example_argv(example: str, data: str, out: str, steps: int, extra: Sequence[str]) -> tuple[Any, list[str]]:
+    """(the script's ``main``, its arguments) for ``steps`` optimizer steps of ``example`` on ``data``."""
+    if example == "unconditional":
+        return train_unconditional, ["--train_data_dir", data, "--output_dir", out, *SETTINGS, "--num_epochs", "1000",
+                                     "--max_train_steps", str(steps), *extra]
+    if example == "dcgan":  # two optimizer steps (D, G) per iteration, one epoch of ceil(steps / 2) batches
+        return train_dcgan, ["--dataroot", data, "--outf", out, *DCGAN_SETTINGS, "--niter", "1", *extra]
+    raise ValueError(f"--example must be 'unconditional' or 'dcgan', got {example!r}")
 
 
 def write_images(root: Path, count: int = 32, size: int = 16, seed: int = 0) -> Path:
@@ -46,8 +62,8 @@ def write_images(root: Path, count: int = 32, size: int = 16, seed: int = 0) -> 
     return root
 
 
-def timed_run(argv: Sequence[str]) -> dict[str, Any]:
-    """Run the training script once. Returns ``{"steps", "seconds_per_step" (mean time between the
+def timed_run(train: Any, argv: Sequence[str]) -> dict[str, Any]:
+    """Run the training script ``train`` once. Returns ``{"steps", "seconds_per_step" (mean time between the
     ends of consecutive optimizer steps), "other_s" (the rest of the wall time), "total_s"}``."""
     ends: list[float] = []
     handle = register_optimizer_step_post_hook(lambda optimizer, args, kwargs: ends.append(time.perf_counter()))
@@ -67,6 +83,7 @@ def timed_run(argv: Sequence[str]) -> dict[str, Any]:
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Measure; returns (and prints) the runs and the ratio of seconds per step."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--example", default="unconditional", choices=["unconditional", "dcgan"])
     parser.add_argument("--repeats", type=int, default=3, help="pairs of runs (default 3)")
     parser.add_argument("--steps", type=int, default=12, help="optimizer steps per run (default 12)")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
@@ -80,19 +97,19 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     torch.set_num_threads(args.threads)
     runs: dict[str, list[dict[str, Any]]] = {"analyze": [], "no-analyze": []}
     with tempfile.TemporaryDirectory() as tmp:
-        data = args.train_data_dir or str(write_images(Path(tmp) / "images"))
-        base = ["--train_data_dir", data, "--output_dir", str(Path(tmp) / "out"), *SETTINGS,
-                "--num_epochs", "1000", "--max_train_steps", str(args.steps), *extra]
+        count = 32 if args.example == "unconditional" else 16 * ((args.steps + 1) // 2)  # dcgan: one batch per 2 steps
+        data = args.train_data_dir or str(write_images(Path(tmp) / "images", count=count))
+        train, base = example_argv(args.example, data, str(Path(tmp) / "out"), args.steps, extra)
         for repeat in range(args.repeats):
             order = ("no-analyze", "analyze") if repeat % 2 == 0 else ("analyze", "no-analyze")
             for mode in order:
-                result = timed_run([*base, f"--{mode}"])
+                result = timed_run(train, [*base, f"--{mode}"])
                 runs[mode].append(result)
                 print(f"repeat {repeat} {mode:>10}: {result['seconds_per_step']:.4f} s/step over {result['steps']} steps, "
                       f"{result['other_s']:.1f} s besides the steps", flush=True)
     ratios = [a["seconds_per_step"] / b["seconds_per_step"] for a, b in zip(runs["analyze"], runs["no-analyze"])]
     summary = {
-        "settings": {"script_args": [*SETTINGS, *extra], "steps": args.steps, "repeats": args.repeats,
+        "settings": {"example": args.example, "script_args": base, "steps": args.steps, "repeats": args.repeats,
                      "threads": args.threads, "device": "cuda" if torch.cuda.is_available() else "cpu"},
         "runs": runs,
         "ratios": ratios,
