@@ -14,7 +14,7 @@ TORCH_CHOICE := $(VENV)/.torch-choice
 # The recipes and figure scripts save figures without a display; library modules never choose.
 export MPLBACKEND ?= Agg
 
-.PHONY: install test test-slow figures figures-full bench gpu-check docs report-screenshot clean FORCE
+.PHONY: install test test-slow figures figures-full bench bench-scale gpu-check docs report-screenshot clean FORCE
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -46,9 +46,14 @@ figures: $(STAMP)
 figures-full: $(STAMP)
 	$(PY) -m recipes
 
-# The committed figures/benchmark_kernels.{json,png} come from this command (about 30 minutes).
+# The committed figures/benchmark_kernels.{json,png} come from this command (about 25 minutes).
 bench: $(STAMP)
 	$(PY) -m recipes.benchmarks.kernels --cap 20
+
+# figures/benchmark_scale.{json,png}: the cost estimate against measured memory on the CIFAR-sized
+# UNet, the factored SGD tracker and the tiny-UNet analyzer against bare steps (about 5 minutes).
+bench-scale: $(STAMP)
+	$(PY) -m recipes.benchmarks.scale
 
 # On a machine with a GPU: the prepared device check (CIFAR-sized UNet and 64x64 DCGAN tracked on
 # CUDA, exactness, bit-for-bit training, memory and time per step) into figures/gpu_check.json.
