@@ -80,6 +80,8 @@ from typing import Any, Callable
 
 import torch
 
+from genkernel.report.summary import jsonable
+
 from ..common import Timer, make_parser, parse, pick
 from .harness import CHILD_OUT_FLAG, interleaved, load_average, print_ratios, rss_bytes, run_child, write_outputs
 
@@ -527,19 +529,16 @@ def claims_of(report: dict) -> list[dict]:
     claims = []
     memory = report["memory"]
     if "comparisons" in memory:
-        total, analysis = memory["comparisons"]["total"], memory["comparisons"]["analysis_only"]
-        claims.append({
-            "claim": f"{memory['model']}: the estimate's total memory (tracker.cost.total_bytes) is within 20 % of the "
-                     "measured peak of the tracked process (peak RSS minus its RSS before the model was built)",
-            "held": total["relative_error"] is not None and abs(total["relative_error"]) <= MEMORY_TOLERANCE,
-            "numbers": {"predicted_bytes": total["predicted_bytes"], "measured_bytes": total["measured_bytes"],
-                        "relative_error": total["relative_error"], "tolerance": MEMORY_TOLERANCE}})
-        claims.append({
-            "claim": f"{memory['model']}: the estimate's analysis-only memory (analysis_bytes) is within 20 % of the "
-                     "tracked peak minus the bare peak",
-            "held": analysis["relative_error"] is not None and abs(analysis["relative_error"]) <= MEMORY_TOLERANCE,
-            "numbers": {"predicted_bytes": analysis["predicted_bytes"], "measured_bytes": analysis["measured_bytes"],
-                        "relative_error": analysis["relative_error"], "tolerance": MEMORY_TOLERANCE}})
+        what = {"total": "the estimate's total memory (tracker.cost.total_bytes) is within 20 % of the measured peak "
+                         "of the tracked process (peak RSS minus its RSS before the model was built)",
+                "analysis_only": "the estimate's analysis-only memory (analysis_bytes) is within 20 % of the tracked "
+                                 "peak minus the bare peak"}
+        for key, statement in what.items():
+            c = memory["comparisons"][key]
+            claims.append({
+                "claim": f"{memory['model']}: {statement}", "held": c["within_20_percent"],
+                "numbers": {"predicted_bytes": c["predicted_bytes"], "measured_bytes": c["measured_bytes"],
+                            "relative_error": c["relative_error"], "tolerance": MEMORY_TOLERANCE}})
     for run in report["sgd_factored"]:
         claims.append({
             "claim": f"plain SGD, factored route, one group per example, {run['probes']} probes: a tracked step of the "
@@ -650,11 +649,11 @@ def main(argv=None) -> dict:
     report["wall_seconds"] = timer.seconds
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    write_outputs(_finite(report), out / f"{NAME}.json", out / f"{NAME}.png", plot)
+    write_outputs(jsonable(report), out / f"{NAME}.json", out / f"{NAME}.png", plot)
     for c in report["claims"]:
         print(f"[{NAME}] {'held' if c['held'] else 'did NOT hold'}: {c['claim']}")
     print(f"[{NAME}] wrote {out / (NAME + '.json')} in {timer.seconds:.0f} s", flush=True)
-    return _finite(report)
+    return jsonable(report)
 
 
 def _print_memory(memory: dict) -> None:
@@ -667,19 +666,6 @@ def _print_memory(memory: dict) -> None:
     step = memory["seconds_per_step"]
     print(f"[{NAME}] {memory['model']}: tracked step {step['tracked']:.1f} s, bare {step['bare']:.1f} s: "
           f"{step['ratio']:.1f}x (separate processes)", flush=True)
-
-
-def _finite(value: Any) -> Any:
-    """JSON-ready: non-finite floats to None, tuples to lists, tensors to lists."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, torch.Tensor):
-        return _finite(value.tolist())
-    if isinstance(value, dict):
-        return {str(k): _finite(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_finite(v) for v in value]
-    return value
 
 
 if __name__ == "__main__":
