@@ -423,6 +423,12 @@ def _compare(predicted: float, measured: float, what: str) -> dict:
             "within_20_percent": error is not None and abs(error) <= MEMORY_TOLERANCE, "what": what}
 
 
+def _percent(error: float | None) -> str:
+    """A relative error as a signed percentage; "no measured peak" when the measured part was not
+    positive (on tiny models the RSS difference between two processes can be zero or negative)."""
+    return "no measured peak" if error is None else f"{error:+.0%}"
+
+
 def _encode(s: dict) -> str:
     import json
 
@@ -575,7 +581,7 @@ def plot(report: dict, path: Path) -> None:
         ax.bar([x - 0.2 for x in xs], [comps[k]["predicted_bytes"] / 2**30 for k in keys], 0.4, label="estimate")
         ax.bar([x + 0.2 for x in xs], [comps[k]["measured_bytes"] / 2**30 for k in keys], 0.4, label="measured (RSS)")
         ax.set_xticks(list(xs))
-        ax.set_xticklabels([f"{k}\n{comps[k]['relative_error']:+.0%}" for k in keys])
+        ax.set_xticklabels([f"{k}\n{_percent(comps[k]['relative_error'])}" for k in keys])
         ax.legend(fontsize=8)
     ax.set_ylabel("GiB")
     ax.set_title(f"memory: {memory['model']}", fontsize=9)
