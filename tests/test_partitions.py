@@ -126,3 +126,41 @@ def test_a_state_saved_with_other_partitions_is_refused(tmp_path):
     again, _ = run("adam", {"class": 3, "control": 3}, lambda g: g)
     again.load(tmp_path / "t.pt")
     assert_same_ledger(again.ledgers["control"], tracker.ledgers["control"])
+
+
+def test_factored_steps_that_move_few_of_many_groups_book_only_those():
+    """One group per training example (the data-attribution grouping): a plain-SGD step moves only
+    its batch's groups. The factored route books those columns alone; the ledgers, the traffic, the
+    per-step contributions spelled out in full and the residual's definition all equal the dense
+    route's, and the groups no step touched stay exactly zero."""
+    g = torch.Generator().manual_seed(3)
+    examples, batch = 40, 6
+    x_all = torch.randn(examples, 3, generator=g, dtype=F64)
+    y_all = torch.randn(examples, 2, generator=g, dtype=F64)
+    sizes = {"example": examples, "pair": examples // 2}  # a second partition with repeated ids in a batch
+    probes = torch.randn(5, 3, generator=torch.Generator().manual_seed(7), dtype=F64)
+    make = lambda m: torch.optim.SGD(m.parameters(), lr=0.05, weight_decay=0.01)  # noqa: E731
+    trackers = {}
+    for route in ("factored", "dense"):
+        model = model_for()
+        trackers[route] = PathKernelTracker(model, make(model), mse_loss, probes, num_groups=sizes, group_state=route)
+    order = torch.randperm(examples, generator=g)[: 4 * batch]  # 16 examples are never seen
+    for rows in order.split(batch):
+        ids = {"example": rows, "pair": rows // 2}
+        steps = {route: t.step(x_all[rows], y_all[rows], ids) for route, t in trackers.items()}
+        for name in sizes:
+            scale = float(steps["dense"].partitions[name].abs().max())
+            torch.testing.assert_close(steps["factored"].partitions[name], steps["dense"].partitions[name],
+                                       rtol=0, atol=1e-10 * scale)
+        assert steps["factored"].moved.contributions["example"].shape[1] == batch  # only the batch's columns
+    unseen = torch.ones(examples, dtype=torch.bool)
+    unseen[order] = False
+    for name in sizes:
+        factored, dense = trackers["factored"].ledgers[name], trackers["dense"].ledgers[name]
+        scale = float(dense.contributions.abs().max())
+        torch.testing.assert_close(factored.contributions, dense.contributions, rtol=0, atol=1e-10 * scale)
+        torch.testing.assert_close(factored.traffic, dense.traffic, rtol=0, atol=1e-10 * scale)
+        definition = factored.delta - factored.contributions.sum(dim=1) - factored.rest - factored.sketch_error
+        torch.testing.assert_close(factored.residual, definition, rtol=0, atol=1e-12 * float(factored.delta.abs().max()))
+    assert not trackers["factored"].ledgers["example"].contributions[:, unseen].any()
+    assert not trackers["factored"].ledgers["example"].traffic[:, unseen].any()

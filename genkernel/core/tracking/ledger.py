@@ -105,19 +105,29 @@ class PathKernelLedger:
     def record(
         self, step_contributions: torch.Tensor, step_rest: torch.Tensor, f_new: torch.Tensor,
         step_sketch_error: torch.Tensor | None = None, step_drift: torch.Tensor | None = None,
+        columns: torch.Tensor | None = None,
     ) -> None:
-        """Add one step: ``step_contributions [M, G, d]``, ``step_rest [M, d]`` (buffer drift
-        included, ``step_drift`` being its part), new outputs ``[M, d]`` and, with sketched
-        state, the step's ``[M, d]`` sketch error."""
-        self.contributions += step_contributions
+        """Add one step: ``step_contributions [M, G, d]`` (or ``[M, U, d]`` for the distinct
+        groups ``columns [U]`` when only those moved: a plain-SGD step touches the batch's
+        groups only), ``step_rest [M, d]`` (buffer drift included, ``step_drift`` being its part),
+        new outputs ``[M, d]`` and, with sketched state, the step's ``[M, d]`` sketch error."""
+        step_traffic = step_contributions.norm(dim=2)
+        if columns is None:
+            self.contributions += step_contributions
+            self.traffic += step_traffic
+        else:  # O(M U d) instead of O(M G d): with a group per training example G grows with the data
+            self.contributions.index_add_(1, columns, step_contributions)
+            self.traffic.index_add_(1, columns, step_traffic)
         self.rest += step_rest
         if step_drift is not None:
             self.buffer_drift += step_drift
-        if step_sketch_error is not None:
-            self.sketch_error += step_sketch_error
-        self.traffic += step_contributions.norm(dim=2)
-        self.f_end = f_new.detach().to(torch.float64).clone()
-        self.residual = self.f_end - self.f_start - self.contributions.sum(dim=1) - self.rest - self.sketch_error
+        step_sketch = torch.zeros_like(step_rest) if step_sketch_error is None else step_sketch_error
+        self.sketch_error += step_sketch
+        f_new = f_new.detach().to(torch.float64).clone()
+        # R = f_end − f_start − Σ_g C − C_rest − sketch error, updated by this step's terms (the same
+        # identity without an O(M G d) sum over every group; tests check it against the definition).
+        self.residual = self.residual + (f_new - self.f_end) - step_contributions.sum(dim=1) - step_rest - step_sketch
+        self.f_end = f_new
         self.steps += 1
 
     def snapshot(self) -> None:

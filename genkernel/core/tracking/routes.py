@@ -83,12 +83,30 @@ class StepGradients:
 
 @dataclass
 class RouteContributions:
-    """Step 5's result: ``contributions {partition: [M, G, d]}``, ``rest [M, d]`` and
-    ``sketch_error {partition: [M, d]}`` (zeros except on the sketched route), float64."""
+    """Step 5's result, float64: ``contributions {partition: [M, U, d]}`` for the groups
+    ``columns {partition: [U]}`` (distinct group ids, increasing; every group ``arange(G)``
+    except on the factored route, where a step moves only its batch's groups), ``rest [M, d]``
+    and ``sketch_error {partition: [M, d]}`` (zeros except on the sketched route)."""
 
     contributions: dict[str, torch.Tensor]
+    columns: dict[str, torch.Tensor]
     rest: torch.Tensor
     sketch_error: dict[str, torch.Tensor]
+
+    @classmethod
+    def every_group(cls, contributions: dict[str, torch.Tensor], rest: torch.Tensor,
+                    sketch_error: dict[str, torch.Tensor]) -> "RouteContributions":
+        """Contributions ``{partition: [M, G, d]}`` of every group of each partition."""
+        columns = {name: torch.arange(c.shape[1], device=c.device) for name, c in contributions.items()}
+        return cls(contributions, columns, rest, sketch_error)
+
+    def dense(self, name: str, num_groups: int) -> torch.Tensor:
+        """``[M, G, d]`` partition ``name``'s contributions with zeros for the groups that did not move."""
+        compact = self.contributions[name]
+        if compact.shape[1] == num_groups:  # columns are arange(G)
+            return compact
+        m, _, d = compact.shape
+        return compact.new_zeros((m, num_groups, d)).index_copy_(1, self.columns[name], compact)
 
 
 def push_rows(
@@ -266,7 +284,7 @@ class DenseRoute(GroupStateRoute):
         both = push_rows(self.model, {n: u[: rows + 1] for n, u in updates.items()}, nodes, self.contribution_route)
         rest = both[:, rows]
         contributions = {name: both[:, part] for name, part in partitions.slices.items()}
-        return RouteContributions(contributions, rest, self._no_sketch_error(rest))
+        return RouteContributions.every_group(contributions, rest, self._no_sketch_error(rest))
 
 
 class _FactorRoute(GroupStateRoute):
@@ -339,12 +357,12 @@ class FactoredRoute(_FactorRoute):
             model.memory_budget,
         ).to(torch.float64)  # [M, B, d]
         m, _, d = per_example.shape
-        contributions = {
-            name: per_example.new_zeros((m, size, d)).index_add_(1, ids[name].to(per_example.device), per_example)
-            for name, size in model.partitions.sizes.items()
-        }
+        contributions, columns = {}, {}
+        for name in model.partitions.names:  # only the batch's groups moved: [M, U, d], not [M, G, d]
+            columns[name], position = torch.unique(ids[name].to(per_example.device), return_inverse=True)
+            contributions[name] = per_example.new_zeros((m, columns[name].numel(), d)).index_add_(1, position, per_example)
         rest = self._rest(updates, nodes)
-        return RouteContributions(contributions, rest, self._no_sketch_error(rest))
+        return RouteContributions(contributions, columns, rest, self._no_sketch_error(rest))
 
 
 def plain_sgd(optimizer: torch.optim.Optimizer) -> bool:

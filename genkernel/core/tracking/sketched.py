@@ -164,7 +164,7 @@ class SketchedRoute(_FactorRoute):
         exact = push_rows(model, {n: u[0:2] for n, u in updates.items()}, nodes, self.contribution_route)  # [M, 2, d]
         contributions = {name: estimates[:, part] for name, part in model.partitions.slices.items()}
         sketch_error = {name: exact[:, 0] - c.sum(dim=1) for name, c in contributions.items()}
-        return RouteContributions(contributions, exact[:, 1], sketch_error)
+        return RouteContributions.every_group(contributions, exact[:, 1], sketch_error)
 
     # -- the two sides of ⟨R D J̄(x)ᵀ, R v_g⟩ --------------------------------------------------
     def project_batch(self, batch: BatchFactors) -> torch.Tensor:

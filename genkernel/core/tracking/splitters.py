@@ -165,10 +165,13 @@ class UpdateSplitter:
             gaps = torch.stack([rounding[partition][name].to(self.dtype) for partition in self.partitions.names])
             if h.get("maximize", False):
                 grads, gaps = -grads, -gaps
-            theta = theta_before[name].to(self.dtype)
+            decay = h["weight_decay"]
+            theta = theta_before[name].to(self.dtype) if decay != 0 else None
             # The rest's "gradient": coupled weight decay λθ_k (zero when decoupled or absent).
-            rest = theta * h["weight_decay"] if not h.get("decoupled", False) else torch.zeros_like(theta)
-            full = self.prepare(name, torch.cat([grads, rest.unsqueeze(0), gaps], dim=0))
+            full = torch.cat([grads, grads.new_zeros((1, *grads.shape[1:])), gaps], dim=0)
+            if decay != 0 and not h.get("decoupled", False):
+                torch.mul(theta, decay, out=full[self.rows])
+            full = self.prepare(name, full)
             # 1. The recurrence on every row (the optimizer's own buffer goes to the rest row).
             state, direction = self.advance(self._state_before(name, full), full, h)
             if state is not None:
@@ -187,8 +190,8 @@ class UpdateSplitter:
                 self.rounding_scale[name] = (self.preconditioner(name) * magnitude[0]).abs()
             # 3. u = D ⊙ direction, and decoupled weight decay in the rest row.
             update = direction * self.preconditioner(name)
-            if h.get("decoupled", False) and h["weight_decay"] != 0:
-                update[self.rows] -= h["lr"] * h["weight_decay"] * theta
+            if h.get("decoupled", False) and decay != 0:
+                update[self.rows] -= h["lr"] * decay * theta
             updates[name] = update
         return updates
 

@@ -40,7 +40,7 @@ import hashlib
 import math
 import os
 import weakref
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any, Mapping
 
 import torch
@@ -71,7 +71,10 @@ from .ema import EMALedgers, ema_parameters
 from .io import atomic_save, load_state
 from .ledger import PathKernelLedger
 from .quadrature import quadrature_rule
-from .routes import CONTRIBUTION_ROUTES, DenseRoute, FactoredRoute, GroupStateRoute, TrackedModel, plain_sgd, push_rows
+from .routes import (
+    CONTRIBUTION_ROUTES, DenseRoute, FactoredRoute, GroupStateRoute, RouteContributions, TrackedModel, plain_sgd,
+    push_rows,
+)
 from .sketched import SketchedRoute
 from .splitters import make_splitter
 from .step import LossFn, OptimizerStep
@@ -87,7 +90,9 @@ class StepContributions:
 
     Attributes:
         step: 1-based index of the step in the ledgers.
-        partitions: ``{name: [M, G, d]}`` float64, J̄_k(x) u_{k,g} for every partition.
+        moved: the route's contributions of the groups this step moved (:class:`RouteContributions`:
+            ``[M, U, d]`` per partition with their group ids); :attr:`partitions` spells them out.
+        num_groups: ``{partition: G}``.
         rest: ``[M, d]`` J̄_k(x) u_{k,rest} plus buffer drift.
         residual: ``[M, d]`` this step's f(θ_{k+1}) − f(θ_k) − Σ_g contributions − rest − sketch_error
             (of the primary partition; the others' agree up to float64 rounding of their sums).
@@ -101,12 +106,21 @@ class StepContributions:
     """
 
     step: int
-    partitions: dict[str, torch.Tensor]
+    moved: RouteContributions
+    num_groups: dict[str, int]
     rest: torch.Tensor
     residual: torch.Tensor
     losses: torch.Tensor
     group_updates: dict[str, torch.Tensor]
     sketch_errors: dict[str, torch.Tensor]
+
+    @property
+    def partitions(self) -> dict[str, torch.Tensor]:
+        """``{name: [M, G, d]}`` float64, J̄_k(x) u_{k,g} for every group of every partition
+        (zeros for groups the step did not move; built on first use)."""
+        if self._dense is None:
+            self._dense = {name: self.moved.dense(name, size) for name, size in self.num_groups.items()}
+        return self._dense
 
     @property
     def contributions(self) -> torch.Tensor:
@@ -117,6 +131,8 @@ class StepContributions:
     def sketch_error(self) -> torch.Tensor:
         """``[M, d]`` sketch error of the primary partition."""
         return next(iter(self.sketch_errors.values()))
+
+    _dense: dict[str, torch.Tensor] | None = field(default=None, init=False, repr=False)
 
 
 @dataclass
@@ -617,7 +633,7 @@ class PathKernelTracker:
             theta_after = {name: p.detach().clone() for name, p in self.params.items()}
             # 3. Δ_k = Σ_g u_{k,g} + u_rest (+ the rounding row), for every partition.
             updates = self.splitter.split(
-                pending.gradients.grads, {n: t.to(torch.float64) for n, t in theta_before.items()}, pending.rounding
+                pending.gradients.grads, theta_before, pending.rounding
             )
             # 4. The check against what the optimizer really did.
             self._check_updates(index, updates, theta_before, theta_after)
@@ -631,14 +647,15 @@ class PathKernelTracker:
                          - result.sketch_error[primary])
         rest = result.rest + pending.drift
         for name, ledger in self.ledgers.items():
-            ledger.record(result.contributions[name], rest, f_after, result.sketch_error[name], pending.drift)
+            ledger.record(result.contributions[name], rest, f_after, result.sketch_error[name], pending.drift,
+                          columns=result.columns[name])
             if self.snapshot_every and ledger.steps % self.snapshot_every == 0:
                 ledger.snapshot()
         self._f_prev = f_after
         self._theta_after = theta_after
         self._grad_marks = {n: (id(p.grad), p.grad._version) for n, p in self.params.items() if p.grad is not None}
-        return StepContributions(index, result.contributions, rest, step_residual, pending.losses, updates,
-                                 result.sketch_error)
+        return StepContributions(index, result, dict(self.partitions.sizes), rest, step_residual, pending.losses,
+                                 updates, result.sketch_error)
 
     def _roll_back(self, error: BaseException, index: int, phase: str, saved, theta_before, *, applied: bool) -> None:
         """Put the parameters, buffers and optimizer state back to θ_k after a failed step."""
@@ -864,33 +881,46 @@ class PathKernelTracker:
         return rounding
 
     def _check_updates(self, index, updates, theta_before, theta_after) -> None:
+        """Step 4: every partition's rows (its groups, the rest and its rounding row) add up to the
+        optimizer's real step Δ_k, elementwise, to ``rtol`` of the magnitudes summed plus one
+        rounding of θ_{k+1} (ε|θ_{k+1}|, at least one ulp). Raises LedgerCheckError."""
         self.splitter.check_state(self.rtol)
         partitions = self.route.splitter_partitions
-        rows = partitions.total
+        rest = partitions.total
         for name, u in updates.items():
             before, after = theta_before[name], theta_after[name]
-            size = after.abs()
-            ulp = torch.nextafter(size, size.new_tensor(math.inf)).sub_(size).to(torch.float64)
-            delta = after.to(torch.float64, copy=True).sub_(before.to(torch.float64))
+            info = torch.finfo(after.dtype)
+            after64 = after.to(torch.float64, copy=True)  # its own buffer: made |θ_{k+1}| in place below
+            delta = after64 - before  # exact in float64 for float32 or float64 parameters
+            # The optimizer's write of θ_{k+1} rounds by at most half an ulp of it; ε|x| (plus the
+            # subnormal spacing) is at least one ulp everywhere. Checks are a fair part of a step
+            # on the factored route, so each line below is one pass over the parameter.
+            rounding_floor = after64.abs_().mul_(info.eps).add_(info.tiny * info.eps)
             for partition, part in partitions.slices.items():
-                shared = u[[rows, self.splitter.rounding_rows[partition]]]  # the rest and this partition's rounding
-                # In place where possible: on a per-example route this check is a fair part of a step.
-                gap = u[part].sum(dim=0).add_(shared.sum(dim=0)).sub_(delta).abs_()
-                scale = u[part].abs().sum(dim=0).add_(shared.abs().sum(dim=0)).add_(delta.abs())
+                own = self.splitter.rounding_rows[partition]
+                if part.stop == rest and own == rest + 1:  # the groups, the rest and the rounding row are adjacent
+                    rows = u[part.start : own + 1]
+                    total, scale = rows.sum(dim=0), rows.abs().sum(dim=0)
+                else:
+                    rows, shared = u[part], u[[rest, own]]
+                    total = rows.sum(dim=0).add_(shared.sum(dim=0))
+                    scale = rows.abs().sum(dim=0).add_(shared.abs().sum(dim=0))
+                gap = total.sub_(delta).abs_()
+                scale.add_(delta.abs())
                 if name in self.splitter.rounding_scale:  # the optimizer's own state rounding (splitters.py)
                     scale.add_(self.splitter.rounding_scale[name])
-                tolerance = scale.mul_(self.rtol).add_(ulp, alpha=2)
-                if bool((gap > tolerance).any()):
-                    worst = float((gap - tolerance).max())
+                excess = gap.sub_(scale.mul_(self.rtol)).sub_(rounding_floor)
+                if bool((excess > 0).any()):
                     where = "" if len(partitions) == 1 else f" (partition '{partition}')"
                     raise LedgerCheckError(
                         f"step {index}: the split update of '{name}'{where} does not add up to the optimizer's real "
-                        f"step (excess gap {worst:.3e}); was the optimizer's state or hyperparameters changed in a way "
-                        "the tracker cannot see?"
+                        f"step (excess gap {float(excess.max()):.3e}); was the optimizer's state or hyperparameters "
+                        "changed in a way the tracker cannot see?"
                     )
 
     def _nodes(self, theta_before, theta_after) -> list[tuple[float, dict[str, torch.Tensor]]]:
-        """(w_q, θ_k + s_q Δ_k) for the quadrature rule's nodes, in the parameters' dtype."""
+        """(w_q, θ_k + s_q Δ_k) for the quadrature rule's nodes, in the parameters' dtype (within an
+        ulp of the exact node: rounding, like every other evaluation in that dtype)."""
         nodes = []
         for node, weight in zip(self.rule.nodes, self.rule.weights):
             if node == 0.0:
@@ -898,10 +928,7 @@ class PathKernelTracker:
             elif node == 1.0:
                 theta = theta_after
             else:
-                theta = {
-                    n: (b.to(torch.float64) + node * (theta_after[n].to(torch.float64) - b.to(torch.float64))).to(b.dtype)
-                    for n, b in theta_before.items()
-                }
+                theta = {n: torch.lerp(b, theta_after[n], node) for n, b in theta_before.items()}
             nodes.append((weight, theta))
         return nodes
 
