@@ -65,7 +65,7 @@ from ..core import grouping
 from ..core.adapter import as_tuple, unwrap, unwrap_optimizer
 from ..core.errors import LedgerCheckError
 from ..core.tracking.callbacks import TrainerCallback
-from ..core.tracking.io import atomic_save, load_state
+from ..core.tracking.io import atomic_save, jsonable, load_state
 from ..core.tracking.ledger import PathKernelLedger
 from ..core.tracking.step import OptimizerStep
 from ..core.tracking.tracker import PathKernelTracker, StepContributions
@@ -655,7 +655,7 @@ class NoiseLevelAnalyzer(TrainerCallback):
         the matrices named, the loop's step numbers, the EMA weights' ledger when one is kept, and
         notes on what the numbers cannot support (a large residual, with the rule that shrinks it)."""
         self._require()
-        mats = {k: _jsonable(v) for k, v in self.matrices().items()}
+        mats = {k: jsonable(v) for k, v in self.matrices().items()}
         residual = self.residual()
         notes = []
         if residual["relative_residual"] > 1e-3:
@@ -678,7 +678,7 @@ class NoiseLevelAnalyzer(TrainerCallback):
         if self.tracker.ema is not None:
             extra["ema"] = {
                 "residual": self.residual(weights="ema"),
-                "matrices": {k: _jsonable(v) for k, v in self.matrices(weights="ema").items()},
+                "matrices": {k: jsonable(v) for k, v in self.matrices(weights="ema").items()},
                 "locality": self.locality(weights="ema"),
                 "decays": list(self.tracker.ema.decays),
                 "start_share_mean": float(grouping.part_share(self.tracker.ema.start.cpu(),
@@ -689,7 +689,7 @@ class NoiseLevelAnalyzer(TrainerCallback):
             extra["level_class_traffic"] = {
                 "matrix": by_level, "columns": f"training group bin·{self.num_classes} + class",
             }
-        return _jsonable({
+        return jsonable({
             "axes": {"rows": "probe level (timestep s, config.probe_levels)", "columns": "training-timestep bin (0: least noise)"},
             "notes": notes,
             **extra,
@@ -757,18 +757,6 @@ class NoiseLevelAnalyzer(TrainerCallback):
 
     def load(self, path: str | os.PathLike) -> None:
         self.load_state_dict(load_state(path, FORMAT))
-
-
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, torch.Tensor):
-        return _jsonable(value.tolist())
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
 
 
 def train_with_window(trainer: Any, analyzer: NoiseLevelAnalyzer, *, warmup_steps: int, window_steps: int) -> dict[str, Any]:

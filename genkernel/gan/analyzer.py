@@ -88,7 +88,7 @@ from ..core import grouping as grouping_layer
 from ..core.adapter import analysis_mode, call_with, output_tensor, trainable_parameters, unwrap, unwrap_optimizer
 from ..core.errors import NonFiniteError
 from ..core.tracking.callbacks import TrainerCallback, perform_step
-from ..core.tracking.io import atomic_save, load_state
+from ..core.tracking.io import atomic_save, jsonable, load_state
 from ..core.tracking.ledger import PathKernelLedger
 from ..core.tracking.step import OptimizerStep
 from ..core.tracking.tracker import PathKernelTracker, StepContributions
@@ -1106,7 +1106,7 @@ class GANKernelAnalyzer(TrainerCallback):
         if g_tracker is not None and g_tracker.gradient_scales and "generator" in out:
             out["generator"]["gradient_scales"] = g_tracker.gradient_scales
         out["notes"] = [n for n in notes if n]
-        return _jsonable(out)
+        return jsonable(out)
 
     # -- persistence ---------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -1303,23 +1303,6 @@ def _flat_latents(z: torch.Tensor) -> torch.Tensor:
 
 def _span(steps: list[int]) -> list[int] | None:
     return [steps[0], steps[-1]] if steps else None
-
-
-def _jsonable(value: Any) -> Any:
-    """Strict JSON: tensors to lists, non-finite floats to None."""
-    if isinstance(value, torch.Tensor):
-        return _jsonable(value.tolist())
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, bool) or value is None or isinstance(value, (int, str)):
-        return value
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if hasattr(value, "item"):  # numpy / torch scalars
-        return _jsonable(value.item())
-    return value
 
 
 __all__ = ["GANKernelAnalyzer", "partition_statistics"]

@@ -23,7 +23,7 @@ from typing import Any, Iterator, Mapping
 import torch
 
 from ..core import grouping
-from ..core.tracking.io import load_state
+from ..core.tracking.io import jsonable, load_state
 from ..core.tracking.ledger import PathKernelLedger
 
 __all__ = ["find_states", "format_summary", "kind_of", "ledger_from_state", "read_state", "summarize", "summarize_state"]
@@ -89,23 +89,6 @@ def _num(value: Any) -> float | None:
         value = value.item()
     value = float(value)
     return value if math.isfinite(value) else None
-
-
-def jsonable(value: Any) -> Any:
-    """Tensors to lists, non-finite floats to None, tuples to lists, keys to strings."""
-    if isinstance(value, torch.Tensor):
-        return jsonable(value.tolist())
-    if isinstance(value, Mapping):
-        return {str(k): jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [jsonable(v) for v in value]
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, (bool, int, str)) or value is None:
-        return value
-    if hasattr(value, "item"):
-        return jsonable(value.item())
-    return str(value)
 
 
 def _median(values: torch.Tensor) -> float | None:

@@ -80,7 +80,7 @@ from typing import Any, Callable
 
 import torch
 
-from genkernel.report.summary import jsonable
+from genkernel.core.tracking.io import jsonable
 
 from ..common import Timer, make_parser, parse, pick
 from .harness import CHILD_OUT_FLAG, interleaved, load_average, print_ratios, rss_bytes, run_child, write_outputs

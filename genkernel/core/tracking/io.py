@@ -5,16 +5,18 @@ Every state genkernel writes (ledgers, trackers, analyzers, trainers) goes throu
 the target, so a save interrupted half-way (a kill, a full disk) leaves the previous file intact.
 Left-over temporary files of interrupted saves are removed by the next save to the same path.
 :func:`load_state` reads them back with ``weights_only=True``: plain containers, numbers,
-strings and tensors only, never arbitrary pickled objects.
+strings and tensors only, never arbitrary pickled objects. :func:`jsonable` turns results into
+strict JSON for the reports written beside them.
 """
 
 from __future__ import annotations
 
 import glob
+import math
 import os
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import torch
 
@@ -67,4 +69,25 @@ def load_state(path: str | os.PathLike, expected_format: str | None = None) -> d
     return state
 
 
-__all__ = ["atomic_save", "load_state"]
+
+def jsonable(value: Any) -> Any:
+    """``value`` as strict JSON (what ``json.dumps(..., allow_nan=False)`` accepts): tensors and
+    tuples to lists, non-finite floats to None, mapping keys to strings, numpy and torch scalars to
+    numbers, anything else to its ``str``. The analyzers' reports and the
+    saved-state summaries go through it."""
+    if isinstance(value, torch.Tensor):
+        return jsonable(value.tolist())
+    if isinstance(value, Mapping):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [jsonable(v) for v in value]
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, (bool, int, str)) or value is None:
+        return value
+    if hasattr(value, "item"):
+        return jsonable(value.item())
+    return str(value)
+
+
+__all__ = ["atomic_save", "jsonable", "load_state"]
