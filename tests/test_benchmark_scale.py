@@ -42,8 +42,11 @@ def test_ratios_are_the_medians_quotients(report):
         assert run["groups"] >= run["batch"]
         assert run["training_unchanged"] is True
         assert math.isfinite(run["relative_residual"]) and run["relative_residual"] < 0.1
+        # the operation counts: the tracked step does the bare step's work and more
+        assert run["flop_ratio"] == pytest.approx(run["tracked_gflop"] / run["bare_gflop"]) and run["flop_ratio"] > 1
     unet = report["tiny_unet"]
     assert unet["ratio"] == pytest.approx(unet["analyzed_median_s"] / unet["bare_median_s"])
+    assert unet["flop_ratio"] == pytest.approx(unet["analyzed_gflop"] / unet["bare_gflop"]) and unet["flop_ratio"] > 1
     assert unet["rows"] == unet["bins"] * (1 + unet["controls"])
 
 
@@ -77,3 +80,12 @@ def test_a_vanished_measurement_is_no_ratio_and_still_plots(report, tmp_path):
     broken["memory"]["comparisons"]["analysis_only"] = c
     scale.plot(broken, tmp_path / "figure.png")
     assert (tmp_path / "figure.png").stat().st_size > 0
+
+
+def test_operation_counts_are_the_products_flops():
+    """2·m·k·n for an m×k by k×n product; a step with twice the products counts twice."""
+    import torch
+
+    a, b = torch.ones(2, 3), torch.ones(3, 4)
+    assert scale.counted_flops(lambda: a @ b) == 2 * 2 * 3 * 4
+    assert scale.counted_flops(lambda: (a @ b, a @ b)) == 2 * (2 * 2 * 3 * 4)

@@ -417,6 +417,19 @@ def memory_comparison(s: dict, seed: int, threads: int) -> dict:
     return out
 
 
+def counted_flops(step: Callable[[], object]) -> int:
+    """Floating-point operations of one call of ``step`` (matrix products, convolutions and their
+    backward passes, as ``torch.utils.flop_counter`` counts them; elementwise work is not counted).
+    The ratio of two counts is the time ratio a machine would reach if every product ran at the
+    same rate and nothing else cost anything: a floor that no implementation of the same
+    operations beats."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        step()
+    return counter.get_total_flops()
+
+
 def _compare(predicted: float, measured: float, what: str) -> dict:
     error = (predicted - measured) / measured if measured > 0 else None
     return {"predicted_bytes": int(predicted), "measured_bytes": int(measured), "relative_error": error,
@@ -471,6 +484,7 @@ def sgd_factored(model_name: str, batch: int, probes: int, repeats: int, seed: i
 
     times = interleaved({"bare": bare_step, "tracked": tracked_step}, repeats)
     ratio = times["tracked"]["steady_median_s"] / times["bare"]["steady_median_s"]
+    flops = {"bare": counted_flops(bare_step), "tracked": counted_flops(tracked_step)}  # the spare batch, both
     same = all(torch.equal(p, q) for p, q in zip(bare_model.parameters(), tracked_model.parameters()))
     return {"model": model_name, "architecture": row, "batch": batch, "groups": examples, "probes": probes,
             "parameters": sum(p.numel() for p in bare_model.parameters()), "group_state": tracker.group_state,
@@ -478,6 +492,8 @@ def sgd_factored(model_name: str, batch: int, probes: int, repeats: int, seed: i
             "estimate_group_state": tracker.cost.settings["group_state"], "predicted_ratio": tracker.cost.ratio,
             "bare_median_s": times["bare"]["steady_median_s"], "tracked_median_s": times["tracked"]["steady_median_s"],
             "ratio": ratio, "load_mean": (times["bare"]["load_mean"] + times["tracked"]["load_mean"]) / 2,
+            "bare_gflop": flops["bare"] / 1e9, "tracked_gflop": flops["tracked"] / 1e9,
+            "flop_ratio": flops["tracked"] / flops["bare"],
             "times": times, "training_unchanged": same, "relative_residual": tracker.ledger.relative_residual()}
 
 
@@ -506,6 +522,7 @@ def tiny_unet_step(s: dict, seed: int) -> dict:
     analyzed.train(s["unet_warmup"])
     times = interleaved({"bare": lambda: bare.train(1), "analyzed": lambda: analyzed.train(1)}, s["unet_repeats"])
     ratio = times["analyzed"]["steady_median_s"] / times["bare"]["steady_median_s"]
+    flops = {"bare": counted_flops(lambda: bare.train(1)), "analyzed": counted_flops(lambda: analyzed.train(1))}
     # Where the time goes: more analyzed steps with timers around the tracker's phases (apart
     # from the interleaved timing, which the wrappers' small overhead must not touch).
     clock = PhaseClock()
@@ -524,6 +541,8 @@ def tiny_unet_step(s: dict, seed: int) -> dict:
             "contribution_route": tracker.route.contribution_route, "quadrature_nodes": len(tracker.rule.nodes),
             "bare_median_s": times["bare"]["steady_median_s"], "analyzed_median_s": times["analyzed"]["steady_median_s"],
             "ratio": ratio, "predicted_ratio": tracker.cost.ratio, "load_mean": times["analyzed"]["load_mean"],
+            "bare_gflop": flops["bare"] / 1e9, "analyzed_gflop": flops["analyzed"] / 1e9,
+            "flop_ratio": flops["analyzed"] / flops["bare"],
             "times": times, "relative_residual": analyzer.ledger.relative_residual(),
             "breakdown": {"steps": s["breakdown_steps"], "wall_s": wall, "seconds_per_step": wall / s["breakdown_steps"],
                           "phases": clock.table(total=wall)}}
@@ -552,7 +571,8 @@ def claims_of(report: dict) -> list[dict]:
             "held": run["group_state"] == "factored" and run["ratio"] <= SGD_TARGET,
             "numbers": {"ratio": run["ratio"], "bare_median_s": run["bare_median_s"],
                         "tracked_median_s": run["tracked_median_s"], "group_state": run["group_state"],
-                        "load_mean": run["load_mean"], "target": SGD_TARGET}})
+                        "load_mean": run["load_mean"], "target": SGD_TARGET,
+                        "flop_ratio_floor": run["flop_ratio"]}})
     unet = report["tiny_unet"]
     claims.append({
         "claim": f"tiny UNet, {unet['bins']} log-SNR bins, {unet['controls']} control partition, {unet['probes']} probes: "
@@ -560,7 +580,7 @@ def claims_of(report: dict) -> list[dict]:
         "held": unet["ratio"] <= UNET_TARGET,
         "numbers": {"ratio": unet["ratio"], "bare_median_s": unet["bare_median_s"],
                     "analyzed_median_s": unet["analyzed_median_s"], "load_mean": unet["load_mean"],
-                    "target": UNET_TARGET}})
+                    "target": UNET_TARGET, "flop_ratio_floor": unet["flop_ratio"]}})
     return claims
 
 
@@ -640,12 +660,13 @@ def main(argv=None) -> dict:
     report["sgd_factored"] = [sgd_factored(m, b, s["sgd_probes"], s["sgd_repeats"], args.seed)
                               for m in s["sgd_models"] for b in s["sgd_batches"]]
     print_ratios(f"[{NAME}] plain SGD, factored route, one group per example: tracked / bare step (target <= {SGD_TARGET:g})",
-                 {f"{r['model']} B={r['batch']}": {"ratio": r["ratio"], "bare ms": r["bare_median_s"] * 1e3,
-                                                   "load": r["load_mean"]} for r in report["sgd_factored"]})
+                 {f"{r['model']} B={r['batch']}": {"ratio": r["ratio"], "flop ratio": r["flop_ratio"],
+                                                   "bare ms": r["bare_median_s"] * 1e3, "load": r["load_mean"]}
+                  for r in report["sgd_factored"]})
     report["tiny_unet"] = tiny_unet_step(s, args.seed)
     unet = report["tiny_unet"]
     print_ratios(f"[{NAME}] tiny UNet: analyzed / bare step (target <= {UNET_TARGET:g}), predicted by the estimate",
-                 {"tiny UNet": {"ratio": unet["ratio"], "predicted": unet["predicted_ratio"],
+                 {"tiny UNet": {"ratio": unet["ratio"], "flop ratio": unet["flop_ratio"], "predicted": unet["predicted_ratio"],
                                 "bare ms": unet["bare_median_s"] * 1e3, "load": unet["load_mean"]}})
     print_ratios(f"[{NAME}] tiny UNet: where an analyzed step's time goes (fraction)",
                  {p["phase"]: {"fraction": p["fraction"], "s/step": p["seconds"] / unet["breakdown"]["steps"]}
