@@ -69,12 +69,11 @@ def load_state(path: str | os.PathLike, expected_format: str | None = None) -> d
     return state
 
 
-
 def jsonable(value: Any) -> Any:
     """``value`` as strict JSON (what ``json.dumps(..., allow_nan=False)`` accepts): tensors and
     tuples to lists, non-finite floats to None, mapping keys to strings, numpy and torch scalars to
-    numbers, anything else to its ``str``. The analyzers' reports and the
-    saved-state summaries go through it."""
+    numbers, anything else to its ``str``. The analyzers' reports and the saved-state
+    summaries go through it."""
     if isinstance(value, torch.Tensor):
         return jsonable(value.tolist())
     if isinstance(value, Mapping):
