@@ -9,6 +9,7 @@ import math
 import pytest
 
 from recipes.benchmarks import scale
+from recipes.benchmarks.harness import counted_flops
 
 
 @pytest.fixture(scope="module")
@@ -87,5 +88,6 @@ def test_operation_counts_are_the_products_flops():
     import torch
 
     a, b = torch.ones(2, 3), torch.ones(3, 4)
-    assert scale.counted_flops(lambda: a @ b) == 2 * 2 * 3 * 4
-    assert scale.counted_flops(lambda: (a @ b, a @ b)) == 2 * (2 * 2 * 3 * 4)
+    flops, product = counted_flops(lambda: a @ b)
+    assert flops == 2 * 2 * 3 * 4 and torch.equal(product, torch.full((2, 4), 3.0))
+    assert counted_flops(lambda: (a @ b, a @ b))[0] == 2 * (2 * 2 * 3 * 4)

@@ -20,7 +20,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
@@ -231,6 +231,18 @@ def run_child(module: str, args: Sequence[str], timeout: float) -> dict:
 
 
 # ------------------------------------------------------------------------------------- FLOPs
+def counted_flops(call: Callable[[], Any]) -> tuple[int, Any]:
+    """``(FLOPs, result)`` of one ``call()``: matrix products, convolutions and their backward
+    passes as ``torch.utils.flop_counter`` counts them (elementwise work is not counted). The ratio
+    of two counts is the time ratio a machine would reach if every product ran at one rate and
+    nothing else cost anything: a floor no implementation of the same operations beats."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        result = call()
+    return counter.get_total_flops(), result
+
+
 def count_flops(run_slice: Callable[[int], bool], m: int, n: int) -> float | None:
     """Matmul-class FLOPs (``torch.utils.flop_counter``) of a full m × n run, or None.
 
@@ -238,16 +250,13 @@ def count_flops(run_slice: Callable[[int], bool], m: int, n: int) -> float | Non
     finished. Counted for k = 4 and 8, fitted as a·k + b·k² (per-example work plus pairwise
     work) and evaluated as a·m + b·m·n; None when the counter fails or a slice did not finish.
     """
-    from torch.utils.flop_counter import FlopCounterMode
-
     counts = []
     try:
         for k in (4, 8):
-            with FlopCounterMode(display=False) as counter:
-                finished = run_slice(k)
+            flops, finished = counted_flops(lambda: run_slice(k))  # noqa: B023 - called at once
             if not finished:
                 return None
-            counts.append(counter.get_total_flops())
+            counts.append(flops)
     except Exception:  # noqa: BLE001 - a counter failure must not lose the timing
         return None
     b = max((counts[1] - 2 * counts[0]) / 32, 0.0)

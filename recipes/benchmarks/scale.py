@@ -83,7 +83,9 @@ import torch
 from genkernel.core.tracking.io import jsonable
 
 from ..common import Timer, make_parser, parse, pick
-from .harness import CHILD_OUT_FLAG, interleaved, load_average, print_ratios, rss_bytes, run_child, write_outputs
+from .harness import (
+    CHILD_OUT_FLAG, counted_flops, interleaved, load_average, print_ratios, rss_bytes, run_child, write_outputs,
+)
 
 NAME = "benchmark_scale"
 MODULE = __spec__.name  # what the memory children run: python -m MODULE --memory-child ...
@@ -417,19 +419,6 @@ def memory_comparison(s: dict, seed: int, threads: int) -> dict:
     return out
 
 
-def counted_flops(step: Callable[[], object]) -> int:
-    """Floating-point operations of one call of ``step`` (matrix products, convolutions and their
-    backward passes, as ``torch.utils.flop_counter`` counts them; elementwise work is not counted).
-    The ratio of two counts is the time ratio a machine would reach if every product ran at the
-    same rate and nothing else cost anything: a floor that no implementation of the same
-    operations beats."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    with FlopCounterMode(display=False) as counter:
-        step()
-    return counter.get_total_flops()
-
-
 def _compare(predicted: float, measured: float, what: str) -> dict:
     error = (predicted - measured) / measured if measured > 0 else None
     return {"predicted_bytes": int(predicted), "measured_bytes": int(measured), "relative_error": error,
@@ -484,7 +473,7 @@ def sgd_factored(model_name: str, batch: int, probes: int, repeats: int, seed: i
 
     times = interleaved({"bare": bare_step, "tracked": tracked_step}, repeats)
     ratio = times["tracked"]["steady_median_s"] / times["bare"]["steady_median_s"]
-    flops = {"bare": counted_flops(bare_step), "tracked": counted_flops(tracked_step)}  # the spare batch, both
+    flops = {"bare": counted_flops(bare_step)[0], "tracked": counted_flops(tracked_step)[0]}  # the spare batch, both
     same = all(torch.equal(p, q) for p, q in zip(bare_model.parameters(), tracked_model.parameters()))
     return {"model": model_name, "architecture": row, "batch": batch, "groups": examples, "probes": probes,
             "parameters": sum(p.numel() for p in bare_model.parameters()), "group_state": tracker.group_state,
@@ -522,7 +511,7 @@ def tiny_unet_step(s: dict, seed: int) -> dict:
     analyzed.train(s["unet_warmup"])
     times = interleaved({"bare": lambda: bare.train(1), "analyzed": lambda: analyzed.train(1)}, s["unet_repeats"])
     ratio = times["analyzed"]["steady_median_s"] / times["bare"]["steady_median_s"]
-    flops = {"bare": counted_flops(lambda: bare.train(1)), "analyzed": counted_flops(lambda: analyzed.train(1))}
+    flops = {"bare": counted_flops(lambda: bare.train(1))[0], "analyzed": counted_flops(lambda: analyzed.train(1))[0]}
     # Where the time goes: more analyzed steps with timers around the tracker's phases (apart
     # from the interleaved timing, which the wrappers' small overhead must not touch).
     clock = PhaseClock()
