@@ -47,6 +47,24 @@ def test_the_estimate_counts_the_arrays_the_dense_route_allocates():
     assert tracker.cost.settings["state_dtype"] == "float32" and tracker.cost.ratio > 1
 
 
+def test_the_estimate_compares_with_the_training_batch_and_counts_tangents_as_two_forwards():
+    """The bare step is the training batch's forward and backward (3 B forwards), not the probes';
+    a JVP push of R rows costs one primal and two forwards per row (the flop counter's count on a
+    UNet: 1 + 2.05 R), per probe and quadrature node."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 32), nn.Tanh(), nn.Linear(32, 2))
+    default = _tracker(model, 5, group_state="dense", contribution_route="jvp")
+    given = _tracker(model, 5, group_state="dense", contribution_route="jvp", batch_size=48, quadrature="simpson")
+    assert default.cost.bare_step == 3 * 6 and given.cost.bare_step == 3 * 48  # 6 probes by default
+    rows = 5 + 1  # the groups and the rest
+    assert default.cost.work["contributions"] == 1 * 6 * (1 + 2 * rows)
+    assert given.cost.work["contributions"] == 3 * 6 * (1 + 2 * rows)  # Simpson: three nodes
+    assert given.cost.ratio == pytest.approx((given.cost.bare_step + sum(given.cost.work.values())) / given.cost.bare_step)
+    for bad in (0, -3, 2.5, True):
+        with pytest.raises(ValueError, match="batch_size must be a positive int"):
+            _tracker(model, 5, batch_size=bad)
+
+
 def test_float32_state_keeps_the_float64_ledger_to_float32_precision():
     ledgers = {}
     for dtype in (torch.float64, torch.float32):
@@ -105,3 +123,4 @@ def test_a_tracked_window_tracks_only_its_steps_and_leaves_training_unchanged():
     assert analyzer.ledger.steps == 3 and analyzer.global_steps == [3, 4, 5]
     assert all(torch.equal(p, q) for p, q in zip(bare.model.parameters(), tracked.model.parameters()))
     assert analyzer.report()["config"]["track_steps"] == [3, 5]
+    assert analyzer.tracker.cost.settings["batch"] == 16  # the trainer's batch, not the 6 probes

@@ -277,6 +277,7 @@ class NoiseLevelAnalyzer(TrainerCallback):
         ema: Any = None,
         max_grad_norm: float = math.inf,
         start_step: int = 0,
+        batch_size: int | None = None,
     ) -> None:
         """Start tracking ``model`` trained by ``optimizer`` (the window starts at the current θ).
 
@@ -285,6 +286,7 @@ class NoiseLevelAnalyzer(TrainerCallback):
         ``ema``: an EMA of the weights (diffusers' ``EMAModel``, ema-pytorch's ``EMA``,
         ``AveragedModel``) that the loop updates after each step: a second ledger is kept for it.
         ``start_step``: the loop's step count now (reports number steps from it).
+        ``batch_size``: the loop's batch, for the cost printed here (default: the number of probes).
         """
         if self.tracker is not None:
             raise RuntimeError("this analyzer is already bound to a model; build a new one for another run")
@@ -295,7 +297,7 @@ class NoiseLevelAnalyzer(TrainerCallback):
         self.tracker = PathKernelTracker(
             model, optimizer, diffusion_loss, probes, num_groups=self.partitions, quadrature=self.quadrature,
             max_grad_norm=max_grad_norm, memory_budget=self.memory_budget, group_state=self.group_state,
-            state_dtype=self.state_dtype,
+            state_dtype=self.state_dtype, batch_size=batch_size,
         )
         self.tracker.listeners.append(self._record)
         if ema is not None:
@@ -313,7 +315,8 @@ class NoiseLevelAnalyzer(TrainerCallback):
     def on_train_start(self, trainer: Any) -> None:
         if self.tracker is None and self._in_window(getattr(trainer, "global_step", 0) + 1):
             self._start_step = getattr(trainer, "global_step", None)
-            self.bind(trainer.model, trainer.optimizer, max_grad_norm=getattr(trainer, "max_grad_norm", math.inf))
+            self.bind(trainer.model, trainer.optimizer, max_grad_norm=getattr(trainer, "max_grad_norm", math.inf),
+                      batch_size=getattr(trainer, "batch_size", None))
 
     def _in_window(self, step: int) -> bool:
         return self.track_steps is None or self.track_steps[0] <= step <= self.track_steps[1]
@@ -337,7 +340,7 @@ class NoiseLevelAnalyzer(TrainerCallback):
                 "step.info['timesteps'] (DDPMTrainer does)"
             )
         if self.tracker is None:
-            self.bind(step.model, step.optimizer, max_grad_norm=step.max_grad_norm)
+            self.bind(step.model, step.optimizer, max_grad_norm=step.max_grad_norm, batch_size=step.batch)
         current = getattr(trainer, "global_step", None)
         self._global_step = None if current is None else current + 1  # 1-based index of this step
         return self.track(step, step.info["timesteps"], class_labels=step.info.get("class_labels")).losses

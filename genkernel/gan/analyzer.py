@@ -667,14 +667,14 @@ class GANKernelAnalyzer(TrainerCallback):
             if self.comparison is not None:
                 self._run_spatial = self._probe_state["spatial_groups"].clone()
 
-    def _build_generator_tracker(self, optimizer, loss_fn, max_grad_norm: float) -> None:
+    def _build_generator_tracker(self, optimizer, loss_fn, max_grad_norm: float, batch: int | None = None) -> None:
         # Group gradients from the training step's own graph (R masked backward passes), never from a
         # second per-example pass: that pass would run D again after the training forward (a
         # training-mode D would advance spectral norm once more, and BatchNorm would see single examples).
         self.g_tracker = PathKernelTracker(
             self.generator, optimizer, loss_fn, self.probe_latents,
             num_groups=self.partitions, quadrature=self.quadrature, max_grad_norm=max_grad_norm,
-            group_state="dense", gradient_route="graph",
+            group_state="dense", gradient_route="graph", batch_size=batch,
         )
         if self._ema is not None:
             self.g_tracker.track_ema(self._ema)
@@ -693,7 +693,7 @@ class GANKernelAnalyzer(TrainerCallback):
         evaluate = (index - 1) % self.eval_every == 0
         if self.g_tracker is None:
             self._check_fillable(self.num_groups, step.batch, f"grouping {type(self.grouping).__name__}")
-            self._build_generator_tracker(step.optimizer, step.loss_fn, step.max_grad_norm)
+            self._build_generator_tracker(step.optimizer, step.loss_fn, step.max_grad_norm, step.batch)
         # The analysis before the training forward runs G on copies of its buffers, advanced by the batch
         # pass exactly as the training forward will advance the real ones: the probes then see G as the
         # tracker (and an observed loop) sees it at θ_k, after the step's forward.
@@ -966,6 +966,7 @@ class GANKernelAnalyzer(TrainerCallback):
             probes = (probes, torch.full((probes.shape[0],), GENERATED, dtype=torch.long, device=probes.device))
         self.d_tracker = PathKernelTracker(
             model, optimizer, loss_fn, probes, num_groups=num, quadrature=self.quadrature, max_grad_norm=max_grad_norm,
+            batch_size=batch,
         )
         if self._pending and self._pending.get("d_tracker") is not None:
             self.d_tracker.load_state_dict(self._pending["d_tracker"])

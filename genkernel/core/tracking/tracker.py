@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import numbers
 import os
 import weakref
 from dataclasses import dataclass, field, replace
@@ -50,7 +51,7 @@ from ..adapter import (
     Batch,
     analysis_mode,
     as_tuple,
-    batch_size,
+    batch_size as rows_of,
     check_analysis_safe,
     check_deterministic,
     check_finite,
@@ -206,6 +207,8 @@ class PathKernelTracker:
         state_dtype: dtype of the dense route's per-group gradients, optimizer state and updates:
             float64 (default), or float32 for a float32 model (half the memory; the checks keep the
             float32 tolerance); the ledgers stay float64.
+        batch_size: the training batch B, for the cost estimate only (:attr:`cost`: the bare step it
+            compares with, the activations training holds); default the number of probes.
 
     Under torch.distributed, pass the DistributedDataParallel-wrapped model and each rank's shard:
     the ranks' group gradients are averaged as DDP averages gradients, so every rank keeps the
@@ -231,8 +234,13 @@ class PathKernelTracker:
         sketch_seed: int = 0,
         sketch_kind: str = "rademacher",
         state_dtype: torch.dtype = torch.float64,
+        batch_size: int | None = None,
     ) -> None:
         self.partitions = Partitions(num_groups)
+        if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral)
+                                       or batch_size < 1):
+            raise ValueError(f"batch_size must be a positive int (the training batch, for the cost estimate), got {batch_size!r}")
+        batch_size = None if batch_size is None else int(batch_size)
         if snapshot_every < 0:
             raise ValueError(f"snapshot_every must be >= 0 (0: no snapshots), got {snapshot_every}")
         if contribution_route not in CONTRIBUTION_ROUTES:
@@ -253,7 +261,7 @@ class PathKernelTracker:
         check_analysis_safe(self.module)
         self.params = trainable_parameters(self.module)
         self.probes = as_tuple(probes, name="probes")
-        batch_size(self.probes, name="probes")
+        rows_of(self.probes, name="probes")  # refuses probes of unequal lengths
         check_finite(self.probes, name="probes")
         check_deterministic(self.module, self.probes)
         self._has_state = any(True for _ in self.module.buffers()) or any(
@@ -285,7 +293,7 @@ class PathKernelTracker:
                 partitions=len(self.partitions),
                 group_state=self.group_state, gradient_route="graph" if self.route.uses_graph() else "example",
                 contribution_route=self.route.contribution_route, quadrature_nodes=len(self.rule.nodes),
-                state_dtype=state_dtype, memory_budget=self.memory_budget, sketch_dim=sketch_dim,
+                state_dtype=state_dtype, memory_budget=self.memory_budget, sketch_dim=sketch_dim, batch_size=batch_size,
             )
         if not self.cost.fits:
             raise MemoryError(
