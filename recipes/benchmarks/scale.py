@@ -489,8 +489,8 @@ def sgd_factored(model_name: str, batch: int, probes: int, repeats: int, seed: i
 def pushed_flops(step: Callable[[], object]) -> int:
     """FLOPs of the probes' pushes (JVPs or Jacobians, :mod:`genkernel.core.tracking.routes`) in one
     call of ``step``. These are counted exactly (1 + 2 R forward passes of the probes for R tangent
-    rows); the per-example gradients beside them are not: ``torch.utils.flop_counter`` counts a
-    vmapped convolution's weight gradient as a full convolution per example (16× the true count
+    rows); the per-example gradients beside them are not: they are grouped-convolution backward
+    passes, which ``torch.utils.flop_counter`` does not divide by their groups (16× the true count
     measured on a 16-channel 3×3 convolution at batch 32)."""
     from genkernel.core.tracking import routes
 
@@ -560,8 +560,8 @@ def tiny_unet_step(s: dict, seed: int) -> dict:
             "ratio": ratio, "predicted_ratio": tracker.cost.ratio, "load_mean": times["analyzed"]["load_mean"],
             "bare_gflop": flops["bare"] / 1e9, "pushes_gflop": flops["pushes"] / 1e9,
             "flop_ratio": (flops["bare"] + flops["pushes"]) / flops["bare"],
-            "flop_ratio_counts": "the bare step and the probes' pushes only (a floor: torch's counter "
-                                 "over-counts vmapped per-example convolution gradients, so the rest is left out)",
+            "flop_ratio_counts": "the bare step and the probes' pushes only (a floor: torch's counter does not divide "
+                                 "a grouped convolution's backward, the per-example gradients, by its groups)",
             "times": times, "relative_residual": analyzer.ledger.relative_residual(),
             "breakdown": {"steps": s["breakdown_steps"], "wall_s": wall, "seconds_per_step": wall / s["breakdown_steps"],
                           "phases": clock.table(total=wall)}}
