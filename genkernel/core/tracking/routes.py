@@ -273,7 +273,8 @@ class DenseRoute(GroupStateRoute):
         model = self.model
         if model.distributed is not None:
             grads = combine_group_gradients(grads, batch, model.distributed)
-        grads = {name: g * scale for name, g in grads.items()}
+        if scale != 1.0:  # clipping or loss scaling; the rows are this step's own arrays (R × P each: no copy)
+            grads = {name: g.mul_(scale) for name, g in grads.items()}
         first = model.partitions.slices[model.partitions.primary]
         sizes = {name: float(g[first].abs().sum(dim=0).norm()) for name, g in grads.items()}
         return StepGradients(grads, losses, sizes)
