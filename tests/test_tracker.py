@@ -249,3 +249,23 @@ def test_example_and_group_gradient_routes_agree():
     mask = (cls == 1).double()
     (mse_loss(model(x), y) * coefficients * mask).sum().backward()
     torch.testing.assert_close(out["group"][0]["0.weight"][1], model[0].weight.grad, rtol=1e-10, atol=1e-14)
+
+
+def test_the_example_route_in_small_chunks_adds_each_chunk_into_the_rows_it_reaches():
+    """A memory budget of one example per chunk, two partitions (9 rows, most of which a chunk does
+    not reach), and a row no example belongs to: the same rows as the group route, that row zero."""
+    from genkernel.core.adapter import trainable_parameters
+    from genkernel.core.engine.gradients import group_gradients, membership_matrix
+
+    x, y, cls = data()
+    model = smooth_mlp()
+    params = trainable_parameters(model)
+    coefficients = torch.rand(24, dtype=torch.float64)
+    second = torch.arange(24) % 5  # groups 0..4 of a 6-group partition: group 5 stays empty
+    membership = membership_matrix([cls, second], coefficients, [3, 6])
+    one_example = 3 * sum(p.numel() for p in params.values()) * 8  # the route's chunk rule: one row
+    small, _ = group_gradients(model, params, (x,), y, mse_loss, membership, route="example", memory_budget=one_example)
+    whole, _ = group_gradients(model, params, (x,), y, mse_loss, membership, route="group")
+    for name in params:
+        torch.testing.assert_close(small[name], whole[name], rtol=1e-10, atol=1e-14)
+        assert not small[name][3 + 5].any()

@@ -157,10 +157,19 @@ def _example_route(model, params, inputs, targets, loss_fn, membership, memory_b
             None if target_tuple is None else tuple(t[rows] for t in target_tuple),
         )
         losses.append(values.detach())
-        # 3. ĝ_r += Σ_{n ∈ chunk} W[r, n] ∇ℓ_n in float64, as one matmul (index_add_ is far slower on CPU).
+        # 3. ĝ_r += Σ_{n ∈ chunk} W[r, n] ∇ℓ_n in float64, as one matmul over the rows the chunk
+        # reaches: with several partitions and small chunks (large models) most rows get nothing, and
+        # an R × P float64 pass per chunk would cost more than the gradients.
         weights = membership[:, rows].to(torch.float64)
+        touched = weights.abs().sum(dim=1).nonzero().flatten()
+        every_row = touched.numel() == rows_total
         for name, g in grads.items():
-            sums[name] += (weights.to(g.device) @ g.detach().reshape(g.shape[0], -1).to(torch.float64)).view_as(sums[name])
+            flat = g.detach().reshape(g.shape[0], -1).to(torch.float64)
+            if every_row:
+                sums[name] += (weights.to(g.device) @ flat).view_as(sums[name])
+            elif touched.numel():
+                part = weights[touched].to(g.device) @ flat
+                sums[name].index_add_(0, touched.to(g.device), part.view(touched.numel(), *sums[name].shape[1:]))
     return sums, torch.cat(losses)
 
 
