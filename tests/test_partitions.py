@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from genkernel import PathKernelTracker
-from genkernel.core.grouping import Partitions, coarsen
+from genkernel.core.grouping import Partitions, abs_row_sum, coarsen
 from genkernel.supervised import mse_loss
 
 F64 = torch.float64
@@ -164,3 +164,14 @@ def test_factored_steps_that_move_few_of_many_groups_book_only_those():
         torch.testing.assert_close(factored.residual, definition, rtol=0, atol=1e-12 * float(factored.delta.abs().max()))
     assert not trackers["factored"].ledgers["example"].contributions[:, unseen].any()
     assert not trackers["factored"].ledgers["example"].traffic[:, unseen].any()
+
+
+def test_abs_row_sum_is_the_sum_of_magnitudes_over_rows():
+    g = torch.Generator().manual_seed(0)
+    for shape in ((1, 5), (4, 3, 2), (7, 11)):
+        rows = torch.randn(shape, generator=g, dtype=F64)
+        torch.testing.assert_close(abs_row_sum(rows), rows.abs().sum(dim=0), rtol=1e-15, atol=0)
+    rows = torch.randn(3, 4, generator=g)
+    before = rows.clone()
+    abs_row_sum(rows)
+    assert torch.equal(rows, before)  # the rows are read, never written

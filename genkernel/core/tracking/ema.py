@@ -33,6 +33,7 @@ from torch import nn
 
 from ..adapter import analysis_mode, functional_model
 from ..errors import LedgerCheckError
+from ..grouping import abs_row_sum
 from .ledger import PathKernelLedger
 from .routes import TrackedModel, push_rows
 
@@ -144,7 +145,7 @@ class EMALedgers:
                 shared = change[name][[self.rows, self.rounding_rows[partition], self.start_row]]
                 rows = change[name][part]
                 total = rows.sum(dim=0) + shared.sum(dim=0)
-                scale = rows.abs().sum(dim=0) + shared.abs().sum(dim=0) + real.abs()
+                scale = abs_row_sum(rows).add_(abs_row_sum(shared)).add_(real.abs())
                 if bool(((total - real).abs() > self.rtol * scale + floor).any()):
                     raise LedgerCheckError(
                         f"after step {step} the EMA offsets of '{name}' (partition '{partition}') do not add up to the "

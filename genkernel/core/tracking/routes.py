@@ -38,7 +38,7 @@ from ..engine.factors import Plan, Unfactorable, covering_plan
 from ..engine.gradients import gradients_from_losses, group_gradients, membership_matrix
 from ..engine.per_example import BatchFactors, batch_totals, capture_batch, factored_contributions
 from ..engine.reference import per_example_jacobian
-from ..grouping import Partitions
+from ..grouping import Partitions, abs_row_sum
 from .distributed import DistributedContext, combine_group_gradients
 from .splitters import UpdateSplitter
 
@@ -276,7 +276,7 @@ class DenseRoute(GroupStateRoute):
         if scale != 1.0:  # clipping or loss scaling; the rows are this step's own arrays (R × P each: no copy)
             grads = {name: g.mul_(scale) for name, g in grads.items()}
         first = model.partitions.slices[model.partitions.primary]
-        sizes = {name: float(g[first].abs().sum(dim=0).norm()) for name, g in grads.items()}
+        sizes = {name: float(abs_row_sum(g[first]).norm()) for name, g in grads.items()}
         return StepGradients(grads, losses, sizes)
 
     def contributions(self, updates, nodes, gradients, ids, clip_factor):

@@ -40,6 +40,7 @@ from ..engine.per_example import BatchFactors, probe_factors
 from ..engine.projections import ParameterProjection
 from ..engine.reference import split_columns
 from ..errors import LedgerCheckError
+from ..grouping import abs_row_sum
 from .routes import RouteContributions, TrackedModel, _FactorRoute, push_rows
 from .splitters import UpdateSplitter
 
@@ -144,7 +145,7 @@ class SketchedRoute(_FactorRoute):
         )
         for name, part in self.model.partitions.slices.items():
             rows = self._pending[part]
-            scale = float(reference.norm() + rows.abs().sum(dim=0).norm())
+            scale = float(reference.norm() + abs_row_sum(rows).norm())
             gap = float((rows.sum(dim=0) - reference).norm())
             if gap > rtol * scale + 1e-300:
                 raise LedgerCheckError(

@@ -39,7 +39,7 @@ from typing import Any
 import torch
 
 from ..errors import LedgerCheckError
-from ..grouping import Partitions
+from ..grouping import Partitions, abs_row_sum
 
 SUPPORTED_OPTIMIZERS = "torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW, torch.optim.RMSprop"
 
@@ -241,7 +241,7 @@ class UpdateSplitter:
             for partition, part in self.partitions.slices.items():
                 own = rows[[self.rows, self.rounding_rows[partition]]]  # the rest and this partition's rounding
                 total = rows[part].sum(0) + own.sum(0)
-                scale = reference.norm() + (rows[part].abs().sum(0) + own.abs().sum(0)).norm()
+                scale = reference.norm() + abs_row_sum(rows[part]).add_(abs_row_sum(own)).norm()
                 gap = _relative_gap(total, reference, scale)
                 if gap > rtol:
                     where = "" if len(self.partitions) == 1 else f" of partition '{partition}'"

@@ -66,7 +66,7 @@ from ..adapter import (
 from ..engine.gradients import DEFAULT_GRADIENT_BUDGET
 from ..errors import LedgerCheckError, NonFiniteError
 from ..cost import estimate_cost
-from ..grouping import Partitions
+from ..grouping import Partitions, abs_row_sum
 from .distributed import combine_group_gradients, ddp_context
 from .ema import EMALedgers, ema_parameters
 from .io import atomic_save, load_state
@@ -908,11 +908,11 @@ class PathKernelTracker:
                 own = self.splitter.rounding_rows[partition]
                 if part.stop == rest and own == rest + 1:  # the groups, the rest and the rounding row are adjacent
                     rows = u[part.start : own + 1]
-                    total, scale = rows.sum(dim=0), rows.abs().sum(dim=0)
+                    total, scale = rows.sum(dim=0), abs_row_sum(rows)
                 else:
                     rows, shared = u[part], u[[rest, own]]
                     total = rows.sum(dim=0).add_(shared.sum(dim=0))
-                    scale = rows.abs().sum(dim=0).add_(shared.abs().sum(dim=0))
+                    scale = abs_row_sum(rows).add_(abs_row_sum(shared))
                 gap = total.sub_(delta).abs_()
                 scale.add_(delta.abs())
                 if name in self.splitter.rounding_scale:  # the optimizer's own state rounding (splitters.py)
