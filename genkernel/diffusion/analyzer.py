@@ -658,7 +658,6 @@ class NoiseLevelAnalyzer(TrainerCallback):
         the matrices named, the loop's step numbers, the EMA weights' ledger when one is kept, and
         notes on what the numbers cannot support (a large residual, with the rule that shrinks it)."""
         self._require()
-        mats = {k: jsonable(v) for k, v in self.matrices().items()}
         residual = self.residual()
         notes = []
         if residual["relative_residual"] > 1e-3:
@@ -681,7 +680,7 @@ class NoiseLevelAnalyzer(TrainerCallback):
         if self.tracker.ema is not None:
             extra["ema"] = {
                 "residual": self.residual(weights="ema"),
-                "matrices": {k: jsonable(v) for k, v in self.matrices(weights="ema").items()},
+                "matrices": self.matrices(weights="ema"),
                 "locality": self.locality(weights="ema"),
                 "decays": list(self.tracker.ema.decays),
                 "start_share_mean": float(grouping.part_share(self.tracker.ema.start.cpu(),
@@ -709,7 +708,7 @@ class NoiseLevelAnalyzer(TrainerCallback):
             "tracked_steps": self.tracker.ledger.steps,
             "global_steps": [self.global_steps[0], self.global_steps[-1]] if self.global_steps else None,
             "residual": residual,
-            "matrices": mats,
+            "matrices": self.matrices(),
             "locality": self.locality(),
             "locality_over_training": self.history,
             "kernel": self.kernel_history,

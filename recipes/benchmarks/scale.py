@@ -64,7 +64,6 @@ computed from ``numbers`` (never written by hand). Also ``OUT/benchmark_scale.pn
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import platform
 import resource
@@ -695,11 +694,12 @@ def main(argv=None) -> dict:
     report["wall_seconds"] = timer.seconds
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    write_outputs(jsonable(report), out / f"{NAME}.json", out / f"{NAME}.png", plot)
+    report = jsonable(report)
+    write_outputs(report, out / f"{NAME}.json", out / f"{NAME}.png", plot)
     for c in report["claims"]:
         print(f"[{NAME}] {'held' if c['held'] else 'did NOT hold'}: {c['claim']}")
     print(f"[{NAME}] wrote {out / (NAME + '.json')} in {timer.seconds:.0f} s", flush=True)
-    return jsonable(report)
+    return report
 
 
 def _print_memory(memory: dict) -> None:
