@@ -2,6 +2,7 @@
 never touches the model, and errors that name the problem and the fix (issue 12)."""
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -10,6 +11,7 @@ from torch import nn
 
 from genkernel import PathKernelTracker, gradient_kernel, tangent_features
 from genkernel.supervised import mse_loss
+from genkernel.core.engine.gradients import group_gradients
 
 F64 = torch.float64
 
@@ -413,3 +415,14 @@ def test_layers_without_a_vmap_rule_are_computed_one_example_at_a_time(layer):
     with pytest.warns(RuntimeWarning, match="one example at a time"):
         got = gradient_kernel(model, x, engine="functional")
     torch.testing.assert_close(got, j @ j.T, rtol=1e-10, atol=1e-12)
+    # The tracker's per-example group gradients (inputs and targets as tuples: vmap batches the
+    # PReLU's gradients, not the GRU's) take the same path.
+    membership = torch.tensor([[1.0, 0.0, 1.0, 0.0], [0.0, 1.0, 0.0, 1.0]], dtype=F64)
+    params = dict(model.named_parameters())
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        groups, _ = group_gradients(model, params, (x,), torch.zeros(4, 1, dtype=F64), lambda out, y: out.reshape(-1),
+                                    membership, route="example")
+    assert any("one example at a time" in str(w.message) for w in caught) == (layer == "gru")
+    flat = torch.cat([groups[n].reshape(2, -1) for n in params], dim=1)
+    torch.testing.assert_close(flat, membership @ j, rtol=1e-10, atol=1e-12)

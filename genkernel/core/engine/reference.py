@@ -10,6 +10,7 @@ import warnings
 from typing import Any, Callable
 
 import torch
+import torch.utils._pytree as pytree
 from torch import nn
 from torch.func import jacrev, vmap
 
@@ -33,9 +34,14 @@ def per_example(fn: Callable, in_dims: tuple) -> Callable:
                 "genkernel computes per-example quantities one example at a time instead (exact, slower)",
                 RuntimeWarning, stacklevel=3,
             )
-        size = next(a.shape[d] for a, d in zip(args, in_dims) if d is not None)
-        outs = [fn(*(a if d is None else a.select(d, i) for a, d in zip(args, in_dims))) for i in range(size)]
-        return torch.utils._pytree.tree_map(lambda *xs: torch.stack(xs), *outs)
+        # in_dims apply to every tensor of an argument (a tuple of inputs), as in vmap
+        size = next(pytree.tree_leaves(a)[0].shape[d] for a, d in zip(args, in_dims) if d is not None)
+
+        def example(i: int) -> tuple:
+            return tuple(a if d is None else pytree.tree_map(lambda t: t.select(d, i), a) for a, d in zip(args, in_dims))
+
+        outs = [fn(*example(i)) for i in range(size)]
+        return pytree.tree_map(lambda *xs: torch.stack(xs), *outs)
 
     return run
 
