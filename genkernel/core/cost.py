@@ -24,7 +24,7 @@ expected ratio of an analyzed step to a bare one (forward and backward of the ba
 
 - group gradients: "graph" R backward passes of the batch; "example" about one batch forward and
   backward more (vmapped per-example gradients, a second forward); sketched and factored routes
-  one capture of the batch;
+  read the batch's factors from the training pass and sum them (about one forward);
 - contributions: per quadrature node, a forward of the probes plus a tangent pass per pushed row
   (dense: R + 1 rows) that costs two forwards, or d backward passes of the probes for the probes'
   Jacobians;
@@ -200,7 +200,9 @@ def estimate_cost(
         memory["group_updates"] = 3 * num * state_bytes
         memory["held_factors"] = min(memory_budget, 3 * acts * b * param_bytes)
         pushed = 2
-        work["group_gradients"] = 3.0 * b
+        # The factors come from the training pass itself; their batch totals and sizes cost about
+        # the weight-gradient part of a backward.
+        work["group_gradients"] = 1.0 * b
     if contribution_route == "jacobian":
         memory["probe_pushes"] = 2 * m * outputs * num * param_bytes
         work["contributions"] = quadrature_nodes * 2.0 * m * outputs

@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.autograd.graph import get_gradient_edge
 
-from ..adapter import analysis_mode, batch_size, call_with, flat_output, output_tensor, trainable_parameters
+from ..adapter import analysis_mode, batch_size, evaluated_at, flat_output, output_tensor, trainable_parameters
 
 DEFAULT_MEMORY_BUDGET = 512 * 2**20
 
@@ -741,7 +741,7 @@ def _block_factors(block: Block, calls: list[tuple[torch.Tensor, torch.Tensor]],
 
 
 def _recorded_forward(
-    model: nn.Module, plan: Plan, inputs: tuple[torch.Tensor, ...], parameters: dict[str, torch.Tensor] | None = None
+    model: nn.Module, plan: Plan, inputs: tuple[torch.Tensor, ...]
 ) -> tuple[dict[int, list], torch.Tensor, torch.Tensor]:
     """The forward pass of :func:`capture`: ``(records, raw output, flat output [B, d])`` with
     ``records[i]`` one ``(activation, gradient edge, (shape, dtype, device))`` per call of block i.
@@ -755,10 +755,7 @@ def _recorded_forward(
 
     def make_hook(index: int, block: Block):
         def hook(module, args, output):
-            a = _activation(block, args, batch)
-            if not isinstance(output, torch.Tensor) or output.shape[0] != batch:
-                raise Unfactorable(block.name, "its output does not keep the batch on dimension 0")
-            records[index].append((a, get_gradient_edge(output), (output.shape, output.dtype, output.device)))
+            records[index].append(_record_call(block, args, output, batch))
 
         return hook
 
@@ -768,15 +765,109 @@ def _recorded_forward(
         # Reverse mode only: every attention backend may run (analysis_mode keeps the math one,
         # which forward-mode AD needs); on CPU the fused one is 2x faster forward and backward.
         with torch.enable_grad(), _any_attention():
-            if parameters is None:
-                raw = output_tensor(model(*inputs))
-            else:
-                raw = output_tensor(call_with(model, parameters, inputs))
+            raw = output_tensor(model(*inputs))
             out = flat_output(raw, batch)
     finally:
         for handle in handles:
             handle.remove()
     return records, raw, out
+
+
+def _record_call(block: Block, args: tuple, output, batch: int) -> tuple:
+    """One call's record ``(activation, gradient edge of the output, (shape, dtype, device))``;
+    raises Unfactorable when the call does not keep the batch on dimension 0."""
+    a = _activation(block, args, batch)
+    if not isinstance(output, torch.Tensor) or output.shape[0] != batch:
+        raise Unfactorable(block.name, "its output does not keep the batch on dimension 0")
+    return a, get_gradient_edge(output), (output.shape, output.dtype, output.device)
+
+
+class TrainingCapture:
+    """Factors of the training step's own forward and backward: the second capture pass that
+    per-example routes otherwise run, saved.
+
+    Lifecycle: :meth:`start` before the training forward registers a forward hook on every block
+    of the plan; :meth:`stop` once the losses exist (``OptimizerStep.compute_gradients`` calls it
+    before the backward, so a recomputing checkpoint's forward in the backward is not recorded)
+    removes them; the backward then runs as training runs it, and a pre-hook on each recorded
+    output's autograd node keeps the gradient flowing into it. :meth:`factors` assembles them.
+
+    Reading never changes training: the forward hooks keep detached inputs, the pre-hooks return
+    None, so parameters, gradients and optimizer state are bit for bit those of an untracked step.
+    The step's loss is Σ_n c_n ℓ_n, so the output gradients already carry each example's c_n.
+    A pass that cannot be read (a block's call that does not keep the batch on dimension 0, or
+    has no graph) gives no factors, and the caller runs its own capture pass.
+    """
+
+    def __init__(self, plan: Plan | None, batch: int):
+        self.plan, self.batch = plan, batch
+        self.records: dict[int, list] = {} if plan is None else {i: [] for i in range(len(plan.blocks))}
+        self.readable = plan is not None
+        self._gradients: dict[tuple[int, int], torch.Tensor | None] = {}  # (block, call) -> ∂loss/∂output
+        self._handles: list = []
+
+    def __enter__(self) -> "TrainingCapture":
+        self.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    @classmethod
+    def idle(cls) -> "TrainingCapture":
+        """A capture that records nothing (routes that take group gradients another way)."""
+        return cls(None, 0)
+
+    def start(self) -> None:
+        if self.plan is None:
+            return
+        for index, block in enumerate(self.plan.blocks):
+            self._handles.append(block.module.register_forward_hook(self._forward_hook(index, block)))
+
+    def stop(self, losses: torch.Tensor | None = None) -> None:
+        """Remove the forward hooks (idempotent); ``losses`` is ignored (the callback's argument)."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    def _forward_hook(self, index: int, block: Block):
+        def hook(module, args, output):
+            if not self.readable:
+                return
+            # Under no_grad (a reentrant checkpoint) the output has no graph to read.
+            if not (isinstance(output, torch.Tensor) and output.requires_grad):
+                self.readable = False
+                return
+            try:  # whatever happens here, the training forward goes on untouched
+                record = _record_call(block, args, output, self.batch)
+                edge = record[1]
+                slot = (index, len(self.records[index]))
+                edge.node.register_prehook(self._gradient_hook(slot, edge.output_nr))
+            except Exception:  # Unfactorable, or an output autograd cannot hook
+                self.readable = False
+                return
+            self.records[index].append(record)
+            self._gradients[slot] = None  # stays None if the loss does not reach this output
+
+        return hook
+
+    def _gradient_hook(self, slot: tuple[int, int], position: int):
+        def prehook(grad_outputs):
+            self._gradients[slot] = grad_outputs[position]
+
+        return prehook
+
+    def factors(self) -> list["Factors"] | None:
+        """One :class:`Factors` per block, one cotangent (the step's loss, c_n included), or None
+        when nothing readable was recorded."""
+        if not self.readable or self.plan is None:
+            return None
+        metas = [meta for calls in self.records.values() for _, _, meta in calls]
+        if not metas:
+            return None
+        grads = [None if g is None else g.detach().unsqueeze(0) for _, g in sorted(self._gradients.items())]
+        _, dtype, device = metas[0]
+        return _assemble(self.plan, self.records, grads, 1, torch.empty((self.batch, 0), dtype=dtype, device=device))
 
 
 def _any_attention():
@@ -835,12 +926,15 @@ def capture(
     Returns:
         (one :class:`Factors` per block of ``plan``, the detached model output ``[B, d]``).
     """
-    records, raw, out = _recorded_forward(model, plan, inputs, parameters)
-    edges = [edge for i in range(len(plan.blocks)) for _, edge, _ in records[i]]
-    with torch.enable_grad():  # callers may run under no_grad: the cotangents' target needs its graph
-        target, cot = cotangents(raw)
-        grads = _batched_grad(target, edges, cot)
-    del target, raw
+    # At other parameters, the forward and the backward run inside one reparametrized block (a
+    # checkpointed model recomputes its forward in the backward, and must see the same values).
+    with contextlib.nullcontext() if parameters is None else evaluated_at(model, parameters):
+        records, raw, out = _recorded_forward(model, plan, inputs)
+        edges = [edge for i in range(len(plan.blocks)) for _, edge, _ in records[i]]
+        with torch.enable_grad():  # callers may run under no_grad: the cotangents' target needs its graph
+            target, cot = cotangents(raw)
+            grads = _batched_grad(target, edges, cot)
+        del target, raw
     return _assemble(plan, records, grads, cot.shape[0], out, compact), out.detach()
 
 
@@ -889,6 +983,6 @@ def loss_cotangents(loss_fn: Callable, targets) -> tuple[Callable[[torch.Tensor]
 
 
 __all__ = [
-    "Block", "DEFAULT_MEMORY_BUDGET", "Factors", "Plan", "Unfactorable", "capture", "covering_plan", "loss_cotangents", "make_plan",
+    "Block", "DEFAULT_MEMORY_BUDGET", "Factors", "Plan", "TrainingCapture", "Unfactorable", "capture", "covering_plan", "loss_cotangents", "make_plan",
     "output_cotangents",
 ]

@@ -28,7 +28,7 @@ from torch import nn
 
 from ..adapter import batch_size
 from .factored import row_chunks
-from .factors import Factors, Plan, capture, loss_cotangents, output_cotangents
+from .factors import Factors, Plan, TrainingCapture, capture, loss_cotangents, output_cotangents
 from .gradients import group_gradients
 from .reference import per_example_jacobian
 
@@ -72,14 +72,42 @@ def capture_batch(
     factors = [
         Factors.concat([chunk[i] for chunk in chunks]).per_example_scaled(coefficients) for i in range(len(plan.blocks))
     ]
-    fallback: dict[str, torch.Tensor] = {}
-    if plan.fallback:
-        one_per_example = torch.diag(coefficients.to(torch.float64))  # row n: c_n for example n alone
-        fallback, _ = group_gradients(
-            model, dict(plan.fallback), inputs, targets, loss_fn, one_per_example, memory_budget=memory_budget,
-            route="example",
-        )
+    fallback = _fallback_gradients(model, plan, inputs, targets, loss_fn, coefficients, memory_budget)
     return BatchFactors(factors, fallback, torch.cat(losses))
+
+
+def training_batch(
+    model: nn.Module,
+    plan: Plan,
+    recorded: TrainingCapture,
+    inputs: tuple[torch.Tensor, ...],
+    targets: Any,
+    loss_fn: Callable,
+    coefficients: torch.Tensor,
+    losses: torch.Tensor,
+    memory_budget: int,
+) -> BatchFactors | None:
+    """What :func:`capture_batch` returns, read from the training step's own pass (``recorded``:
+    its factors already carry c_n, and ``losses`` are the training losses ``[B]``), so no second
+    forward and backward is run for the blocks; None when the pass could not be read (the caller
+    then runs :func:`capture_batch`). Parameters outside the blocks still take their own pass."""
+    factors = recorded.factors()
+    if factors is None:
+        return None
+    fallback = _fallback_gradients(model, plan, inputs, targets, loss_fn, coefficients, memory_budget)
+    return BatchFactors(factors, fallback, losses)
+
+
+def _fallback_gradients(model, plan, inputs, targets, loss_fn, coefficients, memory_budget) -> dict[str, torch.Tensor]:
+    """``{name: [B, *shape]}`` float64 c_n ∇ℓ_n of the plan's fallback parameters (torch.func)."""
+    if not plan.fallback:
+        return {}
+    one_per_example = torch.diag(coefficients.to(torch.float64))  # row n: c_n for example n alone
+    fallback, _ = group_gradients(
+        model, dict(plan.fallback), inputs, targets, loss_fn, one_per_example, memory_budget=memory_budget,
+        route="example",
+    )
+    return fallback
 
 
 def _rows_of(targets: Any, rows: slice) -> Any:
@@ -178,4 +206,4 @@ def _chunk_contributions(model, plan, probes, theta, scaled, fallback, d, memory
     return value
 
 
-__all__ = ["BatchFactors", "batch_totals", "capture_batch", "factored_contributions", "probe_factors"]
+__all__ = ["BatchFactors", "batch_totals", "capture_batch", "factored_contributions", "probe_factors", "training_batch"]

@@ -3,8 +3,10 @@
 A route is chosen once, when the tracker is built, and answers the tracker's numbered steps
 (:mod:`genkernel.core.tracking.tracker`) with the same small set of verbs:
 
-- :meth:`GroupStateRoute.gradients` (step 1): the rows of group gradients the splitter keeps,
-  with the analysis losses and the sizes their rounding is judged against;
+- :meth:`GroupStateRoute.recording` and :meth:`GroupStateRoute.gradients` (step 1): what the
+  training forward and backward leave for the route to read (the factored and sketched routes'
+  layer factors: no second pass), then the rows of group gradients the splitter keeps, with the
+  analysis losses and the sizes their rounding is judged against;
 - :meth:`GroupStateRoute.before_step` (step 2): anything read just before ``optimizer.step()``;
 - :meth:`GroupStateRoute.contributions` (step 5): every partition's ``[M, G, d]`` contributions,
   the rest's ``[M, d]`` and the per-partition sketch error;
@@ -34,9 +36,9 @@ from torch.func import jvp, vmap
 
 from ..adapter import analysis_mode, check_per_example_safe, coupled_modules, functional_model
 from ..engine.factored import row_chunks
-from ..engine.factors import Plan, Unfactorable, covering_plan
+from ..engine.factors import Plan, TrainingCapture, Unfactorable, covering_plan
 from ..engine.gradients import gradients_from_losses, group_gradients, membership_matrix
-from ..engine.per_example import BatchFactors, batch_totals, capture_batch, factored_contributions
+from ..engine.per_example import BatchFactors, batch_totals, capture_batch, factored_contributions, training_batch
 from ..engine.reference import per_example_jacobian
 from ..grouping import Partitions, abs_row_sum
 from .distributed import DistributedContext, combine_group_gradients
@@ -84,7 +86,7 @@ class StepGradients:
 @dataclass
 class RouteContributions:
     """Step 5's result, float64: ``contributions {partition: [M, U, d]}`` for the groups
-    ``columns {partition: [U]}`` (distinct group ids, increasing; every group ``arange(G)``
+    ``columns {partition: [U]}`` (distinct group ids, in any order; every group ``arange(G)``
     except on the factored route, where a step moves only its batch's groups), ``rest [M, d]``
     and ``sketch_error {partition: [M, d]}`` (zeros except on the sketched route)."""
 
@@ -102,11 +104,11 @@ class RouteContributions:
 
     def dense(self, name: str, num_groups: int) -> torch.Tensor:
         """``[M, G, d]`` partition ``name``'s contributions with zeros for the groups that did not move."""
-        compact = self.contributions[name]
-        if compact.shape[1] == num_groups:  # columns are arange(G)
+        compact, columns = self.contributions[name], self.columns[name]
+        if compact.shape[1] == num_groups and torch.equal(columns, torch.arange(num_groups, device=columns.device)):
             return compact
         m, _, d = compact.shape
-        return compact.new_zeros((m, num_groups, d)).index_copy_(1, self.columns[name], compact)
+        return compact.new_zeros((m, num_groups, d)).index_copy_(1, columns, compact)
 
 
 def push_rows(
@@ -190,7 +192,13 @@ class GroupStateRoute:
         step's gradient scale (clipping, loss scaling), averaged across ranks under DDP."""
         raise NotImplementedError
 
-    def gradients(self, step, ids: dict[str, torch.Tensor], coefficients: torch.Tensor) -> StepGradients:
+    def recording(self, batch: int) -> TrainingCapture:
+        """What step 1 reads from the training pass itself (entered around it): nothing here."""
+        return TrainingCapture.idle()
+
+    def gradients(self, step, ids: dict[str, torch.Tensor], coefficients: torch.Tensor,
+                  recorded: TrainingCapture) -> StepGradients:
+        """Step 1 after the training pass (``recorded``: what :meth:`recording` kept of it)."""
         raise NotImplementedError
 
     def before_step(self) -> None:
@@ -260,7 +268,7 @@ class DenseRoute(GroupStateRoute):
     def from_graph(self, grads, losses, step):
         return self._finish(grads, losses.detach(), step.batch, step.clip_factor)
 
-    def gradients(self, step, ids, coefficients):
+    def gradients(self, step, ids, coefficients, recorded):
         model = self.model
         check_per_example_safe(model.module, route=f"gradient_route={self.gradient_route!r}")
         grads, losses = group_gradients(
@@ -298,15 +306,20 @@ class _FactorRoute(GroupStateRoute):
         self.plan: Plan = covering_plan(model.module, model.probes)
         self._probe_chunks: list[slice] | None = None  # fixed probes: sized once per plan
 
-    def gradients(self, step, ids, coefficients):
+    def recording(self, batch: int) -> TrainingCapture:
+        """The batch's factors from the training pass's own forward and backward (no second pass)."""
+        return TrainingCapture(self.plan, batch)
+
+    def gradients(self, step, ids, coefficients, recorded):
         model = self.model
         check_per_example_safe(model.module, route=f"group_state={self.name!r}")
-        while True:
+        batch = training_batch(model.module, self.plan, recorded, step.inputs, step.targets, step.loss_fn,
+                               coefficients, step.losses, model.memory_budget)
+        while batch is None:  # the training pass could not be read: a capture pass of its own
             try:
                 batch = capture_batch(
                     model.module, self.plan, step.inputs, step.targets, step.loss_fn, coefficients, model.memory_budget
                 )
-                break
             except Unfactorable as error:  # a module that mixes the batch: torch.func handles it
                 self._exclusions.add(error.module_name)
                 self.plan = covering_plan(model.module, step.inputs, self._exclusions)
@@ -339,13 +352,13 @@ class FactoredRoute(_FactorRoute):
 
     name = "factored"
 
-    def gradients(self, step, ids, coefficients):
+    def gradients(self, step, ids, coefficients, recorded):
         if not plain_sgd(self.splitter.optimizer):
             raise ValueError(
                 "the optimizer is no longer plain SGD (momentum was switched on?): the factored route "
                 "cannot follow it; build the tracker with group_state='dense'"
             )
-        return super().gradients(step, ids, coefficients)
+        return super().gradients(step, ids, coefficients, recorded)
 
     def contributions(self, updates, nodes, gradients, ids, clip_factor):
         model = self.model
@@ -360,8 +373,12 @@ class FactoredRoute(_FactorRoute):
         m, _, d = per_example.shape
         contributions, columns = {}, {}
         for name in model.partitions.names:  # only the batch's groups moved: [M, U, d], not [M, G, d]
-            columns[name], position = torch.unique(ids[name].to(per_example.device), return_inverse=True)
-            contributions[name] = per_example.new_zeros((m, columns[name].numel(), d)).index_add_(1, position, per_example)
+            group_ids = ids[name].to(per_example.device)
+            columns[name], position = torch.unique(group_ids, return_inverse=True)
+            if columns[name].numel() == group_ids.numel():  # one example per group: the examples' own order
+                columns[name], contributions[name] = group_ids, per_example
+            else:
+                contributions[name] = per_example.new_zeros((m, columns[name].numel(), d)).index_add_(1, position, per_example)
         rest = self._rest(updates, nodes)
         return RouteContributions(contributions, columns, rest, self._no_sketch_error(rest))
 

@@ -421,7 +421,7 @@ class PathKernelTracker:
             torch.full((step.batch,), 1.0 / step.batch, dtype=torch.float64) if step.weights is None else step.weights
         ).to(torch.float64)
         try:
-            # 1. ĝ_{k,g} = Σ_{n ∈ g} c_n ∇ℓ_n at θ_k (from the step's own graph, or a second pass).
+            # 1. ĝ_{k,g} = Σ_{n ∈ g} c_n ∇ℓ_n at θ_k (from the step's own graph or layer factors, or a second pass).
             if self.route.uses_graph():
                 box: dict[str, Any] = {}
                 losses = step.compute_gradients(
@@ -430,9 +430,10 @@ class PathKernelTracker:
                 with torch.no_grad():
                     gradients = self.route.from_graph(box["grads"], losses, step)
             else:
-                losses = step.compute_gradients()
+                with self.route.recording(step.batch) as recorded:  # stops recording before the backward
+                    losses = step.compute_gradients(recorded.stop)
                 with torch.no_grad(), analysis_mode(self.module), torch.enable_grad():
-                    gradients = self.route.gradients(step, ids, coefficients.to(losses.device))
+                    gradients = self.route.gradients(step, ids, coefficients.to(losses.device), recorded)
             pending = self._begin(index, step.phase, ids, theta_before, saved, gradients, losses, step.clip_factor)
             # 2. The real optimizer step.
             step.apply_update()

@@ -1,0 +1,156 @@
+"""Step 1 of the factored and sketched routes read from the training pass itself
+(:class:`genkernel.core.engine.factors.TrainingCapture`): the same per-example gradients as a
+capture pass of their own, training untouched, and a pass that cannot be read handed to that
+second pass."""
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from genkernel import PathKernelTracker
+from genkernel.core.engine.factors import TrainingCapture, covering_plan
+from genkernel.core.engine.per_example import capture_batch
+from genkernel.supervised import mse_loss
+
+from test_factored import Mixed, convnet, mlp
+
+
+class Checkpointed(nn.Module):
+    """An MLP whose hidden layers run under activation checkpointing (recomputed in the backward)."""
+
+    def __init__(self, reentrant: bool):
+        super().__init__()
+        self.first, self.hidden, self.head = nn.Linear(3, 16), nn.Linear(16, 16), nn.Linear(16, 2)
+        self.reentrant = reentrant
+
+    def _inner(self, h):
+        return torch.tanh(self.hidden(torch.tanh(self.first(h))))
+
+    def forward(self, x):
+        return self.head(checkpoint(self._inner, x, use_reentrant=self.reentrant))
+
+
+def _model_and_batch(kind, dtype=torch.float64, batch=7):
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(1)
+    if kind == "mixed":  # embedding, Conv1d, LayerNorm, a Linear called twice, a frozen weight
+        return Mixed().to(dtype), torch.randint(0, 11, (batch, 7), generator=g), torch.randn(batch, 3, generator=g, dtype=dtype)
+    if kind == "convnet":  # GroupNorm, ReLU(inplace=True) after a convolution
+        return convnet(dtype), torch.randn(batch, 1, 8, 8, generator=g, dtype=dtype), torch.randn(batch, 4, generator=g, dtype=dtype)
+    if kind == "checkpoint":
+        return Checkpointed(reentrant=False).to(dtype), torch.randn(batch, 3, generator=g, dtype=dtype), torch.randn(batch, 2, generator=g, dtype=dtype)
+    return mlp(dtype), torch.randn(batch, 3, generator=g, dtype=dtype), torch.randn(batch, 2, generator=g, dtype=dtype)
+
+
+def _per_example(factors, names):
+    out = {}
+    for f in factors:
+        out.update({n: g[0] for n, g in f.gradients().items() if n in names})
+    return out
+
+
+@pytest.mark.parametrize("kind", ["mlp", "mixed", "convnet", "checkpoint"])
+def test_the_training_pass_gives_the_capture_pass_per_example_gradients_and_leaves_training_alone(kind):
+    model, x, y = _model_and_batch(kind)
+    weights = torch.linspace(0.2, 1.3, x.shape[0], dtype=torch.float64)  # a weighted loss, not the mean
+    plan = covering_plan(model, (x,))
+    names = {n for block in plan.blocks for n in block.names}  # the fallback's take their own pass
+    assert names  # the comparison below is not empty
+
+    model.zero_grad()
+    (mse_loss(model(x), y) * weights).sum().backward()
+    plain = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    model.zero_grad()
+    with TrainingCapture(plan, x.shape[0]) as recorded:
+        losses = mse_loss(model(x), y)
+        recorded.stop(losses)
+        (losses * weights).sum().backward()
+    # Reading the pass changes nothing: the same gradients, bit for bit.
+    for n, p in model.named_parameters():
+        if n in plain:
+            assert torch.equal(p.grad, plain[n]), n
+
+    factors = recorded.factors()
+    assert factors is not None
+    reference = capture_batch(model, plan, (x,), y, mse_loss, weights, 2**30)
+    ours, theirs = _per_example(factors, names), _per_example(reference.factors, names)
+    assert ours.keys() == theirs.keys() == names
+    for n in names:
+        torch.testing.assert_close(ours[n], theirs[n], rtol=1e-12, atol=1e-14, msg=n)
+        # and they add up to the step's gradient
+        torch.testing.assert_close(ours[n].sum(0), plain[n], rtol=1e-12, atol=1e-14, msg=n)
+
+
+def test_a_pass_without_a_graph_is_not_read():
+    """Block outputs with no graph (a forward under no_grad) cannot be read: no factors, and the
+    route runs its own capture pass."""
+    model, x, y = _model_and_batch("mlp", batch=5)
+    with TrainingCapture(covering_plan(model, (x,)), 5) as recorded, torch.no_grad():
+        model(x)
+    assert not recorded.readable and recorded.factors() is None
+    assert TrainingCapture.idle().factors() is None
+
+
+def _count_batch_forwards(model, batch):
+    calls = []
+    model.register_forward_hook(lambda module, args, out: calls.append(args[0].shape[0]) if args[0].shape[0] == batch else None)
+    return calls
+
+
+def test_the_factored_ledger_is_the_same_with_or_without_the_second_pass():
+    """The ledger read from the training pass, under activation checkpointing (whose recomputed
+    forward runs inside the backward, where nothing is recorded), equals the ledger of a capture
+    pass of its own, and adds up to the real change; the training batch goes through the model
+    once per step, not twice. (torch.func cannot run a checkpointed model, so the dense route is
+    no reference here.)"""
+    batch, steps = 6, 3
+    g = torch.Generator().manual_seed(3)
+    data = [(torch.randn(batch, 3, generator=g, dtype=torch.float64), torch.randn(batch, 2, generator=g, dtype=torch.float64))
+            for _ in range(steps)]
+    probes = torch.randn(4, 3, generator=g, dtype=torch.float64)
+    ledgers, params = {}, {}
+    for source in ("training pass", "second pass"):
+        torch.manual_seed(0)
+        model = Checkpointed(reentrant=False).double()
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        tracker = PathKernelTracker(model, opt, mse_loss, probes, num_groups=batch * steps, group_state="factored",
+                                    quadrature="simpson")
+        if source == "second pass":
+            tracker.route.recording = lambda batch: TrainingCapture.idle()
+        calls = _count_batch_forwards(model, batch)
+        for k, (x, y) in enumerate(data):
+            tracker.step(x, y, torch.arange(k * batch, (k + 1) * batch))
+        ledgers[source], params[source] = tracker.ledger, [p.detach().clone() for p in model.parameters()]
+        assert len(calls) == (steps if source == "training pass" else 2 * steps)
+        # Simpson's rule: 3e-8, as without checkpointing (4e-3 when the probes' backward at the
+        # quadrature nodes recomputed the checkpointed forward at the module's own parameters)
+        assert tracker.ledger.relative_residual() < 1e-6
+    assert all(torch.equal(a, b) for a, b in zip(params["training pass"], params["second pass"]))
+    scale = float(ledgers["second pass"].contributions.abs().max())
+    assert float((ledgers["training pass"].contributions - ledgers["second pass"].contributions).abs().max()) <= 1e-12 * scale
+
+
+def test_a_failure_while_reading_never_reaches_training(monkeypatch):
+    """Anything the recording hook cannot handle turns the capture off; the training step runs as
+    without it and the step is still recorded exactly (by the capture pass)."""
+    def broken(*args, **kwargs):
+        raise RuntimeError("cannot read this call")
+
+    model, x, y = _model_and_batch("mlp", batch=6)
+    reference = [p.detach().clone() for p in model.parameters()]
+    bare = mlp(torch.float64)
+    bare.load_state_dict(model.state_dict())
+    tracker = PathKernelTracker(model, torch.optim.SGD(model.parameters(), lr=0.1), mse_loss, x[:3], num_groups=6,
+                                group_state="factored", quadrature="simpson")
+    monkeypatch.setattr(TrainingCapture, "_gradient_hook", broken)
+    calls = _count_batch_forwards(model, 6)
+    tracker.step(x, y, torch.arange(6))
+    opt = torch.optim.SGD(bare.parameters(), lr=0.1)
+    mse_loss(bare(x), y).mean().backward()
+    opt.step()
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), bare.parameters()))
+    assert not all(torch.equal(p, q) for p, q in zip(model.parameters(), reference))
+    assert len(calls) == 2  # the training forward, then the capture pass of its own
+    assert tracker.ledger.relative_residual() < 1e-8
