@@ -426,3 +426,50 @@ def test_layers_without_a_vmap_rule_are_computed_one_example_at_a_time(layer):
     assert any("one example at a time" in str(w.message) for w in caught) == (layer == "gru")
     flat = torch.cat([groups[n].reshape(2, -1) for n in params], dim=1)
     torch.testing.assert_close(flat, membership @ j, rtol=1e-10, atol=1e-12)
+
+
+def _analyzed_unet(checkpointing: bool):
+    from genkernel.diffusion import DDPMTrainer, NoiseLevelAnalyzer, make_scheduler, tiny_unet
+
+    torch.manual_seed(0)
+    model = tiny_unet(8, channels=(8, 16), norm_num_groups=4)
+    if checkpointing:
+        model.enable_gradient_checkpointing()
+    scheduler = make_scheduler(100)
+    data = torch.randn(32, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+    analyzer = NoiseLevelAnalyzer(scheduler, data[:16], num_bins=4, num_probes=4, controls=1, progress=False, kernel_points=2)
+    DDPMTrainer(model, scheduler, data, batch_size=8, lr=1e-3, progress=False, callbacks=[analyzer]).train(2)
+    return model, analyzer
+
+
+def test_diffusers_gradient_checkpointing_is_tracked_as_without_it():
+    """diffusers' enable_gradient_checkpointing (which checkpoints in eval mode too, where torch.func
+    cannot run it): analysis passes switch it off and back on; training and the ledger are those of
+    the same run without checkpointing, bit for bit."""
+    plain, plain_analyzer = _analyzed_unet(False)
+    checkpointed, analyzer = _analyzed_unet(True)
+    assert any(getattr(m, "gradient_checkpointing", False) for m in checkpointed.modules())  # still on for training
+    assert all(torch.equal(p, q) for p, q in zip(plain.parameters(), checkpointed.parameters()))
+    assert torch.equal(analyzer.contributions, plain_analyzer.contributions)
+    assert analyzer.residual()["relative_residual"] == plain_analyzer.residual()["relative_residual"]
+
+
+def test_a_forward_calling_torch_checkpoint_is_refused_by_torch_func_routes_with_the_fix():
+    from torch.utils.checkpoint import checkpoint
+
+    class Checkpointed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner, self.head = nn.Linear(3, 8), nn.Linear(8, 2)
+
+        def forward(self, x):
+            return self.head(checkpoint(lambda h: torch.tanh(self.inner(h)), x, use_reentrant=False))
+
+    torch.manual_seed(0)
+    model, x, y = Checkpointed().to(F64), torch.randn(6, 3, dtype=F64), torch.randn(6, 2, dtype=F64)
+    before = [p.detach().clone() for p in model.parameters()]
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    tracker = PathKernelTracker(model, opt, mse_loss, x[:2], num_groups=2, group_state="dense", gradient_route="example")
+    with pytest.raises(ValueError, match="torch.utils.checkpoint.*group_state='factored'"):
+        tracker.step(x, y, torch.arange(6) % 2)
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before)) and tracker.ledger.steps == 0

@@ -248,17 +248,50 @@ def analysis_mode(model: nn.Module) -> Iterator[None]:
 
     Modules go to eval mode (restored afterwards, module by module), attention uses the math
     SDPA backend (which supports forward-mode AD on every device), and the global RNG state is
-    forked and restored.
+    forked and restored. Activation checkpointing switched on through a module's
+    ``gradient_checkpointing`` flag (diffusers' and transformers' ``enable_gradient_checkpointing``)
+    is off inside: it recomputes the same values, and torch.func cannot run it (diffusers checks
+    the flag in eval mode too). Analysis passes then hold their activations like any forward.
     """
     modes = [(m, m.training) for m in model.modules()]
+    checkpointed = [m for m in model.modules() if getattr(m, "gradient_checkpointing", None) is True]
     devices = [p.device.index for p in model.parameters() if p.device.type == "cuda"]
     try:
         model.eval()
+        for module in checkpointed:
+            module.gradient_checkpointing = False
         with torch.random.fork_rng(devices=devices), _math_attention():
             yield
     finally:
         for module, training in modes:
             module.training = training
+        for module in checkpointed:
+            module.gradient_checkpointing = True
+
+
+@contextlib.contextmanager
+def explained_torch_func_errors() -> Iterator[None]:
+    """Re-raise torch.func's error on a checkpointed forward as :func:`checkpointing_error`'s."""
+    try:
+        yield
+    except RuntimeError as error:
+        clear = checkpointing_error(error)
+        if clear is None:
+            raise
+        raise clear from error
+
+
+def checkpointing_error(error: BaseException) -> ValueError | None:
+    """The clear error for torch.func meeting ``torch.utils.checkpoint`` called directly in a
+    model's forward (torch.func cannot run saved-tensor hooks), or None for any other error."""
+    if "saved tensor hooks" not in str(error):
+        return None
+    return ValueError(
+        "the model calls torch.utils.checkpoint in its forward, which torch.func (per-example gradients, "
+        "forward-mode pushes) cannot run. Skip the checkpoint call when the module's gradient_checkpointing "
+        "attribute is False (as diffusers does: analysis passes switch that flag off), or track with "
+        "group_state='factored' (plain SGD), which reads layer factors with autograd instead"
+    )
 
 
 def _math_attention():

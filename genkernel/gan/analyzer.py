@@ -85,7 +85,9 @@ from torch import nn
 from torch.func import jvp
 
 from ..core import grouping as grouping_layer
-from ..core.adapter import analysis_mode, call_with, output_tensor, trainable_parameters, unwrap, unwrap_optimizer
+from ..core.adapter import (
+    analysis_mode, call_with, explained_torch_func_errors, output_tensor, trainable_parameters, unwrap, unwrap_optimizer,
+)
 from ..core.errors import NonFiniteError
 from ..core.tracking.callbacks import TrainerCallback, perform_step
 from ..core.tracking.io import atomic_save, jsonable, load_state
@@ -743,7 +745,8 @@ class GANKernelAnalyzer(TrainerCallback):
             return output_tensor(call_with(self._g, p, (self.probe_latents,)))
 
         with preserved(self._g), analysis_mode(self._g):
-            _, field = jvp(probes, (params,), ({n: -vector[n].to(p) for n, p in params.items()},))
+            with explained_torch_func_errors():
+                _, field = jvp(probes, (params,), ({n: -vector[n].to(p) for n, p in params.items()},))
         return field.detach().reshape(field.shape[0], -1).to(torch.float64)
 
     def _record_generator(self, result: StepContributions) -> None:

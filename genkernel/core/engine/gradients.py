@@ -30,7 +30,7 @@ from typing import Any, Callable, Sequence
 import torch
 from torch.func import grad, grad_and_value, vmap
 
-from ..adapter import batch_size, check_memory_budget, functional_model
+from ..adapter import batch_size, check_memory_budget, explained_torch_func_errors, functional_model
 from .factors import capture, covering_plan, loss_cotangents
 from .reference import per_example
 
@@ -196,7 +196,8 @@ def _group_route(model, params, inputs, targets, loss_fn, membership, memory_bud
     for start in range(0, rows_total, chunk):
         rows = slice(start, min(start + chunk, rows_total))
         # 3. Backward passes for a chunk of rows at once: {name: [r, *shape]}.
-        grads, values = batched(detached, weights[rows])
+        with explained_torch_func_errors():
+            grads, values = batched(detached, weights[rows])
         losses = values[0].detach() if losses is None else losses
         for name, g in grads.items():
             sums[name][rows] = g.detach().to(torch.float64)

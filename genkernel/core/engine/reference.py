@@ -14,7 +14,7 @@ import torch.utils._pytree as pytree
 from torch import nn
 from torch.func import jacrev, vmap
 
-from ..adapter import functional_model
+from ..adapter import checkpointing_error, functional_model
 
 
 def per_example(fn: Callable, in_dims: tuple) -> Callable:
@@ -29,6 +29,9 @@ def per_example(fn: Callable, in_dims: tuple) -> Callable:
         try:
             return batched(*args)
         except RuntimeError as error:
+            clear = checkpointing_error(error)  # one example at a time would fail the same way
+            if clear is not None:
+                raise clear from error
             warnings.warn(
                 f"torch.func.vmap cannot batch this model over examples ({str(error).splitlines()[0][:200]}); "
                 "genkernel computes per-example quantities one example at a time instead (exact, slower)",

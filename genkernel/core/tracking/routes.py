@@ -34,7 +34,7 @@ import torch
 from torch import nn
 from torch.func import jvp, vmap
 
-from ..adapter import analysis_mode, check_per_example_safe, coupled_modules, functional_model
+from ..adapter import analysis_mode, check_per_example_safe, coupled_modules, explained_torch_func_errors, functional_model
 from ..engine.factored import row_chunks
 from ..engine.factors import Plan, TrainingCapture, Unfactorable, covering_plan
 from ..engine.gradients import gradients_from_losses, group_gradients, membership_matrix
@@ -156,7 +156,8 @@ def _jvp_rows(model: TrackedModel, theta, tangents, rows: int, num_params: int) 
     chunk = max(1, model.memory_budget // (4 * num_params * first.element_size()))
     parts = []
     for start in range(0, rows, chunk):
-        parts.append(vmap(push)({n: t[start : start + chunk] for n, t in tangents.items()}))
+        with explained_torch_func_errors():
+            parts.append(vmap(push)({n: t[start : start + chunk] for n, t in tangents.items()}))
     return torch.cat(parts)
 
 
