@@ -454,22 +454,51 @@ def test_diffusers_gradient_checkpointing_is_tracked_as_without_it():
     assert analyzer.residual()["relative_residual"] == plain_analyzer.residual()["relative_residual"]
 
 
-def test_a_forward_calling_torch_checkpoint_is_refused_by_torch_func_routes_with_the_fix():
-    from torch.utils.checkpoint import checkpoint
+class _Checkpointed(nn.Module):
+    """torch.utils.checkpoint called directly in the forward (no flag to switch it off)."""
 
-    class Checkpointed(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.inner, self.head = nn.Linear(3, 8), nn.Linear(8, 2)
+    def __init__(self, checkpointed: bool = True):
+        super().__init__()
+        self.inner, self.head = nn.Linear(3, 8), nn.Linear(8, 2)
+        self.checkpointed = checkpointed
 
-        def forward(self, x):
-            return self.head(checkpoint(lambda h: torch.tanh(self.inner(h)), x, use_reentrant=False))
+    def _body(self, h):
+        return torch.tanh(self.inner(h))
 
-    torch.manual_seed(0)
-    model, x, y = Checkpointed().to(F64), torch.randn(6, 3, dtype=F64), torch.randn(6, 2, dtype=F64)
-    before = [p.detach().clone() for p in model.parameters()]
+    def forward(self, x):
+        from torch.utils.checkpoint import checkpoint
+
+        return self.head(checkpoint(self._body, x, use_reentrant=False) if self.checkpointed else self._body(x))
+
+
+def _adam_tracker(model, x, **route):
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    tracker = PathKernelTracker(model, opt, mse_loss, x[:2], num_groups=2, group_state="dense", gradient_route="example")
-    with pytest.raises(ValueError, match="torch.utils.checkpoint.*group_state='factored'"):
-        tracker.step(x, y, torch.arange(6) % 2)
-    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before)) and tracker.ledger.steps == 0
+    return PathKernelTracker(model, opt, mse_loss, x[:2], num_groups=2, group_state="dense", quadrature="simpson", **route)
+
+
+def test_a_forward_calling_torch_checkpoint_is_tracked_from_layer_factors():
+    """The dense route's default group gradients are read from the training pass (autograd) and
+    its pushes are forward mode: a checkpointed forward is tracked as the same model without it."""
+    x, y = torch.randn(6, 3, dtype=F64), torch.randn(6, 2, dtype=F64)
+    ledgers = {}
+    for checkpointed in (False, True):
+        torch.manual_seed(0)
+        model = _Checkpointed(checkpointed).to(F64)
+        tracker = _adam_tracker(model, x)
+        for _ in range(3):
+            tracker.step(x, y, torch.arange(6) % 2)
+        ledgers[checkpointed] = tracker.ledger
+    scale = float(ledgers[False].contributions.abs().max())
+    assert float((ledgers[True].contributions - ledgers[False].contributions).abs().max()) <= 1e-12 * scale
+    assert ledgers[True].relative_residual() < 1e-6
+
+
+def test_a_forward_calling_torch_checkpoint_is_refused_by_torch_func_routes_with_the_fix():
+    """The probes' Jacobians (torch.func reverse mode) cannot run it: refused when the tracker is
+    built, naming the routes that can, with the model untouched."""
+    torch.manual_seed(0)
+    model, x = _Checkpointed().to(F64), torch.randn(6, 3, dtype=F64)
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(ValueError, match="torch.utils.checkpoint.*gradient_route='example'"):
+        _adam_tracker(model, x, contribution_route="jacobian")
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))

@@ -287,10 +287,11 @@ def checkpointing_error(error: BaseException) -> ValueError | None:
     if "saved tensor hooks" not in str(error):
         return None
     return ValueError(
-        "the model calls torch.utils.checkpoint in its forward, which torch.func (per-example gradients, "
-        "forward-mode pushes) cannot run. Skip the checkpoint call when the module's gradient_checkpointing "
-        "attribute is False (as diffusers does: analysis passes switch that flag off), or track with "
-        "group_state='factored' (plain SGD), which reads layer factors with autograd instead"
+        "the model calls torch.utils.checkpoint in its forward, which torch.func's reverse mode (per-example "
+        "gradients, Jacobians) cannot run. Skip the checkpoint call when the module's gradient_checkpointing "
+        "attribute is False (as diffusers does: analysis passes switch that flag off), or use the routes that read "
+        "layer factors with autograd: a tracker's gradient_route='example' or 'auto' with "
+        "contribution_route='jvp', or group_state='factored' (plain SGD)"
     )
 
 

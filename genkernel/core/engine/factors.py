@@ -799,8 +799,8 @@ class TrainingCapture:
     has no graph) gives no factors, and the caller runs its own capture pass.
     """
 
-    def __init__(self, plan: Plan | None, batch: int):
-        self.plan, self.batch = plan, batch
+    def __init__(self, plan: Plan | None, batch: int, compact: bool = False):
+        self.plan, self.batch, self.compact = plan, batch, compact
         self.records: dict[int, list] = {} if plan is None else {i: [] for i in range(len(plan.blocks))}
         self.readable = plan is not None
         self._gradients: dict[tuple[int, int], torch.Tensor | None] = {}  # (block, call) -> ∂loss/∂output
@@ -858,8 +858,13 @@ class TrainingCapture:
         return prehook
 
     def factors(self) -> list["Factors"] | None:
-        """One :class:`Factors` per block, one cotangent (the step's loss, c_n included), or None
-        when nothing readable was recorded."""
+        """One :class:`Factors` per block, one cotangent (the step's loss, c_n included; with
+        ``compact``, in :func:`capture`'s compact form), or None when nothing readable was recorded."""
+        blocks = self.blocks()
+        return None if blocks is None else list(blocks)
+
+    def blocks(self) -> Iterator["Factors"] | None:
+        """:meth:`factors` one block at a time (each assembled when asked for), or None."""
         if not self.readable or self.plan is None:
             return None
         metas = [meta for calls in self.records.values() for _, _, meta in calls]
@@ -867,7 +872,8 @@ class TrainingCapture:
             return None
         grads = [None if g is None else g.detach().unsqueeze(0) for _, g in sorted(self._gradients.items())]
         _, dtype, device = metas[0]
-        return _assemble(self.plan, self.records, grads, 1, torch.empty((self.batch, 0), dtype=dtype, device=device))
+        like = torch.empty((self.batch, 0), dtype=dtype, device=device)
+        return _assembled(self.plan, self.records, grads, 1, like, self.compact)
 
 
 def _any_attention():
@@ -883,6 +889,12 @@ def _assemble(plan: Plan, records: dict[int, list], grads: list, cotangents: int
               compact: bool = False) -> list[Factors]:
     """One :class:`Factors` per block from the recorded calls and their output gradients
     (``grads``: ``[c, *z.shape]`` or None per call, in the order of ``records``)."""
+    return list(_assembled(plan, records, grads, cotangents, out, compact))
+
+
+def _assembled(plan: Plan, records: dict[int, list], grads: list, cotangents: int, out: torch.Tensor,
+               compact: bool) -> Iterator[Factors]:
+    """:func:`_assemble` one block at a time (a caller that reduces each block at once holds one)."""
     batch = out.shape[0]
     calls: dict[int, list] = {i: [] for i in range(len(plan.blocks))}
     position = 0
@@ -892,13 +904,11 @@ def _assemble(plan: Plan, records: dict[int, list], grads: list, cotangents: int
             position += 1
             g = torch.zeros((cotangents, *shape), dtype=dtype, device=device) if g is None else g.detach()
             calls[i].append((a, g))
-    factors = []
     for i, block in enumerate(plan.blocks):
         if not calls[i]:  # the module was not called: its gradients are zero
-            factors.append(Factors.unused(block, cotangents, batch, out))
+            yield Factors.unused(block, cotangents, batch, out)
             continue
-        factors.append(_block_factors(block, calls.pop(i), batch, compact))
-    return factors
+        yield _block_factors(block, calls.pop(i), batch, compact)
 
 
 def capture(

@@ -38,7 +38,9 @@ from ..adapter import analysis_mode, check_per_example_safe, coupled_modules, ex
 from ..engine.factored import row_chunks
 from ..engine.factors import Plan, TrainingCapture, Unfactorable, covering_plan
 from ..engine.gradients import gradients_from_losses, group_gradients, membership_matrix
-from ..engine.per_example import BatchFactors, batch_totals, capture_batch, factored_contributions, training_batch
+from ..engine.per_example import (
+    BatchFactors, batch_totals, capture_batch, factored_contributions, group_sums, training_batch,
+)
 from ..engine.reference import per_example_jacobian
 from ..grouping import Partitions, abs_row_sum
 from .distributed import DistributedContext, combine_group_gradients
@@ -233,12 +235,16 @@ class DenseRoute(GroupStateRoute):
 
     Group gradients (``gradient_route``): "graph" takes them from the training step's own graph
     (R backward passes, no second forward: exact with BatchNorm's batch statistics and dropout's
-    masks); "example" and "factored" from per-example gradients of a second, analysis-mode pass
-    (cost ∝ B, whatever R; examples must be independent); "auto" takes "graph" when the model
-    couples examples in training mode (or there is one row), else "example": measured on the tiny
-    UNet (B = 32, 2 CPU cores), the vmapped per-example gradients cost about two bare steps at any
-    R, the graph's R backward passes grow with R and already cost more at R = 2
-    (``recipes/benchmarks/diffusion.py`` times the analyzer with either).
+    masks); "example" from per-example gradients read from the training pass's layer factors
+    (:class:`~genkernel.core.engine.factors.TrainingCapture`: one block at a time, summed into the
+    groups; about one weight-gradient pass, whatever R), with torch.func for parameters outside
+    the blocks and a vmapped second pass when the training pass cannot be read; "factored" from
+    a second pass's batched backward per row; "example" and "factored" need independent
+    examples. "auto" takes "graph" when the model couples examples in training mode (or there is
+    one row), else "example": measured on the tiny UNet (B = 32, 2 CPU cores), vmapped
+    per-example gradients cost about two bare steps at any R, the graph's R backward passes grow
+    with R and already cost more at R = 2 (``recipes/benchmarks/diffusion.py`` times the
+    analyzer with either).
     """
 
     name = "dense"
@@ -248,10 +254,19 @@ class DenseRoute(GroupStateRoute):
         if gradient_route not in GRADIENT_ROUTES:
             raise ValueError(f"gradient_route must be one of {GRADIENT_ROUTES}, got {gradient_route!r}")
         self.gradient_route = gradient_route
+        self._plan: Plan | None = None  # the blocks read from the training pass, planned at the first step
 
     @property
     def splitter_partitions(self) -> Partitions:
         return self.model.partitions
+
+    def recording(self, batch: int) -> TrainingCapture:
+        """The training pass's per-example gradients, for gradient_route "example" (and "auto")."""
+        if self.gradient_route == "factored":
+            return TrainingCapture.idle()
+        if self._plan is None:
+            self._plan = covering_plan(self.model.module, self.model.probes)
+        return TrainingCapture(self._plan, batch, compact=True)
 
     def uses_graph(self) -> bool:
         if self.gradient_route != "auto":
@@ -272,11 +287,28 @@ class DenseRoute(GroupStateRoute):
     def gradients(self, step, ids, coefficients, recorded):
         model = self.model
         check_per_example_safe(model.module, route=f"gradient_route={self.gradient_route!r}")
+        blocks = recorded.blocks()
+        if blocks is not None:
+            return self._finish(self._from_training_pass(blocks, step, ids, coefficients), step.losses, step.batch,
+                                step.clip_factor)
         grads, losses = group_gradients(
             model.module, model.params, step.inputs, step.targets, step.loss_fn, self._membership(ids, coefficients),
             memory_budget=model.memory_budget, route="factored" if self.gradient_route == "factored" else "example",
         )
         return self._finish({n: g.to(model.state_dtype) for n, g in grads.items()}, losses, step.batch, step.clip_factor)
+
+    def _from_training_pass(self, blocks, step, ids, coefficients) -> dict[str, torch.Tensor]:
+        """Every partition's group rows from the training pass's blocks (c_n already in them) and,
+        for the plan's fallback parameters, torch.func per-example gradients."""
+        model, partitions = self.model, self.model.partitions
+        grads = group_sums(blocks, [ids[n] for n in partitions.names], list(partitions.sizes.values()))
+        if self._plan.fallback:
+            fallback, _ = group_gradients(
+                model.module, dict(self._plan.fallback), step.inputs, step.targets, step.loss_fn,
+                self._membership(ids, coefficients), memory_budget=model.memory_budget, route="example",
+            )
+            grads.update(fallback)
+        return {name: grads[name].to(model.state_dtype) for name in model.params}
 
     def _finish(self, grads, losses, batch: int, scale: float) -> StepGradients:
         model = self.model
