@@ -124,6 +124,7 @@ def test_a_lightning_module_with_accumulation_and_clipping_is_observed_exactly()
     assert ledger.relative_residual() < 1e-5
     assert analyzer.report()["global_steps"] == [1, 3]
     assert [row["tracked_step"] for row in analyzer.kernel_history] == [0, 3]  # finished at the end
+    assert analyzer.tracker.cost.settings["batch"] == 16  # the cost at binding: 8 per batch, 2 accumulated
 
 
 def test_a_compiled_or_data_parallel_model_is_read_through():

@@ -154,3 +154,63 @@ def test_a_failure_while_reading_never_reaches_training(monkeypatch):
     assert not all(torch.equal(p, q) for p, q in zip(model.parameters(), reference))
     assert len(calls) == 2  # the training forward, then the capture pass of its own
     assert tracker.ledger.relative_residual() < 1e-8
+
+
+def test_a_compiled_model_is_never_hooked_and_still_tracked_exactly(monkeypatch):
+    """Hooks inside a torch.compile'd forward would change what it traces: the route runs its
+    own pass instead, and training is as without the tracker."""
+    starts = []
+    original = TrainingCapture.start
+    monkeypatch.setattr(TrainingCapture, "start", lambda self: (starts.append(self.plan is not None), original(self)))
+    g = torch.Generator().manual_seed(4)
+    x, y = torch.randn(6, 3, generator=g, dtype=torch.float64), torch.randn(6, 2, generator=g, dtype=torch.float64)
+    params, ledgers = {}, {}
+    for kind in ("bare", "plain", "compiled"):
+        torch.manual_seed(0)
+        model = mlp(torch.float64)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        trained = torch.compile(model, backend="eager") if kind == "compiled" else model
+        if kind == "bare":
+            mse_loss(model(x), y).mean().backward()
+            opt.step()
+        else:
+            tracker = PathKernelTracker(trained, opt, mse_loss, x[:2], num_groups=6, group_state="factored",
+                                        quadrature="simpson")
+            starts.clear()
+            tracker.step(x, y, torch.arange(6))
+            assert starts == ([True] if kind == "plain" else [False])  # read the pass / record nothing
+            ledgers[kind] = tracker.ledger
+        params[kind] = [p.detach().clone() for p in model.parameters()]
+    assert all(torch.equal(a, b) for a, b in zip(params["bare"], params["compiled"]))
+    assert all(torch.equal(a, b) for a, b in zip(params["bare"], params["plain"]))
+    scale = float(ledgers["plain"].contributions.abs().max())
+    assert float((ledgers["compiled"].contributions - ledgers["plain"].contributions).abs().max()) <= 1e-12 * scale
+    assert ledgers["compiled"].relative_residual() == ledgers["plain"].relative_residual()
+
+
+@pytest.mark.parametrize("group_state", ["factored", "dense"])
+def test_records_that_do_not_fit_the_memory_budget_leave_it_to_the_chunked_pass(group_state, monkeypatch):
+    """Reading the training pass keeps about one copy of its activations until step 1: only when
+    that fits the memory budget; else step 1 runs its own pass in chunks. The ledgers agree."""
+    from genkernel.core.cost import reads_training_pass
+    from genkernel.core.tracking import routes
+
+    second = "capture_batch" if group_state == "factored" else "group_gradients"
+    passes = []
+    original = getattr(routes, second)
+    monkeypatch.setattr(routes, second, lambda *args, **kwargs: (passes.append(1), original(*args, **kwargs))[1])
+    model0, x, y = _model_and_batch("convnet", batch=8)
+    ledgers, counts = {}, {}
+    for budget in (2**30, 2**14):
+        model = convnet(torch.float64)
+        model.load_state_dict(model0.state_dict())
+        opt = torch.optim.SGD(model.parameters(), lr=0.05) if group_state == "factored" else torch.optim.Adam(model.parameters(), lr=1e-2)
+        tracker = PathKernelTracker(model, opt, mse_loss, x[:3], num_groups=2, group_state=group_state, memory_budget=budget)
+        passes.clear()
+        tracker.step(x, y, torch.arange(8) % 2)
+        fits = reads_training_pass(tracker.route.model.record_bytes, 8, budget)
+        assert fits == (budget == 2**30) and ("training_records" in tracker.cost.memory) == fits
+        counts[budget], ledgers[budget] = len(passes), tracker.ledger
+    assert counts == {2**30: 0, 2**14: 1}  # the second pass only where the records do not fit
+    scale = float(ledgers[2**30].contributions.abs().max())
+    assert float((ledgers[2**14].contributions - ledgers[2**30].contributions).abs().max()) <= 1e-10 * scale

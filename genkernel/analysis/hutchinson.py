@@ -54,7 +54,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import grad, hessian, jacrev, jvp, vmap
 
-from ..core.adapter import call_with
+from ..core.adapter import call_with, positive_int
 
 __all__ = [
     "hessian_vector_product",
@@ -353,9 +353,7 @@ def ito_scale(batch_size: int, *, sampling: str = "with_replacement", population
     """
     if sampling not in SAMPLINGS:
         raise ValueError(f"sampling must be one of {SAMPLINGS}, got {sampling!r}.")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}.")
-    b = batch_size
+    b = positive_int(batch_size, "batch_size")
     if sampling == "without_replacement":
         if isinstance(population, bool) or not isinstance(population, int) or population < b:
             raise ValueError(

@@ -20,6 +20,7 @@ no global random state is consumed.
 from __future__ import annotations
 
 import contextlib
+import numbers
 from typing import Any, Callable, Iterator
 
 import torch
@@ -100,6 +101,16 @@ def unwrap(model: nn.Module) -> nn.Module:
             model = model._orig_mod
         else:
             return model
+
+
+def is_compiled(model: nn.Module) -> bool:
+    """Whether ``torch.compile`` wraps ``model`` (at any depth of :func:`unwrap`'s wrappers)."""
+    while True:
+        if isinstance(getattr(model, "_orig_mod", None), nn.Module):
+            return True
+        if not isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            return False
+        model = model.module
 
 
 def unwrap_optimizer(optimizer: Any) -> torch.optim.Optimizer:
@@ -240,6 +251,13 @@ def preserved_buffers(module: nn.Module) -> Iterator[None]:
     finally:
         for m, name, b in slots:
             m._buffers[name] = b
+
+
+def positive_int(value: Any, name: str) -> int:
+    """``value`` as an int >= 1 (any integral type, not a bool); ValueError naming ``name`` otherwise."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return int(value)
 
 
 @contextlib.contextmanager

@@ -17,14 +17,18 @@ Memory (bytes):
   chunks are sized to it), or the probes' Jacobians M × d × P on the "jacobian" route;
 - ``training_step``: the parameters, their gradients and the optimizer's own state, and the
   batch's activations (a hook pass on one example, times the batch and a factor for what autograd
-  keeps), when ``batch_size`` is given.
+  keeps), when ``batch_size`` is given;
+- ``training_records``: what step 1 keeps of the training pass when it reads layer factors from it
+  (the layers' output gradients, about one copy of the activations) until it has read them; only
+  when that fits in the memory budget.
 
 Work per step, in passes (a backward counted as two forwards of the same examples), and the
 expected ratio of an analyzed step to a bare one (forward and backward of the batch):
 
-- group gradients: "graph" R backward passes of the batch; "example" about one batch forward and
-  backward more (vmapped per-example gradients, a second forward); sketched and factored routes
-  read the batch's factors from the training pass and sum them (about one forward);
+- group gradients: "graph" R backward passes of the batch; "example", sketched and factored routes
+  read the batch's layer factors from the training pass and sum them (about one forward) when its
+  records fit in the memory budget (:func:`reads_training_pass`), else run a pass of their own
+  ("example": vmapped per-example gradients, about 1.5 bare steps; factored: a capture);
 - contributions: per quadrature node, a forward of the probes plus a tangent pass per pushed row
   (dense: R + 1 rows) that costs two forwards, or d backward passes of the probes for the probes'
   Jacobians;
@@ -132,6 +136,13 @@ def activation_elements(model: nn.Module, example: tuple[torch.Tensor, ...]) -> 
     return count[0]
 
 
+def reads_training_pass(record_bytes_per_example: int, batch: int, memory_budget: int) -> bool:
+    """Whether step 1 reads the batch's layer factors from the training pass (the records it keeps,
+    about one copy of the activations, fit in ``memory_budget``) rather than running a pass of its
+    own in chunks that do."""
+    return record_bytes_per_example * batch <= memory_budget
+
+
 def estimate_cost(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -193,16 +204,22 @@ def estimate_cost(
         pushed = rows + 1
         if gradient_route == "graph":
             work["group_gradients"] = 2.0 * rows * b
-        else:
+        elif reads_training_pass(acts * param_bytes, b, memory_budget):  # its layers' per-example gradients
+            work["group_gradients"] = 1.0 * b
+            memory["training_records"] = acts * b * param_bytes
+        else:  # vmapped per-example gradients of a second forward and backward
             work["group_gradients"] = 4.5 * b
     else:
         memory["group_state"] = rows * sketch_dim * 8 if group_state == "sketched" else 0
         memory["group_updates"] = 3 * num * state_bytes
         memory["held_factors"] = min(memory_budget, 3 * acts * b * param_bytes)
         pushed = 2
-        # The factors come from the training pass itself; their batch totals and sizes cost about
-        # the weight-gradient part of a backward.
-        work["group_gradients"] = 1.0 * b
+        if reads_training_pass(acts * param_bytes, b, memory_budget):
+            # Their batch totals and sizes cost about the weight-gradient part of a backward.
+            work["group_gradients"] = 1.0 * b
+            memory["training_records"] = acts * b * param_bytes
+        else:  # a capture pass of its own
+            work["group_gradients"] = 3.0 * b
     if contribution_route == "jacobian":
         memory["probe_pushes"] = 2 * m * outputs * num * param_bytes
         work["contributions"] = quadrature_nodes * 2.0 * m * outputs

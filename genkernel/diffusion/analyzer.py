@@ -62,7 +62,7 @@ import torch
 from torch import nn
 
 from ..core import grouping
-from ..core.adapter import as_tuple, unwrap, unwrap_optimizer
+from ..core.adapter import as_tuple, positive_int, unwrap, unwrap_optimizer
 from ..core.errors import LedgerCheckError
 from ..core.tracking.callbacks import TrainerCallback
 from ..core.tracking.io import atomic_save, jsonable, load_state
@@ -172,8 +172,7 @@ class NoiseLevelAnalyzer(TrainerCallback):
         self.scheduler = scheduler
         self.total = num_train_timesteps(scheduler)
         self.bins = NoiseBins(scheduler, num_bins, bin_spacing)
-        if not isinstance(num_probes, int) or num_probes < 1:
-            raise ValueError(f"num_probes must be a positive int, got {num_probes!r}")
+        num_probes = positive_int(num_probes, "num_probes")
         if not isinstance(probe_data, torch.Tensor) or probe_data.dim() < 2 or not probe_data.is_floating_point():
             raise TypeError(
                 "probe_data must be a floating Tensor [N0, *shape] of clean inputs shaped like the training data, "

@@ -43,7 +43,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..core.adapter import as_tuple, output_tensor
+from ..core.adapter import as_tuple, output_tensor, positive_int
 from ..core.tracking.callbacks import CallbackStates, TrainerCallback, fire, perform_step
 from ..core.tracking.io import atomic_save, load_state
 from ..core.tracking.step import OptimizerStep
@@ -184,8 +184,8 @@ class DDPMTrainer:
         log: Callable[[Mapping[str, float], int], None] | None = None,
         log_every: int = 1,
     ) -> None:
-        if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
-            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+        if batch_size is not None:
+            batch_size = positive_int(batch_size, "batch_size")
         if checkpoint_every < 0:
             raise ValueError(f"checkpoint_every must be >= 0, got {checkpoint_every}")
         if checkpoint_every and checkpoint_dir is None:

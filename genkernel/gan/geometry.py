@@ -27,6 +27,8 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
+from ..core.adapter import positive_int
+
 
 class GeometryGrouping:
     """Base class. Subclasses set ``num_groups`` and ``name`` and implement ``assign``."""
@@ -71,9 +73,7 @@ def _flat(t: torch.Tensor) -> torch.Tensor:
 
 
 def _check_count(num_groups: int, name: str) -> int:
-    if not isinstance(num_groups, int) or num_groups < 1:
-        raise ValueError(f"{name} must be a positive int, got {num_groups!r}")
-    return num_groups
+    return positive_int(num_groups, name)
 
 
 class DirectionGroups(GeometryGrouping):

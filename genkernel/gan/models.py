@@ -18,6 +18,8 @@ from __future__ import annotations
 from torch import nn
 from torch.nn.utils.parametrizations import spectral_norm as _spectral_norm
 
+from ..core.adapter import positive_int
+
 ACTIVATIONS = {"silu": nn.SiLU, "softplus": nn.Softplus, "tanh": nn.Tanh, "relu": nn.ReLU, "leaky_relu": nn.LeakyReLU}
 
 
@@ -30,8 +32,7 @@ def activation(name: str) -> nn.Module:
 
 def _check_positive(**values: int) -> None:
     for key, value in values.items():
-        if not isinstance(value, int) or value < 1:
-            raise ValueError(f"{key} must be a positive int, got {value!r}")
+        positive_int(value, key)
 
 
 def _maybe_sn(layer: nn.Module, use: bool) -> nn.Module:

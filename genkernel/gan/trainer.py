@@ -35,7 +35,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..core.adapter import analysis_mode, output_tensor
+from ..core.adapter import analysis_mode, output_tensor, positive_int
 from ..core.tracking.callbacks import CallbackStates, TrainerCallback, fire, perform_step
 from ..core.errors import NonFiniteError
 from ..core.tracking.io import atomic_save, load_state
@@ -179,8 +179,7 @@ class GANTrainer:
             raise ValueError(f"labels must be a LongTensor[{data.shape[0]}] (one per real sample)")
         if batch_size < 1 or batch_size > data.shape[0]:
             raise ValueError(f"batch_size must be in [1, {data.shape[0]}] (the data set size), got {batch_size}")
-        if d_steps < 1:
-            raise ValueError(f"d_steps must be a positive int, got {d_steps}")
+        d_steps = positive_int(d_steps, "d_steps")
         if checkpoint_every and checkpoint_dir is None:
             raise ValueError("checkpoint_every needs a checkpoint_dir")
         self.generator = generator

@@ -55,7 +55,8 @@ class GenkernelCallback(pl.Callback):
                 "optimizer by hand (analyzer.bind) instead of through GenkernelCallback"
             )
         model = pl_module if self.model_attribute is None else getattr(pl_module, self.model_attribute)
-        self.analyzer.bind(model, trainer.optimizers[0], ema=self.ema, start_step=trainer.global_step)
+        self.analyzer.bind(model, trainer.optimizers[0], ema=self.ema, start_step=trainer.global_step,
+                           batch_size=_step_batch(trainer))
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.analyzer.finish()
@@ -65,6 +66,15 @@ class GenkernelCallback(pl.Callback):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.analyzer.load_state_dict(state_dict["analyzer"])
+
+
+def _step_batch(trainer: pl.Trainer) -> int | None:
+    """Examples per optimizer step (the loader's batch times the accumulated batches), for the
+    cost the analyzer prints at binding; None when the loader does not say."""
+    per_batch = getattr(trainer.train_dataloader, "batch_size", None)
+    if isinstance(per_batch, bool) or not isinstance(per_batch, int):
+        return None
+    return per_batch * int(trainer.accumulate_grad_batches)
 
 
 __all__ = ["GenkernelCallback"]

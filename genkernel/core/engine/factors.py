@@ -859,21 +859,27 @@ class TrainingCapture:
 
     def factors(self) -> list["Factors"] | None:
         """One :class:`Factors` per block, one cotangent (the step's loss, c_n included; with
-        ``compact``, in :func:`capture`'s compact form), or None when nothing readable was recorded."""
+        ``compact``, in :func:`capture`'s compact form), or None when nothing readable was recorded.
+        Read once: the capture lets go of its records (see :meth:`blocks`)."""
         blocks = self.blocks()
         return None if blocks is None else list(blocks)
 
     def blocks(self) -> Iterator["Factors"] | None:
-        """:meth:`factors` one block at a time (each assembled when asked for), or None."""
+        """:meth:`factors` one block at a time, each assembled when asked for, or None. The capture
+        hands its records over (a second read gives None), so each block's activations and output
+        gradients are freed once the caller is done with that block, not at the end of the step."""
+        records, gradients = self.records, self._gradients
+        self.records, self._gradients = {}, {}
         if not self.readable or self.plan is None:
             return None
-        metas = [meta for calls in self.records.values() for _, _, meta in calls]
+        self.readable = False
+        metas = [meta for calls in records.values() for _, _, meta in calls]
         if not metas:
             return None
-        grads = [None if g is None else g.detach().unsqueeze(0) for _, g in sorted(self._gradients.items())]
+        grads = [None if g is None else g.detach().unsqueeze(0) for _, g in sorted(gradients.items())]
         _, dtype, device = metas[0]
         like = torch.empty((self.batch, 0), dtype=dtype, device=device)
-        return _assembled(self.plan, self.records, grads, 1, like, self.compact)
+        return _assembled(self.plan, records, grads, 1, like, self.compact)
 
 
 def _any_attention():
@@ -894,7 +900,8 @@ def _assemble(plan: Plan, records: dict[int, list], grads: list, cotangents: int
 
 def _assembled(plan: Plan, records: dict[int, list], grads: list, cotangents: int, out: torch.Tensor,
                compact: bool) -> Iterator[Factors]:
-    """:func:`_assemble` one block at a time (a caller that reduces each block at once holds one)."""
+    """:func:`_assemble` one block at a time (a caller that reduces each block at once holds one).
+    Consumes ``records`` and ``grads`` (emptied once the calls are sorted by block)."""
     batch = out.shape[0]
     calls: dict[int, list] = {i: [] for i in range(len(plan.blocks))}
     position = 0
@@ -904,6 +911,8 @@ def _assembled(plan: Plan, records: dict[int, list], grads: list, cotangents: in
             position += 1
             g = torch.zeros((cotangents, *shape), dtype=dtype, device=device) if g is None else g.detach()
             calls[i].append((a, g))
+    records.clear()  # the calls hold what is left: each block's is dropped once it is assembled
+    grads.clear()
     for i, block in enumerate(plan.blocks):
         if not calls[i]:  # the module was not called: its gradients are zero
             yield Factors.unused(block, cotangents, batch, out)

@@ -32,6 +32,7 @@ from ..adapter import (
     check_memory_budget,
     check_per_example_safe,
     flat_output,
+    positive_int,
     trainable_parameters,
     unwrap,
 )
@@ -45,8 +46,7 @@ DEFAULT_MEMORY_BUDGET = 256 * 2**20
 
 
 def _check(k: int, kind: str) -> None:
-    if not isinstance(k, int) or k < 1:
-        raise ValueError(f"the projection dimension k must be a positive int, got {k!r}")
+    positive_int(k, "the projection dimension k")
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
 

@@ -35,6 +35,7 @@ from torch import nn
 from torch.func import jvp, vmap
 
 from ..adapter import analysis_mode, check_per_example_safe, coupled_modules, explained_torch_func_errors, functional_model
+from ..cost import reads_training_pass
 from ..engine.factored import row_chunks
 from ..engine.factors import Plan, TrainingCapture, Unfactorable, covering_plan
 from ..engine.gradients import gradients_from_losses, group_gradients, membership_matrix
@@ -65,6 +66,7 @@ class TrackedModel:
     distributed: DistributedContext | None
     check_rtol: float  # relative tolerance of the exact checks (float64: 1e-10, float32: 1e-5)
     state_dtype: torch.dtype = torch.float64  # of the groups' gradients, optimizer state and updates
+    record_bytes: int = 0  # per example, what step 1 keeps of the training pass (cost.reads_training_pass)
 
 
 @dataclass
@@ -261,8 +263,10 @@ class DenseRoute(GroupStateRoute):
         return self.model.partitions
 
     def recording(self, batch: int) -> TrainingCapture:
-        """The training pass's per-example gradients, for gradient_route "example" (and "auto")."""
-        if self.gradient_route == "factored":
+        """The training pass's per-example gradients, for gradient_route "example" (and "auto"),
+        when its records fit in the memory budget."""
+        model = self.model
+        if self.gradient_route == "factored" or not reads_training_pass(model.record_bytes, batch, model.memory_budget):
             return TrainingCapture.idle()
         if self._plan is None:
             self._plan = covering_plan(self.model.module, self.model.probes)
@@ -340,7 +344,10 @@ class _FactorRoute(GroupStateRoute):
         self._probe_chunks: list[slice] | None = None  # fixed probes: sized once per plan
 
     def recording(self, batch: int) -> TrainingCapture:
-        """The batch's factors from the training pass's own forward and backward (no second pass)."""
+        """The batch's factors from the training pass's own forward and backward (no second pass),
+        when its records fit in the memory budget (else the capture pass runs in chunks)."""
+        if not reads_training_pass(self.model.record_bytes, batch, self.model.memory_budget):
+            return TrainingCapture.idle()
         return TrainingCapture(self.plan, batch)
 
     def gradients(self, step, ids, coefficients, recorded):

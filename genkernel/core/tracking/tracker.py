@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import hashlib
 import math
-import numbers
 import os
 import weakref
 from dataclasses import dataclass, field, replace
@@ -59,13 +58,16 @@ from ..adapter import (
     check_per_example_safe,
     checked_forward,
     coupled_modules,
+    is_compiled,
+    positive_int,
     trainable_parameters,
     unwrap,
     unwrap_optimizer,
 )
+from ..engine.factors import TrainingCapture
 from ..engine.gradients import DEFAULT_GRADIENT_BUDGET
 from ..errors import LedgerCheckError, NonFiniteError
-from ..cost import estimate_cost
+from ..cost import activation_elements, estimate_cost
 from ..grouping import Partitions, abs_row_sum
 from .distributed import combine_group_gradients, ddp_context
 from .ema import EMALedgers, ema_parameters
@@ -237,10 +239,8 @@ class PathKernelTracker:
         batch_size: int | None = None,
     ) -> None:
         self.partitions = Partitions(num_groups)
-        if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral)
-                                       or batch_size < 1):
-            raise ValueError(f"batch_size must be a positive int (the training batch, for the cost estimate), got {batch_size!r}")
-        batch_size = None if batch_size is None else int(batch_size)
+        if batch_size is not None:  # the training batch, for the cost estimate
+            batch_size = positive_int(batch_size, "batch_size")
         if snapshot_every < 0:
             raise ValueError(f"snapshot_every must be >= 0 (0: no snapshots), got {snapshot_every}")
         if contribution_route not in CONTRIBUTION_ROUTES:
@@ -278,8 +278,10 @@ class PathKernelTracker:
         if state_dtype == torch.float32 and dtype == torch.float64:
             raise ValueError("state_dtype=torch.float32 is for float32 models (half the memory of the group state); a "
                              "float64 model keeps float64 state, or its exact checks could not hold")
+        with analysis_mode(self.module):  # what step 1 would keep of a training pass, per example
+            record_bytes = activation_elements(self.module, tuple(t[:1] for t in self.probes)) * torch.finfo(dtype).bits // 8
         tracked = TrackedModel(self.module, self.params, self.probes, self.partitions, f_start.shape[1], self.memory_budget,
-                               self.distributed, self.rtol, state_dtype)
+                               self.distributed, self.rtol, state_dtype, record_bytes)
         self._requested = {"group_state": group_state, "contribution_route": contribution_route,
                            "gradient_route": gradient_route}
         self.group_state = self._choose_group_state(group_state, f_start.shape[1])
@@ -430,7 +432,10 @@ class PathKernelTracker:
                 with torch.no_grad():
                     gradients = self.route.from_graph(box["grads"], losses, step)
             else:
-                with self.route.recording(step.batch) as recorded:  # stops recording before the backward
+                # Hooks inside a compiled forward would change what torch.compile traces: a compiled
+                # model's group gradients come from the route's own pass.
+                recorded = TrainingCapture.idle() if is_compiled(step.model) else self.route.recording(step.batch)
+                with recorded:  # stops recording before the backward
                     losses = step.compute_gradients(recorded.stop)
                 with torch.no_grad(), analysis_mode(self.module), torch.enable_grad():
                     gradients = self.route.gradients(step, ids, coefficients.to(losses.device), recorded)
