@@ -936,8 +936,8 @@ def capture(
             model's output tensor in its own shape (what a loss function receives in training):
             the backward computes, for each of the c cotangents, ∂⟨E_k, target⟩/∂z at every
             block output z.
-        parameters: trainable parameters to run the model at (``torch.func.functional_call``;
-            they must require grad); by default the module's own.
+        parameters: trainable parameters to run the model at (:func:`~genkernel.core.adapter.evaluated_at`
+            around the forward and the backward; they must require grad); by default the module's own.
         compact: give each block in the form :meth:`Factors.compact` gives (what pair kernels
             read), materialized straight from the recorded layouts: per-example convolution
             gradients by a grouped convolution, with no unfolded copy of the input.

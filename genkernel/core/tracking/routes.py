@@ -4,8 +4,8 @@ A route is chosen once, when the tracker is built, and answers the tracker's num
 (:mod:`genkernel.core.tracking.tracker`) with the same small set of verbs:
 
 - :meth:`GroupStateRoute.recording` and :meth:`GroupStateRoute.gradients` (step 1): what the
-  training forward and backward leave for the route to read (the factored and sketched routes'
-  layer factors: no second pass), then the rows of group gradients the splitter keeps, with the
+  training forward and backward leave for the route to read (layer factors, when they fit the
+  memory budget: no second pass), then the rows of group gradients the splitter keeps, with the
   analysis losses and the sizes their rounding is judged against;
 - :meth:`GroupStateRoute.before_step` (step 2): anything read just before ``optimizer.step()``;
 - :meth:`GroupStateRoute.contributions` (step 5): every partition's ``[M, G, d]`` contributions,
