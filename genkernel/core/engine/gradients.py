@@ -25,13 +25,13 @@ second forward, so BatchNorm's batch statistics and dropout's masks are the ones
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import torch
 from torch.func import grad, grad_and_value, vmap
 
 from ..adapter import batch_size, check_memory_budget, explained_torch_func_errors, functional_model
-from .factors import capture, covering_plan, loss_cotangents
+from .factors import Factors, capture, covering_plan, loss_cotangents
 from .reference import per_example
 
 DEFAULT_GRADIENT_BUDGET = 256 * 2**20
@@ -157,20 +157,38 @@ def _example_route(model, params, inputs, targets, loss_fn, membership, memory_b
             None if target_tuple is None else tuple(t[rows] for t in target_tuple),
         )
         losses.append(values.detach())
-        # 3. ĝ_r += Σ_{n ∈ chunk} W[r, n] ∇ℓ_n in float64, as one matmul over the rows the chunk
-        # reaches: with several partitions and small chunks (large models) most rows get nothing, and
-        # an R × P float64 pass per chunk would cost more than the gradients.
-        weights = membership[:, rows].to(torch.float64)
-        touched = weights.abs().sum(dim=1).nonzero().flatten()
-        every_row = touched.numel() == rows_total
-        for name, g in grads.items():
-            flat = g.detach().reshape(g.shape[0], -1).to(torch.float64)
-            if every_row:
-                sums[name] += (weights.to(g.device) @ flat).view_as(sums[name])
-            elif touched.numel():
-                part = weights[touched].to(g.device) @ flat
-                sums[name].index_add_(0, touched.to(g.device), part.view(touched.numel(), *sums[name].shape[1:]))
+        # 3. ĝ_r += Σ_{n ∈ chunk} W[r, n] ∇ℓ_n in float64.
+        add_rows(sums, membership[:, rows], grads)
     return sums, torch.cat(losses)
+
+
+def add_rows(sums: dict[str, torch.Tensor], weights: torch.Tensor, grads: dict[str, torch.Tensor]) -> None:
+    """``sums[name][r] += Σ_n weights[r, n] grads[name][n]`` in float64, in place, for one chunk of
+    examples (``weights [R, b]``, ``grads {name: [b, *shape]}``), as one matmul over the rows the
+    chunk reaches: with several partitions and small chunks (large models) most rows get nothing,
+    and an R × P float64 pass per chunk would cost more than the gradients."""
+    weights = weights.to(torch.float64)
+    touched = weights.abs().sum(dim=1).nonzero().flatten()
+    if not touched.numel():
+        return
+    every_row = touched.numel() == weights.shape[0]
+    for name, g in grads.items():
+        total = sums[name]
+        flat = g.detach().reshape(g.shape[0], -1).to(torch.float64)
+        if every_row:
+            total += (weights.to(flat.device) @ flat).view_as(total)
+        else:
+            part = weights[touched].to(flat.device) @ flat
+            total.index_add_(0, touched.to(flat.device), part.view(touched.numel(), *total.shape[1:]))
+
+
+def add_factor_rows(sums: dict[str, torch.Tensor], weights: torch.Tensor, blocks: Iterable[Factors]) -> None:
+    """:func:`add_rows` for the per-example gradients of captured layer factors (one cotangent),
+    one block at a time, for the parameters ``sums`` holds."""
+    for factors in blocks:
+        if factors.is_unused:  # zero gradients
+            continue
+        add_rows(sums, weights, {name: g[0] for name, g in factors.gradients().items() if name in sums})
 
 
 def _group_route(model, params, inputs, targets, loss_fn, membership, memory_budget):
@@ -226,14 +244,7 @@ def _factored_route(model, params, inputs, targets, loss_fn, membership, memory_
         cotangents, box = loss_cotangents(loss_fn, _target_rows(targets, chunk))
         factors, _ = capture(model, plan, tuple(t[chunk] for t in inputs), cotangents)
         losses.append(box["losses"])
-        weights = membership[:, chunk].to(torch.float64)
-        for f in factors:
-            if f.is_unused:
-                continue
-            for name, g in f.gradients().items():
-                if name in sums:
-                    g = g[0].reshape(g.shape[1], -1).to(torch.float64)
-                    sums[name] += (weights.to(g.device) @ g).view_as(sums[name])
+        add_factor_rows(sums, membership[:, chunk], factors)
     fallback = {n: params[n] for n in plan.fallback if n in params}
     if fallback:
         extra, _ = _example_route(model, fallback, inputs, targets, loss_fn, membership, memory_budget)
@@ -241,4 +252,7 @@ def _factored_route(model, params, inputs, targets, loss_fn, membership, memory_
     return sums, torch.cat(losses)
 
 
-__all__ = ["DEFAULT_GRADIENT_BUDGET", "GRADIENT_ROUTES", "gradients_from_losses", "group_gradients", "membership_matrix"]
+__all__ = [
+    "DEFAULT_GRADIENT_BUDGET", "GRADIENT_ROUTES", "add_factor_rows", "add_rows", "gradients_from_losses", "group_gradients",
+    "membership_matrix",
+]

@@ -21,7 +21,7 @@ above). The sketched route (:mod:`genkernel.core.tracking.sketched`) reads the s
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -96,25 +96,6 @@ def training_batch(
         return None
     fallback = _fallback_gradients(model, plan, inputs, targets, loss_fn, coefficients, memory_budget)
     return BatchFactors(factors, fallback, losses)
-
-
-def group_sums(blocks: Iterable[Factors], groups: Sequence[torch.Tensor], sizes: Sequence[int]) -> dict[str, torch.Tensor]:
-    """``{name: [Σ sizes, *shape]}`` float64: for each partition p (ids ``groups[p]`` in
-    [0, sizes[p])), rows offset_p + g hold Σ_{n ∈ g} of the blocks' per-example gradients (each
-    already c_n ∇ℓ_n: the training pass's factors). One block's per-example gradients are held
-    at a time; the work is one weight-gradient pass of the batch, plus B·P additions per partition."""
-    total = sum(sizes)
-    out: dict[str, torch.Tensor] = {}
-    for factors in blocks:
-        for name, per_example in factors.gradients().items():  # [1, B, *shape]
-            flat = per_example[0].reshape(per_example.shape[1], -1).to(torch.float64)
-            rows = flat.new_zeros((total, flat.shape[1]))
-            offset = 0
-            for ids, size in zip(groups, sizes):
-                rows[offset : offset + size].index_add_(0, ids.to(flat.device), flat)
-                offset += size
-            out[name] = rows.view(total, *per_example.shape[2:])
-    return out
 
 
 def _fallback_gradients(model, plan, inputs, targets, loss_fn, coefficients, memory_budget) -> dict[str, torch.Tensor]:
@@ -225,6 +206,4 @@ def _chunk_contributions(model, plan, probes, theta, scaled, fallback, d, memory
     return value
 
 
-__all__ = [
-    "BatchFactors", "batch_totals", "capture_batch", "factored_contributions", "group_sums", "probe_factors", "training_batch",
-]
+__all__ = ["BatchFactors", "batch_totals", "capture_batch", "factored_contributions", "probe_factors", "training_batch"]

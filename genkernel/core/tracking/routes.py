@@ -38,10 +38,8 @@ from ..adapter import analysis_mode, check_per_example_safe, coupled_modules, ex
 from ..cost import reads_training_pass
 from ..engine.factored import row_chunks
 from ..engine.factors import Plan, TrainingCapture, Unfactorable, covering_plan
-from ..engine.gradients import gradients_from_losses, group_gradients, membership_matrix
-from ..engine.per_example import (
-    BatchFactors, batch_totals, capture_batch, factored_contributions, group_sums, training_batch,
-)
+from ..engine.gradients import add_factor_rows, gradients_from_losses, group_gradients, membership_matrix
+from ..engine.per_example import BatchFactors, batch_totals, capture_batch, factored_contributions, training_batch
 from ..engine.reference import per_example_jacobian
 from ..grouping import Partitions, abs_row_sum
 from .distributed import DistributedContext, combine_group_gradients
@@ -304,8 +302,11 @@ class DenseRoute(GroupStateRoute):
     def _from_training_pass(self, blocks, step, ids, coefficients) -> dict[str, torch.Tensor]:
         """Every partition's group rows from the training pass's blocks (c_n already in them) and,
         for the plan's fallback parameters, torch.func per-example gradients."""
-        model, partitions = self.model, self.model.partitions
-        grads = group_sums(blocks, [ids[n] for n in partitions.names], list(partitions.sizes.values()))
+        model = self.model
+        ones = torch.ones(step.batch, dtype=torch.float64, device=step.losses.device)
+        grads = {name: torch.zeros((model.partitions.total, *p.shape), dtype=torch.float64, device=p.device)
+                 for name, p in model.params.items() if name not in self._plan.fallback}
+        add_factor_rows(grads, self._membership(ids, ones), blocks)
         if self._plan.fallback:
             fallback, _ = group_gradients(
                 model.module, dict(self._plan.fallback), step.inputs, step.targets, step.loss_fn,
