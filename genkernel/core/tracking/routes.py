@@ -239,8 +239,8 @@ class DenseRoute(GroupStateRoute):
     (:class:`~genkernel.core.engine.factors.TrainingCapture`: one block at a time, summed into the
     groups; about one weight-gradient pass, whatever R), with torch.func for parameters outside
     the blocks and a vmapped second pass when the training pass cannot be read; "factored" from
-    a second pass's batched backward per row; "example" and "factored" need independent
-    examples. "auto" takes "graph" when the model couples examples in training mode (or there is
+    the same layer factors captured by a second pass in chunks; "example" and "factored" need
+    independent examples. "auto" takes "graph" when the model couples examples in training mode (or there is
     one row), else "example": measured on the tiny UNet (B = 32, 2 CPU cores), vmapped
     per-example gradients cost about two bare steps at any R, the graph's R backward passes grow
     with R and already cost more at R = 2 (``recipes/benchmarks/diffusion.py`` times the

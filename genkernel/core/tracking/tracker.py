@@ -190,9 +190,9 @@ class PathKernelTracker:
             step's own graph, R backward passes, exact with BatchNorm and dropout in training
             mode), "example" (per-example gradients read from the training pass's layer factors,
             about one weight-gradient pass whatever R, or from a vmapped second pass when the
-            records would not fit ``memory_budget``), "factored" (a second pass, one batched
-            backward per row), or "auto" ("graph" for few groups or a model that couples examples,
-            else "example").
+            records would not fit ``memory_budget``), "factored" (the same layer factors from a
+            second pass in chunks), or "auto" ("graph" for few groups or a model that couples
+            examples, else "example").
         group_state: how the groups' updates are held (:mod:`genkernel.core.tracking.routes`):
             "dense": a float64 copy of the parameters per group and per kind of optimizer state,
             (Σ G + 2) × P values (any supported optimizer; cost grows with the groups);
