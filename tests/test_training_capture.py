@@ -214,3 +214,15 @@ def test_records_that_do_not_fit_the_memory_budget_leave_it_to_the_chunked_pass(
     assert counts == {2**30: 0, 2**14: 1}  # the second pass only where the records do not fit
     scale = float(ledgers[2**30].contributions.abs().max())
     assert float((ledgers[2**14].contributions - ledgers[2**30].contributions).abs().max()) <= 1e-10 * scale
+
+
+def test_the_cost_estimate_counts_the_group_gradient_route_the_tracker_takes():
+    model, x, _ = _model_and_batch("mlp", batch=8)
+    costs = {}
+    for route in ("auto", "factored", "graph"):
+        tracker = PathKernelTracker(model, torch.optim.Adam(model.parameters()), mse_loss, x[:3], num_groups=4,
+                                    group_state="dense", gradient_route=route, batch_size=8)
+        costs[route] = tracker.cost
+    assert costs["auto"].work["group_gradients"] == 1.0 * 8 and "training_records" in costs["auto"].memory
+    assert costs["factored"].work["group_gradients"] == 4.0 * 8 and "training_records" not in costs["factored"].memory
+    assert costs["graph"].work["group_gradients"] == 2.0 * 4 * 8 and "training_records" not in costs["graph"].memory

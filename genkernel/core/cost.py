@@ -28,7 +28,8 @@ expected ratio of an analyzed step to a bare one (forward and backward of the ba
 - group gradients: "graph" R backward passes of the batch; "example", sketched and factored routes
   read the batch's layer factors from the training pass and sum them (about one forward) when its
   records fit in the memory budget (:func:`reads_training_pass`), else run a pass of their own
-  ("example": vmapped per-example gradients, about 1.5 bare steps; factored: a capture);
+  ("example": vmapped per-example gradients, about 1.5 bare steps; factored: a capture); the
+  dense route's ``gradient_route="factored"`` always captures its own pass (about 1.3 bare steps);
 - contributions: per quadrature node, a forward of the probes plus a tangent pass per pushed row
   (dense: R + 1 rows) that costs two forwards, or d backward passes of the probes for the probes'
   Jacobians;
@@ -204,6 +205,8 @@ def estimate_cost(
         pushed = rows + 1
         if gradient_route == "graph":
             work["group_gradients"] = 2.0 * rows * b
+        elif gradient_route == "factored":  # a capture pass of its own, then the factors summed
+            work["group_gradients"] = 4.0 * b
         elif reads_training_pass(acts * param_bytes, b, memory_budget):  # its layers' per-example gradients
             work["group_gradients"] = 1.0 * b
             memory["training_records"] = acts * b * param_bytes

@@ -296,7 +296,7 @@ class PathKernelTracker:
             self.cost = estimate_cost(
                 self.module, optimizer, self.probes, outputs=f_start.shape[1], rows=self.partitions.total,
                 partitions=len(self.partitions),
-                group_state=self.group_state, gradient_route="graph" if self.route.uses_graph() else "example",
+                group_state=self.group_state, gradient_route=self._gradient_route_of_estimate(),
                 contribution_route=self.route.contribution_route, quadrature_nodes=len(self.rule.nodes),
                 state_dtype=state_dtype, memory_budget=self.memory_budget, sketch_dim=sketch_dim, batch_size=batch_size,
             )
@@ -358,6 +358,13 @@ class PathKernelTracker:
         raise ValueError(
             f"the model cannot be differentiated the way the ledger needs ({detail}); {hint}"
         )
+
+    def _gradient_route_of_estimate(self) -> str:
+        """The group-gradient route the cost estimate counts: "graph", "factored" (the dense
+        route's second pass of layer factors) or "example" (read from the training pass)."""
+        if self.route.uses_graph():
+            return "graph"
+        return "factored" if getattr(self.route, "gradient_route", None) == "factored" else "example"
 
     def _make_route(self, tracked: TrackedModel, contribution_route: str, gradient_route: str, k: int, seed: int,
                     kind: str) -> GroupStateRoute:
