@@ -1,7 +1,7 @@
-"""Step 1 of the factored and sketched routes read from the training pass itself
-(:class:`genkernel.core.engine.factors.TrainingCapture`): the same per-example gradients as a
-capture pass of their own, training untouched, and a pass that cannot be read handed to that
-second pass."""
+"""Step 1 of the per-example routes (factored, sketched, dense "example") read from the training
+pass itself (:class:`genkernel.core.engine.factors.TrainingCapture`): the same per-example
+gradients as a capture pass of their own, training untouched, and a pass that cannot be read (or
+whose records would not fit the memory budget) handed to that second pass."""
 
 import pytest
 import torch
@@ -19,16 +19,15 @@ from test_factored import Mixed, convnet, mlp
 class Checkpointed(nn.Module):
     """An MLP whose hidden layers run under activation checkpointing (recomputed in the backward)."""
 
-    def __init__(self, reentrant: bool):
+    def __init__(self):
         super().__init__()
         self.first, self.hidden, self.head = nn.Linear(3, 16), nn.Linear(16, 16), nn.Linear(16, 2)
-        self.reentrant = reentrant
 
     def _inner(self, h):
         return torch.tanh(self.hidden(torch.tanh(self.first(h))))
 
     def forward(self, x):
-        return self.head(checkpoint(self._inner, x, use_reentrant=self.reentrant))
+        return self.head(checkpoint(self._inner, x, use_reentrant=False))
 
 
 def _model_and_batch(kind, dtype=torch.float64, batch=7):
@@ -39,7 +38,7 @@ def _model_and_batch(kind, dtype=torch.float64, batch=7):
     if kind == "convnet":  # GroupNorm, ReLU(inplace=True) after a convolution
         return convnet(dtype), torch.randn(batch, 1, 8, 8, generator=g, dtype=dtype), torch.randn(batch, 4, generator=g, dtype=dtype)
     if kind == "checkpoint":
-        return Checkpointed(reentrant=False).to(dtype), torch.randn(batch, 3, generator=g, dtype=dtype), torch.randn(batch, 2, generator=g, dtype=dtype)
+        return Checkpointed().to(dtype), torch.randn(batch, 3, generator=g, dtype=dtype), torch.randn(batch, 2, generator=g, dtype=dtype)
     return mlp(dtype), torch.randn(batch, 3, generator=g, dtype=dtype), torch.randn(batch, 2, generator=g, dtype=dtype)
 
 
@@ -113,7 +112,7 @@ def test_the_factored_ledger_is_the_same_with_or_without_the_second_pass():
     ledgers, params = {}, {}
     for source in ("training pass", "second pass"):
         torch.manual_seed(0)
-        model = Checkpointed(reentrant=False).double()
+        model = Checkpointed().double()
         opt = torch.optim.SGD(model.parameters(), lr=0.1)
         tracker = PathKernelTracker(model, opt, mse_loss, probes, num_groups=batch * steps, group_state="factored",
                                     quadrature="simpson")
