@@ -17,6 +17,9 @@ route below costs the same whatever the rows mean. Three exact routes:
   layers take the "example" route. Cost ∝ one batch backward plus B·P multiply-adds per row block.
 
 "auto" takes "group" when 2 R <= B (few rows, e.g. noise-level bins), else "example".
+"example" and "factored" multiply into the rows with :func:`add_rows`, which the tracker's
+dense route also uses for the per-example gradients it reads from the training pass
+(:func:`add_factor_rows`).
 
 :func:`gradients_from_losses` is the same sum taken from the training step's own graph (the
 per-example losses before the user's backward): R backward passes with ``retain_graph=True``, no
