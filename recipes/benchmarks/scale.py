@@ -91,7 +91,7 @@ MODULE = __spec__.name  # what the memory children run: python -m MODULE --memor
 MEMORY_TOLERANCE = 0.20  # the issue: predicted memory within 20 % of the measured peak
 SGD_TARGET = 3.0  # plain SGD, factored route, one group per example: at most 3x a bare step
 UNET_TARGET = 8.0  # tiny UNet, 10 bins, one control, 64 probes: at most 8x a bare step
-_MISSING = object()  # PhaseClock: the wrapped attribute was not the owner's own
+_MISSING = object()  # replace_attribute: the replaced attribute was not the owner's own
 
 SETTINGS = dict(
     full=dict(memory_model="ddpm_cifar10", memory_batch=4, memory_probes=4, memory_bins=5, memory_controls=1,
@@ -113,6 +113,24 @@ SETTINGS = dict(
 
 
 # --------------------------------------------------------------------------------- phase timers
+def replace_attribute(owner: Any, attribute: str, replacement: Any) -> tuple[Any, str, Any]:
+    """``owner.attribute = replacement`` (an instance's, a class's or a module's attribute);
+    returns what :func:`put_back` needs: the owner's own attribute (a class's or module's
+    function), or nothing (an instance's method comes from its class again once deleted)."""
+    saved = vars(owner).get(attribute, _MISSING)
+    setattr(owner, attribute, replacement)
+    return owner, attribute, saved
+
+
+def put_back(patches: list[tuple[Any, str, Any]]) -> None:
+    """Undoes :func:`replace_attribute` calls, last first."""
+    for owner, attribute, saved in reversed(patches):
+        if saved is _MISSING:
+            delattr(owner, attribute)
+        else:
+            setattr(owner, attribute, saved)
+
+
 class PhaseClock:
     """Exclusive seconds per named phase of nested calls and, with ``poll_s``, the peak RSS seen
     inside each phase (a thread samples ``/proc/self/statm``; the sample goes to the innermost
@@ -179,18 +197,11 @@ class PhaseClock:
                 clock.returned_bytes[name] = measure(value)
             return value
 
-        # What to put back: the owner's own attribute (a class's or module's function), or nothing
-        # (an instance's method comes from its class again once the wrapper is deleted).
-        self._patched.append((owner, attribute, vars(owner).get(attribute, _MISSING)))
-        setattr(owner, attribute, timed)
+        self._patched.append(replace_attribute(owner, attribute, timed))
 
     def restore(self) -> None:
         """Puts every wrapped attribute back and stops the polling thread."""
-        for owner, attribute, saved in reversed(self._patched):
-            if saved is _MISSING:
-                delattr(owner, attribute)
-            else:
-                setattr(owner, attribute, saved)
+        put_back(self._patched)
         self._patched = []
         self._stop.set()
         if self._thread is not None:
@@ -502,14 +513,12 @@ def pushed_flops(step: Callable[[], object]) -> int:
             return result
         return call
 
-    originals = {name: getattr(routes, name) for name in ("_jvp_rows", "per_example_jacobian")}
+    patches = [replace_attribute(routes, name, counting(getattr(routes, name)))
+               for name in ("_jvp_rows", "per_example_jacobian")]
     try:
-        for name, original in originals.items():
-            setattr(routes, name, counting(original))
         step()
     finally:
-        for name, original in originals.items():
-            setattr(routes, name, original)
+        put_back(patches)
     return sum(counted)
 
 

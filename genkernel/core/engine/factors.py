@@ -870,7 +870,7 @@ class TrainingCapture:
         gradients are freed once the caller is done with that block, not at the end of the step."""
         records, gradients = self.records, self._gradients
         self.records, self._gradients = {}, {}
-        if not self.readable or self.plan is None:
+        if not self.readable:  # idle captures are never readable
             return None
         self.readable = False
         metas = [meta for calls in records.values() for _, _, meta in calls]

@@ -199,6 +199,13 @@ class GroupStateRoute:
         """What step 1 reads from the training pass itself (entered around it): nothing here."""
         return TrainingCapture.idle()
 
+    def _capture_if_it_fits(self, plan: Plan, batch: int, compact: bool = False) -> TrainingCapture:
+        """A capture of ``plan``'s layers when its records fit the memory budget, else one that
+        records nothing (step 1 then runs its own pass, in chunks)."""
+        if not reads_training_pass(self.model.record_bytes, batch, self.model.memory_budget):
+            return TrainingCapture.idle()
+        return TrainingCapture(plan, batch, compact)
+
     def gradients(self, step, ids: dict[str, torch.Tensor], coefficients: torch.Tensor,
                   recorded: TrainingCapture) -> StepGradients:
         """Step 1 after the training pass (``recorded``: what :meth:`recording` kept of it)."""
@@ -263,12 +270,11 @@ class DenseRoute(GroupStateRoute):
     def recording(self, batch: int) -> TrainingCapture:
         """The training pass's per-example gradients, for gradient_route "example" (and "auto"),
         when its records fit in the memory budget."""
-        model = self.model
-        if self.gradient_route == "factored" or not reads_training_pass(model.record_bytes, batch, model.memory_budget):
+        if self.gradient_route == "factored":
             return TrainingCapture.idle()
         if self._plan is None:
             self._plan = covering_plan(self.model.module, self.model.probes)
-        return TrainingCapture(self._plan, batch, compact=True)
+        return self._capture_if_it_fits(self._plan, batch, compact=True)
 
     def uses_graph(self) -> bool:
         if self.gradient_route != "auto":
@@ -347,9 +353,7 @@ class _FactorRoute(GroupStateRoute):
     def recording(self, batch: int) -> TrainingCapture:
         """The batch's factors from the training pass's own forward and backward (no second pass),
         when its records fit in the memory budget (else the capture pass runs in chunks)."""
-        if not reads_training_pass(self.model.record_bytes, batch, self.model.memory_budget):
-            return TrainingCapture.idle()
-        return TrainingCapture(self.plan, batch)
+        return self._capture_if_it_fits(self.plan, batch)
 
     def gradients(self, step, ids, coefficients, recorded):
         model = self.model
