@@ -161,25 +161,28 @@ class UpdateSplitter:
         first = self.partitions.slices[self.partitions.primary]
         for name in self.params:
             h = self.hyper[name]
-            grads = group_grads[name].to(self.dtype)
-            gaps = torch.stack([rounding[partition][name].to(self.dtype) for partition in self.partitions.names])
-            if h.get("maximize", False):
-                grads, gaps = -grads, -gaps
             decay = h["weight_decay"]
             theta = theta_before[name].to(self.dtype) if decay != 0 else None
+            # Every row (R + 1 + Π of them) in one array written in place: on a large model each
+            # fresh R × P array costs its page faults, about three passes over it on CPU.
+            full = self._rows_of(group_grads[name], [rounding[partition][name] for partition in self.partitions.names])
+            if h.get("maximize", False):
+                full.neg_()
+                full[self.rows].zero_()  # +0, not −0
             # The rest's "gradient": coupled weight decay λθ_k (zero when decoupled or absent).
-            full = torch.cat([grads, grads.new_zeros((1, *grads.shape[1:])), gaps], dim=0)
             if decay != 0 and not h.get("decoupled", False):
                 torch.mul(theta, decay, out=full[self.rows])
             full = self.prepare(name, full)
             # 1. The recurrence on every row (the optimizer's own buffer goes to the rest row).
             state, direction = self.advance(self._state_before(name, full), full, h)
+            preconditioner = self.preconditioner(name)
             if state is not None:
                 self.pending[name] = state
                 # 2. The rounding scale: the same recurrence on the magnitudes of one partition's rows.
                 primary = self.rounding_rows[self.partitions.primary]
-                size = torch.cat([full[first], full[self.rows : self.rows + 1], full[primary : primary + 1]]).abs()
-                size = size.sum(dim=0, keepdim=True)
+                size = abs_row_sum(full[first]) if first.stop > first.start else torch.zeros_like(full[0])
+                size.add_(full[self.rows].abs()).add_(full[primary].abs())
+                size = size.unsqueeze(0)
                 previous = self.magnitude.get(name)
                 if previous is not None:
                     previous = previous.clone()
@@ -187,13 +190,24 @@ class UpdateSplitter:
                     previous = self.before[name].abs().to(self.dtype).unsqueeze(0)
                 magnitude, _ = self.advance(previous, size, h)
                 self.pending_magnitude[name] = magnitude
-                self.rounding_scale[name] = (self.preconditioner(name) * magnitude[0]).abs()
-            # 3. u = D ⊙ direction, and decoupled weight decay in the rest row.
-            update = direction * self.preconditioner(name)
+                self.rounding_scale[name] = (preconditioner * magnitude[0]).abs()
+            # 3. u = D ⊙ direction, written over the rows' gradients (no longer needed: the state
+            # and direction are computed), and decoupled weight decay in the rest row.
+            update = torch.mul(direction, preconditioner, out=full)
             if h.get("decoupled", False) and decay != 0:
                 update[self.rows] -= h["lr"] * decay * theta
             updates[name] = update
         return updates
+
+    def _rows_of(self, grads: torch.Tensor, gaps: list[torch.Tensor]) -> torch.Tensor:
+        """``[R + 1 + Π, *shape]`` in the state dtype: the group gradients, a zero rest row and the
+        partitions' rounding gaps (copied in, converted in the copy)."""
+        full = torch.empty((self.num_rows, *grads.shape[1:]), dtype=self.dtype, device=grads.device)
+        full[: self.rows].copy_(grads)
+        full[self.rows].zero_()
+        for offset, gap in enumerate(gaps, start=self.rows + 1):
+            full[offset].copy_(gap)
+        return full
 
     def commit(self) -> None:
         """Keep this step's new state (the step was recorded)."""
@@ -239,9 +253,11 @@ class UpdateSplitter:
             # Under maximize both the optimizer and the rows hold the negated gradients' state.
             reference = self.optimizer.state[p][self.state_key].to(torch.float64)
             for partition, part in self.partitions.slices.items():
-                own = rows[[self.rows, self.rounding_rows[partition]]]  # the rest and this partition's rounding
-                total = rows[part].sum(0) + own.sum(0)
-                scale = reference.norm() + abs_row_sum(rows[part]).add_(abs_row_sum(own)).norm()
+                # The rest and this partition's rounding row, added as rows (no copy of them).
+                own = rows[self.rows] + rows[self.rounding_rows[partition]]
+                total = rows[part].sum(0).add_(own)
+                own_size = rows[self.rows].abs().add_(rows[self.rounding_rows[partition]].abs())
+                scale = reference.norm() + abs_row_sum(rows[part]).add_(own_size).norm()
                 gap = _relative_gap(total, reference, scale)
                 if gap > rtol:
                     where = "" if len(self.partitions) == 1 else f" of partition '{partition}'"

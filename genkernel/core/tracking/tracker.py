@@ -920,17 +920,18 @@ class PathKernelTracker:
             # subnormal spacing) is at least one ulp everywhere. Checks are a fair part of a step
             # on the factored route, so each line below is one pass over the parameter.
             rounding_floor = after64.abs_().mul_(info.eps).add_(info.tiny * info.eps)
+            delta_size = delta.abs()
             for partition, part in partitions.slices.items():
                 own = self.splitter.rounding_rows[partition]
                 if part.stop == rest and own == rest + 1:  # the groups, the rest and the rounding row are adjacent
                     rows = u[part.start : own + 1]
                     total, scale = rows.sum(dim=0), abs_row_sum(rows)
-                else:
-                    rows, shared = u[part], u[[rest, own]]
-                    total = rows.sum(dim=0).add_(shared.sum(dim=0))
-                    scale = abs_row_sum(rows).add_(abs_row_sum(shared))
+                else:  # the rest and the rounding row added as rows (no copy of them)
+                    rows = u[part]
+                    total = rows.sum(dim=0).add_(u[rest] + u[own])
+                    scale = abs_row_sum(rows).add_(u[rest].abs().add_(u[own].abs()))
                 gap = total.sub_(delta).abs_()
-                scale.add_(delta.abs())
+                scale.add_(delta_size)
                 if name in self.splitter.rounding_scale:  # the optimizer's own state rounding (splitters.py)
                     scale.add_(self.splitter.rounding_scale[name])
                 excess = gap.sub_(scale.mul_(self.rtol)).sub_(rounding_floor)
