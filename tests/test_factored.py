@@ -151,6 +151,27 @@ def test_engine_keyword_is_checked():
         gradient_kernel(mlp(torch.float64), torch.zeros(2, 3, dtype=torch.float64), engine="fast")
 
 
+@pytest.mark.parametrize("groups", [3, 40])  # every row reached (in place); 3 of 40 (by index)
+@pytest.mark.parametrize("block_bytes", [8 * 2**20, 8 * 5 * 4])  # one block; blocks of 4 columns and a remainder
+def test_add_rows_sums_weighted_gradients_in_float64(groups, block_bytes, monkeypatch):
+    from genkernel.core.engine import gradients
+
+    monkeypatch.setattr(gradients, "WIDEN_BLOCK_BYTES", block_bytes)
+    g = torch.Generator().manual_seed(0)
+    grads = {"w": torch.randn(5, 7, 13, generator=g), "b": torch.randn(5, 3, generator=g, dtype=torch.float64)}
+    weights = torch.zeros(groups, 5, dtype=torch.float64)
+    weights[torch.arange(5) % 3, torch.arange(5)] = torch.randn(5, generator=g, dtype=torch.float64)
+    sums = {name: torch.ones((groups, *t.shape[1:]), dtype=torch.float64) for name, t in grads.items()}
+    gradients.add_rows(sums, weights, grads)
+    for name, t in grads.items():
+        flat = t.reshape(5, -1).to(torch.float64)  # float32 values are exact in float64
+        exact = 1 + weights @ flat
+        bound = 8 * torch.finfo(torch.float64).eps * (1 + weights.abs() @ flat.abs())
+        assert sums[name].dtype == torch.float64
+        assert bool(((sums[name].reshape(groups, -1) - exact).abs() <= bound).all())
+    assert torch.equal(sums["w"][3:], torch.ones_like(sums["w"][3:]))  # rows no example reaches are left alone
+
+
 def test_group_gradients_from_factors_equal_torch_func():
     from genkernel.core.engine.gradients import group_gradients, membership_matrix
 

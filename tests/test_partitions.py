@@ -166,7 +166,11 @@ def test_factored_steps_that_move_few_of_many_groups_book_only_those():
     assert not trackers["factored"].ledgers["example"].traffic[:, unseen].any()
 
 
-def test_abs_row_sum_is_the_sum_of_magnitudes_over_rows():
+@pytest.mark.parametrize("block_bytes", [4 * 2**20, 24])  # one block; blocks of a few columns and a remainder
+def test_abs_row_sum_is_the_sum_of_magnitudes_over_rows(block_bytes, monkeypatch):
+    from genkernel.core import grouping
+
+    monkeypatch.setattr(grouping, "ABS_BLOCK_BYTES", block_bytes)
     g = torch.Generator().manual_seed(0)
     for shape in ((1, 5), (4, 3, 2), (7, 11)):
         rows = torch.randn(shape, generator=g, dtype=F64)
