@@ -47,6 +47,36 @@ def test_the_estimate_counts_the_arrays_the_dense_route_allocates():
     assert tracker.cost.settings["state_dtype"] == "float32" and tracker.cost.ratio > 1
 
 
+def test_jvp_pushes_go_in_passes_the_memory_budget_allows_and_give_the_same_contributions():
+    """A vmapped JVP pass pushes budget / (P × bytes) rows (at least one); the contributions do not
+    depend on how the rows are split into passes, and the estimate counts one primal per pass."""
+    from genkernel.core.cost import push_rows_per_pass
+
+    assert push_rows_per_pass(1000, 8, 10**6) == 125
+    assert push_rows_per_pass(1000, 4, 3999) == 1  # never zero rows
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 32), nn.Tanh(), nn.Linear(32, 2)).to(F64)
+    num = sum(p.numel() for p in model.parameters())
+    g = torch.Generator().manual_seed(2)
+    x, y = torch.randn(16, 3, generator=g, dtype=F64), torch.randn(16, 2, generator=g, dtype=F64)
+    ledgers, trackers = [], []
+    for budget in (256 * 2**20, 2 * num * 8):  # every row in one pass; two rows per pass
+        copy = nn.Sequential(nn.Linear(3, 32), nn.Tanh(), nn.Linear(32, 2)).to(F64)
+        copy.load_state_dict(model.state_dict())
+        tracker = PathKernelTracker(copy, torch.optim.Adam(copy.parameters(), lr=1e-2), mse_loss,
+                                    torch.randn(6, 3, generator=torch.Generator().manual_seed(3), dtype=F64),
+                                    num_groups=7, group_state="dense", contribution_route="jvp", memory_budget=budget)
+        for k in range(2):
+            tracker.step(x, y, (torch.arange(16) + k) % 7)
+        ledgers.append(tracker.ledger)
+        trackers.append(tracker)
+    scale = float(ledgers[0].contributions.abs().max())
+    assert float((ledgers[0].contributions - ledgers[1].contributions).abs().max()) < 1e-12 * scale
+    rows = 7 + 1  # the groups and the rest
+    assert trackers[0].cost.work["contributions"] == 6 * (1 + 2 * rows)
+    assert trackers[1].cost.work["contributions"] == 6 * (4 + 2 * rows)  # 8 rows, 2 per pass: 4 primals
+
+
 def test_the_estimate_compares_with_the_training_batch_and_counts_tangents_as_two_forwards():
     """The bare step is the training batch's forward and backward (3 B forwards), not the probes';
     a JVP push of R rows costs one primal and two forwards per row (the flop counter's count on a

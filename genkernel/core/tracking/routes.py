@@ -35,7 +35,7 @@ from torch import nn
 from torch.func import jvp, vmap
 
 from ..adapter import analysis_mode, check_per_example_safe, coupled_modules, explained_torch_func_errors, functional_model
-from ..cost import reads_training_pass
+from ..cost import push_rows_per_pass, reads_training_pass
 from ..engine.factored import row_chunks
 from ..engine.factors import Plan, TrainingCapture, Unfactorable, covering_plan
 from ..engine.gradients import add_factor_rows, gradients_from_losses, group_gradients, membership_matrix
@@ -155,7 +155,7 @@ def _jvp_rows(model: TrackedModel, theta, tangents, rows: int, num_params: int) 
         return jvp(lambda p: forward(p, probes), (theta,), (tangent,))[1]
 
     first = next(iter(tangents.values()))
-    chunk = max(1, model.memory_budget // (4 * num_params * first.element_size()))
+    chunk = push_rows_per_pass(num_params, first.element_size(), model.memory_budget)
     parts = []
     for start in range(0, rows, chunk):
         with explained_torch_func_errors():
