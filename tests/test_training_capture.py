@@ -225,3 +225,39 @@ def test_the_cost_estimate_counts_the_group_gradient_route_the_tracker_takes():
     assert costs["auto"].work["group_gradients"] == 1.0 * 8 and "training_records" in costs["auto"].memory
     assert costs["factored"].work["group_gradients"] == 4.0 * 8 and "training_records" not in costs["factored"].memory
     assert costs["graph"].work["group_gradients"] == 2.0 * 4 * 8 and "training_records" not in costs["graph"].memory
+
+
+def test_factor_rows_cast_block_by_block_equal_float64_sums_cast_at_the_end():
+    """engine.gradients.factor_rows keeps one block's float64 rows at a time; the rows are the ones
+    summing every block in float64 and casting at the end gives, bit for bit, with zeros for a
+    module the forward skips."""
+    from genkernel.core.engine.factors import capture, loss_cotangents, make_plan
+    from genkernel.core.engine.gradients import add_factor_rows, factor_rows
+
+    class WithSpare(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = nn.Sequential(nn.Linear(3, 16), nn.Tanh(), nn.Conv1d(1, 4, 3, padding=1), nn.Flatten(),
+                                      nn.Tanh(), nn.Linear(64, 2))
+            self.spare = nn.Linear(4, 4)  # never called
+
+        def forward(self, x):
+            return self.body[5](self.body[4](self.body[3](self.body[2](self.body[1](self.body[0](x)).unsqueeze(1)))))
+
+    torch.manual_seed(0)
+    model = WithSpare()
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(8, 3, generator=g), torch.randn(8, 2, generator=g)
+    plan = make_plan(model)
+    make, _ = loss_cotangents(mse_loss, y)
+    factors, _ = capture(model, plan, (x,), make)
+    weights = torch.randn(3, 8, generator=g, dtype=torch.float64)
+    params = {name: p for name, p in model.named_parameters() if name not in plan.fallback}
+    summed = {name: torch.zeros((3, *p.shape), dtype=torch.float64) for name, p in params.items()}
+    add_factor_rows(summed, weights, factors)
+    for dtype in (torch.float32, torch.float64):
+        rows = factor_rows(weights, factors, params, dtype)
+        assert rows.keys() == params.keys()
+        for name, value in rows.items():
+            assert value.dtype == dtype and torch.equal(value, summed[name].to(dtype)), name
+    assert not rows["spare.weight"].any() and summed["body.0.weight"].abs().sum() > 0

@@ -206,6 +206,47 @@ def add_factor_rows(sums: dict[str, torch.Tensor], weights: torch.Tensor, blocks
         add_rows(sums, weights, {name: g[0] for name, g in factors.gradients().items() if name in sums})
 
 
+def factor_rows(weights: torch.Tensor, blocks: Iterable[Factors], params: dict[str, torch.Tensor],
+                dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Group rows of one batch's layer factors: ``{name: [R, *shape]}`` in ``dtype``, on the
+    parameter's device, for every parameter in ``params`` (zero where no block holds it).
+
+    Each block's rows are summed in float64 (:func:`add_factor_rows`) and then cast, so a float32
+    state never holds a float64 copy of every row at once (2.9 GB on the CIFAR UNet's 10 rows),
+    only one block's, in a buffer the blocks share: the same values, bit for bit, as summing every
+    row in float64 and casting at the end.
+    """
+    rows = weights.shape[0]
+    out: dict[str, torch.Tensor] = {}
+    scratch: dict[torch.device, torch.Tensor] = {}  # per device, grown to the largest block
+    for factors in blocks:
+        names = [name for name in factors.block.names if name in params]
+        if not names:
+            continue
+        if dtype == torch.float64:
+            sums = {n: torch.zeros((rows, *params[n].shape), dtype=torch.float64, device=params[n].device) for n in names}
+        else:
+            needed: dict[torch.device, int] = {}
+            for n in names:
+                needed[params[n].device] = needed.get(params[n].device, 0) + rows * params[n].numel()
+            for device, size in needed.items():
+                if device not in scratch or scratch[device].numel() < size:
+                    scratch[device] = torch.empty(size, dtype=torch.float64, device=device)
+            sums, offsets = {}, dict.fromkeys(needed, 0)
+            for n in names:
+                device, size = params[n].device, rows * params[n].numel()
+                start = offsets[device]
+                sums[n] = scratch[device][start : start + size].view(rows, *params[n].shape).zero_()
+                offsets[device] = start + size
+        add_factor_rows(sums, weights, [factors])
+        for n in names:
+            out[n] = sums[n].to(dtype)
+    for name, p in params.items():
+        if name not in out:
+            out[name] = torch.zeros((rows, *p.shape), dtype=dtype, device=p.device)
+    return out
+
+
 def _group_route(model, params, inputs, targets, loss_fn, membership, memory_budget):
     """ĝ_r as R vmapped backward passes through one batch forward (see the module docstring)."""
     forward = functional_model(model, flatten=False)
@@ -268,6 +309,7 @@ def _factored_route(model, params, inputs, targets, loss_fn, membership, memory_
 
 
 __all__ = [
-    "DEFAULT_GRADIENT_BUDGET", "GRADIENT_ROUTES", "add_factor_rows", "add_rows", "gradients_from_losses", "group_gradients",
+    "DEFAULT_GRADIENT_BUDGET", "GRADIENT_ROUTES", "add_factor_rows", "add_rows", "factor_rows", "gradients_from_losses",
+    "group_gradients",
     "membership_matrix",
 ]

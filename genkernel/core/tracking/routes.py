@@ -38,7 +38,7 @@ from ..adapter import analysis_mode, check_per_example_safe, coupled_modules, ex
 from ..cost import push_rows_per_pass, reads_training_pass
 from ..engine.factored import row_chunks
 from ..engine.factors import Plan, TrainingCapture, Unfactorable, covering_plan
-from ..engine.gradients import add_factor_rows, gradients_from_losses, group_gradients, membership_matrix
+from ..engine.gradients import factor_rows, gradients_from_losses, group_gradients, membership_matrix
 from ..engine.per_example import BatchFactors, batch_totals, capture_batch, factored_contributions, training_batch
 from ..engine.reference import per_example_jacobian
 from ..grouping import Partitions, abs_row_sum
@@ -310,9 +310,8 @@ class DenseRoute(GroupStateRoute):
         for the plan's fallback parameters, torch.func per-example gradients."""
         model = self.model
         ones = torch.ones(step.batch, dtype=torch.float64, device=step.losses.device)
-        grads = {name: torch.zeros((model.partitions.total, *p.shape), dtype=torch.float64, device=p.device)
-                 for name, p in model.params.items() if name not in self._plan.fallback}
-        add_factor_rows(grads, self._membership(ids, ones), blocks)
+        factored = {name: p for name, p in model.params.items() if name not in self._plan.fallback}
+        grads = factor_rows(self._membership(ids, ones), blocks, factored, model.state_dtype)
         if self._plan.fallback:
             fallback, _ = group_gradients(
                 model.module, dict(self._plan.fallback), step.inputs, step.targets, step.loss_fn,
