@@ -19,7 +19,7 @@ route below costs the same whatever the rows mean. Three exact routes:
 "auto" takes "group" when 2 R <= B (few rows, e.g. noise-level bins), else "example".
 "example" and "factored" multiply into the rows with :func:`add_rows`, which the tracker's
 dense route also uses for the per-example gradients it reads from the training pass
-(:func:`add_factor_rows`).
+(:func:`factor_rows`: summed in float64 one layer at a time, then cast to the state dtype).
 
 :func:`gradients_from_losses` is the same sum taken from the training step's own graph (the
 per-example losses before the user's backward): R backward passes with ``retain_graph=True``, no
@@ -309,7 +309,6 @@ def _factored_route(model, params, inputs, targets, loss_fn, membership, memory_
 
 
 __all__ = [
-    "DEFAULT_GRADIENT_BUDGET", "GRADIENT_ROUTES", "add_factor_rows", "add_rows", "factor_rows", "gradients_from_losses",
-    "group_gradients",
-    "membership_matrix",
+    "DEFAULT_GRADIENT_BUDGET", "GRADIENT_ROUTES", "WIDEN_BLOCK_BYTES", "add_factor_rows", "add_rows", "factor_rows",
+    "gradients_from_losses", "group_gradients", "membership_matrix",
 ]
