@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from genkernel import PathKernelTracker
-from genkernel.core.grouping import Partitions, abs_row_sum, coarsen
+from genkernel.core.grouping import Partitions, abs_row_sum, coarsen, rows_sum_and_size
 from genkernel.supervised import mse_loss
 
 F64 = torch.float64
@@ -179,3 +179,16 @@ def test_abs_row_sum_is_the_sum_of_magnitudes_over_rows(block_bytes, monkeypatch
     before = rows.clone()
     abs_row_sum(rows)
     assert torch.equal(rows, before)  # the rows are read, never written
+
+
+@pytest.mark.parametrize("shared", [[4, 5], [4, 6], [5, 7, 8], []])  # adjacent, one gap, none adjacent, none
+def test_rows_sum_and_size_add_a_partition_and_its_shared_rows(shared):
+    g = torch.Generator().manual_seed(0)
+    rows = torch.randn(9, 3, 2, generator=g, dtype=F64)
+    before = rows.clone()
+    part = slice(1, 4)
+    chosen = rows[list(range(1, 4)) + shared]
+    total, size = rows_sum_and_size(rows, part, shared)
+    torch.testing.assert_close(total, chosen.sum(dim=0), rtol=1e-15, atol=1e-15)
+    torch.testing.assert_close(size, chosen.abs().sum(dim=0), rtol=1e-15, atol=0)
+    assert torch.equal(rows, before)  # read, never written

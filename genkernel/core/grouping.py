@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import torch
 
@@ -131,6 +131,25 @@ def abs_row_sum(rows: torch.Tensor) -> torch.Tensor:
     for start in range(0, flat.shape[1], step):
         torch.sum(flat[:, start : start + step].abs(), dim=0, out=total[start : start + step])
     return total.view(rows.shape[1:])
+
+
+def rows_sum_and_size(rows: torch.Tensor, part: slice, shared: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(Σ_r rows[r], Σ_r |rows[r]|)`` over the rows of ``part`` and the single rows ``shared``
+    (indices outside it), each of shape ``rows.shape[1:]``: what the ledger's checks compare a
+    partition's total with, and the magnitudes its rounding is judged against. Shared rows that
+    continue ``part`` are read with it as one slice; the others are added one at a time, so no
+    row is copied."""
+    stop = part.stop
+    shared = list(shared)
+    while shared and shared[0] == stop:  # adjacent: one slice
+        shared.pop(0)
+        stop += 1
+    block = rows[part.start : stop]
+    total, size = block.sum(dim=0), abs_row_sum(block)
+    for index in shared:
+        total.add_(rows[index])
+        size.add_(rows[index].abs())
+    return total, size
 
 
 def net_shares(contributions: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
@@ -239,5 +258,6 @@ def measured_minus_control(
 
 __all__ = [
     "DEFAULT_PARTITION", "Partitions", "abs_row_sum", "average_by_probe_group", "band_mask", "band_total",
-    "cancellation_ratio", "coarsen", "measured_minus_control", "net_shares", "own_share", "part_share", "traffic_shares",
+    "cancellation_ratio", "coarsen", "measured_minus_control", "net_shares", "own_share", "part_share", "rows_sum_and_size",
+    "traffic_shares",
 ]

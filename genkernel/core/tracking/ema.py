@@ -33,7 +33,7 @@ from torch import nn
 
 from ..adapter import analysis_mode, functional_model
 from ..errors import LedgerCheckError
-from ..grouping import abs_row_sum
+from ..grouping import rows_sum_and_size
 from .ledger import PathKernelLedger
 from .routes import TrackedModel, push_rows
 
@@ -142,10 +142,9 @@ class EMALedgers:
             real = bar[name] - self.last_bar[name]
             floor = 4 * torch.finfo(self.model.params[name].dtype).eps * bar[name].abs()
             for partition, part in self.model.partitions.slices.items():
-                shared = change[name][[self.rows, self.rounding_rows[partition], self.start_row]]
-                rows = change[name][part]
-                total = rows.sum(dim=0) + shared.sum(dim=0)
-                scale = abs_row_sum(rows).add_(abs_row_sum(shared)).add_(real.abs())
+                shared = [self.rows, self.rounding_rows[partition], self.start_row]
+                total, scale = rows_sum_and_size(change[name], part, shared)
+                scale.add_(real.abs())
                 if bool(((total - real).abs() > self.rtol * scale + floor).any()):
                     raise LedgerCheckError(
                         f"after step {step} the EMA offsets of '{name}' (partition '{partition}') do not add up to the "

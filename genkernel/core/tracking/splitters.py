@@ -39,7 +39,7 @@ from typing import Any
 import torch
 
 from ..errors import LedgerCheckError
-from ..grouping import Partitions, abs_row_sum
+from ..grouping import Partitions, abs_row_sum, rows_sum_and_size
 
 SUPPORTED_OPTIMIZERS = "torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW, torch.optim.RMSprop"
 
@@ -180,9 +180,7 @@ class UpdateSplitter:
                 self.pending[name] = state
                 # 2. The rounding scale: the same recurrence on the magnitudes of one partition's rows.
                 primary = self.rounding_rows[self.partitions.primary]
-                size = abs_row_sum(full[first]) if first.stop > first.start else torch.zeros_like(full[0])
-                size.add_(full[self.rows].abs()).add_(full[primary].abs())
-                size = size.unsqueeze(0)
+                size = abs_row_sum(full[first]).add_(full[self.rows].abs()).add_(full[primary].abs()).unsqueeze(0)
                 previous = self.magnitude.get(name)
                 if previous is not None:
                     previous = previous.clone()
@@ -253,11 +251,8 @@ class UpdateSplitter:
             # Under maximize both the optimizer and the rows hold the negated gradients' state.
             reference = self.optimizer.state[p][self.state_key].to(torch.float64)
             for partition, part in self.partitions.slices.items():
-                # The rest and this partition's rounding row, added as rows (no copy of them).
-                own = rows[self.rows] + rows[self.rounding_rows[partition]]
-                total = rows[part].sum(0).add_(own)
-                own_size = rows[self.rows].abs().add_(rows[self.rounding_rows[partition]].abs())
-                scale = reference.norm() + abs_row_sum(rows[part]).add_(own_size).norm()
+                total, size = rows_sum_and_size(rows, part, [self.rows, self.rounding_rows[partition]])
+                scale = reference.norm() + size.norm()
                 gap = _relative_gap(total, reference, scale)
                 if gap > rtol:
                     where = "" if len(self.partitions) == 1 else f" of partition '{partition}'"

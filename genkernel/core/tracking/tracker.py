@@ -68,7 +68,7 @@ from ..engine.factors import TrainingCapture
 from ..engine.gradients import DEFAULT_GRADIENT_BUDGET
 from ..errors import LedgerCheckError, NonFiniteError
 from ..cost import activation_elements, estimate_cost
-from ..grouping import Partitions, abs_row_sum
+from ..grouping import Partitions, rows_sum_and_size
 from .distributed import combine_group_gradients, ddp_context
 from .ema import EMALedgers, ema_parameters
 from .io import atomic_save, load_state
@@ -922,14 +922,7 @@ class PathKernelTracker:
             rounding_floor = after64.abs_().mul_(info.eps).add_(info.tiny * info.eps)
             delta_size = delta.abs()
             for partition, part in partitions.slices.items():
-                own = self.splitter.rounding_rows[partition]
-                if part.stop == rest and own == rest + 1:  # the groups, the rest and the rounding row are adjacent
-                    rows = u[part.start : own + 1]
-                    total, scale = rows.sum(dim=0), abs_row_sum(rows)
-                else:  # the rest and the rounding row added as rows (no copy of them)
-                    rows = u[part]
-                    total = rows.sum(dim=0).add_(u[rest] + u[own])
-                    scale = abs_row_sum(rows).add_(u[rest].abs().add_(u[own].abs()))
+                total, scale = rows_sum_and_size(u, part, [rest, self.splitter.rounding_rows[partition]])
                 gap = total.sub_(delta).abs_()
                 scale.add_(delta_size)
                 if name in self.splitter.rounding_scale:  # the optimizer's own state rounding (splitters.py)
