@@ -179,7 +179,9 @@ class NoiseBins:
         if isinstance(num_bins, bool) or not isinstance(num_bins, int) or not 1 <= num_bins <= total:
             raise ValueError(f"num_bins must be an int in [1, {total}] (num_train_timesteps), got {num_bins!r}")
         self.num_bins, self.total, self.spacing = num_bins, total, spacing
-        alphas = scheduler.alphas_cumprod.to(torch.float64)
+        # On the CPU: diffusers' add_noise moves the scheduler's alphas_cumprod to the samples'
+        # device for good, and the bins are bookkeeping, not model work.
+        alphas = scheduler.alphas_cumprod.detach().to("cpu", torch.float64)
         snr = torch.log(alphas / (1 - alphas).clamp_min(1e-300))  # decreasing in t
         self.snr_of_t = snr
         if spacing == "timestep":

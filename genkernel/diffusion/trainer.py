@@ -560,10 +560,11 @@ def make_sampler(scheduler, sampler: Any = None):
         out = cls.from_config({key: value for key, value in scheduler.config.items() if key in accepted})
     else:
         out = cls.from_config(sampler.config)
-    ours, theirs = scheduler.alphas_cumprod.to(torch.float64), getattr(out, "alphas_cumprod", None)
+    # Compared on the CPU: training moves the scheduler's alphas_cumprod to the model's device.
+    ours, theirs = scheduler.alphas_cumprod.detach().to("cpu", torch.float64), getattr(out, "alphas_cumprod", None)
     same = (
         isinstance(theirs, torch.Tensor) and theirs.shape == ours.shape
-        and torch.allclose(theirs.to(torch.float64), ours, rtol=1e-6, atol=0)
+        and torch.allclose(theirs.detach().to("cpu", torch.float64), ours, rtol=1e-6, atol=0)
         and getattr(out.config, "prediction_type", None) == scheduler.config.prediction_type
     )
     if not same:
