@@ -90,7 +90,7 @@ from ..core.adapter import (
 )
 from ..core.errors import NonFiniteError
 from ..core.tracking.callbacks import TrainerCallback, perform_step
-from ..core.tracking.io import atomic_save, jsonable, load_state
+from ..core.tracking.io import atomic_save, jsonable, load_state, to_device
 from ..core.tracking.ledger import PathKernelLedger
 from ..core.tracking.step import OptimizerStep
 from ..core.tracking.tracker import PathKernelTracker, StepContributions
@@ -1170,11 +1170,13 @@ class GANKernelAnalyzer(TrainerCallback):
         self.g_steps, self.d_steps = state["g_steps"], state["d_steps"]
         self.alignment, self.coverage, self.windows = list(state["alignment"]), list(state["coverage"]), list(state["windows"])
         self.fields = list(state["fields"])
-        self._probe_state = state["probe_state"]
-        starts = state["window_start"]
+        # The probes' state and the window's starting ledgers live beside the generator (loaded on the CPU).
+        device = next(self._g.parameters()).device
+        self._probe_state = to_device(state["probe_state"], device)
+        starts = to_device(state["window_start"], device)
         self._window_start = None if starts is None else {k: PathKernelLedger.from_state_dict(v) for k, v in starts.items()}
-        self._window_groups, self._run_groups = state["window_groups"], state["run_groups"]
-        self._window_spatial, self._run_spatial = state.get("window_spatial"), state.get("run_spatial")
+        self._window_groups, self._run_groups = to_device((state["window_groups"], state["run_groups"]), device)
+        self._window_spatial, self._run_spatial = to_device((state.get("window_spatial"), state.get("run_spatial")), device)
         self.g_spatial_counts = list(state.get("g_spatial_counts", []))
         self.discriminator_probes = state["discriminator_probes"]
         self.g_loop_steps, self.d_loop_steps = list(state["g_loop_steps"]), list(state["d_loop_steps"])
@@ -1182,7 +1184,8 @@ class GANKernelAnalyzer(TrainerCallback):
         self.notes, self._loss_checked = list(state["notes"]), state["loss_checked"]
         if not self._bound:
             self._start_step = state["start_step"]
-        self._pending = {"g_tracker": state["g_tracker"], "d_tracker": state["d_tracker"]}
+        self._pending = {"g_tracker": to_device(state["g_tracker"], device),  # None stays None
+                         "d_tracker": to_device(state["d_tracker"], next(self._d.parameters()).device)}
         self._g_pending = self._d_pending = None
         for tracker in (self.g_tracker, self.d_tracker):
             if tracker is not None:

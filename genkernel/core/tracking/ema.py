@@ -39,10 +39,18 @@ from .routes import TrackedModel, push_rows
 
 
 def ema_parameters(ema: Any, names: list[str], model: nn.Module) -> Callable[[], dict[str, torch.Tensor]]:
-    """A reader of an EMA object's weights by parameter name: diffusers' ``EMAModel``
-    (``shadow_params`` in the order of ``model.parameters()``), ema-pytorch's ``EMA``
+    """A reader of an EMA object's weights by parameter name, each on its parameter's device (an
+    EMA kept elsewhere, as diffusers' ``offload_ema`` keeps it on the CPU, is copied over): diffusers'
+    ``EMAModel`` (``shadow_params`` in the order of ``model.parameters()``), ema-pytorch's ``EMA``
     (``ema_model``), ``torch.optim.swa_utils.AveragedModel`` (``module``), an ``nn.Module`` holding
     the averaged weights, or a callable returning ``{name: tensor}``."""
+    read = _weights_reader(ema, names, model)
+    devices = {n: p.device for n, p in model.named_parameters() if n in names}
+    return lambda: {n: t.to(devices[n]) for n, t in read().items()}
+
+
+def _weights_reader(ema: Any, names: list[str], model: nn.Module) -> Callable[[], dict[str, torch.Tensor]]:
+    """:func:`ema_parameters`' reader, the tensors where the EMA keeps them."""
     if callable(ema) and not isinstance(ema, nn.Module):
         return lambda: {n: ema()[n] for n in names}
     if hasattr(ema, "shadow_params"):  # diffusers.training_utils.EMAModel

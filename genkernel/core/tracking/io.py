@@ -69,6 +69,24 @@ def load_state(path: str | os.PathLike, expected_format: str | None = None) -> d
     return state
 
 
+def to_device(value: Any, device: torch.device | str) -> Any:
+    """``value`` with every tensor in it (through dicts, lists and tuples) moved to ``device``.
+
+    :func:`load_state` reads states onto the CPU so that any machine can open them; a tracker's
+    ledgers, group states and saved outputs live beside the model's parameters, so its
+    ``load_state_dict`` moves them back there (a CUDA step would otherwise mix devices).
+    """
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, dict):
+        return {key: to_device(item, device) for key, item in value.items()}
+    if isinstance(value, list):
+        return [to_device(item, device) for item in value]
+    if isinstance(value, tuple):
+        return tuple(to_device(item, device) for item in value)
+    return value
+
+
 def jsonable(value: Any) -> Any:
     """``value`` as strict JSON (what ``json.dumps(..., allow_nan=False)`` accepts): tensors and
     tuples to lists, non-finite floats to None, mapping keys to strings, numpy and torch scalars to
@@ -89,4 +107,4 @@ def jsonable(value: Any) -> Any:
     return str(value)
 
 
-__all__ = ["atomic_save", "jsonable", "load_state"]
+__all__ = ["atomic_save", "jsonable", "load_state", "to_device"]

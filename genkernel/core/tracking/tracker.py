@@ -60,6 +60,7 @@ from ..adapter import (
     coupled_modules,
     is_compiled,
     positive_int,
+    tf32_hazard,
     trainable_parameters,
     unwrap,
     unwrap_optimizer,
@@ -71,7 +72,7 @@ from ..cost import activation_elements, estimate_cost
 from ..grouping import Partitions, rows_sum_and_size
 from .distributed import combine_group_gradients, ddp_context
 from .ema import EMALedgers, ema_parameters
-from .io import atomic_save, load_state
+from .io import atomic_save, load_state, to_device
 from .ledger import PathKernelLedger
 from .quadrature import quadrature_rule
 from .routes import (
@@ -705,6 +706,14 @@ class PathKernelTracker:
                 "window in full precision: build the Accelerator with mixed_precision='no' (or run the tracked steps "
                 "outside torch.autocast, without a GradScaler), train the rest as you like"
             )
+        tf32 = tf32_hazard(self.module)
+        if tf32 is not None:
+            raise RuntimeError(
+                f"TF32 is on for the model's float32 {tf32}: it rounds to a 10-bit mantissa (about 1e-3), and the "
+                "ledger must reproduce each update exactly. Switch it off for the tracked steps: "
+                "torch.backends.cudnn.allow_tf32 = False and torch.set_float32_matmul_precision('highest') "
+                "(or track a float64 model)"
+            )
 
     def _check_before(self) -> None:
         """Everything that can be refused before the training forward (or the observed step) changes anything."""
@@ -811,6 +820,7 @@ class PathKernelTracker:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if not isinstance(state, dict) or state.get("format") != FORMAT:
             raise ValueError("not a PathKernelTracker state (made by tracker.state_dict())")
+        state = to_device(state, next(iter(self.params.values())).device)
         saved = (state["partitions"], state["quadrature"], state["group_state"])
         mine = (self.partitions.state_dict(), self.rule.name, self.group_state)
         if saved != mine:
