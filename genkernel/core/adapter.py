@@ -220,7 +220,7 @@ def check_deterministic(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> N
     """Raise if two forward passes of ``model`` on ``inputs`` differ (hidden randomness), in the
     mode analysis passes use (:func:`analysis_mode`: eval mode, forked RNG, so training's random
     stream is untouched)."""
-    devices = [t.device.index for t in inputs if t.device.type == "cuda"]
+    devices = sorted({t.device.index for t in inputs if t.device.type == "cuda"})  # each device's RNG once
     # Each pass runs on copies of the buffers (a forward may write them): the check must neither
     # advance them (training would change) nor see them move.
     with torch.no_grad(), analysis_mode(model), torch.random.fork_rng(devices=devices):
@@ -234,6 +234,36 @@ def check_deterministic(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> N
             "differ (noise injection or other randomness that eval mode does not switch off). Probes must have one "
             "output each: remove the randomness from eval mode."
         )
+
+
+CONVOLUTIONS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+
+
+def tf32_hazard(model: nn.Module) -> str | None:
+    """What of ``model``'s float32 CUDA work rounds to TF32, in words, or None.
+
+    TF32 keeps a 10-bit mantissa (about 1e-3 relative). cuDNN convolutions use it by default on GPUs
+    of compute capability 8 and above (``torch.backends.cudnn.allow_tf32``), matrix products when
+    ``torch.get_float32_matmul_precision()`` is below "highest". A ledger's outputs and group
+    gradients would then carry that rounding, far above the checks' float32 bounds.
+    """
+    devices = {p.device for p in model.parameters() if p.is_cuda and p.dtype == torch.float32}
+    capable = any(torch.cuda.get_device_capability(device)[0] >= 8 for device in devices)
+    has_convolutions = any(isinstance(m, CONVOLUTIONS) for m in model.modules())
+    return tf32_reason(capable, has_convolutions, torch.backends.cudnn.allow_tf32, torch.get_float32_matmul_precision())
+
+
+def tf32_reason(tf32_device: bool, has_convolutions: bool, cudnn_tf32: bool, matmul_precision: str) -> str | None:
+    """:func:`tf32_hazard`'s rule on its facts: float32 parameters on a TF32-capable GPU, convolution
+    layers, cuDNN's TF32 flag and the float32 matmul precision."""
+    if not tf32_device:
+        return None
+    reasons = []
+    if has_convolutions and cudnn_tf32:
+        reasons.append("convolutions (torch.backends.cudnn.allow_tf32 is True, torch's default)")
+    if matmul_precision != "highest":
+        reasons.append(f"matrix products (torch.get_float32_matmul_precision() is {matmul_precision!r})")
+    return " and ".join(reasons) or None
 
 
 @contextlib.contextmanager
@@ -273,7 +303,7 @@ def analysis_mode(model: nn.Module) -> Iterator[None]:
     """
     modes = [(m, m.training) for m in model.modules()]
     checkpointed = [m for m in model.modules() if getattr(m, "gradient_checkpointing", None) is True]
-    devices = [p.device.index for p in model.parameters() if p.device.type == "cuda"]
+    devices = sorted({p.device.index for p in model.parameters() if p.device.type == "cuda"})  # each device's RNG once
     try:
         model.eval()
         for module in checkpointed:
