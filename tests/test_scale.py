@@ -120,6 +120,54 @@ def test_a_tracker_the_device_cannot_hold_is_refused_with_the_numbers_and_the_ch
         _tracker(nn.Linear(3, 2), 4, group_state="dense")
 
 
+def test_what_the_training_step_already_holds_is_not_asked_of_the_free_memory(monkeypatch):
+    """The parameters, gradients and optimizer state exist before the tracker (the device's free
+    memory excludes them): the estimate counts them in the total but refuses only what is still needed."""
+    import genkernel.core.cost as cost
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 64), nn.Tanh(), nn.Linear(64, 2))
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    assert cost.held_bytes(model, opt, "cpu") == param_bytes  # before any step: the parameters alone
+    model(torch.randn(4, 3)).square().sum().backward()
+    opt.step()  # gradients and Adam's two moments now exist (its step counts are 0-dim tensors)
+    steps = sum(s["step"].numel() * s["step"].element_size() for s in opt.state.values())
+    assert cost.held_bytes(model, opt, "cpu") == 4 * param_bytes + steps
+    assert cost.held_bytes(model, opt, "meta") == 0  # another device holds none of it
+    probes = (torch.randn(6, 3),)
+    estimate = estimate_cost(model, opt, probes, outputs=2, rows=4, batch_size=16)
+    needed = estimate.total_bytes - estimate.held
+    assert estimate.held == 4 * param_bytes + steps and needed > 0
+    monkeypatch.setattr(cost, "available_memory", lambda device: needed)
+    assert estimate_cost(model, opt, probes, outputs=2, rows=4, batch_size=16).fits
+    monkeypatch.setattr(cost, "available_memory", lambda device: needed - 1)
+    refused = estimate_cost(model, opt, probes, outputs=2, rows=4, batch_size=16)
+    assert not refused.fits and "already held" in refused.describe()
+
+
+def test_tf32_on_a_gpu_that_rounds_with_it_is_named_for_what_it_touches():
+    from genkernel.core.adapter import tf32_hazard, tf32_reason
+
+    assert tf32_reason(False, True, True, "high") is None  # CPU, float64 or a pre-Ampere GPU
+    assert tf32_reason(True, False, True, "highest") is None  # cuDNN's flag touches convolutions only
+    assert "convolutions" in tf32_reason(True, True, True, "highest")
+    both = tf32_reason(True, True, True, "high")
+    assert "convolutions" in both and "matrix products" in both and "'high'" in both
+    assert tf32_reason(True, True, False, "highest") is None
+    assert tf32_hazard(nn.Conv2d(1, 2, 3)) is None  # parameters on the CPU
+
+
+def test_a_loaded_state_goes_back_beside_the_parameters():
+    from genkernel.core.tracking.io import to_device
+
+    state = {"a": torch.ones(2), "b": [torch.zeros(1), (torch.ones(1), 3)], "c": None, "d": "text"}
+    moved = to_device(state, "meta")
+    assert moved["a"].device.type == "meta" and moved["b"][0].device.type == "meta"
+    assert isinstance(moved["b"][1], tuple) and moved["b"][1][0].device.type == "meta" and moved["b"][1][1] == 3
+    assert moved["c"] is None and moved["d"] == "text" and state["a"].device.type == "cpu"
+
+
 def test_the_cifar_unet_estimate_points_at_what_does_not_fit():
     from genkernel.diffusion.configs import ddpm_cifar10_unet
 

@@ -36,7 +36,9 @@ expected ratio of an analyzed step to a bare one (forward and backward of the ba
 - the probe forwards before and after the step.
 
 Trackers and analyzers call it at construction and refuse, with the numbers and the cheaper
-options, when the device cannot hold the total. The counts are of the dominant arrays: Python's
+options, when the device cannot hold what the step still needs: the total less what already exists
+(the parameters, their gradients and the optimizer's state, which the device's free memory does
+not include). The counts are of the dominant arrays: Python's
 and the allocator's overheads are not in them.
 """
 
@@ -60,6 +62,8 @@ class CostEstimate:
     Attributes:
         memory: ``{part: bytes}``.
         available: bytes the device has free now (None where that is unknown).
+        held: bytes of ``training_step`` that already exist (parameters, their gradients, the
+            optimizer's state): they are counted in the total but are not in ``available``.
         work: ``{part: passes}`` in units of one forward pass over one example.
         bare_step: the same units for a bare step (forward and backward of the batch).
         cheaper: options that would make the tracker fit or run faster, in words.
@@ -69,6 +73,7 @@ class CostEstimate:
     available: int | None
     work: dict[str, float]
     bare_step: float
+    held: int = 0
     settings: dict[str, Any] = field(default_factory=dict)
     cheaper: list[str] = field(default_factory=list)
 
@@ -83,7 +88,8 @@ class CostEstimate:
 
     @property
     def fits(self) -> bool:
-        return self.available is None or self.total_bytes <= self.available
+        """Whether what the step still needs (the total less what is already held) is free."""
+        return self.available is None or self.total_bytes - self.held <= self.available
 
     @property
     def ratio(self) -> float:
@@ -94,23 +100,28 @@ class CostEstimate:
         """The estimate in words, for errors and logs."""
         parts = ", ".join(f"{k} {v / GiB:.2f} GiB" for k, v in self.memory.items() if v)
         free = "unknown" if self.available is None else f"{self.available / GiB:.1f} GiB"
+        if self.held:
+            free += f", {self.held / GiB:.2f} GiB of the training step already held"
         work = ", ".join(f"{k} {v:.0f}" for k, v in self.work.items() if v)
         return (f"memory {self.total_bytes / GiB:.2f} GiB ({parts}; {free} free); work per step in example-forwards: "
                 f"{work} against {self.bare_step:.0f} for a bare step: about {self.ratio:.1f}x a bare step")
 
     def as_dict(self) -> dict[str, Any]:
         return {"memory_bytes": dict(self.memory), "total_bytes": self.total_bytes, "available_bytes": self.available,
+                "held_bytes": self.held,
                 "work": dict(self.work), "bare_step": self.bare_step, "ratio": self.ratio, "fits": self.fits,
                 "settings": dict(self.settings), "cheaper": list(self.cheaper)}
 
 
 def available_memory(device: torch.device | str) -> int | None:
-    """Free bytes on ``device`` now: ``torch.cuda.mem_get_info`` on CUDA, ``MemAvailable`` of
-    /proc/meminfo on a Linux CPU; None elsewhere."""
+    """Free bytes on ``device`` now: on CUDA the driver's free memory (``torch.cuda.mem_get_info``)
+    plus what PyTorch's caching allocator has reserved but not allocated (free to it, not to the
+    driver), ``MemAvailable`` of /proc/meminfo on a Linux CPU; None elsewhere."""
     device = torch.device(device)
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
-        return int(free)
+        cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        return int(free) + max(int(cached), 0)
     if device.type == "cpu" and os.path.exists("/proc/meminfo"):
         with open("/proc/meminfo") as handle:
             for line in handle:
@@ -250,12 +261,39 @@ def estimate_cost(
     work["probe_forwards"] = 2.0 * m
     if ema:
         work["ema_contributions"] = quadrature_nodes * m * (1.0 + rows + 2)
-    estimate = CostEstimate(memory, available_memory(device), work, bare, settings={
+    estimate = CostEstimate(memory, available_memory(device), work, bare, held_bytes(model, optimizer, device), settings={
         "parameters": num, "rows": rows, "probes": m, "outputs": outputs, "batch": b, "group_state": group_state,
         "state_dtype": str(state_dtype).replace("torch.", ""), "device": str(device),
     })
     estimate.cheaper = _cheaper_options(estimate, group_state, state_dtype, param_bytes)
     return estimate
+
+
+def held_bytes(model: nn.Module, optimizer: torch.optim.Optimizer, device: torch.device | str) -> int:
+    """Bytes on ``device`` of the trainable parameters, their gradients and the optimizer's state
+    tensors as they exist now (before the first step: the parameters alone)."""
+    device = torch.device(device)
+    tensors = {}
+    for p in model.parameters():
+        if p.requires_grad:
+            tensors[id(p)] = p
+            if p.grad is not None:
+                tensors[id(p.grad)] = p.grad
+    for state in optimizer.state.values():
+        for value in state.values():
+            if isinstance(value, torch.Tensor):
+                tensors[id(value)] = value
+    return sum(t.numel() * t.element_size() for t in tensors.values() if _same_device(t.device, device))
+
+
+def _same_device(a: torch.device, b: torch.device) -> bool:
+    """``cuda`` and ``cuda:0`` (the current device) name the same device here."""
+    if a.type != b.type:
+        return False
+    if a.type != "cuda":
+        return True
+    return (a.index if a.index is not None else torch.cuda.current_device()) == (
+        b.index if b.index is not None else torch.cuda.current_device())
 
 
 def _cheaper_options(estimate: CostEstimate, group_state: str, state_dtype: torch.dtype, param_bytes: int) -> list[str]:
@@ -274,4 +312,4 @@ def _cheaper_options(estimate: CostEstimate, group_state: str, state_dtype: torc
     return options
 
 
-__all__ = ["CostEstimate", "available_memory", "estimate_cost", "push_rows_per_pass", "reads_training_pass"]
+__all__ = ["CostEstimate", "available_memory", "estimate_cost", "held_bytes", "push_rows_per_pass", "reads_training_pass"]
