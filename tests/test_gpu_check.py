@@ -14,6 +14,7 @@ def test_the_gpu_check_runs_in_its_tiny_cpu_mode(tmp_path):
     assert diffusion["tracked_steps"] == 2 and diffusion["ratio"] > 1  # one warm-up and one timed step
     assert diffusion["estimate"]["total_bytes"] > 0
     gan = written["gan"]
-    assert gan["training_unchanged"] and gan["ratio"] > 1
+    assert gan["training_unchanged"] and gan["bare_runs_identical"] and gan["ratio"] > 1
+    assert written["exact_mode"]["matmul_precision"] == "highest"  # torch's default on the CPU, untouched
     assert gan["generator_relative_residual"] < 0.1 and gan["discriminator_relative_residual"] < 0.1
     assert result["cuda_tests"]["ran"] is False

@@ -12,8 +12,10 @@ On a CUDA device (``make gpu-check``), within ``--budget`` seconds (8 minutes by
 3. the DCGAN at 64×64 (BatchNorm in training mode) under the GAN analyzer in an observed loop:
    seconds per iteration with and without the analyzer, peak memory.
 
-It writes ``OUT/gpu_check.json`` (device name, per-step times, ratios, peak memory, test
-results). ``--tiny`` runs the same code on the CPU with tiny models and sizes (what CI runs, to
+Everything runs as exact ledgers need on CUDA (:func:`exact_mode`: TF32 off, deterministic
+algorithms, no cuDNN autotuning). It writes ``OUT/gpu_check.json`` (device name, those settings,
+per-step times, ratios, peak memory above what was allocated before each trainer, the GAN's
+training unchanged against a second bare pair, test results). ``--tiny`` runs the same code on the CPU with tiny models and sizes (what CI runs, to
 keep the script working); its numbers say nothing about a GPU.
 """
 
@@ -52,6 +54,26 @@ def _reset_peak(device: torch.device) -> None:
         torch.cuda.reset_peak_memory_stats(device)
 
 
+def exact_mode(device: torch.device) -> dict:
+    """What exact ledgers and bit-equal training need on CUDA, set for the whole check: no TF32
+    (trackers refuse it), deterministic algorithms (warnings only: an op without a deterministic
+    kernel must not stop the benchmark; the tests run strict), no cuDNN autotuning. Returns the
+    settings, for the JSON."""
+    if device.type == "cuda":
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # before the first cuBLAS handle
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
+        torch.backends.cudnn.allow_tf32 = False
+        torch.set_float32_matmul_precision("highest")
+    return {"deterministic": torch.are_deterministic_algorithms_enabled(), "cudnn_benchmark": torch.backends.cudnn.benchmark,
+            "cudnn_allow_tf32": torch.backends.cudnn.allow_tf32, "matmul_precision": torch.get_float32_matmul_precision(),
+            "cublas_workspace_config": os.environ.get("CUBLAS_WORKSPACE_CONFIG")}
+
+
+def _allocated(device: torch.device) -> int:
+    return int(torch.cuda.memory_allocated(device)) if device.type == "cuda" else 0
+
+
 def run_cuda_tests(root: Path, budget: float) -> dict:
     """The ``cuda``-marked tests in a subprocess: exit code and the last lines of their output."""
     if not torch.cuda.is_available():
@@ -83,10 +105,14 @@ def diffusion_benchmark(device: torch.device, s: dict) -> dict:
 
     out: dict = {"model": s["unet"], "batch": s["batch"], "probes": s["probes"], "bins": s["bins"],
                  "controls": s["controls"], "state_dtype": "float32"}
+    # Peaks are counted from what was allocated before each trainer was built (the data, and for the
+    # analyzed one the bare trainer, which the interleaved timing below still needs).
+    before = _allocated(device)
     bare = DDPMTrainer(model(), scheduler, data, batch_size=s["batch"], progress=False)
     _reset_peak(device)
     bare.train(1)
-    out["bare_peak_bytes"] = _peak(device)
+    out["bare_peak_bytes"] = None if device.type != "cuda" else _peak(device) - before
+    before = _allocated(device)
     analyzer = NoiseLevelAnalyzer(scheduler, data[:32], num_bins=s["bins"], num_probes=s["probes"], controls=s["controls"],
                                   kernel_points=2, kernel_sketch=1, snapshot_every=0, state_dtype=torch.float32,
                                   progress=False)
@@ -95,7 +121,7 @@ def diffusion_benchmark(device: torch.device, s: dict) -> dict:
     analyzer.on_train_start(tracked)
     analyzer.record_kernel = lambda: None  # the kernel structure is not part of a step
     tracked.train(1)
-    out["analyzed_peak_bytes"] = _peak(device)
+    out["analyzed_peak_bytes"] = None if device.type != "cuda" else _peak(device) - before
     out["estimate"] = analyzer.tracker.cost.as_dict()
     times = {"bare": [], "analyzed": []}
     for _ in range(s["steps"]):
@@ -127,6 +153,7 @@ def main(argv=None) -> dict:
     result: dict = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "tiny": args.tiny or device.type == "cpu", "torch": torch.__version__, "settings": s,
+        "exact_mode": exact_mode(device),
     }
     result["cuda_tests"] = run_cuda_tests(root, budget=args.budget / 3)
     result["diffusion"] = diffusion_benchmark(device, s)
@@ -181,6 +208,7 @@ def gan_benchmark(device: torch.device, s: dict) -> dict:
     out: dict = {"width": width, "batch": batch}
     try:
         bare = players()
+        control = players()  # a second bare pair: tells nondeterminism from the analyzer's effect
         tracked = players()
         probes = torch.randn(16 if s["gan_width"] > 8 else 4, nz, 1, 1, generator=torch.Generator().manual_seed(3)).to(device)
         analyzer = GANKernelAnalyzer(tracked[0], tracked[1], probes, grouping="direction", num_groups=4, controls=1,
@@ -190,21 +218,33 @@ def gan_benchmark(device: torch.device, s: dict) -> dict:
     except (TypeError, AttributeError) as error:  # the observe API of the GAN analyzer
         return {"ran": False, "why": f"the GAN analyzer cannot observe this loop: {error}"}
     times = {"bare": [], "analyzed": []}
+    extra = {"bare": 0, "analyzed": 0}  # the most an iteration allocated above what was held before it
     _reset_peak(device)
     for step in range(s["gan_steps"] + 1):
-        for label, (G, D, g_opt, d_opt), a in (("bare", bare, None), ("analyzed", tracked, analyzer)):
+        for label, (G, D, g_opt, d_opt), a in (("bare", bare, None), ("analyzed", tracked, analyzer), ("control", control, None)):
             _sync(device)
+            held = _allocated(device)
+            _reset_peak(device)
             start = time.perf_counter()
             iteration(G, D, g_opt, d_opt, a, step)
             _sync(device)
+            if label == "control":
+                continue
             if step:  # the first iteration builds the trackers
                 times[label].append(time.perf_counter() - start)
+            if device.type == "cuda":
+                extra[label] = max(extra[label], _peak(device) - held)
     out["seconds_per_iteration"] = {k: sorted(v)[len(v) // 2] for k, v in times.items()}
     out["ratio"] = out["seconds_per_iteration"]["analyzed"] / out["seconds_per_iteration"]["bare"]
-    out["peak_bytes"] = _peak(device)
+    out["iteration_peak_extra_bytes"] = extra if device.type == "cuda" else None
     out["generator_relative_residual"] = analyzer.generator_ledger().relative_residual()
     out["discriminator_relative_residual"] = analyzer.discriminator_ledger.relative_residual()
-    out["training_unchanged"] = all(torch.equal(p, q) for p, q in zip(bare[0].parameters(), tracked[0].parameters()))
+    def same(a, b):  # both players' parameters and buffers (BatchNorm's running statistics)
+        return all(torch.equal(x, y) for m, n in zip(a[:2], b[:2])
+                   for x, y in zip([*m.parameters(), *m.buffers()], [*n.parameters(), *n.buffers()]))
+
+    out["training_unchanged"] = same(bare, tracked)
+    out["bare_runs_identical"] = same(bare, control)  # False: the GPU's kernels are not deterministic here
     return out
 
 
