@@ -443,8 +443,11 @@ def ito_term_estimate(model: nn.Module, probe_x: Inputs,
     # 1. centre
     d = {k: t - t.mean(dim=0, keepdim=True) for k, t in g.items()}
     # 2. Rademacher signs, all draws at once (S x B is small)
+    # Drawn where the generator lives (a CPU generator gives the same signs for a model on any
+    # device), used where the gradients are.
+    device = next(iter(d.values())).device
     signs = torch.randint(0, 2, (num_samples, b), generator=generator,
-                          device=generator.device).to(torch.float64) * 2.0 - 1.0
+                          device=generator.device).to(device=device, dtype=torch.float64) * 2.0 - 1.0
     quad = _quad_form_fn(model, params, inputs, m, output_index)
     batched = vmap(quad) if chunk_size > 1 else None
     values = []

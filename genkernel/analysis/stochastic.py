@@ -171,7 +171,7 @@ def expected_output_decomposition(
         tracker = PathKernelTracker(net, optimizer, loss_fn, probes, num_groups=1, quadrature="left")
         params = trainable_parameters(net)
         gen = torch.Generator().manual_seed(int(seed))
-        signs = torch.Generator(device=probes.device).manual_seed(int(seed) + 1)
+        signs = torch.Generator().manual_seed(int(seed) + 1)  # on the CPU: the same signs on any device
         m = probes.shape[0]
         acc = {k: torch.zeros(m, dtype=torch.float64) for k in ("deterministic", "ito", "ito_var", "realized_second_order")}
         order = torch.empty(0, dtype=torch.long)
