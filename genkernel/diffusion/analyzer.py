@@ -34,7 +34,7 @@ or observing your own loop, which keeps its forward, loss, backward, clipping, a
     analyzer = NoiseLevelAnalyzer(scheduler, probe_data)
     analyzer.bind(model, optimizer, ema=ema_model)     # ema: optional, a second ledger for the EMA weights
     for x0 in loader:
-        noise, t = torch.randn_like(x0), torch.randint(0, T, (x0.shape[0],))
+        noise, t = torch.randn_like(x0), torch.randint(0, T, (x0.shape[0],), device=x0.device)
         pred = model(scheduler.add_noise(x0, noise, t), t).sample
         losses = ((pred - noise) ** 2).mean(dim=(1, 2, 3))   # per-example, any weighting (min-SNR ...)
         analyzer.observe(losses, t)                     # the one added line, before the backward

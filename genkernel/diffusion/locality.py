@@ -43,7 +43,9 @@ def kernel_locality(
       permuting the level labels of the other states (averaged over ``num_permutations``).
     """
     n, levels = num_points, level_bins.numel()
-    k = kernel.to(torch.float64).reshape(n, levels, n, levels)
+    # A summary of an [n·L, n·L] matrix: on the CPU, wherever the kernel was computed.
+    k = kernel.detach().to("cpu", torch.float64).reshape(n, levels, n, levels)
+    level_bins = level_bins.cpu()
     dist = (level_bins[:, None] - level_bins[None, :]).abs()  # [L, L]
     num_bins = int(level_bins.max()) + 1
     other = ~torch.eye(n, dtype=torch.bool)

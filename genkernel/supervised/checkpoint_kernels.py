@@ -99,7 +99,8 @@ class CheckpointKernels(TrainerCallback):
 
         Args:
             loss_weight: ``loss_weight(train_outputs [N, d]) -> [N, d]``, w_n = ∂ℓ_n/∂f, e.g.
-                ``lambda f: 2 * (f - y)`` for the squared error.
+                ``lambda f: 2 * (f - y)`` for the squared error. The outputs it receives are the
+                recorded ones, float64 on the CPU: close over CPU targets (``y.cpu()``).
         """
         if not self.weights:
             raise RuntimeError("no checkpoint recorded yet: attach the callback to a trainer and train")

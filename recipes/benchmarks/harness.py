@@ -116,6 +116,15 @@ def timing(seconds: float, fraction: float, work: float) -> dict:
     return result
 
 
+ALLOCATOR_VARIABLES = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "LD_PRELOAD", "THP_MEM_ALLOC_ENABLE")
+
+
+def allocator_settings() -> dict[str, str]:
+    """The environment variables set now that change what fresh large arrays cost (the README's
+    "CPU allocator"): recorded beside timings, which they move by a third on forward-mode pushes."""
+    return {name: os.environ[name] for name in ALLOCATOR_VARIABLES if name in os.environ}
+
+
 def load_average() -> float:
     """The machine's 1-minute load average now (``os.getloadavg``): what else was running while
     a time was taken; on 2 cores a load above 2 means the cores were shared."""

@@ -56,6 +56,7 @@ from genkernel.core.engine.projections import expected_relative_error, sketched_
 from .harness import (
     REPO_ROOT,
     Pacer,
+    allocator_settings,
     count_flops,
     cpu_profile,
     interleaved,
@@ -690,7 +691,7 @@ def main(argv=None) -> dict:
     peak = matmul_flops()
     print(f"float32 matmul on this machine: {peak / 1e9:.1f} GFLOP/s")
     report = {"settings": {"quick": args.quick, "cap_s": cap, "repeats": repeats, "sizes": sizes,
-                           "threads": torch.get_num_threads()},
+                           "threads": torch.get_num_threads(), "allocator": allocator_settings()},
               "matmul_flops_per_s": peak, "models": {}, "targets": {}}
     started = time.perf_counter()
     speed_text = []

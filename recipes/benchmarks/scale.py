@@ -83,7 +83,8 @@ from genkernel.core.tracking.io import jsonable
 
 from ..common import Timer, make_parser, parse, pick
 from .harness import (
-    CHILD_OUT_FLAG, counted_flops, interleaved, load_average, print_ratios, rss_bytes, run_child, write_outputs,
+    CHILD_OUT_FLAG, allocator_settings, counted_flops, interleaved, load_average, print_ratios, rss_bytes, run_child,
+    write_outputs,
 )
 
 NAME = "benchmark_scale"
@@ -679,6 +680,7 @@ def main(argv=None) -> dict:
     timer = Timer()
     threads = torch.get_num_threads()
     machine = {"threads": threads, "cpu_count": os.cpu_count(), "load_at_start": load_average(),
+               "allocator": allocator_settings(),
                "torch": torch.__version__, "python": platform.python_version()}
     print(f"[{NAME}] {args.mode} mode, {threads} threads, load {machine['load_at_start']:.2f}", flush=True)
     report: dict[str, Any] = {"benchmark": NAME, "mode": args.mode, "seed": args.seed, "settings": s, "machine": machine}
