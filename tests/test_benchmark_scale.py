@@ -91,3 +91,18 @@ def test_operation_counts_are_the_products_flops():
     flops, product = counted_flops(lambda: a @ b)
     assert flops == 2 * 2 * 3 * 4 and torch.equal(product, torch.full((2, 4), 3.0))
     assert counted_flops(lambda: (a @ b, a @ b))[0] == 2 * (2 * 2 * 3 * 4)
+
+
+def test_the_allocator_comparison_runs_each_setting_in_its_own_environment(report):
+    allocator = report["allocator"]
+    assert "error" not in allocator
+    runs = allocator["runs"]
+    assert [r["setting"] for r in runs] == ["default", "tuned"] * (len(runs) // 2) and runs
+    for run in runs:
+        assert run["ratio"] == pytest.approx(run["analyzed_median_s"] / run["bare_median_s"])
+        # the child saw the environment it was given, and nothing of the other setting's
+        assert run["allocator"] == (allocator["variables"] if run["setting"] == "tuned" else {})
+    for label in ("default", "tuned"):
+        mine = [r["ratio"] for r in runs if r["setting"] == label]
+        assert allocator["ratio"][label] == pytest.approx(sorted(mine)[len(mine) // 2] if len(mine) % 2 else
+                                                          (sorted(mine)[len(mine) // 2 - 1] + sorted(mine)[len(mine) // 2]) / 2)

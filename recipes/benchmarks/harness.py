@@ -218,9 +218,10 @@ def peak_working_memory(fn: Callable[[], object]) -> tuple[object, int, int]:
 
 
 # ------------------------------------------------------------------------------- child process
-def run_child(module: str, args: Sequence[str], timeout: float) -> dict:
+def run_child(module: str, args: Sequence[str], timeout: float, env: dict[str, str | None] | None = None) -> dict:
     """Runs ``python -m module *args --child-out PATH`` in a fresh process, from the repository
-    root, and returns the dict the child saved to PATH with ``torch.save``.
+    root, and returns the dict the child saved to PATH with ``torch.save``. ``env``: variables to
+    set in the child's environment (None: to remove), over this process's.
 
     Returns ``{"error": text}`` instead when the child ran past ``timeout`` seconds, exited with
     an error or saved nothing (text: the end of its stderr, or stdout when stderr is empty).
@@ -228,8 +229,14 @@ def run_child(module: str, args: Sequence[str], timeout: float) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "result.pt")
         cmd = [sys.executable, "-m", module, *args, CHILD_OUT_FLAG, out]
+        child_env = dict(os.environ)
+        for name, value in (env or {}).items():
+            if value is None:
+                child_env.pop(name, None)
+            else:
+                child_env[name] = value
         try:
-            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=REPO_ROOT)
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=REPO_ROOT, env=child_env)
         except subprocess.TimeoutExpired:
             return {"error": f"ran past {timeout} s"}
         if proc.returncode != 0 or not os.path.exists(out):

@@ -47,6 +47,11 @@ committed figures were measured on). Three measurements, side by side in one run
    fraction of the step per phase: training forward and backward, per-example group gradients,
    the checks, the split, the contribution JVPs per quadrature node, probe forwards, ...).
 
+4. The same tiny-UNet timing in fresh processes, alternately with glibc's default allocator and
+   with ``ALLOCATOR_TUNING`` (large freed arrays kept in the heap: the README's "CPU allocator"),
+   ``allocator_rounds`` times each: what the page faults of fresh large arrays cost the analyzed
+   step. No target; the numbers behind the README's paragraph.
+
 ``--quick`` (about 2 minutes on 2 loaded cores): part 1 with ``mnist_unet`` (1.1M parameters,
 28×28) instead of the CIFAR UNet, fewer repeats, a smaller tiny UNet. The hidden ``--smoke`` (the
 test suite's) uses an MLP denoiser in part 1, runs its two children at once, and tiny sizes:
@@ -57,7 +62,8 @@ the start and the end, torch version), ``memory`` (both children's raw numbers, 
 parts, the three comparisons with their relative errors, the per-phase profile and array
 inventory, seconds per step), ``sgd_factored`` (per model and batch: route, medians, ratio,
 load, first calls, residual, the estimate's predicted ratio), ``tiny_unet`` (medians, ratio,
-load, the breakdown), and ``claims``: a list of ``{"claim", "held", "numbers"}``, ``held``
+load, the breakdown), ``allocator`` (per process: environment, medians, ratio; the medians per
+setting), and ``claims``: a list of ``{"claim", "held", "numbers"}``, ``held``
 computed from ``numbers`` (never written by hand). Also ``OUT/benchmark_scale.png``.
 """
 
@@ -93,23 +99,25 @@ MEMORY_TOLERANCE = 0.20  # the issue: predicted memory within 20 % of the measur
 SGD_TARGET = 3.0  # plain SGD, factored route, one group per example: at most 3x a bare step
 UNET_TARGET = 8.0  # tiny UNet, 10 bins, one control, 64 probes: at most 8x a bare step
 _MISSING = object()  # replace_attribute: the replaced attribute was not the owner's own
+# Keeps freed arrays up to 1 GB in the heap (glibc otherwise maps arrays over 32 MB afresh each time)
+ALLOCATOR_TUNING = {"MALLOC_MMAP_THRESHOLD_": "1073741824", "MALLOC_TRIM_THRESHOLD_": "2147483648"}
 
 SETTINGS = dict(
     full=dict(memory_model="ddpm_cifar10", memory_batch=4, memory_probes=4, memory_bins=5, memory_controls=1,
               memory_warmup=1, memory_steps=2, memory_timeout=2400.0, memory_parallel=False,
               sgd_models=("mlp", "cnn"), sgd_batches=(256, 512), sgd_probes=64, sgd_repeats=7,
               unet_batch=32, unet_channels=(16, 32), unet_probes=64, unet_bins=10, unet_controls=1, unet_warmup=2,
-              unet_repeats=5, breakdown_steps=2),
+              unet_repeats=5, breakdown_steps=2, allocator_rounds=2),
     quick=dict(memory_model="mnist", memory_batch=4, memory_probes=4, memory_bins=5, memory_controls=1,
                memory_warmup=1, memory_steps=2, memory_timeout=300.0, memory_parallel=False,
                sgd_models=("mlp", "cnn"), sgd_batches=(256, 512), sgd_probes=64, sgd_repeats=3,
                unet_batch=16, unet_channels=(8, 16), unet_probes=64, unet_bins=10, unet_controls=1, unet_warmup=1,
-               unet_repeats=2, breakdown_steps=1),
+               unet_repeats=2, breakdown_steps=1, allocator_rounds=1),
     smoke=dict(memory_model="mlp", memory_batch=4, memory_probes=2, memory_bins=2, memory_controls=1,
                memory_warmup=1, memory_steps=2, memory_timeout=120.0, memory_parallel=True,
                sgd_models=("mlp", "cnn"), sgd_batches=(16,), sgd_probes=4, sgd_repeats=1,
                unet_batch=2, unet_channels=(8, 16), unet_probes=2, unet_bins=3, unet_controls=1, unet_warmup=1,
-               unet_repeats=1, breakdown_steps=1),
+               unet_repeats=1, breakdown_steps=1, allocator_rounds=1),
 )
 
 
@@ -442,10 +450,11 @@ def _percent(error: float | None) -> str:
     return "no measured peak" if error is None else f"{error:+.0%}"
 
 
-def _encode(s: dict) -> str:
+def _encode(s: dict, prefix: str = "memory_") -> str:
+    """The settings a child needs (those named ``prefix...``), as the JSON of ``--mode-settings``."""
     import json
 
-    return json.dumps({k: v for k, v in s.items() if k.startswith("memory_")})
+    return json.dumps({k: v for k, v in s.items() if k.startswith(prefix)})
 
 
 # ------------------------------------------------------------------------ part 2: SGD factored
@@ -524,8 +533,9 @@ def pushed_flops(step: Callable[[], object]) -> int:
 
 
 # ---------------------------------------------------------------------------- part 3: tiny UNet
-def tiny_unet_step(s: dict, seed: int) -> dict:
-    """Bare and analyzed DDPM steps of the tiny UNet, interleaved; then the analyzed step's phases."""
+def tiny_unet_step(s: dict, seed: int, *, details: bool = True) -> dict:
+    """Bare and analyzed DDPM steps of the tiny UNet, interleaved; then (``details``) the
+    operation counts and the analyzed step's phases."""
     from genkernel.data import load_image_dataset
     from genkernel.diffusion import DDPMTrainer, NoiseLevelAnalyzer, make_scheduler, tiny_unet
 
@@ -548,6 +558,9 @@ def tiny_unet_step(s: dict, seed: int) -> dict:
     analyzed.train(s["unet_warmup"])
     times = interleaved({"bare": lambda: bare.train(1), "analyzed": lambda: analyzed.train(1)}, s["unet_repeats"])
     ratio = times["analyzed"]["steady_median_s"] / times["bare"]["steady_median_s"]
+    if not details:
+        return {"bare_median_s": times["bare"]["steady_median_s"], "analyzed_median_s": times["analyzed"]["steady_median_s"],
+                "ratio": ratio, "load_mean": times["analyzed"]["load_mean"], "allocator": allocator_settings()}
     flops = {"bare": counted_flops(lambda: bare.train(1))[0], "pushes": pushed_flops(lambda: analyzed.train(1))}
     # Where the time goes: more analyzed steps with timers around the tracker's phases (apart
     # from the interleaved timing, which the wrappers' small overhead must not touch).
@@ -574,6 +587,30 @@ def tiny_unet_step(s: dict, seed: int) -> dict:
             "times": times, "relative_residual": analyzer.ledger.relative_residual(),
             "breakdown": {"steps": s["breakdown_steps"], "wall_s": wall, "seconds_per_step": wall / s["breakdown_steps"],
                           "phases": clock.table(total=wall)}}
+
+
+# ------------------------------------------------------------------------- part 4: allocator
+def allocator_comparison(s: dict, seed: int, threads: int) -> dict:
+    """The tiny-UNet timing in fresh processes, default allocator and ``ALLOCATOR_TUNING`` in turn."""
+    settings = {"default": {name: None for name in ALLOCATOR_TUNING}, "tuned": ALLOCATOR_TUNING}
+    args = ["--unet-child", "--seed", str(seed), "--threads", str(threads), "--mode-settings", _encode(s, "unet_")]
+    runs = []
+    for _ in range(s["allocator_rounds"]):
+        for label, env in settings.items():
+            runs.append({"setting": label, **run_child(MODULE, args, s["memory_timeout"], env=env)})
+    out: dict[str, Any] = {"variables": ALLOCATOR_TUNING, "runs": runs}
+    failed = [r["error"] for r in runs if "error" in r]
+    if failed:
+        out["error"] = failed[0]
+        return out
+    for key in ("ratio", "analyzed_median_s", "bare_median_s"):
+        out[key] = {label: statistics.median(r[key] for r in runs if r["setting"] == label) for label in settings}
+    return out
+
+
+def unet_child(s: dict, seed: int, out: str) -> None:
+    """Part 4 in this fresh process: the tiny-UNet timing alone (no counts, no breakdown)."""
+    torch.save(tiny_unet_step(s, seed, details=False), out)
 
 
 # ---------------------------------------------------------------------------------------- main
@@ -659,6 +696,7 @@ def _parser() -> argparse.ArgumentParser:
     parser = make_parser(__doc__.splitlines()[0])
     parser.set_defaults(threads=int(os.environ.get("BENCH_THREADS", "2")))  # the cores the figures were measured on
     parser.add_argument("--memory-child", choices=("bare", "tracked"), help=argparse.SUPPRESS)
+    parser.add_argument("--unet-child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--mode-settings", help=argparse.SUPPRESS)
     parser.add_argument(CHILD_OUT_FLAG, dest="child_out", help=argparse.SUPPRESS)
     return parser
@@ -675,6 +713,13 @@ def main(argv=None) -> dict:
         if args.child_out is None or args.mode_settings is None:
             parser.error("--memory-child needs --child-out PATH and --mode-settings JSON")
         memory_child(args.memory_child == "tracked", json.loads(args.mode_settings), args.seed, args.child_out)
+        return {}
+    if args.unet_child:
+        import json
+
+        if args.child_out is None or args.mode_settings is None:
+            parser.error("--unet-child needs --child-out PATH and --mode-settings JSON")
+        unet_child(json.loads(args.mode_settings), args.seed, args.child_out)
         return {}
     s = pick(args.mode, **SETTINGS)
     timer = Timer()
@@ -700,6 +745,8 @@ def main(argv=None) -> dict:
     print_ratios(f"[{NAME}] tiny UNet: where an analyzed step's time goes (fraction)",
                  {p["phase"]: {"fraction": p["fraction"], "s/step": p["seconds"] / unet["breakdown"]["steps"]}
                   for p in unet["breakdown"]["phases"]})
+    report["allocator"] = allocator_comparison(s, args.seed, threads)
+    _print_allocator(report["allocator"])
     report["claims"] = claims_of(report)
     machine["load_at_end"] = load_average()
     report["wall_seconds"] = timer.seconds
@@ -711,6 +758,15 @@ def main(argv=None) -> dict:
         print(f"[{NAME}] {'held' if c['held'] else 'did NOT hold'}: {c['claim']}")
     print(f"[{NAME}] wrote {out / (NAME + '.json')} in {timer.seconds:.0f} s", flush=True)
     return report
+
+
+def _print_allocator(allocator: dict) -> None:
+    if "error" in allocator:
+        print(f"[{NAME}] allocator children failed: {allocator['error']}", file=sys.stderr, flush=True)
+        return
+    print_ratios(f"[{NAME}] tiny UNet in fresh processes, glibc's default allocator against {allocator['variables']}",
+                 {label: {"ratio": allocator["ratio"][label], "analyzed s": allocator["analyzed_median_s"][label],
+                          "bare ms": allocator["bare_median_s"][label] * 1e3} for label in allocator["ratio"]})
 
 
 def _print_memory(memory: dict) -> None:
