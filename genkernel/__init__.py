@@ -12,6 +12,7 @@ from .core import (
     gradient_kernel,
     normalize_kernel,
     perform_step,
+    set_exact_cuda_mode,
     tangent_features,
 )
 
@@ -19,5 +20,5 @@ __version__ = "0.1.0"
 __all__ = [
     "LedgerCheckError", "NetShares", "NonFiniteError", "OptimizerStep", "PathKernelLedger", "PathKernelTracker",
     "StepContributions", "TrainerCallback", "gradient_kernel", "normalize_kernel", "perform_step",
-    "tangent_features",
+    "set_exact_cuda_mode", "tangent_features",
 ]

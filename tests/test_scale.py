@@ -158,6 +158,29 @@ def test_tf32_on_a_gpu_that_rounds_with_it_is_named_for_what_it_touches():
     assert tf32_hazard(nn.Conv2d(1, 2, 3)) is None  # parameters on the CPU
 
 
+def test_exact_cuda_mode_sets_the_switches_trackers_check(monkeypatch):
+    from genkernel import set_exact_cuda_mode
+    from genkernel.core.adapter import tf32_reason
+
+    previous = (torch.backends.cudnn.allow_tf32, torch.backends.cudnn.benchmark, torch.get_float32_matmul_precision(),
+                torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled())
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    try:
+        torch.backends.cudnn.allow_tf32, torch.backends.cudnn.benchmark = True, True
+        torch.set_float32_matmul_precision("high")
+        settings = set_exact_cuda_mode("warn")
+        assert settings["cudnn_allow_tf32"] is False and settings["matmul_precision"] == "highest"
+        assert settings["cudnn_benchmark"] is False and settings["deterministic"] and settings["deterministic_warn_only"]
+        assert settings["cublas_workspace_config"] == ":4096:8"
+        assert tf32_reason(True, True, torch.backends.cudnn.allow_tf32, torch.get_float32_matmul_precision()) is None
+        with pytest.raises(ValueError, match="determinism must be one of"):
+            set_exact_cuda_mode("on")
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cudnn.benchmark = previous[0], previous[1]
+        torch.set_float32_matmul_precision(previous[2])
+        torch.use_deterministic_algorithms(previous[3], warn_only=previous[4])
+
+
 def test_a_loaded_state_goes_back_beside_the_parameters():
     from genkernel.core.tracking.io import to_device
 

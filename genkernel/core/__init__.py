@@ -11,6 +11,7 @@
 the API; plumbing stays importable from its module.
 """
 
+from .adapter import set_exact_cuda_mode
 from .engine import (
     KernelPlan,
     distributed_gradient_kernel,
@@ -41,5 +42,6 @@ __all__ = [
     "GROUP_STATES", "KernelPlan", "LedgerCheckError", "NetShares", "NonFiniteError", "OptimizerStep", "Partitions",
     "PathKernelLedger", "PathKernelTracker", "QUADRATURE_RULES", "SUPPORTED_OPTIMIZERS", "StepContributions",
     "TrainerCallback", "distributed_gradient_kernel", "expected_relative_error", "gradient_kernel", "kernel_plan",
-    "normalize_kernel", "perform_step", "sketched_gradient_kernel", "sketched_tangent_features", "tangent_features",
+    "normalize_kernel", "perform_step", "set_exact_cuda_mode", "sketched_gradient_kernel", "sketched_tangent_features",
+    "tangent_features",
 ]

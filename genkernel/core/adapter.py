@@ -253,6 +253,40 @@ def tf32_hazard(model: nn.Module) -> str | None:
     return tf32_reason(capable, has_convolutions, torch.backends.cudnn.allow_tf32, torch.get_float32_matmul_precision())
 
 
+DETERMINISM = ("warn", "strict", "off")
+
+
+def set_exact_cuda_mode(determinism: str = "warn") -> dict[str, Any]:
+    """Set torch's global switches the way exact ledgers on CUDA need them, for the whole process:
+    TF32 off for cuDNN convolutions and float32 matrix products (trackers refuse it,
+    :func:`tf32_hazard`), no cuDNN autotuning (its choice of kernel can differ between runs), and
+    deterministic algorithms, so that training with and without an analyzer is bit for bit the same.
+
+    Call it before the first CUDA work: ``CUBLAS_WORKSPACE_CONFIG`` is read when cuBLAS starts.
+
+    Args:
+        determinism: "warn" (deterministic kernels; an op that has none warns and runs as usual),
+            "strict" (such an op raises) or "off" (TF32 and autotuning only).
+
+    Returns:
+        The settings now in force, ``{name: value}`` (for a run's record).
+    """
+    import os
+
+    if determinism not in DETERMINISM:
+        raise ValueError(f"determinism must be one of {DETERMINISM}, got {determinism!r}")
+    torch.backends.cudnn.allow_tf32 = False
+    torch.set_float32_matmul_precision("highest")
+    torch.backends.cudnn.benchmark = False
+    if determinism != "off":
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=determinism == "warn")
+    return {"cudnn_allow_tf32": torch.backends.cudnn.allow_tf32, "matmul_precision": torch.get_float32_matmul_precision(),
+            "cudnn_benchmark": torch.backends.cudnn.benchmark, "deterministic": torch.are_deterministic_algorithms_enabled(),
+            "deterministic_warn_only": torch.is_deterministic_algorithms_warn_only_enabled(),
+            "cublas_workspace_config": os.environ.get("CUBLAS_WORKSPACE_CONFIG")}
+
+
 def tf32_reason(tf32_device: bool, has_convolutions: bool, cudnn_tf32: bool, matmul_precision: str) -> str | None:
     """:func:`tf32_hazard`'s rule on its facts: float32 parameters on a TF32-capable GPU, convolution
     layers, cuDNN's TF32 flag and the float32 matmul precision."""

@@ -15,8 +15,9 @@ On a CUDA device (``make gpu-check``), within ``--budget`` seconds (8 minutes by
 Everything runs as exact ledgers need on CUDA (:func:`exact_mode`: TF32 off, deterministic
 algorithms, no cuDNN autotuning). It writes ``OUT/gpu_check.json`` (device name, those settings,
 per-step times, ratios, peak memory above what was allocated before each trainer, the GAN's
-training unchanged against a second bare pair, test results). ``--tiny`` runs the same code on the CPU with tiny models and sizes (what CI runs, to
-keep the script working); its numbers say nothing about a GPU.
+training unchanged against a second bare pair, test results). ``--tiny`` runs the same code on
+the CPU with tiny models and sizes (what CI runs, to keep the script working); its numbers say
+nothing about a GPU.
 """
 
 from __future__ import annotations
@@ -55,19 +56,15 @@ def _reset_peak(device: torch.device) -> None:
 
 
 def exact_mode(device: torch.device) -> dict:
-    """What exact ledgers and bit-equal training need on CUDA, set for the whole check: no TF32
-    (trackers refuse it), deterministic algorithms (warnings only: an op without a deterministic
-    kernel must not stop the benchmark; the tests run strict), no cuDNN autotuning. Returns the
-    settings, for the JSON."""
+    """On CUDA, :func:`genkernel.set_exact_cuda_mode` for the whole check (TF32 off, deterministic
+    algorithms with warnings only, so that an op without a deterministic kernel does not stop the
+    benchmark: the tests run strict; no cuDNN autotuning). Returns the settings, for the JSON."""
+    from genkernel import set_exact_cuda_mode
+
     if device.type == "cuda":
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # before the first cuBLAS handle
-        torch.use_deterministic_algorithms(True, warn_only=True)
-        torch.backends.cudnn.benchmark = False
-        torch.backends.cudnn.allow_tf32 = False
-        torch.set_float32_matmul_precision("highest")
-    return {"deterministic": torch.are_deterministic_algorithms_enabled(), "cudnn_benchmark": torch.backends.cudnn.benchmark,
-            "cudnn_allow_tf32": torch.backends.cudnn.allow_tf32, "matmul_precision": torch.get_float32_matmul_precision(),
-            "cublas_workspace_config": os.environ.get("CUBLAS_WORKSPACE_CONFIG")}
+        return set_exact_cuda_mode("warn")
+    return {"cudnn_allow_tf32": torch.backends.cudnn.allow_tf32, "matmul_precision": torch.get_float32_matmul_precision(),
+            "deterministic": torch.are_deterministic_algorithms_enabled(), "set_exact_cuda_mode": False}
 
 
 def _allocated(device: torch.device) -> int:
@@ -244,7 +241,7 @@ def gan_benchmark(device: torch.device, s: dict) -> dict:
                    for x, y in zip([*m.parameters(), *m.buffers()], [*n.parameters(), *n.buffers()]))
 
     out["training_unchanged"] = same(bare, tracked)
-    out["bare_runs_identical"] = same(bare, control)  # False: the GPU's kernels are not deterministic here
+    out["bare_runs_identical"] = same(bare, control)  # the control: two bare runs, no analyzer
     return out
 
 

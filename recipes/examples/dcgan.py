@@ -15,9 +15,10 @@ offline and from a test:
   defaults to "folder" and ``--manualSeed`` to 0 (upstream: random);
 - ``--cuda`` / ``--mps`` / ``--ngpu`` are as upstream; ``--dry-run`` runs one iteration.
 
-The 15 lines marked ``# genkernel`` attach :class:`~genkernel.gan.GANKernelAnalyzer` to the loop
-(docs/observing.md, "Observing a loop the user owns"): an import of ``json`` and one of the
-analyzer, three options (``--analyze/--no-analyze``, ``--groups``, ``--probes``), a second
+The 16 lines marked ``# genkernel`` attach :class:`~genkernel.gan.GANKernelAnalyzer` to the loop
+(docs/observing.md, "Observing a loop the user owns"): an import of ``json`` and one of
+``genkernel.gan``, on a GPU :func:`genkernel.set_exact_cuda_mode` (TF32 off, deterministic kernels,
+analyzed or not, so that the two runs compare like for like), three options (``--analyze/--no-analyze``, ``--groups``, ``--probes``), a second
 criterion with ``reduction="none"`` (the per-example losses; upstream's ``criterion`` still gives the
 loss trained, their mean), the probes drawn from their own generator (training's random draws are
 unchanged) and the analyzer built and bound, one ``observe_*`` line before each of the three
@@ -49,7 +50,7 @@ import torchvision.datasets as dset
 import torchvision.transforms as transforms
 import torchvision.utils as vutils
 
-from genkernel.gan import GANKernelAnalyzer, GeneratorLoss  # genkernel
+import genkernel.gan  # genkernel
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -176,6 +177,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     torch.manual_seed(opt.manualSeed)
 
     cudnn.benchmark = True
+    if opt.cuda: genkernel.set_exact_cuda_mode()  # genkernel: TF32 off, deterministic, no autotuning; analyzed or not
 
     if torch.cuda.is_available() and not opt.cuda:
         print("WARNING: You have a CUDA device, so you should probably run with --cuda")
@@ -238,7 +240,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     optimizerG = optim.Adam(netG.parameters(), lr=opt.lr, betas=(opt.beta1, 0.999))
 
     probes = torch.randn(opt.probes, nz, 1, 1, generator=torch.Generator().manual_seed(opt.manualSeed)).to(device)  # genkernel
-    analyzer = GANKernelAnalyzer(netG, netD, probes, num_groups=opt.groups, generator_loss=GeneratorLoss(netD, output='probability')) if opt.analyze else None  # genkernel
+    analyzer = genkernel.gan.GANKernelAnalyzer(netG, netD, probes, num_groups=opt.groups, generator_loss=genkernel.gan.GeneratorLoss(netD, output='probability')) if opt.analyze else None  # genkernel
     if analyzer: analyzer.bind(optimizerG, optimizerD)  # genkernel
 
     if opt.dry_run:

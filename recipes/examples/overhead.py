@@ -52,6 +52,14 @@ def example_argv(example: str, data: str, out: str, steps: int, extra: Sequence[
     raise ValueError(f"--example must be 'unconditional' or 'dcgan', got {example!r}")
 
 
+def used_device(example: str, argv: Sequence[str]) -> str:
+    """The device the script trained on: accelerate takes a GPU when there is one; the DCGAN only
+    with ``--cuda``."""
+    if not torch.cuda.is_available():
+        return "cpu"
+    return "cuda" if example == "unconditional" or "--cuda" in argv else "cpu"
+
+
 def write_images(root: Path, count: int = 32, size: int = 16, seed: int = 0) -> Path:
     """Write ``count`` random RGB ``size``×``size`` PNGs into two class folders of ``root``; returns ``root``."""
     rng = np.random.default_rng(seed)
@@ -110,7 +118,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     ratios = [a["seconds_per_step"] / b["seconds_per_step"] for a, b in zip(runs["analyze"], runs["no-analyze"])]
     summary = {
         "settings": {"example": args.example, "script_args": base, "steps": args.steps, "repeats": args.repeats,
-                     "threads": args.threads, "device": "cuda" if torch.cuda.is_available() else "cpu"},
+                     "threads": args.threads, "device": used_device(args.example, base)},
         "runs": runs,
         "ratios": ratios,
         "ratio_median": statistics.median(ratios),

@@ -51,6 +51,7 @@ from torchvision import transforms
 from torchvision.datasets import ImageFolder
 from tqdm.auto import tqdm
 
+from genkernel import set_exact_cuda_mode  # genkernel
 from genkernel.diffusion import NoiseLevelAnalyzer, freeze_attention_key_biases  # genkernel
 
 UNETS = {
@@ -135,6 +136,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         mixed_precision=args.mixed_precision,
     )
     set_seed(args.seed)
+    if accelerator.device.type == "cuda":  # genkernel: TF32 off and deterministic kernels, analyzed or not (like for like)
+        set_exact_cuda_mode()
     if accelerator.is_main_process:
         os.makedirs(args.output_dir, exist_ok=True)
 
@@ -288,8 +291,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
     if analyzer is not None:  # genkernel: the kernel structure at the final weights, then the report
         analyzer.finish()
-        with open(os.path.join(args.output_dir, "genkernel_report.json"), "w") as file:
-            file.write(json.dumps(analyzer.report(), allow_nan=False, indent=1))  # strict JSON: no NaN, no Infinity
+        if accelerator.is_main_process:  # every rank holds the same ledger; one writes it
+            with open(os.path.join(args.output_dir, "genkernel_report.json"), "w") as file:
+                file.write(json.dumps(analyzer.report(), allow_nan=False, indent=1))  # strict JSON: no NaN, no Infinity
 
     # Save the pipeline (with the EMA weights, as upstream)
     unet = accelerator.unwrap_model(model)

@@ -710,9 +710,9 @@ class PathKernelTracker:
         if tf32 is not None:
             raise RuntimeError(
                 f"TF32 is on for the model's float32 {tf32}: it rounds to a 10-bit mantissa (about 1e-3), and the "
-                "ledger must reproduce each update exactly. Switch it off for the tracked steps: "
-                "torch.backends.cudnn.allow_tf32 = False and torch.set_float32_matmul_precision('highest') "
-                "(or track a float64 model)"
+                "ledger must reproduce each update exactly. Switch it off before training: "
+                "genkernel.set_exact_cuda_mode() (or torch.backends.cudnn.allow_tf32 = False and "
+                "torch.set_float32_matmul_precision('highest')), or track a float64 model"
             )
 
     def _check_before(self) -> None:
