@@ -127,6 +127,44 @@ def test_a_lightning_module_with_accumulation_and_clipping_is_observed_exactly()
     assert analyzer.tracker.cost.settings["batch"] == 16  # the cost at binding: 8 per batch, 2 accumulated
 
 
+def test_the_lightning_callback_binds_the_wrapper_lightning_trains_under_ddp(tmp_path):
+    """Under DDP the tracker must see the process group (DDP averages the ranks' gradients): the
+    callback binds ``trainer.strategy.model``; a submodule under several processes is refused."""
+    from types import SimpleNamespace
+
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    from genkernel.integrations.lightning import GenkernelCallback
+
+    class Recorder:  # what GenkernelCallback calls of an analyzer
+        tracker = None
+
+        def bind(self, model, optimizer, **kwargs):
+            self.model = model
+
+    module = nn.Sequential(nn.Linear(3, 2))
+    optimizer = torch.optim.SGD(module.parameters(), lr=0.1)
+
+    def trainer(model, world_size):
+        return SimpleNamespace(optimizers=[optimizer], strategy=SimpleNamespace(model=model), global_step=0,
+                               world_size=world_size, train_dataloader=None, accumulate_grad_batches=1)
+
+    single = Recorder()
+    GenkernelCallback(single).on_train_start(trainer(module, 1), module)
+    assert single.model is module
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'group'}", rank=0, world_size=1)
+    try:
+        wrapped = DistributedDataParallel(module)
+        ddp = Recorder()
+        GenkernelCallback(ddp).on_train_start(trainer(wrapped, 2), module)
+        assert ddp.model is wrapped
+        with pytest.raises(ValueError, match="model_attribute='0' under 2 processes.*model_attribute=None"):
+            GenkernelCallback(Recorder(), model_attribute="0").on_train_start(trainer(wrapped, 2), module)
+    finally:
+        dist.destroy_process_group()
+
+
 def test_a_compiled_or_data_parallel_model_is_read_through():
     from genkernel.core.adapter import unwrap
 

@@ -29,7 +29,8 @@ def mode_coverage(samples: torch.Tensor, centers: torch.Tensor, std: float, sigm
     """Mode coverage of 2-D samples: modes with at least one sample within ``sigmas``·std, and the
     share of samples within ``sigmas``·std of some mode ("high quality"). Both matter: a diffuse
     generator can hit every mode with few samples on any."""
-    d = torch.cdist(samples.to(torch.float64).reshape(samples.shape[0], -1), centers.to(torch.float64))
+    flat = samples.detach().to("cpu", torch.float64).reshape(samples.shape[0], -1)  # either may be on a GPU
+    d = torch.cdist(flat, torch.as_tensor(centers).detach().to("cpu", torch.float64))
     near = d <= sigmas * std
     hit = near.any(dim=0)
     return {

@@ -17,8 +17,11 @@ At ``on_train_start`` the callback binds the analyzer to the module (or ``model_
 and the trainer's first optimizer (Lightning's wrapper is read through); automatic optimization
 steps with a closure, which the tracker follows (the step is begun when the closure's backward
 and gradient clipping are done); ``accumulate_grad_batches`` and ``gradient_clip_val`` are
-followed exactly. ``on_train_end`` records the final kernel structure. The analyzer's state is
-saved in, and restored from, Lightning checkpoints.
+followed exactly. Under DDP the callback binds the wrapper Lightning trains, so the ranks' group
+gradients are combined as their gradients are. ``on_train_end`` records the final kernel
+structure. The analyzer's state is saved in, and restored from, Lightning checkpoints. On a GPU,
+call :func:`genkernel.set_exact_cuda_mode` before ``fit`` (TF32 off, deterministic kernels):
+trackers refuse TF32 convolutions, torch's default.
 """
 
 from __future__ import annotations
@@ -54,9 +57,25 @@ class GenkernelCallback(pl.Callback):
                 f"the module has {len(trainer.optimizers)} optimizers: bind each analyzer to its own model and "
                 "optimizer by hand (analyzer.bind) instead of through GenkernelCallback"
             )
-        model = pl_module if self.model_attribute is None else getattr(pl_module, self.model_attribute)
-        self.analyzer.bind(model, trainer.optimizers[0], ema=self.ema, start_step=trainer.global_step,
-                           batch_size=_step_batch(trainer))
+        self.analyzer.bind(
+            self._model(trainer, pl_module), trainer.optimizers[0], ema=self.ema, start_step=trainer.global_step,
+            batch_size=_step_batch(trainer))
+
+    def _model(self, trainer: pl.Trainer, pl_module: pl.LightningModule):
+        """What the analyzer binds: under DDP, the wrapper Lightning trains (the tracker reads the
+        process group from it and combines the ranks' group gradients as DDP averages theirs)."""
+        from torch.nn.parallel import DistributedDataParallel
+
+        if self.model_attribute is None:
+            wrapped = getattr(trainer.strategy, "model", None)
+            return wrapped if isinstance(wrapped, DistributedDataParallel) else pl_module
+        if trainer.world_size > 1:
+            raise ValueError(
+                f"model_attribute={self.model_attribute!r} under {trainer.world_size} processes: DDP wraps the "
+                "LightningModule, so a submodule's tracker cannot see the gradients averaged across ranks. Let the "
+                "callback bind the module itself (model_attribute=None), or train on one process"
+            )
+        return getattr(pl_module, self.model_attribute)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.analyzer.finish()
