@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import numbers
+import os
 from typing import Any, Callable, Iterator
 
 import torch
@@ -248,9 +249,24 @@ def tf32_hazard(model: nn.Module) -> str | None:
     gradients would then carry that rounding, far above the checks' float32 bounds.
     """
     devices = {p.device for p in model.parameters() if p.is_cuda and p.dtype == torch.float32}
+    if not devices:  # the CPU, or a float64 model: nothing rounds to TF32
+        return None
     capable = any(torch.cuda.get_device_capability(device)[0] >= 8 for device in devices)
     has_convolutions = any(isinstance(m, CONVOLUTIONS) for m in model.modules())
     return tf32_reason(capable, has_convolutions, torch.backends.cudnn.allow_tf32, torch.get_float32_matmul_precision())
+
+
+def tf32_reason(tf32_device: bool, has_convolutions: bool, cudnn_tf32: bool, matmul_precision: str) -> str | None:
+    """:func:`tf32_hazard`'s rule on its facts: float32 parameters on a TF32-capable GPU, convolution
+    layers, cuDNN's TF32 flag and the float32 matmul precision."""
+    if not tf32_device:
+        return None
+    reasons = []
+    if has_convolutions and cudnn_tf32:
+        reasons.append("convolutions (torch.backends.cudnn.allow_tf32 is True, torch's default)")
+    if matmul_precision != "highest":
+        reasons.append(f"matrix products (torch.get_float32_matmul_precision() is {matmul_precision!r})")
+    return " and ".join(reasons) or None
 
 
 DETERMINISM = ("warn", "strict", "off")
@@ -271,8 +287,6 @@ def set_exact_cuda_mode(determinism: str = "warn") -> dict[str, Any]:
     Returns:
         The settings now in force, ``{name: value}`` (for a run's record).
     """
-    import os
-
     if determinism not in DETERMINISM:
         raise ValueError(f"determinism must be one of {DETERMINISM}, got {determinism!r}")
     torch.backends.cudnn.allow_tf32 = False
@@ -285,19 +299,6 @@ def set_exact_cuda_mode(determinism: str = "warn") -> dict[str, Any]:
             "cudnn_benchmark": torch.backends.cudnn.benchmark, "deterministic": torch.are_deterministic_algorithms_enabled(),
             "deterministic_warn_only": torch.is_deterministic_algorithms_warn_only_enabled(),
             "cublas_workspace_config": os.environ.get("CUBLAS_WORKSPACE_CONFIG")}
-
-
-def tf32_reason(tf32_device: bool, has_convolutions: bool, cudnn_tf32: bool, matmul_precision: str) -> str | None:
-    """:func:`tf32_hazard`'s rule on its facts: float32 parameters on a TF32-capable GPU, convolution
-    layers, cuDNN's TF32 flag and the float32 matmul precision."""
-    if not tf32_device:
-        return None
-    reasons = []
-    if has_convolutions and cudnn_tf32:
-        reasons.append("convolutions (torch.backends.cudnn.allow_tf32 is True, torch's default)")
-    if matmul_precision != "highest":
-        reasons.append(f"matrix products (torch.get_float32_matmul_precision() is {matmul_precision!r})")
-    return " and ".join(reasons) or None
 
 
 @contextlib.contextmanager

@@ -38,8 +38,8 @@ expected ratio of an analyzed step to a bare one (forward and backward of the ba
 Trackers and analyzers call it at construction and refuse, with the numbers and the cheaper
 options, when the device cannot hold what the step still needs: the total less what already exists
 (the parameters, their gradients and the optimizer's state, which the device's free memory does
-not include). The counts are of the dominant arrays: Python's
-and the allocator's overheads are not in them.
+not include). The counts are of the dominant arrays: Python's and the allocator's overheads are
+not in them.
 """
 
 from __future__ import annotations

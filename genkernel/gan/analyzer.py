@@ -232,7 +232,7 @@ class GANKernelAnalyzer(TrainerCallback):
         self._g = unwrap(generator)  # analysis passes run on the modules inside any wrapper
         self._d = unwrap(discriminator)
         # On the CPU, where the groupings and coverage read samples (centres may come from any device).
-        self.mode_centers = None if mode_centers is None else torch.as_tensor(mode_centers).detach().to("cpu", torch.float64)
+        self.mode_centers = None if mode_centers is None else torch.as_tensor(mode_centers, dtype=torch.float64, device="cpu")
         self.mode_std = mode_std
         self.grouping = make_grouping(grouping, num_groups=num_groups, centers=self.mode_centers, seed=seed)
         self.num_groups = self.grouping.num_groups

@@ -129,7 +129,7 @@ class ModeGroups(GeometryGrouping):
     name = "pushed-to mode"
 
     def __init__(self, centers: torch.Tensor) -> None:
-        centers = torch.as_tensor(centers).detach().to("cpu", torch.float64)  # samples are read on the CPU
+        centers = torch.as_tensor(centers, dtype=torch.float64, device="cpu")  # samples are read on the CPU
         if centers.dim() != 2 or centers.shape[0] < 1:
             raise ValueError(f"centers must be [num_modes, dim], got shape {tuple(centers.shape)}")
         self.centers = centers

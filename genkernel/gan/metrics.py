@@ -30,7 +30,7 @@ def mode_coverage(samples: torch.Tensor, centers: torch.Tensor, std: float, sigm
     share of samples within ``sigmas``·std of some mode ("high quality"). Both matter: a diffuse
     generator can hit every mode with few samples on any."""
     flat = samples.detach().to("cpu", torch.float64).reshape(samples.shape[0], -1)  # either may be on a GPU
-    d = torch.cdist(flat, torch.as_tensor(centers).detach().to("cpu", torch.float64))
+    d = torch.cdist(flat, torch.as_tensor(centers, dtype=torch.float64, device="cpu"))
     near = d <= sigmas * std
     hit = near.any(dim=0)
     return {
