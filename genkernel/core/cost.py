@@ -13,8 +13,9 @@ Memory (bytes):
 - ``parameter_copies``: θ_k, θ_{k+1}, the quadrature nodes in between, the rolled-back step's
   optimizer state;
 - ``ema``: the EMA ledger's displacements and offsets, 2 (R + 3) × P;
-- ``probe_pushes``: forward-mode AD through the probes, bounded by the memory budget (the JVP
-  chunks are sized to it), or the probes' Jacobians M × d × P on the "jacobian" route;
+- ``probe_pushes``: forward-mode AD through the probes: a parameter copy of tangents and each
+  row's tangents of the probes' activations (:func:`push_pass_bytes`), as many rows per pass as the
+  memory budget allows, or the probes' Jacobians M × d × P on the "jacobian" route;
 - ``training_step``: the parameters, their gradients and the optimizer's own state, and the
   batch's activations (a hook pass on one example, times the batch and a factor for what autograd
   keeps), when ``batch_size`` is given;
@@ -155,16 +156,32 @@ def reads_training_pass(record_bytes_per_example: int, batch: int, memory_budget
     return record_bytes_per_example * batch <= memory_budget
 
 
-def push_rows_per_pass(num_params: int, param_bytes: int, memory_budget: int) -> int:
-    """Tangent rows one vmapped JVP pass pushes through the probes at once (at least one).
+# Tangents of the probes' activations one pushed row holds, as a share of the probes' activations
+# (M × the activation elements of one example × bytes): measured 0.42-0.58 on three UNet2DModels
+# (the DDPM CIFAR-10 one at 4 probes, an MNIST-sized one at 8, the tiny one at 64) and 1.2 on an
+# MLP (784-2048-2048-10, 64 probes), from the peak RSS of one vmapped JVP pass at 1, 2 and 4 rows.
+PUSH_ROW_ACTIVATIONS = 1.25
 
-    A pass holds about one parameter copy of working memory per row it pushes (measured on the
-    DDPM CIFAR-10 UNet, 35.7M float32 parameters, 4 probes: 0.47 GiB more at 2 rows, 0.57 GiB at
-    4, 0.95 GiB at 11), so ``memory_budget`` allows budget / (P × bytes) rows. Every pass also
-    runs the primal forward once, so wider passes cost less: 11 rows took 20.1 s one per pass,
-    15.4 s two per pass and 13.8 s in one pass (2 CPU cores).
+
+def push_pass_bytes(num_params: int, param_bytes: int, rows: int, probe_activation_bytes: int) -> int:
+    """Working memory of one vmapped JVP pass of ``rows`` tangent rows: a copy of the parameters'
+    tangents (measured: at most one, whatever the rows) and, per row, the tangents of the probes'
+    activations (``probe_activation_bytes`` = M × activation elements per example × bytes)."""
+    return int(num_params * param_bytes + rows * PUSH_ROW_ACTIVATIONS * probe_activation_bytes)
+
+
+def push_rows_per_pass(num_params: int, param_bytes: int, memory_budget: int, probe_activation_bytes: int) -> int:
+    """Tangent rows one vmapped JVP pass pushes through the probes at once: as many as
+    :func:`push_pass_bytes` keeps within ``memory_budget``, at least one.
+
+    Every pass also runs the primal forward once, so wider passes cost fewer forwards (on the
+    DDPM CIFAR-10 UNet, 11 rows took 20.1 s one per pass, 15.4 s two per pass and 13.8 s in one
+    pass, 2 CPU cores); on small models the rows' activations dominate (the tiny UNet's 64 probes:
+    about 40 MB a row against 0.7 MB of parameters), and 3 rows per pass took as long as 20.
     """
-    return max(1, memory_budget // max(1, num_params * param_bytes))
+    room = memory_budget - num_params * param_bytes
+    per_row = max(1.0, PUSH_ROW_ACTIVATIONS * probe_activation_bytes)
+    return max(1, int(room // per_row))
 
 
 def estimate_cost(
@@ -250,11 +267,12 @@ def estimate_cost(
         memory["probe_pushes"] = 2 * m * outputs * num * param_bytes
         work["contributions"] = quadrature_nodes * 2.0 * m * outputs
     else:
-        memory["probe_pushes"] = min(memory_budget, 4 * pushed * num * param_bytes + 3 * acts * m * param_bytes * pushed)
+        per_pass = push_rows_per_pass(num, param_bytes, memory_budget, m * acts * param_bytes)
+        memory["probe_pushes"] = push_pass_bytes(num, param_bytes, min(pushed, per_pass), m * acts * param_bytes)
         # One primal pass per vmapped pass and two per tangent row (J u through every product:
         # Ẇx + Wẋ), as torch.utils.flop_counter counts vmapped JVPs: 1 + 2.05 R forwards on a UNet
         # at R = 21 in one pass.
-        passes = math.ceil(pushed / push_rows_per_pass(num, param_bytes, memory_budget))
+        passes = math.ceil(pushed / per_pass)
         work["contributions"] = quadrature_nodes * m * (passes + 2.0 * pushed)
     if group_state in ("factored", "sketched"):
         work["contributions"] += quadrature_nodes * m * (1.0 + 2.0 * outputs)  # the probes' factors
@@ -312,4 +330,7 @@ def _cheaper_options(estimate: CostEstimate, group_state: str, state_dtype: torc
     return options
 
 
-__all__ = ["CostEstimate", "available_memory", "estimate_cost", "held_bytes", "push_rows_per_pass", "reads_training_pass"]
+__all__ = [
+    "CostEstimate", "PUSH_ROW_ACTIVATIONS", "available_memory", "estimate_cost", "held_bytes", "push_pass_bytes",
+    "push_rows_per_pass", "reads_training_pass",
+]

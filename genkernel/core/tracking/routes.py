@@ -64,7 +64,7 @@ class TrackedModel:
     distributed: DistributedContext | None
     check_rtol: float  # relative tolerance of the exact checks (float64: 1e-10, float32: 1e-5)
     state_dtype: torch.dtype = torch.float64  # of the groups' gradients, optimizer state and updates
-    record_bytes: int = 0  # per example, what step 1 keeps of the training pass (cost.reads_training_pass)
+    record_bytes: int = 0  # per example, the activations: what step 1 keeps of the training pass, what a JVP row scales with
 
 
 @dataclass
@@ -155,7 +155,8 @@ def _jvp_rows(model: TrackedModel, theta, tangents, rows: int, num_params: int) 
         return jvp(lambda p: forward(p, probes), (theta,), (tangent,))[1]
 
     first = next(iter(tangents.values()))
-    chunk = push_rows_per_pass(num_params, first.element_size(), model.memory_budget)
+    chunk = push_rows_per_pass(num_params, first.element_size(), model.memory_budget,
+                               probes[0].shape[0] * model.record_bytes)
     parts = []
     for start in range(0, rows, chunk):
         with explained_torch_func_errors():
