@@ -236,6 +236,7 @@ def gan_benchmark(device: torch.device, s: dict) -> dict:
     out["iteration_peak_extra_bytes"] = extra if device.type == "cuda" else None
     out["generator_relative_residual"] = analyzer.generator_ledger().relative_residual()
     out["discriminator_relative_residual"] = analyzer.discriminator_ledger.relative_residual()
+
     def same(a, b):  # both players' parameters and buffers (BatchNorm's running statistics)
         return all(torch.equal(x, y) for m, n in zip(a[:2], b[:2])
                    for x, y in zip([*m.parameters(), *m.buffers()], [*n.parameters(), *n.buffers()]))
