@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import torch
+import torch.utils._pytree as pytree
 
 
 def atomic_save(obj: Any, path: str | os.PathLike) -> None:
@@ -76,15 +77,7 @@ def to_device(value: Any, device: torch.device | str) -> Any:
     ledgers, group states and saved outputs live beside the model's parameters, so its
     ``load_state_dict`` moves them back there (a CUDA step would otherwise mix devices).
     """
-    if isinstance(value, torch.Tensor):
-        return value.to(device)
-    if isinstance(value, dict):
-        return {key: to_device(item, device) for key, item in value.items()}
-    if isinstance(value, list):
-        return [to_device(item, device) for item in value]
-    if isinstance(value, tuple):
-        return tuple(to_device(item, device) for item in value)
-    return value
+    return pytree.tree_map_only(torch.Tensor, lambda t: t.to(device), value)
 
 
 def jsonable(value: Any) -> Any:
