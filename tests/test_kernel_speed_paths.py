@@ -142,25 +142,52 @@ def test_conv_per_example_weights_grouped_unfolded_and_autograd_agree():
         torch.testing.assert_close(_conv_weight(conv, x, e), loop, rtol=1e-10, atol=1e-12)  # the one capture uses
 
 
+@pytest.mark.parametrize("form", ["compact", "lean"])
 @pytest.mark.parametrize("name", ["convnet", "mlp"])
-def test_compact_capture_gives_the_same_pair_kernels(name):
-    """capture(compact=True) against the outer form, per block, d = 3 cotangents, both reductions."""
+def test_materialized_captures_give_the_same_pair_kernels(name, form):
+    """capture(form=...) against the outer form, per block, d = 3 cotangents, both reductions, and
+    the mixed pairs (a materialized block against an outer one: the factored tracker route's
+    batch against its probes)."""
     model = _model(name) if name == "mlp" else ConvZoo(d=3).to(F64)
-    x1, _ = _batches(name)
+    x1, x2 = _batches(name)
     plan = covering_plan(model, (x1,))
     outer, _ = capture(model, plan, (x1,), output_cotangents([0, 1]))
-    compact, _ = capture(model, plan, (x1,), output_cotangents([0, 1]), compact=True)
+    materialized, _ = capture(model, plan, (x1,), output_cotangents([0, 1]), form=form)
+    other, _ = capture(model, plan, (x2,), output_cotangents([1, 0]))
     kinds = set()
-    for f, c in zip(outer, compact):
+    for f, c, o in zip(outer, materialized, other):
         kinds.add((f.kind, c.kind))
+        if form == "lean":
+            assert c.nbytes <= f.nbytes, f.block.name
         for reduce in ("trace", "none"):
             torch.testing.assert_close(c.pair_kernel(c, reduce), f.pair_kernel(f, reduce), rtol=1e-12, atol=1e-14)
             torch.testing.assert_close(c.self_kernel(reduce), f.self_kernel(reduce), rtol=1e-12, atol=1e-14)
             torch.testing.assert_close(f.compact().pair_kernel(f.compact(), reduce), f.pair_kernel(f, reduce),
                                        rtol=1e-12, atol=1e-14)
+            torch.testing.assert_close(o.pair_kernel(c, reduce), o.pair_kernel(f, reduce), rtol=1e-12, atol=1e-14)
+            torch.testing.assert_close(c.pair_kernel(o, reduce), f.pair_kernel(o, reduce), rtol=1e-12, atol=1e-14)
+        for name_, total in f.totals().items():
+            torch.testing.assert_close(c.totals()[name_], total, rtol=1e-12, atol=1e-14)
     if name == "convnet":
         assert ("outer", "dense") in kinds  # positions materialized
     assert ("outer", "outer") in kinds  # T = 1 layers stay factored
+
+
+def test_lean_captures_materialize_only_what_is_no_larger():
+    """A convolution whose per-example gradients cost fewer operations than the T² form but take
+    more memory than its factors (16 positions, 16 -> 64 channels: 9280 values against 3344) stays
+    outer under "lean" and is materialized under "compact"; a cheap one (1 -> 16 channels at the
+    same 16 positions: 160 against 416) is materialized under both."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 16, 3, padding=1), nn.Tanh(), nn.Conv2d(16, 64, 3, padding=1), nn.Tanh(),
+                          nn.Flatten(), nn.Linear(64 * 16, 1)).to(F64)
+    x = torch.randn(5, 1, 4, 4, dtype=F64)
+    plan = covering_plan(model, (x,))
+    kinds = {form: [f.kind for f in capture(model, plan, (x,), output_cotangents([0]), form=form)[0]]
+             for form in ("outer", "compact", "lean")}
+    assert kinds == {"outer": ["outer"] * 3, "compact": ["dense", "dense", "outer"], "lean": ["dense", "outer", "outer"]}
+    with pytest.raises(ValueError, match="form must be one of"):
+        capture(model, plan, (x,), output_cotangents([0]), form="dense")
 
 
 def test_small_budgets_take_the_chunked_routes():

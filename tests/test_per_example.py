@@ -79,6 +79,34 @@ def test_factored_ledger_equals_the_dense_ledger(kind):
         assert torch.equal(a, b)
 
 
+def test_factored_convolutions_are_read_lean_from_the_training_pass_or_a_chunked_capture():
+    """The factored route keeps the batch's convolution gradients materialized where that costs
+    less and takes no more memory ("lean" factors), read from the training pass or, under a budget
+    too small for it, from its own capture in chunks: both give the dense route's ledger."""
+    from genkernel.core.cost import reads_training_pass
+    from genkernel.core.engine.factored import row_chunks
+    from genkernel.core.engine.per_example import capture_batch
+
+    dense, _ = run("convnet", "dense")
+    scale = float(dense.ledger.contributions.abs().max())
+    data = batches("convnet", torch.float64)
+    for budget, reads in ((256 * 2**20, True), (16 * 2**10, False)):
+        model, probes = build("convnet", torch.float64)
+        tracker = PathKernelTracker(model, sgd(model), mse_loss, probes, num_groups=30, group_state="factored", quadrature="simpson",
+                                    max_grad_norm=0.5, memory_budget=budget)
+        assert tracker.route.batch_form == "lean"
+        assert reads_training_pass(tracker.route.model.record_bytes, 10, budget) == reads
+        if not reads:
+            assert len(row_chunks(model, tracker.route.plan, (data[0][0],), 1, budget)) > 1
+        for k, (x, y) in enumerate(data):
+            tracker.step(x, y, torch.arange(10 * k, 10 * k + 10))
+        assert float((tracker.ledger.contributions - dense.ledger.contributions).abs().max()) < 1e-10 * scale
+    x, y = data[0]
+    batch = capture_batch(model, tracker.route.plan, (x,), y, mse_loss, torch.full((10,), 0.1, dtype=torch.float64),
+                          budget, "lean")
+    assert [f.kind for f in batch.factors] == ["dense", "dense", "dense", "outer"]  # convolutions, GroupNorm, Linear
+
+
 def test_factored_handles_maximize_and_the_midpoint_rule():
     dense, _ = run("mlp", "dense", quadrature="midpoint", maximize=True)
     factored, _ = run("mlp", "factored", quadrature="midpoint", maximize=True)

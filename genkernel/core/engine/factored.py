@@ -63,7 +63,7 @@ class _Sizes:
 
     def compact_factors(self, plan: Plan, c: int) -> int:
         """Elements of the compact form (:func:`~genkernel.core.engine.factors.capture` with
-        ``compact=True``) per example with c cotangents."""
+        ``form="compact"``) per example with c cotangents."""
         total = 0
         for index, block in enumerate(plan.blocks):
             if index not in self.blocks:
@@ -289,7 +289,7 @@ def _held_kernel(model, plan, xs1, xs2, m_total, n_total, reduce, memory_budget,
 
     def side_chunk(xs, r):
         batch = tuple(t[r] for t in xs)
-        factors, _ = capture(model, plan, batch, output_cotangents(list(range(d))), compact=True)
+        factors, _ = capture(model, plan, batch, output_cotangents(list(range(d))), form="compact")
         return factors, (None if jac_fb is None else jac_fb(*batch).detach())
 
     # 1. The held side: one capture, or chunk by chunk into preallocated storage.
@@ -393,7 +393,7 @@ def _factored_kernel(
                 first_pair = r2.start == 0 or (symmetric and same)
                 # 2.-3. Factored blocks, per chunk of outputs.
                 for outs in out_chunks:
-                    factors, _ = capture(model, plan, batch, output_cotangents(outs), compact=True)
+                    factors, _ = capture(model, plan, batch, output_cotangents(outs), form="compact")
                     for f in factors:
                         if f.is_unused:
                             continue

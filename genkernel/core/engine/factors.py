@@ -44,6 +44,15 @@ from ..adapter import analysis_mode, batch_size, evaluated_at, flat_output, outp
 
 DEFAULT_MEMORY_BUDGET = 512 * 2**20
 
+# The forms a capture gives its blocks in (capture(form=...), TrainingCapture):
+#   "outer"    activations and output gradients as recorded (what sketches read a weight's sketch from);
+#   "compact"  per-example gradients materialized wherever a pair kernel costs fewer operations
+#              that way (what Factors.compact gives; what kernels read);
+#   "lean"     as "compact", but only where the materialized gradients are also no larger than the
+#              outer form (c·I·O against T·(I + c·O) per example): never more memory than "outer",
+#              what the factored tracker route holds through a whole step.
+FACTOR_FORMS = ("outer", "compact", "lean")
+
 _IN_ANALYSIS: contextvars.ContextVar[frozenset] = contextvars.ContextVar("genkernel_in_analysis", default=frozenset())
 
 
@@ -525,8 +534,8 @@ class Factors:
 
 def _prefer_dense(f1: Factors, f2: Factors, budget: int) -> bool:
     """Operation counts of the factored O(T²) form against materializing."""
-    if f1.kind != "outer":
-        return f1.kind == "dense"
+    if f1.kind != "outer" or f2.kind != "outer":  # a materialized side: materialize the other too
+        return "dense" in (f1.kind, f2.kind)
     c, m, t, o = f1.g.shape
     n, s = f2.g.shape[1], f2.g.shape[2]
     i = f1.a.shape[2]
@@ -639,6 +648,11 @@ def _conv_weight(module: nn.Module, x: torch.Tensor, g: torch.Tensor) -> torch.T
     return _conv_weight_by_groups(module, x, g)
 
 
+def _check_form(form: str) -> None:
+    if form not in FACTOR_FORMS:
+        raise ValueError(f"form must be one of {FACTOR_FORMS}, got {form!r}")
+
+
 def _dense_is_cheaper(t: int, i: int, o: int, c: int) -> bool:
     """Whether a pair costs less materialized (c·I·O) than in the T² factored form (T²·(I + c·O))."""
     return t > 1 and t * t * (i + c * o) > c * i * o
@@ -686,18 +700,20 @@ def _joined(parts: list[torch.Tensor], dim: int) -> torch.Tensor:
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim=dim)
 
 
-def _block_factors(block: Block, calls: list[tuple[torch.Tensor, torch.Tensor]], batch: int, compact: bool = False) -> Factors:
-    """Combine the calls of one block (a module used several times adds positions); ``compact``:
-    the form :meth:`Factors.compact` would give, materialized straight from the recorded layouts."""
+def _block_factors(block: Block, calls: list[tuple[torch.Tensor, torch.Tensor]], batch: int, form: str = "outer") -> Factors:
+    """Combine the calls of one block (a module used several times adds positions), in ``form``
+    (:data:`FACTOR_FORMS`); a materialized block is formed straight from the recorded layouts."""
     module = block.module
     if block.kind in ("linear", "conv"):
         c = calls[0][1].shape[0]
         if block.kind == "linear":
             calls = [(x, g.reshape(c, batch, -1, g.shape[-1])) for x, g in calls]
-        if compact:
+        if form != "outer":
             t = sum(g.shape[2] if block.kind == "linear" else g[0, 0, 0].numel() for _, g in calls)
             i = (0 if block.weight is None else module.weight[0].numel()) + (block.bias is not None)
-            if _dense_is_cheaper(t, i, module.weight.shape[0], c):
+            o = module.weight.shape[0]
+            # "lean": per example, c·I·O materialized values against the outer form's T·(I + c·O).
+            if _dense_is_cheaper(t, i, o, c) and (form == "compact" or c * i * o <= t * (i + c * o)):
                 return Factors(block, "dense", None, _dense_from_calls(block, calls))
         acts, grads = [], []
         for x, g in calls:
@@ -799,8 +815,9 @@ class TrainingCapture:
     has no graph) gives no factors, and the caller runs its own capture pass.
     """
 
-    def __init__(self, plan: Plan | None, batch: int, compact: bool = False):
-        self.plan, self.batch, self.compact = plan, batch, compact
+    def __init__(self, plan: Plan | None, batch: int, form: str = "outer"):
+        _check_form(form)
+        self.plan, self.batch, self.form = plan, batch, form
         self.records: dict[int, list] = {} if plan is None else {i: [] for i in range(len(plan.blocks))}
         self.readable = plan is not None
         self._gradients: dict[tuple[int, int], torch.Tensor | None] = {}  # (block, call) -> ∂loss/∂output
@@ -859,7 +876,7 @@ class TrainingCapture:
 
     def factors(self) -> list["Factors"] | None:
         """One :class:`Factors` per block, one cotangent (the step's loss, c_n included; with
-        ``compact``, in :func:`capture`'s compact form), or None when nothing readable was recorded.
+        in the capture's ``form``), or None when nothing readable was recorded.
         Read once: the capture lets go of its records (see :meth:`blocks`)."""
         blocks = self.blocks()
         return None if blocks is None else list(blocks)
@@ -879,7 +896,7 @@ class TrainingCapture:
         grads = [None if g is None else g.detach().unsqueeze(0) for _, g in sorted(gradients.items())]
         _, dtype, device = metas[0]
         like = torch.empty((self.batch, 0), dtype=dtype, device=device)
-        return _assembled(self.plan, records, grads, 1, like, self.compact)
+        return _assembled(self.plan, records, grads, 1, like, self.form)
 
 
 def _any_attention():
@@ -892,14 +909,14 @@ def _any_attention():
 
 
 def _assemble(plan: Plan, records: dict[int, list], grads: list, cotangents: int, out: torch.Tensor,
-              compact: bool = False) -> list[Factors]:
+              form: str = "outer") -> list[Factors]:
     """One :class:`Factors` per block from the recorded calls and their output gradients
     (``grads``: ``[c, *z.shape]`` or None per call, in the order of ``records``)."""
-    return list(_assembled(plan, records, grads, cotangents, out, compact))
+    return list(_assembled(plan, records, grads, cotangents, out, form))
 
 
 def _assembled(plan: Plan, records: dict[int, list], grads: list, cotangents: int, out: torch.Tensor,
-               compact: bool) -> Iterator[Factors]:
+               form: str) -> Iterator[Factors]:
     """:func:`_assemble` one block at a time (a caller that reduces each block at once holds one).
     Consumes ``records`` and ``grads`` (emptied once the calls are sorted by block)."""
     batch = out.shape[0]
@@ -917,7 +934,7 @@ def _assembled(plan: Plan, records: dict[int, list], grads: list, cotangents: in
         if not calls[i]:  # the module was not called: its gradients are zero
             yield Factors.unused(block, cotangents, batch, out)
             continue
-        yield _block_factors(block, calls.pop(i), batch, compact)
+        yield _block_factors(block, calls.pop(i), batch, form)
 
 
 def capture(
@@ -926,7 +943,7 @@ def capture(
     inputs: tuple[torch.Tensor, ...],
     cotangents: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
     parameters: dict[str, torch.Tensor] | None = None,
-    compact: bool = False,
+    form: str = "outer",
 ) -> tuple[list[Factors], torch.Tensor]:
     """Factors of every block for one batch.
 
@@ -938,13 +955,14 @@ def capture(
             block output z.
         parameters: trainable parameters to run the model at (:func:`~genkernel.core.adapter.evaluated_at`
             around the forward and the backward; they must require grad); by default the module's own.
-        compact: give each block in the form :meth:`Factors.compact` gives (what pair kernels
-            read), materialized straight from the recorded layouts: per-example convolution
-            gradients by a grouped convolution, with no unfolded copy of the input.
+        form: one of :data:`FACTOR_FORMS`. The materialized blocks of "compact" and "lean" are
+            formed straight from the recorded layouts: per-example convolution gradients by a
+            grouped convolution, with no unfolded copy of the input.
 
     Returns:
         (one :class:`Factors` per block of ``plan``, the detached model output ``[B, d]``).
     """
+    _check_form(form)
     # At other parameters, the forward and the backward run inside one reparametrized block (a
     # checkpointed model recomputes its forward in the backward, and must see the same values).
     with contextlib.nullcontext() if parameters is None else evaluated_at(model, parameters):
@@ -954,7 +972,7 @@ def capture(
             target, cot = cotangents(raw)
             grads = _batched_grad(target, edges, cot)
         del target, raw
-    return _assemble(plan, records, grads, cot.shape[0], out, compact), out.detach()
+    return _assemble(plan, records, grads, cot.shape[0], out, form), out.detach()
 
 
 def _batched_grad(target: torch.Tensor, zs: list, cot: torch.Tensor) -> list[torch.Tensor | None]:

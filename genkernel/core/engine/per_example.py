@@ -56,17 +56,19 @@ def capture_batch(
     loss_fn: Callable,
     coefficients: torch.Tensor,
     memory_budget: int,
+    form: str = "outer",
 ) -> BatchFactors:
     """Loss factors of the batch at the module's current parameters (a forward and a backward per
     chunk of rows; chunks sized so that one capture stays within half of ``memory_budget``).
 
-    ``coefficients``: ``[B]`` c_n. Runs under the caller's :func:`analysis_mode`.
+    ``coefficients``: ``[B]`` c_n; ``form``: the factors' form (:data:`~genkernel.core.engine.factors.FACTOR_FORMS`;
+    "outer" or "lean", which is never larger). Runs under the caller's :func:`analysis_mode`.
     """
     total = coefficients.shape[0]
     chunks, losses = [], []
     for rows in row_chunks(model, plan, inputs, 1, memory_budget):
         cotangents, box = loss_cotangents(loss_fn, _rows_of(targets, rows))
-        factors, _ = capture(model, plan, tuple(t[rows] for t in inputs), cotangents)
+        factors, _ = capture(model, plan, tuple(t[rows] for t in inputs), cotangents, form=form)
         chunks.append(factors)
         losses.append(box["losses"])
     factors = [

@@ -200,12 +200,12 @@ class GroupStateRoute:
         """What step 1 reads from the training pass itself (entered around it): nothing here."""
         return TrainingCapture.idle()
 
-    def _capture_if_it_fits(self, plan: Plan, batch: int, compact: bool = False) -> TrainingCapture:
+    def _capture_if_it_fits(self, plan: Plan, batch: int, form: str = "outer") -> TrainingCapture:
         """A capture of ``plan``'s layers when its records fit the memory budget, else one that
         records nothing (step 1 then runs its own pass, in chunks)."""
         if not reads_training_pass(self.model.record_bytes, batch, self.model.memory_budget):
             return TrainingCapture.idle()
-        return TrainingCapture(plan, batch, compact)
+        return TrainingCapture(plan, batch, form)
 
     def gradients(self, step, ids: dict[str, torch.Tensor], coefficients: torch.Tensor,
                   recorded: TrainingCapture) -> StepGradients:
@@ -275,7 +275,7 @@ class DenseRoute(GroupStateRoute):
             return TrainingCapture.idle()
         if self._plan is None:
             self._plan = covering_plan(self.model.module, self.model.probes)
-        return self._capture_if_it_fits(self._plan, batch, compact=True)
+        return self._capture_if_it_fits(self._plan, batch, form="compact")
 
     def uses_graph(self) -> bool:
         if self.gradient_route != "auto":
@@ -344,6 +344,8 @@ class _FactorRoute(GroupStateRoute):
     """Shared by the factored and sketched routes: the batch's layer factors at θ_k (step 1), the
     exact totals the splitter keeps, and the probes' row chunks."""
 
+    batch_form = "outer"  # the batch factors' form (factors.FACTOR_FORMS): the sketched route reads outer products
+
     def __init__(self, model: TrackedModel, splitter: UpdateSplitter, contribution_route: str):
         super().__init__(model, splitter, contribution_route)
         self._exclusions: set[str] = set()
@@ -353,7 +355,7 @@ class _FactorRoute(GroupStateRoute):
     def recording(self, batch: int) -> TrainingCapture:
         """The batch's factors from the training pass's own forward and backward (no second pass),
         when its records fit in the memory budget (else the capture pass runs in chunks)."""
-        return self._capture_if_it_fits(self.plan, batch)
+        return self._capture_if_it_fits(self.plan, batch, self.batch_form)
 
     def gradients(self, step, ids, coefficients, recorded):
         model = self.model
@@ -363,7 +365,8 @@ class _FactorRoute(GroupStateRoute):
         while batch is None:  # the training pass could not be read: a capture pass of its own
             try:
                 batch = capture_batch(
-                    model.module, self.plan, step.inputs, step.targets, step.loss_fn, coefficients, model.memory_budget
+                    model.module, self.plan, step.inputs, step.targets, step.loss_fn, coefficients, model.memory_budget,
+                    self.batch_form,
                 )
             except Unfactorable as error:  # a module that mixes the batch: torch.func handles it
                 self._exclusions.add(error.module_name)
@@ -396,6 +399,9 @@ class FactoredRoute(_FactorRoute):
     summed into the groups of every partition."""
 
     name = "factored"
+    # Its batch totals, sizes and every node's cross kernels all read per-example gradients where
+    # those are cheaper: formed once, from the training pass, never larger than the outer form.
+    batch_form = "lean"
 
     def gradients(self, step, ids, coefficients, recorded):
         if not plain_sgd(self.splitter.optimizer):
