@@ -15,7 +15,8 @@ Memory (bytes):
 - ``ema``: the EMA ledger's displacements and offsets, 2 (R + 3) × P;
 - ``probe_pushes``: forward-mode AD through the probes: a parameter copy of tangents and each
   row's tangents of the probes' activations (:func:`push_pass_bytes`), as many rows per pass as the
-  memory budget allows, or the probes' Jacobians M × d × P on the "jacobian" route;
+  memory budget allows (one row through a chunk of the probes when not even one row through all
+  of them fits: :func:`push_pass_shape`), or the probes' Jacobians M × d × P on the "jacobian" route;
 - ``training_step``: the parameters, their gradients and the optimizer's own state, and the
   batch's activations (a hook pass on one example, times the batch and a factor for what autograd
   keeps), when ``batch_size`` is given;
@@ -32,7 +33,7 @@ expected ratio of an analyzed step to a bare one (forward and backward of the ba
   ("example": vmapped per-example gradients, about 1.5 bare steps; factored: a capture); the
   dense route's ``gradient_route="factored"`` always captures its own pass (about 1.3 bare steps);
 - contributions: per quadrature node, a forward of the probes per vmapped pass (as many rows per
-  pass as :func:`push_rows_per_pass` allows) plus a tangent pass per pushed row (dense: R + 1 rows)
+  pass as :func:`push_pass_shape` allows) plus a tangent pass per pushed row (dense: R + 1 rows)
   that costs two forwards, or d backward passes of the probes for the probes' Jacobians;
 - the probe forwards before and after the step.
 
@@ -170,18 +171,24 @@ def push_pass_bytes(num_params: int, param_bytes: int, rows: int, probe_activati
     return int(num_params * param_bytes + rows * PUSH_ROW_ACTIVATIONS * probe_activation_bytes)
 
 
-def push_rows_per_pass(num_params: int, param_bytes: int, memory_budget: int, probe_activation_bytes: int) -> int:
-    """Tangent rows one vmapped JVP pass pushes through the probes at once: as many as
-    :func:`push_pass_bytes` keeps within ``memory_budget``, at least one.
+def push_pass_shape(num_params: int, param_bytes: int, memory_budget: int, probes: int,
+                    activation_bytes: int) -> tuple[int, int]:
+    """``(rows, probes)`` one vmapped JVP pass pushes at once, from the probes' count and one
+    probe's activation bytes (``activation_bytes``: elements per example × bytes): every probe and
+    as many tangent rows as :func:`push_pass_bytes` keeps within ``memory_budget``; when not even
+    one row through every probe fits, one row through as many probes as fit. At least one of each:
+    a budget below a parameter copy and one probe's row is exceeded by that much.
 
-    Every pass also runs the primal forward once, so wider passes cost fewer forwards (on the
+    Every pass runs the primal forward of its probes, so wider passes cost fewer forwards (on the
     DDPM CIFAR-10 UNet, 11 rows took 20.1 s one per pass, 15.4 s two per pass and 13.8 s in one
     pass, 2 CPU cores); on small models the rows' activations dominate (the tiny UNet's 64 probes:
     about 40 MB a row against 0.7 MB of parameters), and 3 rows per pass took as long as 20.
     """
     room = memory_budget - num_params * param_bytes
-    per_row = max(1.0, PUSH_ROW_ACTIVATIONS * probe_activation_bytes)
-    return max(1, int(room // per_row))
+    per_probe_row = max(1.0, PUSH_ROW_ACTIVATIONS * activation_bytes)
+    if room >= probes * per_probe_row:
+        return int(room // (probes * per_probe_row)), probes
+    return 1, max(1, min(probes, int(room // per_probe_row)))
 
 
 def estimate_cost(
@@ -267,11 +274,12 @@ def estimate_cost(
         memory["probe_pushes"] = 2 * m * outputs * num * param_bytes
         work["contributions"] = quadrature_nodes * 2.0 * m * outputs
     else:
-        per_pass = push_rows_per_pass(num, param_bytes, memory_budget, m * acts * param_bytes)
-        memory["probe_pushes"] = push_pass_bytes(num, param_bytes, min(pushed, per_pass), m * acts * param_bytes)
+        per_pass, probes_per_pass = push_pass_shape(num, param_bytes, memory_budget, m, acts * param_bytes)
+        memory["probe_pushes"] = push_pass_bytes(num, param_bytes, min(pushed, per_pass),
+                                                 probes_per_pass * acts * param_bytes)
         # One primal pass per vmapped pass and two per tangent row (J u through every product:
         # Ẇx + Wẋ), as torch.utils.flop_counter counts vmapped JVPs: 1 + 2.05 R forwards on a UNet
-        # at R = 21 in one pass.
+        # at R = 21 in one pass. Passes over chunks of the probes add up to one primal of them all.
         passes = math.ceil(pushed / per_pass)
         work["contributions"] = quadrature_nodes * m * (passes + 2.0 * pushed)
     if group_state in ("factored", "sketched"):
@@ -332,5 +340,5 @@ def _cheaper_options(estimate: CostEstimate, group_state: str, state_dtype: torc
 
 __all__ = [
     "CostEstimate", "PUSH_ROW_ACTIVATIONS", "available_memory", "estimate_cost", "held_bytes", "push_pass_bytes",
-    "push_rows_per_pass", "reads_training_pass",
+    "push_pass_shape", "reads_training_pass",
 ]

@@ -35,7 +35,7 @@ from torch import nn
 from torch.func import jvp, vmap
 
 from ..adapter import analysis_mode, check_per_example_safe, coupled_modules, explained_torch_func_errors, functional_model
-from ..cost import push_rows_per_pass, reads_training_pass
+from ..cost import push_pass_shape, reads_training_pass
 from ..engine.factored import row_chunks
 from ..engine.factors import Plan, TrainingCapture, Unfactorable, covering_plan
 from ..engine.gradients import factor_rows, gradients_from_losses, group_gradients, membership_matrix
@@ -147,20 +147,26 @@ def push_rows(
 
 
 def _jvp_rows(model: TrackedModel, theta, tangents, rows: int, num_params: int) -> torch.Tensor:
-    """``[rows, M, d]``: J(x; θ) u_r by forward-mode AD, vmapped over chunks of rows."""
+    """``[rows, M, d]``: J(x; θ) u_r by forward-mode AD, vmapped over chunks of rows, each pass
+    through all the probes or, when one row through all of them does not fit the memory budget,
+    through a chunk of them (:func:`~genkernel.core.cost.push_pass_shape`)."""
     forward = functional_model(model.module)
     probes = model.probes
+    m = probes[0].shape[0]
 
-    def push(tangent):
-        return jvp(lambda p: forward(p, probes), (theta,), (tangent,))[1]
+    def pusher(chunk: tuple[torch.Tensor, ...]):
+        return lambda tangent: jvp(lambda p: forward(p, chunk), (theta,), (tangent,))[1]
 
     first = next(iter(tangents.values()))
-    chunk = push_rows_per_pass(num_params, first.element_size(), model.memory_budget,
-                               probes[0].shape[0] * model.record_bytes)
+    rows_per_pass, probes_per_pass = push_pass_shape(num_params, first.element_size(), model.memory_budget, m,
+                                                     model.record_bytes)
+    pushes = [pusher(tuple(t[start : start + probes_per_pass] for t in probes))
+              for start in range(0, m, probes_per_pass)]
     parts = []
-    for start in range(0, rows, chunk):
+    for start in range(0, rows, rows_per_pass):
+        rows_tangents = {n: t[start : start + rows_per_pass] for n, t in tangents.items()}
         with explained_torch_func_errors():
-            parts.append(vmap(push)({n: t[start : start + chunk] for n, t in tangents.items()}))
+            parts.append(torch.cat([vmap(push)(rows_tangents) for push in pushes], dim=1))
     return torch.cat(parts)
 
 
