@@ -249,14 +249,30 @@ def run_child(module: str, args: Sequence[str], timeout: float, env: dict[str, s
 # ------------------------------------------------------------------------------------- FLOPs
 def counted_flops(call: Callable[[], Any]) -> tuple[int, Any]:
     """``(FLOPs, result)`` of one ``call()``: matrix products, convolutions and their backward
-    passes as ``torch.utils.flop_counter`` counts them (elementwise work is not counted). The ratio
-    of two counts is the time ratio a machine would reach if every product ran at one rate and
-    nothing else cost anything: a floor no implementation of the same operations beats."""
+    passes as ``torch.utils.flop_counter`` counts them (elementwise work is not counted), with a
+    grouped convolution's weight gradient divided by its groups (:func:`conv_backward_flops`). The
+    ratio of two counts is the time ratio a machine would reach if every product ran at one rate
+    and nothing else cost anything: a floor no implementation of the same operations beats."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    with FlopCounterMode(display=False) as counter:
+    with FlopCounterMode(display=False, custom_mapping={torch.ops.aten.convolution_backward: conv_backward_flops}) as counter:
         result = call()
     return counter.get_total_flops(), result
+
+
+def conv_backward_flops(grad_out_shape, x_shape, w_shape, bias, stride, padding, dilation, transposed, output_padding,
+                        groups, output_mask, out_shape=None, **kwargs) -> int:
+    """FLOPs of ``aten.convolution_backward`` (shapes, as ``torch.utils.flop_counter`` passes
+    them): torch's own count of the input gradient, and of the weight gradient divided by
+    ``groups``. torch counts a grouped convolution's weight gradient as if every group saw every
+    group's channels, so per-example weight gradients formed by one convolution with an example
+    per group (genkernel's per-example convolution gradients) would count B times over."""
+    from torch.utils.flop_counter import conv_backward_flop
+
+    shapes = (grad_out_shape, x_shape, w_shape, bias, stride, padding, dilation, transposed, output_padding, groups)
+    inputs = conv_backward_flop(*shapes, [output_mask[0], False, False], out_val=out_shape)
+    weights = conv_backward_flop(*shapes, [False, output_mask[1], False], out_val=out_shape)
+    return inputs + weights // groups
 
 
 def count_flops(run_slice: Callable[[int], bool], m: int, n: int) -> float | None:

@@ -29,8 +29,8 @@ bound, about 15 minutes per method).
 
 The parent compares every kernel with ``vmap`` (max |Δ| / max |K|), measures a float32 matmul's
 FLOP/s in the same run, counts matmul-class FLOPs with ``torch.utils.flop_counter`` on a small
-slice (too high where per-example convolution weight gradients are formed: the counter does not
-divide a grouped convolution's backward by its groups), and checks the issue's targets (:data:`TARGETS`: steady-state speed of ``auto`` against
+slice (:func:`~recipes.benchmarks.harness.counted_flops`: a grouped convolution's weight gradient,
+per-example convolution gradients, divided by its groups), and checks the issue's targets (:data:`TARGETS`: steady-state speed of ``auto`` against
 ``vmap`` on the convnet and UNet rows, against ``linear_ref`` on the MLP rows, and working memory
 below vmap's on every row); a missed target comes with a profile of ``auto``. It also measures
 random-projection kernel error against the projection dimension k, and the tracker's cost
