@@ -171,24 +171,24 @@ def push_pass_bytes(num_params: int, param_bytes: int, rows: int, probe_activati
     return int(num_params * param_bytes + rows * PUSH_ROW_ACTIVATIONS * probe_activation_bytes)
 
 
-def push_pass_shape(num_params: int, param_bytes: int, memory_budget: int, probes: int,
-                    activation_bytes: int) -> tuple[int, int]:
+def push_pass_shape(memory_budget: int, probes: int, activation_bytes: int) -> tuple[int, int]:
     """``(rows, probes)`` one vmapped JVP pass pushes at once, from the probes' count and one
     probe's activation bytes (``activation_bytes``: elements per example × bytes): every probe and
-    as many tangent rows as :func:`push_pass_bytes` keeps within ``memory_budget``; when not even
-    one row through every probe fits, one row through as many probes as fit. At least one of each:
-    a budget below a parameter copy and one probe's row is exceeded by that much.
+    as many tangent rows as keep the rows' activation tangents (:data:`PUSH_ROW_ACTIVATIONS` per
+    probe and row) within ``memory_budget``; when not even one row through every probe fits, one
+    row through as many probes as fit; at least one of each. The pass's parameter copy of
+    tangents is held besides, like the tracker's other parameter-sized copies
+    (:func:`push_pass_bytes` counts both).
 
     Every pass runs the primal forward of its probes, so wider passes cost fewer forwards (on the
     DDPM CIFAR-10 UNet, 11 rows took 20.1 s one per pass, 15.4 s two per pass and 13.8 s in one
     pass, 2 CPU cores); on small models the rows' activations dominate (the tiny UNet's 64 probes:
     about 40 MB a row against 0.7 MB of parameters), and 3 rows per pass took as long as 20.
     """
-    room = memory_budget - num_params * param_bytes
     per_probe_row = max(1.0, PUSH_ROW_ACTIVATIONS * activation_bytes)
-    if room >= probes * per_probe_row:
-        return int(room // (probes * per_probe_row)), probes
-    return 1, max(1, min(probes, int(room // per_probe_row)))
+    if memory_budget >= probes * per_probe_row:
+        return int(memory_budget // (probes * per_probe_row)), probes
+    return 1, max(1, int(memory_budget // per_probe_row))
 
 
 def estimate_cost(
@@ -274,7 +274,7 @@ def estimate_cost(
         memory["probe_pushes"] = 2 * m * outputs * num * param_bytes
         work["contributions"] = quadrature_nodes * 2.0 * m * outputs
     else:
-        per_pass, probes_per_pass = push_pass_shape(num, param_bytes, memory_budget, m, acts * param_bytes)
+        per_pass, probes_per_pass = push_pass_shape(memory_budget, m, acts * param_bytes)
         memory["probe_pushes"] = push_pass_bytes(num, param_bytes, min(pushed, per_pass),
                                                  probes_per_pass * acts * param_bytes)
         # One primal pass per vmapped pass and two per tangent row (J u through every product:

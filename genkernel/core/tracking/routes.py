@@ -140,13 +140,13 @@ def push_rows(
             flat = torch.cat([tangents[n].reshape(rows, -1) for n in names], dim=1)  # [rows, P]
             value = torch.einsum("mdp,gp->gmd", jac, flat)
         else:
-            value = _jvp_rows(model, theta, tangents, rows, num_params)
+            value = _jvp_rows(model, theta, tangents, rows)
         value = value.to(torch.float64) * weight  # [rows, M, d]
         total = value if total is None else total + value
     return total.permute(1, 0, 2).contiguous()
 
 
-def _jvp_rows(model: TrackedModel, theta, tangents, rows: int, num_params: int) -> torch.Tensor:
+def _jvp_rows(model: TrackedModel, theta, tangents, rows: int) -> torch.Tensor:
     """``[rows, M, d]``: J(x; θ) u_r by forward-mode AD, vmapped over chunks of rows, each pass
     through all the probes or, when one row through all of them does not fit the memory budget,
     through a chunk of them (:func:`~genkernel.core.cost.push_pass_shape`)."""
@@ -157,9 +157,7 @@ def _jvp_rows(model: TrackedModel, theta, tangents, rows: int, num_params: int) 
     def pusher(chunk: tuple[torch.Tensor, ...]):
         return lambda tangent: jvp(lambda p: forward(p, chunk), (theta,), (tangent,))[1]
 
-    first = next(iter(tangents.values()))
-    rows_per_pass, probes_per_pass = push_pass_shape(num_params, first.element_size(), model.memory_budget, m,
-                                                     model.record_bytes)
+    rows_per_pass, probes_per_pass = push_pass_shape(model.memory_budget, m, model.record_bytes)
     pushes = [pusher(tuple(t[start : start + probes_per_pass] for t in probes))
               for start in range(0, m, probes_per_pass)]
     parts = []
