@@ -1,7 +1,6 @@
 """Analyzers attached to loops people already run: accelerate, Lightning, torch.compile'd and
 wrapped models (issue 14). Each run is compared with the same loop without the analyzer."""
 
-import copy
 import warnings
 
 import pytest

@@ -2,7 +2,6 @@
 dropout and the EMA of the weights (issue 14, the core)."""
 
 import copy
-import math
 
 import pytest
 import torch
@@ -237,7 +236,7 @@ def ema_run(make_ema, *, warm=0):
         ema.step()
     tracker = PathKernelTracker(model, opt, mse_loss, PROBES, num_groups=3, quadrature="simpson")
     tracker.track_ema(ema)
-    displacements, steps = [], []
+    steps = []
     for x, y, g in batches[warm:]:
         result = tracker.step(x, y, g)
         steps.append(result.group_updates)

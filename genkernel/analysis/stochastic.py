@@ -37,7 +37,7 @@ from torch import nn
 
 from ..core.adapter import trainable_parameters
 from .hutchinson import deterministic_second_order_term, ito_term_estimate
-from ..core.engine.gradients import group_gradients, membership_matrix
+from ..core.engine.gradients import group_gradients
 from ..core.tracking.tracker import PathKernelTracker
 from ..stats import bootstrap_interval
 

@@ -98,7 +98,7 @@ from ..logging import LoggingCallback
 from ..stats import mean_interval
 from .geometry import GeometryGrouping, make_grouping
 from .losses import GENERATED, PENALTY, REAL, ROLE_NAMES, DiscriminatorObjective, GeneratorLoss, scores_of
-from .metrics import MIN_UNITS, cosine, few_units, mode_coverage, own_minus_others
+from .metrics import cosine, few_units, mode_coverage, own_minus_others
 from .passes import preserved
 
 GEOMETRY = "geometry"

@@ -170,7 +170,6 @@ def _diffusion(state: Mapping[str, Any], top: int) -> dict[str, Any]:
     history = list(state.get("history") or [])
     band = int(history[-1]["band"]) if history and "band" in history[-1] else 1
     measured = ledgers["level"]
-    delta = measured.delta.cpu()
 
     def by_level(values: torch.Tensor) -> torch.Tensor:
         return grouping.average_by_probe_group(values, probe_level, num_levels)

@@ -173,8 +173,6 @@ def main(argv=None) -> dict:
             "ledger_relative_residual": float(decomposition.ledger_residual.norm() / decomposition.change.norm()),
         },
     }
-    first = shares["first_order"]
-    gap = shares["second_order_gap_ratio"]
     claims = claims_from(per_seed, shares)
     # 4. Figure: normalized per-example weights at the middle probe.
     mid = s["probes"] // 2

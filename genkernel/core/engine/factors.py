@@ -662,7 +662,6 @@ def _activation(block: Block, inputs: tuple, batch: int) -> torch.Tensor:
     """Per-example activation of one call, as the hook records it: ``[B, T, I]`` (Linear), the
     input itself (Conv: unfolded or differentiated after the backward; norms: normalized after
     it), or indices."""
-    module = block.module
     x = inputs[0]
     if not isinstance(x, torch.Tensor) or x.dim() == 0 or x.shape[0] != batch:
         raise Unfactorable(block.name, "its input does not keep the batch on dimension 0")

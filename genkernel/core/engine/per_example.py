@@ -64,7 +64,6 @@ def capture_batch(
     ``coefficients``: ``[B]`` c_n; ``form``: the factors' form (:data:`~genkernel.core.engine.factors.FACTOR_FORMS`;
     "outer" or "lean", which is never larger). Runs under the caller's :func:`analysis_mode`.
     """
-    total = coefficients.shape[0]
     chunks, losses = [], []
     for rows in row_chunks(model, plan, inputs, 1, memory_budget):
         cotangents, box = loss_cotangents(loss_fn, _rows_of(targets, rows))
