@@ -92,8 +92,8 @@ def test_factored_convolutions_are_read_lean_from_the_training_pass_or_a_chunked
     data = batches("convnet", torch.float64)
     for budget, reads in ((256 * 2**20, True), (16 * 2**10, False)):
         model, probes = build("convnet", torch.float64)
-        tracker = PathKernelTracker(model, sgd(model), mse_loss, probes, num_groups=30, group_state="factored", quadrature="simpson",
-                                    max_grad_norm=0.5, memory_budget=budget)
+        tracker = PathKernelTracker(model, sgd(model), mse_loss, probes, num_groups=30, group_state="factored",
+                                    quadrature="simpson", max_grad_norm=0.5, memory_budget=budget)
         assert tracker.route.batch_form == "lean"
         assert reads_training_pass(tracker.route.model.record_bytes, 10, budget) == reads
         if not reads:

@@ -255,7 +255,8 @@ def counted_flops(call: Callable[[], Any]) -> tuple[int, Any]:
     and nothing else cost anything: a floor no implementation of the same operations beats."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    with FlopCounterMode(display=False, custom_mapping={torch.ops.aten.convolution_backward: conv_backward_flops}) as counter:
+    grouped = {torch.ops.aten.convolution_backward: conv_backward_flops}
+    with FlopCounterMode(display=False, custom_mapping=grouped) as counter:
         result = call()
     return counter.get_total_flops(), result
 

@@ -874,8 +874,8 @@ class TrainingCapture:
         return prehook
 
     def factors(self) -> list["Factors"] | None:
-        """One :class:`Factors` per block, one cotangent (the step's loss, c_n included; with
-        in the capture's ``form``), or None when nothing readable was recorded.
+        """One :class:`Factors` per block, one cotangent (the step's loss, c_n included), in the
+        capture's ``form``; or None when nothing readable was recorded.
         Read once: the capture lets go of its records (see :meth:`blocks`)."""
         blocks = self.blocks()
         return None if blocks is None else list(blocks)
