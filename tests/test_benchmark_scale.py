@@ -41,6 +41,7 @@ def test_ratios_are_the_medians_quotients(report):
         assert run["ratio"] == pytest.approx(run["tracked_median_s"] / run["bare_median_s"])
         assert run["group_state"] == "factored"  # one group per example on plain SGD: the factored route
         assert run["groups"] >= run["batch"]
+        assert run["estimate_batch"] == run["batch"]  # the estimate compares with the training batch
         assert run["training_unchanged"] is True
         assert math.isfinite(run["relative_residual"]) and run["relative_residual"] < 0.1
         # the operation counts: the tracked step does the bare step's work and more

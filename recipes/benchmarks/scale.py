@@ -473,7 +473,7 @@ def sgd_factored(model_name: str, batch: int, probes: int, repeats: int, seed: i
     bare_opt = torch.optim.SGD(bare_model.parameters(), lr=0.01)
     tracked_opt = torch.optim.SGD(tracked_model.parameters(), lr=0.01)
     tracker = PathKernelTracker(tracked_model, tracked_opt, cross_entropy_loss, held_out[:probes],
-                                num_groups=examples, group_state="auto")
+                                num_groups=examples, group_state="auto", batch_size=batch)
     position = {"bare": 0, "tracked": 0}
 
     def rows(kind: str) -> slice:
@@ -498,7 +498,8 @@ def sgd_factored(model_name: str, batch: int, probes: int, repeats: int, seed: i
     return {"model": model_name, "architecture": row, "batch": batch, "groups": examples, "probes": probes,
             "parameters": sum(p.numel() for p in bare_model.parameters()), "group_state": tracker.group_state,
             "route": tracker.route.name, "contribution_route": tracker.route.contribution_route,
-            "estimate_group_state": tracker.cost.settings["group_state"], "predicted_ratio": tracker.cost.ratio,
+            "estimate_group_state": tracker.cost.settings["group_state"], "estimate_batch": tracker.cost.settings["batch"],
+            "predicted_ratio": tracker.cost.ratio,
             "bare_median_s": times["bare"]["steady_median_s"], "tracked_median_s": times["tracked"]["steady_median_s"],
             "ratio": ratio, "load_mean": (times["bare"]["load_mean"] + times["tracked"]["load_mean"]) / 2,
             "bare_gflop": flops["bare"] / 1e9, "tracked_gflop": flops["tracked"] / 1e9,
@@ -731,6 +732,7 @@ def main(argv=None) -> dict:
                               for m in s["sgd_models"] for b in s["sgd_batches"]]
     print_ratios(f"[{NAME}] plain SGD, factored route, one group per example: tracked / bare step (target <= {SGD_TARGET:g})",
                  {f"{r['model']} B={r['batch']}": {"ratio": r["ratio"], "flop ratio": r["flop_ratio"],
+                                                   "predicted": r["predicted_ratio"],
                                                    "bare ms": r["bare_median_s"] * 1e3, "load": r["load_mean"]}
                   for r in report["sgd_factored"]})
     report["tiny_unet"] = tiny_unet_step(s, args.seed)
