@@ -285,7 +285,7 @@ def set_exact_cuda_mode(determinism: str = "warn") -> dict[str, Any]:
             "strict" (such an op raises) or "off" (TF32 and autotuning only).
 
     Returns:
-        The settings now in force, ``{name: value}`` (for a run's record).
+        The settings now in force (:func:`exact_cuda_settings`).
     """
     if determinism not in DETERMINISM:
         raise ValueError(f"determinism must be one of {DETERMINISM}, got {determinism!r}")
@@ -295,6 +295,12 @@ def set_exact_cuda_mode(determinism: str = "warn") -> dict[str, Any]:
     if determinism != "off":
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True, warn_only=determinism == "warn")
+    return exact_cuda_settings()
+
+
+def exact_cuda_settings() -> dict[str, Any]:
+    """The switches :func:`set_exact_cuda_mode` sets, as they are now, ``{name: value}`` (for a
+    run's record)."""
     return {"cudnn_allow_tf32": torch.backends.cudnn.allow_tf32, "matmul_precision": torch.get_float32_matmul_precision(),
             "cudnn_benchmark": torch.backends.cudnn.benchmark, "deterministic": torch.are_deterministic_algorithms_enabled(),
             "deterministic_warn_only": torch.is_deterministic_algorithms_warn_only_enabled(),

@@ -60,11 +60,11 @@ def exact_mode(device: torch.device) -> dict:
     algorithms with warnings only, so that an op without a deterministic kernel does not stop the
     benchmark: the tests run strict; no cuDNN autotuning). Returns the settings, for the JSON."""
     from genkernel import set_exact_cuda_mode
+    from genkernel.core.adapter import exact_cuda_settings
 
     if device.type == "cuda":
         return set_exact_cuda_mode("warn")
-    return {"cudnn_allow_tf32": torch.backends.cudnn.allow_tf32, "matmul_precision": torch.get_float32_matmul_precision(),
-            "deterministic": torch.are_deterministic_algorithms_enabled(), "set_exact_cuda_mode": False}
+    return {**exact_cuda_settings(), "set_exact_cuda_mode": False}
 
 
 def _allocated(device: torch.device) -> int:
