@@ -91,6 +91,23 @@ def test_bad_arguments():
         project_parameter(torch.zeros(2, 3), 0, 4, kind="sparse")
 
 
+@pytest.mark.parametrize("positions, route", [(1, "factors"), (40, "matrix")])
+def test_outer_products_are_projected_by_the_cheaper_exact_route(positions, route):
+    """Few positions: from the factors; many (a convolution's patches): each example's matrix
+    formed, a chunk of examples at a time, and projected. Both are R vec(Σ_t g_t a_tᵀ)."""
+    from genkernel.core.engine.projections import ParameterProjection, weight_projection_macs, weight_projection_route
+
+    g = torch.Generator().manual_seed(3)
+    a = torch.randn(5, positions, 3, generator=g, dtype=torch.float64)
+    o = torch.randn(5, positions, 4, generator=g, dtype=torch.float64)
+    macs = weight_projection_macs(positions, 3, 4, 64)
+    assert weight_projection_route(positions, 3, 4, 64) == route == min(macs, key=macs.get)
+    projection = ParameterProjection({"w": (4, 3)}, 64, seed=2)
+    dense = projection.project("w", torch.einsum("nto,nti->noi", o, a))
+    for chunk_bytes in (64 * 2**20, 100):  # one chunk; one example per chunk
+        torch.testing.assert_close(projection.project_outer("w", a, o, chunk_bytes), dense, rtol=1e-12, atol=1e-12)
+
+
 def test_kronecker_rows_sketch_outer_products_from_factors_and_are_unbiased():
     from genkernel.core.engine.projections import ParameterProjection
 

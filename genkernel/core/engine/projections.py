@@ -182,11 +182,34 @@ class ParameterProjection:
             out[start : start + step] = torch.einsum("nok,ko->nk", part, r)
         return out
 
-    def project_outer(self, name: str, a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    def project_outer(self, name: str, a: torch.Tensor, g: torch.Tensor, chunk_bytes: int = 64 * 2**20) -> torch.Tensor:
         """R vec(Σ_t g_t a_tᵀ) for a matrix parameter from factors ``a [N, T, I]``, ``g [N, T, O]``:
-        ``[N, k]``."""
-        r, s = self.factors(name, a.dtype, a.device)
-        return (torch.einsum("nto,ko->ntk", g, r) * torch.einsum("nti,ki->ntk", a, s)).sum(dim=1)
+        ``[N, k]``, the cheaper of two exact ways (:func:`weight_projection_macs`): from the factors,
+        Σ_t (r·g_t)(s·a_t), or with each example's matrix Σ_t g_t a_tᵀ formed, ``chunk_bytes`` of them
+        at a time, and projected (many positions: a convolution's patches)."""
+        (n, t, i), o = a.shape, g.shape[2]
+        if weight_projection_route(t, i, o, self.k) == "factors":
+            r, s = self.factors(name, a.dtype, a.device)
+            return (torch.einsum("nto,ko->ntk", g, r) * torch.einsum("nti,ki->ntk", a, s)).sum(dim=1)
+        out = a.new_empty((n, self.k))
+        step = max(1, chunk_bytes // max(o * i * a.element_size(), 1))
+        for start in range(0, n, step):
+            rows = slice(start, start + step)
+            out[rows] = self.project(name, torch.bmm(g[rows].transpose(1, 2), a[rows]), chunk_bytes)
+        return out
+
+
+def weight_projection_macs(t: int, i: int, o: int, k: int) -> dict[str, int]:
+    """Multiply-adds per example of R vec(Σ_t g_t a_tᵀ) (T positions, I inputs, O outputs, sketch
+    dimension k) by each route of :meth:`ParameterProjection.project_outer`: ``"factors"``
+    T·k·(I + O + 1), ``"matrix"`` T·I·O to form the matrix, then O·I·k + O·k."""
+    return {"factors": t * k * (i + o + 1), "matrix": t * i * o + o * i * k + o * k}
+
+
+def weight_projection_route(t: int, i: int, o: int, k: int) -> str:
+    """The cheaper route of :func:`weight_projection_macs`."""
+    macs = weight_projection_macs(t, i, o, k)
+    return "factors" if macs["factors"] <= macs["matrix"] else "matrix"
 
 
 def project_gradients(
@@ -305,5 +328,6 @@ def expected_relative_error(kernel: torch.Tensor, k: int) -> float:
 
 __all__ = [
     "GENERATION_BLOCK", "KINDS", "ParameterProjection", "Projector", "expected_relative_error", "project_gradients", "project_parameter",
-    "projection_block", "sketched_gradient_kernel", "sketched_tangent_features",
+    "projection_block", "sketched_gradient_kernel", "sketched_tangent_features", "weight_projection_macs",
+    "weight_projection_route",
 ]
