@@ -252,3 +252,60 @@ def test_a_tracked_window_tracks_only_its_steps_and_leaves_training_unchanged():
     assert all(torch.equal(p, q) for p, q in zip(bare.model.parameters(), tracked.model.parameters()))
     assert analyzer.report()["config"]["track_steps"] == [3, 5]
     assert analyzer.tracker.cost.settings["batch"] == 16  # the trainer's batch, not the 6 probes
+
+
+def _small_classifier(kind: str) -> nn.Module:
+    torch.manual_seed(0)
+    if kind == "mlp":
+        return nn.Sequential(nn.Flatten(), nn.Linear(64, 48), nn.ReLU(), nn.Linear(48, 32), nn.ReLU(), nn.Linear(32, 5))
+    return nn.Sequential(nn.Conv2d(1, 6, 3, padding=1), nn.ReLU(), nn.Conv2d(6, 8, 3, stride=2, padding=1), nn.ReLU(),
+                         nn.Flatten(), nn.Linear(8 * 4 * 4, 5))
+
+
+OPTIMIZERS = {
+    "sgd": lambda params: torch.optim.SGD(params, lr=0.05),
+    "sgd, weight decay": lambda params: torch.optim.SGD(params, lr=0.05, weight_decay=1e-3),
+    "momentum": lambda params: torch.optim.SGD(params, lr=0.05, momentum=0.9),
+    "adam": lambda params: torch.optim.Adam(params, lr=1e-3),
+}
+
+
+@pytest.mark.parametrize("kind", ["mlp", "cnn"])
+@pytest.mark.parametrize("group_state, optimizer", [("factored", "sgd"), ("factored", "sgd, weight decay"),
+                                                    ("sketched", "momentum"), ("sketched", "adam")])
+def test_the_factor_routes_estimates_are_the_steps_operation_counts(kind, group_state, optimizer):
+    """The factored and sketched routes' predicted ratio, counted from the layers' shapes, is the
+    ratio of torch's operation counts of a tracked step and a bare one, to 5 %: the probes'
+    factors; factored, the cross kernels with the batch and the rest row's push under weight decay
+    only; sketched, each projection by its cheaper route (Adam's preconditioner on the probes'
+    side: every probe gradient formed and projected), the check's and the groups' products. The
+    first layer forms no input gradient in either step."""
+    from recipes.benchmarks.harness import counted_flops
+    from genkernel.supervised import cross_entropy_loss
+
+    batch, probes = 32, 8
+    x = torch.randn(batch * 3 + probes, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+    y = torch.randint(0, 5, (batch * 3,), generator=torch.Generator().manual_seed(2))
+    bare_model, tracked_model = _small_classifier(kind), _small_classifier(kind)
+    bare_opt = OPTIMIZERS[optimizer](bare_model.parameters())
+    tracker = PathKernelTracker(tracked_model, OPTIMIZERS[optimizer](tracked_model.parameters()), cross_entropy_loss,
+                                x[-probes:], num_groups=batch * 3, group_state=group_state, batch_size=batch,
+                                sketch_dim=64)
+
+    def bare_step(rows):
+        bare_opt.zero_grad()
+        cross_entropy_loss(bare_model(x[rows]), y[rows]).mean().backward()
+        bare_opt.step()
+
+    bare_step(slice(0, batch))
+    tracker.step(x[:batch], y[:batch], torch.arange(batch))  # the first steps build what later ones reuse
+    rows = slice(batch, 2 * batch)
+    tracked = counted_flops(lambda: tracker.step(x[rows], y[rows], torch.arange(batch, 2 * batch)))[0]
+    bare = counted_flops(lambda: bare_step(rows))[0]
+    work = tracker.cost.work
+    assert work["probe_factors"] > 0
+    if group_state == "factored":
+        assert work["cross_kernels"] > 0 and (work["contributions"] > 0) == (optimizer == "sgd, weight decay")
+    else:
+        assert work["sketches"] > 0 and work["sketch_products"] > 0 and work["contributions"] > 0
+    assert tracker.cost.ratio == pytest.approx(tracked / bare, rel=0.05)

@@ -33,9 +33,15 @@ expected ratio of an analyzed step to a bare one (forward and backward of the ba
   ("example": vmapped per-example gradients, about 1.5 bare steps; factored: a capture); the
   dense route's ``gradient_route="factored"`` always captures its own pass (about 1.3 bare steps);
 - contributions: per quadrature node, a forward of the probes per vmapped pass (as many rows per
-  pass as :func:`push_pass_shape` allows) plus a tangent pass per pushed row (dense: R + 1 rows)
-  that costs two forwards, or d backward passes of the probes for the probes' Jacobians;
-- the probe forwards before and after the step.
+  pass as :func:`push_pass_shape` allows) plus a tangent pass per pushed row (dense: R + 1 rows;
+  factored: the rest row, only under weight decay; sketched: 2) that costs two forwards, or d
+  backward passes of the probes for the probes' Jacobians;
+- factored and sketched routes, per node (:func:`factored_work`, from the layers' shapes): the
+  probes' factors (a forward and d output-batched backward passes) and, factored, the cross
+  kernels between the probes' d outputs and the batch's examples; their bare step is counted from
+  the same shapes (the first layer's input gradient is not formed);
+- the probe forwards after the step, and before it too when the model has buffers or frozen
+  parameters.
 
 Trackers and analyzers call it at construction and refuse, with the numbers and the cheaper
 options, when the device cannot hold what the step still needs: the total less what already exists
@@ -53,6 +59,10 @@ from typing import Any
 
 import torch
 from torch import nn
+
+from .engine.factored import BlockShape, block_shapes
+from .engine.factors import dense_pair_is_cheaper, lean_materializes, self_kernel_materializes
+from .engine.projections import weight_projection_macs
 
 GiB = 2**30
 
@@ -236,11 +246,10 @@ def estimate_cost(
 
     memory: dict[str, int] = {}
     work: dict[str, float] = {}
-    per_example_forward = 1.0
     # What training itself holds: parameters, gradients, optimizer state, activations.
     acts = activation_elements(model, tuple(t[:1] for t in probes))
     memory["training_step"] = num * param_bytes * (2 + optimizer_state) + 3 * acts * b * param_bytes
-    bare = 3.0 * b * per_example_forward
+    bare = 3.0 * b  # a forward and a backward of every example (the factor routes count it from the shapes)
     memory["parameter_copies"] = num * param_bytes * (2 + quadrature_nodes) + num * param_bytes * optimizer_state
     if group_state == "dense":
         memory["group_gradients"] = rows * num * state_bytes
@@ -263,14 +272,37 @@ def estimate_cost(
         memory["group_state"] = rows * sketch_dim * 8 if group_state == "sketched" else 0
         memory["group_updates"] = 3 * num * state_bytes
         memory["held_factors"] = min(memory_budget, 3 * acts * b * param_bytes)
-        pushed = 2
+        # Counted from the layers' shapes, in forwards of their blocks (what they leave out,
+        # attention's products and elementwise work, is not in a bare step's count either).
+        shapes, fallback = block_shapes(model, probes)
+        parts = factor_route_work(shapes, fallback, probes=m, batch=b, outputs=outputs, itemsize=param_bytes,
+                                  memory_budget=memory_budget, form="lean" if group_state == "factored" else "outer")
+        bare = parts["bare_step"]
+        work["group_gradients"] = parts["batch_factors"]
         if reads_training_pass(acts * param_bytes, b, memory_budget):
-            # Their batch totals and sizes cost about the weight-gradient part of a backward.
-            work["group_gradients"] = 1.0 * b
             memory["training_records"] = acts * b * param_bytes
         else:  # a capture pass of its own
-            work["group_gradients"] = 3.0 * b
-    if contribution_route == "jacobian":
+            work["group_gradients"] += parts["capture"]
+        work["probe_factors"] = quadrature_nodes * parts["probe_factors"]
+        if group_state == "factored":
+            work["cross_kernels"] = quadrature_nodes * parts["cross_kernels"]
+            # Plain SGD: only weight decay leaves a rest row to push.
+            pushed = int(any(float(g.get("weight_decay", 0.0)) != 0.0 for g in optimizer.param_groups))
+        else:
+            # The exact total and the rest row pushed; the batch's per-example gradients sketched
+            # once (D is applied on the probes' side), the probes' d outputs per node; the check's
+            # one parameter-sized vector (k·P); the groups' estimates, M·d·R·k.
+            pushed = 2
+            adam = type(optimizer) is not torch.optim.SGD
+            forward = max(forward_macs(shapes, fallback), 1.0)
+            work["sketches"] = (sketch_work(shapes, fallback, b, sketch_dim, preconditioned=False)
+                                + sketch_work(shapes, fallback, quadrature_nodes * m * outputs, sketch_dim, adam)
+                                + sketch_dim * num / forward)
+            work["sketch_products"] = m * outputs * rows * sketch_dim / forward
+    if pushed == 0:
+        memory["probe_pushes"] = 0
+        work["contributions"] = 0.0
+    elif contribution_route == "jacobian":
         memory["probe_pushes"] = 2 * m * outputs * num * param_bytes
         work["contributions"] = quadrature_nodes * 2.0 * m * outputs
     else:
@@ -282,9 +314,9 @@ def estimate_cost(
         # at R = 21 in one pass. Passes over chunks of the probes add up to one primal of them all.
         passes = math.ceil(pushed / per_pass)
         work["contributions"] = quadrature_nodes * m * (passes + 2.0 * pushed)
-    if group_state in ("factored", "sketched"):
-        work["contributions"] += quadrature_nodes * m * (1.0 + 2.0 * outputs)  # the probes' factors
-    work["probe_forwards"] = 2.0 * m
+    # After the step; before it too when buffers or frozen parameters may have moved the outputs.
+    has_state = any(True for _ in model.buffers()) or any(not p.requires_grad for p in model.parameters())
+    work["probe_forwards"] = m * (2.0 if has_state else 1.0)
     if ema:
         work["ema_contributions"] = quadrature_nodes * m * (1.0 + rows + 2)
     estimate = CostEstimate(memory, available_memory(device), work, bare, held_bytes(model, optimizer, device), settings={
@@ -293,6 +325,99 @@ def estimate_cost(
     })
     estimate.cheaper = _cheaper_options(estimate, group_state, state_dtype, param_bytes)
     return estimate
+
+
+def forward_macs(shapes: list[BlockShape], fallback: int) -> float:
+    """F: the multiply-adds of one example's forward through the linear and convolutional blocks'
+    weights, T·I·O each, plus one per fallback parameter: the unit of :func:`factor_route_work`."""
+    return float(sum(s.positions * (s.inputs - s.bias) * s.outputs for s in shapes if s.kind in ("linear", "conv"))
+                 + fallback)
+
+
+def factor_route_work(shapes: list[BlockShape], fallback: int, *, probes: int, batch: int, outputs: int, form: str,
+                      itemsize: int, memory_budget: int) -> dict[str, float]:
+    """The factored and sketched routes' work per step, in example-forwards (F multiply-adds,
+    :func:`forward_macs`), from the covering plan's blocks
+    (:func:`~genkernel.core.engine.factored.block_shapes`) and the ``fallback`` parameters outside
+    them; ``form``: the batch factors' (:data:`~genkernel.core.engine.factors.FACTOR_FORMS`).
+
+    Returns ``{part: example-forwards}``:
+
+    - ``bare_step``: a backward forms the gradients of the blocks' inputs that depend on
+      parameters (a share β of F: not the first layer's) and the weight gradients (one F), so
+      B (2 + β);
+    - ``batch_factors``: the batch's totals and sizes from its factors, per example and block:
+      T·I·O to form the block (lean form) and 2 P_block for its total and sizes; or T·I·O for the
+      total from the factors and, for the sizes, T·I·O + P_block materialized
+      (:func:`~genkernel.core.engine.factors.self_kernel_materializes`) or T²·(I + O) factored;
+    - ``capture``: a capture pass of the batch's own when the training pass cannot be read, B (1 + β);
+    - ``probe_factors``, per quadrature node: a forward and d output-batched backward passes to the
+      blocks' outputs, M (1 + d β);
+    - ``cross_kernels``, per node, the factored route's kernels between the probes' d outputs and
+      the B examples, as :meth:`~genkernel.core.engine.factors.Factors.pair_kernel` forms them:
+      materialized where either side is (:func:`~genkernel.core.engine.factors.lean_materializes`)
+      or :func:`~genkernel.core.engine.factors.dense_pair_is_cheaper` says so, M·d·T·I·O to form
+      the probes' gradients and M·B·d·P_block for the products, else M·B·T²·(I + d·O); fallback
+      parameters: d backward passes of the probes (torch.func Jacobians) and M·B·d·P_fallback.
+    """
+    m, n, d = probes, batch, outputs
+    forward = forward_macs(shapes, fallback)
+    if forward <= 0:
+        return {"bare_step": 3.0 * n, "batch_factors": 0.0, "capture": 1.0 * n, "probe_factors": m * (1.0 + 2.0 * d),
+                "cross_kernels": 0.0}
+    back = (sum(s.input_gradient_positions * (s.inputs - s.bias) * s.outputs for s in shapes
+                if s.kind in ("linear", "conv")) + fallback) / forward
+    sizes = cross = 0.0
+    for s in shapes:
+        t, i, o, p = s.positions, s.inputs, s.outputs, s.parameters
+        if s.kind in ("linear", "conv"):
+            materialized = lean_materializes(t, i, o, 1) if form == "lean" else False
+            if materialized:  # formed once; its total and sizes read the P_block values
+                sizes += t * i * o + 2 * p
+            elif self_kernel_materializes(t, i, o, 1):  # the total from the factors, the sizes formed
+                sizes += 2 * t * i * o + p
+            else:
+                sizes += t * i * o + t * t * (i + o)
+            if materialized or dense_pair_is_cheaper(m, n, t, t, i, o, d, itemsize, memory_budget):
+                cross += m * d * t * i * o + m * n * d * p
+            else:
+                cross += m * n * t * t * (i + d * o)
+        elif s.kind == "embedding":
+            sizes += t * t * o
+            cross += m * n * t * t * d * o
+        else:  # norm: materialized per-example gradients
+            sizes += p
+            cross += m * n * d * p
+    if fallback:
+        cross += m * d * (1.0 + back) * forward + m * n * d * fallback
+    return {"bare_step": n * (2.0 + back), "batch_factors": n * sizes / forward, "capture": n * (1.0 + back),
+            "probe_factors": m * (1.0 + d * back), "cross_kernels": cross / forward}
+
+
+def sketch_work(shapes: list[BlockShape], fallback: int, rows: float, sketch_dim: int, preconditioned: bool) -> float:
+    """Example-forwards (:func:`forward_macs`) of sketching ``rows`` per-example gradients to
+    ``sketch_dim`` numbers (:class:`~genkernel.core.engine.projections.ParameterProjection`).
+
+    Per row: a weight matrix by the cheaper route of
+    :func:`~genkernel.core.engine.projections.weight_projection_macs`, or, ``preconditioned`` (the
+    probes' side under Adam, whose preconditioner D is a tensor), every block's matrix formed
+    (T·I·O) and projected (O·I·k + O·k); every other parameter (biases, norms, embeddings, the
+    fallback) is projected as a vector, P·k."""
+    forward = forward_macs(shapes, fallback)
+    if forward <= 0:
+        return 0.0
+    k, macs = sketch_dim, float(fallback * sketch_dim)
+    for s in shapes:
+        if s.kind not in ("linear", "conv"):
+            macs += s.parameters * k
+            continue
+        t, i, o = s.positions, s.inputs - s.bias, s.outputs
+        if preconditioned:
+            macs += t * i * o + o * i * k + o * k
+        else:
+            macs += min(weight_projection_macs(t, i, o, k).values())
+        macs += o * k * s.bias
+    return rows * macs / forward
 
 
 def held_bytes(model: nn.Module, optimizer: torch.optim.Optimizer, device: torch.device | str) -> int:
@@ -339,6 +464,6 @@ def _cheaper_options(estimate: CostEstimate, group_state: str, state_dtype: torc
 
 
 __all__ = [
-    "CostEstimate", "PUSH_ROW_ACTIVATIONS", "available_memory", "estimate_cost", "held_bytes", "push_pass_bytes",
+    "CostEstimate", "PUSH_ROW_ACTIVATIONS", "available_memory", "estimate_cost", "factor_route_work", "forward_macs", "held_bytes", "sketch_work", "push_pass_bytes",
     "push_pass_shape", "reads_training_pass",
 ]

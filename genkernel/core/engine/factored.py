@@ -43,7 +43,9 @@ class _Sizes:
     act: int = 0  # outputs of every module, containers included
     leaf_act: int = 0  # outputs of modules without children (what the graph keeps, about)
     xhat: int = 0  # normalized inputs of norm blocks (recorded in the forward)
-    blocks: dict = field(default_factory=dict)  # block index -> [T, I, O, P_block] (linear/conv), summed over calls
+    # block index -> [T, I, O, P_block, T_back]: positions summed over calls, T_back of them in
+    # calls whose input depends on a trainable parameter (a backward forms that input's gradient)
+    blocks: dict = field(default_factory=dict)
 
     def forward_and_factored(self, plan: Plan, c: int) -> tuple[int, int]:
         """(multiply-adds of the linear and convolutional blocks' forward, Σ T·I·O; parameters of
@@ -53,7 +55,7 @@ class _Sizes:
         for index, block in enumerate(plan.blocks):
             if index not in self.blocks:
                 continue
-            t, i, o, p = self.blocks[index]
+            t, i, o, p, _ = self.blocks[index]
             if block.kind in ("linear", "conv"):
                 forward += t * i * o
                 kept += 0 if _dense_is_cheaper(t, i, o, c) else p
@@ -68,7 +70,7 @@ class _Sizes:
         for index, block in enumerate(plan.blocks):
             if index not in self.blocks:
                 continue
-            t, i, o, p = self.blocks[index]
+            t, i, o, p, _ = self.blocks[index]
             if block.kind in ("linear", "conv"):
                 total += c * p if _dense_is_cheaper(t, i, o, c) else t * i + c * t * o
             elif block.kind == "embedding":
@@ -135,18 +137,47 @@ def _probe(model: nn.Module, plan: Plan, inputs: tuple[torch.Tensor, ...]) -> _S
             t, i, o = args[0].numel(), 1, output.shape[-1]
             sizes.a += args[0].numel() + output.numel() // max(output.shape[-1], 1)
             sizes.g += output.numel()
-        old = sizes.blocks.get(index, [0, i, o, numel])
-        sizes.blocks[index] = [old[0] + t, i, o, numel]
+        old = sizes.blocks.get(index, [0, i, o, numel, 0])
+        back = t if isinstance(args[0], torch.Tensor) and args[0].requires_grad else 0
+        sizes.blocks[index] = [old[0] + t, i, o, numel, old[4] + back]
 
     for module in model.modules():
         handles.append(module.register_forward_hook(hook))
     try:
-        with torch.no_grad():
+        # With a graph (of one example), so that the hook sees which inputs depend on parameters.
+        with torch.enable_grad():
             model(*one)
     finally:
         for handle in handles:
             handle.remove()
     return sizes
+
+
+@dataclass(frozen=True)
+class BlockShape:
+    """One block of a model's covering plan, per example: ``kind`` (linear, conv, norm,
+    embedding), ``positions`` T (summed over its calls), ``inputs`` I (weight columns and a bias
+    column), ``outputs`` O, ``parameters`` P_block, and ``input_gradient_positions``: the positions
+    whose input depends on a trainable parameter (a backward forms that input's gradient);
+    ``bias``: whether one of ``inputs`` is a bias column."""
+
+    kind: str
+    positions: int
+    inputs: int
+    outputs: int
+    parameters: int
+    input_gradient_positions: int
+    bias: bool
+
+
+def block_shapes(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> tuple[list[BlockShape], int]:
+    """The blocks of ``model``'s covering plan on ``inputs`` (one example's forward, remembered
+    like the plan) and the number of parameters outside them (torch.func's fallback)."""
+    plan = covering_plan(model, inputs)
+    sizes = _probe_sizes(model, plan, inputs)
+    shapes = [BlockShape(block.kind, *sizes.blocks[index], block.bias is not None) for index, block in enumerate(plan.blocks)
+              if index in sizes.blocks]
+    return shapes, sum(p.numel() for p in plan.fallback.values())
 
 
 def chunk_sizes(
@@ -444,4 +475,4 @@ def factored_jacobian(
     return torch.cat([grads[n].reshape(len(outputs), b, -1) for n in plan.order], dim=2).transpose(0, 1)
 
 
-__all__ = ["chunk_sizes", "chunks", "factored_gradient_kernel", "factored_jacobian", "fallback_jacobian", "row_chunks"]
+__all__ = ["BlockShape", "block_shapes", "chunk_sizes", "chunks", "factored_gradient_kernel", "factored_jacobian", "fallback_jacobian", "row_chunks"]

@@ -463,9 +463,7 @@ class Factors:
         """Diagonal k(x, x) of the block: ``[B]`` (trace) or ``[B, c]`` (per output)."""
         f = self
         c, t = f.g.shape[0], f.g.shape[2] if f.kind != "dense" else 1
-        # Many positions: materializing Σ_t g_t a_tᵀ (T·c·I·O per example) beats the T² form
-        # (T²·(I + c·O)), as in pair_kernel's choice.
-        if f.kind == "outer" and t > 1 and t * (f.a.shape[2] + c * f.g.shape[3]) > c * f.a.shape[2] * f.g.shape[3]:
+        if f.kind == "outer" and self_kernel_materializes(t, f.a.shape[2], f.g.shape[3], c):
             f = Factors(f.block, "dense", None, f.as_dense())
         if f.kind == "dense":
             per = (f.g * f.g).sum(dim=2)  # [c, B]
@@ -538,12 +536,19 @@ def _prefer_dense(f1: Factors, f2: Factors, budget: int) -> bool:
         return "dense" in (f1.kind, f2.kind)
     c, m, t, o = f1.g.shape
     n, s = f2.g.shape[1], f2.g.shape[2]
-    i = f1.a.shape[2]
+    return dense_pair_is_cheaper(m, n, t, s, f1.a.shape[2], o, c, f1.g.element_size(), budget)
+
+
+def dense_pair_is_cheaper(m: int, n: int, t: int, s: int, i: int, o: int, c: int, itemsize: int, budget: int) -> bool:
+    """Whether :meth:`Factors.pair_kernel` materializes a pair of outer-form blocks: m and n
+    examples with t and s positions, I inputs, O outputs, c cotangents on the first side. The
+    factored form costs m·n·t·s·(I + c·O) and holds an [m, n, t, s] product (against
+    ``budget``); materializing costs (m·t + n·s)·c·I·O to form and m·n·c·I·O for the matmul."""
     if t == 1 and s == 1:
         return False
     factored = m * n * t * s * (i + c * o)
     dense = (m * t + n * s) * c * i * o + m * n * c * i * o
-    too_big = m * n * t * s * f1.g.element_size() * 2 > budget
+    too_big = m * n * t * s * itemsize * 2 > budget
     return dense < factored or too_big
 
 
@@ -658,6 +663,19 @@ def _dense_is_cheaper(t: int, i: int, o: int, c: int) -> bool:
     return t > 1 and t * t * (i + c * o) > c * i * o
 
 
+def self_kernel_materializes(t: int, i: int, o: int, c: int) -> bool:
+    """Whether :meth:`Factors.self_kernel` materializes an outer-form block: with many positions,
+    forming Σ_t g_t a_tᵀ (T·c·I·O per example) beats the T² form (T²·(I + c·O))."""
+    return t > 1 and t * (i + c * o) > c * i * o
+
+
+def lean_materializes(t: int, i: int, o: int, c: int) -> bool:
+    """Whether ``form="lean"`` materializes a block of T positions, I inputs, O outputs and c
+    cotangents: its pairs cost less materialized, and per example the c·I·O materialized values
+    are no more than the outer form's T·(I + c·O)."""
+    return _dense_is_cheaper(t, i, o, c) and c * i * o <= t * (i + c * o)
+
+
 def _activation(block: Block, inputs: tuple, batch: int) -> torch.Tensor:
     """Per-example activation of one call, as the hook records it: ``[B, T, I]`` (Linear), the
     input itself (Conv: unfolded or differentiated after the backward; norms: normalized after
@@ -711,8 +729,9 @@ def _block_factors(block: Block, calls: list[tuple[torch.Tensor, torch.Tensor]],
             t = sum(g.shape[2] if block.kind == "linear" else g[0, 0, 0].numel() for _, g in calls)
             i = (0 if block.weight is None else module.weight[0].numel()) + (block.bias is not None)
             o = module.weight.shape[0]
-            # "lean": per example, c·I·O materialized values against the outer form's T·(I + c·O).
-            if _dense_is_cheaper(t, i, o, c) and (form == "compact" or c * i * o <= t * (i + c * o)):
+            # "compact": wherever cheaper; "lean": also no larger than the outer factors.
+            materialize = lean_materializes(t, i, o, c) if form == "lean" else _dense_is_cheaper(t, i, o, c)
+            if materialize:
                 return Factors(block, "dense", None, _dense_from_calls(block, calls))
         acts, grads = [], []
         for x, g in calls:
@@ -1019,6 +1038,6 @@ def loss_cotangents(loss_fn: Callable, targets) -> tuple[Callable[[torch.Tensor]
 
 
 __all__ = [
-    "Block", "DEFAULT_MEMORY_BUDGET", "Factors", "Plan", "TrainingCapture", "Unfactorable", "capture", "covering_plan", "loss_cotangents", "make_plan",
-    "output_cotangents",
+    "Block", "DEFAULT_MEMORY_BUDGET", "Factors", "Plan", "TrainingCapture", "Unfactorable", "capture", "covering_plan",
+    "dense_pair_is_cheaper", "lean_materializes", "loss_cotangents", "self_kernel_materializes", "make_plan", "output_cotangents",
 ]
