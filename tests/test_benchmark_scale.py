@@ -23,10 +23,14 @@ def report(tmp_path_factory):
 
 def test_claims_follow_from_their_numbers(report):
     claims = report["claims"]
-    assert len(claims) == 2 + len(report["sgd_factored"]) + 1
+    estimated = len(report["sgd_factored"]) + len(report["sketched"]) + 1
+    assert len(claims) == 2 + len(report["sgd_factored"]) + estimated + 1
     for claim in claims:
         n = claim["numbers"]
-        if "relative_error" in n and n["measured_bytes"] <= 0:
+        if "predicted_ratio" in n:  # the estimate against the operation count
+            assert n["relative_error"] == pytest.approx(n["predicted_ratio"] / n["flop_ratio"] - 1)
+            assert claim["held"] == (abs(n["relative_error"]) <= n["tolerance"])
+        elif "relative_error" in n and n["measured_bytes"] <= 0:
             # smoke sizes: the RSS difference between two processes can vanish; no ratio, not held
             assert n["relative_error"] is None and claim["held"] is False
         elif "relative_error" in n:
@@ -37,9 +41,14 @@ def test_claims_follow_from_their_numbers(report):
 
 
 def test_ratios_are_the_medians_quotients(report):
+    for run in report["sketched"]:
+        assert run["group_state"] == "sketched" and run["momentum"] == 0.9
+        assert run["ratio"] == pytest.approx(run["tracked_median_s"] / run["bare_median_s"])
+        assert run["work"]["sketches"] > 0 and run["training_unchanged"] is True
     for run in report["sgd_factored"]:
         assert run["ratio"] == pytest.approx(run["tracked_median_s"] / run["bare_median_s"])
         assert run["group_state"] == "factored"  # one group per example on plain SGD: the factored route
+        assert run["work"]["cross_kernels"] > 0
         assert run["groups"] >= run["batch"]
         assert run["estimate_batch"] == run["batch"]  # the estimate compares with the training batch
         assert run["training_unchanged"] is True

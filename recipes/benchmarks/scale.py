@@ -39,7 +39,10 @@ committed figures were measured on). Three measurements, side by side in one run
    of :mod:`recipes.benchmarks.kernels` (its ``mlp784`` and ``convnet10`` rows). Bare and tracked
    steps are interleaved (:func:`~recipes.benchmarks.harness.interleaved`: first calls apart,
    then rounds in rotated order), median seconds and the load average beside them. Target: at
-   most 3× a bare step.
+   most 3× a bare step. Then the same on SGD with momentum 0.9 and ``group_state="sketched"``
+   (the CNN at B = 256; no time target). Every row, and the tiny UNet of part 3, carries the
+   estimate's predicted ratio (``tracker.cost.ratio``, known before the run) beside the step's
+   operation count (``torch.utils.flop_counter``): the claim is that they agree to 10 %.
 3. The tiny UNet of :mod:`recipes.benchmarks.diffusion` (its full settings: 16×16 digits,
    channels 16-32, batch 32) under the analyzer with 10 log-SNR bins, one control partition and
    64 probes, against a bare DDPM step, interleaved. Target: at most 8×. Then a few more analyzed
@@ -60,8 +63,9 @@ its numbers check the plumbing, not the claims.
 Writes ``OUT/benchmark_scale.json``: ``settings``, ``machine`` (threads, cores, load average at
 the start and the end, torch version), ``memory`` (both children's raw numbers, the estimate's
 parts, the three comparisons with their relative errors, the per-phase profile and array
-inventory, seconds per step), ``sgd_factored`` (per model and batch: route, medians, ratio,
-load, first calls, residual, the estimate's predicted ratio), ``tiny_unet`` (medians, ratio,
+inventory, seconds per step), ``sgd_factored`` and ``sketched`` (per model and batch: route,
+medians, ratio, load, first calls, residual, operation counts, the estimate's predicted ratio and
+its work per part), ``tiny_unet`` (medians, ratio,
 load, the breakdown), ``allocator`` (per process: environment, medians, ratio; the medians per
 setting), and ``claims``: a list of ``{"claim", "held", "numbers"}``, ``held``
 computed from ``numbers`` (never written by hand). Also ``OUT/benchmark_scale.png``.
@@ -98,6 +102,7 @@ MODULE = __spec__.name  # what the memory children run: python -m MODULE --memor
 MEMORY_TOLERANCE = 0.20  # the issue: predicted memory within 20 % of the measured peak
 SGD_TARGET = 3.0  # plain SGD, factored route, one group per example: at most 3x a bare step
 UNET_TARGET = 8.0  # tiny UNet, 10 bins, one control, 64 probes: at most 8x a bare step
+ESTIMATE_TOLERANCE = 0.10  # the estimate's predicted ratio against the step's operation count
 _MISSING = object()  # replace_attribute: the replaced attribute was not the owner's own
 # Keeps freed arrays up to 1 GB in the heap (glibc otherwise maps arrays over 32 MB afresh each time)
 ALLOCATOR_TUNING = {"MALLOC_MMAP_THRESHOLD_": "1073741824", "MALLOC_TRIM_THRESHOLD_": "2147483648"}
@@ -106,16 +111,19 @@ SETTINGS = dict(
     full=dict(memory_model="ddpm_cifar10", memory_batch=4, memory_probes=4, memory_bins=5, memory_controls=1,
               memory_warmup=1, memory_steps=2, memory_timeout=2400.0, memory_parallel=False,
               sgd_models=("mlp", "cnn"), sgd_batches=(256, 512), sgd_probes=64, sgd_repeats=7,
+              sketched_models=("cnn",), sketched_batch=256, sketched_repeats=5,
               unet_batch=32, unet_channels=(16, 32), unet_probes=64, unet_bins=10, unet_controls=1, unet_warmup=2,
               unet_repeats=5, breakdown_steps=2, allocator_rounds=2),
     quick=dict(memory_model="mnist", memory_batch=4, memory_probes=4, memory_bins=5, memory_controls=1,
                memory_warmup=1, memory_steps=2, memory_timeout=300.0, memory_parallel=False,
                sgd_models=("mlp", "cnn"), sgd_batches=(256, 512), sgd_probes=64, sgd_repeats=3,
+               sketched_models=("cnn",), sketched_batch=256, sketched_repeats=2,
                unet_batch=16, unet_channels=(8, 16), unet_probes=64, unet_bins=10, unet_controls=1, unet_warmup=1,
                unet_repeats=2, breakdown_steps=1, allocator_rounds=1),
     smoke=dict(memory_model="mlp", memory_batch=4, memory_probes=2, memory_bins=2, memory_controls=1,
                memory_warmup=1, memory_steps=2, memory_timeout=120.0, memory_parallel=True,
                sgd_models=("mlp", "cnn"), sgd_batches=(16,), sgd_probes=4, sgd_repeats=1,
+               sketched_models=("cnn",), sketched_batch=16, sketched_repeats=1,
                unet_batch=2, unet_channels=(8, 16), unet_probes=2, unet_bins=3, unet_controls=1, unet_warmup=1,
                unet_repeats=1, breakdown_steps=1, allocator_rounds=1),
 )
@@ -458,8 +466,11 @@ def _encode(s: dict, prefix: str = "memory_") -> str:
 
 
 # ------------------------------------------------------------------------ part 2: SGD factored
-def sgd_factored(model_name: str, batch: int, probes: int, repeats: int, seed: int) -> dict:
-    """Bare and tracked plain-SGD steps, interleaved, one group per training example."""
+def sgd_factored(model_name: str, batch: int, probes: int, repeats: int, seed: int, *, momentum: float = 0.0,
+                 group_state: str = "auto") -> dict:
+    """Bare and tracked SGD steps, interleaved, one group per training example (plain SGD with
+    ``group_state="auto"``: the factored route; ``momentum`` with ``group_state="sketched"``: the
+    sketched one)."""
     from genkernel import PathKernelTracker
     from genkernel.supervised import cross_entropy_loss
 
@@ -470,10 +481,10 @@ def sgd_factored(model_name: str, batch: int, probes: int, repeats: int, seed: i
     bare_model, x, held_out = build(row, examples, False)  # seeded: both copies start equal
     tracked_model, _, _ = build(row, 1, False)
     y = torch.randint(0, 10, (examples,), generator=torch.Generator().manual_seed(seed))
-    bare_opt = torch.optim.SGD(bare_model.parameters(), lr=0.01)
-    tracked_opt = torch.optim.SGD(tracked_model.parameters(), lr=0.01)
+    bare_opt = torch.optim.SGD(bare_model.parameters(), lr=0.01, momentum=momentum)
+    tracked_opt = torch.optim.SGD(tracked_model.parameters(), lr=0.01, momentum=momentum)
     tracker = PathKernelTracker(tracked_model, tracked_opt, cross_entropy_loss, held_out[:probes],
-                                num_groups=examples, group_state="auto", batch_size=batch)
+                                num_groups=examples, group_state=group_state, batch_size=batch)
     position = {"bare": 0, "tracked": 0}
 
     def rows(kind: str) -> slice:
@@ -496,6 +507,7 @@ def sgd_factored(model_name: str, batch: int, probes: int, repeats: int, seed: i
     flops = {"bare": counted_flops(bare_step)[0], "tracked": counted_flops(tracked_step)[0]}  # the spare batch, both
     same = all(torch.equal(p, q) for p, q in zip(bare_model.parameters(), tracked_model.parameters()))
     return {"model": model_name, "architecture": row, "batch": batch, "groups": examples, "probes": probes,
+            "momentum": momentum, "work": tracker.cost.work, "bare_work": tracker.cost.bare_step,
             "parameters": sum(p.numel() for p in bare_model.parameters()), "group_state": tracker.group_state,
             "route": tracker.route.name, "contribution_route": tracker.route.contribution_route,
             "estimate_group_state": tracker.cost.settings["group_state"], "estimate_batch": tracker.cost.settings["batch"],
@@ -637,6 +649,17 @@ def claims_of(report: dict) -> list[dict]:
                         "load_mean": run["load_mean"], "target": SGD_TARGET,
                         "flop_ratio_floor": run["flop_ratio"]}})
     unet = report["tiny_unet"]
+    estimated = [(f"{r['group_state']} route, {r['model']} at B={r['batch']}", r)
+                 for r in report["sgd_factored"] + report["sketched"]]
+    estimated.append((f"tiny UNet under the analyzer ({unet['group_state']} route)", unet))
+    for what, run in estimated:
+        error = run["predicted_ratio"] / run["flop_ratio"] - 1
+        claims.append({
+            "claim": f"{what}: the estimate's predicted ratio (tracker.cost.ratio, known before the run) is within "
+                     f"{ESTIMATE_TOLERANCE:.0%} of the step's operation count over a bare step's",
+            "held": abs(error) <= ESTIMATE_TOLERANCE,
+            "numbers": {"predicted_ratio": run["predicted_ratio"], "flop_ratio": run["flop_ratio"],
+                        "relative_error": error, "tolerance": ESTIMATE_TOLERANCE}})
     claims.append({
         "claim": f"tiny UNet, {unet['bins']} log-SNR bins, {unet['controls']} control partition, {unet['probes']} probes: "
                  f"an analyzed step costs at most {UNET_TARGET:g}x a bare step",
@@ -669,14 +692,17 @@ def plot(report: dict, path: Path) -> None:
     ax.set_ylabel("GiB")
     ax.set_title(f"memory: {memory['model']}", fontsize=9)
     ax = axes[1]
-    runs = report["sgd_factored"]
-    ax.bar(range(len(runs)), [r["ratio"] for r in runs])
-    ax.set_xticks(range(len(runs)))
-    ax.set_xticklabels([f"{r['model']}\nB={r['batch']}" for r in runs], fontsize=8)
-    ax.axhline(SGD_TARGET, color="k", ls="--", lw=0.8, label=f"{SGD_TARGET:g}x target")
+    runs = report["sgd_factored"] + report["sketched"]
+    xs = range(len(runs))
+    ax.bar(xs, [r["ratio"] for r in runs], label="time")
+    ax.plot(xs, [r["flop_ratio"] for r in runs], "k_", ms=18, mew=2, label="operation count")
+    ax.plot(xs, [r["predicted_ratio"] for r in runs], "r.", ms=10, label="estimate (before the run)")
+    ax.set_xticks(list(xs))
+    ax.set_xticklabels([f"{r['model']}\nB={r['batch']}\n{r['group_state']}" for r in runs], fontsize=7)
+    ax.axhline(SGD_TARGET, color="k", ls="--", lw=0.8, label=f"{SGD_TARGET:g}x target (factored)")
     ax.set_ylabel("tracked / bare step")
-    ax.set_title("plain SGD, factored route, one group per example", fontsize=9)
-    ax.legend(fontsize=8)
+    ax.set_title("SGD, one group per example (sketched: momentum 0.9)", fontsize=9)
+    ax.legend(fontsize=7)
     ax = axes[2]
     phases = [p for p in report["tiny_unet"]["breakdown"]["phases"] if p["fraction"]]
     ax.barh(range(len(phases)), [p["fraction"] for p in phases])
@@ -736,6 +762,13 @@ def main(argv=None) -> dict:
                                                    "predicted": r["predicted_ratio"],
                                                    "bare ms": r["bare_median_s"] * 1e3, "load": r["load_mean"]}
                   for r in report["sgd_factored"]})
+    report["sketched"] = [sgd_factored(m, s["sketched_batch"], s["sgd_probes"], s["sketched_repeats"], args.seed,
+                                       momentum=0.9, group_state="sketched") for m in s["sketched_models"]]
+    print_ratios(f"[{NAME}] SGD with momentum, sketched route, one group per example: tracked / bare step (no target)",
+                 {f"{r['model']} B={r['batch']}": {"ratio": r["ratio"], "flop ratio": r["flop_ratio"],
+                                                   "predicted": r["predicted_ratio"],
+                                                   "bare ms": r["bare_median_s"] * 1e3, "load": r["load_mean"]}
+                  for r in report["sketched"]})
     report["tiny_unet"] = tiny_unet_step(s, args.seed)
     unet = report["tiny_unet"]
     print_ratios(f"[{NAME}] tiny UNet: analyzed / bare step (target <= {UNET_TARGET:g}), predicted by the estimate",
