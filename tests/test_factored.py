@@ -172,6 +172,48 @@ def test_add_rows_sums_weighted_gradients_in_float64(groups, block_bytes, monkey
     assert torch.equal(sums["w"][3:], torch.ones_like(sums["w"][3:]))  # rows no example reaches are left alone
 
 
+@pytest.mark.parametrize("groups", [3, 40])  # every row reached (one batched product); 3 of 40 (by index)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_one_position_weights_are_summed_into_rows_from_their_factors(groups, dtype):
+    """A Linear layer's per-example gradients g_n a_nᵀ go into the rows as (W[r] ⊙ g)ᵀ a from the
+    factors widened to float64, never formed: the exact float64 sums to float64 rounding, and the
+    sums of the formed gradients (each rounded in the model's dtype first) to that dtype's
+    rounding. The bias and a convolution (many positions) take the formed route; rows no example
+    reaches are left alone."""
+    from genkernel.core.engine import gradients
+    from genkernel.core.engine.factors import capture, loss_cotangents, make_plan
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 12), nn.Tanh(), nn.Unflatten(1, (1, 12)), nn.Conv1d(1, 2, 3), nn.Flatten(),
+                          nn.Linear(20, 3)).to(dtype)
+    g = torch.Generator().manual_seed(5)
+    x, y = torch.randn(5, 6, generator=g, dtype=dtype), torch.randn(5, 3, generator=g, dtype=dtype)
+    plan = make_plan(model)
+    make, _ = loss_cotangents(lambda out, t: ((out - t) ** 2).sum(dim=1), y)
+    factors, _ = capture(model, plan, (x,), make)
+    assert [f.kind for f in factors] == ["outer"] * 3 and factors[0].a.shape[1] == 1 < factors[1].a.shape[1]
+    weights = torch.zeros(groups, 5, dtype=torch.float64)
+    weights[torch.arange(5) % 3, torch.arange(5)] = torch.randn(5, generator=g, dtype=torch.float64)
+    params = dict(model.named_parameters())
+    from_factors = {n: torch.ones((groups, *p.shape), dtype=torch.float64) for n, p in params.items()}
+    gradients.add_factor_rows(from_factors, weights, factors)
+    formed = {n: torch.ones_like(t) for n, t in from_factors.items()}
+    for f in factors:
+        gradients.add_rows(formed, weights, {n: v[0] for n, v in f.gradients().items()})
+    eps64 = torch.finfo(torch.float64).eps
+    for f in (factors[0], factors[2]):  # the two Linear layers, exact in float64 from their factors
+        a, grad = (t[:, 0].to(torch.float64) for t in f.weight_outer())
+        exact = 1 + torch.einsum("rn,no,ni->roi", weights, grad, a)
+        size = 1 + torch.einsum("rn,no,ni->roi", weights.abs(), grad.abs(), a.abs())
+        assert bool(((from_factors[f.block.weight] - exact).abs() <= 16 * eps64 * size).all())
+    for name in params:
+        per_example = torch.cat([v[0] for f in factors for n, v in f.gradients().items() if n == name])
+        size = 1 + weights.abs() @ per_example.reshape(5, -1).abs().to(torch.float64)
+        bound = 16 * torch.finfo(dtype).eps * size
+        assert bool(((from_factors[name] - formed[name]).reshape(groups, -1).abs() <= bound).all()), name
+    assert torch.equal(from_factors["0.weight"][3:], torch.ones_like(from_factors["0.weight"][3:]))
+
+
 def test_group_gradients_from_factors_equal_torch_func():
     from genkernel.core.engine.gradients import group_gradients, membership_matrix
 
