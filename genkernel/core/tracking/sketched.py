@@ -116,7 +116,7 @@ class SketchedRoute(_FactorRoute):
         step = sketched_grads.new_zeros((partitions.total, self.k))
         for name, part in partitions.slices.items():
             step.index_add_(0, ids[name].to(step.device) + part.start, sketched_grads)
-        state = None if self.state is None else self.state.clone()
+        state = self.state  # advance() leaves it as it is: committed only at commit()
         if state is None and not self.adam and not self._fresh and self.hyper["momentum"] != 0:
             state = torch.zeros_like(step)  # the optimizer's buffers predate tracking: their part is the rest's
         self._pending, direction = self.splitter.advance(state, step, self.hyper)

@@ -114,9 +114,10 @@ class UpdateSplitter:
     def advance(state: torch.Tensor | None, grads: torch.Tensor, h: dict[str, Any]) -> tuple[torch.Tensor | None, torch.Tensor]:
         """One step of the optimizer's linear recurrence on rows ``grads`` (any trailing shape).
 
-        ``state``: the rows' state before the step, or None when the optimizer starts its state
-        at this step. Updates ``state`` in place where it exists. Returns ``(new state (None for a
-        stateless rule), update directions)``, the directions in the rows' shape.
+        ``state``: the rows' state before the step (left as it is: a rolled-back step keeps it), or
+        None when the optimizer starts its state at this step. Returns ``(new state, a new array
+        (None for a stateless rule), update directions)``, the directions in the rows' shape; each
+        new array is written in one pass where the rule allows.
         """
         raise NotImplementedError
 
@@ -182,9 +183,7 @@ class UpdateSplitter:
                 primary = self.rounding_rows[self.partitions.primary]
                 size = abs_row_sum(full[first]).add_(full[self.rows].abs()).add_(full[primary].abs()).unsqueeze(0)
                 previous = self.magnitude.get(name)
-                if previous is not None:
-                    previous = previous.clone()
-                elif self.before.get(name) is not None:
+                if previous is None and self.before.get(name) is not None:
                     previous = self.before[name].abs().to(self.dtype).unsqueeze(0)
                 magnitude, _ = self.advance(previous, size, h)
                 self.pending_magnitude[name] = magnitude
@@ -225,14 +224,14 @@ class UpdateSplitter:
         return self.state.get(name, {}).get(self.state_key)
 
     def _state_before(self, name: str, like: torch.Tensor) -> torch.Tensor | None:
-        """A copy of the rows' state before this step: the splitter's own, else None when the
-        optimizer starts its state now, else zeros with the optimizer's pre-existing buffer in the
-        rest row (no tracked example caused it)."""
+        """The rows' state before this step (read, not written: :meth:`advance` makes a new one):
+        the splitter's own, else None when the optimizer starts its state now, else zeros with the
+        optimizer's pre-existing buffer in the rest row (no tracked example caused it)."""
         if self.state_key is None:
             return None
         own = self.state.get(name, {}).get(self.state_key)
         if own is not None:
-            return own.clone()
+            return own
         existing = self.before.get(name)
         if existing is None:
             return None
@@ -303,7 +302,7 @@ class SGDSplitter(UpdateSplitter):
         if state is None:
             state = grads.clone()  # PyTorch's first step: b_1 = g_1
         else:
-            state.mul_(mu).add_(grads, alpha=1 - h["dampening"])
+            state = torch.mul(state, mu).add_(grads, alpha=1 - h["dampening"])
         return state, (grads + mu * state if h["nesterov"] else state)
 
     def preconditioner(self, name):
@@ -340,9 +339,11 @@ class AdamSplitter(UpdateSplitter):
 
     @staticmethod
     def advance(state, grads, h):
+        # As torch.optim.Adam: m_k = lerp(m_{k−1}, ĝ_k, 1 − β1), in one pass.
         if state is None:
-            state = torch.zeros_like(grads)
-        state.mul_(h["beta1"]).add_(grads, alpha=1 - h["beta1"])
+            state = torch.mul(grads, 1 - h["beta1"])
+        else:
+            state = torch.lerp(state, grads, 1 - h["beta1"])
         return state, state
 
     def preconditioner(self, name):
@@ -387,9 +388,7 @@ class RMSpropSplitter(UpdateSplitter):
         mu = h["momentum"]
         if mu == 0:
             return None, grads
-        if state is None:
-            state = torch.zeros_like(grads)
-        state.mul_(mu).add_(grads)
+        state = grads.clone() if state is None else torch.mul(state, mu).add_(grads)
         return state, state
 
     def preconditioner(self, name):
