@@ -166,6 +166,12 @@ def trainable_parameters(model: nn.Module) -> dict[str, torch.Tensor]:
     return params
 
 
+def has_state_outside_training(model: nn.Module) -> bool:
+    """Whether anything but the optimizer can move the model's outputs between steps: buffers
+    (running statistics, spectral norm's vectors) or frozen parameters."""
+    return any(True for _ in model.buffers()) or any(not p.requires_grad for p in model.parameters())
+
+
 def coupled_modules(model: nn.Module) -> list[str]:
     """Modules whose training-mode forward couples or randomizes examples: BatchNorm in training
     mode (batch statistics) and dropout with p > 0 in training mode (fresh masks)."""

@@ -36,10 +36,11 @@ expected ratio of an analyzed step to a bare one (forward and backward of the ba
   pass as :func:`push_pass_shape` allows) plus a tangent pass per pushed row (dense: R + 1 rows;
   factored: the rest row, only under weight decay; sketched: 2) that costs two forwards, or d
   backward passes of the probes for the probes' Jacobians;
-- factored and sketched routes, per node (:func:`factored_work`, from the layers' shapes): the
+- factored and sketched routes, per node (:func:`factor_route_work`, from the layers' shapes): the
   probes' factors (a forward and d output-batched backward passes) and, factored, the cross
-  kernels between the probes' d outputs and the batch's examples; their bare step is counted from
-  the same shapes (the first layer's input gradient is not formed);
+  kernels between the probes' d outputs and the batch's examples (sketched: the projections,
+  :func:`sketch_work`); their group gradients (the batch's totals and sizes) and bare step are
+  counted from the same shapes (the first layer's input gradient is not formed);
 - the probe forwards after the step, and before it too when the model has buffers or frozen
   parameters.
 
@@ -60,6 +61,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .adapter import has_state_outside_training
 from .engine.factored import BlockShape, block_shapes
 from .engine.factors import dense_pair_is_cheaper, lean_materializes, self_kernel_materializes
 from .engine.projections import weight_projection_macs
@@ -315,8 +317,7 @@ def estimate_cost(
         passes = math.ceil(pushed / per_pass)
         work["contributions"] = quadrature_nodes * m * (passes + 2.0 * pushed)
     # After the step; before it too when buffers or frozen parameters may have moved the outputs.
-    has_state = any(True for _ in model.buffers()) or any(not p.requires_grad for p in model.parameters())
-    work["probe_forwards"] = m * (2.0 if has_state else 1.0)
+    work["probe_forwards"] = m * (2.0 if has_state_outside_training(model) else 1.0)
     if ema:
         work["ema_contributions"] = quadrature_nodes * m * (1.0 + rows + 2)
     estimate = CostEstimate(memory, available_memory(device), work, bare, held_bytes(model, optimizer, device), settings={
@@ -464,6 +465,6 @@ def _cheaper_options(estimate: CostEstimate, group_state: str, state_dtype: torc
 
 
 __all__ = [
-    "CostEstimate", "PUSH_ROW_ACTIVATIONS", "available_memory", "estimate_cost", "factor_route_work", "forward_macs", "held_bytes", "sketch_work", "push_pass_bytes",
-    "push_pass_shape", "reads_training_pass",
+    "CostEstimate", "PUSH_ROW_ACTIVATIONS", "available_memory", "estimate_cost", "factor_route_work", "forward_macs",
+    "held_bytes", "push_pass_bytes", "push_pass_shape", "reads_training_pass", "sketch_work",
 ]

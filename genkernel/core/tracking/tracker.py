@@ -58,6 +58,7 @@ from ..adapter import (
     check_per_example_safe,
     checked_forward,
     coupled_modules,
+    has_state_outside_training,
     is_compiled,
     positive_int,
     tf32_hazard,
@@ -268,9 +269,7 @@ class PathKernelTracker:
         rows_of(self.probes, name="probes")  # refuses probes of unequal lengths
         check_finite(self.probes, name="probes")
         check_deterministic(self.module, self.probes)
-        self._has_state = any(True for _ in self.module.buffers()) or any(
-            not p.requires_grad for p in self.module.parameters()
-        )
+        self._has_state = has_state_outside_training(self.module)
         self._optimizer_params = {id(p) for group in optimizer.param_groups for p in group["params"]}
         dtype = next(iter(self.params.values())).dtype
         self.rtol = CHECK_RTOL.get(dtype, 1e-3)
