@@ -179,7 +179,9 @@ class ParameterProjection:
         step = max(1, chunk_bytes // max(rows * self.k * flat.element_size(), 1))
         for start in range(0, n, step):
             part = matrices[start : start + step] @ s.T  # [n, O, k]
-            out[start : start + step] = torch.einsum("nok,ko->nk", part, r)
+            # Σ_o r_ko part_nok as a product and a sum: einsum makes it k batched products of
+            # n × O by O × 1, 10-20x slower (measured, 2 CPU cores, n = 640, O = 16-32, k = 512).
+            out[start : start + step] = torch.sum(part.mul_(r.T), dim=1)
         return out
 
     def project_outer(self, name: str, a: torch.Tensor, g: torch.Tensor, chunk_bytes: int = 64 * 2**20) -> torch.Tensor:
