@@ -475,4 +475,7 @@ def factored_jacobian(
     return torch.cat([grads[n].reshape(len(outputs), b, -1) for n in plan.order], dim=2).transpose(0, 1)
 
 
-__all__ = ["BlockShape", "block_shapes", "chunk_sizes", "chunks", "factored_gradient_kernel", "factored_jacobian", "fallback_jacobian", "row_chunks"]
+__all__ = [
+    "BlockShape", "block_shapes", "chunk_sizes", "chunks", "factored_gradient_kernel", "factored_jacobian",
+    "fallback_jacobian", "row_chunks",
+]

@@ -1039,5 +1039,6 @@ def loss_cotangents(loss_fn: Callable, targets) -> tuple[Callable[[torch.Tensor]
 
 __all__ = [
     "Block", "DEFAULT_MEMORY_BUDGET", "Factors", "Plan", "TrainingCapture", "Unfactorable", "capture", "covering_plan",
-    "dense_pair_is_cheaper", "lean_materializes", "loss_cotangents", "self_kernel_materializes", "make_plan", "output_cotangents",
+    "dense_pair_is_cheaper", "lean_materializes", "loss_cotangents", "make_plan", "output_cotangents",
+    "self_kernel_materializes",
 ]

@@ -115,9 +115,9 @@ class UpdateSplitter:
         """One step of the optimizer's linear recurrence on rows ``grads`` (any trailing shape).
 
         ``state``: the rows' state before the step (left as it is: a rolled-back step keeps it), or
-        None when the optimizer starts its state at this step. Returns ``(new state, a new array
-        (None for a stateless rule), update directions)``, the directions in the rows' shape; each
-        new array is written in one pass where the rule allows.
+        None when the optimizer starts its state at this step. Returns ``(new state, update
+        directions)``: the new state a new array, written in one pass where the rule allows (None
+        for a stateless rule); the directions in the rows' shape.
         """
         raise NotImplementedError
 
