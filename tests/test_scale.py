@@ -254,10 +254,23 @@ def test_a_tracked_window_tracks_only_its_steps_and_leaves_training_unchanged():
     assert analyzer.tracker.cost.settings["batch"] == 16  # the trainer's batch, not the 6 probes
 
 
+class _RawLinear(nn.Module):
+    """A weight used through F.linear: outside the covering plan's blocks (torch.func's fallback)."""
+
+    def __init__(self, inputs: int, outputs: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(outputs, inputs) / inputs**0.5)
+
+    def forward(self, x):
+        return nn.functional.linear(x, self.weight)
+
+
 def _small_classifier(kind: str) -> nn.Module:
     torch.manual_seed(0)
     if kind == "mlp":
         return nn.Sequential(nn.Flatten(), nn.Linear(64, 48), nn.ReLU(), nn.Linear(48, 32), nn.ReLU(), nn.Linear(32, 5))
+    if kind == "fallback":
+        return nn.Sequential(nn.Flatten(), nn.Linear(64, 48), nn.Tanh(), _RawLinear(48, 32), nn.Tanh(), nn.Linear(32, 5))
     return nn.Sequential(nn.Conv2d(1, 6, 3, padding=1), nn.ReLU(), nn.Conv2d(6, 8, 3, stride=2, padding=1), nn.ReLU(),
                          nn.Flatten(), nn.Linear(8 * 4 * 4, 5))
 
@@ -270,7 +283,7 @@ OPTIMIZERS = {
 }
 
 
-@pytest.mark.parametrize("kind", ["mlp", "cnn"])
+@pytest.mark.parametrize("kind", ["mlp", "cnn", "fallback"])
 @pytest.mark.parametrize("group_state, optimizer", [("factored", "sgd"), ("factored", "sgd, weight decay"),
                                                     ("sketched", "momentum"), ("sketched", "adam")])
 def test_the_factor_routes_estimates_are_the_steps_operation_counts(kind, group_state, optimizer):
@@ -278,8 +291,9 @@ def test_the_factor_routes_estimates_are_the_steps_operation_counts(kind, group_
     ratio of torch's operation counts of a tracked step and a bare one, to 5 %: the probes'
     factors; factored, the cross kernels with the batch and the rest row's push under weight decay
     only; sketched, each projection by its cheaper route (Adam's preconditioner on the probes'
-    side: every probe gradient formed and projected), the check's and the groups' products. The
-    first layer forms no input gradient in either step."""
+    side: every probe gradient formed and projected), the check's and the groups' products; a
+    weight outside the blocks by torch.func (the probes' Jacobians). The first layer forms no input
+    gradient in either step."""
     from recipes.benchmarks.harness import counted_flops
     from genkernel.supervised import cross_entropy_loss
 
@@ -303,6 +317,7 @@ def test_the_factor_routes_estimates_are_the_steps_operation_counts(kind, group_
     tracked = counted_flops(lambda: tracker.step(x[rows], y[rows], torch.arange(batch, 2 * batch)))[0]
     bare = counted_flops(lambda: bare_step(rows))[0]
     work = tracker.cost.work
+    assert (kind == "fallback") == bool(tracker.route.plan.fallback)
     assert work["probe_factors"] > 0
     if group_state == "factored":
         assert work["cross_kernels"] > 0 and (work["contributions"] > 0) == (optimizer == "sgd, weight decay")
