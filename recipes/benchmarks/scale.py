@@ -465,9 +465,9 @@ def _encode(s: dict, prefix: str = "memory_") -> str:
     return json.dumps({k: v for k, v in s.items() if k.startswith(prefix)})
 
 
-# ------------------------------------------------------------------------ part 2: SGD factored
-def sgd_factored(model_name: str, batch: int, probes: int, repeats: int, seed: int, *, momentum: float = 0.0,
-                 group_state: str = "auto") -> dict:
+# ------------------------------------------------------------------- part 2: SGD, factored and sketched
+def sgd_steps(model_name: str, batch: int, probes: int, repeats: int, seed: int, *, momentum: float = 0.0,
+              group_state: str = "auto") -> dict:
     """Bare and tracked SGD steps, interleaved, one group per training example (plain SGD with
     ``group_state="auto"``: the factored route; ``momentum`` with ``group_state="sketched"``: the
     sketched one)."""
@@ -755,20 +755,14 @@ def main(argv=None) -> dict:
     report: dict[str, Any] = {"benchmark": NAME, "mode": args.mode, "seed": args.seed, "settings": s, "machine": machine}
     report["memory"] = memory_comparison(s, args.seed, threads)
     _print_memory(report["memory"])
-    report["sgd_factored"] = [sgd_factored(m, b, s["sgd_probes"], s["sgd_repeats"], args.seed)
+    report["sgd_factored"] = [sgd_steps(m, b, s["sgd_probes"], s["sgd_repeats"], args.seed)
                               for m in s["sgd_models"] for b in s["sgd_batches"]]
     print_ratios(f"[{NAME}] plain SGD, factored route, one group per example: tracked / bare step (target <= {SGD_TARGET:g})",
-                 {f"{r['model']} B={r['batch']}": {"ratio": r["ratio"], "flop ratio": r["flop_ratio"],
-                                                   "predicted": r["predicted_ratio"],
-                                                   "bare ms": r["bare_median_s"] * 1e3, "load": r["load_mean"]}
-                  for r in report["sgd_factored"]})
-    report["sketched"] = [sgd_factored(m, s["sketched_batch"], s["sgd_probes"], s["sketched_repeats"], args.seed,
-                                       momentum=0.9, group_state="sketched") for m in s["sketched_models"]]
+                 _ratio_rows(report["sgd_factored"]))
+    report["sketched"] = [sgd_steps(m, s["sketched_batch"], s["sgd_probes"], s["sketched_repeats"], args.seed,
+                                    momentum=0.9, group_state="sketched") for m in s["sketched_models"]]
     print_ratios(f"[{NAME}] SGD with momentum, sketched route, one group per example: tracked / bare step (no target)",
-                 {f"{r['model']} B={r['batch']}": {"ratio": r["ratio"], "flop ratio": r["flop_ratio"],
-                                                   "predicted": r["predicted_ratio"],
-                                                   "bare ms": r["bare_median_s"] * 1e3, "load": r["load_mean"]}
-                  for r in report["sketched"]})
+                 _ratio_rows(report["sketched"]))
     report["tiny_unet"] = tiny_unet_step(s, args.seed)
     unet = report["tiny_unet"]
     print_ratios(f"[{NAME}] tiny UNet: analyzed / bare step (target <= {UNET_TARGET:g}), predicted by the estimate",
@@ -790,6 +784,13 @@ def main(argv=None) -> dict:
         print(f"[{NAME}] {'held' if c['held'] else 'did NOT hold'}: {c['claim']}")
     print(f"[{NAME}] wrote {out / (NAME + '.json')} in {timer.seconds:.0f} s", flush=True)
     return report
+
+
+def _ratio_rows(runs: list[dict]) -> dict[str, dict[str, float]]:
+    """:func:`~recipes.benchmarks.harness.print_ratios` rows of :func:`sgd_steps` runs."""
+    return {f"{r['model']} B={r['batch']}": {"ratio": r["ratio"], "flop ratio": r["flop_ratio"],
+                                             "predicted": r["predicted_ratio"], "bare ms": r["bare_median_s"] * 1e3,
+                                             "load": r["load_mean"]} for r in runs}
 
 
 def _print_allocator(allocator: dict) -> None:
