@@ -179,6 +179,31 @@ def test_shares_sum_to_one_and_summary_reports_the_residual():
     assert [h["step"] for h in ledger.history] == [2, 4]
 
 
+@pytest.mark.parametrize("columns", [None, "every", "run", "run_at_zero", "scattered", "reversed", "empty"])
+def test_recording_a_step_of_some_groups_equals_recording_it_spread_over_all(columns):
+    """A step given for the groups ``columns`` only (a contiguous run is added through a view,
+    other sets by index) records the same as the step written out over every group."""
+    m, groups, d = 3, 9, 2
+    gen = torch.Generator().manual_seed(0)
+    ids = {None: torch.arange(groups), "every": torch.arange(groups), "run": torch.arange(4, 7),
+           "run_at_zero": torch.arange(0, 3), "scattered": torch.tensor([1, 5, 8]), "reversed": torch.tensor([6, 5, 4]),
+           "empty": torch.zeros(0, dtype=torch.long)}[columns]
+    f_start = torch.randn(m, d, generator=gen, dtype=torch.float64)
+    compact = PathKernelLedger.empty(f_start, groups)
+    spread = PathKernelLedger.empty(f_start, groups)
+    for _ in range(2):  # twice: the second step adds to what the first wrote
+        step = torch.randn(m, ids.numel(), d, generator=gen, dtype=torch.float64)
+        rest, f_new = torch.randn(m, d, generator=gen, dtype=torch.float64), torch.randn(m, d, generator=gen, dtype=torch.float64)
+        full = torch.zeros(m, groups, d, dtype=torch.float64).index_copy_(1, ids, step)
+        compact.record(step, rest, f_new, columns=None if columns is None else ids)
+        spread.record(full, rest, f_new)
+    for key in ("contributions", "traffic", "rest", "residual", "f_end"):
+        torch.testing.assert_close(getattr(compact, key), getattr(spread, key), rtol=1e-14, atol=1e-14)
+    untouched = torch.ones(groups, dtype=torch.bool)
+    untouched[ids] = False
+    assert not compact.contributions[:, untouched].any()
+
+
 def test_tracker_attached_after_warm_up_puts_old_momentum_in_rest():
     x, y, cls = data()
     model, opt, _ = make_run()

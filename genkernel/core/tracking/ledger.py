@@ -112,9 +112,10 @@ class PathKernelLedger:
         groups only), ``step_rest [M, d]`` (buffer drift included, ``step_drift`` being its part),
         new outputs ``[M, d]`` and, with sketched state, the step's ``[M, d]`` sketch error."""
         step_traffic = step_contributions.norm(dim=2)
-        if columns is None:
-            self.contributions += step_contributions
-            self.traffic += step_traffic
+        span = _contiguous_span(columns, self.num_groups)
+        if span is not None:  # every group, or a batch of consecutive ids: a view, no scattered writes
+            self.contributions[:, span] += step_contributions
+            self.traffic[:, span] += step_traffic
         else:  # O(M U d) instead of O(M G d): with a group per training example G grows with the data
             self.contributions.index_add_(1, columns, step_contributions)
             self.traffic.index_add_(1, columns, step_traffic)
@@ -244,3 +245,16 @@ class PathKernelLedger:
         state = dict(load_state(path, FORMAT))
         state.pop("format")
         return cls.from_state_dict(state)
+
+
+def _contiguous_span(columns: torch.Tensor | None, num_groups: int) -> slice | None:
+    """``slice(a, a + U)`` when ``columns [U]`` is the ascending run a, a+1, …, a+U−1 (``None``:
+    every group); otherwise None. Adding into such a view is 2-3x faster than ``index_add_`` along
+    the ledger's middle dimension (measured: [64, 7680, 10] float64, 512 columns)."""
+    if columns is None:
+        return slice(0, num_groups)
+    if columns.numel() == 0:
+        return slice(0, 0)
+    start = int(columns[0])
+    run = torch.arange(start, start + columns.numel(), device=columns.device, dtype=columns.dtype)
+    return slice(start, start + columns.numel()) if torch.equal(columns, run) else None
