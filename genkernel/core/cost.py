@@ -330,9 +330,9 @@ def estimate_cost(
 
 def forward_macs(shapes: list[BlockShape], fallback: int) -> float:
     """F: the multiply-adds of one example's forward through the linear and convolutional blocks'
-    weights, T·I·O each, plus one per fallback parameter: the unit of :func:`factor_route_work`."""
-    return float(sum(s.positions * (s.inputs - s.bias) * s.outputs for s in shapes if s.kind in ("linear", "conv"))
-                 + fallback)
+    weights (:meth:`~genkernel.core.engine.factored.BlockShape.macs`: T·I·O each, no bias column)
+    plus one per fallback parameter: the unit of :func:`factor_route_work`."""
+    return float(sum(s.macs() for s in shapes) + fallback)
 
 
 def factor_route_work(shapes: list[BlockShape], fallback: int, *, probes: int, batch: int, outputs: int, form: str,
@@ -366,8 +366,7 @@ def factor_route_work(shapes: list[BlockShape], fallback: int, *, probes: int, b
     if forward <= 0:
         return {"bare_step": 3.0 * n, "batch_factors": 0.0, "capture": 1.0 * n, "probe_factors": m * (1.0 + 2.0 * d),
                 "cross_kernels": 0.0}
-    back = (sum(s.input_gradient_positions * (s.inputs - s.bias) * s.outputs for s in shapes
-                if s.kind in ("linear", "conv")) + fallback) / forward
+    back = (sum(s.macs(s.input_gradient_positions) for s in shapes) + fallback) / forward
     sizes = cross = 0.0
     for s in shapes:
         t, i, o, p = s.positions, s.inputs, s.outputs, s.parameters

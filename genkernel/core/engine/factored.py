@@ -48,16 +48,16 @@ class _Sizes:
     blocks: dict = field(default_factory=dict)
 
     def forward_and_factored(self, plan: Plan, c: int) -> tuple[int, int]:
-        """(multiply-adds of the linear and convolutional blocks' forward, Σ T·I·O; parameters of
-        the blocks whose pairs cost less in the factored form than materialized, with c
-        cotangents) per example."""
+        """(multiply-adds of the linear and convolutional blocks' forward, Σ :func:`weight_macs`;
+        parameters of the blocks whose pairs cost less in the factored form than materialized,
+        with c cotangents) per example."""
         forward = kept = 0
         for index, block in enumerate(plan.blocks):
             if index not in self.blocks:
                 continue
             t, i, o, p, _ = self.blocks[index]
             if block.kind in ("linear", "conv"):
-                forward += t * i * o
+                forward += weight_macs(block.kind, t, i, o, block.bias is not None)
                 kept += 0 if _dense_is_cheaper(t, i, o, c) else p
             elif block.kind == "embedding":
                 kept += p
@@ -153,6 +153,14 @@ def _probe(model: nn.Module, plan: Plan, inputs: tuple[torch.Tensor, ...]) -> _S
     return sizes
 
 
+def weight_macs(kind: str, positions: int, inputs: int, outputs: int, bias: bool) -> int:
+    """Multiply-adds of one example's product with a block's weight at ``positions`` T, T·I·O,
+    for a linear or convolutional block (0 for the others); ``inputs`` I counts a bias column
+    when ``bias``, which this leaves out, as torch's operation count does. The forward unit of
+    both the kernel engine's choice and the tracker's cost estimate."""
+    return positions * (inputs - bias) * outputs if kind in ("linear", "conv") else 0
+
+
 @dataclass(frozen=True)
 class BlockShape:
     """One block of a model's covering plan, per example: ``kind`` (linear, conv, norm,
@@ -168,6 +176,11 @@ class BlockShape:
     parameters: int
     input_gradient_positions: int
     bias: bool
+
+    def macs(self, positions: int | None = None) -> int:
+        """:func:`weight_macs` of this block at all its positions, or at ``positions`` of them."""
+        return weight_macs(self.kind, self.positions if positions is None else positions, self.inputs, self.outputs,
+                           self.bias)
 
 
 def block_shapes(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> tuple[list[BlockShape], int]:
@@ -477,5 +490,5 @@ def factored_jacobian(
 
 __all__ = [
     "BlockShape", "block_shapes", "chunk_sizes", "chunks", "factored_gradient_kernel", "factored_jacobian",
-    "fallback_jacobian", "row_chunks",
+    "fallback_jacobian", "row_chunks", "weight_macs",
 ]
