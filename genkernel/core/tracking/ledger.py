@@ -111,6 +111,9 @@ class PathKernelLedger:
         groups ``columns [U]`` when only those moved: a plain-SGD step touches the batch's
         groups only), ``step_rest [M, d]`` (buffer drift included, ``step_drift`` being its part),
         new outputs ``[M, d]`` and, with sketched state, the step's ``[M, d]`` sketch error."""
+        # One layout for the reductions below: on a permuted view (an einsum's result) torch's
+        # norm over d runs 30-40x slower than on contiguous rows (measured: [64, 2304, 10] float64).
+        step_contributions = step_contributions.contiguous()
         step_traffic = step_contributions.norm(dim=2)
         span = _contiguous_span(columns, self.num_groups)
         if span is not None:  # every group, or a batch of consecutive ids: a view, no scattered writes

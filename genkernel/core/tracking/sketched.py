@@ -161,7 +161,7 @@ class SketchedRoute(_FactorRoute):
         directions = self._advance(ids, self.project_batch(gradients.batch) * clip_factor)
         self._check(model.check_rtol)
         probe_side = self.project_probes(nodes).to(directions.device)  # [M, d, k]
-        estimates = torch.einsum("mdk,gk->mgd", probe_side, directions)
+        estimates = torch.einsum("mdk,gk->mgd", probe_side, directions).contiguous()  # the sums below run along G
         exact = push_rows(model, {n: u[0:2] for n, u in updates.items()}, nodes, self.contribution_route)  # [M, 2, d]
         contributions = {name: estimates[:, part] for name, part in model.partitions.slices.items()}
         sketch_error = {name: exact[:, 0] - c.sum(dim=1) for name, c in contributions.items()}
