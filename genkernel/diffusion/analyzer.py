@@ -67,6 +67,7 @@ from ..core.errors import LedgerCheckError
 from ..core.tracking.callbacks import TrainerCallback
 from ..core.tracking.io import atomic_save, jsonable, load_state
 from ..core.tracking.ledger import PathKernelLedger
+from ..core.tracking.quadrature import residual_remedy
 from ..core.tracking.step import OptimizerStep
 from ..core.tracking.tracker import PathKernelTracker, StepContributions
 from ..logging import LoggingCallback
@@ -662,8 +663,7 @@ class NoiseLevelAnalyzer(TrainerCallback):
         if residual["relative_residual"] > 1e-3:
             notes.append(
                 f"the residual is {residual['relative_residual']:.2g} of the change (quadrature {self.quadrature!r}): "
-                + ("quadrature='simpson' makes it orders of magnitude smaller at large steps"
-                   if self.quadrature != "simpson" else "the steps are large for this model: shorten them or track fewer")
+                + residual_remedy(self.quadrature)
             )
         extra: dict[str, Any] = {}
         rest_share = residual["median_rest_share"]

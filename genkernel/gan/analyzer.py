@@ -92,6 +92,7 @@ from ..core.errors import NonFiniteError
 from ..core.tracking.callbacks import TrainerCallback, perform_step
 from ..core.tracking.io import atomic_save, jsonable, load_state, to_device
 from ..core.tracking.ledger import PathKernelLedger
+from ..core.tracking.quadrature import residual_remedy
 from ..core.tracking.step import OptimizerStep
 from ..core.tracking.tracker import PathKernelTracker, StepContributions
 from ..logging import LoggingCallback
@@ -1045,9 +1046,8 @@ class GANKernelAnalyzer(TrainerCallback):
         residual = ledger.relative_residual()
         if not residual > RESIDUAL_NOTE:
             return None
-        fix = ("quadrature='simpson' makes it orders of magnitude smaller at large steps" if self.quadrature != "simpson"
-               else "the steps are large for this model: shorten them (a smaller learning rate) or track fewer")
-        return f"the {which} ledger's relative residual is {residual:.2g} (quadrature {self.quadrature!r}): {fix}"
+        return (f"the {which} ledger's relative residual is {residual:.2g} (quadrature {self.quadrature!r}): "
+                f"{residual_remedy(self.quadrature)}")
 
     def report(self) -> dict[str, Any]:
         """Everything measured so far as strict JSON (NaN as None), with the loop's step numbers, the

@@ -25,6 +25,7 @@ import torch
 from ..core import grouping
 from ..core.tracking.io import jsonable, load_state
 from ..core.tracking.ledger import PathKernelLedger
+from ..core.tracking.quadrature import residual_remedy
 
 __all__ = ["find_states", "format_summary", "kind_of", "ledger_from_state", "read_state", "summarize", "summarize_state"]
 
@@ -232,7 +233,7 @@ def _diffusion(state: Mapping[str, Any], top: int) -> dict[str, Any]:
     notes = []
     if ledger["relative_residual"] is not None and ledger["relative_residual"] > RESIDUAL_LIMIT:
         notes.append(f"the residual is {ledger['relative_residual']:.2g} of the change (quadrature "
-                     f"{tracker.get('quadrature')!r}): quadrature='simpson' makes it orders of magnitude smaller at large steps")
+                     f"{tracker.get('quadrature')!r}): {residual_remedy(tracker.get('quadrature'))}")
     if ledger["median_rest_share"] is not None and abs(ledger["median_rest_share"]) > REST_LIMIT:
         notes.append("the window's change is mostly the rest (optimizer state from before tracking began, or weight "
                      "decay): the group shares describe the smaller remainder; track a longer window")

@@ -34,3 +34,17 @@ def quadrature_rule(name: str) -> QuadratureRule:
         return QUADRATURE_RULES[name]
     except KeyError:
         raise ValueError(f"unknown quadrature {name!r}; choose one of {sorted(QUADRATURE_RULES)}") from None
+
+
+def residual_remedy(quadrature: str | None) -> str:
+    """What shrinks a large residual left under the rule ``quadrature``: the advice of the
+    analyzers' and the reports' notes. Simpson's rule gains orders of magnitude where steps are
+    moderate but only about 3x where one step moves the outputs far (measured: a CIFAR-sized UNet
+    from random weights under Adam at lr 1e-4, relative residual 0.133 midpoint, 0.041 Simpson;
+    0.011 and 0.0002 at lr 1e-5 and 1e-6 with the midpoint rule)."""
+    if quadrature == "simpson":
+        return "the steps are large for this model: shorten them (a smaller learning rate) or track fewer"
+    rule = QUADRATURE_RULES.get(quadrature or "")
+    power = "" if rule is None else f" (the relative residual goes as step^{rule.order - 1} once steps are small)"
+    return ("quadrature='simpson' shrinks it (by orders of magnitude at moderate steps, a few times at very large "
+            f"ones); so do shorter steps, a smaller learning rate{power}")
