@@ -411,12 +411,9 @@ def sketch_work(shapes: list[BlockShape], fallback: int, rows: float, sketch_dim
         if s.kind not in ("linear", "conv"):
             macs += s.parameters * k
             continue
-        t, i, o = s.positions, s.inputs - s.bias, s.outputs
-        if preconditioned:
-            macs += t * i * o + o * i * k + o * k
-        else:
-            macs += min(weight_projection_macs(t, i, o, k).values())
-        macs += o * k * s.bias
+        routes = weight_projection_macs(s.positions, s.inputs - s.bias, s.outputs, k)
+        macs += routes["matrix"] if preconditioned else min(routes.values())
+        macs += s.outputs * k * s.bias
     return rows * macs / forward
 
 
