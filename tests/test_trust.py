@@ -83,6 +83,74 @@ class SameModuleTwice(nn.Module):
         return self.out(torch.tanh(self.alias(torch.tanh(self.shared(x)))))
 
 
+class SortedBatch(nn.Module):
+    """Sorts its batch by a key before a layer and restores the order after (length bucketing):
+    the layer's row n is not example n."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(4, 6)
+        self.b = nn.Linear(6, 2)
+
+    def forward(self, x):
+        order = x[:, 0].argsort()
+        h = torch.tanh(self.a(x[order]))
+        return self.b(h[order.argsort()])
+
+
+class FlippedBatch(nn.Module):
+    """Reverses its batch around a layer: a fixed reordering, for every batch."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(4, 6)
+        self.b = nn.Linear(6, 2)
+
+    def forward(self, x):
+        return self.b(torch.tanh(self.a(x.flip(0))).flip(0))
+
+
+class SequenceFirst(nn.Module):
+    """A layer on the [T, B, D] layout, whose leading size may equal a batch's."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(3, 6)
+        self.b = nn.Linear(6, 2)
+
+    def forward(self, x):  # x [B, T, 3]
+        return self.b(torch.tanh(self.a(x.transpose(0, 1))).mean(0))
+
+
+class GatedReuse(nn.Module):
+    """A weight read functionally only where the data open a gate (closed on the first rows)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(4, 4)
+        self.b = nn.Linear(4, 2)
+
+    def forward(self, x):
+        h = torch.tanh(self.a(x))
+        gate = torch.relu(x[:, :1] - 1.0)
+        return self.b(h + gate * F.linear(h, self.a.weight))
+
+
+class UngradedCall(nn.Module):
+    """A module called under no_grad, and one called with its input as a keyword."""
+
+    def __init__(self):
+        super().__init__()
+        self.frozen_call = nn.Linear(4, 4)
+        self.keyword = nn.Linear(4, 4)
+        self.b = nn.Linear(4, 2)
+
+    def forward(self, x):
+        with torch.no_grad():
+            h = self.frozen_call(x)
+        return self.b(torch.tanh(self.keyword(input=x) + h))
+
+
 def _case(name):
     torch.manual_seed(0)
     g = torch.Generator().manual_seed(1)
@@ -94,10 +162,20 @@ def _case(name):
         return TiedHead().to(F64), torch.randint(0, 11, (5, 3), generator=g)
     if name == "shared_weight":
         return SharedWeight().to(F64), torch.randn(5, 4, generator=g, dtype=F64)
-    return SameModuleTwice().to(F64), torch.randn(5, 4, generator=g, dtype=F64)
+    if name in ("sequence_first_sample", "sequence_first_batch"):  # T = the check's sample, or the batch
+        steps = 3 if name == "sequence_first_sample" else 5
+        return SequenceFirst().to(F64), torch.randn(5, steps, 3, generator=g, dtype=F64)
+    if name == "gated_reuse":
+        x = torch.randn(5, 4, generator=g, dtype=F64)
+        x[:, 0] = torch.tensor([-1.0, 0.0, 2.0, -2.0, 3.0], dtype=F64)  # the gate opens on rows 2 and 4
+        return GatedReuse().to(F64), x
+    kinds = {"sorted_batch": SortedBatch, "flipped_batch": FlippedBatch, "ungraded_call": UngradedCall,
+             "same_module_twice": SameModuleTwice}
+    return kinds[name]().to(F64), torch.randn(5, 4, generator=g, dtype=F64)
 
 
-PATTERNS = ["attention", "encoder", "tied_head", "shared_weight", "same_module_twice"]
+PATTERNS = ["attention", "encoder", "tied_head", "shared_weight", "same_module_twice", "sorted_batch", "flipped_batch",
+            "sequence_first_sample", "sequence_first_batch", "gated_reuse", "ungraded_call"]
 
 
 @pytest.mark.parametrize("name", PATTERNS)
@@ -121,6 +199,63 @@ def test_the_factored_tracker_covers_every_parameter_use(name):
                                 quadrature="simpson")
     tracker.step(x, y, torch.arange(x.shape[0]))
     assert tracker.ledger.relative_residual() < 1e-6
+
+
+@pytest.mark.parametrize("name", ["sorted_batch", "flipped_batch", "sequence_first_sample"])
+@pytest.mark.parametrize("route", [dict(group_state="dense", gradient_route="example"), dict(group_state="factored")])
+def test_per_example_routes_credit_each_example_its_own_gradient(name, route):
+    """A model that reorders its batch: every example's contribution equals the graph route's
+    (one backward per group, which needs no per-example reading). The groups' sum cannot tell."""
+    model, x = _case(name)
+    y = torch.randn(x.shape[0], 2, dtype=F64, generator=torch.Generator().manual_seed(3))
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+
+    def contributions(**kwargs):
+        model.load_state_dict(state)
+        tracker = PathKernelTracker(model, torch.optim.SGD(model.parameters(), lr=0.05), mse_loss, x[:3],
+                                    num_groups=x.shape[0], quadrature="simpson", **kwargs)
+        tracker.step(x, y, torch.arange(x.shape[0]))
+        return tracker.ledger.contributions
+
+    reference = contributions(group_state="dense", gradient_route="graph")
+    torch.testing.assert_close(contributions(**route), reference, rtol=1e-9, atol=1e-12 * float(reference.abs().max()))
+
+
+def test_batch_norm_without_running_statistics_is_refused_in_eval_mode_too():
+    model = nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6, track_running_stats=False), nn.Linear(6, 2)).to(F64).eval()
+    x = torch.randn(5, 4, dtype=F64)
+    with pytest.raises(ValueError, match="track_running_stats=True"):
+        gradient_kernel(model, x)
+    with pytest.raises(ValueError, match="track_running_stats=True"):
+        tangent_features(model, x)
+
+
+def test_a_global_hook_registered_after_a_call_is_checked_again():
+    """A global forward hook that adds a functional read of a weight changes what the hooks see:
+    the remembered covering plan must not be reused."""
+    model, x = _case("flipped_batch")
+    before = gradient_kernel(model, x)
+    torch.testing.assert_close(before, gradient_kernel(model, x, engine="functional"))
+
+    def reread(module, args, output):  # b's weight read a second time, outside b's own call
+        return output + 0.5 * F.linear(args[0], module.weight) if module is model.b else None
+
+    handle = nn.modules.module.register_module_forward_hook(reread)
+    try:
+        got, reference = gradient_kernel(model, x), gradient_kernel(model, x, engine="functional")
+    finally:
+        handle.remove()
+    assert not torch.allclose(reference, before)
+    torch.testing.assert_close(got, reference, rtol=1e-9, atol=1e-12 * float(reference.abs().max()))
+
+
+def test_the_factored_engine_with_every_parameter_tied_is_the_reference():
+    """No module keeps its parameters to itself: nothing is factored, torch.func computes it all."""
+    torch.manual_seed(0)
+    tied = nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 4)).to(F64)
+    tied[2].weight, tied[2].bias = tied[0].weight, tied[0].bias
+    x = torch.randn(5, 4, dtype=F64)
+    torch.testing.assert_close(gradient_kernel(tied, x, engine="factored"), gradient_kernel(tied, x, engine="functional"))
 
 
 # ------------------------------------------------------------------------------------------
@@ -502,3 +637,95 @@ def test_a_forward_calling_torch_checkpoint_is_refused_by_torch_func_routes_with
     with pytest.raises(ValueError, match="torch.utils.checkpoint.*gradient_route='example'"):
         _adam_tracker(model, x, contribution_route="jacobian")
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
+
+
+# ------------------------------------------------------------------------------------------
+# Parameters without a gradient at a step: PyTorch's optimizers skip them (no move, state kept)
+# ------------------------------------------------------------------------------------------
+class Staged(nn.Module):
+    """A branch switched on and off between steps (staged training): its parameters get no
+    gradient while it is off."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.branch = nn.Linear(3, 5), nn.Linear(5, 2), nn.Linear(5, 2)
+        self.use_branch = True
+
+    def forward(self, x):
+        h = torch.tanh(self.a(x))
+        return self.b(h) + self.branch(h) if self.use_branch else self.b(h)
+
+
+SKIPPING_OPTIMIZERS = {
+    "sgd_momentum": lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9, weight_decay=0.1),
+    "adamw": lambda p: torch.optim.AdamW(p, lr=0.01, weight_decay=0.1),
+}
+
+
+@pytest.mark.parametrize("optimizer", SKIPPING_OPTIMIZERS)
+@pytest.mark.parametrize("switches", [(True, False, True), (False, True, False)])
+def test_a_parameter_without_a_gradient_is_skipped_as_the_optimizer_skips_it(optimizer, switches):
+    """Off at the first tracked step (no state yet) or at a later one (state kept, not decayed):
+    training is bit for bit that of an untracked loop, and every route books the same contributions
+    and leaves the same residual as the graph route."""
+    g = torch.Generator().manual_seed(1)
+    steps = [(torch.randn(6, 3, generator=g, dtype=F64), torch.randn(6, 2, generator=g, dtype=F64)) for _ in switches]
+    probes = torch.randn(4, 3, generator=g, dtype=F64)
+
+    def run(**kwargs):
+        torch.manual_seed(0)
+        model = Staged().to(F64)
+        opt = SKIPPING_OPTIMIZERS[optimizer](model.parameters())
+        tracker = PathKernelTracker(model, opt, mse_loss, probes, num_groups=3, quadrature="simpson", **kwargs)
+        for (x, y), on in zip(steps, switches):
+            model.use_branch = on
+            tracker.step(x, y, torch.arange(6) % 3)
+        return tracker.ledger, model
+
+    torch.manual_seed(0)
+    bare = Staged().to(F64)
+    opt = SKIPPING_OPTIMIZERS[optimizer](bare.parameters())
+    for (x, y), on in zip(steps, switches):
+        bare.use_branch = on
+        opt.zero_grad(set_to_none=True)
+        mse_loss(bare(x), y).mean().backward()
+        opt.step()
+    reference, _ = run(group_state="dense", gradient_route="graph")
+    for kwargs in (dict(group_state="dense", gradient_route="example"), dict(group_state="dense", gradient_route="factored")):
+        ledger, model = run(**kwargs)
+        for (name, p), q in zip(model.named_parameters(), bare.parameters()):
+            assert torch.equal(p, q), name
+        torch.testing.assert_close(ledger.contributions, reference.contributions, rtol=1e-9, atol=1e-14)
+        assert abs(ledger.relative_residual() - reference.relative_residual()) < 1e-12
+
+
+def test_the_sketched_route_refuses_a_skipped_parameter_with_state():
+    """One sketch of every parameter's state cannot keep one parameter's state while the rest decay."""
+    torch.manual_seed(0)
+    model = Staged().to(F64)
+    x, y = torch.randn(6, 3, dtype=F64), torch.randn(6, 2, dtype=F64)
+    tracker = PathKernelTracker(model, torch.optim.Adam(model.parameters(), lr=0.01), mse_loss, x[:2], num_groups=6,
+                                group_state="sketched")
+    tracker.step(x, y, torch.arange(6))
+    model.use_branch = False
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(ValueError, match="group_state='dense'"):
+        tracker.step(x, y, torch.arange(6))
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
+    assert tracker.ledger.steps == 1
+
+
+def test_observed_micro_batches_of_a_one_entry_gradient_are_refused():
+    """With one trainable number, any weighting of the micro-batches is one scale times their sum,
+    so the check that they were weighted alike cannot fail: refused."""
+    torch.manual_seed(0)
+    model = nn.Linear(1, 1, bias=False).to(F64)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    tracker = PathKernelTracker(model, opt, mse_loss, torch.randn(3, 1, dtype=F64), num_groups=2)
+    x, y = torch.randn(4, 1, dtype=F64), torch.randn(4, 1, dtype=F64)
+    with pytest.raises(ValueError, match="weighted alike"):
+        for rows, weight, group in [(slice(0, 2), 0.25, 0), (slice(2, 4), 0.75, 1)]:
+            losses = mse_loss(model(x[rows]), y[rows])
+            tracker.observe(losses, torch.full((2,), group))
+            (weight * losses.mean()).backward()
+        opt.step()

@@ -173,14 +173,20 @@ def has_state_outside_training(model: nn.Module) -> bool:
 
 
 def coupled_modules(model: nn.Module) -> list[str]:
-    """Modules whose training-mode forward couples or randomizes examples: BatchNorm in training
-    mode (batch statistics) and dropout with p > 0 in training mode (fresh masks)."""
+    """Modules whose forward couples or randomizes examples: BatchNorm that normalizes with the
+    batch's statistics (in training mode, and in eval mode too when it keeps no running
+    statistics, ``track_running_stats=False``) and dropout with p > 0 in training mode (fresh
+    masks)."""
     out = []
     for name, module in model.named_modules():
-        batch_norm = isinstance(module, nn.modules.batchnorm._BatchNorm) and module.training
-        dropout = isinstance(module, nn.modules.dropout._DropoutNd) and module.training and module.p > 0
-        if batch_norm or dropout:
-            out.append(f"{name or type(model).__name__} ({type(module).__name__})")
+        label = f"{name or type(model).__name__} ({type(module).__name__}"
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            if module.running_mean is None and module.running_var is None:
+                out.append(label + ", no running statistics: batch statistics in eval mode too)")
+            elif module.training:
+                out.append(label + ")")
+        elif isinstance(module, nn.modules.dropout._DropoutNd) and module.training and module.p > 0:
+            out.append(label + ")")
     return out
 
 
@@ -200,10 +206,11 @@ def check_per_example_safe(model: nn.Module, *, route: str | None = None) -> Non
     """Raise if per-example analysis of ``model`` in its current mode would be wrong or would
     change the model.
 
-    BatchNorm in training mode mixes the examples of a batch, so per-example gradients are
-    undefined; dropout in training mode makes a second forward differ from the training one; an
-    embedding with ``max_norm`` rewrites its weight on every forward. ``route``: the tracker route
-    that needs per-example gradients (named in the message, with the one that works).
+    BatchNorm in training mode (or without running statistics, in any mode) mixes the examples of
+    a batch, so per-example gradients are undefined; dropout in training mode makes a second
+    forward differ from the training one; an embedding with ``max_norm`` rewrites its weight on
+    every forward. ``route``: the tracker route that needs per-example gradients (named in the
+    message, with the one that works).
     """
     check_analysis_safe(model)
     coupled = coupled_modules(model)
@@ -211,15 +218,17 @@ def check_per_example_safe(model: nn.Module, *, route: str | None = None) -> Non
         return
     if route is not None:
         raise ValueError(
-            f"{route} needs per-example gradients, but {', '.join(coupled[:3])} couple or randomize the examples in "
-            "training mode (batch statistics, fresh dropout masks). Use group_state='dense' with "
+            f"{route} needs per-example gradients, but {', '.join(coupled[:3])} couple or randomize the examples "
+            "(batch statistics, fresh dropout masks). Use group_state='dense' with "
             "gradient_route='graph' (or 'auto'), which takes group gradients from the training step's own graph, "
-            "or put those modules in eval mode."
+            "or put those modules in eval mode (BatchNorm: with running statistics)."
         )
     raise ValueError(
-        f"{', '.join(coupled[:3])} are in training mode: BatchNorm mixes the examples of a batch and dropout draws "
-        "fresh masks, so per-example gradients of this model are undefined here. Put them in eval mode "
-        "(module.eval()) for kernels and tangent features; a tracker takes group gradients from the training graph."
+        f"{', '.join(coupled[:3])} couple or randomize examples: BatchNorm with batch statistics mixes the examples "
+        "of a batch and dropout in training mode draws fresh masks, so per-example gradients of this model are "
+        "undefined here. Put them in eval mode (module.eval()) for kernels and tangent features, and build "
+        "BatchNorm with track_running_stats=True (without running statistics it uses the batch's in eval mode "
+        "too); a tracker takes group gradients from the training graph."
     )
 
 

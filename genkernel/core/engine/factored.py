@@ -289,9 +289,9 @@ def factored_gradient_kernel(
 
     Algorithm:
         1. Plan: supported modules are factored, every other parameter goes to torch.func
-           (:func:`~genkernel.core.engine.factors.covering_plan` checks on x1 that every block's
-           factors give its parameters' whole gradient); a module found not to keep the batch on
-           dimension 0 moves to torch.func and the computation restarts.
+           (:func:`~genkernel.core.engine.factors.covering_plan` checks on a sample of x1 that
+           every block's factors give each example its own whole gradient); a module found not to
+           keep the batch on dimension 0 moves to torch.func and the computation restarts.
         2. When one side's factors fit in half the budget, that side is captured once and held
            in compact form while the other streams past it (:func:`_held_kernel`). Otherwise,
            for each pair of row chunks, one forward pass of the concatenated chunk with hooks

@@ -175,6 +175,7 @@ class Unfactorable(RuntimeError):
 
 
 COVERAGE_RTOL = {torch.float64: 1e-9, torch.float32: 1e-4}
+COVERAGE_SAMPLE = 3  # examples the covering check runs on (each alone, and together in two orders)
 
 
 def covering_plan(model: nn.Module, inputs: tuple[torch.Tensor, ...], exclude: Iterable[str] = frozenset()) -> Plan:
@@ -184,16 +185,25 @@ def covering_plan(model: nn.Module, inputs: tuple[torch.Tensor, ...], exclude: I
     A module's hooks see only its own forward calls. A parameter also read elsewhere (attention's
     ``out_proj.weight`` inside ``F.multi_head_attention_forward``, an embedding tied to an output
     head through ``F.linear(h, emb.weight)``, any functional use) would silently lose that part of
-    its gradient. The check is the gradient-sum identity on the first two examples: for a random
-    cotangent E, Σ_n ∂⟨E_n, f(x_n)⟩/∂θ read from the factors must equal autograd's gradient of
-    ⟨E, f(x)⟩ with respect to the parameter, per block (relative to the block's gradient norm:
-    1e-9 in float64, 1e-4 in float32). Modules that do not keep the batch on dimension 0 move to
-    the fallback too. Cost: one forward and one backward pass on two examples.
+    its gradient; a module that sees the batch's rows in another order (a forward that sorts its
+    batch, a sequence-first layout whose leading size happens to equal the batch's) would credit
+    one example's gradient to another. The check (:func:`_uncovered_blocks`) is per example, on
+    :data:`COVERAGE_SAMPLE` examples spread over ``inputs``: each example's gradient read from
+    the factors of a batched pass must equal the gradient of a pass of that example alone, in
+    two opposite orders of the sample, per block (relative to the block's gradient norm: 1e-9 in
+    float64, 1e-4 in float32). Modules that do not keep the batch on dimension 0 move to the
+    fallback too. Cost: a forward and a backward of each sampled example alone, and two of the
+    sample. A check on a sample cannot see what the forward does only on other rows (a
+    parameter read only where the data take a branch the sample does not): trackers check every
+    step's group gradients against the real gradient besides.
 
     The outcome is remembered per model for the same structure and inputs of the same kind
     (:func:`_covering_key`: every module and parameter by identity, shape, dtype and
-    trainability, instance-level ``forward`` overrides and hooks, the inputs' per-example shapes
-    and dtypes, ``exclude``): a later call with any of them changed checks again.
+    trainability, instance-level ``forward`` overrides and hooks, global module hooks, the inputs'
+    per-example shapes and dtypes, ``exclude``): a later call with any of them changed checks
+    again. What the key cannot see (an attribute the forward branches on, changed between calls)
+    is not checked again; a tracker's per-step check of the group gradients against the real
+    gradient still sees a parameter read the hooks miss.
     """
     exclude = frozenset(exclude)
     key = _covering_key(model, inputs, exclude)
@@ -201,7 +211,9 @@ def covering_plan(model: nn.Module, inputs: tuple[torch.Tensor, ...], exclude: I
     if key in known:
         return make_plan(model, known[key])
     found = set(exclude)
-    sample = tuple(t[:2] for t in inputs)
+    rows = batch_size(inputs)
+    spread = torch.linspace(0, rows - 1, min(COVERAGE_SAMPLE, rows)).round().long().unique()
+    sample = tuple(t[spread.to(t.device)] for t in inputs)
     while True:
         plan = make_plan(model, found)
         if not plan.blocks:
@@ -227,45 +239,68 @@ _COVERED: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictiona
 
 def _covering_key(model: nn.Module, inputs: tuple[torch.Tensor, ...], exclude: frozenset) -> tuple:
     """What :func:`covering_plan`'s outcome depends on, short of running the model."""
+    hooks = tuple(tuple(table) for table in (nn.modules.module._global_forward_hooks,
+                                             nn.modules.module._global_forward_pre_hooks))
     modules = tuple(
         (name, id(m), type(m), id(m.__dict__.get("forward")), tuple(m._forward_hooks), tuple(m._forward_pre_hooks),
          tuple((pn, id(p), tuple(p.shape), p.dtype, p.requires_grad) for pn, p in m._parameters.items() if p is not None))
         for name, m in model.named_modules(remove_duplicate=False)
     )
     xs = tuple((tuple(t.shape[1:]), t.dtype, t.device.type) if isinstance(t, torch.Tensor) else type(t) for t in inputs)
-    return modules, xs, exclude
+    return modules, hooks, xs, exclude
 
 
 def _uncovered_blocks(model: nn.Module, plan: Plan, sample: tuple[torch.Tensor, ...]) -> list[str]:
-    """Names of the blocks whose factors miss part of their parameters' gradient on ``sample``
-    (one forward with hooks, one backward for both the block outputs and the parameters)."""
+    """Names of the blocks whose factors do not give each example's own gradient on ``sample``.
+
+    1. Reference: for a random cotangent E, each example's gradient ∂⟨E_n, f(x_n)⟩/∂θ from a
+       forward and backward of that example alone (what a per-example gradient means; it holds
+       every read of the parameter, seen by the hooks or not).
+    2. Factors: one forward with hooks and one backward of ⟨E, f(x)⟩ over the sample, read per
+       example (row n of a block's factors must be example n's).
+    3. The same with the sample's rows reversed: a forward that reorders its batch by the data
+       (sorting by a key and restoring the order) keeps the rows in place for at most one of two
+       opposite orders of distinct examples.
+
+    A block fails when its per-example gradients differ from the reference by more than
+    :data:`COVERAGE_RTOL` of their norm. The tolerance is one per block, over its parameters and
+    the sample's examples: a parameter whose gradient is zero in exact arithmetic (the bias of
+    attention keys: softmax ignores a shift shared by all keys) has rounding noise on both sides,
+    which no relative test on that parameter alone can pass.
+    """
     generator = torch.Generator().manual_seed(0)
-    records, raw, out = _recorded_forward(model, plan, sample)
-    E = torch.randn(raw.shape, generator=generator, dtype=torch.float64).to(raw)
-    params = [p for block in plan.blocks for p in (block.parameter(n) for n in block.names)]
-    edges = [edge for calls in records.values() for _, edge, _ in calls]
-    with torch.enable_grad():
-        grads = torch.autograd.grad((raw * E).sum(), edges + params, allow_unused=True)
-    factors = _assemble(plan, records, [None if g is None else g.unsqueeze(0) for g in grads[: len(edges)]], 1, out)
-    true_by_id = {id(p): g for p, g in zip(params, grads[len(edges):])}
-    uncovered = []
-    for f in factors:
-        # One tolerance per block, relative to the block's whole gradient: a parameter whose
-        # gradient is zero in exact arithmetic (the bias of attention keys: softmax ignores a
-        # shift shared by all keys) has rounding noise on both sides, which no relative test
-        # on that parameter alone can pass.
-        gap2 = ref2 = tot2 = 0.0
-        for name, total in f.totals().items():
-            p = f.block.parameter(name)
-            reference = true_by_id[id(p)]
-            reference = torch.zeros_like(total) if reference is None else reference.to(torch.float64)
-            gap2 += float((total - reference).norm()) ** 2
-            ref2 += float(reference.norm()) ** 2
-            tot2 += float(total.norm()) ** 2
-        rtol = COVERAGE_RTOL.get(f.block.parameter(f.block.names[0]).dtype, 1e-3)
-        if gap2**0.5 > rtol * (ref2**0.5 + tot2**0.5) + torch.finfo(torch.float64).tiny:
-            uncovered.append(f.block.name)
-    return uncovered
+    batch = batch_size(sample)
+    params = {id(p): p for block in plan.blocks for p in (block.parameter(n) for n in block.names)}
+    E = None
+    reference: list[dict[int, torch.Tensor]] = []
+    for n in range(batch):
+        with torch.enable_grad(), _any_attention():
+            raw = output_tensor(model(*(t[n : n + 1] for t in sample)))
+            if E is None:
+                E = torch.randn((batch, *raw.shape[1:]), generator=generator, dtype=torch.float64).to(raw)
+            grads = torch.autograd.grad((raw * E[n : n + 1]).sum(), list(params.values()), allow_unused=True)
+        reference.append({i: None if g is None else g.to(torch.float64) for i, g in zip(params, grads)})
+    uncovered: set[str] = set()
+    for order in (torch.arange(batch), torch.arange(batch - 1, -1, -1)):
+        records, raw, out = _recorded_forward(model, plan, tuple(t[order] for t in sample))
+        edges = [edge for calls in records.values() for _, edge, _ in calls]
+        with torch.enable_grad():
+            grads = torch.autograd.grad((raw * E[order]).sum(), edges, allow_unused=True) if edges else []
+        for f in _assemble(plan, records, [None if g is None else g.unsqueeze(0) for g in grads], 1, out):
+            gap2 = ref2 = got2 = 0.0
+            for name, rows in f.gradients().items():
+                p = f.block.parameter(name)
+                for row, example in enumerate(order.tolist()):
+                    got = rows[0, row].to(torch.float64)
+                    want = reference[example][id(p)]
+                    want = torch.zeros_like(got) if want is None else want
+                    gap2 += float((got - want).norm()) ** 2
+                    ref2 += float(want.norm()) ** 2
+                    got2 += float(got.norm()) ** 2
+            rtol = COVERAGE_RTOL.get(f.block.parameter(f.block.names[0]).dtype, 1e-3)
+            if gap2**0.5 > rtol * (ref2**0.5 + got2**0.5) + torch.finfo(torch.float64).tiny:
+                uncovered.add(f.block.name)
+    return [block.name for block in plan.blocks if block.name in uncovered]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -495,6 +530,10 @@ class Factors:
         memory against ``budget``).
         """
         f1, f2 = self, other
+        if f1.is_unused or f2.is_unused:  # a module one side's forward did not call: no gradient there
+            c1, m, c2, n = f1.g.shape[0], f1.g.shape[1], f2.g.shape[0], f2.g.shape[1]
+            shape = (m, n) if reduce == "trace" else (m, n, c1, c2)
+            return f1.g.new_zeros(shape)
         if _prefer_dense(f1, f2, budget):
             d1, d2 = f1.as_dense(), f2.as_dense()
             # One matmul per cotangent (pair): an einsum would copy both sides into a [B, c·P] layout.
@@ -680,6 +719,8 @@ def _activation(block: Block, inputs: tuple, batch: int) -> torch.Tensor:
     """Per-example activation of one call, as the hook records it: ``[B, T, I]`` (Linear), the
     input itself (Conv: unfolded or differentiated after the backward; norms: normalized after
     it), or indices."""
+    if not inputs:
+        raise Unfactorable(block.name, "it is called with its input as a keyword argument, which hooks do not see")
     x = inputs[0]
     if not isinstance(x, torch.Tensor) or x.dim() == 0 or x.shape[0] != batch:
         raise Unfactorable(block.name, "its input does not keep the batch on dimension 0")
@@ -813,6 +854,8 @@ def _record_call(block: Block, args: tuple, output, batch: int) -> tuple:
     a = _activation(block, args, batch)
     if not isinstance(output, torch.Tensor) or output.shape[0] != batch:
         raise Unfactorable(block.name, "its output does not keep the batch on dimension 0")
+    if not output.requires_grad:
+        raise Unfactorable(block.name, "it is called without a graph (under torch.no_grad)")
     return a, get_gradient_edge(output), (output.shape, output.dtype, output.device)
 
 

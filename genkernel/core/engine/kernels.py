@@ -127,6 +127,8 @@ def _engine_plan(model: nn.Module, xs: tuple[torch.Tensor, ...], d: int, rows: t
     if choose_engine(make_plan(model), d, engine) == "functional":
         return None
     plan = covering_plan(model, xs)
+    if not plan.blocks:  # every parameter goes through torch.func: that is the functional engine
+        return None
     if engine == "auto" and plan.fallback:
         if choose_engine(plan, d, engine, rows=rows, sizes=_probe_sizes(model, plan, xs)) == "functional":
             return None

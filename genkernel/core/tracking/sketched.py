@@ -99,9 +99,21 @@ class SketchedRoute(_FactorRoute):
         """Reads the shared hyperparameters and, on the first step, whether SGD starts its momentum
         buffers now (b_1 = ĝ_1) or had them already."""
         self.hyper = self._shared_hyperparameters()
+        stateful = self.adam or self.hyper["momentum"] != 0
+        skipped = sorted(self.splitter.skipped)
+        held = [n for n in skipped if stateful and self.splitter.current(n) is not None
+                and bool(self.splitter.current(n).any())]
+        if held:
+            raise ValueError(
+                f"parameters {held[:5]} have no gradient at this step but optimizer state from earlier ones: the "
+                "optimizer leaves their state as it is while every other parameter's decays, which one sketch of "
+                "all parameters' state cannot follow. Use group_state='dense', or give those parameters a "
+                "gradient at every step (zero is enough: optimizer.zero_grad(set_to_none=False))"
+            )
         if self.state is None and not self.adam:
             optimizer = self.splitter.optimizer
-            has = {optimizer.state.get(p, {}).get("momentum_buffer") is not None for p in self.model.params.values()}
+            has = {optimizer.state.get(p, {}).get("momentum_buffer") is not None
+                   for n, p in self.model.params.items() if n not in skipped}
             if len(has) != 1:
                 raise ValueError(
                     "some parameters have SGD momentum buffers and others not: start the sketched tracker "
@@ -232,6 +244,9 @@ class SketchedRoute(_FactorRoute):
         ``maximize``: the groups' sketched state holds gradients, not ascent directions."""
         out = {}
         for name, p in self.model.params.items():
+            if name in self.splitter.skipped:  # the optimizer does not move it at this step
+                out[name] = 0.0
+                continue
             sign = -1.0 if self.splitter.hyper[name].get("maximize", False) else 1.0
             value = self.splitter.preconditioner(name)
             out[name] = (value * sign).to(p.dtype) if isinstance(value, torch.Tensor) else value * sign

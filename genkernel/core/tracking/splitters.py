@@ -79,6 +79,9 @@ class UpdateSplitter:
         self.pending: dict[str, torch.Tensor] = {}  # this step's new state, until commit()
         self.hyper: dict[str, dict[str, Any]] = {}
         self.before: dict[str, torch.Tensor | None] = {}
+        # Parameters without a gradient at this step (a branch the batch did not take): PyTorch's
+        # optimizers skip them, so they do not move and their state stays as it was.
+        self.skipped: set[str] = set()
         # The optimizer keeps its linear state in the parameters' dtype: where it cancels over
         # steps, its own rounding is relative to the magnitudes it summed, not to the result.
         # magnitude[name] follows the state's recurrence on |gradients| (one row, float64) and
@@ -132,7 +135,9 @@ class UpdateSplitter:
 
     # -- lifecycle ---------------------------------------------------------------------------
     def capture(self) -> None:
-        """Read hyperparameters (and the pre-existing state on the first step) before the step."""
+        """Read hyperparameters (and the pre-existing state on the first step) before the step, and
+        which parameters the optimizer will skip (no gradient)."""
+        self.skipped = {name for name, p in self.params.items() if p.grad is None}
         for name, p in self.params.items():
             group = self.optimizer.param_groups[self.group_of[name]]
             self.hyper[name] = self._hyperparameters(group)
@@ -161,6 +166,10 @@ class UpdateSplitter:
         self.discard()
         first = self.partitions.slices[self.partitions.primary]
         for name in self.params:
+            if name in self.skipped:  # no row moves it; its rows' state is kept as it is
+                updates[name] = torch.zeros((self.num_rows, *group_grads[name].shape[1:]), dtype=self.dtype,
+                                            device=group_grads[name].device)
+                continue
             h = self.hyper[name]
             decay = h["weight_decay"]
             theta = theta_before[name].to(self.dtype) if decay != 0 else None

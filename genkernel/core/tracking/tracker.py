@@ -589,7 +589,7 @@ class PathKernelTracker:
         saved = self._save_state()
         losses = torch.cat(observed["losses"])
         with torch.no_grad():
-            grads, scale = self._scaled_to_real(index, observed["grads"])
+            grads, scale = self._scaled_to_real(index, observed["grads"], observed["micro_batches"])
             gradients = self.route.from_graph(grads, losses, _Batch(losses.shape[0], 1.0))
             self.gradient_scales.append({"step": index, "scale": scale, "micro_batches": observed["micro_batches"],
                                          "scale_times_micro_batches": scale * observed["micro_batches"]})
@@ -609,18 +609,32 @@ class PathKernelTracker:
         self._grad_marks = None  # the loop zeroes or keeps its gradients as it likes
         self._recorded(result)
 
-    def _scaled_to_real(self, index: int, grads: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], float]:
+    def _scaled_to_real(self, index: int, grads: dict[str, torch.Tensor],
+                        micro_batches: int) -> tuple[dict[str, torch.Tensor], float]:
         """The observed group gradients times the one scalar α that makes their sum the optimizer's
-        real gradient (least squares; the check of step 4 then bounds what is left by rounding)."""
+        real gradient (least squares; the check of step 4 then bounds what is left by rounding).
+
+        Over several micro-batches that check is what shows they were weighted alike: with a
+        gradient of one nonzero entry any weighting is "one scalar times" the sum, so such a step
+        is refused."""
         first = self.partitions.slices[self.partitions.primary]
         if self.distributed is not None:
             grads = combine_group_gradients(grads, 1, self.distributed)
-        dot, norm = 0.0, 0.0
+        dot, norm, nonzero = 0.0, 0.0, 0
         for name, p in self.params.items():
             total = grads[name][first].sum(dim=0)
             real = torch.zeros_like(total) if p.grad is None else p.grad.to(torch.float64)
             dot += float((real * total).sum())
             norm += float((total * total).sum())
+            if micro_batches > 1 and nonzero < 2:
+                nonzero += int(torch.count_nonzero(total))
+        if micro_batches > 1 and nonzero < 2:
+            raise ValueError(
+                f"step {index}: the {micro_batches} observed micro-batches give a gradient with "
+                f"{nonzero} nonzero entr{'y' if nonzero == 1 else 'ies'}, so the tracker cannot check that they "
+                "were weighted alike (the one scale it fits would hide any weighting). Observe one micro-batch "
+                "per optimizer step here, or call tracker.step() with the whole batch"
+            )
         scale = dot / norm if norm > 0 else 1.0
         if not math.isfinite(scale):
             raise NonFiniteError(f"step {index}: the optimizer's gradient is not finite")
