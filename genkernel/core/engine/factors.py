@@ -258,9 +258,9 @@ def _uncovered_blocks(model: nn.Module, plan: Plan, sample: tuple[torch.Tensor, 
        every read of the parameter, seen by the hooks or not).
     2. Factors: one forward with hooks and one backward of ⟨E, f(x)⟩ over the sample, read per
        example (row n of a block's factors must be example n's).
-    3. The same with the sample's rows reversed: a forward that reorders its batch by the data
-       (sorting by a key and restoring the order) keeps the rows in place for at most one of two
-       opposite orders of distinct examples.
+    3. The same with the sample's rows reversed (E's rows with them): a forward that reorders
+       its batch by the data (sorting by a key and restoring the order) keeps the rows in place
+       for at most one of two opposite orders of distinct examples.
 
     A block fails when its per-example gradients differ from the reference by more than
     :data:`COVERAGE_RTOL` of their norm. The tolerance is one per block, over its parameters and
@@ -270,36 +270,42 @@ def _uncovered_blocks(model: nn.Module, plan: Plan, sample: tuple[torch.Tensor, 
     """
     generator = torch.Generator().manual_seed(0)
     batch = batch_size(sample)
-    params = {id(p): p for block in plan.blocks for p in (block.parameter(n) for n in block.names)}
-    E = None
-    reference: list[dict[int, torch.Tensor]] = []
+    params = [p for block in plan.blocks for p in (block.parameter(n) for n in block.names)]
+    # 2-3. The sample's factors in both orders (three examples' activations and output gradients).
+    E, passes = None, []
+    for order in (torch.arange(batch), torch.arange(batch - 1, -1, -1)):
+        records, raw, out = _recorded_forward(model, plan, tuple(t[order.to(t.device)] for t in sample))
+        if E is None:
+            E = torch.randn(raw.shape, generator=generator, dtype=torch.float64).to(raw)
+        edges = [edge for calls in records.values() for _, edge, _ in calls]
+        with torch.enable_grad():
+            grads = torch.autograd.grad((raw * E[order.to(E.device)]).sum(), edges, allow_unused=True) if edges else []
+        passes.append((order.tolist(), _assemble(plan, records, [None if g is None else g.unsqueeze(0) for g in grads], 1, out)))
+    # 1. Each example alone (the sample's parameter-sized gradients, in the parameters' dtype).
+    reference = []
     for n in range(batch):
         with torch.enable_grad(), _any_attention():
             raw = output_tensor(model(*(t[n : n + 1] for t in sample)))
-            if E is None:
-                E = torch.randn((batch, *raw.shape[1:]), generator=generator, dtype=torch.float64).to(raw)
-            grads = torch.autograd.grad((raw * E[n : n + 1]).sum(), list(params.values()), allow_unused=True)
-        reference.append({i: None if g is None else g.to(torch.float64) for i, g in zip(params, grads)})
-    uncovered: set[str] = set()
-    for order in (torch.arange(batch), torch.arange(batch - 1, -1, -1)):
-        records, raw, out = _recorded_forward(model, plan, tuple(t[order] for t in sample))
-        edges = [edge for calls in records.values() for _, edge, _ in calls]
-        with torch.enable_grad():
-            grads = torch.autograd.grad((raw * E[order]).sum(), edges, allow_unused=True) if edges else []
-        for f in _assemble(plan, records, [None if g is None else g.unsqueeze(0) for g in grads], 1, out):
-            gap2 = ref2 = got2 = 0.0
+            reference.append(dict(zip(map(id, params), torch.autograd.grad((raw * E[n : n + 1]).sum(), params,
+                                                                           allow_unused=True))))
+    sums = {block.name: [0.0, 0.0, 0.0] for block in plan.blocks}  # gap², reference², factors²
+    for order, factors in passes:
+        for f in factors:  # each block's per-example gradients formed once, one block at a time
+            acc = sums[f.block.name]
             for name, rows in f.gradients().items():
-                p = f.block.parameter(name)
-                for row, example in enumerate(order.tolist()):
+                for row, example in enumerate(order):
                     got = rows[0, row].to(torch.float64)
-                    want = reference[example][id(p)]
-                    want = torch.zeros_like(got) if want is None else want
-                    gap2 += float((got - want).norm()) ** 2
-                    ref2 += float(want.norm()) ** 2
-                    got2 += float(got.norm()) ** 2
-            rtol = COVERAGE_RTOL.get(f.block.parameter(f.block.names[0]).dtype, 1e-3)
-            if gap2**0.5 > rtol * (ref2**0.5 + got2**0.5) + torch.finfo(torch.float64).tiny:
-                uncovered.add(f.block.name)
+                    want = reference[example][id(f.block.parameter(name))]
+                    want = torch.zeros_like(got) if want is None else want.to(torch.float64)
+                    acc[0] += float((got - want).norm()) ** 2
+                    acc[1] += float(want.norm()) ** 2
+                    acc[2] += float(got.norm()) ** 2
+    uncovered = set()
+    for block in plan.blocks:
+        gap2, ref2, got2 = sums[block.name]
+        rtol = COVERAGE_RTOL.get(block.parameter(block.names[0]).dtype, 1e-3)
+        if gap2**0.5 > rtol * (ref2**0.5 + got2**0.5) + torch.finfo(torch.float64).tiny:
+            uncovered.add(block.name)
     return [block.name for block in plan.blocks if block.name in uncovered]
 
 
