@@ -13,7 +13,7 @@ import math
 import pytest
 import torch
 
-from genkernel import NonFiniteError, TrainerCallback
+from genkernel import LedgerCheckError, NonFiniteError, TrainerCallback
 from genkernel.diffusion import (
     BinnedDenoiser,
     DDPMTrainer,
@@ -29,6 +29,7 @@ from genkernel.diffusion import (
     training_target,
 )
 
+F64 = torch.float64
 T = 100  # short schedules keep the tests fast; the maths does not depend on T
 
 
@@ -490,3 +491,121 @@ def test_resume_restores_callback_states_by_name_in_any_order_or_refuses(tmp_pat
     twins.callbacks.extend([StepCounter(), StepCounter()])
     with pytest.raises(ValueError, match="share the state key 'StepCounter'"):
         twins.save_checkpoint()
+
+
+# ------------------------------------------------------------------------------------------
+# the bookkeeping around the ledgers: windows, resumes, refused steps
+# ------------------------------------------------------------------------------------------
+def test_a_tracked_window_equals_an_analyzer_attached_for_it_and_reads_after_a_resume(tmp_path):
+    """track_steps=(3, 5) in a 7-step run: the same ledgers, step numbers and kernel entries (the
+    last at the window's end, θ_5, not at the end of training) as an analyzer attached for steps
+    3..5 by hand; saved after the window and resumed, the ledgers still read."""
+    scheduler = make_scheduler(T)
+    make_analyzer = lambda **kw: NoiseLevelAnalyzer(scheduler, ring(16, seed=3), num_bins=4, num_probes=6,  # noqa: E731
+                                                    controls=1, kernel_points=3, **kw)
+    make = lambda callbacks, directory=None: DDPMTrainer(small_mlp(), scheduler, ring(64), batch_size=8, lr=1e-2,  # noqa: E731
+                                                         progress=False, callbacks=callbacks, checkpoint_dir=directory)
+    window = make_analyzer(track_steps=(3, 5))
+    make([window]).train(7)
+    by_hand = make_analyzer()
+    trainer = make([])
+    trainer.train(2)
+    trainer.callbacks.append(by_hand)
+    trainer.train(3)
+    assert window.global_steps == by_hand.global_steps == [3, 4, 5]
+    torch.testing.assert_close(window.contributions, by_hand.contributions, rtol=0, atol=0)
+    assert [(k["tracked_step"], k["global_step"]) for k in window.kernel_history] == [(0, 2), (3, 5)]
+    for mine, theirs in zip(window.kernel_history, by_hand.kernel_history):
+        assert mine["tracked_step"] == theirs["tracked_step"] and mine["global_step"] == theirs["global_step"]
+        assert mine["locality"]["measured"] == theirs["locality"]["measured"]
+
+    saved = make_analyzer(track_steps=(3, 5))
+    first = make([saved], tmp_path)
+    first.train(6)
+    first.save_checkpoint()
+    resumed = make_analyzer(track_steps=(3, 5))
+    second = make([resumed], tmp_path)
+    assert second.resume()
+    with pytest.raises(RuntimeError, match="bind"):
+        resumed.report()  # the state waits for a model to be restored on
+    second.train(1)
+    assert resumed.stopped and resumed.ledger.steps == 3 and resumed.global_steps == [3, 4, 5]
+    torch.testing.assert_close(resumed.contributions, window.contributions, rtol=0, atol=0)
+    assert resumed.report()["tracked_steps"] == 3
+
+
+def test_a_resumed_user_loop_numbers_its_steps_from_binds_start_step(tmp_path):
+    scheduler = make_scheduler(T)
+    batches = [(ring(8, seed=10 + k), torch.randint(0, T, (8,), generator=torch.Generator().manual_seed(k)))
+               for k in range(6)]
+
+    def loop(analyzer, model, optimizer, steps):
+        for clean, t in steps:
+            noise = torch.randn(clean.shape, generator=torch.Generator().manual_seed(int(t.sum())), dtype=F64)
+            losses = ((model(scheduler.add_noise(clean, noise, t), t) - noise) ** 2).mean(dim=1)
+            analyzer.observe(losses, t)
+            optimizer.zero_grad()
+            losses.mean().backward()
+            optimizer.step()
+
+    make_analyzer = lambda: NoiseLevelAnalyzer(scheduler, ring(16, seed=3), num_bins=4, num_probes=6,  # noqa: E731
+                                               kernel_points=3, kernel_every=3)
+    model = small_mlp()
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    straight = make_analyzer()
+    straight.bind(model, optimizer)
+    loop(straight, model, optimizer, batches)
+
+    model = small_mlp()
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    first = make_analyzer()
+    first.bind(model, optimizer)
+    loop(first, model, optimizer, batches[:3])
+    first.save(tmp_path / "analyzer.pt")
+    saved = model.state_dict(), optimizer.state_dict()
+    model = small_mlp()  # a new process: the model and optimizer restored from their checkpoint
+    model.load_state_dict(saved[0])
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    optimizer.load_state_dict(saved[1])
+    resumed = make_analyzer()
+    resumed.load(tmp_path / "analyzer.pt")
+    resumed.bind(model, optimizer, start_step=3)
+    loop(resumed, model, optimizer, batches[3:])
+    assert resumed.global_steps == straight.global_steps == [1, 2, 3, 4, 5, 6]
+    assert [k["global_step"] for k in resumed.kernel_history] == [k["global_step"] for k in straight.kernel_history]
+    torch.testing.assert_close(resumed.contributions, straight.contributions, rtol=1e-12, atol=0)
+
+
+def test_a_refused_observed_step_leaves_no_count_behind():
+    """A step the tracker refuses (clipping by value: no one scale maps the observed sum to the real
+    gradient) is rolled back; its examples are not counted with the next step's."""
+    scheduler = make_scheduler(T)
+    model = small_mlp()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    analyzer = NoiseLevelAnalyzer(scheduler, ring(16, seed=3), num_bins=4, num_probes=4, kernel_points=3,
+                                  bin_spacing="timestep")
+    analyzer.bind(model, optimizer)
+
+    def step(t, clip_value=None):
+        clean = ring(t.numel(), seed=int(t.sum()))
+        noise = torch.randn(clean.shape, generator=torch.Generator().manual_seed(3), dtype=F64)
+        losses = ((model(scheduler.add_noise(clean, noise, t), t) - noise) ** 2).mean(dim=1)
+        analyzer.observe(losses, t)
+        optimizer.zero_grad()
+        losses.mean().backward()
+        if clip_value is not None:
+            torch.nn.utils.clip_grad_value_(model.parameters(), clip_value)
+        optimizer.step()
+
+    with pytest.raises(LedgerCheckError, match="do not add up"):
+        step(torch.tensor([90, 91, 92, 93]), clip_value=1e-4)
+    step(torch.tensor([1, 2, 3, 4, 5, 6]))
+    assert analyzer.bin_counts == [[6, 0, 0, 0]]
+    assert analyzer.tracker.gradient_scales[-1]["step"] == 1 and len(analyzer.tracker.gradient_scales) == 1
+
+
+def test_float_class_labels_are_refused():
+    scheduler = make_scheduler(T)
+    analyzer = NoiseLevelAnalyzer(scheduler, ring(16, seed=3), num_bins=4, num_probes=4, kernel_points=3, num_classes=3)
+    with pytest.raises(ValueError, match="integer"):
+        analyzer._groups(torch.tensor([1, 2]), 2, torch.tensor([0.0, 1.7]))

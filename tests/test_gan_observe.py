@@ -542,3 +542,54 @@ def test_an_observed_null_model_takes_its_geometry_from_D_while_G_trains_on_anot
         assert ledger.steps == 3, name
         assert_identity(ledger)
     assert set(analyzer.generator_ledgers) == {"geometry", "spatial", "control_0", "spatial_control_0"}
+
+
+def test_alignment_compares_what_the_gradient_step_moved_without_the_buffer_drift():
+    """TinyG has BatchNorm: its running statistics move G's outputs at every step. The alignment
+    row's change is the ledger's step change less that drift: the step's contributions, rest and
+    residual without the drift, exactly."""
+    G, D = nets()
+    g_opt, d_opt = optimizers(G, D)
+    analyzer = analyzer_for(G, D)
+    analyzer.bind(g_opt, d_opt)
+    steps = []
+    analyzer.g_tracker.listeners.append(
+        lambda result: steps.append((result.contributions.sum(1) + result.rest + result.residual).cpu()))
+    drifts = []
+    analyzer.g_tracker.listeners.append(lambda result: drifts.append(analyzer.g_tracker.ledger.buffer_drift.clone()))
+    plain_loop(G, D, g_opt, d_opt, batches(3), analyzer)
+    previous = torch.zeros_like(drifts[0])
+    assert len(steps) == len(analyzer.fields) == len(analyzer.alignment) == 3
+    for total, drift, snapshot, row in zip(steps, drifts, analyzer.fields, analyzer.alignment):
+        step_drift = drift - previous
+        previous = drift
+        assert float(step_drift.abs().max()) > 1e-4  # BatchNorm moved the outputs
+        torch.testing.assert_close(snapshot["change"], total - step_drift, rtol=1e-10, atol=1e-13)
+        assert row["buffer_drift_norm"] == pytest.approx(float(step_drift.norm(dim=1).mean()), rel=1e-12)
+
+
+def test_a_resumed_observed_loop_numbers_its_steps_from_binds_start_step(tmp_path):
+    data = batches(4)
+    G, D = nets()
+    g_opt, d_opt = optimizers(G, D)
+    straight = analyzer_for(G, D)
+    straight.bind(g_opt, d_opt)
+    plain_loop(G, D, g_opt, d_opt, data, straight)
+
+    G, D = nets()
+    g_opt, d_opt = optimizers(G, D)
+    first = analyzer_for(G, D)
+    first.bind(g_opt, d_opt)
+    plain_loop(G, D, g_opt, d_opt, data[:2], first)
+    first.save(tmp_path / "gan.pt")
+    saved = [m.state_dict() for m in (G, D, g_opt, d_opt)]
+    G, D = nets()
+    g_opt, d_opt = optimizers(G, D)
+    for module, state in zip((G, D, g_opt, d_opt), saved):
+        module.load_state_dict(state)
+    resumed = analyzer_for(G, D)
+    resumed.load(tmp_path / "gan.pt")
+    resumed.bind(g_opt, d_opt, start_step=2)
+    plain_loop(G, D, g_opt, d_opt, data[2:], resumed)
+    assert resumed.g_loop_steps == straight.g_loop_steps == [1, 2, 3, 4]
+    assert resumed.d_loop_steps == straight.d_loop_steps == [1, 2, 3, 4]

@@ -330,3 +330,60 @@ def test_an_ema_updated_with_other_weights_is_refused():
         t.add_(0.01)  # not an interpolation toward the model's weights
     with pytest.raises(LedgerCheckError, match="not β θ̄ \\+ \\(1 − β\\) θ"):
         tracker.ema_ledgers
+
+
+@pytest.mark.parametrize("kind", ["ema_pytorch", "averaged_use_buffers", "averaged_copies_buffers"])
+def test_the_ema_ledger_sees_the_ema_models_own_buffers(kind):
+    """With BatchNorm, the model people sample from is the EMA module with its own buffers
+    (averaged, or copied at each update): the EMA ledger starts and ends at that model's outputs,
+    its buffers' moves are booked in buffer_drift, and the identity holds."""
+    from ema_pytorch import EMA
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 8), nn.BatchNorm1d(8), nn.Tanh(), nn.Linear(8, 2)).to(F64)
+    if kind == "ema_pytorch":
+        ema = _EmaPytorchStep(EMA(model, beta=0.8, update_after_step=0, update_every=1))
+        sampled = ema.ema_model
+    else:
+        averaged = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(0.8), use_buffers=kind == "averaged_use_buffers")
+        ema, sampled = _AveragedStep(averaged, model), averaged.module
+    opt = torch.optim.SGD(model.parameters(), lr=0.02)
+    tracker = PathKernelTracker(model, opt, mse_loss, PROBES, num_groups=3, quadrature="simpson")
+    tracker.track_ema(ema)
+
+    def sampled_outputs():
+        with torch.no_grad():
+            return sampled.eval()(PROBES)
+
+    start = sampled_outputs()
+    for x, y, g in data(5):
+        model.train()
+        tracker.step(x, y, g)
+        ema.step()
+    ledger = tracker.ema_ledgers["groups"]
+    torch.testing.assert_close(ledger.f_start, start, rtol=0, atol=1e-14)
+    torch.testing.assert_close(ledger.f_end, sampled_outputs(), rtol=0, atol=1e-14)
+    assert float(ledger.buffer_drift.abs().max()) > 1e-3  # the EMA's buffers moved, and are booked apart
+    total = ledger.contributions.sum(1) + ledger.rest + ledger.residual
+    torch.testing.assert_close(total, ledger.delta, rtol=0, atol=1e-13)
+    assert ledger.relative_residual() < 1e-4
+
+
+def test_the_ema_ledgers_read_after_close_while_training_and_the_ema_go_on():
+    """close() ends the tracked window: it records the EMA's update after the last tracked step,
+    and later untracked steps (the EMA following them) leave the EMA ledgers as they were."""
+    tracker, ema, model, steps = ema_run(PlainEMA)
+    opt = tracker.optimizer
+    tracker.close()
+    frozen = tracker.ema_ledgers["groups"].copy()
+    for x, y, g in data(2, seed=9):
+        mse_loss(model(x), y).mean().backward()
+        opt.step()
+        opt.zero_grad()
+        ema.step()
+    after = tracker.ema_ledgers["groups"]
+    assert after.steps == frozen.steps == len(steps)
+    torch.testing.assert_close(after.contributions, frozen.contributions, rtol=0, atol=0)
+    with pytest.raises(RuntimeError, match="closed"):
+        tracker.step(*data(1, seed=9)[0])

@@ -308,12 +308,18 @@ class NoiseLevelAnalyzer(TrainerCallback):
         if self._pending_state is not None:
             self._load(self._pending_state)
             self._pending_state = None
+            if self.stopped:  # saved after its window ended: the ledgers are for reading only
+                self.tracker.close()
         elif not self.kernel_history:
             self.record_kernel()
+        self._steps_at_bind = self.tracker.ledger.steps
 
     # -- the trainer callback ----------------------------------------------------------------
     def on_train_start(self, trainer: Any) -> None:
-        if self.tracker is None and self._in_window(getattr(trainer, "global_step", 0) + 1):
+        # Bound now inside the window, or to restore a saved state (one saved after the window
+        # ended included: its ledgers are then read, not extended).
+        if self.tracker is None and (self._in_window(getattr(trainer, "global_step", 0) + 1)
+                                     or self._pending_state is not None):
             self._start_step = getattr(trainer, "global_step", None)
             self.bind(trainer.model, trainer.optimizer, max_grad_norm=getattr(trainer, "max_grad_norm", math.inf),
                       batch_size=getattr(trainer, "batch_size", None))
@@ -322,9 +328,15 @@ class NoiseLevelAnalyzer(TrainerCallback):
         return self.track_steps is None or self.track_steps[0] <= step <= self.track_steps[1]
 
     def stop(self) -> None:
-        """Stop tracking (the end of the tracked window): the ledgers are kept and reported, the
-        loop's later steps are not analysed and cost nothing more."""
+        """Stop tracking (the end of the tracked window): the kernel structure at the window's last
+        θ is recorded unless it already is, the ledgers are kept and reported, and the loop's later
+        steps are not analysed and cost nothing more."""
+        if self.stopped:
+            return
         if self.tracker is not None:
+            if self.tracker.ledger.steps and (not self.kernel_history
+                                              or self.kernel_history[-1]["tracked_step"] != self.tracker.ledger.steps):
+                self.record_kernel()
             self.tracker.close()
         self.stopped = True
 
@@ -340,7 +352,8 @@ class NoiseLevelAnalyzer(TrainerCallback):
                 "step.info['timesteps'] (DDPMTrainer does)"
             )
         if self.tracker is None:
-            self.bind(step.model, step.optimizer, max_grad_norm=step.max_grad_norm, batch_size=step.batch)
+            self.bind(step.model, step.optimizer, max_grad_norm=step.max_grad_norm, batch_size=step.batch,
+                      start_step=index - 1)
         current = getattr(trainer, "global_step", None)
         self._global_step = None if current is None else current + 1  # 1-based index of this step
         return self.track(step, step.info["timesteps"], class_labels=step.info.get("class_labels")).losses
@@ -373,14 +386,16 @@ class NoiseLevelAnalyzer(TrainerCallback):
         if self.stopped:
             raise RuntimeError("the analyzer was stopped (its tracked window ended): do not observe later steps")
         groups, bins = self._groups(timesteps, losses.shape[0] if isinstance(losses, torch.Tensor) else -1, class_labels)
+        if not self.tracker.observing_a_step:  # bins left over from a step that was refused and rolled back
+            self._pending_bins = []
         self.tracker.observe(losses, {k: v.to(losses.device) for k, v in groups.items()}, weights)
         self._pending_bins.append(bins)
 
     def finish(self) -> None:
         """Record the kernel structure at the current θ unless the last tracked step has it already
-        (what a built-in trainer's end of training does), and log the final numbers and matrices
-        when the analyzer has a ``log``."""
-        if self.tracker is not None and self.tracker.ledger.steps and (
+        (what a built-in trainer's end of training does; after :meth:`stop` the window's last θ
+        has it), and log the final numbers and matrices when the analyzer has a ``log``."""
+        if self.tracker is not None and not self.stopped and self.tracker.ledger.steps and (
             not self.kernel_history or self.kernel_history[-1]["tracked_step"] != self.tracker.ledger.steps
         ):
             self.record_kernel()
@@ -452,6 +467,8 @@ class NoiseLevelAnalyzer(TrainerCallback):
             if not isinstance(class_labels, torch.Tensor) or class_labels.shape != (batch,):
                 raise ValueError(f"this analyzer splits by level × class (num_classes={self.num_classes}): pass "
                                  f"class_labels, a LongTensor[{batch}]")
+            if class_labels.is_floating_point() or class_labels.is_complex() or class_labels.dtype == torch.bool:
+                raise ValueError(f"class_labels must be an integer tensor (a LongTensor), got {class_labels.dtype}")
             labels = class_labels.cpu().long()
             if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= self.num_classes):
                 raise ValueError(f"class_labels must lie in [0, {self.num_classes})")
@@ -467,6 +484,7 @@ class NoiseLevelAnalyzer(TrainerCallback):
         self.kernel_history: list[dict[str, Any]] = []
         self._global_step = None
         self._start_step: int | None = None
+        self._steps_at_bind = 0
 
     def _record(self, result: StepContributions) -> None:
         """The tracker's listener: bookkeeping after every recorded step (owned or observed)."""
@@ -474,8 +492,8 @@ class NoiseLevelAnalyzer(TrainerCallback):
         self._pending_bins = []
         self.bin_counts.append(torch.bincount(bins, minlength=self.num_bins).tolist())
         step = self._global_step
-        if step is None:  # a user loop: count from bind's start_step
-            step = (self._start_step or 0) + self.tracker.ledger.steps
+        if step is None:  # a user loop: count from bind's start_step (the steps recorded since bind)
+            step = (self._start_step or 0) + self.tracker.ledger.steps - self._steps_at_bind
         self.global_steps.append(step)
         self._global_step = None
         steps = self.tracker.ledger.steps
@@ -531,6 +549,9 @@ class NoiseLevelAnalyzer(TrainerCallback):
 
     # -- summaries -----------------------------------------------------------------------------
     def _require(self) -> None:
+        if self.tracker is None and self._pending_state is not None:
+            raise RuntimeError("the analyzer holds a loaded state that is restored when it is bound: call "
+                               "analyzer.bind(model, optimizer), or start training, before reading it")
         if self.tracker is None:
             raise RuntimeError("the analyzer has not tracked anything yet (bind it and train)")
 
@@ -719,7 +740,7 @@ class NoiseLevelAnalyzer(TrainerCallback):
         if self.tracker is None:
             return {"format": FORMAT, "bound": False}
         return {
-            "format": FORMAT, "bound": True, "tracker": self.tracker.state_dict(),
+            "format": FORMAT, "bound": True, "tracker": self.tracker.state_dict(), "stopped": self.stopped,
             "bin_counts": self.bin_counts, "global_steps": self.global_steps,
             "history": self.history, "kernel_history": self.kernel_history,
             "perm_generator": self._perm_generator.get_state(),
@@ -743,6 +764,7 @@ class NoiseLevelAnalyzer(TrainerCallback):
             )
         if self.tracker is None:
             self._pending_state = state
+            self.stopped = bool(state.get("stopped", False))
         else:
             self._load(state)
 
@@ -751,6 +773,7 @@ class NoiseLevelAnalyzer(TrainerCallback):
         self.bin_counts, self.global_steps = list(state["bin_counts"]), list(state["global_steps"])
         self.history, self.kernel_history = list(state["history"]), list(state["kernel_history"])
         self._perm_generator.set_state(state["perm_generator"])
+        self._steps_at_bind = self.tracker.ledger.steps  # bind's start_step counts the loop's steps up to here
 
     def save(self, path: str | os.PathLike) -> None:
         """Write the analyzer state atomically."""

@@ -270,6 +270,7 @@ class GANKernelAnalyzer(TrainerCallback):
         self._pending: dict[str, Any] | None = None
         self.g_steps = 0
         self.d_steps = 0
+        self._steps_at_bind = (0, 0)  # (g_steps, d_steps) when the loop's step count was start_step
         self.alignment: list[dict[str, float]] = []
         self.coverage: list[dict[str, Any]] = []
         self.windows: list[dict[str, Any]] = []
@@ -288,6 +289,7 @@ class GANKernelAnalyzer(TrainerCallback):
         self._run_spatial: torch.Tensor | None = None
         self._probe_state: dict[str, torch.Tensor] | None = None
         self._g_f_prev: torch.Tensor | None = None  # the generator ledger's f_end before the step
+        self._g_drift_prev: torch.Tensor | None = None  # and its buffer drift
         self._g_pending: dict[str, Any] | None = None  # the generator step in progress (ids, loop step)
         self._d_pending: dict[str, Any] | None = None
         # observe mode (bind)
@@ -388,6 +390,7 @@ class GANKernelAnalyzer(TrainerCallback):
         if self._generator_loss is None and self._geometry_loss is None:
             self._generator_loss = GeneratorLoss(self._d)
         self._start_step = start_step
+        self._steps_at_bind = (self.g_steps, self.d_steps)
         self._ema = ema
         if g_optimizer is not None:
             self._g_optimizer = unwrap_optimizer(g_optimizer)
@@ -687,6 +690,7 @@ class GANKernelAnalyzer(TrainerCallback):
             self._pending["g_tracker"] = None
         self.g_tracker.listeners.append(self._record_generator)
         self._g_f_prev = self.g_tracker.ledger.f_end.clone()
+        self._g_drift_prev = self.g_tracker.ledger.buffer_drift.clone()
 
     def _generator_step(self, step: OptimizerStep, loop_step: int | None = None) -> torch.Tensor:
         if unwrap(step.model) is not self._g:
@@ -762,12 +766,16 @@ class GANKernelAnalyzer(TrainerCallback):
             spatial = torch.cat(pending["spatial"]) if pending.get("spatial") else torch.zeros(0, dtype=torch.long)
             self.g_spatial_counts.append(torch.bincount(spatial.cpu(), minlength=self.num_groups).tolist())
         loop = pending["loop_step"]
-        self.g_loop_steps.append(int(loop) if loop is not None else self._start_step + index)
+        self.g_loop_steps.append(int(loop) if loop is not None else self._start_step + index - self._steps_at_bind[0])
         f_end = self.g_tracker.ledger.f_end
-        change = (f_end - self._g_f_prev).cpu()
-        self._g_f_prev = f_end.clone()
+        drift = self.g_tracker.ledger.buffer_drift
+        # What training moved: the outputs' change less what G's buffers (BatchNorm's running
+        # statistics) moved them by, which no gradient step did.
+        step_drift = (drift - self._g_drift_prev).cpu()
+        change = (f_end - self._g_f_prev).cpu() - step_drift
+        self._g_f_prev, self._g_drift_prev = f_end.clone(), drift.clone()
         if (index - 1) % self.eval_every == 0 and self._probe_state is not None:
-            self._record_alignment(index, result, change)
+            self._record_alignment(index, result, change, step_drift)
         if index % self.window == 0 and self._window_start is not None:
             self._close_window(index)
         if self.logging is not None:  # after the window closed: its statistics are in this step's numbers
@@ -892,9 +900,12 @@ class GANKernelAnalyzer(TrainerCallback):
         self.windows.append(self._window_record(index - self.window + 1, index, self._window_start, self._window_groups,
                                                 self._window_spatial))
 
-    def _record_alignment(self, index: int, contributions: StepContributions, change: torch.Tensor) -> None:
+    def _record_alignment(self, index: int, contributions: StepContributions, change: torch.Tensor,
+                          drift: torch.Tensor) -> None:
+        """One alignment row; ``change``: the probes' output change less the step's buffer drift
+        ``drift`` (both ``[M, d]``), so every cosine compares what the gradient step moved."""
         probe = self._probe_state
-        predicted = (contributions.contributions.sum(dim=1) + contributions.rest).cpu()
+        predicted = (contributions.contributions.sum(dim=1) + contributions.rest).cpu() - drift
         local = -probe["w"].reshape(probe["w"].shape[0], -1).to(torch.float64).cpu()
         row: dict[str, Any] = {
             "step": index,
@@ -905,6 +916,7 @@ class GANKernelAnalyzer(TrainerCallback):
             "cos_field_vs_local": float(cosine(probe["field"].cpu(), local).nanmean()),
             "step_relative_residual": float(contributions.residual.norm().cpu() / change.norm().clamp_min(1e-300)),
             "change_norm": float(change.norm(dim=1).mean()),
+            "buffer_drift_norm": float(drift.norm(dim=1).mean()),
         }
         snapshot = {"step": index, "x": probe["x"].cpu(), "w": probe["w"].cpu(), "field": probe["field"].cpu(), "change": change.cpu()}
         if self.mode_centers is not None:
@@ -999,7 +1011,8 @@ class GANKernelAnalyzer(TrainerCallback):
         ids = torch.cat(pending["ids"]) if pending["ids"] else torch.zeros(0, dtype=torch.long)
         self.d_group_counts.append(torch.bincount(ids.cpu(), minlength=self._d_num_groups).tolist())
         loop = pending["loop_step"]
-        self.d_loop_steps.append(int(loop) if loop is not None else self._start_step + self.d_steps)
+        self.d_loop_steps.append(int(loop) if loop is not None
+                                 else self._start_step + self.d_steps - self._steps_at_bind[1])
 
     # -- results -------------------------------------------------------------------------------
     @property
@@ -1169,6 +1182,7 @@ class GANKernelAnalyzer(TrainerCallback):
             self.comparison.load_state_dict(state["comparison"])
         self.rng.set_state(state["rng"])
         self.g_steps, self.d_steps = state["g_steps"], state["d_steps"]
+        self._steps_at_bind = (self.g_steps, self.d_steps)  # bind's start_step counts the loop up to here
         self.alignment, self.coverage, self.windows = list(state["alignment"]), list(state["coverage"]), list(state["windows"])
         self.fields = list(state["fields"])
         # The probes' state and the window's starting ledgers live beside the generator (loaded on the CPU).

@@ -19,14 +19,20 @@ exactly that interpolation (diffusers' ``EMAModel`` warm-up decay, ema-pytorch's
 
 Lifecycle (driven by the tracker): ``after_step(updates)`` when a step is recorded accumulates
 D; ``sync()`` (before the next step, and whenever the ledgers are read) reads the EMA and records
-its update, if any. The probes see f(x; θ̄) with the live model's buffers and frozen parameters.
-Memory: two more float64 copies of the parameters per group row (D and E).
+its update, if any. The probes see f(x; θ̄) with the buffers of the model people sample from
+(:func:`ema_buffers`): an EMA that holds a module (ema-pytorch's ``EMA``, ``AveragedModel``) keeps
+its own (copied, averaged, or as built), which the probes read; diffusers' ``EMAModel`` holds only
+parameters (``copy_to`` puts them in the live model), so its probes read the live model's. A change
+of those buffers between two EMA updates is booked in ``buffer_drift``, not in any group.
+Frozen parameters are the live model's. Memory: two more float64 copies of the parameters per
+group row (D and E).
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
@@ -73,14 +79,32 @@ def _weights_reader(ema: Any, names: list[str], model: nn.Module) -> Callable[[]
     return lambda: {n: p for n, p in module.named_parameters() if n in names}
 
 
+def ema_buffers(ema: Any, model: nn.Module) -> Callable[[], dict[str, torch.Tensor]] | None:
+    """A reader of the buffers the EMA weights are sampled with, by name: those of the module an
+    EMA holds (ema-pytorch's ``EMA.ema_model``, ``AveragedModel.module``, an ``nn.Module``), or None
+    where the EMA keeps parameters only (diffusers' ``EMAModel``, a callable) or the model has no
+    buffers: the live model's are the ones then."""
+    own = [n for n, _ in model.named_buffers()]
+    if not own or (callable(ema) and not isinstance(ema, nn.Module)) or hasattr(ema, "shadow_params"):
+        return None
+    module = getattr(ema, "ema_model", None) or getattr(ema, "module", None) or ema
+    theirs = {n for n, _ in module.named_buffers()}
+    missing = [n for n in own if n not in theirs]
+    if missing:
+        raise ValueError(f"the EMA model has no buffers {missing[:5]}: it must be a copy of the tracked model")
+    return lambda: {n: b for n, b in module.named_buffers() if n in own}
+
+
 class EMALedgers:
     """The EMA weights' ledgers of a tracker (see the module docstring); ``tracker.track_ema(ema)``
     builds it. ``ledgers[name]`` per partition, ``ledger`` the primary one (their ``rest`` holds
     the EMA's start row, also kept apart in ``start [M, d]``), ``decays`` the β_k read."""
 
-    def __init__(self, model: TrackedModel, read: Callable[[], dict[str, torch.Tensor]], rtol: float, rule):
+    def __init__(self, model: TrackedModel, read: Callable[[], dict[str, torch.Tensor]], rtol: float, rule,
+                 read_buffers: Callable[[], dict[str, torch.Tensor]] | None = None):
         self.model = model
         self.read = read
+        self.read_buffers = read_buffers
         self.rtol = rtol
         self.rule = rule
         partitions = model.partitions
@@ -98,7 +122,7 @@ class EMALedgers:
                        for n, t in theta.items()}
         self.last_bar = {n: t.clone() for n, t in bar.items()}
         self.decays: list[float] = []
-        with torch.no_grad(), analysis_mode(model.module):
+        with torch.no_grad(), analysis_mode(model.module), self._sampled_buffers():
             f_start = self._outputs(bar)
         self.ledgers = {name: PathKernelLedger.empty(f_start, size) for name, size in partitions.sizes.items()}
         self.start = torch.zeros_like(f_start)  # [M, d] the part of ``rest`` the start row made
@@ -165,11 +189,11 @@ class EMALedgers:
         dtype = next(iter(self.model.params.values())).dtype
         for s, w in zip(self.rule.nodes, self.rule.weights):
             nodes.append((w, {n: (self.last_bar[n] + s * (bar[n] - self.last_bar[n])).to(dtype) for n in bar}))
-        with torch.no_grad(), analysis_mode(self.model.module):
+        with torch.no_grad(), analysis_mode(self.model.module), self._sampled_buffers():
             f_before = self._outputs(self.last_bar)
             pushed = push_rows(self.model, {n: c[keep] for n, c in change.items()}, nodes)  # [M, R + 2, d]
             f_after = self._outputs(bar)
-        drift = f_before - self._f_prev  # the live model's buffers moved the EMA weights' outputs
+        drift = f_before - self._f_prev  # the buffers moved the EMA weights' outputs
         rest = pushed[:, self.rows] + pushed[:, self.rows + 1] + drift  # the rest and the start rows
         for name, part in self.model.partitions.slices.items():
             self.ledgers[name].record(pushed[:, part], rest, f_after, None, drift)
@@ -177,6 +201,28 @@ class EMALedgers:
         self._f_prev = f_after
         self.last_bar = {n: t.clone() for n, t in bar.items()}
         self.decays.append(beta)
+
+    @contextlib.contextmanager
+    def _sampled_buffers(self) -> Iterator[None]:
+        """Inside: the live module's buffer slots hold copies of the EMA's own buffers (where it
+        has them, :func:`ema_buffers`); after: the live tensors themselves again, untouched."""
+        if self.read_buffers is None:
+            yield
+            return
+        values = self.read_buffers()
+        slots = [(m, name, b) for prefix, m in self.model.module.named_modules() for name, b in m._buffers.items()
+                 if b is not None and f"{prefix}.{name}".lstrip(".") in values]
+        try:
+            with torch.no_grad():
+                for prefix, m in self.model.module.named_modules():
+                    for name, b in list(m._buffers.items()):
+                        full = f"{prefix}.{name}".lstrip(".")
+                        if b is not None and full in values:
+                            m._buffers[name] = values[full].detach().to(device=b.device, dtype=b.dtype, copy=True)
+            yield
+        finally:
+            for m, name, b in slots:
+                m._buffers[name] = b
 
     def _outputs(self, theta: dict[str, torch.Tensor]) -> torch.Tensor:
         dtype = next(iter(self.model.params.values())).dtype
@@ -200,4 +246,4 @@ class EMALedgers:
         self.start = state["start"].clone()
 
 
-__all__ = ["EMALedgers", "ema_parameters"]
+__all__ = ["EMALedgers", "ema_buffers", "ema_parameters"]

@@ -72,7 +72,7 @@ from ..errors import LedgerCheckError, NonFiniteError
 from ..cost import activation_elements, estimate_cost
 from ..grouping import Partitions, rows_sum_and_size
 from .distributed import combine_group_gradients, ddp_context
-from .ema import EMALedgers, ema_parameters
+from .ema import EMALedgers, ema_buffers, ema_parameters
 from .io import atomic_save, load_state, to_device
 from .ledger import PathKernelLedger
 from .quadrature import quadrature_rule
@@ -313,6 +313,8 @@ class PathKernelTracker:
         self._observed: dict[str, Any] | None = None  # micro-batches observed since the last step
         self._pending_step: _StepInProgress | None = None  # an observed step between its hooks
         self._observing = False  # set by the first observe()
+        self._closed = False  # close(): the tracked window ended
+        self._scale_entry: dict[str, float] | None = None  # the observed step in progress' gradient scale
         # Step hooks on the optimizer, inert until the tracker observes a loop: installed now because a
         # loop that steps with a closure calls observe() inside optimizer.step(), after the pre-hooks ran.
         # They hold the tracker weakly: a tracker that is dropped leaves inert hooks behind.
@@ -417,6 +419,7 @@ class PathKernelTracker:
         analysis) restores the parameters, buffers and optimizer state to θ_k and leaves every
         ledger and group state as it was, so ``ledger.steps`` keeps counting the recorded steps.
         """
+        self._check_open()
         if step.model is not self.model or unwrap_optimizer(step.optimizer) is not self.optimizer:
             raise ValueError("this step trains a different model or optimizer than the tracker was built for")
         if step.max_grad_norm != self.max_grad_norm:
@@ -472,7 +475,8 @@ class PathKernelTracker:
         The EMA is updated by the loop as usual, after each optimizer step
         (:mod:`genkernel.core.tracking.ema`)."""
         self._need_dense("an EMA ledger")
-        self.ema = EMALedgers(self._tracked, ema_parameters(ema, list(self.params), self.module), self.rtol, self.rule)
+        self.ema = EMALedgers(self._tracked, ema_parameters(ema, list(self.params), self.module), self.rtol, self.rule,
+                              ema_buffers(ema, self.module))
         return self.ema
 
     def _need_dense(self, what: str) -> None:
@@ -493,7 +497,8 @@ class PathKernelTracker:
         """The EMA weights' ledgers per partition, up to the EMA's latest update."""
         if self.ema is None:
             raise RuntimeError("no EMA is tracked: call tracker.track_ema(ema) first")
-        self.ema.sync(self.ledger.steps)
+        if not self._closed:  # after close() the EMA follows untracked steps: its ledgers stay as they were
+            self.ema.sync(self.ledger.steps)
         return self.ema.ledgers
 
     # -- observing a loop the user owns ---------------------------------------------------------
@@ -514,6 +519,7 @@ class PathKernelTracker:
         accumulation, global-norm clipping, a constant loss scale; reported per step in
         ``gradient_scales``), else the step is refused before the parameters move.
         """
+        self._check_open()
         if self._pending_step is not None:
             raise RuntimeError("observe() was called inside optimizer.step(): call it before the loop's backward")
         if not isinstance(losses, torch.Tensor) or losses.dim() != 1 or losses.numel() == 0:
@@ -547,8 +553,23 @@ class PathKernelTracker:
             self._observed["ids"].append(ids)
         self._observing = True
 
+    @property
+    def observing_a_step(self) -> bool:
+        """Whether micro-batches observed since the last recorded step wait for the optimizer's step
+        (False after a step is recorded, refused or rolled back)."""
+        return self._observed is not None
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RuntimeError("this tracker was closed (its tracked window ended): build a new one to track more steps")
+
     def close(self) -> None:
-        """Stop observing: remove the optimizer hooks and forget micro-batches not stepped on."""
+        """Stop tracking (the end of a tracked window): record the EMA's update after the last tracked
+        step, if it has been made, then keep every ledger as it is; remove the optimizer hooks and
+        forget micro-batches not stepped on."""
+        if self.ema is not None and not self._closed:
+            self.ema.sync(self.ledger.steps)
+        self._closed = True
         for handle in self._hooks:
             handle.remove()
         self._hooks = []
@@ -591,8 +612,9 @@ class PathKernelTracker:
         with torch.no_grad():
             grads, scale = self._scaled_to_real(index, observed["grads"], observed["micro_batches"])
             gradients = self.route.from_graph(grads, losses, _Batch(losses.shape[0], 1.0))
-            self.gradient_scales.append({"step": index, "scale": scale, "micro_batches": observed["micro_batches"],
-                                         "scale_times_micro_batches": scale * observed["micro_batches"]})
+            # Kept once the step is recorded (a refused step leaves no entry).
+            self._scale_entry = {"step": index, "scale": scale, "micro_batches": observed["micro_batches"],
+                                 "scale_times_micro_batches": scale * observed["micro_batches"]}
             ids = {name: torch.cat([i[name] for i in observed["ids"]]) for name in self.partitions.names}
             self._pending_step = self._begin(index, "observed", ids, theta_before, saved, gradients, losses, scale)
 
@@ -606,6 +628,7 @@ class PathKernelTracker:
             self._roll_back(error, pending.index, pending.phase, pending.saved, pending.theta_before, applied=True)
             raise
         self.route.commit()
+        self.gradient_scales.append(self._scale_entry)
         self._grad_marks = None  # the loop zeroes or keeps its gradients as it likes
         self._recorded(result)
 
