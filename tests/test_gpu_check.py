@@ -18,3 +18,18 @@ def test_the_gpu_check_runs_in_its_tiny_cpu_mode(tmp_path):
     assert written["exact_mode"]["matmul_precision"] == "highest"  # torch's default on the CPU, untouched
     assert gan["generator_relative_residual"] < 0.1 and gan["discriminator_relative_residual"] < 0.1
     assert result["cuda_tests"]["ran"] is False
+
+
+def test_a_failing_section_is_recorded_and_the_next_one_runs(tmp_path, monkeypatch):
+    """One try on a lent GPU: a section that fails must not lose the others' numbers."""
+    from recipes.benchmarks import gpu_check
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("planted failure")
+
+    monkeypatch.setattr(gpu_check, "diffusion_benchmark", broken)
+    gpu_check.main(["--tiny", "--out-dir", str(tmp_path)])
+    written = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert written["diffusion"]["ran"] is False and "planted failure" in written["diffusion"]["error"]
+    assert any("planted failure" in line for line in written["diffusion"]["traceback"])
+    assert written["gan"]["training_unchanged"]

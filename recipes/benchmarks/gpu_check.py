@@ -15,19 +15,31 @@ On a CUDA device (``make gpu-check``), within ``--budget`` seconds (8 minutes by
 Everything runs as exact ledgers need on CUDA (:func:`exact_mode`: TF32 off, deterministic
 algorithms, no cuDNN autotuning). It writes ``OUT/gpu_check.json`` (device name, those settings,
 per-step times, ratios, peak memory above what was allocated before each trainer, the GAN's
-training unchanged against a second bare pair, test results). ``--tiny`` runs the same code on
-the CPU with tiny models and sizes (what CI runs, to keep the script working); its numbers say
-nothing about a GPU.
+training unchanged against a second bare pair, test results), rewritten after each section: a
+section that fails keeps its traceback there and the next one runs; a run killed at its limit keeps
+what finished. The tests' whole output goes to ``OUT/gpu_check_tests.log``. ``--tiny`` runs the
+same code on the CPU with tiny models and sizes (what CI runs, to keep the script working); its
+numbers say nothing about a GPU.
+
+On a machine without network whose python already has torch (the lent GPU machine), carry the two
+packages it may lack as wheels and run the script with that python, not ``make``::
+
+    pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+        --platform manylinux2014_x86_64 -d .whl diffusers==0.42.1 importlib_metadata   # here
+    python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl \
+        && PYTHONPATH=/tmp/site:. python3 -m recipes.benchmarks.gpu_check --out-dir $OUT   # there
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import subprocess
 import sys
 import time
+import traceback
 from pathlib import Path
 
 import torch
@@ -71,22 +83,38 @@ def _allocated(device: torch.device) -> int:
     return int(torch.cuda.memory_allocated(device)) if device.type == "cuda" else 0
 
 
-def run_cuda_tests(root: Path, budget: float) -> dict:
-    """The ``cuda``-marked tests in a subprocess: exit code and the last lines of their output."""
+def run_cuda_tests(root: Path, budget: float, log: Path) -> dict:
+    """The ``cuda``-marked tests in a subprocess: exit code and the last lines of their output (the
+    whole of it in ``log``)."""
     if not torch.cuda.is_available():
         return {"ran": False, "why": "no CUDA device"}
     start = time.perf_counter()
     try:
-        done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-m", "cuda", "tests/test_cuda.py"], cwd=root,
-                              capture_output=True, text=True, timeout=budget)
-    except subprocess.TimeoutExpired:
+        done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-rA", "-m", "cuda", "tests/test_cuda.py"],
+                              cwd=root, capture_output=True, text=True, timeout=budget)
+    except subprocess.TimeoutExpired as error:
+        log.write_text(f"{error.stdout or ''}{error.stderr or ''}")
         return {"ran": True, "passed": False, "why": f"timed out after {budget:.0f} s"}
+    text = done.stdout + done.stderr
+    log.write_text(text)
     return {"ran": True, "passed": done.returncode == 0, "seconds": round(time.perf_counter() - start, 1),
-            "tail": (done.stdout + done.stderr).strip().splitlines()[-5:]}
+            "tail": text.strip().splitlines()[-40:]}
 
 
-def diffusion_benchmark(device: torch.device, s: dict) -> dict:
-    """Bare and analyzed DDPM steps of the CIFAR-sized UNet (tiny: ``tiny_unet``), interleaved."""
+def analysis_budget(device: torch.device) -> int:
+    """The analyzers' working-memory budget: their CPU default, or on a GPU a quarter of its free
+    memory up to 16 GiB (a CIFAR UNet's 64-example training records and wide JVP passes fit: on
+    256 MiB it would run 64 one-example gradient passes and one JVP row per pass)."""
+    if device.type != "cuda":
+        return 256 * 2**20
+    free, _ = torch.cuda.mem_get_info(device)
+    return int(min(16 * 2**30, free // 4))
+
+
+def diffusion_benchmark(device: torch.device, s: dict, deadline: float) -> dict:
+    """Bare and analyzed DDPM steps of the CIFAR-sized UNet (tiny: ``tiny_unet``), interleaved, as
+    many timed pairs as ``s["steps"]`` and the ``deadline`` (``time.perf_counter()``) allow (one
+    at least)."""
     from genkernel.diffusion import DDPMTrainer, NoiseLevelAnalyzer, make_scheduler, tiny_unet
     from genkernel.diffusion.configs import ddpm_cifar10_unet
 
@@ -112,7 +140,8 @@ def diffusion_benchmark(device: torch.device, s: dict) -> dict:
     before = _allocated(device)
     analyzer = NoiseLevelAnalyzer(scheduler, data[:32], num_bins=s["bins"], num_probes=s["probes"], controls=s["controls"],
                                   kernel_points=2, kernel_sketch=1, snapshot_every=0, state_dtype=torch.float32,
-                                  progress=False)
+                                  memory_budget=analysis_budget(device), progress=False)
+    out["memory_budget"] = analyzer.memory_budget
     tracked = DDPMTrainer(model(), scheduler, data, batch_size=s["batch"], progress=False, callbacks=[analyzer])
     _reset_peak(device)
     analyzer.on_train_start(tracked)
@@ -122,6 +151,9 @@ def diffusion_benchmark(device: torch.device, s: dict) -> dict:
     out["estimate"] = analyzer.tracker.cost.as_dict()
     times = {"bare": [], "analyzed": []}
     for _ in range(s["steps"]):
+        if times["analyzed"] and time.perf_counter() + 1.5 * (times["bare"][-1] + times["analyzed"][-1]) > deadline:
+            out["stopped_early"] = "the time budget"
+            break
         for label, trainer in (("bare", bare), ("analyzed", tracked)):
             _sync(device)
             start = time.perf_counter()
@@ -152,19 +184,42 @@ def main(argv=None) -> dict:
         "tiny": args.tiny or device.type == "cpu", "torch": torch.__version__, "settings": s,
         "exact_mode": exact_mode(device),
     }
-    result["cuda_tests"] = run_cuda_tests(root, budget=args.budget / 3)
-    result["diffusion"] = diffusion_benchmark(device, s)
-    result["gan"] = gan_benchmark(device, s)
-    result["wall_seconds"] = round(time.perf_counter() - start, 1)
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     path = out / "gpu_check.json"
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(result, indent=2, allow_nan=False, default=str) + "\n")
-    os.replace(tmp, path)
-    print(f"[gpu_check] {result['device']}: diffusion {result['diffusion']['ratio']:.1f}x a bare step, "
-          f"GAN {result['gan'].get('ratio', float('nan')):.1f}x; wrote {path} in {result['wall_seconds']} s")
+    deadline = start + args.budget
+    sections = (
+        ("cuda_tests", lambda: run_cuda_tests(root, budget=args.budget / 3, log=out / "gpu_check_tests.log")),
+        ("diffusion", lambda: diffusion_benchmark(device, s, deadline - args.budget / 4)),
+        ("gan", lambda: gan_benchmark(device, s)),
+    )
+    for name, section in sections:
+        try:
+            result[name] = section()
+        except Exception as error:  # the next section still runs; the JSON says what failed and where
+            result[name] = {"ran": False, "error": f"{type(error).__name__}: {error}",
+                            "traceback": traceback.format_exc().splitlines()[-30:]}
+        result["wall_seconds"] = round(time.perf_counter() - start, 1)
+        write_json(result, path)
+    ratios = {name: result[name].get("ratio") for name in ("diffusion", "gan")}
+    print(f"[gpu_check] {result['device']}: ratios to a bare step {ratios}; wrote {path} in {result['wall_seconds']} s")
     return result
+
+
+def write_json(result: dict, path: Path) -> None:
+    """``result`` as strict JSON, atomically (a non-finite number is written as its name)."""
+    def finite(value):
+        if isinstance(value, float) and not math.isfinite(value):
+            return str(value)
+        if isinstance(value, dict):
+            return {k: finite(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [finite(v) for v in value]
+        return value
+
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(finite(result), indent=2, allow_nan=False, default=str) + "\n")
+    os.replace(tmp, path)
 
 
 def gan_benchmark(device: torch.device, s: dict) -> dict:
