@@ -387,3 +387,41 @@ def test_the_ema_ledgers_read_after_close_while_training_and_the_ema_go_on():
     torch.testing.assert_close(after.contributions, frozen.contributions, rtol=0, atol=0)
     with pytest.raises(RuntimeError, match="closed"):
         tracker.step(*data(1, seed=9)[0])
+
+
+@pytest.mark.parametrize("set_to_none", [True, False])
+def test_a_step_a_grad_scaler_skips_is_no_step_of_the_ledger(set_to_none):
+    """A GradScaler that finds inf skips optimizer.step() and the loop clears the gradients: the
+    micro-batch observed for it belongs to no step. The ledger equals that of the same loop without
+    the overflowing batch (the scales are powers of two: exact), training is untouched."""
+    batches = [(x.float(), y.float(), g) for x, y, g in data(4)]
+    overflow = 1
+
+    def loop(track, skip_overflowing_batch):
+        model = mlp().float()
+        opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0**100)
+        tracker = (PathKernelTracker(model, opt, mse_loss, PROBES.float(), num_groups=3, quadrature="simpson")
+                   if track else None)
+        for k, (x, y, groups) in enumerate(batches):
+            if k == overflow:
+                if skip_overflowing_batch:
+                    continue
+                y = y * 1e15  # its scaled gradient overflows float32: the scaler skips the step
+            losses = mse_loss(model(x), y)
+            if tracker is not None:
+                tracker.observe(losses, groups)
+            scaler.scale(losses.mean()).backward()
+            scaler.step(opt)
+            scaler.update()
+            opt.zero_grad(set_to_none=set_to_none)
+        return model, tracker
+
+    bare, _ = loop(False, False)
+    model, tracker = loop(True, False)
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), bare.parameters()))
+    assert tracker.skipped_steps == [{"after_step": 1, "micro_batches": 1}]
+    _, without = loop(True, True)
+    assert tracker.ledger.steps == without.ledger.steps == 3
+    torch.testing.assert_close(tracker.ledger.contributions, without.ledger.contributions, rtol=1e-6, atol=1e-9)
+    assert tracker.ledger.relative_residual() < 1e-3

@@ -386,9 +386,9 @@ class NoiseLevelAnalyzer(TrainerCallback):
         if self.stopped:
             raise RuntimeError("the analyzer was stopped (its tracked window ended): do not observe later steps")
         groups, bins = self._groups(timesteps, losses.shape[0] if isinstance(losses, torch.Tensor) else -1, class_labels)
-        if not self.tracker.observing_a_step:  # bins left over from a step that was refused and rolled back
-            self._pending_bins = []
         self.tracker.observe(losses, {k: v.to(losses.device) for k, v in groups.items()}, weights)
+        if self.tracker.observed_micro_batches == 1:  # a new step's first: bins left over belong to no step
+            self._pending_bins = []
         self._pending_bins.append(bins)
 
     def finish(self) -> None:

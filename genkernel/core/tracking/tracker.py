@@ -325,6 +325,7 @@ class PathKernelTracker:
         ]
         self.listeners: list = []  # callables given every recorded StepContributions
         self.gradient_scales: list[dict[str, float]] = []  # observed steps: real gradient / observed sum
+        self.skipped_steps: list[dict[str, int]] = []  # observed micro-batches dropped with no step taken
         if not self.route.uses_graph():
             check_per_example_safe(self.module, route=f"group_state={self.group_state!r}")
 
@@ -543,6 +544,11 @@ class PathKernelTracker:
         self._need_dense("observing a loop")
         coefficients = (torch.full((batch,), 1.0 / batch, dtype=torch.float64) if weights is None else weights).to(torch.float64)
         grads = self.route.graph_gradients(losses, {k: v.to(losses.device) for k, v in ids.items()}, coefficients.to(losses.device))
+        if self._observed is not None and self._gradients_cleared():
+            # The loop cleared the gradients of the micro-batches observed so far without stepping on
+            # them (a GradScaler that found inf or NaN skips optimizer.step()): they are no step's.
+            self.skipped_steps.append({"after_step": self.ledger.steps, "micro_batches": self._observed["micro_batches"]})
+            self._observed = None
         if self._observed is None:
             self._observed = {"grads": grads, "losses": [losses.detach()], "micro_batches": 1, "ids": [ids]}
         else:
@@ -554,10 +560,15 @@ class PathKernelTracker:
         self._observing = True
 
     @property
-    def observing_a_step(self) -> bool:
-        """Whether micro-batches observed since the last recorded step wait for the optimizer's step
-        (False after a step is recorded, refused or rolled back)."""
-        return self._observed is not None
+    def observed_micro_batches(self) -> int:
+        """Micro-batches observed for the optimizer step to come (0 after a step is recorded, refused
+        or rolled back, or its micro-batches were dropped as a skipped step's)."""
+        return 0 if self._observed is None else self._observed["micro_batches"]
+
+    def _gradients_cleared(self) -> bool:
+        """Whether every tracked gradient is None or exactly zero (before this micro-batch's
+        backward): after the earlier micro-batches' backward, only a zero_grad does that."""
+        return all(p.grad is None or not bool(p.grad.any()) for p in self.params.values())
 
     def _check_open(self) -> None:
         if self._closed:
@@ -660,7 +671,11 @@ class PathKernelTracker:
             )
         scale = dot / norm if norm > 0 else 1.0
         if not math.isfinite(scale):
-            raise NonFiniteError(f"step {index}: the optimizer's gradient is not finite")
+            raise NonFiniteError(
+                f"step {index}: the optimizer's gradient is not finite (a GradScaler hands a fused optimizer its "
+                "overflowing steps to skip inside step(): use a non-fused optimizer, whose skipped steps the tracker "
+                "follows)"
+            )
         return {name: g * scale for name, g in grads.items()}, scale
 
     def _recorded(self, result: StepContributions) -> None:
@@ -840,7 +855,7 @@ class PathKernelTracker:
             "quadrature": self.rule.name,
             "group_state": self.group_state,
             "identity": self._identity(),
-            "gradient_scales": list(self.gradient_scales),
+            "gradient_scales": list(self.gradient_scales), "skipped_steps": list(self.skipped_steps),
             "ema": None if self.ema is None else self.ema.state_dict(),
         }
 
@@ -876,6 +891,7 @@ class PathKernelTracker:
         self._f_prev = state["f_prev"].clone()
         self._theta_after = state["theta_after"]
         self.gradient_scales = list(state["gradient_scales"])
+        self.skipped_steps = list(state.get("skipped_steps", []))
         if (state["ema"] is None) != (self.ema is None):
             raise ValueError("the saved tracker and this one differ in keeping an EMA ledger: call track_ema(ema) on "
                              "both or on neither before loading")
