@@ -729,3 +729,34 @@ def test_observed_micro_batches_of_a_one_entry_gradient_are_refused():
             tracker.observe(losses, torch.full((2,), group))
             (weight * losses.mean()).backward()
         opt.step()
+
+
+def test_a_sparse_embedding_is_refused_with_the_fix():
+    model = nn.Sequential(nn.Embedding(7, 4, sparse=True), nn.Flatten(), nn.Linear(8, 2)).to(F64)
+    tokens = torch.randint(0, 7, (4, 2))
+    with pytest.raises(ValueError, match="sparse=False"):
+        PathKernelTracker(model, torch.optim.SGD(model.parameters(), lr=0.1), mse_loss, tokens, num_groups=2)
+    with pytest.raises(ValueError, match="sparse=False"):
+        gradient_kernel(model, tokens)
+
+
+def test_a_compiled_model_that_donated_its_buffers_is_refused_with_the_fix():
+    """torch.compile frees a backward's saved buffers once a model has trained compiled: a tracker
+    attached then cannot differentiate the graph twice, and says how to attach it."""
+    model = mlp()
+    compiled = torch.compile(model, backend="aot_eager")
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    x, y, groups = batch()
+    mse_loss(compiled(x), y).mean().backward()  # one untracked step first
+    opt.step()
+    opt.zero_grad()
+    tracker = PathKernelTracker(compiled, opt, mse_loss, x[:2], num_groups=2)
+    losses = mse_loss(compiled(x), y)
+    try:
+        tracker.observe(losses, groups)
+    except ValueError as error:
+        assert "donated_buffer" in str(error)
+    else:  # a torch that keeps the buffers: the step is tracked as usual
+        losses.mean().backward()
+        opt.step()
+        assert tracker.ledger.steps == 1

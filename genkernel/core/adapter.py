@@ -191,9 +191,14 @@ def coupled_modules(model: nn.Module) -> list[str]:
 
 
 def check_analysis_safe(model: nn.Module) -> None:
-    """Raise if an analysis forward of ``model`` would change it: an embedding with ``max_norm``
-    rewrites its weight on every forward call."""
+    """Raise if an analysis forward of ``model`` would change it (an embedding with ``max_norm``
+    rewrites its weight on every forward call), or its gradients are sparse (``sparse=True``)."""
     for name, module in model.named_modules():
+        if isinstance(module, (nn.Embedding, nn.EmbeddingBag)) and module.sparse and module.weight.requires_grad:
+            raise ValueError(
+                f"module '{name or type(model).__name__}' ({type(module).__name__}, sparse=True) gives sparse "
+                "gradients, which genkernel's kernels, checks and splits do not take. Build it with sparse=False"
+            )
         if isinstance(module, (nn.Embedding, nn.EmbeddingBag)) and module.max_norm is not None:
             raise ValueError(
                 f"module '{name or type(model).__name__}' ({type(module).__name__}, max_norm={module.max_norm}) "

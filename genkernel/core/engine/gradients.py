@@ -111,7 +111,13 @@ def gradients_from_losses(
     try:
         grads = torch.autograd.grad(losses, inputs, grad_outputs=weights, retain_graph=True, allow_unused=True,
                                     is_grads_batched=True)
-    except RuntimeError:  # an operation without a batching rule: one backward per row
+    except RuntimeError as error:  # an operation without a batching rule: one backward per row
+        if "donated buffers" in str(error):
+            raise ValueError(
+                "the model is compiled (torch.compile) with buffers its backward frees, so its graph cannot be "
+                "differentiated twice, as group gradients need. Attach the tracker before the compiled model's first "
+                "backward, or set torch._functorch.config.donated_buffer = False before compiling"
+            ) from error
         rows = [torch.autograd.grad(losses, inputs, grad_outputs=w, retain_graph=True, allow_unused=True) for w in weights]
         grads = [None if rows[0][i] is None else torch.stack([r[i] for r in rows]) for i in range(len(inputs))]
     out = {}
