@@ -221,15 +221,16 @@ def coupling_figure(coupling: Mapping[str, Any]) -> Figure:
 
 
 def gan_windows_figure(windows: Sequence[Mapping[str, Any]]) -> Figure | None:
-    """Own-group share (measured − control, with intervals) and κ per coupling window."""
-    rows = [w for w in windows if w.get("traffic_own_minus_control")]
+    """Own share minus the other probe groups' share from the same source (measured − control,
+    intervals clustered by probe group) and κ per coupling window."""
+    rows = [w for w in windows if w.get("traffic_interaction_minus_control")]
     if not rows:
         return None
     fig = Figure(figsize=(8.0, 3.0), layout="constrained")
     axes = fig.subplots(1, 2)
     x = [w["loop_steps"][1] if w.get("loop_steps") else w["steps"][1] for w in rows]
     for kind, colour in (("traffic", "C0"), ("net", "C1")):
-        results = [w.get(f"{kind}_own_minus_control") or {} for w in rows]
+        results = [w.get(f"{kind}_interaction_minus_control") or {} for w in rows]
         mid = np.array([_nan(r.get("difference")) for r in results])
         low = np.array([_nan((r.get("interval") or [None, None])[0]) for r in results])
         high = np.array([_nan((r.get("interval") or [None, None])[1]) for r in results])
@@ -239,7 +240,7 @@ def gan_windows_figure(windows: Sequence[Mapping[str, Any]]) -> Figure | None:
     if collapsed:
         axes[0].plot(collapsed, [0.0] * len(collapsed), "kx", label="collapsed window")
     axes[0].axhline(0.0, color="grey", lw=0.8)
-    axes[0].set_title("own-group share per window: measured − control", fontsize=9)
+    axes[0].set_title("own − others' share per window: measured − control", fontsize=9)
     axes[0].legend(fontsize=7)
     axes[1].plot(x, [_nan(w.get("kappa_median")) for w in rows], "o-", ms=3, color="C2")
     axes[1].set_yscale("log")

@@ -231,20 +231,21 @@ def _gan_section(s: Mapping[str, Any], animate: bool) -> str:
             _figure(fg.coupling_figure(coupling), "coupling matrices",
                     "Rows: the probe latent's own geometry group; columns: the training examples' group. Control: the same "
                     "steps with permuted group labels."),
-            _table(_difference_rows({"traffic own-group share": coupling.get("traffic_own_minus_control"),
-                                     "net own-group share": coupling.get("net_own_minus_control")}), DIFF_HEADER)
+            _table(_difference_rows({"traffic: own − others' share": coupling.get("traffic_interaction_minus_control"),
+                                     "net: own − others' share": coupling.get("net_interaction_minus_control")}),
+                   DIFF_HEADER)
             + _table([["median κ", coupling.get("kappa_median")], ["control partitions", coupling.get("controls")]])))
     windows = s.get("windows") or []
     figure = fg.gan_windows_figure(windows)
     if figure is not None:
         rows = [[f"{w['loop_steps'][0]}–{w['loop_steps'][1]}" if w.get("loop_steps") else w.get("steps"),
-                 (w.get("traffic_own_minus_control") or {}).get("difference"),
-                 (w.get("net_own_minus_control") or {}).get("difference"), w.get("kappa_median"), w.get("collapsed")]
+                 (w.get("traffic_interaction_minus_control") or {}).get("difference"),
+                 (w.get("net_interaction_minus_control") or {}).get("difference"), w.get("kappa_median"), w.get("collapsed")]
                 for w in windows]
         parts.append("<h2>Coupling per window</h2>")
         parts.append(_row(_figure(figure, "coupling per window", "Each window's ledger is the difference of the ledgers at "
                                                                    "its end and its start (exact)."),
-                          _table(rows, ["steps", "traffic own m−c", "net own m−c", "median κ", "collapsed"])))
+                          _table(rows, ["steps", "traffic own − others, m−c", "net own − others, m−c", "median κ", "collapsed"])))
     frames = [{"label": f"window ending at generator step {(w.get('loop_steps') or w.get('steps'))[1]}",
                "traffic": w["traffic_matrix"], "net": w["net_matrix"]}
               for w in windows if w.get("traffic_matrix") is not None and w.get("net_matrix") is not None]

@@ -286,27 +286,26 @@ def _ema_summary(tracker: Mapping[str, Any]) -> dict[str, Any] | None:
 
 # -- GAN -------------------------------------------------------------------------------------
 def _coupling(ledgers: Mapping[str, PathKernelLedger], probe_groups: torch.Tensor, num_groups: int) -> dict[str, Any]:
+    """The analyzer's own :func:`~genkernel.gan.analyzer.partition_statistics` of the geometry
+    partition over the whole run: matrices, and per kind the interaction statistic (own share minus
+    the other probe groups' share from the same source group) minus control, clustered by probe
+    group: what a coupling claim reads. (The plain own share minus control is confounded by
+    source-group strength: a model with no coupling at all passed it in 61.5 % of 200 runs whose
+    large groups were also the strong ones.)"""
+    from ..gan.analyzer import partition_statistics  # the GAN package is only needed for GAN states
+
     measured = ledgers["geometry"]
-    delta = measured.delta.cpu()
-    controls = [name for name in ledgers if name.startswith("control_")]
-
-    def shares(ledger: PathKernelLedger) -> dict[str, torch.Tensor]:
-        return {"traffic": grouping.traffic_shares(ledger.traffic.cpu()),
-                "net": grouping.net_shares(ledger.contributions.cpu(), delta)}
-
-    mine = shares(measured)
-    others = [shares(ledgers[c]) for c in controls]
+    controls = [ledgers[name] for name in ledgers if name.startswith("control_")]
+    stats = partition_statistics(measured, controls, measured.delta.cpu(), probe_groups, num_groups)
     out: dict[str, Any] = {"kappa_median": _median(measured.cancellation_ratio().cpu()), "controls": len(controls)}
     for kind in ("traffic", "net"):
-        out[f"{kind}_matrix"] = grouping.average_by_probe_group(mine[kind], probe_groups, num_groups)
-        own = grouping.own_share(mine[kind], probe_groups)
-        if others:
-            out[f"{kind}_matrix_control"] = torch.stack(
-                [grouping.average_by_probe_group(o[kind], probe_groups, num_groups) for o in others]).mean(0)
-            own_control = torch.stack([grouping.own_share(o[kind], probe_groups) for o in others])
-            out[f"{kind}_own_minus_control"] = grouping.measured_minus_control(own, own_control)
+        entry = stats[kind]
+        out[f"{kind}_matrix"] = torch.tensor(entry["matrix"], dtype=torch.float64)
+        if controls:
+            out[f"{kind}_matrix_control"] = torch.tensor(entry["matrix_control"], dtype=torch.float64)
+            out[f"{kind}_interaction_minus_control"] = entry["interaction_minus_control"]
         else:
-            out[f"{kind}_own"] = _num(own.nanmean())
+            out[f"{kind}_own"] = entry["own"]["mean"]
     return out
 
 
@@ -334,12 +333,13 @@ def _gan(state: Mapping[str, Any], top: int) -> dict[str, Any]:
             coupling = _coupling(ledgers, torch.as_tensor(run_groups).long().cpu(), num_groups)
             out["coupling_whole_run"] = coupling
             for kind, what in (("traffic", "traffic"), ("net", "net share")):
-                result = coupling.get(f"{kind}_own_minus_control")
+                result = coupling.get(f"{kind}_interaction_minus_control")
                 if result is not None:
                     claims.append(_claim(
                         f"Coupling follows the discriminator's geometry ({what}): a probe's correction comes more from its own "
-                        "geometry group than under permuted labels on the same steps (own-group share, measured minus control, "
-                        f"{int(result['confidence'] * 100)} % interval above 0)",
+                        "geometry group, beyond that group's pull on every probe, than under permuted labels on the same "
+                        "steps (own share minus the other probe groups' share from the same source group, measured minus "
+                        f"control, clustered by probe group, {int(result['confidence'] * 100)} % interval above 0)",
                         bool(result["held"]), result["difference"], result["interval"], method=result["method"], n=result["n"]))
             if coupling["kappa_median"] is not None and coupling["kappa_median"] > 10 and claims:
                 claims[-1]["caveat"] = (f"median κ is {coupling['kappa_median']:.3g}: net shares are ill-conditioned here; "
@@ -347,9 +347,12 @@ def _gan(state: Mapping[str, Any], top: int) -> dict[str, Any]:
         out["ema"] = _ema_summary(g_tracker)
     windows = []
     for w in state.get("windows", []):
-        row = {k: w.get(k) for k in ("steps", "loop_steps", "collapsed", "kappa_median", "traffic_matrix", "net_matrix",
-                                     "traffic_own_minus_control", "net_own_minus_control", "traffic_own", "net_own")
+        row = {k: w.get(k) for k in ("steps", "loop_steps", "collapsed", "kappa_median", "traffic_matrix", "net_matrix")
                if k in w}
+        geometry = (w.get("statistics") or {}).get("geometry") or {}
+        for kind in ("traffic", "net"):  # what a window's coupling claim reads (partition_statistics)
+            if (geometry.get(kind) or {}).get("interaction_minus_control") is not None:
+                row[f"{kind}_interaction_minus_control"] = geometry[kind]["interaction_minus_control"]
         windows.append(row)
     out["windows"] = windows
     out["alignment"] = list(state.get("alignment", []))
@@ -473,12 +476,13 @@ def format_summary(summary: Mapping[str, Any], *, top_probes: int = 8) -> str:
                 lines += _ledger_lines("generator ledger (geometry groups)", s["generator"], top_probes)
             coupling = s.get("coupling_whole_run")
             if coupling:
-                lines.append("  own-group share over the run, measured minus control (95 % interval):")
-                lines.append(f"    traffic   {_interval(coupling.get('traffic_own_minus_control'))}")
-                lines.append(f"    net share {_interval(coupling.get('net_own_minus_control'))}")
+                lines.append("  own share minus the other probe groups' over the run, measured minus control "
+                             "(95 % interval, clustered by probe group):")
+                lines.append(f"    traffic   {_interval(coupling.get('traffic_interaction_minus_control'))}")
+                lines.append(f"    net share {_interval(coupling.get('net_interaction_minus_control'))}")
             if s.get("windows"):
-                lines.append(f"  {len(s['windows'])} coupling windows; last: traffic own "
-                             f"{_interval(s['windows'][-1].get('traffic_own_minus_control'))}")
+                lines.append(f"  {len(s['windows'])} coupling windows; last: traffic "
+                             f"{_interval(s['windows'][-1].get('traffic_interaction_minus_control'))}")
             if s.get("discriminator"):
                 lines += _ledger_lines("discriminator ledger", s["discriminator"], min(top_probes, 4))
         elif s.get("ledgers"):
