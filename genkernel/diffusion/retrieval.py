@@ -34,6 +34,8 @@ def normalized_entropy(kernel: torch.Tensor) -> torch.Tensor:
     total = weights.sum(dim=-1, keepdim=True)
     p = weights / torch.where(total > 0, total, torch.full_like(total, math.nan))
     entropy = -(torch.where(p > 0, p * p.log(), torch.zeros_like(p))).sum(dim=-1)
+    # A row with no positive k̂ has no distribution: NaN, not the 0 of a fully concentrated one.
+    entropy = torch.where(total[..., 0] > 0, entropy, torch.full_like(entropy, math.nan))
     return entropy / math.log(kernel.shape[-1])
 
 
