@@ -137,6 +137,32 @@ def test_a_tracker_the_device_cannot_hold_is_refused_with_the_numbers_and_the_ch
         _tracker(nn.Linear(3, 2), 4, group_state="dense")
 
 
+def test_switching_to_the_dense_route_for_an_ema_is_estimated_again_and_refused(monkeypatch):
+    """An "auto" tracker built on the factored route fits; an EMA ledger needs the dense route and
+    its own arrays: refused with those numbers, and the tracker keeps its factored route."""
+    from torch.optim.swa_utils import AveragedModel
+    import genkernel.core.cost as cost
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 256), nn.Tanh(), nn.Linear(256, 10))
+    probes = torch.randn(4, 64)
+    kwargs = dict(num_groups=16, batch_size=16)
+    sizes = {}
+    for group_state in ("factored", "dense"):
+        t = PathKernelTracker(model, torch.optim.SGD(model.parameters(), lr=0.1), mse_loss, probes,
+                              group_state=group_state, **kwargs)
+        sizes[group_state] = t.cost.total_bytes - t.cost.held
+    free = (sizes["factored"] + sizes["dense"]) // 2
+    assert sizes["factored"] < free < sizes["dense"]
+    monkeypatch.setattr(cost, "available_memory", lambda device: free)
+    tracker = PathKernelTracker(model, torch.optim.SGD(model.parameters(), lr=0.1), mse_loss, probes, **kwargs)
+    assert tracker.group_state == "factored"
+    with pytest.raises(MemoryError, match="ema.*Cheaper: fewer groups"):
+        tracker.track_ema(AveragedModel(model))
+    assert tracker.group_state == "factored" and tracker.cost.settings["group_state"] == "factored"
+    assert tracker.ema is None
+
+
 def test_what_the_training_step_already_holds_is_not_asked_of_the_free_memory(monkeypatch):
     """The parameters, gradients and optimizer state exist before the tracker (the device's free
     memory excludes them): the estimate counts them in the total but refuses only what is still needed."""

@@ -323,6 +323,7 @@ def estimate_cost(
     estimate = CostEstimate(memory, available_memory(device), work, bare, held_bytes(model, optimizer, device), settings={
         "parameters": num, "rows": rows, "probes": m, "outputs": outputs, "batch": b, "group_state": group_state,
         "state_dtype": str(state_dtype).replace("torch.", ""), "device": str(device),
+        "quadrature_nodes": quadrature_nodes, "ema": ema,
     })
     estimate.cheaper = _cheaper_options(estimate, group_state, state_dtype, param_bytes)
     return estimate
@@ -445,17 +446,29 @@ def _same_device(a: torch.device, b: torch.device) -> bool:
 
 
 def _cheaper_options(estimate: CostEstimate, group_state: str, state_dtype: torch.dtype, param_bytes: int) -> list[str]:
+    """What would make the step fit or run faster, each memory option with what it would save
+    (from the parts it changes: the group arrays scale with the rows, the probes' pushes with the
+    probes), only where it applies."""
     options = []
-    settings = estimate.settings
+    settings, memory = estimate.settings, estimate.memory
+    gib = lambda value: f"{value / GiB:.2f} GiB"  # noqa: E731
+    group_parts = sum(memory.get(k, 0) for k in ("group_gradients", "group_state", "group_updates", "ema"))
+    rows = max(int(settings["rows"]), 1)
     if group_state == "dense":
-        options.append(f"fewer groups (now {settings['rows']} rows over all partitions: fewer bins or control partitions)")
-        options.append("group_state='sketched' (k-dimensional sketches of each group's state instead of P-sized copies)")
+        if rows > 1:
+            options.append(f"fewer groups (now {rows} rows over all partitions: fewer bins or control partitions; "
+                           f"the group arrays, {gib(group_parts)}, scale with them)")
+        if not settings.get("ema"):
+            options.append("group_state='sketched' (k-dimensional sketches of each group's state instead of P-sized "
+                           f"copies: most of the group arrays' {gib(group_parts)})")
         if state_dtype == torch.float64 and param_bytes == 4:
-            options.append("state_dtype=torch.float32 (halves the group arrays of a float32 model; on GPU float32 is "
-                           "also much faster)")
-    options.append(f"fewer probes (now {settings['probes']})")
-    options.append("a shorter tracked window (track steps a..b, then stop paying)")
-    if not math.isinf(estimate.ratio) and estimate.ratio > 10 and group_state == "dense":
+            options.append(f"state_dtype=torch.float32 (halves the group arrays of a float32 model: saves "
+                           f"{gib(group_parts / 2)}; on GPU float32 is also much faster)")
+    pushes = memory.get("probe_pushes", 0)
+    options.append(f"fewer probes (now {settings['probes']}; their pushes take {gib(pushes)})")
+    options.append("a shorter tracked window (track steps a..b, then stop paying: time, not memory per step)")
+    if (not math.isinf(estimate.ratio) and estimate.ratio > 10 and group_state == "dense"
+            and settings.get("quadrature_nodes", 1) > 1):
         options.append("quadrature='midpoint' (one node) if a larger residual is acceptable")
     return options
 

@@ -292,19 +292,9 @@ class PathKernelTracker:
         self.route = self._make_route(tracked, contribution_route, gradient_route, sketch_dim, sketch_seed, sketch_kind)
         self._tracked = tracked
         # What a step will cost, before anything runs; refuse a set-up the device cannot hold.
-        with analysis_mode(self.module):
-            self.cost = estimate_cost(
-                self.module, optimizer, self.probes, outputs=f_start.shape[1], rows=self.partitions.total,
-                partitions=len(self.partitions),
-                group_state=self.group_state, gradient_route=self._gradient_route_of_estimate(),
-                contribution_route=self.route.contribution_route, quadrature_nodes=len(self.rule.nodes),
-                state_dtype=state_dtype, memory_budget=self.memory_budget, sketch_dim=sketch_dim, batch_size=batch_size,
-            )
-        if not self.cost.fits:
-            raise MemoryError(
-                f"this tracker would not fit on {self.cost.settings['device']}: {self.cost.describe()}. Cheaper: "
-                + "; ".join(self.cost.cheaper)
-            )
+        self._cost_settings = dict(state_dtype=state_dtype, memory_budget=self.memory_budget, sketch_dim=sketch_dim,
+                                   batch_size=batch_size)
+        self._check_cost(ema=False)
         self.ema: EMALedgers | None = None
         self.splitter = self.route.splitter
         self._f_prev = f_start.clone()
@@ -475,23 +465,51 @@ class PathKernelTracker:
         callable returning ``{name: tensor}``), from now on; read it with :attr:`ema_ledgers`.
         The EMA is updated by the loop as usual, after each optimizer step
         (:mod:`genkernel.core.tracking.ema`)."""
-        self._need_dense("an EMA ledger")
+        self._need_dense("an EMA ledger", ema=True)
         self.ema = EMALedgers(self._tracked, ema_parameters(ema, list(self.params), self.module), self.rtol, self.rule,
                               ema_buffers(ema, self.module))
         return self.ema
 
-    def _need_dense(self, what: str) -> None:
+    def _check_cost(self, *, ema: bool) -> None:
+        """:func:`~genkernel.core.cost.estimate_cost` of the route as it is now (with an EMA ledger
+        when ``ema``) into ``self.cost``; MemoryError, with the numbers and the cheaper options, when
+        the device cannot hold it (``self.cost`` is then left as it was)."""
+        with analysis_mode(self.module):
+            cost = estimate_cost(
+                self.module, self.optimizer, self.probes, outputs=self._tracked.outputs, rows=self.partitions.total,
+                partitions=len(self.partitions), group_state=self.group_state,
+                gradient_route=self._gradient_route_of_estimate(), contribution_route=self.route.contribution_route,
+                quadrature_nodes=len(self.rule.nodes), ema=ema, **self._cost_settings,
+            )
+        if not cost.fits:
+            raise MemoryError(
+                f"this tracker would not fit on {cost.settings['device']}: {cost.describe()}. Cheaper: "
+                + "; ".join(cost.cheaper)
+            )
+        self.cost = cost
+
+    def _need_dense(self, what: str, *, ema: bool = False) -> None:
         """Switch "auto" to the dense route (before any step), or refuse: ``what`` needs per-group rows
-        taken from the training graph."""
+        taken from the training graph. The switch, and an EMA ledger (``ema``), are estimated again
+        and refused, with the route left as it was, when the device cannot hold them."""
+        ema = ema or self.ema is not None
         if self.group_state == "dense":
+            if ema:
+                self._check_cost(ema=True)
             return
         if self._requested["group_state"] != "auto" or self.ledger.steps:
             raise ValueError(f"{what} needs one update row per group from the training graph: build the tracker with "
                              "group_state='dense'")
+        previous = self.group_state, self.route, self.splitter
         self.group_state = "dense"
         gradient_route = "graph" if self._requested["gradient_route"] == "auto" else self._requested["gradient_route"]
         self.route = self._make_route(self._tracked, self.route.contribution_route, gradient_route, 0, 0, "rademacher")
         self.splitter = self.route.splitter
+        try:
+            self._check_cost(ema=ema)
+        except MemoryError:
+            self.group_state, self.route, self.splitter = previous
+            raise
 
     @property
     def ema_ledgers(self) -> dict[str, PathKernelLedger]:
