@@ -259,6 +259,30 @@ def test_mnist_missing_files_name_the_expected_path(tmp_path):
         load_image_dataset("mnist", data_root=tmp_path / "nowhere")
 
 
+def test_broken_mnist_files_are_refused_clearly_and_leave_nothing_behind(tmp_path):
+    _fake_mnist(tmp_path / "truncated", gz=True)
+    raw = tmp_path / "truncated" / "MNIST" / "raw"
+    gz = raw / "train-images-idx3-ubyte.gz"
+    gz.write_bytes(gz.read_bytes()[:200])  # a download cut short
+    for _ in range(2):  # and again: no half-written file was left to be read as the data
+        with pytest.raises(FileNotFoundError, match="truncated"):
+            load_image_dataset("mnist", data_root=tmp_path / "truncated")
+        assert not (raw / "train-images-idx3-ubyte").exists()
+    cases = {
+        "labels file as images": lambda raw: (raw / "train-images-idx3-ubyte").write_bytes(
+            (raw / "train-labels-idx1-ubyte").read_bytes()),
+        "fewer labels": lambda raw: _write_idx_labels(raw / "train-labels-idx1-ubyte", np.arange(20) % 10),
+        "more labels": lambda raw: _write_idx_labels(raw / "train-labels-idx1-ubyte", np.arange(40) % 10),
+        "labels past 9": lambda raw: _write_idx_labels(raw / "train-labels-idx1-ubyte", np.arange(30) % 12),
+    }
+    for name, break_it in cases.items():
+        root = tmp_path / name.replace(" ", "_")
+        _fake_mnist(root)
+        break_it(root / "MNIST" / "raw")
+        with pytest.raises(ValueError, match="MNIST"):
+            load_image_dataset("mnist", data_root=root)
+
+
 def _fake_cifar10(root: Path, monkeypatch):
     from torchvision.datasets import CIFAR10
 

@@ -90,13 +90,16 @@ def _prepare_mnist(root: Path) -> None:
             continue
         gz = raw / (fname + ".gz")
         if gz.is_file():
-            try:
-                with gzip.open(gz, "rb") as src, open(target, "wb") as dst:
+            partial = target.with_name(target.name + ".partial")
+            try:  # into a temporary name, renamed once whole: a failed gunzip leaves no file behind
+                with gzip.open(gz, "rb") as src, open(partial, "wb") as dst:
                     shutil.copyfileobj(src, dst)
-            except OSError as exc:
+                partial.replace(target)
+            except (OSError, EOFError) as exc:  # EOFError: a truncated .gz
+                partial.unlink(missing_ok=True)
                 raise FileNotFoundError(
-                    f"found {gz} but could not gunzip it to {target} ({exc}); gunzip it yourself "
-                    f"(gunzip -k {gz}) or make {raw} writable"
+                    f"found {gz} but could not gunzip it to {target} ({type(exc).__name__}: {exc}): the file may be "
+                    f"truncated (download it again) or {raw} not writable; or gunzip it yourself (gunzip -k {gz})"
                 ) from exc
             continue
         missing.append(target)
@@ -117,12 +120,24 @@ def _load_mnist(root: Path, train: bool, classes, per_class, limit, seed):
     from torchvision.datasets import MNIST
 
     _prepare_mnist(root)
+    where = root / "MNIST" / "raw"
     try:
         ds = MNIST(str(root), train=train, download=False)
-    except RuntimeError as exc:
-        raise RuntimeError(f"torchvision could not read MNIST from {root / 'MNIST' / 'raw'}: {exc}") from exc
+    except (RuntimeError, ValueError, IndexError, EOFError) as exc:  # a wrong, empty or corrupted file
+        raise ValueError(f"torchvision could not read MNIST from {where} ({type(exc).__name__}: {exc}): are the "
+                         "image and label files the standard ones, whole, and each under its own name?") from exc
     data = ds.data  # uint8 [N, 28, 28]
     labels = torch.as_tensor(ds.targets).long()
+    split = "train" if train else "t10k"
+    if data.dim() != 3 or data.shape[1:] != (28, 28):
+        raise ValueError(f"the MNIST {split} images in {where} have shape {tuple(data.shape)}, not [N, 28, 28]: is the "
+                         "images file a labels file?")
+    if labels.shape != (data.shape[0],):
+        raise ValueError(f"the MNIST {split} files in {where} hold {data.shape[0]} images but {labels.numel()} labels: "
+                         "they must be one pair from the same set")
+    if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) > 9):
+        raise ValueError(f"the MNIST {split} labels in {where} run from {int(labels.min())} to {int(labels.max())}, "
+                         "not 0..9")
     idx = _select(labels, classes, per_class, seed)
     if limit is not None:
         idx = idx[:limit]
