@@ -168,9 +168,11 @@ def bootstrap_interval(
     estimate = float(statistic(*arrays))
     if n < 3 or np.all(arrays[0] == arrays[0][0]):
         return Interval(estimate, math.nan, math.nan, n, confidence, label, n_total - n)
+    # Resample row indices: scipy's bootstrap treats every axis but the first of an [n, ...] array
+    # as a batch of separate samples, so rows of several numbers are resampled as whole rows here.
     result = scipy.stats.bootstrap(
-        tuple(arrays), lambda *xs: statistic(*xs), paired=True, vectorized=False, confidence_level=confidence,
-        n_resamples=resamples, method=method, random_state=np.random.default_rng(seed),
+        (np.arange(n),), lambda rows: statistic(*(a[rows] for a in arrays)), vectorized=False,
+        confidence_level=confidence, n_resamples=resamples, method=method, random_state=np.random.default_rng(seed),
     )
     low, high = float(result.confidence_interval.low), float(result.confidence_interval.high)
     return Interval(estimate, low, high, n, confidence, label, n_total - n)

@@ -78,3 +78,39 @@ def test_bootstrap_interval_uses_scipy_and_pairs_rows():
     assert constant.estimate == 1.0 and not constant.defined
     with pytest.raises(ValueError, match="same number of rows"):
         bootstrap_interval(x, paired=(y[:5],))
+
+
+def test_summaries_read_the_same_rows_and_the_usual_median():
+    """measured − control as reported: its parts averaged as the difference is (paired rows, by
+    cluster); κ's median of an even count is the middle two's mean; a residual with no probe that
+    moved is no ratio (NaN), not 0."""
+    from genkernel.core.grouping import measured_minus_control
+    from genkernel.core.tracking.ledger import PathKernelLedger
+
+    result = measured_minus_control(torch.tensor([1.0, 3.0, 5.0, 3.0], dtype=torch.float64),
+                                    torch.zeros(4, dtype=torch.float64), clusters=torch.tensor([0, 0, 0, 1]))
+    assert result["measured"] - result["control"] == pytest.approx(result["difference"])
+    result = measured_minus_control(torch.tensor([2.0, 4.0], dtype=torch.float64),
+                                    torch.tensor([0.0, float("nan")], dtype=torch.float64))
+    assert (result["measured"], result["control"], result["difference"]) == (2.0, 0.0, 2.0)
+
+    ledger = PathKernelLedger.empty(torch.zeros(2, 1, dtype=torch.float64), 2)
+    ledger.contributions = torch.tensor([[[1.0], [-0.5]], [[3.0], [-1.0]]], dtype=torch.float64)
+    ledger.traffic = ledger.contributions.abs().sum(-1)
+    ledger.f_end = ledger.f_start + ledger.contributions.sum(1)
+    ledger.steps = 1
+    kappa = ledger.cancellation_ratio()
+    assert bool(torch.isfinite(kappa).all()) and float(kappa[0]) != float(kappa[1])
+    assert ledger.summary()["median_kappa"] == pytest.approx(float(np.median(kappa.numpy())))
+    still = PathKernelLedger.empty(torch.zeros(2, 1, dtype=torch.float64), 2)
+    still.residual = torch.tensor([[-1.0], [0.0]], dtype=torch.float64)
+    still.steps = 1
+    assert math.isnan(still.summary()["max_probe_relative_residual"])
+
+
+def test_bootstrap_resamples_rows_of_several_numbers_whole():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=40)
+    rows = np.stack([x, x + 1.0], axis=1)  # the difference is exactly -1 in every row
+    interval = bootstrap_interval(rows, lambda v: float(v[:, 0].mean() - v[:, 1].mean()))
+    assert interval.estimate == pytest.approx(-1.0) and interval.n == 40

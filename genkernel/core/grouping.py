@@ -29,7 +29,7 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
-from ..stats import difference_interval
+from ..stats import difference_interval, mean_interval
 
 DEFAULT_PARTITION = "groups"
 INTEGER_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
@@ -241,11 +241,15 @@ def measured_minus_control(
     if controls.dim() == 1:
         controls = controls[None]
     interval = difference_interval(measured, controls, confidence=confidence, clusters=clusters)
-    finite = torch.isfinite(measured)
     control_mean = controls.mean(dim=0)
+    # "measured" and "control" are averaged as "difference" is (its paired rows, by cluster when
+    # clustered), so that difference = measured − control.
+    paired = torch.isfinite(measured) & torch.isfinite(control_mean)
+    sides = [mean_interval(side[paired], clusters=None if clusters is None else torch.as_tensor(clusters)[paired])
+             .estimate if bool(paired.any()) else math.nan for side in (measured, control_mean)]
     return {
-        "measured": float(measured[finite].mean()) if finite.any() else math.nan,
-        "control": float(control_mean[torch.isfinite(control_mean)].mean()) if torch.isfinite(control_mean).any() else math.nan,
+        "measured": sides[0],
+        "control": sides[1],
         "difference": interval.estimate,
         "interval": [interval.low, interval.high],
         "confidence": confidence,

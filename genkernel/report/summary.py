@@ -93,8 +93,8 @@ def _num(value: Any) -> float | None:
 
 
 def _median(values: torch.Tensor) -> float | None:
-    values = values[torch.isfinite(values)]
-    return _num(values.median()) if values.numel() else None
+    values = values[torch.isfinite(values)].to(torch.float64)
+    return _num(values.quantile(0.5)) if values.numel() else None  # even counts: the middle two's mean
 
 
 def _claim(statement: str, held: bool | None, value: Any = None, interval: Any = None, **extra: Any) -> dict[str, Any]:

@@ -209,14 +209,15 @@ class PathKernelLedger:
         if not bool(torch.isfinite(self.residual).all()):
             worst = float("nan")  # a non-finite residual must not be summarized as a finite number
         else:
-            worst = float(per_probe.max()) if per_probe.numel() else 0.0
+            # No probe moved: no ratio; 0 only when the residual is 0 too, as relative_residual says.
+            worst = float(per_probe.max()) if per_probe.numel() else (0.0 if not bool(self.residual.any()) else float("nan"))
         return {
             "steps": self.steps,
             "probes": self.contributions.shape[0],
             "groups": self.num_groups,
             "relative_residual": self.relative_residual(),
             "max_probe_relative_residual": worst,
-            "median_kappa": float(kappa.nanmedian()) if kappa.numel() else float("nan"),
+            "median_kappa": _median(kappa),
             "mean_change_norm": float(change.mean()) if change.numel() else 0.0,
             "rest_norm": float(self.rest.norm()),
             "relative_sketch_error": self.relative_sketch_error(),
@@ -261,3 +262,10 @@ def _contiguous_span(columns: torch.Tensor | None, num_groups: int) -> slice | N
     start = int(columns[0])
     run = torch.arange(start, start + columns.numel(), device=columns.device, dtype=columns.dtype)
     return slice(start, start + columns.numel()) if torch.equal(columns, run) else None
+
+
+def _median(values: torch.Tensor) -> float:
+    """The median of the finite values (the mean of the two middle ones for an even count; torch's
+    ``median`` takes the lower), NaN when there are none."""
+    values = values[torch.isfinite(values)].to(torch.float64)
+    return float(values.quantile(0.5)) if values.numel() else float("nan")
