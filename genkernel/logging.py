@@ -37,6 +37,7 @@ import torch
 
 from .core import grouping
 from .core.tracking.callbacks import TrainerCallback
+from .stats import nan_median
 
 __all__ = [
     "CSVWriter", "Logger", "LoggingCallback", "MultiLogger", "TensorBoardWriter", "analyzer_images", "analyzer_metrics",
@@ -300,7 +301,7 @@ def ledger_metrics(ledger: Any, prefix: str = "ledger") -> dict[str, float]:
         f"{prefix}/steps": float(summary["steps"]),
         f"{prefix}/relative_residual": _finite(summary["relative_residual"]),
         f"{prefix}/max_probe_relative_residual": _finite(summary["max_probe_relative_residual"]),
-        f"{prefix}/rest_share_median": _finite(shares.rest.nanmedian()) if shares.rest.numel() else math.nan,
+        f"{prefix}/rest_share_median": _finite(nan_median(shares.rest)),
         f"{prefix}/kappa_median": _finite(summary["median_kappa"]),
         f"{prefix}/mean_change_norm": _finite(summary["mean_change_norm"]),
     }

@@ -178,6 +178,14 @@ def bootstrap_interval(
     return Interval(estimate, low, high, n, confidence, label, n_total - n)
 
 
+def nan_median(values: Any) -> float:
+    """The median of the values that are not NaN (±inf kept), as numpy's ``nanmedian``: the mean of
+    the two middle ones for an even count (torch's ``nanmedian`` takes the lower); NaN when none."""
+    a = np.asarray(_numpy(values), dtype=np.float64).reshape(-1)
+    a = a[~np.isnan(a)]
+    return float(np.median(a)) if a.size else math.nan
+
+
 def proportion_interval(successes: int, total: int, *, confidence: float = 0.95) -> Interval:
     """Wilson score interval of a proportion ``successes / total`` (``scipy.stats.binomtest``)."""
     _check_confidence(confidence)
@@ -191,4 +199,4 @@ def proportion_interval(successes: int, total: int, *, confidence: float = 0.95)
     return Interval(successes / total, float(ci.low), float(ci.high), int(total), confidence, "wilson")
 
 
-__all__ = ["Interval", "bootstrap_interval", "difference_interval", "mean_interval", "proportion_interval"]
+__all__ = ["Interval", "bootstrap_interval", "difference_interval", "mean_interval", "nan_median", "proportion_interval"]

@@ -71,6 +71,7 @@ from ..core.tracking.quadrature import residual_remedy
 from ..core.tracking.step import OptimizerStep
 from ..core.tracking.tracker import PathKernelTracker, StepContributions
 from ..logging import LoggingCallback
+from ..stats import nan_median
 from .kernels import make_states, state_kernel
 from .locality import kernel_locality
 from .objectives import (
@@ -637,7 +638,7 @@ class NoiseLevelAnalyzer(TrainerCallback):
         shares, kappa = self.shares(weights=weights)
         traffic = grouping.band_total(self.traffic_shares(weights=weights), bins, w)
         share = grouping.band_total(shares, bins, w)
-        out: dict[str, Any] = {"band": w, "median_kappa": float(kappa.nanmedian())}
+        out: dict[str, Any] = {"band": w, "median_kappa": nan_median(kappa)}
         if self.controls:
             control_shares = [self.shares(c, weights=weights) for c in self.control_names]
             traffic_c = torch.stack([grouping.band_total(self.traffic_shares(c, weights=weights), bins, w)
@@ -645,7 +646,7 @@ class NoiseLevelAnalyzer(TrainerCallback):
             share_c = torch.stack([grouping.band_total(sc, bins, w) for sc, _ in control_shares])
             out["traffic"] = grouping.measured_minus_control(traffic, traffic_c)
             out["share"] = grouping.measured_minus_control(share, share_c)
-            out["median_kappa_control"] = float(torch.stack([k for _, k in control_shares]).nanmedian())
+            out["median_kappa_control"] = nan_median(torch.stack([k for _, k in control_shares]))
             # Per probe level: an average over levels can hide a sign flip between them.
             out["per_level"] = [
                 {"level": int(self.levels[level]), "bin": int(self.level_bins[level]),
@@ -666,7 +667,7 @@ class NoiseLevelAnalyzer(TrainerCallback):
         summary = ledger.summary()
         rest_share = ledger.shares().rest
         return {
-            "median_rest_share": float(rest_share.nanmedian()) if rest_share.numel() else math.nan,
+            "median_rest_share": nan_median(rest_share),
             "relative_residual": summary["relative_residual"],
             "max_probe_relative_residual": summary["max_probe_relative_residual"],
             "rest_norm": summary["rest_norm"],

@@ -96,7 +96,7 @@ from ..core.tracking.quadrature import residual_remedy
 from ..core.tracking.step import OptimizerStep
 from ..core.tracking.tracker import PathKernelTracker, StepContributions
 from ..logging import LoggingCallback
-from ..stats import mean_interval
+from ..stats import mean_interval, nan_median
 from .geometry import GeometryGrouping, make_grouping
 from .losses import GENERATED, PENALTY, REAL, ROLE_NAMES, DiscriminatorObjective, GeneratorLoss, scores_of
 from .metrics import cosine, few_units, mode_coverage, own_minus_others
@@ -835,7 +835,7 @@ class GANKernelAnalyzer(TrainerCallback):
             "probe_groups_occupied": probe_occupied,
             "training_groups_occupied": training_occupied,
             "collapsed": min(probe_occupied, training_occupied) < g / 2,
-            "kappa_median": float(kappa.nanmedian()) if torch.isfinite(kappa).any() else float("nan"),
+            "kappa_median": nan_median(kappa[torch.isfinite(kappa)]),
             "residual_share_mean": float(grouping_layer.part_share(measured.residual.cpu(), delta).nanmean()),
         }
         if out["collapsed"]:

@@ -26,6 +26,7 @@ from ..core import grouping
 from ..core.tracking.io import jsonable, load_state
 from ..core.tracking.ledger import PathKernelLedger
 from ..core.tracking.quadrature import residual_remedy
+from ..stats import nan_median
 
 __all__ = ["find_states", "format_summary", "kind_of", "ledger_from_state", "read_state", "summarize", "summarize_state"]
 
@@ -93,8 +94,7 @@ def _num(value: Any) -> float | None:
 
 
 def _median(values: torch.Tensor) -> float | None:
-    values = values[torch.isfinite(values)].to(torch.float64)
-    return _num(values.quantile(0.5)) if values.numel() else None  # even counts: the middle two's mean
+    return _num(nan_median(values[torch.isfinite(values)]))
 
 
 def _claim(statement: str, held: bool | None, value: Any = None, interval: Any = None, **extra: Any) -> dict[str, Any]:

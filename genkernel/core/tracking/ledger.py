@@ -19,6 +19,7 @@ import torch
 
 from .. import grouping
 from .io import atomic_save, load_state
+from ...stats import nan_median
 
 FORMAT = "genkernel.PathKernelLedger/1"
 _FIELDS = ("contributions", "rest", "residual", "f_start", "f_end", "traffic", "buffer_drift", "sketch_error")
@@ -217,7 +218,7 @@ class PathKernelLedger:
             "groups": self.num_groups,
             "relative_residual": self.relative_residual(),
             "max_probe_relative_residual": worst,
-            "median_kappa": _median(kappa),
+            "median_kappa": nan_median(kappa),
             "mean_change_norm": float(change.mean()) if change.numel() else 0.0,
             "rest_norm": float(self.rest.norm()),
             "relative_sketch_error": self.relative_sketch_error(),
@@ -262,10 +263,3 @@ def _contiguous_span(columns: torch.Tensor | None, num_groups: int) -> slice | N
     start = int(columns[0])
     run = torch.arange(start, start + columns.numel(), device=columns.device, dtype=columns.dtype)
     return slice(start, start + columns.numel()) if torch.equal(columns, run) else None
-
-
-def _median(values: torch.Tensor) -> float:
-    """The median of the finite values (the mean of the two middle ones for an even count; torch's
-    ``median`` takes the lower), NaN when there are none."""
-    values = values[torch.isfinite(values)].to(torch.float64)
-    return float(values.quantile(0.5)) if values.numel() else float("nan")

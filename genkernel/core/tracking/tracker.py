@@ -491,8 +491,8 @@ class PathKernelTracker:
     def _need_dense(self, what: str, *, ema: bool = False) -> None:
         """Switch "auto" to the dense route (before any step), or refuse: ``what`` needs per-group rows
         taken from the training graph. The switch, and an EMA ledger (``ema``), are estimated again
-        and refused, with the route left as it was, when the device cannot hold them."""
-        ema = ema or self.ema is not None
+        and refused, with the route left as it was, when the device cannot hold them (once: an
+        observed loop calls this at every micro-batch)."""
         if self.group_state == "dense":
             if ema:
                 self._check_cost(ema=True)
@@ -506,7 +506,7 @@ class PathKernelTracker:
         self.route = self._make_route(self._tracked, self.route.contribution_route, gradient_route, 0, 0, "rademacher")
         self.splitter = self.route.splitter
         try:
-            self._check_cost(ema=ema)
+            self._check_cost(ema=ema or self.ema is not None)
         except MemoryError:
             self.group_state, self.route, self.splitter = previous
             raise
