@@ -310,7 +310,7 @@ class NoiseLevelAnalyzer(TrainerCallback):
             self._load(self._pending_state)
             self._pending_state = None
             if self.stopped:  # saved after its window ended: the ledgers are for reading only
-                self.tracker.close()
+                self.tracker.close(record_ema=False)
         elif not self.kernel_history:
             self.record_kernel()
         self._steps_at_bind = self.tracker.ledger.steps

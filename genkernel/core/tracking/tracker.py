@@ -592,11 +592,12 @@ class PathKernelTracker:
         if self._closed:
             raise RuntimeError("this tracker was closed (its tracked window ended): build a new one to track more steps")
 
-    def close(self) -> None:
+    def close(self, *, record_ema: bool = True) -> None:
         """Stop tracking (the end of a tracked window): record the EMA's update after the last tracked
-        step, if it has been made, then keep every ledger as it is; remove the optimizer hooks and
-        forget micro-batches not stepped on."""
-        if self.ema is not None and not self._closed:
+        step, if it has been made (``record_ema=False``: not, as for a tracker restored after its
+        window, whose EMA has since followed untracked steps), then keep every ledger as it is;
+        remove the optimizer hooks and forget micro-batches not stepped on."""
+        if self.ema is not None and not self._closed and record_ema:
             self.ema.sync(self.ledger.steps)
         self._closed = True
         for handle in self._hooks:
