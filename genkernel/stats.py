@@ -182,8 +182,7 @@ def nan_median(values: Any) -> float:
     """The median of the values that are not NaN (±inf kept), as numpy's ``nanmedian``: the mean of
     the two middle ones for an even count (torch's ``nanmedian`` takes the lower); NaN when none."""
     a = np.asarray(_numpy(values), dtype=np.float64).reshape(-1)
-    a = a[~np.isnan(a)]
-    return float(np.median(a)) if a.size else math.nan
+    return float(np.nanmedian(a)) if not np.isnan(a).all() else math.nan  # (all NaN: numpy warns)
 
 
 def proportion_interval(successes: int, total: int, *, confidence: float = 0.95) -> Interval:

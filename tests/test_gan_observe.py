@@ -88,6 +88,15 @@ def analyzer_for(G, D, **options):
     return GANKernelAnalyzer(G, D, PROBES, **settings)
 
 
+def bound_players(**options):
+    """``(G, D, g_opt, d_opt, analyzer)``: fresh players and an analyzer bound to observe them."""
+    G, D = nets()
+    g_opt, d_opt = optimizers(G, D)
+    analyzer = analyzer_for(G, D, **options)
+    analyzer.bind(g_opt, d_opt)
+    return G, D, g_opt, d_opt, analyzer
+
+
 # ------------------------------------------------------------------------------------------
 # the loops
 # ------------------------------------------------------------------------------------------
@@ -174,10 +183,7 @@ def assert_identity(ledger, atol=1e-12):
 # ------------------------------------------------------------------------------------------
 def test_an_observed_loop_keeps_the_ledgers_of_the_owned_path():
     data = batches(3)
-    G, D = nets()
-    g_opt, d_opt = optimizers(G, D)
-    observed = analyzer_for(G, D)
-    observed.bind(g_opt, d_opt)
+    G, D, g_opt, d_opt, observed = bound_players()
     plain_loop(G, D, g_opt, d_opt, data, observed)
     G2, D2 = nets()
     g_opt2, d_opt2 = optimizers(G2, D2)
@@ -548,10 +554,7 @@ def test_alignment_compares_what_the_gradient_step_moved_without_the_buffer_drif
     """TinyG has BatchNorm: its running statistics move G's outputs at every step. The alignment
     row's change is the ledger's step change less that drift: the step's contributions, rest and
     residual without the drift, exactly."""
-    G, D = nets()
-    g_opt, d_opt = optimizers(G, D)
-    analyzer = analyzer_for(G, D)
-    analyzer.bind(g_opt, d_opt)
+    G, D, g_opt, d_opt, analyzer = bound_players()
     steps = []
     analyzer.g_tracker.listeners.append(
         lambda result: steps.append((result.contributions.sum(1) + result.rest + result.residual).cpu()))
@@ -570,16 +573,10 @@ def test_alignment_compares_what_the_gradient_step_moved_without_the_buffer_drif
 
 def test_a_resumed_observed_loop_numbers_its_steps_from_binds_start_step(tmp_path):
     data = batches(4)
-    G, D = nets()
-    g_opt, d_opt = optimizers(G, D)
-    straight = analyzer_for(G, D)
-    straight.bind(g_opt, d_opt)
+    G, D, g_opt, d_opt, straight = bound_players()
     plain_loop(G, D, g_opt, d_opt, data, straight)
 
-    G, D = nets()
-    g_opt, d_opt = optimizers(G, D)
-    first = analyzer_for(G, D)
-    first.bind(g_opt, d_opt)
+    G, D, g_opt, d_opt, first = bound_players()
     plain_loop(G, D, g_opt, d_opt, data[:2], first)
     first.save(tmp_path / "gan.pt")
     saved = [m.state_dict() for m in (G, D, g_opt, d_opt)]

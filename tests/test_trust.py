@@ -58,13 +58,18 @@ class TiedHead(nn.Module):
         return F.linear(h, self.emb.weight)
 
 
-class SharedWeight(nn.Module):
-    """One Linear's weight read by a second module's functional call."""
+class TwoLayers(nn.Module):
+    """Two Linears, ``a`` (inputs → hidden) then ``b`` (hidden → 2); subclasses say how the forward
+    uses them."""
 
-    def __init__(self):
+    def __init__(self, inputs: int = 4, hidden: int = 4):
         super().__init__()
-        self.a = nn.Linear(4, 4)
-        self.b = nn.Linear(4, 2)
+        self.a = nn.Linear(inputs, hidden)
+        self.b = nn.Linear(hidden, 2)
+
+
+class SharedWeight(TwoLayers):
+    """One Linear's weight read by a second module's functional call."""
 
     def forward(self, x):
         h = torch.tanh(self.a(x))
@@ -83,14 +88,12 @@ class SameModuleTwice(nn.Module):
         return self.out(torch.tanh(self.alias(torch.tanh(self.shared(x)))))
 
 
-class SortedBatch(nn.Module):
+class SortedBatch(TwoLayers):
     """Sorts its batch by a key before a layer and restores the order after (length bucketing):
     the layer's row n is not example n."""
 
     def __init__(self):
-        super().__init__()
-        self.a = nn.Linear(4, 6)
-        self.b = nn.Linear(6, 2)
+        super().__init__(hidden=6)
 
     def forward(self, x):
         order = x[:, 0].argsort()
@@ -98,37 +101,28 @@ class SortedBatch(nn.Module):
         return self.b(h[order.argsort()])
 
 
-class FlippedBatch(nn.Module):
+class FlippedBatch(TwoLayers):
     """Reverses its batch around a layer: a fixed reordering, for every batch."""
 
     def __init__(self):
-        super().__init__()
-        self.a = nn.Linear(4, 6)
-        self.b = nn.Linear(6, 2)
+        super().__init__(hidden=6)
 
     def forward(self, x):
         return self.b(torch.tanh(self.a(x.flip(0))).flip(0))
 
 
-class SequenceFirst(nn.Module):
+class SequenceFirst(TwoLayers):
     """A layer on the [T, B, D] layout, whose leading size may equal a batch's."""
 
     def __init__(self):
-        super().__init__()
-        self.a = nn.Linear(3, 6)
-        self.b = nn.Linear(6, 2)
+        super().__init__(inputs=3, hidden=6)
 
     def forward(self, x):  # x [B, T, 3]
         return self.b(torch.tanh(self.a(x.transpose(0, 1))).mean(0))
 
 
-class GatedReuse(nn.Module):
+class GatedReuse(TwoLayers):
     """A weight read functionally only where the data open a gate (closed on the first rows)."""
-
-    def __init__(self):
-        super().__init__()
-        self.a = nn.Linear(4, 4)
-        self.b = nn.Linear(4, 2)
 
     def forward(self, x):
         h = torch.tanh(self.a(x))

@@ -335,9 +335,7 @@ class NoiseLevelAnalyzer(TrainerCallback):
         if self.stopped:
             return
         if self.tracker is not None:
-            if self.tracker.ledger.steps and (not self.kernel_history
-                                              or self.kernel_history[-1]["tracked_step"] != self.tracker.ledger.steps):
-                self.record_kernel()
+            self._record_kernel_of_last_step()
             self.tracker.close()
         self.stopped = True
 
@@ -396,12 +394,16 @@ class NoiseLevelAnalyzer(TrainerCallback):
         """Record the kernel structure at the current θ unless the last tracked step has it already
         (what a built-in trainer's end of training does; after :meth:`stop` the window's last θ
         has it), and log the final numbers and matrices when the analyzer has a ``log``."""
-        if self.tracker is not None and not self.stopped and self.tracker.ledger.steps and (
-            not self.kernel_history or self.kernel_history[-1]["tracked_step"] != self.tracker.ledger.steps
-        ):
-            self.record_kernel()
+        if self.tracker is not None and not self.stopped:
+            self._record_kernel_of_last_step()
         if self.logging is not None:
             self.logging.on_train_end(None)
+
+    def _record_kernel_of_last_step(self) -> None:
+        """:meth:`record_kernel` unless no step is tracked or the last one has its entry."""
+        steps = self.tracker.ledger.steps
+        if steps and (not self.kernel_history or self.kernel_history[-1]["tracked_step"] != steps):
+            self.record_kernel()
 
     def step(
         self,

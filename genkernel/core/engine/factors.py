@@ -194,7 +194,8 @@ def covering_plan(model: nn.Module, inputs: tuple[torch.Tensor, ...], exclude: I
     float64, 1e-4 in float32). Modules that do not keep the batch on dimension 0 move to the
     fallback too. Cost: a forward and a backward of each sampled example alone, and two of the
     sample, with the sample's per-example gradients formed (on the tiny UNet2DModel of the kernel
-    benchmark, 2 CPU cores: 1.2-1.8 s once, against 0.1-0.3 s for the batch-sum check it replaced). A check on a sample cannot see what the forward does only on other rows (a
+    benchmark, 2 CPU cores: 1.2-1.8 s once, against 0.1-0.3 s for the batch-sum check it
+    replaced). A check on a sample cannot see what the forward does only on other rows (a
     parameter read only where the data take a branch the sample does not): trackers check every
     step's group gradients against the real gradient besides.
 

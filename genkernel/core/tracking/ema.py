@@ -67,7 +67,7 @@ def _weights_reader(ema: Any, names: list[str], model: nn.Module) -> Callable[[]
                 "parameters: build it as EMAModel(model.parameters(), ...)"
             )
         return lambda: {n: t for n, t in zip(all_names, ema.shadow_params) if n in names}
-    module = getattr(ema, "ema_model", None) or getattr(ema, "module", None) or ema
+    module = _ema_module(ema)
     if not isinstance(module, nn.Module):
         raise TypeError(
             f"cannot read averaged weights from a {type(ema).__name__}: pass diffusers' EMAModel, ema-pytorch's EMA, "
@@ -79,6 +79,12 @@ def _weights_reader(ema: Any, names: list[str], model: nn.Module) -> Callable[[]
     return lambda: {n: p for n, p in module.named_parameters() if n in names}
 
 
+def _ema_module(ema: Any) -> Any:
+    """The module an EMA object holds its averaged model in (ema-pytorch's ``ema_model``,
+    ``AveragedModel.module``), or the object itself."""
+    return getattr(ema, "ema_model", None) or getattr(ema, "module", None) or ema
+
+
 def ema_buffers(ema: Any, model: nn.Module) -> Callable[[], dict[str, torch.Tensor]] | None:
     """A reader of the buffers the EMA weights are sampled with, by name: those of the module an
     EMA holds (ema-pytorch's ``EMA.ema_model``, ``AveragedModel.module``, an ``nn.Module``), or None
@@ -87,7 +93,7 @@ def ema_buffers(ema: Any, model: nn.Module) -> Callable[[], dict[str, torch.Tens
     own = [n for n, _ in model.named_buffers()]
     if not own or (callable(ema) and not isinstance(ema, nn.Module)) or hasattr(ema, "shadow_params"):
         return None
-    module = getattr(ema, "ema_model", None) or getattr(ema, "module", None) or ema
+    module = _ema_module(ema)
     theirs = {n for n, _ in module.named_buffers()}
     missing = [n for n in own if n not in theirs]
     if missing:
@@ -210,18 +216,16 @@ class EMALedgers:
             yield
             return
         values = self.read_buffers()
-        slots = [(m, name, b) for prefix, m in self.model.module.named_modules() for name, b in m._buffers.items()
-                 if b is not None and f"{prefix}.{name}".lstrip(".") in values]
+        slots = [(m, name, b, values[full]) for prefix, m in self.model.module.named_modules()
+                 for name, b in m._buffers.items()
+                 if b is not None and (full := f"{prefix}.{name}".lstrip(".")) in values]
         try:
             with torch.no_grad():
-                for prefix, m in self.model.module.named_modules():
-                    for name, b in list(m._buffers.items()):
-                        full = f"{prefix}.{name}".lstrip(".")
-                        if b is not None and full in values:
-                            m._buffers[name] = values[full].detach().to(device=b.device, dtype=b.dtype, copy=True)
+                for m, name, b, value in slots:
+                    m._buffers[name] = value.detach().to(device=b.device, dtype=b.dtype, copy=True)
             yield
         finally:
-            for m, name, b in slots:
+            for m, name, b, _ in slots:
                 m._buffers[name] = b
 
     def _outputs(self, theta: dict[str, torch.Tensor]) -> torch.Tensor:
