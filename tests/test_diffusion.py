@@ -632,6 +632,42 @@ def test_kernel_locality_holds_on_null_kernels_at_most_at_its_nominal_rate():
     torch.testing.assert_close(locality_pseudo_values(k1 - k2, 6, torch.arange(levels), band, seed=3), p1 - p2)
 
 
+def test_locality_per_input_matches_a_brute_force_loop():
+    """Per clean input: mean over its levels of [mean k̂ to other inputs' states within the band −
+    mean outside], by explicit loops; the control permutes the other states' level labels with
+    the same draws, so the measured part is checked exactly and the control against the same
+    statistic on the permuted bins; the mean of measured − control is kernel_locality's difference."""
+    from genkernel.diffusion.locality import _Differences, kernel_locality, locality_per_input
+
+    n, levels, band = 5, 4, 1
+    bins = torch.tensor([0, 1, 1, 3])
+    g = torch.Generator().manual_seed(4)
+    a = torch.randn(n * levels, n * levels, generator=g, dtype=F64)
+    kernel = (a + a.T) / 2
+    measured, control = locality_per_input(kernel, n, bins, band, num_permutations=3, seed=2)
+
+    def brute(col_bins):  # col_bins[j][b]: the bin of input j's level b
+        out = []
+        for i in range(n):
+            per_level = []
+            for s in range(levels):
+                inside = [float(kernel[i * levels + s, j * levels + b]) for j in range(n) if j != i
+                          for b in range(levels) if abs(int(bins[s]) - int(col_bins[j][b])) <= band]
+                outside = [float(kernel[i * levels + s, j * levels + b]) for j in range(n) if j != i
+                           for b in range(levels) if abs(int(bins[s]) - int(col_bins[j][b])) > band]
+                per_level.append(sum(inside) / len(inside) - sum(outside) / len(outside))
+            out.append(sum(per_level) / levels)
+        return torch.tensor(out, dtype=F64)
+
+    torch.testing.assert_close(measured, brute([bins] * n))
+    perms = _Differences(kernel.reshape(n, levels, n, levels), bins, band, 3, 2).perms
+    torch.testing.assert_close(control, sum(brute(p) for p in perms) / 3)
+    result = kernel_locality(kernel, n, bins, band, num_permutations=3, seed=2)
+    assert result["locality"]["difference"] == pytest.approx(float((measured - control).mean()))
+    with pytest.raises(ValueError, match=r"\[n·L, n·L\]"):
+        locality_per_input(kernel[:-1], n, bins, band)
+
+
 def test_retrieval_entropy_of_a_row_without_positive_weight_is_nan():
     from genkernel.diffusion.retrieval import normalized_entropy
 

@@ -1,6 +1,6 @@
 """Summaries of a kernel matrix against labels: class-block means, within-minus-between gaps,
-the scale-free block AUC, centered kernel–target alignment, kernel distances, and the kernel's
-locality across noise levels per clean input (docs/summaries.md, "Kernel structure").
+the scale-free block AUC, centered kernel–target alignment and kernel distances (docs/summaries.md, "Kernel structure"). The
+kernel's locality across noise levels per clean input is :func:`genkernel.diffusion.locality_per_input`.
 
 Absolute gaps (within − between) grow when every similarity falls and the spread widens, so a
 claim that training sharpened class blocks uses :func:`block_auc` (the probability that a
@@ -21,7 +21,7 @@ from .spectral import kernel_target_alignment
 
 __all__ = [
     "BlockAUC", "BlockGap", "block_auc", "centered_alignment", "class_block_means", "kernel_distance",
-    "level_locality_per_point", "within_between_gap",
+    "within_between_gap",
 ]
 
 
@@ -176,48 +176,6 @@ def block_auc(kernel, row_labels, col_labels=None, *, exclude_diagonal: bool | N
     d = np.sqrt(np.clip(2.0 - 2.0 * k, 0.0, None))
     return BlockAUC(_auc(k[eq & mask], k[~eq & mask]), per_class, classes,
                     float(d[~eq & mask].mean() / max(d[eq & mask].mean(), 1e-300)))
-
-
-def level_locality_per_point(kernel, num_points: int, level_bins, band: int, *, num_permutations: int = 20,
-                             seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """Kernel locality across noise levels, per clean input, with its permutation control.
-
-    Args:
-        kernel: ``[n·L, n·L]`` normalized kernel between the states of ``num_points`` = n clean
-            inputs at L levels, rows point-major (state i·L + a), as
-            :func:`genkernel.diffusion.make_states` orders them.
-        level_bins: ``[L]`` the bin of each level; band: w, in bins.
-        num_permutations: permutations of the other states' level labels for the control.
-
-    Returns:
-        ``(measured [n], control [n])``: per clean input x, the mean over its levels s of
-        [mean k̂ to states of other inputs within w bins of s − mean k̂ to those outside], and the
-        same statistic with the other states' level labels permuted (mean over permutations).
-        The statistic of :func:`genkernel.diffusion.kernel_locality`, kept per input so that two
-        checkpoints (θ₀ and θ_T) can be paired input by input.
-    """
-    lb = np.asarray(level_bins.detach().cpu().numpy() if isinstance(level_bins, torch.Tensor) else level_bins,
-                    dtype=np.int64)
-    n, levels = int(num_points), lb.size
-    k = _matrix(kernel).reshape(n, levels, n, levels)
-    other = ~np.eye(n, dtype=bool)
-
-    def statistic(col_bins: np.ndarray) -> np.ndarray:  # col_bins [n, L] -> [n]
-        d = np.abs(lb[:, None, None] - col_bins[None, :, :])  # [L, n, L]
-        keep = other[:, None, :, None]
-        inside = (d <= band)[None] & keep
-        outside = (d > band)[None] & keep
-        n_in, n_out = inside.sum(axis=(2, 3)), outside.sum(axis=(2, 3))
-        with np.errstate(invalid="ignore", divide="ignore"):
-            per_level = (k * inside).sum(axis=(2, 3)) / n_in - (k * outside).sum(axis=(2, 3)) / n_out
-        per_level = np.where((n_in > 0) & (n_out > 0), per_level, np.nan)
-        return np.nanmean(per_level, axis=1)
-
-    measured = statistic(np.broadcast_to(lb[None, :], (n, levels)))
-    rng = np.random.default_rng(seed)
-    control = np.mean([statistic(np.stack([rng.permutation(lb) for _ in range(n)])) for _ in range(num_permutations)],
-                      axis=0)
-    return measured, control
 
 
 def centered_alignment(gram, y) -> float:

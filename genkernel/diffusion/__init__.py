@@ -6,7 +6,7 @@ Public API::
         DDPMTrainer, make_scheduler, make_optimizer, reverse_sample,   # training and sampling
         MLPDenoiser, tiny_unet, BinnedDenoiser, TimeIgnoringDenoiser,  # denoisers (and sanity models)
         NoiseLevelAnalyzer, train_with_window,                          # the ledger split by noise level
-        state_kernel, make_states, kernel_locality,                     # kernel structure across levels
+        state_kernel, make_states, kernel_locality, locality_per_input, # kernel structure across levels
         retrieval_attribution,                                          # stage-wise attribution
         diffusion_loss, training_target, noisy_input, timestep_bins,    # the DDPM objective, for user loops
     )
@@ -17,7 +17,7 @@ Plumbing (argument checks, schedule constants) stays importable from its module.
 
 from .analyzer import NoiseLevelAnalyzer, train_with_window
 from .kernels import make_states, state_kernel
-from .locality import kernel_locality
+from .locality import kernel_locality, locality_per_input
 from .models import BinnedDenoiser, MLPDenoiser, TimeIgnoringDenoiser, freeze_attention_key_biases, tiny_unet
 from .objectives import bin_centers, bin_edges, diffusion_loss, loss_weight, make_scheduler, noisy_input, timestep_bins, training_target
 from .retrieval import RetrievalResult, retrieval_attribution
@@ -25,7 +25,8 @@ from .trainer import DDPMTrainer, make_optimizer, reverse_sample
 
 __all__ = [
     "BinnedDenoiser", "DDPMTrainer", "MLPDenoiser", "NoiseLevelAnalyzer", "RetrievalResult", "TimeIgnoringDenoiser",
-    "bin_centers", "bin_edges", "diffusion_loss", "freeze_attention_key_biases", "kernel_locality", "loss_weight",
+    "bin_centers", "bin_edges", "diffusion_loss", "freeze_attention_key_biases", "kernel_locality", "locality_per_input",
+    "loss_weight",
     "make_optimizer", "make_scheduler", "make_states", "noisy_input", "retrieval_attribution", "reverse_sample",
     "state_kernel", "timestep_bins", "tiny_unet", "train_with_window", "training_target",
 ]

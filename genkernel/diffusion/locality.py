@@ -15,7 +15,7 @@ import torch
 
 from ..core.grouping import measured_minus_control
 
-__all__ = ["kernel_locality", "locality_pseudo_values"]
+__all__ = ["kernel_locality", "locality_per_input", "locality_pseudo_values"]
 
 
 def kernel_locality(
@@ -46,9 +46,8 @@ def kernel_locality(
       are dependent, and the t-interval over them held in 6.5-9 % of 200 null kernels at a nominal
       2.5 %. The jackknife drops an input with every entry it enters.
     """
-    n, levels = num_points, level_bins.numel()
-    # A summary of an [n·L, n·L] matrix: on the CPU, wherever the kernel was computed.
-    k = kernel.detach().to("cpu", torch.float64).reshape(n, levels, n, levels)
+    n = num_points
+    k = _point_major(kernel, num_points, level_bins)
     level_bins = level_bins.cpu()
     dist = (level_bins[:, None] - level_bins[None, :]).abs()  # [L, L]
     num_bins = int(level_bins.max()) + 1
@@ -82,6 +81,28 @@ def kernel_locality(
     return {"by_distance": by_distance, "by_distance_same_input": same, "locality": locality}
 
 
+def locality_per_input(kernel: torch.Tensor, num_points: int, level_bins: torch.Tensor, band: int, *,
+                       num_permutations: int = 20, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Kernel locality per clean input, with its permutation control: the per-input values that
+    :func:`kernel_locality` averages, kept so that two checkpoints (θ₀ and θ_T) can be paired input
+    by input.
+
+    Args:
+        kernel: ``[n·L, n·L]`` normalized kernel, rows point-major (state i·L + a), as
+            :func:`genkernel.diffusion.make_states` orders them.
+        level_bins: ``[L]`` the noise-level bin of each level; band: w, in bins.
+
+    Returns:
+        ``(measured [n], control [n])`` float64: per clean input x, the mean over its levels s of
+        [mean k̂ to states of other inputs within w bins of s − mean k̂ to those outside], and the
+        same with the other states' level labels permuted (mean over ``num_permutations``). The
+        values share kernel entries, so do not treat them as independent: intervals over inputs
+        use :func:`locality_pseudo_values`.
+    """
+    k = _point_major(kernel, num_points, level_bins)
+    return _Differences(k, level_bins.cpu(), band, num_permutations, seed)(torch.arange(num_points))
+
+
 def locality_pseudo_values(kernel: torch.Tensor, num_points: int, level_bins: torch.Tensor, band: int, *,
                            num_permutations: int = 20, seed: int = 0) -> torch.Tensor:
     """``[n]`` delete-one-input jackknife pseudo-values of :func:`kernel_locality`'s statistic
@@ -90,9 +111,18 @@ def locality_pseudo_values(kernel: torch.Tensor, num_points: int, level_bins: to
     t-interval over them is the jackknife interval; unlike the per-input values, which share
     kernel entries, they can be treated as independent. Pseudo-values of two kernels on the same
     inputs (θ₀ and θ_T) subtract into those of the difference."""
-    n, levels = num_points, level_bins.numel()
-    k = kernel.detach().to("cpu", torch.float64).reshape(n, levels, n, levels)
+    k = _point_major(kernel, num_points, level_bins)
     return _Differences(k, level_bins.cpu(), band, num_permutations, seed).pseudo_values()
+
+
+def _point_major(kernel: torch.Tensor, num_points: int, level_bins: torch.Tensor) -> torch.Tensor:
+    """``kernel`` ``[n·L, n·L]`` as float64 ``[n, L, n, L]`` on the CPU (a summary of a matrix runs
+    there, wherever the kernel was computed)."""
+    n, levels = num_points, level_bins.numel()
+    if kernel.shape != (n * levels, n * levels):
+        raise ValueError(f"kernel must be [n·L, n·L] = [{n * levels}, {n * levels}] for {n} inputs at {levels} levels, "
+                         f"got {tuple(kernel.shape)}")
+    return kernel.detach().to("cpu", torch.float64).reshape(n, levels, n, levels)
 
 
 class _Differences:
