@@ -35,7 +35,6 @@ from typing import Any, Callable, Mapping, Protocol, Sequence, runtime_checkable
 import numpy as np
 import torch
 
-from .core import grouping
 from .core.tracking.callbacks import TrainerCallback
 from .stats import nan_median
 
@@ -350,13 +349,16 @@ def _gan_metrics(analyzer: Any) -> dict[str, float]:
         out.update(ledger_metrics(ledger, "generator"))
         run_groups = getattr(analyzer, "_run_groups", None)
         if run_groups is not None and analyzer.controls:
-            out.update(_coupling_metrics(analyzer.generator_ledgers, run_groups, analyzer.control_names, "coupling"))
+            out.update(_coupling_metrics(analyzer.generator_ledgers, run_groups, analyzer.control_names,
+                                         analyzer.num_groups, "coupling"))
     windows = getattr(analyzer, "windows", None) or []
     if windows:
         last = windows[-1]
+        geometry = (last.get("statistics") or {}).get("geometry") or {}
         for kind in ("traffic", "net"):
-            if f"{kind}_own_minus_control" in last:
-                out.update(_difference(f"coupling_window/{kind}_own", last[f"{kind}_own_minus_control"]))
+            result = (geometry.get(kind) or {}).get("interaction_minus_control")
+            if result is not None:
+                out.update(_difference(f"coupling_window/{kind}_interaction", result))
         kappa = last.get("kappa_median")
         out["coupling_window/kappa_median"] = _finite(math.nan if kappa is None else kappa)
     alignment = getattr(analyzer, "alignment", None) or []
@@ -370,20 +372,20 @@ def _gan_metrics(analyzer: Any) -> dict[str, float]:
 
 
 def _coupling_metrics(ledgers: Mapping[str, Any], probe_groups: torch.Tensor, controls: Sequence[str],
-                      prefix: str) -> dict[str, float]:
-    """Own-group share (traffic and net) of the geometry ledger against its control ledgers."""
+                      num_groups: int, prefix: str) -> dict[str, float]:
+    """What a coupling claim reads, over the whole run: the analyzer's
+    :func:`~genkernel.gan.analyzer.partition_statistics` of the geometry partition, per kind (traffic,
+    net) the interaction statistic (own share minus the other probe groups' share from the same
+    source group) minus control, clustered by probe group. The plain own share minus control is
+    confounded by source-group strength, so it is not streamed."""
+    from .gan.analyzer import partition_statistics  # the GAN package is only needed for a GAN analyzer
+
     measured = ledgers["geometry"]
-    delta = measured.delta.cpu()
-    groups = torch.as_tensor(probe_groups).cpu().long()
+    stats = partition_statistics(measured, [ledgers[c] for c in controls], measured.delta.cpu(),
+                                 torch.as_tensor(probe_groups), num_groups)
     out: dict[str, float] = {}
-    traffic_own = grouping.own_share(grouping.traffic_shares(measured.traffic.cpu()), groups)
-    traffic_control = torch.stack([grouping.own_share(grouping.traffic_shares(ledgers[c].traffic.cpu()), groups)
-                                   for c in controls])
-    out.update(_difference(f"{prefix}/traffic_own", grouping.measured_minus_control(traffic_own, traffic_control)))
-    net_own = grouping.own_share(grouping.net_shares(measured.contributions.cpu(), delta), groups)
-    net_control = torch.stack([grouping.own_share(grouping.net_shares(ledgers[c].contributions.cpu(), delta), groups)
-                               for c in controls])
-    out.update(_difference(f"{prefix}/net_own", grouping.measured_minus_control(net_own, net_control)))
+    for kind in ("traffic", "net"):
+        out.update(_difference(f"{prefix}/{kind}_interaction", stats[kind]["interaction_minus_control"]))
     return out
 
 
@@ -395,7 +397,8 @@ def analyzer_metrics(analyzer: Any) -> dict[str, float]:
     Diffusion: ``ledger/relative_residual``, ``ledger/rest_share_median``, ``ledger/kappa_median``,
     ``locality/{traffic,share}/{measured,control,measured_minus_control,interval_low,interval_high}``
     and ``traffic_share/bin_g``. GAN: ``generator/...`` and ``discriminator/...`` ledger numbers,
-    ``coupling/{traffic,net}_own/...`` over the whole run, ``coupling_window/...`` for the latest
+    ``coupling/{traffic,net}_interaction/...`` (the interaction statistic minus control, clustered by
+    probe group) over the whole run, ``coupling_window/...`` the same for the latest closed
     window and ``alignment/...`` cosines. Tracker: ``ledger/...`` (``<partition>/...`` for each
     further partition). NaN where a number is undefined (no change yet, no control).
     """

@@ -240,6 +240,40 @@ def _gan_run(log=None, **kwargs):
     return analyzer, trainer
 
 
+def test_gan_coupling_metrics_are_the_clustered_interaction_statistic():
+    """The streamed coupling numbers are what the report's claim reads (the analyzer's
+    partition_statistics: the interaction statistic minus control, clustered by probe group), not
+    the own share minus control that source-group strength confounds."""
+    from genkernel.gan.analyzer import partition_statistics
+
+    from genkernel.data.toy2d import gaussian_ring
+    from genkernel.gan import GANKernelAnalyzer, GANTrainer, MLPDiscriminator, MLPGenerator
+
+    torch.manual_seed(0)
+    data, _ = gaussian_ring(256, std=0.05)
+    G, D = MLPGenerator(2, 2, hidden=16), MLPDiscriminator(2, hidden=16)
+    log = Collect()
+    analyzer = GANKernelAnalyzer(G, D, probe_latents=torch.randn(24, 2), num_groups=4, window=3, eval_every=3,
+                                 log=log, log_every=1, image_every=100)
+    GANTrainer(G, D, data, latent_dim=2, batch_size=32, callbacks=[analyzer]).train(6)
+    rows = [metrics for _, metrics in log.rows if "generator/steps" in metrics]
+    assert not any("_own/" in key for row in rows for key in row)
+    geometry = analyzer.generator_ledgers["geometry"]
+    controls = [analyzer.generator_ledgers[c] for c in analyzer.control_names]
+    whole = partition_statistics(geometry, controls, geometry.delta.cpu(), analyzer._run_groups, analyzer.num_groups)
+    first_window = next(row for row in rows if "coupling_window/traffic_interaction/measured" in row)
+    window = analyzer.windows[0]["statistics"]["geometry"]
+    for kind in ("traffic", "net"):
+        expected = whole[kind]["interaction_minus_control"]
+        assert math.isfinite(expected["difference"])  # enough occupied probe groups for a number
+        assert rows[-1][f"coupling/{kind}_interaction/measured_minus_control"] == pytest.approx(expected["difference"])
+        assert rows[-1][f"coupling/{kind}_interaction/interval_low"] == pytest.approx(expected["interval"][0])
+        expected = window[kind]["interaction_minus_control"]
+        assert math.isfinite(expected["difference"])
+        assert first_window[f"coupling_window/{kind}_interaction/measured_minus_control"] == pytest.approx(
+            expected["difference"])
+
+
 def test_gan_analyzer_logs_its_numbers_at_generator_steps():
     log = Collect()
     analyzer, trainer = _gan_run(log, log_every=1, image_every=2)

@@ -812,7 +812,8 @@ class GANKernelAnalyzer(TrainerCallback):
         (geometry, and spatial with a comparison) the own share and the interaction statistic, each
         minus control, with intervals clustered by probe group, and ``"geometry_minus_spatial"``. The
         top-level ``{kind}_own_minus_control`` keys are the older, unclustered own-minus-control
-        numbers (kept for :mod:`genkernel.report`): confounded by source-group strength, not a claim."""
+        numbers (kept so that saved windows keep their layout): confounded by source-group strength,
+        not a claim; the report, the summary and the streamed metrics read ``"statistics"``."""
         g = self.num_groups
         measured = ledgers[GEOMETRY]
         delta = measured.delta.cpu()
