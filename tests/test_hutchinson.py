@@ -325,3 +325,86 @@ def test_bad_inputs_raise():
     nan["4.bias"] = torch.tensor([float("nan")], dtype=torch.float64)
     with pytest.raises(ValueError, match="NaN"):
         deterministic_second_order_term(model, probe, nan, 0.1)
+
+
+# ------------------------------------------------------------------ models whose probes interact
+
+
+def test_batch_statistics_and_active_dropout_are_refused_not_mixed_into_the_hessians():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(5, 3, dtype=torch.float64, generator=g)
+    # BatchNorm without running statistics normalizes with the probes' own batch even in eval mode:
+    # probe 0's "Hessian" would depend on which other probes share the call (measured -97.0 with 5
+    # probes, -67.1 with 3, silently).
+    torch.manual_seed(0)
+    no_stats = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4, track_running_stats=False), nn.Tanh(),
+                             nn.Linear(4, 1)).double().eval()
+    # BatchNorm in training mode: torch.func failed deep inside on the running-statistics update.
+    train_bn = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Tanh(), nn.Linear(4, 1)).double().train()
+    # Active dropout: a fresh mask on every call.
+    dropout = nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Dropout(0.5), nn.Linear(8, 1)).double().train()
+    for model in (no_stats, train_bn, dropout):
+        v = _random_like_params(model, 1)
+        grads = {k: torch.stack([t, -t]) for k, t in v.items()}
+        with pytest.raises(ValueError, match="couple or randomize"):
+            hessian_quadratic_form(model, x, v)
+        with pytest.raises(ValueError, match="couple or randomize"):
+            per_probe_hessian_vector_product(model, x, v)
+        with pytest.raises(ValueError, match="couple or randomize"):
+            ito_term_estimate(model, x, grads, 0.1, num_samples=2, generator=torch.Generator().manual_seed(0))
+    # BatchNorm with running statistics in eval mode treats probes independently and is accepted;
+    # the quadratic forms of a probe do not depend on the other probes of the call.
+    train_bn.eval()
+    train_bn[1].running_mean.fill_(0.3)
+    v = _random_like_params(train_bn, 1)
+    q = hessian_quadratic_form(train_bn, x, v)
+    assert torch.allclose(q[:3], hessian_quadratic_form(train_bn, x[:3], v), rtol=1e-12, atol=0)
+    h = _explicit_hessians(train_bn, x)
+    assert torch.allclose(q, torch.einsum("i,mij,j->m", _flat(v), h, _flat(v)), rtol=1e-10, atol=1e-12)
+
+
+def test_results_hold_no_autograd_graph_when_theta_is_a_subset():
+    # Parameters outside θ still require grad; the results used to carry their graph (grad_fn), which
+    # kept every activation alive and made .numpy() fail.
+    model, probe, grads = _setup(batch=4, probes=2)
+    sub = {"4.weight": grads["4.weight"], "0.bias": grads["0.bias"]}
+    vec = {k: t[0] for k, t in sub.items()}
+    gen = torch.Generator().manual_seed(0)
+    outs = [
+        *hessian_vector_product(model, probe, vec).values(),
+        *per_probe_hessian_vector_product(model, probe, vec).values(),
+        hessian_quadratic_form(model, probe, vec),
+        *ito_term_estimate(model, probe, sub, 0.1, num_samples=3, generator=gen),
+        batch_ito_term(model, probe, sub, 0.1),
+        deterministic_second_order_term(model, probe, vec, 0.1),
+        exact_trace_sigma_hessian(model, probe, sub, 0.1),
+    ]
+    assert all(p.requires_grad for p in model.parameters())
+    assert all(not t.requires_grad and t.grad_fn is None for t in outs)
+    assert all(torch.isfinite(t).all() and t.abs().sum() > 0 for t in outs)
+
+
+def test_non_finite_probe_inputs_are_refused():
+    model, probe, grads = _setup(batch=4, probes=2)
+    gbar = {k: t.mean(0) for k, t in grads.items()}
+    bad = probe.clone()
+    bad[1, 2] = float("nan")
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        hessian_quadratic_form(model, bad, gbar)
+    bad[1, 2] = float("inf")
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        ito_term_estimate(model, bad, grads, 0.1, num_samples=2, generator=torch.Generator().manual_seed(0))
+
+
+def test_numpy_integers_are_accepted_as_counts():
+    np = pytest.importorskip("numpy")
+    assert ito_scale(np.int64(4), sampling="without_replacement", population=np.int64(64)) == pytest.approx(
+        60 / (64 * 4 * 3), rel=1e-15)
+    model, probe, grads = _setup(seed=1, batch=6, probes=2)
+    ref = ito_term_estimate(model, probe, grads, 0.5, num_samples=8, generator=torch.Generator().manual_seed(7),
+                            chunk_size=4)
+    out = ito_term_estimate(model, probe, grads, 0.5, num_samples=np.int64(8),
+                            generator=torch.Generator().manual_seed(7), chunk_size=np.int64(4))
+    assert torch.equal(ref[0], out[0]) and torch.equal(ref[1], out[1])
+    exact = exact_trace_sigma_hessian(model, probe, grads, 0.5, batch_size=np.int64(3))
+    assert torch.allclose(exact, exact_trace_sigma_hessian(model, probe, grads, 0.5, batch_size=3), rtol=1e-15)

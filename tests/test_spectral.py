@@ -319,3 +319,65 @@ def test_label_purity():
 def test_eigensystem_is_dataclass():
     sys_ = eigendecompose(torch.eye(2))
     assert isinstance(sys_, KernelEigensystem) and sys_.size == 2
+
+
+def test_spearman_interval_leaves_out_undefined_resamples():
+    # Tied values (here three levels each) make a few resamples constant on one side; such a resample
+    # has no rank correlation. The interval used to be refused as soon as one of them occurred.
+    a = np.array([1.0, 1.0, 2.0, 2.0, 3.0, 3.0])
+    b = np.array([1.0, 2.0, 1.0, 2.0, 3.0, 3.0])
+    rho, (lo, hi) = spearman_with_interval(a, b, n_boot=400, seed=3)
+    rows = np.random.default_rng(3).integers(0, 6, size=(400, 6))
+    ref = []
+    for r in rows:  # brute force: every resample, constant sides left out
+        if np.ptp(a[r]) > 0 and np.ptp(b[r]) > 0:
+            ref.append(scipy.stats.spearmanr(a[r], b[r]).statistic)
+    assert 0 < 400 - len(ref) <= 10  # some, but fewer than the 2.5% tail, are undefined
+    assert rho == pytest.approx(scipy.stats.spearmanr(a, b).statistic, abs=1e-15)
+    assert (lo, hi) == pytest.approx(tuple(np.percentile(ref, [2.5, 97.5])), abs=1e-12)
+    # Without ties the resamples and percentiles are scipy.stats.bootstrap's (method="percentile").
+    g = np.random.default_rng(1)
+    x = g.normal(size=12)
+    z = x + g.normal(size=12)
+    boot = scipy.stats.bootstrap((np.arange(12),), lambda i: scipy.stats.spearmanr(x[i], z[i]).statistic,
+                                 vectorized=False, n_resamples=300, method="percentile",
+                                 random_state=np.random.default_rng(5))
+    _, (lo, hi) = spearman_with_interval(x, z, n_boot=300, seed=5)
+    assert (lo, hi) == pytest.approx((boot.confidence_interval.low, boot.confidence_interval.high), abs=1e-12)
+    # One error among ten: a third of the resamples hold no error; that is refused with the reason.
+    with pytest.raises(ValueError, match="resamples have a constant a or b"):
+        spearman_with_interval(np.arange(10.0), np.eye(10)[3])
+
+
+def test_complex_inputs_are_refused_not_truncated():
+    # np.asarray(complex, dtype=float64) only warns and silently drops the imaginary part.
+    with pytest.raises(TypeError, match="complex"):
+        kernel_target_alignment(np.array([[1 + 1j, 0], [0, 1]]), [1.0, 2.0])
+    with pytest.raises(TypeError, match="complex"):
+        eigendecompose([[2.0, 0.5j], [-0.5j, 1.0]])
+    with pytest.raises(TypeError, match="complex"):
+        top_k_target_energy(eigendecompose(np.eye(2)), [1.0, 1j], 1)
+
+
+def test_path_kernel_accepts_numpy_step_sizes():
+    k1, k2 = np.eye(3), np.ones((3, 3))
+    out = path_kernel_gram([k1, k2], np.linspace(0.5, 0.25, 2))
+    assert np.allclose(out.numpy(), 0.5 * k1 + 0.25 * k2, rtol=0, atol=1e-15)
+
+
+def test_float32_gram_of_rank_deficient_features_is_not_called_indefinite():
+    # N = 50 > P = 10 features in float32: the stored Gram has eigenvalues near -2e-6 (relative 2e-7, its own
+    # float32 rounding), which the float64 tolerance 1e-8 used to refuse as "not positive semi-definite".
+    g = torch.Generator().manual_seed(0)
+    feats = torch.randn(50, 10, generator=g)
+    gram = feats @ feats.T
+    system = eigendecompose(gram)
+    ref = np.linalg.eigvalsh(gram.double().numpy())[::-1]
+    assert system.min_raw_eigenvalue < 0 and system.num_clipped > 0
+    assert np.allclose(system.eigenvalues.numpy()[:10], ref[:10], rtol=1e-12, atol=0)
+    assert np.all(system.eigenvalues.numpy()[10:] <= 1e-5 * ref[0])
+    # the same matrix in float64 is held to psd_tol, and a clearly indefinite float32 matrix is still refused
+    with pytest.raises(ValueError, match="not positive semi-definite"):
+        eigendecompose(gram.double())
+    with pytest.raises(ValueError, match="not positive semi-definite"):
+        eigendecompose(torch.tensor([[1.0, 2.0], [2.0, 1.0]]))

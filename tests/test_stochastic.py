@@ -175,3 +175,40 @@ def test_tangent_svm_and_embedding():
     assert coords.shape == (12, 2) and np.isfinite(coords).all() and method == "t-SNE"
     with pytest.raises(ValueError, match="square"):
         embed_2d(d[:3])
+
+
+def test_decomposition_batches_are_b_subsets_when_b_does_not_divide_n(monkeypatch):
+    # The Itô term is scaled for batches that are uniform B-subsets (no example twice). With N = 4, B = 3 the
+    # rest of an epoch used to be joined to the next permutation: 5 of 12 batches held an example twice.
+    import genkernel.analysis.stochastic as stochastic
+
+    n, b = 4, 3
+    x = torch.linspace(-1, 1, n, dtype=torch.float64)[:, None]
+    ids = torch.arange(n, dtype=torch.float64)[:, None]  # targets identify the examples
+    torch.manual_seed(0)
+    model = mlp(1, [3], 1, act="tanh").double()
+    seen = []
+    original = stochastic.group_gradients
+
+    def recording(net, params, inputs, targets, *args, **kwargs):
+        seen.append(targets[:, 0].long().tolist())
+        return original(net, params, inputs, targets, *args, **kwargs)
+
+    monkeypatch.setattr(stochastic, "group_gradients", recording)
+    expected_output_decomposition(model, x, ids, mse_loss, x[:2], lr=0.01, batch_size=b, steps=4, seeds=[0, 1, 2],
+                                  hutchinson_samples=2)
+    assert len(seen) == 12 and all(len(batch) == b for batch in seen)
+    assert all(len(set(batch)) == b for batch in seen), seen
+
+
+def test_decomposition_refuses_bad_counts_up_front():
+    x, y, model = tiny_problem()
+    with pytest.raises(ValueError, match="no spread"):
+        expected_output_decomposition(model, x, y, mse_loss, x[:2], lr=0.1, batch_size=1, steps=1, seeds=[0])
+    with pytest.raises(ValueError, match="batch_size must be an int"):
+        expected_output_decomposition(model, x, y, mse_loss, x[:2], lr=0.1, batch_size=2.5, steps=1, seeds=[0])
+    with pytest.raises(ValueError, match="hutchinson_samples"):
+        expected_output_decomposition(model, x, y, mse_loss, x[:2], lr=0.1, batch_size=2, steps=1, seeds=[0],
+                                      hutchinson_samples=1)
+    with pytest.raises(ValueError, match="lr"):
+        expected_output_decomposition(model, x, y, mse_loss, x[:2], lr=float("inf"), batch_size=2, steps=1, seeds=[0])

@@ -34,7 +34,9 @@ Model conventions shared by every function here:
 
 - `model` is an nn.Module called as model(*inputs); `x` is a Tensor or a tuple of Tensors,
   all with the same leading (batch) dimension M >= 1. The model must treat examples
-  independently (e.g. BatchNorm in eval mode) and be deterministic (no active dropout).
+  independently (e.g. BatchNorm in eval mode) and be deterministic (no active dropout); BatchNorm
+  with batch statistics and dropout in training mode are refused (ValueError), as are inputs
+  with NaN or infinite entries.
 - Each example's output is flattened; it must have one element, or `output_index` picks
   one element of the flattened output. That scalar is f(x_m; θ).
 - θ is the set of parameters named by the keys of the given dict (v, per-example gradients,
@@ -48,13 +50,14 @@ Model conventions shared by every function here:
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Mapping, Union
 
 import torch
 from torch import Tensor, nn
 from torch.func import grad, hessian, jacrev, jvp, vmap
 
-from ..core.adapter import call_with, positive_int
+from ..core.adapter import call_with, check_per_example_safe, positive_int
 
 __all__ = [
     "hessian_vector_product",
@@ -78,6 +81,14 @@ Inputs = Union[Tensor, tuple]
 def _check_model(model) -> None:
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
+    # BatchNorm with batch statistics makes f(x_m) depend on the other probes of the call (silently
+    # wrong per-probe Hessians; in training mode torch.func fails on its running-statistics update),
+    # and active dropout draws a fresh mask per call: refuse both with the fix.
+    try:
+        check_per_example_safe(model)
+    except ValueError as exc:
+        raise ValueError(f"per-probe Hessians of this model would be wrong or would change it: {exc}") \
+            from exc
 
 
 def _as_inputs(x, name: str = "x") -> tuple[tuple[Tensor, ...], int]:
@@ -99,6 +110,9 @@ def _as_inputs(x, name: str = "x") -> tuple[tuple[Tensor, ...], int]:
     m = sizes.pop()
     if m == 0:
         raise ValueError(f"{name} has an empty batch; pass at least one example.")
+    if any(t.is_floating_point() and not bool(torch.isfinite(t).all()) for t in inputs):
+        raise ValueError(f"{name} contains NaN or infinite entries; every output derivative would be NaN. "
+                         "Clean the inputs first.")
     return tuple(t.detach() for t in inputs), int(m)
 
 
@@ -184,7 +198,7 @@ def _check_lr(lr) -> float:
 
 def _check_output_index(output_index) -> None:
     if output_index is not None and (
-        isinstance(output_index, bool) or not isinstance(output_index, int)
+        isinstance(output_index, bool) or not isinstance(output_index, numbers.Integral)
     ):
         raise TypeError(f"output_index must be an int or None, got {type(output_index).__name__}.")
 
@@ -218,7 +232,8 @@ def _scalar_outputs(model, params, inputs, m: int, output_index) -> Tensor:
 
 
 def _f64(d: dict[str, Tensor]) -> dict[str, Tensor]:
-    return {k: t.to(torch.float64) for k, t in d.items()}
+    # detached: parameters outside θ still require grad, and results must not hold their graph
+    return {k: t.detach().to(torch.float64) for k, t in d.items()}
 
 
 # --------------------------------------------------------------------------------------------
@@ -312,7 +327,7 @@ def hessian_quadratic_form(model: nn.Module, probe_x: Inputs, v: Mapping[str, Te
     inputs, m = _as_inputs(probe_x, "probe_x")
     params = _params_for(model, _keys(v, "v"), "v")
     vv = _direction(v, params, "v")
-    return _quad_form_fn(model, params, inputs, m, output_index)(vv).to(torch.float64)
+    return _quad_form_fn(model, params, inputs, m, output_index)(vv).detach().to(torch.float64)
 
 
 def _quad_form_fn(model, params, inputs, m, output_index):
@@ -355,7 +370,7 @@ def ito_scale(batch_size: int, *, sampling: str = "with_replacement", population
         raise ValueError(f"sampling must be one of {SAMPLINGS}, got {sampling!r}.")
     b = positive_int(batch_size, "batch_size")
     if sampling == "without_replacement":
-        if isinstance(population, bool) or not isinstance(population, int) or population < b:
+        if isinstance(population, bool) or not isinstance(population, numbers.Integral) or population < b:
             raise ValueError(
                 f"sampling without replacement needs population = N >= B = {b} (the number of training examples), "
                 f"got {population!r}."
@@ -364,6 +379,7 @@ def ito_scale(batch_size: int, *, sampling: str = "with_replacement", population
             return 0.0  # the batch is the training set: no sampling noise
         if b < 2:
             raise ValueError("a batch of one example has no spread to estimate the gradient covariance from; use B >= 2.")
+        population = int(population)
         return (population - b) / (population * b * (b - 1))
     if population is not None:
         raise ValueError("population is for sampling='without_replacement' (with replacement it does not enter).")
@@ -419,7 +435,7 @@ def ito_term_estimate(model: nn.Module, probe_x: Inputs,
     _check_model(model)
     _check_output_index(output_index)
     eta = _check_lr(lr)
-    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 2:
+    if isinstance(num_samples, bool) or not isinstance(num_samples, numbers.Integral) or num_samples < 2:
         raise ValueError(f"num_samples must be an int >= 2 (for a standard error), got "
                          f"{num_samples!r}.")
     if not isinstance(generator, torch.Generator):
@@ -428,9 +444,11 @@ def ito_term_estimate(model: nn.Module, probe_x: Inputs,
             f"got {type(generator).__name__}."
         )
     if chunk_size is not None and (
-        isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1
+        isinstance(chunk_size, bool) or not isinstance(chunk_size, numbers.Integral) or chunk_size < 1
     ):
         raise ValueError(f"chunk_size must be an int >= 1 or None, got {chunk_size!r}.")
+    num_samples = int(num_samples)
+    chunk_size = None if chunk_size is None else int(chunk_size)
     inputs, m = _as_inputs(probe_x, "probe_x")
     params = _params_for(
         model, _keys(per_example_grads, "per_example_grads"),
@@ -463,7 +481,7 @@ def ito_term_estimate(model: nn.Module, probe_x: Inputs,
             values.append(quad({k: t[0] for k, t in vs.items()})[None])
         else:
             values.append(batched(vs))
-    q = torch.cat(values, dim=0).to(torch.float64)  # [S, M]
+    q = torch.cat(values, dim=0).detach().to(torch.float64)  # [S, M]
     # 5. scale, mean, standard error
     terms = 0.5 * eta**2 * q
     return terms.mean(dim=0), terms.std(dim=0, correction=1) / math.sqrt(num_samples)
@@ -491,7 +509,7 @@ def batch_ito_term(model: nn.Module, probe_x: Inputs, per_example_grads: Mapping
         return total
     mean = {k: t.mean(dim=0) for k, t in g.items()}
     for n in range(b):
-        total += quad({k: (g[k][n] - mean[k]).to(params[k].dtype) for k in params}).to(torch.float64)
+        total += quad({k: (g[k][n] - mean[k]).to(params[k].dtype) for k in params}).detach().to(torch.float64)
     return 0.5 * eta**2 * a2 * total
 
 
@@ -520,7 +538,7 @@ def deterministic_second_order_term(model: nn.Module, probe_x: Inputs,
     params = _params_for(model, _keys(mean_grad, "mean_grad"),
                          "mean_grad")
     gbar = _direction(mean_grad, params, "mean_grad")
-    q = _quad_form_fn(model, params, inputs, m, output_index)(gbar).to(torch.float64)
+    q = _quad_form_fn(model, params, inputs, m, output_index)(gbar).detach().to(torch.float64)
     return 0.5 * eta**2 * q
 
 
@@ -567,8 +585,10 @@ def exact_trace_sigma_hessian(model: nn.Module, probe_x: Inputs,
         "per_example_grads")
     g, n = _per_example(per_example_grads, params, "per_example_grads")
     b = n if batch_size is None else batch_size
-    if isinstance(b, bool) or not isinstance(b, int) or not 1 <= b <= (n if sampling == "without_replacement" else b):
+    if isinstance(b, bool) or not isinstance(b, numbers.Integral) or not 1 <= b <= (
+            n if sampling == "without_replacement" else b):
         raise ValueError(f"batch_size must be an int in [1, N={n}] (without replacement) or >= 1, got {batch_size!r}.")
+    b = int(b)
     # 1. flatten
     names = list(params)
     shapes = [params[k].shape for k in names]
@@ -587,7 +607,7 @@ def exact_trace_sigma_hessian(model: nn.Module, probe_x: Inputs,
         return _scalar_outputs(model, p, inputs, m, output_index)
 
     # 2. explicit Hessians
-    h = hessian(outputs_flat)(flat0).to(torch.float64)  # [M, P, P]
+    h = hessian(outputs_flat)(flat0).detach().to(torch.float64)  # [M, P, P]
     # 3. covariance of one batch mean
     dmat = torch.cat([g[k].reshape(n, -1) for k in names], dim=1)
     dmat = dmat - dmat.mean(dim=0, keepdim=True)

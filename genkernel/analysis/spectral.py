@@ -34,7 +34,6 @@ import scipy.stats
 import torch
 from torch import Tensor
 
-from ..stats import bootstrap_interval
 
 __all__ = [
     "KernelEigensystem",
@@ -68,6 +67,9 @@ def _to_numpy(x, name: str) -> np.ndarray:
             raise TypeError(f"{name} is a complex tensor; pass a real-valued tensor.")
         arr = x.detach().to(device="cpu", dtype=torch.float64).numpy()
     else:
+        # np.asarray(complex, dtype=float64) only warns and drops the imaginary part: refuse instead
+        if np.iscomplexobj(x):
+            raise TypeError(f"{name} holds complex numbers; pass real values.")
         try:
             arr = np.asarray(x, dtype=np.float64)
         except (TypeError, ValueError) as exc:
@@ -78,6 +80,16 @@ def _to_numpy(x, name: str) -> np.ndarray:
     if not np.all(np.isfinite(arr)):
         raise ValueError(f"{name} contains NaN or infinite entries; clean the input first.")
     return arr
+
+
+def _input_eps(x) -> float:
+    """Machine epsilon of the input's floating dtype (float64's for anything else, e.g. lists)."""
+    if isinstance(x, Tensor) and x.is_floating_point():
+        return float(torch.finfo(x.dtype).eps)
+    dtype = getattr(x, "dtype", None)
+    if isinstance(dtype, np.dtype) and np.issubdtype(dtype, np.floating):
+        return float(np.finfo(dtype).eps)
+    return float(np.finfo(np.float64).eps)
 
 
 def _square(gram, name: str = "gram") -> np.ndarray:
@@ -139,15 +151,18 @@ def eigendecompose(gram, *, psd_tol: float = 1e-8) -> KernelEigensystem:
 
     Args:
         gram: Tensor[N, N], the kernel on the training inputs.
-        psd_tol: negative eigenvalues with |λ| <= psd_tol * max|λ| are rounding and are
-            clipped to 0; a more negative eigenvalue means the matrix is not PSD and raises.
+        psd_tol: negative eigenvalues with |λ| <= tol * max|λ| are rounding and are clipped
+            to 0; a more negative eigenvalue means the matrix is not PSD and raises. tol is
+            max(psd_tol, N * eps) with eps the machine epsilon of the input's dtype: a float32
+            Gram of rank-deficient features has negative eigenvalues near N * 1.2e-7 * max|λ|
+            from its own rounding (for float64 input tol = psd_tol for any N < 10⁷).
 
     Returns:
         KernelEigensystem with eigenvalues [N] (descending, >= 0) and eigenvectors [N, N]
         (orthonormal columns), plus the most negative raw eigenvalue and the clip count.
 
     Raises:
-        ValueError: non-square or non-finite input, or an eigenvalue below -psd_tol * max|λ|.
+        ValueError: non-square or non-finite input, or an eigenvalue below -tol * max|λ|.
 
     Algorithm:
         1. Symmetrize, K ← (K + Kᵀ)/2 (removes asymmetric rounding from accumulation).
@@ -157,6 +172,7 @@ def eigendecompose(gram, *, psd_tol: float = 1e-8) -> KernelEigensystem:
     if not (isinstance(psd_tol, (int, float)) and math.isfinite(psd_tol) and psd_tol >= 0):
         raise ValueError(f"psd_tol must be a finite number >= 0, got {psd_tol!r}.")
     k = _square(gram)
+    tol = max(float(psd_tol), k.shape[0] * _input_eps(gram))
     # 1. symmetrize
     k = 0.5 * (k + k.T)
     # 2. eigh, descending
@@ -167,10 +183,10 @@ def eigendecompose(gram, *, psd_tol: float = 1e-8) -> KernelEigensystem:
     scale = float(np.max(np.abs(vals)))
     min_raw = float(min(vals[-1], 0.0))
     negative = vals < 0
-    if min_raw < -psd_tol * scale:
+    if min_raw < -tol * scale:
         raise ValueError(
             f"gram is not positive semi-definite: eigenvalue {min_raw:.3e} against largest "
-            f"|eigenvalue| {scale:.3e} (tolerance psd_tol={psd_tol:g}). Check that the kernel "
+            f"|eigenvalue| {scale:.3e} (relative tolerance {tol:g}). Check that the kernel "
             "is a Gram matrix of features with non-negative step sizes, or raise psd_tol."
         )
     vals[negative] = 0.0
@@ -499,12 +515,20 @@ def spearman_with_interval(
 
     Returns:
         (rho, (lo, hi)): rho from scipy.stats.spearmanr on all pairs; lo, hi the
-        (1−confidence)/2 and (1+confidence)/2 percentiles of rho over resamples of the M pairs
-        drawn with replacement (:func:`genkernel.stats.bootstrap_interval`, method "percentile").
+        (1−confidence)/2 and (1+confidence)/2 percentiles (linear interpolation, as
+        scipy.stats.bootstrap's "percentile" method, with the same resamples) of rho over
+        resamples of the M pairs drawn with replacement. A resample whose a or b is constant has
+        no rank correlation and is left out (with tied values, e.g. 0/1 errors, some are).
 
     Raises:
-        ValueError: shapes differ, M < 3, a or b constant, bad confidence or n_boot.
+        ValueError: shapes differ, M < 3, a or b constant, bad confidence or n_boot, or more
+            than (1−confidence)/2 of the resamples undefined (then even the interval's tail
+            could consist of them).
 
+    Algorithm:
+        1. Draw resample rows, integers in [0, M) of shape [n_boot, M], from default_rng(seed).
+        2. rho of each resample; NaN where a side is constant.
+        3. Refuse when the NaN share exceeds (1−confidence)/2; else the percentiles of the rest.
     """
     x = _to_numpy(a, "a")
     z = _to_numpy(b, "b")
@@ -518,12 +542,23 @@ def spearman_with_interval(
         raise ValueError(f"n_boot must be an int >= 100, got {n_boot!r}.")
     if np.all(x == x[0]) or np.all(z == z[0]):
         raise ValueError("a or b is constant; the rank correlation is undefined.")
-    # 1.-4. scipy's percentile bootstrap over pairs; resamples with a constant side give NaN and are dropped
-    interval = bootstrap_interval(x, _spearman, paired=(z,), confidence=confidence, resamples=int(n_boot), seed=seed,
-                                  method="percentile")
-    if not interval.defined:
-        raise ValueError("too few resamples had a defined rank correlation; a or b is nearly constant. Use more pairs.")
-    return interval.estimate, (interval.low, interval.high)
+    m = x.shape[0]
+    rho = _spearman(x, z)
+    # 1. the resamples scipy.stats.bootstrap draws from the same seed (one [n_boot, M] block)
+    rows = np.random.default_rng(seed).integers(0, m, size=(int(n_boot), m))
+    # 2. rank correlation per resample
+    rhos = np.array([_spearman(x[r], z[r]) for r in rows])
+    defined = rhos[np.isfinite(rhos)]
+    # 3. undefined resamples are left out, unless they could fill a whole tail of the interval
+    tail = (1.0 - confidence) / 2.0
+    undefined = 1.0 - defined.size / rhos.size
+    if undefined > tail:
+        raise ValueError(
+            f"{undefined:.1%} of the bootstrap resamples have a constant a or b (no rank correlation), more than "
+            f"the interval's tail of {tail:.1%}: a or b is nearly constant. Use more pairs or a lower confidence."
+        )
+    lo, hi = np.percentile(defined, [100.0 * tail, 100.0 * (1.0 - tail)])
+    return rho, (float(lo), float(hi))
 
 
 def _spearman(x: np.ndarray, z: np.ndarray) -> float:
@@ -564,6 +599,8 @@ def path_kernel_gram(kernels: Sequence, step_sizes: Sequence[float]) -> Tensor:
         )
     if isinstance(step_sizes, Tensor):
         step_sizes = step_sizes.detach().cpu().reshape(-1).tolist()
+    elif isinstance(step_sizes, np.ndarray):  # e.g. np.linspace: a numpy array is no Sequence
+        step_sizes = step_sizes.reshape(-1).tolist()
     if not isinstance(step_sizes, Sequence):
         raise TypeError("step_sizes must be a list of floats, one per kernel.")
     if len(kernels) == 0:

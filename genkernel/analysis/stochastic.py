@@ -9,7 +9,8 @@ probe x the recorded quantities, summed over the K steps, are
 - ``ito``: Σ_k (η²/2) tr(Σ_k H_k(x)), the Itô term, by the Hutchinson estimator of
   :func:`genkernel.analysis.hutchinson.ito_term_estimate` from the batch's per-example gradients,
   scaled for the sampling model used here: each batch is a uniform B-subset of the N training
-  examples drawn *without replacement* (consecutive batches of an epoch-wise permutation), so
+  examples drawn *without replacement* (consecutive batches of an epoch-wise permutation, whose
+  last N mod B examples are dropped), so
   a² = (N − B) / (N B (B − 1)) and the estimate is unbiased over batch draws (a full batch, B = N,
   has no Itô term);
 - ``deterministic``: Σ_k (η²/2) ḡ_kᵀ H_k(x) ḡ_k with ḡ_k = ∇L(θ_k) the *full training-set*
@@ -27,6 +28,7 @@ from __future__ import annotations
 
 import copy
 import math
+import numbers
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -147,8 +149,10 @@ def expected_output_decomposition(
         inputs: ``[N, ...]`` training inputs; targets: ``[N, ...]``.
         loss_fn: per-example loss ``(outputs, targets) -> [B]``.
         probes: ``[M, ...]`` inputs x at which the output is followed.
-        lr: SGD step η; batch_size: B (batches drawn without replacement within each epoch: the
-            Itô term's sampling model, :func:`genkernel.analysis.hutchinson.ito_scale`);
+        lr: SGD step η; batch_size: B >= 2, or N (batches drawn without replacement within each epoch:
+            the Itô term's sampling model, :func:`genkernel.analysis.hutchinson.ito_scale`; when B does
+            not divide N, an epoch's last N mod B examples are dropped, so every batch is a uniform
+            B-subset);
         steps: K optimizer steps per seed.
         seeds: one batch order (and Hutchinson sign stream) per seed.
         hutchinson_samples: Rademacher draws S ≥ 2 per step.
@@ -157,12 +161,20 @@ def expected_output_decomposition(
         :class:`ExpectedOutputDecomposition`.
     """
     n = inputs.shape[0]
-    if not 1 <= batch_size <= n:
-        raise ValueError(f"batch_size must lie in [1, N={n}], got {batch_size}")
-    if steps < 1 or len(seeds) < 1:
-        raise ValueError(f"need steps >= 1 and at least one seed, got steps={steps}, seeds={list(seeds)}")
-    if not lr > 0:
-        raise ValueError(f"lr must be positive, got {lr}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) or not 1 <= batch_size <= n:
+        raise ValueError(f"batch_size must be an int in [1, N={n}], got {batch_size!r}")
+    if batch_size == 1 and n > 1:
+        raise ValueError(
+            "batch_size=1: a batch of one example has no spread to estimate the Itô term's gradient covariance "
+            "from (genkernel.analysis.hutchinson.ito_scale); use batch_size >= 2")
+    if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps < 1 or len(seeds) < 1:
+        raise ValueError(f"need an int steps >= 1 and at least one seed, got steps={steps!r}, seeds={list(seeds)}")
+    if isinstance(lr, bool) or not (isinstance(lr, numbers.Real) and math.isfinite(lr) and lr > 0):
+        raise ValueError(f"lr must be a finite number > 0, got {lr!r}")
+    if isinstance(hutchinson_samples, bool) or not isinstance(hutchinson_samples, numbers.Integral) \
+            or hutchinson_samples < 2:
+        raise ValueError(f"hutchinson_samples must be an int >= 2 (for a standard error), got {hutchinson_samples!r}")
+    batch_size, steps = int(batch_size), int(steps)
     rows: dict[str, list[torch.Tensor]] = {k: [] for k in TERMS + ("ito_var", "ledger_residual")}
     for seed in seeds:
         net = copy.deepcopy(model)
@@ -177,7 +189,10 @@ def expected_output_decomposition(
         order = torch.empty(0, dtype=torch.long)
         for _ in range(steps):
             if order.numel() < batch_size:
-                order = torch.cat([order, torch.randperm(n, generator=gen)])
+                # A new epoch: drop the incomplete rest of the last one (as DataLoader's drop_last). Joining it
+                # to the next permutation could put one example in a batch twice, and such a batch is no
+                # uniform B-subset: its noise differs from the sampling model the Itô term is scaled for.
+                order = torch.randperm(n, generator=gen)
             idx, order = order[:batch_size], order[batch_size:]
             xb, yb = inputs[idx], targets[idx]
             # 2. Per-example gradients g_n of the batch at θ_k, and the full training-set gradient.
