@@ -170,3 +170,102 @@ def test_report_renders_in_headless_chromium(pages, tmp_path):
         shot = Image.open(tmp_path / f"{name}.png")
         assert shot.size[0] == 1280 and shot.size[1] > 1500  # the whole page, not a blank viewport
         assert np.unique(np.asarray(shot.convert("L").resize((64, 64)))).size > 20  # something was drawn
+
+
+# -- review: the state's own settings, GAN runs without controls, user-given names ----------
+def _state_copy(obj):
+    import copy
+
+    return copy.deepcopy(obj.state_dict())
+
+
+def test_diffusion_locality_uses_the_saved_band_and_refuses_to_guess_it(diffusion_run):
+    """The band is a setting: read from the state (config, else a history snapshot), never assumed."""
+    analyzer, _ = diffusion_run
+    state = _state_copy(analyzer)
+    state["history"] = []  # a run whose snapshots never came (fewer tracked steps than snapshot_every)
+    state["config"]["band"] = 2
+    reference = analyzer.locality(band=2)  # the analyzer's own statistic at that band
+    summary = summarize(state)["states"]["(top level)"]
+    for kind in ("traffic", "share"):
+        assert summary["locality"][kind]["difference"] == pytest.approx(reference[kind]["difference"], rel=1e-12)
+        assert summary["locality"][kind]["interval"] == pytest.approx(reference[kind]["interval"], rel=1e-12)
+    assert summary["settings"]["band"] == 2
+    del state["config"]["band"]  # nothing says which band: no locality number and no locality claim
+    summary = summarize(state)["states"]["(top level)"]
+    assert summary["locality"]["traffic"] is None and summary["locality"]["band"] is None
+    assert not any("noise-localized" in c["statement"] for c in summary["claims"])
+    assert any("records no locality band" in n for n in summary["notes"])
+    assert "no band recorded" in format_summary(summarize(state))
+    assert "records no locality band" in render_report(state, animate=False)
+
+
+def _without_controls(state):
+    ledgers = state["g_tracker"]["ledgers"]
+    state["g_tracker"]["ledgers"] = {k: v for k, v in ledgers.items() if not k.startswith("control_")}
+    state["config"]["controls"] = 0
+    return state
+
+
+def test_gan_summary_without_controls_gives_the_own_share(gan_run):
+    analyzer, _ = gan_run
+    state = _without_controls(_state_copy(analyzer))
+    (summary,) = summarize(state)["states"].values()
+    coupling = summary["coupling_whole_run"]
+    assert coupling["controls"] == 0 and "traffic_interaction_minus_control" not in coupling
+    # reference: each probe's traffic share from its own geometry group, averaged within probe groups, then over them
+    ledger = analyzer.generator_ledger()
+    shares = ledger.traffic / ledger.traffic.sum(dim=1, keepdim=True)
+    groups = torch.as_tensor(state["run_groups"]).long()
+    own = shares[torch.arange(groups.numel()), groups].double()
+    reference = torch.stack([own[groups == g].mean() for g in groups.unique()]).mean()
+    assert coupling["traffic_own"] == pytest.approx(float(reference), rel=1e-12)
+    assert "n/a" in format_summary(summarize(state))
+
+
+def test_gan_kappa_caveat_goes_only_on_the_coupling_claim(gan_run):
+    """Without controls there is no coupling claim: the ill-conditioning caveat must not land on another."""
+    analyzer, _ = gan_run
+    state = _without_controls(_state_copy(analyzer))
+    ledger = state["g_tracker"]["ledgers"]["geometry"]
+    large = 100 * (ledger["f_end"] - ledger["f_start"]).norm(dim=1, keepdim=True).expand_as(ledger["rest"])
+    ledger["contributions"][:, 0] += large  # ± the same: Σ contributions (the identity) unchanged, κ ≈ 200
+    ledger["contributions"][:, 1] -= large
+    (summary,) = summarize(state)["states"].values()
+    assert summary["coupling_whole_run"]["kappa_median"] > 10
+    assert [c["statement"] for c in summary["claims"] if c.get("caveat")] == []
+
+
+def test_user_given_partition_names_are_escaped_and_drawn_as_written():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(2, 4), torch.nn.Tanh(), torch.nn.Linear(4, 1)).double()
+    loss = lambda out, y: ((out - y) ** 2).mean(dim=1)  # noqa: E731
+    names = {"a<b&c": 3, r"cost $\frac$": 2}  # HTML markup; matplotlib mathtext that does not parse
+    tracker = PathKernelTracker(model, torch.optim.SGD(model.parameters(), 1e-2), loss,
+                                torch.randn(5, 2, dtype=torch.float64), num_groups=names)
+    x, y = torch.randn(12, 2, dtype=torch.float64), torch.randn(12, 1, dtype=torch.float64)
+    tracker.step(x, y, {"a<b&c": torch.arange(12) % 3, r"cost $\frac$": torch.arange(12) % 2})
+    page = render_report(tracker, animate=False)
+    assert "a&lt;b&amp;c" in page and "a<b&c" not in page
+    assert len(_images(page)) == 3  # the group shares and one figure per ledger
+
+
+def test_top_must_be_a_positive_int(diffusion_run):
+    _, path = diffusion_run
+    for top in (0, -1, 1.5, True):
+        with pytest.raises(ValueError, match="top .* must be a positive int"):
+            summarize(path, top=top)
+
+
+def test_snapshot_table_rows_are_their_own_frames(diffusion_run):
+    """A history row without matrices has no frame; the table beside the animation must not shift."""
+    analyzer, _ = diffusion_run
+    state = _state_copy(analyzer)
+    history = state["history"] = state["history"][:3]  # two frames are enough for the animation
+    history[0]["traffic_matrix"] = None
+    for i, row in enumerate(history):
+        row["relative_residual"] = 0.25 * (i + 1)  # distinct, exactly printed by the 3-digit format
+    page = render_report(state)
+    rows = re.findall(r"<tr><td>training step (\d+)</td><td>([^<]*)</td>", page)
+    expected = [(str(h["global_step"]), f"{h['relative_residual']:.3g}") for h in history[1:]]
+    assert rows == expected

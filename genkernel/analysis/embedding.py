@@ -36,6 +36,14 @@ def embed_2d(distances, *, method: str = "auto", seed: int = 0, perplexity: floa
         raise ValueError(f"distances must be a square matrix with at least 4 points, got shape {d.shape}")
     if not np.all(np.isfinite(d)) or (d < 0).any():
         raise ValueError("distances must be finite and non-negative")
+    # A kernel or similarity matrix passed by mistake is also square and non-negative: its diagonal
+    # (a point's similarity to itself) is what tells it apart. Rounding allowance: 1e-12 of the largest.
+    tol = 1e-12 * float(d.max())
+    if np.abs(np.diag(d)).max() > tol or np.abs(d - d.T).max() > tol:
+        raise ValueError(
+            "distances must be symmetric with a zero diagonal (a distance matrix, not a kernel or similarity: "
+            "convert a normalized kernel with genkernel.analysis.kernel_stats.kernel_distance)"
+        )
     if method not in ("auto", "umap", "tsne"):
         raise ValueError(f"method must be 'auto', 'umap' or 'tsne', got {method!r}")
     if method == "umap" and not umap_available():

@@ -132,6 +132,9 @@ def label_purity(neighbor_idx: Tensor, labels: Tensor) -> Tensor:
     if neighbor_idx.dtype.is_floating_point or neighbor_idx.is_complex() or \
             neighbor_idx.dtype == torch.bool:
         raise TypeError(f"neighbor_idx must be an integer tensor, got {neighbor_idx.dtype}.")
+    if (labels.is_floating_point() or labels.is_complex()) and not bool(torch.isfinite(labels).all()):
+        # NaN equals nothing, itself included: a neighbourhood of NaN labels would count no majority at all
+        raise ValueError("labels contain NaN or infinite entries; give every example a finite label.")
     idx = neighbor_idx.detach().cpu().long()
     n = labels.shape[0]
     if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= n):

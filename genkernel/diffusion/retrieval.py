@@ -25,7 +25,7 @@ from ..core.grouping import measured_minus_control
 from .objectives import noisy_input
 from .trainer import reverse_sample
 
-__all__ = ["RetrievalResult", "retrieval_attribution", "normalized_entropy"]
+__all__ = ["RetrievalResult", "retrieval_attribution", "normalized_entropy", "top_weight_share"]
 
 
 def normalized_entropy(kernel: torch.Tensor) -> torch.Tensor:
@@ -37,6 +37,15 @@ def normalized_entropy(kernel: torch.Tensor) -> torch.Tensor:
     # A row with no positive k̂ has no distribution: NaN, not the 0 of a fully concentrated one.
     entropy = torch.where(total[..., 0] > 0, entropy, torch.full_like(entropy, math.nan))
     return entropy / math.log(kernel.shape[-1])
+
+
+def top_weight_share(kernel: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    """``[..., N]`` k̂ rows and ``[..., k]`` indices -> ``[...]`` weight p ∝ max(k̂, 0) carried by
+    those entries (NaN where no k̂ is positive: there is no distribution, as in
+    :func:`normalized_entropy`; a 0 would read as "the top examples carry nothing")."""
+    weights = kernel.clamp_min(0).to(torch.float64)
+    total = weights.sum(dim=-1)
+    return weights.gather(-1, indices).sum(-1) / torch.where(total > 0, total, torch.full_like(total, math.nan))
 
 
 @dataclass
@@ -67,11 +76,13 @@ class RetrievalResult:
         return measured_minus_control(self.entropy[0], self.entropy[-1])
 
     def to_json(self) -> dict[str, Any]:
-        mean = self.entropy.nanmean(dim=1)
+        def finite(values: torch.Tensor) -> list[float | None]:  # strict JSON: NaN (no sample had weights) as None
+            return [None if not math.isfinite(v) else v for v in values.tolist()]
+
         return {
             "stages": self.stages.tolist(),
-            "mean_entropy": [None if not math.isfinite(v) else v for v in mean.tolist()],
-            "mean_top_share": self.top_share.nanmean(dim=1).tolist(),
+            "mean_entropy": finite(self.entropy.nanmean(dim=1)),
+            "mean_top_share": finite(self.top_share.nanmean(dim=1)),
             "top_indices": self.top_indices.tolist(),
             "entropy_high_minus_low": self.claim(),
         }
@@ -135,8 +146,7 @@ def retrieval_attribution(
     kernel = torch.stack(kernels).cpu()  # [K, S, N]
     entropy = normalized_entropy(kernel)
     top = kernel.topk(top_k, dim=-1)
-    weights = kernel.clamp_min(0)
-    top_share = weights.gather(-1, top.indices).sum(-1) / weights.sum(-1).clamp_min(1e-300)
+    top_share = top_weight_share(kernel, top.indices)
     return RetrievalResult(
         stages=torch.tensor(order), states=torch.stack(states), samples=samples.detach().cpu(), kernel=kernel,
         entropy=entropy, top_indices=top.indices, top_share=top_share,

@@ -90,10 +90,15 @@ def plot_noise_matrices(report: dict[str, Any]) -> plt.Figure:
               vmax=share_max)
     seeds = report.get("seeds_averaged")
     fig.suptitle(f"Which training noise level moved the denoiser at each probe level "
-                 f"({report['tracked_steps']} tracked steps, residual {report['residual']['relative_residual']:.1e}"
+                 f"({report['tracked_steps']} tracked steps, residual {_sci(report['residual']['relative_residual'])}"
                  + (f"; mean of {seeds} seeds" if seeds else "") + ")", fontsize=10)
     fig.tight_layout()
     return fig
+
+
+def _sci(value) -> str:
+    """A number in the report's JSON (None: NaN, e.g. the residual of a run whose output did not change)."""
+    return "n/a" if value is None or not np.isfinite(value) else f"{value:.1e}"
 
 
 def _locality_series(history: Sequence[dict], key: str):

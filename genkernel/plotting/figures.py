@@ -30,7 +30,14 @@ def _kernel_image(ax, kernel, title: str, *, vmin=-1.0, vmax=1.0, boundaries: Se
     k = _np(kernel)
     if vmin is None:  # data range: a trained normalized kernel often lies within [0.5, 1]
         vmin = float(np.percentile(k, 1))
-    im = ax.imshow(k, cmap="RdBu_r" if vmin < 0 else "viridis", vmin=vmin, vmax=vmax, interpolation="nearest")
+    if vmin < 0 < vmax:
+        # A diverging map must put its white at k̂ = 0: on a plain [vmin, 1] scale with vmin > −1 the
+        # white would sit at (vmin + 1) / 2 and a positive similarity would be drawn as "none".
+        from matplotlib.colors import TwoSlopeNorm
+
+        im = ax.imshow(k, cmap="RdBu_r", norm=TwoSlopeNorm(vcenter=0.0, vmin=vmin, vmax=vmax), interpolation="nearest")
+    else:
+        im = ax.imshow(k, cmap="RdBu_r" if vmin < 0 else "viridis", vmin=vmin, vmax=vmax, interpolation="nearest")
     for b in boundaries:
         ax.axhline(b - 0.5, color="w" if vmin >= 0 else "k", lw=line_width)
         ax.axvline(b - 0.5, color="w" if vmin >= 0 else "k", lw=line_width)

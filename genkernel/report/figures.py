@@ -102,9 +102,11 @@ def locality_figure(summary: Mapping[str, Any]) -> Figure:
         ax.set_xticks(x, [f"t={r['level']}" for r in per_level])
         ax.legend(fontsize=7)
     else:
-        ax.text(0.5, 0.5, "no control partition:\nno measured-minus-control", ha="center", va="center", fontsize=8)
+        why = "no locality band recorded" if loc["band"] is None else "no control partition"
+        ax.text(0.5, 0.5, f"{why}:\nno measured-minus-control", ha="center", va="center", fontsize=8)
     ax.axhline(0.0, color="grey", lw=0.8)
-    ax.set_title(f"locality within {loc['band']} bin(s): measured − control", fontsize=9)
+    within = "(band unknown)" if loc["band"] is None else f"within {loc['band']} bin(s)"
+    ax.set_title(f"locality {within}: measured − control", fontsize=9)
     ax.set_xlabel("probe level", fontsize=8)
     ax.tick_params(labelsize=7)
     if history:
@@ -198,8 +200,8 @@ def group_shares_figure(ledgers: Mapping[str, Mapping[str, Any]]) -> Figure:
         ax.bar(x - 0.2, _array(ledger["mean_traffic_shares"]), width=0.4, label="traffic share")
         ax.bar(x + 0.2, _array(ledger["mean_net_shares"]), width=0.4, label="net share")
         ax.axhline(0.0, color="grey", lw=0.8)
-        ax.set_xticks(x, ledger["group_names"], rotation=30, ha="right")
-        ax.set_title(f"{name}: mean over probes (median κ {_fmt(ledger.get('median_kappa'))})", fontsize=9)
+        ax.set_xticks(x, [_plain(n) for n in ledger["group_names"]], rotation=30, ha="right")
+        ax.set_title(f"{_plain(name)}: mean over probes (median κ {_fmt(ledger.get('median_kappa'))})", fontsize=9)
         ax.tick_params(labelsize=7)
         ax.legend(fontsize=7)
     return fig
@@ -329,6 +331,12 @@ def matrix_animation(frames: Sequence[Mapping[str, Any]], *, keys: Sequence[tupl
             return gif.read()
     finally:
         os.unlink(path)
+
+
+def _plain(text: Any) -> str:
+    """A user-given name drawn as written: matplotlib reads text between two ``$`` as mathtext (a
+    partition named "cost $x$" would be typeset, one named "$\\frac$" would fail to draw)."""
+    return str(text).replace("$", r"\$")
 
 
 def _nan(value: Any) -> float:

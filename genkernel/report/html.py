@@ -173,6 +173,7 @@ def _diffusion_section(s: Mapping[str, Any], animate: bool) -> str:
     parts.append("<h2>Locality</h2>")
     parts.append(_row(
         _figure(fg.locality_figure(s), "locality",
+                "The state records no locality band: locality is not computed." if loc["band"] is None else
                 f"Share of each probe's traffic (or net change) from training within {loc['band']} bin(s) of its own level, "
                 "measured minus the permutation control, with 95 % Student-t intervals over probes."),
         _table(_difference_rows({"traffic": loc.get("traffic"), "net share": loc.get("share")}), DIFF_HEADER)
@@ -180,7 +181,7 @@ def _diffusion_section(s: Mapping[str, Any], animate: bool) -> str:
         + (_table(per_level, ["level", "traffic m−c", "interval", "net share m−c", "interval"]) if per_level else "")))
     history = s.get("locality_over_training") or []
     frames = [{"label": f"training step {h.get('global_step', h['tracked_step'])} (tracked step {h['tracked_step']})",
-               "traffic": h["traffic_matrix"], "share": h["share_matrix"]}
+               "traffic": h["traffic_matrix"], "share": h["share_matrix"], "row": h}
               for h in history if h.get("traffic_matrix") is not None and h.get("share_matrix") is not None]
     if animate and len(frames) >= 2:
         gif = fg.matrix_animation(frames, keys=[("traffic", "traffic share (cumulative)", False),
@@ -191,8 +192,10 @@ def _diffusion_section(s: Mapping[str, Any], animate: bool) -> str:
             f'<figure class="figure">{_image(gif, "image/gif", "noise matrix over training")}'
             f"<figcaption>{len(frames)} snapshots (every snapshot_every tracked steps), ledger totals up to each; "
             "colour scales fixed over the run.</figcaption></figure>",
-            _table([[f["label"].split(" (")[0], h.get("relative_residual"), (h.get("traffic") or {}).get("difference")]
-                    for f, h in zip(frames, history)], ["snapshot", "relative residual", "traffic locality m−c"])))
+            # each frame's own snapshot: history rows without matrices have no frame
+            _table([[f["label"].split(" (")[0], f["row"].get("relative_residual"),
+                     (f["row"].get("traffic") or {}).get("difference")] for f in frames],
+                   ["snapshot", "relative residual", "traffic locality m−c"])))
     kernel = s.get("kernel") or []
     figure = fg.kernel_figure(s)
     if figure is not None:

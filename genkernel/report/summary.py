@@ -114,7 +114,7 @@ def ledger_summary(ledger: PathKernelLedger, *, top: int = 3, group_names: list[
     names = group_names or [f"group {g}" for g in range(ledger.num_groups)]
     per_probe = []
     for m in range(traffic.shape[0]):
-        order = torch.argsort(torch.nan_to_num(traffic[m], nan=-1.0), descending=True)[:top]
+        order = torch.argsort(torch.nan_to_num(traffic[m], nan=-1.0), descending=True, stable=True)[:top]
         per_probe.append({
             "probe": m, **({"label": probe_names[m]} if probe_names else {}),
             "kappa": _num(kappa[m]), "relative_residual": _num(residual[m]),
@@ -169,7 +169,7 @@ def _diffusion(state: Mapping[str, Any], top: int) -> dict[str, Any]:
     probe_bins = (torch.searchsorted(edges, timesteps, right=True) - 1).clamp(0, num_bins - 1)
     level_bins = (torch.searchsorted(edges, levels, right=True) - 1).clamp(0, num_bins - 1)
     history = list(state.get("history") or [])
-    band = int(history[-1]["band"]) if history and "band" in history[-1] else 1
+    band = _band(config, history)
     measured = ledgers["level"]
 
     def by_level(values: torch.Tensor) -> torch.Tensor:
@@ -186,18 +186,22 @@ def _diffusion(state: Mapping[str, Any], top: int) -> dict[str, Any]:
         "residual": by_level(measured.probe_relative_residual().cpu()[:, None])[:, 0],
     }
     locality: dict[str, Any] = {"band": band, "median_kappa": _median(kappa)}
-    traffic_band = grouping.band_total(traffic, probe_bins, band)
-    share_band = grouping.band_total(share, probe_bins, band)
     if controls:
         control_traffic = [grouping.traffic_shares(ledgers[c].traffic.cpu()) for c in controls]
         control_shares = [shares_of(ledgers[c]) for c in controls]
         matrices["traffic_control"] = torch.stack([by_level(t) for t in control_traffic]).mean(0)
         matrices["share_control"] = torch.stack([by_level(s) for s, _ in control_shares]).mean(0)
+        locality["median_kappa_control"] = _median(torch.stack([k for _, k in control_shares]))
+    if band is None:
+        # The half-width is a setting, not in the ledgers: a guessed band gives another locality than the analyzer's.
+        locality["traffic"] = locality["share"] = None
+    elif controls:
+        traffic_band = grouping.band_total(traffic, probe_bins, band)
+        share_band = grouping.band_total(share, probe_bins, band)
         traffic_c = torch.stack([grouping.band_total(t, probe_bins, band) for t in control_traffic])
         share_c = torch.stack([grouping.band_total(s, probe_bins, band) for s, _ in control_shares])
         locality["traffic"] = grouping.measured_minus_control(traffic_band, traffic_c)
         locality["share"] = grouping.measured_minus_control(share_band, share_c)
-        locality["median_kappa_control"] = _median(torch.stack([k for _, k in control_shares]))
         locality["per_level"] = [
             {"level": int(levels[i]), "bin": int(level_bins[i]),
              "traffic": grouping.measured_minus_control(traffic_band[rows], traffic_c[:, rows]),
@@ -205,21 +209,21 @@ def _diffusion(state: Mapping[str, Any], top: int) -> dict[str, Any]:
             for i in range(num_levels) for rows in [probe_level == i]
         ]
     else:
-        locality["traffic"] = {"measured": _num(traffic_band.nanmean())}
-        locality["share"] = {"measured": _num(share_band.nanmean())}
+        locality["traffic"] = {"measured": _num(grouping.band_total(traffic, probe_bins, band).nanmean())}
+        locality["share"] = {"measured": _num(grouping.band_total(share, probe_bins, band).nanmean())}
     bin_names = [f"bin {g} (t {int(edges[g])}–{int(edges[g + 1]) - 1})" for g in range(num_bins)]
     ledger = ledger_summary(measured, top=top, group_names=bin_names,
                             probe_names=[f"level t={int(t)}" for t in timesteps.tolist()])
     top_by_level = []
     for i in range(num_levels):
         row = matrices["traffic"][i]
-        order = torch.argsort(torch.nan_to_num(row, nan=-1.0), descending=True)[:top]
+        order = torch.argsort(torch.nan_to_num(row, nan=-1.0), descending=True, stable=True)[:top]
         top_by_level.append({"level": int(levels[i]), "bin": int(level_bins[i]), "kappa": _num(matrices["kappa"][i]),
                              "top_groups": [{"group": int(g), "name": bin_names[int(g)],
                                              "traffic_share": _num(row[g]), "net_share": _num(matrices["share"][i, g])}
                                             for g in order.tolist()]})
     claims = _ledger_claims(ledger)
-    if controls:
+    if controls and band is not None:
         for kind, what in (("traffic", "traffic"), ("share", "net share")):
             result = locality[kind]
             claims.append(_claim(
@@ -231,6 +235,9 @@ def _diffusion(state: Mapping[str, Any], top: int) -> dict[str, Any]:
             claims[-1]["caveat"] = (f"median κ is {locality['median_kappa']:.3g}: net shares are ill-conditioned here; "
                                     "read the traffic claim")
     notes = []
+    if band is None:
+        notes.append("the state records no locality band (config['band'] or a history snapshot): locality is not "
+                     "computed; save with snapshot_every > 0, or read the analyzer's own report()")
     if ledger["relative_residual"] is not None and ledger["relative_residual"] > RESIDUAL_LIMIT:
         notes.append(f"the residual is {ledger['relative_residual']:.2g} of the change (quadrature "
                      f"{tracker.get('quadrature')!r}): {residual_remedy(tracker.get('quadrature'))}")
@@ -260,6 +267,16 @@ def _diffusion(state: Mapping[str, Any], top: int) -> dict[str, Any]:
         "claims": claims,
         "notes": notes,
     })
+
+
+def _band(config: Mapping[str, Any], history: list[Mapping[str, Any]]) -> int | None:
+    """The analyzer's locality half-width in bins: ``config["band"]`` where the state has it, else
+    the last history snapshot's (each records the band it used); None when the state records none."""
+    if config.get("band") is not None:
+        return int(config["band"])
+    if history and history[-1].get("band") is not None:
+        return int(history[-1]["band"])
+    return None
 
 
 def _identity(tracker: Mapping[str, Any]) -> dict[str, Any]:
@@ -305,7 +322,7 @@ def _coupling(ledgers: Mapping[str, PathKernelLedger], probe_groups: torch.Tenso
             out[f"{kind}_matrix_control"] = torch.tensor(entry["matrix_control"], dtype=torch.float64)
             out[f"{kind}_interaction_minus_control"] = entry["interaction_minus_control"]
         else:
-            out[f"{kind}_own"] = entry["own"]["mean"]
+            out[f"{kind}_own"] = entry["own"]["estimate"]  # a mean_interval dict: estimate, low, high
     return out
 
 
@@ -341,7 +358,9 @@ def _gan(state: Mapping[str, Any], top: int) -> dict[str, Any]:
                         "steps (own share minus the other probe groups' share from the same source group, measured minus "
                         f"control, clustered by probe group, {int(result['confidence'] * 100)} % interval above 0)",
                         bool(result["held"]), result["difference"], result["interval"], method=result["method"], n=result["n"]))
-            if coupling["kappa_median"] is not None and coupling["kappa_median"] > 10 and claims:
+            # The caveat belongs to the net-share coupling claim, which only a run with controls makes.
+            if coupling["kappa_median"] is not None and coupling["kappa_median"] > 10 and \
+                    coupling.get("net_interaction_minus_control") is not None:
                 claims[-1]["caveat"] = (f"median κ is {coupling['kappa_median']:.3g}: net shares are ill-conditioned here; "
                                         "read the traffic claim")
         out["ema"] = _ema_summary(g_tracker)
@@ -392,6 +411,9 @@ def _ledger(state: Mapping[str, Any], top: int) -> dict[str, Any]:
 
 def summarize_state(state: Mapping[str, Any], *, top: int = 3) -> dict[str, Any]:
     """The summary of one state of a known ``format`` (see :func:`kind_of`)."""
+    if isinstance(top, bool) or not isinstance(top, int) or top < 1:
+        # top slices the groups sorted by share: 0 would list none, a negative number all but the smallest
+        raise ValueError(f"top (groups listed per probe) must be a positive int, got {top!r}")
     kind = kind_of(state)
     if kind is None:
         raise ValueError(f"not a genkernel state genkernel can summarize (format {state.get('format')!r})")
@@ -462,7 +484,8 @@ def format_summary(summary: Mapping[str, Any], *, top_probes: int = 8) -> str:
         if kind == "diffusion" and s.get("ledger"):
             lines += _ledger_lines("level ledger", s["ledger"], top_probes)
             loc = s["locality"]
-            lines.append(f"  locality within {loc['band']} bin(s), measured minus control (95 % interval):")
+            within = "(no band recorded: not computed)" if loc["band"] is None else f"within {loc['band']} bin(s)"
+            lines.append(f"  locality {within}, measured minus control (95 % interval):")
             lines.append(f"    traffic   {_interval(loc.get('traffic'))}")
             lines.append(f"    net share {_interval(loc.get('share'))}")
             lines.append("  top training bins per probe level (traffic share / net share):")
