@@ -9,6 +9,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from ..core.adapter import analysis_mode, checked_forward
 from ..core.tracking.callbacks import TrainerCallback
 from ..core.engine.kernels import gradient_kernel
 
@@ -33,9 +34,11 @@ class CheckpointKernels(TrainerCallback):
     :func:`geometric_checkpoints`) describe the path better than evenly spaced ones.
 
     Args:
-        train_x: ``[N, ...]`` training inputs; probe_x: ``[M, ...]`` test inputs (probes).
+        train_x: ``[N, ...]`` training inputs; probe_x: ``[M, ...]`` test inputs (probes), the same
+            shape per example, dtype and device.
         every: steps between checkpoints (ignored when ``at`` is given); steps: the total number
-            of steps of the run.
+            of steps of the run (a run of another length is refused: the last checkpoint's weight
+            counts the steps up to ``steps``).
         at: explicit checkpoint steps (must include 0, increasing, below ``steps``).
 
     Attributes after training:
@@ -56,6 +59,16 @@ class CheckpointKernels(TrainerCallback):
         at = [int(a) for a in at]
         if not at or at[0] != 0 or any(b <= a for a, b in zip(at, at[1:])) or at[-1] >= steps:
             raise ValueError(f"checkpoints must start at 0, increase strictly and stay below steps={steps}; got {at[:10]}")
+        for name, t in (("train_x", train_x), ("probe_x", probe_x)):
+            if not isinstance(t, torch.Tensor) or t.dim() == 0 or t.shape[0] == 0:
+                raise ValueError(f"{name} must be a Tensor with at least one example on dimension 0, got "
+                                 f"{tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}")
+        if (train_x.shape[1:], train_x.dtype, train_x.device) != (probe_x.shape[1:], probe_x.dtype, probe_x.device):
+            raise ValueError(
+                f"train_x {tuple(train_x.shape)} ({train_x.dtype}, {train_x.device}) and probe_x "
+                f"{tuple(probe_x.shape)} ({probe_x.dtype}, {probe_x.device}) must agree on the shape per example, "
+                "dtype and device: one kernel is computed over both"
+            )
         self.train_x, self.probe_x = train_x, probe_x
         self.every, self.steps = every, steps
         self.at = at
@@ -72,8 +85,10 @@ class CheckpointKernels(TrainerCallback):
         n = self.train_x.shape[0]
         both = torch.cat([self.train_x, self.probe_x])
         k = gradient_kernel(trainer.model, both).to(torch.float64).cpu()
-        with torch.no_grad():
-            out = trainer.model(both).reshape(both.shape[0], -1).to(torch.float64).cpu()
+        # In the mode the kernel is computed in (eval, RNG untouched): a training-mode forward would
+        # advance state such as spectral norm's power iteration and change training.
+        with torch.no_grad(), analysis_mode(trainer.model):
+            out = checked_forward(trainer.model, (both,), name="train_x and probe_x").to(torch.float64).cpu()
         self.train_outputs.append(out[:n])
         self.probe_outputs.append(out[n:])
         self.grams.append(k[:n, :n])
@@ -90,8 +105,21 @@ class CheckpointKernels(TrainerCallback):
 
     def on_step_end(self, trainer, step) -> None:
         done = trainer.global_step + 1  # the trainer increments global_step after the callbacks
+        if done > self.steps:
+            raise ValueError(
+                f"CheckpointKernels was built with steps={self.steps} but the run goes on to step {done}: the last "
+                "checkpoint's weight would miss the extra steps. Build it with the run's number of steps"
+            )
         if done in self._next:
             self._record(trainer, done)
+
+    def on_train_end(self, trainer) -> None:
+        if trainer.global_step != self.steps:
+            raise ValueError(
+                f"CheckpointKernels was built with steps={self.steps} but the run stopped after {trainer.global_step}: "
+                "the last checkpoint's weight counts steps that did not happen (and checkpoints after them are "
+                "missing). Build it with the run's number of steps"
+            )
 
     def kernel_machine_change(self, loss_weight) -> torch.Tensor:
         """``[M, d]`` the Domingos sum −Σ_k η_k (1/N) Σ_n k_{θ_k}(x, x_n) w_n(θ_k) at the probes
@@ -99,15 +127,30 @@ class CheckpointKernels(TrainerCallback):
 
         Args:
             loss_weight: ``loss_weight(train_outputs [N, d]) -> [N, d]``, w_n = ∂ℓ_n/∂f, e.g.
-                ``lambda f: 2 * (f - y)`` for the squared error. The outputs it receives are the
+                ``lambda f: 2 * (f - y)`` for the squared error (``y`` of shape ``[N, 1]``: a ``[N]``
+                ``y`` would broadcast to ``[N, N]`` and is refused). The outputs it receives are the
                 recorded ones, float64 on the CPU: close over CPU targets (``y.cpu()``).
         """
         if not self.weights:
             raise RuntimeError("no checkpoint recorded yet: attach the callback to a trainer and train")
-        n = self.train_x.shape[0]
+        n, d = self.train_outputs[0].shape
+        if d != 1:
+            # The recorded kernels are traces over the outputs; the sum needs the d×d blocks K(x, x_n).
+            raise ValueError(
+                f"kernel_machine_change needs a model with one output, this one has {d}: the recorded kernels are "
+                "traces over the outputs, and the Domingos sum needs their d×d blocks (gradient_kernel(..., "
+                "reduce='none'))"
+            )
         total = torch.zeros_like(self.probe_outputs[0])
         for w, cross, f in zip(self.weights, self.crosses, self.train_outputs):
-            total -= w / n * cross @ loss_weight(f).to(torch.float64)
+            weight = loss_weight(f)
+            if not isinstance(weight, torch.Tensor) or weight.shape != f.shape:
+                shape = tuple(weight.shape) if isinstance(weight, torch.Tensor) else type(weight).__name__
+                raise ValueError(
+                    f"loss_weight must return one weight per recorded output, shape {tuple(f.shape)}, got {shape}; "
+                    "targets of shape [N] broadcast against outputs [N, 1]: use y.reshape(-1, 1)"
+                )
+            total -= w / n * cross @ weight.to(torch.float64)
         return total
 
     def path_kernel(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -1,4 +1,10 @@
-"""Per-example losses ``loss_fn(outputs, targets) -> Tensor[B]`` for the tracker and trainers."""
+"""Per-example losses ``loss_fn(outputs, targets) -> Tensor[B]`` for the tracker and trainers.
+
+Shapes are checked (the batch on dimension 0 of both sides), so that targets laid out another
+way are refused rather than paired with the wrong outputs. Checks of values run outside torch.func
+transforms only (per-example engines call the losses under ``vmap``, where data-dependent checks
+cannot run); the training step's own call checks them.
+"""
 
 from __future__ import annotations
 
@@ -6,16 +12,55 @@ import torch
 import torch.nn.functional as F
 
 
+def _transformed(t: torch.Tensor) -> bool:
+    """Inside torch.func transforms (vmap, grad): no data-dependent checks there."""
+    return bool(torch._C._functorch.is_functorch_wrapped_tensor(t))
+
+
+def _per_example(outputs: torch.Tensor, targets: torch.Tensor, what: str) -> torch.Tensor:
+    """``targets`` as ``[B, ...outputs' per-example shape]``; refuses another batch size or
+    another number of values per example (a reshape would pair them with the wrong outputs)."""
+    if not isinstance(targets, torch.Tensor):
+        raise TypeError(f"{what} needs targets as a Tensor, got {type(targets).__name__}")
+    b = outputs.shape[0]
+    if targets.dim() == 0 or targets.shape[0] != b or targets.numel() != outputs.numel():
+        raise ValueError(
+            f"{what}: targets of shape {tuple(targets.shape)} do not match outputs of shape {tuple(outputs.shape)}: "
+            f"targets need the batch ({b}) on dimension 0 and as many values per example as the outputs"
+        )
+    return targets.reshape(outputs.shape)
+
+
 def mse_loss(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Mean squared error per example over its output values: ``[B]``."""
-    return ((outputs - targets.reshape(outputs.shape)) ** 2).reshape(outputs.shape[0], -1).mean(dim=1)
+    """Mean squared error per example over its output values: ``[B]`` (targets ``[B, ...]`` with
+    as many values per example as the outputs, e.g. ``[B]`` for outputs ``[B, 1]``)."""
+    return ((outputs - _per_example(outputs, targets, "mse_loss")) ** 2).reshape(outputs.shape[0], -1).mean(dim=1)
 
 
 def cross_entropy_loss(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Softmax cross-entropy per example (``outputs [B, C]`` logits, ``targets [B]`` class ids): ``[B]``."""
+    """Softmax cross-entropy per example (``outputs [B, C]`` logits, ``targets [B]`` (or ``[B, 1]``)
+    integer class ids, or ``[B, C]`` class probabilities): ``[B]``."""
+    if not isinstance(targets, torch.Tensor):
+        raise TypeError(f"cross_entropy_loss needs targets as a Tensor, got {type(targets).__name__}")
+    if targets.dim() == 2 and targets.shape[1] == 1 and not targets.is_floating_point():
+        targets = targets.reshape(-1)  # class ids as a column
+    if targets.dim() == 1 and targets.is_floating_point():
+        raise ValueError(
+            f"cross_entropy_loss: targets of shape [{targets.shape[0]}] must be integer class ids, got {targets.dtype} "
+            "(use targets.long(); probabilities need shape [B, C])"
+        )
     return F.cross_entropy(outputs, targets, reduction="none")
 
 
 def logistic_loss(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """log(1 + exp(−y f)) per example for labels y in {−1, +1} and one output: ``[B]``."""
-    return F.softplus(-targets.reshape(-1) * outputs.reshape(-1))
+    if outputs.numel() != outputs.shape[0]:
+        raise ValueError(f"logistic_loss needs one output per example, got outputs of shape {tuple(outputs.shape)}")
+    y = _per_example(outputs, targets, "logistic_loss").reshape(-1)
+    # Labels in {0, 1} would run without error: y = 0 gives the constant log 2 and no gradient.
+    if not _transformed(y) and not bool((y.detach().abs() == 1).all()):
+        raise ValueError(
+            f"logistic_loss needs labels in {{-1, +1}}, got values {sorted(set(y.detach().flatten().tolist()))[:5]}: "
+            "map {0, 1} labels with 2 * y - 1"
+        )
+    return F.softplus(-y * outputs.reshape(-1))

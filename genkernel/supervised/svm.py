@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..core.adapter import analysis_mode, as_tuple, checked_forward
 from ..core.engine.kernels import tangent_features
 
 __all__ = ["TangentSVM", "fit_tangent_svm", "fit_rbf_svm", "TANGENT_CS", "RBF_CS", "RBF_GAMMA_FACTORS"]
@@ -35,6 +36,14 @@ MAX_ITER = 10_000_000  # libsvm iterations per fit: a cap against a quadratic pr
 def _labels(y) -> np.ndarray:
     lab = y.detach().cpu().numpy() if isinstance(y, torch.Tensor) else np.asarray(y)
     return lab.reshape(-1)
+
+
+def _check_labels(labels: np.ndarray, n: int) -> None:
+    """Refuse labels that are not one per example or name fewer than two classes."""
+    if labels.shape[0] != n:
+        raise ValueError(f"y has {labels.shape[0]} labels for {n} examples: pass one label per example")
+    if np.unique(labels).size < 2:
+        raise ValueError(f"an SVM needs at least two classes, but every label is {labels.tolist()[0]!r}")
 
 
 def _search(estimator, grid: dict, x: np.ndarray, y: np.ndarray, folds: int, seed: int):
@@ -65,6 +74,8 @@ class TangentSVM:
         output_index: which output's gradient is the feature (None: the single output).
         train_features: ``[N, P]`` the scaled training features (the Gram matrix's other side).
         tuning: how C was chosen (``{"tuned": False, "best": {"C": ...}}`` or the search's record).
+        state_at_fit: the model's parameters and buffers when fitted; features of a model that
+            changed since are refused (they would not match the training features).
     """
 
     model: nn.Module
@@ -74,6 +85,7 @@ class TangentSVM:
     train_features: np.ndarray
     mean: np.ndarray | float = 0.0
     tuning: dict = field(default_factory=dict)
+    state_at_fit: dict[str, torch.Tensor] | None = field(default=None, repr=False)
 
     @property
     def num_features(self) -> int:
@@ -81,6 +93,16 @@ class TangentSVM:
 
     def features(self, x: torch.Tensor) -> np.ndarray:
         """``[M, P]`` centred and scaled tangent features of inputs ``x``."""
+        if self.state_at_fit is not None:
+            now = _model_state(self.model)
+            fitted = self.state_at_fit
+            changed = sorted(k for k in now.keys() | fitted.keys()
+                             if k not in now or k not in fitted or not torch.equal(now[k], fitted[k]))
+            if changed:
+                raise RuntimeError(
+                    f"the model changed since the tangent SVM was fitted ({changed[:5]}): its features no longer match "
+                    "the training features. Predict before training on, or fit a new SVM at the current parameters"
+                )
         phi = tangent_features(self.model, x, output_index=0 if self.output_index is None else self.output_index)
         return (phi.detach().cpu().to(torch.float64).numpy() - self.mean) / self.scale
 
@@ -88,7 +110,8 @@ class TangentSVM:
         return np.concatenate([self.features(x[i:i + chunk]) @ self.train_features.T for i in range(0, x.shape[0], chunk)])
 
     def decision_function(self, x: torch.Tensor) -> np.ndarray:
-        """``[M]`` signed distances to the separating hyperplane (> 0: the positive class)."""
+        """``[M]`` signed distances to the separating hyperplane (> 0: the second of the sorted
+        classes, ``svm.classes_[1]``); ``[M, C]`` one-vs-rest scores for C > 2 classes."""
         return self.svm.decision_function(self._gram(x))
 
     def predict(self, x: torch.Tensor) -> np.ndarray:
@@ -97,7 +120,19 @@ class TangentSVM:
 
     def accuracy(self, x: torch.Tensor, y) -> float:
         """Share of ``x`` whose predicted label equals ``y``."""
-        return float((self.predict(x) == _labels(y)).mean())
+        predicted, labels = self.predict(x), _labels(y)
+        if labels.shape != predicted.shape:  # numpy would broadcast a single label against every prediction
+            raise ValueError(
+                f"y has {labels.shape[0]} labels for {predicted.shape[0]} inputs: pass one label per input"
+            )
+        return float((predicted == labels).mean())
+
+
+def _model_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Parameters (with their trainable flag) and buffers: everything the tangent features depend on."""
+    state = {f"{name} (trainable={p.requires_grad})": p.detach() for name, p in model.named_parameters()}
+    state.update({name: b.detach() for name, b in model.named_buffers()})
+    return state
 
 
 def fit_tangent_svm(model: nn.Module, x: torch.Tensor, y, *, C: float = 1.0, output_index: int | None = None,
@@ -105,13 +140,23 @@ def fit_tangent_svm(model: nn.Module, x: torch.Tensor, y, *, C: float = 1.0, out
     """Fit a linear SVM on φ(x_n) = ∇_θ f(x_n; θ) (flattened, ``[N, P]``, scaled to mean norm 1).
 
     Args:
-        model: a network with one output (or pick one with ``output_index``).
+        model: a network with one output (or pick one with ``output_index``; required with several).
         x: ``[N, ...]`` training inputs; y: ``[N]`` labels (any two or more values).
         C: SVM regularization (larger: fit the training set harder), when not tuned.
         tune: choose C from ``Cs`` by stratified ``folds``-fold cross-validation (seeded by ``seed``).
     """
     from sklearn.svm import SVC
 
+    labels = _labels(y)
+    xs = as_tuple(x, name="x")
+    _check_labels(labels, xs[0].shape[0])
+    if output_index is None:
+        with torch.no_grad(), analysis_mode(model):
+            d = checked_forward(model, tuple(t[:1] for t in xs), name="x").shape[1]
+        if d != 1:
+            raise ValueError(
+                f"the model has {d} outputs: choose the one whose gradient is the feature with output_index"
+            )
     phi = tangent_features(model, x, output_index=0 if output_index is None else output_index)
     phi = phi.detach().cpu().to(torch.float64).numpy()
     mean = phi.mean(axis=0)
@@ -121,7 +166,7 @@ def fit_tangent_svm(model: nn.Module, x: torch.Tensor, y, *, C: float = 1.0, out
         raise ValueError("the tangent features do not vary over the training inputs: the model's output gradient is the "
                          "same everywhere")
     phi = phi / scale
-    gram, labels = phi @ phi.T, _labels(y)
+    gram = phi @ phi.T
     if tune:
         svm, tuning = _search(SVC(kernel="precomputed", max_iter=MAX_ITER), {"C": list(Cs)}, gram, labels, folds, seed)
     else:
@@ -129,7 +174,8 @@ def fit_tangent_svm(model: nn.Module, x: torch.Tensor, y, *, C: float = 1.0, out
             raise ValueError(f"C must be positive, got {C}")
         svm = SVC(kernel="precomputed", C=C, max_iter=MAX_ITER).fit(gram, labels)
         tuning = {"tuned": False, "best": {"C": float(C)}}
-    return TangentSVM(model, svm, scale, output_index, phi, mean=mean, tuning=tuning)
+    state = {k: v.clone() for k, v in _model_state(model).items()}
+    return TangentSVM(model, svm, scale, output_index, phi, mean=mean, tuning=tuning, state_at_fit=state)
 
 
 def fit_rbf_svm(x: torch.Tensor, y, *, C: float = 1.0, gamma: str | float = "scale", tune: bool = False,
@@ -142,6 +188,7 @@ def fit_rbf_svm(x: torch.Tensor, y, *, C: float = 1.0, gamma: str | float = "sca
 
     xs = x.detach().cpu().to(torch.float64).reshape(x.shape[0], -1).numpy()
     labels = _labels(y)
+    _check_labels(labels, xs.shape[0])
     if tune:
         scale = 1.0 / (xs.shape[1] * xs.var())
         svm, tuning = _search(SVC(kernel="rbf", max_iter=MAX_ITER), {"C": list(Cs), "gamma": [f * scale for f in gamma_factors]},

@@ -10,13 +10,15 @@ training.
 from __future__ import annotations
 
 import math
-from typing import Sequence
+import numbers
+from typing import Callable, Mapping, Sequence
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
 from ..core.adapter import Batch, as_tuple, batch_size, select
+from ..core.grouping import INTEGER_DTYPES
 from ..core.tracking.callbacks import TrainerCallback, fire, perform_step
 from ..core.tracking.step import LossFn, OptimizerStep
 from ..core.tracking.tracker import PathKernelTracker
@@ -57,6 +59,7 @@ class SupervisedTrainer:
         self.generator = torch.Generator().manual_seed(seed)
         self.progress = progress
         self.global_step = 0
+        self.num_examples: int | None = None  # the dataset size of the current fit (callbacks check against it)
         self.history: list[float] = []
 
     def batches(self, n: int, steps: int):
@@ -70,11 +73,19 @@ class SupervisedTrainer:
 
     def fit(self, inputs: Batch, targets: Batch, *, steps: int) -> list[float]:
         """Train for ``steps`` optimizer steps. Returns the mean loss of every step."""
+        if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps < 0:
+            raise ValueError(f"steps must be a non-negative int, got {steps!r}")
+        steps = int(steps)
         xs = as_tuple(inputs, name="inputs")
         ys = targets if isinstance(targets, torch.Tensor) else as_tuple(targets, name="targets")
         n = batch_size(xs, name="inputs")
+        # Batches index inputs and targets alike: targets of another length would be cut or overrun.
+        m = batch_size((ys,) if isinstance(ys, torch.Tensor) else ys, name="targets")
+        if m != n:
+            raise ValueError(f"inputs have {n} examples but targets have {m}: pass one target per input (dimension 0)")
         if n < self.batch_size:
             raise ValueError(f"the dataset has {n} examples, fewer than batch_size={self.batch_size}")
+        self.num_examples = n
         fire(self.callbacks, "on_train_start", self)
         for indices in tqdm(self.batches(n, steps), total=steps, disable=not self.progress, desc="train"):
             step = OptimizerStep(
@@ -98,17 +109,66 @@ class LedgerCallback(TrainerCallback):
     ``group_of[dataset index]`` (e.g. its class, or ``arange(N)`` for one group per example).
 
     Args:
-        tracker: built on the trainer's model and optimizer.
-        group_of: ``LongTensor[N]``, the group of every training example.
+        tracker: built on the trainer's model and optimizer; or, with ``start_step`` > 0, a
+            function ``make_tracker() -> PathKernelTracker`` called when tracking starts (a tracker
+            built before the warm-up would start its ledger at the outputs it saw then, and book the
+            warm-up's change as residual: refused).
+        group_of: integer ``Tensor[N]``, the group of every training example; or ``{partition:
+            Tensor[N]}`` for a tracker with several partitions.
         start_step: steps before this global step are performed untracked (warm-up).
     """
 
-    def __init__(self, tracker: PathKernelTracker, group_of: torch.Tensor, *, start_step: int = 0) -> None:
-        self.tracker = tracker
-        self.group_of = torch.as_tensor(group_of, dtype=torch.long)
+    def __init__(self, tracker: PathKernelTracker | Callable[[], PathKernelTracker],
+                 group_of: torch.Tensor | Mapping[str, torch.Tensor], *, start_step: int = 0) -> None:
+        if isinstance(start_step, bool) or not isinstance(start_step, numbers.Integral) or start_step < 0:
+            raise ValueError(f"start_step must be a non-negative int, got {start_step!r}")
+        if not isinstance(tracker, PathKernelTracker) and not callable(tracker):
+            raise TypeError(
+                f"tracker must be a PathKernelTracker or a function that builds one, got {type(tracker).__name__}"
+            )
+        self._make_tracker = None if isinstance(tracker, PathKernelTracker) else tracker
+        self.tracker: PathKernelTracker | None = tracker if isinstance(tracker, PathKernelTracker) else None
+        named = group_of.items() if isinstance(group_of, Mapping) else [("group_of", group_of)]
+        checked = {}
+        for name, ids in named:
+            ids = torch.as_tensor(ids)
+            # An id cast from a float would be truncated silently (0.7 -> group 0).
+            if (ids.dtype not in INTEGER_DTYPES and ids.dtype != torch.bool) or ids.dim() != 1:
+                raise ValueError(f"{name} must be a 1-D integer tensor (one group id per training example), got "
+                                 f"{ids.dtype} of shape {tuple(ids.shape)}")
+            checked[name] = ids.to(torch.long)
+        self.group_of = checked if isinstance(group_of, Mapping) else checked["group_of"]
         self.start_step = start_step
+
+    def on_train_start(self, trainer) -> None:
+        n = getattr(trainer, "num_examples", None)
+        sizes = {len(v) for v in (self.group_of.values() if isinstance(self.group_of, dict) else [self.group_of])}
+        if n is not None and sizes != {n}:
+            raise ValueError(
+                f"group_of has {sorted(sizes)} entries but the dataset has {n} examples: give one group id per "
+                "training example"
+            )
+
+    def _groups(self, indices: torch.Tensor):
+        if isinstance(self.group_of, dict):
+            return {name: ids[indices] for name, ids in self.group_of.items()}
+        return self.group_of[indices]
 
     def wrap_step(self, trainer, step, perform):
         if trainer.global_step < self.start_step:
+            if self.tracker is not None:
+                raise ValueError(
+                    f"LedgerCallback(start_step={self.start_step}) was given a tracker built before the warm-up: its "
+                    "ledger starts at the outputs it saw when built, so the untracked steps' change would be booked as "
+                    "residual. "
+                    "Pass a function that builds the tracker (LedgerCallback(lambda: PathKernelTracker(...), ...)); it "
+                    "is called when tracking starts"
+                )
             return perform()
-        return self.tracker.track(step, self.group_of[step.info["indices"]]).losses
+        if self.tracker is None:
+            self.tracker = self._make_tracker()
+            if not isinstance(self.tracker, PathKernelTracker):
+                raise TypeError(
+                    f"the tracker function returned a {type(self.tracker).__name__}, not a PathKernelTracker"
+                )
+        return self.tracker.track(step, self._groups(step.info["indices"])).losses
