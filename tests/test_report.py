@@ -191,7 +191,8 @@ def test_diffusion_locality_uses_the_saved_band_and_refuses_to_guess_it(diffusio
         assert summary["locality"][kind]["difference"] == pytest.approx(reference[kind]["difference"], rel=1e-12)
         assert summary["locality"][kind]["interval"] == pytest.approx(reference[kind]["interval"], rel=1e-12)
     assert summary["settings"]["band"] == 2
-    del state["config"]["band"]  # nothing says which band: no locality number and no locality claim
+    assert _state_copy(analyzer)["config"]["band"] == analyzer.band  # the analyzer saves its own band
+    del state["config"]["band"]  # nothing says which band (a state saved before the band was): no number, no claim
     summary = summarize(state)["states"]["(top level)"]
     assert summary["locality"]["traffic"] is None and summary["locality"]["band"] is None
     assert not any("noise-localized" in c["statement"] for c in summary["claims"])
@@ -269,3 +270,26 @@ def test_snapshot_table_rows_are_their_own_frames(diffusion_run):
     rows = re.findall(r"<tr><td>training step (\d+)</td><td>([^<]*)</td>", page)
     expected = [(str(h["global_step"]), f"{h['relative_residual']:.3g}") for h in history[1:]]
     assert rows == expected
+
+
+def test_gan_summary_names_groups_by_the_analyzers_saved_labels():
+    """With discriminator_groups="role_mode" and one mode the discriminator also has three groups
+    (real m0, generated m0, penalty): the summary must name them from the state, not guess the roles
+    (which swapped "generated" and "real"); the generator's mode groups keep their names too."""
+    from genkernel.data.toy2d import gaussian_ring, ring_mode_centers
+
+    torch.manual_seed(0)
+    data, modes = gaussian_ring(64, num_modes=1, radius=2.0, std=0.05)
+    G, D = MLPGenerator(2, 2, hidden=8), MLPDiscriminator(2, hidden=8)
+    analyzer = GANKernelAnalyzer(G, D, probe_latents=torch.randn(6, 2), grouping="mode", mode_centers=ring_mode_centers(1, 2.0),
+                                 mode_std=0.05, discriminator_groups="role_mode", window=2, eval_every=2)
+    GANTrainer(G, D, data, labels=modes, latent_dim=2, batch_size=16, callbacks=[analyzer]).train(2)
+    state = _state_copy(analyzer)
+    (summary,) = summarize(state)["states"].values()
+    assert summary["discriminator"]["group_names"] == analyzer.discriminator_group_labels() == [
+        "real m0", "generated m0", "penalty"]
+    assert summary["generator"]["group_names"] == analyzer.grouping.labels() == ["mode 0"]
+    del state["group_labels"]  # a state saved before the labels were: numbered, with a note, not guessed
+    (summary,) = summarize(state)["states"].values()
+    assert summary["discriminator"]["group_names"] == ["group 0", "group 1", "group 2"]
+    assert any("no discriminator group labels" in n for n in summary["notes"])

@@ -747,8 +747,10 @@ class NoiseLevelAnalyzer(TrainerCallback):
             "bin_counts": self.bin_counts, "global_steps": self.global_steps,
             "history": self.history, "kernel_history": self.kernel_history,
             "perm_generator": self._perm_generator.get_state(),
+            # band: a reading setting (not checked on load), saved so that a summary of the state reads
+            # locality at the analyzer's own half-width
             "config": {"num_bins": self.num_bins, "controls": self.controls, "probe_timesteps": self.probe_timesteps.tolist(),
-                       "bin_edges": self.bins.edges.tolist()},
+                       "bin_edges": self.bins.edges.tolist(), "band": self.band},
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:

@@ -1147,6 +1147,8 @@ class GANKernelAnalyzer(TrainerCallback):
             "g_loop_steps": list(self.g_loop_steps), "d_loop_steps": list(self.d_loop_steps),
             "g_group_counts": list(self.g_group_counts), "d_group_counts": list(self.d_group_counts),
             "notes": list(self.notes), "start_step": self._start_step, "loss_checked": self._loss_checked,
+            # names of the ledgers' groups, for readers of the state (genkernel.report) that build no analyzer
+            "group_labels": {"generator": self.grouping.labels(), "discriminator": self.discriminator_group_labels()},
         }
 
     def _tracker_state(self, which: str) -> dict[str, Any] | None:

@@ -38,7 +38,6 @@ KINDS = {
 }
 RESIDUAL_LIMIT = 1e-3  # the analyzers' own threshold for a residual note
 REST_LIMIT = 0.5  # above it the window measured mostly what no tracked example caused
-ROLE_NAMES = ("generated", "real", "penalty")  # genkernel.gan.losses.ROLE_NAMES, without importing the GAN stack
 
 
 # -- reading ---------------------------------------------------------------------------------
@@ -340,7 +339,8 @@ def _gan(state: Mapping[str, Any], top: int) -> dict[str, Any]:
     g_tracker = state.get("g_tracker")
     if g_tracker:
         ledgers = {name: ledger_from_state(s) for name, s in g_tracker["ledgers"].items()}
-        names = [f"geometry group {g}" for g in range(num_groups)]
+        labels = (state.get("group_labels") or {}).get("generator")
+        names = list(labels) if labels and len(labels) == num_groups else [f"geometry group {g}" for g in range(num_groups)]
         out["settings"].update(quadrature=g_tracker.get("quadrature"), group_state=g_tracker.get("group_state"),
                                **_identity(g_tracker))
         out["generator"] = ledger_summary(ledgers["geometry"], top=top, group_names=names)
@@ -384,7 +384,12 @@ def _gan(state: Mapping[str, Any], top: int) -> dict[str, Any]:
     d_tracker = state.get("d_tracker")
     if d_tracker:
         ledger = ledger_from_state(next(iter(d_tracker["ledgers"].values())))
-        labels = list(ROLE_NAMES) if ledger.num_groups == 3 else None
+        labels = (state.get("group_labels") or {}).get("discriminator")
+        if not labels or len(labels) != ledger.num_groups:
+            # A state saved before the labels were: three groups are the roles only under discriminator_groups="role"
+            # ("role_mode" with one mode centre also has three: real m0, generated m0, penalty), so only say so.
+            labels = [f"group {g}" for g in range(ledger.num_groups)]
+            out["notes"].append("the state records no discriminator group labels: groups are numbered")
         out["discriminator"] = ledger_summary(ledger, top=top, group_names=labels)
         claims += _ledger_claims(out["discriminator"], "discriminator ledger")
     out["claims"] = claims
