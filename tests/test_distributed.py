@@ -1,5 +1,6 @@
 """The tracker under DistributedDataParallel (2 CPU processes, gloo, 127.0.0.1) equals a
-single-process run on the same global batches; uneven shards are refused; kernels split across ranks."""
+single-process run on the same global batches; uneven shards, ranks whose trackers or kernel inputs
+differ, and a step refused on one rank only are refused on every rank; kernels split across ranks."""
 
 import datetime
 import os
@@ -12,6 +13,7 @@ import torch.multiprocessing as mp
 from torch import nn
 
 from genkernel import PathKernelTracker, gradient_kernel
+from genkernel.core.errors import NonFiniteError
 from genkernel.core.engine.distributed import distributed_gradient_kernel
 from genkernel.supervised import mse_loss
 
@@ -64,9 +66,54 @@ def worker(rank, port, out_dir):
         except ValueError as error:
             result["uneven_error"] = str(error)
         result["steps_after_uneven"] = tracker.ledger.steps
+        result.update(disagreeing_ranks(rank, model, tracker, x, y, groups, shard))
         torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
+
+
+def refusal(call):
+    """The error ``call()`` raised, as ``(type name, message)``; None when it returned."""
+    try:
+        call()
+    except (ValueError, NonFiniteError) as error:
+        return type(error).__name__, str(error)
+    return None
+
+
+def disagreeing_ranks(rank, model, tracker, x, y, groups, shard):
+    """Ranks that disagree: kernel inputs, the trackers' partitions, a group id or a loss on one rank only."""
+    out = {"kernel_error": refusal(lambda: distributed_gradient_kernel(model, KERNEL_ROWS + rank, PROBES))}
+    # The same number of group rows in another order: summed row by row, the ranks' groups would mix.
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    partitions = {"a": 2, "b": 3} if rank == 0 else {"b": 3, "a": 2}
+    swapped = PathKernelTracker(model, optimizer, mse_loss, PROBES, num_groups=partitions)
+    out["layout_error"] = refusal(lambda: swapped.step(x[0, shard], y[0, shard], {"a": groups[0, shard] % 2,
+                                                                                 "b": groups[0, shard]}))
+    swapped.close()
+    # Rank 1 alone refuses a step (a group id out of range), then every rank steps on.
+    bad = torch.full_like(groups[0, shard], 7) if rank == 1 else groups[0, shard]
+    out["one_rank_error"] = refusal(lambda: tracker.step(x[0, shard], y[0, shard], bad))
+    tracker.step(x[1, shard], y[1, shard], groups[1, shard])
+    out["steps_after_one_rank"] = tracker.ledger.steps
+    out["params_after_one_rank"] = [p.detach().clone() for p in model.parameters()]
+    tracker.close()
+    # An observed loop: rank 1 alone has a non-finite loss; the loop skips the micro-batch on every rank it
+    # is refused on, so the ranks must agree on it.
+    observer = PathKernelTracker(model, optimizer, mse_loss, PROBES, num_groups=3)
+    for k in range(2):
+        inputs = x[k, shard].clone()
+        if k == 0 and rank == 1:
+            inputs[0, 0] = float("nan")
+        losses = mse_loss(model(inputs), y[k, shard])
+        out[f"observe_error{k}"] = refusal(lambda: observer.observe(losses, groups[k, shard]))
+        if out[f"observe_error{k}"] is None:
+            losses.mean().backward()
+            optimizer.step()
+        optimizer.zero_grad()
+    out["observed_steps"] = observer.ledger.steps
+    out["params_after_observed"] = [p.detach().clone() for p in model.parameters()]
+    return out
 
 
 @pytest.fixture(scope="module")
@@ -102,6 +149,36 @@ def test_uneven_shards_are_refused_on_every_rank(ranks):
     for result in ranks:
         assert "per-rank batch sizes differ ([4, 3])" in result["uneven_error"]
         assert result["steps_after_uneven"] == STEPS
+
+
+def test_ranks_that_pass_different_kernel_inputs_are_refused_on_every_rank(ranks):
+    for result in ranks:
+        assert result["kernel_error"][0] == "ValueError"
+        assert "the ranks passed different x1" in result["kernel_error"][1]
+
+
+def test_ranks_whose_trackers_lay_out_groups_differently_are_refused_on_every_rank(ranks):
+    for result in ranks:
+        assert result["layout_error"][0] == "ValueError"
+        assert "lay out their group rows differently" in result["layout_error"][1]
+
+
+def test_a_step_refused_on_one_rank_is_refused_on_every_rank_and_the_replicas_stay_equal(ranks):
+    assert "group ids must lie in [0, 3)" in ranks[1]["one_rank_error"][1]
+    assert ranks[0]["one_rank_error"][0] == "ValueError" and "refused on rank [1]" in ranks[0]["one_rank_error"][1]
+    for result in ranks:
+        assert result["steps_after_one_rank"] == STEPS + 1  # the refused step is none, the next one recorded
+    for a, b in zip(ranks[0]["params_after_one_rank"], ranks[1]["params_after_one_rank"]):
+        assert torch.equal(a, b)
+
+
+def test_a_micro_batch_refused_on_one_rank_is_refused_on_every_rank(ranks):
+    assert "non-finite loss" in ranks[1]["observe_error0"][1]
+    assert ranks[0]["observe_error0"][0] == "NonFiniteError" and "refused on rank [1]" in ranks[0]["observe_error0"][1]
+    for result in ranks:
+        assert result["observe_error1"] is None and result["observed_steps"] == 1
+    for a, b in zip(ranks[0]["params_after_observed"], ranks[1]["params_after_observed"]):
+        assert torch.equal(a, b)
 
 
 def test_distributed_kernel_needs_an_initialized_process_group():

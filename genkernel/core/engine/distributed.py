@@ -6,6 +6,8 @@ which is untested here.
 
 from __future__ import annotations
 
+import zlib
+
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -28,15 +30,19 @@ def distributed_gradient_kernel(
 ) -> torch.Tensor:
     """:func:`gradient_kernel` with the rows of ``x1`` split across the ranks of ``group``.
 
-    Every rank passes the same ``x1`` and ``x2``; each computes a contiguous block of rows and the
-    blocks are gathered, so every rank returns the full ``[M, N]`` (or ``[M, N, d, d]``) kernel.
+    Every rank passes the same model, ``x1`` and ``x2`` (checked: ValueError on every rank when the
+    ranks' inputs or weights differ); each computes a contiguous block of rows and the blocks are
+    gathered, so every rank returns the full ``[M, N]`` (or ``[M, N, d, d]``) kernel.
     """
     model = unwrap(model)
     if not (dist.is_available() and dist.is_initialized()):
         raise RuntimeError("torch.distributed is not initialized: call dist.init_process_group first, or use gradient_kernel")
     world, rank = dist.get_world_size(group), dist.get_rank(group)
+    if rank < 0:
+        raise ValueError("this process is not a member of `group`: call distributed_gradient_kernel on its ranks only")
     x1s = as_tuple(x1, name="x1")
     m = batch_size(x1s, name="x1")
+    _check_same_on_every_rank(model, x1s, None if x2 is None else as_tuple(x2, name="x2"), world, group)
     bounds = [round(i * m / world) for i in range(world + 1)]
     rows = slice(bounds[rank], bounds[rank + 1])
     other = x1s if x2 is None else x2
@@ -51,3 +57,30 @@ def distributed_gradient_kernel(
     blocks = [torch.empty_like(padded) for _ in range(world)]
     dist.all_gather(blocks, padded, group=group)
     return torch.cat([b[: bounds[r + 1] - bounds[r]] for r, b in enumerate(blocks)], dim=0)
+
+
+def _digest(tensors) -> int:
+    """A CRC of the tensors' shapes, dtypes and bytes: equal on two ranks exactly when they are."""
+    crc = 0
+    for t in tensors:
+        t = t.detach()
+        crc = zlib.crc32(f"{tuple(t.shape)}{t.dtype}".encode(), crc)
+        if t.numel():
+            crc = zlib.crc32(t.contiguous().reshape(-1).view(torch.uint8).cpu().numpy().tobytes(), crc)
+    return crc
+
+
+def _check_same_on_every_rank(model: nn.Module, x1: tuple, x2: tuple | None, world: int, group: object) -> None:
+    """Raise ValueError on every rank when the ranks' ``x1``, ``x2`` or parameters differ: the
+    gathered rows would come from different kernels."""
+    device = next((p.device for p in model.parameters()), x1[0].device)
+    mine = [_digest(x1), -1 if x2 is None else _digest(x2), _digest(model.parameters())]
+    gathered = [torch.zeros(3, dtype=torch.long, device=device) for _ in range(world)]
+    dist.all_gather(gathered, torch.tensor(mine, dtype=torch.long, device=device), group=group)
+    rows = [[int(v) for v in g] for g in gathered]
+    differ = [what for i, what in enumerate(("x1", "x2", "the model's parameters")) if len({r[i] for r in rows}) > 1]
+    if differ:
+        raise ValueError(
+            f"the ranks passed different {' and '.join(differ)}: each rank computes rows of one kernel, so every rank "
+            "must pass the same model (the same weights) and the same inputs; use gradient_kernel for a rank's own"
+        )

@@ -71,7 +71,7 @@ from ..engine.gradients import DEFAULT_GRADIENT_BUDGET
 from ..errors import LedgerCheckError, NonFiniteError
 from ..cost import activation_elements, estimate_cost
 from ..grouping import Partitions, rows_sum_and_size
-from .distributed import combine_group_gradients, ddp_context
+from .distributed import StepAgreement, combine_group_gradients, ddp_context
 from .ema import EMALedgers, ema_buffers, ema_parameters
 from .io import atomic_save, load_state, to_device
 from .ledger import PathKernelLedger
@@ -254,7 +254,7 @@ class PathKernelTracker:
         # Under DistributedDataParallel the real step runs through the wrapper (its gradient
         # averaging); the analysis runs on the wrapped module.
         self.module = unwrap(model)
-        self.distributed = ddp_context(model)
+        self.distributed = ddp_context(model, tuple(self.partitions.sizes.items()))
         self.optimizer = optimizer = unwrap_optimizer(optimizer)
         self.loss_fn = loss_fn
         self.rule = quadrature_rule(quadrature)
@@ -418,8 +418,16 @@ class PathKernelTracker:
         if self._observing:
             raise RuntimeError("this tracker observes a loop (tracker.observe): let the loop's optimizer.step() record steps")
         index = self.ledger.steps + 1
-        ids = self.partitions.check(groups, step.batch)
-        self._check_before()
+        # Under DDP the ranks meet before the forward, before the backward and before recording:
+        # a step one rank refuses is refused on every rank (distributed.StepAgreement).
+        together = StepAgreement(self.distributed, "this step", points=3)  # a NonFiniteError gets the index below
+        try:
+            ids = self.partitions.check(groups, step.batch)
+            self._check_before()
+        except BaseException as error:
+            together.failed(error)
+            raise
+        together.passed()
         theta_before = {name: p.detach().clone() for name, p in self.params.items()}
         saved = self._save_state()
         self._grad_marks = None  # this step's own backward touches the gradients, even if it fails
@@ -430,9 +438,8 @@ class PathKernelTracker:
             # 1. ĝ_{k,g} = Σ_{n ∈ g} c_n ∇ℓ_n at θ_k (from the step's own graph or layer factors, or a second pass).
             if self.route.uses_graph():
                 box: dict[str, Any] = {}
-                losses = step.compute_gradients(
-                    lambda graph_losses: box.update(grads=self.route.graph_gradients(graph_losses, ids, coefficients))
-                )
+                losses = step.compute_gradients(lambda graph_losses: (
+                    box.update(grads=self.route.graph_gradients(graph_losses, ids, coefficients)), together.passed()))
                 with torch.no_grad():
                     gradients = self.route.from_graph(box["grads"], losses, step)
             else:
@@ -440,14 +447,17 @@ class PathKernelTracker:
                 # model's group gradients come from the route's own pass.
                 recorded = TrainingCapture.idle() if is_compiled(step.model) else self.route.recording(step.batch)
                 with recorded:  # stops recording before the backward
-                    losses = step.compute_gradients(recorded.stop)
+                    losses = step.compute_gradients(
+                        lambda graph_losses: (recorded.stop(graph_losses), together.passed()))
                 with torch.no_grad(), analysis_mode(self.module), torch.enable_grad():
                     gradients = self.route.gradients(step, ids, coefficients.to(losses.device), recorded)
             pending = self._begin(index, step.phase, ids, theta_before, saved, gradients, losses, step.clip_factor)
             # 2. The real optimizer step.
             step.apply_update()
             result = self._finish(pending)
+            together.passed()
         except BaseException as error:
+            together.failed(error)
             self._roll_back(error, index, step.phase, saved, theta_before, applied=step.applied)
             if isinstance(error, NonFiniteError) and not step.applied:
                 raise NonFiniteError(
@@ -538,6 +548,31 @@ class PathKernelTracker:
         accumulation, global-norm clipping, a constant loss scale; reported per step in
         ``gradient_scales``), else the step is refused before the parameters move.
         """
+        # Under DDP a micro-batch one rank refuses is refused on every rank, before the loop's backward.
+        together = StepAgreement(self.distributed, "observe() of this micro-batch", points=1)
+        try:
+            ids, grads = self._observed_gradients(losses, groups, weights)
+        except BaseException as error:
+            together.failed(error)
+            raise
+        together.passed()
+        if self._observed is not None and self._gradients_cleared():
+            # The loop cleared the gradients of the micro-batches observed so far without stepping on
+            # them (a GradScaler that found inf or NaN skips optimizer.step()): they are no step's.
+            self.skipped_steps.append({"after_step": self.ledger.steps, "micro_batches": self._observed["micro_batches"]})
+            self._observed = None
+        if self._observed is None:
+            self._observed = {"grads": grads, "losses": [losses.detach()], "micro_batches": 1, "ids": [ids]}
+        else:
+            for name, g in grads.items():
+                self._observed["grads"][name] += g
+            self._observed["losses"].append(losses.detach())
+            self._observed["micro_batches"] += 1
+            self._observed["ids"].append(ids)
+        self._observing = True
+
+    def _observed_gradients(self, losses, groups, weights):
+        """observe()'s checks, then the micro-batch's group ids and group gradients."""
         self._check_open()
         if self._pending_step is not None:
             raise RuntimeError("observe() was called inside optimizer.step(): call it before the loop's backward")
@@ -562,20 +597,7 @@ class PathKernelTracker:
         self._need_dense("observing a loop")
         coefficients = (torch.full((batch,), 1.0 / batch, dtype=torch.float64) if weights is None else weights).to(torch.float64)
         grads = self.route.graph_gradients(losses, {k: v.to(losses.device) for k, v in ids.items()}, coefficients.to(losses.device))
-        if self._observed is not None and self._gradients_cleared():
-            # The loop cleared the gradients of the micro-batches observed so far without stepping on
-            # them (a GradScaler that found inf or NaN skips optimizer.step()): they are no step's.
-            self.skipped_steps.append({"after_step": self.ledger.steps, "micro_batches": self._observed["micro_batches"]})
-            self._observed = None
-        if self._observed is None:
-            self._observed = {"grads": grads, "losses": [losses.detach()], "micro_batches": 1, "ids": [ids]}
-        else:
-            for name, g in grads.items():
-                self._observed["grads"][name] += g
-            self._observed["losses"].append(losses.detach())
-            self._observed["micro_batches"] += 1
-            self._observed["ids"].append(ids)
-        self._observing = True
+        return ids, grads
 
     @property
     def observed_micro_batches(self) -> int:
@@ -629,17 +651,26 @@ class PathKernelTracker:
 
     def _begin_observed(self) -> None:
         observed, self._observed = self._observed, None
-        if observed is None:
-            raise RuntimeError(
-                "optimizer.step() was called without an observed micro-batch since the last step: call "
-                "tracker.observe(per_example_losses, groups) before every backward (or tracker.close() to stop tracking)"
-            )
         index = self.ledger.steps + 1
-        self._check_before()
+        # Under DDP the ranks meet before the combination, before the real step and before recording
+        # (the post-step hook): a step one rank refuses is refused on every rank.
+        self._together = together = StepAgreement(self.distributed, f"step {index} (observed)", points=3)
+        try:
+            if observed is None:
+                raise RuntimeError(
+                    "optimizer.step() was called without an observed micro-batch since the last step: call "
+                    "tracker.observe(per_example_losses, groups) before every backward (or tracker.close() to stop "
+                    "tracking)"
+                )
+            self._check_before()
+        except BaseException as error:
+            together.failed(error)
+            raise
+        together.passed()
         theta_before = {name: p.detach().clone() for name, p in self.params.items()}
         saved = self._save_state()
         losses = torch.cat(observed["losses"])
-        with torch.no_grad():
+        with torch.no_grad(), together.meeting():
             grads, scale = self._scaled_to_real(index, observed["grads"], observed["micro_batches"])
             gradients = self.route.from_graph(grads, losses, _Batch(losses.shape[0], 1.0))
             # Kept once the step is recorded (a refused step leaves no entry).
@@ -654,7 +685,9 @@ class PathKernelTracker:
             return
         try:
             result = self._finish(pending)
+            self._together.passed()
         except BaseException as error:
+            self._together.failed(error)
             self._roll_back(error, pending.index, pending.phase, pending.saved, pending.theta_before, applied=True)
             raise
         self.route.commit()
