@@ -298,7 +298,9 @@ class PathKernelTracker:
         self.ema: EMALedgers | None = None
         self.splitter = self.route.splitter
         self._f_prev = f_start.clone()
-        self._theta_after: dict[str, torch.Tensor] | None = None
+        # θ where the ledger starts (f_start's): a change before the first step is refused like one between
+        # steps, or it would land in the residual (or rest) unexplained.
+        self._theta_after: dict[str, torch.Tensor] | None = {n: p.detach().clone() for n, p in self.params.items()}
         self._grad_marks: dict[str, tuple[int, int]] | None = None
         self._observed: dict[str, Any] | None = None  # micro-batches observed since the last step
         self._pending_step: _StepInProgress | None = None  # an observed step between its hooks
@@ -967,6 +969,13 @@ class PathKernelTracker:
     def _check_untouched(self) -> None:
         if self._theta_after is not None:
             changed = [n for n, p in self.params.items() if not torch.equal(p.detach(), self._theta_after[n].to(p.device))]
+            if changed and not self.ledger.steps:
+                raise RuntimeError(
+                    f"parameters {changed[:5]} changed since the tracker was built, before its first step (untracked "
+                    "training, a warm-up, a checkpoint loaded into the model): its ledger starts at the outputs it saw "
+                    "when built, so that change would land in the residual. Build the tracker when tracking starts, "
+                    "after the warm-up or the load"
+                )
             if changed:
                 raise RuntimeError(
                     f"parameters {changed[:5]} changed outside the tracked optimizer step (an EMA written into "
