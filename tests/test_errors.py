@@ -150,6 +150,25 @@ def test_parameters_changed_outside_the_step():
         tracker.step(X, Y, G)
 
 
+def test_parameters_changed_between_building_the_tracker_and_its_first_step():
+    """The ledger starts at the outputs seen when the tracker was built: an untracked step in between
+    would land in the residual (0.44 of the change in the supervised review's warm-up), so it is refused
+    before anything moves; a tracker built after the change tracks it exactly."""
+    model = mlp()
+    tracker = tracker_for(model)
+    optimizer = tracker.optimizer
+    mse_loss(model(X), Y).mean().backward()
+    optimizer.step()  # a warm-up step the tracker does not see
+    optimizer.zero_grad()
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(RuntimeError, match="changed since the tracker was built, before its first step"):
+        tracker.step(X, Y, G)
+    assert all(torch.equal(a, p) for a, p in zip(before, model.parameters())) and tracker.ledger.steps == 0
+    tracker = tracker_for(model)
+    tracker.step(X, Y, G)
+    assert tracker.ledger.relative_residual() < 1e-3  # quadrature only (1.6e-5 here)
+
+
 def test_gradient_accumulation_is_refused():
     model = mlp()
     tracker = tracker_for(model)
@@ -180,3 +199,30 @@ def test_bad_tracker_options():
 def test_kernel_refuses_dropout():
     with pytest.raises(ValueError, match="dropout"):
         gradient_kernel(nn.Sequential(nn.Linear(2, 4), nn.Dropout(0.2)), X)
+
+
+def test_out_of_memory_and_collective_failures_in_a_forward_are_not_blamed_on_the_inputs():
+    """A forward that runs out of memory, or whose collective lost its peer, must reach the caller as
+    that error (a loop may catch torch.OutOfMemoryError and retry smaller); only errors that can mean
+    ill-fitting inputs become the "inputs ... do not fit" ValueError."""
+    from genkernel.core.adapter import checked_forward
+    from genkernel.core.tracking.step import OptimizerStep
+
+    class Failing(nn.Module):
+        def __init__(self, error):
+            super().__init__()
+            self.linear, self.error = nn.Linear(2, 1), error
+
+        def forward(self, x):
+            raise self.error
+
+    for error in (torch.OutOfMemoryError("CUDA out of memory"), torch.distributed.DistBackendError("peer closed")):
+        model = Failing(error)
+        with pytest.raises(type(error)):
+            checked_forward(model, (X,), name="probes")
+        step = OptimizerStep(model, torch.optim.SGD(model.parameters(), lr=0.1), mse_loss, X, Y)
+        with pytest.raises(type(error)):
+            step.compute_gradients()
+    model = Failing(RuntimeError("mat1 and mat2 shapes cannot be multiplied"))
+    with pytest.raises(ValueError, match=r"inputs of shapes \[\(4, 2\)\] do not fit Failing"):
+        OptimizerStep(model, torch.optim.SGD(model.parameters(), lr=0.1), mse_loss, X, Y).compute_gradients()

@@ -472,11 +472,22 @@ def functional_model(
     return forward
 
 
+def not_fitting_inputs(error: BaseException) -> bool:
+    """Whether a forward's ``error`` can mean that its inputs do not fit the model; not for an
+    out-of-memory error or a failed collective (a peer process gone), which must reach the caller
+    as they are (a loop may catch ``torch.OutOfMemoryError``; blaming the inputs would mislead)."""
+    distributed_error = getattr(torch.distributed, "DistError", ())
+    return isinstance(error, (RuntimeError, TypeError, ValueError, IndexError)) and not isinstance(
+        error, (torch.OutOfMemoryError, distributed_error))
+
+
 def checked_forward(model: nn.Module, inputs: tuple[torch.Tensor, ...], *, name: str) -> torch.Tensor:
     """Plain forward pass, ``Tensor[B, d]``, with a clear error when ``inputs`` do not fit."""
     try:
         out = model(*inputs)
-    except (RuntimeError, TypeError, ValueError, IndexError) as error:
+    except Exception as error:
+        if not not_fitting_inputs(error):
+            raise
         shapes = [tuple(t.shape) for t in inputs]
         raise ValueError(f"{name} of shapes {shapes} do not fit {type(model).__name__}: {error}") from error
     return flat_output(out, batch_size(inputs, name=name))

@@ -18,7 +18,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from ..adapter import Batch, as_tuple, batch_size, output_tensor
+from ..adapter import Batch, as_tuple, batch_size, not_fitting_inputs, output_tensor
 from ..errors import NonFiniteError
 
 LossFn = Callable[[torch.Tensor, Any], torch.Tensor]
@@ -76,7 +76,9 @@ class OptimizerStep:
         """
         try:
             outputs = output_tensor(self.model(*self.inputs))
-        except (RuntimeError, TypeError, ValueError, IndexError) as error:
+        except Exception as error:
+            if not not_fitting_inputs(error):
+                raise
             shapes = [tuple(t.shape) for t in self.inputs]
             raise ValueError(f"inputs of shapes {shapes} do not fit {type(self.model).__name__}: {error}") from error
         losses = self.loss_fn(outputs, self.targets)
