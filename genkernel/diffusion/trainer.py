@@ -24,10 +24,16 @@ many batches of the current epoch were trained on and, when the loader draws its
 that generator's state at the start of the epoch: resuming restores the state, restarts the epoch
 and skips (loads and discards) the batches already trained on, so the batches continue in the
 order an uninterrupted run sees, and so do random augmentations drawn in worker processes (they
-are seeded from the loader's generator). Not reproduced: an order drawn from the global RNG
-(``shuffle=True`` without ``generator=``), random augmentations drawn from the global RNG in the
-main process (``num_workers=0``), and any iterable whose batches differ from epoch to epoch for
-other reasons.
+are seeded from the loader's generator). It records the global RNG's state at the start of the
+epoch as well and replays the skipped batches from it, so an order drawn from the global RNG
+(``shuffle=True`` without ``generator=``) and the workers' seeds continue too; the global RNG's
+state at the checkpoint (dropout, random augmentations in the main process) is restored after the
+skip. Not reproduced: any iterable whose batches differ from epoch to epoch for other reasons.
+
+A checkpoint records the trainer's settings (data size, batch size, shuffling, dtype, optimizer
+class, clipping, noise schedule) and its model's entries: a trainer built otherwise refuses it
+with a ValueError naming the differences, before its model or optimizer is loaded. The device may
+differ (the tensors are moved), but a run resumed on another device is not bit-identical.
 """
 
 from __future__ import annotations
@@ -45,7 +51,9 @@ from tqdm.auto import tqdm
 
 from ..core.adapter import as_tuple, output_tensor, positive_int
 from ..core.tracking.callbacks import CallbackStates, TrainerCallback, fire, perform_step
-from ..core.tracking.io import atomic_save, load_state
+from ..core.tracking.io import (
+    atomic_save, check_module_state, check_resume_config, global_rng_state, load_state, set_global_rng_state,
+)
 from ..core.tracking.step import OptimizerStep
 from ..logging import LoggingCallback
 from .objectives import check_prediction_type, diffusion_loss, noisy_input, num_train_timesteps, training_target
@@ -222,6 +230,7 @@ class DDPMTrainer:
         self._epoch = 0
         self._batches_in_epoch = 0
         self._epoch_states: list[torch.Tensor] | None = None
+        self._epoch_global_state: torch.Tensor | None = None  # the global RNG's, at the epoch's start
         self._iterator: Iterator[Any] | None = None
         self._reopen = False
         self._callback_states = CallbackStates()
@@ -342,15 +351,25 @@ class DDPMTrainer:
             for generator, state in zip(generators, saved):
                 generator.set_state(state)
             skip = self._batches_in_epoch
+        # The global RNG as the checkpoint left it: restored once the skipped batches are replayed
+        # from the epoch's start (which draws a shuffle=True loader's order and its workers' seed).
+        resume_global = torch.get_rng_state() if self._reopen and self._epoch_global_state is not None else None
+        if resume_global is not None:
+            torch.set_rng_state(self._epoch_global_state)
         self._reopen = False
         self._epoch_states = [generator.get_state() for generator in generators]
+        self._epoch_global_state = torch.get_rng_state()
         self._iterator = iter(self.data)
-        for skipped in range(skip):
-            if next(self._iterator, _END) is _END:
-                raise ValueError(
-                    f"the checkpoint had trained on {skip} batches of this epoch, but the data yields only {skipped}: "
-                    "resume with the data the run was saved with"
-                )
+        try:
+            for skipped in range(skip):
+                if next(self._iterator, _END) is _END:
+                    raise ValueError(
+                        f"the checkpoint had trained on {skip} batches of this epoch, but the data yields only "
+                        f"{skipped}: resume with the data the run was saved with"
+                    )
+        finally:
+            if resume_global is not None:
+                torch.set_rng_state(resume_global)
         self._batches_in_epoch = skip
 
     def build_step(self, batch: dict[str, torch.Tensor]) -> OptimizerStep:
@@ -469,12 +488,31 @@ class DDPMTrainer:
         return samples
 
     # -- checkpoints ----------------------------------------------------------------------------
+    def _resume_config(self) -> dict[str, Any]:
+        """The settings a checkpoint must share with the trainer that resumes it (a resume with
+        another batch size, dtype, data set size, optimizer or objective would mix two runs)."""
+        tensor_data = isinstance(self.data, torch.Tensor)
+        return {
+            "data": "Tensor" if tensor_data else "iterable",
+            "data_shape": list(self.data.shape) if tensor_data else None,
+            "batch_size": self.batch_size,
+            "batches_per_epoch": None if tensor_data else (len(self.data) if hasattr(self.data, "__len__") else None),
+            "shuffle": self.shuffle,
+            "labels": self.labels is not None if tensor_data else None,
+            "conditional": self.conditional,
+            "dtype": str(self.dtype),
+            "optimizer": type(self.optimizer).__name__,
+            "max_grad_norm": float(self.max_grad_norm),
+            "num_train_timesteps": self.num_train_timesteps,
+            "prediction_type": self.scheduler.config.prediction_type,
+        }
+
     def state_dict(self) -> dict[str, Any]:
         """Everything :meth:`load_state_dict` needs to continue exactly (see the module docstring)."""
         iterable = None
         if not isinstance(self.data, torch.Tensor):
             iterable = {"epoch": self._epoch, "batches": self._batches_in_epoch, "generator_states": self._epoch_states,
-                        "sample_shape": self.sample_shape}
+                        "global_state": self._epoch_global_state, "sample_shape": self.sample_shape}
         return {
             "format": FORMAT,
             "model": self.model.state_dict(),
@@ -486,16 +524,35 @@ class DDPMTrainer:
             "cursor": self._cursor,
             "iterable": iterable,
             "callbacks": self._callback_states.save(self.callbacks),
+            # dropout and other stochastic layers draw from the global RNG, not the trainer's generator
+            "global_rng": global_rng_state(),
+            "config": self._resume_config(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from :meth:`state_dict`. Everything is checked before anything is loaded: a
+        checkpoint of another set-up (data, batch size, dtype, model, optimizer) is refused with a
+        ValueError naming the differences, and the trainer is left as it was."""
         tensor_data = isinstance(self.data, torch.Tensor)
-        if state.get("format") not in (FORMAT, TENSOR_FORMAT_2):
+        if not isinstance(state, dict) or state.get("format") not in (FORMAT, TENSOR_FORMAT_2):
             raise ValueError("not a DDPMTrainer checkpoint (written by DDPMTrainer.save_checkpoint)")
         iterable = state.get("iterable")
         if tensor_data != (iterable is None):
             saved, here = ("Tensor", "iterable") if iterable is None else ("iterable", "Tensor")
             raise ValueError(f"the checkpoint was written by a trainer on {saved} data, this one trains on {here} data")
+        check_resume_config(state.get("config"), self._resume_config(), "DDPMTrainer")
+        if tensor_data and int(state["order"].numel()) not in (0, self.data.shape[0]):
+            raise ValueError(
+                f"the checkpoint's epoch order covers {state['order'].numel()} examples, this data has "
+                f"{self.data.shape[0]}: resume with the data the run was saved with"
+            )
+        check_module_state(self.model, state["model"], "model")
+        saved_optimizer = state["optimizer"]["param_groups"]
+        if [len(g["params"]) for g in saved_optimizer] != [len(g["params"]) for g in self.optimizer.param_groups]:
+            raise ValueError(
+                "the checkpoint's optimizer has other parameter groups than this trainer's: build the optimizer "
+                "as the saved run did"
+            )
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.generator.set_state(state["generator"])
@@ -505,8 +562,11 @@ class DDPMTrainer:
         if iterable is not None:
             self._epoch, self._batches_in_epoch = iterable["epoch"], iterable["batches"]
             self._epoch_states = iterable["generator_states"]
+            self._epoch_global_state = iterable.get("global_state")  # (None in older checkpoints)
             self.sample_shape = None if iterable["sample_shape"] is None else tuple(iterable["sample_shape"])
             self._iterator, self._reopen = None, True
+        if "global_rng" in state:
+            set_global_rng_state(state["global_rng"])
         self._callback_states.load(self.callbacks, state["callbacks"])
 
     def discard_callback_states(self, keys: Sequence[str]) -> None:

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import numbers
 import os
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Sequence
@@ -38,7 +39,9 @@ from tqdm.auto import tqdm
 from ..core.adapter import analysis_mode, output_tensor, positive_int
 from ..core.tracking.callbacks import CallbackStates, TrainerCallback, fire, perform_step
 from ..core.errors import NonFiniteError
-from ..core.tracking.io import atomic_save, load_state
+from ..core.tracking.io import (
+    atomic_save, check_module_state, check_resume_config, global_rng_state, load_state, set_global_rng_state,
+)
 from ..core.tracking.step import OptimizerStep
 from ..logging import LoggingCallback
 from .losses import (
@@ -177,9 +180,13 @@ class GANTrainer:
             raise ValueError(f"data must be a Tensor [N, ...] of real samples, got {getattr(data, 'shape', type(data).__name__)}")
         if labels is not None and (not isinstance(labels, torch.Tensor) or labels.shape != (data.shape[0],)):
             raise ValueError(f"labels must be a LongTensor[{data.shape[0]}] (one per real sample)")
-        if batch_size < 1 or batch_size > data.shape[0]:
+        batch_size = positive_int(batch_size, "batch_size")
+        if batch_size > data.shape[0]:
             raise ValueError(f"batch_size must be in [1, {data.shape[0]}] (the data set size), got {batch_size}")
         d_steps = positive_int(d_steps, "d_steps")
+        if (isinstance(checkpoint_every, bool) or not isinstance(checkpoint_every, numbers.Integral)
+                or checkpoint_every < 0):
+            raise ValueError(f"checkpoint_every must be an int >= 0 (0: never), got {checkpoint_every!r}")
         if checkpoint_every and checkpoint_dir is None:
             raise ValueError("checkpoint_every needs a checkpoint_dir")
         self.generator = generator
@@ -190,6 +197,8 @@ class GANTrainer:
         if self.latent_dim < 1:
             raise ValueError("pass latent_dim= (the generator has no .latent_dim attribute)")
         self.loss = check_loss(loss)
+        self.output = output
+        self.gp_weight = gp_weight
         self.critic = DiscriminatorObjective(discriminator, penalty=(loss == "wgan-gp"))
         self.g_loss = GeneratorLoss(discriminator, loss, output)
         self.d_loss = DiscriminatorLoss(loss, gp_weight, output, discriminator=discriminator)
@@ -294,8 +303,13 @@ class GANTrainer:
 
     # -- loop ----------------------------------------------------------------------------------
     def train(self, iterations: int, *, resume: bool = False) -> dict[str, list[float]]:
-        """Run until ``self.iteration == iterations`` (resuming from the checkpoint when asked)."""
-        if resume and self.checkpoint_dir is not None and (self.checkpoint_dir / "checkpoint.pt").exists():
+        """Run until ``self.iteration == iterations`` (resuming from ``checkpoint_dir/checkpoint.pt``
+        when asked and it exists)."""
+        if isinstance(iterations, bool) or not isinstance(iterations, numbers.Integral) or iterations < 0:
+            raise ValueError(f"iterations must be an int >= 0 (the iteration to train up to), got {iterations!r}")
+        if resume and self.checkpoint_dir is None:
+            raise ValueError("resume=True reads checkpoint_dir/checkpoint.pt: build the trainer with checkpoint_dir=")
+        if resume and (self.checkpoint_dir / "checkpoint.pt").exists():
             self.load_checkpoint(self.checkpoint_dir / "checkpoint.pt")
         self._callback_states.claim(self.callbacks)
         fire(self.callbacks, "on_train_start", self)
@@ -317,7 +331,20 @@ class GANTrainer:
         return self.history
 
     # -- persistence ---------------------------------------------------------------------------
+    def _resume_config(self) -> dict[str, Any]:
+        """The settings a checkpoint must share with the trainer that resumes it (another batch
+        size, dtype, loss, data set or optimizer would mix two runs)."""
+        return {
+            "data_shape": list(self.data.shape), "labels": self.labels is not None, "latent_dim": self.latent_dim,
+            "loss": self.loss, "output": self.output, "gp_weight": float(self.gp_weight),
+            "batch_size": self.batch_size, "d_steps": self.d_steps, "max_grad_norm": float(self.max_grad_norm),
+            "dtype": str(self.dtype), "g_optimizer": type(self.g_optimizer).__name__,
+            "d_optimizer": type(self.d_optimizer).__name__,
+        }
+
     def state_dict(self) -> dict[str, Any]:
+        """Everything :meth:`load_state_dict` needs to continue exactly, including the global RNG
+        (dropout in G or D draws from it) and the settings a resume must share."""
         return {
             "format": "genkernel.GANTrainer/2",
             "generator": self.generator.state_dict(),
@@ -330,11 +357,24 @@ class GANTrainer:
             "d_steps_done": self.d_steps_done,
             "history": {k: list(v) for k, v in self.history.items()},
             "callbacks": self._callback_states.save(self.callbacks),
+            "global_rng": global_rng_state(),
+            "config": self._resume_config(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if state.get("format") != "genkernel.GANTrainer/2":
+        """Continue from :meth:`state_dict`. A checkpoint of another set-up (data, batch size,
+        d_steps, loss, dtype, networks, optimizers) is refused with a ValueError naming the
+        differences, before the networks or optimizers are loaded."""
+        if not isinstance(state, dict) or state.get("format") != "genkernel.GANTrainer/2":
             raise ValueError("not a GANTrainer checkpoint (written by GANTrainer.save_checkpoint)")
+        check_resume_config(state.get("config"), self._resume_config(), "GANTrainer")
+        check_module_state(self.generator, state["generator"], "generator")
+        check_module_state(self.discriminator, state["discriminator"], "discriminator")
+        for name in ("g_optimizer", "d_optimizer"):
+            saved, mine = state[name]["param_groups"], getattr(self, name).param_groups
+            if [len(g["params"]) for g in saved] != [len(g["params"]) for g in mine]:
+                raise ValueError(f"the checkpoint's {name} has other parameter groups than this trainer's: build it as "
+                                 "the saved run did")
         self.generator.load_state_dict(state["generator"])
         self.discriminator.load_state_dict(state["discriminator"])
         self.g_optimizer.load_state_dict(state["g_optimizer"])
@@ -342,6 +382,8 @@ class GANTrainer:
         self.rng.set_state(state["rng"])
         self.iteration, self.g_steps, self.d_steps_done = state["iteration"], state["g_steps"], state["d_steps_done"]
         self.history = {k: list(v) for k, v in state["history"].items()}
+        if "global_rng" in state:
+            set_global_rng_state(state["global_rng"])
         self._callback_states.load(self.callbacks, state["callbacks"])
 
     def discard_callback_states(self, keys: Sequence[str]) -> None:

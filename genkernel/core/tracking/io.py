@@ -14,6 +14,7 @@ from __future__ import annotations
 import glob
 import math
 import os
+import pickle
 import tempfile
 from pathlib import Path
 from typing import Any, Mapping
@@ -62,12 +63,77 @@ def load_state(path: str | os.PathLike, expected_format: str | None = None) -> d
         raise FileNotFoundError(f"no genkernel state at {path}")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except RuntimeError as error:
-        raise ValueError(f"{path} is not a readable genkernel state file ({error})") from error
+    except pickle.UnpicklingError as error:
+        # torch's own message advises weights_only=False, which would run whatever the file holds.
+        raise ValueError(
+            f"{path} is not a genkernel state file: the safe (weights_only) loader refused it, so it holds objects "
+            "other than tensors, numbers, strings and containers (or is not a torch.save file at all); genkernel "
+            "never writes such objects and never unpickles them (that could run arbitrary code): pass a file "
+            f"written by save_checkpoint / save ({str(error).splitlines()[0][:120]})"
+        ) from error
+    except OSError:
+        raise
+    except Exception as error:  # a truncated, empty or foreign file: RuntimeError, EOFError, KeyError, ...
+        raise ValueError(
+            f"{path} is not a readable genkernel state file (truncated, empty, or another format: "
+            f"{type(error).__name__}: {error}); pass a file written by save_checkpoint / save"
+        ) from error
     if expected_format is not None and (not isinstance(state, dict) or state.get("format") != expected_format):
         found = state.get("format") if isinstance(state, dict) else type(state).__name__
         raise ValueError(f"{path} holds {found!r}, not a {expected_format!r} state")
     return state
+
+
+def global_rng_state() -> dict[str, Any]:
+    """The global RNG states a training step may draw from (dropout, stochastic layers, a
+    DataLoader without a ``generator``): ``{"cpu": ByteTensor, "cuda": [ByteTensor per device]}``
+    (``cuda`` empty when CUDA was never initialized). A checkpoint stores them so that a resumed
+    run draws what the uninterrupted run draws."""
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else []
+    return {"cpu": torch.get_rng_state(), "cuda": list(cuda)}
+
+
+def set_global_rng_state(state: Mapping[str, Any]) -> None:
+    """Restore what :func:`global_rng_state` returned (CUDA states only where this process has the
+    same number of CUDA devices: a run resumed on another machine cannot repeat its draws anyway)."""
+    torch.set_rng_state(state["cpu"])
+    cuda = list(state.get("cuda", []))
+    if cuda and torch.cuda.is_available() and torch.cuda.device_count() == len(cuda):
+        torch.cuda.set_rng_state_all(cuda)
+
+
+def check_resume_config(saved: Mapping[str, Any] | None, here: Mapping[str, Any], what: str) -> None:
+    """Raise a ValueError naming every setting in which a checkpoint's run (``saved``) and this
+    trainer (``here``) differ: resuming would mix two runs into one that is neither. Settings one
+    side does not record (an older checkpoint) are not compared."""
+    if saved is None:
+        return
+    differ = [key for key in here if key in saved and saved[key] != here[key]]
+    if differ:
+        pairs = ", ".join(f"{key}: saved {saved[key]!r}, here {here[key]!r}" for key in differ)
+        raise ValueError(
+            f"the checkpoint was written by a {what} with other settings ({pairs}); resuming would mix two runs: "
+            f"build the {what} as the saved run was (model, dtype, data, batch size, optimizer), or start a new run"
+        )
+
+
+def check_module_state(module: torch.nn.Module, saved: Mapping[str, torch.Tensor], what: str) -> None:
+    """Raise a ValueError unless ``saved`` (a ``state_dict``) has exactly ``module``'s entries with
+    their shapes and dtypes, before anything is loaded (``load_state_dict`` would cast another
+    dtype silently and fail half-way on another shape)."""
+    mine = module.state_dict()
+    problems = [f"{key} missing" for key in mine if key not in saved]
+    problems += [f"{key} unexpected" for key in saved if key not in mine]
+    for key in mine:
+        a, b = mine[key], saved.get(key)
+        if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and (a.shape != b.shape or a.dtype != b.dtype):
+            problems.append(f"{key}: saved {b.dtype} {tuple(b.shape)}, here {a.dtype} {tuple(a.shape)}")
+    if problems:
+        shown = "; ".join(problems[:4]) + (f"; ... ({len(problems)} in all)" if len(problems) > 4 else "")
+        raise ValueError(
+            f"the checkpoint's {what} does not fit this {what} ({shown}): build it with the saved run's "
+            "architecture and dtype"
+        )
 
 
 def to_device(value: Any, device: torch.device | str) -> Any:
@@ -100,4 +166,7 @@ def jsonable(value: Any) -> Any:
     return str(value)
 
 
-__all__ = ["atomic_save", "jsonable", "load_state", "to_device"]
+__all__ = [
+    "atomic_save", "check_module_state", "check_resume_config", "global_rng_state", "jsonable", "load_state",
+    "set_global_rng_state", "to_device",
+]
