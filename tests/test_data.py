@@ -144,6 +144,11 @@ def test_toy_bad_inputs():
         gaussian_grid(10, seed="x")
     with pytest.raises(ValueError, match="std"):
         gaussian_ring(10, std=-1.0)
+    for seed in (-1, 2**64):  # 2**64 overflowed manual_seed ("Overflow when unpacking long long")
+        with pytest.raises(ValueError, match=r"seed must be in \[0, 2\*\*64\)"):
+            gaussian_ring(10, seed=seed)
+    with pytest.raises(TypeError, match="classes must be a sequence"):
+        load_digits_images(classes=torch.tensor(3))  # 0-d: was "'int' object is not iterable"
 
 
 # ------------------------------------------------------------------------------------------
@@ -393,3 +398,15 @@ def test_printed_digits_fonts_differ_and_shifts_move():
         render_printed_digits(fonts=["Comic Sans"])
     with pytest.raises(ValueError, match="per_digit"):
         render_printed_digits(fonts=["DejaVu Sans"], sizes=(0.8,), shifts=(0,), per_digit=2)
+
+
+def test_printed_digits_small_heights_are_rendered_at_that_height_or_refused():
+    """The ink's height is ``sizes`` × size: heights below 0.33 (0.25 + the stroke) all came out
+    0.33, so distinct ``sizes`` gave identical images."""
+    size = 32
+    for height in (0.2, 0.3, 0.5):
+        images, _ = render_printed_digits(size=size, fonts=["DejaVu Sans"], sizes=(height,), shifts=(0,), per_digit=1)
+        ink_rows = (images[:, 0].amax(dim=2) > 0.02).sum(dim=1).double() / size  # [10] per digit
+        assert float((ink_rows - height).abs().max()) <= 2 / size, (height, ink_rows)
+    with pytest.raises(ValueError, match="sizes must exceed stroke"):
+        render_printed_digits(size=size, fonts=["DejaVu Sans"], sizes=(0.05,), stroke=0.08, per_digit=1)

@@ -1,10 +1,12 @@
 """gradient_kernel and tangent_features against a brute-force autograd loop."""
 
+import copy
+
 import pytest
 import torch
 from torch import nn
 
-from genkernel import gradient_kernel, tangent_features
+from genkernel import gradient_kernel, normalize_kernel, tangent_features
 
 
 @pytest.fixture(autouse=True)
@@ -119,6 +121,10 @@ def test_bad_input_is_refused():
         gradient_kernel(model, torch.randn(2, 5))
     with pytest.raises(ValueError, match="output_index"):
         tangent_features(model, torch.randn(2, 3), output_index=4)
+    with pytest.raises(TypeError, match="output_index must be None or an int"):
+        tangent_features(model, torch.randn(2, 3), output_index=1.0)  # was an IndexError from slicing
+    with pytest.raises(TypeError, match="output_index must be None or an int"):
+        tangent_features(model, torch.randn(2, 3), output_index=True)  # was output 1
     with pytest.raises(ValueError, match="BatchNorm"):
         gradient_kernel(nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4)), torch.randn(2, 3))
     with pytest.raises(TypeError, match="Tensor"):
@@ -145,3 +151,94 @@ def test_auto_engine_uses_factored_only_where_it_was_measured_faster():
             return (x * self.scale).sum(1, keepdim=True)
 
     assert not _auto_picks_factored(make_plan(OwnParameter()), 1)
+
+
+class Scaled(nn.Module):
+    """The output times a constant (a buffer): every gradient scales with it."""
+
+    def __init__(self, scale: float):
+        super().__init__()
+        self.register_buffer("scale", torch.tensor(scale))
+
+    def forward(self, x):
+        return x * self.scale
+
+
+@pytest.mark.parametrize("scale", [1e-14, 1e12])
+@pytest.mark.parametrize("engine", ["functional", "factored"])
+def test_normalized_float32_kernel_survives_gradients_whose_product_leaves_the_range(scale, engine):
+    """k(x, x) k(x', x') leaves float32's range (k ≈ 1e-28 or 1e24) while k̂ is about 1: the
+    float32 normalized kernel must equal the float64 one (it came out 0 or far below 1)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 6), nn.Tanh(), nn.Linear(6, 2), Scaled(scale))
+    x = torch.randn(4, 3)
+    model32 = copy.deepcopy(model).float()
+    for reduce in ("trace", "none"):
+        exact = gradient_kernel(model, x, normalize=True, reduce=reduce, engine=engine)  # float64 (the fixture)
+        k32 = gradient_kernel(model32, x.float(), normalize=True, reduce=reduce, engine=engine)
+        torch.testing.assert_close(k32.double(), exact, rtol=0, atol=1e-5)
+    k = gradient_kernel(model32, x.float(), engine=engine)
+    torch.testing.assert_close(normalize_kernel(k, k.diagonal()).double(), gradient_kernel(model, x, normalize=True),
+                               rtol=0, atol=1e-5)
+
+
+def test_normalized_kernel_of_a_zero_gradient_example_is_zero_not_nan():
+    class Weighted(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.ones(3))
+
+        def forward(self, x):
+            return (x * self.w).sum(1, keepdim=True)
+
+    x = torch.tensor([[1.0, 2.0, 3.0], [0.0, 0.0, 0.0], [1.0, 0.0, 0.0]])  # the middle one: J = x = 0
+    kn = gradient_kernel(Weighted(), x, normalize=True)
+    expected = torch.zeros(3, 3)
+    expected[0, 0] = expected[2, 2] = 1.0
+    expected[0, 2] = expected[2, 0] = 1.0 / 14**0.5  # <(1,2,3), (1,0,0)> / (|.| |.|)
+    torch.testing.assert_close(kn, expected, rtol=1e-12, atol=1e-15)
+
+
+def test_make_states_is_point_major_and_refuses_levels_and_noise_that_add_noise_would_misread():
+    from genkernel.diffusion import make_scheduler, make_states
+
+    scheduler = make_scheduler(100)
+    clean, noise, levels = torch.randn(3, 2), torch.randn(3, 2), torch.tensor([5, 50, 5, 99])
+    z, t = make_states(scheduler, clean, noise, levels)
+    abar = scheduler.alphas_cumprod.to(torch.float64)
+    expected = torch.stack([abar[a].sqrt() * clean[i] + (1 - abar[a]).sqrt() * noise[i]
+                            for i in range(3) for a in levels])
+    torch.testing.assert_close(z, expected, rtol=1e-6, atol=1e-7)  # row i·L + a: input i at level a
+    assert t.tolist() == levels.tolist() * 3
+    # add_noise reads ᾱ[-1] (the last level) for t = -1, while the state says t = -1.
+    with pytest.raises(ValueError, match=r"must lie in \[0, 100\)"):
+        make_states(scheduler, clean, noise, torch.tensor([-1, 5]))
+    with pytest.raises(ValueError, match=r"must lie in \[0, 100\)"):
+        make_states(scheduler, clean, noise, torch.tensor([100]))
+    with pytest.raises(TypeError, match="integer timesteps"):
+        make_states(scheduler, clean, noise, torch.tensor([5.0]))
+    with pytest.raises(ValueError, match="empty"):
+        make_states(scheduler, clean, noise, torch.tensor([], dtype=torch.long))
+    # One noise row (or one noise value per input) would broadcast to every input.
+    for bad in (noise[:1], noise[:, :1]):
+        with pytest.raises(ValueError, match="same shape"):
+            make_states(scheduler, clean, bad, levels)
+
+
+def test_sketched_state_kernel_refuses_others_with_another_output_size():
+    from genkernel.diffusion import state_kernel
+
+    class PerPixel(nn.Module):  # fully convolutional: d follows the input's size
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv1d(1, 1, 1)
+
+        def forward(self, z, t):
+            return self.conv(z[:, None, :] * t[:, None, None]).flatten(1)
+
+    torch.manual_seed(0)
+    states, others = (torch.randn(3, 4), torch.ones(3)), (torch.randn(2, 1), torch.ones(2))
+    with pytest.raises(ValueError, match="outputs per example"):
+        state_kernel(PerPixel(), states, others)
+    with pytest.raises(ValueError, match="states give 4 outputs per example but others give 1"):
+        state_kernel(PerPixel(), states, others, output_sketch=3)  # d = 1 broadcast against the 4 directions

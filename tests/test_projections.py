@@ -135,3 +135,51 @@ def test_kronecker_rows_sketch_outer_products_from_factors_and_are_unbiased():
     from genkernel.core.engine.projections import project_parameter
     bias = torch.randn(3, 6, generator=g, dtype=torch.float64)
     torch.testing.assert_close(projection.project("b", bias), project_parameter(bias, 1, 64, seed=1), rtol=1e-12, atol=1e-12)
+
+
+def test_any_int_seed_draws_r_and_seeds_that_worked_keep_their_r():
+    """Seeds above about 1.8e7 (a date such as 20240101) overflowed manual_seed's 64 bits."""
+    from genkernel.core.engine.projections import ParameterProjection, projection_block
+
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(3, 40, generator=g, dtype=torch.float64)
+    for seed in (20240101, 2**70, -(2**40)):
+        r = project_parameter(x, 2, 8, seed=seed)
+        torch.testing.assert_close(project_parameter(x, 2, 8, seed=seed), r, rtol=0, atol=0)
+        assert not torch.allclose(r, project_parameter(x, 2, 8, seed=seed + 1))
+        signs = projection_block(seed, 2, 0, 8, 40, "rademacher", torch.float64) * 8**0.5
+        assert set(signs.unique().tolist()) == {-1.0, 1.0}
+        ParameterProjection({"w": (4, 10)}, 8, seed=seed).project("w", x.reshape(3, 4, 10))
+    # In range, the generator's seed is still (seed·1000003 + i)·1000033 + j: R is unchanged.
+    generator = torch.Generator().manual_seed((17 * 1_000_003 + 2) * 1_000_033 + 1)
+    s = torch.randint(0, 2, (5, 8), generator=generator).to(torch.float64) * 2 - 1
+    block = projection_block(17, 2, 1, 8, 5, "rademacher", torch.float64)
+    torch.testing.assert_close(block, s / 8**0.5, rtol=0, atol=0)
+
+
+def test_expected_relative_error_refuses_kernels_it_has_no_formula_for():
+    torch.manual_seed(0)
+    j = torch.randn(5, 7, dtype=torch.float64)
+    kernel = j @ j.T
+    fro2 = float((kernel * kernel).sum())
+    expected = ((float(kernel.trace())) ** 2 / fro2 + 1) ** 0.5 / 4  # sqrt(((tr K)² / |K|²_F + 1) / k), k = 16
+    assert expected_relative_error(kernel, 16) == pytest.approx(expected, rel=1e-12)
+    with pytest.raises(ValueError, match=r"square \[M, M\]"):
+        expected_relative_error(kernel[:, :3], 16)  # a cross kernel: its diagonal is not K_ii
+    with pytest.raises(ValueError, match=r"square \[M, M\]"):
+        expected_relative_error(kernel[:, :, None, None], 16)
+    with pytest.raises(ValueError, match="not all zero"):
+        expected_relative_error(torch.zeros(3, 3), 16)
+    with pytest.raises(ValueError, match="k must be"):
+        expected_relative_error(kernel, 0)
+
+
+def test_sketches_refuse_unclear_inputs_clearly():
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+    x = torch.randn(3, 3)
+    with pytest.raises(ValueError, match="do not fit"):
+        sketched_gradient_kernel(model, x, torch.randn(2, 5), k=4)
+    with pytest.raises(TypeError, match="seed must be an int"):
+        sketched_gradient_kernel(model, x, k=4, seed=1.5)
+    with pytest.raises(TypeError, match="floating point"):
+        project_parameter(torch.ones(2, 5, dtype=torch.long), 0, 4)  # R cast to int64 was all zeros

@@ -56,7 +56,9 @@ def _as_label_tensor(labels) -> torch.Tensor:
 def _check_classes(classes, name: str = "classes") -> Optional[list[int]]:
     if classes is None:
         return None
-    if isinstance(classes, (str, bytes)) or not isinstance(classes, (Sequence, np.ndarray, torch.Tensor, range)):
+    if isinstance(classes, (str, bytes)) or not isinstance(classes, (Sequence, np.ndarray, torch.Tensor, range)) or (
+        isinstance(classes, (np.ndarray, torch.Tensor)) and classes.ndim != 1
+    ):
         raise TypeError(f"{name} must be a sequence of ints such as [0, 1, 2], got {classes!r}")
     out = []
     for c in list(classes.tolist() if hasattr(classes, "tolist") else classes):

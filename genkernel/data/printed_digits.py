@@ -166,7 +166,7 @@ def _centred_glyph(font_path: str, char: str, size: int, height: float, stroke: 
     win = size * ss  # the output window, in hi-res pixels
     canvas = 2 * win
     stroke_px = stroke * size * ss
-    target = max(height * win - stroke_px, 0.25 * win)
+    target = height * win - stroke_px  # the outline's height: the stroke adds half its width above and below
     scale = target / ext.height
     if scale * ext.width + stroke_px > 0.98 * win:
         scale = max(0.98 * win - stroke_px, 0.25 * win) / ext.width
@@ -233,7 +233,7 @@ def render_printed_digits(
     fonts : sequence of names or .ttf/.otf paths, optional
         Names from :func:`available_printed_fonts` (DejaVu Sans / Serif / Sans Mono and
         variants, STIXGeneral, Computer Modern). Default: all of them.
-    sizes : sequence of floats in (0, 1]
+    sizes : sequence of floats in (stroke, 1]
         Glyph heights (ink including the stroke) as a fraction of ``size``. A glyph is made
         smaller when needed so that, centred by mass, it stays inside the image.
     shifts : sequence of ints
@@ -270,6 +270,10 @@ def render_printed_digits(
     stroke = _check_float(stroke, "stroke", nonnegative=True)
     if stroke > 0.3:
         raise ValueError(f"stroke is a fraction of the image side and must be <= 0.3, got {stroke}")
+    # The ink's height is the outline's plus the stroke: a height at most the stroke leaves no outline.
+    if any(h <= stroke for h in heights):
+        raise ValueError(f"sizes must exceed stroke={stroke} (the ink's height includes the stroke's width), "
+                         f"got {heights}; pass larger sizes or a thinner stroke")
     if not isinstance(return_variants, bool):
         raise TypeError(f"return_variants must be a bool, got {return_variants!r}")
     gen = _generator(seed)

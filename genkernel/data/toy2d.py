@@ -89,8 +89,8 @@ def _generator(seed: Optional[SeedLike], name: str = "seed") -> torch.Generator:
         raise TypeError(f"{name} must be an int or a torch.Generator, got {type(seed).__name__} ({seed!r}); "
                         f"pass e.g. {name}=0")
     seed = int(seed)
-    if seed < 0:
-        raise ValueError(f"{name} must be >= 0, got {seed}")
+    if seed < 0 or seed >= 2**64:  # manual_seed takes 64 bits ("Overflow when unpacking long long")
+        raise ValueError(f"{name} must be in [0, 2**64), got {seed}")
     return torch.Generator().manual_seed(seed)
 
 

@@ -20,13 +20,28 @@ from tqdm.auto import tqdm
 
 from ..core.adapter import analysis_mode, as_tuple, checked_forward, output_tensor, trainable_parameters
 from ..core.engine.kernels import gradient_kernel, normalize_kernel
+from .objectives import check_timesteps
 
 __all__ = ["state_kernel", "make_states"]
 
 
 def make_states(scheduler, clean: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """States ``(z, t)`` for every (clean input, level) pair: ``clean, noise [n, *shape]``,
-    ``timesteps [L]`` -> ``z [n·L, *shape]``, ``t [n·L]`` ordered point-major (row i·L + a)."""
+    ``timesteps [L]`` (integers in [0, T), T the scheduler's num_train_timesteps) -> ``z [n·L, *shape]``,
+    ``t [n·L]`` ordered point-major (row i·L + a); input i keeps its noise at every level."""
+    if not isinstance(clean, torch.Tensor) or not isinstance(noise, torch.Tensor):
+        raise TypeError(f"clean and noise must be Tensors [n, *shape], got {type(clean).__name__} and "
+                        f"{type(noise).__name__}")
+    # add_noise broadcasts: noise [1, *shape] (or [n, 1]) would give every input the same noise.
+    if clean.dim() == 0 or clean.shape != noise.shape:
+        raise ValueError(f"clean inputs {tuple(clean.shape)} and noise {tuple(noise.shape)} must have the same shape "
+                         "[n, *shape]: one noise draw per clean input")
+    if isinstance(timesteps, torch.Tensor) and timesteps.dim() == 0:
+        timesteps = timesteps.reshape(1)
+    # add_noise reads ᾱ[t]: a negative t would take ᾱ from the end of the schedule while t stays negative.
+    timesteps = check_timesteps(timesteps, scheduler)
+    if timesteps.numel() == 0:
+        raise ValueError("timesteps is empty: pass at least one noise level")
     n, levels = clean.shape[0], timesteps.numel()
     x = clean.repeat_interleave(levels, dim=0)
     e = noise.repeat_interleave(levels, dim=0)
@@ -77,6 +92,9 @@ def state_kernel(
     others_t = None if others is None else as_tuple(others, name="others")
     with torch.no_grad(), analysis_mode(model):
         d = checked_forward(model, tuple(t[:1] for t in states), name="states").shape[1]
+        d2 = d if others_t is None else checked_forward(model, tuple(t[:1] for t in others_t), name="others").shape[1]
+    if d2 != d:  # the directions [V, d] would broadcast against (or fail on) the others' outputs
+        raise ValueError(f"states give {d} outputs per example but others give {d2}")
     first = next(iter(trainable_parameters(model).values()))
     generator = torch.Generator().manual_seed(seed)
     directions = (torch.randint(0, 2, (output_sketch, d), generator=generator) * 2 - 1).to(first)

@@ -14,6 +14,7 @@ computing a kernel never disturbs training.
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
 
 import torch
@@ -181,7 +182,8 @@ def gradient_kernel(
         x1: M inputs (Tensor or tuple of Tensors, batch on dim 0).
         x2: N inputs, or ``None`` for ``x1`` against itself.
         normalize: divide by sqrt(k(x, x) k(x', x')) so that values lie in [-1, 1]; with
-            ``reduce="none"`` each output pair (i, j) is normalized by its own diagonals.
+            ``reduce="none"`` each output pair (i, j) is normalized by its own diagonals. An
+            example (or output) with a zero gradient gets 0, not 0/0.
         reduce: ``"trace"`` sums J(x)_i · J(x')_i over outputs i; ``"none"`` keeps the blocks.
         memory_budget: bytes of per-example Jacobians (or captured factors) held at once.
         engine: ``"factored"`` computes per-layer kernels from activations and output gradients
@@ -252,8 +254,16 @@ def _normalized(kernel: torch.Tensor, diag1: torch.Tensor, diag2: torch.Tensor) 
     (diagonals ``[M, d]``, ``[N, d]``: each output pair normalized by its own diagonals)."""
     if kernel.dim() == 2:
         return normalize_kernel(kernel, diag1, diag2)
-    scale = torch.sqrt(diag1[:, None, :, None] * diag2[None, :, None, :])
+    root1, root2 = _roots(diag1), _roots(diag2)
+    scale = root1[:, None, :, None] * root2[None, :, None, :]
     return kernel / scale.clamp_min(torch.finfo(kernel.dtype).tiny)
+
+
+def _roots(diag: torch.Tensor) -> torch.Tensor:
+    """sqrt k(x, x), rounding's negative diagonals taken as 0. The product of two diagonals is
+    never formed: in float32 it overflows past 1.8e38 (k(x, x) > 1.3e19, k̂ came out 0) and
+    underflows below 1.2e-38 (k̂ came out far below 1), while the product of roots stays in range."""
+    return diag.clamp_min(0).sqrt()
 
 
 def tangent_features(
@@ -279,6 +289,8 @@ def tangent_features(
     memory_budget = check_memory_budget(memory_budget)
     model = unwrap(model)
     params, xs, m_total, d = _prepare(model, x, "x")
+    if output_index is not None and (isinstance(output_index, bool) or not isinstance(output_index, numbers.Integral)):
+        raise TypeError(f"output_index must be None or an int, got {type(output_index).__name__} ({output_index!r})")
     if output_index is not None and not (-d <= output_index < d):
         raise ValueError(f"output_index {output_index} is out of range for a model with {d} outputs")
     first = next(iter(params.values()))
@@ -308,9 +320,11 @@ def tangent_features(
 
 
 def normalize_kernel(kernel: torch.Tensor, diag1: torch.Tensor, diag2: torch.Tensor | None = None) -> torch.Tensor:
-    """k / sqrt(k(x, x) k(x', x')) for a ``[M, N]`` kernel and its diagonals ``[M]``, ``[N]``."""
+    """k / sqrt(k(x, x) k(x', x')) for a ``[M, N]`` kernel and its diagonals ``[M]``, ``[N]``:
+    ``[M, N]``. An example with k(x, x) = 0 (a zero gradient) gets 0 against every example,
+    itself included, rather than 0/0."""
     diag2 = diag1 if diag2 is None else diag2
-    scale = torch.sqrt(diag1[:, None] * diag2[None, :])
+    scale = _roots(diag1)[:, None] * _roots(diag2)[None, :]
     return kernel / scale.clamp_min(torch.finfo(kernel.dtype).tiny)
 
 

@@ -18,6 +18,7 @@ same seed gives the same R whatever the chunking of examples or the engine.
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Any
 
 import torch
@@ -31,7 +32,7 @@ from ..adapter import (
     check_finite,
     check_memory_budget,
     check_per_example_safe,
-    flat_output,
+    checked_forward,
     positive_int,
     trainable_parameters,
     unwrap,
@@ -45,17 +46,27 @@ KINDS = ("rademacher", "gaussian")
 DEFAULT_MEMORY_BUDGET = 256 * 2**20
 
 
-def _check(k: int, kind: str) -> None:
+def _check(k: int, kind: str, seed: Any = 0) -> None:
     positive_int(k, "the projection dimension k")
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+        raise TypeError(f"seed must be an int, got {type(seed).__name__} ({seed!r})")
+
+
+def _generator_seed(seed: int, param_index: int, block: int) -> int:
+    """The seed of the generator of (seed, parameter, block): (seed·1000003 + i)·1000033 + j, taken
+    modulo 2**64 where it leaves the range ``torch.Generator.manual_seed`` accepts (seeds above
+    about 1.8e7, such as a date 20240101, overflowed it); values inside the range are unchanged."""
+    value = (int(seed) * 1_000_003 + param_index) * 1_000_033 + block
+    return value if -(2**63) <= value < 2**64 else value % 2**64
 
 
 def projection_block(
     seed: int, param_index: int, block: int, k: int, columns: int, kind: str, dtype: torch.dtype, device=None
 ) -> torch.Tensor:
     """Block j of parameter i's columns of R: ``Tensor[columns, k]`` (already divided by sqrt(k))."""
-    generator = torch.Generator().manual_seed((seed * 1_000_003 + param_index) * 1_000_033 + block)
+    generator = torch.Generator().manual_seed(_generator_seed(seed, param_index, block))
     if kind == "gaussian":
         s = torch.randn((columns, k), generator=generator, dtype=torch.float64)
     else:
@@ -67,7 +78,9 @@ def project_parameter(
     values: torch.Tensor, param_index: int, k: int, *, seed: int = 0, kind: str = "rademacher"
 ) -> torch.Tensor:
     """R_i v for per-row flattened values of parameter i: ``[..., numel] -> [..., k]``."""
-    _check(k, kind)
+    _check(k, kind, seed)
+    if not values.is_floating_point():
+        raise TypeError(f"values must be floating point (R's entries are ±1/sqrt(k)), got dtype {values.dtype}")
     lead, numel = values.shape[:-1], values.shape[-1]
     flat = values.reshape(-1, numel)
     out = flat.new_zeros((flat.shape[0], k))
@@ -88,7 +101,7 @@ class Projector:
     """
 
     def __init__(self, k: int, *, seed: int = 0, kind: str = "rademacher", cache_bytes: int = DEFAULT_MEMORY_BUDGET):
-        _check(k, kind)
+        _check(k, kind, seed)
         self.k, self.seed, self.kind, self.cache_bytes = k, seed, kind, cache_bytes
         self._columns: dict[tuple[int, torch.dtype, Any], torch.Tensor] = {}
         self._cached_bytes = 0
@@ -140,7 +153,7 @@ class ParameterProjection:
 
     def __init__(self, shapes: dict[str, tuple[int, ...]], k: int, *, seed: int = 0, kind: str = "rademacher",
                  cache_bytes: int = DEFAULT_MEMORY_BUDGET):
-        _check(k, kind)
+        _check(k, kind, seed)
         self.k, self.seed, self.kind = k, seed, kind
         self.shapes = {name: tuple(shape) for name, shape in shapes.items()}
         self.index = {name: i for i, name in enumerate(shapes)}
@@ -156,7 +169,7 @@ class ParameterProjection:
         if key not in self._factors:
             shape = self.shapes[name]
             rows, cols = shape[0], math.prod(shape[1:])
-            generator = torch.Generator().manual_seed((self.seed * 1_000_003 + self.index[name]) * 1_000_033 + 999_983)
+            generator = torch.Generator().manual_seed(_generator_seed(self.seed, self.index[name], 999_983))
             if self.kind == "gaussian":
                 r = torch.randn((self.k, rows), generator=generator, dtype=torch.float64)
                 s = torch.randn((self.k, cols), generator=generator, dtype=torch.float64)
@@ -222,7 +235,7 @@ def project_gradients(
     ``order`` lists every parameter name of the model in ``named_parameters`` order (the index
     of a name seeds its columns); names missing from ``grads`` contribute zero.
     """
-    _check(k, kind)
+    _check(k, kind, seed)
     total = None
     for index, name in enumerate(order):
         if name not in grads:
@@ -254,7 +267,7 @@ def sketched_tangent_features(
         2. Each block's gradients are multiplied by R's columns for that block, generated on the
            fly, and summed into ``[m, d, k]``.
     """
-    _check(k, kind)
+    _check(k, kind, seed)
     if engine not in ENGINES:
         raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
     memory_budget = check_memory_budget(memory_budget)
@@ -266,7 +279,7 @@ def sketched_tangent_features(
     m_total = batch_size(xs, name="x")
     check_finite(xs, name="x")
     with torch.no_grad(), analysis_mode(model):
-        d = flat_output(model(*(t[:1] for t in xs)), 1).shape[1]
+        d = checked_forward(model, tuple(t[:1] for t in xs), name="x").shape[1]
     first = next(iter(params.values()))
     plan = covering_plan(model, xs) if engine != "functional" else None
     use_factored = plan is not None and (engine == "factored" or plan.blocks)
@@ -316,6 +329,8 @@ def sketched_gradient_kernel(
     f2 = f1 if x2 is None else sketched_tangent_features(
         model, x2, k=k, seed=seed, kind=kind, memory_budget=memory_budget, engine=engine
     )
+    if f2.shape[1] != f1.shape[1]:
+        raise ValueError(f"x1 gives {f1.shape[1]} outputs per example but x2 gives {f2.shape[1]}")
     return torch.einsum("mdk,ndk->mn", f1, f2)
 
 
@@ -323,8 +338,18 @@ def expected_relative_error(kernel: torch.Tensor, k: int) -> float:
     """sqrt(E|K̂ − K|²_F) / |K|_F of a Gaussian sketch of a d = 1 PSD ``kernel`` (Rademacher: at most this).
 
     Entry (i, j) of K̂ has variance (K_ii K_jj + K_ij²) / k, so E|K̂ − K|²_F = ((tr K)² + |K|²_F) / k.
+    ``kernel`` is a square ``[M, M]`` kernel of a batch against itself: a cross kernel ``[M, N]``
+    has no K_ii on its diagonal and is refused, as are blocks ``[M, M, d, d]``.
     """
-    fro2 = float((kernel * kernel).sum())
+    k = positive_int(k, "the projection dimension k")
+    if not isinstance(kernel, torch.Tensor) or kernel.dim() != 2 or kernel.shape[0] != kernel.shape[1]:
+        raise ValueError(
+            f"kernel must be a square [M, M] Tensor (a batch against itself, reduce='trace'), got "
+            f"{tuple(kernel.shape) if isinstance(kernel, torch.Tensor) else type(kernel).__name__}"
+        )
+    fro2 = float((kernel.double() * kernel.double()).sum())
+    if not (math.isfinite(fro2) and fro2 > 0):
+        raise ValueError(f"kernel must be finite and not all zero (|K|²_F = {fro2}): the relative error is undefined")
     return math.sqrt((float(kernel.diagonal().sum()) ** 2 + fro2) / (k * fro2))
 
 
