@@ -67,6 +67,7 @@ def worker(rank, port, out_dir):
             result["uneven_error"] = str(error)
         result["steps_after_uneven"] = tracker.ledger.steps
         result.update(disagreeing_ranks(rank, model, tracker, x, y, groups, shard))
+        result.update(batch_norm(x, y, groups, shard))
         torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -113,6 +114,25 @@ def disagreeing_ranks(rank, model, tracker, x, y, groups, shard):
         optimizer.zero_grad()
     out["observed_steps"] = observer.ledger.steps
     out["params_after_observed"] = [p.detach().clone() for p in model.parameters()]
+    return out
+
+
+def batch_norm(x, y, groups, shard):
+    """BatchNorm with batch statistics under DDP: each rank normalizes its shard with the shard's statistics and
+    updates its running statistics alone, so the ranks' models (and ledgers) drift apart; refused on every rank,
+    at binding and at a step or observed micro-batch after a switch to training mode."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(3, 8), nn.BatchNorm1d(8), nn.Tanh(), nn.Linear(8, 2)).double()
+    model = nn.parallel.DistributedDataParallel(net)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    out = {"bn_bind_error": refusal(lambda: PathKernelTracker(model, optimizer, mse_loss, PROBES, num_groups=3))}
+    net.eval()  # frozen running statistics: accepted
+    tracker = PathKernelTracker(model, optimizer, mse_loss, PROBES, num_groups=3)
+    net.train()
+    out["bn_step_error"] = refusal(lambda: tracker.step(x[0, shard], y[0, shard], groups[0, shard]))
+    out["bn_observe_error"] = refusal(lambda: tracker.observe(mse_loss(model(x[0, shard]), y[0, shard]), groups[0, shard]))
+    out["bn_steps"] = tracker.ledger.steps
+    tracker.close()
     return out
 
 
@@ -184,3 +204,11 @@ def test_a_micro_batch_refused_on_one_rank_is_refused_on_every_rank(ranks):
 def test_distributed_kernel_needs_an_initialized_process_group():
     with pytest.raises(RuntimeError, match="not initialized"):
         distributed_gradient_kernel(make_model(), PROBES)
+
+
+def test_batch_norm_with_batch_statistics_is_refused_on_every_rank(ranks):
+    for result in ranks:
+        for key in ("bn_bind_error", "bn_step_error", "bn_observe_error"):
+            assert result[key] is not None and result[key][0] == "ValueError", (key, result[key])
+            assert "1 (BatchNorm1d)" in result[key][1] and "eval mode" in result[key][1], result[key][1]
+        assert result["bn_steps"] == 0

@@ -14,6 +14,12 @@ A step refused on one rank only (a group id out of range, a non-finite loss, a f
 refused on every rank: the ranks meet at a few points of each step (:class:`StepAgreement`), so
 that none runs on into a collective the others never join, or steps while the others roll back.
 
+BatchNorm with batch statistics (training mode, SyncBatchNorm included) is refused on every rank
+(:func:`check_replicated`). Every rank must observe every micro-batch: a rank that never calls
+``observe()`` is in DDP's gradient averaging while the others wait in the micro-batch's meeting, two
+different collectives, so they wait until the process group's timeout (detecting it would mean
+carrying a flag in DDP's own communication, a comm hook).
+
 Tested with 2 CPU processes on the gloo backend; the same code is meant to run with NCCL on GPUs,
 which is untested here.
 """
@@ -55,7 +61,34 @@ def ddp_context(model: nn.Module, layout: tuple = ()) -> DistributedContext | No
         raise RuntimeError("the model is wrapped in DistributedDataParallel but torch.distributed is not initialized")
     group = model.process_group
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
-    return DistributedContext(group, dist.get_world_size(group), dist.get_rank(group), tuple(layout), device)
+    context = DistributedContext(group, dist.get_world_size(group), dist.get_rank(group), tuple(layout), device)
+    check_replicated(model.module, context)
+    return context
+
+
+def check_replicated(module: nn.Module, context: DistributedContext | None) -> None:
+    """Refuse, under DDP, modules whose replicas stop being one model: BatchNorm that normalizes
+    with the batch's statistics (training mode, or no running statistics; SyncBatchNorm too).
+
+    Each rank would normalize its shard with the shard's own statistics (not the global batch's, so
+    the run is not the single-process one) and update its running statistics from its shard alone:
+    between steps the ranks' models differ (DDP broadcasts rank 0's buffers only at the next
+    forward), so the ranks' ledgers disagree and none is exact. Every rank holds the same modules in
+    the same modes, so every rank raises here, with no collective to wait in."""
+    if context is None:
+        return
+    batch_norms = [
+        f"{name or type(module).__name__} ({type(m).__name__})" for name, m in module.named_modules()
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and (m.training or (m.running_mean is None and m.running_var is None))
+    ]
+    if batch_norms:
+        raise ValueError(
+            f"under DistributedDataParallel, {batch_norms[:5]} normalize each rank's shard with its own batch "
+            "statistics and update each rank's running statistics from its shard alone: the ranks' models differ "
+            "between steps and the run is not the single-process run on the global batches, so no rank's ledger "
+            "would be exact. Put BatchNorm in eval mode (module.eval(): frozen running statistics), replace it with "
+            "GroupNorm or LayerNorm, or track on one process"
+        )
 
 
 def _code(text: str) -> int:

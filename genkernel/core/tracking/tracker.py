@@ -71,7 +71,7 @@ from ..engine.gradients import DEFAULT_GRADIENT_BUDGET
 from ..errors import LedgerCheckError, NonFiniteError
 from ..cost import activation_elements, estimate_cost
 from ..grouping import Partitions, rows_sum_and_size
-from .distributed import StepAgreement, combine_group_gradients, ddp_context
+from .distributed import StepAgreement, check_replicated, combine_group_gradients, ddp_context
 from .ema import EMALedgers, ema_buffers, ema_parameters
 from .io import atomic_save, load_state, to_device
 from .ledger import PathKernelLedger
@@ -592,6 +592,7 @@ class PathKernelTracker:
         if weights is not None and (not isinstance(weights, torch.Tensor) or weights.shape != (batch,)):
             raise ValueError(f"weights must be a Tensor of shape [{batch}] (one c_n per example)")
         self._check_precision(losses)
+        check_replicated(self.module, self.distributed)
         if not bool(torch.isfinite(losses).all()):
             bad = torch.nonzero(~torch.isfinite(losses)).flatten().tolist()
             raise NonFiniteError(f"non-finite loss at examples {bad[:10]}: this micro-batch was not observed")
@@ -829,6 +830,7 @@ class PathKernelTracker:
             check_analysis_safe(self.module)
         else:
             check_per_example_safe(self.module, route=f"group_state={self.group_state!r}")
+        check_replicated(self.module, self.distributed)  # BatchNorm switched to training mode since binding
         current = {name: p for name, p in self.module.named_parameters() if p.requires_grad}
         if current.keys() != self.params.keys() or any(current[n] is not p for n, p in self.params.items()):
             replaced = sorted(n for n in current.keys() | self.params.keys()
