@@ -4,7 +4,6 @@ differ, and a step refused on one rank only are refused on every rank; kernels s
 
 import datetime
 import os
-import socket
 
 import pytest
 import torch
@@ -39,16 +38,11 @@ PROBES = torch.linspace(-1, 1, 12, dtype=torch.float64).reshape(4, 3)
 KERNEL_ROWS = torch.linspace(-2, 2, 15, dtype=torch.float64).reshape(5, 3)
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def worker(rank, port, out_dir):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+def worker(rank, rendezvous, out_dir):
+    # A file rendezvous: a free TCP port picked here could be taken by another process before the workers bind it.
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=datetime.timedelta(seconds=60))
+    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=WORLD,
+                            timeout=datetime.timedelta(seconds=60))
     try:
         model = nn.parallel.DistributedDataParallel(make_model())
         optimizer = torch.optim.Adam(model.parameters(), lr=0.02, weight_decay=0.01)
@@ -140,7 +134,7 @@ def batch_norm(x, y, groups, shard):
 def ranks(tmp_path_factory):
     """Run the 2-process job once; the per-rank results."""
     out = tmp_path_factory.mktemp("ddp")
-    mp.start_processes(worker, args=(free_port(), str(out)), nprocs=WORLD, join=True, start_method="spawn")
+    mp.start_processes(worker, args=(str(out / "rendezvous"), str(out)), nprocs=WORLD, join=True, start_method="spawn")
     return [torch.load(out / f"rank{rank}.pt") for rank in range(WORLD)]
 
 
