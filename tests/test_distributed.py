@@ -14,6 +14,7 @@ from torch import nn
 from genkernel import PathKernelTracker, gradient_kernel
 from genkernel.core.errors import NonFiniteError
 from genkernel.core.engine.distributed import distributed_gradient_kernel
+from genkernel.core.tracking.distributed import summed_over_ranks
 from genkernel.supervised import mse_loss
 
 WORLD = 2
@@ -60,6 +61,8 @@ def worker(rank, rendezvous, out_dir):
         except ValueError as error:
             result["uneven_error"] = str(error)
         result["steps_after_uneven"] = tracker.ledger.steps
+        # examples per group of the global batch (the analyzers' bin and group counts), from each rank's shard
+        result["counts"] = summed_over_ranks(torch.bincount(groups[0, shard], minlength=3), tracker.distributed)
         result.update(disagreeing_ranks(rank, model, tracker, x, y, groups, shard))
         result.update(batch_norm(x, y, groups, shard))
         torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
@@ -136,6 +139,13 @@ def ranks(tmp_path_factory):
     out = tmp_path_factory.mktemp("ddp")
     mp.start_processes(worker, args=(str(out / "rendezvous"), str(out)), nprocs=WORLD, join=True, start_method="spawn")
     return [torch.load(out / f"rank{rank}.pt") for rank in range(WORLD)]
+
+
+def test_counts_summed_over_ranks_are_the_global_batchs(ranks):
+    x, y, groups = global_batches()
+    for rank in ranks:
+        assert torch.equal(rank["counts"], torch.bincount(groups[0], minlength=3))
+    assert not torch.equal(torch.bincount(groups[0, : GLOBAL_BATCH // WORLD], minlength=3), ranks[0]["counts"])
 
 
 def test_ddp_ledger_equals_single_process(ranks):

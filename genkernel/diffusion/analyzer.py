@@ -65,6 +65,7 @@ from ..core import grouping
 from ..core.adapter import as_tuple, positive_int, unwrap, unwrap_optimizer
 from ..core.errors import LedgerCheckError
 from ..core.tracking.callbacks import TrainerCallback
+from ..core.tracking.distributed import summed_over_ranks
 from ..core.tracking.io import atomic_save, jsonable, load_state
 from ..core.tracking.ledger import PathKernelLedger
 from ..core.tracking.quadrature import residual_remedy
@@ -493,7 +494,9 @@ class NoiseLevelAnalyzer(TrainerCallback):
         """The tracker's listener: bookkeeping after every recorded step (owned or observed)."""
         bins = torch.cat(self._pending_bins) if self._pending_bins else torch.zeros(0, dtype=torch.long)
         self._pending_bins = []
-        self.bin_counts.append(torch.bincount(bins, minlength=self.num_bins).tolist())
+        # Under DDP each rank saw its shard: the counts are the global batch's.
+        self.bin_counts.append(summed_over_ranks(torch.bincount(bins, minlength=self.num_bins),
+                                                 self.tracker.distributed).tolist())
         step = self._global_step
         if step is None:  # a user loop: count from bind's start_step (the steps recorded since bind)
             step = (self._start_step or 0) + self.tracker.ledger.steps - self._steps_at_bind

@@ -90,6 +90,7 @@ from ..core.adapter import (
 )
 from ..core.errors import NonFiniteError
 from ..core.tracking.callbacks import TrainerCallback, perform_step
+from ..core.tracking.distributed import summed_over_ranks
 from ..core.tracking.io import atomic_save, jsonable, load_state, to_device
 from ..core.tracking.ledger import PathKernelLedger
 from ..core.tracking.quadrature import residual_remedy
@@ -761,10 +762,13 @@ class GANKernelAnalyzer(TrainerCallback):
         index = self.g_steps + 1
         self.g_steps = index
         ids = torch.cat(pending["ids"]) if pending["ids"] else torch.zeros(0, dtype=torch.long)
-        self.g_group_counts.append(torch.bincount(ids.cpu(), minlength=self.num_groups).tolist())
+        # Under DDP each rank saw its shard: the counts are the global batch's.
+        context = self.g_tracker.distributed
+        self.g_group_counts.append(summed_over_ranks(torch.bincount(ids.cpu(), minlength=self.num_groups), context).tolist())
         if self.comparison is not None:
             spatial = torch.cat(pending["spatial"]) if pending.get("spatial") else torch.zeros(0, dtype=torch.long)
-            self.g_spatial_counts.append(torch.bincount(spatial.cpu(), minlength=self.num_groups).tolist())
+            self.g_spatial_counts.append(
+                summed_over_ranks(torch.bincount(spatial.cpu(), minlength=self.num_groups), context).tolist())
         loop = pending["loop_step"]
         self.g_loop_steps.append(int(loop) if loop is not None else self._start_step + index - self._steps_at_bind[0])
         f_end = self.g_tracker.ledger.f_end
@@ -1010,7 +1014,8 @@ class GANKernelAnalyzer(TrainerCallback):
         pending, self._d_pending = self._d_pending or {"ids": [], "loop_step": None}, None
         self.d_steps += 1
         ids = torch.cat(pending["ids"]) if pending["ids"] else torch.zeros(0, dtype=torch.long)
-        self.d_group_counts.append(torch.bincount(ids.cpu(), minlength=self._d_num_groups).tolist())
+        self.d_group_counts.append(summed_over_ranks(torch.bincount(ids.cpu(), minlength=self._d_num_groups),
+                                                     self.d_tracker.distributed).tolist())
         loop = pending["loop_step"]
         self.d_loop_steps.append(int(loop) if loop is not None
                                  else self._start_step + self.d_steps - self._steps_at_bind[1])

@@ -140,6 +140,17 @@ def combine_group_gradients(grads: dict[str, torch.Tensor], local_batch: int, co
     return out
 
 
+def summed_over_ranks(counts: torch.Tensor, context: DistributedContext | None) -> torch.Tensor:
+    """``counts`` (e.g. examples per group of this rank's shard) summed over the ranks: the global
+    batch's, as one process would count them; unchanged in one process (``context`` None). Same
+    shape, dtype and device as ``counts``; every rank must call it at the same point."""
+    if context is None:
+        return counts
+    total = counts.to(context.device)
+    dist.all_reduce(total, op=dist.ReduceOp.SUM, group=context.group)
+    return total.to(counts.device)
+
+
 # The error a rank raises when another rank refused the step: the refusing rank's kind, so that a
 # loop catching it (``except NonFiniteError``: skip the batch) catches it on every rank alike.
 _KINDS = (NonFiniteError, LedgerCheckError, ValueError, TypeError, RuntimeError)
