@@ -41,6 +41,14 @@ def ddpm_cifar10_unet(*, dropout: float = 0.1, seed: int | None = None) -> nn.Mo
         dropout=dropout,
         norm_num_groups=32,
         attention_head_dim=None,
+        # the original model's function, not only its sizes (google/ddpm-cifar10-32's config; diffusers'
+        # defaults differ and would load those weights silently into another network): timestep embedding
+        # [sin | cos] with frequencies exp(−log(10000)·i/(half − 1)), GroupNorm eps 1e-6 (tf.contrib's), and
+        # stride-2 downsampling convolutions with TF "SAME" padding (0 before, 1 after)
+        flip_sin_to_cos=False,
+        freq_shift=1,
+        norm_eps=1e-6,
+        downsample_padding=0,
     )
     freeze_attention_key_biases(model)
     return model

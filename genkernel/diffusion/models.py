@@ -10,6 +10,7 @@ adapter unwraps it).
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 from torch import nn
@@ -35,8 +36,14 @@ def sinusoidal_embedding(t: torch.Tensor, dim: int, *, max_period: float = 10000
 
 
 def _timesteps(t: torch.Tensor | int, batch: int, device: torch.device) -> torch.Tensor:
+    if isinstance(t, bool) or not isinstance(t, (torch.Tensor, numbers.Integral)):
+        raise TypeError(f"timesteps must be integers (an int or a LongTensor [B]), got {type(t).__name__} {t!r}")
     if not isinstance(t, torch.Tensor):
         t = torch.tensor([t], device=device)
+    # a dtype check, not a value check: it holds under vmap/jvp. A float t would be embedded (and binned)
+    # between the integer levels the scheduler trains.
+    if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
+        raise TypeError(f"timesteps must be integer timesteps (a LongTensor), got dtype {t.dtype}")
     t = t.reshape(-1).to(device)
     if t.numel() == 1 and batch != 1:
         t = t.expand(batch)
@@ -67,6 +74,8 @@ class MLPDenoiser(nn.Module):
         super().__init__()
         if depth < 1 or hidden < 1 or data_dim < 1:
             raise ValueError(f"data_dim, hidden and depth must be positive, got {data_dim}, {hidden}, {depth}")
+        if time_dim < 2 or time_dim % 2:
+            raise ValueError(f"time_dim must be an even number >= 2 (cos | sin halves), got {time_dim}")
         self.data_dim, self.time_dim, self.film = data_dim, time_dim, film
         self.time_proj = nn.Linear(time_dim, time_dim)
         layers = []
@@ -113,6 +122,13 @@ class BinnedDenoiser(nn.Module):
         edges = torch.as_tensor(edges, dtype=torch.long)
         if edges.shape != (num_bins + 1,):
             raise ValueError(f"edges must hold num_bins + 1 = {num_bins + 1} timesteps, got {tuple(edges.shape)}")
+        # searchsorted needs sorted edges (unsorted ones route timesteps to arbitrary experts), and the
+        # first and last must be 0 and T so that every timestep in [0, T) has exactly one expert
+        if int(edges[0]) != 0 or int(edges[-1]) != num_train_timesteps or not bool((edges[1:] > edges[:-1]).all()):
+            raise ValueError(
+                f"edges must increase strictly from 0 to num_train_timesteps={num_train_timesteps} (the first timestep "
+                f"of every bin, then T, as NoiseBins.edges), got {edges.tolist()}"
+            )
         self.register_buffer("edges", edges, persistent=False)
         self.experts = nn.ModuleList([MLPDenoiser(**mlp_kwargs) for _ in range(num_bins)])
 

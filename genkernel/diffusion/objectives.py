@@ -103,9 +103,26 @@ def check_timesteps(timesteps: torch.Tensor, scheduler, *, name: str = "timestep
     return timesteps.long()
 
 
+def _check_state(scheduler, clean: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+    """``timesteps`` as a LongTensor[B] after checking them (dtype, [0, T)) and the shapes of ``clean``/``noise``."""
+    if not isinstance(clean, torch.Tensor) or not isinstance(noise, torch.Tensor) or clean.dim() < 1:
+        raise TypeError("clean inputs and noise must be Tensors [B, *shape]")
+    if clean.shape != noise.shape:
+        raise ValueError(f"clean inputs {tuple(clean.shape)} and noise {tuple(noise.shape)} must have the same shape")
+    # diffusers indexes alphas_cumprod with t: t = -1 would silently read ᾱ_{T-1}, and a t of
+    # another length broadcasts against the batch
+    timesteps = check_timesteps(timesteps, scheduler)
+    if timesteps.shape[0] != clean.shape[0]:
+        raise ValueError(f"need one timestep per example: the batch has {clean.shape[0]} examples, timesteps has "
+                         f"{timesteps.shape[0]} values")
+    return timesteps
+
+
 def training_target(scheduler, clean: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
-    """The regression target y for ``clean``, ``noise`` ``[B, *shape]`` and ``timesteps [B]``."""
+    """The regression target y ``[B, *shape]`` for ``clean``, ``noise`` ``[B, *shape]`` and ``timesteps`` LongTensor[B]
+    in [0, T): ε, x, or v = sqrt(ᾱ_t) ε − sqrt(1 − ᾱ_t) x (``scheduler.get_velocity``)."""
     kind = check_prediction_type(scheduler)
+    timesteps = _check_state(scheduler, clean, noise, timesteps)
     if kind == "epsilon":
         return noise
     if kind == "sample":
@@ -114,35 +131,74 @@ def training_target(scheduler, clean: torch.Tensor, noise: torch.Tensor, timeste
 
 
 def noisy_input(scheduler, clean: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
-    """z = sqrt(ᾱ_t) x + sqrt(1 − ᾱ_t) ε, computed by ``scheduler.add_noise`` in ``clean``'s dtype."""
-    if clean.shape != noise.shape:
-        raise ValueError(f"clean inputs {tuple(clean.shape)} and noise {tuple(noise.shape)} must have the same shape")
+    """z = sqrt(ᾱ_t) x + sqrt(1 − ᾱ_t) ε ``[B, *shape]``, computed by ``scheduler.add_noise`` in ``clean``'s
+    dtype (``timesteps``: LongTensor[B] in [0, T))."""
+    timesteps = _check_state(scheduler, clean, noise, timesteps)
     return scheduler.add_noise(clean, noise, timesteps)
+
+
+def _flat_pair(outputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``outputs`` and ``targets`` as ``[B, D]``; a ValueError unless each example has D values in both."""
+    batch = outputs.shape[0]
+    # reshape(batch, -1) alone would broadcast a target [B] against outputs [B, D], or split a [2B] target
+    # across rows: the loss would then be computed against the wrong values without an error
+    if targets.dim() < 1 or targets.shape[0] != batch or targets[0].numel() != outputs[0].numel():
+        raise ValueError(
+            f"outputs {tuple(outputs.shape)} and targets {tuple(targets.shape)} must hold the same number of values "
+            "per example (same batch size B, same D): pass targets shaped like the model's output"
+        )
+    return outputs.reshape(batch, -1), targets.reshape(batch, -1)
 
 
 def diffusion_loss(outputs: torch.Tensor, targets: torch.Tensor | tuple[torch.Tensor, ...]) -> torch.Tensor:
     """Per-example mean squared error ``[B]`` (mean over the D output values, not over the batch)."""
     if isinstance(targets, tuple):
         targets = targets[0]
-    batch = outputs.shape[0]
-    diff = outputs.reshape(batch, -1) - targets.reshape(batch, -1)
+    flat, target = _flat_pair(outputs, targets)
+    diff = flat - target
     return (diff * diff).mean(dim=1)
 
 
 def loss_weight(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """w = ∂ℓ/∂f = 2 (f − y) / D, ``[B, D]`` (the same formula for every prediction type)."""
-    batch = outputs.shape[0]
-    flat = outputs.reshape(batch, -1)
-    return 2.0 * (flat - targets.reshape(batch, -1)) / flat.shape[1]
+    flat, target = _flat_pair(outputs, targets)
+    return 2.0 * (flat - target) / flat.shape[1]
+
+
+def _check_bin_counts(num_bins: int, total: int) -> None:
+    if isinstance(total, bool) or not isinstance(total, int) or total < 1:
+        raise ValueError(f"the number of timesteps T must be a positive int, got {total!r}")
+    if isinstance(num_bins, bool) or not isinstance(num_bins, int) or not 1 <= num_bins <= total:
+        raise ValueError(f"num_bins must be an int in [1, {total}] (T; more bins than timesteps leaves bins empty), "
+                         f"got {num_bins!r}")
+
+
+def _check_in_range(timesteps: torch.Tensor, total: int) -> torch.Tensor:
+    """``timesteps`` as a CPU LongTensor[B] after checking they are integers in [0, T)."""
+    if not isinstance(timesteps, torch.Tensor) or timesteps.dim() != 1:
+        raise TypeError(f"timesteps must be a 1-D integer Tensor [B], got "
+                        f"{getattr(timesteps, 'shape', type(timesteps).__name__)}")
+    if timesteps.is_floating_point() or timesteps.is_complex() or timesteps.dtype == torch.bool:
+        raise TypeError(f"timesteps must be integer timesteps (a LongTensor), got dtype {timesteps.dtype}")
+    t = timesteps.long().cpu()
+    # clamping would put t = -1 in the first bin and t >= T in the last, bins those levels are not in
+    if t.numel() and (int(t.min()) < 0 or int(t.max()) >= total):
+        raise ValueError(f"timesteps must lie in [0, {total}) (num_train_timesteps); got values from "
+                         f"{int(t.min())} to {int(t.max())}")
+    return t
 
 
 def timestep_bins(timesteps: torch.Tensor, num_bins: int, total: int) -> torch.Tensor:
-    """Bin id ``floor(t · G / T)`` of every timestep, ``LongTensor[B]`` in [0, G)."""
-    return torch.div(timesteps.long() * num_bins, total, rounding_mode="floor").clamp(0, num_bins - 1)
+    """Bin id ``floor(t · G / T)`` of every timestep, ``LongTensor[B]`` in [0, G) (``timesteps``: integers in
+    [0, T))."""
+    _check_bin_counts(num_bins, total)
+    _check_in_range(timesteps, total)
+    return torch.div(timesteps.long() * num_bins, total, rounding_mode="floor")
 
 
 def bin_edges(num_bins: int, total: int) -> torch.Tensor:
     """``[G + 1]`` first timestep of each bin, then T: bin g holds t with edges[g] <= t < edges[g+1]."""
+    _check_bin_counts(num_bins, total)
     return torch.tensor([-(-g * total // num_bins) for g in range(num_bins + 1)], dtype=torch.long)
 
 
@@ -205,9 +261,9 @@ class NoiseBins:
         self.log_snr = torch.cat([snr[self.edges[:-1]], snr[-1:]])
 
     def __call__(self, timesteps: torch.Tensor) -> torch.Tensor:
-        """``LongTensor[B]`` the bin of every timestep."""
-        t = timesteps.long().cpu()
-        return (torch.searchsorted(self.edges, t, right=True) - 1).clamp(0, self.num_bins - 1).to(timesteps.device)
+        """``LongTensor[B]`` the bin of every timestep (``timesteps``: integers in [0, T))."""
+        t = _check_in_range(timesteps, self.total)
+        return (torch.searchsorted(self.edges, t, right=True) - 1).to(timesteps.device)
 
     def describe(self) -> dict:
         """Plain numbers for reports: spacing, edges, centers and the log SNR at the edges."""

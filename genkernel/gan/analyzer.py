@@ -321,7 +321,7 @@ class GANKernelAnalyzer(TrainerCallback):
                 scores = self._d(samples)
         except (RuntimeError, TypeError, IndexError) as error:
             raise ValueError(f"{name} of shape {tuple(latents.shape)} do not fit the generator/discriminator: {error}") from error
-        scores_of(scores)  # one value per example, or a clear error
+        scores_of(scores, latents.shape[0])  # one value per example, or a clear error
         return latents
 
     def _check_step_latents(self, latents: torch.Tensor) -> None:
@@ -557,7 +557,7 @@ class GANKernelAnalyzer(TrainerCallback):
     # -- generator -----------------------------------------------------------------------------
     def _scores(self, x: torch.Tensor, *, after_forward: bool) -> torch.Tensor:
         with torch.no_grad(), preserved(self._d, reuse_power_iteration=after_forward):
-            return scores_of(self._d(x)).detach()
+            return scores_of(self._d(x), x.shape[0]).detach()
 
     def _geometry(self, latents: torch.Tensor, loss_fn, *, after_forward: bool) -> dict[str, torch.Tensor]:
         """``{"z", "x", "w", "losses", "scores"}`` of probe (or reference) latents at the current θ:
@@ -605,7 +605,7 @@ class GANKernelAnalyzer(TrainerCallback):
 
     def _diagnose(self, losses: torch.Tensor, samples: torch.Tensor) -> str:
         with torch.no_grad(), preserved(self._d, reuse_power_iteration=True):
-            s = scores_of(self._d(samples)).detach().to(torch.float64)
+            s = scores_of(self._d(samples), samples.shape[0]).detach().to(torch.float64)
         user = losses.to(torch.float64)
         candidates = [
             ("D returns logits and the loss is the non-saturating one (BCEWithLogitsLoss against 1)",

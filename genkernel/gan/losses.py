@@ -135,17 +135,30 @@ def check_probabilities(values: torch.Tensor, what: str = "discriminator scores"
         )
 
 
-def scores_of(output) -> torch.Tensor:
-    """Discriminator output as ``[B]`` scores; a clear error unless it is one value per example."""
+def scores_of(output, batch: int) -> torch.Tensor:
+    """Discriminator output for ``batch`` examples as ``[B]`` scores; a clear error unless it is one
+    value per example (a patch D flattened to ``[k·B]`` is refused too)."""
     out = output_tensor(output)
-    if out.dim() == 1:
-        return out
-    if out.dim() >= 2 and out[0].numel() == 1:
-        return out.reshape(out.shape[0])
+    if out.dim() >= 1 and out.shape[0] == batch and out[0].numel() == 1:
+        return out.reshape(batch)
     raise ValueError(
-        f"the discriminator must return one value per example (shape [B] or [B, 1]), got shape {tuple(out.shape)}; "
-        "reduce patch outputs to one score per example (e.g. .mean over spatial dimensions) inside the model"
+        f"the discriminator must return one value per example (shape [B] or [B, 1]), got shape {tuple(out.shape)} "
+        f"for {batch} examples; reduce patch outputs to one score per example (e.g. .mean over spatial dimensions) "
+        "inside the model"
     )
+
+
+def check_gp_weight(gp_weight: float) -> float:
+    """``gp_weight`` as a float; a ValueError unless it is finite and >= 0 (a negative λ rewards steep critics)."""
+    try:
+        value = float(gp_weight)
+    except (TypeError, ValueError, RuntimeError):
+        value = float("nan")
+    if isinstance(gp_weight, bool) or not 0 <= value < float("inf"):
+        raise ValueError(
+            f"gp_weight must be a finite number >= 0 (λ of λ(‖∇D‖ − 1)², 10 in WGAN-GP), got {gp_weight!r}"
+        )
+    return value
 
 
 def generator_losses(kind: str, scores: torch.Tensor, output: str = "logit") -> torch.Tensor:
@@ -163,6 +176,7 @@ def discriminator_losses(
     """ℓ_D per example ``[B]`` from ``values [B]`` (scores, or gradient norms for penalty rows) and ``roles [B]``;
     with ``output="probability"``: −log p on real, −log(1 − p) on generated (logs clamped at −100)."""
     check_loss(kind)
+    gp_weight = check_gp_weight(gp_weight)
     if check_output(output, kind) == "probability":
         real, fake = -_clamped_log(values), -_clamped_log(1 - values)
     elif kind == "nonsaturating":
@@ -201,10 +215,10 @@ class GeneratorLoss:
 
     def __call__(self, samples: torch.Tensor, targets=None) -> torch.Tensor:
         if self._checked or _transformed(samples):
-            scores = scores_of(self.discriminator(samples))
+            scores = scores_of(self.discriminator(samples), samples.shape[0])
         else:
             out, last = last_leaf_executed(self.discriminator, samples)
-            scores = scores_of(out)
+            scores = scores_of(out, samples.shape[0])
             if self.output == "logit" and isinstance(last, nn.Sigmoid):
                 raise ValueError(_sigmoid_message("last module executed"))
             if self.output == "probability":
@@ -227,7 +241,7 @@ class DiscriminatorLoss:
         discriminator: nn.Module | None = None,
     ) -> None:
         self.kind = check_loss(kind)
-        self.gp_weight = float(gp_weight)
+        self.gp_weight = check_gp_weight(gp_weight)
         self.output = check_output(output, kind)
         if self.output == "logit" and discriminator is not None:
             check_not_sigmoid(discriminator)
@@ -249,7 +263,8 @@ class DiscriminatorObjective(nn.Module):
     row is D(x). Its parameters are D's (named ``net.*``), so an optimizer over D trains it.
 
     The input gradient of a batch is ``torch.func.grad(x ↦ Σ_b D(x)_b)(x)``: D treats examples
-    independently, so row b is ∇_x D(x_b). ``eps`` keeps the norm differentiable at zero.
+    independently, so row b is ∇_x D(x_b) (a D with BatchNorm in training mode is refused: it mixes the batch).
+    ``eps`` keeps the norm differentiable at zero.
     """
 
     def __init__(self, discriminator: nn.Module, *, penalty: bool = False, eps: float = 1e-12) -> None:
@@ -262,8 +277,20 @@ class DiscriminatorObjective(nn.Module):
         """``[B]`` ‖∇_x D(x)‖ per example, differentiable in D's parameters (and under torch.func);
         with ``with_scores`` also the scores D(x) ``[B]`` of the same evaluation."""
 
+        # BatchNorm in training mode mixes the batch: row b's input gradient would take terms from the other
+        # examples (and functorch refuses its running-statistics update inside grad with an opaque error)
+        training_bn = [n for n, m in self.net.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+                       and m.training]
+        if training_bn:
+            raise ValueError(
+                f"the gradient penalty needs a discriminator that treats examples independently, but "
+                f"{training_bn[0] or 'D'} is BatchNorm in training mode (it normalizes over the batch, so "
+                "‖∇_x D(x_b)‖ would depend on the other examples). Use a per-example normalization (LayerNorm, "
+                "GroupNorm, or none, as WGAN-GP's critic), or put the BatchNorm modules in eval mode"
+            )
+
         def total(inputs):
-            scores = scores_of(self.net(inputs))
+            scores = scores_of(self.net(inputs), inputs.shape[0])
             return scores.sum(), scores
 
         g, scores = torch.func.grad(total, has_aux=True)(x)
@@ -272,7 +299,7 @@ class DiscriminatorObjective(nn.Module):
 
     def forward(self, x: torch.Tensor, roles: torch.Tensor) -> torch.Tensor:
         if not self.penalty:
-            return scores_of(self.net(x)).unsqueeze(1)
+            return scores_of(self.net(x), x.shape[0]).unsqueeze(1)
         # One evaluation of D gives both the scores (aux) and the input gradient, so a training-mode
         # forward advances spectral norm's power iteration once, as a plain D(x) would.
         norms, scores = self.input_gradient_norm(x, with_scores=True)
@@ -281,5 +308,5 @@ class DiscriminatorObjective(nn.Module):
 
 __all__ = [
     "OUTPUTS", "check_output", "check_not_sigmoid", "final_module", "LOSSES", "GENERATED", "REAL", "PENALTY", "ROLE_NAMES", "generator_losses", "discriminator_losses",
-    "GeneratorLoss", "DiscriminatorLoss", "DiscriminatorObjective", "scores_of", "check_loss",
+    "GeneratorLoss", "DiscriminatorLoss", "DiscriminatorObjective", "scores_of", "check_loss", "check_gp_weight",
 ]
