@@ -107,7 +107,7 @@ def claim(
          "interval": [low, high] or None, "held", "measured", ("why"), **extra}
 
     An ``interval`` from :mod:`genkernel.stats` also adds its ``method`` and ``n`` (unless ``extra``
-    names them). ``statistic`` says in a few words what ``value`` is; ``baseline`` (see
+    names them), and ``dropped``, the units it left out as non-finite, when there were any. ``statistic`` says in a few words what ``value`` is; ``baseline`` (see
     :func:`baseline`) is the same statistic where the effect should be absent (θ₀, a null model).
 
     ``held`` must be computed from the numbers, and where there is an interval, from the interval
@@ -116,7 +116,9 @@ def claim(
     ``why``: its ``held`` is then None ("not measured"), not False.
     """
     if isinstance(interval, Interval):
-        extra = {"method": interval.method, "n": interval.n, **extra}
+        # units left out as non-finite (a seed whose statistic is NaN) are said, not dropped silently
+        extra = {"method": interval.method, "n": interval.n, **({"dropped": interval.dropped} if interval.dropped else {}),
+                 **extra}
         interval = (interval.low, interval.high)
     if not measured and not why:
         raise ValueError("a claim that was not measured needs why=")

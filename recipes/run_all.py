@@ -12,7 +12,9 @@ After the runs, the claims table (one row per claim of every ``OUT/NAME.json``: 
 statistic, baseline, value, interval, held or not measured) is written between the markers
 ``<!-- claims:begin -->`` and ``<!-- claims:end -->`` of ``OUT/README.md`` when that file exists
 (``figures/README.md`` for ``--out-dir figures``), else into ``OUT/claims_table.md``: the table
-is generated from the JSON files, so it cannot disagree with them. ``--table-only`` rewrites it
+is generated from the JSON files, so it cannot disagree with them; a recipe that failed or timed
+out in this run is named in its header and its claims left out (its JSON, if any, is an earlier
+run's). ``--table-only`` rewrites it
 from the JSON files already there, without running anything.
 """
 
@@ -101,10 +103,18 @@ def _cell(text) -> str:
     return str(text).replace("|", "\\|").replace("\n", " ")
 
 
-def claims_table(out_dir: Path, names=RECIPES) -> str:
-    """The markdown claims table of every ``OUT/NAME.json`` among ``names`` that exists."""
+def claims_table(out_dir: Path, names=RECIPES, failed: dict[str, str] | None = None) -> str:
+    """The markdown claims table of every ``OUT/NAME.json`` among ``names`` that exists.
+
+    ``failed``: ``{name: status}`` of recipes that failed or timed out in this run; their
+    ``OUT/NAME.json``, when one is there, is an earlier run's, so their claims are left out of the
+    table and the header names them (a stale file must not read as this run's result)."""
+    failed = failed or {}
     rows, runs = [], []
     for name in names:
+        if name in failed:
+            runs.append(f"`{name}` ({failed[name]} in the latest run: its claims are left out)")
+            continue
         path = out_dir / f"{name}.json"
         try:
             data = json.loads(path.read_text())
@@ -121,6 +131,8 @@ def claims_table(out_dir: Path, names=RECIPES) -> str:
                 verdict = "**held**" if c.get("held") else "not held"
             n = c.get("n")
             interval = _interval(c.get("interval")) + (f" n={n}" if n is not None and c.get("interval") else "")
+            if c.get("dropped"):  # units left out as non-finite (e.g. a seed whose statistic is NaN)
+                interval += f" ({c['dropped']} dropped: non-finite)"
             rows.append("| " + " | ".join(_cell(v) for v in (
                 name, f"`{key}`", c.get("statistic") or c.get("statement", ""), base_text, _num(c.get("value")),
                 interval, verdict)) + " |")
@@ -134,10 +146,10 @@ def claims_table(out_dir: Path, names=RECIPES) -> str:
     return "\n".join(head + rows) + "\n"
 
 
-def write_claims_table(out_dir: Path, names=RECIPES) -> Path:
+def write_claims_table(out_dir: Path, names=RECIPES, failed: dict[str, str] | None = None) -> Path:
     """Writes :func:`claims_table` between the markers of ``OUT/README.md`` (appending the markers
     when the file has none), or into ``OUT/claims_table.md`` when there is no README; returns the path."""
-    table = claims_table(out_dir, names)
+    table = claims_table(out_dir, names, failed)
     readme = out_dir / "README.md"
     if not readme.is_file():
         path = out_dir / "claims_table.md"
@@ -157,22 +169,29 @@ def write_claims_table(out_dir: Path, names=RECIPES) -> Path:
 
 def main(argv=None) -> int:
     """Runs the experiments, prints the summary table; returns the exit status (0 all ran, 1 one
-    failed, 2 an unknown name)."""
+    failed, 2 an unknown name, ``--only`` without a name, or ``--table-only`` on a missing folder)."""
     args = parse_args(None if argv is None else list(argv))
     experiments_dir = Path(args.experiments_dir).resolve()
     root = import_root(PACKAGE, experiments_dir)
     out_dir = Path(args.out_dir).resolve()  # the children run from `root`
     timeout = args.timeout or (300.0 if (args.quick or args.smoke) else 7200.0)
-    names = RECIPES if args.only is None else tuple(args.only)
+    if args.only is not None and not args.only:
+        print(f"--only needs at least one recipe name; known: {', '.join(RECIPES)}", file=sys.stderr)
+        return 2
+    names = RECIPES if args.only is None else tuple(dict.fromkeys(args.only))
     unknown = [n for n in names if n not in RECIPES]
     if unknown:
         print(f"unknown recipes {unknown}; known: {', '.join(RECIPES)}", file=sys.stderr)
         return 2
     if args.table_only:
+        if not out_dir.is_dir():
+            print(f"--table-only: {out_dir} is not a folder (no JSON files to build the table from); "
+                  "run the recipes into it first, or name the folder that holds them", file=sys.stderr)
+            return 2
         print(f"[run_all] claims table written to {write_claims_table(out_dir)}")
         return 0
     mode = ["--smoke"] if args.smoke else (["--quick"] if args.quick else [])
-    rows, failed = [], []
+    rows, failed = [], {}
     start = time.perf_counter()
     for name in names:
         if not (experiments_dir / f"{name}.py").is_file():
@@ -191,16 +210,16 @@ def main(argv=None) -> int:
         seconds = time.perf_counter() - t0
         print(f"[run_all] {name}: {status} in {seconds:.1f} s", flush=True)
         if status != "ok":
-            failed.append(name)
+            failed[name] = status
         rows.append((name, status, seconds, claims_of(out_dir, name) if status == "ok" else "-"))
     total = time.perf_counter() - start
-    width = max(len(r[0]) for r in rows)
+    width = max([len(r[0]) for r in rows] + [len("total")])
     print("\nrecipe".ljust(width + 1) + "  status                  seconds  claims")
     for name, status, seconds, claims in rows:
         print(f"{name.ljust(width)}  {status.ljust(22)}  {seconds:7.1f}  {claims}")
     print(f"{'total'.ljust(width)}  {'':22}  {total:7.1f}")
     if out_dir.is_dir():
-        print(f"[run_all] claims table written to {write_claims_table(out_dir)}")
+        print(f"[run_all] claims table written to {write_claims_table(out_dir, failed=failed)}")
     if failed:
         print(f"[run_all] FAILED: {', '.join(failed)}", file=sys.stderr)
         return 1

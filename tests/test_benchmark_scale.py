@@ -37,7 +37,8 @@ def test_claims_follow_from_their_numbers(report):
             assert n["relative_error"] == pytest.approx((n["predicted_bytes"] - n["measured_bytes"]) / n["measured_bytes"])
             assert claim["held"] == (abs(n["relative_error"]) <= n["tolerance"])
         else:
-            assert claim["held"] == (n["ratio"] <= n["target"] and n.get("group_state", "factored") == "factored")
+            assert claim["held"] == (n["ratio"] <= n["target"] and n.get("group_state", "factored") == "factored"
+                                     and n.get("training_unchanged", True) is True)
 
 
 def test_ratios_are_the_medians_quotients(report):

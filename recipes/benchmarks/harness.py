@@ -338,8 +338,13 @@ def print_ratios(title: str, table: dict[str, dict[str, float | None]]) -> str:
 def write_outputs(report: dict, json_path: Path, png_path: Path, plot: Callable[[dict, Path], None]) -> None:
     """Writes ``report`` as indented JSON to ``json_path``, then ``plot(report, path)``'s figure
     to ``png_path``; each file is written beside its target and renamed into place, so a run
-    that fails midway never leaves a half-written file. Returns nothing."""
-    _replace_atomically(Path(json_path), lambda tmp: tmp.write_text(json.dumps(report, indent=2)))
+    that fails midway never leaves a half-written file. The JSON is strict: non-finite numbers
+    are written as null (``NaN``/``Infinity`` tokens are not JSON; genkernel's ``jsonable``).
+    Returns nothing."""
+    from genkernel.core.tracking.io import jsonable
+
+    text = json.dumps(jsonable(report), indent=2, allow_nan=False)
+    _replace_atomically(Path(json_path), lambda tmp: tmp.write_text(text))
     _replace_atomically(Path(png_path), lambda tmp: plot(report, tmp))
 
 
