@@ -52,7 +52,8 @@ from tqdm.auto import tqdm
 from ..core.adapter import as_tuple, output_tensor, positive_int
 from ..core.tracking.callbacks import CallbackStates, TrainerCallback, fire, perform_step
 from ..core.tracking.io import (
-    atomic_save, check_module_state, check_resume_config, global_rng_state, load_state, set_global_rng_state,
+    atomic_save, check_module_state, check_optimizer_state, check_resume_config, global_rng_state, load_state,
+    set_global_rng_state,
 )
 from ..core.tracking.step import OptimizerStep
 from ..logging import LoggingCallback
@@ -547,12 +548,7 @@ class DDPMTrainer:
                 f"{self.data.shape[0]}: resume with the data the run was saved with"
             )
         check_module_state(self.model, state["model"], "model")
-        saved_optimizer = state["optimizer"]["param_groups"]
-        if [len(g["params"]) for g in saved_optimizer] != [len(g["params"]) for g in self.optimizer.param_groups]:
-            raise ValueError(
-                "the checkpoint's optimizer has other parameter groups than this trainer's: build the optimizer "
-                "as the saved run did"
-            )
+        check_optimizer_state(self.optimizer, state["optimizer"], "optimizer")
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.generator.set_state(state["generator"])

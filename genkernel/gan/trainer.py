@@ -40,7 +40,8 @@ from ..core.adapter import analysis_mode, output_tensor, positive_int
 from ..core.tracking.callbacks import CallbackStates, TrainerCallback, fire, perform_step
 from ..core.errors import NonFiniteError
 from ..core.tracking.io import (
-    atomic_save, check_module_state, check_resume_config, global_rng_state, load_state, set_global_rng_state,
+    atomic_save, check_module_state, check_optimizer_state, check_resume_config, global_rng_state, load_state,
+    set_global_rng_state,
 )
 from ..core.tracking.step import OptimizerStep
 from ..logging import LoggingCallback
@@ -371,10 +372,7 @@ class GANTrainer:
         check_module_state(self.generator, state["generator"], "generator")
         check_module_state(self.discriminator, state["discriminator"], "discriminator")
         for name in ("g_optimizer", "d_optimizer"):
-            saved, mine = state[name]["param_groups"], getattr(self, name).param_groups
-            if [len(g["params"]) for g in saved] != [len(g["params"]) for g in mine]:
-                raise ValueError(f"the checkpoint's {name} has other parameter groups than this trainer's: build it as "
-                                 "the saved run did")
+            check_optimizer_state(getattr(self, name), state[name], name)
         self.generator.load_state_dict(state["generator"])
         self.discriminator.load_state_dict(state["discriminator"])
         self.g_optimizer.load_state_dict(state["g_optimizer"])

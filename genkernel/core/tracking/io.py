@@ -136,6 +136,19 @@ def check_module_state(module: torch.nn.Module, saved: Mapping[str, torch.Tensor
         )
 
 
+def check_optimizer_state(optimizer: torch.optim.Optimizer, saved: Mapping[str, Any], what: str) -> None:
+    """Raise a ValueError unless ``saved`` (an optimizer ``state_dict``) has ``optimizer``'s parameter
+    groups with as many parameters each, before anything is loaded (``load_state_dict`` would fail
+    half-way, after the model was overwritten)."""
+    mine = [len(group["params"]) for group in optimizer.param_groups]
+    theirs = [len(group["params"]) for group in saved["param_groups"]]
+    if mine != theirs:
+        raise ValueError(
+            f"the checkpoint's {what} has parameter groups of {theirs} parameters, this one of {mine}: build the "
+            f"{what} as the saved run did"
+        )
+
+
 def to_device(value: Any, device: torch.device | str) -> Any:
     """``value`` with every tensor in it (through dicts, lists and tuples) moved to ``device``.
 
@@ -167,6 +180,6 @@ def jsonable(value: Any) -> Any:
 
 
 __all__ = [
-    "atomic_save", "check_module_state", "check_resume_config", "global_rng_state", "jsonable", "load_state",
+    "atomic_save", "check_module_state", "check_optimizer_state", "check_resume_config", "global_rng_state", "jsonable", "load_state",
     "set_global_rng_state", "to_device",
 ]
