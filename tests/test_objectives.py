@@ -173,8 +173,6 @@ def test_denoisers_refuse_float_timesteps_and_an_odd_time_embedding():
 
 
 def test_the_ddpm_cifar10_unet_computes_the_original_models_function():
-    from diffusers.models.embeddings import get_timestep_embedding
-
     from genkernel.diffusion.configs import ddpm_cifar10_unet
 
     model = ddpm_cifar10_unet(seed=0)

@@ -10,8 +10,6 @@ import json
 import math
 from pathlib import Path
 
-import pytest
-
 from recipes import common
 from recipes.benchmarks import kernels, scale
 from recipes.benchmarks.harness import write_outputs
