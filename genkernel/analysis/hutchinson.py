@@ -24,7 +24,8 @@ is
 
 Either way E_batch E_r[vᵀ H v] = tr(Σ_k H): the estimate is unbiased over batch draws (the tests
 check this by Monte Carlo over many batches against :func:`exact_trace_sigma_hessian`). The
-earlier choice a = 1/B is biased low by (B − 1)/B · N/(N − B) (0.80 at B = 4, N = 64). A batch of
+earlier choice a = 1/B scales the estimate by (B − 1)/B with replacement and by
+(B − 1)/B · N/(N − B) without (0.80 at B = 4, N = 64: low while B² < N, high beyond). A batch of
 one example has no spread to estimate Σ_k from (refused), and a full batch drawn without
 replacement (B = N) has Σ_k = 0. Within one epoch consecutive batches are not independent (they
 exclude each other's examples); the Itô term uses each batch's marginal distribution and does

@@ -171,7 +171,10 @@ class PathKernelTracker:
     """Keeps the exact path-kernel ledgers of ``model`` trained by ``optimizer``.
 
     Args:
-        model: the trained module. BatchNorm or dropout in training mode are refused.
+        model: the trained module. BatchNorm with batch statistics and dropout in training mode
+            couple or randomize examples: they are tracked exactly on the dense route (group
+            gradients from the step's own graph) and refused by the per-example routes (factored,
+            sketched) and under DistributedDataParallel (BatchNorm).
         optimizer: SGD (momentum, dampening, Nesterov, weight decay), Adam, AdamW (amsgrad,
             maximize) or RMSprop (momentum, centered), one or several parameter groups, owning
             exactly the model's trainable parameters.
