@@ -138,6 +138,9 @@ class UpdateSplitter:
         """Read hyperparameters (and the pre-existing state on the first step) before the step, and
         which parameters the optimizer will skip (no gradient)."""
         self.skipped = {name for name, p in self.params.items() if p.grad is None}
+        # Re-read which parameter group holds each parameter: the set of parameters is checked by the
+        # tracker, but a parameter moved between groups steps with its new group's hyperparameters.
+        self.group_of = self._group_index(self.optimizer, self.params)
         for name, p in self.params.items():
             group = self.optimizer.param_groups[self.group_of[name]]
             self.hyper[name] = self._hyperparameters(group)
@@ -266,7 +269,10 @@ class UpdateSplitter:
                     where = "" if len(self.partitions) == 1 else f" of partition '{partition}'"
                     raise LedgerCheckError(
                         f"parameter '{name}': the groups' {self.state_key}{where} sums to something other than the "
-                        f"optimizer's {self.state_key} (relative gap {gap:.2e} > {rtol:.0e})"
+                        f"optimizer's {self.state_key} (relative gap {gap:.2e} > {rtol:.0e}); was the optimizer's state "
+                        "loaded, reset or edited since the tracker's previous step (optimizer.load_state_dict, "
+                        "optimizer.state.clear())? The split cannot follow state it did not see: build a new "
+                        "tracker after changing the optimizer's state"
                     )
 
     def state_dict(self) -> dict[str, Any]:
@@ -332,6 +338,31 @@ class AdamSplitter(UpdateSplitter):
     def __init__(self, optimizer, params, partitions, dtype=torch.float64):
         super().__init__(optimizer, params, partitions, dtype)
         self._adamw = isinstance(optimizer, torch.optim.AdamW)
+        self._check_tensor_hyperparameters()
+
+    def capture(self) -> None:
+        super().capture()
+        self._check_tensor_hyperparameters()  # a scheduler may have set them since
+
+    def _check_tensor_hyperparameters(self) -> None:
+        """Refuse lr or betas held as tensors less precise than the parameters: PyTorch's Adam (not
+        fused) then computes its step size and bias corrections in the tensor's dtype (float32 for
+        ``lr=torch.tensor(1e-3)``), a rounding of the whole update the split, in the parameters'
+        precision, cannot reproduce to the checks' tolerance."""
+        for name, p in self.params.items():
+            group = self.optimizer.param_groups[self.group_of[name]]
+            if group.get("fused"):
+                continue
+            beta1, beta2 = group["betas"]
+            for key, value in (("lr", group["lr"]), ("betas[0]", beta1), ("betas[1]", beta2)):
+                if (isinstance(value, torch.Tensor) and value.is_floating_point()
+                        and torch.finfo(value.dtype).eps > torch.finfo(p.dtype).eps):
+                    raise ValueError(
+                        f"{type(self.optimizer).__name__}'s {key} is a {value.dtype} tensor but parameter '{name}' is "
+                        f"{p.dtype}: PyTorch computes Adam's step size and bias corrections in the tensor's dtype, a "
+                        "rounding the exact split cannot reproduce. Pass it as a Python float, or as a tensor of the "
+                        f"parameters' dtype ({p.dtype})"
+                    )
 
     def _hyperparameters(self, group):
         beta1, beta2 = group["betas"]
