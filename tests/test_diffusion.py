@@ -33,13 +33,7 @@ F64 = torch.float64
 T = 100  # short schedules keep the tests fast; the maths does not depend on T
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These models are tiny: one thread is faster, and far faster on a busy machine."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models run faster on one thread
 
 
 def ring(n, seed=0, dtype=torch.float64):

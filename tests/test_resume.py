@@ -20,23 +20,13 @@ from torch.utils.data import DataLoader, TensorDataset
 from genkernel.core.tracking.io import atomic_save, load_state
 from genkernel.diffusion import DDPMTrainer, MLPDenoiser, NoiseLevelAnalyzer, make_scheduler
 from genkernel.gan import GANTrainer, MLPDiscriminator, MLPGenerator
+from test_ddpm_trainer import ring
 
 T = 100
 F64 = torch.float64
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These models are tiny: one thread is faster, and far faster on a busy machine."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
-def ring(n, seed=0):
-    angle = torch.rand(n, generator=torch.Generator().manual_seed(seed), dtype=F64) * 2 * math.pi
-    return 2 * torch.stack([angle.cos(), angle.sin()], dim=1)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models run faster on one thread
 
 
 def small_mlp(seed=0, hidden=16):
