@@ -90,11 +90,15 @@ def num_train_timesteps(scheduler) -> int:
 
 def check_timesteps(timesteps: torch.Tensor, scheduler, *, name: str = "timesteps") -> torch.Tensor:
     """Return ``timesteps`` as a LongTensor[B] after checking they lie in [0, T)."""
+    return _integer_timesteps(timesteps, num_train_timesteps(scheduler), name)
+
+
+def _integer_timesteps(timesteps: torch.Tensor, total: int, name: str) -> torch.Tensor:
+    """``timesteps`` as a LongTensor[B] on its device after checking they are integers in [0, T = total)."""
     if not isinstance(timesteps, torch.Tensor) or timesteps.dim() != 1:
         raise TypeError(f"{name} must be a 1-D integer Tensor [B], got {getattr(timesteps, 'shape', type(timesteps).__name__)}")
     if timesteps.is_floating_point() or timesteps.is_complex():
         raise TypeError(f"{name} must be integer timesteps (a LongTensor), got dtype {timesteps.dtype}")
-    total = num_train_timesteps(scheduler)
     if timesteps.numel() and (int(timesteps.min()) < 0 or int(timesteps.max()) >= total):
         raise ValueError(
             f"{name} must lie in [0, {total}) (the scheduler's num_train_timesteps); got values from "
@@ -174,18 +178,11 @@ def _check_bin_counts(num_bins: int, total: int) -> None:
 
 
 def _check_in_range(timesteps: torch.Tensor, total: int) -> torch.Tensor:
-    """``timesteps`` as a CPU LongTensor[B] after checking they are integers in [0, T)."""
-    if not isinstance(timesteps, torch.Tensor) or timesteps.dim() != 1:
-        raise TypeError(f"timesteps must be a 1-D integer Tensor [B], got "
-                        f"{getattr(timesteps, 'shape', type(timesteps).__name__)}")
-    if timesteps.is_floating_point() or timesteps.is_complex() or timesteps.dtype == torch.bool:
+    """``timesteps`` as a CPU LongTensor[B] after checking they are integers in [0, T); clamping would
+    put t = -1 in the first bin and t >= T in the last, bins those levels are not in."""
+    if isinstance(timesteps, torch.Tensor) and timesteps.dtype == torch.bool:
         raise TypeError(f"timesteps must be integer timesteps (a LongTensor), got dtype {timesteps.dtype}")
-    t = timesteps.long().cpu()
-    # clamping would put t = -1 in the first bin and t >= T in the last, bins those levels are not in
-    if t.numel() and (int(t.min()) < 0 or int(t.max()) >= total):
-        raise ValueError(f"timesteps must lie in [0, {total}) (num_train_timesteps); got values from "
-                         f"{int(t.min())} to {int(t.max())}")
-    return t
+    return _integer_timesteps(timesteps, total, "timesteps").cpu()
 
 
 def timestep_bins(timesteps: torch.Tensor, num_bins: int, total: int) -> torch.Tensor:
