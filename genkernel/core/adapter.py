@@ -472,6 +472,28 @@ def functional_model(
     return forward
 
 
+def under_torch_func(t: torch.Tensor) -> bool:
+    """Whether ``t`` is inside a torch.func transform (vmap, grad, jvp): data-dependent checks
+    cannot run there (a loss checks its values in the training step's own call instead)."""
+    return bool(torch._C._functorch.is_functorch_wrapped_tensor(t))
+
+
+def targets_per_example(outputs: torch.Tensor, targets: Any, what: str) -> torch.Tensor:
+    """``targets`` reshaped to ``outputs``' shape ``[B, ...]``; refuses targets with another batch
+    size or another number of values per example, which a plain reshape or broadcast would pair
+    with the wrong outputs without an error."""
+    if not isinstance(targets, torch.Tensor):
+        raise TypeError(f"{what} needs targets as a Tensor, got {type(targets).__name__}")
+    batch = outputs.shape[0]
+    if targets.dim() == 0 or targets.shape[0] != batch or targets.numel() != outputs.numel():
+        raise ValueError(
+            f"{what}: targets of shape {tuple(targets.shape)} do not match outputs of shape {tuple(outputs.shape)}: "
+            f"targets need the batch ({batch}) on dimension 0 and the same number of values per example as the "
+            "outputs (pass targets shaped like the model's output)"
+        )
+    return targets.reshape(outputs.shape)
+
+
 def not_fitting_inputs(error: BaseException) -> bool:
     """Whether a forward's ``error`` can mean that its inputs do not fit the model; not for an
     out-of-memory error or a failed collective (a peer process gone), which must reach the caller

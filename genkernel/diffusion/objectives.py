@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import torch
 
+from ..core.adapter import targets_per_example
+
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 BETA_SCHEDULES = ("linear", "squaredcos_cap_v2")
 
@@ -143,15 +145,8 @@ def noisy_input(scheduler, clean: torch.Tensor, noise: torch.Tensor, timesteps: 
 
 def _flat_pair(outputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``outputs`` and ``targets`` as ``[B, D]``; a ValueError unless each example has D values in both."""
-    batch = outputs.shape[0]
-    # reshape(batch, -1) alone would broadcast a target [B] against outputs [B, D], or split a [2B] target
-    # across rows: the loss would then be computed against the wrong values without an error
-    if targets.dim() < 1 or targets.shape[0] != batch or targets[0].numel() != outputs[0].numel():
-        raise ValueError(
-            f"outputs {tuple(outputs.shape)} and targets {tuple(targets.shape)} must hold the same number of values "
-            "per example (same batch size B, same D): pass targets shaped like the model's output"
-        )
-    return outputs.reshape(batch, -1), targets.reshape(batch, -1)
+    targets = targets_per_example(outputs, targets, "the diffusion loss")
+    return outputs.reshape(outputs.shape[0], -1), targets.reshape(outputs.shape[0], -1)
 
 
 def diffusion_loss(outputs: torch.Tensor, targets: torch.Tensor | tuple[torch.Tensor, ...]) -> torch.Tensor:

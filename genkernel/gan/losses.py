@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..core.adapter import output_tensor, unwrap
+from ..core.adapter import output_tensor, under_torch_func, unwrap
 
 LOSSES = ("nonsaturating", "hinge", "wgan-gp")
 OUTPUTS = ("logit", "probability")
@@ -118,11 +118,6 @@ def last_leaf_executed(discriminator: nn.Module, samples: torch.Tensor):
         for h in handles:
             h.remove()
     return out, (order[-1] if order else None)
-
-
-def _transformed(t: torch.Tensor) -> bool:
-    """Inside torch.func transforms (vmap, grad): no data-dependent checks there."""
-    return bool(torch._C._functorch.is_functorch_wrapped_tensor(t))
 
 
 def check_probabilities(values: torch.Tensor, what: str = "discriminator scores") -> None:
@@ -214,7 +209,7 @@ class GeneratorLoss:
         self._checked = False
 
     def __call__(self, samples: torch.Tensor, targets=None) -> torch.Tensor:
-        if self._checked or _transformed(samples):
+        if self._checked or under_torch_func(samples):
             scores = scores_of(self.discriminator(samples), samples.shape[0])
         else:
             out, last = last_leaf_executed(self.discriminator, samples)
@@ -249,7 +244,7 @@ class DiscriminatorLoss:
 
     def __call__(self, values: torch.Tensor, roles: torch.Tensor) -> torch.Tensor:
         values = values.reshape(values.shape[0])
-        if not self._checked and not _transformed(values):
+        if not self._checked and not under_torch_func(values):
             check_probabilities(values[roles != PENALTY])
             self._checked = True
         return discriminator_losses(self.kind, values, roles, self.gp_weight, self.output)

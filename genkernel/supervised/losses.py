@@ -11,30 +11,13 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-
-def _transformed(t: torch.Tensor) -> bool:
-    """Inside torch.func transforms (vmap, grad): no data-dependent checks there."""
-    return bool(torch._C._functorch.is_functorch_wrapped_tensor(t))
-
-
-def _per_example(outputs: torch.Tensor, targets: torch.Tensor, what: str) -> torch.Tensor:
-    """``targets`` as ``[B, ...outputs' per-example shape]``; refuses another batch size or
-    another number of values per example (a reshape would pair them with the wrong outputs)."""
-    if not isinstance(targets, torch.Tensor):
-        raise TypeError(f"{what} needs targets as a Tensor, got {type(targets).__name__}")
-    b = outputs.shape[0]
-    if targets.dim() == 0 or targets.shape[0] != b or targets.numel() != outputs.numel():
-        raise ValueError(
-            f"{what}: targets of shape {tuple(targets.shape)} do not match outputs of shape {tuple(outputs.shape)}: "
-            f"targets need the batch ({b}) on dimension 0 and as many values per example as the outputs"
-        )
-    return targets.reshape(outputs.shape)
+from ..core.adapter import targets_per_example, under_torch_func
 
 
 def mse_loss(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Mean squared error per example over its output values: ``[B]`` (targets ``[B, ...]`` with
     as many values per example as the outputs, e.g. ``[B]`` for outputs ``[B, 1]``)."""
-    return ((outputs - _per_example(outputs, targets, "mse_loss")) ** 2).reshape(outputs.shape[0], -1).mean(dim=1)
+    return ((outputs - targets_per_example(outputs, targets, "mse_loss")) ** 2).reshape(outputs.shape[0], -1).mean(dim=1)
 
 
 def cross_entropy_loss(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -56,9 +39,9 @@ def logistic_loss(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """log(1 + exp(−y f)) per example for labels y in {−1, +1} and one output: ``[B]``."""
     if outputs.numel() != outputs.shape[0]:
         raise ValueError(f"logistic_loss needs one output per example, got outputs of shape {tuple(outputs.shape)}")
-    y = _per_example(outputs, targets, "logistic_loss").reshape(-1)
+    y = targets_per_example(outputs, targets, "logistic_loss").reshape(-1)
     # Labels in {0, 1} would run without error: y = 0 gives the constant log 2 and no gradient.
-    if not _transformed(y) and not bool((y.detach().abs() == 1).all()):
+    if not under_torch_func(y) and not bool((y.detach().abs() == 1).all()):
         raise ValueError(
             f"logistic_loss needs labels in {{-1, +1}}, got values {sorted(set(y.detach().flatten().tolist()))[:5]}: "
             "map {0, 1} labels with 2 * y - 1"
