@@ -236,3 +236,30 @@ def test_group_gradients_from_factors_equal_torch_func():
         assert torch.allclose(ref_losses, fac_losses, rtol=1e-12)
         for n in ref:
             assert torch.allclose(ref[n], fac[n], rtol=1e-10, atol=1e-12 * float(ref[n].abs().max())), (name, n)
+
+
+def test_factored_group_gradients_are_taken_at_the_parameters_passed():
+    """group_gradients(params=θ) gives Σ_n W[r, n] ∇ℓ_n(θ) on every route; the factored route ran
+    the module at its own parameters instead (and the torch.func part of a mixed plan with the
+    blocks' parameters at theirs): off by 6.0 on an MLP, silently."""
+    from genkernel.core.engine.gradients import group_gradients, membership_matrix
+
+    g = torch.Generator().manual_seed(5)
+    for name, model, x1, _ in _cases(torch.float64):
+        with torch.no_grad():
+            y = torch.randn(model(x1).shape, generator=g, dtype=torch.float64)
+        theta = {n: p.detach() + 0.3 * torch.randn(p.shape, generator=g, dtype=p.dtype)
+                 for n, p in model.named_parameters() if p.requires_grad}
+        membership = membership_matrix([torch.arange(x1.shape[0]) % 2], torch.ones(x1.shape[0], dtype=torch.float64), [2])
+
+        def loss_fn(o, t):
+            return ((o - t) ** 2).sum(dim=1)
+
+        before = {n: (p, p.detach().clone()) for n, p in model.named_parameters()}
+        ref, ref_losses = group_gradients(model, theta, (x1,), y, loss_fn, membership, route="example")
+        fac, fac_losses = group_gradients(model, theta, (x1,), y, loss_fn, membership, route="factored")
+        torch.testing.assert_close(fac_losses, ref_losses, rtol=1e-12, atol=0)
+        for n in ref:
+            torch.testing.assert_close(fac[n], ref[n], rtol=1e-10, atol=1e-12 * float(ref[n].abs().max()), msg=(name, n))
+        for n, p in model.named_parameters():  # the module is left as it was: its own tensors, values and no .grad
+            assert p is before[n][0] and torch.equal(p, before[n][1]) and p.grad is None, (name, n)

@@ -242,3 +242,139 @@ def test_sketched_state_kernel_refuses_others_with_another_output_size():
         state_kernel(PerPixel(), states, others)
     with pytest.raises(ValueError, match="states give 4 outputs per example but others give 1"):
         state_kernel(PerPixel(), states, others, output_sketch=3)  # d = 1 broadcast against the 4 directions
+
+
+class MinibatchStd(nn.Module):
+    """A ProGAN/StyleGAN discriminator's minibatch-std feature: each output reads every row of the batch."""
+
+    def __init__(self):
+        super().__init__()
+        self.features, self.head = nn.Linear(4, 6), nn.Linear(7, 1)
+
+    def forward(self, x):
+        h = torch.tanh(self.features(x))
+        spread = h.var(0, unbiased=False).mean().expand(h.shape[0], 1)
+        return self.head(torch.cat([h, spread], 1))
+
+
+def test_a_plan_checked_on_one_example_is_not_reused_for_a_batch_whose_rows_interact():
+    """The covering check of a one-example call cannot see a forward that mixes the batch's rows;
+    its outcome was remembered for every later batch of the same kind (the factored engine then
+    credited the batch's coupling to each example: 0.078 off on a kernel of size 4.4)."""
+    torch.manual_seed(0)
+    model = MinibatchStd()
+    x = torch.randn(6, 4)
+    gradient_kernel(model, x[:1])  # checked on one example
+    reference = gradient_kernel(model, x, engine="functional")  # per example: each example alone
+    torch.testing.assert_close(gradient_kernel(model, x), reference, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(gradient_kernel(model, x, engine="factored"), reference, rtol=1e-10, atol=1e-12)
+
+
+class LongContext(nn.Module):
+    """Sequences longer than 4 tokens add a path that reads ``proj.weight`` outside ``proj``'s forward."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj, self.head = nn.Linear(3, 3), nn.Linear(3, 2)
+
+    def forward(self, x):
+        h = torch.tanh(self.proj(x))
+        if x.shape[1] > 4:
+            h = h + torch.nn.functional.linear(x, self.proj.weight)
+        return self.head(h.mean(1))
+
+
+def brute_sequence_jacobians(model, x):
+    params = [p for p in model.parameters() if p.requires_grad]
+    rows = []
+    for n in range(x.shape[0]):
+        out = model(x[n : n + 1]).reshape(-1)
+        rows.append(torch.stack([torch.cat([g.reshape(-1) for g in torch.autograd.grad(out[i], params, retain_graph=True)])
+                                 for i in range(out.shape[0])]))
+    return torch.stack(rows)
+
+
+@pytest.mark.parametrize("budget", [2**29, 3000])
+def test_cross_kernel_between_inputs_of_two_shapes_checks_both_and_captures_them_apart(budget):
+    """x2 with other per-example shapes than x1 (longer sequences): the covering plan was checked on
+    x1 alone (a read of a weight that only x2's forward makes was lost: 16% off), and with factors
+    recomputed per pair of chunks (small budget) the two chunks were concatenated (a crash)."""
+    torch.manual_seed(0)
+    model = LongContext()
+    x1, x2 = torch.randn(4, 3, 3), torch.randn(5, 6, 3)
+    j1, j2 = brute_sequence_jacobians(model, x1), brute_sequence_jacobians(model, x2)
+    for engine in ("auto", "factored"):
+        kernel = gradient_kernel(model, x1, x2, engine=engine, memory_budget=budget)
+        torch.testing.assert_close(kernel, torch.einsum("mdp,ndp->mn", j1, j2), rtol=1e-10, atol=1e-12)
+        blocks = gradient_kernel(model, x1, x2, engine=engine, memory_budget=budget, reduce="none", normalize=True)
+        want = torch.einsum("mdp,nep->mnde", j1, j2)
+        want = want / ((j1 * j1).sum(2).sqrt()[:, None, :, None] * (j2 * j2).sum(2).sqrt()[None, :, None, :])
+        torch.testing.assert_close(blocks, want, rtol=1e-10, atol=1e-12)
+
+
+def test_kernels_and_features_under_inference_mode_equal_those_outside_it():
+    """Lightning runs validation and test steps under torch.inference_mode, where no pass records a
+    graph: the factored engine failed there (an IndexError, or Unfactorable out of
+    tangent_features) once a first call outside it had remembered the model's plan, and an input
+    made under inference mode could not be saved for the backward."""
+    from genkernel.core.engine.projections import sketched_tangent_features
+
+    model = convnet()
+    x = torch.randn(5, 1, 8, 8)
+    j = brute_jacobians(model, x)
+    kernel = torch.einsum("mdp,ndp->mn", j, j)
+    sketch = sketched_tangent_features(model, x, k=4)
+    with torch.inference_mode():
+        noised = x * 1.0  # an inference tensor, as a validation step's noised images are
+        for engine in ("auto", "factored", "functional"):
+            torch.testing.assert_close(gradient_kernel(model, x, engine=engine), kernel, rtol=1e-10, atol=1e-12)
+            torch.testing.assert_close(gradient_kernel(model, noised, x[:2], engine=engine), kernel[:, :2], rtol=1e-10,
+                                       atol=1e-12)
+            torch.testing.assert_close(tangent_features(model, noised, engine=engine), j, rtol=1e-10, atol=1e-12)
+            torch.testing.assert_close(sketched_tangent_features(model, noised, k=4, engine=engine), sketch, rtol=1e-10,
+                                       atol=1e-12)
+
+
+class OptionalLabel(nn.Module):
+    """Classifier-free guidance's denoiser shape: the class label is optional (None: unconditional)."""
+
+    def __init__(self):
+        super().__init__()
+        self.inp, self.emb, self.norm, self.out = nn.Linear(3, 4), nn.Embedding(3, 4), nn.LayerNorm(4), nn.Linear(4, 2)
+
+    def forward(self, x, y=None):
+        h = self.inp(x)
+        if y is not None:
+            h = h + self.norm(self.emb(y))
+        return self.out(torch.tanh(h))
+
+
+def test_cross_kernel_between_unconditional_and_conditional_inputs():
+    """x1 = (x,) against x2 = (x, y): with factors recomputed per pair of chunks (a small budget),
+    the two chunks were joined by zip, which dropped x2's labels: every x2 example ran
+    unconditional, 70% off, silently; with x1 conditional and x2 held, the label path's
+    LayerNorm (materialized on one side, not called on the other) crashed in a matmul."""
+    torch.manual_seed(0)
+    model = OptionalLabel()
+    x, x2, y2 = torch.randn(4, 3), torch.randn(3, 3), torch.tensor([0, 2, 1])
+    params = list(model.parameters())
+
+    def jacobians(*inputs):  # [M, d, P]; an unconditional example has no embedding gradient: zeros
+        rows = []
+        for n in range(inputs[0].shape[0]):
+            out = model(*(t[n : n + 1] for t in inputs)).reshape(-1)
+            rows.append(torch.stack([
+                torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1)
+                           for p, g in zip(params, torch.autograd.grad(o, params, retain_graph=True, allow_unused=True))])
+                for o in out
+            ]))
+        return torch.stack(rows)
+
+    j1, j2 = jacobians(x), jacobians(x2, y2)
+    want = torch.einsum("mdp,ndp->mn", j1, j2)
+    for budget in (2**29, 2000, 1):
+        for engine in ("auto", "factored"):
+            torch.testing.assert_close(gradient_kernel(model, (x,), (x2, y2), engine=engine, memory_budget=budget), want,
+                                       rtol=1e-10, atol=1e-12)
+            torch.testing.assert_close(gradient_kernel(model, (x2, y2), (x,), engine=engine, memory_budget=budget), want.T,
+                                       rtol=1e-10, atol=1e-12)

@@ -20,6 +20,7 @@ no global random state is consumed.
 from __future__ import annotations
 
 import contextlib
+import functools
 import numbers
 import os
 from typing import Any, Callable, Iterator
@@ -32,15 +33,41 @@ Batch = torch.Tensor | tuple[torch.Tensor, ...]
 
 
 def as_tuple(batch: Batch, *, name: str = "inputs") -> tuple[torch.Tensor, ...]:
-    """Return ``batch`` as a tuple of tensors; a single tensor becomes a 1-tuple."""
+    """Return ``batch`` as a tuple of tensors; a single tensor becomes a 1-tuple.
+
+    A tensor made under ``torch.inference_mode`` (a validation step's noised images) cannot be
+    saved for a backward, which every analysis pass runs: it is copied into an ordinary tensor
+    (the same values)."""
     if isinstance(batch, torch.Tensor):
-        return (batch,)
+        return (_ordinary(batch),)
     if isinstance(batch, (tuple, list)) and len(batch) > 0 and all(isinstance(t, torch.Tensor) for t in batch):
-        return tuple(batch)
+        return tuple(_ordinary(t) for t in batch)
     raise TypeError(
         f"{name} must be a Tensor or a non-empty tuple of Tensors (positional model arguments), "
         f"got {type(batch).__name__}"
     )
+
+
+def outside_inference_mode(function: Callable) -> Callable:
+    """``function`` run with inference mode off: an entry point whose passes differentiate,
+    callable from code under ``torch.inference_mode`` (Lightning's validation and test loops),
+    where no pass records a graph. Its results are ordinary tensors."""
+
+    @functools.wraps(function)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        with torch.inference_mode(False):
+            return function(*args, **kwargs)
+
+    return run
+
+
+def _ordinary(t: torch.Tensor) -> torch.Tensor:
+    """``t``, or an ordinary copy of an inference tensor (made outside inference mode, which an
+    inference tensor's own clone would not be)."""
+    if not t.is_inference():
+        return t
+    with torch.inference_mode(False):
+        return t.clone()
 
 
 def batch_size(batch: tuple[torch.Tensor, ...], *, name: str = "inputs") -> int:

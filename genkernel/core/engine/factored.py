@@ -26,7 +26,7 @@ from torch import nn
 from ..adapter import Batch, as_tuple, batch_size, check_memory_budget, flat_output
 from .factors import (
     DEFAULT_MEMORY_BUDGET, Plan, Unfactorable, _covering_key, _dense_is_cheaper, analysis, capture, covering_plan,
-    output_cotangents,
+    output_cotangents, pair_covering_plan, same_kind,
 )
 from .reference import jacobian_pair_kernel, jacobian_self_kernel, per_example_jacobian, split_columns
 
@@ -289,9 +289,11 @@ def factored_gradient_kernel(
 
     Algorithm:
         1. Plan: supported modules are factored, every other parameter goes to torch.func
-           (:func:`~genkernel.core.engine.factors.covering_plan` checks on a sample of x1 that
-           every block's factors give each example its own whole gradient); a module found not to
-           keep the batch on dimension 0 moves to torch.func and the computation restarts.
+           (:func:`~genkernel.core.engine.factors.pair_covering_plan` checks on a sample of x1,
+           and of x2 when its inputs are of another kind, that every block's factors give each
+           example its own whole gradient); a module found not to keep the batch on dimension 0
+           moves to torch.func and the computation restarts. Inputs of two kinds (other
+           per-example shapes, another number of tensors) are captured apart, never joined.
         2. When one side's factors fit in half the budget, that side is captured once and held
            in compact form while the other streams past it (:func:`_held_kernel`). Otherwise,
            for each pair of row chunks, one forward pass of the concatenated chunk with hooks
@@ -303,9 +305,10 @@ def factored_gradient_kernel(
     """
     excluded: set[str] = set()
     xs1 = as_tuple(x1, name="x1")
+    xs2 = None if x2 is None else as_tuple(x2, name="x2")
     with analysis(model):
         while True:
-            plan = covering_plan(model, xs1, excluded) if plan is None or excluded else plan
+            plan = pair_covering_plan(model, xs1, xs2, excluded) if plan is None or excluded else plan
             try:
                 kernel, diag1, diag2 = _factored_kernel(model, x1, x2, reduce=reduce, memory_budget=memory_budget, d=d,
                                                         plan=plan, diagonals=diagonals)
@@ -358,7 +361,7 @@ def _held_kernel(model, plan, xs1, xs2, m_total, n_total, reduce, memory_budget,
 
     # 2. Stream x1 past it (symmetric: the held side's own chunks).
     shape = (m_total, n_total) if reduce == "trace" else (m_total, n_total, d, d)
-    first = held[0].g
+    first = next(iter(plan.params.values()))  # held may be empty: every block moved to torch.func
     kernel = torch.zeros(shape, dtype=first.dtype, device=first.device)
     diag_shape = () if reduce == "trace" else (d,)
     diag1 = torch.zeros((m_total, *diag_shape), dtype=first.dtype, device=first.device) if diagonals else None
@@ -417,6 +420,7 @@ def _factored_kernel(
     diag2 = diag1 if x2 is None else torch.zeros((n_total, *diag_shape), dtype=first.dtype, device=first.device)
     jac_fb = fallback_jacobian(model, plan)
     symmetric = x2 is None
+    joint = symmetric or same_kind(xs1, xs2)  # both sides' rows can share one capture
 
     with analysis(model):
         # 2. When one side's factors fit, capture each side once (no recomputation per pair).
@@ -430,29 +434,35 @@ def _factored_kernel(
                 if symmetric and r2.start < r1.start:
                     continue
                 same = symmetric and r2 == r1
-                batch = tuple(t[r1] for t in xs1) if same else tuple(
-                    torch.cat([a[r1], b[r2]]) for a, b in zip(xs1, xs2)
-                )
+                rows1, rows2 = tuple(t[r1] for t in xs1), tuple(t[r2] for t in xs2)
+                # Inputs of one kind share a capture; of two kinds (other per-example shapes) they cannot.
+                batch = rows1 if same else tuple(torch.cat([a, b]) for a, b in zip(rows1, rows2)) if joint else None
                 m = r1.stop - r1.start
                 first_pair = r2.start == 0 or (symmetric and same)
                 # 2.-3. Factored blocks, per chunk of outputs.
                 for outs in out_chunks:
-                    factors, _ = capture(model, plan, batch, output_cotangents(outs), form="compact")
-                    for f in factors:
-                        if f.is_unused:
+                    if batch is not None:
+                        factors, _ = capture(model, plan, batch, output_cotangents(outs), form="compact")
+                        pairs = [(f, f) if same else (f.select(slice(0, m)), f.select(slice(m, None))) for f in factors]
+                    else:
+                        pairs = list(zip(capture(model, plan, rows1, output_cotangents(outs), form="compact")[0],
+                                         capture(model, plan, rows2, output_cotangents(outs), form="compact")[0]))
+                    for f1, f2 in pairs:
+                        if f1.is_unused and f2.is_unused:
                             continue
-                        f1 = f if same else f.select(slice(0, m))
-                        f2 = f if same else f.select(slice(m, None))
                         kernel[r1, r2] += f1.pair_kernel(f2, reduce, memory_budget)  # "none": c = d, whole blocks
                         if first_pair:
                             diag1[r1] += f1.self_kernel(reduce)
                         if not symmetric and r1.start == 0:
                             diag2[r2] += f2.self_kernel(reduce)
-                    del factors
+                    del pairs
                 # 3. torch.func fallback parameters.
                 if jac_fb is not None:
-                    j = jac_fb(*batch).detach()  # [b, d, P_fb]
-                    j1, j2 = (j, j) if same else (j[:m], j[m:])
+                    if batch is not None:
+                        j = jac_fb(*batch).detach()  # [b, d, P_fb]
+                        j1, j2 = (j, j) if same else (j[:m], j[m:])
+                    else:
+                        j1, j2 = jac_fb(*rows1).detach(), jac_fb(*rows2).detach()
                     kernel[r1, r2] += jacobian_pair_kernel(j1, j2, reduce)
                     if first_pair:
                         diag1[r1] += jacobian_self_kernel(j1, reduce)

@@ -202,19 +202,23 @@ def covering_plan(model: nn.Module, inputs: tuple[torch.Tensor, ...], exclude: I
     The outcome is remembered per model for the same structure and inputs of the same kind
     (:func:`_covering_key`: every module and parameter by identity, shape, dtype and
     trainability, instance-level ``forward`` overrides and hooks, global module hooks, the inputs'
-    per-example shapes and dtypes, ``exclude``): a later call with any of them changed checks
-    again. What the key cannot see (an attribute the forward branches on, changed between calls)
-    is not checked again; a tracker's per-step check of the group gradients against the real
-    gradient still sees a parameter read the hooks miss.
+    per-example shapes and dtypes, ``exclude``, and the number of examples sampled: an outcome
+    checked on one example does not stand for a batch of several): a later call with any of them
+    changed checks again. What the key cannot see (an attribute the forward branches on, changed
+    between calls) is not checked again; a tracker's per-step check of the group gradients
+    against the real gradient still sees a parameter read the hooks miss.
     """
     exclude = frozenset(exclude)
-    key = _covering_key(model, inputs, exclude)
+    rows = batch_size(inputs)
+    sampled = min(COVERAGE_SAMPLE, rows)
+    # A check on fewer examples sees less: one example alone cannot show a forward that mixes the
+    # batch's rows (a minibatch-std layer), so its outcome never stands for a larger batch's.
+    key = (_covering_key(model, inputs, exclude), sampled)
     known = _COVERED.get(model, {})
     if key in known:
         return make_plan(model, known[key])
     found = set(exclude)
-    rows = batch_size(inputs)
-    spread = torch.linspace(0, rows - 1, min(COVERAGE_SAMPLE, rows)).round().long().unique()
+    spread = torch.linspace(0, rows - 1, sampled).round().long().unique()
     sample = tuple(t[spread.to(t.device)] for t in inputs)
     while True:
         plan = make_plan(model, found)
@@ -237,6 +241,27 @@ def covering_plan(model: nn.Module, inputs: tuple[torch.Tensor, ...], exclude: I
 
 
 _COVERED: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
+
+
+def same_kind(xs1: tuple[torch.Tensor, ...], xs2: tuple[torch.Tensor, ...]) -> bool:
+    """Whether two batches hold inputs of one kind: as many tensors, with the same per-example
+    shapes, dtypes and devices (what a concatenation of their rows needs)."""
+    return len(xs1) == len(xs2) and all(
+        a.shape[1:] == b.shape[1:] and a.dtype == b.dtype and a.device == b.device for a, b in zip(xs1, xs2)
+    )
+
+
+def pair_covering_plan(model: nn.Module, xs1: tuple[torch.Tensor, ...], xs2: tuple[torch.Tensor, ...] | None,
+                       exclude: Iterable[str] = frozenset()) -> Plan:
+    """:func:`covering_plan` for a kernel between two batches: checked on ``xs1`` and, when ``xs2``
+    holds inputs of another kind (:func:`same_kind`: other per-example shapes, a forward that may
+    take another path), on ``xs2`` too; a block either check moves to the fallback is left to it."""
+    plan = covering_plan(model, xs1, exclude)
+    if xs2 is None or same_kind(xs1, xs2):
+        return plan
+    other = covering_plan(model, xs2, exclude)
+    kept = {block.name for block in plan.blocks} & {block.name for block in other.blocks}
+    return make_plan(model, set(exclude) | {block.name for block in make_plan(model).blocks if block.name not in kept})
 
 
 def _covering_key(model: nn.Module, inputs: tuple[torch.Tensor, ...], exclude: frozenset) -> tuple:
@@ -523,7 +548,8 @@ class Factors:
     def add_pair_kernel(self, out: torch.Tensor, other: "Factors", reduce: str, budget: int = DEFAULT_MEMORY_BUDGET) -> None:
         """``out += self.pair_kernel(other, reduce, budget)``, in place (one matmul per
         cotangent for materialized blocks, with no temporary kernel); returns nothing."""
-        if reduce == "trace" and self.kind == "dense" and other.kind == "dense":
+        dense = self.kind == "dense" and other.kind == "dense" and not (self.is_unused or other.is_unused)
+        if reduce == "trace" and dense:  # (a block one side did not call has no columns: pair_kernel's zeros)
             for k in range(self.g.shape[0]):
                 out.addmm_(self.g[k], other.g[k].T)
             return
@@ -1091,5 +1117,5 @@ def loss_cotangents(loss_fn: Callable, targets) -> tuple[Callable[[torch.Tensor]
 __all__ = [
     "Block", "DEFAULT_MEMORY_BUDGET", "Factors", "Plan", "TrainingCapture", "Unfactorable", "capture", "covering_plan",
     "dense_pair_is_cheaper", "lean_materializes", "loss_cotangents", "make_plan", "output_cotangents",
-    "self_kernel_materializes",
+    "pair_covering_plan", "same_kind", "self_kernel_materializes",
 ]

@@ -135,9 +135,10 @@ def _target_rows(targets, rows: slice):
     return tuple(t[rows] for t in targets)
 
 
-def _example_route(model, params, inputs, targets, loss_fn, membership, memory_budget):
-    """Per-example gradients in chunks, multiplied into the rows (see the module docstring)."""
-    forward = functional_model(model, flatten=False)  # loss_fn sees outputs shaped as in training
+def _example_route(model, params, inputs, targets, loss_fn, membership, memory_budget, fixed=None):
+    """Per-example gradients in chunks, multiplied into the rows (see the module docstring);
+    ``fixed``: values of other parameters (default: the module's)."""
+    forward = functional_model(model, fixed, flatten=False)  # loss_fn sees outputs shaped as in training
     detached = {name: p.detach() for name, p in params.items()}
     batch = inputs[0].shape[0]
 
@@ -328,8 +329,15 @@ def _factored_route(model, params, inputs, targets, loss_fn, membership, memory_
            independent); per layer, per-example gradients Σ_t g_t a_tᵀ are materialized one block
            at a time and multiplied into the rows in float64.
         3. Parameters outside supported modules: the "example" route, restricted to them.
+
+    ``params`` other than the module's own parameters (θ_k elsewhere than where the module is) are
+    where the forward and backward run, as in the other routes.
     """
     plan = covering_plan(model, inputs)
+    own = dict(model.named_parameters())
+    at = None if all(own.get(n) is p for n, p in params.items()) else {
+        n: p.detach().requires_grad_(True) for n, p in params.items()  # capture needs θ with a graph
+    }
     batch = batch_size(inputs)
     rows_total = membership.shape[0]
     sums = {n: torch.zeros((rows_total, *p.shape), dtype=torch.float64, device=p.device) for n, p in params.items()}
@@ -339,12 +347,13 @@ def _factored_route(model, params, inputs, targets, loss_fn, membership, memory_
     for start in range(0, batch, rows):
         chunk = slice(start, min(start + rows, batch))
         cotangents, box = loss_cotangents(loss_fn, _target_rows(targets, chunk))
-        factors, _ = capture(model, plan, tuple(t[chunk] for t in inputs), cotangents)
+        factors, _ = capture(model, plan, tuple(t[chunk] for t in inputs), cotangents, parameters=at)
         losses.append(box["losses"])
         add_factor_rows(sums, membership[:, chunk], factors)
     fallback = {n: params[n] for n in plan.fallback if n in params}
     if fallback:
-        extra, _ = _example_route(model, fallback, inputs, targets, loss_fn, membership, memory_budget)
+        others = {n: p.detach() for n, p in params.items() if n not in fallback}
+        extra, _ = _example_route(model, fallback, inputs, targets, loss_fn, membership, memory_budget, others)
         sums.update(extra)
     return sums, torch.cat(losses)
 

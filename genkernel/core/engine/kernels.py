@@ -28,11 +28,12 @@ from ..adapter import (
     check_memory_budget,
     check_per_example_safe,
     checked_forward,
+    outside_inference_mode,
     trainable_parameters,
     unwrap,
 )
 from .factored import _probe_sizes, _Sizes, chunk_sizes, chunks, factored_gradient_kernel, factored_jacobian
-from .factors import DEFAULT_MEMORY_BUDGET, Plan, analysis, covering_plan, make_plan
+from .factors import DEFAULT_MEMORY_BUDGET, Plan, analysis, covering_plan, make_plan, pair_covering_plan
 from .reference import jacobian_pair_kernel, jacobian_self_kernel, per_example_jacobian
 
 ENGINES = ("auto", "factored", "functional")
@@ -100,6 +101,7 @@ def choose_engine(plan: Plan, d: int, engine: str = "auto", *, rows: tuple[int, 
     return "factored" if m * n * d * kept > 3 * (m + n) * forward else "functional"
 
 
+@outside_inference_mode
 def kernel_plan(model: nn.Module, x: Batch, *, engine: str = "auto", memory_budget: int = DEFAULT_MEMORY_BUDGET,
                 rows_total: int | None = None) -> KernelPlan:
     """The engine and chunk sizes :func:`gradient_kernel` uses for ``model`` on inputs like ``x``
@@ -121,13 +123,15 @@ def _plan(model, params, xs, d: int, rows_total: int, engine: str, memory_budget
     return KernelPlan("factored", d, rows, c, plan.factored_fraction)
 
 
-def _engine_plan(model: nn.Module, xs: tuple[torch.Tensor, ...], d: int, rows: tuple[int, int], engine: str) -> Plan | None:
+def _engine_plan(model: nn.Module, xs: tuple[torch.Tensor, ...], d: int, rows: tuple[int, int], engine: str,
+                 xs2: tuple[torch.Tensor, ...] | None = None) -> Plan | None:
     """The covering plan the factored engine runs, or None where :func:`choose_engine` picks
     torch.func (called in analysis mode). The covering check runs only where "auto" needs it to
-    decide (a model with factored layers and at most ``AUTO_FACTORED_MAX_OUTPUTS`` outputs)."""
+    decide (a model with factored layers and at most ``AUTO_FACTORED_MAX_OUTPUTS`` outputs); for
+    a kernel against ``xs2`` of another kind, on both (:func:`~genkernel.core.engine.factors.pair_covering_plan`)."""
     if choose_engine(make_plan(model), d, engine) == "functional":
         return None
-    plan = covering_plan(model, xs)
+    plan = pair_covering_plan(model, xs, xs2)
     if not plan.blocks:  # every parameter goes through torch.func: that is the functional engine
         return None
     if engine == "auto" and plan.fallback:
@@ -165,6 +169,7 @@ def _prepare(model: nn.Module, x: Batch, name: str, checked: bool = False):
     return params, xs, n, d
 
 
+@outside_inference_mode
 def gradient_kernel(
     model: nn.Module,
     x1: Batch,
@@ -217,7 +222,7 @@ def _gradient_kernel(model, x1, x2, normalize, reduce, memory_budget, engine) ->
         if d2 != d:
             raise ValueError(f"x1 gives {d} outputs per example but x2 gives {d2}")
 
-    plan = _engine_plan(model, x1s, d, (m_total, n_total), engine)
+    plan = _engine_plan(model, x1s, d, (m_total, n_total), engine, None if x2 is None else x2s)
     if plan is not None:
         kernel, diag1, diag2 = factored_gradient_kernel(
             model, x1s, None if x2 is None else x2s, reduce=reduce, memory_budget=memory_budget, d=d, diagonals=normalize,
@@ -266,6 +271,7 @@ def _roots(diag: torch.Tensor) -> torch.Tensor:
     return diag.clamp_min(0).sqrt()
 
 
+@outside_inference_mode
 def tangent_features(
     model: nn.Module,
     x: Batch,

@@ -33,6 +33,7 @@ from ..adapter import (
     check_memory_budget,
     check_per_example_safe,
     checked_forward,
+    outside_inference_mode,
     positive_int,
     trainable_parameters,
     unwrap,
@@ -248,6 +249,7 @@ def project_gradients(
     return total
 
 
+@outside_inference_mode
 def sketched_tangent_features(
     model: nn.Module,
     x: Batch,
@@ -309,6 +311,7 @@ def sketched_tangent_features(
     return out
 
 
+@outside_inference_mode
 def sketched_gradient_kernel(
     model: nn.Module,
     x1: Batch,
