@@ -425,3 +425,36 @@ def test_a_step_a_grad_scaler_skips_is_no_step_of_the_ledger(set_to_none):
     assert tracker.ledger.steps == without.ledger.steps == 3
     torch.testing.assert_close(tracker.ledger.contributions, without.ledger.contributions, rtol=1e-6, atol=1e-9)
     assert tracker.ledger.relative_residual() < 1e-3
+
+
+def test_micro_batches_weighted_unlike_the_observed_means_are_refused_with_the_fix():
+    """losses.sum() over micro-batches of 8 and 4 examples is no scalar times the observed means'
+    sum: refused, naming observe's weights=; with the loss's own coefficients (ones) the observed
+    ledger is the owned step's with those weights."""
+    x, y, g = data(1)[0]
+    parts = [slice(0, 8), slice(8, 12)]
+
+    def loop(tracker, weights):
+        for rows in parts:
+            losses = mse_loss(model(x[rows]), y[rows])
+            tracker.observe(losses, g[rows], weights=None if weights is None else torch.ones(rows.stop - rows.start, dtype=F64))
+            losses.sum().backward()
+        opt.step()
+        opt.zero_grad()
+
+    model = mlp()
+    opt = torch.optim.Adam(model.parameters(), lr=0.01)
+    tracker = PathKernelTracker(model, opt, mse_loss, PROBES, num_groups=3)
+    with pytest.raises(LedgerCheckError, match="weights="):
+        loop(tracker, None)
+    assert tracker.ledger.steps == 0 and tracker.observed_micro_batches == 0
+    model = mlp()
+    opt = torch.optim.Adam(model.parameters(), lr=0.01)
+    tracker = PathKernelTracker(model, opt, mse_loss, PROBES, num_groups=3)
+    loop(tracker, "ones")
+    owned_model = mlp()
+    owned = PathKernelTracker(owned_model, torch.optim.Adam(owned_model.parameters(), lr=0.01), mse_loss, PROBES,
+                              num_groups=3)
+    owned.step(x, y, g, weights=torch.ones(12, dtype=F64))
+    scale = float(owned.ledger.contributions.abs().max())
+    torch.testing.assert_close(tracker.ledger.contributions, owned.ledger.contributions, rtol=0, atol=1e-12 * scale)

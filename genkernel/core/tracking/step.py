@@ -52,6 +52,9 @@ class OptimizerStep:
     clip_factor: float = field(default=1.0, init=False)
     losses: torch.Tensor | None = field(default=None, init=False)
     applied: bool = field(default=False, init=False)
+    # The model's output tensor with its graph, set during ``before_backward`` only (an analyzer
+    # checks there that each example's loss reads its own output rows alone).
+    outputs: torch.Tensor | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.inputs = as_tuple(self.inputs, name="inputs")
@@ -70,7 +73,8 @@ class OptimizerStep:
 
         ``before_backward(losses)``: called with the per-example losses, graph attached, between the
         forward and the backward (an analyzer takes group gradients from the step's own graph there,
-        with ``retain_graph=True``; training is unchanged).
+        with ``retain_graph=True``; training is unchanged); :attr:`outputs` holds the model's output
+        tensor during the call.
 
         Raises NonFiniteError before any parameter changes when a loss or gradient is not finite.
         """
@@ -97,7 +101,11 @@ class OptimizerStep:
             bad = torch.nonzero(~torch.isfinite(losses)).flatten().tolist()
             raise NonFiniteError(f"non-finite loss at examples {bad[:10]}")
         if before_backward is not None:
-            before_backward(losses)
+            self.outputs = outputs
+            try:
+                before_backward(losses)
+            finally:
+                self.outputs = None
         loss = losses.mean() if self.weights is None else (losses * self.weights.to(losses)).sum()
         self.optimizer.zero_grad()
         loss.backward()

@@ -197,7 +197,10 @@ class PathKernelTracker:
             about one weight-gradient pass whatever R, or from a vmapped second pass when the
             records would not fit ``memory_budget``), "factored" (the same layer factors from a
             second pass in chunks), or "auto" ("graph" for few groups or a model that couples
-            examples, else "example").
+            examples, else "example"). The per-example routes ("example", "factored", and
+            group_state "factored" and "sketched") need a ``loss_fn`` whose ℓ_n reads example n's
+            outputs only; a loss that couples the batch (a batch mean, a contrastive term) is
+            refused at the step with the advice to use "graph".
         group_state: how the groups' updates are held (:mod:`genkernel.core.tracking.routes`):
             "dense": a float64 copy of the parameters per group and per kind of optimizer state,
             (Σ G + 2) × P values (any supported optimizer; cost grows with the groups);
@@ -268,7 +271,9 @@ class PathKernelTracker:
         self._check_precision()  # before anything runs the model: autocast may hide in a wrapped forward
         check_analysis_safe(self.module)
         self.params = trainable_parameters(self.module)
-        self.probes = as_tuple(probes, name="probes")
+        # The tracker's own copy: probes that are views of a buffer the loop refills (a batch sliced
+        # from a loader's reused tensor) would otherwise change under the ledger between steps.
+        self.probes = tuple(t.detach().clone() for t in as_tuple(probes, name="probes"))
         rows_of(self.probes, name="probes")  # refuses probes of unequal lengths
         check_finite(self.probes, name="probes")
         check_deterministic(self.module, self.probes)
@@ -452,8 +457,9 @@ class PathKernelTracker:
                 # model's group gradients come from the route's own pass.
                 recorded = TrainingCapture.idle() if is_compiled(step.model) else self.route.recording(step.batch)
                 with recorded:  # stops recording before the backward
-                    losses = step.compute_gradients(
-                        lambda graph_losses: (recorded.stop(graph_losses), together.passed()))
+                    losses = step.compute_gradients(lambda graph_losses: (
+                        recorded.stop(graph_losses), self._check_separate_losses(graph_losses, step.outputs),
+                        together.passed()))
                 with torch.no_grad(), analysis_mode(self.module), torch.enable_grad():
                     gradients = self.route.gradients(step, ids, coefficients.to(losses.device), recorded)
             pending = self._begin(index, step.phase, ids, theta_before, saved, gradients, losses, step.clip_factor)
@@ -944,16 +950,31 @@ class PathKernelTracker:
                 "the saved tracker state belongs to another set-up: " + "; ".join(differences)
                 + ". Load it into a tracker built with the same probes, model and optimizer"
             )
-        self.ledgers = {name: PathKernelLedger.from_state_dict(s) for name, s in state["ledgers"].items()}
-        self.splitter.load_state_dict(state["splitter"])
+        if (state["ema"] is None) != (self.ema is None):
+            raise ValueError("the saved tracker and this one differ in keeping an EMA ledger: call track_ema(ema) on "
+                             "both or on neither before loading")
+        # All or nothing: a state refused half-way (another sketch, a damaged entry) leaves this
+        # tracker as it was, not with saved ledgers over fresh group state.
+        previous = self.state_dict()
+        try:
+            self._load(state)
+        except BaseException as error:
+            self._load(to_device(previous, next(iter(self.params.values())).device))
+            if isinstance(error, (KeyError, TypeError)):
+                raise ValueError(f"the saved tracker state is damaged or incomplete ({type(error).__name__}: {error}); "
+                                 "this tracker is left as it was: load a state written by tracker.save") from error
+            raise
+
+    def _load(self, state: dict[str, Any]) -> None:
+        """Set every part of the tracker from a checked :meth:`state_dict` (the route first: it
+        refuses another sketch before anything changes)."""
         self.route.load_state_dict(state["route"])
+        self.splitter.load_state_dict(state["splitter"])
+        self.ledgers = {name: PathKernelLedger.from_state_dict(s) for name, s in state["ledgers"].items()}
         self._f_prev = state["f_prev"].clone()
         self._theta_after = state["theta_after"]
         self.gradient_scales = list(state["gradient_scales"])
         self.skipped_steps = list(state.get("skipped_steps", []))
-        if (state["ema"] is None) != (self.ema is None):
-            raise ValueError("the saved tracker and this one differ in keeping an EMA ledger: call track_ema(ema) on "
-                             "both or on neither before loading")
         if self.ema is not None:
             self.ema.load_state_dict(state["ema"])
         self._grad_marks = None
@@ -999,6 +1020,42 @@ class PathKernelTracker:
                     "per-example coefficients"
                 )
 
+    def _check_separate_losses(self, losses: torch.Tensor, outputs: torch.Tensor | None) -> None:
+        """Refuse a loss that couples examples on a per-example route.
+
+        The per-example routes (gradient_route "example"/"factored", group_state "factored" and
+        "sketched") read each example's gradient from its own rows of the forward pass: exact when
+        ℓ_n reads example n's outputs only. A loss that mixes the batch (centred on the batch's mean
+        output, contrastive, a discriminator with batch statistics inside ``loss_fn``) makes them
+        attribute every ∂ℓ_m/∂out_n to example n instead of to m: the totals still agree, the groups
+        do not. The test needs no batch layout: with J = ∂losses/∂outputs ``[B, E]`` and any
+        weights a_n, every column of a separable J has one nonzero row, so
+        (a²ᵀJ) ⊙ (1ᵀJ) = (aᵀJ)² elementwise; with two examples in a column and distinct a_n it fails
+        (Cauchy–Schwarz). Three backward passes through the loss only (``retain_graph``).
+        """
+        if outputs is None or not outputs.requires_grad or losses.shape[0] < 2:
+            return
+        a = torch.rand(losses.shape[0], generator=torch.Generator().manual_seed(0), dtype=torch.float64).add_(0.5)
+        a = a.to(device=losses.device, dtype=losses.dtype)
+        parts = []
+        for weights in (torch.ones_like(a), a, a * a):
+            (grad,) = torch.autograd.grad(losses, outputs, weights, retain_graph=True, allow_unused=True)
+            if grad is None:
+                return
+            parts.append(grad.to(torch.float64))
+        ones, first, second = parts
+        lhs, rhs = second * ones, first * first
+        tolerance = 1e3 * torch.finfo(outputs.dtype).eps if outputs.is_floating_point() else 1e-10
+        gap = float((lhs - rhs).norm())
+        if gap > tolerance * float(lhs.norm() + rhs.norm()):
+            raise ValueError(
+                f"loss_fn couples the examples of a batch (an example's loss depends on other examples' outputs: a "
+                f"batch mean, a contrastive term, batch statistics inside the loss), so the per-example route of "
+                f"group_state={self.group_state!r} would give each example the gradients of other examples' "
+                "losses. Build the tracker with group_state='dense', gradient_route='graph' (group gradients from "
+                "the batch's own graph: exact for such losses)"
+            )
+
     def _check_gradients(self, index: int, gradients, losses: torch.Tensor) -> dict[str, dict[str, torch.Tensor]]:
         """Check step 1 against training; returns every partition's rounding gap
         ``{partition: {name: real gradient − Σ_g ĝ_g}}``."""
@@ -1026,9 +1083,15 @@ class PathKernelTracker:
                 gap = float(rounding[partition][name].norm())
                 if gap > self.rtol * scales[name] + floor:
                     where = "" if len(partitions) == 1 else f" of partition '{partition}'"
+                    hint = "" if not self._observing else (
+                        ": in an observed loop the optimizer's gradient must be one scalar times the observed sum "
+                        "Σ_n c_n ∇ℓ_n over the step's micro-batches (c_n = 1/B of its micro-batch unless observe() "
+                        "was given weights=). A loss weighted otherwise (losses.sum() over micro-batches of unequal "
+                        "sizes, per-example weights, an added term such as a penalty on the weights) cannot be split: "
+                        "pass the loss's own per-example coefficients to observe(losses, groups, weights=)")
                     raise LedgerCheckError(
                         f"step {index}: the group gradients{where} of '{name}' do not add up to the real gradient "
-                        f"(gap {gap:.3e}, scale {scales[name]:.3e})"
+                        f"(gap {gap:.3e}, scale {scales[name]:.3e}){hint}"
                     )
         return rounding
 
