@@ -102,3 +102,59 @@ def test_peak_working_memory_under_budget():
 def test_functional_kernel_under_budget():
     """The torch.func engine recomputes Jacobians per pair of row chunks: minutes at this budget."""
     _check(["kernel_functional"])
+
+
+def _allocated_peak(fn) -> int:
+    """Peak bytes of CPU tensors allocated and still alive while ``fn`` runs (the profiler's
+    allocation events, in order; what existed before is not counted)."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
+                    key=lambda e: e.start_ns())
+    live = peak = 0
+    for event in events:
+        live += event.nbytes()
+        peak = max(peak, live)
+    return peak
+
+
+@pytest.mark.parametrize("group_state, optimizer, state_dtype", [
+    ("dense", "adam", "float32"), ("dense", "sgd", "float64"), ("sketched", "momentum", "float64"),
+    ("factored", "sgd", "float64"), ("sketched", "momentum", "float32"),
+])
+def test_the_estimate_holds_the_tracked_steps_allocations(group_state, optimizer, state_dtype):
+    """What two tracked steps allocate at once (construction included) is within 15 % of what the
+    estimate says the step still needs, on every group-state route: the splitter's rows (the
+    other routes keep the exact totals' state and updates, float64 whatever the state dtype), the
+    rows converted to the parameters' dtype for their pushes, the checks' parameter copies."""
+    import torch
+    from torch import nn
+
+    from genkernel import PathKernelTracker
+    from genkernel.supervised import mse_loss
+
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 512), nn.Tanh(), nn.Linear(512, 512), nn.Tanh(), nn.Linear(512, 2))
+    opt = {"adam": lambda p: torch.optim.Adam(p, lr=1e-3), "sgd": lambda p: torch.optim.SGD(p, lr=1e-2),
+           "momentum": lambda p: torch.optim.SGD(p, lr=1e-2, momentum=0.9)}[optimizer](model.parameters())
+    g = torch.Generator().manual_seed(1)
+    probes = torch.randn(4, 16, generator=g)
+    x, y = torch.randn(2, 16, 16, generator=g), torch.randn(2, 16, 2, generator=g)
+    trackers = []
+
+    def run():
+        tracker = PathKernelTracker(model, opt, mse_loss, probes, num_groups=4, group_state=group_state,
+                                    state_dtype=getattr(torch, state_dtype), batch_size=16)
+        for k in range(2):
+            tracker.step(x[k], y[k], (torch.arange(16) + k) % 4)
+        trackers.append(tracker)
+
+    peak = _allocated_peak(run)
+    cost = trackers[0].cost
+    needed = cost.total_bytes - cost.held
+    assert peak <= 1.15 * needed, (peak / 2**20, needed / 2**20, cost.memory)
+    assert needed <= 1.5 * peak, (peak / 2**20, needed / 2**20, cost.memory)  # and not far above it

@@ -5,19 +5,27 @@ the route, the arrays a tracker keeps and the passes a step makes:
 
 Memory (bytes):
 
-- ``group_gradients``: the rows of group gradients, R × P in the state dtype (dense route);
+- ``group_gradients``: the rows of group gradients, R × P in the state dtype (dense route); the
+  batch's exact total and sizes, 2 × P float64 (factored and sketched routes);
 - ``group_state``: the optimizer's linear state per row, (R + 1 + Π) × P (the groups of Π
   partitions, the rest, a rounding row per partition), twice while a step's new state is checked
-  before it is committed (dense route; none for plain SGD); with sketches R × k;
-- ``group_updates``: the split update, (R + 1 + Π) × P;
+  before it is committed (none for plain SGD); the factored and sketched routes keep the same rows
+  for the exact totals (3 × P, float64 whatever the state dtype), the sketched one R × k besides;
+- ``group_updates``: the split update, (R + 1 + Π) × P (other routes: 3 × P float64);
+- ``checks``: the real gradient and each partition's rounding gap (float64), with a linear state
+  the magnitudes its rounding is judged against (:func:`check_bytes`); ``check_temporaries``: the
+  update check's per-parameter float64 copies, beyond what the pushes (freed by then) took;
+- ``push_tangents``: the pushed rows converted to the parameters' dtype where the rows' differs;
 - ``parameter_copies``: θ_k, θ_{k+1}, the quadrature nodes in between, the rolled-back step's
   optimizer state;
 - ``ema``: the EMA ledger's displacements and offsets, 2 (R + 3) × P;
 - ``probe_pushes``: forward-mode AD through the probes: a parameter copy of tangents and each
   row's tangents of the probes' activations (:func:`push_pass_bytes`), as many rows per pass as the
   memory budget allows (one row through a chunk of the probes when not even one row through all
-  of them fits: :func:`push_pass_shape`), or the probes' Jacobians M × d × P on the "jacobian" route;
-- ``training_step``: the parameters, their gradients and the optimizer's own state, and the
+  of them fits: :func:`push_pass_shape`), or the probes' Jacobians M × d × P (twice) and the rows
+  as one matrix on the "jacobian" route (which "auto" takes where :func:`push_route` says);
+- ``training_step``: the parameters, their gradients and the optimizer's own state
+  (:func:`optimizer_state_copies`), and the
   batch's activations (a hook pass on one example, times the batch and a factor for what autograd
   keeps), when ``batch_size`` is given;
 - ``training_records``: what step 1 keeps of the training pass when it reads layer factors from it
@@ -35,7 +43,8 @@ expected ratio of an analyzed step to a bare one (forward and backward of the ba
 - contributions: per quadrature node, a forward of the probes per vmapped pass (as many rows per
   pass as :func:`push_pass_shape` allows) plus a tangent pass per pushed row (dense: R + 1 rows;
   factored: the rest row, only under weight decay; sketched: 2) that costs two forwards, or d
-  backward passes of the probes for the probes' Jacobians;
+  backward passes of the probes for the probes' Jacobians and their product with the rows
+  (M·d·rows·P multiply-adds, in forwards of the layers' F);
 - factored and sketched routes, per node (:func:`factor_route_work`, from the layers' shapes): the
   probes' factors (a forward and d output-batched backward passes) and, factored, the cross
   kernels between the probes' d outputs and the batch's examples (sketched: the projections,
@@ -54,6 +63,7 @@ not in them.
 from __future__ import annotations
 
 import math
+import numbers
 import os
 from dataclasses import dataclass, field
 from typing import Any
@@ -130,7 +140,8 @@ class CostEstimate:
 def available_memory(device: torch.device | str) -> int | None:
     """Free bytes on ``device`` now: on CUDA the driver's free memory (``torch.cuda.mem_get_info``)
     plus what PyTorch's caching allocator has reserved but not allocated (free to it, not to the
-    driver), ``MemAvailable`` of /proc/meminfo on a Linux CPU; None elsewhere."""
+    driver), ``MemAvailable`` of /proc/meminfo on a Linux CPU, or less where the process's memory
+    cgroup allows less (:func:`cgroup_free_memory`); None elsewhere."""
     device = torch.device(device)
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
@@ -140,7 +151,30 @@ def available_memory(device: torch.device | str) -> int | None:
         with open("/proc/meminfo") as handle:
             for line in handle:
                 if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
+                    free = int(line.split()[1]) * 1024
+                    limited = cgroup_free_memory()
+                    return free if limited is None else min(free, limited)
+    return None
+
+
+def cgroup_free_memory(root: str = "/sys/fs/cgroup") -> int | None:
+    """Bytes this process's memory cgroup (a container's or a batch job's limit) still allows:
+    its limit less its usage, cgroup v2 (``memory.max``, ``memory.current``) or v1
+    (``memory/memory.limit_in_bytes``, ``memory/memory.usage_in_bytes``); None where there is no
+    limit or it cannot be read. /proc/meminfo reports the host's memory, not the limit, so a
+    container's set-up could "fit" by it and then be killed."""
+    for limit_file, usage_file in (("memory.max", "memory.current"),
+                                   ("memory/memory.limit_in_bytes", "memory/memory.usage_in_bytes")):
+        try:
+            with open(os.path.join(root, limit_file)) as handle:
+                limit = handle.read().strip()
+            with open(os.path.join(root, usage_file)) as handle:
+                usage = int(handle.read().strip())
+        except (OSError, ValueError):
+            continue
+        if limit == "max" or not limit.isdigit() or int(limit) >= 2**60:  # no limit (v1 writes a huge number)
+            return None
+        return max(int(limit) - usage, 0)
     return None
 
 
@@ -234,6 +268,10 @@ def estimate_cost(
         ema: whether an EMA ledger is kept.
         device: where the state lives (default the parameters').
     """
+    _check_arguments(probes, outputs=outputs, rows=rows, partitions=partitions, group_state=group_state,
+                     gradient_route=gradient_route, contribution_route=contribution_route,
+                     quadrature_nodes=quadrature_nodes, state_dtype=state_dtype, memory_budget=memory_budget,
+                     batch_size=batch_size, sketch_dim=sketch_dim)
     params = [p for p in model.parameters() if p.requires_grad]
     num = sum(p.numel() for p in params)
     param_bytes = params[0].element_size() if params else 4
@@ -241,10 +279,9 @@ def estimate_cost(
     m = probes[0].shape[0]
     b = m if batch_size is None else batch_size
     device = params[0].device if device is None and params else torch.device(device or "cpu")
-    linear_state = type(optimizer) in (torch.optim.Adam, torch.optim.AdamW, torch.optim.RMSprop) or any(
-        float(g.get("momentum", 0.0)) != 0.0 for g in optimizer.param_groups
-    )
-    optimizer_state = {torch.optim.Adam: 2, torch.optim.AdamW: 2, torch.optim.RMSprop: 2}.get(type(optimizer), 1)
+    linear_state = linear_state_rows(optimizer)
+    optimizer_state = optimizer_state_copies(optimizer)
+    largest = max((p.numel() for p in params), default=0)
 
     memory: dict[str, int] = {}
     work: dict[str, float] = {}
@@ -253,11 +290,14 @@ def estimate_cost(
     memory["training_step"] = num * param_bytes * (2 + optimizer_state) + 3 * acts * b * param_bytes
     bare = 3.0 * b  # a forward and a backward of every example (the factor routes count it from the shapes)
     memory["parameter_copies"] = num * param_bytes * (2 + quadrature_nodes) + num * param_bytes * optimizer_state
+    # The splitter's rows: the dense route's groups, the rest and a rounding row per partition in
+    # the state dtype; the other routes' exact totals (one partition of one group), float64.
+    stacked, row_bytes = (rows + 1 + partitions, state_bytes) if group_state == "dense" else (3, 8)
+    memory["group_state"] = 2 * stacked * num * row_bytes if linear_state else 0
+    memory["group_updates"] = stacked * num * row_bytes
+    memory["checks"] = check_bytes(num, partitions if group_state == "dense" else 1, row_bytes, linear_state)
     if group_state == "dense":
         memory["group_gradients"] = rows * num * state_bytes
-        stacked = rows + 1 + partitions  # the groups, the rest, one rounding row per partition
-        memory["group_state"] = 2 * stacked * num * state_bytes if linear_state else 0
-        memory["group_updates"] = stacked * num * state_bytes
         if ema:
             memory["ema"] = (2 * stacked + 1) * num * state_bytes
         pushed = rows + 1
@@ -271,8 +311,9 @@ def estimate_cost(
         else:  # vmapped per-example gradients of a second forward and backward
             work["group_gradients"] = 4.5 * b
     else:
-        memory["group_state"] = rows * sketch_dim * 8 if group_state == "sketched" else 0
-        memory["group_updates"] = 3 * num * state_bytes
+        memory["group_gradients"] = 2 * num * 8  # the batch's exact total and sizes, float64
+        if group_state == "sketched":
+            memory["group_state"] += rows * sketch_dim * 8
         memory["held_factors"] = min(memory_budget, 3 * acts * b * param_bytes)
         # Counted from the layers' shapes, in forwards of their blocks (what they leave out,
         # attention's products and elementwise work, is not in a bare step's count either).
@@ -301,21 +342,33 @@ def estimate_cost(
                                 + sketch_work(shapes, fallback, quadrature_nodes * m * outputs, sketch_dim, adam)
                                 + sketch_dim * num / forward)
             work["sketch_products"] = m * outputs * rows * sketch_dim / forward
+    if contribution_route == "auto":  # as routes.push_rows decides at every step
+        contribution_route = push_route(pushed, m, outputs, num * param_bytes, memory_budget)
     if pushed == 0:
         memory["probe_pushes"] = 0
         work["contributions"] = 0.0
     elif contribution_route == "jacobian":
-        memory["probe_pushes"] = 2 * m * outputs * num * param_bytes
-        work["contributions"] = quadrature_nodes * 2.0 * m * outputs
+        # The Jacobians' blocks and their concatenation, M × d × P each, and the rows as one [rows, P]
+        # matrix; the rows converted to the parameters' dtype first where theirs differs.
+        memory["probe_pushes"] = (2 * m * outputs + pushed) * num * param_bytes
+        memory["push_tangents"] = tangent_bytes(pushed, num, row_bytes, param_bytes)
+        # d backward passes of the probes, and the Jacobians times the rows: M·d·rows·P multiply-adds
+        # (in forwards of F multiply-adds each: on an MLP P ≈ F, and this product dominates).
+        shapes, fallback = block_shapes(model, probes)
+        forward = max(forward_macs(shapes, fallback), 1.0)
+        work["contributions"] = quadrature_nodes * m * outputs * (2.0 + pushed * num / forward)
     else:
         per_pass, probes_per_pass = push_pass_shape(memory_budget, m, acts * param_bytes)
         memory["probe_pushes"] = push_pass_bytes(num, param_bytes, min(pushed, per_pass),
                                                  probes_per_pass * acts * param_bytes)
+        memory["push_tangents"] = tangent_bytes(pushed, num, row_bytes, param_bytes)
         # One primal pass per vmapped pass and two per tangent row (J u through every product:
         # Ẇx + Wẋ), as torch.utils.flop_counter counts vmapped JVPs: 1 + 2.05 R forwards on a UNet
         # at R = 21 in one pass. Passes over chunks of the probes add up to one primal of them all.
         passes = math.ceil(pushed / per_pass)
         work["contributions"] = quadrature_nodes * m * (passes + 2.0 * pushed)
+    pushes = memory["probe_pushes"] + memory.get("push_tangents", 0)
+    memory["check_temporaries"] = max(0, CHECK_TEMPORARIES * largest * 8 - pushes)
     # After the step; before it too when buffers or frozen parameters may have moved the outputs.
     work["probe_forwards"] = m * (2.0 if has_state_outside_training(model) else 1.0)
     if ema:
@@ -323,10 +376,90 @@ def estimate_cost(
     estimate = CostEstimate(memory, available_memory(device), work, bare, held_bytes(model, optimizer, device), settings={
         "parameters": num, "rows": rows, "probes": m, "outputs": outputs, "batch": b, "group_state": group_state,
         "state_dtype": str(state_dtype).replace("torch.", ""), "device": str(device),
-        "quadrature_nodes": quadrature_nodes, "ema": ema,
+        "quadrature_nodes": quadrature_nodes, "ema": ema, "optimizer": type(optimizer).__name__,
     })
     estimate.cheaper = _cheaper_options(estimate, group_state, state_dtype, param_bytes)
     return estimate
+
+
+def push_route(rows: int, probes: int, outputs: int, parameter_bytes: int, memory_budget: float) -> str:
+    """The route :func:`~genkernel.core.tracking.routes.push_rows` takes for ``contribution_route="auto"``:
+    the probes' Jacobians when 8 d <= rows and they (2 M d P values, ``parameter_bytes`` = P × the
+    parameters' item size) fit in the memory budget, else one JVP per row."""
+    fits = 2 * probes * outputs * parameter_bytes <= memory_budget
+    return "jacobian" if (8 * outputs <= rows and fits) else "jvp"
+
+
+def linear_state_rows(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether the splitter keeps a linear state per row (:mod:`~genkernel.core.tracking.splitters`):
+    Adam's and AdamW's first moment, a momentum buffer of SGD or RMSprop in any parameter group."""
+    if isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW)):
+        return True
+    return any(float(g.get("momentum", 0.0)) != 0.0 for g in optimizer.param_groups)
+
+
+def optimizer_state_copies(optimizer: torch.optim.Optimizer) -> int:
+    """Parameter-sized tensors the optimizer keeps per parameter (the most of its parameter groups):
+    Adam's and AdamW's two moments (three with amsgrad); SGD's momentum buffer (none without
+    momentum); RMSprop's square average, its momentum buffer and, centered, its gradient average."""
+    copies = 0
+    for g in optimizer.param_groups:
+        momentum = float(g.get("momentum", 0.0)) != 0.0
+        if isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW)):
+            count = 3 if g.get("amsgrad", False) else 2
+        elif isinstance(optimizer, torch.optim.RMSprop):
+            count = 1 + momentum + bool(g.get("centered", False))
+        else:
+            count = int(momentum)
+        copies = max(copies, count)
+    return copies
+
+
+def tangent_bytes(rows: int, num_params: int, row_bytes: int, param_bytes: int) -> int:
+    """The pushed rows converted to the parameters' dtype (:func:`~genkernel.core.tracking.routes.push_rows`):
+    ``rows`` × P copies where the splitter's rows (``row_bytes`` per value) are in another dtype."""
+    return rows * num_params * param_bytes if row_bytes != param_bytes else 0
+
+
+def check_bytes(num_params: int, partitions: int, row_bytes: int, linear_state: bool) -> int:
+    """What the step's checks and the split hold besides the rows, in bytes: the real gradient in
+    float64 and each partition's rounding gap (1 + Π parameter copies); with a linear state, the
+    magnitudes it is checked against (committed, pending) and the rounding scale (three copies in
+    the rows' dtype). The update check's per-parameter temporaries (θ_{k+1} in float64, Δ, |Δ|, a
+    total and a scale: :data:`CHECK_TEMPORARIES` of the largest parameter) come after the probes'
+    pushes are freed (``check_temporaries``: what they need beyond the pushes)."""
+    return (1 + partitions) * num_params * 8 + (3 * num_params * row_bytes if linear_state else 0)
+
+
+# Float64 copies of one parameter the update check holds at once (tracker._check_updates).
+CHECK_TEMPORARIES = 5
+
+
+def _check_arguments(probes, *, state_dtype, group_state, gradient_route, contribution_route, memory_budget,
+                     batch_size, **counts) -> None:
+    """ValueError or TypeError naming the first argument of :func:`estimate_cost` that cannot be
+    estimated (the tracker checks its own; a direct call would otherwise return nonsense numbers)."""
+    if not isinstance(probes, tuple) or not probes or not isinstance(probes[0], torch.Tensor) or probes[0].dim() == 0:
+        raise TypeError("probes must be a non-empty tuple of tensors [M, ...] (wrap a single tensor: (probes,))")
+    if probes[0].shape[0] < 1:
+        raise ValueError("probes are empty (M = 0): pass at least one probe")
+    for name, value in counts.items():
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral)
+                                   or batch_size < 1):
+        raise ValueError(f"batch_size must be a positive int (or None: the probes' count), got {batch_size!r}")
+    if state_dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"state_dtype must be torch.float32 or torch.float64, got {state_dtype!r}")
+    choices = {"group_state": (group_state, ("dense", "factored", "sketched")),
+               "gradient_route": (gradient_route, ("graph", "example", "factored")),
+               "contribution_route": (contribution_route, ("auto", "jvp", "jacobian"))}
+    for name, (value, allowed) in choices.items():
+        if value not in allowed:
+            raise ValueError(f"{name} must be one of {allowed} (the route the tracker resolved), got {value!r}")
+    budget_ok = isinstance(memory_budget, numbers.Real) and not isinstance(memory_budget, bool)
+    if not budget_ok or not 0 < memory_budget < math.inf:
+        raise ValueError(f"memory_budget must be a positive, finite number of bytes, got {memory_budget!r}")
 
 
 def forward_macs(shapes: list[BlockShape], fallback: int) -> float:
@@ -458,7 +591,8 @@ def _cheaper_options(estimate: CostEstimate, group_state: str, state_dtype: torc
         if rows > 1:
             options.append(f"fewer groups (now {rows} rows over all partitions: fewer bins or control partitions; "
                            f"the group arrays, {gib(group_parts)}, scale with them)")
-        if not settings.get("ema"):
+        # The sketched route runs SGD (momentum), Adam and AdamW (tracking.sketched), not RMSprop.
+        if not settings.get("ema") and settings.get("optimizer") in ("SGD", "Adam", "AdamW"):
             options.append("group_state='sketched' (k-dimensional sketches of each group's state instead of P-sized "
                            f"copies: most of the group arrays' {gib(group_parts)})")
         if state_dtype == torch.float64 and param_bytes == 4:
@@ -474,6 +608,8 @@ def _cheaper_options(estimate: CostEstimate, group_state: str, state_dtype: torc
 
 
 __all__ = [
-    "CostEstimate", "PUSH_ROW_ACTIVATIONS", "available_memory", "estimate_cost", "factor_route_work", "forward_macs",
-    "held_bytes", "push_pass_bytes", "push_pass_shape", "reads_training_pass", "sketch_work",
+    "CHECK_TEMPORARIES", "CostEstimate", "PUSH_ROW_ACTIVATIONS", "available_memory", "cgroup_free_memory",
+    "check_bytes", "estimate_cost", "factor_route_work", "forward_macs", "held_bytes", "linear_state_rows",
+    "optimizer_state_copies", "push_pass_bytes", "push_pass_shape", "push_route", "reads_training_pass", "sketch_work",
+    "tangent_bytes",
 ]

@@ -35,7 +35,7 @@ from torch import nn
 from torch.func import jvp, vmap
 
 from ..adapter import analysis_mode, check_per_example_safe, coupled_modules, explained_torch_func_errors, functional_model
-from ..cost import push_pass_shape, reads_training_pass
+from ..cost import push_pass_shape, push_route, reads_training_pass
 from ..engine.factored import row_chunks
 from ..engine.factors import Plan, TrainingCapture, Unfactorable, covering_plan
 from ..engine.gradients import factor_rows, gradients_from_losses, group_gradients, membership_matrix
@@ -131,8 +131,7 @@ def push_rows(
     num_params = sum(t[0].numel() for t in tangents.values())
     m, d = model.probes[0].shape[0], model.outputs
     if route == "auto":
-        fits = 2 * m * d * num_params * tangents[names[0]].element_size() <= model.memory_budget
-        route = "jacobian" if (8 * d <= rows and fits) else "jvp"
+        route = push_route(rows, m, d, num_params * tangents[names[0]].element_size(), model.memory_budget)
     total = None
     for weight, theta in nodes:
         if route == "jacobian":
