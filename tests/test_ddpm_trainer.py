@@ -252,3 +252,24 @@ def test_the_retrieval_analysis_runs_on_the_ddim_chain():
     assert ((result.entropy >= 0) & (result.entropy <= 1 + 1e-12)).all()
     samples, _ = reverse_sample(model, scheduler, (3, 2), sampler=DDIMScheduler, num_inference_steps=10, seed=1)
     assert torch.equal(result.samples, samples)
+
+
+# ------------------------------------------------------------------------------------------
+# checkpoints
+# ------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("other", [dict(beta_schedule="squaredcos_cap_v2"), dict(beta_end=0.01),
+                                   dict(rescale_betas_zero_snr=True)])
+def test_a_checkpoint_of_another_noise_schedule_is_refused(tmp_path, other):
+    # Only T and the prediction type were compared: a run resumed on another beta schedule trained on
+    # other noisy inputs and targets from the checkpoint on, silently.
+    trainer = DDPMTrainer(small_mlp(), make_scheduler(T), ring(16), batch_size=8, progress=False)
+    trainer.train(1)
+    path = trainer.save_checkpoint(tmp_path / "checkpoint.pt")
+    resumed = DDPMTrainer(small_mlp(), make_scheduler(T, **other), ring(16), batch_size=8, progress=False)
+    before = [p.clone() for p in resumed.model.parameters()]
+    key = next(iter(other))
+    with pytest.raises(ValueError, match=f"noise_schedule.*{key}"):
+        resumed.resume(path)
+    assert all(torch.equal(p, q) for p, q in zip(before, resumed.model.parameters()))
+    same = DDPMTrainer(small_mlp(), make_scheduler(T), ring(16), batch_size=8, progress=False)
+    assert same.resume(path) and same.global_step == 1

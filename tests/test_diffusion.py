@@ -667,3 +667,66 @@ def test_retrieval_entropy_of_a_row_without_positive_weight_is_nan():
 
     entropy = normalized_entropy(torch.tensor([[-1.0, -2.0, -3.0], [1.0, 1.0, 1.0], [2.0, 0.0, 0.0]], dtype=F64))
     assert math.isnan(entropy[0]) and entropy[1] == pytest.approx(1.0) and entropy[2] == 0.0
+
+
+class DropoutDenoiser(torch.nn.Module):
+    """An MLP denoiser with dropout on its output (as the DDPM CIFAR-10 UNet has dropout 0.1)."""
+
+    def __init__(self, seed=0):
+        super().__init__()
+        self.net = small_mlp(seed)
+        self.drop = torch.nn.Dropout(0.3)
+
+    def forward(self, x_t, t):
+        return self.drop(self.net(x_t, t))
+
+
+def test_a_denoiser_with_dropout_is_analysed_in_eval_mode_and_trains_unchanged():
+    # The trainer keeps the model in train mode; the analyzer's kernel structure (at bind) and the
+    # retrieval kernel were computed on it there and refused dropout, so no dropout model could be analysed.
+    from genkernel.diffusion import retrieval_attribution
+
+    scheduler = make_scheduler(T, prediction_type="v_prediction")
+
+    def run(callbacks):
+        torch.manual_seed(5)  # dropout draws from the global RNG
+        trainer = DDPMTrainer(DropoutDenoiser(), scheduler, ring(32), batch_size=8, lr=1e-2, progress=False,
+                              callbacks=callbacks)
+        trainer.train(3)
+        return trainer
+
+    plain = run([])
+    analyzer = NoiseLevelAnalyzer(scheduler, ring(6, seed=3), num_bins=3, num_probes=3, kernel_points=3, progress=False)
+    tracked = run([analyzer])
+    assert all(torch.equal(p, q) for p, q in zip(plain.model.parameters(), tracked.model.parameters()))
+    assert plain.losses == tracked.losses and tracked.model.drop.training
+    # the recorded kernel structure is the eval-mode denoiser's (its network without dropout)
+    model = tracked.model
+    expected = analyzer.kernel_structure(model.net)
+    assert analyzer.kernel_history[-1]["locality"] == expected["locality"]
+    result = retrieval_attribution(model, scheduler, ring(5, seed=4), num_samples=2, num_stages=2,
+                                   num_inference_steps=4, top_k=2)
+    net_result = retrieval_attribution(model.net, scheduler, ring(5, seed=4), num_samples=2, num_stages=2,
+                                       num_inference_steps=4, top_k=2)
+    torch.testing.assert_close(result.kernel, net_result.kernel, rtol=0, atol=0)
+    assert model.drop.training  # the trainer's modes are restored
+
+
+@pytest.mark.parametrize("other", [dict(num_train_timesteps=1000), dict(beta_schedule="squaredcos_cap_v2"),
+                                   dict(prediction_type="v_prediction")])
+def test_an_analyzer_on_another_schedule_than_the_trainers_is_refused(other):
+    # The analyzer binned the trainer's timesteps and built its probes with its own scheduler: with
+    # T = 1000 against the trainer's 100, every training step fell in the first bins (its log SNR), silently.
+    kwargs = {"num_train_timesteps": T, **other}
+    analyzer = NoiseLevelAnalyzer(make_scheduler(kwargs.pop("num_train_timesteps"), **kwargs), ring(6, seed=3),
+                                  num_bins=3, num_probes=3, kernel_points=2, progress=False)
+    trainer = DDPMTrainer(small_mlp(), make_scheduler(T), ring(16), batch_size=8, progress=False, callbacks=[analyzer])
+    before = [p.clone() for p in trainer.model.parameters()]
+    with pytest.raises(ValueError, match="trainer's scheduler"):
+        trainer.train(1)
+    assert trainer.global_step == 0 and all(torch.equal(p, q) for p, q in zip(before, trainer.model.parameters()))
+    # an equal scheduler (another object) is accepted
+    same = NoiseLevelAnalyzer(make_scheduler(T), ring(6, seed=3), num_bins=3, num_probes=3, kernel_points=2,
+                              progress=False)
+    DDPMTrainer(small_mlp(), make_scheduler(T), ring(16), batch_size=8, progress=False, callbacks=[same]).train(1)
+    assert same.tracker.ledger.steps == 1

@@ -135,6 +135,22 @@ def test_log_snr_bins_cover_every_timestep_once(beta_schedule):
     assert torch.equal(bins(bins.centers), torch.arange(10))
 
 
+def test_log_snr_bins_of_a_zero_terminal_snr_schedule_span_its_finite_log_snr():
+    # rescale_betas_zero_snr=True: ᾱ_{T-1} = 0, log SNR -inf there. Spread over the bins, the -inf put
+    # timesteps 0..990 of 1000 in bin 0 and one timestep in each other bin.
+    from diffusers import DDPMScheduler
+
+    scheduler = DDPMScheduler(num_train_timesteps=1000, rescale_betas_zero_snr=True, prediction_type="v_prediction")
+    assert float(scheduler.alphas_cumprod[-1]) == 0.0
+    a = scheduler.alphas_cumprod.to(F64)
+    snr = torch.log(a / (1 - a))
+    width = float(snr[0] - snr[-2]) / 10  # the finite range: t = 0 .. T-2
+    expected = ((snr[0] - snr) / width).floor().clamp(max=9).long()  # -inf (t = T-1) -> the last bin
+    bins = NoiseBins(scheduler, 10)
+    assert torch.equal(bins(torch.arange(1000)), expected)
+    assert torch.equal(bins(bins.centers), torch.arange(10))
+
+
 def test_bins_refuse_timesteps_outside_the_schedule_instead_of_clamping():
     # t = -1 went to bin 0 and t = 1000 to bin 9, float t was truncated
     scheduler = make_scheduler(1000)

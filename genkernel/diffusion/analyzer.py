@@ -73,7 +73,7 @@ from ..core.tracking.step import OptimizerStep
 from ..core.tracking.tracker import PathKernelTracker, StepContributions
 from ..logging import LoggingCallback
 from ..stats import nan_median
-from .kernels import make_states, state_kernel
+from .kernels import eval_mode, make_states, state_kernel
 from .locality import kernel_locality
 from .objectives import (
     check_prediction_type,
@@ -317,7 +317,26 @@ class NoiseLevelAnalyzer(TrainerCallback):
         self._steps_at_bind = self.tracker.ledger.steps
 
     # -- the trainer callback ----------------------------------------------------------------
+    def _check_trainer_scheduler(self, trainer: Any) -> None:
+        """Refuse a trainer whose scheduler has another noise schedule, T or prediction type than the
+        analyzer's: its bins and probes would be another schedule's, without an error."""
+        theirs = getattr(trainer, "scheduler", None)
+        if theirs is None or theirs is self.scheduler or not hasattr(theirs, "alphas_cumprod"):
+            return
+        ours_a = self.scheduler.alphas_cumprod.detach().to("cpu", torch.float64)
+        theirs_a = theirs.alphas_cumprod.detach().to("cpu", torch.float64)
+        kind = getattr(getattr(theirs, "config", None), "prediction_type", None)
+        if ours_a.shape != theirs_a.shape or not torch.allclose(ours_a, theirs_a, rtol=1e-6, atol=0) \
+                or kind != self.prediction_type:
+            raise ValueError(
+                f"the trainer's scheduler (T = {theirs_a.numel()}, prediction_type {kind!r}) is not the analyzer's "
+                f"(T = {ours_a.numel()}, prediction_type {self.prediction_type!r}) or has another noise schedule "
+                "(alphas_cumprod): the bins and probes would be another schedule's. Build the analyzer with the "
+                "trainer's scheduler: NoiseLevelAnalyzer(trainer.scheduler, ...)"
+            )
+
     def on_train_start(self, trainer: Any) -> None:
+        self._check_trainer_scheduler(trainer)
         # Bound now inside the window, or to restore a saved state (one saved after the window
         # ended included: its ledgers are then read, not extended).
         if self.tracker is None and (self._in_window(getattr(trainer, "global_step", 0) + 1)
@@ -352,6 +371,7 @@ class NoiseLevelAnalyzer(TrainerCallback):
                 "step.info['timesteps'] (DDPMTrainer does)"
             )
         if self.tracker is None:
+            self._check_trainer_scheduler(trainer)
             self.bind(step.model, step.optimizer, max_grad_norm=step.max_grad_norm, batch_size=step.batch,
                       start_step=index - 1)
         current = getattr(trainer, "global_step", None)
@@ -538,8 +558,9 @@ class NoiseLevelAnalyzer(TrainerCallback):
         sketch = self.kernel_sketch
         if sketch == "auto":
             sketch = None if self.kernel_clean[0].numel() <= AUTO_EXACT_OUTPUTS else AUTO_SKETCH_DIRECTIONS
-        kernel = state_kernel(model, states, output_sketch=sketch, seed=self.seed, memory_budget=self.memory_budget,
-                              progress=self.progress)
+        with eval_mode(model):  # the function sampled from, as the probes see it (a trainer's model is in train mode)
+            kernel = state_kernel(model, states, output_sketch=sketch, seed=self.seed, memory_budget=self.memory_budget,
+                                  progress=self.progress)
         summary = kernel_locality(kernel.cpu(), self.kernel_clean.shape[0], torch.arange(self.num_bins), self.band, seed=self.seed)
         return {"sketch": sketch, **summary}
 

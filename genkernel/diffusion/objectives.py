@@ -210,7 +210,9 @@ class NoiseBins:
     log(ᾱ_t / (1 − ᾱ_t)), so a bin is a step in signal-to-noise ratio, not in t (equal-width t bins
     put 4 of 10 bins of a linear schedule where sqrt(ᾱ_t) <= 0.12, inputs that are nearly pure
     noise). ``spacing="timestep"``: equal widths in t, ``floor(t · G / T)``. Either way bin 0 holds
-    the least noise and a bin is a contiguous range of timesteps.
+    the least noise and a bin is a contiguous range of timesteps. The log-SNR bins span the finite
+    log SNR: a zero-terminal-SNR schedule (``rescale_betas_zero_snr=True``, ᾱ_{T−1} = 0) puts its
+    last timestep, at log SNR −∞, in the last bin.
 
     Attributes:
         edges: ``LongTensor[G + 1]`` the first timestep of every bin, then T.
@@ -230,13 +232,19 @@ class NoiseBins:
         # On the CPU: diffusers' add_noise moves the scheduler's alphas_cumprod to the samples'
         # device for good, and the bins are bookkeeping, not model work.
         alphas = scheduler.alphas_cumprod.detach().to("cpu", torch.float64)
-        snr = torch.log(alphas / (1 - alphas).clamp_min(1e-300))  # decreasing in t
+        snr = torch.log(alphas / (1 - alphas).clamp_min(1e-300))  # decreasing in t; -inf where ᾱ_t = 0
         self.snr_of_t = snr
         if spacing == "timestep":
             self.edges = bin_edges(num_bins, total)
             self.centers = bin_centers(num_bins, total)
         else:
-            bounds = torch.linspace(float(snr[0]), float(snr[-1]), num_bins + 1, dtype=torch.float64)
+            finite = snr[torch.isfinite(snr)]
+            if finite.numel() == 0:
+                raise ValueError("the scheduler's alphas_cumprod has no level with ᾱ_t > 0: use bin_spacing='timestep'")
+            # The bins span the finite range: a zero-terminal-SNR schedule (rescale_betas_zero_snr=True)
+            # has ᾱ_{T-1} = 0 and log SNR -inf there, which spread over the bins put every other
+            # timestep in bin 0 and one timestep in each other bin. Levels at -inf join the last bin.
+            bounds = torch.linspace(float(finite.max()), float(finite.min()), num_bins + 1, dtype=torch.float64)
             edges = [0]
             for g in range(1, num_bins):
                 # the first timestep whose log SNR has fallen to or below the bin's boundary

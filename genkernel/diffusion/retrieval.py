@@ -20,7 +20,7 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch import nn
 
-from .kernels import state_kernel
+from .kernels import eval_mode, state_kernel
 from ..core.grouping import measured_minus_control
 from .objectives import noisy_input
 from .trainer import reverse_sample
@@ -141,7 +141,9 @@ def retrieval_attribution(
         t_samples = torch.full((num_samples,), s, dtype=torch.long, device=param.device)
         t_train = torch.full((n,), s, dtype=torch.long, device=param.device)
         z_train = noisy_input(scheduler, clean, noise, t_train)
-        kernels.append(state_kernel(model, (x_s, t_samples), (z_train, t_train), output_sketch=output_sketch, seed=seed))
+        with eval_mode(model):  # as sampled (reverse_sample runs the model in eval mode)
+            kernels.append(state_kernel(model, (x_s, t_samples), (z_train, t_train), output_sketch=output_sketch,
+                                        seed=seed))
         states.append(x_s.detach().cpu())
     kernel = torch.stack(kernels).cpu()  # [K, S, N]
     entropy = normalized_entropy(kernel)

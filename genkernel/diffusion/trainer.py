@@ -137,6 +137,19 @@ def _order_generators(data: Any) -> list[torch.Generator]:
     return found
 
 
+SCHEDULE_KEYS = ("beta_schedule", "beta_start", "beta_end", "trained_betas", "rescale_betas_zero_snr")  # what sets ᾱ_t
+
+
+def _noise_schedule(scheduler) -> dict[str, Any]:
+    """The scheduler's config entries that set its betas (and so ᾱ_t), as plain values for a checkpoint."""
+    out = {}
+    for key in SCHEDULE_KEYS:
+        value = scheduler.config.get(key)
+        listed = value is not None and not isinstance(value, (str, bool, int, float))  # trained_betas: a list or array
+        out[key] = [float(v) for v in value] if listed else value
+    return out
+
+
 class DDPMTrainer:
     """Trains a denoiser ``model(x_t, t)`` (or ``model(x_t, t, y)``) with a ``diffusers.DDPMScheduler``.
 
@@ -506,6 +519,7 @@ class DDPMTrainer:
             "max_grad_norm": float(self.max_grad_norm),
             "num_train_timesteps": self.num_train_timesteps,
             "prediction_type": self.scheduler.config.prediction_type,
+            "noise_schedule": _noise_schedule(self.scheduler),
         }
 
     def state_dict(self) -> dict[str, Any]:
