@@ -496,3 +496,64 @@ def test_geometry_loss_groups_by_D_while_G_trains_on_a_loss_that_ignores_D():
         total = ledger.contributions.sum(1) + ledger.rest + ledger.residual
         torch.testing.assert_close(total, ledger.delta, rtol=0, atol=1e-12)
     assert all(row["cos_formula"] > 0.999 for row in analyzer.alignment)
+
+
+def test_owned_step_groups_by_the_discriminator_gradient_training_sees_with_dropout_in_both_players():
+    """G and D with dropout (pix2pix-style noise in G): the geometry groups of an owned generator step
+    are those of the w_i = ∇_x ℓ_G(D(G(z_i))) of the training forward itself, where D's dropout masks
+    are drawn after G's (the analysis pass once redrew D's masks from the step's starting RNG state)."""
+    torch.manual_seed(0)
+    G = nn.Sequential(nn.Linear(2, 16), nn.SiLU(), nn.Dropout(0.3), nn.Linear(16, 2)).to(F64)
+    D = nn.Sequential(nn.Linear(2, 16), nn.SiLU(), nn.Dropout(0.3), nn.Linear(16, 1)).to(F64)
+    seen = []
+
+    def by_direction(z, x, w, s):
+        seen.append(w.clone())
+        return (w[:, 0] > w[:, 1]).long()
+
+    analyzer = GANKernelAnalyzer(G, D, _probes(4), grouping=FunctionGroups(by_direction, 2), controls=0, window=1,
+                                 eval_every=1, track_discriminator=False)
+    z = _probes(8, seed=9)
+    loss_fn = GeneratorLoss(D)
+    state = torch.get_rng_state()
+    x = G(z)  # the training forward's masks: G's first, then D's
+    (w_train,) = torch.autograd.grad(loss_fn(x, None).sum(), x)
+    torch.set_rng_state(state)
+    with frozen(D):
+        analyzer.perform(OptimizerStep(G, torch.optim.SGD(G.parameters(), lr=0.1), loss_fn, z, phase="generator"))
+    batch = [w for w in seen if w.shape[0] == 8]
+    assert len(batch) == 1
+    torch.testing.assert_close(batch[0], w_train, rtol=0, atol=1e-14)
+    assert analyzer.g_group_counts == [torch.bincount((w_train[:, 0] > w_train[:, 1]).long(), minlength=2).tolist()]
+
+
+def test_a_generator_that_takes_other_latents_is_refused_with_the_wrapper_that_fits():
+    """DCGAN's generator (configs.dcgan64_generator) takes [B, nz, 1, 1]; the trainer samples
+    [B, latent_dim]. Refused at construction with the fix (was a conv_transpose2d error at the first
+    step); wrapped as the message says, it trains."""
+    from genkernel.gan.configs import dcgan64_discriminator, dcgan64_generator
+
+    G, D = dcgan64_generator(nz=4, ngf=2, nc=1, seed=0), dcgan64_discriminator(ndf=2, nc=1, seed=0)
+    data = torch.rand(8, 1, 64, 64) * 2 - 1
+    with pytest.raises(ValueError, match=r"does not take the trainer's latents \[B, latent_dim\] = \[B, 4\].*Unflatten"):
+        GANTrainer(G, D, data, latent_dim=4, output="probability", batch_size=4)
+    before = {k: v.clone() for k, v in G.state_dict().items()}
+    wrapped = nn.Sequential(nn.Unflatten(1, (4, 1, 1)), G)
+    trainer = GANTrainer(wrapped, D, data, latent_dim=4, output="probability", batch_size=4)
+    assert all(torch.equal(v, G.state_dict()[k]) for k, v in before.items())  # the check leaves G's buffers
+    trainer.train(1)
+    assert len(trainer.history["g_loss"]) == 1
+
+
+def test_a_conditional_generator_is_refused_with_how_to_wrap_it():
+    class ConditionalG(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed, self.net = nn.Embedding(3, 2), nn.Linear(4, 2)
+
+        def forward(self, z, y):
+            return self.net(torch.cat([z, self.embed(y)], 1))
+
+    _, D = _pair()
+    with pytest.raises(ValueError, match=r"missing 1 required positional argument.*conditional GAN.*one-hot"):
+        GANKernelAnalyzer(ConditionalG().to(F64), D, _probes(4))

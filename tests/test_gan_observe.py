@@ -590,3 +590,88 @@ def test_a_resumed_observed_loop_numbers_its_steps_from_binds_start_step(tmp_pat
     plain_loop(G, D, g_opt, d_opt, data[2:], resumed)
     assert resumed.g_loop_steps == straight.g_loop_steps == [1, 2, 3, 4]
     assert resumed.d_loop_steps == straight.d_loop_steps == [1, 2, 3, 4]
+
+
+def two_generator_steps_loop(G, D, g_opt, d_opt, data, analyzer):
+    """One discriminator step, then two generator steps (on z_d and z_g) per iteration."""
+    for real, z_d, z_g in data:
+        with torch.no_grad():
+            fake = G(z_d)
+        x = torch.cat([real, fake])
+        d_opt.zero_grad()
+        losses = F.binary_cross_entropy_with_logits(D(x), ROLES.to(F64), reduction="none")
+        analyzer.observe_discriminator(losses, ROLES, x)
+        losses.mean().backward()
+        d_opt.step()
+        for z in (z_d, z_g):
+            g_opt.zero_grad()
+            fake = G(z)
+            losses = F.binary_cross_entropy_with_logits(D(fake), torch.ones(B, dtype=F64), reduction="none")
+            analyzer.observe_generator(losses, z, fake)
+            losses.mean().backward()
+            g_opt.step()
+
+
+def test_a_resumed_loop_with_more_steps_of_one_player_is_numbered_per_player_or_refused(tmp_path):
+    """Two generator steps per iteration: bind(start_step=iterations) after a load used to number the
+    generator's steps 3, 4 again (the windows' loop steps went backwards, silently); now refused with the
+    pair to pass, and start_step=(generator_steps, discriminator_steps) numbers each player on."""
+    data = batches(3)
+    G, D, g_opt, d_opt, straight = bound_players()
+    two_generator_steps_loop(G, D, g_opt, d_opt, data, straight)
+
+    G, D, g_opt, d_opt, first = bound_players()
+    two_generator_steps_loop(G, D, g_opt, d_opt, data[:2], first)
+    first.save(tmp_path / "gan.pt")
+    saved = [m.state_dict() for m in (G, D, g_opt, d_opt)]
+    G, D = nets()
+    g_opt, d_opt = optimizers(G, D)
+    for module, state in zip((G, D, g_opt, d_opt), saved):
+        module.load_state_dict(state)
+    resumed = analyzer_for(G, D)
+    resumed.load(tmp_path / "gan.pt")
+    with pytest.raises(ValueError, match=r"numbered generator steps up to 4.*start_step=\(4, 2\)"):
+        resumed.bind(g_opt, d_opt, start_step=2)
+    resumed.bind(g_opt, d_opt, start_step=(4, 2))
+    two_generator_steps_loop(G, D, g_opt, d_opt, data[2:], resumed)
+    assert resumed.g_loop_steps == straight.g_loop_steps == [1, 2, 3, 4, 5, 6]
+    assert resumed.d_loop_steps == straight.d_loop_steps == [1, 2, 3]
+    assert [w["loop_steps"] for w in resumed.windows] == [w["loop_steps"] for w in straight.windows] == [[1, 2], [3, 4], [5, 6]]
+    torch.testing.assert_close(resumed.generator_ledger().contributions, straight.generator_ledger().contributions,
+                               rtol=0, atol=0)
+    # bound first, loaded after: the same check, before anything is loaded
+    other = analyzer_for(G, D)
+    other.bind(g_opt, d_opt, start_step=2)
+    with pytest.raises(ValueError, match="numbered generator steps up to 4"):
+        other.load(tmp_path / "gan.pt")
+    assert other.g_steps == 0 and other.g_loop_steps == []
+
+
+def test_a_step_the_loop_skips_leaves_no_rows_in_the_next_steps_group_counts():
+    """A loop that clears the gradients without stepping (a GradScaler that found inf, a skipped update):
+    the tracker drops those micro-batches; the analyzer's group counts of the next step used to keep
+    their rows too (16 rows counted for an 8-row step), and its kernel field their pull."""
+    by_sign = FunctionGroups(lambda z, x, w, s: (z.sum(1) > 0).long(), 2)
+    G, D, g_opt, d_opt, analyzer = bound_players(grouping=by_sign, num_groups=2, window=1)
+    for real, z_d, z_g in batches(2):
+        with torch.no_grad():
+            fake = G(z_d)
+        x = torch.cat([real, fake])
+        for attempt in range(2):  # D: the first attempt is skipped
+            d_opt.zero_grad()
+            losses = F.binary_cross_entropy_with_logits(D(x), ROLES.to(F64), reduction="none")
+            analyzer.observe_discriminator(losses, ROLES, x)
+            losses.mean().backward()
+        d_opt.step()
+        for z in (z_d, z_g):  # G: the attempt on z_d is skipped, the step trains on z_g
+            g_opt.zero_grad()
+            fake = G(z)
+            losses = F.binary_cross_entropy_with_logits(D(fake), torch.ones(B, dtype=F64), reduction="none")
+            analyzer.observe_generator(losses, z, fake)
+            losses.mean().backward()
+        g_opt.step()
+    expected = [torch.bincount((z_g.flatten(1).sum(1) > 0).long(), minlength=2).tolist() for _, _, z_g in batches(2)]
+    assert analyzer.g_group_counts == expected
+    assert analyzer.d_group_counts == [[B, B, 0], [B, B, 0]]
+    assert len(analyzer.g_tracker.skipped_steps) == 2 and len(analyzer.d_tracker.skipped_steps) == 2
+    assert [w["training_group_counts"] for w in analyzer.windows] == expected

@@ -320,7 +320,12 @@ class GANKernelAnalyzer(TrainerCallback):
                 samples = output_tensor(self._g(latents))
                 scores = self._d(samples)
         except (RuntimeError, TypeError, IndexError) as error:
-            raise ValueError(f"{name} of shape {tuple(latents.shape)} do not fit the generator/discriminator: {error}") from error
+            raise ValueError(
+                f"{name} of shape {tuple(latents.shape)} do not fit the generator/discriminator: {error}. The analyzer "
+                "calls generator(latents) and discriminator(samples), one tensor each: a conditional GAN (G(z, y), "
+                "D(x, y)) is analysed through wrappers that take one, e.g. the class one-hot concatenated to the latents "
+                "and G's output carrying it on to D"
+            ) from error
         scores_of(scores, latents.shape[0])  # one value per example, or a clear error
         return latents
 
@@ -363,7 +368,7 @@ class GANKernelAnalyzer(TrainerCallback):
         d_optimizer: Any = None,
         *,
         ema: Any = None,
-        start_step: int = 0,
+        start_step: int | tuple[int, int] = 0,
     ) -> None:
         """Observe a loop you own: its ``g_optimizer.step()`` and ``d_optimizer.step()`` record the steps.
 
@@ -374,7 +379,11 @@ class GANKernelAnalyzer(TrainerCallback):
                 ``EMAModel``, ...) that the loop updates after each generator step: a second ledger
                 (``generator_ema_ledgers``) for the weights people sample from.
             start_step: the loop's step count now; reports number the tracked steps from it
-                (``start_step + 1``, ``start_step + 2``, ... for each player).
+                (``start_step + 1``, ``start_step + 2``, ... for each player). A pair
+                ``(generator_steps, discriminator_steps)`` gives each player's own count (a loop with
+                several discriminator steps per generator step, e.g. WGAN's five). After
+                :meth:`load_state_dict`, a count below the saved analyzer's last number of that player is
+                refused (its steps would be numbered again): pass that player's own count.
 
         Then call :meth:`observe_generator` / :meth:`observe_discriminator` before each backward.
         """
@@ -386,8 +395,8 @@ class GANKernelAnalyzer(TrainerCallback):
             raise ValueError("bind needs g_optimizer, d_optimizer or both")
         if ema is not None and g_optimizer is None:
             raise ValueError("ema is an EMA of the generator's weights: bind it with the g_optimizer")
-        if isinstance(start_step, bool) or not isinstance(start_step, int) or start_step < 0:
-            raise ValueError(f"start_step must be a non-negative int (the loop's step count now), got {start_step!r}")
+        start_step = list(start_step) if isinstance(start_step, (tuple, list)) else start_step
+        _check_start_step(start_step, self.g_loop_steps, self.d_loop_steps)  # after a load: no step numbered again
         if self._generator_loss is None and self._geometry_loss is None:
             self._generator_loss = GeneratorLoss(self._d)
         self._start_step = start_step
@@ -447,8 +456,8 @@ class GANKernelAnalyzer(TrainerCallback):
         self._check_step_latents(latents)
         if weights is not None and (not isinstance(weights, torch.Tensor) or weights.shape != (batch,)):
             raise ValueError(f"weights must be a Tensor of shape [{batch}] (one c_n per example)")
-        if self._g_pending is not None and self.g_tracker._observed is None:
-            self._g_pending = None  # the step that was in progress failed and was rolled back
+        if self._g_pending is not None and _dropped(self.g_tracker):
+            self._g_pending = None  # the step in progress was rolled back or skipped: this micro-batch begins a new one
         index = self.g_steps + 1
         with torch.enable_grad():
             (w,) = torch.autograd.grad(losses.sum(), samples, retain_graph=True, allow_unused=True)
@@ -528,8 +537,8 @@ class GANKernelAnalyzer(TrainerCallback):
             with preserved(self._d):
                 self._build_discriminator_tracker(self.discriminator, self._d_optimizer, _ObservedOnly("discriminator"),
                                                   math.inf, inputs, roles, batch, wrap_critic=False)
-        if self._d_pending is not None and self.d_tracker._observed is None:
-            self._d_pending = None
+        if self._d_pending is not None and _dropped(self.d_tracker):
+            self._d_pending = None  # as in observe_generator
         self.d_tracker.observe(losses, ids.to(losses.device), weights)
         if self._d_pending is None:
             self._d_pending = {"ids": [], "loop_step": None}
@@ -708,10 +717,12 @@ class GANKernelAnalyzer(TrainerCallback):
         # tracker (and an observed loop) sees it at θ_k, after the step's forward.
         loss_fn = self._geometry_fn(step.loss_fn)
         with preserved(self._g):
-            # 1. The batch at θ_k as training's forward computes it (G's current mode, the same RNG).
-            with torch.set_grad_enabled(evaluate), torch.random.fork_rng(devices=_cuda(latents)):
-                samples = output_tensor(self._g(latents))
-            geo = self._push(latents, samples.detach(), loss_fn, after_forward=False)
+            # 1. The batch at θ_k as training's forward computes it (G's current mode, the same RNG). D's pass
+            # draws its random numbers (dropout masks) after G's, as training's D(G(z)) does: one fork for both.
+            with torch.random.fork_rng(devices=_cuda(latents)):
+                with torch.set_grad_enabled(evaluate):
+                    samples = output_tensor(self._g(latents))
+                geo = self._push(latents, samples.detach(), loss_fn, after_forward=False)
             if not torch.isfinite(geo["losses"]).all() or not torch.isfinite(geo["w"]).all():
                 bad = torch.nonzero(~torch.isfinite(geo["losses"])).flatten().tolist()
                 raise NonFiniteError(
@@ -770,7 +781,8 @@ class GANKernelAnalyzer(TrainerCallback):
             self.g_spatial_counts.append(
                 summed_over_ranks(torch.bincount(spatial.cpu(), minlength=self.num_groups), context).tolist())
         loop = pending["loop_step"]
-        self.g_loop_steps.append(int(loop) if loop is not None else self._start_step + index - self._steps_at_bind[0])
+        self.g_loop_steps.append(int(loop) if loop is not None
+                                 else _start_pair(self._start_step)[0] + index - self._steps_at_bind[0])
         f_end = self.g_tracker.ledger.f_end
         drift = self.g_tracker.ledger.buffer_drift
         # What training moved: the outputs' change less what G's buffers (BatchNorm's running
@@ -1018,7 +1030,7 @@ class GANKernelAnalyzer(TrainerCallback):
                                                      self.d_tracker.distributed).tolist())
         loop = pending["loop_step"]
         self.d_loop_steps.append(int(loop) if loop is not None
-                                 else self._start_step + self.d_steps - self._steps_at_bind[1])
+                                 else _start_pair(self._start_step)[1] + self.d_steps - self._steps_at_bind[1])
 
     # -- results -------------------------------------------------------------------------------
     @property
@@ -1184,6 +1196,8 @@ class GANKernelAnalyzer(TrainerCallback):
         mine = self._config()
         if {"comparison": None, **state["config"]} != mine:
             raise ValueError(f"the saved analyzer had settings {state['config']}, this one {mine}; build it with the same settings")
+        if self._bound:
+            _check_start_step(self._start_step, list(state["g_loop_steps"]), list(state["d_loop_steps"]))
         if state["grouping"] is not None:
             self.grouping.load_state_dict(state["grouping"])
         if self.comparison is not None and state.get("comparison") is not None:
@@ -1329,6 +1343,41 @@ def _coefficients(weights: torch.Tensor | None, batch: int, like: torch.Tensor) 
 def _flat_latents(z: torch.Tensor) -> torch.Tensor:
     """Latents flattened per example, ``[B, k]`` (what groupings see)."""
     return z.reshape(z.shape[0], -1)
+
+
+def _dropped(tracker: PathKernelTracker) -> bool:
+    """Whether the micro-batches observed so far belong to no step: the step failed and was rolled back
+    (nothing observed is left), or the loop cleared the gradients without stepping (a GradScaler that
+    found inf, a loop that skips an update), so the tracker drops them at the next observe()."""
+    return tracker._observed is None or tracker._gradients_cleared()
+
+
+def _start_pair(start_step: Any) -> tuple[int, int]:
+    """``(generator, discriminator)`` start counts from bind's ``start_step`` (an int for both, or a pair)."""
+    pair = tuple(start_step) if isinstance(start_step, (tuple, list)) else (start_step, start_step)
+    if len(pair) != 2 or any(isinstance(v, bool) or not isinstance(v, int) or v < 0 for v in pair):
+        raise ValueError(
+            "start_step must be a non-negative int (the loop's step count now) or a pair (generator_steps, "
+            f"discriminator_steps) of them, got {start_step!r}"
+        )
+    return pair
+
+
+def _check_start_step(start_step: Any, g_numbers: list[int], d_numbers: list[int]) -> None:
+    """bind's ``start_step`` (an int or a pair) against the loop steps each player has numbered so far
+    (``g_numbers``, ``d_numbers``; a resumed run): a count below a player's last number would number
+    its steps again (WGAN's five discriminator steps per iteration counted as one). A ValueError with
+    the pair to pass."""
+    starts = _start_pair(start_step)
+    for player, start, numbers in (("generator", starts[0], g_numbers), ("discriminator", starts[1], d_numbers)):
+        if numbers and start < numbers[-1]:
+            raise ValueError(
+                f"bind(start_step={start_step!r}) numbers the {player}'s next step {start + 1}, but the saved analyzer "
+                f"already numbered {player} steps up to {numbers[-1]}: start_step counts each player's steps. Pass "
+                "start_step=(generator_steps, discriminator_steps), the steps each player has taken, e.g. "
+                f"start_step=({g_numbers[-1] if g_numbers else 0}, {d_numbers[-1] if d_numbers else 0}) when the loop "
+                "went on from the save"
+            )
 
 
 def _span(steps: list[int]) -> list[int] | None:

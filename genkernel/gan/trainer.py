@@ -197,6 +197,7 @@ class GANTrainer:
         self.latent_dim = int(latent_dim if latent_dim is not None else getattr(generator, "latent_dim", 0))
         if self.latent_dim < 1:
             raise ValueError("pass latent_dim= (the generator has no .latent_dim attribute)")
+        self._check_latents()
         self.loss = check_loss(loss)
         self.output = output
         self.gp_weight = gp_weight
@@ -233,6 +234,20 @@ class GANTrainer:
         """``[n, latent_dim]`` standard normal latents from the trainer's generator (or ``generator``)."""
         z = torch.randn(n, self.latent_dim, generator=generator or self.rng, dtype=torch.float64)
         return z.to(device=self.device, dtype=self.dtype)
+
+    def _check_latents(self) -> None:
+        """G must take the trainer's latents ``[B, latent_dim]`` (one eval-mode pass on two latents,
+        buffers and RNG kept); a G that takes another shape is refused with the fix."""
+        z = torch.zeros(2, self.latent_dim, dtype=self.dtype, device=self.device)
+        try:
+            with torch.no_grad(), preserved(self.generator), analysis_mode(self.generator):
+                output_tensor(self.generator(z))
+        except (RuntimeError, TypeError, ValueError, IndexError) as error:
+            raise ValueError(
+                f"the generator does not take the trainer's latents [B, latent_dim] = [B, {self.latent_dim}] ({error}). "
+                "A generator with other latents (DCGAN's [B, nz, 1, 1]) trains here wrapped: "
+                "nn.Sequential(nn.Unflatten(1, (nz, 1, 1)), generator)"
+            ) from error
 
     @torch.no_grad()
     def sample(self, latents: torch.Tensor) -> torch.Tensor:
