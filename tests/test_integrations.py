@@ -226,3 +226,151 @@ def test_an_observed_denoiser_keeps_an_ema_ledger_and_a_class_partition():
     assert "ema" in report and len(report["level_class_traffic"]["matrix"]) == 3
     kernel = analyzer.kernel_structure()  # the kernel takes the conditioning inputs too
     assert len(kernel["by_distance"]) == 3
+
+
+def _fit_quietly(trainer, module, loader):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.fit(module, loader)
+
+
+class _LightningDenoiser:
+    """A LightningModule class (built lazily: Lightning is imported only by the tests that use it)."""
+
+    @staticmethod
+    def make(analyzer):
+        import lightning.pytorch as pl
+
+        scheduler = make_scheduler(T)
+
+        class Module(pl.LightningModule):
+            def __init__(self):
+                super().__init__()
+                self.net = denoiser()
+                self.analyzer = analyzer
+                self.g = torch.Generator().manual_seed(5)
+
+            def training_step(self, x0, index):
+                losses, t = per_example_loss(self.net, scheduler, x0, self.g)
+                self.analyzer.observe(losses, t)
+                return losses.mean()
+
+            def configure_optimizers(self):
+                return torch.optim.SGD(self.parameters(), lr=0.05, momentum=0.9)
+
+        return Module()
+
+
+def _trainer(callbacks, **kwargs):
+    import lightning.pytorch as pl
+
+    return pl.Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                      accelerator="cpu", callbacks=callbacks, **kwargs)
+
+
+def test_a_second_lightning_fit_with_a_new_optimizer_is_refused_not_left_out_of_the_ledger():
+    """Every fit calls configure_optimizers again: the second fit's optimizer has none of the
+    tracker's step hooks, so its steps never reached the ledger, which silently stayed at the
+    first fit's steps while the model trained on (its f_end 0.15 away from the real outputs)."""
+    from genkernel.integrations.lightning import GenkernelCallback
+
+    analyzer = NoiseLevelAnalyzer(make_scheduler(T), ring(16, seed=3), num_bins=3, num_probes=6, kernel_points=2,
+                                  progress=False)
+    module = _LightningDenoiser.make(analyzer)
+    callback = GenkernelCallback(analyzer, model_attribute="net")
+    loader = torch.utils.data.DataLoader(ring(16), batch_size=8, shuffle=False)
+    _fit_quietly(_trainer([callback], max_steps=2), module, loader)
+    assert analyzer.ledger.steps == 2
+    before = [p.detach().clone() for p in module.net.parameters()]
+    with pytest.raises(ValueError, match="bound to the optimizer of an earlier fit.*new analyzer"):
+        _fit_quietly(_trainer([callback], max_steps=1), module, loader)
+    assert all(torch.equal(p, q) for p, q in zip(module.net.parameters(), before))  # refused before a step
+    assert analyzer.ledger.steps == 2
+
+
+def test_a_lightning_step_refused_under_clip_by_value_names_the_clipping():
+    from genkernel.core.errors import LedgerCheckError
+    from genkernel.integrations.lightning import GenkernelCallback
+
+    analyzer = NoiseLevelAnalyzer(make_scheduler(T), ring(16, seed=3), num_bins=3, num_probes=6, kernel_points=2,
+                                  progress=False)
+    module = _LightningDenoiser.make(analyzer)
+    trainer = _trainer([GenkernelCallback(analyzer, model_attribute="net")], max_steps=1, gradient_clip_val=0.01,
+                       gradient_clip_algorithm="value")
+    with pytest.raises(LedgerCheckError) as error:
+        _fit_quietly(trainer, module, torch.utils.data.DataLoader(ring(16), batch_size=8))
+    assert any("gradient_clip_algorithm='norm'" in note for note in getattr(error.value, "__notes__", []))
+
+
+def test_an_ema_ledger_of_parameters_only_does_not_depend_on_when_it_is_read():
+    """diffusers' EMAModel keeps parameters only: its probes read the live model's BatchNorm
+    statistics. Reading ``ema_ledgers`` between the EMA update and the next training forward (which
+    moves those statistics) used to push that update with other statistics than a read after it:
+    the EMA ledger's contributions changed by 4 % of their size with the logging schedule."""
+    from diffusers.training_utils import EMAModel
+
+    def mse(out, y):
+        return ((out - y) ** 2).mean(1)
+
+    def run(read_every_step):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(3, 8), nn.BatchNorm1d(8), nn.Tanh(), nn.Linear(8, 2)).to(F64)
+        ema = EMAModel(model.parameters(), decay=0.9, use_ema_warmup=True, power=0.75)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        g = torch.Generator().manual_seed(1)
+        from genkernel import PathKernelTracker
+
+        tracker = PathKernelTracker(model, optimizer, mse, torch.randn(5, 3, generator=g, dtype=F64), num_groups=2,
+                                    quadrature="simpson")
+        tracker.track_ema(ema)
+        for _ in range(4):
+            x, y = torch.randn(8, 3, generator=g, dtype=F64), torch.randn(8, 2, generator=g, dtype=F64)
+            losses = mse(model(x), y)
+            tracker.observe(losses, torch.arange(8) % 2)
+            losses.mean().backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            ema.step(model.parameters())
+            if read_every_step:
+                tracker.ema_ledgers  # a logger reading the EMA ledger every step
+        ledger = tracker.ema_ledgers[tracker.partitions.primary]
+        sampled = nn.Sequential(nn.Linear(3, 8), nn.BatchNorm1d(8), nn.Tanh(), nn.Linear(8, 2)).to(F64)
+        sampled.load_state_dict(model.state_dict())
+        ema.copy_to(sampled.parameters())
+        with torch.no_grad():
+            real = sampled.eval()(tracker.probes[0])
+        return ledger, real
+
+    quiet, real = run(False)
+    read, _ = run(True)
+    scale = float(read.contributions.abs().max())
+    assert quiet.steps == read.steps == 4
+    torch.testing.assert_close(quiet.contributions, read.contributions, rtol=0, atol=1e-12 * scale)
+    torch.testing.assert_close(quiet.buffer_drift, read.buffer_drift, rtol=0, atol=1e-12 * scale)
+    torch.testing.assert_close(quiet.f_end, real, rtol=0, atol=1e-12)  # the weights people sample from
+
+
+def test_an_ema_that_leaves_a_parameter_out_is_refused_naming_that_parameter():
+    """ema-pytorch's ``ignore_names`` keeps a parameter out of the average: the refusal used to name
+    the first parameter ('0.weight', which the EMA averaged correctly) and not the one left out."""
+    from ema_pytorch import EMA
+
+    from genkernel import PathKernelTracker
+    from genkernel.core.errors import LedgerCheckError
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 2)).to(F64)
+    ema = EMA(model, beta=0.9, update_after_step=0, update_every=1, ignore_names={"2.bias"})
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    mse = lambda out, y: ((out - y) ** 2).mean(1)  # noqa: E731
+    tracker = PathKernelTracker(model, optimizer, mse, torch.randn(4, 3, dtype=F64), num_groups=2)
+    tracker.track_ema(ema)
+    with pytest.raises(LedgerCheckError, match=r"another 1 − β than the others' .*: '2\.bias': 0[^.]"):
+        for _ in range(3):
+            x, y = torch.randn(8, 3, dtype=F64), torch.randn(8, 2, dtype=F64)
+            losses = mse(model(x), y)
+            tracker.observe(losses, torch.arange(8) % 2)
+            losses.mean().backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            ema.update()

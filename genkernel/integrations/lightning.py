@@ -19,7 +19,9 @@ steps with a closure, which the tracker follows (the step is begun when the clos
 and gradient clipping are done); ``accumulate_grad_batches`` and ``gradient_clip_val`` are
 followed exactly. Under DDP the callback binds the wrapper Lightning trains, so the ranks' group
 gradients are combined as their gradients are. ``on_train_end`` records the final kernel
-structure. The analyzer's state is saved in, and restored from, Lightning checkpoints. On a GPU,
+structure. The analyzer's state is saved in, and restored from, Lightning checkpoints. Every ``fit``
+builds its optimizers anew, so an analyzer bound in an earlier fit is refused at the next one (give
+each fit its own analyzer and callback; ``ckpt_path=...`` carries the ledgers over). On a GPU,
 call :func:`genkernel.set_exact_cuda_mode` before ``fit`` (TF32 off, deterministic kernels):
 trackers refuse TF32 convolutions, torch's default.
 """
@@ -29,6 +31,9 @@ from __future__ import annotations
 from typing import Any
 
 import lightning.pytorch as pl
+
+from ..core.adapter import unwrap_optimizer
+from ..core.errors import LedgerCheckError
 
 
 class GenkernelCallback(pl.Callback):
@@ -50,8 +55,10 @@ class GenkernelCallback(pl.Callback):
         self.ema = ema
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if getattr(self.analyzer, "tracker", None) is not None:
-            return  # bound already (a resumed fit)
+        tracker = getattr(self.analyzer, "tracker", None)
+        if tracker is not None:
+            self._check_bound_to(tracker, trainer)
+            return  # bound already, to this fit's optimizer
         if len(trainer.optimizers) != 1:
             raise ValueError(
                 f"the module has {len(trainer.optimizers)} optimizers: bind each analyzer to its own model and "
@@ -60,6 +67,22 @@ class GenkernelCallback(pl.Callback):
         self.analyzer.bind(
             self._model(trainer, pl_module), trainer.optimizers[0], ema=self.ema, start_step=trainer.global_step,
             batch_size=_step_batch(trainer))
+
+    @staticmethod
+    def _check_bound_to(tracker: Any, trainer: pl.Trainer) -> None:
+        """Refuse a fit whose optimizer is not the one the analyzer was bound to: every ``fit`` calls
+        ``configure_optimizers`` again, and steps of a new optimizer never reach the old one's step
+        hooks, so the ledger would silently stop while the model trains on."""
+        current = [unwrap_optimizer(o) for o in trainer.optimizers]
+        if getattr(tracker, "_closed", False) or (len(current) == 1 and current[0] is tracker.optimizer):
+            return
+        raise ValueError(
+            "the analyzer was bound to the optimizer of an earlier fit, and this fit trains with another one "
+            "(Lightning calls configure_optimizers at every fit, and a resumed fit restores a new optimizer): its "
+            "steps would not reach the ledger. Give every fit a new analyzer and GenkernelCallback (a fit resumed "
+            "with ckpt_path=... restores the analyzer's state from the checkpoint), or return the same optimizer "
+            "object from configure_optimizers"
+        )
 
     def _model(self, trainer: pl.Trainer, pl_module: pl.LightningModule):
         """What the analyzer binds: under DDP, the wrapper Lightning trains (the tracker reads the
@@ -79,6 +102,18 @@ class GenkernelCallback(pl.Callback):
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.analyzer.finish()
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        """Name clip-by-value as the cause when the tracker's gradient check refused a step under it."""
+        algorithm = getattr(trainer, "gradient_clip_algorithm", None)
+        if (isinstance(exception, LedgerCheckError) and trainer.gradient_clip_val
+                and str(getattr(algorithm, "value", algorithm)) == "value" and hasattr(exception, "add_note")):
+            exception.add_note(
+                f"genkernel: the Trainer clips gradients by value (gradient_clip_val={trainer.gradient_clip_val}, "
+                "gradient_clip_algorithm='value'), which changes each coordinate differently, so the clipped "
+                "gradient is no longer the groups' sum times one scalar. Clip by norm "
+                "(gradient_clip_algorithm='norm') while the analyzer tracks"
+            )
 
     def state_dict(self) -> dict[str, Any]:
         return {"analyzer": self.analyzer.state_dict()}

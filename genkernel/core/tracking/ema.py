@@ -22,8 +22,11 @@ D; ``sync()`` (before the next step, and whenever the ledgers are read) reads th
 its update, if any. The probes see f(x; θ̄) with the buffers of the model people sample from
 (:func:`ema_buffers`): an EMA that holds a module (ema-pytorch's ``EMA``, ``AveragedModel``) keeps
 its own (copied, averaged, or as built), which the probes read; diffusers' ``EMAModel`` holds only
-parameters (``copy_to`` puts them in the live model), so its probes read the live model's. A change
-of those buffers between two EMA updates is booked in ``buffer_drift``, not in any group.
+parameters (``copy_to`` puts them in the live model), so its probes read the live model's as they
+were when the last tracked step ended (:meth:`EMALedgers.after_step` keeps a copy): the EMA is
+updated right after that step, and reading the ledgers later, after the next training forward has
+moved BatchNorm's running statistics, must not change their numbers. A change of those buffers
+between two EMA updates is booked in ``buffer_drift``, not in any group.
 Frozen parameters are the live model's. Memory: two more float64 copies of the parameters per
 group row (D and E).
 """
@@ -101,6 +104,26 @@ def ema_buffers(ema: Any, model: nn.Module) -> Callable[[], dict[str, torch.Tens
     return lambda: {n: b for n, b in module.named_buffers() if n in own}
 
 
+def _odd_gains(bar: dict[str, torch.Tensor], last: dict[str, torch.Tensor], theta: dict[str, torch.Tensor]) -> str:
+    """The parameters whose own (1 − β), ⟨Δθ̄, θ − θ̄⟩ / ‖θ − θ̄‖², differs from most parameters' (one
+    the EMA left out has 0, one it copied 1), as text for an error message; "" when none stands out."""
+    own = {}
+    for name in bar:
+        away = theta[name] - last[name]
+        norm = float((away * away).sum())
+        if norm > 0:
+            own[name] = float(((bar[name] - last[name]) * away).sum()) / norm
+    if not own:
+        return ""
+    typical = sorted(own.values())[len(own) // 2]
+    odd = {n: g for n, g in own.items() if not math.isclose(g, typical, rel_tol=1e-6, abs_tol=1e-12)}
+    if not odd:
+        return ""
+    listed = ", ".join(f"'{n}': {g:.6g}" for n, g in list(odd.items())[:5])
+    return (f"; the EMA moved these parameters with another 1 − β than the others' {typical:.6g}: {listed}"
+            f"{' ...' if len(odd) > 5 else ''}")
+
+
 class EMALedgers:
     """The EMA weights' ledgers of a tracker (see the module docstring); ``tracker.track_ema(ema)``
     builds it. ``ledgers[name]`` per partition, ``ledger`` the primary one (their ``rest`` holds
@@ -128,6 +151,9 @@ class EMALedgers:
                        for n, t in theta.items()}
         self.last_bar = {n: t.clone() for n, t in bar.items()}
         self.decays: list[float] = []
+        # An EMA of parameters only is sampled with the live model's buffers as they were after the last
+        # tracked step ({name: tensor}, copies; None when the EMA keeps its own or there are none).
+        self.live_buffers = None if read_buffers is not None else self._copy_live_buffers()
         with torch.no_grad(), analysis_mode(model.module), self._sampled_buffers():
             f_start = self._outputs(bar)
         self.ledgers = {name: PathKernelLedger.empty(f_start, size) for name, size in partitions.sizes.items()}
@@ -144,6 +170,13 @@ class EMALedgers:
             if u.shape[0] != self.num_rows:
                 raise ValueError("an EMA ledger needs one update row per group: build the tracker with group_state='dense'")
             self.displacement[name] += u
+        if self.live_buffers is not None:
+            self.live_buffers = self._copy_live_buffers()
+
+    def _copy_live_buffers(self) -> dict[str, torch.Tensor] | None:
+        """Copies of the live model's buffers by name (None when it has none)."""
+        buffers = {n: b.detach().clone() for n, b in self.model.module.named_buffers()}
+        return buffers or None
 
     def sync(self, step: int) -> None:
         """Record the EMA's update since the last sync, if it moved (``step``: the optimizer steps so far)."""
@@ -163,8 +196,9 @@ class EMALedgers:
             if gap > self.rtol * scale + ulp:
                 raise LedgerCheckError(
                     f"after step {step} the EMA weights of '{name}' moved in a way that is not β θ̄ + (1 − β) θ of the "
-                    f"model's current weights (best 1 − β = {gain:.6g}, gap {gap:.3e}): update the EMA right after "
-                    "optimizer.step(), with the model's parameters"
+                    f"model's current weights (best 1 − β = {gain:.6g}, gap {gap:.3e}){_odd_gains(bar, self.last_bar, theta)}: "
+                    "update the EMA right after optimizer.step(), with the model's parameters, averaging every trained "
+                    "parameter with one decay (no ema-pytorch ignore_names or param_or_buffer_names_no_ema for them)"
                 )
         beta = 1.0 - gain
         # 2. E_{k+1} = β E_k + (1 − β) D_{k+1}; the start row: β E + (1 − β)(θ_0 − θ̄_0).
@@ -211,11 +245,12 @@ class EMALedgers:
     @contextlib.contextmanager
     def _sampled_buffers(self) -> Iterator[None]:
         """Inside: the live module's buffer slots hold copies of the EMA's own buffers (where it
-        has them, :func:`ema_buffers`); after: the live tensors themselves again, untouched."""
-        if self.read_buffers is None:
+        has them, :func:`ema_buffers`), else of the live buffers kept after the last tracked step;
+        after: the live tensors themselves again, untouched."""
+        values = self.read_buffers() if self.read_buffers is not None else self.live_buffers
+        if values is None:
             yield
             return
-        values = self.read_buffers()
         slots = [(m, name, b, values[full]) for prefix, m in self.model.module.named_modules()
                  for name, b in m._buffers.items()
                  if b is not None and (full := f"{prefix}.{name}".lstrip(".")) in values]
@@ -238,7 +273,7 @@ class EMALedgers:
             "ledgers": {n: ledger.state_dict() for n, ledger in self.ledgers.items()},
             "displacement": self.displacement, "offset": self.offset, "last_bar": self.last_bar,
             "theta_start": self.theta_start, "bar_start": self.bar_start, "decays": list(self.decays),
-            "f_prev": self._f_prev, "start": self.start,
+            "f_prev": self._f_prev, "start": self.start, "live_buffers": self.live_buffers,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -248,6 +283,8 @@ class EMALedgers:
         self.decays = list(state["decays"])
         self._f_prev = state["f_prev"].clone()
         self.start = state["start"].clone()
+        if self.live_buffers is not None and state.get("live_buffers") is not None:  # (older states: the live ones now)
+            self.live_buffers = {n: t.clone() for n, t in state["live_buffers"].items()}
 
 
 __all__ = ["EMALedgers", "ema_buffers", "ema_parameters"]
