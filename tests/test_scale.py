@@ -364,6 +364,9 @@ def test_a_memory_cgroup_limit_caps_the_free_memory_of_the_cpu(tmp_path, monkeyp
     (tmp_path / "memory.max").write_text("1073741824\n")
     (tmp_path / "memory.current").write_text("268435456\n")
     assert cost.cgroup_free_memory(str(tmp_path)) == 3 * 2**28
+    # Page cache of files read counts as usage; its inactive part is reclaimed before a kill.
+    (tmp_path / "memory.stat").write_text("anon 1000\nfile 200000000\ninactive_file 134217728\nactive_file 5\n")
+    assert cost.cgroup_free_memory(str(tmp_path)) == 3 * 2**28 + 2**27
     (tmp_path / "memory.max").write_text("max\n")
     assert cost.cgroup_free_memory(str(tmp_path)) is None
     v1 = tmp_path / "v1"
@@ -371,6 +374,9 @@ def test_a_memory_cgroup_limit_caps_the_free_memory_of_the_cpu(tmp_path, monkeyp
     (v1 / "memory" / "memory.limit_in_bytes").write_text(str(2**30))
     (v1 / "memory" / "memory.usage_in_bytes").write_text(str(2**31))  # over its limit: nothing left
     assert cost.cgroup_free_memory(str(v1)) == 0
+    (v1 / "memory" / "memory.usage_in_bytes").write_text(str(2**29))
+    (v1 / "memory" / "memory.stat").write_text(f"cache 9\ninactive_file 7\ntotal_inactive_file {2**28}\n")
+    assert cost.cgroup_free_memory(str(v1)) == 2**29 + 2**28
     (v1 / "memory" / "memory.limit_in_bytes").write_text(str(2**63 - 4096))  # v1's "no limit"
     assert cost.cgroup_free_memory(str(v1)) is None
     assert cost.cgroup_free_memory(str(tmp_path / "missing")) is None

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from genkernel import PathKernelLedger, PathKernelTracker
+from genkernel.core.errors import LedgerCheckError
 from genkernel.supervised import mse_loss
 
 
@@ -399,3 +400,40 @@ def test_probes_sliced_from_a_buffer_the_loop_refills_stay_the_probes_the_ledger
         torch.testing.assert_close(tracker.ledger.f_end, model(kept), rtol=0, atol=1e-14)
     for field in ("contributions", "rest", "residual", "f_start", "f_end"):
         assert torch.equal(getattr(tracker.ledger, field), getattr(reference.ledger, field)), field
+
+
+class BatchMeanFeature(nn.Module):
+    """An MLP whose head also reads the batch's mean hidden state (a minibatch-statistics
+    feature): each example's output depends on the other rows of its batch."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.body, self.head = nn.Linear(2, 8).double(), nn.Linear(9, 1).double()
+
+    def forward(self, x):
+        h = torch.tanh(self.body(x))
+        return self.head(torch.cat([h, h.mean(0, keepdim=True).pow(2).sum(1, keepdim=True).expand(len(h), 1)], 1))
+
+
+@pytest.mark.parametrize("group_state,gradient_route", [("dense", "example"), ("factored", "auto"), ("sketched", "auto")])
+def test_one_probe_does_not_vouch_for_a_batch_whose_rows_interact(group_state, gradient_route):
+    """The per-example routes' layer plan was checked on the probes only: one probe alone cannot
+    show a forward that mixes the batch's rows, so each example was credited the batch's coupling
+    (contributions 5e-4 off the graph route's at a scale of 0.13, every check passing). The plan
+    is now checked on the training batch too, which refuses the step; the graph route is exact."""
+    x, y, _ = data(8)
+    groups, probe = torch.arange(8) % 4, torch.randn(1, 2, generator=torch.Generator().manual_seed(4)).double()
+    model = BatchMeanFeature()
+    graph = PathKernelTracker(model, torch.optim.SGD(model.parameters(), lr=0.1), mse_loss, probe, num_groups=4,
+                              group_state="dense", gradient_route="graph")
+    graph.step(x, y, groups)
+    assert graph.ledger.steps == 1
+    model = BatchMeanFeature()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9 if group_state == "sketched" else 0.0)
+    tracker = PathKernelTracker(model, optimizer, mse_loss, probe, num_groups=4, group_state=group_state,
+                                gradient_route=gradient_route)
+    start = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(LedgerCheckError):
+        tracker.step(x, y, groups)
+    assert tracker.ledger.steps == 0 and all(torch.equal(p, s) for p, s in zip(model.parameters(), start))

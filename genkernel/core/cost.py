@@ -162,9 +162,14 @@ def cgroup_free_memory(root: str = "/sys/fs/cgroup") -> int | None:
     its limit less its usage, cgroup v2 (``memory.max``, ``memory.current``) or v1
     (``memory/memory.limit_in_bytes``, ``memory/memory.usage_in_bytes``); None where there is no
     limit or it cannot be read. /proc/meminfo reports the host's memory, not the limit, so a
-    container's set-up could "fit" by it and then be killed."""
-    for limit_file, usage_file in (("memory.max", "memory.current"),
-                                   ("memory/memory.limit_in_bytes", "memory/memory.usage_in_bytes")):
+    container's set-up could "fit" by it and then be killed. The usage counts the page cache of
+    files read (a data set), which the kernel reclaims before it kills: its inactive part
+    (``inactive_file`` of ``memory.stat``, v1 ``total_inactive_file``) is counted as free, as
+    container tools count a working set."""
+    for limit_file, usage_file, stat_file, cache_key in (
+            ("memory.max", "memory.current", "memory.stat", "inactive_file"),
+            ("memory/memory.limit_in_bytes", "memory/memory.usage_in_bytes", "memory/memory.stat",
+             "total_inactive_file")):
         try:
             with open(os.path.join(root, limit_file)) as handle:
                 limit = handle.read().strip()
@@ -174,8 +179,21 @@ def cgroup_free_memory(root: str = "/sys/fs/cgroup") -> int | None:
             continue
         if limit == "max" or not limit.isdigit() or int(limit) >= 2**60:  # no limit (v1 writes a huge number)
             return None
-        return max(int(limit) - usage, 0)
+        return max(int(limit) - usage + _stat_entry(os.path.join(root, stat_file), cache_key), 0)
     return None
+
+
+def _stat_entry(path: str, key: str) -> int:
+    """The value of ``key`` in a cgroup ``memory.stat`` file (0 when absent or unreadable)."""
+    try:
+        with open(path) as handle:
+            for line in handle:
+                name, _, value = line.partition(" ")
+                if name == key and value.strip().isdigit():
+                    return int(value)
+    except OSError:
+        pass
+    return 0
 
 
 def activation_elements(model: nn.Module, example: tuple[torch.Tensor, ...]) -> int:

@@ -253,11 +253,14 @@ def same_kind(xs1: tuple[torch.Tensor, ...], xs2: tuple[torch.Tensor, ...]) -> b
 
 def pair_covering_plan(model: nn.Module, xs1: tuple[torch.Tensor, ...], xs2: tuple[torch.Tensor, ...] | None,
                        exclude: Iterable[str] = frozenset()) -> Plan:
-    """:func:`covering_plan` for a kernel between two batches: checked on ``xs1`` and, when ``xs2``
-    holds inputs of another kind (:func:`same_kind`: other per-example shapes, a forward that may
-    take another path), on ``xs2`` too; a block either check moves to the fallback is left to it."""
+    """:func:`covering_plan` for factors of two batches (a kernel between them; a tracker's probes
+    and training batches): checked on ``xs1`` and on ``xs2`` too when it holds inputs of another
+    kind (:func:`same_kind`: other per-example shapes, a forward that may take another path) or
+    its sample holds more examples (one example of ``xs1`` alone cannot show a forward that mixes
+    the rows of ``xs2``'s batch); a block either check moves to the fallback is left to it."""
     plan = covering_plan(model, xs1, exclude)
-    if xs2 is None or same_kind(xs1, xs2):
+    sampled = (min(COVERAGE_SAMPLE, batch_size(xs1)), 0 if xs2 is None else min(COVERAGE_SAMPLE, batch_size(xs2)))
+    if xs2 is None or (same_kind(xs1, xs2) and sampled[1] <= sampled[0]):
         return plan
     other = covering_plan(model, xs2, exclude)
     kept = {block.name for block in plan.blocks} & {block.name for block in other.blocks}

@@ -34,10 +34,12 @@ import torch
 from torch import nn
 from torch.func import jvp, vmap
 
-from ..adapter import analysis_mode, check_per_example_safe, coupled_modules, explained_torch_func_errors, functional_model
+from ..adapter import (
+    analysis_mode, batch_size, check_per_example_safe, coupled_modules, explained_torch_func_errors, functional_model,
+)
 from ..cost import push_pass_shape, push_route, reads_training_pass
 from ..engine.factored import row_chunks
-from ..engine.factors import Plan, TrainingCapture, Unfactorable, covering_plan
+from ..engine.factors import COVERAGE_SAMPLE, Plan, TrainingCapture, Unfactorable, covering_plan, pair_covering_plan
 from ..engine.gradients import factor_rows, gradients_from_losses, group_gradients, membership_matrix
 from ..engine.per_example import BatchFactors, batch_totals, capture_batch, factored_contributions, training_batch
 from ..engine.reference import per_example_jacobian
@@ -199,8 +201,8 @@ class GroupStateRoute:
         step's gradient scale (clipping, loss scaling), averaged across ranks under DDP."""
         raise NotImplementedError
 
-    def recording(self, batch: int) -> TrainingCapture:
-        """What step 1 reads from the training pass itself (entered around it): nothing here."""
+    def recording(self, inputs: tuple[torch.Tensor, ...]) -> TrainingCapture:
+        """What step 1 reads from the training pass on ``inputs`` (entered around it): nothing here."""
         return TrainingCapture.idle()
 
     def _capture_if_it_fits(self, plan: Plan, batch: int, form: str = "outer") -> TrainingCapture:
@@ -266,19 +268,21 @@ class DenseRoute(GroupStateRoute):
             raise ValueError(f"gradient_route must be one of {GRADIENT_ROUTES}, got {gradient_route!r}")
         self.gradient_route = gradient_route
         self._plan: Plan | None = None  # the blocks read from the training pass, planned at the first step
+        self._checked: set[tuple] = set()  # kinds of training inputs the plan was checked on (input_kind)
 
     @property
     def splitter_partitions(self) -> Partitions:
         return self.model.partitions
 
-    def recording(self, batch: int) -> TrainingCapture:
+    def recording(self, inputs: tuple[torch.Tensor, ...]) -> TrainingCapture:
         """The training pass's per-example gradients, for gradient_route "example" (and "auto"),
         when its records fit in the memory budget."""
         if self.gradient_route == "factored":
             return TrainingCapture.idle()
-        if self._plan is None:
-            self._plan = covering_plan(self.model.module, self.model.probes)
-        return self._capture_if_it_fits(self._plan, batch, form="compact")
+        if self._plan is None or input_kind(inputs) not in self._checked:
+            self._plan = training_plan(self.model, inputs, frozenset())
+            self._checked.add(input_kind(inputs))
+        return self._capture_if_it_fits(self._plan, batch_size(inputs), form="compact")
 
     def uses_graph(self) -> bool:
         if self.gradient_route != "auto":
@@ -354,15 +358,28 @@ class _FactorRoute(GroupStateRoute):
         self._exclusions: set[str] = set()
         self.plan: Plan = covering_plan(model.module, model.probes)
         self._probe_chunks: list[slice] | None = None  # fixed probes: sized once per plan
+        self._checked: set[tuple] = set()  # kinds of training inputs the plan was checked on (input_kind)
 
-    def recording(self, batch: int) -> TrainingCapture:
+    def recording(self, inputs: tuple[torch.Tensor, ...]) -> TrainingCapture:
         """The batch's factors from the training pass's own forward and backward (no second pass),
         when its records fit in the memory budget (else the capture pass runs in chunks)."""
-        return self._capture_if_it_fits(self.plan, batch, self.batch_form)
+        self._plan_for(inputs)
+        return self._capture_if_it_fits(self.plan, batch_size(inputs), self.batch_form)
+
+    def _plan_for(self, inputs: tuple[torch.Tensor, ...]) -> None:
+        """Check the plan on the training batch too (:func:`training_plan`); a block moved to
+        torch.func there resizes the probes' chunks. Once per kind of input (:func:`input_kind`)."""
+        if input_kind(inputs) in self._checked:
+            return
+        plan = training_plan(self.model, inputs, self._exclusions)
+        self._checked.add(input_kind(inputs))
+        if [b.name for b in plan.blocks] != [b.name for b in self.plan.blocks]:
+            self.plan, self._probe_chunks = plan, None
 
     def gradients(self, step, ids, coefficients, recorded):
         model = self.model
         check_per_example_safe(model.module, route=f"group_state={self.name!r}")
+        self._plan_for(step.inputs)  # (a compiled model's step records nothing: checked here)
         batch = training_batch(model.module, self.plan, recorded, step.inputs, step.targets, step.loss_fn,
                                coefficients, step.losses, model.memory_budget)
         while batch is None:  # the training pass could not be read: a capture pass of its own
@@ -374,7 +391,7 @@ class _FactorRoute(GroupStateRoute):
             except Unfactorable as error:  # a module that mixes the batch: torch.func handles it
                 self._exclusions.add(error.module_name)
                 self.plan = covering_plan(model.module, step.inputs, self._exclusions)
-                self._probe_chunks = None
+                self._probe_chunks, self._checked = None, set()
         totals, sizes = batch_totals(batch)
         grads = {n: (totals[n] * step.clip_factor).unsqueeze(0) for n in model.params}
         sizes = {n: sizes[n] * step.clip_factor for n in model.params}
@@ -437,6 +454,23 @@ class FactoredRoute(_FactorRoute):
         return RouteContributions(contributions, columns, rest, self._no_sketch_error(rest))
 
 
+def training_plan(model: TrackedModel, inputs: tuple[torch.Tensor, ...], exclude: frozenset | set) -> Plan:
+    """The layer plan for factors read from training batches, checked on the probes and on a
+    sample of ``inputs`` (:func:`~genkernel.core.engine.factors.pair_covering_plan`; remembered per
+    kind of input). The probes alone cannot stand for the batch: one probe cannot show a forward
+    that mixes the batch's rows (a minibatch-std layer), and a batch of other per-example shapes
+    may take another path. Unchecked, a route would credit one example's gradient to another while
+    the groups' sum stayed the real gradient (no check would see it)."""
+    return pair_covering_plan(model.module, model.probes, inputs, exclude)
+
+
+def input_kind(inputs: tuple[torch.Tensor, ...]) -> tuple:
+    """What a plan checked on a training batch stands for: batches of the same per-example shapes,
+    dtypes and devices, and as many examples sampled (a route's plan is checked once
+    per kind; the per-step check of the groups' sum against the real gradient runs at every step)."""
+    return (tuple((tuple(t.shape[1:]), t.dtype, t.device) for t in inputs), min(COVERAGE_SAMPLE, batch_size(inputs)))
+
+
 def plain_sgd(optimizer: torch.optim.Optimizer) -> bool:
     """torch.optim.SGD with no momentum in any parameter group (its update is −η ĝ, stateless)."""
     return type(optimizer) is torch.optim.SGD and all(float(g.get("momentum", 0.0)) == 0.0 for g in optimizer.param_groups)
@@ -444,5 +478,5 @@ def plain_sgd(optimizer: torch.optim.Optimizer) -> bool:
 
 __all__ = [
     "ALL_GROUPS", "CONTRIBUTION_ROUTES", "DenseRoute", "FactoredRoute", "GroupStateRoute", "RouteContributions",
-    "StepGradients", "TrackedModel", "plain_sgd", "push_rows",
+    "StepGradients", "TrackedModel", "plain_sgd", "input_kind", "push_rows", "training_plan",
 ]

@@ -455,7 +455,7 @@ class PathKernelTracker:
             else:
                 # Hooks inside a compiled forward would change what torch.compile traces: a compiled
                 # model's group gradients come from the route's own pass.
-                recorded = TrainingCapture.idle() if is_compiled(step.model) else self.route.recording(step.batch)
+                recorded = TrainingCapture.idle() if is_compiled(step.model) else self.route.recording(step.inputs)
                 with recorded:  # stops recording before the backward
                     losses = step.compute_gradients(lambda graph_losses: (
                         recorded.stop(graph_losses), self._check_separate_losses(graph_losses, step.outputs),
