@@ -6,6 +6,7 @@ import gzip
 import hashlib
 import math
 import pickle
+import re
 import struct
 from pathlib import Path
 
@@ -188,6 +189,27 @@ def test_digits_per_class_ordering_and_determinism():
     assert tr.shape[0] + te.shape[0] == 1797 and torch.equal(torch.cat([tr, te]), all8)
 
 
+def test_resize_images_matches_bilinear_for_images_in_minus_one_one():
+    """Images already mapped to [-1, 1] (the diffusion / GAN range) were clamped to [0, 1]:
+    every negative pixel became 0 (max error 0.96)."""
+    from genkernel.data import resize_images
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(3, 2, 12, 12, generator=g, dtype=torch.float64) * 2 - 1
+    for size, aa in ((24, False), (7, True)):
+        ref = torch.nn.functional.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=aa)
+        out = resize_images(x, size)
+        assert out.shape == (3, 2, size, size) and float(out.min()) < -0.5
+        assert float((out - ref).abs().max()) < 1e-12
+        assert x.min() <= out.min() and out.max() <= x.max()
+    unit, _ = load_digits_images(size=8, per_class=2)
+    up = resize_images(unit, 32)
+    assert float(up.min()) >= 0.0 and float(up.max()) <= 1.0
+    assert float((resize_images(unit * 2 - 1, 32) - (up * 2 - 1)).abs().max()) < 1e-6  # resize, then map = map, then resize
+    with pytest.raises(ValueError, match="NaN"):
+        resize_images(torch.full((1, 1, 4, 4), float("nan")), 8)
+
+
 def test_balanced_subset():
     labels = torch.tensor([2, 0, 1, 0, 2, 1, 0, 2, 1, 1])
     idx = balanced_subset(labels, 2, seed=None)
@@ -286,6 +308,55 @@ def test_broken_mnist_files_are_refused_clearly_and_leave_nothing_behind(tmp_pat
         break_it(root / "MNIST" / "raw")
         with pytest.raises(ValueError, match="MNIST"):
             load_image_dataset("mnist", data_root=root)
+
+
+def test_mnist_files_that_are_not_idx_are_refused_by_name(tmp_path):
+    """torchvision only asserts on the IDX header: a gzip or HTML file under the plain name
+    raised a bare AssertionError with no message."""
+    cases = {
+        "gzip under the plain name": (lambda f: f.write_bytes(gzip.compress(f.read_bytes())), "gzip-compressed"),
+        "html page": (lambda f: f.write_bytes(b"<html>404 Not Found</html>" * 8), "not an MNIST IDX file"),
+        "empty": (lambda f: f.write_bytes(b""), "not an MNIST IDX file"),
+    }
+    for name, (break_it, message) in cases.items():
+        root = tmp_path / name.replace(" ", "_")
+        _fake_mnist(root)
+        break_it(root / "MNIST" / "raw" / "t10k-images-idx3-ubyte")
+        with pytest.raises(ValueError, match=message):
+            load_image_dataset("mnist", data_root=root, train=False)
+
+
+def test_mnist_legacy_processed_files_read_as_uint8_or_refused(tmp_path):
+    """torchvision prefers MNIST/processed/{training,test}.pt; float images there were divided by
+    255 once more (max 0.0039 instead of 1)."""
+    written = _fake_mnist(tmp_path / "ok")
+    processed = tmp_path / "ok" / "MNIST" / "processed"
+    processed.mkdir()
+    legacy = {}
+    for fname, prefix in (("training.pt", "train"), ("test.pt", "t10k")):
+        imgs, labs = written[prefix]
+        legacy[prefix] = (torch.from_numpy(imgs[::-1].copy()), torch.from_numpy(labs[::-1].astype(np.int64)))
+        torch.save(legacy[prefix], processed / fname)
+    images, labels = load_image_dataset("mnist", data_root=tmp_path / "ok", train=False)
+    assert torch.equal(labels, legacy["t10k"][1])  # the processed files win, as in torchvision
+    assert torch.equal(images[:, 0], legacy["t10k"][0].float() / 255)
+    _fake_mnist(tmp_path / "float")
+    processed = tmp_path / "float" / "MNIST" / "processed"
+    processed.mkdir()
+    for fname in ("training.pt", "test.pt"):
+        torch.save((torch.rand(5, 28, 28), torch.arange(5)), processed / fname)  # already in [0, 1]
+    with pytest.raises(ValueError, match="not uint8"):
+        load_image_dataset("mnist", data_root=tmp_path / "float")
+
+
+def test_data_root_one_folder_too_deep_names_the_right_one(tmp_path, monkeypatch):
+    _fake_mnist(tmp_path / "m")
+    for inner in ("MNIST", "MNIST/raw"):
+        with pytest.raises(FileNotFoundError, match=re.escape(f"pass data_root={str(tmp_path / 'm')!r}")):
+            load_image_dataset("mnist", data_root=tmp_path / "m" / inner)
+    _fake_cifar10(tmp_path / "c", monkeypatch)
+    with pytest.raises(FileNotFoundError, match=re.escape(f"pass its parent, data_root={str(tmp_path / 'c')!r}")):
+        load_image_dataset("cifar10", data_root=tmp_path / "c" / "cifar-10-batches-py")
 
 
 def _fake_cifar10(root: Path, monkeypatch):

@@ -143,7 +143,9 @@ def resize_images(images: torch.Tensor, size: Optional[int]) -> torch.Tensor:
 
     Upsampling has no antialiasing (plain bilinear, ``align_corners=False``); downsampling
     uses torch's antialiased bilinear filter. ``size=None`` or the current size returns the
-    input unchanged. The result is clamped to [0, 1].
+    input unchanged. Both filters average with non-negative weights, so the result is
+    clamped to the input's own range [min, max] (removing rounding only): images in [0, 1]
+    stay in [0, 1], images already mapped to [-1, 1] stay in [-1, 1].
     """
     if size is None:
         return images
@@ -155,9 +157,13 @@ def resize_images(images: torch.Tensor, size: Optional[int]) -> torch.Tensor:
         return images
     if images.shape[0] == 0:
         return images.new_zeros(0, images.shape[1], size, size)
+    if not bool(torch.isfinite(images).all()):
+        raise ValueError("images hold NaN or inf values; resize finite images")
+    # The range of the input, not [0, 1]: clamping [-1, 1] images to [0, 1] zeroed every negative pixel.
+    lo, hi = float(images.min()), float(images.max())
     down = size < min(h, w)
     out = F.interpolate(images, size=(size, size), mode="bilinear", align_corners=False, antialias=down)
-    return out.clamp_(0.0, 1.0)
+    return out.clamp_(lo, hi)
 
 
 def load_digits_images(

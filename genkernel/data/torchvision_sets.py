@@ -7,7 +7,10 @@ provides:
     DATA_ROOT/MNIST/raw/train-images-idx3-ubyte     (the four standard MNIST files,
     DATA_ROOT/MNIST/raw/train-labels-idx1-ubyte      gunzipped; ``.gz`` files are
     DATA_ROOT/MNIST/raw/t10k-images-idx3-ubyte       gunzipped in place if that is
-    DATA_ROOT/MNIST/raw/t10k-labels-idx1-ubyte       all there is)
+    DATA_ROOT/MNIST/raw/t10k-labels-idx1-ubyte       all there is; torchvision's legacy
+                                                     MNIST/processed/training.pt and test.pt,
+                                                     uint8 images, are read instead when
+                                                     both exist)
 
     DATA_ROOT/cifar-10-batches-py/data_batch_1 ... data_batch_5, test_batch, batches.meta
                                                     (cifar-10-python.tar.gz extracted; a
@@ -77,12 +80,39 @@ def _expected_layout(name: str, root: Path) -> str:
 # ----------------------------------------------------------------------------------------
 # MNIST
 # ----------------------------------------------------------------------------------------
-def _prepare_mnist(root: Path) -> None:
-    """Check the four raw files; gunzip ``.gz`` copies in place if only those exist."""
+# first four bytes of the IDX files: 0, 0, type 0x08 (unsigned byte), number of dimensions
+_IDX_MAGIC = {"images": b"\x00\x00\x08\x03", "labels": b"\x00\x00\x08\x01"}
+
+
+def _check_idx_header(path: Path) -> None:
+    """Refuse a file that is not an uint8 IDX file of the kind its name says (torchvision only asserts)."""
+    kind = "images" if "-images-" in path.name else "labels"
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if head[:2] == b"\x1f\x8b":
+        raise ValueError(
+            f"the MNIST file {path} is still gzip-compressed under the uncompressed name: rename it to "
+            f"{path.name}.gz (genkernel gunzips it) or gunzip it yourself"
+        )
+    if head != _IDX_MAGIC[kind]:
+        other = [k for k, m in _IDX_MAGIC.items() if m == head]
+        what = f"an MNIST {other[0]} file" if other else "not an MNIST IDX file"
+        raise ValueError(
+            f"the MNIST file {path} starts with bytes {head.hex(' ') or '(empty)'}, expected {_IDX_MAGIC[kind].hex(' ')} "
+            f"for {kind}: it is {what}; put the standard MNIST {kind} file under this name"
+        )
+
+
+def _prepare_mnist(root: Path) -> Path:
+    """Check the four raw files; gunzip ``.gz`` copies in place if only those exist.
+
+    Returns the folder torchvision reads: ``MNIST/processed`` when its legacy ``training.pt``
+    and ``test.pt`` are both there (torchvision prefers them), else ``MNIST/raw``.
+    """
     raw = root / "MNIST" / "raw"
     legacy = root / "MNIST" / "processed"
     if (legacy / "training.pt").is_file() and (legacy / "test.pt").is_file():
-        return  # torchvision's old cached format, which it still reads
+        return legacy  # torchvision's old cached format, which it still reads
     missing = []
     for fname in MNIST_FILES:
         target = raw / fname
@@ -107,28 +137,43 @@ def _prepare_mnist(root: Path) -> None:
         hint = ""
         for alt in (root / "raw", root):
             if (alt / MNIST_FILES[0]).is_file() or (alt / (MNIST_FILES[0] + ".gz")).is_file():
-                hint = f" (MNIST files were found in {alt}: move them to {raw})"
+                inside = {root / "raw": "MNIST", root: "raw"}[alt]  # data_root = DATA_ROOT/MNIST or DATA_ROOT/MNIST/raw?
+                if root.name == inside and (inside == "MNIST" or root.parent.name == "MNIST"):
+                    parent = root.parent if inside == "MNIST" else root.parent.parent
+                    hint = (f" (data_root is the MNIST/{'' if inside == 'MNIST' else 'raw/'} folder itself: pass "
+                            f"data_root={str(parent)!r}; torchvision reads DATA_ROOT/MNIST/raw)")
+                else:
+                    hint = f" (MNIST files were found in {alt}: move them to {raw})"
                 break
         raise FileNotFoundError(
             "MNIST files missing: expected " + ", ".join(str(m) for m in missing)
             + " (the standard MNIST files, gunzipped or .gz; torchvision needs all four, train and test)"
             + hint + f"; {_HOW_TO_GET}"
         )
+    for fname in MNIST_FILES:
+        _check_idx_header(raw / fname)
+    return raw
 
 
 def _load_mnist(root: Path, train: bool, classes, per_class, limit, seed):
     from torchvision.datasets import MNIST
 
-    _prepare_mnist(root)
-    where = root / "MNIST" / "raw"
+    where = _prepare_mnist(root)
     try:
         ds = MNIST(str(root), train=train, download=False)
-    except (RuntimeError, ValueError, IndexError, EOFError) as exc:  # a wrong, empty or corrupted file
+    except (RuntimeError, ValueError, TypeError, IndexError, EOFError, AssertionError) as exc:  # a wrong file
         raise ValueError(f"torchvision could not read MNIST from {where} ({type(exc).__name__}: {exc}): are the "
                          "image and label files the standard ones, whole, and each under its own name?") from exc
-    data = ds.data  # uint8 [N, 28, 28]
-    labels = torch.as_tensor(ds.targets).long()
+    data = torch.as_tensor(ds.data)  # uint8 [N, 28, 28]
+    targets = torch.as_tensor(ds.targets)
     split = "train" if train else "t10k"
+    # Scaled below by 1/255: float images (e.g. a legacy processed/*.pt already in [0, 1]) came out 255x too dark.
+    if data.dtype != torch.uint8:
+        raise ValueError(f"the MNIST {split} images in {where} are {data.dtype}, not uint8 0..255 as torchvision's "
+                         "MNIST files hold; remove that folder's files (or put the standard files there)")
+    if targets.dtype.is_floating_point or targets.dtype.is_complex or targets.dtype == torch.bool:
+        raise ValueError(f"the MNIST {split} labels in {where} are {targets.dtype}, not integers")
+    labels = targets.long()
     if data.dim() != 3 or data.shape[1:] != (28, 28):
         raise ValueError(f"the MNIST {split} images in {where} have shape {tuple(data.shape)}, not [N, 28, 28]: is the "
                          "images file a labels file?")
@@ -170,6 +215,11 @@ def _prepare_cifar10(root: Path) -> None:
             ) from exc
         missing = [folder / f for f in CIFAR10_FILES if not (folder / f).is_file()]
     if missing:
+        if (root / CIFAR10_FILES[0]).is_file():
+            hint = (f"data_root is the {CIFAR10_FOLDER} folder itself: pass its parent, data_root={str(root.parent)!r}"
+                    if root.name == CIFAR10_FOLDER else f"CIFAR-10 files were found in {root}: move them into {folder}")
+            raise FileNotFoundError(
+                f"CIFAR-10 files missing in {folder} ({hint}; torchvision reads DATA_ROOT/{CIFAR10_FOLDER})")
         raise FileNotFoundError(
             "CIFAR-10 files missing: expected " + ", ".join(str(m) for m in missing)
             + f" (the python version of CIFAR-10: extract {CIFAR10_TARBALL} into {root}, or put the "
@@ -234,8 +284,9 @@ def load_image_dataset(
         That many images per class, ordered by class (see :func:`balanced_subset`; drawn
         with ``seed``, or the first ones with ``seed=None``).
     limit : int, optional
-        Keep only the first ``limit`` images (after the class filter, in dataset order).
-        Cannot be combined with ``per_class``.
+        Keep only the first ``limit`` images (after the class filter, in dataset order);
+        a split with fewer images is returned whole, so check ``len(images)``. Cannot be
+        combined with ``per_class``.
     seed : int, torch.Generator or None
 
     Returns
