@@ -10,8 +10,9 @@
 - :func:`proportion_interval`: Wilson score interval of a proportion (``scipy.stats.binomtest``).
 
 Non-finite values are dropped and counted in ``dropped``; an interval that cannot be computed
-(fewer than two independent values) has ``low = high = NaN`` and :meth:`Interval.above` and
-:meth:`Interval.below` are then False: "not shown", never "held".
+(fewer than two independent values, or values without any spread: the standard error is then
+unknown, not zero) has ``low = high = NaN`` and :meth:`Interval.above` and :meth:`Interval.below`
+are then False: "not shown", never "held".
 """
 
 from __future__ import annotations
@@ -70,8 +71,23 @@ def _finite(values: Any) -> tuple[np.ndarray, np.ndarray]:
 
 def _numpy(values: Any) -> Any:
     if hasattr(values, "detach"):  # a torch tensor, without importing torch here
-        return values.detach().cpu().numpy()
+        values = values.detach().cpu()
+        if str(values.dtype) == "torch.bfloat16":  # numpy has no bfloat16: widen (exactly) first
+            values = values.float()
+        return values.numpy()
     return values
+
+
+def _cluster_labels(clusters: Any, n: int) -> np.ndarray:
+    """``[n]`` cluster labels, refused when missing (NaN, None) or of the wrong count."""
+    labels = np.asarray(_numpy(clusters)).reshape(-1)
+    if labels.shape[0] != n:
+        raise ValueError(f"clusters needs one label per value: {n} values, {labels.shape[0]} labels")
+    if labels.dtype.kind == "f" and not np.isfinite(labels).all():
+        raise ValueError("clusters contains NaN or infinite labels: give every value the id of its unit")
+    if labels.dtype.kind == "O" and any(label is None for label in labels):
+        raise ValueError("clusters contains None labels: give every value the id of its unit")
+    return labels
 
 
 def _check_confidence(confidence: float) -> None:
@@ -87,19 +103,17 @@ def mean_interval(values: Any, *, confidence: float = 0.95, clusters: Any | None
         confidence: nominal coverage.
         clusters: optional labels, one per value: values with the same label are one unit. The
             interval is then over the unit means (n = number of units), and the estimate is the
-            mean of the unit means.
+            mean of the unit means. Labels must not be NaN or None.
 
     Returns:
-        :class:`Interval` (``method="student-t"``).
+        :class:`Interval` (``method="student-t"``); undefined (NaN ends) with fewer than two
+        independent values or when they are all equal.
     """
     _check_confidence(confidence)
     a, keep = _finite(values)
     dropped = int((~keep).sum())
     if clusters is not None:
-        labels = np.asarray(_numpy(clusters)).reshape(-1)
-        if labels.shape[0] != a.shape[0]:
-            raise ValueError(f"clusters needs one label per value: {a.shape[0]} values, {labels.shape[0]} labels")
-        labels = labels[keep]
+        labels = _cluster_labels(clusters, a.shape[0])[keep]
         a = a[keep]
         a = np.array([a[labels == u].mean() for u in np.unique(labels)], dtype=np.float64)
     else:
@@ -108,8 +122,10 @@ def mean_interval(values: Any, *, confidence: float = 0.95, clusters: Any | None
     if n == 0:
         return Interval(math.nan, math.nan, math.nan, 0, confidence, "student-t", dropped)
     mean = float(a.mean())
-    if n == 1:
-        return Interval(mean, math.nan, math.nan, 1, confidence, "student-t", dropped)
+    if n == 1 or np.all(a == a[0]):
+        # No spread: the standard error is unknown, not 0. A zero-width interval here would claim
+        # certainty, e.g. five 0/1 outcomes that all came out 1 (p = 0.9: 59 % of the time).
+        return Interval(mean, math.nan, math.nan, n, confidence, "student-t", dropped)
     half = float(scipy.stats.t.ppf(0.5 + confidence / 2, n - 1)) * float(a.std(ddof=1)) / math.sqrt(n)
     return Interval(mean, mean - half, mean + half, n, confidence, "student-t", dropped)
 
@@ -151,22 +167,31 @@ def bootstrap_interval(
         statistic: ``statistic(values, *paired) -> float`` (resampled together, rows paired).
         method: "BCa" (default) or "percentile".
         paired: further arrays with the same first dimension, resampled with ``values``.
+
+    Undefined (NaN ends) below 3 rows, when no array varies, when the statistic takes one value on
+    every resample, or when it is not finite on the data. At small n bootstrap intervals are
+    too narrow (a 95 % BCa interval of a normal mean misses about 15 % of the time at n = 5, 6 %
+    at n = 30): for a mean use :func:`mean_interval`.
     """
     _check_confidence(confidence)
     arrays = [np.asarray(_numpy(values), dtype=np.float64)] + [np.asarray(_numpy(p), dtype=np.float64) for p in paired]
+    if any(a.ndim == 0 for a in arrays):
+        raise ValueError("bootstrap_interval needs [n] or [n, ...] arrays, got a single number")
     n_total = arrays[0].shape[0]
     if any(a.shape[0] != n_total for a in arrays):
         raise ValueError("bootstrap_interval: every paired array needs the same number of rows as values")
+    label = f"bootstrap-{method.lower()}"
+    if n_total == 0:
+        return Interval(math.nan, math.nan, math.nan, 0, confidence, label)
     keep = np.ones(n_total, dtype=bool)
     for a in arrays:
         keep &= np.isfinite(a.reshape(n_total, -1)).all(axis=1)
     arrays = [a[keep] for a in arrays]
     n = int(keep.sum())
-    label = f"bootstrap-{method.lower()}"
     if n == 0:
         return Interval(math.nan, math.nan, math.nan, 0, confidence, label, n_total - n)
     estimate = float(statistic(*arrays))
-    if n < 3 or np.all(arrays[0] == arrays[0][0]):
+    if n < 3 or all(np.all(a == a[0]) for a in arrays):  # nothing varies: no resampling spread
         return Interval(estimate, math.nan, math.nan, n, confidence, label, n_total - n)
     # Resample row indices: scipy's bootstrap treats every axis but the first of an [n, ...] array
     # as a batch of separate samples, so rows of several numbers are resampled as whole rows here.
@@ -175,6 +200,11 @@ def bootstrap_interval(
         confidence_level=confidence, n_resamples=resamples, method=method, random_state=np.random.default_rng(seed),
     )
     low, high = float(result.confidence_interval.low), float(result.confidence_interval.high)
+    spread = result.bootstrap_distribution
+    if not np.isfinite(estimate) or np.all(spread == spread[0]):
+        # the statistic took one value on every resample (BCa is then NaN in scipy; the percentile
+        # ends would be a zero-width [c, c]) or is not finite on the data: no interval, as above
+        low = high = math.nan
     return Interval(estimate, low, high, n, confidence, label, n_total - n)
 
 
@@ -190,7 +220,9 @@ def proportion_interval(successes: int, total: int, *, confidence: float = 0.95)
     _check_confidence(confidence)
     if not (isinstance(successes, (int, np.integer)) and isinstance(total, (int, np.integer))):
         raise TypeError(f"successes and total must be integers, got {successes!r} and {total!r}")
-    if total <= 0:
+    if total < 0:
+        raise ValueError(f"total must be a count (>= 0), got {total}")
+    if total == 0:
         return Interval(math.nan, math.nan, math.nan, 0, confidence, "wilson")
     if not 0 <= successes <= total:
         raise ValueError(f"successes must lie in [0, total={total}], got {successes}")

@@ -12,6 +12,7 @@ All functions take torch tensors or array-likes and return float64 results on th
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -105,6 +106,8 @@ def within_between_gap(kernel, row_labels, col_labels=None, *, exclude_diagonal:
     m, n = k.shape
     rows = _labels(row_labels, m, "row_labels")
     same = col_labels is None
+    if same and m != n:
+        raise ValueError(f"kernel is {m}×{n}: pass col_labels for a non-square kernel")
     cols = rows if same else _labels(col_labels, n, "col_labels")
     exclude = same if exclude_diagonal is None else exclude_diagonal
     mask = np.ones_like(k, dtype=bool)
@@ -162,6 +165,8 @@ def block_auc(kernel, row_labels, col_labels=None, *, exclude_diagonal: bool | N
     m, n = k.shape
     rows = _labels(row_labels, m, "row_labels")
     same = col_labels is None
+    if same and m != n:
+        raise ValueError(f"kernel is {m}×{n}: pass col_labels for a non-square kernel")
     cols = rows if same else _labels(col_labels, n, "col_labels")
     exclude = same if exclude_diagonal is None else exclude_diagonal
     mask = np.ones_like(k, dtype=bool)
@@ -174,8 +179,11 @@ def block_auc(kernel, row_labels, col_labels=None, *, exclude_diagonal: bool | N
     per_class = np.array([_auc(k[rows == c][(eq & mask)[rows == c]], k[rows == c][(~eq & mask)[rows == c]])
                           for c in classes], dtype=np.float64)
     d = np.sqrt(np.clip(2.0 - 2.0 * k, 0.0, None))
-    return BlockAUC(_auc(k[eq & mask], k[~eq & mask]), per_class, classes,
-                    float(d[~eq & mask].mean() / max(d[eq & mask].mean(), 1e-300)))
+    d_within, d_between = float(d[eq & mask].mean()), float(d[~eq & mask].mean())
+    # within-label distance 0 (every same-label pair at k = 1): the ratio is +inf, or NaN when the
+    # between-label distance is 0 too; never a huge finite number
+    ratio = d_between / d_within if d_within > 0 else (math.inf if d_between > 0 else math.nan)
+    return BlockAUC(_auc(k[eq & mask], k[~eq & mask]), per_class, classes, ratio)
 
 
 def centered_alignment(gram, y) -> float:
@@ -193,19 +201,43 @@ def centered_alignment(gram, y) -> float:
     if k.shape[0] != k.shape[1]:
         raise ValueError(f"gram must be square, got {k.shape}")
     yy = y.detach().cpu().to(torch.float64).numpy() if isinstance(y, torch.Tensor) else np.asarray(y, dtype=np.float64)
+    if yy.ndim not in (1, 2) or yy.shape[0] != k.shape[0]:
+        # a reshape would silently regroup e.g. a [C, N] (transposed) or [2N] target into [N, ·] rows
+        raise ValueError(f"y must be [N] or [N, d] with N = {k.shape[0]} (one row per gram row), got shape {yy.shape}")
     yy = yy.reshape(k.shape[0], -1)
     h = np.eye(k.shape[0]) - 1.0 / k.shape[0]
     return kernel_target_alignment(h @ k @ h, yy - yy.mean(axis=0, keepdims=True))
 
 
-def kernel_distance(normalized_kernel) -> np.ndarray:
+def kernel_distance(normalized_kernel, *, same_set: bool | None = None) -> np.ndarray:
     """Distances between unit-norm tangent features, d = sqrt(max(0, 2 − 2 k̂)), ``[M, N]``.
 
-    For a square matrix the diagonal is set to exactly 0 (what t-SNE/UMAP/silhouette expect).
+    Args:
+        normalized_kernel: ``[M, N]`` normalized kernel (k̂(x, x) = 1).
+        same_set: whether rows and columns are the same inputs (then the matrix is made exactly
+            symmetric and its diagonal exactly 0, what t-SNE/UMAP/silhouette expect). None: True
+            for a square symmetric kernel (within 1e-4) whose diagonal is 1 (within 1e-4; or 0, a
+            zero-gradient example), False for a non-square one; another square kernel (e.g. M
+            anchors × N = M other inputs) is refused unless ``same_set`` is given, as symmetrizing
+            it would mix d(a_i, x_j) with d(a_j, x_i) and zero d(a_i, x_i).
     """
     k = _matrix(normalized_kernel, "normalized_kernel")
+    square = k.shape[0] == k.shape[1]
+    if same_set is None:
+        if square:
+            diag = np.diag(k)
+            unit_diagonal = bool(np.all((np.abs(diag - 1.0) <= 1e-4) | (diag == 0.0)))
+            if not unit_diagonal or np.abs(k - k.T).max() > 1e-4:
+                raise ValueError(
+                    f"kernel is a square {k.shape[0]}×{k.shape[1]} matrix that is not a normalized kernel over one set "
+                    "(diagonal 1, symmetric): pass same_set=False for a kernel between two sets of inputs, or "
+                    "same_set=True for one set"
+                )
+        same_set = square
+    if same_set and not square:
+        raise ValueError(f"same_set=True needs a square kernel, got {k.shape[0]}×{k.shape[1]}")
     d = np.sqrt(np.clip(2.0 - 2.0 * k, 0.0, None))
-    if d.shape[0] == d.shape[1]:
+    if same_set:
         d = 0.5 * (d + d.T)
         np.fill_diagonal(d, 0.0)
     return d
