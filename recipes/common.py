@@ -84,6 +84,13 @@ def pick(mode: str, *, full: dict, quick: dict, smoke: dict) -> dict[str, Any]:
     return dict(table[mode])
 
 
+def _ends(interval: Sequence[float | None] | None) -> list | None:
+    """An interval's two ends for JSON (None where undefined: NaN, or None read back from JSON)."""
+    if interval is None:
+        return None
+    return [_clean(math.nan if v is None else float(v)) for v in interval[:2]]
+
+
 def baseline(value: Any, what: str, interval: Interval | Sequence[float] | None = None, **extra: Any) -> dict:
     """The ``baseline`` of a claim: the same statistic where the effect should be absent, ``{"value",
     "what", "interval"}``. ``what`` says which: "θ₀" (the same network before training), a null model
@@ -92,7 +99,7 @@ def baseline(value: Any, what: str, interval: Interval | Sequence[float] | None 
     if isinstance(interval, Interval):
         interval = (interval.low, interval.high)
     return {"value": _clean(value), "what": what,
-            "interval": None if interval is None else [_clean(float(interval[0])), _clean(float(interval[1]))],
+            "interval": _ends(interval),
             **{k: _clean(v) for k, v in extra.items()}}
 
 
@@ -127,7 +134,7 @@ def claim(
         "statistic": statistic or statement,
         "baseline": baseline if baseline is not None else {"value": None, "what": "none", "interval": None},
         "value": _clean(value),
-        "interval": None if interval is None else [_clean(float(interval[0])), _clean(float(interval[1]))],
+        "interval": _ends(interval),
         "held": bool(held) if measured else None,
         "measured": bool(measured),
     }
@@ -466,6 +473,13 @@ def _within_or_over_seeds(per_run: list[np.ndarray]) -> Interval:
     return over_seeds([float(np.nanmean(np.asarray(v, dtype=np.float64))) for v in per_run])
 
 
+def _lowest(lows: list[float]) -> int:
+    """Index of the lowest defined interval end; the first level when none is defined (values
+    without spread have no interval: the claim then fails on its own ``every`` test)."""
+    values = np.asarray(lows, dtype=np.float64)
+    return int(np.nanargmin(values)) if np.isfinite(values).any() else 0
+
+
 def diffusion_claims(runs: list[dict]) -> dict:
     """The section-3 claims from one or several runs (:func:`diffusion_seed_run`); see the module
     comment above for the units of the intervals."""
@@ -513,13 +527,13 @@ def diffusion_claims(runs: list[dict]) -> dict:
     if rows:
         if seeds == 1:
             lows = [row["interval"][0] for row in rows]
-            worst = int(np.nanargmin([np.nan if v is None else v for v in lows]))
+            worst = _lowest([np.nan if v is None else v for v in lows])
             value, interval_w = rows[worst]["difference"], rows[worst]["interval"]
             every = all(v is not None and v > 0 for v in lows)
         else:
             per_level_iv = [over_seeds([float(_per_level(rep, "traffic")[i]["difference"]) for rep in reports])
                             for i in range(len(rows))]
-            worst = int(np.nanargmin([iv.low for iv in per_level_iv]))
+            worst = _lowest([iv.low for iv in per_level_iv])
             value, interval_w = per_level_iv[worst].estimate, (per_level_iv[worst].low, per_level_iv[worst].high)
             every = all(iv.above(0) for iv in per_level_iv)
         statement = (f"traffic locality (±{band} bins, minus control) holds at every probe level, not only on "

@@ -107,7 +107,6 @@ def test_functional_kernel_under_budget():
 def _allocated_peak(fn) -> int:
     """Peak bytes of CPU tensors allocated and still alive while ``fn`` runs (the profiler's
     allocation events, in order; what existed before is not counted)."""
-    import torch
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:

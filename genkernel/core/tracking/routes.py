@@ -36,6 +36,7 @@ from torch.func import jvp, vmap
 
 from ..adapter import (
     analysis_mode, batch_size, check_per_example_safe, coupled_modules, explained_torch_func_errors, functional_model,
+    not_fitting_inputs,
 )
 from ..cost import push_pass_shape, push_route, reads_training_pass
 from ..engine.factored import row_chunks
@@ -460,8 +461,15 @@ def training_plan(model: TrackedModel, inputs: tuple[torch.Tensor, ...], exclude
     kind of input). The probes alone cannot stand for the batch: one probe cannot show a forward
     that mixes the batch's rows (a minibatch-std layer), and a batch of other per-example shapes
     may take another path. Unchecked, a route would credit one example's gradient to another while
-    the groups' sum stayed the real gradient (no check would see it)."""
-    return pair_covering_plan(model.module, model.probes, inputs, exclude)
+    the groups' sum stayed the real gradient (no check would see it). Inputs that do not fit the
+    model are refused as the training forward would refuse them (this check runs before it)."""
+    try:
+        return pair_covering_plan(model.module, model.probes, inputs, exclude)
+    except Exception as error:
+        if not not_fitting_inputs(error):
+            raise
+        shapes = [tuple(t.shape) for t in inputs]
+        raise ValueError(f"inputs of shapes {shapes} do not fit {type(model.module).__name__}: {error}") from error
 
 
 def input_kind(inputs: tuple[torch.Tensor, ...]) -> tuple:
