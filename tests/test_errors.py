@@ -226,3 +226,21 @@ def test_out_of_memory_and_collective_failures_in_a_forward_are_not_blamed_on_th
     model = Failing(RuntimeError("mat1 and mat2 shapes cannot be multiplied"))
     with pytest.raises(ValueError, match=r"inputs of shapes \[\(4, 2\)\] do not fit Failing"):
         OptimizerStep(model, torch.optim.SGD(model.parameters(), lr=0.1), mse_loss, X, Y).compute_gradients()
+
+
+def test_reentrant_checkpointing_is_refused_with_the_setting_that_works():
+    """torch.func cannot run an old-style autograd.Function, and reentrant activation checkpointing
+    is one: the refusal named no cause ("replace the layer the message names")."""
+    from torch.utils.checkpoint import checkpoint
+
+    class Checkpointed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(2, 8), nn.Linear(8, 1)
+
+        def forward(self, x):
+            return self.b(checkpoint(lambda h: torch.tanh(self.a(h)), x, use_reentrant=True))
+
+    model = Checkpointed()
+    with pytest.raises(ValueError, match="use_reentrant=False"):
+        PathKernelTracker(model, torch.optim.SGD(model.parameters(), lr=0.1), mse_loss, torch.randn(3, 2), num_groups=2)

@@ -124,7 +124,8 @@ class GANTrainer:
 
     Args:
         generator, discriminator: G maps ``[B, latent_dim]`` latents to samples shaped like ``data``
-            rows; D maps samples to one score per example. No BatchNorm in training mode. D keeps
+            rows; D maps samples to one score per example (BatchNorm in training mode in either is
+            followed exactly: its batch statistics couple the examples, which the graph route splits). D keeps
             its mode in generator steps (see :func:`frozen`): a training-mode D with spectral norm
             advances its power iteration in both players' steps.
         data: ``[N, ...]`` real samples (2-D points, or images in [-1, 1]).

@@ -358,6 +358,12 @@ class PathKernelTracker:
             return requested if route == "jvp" else route
         detail = "; ".join(f"{route}: {message}" for route, message in errors.items())
         hint = "use contribution_route='auto'" if requested != "auto" else "replace the layer the message names"
+        if any("setup_context" in message for message in errors.values()):
+            # torch.func cannot run an autograd.Function written in the old style; the common one in
+            # models is reentrant activation checkpointing
+            hint = ("an autograd.Function without setup_context is in the forward: for torch.utils.checkpoint pass "
+                    "use_reentrant=False (diffusers' enable_gradient_checkpointing already does), else give the "
+                    "Function a setup_context")
         raise ValueError(
             f"the model cannot be differentiated the way the ledger needs ({detail}); {hint}"
         )
