@@ -208,15 +208,44 @@ class CSVWriter:
     name (in the order names first appear; a name that appears later adds a column and the file is
     rewritten with the wider header, earlier rows left blank there). Images go to PNG files in
     ``image_dir`` (default: a folder ``<name>_images`` beside the CSV) as ``<name>_<step>.png``.
+
+    ``purge_step``: None (default) starts a new file, replacing one at ``path``. A resumed run
+    passes the first step it will log again (as ``SummaryWriter(purge_step=)`` in TensorBoard): the
+    existing file's rows at earlier steps are kept and continued, its rows at that step and later
+    (logged after the checkpoint the run resumes from) dropped.
     """
 
-    def __init__(self, path: str | os.PathLike, *, image_dir: str | os.PathLike | None = None) -> None:
+    def __init__(self, path: str | os.PathLike, *, image_dir: str | os.PathLike | None = None,
+                 purge_step: int | None = None) -> None:
+        if purge_step is not None and (isinstance(purge_step, bool) or not isinstance(purge_step, int) or purge_step < 0):
+            raise ValueError(f"purge_step must be None (a new file) or the first step logged again (an int >= 0), "
+                             f"got {purge_step!r}")
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.image_dir = Path(image_dir) if image_dir is not None else self.path.with_name(self.path.stem + "_images")
         self.columns: list[str] = ["step"]
         self.rows: list[dict[str, Any]] = []
-        self.path.write_text("step\n")
+        if purge_step is not None and self.path.exists():
+            self._continue(purge_step)
+        else:
+            self.path.write_text("step\n")
+
+    def _continue(self, purge_step: int) -> None:
+        """Read the existing file's rows before ``purge_step`` and rewrite it with them alone."""
+        with self.path.open(newline="") as handle:
+            reader = csv.DictReader(handle)
+            if not reader.fieldnames or reader.fieldnames[0] != "step":
+                raise ValueError(f"{self.path} is not a CSVWriter file (its first column is not 'step'): pass "
+                                 "another path, or purge_step=None to replace it")
+            self.columns = list(reader.fieldnames)
+            for row in reader:
+                try:
+                    step = int(row["step"])
+                except (TypeError, ValueError):
+                    raise ValueError(f"{self.path} has a row whose step is {row['step']!r}, not an integer") from None
+                if step < purge_step:
+                    self.rows.append({key: value for key, value in row.items() if value not in ("", None)} | {"step": step})
+        self._rewrite()
 
     def __call__(self, metrics: Mapping[str, Any], step: int) -> None:
         row = {"step": int(step), **_scalars(metrics)}

@@ -77,6 +77,30 @@ def test_csv_writer_widens_its_header_and_saves_images(tmp_path):
     assert (tmp_path / "run" / "metrics_images" / "matrix_share_2.png").is_file()
 
 
+def test_a_resumed_csv_writer_keeps_the_history_before_its_checkpoint(tmp_path):
+    """A run resumed from a checkpoint at step 2 rebuilt its CSVWriter and lost every logged row
+    (the file was replaced). With purge_step the rows before it are kept, the interrupted run's
+    rows from it on (logged after the checkpoint) dropped, and the run's new rows appended."""
+    path = tmp_path / "metrics.csv"
+    first = CSVWriter(path)
+    for step in (1, 2, 3, 4):
+        first({"loss": 1.0 / step, **({"kappa": 2.0} if step == 2 else {})}, step)
+    resumed = CSVWriter(path, purge_step=3)
+    resumed({"loss": 0.3, "residual": 1e-6}, 3)
+    with open(path, newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert list(rows[0]) == ["step", "loss", "kappa", "residual"]
+    assert [r["step"] for r in rows] == ["1", "2", "3"]
+    assert [float(r["loss"]) for r in rows] == [1.0, 0.5, 0.3]
+    assert rows[0]["kappa"] == "" and float(rows[1]["kappa"]) == 2.0 and float(rows[2]["residual"]) == 1e-6
+    assert CSVWriter(tmp_path / "new.csv", purge_step=5).rows == []  # nothing to continue: a new file
+    path.write_text("time,loss\n1,2\n")
+    with pytest.raises(ValueError, match="not a CSVWriter file"):
+        CSVWriter(path, purge_step=1)
+    with pytest.raises(ValueError, match="purge_step must be"):
+        CSVWriter(path, purge_step=-1)
+
+
 def test_a_plain_function_is_a_complete_logger():
     seen = []
 
