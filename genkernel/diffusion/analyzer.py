@@ -287,11 +287,14 @@ class NoiseLevelAnalyzer(TrainerCallback):
         objects, ``torch.compile``, Lightning's optimizer): the analyzer reads through the wrappers.
         ``ema``: an EMA of the weights (diffusers' ``EMAModel``, ema-pytorch's ``EMA``,
         ``AveragedModel``) that the loop updates after each step: a second ledger is kept for it.
-        ``start_step``: the loop's step count now (reports number steps from it).
+        ``start_step``: the loop's step count now (reports number steps from it); with a loaded state,
+        at least the saved last step number (a ValueError otherwise: the steps would be numbered again).
         ``batch_size``: the loop's batch, for the cost printed here (default: the number of probes).
         """
         if self.tracker is not None:
             raise RuntimeError("this analyzer is already bound to a model; build a new one for another run")
+        if self._pending_state is not None:  # before any hook is attached to the optimizer
+            self._check_start_step(self._pending_state, start_step if self._start_step is None else self._start_step)
         optimizer = unwrap_optimizer(optimizer)
         param = next(unwrap(model).parameters())
         probes = self.probes(param)
@@ -795,7 +798,20 @@ class NoiseLevelAnalyzer(TrainerCallback):
             self._pending_state = state
             self.stopped = bool(state.get("stopped", False))
         else:
+            self._check_start_step(state, self._start_step or 0)
             self._load(state)
+
+    def _check_start_step(self, state: dict[str, Any], start: int) -> None:
+        """Refuse a ``start_step`` below the saved state's last step number (a resumed loop counted
+        from 0 again would number its steps like the saved ones: history, logs and reports with two
+        step 1s), unless the state was saved after its window ended (read, not extended)."""
+        numbered = [s for s in state["global_steps"] if s is not None]
+        if numbered and start < numbered[-1] and not state.get("stopped", False):
+            raise ValueError(
+                f"bind(start_step={start}) numbers the next step {start + 1}, but the saved analyzer already numbered "
+                f"steps up to {numbered[-1]}: pass the loop's step count at the checkpoint, e.g. "
+                f"analyzer.bind(model, optimizer, start_step={numbered[-1]}) when the loop went on from the save"
+            )
 
     def _load(self, state: dict[str, Any]) -> None:
         self.tracker.load_state_dict(state["tracker"])

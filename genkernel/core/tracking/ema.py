@@ -198,7 +198,8 @@ class EMALedgers:
                     f"after step {step} the EMA weights of '{name}' moved in a way that is not β θ̄ + (1 − β) θ of the "
                     f"model's current weights (best 1 − β = {gain:.6g}, gap {gap:.3e}){_odd_gains(bar, self.last_bar, theta)}: "
                     "update the EMA right after optimizer.step(), with the model's parameters, averaging every trained "
-                    "parameter with one decay (no ema-pytorch ignore_names or param_or_buffer_names_no_ema for them)"
+                    "parameter with one decay (no ema-pytorch ignore_names or param_or_buffer_names_no_ema for them); "
+                    "when resuming, load the EMA's state from the checkpoint the tracker's state came from"
                 )
         beta = 1.0 - gain
         # 2. E_{k+1} = β E_k + (1 − β) D_{k+1}; the start row: β E + (1 − β)(θ_0 − θ̄_0).

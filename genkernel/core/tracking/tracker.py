@@ -839,8 +839,6 @@ class PathKernelTracker:
     def _check_before(self) -> None:
         """Everything that can be refused before the training forward (or the observed step) changes anything."""
         self._check_precision()
-        if self.ema is not None:
-            self.ema.sync(self.ledger.steps)  # the EMA's update after the previous step
         if self.route.uses_graph():
             check_analysis_safe(self.module)
         else:
@@ -869,7 +867,11 @@ class PathKernelTracker:
                 f"the optimizer has {len(hooks)} step hook(s) (register_step_pre_hook / register_step_post_hook): they may "
                 "change the gradients or parameters in ways the split cannot see. Remove them while tracking"
             )
+        # The model's own weights first: a model changed outside the step (a resumed run that did not load
+        # it) would otherwise be reported as an EMA that moved in a way no EMA does.
         self._check_untouched()
+        if self.ema is not None:
+            self.ema.sync(self.ledger.steps)  # the EMA's update after the previous step
 
     def _save_state(self) -> dict[str, Any]:
         """What a rolled-back step restores: buffers and the optimizer's state (θ_k is saved by the caller)."""
@@ -1011,8 +1013,10 @@ class PathKernelTracker:
             if changed:
                 raise RuntimeError(
                     f"parameters {changed[:5]} changed outside the tracked optimizer step (an EMA written into "
-                    "the model, a manual edit, a second optimizer): the ledger cannot attribute that change. "
-                    "Make every update through tracker.step, or start a new tracker after the change."
+                    "the model, a manual edit, a second optimizer, or a resumed run whose model was not loaded from "
+                    "the checkpoint the tracker's state came from): the ledger cannot attribute that change. "
+                    "Make every update through tracker.step, or start a new tracker after the change; when "
+                    "resuming, load the model's weights from the same checkpoint."
                 )
         if self._grad_marks is not None:
             touched = [
