@@ -571,6 +571,20 @@ def test_alignment_compares_what_the_gradient_step_moved_without_the_buffer_drif
         assert row["buffer_drift_norm"] == pytest.approx(float(step_drift.norm(dim=1).mean()), rel=1e-12)
 
 
+def resumed_players(first, players, path):
+    """Save ``first`` and the players, then rebuild both players, their optimizers and an analyzer from
+    the saved state as a new process would; returns ``(G, D, g_opt, d_opt, analyzer)``, not yet bound."""
+    first.save(path)
+    saved = [m.state_dict() for m in players]
+    G, D = nets()
+    g_opt, d_opt = optimizers(G, D)
+    for module, state in zip((G, D, g_opt, d_opt), saved):
+        module.load_state_dict(state)
+    resumed = analyzer_for(G, D)
+    resumed.load(path)
+    return G, D, g_opt, d_opt, resumed
+
+
 def test_a_resumed_observed_loop_numbers_its_steps_from_binds_start_step(tmp_path):
     data = batches(4)
     G, D, g_opt, d_opt, straight = bound_players()
@@ -578,14 +592,7 @@ def test_a_resumed_observed_loop_numbers_its_steps_from_binds_start_step(tmp_pat
 
     G, D, g_opt, d_opt, first = bound_players()
     plain_loop(G, D, g_opt, d_opt, data[:2], first)
-    first.save(tmp_path / "gan.pt")
-    saved = [m.state_dict() for m in (G, D, g_opt, d_opt)]
-    G, D = nets()
-    g_opt, d_opt = optimizers(G, D)
-    for module, state in zip((G, D, g_opt, d_opt), saved):
-        module.load_state_dict(state)
-    resumed = analyzer_for(G, D)
-    resumed.load(tmp_path / "gan.pt")
+    G, D, g_opt, d_opt, resumed = resumed_players(first, (G, D, g_opt, d_opt), tmp_path / "gan.pt")
     resumed.bind(g_opt, d_opt, start_step=2)
     plain_loop(G, D, g_opt, d_opt, data[2:], resumed)
     assert resumed.g_loop_steps == straight.g_loop_steps == [1, 2, 3, 4]
@@ -622,14 +629,7 @@ def test_a_resumed_loop_with_more_steps_of_one_player_is_numbered_per_player_or_
 
     G, D, g_opt, d_opt, first = bound_players()
     two_generator_steps_loop(G, D, g_opt, d_opt, data[:2], first)
-    first.save(tmp_path / "gan.pt")
-    saved = [m.state_dict() for m in (G, D, g_opt, d_opt)]
-    G, D = nets()
-    g_opt, d_opt = optimizers(G, D)
-    for module, state in zip((G, D, g_opt, d_opt), saved):
-        module.load_state_dict(state)
-    resumed = analyzer_for(G, D)
-    resumed.load(tmp_path / "gan.pt")
+    G, D, g_opt, d_opt, resumed = resumed_players(first, (G, D, g_opt, d_opt), tmp_path / "gan.pt")
     with pytest.raises(ValueError, match=r"numbered generator steps up to 4.*start_step=\(4, 2\)"):
         resumed.bind(g_opt, d_opt, start_step=2)
     resumed.bind(g_opt, d_opt, start_step=(4, 2))

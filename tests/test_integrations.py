@@ -78,38 +78,16 @@ def test_an_accelerate_loop_with_accumulation_clipping_and_a_scheduler_is_observ
 
 
 def test_a_lightning_module_with_accumulation_and_clipping_is_observed_exactly():
-    import lightning.pytorch as pl
-
     from genkernel.integrations.lightning import GenkernelCallback
 
     scheduler = make_scheduler(T)
     data = ring(48)
 
-    class Module(pl.LightningModule):
-        def __init__(self, analyzer=None):
-            super().__init__()
-            self.net = denoiser()
-            self.analyzer = analyzer
-            self.g = torch.Generator().manual_seed(5)
-
-        def training_step(self, x0, index):
-            losses, t = per_example_loss(self.net, scheduler, x0, self.g)
-            if self.analyzer is not None:
-                self.analyzer.observe(losses, t)  # the added line
-            return losses.mean()
-
-        def configure_optimizers(self):
-            return torch.optim.SGD(self.parameters(), lr=0.05, momentum=0.9)
-
     def fit(analyzer):
-        module = Module(analyzer)
+        module = lightning_denoiser(analyzer)
         callbacks = [] if analyzer is None else [GenkernelCallback(analyzer, model_attribute="net")]
-        trainer = pl.Trainer(max_epochs=1, accumulate_grad_batches=2, gradient_clip_val=0.5, logger=False,
-                             enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                             accelerator="cpu", callbacks=callbacks)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            trainer.fit(module, torch.utils.data.DataLoader(data, batch_size=8, shuffle=False))
+        trainer = _trainer(callbacks, max_epochs=1, accumulate_grad_batches=2, gradient_clip_val=0.5)
+        _fit_quietly(trainer, module, torch.utils.data.DataLoader(data, batch_size=8, shuffle=False))
         return module
 
     bare = fit(None)
@@ -234,31 +212,31 @@ def _fit_quietly(trainer, module, loader):
         trainer.fit(module, loader)
 
 
-class _LightningDenoiser:
-    """A LightningModule class (built lazily: Lightning is imported only by the tests that use it)."""
+def lightning_denoiser(analyzer=None):
+    """A LightningModule training ``denoiser()`` with SGD and momentum; its one added line observes
+    the step's losses when ``analyzer`` is given (the class is built here: Lightning is imported only
+    by the tests that use it)."""
+    import lightning.pytorch as pl
 
-    @staticmethod
-    def make(analyzer):
-        import lightning.pytorch as pl
+    scheduler = make_scheduler(T)
 
-        scheduler = make_scheduler(T)
+    class Module(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.net = denoiser()
+            self.analyzer = analyzer
+            self.g = torch.Generator().manual_seed(5)
 
-        class Module(pl.LightningModule):
-            def __init__(self):
-                super().__init__()
-                self.net = denoiser()
-                self.analyzer = analyzer
-                self.g = torch.Generator().manual_seed(5)
+        def training_step(self, x0, index):
+            losses, t = per_example_loss(self.net, scheduler, x0, self.g)
+            if self.analyzer is not None:
+                self.analyzer.observe(losses, t)  # the added line
+            return losses.mean()
 
-            def training_step(self, x0, index):
-                losses, t = per_example_loss(self.net, scheduler, x0, self.g)
-                self.analyzer.observe(losses, t)
-                return losses.mean()
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.05, momentum=0.9)
 
-            def configure_optimizers(self):
-                return torch.optim.SGD(self.parameters(), lr=0.05, momentum=0.9)
-
-        return Module()
+    return Module()
 
 
 def _trainer(callbacks, **kwargs):
@@ -276,7 +254,7 @@ def test_a_second_lightning_fit_with_a_new_optimizer_is_refused_not_left_out_of_
 
     analyzer = NoiseLevelAnalyzer(make_scheduler(T), ring(16, seed=3), num_bins=3, num_probes=6, kernel_points=2,
                                   progress=False)
-    module = _LightningDenoiser.make(analyzer)
+    module = lightning_denoiser(analyzer)
     callback = GenkernelCallback(analyzer, model_attribute="net")
     loader = torch.utils.data.DataLoader(ring(16), batch_size=8, shuffle=False)
     _fit_quietly(_trainer([callback], max_steps=2), module, loader)
@@ -294,7 +272,7 @@ def test_a_lightning_step_refused_under_clip_by_value_names_the_clipping():
 
     analyzer = NoiseLevelAnalyzer(make_scheduler(T), ring(16, seed=3), num_bins=3, num_probes=6, kernel_points=2,
                                   progress=False)
-    module = _LightningDenoiser.make(analyzer)
+    module = lightning_denoiser(analyzer)
     trainer = _trainer([GenkernelCallback(analyzer, model_attribute="net")], max_steps=1, gradient_clip_val=0.01,
                        gradient_clip_algorithm="value")
     with pytest.raises(LedgerCheckError) as error:

@@ -31,6 +31,17 @@ def _run(scheduler, probe_x, probe_y):
     return model, optimizer, warmup, ema, analyzer
 
 
+def _probes_and_batches(seed: int, steps: int):
+    """Probe images and classes ``[3, 1, 8, 8]``, ``[3]``, and ``steps`` batches of (clean images,
+    classes, timesteps, noise), from one seeded generator."""
+    g = torch.Generator().manual_seed(seed)
+    probe_x, probe_y = torch.randn(3, 1, 8, 8, generator=g), torch.randint(0, CLASSES, (3,), generator=g)
+    batches = [(torch.randn(BATCH, 1, 8, 8, generator=g), torch.randint(0, CLASSES, (BATCH,), generator=g),
+                torch.randint(0, 100, (BATCH,), generator=g), torch.randn(BATCH, 1, 8, 8, generator=g))
+               for _ in range(steps)]
+    return probe_x, probe_y, batches
+
+
 def _train(objects, scheduler, batches):
     model, optimizer, warmup, ema, analyzer = objects
     for x0, y, t, noise in batches:
@@ -52,11 +63,7 @@ def test_resumed_loop_that_counts_from_zero_again_is_refused_and_the_step_count_
     torch.set_default_dtype(torch.float64)
     try:
         scheduler = DDPMScheduler(num_train_timesteps=100)
-        g = torch.Generator().manual_seed(1)
-        probe_x, probe_y = torch.randn(3, 1, 8, 8, generator=g), torch.randint(0, CLASSES, (3,), generator=g)
-        batches = [(torch.randn(BATCH, 1, 8, 8, generator=g), torch.randint(0, CLASSES, (BATCH,), generator=g),
-                    torch.randint(0, 100, (BATCH,), generator=g), torch.randn(BATCH, 1, 8, 8, generator=g))
-                   for _ in range(3)]
+        probe_x, probe_y, batches = _probes_and_batches(1, 3)
 
         full = _run(scheduler, probe_x, probe_y)
         full[4].bind(full[0], full[1], ema=full[3])
@@ -95,11 +102,7 @@ def test_a_resume_that_forgets_to_load_the_model_names_the_model_not_the_ema():
     torch.set_default_dtype(torch.float64)
     try:
         scheduler = DDPMScheduler(num_train_timesteps=100)
-        g = torch.Generator().manual_seed(2)
-        probe_x, probe_y = torch.randn(3, 1, 8, 8, generator=g), torch.randint(0, CLASSES, (3,), generator=g)
-        batches = [(torch.randn(BATCH, 1, 8, 8, generator=g), torch.randint(0, CLASSES, (BATCH,), generator=g),
-                    torch.randint(0, 100, (BATCH,), generator=g), torch.randn(BATCH, 1, 8, 8, generator=g))
-                   for _ in range(2)]
+        probe_x, probe_y, batches = _probes_and_batches(2, 2)
         first = _run(scheduler, probe_x, probe_y)
         first[4].bind(first[0], first[1], ema=first[3])
         _train(first, scheduler, batches[:1])
