@@ -179,6 +179,17 @@ class GroupStateRoute:
         self.model = model
         self.splitter = splitter
         self.contribution_route = contribution_route
+        self._checked: set[tuple] = set()  # kinds of training inputs a layer plan was checked on (input_kind)
+
+    def _plan_for_new_kind(self, inputs: tuple[torch.Tensor, ...], exclude: frozenset | set) -> Plan | None:
+        """:func:`training_plan` on ``inputs`` when their kind (:func:`input_kind`) was not checked
+        yet; None when it was (the plan checked then stands)."""
+        kind = input_kind(inputs)
+        if kind in self._checked:
+            return None
+        plan = training_plan(self.model, inputs, exclude)
+        self._checked.add(kind)
+        return plan
 
     @property
     def splitter_partitions(self) -> Partitions:
@@ -269,7 +280,6 @@ class DenseRoute(GroupStateRoute):
             raise ValueError(f"gradient_route must be one of {GRADIENT_ROUTES}, got {gradient_route!r}")
         self.gradient_route = gradient_route
         self._plan: Plan | None = None  # the blocks read from the training pass, planned at the first step
-        self._checked: set[tuple] = set()  # kinds of training inputs the plan was checked on (input_kind)
 
     @property
     def splitter_partitions(self) -> Partitions:
@@ -280,9 +290,7 @@ class DenseRoute(GroupStateRoute):
         when its records fit in the memory budget."""
         if self.gradient_route == "factored":
             return TrainingCapture.idle()
-        if self._plan is None or input_kind(inputs) not in self._checked:
-            self._plan = training_plan(self.model, inputs, frozenset())
-            self._checked.add(input_kind(inputs))
+        self._plan = self._plan_for_new_kind(inputs, frozenset()) or self._plan
         return self._capture_if_it_fits(self._plan, batch_size(inputs), form="compact")
 
     def uses_graph(self) -> bool:
@@ -359,7 +367,6 @@ class _FactorRoute(GroupStateRoute):
         self._exclusions: set[str] = set()
         self.plan: Plan = covering_plan(model.module, model.probes)
         self._probe_chunks: list[slice] | None = None  # fixed probes: sized once per plan
-        self._checked: set[tuple] = set()  # kinds of training inputs the plan was checked on (input_kind)
 
     def recording(self, inputs: tuple[torch.Tensor, ...]) -> TrainingCapture:
         """The batch's factors from the training pass's own forward and backward (no second pass),
@@ -370,11 +377,8 @@ class _FactorRoute(GroupStateRoute):
     def _plan_for(self, inputs: tuple[torch.Tensor, ...]) -> None:
         """Check the plan on the training batch too (:func:`training_plan`); a block moved to
         torch.func there resizes the probes' chunks. Once per kind of input (:func:`input_kind`)."""
-        if input_kind(inputs) in self._checked:
-            return
-        plan = training_plan(self.model, inputs, self._exclusions)
-        self._checked.add(input_kind(inputs))
-        if [b.name for b in plan.blocks] != [b.name for b in self.plan.blocks]:
+        plan = self._plan_for_new_kind(inputs, self._exclusions)
+        if plan is not None and [b.name for b in plan.blocks] != [b.name for b in self.plan.blocks]:
             self.plan, self._probe_chunks = plan, None
 
     def gradients(self, step, ids, coefficients, recorded):
