@@ -254,10 +254,15 @@ def test_the_cifar_unet_estimate_points_at_what_does_not_fit():
     num = sum(p.numel() for p in model.parameters() if p.requires_grad)
     assert sketched.memory["probe_pushes"] == estimate.memory["probe_pushes"] == push_pass_bytes(num, 4, 1, 4 * one_probe)
     assert estimate.memory["probe_pushes"] < 2**29
-    groups = lambda e: e.analysis_bytes - e.memory["probe_pushes"]  # noqa: E731
+    groups = lambda e: e.analysis_bytes - e.memory["probe_pushes"] - e.memory["step_contributions"]  # noqa: E731
     # Not 10x: the sketched route still keeps the exact totals' rows in float64 (Adam's state, its
     # pending copy and the updates: 9 parameter copies, 2.6 GB here) against which it checks every step.
     assert groups(sketched) < groups(estimate) / 4
+    # ... and, per step, the probes' side of the sketched products, [M, d, k] float64 (805 MB here,
+    # held with one chunk's copy), beside every group's [M, R, d] contributions that both routes form.
+    probe_side = 64 * 3 * 32 * 32 * 512 * 8
+    assert sketched.memory["step_contributions"] - estimate.memory["step_contributions"] >= 2 * probe_side
+    assert estimate.memory["step_contributions"] == 2 * 64 * 20 * 3 * 32 * 32 * 8
     splitter_rows = 3 * 3 * num * 8  # 3 rows (the total, the rest, the rounding) x (state, pending, updates)
     assert sketched.memory["group_state"] + sketched.memory["group_updates"] >= splitter_rows
 

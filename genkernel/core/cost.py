@@ -31,6 +31,14 @@ Memory (bytes):
 - ``training_records``: what step 1 keeps of the training pass when it reads layer factors from it
   (the layers' output gradients, about one copy of the activations) until it has read them; only
   when that fits in the memory budget.
+- ``ledgers``: the ledgers themselves, float64: every partition's contributions ``[M, G, d]`` and
+  traffic ``[M, G]`` (:func:`ledger_bytes`), twice with an EMA ledger; with a group per training
+  example this grows with the data set and is often the largest part;
+- ``step_contributions``: one step's contributions before they are added to the ledgers: every
+  group's ``[M, R, d]`` (dense and sketched routes, which move every group; twice while they are
+  laid out), the batch's groups only on the factored route; sketched, also the probes' side
+  ``[M, d, k]`` and, under Adam, the probes' per-example gradient blocks of the largest weight,
+  scaled, and their projection (:func:`sketch_temporary_bytes`).
 
 Work per step, in passes (a backward counted as two forwards of the same examples), and the
 expected ratio of an analyzed step to a bare one (forward and backward of the batch):
@@ -74,7 +82,7 @@ from torch import nn
 from .adapter import has_state_outside_training
 from .engine.factored import BlockShape, block_shapes
 from .engine.factors import dense_pair_is_cheaper, lean_materializes, self_kernel_materializes
-from .engine.projections import weight_projection_macs
+from .engine.projections import PROJECTION_CHUNK_BYTES, weight_projection_macs
 
 GiB = 2**30
 
@@ -360,6 +368,12 @@ def estimate_cost(
                                 + sketch_work(shapes, fallback, quadrature_nodes * m * outputs, sketch_dim, adam)
                                 + sketch_dim * num / forward)
             work["sketch_products"] = m * outputs * rows * sketch_dim / forward
+    memory["ledgers"] = ledger_bytes(m, outputs, rows, partitions) * (2 if ema else 1)
+    moved = min(rows, b) if group_state == "factored" else rows  # plain SGD moves only the batch's groups
+    memory["step_contributions"] = 2 * m * moved * outputs * 8
+    if group_state == "sketched":
+        memory["step_contributions"] += sketch_temporary_bytes(
+            model, m, outputs, sketch_dim, param_bytes, preconditioned=type(optimizer) is not torch.optim.SGD)
     if contribution_route == "auto":  # as routes.push_rows decides at every step
         contribution_route = push_route(pushed, m, outputs, num * param_bytes, memory_budget)
     if pushed == 0:
@@ -406,6 +420,30 @@ def push_route(rows: int, probes: int, outputs: int, parameter_bytes: int, memor
     parameters' item size) fit in the memory budget, else one JVP per row."""
     fits = 2 * probes * outputs * parameter_bytes <= memory_budget
     return "jacobian" if (8 * outputs <= rows and fits) else "jvp"
+
+
+def ledger_bytes(probes: int, outputs: int, rows: int, partitions: int) -> int:
+    """Bytes of one tracker's ledgers (float64): contributions ``[M, G, d]`` and traffic ``[M, G]``
+    of every partition (``rows`` = Σ G over the partitions), and each partition's ``[M, d]`` fields
+    (rest, residual, f_start, f_end, buffer drift, sketch error)."""
+    return 8 * probes * (rows * (outputs + 1) + 6 * partitions * outputs)
+
+
+def sketch_temporary_bytes(model: nn.Module, probes: int, outputs: int, k: int, param_bytes: int, *,
+                           preconditioned: bool) -> int:
+    """Bytes the sketched route holds while it projects the probes' side (routes.sketched): the
+    ``[M, d, k]`` float64 sum and one chunk's ``[d, M, k]``; with a per-parameter preconditioner
+    (Adam) also, one block and cotangent at a time, the probes' per-example gradients of the
+    largest weight and their scaled copy ``2 × M × P_w``, and the projection's ``[M, O, k]``
+    product (at most its 64 MiB chunks). Counted for all M probes at once, an upper bound where
+    the probes are chunked."""
+    total = 2 * probes * outputs * k * 8
+    if preconditioned:
+        matrices = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
+        if matrices:
+            total += 2 * probes * max(p.numel() for p in matrices) * param_bytes
+            total += min(PROJECTION_CHUNK_BYTES, probes * max(p.shape[0] for p in matrices) * k * param_bytes)
+    return total
 
 
 def linear_state_rows(optimizer: torch.optim.Optimizer) -> bool:
@@ -604,11 +642,14 @@ def _cheaper_options(estimate: CostEstimate, group_state: str, state_dtype: torc
     settings, memory = estimate.settings, estimate.memory
     gib = lambda value: f"{value / GiB:.2f} GiB"  # noqa: E731
     group_parts = sum(memory.get(k, 0) for k in ("group_gradients", "group_state", "group_updates", "ema"))
+    ledger_parts = memory.get("ledgers", 0) + memory.get("step_contributions", 0)
     rows = max(int(settings["rows"]), 1)
+    if rows > 1:
+        scaled = group_parts + ledger_parts if group_state == "dense" else ledger_parts
+        options.append(f"fewer groups (now {rows} rows over all partitions: fewer bins or control partitions, "
+                       f"examples grouped by class or cluster; the group arrays and ledgers, {gib(scaled)}, scale "
+                       "with them)")
     if group_state == "dense":
-        if rows > 1:
-            options.append(f"fewer groups (now {rows} rows over all partitions: fewer bins or control partitions; "
-                           f"the group arrays, {gib(group_parts)}, scale with them)")
         # The sketched route runs SGD (momentum), Adam and AdamW (tracking.sketched), not RMSprop.
         if not settings.get("ema") and settings.get("optimizer") in ("SGD", "Adam", "AdamW"):
             options.append("group_state='sketched' (k-dimensional sketches of each group's state instead of P-sized "
@@ -617,7 +658,8 @@ def _cheaper_options(estimate: CostEstimate, group_state: str, state_dtype: torc
             options.append(f"state_dtype=torch.float32 (halves the group arrays of a float32 model: saves "
                            f"{gib(group_parts / 2)}; on GPU float32 is also much faster)")
     pushes = memory.get("probe_pushes", 0)
-    options.append(f"fewer probes (now {settings['probes']}; their pushes take {gib(pushes)})")
+    options.append(f"fewer probes (now {settings['probes']}; their pushes and the ledgers take "
+                   f"{gib(pushes + ledger_parts)})")
     options.append("a shorter tracked window (track steps a..b, then stop paying: time, not memory per step)")
     if (not math.isinf(estimate.ratio) and estimate.ratio > 10 and group_state == "dense"
             and settings.get("quadrature_nodes", 1) > 1):
@@ -627,7 +669,8 @@ def _cheaper_options(estimate: CostEstimate, group_state: str, state_dtype: torc
 
 __all__ = [
     "CHECK_TEMPORARIES", "CostEstimate", "PUSH_ROW_ACTIVATIONS", "available_memory", "cgroup_free_memory",
-    "check_bytes", "estimate_cost", "factor_route_work", "forward_macs", "held_bytes", "linear_state_rows",
-    "optimizer_state_copies", "push_pass_bytes", "push_pass_shape", "push_route", "reads_training_pass", "sketch_work",
+    "check_bytes", "estimate_cost", "factor_route_work", "forward_macs", "held_bytes", "ledger_bytes", "linear_state_rows",
+    "optimizer_state_copies", "push_pass_bytes", "push_pass_shape", "push_route", "reads_training_pass",
+    "sketch_temporary_bytes", "sketch_work",
     "tangent_bytes",
 ]

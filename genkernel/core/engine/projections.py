@@ -92,6 +92,10 @@ def project_parameter(
     return out.reshape(*lead, k)
 
 
+# How much of a matrix parameter's [N, O, k] projection product is formed at once.
+PROJECTION_CHUNK_BYTES = 64 * 2**20
+
+
 class Projector:
     """R for a fixed (seed, k, kind), with each parameter's columns kept once they are drawn,
     while they fit in ``cache_bytes`` (beyond that, blocks are drawn again at every use).
@@ -180,7 +184,7 @@ class ParameterProjection:
             self._factors[key] = (r.to(dtype=dtype, device=device), (s / math.sqrt(self.k)).to(dtype=dtype, device=device))
         return self._factors[key]
 
-    def project(self, name: str, values: torch.Tensor, chunk_bytes: int = 64 * 2**20) -> torch.Tensor:
+    def project(self, name: str, values: torch.Tensor, chunk_bytes: int = PROJECTION_CHUNK_BYTES) -> torch.Tensor:
         """R v for rows of values of parameter ``name``: ``[N, *shape]`` (or ``[N, numel]``) -> ``[N, k]``."""
         n = values.shape[0]
         flat = values.reshape(n, -1)
@@ -198,7 +202,7 @@ class ParameterProjection:
             out[start : start + step] = torch.sum(part.mul_(r.T), dim=1)
         return out
 
-    def project_outer(self, name: str, a: torch.Tensor, g: torch.Tensor, chunk_bytes: int = 64 * 2**20) -> torch.Tensor:
+    def project_outer(self, name: str, a: torch.Tensor, g: torch.Tensor, chunk_bytes: int = PROJECTION_CHUNK_BYTES) -> torch.Tensor:
         """R vec(Σ_t g_t a_tᵀ) for a matrix parameter from factors ``a [N, T, I]``, ``g [N, T, O]``:
         ``[N, k]``, the cheaper of two exact ways (:func:`weight_projection_macs`): from the factors,
         Σ_t (r·g_t)(s·a_t), or with each example's matrix Σ_t g_t a_tᵀ formed, ``chunk_bytes`` of them
@@ -357,7 +361,8 @@ def expected_relative_error(kernel: torch.Tensor, k: int) -> float:
 
 
 __all__ = [
-    "GENERATION_BLOCK", "KINDS", "ParameterProjection", "Projector", "expected_relative_error", "project_gradients", "project_parameter",
+    "GENERATION_BLOCK", "KINDS", "PROJECTION_CHUNK_BYTES", "ParameterProjection", "Projector", "expected_relative_error",
+    "project_gradients", "project_parameter",
     "projection_block", "sketched_gradient_kernel", "sketched_tangent_features", "weight_projection_macs",
     "weight_projection_route",
 ]
