@@ -63,6 +63,10 @@ def _as_uint8(array: Any) -> np.ndarray:
     array = np.asarray(array)
     if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[2] not in (1, 3, 4)):
         raise ValueError(f"an image must be [H, W] or [H, W, 1|3|4], got shape {array.shape}")
+    if np.issubdtype(array.dtype, np.integer) and array.dtype != np.uint8:
+        # read as [0, 1] floats, every value from 1 to 255 would be drawn white
+        raise ValueError(f"an integer image must be uint8 (0-255), got {array.dtype}: pass array.astype(np.uint8) "
+                         "for 0-255 values, or floats in [0, 1]")
     if array.dtype != np.uint8:
         array = (np.clip(np.nan_to_num(array.astype(np.float64)), 0.0, 1.0) * 255).round().astype(np.uint8)
     if array.ndim == 3 and array.shape[2] == 1:
@@ -121,13 +125,21 @@ def image_grid(images: Any, *, nrow: int = 8, value_range: tuple[float, float] |
 
 
 def figure_to_array(figure: Any, *, dpi: int = 100) -> np.ndarray:
-    """A matplotlib figure rendered to an ``[H, W, 4]`` uint8 array (Agg; no pyplot, no backend)."""
+    """A matplotlib figure rendered to an ``[H, W, 4]`` uint8 array (Agg; no pyplot, no backend).
+
+    The figure keeps its own dpi and canvas: logging it must not change how the caller later saves
+    or shows it (``savefig`` at the figure's dpi, a notebook's or window's canvas)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
 
-    canvas = FigureCanvasAgg(figure)
-    figure.set_dpi(dpi)
-    canvas.draw()
-    return np.asarray(canvas.buffer_rgba()).copy()
+    old_canvas, old_dpi = figure.canvas, figure.dpi
+    try:
+        canvas = FigureCanvasAgg(figure)
+        figure.set_dpi(dpi)
+        canvas.draw()
+        return np.asarray(canvas.buffer_rgba()).copy()
+    finally:
+        figure.set_dpi(old_dpi)
+        figure.set_canvas(old_canvas)
 
 
 def log_image(logger: Any, name: str, array: Any, step: int) -> bool:
@@ -157,6 +169,11 @@ def _scalars(metrics: Mapping[str, Any]) -> dict[str, float]:
         if isinstance(value, (bool, int, float, np.integer, np.floating)):
             out[str(key)] = float(value)
     return out
+
+
+def _same_value(a: Any, b: Any) -> bool:
+    """Equal, NaN equal to NaN."""
+    return a == b or (isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b))
 
 
 # -- writers ---------------------------------------------------------------------------------
@@ -204,9 +221,12 @@ class TensorBoardWriter:
 
 
 class CSVWriter:
-    """One row per ``(step)`` call in a wide CSV file: a ``step`` column, then one column per metric
-    name (in the order names first appear; a name that appears later adds a column and the file is
-    rewritten with the wider header, earlier rows left blank there). Images go to PNG files in
+    """One row per step in a wide CSV file: a ``step`` column, then one column per metric name (in
+    the order names first appear; a name that appears later adds a column and the file is rewritten
+    with the wider header, earlier rows left blank there). A call at the step of the latest row joins
+    that row (the trainer's loss and the analyzer's numbers at one step, sent to one writer, are one
+    row; the same numbers sent twice are written once) unless it gives a name of that row another
+    value: then it starts a new row at the same step, so no value is lost. Images go to PNG files in
     ``image_dir`` (default: a folder ``<name>_images`` beside the CSV) as ``<name>_<step>.png``.
 
     ``purge_step``: None (default) starts a new file, replacing one at ``path``. A resumed run
@@ -225,6 +245,7 @@ class CSVWriter:
         self.image_dir = Path(image_dir) if image_dir is not None else self.path.with_name(self.path.stem + "_images")
         self.columns: list[str] = ["step"]
         self.rows: list[dict[str, Any]] = []
+        self._last_row_at: int | None = None  # the file offset where the latest row starts (None: no row)
         if purge_step is not None and self.path.exists():
             self._continue(purge_step)
         else:
@@ -250,20 +271,34 @@ class CSVWriter:
     def __call__(self, metrics: Mapping[str, Any], step: int) -> None:
         row = {"step": int(step), **_scalars(metrics)}
         new = [key for key in row if key not in self.columns]
-        self.rows.append(row)
+        last = self.rows[-1] if self.rows else {}
+        same_step = (self._last_row_at is not None and last.get("step") == row["step"]
+                     and all(key not in last or _same_value(last[key], value) for key, value in row.items()))
+        if same_step:  # one row per step: join the latest row (a name with another value there starts a new row)
+            self.rows[-1] = {**self.rows[-1], **row}
+        else:
+            self.rows.append(row)
         if new:
             self.columns.extend(new)
             self._rewrite()
-        else:
-            with self.path.open("a", newline="") as handle:
-                csv.DictWriter(handle, self.columns).writerow(row)
+            return
+        with self.path.open("r+" if same_step else "a", newline="") as handle:
+            if same_step:
+                handle.seek(self._last_row_at)
+                handle.truncate()
+            else:
+                handle.seek(0, os.SEEK_END)
+            self._last_row_at = handle.tell()
+            csv.DictWriter(handle, self.columns).writerow(self.rows[-1])
 
     def _rewrite(self) -> None:
         tmp = self.path.with_name(self.path.name + ".tmp")
         with tmp.open("w", newline="") as handle:
             writer = csv.DictWriter(handle, self.columns)
             writer.writeheader()
-            writer.writerows(self.rows)
+            writer.writerows(self.rows[:-1])
+            self._last_row_at = handle.tell() if self.rows else None
+            writer.writerows(self.rows[-1:])
         os.replace(tmp, self.path)
 
     def log_image(self, name: str, array: Any, step: int) -> None:
@@ -461,13 +496,23 @@ def analyzer_images(analyzer: Any) -> dict[str, np.ndarray]:
             return {}
         mats = analyzer.matrices()
         return {"matrix/traffic": matrix_image(mats["traffic"], vmin=0.0),
-                "matrix/share": matrix_image(mats["share"], cmap="coolwarm")}
+                "matrix/share": _diverging_image(mats["share"])}
     windows = getattr(analyzer, "windows", None) or []
     if windows:
         last = windows[-1]
         return {"coupling/traffic": matrix_image(last["traffic_matrix"], vmin=0.0),
-                "coupling/net": matrix_image(last["net_matrix"], cmap="coolwarm")}
+                "coupling/net": _diverging_image(last["net_matrix"])}
     return {}
+
+
+def _diverging_image(matrix: Any) -> np.ndarray:
+    """A signed matrix (net shares) on ``coolwarm`` centred at 0 (limits ±the largest finite |value|):
+    with the matrix's own min and max as limits, the neutral middle colour would sit at their mean and
+    a small positive share would be drawn blue, as if negative."""
+    values = matrix.detach().cpu().double().numpy() if isinstance(matrix, torch.Tensor) else np.asarray(matrix, dtype=np.float64)
+    finite = np.abs(values[np.isfinite(values)])
+    bound = float(finite.max()) if finite.size and finite.max() > 0 else 1.0
+    return matrix_image(values, cmap="coolwarm", vmin=-bound, vmax=bound)
 
 
 # -- a callback for the built-in trainers ------------------------------------------------------

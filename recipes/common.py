@@ -182,6 +182,15 @@ class Timer:
         return time.perf_counter() - self.start
 
 
+def write_json(path: Path, payload: Any, *, indent: int | None = None) -> None:
+    """``payload`` as strict JSON (no NaN) at ``path``, atomically: a temporary file beside it, then a
+    rename, so an interrupted run leaves the previous file or none, never a truncated one that a
+    later aggregation would fail to read."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=indent, allow_nan=False) + "\n")
+    os.replace(tmp, path)
+
+
 def finish(
     name: str,
     args: argparse.Namespace,
@@ -211,9 +220,7 @@ def finish(
         "figure": png.name,
     }
     path = out / f"{name}.json"
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(payload, indent=2, allow_nan=False) + "\n")
-    os.replace(tmp, path)
+    write_json(path, payload, indent=2)
     for key, c in claims.items():
         verdict = "not measured" if c.get("measured") is False else ("held" if c["held"] else "did NOT hold")
         print(f"[{name}] claim {key}: {verdict} (value {_fmt(c['value'])}, interval {c['interval']})")
@@ -597,7 +604,8 @@ def diffusion_claims(runs: list[dict]) -> dict:
             baseline=baseline(base0.estimate, "θ₀: the untrained denoiser's retrieval", base0),
             at_theta_T=at_T.estimate, at_theta_T_interval=[at_T.low, at_T.high], sample_quality=quality,
             units=units or "samples (one run)")
-    residual = max(rep["residual"]["relative_residual"] for rep in reports)
+    residuals = [rep["residual"]["relative_residual"] for rep in reports]
+    residual = None if any(r is None for r in residuals) else max(residuals)  # a run whose outputs did not move
     out["ledger_adds_up"] = claim(
         "the noise-level ledger adds up: relative residual ‖R‖/‖Δf‖ below 1e-2 (worst run)",
         residual is not None and residual < 1e-2, residual, (residual, residual),
@@ -683,7 +691,7 @@ def run_diffusion_recipe(name: str, spec: dict, args: argparse.Namespace, s: dic
             if runs_dir is not None:
                 Path(runs_dir).mkdir(parents=True, exist_ok=True)
                 path = Path(runs_dir) / f"seed_{seed}.json"
-                path.write_text(json.dumps({**run, "settings": _clean(s), "mode": args.mode}, allow_nan=False) + "\n")
+                write_json(path, {**run, "settings": _clean(s), "mode": args.mode})
     return write_diffusion_outputs(name, args, s, timer, runs, retrieval, data, images=spec["images"])
 
 

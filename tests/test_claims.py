@@ -358,3 +358,15 @@ def test_diffusion_ledger_check_on_a_ledger_that_does_not_add_up():
     assert diffusion_claims([run])["ledger_adds_up"]["held"] is True
     report = {**run["report"], "residual": {**run["report"]["residual"], "relative_residual": 0.1}}
     assert not_held(diffusion_claims([{**run, "report": report}])["ledger_adds_up"])
+
+
+def test_diffusion_ledger_check_over_seeds_when_one_seeds_outputs_did_not_move():
+    """A seed whose probes' outputs did not change has no relative residual (None): the worst-seed
+    ledger check is then undefined and not held (it raised a TypeError comparing None with floats)."""
+    from genkernel.diffusion import MLPDenoiser
+    from recipes.common import diffusion_claims
+
+    run = _diffusion_run(lambda: MLPDenoiser(2, hidden=16, depth=2), _diffusion_settings(window_steps=2))
+    still = {**run, "report": {**run["report"], "residual": {**run["report"]["residual"], "relative_residual": None}}}
+    claim = diffusion_claims([run, still])["ledger_adds_up"]
+    assert claim["value"] is None and not_held(claim)

@@ -99,3 +99,25 @@ def test_figures_lists_recipes_and_refuses_unknown_names(capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["--version"])
     assert exit_info.value.code == 0 and __version__ in capsys.readouterr().out
+
+
+def test_a_file_of_another_kind_or_a_folder_as_output_is_one_line_and_exit_1(tracker_state, tmp_path, capsys):
+    """A file holding a list or a bare tensor (torch.save of something else) crashed summarize with an
+    AttributeError traceback; a folder given as the report's output with an IsADirectoryError."""
+    _, path = tracker_state
+    for name, obj in (("list.pt", [1, 2]), ("tensor.pt", torch.zeros(3))):
+        torch.save(obj, tmp_path / name)
+        assert main(["summarize", str(tmp_path / name)]) == 1
+        err = capsys.readouterr().err
+        assert "holds no ledger, tracker or analyzer state" in err and "not a dict" in err
+    assert main(["report", str(path), "-o", str(tmp_path)]) == 1
+    assert "is a folder" in capsys.readouterr().err
+
+
+def test_probes_must_not_be_negative(tracker_state, capsys):
+    """--probes -1 listed all probes but the last under the heading "first -1"."""
+    _, path = tracker_state
+    assert main(["summarize", str(path), "--probes", "2"]) == 0
+    assert "first 2:" in capsys.readouterr().out
+    assert main(["summarize", str(path), "--probes", "-1"]) == 1
+    assert "must be an int >= 0" in capsys.readouterr().err

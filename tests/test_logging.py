@@ -339,3 +339,87 @@ def _save_other(tmp_path):
     path = tmp_path / "other.pt"
     atomic_save({"format": "something else"}, path)
     return path
+
+
+# -- review: one CSV row per step --------------------------------------------------------------
+def test_one_csv_writer_for_trainer_and_analyzer_writes_one_row_per_step(tmp_path):
+    """The documented set-up (usage.md) hands one writer to the trainer (loss, lr) and to the analyzer
+    (its numbers, then once more at the end of training): the CSV had two or three rows at a step,
+    each with half the columns blank, so a per-step reading counted steps twice. Now every step is
+    one row holding both, and the analyzer's numbers there are its own at the end."""
+    torch.manual_seed(0)
+    angle = torch.rand(128, dtype=torch.float64) * 2 * math.pi
+    data = 2 * torch.stack([angle.cos(), angle.sin()], dim=1)
+    scheduler = make_scheduler(100)
+    model = MLPDenoiser(hidden=16, depth=2, time_dim=8).double()
+    path = tmp_path / "run.csv"
+    writer = CSVWriter(path)
+    analyzer = NoiseLevelAnalyzer(scheduler, data[:16], num_bins=4, num_probes=8, snapshot_every=0, kernel_points=2,
+                                  progress=False, log=writer, log_every=2)
+    DDPMTrainer(model, scheduler, data, batch_size=16, callbacks=[analyzer], progress=False, log=writer,
+                log_every=1).train(4)
+    with open(path, newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [int(r["step"]) for r in rows] == [1, 2, 3, 4]
+    assert all(r["loss"] != "" for r in rows)
+    assert [r["ledger/steps"] for r in rows] == ["", "2.0", "", "4.0"]
+    last = rows[-1]
+    assert float(last["ledger/relative_residual"]) == analyzer.residual()["relative_residual"]
+    assert float(last["locality/traffic/measured_minus_control"]) == analyzer.locality()["traffic"]["difference"]
+    assert writer.rows[-1]["step"] == 4 and len(writer.rows) == 4
+    # two values of one name at one step (two discriminator steps in an iteration): both kept, in order
+    two = CSVWriter(tmp_path / "two.csv")
+    for loss in (1.0, 0.5):
+        two({"loss/discriminator": loss}, 1)
+    two({"loss/generator": 2.0}, 1)
+    with open(tmp_path / "two.csv", newline="") as handle:
+        assert [(r["step"], r["loss/discriminator"], r["loss/generator"]) for r in csv.DictReader(handle)] == [
+            ("1", "1.0", ""), ("1", "0.5", "2.0")]
+
+
+def test_net_share_images_put_zero_at_the_neutral_colour():
+    """Net shares are signed: their image is on a diverging map, which reads only when 0 is its
+    neutral middle. With the matrix's own min and max as limits an all-positive matrix drew its
+    smallest share in the map's deepest blue, the colour of the most negative value."""
+    import matplotlib
+    from types import SimpleNamespace
+
+    from genkernel.logging import analyzer_images
+
+    net = [[0.05, 0.9], [0.0, None]]  # as a window stores it (strict JSON: None for NaN)
+    window = {"traffic_matrix": [[0.1, 0.9], [0.5, 0.5]], "net_matrix": net}
+    image = analyzer_images(SimpleNamespace(windows=[window]))["coupling/net"]
+    cmap = matplotlib.colormaps["coolwarm"]
+    for (i, j), value in (((0, 0), 0.05), ((0, 1), 0.9), ((1, 0), 0.0)):
+        expected = (np.asarray(cmap(0.5 + value / (2 * 0.9))[:3]) * 255).round()
+        assert np.array_equal(image[16 * i, 16 * j], expected), (i, j)
+    assert np.array_equal(image[16, 16], [128, 128, 128])  # NaN: grey
+
+
+def test_logging_a_figure_leaves_its_dpi_and_canvas():
+    """figure_to_array set the caller's figure to dpi 100 and an Agg canvas for good: a figure logged
+    and then saved with savefig (at the figure's dpi) came out at another size."""
+    from matplotlib.figure import Figure
+
+    from genkernel.logging import figure_to_array
+
+    fig = Figure(figsize=(2, 1), dpi=50)
+    fig.subplots().plot([0, 1], [1, 0])
+    canvas = fig.canvas
+    assert figure_to_array(fig, dpi=100).shape == (100, 200, 4)
+    assert fig.dpi == 50 and fig.canvas is canvas
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    from PIL import Image
+
+    assert Image.open(io.BytesIO(buffer.getvalue())).size == (100, 50)
+
+
+def test_an_integer_image_other_than_uint8_is_refused():
+    """An int64 image of 0-255 values was read as floats in [0, 1] and written all white."""
+    log = Collect()
+    gray = np.full((2, 3), 128, dtype=np.int64)
+    with pytest.raises(ValueError, match="must be uint8"):
+        log_image(log, "x", gray, 1)
+    assert log_image(log, "x", gray.astype(np.uint8), 1) and log.images[0][1][0, 0] == 128
+    assert log_image(log, "mask", np.eye(2, dtype=bool), 1) and log.images[1][1][0, 0] == 255

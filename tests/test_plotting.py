@@ -129,3 +129,26 @@ def test_noise_matrices_figure_of_a_run_without_a_residual_ratio():
                        equal_nan=True)  # the rows drawn are the report's rows, in order
     assert [t.get_text() for t in fig.axes[0].get_yticklabels()] == ["3", "40", "90"]
     plt.close(fig)
+
+
+def test_averaged_noise_matrices_state_the_worst_seeds_residual():
+    """The figure of several seeds' mean matrices titled seed 0's residual as if it were the run's:
+    with seed 0 at 1e-6 and seed 1 at 3e-3 it said 1.0e-06 while the recipe's JSON claim (worst seed)
+    said 3e-3. The title now gives the largest residual over the seeds, n/a when one has none."""
+    import matplotlib.pyplot as plt
+
+    from genkernel.plotting.diffusion import average_reports, plot_noise_matrices
+
+    def report(traffic, residual):
+        return {"matrices": {"traffic": traffic, "share": [[1.0, 0.0], [0.0, 1.0]], "kappa": [1.0, 1.0]},
+                "config": {"probe_levels": [3, 40]}, "tracked_steps": 2, "residual": {"relative_residual": residual}}
+
+    mean = average_reports([report([[0.6, 0.4], [0.2, 0.8]], 1e-6), report([[0.8, 0.2], [None, 0.6]], 3e-3)])
+    assert mean["residual"]["relative_residual"] == 3e-3 and mean["seeds_averaged"] == 2
+    fig = plot_noise_matrices(mean)
+    assert "largest residual 3.0e-03" in fig._suptitle.get_text() and "mean of 2 seeds" in fig._suptitle.get_text()
+    image = np.ma.filled(fig.axes[0].get_images()[0].get_array().astype(float), np.nan)
+    assert np.allclose(image, [[0.7, 0.3], [0.2, 0.7]])  # the mean, NaN ignored
+    plt.close(fig)
+    assert average_reports([report([[1.0, 0.0]] * 2, 1e-6), report([[1.0, 0.0]] * 2, None)])["residual"][
+        "relative_residual"] is None

@@ -293,3 +293,30 @@ def test_gan_summary_names_groups_by_the_analyzers_saved_labels():
     (summary,) = summarize(state)["states"].values()
     assert summary["discriminator"]["group_names"] == ["group 0", "group 1", "group 2"]
     assert any("no discriminator group labels" in n for n in summary["notes"])
+
+
+def test_write_report_is_atomic(tmp_path, monkeypatch):
+    """A write interrupted half-way (disk full, a kill) left a truncated page in place of the previous
+    one; now the previous page stays whole and no temporary file is left behind."""
+    import pathlib
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(2, 4), torch.nn.Tanh(), torch.nn.Linear(4, 1)).double()
+    loss = lambda out, y: ((out - y) ** 2).mean(dim=1)  # noqa: E731
+    tracker = PathKernelTracker(model, torch.optim.SGD(model.parameters(), 1e-2), loss,
+                                torch.randn(3, 2, dtype=torch.float64), num_groups=2)
+    tracker.step(torch.randn(6, 2, dtype=torch.float64), torch.randn(6, 1, dtype=torch.float64), torch.arange(6) % 2)
+    path = tmp_path / "report.html"
+    path.write_text("the previous page", encoding="utf-8")
+    original = pathlib.Path.write_text
+
+    def interrupted(self, data, *args, **kwargs):
+        original(self, data[:100], *args, **kwargs)
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(pathlib.Path, "write_text", interrupted)
+    with pytest.raises(OSError, match="No space left"):
+        write_report(tracker, path, animate=False)
+    monkeypatch.undo()
+    assert path.read_text(encoding="utf-8") == "the previous page"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["report.html"]

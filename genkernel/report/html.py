@@ -336,8 +336,19 @@ documentation, <code>docs/summaries.md</code>.</p>
 
 
 def write_report(source: Any, path: str | os.PathLike, **kwargs: Any) -> Path:
-    """Write :func:`render_report`'s page to ``path`` (UTF-8); returns the path."""
+    """Write :func:`render_report`'s page to ``path`` (UTF-8) atomically (a temporary file beside
+    it, then a rename: an interrupted write leaves the previous page, never a truncated one);
+    returns the path."""
     path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{path} is a folder: pass the page's file name, e.g. {path / 'report.html'}")
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(render_report(source, **kwargs), encoding="utf-8")
+    page = render_report(source, **kwargs)
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        tmp.write_text(page, encoding="utf-8")
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
     return path

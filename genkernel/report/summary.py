@@ -433,9 +433,10 @@ def summarize(source: Any, *, top: int = 3) -> dict[str, Any]:
     state, origin = read_state(source)
     found = list(find_states(state))
     if not found:
-        keys = sorted(state) if isinstance(state, Mapping) else type(state).__name__
+        held = (f"format {state.get('format')!r}, keys {sorted(map(str, state))}" if isinstance(state, Mapping)
+                else f"a {type(state).__name__}, not a dict")
         raise ValueError(
-            f"{origin} holds no ledger, tracker or analyzer state (format {state.get('format')!r}, keys {keys}); "
+            f"{origin} holds no ledger, tracker or analyzer state ({held}); "
             "summarize takes what PathKernelLedger.save, PathKernelTracker.save, NoiseLevelAnalyzer.save, "
             "a GANKernelAnalyzer's state_dict or a trainer checkpoint wrote"
         )
@@ -477,7 +478,10 @@ def _ledger_lines(name: str, summary: Mapping[str, Any], top_probes: int) -> lis
 
 
 def format_summary(summary: Mapping[str, Any], *, top_probes: int = 8) -> str:
-    """:func:`summarize`'s result as readable text."""
+    """:func:`summarize`'s result as readable text (``top_probes``: probes listed per ledger)."""
+    if isinstance(top_probes, bool) or not isinstance(top_probes, int) or top_probes < 0:
+        # a negative number would slice the probe list from its end: all probes but the last few
+        raise ValueError(f"top_probes (probes listed per ledger) must be an int >= 0, got {top_probes!r}")
     lines = [f"genkernel summary of {summary['source']}"]
     for key, s in summary["states"].items():
         lines.append(f"\n[{key}] {s.get('format')}")

@@ -164,9 +164,7 @@ def run_protocol(name: str, args, s: dict, spec: dict) -> dict:
                 if runs_dir is not None:
                     Path(runs_dir).mkdir(parents=True, exist_ok=True)
                     path = Path(runs_dir) / f"{'null' if null else 'seed'}_{seed}.json"
-                    tmp = path.with_suffix(".json.tmp")
-                    tmp.write_text(json.dumps(common._clean({**run, "settings": s, "mode": args.mode}), allow_nan=False) + "\n")
-                    tmp.replace(path)
+                    common.write_json(path, common._clean({**run, "settings": s, "mode": args.mode}))
     return spec["write"](name, args, s, timer, runs, nulls)
 
 
