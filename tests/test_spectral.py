@@ -381,3 +381,86 @@ def test_float32_gram_of_rank_deficient_features_is_not_called_indefinite():
         eigendecompose(gram.double())
     with pytest.raises(ValueError, match="not positive semi-definite"):
         eigendecompose(torch.tensor([[1.0, 2.0], [2.0, 1.0]]))
+
+
+# ------------------------------------------------------------------ review: asymmetric kernels, float32 noise, ties
+
+
+def test_square_cross_and_asymmetric_kernels_are_refused_not_symmetrized():
+    # A cross kernel between 20 test and 20 training inputs (M = N) and a kernel weighted by per-example loss
+    # derivatives K(x_i, x_n) = φ_i·φ_n ℓ'_n are square but not symmetric; their symmetric parts are positive
+    # definite, so they used to be symmetrized silently: eigenvalues of (K + Kᵀ)/2, not of K.
+    rng = np.random.default_rng(0)
+    f = rng.standard_normal((20, 30))
+    cross = (f + 0.05 * rng.standard_normal(f.shape)) @ f.T
+    weighted = f @ f.T * rng.uniform(0.9, 1.1, 20)[None, :]
+    for k in (cross, weighted):
+        with pytest.raises(ValueError, match="not symmetric"):
+            eigendecompose(k)
+        with pytest.raises(ValueError, match="not symmetric"):
+            out_of_span_residual(k, f[:2] @ f.T, np.ones(2))
+    # rounding-level asymmetry is still removed, in float64 and float32
+    gram = f @ f.T
+    noisy = gram + 1e-12 * np.abs(gram).max() * rng.standard_normal(gram.shape)
+    ref = np.linalg.eigvalsh(0.5 * (noisy + noisy.T))[::-1]
+    assert np.allclose(eigendecompose(noisy).eigenvalues.numpy(), ref, rtol=1e-12, atol=0)
+    g32 = torch.tensor(gram, dtype=torch.float32)
+    g32 = g32 + 1e-6 * g32.abs().max() * torch.randn(20, 20, generator=torch.Generator().manual_seed(0))
+    eigendecompose(g32)
+
+
+def test_alignment_of_an_asymmetric_kernel_is_the_documented_formula():
+    # ⟨K, yyᵀ⟩ / (‖K‖_F ‖y‖²) with K as given: symmetrizing first shrank ‖K‖_F and overstated A
+    # (0.1256 against 0.1169 here).
+    rng = np.random.default_rng(0)
+    f = rng.standard_normal((20, 5))
+    k = f @ f.T * rng.uniform(0.2, 3.0, 20)[None, :]
+    y = rng.standard_normal(20)
+    ref = float(y @ k @ y / (np.linalg.norm(k) * (y @ y)))
+    assert kernel_target_alignment(k, y) == pytest.approx(ref, rel=1e-12)
+    ymat = rng.standard_normal((20, 3))
+    ref_mat = float(np.sum(k * (ymat @ ymat.T)) / (np.linalg.norm(k) * np.linalg.norm(ymat @ ymat.T)))
+    assert kernel_target_alignment(k, ymat) == pytest.approx(ref_mat, rel=1e-12)
+
+
+def test_nystrom_of_a_float32_rank_deficient_gram_keeps_only_genuine_eigenfunctions():
+    # Rank 4 in float32: the other 36 eigenvalues are float32 rounding (~1e-8 λ_1, above rtol = 1e-10), and
+    # dividing the cross kernel's own rounding by them gave 19 extra O(0.2) columns that are no eigenfunction.
+    rng = np.random.default_rng(0)
+    f, f_te = rng.standard_normal((40, 4)), rng.standard_normal((6, 4))
+    exact = nystrom_extend(eigendecompose(f @ f.T), f_te @ f.T)
+    assert exact.shape == (6, 4)
+    system = eigendecompose(torch.tensor(f @ f.T, dtype=torch.float32))
+    phi = nystrom_extend(system, torch.tensor(f_te @ f.T, dtype=torch.float32))
+    assert phi.shape == (6, 4)
+    assert system.rounding_floor == pytest.approx(40 * float(torch.finfo(torch.float32).eps))
+    for i in range(4):
+        sign = float(torch.sign(phi[:, i] @ exact[:, i]))
+        assert torch.allclose(sign * phi[:, i], exact[:, i], atol=1e-4, rtol=0)
+    with pytest.raises(ValueError, match="rounding floor"):
+        nystrom_extend(system, torch.tensor(f_te @ f.T, dtype=torch.float32), k=5)
+
+
+def test_top_k_energy_inside_a_block_of_equal_eigenvalues_is_refused():
+    # Rank 5, N = 30: for k = 10 the "top-10 eigenspace" held 5 arbitrary null-space directions, and the
+    # energy changed with the order of the training inputs (0.25, 0.18, 0.12 for three orders).
+    rng = np.random.default_rng(1)
+    f = rng.standard_normal((30, 5))
+    y = rng.standard_normal(30)
+    q = np.linalg.qr(f)[0]
+    in_span = float(np.sum((q.T @ y) ** 2) / (y @ y))
+    for _ in range(3):
+        p = rng.permutation(30)
+        system = eigendecompose(f[p] @ f[p].T)
+        assert top_k_target_energy(system, y[p], 5) == pytest.approx(in_span, rel=1e-10)
+        assert top_k_target_energy(system, y[p], 30) == pytest.approx(1.0, abs=1e-12)
+        for k in (6, 10, 29):
+            with pytest.raises(ValueError, match="k=5 or k=30"):
+                top_k_target_energy(system, y[p], k)
+    # equally spaced points on a circle under an RBF kernel: eigenvalues in exact pairs
+    t = 2 * np.pi * np.arange(16) / 16
+    x = np.stack([np.cos(t), np.sin(t)], axis=1)
+    system = eigendecompose(np.exp(-((x[:, None] - x[None]) ** 2).sum(-1) / 0.5))
+    assert top_k_target_energy(system, np.sin(3 * t), 3) >= 0.0
+    with pytest.raises(ValueError, match="k=1 or k=3"):
+        top_k_target_energy(system, np.sin(3 * t), 2)

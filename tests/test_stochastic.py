@@ -212,3 +212,24 @@ def test_decomposition_refuses_bad_counts_up_front():
                                       hutchinson_samples=1)
     with pytest.raises(ValueError, match="lr"):
         expected_output_decomposition(model, x, y, mse_loss, x[:2], lr=float("inf"), batch_size=2, steps=1, seeds=[0])
+
+
+def test_decomposition_refuses_coupled_examples_and_vector_outputs_with_the_fix():
+    # BatchNorm with batch statistics used to crash deep in torch.func ("attempted to call in-place operation"),
+    # and a two-output model failed with "pass output_index", an argument this function does not take.
+    from torch import nn
+
+    x, y, _ = tiny_problem(n=8)
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(1, 4), nn.BatchNorm1d(4), nn.Tanh(), nn.Linear(4, 1)).double()
+    with pytest.raises(ValueError, match="eval mode"):
+        expected_output_decomposition(net, x, y, mse_loss, x[:2], lr=0.01, batch_size=4, steps=1, seeds=[0])
+    stats = copy.deepcopy(net[1].state_dict())
+    net.eval()  # with running statistics the examples are independent, and the model is left as it was
+    dec = expected_output_decomposition(net, x, y, mse_loss, x[:2], lr=0.01, batch_size=4, steps=1, seeds=[0])
+    assert torch.isfinite(dec.change).all()
+    assert all(torch.equal(stats[k], v) for k, v in net[1].state_dict().items())
+    two = mlp(1, [4], 2, act="tanh").double()
+    with pytest.raises(ValueError, match="one scalar output"):
+        expected_output_decomposition(two, x, torch.cat([y, y], 1), mse_loss, x[:2], lr=0.01, batch_size=4, steps=1,
+                                      seeds=[0])

@@ -103,6 +103,33 @@ def _square(gram, name: str = "gram") -> np.ndarray:
     return k
 
 
+def _symmetric(k: np.ndarray, x, name: str = "gram") -> np.ndarray:
+    """Return (K + Kᵀ)/2, raising when K is asymmetric beyond rounding of the input's dtype.
+
+    Rounding (accumulation order of a float32 Gram, a GPU matmul) leaves a relative asymmetry
+    ‖K − Kᵀ‖_F / ‖K‖_F near eps; a kernel that is not symmetric at all (a square [M, N] cross
+    kernel with M = N, a kernel weighted by per-example loss derivatives, a momentum path
+    kernel) typically leaves one of 1e-3 or more. Symmetrizing such a matrix silently would
+    change its eigenvalues and every number derived from them.
+
+    Raises:
+        ValueError: when ‖K − Kᵀ‖_F > max(1e-5, 4 sqrt(eps)) ‖K‖_F (eps of the input's dtype; 1e-5 leaves
+            room for a float32 kernel cast to float64).
+    """
+    norm = float(np.linalg.norm(k))
+    asym = float(np.linalg.norm(k - k.T))
+    tol = max(1e-5, 4.0 * math.sqrt(_input_eps(x)))
+    if asym > tol * norm:
+        raise ValueError(
+            f"{name} is not symmetric: ‖K − Kᵀ‖_F / ‖K‖_F = {asym / norm:.3e} exceeds the rounding "
+            f"tolerance {tol:.1e}. Pass the Gram matrix of the training inputs (a cross kernel "
+            "[M, N] between test and training inputs is not one, even when M = N); for a kernel "
+            "that is asymmetric by construction, pass its symmetric part (K + K.T) / 2 explicitly "
+            "if that is the kernel to analyse."
+        )
+    return 0.5 * (k + k.T)
+
+
 def _targets(y, n: int, name: str = "y") -> np.ndarray:
     """Return targets as a float64 [N, d] array (a vector [N] becomes [N, 1])."""
     arr = _to_numpy(y, name)
@@ -133,12 +160,17 @@ class KernelEigensystem:
         min_raw_eigenvalue: the most negative eigenvalue found before clipping (0.0 when none
             was negative): a measure of how far the input was from PSD.
         num_clipped: how many negative eigenvalues were set to 0.
+        rounding_floor: N * eps of the input's dtype, the relative level (against λ_1) below
+            which eigenvalues are rounding of the input rather than properties of the kernel
+            (N * 1.2e-7 for a float32 Gram; below 1e-10 for float64 with N < 4.5e5). Such
+            eigenvalues have no eigenfunction (:func:`nystrom_extend`).
     """
 
     eigenvalues: Tensor
     eigenvectors: Tensor
     min_raw_eigenvalue: float
     num_clipped: int
+    rounding_floor: float = 0.0
 
     @property
     def size(self) -> int:
@@ -162,19 +194,23 @@ def eigendecompose(gram, *, psd_tol: float = 1e-8) -> KernelEigensystem:
         (orthonormal columns), plus the most negative raw eigenvalue and the clip count.
 
     Raises:
-        ValueError: non-square or non-finite input, or an eigenvalue below -tol * max|λ|.
+        ValueError: non-square or non-finite input, input asymmetric beyond rounding
+            (‖K − Kᵀ‖_F > max(1e-5, 4 sqrt(eps)) ‖K‖_F, e.g. a square cross kernel), or an
+            eigenvalue below -tol * max|λ|.
 
     Algorithm:
-        1. Symmetrize, K ← (K + Kᵀ)/2 (removes asymmetric rounding from accumulation).
+        1. Refuse asymmetry beyond rounding; symmetrize, K ← (K + Kᵀ)/2 (removes asymmetric
+           rounding from accumulation).
         2. scipy.linalg.eigh gives ascending eigenpairs; reverse them to descending.
         3. Record the most negative eigenvalue; clip negatives within tolerance to 0.
     """
     if not (isinstance(psd_tol, (int, float)) and math.isfinite(psd_tol) and psd_tol >= 0):
         raise ValueError(f"psd_tol must be a finite number >= 0, got {psd_tol!r}.")
     k = _square(gram)
-    tol = max(float(psd_tol), k.shape[0] * _input_eps(gram))
+    floor = k.shape[0] * _input_eps(gram)
+    tol = max(float(psd_tol), floor)
     # 1. symmetrize
-    k = 0.5 * (k + k.T)
+    k = _symmetric(k, gram)
     # 2. eigh, descending
     vals, vecs = scipy.linalg.eigh(k)
     vals = vals[::-1].copy()
@@ -195,6 +231,7 @@ def eigendecompose(gram, *, psd_tol: float = 1e-8) -> KernelEigensystem:
         eigenvectors=torch.from_numpy(vecs),
         min_raw_eigenvalue=min_raw,
         num_clipped=int(np.count_nonzero(negative)),
+        rounding_floor=float(floor),
     )
 
 
@@ -250,8 +287,11 @@ def nystrom_extend(
     sqrt(N) so that (1/N) Σ_n φ_i(x_n)² = 1 (orthonormal in L2 of the empirical measure).
 
     Which eigenvalues are usable: (Ny) divides by λ_i, so an eigenfunction is only defined
-    for λ_i > rtol * λ_1 (λ_1 the largest). With k=None every usable eigenfunction is
-    returned; an explicit k larger than the number usable raises.
+    for λ_i > max(rtol, system.rounding_floor) * λ_1 (λ_1 the largest). The rounding floor
+    (N * eps of the Gram's dtype) matters for float32 input: a rank-deficient float32 Gram has
+    eigenvalues near 1e-8 λ_1 that are rounding noise, and dividing the cross kernel's own
+    rounding by them gives O(1) values that belong to no eigenfunction. With k=None every
+    usable eigenfunction is returned; an explicit k larger than the number usable raises.
 
     Args:
         system: from :func:`eigendecompose` on the training Gram matrix.
@@ -268,7 +308,7 @@ def nystrom_extend(
         TypeError / ValueError: wrong types, shapes, k out of range, no usable eigenvalue.
 
     Algorithm:
-        1. Count usable eigenvalues, λ_i > rtol * λ_1; settle k.
+        1. Count usable eigenvalues, λ_i > max(rtol, rounding floor) * λ_1; settle k.
         2. φ = K_cross U_k diag(1/λ_k)                                                 (Ny)
         3. Multiply by sqrt(N) for normalization="l2".
     """
@@ -287,7 +327,8 @@ def nystrom_extend(
     lam = system.eigenvalues.numpy()
     vecs = system.eigenvectors.numpy()
     # 1. usable eigenvalues
-    usable = _num_usable(lam, rtol)
+    cut = max(float(rtol), float(system.rounding_floor))
+    usable = _num_usable(lam, cut)
     if usable == 0:
         raise ValueError("the Gram matrix has no eigenvalue above rtol * largest; "
                          "the kernel is zero and has no eigenfunctions.")
@@ -297,9 +338,11 @@ def nystrom_extend(
         raise TypeError(f"k must be an int or None, got {type(k).__name__}.")
     if not 1 <= k <= usable:
         raise ValueError(
-            f"k={k} but only {usable} eigenvalues exceed rtol * largest (rtol={rtol:g}); "
-            f"eigenfunctions of negligible eigenvalues are not defined. Use k <= {usable}, "
-            "or lower rtol if those eigenvalues are genuine."
+            f"k={k} but only {usable} eigenvalues exceed max(rtol, rounding floor) * largest "
+            f"(rtol={rtol:g}, rounding floor N * eps of the Gram's dtype = "
+            f"{system.rounding_floor:.1e}); eigenfunctions of negligible eigenvalues are not "
+            f"defined. Use k <= {usable}, lower rtol if those eigenvalues are genuine, or pass "
+            "a float64 Gram matrix (and cross kernel) when the floor is the float32 one."
         )
     # 2. Nyström formula
     phi = (cross @ vecs[:, :k]) / lam[:k]
@@ -344,20 +387,49 @@ def top_k_target_energy(system: KernelEigensystem, y, k: int) -> float:
 
     For y of shape [N, d], ⟨u_i, y⟩² is ‖u_iᵀ Y‖² and ‖y‖² is ‖Y‖_F².
 
+    The top-k eigenspace is only defined when λ_k > λ_{k+1}: a k inside a block of equal
+    eigenvalues (the null space of a rank-deficient kernel, a pair of a rotation-invariant
+    kernel) would count an arbitrary part of the block, which changes with the order of the
+    training inputs. Such a k raises; eigenvalues count as equal when they differ by at most
+    the rounding floor (N * eps of the Gram's dtype, :class:`KernelEigensystem`; at least
+    64 * eps of float64) times λ_1.
+
     Args:
         system: from :func:`eigendecompose`.
         y: Tensor[N] or [N, d].
-        k: 0 <= k <= N (k = 0 gives 0.0).
+        k: 0 <= k <= N (k = 0 gives 0.0), not inside a block of equal eigenvalues.
 
     Returns:
         float in [0, 1].
+
+    Raises:
+        TypeError / ValueError: k not an int, out of range, or inside a block of equal
+            eigenvalues (the message names the block's ends, the nearest valid k).
     """
     _check_system(system)
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)):
         raise TypeError(f"k must be an int, got {type(k).__name__}.")
     if not 0 <= k <= system.size:
         raise ValueError(f"k must satisfy 0 <= k <= N = {system.size}, got {k}.")
-    curve = target_energy_curve(system, y)
+    curve = target_energy_curve(system, y)  # validates y first
+    if 0 < k < system.size:
+        lam = system.eigenvalues.numpy()
+        floor = max(float(system.rounding_floor), max(system.size, 64) * float(np.finfo(np.float64).eps))
+        tie = floor * max(float(lam[0]), 0.0)
+        gaps = lam[:-1] - lam[1:]  # gaps[i] = λ_{i+1} − λ_{i+2} (1-based), >= 0
+        if gaps[k - 1] <= tie:
+            start = k - 1
+            while start > 0 and gaps[start - 1] <= tie:
+                start -= 1
+            end = k
+            while end < system.size - 1 and gaps[end] <= tie:
+                end += 1
+            raise ValueError(
+                f"k={k} splits a block of equal eigenvalues (λ_{start + 1} .. λ_{end + 1} within "
+                f"{tie:.1e} of each other, e.g. the null space of a rank-deficient kernel): the "
+                "top-k eigenspace is not defined there, and its energy depends on the arbitrary "
+                f"basis inside the block. Use k={start} or k={end + 1} (the block's ends)."
+            )
     return 0.0 if k == 0 else float(curve[k - 1])
 
 
@@ -369,6 +441,9 @@ def kernel_target_alignment(gram, y) -> float:
     between K and Y Yᵀ: A = 1 exactly when K is a positive multiple of Y Yᵀ. (‖Y‖_F² would
     overstate the normaliser for d > 1, e.g. by sqrt(C) for balanced one-hot labels.)
     Uncentered (no centering of K or Y): subtract column means first if that is wanted.
+    K is used as given (not symmetrized): for an asymmetric K, e.g. a kernel weighted by
+    per-example loss derivatives, ‖K‖_F of its symmetric part would be smaller than ‖K‖_F
+    and overstate A.
 
     Args:
         gram: Tensor[N, N].
@@ -378,12 +453,11 @@ def kernel_target_alignment(gram, y) -> float:
         float in [-1, 1]; invariant to positive scaling of K and to any scaling of y.
 
     Algorithm:
-        1. Symmetrize K; ⟨K, Y Yᵀ⟩ = Σ_j y_jᵀ K y_j = tr(Yᵀ K Y).
+        1. ⟨K, Y Yᵀ⟩ = Σ_j y_jᵀ K y_j = tr(Yᵀ K Y).
         2. ‖Y Yᵀ‖_F = ‖Yᵀ Y‖_F (d x d, cheap); divide by ‖K‖_F times it.
     """
     k = _square(gram)
     yy = _targets(y, k.shape[0])
-    k = 0.5 * (k + k.T)
     norm_k = float(np.linalg.norm(k))
     if norm_k == 0.0:
         raise ValueError("gram is identically zero; alignment is undefined.")
@@ -439,11 +513,12 @@ def out_of_span_residual(gram, cross, self_kernel, *, ridge: float | None = None
         Tensor[M] float64, r at each test input.
 
     Raises:
-        ValueError: shapes disagree, ridge <= 0, a self-kernel value <= 0, or K + λI not
+        ValueError: shapes disagree, gram asymmetric beyond rounding (see
+            :func:`eigendecompose`), ridge <= 0, a self-kernel value <= 0, or K + λI not
             positive definite (K far from PSD: raise the ridge or check the kernel).
 
     Algorithm:
-        1. Symmetrize K; λ = ridge or 1e-6 tr(K)/N.
+        1. Refuse asymmetry beyond rounding; symmetrize K; λ = ridge or 1e-6 tr(K)/N.
         2. Cholesky of K + λI (scipy.linalg.cho_factor).
         3. A = (K + λI)⁻¹ K_crossᵀ by cho_solve; q_m = Σ_n K_cross[m, n] A[n, m].
         4. r = 1 − q / k(x, x)                                                          (R)
@@ -470,7 +545,7 @@ def out_of_span_residual(gram, cross, self_kernel, *, ridge: float | None = None
             "K(x, x) <= 0, their residual is undefined. Drop them."
         )
     # 1. ridge
-    k = 0.5 * (k + k.T)
+    k = _symmetric(k, gram)
     if ridge is None:
         lam = default_ridge(k)
     else:

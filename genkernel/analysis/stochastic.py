@@ -37,7 +37,7 @@ import scipy.stats
 import torch
 from torch import nn
 
-from ..core.adapter import trainable_parameters
+from ..core.adapter import check_per_example_safe, trainable_parameters
 from .hutchinson import deterministic_second_order_term, ito_term_estimate
 from ..core.engine.gradients import group_gradients
 from ..core.tracking.tracker import PathKernelTracker
@@ -159,8 +159,20 @@ def expected_output_decomposition(
 
     Returns:
         :class:`ExpectedOutputDecomposition`.
+
+    Raises:
+        ValueError: bad counts or step size; a model whose examples are coupled or randomized
+            (BatchNorm with batch statistics, active dropout: the per-example gradients and the
+            Hessians are undefined; put them in eval mode); a model with more than one output
+            per example (wrap it to return the scalar to follow).
     """
     n = inputs.shape[0]
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    try:
+        check_per_example_safe(model)
+    except ValueError as exc:
+        raise ValueError(f"expected_output_decomposition needs per-example gradients and Hessians: {exc}") from exc
     if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) or not 1 <= batch_size <= n:
         raise ValueError(f"batch_size must be an int in [1, N={n}], got {batch_size!r}")
     if batch_size == 1 and n > 1:
@@ -175,6 +187,14 @@ def expected_output_decomposition(
             or hutchinson_samples < 2:
         raise ValueError(f"hutchinson_samples must be an int >= 2 (for a standard error), got {hutchinson_samples!r}")
     batch_size, steps = int(batch_size), int(steps)
+    with torch.no_grad():  # on a copy: the model itself is never run or trained here
+        out = copy.deepcopy(model)(probes[:1])
+    if not isinstance(out, torch.Tensor) or out.numel() != 1:
+        shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise ValueError(
+            f"the model's output for one probe is {shape}; the decomposition follows one scalar output per "
+            "example. Wrap the model so that it returns that scalar (e.g. one output column), and give "
+            "loss_fn the matching targets.")
     rows: dict[str, list[torch.Tensor]] = {k: [] for k in TERMS + ("ito_var", "ledger_residual")}
     for seed in seeds:
         net = copy.deepcopy(model)

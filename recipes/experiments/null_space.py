@@ -44,6 +44,7 @@ from genkernel.analysis.spectral import (
     out_of_span_residual,
     spearman_with_interval,
     target_energy_curve,
+    top_k_target_energy,
 )
 from genkernel.data import regression_1d
 from genkernel.plotting.figures import plot_null_space
@@ -199,7 +200,7 @@ def main(argv=None) -> dict:
     results = {
         "checkpoints": first["checkpoints"], "checkpoint_weights": first["weights"],
         "operator": operator,
-        "operator_spectrum": spectrum, "top_k": k, "top_k_target_energy": float(energy[k - 1]),
+        "operator_spectrum": spectrum, "top_k": k, "top_k_target_energy": top_k_target_energy(system, first["y"], k),
         "target_energy_curve": energy,
         "kernel_target_alignment": kernel_target_alignment(first["gram"], first["y"]),
         "centered_alignment": centered_alignment(first["gram"], first["y"]),
