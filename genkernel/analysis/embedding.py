@@ -6,6 +6,7 @@ figure can state it.
 from __future__ import annotations
 
 import numpy as np
+import torch
 
 __all__ = ["embed_2d", "umap_available"]
 
@@ -23,7 +24,8 @@ def embed_2d(distances, *, method: str = "auto", seed: int = 0, perplexity: floa
     """Embed points in 2-D from a precomputed distance matrix.
 
     Args:
-        distances: ``[N, N]`` symmetric, zero diagonal (e.g. :func:`kernel_distance`).
+        distances: ``[N, N]`` symmetric, zero diagonal (e.g. :func:`kernel_distance`); an array-like or a
+            torch tensor on any device.
         method: "auto" (UMAP if importable, else t-SNE), "umap" or "tsne".
         seed: random state of the embedding.
         perplexity: t-SNE perplexity, capped at (N − 1) / 3.
@@ -31,6 +33,8 @@ def embed_2d(distances, *, method: str = "auto", seed: int = 0, perplexity: floa
     Returns:
         ``(coords [N, 2], method_used)`` with ``method_used`` "umap" or "t-SNE".
     """
+    if isinstance(distances, torch.Tensor):  # on any device, with or without autograd history
+        distances = distances.detach().cpu().to(torch.float64).numpy()
     d = np.asarray(distances, dtype=np.float64)
     if d.ndim != 2 or d.shape[0] != d.shape[1] or d.shape[0] < 4:
         raise ValueError(f"distances must be a square matrix with at least 4 points, got shape {d.shape}")
@@ -39,10 +43,14 @@ def embed_2d(distances, *, method: str = "auto", seed: int = 0, perplexity: floa
     # A kernel or similarity matrix passed by mistake is also square and non-negative: its diagonal
     # (a point's similarity to itself) is what tells it apart. Rounding allowance: 1e-12 of the largest.
     tol = 1e-12 * float(d.max())
-    if np.abs(np.diag(d)).max() > tol or np.abs(d - d.T).max() > tol:
+    diag_max, asym_max = float(np.abs(np.diag(d)).max()), float(np.abs(d - d.T).max())
+    if diag_max > tol or asym_max > tol:
         raise ValueError(
-            "distances must be symmetric with a zero diagonal (a distance matrix, not a kernel or similarity: "
-            "convert a normalized kernel with genkernel.analysis.kernel_stats.kernel_distance)"
+            f"distances must be symmetric with a zero diagonal (largest diagonal entry {diag_max:.3g}, largest "
+            f"asymmetry {asym_max:.3g}, largest distance {float(d.max()):.3g}). A kernel or similarity: convert a "
+            "normalized kernel with genkernel.analysis.kernel_stats.kernel_distance. Euclidean distances from "
+            "torch.cdist(x, x), whose default matmul shortcut leaves rounding on the diagonal: compute them with "
+            "compute_mode='donot_use_mm_for_euclid_dist'"
         )
     if method not in ("auto", "umap", "tsne"):
         raise ValueError(f"method must be 'auto', 'umap' or 'tsne', got {method!r}")

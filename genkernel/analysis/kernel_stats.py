@@ -138,7 +138,8 @@ class BlockAUC:
         per_class: ``[C]`` the same over the pairs of each row class's rows (for per-class views).
         classes: ``[C]`` the row classes.
         distance_ratio: mean between-label over mean within-label distance sqrt(2 − 2k) (for a
-            normalized kernel; > 1 when same-label pairs are closer).
+            normalized kernel; > 1 when same-label pairs are closer). NaN for a kernel with
+            entries outside [−1, 1] (beyond 1e-4): a raw kernel, for which sqrt(2 − 2k) is no distance.
     """
 
     auc: float
@@ -178,11 +179,15 @@ def block_auc(kernel, row_labels, col_labels=None, *, exclude_diagonal: bool | N
     classes = np.unique(rows)
     per_class = np.array([_auc(k[rows == c][(eq & mask)[rows == c]], k[rows == c][(~eq & mask)[rows == c]])
                           for c in classes], dtype=np.float64)
-    d = np.sqrt(np.clip(2.0 - 2.0 * k, 0.0, None))
-    d_within, d_between = float(d[eq & mask].mean()), float(d[~eq & mask].mean())
-    # within-label distance 0 (every same-label pair at k = 1): the ratio is +inf, or NaN when the
-    # between-label distance is 0 too; never a huge finite number
-    ratio = d_between / d_within if d_within > 0 else (math.inf if d_between > 0 else math.nan)
+    if np.abs(k).max() > 1.0 + 1e-4:
+        # not normalized (|k̂| <= 1 by Cauchy–Schwarz): entries above 1 would be clipped to distance 0
+        ratio = math.nan
+    else:
+        d = np.sqrt(np.clip(2.0 - 2.0 * k, 0.0, None))
+        d_within, d_between = float(d[eq & mask].mean()), float(d[~eq & mask].mean())
+        # within-label distance 0 (every same-label pair at k = 1): the ratio is +inf, or NaN when the
+        # between-label distance is 0 too; never a huge finite number
+        ratio = d_between / d_within if d_within > 0 else (math.inf if d_between > 0 else math.nan)
     return BlockAUC(_auc(k[eq & mask], k[~eq & mask]), per_class, classes, ratio)
 
 
@@ -196,17 +201,38 @@ def centered_alignment(gram, y) -> float:
 
     Returns:
         float in [−1, 1].
+
+    Raises:
+        ValueError: when K or y is constant (up to rounding): its centered part is zero, so the
+            alignment is 0/0 (centering leaves only rounding noise, which would give an arbitrary
+            number in [−1, 1]).
     """
     k = _matrix(gram, "gram")
-    if k.shape[0] != k.shape[1]:
-        raise ValueError(f"gram must be square, got {k.shape}")
+    if k.shape[0] != k.shape[1] or k.shape[0] < 2:
+        raise ValueError(f"gram must be square over at least 2 examples (centering one leaves nothing), got {k.shape}")
     yy = y.detach().cpu().to(torch.float64).numpy() if isinstance(y, torch.Tensor) else np.asarray(y, dtype=np.float64)
     if yy.ndim not in (1, 2) or yy.shape[0] != k.shape[0]:
         # a reshape would silently regroup e.g. a [C, N] (transposed) or [2N] target into [N, ·] rows
         raise ValueError(f"y must be [N] or [N, d] with N = {k.shape[0]} (one row per gram row), got shape {yy.shape}")
     yy = yy.reshape(k.shape[0], -1)
-    h = np.eye(k.shape[0]) - 1.0 / k.shape[0]
-    return kernel_target_alignment(h @ k @ h, yy - yy.mean(axis=0, keepdims=True))
+    n = k.shape[0]
+    h = np.eye(n) - 1.0 / n
+    kc = h @ k @ h
+    yc = yy - yy.mean(axis=0, keepdims=True)
+    # Centering a constant matrix leaves rounding noise of relative size ~ n·eps (measured up to
+    # 4e-16 for n <= 2000), not zeros; below this floor the centered part is noise.
+    floor = max(1e-12, 16 * n * np.finfo(np.float64).eps)
+    if np.linalg.norm(kc) <= floor * np.linalg.norm(k):
+        raise ValueError(
+            "gram is constant (every entry equal, up to rounding, e.g. a network whose only live "
+            "parameter is an output bias): its centered part is zero and centered alignment is undefined"
+        )
+    if np.linalg.norm(yc) <= floor * np.linalg.norm(yy):
+        raise ValueError(
+            "y is constant (every example has the same target): its centered part is zero and centered "
+            "alignment is undefined; use targets that vary over the examples"
+        )
+    return kernel_target_alignment(kc, yc)
 
 
 def kernel_distance(normalized_kernel, *, same_set: bool | None = None) -> np.ndarray:
@@ -220,8 +246,18 @@ def kernel_distance(normalized_kernel, *, same_set: bool | None = None) -> np.nd
             zero-gradient example), False for a non-square one; another square kernel (e.g. M
             anchors × N = M other inputs) is refused unless ``same_set`` is given, as symmetrizing
             it would mix d(a_i, x_j) with d(a_j, x_i) and zero d(a_i, x_i).
+
+    Raises:
+        ValueError: an entry outside [−1, 1] (beyond 1e-4 of rounding): a raw, unnormalized kernel,
+            whose entries above 1 would all be clipped to distance 0.
     """
     k = _matrix(normalized_kernel, "normalized_kernel")
+    if k.size and np.abs(k).max() > 1.0 + 1e-4:
+        # Cauchy–Schwarz: |k̂(x, x')| <= 1 for every normalized kernel, square or not
+        raise ValueError(
+            f"normalized_kernel has entries outside [-1, 1] (largest |k| = {np.abs(k).max():.4g}): it is not "
+            "normalized; pass gradient_kernel(..., normalize=True) or genkernel.normalize_kernel(k, diag1, diag2)"
+        )
     square = k.shape[0] == k.shape[1]
     if same_set is None:
         if square:

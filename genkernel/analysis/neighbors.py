@@ -10,6 +10,8 @@ identical on every device. Returned tensors live on the CPU.
 
 from __future__ import annotations
 
+import numbers
+
 import torch
 from torch import Tensor
 
@@ -17,11 +19,12 @@ __all__ = ["kernel_neighbors", "euclidean_neighbors", "label_purity"]
 
 
 def _check_k(k, n: int) -> int:
-    if isinstance(k, bool) or not isinstance(k, int):
+    # numbers.Integral: a Python int or a NumPy integer (e.g. k computed with NumPy)
+    if isinstance(k, bool) or not isinstance(k, numbers.Integral):
         raise TypeError(f"k must be an int, got {type(k).__name__}.")
     if not 1 <= k <= n:
-        raise ValueError(f"k must satisfy 1 <= k <= N = {n}, got {k}; lower k.")
-    return k
+        raise ValueError(f"k must satisfy 1 <= k <= N = {n}, got {k}; pick k in that range.")
+    return int(k)
 
 
 def _real_matrix(x, name: str) -> Tensor:
@@ -48,7 +51,7 @@ def kernel_neighbors(kernel_rows: Tensor, k: int, *, exclude: Tensor | None = No
 
     Args:
         kernel_rows: Tensor[A, N], kernel_rows[a, n] = k(anchor_a, x_n) (raw or normalized).
-        k: neighbours per anchor, 1 <= k <= N (N − 1 when `exclude` is given).
+        k: neighbours per anchor (a Python or NumPy int), 1 <= k <= N (N − 1 when `exclude` is given).
         exclude: optional LongTensor[A]; exclude[a] is a training index left out of anchor a's
             neighbours (the anchor itself when anchors are training inputs), −1 for none.
 
@@ -70,9 +73,9 @@ def kernel_neighbors(kernel_rows: Tensor, k: int, *, exclude: Tensor | None = No
         ex = _index_vector(exclude, a, n, "exclude", allow_minus_one=True)
         hit = ex >= 0
         keys[hit.nonzero().squeeze(1), ex[hit]] = float("inf")
-        _check_k(k, n - 1 if bool(hit.any()) else n)
+        k = _check_k(k, n - 1 if bool(hit.any()) else n)
     else:
-        _check_k(k, n)
+        k = _check_k(k, n)
     return _smallest_k_stable(keys, k)
 
 
@@ -100,7 +103,7 @@ def euclidean_neighbors(anchors: Tensor, points: Tensor, k: int) -> Tensor:
             f"anchors have D = {anc.shape[1]} features but points have D = {pts.shape[1]}; "
             "flatten both the same way."
         )
-    _check_k(k, pts.shape[0])
+    k = _check_k(k, pts.shape[0])
     dist = torch.cdist(anc, pts, compute_mode="donot_use_mm_for_euclid_dist")
     return _smallest_k_stable(dist, k)
 
