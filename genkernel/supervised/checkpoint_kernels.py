@@ -8,6 +8,7 @@ from typing import Sequence
 
 import numpy as np
 import torch
+from torch import nn
 
 from ..core.adapter import analysis_mode, checked_forward
 from ..core.tracking.callbacks import TrainerCallback
@@ -29,9 +30,17 @@ class CheckpointKernels(TrainerCallback):
 
     Checkpoints are θ_0, θ_every, θ_2·every, ..., or the steps listed in ``at`` (a left Riemann
     sum of the path): checkpoint k stands for the steps up to the next checkpoint (or the end) and
-    gets weight η_k × that many steps, η_k read from the optimizer's first parameter group at that
-    checkpoint. Training changes fastest early, so geometrically spaced ``at`` (see
+    gets weight Σ η_s over those steps s, each step's learning rate read from the optimizer before
+    it (η_k × that many steps for a constant rate; a scheduler stepped in a callback's
+    ``on_step_end`` goes before this callback in the list, so that the rate read is the next
+    step's). Training changes fastest early, so geometrically spaced ``at`` (see
     :func:`geometric_checkpoints`) describe the path better than evenly spaced ones.
+
+    One step size η_k for every parameter is what the sum means: an optimizer whose parameter
+    groups have different learning rates, or a trainable parameter the optimizer does not train
+    (it would add gradient directions training never moves), is refused at the first checkpoint.
+    The kernels and outputs are those of the model in eval mode (dropout off, BatchNorm on its
+    running statistics), computed without touching the RNG or training.
 
     Args:
         train_x: ``[N, ...]`` training inputs; probe_x: ``[M, ...]`` test inputs (probes), the same
@@ -43,9 +52,10 @@ class CheckpointKernels(TrainerCallback):
 
     Attributes after training:
         grams: list of ``[N, N]`` float64 kernels; crosses: list of ``[M, N]``; probe_self: list of
-        ``[M]`` k(x, x); weights: list of floats η_k · every; checkpoints: their step indices;
-        train_outputs / probe_outputs: lists of ``[N, d]`` / ``[M, d]`` model outputs at each
-        checkpoint (for the loss weights w_n = ∂ℓ/∂f of the Domingos sum).
+        ``[M]`` k(x, x); weights: list of floats Σ η_s over each checkpoint's steps; checkpoints:
+        their step indices; train_outputs / probe_outputs: lists of ``[N, d]`` / ``[M, d]`` model outputs at each
+        checkpoint (for the loss weights w_n = ∂ℓ/∂f of the Domingos sum); not_plain_steps: why the
+        run's steps are not plain full-batch gradient steps (empty: they are).
         Use :meth:`path_kernel` for the sums and :meth:`kernel_machine_change` for the
         Domingos reconstruction of the probes' change.
     """
@@ -80,13 +90,63 @@ class CheckpointKernels(TrainerCallback):
         self.checkpoints: list[int] = []
         self.train_outputs: list[torch.Tensor] = []
         self.probe_outputs: list[torch.Tensor] = []
+        # Why the steps taken are not the plain gradient steps kernel_machine_change sums (empty: they are).
+        self.not_plain_steps: list[str] = []
+
+    @staticmethod
+    def _step_size(trainer) -> float:
+        """The one learning rate of every trainable parameter; refuses several, or a trainable
+        parameter the optimizer leaves out (the recorded kernel would count its gradient)."""
+        trained = {id(p): float(g["lr"]) for g in trainer.optimizer.param_groups for p in g["params"]}
+        named = [(name, p) for name, p in trainer.model.named_parameters() if p.requires_grad]
+        if not named:
+            raise ValueError("the model has no trainable parameters: there is no gradient kernel to record")
+        left_out = [name for name, p in named if id(p) not in trained]
+        if left_out:
+            raise ValueError(
+                f"parameters {left_out[:5]} are trainable but not in the optimizer: the gradient kernel would count "
+                "directions training never moves. Freeze them (p.requires_grad_(False)) or give them to the optimizer"
+            )
+        rates = sorted({trained[id(p)] for _, p in named})
+        if len(rates) != 1:
+            raise ValueError(
+                f"the optimizer's parameter groups have learning rates {rates[:5]}: the path kernel Σ_k η_k k_θk needs "
+                "one step size for every trainable parameter. Train with one learning rate"
+            )
+        return rates[0]
+
+    def _note_plain_steps(self, trainer) -> None:
+        """Note what makes the steps other than full-batch gradient descent on the mean loss."""
+        n = self.train_x.shape[0]
+        optimizer = trainer.optimizer
+        reasons = []
+        if type(optimizer) is not torch.optim.SGD:
+            reasons.append(f"the optimizer is {type(optimizer).__name__}, not plain SGD")
+        else:
+            for key in ("momentum", "weight_decay"):
+                values = sorted({float(g.get(key, 0.0)) for g in optimizer.param_groups})
+                if values != [0.0]:
+                    reasons.append(f"SGD has {key} {values}")
+            if any(g.get("maximize", False) for g in optimizer.param_groups):
+                reasons.append("SGD maximizes")
+        batch, examples = getattr(trainer, "batch_size", None), getattr(trainer, "num_examples", None)
+        if batch != n or examples != n:
+            reasons.append(f"the steps use batches of {batch} from {examples} examples, not all {n} of train_x")
+        dropped = [name for name, m in trainer.model.named_modules()
+                   if isinstance(m, nn.modules.dropout._DropoutNd) and m.training and m.p > 0]
+        if dropped:  # the steps follow random sub-networks, the kernels the eval-mode network
+            reasons.append(f"dropout {dropped[:3]} randomizes the training steps")
+        self.not_plain_steps += [r for r in reasons if r not in self.not_plain_steps]
 
     def _record(self, trainer, step: int) -> None:
         n = self.train_x.shape[0]
+        lr = self._step_size(trainer)
+        self._note_plain_steps(trainer)
         both = torch.cat([self.train_x, self.probe_x])
-        k = gradient_kernel(trainer.model, both).to(torch.float64).cpu()
-        # In the mode the kernel is computed in (eval, RNG untouched): a training-mode forward would
-        # advance state such as spectral norm's power iteration and change training.
+        # In the mode the outputs are computed in (eval, RNG untouched): a training-mode forward would
+        # advance state such as spectral norm's power iteration and change training; dropout is off.
+        with analysis_mode(trainer.model):
+            k = gradient_kernel(trainer.model, both).to(torch.float64).cpu()
         with torch.no_grad(), analysis_mode(trainer.model):
             out = checked_forward(trainer.model, (both,), name="train_x and probe_x").to(torch.float64).cpu()
         self.train_outputs.append(out[:n])
@@ -94,8 +154,7 @@ class CheckpointKernels(TrainerCallback):
         self.grams.append(k[:n, :n])
         self.crosses.append(k[n:, :n])
         self.probe_self.append(k[n:, n:].diagonal().clone())
-        lr = float(trainer.optimizer.param_groups[0]["lr"])
-        self.weights.append(lr * (self._next[step] - step))
+        self.weights.append(lr)  # the rate of this checkpoint's first step; on_step_end adds the others'
         self.checkpoints.append(step)
 
     def on_train_start(self, trainer) -> None:
@@ -110,6 +169,12 @@ class CheckpointKernels(TrainerCallback):
                 f"CheckpointKernels was built with steps={self.steps} but the run goes on to step {done}: the last "
                 "checkpoint's weight would miss the extra steps. Build it with the run's number of steps"
             )
+        if done not in self._next and done < self.steps:
+            self.weights[-1] += self._step_size(trainer)  # the rate of step `done`, inside checkpoint k's steps
+        if step.clip_factor < 1.0 and "gradient clipping scaled a step" not in self.not_plain_steps:
+            self.not_plain_steps.append("gradient clipping scaled a step")
+        if step.weights is not None and "a step weighted its examples" not in self.not_plain_steps:
+            self.not_plain_steps.append("a step weighted its examples")
         if done in self._next:
             self._record(trainer, done)
 
@@ -122,8 +187,12 @@ class CheckpointKernels(TrainerCallback):
             )
 
     def kernel_machine_change(self, loss_weight) -> torch.Tensor:
-        """``[M, d]`` the Domingos sum −Σ_k η_k (1/N) Σ_n k_{θ_k}(x, x_n) w_n(θ_k) at the probes
-        (a left Riemann sum over the checkpoints; for a full-batch mean loss and scalar outputs).
+        """``[M, d]`` the Domingos sum −Σ_k W_k (1/N) Σ_n k_{θ_k}(x, x_n) w_n(θ_k) at the probes,
+        W_k = ``weights[k]`` (a left Riemann sum over the checkpoints; for a full-batch mean loss
+        and scalar outputs).
+        Only steps of plain gradient descent on all of ``train_x`` are such a sum: a run with
+        another optimizer (momentum, weight decay, Adam), mini-batches, dropout or clipped steps is
+        refused (:attr:`not_plain_steps` says why).
 
         Args:
             loss_weight: ``loss_weight(train_outputs [N, d]) -> [N, d]``, w_n = ∂ℓ_n/∂f, e.g.
@@ -133,6 +202,13 @@ class CheckpointKernels(TrainerCallback):
         """
         if not self.weights:
             raise RuntimeError("no checkpoint recorded yet: attach the callback to a trainer and train")
+        if self.not_plain_steps:
+            raise ValueError(
+                f"kernel_machine_change sums plain full-batch gradient steps, but {'; '.join(self.not_plain_steps)}: "
+                "the sum would not reconstruct the change. Train with torch.optim.SGD (no momentum or weight decay) on "
+                "full batches (train_x is the training set, batch_size=len(train_x)), without dropout or clipping; "
+                "path_kernel() does not need this"
+            )
         n, d = self.train_outputs[0].shape
         if d != 1:
             # The recorded kernels are traces over the outputs; the sum needs the d×d blocks K(x, x_n).

@@ -22,7 +22,9 @@ def mse_loss(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 
 def cross_entropy_loss(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Softmax cross-entropy per example (``outputs [B, C]`` logits, ``targets [B]`` (or ``[B, 1]``)
-    integer class ids, or ``[B, C]`` class probabilities): ``[B]``."""
+    integer class ids of any integer dtype, or ``[B, C]`` class probabilities, float or an integer
+    one-hot): ``[B]``. An id of -100 (PyTorch's ``ignore_index``) gets loss 0 and still counts in
+    the batch mean."""
     if not isinstance(targets, torch.Tensor):
         raise TypeError(f"cross_entropy_loss needs targets as a Tensor, got {type(targets).__name__}")
     if targets.dim() == 2 and targets.shape[1] == 1 and not targets.is_floating_point():
@@ -32,6 +34,10 @@ def cross_entropy_loss(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Te
             f"cross_entropy_loss: targets of shape [{targets.shape[0]}] must be integer class ids, got {targets.dtype} "
             "(use targets.long(); probabilities need shape [B, C])"
         )
+    if targets.dim() == 1:
+        targets = targets.long()  # int32 / int16 / bool ids (F.cross_entropy takes int64 and uint8 only)
+    elif not targets.is_floating_point():
+        targets = targets.to(outputs.dtype)  # an integer one-hot [B, C]: the probabilities it holds
     return F.cross_entropy(outputs, targets, reduction="none")
 
 
@@ -40,6 +46,8 @@ def logistic_loss(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     if outputs.numel() != outputs.shape[0]:
         raise ValueError(f"logistic_loss needs one output per example, got outputs of shape {tuple(outputs.shape)}")
     y = targets_per_example(outputs, targets, "logistic_loss").reshape(-1)
+    if y.dtype == torch.bool:
+        raise ValueError("logistic_loss needs labels in {-1, +1}, got a bool tensor: map it with 2 * y.long() - 1")
     # Labels in {0, 1} would run without error: y = 0 gives the constant log 2 and no gradient.
     if not under_torch_func(y) and not bool((y.detach().abs() == 1).all()):
         raise ValueError(

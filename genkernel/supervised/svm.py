@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..core.adapter import analysis_mode, as_tuple, checked_forward
+from ..core.adapter import analysis_mode, as_tuple, batch_size, checked_forward, select
 from ..core.engine.kernels import tangent_features
 
 __all__ = ["TangentSVM", "fit_tangent_svm", "fit_rbf_svm", "TANGENT_CS", "RBF_CS", "RBF_GAMMA_FACTORS"]
@@ -91,8 +91,8 @@ class TangentSVM:
     def num_features(self) -> int:
         return int(self.train_features.shape[1])
 
-    def features(self, x: torch.Tensor) -> np.ndarray:
-        """``[M, P]`` centred and scaled tangent features of inputs ``x``."""
+    def features(self, x) -> np.ndarray:
+        """``[M, P]`` centred and scaled tangent features of inputs ``x`` (Tensor or tuple of Tensors)."""
         if self.state_at_fit is not None:
             now = _model_state(self.model)
             fitted = self.state_at_fit
@@ -106,8 +106,13 @@ class TangentSVM:
         phi = tangent_features(self.model, x, output_index=0 if self.output_index is None else self.output_index)
         return (phi.detach().cpu().to(torch.float64).numpy() - self.mean) / self.scale
 
-    def _gram(self, x: torch.Tensor, chunk: int = 2048) -> np.ndarray:
-        return np.concatenate([self.features(x[i:i + chunk]) @ self.train_features.T for i in range(0, x.shape[0], chunk)])
+    def _gram(self, x, chunk: int = 2048) -> np.ndarray:
+        """``[M, N]`` kernel between inputs ``x`` (a Tensor or a tuple of Tensors, as when fitted)
+        and the training inputs."""
+        xs = as_tuple(x, name="x")
+        m = batch_size(xs, name="x")
+        return np.concatenate([self.features(select(xs, slice(i, i + chunk))) @ self.train_features.T
+                               for i in range(0, m, chunk)])
 
     def decision_function(self, x: torch.Tensor) -> np.ndarray:
         """``[M]`` signed distances to the separating hyperplane (> 0: the second of the sorted
@@ -141,7 +146,8 @@ def fit_tangent_svm(model: nn.Module, x: torch.Tensor, y, *, C: float = 1.0, out
 
     Args:
         model: a network with one output (or pick one with ``output_index``; required with several).
-        x: ``[N, ...]`` training inputs; y: ``[N]`` labels (any two or more values).
+        x: ``[N, ...]`` training inputs (or a tuple of Tensors, the model's positional inputs; predict
+            with the same layout); y: ``[N]`` labels (any two or more values).
         C: SVM regularization (larger: fit the training set harder), when not tuned.
         tune: choose C from ``Cs`` by stratified ``folds``-fold cross-validation (seeded by ``seed``).
     """

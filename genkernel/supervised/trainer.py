@@ -1,10 +1,12 @@
 """A small supervised trainer with the shared callback protocol.
 
 Lifecycle: ``trainer = SupervisedTrainer(model, optimizer, loss_fn, callbacks=[...])``, then
-``trainer.fit(x, y, steps=...)``. Each update is an :class:`OptimizerStep` whose ``info`` holds
-the batch's dataset ``indices`` (so analyzers can group by example or class) and is performed
-through :func:`perform_step`, so a :class:`LedgerCallback` can take it over without changing
-training.
+``trainer.fit(x, y, steps=...)``; further ``fit`` calls on the same data continue the batch order
+where the last one stopped, and ``state_dict()`` / ``load_state_dict()`` resume a run in a new
+process bit for bit (model, optimizer, batch order, global RNG). Each update is an
+:class:`OptimizerStep` whose ``info`` holds the batch's dataset ``indices`` (so analyzers can
+group by example or class) and is performed through :func:`perform_step`, so a
+:class:`LedgerCallback` can take it over without changing training.
 """
 
 from __future__ import annotations
@@ -20,6 +22,9 @@ from tqdm.auto import tqdm
 from ..core.adapter import Batch, as_tuple, batch_size, select
 from ..core.grouping import INTEGER_DTYPES
 from ..core.tracking.callbacks import TrainerCallback, fire, perform_step
+from ..core.tracking.io import (
+    check_module_state, check_optimizer_state, check_resume_config, global_rng_state, set_global_rng_state,
+)
 from ..core.tracking.step import LossFn, OptimizerStep
 from ..core.tracking.tracker import PathKernelTracker
 
@@ -34,7 +39,14 @@ class SupervisedTrainer:
         callbacks: :class:`TrainerCallback` objects.
         seed: seeds the batch order (its own generator; the global RNG is untouched).
         progress: show a tqdm bar.
+
+    The examples are drawn as one stream of epochs (each a permutation of the dataset), cut into
+    batches; a batch may span two epochs (and then can hold an example twice). Successive ``fit``
+    calls continue the stream, so ``fit(steps=a)`` then ``fit(steps=b)`` trains exactly as
+    ``fit(steps=a + b)``.
     """
+
+    FORMAT = "genkernel.SupervisedTrainer/1"
 
     def __init__(
         self,
@@ -48,8 +60,9 @@ class SupervisedTrainer:
         seed: int = 0,
         progress: bool = False,
     ) -> None:
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be positive, got {batch_size}")
+        if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+        batch_size = int(batch_size)
         self.model = model
         self.optimizer = optimizer
         self.loss_fn = loss_fn
@@ -61,15 +74,20 @@ class SupervisedTrainer:
         self.global_step = 0
         self.num_examples: int | None = None  # the dataset size of the current fit (callbacks check against it)
         self.history: list[float] = []
+        # The stream's drawn but not yet trained-on indices, and the dataset size they index.
+        self._order = torch.empty(0, dtype=torch.long)
+        self._order_size: int | None = None
 
     def batches(self, n: int, steps: int):
-        """Yield ``steps`` index tensors of size ``batch_size``, epoch by epoch."""
-        order = torch.empty(0, dtype=torch.long)
+        """Yield ``steps`` index tensors of size ``batch_size``, epoch by epoch, continuing the
+        order the previous call left (a dataset of another size starts a new stream)."""
+        if self._order_size != n:
+            self._order, self._order_size = torch.empty(0, dtype=torch.long), n
         for _ in range(steps):
-            if order.numel() < self.batch_size:
-                order = torch.cat([order, torch.randperm(n, generator=self.generator)])
-            yield order[: self.batch_size]
-            order = order[self.batch_size :]
+            if self._order.numel() < self.batch_size:
+                self._order = torch.cat([self._order, torch.randperm(n, generator=self.generator)])
+            batch, self._order = self._order[: self.batch_size], self._order[self.batch_size :]
+            yield batch
 
     def fit(self, inputs: Batch, targets: Batch, *, steps: int) -> list[float]:
         """Train for ``steps`` optimizer steps. Returns the mean loss of every step."""
@@ -102,6 +120,44 @@ class SupervisedTrainer:
             self.history.append(float(losses.mean()))
         fire(self.callbacks, "on_train_end", self)
         return self.history
+
+    def state_dict(self) -> dict:
+        """Everything :meth:`load_state_dict` needs to continue this run exactly: the model, the
+        optimizer, the batch order (generator and the current epoch's rest), the step count, the
+        loss history and the global RNG (dropout draws from it). Callbacks keep their own state.
+        The model's and optimizer's tensors are shared with the live ones, as in PyTorch's own
+        ``state_dict``: ``torch.save`` the state (or deep-copy it) before training on."""
+        return {
+            "format": self.FORMAT,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "generator": self.generator.get_state(),
+            "order": self._order.clone(),
+            "order_size": self._order_size,
+            "global_step": self.global_step,
+            "history": list(self.history),
+            "global_rng": global_rng_state(),
+            "config": {"batch_size": self.batch_size, "max_grad_norm": float(self.max_grad_norm),
+                       "optimizer": type(self.optimizer).__name__},
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue from :meth:`state_dict`; a state of another set-up (batch size, clipping,
+        optimizer, model) is refused before anything is loaded. Build callbacks that keep a ledger
+        after loading (a tracker built before would start its ledger at the old parameters)."""
+        if not isinstance(state, dict) or state.get("format") != self.FORMAT:
+            raise ValueError("not a SupervisedTrainer state (written by SupervisedTrainer.state_dict)")
+        check_resume_config(state["config"], {"batch_size": self.batch_size, "max_grad_norm": float(self.max_grad_norm),
+                                              "optimizer": type(self.optimizer).__name__}, "SupervisedTrainer")
+        check_module_state(self.model, state["model"], "model")
+        check_optimizer_state(self.optimizer, state["optimizer"], "optimizer")
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.generator.set_state(state["generator"])
+        self._order, self._order_size = state["order"].clone(), state["order_size"]
+        self.global_step = int(state["global_step"])
+        self.history = list(state["history"])
+        set_global_rng_state(state["global_rng"])
 
 
 class LedgerCallback(TrainerCallback):
@@ -141,6 +197,18 @@ class LedgerCallback(TrainerCallback):
         self.start_step = start_step
 
     def on_train_start(self, trainer) -> None:
+        # The tracker performs the step itself: a wrap_step after this one in the chain never runs.
+        callbacks = list(getattr(trainer, "callbacks", []))
+        after = callbacks[callbacks.index(self) + 1:] if self in callbacks else []
+        skipped = [type(c).__name__ for c in after
+                   if getattr(type(c), "wrap_step", TrainerCallback.wrap_step) is not TrainerCallback.wrap_step]
+        if skipped:
+            raise ValueError(
+                f"LedgerCallback performs each step through its tracker, so the wrap_step of {skipped} after it in the "
+                "callbacks would never run (a second LedgerCallback would record nothing). Put observing callbacks "
+                "before the LedgerCallback, and keep several groupings in one tracker (num_groups={name: G}, "
+                "group_of={name: ids})"
+            )
         n = getattr(trainer, "num_examples", None)
         sizes = {len(v) for v in (self.group_of.values() if isinstance(self.group_of, dict) else [self.group_of])}
         if n is not None and sizes != {n}:
