@@ -24,6 +24,27 @@ builds its optimizers anew, so an analyzer bound in an earlier fit is refused at
 each fit its own analyzer and callback; ``ckpt_path=...`` carries the ledgers over). On a GPU,
 call :func:`genkernel.set_exact_cuda_mode` before ``fit`` (TF32 off, deterministic kernels):
 trackers refuse TF32 convolutions, torch's default.
+
+A GAN (:class:`~genkernel.gan.GANKernelAnalyzer`) trains with manual optimization and two
+optimizers; the callback binds the analyzer to both, telling them apart by their parameters (the
+one over the generator's, the one over the discriminator's, in either order), and numbers each
+player's steps from its optimizer's own step count (Adam's ``state["step"]``; else from a loaded
+analyzer's last number, or the trainer's ``global_step``), so a resumed fit continues the numbering::
+
+    class GAN(L.LightningModule):
+        def __init__(self):
+            ...; self.automatic_optimization = False
+            self.analyzer = GANKernelAnalyzer(self.G, self.D, probe_latents, discriminator_probes=probe_images)
+        def training_step(self, batch, i):
+            opt_g, opt_d = self.optimizers()
+            ...                                                   # D's losses [2B] on real and generated rows
+            self.analyzer.observe_discriminator(d_losses, roles, x)
+            opt_d.zero_grad(); self.manual_backward(d_losses.mean()); opt_d.step()
+            z = ...; fake = self.G(z); g_losses = F.softplus(-self.D(fake).view(-1))
+            self.analyzer.observe_generator(g_losses, z, fake)
+            opt_g.zero_grad(); self.manual_backward(g_losses.mean()); opt_g.step()
+    module = GAN()
+    L.Trainer(..., callbacks=[GenkernelCallback(module.analyzer)]).fit(module, loader, ckpt_path=...)
 """
 
 from __future__ import annotations
@@ -42,10 +63,12 @@ class GenkernelCallback(pl.Callback):
     Args:
         analyzer: a :class:`~genkernel.diffusion.NoiseLevelAnalyzer` (or anything with
             ``bind(model, optimizer, ema=..., start_step=...)``, ``finish()``, ``state_dict()`` and
-            ``load_state_dict()``).
+            ``load_state_dict()``), or a :class:`~genkernel.gan.GANKernelAnalyzer`, bound to the
+            module's two optimizers (manual optimization; one over G's parameters, one over D's).
         model_attribute: the attribute of the LightningModule holding the trained network (default:
-            the LightningModule itself).
-        ema: an EMA of the weights the module updates after each step (a second ledger).
+            the LightningModule itself). Not for a GAN analyzer, which holds G and D itself.
+        ema: an EMA of the weights the module updates after each step (a second ledger; for a GAN,
+            of the generator's weights).
     """
 
     def __init__(self, analyzer: Any, *, model_attribute: str | None = None, ema: Any = None) -> None:
@@ -55,6 +78,9 @@ class GenkernelCallback(pl.Callback):
         self.ema = ema
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if hasattr(self.analyzer, "observe_generator"):  # a GAN analyzer: both players' optimizers
+            self._bind_gan(trainer)
+            return
         tracker = getattr(self.analyzer, "tracker", None)
         if tracker is not None:
             self._check_bound_to(tracker, trainer)
@@ -67,6 +93,57 @@ class GenkernelCallback(pl.Callback):
         self.analyzer.bind(
             self._model(trainer, pl_module), trainer.optimizers[0], ema=self.ema, start_step=trainer.global_step,
             batch_size=_step_batch(trainer))
+
+    def _bind_gan(self, trainer: pl.Trainer) -> None:
+        """Bind a :class:`~genkernel.gan.GANKernelAnalyzer` to this fit's generator and discriminator
+        optimizers, found by their parameters."""
+        analyzer = self.analyzer
+        if self.model_attribute is not None:
+            raise ValueError(
+                "model_attribute is for analyzers of one network: a GANKernelAnalyzer already holds its generator and "
+                "discriminator (GANKernelAnalyzer(G, D, ...)); drop model_attribute"
+            )
+        if trainer.world_size > 1:
+            raise ValueError(
+                f"GenkernelCallback with a GANKernelAnalyzer under {trainer.world_size} processes: DDP wraps the "
+                "LightningModule, not the generator and discriminator the analyzer holds, so their trackers cannot "
+                "combine the ranks' group gradients. Train on one process while the analyzer tracks"
+            )
+        current = [unwrap_optimizer(o) for o in trainer.optimizers]
+        if getattr(analyzer, "_bound", False):
+            mine = [o for o in (analyzer._g_optimizer, analyzer._d_optimizer) if o is not None]
+            if all(any(o is c for c in current) for o in mine):
+                return  # bound already, to this fit's optimizers
+            raise ValueError(
+                "the GAN analyzer was bound to the optimizers of an earlier fit, and this fit trains with others "
+                "(Lightning calls configure_optimizers at every fit, and a resumed fit restores new optimizers): their "
+                "steps would not reach the ledgers. Give every fit a new analyzer and GenkernelCallback (a fit resumed "
+                "with ckpt_path=... restores the analyzer's state from the checkpoint)"
+            )
+        players = {"generator": analyzer._g, "discriminator": analyzer._d}
+        found: dict[str, Any] = {}
+        for optimizer in current:
+            owned = {id(p) for group in optimizer.param_groups for p in group["params"]}
+            for player, module in players.items():
+                if owned and owned <= {id(p) for p in module.parameters()}:
+                    if player in found:
+                        raise ValueError(f"two of the module's optimizers train the {player}: the GAN analyzer follows "
+                                         "one optimizer per player")
+                    found[player] = optimizer
+                    break
+            else:
+                raise ValueError(
+                    "one of the module's optimizers trains parameters outside the analyzer's generator and outside its "
+                    "discriminator (or both at once): give configure_optimizers one optimizer over G's parameters and "
+                    "one over D's, the modules passed to GANKernelAnalyzer(G, D, ...)"
+                )
+        if "generator" not in found:
+            raise ValueError("no optimizer of the module trains the analyzer's generator: return one over G's parameters "
+                             "from configure_optimizers (GANKernelAnalyzer(G, D, ...) must get the module's own G)")
+        numbered = {"generator": analyzer.g_loop_steps, "discriminator": analyzer.d_loop_steps}  # a loaded state's
+        steps = tuple(_optimizer_steps(found.get(player), numbered[player][-1] if numbered[player] else trainer.global_step)
+                      for player in players)
+        analyzer.bind(found["generator"], found.get("discriminator"), ema=self.ema, start_step=steps)
 
     @staticmethod
     def _check_bound_to(tracker: Any, trainer: pl.Trainer) -> None:
@@ -104,7 +181,15 @@ class GenkernelCallback(pl.Callback):
         self.analyzer.finish()
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
-        """Name clip-by-value as the cause when the tracker's gradient check refused a step under it."""
+        """Name clip-by-value as the cause when the tracker's gradient check refused a step under it, and
+        the Trainer's setting when a tracker refused its mixed precision."""
+        precision = str(getattr(trainer, "precision", ""))
+        if ("mixed precision is not supported" in str(exception) and "mixed" in precision
+                and hasattr(exception, "add_note")):
+            exception.add_note(
+                f"genkernel: the Trainer runs precision={precision!r} (autocast). Track with "
+                "L.Trainer(precision='32-true') or '64-true': the ledger must reproduce each update exactly"
+            )
         algorithm = getattr(trainer, "gradient_clip_algorithm", None)
         if (isinstance(exception, LedgerCheckError) and trainer.gradient_clip_val
                 and str(getattr(algorithm, "value", algorithm)) == "value" and hasattr(exception, "add_note")):
@@ -120,6 +205,16 @@ class GenkernelCallback(pl.Callback):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.analyzer.load_state_dict(state_dict["analyzer"])
+
+
+def _optimizer_steps(optimizer: Any, fallback: int) -> int:
+    """The steps an optimizer has taken (the largest ``state["step"]`` over its parameters: Adam, AdamW,
+    RMSprop keep one, restored with a checkpoint); ``fallback`` when it keeps none (the last step a
+    loaded analyzer numbered for that player, else the trainer's ``global_step``, which under manual
+    optimization counts every optimizer's steps)."""
+    counts = [float(state["step"]) for state in ([] if optimizer is None else optimizer.state.values())
+              if isinstance(state, dict) and "step" in state]
+    return int(max(counts)) if counts else int(fallback)
 
 
 def _step_batch(trainer: pl.Trainer) -> int | None:
