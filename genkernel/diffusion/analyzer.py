@@ -409,7 +409,16 @@ class NoiseLevelAnalyzer(TrainerCallback):
         if self.stopped:
             raise RuntimeError("the analyzer was stopped (its tracked window ended): do not observe later steps")
         groups, bins = self._groups(timesteps, losses.shape[0] if isinstance(losses, torch.Tensor) else -1, class_labels)
-        self.tracker.observe(losses, {k: v.to(losses.device) for k, v in groups.items()}, weights)
+        try:
+            self.tracker.observe(losses, {k: v.to(losses.device) for k, v in groups.items()}, weights)
+        except RuntimeError as error:
+            if "backward through the graph a second time" not in str(error):
+                raise
+            # torch's own words suggest retain_graph=True; the usual cause is the order of two lines
+            raise RuntimeError(
+                "analyzer.observe(losses, timesteps) reads the per-example gradients from the losses' graph, which "
+                "the backward has already freed: call observe before accelerator.backward(...) / loss.backward()"
+            ) from error
         if self.tracker.observed_micro_batches == 1:  # a new step's first: bins left over belong to no step
             self._pending_bins = []
         self._pending_bins.append(bins)

@@ -9,6 +9,12 @@ averaging over the training set and small when a few neighbours dominate (the fe
 view: broad averaging at high noise, near-neighbour retrieval at low noise). The reverse chain
 is DDPM's by default; any diffusers sampler on the training noise schedule (DDIM, with fewer
 steps) gives its own chain, whose states are compared the same way.
+
+A conditional denoiser ``model(x_t, t, *conditioning)`` (class labels: ``UNet2DModel`` with
+``num_class_embeds``) is sampled with ``conditioning`` (one row per sample) and compared with the
+training examples under their own ``train_conditioning`` (one row per training input): the kernel
+is between the states (x_s, s, y_sample) and (z_n, s, y_n), as the analyzer's probes and kernel
+checkpoints pass (x, t, *conditioning).
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ import torch
 from torch import nn
 
 from .kernels import eval_mode, state_kernel
+from ..core.adapter import as_tuple
 from ..core.grouping import measured_minus_control
 from .objectives import noisy_input
 from .trainer import reverse_sample
@@ -102,6 +109,8 @@ def retrieval_attribution(
     seed: int = 0,
     sampler: Any = None,
     step_kwargs: Mapping[str, Any] | None = None,
+    conditioning: torch.Tensor | tuple[torch.Tensor, ...] | None = None,
+    train_conditioning: torch.Tensor | tuple[torch.Tensor, ...] | None = None,
 ) -> RetrievalResult:
     """Generate ``num_samples`` by reverse sampling and compute the retrieval kernel at stages.
 
@@ -114,6 +123,11 @@ def retrieval_attribution(
         sampler, step_kwargs: the reverse sampler (default DDPM; a diffusers scheduler class or
             instance on the training schedule, e.g. ``DDIMScheduler``) and its ``step`` arguments
             (:func:`~genkernel.diffusion.trainer.reverse_sample`).
+        conditioning: a conditional model's extra inputs for the samples, a Tensor (class labels
+            ``LongTensor[S]``) or tuple of Tensors with ``num_samples`` rows; used for sampling and
+            for the samples' states in the kernel.
+        train_conditioning: the training inputs' own extra inputs, the same kinds with N rows
+            (their class labels ``LongTensor[N]``). Give both or neither.
 
     Returns:
         The :class:`RetrievalResult` (stages from the noisiest).
@@ -123,18 +137,37 @@ def retrieval_attribution(
     n = train_data.shape[0]
     if n < 2 or not 1 <= top_k <= n:
         raise ValueError(f"need at least 2 training inputs and 1 <= top_k <= N; got N={n}, top_k={top_k}")
+    extra = () if conditioning is None else as_tuple(conditioning, name="conditioning")
+    train_extra = () if train_conditioning is None else as_tuple(train_conditioning, name="train_conditioning")
+    if len(extra) != len(train_extra):
+        raise ValueError(
+            f"conditioning has {len(extra)} tensor(s) but train_conditioning {len(train_extra)}: a conditional model "
+            "needs both, the samples' (num_samples rows) and the training inputs' own (N rows, e.g. their class labels)"
+        )
+    if any(c.shape[0] != num_samples for c in extra):
+        raise ValueError(f"conditioning needs one row per sample ({num_samples}), got {[tuple(c.shape) for c in extra]}")
+    if any(c.shape[0] != n for c in train_extra):
+        raise ValueError(f"train_conditioning needs one row per training input ({n}), got "
+                         f"{[tuple(c.shape) for c in train_extra]}")
     total = int(scheduler.config.num_train_timesteps)
     if stages is None:
         stages = torch.linspace(total - 1, 0, num_stages).round().long().tolist()
     param = next(model.parameters())
+    if not extra:
+        _check_unconditional_call(model, train_data.to(param))
     samples, kept = reverse_sample(
         model, scheduler, (num_samples, *train_data.shape[1:]), num_inference_steps=num_inference_steps, seed=seed,
-        keep=stages, sampler=sampler, step_kwargs=step_kwargs,
+        keep=stages, sampler=sampler, step_kwargs=step_kwargs, conditioning=conditioning,
     )
     order = sorted(kept, reverse=True)
     generator = torch.Generator().manual_seed(seed + 7)
     clean = train_data.to(param)
     noise = torch.randn(clean.shape, generator=generator, dtype=torch.float64).to(param)
+
+    def on_device(tensors: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+        return tuple(c.to(device=param.device, dtype=param.dtype if c.is_floating_point() else c.dtype) for c in tensors)
+
+    extra, train_extra = on_device(extra), on_device(train_extra)
     kernels, states = [], []
     for s in order:
         x_s = kept[s]
@@ -142,8 +175,8 @@ def retrieval_attribution(
         t_train = torch.full((n,), s, dtype=torch.long, device=param.device)
         z_train = noisy_input(scheduler, clean, noise, t_train)
         with eval_mode(model):  # as sampled (reverse_sample runs the model in eval mode)
-            kernels.append(state_kernel(model, (x_s, t_samples), (z_train, t_train), output_sketch=output_sketch,
-                                        seed=seed))
+            kernels.append(state_kernel(model, (x_s, t_samples, *extra), (z_train, t_train, *train_extra),
+                                        output_sketch=output_sketch, seed=seed))
         states.append(x_s.detach().cpu())
     kernel = torch.stack(kernels).cpu()  # [K, S, N]
     entropy = normalized_entropy(kernel)
@@ -153,3 +186,20 @@ def retrieval_attribution(
         stages=torch.tensor(order), states=torch.stack(states), samples=samples.detach().cpu(), kernel=kernel,
         entropy=entropy, top_indices=top.indices, top_share=top_share,
     )
+
+
+def _check_unconditional_call(model: nn.Module, train_data: torch.Tensor) -> None:
+    """Call ``model(x, t)`` on one training row (no gradient, eval mode): a conditional model fails
+    there in its own words ("missing argument", diffusers' "class_labels should be provided"), which
+    are kept, followed by the arguments that fix it."""
+    t = torch.zeros(1, dtype=torch.long, device=train_data.device)
+    try:
+        with torch.no_grad(), eval_mode(model):
+            model(train_data[:1], t)
+    except (TypeError, ValueError) as error:
+        kind = TypeError if isinstance(error, TypeError) else ValueError
+        raise kind(
+            f"{error} (retrieval_attribution called the model as model(x_t, t): a conditional model needs "
+            "conditioning= (one row per sample, e.g. the class labels to sample) and train_conditioning= (the "
+            "training inputs' own, one row per input))"
+        ) from error

@@ -29,7 +29,8 @@ Run from the repository root::
 ``OUT/genkernel_report.json`` (``analyzer.report()`` as strict JSON; with ``--use_ema`` its
 ``"ema"`` section is the ledger of the EMA weights) and the pipeline (``save_pretrained``).
 The analyzer refuses mixed precision (the ledger must reproduce each update exactly): train with
-``--mixed_precision no``, or use ``--no-analyze`` with fp16/bf16.
+``--mixed_precision no``, or use ``--no-analyze`` with fp16/bf16. (On CPU, accelerate runs fp16
+without autocast, so that run is float32 and analysed; bf16 on CPU is autocast and refused.)
 """
 
 from __future__ import annotations

@@ -204,7 +204,12 @@ class UpdateSplitter:
             # and direction are computed), and decoupled weight decay in the rest row.
             update = torch.mul(direction, preconditioner, out=full)
             if h.get("decoupled", False) and decay != 0:
-                update[self.rows] -= h["lr"] * decay * theta
+                # The optimizer multiplies θ by (1 − η λ) rounded to the parameter's dtype: in float32
+                # 1 − 1e-6 is 1 − 1.0133e-6, a decay 1.3 % larger than η λ (enough to fail the step's
+                # check on a weight near 1), and 1 − 1e-10 is 1, no decay at all. The rest row books
+                # the decay applied, 1 − fl(1 − η λ).
+                factor = torch.tensor(1.0 - float(h["lr"]) * decay, dtype=theta_before[name].dtype).item()
+                update[self.rows] -= (1.0 - factor) * theta
             updates[name] = update
         return updates
 
