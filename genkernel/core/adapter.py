@@ -505,6 +505,35 @@ def under_torch_func(t: torch.Tensor) -> bool:
     return bool(torch._C._functorch.is_functorch_wrapped_tensor(t))
 
 
+LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+def low_precision_in_graph(t: torch.Tensor) -> torch.dtype | None:
+    """The first float16/bfloat16 dtype found among the gradients that flow through ``t``'s
+    autograd graph (``Tensor[...]`` with a ``grad_fn``), or None.
+
+    A float32 loss can hide a mixed-precision forward: ``torch.autocast`` runs the matmuls and
+    convolutions in bfloat16/float16 and the loss (cross-entropy, MSE) back in float32, so neither
+    the loss's dtype nor the autocast state after the ``with`` block shows it; the graph does (each
+    node records the dtypes of the gradients it receives). Returns None where this torch keeps no
+    such record (``Node._input_metadata``)."""
+    stack, seen = [t.grad_fn], set()
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        try:
+            metadata = node._input_metadata
+        except (AttributeError, RuntimeError):
+            return None
+        for entry in metadata:
+            if getattr(entry, "dtype", None) in LOW_PRECISION:
+                return entry.dtype
+        stack.extend(child for child, _ in node.next_functions)
+    return None
+
+
 def targets_per_example(outputs: torch.Tensor, targets: Any, what: str) -> torch.Tensor:
     """``targets`` reshaped to ``outputs``' shape ``[B, ...]``; refuses targets with another batch
     size or another number of values per example, which a plain reshape or broadcast would pair

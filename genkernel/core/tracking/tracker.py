@@ -60,6 +60,7 @@ from ..adapter import (
     coupled_modules,
     has_state_outside_training,
     is_compiled,
+    low_precision_in_graph,
     positive_int,
     tf32_hazard,
     trainable_parameters,
@@ -279,6 +280,7 @@ class PathKernelTracker:
         check_deterministic(self.module, self.probes)
         self._has_state = has_state_outside_training(self.module)
         self._optimizer_params = {id(p) for group in optimizer.param_groups for p in group["params"]}
+        self._layout = {n: (p.dtype, p.device) for n, p in self.params.items()}  # model.double() / .to() is refused
         dtype = next(iter(self.params.values())).dtype
         self.rtol = CHECK_RTOL.get(dtype, 1e-3)
         with torch.no_grad(), analysis_mode(self.module):
@@ -455,6 +457,7 @@ class PathKernelTracker:
             if self.route.uses_graph():
                 box: dict[str, Any] = {}
                 losses = step.compute_gradients(lambda graph_losses: (
+                    self._check_precision(graph_losses),
                     box.update(grads=self.route.graph_gradients(graph_losses, ids, coefficients)), together.passed()))
                 with torch.no_grad():
                     gradients = self.route.from_graph(box["grads"], losses, step)
@@ -464,7 +467,8 @@ class PathKernelTracker:
                 recorded = TrainingCapture.idle() if is_compiled(step.model) else self.route.recording(step.inputs)
                 with recorded:  # stops recording before the backward
                     losses = step.compute_gradients(lambda graph_losses: (
-                        recorded.stop(graph_losses), self._check_separate_losses(graph_losses, step.outputs),
+                        recorded.stop(graph_losses), self._check_precision(graph_losses),
+                        self._check_separate_losses(graph_losses, step.outputs),
                         together.passed()))
                 with torch.no_grad(), analysis_mode(self.module), torch.enable_grad():
                     gradients = self.route.gradients(step, ids, coefficients.to(losses.device), recorded)
@@ -607,6 +611,7 @@ class PathKernelTracker:
         if weights is not None and (not isinstance(weights, torch.Tensor) or weights.shape != (batch,)):
             raise ValueError(f"weights must be a Tensor of shape [{batch}] (one c_n per example)")
         self._check_precision(losses)
+        self._check_parameters()  # a layer frozen or unfrozen, a model.double(), before the graph is read
         check_replicated(self.module, self.distributed)
         if not bool(torch.isfinite(losses).all()):
             bad = torch.nonzero(~torch.isfinite(losses)).flatten().tolist()
@@ -819,13 +824,18 @@ class PathKernelTracker:
         wrapped = hasattr(self.module, "_original_forward") or hasattr(self.model, "_original_forward")
         autocast = any(torch.is_autocast_enabled(device) for device in ("cpu", "cuda"))
         low = losses is not None and losses.dtype in (torch.float16, torch.bfloat16)
-        if wrapped or autocast or low:
+        # A float32 loss from a forward run under autocast (the loop's `with` block closed before
+        # observe(), or autocast inside the model's forward): the gradients pass through half precision.
+        hidden = None if (wrapped or autocast or low or losses is None) else low_precision_in_graph(losses)
+        if wrapped or autocast or low or hidden is not None:
             where = "the model's forward is wrapped in autocast (accelerate's mixed_precision)" if wrapped else (
-                "autocast is on" if autocast else f"the losses are {losses.dtype}")
+                "autocast is on" if autocast else f"the losses are {losses.dtype}" if low else
+                f"the losses' graph runs in {hidden}: the forward ran under torch.autocast or in half precision")
             raise RuntimeError(
                 f"mixed precision is not supported ({where}): the ledger must reproduce each update exactly. Track a "
-                "window in full precision: build the Accelerator with mixed_precision='no' (or run the tracked steps "
-                "outside torch.autocast, without a GradScaler), train the rest as you like"
+                "window in full precision: build the Accelerator with mixed_precision='no' (Lightning: "
+                "Trainer(precision='32-true')), or run the tracked steps outside torch.autocast (a GradScaler on "
+                "float32 training is followed); train the rest as you like"
             )
         tf32 = tf32_hazard(self.module)
         if tf32 is not None:
@@ -844,15 +854,7 @@ class PathKernelTracker:
         else:
             check_per_example_safe(self.module, route=f"group_state={self.group_state!r}")
         check_replicated(self.module, self.distributed)  # BatchNorm switched to training mode since binding
-        current = {name: p for name, p in self.module.named_parameters() if p.requires_grad}
-        if current.keys() != self.params.keys() or any(current[n] is not p for n, p in self.params.items()):
-            replaced = sorted(n for n in current.keys() | self.params.keys()
-                              if current.get(n) is not self.params.get(n))
-            raise RuntimeError(
-                f"the model's trainable parameters changed since the tracker was built ({replaced[:5]}: replaced by new "
-                "tensors, frozen or unfrozen): the optimizer and the ledger follow the old ones. Build the optimizer and "
-                "a new tracker for the model as it is now"
-            )
+        self._check_parameters()
         owned = {id(p) for group in self.optimizer.param_groups for p in group["params"]}
         if owned != self._optimizer_params:
             raise RuntimeError(
@@ -872,6 +874,28 @@ class PathKernelTracker:
         self._check_untouched()
         if self.ema is not None:
             self.ema.sync(self.ledger.steps)  # the EMA's update after the previous step
+
+    def _check_parameters(self) -> None:
+        """Refuse a model whose trainable parameters are no longer the ones tracked (replaced, frozen
+        or unfrozen) or moved to another dtype or device (``model.double()``, ``model.to(...)``) since
+        the tracker was built: the group state, the probes and the saved θ belong to the old ones."""
+        current = {name: p for name, p in self.module.named_parameters() if p.requires_grad}
+        if current.keys() != self.params.keys() or any(current[n] is not p for n, p in self.params.items()):
+            replaced = sorted(n for n in current.keys() | self.params.keys()
+                              if current.get(n) is not self.params.get(n))
+            raise RuntimeError(
+                f"the model's trainable parameters changed since the tracker was built ({replaced[:5]}: replaced by new "
+                "tensors, frozen or unfrozen): the optimizer and the ledger follow the old ones. Build the optimizer and "
+                "a new tracker for the model as it is now"
+            )
+        moved = [f"{n}: {self._layout[n][0]} on {self._layout[n][1]} -> {p.dtype} on {p.device}"
+                 for n, p in self.params.items() if (p.dtype, p.device) != self._layout[n]]
+        if moved:
+            raise RuntimeError(
+                f"the model's parameters changed dtype or device since the tracker was built ({moved[:3]}): the "
+                "probes, the ledger's outputs and the group state are in the old ones. Build a new tracker (and "
+                "the optimizer, whose state keeps the old dtype) after moving the model"
+            )
 
     def _save_state(self) -> dict[str, Any]:
         """What a rolled-back step restores: buffers and the optimizer's state (θ_k is saved by the caller)."""
@@ -1098,7 +1122,9 @@ class PathKernelTracker:
                         "Σ_n c_n ∇ℓ_n over the step's micro-batches (c_n = 1/B of its micro-batch unless observe() "
                         "was given weights=). A loss weighted otherwise (losses.sum() over micro-batches of unequal "
                         "sizes, per-example weights, an added term such as a penalty on the weights) cannot be split: "
-                        "pass the loss's own per-example coefficients to observe(losses, groups, weights=)")
+                        "pass the loss's own per-example coefficients to observe(losses, groups, weights=). Gradients "
+                        "changed elementwise after the backward (torch.nn.utils.clip_grad_value_, a gradient hook) "
+                        "are no scalar times that sum either: clip by the global norm (clip_grad_norm_) instead")
                     raise LedgerCheckError(
                         f"step {index}: the group gradients{where} of '{name}' do not add up to the real gradient "
                         f"(gap {gap:.3e}, scale {scales[name]:.3e}){hint}"
