@@ -80,7 +80,7 @@ def test_classification_kernels_smoke_digits(tmp_path):
     assert c["value"] == pytest.approx(np.mean(np.subtract(res["block_auc_final"], res["block_auc_init"])))
     assert c["baseline"]["value"] == pytest.approx(np.mean(res["block_auc_init"])) and len(res["block_auc_init"]) == 2
     assert all(0.0 <= v <= 1.0 for v in res["block_auc_init"] + res["block_auc_final"])
-    assert c["held"] == (c["interval"][0] > 0)
+    assert c["held"] == (c["interval"][0] > 0 and c["beyond_null_interval"][0] > 0)
     assert 0.0 <= res["probe_accuracy"] <= 1.0
 
 

@@ -41,11 +41,18 @@ def stage_neighborhoods(model, anchors, points, labels, k):
     return idx, label_purity(idx, labels)
 
 
-def replicate(seed: int, settings: dict, device, dtype) -> dict:
+def replicate(seed: int, settings: dict, device, dtype, *, random_labels: bool = False) -> dict:
     """One more independent run (data, initialization, batch order from ``seed``), without the
-    ledger: mean purity over random anchors under k̂ at θ₀ and θ_T and under Euclidean distance."""
+    ledger: mean purity over random anchors under k̂ at θ₀ and θ_T and under Euclidean distance.
+
+    ``random_labels=True``: the null model, the same run trained on randomly permuted labels (purity
+    is still measured against the true labels)."""
     points, labels = circle_task(settings["n_train"], seed=seed)
     points, labels = points.to(device, dtype), labels.to(device, dtype)
+    targets = labels
+    if random_labels:
+        order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed + 7919))
+        targets = labels[order.to(labels.device)]
     torch.manual_seed(seed)
     model = mlp(2, [settings["hidden"]] * 2, 1, act="tanh").to(device, dtype)
     gen = torch.Generator().manual_seed(seed + 1)
@@ -54,7 +61,7 @@ def replicate(seed: int, settings: dict, device, dtype) -> dict:
     init = stage_neighborhoods(model, anchors, points, labels, k)[1]
     optimizer = torch.optim.SGD(model.parameters(), lr=settings["lr"])
     SupervisedTrainer(model, optimizer, mse_loss, batch_size=settings["batch"], seed=seed).fit(
-        points, labels[:, None], steps=settings["steps"])
+        points, targets[:, None], steps=settings["steps"])
     end = stage_neighborhoods(model, anchors, points, labels, k)[1]
     euclid = label_purity(euclidean_neighbors(anchors, points, k), labels)
     return {"seed": seed, "kernel_init": float(init.mean()), "kernel_end": float(end.mean()), "euclidean": float(euclid.mean())}

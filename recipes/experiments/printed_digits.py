@@ -13,7 +13,9 @@ Steps:
      different-digit pair; scale-free) and, beside it, the absolute same-minus-different gap.
   4. Claims (Student t over independent training runs, ``seeds``): printed digits are recognised
      above chance (0.1; the untrained network is the baseline); training raises the cross-domain
-     block AUC (θ_T − θ₀).
+     block AUC (θ_T − θ₀), and more than the null model does: the same network (same
+     initialization and batch order) trained on randomly permuted labels, whose cross-domain block
+     AUC rises too (by about 0.03 against 0.04 with the true labels, quick settings).
 """
 
 from __future__ import annotations
@@ -28,7 +30,8 @@ from genkernel.plotting.figures import plot_printed_digits
 from genkernel.stats import proportion_interval
 from genkernel.supervised import SmallConvNet, SupervisedTrainer, cross_entropy_loss
 
-from ..common import Timer, baseline, claim, finish, make_parser, over_seeds, parse, pick
+from ..common import Timer, baseline, claim, finish, make_parser, parse, pick
+from .classification_kernels import block_rise_claim, permuted_labels
 
 NAME = "printed_digits"
 
@@ -42,9 +45,13 @@ def interleave(hand: torch.Tensor, printed: torch.Tensor, per_class: int) -> tor
 
 
 def train_once(seed, s, x_train, y_train, x_k, x_hand, y_hand, x_print, y_print, digit, hand_rows, print_cols,
-               device) -> dict:
+               device, *, random_labels: bool = False) -> dict:
     """One training run from ``seed`` (initialization and batch order): k̂ over the interleaved
-    images at θ_0 and θ_T, the cross-domain block AUCs and gaps, accuracies and the confusion."""
+    images at θ_0 and θ_T, the cross-domain block AUCs and gaps, accuracies and the confusion.
+
+    ``random_labels=True``: the null model, the same network and batch order trained on randomly
+    permuted ``y_train`` (:func:`~recipes.experiments.classification_kernels.permuted_labels`);
+    the kernel's blocks are still scored by the true digits."""
     torch.manual_seed(seed)
     model = SmallConvNet(1, 10, size=16, width=s["width"]).to(device)
     k_init = gradient_kernel(model, x_k, normalize=True).cpu()
@@ -52,7 +59,8 @@ def train_once(seed, s, x_train, y_train, x_k, x_hand, y_hand, x_print, y_print,
         accuracy_init = float((model(x_print.to(device)).argmax(1).cpu() == y_print).double().mean())
     trainer = SupervisedTrainer(model, torch.optim.Adam(model.parameters(), lr=s["lr"]), cross_entropy_loss,
                                 batch_size=min(s["batch"], len(x_train)), seed=seed)
-    history = trainer.fit(x_train.to(device), y_train.to(device), steps=s["steps"])
+    targets = permuted_labels(y_train, seed) if random_labels else y_train
+    history = trainer.fit(x_train.to(device), targets.to(device), steps=s["steps"])
     k_final = gradient_kernel(model, x_k, normalize=True).cpu()
     with torch.no_grad():
         pred_print = model(x_print.to(device)).argmax(1).cpu()
@@ -65,6 +73,7 @@ def train_once(seed, s, x_train, y_train, x_k, x_hand, y_hand, x_print, y_print,
 
     correct = int((pred_print == y_print).sum())
     return {
+        "seed": seed, "random_labels": random_labels,
         "k_init": k_init, "k_final": k_final, "history": history, "confusion": confusion, "correct": correct,
         "accuracy": correct / len(y_print), "accuracy_init": accuracy_init,
         "hand_accuracy": float((pred_hand == y_hand).double().mean()),
@@ -73,13 +82,22 @@ def train_once(seed, s, x_train, y_train, x_k, x_hand, y_hand, x_print, y_print,
     }
 
 
-def claims_from_runs(runs: list[dict], num_printed: int) -> dict:
-    """The two claims from the runs (one per seed, :func:`train_once`) on ``num_printed`` printed images."""
+def claims_from_runs(runs: list[dict], num_printed: int, nulls: list[dict] | None = None) -> dict:
+    """The two claims from the runs (one per seed, :func:`train_once`) on ``num_printed`` printed
+    images, and the random-label null model's runs (``random_labels=True``, the same seeds in the
+    same order), paired by seed. The block claim is held when the cross-domain block AUC's rise
+    lies above 0 and above the null model's rise; without ``nulls`` it is not measured."""
     # every seed's network on the same printed images: a Wilson interval per seed (the images' sampling
     # error); the claim holds when every seed's interval lies above chance (the envelope's low end).
     wilson = [proportion_interval(r["correct"], num_printed) for r in runs]
     envelope = (min(w.low for w in wilson), max(w.high for w in wilson))
-    change = over_seeds([r["auc_final"].auc - r["auc_init"].auc for r in runs])
+    block_statement = ("training raises the handwritten×printed block AUC of k̂ (a same-digit pair more similar than a "
+                       "different-digit pair; scale-free), θ_T − θ₀, and more than for the same network (same "
+                       "initialization and batch order) trained on randomly permuted labels (paired by seed; "
+                       "Student t over seeds)")
+    blocks = block_rise_claim(block_statement, runs, nulls, statistic="hand×printed block AUC of k̂, θ_T − θ₀",
+                              why="the random-label null model was not run: a network trained on random labels raises "
+                                  "the cross-domain block AUC too")
     return {
         "printed_recognised_above_chance": claim(
             "the network trained on handwritten digits classifies printed digits above chance: every seed's Wilson "
@@ -89,15 +107,7 @@ def claims_from_runs(runs: list[dict], num_printed: int) -> dict:
             baseline=baseline(float(np.mean([r["accuracy_init"] for r in runs])), "θ₀: the untrained network's accuracy"),
             method="wilson per seed, envelope", n=num_printed,
         ),
-        "cross_domain_digit_blocks_sharpen": claim(
-            "training raises the handwritten×printed block AUC of k̂ (a same-digit pair more similar than a "
-            "different-digit pair; scale-free), θ_T − θ₀ (Student t over seeds)",
-            change.above(0), change.estimate, change,
-            statistic="hand×printed block AUC of k̂, θ_T − θ₀",
-            baseline=baseline(float(np.mean([r["auc_init"].auc for r in runs])), "θ₀: block AUC before training"),
-            at_theta_T=float(np.mean([r["auc_final"].auc for r in runs])),
-            gap_init=runs[0]["gap_init"].gap, gap_final=runs[0]["gap_final"].gap,
-        ),
+        "cross_domain_digit_blocks_sharpen": blocks,
     }
 
 
@@ -126,6 +136,9 @@ def main(argv=None) -> dict:
     hand_rows, print_cols = domain == 0, domain == 1
     runs = [train_once(args.seed + r, s, x_train, y_train, x_k, x_hand, y_hand, x_print, y_print, digit, hand_rows,
                        print_cols, device) for r in range(s["seeds"])]
+    nulls = [train_once(args.seed + r, s, x_train, y_train, x_k, x_hand, y_hand, x_print, y_print, digit, hand_rows,
+                        print_cols, device, random_labels=True)
+             for r in range(s["seeds"])]  # the null model: the same runs on randomly permuted labels
     first = runs[0]
     # 3. Numbers (figure, confusion and per-digit values: seed 0; the claims rest on every seed).
     confusion = first["confusion"]
@@ -141,6 +154,8 @@ def main(argv=None) -> dict:
         "confusion": confusion,
         "cross_domain_auc_init": [r["auc_init"].auc for r in runs],
         "cross_domain_auc_final": [r["auc_final"].auc for r in runs],
+        "cross_domain_auc_final_random_labels": [n["auc_final"].auc for n in nulls],
+        "printed_accuracy_random_labels_per_seed": [n["accuracy"] for n in nulls],
         "cross_domain_per_digit_auc_init": first["auc_init"].per_class,
         "cross_domain_per_digit_auc_final": first["auc_final"].per_class,
         "cross_domain_gap_init": before.gap, "cross_domain_gap_final": after.gap,
@@ -149,7 +164,7 @@ def main(argv=None) -> dict:
         "final_train_loss": first["history"][-1] if first["history"] else None,
         "seeds": [args.seed + r for r in range(s["seeds"])],
     }
-    claims = claims_from_runs(runs, len(y_print))  # 4. Claims.
+    claims = claims_from_runs(runs, len(y_print), nulls)  # 4. Claims (the block claim against the random-label null).
     examples = np.stack([x_hand[::pc, 0].numpy(), x_print[::pc, 0].numpy()])
     fig = plot_printed_digits(first["k_init"], first["k_final"], confusion, pc, examples, accuracy=first["accuracy"],
                               gaps={"init": before.gap, "final": after.gap},

@@ -27,11 +27,17 @@ NAME = "regression_kernels"
 R2_LEVEL = {"sin": 0.95, "square": 0.8}  # the fit claims' thresholds (square waves have jumps)
 
 
-def run_one(kind: str, seed: int, s: dict, device) -> dict:
-    """Trains one MLP on ``kind`` from ``seed``; returns its data, predictions, final kernel, R², losses and alignments."""
+def run_one(kind: str, seed: int, s: dict, device, *, random_targets: bool = False) -> dict:
+    """Trains one MLP on ``kind`` from ``seed``; returns its data, predictions, final kernel, R², losses and alignments.
+
+    ``random_targets=True``: the null model, the same run trained on the targets in a random order
+    (R² and the alignments are still measured against the true targets)."""
     x, y = regression_1d(kind, s["n_train"], seed=seed)
+    targets = y
+    if random_targets:
+        targets = y[torch.randperm(len(y), generator=torch.Generator().manual_seed(seed + 7919))]
     x_test, y_test = regression_1d(kind, s["n_test"], grid=True)
-    x, y, x_test = x.to(device), y.to(device), x_test.to(device)
+    x, y, x_test, targets = x.to(device), y.to(device), x_test.to(device), targets.to(device)
     torch.manual_seed(seed)
     model = mlp(1, [s["width"]] * 2, 1, act="tanh").to(device)
     k_init = gradient_kernel(model, x, normalize=True)
@@ -39,7 +45,7 @@ def run_one(kind: str, seed: int, s: dict, device) -> dict:
         pred_init = model(x_test).cpu()
     optimizer = torch.optim.Adam(model.parameters(), lr=s["lr"])
     trainer = SupervisedTrainer(model, optimizer, mse_loss, batch_size=s["n_train"], seed=seed)
-    history = trainer.fit(x, y, steps=s["steps"])
+    history = trainer.fit(x, targets, steps=s["steps"])
     k_final = gradient_kernel(model, x, normalize=True)
     with torch.no_grad():
         pred = model(x_test).cpu()
