@@ -182,6 +182,16 @@ class Timer:
         return time.perf_counter() - self.start
 
 
+NULL_SEED_OFFSET = 7919  # a null model's permutation of seed s is drawn from s + this (not the batch order's seed)
+
+
+def permuted_labels(y: torch.Tensor, seed: int) -> torch.Tensor:
+    """``y`` in a random order drawn from ``seed``: the random-label (or shuffled-target) null
+    model's training targets, the same values and class sizes with no relation to the inputs."""
+    order = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed + NULL_SEED_OFFSET))
+    return y[order.to(y.device)]
+
+
 def write_json(path: Path, payload: Any, *, indent: int | None = None) -> None:
     """``payload`` as strict JSON (no NaN) at ``path``, atomically: a temporary file beside it, then a
     rename, so an interrupted run leaves the previous file or none, never a truncated one that a

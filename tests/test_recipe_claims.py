@@ -277,7 +277,7 @@ def test_regression_claims_are_not_held_by_a_network_trained_on_shuffled_targets
 def test_embedding_claims_are_not_held_by_a_network_trained_on_random_labels():
     from genkernel.data import load_digits_images
     from recipes.experiments import tangent_embedding as recipe
-    from recipes.experiments.classification_kernels import permuted_labels
+    from recipes.common import permuted_labels
 
     s = dict(width=8, steps=150, batch=64, lr=2e-3)
     x_train, y_train = load_digits_images(size=16, classes=recipe.SEEN, split="train", seed=0)

@@ -49,10 +49,7 @@ def replicate(seed: int, settings: dict, device, dtype, *, random_labels: bool =
     is still measured against the true labels)."""
     points, labels = circle_task(settings["n_train"], seed=seed)
     points, labels = points.to(device, dtype), labels.to(device, dtype)
-    targets = labels
-    if random_labels:
-        order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed + 7919))
-        targets = labels[order.to(labels.device)]
+    targets = common.permuted_labels(labels, seed) if random_labels else labels
     torch.manual_seed(seed)
     model = mlp(2, [settings["hidden"]] * 2, 1, act="tanh").to(device, dtype)
     gen = torch.Generator().manual_seed(seed + 1)

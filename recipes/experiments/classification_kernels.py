@@ -32,26 +32,16 @@ from genkernel.data import load_image_dataset
 from genkernel.plotting.figures import plot_class_kernels
 from genkernel.supervised import SmallConvNet, SupervisedTrainer, cross_entropy_loss
 
-from ..common import Timer, baseline, claim, finish, make_parser, over_seeds, parse, pick
+from ..common import Timer, baseline, claim, finish, make_parser, over_seeds, parse, permuted_labels, pick
 
 NAME = "classification_kernels"
 DATASETS = ("digits", "mnist", "cifar10")
-NULL_SEED_OFFSET = 7919  # the random-label permutation of seed s is drawn from s + this (not the batch order's seed)
-
-
-def permuted_labels(y: torch.Tensor, seed: int) -> torch.Tensor:
-    """``y`` in a random order drawn from ``seed`` (the random-label null model's training labels:
-    the same classes and class sizes, no relation to the images)."""
-    order = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed + NULL_SEED_OFFSET))
-    return y[order.to(y.device)]
-
-
 def train_once(seed, s, x_train, y_train, x_probe, y_probe, labels, device, *, random_labels: bool = False) -> dict:
     """One training run from ``seed`` (initialization and batch order): k̂ over the probe images at
     θ_0 and θ_T, their block AUCs and gaps, the probe accuracy and the loss history.
 
     ``random_labels=True``: the null model, the same network and batch order trained on
-    :func:`permuted_labels` of ``y_train``; ``labels`` (the probes' true classes) still score the blocks."""
+    :func:`~recipes.common.permuted_labels` of ``y_train``; ``labels`` (the probes' true classes) still score the blocks."""
     torch.manual_seed(seed)
     model = SmallConvNet(x_train.shape[1], 10, size=s["size"], width=s["width"]).to(device)
     k_init = gradient_kernel(model, x_probe, normalize=True).cpu()

@@ -30,8 +30,8 @@ from genkernel.plotting.figures import plot_printed_digits
 from genkernel.stats import proportion_interval
 from genkernel.supervised import SmallConvNet, SupervisedTrainer, cross_entropy_loss
 
-from ..common import Timer, baseline, claim, finish, make_parser, parse, pick
-from .classification_kernels import block_rise_claim, permuted_labels
+from ..common import Timer, baseline, claim, finish, make_parser, parse, permuted_labels, pick
+from .classification_kernels import block_rise_claim
 
 NAME = "printed_digits"
 
@@ -50,7 +50,7 @@ def train_once(seed, s, x_train, y_train, x_k, x_hand, y_hand, x_print, y_print,
     images at θ_0 and θ_T, the cross-domain block AUCs and gaps, accuracies and the confusion.
 
     ``random_labels=True``: the null model, the same network and batch order trained on randomly
-    permuted ``y_train`` (:func:`~recipes.experiments.classification_kernels.permuted_labels`);
+    permuted ``y_train`` (:func:`~recipes.common.permuted_labels`);
     the kernel's blocks are still scored by the true digits."""
     torch.manual_seed(seed)
     model = SmallConvNet(1, 10, size=16, width=s["width"]).to(device)

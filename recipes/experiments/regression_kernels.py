@@ -21,7 +21,7 @@ from genkernel.plotting.figures import plot_regression_kernels
 from genkernel.stats import mean_interval
 from genkernel.supervised import SupervisedTrainer, mlp, mse_loss
 
-from ..common import Timer, baseline, claim, finish, make_parser, parse, pick
+from ..common import Timer, baseline, claim, finish, make_parser, parse, permuted_labels, pick
 
 NAME = "regression_kernels"
 R2_LEVEL = {"sin": 0.95, "square": 0.8}  # the fit claims' thresholds (square waves have jumps)
@@ -33,9 +33,7 @@ def run_one(kind: str, seed: int, s: dict, device, *, random_targets: bool = Fal
     ``random_targets=True``: the null model, the same run trained on the targets in a random order
     (R² and the alignments are still measured against the true targets)."""
     x, y = regression_1d(kind, s["n_train"], seed=seed)
-    targets = y
-    if random_targets:
-        targets = y[torch.randperm(len(y), generator=torch.Generator().manual_seed(seed + 7919))]
+    targets = permuted_labels(y, seed) if random_targets else y
     x_test, y_test = regression_1d(kind, s["n_test"], grid=True)
     x, y, x_test, targets = x.to(device), y.to(device), x_test.to(device), targets.to(device)
     torch.manual_seed(seed)
