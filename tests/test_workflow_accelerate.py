@@ -123,8 +123,7 @@ def test_float32_adamw_with_default_weight_decay_is_not_refused_for_its_own_deca
     # near 1): PyTorch multiplies θ by (1 − η λ) rounded to float32 (1 − 1e-6 becomes 1 − 1.0133e-6), while
     # the split booked −η λ θ in the rest row; the 3e-8 |θ| difference plus the step's own roundings
     # exceeded the one-ulp allowance and the step was refused ("was the optimizer's state or
-    # hyperparameters changed ...?"). Needs the patch to genkernel/core/tracking/splitters.py
-    # (the decoupled decay as 1 − fl(1 − η λ) in the parameter's dtype).
+    # hyperparameters changed ...?"). The splitter now books the decay applied, 1 − fl(1 − η λ).
     from genkernel import PathKernelTracker
 
     class Scale(torch.nn.Module):
