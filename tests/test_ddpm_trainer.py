@@ -273,3 +273,26 @@ def test_a_checkpoint_of_another_noise_schedule_is_refused(tmp_path, other):
     assert all(torch.equal(p, q) for p, q in zip(before, resumed.model.parameters()))
     same = DDPMTrainer(small_mlp(), make_scheduler(T), ring(16), batch_size=8, progress=False)
     assert same.resume(path) and same.global_step == 1
+
+
+def test_settings_for_a_named_optimizer_beside_an_optimizer_object_are_refused():
+    """``lr=`` beside an optimizer object was ignored silently (the object keeps its own lr): a run
+    the user asked for at 1e-4 trained at the optimizer's 1e-3. Refused, naming the fix; an object
+    alone, or a named optimizer with its settings, is accepted."""
+    import pytest
+    import torch
+
+    from genkernel.diffusion import DDPMTrainer, MLPDenoiser, make_scheduler
+
+    model = MLPDenoiser(2, hidden=8, depth=1)
+    data = torch.randn(16, 2)
+    with pytest.raises(ValueError, match=r"\['lr'\] are for a named optimizer.*keeps its own settings"):
+        DDPMTrainer(model, make_scheduler(10), data, optimizer=torch.optim.Adam(model.parameters()), lr=1e-4,
+                    progress=False)
+    with pytest.raises(ValueError, match=r"\['weight_decay', 'momentum'\]"):
+        DDPMTrainer(model, make_scheduler(10), data, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+                    weight_decay=0.1, momentum=0.9, progress=False)
+    own = torch.optim.Adam(model.parameters(), lr=1e-4)
+    assert DDPMTrainer(model, make_scheduler(10), data, optimizer=own, progress=False).optimizer is own
+    named = DDPMTrainer(model, make_scheduler(10), data, optimizer="adamw", lr=1e-4, weight_decay=0.1, progress=False)
+    assert named.optimizer.param_groups[0]["lr"] == 1e-4 and named.optimizer.param_groups[0]["weight_decay"] == 0.1

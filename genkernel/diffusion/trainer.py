@@ -167,7 +167,8 @@ class DDPMTrainer:
             needs labels.
         shuffle: Tensor data: a fresh permutation every epoch (default), or the data's own order.
         optimizer: "adam" (default), "adamw", "sgd", or a ``torch.optim.Optimizer`` over ``model``.
-        lr, weight_decay, momentum: for a named optimizer.
+        lr, weight_decay, momentum: for a named optimizer (refused beside an optimizer object, which
+            keeps its own).
         batch_size: examples per step of Tensor data (default 128, capped at N); a DataLoader batches itself.
         max_grad_norm: global-norm gradient clipping (inf: none).
         seed: seeds the trainer's own generator (timesteps, noise, the order of Tensor data) and
@@ -223,9 +224,19 @@ class DDPMTrainer:
             self._init_tensor_data(data, labels, batch_size)
         else:
             self._init_iterable_data(data, labels, batch_size)
-        self.optimizer = optimizer if isinstance(optimizer, torch.optim.Optimizer) else make_optimizer(
-            model, optimizer, lr, weight_decay=weight_decay, momentum=momentum
-        )
+        if isinstance(optimizer, torch.optim.Optimizer):
+            # The optimizer keeps its own settings: values given beside it would be ignored silently.
+            settings = {"lr": (lr, 1e-3), "weight_decay": (weight_decay, 0.0), "momentum": (momentum, 0.0)}
+            given = [name for name, (value, default) in settings.items() if value != default]
+            if given:
+                raise ValueError(
+                    f"{given} are for a named optimizer ('adam', 'adamw', 'sgd'); the "
+                    f"{type(optimizer).__name__} passed keeps its own settings. Build it with them "
+                    f"(e.g. torch.optim.AdamW(model.parameters(), lr=...)) and drop {given} here"
+                )
+            self.optimizer = optimizer
+        else:
+            self.optimizer = make_optimizer(model, optimizer, lr, weight_decay=weight_decay, momentum=momentum)
         self.max_grad_norm = max_grad_norm
         self.seed = seed
         self.callbacks: list[TrainerCallback] = list(callbacks)
