@@ -108,19 +108,12 @@ def test_class_block_claim_on_an_untrained_network():
 
 
 def test_printed_digit_claims_on_an_untrained_network():
-    from genkernel.data import load_digits_images, render_printed_digits
     from recipes.experiments import printed_digits as recipe
 
-    pc = 5
     s = dict(width=4, steps=0, batch=8, lr=2e-3)
-    x_train, y_train = load_digits_images(size=16, split="train", seed=0)
-    x_hand, y_hand = load_digits_images(size=16, per_class=pc, split="test", seed=0)
-    x_print, y_print = render_printed_digits(size=16, per_digit=pc, seed=0)
-    x_k, digit = recipe.interleave(x_hand, x_print, pc), recipe.interleave(y_hand, y_print, pc)
-    domain = torch.arange(20).remainder(2).repeat_interleave(pc)
-    runs = [recipe.train_once(seed, s, x_train[:40], y_train[:40], x_k, x_hand, y_hand, x_print, y_print, digit,
-                              domain == 0, domain == 1, "cpu") for seed in (0, 1)]
-    claims = recipe.claims_from_runs(runs, len(y_print))
+    x_train, y_train, images = recipe.load_data(5, 0, train_limit=40)
+    runs = [recipe.train_once(seed, s, x_train, y_train, *images, "cpu") for seed in (0, 1)]
+    claims = recipe.claims_from_runs(runs, len(images.y_print))
     assert not_held(claims["printed_recognised_above_chance"]), claims["printed_recognised_above_chance"]
     assert claims["cross_domain_digit_blocks_sharpen"]["value"] == 0.0
     assert not_held(claims["cross_domain_digit_blocks_sharpen"])

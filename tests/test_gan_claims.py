@@ -25,12 +25,7 @@ CENTERS = ring_mode_centers(8, 2.0)
 FINDINGS = ("distribution_guided", "kernel_smoothing_matters", "own_mode_coupling_traffic", "own_mode_coupling_net")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: one torch thread for the module
 
 
 def hashed(z: torch.Tensor, groups: int = 4) -> torch.Tensor:
@@ -86,7 +81,6 @@ SEEDS = (0, 1, 2)
 @pytest.fixture(scope="module")
 def seeded() -> dict[str, list[dict]]:
     """Three seeds of each kind: the findings about the steps rest on seeds, not on one run's steps."""
-    torch.set_num_threads(1)
     return {kind: [tiny_run(kind, seed=seed) for seed in SEEDS] for kind in ("gan", "null", "gated")}
 
 

@@ -20,6 +20,8 @@ from recipes import common
 from recipes.benchmarks import kernels, scale
 from recipes.benchmarks.harness import write_outputs
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: one torch thread for the module
+
 
 def strict_json(text: str):
     def refuse(token):
@@ -150,14 +152,6 @@ def test_the_sgd_time_claim_needs_the_tracked_step_to_train_as_the_bare_one():
 # permuted labels, plain SGD with a scalar step in Adam's place, ...) and asserts "not held".
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_class_blocks_claim_is_not_held_by_a_network_trained_on_random_labels():
     """Training on random labels raises the true-class block AUC of k̂ too: at the quick settings
     (3 seeds) by 0.020 [0.014, 0.026] against 0.025 with the true labels, so the rise-only rule
@@ -187,23 +181,16 @@ def test_cross_domain_block_claim_is_judged_against_the_random_label_null_model(
     """The same null model for the printed-digit recipe (quick settings: random labels raise the
     cross-domain block AUC by 0.027 against 0.044 with the true labels): the null model judged
     against itself is not held, and the random-label network recognises printed digits at chance."""
-    from genkernel.data import load_digits_images, render_printed_digits
     from recipes.experiments import printed_digits as recipe
 
-    pc = 4
     s = dict(width=8, steps=150, batch=64, lr=2e-3)
-    x_train, y_train = load_digits_images(size=16, split="train", seed=0)
-    x_hand, y_hand = load_digits_images(size=16, per_class=pc, split="test", seed=0)
-    x_print, y_print = render_printed_digits(size=16, per_digit=pc, seed=0)
-    x_k, digit = recipe.interleave(x_hand, x_print, pc), recipe.interleave(y_hand, y_print, pc)
-    domain = torch.arange(20).remainder(2).repeat_interleave(pc)
-    args = (x_k, x_hand, y_hand, x_print, y_print, digit, domain == 0, domain == 1, "cpu")
-    nulls = [recipe.train_once(seed, s, x_train, y_train, *args, random_labels=True) for seed in (0, 1)]
-    claims = recipe.claims_from_runs(nulls, len(y_print), nulls)
+    x_train, y_train, images = recipe.load_data(4, 0)
+    nulls = [recipe.train_once(seed, s, x_train, y_train, *images, "cpu", random_labels=True) for seed in (0, 1)]
+    claims = recipe.claims_from_runs(nulls, len(images.y_print), nulls)
     c = claims["cross_domain_digit_blocks_sharpen"]
     assert c["held"] is False and c["beyond_null"] == 0.0 and "random labels" in c["baseline"]["what"]
     assert claims["printed_recognised_above_chance"]["held"] is False
-    alone = recipe.claims_from_runs(nulls, len(y_print))["cross_domain_digit_blocks_sharpen"]
+    alone = recipe.claims_from_runs(nulls, len(images.y_print))["cross_domain_digit_blocks_sharpen"]
     assert alone["measured"] is False and alone["held"] is None
 
 

@@ -20,6 +20,8 @@ Steps:
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import numpy as np
 import torch
 
@@ -42,6 +44,36 @@ def interleave(hand: torch.Tensor, printed: torch.Tensor, per_class: int) -> tor
     for k in range(10):
         blocks += [hand[k * per_class:(k + 1) * per_class], printed[k * per_class:(k + 1) * per_class]]
     return torch.cat(blocks)
+
+
+class KernelImages(NamedTuple):
+    """What :func:`train_once` takes after the training data, in its order: the interleaved kernel
+    images ``x_k``, the handwritten and printed test digits with their labels, the interleaved
+    digits, and the masks of the handwritten rows and printed columns of ``x_k``."""
+
+    x_k: torch.Tensor
+    x_hand: torch.Tensor
+    y_hand: torch.Tensor
+    x_print: torch.Tensor
+    y_print: torch.Tensor
+    digit: torch.Tensor
+    hand_rows: torch.Tensor
+    print_cols: torch.Tensor
+
+
+def load_data(per_class: int, seed: int, *, train_limit: int | None = None,
+              device="cpu") -> tuple[torch.Tensor, torch.Tensor, KernelImages]:
+    """``(x_train, y_train, images)``: the handwritten training digits (the first ``train_limit``)
+    and the :class:`KernelImages` of ``per_class`` test digits each (``x_k`` on ``device``)."""
+    x_train, y_train = load_digits_images(size=16, split="train", seed=seed)
+    if train_limit:
+        x_train, y_train = x_train[:train_limit], y_train[:train_limit]
+    x_hand, y_hand = load_digits_images(size=16, per_class=per_class, split="test", seed=seed)
+    x_print, y_print = render_printed_digits(size=16, per_digit=per_class, seed=seed)
+    x_k = interleave(x_hand, x_print, per_class).to(device)
+    digit = interleave(y_hand, y_print, per_class)
+    domain = torch.arange(20).remainder(2).repeat_interleave(per_class)  # 0 = handwritten, 1 = printed
+    return x_train, y_train, KernelImages(x_k, x_hand, y_hand, x_print, y_print, digit, domain == 0, domain == 1)
 
 
 def train_once(seed, s, x_train, y_train, x_k, x_hand, y_hand, x_print, y_print, digit, hand_rows, print_cols,
@@ -123,21 +155,11 @@ def main(argv=None) -> dict:
     )
     device = args.torch_device
     pc = s["per_class"]
-    # 1. Data.
-    x_train, y_train = load_digits_images(size=16, split="train", seed=args.seed)
-    if s["train_limit"]:
-        x_train, y_train = x_train[: s["train_limit"]], y_train[: s["train_limit"]]
-    x_hand, y_hand = load_digits_images(size=16, per_class=pc, split="test", seed=args.seed)
-    x_print, y_print = render_printed_digits(size=16, per_digit=pc, seed=args.seed)
-    # 2. Interleaved kernel images; domain 0 = handwritten, 1 = printed.
-    x_k = interleave(x_hand, x_print, pc).to(device)
-    digit = interleave(y_hand, y_print, pc)
-    domain = torch.arange(20).remainder(2).repeat_interleave(pc)
-    hand_rows, print_cols = domain == 0, domain == 1
-    runs = [train_once(args.seed + r, s, x_train, y_train, x_k, x_hand, y_hand, x_print, y_print, digit, hand_rows,
-                       print_cols, device) for r in range(s["seeds"])]
-    nulls = [train_once(args.seed + r, s, x_train, y_train, x_k, x_hand, y_hand, x_print, y_print, digit, hand_rows,
-                        print_cols, device, random_labels=True)
+    # 1.-2. Data and the interleaved kernel images.
+    x_train, y_train, images = load_data(pc, args.seed, train_limit=s["train_limit"], device=device)
+    x_hand, x_print, y_print = images.x_hand, images.x_print, images.y_print
+    runs = [train_once(args.seed + r, s, x_train, y_train, *images, device) for r in range(s["seeds"])]
+    nulls = [train_once(args.seed + r, s, x_train, y_train, *images, device, random_labels=True)
              for r in range(s["seeds"])]  # the null model: the same runs on randomly permuted labels
     first = runs[0]
     # 3. Numbers (figure, confusion and per-digit values: seed 0; the claims rest on every seed).
