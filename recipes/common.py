@@ -273,6 +273,34 @@ SAMPLE_NOISE_LIMIT = 0.5  # samples count as noise when they sit at least half-w
 # the training set to the training inputs' distance to one another (sample_quality)
 
 
+def recipe_seeds(args: argparse.Namespace, settings: dict) -> list[int]:
+    """The independent runs a multi-seed recipe makes: ``--seeds``, else the mode's number of seeds
+    (``settings["seeds"]``) from ``--seed`` on (claims about training rest on seeds, not on one
+    run's own units)."""
+    return list(args.seeds or [args.seed + k for k in range(settings["seeds"])])
+
+
+def add_seed_arguments(parser: argparse.ArgumentParser) -> None:
+    """Adds ``--seeds``, ``--runs-dir`` and ``--aggregate`` (:func:`recipe_seeds`, :func:`runs_folder`);
+    returns nothing."""
+    parser.add_argument("--seeds", type=int, nargs="+", default=None,
+                        help="independent runs, one per seed (default: the mode's number of seeds from --seed on); "
+                             "claims rest on the seeds")
+    parser.add_argument("--runs-dir", default=None,
+                        help="folder for one JSON per seed (default OUT/NAME_runs when several --seeds or --aggregate)")
+    parser.add_argument("--aggregate", action="store_true",
+                        help="run nothing: aggregate the per-seed JSON files in --runs-dir into OUT/NAME.json and the figures")
+
+
+def runs_folder(name: str, args: argparse.Namespace) -> str | None:
+    """Where a multi-seed recipe writes one JSON per seed: ``--runs-dir``, else ``OUT/NAME_runs``
+    when several ``--seeds`` are named or for ``--aggregate``; None: no files (the mode's default
+    seeds are kept in memory only)."""
+    if args.runs_dir or not ((args.seeds and len(args.seeds) > 1) or args.aggregate):
+        return args.runs_dir
+    return str(Path(args.out_dir) / f"{name}_runs")
+
+
 def add_diffusion_arguments(parser: argparse.ArgumentParser) -> None:
     """Adds the options the diffusion recipes share (defaults: the mode's settings); returns nothing."""
     parser.add_argument("--prediction-type", default="epsilon", choices=["epsilon", "v_prediction", "sample"])
@@ -282,12 +310,7 @@ def add_diffusion_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--controls", type=int, default=None, help="permutation control partitions (default: the mode's)")
     parser.add_argument("--warmup-steps", type=int, default=None, help="untracked steps before the window (default: the mode's)")
     parser.add_argument("--window-steps", type=int, default=None, help="tracked steps (default: the mode's)")
-    parser.add_argument("--seeds", type=int, nargs="+", default=None,
-                        help="independent runs, one per seed (default: --seed only); claims then rest on the seeds")
-    parser.add_argument("--runs-dir", default=None,
-                        help="folder for one JSON per seed (default OUT/NAME_runs when several seeds or --aggregate)")
-    parser.add_argument("--aggregate", action="store_true",
-                        help="run nothing: aggregate the per-seed JSON files in --runs-dir into OUT/NAME.json and the figures")
+    add_seed_arguments(parser)
     parser.add_argument("--checkpoint-dir", default=None,
                         help="resumable runs: trainer + analyzer checkpoints per seed in DIR/seed_S (rerun to continue)")
     parser.add_argument("--checkpoint-every", type=int, default=None, help="steps between checkpoints (default: the mode's)")
@@ -675,12 +698,12 @@ def write_diffusion_outputs(name: str, args: argparse.Namespace, s: dict, timer:
 
 
 def run_diffusion_recipe(name: str, spec: dict, args: argparse.Namespace, s: dict) -> dict:
-    """The whole protocol for ``--seeds`` (or ``--seed``): run each seed (writing
+    """The whole protocol for the seeds (:func:`recipe_seeds`): run each seed (writing
     ``RUNS/seed_S.json`` when a runs folder is in use), or with ``--aggregate`` read them, then
     write the figures and ``OUT/NAME.json``. Returns the JSON payload."""
     timer = Timer()
-    seeds = args.seeds or [args.seed]
-    runs_dir = args.runs_dir or (str(Path(args.out_dir) / f"{name}_runs") if (len(seeds) > 1 or args.aggregate) else None)
+    seeds = recipe_seeds(args, s)
+    runs_dir = runs_folder(name, args)
     if args.estimate_only:
         return estimate_diffusion_wall_time(name, spec, args, s, seeds)
     runs, retrieval = [], None

@@ -164,3 +164,31 @@ def test_diffusion_run_resumes_mid_window_to_the_same_ledger(tmp_path):
                                np.array(whole["report"]["matrices"]["traffic"], dtype=float), rtol=1e-9, atol=1e-12)
     assert resumed["report"]["residual"]["relative_residual"] == pytest.approx(whole["report"]["residual"]["relative_residual"], rel=1e-6)
     np.testing.assert_allclose(resumed["kernel_locality_per_input"]["theta_0"], whole["kernel_locality_per_input"]["theta_0"])
+
+
+
+@pytest.mark.parametrize("name", ["diffusion_toy2d", "diffusion_digits", "gan_ring2d", "gan_digits"])
+def test_quick_and_full_runs_rest_on_several_seeds_by_default(name):
+    """A claim about training rests on independent runs: without --seeds, the quick and full modes
+    run three seeds from --seed on (one run's own units, its clean inputs, gave the toy recipe's
+    kernel locality an interval that three seeds do not support); --seeds names them; per-seed
+    files are written only where --seeds names several, for --aggregate, or into --runs-dir."""
+    import argparse
+
+    from recipes.common import pick, recipe_seeds, runs_folder
+
+    module = load_recipe(f"experiments.{name}")
+    settings = {mode: module.settings_for(mode) if hasattr(module, "settings_for") else pick(mode, **module.SETTINGS)
+                for mode in ("full", "quick", "smoke")}
+
+    def args(seed=5, seeds=None, runs_dir=None, aggregate=False):
+        return argparse.Namespace(seed=seed, seeds=seeds, runs_dir=runs_dir, aggregate=aggregate, out_dir="o")
+
+    for mode in ("quick", "full"):
+        assert recipe_seeds(args(), settings[mode]) == [5, 6, 7], mode
+    assert recipe_seeds(args(), settings["smoke"]) == [5]
+    assert recipe_seeds(args(seeds=[2]), settings["quick"]) == [2]
+    assert runs_folder(name, args()) is None and runs_folder(name, args(seeds=[2])) is None
+    assert runs_folder(name, args(seeds=[0, 1])) == str(Path("o") / f"{name}_runs")
+    assert runs_folder(name, args(aggregate=True)) == str(Path("o") / f"{name}_runs")
+    assert runs_folder(name, args(runs_dir="R")) == "R"

@@ -20,13 +20,13 @@ kernel's change from θ₀ and the ledger's residual are measured there.
 The full run the paper's claim needs (default, no --quick): a UNet2DModel (32, 64 channels) trained
 untracked until its samples are recognisable (20 000 steps), then tracked over a window of 500
 steps with 100 probes, 10 log-SNR bins and 3 permutation controls, a time-blind UNet trained the
-same way as the null model's kernel, several seeds::
+same way as the null model's kernel, three seeds (quick and full run three from --seed by default)::
 
     python -m recipes.experiments.diffusion_digits --device cuda --seeds 0 1 2 \
         --checkpoint-dir runs/diffusion_digits --out-dir figures
 
 One invocation runs the seeds in turn and aggregates them (claims with Student-t intervals over
-seeds); or run one seed per invocation (``--seeds 1 --runs-dir R``, on several machines) and
+seeds; with one seed, within the run); or run one seed per invocation (``--seeds 1 --runs-dir R``, on several machines) and
 aggregate with ``--aggregate --runs-dir R``. ``--checkpoint-dir`` makes every run resumable: the
 trainer, the analyzer's ledgers (the trackers' save/load) and θ₀ are checkpointed every
 ``--checkpoint-every`` steps in DIR/seed_S; rerunning the same command continues where it stopped.
@@ -34,7 +34,7 @@ trainer, the analyzer's ledgers (the trackers' save/load) and θ₀ are checkpoi
 Expected wall time: ``--estimate-only --device DEVICE`` times bare steps, tracked steps and one
 kernel structure on the device and prints the whole run's time (warm-up, window, kernels and the
 time-blind reference; retrieval not counted). Measured on 2 shared CPU cores (load about 4): quick
-settings about 2 min in all; full settings 0.95 s per bare step, 95 s per tracked step and 234 s per
+settings about 2 min in all (three seeds); full settings 0.95 s per bare step, 95 s per tracked step and 234 s per
 kernel structure, i.e. about 24 h per seed on those CPUs. On one H100 or H200 nothing was measured
 (no GPU was available to this work): run ``--estimate-only --device cuda`` there first. On the CPUs
 a tracked step cost about 100 bare steps, so the 500-step window outweighs the 20 000-step warm-up.
@@ -52,7 +52,8 @@ import torch
 from genkernel.data import load_image_dataset
 from genkernel.diffusion import make_scheduler, tiny_unet
 
-from ..common import TimeBlind, add_diffusion_arguments, apply_diffusion_overrides, make_parser, parse, pick, run_diffusion_recipe
+from ..common import (TimeBlind, add_diffusion_arguments, apply_diffusion_overrides, make_parser, parse, pick, recipe_seeds,
+                      run_diffusion_recipe)
 
 NAME = "diffusion_digits"
 
@@ -60,15 +61,15 @@ SETTINGS = dict(
     full=dict(num_train=None, channels=(32, 64), batch_size=64, lr=2e-4, warmup_steps=20000, window_steps=500,
               num_bins=10, num_probes=100, band=1, controls=3, reference="kernel", snapshot_every=50, kernel_every=250,
               kernel_points=8, kernel_sketch=16, retrieval_samples=8, retrieval_train=256, retrieval_stages=6,
-              inference_steps=250, timesteps=1000, checkpoint_every=1000),
+              inference_steps=250, timesteps=1000, checkpoint_every=1000, seeds=3),
     quick=dict(num_train=512, channels=(8, 16), batch_size=16, lr=1e-3, warmup_steps=80, window_steps=6,
                num_bins=5, num_probes=10, band=1, controls=2, reference=None, snapshot_every=2, kernel_every=0,
                kernel_points=3, kernel_sketch=2, retrieval_samples=3, retrieval_train=24, retrieval_stages=3,
-               inference_steps=25, timesteps=1000, checkpoint_every=2),
+               inference_steps=25, timesteps=1000, checkpoint_every=2, seeds=3),
     smoke=dict(num_train=64, channels=(8, 16), batch_size=4, lr=1e-4, warmup_steps=1, window_steps=2,
                num_bins=2, num_probes=4, band=0, controls=1, reference=None, snapshot_every=1, kernel_every=0,
                kernel_points=2, kernel_sketch=1, retrieval_samples=2, retrieval_train=6, retrieval_stages=2,
-               inference_steps=4, timesteps=100, checkpoint_every=1),
+               inference_steps=4, timesteps=100, checkpoint_every=1, seeds=1),
 )
 
 
@@ -90,7 +91,7 @@ def main(argv=None) -> dict:
     add_diffusion_arguments(parser)
     args = parse(parser, argv)
     s = apply_diffusion_overrides(pick(args.mode, **SETTINGS), args)
-    first = load(args, s, (args.seeds or [args.seed])[0])[0]  # fails early, naming the files, when a data set is missing
+    first = load(args, s, recipe_seeds(args, s)[0])[0]  # fails early, naming the files, when a data set is missing
     s.update(dataset=args.dataset, image_shape=list(first.shape[1:]), num_train=int(first.shape[0]))
 
     def model():

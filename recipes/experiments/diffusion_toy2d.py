@@ -24,7 +24,11 @@ Run:  python -m recipes.experiments.diffusion_toy2d [--quick] [--out-dir figures
       [--beta-schedule linear|squaredcos_cap_v2] [--num-bins G] [--band w] [--controls K]
       [--seeds 0 1 2 [--runs-dir DIR]] [--aggregate --runs-dir DIR] [--checkpoint-dir DIR] [--estimate-only]
 
-Wall time (2 shared CPU cores): quick about 1–2 min; full: time it with --estimate-only.
+Seeds: quick and full run three independent seeds from --seed (claims with Student-t intervals
+over the seeds: one run's own units, its clean inputs and probe levels, do not carry the
+seed-to-seed spread of training); --seeds names others, one seed gives within-run intervals.
+
+Wall time (2 shared CPU cores): quick about 1–2 min for its three seeds; full: time it with --estimate-only.
 """
 
 from __future__ import annotations
@@ -42,15 +46,15 @@ SETTINGS = dict(
     full=dict(num_train=4000, hidden=128, depth=3, batch_size=256, lr=1e-3, warmup_steps=0, window_steps=3000,
               num_bins=10, num_probes=100, band=1, controls=5, reference="ledger", snapshot_every=100, kernel_every=500,
               kernel_points=24, retrieval_samples=16, retrieval_train=512, retrieval_stages=6, inference_steps=200,
-              timesteps=1000, checkpoint_every=500),
+              timesteps=1000, checkpoint_every=500, seeds=3),
     quick=dict(num_train=1024, hidden=64, depth=3, batch_size=128, lr=2e-3, warmup_steps=1500, window_steps=200,
                num_bins=10, num_probes=64, band=1, controls=3, reference="ledger", snapshot_every=25, kernel_every=100,
                kernel_points=12, retrieval_samples=8, retrieval_train=256, retrieval_stages=5, inference_steps=100,
-               timesteps=1000, checkpoint_every=100),
+               timesteps=1000, checkpoint_every=100, seeds=3),
     smoke=dict(num_train=128, hidden=16, depth=2, batch_size=32, lr=2e-3, warmup_steps=5, window_steps=4,
                num_bins=4, num_probes=8, band=1, controls=2, reference="ledger", snapshot_every=2, kernel_every=2,
                kernel_points=3, retrieval_samples=3, retrieval_train=32, retrieval_stages=3, inference_steps=10,
-               timesteps=100, checkpoint_every=2),
+               timesteps=100, checkpoint_every=2, seeds=1),
 )
 
 

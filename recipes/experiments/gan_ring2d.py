@@ -117,15 +117,10 @@ def add_gan_arguments(parser) -> None:
     """Adds the options the GAN recipes share (defaults: the mode's settings); returns nothing."""
     import argparse
 
-    parser.add_argument("--seeds", type=int, nargs="+", default=None,
-                        help="independent runs, one per seed (default: --seed only); claims then rest on the seeds")
+    common.add_seed_arguments(parser)
     parser.add_argument("--controls", type=int, default=None, help="label-permutation controls per grouping (default: the mode's)")
     parser.add_argument("--null-model", action=argparse.BooleanOptionalAction, default=None,
                         help="also train the null model per seed (G against a fixed random D; default: on in full mode)")
-    parser.add_argument("--runs-dir", default=None,
-                        help="folder for one JSON per seed (default OUT/NAME_runs when several seeds or --aggregate)")
-    parser.add_argument("--aggregate", action="store_true",
-                        help="run nothing: aggregate the per-seed JSON files in --runs-dir into OUT/NAME.json and the figures")
     parser.add_argument("--checkpoint-dir", default=None,
                         help="resumable runs: trainer + analyzer checkpoints every window in DIR/seed_S (rerun to continue)")
     parser.add_argument("--estimate-only", action="store_true",
@@ -151,11 +146,10 @@ def run_protocol(name: str, args, s: dict, spec: dict) -> dict:
     timer = common.Timer()
     # Without --seeds, the mode's own number of independent runs from --seed on: the findings about
     # the steps rest on seeds (ONE_RUN_WHY), so the quick figures are made over three.
-    seeds = args.seeds or [args.seed + k for k in range(s["seeds"])]
+    seeds = common.recipe_seeds(args, s)
     if args.estimate_only:
         return spec["estimate"](name, args, s, seeds)
-    runs_dir = args.runs_dir or (str(Path(args.out_dir) / f"{name}_runs") if ((args.seeds and len(seeds) > 1)
-                                                                              or args.aggregate) else None)
+    runs_dir = common.runs_folder(name, args)
     runs, nulls = [], []
     if args.aggregate:
         files = sorted(Path(runs_dir).glob("seed_*.json"))
