@@ -144,10 +144,10 @@ def claim(
     return entry
 
 
-def over_seeds(values: Sequence[float]) -> Interval:
+def over_seeds(values: Sequence[float], *, confidence: float = 0.95) -> Interval:
     """Student-t interval of a per-seed statistic (the seeds are the independent replicates of a
     claim about training); NaN ends with a single seed."""
-    return mean_interval(np.asarray(values, dtype=np.float64))
+    return mean_interval(np.asarray(values, dtype=np.float64), confidence=confidence)
 
 
 def _clean(value: Any) -> Any:

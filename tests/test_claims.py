@@ -271,6 +271,24 @@ def test_null_space_claim_with_the_distance_as_its_own_out_of_span_part():
     assert not_held(recipe.claims_from_runs(no_change)["checkpoint_path_kernel_reproduces_change"])
 
 
+def test_null_space_region_claims_share_one_five_percent_error():
+    """The three region claims test one hypothesis three ways, so each interval is at 1 − 0.05/3
+    (Bonferroni): per-seed ρ(r, error) of 0.4, 0.6, 0.8 (its 95 % Student-t interval is above 0,
+    [0.103, 1.097]; at 98.3 % [−0.283, 1.483]) is not held, in any region."""
+    from recipes.experiments import null_space as recipe
+
+    rhos, distance = (0.4, 0.6, 0.8), (-0.5, -0.5, -0.49)  # beyond the distance in every seed by ~1
+    runs = [{"rho_residual": dict.fromkeys(recipe.REGIONS, r), "rho_distance": dict.fromkeys(recipe.REGIONS, d),
+             "domingos_relative_error": 0.05} for r, d in zip(rhos, distance)]
+    claims = recipe.claims_from_runs(runs)
+    for region in ("", "_inside_range", "_outside_range"):
+        c = claims[f"error_grows_with_out_of_span_part{region}"]
+        assert c["held"] is False and c["confidence"] == pytest.approx(1 - 0.05 / 3), c
+        assert c["interval"][0] == pytest.approx(-0.2832078, abs=1e-6) and c["beyond_distance_interval"][0] > 0
+    wide = [{**r, "rho_residual": dict.fromkeys(recipe.REGIONS, r["rho_residual"]["all"] * 0.1 + 0.6)} for r in runs]
+    assert recipe.claims_from_runs(wide)["error_grows_with_out_of_span_part"]["held"] is True  # a tight rise still holds
+
+
 # ------------------------------------------------------------------ diffusion
 
 
