@@ -201,6 +201,35 @@ def test_decomposition_batches_are_b_subsets_when_b_does_not_divide_n(monkeypatc
     assert all(len(set(batch)) == b for batch in seen), seen
 
 
+def test_decomposition_sign_streams_are_no_replicates_batch_orders(monkeypatch):
+    # Replicate s drew its Hutchinson signs from seed s + 1, the next replicate's batch-order seed: the
+    # replicates, the units of every interval over seeds, were not independent. Each replicate's signs now
+    # come from their own stream, distinct from every batch-order seed and from one another.
+    import genkernel.analysis.stochastic as stochastic
+
+    x = torch.linspace(-1, 1, 6, dtype=torch.float64)[:, None]
+    torch.manual_seed(0)
+    model = mlp(1, [3], 1, act="tanh").double()
+    sign_seeds, order_seeds = [], []
+    original_ito, original_randperm = stochastic.ito_term_estimate, torch.randperm
+
+    def recording_ito(*args, generator, **kwargs):
+        sign_seeds.append(generator.initial_seed())
+        return original_ito(*args, generator=generator, **kwargs)
+
+    def recording_randperm(n, *, generator, **kwargs):
+        order_seeds.append(generator.initial_seed())
+        return original_randperm(n, generator=generator, **kwargs)
+
+    monkeypatch.setattr(stochastic, "ito_term_estimate", recording_ito)
+    monkeypatch.setattr(stochastic.torch, "randperm", recording_randperm)
+    seeds = [0, 1, 2]
+    expected_output_decomposition(model, x, torch.sin(x), mse_loss, x[:2], lr=0.01, batch_size=2, steps=2, seeds=seeds,
+                                  hutchinson_samples=2)
+    assert sorted(set(order_seeds)) == seeds  # the batch orders are the seeds' own, as before
+    assert len(set(sign_seeds)) == len(seeds) and not set(sign_seeds) & set(range(-10, 1000)), sign_seeds
+
+
 def test_decomposition_refuses_bad_counts_up_front():
     x, y, model = tiny_problem()
     with pytest.raises(ValueError, match="no spread"):

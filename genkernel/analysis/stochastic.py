@@ -46,6 +46,13 @@ from ..stats import bootstrap_interval
 __all__ = ["ExpectedOutputDecomposition", "expected_output_decomposition"]
 
 TERMS = ("change", "first_order", "deterministic", "ito", "realized_second_order")
+SIGN_STREAM = 0x51676E73  # tags the Hutchinson sign stream apart from the batch-order stream of any seed
+
+
+def sign_seed(seed: int) -> int:
+    """The seed of replicate ``seed``'s Hutchinson sign stream: a hash of (seed, SIGN_STREAM), so
+    that it is no other replicate's batch-order seed (``seed + 1`` was the next replicate's)."""
+    return int(np.random.SeedSequence([int(seed) % 2**64, SIGN_STREAM]).generate_state(1, np.uint64)[0])
 
 
 @dataclass
@@ -203,7 +210,7 @@ def expected_output_decomposition(
         tracker = PathKernelTracker(net, optimizer, loss_fn, probes, num_groups=1, quadrature="left")
         params = trainable_parameters(net)
         gen = torch.Generator().manual_seed(int(seed))
-        signs = torch.Generator().manual_seed(int(seed) + 1)  # on the CPU: the same signs on any device
+        signs = torch.Generator().manual_seed(sign_seed(seed))  # on the CPU: the same signs on any device
         m = probes.shape[0]
         acc = {k: torch.zeros(m, dtype=torch.float64) for k in ("deterministic", "ito", "ito_var", "realized_second_order")}
         order = torch.empty(0, dtype=torch.long)
