@@ -21,7 +21,7 @@ data" within the 95th percentile of held-out images' nearest-training distances
 
 Expected wall time, full settings (2000 iterations, K = 3, null model on), one seed: about 3 h on 2
 CPU cores (``--estimate-only``: 2.7 s per tracked iteration); measure a GPU with ``--estimate-only
---device cuda``. Quick: about 45 s on 2 CPU cores (3 seeds).
+--device cuda``. Quick: about 90 s on 2 CPU cores (3 seeds, each with its null model).
 
 Writes ``gan_digits.png`` (samples before/after, alignment, every window's statistics),
 ``gan_digits_coupling.png`` (coupling matrices, measured beside control on one scale, for both
@@ -54,7 +54,7 @@ def settings_for(mode: str) -> dict:
         full=dict(iterations=2000, width=32, latent=32, batch=64, probes=32, groups=6, window=200, eval_every=20, lr=1e-3,
                   limit=None, dtype="float64", controls=3, null_model=True, seeds=3),
         quick=dict(iterations=45, width=8, latent=16, batch=32, probes=16, groups=4, window=15, eval_every=5, lr=1e-3,
-                   limit=None, dtype="float64", controls=2, null_model=False, seeds=3),
+                   limit=None, dtype="float64", controls=2, null_model=True, seeds=3),
         smoke=dict(iterations=3, width=8, latent=8, batch=8, probes=4, groups=2, window=3, eval_every=1, lr=1e-3,
                    limit=64, dtype="float64", controls=1, null_model=False, seeds=1),
     )
