@@ -507,7 +507,12 @@ class NoiseLevelAnalyzer(TrainerCallback):
                 raise ValueError(f"class_labels must be an integer tensor (a LongTensor), got {class_labels.dtype}")
             labels = class_labels.cpu().long()
             if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= self.num_classes):
-                raise ValueError(f"class_labels must lie in [0, {self.num_classes})")
+                low, high = int(labels.min()), int(labels.max())
+                hint = "" if high < self.num_classes else (
+                    "; a classifier-free guidance null class is a class of its own: count it in num_classes "
+                    f"(num_classes={high + 1} for labels 0..{high})"
+                )
+                raise ValueError(f"class_labels must lie in [0, {self.num_classes}), got labels in [{low}, {high}]{hint}")
             groups[LEVEL_CLASS] = bins * self.num_classes + labels
         return groups, bins
 

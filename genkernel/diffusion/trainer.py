@@ -412,8 +412,15 @@ class DDPMTrainer:
 
     def train_step(self) -> float:
         """One update through the callbacks; returns the mean loss."""
-        step = self.build_step(self.next_batch())
-        losses = perform_step(self.callbacks, self, step)
+        batch = self.next_batch()
+        step = self.build_step(batch)
+        try:
+            losses = perform_step(self.callbacks, self, step)
+        except ValueError as error:
+            hint = self._conditioning_hint(batch)
+            if hint is None or "do not fit" not in str(error):
+                raise
+            raise ValueError(f"{error} ({hint})") from error
         if self.logging is not None:
             self.logging.on_step_end(self, step)
         self.global_step += 1
@@ -422,6 +429,19 @@ class DDPMTrainer:
         if self.checkpoint_every and self.global_step % self.checkpoint_every == 0:
             self.save_checkpoint()
         return loss
+
+    def _conditioning_hint(self, batch: dict[str, torch.Tensor]) -> str | None:
+        """What to change when the model refused the trainer's inputs: labels given but not passed to
+        the model (``conditional=False``), or labels passed to a model that wants other conditioning
+        (``UNet2DConditionModel``'s ``encoder_hidden_states``); None when neither applies."""
+        if not self.conditional and "labels" in batch:
+            return ("the model was called as model(x_t, t) although the data has class labels: pass "
+                    "conditional=True to call it as model(x_t, t, labels) (a class-conditional UNet2DModel)")
+        if self.conditional:
+            return ("conditional=True calls model(x_t, t, labels) with integer class labels LongTensor[B]; a model "
+                    "conditioned on embeddings (UNet2DConditionModel's encoder_hidden_states) needs its own loop: "
+                    "NoiseLevelAnalyzer.step(x0, noise, t, conditioning=embeddings) or observe() (docs/diffusion.md)")
+        return None
 
     def train(self, num_steps: int) -> list[float]:
         """Run ``num_steps`` more updates (firing ``on_train_start``/``on_train_end``); mean losses."""
