@@ -14,8 +14,11 @@ computing a kernel never disturbs training.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import numbers
 from dataclasses import dataclass
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
@@ -101,7 +104,113 @@ def choose_engine(plan: Plan, d: int, engine: str = "auto", *, rows: tuple[int, 
     return "factored" if m * n * d * kept > 3 * (m + n) * forward else "functional"
 
 
+@contextlib.contextmanager
+def full_precision(model: nn.Module | None = None) -> Iterator[None]:
+    """The passes inside in the model's own precision: ``torch.autocast`` off (on every device
+    type where it is on), TF32 off for cuDNN convolutions and float32 matrix products (torch's
+    switches), and, for a model that accelerate prepared with ``mixed_precision`` (its forward
+    wrapped in autocast, the original kept as ``_original_forward``), that original forward;
+    everything is put back afterwards.
+
+    A kernel called under autocast (a mixed-precision validation step: Lightning's
+    ``precision="bf16-mixed"``, or a model prepared by ``Accelerator(mixed_precision="bf16")``)
+    would run its forwards and backwards in bfloat16 or float16 and return a float32 kernel about
+    1e-3 off (measured: 2.5e-3 and 2.3e-3 relative on a small MLP), with no sign of it. A float32
+    convolutional model on a GPU rounds to TF32 (a 10-bit mantissa: cuDNN's default,
+    ``torch.backends.cudnn.allow_tf32``; measured on an H200, a small conv net's factored kernel
+    9.5e-6 off the float64 one with it, 1.5e-7 without). The kernel is that of the model's own
+    parameters, in their dtype."""
+    cudnn_tf32, matmul_precision = torch.backends.cudnn.allow_tf32, torch.get_float32_matmul_precision()
+    slots = {} if model is None else model.__dict__
+    wrapped = slots.get("forward") if "_original_forward" in slots else None
+    with contextlib.ExitStack() as stack:
+        for device in ("cpu", "cuda"):
+            if torch.is_autocast_enabled(device):
+                stack.enter_context(torch.autocast(device, enabled=False))
+        try:
+            if cudnn_tf32:
+                torch.backends.cudnn.allow_tf32 = False
+            if matmul_precision != "highest":
+                torch.set_float32_matmul_precision("highest")
+            if wrapped is not None:
+                slots["forward"] = slots["_original_forward"]
+            yield
+        finally:
+            if cudnn_tf32:
+                torch.backends.cudnn.allow_tf32 = True
+            if matmul_precision != "highest":
+                torch.set_float32_matmul_precision(matmul_precision)
+            if wrapped is not None:
+                slots["forward"] = wrapped
+
+
+def in_full_precision(function: Callable) -> Callable:
+    """``function(model, ...)`` run under :func:`full_precision` of the module inside ``model``'s
+    wrappers (:func:`~genkernel.core.adapter.unwrap`)."""
+
+    @functools.wraps(function)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        model = args[0] if args else kwargs.get("model")
+        with full_precision(unwrap(model) if isinstance(model, nn.Module) else None):
+            return function(*args, **kwargs)
+
+    return run
+
+
+REPEAT_RTOL = {torch.float64: 1e-10, torch.float32: 1e-5}  # else 1e-2 (half precision)
+
+
+def repeatable_output(model: nn.Module, one: tuple[torch.Tensor, ...], params: dict[str, torch.Tensor],
+                      name: str) -> torch.Tensor:
+    """The model's output ``[1, d]`` on one example, checked to be repeatable: two forward and
+    backward passes (in analysis mode: one forked random stream) must give the same output and
+    the same gradient of a fixed random combination of the outputs with respect to ``params``,
+    up to rounding (:data:`REPEAT_RTOL` of their norms; NaN where both are NaN). Raises
+    ValueError otherwise.
+
+    Randomness that eval mode does not switch off (a generator's noise injection, ``F.dropout``
+    called with its default ``training=True``) draws other values in every pass, so each
+    example's Jacobian would be taken at its own noise and the kernel would mix them, silently
+    (measured: two calls on the same inputs differed by up to 6.4, and StyleGAN-style noise
+    injection by 0.74 on entries up to 9.7). The gradients show it where the output does not: StyleGAN's noise injection starts with a zero
+    weight, so its output is repeatable at initialization while its Jacobian (the noise) is not.
+    The tolerance lets through the last bits of a GPU's atomic additions (scatter, index_add)."""
+    with analysis(model):
+        passes = [_one_pass(model, one, params, name) for _ in range(2)]
+    (out1, grad1), (out2, grad2) = passes
+    if not (_close(out1, out2) and _close(grad1, grad2)):
+        raise ValueError(
+            f"{type(model).__name__} is not deterministic in eval mode: two passes on the first example of {name} "
+            "give other outputs or gradients (noise injection, F.dropout called with training=True, or other "
+            "randomness that eval mode does not switch off), so its gradient kernel and tangent features are "
+            "undefined. Remove the randomness from eval mode (pass the noise as an input, or call F.dropout with "
+            "training=self.training)"
+        )
+    return out1
+
+
+def _one_pass(model: nn.Module, one: tuple[torch.Tensor, ...], params: dict[str, torch.Tensor],
+              name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(output ``[1, d]``, gradient of Σ_o v_o f_o over ``params`` flattened, v fixed and random)."""
+    with torch.enable_grad():
+        out = checked_forward(model, one, name=name)
+        v = torch.randn(out.shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64).to(out)
+        grads = torch.autograd.grad((out * v).sum(), list(params.values()), allow_unused=True) if out.requires_grad \
+            else [None] * len(params)
+    flat = torch.cat([(torch.zeros_like(p) if g is None else g).detach().reshape(-1) for g, p in zip(grads, params.values())])
+    return out.detach(), flat
+
+
+def _close(first: torch.Tensor, second: torch.Tensor) -> bool:
+    if bool((first.isnan() ^ second.isnan()).any()):
+        return False
+    both_nan = first.isnan()
+    a, b = first.double().masked_fill(both_nan, 0), second.double().masked_fill(both_nan, 0)
+    return float((a - b).norm()) <= REPEAT_RTOL.get(first.dtype, 1e-2) * float(a.norm())
+
+
 @outside_inference_mode
+@in_full_precision
 def kernel_plan(model: nn.Module, x: Batch, *, engine: str = "auto", memory_budget: int = DEFAULT_MEMORY_BUDGET,
                 rows_total: int | None = None) -> KernelPlan:
     """The engine and chunk sizes :func:`gradient_kernel` uses for ``model`` on inputs like ``x``
@@ -164,12 +273,12 @@ def _prepare(model: nn.Module, x: Batch, name: str, checked: bool = False):
     xs = as_tuple(x, name=name)
     n = batch_size(xs, name=name)
     check_finite(xs, name=name)
-    with torch.no_grad(), analysis(model):
-        d = checked_forward(model, tuple(t[:1] for t in xs), name=name).shape[1]
+    d = repeatable_output(model, tuple(t[:1] for t in xs), params, name).shape[1]
     return params, xs, n, d
 
 
 @outside_inference_mode
+@in_full_precision
 def gradient_kernel(
     model: nn.Module,
     x1: Batch,
@@ -198,7 +307,13 @@ def gradient_kernel(
 
     Returns:
         ``Tensor[M, N]`` for ``reduce="trace"``, ``Tensor[M, N, d, d]`` for ``reduce="none"``,
-        in the model's dtype.
+        in the model's dtype (computed in its own precision, autocast and TF32 off:
+        :func:`full_precision`).
+
+    Raises:
+        ValueError: for a model whose eval-mode forward is random (two passes on one example
+            differ: :func:`repeatable_output`), or that couples examples (BatchNorm with batch
+            statistics, dropout in training mode).
     """
     if reduce not in REDUCTIONS:
         raise ValueError(f"reduce must be one of {REDUCTIONS}, got {reduce!r}")
@@ -272,6 +387,7 @@ def _roots(diag: torch.Tensor) -> torch.Tensor:
 
 
 @outside_inference_mode
+@in_full_precision
 def tangent_features(
     model: nn.Module,
     x: Batch,
@@ -288,7 +404,9 @@ def tangent_features(
         P follows the order of ``model.named_parameters()`` (trainable ones only).
         ``engine="factored"`` (or ``"auto"``, :func:`choose_engine`) materializes each layer's
         per-example gradient from captured factors instead of torch.func's per-example
-        Jacobians; ``"functional"`` is the reference.
+        Jacobians; ``"functional"`` is the reference. Computed in the model's own precision
+        (:func:`full_precision`); a model whose eval-mode forward is random is refused
+        (:func:`repeatable_output`).
     """
     if engine not in ENGINES:
         raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
