@@ -296,6 +296,8 @@ class GANKernelAnalyzer(TrainerCallback):
         self._g_drift_prev: torch.Tensor | None = None  # and its buffer drift
         self._g_pending: dict[str, Any] | None = None  # the generator step in progress (ids, loop step)
         self._d_pending: dict[str, Any] | None = None
+        # Why the bookkeeping no longer matches the ledgers: a listener cut off after its step was recorded.
+        self._broken: str | None = None
         # observe mode (bind)
         self._bound = False
         self._g_optimizer: torch.optim.Optimizer | None = None
@@ -350,7 +352,25 @@ class GANKernelAnalyzer(TrainerCallback):
             )
 
     # -- protocol ------------------------------------------------------------------------------
+    def _check_consistent(self) -> None:
+        """Refuse to go on (steps, saves) after a step's bookkeeping was cut off half-way: its windows,
+        alignment and loop step numbers would no longer match the ledgers."""
+        if self._broken is not None:
+            raise RuntimeError(
+                f"this analyzer refuses further steps and saves: {self._broken}, so its windows, alignment and loop "
+                "step numbers no longer match its ledgers. Resume from the last checkpoint (trainer.train(..., "
+                "resume=True), or load_state_dict) or build a new analyzer"
+            )
+
+    def _interrupted(self, which: str, error: BaseException) -> None:
+        self._broken = (f"the bookkeeping of a {which} step was interrupted ({type(error).__name__}) after the step "
+                        "was recorded in the ledgers")
+        if hasattr(error, "add_note"):
+            error.add_note(f"genkernel: {self._broken}; this analyzer refuses further steps and saves")
+
     def wrap_step(self, trainer: Any, step: OptimizerStep, perform: Callable[[], torch.Tensor]) -> torch.Tensor:
+        if step.phase in ("generator", "discriminator"):
+            self._check_consistent()
         if self._bound and step.phase in ("generator", "discriminator"):
             raise RuntimeError(
                 "this analyzer observes your own loop (bind): its optimizers' step() records the steps. Use another "
@@ -495,6 +515,10 @@ class GANKernelAnalyzer(TrainerCallback):
         """
         if not self._bound or self.g_tracker is None:
             raise RuntimeError("call analyzer.bind(g_optimizer, d_optimizer) before analyzer.observe_generator(...)")
+        self._check_consistent()
+        # A previous g_optimizer.step() that raised half-way is rolled back (and refused) before any analysis
+        # reads this micro-batch, whose forward saw the half-updated generator.
+        self.g_tracker._check_consistent()
         batch = _check_losses(losses)
         for what, t in (("latents", latents), ("samples", samples)):
             if not isinstance(t, torch.Tensor) or t.dim() < 1 or t.shape[0] != batch:
@@ -574,6 +598,9 @@ class GANKernelAnalyzer(TrainerCallback):
             return
         if not self._bound or self._d_optimizer is None:
             raise RuntimeError("call analyzer.bind(g_optimizer, d_optimizer) before analyzer.observe_discriminator(...)")
+        self._check_consistent()
+        if self.d_tracker is not None:
+            self.d_tracker._check_consistent()  # as in observe_generator
         batch = _check_losses(losses)
         if not isinstance(inputs, torch.Tensor) or inputs.dim() < 1 or inputs.shape[0] != batch:
             raise ValueError(f"inputs must be the discriminator batch, a Tensor [{batch}, ...], got "
@@ -763,17 +790,25 @@ class GANKernelAnalyzer(TrainerCallback):
         # Group gradients from the training step's own graph (R masked backward passes), never from a
         # second per-example pass: that pass would run D again after the training forward (a
         # training-mode D would advance spectral norm once more, and BatchNorm would see single examples).
-        self.g_tracker = PathKernelTracker(
+        # Kept only once built and loaded: a saved state refused (another probe set, model or optimizer) leaves
+        # no tracker behind, or the next step would track from scratch without the analyzer's bookkeeping.
+        tracker = PathKernelTracker(
             self.generator, optimizer, loss_fn, self.probe_latents,
             num_groups=self.partitions, quadrature=self.quadrature, max_grad_norm=max_grad_norm,
             group_state="dense", gradient_route="graph", batch_size=batch,
         )
-        if self._ema is not None:
-            self.g_tracker.track_ema(self._ema)
-        if self._pending and self._pending.get("g_tracker") is not None:
-            self.g_tracker.load_state_dict(self._pending["g_tracker"])
+        try:
+            if self._ema is not None:
+                tracker.track_ema(self._ema)
+            if self._pending and self._pending.get("g_tracker") is not None:
+                tracker.load_state_dict(self._pending["g_tracker"])
+        except BaseException:
+            tracker.close(record_ema=False)
+            raise
+        if self._pending:
             self._pending["g_tracker"] = None
-        self.g_tracker.listeners.append(self._record_generator)
+        tracker.listeners.append(self._record_generator)
+        self.g_tracker = tracker
         self._g_f_prev = self.g_tracker.ledger.f_end.clone()
         self._g_drift_prev = self.g_tracker.ledger.buffer_drift.clone()
 
@@ -843,7 +878,15 @@ class GANKernelAnalyzer(TrainerCallback):
         return field.detach().reshape(field.shape[0], -1).to(torch.float64)
 
     def _record_generator(self, result: StepContributions) -> None:
-        """5. The generator tracker's listener: bookkeeping after every recorded step, owned or observed."""
+        """5. The generator tracker's listener: bookkeeping after every recorded step, owned or observed;
+        cut off half-way (an interrupt), the analyzer refuses to go on."""
+        try:
+            self._book_generator(result)
+        except BaseException as error:
+            self._interrupted("generator", error)
+            raise
+
+    def _book_generator(self, result: StepContributions) -> None:
         pending, self._g_pending = self._g_pending or {"ids": [], "spatial": [], "loop_step": None}, None
         index = self.g_steps + 1
         self.g_steps = index
@@ -1074,14 +1117,19 @@ class GANKernelAnalyzer(TrainerCallback):
         probes = self.discriminator_probes.to(x)
         if wrap_critic:
             probes = (probes, torch.full((probes.shape[0],), GENERATED, dtype=torch.long, device=probes.device))
-        self.d_tracker = PathKernelTracker(
+        tracker = PathKernelTracker(
             model, optimizer, loss_fn, probes, num_groups=num, quadrature=self.quadrature, max_grad_norm=max_grad_norm,
             batch_size=batch,
         )
         if self._pending and self._pending.get("d_tracker") is not None:
-            self.d_tracker.load_state_dict(self._pending["d_tracker"])
+            try:
+                tracker.load_state_dict(self._pending["d_tracker"])
+            except BaseException:
+                tracker.close(record_ema=False)  # kept only once loaded, as the generator's
+                raise
             self._pending["d_tracker"] = None
-        self.d_tracker.listeners.append(self._record_discriminator)
+        tracker.listeners.append(self._record_discriminator)
+        self.d_tracker = tracker
 
     def _discriminator_step(self, step: OptimizerStep, loop_step: int | None = None) -> torch.Tensor:
         ids = self._discriminator_groups(step)
@@ -1098,7 +1146,14 @@ class GANKernelAnalyzer(TrainerCallback):
         return result.losses
 
     def _record_discriminator(self, result: StepContributions) -> None:
-        """The discriminator tracker's listener (owned and observed steps)."""
+        """The discriminator tracker's listener (owned and observed steps); see :meth:`_record_generator`."""
+        try:
+            self._book_discriminator(result)
+        except BaseException as error:
+            self._interrupted("discriminator", error)
+            raise
+
+    def _book_discriminator(self, result: StepContributions) -> None:
         pending, self._d_pending = self._d_pending or {"ids": [], "loop_step": None}, None
         self.d_steps += 1
         ids = torch.cat(pending["ids"]) if pending["ids"] else torch.zeros(0, dtype=torch.long)
@@ -1222,6 +1277,7 @@ class GANKernelAnalyzer(TrainerCallback):
 
     # -- persistence ---------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
+        self._check_consistent()
         return {
             "format": FORMAT,
             "config": self._config(),
@@ -1300,6 +1356,7 @@ class GANKernelAnalyzer(TrainerCallback):
         self._pending = {"g_tracker": to_device(state["g_tracker"], device),  # None stays None
                          "d_tracker": to_device(state["d_tracker"], next(self._d.parameters()).device)}
         self._g_pending = self._d_pending = None
+        self._broken = None  # the loaded state replaces what an interrupted step left
         self._d_first_theta = None
         for tracker in (self.g_tracker, self.d_tracker):
             if tracker is not None:

@@ -219,6 +219,7 @@ class GANTrainer:
         self.iteration = 0
         self.g_steps = 0
         self.d_steps_done = 0
+        self._iteration_d_steps = 0  # discriminator updates made in the iteration under way
         self.history: dict[str, list[float]] = {"d_loss": [], "g_loss": []}
         self._callback_states = CallbackStates()
 
@@ -288,7 +289,6 @@ class GANTrainer:
             info={"roles": roles, "real_labels": real_labels, "discriminator": self.discriminator, "iteration": self.iteration},
         )
         losses = self._perform(step)
-        self.d_steps_done += 1
         self.history["d_loss"].append(float((losses * weights).sum()))
         return losses
 
@@ -302,21 +302,36 @@ class GANTrainer:
         )
         with frozen(self.discriminator):
             losses = self._perform(step)
-        self.g_steps += 1
         self.history["g_loss"].append(float(losses.mean()))
         return losses
 
     def _perform(self, step: OptimizerStep) -> torch.Tensor:
+        """Run ``step`` through the callbacks and count it (``g_steps`` / ``d_steps_done``) once its
+        update is in the parameters, also when an error comes after the update (a callback's
+        ``on_step_end``, the logging): the counts number the updates made, which analyzers and
+        the loop steps of a resumed run follow. A step rolled back or never applied is not counted."""
         try:
             losses = perform_step(self.callbacks, self, step)
-            if self.logging is not None:
-                self.logging.on_step_end(self, step)
-            return losses
         except NonFiniteError as error:
+            self._count_applied(step)
             raise NonFiniteError(
                 f"iteration {self.iteration}, {step.phase} step: {error} (training stopped before this update; "
                 "models, optimizers and any ledger keep the state from before it)"
             ) from error
+        except BaseException:
+            self._count_applied(step)
+            raise
+        self._count_applied(step)
+        if self.logging is not None:
+            self.logging.on_step_end(self, step)
+        return losses
+
+    def _count_applied(self, step: OptimizerStep) -> None:
+        if step.applied:
+            if step.phase == "generator":
+                self.g_steps += 1
+            else:
+                self.d_steps_done += 1
 
     # -- loop ----------------------------------------------------------------------------------
     def train(self, iterations: int, *, resume: bool = False) -> dict[str, list[float]]:
@@ -332,10 +347,21 @@ class GANTrainer:
         fire(self.callbacks, "on_train_start", self)
         bar = tqdm(total=iterations, initial=self.iteration, disable=not self.progress, desc="gan")
         while self.iteration < iterations:
-            for _ in range(self.d_steps):
-                self.discriminator_step()
-            self.generator_step()
-            self.iteration += 1
+            # An iteration interrupted after some of its updates were made (an error after a step, then
+            # train() again) goes on with the steps it still lacks: no update is made twice.
+            while self._iteration_d_steps < self.d_steps:
+                done = self.d_steps_done
+                try:
+                    self.discriminator_step()
+                finally:
+                    self._iteration_d_steps += self.d_steps_done - done
+            done = self.g_steps
+            try:
+                self.generator_step()
+            finally:
+                if self.g_steps > done:
+                    self._iteration_d_steps = 0
+                    self.iteration += 1
             bar.update(1)
             if self.progress and self.iteration % 10 == 0:
                 bar.set_postfix(d=f"{self.history['d_loss'][-1]:.3f}", g=f"{self.history['g_loss'][-1]:.3f}")
@@ -372,6 +398,7 @@ class GANTrainer:
             "iteration": self.iteration,
             "g_steps": self.g_steps,
             "d_steps_done": self.d_steps_done,
+            "iteration_d_steps": self._iteration_d_steps,
             "history": {k: list(v) for k, v in self.history.items()},
             "callbacks": self._callback_states.save(self.callbacks),
             "global_rng": global_rng_state(),
@@ -395,6 +422,7 @@ class GANTrainer:
         self.d_optimizer.load_state_dict(state["d_optimizer"])
         self.rng.set_state(state["rng"])
         self.iteration, self.g_steps, self.d_steps_done = state["iteration"], state["g_steps"], state["d_steps_done"]
+        self._iteration_d_steps = state.get("iteration_d_steps", 0)  # checkpoints are written between iterations
         self.history = {k: list(v) for k, v in state["history"].items()}
         if "global_rng" in state:
             set_global_rng_state(state["global_rng"])

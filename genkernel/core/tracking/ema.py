@@ -203,13 +203,14 @@ class EMALedgers:
                 )
         beta = 1.0 - gain
         # 2. E_{k+1} = β E_k + (1 − β) D_{k+1}; the start row: β E + (1 − β)(θ_0 − θ̄_0).
-        change = {}
+        # Nothing of this object changes before the ledgers are written (step 5): a sync cut off half-way
+        # (an interrupt, a failed check) leaves it as it was, and the next one records the same move.
+        change, offset = {}, {}
         for name in bar:
             target = torch.cat([self.displacement[name],
                                 (self.theta_start[name] - self.bar_start[name]).unsqueeze(0)])
-            new = self.offset[name] * beta + target * gain
-            change[name] = new - self.offset[name]
-            self.offset[name] = new
+            offset[name] = self.offset[name] * beta + target * gain
+            change[name] = offset[name] - self.offset[name]
         # 3. The check: for every partition, its rows and the shared ones add up to the EMA's real move.
         for name in bar:
             real = bar[name] - self.last_bar[name]
@@ -236,8 +237,17 @@ class EMALedgers:
             f_after = self._outputs(bar)
         drift = f_before - self._f_prev  # the buffers moved the EMA weights' outputs
         rest = pushed[:, self.rows] + pushed[:, self.rows + 1] + drift  # the rest and the start rows
-        for name, part in self.model.partitions.slices.items():
-            self.ledgers[name].record(pushed[:, part], rest, f_after, None, drift)
+        # 5. Record every partition's ledger, all or nothing (PathKernelLedger.mark / restore), then the state.
+        written = []
+        try:
+            for name, part in self.model.partitions.slices.items():
+                written.append((self.ledgers[name], self.ledgers[name].mark()))
+                self.ledgers[name].record(pushed[:, part], rest, f_after, None, drift)
+        except BaseException:
+            for ledger, mark in reversed(written):
+                ledger.restore(mark)
+            raise
+        self.offset = offset
         self.start = self.start + pushed[:, self.rows + 1]
         self._f_prev = f_after
         self.last_bar = {n: t.clone() for n, t in bar.items()}

@@ -135,6 +135,41 @@ class PathKernelLedger:
         self.f_end = f_new
         self.steps += 1
 
+    def mark(self, columns: torch.Tensor | None = None) -> dict[str, Any]:
+        """What :meth:`record` with these ``columns`` (and a :meth:`snapshot`) is about to change,
+        for :meth:`restore`: copies of the touched ``[M, U, d]`` columns and of the ``[M, d]`` totals,
+        the step count and the history's length (O(M U d), the cost of the record itself).
+
+        A tracker writes several ledgers per step: one that fails half-way (an interrupt, a
+        MemoryError in a snapshot) puts the ones already written back with this, so that no ledger
+        counts a step the others and the model do not."""
+        span = _contiguous_span(columns, self.num_groups)
+        index = span if span is not None else columns
+        return {
+            "index": index,
+            "contributions": self.contributions[:, index].clone(),
+            "traffic": self.traffic[:, index].clone(),
+            **{key: getattr(self, key).clone()
+               for key in ("rest", "residual", "f_end", "buffer_drift", "sketch_error")},
+            "steps": self.steps,
+            "history": len(self.history),
+        }
+
+    def restore(self, mark: dict[str, Any]) -> None:
+        """Put back what :meth:`mark` saved (undo the :meth:`record` and :meth:`snapshot` since)."""
+        index = mark["index"]
+        if isinstance(index, slice):
+            self.contributions[:, index] = mark["contributions"]
+            self.traffic[:, index] = mark["traffic"]
+        else:
+            self.contributions.index_copy_(1, index, mark["contributions"])
+            self.traffic.index_copy_(1, index, mark["traffic"])
+        for key in ("rest", "buffer_drift", "sketch_error"):  # record adds into these in place
+            getattr(self, key).copy_(mark[key])
+        self.residual, self.f_end = mark["residual"], mark["f_end"]
+        self.steps = mark["steps"]
+        del self.history[mark["history"]:]
+
     def snapshot(self) -> None:
         """Append the current state to ``history``."""
         self.history.append(

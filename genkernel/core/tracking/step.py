@@ -38,6 +38,9 @@ class OptimizerStep:
         max_grad_norm: clip the global gradient norm to this value (inf: no clipping).
         phase: a label for trainers with several optimizers ("generator", "discriminator").
         info: free-form extras for analyzers (timesteps, latents, ...).
+        applied: whether the update is in the parameters (set by :meth:`apply_update`; a tracker that
+            rolls the step back after a failure sets it back to False), so that a trainer whose step
+            raised can tell an update made (an error after it, in a callback) from one never made.
     """
 
     model: nn.Module

@@ -159,6 +159,10 @@ class _StepInProgress:
     clip_factor: float
 
 
+# A finished step's f(θ_{k+1}) [M, d] and θ_{k+1}, between _finish and _commit.
+_After = tuple[torch.Tensor, dict[str, torch.Tensor]]
+
+
 @dataclass
 class _Batch:
     """What ``route.from_graph`` reads of an observed step: the examples and the gradient scale
@@ -316,6 +320,7 @@ class PathKernelTracker:
         self._pending_step: _StepInProgress | None = None  # an observed step between its hooks
         self._observing = False  # set by the first observe()
         self._closed = False  # close(): the tracked window ended
+        self._broken: str | None = None  # why the ledgers no longer describe the run (a recording cut off half-way)
         self._scale_entry: dict[str, float] | None = None  # the observed step in progress' gradient scale
         # Step hooks on the optimizer, inert until the tracker observes a loop: installed now because a
         # loop that steps with a closure calls observe() inside optimizer.step(), after the pre-hooks ran.
@@ -426,7 +431,10 @@ class PathKernelTracker:
         The step is all-or-nothing: everything that can be checked is checked before the training
         forward, and a failure after it (a failed check, an error or an interrupt in the
         analysis) restores the parameters, buffers and optimizer state to θ_k and leaves every
-        ledger and group state as it was, so ``ledger.steps`` keeps counting the recorded steps.
+        ledger and group state as it was, so ``ledger.steps`` keeps counting the recorded steps (a
+        failure while the partitions' ledgers are written puts back the ones already written). Only
+        an interrupt after every ledger was written, while the group state is kept, cannot be undone:
+        the tracker then refuses further steps and saves, saying so.
         """
         self._check_open()
         if step.model is not self.model or unwrap_optimizer(step.optimizer) is not self.optimizer:
@@ -475,17 +483,21 @@ class PathKernelTracker:
             pending = self._begin(index, step.phase, ids, theta_before, saved, gradients, losses, step.clip_factor)
             # 2. The real optimizer step.
             step.apply_update()
-            result = self._finish(pending)
+            result, after = self._finish(pending)
             together.passed()
+            # 6. Record: every ledger, the group state and the EMA's displacement, all or nothing.
+            self._commit(pending, result, after)
         except BaseException as error:
             together.failed(error)
-            self._roll_back(error, index, step.phase, saved, theta_before, applied=step.applied)
-            if isinstance(error, NonFiniteError) and not step.applied:
+            applied = step.applied
+            self._roll_back(error, index, step.phase, saved, theta_before, applied=applied)
+            if self._broken is None:
+                step.applied = False  # undone: a trainer counting its applied steps does not count this one
+            if isinstance(error, NonFiniteError) and not applied:
                 raise NonFiniteError(
                     f"step {index} ({step.phase}): {error}; the ledger keeps the {index - 1} steps before"
                 ) from error
             raise
-        self.route.commit()
         self._recorded(result)
         return result
 
@@ -595,8 +607,6 @@ class PathKernelTracker:
     def _observed_gradients(self, losses, groups, weights):
         """observe()'s checks, then the micro-batch's group ids and group gradients."""
         self._check_open()
-        if self._pending_step is not None:
-            raise RuntimeError("observe() was called inside optimizer.step(): call it before the loop's backward")
         if not isinstance(losses, torch.Tensor) or losses.dim() != 1 or losses.numel() == 0:
             raise ValueError(
                 f"losses must be the per-example losses, a non-empty Tensor[B] with its graph, got "
@@ -634,15 +644,47 @@ class PathKernelTracker:
         return all(p.grad is None or not bool(p.grad.any()) for p in self.params.values())
 
     def _check_open(self) -> None:
+        self._check_consistent()
         if self._closed:
             raise RuntimeError("this tracker was closed (its tracked window ended): build a new one to track more steps")
+
+    def _check_consistent(self) -> None:
+        """Refuse to go on from a state the ledgers do not describe: a step whose recording was cut
+        off half-way (:meth:`_commit`), or an observed step the loop's ``optimizer.step()`` never
+        finished (:meth:`_abandon_observed_step`)."""
+        if self._broken is not None:
+            raise RuntimeError(
+                f"this tracker refuses further steps: {self._broken}. Its ledgers and group state no longer describe "
+                "one run; build a new tracker (from the model and optimizer as they are now) to track more steps"
+            )
+        self._abandon_observed_step()
+
+    def _abandon_observed_step(self) -> None:
+        """An observed step begun by the optimizer's pre-step hook whose post-step hook never ran: the
+        loop's ``optimizer.step()`` raised in between (in the optimizer's own update, possibly after
+        updating some parameters). Roll it back to θ_k (parameters, buffers, optimizer state; the
+        ledgers never saw it) and raise, so that the loop runs its micro-batch again."""
+        pending, self._pending_step = self._pending_step, None
+        if pending is None:
+            return
+        self._restore_state(pending.saved, pending.theta_before)
+        raise RuntimeError(
+            f"step {pending.index} (observed) never finished: the loop's optimizer.step() raised after the tracker "
+            "began it, possibly after updating some parameters. It was rolled back: the parameters, buffers and "
+            f"optimizer state are those before it again and the ledgers keep their {pending.index - 1} recorded "
+            "steps. A forward run since then saw the half-updated parameters: run the micro-batch again "
+            "(forward, tracker.observe, backward, optimizer.step())"
+        )
 
     def close(self, *, record_ema: bool = True) -> None:
         """Stop tracking (the end of a tracked window): record the EMA's update after the last tracked
         step, if it has been made (``record_ema=False``: not, as for a tracker restored after its
         window, whose EMA has since followed untracked steps), then keep every ledger as it is;
         remove the optimizer hooks and forget micro-batches not stepped on."""
-        if self.ema is not None and not self._closed and record_ema:
+        if self._pending_step is not None:  # an observed optimizer.step() that raised: back to θ_k
+            pending, self._pending_step = self._pending_step, None
+            self._restore_state(pending.saved, pending.theta_before)
+        if self.ema is not None and not self._closed and record_ema and self._broken is None:
             self.ema.sync(self.ledger.steps)
         self._closed = True
         for handle in self._hooks:
@@ -657,12 +699,19 @@ class PathKernelTracker:
         forward, the backward and gradient clipping inside ``optimizer.step(closure)``), the step
         is begun when the closure returns; otherwise now."""
         closure = kwargs.get("closure", args[1] if len(args) > 1 else None)  # args[0]: the optimizer itself
+        if self._observing or self._pending_step is not None:
+            self._check_consistent()  # a previous optimizer.step() that raised half-way is rolled back first
         if closure is None:
             if self._observed is not None or self._observing:
                 self._begin_observed()
             return None  # an owned step (tracker.step) or a loop not observed
 
         def observed_closure():
+            if self._pending_step is not None:
+                raise RuntimeError(
+                    "the optimizer called its closure a second time within one step (LBFGS-like): an observed step "
+                    "must run its forward and backward once; use an optimizer that calls the closure once"
+                )
             loss = closure()
             if self._observed is not None or self._observing:
                 self._begin_observed()
@@ -707,15 +756,13 @@ class PathKernelTracker:
         if pending is None:
             return
         try:
-            result = self._finish(pending)
+            result, after = self._finish(pending)
             self._together.passed()
+            self._commit(pending, result, after, scale_entry=self._scale_entry)
         except BaseException as error:
             self._together.failed(error)
             self._roll_back(error, pending.index, pending.phase, pending.saved, pending.theta_before, applied=True)
             raise
-        self.route.commit()
-        self.gradient_scales.append(self._scale_entry)
-        self._grad_marks = None  # the loop zeroes or keeps its gradients as it likes
         self._recorded(result)
 
     def _scaled_to_real(self, index: int, grads: dict[str, torch.Tensor],
@@ -754,9 +801,7 @@ class PathKernelTracker:
         return {name: g * scale for name, g in grads.items()}, scale
 
     def _recorded(self, result: StepContributions) -> None:
-        """After a step is committed: the EMA's displacements, then the listeners."""
-        if self.ema is not None:
-            self.ema.after_step(result.group_updates)
+        """After a step is committed: the listeners (an error there leaves the recorded step as it is)."""
         for listener in self.listeners:
             listener(result)
 
@@ -777,8 +822,9 @@ class PathKernelTracker:
         return _StepInProgress(index, phase, ids, theta_before, saved, gradients, rounding, f_before,
                                f_before - self._f_prev, losses, clip_factor)
 
-    def _finish(self, pending: "_StepInProgress") -> StepContributions:
-        """Steps 3-6 after the real optimizer step; the ledgers change only at the very end."""
+    def _finish(self, pending: "_StepInProgress") -> tuple[StepContributions, "_After"]:
+        """Steps 3-5 and the fresh forward after the real optimizer step; changes no ledger or group state
+        (:meth:`_commit` records). Returns the step's contributions and ``(f_after [M, d], θ_{k+1})``."""
         index, theta_before = pending.index, pending.theta_before
         with torch.no_grad(), analysis_mode(self.module):
             theta_after = {name: p.detach().clone() for name, p in self.params.items()}
@@ -797,19 +843,54 @@ class PathKernelTracker:
         step_residual = (f_after - pending.f_before - result.contributions[primary].sum(dim=1) - result.rest
                          - result.sketch_error[primary])
         rest = result.rest + pending.drift
-        for name, ledger in self.ledgers.items():
-            ledger.record(result.contributions[name], rest, f_after, result.sketch_error[name], pending.drift,
-                          columns=result.columns[name])
-            if self.snapshot_every and ledger.steps % self.snapshot_every == 0:
-                ledger.snapshot()
+        return (StepContributions(index, result, dict(self.partitions.sizes), rest, step_residual, pending.losses,
+                                  updates, result.sketch_error), (f_after, theta_after))
+
+    def _commit(self, pending: "_StepInProgress", result: StepContributions, after: "_After",
+                scale_entry: dict[str, float] | None = None) -> None:
+        """Record a checked step, all or nothing: every partition's ledger, then the route's new group
+        state, the EMA's displacement, f(θ_{k+1}) and θ_{k+1} (``after``).
+
+        A failure while the ledgers are written (an interrupt, a MemoryError in a snapshot) puts the
+        ledgers already written back (:meth:`PathKernelLedger.restore`), and the caller rolls the
+        step back: no ledger counts a step the model and the other ledgers do not. The group state
+        that follows cannot be put back: a failure there leaves the tracker refusing further steps."""
+        f_after, theta_after = after
+        moved = result.moved
+        written = []
+        try:
+            for name, ledger in self.ledgers.items():
+                written.append((ledger, ledger.mark(moved.columns[name])))
+                ledger.record(moved.contributions[name], result.rest, f_after, result.sketch_errors[name],
+                              pending.drift, columns=moved.columns[name])
+                if self.snapshot_every and ledger.steps % self.snapshot_every == 0:
+                    ledger.snapshot()
+        except BaseException:
+            for ledger, mark in reversed(written):
+                ledger.restore(mark)
+            raise
+        self._broken = (f"step {pending.index} ({pending.phase}) was interrupted after its ledgers were written, "
+                        "while its group state was being kept")
+        self.route.commit()
+        if self.ema is not None:
+            self.ema.after_step(result.group_updates)
         self._f_prev = f_after
         self._theta_after = theta_after
-        self._grad_marks = {n: (id(p.grad), p.grad._version) for n, p in self.params.items() if p.grad is not None}
-        return StepContributions(index, result, dict(self.partitions.sizes), rest, step_residual, pending.losses,
-                                 updates, result.sketch_error)
+        if scale_entry is not None:  # an observed step: the loop zeroes or keeps its gradients as it likes
+            self.gradient_scales.append(scale_entry)
+            self._grad_marks = None
+        else:
+            self._grad_marks = {n: (id(p.grad), p.grad._version) for n, p in self.params.items() if p.grad is not None}
+        self._broken = None
 
     def _roll_back(self, error: BaseException, index: int, phase: str, saved, theta_before, *, applied: bool) -> None:
-        """Put the parameters, buffers and optimizer state back to θ_k after a failed step."""
+        """Put the parameters, buffers and optimizer state back to θ_k after a failed step (unless the
+        step's ledgers were written already: the tracker then refuses further steps, :meth:`_commit`)."""
+        if self._broken is not None:
+            if hasattr(error, "add_note"):
+                error.add_note(f"genkernel: {self._broken}; the ledgers hold step {index}, the group state does not: "
+                               "this tracker refuses further steps")
+            return
         self._restore_state(saved, theta_before)
         if isinstance(error, NonFiniteError) and not applied:
             return
@@ -941,6 +1022,10 @@ class PathKernelTracker:
     # -- persistence ----------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         """Ledgers, per-group optimizer state and the last parameters (for the outside-change check)."""
+        self._check_consistent()  # never save a state the ledgers do not describe
+        return self._state()
+
+    def _state(self) -> dict[str, Any]:
         return {
             "format": FORMAT,
             "ledgers": {name: ledger.state_dict() for name, ledger in self.ledgers.items()},
@@ -987,7 +1072,7 @@ class PathKernelTracker:
                              "both or on neither before loading")
         # All or nothing: a state refused half-way (another sketch, a damaged entry) leaves this
         # tracker as it was, not with saved ledgers over fresh group state.
-        previous = self.state_dict()
+        previous = self._state()
         try:
             self._load(state)
         except BaseException as error:
@@ -1010,6 +1095,8 @@ class PathKernelTracker:
         if self.ema is not None:
             self.ema.load_state_dict(state["ema"])
         self._grad_marks = None
+        # A loaded state replaces whatever a failed step left: the caller loads the model and optimizer beside it.
+        self._broken, self._pending_step = None, None
 
     def save(self, path: str | os.PathLike) -> None:
         """Write the tracker state atomically (temporary file, then rename)."""
@@ -1124,7 +1211,11 @@ class PathKernelTracker:
                         "sizes, per-example weights, an added term such as a penalty on the weights) cannot be split: "
                         "pass the loss's own per-example coefficients to observe(losses, groups, weights=). Gradients "
                         "changed elementwise after the backward (torch.nn.utils.clip_grad_value_, a gradient hook) "
-                        "are no scalar times that sum either: clip by the global norm (clip_grad_norm_) instead")
+                        "are no scalar times that sum either: clip by the global norm (clip_grad_norm_) instead. "
+                        "Gradients left over from an earlier backward that raised half-way or was never stepped on add "
+                        "in too, and a micro-batch observed whose backward then raised adds nothing: zero the "
+                        "gradients (optimizer.zero_grad()) before each step's first backward and observe the step's "
+                        "micro-batches again")
                     raise LedgerCheckError(
                         f"step {index}: the group gradients{where} of '{name}' do not add up to the real gradient "
                         f"(gap {gap:.3e}, scale {scales[name]:.3e}){hint}"
