@@ -8,13 +8,21 @@ diffusers = pytest.importorskip("diffusers")
 from genkernel.diffusion import DDPMTrainer  # noqa: E402
 
 
-@pytest.fixture(autouse=True)
-def _threads(one_thread):
-    yield
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: one torch thread for the module
 
 
 def _scheduler():
     return diffusers.DDPMScheduler(num_train_timesteps=100)
+
+
+def _class_unet():
+    """A tiny class-conditional UNet2DModel (4 class embeddings, no attention), seeded."""
+    torch.manual_seed(0)
+    return diffusers.UNet2DModel(
+        sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16), layers_per_block=1,
+        down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
+        norm_num_groups=4, num_class_embeds=4, add_attention=False,
+    )
 
 
 def _data():
@@ -23,12 +31,7 @@ def _data():
 
 
 def test_trainer_labels_given_to_class_conditional_unet_without_conditional_flag_names_the_flag():
-    torch.manual_seed(0)
-    model = diffusers.UNet2DModel(
-        sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16), layers_per_block=1,
-        down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
-        norm_num_groups=4, num_class_embeds=4, add_attention=False,
-    )
+    model = _class_unet()
     data, labels = _data()
     trainer = DDPMTrainer(model, _scheduler(), data, labels=labels, batch_size=4, progress=False)
     with pytest.raises(ValueError, match="pass conditional=True"):
@@ -52,12 +55,7 @@ def test_observe_null_class_outside_num_classes_says_to_count_it():
     """Classifier-free guidance trains a null class: labels num_classes..; the refusal says to count it."""
     from genkernel.diffusion import NoiseLevelAnalyzer
 
-    torch.manual_seed(0)
-    model = diffusers.UNet2DModel(
-        sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16), layers_per_block=1,
-        down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
-        norm_num_groups=4, num_class_embeds=4, add_attention=False,
-    )
+    model = _class_unet()
     data, labels = _data()
     scheduler = _scheduler()
     analyzer = NoiseLevelAnalyzer(scheduler, data, num_bins=2, num_probes=4, probe_conditioning=labels, controls=0,

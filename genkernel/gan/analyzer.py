@@ -75,9 +75,10 @@ or performing prepared steps yourself::
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -362,11 +363,18 @@ class GANKernelAnalyzer(TrainerCallback):
                 "resume=True), or load_state_dict) or build a new analyzer"
             )
 
-    def _interrupted(self, which: str, error: BaseException) -> None:
-        self._broken = (f"the bookkeeping of a {which} step was interrupted ({type(error).__name__}) after the step "
-                        "was recorded in the ledgers")
-        if hasattr(error, "add_note"):
-            error.add_note(f"genkernel: {self._broken}; this analyzer refuses further steps and saves")
+    @contextlib.contextmanager
+    def _bookkeeping(self, which: str) -> Iterator[None]:
+        """A listener's bookkeeping after a ``which`` step was recorded: cut off half-way (an interrupt),
+        the analyzer refuses to go on (:meth:`_check_consistent`)."""
+        try:
+            yield
+        except BaseException as error:
+            self._broken = (f"the bookkeeping of a {which} step was interrupted ({type(error).__name__}) after the "
+                            "step was recorded in the ledgers")
+            if hasattr(error, "add_note"):
+                error.add_note(f"genkernel: {self._broken}; this analyzer refuses further steps and saves")
+            raise
 
     def wrap_step(self, trainer: Any, step: OptimizerStep, perform: Callable[[], torch.Tensor]) -> torch.Tensor:
         if step.phase in ("generator", "discriminator"):
@@ -880,11 +888,8 @@ class GANKernelAnalyzer(TrainerCallback):
     def _record_generator(self, result: StepContributions) -> None:
         """5. The generator tracker's listener: bookkeeping after every recorded step, owned or observed;
         cut off half-way (an interrupt), the analyzer refuses to go on."""
-        try:
+        with self._bookkeeping("generator"):
             self._book_generator(result)
-        except BaseException as error:
-            self._interrupted("generator", error)
-            raise
 
     def _book_generator(self, result: StepContributions) -> None:
         pending, self._g_pending = self._g_pending or {"ids": [], "spatial": [], "loop_step": None}, None
@@ -1147,11 +1152,8 @@ class GANKernelAnalyzer(TrainerCallback):
 
     def _record_discriminator(self, result: StepContributions) -> None:
         """The discriminator tracker's listener (owned and observed steps); see :meth:`_record_generator`."""
-        try:
+        with self._bookkeeping("discriminator"):
             self._book_discriminator(result)
-        except BaseException as error:
-            self._interrupted("discriminator", error)
-            raise
 
     def _book_discriminator(self, result: StepContributions) -> None:
         pending, self._d_pending = self._d_pending or {"ids": [], "loop_step": None}, None

@@ -229,10 +229,19 @@ def estimate_wall_time(name: str, args, s: dict, seeds: Sequence[int], build: Ca
 def _alignment(runs: Sequence[dict], value: Callable[[dict], float]) -> tuple[Interval, str]:
     """One run: Student t over its evaluation steps (within one run; not independent). Several: over
     the runs' (seeds') means."""
-    per_run = [float_array([value(row) for row in r["report"]["alignment"]]) for r in runs]
-    if len(per_run) == 1:
-        return mean_interval(per_run[0]), "evaluation steps of one run (not independent: read as descriptive)"
-    return common.over_seeds([float(np.nanmean(v)) for v in per_run]), f"{len(per_run)} seeds"
+    if len(runs) == 1:
+        return mean_interval(_step_values(runs[0], value)), "evaluation steps of one run (not independent: read as descriptive)"
+    return common.over_seeds([_run_mean(r, value) for r in runs]), f"{len(runs)} seeds"
+
+
+def _step_values(run: dict, value: Callable[[dict], float]) -> np.ndarray:
+    """``value`` at each of the run's evaluation steps."""
+    return float_array([value(row) for row in run["report"]["alignment"]])
+
+
+def _run_mean(run: dict, value: Callable[[dict], float]) -> float:
+    """The run's mean of ``value`` over its evaluation steps (a seed's unit in the intervals over seeds)."""
+    return float(np.nanmean(_step_values(run, value)))
 
 
 def _beyond_null(runs: Sequence[dict], nulls: Sequence[dict], value: Callable[[dict], float]) -> Interval | None:
@@ -242,9 +251,7 @@ def _beyond_null(runs: Sequence[dict], nulls: Sequence[dict], value: Callable[[d
     pairs = [(r, null_of[r["seed"]]) for r in runs if r["seed"] in null_of]
     if len(pairs) < 2:
         return None
-    means = [[float(np.nanmean(float_array([value(row) for row in r["report"]["alignment"]]))) for r in pair]
-             for pair in pairs]
-    return common.over_seeds([run - null for run, null in means])
+    return common.over_seeds([_run_mean(run, value) - _run_mean(null, value) for run, null in pairs])
 
 
 def _window_entry(result: dict | None) -> dict | None:
