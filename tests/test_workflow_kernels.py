@@ -3,6 +3,7 @@ float64 brute force (one torch.autograd.grad per example and output): what they 
 exactly, and what they must refuse."""
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -181,3 +182,34 @@ def test_per_example_jacobians_through_prelu_when_the_batch_size_equals_the_outp
     for engine in ENGINES:
         torch.testing.assert_close(gradient_kernel(model, x1, x2, engine=engine), torch.einsum("mdp,ndp->mn", j1, j2),
                                    rtol=1e-10, atol=1e-12)
+
+
+def _batch_size(x: torch.Tensor) -> int | None:
+    """The size of the vmapped dimension of ``x`` inside ``vmap`` (None outside it)."""
+    if not torch._C._functorch.is_batchedtensor(x):
+        return None
+    return torch._C._functorch.get_unwrapped(x).shape[torch._C._functorch.maybe_get_bdim(x)]
+
+
+def test_a_per_example_function_that_runs_only_under_vmap_is_checked_against_a_batch_of_one():
+    # On CUDA (torch 2.11) jacrev of one UNet example raised "NYI: querying is_contiguous inside
+    # of vmap" while the batched call ran; the agreement check called it alone and failed the step.
+    from genkernel.core.engine.reference import per_example
+
+    def only_batched(x):
+        if _batch_size(x) is None:
+            raise RuntimeError("NYI: querying is_contiguous inside of vmap for memory_format other than contiguous")
+        return 2 * x
+
+    x = torch.randn(5, 3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        torch.testing.assert_close(per_example(only_batched, (0,))(x), 2 * x, rtol=0, atol=0)
+
+    def wrong_for_batches_of_several(x):  # right in a batch of one, wrong otherwise
+        if _batch_size(x) is None:
+            raise RuntimeError("NYI: only under vmap")
+        return 2 * x if _batch_size(x) == 1 else 3 * x
+
+    with pytest.warns(RuntimeWarning, match="one example at a time"):
+        torch.testing.assert_close(per_example(wrong_for_batches_of_several, (0,))(x), 2 * x, rtol=0, atol=0)

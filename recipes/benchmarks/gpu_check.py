@@ -47,10 +47,12 @@ import torch
 
 def _settings(tiny: bool) -> dict:
     if tiny:
-        return dict(unet="tiny", batch=4, probes=4, bins=2, controls=1, steps=1, images=8, gan_width=4, gan_batch=4,
-                    gan_steps=1)
-    return dict(unet="ddpm_cifar10", batch=64, probes=100, bins=10, controls=1, steps=3, images=512, gan_width=64,
-                gan_batch=64, gan_steps=3)
+        return dict(unet="tiny", batch=4, probes=4, bins=2, controls=1, steps=1, images=8, lr=2e-4, gan_width=4,
+                    gan_batch=4, gan_steps=1)
+    # lr: the DDPM paper's CIFAR-10 rate (the trainer's default, 1e-3, moves each of the 35.7M
+    # parameters by 1e-3 in Adam's first steps: the midpoint rule then left 1.48 of the change).
+    return dict(unet="ddpm_cifar10", batch=64, probes=100, bins=10, controls=1, steps=3, images=512, lr=2e-4,
+                gan_width=64, gan_batch=64, gan_steps=3)
 
 
 def _sync(device: torch.device) -> None:
@@ -114,7 +116,10 @@ def analysis_budget(device: torch.device) -> int:
 def diffusion_benchmark(device: torch.device, s: dict, deadline: float) -> dict:
     """Bare and analyzed DDPM steps of the CIFAR-sized UNet (tiny: ``tiny_unet``), interleaved, as
     many timed pairs as ``s["steps"]`` and the ``deadline`` (``time.perf_counter()``) allow (one
-    at least)."""
+    at least). Then, untimed and as the deadline allows: a second bare run (parameters bit-equal to
+    the first tell the analyzer's effect from nondeterministic kernels) and the same tracked steps
+    under Simpson's rule (its residual far below the midpoint rule's says the residual is the
+    quadrature's, not a wrong push)."""
     from genkernel.diffusion import DDPMTrainer, NoiseLevelAnalyzer, make_scheduler, tiny_unet
     from genkernel.diffusion.configs import ddpm_cifar10_unet
 
@@ -129,23 +134,30 @@ def diffusion_benchmark(device: torch.device, s: dict, deadline: float) -> dict:
         return net.to(device)
 
     out: dict = {"model": s["unet"], "batch": s["batch"], "probes": s["probes"], "bins": s["bins"],
-                 "controls": s["controls"], "state_dtype": "float32"}
+                 "controls": s["controls"], "state_dtype": "float32", "lr": s["lr"]}
     # Peaks are counted from what was allocated before each trainer was built (the data, and for the
     # analyzed one the bare trainer, which the interleaved timing below still needs).
     before = _allocated(device)
-    bare = DDPMTrainer(model(), scheduler, data, batch_size=s["batch"], progress=False)
+    def make_trainer(callbacks=()):
+        return DDPMTrainer(model(), scheduler, data, batch_size=s["batch"], lr=s["lr"], progress=False,
+                           callbacks=list(callbacks))
+
+    def analyzer_for(quadrature: str):
+        made = NoiseLevelAnalyzer(scheduler, data[:32], num_bins=s["bins"], num_probes=s["probes"], controls=s["controls"],
+                                  kernel_points=2, kernel_sketch=1, snapshot_every=0, state_dtype=torch.float32,
+                                  quadrature=quadrature, memory_budget=analysis_budget(device), progress=False)
+        made.record_kernel = lambda: None  # the kernel structure is not part of a step
+        return made
+
+    bare = make_trainer()
     _reset_peak(device)
     bare.train(1)
     out["bare_peak_bytes"] = None if device.type != "cuda" else _peak(device) - before
     before = _allocated(device)
-    analyzer = NoiseLevelAnalyzer(scheduler, data[:32], num_bins=s["bins"], num_probes=s["probes"], controls=s["controls"],
-                                  kernel_points=2, kernel_sketch=1, snapshot_every=0, state_dtype=torch.float32,
-                                  memory_budget=analysis_budget(device), progress=False)
+    analyzer = analyzer_for("midpoint")
     out["memory_budget"] = analyzer.memory_budget
-    tracked = DDPMTrainer(model(), scheduler, data, batch_size=s["batch"], progress=False, callbacks=[analyzer])
+    tracked = make_trainer([analyzer])
     _reset_peak(device)
-    analyzer.on_train_start(tracked)
-    analyzer.record_kernel = lambda: None  # the kernel structure is not part of a step
     tracked.train(1)
     out["analyzed_peak_bytes"] = None if device.type != "cuda" else _peak(device) - before
     out["estimate"] = analyzer.tracker.cost.as_dict()
@@ -166,6 +178,24 @@ def diffusion_benchmark(device: torch.device, s: dict, deadline: float) -> dict:
     out["tracked_steps"] = analyzer.ledger.steps
     if out["analyzed_peak_bytes"] is not None:
         out["estimate_over_measured_peak"] = out["estimate"]["total_bytes"] / out["analyzed_peak_bytes"]
+    steps = len(times["bare"]) + 1
+
+    def parameters_equal(a, b):
+        return all(torch.equal(p, q) for p, q in zip(a.model.parameters(), b.model.parameters()))
+
+    out["training_unchanged"] = parameters_equal(bare, tracked)
+    if time.perf_counter() + steps * times["bare"][-1] < deadline:
+        control = make_trainer()
+        control.train(steps)
+        out["bare_runs_identical"] = parameters_equal(bare, control)
+        del control
+    per_step = max(times["analyzed"])
+    if time.perf_counter() + 4 * steps * per_step < deadline:  # Simpson's rule pushes three nodes, not one
+        simpson = analyzer_for("simpson")
+        make_trainer([simpson]).train(steps)
+        out["simpson"] = {"tracked_steps": simpson.ledger.steps, "relative_residual": simpson.ledger.relative_residual()}
+    else:
+        out["simpson"] = "not run: the time budget"
     return out
 
 

@@ -26,7 +26,12 @@ def per_example(fn: Callable, in_dims: tuple) -> Callable:
     wrong values without an error (measured, torch 2.14: ``vmap(jacrev(f))`` through ``F.prelu``
     gave per-example Jacobians 0.4-0.9 off, relative, whenever the batch size equaled the number
     of outputs, and raised for other batch sizes). The fallback is exact and slower; it is taken
-    once per call with a warning that names the cause, never silently."""
+    once per call with a warning that names the cause, never silently.
+
+    "Alone" is ``fn`` on the example unbatched, or, where that raises, ``vmap(fn)`` over a batch of
+    that one example: on CUDA (torch 2.11, a UNet's convolution backward) ``jacrev`` of one example
+    raised "NYI: querying is_contiguous inside of vmap" while the batched call ran. A batch of one
+    cannot confuse its examples, so it still tells a wrong batched result apart."""
     batched = vmap(fn, in_dims=in_dims)
 
     def run(*args: Any):
@@ -36,6 +41,16 @@ def per_example(fn: Callable, in_dims: tuple) -> Callable:
         def example(i: int) -> tuple:
             return tuple(a if d is None else pytree.tree_map(lambda t: t.select(d, i), a) for a, d in zip(args, in_dims))
 
+        def alone(i: int) -> Any:
+            try:
+                return fn(*example(i))
+            except RuntimeError as error:
+                one = tuple(a if d is None else pytree.tree_map(lambda t: t.narrow(d, i, 1), a) for a, d in zip(args, in_dims))
+                try:
+                    return pytree.tree_map(lambda t: t[0], batched(*one))
+                except RuntimeError:
+                    raise error from None
+
         try:
             out = batched(*args)
         except RuntimeError as error:
@@ -44,13 +59,13 @@ def per_example(fn: Callable, in_dims: tuple) -> Callable:
                 raise clear from error
             why = f"torch.func.vmap cannot batch this model over examples ({str(error).splitlines()[0][:200]})"
         else:
-            if size < 2 or _agrees(pytree.tree_map(lambda t: t[0], out), fn(*example(0))):
+            if size < 2 or _agrees(pytree.tree_map(lambda t: t[0], out), alone(0)):
                 return out
             why = ("torch.func.vmap gave the first example other values than a pass of that example alone (a batching "
                    "rule that confuses the examples' dimension with another of the same size)")
         warnings.warn(f"{why}; genkernel computes per-example quantities one example at a time instead (exact, slower)",
                       RuntimeWarning, stacklevel=3)
-        outs = [fn(*example(i)) for i in range(size)]
+        outs = [alone(i) for i in range(size)]
         return pytree.tree_map(lambda *xs: torch.stack(xs), *outs)
 
     return run
