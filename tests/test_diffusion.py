@@ -175,6 +175,9 @@ def test_a_large_residual_gets_a_note_with_the_rules_remedy():
     (note,) = notes["left"]
     assert note.endswith(residual_remedy("left")) and "step^1" in note and "quadrature='simpson'" in note
     assert "step^2" in residual_remedy("midpoint") and "shorten" in residual_remedy("simpson")
+    # Where Simpson gains little (steps that move the outputs far), more Gauss-Legendre nodes still converge.
+    assert all("'gauss4'" in residual_remedy(rule) for rule in ("midpoint", "simpson", "gauss3"))
+    assert "gauss" not in residual_remedy("gauss8") and "shorten" in residual_remedy("gauss8")
 
 
 def test_log_snr_bins_span_equal_widths_of_log_snr():

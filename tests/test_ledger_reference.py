@@ -19,7 +19,9 @@ def _float64(float64):
 
 
 NODES = {"left": ([0.0], [1.0]), "midpoint": ([0.5], [1.0]), "trapezoid": ([0.0, 1.0], [0.5, 0.5]),
-         "simpson": ([0.0, 0.5, 1.0], [1 / 6, 4 / 6, 1 / 6])}
+         "simpson": ([0.0, 0.5, 1.0], [1 / 6, 4 / 6, 1 / 6]),
+         # three-point Gauss–Legendre on [0, 1], written out: nodes ½ ∓ ½√(3/5), weights 5/18, 8/18, 5/18
+         "gauss3": ([0.5 - 0.5 * math.sqrt(0.6), 0.5, 0.5 + 0.5 * math.sqrt(0.6)], [5 / 18, 8 / 18, 5 / 18])}
 
 
 def make_model(seed=0):
@@ -211,7 +213,7 @@ def test_ledger_matches_brute_force(name):
         assert tracker.ledger.rest.abs().max() > 0
 
 
-@pytest.mark.parametrize("quadrature", ["left", "trapezoid", "simpson"])
+@pytest.mark.parametrize("quadrature", ["left", "trapezoid", "simpson", "gauss3"])
 def test_quadrature_rules_match_brute_force(quadrature):
     kind, hp = CONFIGS["sgd_momentum_dampening_wd"]
     probes = torch.randn(2, 3, generator=torch.Generator().manual_seed(6), dtype=torch.float64)

@@ -111,7 +111,8 @@ class NoiseLevelAnalyzer(TrainerCallback):
         band: w, the half-width in bins of "nearby levels" for the locality measures.
         controls: number of label-permutation control partitions tracked beside the level
             partition (0: none); each adds G group rows to every step's cost.
-        quadrature: the ledger's rule ("midpoint" default; "left", "trapezoid", "simpson").
+        quadrature: the ledger's rule ("midpoint" default; "left", "trapezoid", "simpson", "gauss2" to
+            "gauss8": :mod:`~genkernel.core.tracking.quadrature`).
         snapshot_every: record locality summaries every this many tracked steps (0: only at
             the end); they are the "locality over training" curves.
         kernel_every: compute the kernel structure every this many tracked steps (0: only when

@@ -116,10 +116,23 @@ def analysis_budget(device: torch.device) -> int:
 def diffusion_benchmark(device: torch.device, s: dict, deadline: float) -> dict:
     """Bare and analyzed DDPM steps of the CIFAR-sized UNet (tiny: ``tiny_unet``), interleaved, as
     many timed pairs as ``s["steps"]`` and the ``deadline`` (``time.perf_counter()``) allow (one
-    at least). Then, untimed and as the deadline allows: a second bare run (parameters bit-equal to
-    the first tell the analyzer's effect from nondeterministic kernels) and the same tracked steps
-    under Simpson's rule (its residual far below the midpoint rule's says the residual is the
-    quadrature's, not a wrong push)."""
+    at least). Then, as the deadline allows: a second bare run (parameters bit-equal to the first
+    tell the analyzer's effect from nondeterministic kernels) and the same tracked steps under
+    Simpson's rule and six Gauss–Legendre nodes (residuals that fall with more nodes say the residual
+    is the quadrature's, not a wrong push). On CUDA under strict deterministic algorithms."""
+    if device.type == "cuda":
+        # Strict: under "warn" the memory-efficient attention backward runs its non-deterministic
+        # algorithm, and two bare runs of the CIFAR UNet ended with other parameters (H200, torch 2.11).
+        previous = torch.is_deterministic_algorithms_warn_only_enabled()
+        torch.use_deterministic_algorithms(True, warn_only=False)
+        try:
+            return _diffusion_benchmark(device, s, deadline)
+        finally:
+            torch.use_deterministic_algorithms(True, warn_only=previous)
+    return _diffusion_benchmark(device, s, deadline)
+
+
+def _diffusion_benchmark(device: torch.device, s: dict, deadline: float) -> dict:
     from genkernel.diffusion import DDPMTrainer, NoiseLevelAnalyzer, make_scheduler, tiny_unet
     from genkernel.diffusion.configs import ddpm_cifar10_unet
 
@@ -134,7 +147,9 @@ def diffusion_benchmark(device: torch.device, s: dict, deadline: float) -> dict:
         return net.to(device)
 
     out: dict = {"model": s["unet"], "batch": s["batch"], "probes": s["probes"], "bins": s["bins"],
-                 "controls": s["controls"], "state_dtype": "float32", "lr": s["lr"]}
+                 "controls": s["controls"], "state_dtype": "float32", "lr": s["lr"],
+                 "deterministic_strict": torch.are_deterministic_algorithms_enabled()
+                 and not torch.is_deterministic_algorithms_warn_only_enabled()}
     # Peaks are counted from what was allocated before each trainer was built (the data, and for the
     # analyzed one the bare trainer, which the interleaved timing below still needs).
     before = _allocated(device)
@@ -190,12 +205,17 @@ def diffusion_benchmark(device: torch.device, s: dict, deadline: float) -> dict:
         out["bare_runs_identical"] = parameters_equal(bare, control)
         del control
     per_step = max(times["analyzed"])
-    if time.perf_counter() + 4 * steps * per_step < deadline:  # Simpson's rule pushes three nodes, not one
-        simpson = analyzer_for("simpson")
-        make_trainer([simpson]).train(steps)
-        out["simpson"] = {"tracked_steps": simpson.ledger.steps, "relative_residual": simpson.ledger.relative_residual()}
-    else:
-        out["simpson"] = "not run: the time budget"
+    out["rules"] = {}
+    for rule, nodes in (("simpson", 3), ("gauss6", 6)):
+        if time.perf_counter() + (nodes + 1) * steps * per_step > deadline:  # a push of every row per node
+            out["rules"][rule] = "not run: the time budget"
+            continue
+        other = analyzer_for(rule)
+        started = time.perf_counter()
+        make_trainer([other]).train(steps)
+        out["rules"][rule] = {"tracked_steps": other.ledger.steps, "relative_residual": other.ledger.relative_residual(),
+                              "seconds_per_step": (time.perf_counter() - started) / steps}
+        del other
     return out
 
 

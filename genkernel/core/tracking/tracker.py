@@ -188,7 +188,8 @@ class PathKernelTracker:
         num_groups: G, the number of groups of training contributions; or ``{name: G}`` for
             several partitions of the same examples, each split exactly into its own ledger
             (``tracker.ledgers[name]``; the first is ``tracker.ledger``).
-        quadrature: "left", "midpoint", "trapezoid" or "simpson" (see :mod:`quadrature`).
+        quadrature: "left", "midpoint", "trapezoid", "simpson" or "gauss2" to "gauss8" (n-point
+            Gauss–Legendre, for steps that move the outputs far; see :mod:`quadrature`).
         max_grad_norm: global-norm gradient clipping applied to the real step (inf: none); every
             group's share is scaled by the same factor.
         snapshot_every: copy the ledgers into their ``history`` every this many steps (0: never).
