@@ -218,6 +218,8 @@ def test_exact_cuda_mode_sets_the_switches_trackers_check(monkeypatch):
         assert tf32_reason(True, True, torch.backends.cudnn.allow_tf32, torch.get_float32_matmul_precision()) is None
         with pytest.raises(ValueError, match="determinism must be one of"):
             set_exact_cuda_mode("on")
+        # The default is strict: under "warn" a CUDA attention backward runs non-deterministically.
+        assert set_exact_cuda_mode()["deterministic_warn_only"] is False
     finally:
         torch.backends.cudnn.allow_tf32, torch.backends.cudnn.benchmark = previous[0], previous[1]
         torch.set_float32_matmul_precision(previous[2])
