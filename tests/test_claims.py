@@ -279,7 +279,7 @@ def test_null_space_region_claims_share_one_five_percent_error():
 
     rhos, distance = (0.4, 0.6, 0.8), (-0.5, -0.5, -0.49)  # beyond the distance in every seed by ~1
     runs = [{"rho_residual": dict.fromkeys(recipe.REGIONS, r), "rho_distance": dict.fromkeys(recipe.REGIONS, d),
-             "domingos_relative_error": 0.05} for r, d in zip(rhos, distance)]
+             "domingos_relative_error": 0.05, "lr_times_sharpness": 1.0} for r, d in zip(rhos, distance)]
     claims = recipe.claims_from_runs(runs)
     for region in ("", "_inside_range", "_outside_range"):
         c = claims[f"error_grows_with_out_of_span_part{region}"]
@@ -287,6 +287,20 @@ def test_null_space_region_claims_share_one_five_percent_error():
         assert c["interval"][0] == pytest.approx(-0.2832078, abs=1e-6) and c["beyond_distance_interval"][0] > 0
     wide = [{**r, "rho_residual": dict.fromkeys(recipe.REGIONS, r["rho_residual"]["all"] * 0.1 + 0.6)} for r in runs]
     assert recipe.claims_from_runs(wide)["error_grows_with_out_of_span_part"]["held"] is True  # a tight rise still holds
+
+
+def test_null_space_runs_at_the_edge_of_stability_are_not_held_as_stable():
+    """Full-batch gradient descent at lr 0.05 drives η λ_max to 2 within 1000 steps (measured
+    2.03), where a 1e-12 change of the targets moved a seed's Domingos error from 48.7 to 17.1;
+    at the recipe's lr 0.02 it is 0.68 at the same point."""
+    from recipes.experiments import null_space as recipe
+
+    s = dict(n_train=48, n_test=24, width=64, steps=1000, checkpoints=4, extent=1.5, top_k=3)
+    edge = recipe.run_seed(0, {**s, "lr": 0.05}, "cpu", keep=False)
+    stable = recipe.run_seed(0, {**s, "lr": 0.02}, "cpu", keep=False)
+    assert edge["lr_times_sharpness"] > 1.9 and stable["lr_times_sharpness"] < 1.0
+    assert not_held(recipe.claims_from_runs([edge])["trained_below_the_edge_of_stability"])
+    assert recipe.claims_from_runs([stable])["trained_below_the_edge_of_stability"]["held"] is True
 
 
 # ------------------------------------------------------------------ diffusion
