@@ -278,6 +278,7 @@ def _assert_same_gan(trainer, other):
         for key, value in a.state_dict().items():
             assert torch.equal(value, b.state_dict()[key]), key
     assert (trainer.iteration, trainer.g_steps, trainer.d_steps_done) == (other.iteration, other.g_steps, other.d_steps_done)
+    assert trainer.history == other.history  # one loss entry per update (old: none for an update whose callback raised)
     mine, theirs = trainer.callbacks[0], other.callbacks[0]
     assert mine.g_loop_steps == theirs.g_loop_steps and mine.d_loop_steps == theirs.d_loop_steps
     assert len(mine.windows) == len(theirs.windows)
@@ -324,10 +325,14 @@ def test_a_gan_analyzer_interrupted_in_its_bookkeeping_refuses_to_go_on_and_resu
     with pytest.raises(KeyboardInterrupt):
         trainer.train(3)
     monkeypatch.setattr(GANKernelAnalyzer, "_close_window", original)
-    with pytest.raises(RuntimeError, match="refuses further steps and saves: the bookkeeping of a generator step"):
+    with pytest.raises(RuntimeError, match="refuses further steps, saves and reports: the bookkeeping of a generator"):
         trainer.save_checkpoint(tmp_path / "checkpoint.pt")
-    with pytest.raises(RuntimeError, match="refuses further steps and saves"):
+    with pytest.raises(RuntimeError, match="refuses further steps, saves and reports"):
         trainer.train(3)
+    # Its report would mix windows cut off half-way with ledgers that kept the step (old: reported).
+    (analyzer,) = [c for c in trainer.callbacks if isinstance(c, GANKernelAnalyzer)]
+    with pytest.raises(RuntimeError, match="refuses further steps, saves and reports"):
+        analyzer.report()
     resumed = _gan(checkpoint_dir=tmp_path)  # a fresh process: new networks, optimizers and analyzer
     resumed.train(3, resume=True)
     _assert_same_gan(resumed, clean)

@@ -354,11 +354,11 @@ class GANKernelAnalyzer(TrainerCallback):
 
     # -- protocol ------------------------------------------------------------------------------
     def _check_consistent(self) -> None:
-        """Refuse to go on (steps, saves) after a step's bookkeeping was cut off half-way: its windows,
-        alignment and loop step numbers would no longer match the ledgers."""
+        """Refuse to go on (steps, saves, reports) after a step's bookkeeping was cut off half-way: its
+        windows, alignment and loop step numbers would no longer match the ledgers."""
         if self._broken is not None:
             raise RuntimeError(
-                f"this analyzer refuses further steps and saves: {self._broken}, so its windows, alignment and loop "
+                f"this analyzer refuses further steps, saves and reports: {self._broken}, so its windows, alignment and loop "
                 "step numbers no longer match its ledgers. Resume from the last checkpoint (trainer.train(..., "
                 "resume=True), or load_state_dict) or build a new analyzer"
             )
@@ -373,7 +373,7 @@ class GANKernelAnalyzer(TrainerCallback):
             self._broken = (f"the bookkeeping of a {which} step was interrupted ({type(error).__name__}) after the "
                             "step was recorded in the ledgers")
             if hasattr(error, "add_note"):
-                error.add_note(f"genkernel: {self._broken}; this analyzer refuses further steps and saves")
+                error.add_note(f"genkernel: {self._broken}; this analyzer refuses further steps, saves and reports")
             raise
 
     def wrap_step(self, trainer: Any, step: OptimizerStep, perform: Callable[[], torch.Tensor]) -> torch.Tensor:
@@ -1216,7 +1216,9 @@ class GANKernelAnalyzer(TrainerCallback):
     def report(self) -> dict[str, Any]:
         """Everything measured so far as strict JSON (NaN as None), with the loop's step numbers, the
         windows flagged ``"collapsed"`` where the geometry groups no longer spread, and notes on what
-        the numbers cannot support (a large residual, with the rule that shrinks it)."""
+        the numbers cannot support (a large residual, with the rule that shrinks it). Refused after
+        a step's bookkeeping was cut off half-way (its windows would not match its ledgers)."""
+        self._check_consistent()
         notes = list(self.notes)
         out: dict[str, Any] = {"generator_steps": self.g_steps, "discriminator_steps": self.d_steps,
                                "grouping": type(self.grouping).__name__, "group_labels": self.grouping.labels(),

@@ -288,9 +288,7 @@ class GANTrainer:
             max_grad_norm=self.max_grad_norm, phase="discriminator",
             info={"roles": roles, "real_labels": real_labels, "discriminator": self.discriminator, "iteration": self.iteration},
         )
-        losses = self._perform(step)
-        self.history["d_loss"].append(float((losses * weights).sum()))
-        return losses
+        return self._perform(step)
 
     def generator_step(self) -> torch.Tensor:
         """One generator step (D's parameters frozen, its modes kept); returns the per-example losses."""
@@ -301,15 +299,14 @@ class GANTrainer:
             info={"latents": z, "discriminator": self.discriminator, "iteration": self.iteration},
         )
         with frozen(self.discriminator):
-            losses = self._perform(step)
-        self.history["g_loss"].append(float(losses.mean()))
-        return losses
+            return self._perform(step)
 
     def _perform(self, step: OptimizerStep) -> torch.Tensor:
         """Run ``step`` through the callbacks and count it (``g_steps`` / ``d_steps_done``) once its
         update is in the parameters, also when an error comes after the update (a callback's
         ``on_step_end``, the logging): the counts number the updates made, which analyzers and
-        the loop steps of a resumed run follow. A step rolled back or never applied is not counted."""
+        the loop steps of a resumed run follow, and the loss history has one entry per update. A
+        step rolled back or never applied is not counted."""
         try:
             losses = perform_step(self.callbacks, self, step)
         except NonFiniteError as error:
@@ -330,8 +327,10 @@ class GANTrainer:
         if step.applied:
             if step.phase == "generator":
                 self.g_steps += 1
+                self.history["g_loss"].append(float(step.losses.mean()))
             else:
                 self.d_steps_done += 1
+                self.history["d_loss"].append(float((step.losses * step.weights).sum()))
 
     # -- loop ----------------------------------------------------------------------------------
     def train(self, iterations: int, *, resume: bool = False) -> dict[str, list[float]]:
