@@ -675,3 +675,22 @@ def test_a_step_the_loop_skips_leaves_no_rows_in_the_next_steps_group_counts():
     assert analyzer.d_group_counts == [[B, B, 0], [B, B, 0]]
     assert len(analyzer.g_tracker.skipped_steps) == 2 and len(analyzer.d_tracker.skipped_steps) == 2
     assert [w["training_group_counts"] for w in analyzer.windows] == expected
+
+
+def test_a_saved_state_whose_tracker_part_is_refused_leaves_a_clear_refusal():
+    # Observe mode rebuilds the generator tracker inside load_state_dict; when that tracker refuses
+    # its part (another optimizer), the rest of the state was already in. Old: the next observe
+    # blamed "parameters changed outside the tracked optimizer step".
+    G, D, g_opt, d_opt, analyzer = bound_players()
+    plain_loop(G, D, g_opt, d_opt, batches(2), analyzer)
+    state = analyzer.state_dict()
+    G2, D2 = nets()
+    g_sgd = torch.optim.SGD(G2.parameters(), lr=1e-3)
+    d_adam = torch.optim.Adam(D2.parameters(), lr=2e-3, betas=(0.5, 0.999))
+    other = analyzer_for(G2, D2)
+    other.bind(g_sgd, d_adam, start_step=(2, 2))
+    with pytest.raises(ValueError, match="the optimizer was Adam, here SGD"):
+        other.load_state_dict(state)
+    for verb in (lambda: plain_loop(G2, D2, g_sgd, d_adam, batches(1, seed=5), other), other.report, other.state_dict):
+        with pytest.raises(RuntimeError, match="loading a saved state failed half-way .*the optimizer was Adam"):
+            verb()

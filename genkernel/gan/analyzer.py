@@ -354,8 +354,8 @@ class GANKernelAnalyzer(TrainerCallback):
 
     # -- protocol ------------------------------------------------------------------------------
     def _check_consistent(self) -> None:
-        """Refuse to go on (steps, saves, reports) after a step's bookkeeping was cut off half-way: its
-        windows, alignment and loop step numbers would no longer match the ledgers."""
+        """Refuse to go on (steps, saves, reports) after a step's bookkeeping or a state's loading was
+        cut off half-way: its windows, alignment and loop step numbers would no longer match the ledgers."""
         if self._broken is not None:
             raise RuntimeError(
                 f"this analyzer refuses further steps, saves and reports: {self._broken}, so its windows, alignment and loop "
@@ -1334,6 +1334,16 @@ class GANKernelAnalyzer(TrainerCallback):
             raise ValueError(f"the saved analyzer had settings {state['config']}, this one {mine}; build it with the same settings")
         if self._bound:
             _check_start_step(self._start_step, list(state["g_loop_steps"]), list(state["d_loop_steps"]))
+        try:
+            self._load_checked_state(state)
+        except BaseException as error:
+            # Part of the state is in and the rest is not (a tracker refused its own part, say): the
+            # analyzer says so at every later step, save and report rather than going on from a mix.
+            self._broken = (f"loading a saved state failed half-way ({type(error).__name__}: {str(error)[:200]}); load a "
+                            "state saved with these networks, optimizers and settings")
+            raise
+
+    def _load_checked_state(self, state: dict[str, Any]) -> None:
         if state["grouping"] is not None:
             self.grouping.load_state_dict(state["grouping"])
         if self.comparison is not None and state.get("comparison") is not None:
