@@ -163,3 +163,59 @@ def test_an_ema_kept_on_the_cpu_is_read_beside_the_model():
                 averaged.lerp_(p.detach().cpu(), 0.1)
     tracker.step(x, y, torch.arange(16, device=DEVICE) % 2)  # syncs the EMA's last move
     assert tracker.ema.ledger.steps == 3 and tracker.ema.ledger.relative_residual() < 1e-5
+
+
+def test_a_unet_kernel_agrees_between_engines_on_cuda():
+    """A diffusers UNet (convolutions, GroupNorm, attention, time embedding) in float64: the factored
+    engine against torch.func's vmap + jacrev, whose per-example check runs a batch of one where
+    jacrev of one example alone is refused on CUDA (see reference.per_example)."""
+    from test_factored import tiny_unet as small_unet
+
+    model = small_unet(torch.float64).to(DEVICE)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(3, 1, 8, 8, generator=g, dtype=torch.float64).to(DEVICE)
+    t = torch.tensor([1, 300, 700], device=DEVICE)
+    reference = gradient_kernel(model, (x, t), engine="functional")
+    factored = gradient_kernel(model, (x, t), engine="factored")
+    assert float((factored - reference).abs().max() / reference.abs().max()) < 1e-10
+
+
+@pytest.mark.parametrize("kind", ["mixed", "convnet"])
+def test_the_factored_route_keeps_the_dense_routes_ledger_on_cuda(kind):
+    """Plain SGD, one group per example, weight decay, clipping, two learning rates: the factored
+    route's ledger (layer factors, no per-group copies) is the dense route's, on CUDA as on the CPU."""
+    from test_per_example import batches, build, sgd
+
+    def run(group_state):
+        model, probes = build(kind, torch.float64)
+        model, probes = model.to(DEVICE), probes.to(DEVICE)
+        tracker = PathKernelTracker(model, sgd(model, weight_decay=0.01), mse_loss, probes, num_groups=30,
+                                    quadrature="simpson", group_state=group_state, max_grad_norm=0.5)
+        for k, (x, y) in enumerate(batches(kind, torch.float64)):
+            tracker.step(x.to(DEVICE), y.to(DEVICE), torch.arange(10 * k, 10 * k + 10, device=DEVICE))
+        return tracker, model
+
+    (dense, dense_model), (factored, factored_model) = run("dense"), run("factored")
+    assert factored.group_state == "factored"
+    scale = float(dense.ledger.contributions.abs().max())
+    assert float((factored.ledger.contributions - dense.ledger.contributions).abs().max()) < 1e-10 * scale
+    assert float((factored.ledger.rest - dense.ledger.rest).abs().max()) < 1e-10 * scale
+    assert all(torch.equal(a, b) for a, b in zip(dense_model.parameters(), factored_model.parameters()))
+
+
+def test_gauss_legendre_ledgers_converge_on_a_unet_step_on_cuda():
+    """One large Adam step of a float64 tiny UNet: more Gauss-Legendre nodes leave less residual, as
+    on the CPU (docs/ledger.md: the CIFAR UNet at lr 2e-4, 0.28 midpoint to 0.011 gauss6)."""
+    images = (torch.rand(8, 1, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1).double().to(DEVICE)
+
+    def residual(quadrature):
+        scheduler = make_scheduler(100, clip_sample=True)
+        torch.manual_seed(0)
+        model = tiny_unet(16, 1, channels=(8, 16)).double().to(DEVICE)
+        analyzer = NoiseLevelAnalyzer(scheduler, images[:4], num_bins=2, num_probes=4, controls=0, kernel_points=2,
+                                      quadrature=quadrature, progress=False)
+        DDPMTrainer(model, scheduler, images, batch_size=8, lr=3e-3, progress=False, callbacks=[analyzer]).train(1)
+        return analyzer.ledger.relative_residual()
+
+    midpoint, gauss4 = residual("midpoint"), residual("gauss4")
+    assert gauss4 < 0.1 * midpoint, (midpoint, gauss4)
