@@ -1217,7 +1217,8 @@ class GANKernelAnalyzer(TrainerCallback):
         """Everything measured so far as strict JSON (NaN as None), with the loop's step numbers, the
         windows flagged ``"collapsed"`` where the geometry groups no longer spread, and notes on what
         the numbers cannot support (a large residual, with the rule that shrinks it). Refused after
-        a step's bookkeeping was cut off half-way (its windows would not match its ledgers)."""
+        a step's bookkeeping or a state's loading was cut off half-way (its windows would not match
+        its ledgers)."""
         self._check_consistent()
         notes = list(self.notes)
         out: dict[str, Any] = {"generator_steps": self.g_steps, "discriminator_steps": self.d_steps,

@@ -29,7 +29,7 @@ def per_example(fn: Callable, in_dims: tuple) -> Callable:
     once per call with a warning that names the cause, never silently.
 
     "Alone" is ``fn`` on the example unbatched, or, where that raises, ``vmap(fn)`` over a batch of
-    that one example: on CUDA (torch 2.11, a UNet's convolution backward) ``jacrev`` of one example
+    that one example: on CUDA (torch 2.11, inside a UNet's backward) ``jacrev`` of one example
     raised "NYI: querying is_contiguous inside of vmap" while the batched call ran. A batch of one
     cannot confuse its examples, so it still tells a wrong batched result apart."""
     batched = vmap(fn, in_dims=in_dims)
