@@ -189,7 +189,7 @@ def test_null_space_smoke(tmp_path):
     assert res["top_k_target_energy"] == pytest.approx(energy[res["top_k"] - 1])
     r = np.asarray(res["out_of_span_residual"])
     assert r.shape == (12,) and (r > 0).all() and (r <= 1.0 + 1e-9).all()
-    assert res["checkpoints"] == [0, 2, 6, 19] and sum(res["checkpoint_weights"]) == pytest.approx(0.05 * 20)
+    assert res["checkpoints"] == [0, 3, 13, 49] and sum(res["checkpoint_weights"]) == pytest.approx(0.02 * 50)
     assert res["domingos_relative_error"] >= 0
     assert data["claims"]["checkpoint_path_kernel_reproduces_change"]["held"] == (res["domingos_relative_error"] < 0.1)
     assert -1.0 <= res["kernel_target_alignment"] <= 1.0
@@ -198,6 +198,9 @@ def test_null_space_smoke(tmp_path):
         assert c["held"] == (res["spearman_interval"][0] > 0 and res["by_region"]["all"]["beyond_distance"]["interval"][0] > 0)
     assert {"error_grows_with_out_of_span_part_inside_range", "error_grows_with_out_of_span_part_outside_range"} <= set(data["claims"])
     assert res["operator"]["is_this_networks_path_kernel"] is False
+    edge = [run["lr_times_sharpness"] for run in res["per_seed"]]
+    assert all(0 < e for e in edge)
+    assert data["claims"]["trained_below_the_edge_of_stability"]["held"] == (max(edge) < 1.9)
 
 
 def test_run_all_skips_missing_and_names_failures(tmp_path, capsys):
