@@ -13,6 +13,12 @@ def test_the_gpu_check_runs_in_its_tiny_cpu_mode(tmp_path):
     diffusion = written["diffusion"]
     assert diffusion["tracked_steps"] == 2 and diffusion["ratio"] > 1  # one warm-up and one timed step
     assert diffusion["estimate"]["total_bytes"] > 0
+    assert diffusion["training_unchanged"] and diffusion["bare_runs_identical"]
+    for rule in ("simpson", "gauss6"):  # the same steps under more nodes
+        assert diffusion["rules"][rule]["tracked_steps"] == 2 and diffusion["rules"][rule]["relative_residual"] < 0.1
+    phases = {row["phase"]: row for row in diffusion["phases"]}  # one more step, timed phase by phase
+    assert {"training forward + backward", "split: group updates and state", "probe forwards"} <= set(phases)
+    assert all(row["seconds"] >= 0 and "peak_allocated_bytes" not in row for row in phases.values())  # CUDA only
     gan = written["gan"]
     assert gan["training_unchanged"] and gan["bare_runs_identical"] and gan["ratio"] > 1
     assert written["exact_mode"]["matmul_precision"] == "highest"  # torch's default on the CPU, untouched

@@ -8,7 +8,9 @@ On a CUDA device (``make gpu-check``), within ``--budget`` seconds (8 minutes by
    deterministic algorithms, engines that agree);
 2. the DDPM CIFAR-10 UNet (35.7M parameters) under the noise-level analyzer: 10 log-SNR bins, one
    control partition, 100 probes, float32 group state, a few tracked steps against bare steps
-   (interleaved): seconds per step, their ratio, the peak memory against the cost estimate;
+   (interleaved): seconds per step, their ratio, the peak memory against the cost estimate, a
+   second bare run, the residual under Simpson and six Gauss–Legendre nodes, and one step timed
+   phase by phase with each phase's peak of allocated bytes (to fit the estimate's parts to);
 3. the DCGAN at 64×64 (BatchNorm in training mode) under the GAN analyzer in an observed loop:
    seconds per iteration with and without the analyzer, peak memory.
 
@@ -117,9 +119,11 @@ def diffusion_benchmark(device: torch.device, s: dict, deadline: float) -> dict:
     """Bare and analyzed DDPM steps of the CIFAR-sized UNet (tiny: ``tiny_unet``), interleaved, as
     many timed pairs as ``s["steps"]`` and the ``deadline`` (``time.perf_counter()``) allow (one
     at least). Then, as the deadline allows: a second bare run (parameters bit-equal to the first
-    tell the analyzer's effect from nondeterministic kernels) and the same tracked steps under
+    tell the analyzer's effect from nondeterministic kernels), the same tracked steps under
     Simpson's rule and six Gauss–Legendre nodes (residuals that fall with more nodes say the residual
-    is the quadrature's, not a wrong push). On CUDA under strict deterministic algorithms."""
+    is the quadrature's, not a wrong push), and one more analyzed step timed phase by phase with, on
+    CUDA, each phase's peak of allocated bytes (``phases``). On CUDA under strict deterministic
+    algorithms."""
     if device.type == "cuda":
         # Strict: under "warn" the memory-efficient attention backward runs its non-deterministic
         # algorithm, and two bare runs of the CIFAR UNet ended with other parameters (H200, torch 2.11).
@@ -216,6 +220,21 @@ def _diffusion_benchmark(device: torch.device, s: dict, deadline: float) -> dict
         out["rules"][rule] = {"tracked_steps": other.ledger.steps, "relative_residual": other.ledger.relative_residual(),
                               "seconds_per_step": (time.perf_counter() - started) / steps}
         del other
+    # One more analyzed step with its phases timed and, on CUDA, each phase's peak of allocated bytes
+    # beside the estimate's parts (the estimate adds them all; the peak comes from one phase).
+    if time.perf_counter() + 2 * per_step < deadline:
+        from .scale import PhaseClock, wrap_tracker_phases
+
+        clock = PhaseClock(cuda_device=device if device.type == "cuda" else None)
+        wrap_tracker_phases(clock, analyzer.tracker, analyzer)
+        try:
+            with clock.phase("step: outside the tracker"):
+                tracked.train(1)
+        finally:
+            clock.restore()
+        out["phases"] = clock.table()
+    else:
+        out["phases"] = "not run: the time budget"
     return out
 
 

@@ -151,15 +151,22 @@ def put_back(patches: list[tuple[Any, str, Any]]) -> None:
 class PhaseClock:
     """Exclusive seconds per named phase of nested calls and, with ``poll_s``, the peak RSS seen
     inside each phase (a thread samples ``/proc/self/statm``; the sample goes to the innermost
-    phase running then) and the RSS just after its last call.
+    phase running then) and the RSS just after its last call. With ``cuda_device``, each phase's
+    exact peak of CUDA-allocated bytes: at every phase boundary the allocator's peak since the last
+    boundary goes to the phase that ran in between (the innermost then), and the peak starts over.
 
     Phases are methods wrapped in place with :meth:`wrap` (an instance's, a class's or a module's
     attribute) and put back by :meth:`restore`: the library is timed as it runs, never edited.
     Exclusive times of the phases add up to the outermost phase's wall time.
     """
 
-    def __init__(self, poll_s: float | None = None):
+    def __init__(self, poll_s: float | None = None, cuda_device: torch.device | None = None):
         self.seconds: dict[str, float] = defaultdict(float)
+        self.peak_allocated: dict[str, int] = defaultdict(int)
+        self._cuda = cuda_device
+        if cuda_device is not None:
+            torch.cuda.synchronize(cuda_device)
+            torch.cuda.reset_peak_memory_stats(cuda_device)
         self.calls: dict[str, int] = defaultdict(int)
         self.peak_rss: dict[str, int] = defaultdict(int)
         self.rss_after: dict[str, int] = {}
@@ -183,14 +190,24 @@ class PhaseClock:
                     self.peak_rss[name] = rss
             time.sleep(self._poll_s)
 
+    def _cuda_boundary(self) -> None:
+        if self._cuda is None:
+            return
+        torch.cuda.synchronize(self._cuda)
+        name = self._current if self._current is not None else "outside the phases"
+        self.peak_allocated[name] = max(self.peak_allocated[name], torch.cuda.max_memory_allocated(self._cuda))
+        torch.cuda.reset_peak_memory_stats(self._cuda)
+
     @contextmanager
     def phase(self, name: str):
         """Times the body as phase ``name`` (nested phases' time is theirs, not this one's)."""
+        self._cuda_boundary()
         self._stack.append([name, time.perf_counter(), 0.0])
         self._current = name
         try:
             yield
         finally:
+            self._cuda_boundary()
             _, started, nested = self._stack.pop()
             elapsed = time.perf_counter() - started
             self.seconds[name] += elapsed - nested
@@ -225,8 +242,8 @@ class PhaseClock:
             self._thread.join()
 
     def table(self, total: float | None = None) -> list[dict]:
-        """Rows ``{phase, seconds, fraction, calls, (peak_rss_bytes, rss_after_bytes, returned_bytes)}``,
-        largest first; ``fraction`` of ``total`` (default the sum of the phases)."""
+        """Rows ``{phase, seconds, fraction, calls, (peak_rss_bytes, rss_after_bytes, peak_allocated_bytes,
+        returned_bytes)}``, largest first; ``fraction`` of ``total`` (default the sum of the phases)."""
         total = total if total is not None else sum(self.seconds.values())
         rows = []
         for name, seconds in sorted(self.seconds.items(), key=lambda kv: -kv[1]):
@@ -235,6 +252,8 @@ class PhaseClock:
             if self._poll_s is not None:
                 row["peak_rss_bytes"] = self.peak_rss.get(name) or None
                 row["rss_after_bytes"] = self.rss_after.get(name)
+            if self._cuda is not None:
+                row["peak_allocated_bytes"] = self.peak_allocated.get(name)
             if name in self.returned_bytes:
                 row["returned_bytes"] = self.returned_bytes[name]
             rows.append(row)
