@@ -150,3 +150,35 @@ def test_the_allocator_comparison_runs_each_setting_in_its_own_environment(repor
         mine = [r["ratio"] for r in runs if r["setting"] == label]
         assert allocator["ratio"][label] == pytest.approx(sorted(mine)[len(mine) // 2] if len(mine) % 2 else
                                                           (sorted(mine)[len(mine) // 2 - 1] + sorted(mine)[len(mine) // 2]) / 2)
+
+
+def test_phase_clock_gives_each_phase_its_own_cuda_peak(monkeypatch):
+    """At every phase boundary the allocator's peak since the last one goes to the phase that ran in
+    between (the innermost), and the peak starts over: an outer phase's peak is its own, not its
+    nested phase's (simulated allocator: no GPU here)."""
+    import torch
+
+    class Allocator:
+        allocated = peak = 0
+
+        def allocate(self, n):
+            self.allocated += n
+            self.peak = max(self.peak, self.allocated)
+
+        def reset(self, device=None):
+            self.peak = self.allocated
+
+    fake = Allocator()
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: fake.peak)
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", fake.reset)
+    clock = scale.PhaseClock(cuda_device="cuda")
+    with clock.phase("outer"):
+        fake.allocate(100)
+        with clock.phase("inner"):
+            fake.allocate(50)  # peak 150 inside the inner phase
+            fake.allocate(-50)
+        fake.allocate(30)  # the outer phase's own peak: 130
+        fake.allocate(-130)
+    rows = {row["phase"]: row for row in clock.table()}
+    assert rows["inner"]["peak_allocated_bytes"] == 150 and rows["outer"]["peak_allocated_bytes"] == 130
