@@ -406,9 +406,17 @@ def _diffusion_metrics(analyzer: Any) -> dict[str, float]:
     return out
 
 
+def _tracker_view(analyzer: Any, which: str) -> Any:
+    """The GAN analyzer's live tracker ``which`` or, right after ``load_state_dict`` (a trainer's
+    resume) and before the next step rebuilds it, its read-only view of the loaded ledgers (the
+    analyzer's own ``_view``): the numbers of a resumed run are the loaded ones, not none."""
+    view = getattr(analyzer, "_view", None)
+    return view(which) if callable(view) else getattr(analyzer, which, None)
+
+
 def _gan_metrics(analyzer: Any) -> dict[str, float]:
     out: dict[str, float] = {}
-    if getattr(analyzer, "g_tracker", None) is not None and analyzer.g_steps:
+    if _tracker_view(analyzer, "g_tracker") is not None and analyzer.g_steps:
         ledger = analyzer.generator_ledger()
         out.update(ledger_metrics(ledger, "generator"))
         run_groups = getattr(analyzer, "_run_groups", None)
@@ -430,7 +438,7 @@ def _gan_metrics(analyzer: Any) -> dict[str, float]:
         for key, value in alignment[-1].items():
             if key.startswith("cos_"):
                 out[f"alignment/{key[4:]}"] = _finite(value if value is not None else math.nan)
-    if getattr(analyzer, "d_tracker", None) is not None and analyzer.d_steps:
+    if _tracker_view(analyzer, "d_tracker") is not None and analyzer.d_steps:
         out.update(ledger_metrics(analyzer.discriminator_ledger, "discriminator"))
     return out
 
@@ -482,7 +490,8 @@ def analyzer_metrics(analyzer: Any) -> dict[str, float]:
         if getattr(analyzer, "tracker", None) is None or not analyzer.tracker.ledger.steps:
             return {}
         return _diffusion_metrics(analyzer)
-    if hasattr(analyzer, "generator_ledgers"):  # GANKernelAnalyzer
+    # Looked up on the class: the analyzer's generator_ledgers property raises before the first generator step.
+    if hasattr(type(analyzer), "generator_ledgers"):  # GANKernelAnalyzer
         return _gan_metrics(analyzer)
     raise TypeError(f"analyzer_metrics takes a genkernel analyzer, tracker or ledger, got {kind}")
 
@@ -513,6 +522,17 @@ def _diverging_image(matrix: Any) -> np.ndarray:
     finite = np.abs(values[np.isfinite(values)])
     bound = float(finite.max()) if finite.size and finite.max() > 0 else 1.0
     return matrix_image(values, cmap="coolwarm", vmin=-bound, vmax=bound)
+
+
+def _last_tracked_step(analyzer: Any, step: int) -> int:
+    """The loop step ``analyzer``'s numbers belong to when logged at ``step``: ``step``, or for a
+    :class:`~genkernel.diffusion.NoiseLevelAnalyzer` whose tracked window (``track_steps``) ended
+    before it, the window's last step: its ledgers stopped there, and its numbers logged at later
+    steps would read as the state after more training."""
+    if not getattr(analyzer, "stopped", False):
+        return step
+    numbered = [s for s in getattr(analyzer, "global_steps", None) or [] if s is not None]
+    return min(step, int(numbered[-1])) if numbered else step
 
 
 # -- a callback for the built-in trainers ------------------------------------------------------
@@ -594,7 +614,8 @@ class LoggingCallback(TrainerCallback):
         fresh = step != self.last_step and phase in ("train", "generator")
         if fresh:
             self.last_step = step
-            if self.analyzer is not None and self.analysis_every and step % self.analysis_every == 0:
+            if (self.analyzer is not None and self.analysis_every and step % self.analysis_every == 0
+                    and _last_tracked_step(self.analyzer, step) == step):
                 metrics.update(analyzer_metrics(self.analyzer))
         if metrics:
             self.log(metrics, step)
@@ -619,7 +640,7 @@ class LoggingCallback(TrainerCallback):
         if self.analyzer is not None:
             metrics = analyzer_metrics(self.analyzer)
             if metrics:
-                self.log(metrics, step)
+                self.log(metrics, _last_tracked_step(self.analyzer, step))
         self.log_images(step, trainer)
         flush = getattr(self.log, "flush", None)
         if callable(flush):

@@ -783,6 +783,8 @@ class NoiseLevelAnalyzer(TrainerCallback):
     # -- persistence ---------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         if self.tracker is None:
+            if self._pending_state is not None:  # loaded, not bound yet (a resumed trainer saving before it trains)
+                return self._pending_state
             return {"format": FORMAT, "bound": False}
         return {
             "format": FORMAT, "bound": True, "tracker": self.tracker.state_dict(), "stopped": self.stopped,

@@ -98,6 +98,8 @@ def _claims(claims: Sequence[Mapping[str, Any]]) -> str:
         if interval:
             value += f" [{_fmt(interval[0])}, {_fmt(interval[1])}]"
         caveat = f'<div class="caveat">{_e(claim["caveat"])}</div>' if claim.get("caveat") else ""
+        if claim.get("why"):  # held is False whatever the interval shows (e.g. too few independent units)
+            caveat = f'<div class="caveat">not held because: {_e(claim["why"])}</div>' + caveat
         out.append(f'<div class="claim {cls}"><span class="badge">{badge}</span>{_e(claim["statement"])} '
                    f"<b>{_e(value)}</b>{caveat}</div>")
     return "".join(out)

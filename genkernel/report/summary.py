@@ -169,6 +169,7 @@ def _diffusion(state: Mapping[str, Any], top: int) -> dict[str, Any]:
     level_bins = (torch.searchsorted(edges, levels, right=True) - 1).clamp(0, num_bins - 1)
     history = list(state.get("history") or [])
     band = _band(config, history)
+    history, reordered = _history_in_level_order(history, timesteps, levels)
     measured = ledgers["level"]
 
     def by_level(values: torch.Tensor) -> torch.Tensor:
@@ -243,6 +244,9 @@ def _diffusion(state: Mapping[str, Any], top: int) -> dict[str, Any]:
     if ledger["median_rest_share"] is not None and abs(ledger["median_rest_share"]) > REST_LIMIT:
         notes.append("the window's change is mostly the rest (optimizer state from before tracking began, or weight "
                      "decay): the group shares describe the smaller remainder; track a longer window")
+    if not reordered:
+        notes.append("the analyzer's probe_levels repeat a level: its history snapshots' matrices have a row per "
+                     "listed level, not per distinct level, and are left out (their other numbers are kept)")
     global_steps = [s for s in state.get("global_steps", []) if s is not None]
     return jsonable({
         "kind": "diffusion", "format": state["format"],
@@ -276,6 +280,32 @@ def _band(config: Mapping[str, Any], history: list[Mapping[str, Any]]) -> int | 
     if history and history[-1].get("band") is not None:
         return int(history[-1]["band"])
     return None
+
+
+def _history_in_level_order(history: list[Mapping[str, Any]], timesteps: torch.Tensor,
+                            levels: torch.Tensor) -> tuple[list[dict[str, Any]], bool]:
+    """History snapshots with their ``traffic_matrix`` / ``share_matrix`` rows in the summary's
+    order (distinct probe levels ascending, ``levels [L]``), and whether that was possible.
+
+    The analyzer's matrices have one row per level in the order ``probe_levels`` listed them
+    (probe ``m`` has the level of row ``m mod L_a``, ``timesteps [M]``): a list such as
+    ``[900, 500, 100]`` would otherwise draw its snapshots upside down beside the summary's own
+    matrices. A list that repeats a level splits that level's probes over several rows, which no
+    row order undoes: then the snapshots' matrices are dropped (False)."""
+    out, ok = [], True
+    for row in history:
+        row = dict(row)
+        for key in ("traffic_matrix", "share_matrix"):
+            matrix = row.get(key)
+            if matrix is None:
+                continue
+            listed = timesteps[:min(len(matrix), timesteps.numel())].tolist()  # the analyzer's row levels with probes
+            if len(set(listed)) != len(listed):
+                row[key], ok = None, False
+                continue
+            row[key] = [list(matrix[listed.index(level)]) for level in levels.tolist()]
+        out.append(row)
+    return out, ok
 
 
 def _identity(tracker: Mapping[str, Any]) -> dict[str, Any]:
@@ -357,7 +387,8 @@ def _gan(state: Mapping[str, Any], top: int) -> dict[str, Any]:
                         "geometry group, beyond that group's pull on every probe, than under permuted labels on the same "
                         "steps (own share minus the other probe groups' share from the same source group, measured minus "
                         f"control, clustered by probe group, {int(result['confidence'] * 100)} % interval above 0)",
-                        bool(result["held"]), result["difference"], result["interval"], method=result["method"], n=result["n"]))
+                        bool(result["held"]), result["difference"], result["interval"], method=result["method"], n=result["n"],
+                        **({"why": result["why"]} if result.get("why") else {})))
             # The caveat belongs to the net-share coupling claim, which only a run with controls makes.
             if coupling["kappa_median"] is not None and coupling["kappa_median"] > 10 and \
                     coupling.get("net_interaction_minus_control") is not None:
@@ -526,6 +557,8 @@ def format_summary(summary: Mapping[str, Any], *, top_probes: int = 8) -> str:
             mark = {True: "held", False: "not held", None: "n/a"}[claim["held"]]
             lines.append(f"  claim [{mark}] {claim['statement']}: {_fmt(claim['value'])}"
                          + (f" [{_fmt(claim['interval'][0])}, {_fmt(claim['interval'][1])}]" if claim.get("interval") else ""))
+            if claim.get("why"):  # held is False whatever the interval: e.g. too few independent units
+                lines.append(f"    not held because: {claim['why']}")
             if claim.get("caveat"):
                 lines.append(f"    caveat: {claim['caveat']}")
         for note in s.get("notes", []):

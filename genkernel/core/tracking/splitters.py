@@ -265,7 +265,15 @@ class UpdateSplitter:
             if rows is None:
                 continue
             # Under maximize both the optimizer and the rows hold the negated gradients' state.
-            reference = self.optimizer.state[p][self.state_key].to(torch.float64)
+            own = self.optimizer.state.get(p, {}).get(self.state_key)
+            if own is None:
+                # The groups hold state the optimizer no longer has: its state was cleared, and this
+                # parameter (no gradient at this step) was skipped, so PyTorch has not started it again.
+                raise LedgerCheckError(
+                    f"parameter '{name}': the groups hold its {self.state_key} but the optimizer has none; "
+                    f"{self._state_changed_hint}"
+                )
+            reference = own.to(torch.float64)
             for partition, part in self.partitions.slices.items():
                 total, size = rows_sum_and_size(rows, part, [self.rows, self.rounding_rows[partition]])
                 scale = reference.norm() + size.norm()
@@ -274,11 +282,14 @@ class UpdateSplitter:
                     where = "" if len(self.partitions) == 1 else f" of partition '{partition}'"
                     raise LedgerCheckError(
                         f"parameter '{name}': the groups' {self.state_key}{where} sums to something other than the "
-                        f"optimizer's {self.state_key} (relative gap {gap:.2e} > {rtol:.0e}); was the optimizer's state "
-                        "loaded, reset or edited since the tracker's previous step (optimizer.load_state_dict, "
-                        "optimizer.state.clear())? The split cannot follow state it did not see: build a new "
-                        "tracker after changing the optimizer's state"
+                        f"optimizer's {self.state_key} (relative gap {gap:.2e} > {rtol:.0e}); {self._state_changed_hint}"
                     )
+
+    _state_changed_hint = (
+        "was the optimizer's state loaded, reset or edited since the tracker's previous step "
+        "(optimizer.load_state_dict, optimizer.state.clear())? The split cannot follow state it did not see: build a "
+        "new tracker after changing the optimizer's state"
+    )
 
     def state_dict(self) -> dict[str, Any]:
         return {

@@ -286,6 +286,13 @@ class PathKernelTracker:
         self._has_state = has_state_outside_training(self.module)
         self._optimizer_params = {id(p) for group in optimizer.param_groups for p in group["params"]}
         self._layout = {n: (p.dtype, p.device) for n, p in self.params.items()}  # model.double() / .to() is refused
+        complex_params = [n for n, p in self.params.items() if p.is_complex()]
+        if complex_params:
+            raise ValueError(
+                f"parameters {complex_params[:5]} are complex: the ledger's Jacobian-vector products and the optimizer "
+                "split need real parameters. Hold each as a real tensor with a trailing dimension of 2 and use "
+                "torch.view_as_complex(p) in the forward"
+            )
         dtype = next(iter(self.params.values())).dtype
         self.rtol = CHECK_RTOL.get(dtype, 1e-3)
         with torch.no_grad(), analysis_mode(self.module):
