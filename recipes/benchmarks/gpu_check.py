@@ -157,6 +157,7 @@ def _diffusion_benchmark(device: torch.device, s: dict, deadline: float) -> dict
     # Peaks are counted from what was allocated before each trainer was built (the data, and for the
     # analyzed one the bare trainer, which the interleaved timing below still needs).
     before = _allocated(device)
+
     def make_trainer(callbacks=()):
         return DDPMTrainer(model(), scheduler, data, batch_size=s["batch"], lr=s["lr"], progress=False,
                            callbacks=list(callbacks))
@@ -225,6 +226,7 @@ def _diffusion_benchmark(device: torch.device, s: dict, deadline: float) -> dict
     if time.perf_counter() + 2 * per_step < deadline:
         from .scale import PhaseClock, wrap_tracker_phases
 
+        out["phases_held_before_bytes"] = _allocated(device) if device.type == "cuda" else None  # the phases' peaks include it
         clock = PhaseClock(cuda_device=device if device.type == "cuda" else None)
         wrap_tracker_phases(clock, analyzer.tracker, analyzer)
         try:
