@@ -9,6 +9,7 @@ grouping layer (:func:`genkernel.core.grouping.band_total`).
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Any
 
 import torch
@@ -37,31 +38,39 @@ def kernel_locality(
     Returns a dict with, over pairs of *different* clean inputs (x ≠ x'):
 
     - ``by_distance``: mean k̂ at every |Δbin| = 0 … G−1 (NaN where no pair has that distance),
-    - ``by_distance_same_input``: the same for x = x' (same clean input and noise, two levels),
+    - ``by_distance_same_input``: the same for x = x' (same clean input and noise, two different
+      levels: a state's k̂ with itself, 1, is left out; NaN at 0 when no bin holds two levels),
     - ``locality``: :func:`~genkernel.core.grouping.measured_minus_control` of, per clean input x, mean over its levels s of
       [mean k̂ within w bins of s − mean k̂ outside], against the same statistic after randomly
       permuting the level labels of the other states (averaged over ``num_permutations``); its
       interval is a delete-one-input jackknife (``method`` "jackknife-t"), not a t-interval over the
       per-input values: those share kernel entries (k̂(x, x') enters x's value and x''s), so they
       are dependent, and the t-interval over them held in 6.5-9 % of 200 null kernels at a nominal
-      2.5 %. The jackknife drops an input with every entry it enters.
+      2.5 %. The jackknife drops an input with every entry it enters. With fewer than 3 inputs
+      there is no jackknife: the interval is [NaN, NaN], ``held`` False and ``why`` says so; likewise
+      (difference NaN) when no level has states outside the band (band >= the span of the bins).
     """
     n = num_points
+    level_bins = _check_levels(level_bins, band, num_permutations)
     k = _point_major(kernel, num_points, level_bins)
-    level_bins = level_bins.cpu()
+    levels = level_bins.numel()
     dist = (level_bins[:, None] - level_bins[None, :]).abs()  # [L, L]
     num_bins = int(level_bins.max()) + 1
     other = ~torch.eye(n, dtype=torch.bool)
+    two_levels = ~torch.eye(levels, dtype=torch.bool)  # x = x': a state against itself (k̂ = 1) is no pair of levels
     by_distance, same = [], []
     for delta in range(num_bins):
         sel = dist == delta
         if sel.any():
             pairs = k.permute(0, 2, 1, 3)[other][:, sel]  # [n(n-1), #]
             by_distance.append(float(pairs.mean()))
-            diag = torch.stack([k[i, :, i, :][sel] for i in range(n)])
-            same.append(float(diag.mean()))
         else:
             by_distance.append(math.nan)
+        sel_same = sel & two_levels
+        if sel_same.any():
+            diag = torch.stack([k[i, :, i, :][sel_same] for i in range(n)])
+            same.append(float(diag.mean()))
+        else:
             same.append(math.nan)
 
     differences = _Differences(k, level_bins, band, num_permutations, seed)
@@ -78,6 +87,16 @@ def kernel_locality(
         half = float(scipy_stats.t.ppf(0.5 + locality["confidence"] / 2, m - 1)) * error
         low, high = locality["difference"] - half, locality["difference"] + half
         locality.update(interval=[low, high], method="jackknife-t", n=m, held=bool(low > 0.0))
+    else:
+        # No jackknife (fewer than 3 inputs, or no finite statistic): the t-interval over the per-input
+        # values, which share kernel entries, is no valid interval (with 2 inputs it held on unstructured kernels).
+        locality.update(interval=[math.nan, math.nan], method="jackknife-t", n=m, held=False)
+        span = int(dist.max())
+        if band >= span:
+            locality["why"] = (f"no state lies outside the band: the levels' bins are at most {span} apart and band={band}; "
+                               f"pass band < {span}")
+        elif n < 3:
+            locality["why"] = f"{n} clean input(s): the jackknife interval needs at least 3 (kernel points)"
     return {"by_distance": by_distance, "by_distance_same_input": same, "locality": locality}
 
 
@@ -99,8 +118,9 @@ def locality_per_input(kernel: torch.Tensor, num_points: int, level_bins: torch.
         values share kernel entries, so do not treat them as independent: intervals over inputs
         use :func:`locality_pseudo_values`.
     """
+    level_bins = _check_levels(level_bins, band, num_permutations)
     k = _point_major(kernel, num_points, level_bins)
-    return _Differences(k, level_bins.cpu(), band, num_permutations, seed)(torch.arange(num_points))
+    return _Differences(k, level_bins, band, num_permutations, seed)(torch.arange(num_points))
 
 
 def locality_pseudo_values(kernel: torch.Tensor, num_points: int, level_bins: torch.Tensor, band: int, *,
@@ -111,8 +131,25 @@ def locality_pseudo_values(kernel: torch.Tensor, num_points: int, level_bins: to
     t-interval over them is the jackknife interval; unlike the per-input values, which share
     kernel entries, they can be treated as independent. Pseudo-values of two kernels on the same
     inputs (θ₀ and θ_T) subtract into those of the difference."""
+    level_bins = _check_levels(level_bins, band, num_permutations)
     k = _point_major(kernel, num_points, level_bins)
-    return _Differences(k, level_bins.cpu(), band, num_permutations, seed).pseudo_values()
+    return _Differences(k, level_bins, band, num_permutations, seed).pseudo_values()
+
+
+def _check_levels(level_bins: Any, band: Any, num_permutations: Any) -> torch.Tensor:
+    """``level_bins`` as a CPU LongTensor ``[L]`` (a list is fine) after checking it and the band
+    (a non-negative int) and the number of permutations (a positive int: the control is their mean)."""
+    level_bins = torch.as_tensor(level_bins).cpu()
+    if level_bins.dim() != 1 or level_bins.numel() == 0 or level_bins.is_floating_point() or level_bins.dtype == torch.bool:
+        raise TypeError(f"level_bins must be the integer bin of each level, a 1-D LongTensor [L], got "
+                        f"{level_bins.dtype} {tuple(level_bins.shape)}")
+    if int(level_bins.min()) < 0:
+        raise ValueError(f"level_bins must be bin indices >= 0, got {level_bins.tolist()}")
+    if isinstance(band, bool) or not isinstance(band, numbers.Integral) or band < 0:
+        raise ValueError(f"band must be a non-negative int (bins), got {band!r}")
+    if isinstance(num_permutations, bool) or not isinstance(num_permutations, numbers.Integral) or num_permutations < 1:
+        raise ValueError(f"num_permutations must be a positive int (the control is their mean), got {num_permutations!r}")
+    return level_bins.long()
 
 
 def _point_major(kernel: torch.Tensor, num_points: int, level_bins: torch.Tensor) -> torch.Tensor:

@@ -29,7 +29,7 @@ from torch import nn
 from .kernels import eval_mode, state_kernel
 from ..core.adapter import as_tuple
 from ..core.grouping import measured_minus_control
-from .objectives import noisy_input
+from .objectives import check_timesteps, noisy_input
 from .trainer import reverse_sample
 
 __all__ = ["RetrievalResult", "retrieval_attribution", "normalized_entropy", "top_weight_share"]
@@ -79,7 +79,18 @@ class RetrievalResult:
 
     def claim(self) -> dict[str, Any]:
         """"Broad at high noise, narrow at low noise": entropy at the first (noisiest) stage minus
-        entropy at the last, paired over samples, with a 95 % interval; held when it is > 0."""
+        entropy at the last, paired over samples, with a 95 % interval; held when it is > 0.
+
+        Raises:
+            ValueError: with fewer than two stages (one stage compared with itself would read as a
+                difference of exactly 0).
+        """
+        if self.stages.numel() < 2:
+            raise ValueError(
+                f"the claim compares the noisiest stage with the cleanest, but this result has {self.stages.numel()} "
+                f"stage(s) {self.stages.tolist()}: pass at least two stages that are different reverse steps "
+                "(requested stages are snapped to the sampler's steps, so raise num_inference_steps or space them out)"
+            )
         return measured_minus_control(self.entropy[0], self.entropy[-1])
 
     def to_json(self) -> dict[str, Any]:
@@ -91,7 +102,7 @@ class RetrievalResult:
             "mean_entropy": finite(self.entropy.nanmean(dim=1)),
             "mean_top_share": finite(self.top_share.nanmean(dim=1)),
             "top_indices": self.top_indices.tolist(),
-            "entropy_high_minus_low": self.claim(),
+            "entropy_high_minus_low": self.claim() if self.stages.numel() >= 2 else None,  # None: one stage
         }
 
 
@@ -116,8 +127,9 @@ def retrieval_attribution(
 
     Args:
         train_data: ``[N, *shape]`` clean training inputs (a subset is fine; N sets the cost).
-        stages: reverse timesteps to analyse (snapped to the sampler's steps); default
-            ``num_stages`` evenly spaced from the noisiest to the cleanest.
+        stages: integer reverse timesteps in [0, T) to analyse (a list, Tensor or array; snapped to
+            the sampler's steps, where two may become one); default ``num_stages`` evenly spaced from
+            the noisiest to the cleanest.
         output_sketch: None for the exact kernel, V directions for images.
         seed: seeds sampling, the fixed training noise and the sketch.
         sampler, step_kwargs: the reverse sampler (default DDPM; a diffusers scheduler class or
@@ -152,6 +164,12 @@ def retrieval_attribution(
     total = int(scheduler.config.num_train_timesteps)
     if stages is None:
         stages = torch.linspace(total - 1, 0, num_stages).round().long().tolist()
+    # A Tensor or array of stages is fine (reverse_sample's `keep or ()` is not); values outside [0, T)
+    # would be snapped silently to the first or last reverse step.
+    stages = torch.as_tensor(stages).reshape(-1)
+    if stages.numel() == 0:
+        raise ValueError("stages is empty: pass at least one reverse timestep in [0, T) (or stages=None for num_stages)")
+    stages = check_timesteps(stages, scheduler, name="stages").tolist()
     param = next(model.parameters())
     if not extra:
         _check_unconditional_call(model, train_data.to(param))
