@@ -69,6 +69,7 @@ from ..core.tracking.distributed import summed_over_ranks
 from ..core.tracking.io import atomic_save, jsonable, load_state
 from ..core.tracking.ledger import PathKernelLedger
 from ..core.tracking.quadrature import residual_remedy
+from ..core.tracking.sketched import SKETCHED_TRAFFIC_NOTE
 from ..core.tracking.step import OptimizerStep
 from ..core.tracking.tracker import PathKernelTracker, StepContributions
 from ..logging import LoggingCallback
@@ -742,6 +743,8 @@ class NoiseLevelAnalyzer(TrainerCallback):
             )
         else:
             extra["measured"] = True
+        if self.tracker.group_state == "sketched":
+            notes.append(SKETCHED_TRAFFIC_NOTE)
         if self.tracker.ema is not None:
             extra["ema"] = {
                 "residual": self.residual(weights="ema"),

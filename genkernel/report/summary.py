@@ -26,6 +26,7 @@ from ..core import grouping
 from ..core.tracking.io import jsonable, load_state
 from ..core.tracking.ledger import PathKernelLedger
 from ..core.tracking.quadrature import residual_remedy
+from ..core.tracking.sketched import SKETCHED_TRAFFIC_NOTE
 from ..stats import nan_median
 
 __all__ = ["find_states", "format_summary", "kind_of", "ledger_from_state", "read_state", "summarize", "summarize_state"]
@@ -247,6 +248,8 @@ def _diffusion(state: Mapping[str, Any], top: int) -> dict[str, Any]:
     if not reordered:
         notes.append("the analyzer's probe_levels repeat a level: its history snapshots' matrices have a row per "
                      "listed level, not per distinct level, and are left out (their other numbers are kept)")
+    if tracker.get("group_state") == "sketched":
+        notes.append(SKETCHED_TRAFFIC_NOTE)
     global_steps = [s for s in state.get("global_steps", []) if s is not None]
     return jsonable({
         "kind": "diffusion", "format": state["format"],
@@ -435,7 +438,8 @@ def _tracker(state: Mapping[str, Any], top: int) -> dict[str, Any]:
         "kind": "tracker", "format": state["format"],
         "settings": {"partitions": state.get("partitions"), "quadrature": state.get("quadrature"),
                      "group_state": state.get("group_state"), **_identity(state)},
-        "ledgers": ledgers, "claims": _ledger_claims(first), "ema": _ema_summary(state), "notes": [],
+        "ledgers": ledgers, "claims": _ledger_claims(first), "ema": _ema_summary(state),
+        "notes": [SKETCHED_TRAFFIC_NOTE] if state.get("group_state") == "sketched" else [],
     })
 
 

@@ -241,9 +241,16 @@ def project_gradients(
     """Project per-example gradients ``{name: [B, *shape]}`` to ``[B, k]``.
 
     ``order`` lists every parameter name of the model in ``named_parameters`` order (the index
-    of a name seeds its columns); names missing from ``grads`` contribute zero.
+    of a name seeds its columns); names missing from ``grads`` contribute zero. A name of
+    ``grads`` that is not in ``order`` is refused (it would be left out of the projection).
     """
     _check(k, kind, seed)
+    unknown = [name for name in grads if name not in order]
+    if unknown:
+        raise ValueError(
+            f"gradients {unknown[:5]} are not in `order`, so they would be left out of the projection: pass "
+            "every parameter name of the model in named_parameters order (the same names as the gradients')"
+        )
     total = None
     for index, name in enumerate(order):
         if name not in grads:

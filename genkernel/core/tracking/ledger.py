@@ -58,7 +58,8 @@ class PathKernelLedger:
         sketch_error: ``[M, d]`` with sketched per-group state, the exact total of the examples'
             contributions minus the sum of their sketched estimates (zero otherwise).
         f_start, f_end: ``[M, d]`` outputs at the first and latest parameters.
-        traffic: ``[M, G]`` Σ_k ‖c_{k,g}(x)‖, norms of per-step contributions (no cancellation).
+        traffic: ``[M, G]`` Σ_k ‖c_{k,g}(x)‖, norms of per-step contributions (no cancellation);
+            biased upward on the sketched route, whose contributions are estimates.
         steps: number of optimizer steps recorded.
         history: snapshots (dicts of the fields above plus ``step``) every ``snapshot_every`` steps.
     """
