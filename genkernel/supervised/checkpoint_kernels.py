@@ -30,10 +30,12 @@ class CheckpointKernels(TrainerCallback):
 
     Checkpoints are θ_0, θ_every, θ_2·every, ..., or the steps listed in ``at`` (a left Riemann
     sum of the path): checkpoint k stands for the steps up to the next checkpoint (or the end) and
-    gets weight Σ η_s over those steps s, each step's learning rate read from the optimizer before
-    it (η_k × that many steps for a constant rate; a scheduler stepped in a callback's
-    ``on_step_end`` goes before this callback in the list, so that the rate read is the next
-    step's). Training changes fastest early, so geometrically spaced ``at`` (see
+    gets weight Σ η_s over those steps s, each step's learning rate read from the optimizer as the
+    step starts (in :meth:`wrap_step`, so a scheduler stepped in any callback's ``on_step_end``,
+    before or after this one, is followed; η_k × that many steps for a constant rate). A callback
+    that takes steps over (:class:`LedgerCallback`) must come after this one in the list, or this
+    one never sees the steps start (refused). Training changes fastest early, so
+    geometrically spaced ``at`` (see
     :func:`geometric_checkpoints`) describe the path better than evenly spaced ones.
 
     One step size η_k for every parameter is what the sum means: an optimizer whose parameter
@@ -51,8 +53,9 @@ class CheckpointKernels(TrainerCallback):
         at: explicit checkpoint steps (must include 0, increasing, below ``steps``).
 
     Attributes after training:
-        grams: list of ``[N, N]`` float64 kernels; crosses: list of ``[M, N]``; probe_self: list of
-        ``[M]`` k(x, x); weights: list of floats Σ η_s over each checkpoint's steps; checkpoints:
+        grams: list of ``[N, N]`` kernels, stored in float64 (computed in the model's dtype,
+        ``kernel_dtype``: cast to it before passing them to the spectral tools); crosses: list of
+        ``[M, N]``; probe_self: list of ``[M]`` k(x, x); weights: list of floats Σ η_s over each checkpoint's steps; checkpoints:
         their step indices; train_outputs / probe_outputs: lists of ``[N, d]`` / ``[M, d]`` model outputs at each
         checkpoint (for the loss weights w_n = ∂ℓ/∂f of the Domingos sum); not_plain_steps: why the
         run's steps are not plain full-batch gradient steps (empty: they are).
@@ -136,17 +139,27 @@ class CheckpointKernels(TrainerCallback):
                    if isinstance(m, nn.modules.dropout._DropoutNd) and m.training and m.p > 0]
         if dropped:  # the steps follow random sub-networks, the kernels the eval-mode network
             reasons.append(f"dropout {dropped[:3]} randomizes the training steps")
+        # A BatchNorm in training mode normalizes each step with the batch's statistics, while the kernels and
+        # outputs are those of the eval-mode network (running statistics): the steps move another function.
+        batch_normed = [name for name, m in trainer.model.named_modules()
+                        if isinstance(m, nn.modules.batchnorm._NormBase) and m.training
+                        and (isinstance(m, nn.modules.batchnorm._BatchNorm) or m.track_running_stats)]
+        if batch_normed:
+            reasons.append(f"normalization {batch_normed[:3]} uses batch statistics in the training steps but running "
+                           "statistics in the recorded kernels (put it in eval mode to train on running statistics)")
         self.not_plain_steps += [r for r in reasons if r not in self.not_plain_steps]
 
     def _record(self, trainer, step: int) -> None:
         n = self.train_x.shape[0]
-        lr = self._step_size(trainer)
+        self._step_size(trainer)  # refuses several learning rates or untrained parameters before any kernel
         self._note_plain_steps(trainer)
         both = torch.cat([self.train_x, self.probe_x])
         # In the mode the outputs are computed in (eval, RNG untouched): a training-mode forward would
         # advance state such as spectral norm's power iteration and change training; dropout is off.
         with analysis_mode(trainer.model):
-            k = gradient_kernel(trainer.model, both).to(torch.float64).cpu()
+            k = gradient_kernel(trainer.model, both)
+        self.kernel_dtype = k.dtype  # the precision the kernels have (the model's), whatever they are stored in
+        k = k.to(torch.float64).cpu()
         with torch.no_grad(), analysis_mode(trainer.model):
             out = checked_forward(trainer.model, (both,), name="train_x and probe_x").to(torch.float64).cpu()
         self.train_outputs.append(out[:n])
@@ -154,13 +167,19 @@ class CheckpointKernels(TrainerCallback):
         self.grams.append(k[:n, :n])
         self.crosses.append(k[n:, :n])
         self.probe_self.append(k[n:, n:].diagonal().clone())
-        self.weights.append(lr)  # the rate of this checkpoint's first step; on_step_end adds the others'
+        self.weights.append(0.0)  # on_step_end adds the rate of every step this checkpoint stands for
         self.checkpoints.append(step)
 
     def on_train_start(self, trainer) -> None:
         if trainer.global_step != 0:
             raise RuntimeError("CheckpointKernels counts steps from 0: attach it to a fresh trainer")
+        self._step_rate = None
         self._record(trainer, 0)
+
+    def wrap_step(self, trainer, step, perform):
+        # The rate the optimizer applies in this step, whatever callback steps a scheduler and when.
+        self._step_rate = self._step_size(trainer)
+        return perform()
 
     def on_step_end(self, trainer, step) -> None:
         done = trainer.global_step + 1  # the trainer increments global_step after the callbacks
@@ -169,8 +188,14 @@ class CheckpointKernels(TrainerCallback):
                 f"CheckpointKernels was built with steps={self.steps} but the run goes on to step {done}: the last "
                 "checkpoint's weight would miss the extra steps. Build it with the run's number of steps"
             )
-        if done not in self._next and done < self.steps:
-            self.weights[-1] += self._step_size(trainer)  # the rate of step `done`, inside checkpoint k's steps
+        if self._step_rate is None:
+            raise ValueError(
+                f"CheckpointKernels did not see step {done - 1} start (its wrap_step did not run: a callback before it "
+                "in the list took the step over), so it cannot tell the step's learning rate. Put CheckpointKernels "
+                "before that callback (e.g. a LedgerCallback) in the callbacks"
+            )
+        self.weights[-1] += self._step_rate  # step done - 1, read as it started, is the last checkpoint's
+        self._step_rate = None
         if step.clip_factor < 1.0 and "gradient clipping scaled a step" not in self.not_plain_steps:
             self.not_plain_steps.append("gradient clipping scaled a step")
         if step.weights is not None and "a step weighted its examples" not in self.not_plain_steps:
@@ -230,12 +255,16 @@ class CheckpointKernels(TrainerCallback):
         return total
 
     def path_kernel(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``(gram [N, N], cross [M, N], probe_self [M])`` of K^p = Σ_k η_k k_{θ_k}."""
+        """``(gram [N, N], cross [M, N], probe_self [M])`` of K^p = Σ_k η_k k_{θ_k}, summed in float64 and
+        returned in :attr:`kernel_dtype`, the dtype the kernels were computed in (the model's): a float32
+        model's kernels carry float32 rounding, and the spectral tools (:mod:`genkernel.analysis.spectral`)
+        read their rounding floor from the dtype (a float32 path kernel passed as float64 is refused as
+        "not PSD", or its rounding-level eigenvalues are taken for eigenfunctions)."""
         if not self.weights:
             raise RuntimeError("no checkpoint recorded yet: attach the callback to a trainer and train")
         w = torch.tensor(self.weights, dtype=torch.float64)
         return (
-            torch.einsum("k,kij->ij", w, torch.stack(self.grams)),
-            torch.einsum("k,kij->ij", w, torch.stack(self.crosses)),
-            torch.einsum("k,ki->i", w, torch.stack(self.probe_self)),
+            torch.einsum("k,kij->ij", w, torch.stack(self.grams)).to(self.kernel_dtype),
+            torch.einsum("k,kij->ij", w, torch.stack(self.crosses)).to(self.kernel_dtype),
+            torch.einsum("k,ki->i", w, torch.stack(self.probe_self)).to(self.kernel_dtype),
         )
