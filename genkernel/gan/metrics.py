@@ -30,7 +30,10 @@ def mode_coverage(samples: torch.Tensor, centers: torch.Tensor, std: float, sigm
     share of samples within ``sigmas``·std of some mode ("high quality"). Both matter: a diffuse
     generator can hit every mode with few samples on any."""
     flat = samples.detach().to("cpu", torch.float64).reshape(samples.shape[0], -1)  # either may be on a GPU
-    d = torch.cdist(flat, torch.as_tensor(centers, dtype=torch.float64, device="cpu"))
+    # Distances as sqrt(Σ (x − μ)²), not by the matrix-product expansion cdist uses from 25 rows on,
+    # whose rounding put a sample at exactly sigmas·std from a mode outside it.
+    d = torch.cdist(flat, torch.as_tensor(centers, dtype=torch.float64, device="cpu"),
+                    compute_mode="donot_use_mm_for_euclid_dist")
     near = d <= sigmas * std
     hit = near.any(dim=0)
     return {
@@ -117,9 +120,11 @@ def image_coverage(samples: torch.Tensor, train: torch.Tensor, train_labels: tor
 
     A sample's class is that of its nearest training image (Euclidean, pixels); it is *on the data*
     when that distance is at most the ``quantile`` of held-out real images' nearest-training
-    distances. Returns ``{"modes_hit", "num_modes", "quality_share", "mode_counts", "threshold"}``:
-    classes with at least one on-data sample, the share of on-data samples, on-data samples per
-    class, the distance threshold. Noise samples are far from every training image: no class is hit.
+    distances. Returns ``{"modes_hit", "num_modes", "quality_share", "mode_counts", "threshold", "classes"}``:
+    classes with at least one on-data sample, the number of distinct training labels, the share of
+    on-data samples, on-data samples per class (in the order of ``classes``, the sorted distinct
+    training labels: any integers, e.g. {3, 7}), the distance threshold. Noise samples are far from
+    every training image: no class is hit.
     """
     def flat(x):
         return x.detach().reshape(x.shape[0], -1).to(torch.float64).cpu()
@@ -130,10 +135,11 @@ def image_coverage(samples: torch.Tensor, train: torch.Tensor, train_labels: tor
     threshold = float(torch.quantile(held, quantile))
     distance, nearest = torch.cdist(flat(samples), base).min(dim=1)
     near = distance <= threshold
-    classes = int(labels.max()) + 1
-    counts = torch.bincount(labels[nearest][near], minlength=classes)
-    return {"modes_hit": int((counts > 0).sum()), "num_modes": classes, "quality_share": float(near.to(torch.float64).mean()),
-            "mode_counts": counts.tolist(), "threshold": threshold}
+    classes, index = torch.unique(labels, sorted=True, return_inverse=True)  # labels need not be 0..C-1
+    counts = torch.bincount(index[nearest][near], minlength=classes.shape[0])
+    return {"modes_hit": int((counts > 0).sum()), "num_modes": int(classes.shape[0]),
+            "quality_share": float(near.to(torch.float64).mean()), "mode_counts": counts.tolist(), "threshold": threshold,
+            "classes": classes.tolist()}
 
 
 def converged(coverage: dict[str, Any], *, modes_fraction: float = 0.75, quality: float = 0.5,
@@ -143,7 +149,7 @@ def converged(coverage: dict[str, Any], *, modes_fraction: float = 0.75, quality
     *and* at least ``quality`` of the samples on a mode (a diffuse generator hits every mode with few
     samples on any). ``modes`` and ``on`` name them in ``why`` (e.g. "classes", "on the data")."""
     hit, total, share = coverage["modes_hit"], coverage["num_modes"], coverage["quality_share"]
-    need = math.ceil(modes_fraction * total)
+    need = math.ceil(round(modes_fraction * total, 9))  # 0.28 * 25 is 7.000000000000001 in floats: 7 modes, not 8
     ok = hit >= need and share >= quality
     why = (f"{hit} of {total} {modes} hit and {100 * share:.0f}% of samples {on} at the end; a converged GAN needs at "
            f"least {need} {modes} and {100 * quality:.0f}%")

@@ -116,7 +116,9 @@ class TangentSVM:
 
     def decision_function(self, x: torch.Tensor) -> np.ndarray:
         """``[M]`` signed distances to the separating hyperplane (> 0: the second of the sorted
-        classes, ``svm.classes_[1]``); ``[M, C]`` one-vs-rest scores for C > 2 classes."""
+        classes, ``svm.classes_[1]``). For C > 2 classes ``[M, C]``: ``SVC``'s one-vs-one machines
+        (C(C − 1)/2 of them, as libsvm trains), aggregated per class as votes plus a bounded
+        confidence (sklearn's ``decision_function_shape="ovr"``): not the scores of one-vs-rest SVMs."""
         return self.svm.decision_function(self._gram(x))
 
     def predict(self, x: torch.Tensor) -> np.ndarray:
