@@ -295,16 +295,6 @@ class LongContext(nn.Module):
         return self.head(h.mean(1))
 
 
-def brute_sequence_jacobians(model, x):
-    params = [p for p in model.parameters() if p.requires_grad]
-    rows = []
-    for n in range(x.shape[0]):
-        out = model(x[n : n + 1]).reshape(-1)
-        rows.append(torch.stack([torch.cat([g.reshape(-1) for g in torch.autograd.grad(out[i], params, retain_graph=True)])
-                                 for i in range(out.shape[0])]))
-    return torch.stack(rows)
-
-
 @pytest.mark.parametrize("budget", [2**29, 3000])
 def test_cross_kernel_between_inputs_of_two_shapes_checks_both_and_captures_them_apart(budget):
     """x2 with other per-example shapes than x1 (longer sequences): the covering plan was checked on
@@ -313,7 +303,7 @@ def test_cross_kernel_between_inputs_of_two_shapes_checks_both_and_captures_them
     torch.manual_seed(0)
     model = LongContext()
     x1, x2 = torch.randn(4, 3, 3), torch.randn(5, 6, 3)
-    j1, j2 = brute_sequence_jacobians(model, x1), brute_sequence_jacobians(model, x2)
+    j1, j2 = brute_jacobians(model, x1), brute_jacobians(model, x2)
     for engine in ("auto", "factored"):
         kernel = gradient_kernel(model, x1, x2, engine=engine, memory_budget=budget)
         torch.testing.assert_close(kernel, torch.einsum("mdp,ndp->mn", j1, j2), rtol=1e-10, atol=1e-12)

@@ -62,13 +62,20 @@ def test_history_snapshots_of_repeated_probe_levels_are_left_out_with_a_note():
     assert any("repeat a level" in note for note in summary["notes"])
 
 
-def test_summary_of_a_loaded_analyzer_before_it_is_bound_is_the_state_it_holds(tmp_path):
+def _saved_and_loaded(tmp_path):
+    """``(path, resumed)``: a 4-step analyzer saved to ``path`` and loaded into a fresh one, as a
+    trainer's resume() does, before training binds it."""
     analyzer = _diffusion(steps=4)
     path = tmp_path / "analyzer.pt"
     analyzer.save(path)
     resumed = NoiseLevelAnalyzer(analyzer.scheduler, _ring()[:16], num_bins=4, num_probes=6, snapshot_every=2,
                                  kernel_points=2, progress=False)
-    resumed.load(path)  # as a trainer's resume() does, before training binds it
+    resumed.load(path)
+    return path, resumed
+
+
+def test_summary_of_a_loaded_analyzer_before_it_is_bound_is_the_state_it_holds(tmp_path):
+    path, resumed = _saved_and_loaded(tmp_path)
     (summary,) = summarize(resumed)["states"].values()
     (saved,) = summarize(path)["states"].values()
     assert summary.get("bound") is not False and summary["tracked_steps"] == 4
@@ -153,12 +160,7 @@ def test_a_tracked_windows_numbers_are_not_logged_again_at_the_steps_after_it_en
 def test_an_analyzer_loaded_but_not_yet_bound_saves_what_it_holds(tmp_path):
     # A trainer resumed and checkpointed again before it trains: old, the second checkpoint held
     # {"bound": False} and the 4 tracked steps were lost.
-    analyzer = _diffusion(steps=4)
-    path = tmp_path / "analyzer.pt"
-    analyzer.save(path)
-    resumed = NoiseLevelAnalyzer(analyzer.scheduler, _ring()[:16], num_bins=4, num_probes=6, snapshot_every=2,
-                                 kernel_points=2, progress=False)
-    resumed.load(path)
+    path, resumed = _saved_and_loaded(tmp_path)
     again = tmp_path / "again.pt"
     resumed.save(again)
     (first,) = summarize(path)["states"].values()

@@ -10,18 +10,9 @@ from genkernel.core.tracking.callbacks import TrainerCallback
 from genkernel.supervised import SupervisedTrainer, mse_loss
 from genkernel.supervised.checkpoint_kernels import CheckpointKernels
 
+from test_kernels import brute_jacobians
+
 F64 = torch.float64
-
-
-def _jacobians(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """``[n, d, P]`` per-example Jacobians of the outputs, one autograd call per output value."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    rows = []
-    for i in range(x.shape[0]):
-        f = model(x[i:i + 1]).reshape(-1)
-        rows.append(torch.stack([torch.cat([g.reshape(-1) for g in torch.autograd.grad(f[j], params, retain_graph=True)])
-                                 for j in range(f.shape[0])]))
-    return torch.stack(rows)
 
 
 class _StepScheduler(TrainerCallback):
@@ -55,7 +46,7 @@ def test_checkpoint_weights_follow_a_scheduler_stepped_after_the_recorder():
     for s in range(steps):
         if s in at:
             w = weights[at.index(s)]
-            jx, jt = _jacobians(replay, x), _jacobians(replay, xt)
+            jx, jt = brute_jacobians(replay, x), brute_jacobians(replay, xt)
             gram += w * torch.einsum("adp,bdp->ab", jx, jx)
             cross += w * torch.einsum("adp,bdp->ab", jt, jx)
             self_k += w * torch.einsum("adp,adp->a", jt, jt)
@@ -107,7 +98,7 @@ def test_path_kernel_of_a_float32_model_keeps_its_rounding_floor_for_the_spectra
                       callbacks=[rec]).fit(x, y, steps=1)
     gram, cross, _ = rec.path_kernel()
     assert gram.dtype == torch.float32 and rec.kernel_dtype == torch.float32
-    jx, jt = _jacobians(exact, x.to(F64)), _jacobians(exact, xt.to(F64))
+    jx, jt = brute_jacobians(exact, x.to(F64)), brute_jacobians(exact, xt.to(F64))
     reference = nystrom_extend(eigendecompose(0.1 * torch.einsum("adp,bdp->ab", jx, jx)),
                                0.1 * torch.einsum("adp,bdp->ab", jt, jx))
     phi = nystrom_extend(eigendecompose(gram), cross)
