@@ -137,6 +137,35 @@ def test_a_tracker_the_device_cannot_hold_is_refused_with_the_numbers_and_the_ch
         _tracker(nn.Linear(3, 2), 4, group_state="dense")
 
 
+def test_memory_check_warn_builds_a_tracker_the_estimate_says_will_not_fit_and_tracks_it_exactly(monkeypatch):
+    """The estimate can be high (2.35x the measured peak on an H200): memory_check="warn" builds the
+    tracker with the refusal's numbers as a ResourceWarning, and its ledger is the one a tracker
+    that fits keeps, bit for bit. The default still refuses, now naming the option."""
+    import genkernel.core.cost as cost
+
+    def run(**kwargs):
+        torch.manual_seed(0)
+        tracker = _tracker(nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 2)).to(F64), 3, group_state="dense",
+                           **kwargs)
+        g = torch.Generator().manual_seed(1)
+        for _ in range(3):
+            x = torch.randn(12, 3, generator=g, dtype=F64)
+            tracker.step(x, torch.randn(12, 2, generator=g, dtype=F64), torch.randint(0, 3, (12,), generator=g))
+        return tracker
+
+    fitting = run()
+    monkeypatch.setattr(cost, "available_memory", lambda device: 1000)
+    with pytest.raises(MemoryError, match="would not fit.*memory_check='warn'"):
+        run()
+    with pytest.warns(ResourceWarning, match="would not fit.*Cheaper: fewer groups.*built anyway"):
+        warned = run(memory_check="warn")
+    assert not warned.cost.fits
+    assert torch.equal(warned.ledger.contributions, fitting.ledger.contributions)
+    assert warned.ledger.relative_residual() < 1e-6
+    with pytest.raises(ValueError, match="memory_check must be one of"):
+        run(memory_check="ignore")
+
+
 def test_switching_to_the_dense_route_for_an_ema_is_estimated_again_and_refused(monkeypatch):
     """An "auto" tracker built on the factored route fits; an EMA ledger needs the dense route and
     its own arrays: refused with those numbers, and the tracker keeps its factored route."""
