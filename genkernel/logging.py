@@ -552,8 +552,11 @@ class LoggingCallback(TrainerCallback):
 
     The step number is the trainer's (``global_step`` + 1, or the GAN trainer's ``iteration`` + 1),
     else a count of the steps seen. Names: ``loss`` (``loss/generator``, ``loss/discriminator``
-    for a GAN), ``lr`` (``lr/<phase>``), then :func:`analyzer_metrics`'s. Put it *after* the
-    analyzer in ``callbacks`` so it sees the step the analyzer recorded.
+    for a GAN), ``lr`` (``lr/<phase>``) for the optimizer's first parameter group and
+    ``lr/group<i>`` (``lr/<phase>/group<i>``) for its further groups i >= 1, then
+    :func:`analyzer_metrics`'s. Put it *after* the analyzer in ``callbacks`` so it sees the step the
+    analyzer recorded. The analysis writes each name at most once per step: when training ends,
+    names already logged at that step are not written again.
     """
 
     def __init__(self, log: Callable[[Mapping[str, float], int], None], *, analyzer: Any = None, every: int = 1,
@@ -576,6 +579,8 @@ class LoggingCallback(TrainerCallback):
         self.seen = 0
         self.last_step = 0
         self.last_image_step: int | None = None
+        self.last_analysis_step: int | None = None  # the step the analyzer's metrics were last logged at
+        self.analysis_keys: set[str] = set()  # the names logged at that step
 
     def _step_number(self, trainer: Any) -> int:
         if trainer is not None and isinstance(getattr(trainer, "global_step", None), int):
@@ -596,27 +601,34 @@ class LoggingCallback(TrainerCallback):
         lr = None
         optimizer = getattr(step, "optimizer", None)
         if optimizer is not None and getattr(optimizer, "param_groups", None):
-            lr = float(optimizer.param_groups[0].get("lr", math.nan))
+            lr = [float(group.get("lr", math.nan)) for group in optimizer.param_groups]
+            lr = lr[0] if len(lr) == 1 else lr
         self.log_step(number, loss=loss, lr=lr, phase=phase, trainer=trainer)
 
-    def log_step(self, step: int, *, loss: float | None = None, lr: float | None = None, phase: str = "train",
-                 trainer: Any = None, extra: Mapping[str, float] | None = None) -> None:
+    def log_step(self, step: int, *, loss: float | None = None, lr: float | Sequence[float] | None = None,
+                 phase: str = "train", trainer: Any = None, extra: Mapping[str, float] | None = None) -> None:
         """Log one step from any loop: the loss every ``every`` steps, the analyzer's metrics every
-        ``analysis_every`` steps, images every ``image_every`` steps."""
+        ``analysis_every`` steps, images every ``image_every`` steps. ``lr``: one learning rate, or
+        one per optimizer parameter group (``lr`` for the first, ``lr/group<i>`` for the others)."""
         suffix = "" if phase == "train" else f"/{phase}"
         metrics: dict[str, float] = dict(extra or {})
         if step % self.every == 0:
             if loss is not None:
                 metrics[f"loss{suffix}"] = loss
             if lr is not None:
-                metrics[f"lr{suffix}"] = lr
+                rates = [float(r) for r in lr] if isinstance(lr, (list, tuple)) else [float(lr)]
+                for i, rate in enumerate(rates):
+                    metrics[f"lr{suffix}" if i == 0 else f"lr{suffix}/group{i}"] = rate
         # the analysis once per step number (a GAN iteration has two or more optimizer steps)
         fresh = step != self.last_step and phase in ("train", "generator")
         if fresh:
             self.last_step = step
             if (self.analyzer is not None and self.analysis_every and step % self.analysis_every == 0
                     and _last_tracked_step(self.analyzer, step) == step):
-                metrics.update(analyzer_metrics(self.analyzer))
+                analysis = analyzer_metrics(self.analyzer)
+                if analysis:
+                    metrics.update(analysis)
+                    self.last_analysis_step, self.analysis_keys = step, set(analysis)
         if metrics:
             self.log(metrics, step)
         if fresh and self.image_every and step % self.image_every == 0:
@@ -638,9 +650,15 @@ class LoggingCallback(TrainerCallback):
     def on_train_end(self, trainer: Any) -> None:
         step = max(self.last_step, self._step_number(trainer) - 1 if trainer is not None else self.seen)
         if self.analyzer is not None:
-            metrics = analyzer_metrics(self.analyzer)
+            at = _last_tracked_step(self.analyzer, step)
+            # A name already logged at this step (the last step was an analysis step, or a tracked
+            # window's last step, or a second train() made no step) is not written again: one point
+            # per name and step (TensorBoard keeps both).
+            done = self.analysis_keys if at == self.last_analysis_step else set()
+            metrics = {key: value for key, value in analyzer_metrics(self.analyzer).items() if key not in done}
             if metrics:
-                self.log(metrics, _last_tracked_step(self.analyzer, step))
+                self.log(metrics, at)
+                self.last_analysis_step, self.analysis_keys = at, done | set(metrics)
         self.log_images(step, trainer)
         flush = getattr(self.log, "flush", None)
         if callable(flush):

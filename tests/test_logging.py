@@ -194,7 +194,7 @@ def test_trainer_and_analyzer_take_the_logger_themselves():
     assert sorted(losses) == [1, 2, 3, 4]
     assert all(metrics.get("lr", 2e-3) == pytest.approx(2e-3) for _, metrics in log.rows)
     analysed = [(step, metrics) for step, metrics in log.rows if "ledger/relative_residual" in metrics]
-    assert [step for step, _ in analysed] == [2, 4, 4]  # every 2nd tracked step, then the end of training
+    assert [step for step, _ in analysed] == [2, 4]  # every 2nd tracked step; the end of training (4) not again
     assert analysed[0][1]["ledger/steps"] == 2 and analysed[-1][1]["ledger/steps"] == 4
     assert analysed[-1][1]["ledger/relative_residual"] == pytest.approx(analyzer.residual()["relative_residual"])
     assert {name for name, _, step in log.images if step == 4} == {"matrix/traffic", "matrix/share"}
@@ -224,8 +224,8 @@ def test_an_observed_loop_logs_through_the_analyzer():
         optimizer.step()
     analyzer.finish()
     steps = [step for step, metrics in log.rows if "ledger/steps" in metrics]
-    assert steps == [11, 12, 13, 13]
-    assert [metrics["ledger/steps"] for _, metrics in log.rows] == [1, 2, 3, 3]
+    assert steps == [11, 12, 13]  # finish() at step 13, logged already: not written twice
+    assert [metrics["ledger/steps"] for _, metrics in log.rows] == [1, 2, 3]
     # images at step numbers divisible by image_every (12), and at the end (13)
     assert {(name, step) for name, _, step in log.images} == {(name, step) for name in ("matrix/traffic", "matrix/share")
                                                               for step in (12, 13)}
@@ -303,9 +303,9 @@ def test_gan_analyzer_logs_its_numbers_at_generator_steps():
     analyzer, trainer = _gan_run(log, log_every=1, image_every=2)
     trainer.train(3)
     tracked = [(step, metrics) for step, metrics in log.rows if "generator/steps" in metrics]
-    # one row per generator step at the loop's iteration numbers, and the final one from on_train_end
-    assert [step for step, _ in tracked] == [1, 2, 3, 3]
-    assert [metrics["generator/steps"] for _, metrics in tracked] == [1, 2, 3, 3]
+    # one row per generator step at the loop's iteration numbers; on_train_end at step 3 adds no second point
+    assert [step for step, _ in tracked] == [1, 2, 3]
+    assert [metrics["generator/steps"] for _, metrics in tracked] == [1, 2, 3]
     last = tracked[-1][1]
     assert last["generator/relative_residual"] == pytest.approx(analyzer.report()["generator"]["relative_residual"])
     assert last["discriminator/steps"] == 3

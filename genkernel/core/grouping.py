@@ -186,10 +186,23 @@ def coarsen(contributions: torch.Tensor, mapping: torch.Tensor, num_new_groups: 
     return out.index_add_(1, mapping, contributions)
 
 
+def check_probe_groups(probe_groups: torch.Tensor, rows: int, num_groups: int) -> None:
+    """ValueError unless ``probe_groups`` is ``[rows]`` of integer ids in [0, num_groups)."""
+    if probe_groups.dim() != 1 or probe_groups.shape[0] != rows:
+        raise ValueError(f"probe_groups must be [M] with one group id per row ({rows}), got {tuple(probe_groups.shape)}")
+    if probe_groups.dtype.is_floating_point or probe_groups.dtype.is_complex or probe_groups.dtype == torch.bool:
+        raise ValueError(f"probe_groups must hold integer group ids, got dtype {probe_groups.dtype}")
+    if probe_groups.numel() and (int(probe_groups.min()) < 0 or int(probe_groups.max()) >= num_groups):
+        raise ValueError(f"probe_groups must be group ids in [0, {num_groups}), got ids from {int(probe_groups.min())} "
+                         f"to {int(probe_groups.max())}: a probe outside would be left out of every group's mean (or "
+                         f"index another column); relabel the probes' groups 0..{num_groups - 1}")
+
+
 def average_by_probe_group(values: torch.Tensor, probe_groups: torch.Tensor, num_groups: int) -> torch.Tensor:
     """``[L, ...]`` mean of ``values [M, ...]`` over the probes of each label in [0, L) (entry-wise,
     ignoring NaN; NaN for labels without probes): the noise × noise matrix when labels are probe
     levels, the coupling matrix when they are the probes' own geometry groups."""
+    check_probe_groups(probe_groups, values.shape[0], num_groups)
     out = torch.full((num_groups, *values.shape[1:]), math.nan, dtype=torch.float64)
     labels = probe_groups.to(values.device)
     for label in range(num_groups):
@@ -215,6 +228,9 @@ def band_total(matrix: torch.Tensor, probe_groups: torch.Tensor, band: int) -> t
 
 def own_share(matrix: torch.Tensor, probe_groups: torch.Tensor) -> torch.Tensor:
     """``[M]`` each probe's entry for its own group, matrix[m, group(m)] (band 0)."""
+    if matrix.dim() != 2:
+        raise ValueError(f"matrix must be [M, G] (probes × groups), got {tuple(matrix.shape)}")
+    check_probe_groups(probe_groups, matrix.shape[0], matrix.shape[1])
     return matrix.gather(1, probe_groups.view(-1, 1).to(device=matrix.device, dtype=torch.long)).squeeze(1).to(torch.float64)
 
 

@@ -109,7 +109,11 @@ class NoiseLevelAnalyzer(TrainerCallback):
             or "timestep" (equal widths of t).
         num_probes: M probes, assigned round-robin to the probe levels.
         probe_levels: ``LongTensor[L]`` probe timesteps s; default the G bin centres.
-        band: w, the half-width in bins of "nearby levels" for the locality measures.
+        band: w, the half-width in bins of "nearby levels" for the locality measures. A band
+            >= G − 1 holds every bin for every probe, so nothing lies outside it and locality is
+            undefined: refused (ValueError) for G >= 3 bins; with G <= 2 every band but 0 covers
+            both bins, and the analyzer runs for its other measures, its locality reported with a
+            ``why``.
         controls: number of label-permutation control partitions tracked beside the level
             partition (0: none); each adds G group rows to every step's cost.
         quadrature: the ledger's rule ("midpoint" default; "left", "trapezoid", "simpson", "gauss2" to
@@ -185,8 +189,15 @@ class NoiseLevelAnalyzer(TrainerCallback):
             )
         if isinstance(controls, bool) or not isinstance(controls, int) or controls < 0:
             raise ValueError(f"controls must be a non-negative int (permutation control partitions), got {controls!r}")
-        if not isinstance(band, int) or band < 0:
+        if isinstance(band, bool) or not isinstance(band, int) or band < 0:
             raise ValueError(f"band must be a non-negative int (bins), got {band!r}")
+        if num_bins >= 3 and band >= num_bins - 1:
+            # Every probe's band would hold all G bins (kernel locality: no state outside it, NaN;
+            # ledger locality: measured = control = the whole share, a difference of rounding).
+            raise ValueError(
+                f"band={band} covers all num_bins={num_bins} bins (band >= num_bins - 1 = {num_bins - 1}): nothing "
+                f"lies outside it, so locality is undefined; pass band <= {num_bins - 2} or more bins"
+            )
         if snapshot_every < 0 or kernel_every < 0:
             raise ValueError("snapshot_every and kernel_every must be >= 0 (0: only at the start/end)")
         if not isinstance(kernel_points, int) or kernel_points < 2:
@@ -684,6 +695,11 @@ class NoiseLevelAnalyzer(TrainerCallback):
         traffic = grouping.band_total(self.traffic_shares(weights=weights), bins, w)
         share = grouping.band_total(shares, bins, w)
         out: dict[str, Any] = {"band": w, "median_kappa": nan_median(kappa)}
+        g = self.num_bins
+        covering = bool(((bins - w <= 0) & (bins + w >= g - 1)).all())
+        why = (f"band={w} holds all {g} bins around every probe's level: nothing lies outside it, so the "
+               f"locality is the whole share for the measured and the control partitions alike (pass band <= "
+               f"{g - 2} with num_bins >= 3)") if covering else None
         if self.controls:
             control_shares = [self.shares(c, weights=weights) for c in self.control_names]
             traffic_c = torch.stack([grouping.band_total(self.traffic_shares(c, weights=weights), bins, w)
@@ -692,6 +708,9 @@ class NoiseLevelAnalyzer(TrainerCallback):
             out["traffic"] = grouping.measured_minus_control(traffic, traffic_c)
             out["share"] = grouping.measured_minus_control(share, share_c)
             out["median_kappa_control"] = nan_median(torch.stack([k for _, k in control_shares]))
+            if why is not None:
+                for key in ("traffic", "share"):
+                    out[key] = {**out[key], "held": False, "why": why}
             # Per probe level: an average over levels can hide a sign flip between them.
             out["per_level"] = [
                 {"level": int(self.levels[level]), "bin": int(self.level_bins[level]),
@@ -703,6 +722,8 @@ class NoiseLevelAnalyzer(TrainerCallback):
         else:
             out["traffic"] = {"measured": float(traffic.nanmean())}
             out["share"] = {"measured": float(share.nanmean())}
+            if why is not None:
+                out["traffic"]["why"] = out["share"]["why"] = why
         return out
 
     def residual(self, *, weights: str = "model") -> dict[str, float]:

@@ -134,7 +134,9 @@ def retrieval_attribution(
         seed: seeds sampling, the fixed training noise and the sketch.
         sampler, step_kwargs: the reverse sampler (default DDPM; a diffusers scheduler class or
             instance on the training schedule, e.g. ``DDIMScheduler``) and its ``step`` arguments
-            (:func:`~genkernel.diffusion.trainer.reverse_sample`).
+            (:func:`~genkernel.diffusion.trainer.reverse_sample`). A stage that snaps to a fractional
+            timestep of the sampler (``EulerDiscreteScheduler`` with ``timestep_spacing="linspace"``)
+            is refused: its state is not at the integer timestep the kernel is evaluated at.
         conditioning: a conditional model's extra inputs for the samples, a Tensor (class labels
             ``LongTensor[S]``) or tuple of Tensors with ``num_samples`` rows; used for sampling and
             for the samples' states in the kernel.

@@ -698,7 +698,9 @@ def reverse_sample(
         seed: seeds the initial noise and the sampler's noise (a private generator).
         keep: timesteps at which to keep the state the model is given at that step
             (``sampler.scale_model_input(x_t, t)``: x_t itself for DDPM and DDIM); a requested t that
-            is not a reverse step of this schedule is snapped to the nearest one.
+            is not a reverse step of this schedule is snapped to the nearest one, which must be an
+            integer timestep (a sampler's fractional one, EulerDiscreteScheduler with
+            ``timestep_spacing="linspace"``, is refused: ValueError).
         sampler: None (DDPM ancestral sampling) or a diffusers scheduler class or instance such as
             ``DDIMScheduler`` (:func:`make_sampler`).
         step_kwargs: extra arguments of the sampler's ``step``: ``{"eta": 1.0}`` for DDIM, whose
@@ -710,8 +712,26 @@ def reverse_sample(
     """
     sampler = make_sampler(scheduler, sampler)
     sampler.set_timesteps(num_inference_steps or num_train_timesteps(scheduler))
-    steps = [int(t) for t in sampler.timesteps]
-    wanted = {min(steps, key=lambda s: abs(s - int(t))) for t in keep or ()}
+    times = [float(t) for t in sampler.timesteps]
+    steps = [int(t) for t in times]
+    # Indices of the reverse steps whose states are kept: each requested t snapped to the nearest
+    # of the sampler's own timesteps (the first, noisiest, on a tie).
+    wanted = set()
+    for t in keep or ():
+        index = min(range(len(times)), key=lambda i: abs(times[i] - float(t)))
+        if times[index] != steps[index]:
+            # A fractional timestep (EulerDiscreteScheduler with timestep_spacing="linspace", ...): the
+            # state is at noise level times[index], the model was evaluated there, but the key and every
+            # kernel read at it (retrieval stages, noisy training inputs) are integer timesteps.
+            integer = [int(u) for u in times if u == int(u)]
+            raise ValueError(
+                f"keep (retrieval_attribution's stages) asks for t={t}, whose nearest reverse step of {type(sampler).__name__} is the fractional "
+                f"timestep {times[index]:g}: a state kept there is at that noise level, not at an integer t, so "
+                "kernels read at its integer key would not be the model the sampler ran; use DDPMScheduler or "
+                "DDIMScheduler (integer timesteps), or this sampler with timestep_spacing='leading' or 'trailing', "
+                f"or keep only its integer-valued steps {integer}"
+            )
+        wanted.add(index)
     extra = () if conditioning is None else as_tuple(conditioning, name="conditioning")
     if any(c.shape[0] != shape[0] for c in extra):
         raise ValueError(f"conditioning needs one row per sample ({shape[0]}), got {[tuple(c.shape) for c in extra]}")
@@ -725,9 +745,9 @@ def reverse_sample(
     was_training = model.training
     model.eval()
     try:
-        for t, step in zip(sampler.timesteps, steps):
+        for index, (t, step) in enumerate(zip(sampler.timesteps, steps)):
             state = sampler.scale_model_input(x, t)
-            if step in wanted:
+            if index in wanted:
                 kept[step] = state.clone()
             timestep = t.to(x.device).repeat(x.shape[0])
             out = output_tensor(model(state, timestep, *(c.to(x.device) for c in extra)))

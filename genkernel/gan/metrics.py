@@ -78,6 +78,23 @@ def few_units(result: dict[str, Any], *, minimum: int = MIN_UNITS) -> dict[str, 
     return result
 
 
+def _check_shares(shares: torch.Tensor, probe_groups: torch.Tensor, num_groups: int) -> None:
+    """Raise ValueError unless ``shares`` is ``[M, num_groups]`` and ``probe_groups`` is ``[M]`` of
+    integer ids in [0, num_groups): the source groups (columns) and the probes' own groups are the
+    same partition, so a probe's own share is ``shares[m, probe_groups[m]]``."""
+    from ..core.grouping import check_probe_groups
+
+    if isinstance(num_groups, bool) or not isinstance(num_groups, int) or num_groups < 1:
+        raise ValueError(f"num_groups must be a positive int, got {num_groups!r}")
+    if shares.dim() != 2:
+        raise ValueError(f"shares must be [M, G] (probes × source groups), got {tuple(shares.shape)}")
+    if shares.shape[1] != num_groups:
+        raise ValueError(f"shares has {shares.shape[1]} group columns but num_groups={num_groups}: the columns are "
+                         f"the source groups, the same partition as the probes' groups; pass num_groups={shares.shape[1]} "
+                         f"or the shares of the partition whose groups the probes carry")
+    check_probe_groups(probe_groups, shares.shape[0], num_groups)
+
+
 def own_minus_others(shares: torch.Tensor, probe_groups: torch.Tensor, num_groups: int) -> torch.Tensor:
     """``[M]`` the interaction statistic: each probe's share from its own group a, minus the mean over
     the *other* probe groups a' ≠ a of their (probe-averaged) share from the same source group a.
@@ -91,6 +108,7 @@ def own_minus_others(shares: torch.Tensor, probe_groups: torch.Tensor, num_group
     """
     from ..core.grouping import average_by_probe_group, own_share
 
+    _check_shares(shares, probe_groups, num_groups)
     groups = probe_groups.to(torch.long).cpu()
     shares = shares.to(torch.float64).cpu()
     matrix = average_by_probe_group(shares, groups, num_groups)  # [G, G], NaN rows for empty probe groups

@@ -17,10 +17,16 @@ R is never held: the columns of parameter number i (in ``named_parameters`` orde
 blocks of ``GENERATION_BLOCK`` columns, and block j is drawn from a generator seeded with
 (seed, i, j) whenever it is needed, so at most k × GENERATION_BLOCK entries exist at once and the
 same seed gives the same R whatever the chunking of examples or the engine.
+
+Any int is a seed. torch's CPU generator keeps only the low 32 bits of its seed, which for the
+formula of ``_generator_seed`` depend on seed mod 2**32 alone; a seed outside [0, 2**32) is
+therefore hashed whole (SHA-256) to the 32 bits that pick its streams, so seed and seed + 2**32
+give independent R. Seeds in [0, 2**32) draw the R they always drew.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 import numbers
 from typing import Any
@@ -59,10 +65,16 @@ def _check(k: int, kind: str, seed: Any = 0) -> None:
 
 
 def _generator_seed(seed: int, param_index: int, block: int) -> int:
-    """The seed of the generator of (seed, parameter, block): (seed·1000003 + i)·1000033 + j, taken
+    """The seed of the generator of (seed, parameter, block): (s·1000003 + i)·1000033 + j, taken
     modulo 2**64 where it leaves the range ``torch.Generator.manual_seed`` accepts (seeds above
-    about 1.8e7, such as a date 20240101, overflowed it); values inside the range are unchanged."""
-    value = (int(seed) * 1_000_003 + param_index) * 1_000_033 + block
+    about 1.8e7, such as a date 20240101, overflowed it); values inside the range are unchanged.
+    s is the seed itself in [0, 2**32), else the first 32 bits of the SHA-256 of its decimal
+    digits: the generator reads 32 bits of its seed, which here depend on s mod 2**32 only, so
+    without the hash seed and seed + 2**32 (or -1 and 2**32 - 1) drew the same R."""
+    s = int(seed)
+    if not 0 <= s < 2**32:
+        s = int.from_bytes(hashlib.sha256(str(s).encode()).digest()[:4], "little")
+    value = (s * 1_000_003 + param_index) * 1_000_033 + block
     return value if -(2**63) <= value < 2**64 else value % 2**64
 
 
