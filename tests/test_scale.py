@@ -166,6 +166,32 @@ def test_memory_check_warn_builds_a_tracker_the_estimate_says_will_not_fit_and_t
         run(memory_check="ignore")
 
 
+def test_the_noise_level_analyzer_passes_memory_check_to_its_tracker(monkeypatch):
+    """Refused at binding by default; memory_check="warn" trains, exactly as a fitting run."""
+    import genkernel.core.cost as cost
+
+    scheduler = make_scheduler(100)
+    data = torch.randn(16, 2, generator=torch.Generator().manual_seed(0), dtype=F64)
+
+    def run(**kwargs):
+        torch.manual_seed(0)
+        analyzer = NoiseLevelAnalyzer(scheduler, data, num_bins=2, num_probes=4, kernel_points=2, snapshot_every=0,
+                                      progress=False, **kwargs)
+        DDPMTrainer(MLPDenoiser(hidden=8, depth=2, time_dim=4).double(), scheduler, data, batch_size=8, progress=False,
+                    callbacks=[analyzer]).train(2)
+        return analyzer
+
+    fitting = run()
+    monkeypatch.setattr(cost, "available_memory", lambda device: 1000)
+    with pytest.raises(MemoryError, match="memory_check='warn'"):
+        run()
+    with pytest.warns(ResourceWarning, match="built anyway"):
+        warned = run(memory_check="warn")
+    assert torch.equal(warned.tracker.ledger.contributions, fitting.tracker.ledger.contributions)
+    with pytest.raises(ValueError, match="memory_check must be one of"):
+        NoiseLevelAnalyzer(scheduler, data, num_bins=2, num_probes=4, memory_check="off")
+
+
 def test_switching_to_the_dense_route_for_an_ema_is_estimated_again_and_refused(monkeypatch):
     """An "auto" tracker built on the factored route fits; an EMA ledger needs the dense route and
     its own arrays: refused with those numbers, and the tracker keeps its factored route."""

@@ -71,7 +71,7 @@ from ..core.tracking.ledger import PathKernelLedger
 from ..core.tracking.quadrature import residual_remedy
 from ..core.tracking.sketched import SKETCHED_TRAFFIC_NOTE
 from ..core.tracking.step import OptimizerStep
-from ..core.tracking.tracker import PathKernelTracker, StepContributions
+from ..core.tracking.tracker import MEMORY_CHECKS, PathKernelTracker, StepContributions
 from ..logging import LoggingCallback
 from ..stats import nan_median
 from .kernels import eval_mode, make_states, state_kernel
@@ -138,8 +138,10 @@ class NoiseLevelAnalyzer(TrainerCallback):
             trainer: the analyzer binds at ``first`` and stops paying after ``last`` (in your own loop,
             call ``bind`` when the window starts and :meth:`stop` when it ends).
         progress: print what a step will cost when the analyzer binds (one line on stderr).
-        group_state, state_dtype: the tracker's (:class:`~genkernel.core.PathKernelTracker`):
-            "auto"/"dense"/"sketched", and float64 or (for a float32 model) float32 group state.
+        group_state, state_dtype, memory_check: the tracker's (:class:`~genkernel.core.PathKernelTracker`):
+            "auto"/"dense"/"sketched", float64 or (for a float32 model) float32 group state, and
+            "refuse" or "warn" for a cost estimate above the free memory (the estimate can be high on
+            CUDA: "warn" builds the tracker anyway).
         name: the key of this analyzer's state in a trainer's checkpoint (default the class name).
         log: a logger ``log(metrics, step)`` (:mod:`genkernel.logging`: TensorBoard, CSV, or any
             callable): the running residual, rest share, κ, traffic shares and locality
@@ -172,6 +174,7 @@ class NoiseLevelAnalyzer(TrainerCallback):
         progress: bool = True,
         group_state: str = "auto",
         state_dtype: torch.dtype = torch.float64,
+        memory_check: str = "refuse",
         name: str | None = None,
         log: Callable[[Mapping[str, float], int], None] | None = None,
         log_every: int = 1,
@@ -228,6 +231,9 @@ class NoiseLevelAnalyzer(TrainerCallback):
         self.kernel_sketch = kernel_sketch
         self.seed = seed
         self.memory_budget = memory_budget
+        if memory_check not in MEMORY_CHECKS:  # here, not at binding: a long run should not fail there
+            raise ValueError(f"memory_check must be one of {MEMORY_CHECKS}, got {memory_check!r}")
+        self.memory_check = memory_check
         # one piece logs for the trainers, the callback and this analyzer (genkernel.logging)
         self.logging = None if log is None else LoggingCallback(
             log, analyzer=self, every=log_every, analysis_every=log_every, image_every=image_every
@@ -315,7 +321,7 @@ class NoiseLevelAnalyzer(TrainerCallback):
         self.tracker = PathKernelTracker(
             model, optimizer, diffusion_loss, probes, num_groups=self.partitions, quadrature=self.quadrature,
             max_grad_norm=max_grad_norm, memory_budget=self.memory_budget, group_state=self.group_state,
-            state_dtype=self.state_dtype, batch_size=batch_size,
+            state_dtype=self.state_dtype, batch_size=batch_size, memory_check=self.memory_check,
         )
         self.tracker.listeners.append(self._record)
         if ema is not None:
