@@ -1,7 +1,9 @@
 """A conditional GAN (G(z, y), D(x, y)) through the wrappers the GAN analyzer's error message
 advises: the class one-hot concatenated to the latents, and G's output carrying it on to D. The
 advice must be exact, not merely runnable: the generator's ledger describes the unwrapped G's change
-at the probes' own classes, the label coordinates carry nothing, and training is unchanged."""
+at the probes' own classes, the label coordinates carry nothing, and training is unchanged. (The
+first-class route, ``GANTrainer(..., num_classes=)`` and ``GANKernelAnalyzer(..., probe_classes=)``, is
+checked against these wrappers in tests/test_conditional_gan_native.py.)"""
 
 import pytest
 import torch

@@ -192,6 +192,34 @@ def test_the_noise_level_analyzer_passes_memory_check_to_its_tracker(monkeypatch
         NoiseLevelAnalyzer(scheduler, data, num_bins=2, num_probes=4, memory_check="off")
 
 
+def test_the_gan_analyzer_passes_memory_check_to_both_trackers(monkeypatch):
+    """Refused at the first step by default; memory_check="warn" trains both players' ledgers exactly
+    as a fitting run."""
+    import genkernel.core.cost as cost
+    from genkernel.gan import GANKernelAnalyzer, GANTrainer, MLPDiscriminator, MLPGenerator
+
+    data = torch.randn(32, 2, generator=torch.Generator().manual_seed(0), dtype=F64)
+
+    def run(**kwargs):
+        torch.manual_seed(0)
+        g, d = MLPGenerator(2, 2, hidden=8, depth=2).to(F64), MLPDiscriminator(2, hidden=8, depth=2).to(F64)
+        probes = torch.randn(6, 2, generator=torch.Generator().manual_seed(1), dtype=F64)
+        analyzer = GANKernelAnalyzer(g, d, probes, num_groups=2, window=2, eval_every=1, **kwargs)
+        GANTrainer(g, d, data, batch_size=8, callbacks=[analyzer]).train(2)
+        return analyzer
+
+    fitting = run()
+    monkeypatch.setattr(cost, "available_memory", lambda device: 1000)
+    with pytest.raises(MemoryError, match="memory_check='warn'"):
+        run()
+    with pytest.warns(ResourceWarning, match="built anyway"):
+        warned = run(memory_check="warn")
+    for player in ("g_tracker", "d_tracker"):
+        assert torch.equal(getattr(warned, player).ledger.contributions, getattr(fitting, player).ledger.contributions)
+    with pytest.raises(ValueError, match="memory_check must be one of"):
+        run(memory_check=True)
+
+
 def test_switching_to_the_dense_route_for_an_ema_is_estimated_again_and_refused(monkeypatch):
     """An "auto" tracker built on the factored route fits; an EMA ledger needs the dense route and
     its own arrays: refused with those numbers, and the tracker keeps its factored route."""

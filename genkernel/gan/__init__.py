@@ -5,13 +5,16 @@ steps and groups of training latents, of kernel-weighted discriminator input gra
 analyzer records it, split by the discriminator's gradient geometry, beside the discriminator's
 own ledger (real / generated / gradient-penalty examples). It attaches to the built-in trainer as
 a callback, or observes your own loop (``analyzer.bind(g_opt, d_opt)``, then
-``observe_discriminator`` / ``observe_generator`` before each backward).
+``observe_discriminator`` / ``observe_generator`` before each backward). Class-conditional GANs,
+G(z, y) and D(x, y), are first-class: ``GANTrainer(..., labels=, num_classes=)`` and
+``GANKernelAnalyzer(..., probe_classes=)`` (docs/gan.md, "Conditional GANs").
 
     from genkernel.gan import GANTrainer, GANKernelAnalyzer, MLPGenerator, MLPDiscriminator
 """
 
 from .analyzer import GANKernelAnalyzer
 from .geometry import (
+    ClassGroups,
     ConfidenceGroups,
     DirectionGroups,
     FunctionGroups,
@@ -38,7 +41,7 @@ from .trainer import GANTrainer, discriminator_input_gradients, frozen
 __all__ = [
     "GANKernelAnalyzer", "GANTrainer", "frozen", "discriminator_input_gradients",
     "GeometryGrouping", "DirectionGroups", "ModeGroups", "NearestModeGroups", "MagnitudeGroups", "ConfidenceGroups",
-    "FunctionGroups", "make_grouping",
+    "FunctionGroups", "ClassGroups", "make_grouping",
     "LOSSES", "OUTPUTS", "preserved", "GeneratorLoss", "DiscriminatorLoss", "DiscriminatorObjective", "generator_losses", "discriminator_losses",
     "mode_coverage", "push_field",
     "MLPGenerator", "MLPDiscriminator", "DCGenerator", "DCDiscriminator",

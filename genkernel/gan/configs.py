@@ -7,6 +7,12 @@ discriminator, which ends in a Sigmoid (its output is a probability: use
 ``GeneratorLoss(D, output="probability")``). BatchNorm stays in training mode during training: a
 tracker takes its group gradients from the training graph, where that is exact.
 ``weights_init`` is the example's N(0, 0.02) initialization.
+
+:func:`cdcgan64_generator` and :func:`cdcgan64_discriminator` are its class-conditional form (a
+cDCGAN), G(z, y) and D(x, y) with ``y`` a ``LongTensor[B]`` of classes, for
+``GANTrainer(..., labels=, num_classes=)`` and ``GANKernelAnalyzer(..., probe_classes=)``: as usual
+cDCGANs do, G concatenates a learned class embedding to its latents, and D stacks a learned
+64×64 class map onto its input as one more channel.
 """
 
 from __future__ import annotations
@@ -55,4 +61,54 @@ def dcgan64_discriminator(ndf: int = 64, nc: int = 3, *, seed: int | None = None
     return model
 
 
-__all__ = ["dcgan64_discriminator", "dcgan64_generator", "weights_init"]
+class ConditionalGenerator64(nn.Module):
+    """G(z, y): latents ``[B, nz]`` (or ``[B, nz, 1, 1]``) and classes ``LongTensor[B]`` ->
+    ``[B, nc, 64, 64]`` in [-1, 1]: DCGAN's generator on ``[z, embed(y)]`` (``nz + embed_dim`` input
+    channels at 1×1). ``latent_dim`` = nz and ``num_classes`` are attributes (the trainer and the
+    analyzer read them)."""
+
+    def __init__(self, num_classes: int, nz: int = 100, ngf: int = 64, nc: int = 3, *, embed_dim: int | None = None):
+        super().__init__()
+        embed_dim = num_classes if embed_dim is None else embed_dim
+        self.latent_dim, self.num_classes = nz, num_classes
+        self.embed = nn.Embedding(num_classes, embed_dim)
+        self.net = dcgan64_generator(nz + embed_dim, ngf, nc)
+
+    def forward(self, z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        h = torch.cat([z.reshape(z.shape[0], -1), self.embed(y)], dim=1)
+        return self.net(h[:, :, None, None])
+
+
+class ConditionalDiscriminator64(nn.Module):
+    """D(x, y): images ``[B, nc, 64, 64]`` and classes ``LongTensor[B]`` -> ``[B]`` probabilities:
+    DCGAN's discriminator on ``nc + 1`` channels, the last a learned 64×64 map of the class
+    (``nn.Embedding(num_classes, 64·64)``). Ends in a Sigmoid: use ``output="probability"``."""
+
+    def __init__(self, num_classes: int, ndf: int = 64, nc: int = 3):
+        super().__init__()
+        self.num_classes = num_classes
+        self.embed = nn.Embedding(num_classes, 64 * 64)
+        self.net = dcgan64_discriminator(ndf, nc + 1)
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return self.net(torch.cat([x, self.embed(y).view(-1, 1, 64, 64).to(x)], dim=1))
+
+
+def cdcgan64_generator(num_classes: int, nz: int = 100, ngf: int = 64, nc: int = 3, *, embed_dim: int | None = None,
+                       seed: int | None = None) -> ConditionalGenerator64:
+    """The conditional DCGAN's G(z, y) (:class:`ConditionalGenerator64`, DCGAN's initialization)."""
+    if seed is not None:
+        torch.manual_seed(seed)
+    return ConditionalGenerator64(num_classes, nz, ngf, nc, embed_dim=embed_dim)
+
+
+def cdcgan64_discriminator(num_classes: int, ndf: int = 64, nc: int = 3, *,
+                           seed: int | None = None) -> ConditionalDiscriminator64:
+    """The conditional DCGAN's D(x, y) (:class:`ConditionalDiscriminator64`, DCGAN's initialization)."""
+    if seed is not None:
+        torch.manual_seed(seed)
+    return ConditionalDiscriminator64(num_classes, ndf, nc)
+
+
+__all__ = ["dcgan64_discriminator", "dcgan64_generator", "weights_init", "cdcgan64_generator", "cdcgan64_discriminator",
+           "ConditionalGenerator64", "ConditionalDiscriminator64"]

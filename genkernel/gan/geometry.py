@@ -14,6 +14,8 @@ then kept fixed, so a group means the same thing over the whole run.
 - :class:`LatentKMeansGroups`: k-means clusters of the latents z (ignores D and G: a spatial grouping
   to compare a geometry grouping with).
 - :class:`FunctionGroups`: any user function of (z, x, w, scores).
+- :class:`ClassGroups`: a conditional GAN's classes (example i in group y_i); the analyzer passes each
+  example's class (``uses_classes``), so no geometry is read.
 
 :class:`NearestModeGroups` and :class:`LatentKMeansGroups` do not look at D: as the analyzer's
 ``comparison`` they measure how much coupling a grouping gets from the generator's smoothness alone
@@ -36,6 +38,7 @@ class GeometryGrouping:
     num_groups: int = 1
     name: str = "geometry"
     fitted: bool = True
+    uses_classes: bool = False  # True: called with classes=, a conditional GAN's LongTensor[B] (ClassGroups)
 
     def labels(self) -> list[str]:
         return [f"{self.name} {g}" for g in range(self.num_groups)]
@@ -48,10 +51,18 @@ class GeometryGrouping:
     def assign(self, z, x, w, scores) -> torch.Tensor:
         raise NotImplementedError
 
-    def __call__(self, z: torch.Tensor, x: torch.Tensor, w: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+    def _ids(self, z, x, w, scores, classes) -> torch.Tensor:
+        """The ids of a grouping that ``uses_classes`` (:class:`ClassGroups`)."""
+        raise TypeError(f"{type(self).__name__} does not group by class: call it without classes=")
+
+    def __call__(self, z: torch.Tensor, x: torch.Tensor, w: torch.Tensor, scores: torch.Tensor, *,
+                 classes: torch.Tensor | None = None) -> torch.Tensor:
+        """``LongTensor[B]`` group ids in ``[0, num_groups)`` (on the CPU); ``classes`` only for a grouping
+        that ``uses_classes``."""
         if not self.fitted:
             raise RuntimeError(f"{type(self).__name__} must be fitted on a reference batch first (call .fit)")
-        ids = torch.as_tensor(self.assign(z, x, w, scores)).to(torch.long).reshape(-1)
+        raw = self.assign(z, x, w, scores) if classes is None else self._ids(z, x, w, scores, classes)
+        ids = torch.as_tensor(raw).to(torch.long).reshape(-1)
         if ids.shape[0] != z.shape[0]:
             raise ValueError(f"{type(self).__name__} returned {ids.shape[0]} group ids for {z.shape[0]} latents")
         if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.num_groups):
@@ -267,6 +278,31 @@ class FunctionGroups(GeometryGrouping):
         return self.fn(z, x, w, scores)
 
 
+class ClassGroups(GeometryGrouping):
+    """A conditional GAN's classes as groups: example i (a training latent or a probe) is in group y_i,
+    ``num_groups = num_classes``. Called with ``classes=`` (``LongTensor[B]``), which
+    :class:`~genkernel.gan.GANKernelAnalyzer` passes for ``grouping="class"`` (it needs
+    ``probe_classes=``). No fit: a class means the same thing over the run."""
+
+    name = "class"
+    uses_classes = True
+
+    def __init__(self, num_classes: int) -> None:
+        self.num_groups = _check_count(num_classes, "num_classes")
+
+    def assign(self, z, x, w, scores):
+        raise ValueError("ClassGroups groups by class: call it with classes= (GANKernelAnalyzer(..., probe_classes=, "
+                         "grouping='class') does)")
+
+    def __call__(self, z, x, w, scores, *, classes: torch.Tensor | None = None) -> torch.Tensor:
+        if classes is None:
+            return super().__call__(z, x, w, scores)  # the assign refusal above
+        return super().__call__(z, x, w, scores, classes=classes)
+
+    def _ids(self, z, x, w, scores, classes):
+        return classes
+
+
 GROUPINGS = {"direction": DirectionGroups, "mode": ModeGroups, "nearest_mode": NearestModeGroups,
              "magnitude": MagnitudeGroups, "confidence": ConfidenceGroups, "latent_kmeans": LatentKMeansGroups}
 
@@ -293,5 +329,5 @@ def make_grouping(spec, *, num_groups: int = 8, centers: torch.Tensor | None = N
 
 __all__ = [
     "GeometryGrouping", "DirectionGroups", "ModeGroups", "NearestModeGroups", "MagnitudeGroups", "ConfidenceGroups",
-    "LatentKMeansGroups", "FunctionGroups", "make_grouping", "GROUPINGS",
+    "LatentKMeansGroups", "FunctionGroups", "ClassGroups", "make_grouping", "GROUPINGS",
 ]

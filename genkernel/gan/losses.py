@@ -106,14 +106,14 @@ def check_not_sigmoid(discriminator: nn.Module) -> None:
         raise ValueError(_sigmoid_message("final module"))
 
 
-def last_leaf_executed(discriminator: nn.Module, samples: torch.Tensor):
-    """``(output, last leaf module run)`` of one forward of D on ``samples`` (forward hooks on its
-    leaves; reshapes such as ``nn.Flatten`` are not counted)."""
+def last_leaf_executed(discriminator: nn.Module, samples: torch.Tensor, *conditions: torch.Tensor):
+    """``(output, last leaf module run)`` of one forward of D on ``samples`` (and ``conditions``, a
+    conditional D's classes) (forward hooks on its leaves; reshapes such as ``nn.Flatten`` are not counted)."""
     order: list[nn.Module] = []
     leaves = [m for m in unwrap(discriminator).modules() if not _children(m) and not isinstance(m, SHAPE_ONLY)]
     handles = [m.register_forward_hook(lambda module, args, out: order.append(module)) for m in leaves]
     try:
-        out = discriminator(samples)
+        out = discriminator(samples, *conditions)
     finally:
         for h in handles:
             h.remove()
@@ -156,6 +156,28 @@ def check_gp_weight(gp_weight: float) -> float:
     return value
 
 
+def check_classes(classes: object, batch: int, num_classes: int | None, what: str = "classes") -> torch.Tensor:
+    """A conditional GAN's classes: an integer ``LongTensor[batch]`` with values in ``[0, num_classes)``
+    (range unchecked when ``num_classes`` is None). A ValueError/TypeError naming the fix otherwise."""
+    if not isinstance(classes, torch.Tensor):
+        raise TypeError(f"{what} must be a LongTensor[{batch}] of class ids (one per example), got {type(classes).__name__}")
+    if classes.is_floating_point() or classes.is_complex() or classes.dtype == torch.bool:
+        raise TypeError(
+            f"{what} must be integer class ids (a LongTensor[{batch}]), got dtype {classes.dtype}: pass class ids, not "
+            "one-hot vectors or scores (e.g. labels.argmax(dim=1).long())"
+        )
+    if classes.shape != (batch,):
+        raise ValueError(f"{what} must have shape [{batch}] (one class id per example), got {tuple(classes.shape)}")
+    if num_classes is not None and classes.numel() and not under_torch_func(classes):
+        low, high = int(classes.min()), int(classes.max())
+        if low < 0 or high >= num_classes:
+            raise ValueError(
+                f"{what} range over [{low}, {high}] but a conditional GAN with num_classes={num_classes} takes ids in "
+                f"[0, {num_classes}): relabel the classes to 0..{num_classes - 1} (or pass the right num_classes)"
+            )
+    return classes.long()
+
+
 def generator_losses(kind: str, scores: torch.Tensor, output: str = "logit") -> torch.Tensor:
     """ℓ_G per example ``[B]`` from discriminator scores ``[B]`` of generated samples (logits, or with
     ``output="probability"`` probabilities p: −log p, the log clamped at −100 as ``nn.BCELoss``)."""
@@ -190,29 +212,50 @@ class GeneratorLoss:
     This is the generator step's ``loss_fn``. Its gradient with respect to a sample is the weight
     w_i = ∇_x ℓ_G(D(x)) of docs/gan.md (see :func:`genkernel.gan.discriminator_input_gradients`).
 
+    A conditional GAN's D(x, y) (``conditional=True``): ``loss_fn(samples, classes) -> [B]`` with
+    ``classes`` a ``LongTensor[B]``, ℓ_G(D(samples, classes)); the generator step of a conditional
+    :class:`~genkernel.gan.GANTrainer` passes its classes as the step's targets.
+
     Args:
-        discriminator: D (samples -> one score per example).
+        discriminator: D (samples -> one score per example; ``(samples, classes)`` when conditional).
         kind: "nonsaturating", "hinge" or "wgan-gp".
         output: what D returns: "logit" (raw scores, the default) or "probability" (D ends in a
             sigmoid; non-saturating only: ℓ_G = −log p, the log clamped at −100 as ``nn.BCELoss``).
             "logit" with a D whose last module is ``nn.Sigmoid`` is refused (here when D's
             ``nn.Sequential`` chain ends in one, else at the first call from the last leaf module
             executed); "probability" with scores outside [0, 1] is refused at the first call.
+        conditional: D takes ``(samples, classes)``; the loss is then called with the classes as its
+            second argument (a ValueError naming the fix when they are missing).
+        num_classes: with ``conditional``, the number of classes (ids outside ``[0, num_classes)`` are
+            refused); None: not checked.
     """
 
-    def __init__(self, discriminator: nn.Module, kind: str = "nonsaturating", output: str = "logit") -> None:
+    def __init__(self, discriminator: nn.Module, kind: str = "nonsaturating", output: str = "logit", *,
+                 conditional: bool = False, num_classes: int | None = None) -> None:
         self.discriminator = discriminator
         self.kind = check_loss(kind)
         self.output = check_output(output, kind)
+        if not isinstance(conditional, bool):
+            raise TypeError(f"conditional must be True (D(x, y)) or False (D(x)), got {conditional!r}")
+        self.conditional = conditional
+        self.num_classes = num_classes
         if self.output == "logit":
             check_not_sigmoid(discriminator)
         self._checked = False
 
     def __call__(self, samples: torch.Tensor, targets=None) -> torch.Tensor:
+        conditions: tuple[torch.Tensor, ...] = ()
+        if self.conditional:
+            if targets is None:
+                raise ValueError(
+                    "this generator loss is conditional (D(x, y)): call it as loss(samples, classes) with the classes "
+                    "G was given, a LongTensor[B]"
+                )
+            conditions = (check_classes(targets, samples.shape[0], self.num_classes),)
         if self._checked or under_torch_func(samples):
-            scores = scores_of(self.discriminator(samples), samples.shape[0])
+            scores = scores_of(self.discriminator(samples, *conditions), samples.shape[0])
         else:
-            out, last = last_leaf_executed(self.discriminator, samples)
+            out, last = last_leaf_executed(self.discriminator, samples, *conditions)
             scores = scores_of(out, samples.shape[0])
             if self.output == "logit" and isinstance(last, nn.Sigmoid):
                 raise ValueError(_sigmoid_message("last module executed"))
@@ -251,11 +294,13 @@ class DiscriminatorLoss:
 
 
 class DiscriminatorObjective(nn.Module):
-    """Wraps D for discriminator steps: ``forward(x [B, ...], roles [B]) -> [B, 1]``.
+    """Wraps D for discriminator steps: ``forward(x [B, ...], roles [B]) -> [B, 1]``, or for a
+    conditional D(x, y) ``forward(x [B, ...], roles [B], classes [B]) -> [B, 1]``.
 
-    Returns D(x) where ``roles`` is 0 (generated) or 1 (real), and ‖∇_x D(x)‖ where it is 2
-    (gradient-penalty interpolate). With ``penalty=False`` no input gradient is computed and every
-    row is D(x). Its parameters are D's (named ``net.*``), so an optimizer over D trains it.
+    Returns D(x) (D(x, y)) where ``roles`` is 0 (generated) or 1 (real), and ‖∇_x D(x)‖ (‖∇_x D(x, y)‖,
+    the gradient in x alone) where it is 2 (gradient-penalty interpolate). With ``penalty=False`` no
+    input gradient is computed and every row is D(x). Its parameters are D's (named ``net.*``), so an
+    optimizer over D trains it.
 
     The input gradient of a batch is ``torch.func.grad(x ↦ Σ_b D(x)_b)(x)``: D treats examples
     independently, so row b is ∇_x D(x_b) (a D with BatchNorm in training mode is refused: it mixes the batch).
@@ -268,9 +313,11 @@ class DiscriminatorObjective(nn.Module):
         self.penalty = bool(penalty)
         self.eps = float(eps)
 
-    def input_gradient_norm(self, x: torch.Tensor, *, with_scores: bool = False):
-        """``[B]`` ‖∇_x D(x)‖ per example, differentiable in D's parameters (and under torch.func);
-        with ``with_scores`` also the scores D(x) ``[B]`` of the same evaluation."""
+    def input_gradient_norm(self, x: torch.Tensor, *, with_scores: bool = False, classes: torch.Tensor | None = None):
+        """``[B]`` ‖∇_x D(x)‖ per example (‖∇_x D(x, classes)‖ with ``classes [B]``), differentiable in
+        D's parameters (and under torch.func); with ``with_scores`` also the scores D(x) ``[B]`` of the
+        same evaluation."""
+        conditions = () if classes is None else (classes,)
 
         # BatchNorm in training mode mixes the batch: row b's input gradient would take terms from the other
         # examples (and functorch refuses its running-statistics update inside grad with an opaque error)
@@ -285,23 +332,25 @@ class DiscriminatorObjective(nn.Module):
             )
 
         def total(inputs):
-            scores = scores_of(self.net(inputs), inputs.shape[0])
+            scores = scores_of(self.net(inputs, *conditions), inputs.shape[0])
             return scores.sum(), scores
 
         g, scores = torch.func.grad(total, has_aux=True)(x)
         norms = (g.reshape(g.shape[0], -1).pow(2).sum(dim=1) + self.eps).sqrt()
         return (norms, scores) if with_scores else norms
 
-    def forward(self, x: torch.Tensor, roles: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, roles: torch.Tensor, classes: torch.Tensor | None = None) -> torch.Tensor:
+        conditions = () if classes is None else (classes,)
         if not self.penalty:
-            return scores_of(self.net(x), x.shape[0]).unsqueeze(1)
+            return scores_of(self.net(x, *conditions), x.shape[0]).unsqueeze(1)
         # One evaluation of D gives both the scores (aux) and the input gradient, so a training-mode
         # forward advances spectral norm's power iteration once, as a plain D(x) would.
-        norms, scores = self.input_gradient_norm(x, with_scores=True)
+        norms, scores = self.input_gradient_norm(x, with_scores=True, classes=classes)
         return torch.where(roles == PENALTY, norms, scores).unsqueeze(1)
 
 
 __all__ = [
     "OUTPUTS", "check_output", "check_not_sigmoid", "final_module", "LOSSES", "GENERATED", "REAL", "PENALTY", "ROLE_NAMES", "generator_losses", "discriminator_losses",
     "GeneratorLoss", "DiscriminatorLoss", "DiscriminatorObjective", "scores_of", "check_loss", "check_gp_weight",
+    "check_classes",
 ]

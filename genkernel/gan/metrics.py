@@ -46,10 +46,11 @@ def mode_coverage(samples: torch.Tensor, centers: torch.Tensor, std: float, sigm
 
 
 
-def push_field(loss_fn, samples: torch.Tensor) -> torch.Tensor:
-    """``[N, ...]`` the discriminator's push −w = −∇_x ℓ_G(D(x)) at arbitrary samples (e.g. a grid).
+def push_field(loss_fn, samples: torch.Tensor, classes: torch.Tensor | None = None) -> torch.Tensor:
+    """``[N, ...]`` the discriminator's push −w = −∇_x ℓ_G(D(x)) at arbitrary samples (e.g. a grid);
+    a conditional GAN's −∇_x ℓ_G(D(x, y_n)) with ``classes`` a ``LongTensor[N]``.
 
-    ``loss_fn`` is the generator loss ``loss_fn(samples, None) -> [N]``. D runs in its current mode;
+    ``loss_fn`` is the generator loss ``loss_fn(samples, classes) -> [N]``. D runs in its current mode;
     when ``loss_fn`` has a ``.discriminator`` (a :class:`~genkernel.gan.GeneratorLoss`) its buffers
     (running statistics, spectral norm's u, v) are written back after, so nothing about training
     changes (``with frozen(D, modes="eval")`` evaluates it in eval mode instead).
@@ -58,7 +59,7 @@ def push_field(loss_fn, samples: torch.Tensor) -> torch.Tensor:
 
     with torch.enable_grad(), preserved(getattr(loss_fn, "discriminator", None)):
         x = samples.detach().clone().requires_grad_(True)
-        (w,) = torch.autograd.grad(loss_fn(x, None).sum(), x)
+        (w,) = torch.autograd.grad(loss_fn(x, classes).sum(), x)
     return -w.detach()
 
 

@@ -21,6 +21,7 @@ mode, where they read the u, v that training's forward left: exactly the weight 
 from __future__ import annotations
 
 import contextlib
+import inspect
 from typing import Iterator
 
 import torch
@@ -28,7 +29,7 @@ from torch import nn
 from torch.nn.utils.parametrizations import _SpectralNorm
 from torch.nn.utils.spectral_norm import SpectralNorm as _LegacySpectralNorm
 
-from ..core.adapter import preserved_buffers
+from ..core.adapter import preserved_buffers, unwrap
 
 
 def power_iteration_modules(module: nn.Module) -> list[nn.Module]:
@@ -68,9 +69,31 @@ def preserved(module: nn.Module | None, *, reuse_power_iteration: bool = False) 
             m.training = training
 
 
+def classes_taken(module: nn.Module) -> bool | None:
+    """Whether ``module``'s forward takes a second positional input (a conditional GAN's classes:
+    G(z, y), D(x, y)): True when it needs two or more, False when it takes exactly one, None when the
+    signature does not tell (``*args``, or a wrapper such as DistributedDataParallel whose inner
+    module is read instead)."""
+    inner = unwrap(module)
+    try:
+        signature = inspect.signature(inner.forward)
+    except (TypeError, ValueError):
+        return None
+    positional = [p for p in signature.parameters.values()
+                  if p.kind in (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)]
+    if any(p.kind == inspect.Parameter.VAR_POSITIONAL for p in signature.parameters.values()):
+        return None
+    required = [p for p in positional if p.default is inspect.Parameter.empty]
+    if len(required) >= 2:
+        return True
+    if len(positional) == 1:
+        return False
+    return None  # a second positional input with a default: either use works
+
+
 def state_snapshot(module: nn.Module) -> dict[str, torch.Tensor]:
     """Copies of every parameter and buffer of ``module`` by name (for checks that nothing changed)."""
     return {name: t.detach().clone() for name, t in [*module.named_parameters(), *module.named_buffers()]}
 
 
-__all__ = ["preserved", "power_iteration_modules", "state_snapshot"]
+__all__ = ["preserved", "power_iteration_modules", "state_snapshot", "classes_taken"]

@@ -19,8 +19,20 @@ training:
   buffers as buffer drift in its ledger's rest. (Before this, D ran in eval mode during generator
   steps; ``frozen(D, modes="eval")`` still does that in your own loop.)
 
-All randomness (batches, latents, interpolation factors) comes from the trainer's own seeded
-``torch.Generator``; analyzers never touch it.
+A conditional GAN (``num_classes=``, G(z, y) and D(x, y)) steps the same way with the classes carried
+in the inputs, so every tracked objective is the exact conditional one:
+
+- discriminator step: ``inputs = (x, roles, classes)``: real rows carry their own labels, the generated
+  rows are G(z, y) at the *real batch's* classes (row b of the generated half has the class of real
+  row b), and a WGAN-GP interpolate ε x_b + (1 − ε) G(z_b, y_b) therefore mixes two samples of the
+  same class and is scored (and its penalty ‖∇_x D(x̂, y_b)‖ taken) at that class;
+  :class:`DiscriminatorObjective` calls D(x, classes).
+- generator step: ``inputs = (z, classes)``, ``targets = classes`` (the loss reads D(G(z, y), y)),
+  the classes drawn from the trainer's generator after the latents (``class_sampling``);
+  ``info["classes"]`` too.
+
+All randomness (batches, latents, a conditional generator step's classes, interpolation factors)
+comes from the trainer's own seeded ``torch.Generator``; analyzers never touch it.
 """
 
 from __future__ import annotations
@@ -52,12 +64,14 @@ from .losses import (
     DiscriminatorLoss,
     DiscriminatorObjective,
     GeneratorLoss,
+    check_classes,
     check_loss,
 )
-from .passes import preserved
+from .passes import classes_taken, preserved
 
 
 FROZEN_MODES = ("keep", "eval")
+CLASS_SAMPLING = ("data", "uniform")
 
 
 @contextlib.contextmanager
@@ -91,28 +105,32 @@ def frozen(module: nn.Module, *, modes: str = "keep") -> Iterator[nn.Module]:
 
 
 def discriminator_input_gradients(
-    generator: nn.Module, loss_fn, latents: torch.Tensor, *, discriminator: nn.Module | None = None
+    generator: nn.Module, loss_fn, latents: torch.Tensor, *, discriminator: nn.Module | None = None,
+    classes: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The weights w_i = ∇_x ℓ_G(D(x)) at x = G(z_i) (docs/gan.md), without touching training.
+    """The weights w_i = ∇_x ℓ_G(D(x)) at x = G(z_i) (docs/gan.md), without touching training; for a
+    conditional GAN w_i = ∇_x ℓ_G(D(x, y_i)) at x = G(z_i, y_i), each example at its own class.
 
     Args:
         generator: G; evaluated in :func:`analysis_mode` (eval, forked RNG).
-        loss_fn: the generator step's ``loss_fn(samples, None) -> [B]`` (closes over D, which runs
-            in its current mode).
+        loss_fn: the generator step's ``loss_fn(samples, classes) -> [B]`` (closes over D, which runs
+            in its current mode; ``classes`` None for an unconditional GAN).
         latents: ``[B, ...]``, whatever G takes.
         discriminator: D, whose buffers (running statistics, spectral norm's u, v) are saved and
             written back around the pass; default ``loss_fn.discriminator`` (a :class:`GeneratorLoss`).
+        classes: a conditional GAN's ``LongTensor[B]`` (G is called ``G(latents, classes)``).
 
     Returns:
         ``(samples [B, ...], w [B, ...], losses [B])``, detached. Uses ``torch.autograd.grad`` on a
         detached copy of the samples, so no parameter's ``.grad`` changes.
     """
     discriminator = discriminator if discriminator is not None else getattr(loss_fn, "discriminator", None)
+    conditions = () if classes is None else (classes,)
     with torch.no_grad(), preserved(generator), analysis_mode(generator):
-        samples = output_tensor(generator(latents)).detach()
+        samples = output_tensor(generator(latents, *conditions)).detach()
     with torch.enable_grad(), preserved(discriminator):
         x = samples.clone().requires_grad_(True)
-        losses = loss_fn(x, None)
+        losses = loss_fn(x, classes)
         if not isinstance(losses, torch.Tensor) or losses.shape != (x.shape[0],):
             raise ValueError(f"the generator loss must return per-example losses of shape [{x.shape[0]}]")
         (w,) = torch.autograd.grad(losses.sum(), x)
@@ -130,7 +148,16 @@ class GANTrainer:
             advances its power iteration in both players' steps.
         data: ``[N, ...]`` real samples (2-D points, or images in [-1, 1]).
         labels: optional ``LongTensor[N]`` (mixture mode or class of each real sample), passed to
-            analyzers as ``info["real_labels"]``.
+            analyzers as ``info["real_labels"]``; with ``num_classes`` the classes G and D are
+            conditioned on (required then, each in ``[0, num_classes)``).
+        num_classes: a conditional GAN: G is called ``G(z, classes)`` and D ``D(x, classes)`` with
+            ``classes`` a ``LongTensor[B]`` (see the module docstring for what each step's rows carry).
+            None (default): an unconditional GAN, G(z) and D(x).
+        class_sampling: the generator step's classes (conditional only; "uniform" is refused
+            without ``num_classes``), drawn from the trainer's generator: ``"data"`` (the default: the classes
+            of uniformly drawn real samples, i.e. the data's class frequencies, the mix the
+            discriminator sees in its generated rows) or ``"uniform"`` (each class equally often, as
+            many cDCGAN scripts do).
         latent_dim: defaults to ``generator.latent_dim``.
         loss: "nonsaturating" (default), "hinge" or "wgan-gp".
         output: what D returns, "logit" (default) or "probability" (D ends in a sigmoid;
@@ -158,6 +185,8 @@ class GANTrainer:
         data: torch.Tensor,
         *,
         labels: torch.Tensor | None = None,
+        num_classes: int | None = None,
+        class_sampling: str = "data",
         latent_dim: int | None = None,
         loss: str = "nonsaturating",
         output: str = "logit",
@@ -182,6 +211,24 @@ class GANTrainer:
             raise ValueError(f"data must be a Tensor [N, ...] of real samples, got {getattr(data, 'shape', type(data).__name__)}")
         if labels is not None and (not isinstance(labels, torch.Tensor) or labels.shape != (data.shape[0],)):
             raise ValueError(f"labels must be a LongTensor[{data.shape[0]}] (one per real sample)")
+        if class_sampling not in CLASS_SAMPLING:
+            raise ValueError(
+                f"class_sampling must be one of {CLASS_SAMPLING} (how a conditional generator step draws its classes), "
+                f"got {class_sampling!r}"
+            )
+        if num_classes is not None:
+            num_classes = positive_int(num_classes, "num_classes")
+            if labels is None:
+                raise ValueError(
+                    f"a conditional GAN (num_classes={num_classes}) needs the real samples' classes: pass "
+                    f"labels=<LongTensor[{data.shape[0]}]> with values in [0, {num_classes})"
+                )
+            labels = check_classes(labels, data.shape[0], num_classes, "labels")
+        elif class_sampling != "data":
+            raise ValueError(
+                f"class_sampling={class_sampling!r} draws a conditional GAN's generator classes: pass num_classes= (and "
+                "labels=) for a conditional GAN, or drop class_sampling"
+            )
         batch_size = positive_int(batch_size, "batch_size")
         if batch_size > data.shape[0]:
             raise ValueError(f"batch_size must be in [1, {data.shape[0]}] (the data set size), got {batch_size}")
@@ -195,6 +242,9 @@ class GANTrainer:
         self.discriminator = discriminator
         self.data = data
         self.labels = labels
+        self.num_classes = num_classes
+        self.conditional = num_classes is not None
+        self.class_sampling = class_sampling if self.conditional else None
         self.latent_dim = int(latent_dim if latent_dim is not None else getattr(generator, "latent_dim", 0))
         if self.latent_dim < 1:
             raise ValueError("pass latent_dim= (the generator has no .latent_dim attribute)")
@@ -203,7 +253,8 @@ class GANTrainer:
         self.output = output
         self.gp_weight = gp_weight
         self.critic = DiscriminatorObjective(discriminator, penalty=(loss == "wgan-gp"))
-        self.g_loss = GeneratorLoss(discriminator, loss, output)
+        # The trainer's classes come from its checked labels: no per-step range check (a device sync) in its loss.
+        self.g_loss = GeneratorLoss(discriminator, loss, output, conditional=self.conditional)
         self.d_loss = DiscriminatorLoss(loss, gp_weight, output, discriminator=discriminator)
         self.g_optimizer = g_optimizer or torch.optim.Adam(generator.parameters(), lr=lr_g, betas=betas)
         self.d_optimizer = d_optimizer or torch.optim.Adam(discriminator.parameters(), lr=lr_d, betas=betas)
@@ -237,31 +288,79 @@ class GANTrainer:
         z = torch.randn(n, self.latent_dim, generator=generator or self.rng, dtype=torch.float64)
         return z.to(device=self.device, dtype=self.dtype)
 
+    def sample_classes(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        """``LongTensor[n]`` classes for a conditional generator step, from the trainer's generator (or
+        ``generator``): ``class_sampling="data"`` the labels of ``n`` uniformly drawn real samples,
+        ``"uniform"`` uniform over ``[0, num_classes)``."""
+        if not self.conditional:
+            raise ValueError("sample_classes belongs to a conditional GAN: build the trainer with num_classes= and labels=")
+        rng = generator or self.rng
+        if self.class_sampling == "uniform":
+            classes = torch.randint(0, self.num_classes, (n,), generator=rng)
+        else:
+            classes = self.labels[torch.randint(0, self.labels.shape[0], (n,), generator=rng)]
+        return classes.to(self.device)
+
     def _check_latents(self) -> None:
-        """G must take the trainer's latents ``[B, latent_dim]`` (one eval-mode pass on two latents,
-        buffers and RNG kept); a G that takes another shape is refused with the fix."""
+        """G must take the trainer's latents ``[B, latent_dim]`` (and a conditional G its classes
+        ``LongTensor[B]``) (one eval-mode pass on two latents, buffers and RNG kept); a G that takes
+        something else is refused with the fix."""
         z = torch.zeros(2, self.latent_dim, dtype=self.dtype, device=self.device)
+        takes = classes_taken(self.generator)
+        if self.conditional and takes is False:
+            raise TypeError(
+                f"num_classes={self.num_classes} makes a conditional GAN, G(z, classes), but the generator's forward takes "
+                "latents only: drop num_classes (labels alone are passed to analyzers as mode ids), or give G a "
+                "forward(z, classes)"
+            )
+        if not self.conditional and takes is True:
+            raise TypeError(
+                "the generator's forward takes latents and classes (a conditional G(z, y)): pass num_classes= and "
+                "labels= (the real samples' classes) to GANTrainer"
+            )
+        conditions = (torch.zeros(2, dtype=torch.long, device=self.device),) if self.conditional else ()
         try:
             with torch.no_grad(), preserved(self.generator), analysis_mode(self.generator):
-                output_tensor(self.generator(z))
+                output_tensor(self.generator(z, *conditions))
         except (RuntimeError, TypeError, ValueError, IndexError) as error:
+            if self.conditional:
+                raise ValueError(
+                    f"the conditional generator does not take the trainer's inputs G(z [B, {self.latent_dim}], classes "
+                    f"LongTensor[B]) ({error}); give G a forward(z, classes)"
+                ) from error
             raise ValueError(
                 f"the generator does not take the trainer's latents [B, latent_dim] = [B, {self.latent_dim}] ({error}). "
                 "A generator with other latents (DCGAN's [B, nz, 1, 1]) trains here wrapped: "
                 "nn.Sequential(nn.Unflatten(1, (nz, 1, 1)), generator)"
             ) from error
 
-    @torch.no_grad()
-    def sample(self, latents: torch.Tensor) -> torch.Tensor:
-        """G(latents) in eval mode, detached."""
-        with analysis_mode(self.generator):
-            return output_tensor(self.generator(latents)).detach()
+    def _conditions(self, classes: torch.Tensor | None, batch: int) -> tuple[torch.Tensor, ...]:
+        """``(classes,)`` for a conditional GAN (checked), ``()`` for an unconditional one."""
+        if not self.conditional:
+            if classes is not None:
+                raise ValueError("this GAN is unconditional (no num_classes): G takes latents only, drop classes=")
+            return ()
+        if classes is None:
+            raise ValueError(f"this GAN is conditional (num_classes={self.num_classes}): pass classes=<LongTensor[{batch}]>")
+        return (check_classes(classes, batch, self.num_classes).to(self.device),)
 
-    def input_gradients(self, latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``(G(z), w, ℓ_G)`` with w_i = ∇_x ℓ_G(D(x)) at x = G(z_i), D as in a generator step (its
-        mode kept, its buffers written back after)."""
+    @torch.no_grad()
+    def sample(self, latents: torch.Tensor, classes: torch.Tensor | None = None) -> torch.Tensor:
+        """G(latents) (a conditional GAN's G(latents, classes), ``classes`` a ``LongTensor[B]``) in
+        eval mode, detached."""
+        conditions = self._conditions(classes, latents.shape[0])
+        with analysis_mode(self.generator):
+            return output_tensor(self.generator(latents, *conditions)).detach()
+
+    def input_gradients(
+        self, latents: torch.Tensor, classes: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(G(z), w, ℓ_G)`` with w_i = ∇_x ℓ_G(D(x)) at x = G(z_i) (conditional: ∇_x ℓ_G(D(x, y_i)) at
+        x = G(z_i, y_i)), D as in a generator step (its mode kept, its buffers written back after)."""
+        conditions = self._conditions(classes, latents.shape[0])
         with frozen(self.discriminator):
-            return discriminator_input_gradients(self.generator, self.g_loss, latents)
+            return discriminator_input_gradients(self.generator, self.g_loss, latents,
+                                                 classes=conditions[0] if conditions else None)
 
     # -- steps ---------------------------------------------------------------------------------
     def discriminator_step(self) -> torch.Tensor:
@@ -269,8 +368,10 @@ class GANTrainer:
         b = self.batch_size
         index = torch.randint(0, self.data.shape[0], (b,), generator=self.rng)
         real = self.data[index].to(device=self.device, dtype=self.dtype)
+        # A conditional GAN generates its fake rows at the real rows' classes (matching pairs for the penalty).
+        conditions = (self.labels[index].to(self.device),) if self.conditional else ()
         with torch.no_grad():
-            fake = output_tensor(self.generator(self.sample_latents(b))).detach()
+            fake = output_tensor(self.generator(self.sample_latents(b), *conditions)).detach()
         parts, roles = [real, fake], [torch.full((b,), REAL), torch.full((b,), GENERATED)]
         if self.critic.penalty:
             eps = torch.rand(b, generator=self.rng, dtype=torch.float64).to(real)
@@ -283,8 +384,11 @@ class GANTrainer:
         real_labels = torch.full((x.shape[0],), -1, dtype=torch.long)
         if self.labels is not None:
             real_labels[:b] = self.labels[index]
+        inputs = (x, roles)
+        if self.conditional:
+            inputs = (x, roles, conditions[0].repeat(len(parts)))
         step = OptimizerStep(
-            self.critic, self.d_optimizer, self.d_loss, (x, roles), roles, weights,
+            self.critic, self.d_optimizer, self.d_loss, inputs, roles, weights,
             max_grad_norm=self.max_grad_norm, phase="discriminator",
             info={"roles": roles, "real_labels": real_labels, "discriminator": self.discriminator, "iteration": self.iteration},
         )
@@ -293,10 +397,16 @@ class GANTrainer:
     def generator_step(self) -> torch.Tensor:
         """One generator step (D's parameters frozen, its modes kept); returns the per-example losses."""
         z = self.sample_latents(self.batch_size)
+        info = {"latents": z, "discriminator": self.discriminator, "iteration": self.iteration}
+        if self.conditional:  # inputs (z, classes); the loss reads D(G(z, y), y) from its targets
+            classes = self.sample_classes(self.batch_size)
+            info["classes"] = classes
+            inputs, targets = (z, classes), classes
+        else:
+            inputs, targets = z, None
         step = OptimizerStep(
-            self.generator, self.g_optimizer, self.g_loss, z, None,
-            max_grad_norm=self.max_grad_norm, phase="generator",
-            info={"latents": z, "discriminator": self.discriminator, "iteration": self.iteration},
+            self.generator, self.g_optimizer, self.g_loss, inputs, targets,
+            max_grad_norm=self.max_grad_norm, phase="generator", info=info,
         )
         with frozen(self.discriminator):
             return self._perform(step)
@@ -382,6 +492,7 @@ class GANTrainer:
             "batch_size": self.batch_size, "d_steps": self.d_steps, "max_grad_norm": float(self.max_grad_norm),
             "dtype": str(self.dtype), "g_optimizer": type(self.g_optimizer).__name__,
             "d_optimizer": type(self.d_optimizer).__name__,
+            "num_classes": self.num_classes, "class_sampling": self.class_sampling,
         }
 
     def state_dict(self) -> dict[str, Any]:
@@ -438,11 +549,13 @@ class GANTrainer:
     def load_checkpoint(self, path: str | os.PathLike) -> None:
         self.load_state_dict(load_state(path, "genkernel.GANTrainer/2"))
 
-    def save_samples(self, path: str | os.PathLike, latents: torch.Tensor, *, nrow: int = 8) -> None:
-        """A sample grid of G(latents) (images; values in [-1, 1] mapped to [0, 1]) via torchvision."""
+    def save_samples(self, path: str | os.PathLike, latents: torch.Tensor, *, nrow: int = 8,
+                     classes: torch.Tensor | None = None) -> None:
+        """A sample grid of G(latents) (G(latents, classes) for a conditional GAN) (images; values in
+        [-1, 1] mapped to [0, 1]) via torchvision."""
         from torchvision.utils import save_image
 
-        images = self.sample(latents)
+        images = self.sample(latents, classes)
         if images.dim() != 4:
             raise ValueError(f"save_samples needs image samples [B, C, H, W], got shape {tuple(images.shape)}")
         Path(path).parent.mkdir(parents=True, exist_ok=True)
