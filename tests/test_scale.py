@@ -137,12 +137,24 @@ def test_a_tracker_the_device_cannot_hold_is_refused_with_the_numbers_and_the_ch
         _tracker(nn.Linear(3, 2), 4, group_state="dense")
 
 
+def _refused_then_warned(monkeypatch, run):
+    """``(fitting, warned)``: ``run()`` with the device's real free memory, then with 1000 bytes free,
+    where the default memory_check refuses naming the option and memory_check="warn" builds anyway."""
+    import genkernel.core.cost as cost
+
+    fitting = run()
+    monkeypatch.setattr(cost, "available_memory", lambda device: 1000)
+    with pytest.raises(MemoryError, match="would not fit.*memory_check='warn'"):
+        run()
+    with pytest.warns(ResourceWarning, match="would not fit.*Cheaper: fewer groups.*built anyway"):
+        warned = run(memory_check="warn")
+    return fitting, warned
+
+
 def test_memory_check_warn_builds_a_tracker_the_estimate_says_will_not_fit_and_tracks_it_exactly(monkeypatch):
     """The estimate can be high (2.35x the measured peak on an H200): memory_check="warn" builds the
     tracker with the refusal's numbers as a ResourceWarning, and its ledger is the one a tracker
     that fits keeps, bit for bit. The default still refuses, now naming the option."""
-    import genkernel.core.cost as cost
-
     def run(**kwargs):
         torch.manual_seed(0)
         tracker = _tracker(nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 2)).to(F64), 3, group_state="dense",
@@ -153,12 +165,7 @@ def test_memory_check_warn_builds_a_tracker_the_estimate_says_will_not_fit_and_t
             tracker.step(x, torch.randn(12, 2, generator=g, dtype=F64), torch.randint(0, 3, (12,), generator=g))
         return tracker
 
-    fitting = run()
-    monkeypatch.setattr(cost, "available_memory", lambda device: 1000)
-    with pytest.raises(MemoryError, match="would not fit.*memory_check='warn'"):
-        run()
-    with pytest.warns(ResourceWarning, match="would not fit.*Cheaper: fewer groups.*built anyway"):
-        warned = run(memory_check="warn")
+    fitting, warned = _refused_then_warned(monkeypatch, run)
     assert not warned.cost.fits
     assert torch.equal(warned.ledger.contributions, fitting.ledger.contributions)
     assert warned.ledger.relative_residual() < 1e-6
@@ -168,8 +175,6 @@ def test_memory_check_warn_builds_a_tracker_the_estimate_says_will_not_fit_and_t
 
 def test_the_noise_level_analyzer_passes_memory_check_to_its_tracker(monkeypatch):
     """Refused at binding by default; memory_check="warn" trains, exactly as a fitting run."""
-    import genkernel.core.cost as cost
-
     scheduler = make_scheduler(100)
     data = torch.randn(16, 2, generator=torch.Generator().manual_seed(0), dtype=F64)
 
@@ -181,12 +186,7 @@ def test_the_noise_level_analyzer_passes_memory_check_to_its_tracker(monkeypatch
                     callbacks=[analyzer]).train(2)
         return analyzer
 
-    fitting = run()
-    monkeypatch.setattr(cost, "available_memory", lambda device: 1000)
-    with pytest.raises(MemoryError, match="memory_check='warn'"):
-        run()
-    with pytest.warns(ResourceWarning, match="built anyway"):
-        warned = run(memory_check="warn")
+    fitting, warned = _refused_then_warned(monkeypatch, run)
     assert torch.equal(warned.tracker.ledger.contributions, fitting.tracker.ledger.contributions)
     with pytest.raises(ValueError, match="memory_check must be one of"):
         NoiseLevelAnalyzer(scheduler, data, num_bins=2, num_probes=4, memory_check="off")
@@ -195,7 +195,6 @@ def test_the_noise_level_analyzer_passes_memory_check_to_its_tracker(monkeypatch
 def test_the_gan_analyzer_passes_memory_check_to_both_trackers(monkeypatch):
     """Refused at the first step by default; memory_check="warn" trains both players' ledgers exactly
     as a fitting run."""
-    import genkernel.core.cost as cost
     from genkernel.gan import GANKernelAnalyzer, GANTrainer, MLPDiscriminator, MLPGenerator
 
     data = torch.randn(32, 2, generator=torch.Generator().manual_seed(0), dtype=F64)
@@ -208,12 +207,7 @@ def test_the_gan_analyzer_passes_memory_check_to_both_trackers(monkeypatch):
         GANTrainer(g, d, data, batch_size=8, callbacks=[analyzer]).train(2)
         return analyzer
 
-    fitting = run()
-    monkeypatch.setattr(cost, "available_memory", lambda device: 1000)
-    with pytest.raises(MemoryError, match="memory_check='warn'"):
-        run()
-    with pytest.warns(ResourceWarning, match="built anyway"):
-        warned = run(memory_check="warn")
+    fitting, warned = _refused_then_warned(monkeypatch, run)
     for player in ("g_tracker", "d_tracker"):
         assert torch.equal(getattr(warned, player).ledger.contributions, getattr(fitting, player).ledger.contributions)
     with pytest.raises(ValueError, match="memory_check must be one of"):
