@@ -83,6 +83,7 @@ or performing prepared steps yourself::
 from __future__ import annotations
 
 import contextlib
+import inspect
 import math
 import os
 from typing import Any, Callable, Iterator, Mapping
@@ -173,7 +174,8 @@ class GANKernelAnalyzer(TrainerCallback):
             every generator step's cost (2G with a ``comparison``: the spatial ids get their own).
         window: generator steps per coupling window (coupling over training).
         eval_every: generator steps between alignment / coverage evaluations (must divide ``window``).
-        coverage_latents: number of fixed latents for mode coverage.
+        coverage_latents: number of fixed latents for mode coverage (a conditional GAN's at classes
+            ``i % num_classes``, every class in turn, trained or not).
         coverage_sigmas: a sample is "on" a mode within this many std.
         reference_latents: ``[R, ...]`` latents the grouping is fitted on (default: the first batch
             together with the probes). The grouping is never refitted: a window whose probes or
@@ -274,6 +276,8 @@ class GANKernelAnalyzer(TrainerCallback):
         self.mode_std = mode_std
         self._set_conditional(probe_classes, num_classes, reference_classes, discriminator_probes,
                               discriminator_probe_classes)
+        for what, fn in (("generator_loss", generator_loss), ("geometry_loss", geometry_loss)):
+            self._check_loss_conditioning(fn, what)
         self.grouping = self._make_grouping(grouping, num_groups, seed)
         self.num_groups = self.grouping.num_groups
         self.comparison = None if comparison is None else self._make_grouping(comparison, self.num_groups, seed)
@@ -305,6 +309,11 @@ class GANKernelAnalyzer(TrainerCallback):
         self.discriminator_probes = discriminator_probes
         if self.conditional and reference_latents is not None:  # refused now rather than at the first step
             self._checked_latents(reference_latents, "reference_latents", reference_classes, "reference_classes")
+            # kept as checked class ids (LongTensor): G's embedding refuses uint8 ids, and indexing by uint8 is a mask
+            self.reference_classes = check_classes(reference_classes, reference_latents.shape[0], self.num_classes,
+                                                   "reference_classes").to(reference_latents.device)
+        elif reference_classes is not None:
+            raise ValueError("reference_classes are the classes of reference_latents: pass both, or neither")
         self.logging = None if log is None else LoggingCallback(
             log, analyzer=self, every=log_every, analysis_every=log_every, image_every=image_every
         )
@@ -387,6 +396,33 @@ class GANKernelAnalyzer(TrainerCallback):
         elif discriminator_probe_classes is not None:
             raise ValueError("discriminator_probe_classes are the classes of discriminator_probes: pass both, or neither")
         self.discriminator_probe_classes = discriminator_probe_classes
+
+    def _check_loss_conditioning(self, fn: Callable | None, what: str) -> None:
+        """``generator_loss`` / ``geometry_loss`` must be called as the analyzer calls it: ``fn(samples,
+        classes)`` for a conditional GAN, ``fn(samples)`` otherwise. A :class:`GeneratorLoss` built for
+        the other kind of GAN, or a function of the samples alone given to a conditional analyzer, is
+        refused here with the fix (else D(x) without its classes fails at the first step, or later)."""
+        if fn is None:
+            return
+        if isinstance(fn, GeneratorLoss):
+            if self.conditional and not fn.conditional:
+                raise ValueError(
+                    f"{what} is GeneratorLoss(D) for an unconditional D(x), but this analyzer is conditional "
+                    f"(probe_classes=): pass GeneratorLoss(D, kind={fn.kind!r}, output={fn.output!r}, conditional=True)"
+                )
+            if not self.conditional and fn.conditional:
+                raise ValueError(
+                    f"{what} is GeneratorLoss(D, conditional=True) (D(x, y)), but this analyzer is unconditional: drop "
+                    "conditional=True, or build the analyzer with probe_classes= and num_classes="
+                )
+            return
+        if self.conditional and _positional_inputs(fn) == 1:
+            raise ValueError(
+                f"{what} takes the samples alone, but this analyzer is conditional (probe_classes=) and calls it as "
+                f"{what}(samples, classes) (D(x, y) needs each sample's class): give it a second argument, e.g. "
+                "lambda x, y: -torch.nn.functional.softplus(D(x, y).view(-1)), or pass "
+                "GeneratorLoss(D, ..., conditional=True)"
+            )
 
     def _make_grouping(self, spec: Any, num_groups: int, seed: int) -> GeometryGrouping:
         """:func:`make_grouping`, plus ``"class"``: a conditional GAN's classes (:class:`ClassGroups`)."""
@@ -472,6 +508,13 @@ class GANKernelAnalyzer(TrainerCallback):
                 f"[M, {', '.join(str(n) for n in self.probe_latents.shape[1:])}]: probes and training latents must have "
                 "the same shape per example"
             )
+
+    def _check_generator_fillable(self, batch: int) -> None:
+        """The generator's groups must be fillable by a batch, except by class (``grouping="class"``): a
+        class absent from a batch is an empty group by the data, not by construction, and a conditional
+        GAN may have more classes than a batch has examples (CIFAR-100 at batch 64)."""
+        if not (self.grouping.uses_classes and (self.comparison is None or self.comparison.uses_classes)):
+            self._check_fillable(self.num_groups, batch, f"grouping {type(self.grouping).__name__}")
 
     def _check_fillable(self, groups: int, batch: int, what: str) -> None:
         if groups > batch:
@@ -707,7 +750,7 @@ class GANKernelAnalyzer(TrainerCallback):
             geo = self._push(latents.detach(), samples.detach(), loss_fn, after_forward=True, classes=classes)
         first = self._g_pending is None
         if first and self.g_steps == 0:
-            self._check_fillable(self.num_groups, batch, f"grouping {type(self.grouping).__name__}")
+            self._check_generator_fillable(batch)
         self._fit_grouping(geo, loss_fn, after_forward=True)
         tracked = self._partition_ids(geo)
         evaluate = (index - 1) % self.eval_every == 0
@@ -885,16 +928,19 @@ class GANKernelAnalyzer(TrainerCallback):
         with torch.no_grad(), preserved(self._d, reuse_power_iteration=True):
             s = scores_of(self._d(samples, *self._conditions(classes)), samples.shape[0]).detach().to(torch.float64)
         user = losses.to(torch.float64)
+        # a conditional analyzer calls its loss as fn(samples, classes): the fixes say so
+        more, args, call = (", conditional=True", "x, y", "D(x, y)") if self.conditional else ("", "x", "D(x)")
         candidates = [
             ("D returns logits and the loss is the non-saturating one (BCEWithLogitsLoss against 1)",
-             F.softplus(-s), "generator_loss=GeneratorLoss(D) (output='logit')"),
-            ("the hinge / WGAN generator loss −D(x)", -s, "generator_loss=GeneratorLoss(D, kind='hinge')"),
+             F.softplus(-s), f"generator_loss=GeneratorLoss(D{more}) (output='logit')"),
+            ("the hinge / WGAN generator loss −D(x)", -s, f"generator_loss=GeneratorLoss(D, kind='hinge'{more})"),
             ("the saturating minimax loss log(1 − σ(D(x)))", -F.softplus(s),
-             "generator_loss=lambda x: -torch.nn.functional.softplus(D(x).view(-1))"),
+             f"generator_loss=lambda {args}: -torch.nn.functional.softplus({call}.view(-1))"),
         ]
         if bool(((s >= 0) & (s <= 1)).all()):
             candidates.insert(0, ("D returns probabilities (it ends in a sigmoid) and the loss is BCELoss against 1",
-                                  -torch.log(s).clamp_min(-100.0), "generator_loss=GeneratorLoss(D, output='probability')"))
+                                  -torch.log(s).clamp_min(-100.0),
+                                  f"generator_loss=GeneratorLoss(D, output='probability'{more})"))
         scale = max(1.0, float(user.abs().max()))
         for text, value, fix in candidates:
             if torch.allclose(value, user, rtol=1e-4, atol=1e-4 * scale):
@@ -902,7 +948,9 @@ class GANKernelAnalyzer(TrainerCallback):
         return (
             "Likely causes: D outputs probabilities (a final sigmoid) but the loss expects logits, or the other way round "
             "(GeneratorLoss(D, output='probability')); another loss kind (GeneratorLoss(D, kind='hinge')); or losses "
-            "from another forward of D than D(samples). Pass generator_loss=<fn(samples) -> [B] losses> matching your loop."
+            "from another forward of D than D(samples). Pass generator_loss=<fn(samples) -> [B] losses> matching your loop"
+            + (" (conditional: fn(samples, classes), e.g. GeneratorLoss(D, ..., conditional=True))." if self.conditional
+               else ".")
         )
 
     def _fit_grouping(self, geo: dict[str, torch.Tensor], loss_fn, *, after_forward: bool) -> None:
@@ -989,7 +1037,7 @@ class GANKernelAnalyzer(TrainerCallback):
         classes = self._owned_step_classes(step)
         evaluate = (index - 1) % self.eval_every == 0
         if self.g_tracker is None:
-            self._check_fillable(self.num_groups, step.batch, f"grouping {type(self.grouping).__name__}")
+            self._check_generator_fillable(step.batch)
             self._build_generator_tracker(step.optimizer, step.loss_fn, step.max_grad_norm, step.batch)
         # The analysis before the training forward runs G on copies of its buffers, advanced by the batch
         # pass exactly as the training forward will advance the real ones: the probes then see G as the
@@ -1705,6 +1753,18 @@ def _check_roles(roles: Any, batch: int) -> torch.Tensor:
 
 def _coefficients(weights: torch.Tensor | None, batch: int, like: torch.Tensor) -> torch.Tensor:
     return (torch.full((batch,), 1.0 / batch) if weights is None else weights.detach()).to(like)
+
+
+def _positional_inputs(fn: Callable) -> int | None:
+    """How many positional arguments ``fn`` takes (None: unknown, or ``*args``)."""
+    try:
+        signature = inspect.signature(fn)
+    except (TypeError, ValueError):
+        return None
+    kinds = [p.kind for p in signature.parameters.values()]
+    if inspect.Parameter.VAR_POSITIONAL in kinds:
+        return None
+    return sum(k in (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD) for k in kinds)
 
 
 def _flat_latents(z: torch.Tensor) -> torch.Tensor:

@@ -41,6 +41,7 @@ import contextlib
 import math
 import numbers
 import os
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
@@ -48,7 +49,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..core.adapter import analysis_mode, output_tensor, positive_int
+from ..core.adapter import analysis_mode, output_tensor, positive_int, unwrap
 from ..core.tracking.callbacks import CallbackStates, TrainerCallback, fire, perform_step
 from ..core.errors import NonFiniteError
 from ..core.tracking.io import (
@@ -224,6 +225,17 @@ class GANTrainer:
                     f"labels=<LongTensor[{data.shape[0]}]> with values in [0, {num_classes})"
                 )
             labels = check_classes(labels, data.shape[0], num_classes, "labels")
+            absent = sorted(set(range(num_classes)) - set(labels.unique().tolist()))
+            if class_sampling == "uniform" and absent:
+                # D's generated rows take the real rows' classes, so D never sees these classes: G would be trained
+                # on them against D's untrained class parameters (an embedding row at its initial values).
+                warnings.warn(
+                    f"class_sampling='uniform' draws every class in [0, {num_classes}) for the generator, but no real "
+                    f"sample has class {absent[:10]}{' ...' if len(absent) > 10 else ''}: the discriminator never sees "
+                    "those classes, so G trains on them against D's untrained class parameters. Pass num_classes= the "
+                    "classes the data has (relabelled 0..n-1), or class_sampling='data'",
+                    RuntimeWarning, stacklevel=2,
+                )
         elif class_sampling != "data":
             raise ValueError(
                 f"class_sampling={class_sampling!r} draws a conditional GAN's generator classes: pass num_classes= (and "
@@ -318,7 +330,23 @@ class GANTrainer:
                 "the generator's forward takes latents and classes (a conditional G(z, y)): pass num_classes= and "
                 "labels= (the real samples' classes) to GANTrainer"
             )
-        conditions = (torch.zeros(2, dtype=torch.long, device=self.device),) if self.conditional else ()
+        if self.conditional and classes_taken(self.discriminator) is False:
+            raise TypeError(
+                f"num_classes={self.num_classes} makes a conditional GAN, whose discriminator is called D(x, classes), but "
+                "the discriminator's forward takes samples only: give D a forward(x, classes) (e.g. a class embedding, "
+                "or a projection <embed(y), φ(x)>), or drop num_classes for an unconditional GAN"
+            )
+        own = getattr(unwrap(self.generator), "num_classes", None)
+        if self.conditional and isinstance(own, int) and not isinstance(own, bool) and own < self.num_classes:
+            raise ValueError(
+                f"num_classes={self.num_classes} but the generator has num_classes={own}: class ids from {own} to "
+                f"{self.num_classes - 1} would be drawn (class_sampling='uniform') or accepted as labels that G cannot "
+                f"embed; pass num_classes={own}, or build G for {self.num_classes} classes"
+            )
+        # the smallest and the largest class id (an embedding too small fails here, not at a later step; on the CPU
+        # only: an out-of-range index on a GPU is a device-side assert that ends the process)
+        top = self.num_classes - 1 if self.conditional and self.device.type == "cpu" else 0
+        conditions = (torch.tensor([0, top], dtype=torch.long, device=self.device),) if self.conditional else ()
         try:
             with torch.no_grad(), preserved(self.generator), analysis_mode(self.generator):
                 output_tensor(self.generator(z, *conditions))
@@ -326,7 +354,8 @@ class GANTrainer:
             if self.conditional:
                 raise ValueError(
                     f"the conditional generator does not take the trainer's inputs G(z [B, {self.latent_dim}], classes "
-                    f"LongTensor[B]) ({error}); give G a forward(z, classes)"
+                    f"LongTensor[B] in [0, {self.num_classes})) ({error}); give G a forward(z, classes) that takes "
+                    f"every class id up to num_classes - 1 = {self.num_classes - 1} (or pass the right num_classes)"
                 ) from error
             raise ValueError(
                 f"the generator does not take the trainer's latents [B, latent_dim] = [B, {self.latent_dim}] ({error}). "
