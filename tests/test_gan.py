@@ -387,7 +387,15 @@ def test_window_coupling_is_read_from_ledger_differences():
     own = [grouping.own_share(grouping.traffic_shares(c.traffic), groups) for c in controls]
     diff = record["traffic_own_minus_control"]
     assert diff["controls"] == 2
-    assert diff["control"] == pytest.approx(float(torch.stack(own).mean(0).nanmean()))
+    # clustered by probe group (probes of one group share a column): the mean of the groups' means,
+    # one unit per occupied group, and never held on fewer than 3 units
+    own_control = torch.stack(own).mean(0)
+    occupied = groups.unique().tolist()
+    by_group = [float(own_control[groups == a].nanmean()) for a in occupied]
+    assert diff["control"] == pytest.approx(sum(by_group) / len(by_group))
+    assert diff["n"] == len(occupied)
+    if len(occupied) < 3:
+        assert diff["held"] is False and "independent unit" in diff["why"]
     with pytest.raises(ValueError, match="unknown partition 'level'"):
         analyzer.generator_ledger("level")
 

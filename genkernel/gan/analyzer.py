@@ -1183,19 +1183,15 @@ class GANKernelAnalyzer(TrainerCallback):
         ``"statistics"`` holds what claims should read (:func:`partition_statistics`): per partition
         (geometry, and spatial with a comparison) the own share and the interaction statistic, each
         minus control, with intervals clustered by probe group, and ``"geometry_minus_spatial"``. The
-        top-level ``{kind}_own_minus_control`` keys are the older, unclustered own-minus-control
-        numbers (kept so that saved windows keep their layout): confounded by source-group strength,
-        not a claim; the report, the summary and the streamed metrics read ``"statistics"``."""
+        top-level ``{kind}_matrix``, ``{kind}_own``, ``{kind}_own_control`` and
+        ``{kind}_own_minus_control`` keys (the older layout, kept for saved windows) are the geometry
+        partition's entries of ``"statistics"``, clustered likewise; own minus control is confounded
+        by source-group strength, not a claim: the report, the summary and the streamed metrics read
+        the interaction statistic."""
         g = self.num_groups
         measured = ledgers[GEOMETRY]
         delta = measured.delta.cpu()
 
-        def shares(ledger: PathKernelLedger) -> dict[str, torch.Tensor]:
-            return {"traffic": grouping_layer.traffic_shares(ledger.traffic.cpu()),
-                    "net": grouping_layer.net_shares(ledger.contributions.cpu(), delta)}
-
-        mine = shares(measured)
-        controls = [shares(ledgers[name]) for name in self.control_names]
         kappa = measured.cancellation_ratio().cpu()
         counts = torch.tensor(self.g_group_counts[first - 1:last], dtype=torch.long).reshape(-1, g).sum(0)
         probe_occupied = int(torch.unique(probe_groups).numel())
@@ -1219,17 +1215,15 @@ class GANKernelAnalyzer(TrainerCallback):
                 "here compare few groups with themselves: read them with care (a new analyzer with reference_latents= "
                 "refits)"
             )
-        for kind in ("traffic", "net"):
-            out[f"{kind}_matrix"] = grouping_layer.average_by_probe_group(mine[kind], probe_groups, g).tolist()
-            own = grouping_layer.own_share(mine[kind], probe_groups)
-            out[f"{kind}_own"] = mean_interval(own).as_dict()
-            if controls:
-                matrices = [grouping_layer.average_by_probe_group(c[kind], probe_groups, g) for c in controls]
-                out[f"{kind}_matrix_control"] = torch.stack(matrices).mean(0).tolist()
-                own_control = torch.stack([grouping_layer.own_share(c[kind], probe_groups) for c in controls])
-                out[f"{kind}_own_control"] = mean_interval(own_control.mean(0)).as_dict()
-                out[f"{kind}_own_minus_control"] = grouping_layer.measured_minus_control(own, own_control)
         out["statistics"] = self._statistics(ledgers, probe_groups, spatial_groups, first, last)
+        # The older top-level keys (saved windows keep their layout) carry the geometry partition's own
+        # statistics, clustered by probe group: an interval over probes that share a column would
+        # count 64 probes in 2 groups as 64 independent values and could "hold" on 2 units.
+        for kind in KINDS:
+            geometry = out["statistics"][GEOMETRY][kind]
+            for key in ("matrix", "own", "matrix_control", "own_control", "own_minus_control"):
+                if key in geometry:
+                    out[f"{kind}_{key}"] = geometry[key]
         return out
 
     def _statistics(self, ledgers: dict[str, PathKernelLedger], probe_groups: torch.Tensor,
@@ -1677,7 +1671,8 @@ def partition_statistics(measured: PathKernelLedger, controls: list[PathKernelLe
     ``matrix`` / ``matrix_control`` (probe group × source group), ``own`` (each probe's share from its
     own group), ``interaction`` (:func:`~genkernel.gan.metrics.own_minus_others`: own share minus the
     other probe groups' mean share from the same source group, which removes source-group strength),
-    and with controls ``own_minus_control`` and ``interaction_minus_control``
+    and with controls ``own_control`` (the controls' own share, averaged per probe), ``own_minus_control``
+    and ``interaction_minus_control``
     (:func:`~genkernel.core.grouping.measured_minus_control`, every control its own permutation, averaged
     per probe) with ``per_probe`` values. Every interval is clustered by probe group: probes in one
     group share their source column, so the independent units are the groups, not the probes.
@@ -1704,6 +1699,7 @@ def partition_statistics(measured: PathKernelLedger, controls: list[PathKernelLe
             entry["matrix_control"] = torch.stack(
                 [grouping_layer.average_by_probe_group(o[kind], groups, num_groups) for o in others]).mean(0).tolist()
             own_c = torch.stack([grouping_layer.own_share(o[kind], groups) for o in others])
+            entry["own_control"] = mean_interval(own_c.mean(0), clusters=groups).as_dict()
             inter_c = torch.stack([own_minus_others(o[kind], groups, num_groups) for o in others])
             entry["own_minus_control"] = few_units(grouping_layer.measured_minus_control(own, own_c, clusters=groups))
             entry["interaction_minus_control"] = few_units(
