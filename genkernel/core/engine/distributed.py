@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..adapter import Batch, as_tuple, batch_size, unwrap
+from ..adapter import Batch, as_tuple, batch_size, check_finite, unwrap
 from .factors import DEFAULT_MEMORY_BUDGET
 from .kernels import gradient_kernel
 
@@ -32,7 +32,8 @@ def distributed_gradient_kernel(
 
     Every rank passes the same model, ``x1`` and ``x2`` (checked: ValueError on every rank when the
     ranks' inputs or weights differ); each computes a contiguous block of rows and the blocks are
-    gathered, so every rank returns the full ``[M, N]`` (or ``[M, N, d, d]``) kernel.
+    gathered, so every rank returns the full ``[M, N]`` (or ``[M, N, d, d]``) kernel. A block that
+    fails on one rank (out of memory there) raises on every rank, of the failing rank's kind.
     """
     model = unwrap(model)
     if not (dist.is_available() and dist.is_initialized()):
@@ -43,13 +44,22 @@ def distributed_gradient_kernel(
     x1s = as_tuple(x1, name="x1")
     m = batch_size(x1s, name="x1")
     _check_same_on_every_rank(model, x1s, None if x2 is None else as_tuple(x2, name="x2"), world, group)
+    # The whole inputs' checks, on every rank alike (a rank's block alone would name its own rows).
+    check_finite(x1s, name="x1")
+    if x2 is not None:
+        check_finite(as_tuple(x2, name="x2"), name="x2")
     bounds = [round(i * m / world) for i in range(world + 1)]
     rows = slice(bounds[rank], bounds[rank + 1])
     other = x1s if x2 is None else x2
     # With more ranks than rows a rank computes one row for the shape and contributes none of it.
     mine = rows if rows.stop > rows.start else slice(0, 1)
-    block = gradient_kernel(model, tuple(t[mine] for t in x1s), other, normalize=normalize, reduce=reduce,
-                            memory_budget=memory_budget, engine=engine)[: rows.stop - rows.start]
+    try:
+        block = gradient_kernel(model, tuple(t[mine] for t in x1s), other, normalize=normalize, reduce=reduce,
+                                memory_budget=memory_budget, engine=engine)[: rows.stop - rows.start]
+        error = None
+    except Exception as caught:  # noqa: BLE001 - told to every rank below, then raised here
+        block, error = None, caught
+    _agree_on_failure(error, rows, world, rank, group, next((p.device for p in model.parameters()), x1s[0].device))
     # all_gather needs equal shapes: pad every block to the largest and trim after.
     widest = max(bounds[r + 1] - bounds[r] for r in range(world))
     padded = block.new_zeros((widest, *block.shape[1:]))
@@ -57,6 +67,27 @@ def distributed_gradient_kernel(
     blocks = [torch.empty_like(padded) for _ in range(world)]
     dist.all_gather(blocks, padded, group=group)
     return torch.cat([b[: bounds[r + 1] - bounds[r]] for r, b in enumerate(blocks)], dim=0)
+
+
+_KINDS = (ValueError, TypeError, MemoryError, RuntimeError)
+
+
+def _agree_on_failure(error: Exception | None, rows: slice, world: int, rank: int, group: object,
+                      device: torch.device) -> None:
+    """Raise on every rank when a rank's block of rows failed (a check on its rows, out of memory):
+    the others would otherwise wait for its block in the gather until the process group's timeout.
+    The failing rank raises its own ``error``; the others an error of its kind naming it."""
+    kind = 0 if error is None else 1 + next((i for i, k in enumerate(_KINDS) if isinstance(error, k)), len(_KINDS) - 1)
+    kinds = [torch.zeros(1, dtype=torch.long, device=device) for _ in range(world)]
+    dist.all_gather(kinds, torch.tensor([kind], dtype=torch.long, device=device), group=group)
+    if error is not None:
+        raise error
+    failed = [r for r, k in enumerate(kinds) if int(k)]
+    if failed:
+        raise _KINDS[int(kinds[failed[0]]) - 1](
+            f"the kernel's rows failed on rank{'s' if len(failed) > 1 else ''} {failed} (that rank's error says why; "
+            f"rank {rank} computed rows {rows.start}..{rows.stop - 1}): no rank returns the kernel"
+        )
 
 
 def _digest(tensors) -> int:

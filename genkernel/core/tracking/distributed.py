@@ -13,6 +13,16 @@ the sum would mix.
 A step refused on one rank only (a group id out of range, a non-finite loss, a failed check) is
 refused on every rank: the ranks meet at a few points of each step (:class:`StepAgreement`), so
 that none runs on into a collective the others never join, or steps while the others roll back.
+Each meeting also compares where the ranks are (which step or micro-batch, which point of it,
+inside ``no_sync()`` or not): ranks that fell out of step (one observes a micro-batch more, or steps
+where another observes) are refused on every rank there, instead of one running on into DDP's
+gradient averaging while another waits in the tracker's next collective.
+
+Every combination (:func:`combine_group_gradients`) also compares digests of the ranks' parameters
+and real gradients: replicas that stepped apart (another learning rate or max_grad_norm on one
+rank, a checkpoint restored on one rank only) and gradients DDP did not average (a step inside
+``no_sync()``) are refused on every rank before the update, where each rank would otherwise record
+its own replica's step and the ranks' ledgers would part silently.
 
 BatchNorm with batch statistics (training mode, SyncBatchNorm included) is refused on every rank
 (:func:`check_replicated`). Every rank must observe every micro-batch: a rank that never calls
@@ -43,13 +53,16 @@ class DistributedContext:
     """The process group a DDP model averages its gradients over.
 
     ``layout``: what every rank's group rows must agree on (the partitions' names and sizes, in
-    order); ``device``: where the tensors of the tracker's collectives live (the model's)."""
+    order); ``device``: where the tensors of the tracker's collectives live (the model's);
+    ``model``: the DistributedDataParallel wrapper (whether its next backward averages gradients,
+    ``require_backward_grad_sync``, which ``no_sync()`` turns off, is part of every meeting)."""
 
     group: object
     world_size: int
     rank: int
     layout: tuple = ()
     device: torch.device = torch.device("cpu")
+    model: object = None
 
 
 def ddp_context(model: nn.Module, layout: tuple = ()) -> DistributedContext | None:
@@ -61,7 +74,7 @@ def ddp_context(model: nn.Module, layout: tuple = ()) -> DistributedContext | No
         raise RuntimeError("the model is wrapped in DistributedDataParallel but torch.distributed is not initialized")
     group = model.process_group
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
-    context = DistributedContext(group, dist.get_world_size(group), dist.get_rank(group), tuple(layout), device)
+    context = DistributedContext(group, dist.get_world_size(group), dist.get_rank(group), tuple(layout), device, model)
     check_replicated(model.module, context)
     return context
 
@@ -96,13 +109,37 @@ def _code(text: str) -> int:
     return zlib.crc32(text.encode())
 
 
+def _replica_digest(module: nn.Module) -> list[int]:
+    """Six int64 digests of ``module``'s replica, computed on its device: of its parameters, of
+    their gradients (None counts as zeros) and of its buffers, the sums, wrapping modulo 2**64, of
+    each element's bit pattern and of its square. Integer sums do not depend on the order of
+    summation, so equal replicas give equal digests on any device; replicas that stepped
+    differently, gradients that DDP did not average, or buffers each rank updated from its own shard
+    differ in them (unless the differences cancel in both sums, which updates and shards do not
+    arrange)."""
+    views = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+    parts = (list(module.parameters()), [p.grad for p in module.parameters()], list(module.buffers()))
+    totals: dict[torch.device, torch.Tensor] = {}  # one sum per device, read once at the end
+    for i, tensors in enumerate(parts):
+        for t in tensors:
+            if t is None or t.numel() == 0:
+                continue
+            flat = t.detach().reshape(-1)
+            bits = flat.view(views.get(t.element_size(), torch.uint8)).to(torch.long)
+            total = totals.setdefault(t.device, torch.zeros(2 * len(parts), dtype=torch.long, device=t.device))
+            total[2 * i: 2 * i + 2] += torch.stack([bits.sum(), (bits * bits).sum()])
+    return [int(v) for v in sum((t.cpu() for t in totals.values()), torch.zeros(2 * len(parts), dtype=torch.long))]
+
+
 def combine_group_gradients(grads: dict[str, torch.Tensor], local_batch: int, context: DistributedContext) -> dict[str, torch.Tensor]:
     """Average per-rank group gradients as DDP averages gradients: Σ_r ĝ_g^(r) / R.
 
     ``grads``: ``{name: Tensor[rows, *param.shape]}``; returns the same shapes, equal on every rank.
-    Raises ValueError on every rank when the ranks' batch sizes differ, or when their group rows
+    Raises ValueError on every rank when the ranks' batch sizes differ, when their group rows
     are laid out differently (other partitions, another parameter set or dtype): summed row by
-    row, such rows would mix one rank's groups with another's.
+    row, such rows would mix one rank's groups with another's; and when their parameters or real
+    gradients differ (:func:`_replica_digest`; every caller combines after the backward and before
+    the update, where DDP keeps both equal on every rank).
     """
     first = next(iter(grads.values()))
     names = list(grads)
@@ -110,11 +147,44 @@ def combine_group_gradients(grads: dict[str, torch.Tensor], local_batch: int, co
     # Everything the ranks must agree on for the row-by-row sum, gathered in the one collective
     # that also gathers the batch sizes.
     shapes = ";".join(f"{n}:{tuple(grads[n].shape[1:])}" for n in names)
-    mine = [local_batch, rows, _code(repr(context.layout)), _code(shapes), _code(str(first.dtype))]
+    # Digests of the replica's parameters (θ_k: every caller combines before the update), of its real
+    # gradients, which DDP's averaging makes equal on every rank, and of its buffers, which DDP
+    # broadcasts from rank 0 before each forward (the forward may have updated them since).
+    digest = _replica_digest(context.model.module) if context.model is not None else [0] * 6
+    mine = [local_batch, *digest, rows, _code(repr(context.layout)), _code(shapes), _code(str(first.dtype))]
     gathered = [torch.zeros(len(mine), dtype=torch.long, device=first.device) for _ in range(context.world_size)]
     dist.all_gather(gathered, torch.tensor(mine, dtype=torch.long, device=first.device), group=context.group)
     gathered = [[int(v) for v in g] for g in gathered]
-    differ = sorted(r for r, g in enumerate(gathered) if g[1:] != mine[1:])
+    diverged = sorted(r for r, g in enumerate(gathered) if g[1:3] != gathered[0][1:3])
+    if diverged:
+        raise ValueError(
+            f"the ranks' parameters differ before this step (ranks {diverged} differ from rank 0): the replicas "
+            "have drifted apart (each rank stepped differently: another max_grad_norm, learning rate or optimizer on "
+            "some rank, a checkpoint loaded on one rank only, parameters changed on one rank), so no rank's ledger "
+            "is the single-process run's. Build every rank's model, optimizer and tracker alike, and restore "
+            "checkpoints on every rank"
+        )
+    unaveraged = sorted(r for r, g in enumerate(gathered) if g[3:5] != gathered[0][3:5])
+    if unaveraged:
+        raise ValueError(
+            f"the ranks' real gradients differ at this step (ranks {unaveraged} differ from rank 0): DDP did not "
+            "average them, or they were changed on some rank after it (the backward ran inside "
+            "DistributedDataParallel.no_sync(); the ranks' trackers or loops clip at another max_grad_norm), so each "
+            "rank would step on its own gradient and the replicas would drift apart. Build every rank's tracker "
+            "alike, and step (tracker.step, or the loop's optimizer.step()) after a backward outside no_sync(); "
+            "under no_sync() only the micro-batches before the last one of a step"
+        )
+    shifted = sorted(r for r, g in enumerate(gathered) if g[5:7] != gathered[0][5:7])
+    if shifted:
+        buffers = [name for name, _ in context.model.module.named_buffers()]
+        raise ValueError(
+            f"the ranks' buffers differ after this step's forward (ranks {shifted} differ from rank 0; the model's "
+            f"buffers: {buffers[:5]}{'...' if len(buffers) > 5 else ''}): a module updates a buffer from its batch "
+            "(running statistics, a data-dependent initialization), so each rank's replica saw its shard alone and "
+            "the ranks' models differ; no rank's ledger would be the single-process run's. Keep such buffers frozen "
+            "while tracking (eval mode for that module), or track on one process"
+        )
+    differ = sorted(r for r, g in enumerate(gathered) if g[7:] != mine[7:])
     if differ:
         raise ValueError(
             f"the ranks' trackers lay out their group rows differently (rank {context.rank}: partitions "
@@ -154,6 +224,8 @@ def summed_over_ranks(counts: torch.Tensor, context: DistributedContext | None) 
 # The error a rank raises when another rank refused the step: the refusing rank's kind, so that a
 # loop catching it (``except NonFiniteError``: skip the batch) catches it on every rank alike.
 _KINDS = (NonFiniteError, LedgerCheckError, ValueError, TypeError, RuntimeError)
+# How many bytes of each rank's meeting (StepAgreement._where) the ranks compare.
+_WHERE = 96
 
 
 class StepAgreement:
@@ -175,15 +247,42 @@ class StepAgreement:
         self.what = what
         # Points still to meet at: none in one process, none once a rank has failed (every rank
         # knows and raises) or after the last one (a failure there is no other rank's concern).
+        self.points = points
         self.left = 0 if context is None else points
+
+    def _where(self) -> str:
+        """This rank's meeting, as the other ranks must name it too: the step or micro-batch, which of
+        its points, and whether DDP averages the gradients of the backward to come (``no_sync()``)."""
+        sync = getattr(self.context.model, "require_backward_grad_sync", True)
+        return f"{self.what}, meeting {self.points - self.left + 1} of {self.points}, {'' if sync else 'no_'}sync"
 
     def _meet(self, error: BaseException | None) -> None:
         context = self.context
         kind = 0 if error is None else 1 + next(
             (i for i, k in enumerate(_KINDS) if isinstance(error, k)), len(_KINDS) - 1)
-        codes = [torch.zeros(1, dtype=torch.long, device=context.device) for _ in range(context.world_size)]
-        dist.all_gather(codes, torch.tensor([kind], dtype=torch.long, device=context.device), group=context.group)
-        failed = [(r, int(c)) for r, c in enumerate(codes) if int(c)]
+        # Every rank's kind and where it meets (its first _WHERE bytes): the same small collective at
+        # every meeting, so ranks at different meetings (one observed a micro-batch more, or entered
+        # no_sync() where another did not) meet each other here and learn it, instead of one running
+        # on into DDP's gradient averaging while the other waits in the tracker's next collective.
+        where = self._where()
+        code = list(where.encode()[:_WHERE]) + [0] * max(0, _WHERE - len(where.encode()))
+        mine = torch.tensor([kind, *code], dtype=torch.long, device=context.device)
+        codes = [torch.zeros_like(mine) for _ in range(context.world_size)]
+        dist.all_gather(codes, mine, group=context.group)
+        places = [bytes(int(v) for v in c[1:] if int(v)).decode(errors="replace") for c in codes]
+        if len(set(places)) > 1:
+            self.left = 0
+            if error is None:
+                raise RuntimeError(
+                    "the ranks are at different points of the tracked loop: "
+                    + "; ".join(f"rank {r} at {place!r}" for r, place in enumerate(places))
+                    + ". Every rank must make the same calls in the same order: observe() the same number of "
+                    "micro-batches per optimizer step, under no_sync() on the same ones, and step alike (give every "
+                    "rank the same number of batches: drop_last=True, or a sampler that pads). The step or "
+                    "micro-batch is refused on every rank"
+                )
+            return
+        failed = [(r, int(c[0])) for r, c in enumerate(codes) if int(c[0])]
         self.left = 0 if failed else self.left - 1
         if failed and error is None:
             kind = _KINDS[failed[0][1] - 1]

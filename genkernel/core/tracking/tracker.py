@@ -73,7 +73,7 @@ from ..engine.gradients import DEFAULT_GRADIENT_BUDGET
 from ..errors import LedgerCheckError, NonFiniteError
 from ..cost import activation_elements, estimate_cost
 from ..grouping import Partitions, rows_sum_and_size
-from .distributed import StepAgreement, check_replicated, combine_group_gradients, ddp_context
+from .distributed import StepAgreement, check_replicated, ddp_context, summed_over_ranks
 from .ema import EMALedgers, ema_buffers, ema_parameters
 from .io import atomic_save, load_state, to_device
 from .ledger import PathKernelLedger
@@ -766,8 +766,9 @@ class PathKernelTracker:
         saved = self._save_state()
         losses = torch.cat(observed["losses"])
         with torch.no_grad(), together.meeting():
-            grads, scale = self._scaled_to_real(index, observed["grads"], observed["micro_batches"])
-            gradients = self.route.from_graph(grads, losses, _Batch(losses.shape[0], 1.0))
+            scale = self._scale_to_real(index, observed["grads"], observed["micro_batches"])
+            # Combined across ranks once, there, and scaled after (the rows are this step's own arrays).
+            gradients = self.route.from_graph(observed["grads"], losses, _Batch(losses.shape[0], scale))
             # Kept once the step is recorded (a refused step leaves no entry).
             self._scale_entry = {"step": index, "scale": scale, "micro_batches": observed["micro_batches"],
                                  "scale_times_micro_batches": scale * observed["micro_batches"]}
@@ -788,20 +789,25 @@ class PathKernelTracker:
             raise
         self._recorded(result)
 
-    def _scaled_to_real(self, index: int, grads: dict[str, torch.Tensor],
-                        micro_batches: int) -> tuple[dict[str, torch.Tensor], float]:
-        """The observed group gradients times the one scalar α that makes their sum the optimizer's
-        real gradient (least squares; the check of step 4 then bounds what is left by rounding).
+    def _scale_to_real(self, index: int, grads: dict[str, torch.Tensor], micro_batches: int) -> float:
+        """The one scalar α that makes the observed group gradients' sum the optimizer's real gradient
+        (least squares; the check of step 4 then bounds what is left by rounding). Under DDP the sum
+        is averaged over the ranks as DDP averages gradients (one parameter-sized all-reduce: the
+        rows themselves are combined once, in the route's ``from_graph``).
 
         Over several micro-batches that check is what shows they were weighted alike: with a
         gradient of one nonzero entry any weighting is "one scalar times" the sum, so such a step
         is refused."""
         first = self.partitions.slices[self.partitions.primary]
+        totals = {name: grads[name][first].sum(dim=0) for name in self.params}
         if self.distributed is not None:
-            grads = combine_group_gradients(grads, 1, self.distributed)
+            flat = torch.cat([t.reshape(-1) for t in totals.values()])
+            flat = summed_over_ranks(flat, self.distributed) / self.distributed.world_size
+            totals = dict(zip(totals, (part.view_as(t) for part, t in zip(flat.split([t.numel() for t in totals.values()]),
+                                                                            totals.values()))))
         dot, norm, nonzero = 0.0, 0.0, 0
         for name, p in self.params.items():
-            total = grads[name][first].sum(dim=0)
+            total = totals[name]
             real = torch.zeros_like(total) if p.grad is None else p.grad.to(torch.float64)
             dot += float((real * total).sum())
             norm += float((total * total).sum())
@@ -821,7 +827,7 @@ class PathKernelTracker:
                 "overflowing steps to skip inside step(): use a non-fused optimizer, whose skipped steps the tracker "
                 "follows)"
             )
-        return {name: g * scale for name, g in grads.items()}, scale
+        return scale
 
     def _recorded(self, result: StepContributions) -> None:
         """After a step is committed: the listeners (an error there leaves the recorded step as it is)."""
