@@ -178,8 +178,9 @@ class DDPMTrainer:
         checkpoint_dir, checkpoint_every: write ``checkpoint.pt`` atomically every that many steps
             (0: only when :meth:`save_checkpoint` is called); :meth:`resume` continues from it.
         progress: show a tqdm bar.
-        log: a logger ``log(metrics, step)`` (:mod:`genkernel.logging`): ``loss`` and ``lr`` every
-            ``log_every`` steps (step = ``global_step`` after the update). An analyzer logs its own
+        log: a logger ``log(metrics, step)`` (:mod:`genkernel.logging`): ``loss`` and ``lr``
+            (``lr/group<i>`` for further parameter groups) every ``log_every`` steps (step =
+            ``global_step`` after the update). An analyzer logs its own
             numbers with its own ``log=`` (pass the same logger for one stream).
         log_every: see ``log``.
     """
