@@ -199,11 +199,21 @@ def has_state_outside_training(model: nn.Module) -> bool:
     return any(True for _ in model.buffers()) or any(not p.requires_grad for p in model.parameters())
 
 
+# Modules that draw random numbers in training mode besides dropout, by class name (so that
+# libraries need not be imported): the attribute holding the probability of a draw.
+RANDOM_IN_TRAINING = {
+    "StochasticDepth": "p",  # torchvision: ConvNeXt, Swin, EfficientNet, MaxViT (residual branches dropped per example)
+    "DropPath": "drop_prob",  # timm's stochastic depth
+    "LabelEmbedding": "dropout_prob",  # diffusers: classifier-free guidance's label dropout (DiT, PixArt)
+}
+
+
 def coupled_modules(model: nn.Module) -> list[str]:
     """Modules whose forward couples or randomizes examples: BatchNorm that normalizes with the
     batch's statistics (in training mode, and in eval mode too when it keeps no running
-    statistics, ``track_running_stats=False``) and dropout with p > 0 in training mode (fresh
-    masks)."""
+    statistics, ``track_running_stats=False``), dropout with p > 0 in training mode (fresh
+    masks), and the other modules that draw in training mode (:data:`RANDOM_IN_TRAINING`:
+    stochastic depth, label dropout), whose draws a second forward does not repeat."""
     out = []
     for name, module in model.named_modules():
         label = f"{name or type(model).__name__} ({type(module).__name__}"
@@ -214,6 +224,10 @@ def coupled_modules(model: nn.Module) -> list[str]:
                 out.append(label + ")")
         elif isinstance(module, nn.modules.dropout._DropoutNd) and module.training and module.p > 0:
             out.append(label + ")")
+        elif module.training and type(module).__name__ in RANDOM_IN_TRAINING:
+            p = getattr(module, RANDOM_IN_TRAINING[type(module).__name__], 0)
+            if isinstance(p, numbers.Real) and p > 0:
+                out.append(label + f", p={p} in training mode)")
     return out
 
 
@@ -251,14 +265,14 @@ def check_per_example_safe(model: nn.Module, *, route: str | None = None) -> Non
     if route is not None:
         raise ValueError(
             f"{route} needs per-example gradients, but {', '.join(coupled[:3])} couple or randomize the examples "
-            "(batch statistics, fresh dropout masks). Use group_state='dense' with "
+            "(batch statistics, fresh dropout masks, stochastic depth or label dropout draws). Use group_state='dense' with "
             "gradient_route='graph' (or 'auto'), which takes group gradients from the training step's own graph, "
             "or put those modules in eval mode (BatchNorm: with running statistics)."
         )
     raise ValueError(
         f"{', '.join(coupled[:3])} couple or randomize examples: BatchNorm with batch statistics mixes the examples "
-        "of a batch and dropout in training mode draws fresh masks, so per-example gradients of this model are "
-        "undefined here. Put them in eval mode (module.eval()) for kernels and tangent features, and build "
+        "of a batch and dropout (stochastic depth, label dropout) in training mode draws afresh, so per-example "
+        "gradients of this model are undefined here. Put them in eval mode (module.eval()) for kernels and tangent features, and build "
         "BatchNorm with track_running_stats=True (without running statistics it uses the batch's in eval mode "
         "too); a tracker takes group gradients from the training graph."
     )
