@@ -139,7 +139,14 @@ def test_conv_per_example_weights_grouped_unfolded_and_autograd_agree():
         grouped, unfolded = _conv_weight_by_groups(conv, x, e), _conv_weight_by_unfold(conv, x, e)
         torch.testing.assert_close(grouped, loop, rtol=1e-10, atol=1e-12)
         torch.testing.assert_close(unfolded, loop, rtol=1e-10, atol=1e-12)
-        torch.testing.assert_close(_conv_weight(conv, x, e), loop, rtol=1e-10, atol=1e-12)  # the one capture uses
+        # the one capture uses: every cotangent in one pass (c = 3, the first e)
+        cotangents = torch.stack([e, torch.randn(out.shape, generator=g, dtype=F64), -2 * e.flip(0)])
+        together = _conv_weight(conv, x, cotangents)
+        assert together.shape == (3, *loop.shape)
+        for k, ek in enumerate(cotangents):
+            by_example = torch.stack([torch.autograd.grad((conv(x[i : i + 1]) * ek[i : i + 1]).sum(), conv.weight)[0]
+                                      .reshape(-1) for i in range(x.shape[0])])
+            torch.testing.assert_close(together[k], by_example, rtol=1e-10, atol=1e-12)
 
 
 @pytest.mark.parametrize("form", ["compact", "lean"])

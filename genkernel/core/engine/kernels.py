@@ -71,9 +71,20 @@ def choose_engine(plan: Plan, d: int, engine: str = "auto", *, rows: tuple[int, 
 
     "auto" picks:
 
-    1. "functional" when no module is factored, or for more than ``AUTO_FACTORED_MAX_OUTPUTS``
-       outputs (measured, ``recipes/benchmarks``: a UNet with d = 256 was far slower factored,
-       one output-batched backward per chunk of outputs).
+    1. "functional" when no module is factored. For more than ``AUTO_FACTORED_MAX_OUTPUTS``
+       outputs, "functional" unless at least half of the trainable parameters stay in the T²
+       factored form at d cotangents (``sizes``' count P_kept: linear layers over few positions,
+       embeddings; without ``sizes``, "functional"). With d cotangents the blocks that
+       materialize (convolutions over many positions) cost the factored engine what they cost
+       torch.func, only slower (a Python loop over cotangents, the older batched backward);
+       the kept ones save the d·P pair products. Measured (1 thread, M = N = 4-16, d = 128-768,
+       reduce "trace" and "none"): kept share 1 on an MLP, factored 12-180x faster; 0.65-0.82
+       on a tiny DiTTransformer2DModel, factored 1.0-2.4x faster (d = 256, trace, M = 4: 1.4x
+       slower); 0-0.11 on a per-pixel conv net and a tiny UNet2DModel, factored 1.2-2.2x slower
+       (the UNet at d = 256, where torch.func's chunks of 2 rows recompute Jacobians: 1.8x
+       faster factored, left to torch.func). These times are from before a convolution's
+       per-example gradients took every cotangent in one pass (the UNet at d = 256: 6.5 s to
+       4.3 s factored, 10.7 s torch.func), which the rule does not yet count.
     2. "factored" when every trainable parameter is in a factored block (``plan.fallback`` is
        empty). Per example, both engines run one forward and one output-batched backward;
        torch.func's backward also forms every per-example weight gradient, the factored one only
@@ -95,11 +106,15 @@ def choose_engine(plan: Plan, d: int, engine: str = "auto", *, rows: tuple[int, 
         raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
     if engine != "auto":
         return engine
-    if not plan.blocks or d > AUTO_FACTORED_MAX_OUTPUTS:
+    if not plan.blocks:
         return "functional"
-    if not plan.fallback or rows is None or sizes is None:
-        return "factored"
+    if sizes is None:  # no counts: the fixed cut-off
+        return "functional" if d > AUTO_FACTORED_MAX_OUTPUTS else "factored"
     forward, kept = sizes.forward_and_factored(plan, d)
+    if d > AUTO_FACTORED_MAX_OUTPUTS and 2 * kept < sum(p.numel() for p in plan.params.values()):
+        return "functional"
+    if not plan.fallback or rows is None:
+        return "factored"
     m, n = rows
     return "factored" if m * n * d * kept > 3 * (m + n) * forward else "functional"
 
@@ -235,15 +250,19 @@ def _plan(model, params, xs, d: int, rows_total: int, engine: str, memory_budget
 def _engine_plan(model: nn.Module, xs: tuple[torch.Tensor, ...], d: int, rows: tuple[int, int], engine: str,
                  xs2: tuple[torch.Tensor, ...] | None = None) -> Plan | None:
     """The covering plan the factored engine runs, or None where :func:`choose_engine` picks
-    torch.func (called in analysis mode). The covering check runs only where "auto" needs it to
-    decide (a model with factored layers and at most ``AUTO_FACTORED_MAX_OUTPUTS`` outputs); for
-    a kernel against ``xs2`` of another kind, on both (:func:`~genkernel.core.engine.factors.pair_covering_plan`)."""
-    if choose_engine(make_plan(model), d, engine) == "functional":
+    torch.func (called in analysis mode). The covering check runs for a model with factored
+    layers (engine "auto" or "factored"); for a kernel against ``xs2`` of another kind, on both
+    (:func:`~genkernel.core.engine.factors.pair_covering_plan`). "auto" counts (one example's
+    forward, :func:`~genkernel.core.engine.factored._probe_sizes`) where its choice needs them:
+    parameters left to torch.func, or more than ``AUTO_FACTORED_MAX_OUTPUTS`` outputs."""
+    if engine not in ENGINES:
+        raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
+    if engine == "functional" or not make_plan(model).blocks:
         return None
     plan = pair_covering_plan(model, xs, xs2)
     if not plan.blocks:  # every parameter goes through torch.func: that is the functional engine
         return None
-    if engine == "auto" and plan.fallback:
+    if engine == "auto" and (plan.fallback or d > AUTO_FACTORED_MAX_OUTPUTS):
         if choose_engine(plan, d, engine, rows=rows, sizes=_probe_sizes(model, plan, xs)) == "functional":
             return None
     return plan
