@@ -139,7 +139,7 @@ def test_auto_engine_uses_factored_only_where_it_was_measured_faster():
         return choose_engine(plan, d) == "factored"
 
     assert _auto_picks_factored(make_plan(mlp()), 2)
-    assert not _auto_picks_factored(make_plan(mlp()), 256)  # many outputs: one backward per output chunk
+    assert not _auto_picks_factored(make_plan(mlp()), 256)  # many outputs and no counts: the fixed cut-off (test_kernel_choice: with them)
     assert _auto_picks_factored(make_plan(convnet()), 3)  # convolutions held per layer: 2.2x faster
 
     class OwnParameter(nn.Module):  # nothing the factored engine supports
