@@ -217,27 +217,19 @@ def test_transformer2d_cross_attention_kernels_equal_per_example_autograd():
         assert rel(genkernel.gradient_kernel(model, (x, context), engine=engine), want) < 1e-12
 
 
+@pytest.mark.parametrize("checkpointing", [False, True])
 @pytest.mark.parametrize("route", ["graph", "example", "factored"])
-def test_dit_adam_ledger_equals_the_brute_force_on_every_gradient_route(route):
-    gen = torch.Generator().manual_seed(1)
-    batches = [dit_batch(gen, 6) for _ in range(2)]
-    probes = dit_batch(gen, 3)[0]
-    hp = dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01)
-    worst = check_tracker(tiny_dit(), lambda m: torch.optim.Adam(m.parameters(), **hp), "adam", hp, mse, batches, probes, 3,
-                          group_state="dense", gradient_route=route)
-    assert worst["residual"] < 1e-2  # midpoint's O(Δ³) at lr 1e-3 (measured 2.4e-3)
-
-
-@pytest.mark.parametrize("route", ["graph", "example", "factored"])
-def test_dit_with_gradient_checkpointing_adam_ledger_equals_the_brute_force(route):
+def test_dit_adam_ledger_equals_the_brute_force_on_every_gradient_route(route, checkpointing):
     gen = torch.Generator().manual_seed(1)
     batches = [dit_batch(gen, 6) for _ in range(2)]
     probes = dit_batch(gen, 3)[0]
     hp = dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01)
     model = tiny_dit()
-    model.enable_gradient_checkpointing()
-    check_tracker(model, lambda m: torch.optim.Adam(m.parameters(), **hp), "adam", hp, mse, batches, probes, 3,
-                  group_state="dense", gradient_route=route)
+    if checkpointing:
+        model.enable_gradient_checkpointing()
+    worst = check_tracker(model, lambda m: torch.optim.Adam(m.parameters(), **hp), "adam", hp, mse, batches, probes, 3,
+                          group_state="dense", gradient_route=route)
+    assert worst["residual"] < 1e-2  # midpoint's O(Δ³) at lr 1e-3 (measured 2.4e-3)
 
 
 def test_dit_noise_level_analyzer_through_the_conditional_trainer():
@@ -272,13 +264,23 @@ def tiny_resnet(trainable=("conv1", "bn1", "layer1.0.", "fc")):
     return model
 
 
-def test_resnet18_eval_kernels_equal_per_example_autograd():
-    model = tiny_resnet().eval()
+def check_image_kernels(model, *, blocks: bool) -> torch.Tensor:
+    """Every engine's trace kernel (and, with ``blocks``, its per-output blocks against 2 other
+    inputs) of 3 images [3, 3, 16, 16] equals per-example autograd to 1e-12; returns the Jacobians."""
     x = torch.randn(3, 3, 16, 16, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     jac = brute_jacobian(model, (x,))
     want = torch.einsum("mdp,ndp->mn", jac, jac)
     for engine in ("auto", "factored", "functional"):
         assert rel(genkernel.gradient_kernel(model, x, engine=engine), want) < 1e-12
+        if blocks:
+            got = genkernel.gradient_kernel(model, x, x[:2], engine=engine, reduce="none")
+            assert rel(got, torch.einsum("mdp,nep->mnde", jac, jac[:2])) < 1e-12
+    return x, jac
+
+
+def test_resnet18_eval_kernels_equal_per_example_autograd():
+    model = tiny_resnet().eval()
+    x, jac = check_image_kernels(model, blocks=False)
     assert rel(genkernel.tangent_features(model, x, engine="factored"), jac) < 1e-12
 
 
@@ -316,13 +318,8 @@ def tiny_vit():
 
 def test_vit_kernels_and_features_equal_per_example_autograd():
     model = tiny_vit().eval()
-    x = torch.randn(3, 3, 16, 16, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
-    jac = brute_jacobian(model, (x,))
-    want = torch.einsum("mdp,ndp->mn", jac, jac)
+    x, jac = check_image_kernels(model, blocks=True)
     for engine in ("auto", "factored", "functional"):
-        assert rel(genkernel.gradient_kernel(model, x, engine=engine), want) < 1e-12
-        blocks = genkernel.gradient_kernel(model, x, x[:2], engine=engine, reduce="none")
-        assert rel(blocks, torch.einsum("mdp,nep->mnde", jac, jac[:2])) < 1e-12
         assert rel(genkernel.tangent_features(model, x, engine=engine), jac) < 1e-12
     # The class token, the positional embedding and the packed in_proj weights are read outside a
     # Linear's forward: torch.func takes them, the Linear layers stay factored.

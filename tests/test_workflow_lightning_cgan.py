@@ -7,7 +7,6 @@ keeps the ledgers of the uninterrupted one."""
 from __future__ import annotations
 
 import copy
-import warnings
 
 import pytest
 import torch
@@ -17,7 +16,7 @@ from torch import nn
 pl = pytest.importorskip("lightning.pytorch")
 
 from genkernel.gan import GANKernelAnalyzer  # noqa: E402
-from genkernel.integrations.lightning import GenkernelCallback  # noqa: E402
+from test_workflow_lightning_gan import fit as lightning_fit  # noqa: E402
 
 NZ, C = 3, 3
 
@@ -110,16 +109,8 @@ class LightningCGAN(pl.LightningModule):
         self.untoggle_optimizer(opt_g)
 
 
-def fit(module: LightningCGAN, epochs: int, *, dirpath=None, ckpt_path=None) -> pl.Trainer:
-    callbacks = [] if module.analyzer is None else [GenkernelCallback(module.analyzer)]
-    if dirpath is not None:
-        callbacks.append(pl.callbacks.ModelCheckpoint(dirpath=dirpath, save_top_k=-1, every_n_epochs=1))
-    trainer = pl.Trainer(max_epochs=epochs, accelerator="cpu", logger=False, enable_progress_bar=False,
-                         enable_model_summary=False, enable_checkpointing=dirpath is not None, callbacks=callbacks)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        trainer.fit(module, loader(), ckpt_path=ckpt_path)
-    return trainer
+def fit(module: LightningCGAN, epochs: int, **kwargs) -> pl.Trainer:
+    return lightning_fit(module, epochs, data=loader(), **kwargs)
 
 
 def test_a_lightning_conditional_gan_trains_bit_identical_and_its_class_ledger_adds_up():

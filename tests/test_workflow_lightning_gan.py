@@ -124,7 +124,9 @@ class LightningGAN(pl.LightningModule):
             self.g_step(real.shape[0])
 
 
-def fit(module: LightningGAN, epochs: int, *, dirpath=None, ckpt_path=None) -> pl.Trainer:
+def fit(module: pl.LightningModule, epochs: int, *, dirpath=None, ckpt_path=None, data=None) -> pl.Trainer:
+    """``module`` (its ``.analyzer`` attached by GenkernelCallback when it has one) trained on ``data``
+    (default :func:`loader`) for ``epochs`` on the CPU; ``dirpath``: a ModelCheckpoint every epoch."""
     callbacks = [] if module.analyzer is None else [GenkernelCallback(module.analyzer)]
     if dirpath is not None:
         callbacks.append(pl.callbacks.ModelCheckpoint(dirpath=dirpath, save_top_k=-1, every_n_epochs=1))
@@ -132,7 +134,7 @@ def fit(module: LightningGAN, epochs: int, *, dirpath=None, ckpt_path=None) -> p
                          enable_model_summary=False, enable_checkpointing=dirpath is not None, callbacks=callbacks)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        trainer.fit(module, loader(), ckpt_path=ckpt_path)
+        trainer.fit(module, loader() if data is None else data, ckpt_path=ckpt_path)
     return trainer
 
 
