@@ -174,6 +174,7 @@ def worker(rank, rendezvous, out_dir):
     try:
         for name, scenario in SCENARIOS.items():
             torch.save(outcome(lambda: scenario(rank)), os.path.join(out_dir, f"{name}.rank{rank}.pt"))
+        dist.barrier()  # both ranks done before the group is torn down (see test_distributed.worker)
     finally:
         dist.destroy_process_group()
 
