@@ -602,7 +602,6 @@ class LoggingCallback(TrainerCallback):
         optimizer = getattr(step, "optimizer", None)
         if optimizer is not None and getattr(optimizer, "param_groups", None):
             lr = [float(group.get("lr", math.nan)) for group in optimizer.param_groups]
-            lr = lr[0] if len(lr) == 1 else lr
         self.log_step(number, loss=loss, lr=lr, phase=phase, trainer=trainer)
 
     def log_step(self, step: int, *, loss: float | None = None, lr: float | Sequence[float] | None = None,

@@ -109,7 +109,9 @@ from ..core.tracking.tracker import MEMORY_CHECKS, PathKernelTracker, StepContri
 from ..logging import LoggingCallback
 from ..stats import mean_interval, nan_median
 from .geometry import ClassGroups, GeometryGrouping, make_grouping
-from .losses import GENERATED, PENALTY, REAL, ROLE_NAMES, DiscriminatorObjective, GeneratorLoss, check_classes, scores_of
+from .losses import (
+    GENERATED, PENALTY, REAL, ROLE_NAMES, DiscriminatorObjective, GeneratorLoss, check_classes, class_inputs, scores_of,
+)
 from .metrics import cosine, few_units, mode_coverage, own_minus_others
 from .passes import classes_taken, preserved
 
@@ -444,10 +446,6 @@ class GANKernelAnalyzer(TrainerCallback):
             return grouping(z, geo["x"], geo["w"], geo["scores"], classes=geo["classes"].cpu())
         return grouping(z, geo["x"], geo["w"], geo["scores"])
 
-    def _conditions(self, classes: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
-        """G's and D's second input: ``(classes,)`` for a conditional GAN, ``()`` otherwise."""
-        return () if classes is None else (classes,)
-
     def _step_classes(self, classes: Any, batch: int, what: str) -> torch.Tensor | None:
         """A step's classes: required and checked for a conditional GAN, refused for an unconditional one."""
         if not self.conditional:
@@ -472,7 +470,7 @@ class GANKernelAnalyzer(TrainerCallback):
                 raise ValueError(f"{name} of a conditional GAN need their classes: pass {classes_name}="
                                  f"<LongTensor[{latents.shape[0]}]>")
             classes = check_classes(classes, latents.shape[0], self.num_classes, classes_name).to(latents.device)
-        conditions = self._conditions(classes)
+        conditions = class_inputs(classes)
         expected = getattr(self._g, "latent_dim", None)
         size = latents[0].numel()
         if isinstance(expected, int) and size != expected:
@@ -675,7 +673,7 @@ class GANKernelAnalyzer(TrainerCallback):
 
     def _loss_fn(self, samples: torch.Tensor, targets: Any = None) -> torch.Tensor:
         """``generator_loss(samples)``; a conditional GAN's ``generator_loss(samples, classes)``."""
-        return self.generator_loss(samples, *self._conditions(targets))
+        return self.generator_loss(samples, *class_inputs(targets))
 
     def _geometry_fn(self, default: Callable) -> Callable:
         """The loss whose input gradient w defines groups, probe pushes and the field: ``geometry_loss``
@@ -684,7 +682,7 @@ class GANKernelAnalyzer(TrainerCallback):
         if self._geometry_loss is None:
             return default
         geometry = self._geometry_loss
-        return lambda samples, targets=None: geometry(samples, *self._conditions(targets))
+        return lambda samples, targets=None: geometry(samples, *class_inputs(targets))
 
     def observe_generator(
         self, losses: torch.Tensor, latents: torch.Tensor, samples: torch.Tensor, *, weights: torch.Tensor | None = None,
@@ -869,7 +867,7 @@ class GANKernelAnalyzer(TrainerCallback):
     def _scores(self, x: torch.Tensor, *, after_forward: bool, classes: torch.Tensor | None = None) -> torch.Tensor:
         """``[B]`` D(x) (a conditional GAN's D(x, classes)), D's buffers kept."""
         with torch.no_grad(), preserved(self._d, reuse_power_iteration=after_forward):
-            return scores_of(self._d(x, *self._conditions(classes)), x.shape[0]).detach()
+            return scores_of(self._d(x, *class_inputs(classes)), x.shape[0]).detach()
 
     def _geometry(self, latents: torch.Tensor, loss_fn, *, after_forward: bool,
                   classes: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
@@ -877,7 +875,7 @@ class GANKernelAnalyzer(TrainerCallback):
         ``[M, ...]`` (with their classes ``[M]``) at the current θ: G in eval mode (as the tracker
         evaluates probes), D in its current mode, every buffer kept."""
         with torch.no_grad(), preserved(self._g), analysis_mode(self._g):
-            x = output_tensor(self._g(latents, *self._conditions(classes))).detach()
+            x = output_tensor(self._g(latents, *class_inputs(classes))).detach()
         return self._push(latents, x, loss_fn, after_forward=after_forward, classes=classes)
 
     def _push(self, latents: torch.Tensor, x: torch.Tensor, loss_fn, *, after_forward: bool,
@@ -902,7 +900,7 @@ class GANKernelAnalyzer(TrainerCallback):
         """The first observed micro-batch: ``generator_loss(samples)`` (a conditional GAN's
         ``generator_loss(samples, classes)``) must give the loop's losses."""
         with torch.no_grad(), preserved(self._d, reuse_power_iteration=True):
-            mine = self.generator_loss(samples, *self._conditions(classes))
+            mine = self.generator_loss(samples, *class_inputs(classes))
         if not isinstance(mine, torch.Tensor) or mine.shape != losses.shape:
             raise ValueError(f"generator_loss(samples) must return per-example losses of shape {tuple(losses.shape)}, "
                              f"got {getattr(mine, 'shape', type(mine).__name__)}")
@@ -926,7 +924,7 @@ class GANKernelAnalyzer(TrainerCallback):
 
     def _diagnose(self, losses: torch.Tensor, samples: torch.Tensor, classes: torch.Tensor | None = None) -> str:
         with torch.no_grad(), preserved(self._d, reuse_power_iteration=True):
-            s = scores_of(self._d(samples, *self._conditions(classes)), samples.shape[0]).detach().to(torch.float64)
+            s = scores_of(self._d(samples, *class_inputs(classes)), samples.shape[0]).detach().to(torch.float64)
         user = losses.to(torch.float64)
         # a conditional analyzer calls its loss as fn(samples, classes): the fixes say so
         more, args, call = (", conditional=True", "x, y", "D(x, y)") if self.conditional else ("", "x", "D(x)")
@@ -1048,7 +1046,7 @@ class GANKernelAnalyzer(TrainerCallback):
             # draws its random numbers (dropout masks) after G's, as training's D(G(z)) does: one fork for both.
             with torch.random.fork_rng(devices=_cuda(latents)):
                 with torch.set_grad_enabled(evaluate):
-                    samples = output_tensor(self._g(latents, *self._conditions(classes)))
+                    samples = output_tensor(self._g(latents, *class_inputs(classes)))
                 geo = self._push(latents, samples.detach(), loss_fn, after_forward=False, classes=classes)
             if not torch.isfinite(geo["losses"]).all() or not torch.isfinite(geo["w"]).all():
                 bad = torch.nonzero(~torch.isfinite(geo["losses"])).flatten().tolist()
@@ -1111,7 +1109,7 @@ class GANKernelAnalyzer(TrainerCallback):
         params = {n: p.detach() for n, p in trainable_parameters(self._g).items()}
 
         def probes(p):
-            return output_tensor(call_with(self._g, p, (self.probe_latents, *self._conditions(self.probe_classes))))
+            return output_tensor(call_with(self._g, p, (self.probe_latents, *class_inputs(self.probe_classes))))
 
         with preserved(self._g), analysis_mode(self._g):
             with explained_torch_func_errors():
@@ -1291,7 +1289,7 @@ class GANKernelAnalyzer(TrainerCallback):
             nearest = self.mode_centers[torch.cdist(x, self.mode_centers).argmin(dim=1)]
             row["cos_nearest_mode"] = float(cosine(change, nearest - x).nanmean())
             with torch.no_grad(), preserved(self._g), analysis_mode(self._g):
-                samples = output_tensor(self._g(self.coverage_latents, *self._conditions(self.coverage_classes)))
+                samples = output_tensor(self._g(self.coverage_latents, *class_inputs(self.coverage_classes)))
                 samples = samples.detach().cpu()
             cov = mode_coverage(samples, self.mode_centers, self.mode_std, self.coverage_sigmas)
             cov["step"] = index

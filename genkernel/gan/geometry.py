@@ -294,11 +294,6 @@ class ClassGroups(GeometryGrouping):
         raise ValueError("ClassGroups groups by class: call it with classes= (GANKernelAnalyzer(..., probe_classes=, "
                          "grouping='class') does)")
 
-    def __call__(self, z, x, w, scores, *, classes: torch.Tensor | None = None) -> torch.Tensor:
-        if classes is None:
-            return super().__call__(z, x, w, scores)  # the assign refusal above
-        return super().__call__(z, x, w, scores, classes=classes)
-
     def _ids(self, z, x, w, scores, classes):
         return classes
 

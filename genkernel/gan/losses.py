@@ -178,6 +178,12 @@ def check_classes(classes: object, batch: int, num_classes: int | None, what: st
     return classes.long()
 
 
+def class_inputs(classes: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
+    """G's and D's inputs after the first: ``(classes,)`` for a conditional GAN, ``()`` for an
+    unconditional one (``classes`` None), so that ``G(z, *class_inputs(y))`` serves both."""
+    return () if classes is None else (classes,)
+
+
 def generator_losses(kind: str, scores: torch.Tensor, output: str = "logit") -> torch.Tensor:
     """ℓ_G per example ``[B]`` from discriminator scores ``[B]`` of generated samples (logits, or with
     ``output="probability"`` probabilities p: −log p, the log clamped at −100 as ``nn.BCELoss``)."""
@@ -317,7 +323,7 @@ class DiscriminatorObjective(nn.Module):
         """``[B]`` ‖∇_x D(x)‖ per example (‖∇_x D(x, classes)‖ with ``classes [B]``), differentiable in
         D's parameters (and under torch.func); with ``with_scores`` also the scores D(x) ``[B]`` of the
         same evaluation."""
-        conditions = () if classes is None else (classes,)
+        conditions = class_inputs(classes)
 
         # BatchNorm in training mode mixes the batch: row b's input gradient would take terms from the other
         # examples (and functorch refuses its running-statistics update inside grad with an opaque error)
@@ -340,7 +346,7 @@ class DiscriminatorObjective(nn.Module):
         return (norms, scores) if with_scores else norms
 
     def forward(self, x: torch.Tensor, roles: torch.Tensor, classes: torch.Tensor | None = None) -> torch.Tensor:
-        conditions = () if classes is None else (classes,)
+        conditions = class_inputs(classes)
         if not self.penalty:
             return scores_of(self.net(x, *conditions), x.shape[0]).unsqueeze(1)
         # One evaluation of D gives both the scores (aux) and the input gradient, so a training-mode
@@ -352,5 +358,5 @@ class DiscriminatorObjective(nn.Module):
 __all__ = [
     "OUTPUTS", "check_output", "check_not_sigmoid", "final_module", "LOSSES", "GENERATED", "REAL", "PENALTY", "ROLE_NAMES", "generator_losses", "discriminator_losses",
     "GeneratorLoss", "DiscriminatorLoss", "DiscriminatorObjective", "scores_of", "check_loss", "check_gp_weight",
-    "check_classes",
+    "check_classes", "class_inputs",
 ]

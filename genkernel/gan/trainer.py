@@ -67,6 +67,7 @@ from .losses import (
     GeneratorLoss,
     check_classes,
     check_loss,
+    class_inputs,
 )
 from .passes import classes_taken, preserved
 
@@ -126,9 +127,8 @@ def discriminator_input_gradients(
         detached copy of the samples, so no parameter's ``.grad`` changes.
     """
     discriminator = discriminator if discriminator is not None else getattr(loss_fn, "discriminator", None)
-    conditions = () if classes is None else (classes,)
     with torch.no_grad(), preserved(generator), analysis_mode(generator):
-        samples = output_tensor(generator(latents, *conditions)).detach()
+        samples = output_tensor(generator(latents, *class_inputs(classes))).detach()
     with torch.enable_grad(), preserved(discriminator):
         x = samples.clone().requires_grad_(True)
         losses = loss_fn(x, classes)
@@ -363,33 +363,33 @@ class GANTrainer:
                 "nn.Sequential(nn.Unflatten(1, (nz, 1, 1)), generator)"
             ) from error
 
-    def _conditions(self, classes: torch.Tensor | None, batch: int) -> tuple[torch.Tensor, ...]:
-        """``(classes,)`` for a conditional GAN (checked), ``()`` for an unconditional one."""
+    def _checked_classes(self, classes: torch.Tensor | None, batch: int) -> torch.Tensor | None:
+        """A conditional GAN's classes ``LongTensor[batch]`` on G's device (checked), None for an
+        unconditional one."""
         if not self.conditional:
             if classes is not None:
                 raise ValueError("this GAN is unconditional (no num_classes): G takes latents only, drop classes=")
-            return ()
+            return None
         if classes is None:
             raise ValueError(f"this GAN is conditional (num_classes={self.num_classes}): pass classes=<LongTensor[{batch}]>")
-        return (check_classes(classes, batch, self.num_classes).to(self.device),)
+        return check_classes(classes, batch, self.num_classes).to(self.device)
 
     @torch.no_grad()
     def sample(self, latents: torch.Tensor, classes: torch.Tensor | None = None) -> torch.Tensor:
         """G(latents) (a conditional GAN's G(latents, classes), ``classes`` a ``LongTensor[B]``) in
         eval mode, detached."""
-        conditions = self._conditions(classes, latents.shape[0])
+        classes = self._checked_classes(classes, latents.shape[0])
         with analysis_mode(self.generator):
-            return output_tensor(self.generator(latents, *conditions)).detach()
+            return output_tensor(self.generator(latents, *class_inputs(classes))).detach()
 
     def input_gradients(
         self, latents: torch.Tensor, classes: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(G(z), w, ℓ_G)`` with w_i = ∇_x ℓ_G(D(x)) at x = G(z_i) (conditional: ∇_x ℓ_G(D(x, y_i)) at
         x = G(z_i, y_i)), D as in a generator step (its mode kept, its buffers written back after)."""
-        conditions = self._conditions(classes, latents.shape[0])
+        classes = self._checked_classes(classes, latents.shape[0])
         with frozen(self.discriminator):
-            return discriminator_input_gradients(self.generator, self.g_loss, latents,
-                                                 classes=conditions[0] if conditions else None)
+            return discriminator_input_gradients(self.generator, self.g_loss, latents, classes=classes)
 
     # -- steps ---------------------------------------------------------------------------------
     def discriminator_step(self) -> torch.Tensor:

@@ -799,16 +799,13 @@ class PathKernelTracker:
         gradient of one nonzero entry any weighting is "one scalar times" the sum, so such a step
         is refused."""
         first = self.partitions.slices[self.partitions.primary]
-        totals = {name: grads[name][first].sum(dim=0) for name in self.params}
+        totals = [grads[name][first].sum(dim=0).reshape(-1) for name in self.params]
         if self.distributed is not None:
-            flat = torch.cat([t.reshape(-1) for t in totals.values()])
-            flat = summed_over_ranks(flat, self.distributed) / self.distributed.world_size
-            totals = dict(zip(totals, (part.view_as(t) for part, t in zip(flat.split([t.numel() for t in totals.values()]),
-                                                                            totals.values()))))
+            flat = summed_over_ranks(torch.cat(totals), self.distributed) / self.distributed.world_size
+            totals = flat.split([t.numel() for t in totals])
         dot, norm, nonzero = 0.0, 0.0, 0
-        for name, p in self.params.items():
-            total = totals[name]
-            real = torch.zeros_like(total) if p.grad is None else p.grad.to(torch.float64)
+        for p, total in zip(self.params.values(), totals):
+            real = torch.zeros_like(total) if p.grad is None else p.grad.to(torch.float64).reshape(-1)
             dot += float((real * total).sum())
             norm += float((total * total).sum())
             if micro_batches > 1 and nonzero < 2:
