@@ -1,14 +1,15 @@
-"""Diffusion: a DDPM trainer on diffusers parts and the noise-level path-kernel analyzer.
+"""Diffusion: a DDPM (and flow-matching) trainer on diffusers parts and the noise-level path-kernel analyzer.
 
 Public API::
 
     from genkernel.diffusion import (
-        DDPMTrainer, make_scheduler, make_optimizer, reverse_sample,   # training and sampling
+        DDPMTrainer, make_scheduler, make_flow_scheduler,               # training (DDPM or flow matching)
+        make_optimizer, reverse_sample,                                 # and sampling
         MLPDenoiser, tiny_unet, BinnedDenoiser, TimeIgnoringDenoiser,  # denoisers (and sanity models)
         NoiseLevelAnalyzer, train_with_window,                          # the ledger split by noise level
         state_kernel, make_states, kernel_locality, locality_per_input, # kernel structure across levels
         retrieval_attribution,                                          # stage-wise attribution
-        diffusion_loss, training_target, noisy_input, timestep_bins,    # the DDPM objective, for user loops
+        diffusion_loss, training_target, noisy_input, timestep_bins,    # the objective, for user loops
     )
 
 See :mod:`genkernel.diffusion.analyzer` for the user-loop example and docs/diffusion.md.
@@ -19,7 +20,10 @@ from .analyzer import NoiseLevelAnalyzer, train_with_window
 from .kernels import make_states, state_kernel
 from .locality import kernel_locality, locality_per_input
 from .models import BinnedDenoiser, MLPDenoiser, TimeIgnoringDenoiser, freeze_attention_key_biases, tiny_unet
-from .objectives import bin_centers, bin_edges, diffusion_loss, loss_weight, make_scheduler, noisy_input, timestep_bins, training_target
+from .objectives import (
+    bin_centers, bin_edges, diffusion_loss, loss_weight, make_flow_scheduler, make_scheduler, noisy_input, timestep_bins,
+    training_target,
+)
 from .retrieval import RetrievalResult, retrieval_attribution
 from .trainer import DDPMTrainer, make_optimizer, reverse_sample
 
@@ -27,6 +31,6 @@ __all__ = [
     "BinnedDenoiser", "DDPMTrainer", "MLPDenoiser", "NoiseLevelAnalyzer", "RetrievalResult", "TimeIgnoringDenoiser",
     "bin_centers", "bin_edges", "diffusion_loss", "freeze_attention_key_biases", "kernel_locality", "locality_per_input",
     "loss_weight",
-    "make_optimizer", "make_scheduler", "make_states", "noisy_input", "retrieval_attribution", "reverse_sample",
+    "make_flow_scheduler", "make_optimizer", "make_scheduler", "make_states", "noisy_input", "retrieval_attribution", "reverse_sample",
     "state_kernel", "timestep_bins", "tiny_unet", "train_with_window", "training_target",
 ]

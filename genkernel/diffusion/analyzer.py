@@ -1,4 +1,4 @@
-"""NoiseLevelAnalyzer: the path-kernel ledger of a DDPM denoiser, split by training noise level.
+"""NoiseLevelAnalyzer: the path-kernel ledger of a DDPM (or flow-matching) denoiser, split by training noise level.
 
 docs/diffusion.md. A training contribution is a triple (x_n, t, ε); groups are bins of the
 training timestep t (default 10 bins of equal width); a probe is (clean x, level s, fixed
@@ -45,6 +45,11 @@ or observing your own loop, which keeps its forward, loss, backward, clipping, a
 or, in place of ``loss.backward(); optimizer.step()``, let the analyzer perform the step:
 ``losses = analyzer.step(x0, noise, t)``.
 
+Flow matching (rectified flow, diffusers' ``FlowMatchEulerDiscreteScheduler``): pass that scheduler;
+a level is the model's float timestep t = σ·T, z = (1 − σ) x + σ ε and the target ε − x
+(:mod:`~genkernel.diffusion.objectives`). In your own loop ``observe(losses, timesteps)`` takes the
+timesteps the model was given (``scheduler.timesteps[indices]``, or σ·T for continuous σ).
+
 Conditional denoisers ``model(x_t, t, *conditioning)`` (class labels, ``encoder_hidden_states``):
 ``probe_conditioning`` gives the probes' extra inputs, steps pass ``conditioning=``, and with
 ``num_classes`` a "level_class" partition (noise level × class) is split beside the levels.
@@ -80,9 +85,12 @@ from .objectives import (
     check_prediction_type,
     check_timesteps,
     diffusion_loss,
+    is_flow_matching,
+    noise_schedule_config,
     noisy_input,
     num_train_timesteps,
     NoiseBins,
+    same_noise_schedule,
     training_target,
 )
 
@@ -101,14 +109,16 @@ class NoiseLevelAnalyzer(TrainerCallback):
 
     Args:
         scheduler: the ``DDPMScheduler`` used for training (prediction type "epsilon",
-            "v_prediction" or "sample"; add_noise builds the probes).
+            "v_prediction" or "sample"; add_noise builds the probes), or a flow-matching
+            ``FlowMatchEulerDiscreteScheduler`` (levels t = σ·T, target ε − x).
         probe_data: ``Tensor[N0, *shape]`` clean inputs for probes and kernel checkpoints
             (held-out data is best; the first ``kernel_points`` rows serve the kernel).
         num_bins: G, bins of the training timestep (groups).
         bin_spacing: "log_snr" (default: equal widths of log SNR, :class:`~genkernel.diffusion.objectives.NoiseBins`)
             or "timestep" (equal widths of t).
         num_probes: M probes, assigned round-robin to the probe levels.
-        probe_levels: ``LongTensor[L]`` probe timesteps s; default the G bin centres.
+        probe_levels: ``LongTensor[L]`` probe timesteps s (flow matching: real t = σ·T in [0, T],
+            kept as float32); default the G bin centres.
         band: w, the half-width in bins of "nearby levels" for the locality measures. A band
             >= G − 1 holds every bin for every probe, so nothing lies outside it and locality is
             undefined: refused (ValueError) for G >= 3 bins; with G <= 2 every band but 0 covers
@@ -243,7 +253,7 @@ class NoiseLevelAnalyzer(TrainerCallback):
         levels = self.bins.centers if probe_levels is None else check_timesteps(
             torch.as_tensor(probe_levels), scheduler, name="probe_levels"
         )
-        self.levels = levels.long()
+        self.levels = levels.to(torch.float32) if is_flow_matching(scheduler) else levels.long()
         self.level_bins = self.bins(self.levels)
         generator = torch.Generator().manual_seed(seed)
         self.probe_level = torch.arange(num_probes) % self.levels.numel()  # level index per probe
@@ -343,17 +353,15 @@ class NoiseLevelAnalyzer(TrainerCallback):
         """Refuse a trainer whose scheduler has another noise schedule, T or prediction type than the
         analyzer's: its bins and probes would be another schedule's, without an error."""
         theirs = getattr(trainer, "scheduler", None)
-        if theirs is None or theirs is self.scheduler or not hasattr(theirs, "alphas_cumprod"):
+        if theirs is None or theirs is self.scheduler or not hasattr(theirs, "config"):
             return
-        ours_a = self.scheduler.alphas_cumprod.detach().to("cpu", torch.float64)
-        theirs_a = theirs.alphas_cumprod.detach().to("cpu", torch.float64)
-        kind = getattr(getattr(theirs, "config", None), "prediction_type", None)
-        if ours_a.shape != theirs_a.shape or not torch.allclose(ours_a, theirs_a, rtol=1e-6, atol=0) \
-                or kind != self.prediction_type:
+        if not same_noise_schedule(self.scheduler, theirs):
+            kind = "flow matching" if is_flow_matching(theirs) else getattr(theirs.config, "prediction_type", None)
             raise ValueError(
-                f"the trainer's scheduler (T = {theirs_a.numel()}, prediction_type {kind!r}) is not the analyzer's "
-                f"(T = {ours_a.numel()}, prediction_type {self.prediction_type!r}) or has another noise schedule "
-                "(alphas_cumprod): the bins and probes would be another schedule's. Build the analyzer with the "
+                f"the trainer's scheduler ({type(theirs).__name__}, T = {theirs.config.get('num_train_timesteps')}, "
+                f"prediction {kind!r}) is not the analyzer's ({type(self.scheduler).__name__}, T = {self.total}, "
+                f"prediction {self.prediction_type!r}) or has another noise schedule (alphas_cumprod, or a flow "
+                "grid's shift): the bins and probes would be another schedule's. Build the analyzer with the "
                 "trainer's scheduler: NoiseLevelAnalyzer(trainer.scheduler, ...)"
             )
 
@@ -417,7 +425,7 @@ class NoiseLevelAnalyzer(TrainerCallback):
         Args:
             losses: ``[B]`` per-example losses with their graph, weighted as your loss weights them
                 (min-SNR and the like); your loss is their mean, or Σ_n c_n ℓ_n with ``weights``.
-            timesteps: ``LongTensor[B]`` the training timesteps.
+            timesteps: ``LongTensor[B]`` the training timesteps (flow matching: the model's float t = σ·T).
             class_labels: ``LongTensor[B]`` in [0, C), with ``num_classes``.
 
         The loop's ``optimizer.step()`` records the step (gradient accumulation over several
@@ -471,7 +479,7 @@ class NoiseLevelAnalyzer(TrainerCallback):
         """One real optimizer step of the bound model on a DDPM batch, recorded in the ledger.
 
         Replaces ``loss.backward(); optimizer.step()`` in a user's loop. Args: ``clean`` and
-        ``noise`` ``[B, *shape]``, ``timesteps`` ``LongTensor[B]`` in [0, T); ``conditioning``: the
+        ``noise`` ``[B, *shape]``, ``timesteps`` ``LongTensor[B]`` in [0, T) (flow matching: t = σ·T in [0, T]); ``conditioning``: the
         model's extra inputs; ``weights``: per-example coefficients c_n of the loss Σ_n c_n ℓ_n
         (default the mean; min-SNR weighting goes here). Builds z with ``scheduler.add_noise`` and
         the target for the scheduler's prediction type. Returns the per-example losses ``[B]``.
@@ -514,6 +522,14 @@ class NoiseLevelAnalyzer(TrainerCallback):
         timesteps = check_timesteps(timesteps, self.scheduler)
         if timesteps.numel() != batch:
             raise ValueError(f"got {timesteps.numel()} timesteps for a batch of {batch}")
+        if self.bins.flow and self.total >= 100 and batch >= 4 and float(timesteps.max()) <= 1.0:
+            # Every example at σ <= 1/T: about (1/T)^B under any training distribution, but exactly
+            # what passing the loop's sigmas (in [0, 1]) in place of its timesteps gives, which
+            # would book the whole batch to bin 0 without an error.
+            raise ValueError(
+                f"all {batch} timesteps are <= 1 on a flow-matching schedule of T = {self.total}: these look like "
+                "sigmas (σ in [0, 1]); pass the timesteps the model was given, t = σ·T (scheduler.timesteps[indices])"
+            )
         bins = self.bins(timesteps).cpu()
         groups = {LEVEL: bins}
         for name in self.control_names:
@@ -719,7 +735,7 @@ class NoiseLevelAnalyzer(TrainerCallback):
                     out[key] = {**out[key], "held": False, "why": why}
             # Per probe level: an average over levels can hide a sign flip between them.
             out["per_level"] = [
-                {"level": int(self.levels[level]), "bin": int(self.level_bins[level]),
+                {"level": self.levels[level].item(), "bin": int(self.level_bins[level]),
                  "traffic": grouping.measured_minus_control(traffic[rows], traffic_c[:, rows]),
                  "share": grouping.measured_minus_control(share[rows], share_c[:, rows])}
                 for level in range(self.levels.numel())
@@ -797,7 +813,8 @@ class NoiseLevelAnalyzer(TrainerCallback):
                 "controls": self.controls, "quadrature": self.quadrature, "prediction_type": self.prediction_type,
                 "track_steps": self.track_steps, "group_state": self.tracker.group_state,
                 "cost": self.tracker.cost.as_dict(),
-                "beta_schedule": self.scheduler.config.beta_schedule, "num_train_timesteps": self.total,
+                "beta_schedule": self.scheduler.config.get("beta_schedule"), "num_train_timesteps": self.total,
+                "noise_schedule": noise_schedule_config(self.scheduler),
                 "kernel_points": int(self.kernel_clean.shape[0]), "kernel_sketch": self.kernel_sketch,
             },
             "tracked_steps": self.tracker.ledger.steps,
@@ -824,7 +841,8 @@ class NoiseLevelAnalyzer(TrainerCallback):
             # band: a reading setting (not checked on load), saved so that a summary of the state reads
             # locality at the analyzer's own half-width
             "config": {"num_bins": self.num_bins, "controls": self.controls, "probe_timesteps": self.probe_timesteps.tolist(),
-                       "bin_edges": self.bins.edges.tolist(), "band": self.band},
+                       "bin_edges": self.bins.edges.tolist(), "band": self.band,
+                       "noise_process": "flow_matching" if self.bins.flow else "ddpm"},
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from ..core.adapter import analysis_mode, as_tuple, checked_forward, output_tensor, trainable_parameters
 from ..core.engine.kernels import gradient_kernel, normalize_kernel
-from .objectives import check_timesteps
+from .objectives import check_timesteps, noisy_input
 
 __all__ = ["state_kernel", "make_states", "eval_mode"]
 
@@ -47,7 +47,8 @@ def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
 
 def make_states(scheduler, clean: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """States ``(z, t)`` for every (clean input, level) pair: ``clean, noise [n, *shape]``,
-    ``timesteps [L]`` (integers in [0, T), T the scheduler's num_train_timesteps) -> ``z [n·L, *shape]``,
+    ``timesteps [L]`` (integers in [0, T), T the scheduler's num_train_timesteps; flow matching: reals
+    in [0, T]) -> ``z [n·L, *shape]``,
     ``t [n·L]`` ordered point-major (row i·L + a); input i keeps its noise at every level."""
     if not isinstance(clean, torch.Tensor) or not isinstance(noise, torch.Tensor):
         raise TypeError(f"clean and noise must be Tensors [n, *shape], got {type(clean).__name__} and "
@@ -66,7 +67,7 @@ def make_states(scheduler, clean: torch.Tensor, noise: torch.Tensor, timesteps: 
     x = clean.repeat_interleave(levels, dim=0)
     e = noise.repeat_interleave(levels, dim=0)
     t = timesteps.to(clean.device).repeat(n)
-    return scheduler.add_noise(x, e, t), t
+    return noisy_input(scheduler, x, e, t), t
 
 
 class _Directional(nn.Module):

@@ -2,7 +2,8 @@
 ``UNet2DModel`` for images, and the sanity-check denoisers of docs/diffusion.md.
 
 Every denoiser is called as ``model(x_t, t)`` with ``x_t: Tensor[B, *shape]`` and integer
-timesteps ``t: LongTensor[B]`` (a 0-d or 1-element ``t`` is broadcast), and returns a tensor
+timesteps ``t: LongTensor[B]`` (a 0-d or 1-element ``t`` is broadcast; ``MLPDenoiser(time_input=
+"continuous")`` takes the real timesteps t = σ·T of flow matching), and returns a tensor
 shaped like ``x_t`` (the UNet returns diffusers' output object with ``.sample``; the core's
 adapter unwraps it).
 """
@@ -35,15 +36,24 @@ def sinusoidal_embedding(t: torch.Tensor, dim: int, *, max_period: float = 10000
     return torch.cat([torch.cos(args), torch.sin(args)], dim=1)
 
 
-def _timesteps(t: torch.Tensor | int, batch: int, device: torch.device) -> torch.Tensor:
-    if isinstance(t, bool) or not isinstance(t, (torch.Tensor, numbers.Integral)):
-        raise TypeError(f"timesteps must be integers (an int or a LongTensor [B]), got {type(t).__name__} {t!r}")
+TIME_INPUTS = ("integer", "continuous")  # DDPM's integer timesteps; flow matching's real t = σ·T
+
+
+def _timesteps(t: torch.Tensor | int, batch: int, device: torch.device, time_input: str = "integer") -> torch.Tensor:
+    continuous = time_input == "continuous"
+    number = numbers.Real if continuous else numbers.Integral
+    if isinstance(t, bool) or not isinstance(t, (torch.Tensor, number)):
+        kind = "real numbers (a float or a Tensor [B])" if continuous else "integers (an int or a LongTensor [B])"
+        raise TypeError(f"timesteps must be {kind}, got {type(t).__name__} {t!r}")
     if not isinstance(t, torch.Tensor):
         t = torch.tensor([t], device=device)
     # a dtype check, not a value check: it holds under vmap/jvp. A float t would be embedded (and binned)
-    # between the integer levels the scheduler trains.
-    if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
-        raise TypeError(f"timesteps must be integer timesteps (a LongTensor), got dtype {t.dtype}")
+    # between the integer levels a DDPM scheduler trains.
+    if t.is_complex() or t.dtype == torch.bool or (t.is_floating_point() and not continuous):
+        raise TypeError(
+            f"timesteps must be integer timesteps (a LongTensor), got dtype {t.dtype}"
+            + ("; a flow-matching model takes real t = σ·T: MLPDenoiser(time_input='continuous')" if t.is_floating_point() else "")
+        )
     t = t.reshape(-1).to(device)
     if t.numel() == 1 and batch != 1:
         t = t.expand(batch)
@@ -66,12 +76,18 @@ class MLPDenoiser(nn.Module):
         depth: number of hidden layers.
         time_dim: width of the time embedding.
         film: FiLM-modulate every hidden layer by the time embedding.
+        time_input: "integer" (DDPM timesteps, a LongTensor; a float t is refused) or "continuous"
+            (flow matching's real t = σ·T in [0, T]).
 
     Shapes: ``forward(x_t [B, data_dim], t [B]) -> [B, data_dim]``.
     """
 
-    def __init__(self, data_dim: int = 2, hidden: int = 128, depth: int = 3, time_dim: int = 32, *, film: bool = False):
+    def __init__(self, data_dim: int = 2, hidden: int = 128, depth: int = 3, time_dim: int = 32, *, film: bool = False,
+                 time_input: str = "integer"):
         super().__init__()
+        if time_input not in TIME_INPUTS:
+            raise ValueError(f"time_input must be one of {TIME_INPUTS}, got {time_input!r}")
+        self.time_input = time_input
         if depth < 1 or hidden < 1 or data_dim < 1:
             raise ValueError(f"data_dim, hidden and depth must be positive, got {data_dim}, {hidden}, {depth}")
         if time_dim < 2 or time_dim % 2:
@@ -89,7 +105,7 @@ class MLPDenoiser(nn.Module):
         self.act = nn.SiLU()
 
     def forward(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        t = _timesteps(t, x_t.shape[0], x_t.device)
+        t = _timesteps(t, x_t.shape[0], x_t.device, self.time_input)
         emb = self.act(self.time_proj(sinusoidal_embedding(t, self.time_dim).to(x_t.dtype)))
         h = torch.cat([x_t, emb], dim=1)
         for i, layer in enumerate(self.layers):

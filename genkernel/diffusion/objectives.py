@@ -19,6 +19,17 @@ the ledger's loss weight (docs/ledger.md: w = ∂ℓ/∂f) is, for every predict
 Only y differs, and with it what w measures: the error of the predicted noise, of the
 predicted velocity, or of the predicted clean input. The ledger differentiates the loss that was
 really trained, so it needs no conversion between them (:func:`loss_weight` returns w).
+
+Flow matching (rectified flow, the objective of Stable Diffusion 3 and FLUX; diffusers'
+``FlowMatchEulerDiscreteScheduler``) is the other noise process handled here. Its level is the
+model's timestep t in [0, T] with σ = t / T, and
+
+    z_i = (1 − σ) x_n + σ ε,      y = ε − x_n                       ("flow": dz/dσ)
+
+as diffusers' flow-matching training scripts compute them (``noisy = (1 − σ) x + σ ε``,
+``target = noise − x``); log SNR = 2 log((1 − σ) / σ). Training levels are the scheduler's own
+grid of T timesteps (σ_i·T, shifted by ``shift``); a level between grid points (continuous-time
+training) is fine too. The loss and w are the same mean squared error.
 """
 
 from __future__ import annotations
@@ -27,13 +38,19 @@ import torch
 
 from ..core.adapter import targets_per_example
 
-PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")  # DDPM-family schedulers (alphas_cumprod)
+FLOW = "flow"  # the prediction type of a flow-matching scheduler: y = ε − x
 BETA_SCHEDULES = ("linear", "squaredcos_cap_v2")
 
 __all__ = [
     "PREDICTION_TYPES",
     "BETA_SCHEDULES",
     "make_scheduler",
+    "make_flow_scheduler",
+    "is_flow_matching",
+    "training_levels",
+    "noise_schedule_config",
+    "same_noise_schedule",
     "check_prediction_type",
     "check_timesteps",
     "training_target",
@@ -74,14 +91,102 @@ def make_scheduler(
     )
 
 
+def make_flow_scheduler(num_train_timesteps: int = 1000, shift: float = 1.0, **kwargs):
+    """A ``diffusers.FlowMatchEulerDiscreteScheduler``: flow matching with levels t = σ·T on its grid of
+    T timesteps (``shift`` > 1 moves the grid towards noise, as SD3's shift=3.0 does)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    if not isinstance(num_train_timesteps, int) or num_train_timesteps < 2:
+        raise ValueError(f"num_train_timesteps must be an int >= 2, got {num_train_timesteps!r}")
+    if not isinstance(shift, (int, float)) or isinstance(shift, bool) or not shift > 0:
+        raise ValueError(f"shift must be a positive number, got {shift!r}")
+    return FlowMatchEulerDiscreteScheduler(num_train_timesteps=num_train_timesteps, shift=float(shift), **kwargs)
+
+
+def is_flow_matching(scheduler) -> bool:
+    """Whether ``scheduler`` is a flow-matching scheduler (diffusers' ``FlowMatch*`` classes: sigmas and
+    no ``alphas_cumprod``)."""
+    return type(scheduler).__name__.startswith("FlowMatch") and not hasattr(scheduler, "alphas_cumprod")
+
+
+def _check_flow_config(scheduler) -> None:
+    if scheduler.config.get("use_dynamic_shifting"):
+        raise ValueError(
+            "the flow-matching scheduler has use_dynamic_shifting=True: its training levels depend on the image "
+            "resolution (mu), which the scheduler does not hold; build it with use_dynamic_shifting=False and "
+            "the shift your training uses (make_flow_scheduler(shift=...))"
+        )
+
+
+def training_levels(scheduler) -> tuple[torch.Tensor, torch.Tensor]:
+    """The levels a training example can take and their log SNR, least noise first.
+
+    Returns:
+        ``(levels [T], log_snr [T])`` on the CPU: for a DDPM-family scheduler the integer timesteps
+        0..T−1 (LongTensor) and log(ᾱ_t / (1 − ᾱ_t)); for a flow-matching scheduler the float32
+        timesteps σ·T of its training grid (the grid its constructor builds; ``set_timesteps`` for
+        sampling does not change it) and 2 log((1 − σ) / σ). log SNR is float64 and non-increasing,
+        −inf at a level of pure noise (ᾱ_t = 0, σ = 1).
+    """
+    check_prediction_type(scheduler)
+    if is_flow_matching(scheduler):
+        _check_flow_config(scheduler)
+        grid = type(scheduler).from_config(scheduler.config)  # a fresh copy: the training grid, not a sampling one
+        levels = grid.timesteps.detach().to("cpu", torch.float32).flip(0)
+        sigma = levels.to(torch.float64) / num_train_timesteps(scheduler)
+        return levels, 2 * (torch.log1p(-sigma) - torch.log(sigma))
+    # On the CPU: diffusers' add_noise moves the scheduler's alphas_cumprod to the samples' device
+    # for good, and levels are bookkeeping, not model work.
+    alphas = scheduler.alphas_cumprod.detach().to("cpu", torch.float64)
+    return torch.arange(alphas.numel()), torch.log(alphas / (1 - alphas).clamp_min(1e-300))
+
+
+SCHEDULE_KEYS = ("beta_schedule", "beta_start", "beta_end", "trained_betas", "rescale_betas_zero_snr")  # what sets ᾱ_t
+FLOW_SCHEDULE_KEYS = ("shift", "use_dynamic_shifting")  # what sets a flow-matching scheduler's training grid
+
+
+def noise_schedule_config(scheduler) -> dict:
+    """The scheduler's config entries that set its training levels (a DDPM-family scheduler's betas,
+    and so ᾱ_t; a flow-matching scheduler's shift), as plain values for a checkpoint."""
+    out = {"process": "flow_matching"} if is_flow_matching(scheduler) else {}
+    for key in FLOW_SCHEDULE_KEYS if out else SCHEDULE_KEYS:
+        value = scheduler.config.get(key)
+        listed = value is not None and not isinstance(value, (str, bool, int, float))  # trained_betas: a list or array
+        out[key] = [float(v) for v in value] if listed else value
+    return out
+
+
+def same_noise_schedule(ours, theirs) -> bool:
+    """Whether two schedulers train on the same levels with the same noise and target: the same kind
+    (DDPM-family or flow matching), prediction type and T, and ᾱ_t (or the flow grid's σ) equal to a
+    relative 1e-6 (compared on the CPU: training moves ᾱ_t to the model's device)."""
+    if is_flow_matching(ours) != is_flow_matching(theirs):
+        return False
+    try:
+        if check_prediction_type(theirs) != check_prediction_type(ours):
+            return False
+    except ValueError:
+        return False
+    if is_flow_matching(ours):
+        a, b = training_levels(ours)[0].double(), training_levels(theirs)[0].double()
+    else:
+        a = ours.alphas_cumprod.detach().to("cpu", torch.float64)
+        b = theirs.alphas_cumprod.detach().to("cpu", torch.float64)
+    return a.shape == b.shape and bool(torch.allclose(a, b, rtol=1e-6, atol=0))
+
+
 def check_prediction_type(scheduler) -> str:
     """The scheduler's prediction type; a ValueError naming the supported ones otherwise."""
     config = getattr(scheduler, "config", None)
+    if is_flow_matching(scheduler) and config is not None:
+        return FLOW
     kind = getattr(config, "prediction_type", None) if config is not None else None
-    if kind not in PREDICTION_TYPES:
+    if kind not in PREDICTION_TYPES or not hasattr(scheduler, "alphas_cumprod"):
         raise ValueError(
-            f"the scheduler's prediction_type is {kind!r}, which the diffusion analyzer does not handle; "
-            f"supported: {', '.join(PREDICTION_TYPES)} (make_scheduler(prediction_type=...))"
+            f"the scheduler ({type(scheduler).__name__}, prediction_type {kind!r}) is not one the diffusion "
+            f"analyzer handles: a DDPM-family scheduler with alphas_cumprod and prediction_type one of "
+            f"{', '.join(PREDICTION_TYPES)} (make_scheduler(prediction_type=...)), or a flow-matching "
+            "FlowMatchEulerDiscreteScheduler (make_flow_scheduler)"
         )
     return kind
 
@@ -91,8 +196,35 @@ def num_train_timesteps(scheduler) -> int:
 
 
 def check_timesteps(timesteps: torch.Tensor, scheduler, *, name: str = "timesteps") -> torch.Tensor:
-    """Return ``timesteps`` as a LongTensor[B] after checking they lie in [0, T)."""
+    """Return ``timesteps [B]`` after checking them: a DDPM-family scheduler's as a LongTensor of
+    integers in [0, T); a flow-matching scheduler's as given (floats or integers) in [0, T]."""
+    if is_flow_matching(scheduler):
+        return _flow_timesteps(timesteps, num_train_timesteps(scheduler), name)
     return _integer_timesteps(timesteps, num_train_timesteps(scheduler), name)
+
+
+def _flow_timesteps(timesteps: torch.Tensor, total: int, name: str) -> torch.Tensor:
+    """``timesteps [B]`` on its device after checking they are real numbers t in [0, T] (σ = t / T in [0, 1])."""
+    if not isinstance(timesteps, torch.Tensor) or timesteps.dim() != 1:
+        raise TypeError(f"{name} must be a 1-D Tensor [B] of timesteps t = σ·T, got "
+                        f"{getattr(timesteps, 'shape', type(timesteps).__name__)}")
+    if timesteps.is_complex() or timesteps.dtype == torch.bool:
+        raise TypeError(f"{name} must be real timesteps t = σ·T, got dtype {timesteps.dtype}")
+    if timesteps.numel():
+        values = timesteps.detach().to("cpu", torch.float64)
+        if not bool(torch.isfinite(values).all()) or float(values.min()) < 0 or float(values.max()) > total:
+            raise ValueError(
+                f"{name} of a flow-matching scheduler are t = σ·T and must lie in [0, {total}] (σ in [0, 1]); got "
+                f"values from {float(values.min()):g} to {float(values.max()):g} (pass timesteps, not sigmas: "
+                "scheduler.timesteps[indices], or sigmas * num_train_timesteps)"
+            )
+    return timesteps
+
+
+def _flow_sigmas(timesteps: torch.Tensor, total: int, like: torch.Tensor) -> torch.Tensor:
+    """σ = t / T shaped to broadcast over ``like [B, *shape]``, in its dtype (computed in float64)."""
+    sigma = (timesteps.to(torch.float64) / total).to(device=like.device, dtype=like.dtype)
+    return sigma.reshape(-1, *([1] * (like.dim() - 1)))
 
 
 def _integer_timesteps(timesteps: torch.Tensor, total: int, name: str) -> torch.Tensor:
@@ -110,7 +242,7 @@ def _integer_timesteps(timesteps: torch.Tensor, total: int, name: str) -> torch.
 
 
 def _check_state(scheduler, clean: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
-    """``timesteps`` as a LongTensor[B] after checking them (dtype, [0, T)) and the shapes of ``clean``/``noise``."""
+    """``timesteps [B]`` after checking them (:func:`check_timesteps`) and the shapes of ``clean``/``noise``."""
     if not isinstance(clean, torch.Tensor) or not isinstance(noise, torch.Tensor) or clean.dim() < 1:
         raise TypeError("clean inputs and noise must be Tensors [B, *shape]")
     if clean.shape != noise.shape:
@@ -125,10 +257,13 @@ def _check_state(scheduler, clean: torch.Tensor, noise: torch.Tensor, timesteps:
 
 
 def training_target(scheduler, clean: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
-    """The regression target y ``[B, *shape]`` for ``clean``, ``noise`` ``[B, *shape]`` and ``timesteps`` LongTensor[B]
-    in [0, T): ε, x, or v = sqrt(ᾱ_t) ε − sqrt(1 − ᾱ_t) x (``scheduler.get_velocity``)."""
+    """The regression target y ``[B, *shape]`` for ``clean``, ``noise`` ``[B, *shape]`` and ``timesteps [B]``
+    (:func:`check_timesteps`): ε, x, or v = sqrt(ᾱ_t) ε − sqrt(1 − ᾱ_t) x (``scheduler.get_velocity``); under
+    flow matching ε − x."""
     kind = check_prediction_type(scheduler)
     timesteps = _check_state(scheduler, clean, noise, timesteps)
+    if kind == FLOW:
+        return noise - clean
     if kind == "epsilon":
         return noise
     if kind == "sample":
@@ -138,8 +273,12 @@ def training_target(scheduler, clean: torch.Tensor, noise: torch.Tensor, timeste
 
 def noisy_input(scheduler, clean: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
     """z = sqrt(ᾱ_t) x + sqrt(1 − ᾱ_t) ε ``[B, *shape]``, computed by ``scheduler.add_noise`` in ``clean``'s
-    dtype (``timesteps``: LongTensor[B] in [0, T))."""
+    dtype (``timesteps``: LongTensor[B] in [0, T)); under flow matching z = (1 − σ) x + σ ε with
+    σ = t / T (``timesteps [B]`` in [0, T])."""
     timesteps = _check_state(scheduler, clean, noise, timesteps)
+    if is_flow_matching(scheduler):
+        sigma = _flow_sigmas(timesteps, num_train_timesteps(scheduler), clean)
+        return (1 - sigma) * clean + sigma * noise
     return scheduler.add_noise(clean, noise, timesteps)
 
 
@@ -211,15 +350,23 @@ class NoiseBins:
     put 4 of 10 bins of a linear schedule where sqrt(ᾱ_t) <= 0.12, inputs that are nearly pure
     noise). ``spacing="timestep"``: equal widths in t, ``floor(t · G / T)``. Either way bin 0 holds
     the least noise and a bin is a contiguous range of timesteps. The log-SNR bins span the finite
-    log SNR: a zero-terminal-SNR schedule (``rescale_betas_zero_snr=True``, ᾱ_{T−1} = 0) puts its
-    last timestep, at log SNR −∞, in the last bin.
+    log SNR of the training levels (:func:`training_levels`): a zero-terminal-SNR schedule
+    (``rescale_betas_zero_snr=True``, ᾱ_{T−1} = 0) puts its last timestep, at log SNR −∞, in the last
+    bin, and so does flow matching its level t = T (σ = 1).
+
+    Under flow matching a level is any real t in [0, T]: the edges are real numbers (the log-SNR
+    boundaries mapped to t = T σ, σ = 1 / (1 + exp(λ / 2))), levels below the first boundary join
+    bin 0 and levels beyond the last join the last bin, and a bin's centre is the level at the
+    middle of its log-SNR range (between grid points, as continuous-time training visits them).
 
     Attributes:
-        edges: ``LongTensor[G + 1]`` the first timestep of every bin, then T.
-        centers: ``LongTensor[G]`` the probe level of every bin: the timestep whose log SNR is
-            nearest the middle of the bin's range (``"log_snr"``), or the middle timestep.
+        edges: ``Tensor[G + 1]`` the first timestep of every bin, then T (DDPM: a LongTensor; flow
+            matching: float64, the first 0 and the last T, inclusive).
+        centers: ``Tensor[G]`` the probe level of every bin: the timestep whose log SNR is
+            nearest the middle of the bin's range (``"log_snr"``), or the middle timestep (DDPM: a
+            LongTensor; flow matching: float32, as the scheduler's timesteps).
         log_snr: ``Tensor[G + 1]`` log SNR at the bins' edges (their ends: ``log_snr[g]`` at
-            ``edges[g]``, the last at ``T − 1``).
+            ``edges[g]``, the first at the least noisy training level, the last at the noisiest).
     """
 
     def __init__(self, scheduler, num_bins: int, spacing: str = "log_snr"):
@@ -229,22 +376,23 @@ class NoiseBins:
         if isinstance(num_bins, bool) or not isinstance(num_bins, int) or not 1 <= num_bins <= total:
             raise ValueError(f"num_bins must be an int in [1, {total}] (num_train_timesteps), got {num_bins!r}")
         self.num_bins, self.total, self.spacing = num_bins, total, spacing
-        # On the CPU: diffusers' add_noise moves the scheduler's alphas_cumprod to the samples'
-        # device for good, and the bins are bookkeeping, not model work.
-        alphas = scheduler.alphas_cumprod.detach().to("cpu", torch.float64)
-        snr = torch.log(alphas / (1 - alphas).clamp_min(1e-300))  # decreasing in t; -inf where ᾱ_t = 0
-        self.snr_of_t = snr
-        if spacing == "timestep":
+        self.flow = is_flow_matching(scheduler)
+        levels, snr = training_levels(scheduler)
+        self.snr_of_t = snr  # at the training levels (DDPM: indexed by t)
+        finite = snr[torch.isfinite(snr)]
+        if spacing == "log_snr" and finite.numel() == 0:
+            raise ValueError("the scheduler's alphas_cumprod has no level with ᾱ_t > 0: use bin_spacing='timestep'")
+        # The bins span the finite range: a zero-terminal-SNR schedule (rescale_betas_zero_snr=True)
+        # has ᾱ_{T-1} = 0 and log SNR -inf there, which spread over the bins put every other
+        # timestep in bin 0 and one timestep in each other bin. Levels at -inf join the last bin.
+        bounds = None if spacing == "timestep" else torch.linspace(
+            float(finite.max()), float(finite.min()), num_bins + 1, dtype=torch.float64)
+        if self.flow:
+            self._flow_bins(levels, snr, bounds)
+        elif spacing == "timestep":
             self.edges = bin_edges(num_bins, total)
             self.centers = bin_centers(num_bins, total)
         else:
-            finite = snr[torch.isfinite(snr)]
-            if finite.numel() == 0:
-                raise ValueError("the scheduler's alphas_cumprod has no level with ᾱ_t > 0: use bin_spacing='timestep'")
-            # The bins span the finite range: a zero-terminal-SNR schedule (rescale_betas_zero_snr=True)
-            # has ᾱ_{T-1} = 0 and log SNR -inf there, which spread over the bins put every other
-            # timestep in bin 0 and one timestep in each other bin. Levels at -inf join the last bin.
-            bounds = torch.linspace(float(finite.max()), float(finite.min()), num_bins + 1, dtype=torch.float64)
             edges = [0]
             for g in range(1, num_bins):
                 # the first timestep whose log SNR has fallen to or below the bin's boundary
@@ -258,10 +406,32 @@ class NoiseBins:
                 ts = torch.arange(int(self.edges[g]), int(self.edges[g + 1]))
                 centers.append(int(ts[(snr[ts] - middles[g]).abs().argmin()]))
             self.centers = torch.tensor(centers, dtype=torch.long)
-        self.log_snr = torch.cat([snr[self.edges[:-1]], snr[-1:]])
+        if not self.flow:
+            self.log_snr = torch.cat([snr[self.edges[:-1]], snr[-1:]])
+
+    def _flow_bins(self, levels: torch.Tensor, snr: torch.Tensor, bounds: torch.Tensor | None) -> None:
+        """Edges, centres and log SNR of flow-matching bins over levels t in [0, T]."""
+        total, g = self.total, self.num_bins
+        if bounds is None:  # equal widths of t
+            self.edges = torch.linspace(0.0, float(total), g + 1, dtype=torch.float64)
+            middles = (self.edges[:-1] + self.edges[1:]) / 2
+        else:  # equal widths of log SNR, mapped to t = T σ(λ)
+            inner = total * torch.sigmoid(-bounds[1:-1] / 2)
+            self.edges = torch.cat([torch.zeros(1, dtype=torch.float64), inner,
+                                    torch.full((1,), float(total), dtype=torch.float64)])
+            middles = total * torch.sigmoid(-(bounds[:-1] + bounds[1:]) / 4)
+        self.centers = middles.to(torch.float32)
+        sigma = self.edges[1:-1] / total
+        inner_snr = 2 * (torch.log1p(-sigma) - torch.log(sigma))
+        self.log_snr = torch.cat([snr[:1], inner_snr, snr[-1:]])
 
     def __call__(self, timesteps: torch.Tensor) -> torch.Tensor:
-        """``LongTensor[B]`` the bin of every timestep (``timesteps``: integers in [0, T))."""
+        """``LongTensor[B]`` the bin of every timestep (``timesteps``: integers in [0, T); under flow
+        matching real numbers in [0, T])."""
+        if self.flow:
+            t = _flow_timesteps(timesteps, self.total, "timesteps").detach().to("cpu", torch.float64)
+            bins = (torch.searchsorted(self.edges, t, right=True) - 1).clamp(0, self.num_bins - 1)
+            return bins.to(timesteps.device)
         t = _check_in_range(timesteps, self.total)
         return (torch.searchsorted(self.edges, t, right=True) - 1).to(timesteps.device)
 

@@ -29,7 +29,7 @@ from torch import nn
 from .kernels import eval_mode, state_kernel
 from ..core.adapter import as_tuple
 from ..core.grouping import measured_minus_control
-from .objectives import check_timesteps, noisy_input
+from .objectives import check_timesteps, is_flow_matching, noisy_input
 from .trainer import reverse_sample
 
 __all__ = ["RetrievalResult", "retrieval_attribution", "normalized_entropy", "top_weight_share"]
@@ -127,7 +127,8 @@ def retrieval_attribution(
 
     Args:
         train_data: ``[N, *shape]`` clean training inputs (a subset is fine; N sets the cost).
-        stages: integer reverse timesteps in [0, T) to analyse (a list, Tensor or array; snapped to
+        stages: integer reverse timesteps in [0, T) to analyse (flow matching: real t = σ·T in [0, T],
+            the states then kept at the sampler's float timesteps) (a list, Tensor or array; snapped to
             the sampler's steps, where two may become one); default ``num_stages`` evenly spaced from
             the noisiest to the cleanest.
         output_sketch: None for the exact kernel, V directions for images.
@@ -174,7 +175,7 @@ def retrieval_attribution(
     stages = check_timesteps(stages, scheduler, name="stages").tolist()
     param = next(model.parameters())
     if not extra:
-        _check_unconditional_call(model, train_data.to(param))
+        _check_unconditional_call(model, train_data.to(param), torch.float32 if is_flow_matching(scheduler) else torch.long)
     samples, kept = reverse_sample(
         model, scheduler, (num_samples, *train_data.shape[1:]), num_inference_steps=num_inference_steps, seed=seed,
         keep=stages, sampler=sampler, step_kwargs=step_kwargs, conditioning=conditioning,
@@ -188,11 +189,12 @@ def retrieval_attribution(
         return tuple(c.to(device=param.device, dtype=param.dtype if c.is_floating_point() else c.dtype) for c in tensors)
 
     extra, train_extra = on_device(extra), on_device(train_extra)
+    level_dtype = torch.float32 if is_flow_matching(scheduler) else torch.long  # the model's timesteps, as sampled
     kernels, states = [], []
     for s in order:
         x_s = kept[s]
-        t_samples = torch.full((num_samples,), s, dtype=torch.long, device=param.device)
-        t_train = torch.full((n,), s, dtype=torch.long, device=param.device)
+        t_samples = torch.full((num_samples,), s, dtype=level_dtype, device=param.device)
+        t_train = torch.full((n,), s, dtype=level_dtype, device=param.device)
         z_train = noisy_input(scheduler, clean, noise, t_train)
         with eval_mode(model):  # as sampled (reverse_sample runs the model in eval mode)
             kernels.append(state_kernel(model, (x_s, t_samples, *extra), (z_train, t_train, *train_extra),
@@ -208,11 +210,11 @@ def retrieval_attribution(
     )
 
 
-def _check_unconditional_call(model: nn.Module, train_data: torch.Tensor) -> None:
+def _check_unconditional_call(model: nn.Module, train_data: torch.Tensor, level_dtype: torch.dtype) -> None:
     """Call ``model(x, t)`` on one training row (no gradient, eval mode): a conditional model fails
     there in its own words ("missing argument", diffusers' "class_labels should be provided"), which
     are kept, followed by the arguments that fix it."""
-    t = torch.zeros(1, dtype=torch.long, device=train_data.device)
+    t = torch.zeros(1, dtype=level_dtype, device=train_data.device)
     try:
         with torch.no_grad(), eval_mode(model):
             model(train_data[:1], t)

@@ -1,4 +1,4 @@
-"""A small DDPM trainer on diffusers parts, with the shared callback protocol.
+"""A small DDPM (or flow-matching) trainer on diffusers parts, with the shared callback protocol.
 
 Every update is built as an :class:`~genkernel.core.tracking.step.OptimizerStep` and run through
 :func:`~genkernel.core.tracking.callbacks.perform_step`, so an analyzer (a
@@ -11,8 +11,10 @@ One step (docs/diffusion.md):
 
 1. a batch of clean inputs x_n (and class labels y_n, if any): from Tensor data an epoch-wise
    permutation, from a DataLoader (or any re-iterable of batches) its next batch;
-2. timesteps t ~ U{0, …, T−1} and noise ε ~ N(0, I);
-3. z = sqrt(ᾱ_t) x + sqrt(1 − ᾱ_t) ε (``scheduler.add_noise``) and the target y (ε, v or x);
+2. timesteps t uniform over the T training levels (DDPM: t ~ U{0, …, T−1}; flow matching: the
+   scheduler's grid t = σ·T) and noise ε ~ N(0, I);
+3. z = sqrt(ᾱ_t) x + sqrt(1 − ᾱ_t) ε (``scheduler.add_noise``) and the target y (ε, v or x); under
+   flow matching z = (1 − σ) x + σ ε and y = ε − x (:mod:`~genkernel.diffusion.objectives`);
 4. ``OptimizerStep(model(z, t[, y]), diffusion_loss, info={"timesteps": t, "class_labels": y, ...})``
    through the callbacks.
 
@@ -57,7 +59,10 @@ from ..core.tracking.io import (
 )
 from ..core.tracking.step import OptimizerStep
 from ..logging import LoggingCallback
-from .objectives import check_prediction_type, diffusion_loss, noisy_input, num_train_timesteps, training_target
+from .objectives import (
+    check_prediction_type, diffusion_loss, is_flow_matching, noise_schedule_config, noisy_input, num_train_timesteps,
+    same_noise_schedule, training_levels, training_target,
+)
 
 OPTIMIZERS = ("adam", "adamw", "sgd")
 IMAGE_KEYS = ("images", "pixel_values", "input")  # where a dict batch holds its clean inputs ("input": diffusers' example)
@@ -137,26 +142,15 @@ def _order_generators(data: Any) -> list[torch.Generator]:
     return found
 
 
-SCHEDULE_KEYS = ("beta_schedule", "beta_start", "beta_end", "trained_betas", "rescale_betas_zero_snr")  # what sets ᾱ_t
-
-
-def _noise_schedule(scheduler) -> dict[str, Any]:
-    """The scheduler's config entries that set its betas (and so ᾱ_t), as plain values for a checkpoint."""
-    out = {}
-    for key in SCHEDULE_KEYS:
-        value = scheduler.config.get(key)
-        listed = value is not None and not isinstance(value, (str, bool, int, float))  # trained_betas: a list or array
-        out[key] = [float(v) for v in value] if listed else value
-    return out
-
-
 class DDPMTrainer:
     """Trains a denoiser ``model(x_t, t)`` (or ``model(x_t, t, y)``) with a ``diffusers.DDPMScheduler``.
 
     Args:
         model: the denoiser (:class:`~genkernel.diffusion.models.MLPDenoiser`,
             :func:`~genkernel.diffusion.models.tiny_unet`, or any module called as ``model(x_t, t)``).
-        scheduler: a ``DDPMScheduler`` (``make_scheduler``); its ``prediction_type`` chooses the target.
+        scheduler: a ``DDPMScheduler`` (``make_scheduler``), whose ``prediction_type`` chooses the
+            target, or a ``FlowMatchEulerDiscreteScheduler`` (``make_flow_scheduler``: flow matching,
+            target ε − x; the model then gets float timesteps t = σ·T).
         data: ``Tensor[N, *shape]`` clean training inputs (points ``[N, 2]`` or images ``[N, C, H, W]``),
             or a ``torch.utils.data.DataLoader`` / any re-iterable of batches (:func:`split_batch`);
             every epoch restarts it. See the module docstring for what a checkpoint reproduces.
@@ -217,6 +211,7 @@ class DDPMTrainer:
         self.prediction_type = check_prediction_type(scheduler)
         self.model = model
         self.scheduler = scheduler
+        self.levels = training_levels(scheduler)[0]  # what a training timestep can be: DDPM 0..T-1, flow σ·T
         self.conditional = bool(conditional)
         self.shuffle = bool(shuffle)
         param = next(model.parameters())
@@ -310,7 +305,7 @@ class DDPMTrainer:
         """
         batch = self._tensor_batch() if isinstance(self.data, torch.Tensor) else self._iterable_batch()
         clean = batch["clean"]
-        timesteps = torch.randint(0, self.num_train_timesteps, (clean.shape[0],), generator=self.generator)
+        timesteps = self.levels[torch.randint(0, self.num_train_timesteps, (clean.shape[0],), generator=self.generator)]
         noise = torch.randn(clean.shape, generator=self.generator, dtype=torch.float64).to(clean)
         timesteps = timesteps.to(clean.device)
         batch.update(
@@ -550,8 +545,8 @@ class DDPMTrainer:
             "optimizer": type(self.optimizer).__name__,
             "max_grad_norm": float(self.max_grad_norm),
             "num_train_timesteps": self.num_train_timesteps,
-            "prediction_type": self.scheduler.config.prediction_type,
-            "noise_schedule": _noise_schedule(self.scheduler),
+            "prediction_type": self.prediction_type,
+            "noise_schedule": noise_schedule_config(self.scheduler),
         }
 
     def state_dict(self) -> dict[str, Any]:
@@ -641,19 +636,22 @@ def make_sampler(scheduler, sampler: Any = None):
     """A private sampling scheduler on ``scheduler``'s noise schedule.
 
     Args:
-        scheduler: the training ``DDPMScheduler``.
-        sampler: None (``DDPMScheduler``: ancestral sampling); a diffusers scheduler class
+        scheduler: the training ``DDPMScheduler`` (or ``FlowMatchEulerDiscreteScheduler``).
+        sampler: None (``DDPMScheduler``: ancestral sampling; under flow matching the training
+            scheduler's own class: Euler steps of the flow); a diffusers scheduler class
             (``DDIMScheduler``, ...), built by ``from_config`` from the entries of the training
             scheduler's config that the class takes; or a scheduler instance, copied with its own
             settings (DDIM's ``timestep_spacing``, ...), which must share the training noise schedule.
 
     Returns:
-        A new scheduler whose ``alphas_cumprod`` and ``prediction_type`` are the training scheduler's
-        (``set_timesteps`` on it touches neither ``scheduler`` nor ``sampler``).
+        A new scheduler whose ``alphas_cumprod`` (flow matching: training grid) and prediction type
+        are the training scheduler's (``set_timesteps`` on it touches neither ``scheduler`` nor
+        ``sampler``).
     """
     from diffusers import DDPMScheduler
 
-    sampler = DDPMScheduler if sampler is None else sampler
+    if sampler is None:
+        sampler = type(scheduler) if is_flow_matching(scheduler) else DDPMScheduler
     cls = sampler if isinstance(sampler, type) else type(sampler)
     if not (hasattr(cls, "from_config") and hasattr(cls, "step") and hasattr(cls, "set_timesteps")):
         raise TypeError(f"sampler must be a diffusers scheduler class or instance (DDIMScheduler, ...), got {cls.__name__}")
@@ -662,18 +660,11 @@ def make_sampler(scheduler, sampler: Any = None):
         out = cls.from_config({key: value for key, value in scheduler.config.items() if key in accepted})
     else:
         out = cls.from_config(sampler.config)
-    # Compared on the CPU: training moves the scheduler's alphas_cumprod to the model's device.
-    ours, theirs = scheduler.alphas_cumprod.detach().to("cpu", torch.float64), getattr(out, "alphas_cumprod", None)
-    same = (
-        isinstance(theirs, torch.Tensor) and theirs.shape == ours.shape
-        and torch.allclose(theirs.detach().to("cpu", torch.float64), ours, rtol=1e-6, atol=0)
-        and getattr(out.config, "prediction_type", None) == scheduler.config.prediction_type
-    )
-    if not same:
+    if not same_noise_schedule(scheduler, out):
         raise ValueError(
-            f"the sampler {cls.__name__} does not use the training scheduler's noise schedule (alphas_cumprod) and "
-            f"prediction type {scheduler.config.prediction_type!r}: pass the class, or build the instance with "
-            f"{cls.__name__}.from_config(scheduler.config)"
+            f"the sampler {cls.__name__} does not use the training scheduler's noise schedule (alphas_cumprod, or a "
+            f"flow-matching grid) and prediction type {check_prediction_type(scheduler)!r}: pass the class, or build "
+            f"the instance with {cls.__name__}.from_config(scheduler.config)"
         )
     return out
 
@@ -701,26 +692,29 @@ def reverse_sample(
             (``sampler.scale_model_input(x_t, t)``: x_t itself for DDPM and DDIM); a requested t that
             is not a reverse step of this schedule is snapped to the nearest one, which must be an
             integer timestep (a sampler's fractional one, EulerDiscreteScheduler with
-            ``timestep_spacing="linspace"``, is refused: ValueError).
-        sampler: None (DDPM ancestral sampling) or a diffusers scheduler class or instance such as
-            ``DDIMScheduler`` (:func:`make_sampler`).
+            ``timestep_spacing="linspace"``, is refused: ValueError). Under flow matching a level is
+            any real t = σ·T: states are kept at the sampler's own float timesteps, keyed by them.
+        sampler: None (DDPM ancestral sampling; flow matching: Euler steps of the flow) or a
+            diffusers scheduler class or instance such as ``DDIMScheduler`` (:func:`make_sampler`).
         step_kwargs: extra arguments of the sampler's ``step``: ``{"eta": 1.0}`` for DDIM, whose
             default ``eta=0`` makes sampling a deterministic function of the initial noise.
         conditioning: extra model inputs with S rows (class labels) for ``model(x_t, t, *conditioning)``.
 
     Returns:
-        ``(x_0 samples [S, *shape[1:]], {t: state [S, *shape[1:]]})``, keyed by the steps used.
+        ``(x_0 samples [S, *shape[1:]], {t: state [S, *shape[1:]]})``, keyed by the steps used (int
+        timesteps; under flow matching float ones).
     """
     sampler = make_sampler(scheduler, sampler)
     sampler.set_timesteps(num_inference_steps or num_train_timesteps(scheduler))
+    flow = is_flow_matching(scheduler)
     times = [float(t) for t in sampler.timesteps]
-    steps = [int(t) for t in times]
+    steps = times if flow else [int(t) for t in times]
     # Indices of the reverse steps whose states are kept: each requested t snapped to the nearest
     # of the sampler's own timesteps (the first, noisiest, on a tie).
     wanted = set()
     for t in keep or ():
         index = min(range(len(times)), key=lambda i: abs(times[i] - float(t)))
-        if times[index] != steps[index]:
+        if not flow and times[index] != steps[index]:
             # A fractional timestep (EulerDiscreteScheduler with timestep_spacing="linspace", ...): the
             # state is at noise level times[index], the model was evaluated there, but the key and every
             # kernel read at it (retrieval stages, noisy training inputs) are integer timesteps.
@@ -741,13 +735,15 @@ def reverse_sample(
     kwargs = dict(step_kwargs or {})
     if "generator" in inspect.signature(sampler.step).parameters:
         kwargs["generator"] = generator
-    x = torch.randn(tuple(shape), generator=generator, dtype=torch.float64).to(param) * sampler.init_noise_sigma
-    kept: dict[int, torch.Tensor] = {}
+    # A flow-matching sampler starts at σ = 1 (pure noise, scale 1) and gives the model x_t itself.
+    x = torch.randn(tuple(shape), generator=generator, dtype=torch.float64).to(param) * getattr(sampler, "init_noise_sigma", 1.0)
+    scale_input = getattr(sampler, "scale_model_input", lambda sample, timestep: sample)
+    kept: dict[float, torch.Tensor] = {}
     was_training = model.training
     model.eval()
     try:
         for index, (t, step) in enumerate(zip(sampler.timesteps, steps)):
-            state = sampler.scale_model_input(x, t)
+            state = scale_input(x, t)
             if index in wanted:
                 kept[step] = state.clone()
             timestep = t.to(x.device).repeat(x.shape[0])

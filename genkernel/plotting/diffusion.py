@@ -60,7 +60,7 @@ def _heat(ax, matrix, levels, title, *, diverging=False, kappa=None, vmin=None, 
     ax.set_xlabel("training level t (bin)")
     ax.set_ylabel("probe level s (timestep)")
     ax.set_yticks(range(len(levels)))
-    ax.set_yticklabels([str(v) for v in levels], fontsize=7)
+    ax.set_yticklabels([f"{v:g}" for v in levels], fontsize=7)
     ax.set_title(title, fontsize=9)
     if kappa is not None:
         for i, k in enumerate(_arr(kappa)):

@@ -77,7 +77,7 @@ def noise_matrix_figure(summary: Mapping[str, Any]) -> Figure:
     share_max = _finite_absmax(mats["share"], mats.get("share_control"))
     for ax, (key, title, diverging) in zip(axes, panels):
         _heatmap(fig, ax, mats[key], title, diverging=diverging, limit=share_max if diverging else traffic_max,
-                 rows=[f"t={t}" for t in levels], xlabel="training bin", ylabel="probe level")
+                 rows=[f"t={t:g}" for t in levels], xlabel="training bin", ylabel="probe level")
     return fig
 
 
@@ -99,7 +99,7 @@ def locality_figure(summary: Mapping[str, Any]) -> Figure:
             high = np.array([_nan((r[kind].get("interval") or [None, None])[1]) for r in per_level])
             ax.errorbar(x + offset, mid, yerr=[mid - low, high - mid], fmt="o", color=colour, capsize=3,
                         label="traffic" if kind == "traffic" else "net share")
-        ax.set_xticks(x, [f"t={r['level']}" for r in per_level])
+        ax.set_xticks(x, [f"t={r['level']:g}" for r in per_level])
         ax.legend(fontsize=7)
     else:
         why = "no locality band recorded" if loc["band"] is None else "no control partition"
@@ -130,7 +130,7 @@ def locality_figure(summary: Mapping[str, Any]) -> Figure:
     x = np.arange(len(levels))
     ax.bar(x - 0.2, _array(mats["kappa"]), width=0.4, color="C2")
     ax.set_ylabel("κ (mean over the level's probes)", fontsize=8)
-    ax.set_xticks(x, [f"t={t}" for t in levels])
+    ax.set_xticks(x, [f"t={t:g}" for t in levels])
     twin = ax.twinx()
     residual = _array(mats["residual"])
     twin.bar(x + 0.2, np.where(np.isfinite(residual) & (residual > 0), residual, np.nan), width=0.4, color="C3", label="relative residual")

@@ -155,7 +155,7 @@ def _diffusion_section(s: Mapping[str, Any], animate: bool) -> str:
     parts = [f"<h3>What this run supports</h3>{_claims(s['claims'])}"]
     ledger = s["ledger"]
     levels = s["top_groups_by_level"]
-    level_rows = [[f"t={r['level']} (bin {r['bin']})",
+    level_rows = [[f"t={r['level']:g} (bin {r['bin']})",
                    "; ".join(f"bin {g['group']} {_fmt(g['traffic_share'], 2)} / {_fmt(g['net_share'], 2)}" for g in r["top_groups"]),
                    r["kappa"]] for r in levels]
     parts.append("<h2>Noise level × noise level</h2>")
@@ -167,7 +167,7 @@ def _diffusion_section(s: Mapping[str, Any], animate: bool) -> str:
         "<h3>The ledger</h3>" + _ledger_numbers(ledger)
         + "<h3>Top training bins per probe level</h3>" + _table(level_rows, ["probe level", "traffic share / net share", "mean κ"])))
     loc = s["locality"]
-    per_level = [[f"t={r['level']}", _fmt(r["traffic"].get("difference")),
+    per_level = [[f"t={r['level']:g}", _fmt(r["traffic"].get("difference")),
                   f"[{_fmt(r['traffic']['interval'][0])}, {_fmt(r['traffic']['interval'][1])}]",
                   _fmt(r["share"].get("difference")),
                   f"[{_fmt(r['share']['interval'][0])}, {_fmt(r['share']['interval'][1])}]"]

@@ -93,6 +93,12 @@ def _num(value: Any) -> float | None:
     return value if math.isfinite(value) else None
 
 
+def _level(value: Any) -> int | float:
+    """A level as JSON shows it: an int for a DDPM timestep, a float for a real flow-matching level."""
+    value = float(value)
+    return int(value) if value.is_integer() else value
+
+
 def _median(values: torch.Tensor) -> float | None:
     return _num(nan_median(values[torch.isfinite(values)]))
 
@@ -162,8 +168,10 @@ def _diffusion(state: Mapping[str, Any], top: int) -> dict[str, Any]:
     config = state["config"]
     num_bins = int(config["num_bins"])
     controls = [name for name in ledgers if name.startswith("control_")]
-    timesteps = torch.tensor(config["probe_timesteps"], dtype=torch.long)
-    edges = torch.tensor(config["bin_edges"], dtype=torch.long)
+    # flow matching: real levels and edges (t = σ·T); DDPM: integers, exact in float64 too
+    flow = config.get("noise_process") == "flow_matching"
+    timesteps = torch.tensor(config["probe_timesteps"], dtype=torch.float64)
+    edges = torch.tensor(config["bin_edges"], dtype=torch.float64)
     levels, probe_level = torch.unique(timesteps, return_inverse=True)  # rows: probe levels, ascending
     num_levels = levels.numel()
     probe_bins = (torch.searchsorted(edges, timesteps, right=True) - 1).clamp(0, num_bins - 1)
@@ -204,7 +212,7 @@ def _diffusion(state: Mapping[str, Any], top: int) -> dict[str, Any]:
         locality["traffic"] = grouping.measured_minus_control(traffic_band, traffic_c)
         locality["share"] = grouping.measured_minus_control(share_band, share_c)
         locality["per_level"] = [
-            {"level": int(levels[i]), "bin": int(level_bins[i]),
+            {"level": _level(levels[i]), "bin": int(level_bins[i]),
              "traffic": grouping.measured_minus_control(traffic_band[rows], traffic_c[:, rows]),
              "share": grouping.measured_minus_control(share_band[rows], share_c[:, rows])}
             for i in range(num_levels) for rows in [probe_level == i]
@@ -212,14 +220,17 @@ def _diffusion(state: Mapping[str, Any], top: int) -> dict[str, Any]:
     else:
         locality["traffic"] = {"measured": _num(grouping.band_total(traffic, probe_bins, band).nanmean())}
         locality["share"] = {"measured": _num(grouping.band_total(share, probe_bins, band).nanmean())}
-    bin_names = [f"bin {g} (t {int(edges[g])}–{int(edges[g + 1]) - 1})" for g in range(num_bins)]
+    if flow:  # a bin of real levels: [edge, next edge), the last one closed at T
+        bin_names = [f"bin {g} (t {float(edges[g]):.4g}–{float(edges[g + 1]):.4g})" for g in range(num_bins)]
+    else:
+        bin_names = [f"bin {g} (t {int(edges[g])}–{int(edges[g + 1]) - 1})" for g in range(num_bins)]
     ledger = ledger_summary(measured, top=top, group_names=bin_names,
-                            probe_names=[f"level t={int(t)}" for t in timesteps.tolist()])
+                            probe_names=[f"level t={_level(t):g}" for t in timesteps.tolist()])
     top_by_level = []
     for i in range(num_levels):
         row = matrices["traffic"][i]
         order = torch.argsort(torch.nan_to_num(row, nan=-1.0), descending=True, stable=True)[:top]
-        top_by_level.append({"level": int(levels[i]), "bin": int(level_bins[i]), "kappa": _num(matrices["kappa"][i]),
+        top_by_level.append({"level": _level(levels[i]), "bin": int(level_bins[i]), "kappa": _num(matrices["kappa"][i]),
                              "top_groups": [{"group": int(g), "name": bin_names[int(g)],
                                              "traffic_share": _num(row[g]), "net_share": _num(matrices["share"][i, g])}
                                             for g in order.tolist()]})
@@ -254,8 +265,8 @@ def _diffusion(state: Mapping[str, Any], top: int) -> dict[str, Any]:
     return jsonable({
         "kind": "diffusion", "format": state["format"],
         "settings": {
-            "num_bins": num_bins, "bin_edges": edges, "controls": len(controls), "band": band,
-            "probe_levels": levels, "probe_level_bins": level_bins, "num_probes": int(timesteps.numel()),
+            "num_bins": num_bins, "bin_edges": [_level(e) for e in edges], "controls": len(controls), "band": band,
+            "probe_levels": [_level(t) for t in levels], "probe_level_bins": level_bins, "num_probes": int(timesteps.numel()),
             "quadrature": tracker.get("quadrature"), "group_state": tracker.get("group_state"),
             **_identity(tracker),
         },
