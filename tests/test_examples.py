@@ -106,3 +106,24 @@ def test_bf16_mixed_precision_is_refused_before_any_step_with_the_library_messag
     finally:
         handle.remove()
     assert steps == []
+
+
+def test_the_flow_matching_objective_keeps_exact_ledgers_and_trains_as_without_the_analyzer(image_folder, tmp_path):
+    # SD3's recipe: FlowMatchEulerDiscreteScheduler(shift=3), its timestep density and cosmap loss weights
+    flow = ("--objective", "flow_matching", "--flow_shift", "3.0", "--weighting_scheme", "cosmap")
+    analyzed = run(image_folder, tmp_path / "analyzed", *flow)
+    analyzer = analyzed["analyzer"]
+    assert analyzed["global_step"] == 4 and analyzer.ledger.steps == 4
+    for name, ledger in analyzer.ledgers.items():
+        assert_identity(ledger, name)
+    assert analyzer.ledger.relative_residual() < 1e-3
+    assert_identity(analyzer.ema_ledgers["level"], "ema")
+    report = json.loads((tmp_path / "analyzed" / "genkernel_report.json").read_text(),
+                        parse_constant=lambda name: pytest.fail(f"{name} in the report"))
+    assert report["config"]["prediction_type"] == "flow" and report["config"]["noise_schedule"]["shift"] == 3.0
+    assert any(not float(level).is_integer() for level in report["config"]["probe_levels"])  # real levels t = σ·T
+    assert (tmp_path / "analyzed" / "scheduler").is_dir() and (tmp_path / "analyzed" / "unet").is_dir()
+
+    bare = run(image_folder, tmp_path / "bare", "--no-analyze", *flow)
+    assert all(torch.equal(p, q) for p, q in zip(analyzed["model"].parameters(), bare["model"].parameters()))
+    assert all(torch.equal(p, q) for p, q in zip(analyzed["ema_model"].shadow_params, bare["ema_model"].shadow_params))

@@ -13,6 +13,11 @@ What differs from upstream, so that it runs offline and small:
   (for ``--resolution`` 64), and ``--max_train_steps`` stops early;
 - the loss is computed per example (``reduction="none"``, averaged over the pixels only); the loss
   trained is their mean, upstream's loss;
+- ``--objective flow_matching`` trains by rectified flow as diffusers' SD3 script does
+  (``FlowMatchEulerDiscreteScheduler`` with ``--flow_shift``, timesteps drawn by
+  ``compute_density_for_timestep_sampling``, z = (1 − σ) x + σ ε, target ε − x, weighted by
+  ``compute_loss_weighting_for_sd3``; ``--weighting_scheme`` as there), and saves the UNet and the
+  scheduler (upstream's DDPMPipeline samples DDPM only);
 - the attention layers' key biases are frozen, with or without the analyzer: softmax ignores a bias
   added to every key, so their gradient is zero but for rounding, which Adam turns into steps that
   the ledger's check refuses; freezing them changes no function the UNet computes;
@@ -45,9 +50,9 @@ import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.utils import set_seed
-from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
+from diffusers import DDPMPipeline, DDPMScheduler, FlowMatchEulerDiscreteScheduler, UNet2DModel
 from diffusers.optimization import get_scheduler
-from diffusers.training_utils import EMAModel
+from diffusers.training_utils import EMAModel, compute_density_for_timestep_sampling, compute_loss_weighting_for_sd3
 from torchvision import transforms
 from torchvision.datasets import ImageFolder
 from tqdm.auto import tqdm
@@ -116,6 +121,15 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--prediction_type", type=str, default="epsilon", choices=["epsilon", "sample"])
     parser.add_argument("--ddpm_num_steps", type=int, default=1000)
     parser.add_argument("--ddpm_beta_schedule", type=str, default="linear")
+    parser.add_argument("--objective", choices=["ddpm", "flow_matching"], default="ddpm",
+                        help="DDPM (upstream) or rectified flow as diffusers' SD3 script trains it")
+    parser.add_argument("--flow_shift", type=float, default=1.0, help="flow matching: the scheduler's shift")
+    parser.add_argument("--weighting_scheme", type=str, default="logit_normal",
+                        choices=["sigma_sqrt", "logit_normal", "mode", "cosmap", "none"],
+                        help="flow matching: timestep density and loss weighting (SD3's)")
+    parser.add_argument("--logit_mean", type=float, default=0.0)
+    parser.add_argument("--logit_std", type=float, default=1.0)
+    parser.add_argument("--mode_scale", type=float, default=1.29)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--analyze", action=argparse.BooleanOptionalAction, default=True,
                         help="keep genkernel's noise-level ledger (default on)")  # genkernel
@@ -168,11 +182,14 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         weight_dtype = torch.bfloat16
 
     # Initialize the scheduler
-    noise_scheduler = DDPMScheduler(
-        num_train_timesteps=args.ddpm_num_steps,
-        beta_schedule=args.ddpm_beta_schedule,
-        prediction_type=args.prediction_type,
-    )
+    if args.objective == "flow_matching":
+        noise_scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=args.ddpm_num_steps, shift=args.flow_shift)
+    else:
+        noise_scheduler = DDPMScheduler(
+            num_train_timesteps=args.ddpm_num_steps,
+            beta_schedule=args.ddpm_beta_schedule,
+            prediction_type=args.prediction_type,
+        )
 
     # Initialize the optimizer
     optimizer = torch.optim.AdamW(
@@ -236,21 +253,37 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             # Sample noise that we'll add to the images
             noise = torch.randn(clean_images.shape, dtype=weight_dtype, device=clean_images.device)
             bsz = clean_images.shape[0]
-            # Sample a random timestep for each image
-            timesteps = torch.randint(
-                0, noise_scheduler.config.num_train_timesteps, (bsz,), device=clean_images.device
-            ).long()
+            if args.objective == "flow_matching":
+                # SD3's density over the grid's timesteps, then z = (1 - σ) x + σ ε
+                u = compute_density_for_timestep_sampling(
+                    weighting_scheme=args.weighting_scheme, batch_size=bsz, logit_mean=args.logit_mean,
+                    logit_std=args.logit_std, mode_scale=args.mode_scale,
+                )
+                indices = (u * noise_scheduler.config.num_train_timesteps).long()
+                timesteps = noise_scheduler.timesteps[indices].to(device=clean_images.device)
+                sigmas = noise_scheduler.sigmas[indices].to(device=clean_images.device, dtype=weight_dtype)
+                sigmas = sigmas.view(-1, 1, 1, 1)
+                noisy_images = (1.0 - sigmas) * clean_images + sigmas * noise
+            else:
+                # Sample a random timestep for each image
+                timesteps = torch.randint(
+                    0, noise_scheduler.config.num_train_timesteps, (bsz,), device=clean_images.device
+                ).long()
 
-            # Add noise to the clean images according to the noise magnitude at each timestep
-            # (this is the forward diffusion process)
-            noisy_images = noise_scheduler.add_noise(clean_images, noise, timesteps)
+                # Add noise to the clean images according to the noise magnitude at each timestep
+                # (this is the forward diffusion process)
+                noisy_images = noise_scheduler.add_noise(clean_images, noise, timesteps)
 
             with accelerator.accumulate(model):
                 # Predict the noise residual
                 model_output = model(noisy_images, timesteps).sample
 
                 # per-example losses (mean over the pixels only); the loss is their mean, as upstream's
-                if args.prediction_type == "epsilon":
+                if args.objective == "flow_matching":
+                    weighting = compute_loss_weighting_for_sd3(args.weighting_scheme, sigmas)
+                    target = noise - clean_images
+                    losses = (weighting.float() * (model_output.float() - target.float()) ** 2).mean(dim=(1, 2, 3))
+                elif args.prediction_type == "epsilon":
                     losses = F.mse_loss(model_output.float(), noise.float(), reduction="none").mean(dim=(1, 2, 3))
                 else:
                     alpha_t = _extract_into_tensor(
@@ -302,7 +335,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         if args.use_ema:
             ema_model.store(unet.parameters())
             ema_model.copy_to(unet.parameters())
-        DDPMPipeline(unet=unet, scheduler=noise_scheduler).save_pretrained(args.output_dir)
+        if args.objective == "flow_matching":
+            unet.save_pretrained(os.path.join(args.output_dir, "unet"))
+            noise_scheduler.save_pretrained(os.path.join(args.output_dir, "scheduler"))
+        else:
+            DDPMPipeline(unet=unet, scheduler=noise_scheduler).save_pretrained(args.output_dir)
         if args.use_ema:
             ema_model.restore(unet.parameters())
 
