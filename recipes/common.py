@@ -301,10 +301,14 @@ def runs_folder(name: str, args: argparse.Namespace) -> str | None:
     return str(Path(args.out_dir) / f"{name}_runs")
 
 
-def add_diffusion_arguments(parser: argparse.ArgumentParser) -> None:
-    """Adds the options the diffusion recipes share (defaults: the mode's settings); returns nothing."""
-    parser.add_argument("--prediction-type", default="epsilon", choices=["epsilon", "v_prediction", "sample"])
-    parser.add_argument("--beta-schedule", default="linear", choices=["linear", "squaredcos_cap_v2"])
+def add_diffusion_arguments(parser: argparse.ArgumentParser, objective: str = "ddpm") -> None:
+    """Adds the options the diffusion recipes share (defaults: the mode's settings); returns nothing.
+    ``objective``: "ddpm" (prediction type and beta schedule) or "flow_matching" (the scheduler's shift)."""
+    if objective == "flow_matching":
+        parser.add_argument("--shift", type=float, default=1.0, help="the flow-matching scheduler's shift (SD3: 3.0)")
+    else:
+        parser.add_argument("--prediction-type", default="epsilon", choices=["epsilon", "v_prediction", "sample"])
+        parser.add_argument("--beta-schedule", default="linear", choices=["linear", "squaredcos_cap_v2"])
     parser.add_argument("--num-bins", type=int, default=None, help="training-level bins (default: the mode's)")
     parser.add_argument("--band", type=int, default=None, help="locality band w in bins (default: the mode's)")
     parser.add_argument("--controls", type=int, default=None, help="permutation control partitions (default: the mode's)")
@@ -321,7 +325,9 @@ def add_diffusion_arguments(parser: argparse.ArgumentParser) -> None:
 def apply_diffusion_overrides(settings: dict, args: argparse.Namespace) -> dict:
     """Writes the options of :func:`add_diffusion_arguments` that were given into ``settings``;
     returns ``settings``."""
-    settings.update(prediction_type=args.prediction_type, beta_schedule=args.beta_schedule)
+    for key in ("prediction_type", "beta_schedule", "shift"):  # the objective's own (add_diffusion_arguments)
+        if hasattr(args, key):
+            settings[key] = getattr(args, key)
     for key in ("num_bins", "band", "controls", "warmup_steps", "window_steps", "checkpoint_every"):
         if getattr(args, key, None) is not None:
             settings[key] = getattr(args, key)

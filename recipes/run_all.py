@@ -42,6 +42,7 @@ RECIPES = (
     "optimizer_weighting",
     "null_space",
     "diffusion_toy2d",
+    "flow_toy2d",
     "diffusion_digits",
     "gan_ring2d",
     "gan_digits",

@@ -81,6 +81,19 @@ def test_toy2d_recipe_smoke(tmp_path):
     assert on_disk["results"]["report"]["config"]["beta_schedule"] == "squaredcos_cap_v2"
 
 
+def test_flow_toy2d_recipe_smoke(tmp_path):
+    module = load_recipe("experiments.flow_toy2d")
+    payload = module.main(["--smoke", "--out-dir", str(tmp_path), "--seed", "1", "--shift", "3.0", "--num-bins", "3"])
+    on_disk = check_payload(tmp_path, "flow_toy2d", payload)
+    config = on_disk["results"]["report"]["config"]
+    assert config["prediction_type"] == "flow" and config["noise_schedule"] == {
+        "process": "flow_matching", "shift": 3.0, "use_dynamic_shifting": False}
+    assert on_disk["settings"]["objective"] == "flow_matching" and on_disk["settings"]["num_bins"] == 3
+    # the stages are the flow sampler's real levels, the noisiest first
+    stages = on_disk["results"]["retrieval"]["stages"]
+    assert stages == sorted(stages, reverse=True) and any(not float(s).is_integer() for s in stages)
+
+
 def write_tiny_mnist(root: Path) -> None:
     raw = root / "MNIST" / "raw"
     raw.mkdir(parents=True)

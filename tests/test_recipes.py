@@ -226,7 +226,7 @@ def test_run_all_skips_missing_and_names_failures(tmp_path, capsys):
     assert rc == 0
     assert run_all.main(["--only", "no_such_recipe"]) == 2
     assert set(run_all.RECIPES) >= {"circle_neighborhoods", "optimizer_weighting", "null_space", "gan_digits", "diffusion_toy2d"}
-    assert len(run_all.RECIPES) == 12 and sys.executable
+    assert len(run_all.RECIPES) == 13 and sys.executable
 
 
 def test_recipes_are_a_package_run_as_modules(tmp_path):

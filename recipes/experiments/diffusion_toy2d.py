@@ -19,6 +19,9 @@ several permutation controls on the same trajectory and against a time-blind den
 same way (the null model), also per probe level; kernel locality as the change from θ₀ (and
 beyond the time-blind denoiser's); retrieval broad → narrow against θ₀; the ledger's residual.
 
+The same experiment under flow matching (rectified flow, FlowMatchEulerDiscreteScheduler, the
+denoiser predicting the velocity ε − x at real levels t = σ·T) is ``recipes.experiments.flow_toy2d``.
+
 Run:  python -m recipes.experiments.diffusion_toy2d [--quick] [--out-dir figures] [--seed 0] [--device cpu]
       [--dataset ring|moons] [--film] [--prediction-type epsilon|v_prediction|sample]
       [--beta-schedule linear|squaredcos_cap_v2] [--num-bins G] [--band w] [--controls K]
@@ -36,7 +39,7 @@ from __future__ import annotations
 import torch
 
 from genkernel.data import gaussian_ring, two_moons
-from genkernel.diffusion import MLPDenoiser, make_scheduler
+from genkernel.diffusion import MLPDenoiser, make_flow_scheduler, make_scheduler
 
 from ..common import TimeBlind, add_diffusion_arguments, apply_diffusion_overrides, make_parser, parse, pick, run_diffusion_recipe
 
@@ -65,27 +68,35 @@ def load(dataset: str, n: int, seed: int) -> torch.Tensor:
     return two_moons(n, noise=0.05, seed=seed)[0]
 
 
-def main(argv=None) -> dict:
-    """Runs the experiment on the command line ``argv``; returns the JSON payload it wrote (OUT/NAME.json)."""
-    parser = make_parser(__doc__.splitlines()[0], datasets=("ring", "moons"))
+def main(argv=None, *, objective: str = "ddpm", name: str = NAME, description: str = __doc__.splitlines()[0]) -> dict:
+    """Runs the experiment on the command line ``argv`` under ``objective`` ("ddpm" or
+    "flow_matching"); returns the JSON payload it wrote (OUT/name.json)."""
+    flow = objective == "flow_matching"
+    parser = make_parser(description, datasets=("ring", "moons"))
     parser.add_argument("--film", action="store_true", help="FiLM-modulate every hidden layer by the time embedding")
-    add_diffusion_arguments(parser)
+    add_diffusion_arguments(parser, objective)
     args = parse(parser, argv)
     s = apply_diffusion_overrides(pick(args.mode, **SETTINGS), args)
-    s.update(dataset=args.dataset, film=args.film)
+    s.update(dataset=args.dataset, film=args.film, objective=objective)
 
     def model():
-        return MLPDenoiser(2, hidden=s["hidden"], depth=s["depth"], film=args.film)
+        return MLPDenoiser(2, hidden=s["hidden"], depth=s["depth"], film=args.film,
+                           time_input="continuous" if flow else "integer")
+
+    def scheduler():
+        if flow:
+            return make_flow_scheduler(s["timesteps"], s["shift"])
+        return make_scheduler(s["timesteps"], s["beta_schedule"], s["prediction_type"])
 
     spec = {
         "load": lambda seed: (load(args.dataset, s["num_train"], seed), load(args.dataset, 256, seed + 1000)),
         "model": model,
         "time_blind": lambda: TimeBlind(model()),
-        "scheduler": lambda: make_scheduler(s["timesteps"], s["beta_schedule"], s["prediction_type"]),
+        "scheduler": scheduler,
         "retrieval": {},
         "images": False,
     }
-    return run_diffusion_recipe(NAME, spec, args, s)
+    return run_diffusion_recipe(name, spec, args, s)
 
 
 if __name__ == "__main__":
