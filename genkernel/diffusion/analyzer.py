@@ -270,6 +270,7 @@ class NoiseLevelAnalyzer(TrainerCallback):
             raise ValueError("probe_data needs at least 2 rows for the kernel structure")
         self.kernel_noise = torch.randn(self.kernel_clean.shape, generator=generator, dtype=torch.float64)
         self._perm_generator = torch.Generator().manual_seed(seed + 1)
+        self._sigma_like = 0  # examples in a row at a level t <= 1 (flow matching: sigmas passed as timesteps?)
 
         self.tracker: PathKernelTracker | None = None
         self.model: nn.Module | None = None
@@ -522,14 +523,22 @@ class NoiseLevelAnalyzer(TrainerCallback):
         timesteps = check_timesteps(timesteps, self.scheduler)
         if timesteps.numel() != batch:
             raise ValueError(f"got {timesteps.numel()} timesteps for a batch of {batch}")
-        if self.bins.flow and self.total >= 100 and batch >= 4 and float(timesteps.max()) <= 1.0:
-            # Every example at σ <= 1/T: about (1/T)^B under any training distribution, but exactly
-            # what passing the loop's sigmas (in [0, 1]) in place of its timesteps gives, which
-            # would book the whole batch to bin 0 without an error.
-            raise ValueError(
-                f"all {batch} timesteps are <= 1 on a flow-matching schedule of T = {self.total}: these look like "
-                "sigmas (σ in [0, 1]); pass the timesteps the model was given, t = σ·T (scheduler.timesteps[indices])"
-            )
+        if self.bins.flow and self.total >= 100:
+            # Every example at σ <= 1/T: about (1/T)^n for n examples in a row under any training
+            # distribution, but exactly what passing the loop's sigmas (in [0, 1]) in place of its
+            # timesteps gives (FLUX's scripts give the model timesteps / 1000), which would book every
+            # example to bin 0 without an error. Counted across micro-batches and steps: loops of
+            # batch size 1 or 2 (with gradient accumulation) are common for these models.
+            small = batch if batch and float(timesteps.max()) <= 1.0 else 0
+            self._sigma_like = self._sigma_like + small if small else 0
+            if self._sigma_like >= 4:
+                count, self._sigma_like = self._sigma_like, 0
+                raise ValueError(
+                    f"the last {count} examples' timesteps are all <= 1 on a flow-matching "
+                    f"schedule of T = {self.total}: these look like sigmas (σ in [0, 1]); pass the timesteps the "
+                    "model was given, t = σ·T (scheduler.timesteps[indices]; FLUX's loop gives its transformer "
+                    "timesteps / 1000: pass the timesteps, not that)"
+                )
         bins = self.bins(timesteps).cpu()
         groups = {LEVEL: bins}
         for name in self.control_names:
@@ -842,7 +851,8 @@ class NoiseLevelAnalyzer(TrainerCallback):
             # locality at the analyzer's own half-width
             "config": {"num_bins": self.num_bins, "controls": self.controls, "probe_timesteps": self.probe_timesteps.tolist(),
                        "bin_edges": self.bins.edges.tolist(), "band": self.band,
-                       "noise_process": "flow_matching" if self.bins.flow else "ddpm"},
+                       "noise_process": "flow_matching" if self.bins.flow else "ddpm",
+                       "noise_schedule": noise_schedule_config(self.scheduler)},
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -853,6 +863,13 @@ class NoiseLevelAnalyzer(TrainerCallback):
             return
         mine = {"num_bins": self.num_bins, "controls": self.controls, "probe_timesteps": self.probe_timesteps.tolist(),
                 "bin_edges": self.bins.edges.tolist()}
+        # Equal edges and probe levels do not make the same noise process: timestep bins are [0, T) split
+        # alike for DDPM and flow matching, and for flow grids of any shift. Checked where saved (states
+        # written before these keys existed are DDPM ones and have neither).
+        for key, value in (("noise_process", "flow_matching" if self.bins.flow else "ddpm"),
+                           ("noise_schedule", noise_schedule_config(self.scheduler))):
+            if key in state["config"]:
+                mine[key] = value
         differ = [key for key in mine if state["config"][key] != mine[key]]
         if differ:
             raise ValueError(
