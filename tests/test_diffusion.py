@@ -83,27 +83,34 @@ def brute_force_adam(model, scheduler, batches, probes, num_bins, lr, betas=(0.9
             updates.append(ups)
         for i in range(len(params)):
             v[i] = betas[1] * v[i] + (1 - betas[1]) * full[i] ** 2
-        theta0 = [p.detach().clone() for p in params]
         for g_id in range(num_bins):
             updates[g_id] = [
                 -lr * (updates[g_id][i] / (1 - betas[0] ** k)) / ((v[i] / (1 - betas[1] ** k)).sqrt() + eps)
                 for i in range(len(params))
             ]
-        delta = [sum(updates[g][i] for g in range(num_bins)) for i in range(len(params))]
-        # midpoint Jacobian of every probe output, one reverse pass per output coordinate
-        with torch.no_grad():
-            for p, t0, d in zip(params, theta0, delta):
-                p.copy_(t0 + 0.5 * d)
-        for a in range(num_probes):
-            for j in range(dim):
-                out = model(z_probe[a : a + 1], s_probe[a : a + 1])[0, j]
-                jac = torch.autograd.grad(out, params)
-                for g_id in range(num_bins):
-                    total[a, g_id, j] += sum((jg * u).sum() for jg, u in zip(jac, updates[g_id]))
-        with torch.no_grad():
-            for p, t0, d in zip(params, theta0, delta):
-                p.copy_(t0 + d)
+        step_adding_midpoint_contributions(model, updates, probes, total)
     return total
+
+
+def step_adding_midpoint_contributions(model, updates, probes, total):
+    """Move the model's parameters by Σ_g ``updates[g]``, adding the midpoint rule's contributions
+    ⟨∂f_j(z_m, s_m; θ + Δ/2)/∂θ, updates[g]⟩ into ``total [M, G, d]`` (one reverse pass per probe
+    output coordinate)."""
+    params = list(model.parameters())
+    z_probe, s_probe = probes
+    theta0 = [p.detach().clone() for p in params]
+    delta = [sum(u[i] for u in updates) for i in range(len(params))]
+    with torch.no_grad():
+        for p, t0, d in zip(params, theta0, delta):
+            p.copy_(t0 + 0.5 * d)
+    for a in range(z_probe.shape[0]):
+        for j in range(z_probe.shape[1]):
+            jac = torch.autograd.grad(model(z_probe[a : a + 1], s_probe[a : a + 1])[0, j], params)
+            for g_id, update in enumerate(updates):
+                total[a, g_id, j] += sum((jg * u).sum() for jg, u in zip(jac, update))
+    with torch.no_grad():
+        for p, t0, d in zip(params, theta0, delta):
+            p.copy_(t0 + d)
 
 
 def test_ledger_matches_brute_force_and_residual_is_small():

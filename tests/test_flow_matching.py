@@ -29,6 +29,7 @@ from genkernel.diffusion import (
 )
 from genkernel.diffusion.objectives import NoiseBins, check_prediction_type, training_levels
 from genkernel.diffusion.trainer import make_sampler
+from test_diffusion import step_adding_midpoint_contributions
 
 F64 = torch.float64
 T = 100
@@ -148,19 +149,7 @@ def brute_force_sgd(model, batches, probes, bin_of, num_bins, lr):
             loss = ((model(z[n : n + 1], t[n : n + 1]) - target[n : n + 1]) ** 2).mean()
             for u, g in zip(updates[int(bins[n])], torch.autograd.grad(loss, params)):
                 u -= lr * g / z.shape[0]
-        delta = [sum(updates[g][i] for g in range(num_bins)) for i in range(len(params))]
-        theta0 = [p.detach().clone() for p in params]
-        with torch.no_grad():
-            for p, a, d in zip(params, theta0, delta):
-                p.copy_(a + 0.5 * d)
-        for m in range(z_probe.shape[0]):
-            for j in range(z_probe.shape[1]):
-                jac = torch.autograd.grad(model(z_probe[m : m + 1], s_probe[m : m + 1])[0, j], params)
-                for g in range(num_bins):
-                    total[m, g, j] += sum((a * u).sum() for a, u in zip(jac, updates[g]))
-        with torch.no_grad():
-            for p, a, d in zip(params, theta0, delta):
-                p.copy_(a + d)
+        step_adding_midpoint_contributions(model, updates, probes, total)
     return total
 
 
