@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from genkernel import PathKernelTracker, gradient_kernel
-from genkernel.diffusion import DDPMTrainer, NoiseLevelAnalyzer, make_scheduler, tiny_unet
+from genkernel.diffusion import DDPMTrainer, NoiseLevelAnalyzer, make_flow_scheduler, make_scheduler, tiny_unet
 from genkernel.supervised import mse_loss
 
 pytestmark = pytest.mark.cuda
@@ -60,12 +60,16 @@ def test_engines_agree_on_cuda():
     torch.testing.assert_close(gradient_kernel(model, x, engine="factored"), reference, rtol=1e-9, atol=1e-12)
 
 
-def test_the_analyzer_leaves_unet_training_bit_for_bit_unchanged_on_cuda():
+@pytest.mark.parametrize("objective", ["ddpm", "flow_matching"])
+def test_the_analyzer_leaves_unet_training_bit_for_bit_unchanged_on_cuda(objective):
     g = torch.Generator().manual_seed(0)
     images = torch.rand(32, 1, 16, 16, generator=g) * 2 - 1
 
     def trainer(analyze, device=DEVICE):
-        scheduler = make_scheduler(100, clip_sample=True)
+        if objective == "flow_matching":
+            scheduler = make_flow_scheduler(100, shift=3.0)
+        else:
+            scheduler = make_scheduler(100, clip_sample=True)
         data = images.to(device)
         torch.manual_seed(0)
         model = tiny_unet(16, 1, channels=(8, 16)).to(device)
@@ -87,6 +91,8 @@ def test_the_analyzer_leaves_unet_training_bit_for_bit_unchanged_on_cuda():
     on_cpu = trainer(True, "cpu").callbacks[0].ledger
     assert ledger.steps == on_cpu.steps == 3
     assert abs(ledger.relative_residual() - on_cpu.relative_residual()) <= 0.05 * on_cpu.relative_residual()
+    samples, _ = tracked.sample(2, num_inference_steps=3)  # DDPM's ancestral steps, or the flow's Euler steps
+    assert samples.shape == (2, 1, 16, 16) and torch.isfinite(samples).all()
 
 
 def test_tf32_convolutions_are_refused_with_the_switch_to_turn_them_off():
