@@ -86,6 +86,7 @@ from .objectives import (
     check_timesteps,
     diffusion_loss,
     is_flow_matching,
+    level_dtype,
     noise_schedule_config,
     noisy_input,
     num_train_timesteps,
@@ -253,7 +254,7 @@ class NoiseLevelAnalyzer(TrainerCallback):
         levels = self.bins.centers if probe_levels is None else check_timesteps(
             torch.as_tensor(probe_levels), scheduler, name="probe_levels"
         )
-        self.levels = levels.to(torch.float32) if is_flow_matching(scheduler) else levels.long()
+        self.levels = levels.to(level_dtype(scheduler))
         self.level_bins = self.bins(self.levels)
         generator = torch.Generator().manual_seed(seed)
         self.probe_level = torch.arange(num_probes) % self.levels.numel()  # level index per probe
@@ -851,9 +852,13 @@ class NoiseLevelAnalyzer(TrainerCallback):
             # locality at the analyzer's own half-width
             "config": {"num_bins": self.num_bins, "controls": self.controls, "probe_timesteps": self.probe_timesteps.tolist(),
                        "bin_edges": self.bins.edges.tolist(), "band": self.band,
-                       "noise_process": "flow_matching" if self.bins.flow else "ddpm",
-                       "noise_schedule": noise_schedule_config(self.scheduler)},
+                       **self._noise_process()},
         }
+
+    def _noise_process(self) -> dict[str, Any]:
+        """What the saved state records of the noise process: its kind and the config entries that set its levels."""
+        return {"noise_process": "flow_matching" if self.bins.flow else "ddpm",
+                "noise_schedule": noise_schedule_config(self.scheduler)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore; if not bound yet, the state is applied when :meth:`bind` runs."""
@@ -866,8 +871,7 @@ class NoiseLevelAnalyzer(TrainerCallback):
         # Equal edges and probe levels do not make the same noise process: timestep bins are [0, T) split
         # alike for DDPM and flow matching, and for flow grids of any shift. Checked where saved (states
         # written before these keys existed are DDPM ones and have neither).
-        for key, value in (("noise_process", "flow_matching" if self.bins.flow else "ddpm"),
-                           ("noise_schedule", noise_schedule_config(self.scheduler))):
+        for key, value in self._noise_process().items():
             if key in state["config"]:
                 mine[key] = value
         differ = [key for key in mine if state["config"][key] != mine[key]]

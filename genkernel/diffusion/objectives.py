@@ -48,6 +48,7 @@ __all__ = [
     "make_scheduler",
     "make_flow_scheduler",
     "is_flow_matching",
+    "level_dtype",
     "training_levels",
     "noise_schedule_config",
     "same_noise_schedule",
@@ -109,6 +110,12 @@ def is_flow_matching(scheduler) -> bool:
     return type(scheduler).__name__.startswith("FlowMatch") and not hasattr(scheduler, "alphas_cumprod")
 
 
+def level_dtype(scheduler) -> torch.dtype:
+    """The dtype of the timesteps a model is given: torch.long for DDPM-family schedulers,
+    torch.float32 under flow matching (diffusers' own ``timesteps`` = σ·T)."""
+    return torch.float32 if is_flow_matching(scheduler) else torch.long
+
+
 def _check_flow_config(scheduler) -> None:
     if scheduler.config.get("use_dynamic_shifting"):
         raise ValueError(
@@ -132,7 +139,7 @@ def training_levels(scheduler) -> tuple[torch.Tensor, torch.Tensor]:
     if is_flow_matching(scheduler):
         _check_flow_config(scheduler)
         grid = type(scheduler).from_config(scheduler.config)  # a fresh copy: the training grid, not a sampling one
-        levels = grid.timesteps.detach().to("cpu", torch.float32).flip(0)
+        levels = grid.timesteps.detach().to("cpu", level_dtype(scheduler)).flip(0)
         sigma = levels.to(torch.float64) / num_train_timesteps(scheduler)
         return levels, 2 * (torch.log1p(-sigma) - torch.log(sigma))
     # On the CPU: diffusers' add_noise moves the scheduler's alphas_cumprod to the samples' device
@@ -420,7 +427,7 @@ class NoiseBins:
             self.edges = torch.cat([torch.zeros(1, dtype=torch.float64), inner,
                                     torch.full((1,), float(total), dtype=torch.float64)])
             middles = total * torch.sigmoid(-(bounds[:-1] + bounds[1:]) / 4)
-        self.centers = middles.to(torch.float32)
+        self.centers = middles.to(torch.float32)  # level_dtype under flow matching
         sigma = self.edges[1:-1] / total
         inner_snr = 2 * (torch.log1p(-sigma) - torch.log(sigma))
         self.log_snr = torch.cat([snr[:1], inner_snr, snr[-1:]])

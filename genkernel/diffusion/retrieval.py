@@ -29,7 +29,7 @@ from torch import nn
 from .kernels import eval_mode, state_kernel
 from ..core.adapter import as_tuple
 from ..core.grouping import measured_minus_control
-from .objectives import check_timesteps, is_flow_matching, noisy_input
+from .objectives import check_timesteps, level_dtype, noisy_input
 from .trainer import reverse_sample
 
 __all__ = ["RetrievalResult", "retrieval_attribution", "normalized_entropy", "top_weight_share"]
@@ -175,7 +175,7 @@ def retrieval_attribution(
     stages = check_timesteps(stages, scheduler, name="stages").tolist()
     param = next(model.parameters())
     if not extra:
-        _check_unconditional_call(model, train_data.to(param), torch.float32 if is_flow_matching(scheduler) else torch.long)
+        _check_unconditional_call(model, train_data.to(param), level_dtype(scheduler))
     samples, kept = reverse_sample(
         model, scheduler, (num_samples, *train_data.shape[1:]), num_inference_steps=num_inference_steps, seed=seed,
         keep=stages, sampler=sampler, step_kwargs=step_kwargs, conditioning=conditioning,
@@ -189,12 +189,11 @@ def retrieval_attribution(
         return tuple(c.to(device=param.device, dtype=param.dtype if c.is_floating_point() else c.dtype) for c in tensors)
 
     extra, train_extra = on_device(extra), on_device(train_extra)
-    level_dtype = torch.float32 if is_flow_matching(scheduler) else torch.long  # the model's timesteps, as sampled
     kernels, states = [], []
     for s in order:
         x_s = kept[s]
-        t_samples = torch.full((num_samples,), s, dtype=level_dtype, device=param.device)
-        t_train = torch.full((n,), s, dtype=level_dtype, device=param.device)
+        t_samples = torch.full((num_samples,), s, dtype=level_dtype(scheduler), device=param.device)  # as sampled
+        t_train = torch.full((n,), s, dtype=level_dtype(scheduler), device=param.device)
         z_train = noisy_input(scheduler, clean, noise, t_train)
         with eval_mode(model):  # as sampled (reverse_sample runs the model in eval mode)
             kernels.append(state_kernel(model, (x_s, t_samples, *extra), (z_train, t_train, *train_extra),

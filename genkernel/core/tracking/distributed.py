@@ -155,7 +155,11 @@ def combine_group_gradients(grads: dict[str, torch.Tensor], local_batch: int, co
     gathered = [torch.zeros(len(mine), dtype=torch.long, device=first.device) for _ in range(context.world_size)]
     dist.all_gather(gathered, torch.tensor(mine, dtype=torch.long, device=first.device), group=context.group)
     gathered = [[int(v) for v in g] for g in gathered]
-    diverged = sorted(r for r, g in enumerate(gathered) if g[1:3] != gathered[0][1:3])
+
+    def apart_from_rank_0(columns: slice) -> list[int]:
+        return sorted(r for r, g in enumerate(gathered) if g[columns] != gathered[0][columns])
+
+    diverged = apart_from_rank_0(slice(1, 3))
     if diverged:
         raise ValueError(
             f"the ranks' parameters differ before this step (ranks {diverged} differ from rank 0): the replicas "
@@ -164,7 +168,7 @@ def combine_group_gradients(grads: dict[str, torch.Tensor], local_batch: int, co
             "is the single-process run's. Build every rank's model, optimizer and tracker alike, and restore "
             "checkpoints on every rank"
         )
-    unaveraged = sorted(r for r, g in enumerate(gathered) if g[3:5] != gathered[0][3:5])
+    unaveraged = apart_from_rank_0(slice(3, 5))
     if unaveraged:
         raise ValueError(
             f"the ranks' real gradients differ at this step (ranks {unaveraged} differ from rank 0): DDP did not "
@@ -174,7 +178,7 @@ def combine_group_gradients(grads: dict[str, torch.Tensor], local_batch: int, co
             "alike, and step (tracker.step, or the loop's optimizer.step()) after a backward outside no_sync(); "
             "under no_sync() only the micro-batches before the last one of a step"
         )
-    shifted = sorted(r for r, g in enumerate(gathered) if g[5:7] != gathered[0][5:7])
+    shifted = apart_from_rank_0(slice(5, 7))
     if shifted:
         buffers = [name for name, _ in context.model.module.named_buffers()]
         raise ValueError(
