@@ -44,6 +44,37 @@ def _labels(labels, n: int, name: str) -> np.ndarray:
     return lab.astype(np.int64)
 
 
+def _labelled_pairs(kernel, row_labels, col_labels, exclude_diagonal: bool | None):
+    """The checked kernel and labels of :func:`class_block_means` and its kin.
+
+    Returns ``(k [M, N] float64, rows [M], cols [N] int64 labels, mask [M, N] bool)``: ``mask``
+    marks the pairs that count (all, less the diagonal when it is excluded: by default exactly
+    when ``col_labels`` is None, a square kernel over one set)."""
+    k = _matrix(kernel)
+    m, n = k.shape
+    rows = _labels(row_labels, m, "row_labels")
+    same = col_labels is None
+    if same and m != n:
+        raise ValueError(f"kernel is {m}×{n}: pass col_labels for a non-square kernel")
+    cols = rows if same else _labels(col_labels, n, "col_labels")
+    exclude = same if exclude_diagonal is None else exclude_diagonal
+    mask = np.ones_like(k, dtype=bool)
+    if exclude:
+        np.fill_diagonal(mask, False)
+    return k, rows, cols, mask
+
+
+def _split_pairs(kernel, row_labels, col_labels, exclude_diagonal: bool | None):
+    """:func:`_labelled_pairs` plus ``within`` and ``between`` ([M, N] bool: the counted pairs with
+    equal and with different labels); raises when either is empty."""
+    k, rows, cols, mask = _labelled_pairs(kernel, row_labels, col_labels, exclude_diagonal)
+    eq = rows[:, None] == cols[None, :]
+    within, between = eq & mask, ~eq & mask
+    if not within.any() or not between.any():
+        raise ValueError("need both same-label and different-label pairs to compare within and between")
+    return k, rows, within, between
+
+
 def class_block_means(kernel, row_labels, col_labels=None, *, exclude_diagonal: bool | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Mean kernel value in every (row class, column class) block.
 
@@ -57,17 +88,7 @@ def class_block_means(kernel, row_labels, col_labels=None, *, exclude_diagonal: 
     Returns:
         ``(classes [C], means [C, C])``, classes sorted ascending; a block without entries is NaN.
     """
-    k = _matrix(kernel)
-    m, n = k.shape
-    rows = _labels(row_labels, m, "row_labels")
-    same = col_labels is None
-    if same and m != n:
-        raise ValueError(f"kernel is {m}×{n}: pass col_labels for a non-square kernel")
-    cols = rows if same else _labels(col_labels, n, "col_labels")
-    exclude = same if exclude_diagonal is None else exclude_diagonal
-    mask = np.ones_like(k, dtype=bool)
-    if exclude:
-        np.fill_diagonal(mask, False)
+    k, rows, cols, mask = _labelled_pairs(kernel, row_labels, col_labels, exclude_diagonal)
     classes = np.union1d(rows, cols)
     means = np.full((classes.size, classes.size), np.nan)
     for i, a in enumerate(classes):
@@ -102,28 +123,15 @@ def within_between_gap(kernel, row_labels, col_labels=None, *, exclude_diagonal:
     Arguments as :func:`class_block_means`; for a square kernel over one set the diagonal (self
     pairs) is excluded by default.
     """
-    k = _matrix(kernel)
-    m, n = k.shape
-    rows = _labels(row_labels, m, "row_labels")
-    same = col_labels is None
-    if same and m != n:
-        raise ValueError(f"kernel is {m}×{n}: pass col_labels for a non-square kernel")
-    cols = rows if same else _labels(col_labels, n, "col_labels")
-    exclude = same if exclude_diagonal is None else exclude_diagonal
-    mask = np.ones_like(k, dtype=bool)
-    if exclude:
-        np.fill_diagonal(mask, False)
-    eq = rows[:, None] == cols[None, :]
-    if not (eq & mask).any() or not (~eq & mask).any():
-        raise ValueError("need both same-label and different-label pairs to compare within and between")
-    within = float(k[eq & mask].mean())
-    between = float(k[~eq & mask].mean())
+    k, rows, same, different = _split_pairs(kernel, row_labels, col_labels, exclude_diagonal)
+    within = float(k[same].mean())
+    between = float(k[different].mean())
     classes = np.unique(rows)
     per_class = []
     for c in classes:
         r = rows == c
-        w = (eq & mask)[r]
-        b = (~eq & mask)[r]
+        w = same[r]
+        b = different[r]
         per_class.append(k[r][w].mean() - k[r][b].mean() if w.any() and b.any() else np.nan)
     return BlockGap(within - between, within, between, np.asarray(per_class, dtype=np.float64), classes)
 
@@ -162,33 +170,20 @@ def _auc(within: np.ndarray, between: np.ndarray) -> float:
 def block_auc(kernel, row_labels, col_labels=None, *, exclude_diagonal: bool | None = None) -> BlockAUC:
     """Block AUC of a kernel against labels (see :class:`BlockAUC`); arguments as
     :func:`within_between_gap` (self pairs of a square kernel over one set are left out)."""
-    k = _matrix(kernel)
-    m, n = k.shape
-    rows = _labels(row_labels, m, "row_labels")
-    same = col_labels is None
-    if same and m != n:
-        raise ValueError(f"kernel is {m}×{n}: pass col_labels for a non-square kernel")
-    cols = rows if same else _labels(col_labels, n, "col_labels")
-    exclude = same if exclude_diagonal is None else exclude_diagonal
-    mask = np.ones_like(k, dtype=bool)
-    if exclude:
-        np.fill_diagonal(mask, False)
-    eq = rows[:, None] == cols[None, :]
-    if not (eq & mask).any() or not (~eq & mask).any():
-        raise ValueError("need both same-label and different-label pairs to compare within and between")
+    k, rows, same, different = _split_pairs(kernel, row_labels, col_labels, exclude_diagonal)
     classes = np.unique(rows)
-    per_class = np.array([_auc(k[rows == c][(eq & mask)[rows == c]], k[rows == c][(~eq & mask)[rows == c]])
+    per_class = np.array([_auc(k[rows == c][same[rows == c]], k[rows == c][different[rows == c]])
                           for c in classes], dtype=np.float64)
     if np.abs(k).max() > 1.0 + 1e-4:
         # not normalized (|k̂| <= 1 by Cauchy–Schwarz): entries above 1 would be clipped to distance 0
         ratio = math.nan
     else:
         d = np.sqrt(np.clip(2.0 - 2.0 * k, 0.0, None))
-        d_within, d_between = float(d[eq & mask].mean()), float(d[~eq & mask].mean())
+        d_within, d_between = float(d[same].mean()), float(d[different].mean())
         # within-label distance 0 (every same-label pair at k = 1): the ratio is +inf, or NaN when the
         # between-label distance is 0 too; never a huge finite number
         ratio = d_between / d_within if d_within > 0 else (math.inf if d_between > 0 else math.nan)
-    return BlockAUC(_auc(k[eq & mask], k[~eq & mask]), per_class, classes, ratio)
+    return BlockAUC(_auc(k[same], k[different]), per_class, classes, ratio)
 
 
 def centered_alignment(gram, y) -> float:
