@@ -1,9 +1,10 @@
-"""Diffusion: a DDPM (and flow-matching) trainer on diffusers parts and the noise-level path-kernel analyzer.
+"""Diffusion: a DDPM (flow-matching and EDM) trainer on diffusers parts and the noise-level path-kernel analyzer.
 
 Public API::
 
     from genkernel.diffusion import (
-        DDPMTrainer, make_scheduler, make_flow_scheduler,               # training (DDPM or flow matching)
+        DDPMTrainer, make_scheduler, make_flow_scheduler,               # training (DDPM, flow matching
+        make_edm_scheduler,                                             # or EDM)
         make_optimizer, reverse_sample,                                 # and sampling
         MLPDenoiser, tiny_unet, BinnedDenoiser, TimeIgnoringDenoiser,  # denoisers (and sanity models)
         NoiseLevelAnalyzer, train_with_window,                          # the ledger split by noise level
@@ -21,7 +22,8 @@ from .kernels import make_states, state_kernel
 from .locality import kernel_locality, locality_per_input
 from .models import BinnedDenoiser, MLPDenoiser, TimeIgnoringDenoiser, freeze_attention_key_biases, tiny_unet
 from .objectives import (
-    bin_centers, bin_edges, diffusion_loss, loss_weight, make_flow_scheduler, make_scheduler, noisy_input, timestep_bins,
+    bin_centers, bin_edges, diffusion_loss, loss_weight, make_edm_scheduler, make_flow_scheduler, make_scheduler, noisy_input,
+    timestep_bins,
     training_target,
 )
 from .retrieval import RetrievalResult, retrieval_attribution
@@ -31,6 +33,6 @@ __all__ = [
     "BinnedDenoiser", "DDPMTrainer", "MLPDenoiser", "NoiseLevelAnalyzer", "RetrievalResult", "TimeIgnoringDenoiser",
     "bin_centers", "bin_edges", "diffusion_loss", "freeze_attention_key_biases", "kernel_locality", "locality_per_input",
     "loss_weight",
-    "make_flow_scheduler", "make_optimizer", "make_scheduler", "make_states", "noisy_input", "retrieval_attribution", "reverse_sample",
+    "make_edm_scheduler", "make_flow_scheduler", "make_optimizer", "make_scheduler", "make_states", "noisy_input", "retrieval_attribution", "reverse_sample",
     "state_kernel", "timestep_bins", "tiny_unet", "train_with_window", "training_target",
 ]

@@ -50,6 +50,12 @@ a level is the model's float timestep t = σ·T, z = (1 − σ) x + σ ε and th
 (:mod:`~genkernel.diffusion.objectives`). In your own loop ``observe(losses, timesteps)`` takes the
 timesteps the model was given (``scheduler.timesteps[indices]``, or σ·T for continuous σ).
 
+EDM (Karras et al. 2022, diffusers' ``EDMEulerScheduler``): pass that scheduler; a level is the
+model's float timestep t = c_noise = ¼ ln σ, the model is given c_in (x + σ ε) and regresses the
+effective target (x − c_skip z) / c_out, whose mean squared error is the EDM-weighted loss
+λ(σ) ‖D − x‖² (:mod:`~genkernel.diffusion.objectives`). ``observe(losses, timesteps)`` takes
+``scheduler.timesteps[indices]``, the timesteps the model was given (not the sigmas).
+
 Conditional denoisers ``model(x_t, t, *conditioning)`` (class labels, ``encoder_hidden_states``):
 ``probe_conditioning`` gives the probes' extra inputs, steps pass ``conditioning=``, and with
 ``num_classes`` a "level_class" partition (noise level × class) is split beside the levels.
@@ -85,7 +91,7 @@ from .objectives import (
     check_prediction_type,
     check_timesteps,
     diffusion_loss,
-    is_flow_matching,
+    noise_process,
     level_dtype,
     noise_schedule_config,
     noisy_input,
@@ -111,15 +117,16 @@ class NoiseLevelAnalyzer(TrainerCallback):
     Args:
         scheduler: the ``DDPMScheduler`` used for training (prediction type "epsilon",
             "v_prediction" or "sample"; add_noise builds the probes), or a flow-matching
-            ``FlowMatchEulerDiscreteScheduler`` (levels t = σ·T, target ε − x).
+            ``FlowMatchEulerDiscreteScheduler`` (levels t = σ·T, target ε − x), or an
+            ``EDMEulerScheduler`` (levels t = ¼ ln σ, input c_in z, target (x − c_skip z) / c_out).
         probe_data: ``Tensor[N0, *shape]`` clean inputs for probes and kernel checkpoints
             (held-out data is best; the first ``kernel_points`` rows serve the kernel).
         num_bins: G, bins of the training timestep (groups).
         bin_spacing: "log_snr" (default: equal widths of log SNR, :class:`~genkernel.diffusion.objectives.NoiseBins`)
             or "timestep" (equal widths of t).
         num_probes: M probes, assigned round-robin to the probe levels.
-        probe_levels: ``LongTensor[L]`` probe timesteps s (flow matching: real t = σ·T in [0, T],
-            kept as float32); default the G bin centres.
+        probe_levels: ``LongTensor[L]`` probe timesteps s (flow matching: real t = σ·T in [0, T];
+            EDM: real t = ¼ ln σ; kept as float32); default the G bin centres.
         band: w, the half-width in bins of "nearby levels" for the locality measures. A band
             >= G − 1 holds every bin for every probe, so nothing lies outside it and locality is
             undefined: refused (ValueError) for G >= 3 bins; with G <= 2 every band but 0 covers
@@ -358,12 +365,15 @@ class NoiseLevelAnalyzer(TrainerCallback):
         if theirs is None or theirs is self.scheduler or not hasattr(theirs, "config"):
             return
         if not same_noise_schedule(self.scheduler, theirs):
-            kind = "flow matching" if is_flow_matching(theirs) else getattr(theirs.config, "prediction_type", None)
+            process = noise_process(theirs)
+            kind = "flow matching" if process == "flow_matching" else getattr(theirs.config, "prediction_type", None)
+            kind = f"EDM {kind}" if process == "edm" else kind
             raise ValueError(
                 f"the trainer's scheduler ({type(theirs).__name__}, T = {theirs.config.get('num_train_timesteps')}, "
                 f"prediction {kind!r}) is not the analyzer's ({type(self.scheduler).__name__}, T = {self.total}, "
-                f"prediction {self.prediction_type!r}) or has another noise schedule (alphas_cumprod, or a flow "
-                "grid's shift): the bins and probes would be another schedule's. Build the analyzer with the "
+                f"prediction {self.prediction_type!r}, {self.bins.process}) or has another noise schedule "
+                "(alphas_cumprod, a flow grid's shift, an EDM grid's σ range or σ_d): the bins and probes would be "
+                "another schedule's. Build the analyzer with the "
                 "trainer's scheduler: NoiseLevelAnalyzer(trainer.scheduler, ...)"
             )
 
@@ -427,7 +437,8 @@ class NoiseLevelAnalyzer(TrainerCallback):
         Args:
             losses: ``[B]`` per-example losses with their graph, weighted as your loss weights them
                 (min-SNR and the like); your loss is their mean, or Σ_n c_n ℓ_n with ``weights``.
-            timesteps: ``LongTensor[B]`` the training timesteps (flow matching: the model's float t = σ·T).
+            timesteps: ``LongTensor[B]`` the training timesteps (flow matching: the model's float t = σ·T;
+                EDM: its float t = ¼ ln σ, ``scheduler.timesteps[indices]``).
             class_labels: ``LongTensor[B]`` in [0, C), with ``num_classes``.
 
         The loop's ``optimizer.step()`` records the step (gradient accumulation over several
@@ -481,7 +492,8 @@ class NoiseLevelAnalyzer(TrainerCallback):
         """One real optimizer step of the bound model on a DDPM batch, recorded in the ledger.
 
         Replaces ``loss.backward(); optimizer.step()`` in a user's loop. Args: ``clean`` and
-        ``noise`` ``[B, *shape]``, ``timesteps`` ``LongTensor[B]`` in [0, T) (flow matching: t = σ·T in [0, T]); ``conditioning``: the
+        ``noise`` ``[B, *shape]``, ``timesteps`` ``LongTensor[B]`` in [0, T) (flow matching: t = σ·T in [0, T];
+        EDM: t = ¼ ln σ); ``conditioning``: the
         model's extra inputs; ``weights``: per-example coefficients c_n of the loss Σ_n c_n ℓ_n
         (default the mean; min-SNR weighting goes here). Builds z with ``scheduler.add_noise`` and
         the target for the scheduler's prediction type. Returns the per-example losses ``[B]``.
@@ -524,6 +536,9 @@ class NoiseLevelAnalyzer(TrainerCallback):
         timesteps = check_timesteps(timesteps, self.scheduler)
         if timesteps.numel() != batch:
             raise ValueError(f"got {timesteps.numel()} timesteps for a batch of {batch}")
+        # EDM needs no such count: its levels t = ¼ ln σ are legitimately small or negative, and sigmas
+        # passed for them are refused by check_timesteps as soon as one exceeds ¼ ln σ_max (σ > ¼ ln σ
+        # always; with the default σ range, 59% (Karras) or 41% (exponential) of the levels drawn do).
         if self.bins.flow and self.total >= 100:
             # Every example at σ <= 1/T: about (1/T)^n for n examples in a row under any training
             # distribution, but exactly what passing the loop's sigmas (in [0, 1]) in place of its
@@ -857,7 +872,7 @@ class NoiseLevelAnalyzer(TrainerCallback):
 
     def _noise_process(self) -> dict[str, Any]:
         """What the saved state records of the noise process: its kind and the config entries that set its levels."""
-        return {"noise_process": "flow_matching" if self.bins.flow else "ddpm",
+        return {"noise_process": self.bins.process,
                 "noise_schedule": noise_schedule_config(self.scheduler)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:

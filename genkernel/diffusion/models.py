@@ -77,7 +77,7 @@ class MLPDenoiser(nn.Module):
         time_dim: width of the time embedding.
         film: FiLM-modulate every hidden layer by the time embedding.
         time_input: "integer" (DDPM timesteps, a LongTensor; a float t is refused) or "continuous"
-            (flow matching's real t = σ·T in [0, T]).
+            (flow matching's real t = σ·T in [0, T], EDM's t = ¼ ln σ).
 
     Shapes: ``forward(x_t [B, data_dim], t [B]) -> [B, data_dim]``.
     """

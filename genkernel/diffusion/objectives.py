@@ -30,9 +30,34 @@ as diffusers' flow-matching training scripts compute them (``noisy = (1 − σ) 
 ``target = noise − x``); log SNR = 2 log((1 − σ) / σ). Training levels are the scheduler's own
 grid of T timesteps (σ_i·T, shifted by ``shift``); a level between grid points (continuous-time
 training) is fine too. The loss and w are the same mean squared error.
+
+EDM (Karras et al. 2022; diffusers' ``EDMEulerScheduler``) is the third. Its level is the model's
+timestep t = c_noise = ¼ ln σ (real, negative for σ < 1; σ = exp(4t)), the noise is z = x + σ ε
+(``add_noise``), the network F sees c_in z and its denoised output is D = c_skip z + c_out F
+(``precondition_outputs``), with
+
+    c_in = 1 / s,   c_skip = σ_d² / s²,   c_out = ±σ σ_d / s,   s = sqrt(σ² + σ_d²)
+
+(c_out negative for ``prediction_type="v_prediction"``). The EDM paper's loss λ(σ) ‖D − x‖² with
+λ = 1 / c_out² = (σ² + σ_d²) / (σ σ_d)² equals ‖F − y‖² with the effective target
+
+    y = (x − c_skip z) / c_out = ±(σ x / σ_d − σ_d ε) / s,
+
+so here the network input is c_in z (:func:`noisy_input`), the target is y
+(:func:`training_target`), and the loss and w are the same mean squared error of F: the ledger
+differentiates the weighted EDM loss exactly. (diffusers' SDXL DreamBooth script with
+``--do_edm_style_training`` and an EDM scheduler trains the unweighted ‖D − x‖² = c_out² ‖F − y‖²
+instead: a loop of its own passes those losses to ``observe``, whose ledger differentiates whatever
+loss was trained; :class:`~genkernel.diffusion.trainer.DDPMTrainer` and ``analyzer.step`` train the
+weighted one.) log SNR = 2 ln(σ_d / σ). Training levels are the T
+timesteps diffusers' EDM training draws from (``scheduler.timesteps[indices]``, indices in [0, T),
+of the constructor's Karras or exponential grid); a level between grid points is fine too.
 """
 
 from __future__ import annotations
+
+import functools
+import math
 
 import torch
 
@@ -40,6 +65,8 @@ from ..core.adapter import targets_per_example
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")  # DDPM-family schedulers (alphas_cumprod)
 FLOW = "flow"  # the prediction type of a flow-matching scheduler: y = ε − x
+EDM_PREDICTION_TYPES = ("epsilon", "v_prediction")  # what EDMEulerScheduler.precondition_outputs takes
+DDPM_PROCESS, FLOW_PROCESS, EDM_PROCESS = "ddpm", "flow_matching", "edm"  # the noise processes (noise_process)
 BETA_SCHEDULES = ("linear", "squaredcos_cap_v2")
 
 __all__ = [
@@ -47,7 +74,10 @@ __all__ = [
     "BETA_SCHEDULES",
     "make_scheduler",
     "make_flow_scheduler",
+    "make_edm_scheduler",
     "is_flow_matching",
+    "is_edm",
+    "noise_process",
     "level_dtype",
     "training_levels",
     "noise_schedule_config",
@@ -104,16 +134,62 @@ def make_flow_scheduler(num_train_timesteps: int = 1000, shift: float = 1.0, **k
     return FlowMatchEulerDiscreteScheduler(num_train_timesteps=num_train_timesteps, shift=float(shift), **kwargs)
 
 
+def make_edm_scheduler(
+    num_train_timesteps: int = 1000,
+    sigma_min: float = 0.002,
+    sigma_max: float = 80.0,
+    sigma_data: float = 0.5,
+    sigma_schedule: str = "karras",
+    prediction_type: str = "epsilon",
+    **kwargs,
+):
+    """A ``diffusers.EDMEulerScheduler`` with checked settings: EDM with levels t = ¼ ln σ on its grid
+    of σ from ``sigma_max`` down to ``sigma_min`` (``"karras"`` with ``rho``, or ``"exponential"``)."""
+    from diffusers import EDMEulerScheduler
+
+    if not isinstance(num_train_timesteps, int) or num_train_timesteps < 2:
+        raise ValueError(f"num_train_timesteps must be an int >= 2, got {num_train_timesteps!r}")
+    numbers = {"sigma_min": sigma_min, "sigma_max": sigma_max, "sigma_data": sigma_data}
+    for key, value in numbers.items():
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
+            raise ValueError(f"{key} must be a positive number, got {value!r}")
+    if not sigma_min < sigma_max:
+        raise ValueError(f"sigma_min must be below sigma_max, got {sigma_min!r} and {sigma_max!r}")
+    if sigma_schedule not in ("karras", "exponential"):
+        raise ValueError(f"sigma_schedule must be 'karras' or 'exponential', got {sigma_schedule!r}")
+    if prediction_type not in EDM_PREDICTION_TYPES:
+        raise ValueError(f"prediction_type {prediction_type!r} is not supported; choose one of {EDM_PREDICTION_TYPES}")
+    return EDMEulerScheduler(
+        num_train_timesteps=num_train_timesteps, sigma_min=float(sigma_min), sigma_max=float(sigma_max),
+        sigma_data=float(sigma_data), sigma_schedule=sigma_schedule, prediction_type=prediction_type, **kwargs
+    )
+
+
 def is_flow_matching(scheduler) -> bool:
     """Whether ``scheduler`` is a flow-matching scheduler (diffusers' ``FlowMatch*`` classes: sigmas and
     no ``alphas_cumprod``)."""
     return type(scheduler).__name__.startswith("FlowMatch") and not hasattr(scheduler, "alphas_cumprod")
 
 
+def is_edm(scheduler) -> bool:
+    """Whether ``scheduler`` is diffusers' ``EDMEulerScheduler`` (or a subclass). Not the other ``EDM*``
+    classes: ``EDMDPMSolverMultistepScheduler`` builds another grid (T points, a final σ = 0 among its
+    sigmas), which training levels read as this one's would get wrong."""
+    return any(cls.__name__ == "EDMEulerScheduler" for cls in type(scheduler).__mro__)
+
+
+def noise_process(scheduler) -> str:
+    """The scheduler's noise process: ``"flow_matching"``, ``"edm"`` or ``"ddpm"`` (every other scheduler;
+    :func:`check_prediction_type` refuses those without ``alphas_cumprod``)."""
+    if is_flow_matching(scheduler):
+        return FLOW_PROCESS
+    return EDM_PROCESS if is_edm(scheduler) else DDPM_PROCESS
+
+
 def level_dtype(scheduler) -> torch.dtype:
     """The dtype of the timesteps a model is given: torch.long for DDPM-family schedulers,
-    torch.float32 under flow matching (diffusers' own ``timesteps`` = σ·T)."""
-    return torch.float32 if is_flow_matching(scheduler) else torch.long
+    torch.float32 under flow matching (diffusers' own ``timesteps`` = σ·T) and EDM (t = ¼ ln σ)."""
+    return torch.long if noise_process(scheduler) == DDPM_PROCESS else torch.float32
 
 
 def _check_flow_config(scheduler) -> None:
@@ -132,8 +208,10 @@ def training_levels(scheduler) -> tuple[torch.Tensor, torch.Tensor]:
         ``(levels [T], log_snr [T])`` on the CPU: for a DDPM-family scheduler the integer timesteps
         0..T−1 (LongTensor) and log(ᾱ_t / (1 − ᾱ_t)); for a flow-matching scheduler the float32
         timesteps σ·T of its training grid (the grid its constructor builds; ``set_timesteps`` for
-        sampling does not change it) and 2 log((1 − σ) / σ). log SNR is float64 and non-increasing,
-        −inf at a level of pure noise (ᾱ_t = 0, σ = 1).
+        sampling does not change it) and 2 log((1 − σ) / σ); for an EDM scheduler the float32
+        timesteps ¼ ln σ of its constructor's grid that diffusers' EDM training draws (all but σ_min)
+        and 2 ln(σ_d / σ). log SNR is float64 and non-increasing, −inf at a level of pure noise
+        (ᾱ_t = 0, σ = 1 under flow matching).
     """
     check_prediction_type(scheduler)
     if is_flow_matching(scheduler):
@@ -142,21 +220,60 @@ def training_levels(scheduler) -> tuple[torch.Tensor, torch.Tensor]:
         levels = grid.timesteps.detach().to("cpu", level_dtype(scheduler)).flip(0)
         sigma = levels.to(torch.float64) / num_train_timesteps(scheduler)
         return levels, 2 * (torch.log1p(-sigma) - torch.log(sigma))
+    if is_edm(scheduler):
+        grid_t, grid_sigma = _edm_grid(scheduler)
+        # diffusers' EDM training draws scheduler.timesteps[randint(0, T)]: the T noisiest of the grid's
+        # T + 1 points (σ_max first); the last, σ_min, is never drawn. Ascending t: least noise first.
+        levels, sigma = grid_t[1:].clone(), grid_sigma[1:]
+        return levels, 2 * (math.log(scheduler.config.sigma_data) - torch.log(sigma))
     # On the CPU: diffusers' add_noise moves the scheduler's alphas_cumprod to the samples' device
     # for good, and levels are bookkeeping, not model work.
     alphas = scheduler.alphas_cumprod.detach().to("cpu", torch.float64)
     return torch.arange(alphas.numel()), torch.log(alphas / (1 - alphas).clamp_min(1e-300))
 
 
+def _edm_grid(scheduler) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(t [T + 1] float32, σ [T + 1] float64)`` of an EDM scheduler's training grid, ascending t (σ_min first):
+    the grid its constructor builds, whatever ``set_timesteps`` did to the object since."""
+    # keyed by the constructor's settings ("_" entries are diffusers' bookkeeping, some of them lists)
+    items = ((k, tuple(v) if isinstance(v, list) else v) for k, v in scheduler.config.items() if not k.startswith("_"))
+    return _edm_grid_of((type(scheduler), tuple(sorted(items))))
+
+
+@functools.lru_cache(maxsize=16)
+def _edm_grid_of(key) -> tuple[torch.Tensor, torch.Tensor]:
+    cls, items = key
+    grid = cls.from_config(dict(items))  # a fresh copy: the training grid, not a sampling one
+    count = int(grid.config.num_train_timesteps) + 1  # sigmas has a final 0 (or σ_min) appended for sampling
+    return grid.timesteps.detach().to("cpu", torch.float32).flip(0), grid.sigmas[:count].to(torch.float64).flip(0)
+
+
+def _edm_sigmas(scheduler, timesteps: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """σ of EDM levels ``timesteps [B]`` shaped to broadcast over ``like [B, *shape]``, in float64 on its device:
+    the grid's σ at a level that is one of the grid's timesteps (what diffusers' ``add_noise`` and training
+    scripts read: exp(4t) of a float32 t is σ only to float32 rounding), exp(4t) between them."""
+    grid_t, grid_sigma = _edm_grid(scheduler)
+    t = timesteps.detach().to("cpu", torch.float64)
+    index = torch.searchsorted(grid_t.to(torch.float64), t).clamp(max=grid_t.numel() - 1)
+    on_grid = grid_t.to(torch.float64)[index] == t
+    sigma = torch.where(on_grid, grid_sigma[index], torch.exp(4 * t))
+    return sigma.to(like.device).reshape(-1, *([1] * (like.dim() - 1)))
+
+
 SCHEDULE_KEYS = ("beta_schedule", "beta_start", "beta_end", "trained_betas", "rescale_betas_zero_snr")  # what sets ᾱ_t
 FLOW_SCHEDULE_KEYS = ("shift", "use_dynamic_shifting")  # what sets a flow-matching scheduler's training grid
+# what sets an EDM scheduler's grid (σ range, schedule, rho), its preconditioning (σ_d) and target
+EDM_SCHEDULE_KEYS = ("sigma_min", "sigma_max", "sigma_data", "sigma_schedule", "rho", "prediction_type")
 
 
 def noise_schedule_config(scheduler) -> dict:
     """The scheduler's config entries that set its training levels (a DDPM-family scheduler's betas,
-    and so ᾱ_t; a flow-matching scheduler's shift), as plain values for a checkpoint."""
-    out = {"process": "flow_matching"} if is_flow_matching(scheduler) else {}
-    for key in FLOW_SCHEDULE_KEYS if out else SCHEDULE_KEYS:
+    and so ᾱ_t; a flow-matching scheduler's shift; an EDM scheduler's σ grid, σ_d and prediction type),
+    as plain values for a checkpoint."""
+    process = noise_process(scheduler)
+    out = {} if process == DDPM_PROCESS else {"process": process}
+    keys = {DDPM_PROCESS: SCHEDULE_KEYS, FLOW_PROCESS: FLOW_SCHEDULE_KEYS, EDM_PROCESS: EDM_SCHEDULE_KEYS}[process]
+    for key in keys:
         value = scheduler.config.get(key)
         listed = value is not None and not isinstance(value, (str, bool, int, float))  # trained_betas: a list or array
         out[key] = [float(v) for v in value] if listed else value
@@ -165,16 +282,19 @@ def noise_schedule_config(scheduler) -> dict:
 
 def same_noise_schedule(ours, theirs) -> bool:
     """Whether two schedulers train on the same levels with the same noise and target: the same kind
-    (DDPM-family or flow matching), prediction type and T, and ᾱ_t (or the flow grid's σ) equal to a
-    relative 1e-6 (compared on the CPU: training moves ᾱ_t to the model's device)."""
-    if is_flow_matching(ours) != is_flow_matching(theirs):
+    (DDPM-family, flow matching or EDM), prediction type and T, and ᾱ_t (or the flow or EDM grid's
+    levels) equal to a relative 1e-6 (compared on the CPU: training moves ᾱ_t to the model's device);
+    under EDM also the same σ_d (it sets the preconditioning and so the target)."""
+    if noise_process(ours) != noise_process(theirs):
         return False
     try:
         if check_prediction_type(theirs) != check_prediction_type(ours):
             return False
     except ValueError:
         return False
-    if is_flow_matching(ours):
+    if is_edm(ours) and float(ours.config.sigma_data) != float(theirs.config.sigma_data):
+        return False
+    if noise_process(ours) != DDPM_PROCESS:
         a, b = training_levels(ours)[0].double(), training_levels(theirs)[0].double()
     else:
         a = ours.alphas_cumprod.detach().to("cpu", torch.float64)
@@ -188,12 +308,16 @@ def check_prediction_type(scheduler) -> str:
     if is_flow_matching(scheduler) and config is not None:
         return FLOW
     kind = getattr(config, "prediction_type", None) if config is not None else None
-    if kind not in PREDICTION_TYPES or not hasattr(scheduler, "alphas_cumprod"):
+    edm = is_edm(scheduler) and config is not None and "sigma_data" in config
+    if edm and kind in EDM_PREDICTION_TYPES:
+        return kind
+    if edm or kind not in PREDICTION_TYPES or not hasattr(scheduler, "alphas_cumprod"):
         raise ValueError(
             f"the scheduler ({type(scheduler).__name__}, prediction_type {kind!r}) is not one the diffusion "
             f"analyzer handles: a DDPM-family scheduler with alphas_cumprod and prediction_type one of "
-            f"{', '.join(PREDICTION_TYPES)} (make_scheduler(prediction_type=...)), or a flow-matching "
-            "FlowMatchEulerDiscreteScheduler (make_flow_scheduler)"
+            f"{', '.join(PREDICTION_TYPES)} (make_scheduler(prediction_type=...)), a flow-matching "
+            "FlowMatchEulerDiscreteScheduler (make_flow_scheduler), or an EDMEulerScheduler with prediction_type "
+            f"one of {', '.join(EDM_PREDICTION_TYPES)} (make_edm_scheduler)"
         )
     return kind
 
@@ -204,27 +328,69 @@ def num_train_timesteps(scheduler) -> int:
 
 def check_timesteps(timesteps: torch.Tensor, scheduler, *, name: str = "timesteps") -> torch.Tensor:
     """Return ``timesteps [B]`` after checking them: a DDPM-family scheduler's as a LongTensor of
-    integers in [0, T); a flow-matching scheduler's as given (floats or integers) in [0, T]."""
-    if is_flow_matching(scheduler):
+    integers in [0, T); a flow-matching scheduler's as given (floats or integers) in [0, T]; an EDM
+    scheduler's as given (floats) in [¼ ln σ_min, ¼ ln σ_max]."""
+    process = noise_process(scheduler)
+    if process == FLOW_PROCESS:
         return _flow_timesteps(timesteps, num_train_timesteps(scheduler), name)
+    if process == EDM_PROCESS:
+        return _edm_timesteps(timesteps, scheduler, name)
     return _integer_timesteps(timesteps, num_train_timesteps(scheduler), name)
+
+
+def _real_timesteps(timesteps: torch.Tensor, name: str, what: str) -> torch.Tensor | None:
+    """``timesteps [B]`` as float64 CPU values (None if empty) after checking they are a 1-D real Tensor
+    (``what``: the level's formula, for the message)."""
+    if not isinstance(timesteps, torch.Tensor) or timesteps.dim() != 1:
+        raise TypeError(f"{name} must be a 1-D Tensor [B] of timesteps {what}, got "
+                        f"{getattr(timesteps, 'shape', type(timesteps).__name__)}")
+    if timesteps.is_complex() or timesteps.dtype == torch.bool:
+        raise TypeError(f"{name} must be real timesteps {what}, got dtype {timesteps.dtype}")
+    return timesteps.detach().to("cpu", torch.float64) if timesteps.numel() else None
 
 
 def _flow_timesteps(timesteps: torch.Tensor, total: int, name: str) -> torch.Tensor:
     """``timesteps [B]`` on its device after checking they are real numbers t in [0, T] (σ = t / T in [0, 1])."""
-    if not isinstance(timesteps, torch.Tensor) or timesteps.dim() != 1:
-        raise TypeError(f"{name} must be a 1-D Tensor [B] of timesteps t = σ·T, got "
-                        f"{getattr(timesteps, 'shape', type(timesteps).__name__)}")
-    if timesteps.is_complex() or timesteps.dtype == torch.bool:
-        raise TypeError(f"{name} must be real timesteps t = σ·T, got dtype {timesteps.dtype}")
-    if timesteps.numel():
-        values = timesteps.detach().to("cpu", torch.float64)
+    values = _real_timesteps(timesteps, name, "t = σ·T")
+    if values is not None:
         if not bool(torch.isfinite(values).all()) or float(values.min()) < 0 or float(values.max()) > total:
             raise ValueError(
                 f"{name} of a flow-matching scheduler are t = σ·T and must lie in [0, {total}] (σ in [0, 1]); got "
                 f"values from {float(values.min()):g} to {float(values.max()):g} (pass timesteps, not sigmas: "
                 "scheduler.timesteps[indices], or sigmas * num_train_timesteps)"
             )
+    return timesteps
+
+
+EDM_LEVEL_SLACK = 1e-5  # levels ¼ ln σ computed in float64 from float32 σ differ from diffusers' float32 ones by ~1e-7
+
+
+def _edm_range(scheduler) -> tuple[float, float]:
+    """The levels ``(¼ ln σ_min, ¼ ln σ_max)`` of an EDM scheduler's grid (its float32 ends, as float)."""
+    grid_t = _edm_grid(scheduler)[0]
+    return float(grid_t[0]), float(grid_t[-1])
+
+
+def _edm_timesteps(timesteps: torch.Tensor, scheduler, name: str) -> torch.Tensor:
+    """``timesteps [B]`` on its device after checking they are real numbers t = ¼ ln σ with σ in [σ_min, σ_max]
+    (to :data:`EDM_LEVEL_SLACK` at the ends)."""
+    if isinstance(timesteps, torch.Tensor) and timesteps.dim() == 1 and not (
+            timesteps.is_floating_point() or timesteps.is_complex() or timesteps.dtype == torch.bool):
+        raise TypeError(
+            f"{name} of an EDM scheduler are real levels t = ¼ ln σ (a float Tensor), got dtype {timesteps.dtype}: "
+            "these look like grid indices; pass scheduler.timesteps[indices]"
+        )
+    values = _real_timesteps(timesteps, name, "t = ¼ ln σ")
+    low, high = _edm_range(scheduler)
+    if values is not None and (not bool(torch.isfinite(values).all()) or float(values.min()) < low - EDM_LEVEL_SLACK
+                               or float(values.max()) > high + EDM_LEVEL_SLACK):
+        config = scheduler.config
+        raise ValueError(
+            f"{name} of an EDM scheduler are t = c_noise = ¼ ln σ and must lie in [{low:.6g}, {high:.6g}] (σ in "
+            f"[{config.sigma_min:g}, {config.sigma_max:g}]); got values from {float(values.min()):g} to "
+            f"{float(values.max()):g} (pass the timesteps the model is given, scheduler.timesteps[indices], not "
+            "sigmas or indices)"
+        )
     return timesteps
 
 
@@ -266,9 +432,16 @@ def _check_state(scheduler, clean: torch.Tensor, noise: torch.Tensor, timesteps:
 def training_target(scheduler, clean: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
     """The regression target y ``[B, *shape]`` for ``clean``, ``noise`` ``[B, *shape]`` and ``timesteps [B]``
     (:func:`check_timesteps`): ε, x, or v = sqrt(ᾱ_t) ε − sqrt(1 − ᾱ_t) x (``scheduler.get_velocity``); under
-    flow matching ε − x."""
+    flow matching ε − x; under EDM the network's effective target (x − c_skip z) / c_out
+    = ±(σ x / σ_d − σ_d ε) / sqrt(σ² + σ_d²) (− for v_prediction), in ``clean``'s dtype."""
     kind = check_prediction_type(scheduler)
     timesteps = _check_state(scheduler, clean, noise, timesteps)
+    if is_edm(scheduler):
+        # the closed form, not (x − c_skip z) / c_out: at σ_min ~ 0.002 that divides a difference of
+        # nearly equal terms by c_out ~ σ, losing ~3 digits in float32
+        sigma, data = _edm_sigmas(scheduler, timesteps, clean), float(scheduler.config.sigma_data)
+        scale = torch.sqrt(sigma**2 + data**2) * (1 if kind == "epsilon" else -1)
+        return clean * (sigma / (data * scale)).to(clean.dtype) - noise * (data / scale).to(clean.dtype)
     if kind == FLOW:
         return noise - clean
     if kind == "epsilon":
@@ -281,8 +454,13 @@ def training_target(scheduler, clean: torch.Tensor, noise: torch.Tensor, timeste
 def noisy_input(scheduler, clean: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
     """z = sqrt(ᾱ_t) x + sqrt(1 − ᾱ_t) ε ``[B, *shape]``, computed by ``scheduler.add_noise`` in ``clean``'s
     dtype (``timesteps``: LongTensor[B] in [0, T)); under flow matching z = (1 − σ) x + σ ε with
-    σ = t / T (``timesteps [B]`` in [0, T])."""
+    σ = t / T (``timesteps [B]`` in [0, T]); under EDM what the network is given, c_in (x + σ ε) =
+    (x + σ ε) / sqrt(σ² + σ_d²) with σ = exp(4t) (``precondition_inputs`` of ``add_noise``)."""
     timesteps = _check_state(scheduler, clean, noise, timesteps)
+    if is_edm(scheduler):
+        sigma = _edm_sigmas(scheduler, timesteps, clean)
+        c_in = 1 / torch.sqrt(sigma**2 + float(scheduler.config.sigma_data) ** 2)
+        return (clean + noise * sigma.to(clean.dtype)) * c_in.to(clean.dtype)
     if is_flow_matching(scheduler):
         sigma = _flow_sigmas(timesteps, num_train_timesteps(scheduler), clean)
         return (1 - sigma) * clean + sigma * noise
@@ -365,13 +543,17 @@ class NoiseBins:
     boundaries mapped to t = T σ, σ = 1 / (1 + exp(λ / 2))), levels below the first boundary join
     bin 0 and levels beyond the last join the last bin, and a bin's centre is the level at the
     middle of its log-SNR range (between grid points, as continuous-time training visits them).
+    Under EDM likewise, over t = ¼ ln σ in [¼ ln σ_min, ¼ ln σ_max]: log SNR = 2 ln σ_d − 8t is
+    linear in t, so the log-SNR and the timestep spacings give the same equal widths of t (the
+    first spans the grid's levels' log SNR, the second the whole range of t).
 
     Attributes:
         edges: ``Tensor[G + 1]`` the first timestep of every bin, then T (DDPM: a LongTensor; flow
-            matching: float64, the first 0 and the last T, inclusive).
+            matching: float64, the first 0 and the last T, inclusive; EDM: float64, from ¼ ln σ_min
+            to ¼ ln σ_max inclusive).
         centers: ``Tensor[G]`` the probe level of every bin: the timestep whose log SNR is
             nearest the middle of the bin's range (``"log_snr"``), or the middle timestep (DDPM: a
-            LongTensor; flow matching: float32, as the scheduler's timesteps).
+            LongTensor; flow matching and EDM: float32, as the scheduler's timesteps).
         log_snr: ``Tensor[G + 1]`` log SNR at the bins' edges (their ends: ``log_snr[g]`` at
             ``edges[g]``, the first at the least noisy training level, the last at the noisiest).
     """
@@ -383,7 +565,10 @@ class NoiseBins:
         if isinstance(num_bins, bool) or not isinstance(num_bins, int) or not 1 <= num_bins <= total:
             raise ValueError(f"num_bins must be an int in [1, {total}] (num_train_timesteps), got {num_bins!r}")
         self.num_bins, self.total, self.spacing = num_bins, total, spacing
-        self.flow = is_flow_matching(scheduler)
+        self.scheduler = scheduler  # checks real levels (check_timesteps) and maps them to log SNR
+        self.process = noise_process(scheduler)
+        self.flow = self.process == FLOW_PROCESS
+        self.real = self.process != DDPM_PROCESS  # real levels and edges (flow matching, EDM)
         levels, snr = training_levels(scheduler)
         self.snr_of_t = snr  # at the training levels (DDPM: indexed by t)
         finite = snr[torch.isfinite(snr)]
@@ -394,8 +579,8 @@ class NoiseBins:
         # timestep in bin 0 and one timestep in each other bin. Levels at -inf join the last bin.
         bounds = None if spacing == "timestep" else torch.linspace(
             float(finite.max()), float(finite.min()), num_bins + 1, dtype=torch.float64)
-        if self.flow:
-            self._flow_bins(levels, snr, bounds)
+        if self.real:
+            self._real_bins(snr, bounds)
         elif spacing == "timestep":
             self.edges = bin_edges(num_bins, total)
             self.centers = bin_centers(num_bins, total)
@@ -413,30 +598,46 @@ class NoiseBins:
                 ts = torch.arange(int(self.edges[g]), int(self.edges[g + 1]))
                 centers.append(int(ts[(snr[ts] - middles[g]).abs().argmin()]))
             self.centers = torch.tensor(centers, dtype=torch.long)
-        if not self.flow:
+        if not self.real:
             self.log_snr = torch.cat([snr[self.edges[:-1]], snr[-1:]])
 
-    def _flow_bins(self, levels: torch.Tensor, snr: torch.Tensor, bounds: torch.Tensor | None) -> None:
-        """Edges, centres and log SNR of flow-matching bins over levels t in [0, T]."""
-        total, g = self.total, self.num_bins
+    def _level_range(self) -> tuple[float, float]:
+        """The least and the most noisy real level: (0, T) under flow matching, (¼ ln σ_min, ¼ ln σ_max) under EDM."""
+        return (0.0, float(self.total)) if self.flow else _edm_range(self.scheduler)
+
+    def _level_of_log_snr(self, log_snr: torch.Tensor) -> torch.Tensor:
+        """The real level at log SNR λ (float64): t = T σ with σ = 1 / (1 + exp(λ / 2)) under flow matching,
+        t = ¼ ln σ with σ = σ_d exp(−λ / 2) under EDM."""
+        if self.flow:
+            return self.total * torch.sigmoid(-log_snr / 2)
+        return (math.log(self.scheduler.config.sigma_data) - log_snr / 2) / 4
+
+    def _log_snr_of_level(self, t: torch.Tensor) -> torch.Tensor:
+        """log SNR at real levels ``t`` (float64): 2 log((1 − σ) / σ), σ = t / T; under EDM 2 ln σ_d − 8t."""
+        if self.flow:
+            sigma = t / self.total
+            return 2 * (torch.log1p(-sigma) - torch.log(sigma))
+        return 2 * math.log(self.scheduler.config.sigma_data) - 8 * t
+
+    def _real_bins(self, snr: torch.Tensor, bounds: torch.Tensor | None) -> None:
+        """Edges, centres and log SNR of bins over real levels (flow matching, EDM)."""
+        low, high = self._level_range()
         if bounds is None:  # equal widths of t
-            self.edges = torch.linspace(0.0, float(total), g + 1, dtype=torch.float64)
+            self.edges = torch.linspace(low, high, self.num_bins + 1, dtype=torch.float64)
             middles = (self.edges[:-1] + self.edges[1:]) / 2
-        else:  # equal widths of log SNR, mapped to t = T σ(λ)
-            inner = total * torch.sigmoid(-bounds[1:-1] / 2)
-            self.edges = torch.cat([torch.zeros(1, dtype=torch.float64), inner,
-                                    torch.full((1,), float(total), dtype=torch.float64)])
-            middles = total * torch.sigmoid(-(bounds[:-1] + bounds[1:]) / 4)
-        self.centers = middles.to(torch.float32)  # level_dtype under flow matching
-        sigma = self.edges[1:-1] / total
-        inner_snr = 2 * (torch.log1p(-sigma) - torch.log(sigma))
-        self.log_snr = torch.cat([snr[:1], inner_snr, snr[-1:]])
+        else:  # equal widths of log SNR, mapped to levels
+            inner = self._level_of_log_snr(bounds[1:-1])
+            self.edges = torch.cat([torch.full((1,), low, dtype=torch.float64), inner,
+                                    torch.full((1,), high, dtype=torch.float64)])
+            middles = self._level_of_log_snr((bounds[:-1] + bounds[1:]) / 2)
+        self.centers = middles.to(torch.float32)  # level_dtype of real levels
+        self.log_snr = torch.cat([snr[:1], self._log_snr_of_level(self.edges[1:-1]), snr[-1:]])
 
     def __call__(self, timesteps: torch.Tensor) -> torch.Tensor:
         """``LongTensor[B]`` the bin of every timestep (``timesteps``: integers in [0, T); under flow
-        matching real numbers in [0, T])."""
-        if self.flow:
-            t = _flow_timesteps(timesteps, self.total, "timesteps").detach().to("cpu", torch.float64)
+        matching real numbers in [0, T]; under EDM real numbers t = ¼ ln σ, :func:`check_timesteps`)."""
+        if self.real:
+            t = check_timesteps(timesteps, self.scheduler).detach().to("cpu", torch.float64)
             bins = (torch.searchsorted(self.edges, t, right=True) - 1).clamp(0, self.num_bins - 1)
             return bins.to(timesteps.device)
         t = _check_in_range(timesteps, self.total)

@@ -29,7 +29,7 @@ from torch import nn
 from .kernels import eval_mode, state_kernel
 from ..core.adapter import as_tuple
 from ..core.grouping import measured_minus_control
-from .objectives import check_timesteps, level_dtype, noisy_input
+from .objectives import EDM_PROCESS, check_timesteps, level_dtype, noise_process, noisy_input, training_levels
 from .trainer import reverse_sample
 
 __all__ = ["RetrievalResult", "retrieval_attribution", "normalized_entropy", "top_weight_share"]
@@ -127,8 +127,9 @@ def retrieval_attribution(
 
     Args:
         train_data: ``[N, *shape]`` clean training inputs (a subset is fine; N sets the cost).
-        stages: integer reverse timesteps in [0, T) to analyse (flow matching: real t = σ·T in [0, T],
-            the states then kept at the sampler's float timesteps) (a list, Tensor or array; snapped to
+        stages: integer reverse timesteps in [0, T) to analyse (flow matching: real t = σ·T in [0, T];
+            EDM: real t = ¼ ln σ; the states then kept at the sampler's float timesteps) (a list, Tensor
+            or array; snapped to
             the sampler's steps, where two may become one); default ``num_stages`` evenly spaced from
             the noisiest to the cleanest.
         output_sketch: None for the exact kernel, V directions for images.
@@ -166,7 +167,11 @@ def retrieval_attribution(
                          f"{[tuple(c.shape) for c in train_extra]}")
     total = int(scheduler.config.num_train_timesteps)
     if stages is None:
-        stages = torch.linspace(total - 1, 0, num_stages).round().long().tolist()
+        if noise_process(scheduler) == EDM_PROCESS:  # real levels ¼ ln σ, from the noisiest training level down
+            levels = training_levels(scheduler)[0]
+            stages = torch.linspace(float(levels[-1]), float(levels[0]), num_stages).tolist()
+        else:
+            stages = torch.linspace(total - 1, 0, num_stages).round().long().tolist()
     # A Tensor or array of stages is fine (reverse_sample's `keep or ()` is not); values outside [0, T)
     # would be snapped silently to the first or last reverse step.
     stages = torch.as_tensor(stages).reshape(-1)

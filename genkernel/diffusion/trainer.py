@@ -12,9 +12,12 @@ One step (docs/diffusion.md):
 1. a batch of clean inputs x_n (and class labels y_n, if any): from Tensor data an epoch-wise
    permutation, from a DataLoader (or any re-iterable of batches) its next batch;
 2. timesteps t uniform over the T training levels (DDPM: t ~ U{0, …, T−1}; flow matching: the
-   scheduler's grid t = σ·T) and noise ε ~ N(0, I);
+   scheduler's grid t = σ·T; EDM: ``scheduler.timesteps[randint(0, T)]``, t = ¼ ln σ) and noise
+   ε ~ N(0, I);
 3. z = sqrt(ᾱ_t) x + sqrt(1 − ᾱ_t) ε (``scheduler.add_noise``) and the target y (ε, v or x); under
-   flow matching z = (1 − σ) x + σ ε and y = ε − x (:mod:`~genkernel.diffusion.objectives`);
+   flow matching z = (1 − σ) x + σ ε and y = ε − x; under EDM the model is given c_in (x + σ ε) and
+   regresses (x − c_skip z) / c_out, so the plain MSE is the EDM-weighted loss
+   (:mod:`~genkernel.diffusion.objectives`);
 4. ``OptimizerStep(model(z, t[, y]), diffusion_loss, info={"timesteps": t, "class_labels": y, ...})``
    through the callbacks.
 
@@ -60,8 +63,8 @@ from ..core.tracking.io import (
 from ..core.tracking.step import OptimizerStep
 from ..logging import LoggingCallback
 from .objectives import (
-    check_prediction_type, diffusion_loss, is_flow_matching, noise_schedule_config, noisy_input, num_train_timesteps,
-    same_noise_schedule, training_levels, training_target,
+    DDPM_PROCESS, check_prediction_type, diffusion_loss, noise_process, noise_schedule_config, noisy_input,
+    num_train_timesteps, same_noise_schedule, training_levels, training_target,
 )
 
 OPTIMIZERS = ("adam", "adamw", "sgd")
@@ -150,7 +153,8 @@ class DDPMTrainer:
             :func:`~genkernel.diffusion.models.tiny_unet`, or any module called as ``model(x_t, t)``).
         scheduler: a ``DDPMScheduler`` (``make_scheduler``), whose ``prediction_type`` chooses the
             target, or a ``FlowMatchEulerDiscreteScheduler`` (``make_flow_scheduler``: flow matching,
-            target ε − x; the model then gets float timesteps t = σ·T).
+            target ε − x; the model then gets float timesteps t = σ·T), or an ``EDMEulerScheduler``
+            (``make_edm_scheduler``: EDM, the model gets c_in z and float timesteps t = ¼ ln σ).
         data: ``Tensor[N, *shape]`` clean training inputs (points ``[N, 2]`` or images ``[N, C, H, W]``),
             or a ``torch.utils.data.DataLoader`` / any re-iterable of batches (:func:`split_batch`);
             every epoch restarts it. See the module docstring for what a checkpoint reproduces.
@@ -211,7 +215,7 @@ class DDPMTrainer:
         self.prediction_type = check_prediction_type(scheduler)
         self.model = model
         self.scheduler = scheduler
-        self.levels = training_levels(scheduler)[0]  # what a training timestep can be: DDPM 0..T-1, flow σ·T
+        self.levels = training_levels(scheduler)[0]  # what a training timestep can be: DDPM 0..T-1, flow σ·T, EDM ¼ ln σ
         self.conditional = bool(conditional)
         self.shuffle = bool(shuffle)
         param = next(model.parameters())
@@ -636,22 +640,23 @@ def make_sampler(scheduler, sampler: Any = None):
     """A private sampling scheduler on ``scheduler``'s noise schedule.
 
     Args:
-        scheduler: the training ``DDPMScheduler`` (or ``FlowMatchEulerDiscreteScheduler``).
-        sampler: None (``DDPMScheduler``: ancestral sampling; under flow matching the training
-            scheduler's own class: Euler steps of the flow); a diffusers scheduler class
+        scheduler: the training ``DDPMScheduler`` (or ``FlowMatchEulerDiscreteScheduler``, ``EDMEulerScheduler``).
+        sampler: None (``DDPMScheduler``: ancestral sampling; under flow matching and EDM the training
+            scheduler's own class: Euler steps of the flow or of the EDM probability-flow ODE); a
+            diffusers scheduler class
             (``DDIMScheduler``, ...), built by ``from_config`` from the entries of the training
             scheduler's config that the class takes; or a scheduler instance, copied with its own
             settings (DDIM's ``timestep_spacing``, ...), which must share the training noise schedule.
 
     Returns:
-        A new scheduler whose ``alphas_cumprod`` (flow matching: training grid) and prediction type
+        A new scheduler whose ``alphas_cumprod`` (flow matching, EDM: training grid) and prediction type
         are the training scheduler's (``set_timesteps`` on it touches neither ``scheduler`` nor
         ``sampler``).
     """
     from diffusers import DDPMScheduler
 
     if sampler is None:
-        sampler = type(scheduler) if is_flow_matching(scheduler) else DDPMScheduler
+        sampler = DDPMScheduler if noise_process(scheduler) == DDPM_PROCESS else type(scheduler)
     cls = sampler if isinstance(sampler, type) else type(sampler)
     if not (hasattr(cls, "from_config") and hasattr(cls, "step") and hasattr(cls, "set_timesteps")):
         raise TypeError(f"sampler must be a diffusers scheduler class or instance (DDIMScheduler, ...), got {cls.__name__}")
@@ -663,7 +668,8 @@ def make_sampler(scheduler, sampler: Any = None):
     if not same_noise_schedule(scheduler, out):
         raise ValueError(
             f"the sampler {cls.__name__} does not use the training scheduler's noise schedule (alphas_cumprod, or a "
-            f"flow-matching grid) and prediction type {check_prediction_type(scheduler)!r}: pass the class, or build "
+            f"flow-matching or EDM grid, EDM's sigma_data) and prediction type {check_prediction_type(scheduler)!r}: "
+            "pass the class, or build "
             f"the instance with {cls.__name__}.from_config(scheduler.config)"
         )
     return out
@@ -693,8 +699,9 @@ def reverse_sample(
             is not a reverse step of this schedule is snapped to the nearest one, which must be an
             integer timestep (a sampler's fractional one, EulerDiscreteScheduler with
             ``timestep_spacing="linspace"``, is refused: ValueError). Under flow matching a level is
-            any real t = σ·T: states are kept at the sampler's own float timesteps, keyed by them.
-        sampler: None (DDPM ancestral sampling; flow matching: Euler steps of the flow) or a
+            any real t = σ·T, under EDM t = ¼ ln σ: states are kept at the sampler's own float
+            timesteps, keyed by them (EDM: the state the model is given, c_in x_t).
+        sampler: None (DDPM ancestral sampling; flow matching and EDM: Euler steps) or a
             diffusers scheduler class or instance such as ``DDIMScheduler`` (:func:`make_sampler`).
         step_kwargs: extra arguments of the sampler's ``step``: ``{"eta": 1.0}`` for DDIM, whose
             default ``eta=0`` makes sampling a deterministic function of the initial noise.
@@ -702,19 +709,19 @@ def reverse_sample(
 
     Returns:
         ``(x_0 samples [S, *shape[1:]], {t: state [S, *shape[1:]]})``, keyed by the steps used (int
-        timesteps; under flow matching float ones).
+        timesteps; under flow matching and EDM float ones).
     """
     sampler = make_sampler(scheduler, sampler)
     sampler.set_timesteps(num_inference_steps or num_train_timesteps(scheduler))
-    flow = is_flow_matching(scheduler)
+    real = noise_process(scheduler) != DDPM_PROCESS  # flow matching, EDM: real levels
     times = [float(t) for t in sampler.timesteps]
-    steps = times if flow else [int(t) for t in times]
+    steps = times if real else [int(t) for t in times]
     # Indices of the reverse steps whose states are kept: each requested t snapped to the nearest
     # of the sampler's own timesteps (the first, noisiest, on a tie).
     wanted = set()
     for t in keep or ():
         index = min(range(len(times)), key=lambda i: abs(times[i] - float(t)))
-        if not flow and times[index] != steps[index]:
+        if not real and times[index] != steps[index]:
             # A fractional timestep (EulerDiscreteScheduler with timestep_spacing="linspace", ...): the
             # state is at noise level times[index], the model was evaluated there, but the key and every
             # kernel read at it (retrieval stages, noisy training inputs) are integer timesteps.
@@ -735,7 +742,8 @@ def reverse_sample(
     kwargs = dict(step_kwargs or {})
     if "generator" in inspect.signature(sampler.step).parameters:
         kwargs["generator"] = generator
-    # A flow-matching sampler starts at σ = 1 (pure noise, scale 1) and gives the model x_t itself.
+    # A flow-matching sampler starts at σ = 1 (pure noise, scale 1) and gives the model x_t itself; an EDM
+    # one starts at scale init_noise_sigma and gives the model c_in x_t (scale_model_input).
     x = torch.randn(tuple(shape), generator=generator, dtype=torch.float64).to(param) * getattr(sampler, "init_noise_sigma", 1.0)
     scale_input = getattr(sampler, "scale_model_input", lambda sample, timestep: sample)
     kept: dict[float, torch.Tensor] = {}

@@ -94,7 +94,7 @@ def _num(value: Any) -> float | None:
 
 
 def _level(value: Any) -> int | float:
-    """A level as JSON shows it: an int for a DDPM timestep, a float for a real flow-matching level."""
+    """A level as JSON shows it: an int for a DDPM timestep, a float for a real flow-matching or EDM level."""
     value = float(value)
     return int(value) if value.is_integer() else value
 
@@ -168,8 +168,8 @@ def _diffusion(state: Mapping[str, Any], top: int) -> dict[str, Any]:
     config = state["config"]
     num_bins = int(config["num_bins"])
     controls = [name for name in ledgers if name.startswith("control_")]
-    # flow matching: real levels and edges (t = σ·T); DDPM: integers, exact in float64 too
-    flow = config.get("noise_process") == "flow_matching"
+    # flow matching and EDM: real levels and edges (t = σ·T, t = ¼ ln σ); DDPM: integers, exact in float64 too
+    real = config.get("noise_process") in ("flow_matching", "edm")
     timesteps = torch.tensor(config["probe_timesteps"], dtype=torch.float64)
     edges = torch.tensor(config["bin_edges"], dtype=torch.float64)
     levels, probe_level = torch.unique(timesteps, return_inverse=True)  # rows: probe levels, ascending
@@ -220,7 +220,7 @@ def _diffusion(state: Mapping[str, Any], top: int) -> dict[str, Any]:
     else:
         locality["traffic"] = {"measured": _num(grouping.band_total(traffic, probe_bins, band).nanmean())}
         locality["share"] = {"measured": _num(grouping.band_total(share, probe_bins, band).nanmean())}
-    if flow:  # a bin of real levels: [edge, next edge), the last one closed at T
+    if real:  # a bin of real levels: [edge, next edge), the last one closed at the last level
         bin_names = [f"bin {g} (t {float(edges[g]):.4g}–{float(edges[g + 1]):.4g})" for g in range(num_bins)]
     else:
         bin_names = [f"bin {g} (t {int(edges[g])}–{int(edges[g + 1]) - 1})" for g in range(num_bins)]
