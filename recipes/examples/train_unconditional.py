@@ -18,6 +18,12 @@ What differs from upstream, so that it runs offline and small:
   ``compute_density_for_timestep_sampling``, z = (1 − σ) x + σ ε, target ε − x, weighted by
   ``compute_loss_weighting_for_sd3``; ``--weighting_scheme`` as there), and saves the UNet and the
   scheduler (upstream's DDPMPipeline samples DDPM only);
+- ``--objective edm`` trains EDM-style (Karras et al. 2022) as diffusers' SDXL DreamBooth script does
+  with ``--do_edm_style_training`` (``EDMEulerScheduler``: indices uniform over its grid, the model
+  given ``precondition_inputs`` of ``add_noise`` and ``timesteps[indices]`` = ¼ ln σ, its output
+  turned into the denoised image by ``precondition_outputs``), with the EDM paper's loss weight
+  (σ² + σ_d²) / (σ σ_d)² (``--edm_weighting none``: the SDXL script's unweighted loss); σ_d = 0.5,
+  the images' scale in [−1, 1]; ``--prediction_type`` epsilon or v_prediction;
 - the attention layers' key biases are frozen, with or without the analyzer: softmax ignores a bias
   added to every key, so their gradient is zero but for rounding, which Adam turns into steps that
   the ledger's check refuses; freezing them changes no function the UNet computes;
@@ -50,7 +56,7 @@ import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.utils import set_seed
-from diffusers import DDPMPipeline, DDPMScheduler, FlowMatchEulerDiscreteScheduler, UNet2DModel
+from diffusers import DDPMPipeline, DDPMScheduler, EDMEulerScheduler, FlowMatchEulerDiscreteScheduler, UNet2DModel
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel, compute_density_for_timestep_sampling, compute_loss_weighting_for_sd3
 from torchvision import transforms
@@ -118,15 +124,19 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--ema_power", type=float, default=3 / 4)
     parser.add_argument("--ema_max_decay", type=float, default=0.9999)
     parser.add_argument("--mixed_precision", type=str, default="no", choices=["no", "fp16", "bf16"])
-    parser.add_argument("--prediction_type", type=str, default="epsilon", choices=["epsilon", "sample"])
+    parser.add_argument("--prediction_type", type=str, default="epsilon", choices=["epsilon", "sample", "v_prediction"],
+                        help="ddpm: epsilon or sample (upstream's); edm: epsilon or v_prediction")
     parser.add_argument("--ddpm_num_steps", type=int, default=1000)
     parser.add_argument("--ddpm_beta_schedule", type=str, default="linear")
-    parser.add_argument("--objective", choices=["ddpm", "flow_matching"], default="ddpm",
-                        help="DDPM (upstream) or rectified flow as diffusers' SD3 script trains it")
+    parser.add_argument("--objective", choices=["ddpm", "flow_matching", "edm"], default="ddpm",
+                        help="DDPM (upstream), rectified flow as diffusers' SD3 script trains it, or EDM as its SDXL "
+                             "script's --do_edm_style_training does")
     parser.add_argument("--flow_shift", type=float, default=1.0, help="flow matching: the scheduler's shift")
     parser.add_argument("--weighting_scheme", type=str, default="logit_normal",
                         choices=["sigma_sqrt", "logit_normal", "mode", "cosmap", "none"],
                         help="flow matching: timestep density and loss weighting (SD3's)")
+    parser.add_argument("--edm_weighting", choices=["edm", "none"], default="edm",
+                        help="edm: the EDM paper's loss weight (sigma^2 + sigma_d^2) / (sigma sigma_d)^2, or none (SDXL's)")
     parser.add_argument("--logit_mean", type=float, default=0.0)
     parser.add_argument("--logit_std", type=float, default=1.0)
     parser.add_argument("--mode_scale", type=float, default=1.29)
@@ -137,6 +147,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--num_probes", type=int, default=16, help="probe (image, noise level) pairs")  # genkernel
     parser.add_argument("--controls", type=int, default=1, help="label-permutation controls")  # genkernel
     args = parser.parse_args(None if argv is None else list(argv))
+    allowed = {"ddpm": ("epsilon", "sample"), "edm": ("epsilon", "v_prediction")}.get(args.objective)
+    if allowed is not None and args.prediction_type not in allowed:
+        raise ValueError(f"--prediction_type {args.prediction_type} does not go with --objective {args.objective}: "
+                         f"choose one of {allowed}")
     if args.max_train_steps is not None and args.max_train_steps < 1:
         raise ValueError(f"--max_train_steps must be at least 1, got {args.max_train_steps}")
     return args
@@ -184,6 +198,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     # Initialize the scheduler
     if args.objective == "flow_matching":
         noise_scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=args.ddpm_num_steps, shift=args.flow_shift)
+    elif args.objective == "edm":
+        noise_scheduler = EDMEulerScheduler(num_train_timesteps=args.ddpm_num_steps, sigma_data=0.5,
+                                            prediction_type=args.prediction_type)
     else:
         noise_scheduler = DDPMScheduler(
             num_train_timesteps=args.ddpm_num_steps,
@@ -264,6 +281,14 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                 sigmas = noise_scheduler.sigmas[indices].to(device=clean_images.device, dtype=weight_dtype)
                 sigmas = sigmas.view(-1, 1, 1, 1)
                 noisy_images = (1.0 - sigmas) * clean_images + sigmas * noise
+            elif args.objective == "edm":
+                # SDXL's EDM-style training: a uniform index into the grid, z = x + σ ε, the model given c_in z
+                indices = torch.randint(0, noise_scheduler.config.num_train_timesteps, (bsz,))
+                timesteps = noise_scheduler.timesteps[indices].to(device=clean_images.device)
+                sigmas = noise_scheduler.sigmas[indices].to(device=clean_images.device, dtype=weight_dtype)
+                sigmas = sigmas.view(-1, 1, 1, 1)
+                noisy_latents = noise_scheduler.add_noise(clean_images, noise, timesteps)
+                noisy_images = noise_scheduler.precondition_inputs(noisy_latents, sigmas)
             else:
                 # Sample a random timestep for each image
                 timesteps = torch.randint(
@@ -283,6 +308,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                     weighting = compute_loss_weighting_for_sd3(args.weighting_scheme, sigmas)
                     target = noise - clean_images
                     losses = (weighting.float() * (model_output.float() - target.float()) ** 2).mean(dim=(1, 2, 3))
+                elif args.objective == "edm":
+                    denoised = noise_scheduler.precondition_outputs(noisy_latents, model_output, sigmas)
+                    data = noise_scheduler.config.sigma_data
+                    weighting = (sigmas**2 + data**2) / (sigmas * data) ** 2 if args.edm_weighting == "edm" else 1.0
+                    losses = (weighting * (denoised.float() - clean_images.float()) ** 2).mean(dim=(1, 2, 3))
                 elif args.prediction_type == "epsilon":
                     losses = F.mse_loss(model_output.float(), noise.float(), reduction="none").mean(dim=(1, 2, 3))
                 else:
@@ -335,7 +365,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         if args.use_ema:
             ema_model.store(unet.parameters())
             ema_model.copy_to(unet.parameters())
-        if args.objective == "flow_matching":
+        if args.objective != "ddpm":  # DDPMPipeline samples DDPM only
             unet.save_pretrained(os.path.join(args.output_dir, "unet"))
             noise_scheduler.save_pretrained(os.path.join(args.output_dir, "scheduler"))
         else:
