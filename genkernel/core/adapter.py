@@ -141,14 +141,31 @@ def is_compiled(model: nn.Module) -> bool:
         model = model.module
 
 
+# Wrappers whose step() is the inner optimizer's step (plus gradient synchronisation or a loss
+# scaler, which the tracker checks itself), by the module that defines them.
+PASS_THROUGH_OPTIMIZERS = ("accelerate.", "lightning.", "pytorch_lightning.", "lightning_fabric.")
+
+
 def unwrap_optimizer(optimizer: Any) -> torch.optim.Optimizer:
     """The ``torch.optim.Optimizer`` inside accelerate's ``AcceleratedOptimizer`` (``.optimizer``) or
-    Lightning's ``LightningOptimizer`` (``._optimizer``), or ``optimizer`` itself."""
+    Lightning's ``LightningOptimizer`` (``._optimizer``), or ``optimizer`` itself.
+
+    Any other object that holds an optimizer in ``.optimizer`` or ``._optimizer`` (Lookahead, SWA,
+    a schedule-free wrapper) is refused: its step() may move the parameters beyond the inner
+    optimizer's step, which a tracker stepping the inner optimizer would silently leave out."""
     for _ in range(8):  # wrappers may subclass Optimizer themselves (accelerate's does)
         inner = getattr(optimizer, "optimizer", None)
         inner = inner if isinstance(inner, torch.optim.Optimizer) else getattr(optimizer, "_optimizer", None)
         if not isinstance(inner, torch.optim.Optimizer):
             break
+        kind = type(optimizer)
+        if not kind.__module__.startswith(PASS_THROUGH_OPTIMIZERS):
+            raise TypeError(
+                f"{kind.__module__}.{kind.__qualname__} wraps {type(inner).__name__}, but genkernel knows only "
+                "accelerate's and Lightning's wrappers to step the inner optimizer unchanged: a wrapper's step() may "
+                "move the parameters further (Lookahead, SWA), which the ledger would leave out. Pass the inner "
+                "optimizer if the wrapper's step() is only its step(), else train without the wrapper"
+            )
         optimizer = inner
     if not isinstance(optimizer, torch.optim.Optimizer):
         raise TypeError(

@@ -86,6 +86,10 @@ class SketchedRoute(_FactorRoute):
         self.state: torch.Tensor | None = None  # [Σ G_π, k] float64
         self._pending: torch.Tensor | None = None  # this step's new state, until commit()
         self._fresh: bool | None = None
+        # maximize per parameter at the steps the sketches hold (they hold the groups' gradients, not
+        # negated: the sign is applied on the probes' side, so it must not change under them).
+        self._maximize: dict[str, bool] | None = None
+        self._pending_maximize: dict[str, bool] | None = None
         self.hyper = self._shared_hyperparameters()
 
     @property
@@ -110,6 +114,16 @@ class SketchedRoute(_FactorRoute):
         """Reads the shared hyperparameters and, on the first step, whether SGD starts its momentum
         buffers now (b_1 = ĝ_1) or had them already."""
         self.hyper = self._shared_hyperparameters()
+        maximize = {n: bool(self.splitter.hyper[n].get("maximize", False)) for n in self.model.params}
+        if self.state is not None and self._maximize is not None:
+            flipped = [n for n, value in maximize.items() if n in self._maximize and value != self._maximize[n]]
+            if flipped:
+                raise ValueError(
+                    f"maximize changed for parameters {flipped[:5]} while the groups hold sketched optimizer state: "
+                    "the optimizer's buffers now mix ascent and descent gradients, which the sketches (kept with "
+                    "one sign per parameter) cannot follow. Use group_state='dense', or keep maximize fixed"
+                )
+        self._pending_maximize = maximize
         stateful = self.adam or self.hyper["momentum"] != 0
         skipped = sorted(self.splitter.skipped)
         held = [n for n in skipped if stateful and self.splitter.current(n) is not None
@@ -163,6 +177,8 @@ class SketchedRoute(_FactorRoute):
     def commit(self) -> None:
         self.state = self._pending
         self._pending = None
+        if self._pending_maximize is not None:
+            self._maximize = self._pending_maximize
         super().commit()
 
     def discard(self) -> None:
@@ -284,7 +300,8 @@ class SketchedRoute(_FactorRoute):
     # -- persistence -------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         return {"state": None if self.state is None else self.state.clone(), "fresh": self._fresh,
-                "k": self.k, "seed": self.projection.seed, "kind": self.projection.kind}
+                "k": self.k, "seed": self.projection.seed, "kind": self.projection.kind,
+                "maximize": None if self._maximize is None else dict(self._maximize)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if (state["k"], state["seed"], state["kind"]) != (self.k, self.projection.seed, self.projection.kind):
@@ -294,6 +311,8 @@ class SketchedRoute(_FactorRoute):
             )
         self.state = None if state["state"] is None else state["state"].clone()
         self._fresh = state["fresh"]
+        maximize = state.get("maximize")  # absent from states saved before it was kept
+        self._maximize = None if maximize is None else dict(maximize)
 
 
 def _as(value: Any, like: torch.Tensor) -> Any:
@@ -303,7 +322,7 @@ def _as(value: Any, like: torch.Tensor) -> Any:
 def _plain(value: Any) -> Any:
     if isinstance(value, torch.Tensor):
         return float(value.item())
-    if isinstance(value, tuple):
+    if isinstance(value, (tuple, list)):  # betas set as a list (by a loop or a scheduler) compare as a tuple
         return tuple(_plain(v) for v in value)
     return value
 
