@@ -192,12 +192,16 @@ def covering_plan(model: nn.Module, inputs: tuple[torch.Tensor, ...], exclude: I
     the factors of a batched pass must equal the gradient of a pass of that example alone, in
     two opposite orders of the sample, per block (relative to the block's gradient norm: 1e-9 in
     float64, 1e-4 in float32). Modules that do not keep the batch on dimension 0 move to the
-    fallback too. Cost: a forward and a backward of each sampled example alone, and two of the
-    sample, with the sample's per-example gradients formed (on the tiny UNet2DModel of the kernel
-    benchmark, 2 CPU cores: 1.2-1.8 s once, against 0.1-0.3 s for the batch-sum check it
-    replaced). A check on a sample cannot see what the forward does only on other rows (a
-    parameter read only where the data take a branch the sample does not): trackers check every
-    step's group gradients against the real gradient besides.
+    fallback too, and so does a block whose parameter the forward reads through the module's
+    attribute outside the module's own calls, found from the graph whatever its gradient's value
+    (:func:`_read_outside_their_calls`: behind a zero-initialized gate the read adds nothing to the
+    sample's gradients, and the remembered outcome would drop it once the gate is trained).
+    Cost: a forward and a backward of each sampled example alone, and three of the sample (two
+    with the sample's per-example gradients formed; on the tiny UNet2DModel of the kernel
+    benchmark, 2 CPU cores: 1.2-1.8 s once before the third was added, against 0.1-0.3 s for the
+    batch-sum check it replaced). A check on a sample cannot see what the forward does only on
+    other rows (a parameter read only where the data take a branch the sample does not): trackers
+    check every step's group gradients against the real gradient besides.
 
     The outcome is remembered per model for the same structure and inputs of the same kind
     (:func:`_covering_key`: every module and parameter by identity, shape, dtype and
@@ -277,7 +281,25 @@ def _covering_key(model: nn.Module, inputs: tuple[torch.Tensor, ...], exclude: f
         for name, m in model.named_modules(remove_duplicate=False)
     )
     xs = tuple((tuple(t.shape[1:]), t.dtype, t.device.type) if isinstance(t, torch.Tensor) else type(t) for t in inputs)
-    return modules, hooks, xs, exclude
+    return modules, hooks, xs, exclude, _zero_counts(model)
+
+
+def _zero_counts(model: nn.Module) -> tuple[int, ...]:
+    """How many entries of each trainable parameter are exactly zero: the values the covering
+    check's outcome depends on. Its check compares gradients, and an exact zero (a zero-initialized
+    gate or output layer, adaLN-Zero, ReZero, a "zero convolution") zeroes the gradients a misread
+    block would get wrong, so the check passes on values that training then moves: a plan checked
+    there and remembered dropped an extra read of a Linear subclass's weight behind such a gate
+    once the gate was trained (a kernel 22 % off). Other changes of the values keep the outcome.
+    Parameters whose values cannot be read here (meta, uninitialized) give no count."""
+    try:
+        with torch.no_grad():
+            counts = [(p == 0).sum() for p in model.parameters() if p.requires_grad]
+        if len({c.device for c in counts}) == 1:  # one read: on a GPU, int() of each would wait for the device each time
+            return tuple(torch.stack(counts).tolist())
+        return tuple(int(c) for c in counts)
+    except Exception:
+        return ()
 
 
 def _uncovered_blocks(model: nn.Module, plan: Plan, sample: tuple[torch.Tensor, ...]) -> list[str]:
@@ -330,13 +352,75 @@ def _uncovered_blocks(model: nn.Module, plan: Plan, sample: tuple[torch.Tensor, 
                     acc[0] += float((got - want).norm()) ** 2
                     acc[1] += float(want.norm()) ** 2
                     acc[2] += float(got.norm()) ** 2
-    uncovered = set()
+    uncovered = _read_outside_their_calls(model, plan, sample, E)
     for block in plan.blocks:
         gap2, ref2, got2 = sums[block.name]
         rtol = COVERAGE_RTOL.get(block.parameter(block.names[0]).dtype, 1e-3)
         if gap2**0.5 > rtol * (ref2**0.5 + got2**0.5) + torch.finfo(torch.float64).tiny:
             uncovered.add(block.name)
     return [block.name for block in plan.blocks if block.name in uncovered]
+
+
+def _read_outside_their_calls(model: nn.Module, plan: Plan, sample: tuple[torch.Tensor, ...],
+                              E: torch.Tensor) -> set[str]:
+    """Names of the blocks with a parameter that the forward reads outside the module's own calls
+    (attention's ``out_proj.weight`` in ``F.multi_head_attention_forward``, an embedding's weight in
+    ``F.linear(h, emb.weight)``), found from the graph rather than from values.
+
+    The numerical check compares gradients: a read outside the hooks whose gradient is zero on the
+    sample passes it, and the outcome is remembered for the model's later parameters. A zero-
+    initialized gate (adaLN-Zero, ReZero, a zero-initialized residual scale) makes exactly that: at
+    initialization the outside read adds nothing, after training it does, and the block's factors
+    then silently missed it (a kernel 10-12 % off). Here every block parameter is replaced by a
+    copy (a separate leaf) everywhere but inside its module's own calls (a forward pre-hook puts the
+    parameter back, a forward hook, run first, takes it out again); a copy that ⟨E, f(x)⟩ reaches in
+    the graph, with any gradient, zero included, is a read the hooks cannot see. Reads through a
+    reference kept elsewhere (not the module attribute) are left to the numerical check. A forward
+    that fails on the copies leaves every block to the fallback."""
+    swaps: dict[int, list] = {}  # id(module) -> [(module, name, parameter, copy)]
+    for block in plan.blocks:
+        module = block.module
+        for full in block.names:
+            name = "weight" if full == block.weight else "bias"
+            real = module._parameters[name]
+            swaps.setdefault(id(module), []).append((module, name, real, nn.Parameter(real.detach().clone())))
+    depth: dict[int, int] = {}
+
+    def inside(module, args):
+        depth[id(module)] = depth.get(id(module), 0) + 1
+        for m, name, real, _ in swaps[id(module)]:
+            m._parameters[name] = real
+
+    def outside(module, args, output):
+        depth[id(module)] -= 1
+        if depth[id(module)] == 0:
+            for m, name, _, copy in swaps[id(module)]:
+                m._parameters[name] = copy
+
+    handles, copies = [], []
+    try:
+        for entries in swaps.values():
+            module = entries[0][0]
+            handles.append(module.register_forward_pre_hook(inside, prepend=True))
+            handles.append(module.register_forward_hook(outside, prepend=True))
+            for m, name, _, copy in entries:
+                m._parameters[name] = copy
+                copies.append((m, name, copy))
+        with torch.enable_grad(), _any_attention():
+            raw = output_tensor(model(*sample))
+            if not raw.requires_grad:
+                return set()
+            grads = torch.autograd.grad((raw * E.to(raw)).sum(), [c for _, _, c in copies], allow_unused=True)
+    except Exception:  # a forward that cannot run on copies (it holds on to the parameters): none is trusted
+        return {block.name for block in plan.blocks}
+    finally:
+        for handle in handles:
+            handle.remove()
+        for entries in swaps.values():
+            for m, name, real, _ in entries:
+                m._parameters[name] = real
+    read = {id(m) for (m, _, _), g in zip(copies, grads) if g is not None}
+    return {block.name for block in plan.blocks if id(block.module) in read}
 
 
 # ---------------------------------------------------------------------------------------------
