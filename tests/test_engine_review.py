@@ -195,3 +195,62 @@ def test_outside_reads_go_to_torch_func_whatever_their_values():
             plan = covering_plan(model, (x,))
         assert name in plan.fallback
         assert plan.blocks  # the other layers stay factored
+
+
+class ZeroOutput(nn.Module):
+    """A zero-initialized output layer (DiT's final layer, a ControlNet zero convolution) after a
+    layer that reads its weight twice: at initialization every upstream gradient is zero, so a
+    check of values at θ₀ passes whatever the upstream factors miss."""
+
+    def __init__(self):
+        super().__init__()
+        self.inner, self.head = GatedLinear(4, 5), nn.Linear(5, 2)
+        with torch.no_grad():
+            self.inner.gate.fill_(0.5)
+            self.head.weight.zero_()
+            self.head.bias.zero_()
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.inner(x)))
+
+
+@pytest.mark.parametrize("cls", [GatedSubclass, ZeroOutput])
+def test_the_trackers_factored_route_checked_at_zeros_books_what_the_dense_route_books(cls):
+    """A tracker keeps the plan it checked at its first step for the whole run, and evaluates that
+    step at quadrature nodes where the zeros have moved: the check sees the model with its exact
+    zeros filled in (1 % of the parameter's scale), so the twice-read weight goes to torch.func and
+    the factored route's first step equals the dense route's (it was 0.08 % off, then refused)."""
+    from genkernel import PathKernelTracker
+    from genkernel.supervised import mse_loss
+
+    gen = torch.Generator().manual_seed(3)
+    x, y = torch.randn(8, 4, generator=gen, dtype=F64), torch.randn(8, 2, generator=gen, dtype=F64)
+    probes = torch.randn(5, 4, generator=gen, dtype=F64)
+    ledgers = {}
+    for group_state in ("dense", "factored"):
+        torch.manual_seed(0)
+        model = cls().to(F64)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+        tracker = PathKernelTracker(model, optimizer, mse_loss, probes, num_groups=8, group_state=group_state)
+        for _ in range(3):
+            tracker.step(x, y, torch.arange(8))
+        ledgers[group_state] = tracker.ledger
+    dense, factored = ledgers["dense"], ledgers["factored"]
+    scale = float(dense.contributions.abs().max())
+    torch.testing.assert_close(factored.contributions, dense.contributions, rtol=0, atol=1e-10 * scale)
+    torch.testing.assert_close(factored.delta, dense.delta, rtol=0, atol=0)
+
+
+def test_filling_zeros_for_the_check_leaves_the_parameters_and_a_pending_graph_alone():
+    """The check runs on copies: the model's parameters keep their values and version counters, so a
+    loss the user's forward built before an observed step's check still backpropagates."""
+    torch.manual_seed(0)
+    model = ZeroOutput().to(F64)
+    x = torch.randn(6, 4, generator=torch.Generator().manual_seed(1), dtype=F64)
+    loss = model(x).pow(2).sum() + model.head.weight.sum()  # a graph holding the zero parameters
+    before = [(p.detach().clone(), p._version) for p in model.parameters()]
+    with analysis(model):
+        plan = covering_plan(model, (x,))
+    assert "inner.weight" in plan.fallback  # the twice-read weight, seen once the zeros are filled
+    assert all(torch.equal(p, q) and p._version == v for p, (q, v) in zip(model.parameters(), before))
+    loss.backward()

@@ -195,7 +195,9 @@ def covering_plan(model: nn.Module, inputs: tuple[torch.Tensor, ...], exclude: I
     fallback too, and so does a block whose parameter the forward reads through the module's
     attribute outside the module's own calls, found from the graph whatever its gradient's value
     (:func:`_read_outside_their_calls`: behind a zero-initialized gate the read adds nothing to the
-    sample's gradients, and the remembered outcome would drop it once the gate is trained).
+    sample's gradients, and the remembered outcome would drop it once the gate is trained). The
+    check runs with the parameters' exact zeros filled in (:func:`_zeros_filled`): a zero gate or
+    zero-initialized output layer would otherwise zero both sides of every comparison it covers.
     Cost: a forward and a backward of each sampled example alone, and three of the sample (two
     with the sample's per-example gradients formed; on the tiny UNet2DModel of the kernel
     benchmark, 2 CPU cores: 1.2-1.8 s once before the third was added, against 0.1-0.3 s for the
@@ -229,7 +231,7 @@ def covering_plan(model: nn.Module, inputs: tuple[torch.Tensor, ...], exclude: I
         if not plan.blocks:
             break
         try:
-            with analysis(model):
+            with analysis(model), _zeros_filled(model):
                 uncovered = _uncovered_blocks(model, plan, sample)
         except Unfactorable as error:
             found.add(error.module_name)
@@ -300,6 +302,45 @@ def _zero_counts(model: nn.Module) -> tuple[int, ...]:
         return tuple(int(c) for c in counts)
     except Exception:
         return ()
+
+
+@contextlib.contextmanager
+def _zeros_filled(model: nn.Module) -> Iterator[None]:
+    """Inside: every trainable parameter with exact zeros replaced by a copy whose zeros are small
+    values of a fixed seed (1 % of the parameter's mean nonzero magnitude, or 0.01); the parameters
+    themselves are untouched and back in their modules afterwards.
+
+    The covering check compares gradients, and an exact zero hides what it multiplies: behind a
+    zero-initialized gate (adaLN-Zero, ReZero, a "zero convolution", LoRA's B) or a zero-initialized
+    output layer every block upstream has a zero gradient on both sides, so the check passes
+    whatever the factors miss, and its outcome is kept for the whole of a tracker's run, at
+    parameters training soon moves. The swap (``module._parameters``, as for tied parameters: one
+    copy per parameter) leaves the parameters and their version counters alone, so a graph the
+    user's forward built before an observed step's check still backpropagates."""
+    generator = torch.Generator().manual_seed(0)
+    copies: dict[int, nn.Parameter] = {}
+    swapped = []
+    with torch.no_grad():
+        for module in model.modules():
+            for name, param in module._parameters.items():
+                if param is None or not param.requires_grad or not param.is_floating_point():
+                    continue
+                if id(param) not in copies:
+                    zero = param == 0
+                    if not bool(zero.any()):
+                        continue
+                    nonzero = param[~zero].abs()
+                    scale = 0.01 * (float(nonzero.mean()) if nonzero.numel() else 1.0)
+                    fill = torch.randn(param.shape, generator=generator, dtype=torch.float64).to(param) * scale
+                    copies[id(param)] = nn.Parameter(torch.where(zero, fill, param.detach()))
+                swapped.append((module, name, param))
+    try:
+        for module, name, param in swapped:
+            module._parameters[name] = copies[id(param)]
+        yield
+    finally:
+        for module, name, param in swapped:
+            module._parameters[name] = param
 
 
 def _uncovered_blocks(model: nn.Module, plan: Plan, sample: tuple[torch.Tensor, ...]) -> list[str]:
