@@ -117,14 +117,18 @@ def test_levels_out_of_range_indices_and_sigmas_are_refused():
     x = torch.zeros(2, 2)
     check_timesteps(torch.tensor([low, high], dtype=F64), scheduler)  # both ends, in float64 too
     check_timesteps(torch.tensor([low - 1e-6, high + 1e-6], dtype=F64), scheduler)  # float32 rounding of ¼ ln σ
-    for bad in (torch.tensor([low - 0.01, 0.0]), torch.tensor([0.0, high + 0.01]), torch.tensor([math.nan, 0.0])):
+    # beyond the grid's σ range (an unclamped continuous σ) up to 10 σ_max: levels, booked to the end bins
+    top = 0.25 * math.log(10 * 80.0)
+    check_timesteps(torch.tensor([low - 3.0, top], dtype=F64), scheduler)
+    for bad in (torch.tensor([top + 0.01, 0.0]), torch.tensor([math.nan, 0.0]), torch.tensor([-math.inf, 0.0])):
         with pytest.raises(ValueError, match="¼ ln σ.*not sigmas or indices"):
             noisy_input(scheduler, x, x, bad)
     with pytest.raises(TypeError, match="grid indices"):
         noisy_input(scheduler, x, x, torch.tensor([3, 10]))
     # Sigmas in place of timesteps: σ > ¼ ln σ always, and the levels drawn uniformly from the grid
-    # have σ above ¼ ln σ_max this often, so a stream of sigmas is refused within a few examples.
-    above = float((scheduler.sigmas[:T] > high).double().mean())
+    # have σ above the highest level accepted, ¼ ln(10 σ_max), this often, so a stream of sigmas is
+    # refused within a few examples.
+    above = float((scheduler.sigmas[:T] > top).double().mean())
     assert 0.5 < above < 0.7
     sigmas = scheduler.sigmas[torch.randint(0, T, (8,), generator=torch.Generator().manual_seed(0))]
     with pytest.raises(ValueError, match="not sigmas"):

@@ -537,8 +537,8 @@ class NoiseLevelAnalyzer(TrainerCallback):
         if timesteps.numel() != batch:
             raise ValueError(f"got {timesteps.numel()} timesteps for a batch of {batch}")
         # EDM needs no such count: its levels t = ¼ ln σ are legitimately small or negative, and sigmas
-        # passed for them are refused by check_timesteps as soon as one exceeds ¼ ln σ_max (σ > ¼ ln σ
-        # always; with the default σ range, 59% (Karras) or 41% (exponential) of the levels drawn do).
+        # passed for them are refused by check_timesteps as soon as one exceeds ¼ ln(10 σ_max) (σ > ¼ ln σ
+        # always; with the default σ range, 55% (Karras) or 37% (exponential) of the levels drawn do).
         if self.bins.flow and self.total >= 100:
             # Every example at σ <= 1/T: about (1/T)^n for n examples in a row under any training
             # distribution, but exactly what passing the loop's sigmas (in [0, 1]) in place of its

@@ -363,6 +363,10 @@ def _flow_timesteps(timesteps: torch.Tensor, total: int, name: str) -> torch.Ten
 
 
 EDM_LEVEL_SLACK = 1e-5  # levels ¼ ln σ computed in float64 from float32 σ differ from diffusers' float32 ones by ~1e-7
+# σ up to this many times σ_max is a level (booked to the last bin): the EDM paper's unclamped ln σ ~ N(−1.2, 1.2)
+# exceeds σ_max = 80 about once in 6·10^5 draws, 800 about once in 4·10^10; sigmas passed in place of
+# levels (up to σ_max, where ¼ ln(10 σ_max) is 1.67) still exceed it within a few examples
+EDM_SIGMA_BEYOND_MAX = 10.0
 
 
 def _edm_range(scheduler) -> tuple[float, float]:
@@ -372,8 +376,11 @@ def _edm_range(scheduler) -> tuple[float, float]:
 
 
 def _edm_timesteps(timesteps: torch.Tensor, scheduler, name: str) -> torch.Tensor:
-    """``timesteps [B]`` on its device after checking they are real numbers t = ¼ ln σ with σ in [σ_min, σ_max]
-    (to :data:`EDM_LEVEL_SLACK` at the ends)."""
+    """``timesteps [B]`` on its device after checking they are finite real numbers t = ¼ ln σ with σ at most
+    :data:`EDM_SIGMA_BEYOND_MAX` times σ_max (to :data:`EDM_LEVEL_SLACK`, or to the rounding of float16 /
+    bfloat16 levels). Levels beyond the grid's range (σ below σ_min or above σ_max: a σ drawn continuously,
+    as the EDM paper's ln σ ~ N(P_mean, P_std), unclamped) are levels too; the bins book them to the end bins.
+    Levels below ¼ ln σ_min are negative, so neither grid indices nor sigmas."""
     if isinstance(timesteps, torch.Tensor) and timesteps.dim() == 1 and not (
             timesteps.is_floating_point() or timesteps.is_complex() or timesteps.dtype == torch.bool):
         raise TypeError(
@@ -381,15 +388,18 @@ def _edm_timesteps(timesteps: torch.Tensor, scheduler, name: str) -> torch.Tenso
             "these look like grid indices; pass scheduler.timesteps[indices]"
         )
     values = _real_timesteps(timesteps, name, "t = ¼ ln σ")
-    low, high = _edm_range(scheduler)
-    if values is not None and (not bool(torch.isfinite(values).all()) or float(values.min()) < low - EDM_LEVEL_SLACK
-                               or float(values.max()) > high + EDM_LEVEL_SLACK):
+    top = 0.25 * math.log(EDM_SIGMA_BEYOND_MAX * float(scheduler.config.sigma_max))
+    # float16 / bfloat16 levels (mixed-precision loops): their rounding (an ulp at the top) is allowed
+    slack = max(EDM_LEVEL_SLACK, torch.finfo(timesteps.dtype).eps * abs(top)) \
+        if isinstance(timesteps, torch.Tensor) and timesteps.is_floating_point() else EDM_LEVEL_SLACK
+    if values is not None and (not bool(torch.isfinite(values).all()) or float(values.max()) > top + slack):
         config = scheduler.config
         raise ValueError(
-            f"{name} of an EDM scheduler are t = c_noise = ¼ ln σ and must lie in [{low:.6g}, {high:.6g}] (σ in "
+            f"{name} of an EDM scheduler are t = c_noise = ¼ ln σ, finite and at most {top:.6g} (σ up to "
+            f"{EDM_SIGMA_BEYOND_MAX:g} × σ_max = {EDM_SIGMA_BEYOND_MAX * config.sigma_max:g}; the grid's σ range is "
             f"[{config.sigma_min:g}, {config.sigma_max:g}]); got values from {float(values.min()):g} to "
-            f"{float(values.max()):g} (pass the timesteps the model is given, scheduler.timesteps[indices], not "
-            "sigmas or indices)"
+            f"{float(values.max()):g}: pass the timesteps the model is given (scheduler.timesteps[indices], or "
+            "0.25 * log(sigma) of a σ drawn continuously), not sigmas or indices"
         )
     return timesteps
 
