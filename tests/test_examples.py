@@ -108,49 +108,44 @@ def test_bf16_mixed_precision_is_refused_before_any_step_with_the_library_messag
     assert steps == []
 
 
-def test_the_flow_matching_objective_keeps_exact_ledgers_and_trains_as_without_the_analyzer(image_folder, tmp_path):
-    # SD3's recipe: FlowMatchEulerDiscreteScheduler(shift=3), its timestep density and cosmap loss weights
-    flow = ("--objective", "flow_matching", "--flow_shift", "3.0", "--weighting_scheme", "cosmap")
-    analyzed = run(image_folder, tmp_path / "analyzed", *flow)
+def objective_report(image_folder, tmp_path, *objective):
+    """Runs the example with the analyzer and without it under ``objective`` (its command-line
+    options): the ledgers (and the EMA's) add up, four optimizer steps are tracked, the UNet and the
+    scheduler are saved, and the weights and EMA weights equal the bare run's bit for bit. Returns
+    the written report."""
+    analyzed = run(image_folder, tmp_path / "analyzed", *objective)
     analyzer = analyzed["analyzer"]
     assert analyzed["global_step"] == 4 and analyzer.ledger.steps == 4
     for name, ledger in analyzer.ledgers.items():
         assert_identity(ledger, name)
     assert analyzer.ledger.relative_residual() < 1e-3
     assert_identity(analyzer.ema_ledgers["level"], "ema")
-    report = json.loads((tmp_path / "analyzed" / "genkernel_report.json").read_text(),
-                        parse_constant=lambda name: pytest.fail(f"{name} in the report"))
-    assert report["config"]["prediction_type"] == "flow" and report["config"]["noise_schedule"]["shift"] == 3.0
-    assert any(not float(level).is_integer() for level in report["config"]["probe_levels"])  # real levels t = σ·T
     assert (tmp_path / "analyzed" / "scheduler").is_dir() and (tmp_path / "analyzed" / "unet").is_dir()
 
-    bare = run(image_folder, tmp_path / "bare", "--no-analyze", *flow)
+    bare = run(image_folder, tmp_path / "bare", "--no-analyze", *objective)
     assert all(torch.equal(p, q) for p, q in zip(analyzed["model"].parameters(), bare["model"].parameters()))
     assert all(torch.equal(p, q) for p, q in zip(analyzed["ema_model"].shadow_params, bare["ema_model"].shadow_params))
+    return json.loads((tmp_path / "analyzed" / "genkernel_report.json").read_text(),
+                      parse_constant=lambda name: pytest.fail(f"{name} in the report"))
+
+
+def test_the_flow_matching_objective_keeps_exact_ledgers_and_trains_as_without_the_analyzer(image_folder, tmp_path):
+    # SD3's recipe: FlowMatchEulerDiscreteScheduler(shift=3), its timestep density and cosmap loss weights
+    report = objective_report(image_folder, tmp_path, "--objective", "flow_matching", "--flow_shift", "3.0",
+                              "--weighting_scheme", "cosmap")
+    assert report["config"]["prediction_type"] == "flow" and report["config"]["noise_schedule"]["shift"] == 3.0
+    assert any(not float(level).is_integer() for level in report["config"]["probe_levels"])  # real levels t = σ·T
 
 
 @pytest.mark.parametrize("weighting", ["edm", "none"])
 def test_the_edm_objective_keeps_exact_ledgers_and_trains_as_without_the_analyzer(image_folder, tmp_path, weighting):
     # SDXL's --do_edm_style_training: EDMEulerScheduler, uniform grid indices, precondition_inputs/outputs;
     # the EDM paper's loss weight or SDXL's none, v-prediction
-    edm = ("--objective", "edm", "--prediction_type", "v_prediction", "--edm_weighting", weighting)
-    analyzed = run(image_folder, tmp_path / "analyzed", *edm)
-    analyzer = analyzed["analyzer"]
-    assert analyzed["global_step"] == 4 and analyzer.ledger.steps == 4
-    for name, ledger in analyzer.ledgers.items():
-        assert_identity(ledger, name)
-    assert analyzer.ledger.relative_residual() < 1e-3
-    assert_identity(analyzer.ema_ledgers["level"], "ema")
-    report = json.loads((tmp_path / "analyzed" / "genkernel_report.json").read_text(),
-                        parse_constant=lambda name: pytest.fail(f"{name} in the report"))
+    report = objective_report(image_folder, tmp_path, "--objective", "edm", "--prediction_type", "v_prediction",
+                              "--edm_weighting", weighting)
     assert report["config"]["prediction_type"] == "v_prediction"
     assert report["config"]["noise_schedule"]["process"] == "edm"
     assert min(report["config"]["probe_levels"]) < 0  # real levels t = ¼ ln σ, negative below σ = 1
-    assert (tmp_path / "analyzed" / "scheduler").is_dir() and (tmp_path / "analyzed" / "unet").is_dir()
-
-    bare = run(image_folder, tmp_path / "bare", "--no-analyze", *edm)
-    assert all(torch.equal(p, q) for p, q in zip(analyzed["model"].parameters(), bare["model"].parameters()))
-    assert all(torch.equal(p, q) for p, q in zip(analyzed["ema_model"].shadow_params, bare["ema_model"].shadow_params))
 
 
 def test_a_prediction_type_the_objective_does_not_take_is_refused(image_folder, tmp_path):

@@ -16,20 +16,13 @@ from torch import nn
 from torch.func import functional_call, grad, jacrev, vmap
 
 from genkernel import PathKernelTracker
+from test_trust import Staged
 
 F64 = torch.float64
 O = torch.optim
 
 
-class Branchy(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.a, self.b, self.branch = nn.Linear(3, 5), nn.Linear(5, 2), nn.Linear(5, 2)
-        self.use_branch = True
-
-    def forward(self, x):
-        h = torch.tanh(self.a(x))
-        return self.b(h) + self.branch(h) if self.use_branch else self.b(h)
+Branchy = Staged  # a branch switched off between steps: its parameters get no gradient then
 
 
 def make_model(seed=0):
