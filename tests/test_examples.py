@@ -137,12 +137,10 @@ def test_the_flow_matching_objective_keeps_exact_ledgers_and_trains_as_without_t
     assert any(not float(level).is_integer() for level in report["config"]["probe_levels"])  # real levels t = σ·T
 
 
-@pytest.mark.parametrize("weighting", ["edm", "none"])
-def test_the_edm_objective_keeps_exact_ledgers_and_trains_as_without_the_analyzer(image_folder, tmp_path, weighting):
-    # SDXL's --do_edm_style_training: EDMEulerScheduler, uniform grid indices, precondition_inputs/outputs;
-    # the EDM paper's loss weight or SDXL's none, v-prediction
-    report = objective_report(image_folder, tmp_path, "--objective", "edm", "--prediction_type", "v_prediction",
-                              "--edm_weighting", weighting)
+def test_the_edm_objective_keeps_exact_ledgers_and_trains_as_without_the_analyzer(image_folder, tmp_path):
+    # SDXL's --do_edm_style_training: EDMEulerScheduler, uniform grid indices, precondition_inputs/outputs,
+    # v-prediction, with the EDM paper's loss weight (SDXL's unweighted loss: tests/test_edm.py's ledgers)
+    report = objective_report(image_folder, tmp_path, "--objective", "edm", "--prediction_type", "v_prediction")
     assert report["config"]["prediction_type"] == "v_prediction"
     assert report["config"]["noise_schedule"]["process"] == "edm"
     assert min(report["config"]["probe_levels"]) < 0  # real levels t = ¼ ln σ, negative below σ = 1
