@@ -33,6 +33,8 @@ from genkernel.diffusion.objectives import NoiseBins, check_prediction_type, che
 from genkernel.diffusion.trainer import make_sampler
 from test_diffusion import step_adding_midpoint_contributions
 
+from test_flow_matching import flow_mlp as edm_mlp, ring as flow_ring
+
 F64 = torch.float64
 T = 50
 SIGMA_DATA = 0.5
@@ -40,14 +42,10 @@ SIGMA_DATA = 0.5
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def edm_mlp(seed=0):
-    torch.manual_seed(seed)
-    return MLPDenoiser(hidden=16, depth=2, time_dim=8, time_input="continuous").double()
 
 
 def ring(n, seed=0):
-    angle = torch.rand(n, generator=torch.Generator().manual_seed(seed), dtype=F64) * 2 * math.pi
-    return 0.5 * torch.stack([angle.cos(), angle.sin()], dim=1)
+    return flow_ring(n, seed, radius=0.5)
 
 
 def weighting(scheduler, sigmas):

@@ -11,13 +11,17 @@ contributions ⟨∇f(θ_mid), u_g⟩ at the midpoint of every step.
 
 from __future__ import annotations
 
-import copy
 import math
 
 import pytest
 import torch
 
-from genkernel.diffusion import MLPDenoiser, NoiseLevelAnalyzer, make_edm_scheduler
+from genkernel.diffusion import NoiseLevelAnalyzer, make_edm_scheduler
+
+from test_flow_matching import flow_mlp as edm_mlp, ring as flow_ring
+from test_flow_matching_review import (
+    assert_a_resumed_run_continues_the_ledgers_bit_for_bit, brute_force_adamw_of_losses, tiny_class_unet,
+)
 
 F64 = torch.float64
 
@@ -25,13 +29,9 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def ring(n, seed=0):
-    angle = torch.rand(n, generator=torch.Generator().manual_seed(seed), dtype=F64) * 2 * math.pi
-    return 0.5 * torch.stack([angle.cos(), angle.sin()], dim=1)
+    return flow_ring(n, seed, radius=0.5)
 
 
-def edm_mlp(seed=0):
-    torch.manual_seed(seed)
-    return MLPDenoiser(hidden=16, depth=2, time_dim=8, time_input="continuous").double()
 
 
 def edm_example_loss(model, x0, noise, sigma, t, sigma_data, prediction="epsilon"):
@@ -50,68 +50,6 @@ def edm_bins(scheduler, num_bins):
     lam_grid = 2 * torch.log(data / scheduler.sigmas[:T].to(F64))
     bounds = torch.linspace(float(lam_grid.max()), float(lam_grid.min()), num_bins + 1, dtype=F64)
     return lambda sigma: int((2 * math.log(data / sigma) <= bounds[1:-1]).sum())
-
-
-def brute_force_adamw(model, steps, probes, num_groups, *, lr, weight_decay=0.0, clip=math.inf, ema_decays=None,
-                      betas=(0.9, 0.999), eps=1e-8):
-    """Ledger ``[M, G, d]`` (and the EMA's) of AdamW steps by hand. ``steps``: per step a list of
-    ``(loss closure(model) -> scalar, coefficient c, group)``; ``ema_decays``: the EMA's decay at every step."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    ema = copy.deepcopy(model)
-    ema_params = [p for p in ema.parameters() if p.requires_grad]
-    rows = num_groups + 1
-
-    def outputs(module, m):
-        out = module(*(x[m : m + 1] for x in probes))
-        return getattr(out, "sample", out).reshape(-1)
-
-    num_probes, dim = probes[0].shape[0], outputs(model, 0).numel()
-    total = torch.zeros(num_probes, num_groups, dim, dtype=F64)
-    ema_total = torch.zeros_like(total)
-    first = [[torch.zeros_like(p) for p in params] for _ in range(num_groups)]
-    second = [torch.zeros_like(p) for p in params]
-    moved = [[torch.zeros_like(p) for p in params] for _ in range(rows)]
-    offset = [[torch.zeros_like(p) for p in params] for _ in range(rows)]
-
-    def push(module, module_params, updates, into):
-        start = [p.detach().clone() for p in module_params]
-        delta = [sum(u[i] for u in updates) for i in range(len(module_params))]
-        with torch.no_grad():
-            for p, a, d in zip(module_params, start, delta):
-                p.copy_(a + 0.5 * d)
-        for m in range(num_probes):
-            out = outputs(module, m)
-            for j in range(dim):
-                jac = torch.autograd.grad(out[j], module_params, retain_graph=True)
-                for g in range(num_groups):
-                    into[m, g, j] += sum((a * u).sum() for a, u in zip(jac, updates[g]))
-        with torch.no_grad():
-            for p, a, d in zip(module_params, start, delta):
-                p.copy_(a + d)
-
-    for k, examples in enumerate(steps, 1):
-        grads = [[torch.zeros_like(p) for p in params] for _ in range(num_groups)]
-        for loss_of, c, g in examples:
-            for acc, grad in zip(grads[g], torch.autograd.grad(loss_of(model), params)):
-                acc += c * grad
-        full = [sum(grads[g][i] for g in range(num_groups)) for i in range(len(params))]
-        norm = float(torch.sqrt(sum((f**2).sum() for f in full)))
-        scale = min(1.0, clip / (norm + 1e-6))
-        full = [f * scale for f in full]
-        first = [[betas[0] * m + (1 - betas[0]) * scale * x for m, x in zip(first[g], grads[g])]
-                 for g in range(num_groups)]
-        second = [betas[1] * v + (1 - betas[1]) * f * f for v, f in zip(second, full)]
-        denom = [torch.sqrt(v / (1 - betas[1] ** k)) + eps for v in second]
-        updates = [[-lr * m / (1 - betas[0] ** k) / d for m, d in zip(first[g], denom)] for g in range(num_groups)]
-        updates.append([-lr * weight_decay * p.detach() for p in params])
-        push(model, params, updates, total)
-        if ema_decays is not None:
-            decay = ema_decays[k - 1]
-            moved = [[a + u for a, u in zip(moved[g], updates[g])] for g in range(rows)]
-            steps_ema = [[(1 - decay) * (a - e) for a, e in zip(moved[g], offset[g])] for g in range(rows)]
-            push(ema, ema_params, steps_ema, ema_total)
-            offset = [[e + s for e, s in zip(offset[g], steps_ema[g])] for g in range(rows)]
-    return total, ema_total, model, ema
 
 
 def close(ours, expected, rtol):
@@ -176,7 +114,7 @@ def test_a_continuous_sigma_loop_with_adamw_accumulation_clipping_weights_and_em
     sigma = torch.exp(4 * probes[1].to(F64))[:, None]
     z = (analyzer.probe_clean + sigma * analyzer.probe_noise) / torch.sqrt(sigma**2 + data**2)
     assert torch.allclose(probes[0], z, rtol=1e-15, atol=1e-15)
-    expected, expected_ema, reference, reference_ema = brute_force_adamw(
+    expected, expected_ema, reference, reference_ema = brute_force_adamw_of_losses(
         reference, steps, probes, num_bins, lr=lr, weight_decay=weight_decay, clip=clip, ema_decays=decays)
     assert all(torch.allclose(p, q, rtol=0, atol=1e-13) for p, q in zip(model.parameters(), reference.parameters()))
     assert all(torch.allclose(p, q, rtol=0, atol=1e-13) for p, q in zip(ema.shadow_params, reference_ema.parameters()))
@@ -187,16 +125,6 @@ def test_a_continuous_sigma_loop_with_adamw_accumulation_clipping_weights_and_em
     counts = torch.tensor(analyzer.bin_counts).sum(dim=0)
     assert torch.equal(counts, torch.bincount(torch.tensor([e[2] for s in steps for e in s]), minlength=num_bins))
     assert analyzer.residual()["relative_residual"] < 1e-3
-
-
-def tiny_class_unet(seed=0, classes=3):
-    from diffusers import UNet2DModel
-
-    torch.manual_seed(seed)
-    return UNet2DModel(sample_size=4, in_channels=1, out_channels=1, block_out_channels=(8, 16),
-                       down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
-                       layers_per_block=1, norm_num_groups=4, add_attention=False, dropout=0.0,
-                       num_class_embeds=classes).double()
 
 
 @pytest.mark.parametrize("prediction", ["epsilon", "v_prediction"])
@@ -242,7 +170,7 @@ def test_a_class_conditional_unet_trained_by_the_trainer_matches_brute_force_per
 
         steps.append([(loss_of(n, float(sigmas[n])), 1 / batch, bin_of(float(sigmas[n])) * classes + int(b["labels"][n]))
                       for n in range(batch)])
-    expected, _, reference, _ = brute_force_adamw(tiny_class_unet(0, classes), steps,
+    expected, _, reference, _ = brute_force_adamw_of_losses(tiny_class_unet(0, classes), steps,
                                                   analyzer.probes(torch.zeros((), dtype=F64)), num_bins * classes,
                                                   lr=lr, clip=clip)
     assert all(torch.allclose(p, q, rtol=0, atol=1e-12) for p, q in zip(tracked.model.parameters(), reference.parameters()))
@@ -257,32 +185,8 @@ def test_a_class_conditional_unet_trained_by_the_trainer_matches_brute_force_per
 
 
 def test_a_resumed_edm_run_continues_the_ledgers_bit_for_bit(tmp_path):
-    from genkernel.diffusion import DDPMTrainer
-
-    def scheduler():
-        return make_edm_scheduler(50, sigma_data=0.7, prediction_type="v_prediction")
-
-    def analyzer():
-        return NoiseLevelAnalyzer(scheduler(), ring(16, seed=1), num_bins=4, num_probes=8, controls=1,
-                                  kernel_points=2, snapshot_every=2, progress=False)
-
-    def trainer(callback, checkpoint_dir=None):
-        return DDPMTrainer(edm_mlp(), scheduler(), ring(64), batch_size=16, lr=1e-2, optimizer="adamw",
-                           weight_decay=1e-2, max_grad_norm=0.5, progress=False, callbacks=[callback],
-                           checkpoint_dir=checkpoint_dir)
-
-    straight = analyzer()
-    trainer(straight).train(4)
-    first = trainer(analyzer(), tmp_path)
-    first.train(2)
-    first.save_checkpoint()
-    resumed = analyzer()
-    again = trainer(resumed, tmp_path)
-    again.resume()
-    again.train(2)
-    for name, ledger in straight.ledgers.items():
-        assert torch.equal(ledger.contributions, resumed.ledgers[name].contributions), name
-    assert straight.bin_counts == resumed.bin_counts
+    assert_a_resumed_run_continues_the_ledgers_bit_for_bit(
+        lambda: make_edm_scheduler(50, sigma_data=0.7, prediction_type="v_prediction"), ring, tmp_path)
 
 
 @pytest.mark.parametrize("change", [dict(sigma_min=0.003), dict(sigma_max=100.0), dict(rho=5.0), dict(sigma_data=1.0),
@@ -515,7 +419,7 @@ def test_an_sdxl_style_loop_on_a_short_schedule_with_a_bin_per_level_matches_bru
         steps.append([((lambda x, e, i: lambda m: loss(m, x, e, i)[0].sum())(x0[n : n + 1], noise[n : n + 1], indices[n : n + 1]),
                        1 / batch, bin_of(float(scheduler.sigmas[indices[n]]))) for n in range(batch)])
     analyzer.stop()
-    expected, _, reference, _ = brute_force_adamw(reference, steps, analyzer.probes(torch.zeros((), dtype=F64)), T,
+    expected, _, reference, _ = brute_force_adamw_of_losses(reference, steps, analyzer.probes(torch.zeros((), dtype=F64)), T,
                                                   lr=lr, weight_decay=0.05, clip=clip)
     assert all(torch.allclose(p, q, rtol=0, atol=1e-13) for p, q in zip(model.parameters(), reference.parameters()))
     ok, gap = close(analyzer.contributions, expected, 1e-9)

@@ -38,13 +38,15 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def flow_mlp(seed=0):
+    """A small float64 MLP denoiser of real levels (flow matching's t = σ·T, EDM's ¼ ln σ)."""
     torch.manual_seed(seed)
     return MLPDenoiser(hidden=16, depth=2, time_dim=8, time_input="continuous").double()
 
 
-def ring(n, seed=0):
+def ring(n, seed=0, radius=2.0):
+    """``n`` float64 points ``[n, 2]`` uniform on a circle of ``radius``."""
     angle = torch.rand(n, generator=torch.Generator().manual_seed(seed), dtype=F64) * 2 * math.pi
-    return 2 * torch.stack([angle.cos(), angle.sin()], dim=1)
+    return radius * torch.stack([angle.cos(), angle.sin()], dim=1)
 
 
 # ------------------------------------------------------------------------------------------

@@ -18,21 +18,15 @@ import math
 import pytest
 import torch
 
-from genkernel.diffusion import DDPMTrainer, MLPDenoiser, NoiseLevelAnalyzer, make_flow_scheduler
+from genkernel.diffusion import DDPMTrainer, NoiseLevelAnalyzer, make_flow_scheduler
+
+from test_flow_matching import flow_mlp, ring
 
 F64 = torch.float64
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def ring(n, seed=0):
-    angle = torch.rand(n, generator=torch.Generator().manual_seed(seed), dtype=F64) * 2 * math.pi
-    return 2 * torch.stack([angle.cos(), angle.sin()], dim=1)
-
-
-def flow_mlp(seed=0):
-    torch.manual_seed(seed)
-    return MLPDenoiser(hidden=16, depth=2, time_dim=8, time_input="continuous").double()
 
 
 def log_snr_bins(scheduler, num_bins, spacing="log_snr"):
@@ -59,6 +53,23 @@ def brute_force_adamw(model, steps, probes, num_groups, *, lr, weight_decay=0.0,
 
     ``steps``: per optimizer step a list of examples ``(inputs tuple, target, coefficient c_n, group)``
     whose loss is Σ_n c_n mean((f(inputs) − target)²); ``probes``: ``(z [M, ...], s [M], *conditioning)``."""
+
+    def mse(inputs, target):
+        def loss_of(module):
+            out = module(*inputs)
+            return ((getattr(out, "sample", out) - target) ** 2).mean()
+        return loss_of
+
+    closures = [[(mse(inputs, target), c, g) for inputs, target, c, g in examples] for examples in steps]
+    return brute_force_adamw_of_losses(model, closures, probes, num_groups, lr=lr, weight_decay=weight_decay,
+                                       clip=clip, ema_decays=None if ema_decay is None else [ema_decay] * len(steps),
+                                       betas=betas, eps=eps)
+
+
+def brute_force_adamw_of_losses(model, steps, probes, num_groups, *, lr, weight_decay=0.0, clip=math.inf,
+                                ema_decays=None, betas=(0.9, 0.999), eps=1e-8):
+    """:func:`brute_force_adamw` of any per-example losses: ``steps``, per optimizer step a list of
+    ``(loss closure(model) -> scalar, coefficient c_n, group)``; ``ema_decays``: the EMA's decay at every step."""
     params = [p for p in model.parameters() if p.requires_grad]
     ema = copy.deepcopy(model)
     ema_params = [p for p in ema.parameters() if p.requires_grad]
@@ -94,10 +105,8 @@ def brute_force_adamw(model, steps, probes, num_groups, *, lr, weight_decay=0.0,
 
     for k, examples in enumerate(steps, 1):
         grads = [[torch.zeros_like(p) for p in params] for _ in range(num_groups)]
-        for inputs, target, c, g in examples:
-            out = model(*inputs)
-            loss = ((getattr(out, "sample", out) - target) ** 2).mean()
-            for acc, grad in zip(grads[g], torch.autograd.grad(loss, params)):
+        for loss_of, c, g in examples:
+            for acc, grad in zip(grads[g], torch.autograd.grad(loss_of(model), params)):
                 acc += c * grad
         full = [sum(grads[g][i] for g in range(num_groups)) for i in range(len(params))]
         norm = float(torch.sqrt(sum((f**2).sum() for f in full)))
@@ -110,7 +119,8 @@ def brute_force_adamw(model, steps, probes, num_groups, *, lr, weight_decay=0.0,
         updates = [[-lr * m / (1 - betas[0] ** k) / d for m, d in zip(first[g], denom)] for g in range(num_groups)]
         updates.append([-lr * weight_decay * p.detach() for p in params])
         push(model, params, updates, total)
-        if ema_decay is not None:
+        if ema_decays is not None:
+            ema_decay = ema_decays[k - 1]
             moved = [[a + u for a, u in zip(moved[g], updates[g])] for g in range(rows)]
             steps_ema = [[(1 - ema_decay) * (a - e) for a, e in zip(moved[g], offset[g])] for g in range(rows)]
             push(ema, ema_params, steps_ema, ema_total)
@@ -338,14 +348,21 @@ def test_a_class_conditional_unet_trained_by_the_trainer_matches_brute_force_per
 
 
 def test_a_resumed_flow_run_continues_the_ledgers_bit_for_bit(tmp_path):
+    assert_a_resumed_run_continues_the_ledgers_bit_for_bit(lambda: make_flow_scheduler(100, shift=3.0), ring, tmp_path)
+
+
+def assert_a_resumed_run_continues_the_ledgers_bit_for_bit(scheduler, data, tmp_path):
+    """Four AdamW steps (decay, clipping) of the trainer with an analyzer, straight and as 2 + 2 resumed from a
+    checkpoint in fresh objects: every ledger and the bin counts equal bit for bit. ``scheduler()`` builds
+    the scheduler; ``data(n, seed=)`` the points."""
     def analyzer():
-        return NoiseLevelAnalyzer(make_flow_scheduler(100, shift=3.0), ring(16, seed=1), num_bins=4, num_probes=8,
-                                  controls=1, kernel_points=2, snapshot_every=2, progress=False)
+        return NoiseLevelAnalyzer(scheduler(), data(16, seed=1), num_bins=4, num_probes=8, controls=1,
+                                  kernel_points=2, snapshot_every=2, progress=False)
 
     def trainer(callback, checkpoint_dir=None):
-        return DDPMTrainer(flow_mlp(), make_flow_scheduler(100, shift=3.0), ring(64), batch_size=16, lr=1e-2,
-                           optimizer="adamw", weight_decay=1e-2, max_grad_norm=0.5, progress=False,
-                           callbacks=[callback], checkpoint_dir=checkpoint_dir)
+        return DDPMTrainer(flow_mlp(), scheduler(), data(64), batch_size=16, lr=1e-2, optimizer="adamw",
+                           weight_decay=1e-2, max_grad_norm=0.5, progress=False, callbacks=[callback],
+                           checkpoint_dir=checkpoint_dir)
 
     straight = analyzer()
     trainer(straight).train(4)

@@ -12,7 +12,6 @@ import math
 
 import pytest
 import torch
-from torch import nn
 from torch.func import functional_call, grad, jacrev, vmap
 
 from genkernel import PathKernelTracker
