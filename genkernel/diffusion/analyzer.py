@@ -533,7 +533,10 @@ class NoiseLevelAnalyzer(TrainerCallback):
 
     def _groups(self, timesteps, batch: int, class_labels) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         """Every partition's ids for a batch: level bins, permuted bins per control, level × class."""
-        timesteps = check_timesteps(timesteps, self.scheduler)
+        # One read of the levels from their device (on a GPU, a host synchronization); the checks, the
+        # sigma count and the binning below all read this CPU copy.
+        timesteps = check_timesteps(timesteps.detach().cpu() if isinstance(timesteps, torch.Tensor) else timesteps,
+                                    self.scheduler)
         if timesteps.numel() != batch:
             raise ValueError(f"got {timesteps.numel()} timesteps for a batch of {batch}")
         # EDM needs no such count: its levels t = ¼ ln σ are legitimately small or negative, and sigmas
@@ -555,7 +558,7 @@ class NoiseLevelAnalyzer(TrainerCallback):
                     "model was given, t = σ·T (scheduler.timesteps[indices]; FLUX's loop gives its transformer "
                     "timesteps / 1000: pass the timesteps, not that)"
                 )
-        bins = self.bins(timesteps).cpu()
+        bins = self.bins(timesteps)
         groups = {LEVEL: bins}
         for name in self.control_names:
             groups[name] = bins[torch.randperm(bins.numel(), generator=self._perm_generator)]
