@@ -172,9 +172,10 @@ class GatedSubclass(nn.Module):
         return self.head(torch.tanh(self.inner(x)))
 
 
-def test_a_plan_checked_at_zero_parameters_is_checked_again_once_they_move():
-    """The check's outcome was remembered whatever the values; checked at the zero gate (where
-    the second read adds nothing), the kernel came out 22 % off once the gate was trained."""
+def test_a_plan_checked_at_zero_parameters_still_holds_once_they_move():
+    """The check's outcome is remembered whatever the values; checked at the zero gate (where the
+    second read adds nothing), the kernel came out 22 % off once the gate was trained. The check
+    now fills the zeros in, so the plan it remembers holds at both gates."""
     torch.manual_seed(0)
     model = GatedSubclass().to(F64)
     x = torch.randn(5, 4, generator=torch.Generator().manual_seed(1), dtype=F64)

@@ -329,7 +329,7 @@ def num_train_timesteps(scheduler) -> int:
 def check_timesteps(timesteps: torch.Tensor, scheduler, *, name: str = "timesteps") -> torch.Tensor:
     """Return ``timesteps [B]`` after checking them: a DDPM-family scheduler's as a LongTensor of
     integers in [0, T); a flow-matching scheduler's as given (floats or integers) in [0, T]; an EDM
-    scheduler's as given (floats) in [¼ ln σ_min, ¼ ln σ_max]."""
+    scheduler's as given (finite floats up to ¼ ln(10 σ_max): :func:`_edm_timesteps`)."""
     process = noise_process(scheduler)
     if process == FLOW_PROCESS:
         return _flow_timesteps(timesteps, num_train_timesteps(scheduler), name)
@@ -389,9 +389,9 @@ def _edm_timesteps(timesteps: torch.Tensor, scheduler, name: str) -> torch.Tenso
         )
     values = _real_timesteps(timesteps, name, "t = ¼ ln σ")
     top = 0.25 * math.log(EDM_SIGMA_BEYOND_MAX * float(scheduler.config.sigma_max))
-    # float16 / bfloat16 levels (mixed-precision loops): their rounding (an ulp at the top) is allowed
-    slack = max(EDM_LEVEL_SLACK, torch.finfo(timesteps.dtype).eps * abs(top)) \
-        if isinstance(timesteps, torch.Tensor) and timesteps.is_floating_point() else EDM_LEVEL_SLACK
+    # float16 / bfloat16 levels (mixed-precision loops): their rounding (an ulp at the top) is allowed;
+    # past the two checks above, timesteps is a 1-D floating-point Tensor
+    slack = max(EDM_LEVEL_SLACK, torch.finfo(timesteps.dtype).eps * abs(top))
     if values is not None and (not bool(torch.isfinite(values).all()) or float(values.max()) > top + slack):
         config = scheduler.config
         raise ValueError(

@@ -283,25 +283,7 @@ def _covering_key(model: nn.Module, inputs: tuple[torch.Tensor, ...], exclude: f
         for name, m in model.named_modules(remove_duplicate=False)
     )
     xs = tuple((tuple(t.shape[1:]), t.dtype, t.device.type) if isinstance(t, torch.Tensor) else type(t) for t in inputs)
-    return modules, hooks, xs, exclude, _zero_counts(model)
-
-
-def _zero_counts(model: nn.Module) -> tuple[int, ...]:
-    """How many entries of each trainable parameter are exactly zero: the values the covering
-    check's outcome depends on. Its check compares gradients, and an exact zero (a zero-initialized
-    gate or output layer, adaLN-Zero, ReZero, a "zero convolution") zeroes the gradients a misread
-    block would get wrong, so the check passes on values that training then moves: a plan checked
-    there and remembered dropped an extra read of a Linear subclass's weight behind such a gate
-    once the gate was trained (a kernel 22 % off). Other changes of the values keep the outcome.
-    Parameters whose values cannot be read here (meta, uninitialized) give no count."""
-    try:
-        with torch.no_grad():
-            counts = [(p == 0).sum() for p in model.parameters() if p.requires_grad]
-        if len({c.device for c in counts}) == 1:  # one read: on a GPU, int() of each would wait for the device each time
-            return tuple(torch.stack(counts).tolist())
-        return tuple(int(c) for c in counts)
-    except Exception:
-        return ()
+    return modules, hooks, xs, exclude
 
 
 @contextlib.contextmanager
