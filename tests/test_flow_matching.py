@@ -140,17 +140,18 @@ def test_timestep_bins_are_equal_widths_of_t():
 # the analyzer's ledger against brute force, in a loop written like diffusers' SD3 script
 # ------------------------------------------------------------------------------------------
 def brute_force_sgd(model, batches, probes, bin_of, num_bins, lr):
-    """Per-example autograd and SGD by hand: contributions ``[M, G, d]`` (midpoint rule)."""
+    """Per-example autograd and SGD by hand: contributions ``[M, G, d]`` (midpoint rule). ``batches``:
+    ``(z, t, target, c)`` with c ``[B]`` the examples' coefficients in the step's loss Σ c_n ℓ_n."""
     params = list(model.parameters())
     z_probe, s_probe = probes
     total = torch.zeros(z_probe.shape[0], num_bins, z_probe.shape[1], dtype=F64)
-    for z, t, target in batches:
+    for z, t, target, coefficients in batches:
         bins = bin_of(t)
         updates = [[torch.zeros_like(p) for p in params] for _ in range(num_bins)]
         for n in range(z.shape[0]):
             loss = ((model(z[n : n + 1], t[n : n + 1]) - target[n : n + 1]) ** 2).mean()
             for u, g in zip(updates[int(bins[n])], torch.autograd.grad(loss, params)):
-                u -= lr * g / z.shape[0]
+                u -= lr * float(coefficients[n]) * g
         step_adding_midpoint_contributions(model, updates, probes, total)
     return total
 
@@ -179,7 +180,7 @@ def test_ledger_of_an_sd3_style_loop_matches_brute_force_and_adds_up():
         losses.mean().backward()
         optimizer.step()
         optimizer.zero_grad()
-        batches.append((noisy, timesteps, target))
+        batches.append((noisy, timesteps, target, torch.full((8,), 1 / 8, dtype=F64)))
     expected = brute_force_sgd(reference, batches, analyzer.probes(torch.zeros((), dtype=F64))[:2], analyzer.bins,
                                num_bins, lr)
     ours = analyzer.contributions

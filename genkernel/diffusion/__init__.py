@@ -11,7 +11,8 @@ Public API::
         state_kernel, make_states, kernel_locality, locality_per_input, # kernel structure across levels
         retrieval_attribution,                                          # stage-wise attribution
         diffusion_loss, training_target, noisy_input, timestep_bins,    # the objective, for user loops
-    )
+        LogitNormal, ModeDensity, LogNormal, MinSNR, SD3Weighting,      # the trainer's level densities
+    )                                                                   # and loss weightings
 
 See :mod:`genkernel.diffusion.analyzer` for the user-loop example and docs/diffusion.md.
 Plumbing (argument checks, schedule constants) stays importable from its module.
@@ -27,10 +28,12 @@ from .objectives import (
     training_target,
 )
 from .retrieval import RetrievalResult, retrieval_attribution
+from .timestep_sampling import LogitNormal, LogNormal, MinSNR, ModeDensity, SD3Weighting
 from .trainer import DDPMTrainer, make_optimizer, reverse_sample
 
 __all__ = [
-    "BinnedDenoiser", "DDPMTrainer", "MLPDenoiser", "NoiseLevelAnalyzer", "RetrievalResult", "TimeIgnoringDenoiser",
+    "BinnedDenoiser", "DDPMTrainer", "LogNormal", "LogitNormal", "MLPDenoiser", "MinSNR", "ModeDensity", "NoiseLevelAnalyzer", "RetrievalResult", "SD3Weighting",
+    "TimeIgnoringDenoiser",
     "bin_centers", "bin_edges", "diffusion_loss", "freeze_attention_key_biases", "kernel_locality", "locality_per_input",
     "loss_weight",
     "make_edm_scheduler", "make_flow_scheduler", "make_optimizer", "make_scheduler", "make_states", "noisy_input", "retrieval_attribution", "reverse_sample",

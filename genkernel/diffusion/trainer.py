@@ -11,15 +11,16 @@ One step (docs/diffusion.md):
 
 1. a batch of clean inputs x_n (and class labels y_n, if any): from Tensor data an epoch-wise
    permutation, from a DataLoader (or any re-iterable of batches) its next batch;
-2. timesteps t uniform over the T training levels (DDPM: t ~ U{0, …, T−1}; flow matching: the
-   scheduler's grid t = σ·T; EDM: ``scheduler.timesteps[randint(0, T)]``, t = ¼ ln σ) and noise
-   ε ~ N(0, I);
+2. timesteps t from the run's density (:mod:`~genkernel.diffusion.timestep_sampling`), by default
+   uniform over the T training levels (DDPM: t ~ U{0, …, T−1}; flow matching: the scheduler's grid
+   t = σ·T; EDM: ``scheduler.timesteps[randint(0, T)]``, t = ¼ ln σ), and noise ε ~ N(0, I);
 3. z = sqrt(ᾱ_t) x + sqrt(1 − ᾱ_t) ε (``scheduler.add_noise``) and the target y (ε, v or x); under
    flow matching z = (1 − σ) x + σ ε and y = ε − x; under EDM the model is given c_in (x + σ ε) and
    regresses (x − c_skip z) / c_out, so the plain MSE is the EDM-weighted loss
    (:mod:`~genkernel.diffusion.objectives`);
-4. ``OptimizerStep(model(z, t[, y]), diffusion_loss, info={"timesteps": t, "class_labels": y, ...})``
-   through the callbacks.
+4. ``OptimizerStep(model(z, t[, y]), diffusion_loss, weights=w(t) / B, info={"timesteps": t,
+   "class_labels": y, ...})`` through the callbacks, with w the run's loss weighting (none by default:
+   the plain mean; Min-SNR-γ, SD3's "sigma_sqrt" or "cosmap").
 
 What a checkpoint reproduces. :meth:`DDPMTrainer.resume` restores the model, the optimizer, the
 trainer's generator (so the timesteps and noise continue exactly) and the callbacks' states. With
@@ -62,6 +63,7 @@ from ..core.tracking.io import (
 )
 from ..core.tracking.step import OptimizerStep
 from ..logging import LoggingCallback
+from .timestep_sampling import Density, Weighting, make_loss_weighting, make_timestep_density
 from .objectives import (
     DDPM_PROCESS, check_prediction_type, diffusion_loss, noise_process, noise_schedule_config, noisy_input,
     num_train_timesteps, same_noise_schedule, training_levels, training_target,
@@ -169,6 +171,13 @@ class DDPMTrainer:
             keeps its own).
         batch_size: examples per step of Tensor data (default 128, capped at N); a DataLoader batches itself.
         max_grad_norm: global-norm gradient clipping (inf: none).
+        timestep_density: how training levels are drawn (:mod:`~genkernel.diffusion.timestep_sampling`):
+            "uniform" over the T levels (default), "logit_normal" or "mode" (Stable Diffusion 3's, over
+            the grid, as diffusers' SD3 script draws them), "log_normal" (EDM: ln σ ~ N(−1.2, 1.2²),
+            continuous), or a density object with other parameters (``LogitNormal(mean=, std=)``, ...).
+        loss_weighting: per-level loss weights w(t): "none" (default), "min_snr" (DDPM: Min-SNR-γ, γ = 5;
+            ``MinSNR(gamma=)``), "sigma_sqrt" or "cosmap" (flow matching: SD3's). The step minimizes
+            (1/B) Σ w(t_n) ℓ_n, and the ledgers book exactly that.
         seed: seeds the trainer's own generator (timesteps, noise, the order of Tensor data) and
             nothing global.
         callbacks: :class:`TrainerCallback` objects (analyzers); more can be appended between
@@ -198,6 +207,8 @@ class DDPMTrainer:
         momentum: float = 0.0,
         batch_size: int | None = None,
         max_grad_norm: float = math.inf,
+        timestep_density: str | Density = "uniform",
+        loss_weighting: str | Weighting = "none",
         seed: int = 0,
         callbacks: Sequence[TrainerCallback] = (),
         checkpoint_dir: str | os.PathLike | None = None,
@@ -216,6 +227,10 @@ class DDPMTrainer:
         self.model = model
         self.scheduler = scheduler
         self.levels = training_levels(scheduler)[0]  # what a training timestep can be: DDPM 0..T-1, flow σ·T, EDM ¼ ln σ
+        self.timestep_density = make_timestep_density(timestep_density)
+        self.timestep_density.check(scheduler)
+        self.loss_weighting = make_loss_weighting(loss_weighting)
+        self.loss_weighting.check(scheduler)
         self.conditional = bool(conditional)
         self.shuffle = bool(shuffle)
         param = next(model.parameters())
@@ -305,17 +320,21 @@ class DDPMTrainer:
 
         Returns:
             ``{"clean", "timesteps", "noise", "noisy", "target"}``, plus ``"labels"`` when the batch
-            has class labels and ``"indices"`` (rows of Tensor data).
+            has class labels, ``"indices"`` (rows of Tensor data) and ``"weights"`` (the coefficients
+            c_n = w(t_n) / B ``[B]`` under a loss weighting).
         """
         batch = self._tensor_batch() if isinstance(self.data, torch.Tensor) else self._iterable_batch()
         clean = batch["clean"]
-        timesteps = self.levels[torch.randint(0, self.num_train_timesteps, (clean.shape[0],), generator=self.generator)]
+        timesteps = self.timestep_density.draw(self.scheduler, self.levels, clean.shape[0], self.generator)
         noise = torch.randn(clean.shape, generator=self.generator, dtype=torch.float64).to(clean)
         timesteps = timesteps.to(clean.device)
         batch.update(
             timesteps=timesteps, noise=noise, noisy=noisy_input(self.scheduler, clean, noise, timesteps),
             target=training_target(self.scheduler, clean, noise, timesteps),
         )
+        loss_weights = self.loss_weighting.weights(self.scheduler, timesteps)
+        if loss_weights is not None:  # c_n = w(t_n) / B: the step minimizes the weighted mean
+            batch["weights"] = loss_weights.to(device=clean.device, dtype=clean.dtype) / clean.shape[0]
         return batch
 
     def _tensor_batch(self) -> dict[str, torch.Tensor]:
@@ -406,12 +425,13 @@ class DDPMTrainer:
         if "labels" in batch:
             info["class_labels"] = batch["labels"]
         return OptimizerStep(
-            self.model, self.optimizer, diffusion_loss, inputs, batch["target"], max_grad_norm=self.max_grad_norm,
-            info=info,
+            self.model, self.optimizer, diffusion_loss, inputs, batch["target"], weights=batch.get("weights"),
+            max_grad_norm=self.max_grad_norm, info=info,
         )
 
     def train_step(self) -> float:
-        """One update through the callbacks; returns the mean loss."""
+        """One update through the callbacks; returns the loss it minimized (the mean, or the weighted
+        mean Σ c_n ℓ_n under a loss weighting)."""
         batch = self.next_batch()
         step = self.build_step(batch)
         try:
@@ -424,7 +444,7 @@ class DDPMTrainer:
         if self.logging is not None:
             self.logging.on_step_end(self, step)
         self.global_step += 1
-        loss = float(losses.mean())
+        loss = float(losses.mean() if step.weights is None else (losses * step.weights.to(losses)).sum())
         self.losses.append(loss)
         if self.checkpoint_every and self.global_step % self.checkpoint_every == 0:
             self.save_checkpoint()
@@ -551,6 +571,8 @@ class DDPMTrainer:
             "num_train_timesteps": self.num_train_timesteps,
             "prediction_type": self.prediction_type,
             "noise_schedule": noise_schedule_config(self.scheduler),
+            "timestep_density": self.timestep_density.config(),
+            "loss_weighting": self.loss_weighting.config(),
         }
 
     def state_dict(self) -> dict[str, Any]:
