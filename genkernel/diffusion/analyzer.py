@@ -80,7 +80,7 @@ from ..core.tracking.distributed import summed_over_ranks
 from ..core.tracking.io import atomic_save, jsonable, load_state
 from ..core.tracking.ledger import PathKernelLedger
 from ..core.tracking.quadrature import residual_remedy
-from ..core.tracking.sketched import SKETCHED_TRAFFIC_NOTE
+from ..core.tracking.sketched import SKETCHED_TRAFFIC_NOTE, sketch_error_note
 from ..core.tracking.step import OptimizerStep
 from ..core.tracking.tracker import MEMORY_CHECKS, PathKernelTracker, StepContributions
 from ..logging import LoggingCallback
@@ -160,6 +160,9 @@ class NoiseLevelAnalyzer(TrainerCallback):
             "auto"/"dense"/"sketched", float64 or (for a float32 model) float32 group state, and
             "refuse" or "warn" for a cost estimate above the free memory (the estimate can be high on
             CUDA: "warn" builds the tracker anyway).
+        sketch_dim: k of ``group_state="sketched"``: each group's state is a k-dimensional projection
+            (memory (Σ groups) × k; the estimates' noise falls as 1/sqrt(k), and the report flags a
+            ledger whose estimates miss their exact total by more than a tenth of the change).
         name: the key of this analyzer's state in a trainer's checkpoint (default the class name).
         log: a logger ``log(metrics, step)`` (:mod:`genkernel.logging`: TensorBoard, CSV, or any
             callable): the running residual, rest share, κ, traffic shares and locality
@@ -193,6 +196,7 @@ class NoiseLevelAnalyzer(TrainerCallback):
         group_state: str = "auto",
         state_dtype: torch.dtype = torch.float64,
         memory_check: str = "refuse",
+        sketch_dim: int = 512,
         name: str | None = None,
         log: Callable[[Mapping[str, float], int], None] | None = None,
         log_every: int = 1,
@@ -238,6 +242,7 @@ class NoiseLevelAnalyzer(TrainerCallback):
         self.progress = progress
         self.group_state = group_state
         self.state_dtype = state_dtype
+        self.sketch_dim = positive_int(sketch_dim, "sketch_dim")
         self.stopped = False
         self.num_bins = num_bins
         self.band = band
@@ -341,6 +346,7 @@ class NoiseLevelAnalyzer(TrainerCallback):
             model, optimizer, diffusion_loss, probes, num_groups=self.partitions, quadrature=self.quadrature,
             max_grad_norm=max_grad_norm, memory_budget=self.memory_budget, group_state=self.group_state,
             state_dtype=self.state_dtype, batch_size=batch_size, memory_check=self.memory_check,
+            sketch_dim=self.sketch_dim,
         )
         self.tracker.listeners.append(self._record)
         if ema is not None:
@@ -816,6 +822,9 @@ class NoiseLevelAnalyzer(TrainerCallback):
             extra["measured"] = True
         if self.tracker.group_state == "sketched":
             notes.append(SKETCHED_TRAFFIC_NOTE)
+            sketch = sketch_error_note(self.tracker.ledgers[LEVEL].relative_sketch_error(), "the noise-level")
+            if sketch is not None:  # (the controls' ledgers are sketched alike: one note)
+                notes.append(sketch)
         if self.tracker.ema is not None:
             extra["ema"] = {
                 "residual": self.residual(weights="ema"),
@@ -840,6 +849,7 @@ class NoiseLevelAnalyzer(TrainerCallback):
                 "probe_levels": self.levels.tolist(), "probe_level_bins": self.level_bins.tolist(),
                 "controls": self.controls, "quadrature": self.quadrature, "prediction_type": self.prediction_type,
                 "track_steps": self.track_steps, "group_state": self.tracker.group_state,
+                **({"sketch_dim": self.sketch_dim} if self.tracker.group_state == "sketched" else {}),
                 "cost": self.tracker.cost.as_dict(),
                 "beta_schedule": self.scheduler.config.get("beta_schedule"), "num_train_timesteps": self.total,
                 "noise_schedule": noise_schedule_config(self.scheduler),

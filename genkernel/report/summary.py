@@ -26,7 +26,7 @@ from ..core import grouping
 from ..core.tracking.io import jsonable, load_state
 from ..core.tracking.ledger import PathKernelLedger
 from ..core.tracking.quadrature import residual_remedy
-from ..core.tracking.sketched import SKETCHED_TRAFFIC_NOTE
+from ..core.tracking.sketched import SKETCH_ERROR_LIMIT, SKETCHED_TRAFFIC_NOTE, sketch_error_note
 from ..stats import nan_median
 
 __all__ = ["find_states", "format_summary", "kind_of", "ledger_from_state", "read_state", "summarize", "summarize_state"]
@@ -155,6 +155,15 @@ def _ledger_claims(summary: Mapping[str, Any], what: str = "ledger") -> list[dic
         claims.append(_claim(
             f"The change is what the tracked examples caused (median rest share below {REST_LIMIT})",
             abs(rest) <= REST_LIMIT, rest))
+    sketch = summary.get("relative_sketch_error")
+    if sketch:  # a sketched ledger (0 on the other routes; None when nothing moved)
+        claim = _claim(
+            f"The {what}'s sketched group contributions add up to the examples' exact total (relative sketch error "
+            f"below {SKETCH_ERROR_LIMIT:g} of the change)", sketch <= SKETCH_ERROR_LIMIT, sketch)
+        note = sketch_error_note(sketch, f"the {what}'s")
+        if note:
+            claim["caveat"] = note
+        claims.append(claim)
     return claims
 
 
