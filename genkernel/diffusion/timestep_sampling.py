@@ -17,7 +17,8 @@ Densities (``DDPMTrainer(timestep_density=...)``):
   densities (Esser et al. 2024, §3.1), drawn as diffusers' SD3 and FLUX scripts draw them:
   u = ``compute_density_for_timestep_sampling`` in [0, 1], then ``scheduler.timesteps[(u·T).long()]``
   (the grid noisiest first, so u near 0 is the most noise). The index is clamped to T − 1, where
-  diffusers would index past the grid at u = 1 (a float32 draw of exactly 0 under "mode").
+  diffusers would index past the grid at u = 1 (under "mode", a float32 u' that rounds
+  to 1: a uniform draw of 0, or at scale −1, where u' = cos²(πu/2), any draw below about 1.5·10⁻⁴).
 - :class:`LogNormal` (``"log_normal"``, EDM only): the EDM paper's ln σ ~ N(P_mean, P_std²),
   continuous and unclamped as NVlabs' training loop draws it; the level is t = ¼ ln σ.
 
@@ -45,7 +46,7 @@ from typing import Any, Union
 
 import torch
 from .objectives import (
-    DDPM_PROCESS, EDM_PROCESS, FLOW_PROCESS, _flow_sigmas, check_prediction_type, level_dtype, noise_process,
+    DDPM_PROCESS, EDM_PROCESS, EDM_SIGMA_BEYOND_MAX, FLOW_PROCESS, _flow_sigmas, check_prediction_type, level_dtype, noise_process,
     num_train_timesteps,
 )
 
@@ -54,6 +55,9 @@ __all__ = [
     "Uniform", "make_loss_weighting", "make_timestep_density",
 ]
 
+# a log-normal σ may exceed the levels check_timesteps accepts (σ > 10 σ_max) at most this often per draw (the
+# EDM paper's P_mean = -1.2, P_std = 1.2: 2.5e-11 against σ_max = 80; EDM2's -0.4, 1.0: 7e-13)
+LOG_NORMAL_TAIL_LIMIT = 1e-10
 MODE_SCALE_MAX = 2 / (math.pi - 2)  # SD3 §3.1: the mode density is a density on [0, 1] for s in [-1, 2/(π − 2)]
 
 
@@ -188,6 +192,18 @@ class LogNormal:
     def check(self, scheduler) -> None:
         _require_process(scheduler, (EDM_PROCESS,), "timestep_density='log_normal' (a continuous σ)",
                          "flow matching draws from the grid: use 'logit_normal' (SD3) or 'uniform'")
+        # the levels the objectives and the analyzer accept end at ¼ ln(10 σ_max) (check_timesteps): a density
+        # that draws beyond it would stop the run at a random step, with a message about sigmas passed as levels
+        sigma_top = EDM_SIGMA_BEYOND_MAX * float(scheduler.config.sigma_max)
+        tail = 0.5 * math.erfc((math.log(sigma_top) - self.mean) / (self.std * math.sqrt(2)))
+        if tail > LOG_NORMAL_TAIL_LIMIT:
+            raise ValueError(
+                f"timestep_density {self!r} draws σ > {sigma_top:g} ({EDM_SIGMA_BEYOND_MAX:g} × σ_max, ln σ > "
+                f"{math.log(sigma_top):.4g}) with probability {tail:.3g} per example, where levels ¼ ln σ end at "
+                f"¼ ln({EDM_SIGMA_BEYOND_MAX:g} σ_max) (beyond it they are taken for sigmas passed as levels): the run "
+                "would stop at a random step. Use a narrower density (the EDM paper's LogNormal(mean=-1.2, std=1.2), "
+                "EDM2's LogNormal(mean=-0.4, std=1.0)) or an EDM scheduler with a larger sigma_max"
+            )
 
     def draw(self, scheduler, levels: torch.Tensor, batch_size: int, generator: torch.Generator) -> torch.Tensor:
         """t = ¼ (mean + std·N(0, 1)) ``[B]`` on the CPU, in the scheduler's level dtype."""
