@@ -109,6 +109,7 @@ AUTO_SKETCH_DIRECTIONS = 8
 LEVEL = "level"
 LEVEL_CLASS = "level_class"
 WEIGHTS = ("model", "ema")
+EMA_LEDGERS = ("trainer", "none")  # whether a trainer's EMA (DDPMTrainer(ema=)) gets a ledger
 
 
 class NoiseLevelAnalyzer(TrainerCallback):
@@ -160,6 +161,10 @@ class NoiseLevelAnalyzer(TrainerCallback):
             "auto"/"dense"/"sketched", float64 or (for a float32 model) float32 group state, and
             "refuse" or "warn" for a cost estimate above the free memory (the estimate can be high on
             CUDA: "warn" builds the tracker anyway).
+        ema_ledger: attached to a trainer that keeps an EMA of the weights (``DDPMTrainer(ema=)``),
+            "trainer" (default) keeps a second ledger for the EMA weights, the ones people sample from
+            (the dense route; two more float64 copies of the parameters per group row); "none" keeps
+            the model's ledgers only. In your own loop, ``bind(..., ema=)`` says it.
         sketch_dim: k of ``group_state="sketched"``: each group's state is a k-dimensional projection
             (memory (Σ groups) × k; the estimates' noise falls as 1/sqrt(k), and the report flags a
             ledger whose estimates miss their exact total by more than a tenth of the change).
@@ -196,6 +201,7 @@ class NoiseLevelAnalyzer(TrainerCallback):
         group_state: str = "auto",
         state_dtype: torch.dtype = torch.float64,
         memory_check: str = "refuse",
+        ema_ledger: str = "trainer",
         sketch_dim: int = 512,
         name: str | None = None,
         log: Callable[[Mapping[str, float], int], None] | None = None,
@@ -243,6 +249,9 @@ class NoiseLevelAnalyzer(TrainerCallback):
         self.group_state = group_state
         self.state_dtype = state_dtype
         self.sketch_dim = positive_int(sketch_dim, "sketch_dim")
+        if ema_ledger not in EMA_LEDGERS:
+            raise ValueError(f"ema_ledger must be one of {EMA_LEDGERS}, got {ema_ledger!r}")
+        self.ema_ledger = ema_ledger
         self.stopped = False
         self.num_bins = num_bins
         self.band = band
@@ -350,7 +359,15 @@ class NoiseLevelAnalyzer(TrainerCallback):
         )
         self.tracker.listeners.append(self._record)
         if ema is not None:
-            self.tracker.track_ema(ema)
+            try:
+                self.tracker.track_ema(ema)
+            except BaseException as error:  # unbound again: the analyzer can be bound once fixed
+                self.tracker.close(record_ema=False)
+                self.tracker = None
+                if isinstance(error, ValueError):
+                    raise ValueError(f"{error} (here: NoiseLevelAnalyzer(group_state='dense' or 'auto'), or "
+                                     "ema_ledger='none' to keep no ledger for a trainer's EMA)") from error
+                raise
         if self.progress:
             print(f"[genkernel] NoiseLevelAnalyzer: {self.tracker.cost.describe()}", file=sys.stderr)
         self._start_step = start_step if self._start_step is None else self._start_step
@@ -390,8 +407,12 @@ class NoiseLevelAnalyzer(TrainerCallback):
         if self.tracker is None and (self._in_window(getattr(trainer, "global_step", 0) + 1)
                                      or self._pending_state is not None):
             self._start_step = getattr(trainer, "global_step", None)
-            self.bind(trainer.model, trainer.optimizer, max_grad_norm=getattr(trainer, "max_grad_norm", math.inf),
-                      batch_size=getattr(trainer, "batch_size", None))
+            self.bind(trainer.model, trainer.optimizer, ema=self._trainer_ema(trainer),
+                      max_grad_norm=getattr(trainer, "max_grad_norm", math.inf), batch_size=getattr(trainer, "batch_size", None))
+
+    def _trainer_ema(self, trainer: Any) -> Any:
+        """The trainer's EMA of the weights, when it keeps one and ``ema_ledger="trainer"``; else None."""
+        return getattr(trainer, "ema", None) if self.ema_ledger == "trainer" else None
 
     def _in_window(self, step: int) -> bool:
         return self.track_steps is None or self.track_steps[0] <= step <= self.track_steps[1]
@@ -420,8 +441,8 @@ class NoiseLevelAnalyzer(TrainerCallback):
             )
         if self.tracker is None:
             self._check_trainer_scheduler(trainer)
-            self.bind(step.model, step.optimizer, max_grad_norm=step.max_grad_norm, batch_size=step.batch,
-                      start_step=index - 1)
+            self.bind(step.model, step.optimizer, ema=self._trainer_ema(trainer), max_grad_norm=step.max_grad_norm,
+                      batch_size=step.batch, start_step=index - 1)
         current = getattr(trainer, "global_step", None)
         self._global_step = None if current is None else current + 1  # 1-based index of this step
         return self.track(step, step.info["timesteps"], class_labels=step.info.get("class_labels")).losses

@@ -20,7 +20,9 @@ One step (docs/diffusion.md):
    (:mod:`~genkernel.diffusion.objectives`);
 4. ``OptimizerStep(model(z, t[, y]), diffusion_loss, weights=w(t) / B, info={"timesteps": t,
    "class_labels": y, ...})`` through the callbacks, with w the run's loss weighting (none by default:
-   the plain mean; Min-SNR-γ, SD3's "sigma_sqrt" or "cosmap").
+   the plain mean; Min-SNR-γ, SD3's "sigma_sqrt" or "cosmap");
+5. with an EMA of the weights (``ema=``), its update after the optimizer step, as diffusers' scripts
+   update theirs (an attached analyzer keeps a second ledger for the EMA weights).
 
 What a checkpoint reproduces. :meth:`DDPMTrainer.resume` restores the model, the optimizer, the
 trainer's generator (so the timesteps and noise continue exactly) and the callbacks' states. With
@@ -61,6 +63,7 @@ from ..core.tracking.io import (
     atomic_save, check_module_state, check_optimizer_state, check_resume_config, global_rng_state, load_state,
     set_global_rng_state,
 )
+from ..core.tracking.ema import check_ema_state, check_trainable_ema, ema_weights_model, step_ema
 from ..core.tracking.step import OptimizerStep
 from ..logging import LoggingCallback
 from .timestep_sampling import Density, Weighting, make_loss_weighting, make_timestep_density
@@ -178,6 +181,11 @@ class DDPMTrainer:
         loss_weighting: per-level loss weights w(t): "none" (default), "min_snr" (DDPM: Min-SNR-γ, γ = 5;
             ``MinSNR(gamma=)``), "sigma_sqrt" or "cosmap" (flow matching: SD3's). The step minimizes
             (1/B) Σ w(t_n) ℓ_n, and the ledgers book exactly that.
+        ema: an exponential moving average of the model's weights, updated after every optimizer step:
+            diffusers' ``EMAModel(model.parameters(), decay=0.9999)`` (``use_ema_warmup=True`` as
+            diffusers' ``train_unconditional.py``), ema-pytorch's ``EMA(model)`` or
+            ``torch.optim.swa_utils.AveragedModel``. Checkpoints save it; ``sample(weights="ema")``
+            samples with it; an attached ``NoiseLevelAnalyzer`` keeps a ledger for it.
         seed: seeds the trainer's own generator (timesteps, noise, the order of Tensor data) and
             nothing global.
         callbacks: :class:`TrainerCallback` objects (analyzers); more can be appended between
@@ -209,6 +217,7 @@ class DDPMTrainer:
         max_grad_norm: float = math.inf,
         timestep_density: str | Density = "uniform",
         loss_weighting: str | Weighting = "none",
+        ema: Any = None,
         seed: int = 0,
         callbacks: Sequence[TrainerCallback] = (),
         checkpoint_dir: str | os.PathLike | None = None,
@@ -253,6 +262,9 @@ class DDPMTrainer:
         else:
             self.optimizer = make_optimizer(model, optimizer, lr, weight_decay=weight_decay, momentum=momentum)
         self.max_grad_norm = max_grad_norm
+        if ema is not None:
+            check_trainable_ema(ema, model)
+        self.ema = ema
         self.seed = seed
         self.callbacks: list[TrainerCallback] = list(callbacks)
         self.checkpoint_dir = None if checkpoint_dir is None else Path(checkpoint_dir)
@@ -334,7 +346,10 @@ class DDPMTrainer:
         )
         loss_weights = self.loss_weighting.weights(self.scheduler, timesteps)
         if loss_weights is not None:  # c_n = w(t_n) / B: the step minimizes the weighted mean
-            batch["weights"] = loss_weights.to(device=clean.device, dtype=clean.dtype) / clean.shape[0]
+            # divided before the cast to a float16 model's dtype: SD3's σ⁻² reaches 10⁶ at σ = 1/1000 (inf in
+            # float16), its c_n = w / B need not; in the wider dtype, so float32 / float64 models are unchanged
+            wide = torch.promote_types(loss_weights.dtype, clean.dtype)
+            batch["weights"] = (loss_weights.to(device=clean.device, dtype=wide) / clean.shape[0]).to(clean.dtype)
         return batch
 
     def _tensor_batch(self) -> dict[str, torch.Tensor]:
@@ -441,6 +456,8 @@ class DDPMTrainer:
             if hint is None or "do not fit" not in str(error):
                 raise
             raise ValueError(f"{error} ({hint})") from error
+        if self.ema is not None:
+            step_ema(self.ema, self.model)
         if self.logging is not None:
             self.logging.on_step_end(self, step)
         self.global_step += 1
@@ -464,7 +481,8 @@ class DDPMTrainer:
         return None
 
     def train(self, num_steps: int) -> list[float]:
-        """Run ``num_steps`` more updates (firing ``on_train_start``/``on_train_end``); mean losses."""
+        """Run ``num_steps`` more updates (firing ``on_train_start``/``on_train_end``); the losses they minimized
+        (the means, or the weighted means Σ c_n ℓ_n under a loss weighting)."""
         if not isinstance(num_steps, int) or num_steps < 0:
             raise ValueError(f"num_steps must be a non-negative int, got {num_steps!r}")
         self.model.train()
@@ -492,6 +510,7 @@ class DDPMTrainer:
         keep: Sequence[int] | None = None,
         sampler: Any = None,
         step_kwargs: Mapping[str, Any] | None = None,
+        weights: str = "model",
     ) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
         """Reverse sampling from pure noise (:func:`reverse_sample`: DDPM unless ``sampler`` is given).
 
@@ -503,6 +522,7 @@ class DDPMTrainer:
             keep: timesteps t at which to keep the current sample x_t (the input of the step at t).
             sampler, step_kwargs: another diffusers scheduler (class or instance) and its ``step``
                 arguments, e.g. ``sampler=DDIMScheduler, num_inference_steps=50``.
+            weights: "model" (the trained weights) or "ema" (the EMA's, ``DDPMTrainer(ema=)``).
 
         Returns:
             ``(samples [S, *shape], {t: x_t [S, *shape]})``.
@@ -515,18 +535,30 @@ class DDPMTrainer:
         if self.sample_shape is None:
             raise RuntimeError("the shape of the samples is known once a batch was drawn: train a step first")
         conditioning = None if labels is None else _class_labels(labels, num_samples, "labels").to(self.device)
-        return reverse_sample(self.model, self.scheduler, (num_samples, *self.sample_shape),
+        return reverse_sample(self._weights_model(weights), self.scheduler, (num_samples, *self.sample_shape),
                               num_inference_steps=num_inference_steps, seed=seed, keep=keep, sampler=sampler,
                               step_kwargs=step_kwargs, conditioning=conditioning)
 
+    def _weights_model(self, weights: str) -> nn.Module:
+        """The model to sample with: the trained one ("model") or one with the EMA's weights ("ema")."""
+        if weights not in ("model", "ema"):
+            raise ValueError(f"weights must be 'model' or 'ema', got {weights!r}")
+        if weights == "model":
+            return self.model
+        if self.ema is None:
+            raise ValueError("weights='ema' samples with the EMA of the weights: build the trainer with ema= "
+                             "(e.g. diffusers' EMAModel(model.parameters(), decay=0.9999))")
+        return ema_weights_model(self.ema, self.model)
+
     def save_samples(self, path: str | os.PathLike, num_samples: int = 16, *, labels: torch.Tensor | None = None,
-                     num_inference_steps: int | None = None, seed: int = 0, sampler: Any = None) -> torch.Tensor:
+                     num_inference_steps: int | None = None, seed: int = 0, sampler: Any = None,
+                     weights: str = "model") -> torch.Tensor:
         """Generate samples and write them as ``path`` (a PNG: an image grid, or a scatter over the
         data for points) plus ``path`` with suffix ``.pt`` (the tensor). Returns the samples."""
         import matplotlib.pyplot as plt
 
         samples, _ = self.sample(num_samples, labels=labels, num_inference_steps=num_inference_steps, seed=seed,
-                                 sampler=sampler)
+                                 sampler=sampler, weights=weights)
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_save(samples.cpu(), path.with_suffix(".pt"))
@@ -571,6 +603,7 @@ class DDPMTrainer:
             "num_train_timesteps": self.num_train_timesteps,
             "prediction_type": self.prediction_type,
             "noise_schedule": noise_schedule_config(self.scheduler),
+            "ema": None if self.ema is None else type(self.ema).__name__,
             "timestep_density": self.timestep_density.config(),
             "loss_weighting": self.loss_weighting.config(),
         }
@@ -585,6 +618,7 @@ class DDPMTrainer:
             "format": FORMAT,
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
+            "ema": None if self.ema is None else self.ema.state_dict(),
             "generator": self.generator.get_state(),
             "global_step": self.global_step,
             "losses": list(self.losses),
@@ -608,7 +642,12 @@ class DDPMTrainer:
         if tensor_data != (iterable is None):
             saved, here = ("Tensor", "iterable") if iterable is None else ("iterable", "Tensor")
             raise ValueError(f"the checkpoint was written by a trainer on {saved} data, this one trains on {here} data")
-        check_resume_config(state.get("config"), self._resume_config(), "DDPMTrainer")
+        saved_config = state.get("config")
+        if saved_config is not None:
+            # a checkpoint written before densities, weightings and EMAs existed drew uniformly, unweighted, no EMA
+            saved_config = {"timestep_density": {"density": "uniform"}, "loss_weighting": {"weighting": "none"},
+                            "ema": None, **saved_config}
+        check_resume_config(saved_config, self._resume_config(), "DDPMTrainer")
         if tensor_data and int(state["order"].numel()) not in (0, self.data.shape[0]):
             raise ValueError(
                 f"the checkpoint's epoch order covers {state['order'].numel()} examples, this data has "
@@ -616,8 +655,14 @@ class DDPMTrainer:
             )
         check_module_state(self.model, state["model"], "model")
         check_optimizer_state(self.optimizer, state["optimizer"], "optimizer")
+        if self.ema is not None:
+            check_ema_state(self.ema, state["ema"])
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
+        if self.ema is not None:
+            self.ema.load_state_dict(state["ema"])
+            if hasattr(self.ema, "shadow_params"):  # diffusers' EMAModel keeps the loaded tensors where they were saved
+                self.ema.to(device=self.device)
         self.generator.set_state(state["generator"])
         self.global_step = state["global_step"]
         self.losses = list(state["losses"])

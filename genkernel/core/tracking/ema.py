@@ -34,6 +34,7 @@ group row (D and E).
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 from typing import Any, Callable, Iterator
 
@@ -43,6 +44,7 @@ from torch import nn
 from ..adapter import analysis_mode, functional_model
 from ..errors import LedgerCheckError
 from ..grouping import rows_sum_and_size
+from .io import check_module_state
 from .ledger import PathKernelLedger
 from .routes import TrackedModel, push_rows
 
@@ -102,6 +104,61 @@ def ema_buffers(ema: Any, model: nn.Module) -> Callable[[], dict[str, torch.Tens
     if missing:
         raise ValueError(f"the EMA model has no buffers {missing[:5]}: it must be a copy of the tracked model")
     return lambda: {n: b for n, b in module.named_buffers() if n in own}
+
+
+EMA_KINDS = "diffusers' EMAModel, ema-pytorch's EMA or torch.optim.swa_utils.AveragedModel"
+
+
+def check_trainable_ema(ema: Any, model: nn.Module) -> None:
+    """Raise unless a trainer can step ``ema`` (:func:`step_ema`) and read its weights for ``model``: a
+    TypeError naming the kinds it takes, a ValueError when the EMA averages another model."""
+    if not (hasattr(ema, "shadow_params") or _is_ema_pytorch(ema)
+            or isinstance(ema, torch.optim.swa_utils.AveragedModel)):
+        raise TypeError(f"ema must be {EMA_KINDS} built over the trainer's model, got {type(ema).__name__}")
+    ema_parameters(ema, [n for n, _ in model.named_parameters()], model)  # (its errors name the mismatch)
+
+
+def _is_ema_pytorch(ema: Any) -> bool:
+    return isinstance(ema, nn.Module) and hasattr(ema, "ema_model") and callable(getattr(ema, "update", None))
+
+
+def check_ema_state(ema: Any, state: Any) -> None:
+    """Raise a ValueError unless ``state`` (an EMA's ``state_dict``) fits ``ema``, before anything is
+    loaded: the same averaged tensors with their shapes and dtypes."""
+    if hasattr(ema, "shadow_params"):
+        saved = state.get("shadow_params") if isinstance(state, dict) else None
+        mine = [(tuple(t.shape), t.dtype) for t in ema.shadow_params]
+        theirs = None if not isinstance(saved, list) else [(tuple(t.shape), t.dtype) for t in saved]
+        if theirs != mine:
+            raise ValueError(
+                f"the checkpoint's EMA does not fit this EMAModel ({len(mine)} tensors here, "
+                f"{'none' if theirs is None else len(theirs)} saved, or other shapes or dtypes): build the EMA over "
+                "the saved run's model"
+            )
+        return
+    check_module_state(ema, state, "EMA")
+
+
+def step_ema(ema: Any, model: nn.Module) -> None:
+    """One EMA update after an optimizer step, each kind by its own API: ``EMAModel.step(parameters)``,
+    ema-pytorch's ``EMA.update()`` (its own warm-up and ``update_every``), ``AveragedModel.update_parameters``."""
+    if hasattr(ema, "shadow_params"):
+        ema.step(model.parameters())
+    elif _is_ema_pytorch(ema):
+        ema.update()
+    else:
+        ema.update_parameters(model)
+
+
+def ema_weights_model(ema: Any, model: nn.Module) -> nn.Module:
+    """A module with the EMA's weights: the one an EMA holds (ema-pytorch's ``ema_model``,
+    ``AveragedModel.module``), or for diffusers' ``EMAModel``, which holds parameters only, a copy of
+    ``model`` with them copied in (the live model is not touched)."""
+    if not hasattr(ema, "shadow_params"):
+        return _ema_module(ema)
+    averaged = copy.deepcopy(model)
+    ema.copy_to(averaged.parameters())
+    return averaged
 
 
 def _odd_gains(bar: dict[str, torch.Tensor], last: dict[str, torch.Tensor], theta: dict[str, torch.Tensor]) -> str:
