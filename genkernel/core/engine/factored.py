@@ -63,6 +63,31 @@ class _Sizes:
                 kept += p
         return forward, kept
 
+    def engine_counts(self, plan: Plan, c: int) -> tuple[int, int, int]:
+        """Multiply-adds per example of the factored blocks with c cotangents: (F, their forward,
+        Σ :func:`weight_macs`; F_mat, the forward of the linear and convolutional blocks whose
+        per-example gradients materialize, which forming them costs once per cotangent; the
+        kernel of one pair of examples over the blocks: T²·(I + c·O) for a block kept in the
+        factored form, c·P_block for one materialized, T²·c·O for an embedding)."""
+        forward = materialized = pair = 0
+        for index, block in enumerate(plan.blocks):
+            if index not in self.blocks:
+                continue
+            t, i, o, p, _ = self.blocks[index]
+            if block.kind in ("linear", "conv"):
+                macs = weight_macs(block.kind, t, i, o, block.bias is not None)
+                forward += macs
+                if _dense_is_cheaper(t, i, o, c):
+                    materialized += macs
+                    pair += c * p
+                else:
+                    pair += t * t * (i + c * o)
+            elif block.kind == "embedding":
+                pair += t * t * c * o
+            else:
+                pair += c * p
+        return forward, materialized, pair
+
     def compact_factors(self, plan: Plan, c: int) -> int:
         """Elements of the compact form (:func:`~genkernel.core.engine.factors.capture` with
         ``form="compact"``) per example with c cotangents."""

@@ -18,7 +18,7 @@ import contextlib
 import functools
 import numbers
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, NamedTuple
 
 import torch
 from torch import nn
@@ -65,42 +65,83 @@ class KernelPlan:
     factored_fraction: float
 
 
+class Chunking(NamedTuple):
+    """How each engine splits an M×N kernel (what :func:`choose_engine` counts passes from):
+    ``functional_rows``, torch.func's rows of Jacobians per chunk; ``rows`` and ``cotangents``,
+    the factored engine's rows per capture and outputs per backward
+    (:func:`~genkernel.core.engine.factored.chunk_sizes`); ``held``: whether one side's factors
+    are held (every example captured once, else captured again for every pair of row chunks);
+    ``symmetric``: x1 against itself."""
+
+    functional_rows: int
+    rows: int
+    cotangents: int
+    held: bool
+    symmetric: bool
+
+
+def example_passes(m: int, n: int, rows: int, symmetric: bool, held: bool, engine: str) -> int:
+    """Per-example passes (a forward and a backward) an M×N kernel runs in row chunks of ``rows``.
+
+    torch.func computes x1's Jacobians once per chunk and x2's again for every chunk of x1 (against
+    itself, the chunk on the diagonal is reused): ⌈M/rows⌉·N, plus M for x2 ≠ x1. The factored engine
+    with a held side captures each example once (M, or M + N); otherwise each pair of row chunks is
+    captured together: ⌈M/rows⌉·M against itself, ⌈M/rows⌉·N + ⌈N/rows⌉·M."""
+    cm, cn = -(-m // max(rows, 1)), -(-n // max(rows, 1))
+    if engine == "functional":
+        return cm * n if symmetric else m + cm * n
+    if held:
+        return m if symmetric else m + n
+    return cm * m if symmetric else cm * n + cn * m
+
+
 def choose_engine(plan: Plan, d: int, engine: str = "auto", *, rows: tuple[int, int] | None = None,
-                  sizes: _Sizes | None = None) -> str:
+                  sizes: _Sizes | None = None, chunking: Chunking | None = None) -> str:
     """The engine a call runs: ``engine`` unless "auto", which decides by operation counts.
 
-    "auto" picks:
+    "auto" picks "functional" when no module is factored, else the engine with fewer counted
+    multiply-adds (ties: "factored"), from ``sizes`` (one example's counts,
+    :func:`~genkernel.core.engine.factored._probe_sizes`: F, the factored blocks' forward, Σ T·I·O;
+    F_mat, that of the blocks whose per-example gradients materialize at d cotangents; a pair of
+    examples' kernel over the blocks, T²·(I + d·O) kept factored, d·I·O materialized), ``rows`` =
+    (M, N) (default 1, 1) and ``chunking`` (default: each side in one chunk of d cotangents,
+    x1 against another batch: M + N passes on both sides):
 
-    1. "functional" when no module is factored. For more than ``AUTO_FACTORED_MAX_OUTPUTS``
-       outputs, "functional" unless at least half of the trainable parameters stay in the T²
-       factored form at d cotangents (``sizes``' count P_kept: linear layers over few positions,
-       embeddings; without ``sizes``, "functional"). With d cotangents the blocks that
-       materialize (convolutions over many positions) cost the factored engine what they cost
-       torch.func, only slower (a Python loop over cotangents, the older batched backward);
-       the kept ones save the d·P pair products. Measured (1 thread, M = N = 4-16, d = 128-768,
-       reduce "trace" and "none"): kept share 1 on an MLP, factored 12-180x faster; 0.65-0.82
-       on a tiny DiTTransformer2DModel, factored 1.0-2.4x faster (d = 256, trace, M = 4: 1.4x
-       slower); 0-0.11 on a per-pixel conv net and a tiny UNet2DModel, factored 1.2-2.2x slower
-       (the UNet at d = 256, where torch.func's chunks of 2 rows recompute Jacobians: 1.8x
-       faster factored, left to torch.func). These times are from before a convolution's
-       per-example gradients took every cotangent in one pass (the UNet at d = 256: 6.5 s to
-       4.3 s factored, 10.7 s torch.func), which the rule does not yet count.
-    2. "factored" when every trainable parameter is in a factored block (``plan.fallback`` is
-       empty). Per example, both engines run one forward and one output-batched backward;
-       torch.func's backward also forms every per-example weight gradient, the factored one only
-       the activations' gradients. Per block, the factored engine then takes the cheaper of the
-       T² factored form (T²·(I + d·O) per pair) and per-example gradients materialized from the
-       factors (T·I·O per example, a grouped convolution for convolutions, then d·I·O per pair:
-       the count torch.func pays for that block), so it never counts more than torch.func.
-    3. With parameters left to torch.func (``plan.fallback``, a covering plan's: modules the
-       engine does not support or whose parameters are also read outside their forward), the
-       factored engine runs torch.func's pass for them on top of its own capture: one more
-       forward and backward per example, about 3·F multiply-adds with F those of the factored
-       layers' forward (Σ T·I·O). It saves the pairs of the layers it keeps factored (P1 of
-       their parameters, T·T·(I + d·O) < d·I·O): about M·N·d·P1. So "factored" when
-       M·N·d·P1 > 3·(M + N)·F, else "functional". ``rows`` = (M, N) and ``sizes`` (one
-       example's counts, :func:`~genkernel.core.engine.factored.chunk_sizes`' probe) give the
-       counts; without them such a plan stays "factored".
+    - torch.func, per pass (:func:`example_passes`): one forward and a backward with d cotangents
+      that forms the activations' and every weight's gradients, (1 + 2d)·F; per pair d·P.
+    - factored, per pass: ⌈d/c⌉ forwards and backwards of c cotangents that form the activations'
+      gradients, then the materialized blocks' per-example gradients (one grouped convolution of
+      all d cotangents for a convolution): ⌈d/c⌉·F + d·(F + F_mat); per pair the blocks' count.
+      Parameters left to torch.func (``plan.fallback``: modules the engine does not support or
+      whose parameters are also read outside their forward) add torch.func's pass, (1 + 2d)·F,
+      and d·P_fb per pair.
+
+    With as many passes on both sides the factored count is never the larger without a fallback
+    (F_mat ≤ F, and a block stays factored only where that costs less than materialized), so what
+    decides is a fallback's extra pass against the pairs it saves, and passes: the memory budget
+    splits large d into chunks of outputs and rows that the factored engine captures again per
+    pair of chunks, while torch.func recomputes Jacobians per chunk of x1 (rows of d·P each).
+
+    Measured (1 thread, 2 busy cores, float32, default budget, x1 against itself, M = 4-16,
+    reduce "trace"; torch.func time / factored time, counted ratio in brackets): an MLP at
+    d = 256-768, 30-310x (5.6-11x); 16x16 per-pixel conv nets of 16 and 32 channels (d = 256),
+    equal passes: 1.0-1.6x (1.0x, factored); where the factored engine recaptures per pair of row
+    chunks (32 channels at M = 8-16; a 28x28 net, d = 784, at M = 4-16): 0.58-0.99x (0.33-0.67x,
+    torch.func); tiny UNet2DModels: 8/16 channels on 16x16 (d = 256) at M = 4, 2 rows per chunk
+    on both sides, 0.90-0.96x (0.99x, torch.func), at M = 8, torch.func 2 rows and factored 5,
+    2.1x (1.96x, factored; the rule before took torch.func); 8/16 on 12x12 (d = 144), 1.14x at
+    M = 8 (0.99x, torch.func) and 1.75x at M = 16 (1.31x, factored); 16/32 on 12x12 at M = 4,
+    torch.func 1 row, factored 2: 1.9x (1.97x, factored); a tiny DiTTransformer2DModel (2
+    layers, 16x16, d = 256), 1.3x and 1.8x at M = 4 and 8 (1.08x, factored) and 1.13x at M = 16
+    (0.83x: torch.func, where the rule before, by its kept share 0.66, took the factored engine).
+    The count leans to torch.func: measured, the factored engine's passes cost it 1.0-2.2x less
+    than counted against torch.func's, so near a tie (within about 20%) either may be faster, by
+    up to 1.5x (a 4x4 conv net of 16 channels, d = 128, 32 MiB budget: counted 0.996x, measured
+    1.46x). Reduce "none" (which the count does not tell apart) at M = 4: per-pixel 32 channels
+    1.25x, DiT 2.2x, MLP 19x (factored); UNet 8/16 on 12x12 0.64x, the 28x28 net 0.69x
+    (torch.func). Up to ``AUTO_FACTORED_MAX_OUTPUTS`` outputs, "auto" without a fallback takes
+    "factored" without counting (no probe; measured faster on the kernel benchmark's models and
+    the UNet above at d = 64, 1.3x); without ``sizes`` (nothing to count), "functional" above it.
     """
     if engine not in ENGINES:
         raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
@@ -110,13 +151,20 @@ def choose_engine(plan: Plan, d: int, engine: str = "auto", *, rows: tuple[int, 
         return "functional"
     if sizes is None:  # no counts: the fixed cut-off
         return "functional" if d > AUTO_FACTORED_MAX_OUTPUTS else "factored"
-    forward, kept = sizes.forward_and_factored(plan, d)
-    if d > AUTO_FACTORED_MAX_OUTPUTS and 2 * kept < sum(p.numel() for p in plan.params.values()):
-        return "functional"
-    if not plan.fallback or rows is None:
-        return "factored"
-    m, n = rows
-    return "factored" if m * n * d * kept > 3 * (m + n) * forward else "functional"
+    m, n = (1, 1) if rows is None else rows
+    if chunking is None:
+        chunking = Chunking(max(m, n), max(m, n), d, True, False)
+    forward, materialized, pair = sizes.engine_counts(plan, d)
+    total = sum(p.numel() for p in plan.params.values())
+    fallback = sum(p.numel() for p in plan.fallback.values())
+    torch_func_pass = (1 + 2 * d) * forward
+    passes_f = example_passes(m, n, chunking.functional_rows, chunking.symmetric, False, "functional")
+    passes_x = example_passes(m, n, chunking.rows, chunking.symmetric, chunking.held, "factored")
+    out_chunks = -(-d // max(chunking.cotangents, 1))
+    functional = passes_f * torch_func_pass + m * n * d * total
+    factored = (passes_x * (out_chunks * forward + d * (forward + materialized)) + m * n * pair
+                + (passes_x * torch_func_pass + m * n * d * fallback if fallback else 0))
+    return "factored" if factored <= functional else "functional"
 
 
 @contextlib.contextmanager
@@ -240,7 +288,7 @@ def kernel_plan(model: nn.Module, x: Batch, *, engine: str = "auto", memory_budg
 
 def _plan(model, params, xs, d: int, rows_total: int, engine: str, memory_budget: int) -> KernelPlan:
     n = batch_size(xs)
-    plan = _engine_plan(model, xs, d, (n, rows_total), engine)
+    plan = _engine_plan(model, xs, d, (n, rows_total), engine, memory_budget=memory_budget)
     if plan is None:
         return KernelPlan("functional", d, min(_functional_rows(params, d, memory_budget), rows_total), d, 0.0)
     rows, c = chunk_sizes(model, plan, xs, d, rows_total, memory_budget, held=2, compact=True)
@@ -248,13 +296,15 @@ def _plan(model, params, xs, d: int, rows_total: int, engine: str, memory_budget
 
 
 def _engine_plan(model: nn.Module, xs: tuple[torch.Tensor, ...], d: int, rows: tuple[int, int], engine: str,
-                 xs2: tuple[torch.Tensor, ...] | None = None) -> Plan | None:
+                 xs2: tuple[torch.Tensor, ...] | None = None,
+                 memory_budget: int = DEFAULT_MEMORY_BUDGET) -> Plan | None:
     """The covering plan the factored engine runs, or None where :func:`choose_engine` picks
     torch.func (called in analysis mode). The covering check runs for a model with factored
     layers (engine "auto" or "factored"); for a kernel against ``xs2`` of another kind, on both
     (:func:`~genkernel.core.engine.factors.pair_covering_plan`). "auto" counts (one example's
-    forward, :func:`~genkernel.core.engine.factored._probe_sizes`) where its choice needs them:
-    parameters left to torch.func, or more than ``AUTO_FACTORED_MAX_OUTPUTS`` outputs."""
+    forward, :func:`~genkernel.core.engine.factored._probe_sizes`, and both engines' chunks of
+    ``rows`` = (M, N) examples in ``memory_budget``) where its choice needs them: parameters
+    left to torch.func, or more than ``AUTO_FACTORED_MAX_OUTPUTS`` outputs."""
     if engine not in ENGINES:
         raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
     if engine == "functional" or not make_plan(model).blocks:
@@ -263,9 +313,27 @@ def _engine_plan(model: nn.Module, xs: tuple[torch.Tensor, ...], d: int, rows: t
     if not plan.blocks:  # every parameter goes through torch.func: that is the functional engine
         return None
     if engine == "auto" and (plan.fallback or d > AUTO_FACTORED_MAX_OUTPUTS):
-        if choose_engine(plan, d, engine, rows=rows, sizes=_probe_sizes(model, plan, xs)) == "functional":
+        sizes = _probe_sizes(model, plan, xs)
+        chunking = _chunking(model, plan, xs, d, rows, xs2 is None, sizes, memory_budget)
+        if choose_engine(plan, d, engine, rows=rows, sizes=sizes, chunking=chunking) == "functional":
             return None
     return plan
+
+
+def _chunking(model: nn.Module, plan: Plan, xs: tuple[torch.Tensor, ...], d: int, rows: tuple[int, int],
+              symmetric: bool, sizes: _Sizes, memory_budget: int) -> Chunking:
+    """Both engines' chunks for an M×N kernel (``rows``), as :func:`_gradient_kernel` and
+    :func:`~genkernel.core.engine.factored.factored_gradient_kernel` take them; a side is held
+    when all d outputs fit one backward and its compact factors (and fallback Jacobians) take at
+    most half of the budget, the check the factored engine makes on its first chunk."""
+    m, n = rows
+    rows_f = _functional_rows(plan.params, d, memory_budget)
+    rows_x, c = chunk_sizes(model, plan, xs, d, max(m, n), memory_budget, held=2, compact=True)
+    itemsize = next(iter(plan.params.values())).element_size()
+    fallback = sum(p.numel() for p in plan.fallback.values())
+    per_example = itemsize * (sizes.compact_factors(plan, d) + d * fallback)
+    held = c >= d and per_example * (m if symmetric else n) <= memory_budget // 2
+    return Chunking(rows_f, rows_x, c, held, symmetric)
 
 
 def _functional_rows(params: dict[str, torch.Tensor], d: int, memory_budget: int) -> int:
@@ -356,7 +424,7 @@ def _gradient_kernel(model, x1, x2, normalize, reduce, memory_budget, engine) ->
         if d2 != d:
             raise ValueError(f"x1 gives {d} outputs per example but x2 gives {d2}")
 
-    plan = _engine_plan(model, x1s, d, (m_total, n_total), engine, None if x2 is None else x2s)
+    plan = _engine_plan(model, x1s, d, (m_total, n_total), engine, None if x2 is None else x2s, memory_budget)
     if plan is not None:
         kernel, diag1, diag2 = factored_gradient_kernel(
             model, x1s, None if x2 is None else x2s, reduce=reduce, memory_budget=memory_budget, d=d, diagonals=normalize,
