@@ -199,3 +199,63 @@ def test_bad_ema_set_ups_are_refused_with_the_fix():
     with pytest.raises(ValueError, match="group_state='dense' or 'auto'.*ema_ledger='none'"):
         trainer(ema_model, EMAS["diffusers"](ema_model), callbacks=[sketched]).train(1)
     assert sketched.tracker is None
+
+
+# ------------------------------------------------------------------------------------------
+# GANTrainer(ema=): an EMA of the generator
+# ------------------------------------------------------------------------------------------
+def gan_run(ema_kind=None, analyzer_options=None, iterations=3, checkpoint_dir=None, resume=False):
+    from genkernel.data import gaussian_ring
+    from genkernel.gan import GANKernelAnalyzer, GANTrainer, MLPDiscriminator, MLPGenerator
+
+    torch.manual_seed(0)
+    G, D = MLPGenerator(2, 2, hidden=8, depth=2).double(), MLPDiscriminator(2, hidden=8, depth=2).double()
+    data = gaussian_ring(128, radius=2.0, std=0.05, seed=0)[0].double()
+    callbacks = []
+    if analyzer_options is not None:
+        probes = torch.randn(6, 2, generator=torch.Generator().manual_seed(1), dtype=F64)
+        callbacks.append(GANKernelAnalyzer(G, D, probes, grouping="direction", num_groups=3, window=3, eval_every=1,
+                                           controls=0, track_discriminator=False, **analyzer_options))
+    ema = None if ema_kind is None else EMAS[ema_kind](G)
+    trainer = GANTrainer(G, D, data, batch_size=16, ema=ema, callbacks=callbacks, seed=2,
+                         checkpoint_dir=checkpoint_dir, checkpoint_every=0 if checkpoint_dir is None else 2)
+    trainer.train(iterations, resume=resume)
+    return trainer, (callbacks[0] if callbacks else None)
+
+
+def test_the_gan_trainer_steps_its_generator_ema_after_each_generator_step_and_the_analyzer_books_it():
+    plain, _ = gan_run()
+    with_ema, _ = gan_run("diffusers")
+    tracked, analyzer = gan_run("diffusers", {})
+    for run in (with_ema, tracked):  # the EMA changes no update, and the analyzer changes nothing
+        assert all(torch.equal(p, q) for p, q in zip(plain.generator.parameters(), run.generator.parameters()))
+    assert all(torch.equal(a, b) for a, b in zip(with_ema.ema.shadow_params, tracked.ema.shadow_params))
+    assert with_ema.ema.optimization_step == 3  # once per generator step, not per discriminator step
+    ledger = analyzer.generator_ema_ledgers["geometry"]
+    scale = float(ledger.delta.abs().max())
+    identity = ledger.contributions.sum(1) + ledger.rest + ledger.residual - ledger.delta
+    assert scale > 0 and float(identity.abs().max()) < 1e-12 * scale
+    assert ledger.relative_residual() < 1e-3
+    # β read from the EMA's moves: EMAModel's warm-up decays 1 - (1 + k)^-power, 0 at its first step
+    expected = [min(0.9, 1 - (1 + k) ** -0.75) if k > 0 else 0.0 for k in range(3)]
+    assert analyzer.report()["generator_ema"]["decays"] == pytest.approx(expected, rel=1e-9)
+    plain_ledger = gan_run(None, {})[1].generator_ledger()
+    assert torch.equal(plain_ledger.contributions, analyzer.generator_ledger().contributions)
+    _, none = gan_run("diffusers", {"ema_ledger": "none"})
+    assert none.g_tracker.ema is None and "generator_ema" not in none.report()
+
+
+def test_the_gan_trainer_resumes_its_ema_and_samples_with_it(tmp_path):
+    straight, _ = gan_run("averaged", iterations=4)
+    gan_run("averaged", iterations=2, checkpoint_dir=tmp_path)
+    resumed, _ = gan_run("averaged", iterations=4, checkpoint_dir=tmp_path, resume=True)
+    assert resumed.iteration == 4
+    assert all(torch.equal(p, q) for p, q in zip(straight.ema.module.parameters(), resumed.ema.module.parameters()))
+    assert int(resumed.ema.n_averaged) == 4
+    z = torch.randn(5, 2, dtype=F64, generator=torch.Generator().manual_seed(4))
+    assert torch.equal(resumed.sample(z, weights="ema"), resumed.ema.module(z))
+    assert not torch.equal(resumed.sample(z, weights="ema"), resumed.sample(z))
+    with pytest.raises(ValueError, match="ema"):  # a checkpoint with an EMA, a trainer without
+        gan_run(None, iterations=4, checkpoint_dir=tmp_path, resume=True)
+    with pytest.raises(ValueError, match="weights='ema'.*ema="):
+        gan_run(None, iterations=1)[0].sample(z, weights="ema")

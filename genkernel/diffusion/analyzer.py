@@ -80,6 +80,7 @@ from ..core.tracking.distributed import summed_over_ranks
 from ..core.tracking.io import atomic_save, jsonable, load_state
 from ..core.tracking.ledger import PathKernelLedger
 from ..core.tracking.quadrature import residual_remedy
+from ..core.tracking.ema import EMA_LEDGERS
 from ..core.tracking.sketched import SKETCHED_TRAFFIC_NOTE, sketch_error_note
 from ..core.tracking.step import OptimizerStep
 from ..core.tracking.tracker import MEMORY_CHECKS, PathKernelTracker, StepContributions
@@ -109,7 +110,6 @@ AUTO_SKETCH_DIRECTIONS = 8
 LEVEL = "level"
 LEVEL_CLASS = "level_class"
 WEIGHTS = ("model", "ema")
-EMA_LEDGERS = ("trainer", "none")  # whether a trainer's EMA (DDPMTrainer(ema=)) gets a ledger
 
 
 class NoiseLevelAnalyzer(TrainerCallback):

@@ -63,7 +63,7 @@ from ..core.tracking.io import (
     atomic_save, check_module_state, check_optimizer_state, check_resume_config, global_rng_state, load_state,
     set_global_rng_state,
 )
-from ..core.tracking.ema import check_ema_state, check_trainable_ema, ema_weights_model, step_ema
+from ..core.tracking.ema import check_ema_state, check_trainable_ema, ema_weights_model, load_ema_state, step_ema
 from ..core.tracking.step import OptimizerStep
 from ..logging import LoggingCallback
 from .timestep_sampling import Density, Weighting, make_loss_weighting, make_timestep_density
@@ -660,9 +660,7 @@ class DDPMTrainer:
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         if self.ema is not None:
-            self.ema.load_state_dict(state["ema"])
-            if hasattr(self.ema, "shadow_params"):  # diffusers' EMAModel keeps the loaded tensors where they were saved
-                self.ema.to(device=self.device)
+            load_ema_state(self.ema, state["ema"], self.device)
         self.generator.set_state(state["generator"])
         self.global_step = state["global_step"]
         self.losses = list(state["losses"])

@@ -56,6 +56,7 @@ from ..core.tracking.io import (
     atomic_save, check_module_state, check_optimizer_state, check_resume_config, global_rng_state, load_state,
     set_global_rng_state,
 )
+from ..core.tracking.ema import check_ema_state, check_trainable_ema, ema_weights_model, load_ema_state, step_ema
 from ..core.tracking.step import OptimizerStep
 from ..logging import LoggingCallback
 from .losses import (
@@ -168,6 +169,10 @@ class GANTrainer:
         d_steps: discriminator steps per generator step.
         gp_weight: λ of the gradient penalty (wgan-gp only).
         max_grad_norm: global-norm clipping of both players (inf: none).
+        ema: an exponential moving average of the generator's weights (diffusers' ``EMAModel``,
+            ema-pytorch's ``EMA``, ``AveragedModel``), updated after every generator step; checkpoints
+            save it, ``sample(..., weights="ema")`` samples with it, and an attached
+            :class:`GANKernelAnalyzer` keeps a ledger for it.
         callbacks: :class:`TrainerCallback` objects (e.g. :class:`GANKernelAnalyzer`).
         seed: seeds the trainer's own generator (batches, latents, interpolation factors).
         progress: show a tqdm bar.
@@ -200,6 +205,7 @@ class GANTrainer:
         d_steps: int = 1,
         gp_weight: float = 10.0,
         max_grad_norm: float = math.inf,
+        ema: Any = None,
         callbacks: Sequence[TrainerCallback] = (),
         seed: int = 0,
         progress: bool = False,
@@ -273,6 +279,9 @@ class GANTrainer:
         self.batch_size = batch_size
         self.d_steps = d_steps
         self.max_grad_norm = max_grad_norm
+        if ema is not None:
+            check_trainable_ema(ema, generator)
+        self.ema = ema
         self.callbacks = list(callbacks)
         self.rng = torch.Generator(device="cpu").manual_seed(seed)
         self.progress = progress
@@ -375,12 +384,20 @@ class GANTrainer:
         return check_classes(classes, batch, self.num_classes).to(self.device)
 
     @torch.no_grad()
-    def sample(self, latents: torch.Tensor, classes: torch.Tensor | None = None) -> torch.Tensor:
+    def sample(self, latents: torch.Tensor, classes: torch.Tensor | None = None, *, weights: str = "model") -> torch.Tensor:
         """G(latents) (a conditional GAN's G(latents, classes), ``classes`` a ``LongTensor[B]``) in
-        eval mode, detached."""
+        eval mode, detached; ``weights="ema"``: with the EMA's weights (``GANTrainer(ema=)``)."""
         classes = self._checked_classes(classes, latents.shape[0])
-        with analysis_mode(self.generator):
-            return output_tensor(self.generator(latents, *class_inputs(classes))).detach()
+        if weights not in ("model", "ema"):
+            raise ValueError(f"weights must be 'model' or 'ema', got {weights!r}")
+        generator = self.generator
+        if weights == "ema":
+            if self.ema is None:
+                raise ValueError("weights='ema' samples with the EMA of the generator's weights: build the trainer "
+                                 "with ema= (e.g. diffusers' EMAModel(generator.parameters(), decay=0.999))")
+            generator = ema_weights_model(self.ema, self.generator)
+        with analysis_mode(generator):
+            return output_tensor(generator(latents, *class_inputs(classes))).detach()
 
     def input_gradients(
         self, latents: torch.Tensor, classes: torch.Tensor | None = None
@@ -458,6 +475,8 @@ class GANTrainer:
             self._count_applied(step)
             raise
         self._count_applied(step)
+        if step.phase == "generator" and self.ema is not None:
+            step_ema(self.ema, self.generator)
         if self.logging is not None:
             self.logging.on_step_end(self, step)
         return losses
@@ -522,6 +541,7 @@ class GANTrainer:
             "dtype": str(self.dtype), "g_optimizer": type(self.g_optimizer).__name__,
             "d_optimizer": type(self.d_optimizer).__name__,
             "num_classes": self.num_classes, "class_sampling": self.class_sampling,
+            "ema": None if self.ema is None else type(self.ema).__name__,
         }
 
     def state_dict(self) -> dict[str, Any]:
@@ -533,6 +553,7 @@ class GANTrainer:
             "discriminator": self.discriminator.state_dict(),
             "g_optimizer": self.g_optimizer.state_dict(),
             "d_optimizer": self.d_optimizer.state_dict(),
+            "ema": None if self.ema is None else self.ema.state_dict(),
             "rng": self.rng.get_state(),
             "iteration": self.iteration,
             "g_steps": self.g_steps,
@@ -550,15 +571,22 @@ class GANTrainer:
         differences, before the networks or optimizers are loaded."""
         if not isinstance(state, dict) or state.get("format") != "genkernel.GANTrainer/2":
             raise ValueError("not a GANTrainer checkpoint (written by GANTrainer.save_checkpoint)")
-        check_resume_config(state.get("config"), self._resume_config(), "GANTrainer")
+        saved_config = state.get("config")
+        if saved_config is not None:  # a checkpoint written before trainers kept EMAs kept none
+            saved_config = {"ema": None, **saved_config}
+        check_resume_config(saved_config, self._resume_config(), "GANTrainer")
         check_module_state(self.generator, state["generator"], "generator")
         check_module_state(self.discriminator, state["discriminator"], "discriminator")
         for name in ("g_optimizer", "d_optimizer"):
             check_optimizer_state(getattr(self, name), state[name], name)
+        if self.ema is not None:
+            check_ema_state(self.ema, state.get("ema"))
         self.generator.load_state_dict(state["generator"])
         self.discriminator.load_state_dict(state["discriminator"])
         self.g_optimizer.load_state_dict(state["g_optimizer"])
         self.d_optimizer.load_state_dict(state["d_optimizer"])
+        if self.ema is not None:
+            load_ema_state(self.ema, state["ema"], self.device)
         self.rng.set_state(state["rng"])
         self.iteration, self.g_steps, self.d_steps_done = state["iteration"], state["g_steps"], state["d_steps_done"]
         self._iteration_d_steps = state.get("iteration_d_steps", 0)  # checkpoints are written between iterations

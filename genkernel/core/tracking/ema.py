@@ -107,6 +107,8 @@ def ema_buffers(ema: Any, model: nn.Module) -> Callable[[], dict[str, torch.Tens
 
 
 EMA_KINDS = "diffusers' EMAModel, ema-pytorch's EMA or torch.optim.swa_utils.AveragedModel"
+# An analyzer's ema_ledger: whether the EMA a trainer keeps (DDPMTrainer(ema=), GANTrainer(ema=)) gets a ledger
+EMA_LEDGERS = ("trainer", "none")
 
 
 def check_trainable_ema(ema: Any, model: nn.Module) -> None:
@@ -137,6 +139,14 @@ def check_ema_state(ema: Any, state: Any) -> None:
             )
         return
     check_module_state(ema, state, "EMA")
+
+
+def load_ema_state(ema: Any, state: Any, device: torch.device) -> None:
+    """Load a checked (:func:`check_ema_state`) EMA state; diffusers' ``EMAModel`` keeps the loaded tensors
+    where they were saved, so its averages are moved to the model's ``device``."""
+    ema.load_state_dict(state)
+    if hasattr(ema, "shadow_params"):
+        ema.to(device=device)
 
 
 def step_ema(ema: Any, model: nn.Module) -> None:
