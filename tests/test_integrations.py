@@ -352,3 +352,82 @@ def test_an_ema_that_leaves_a_parameter_out_is_refused_naming_that_parameter():
             optimizer.step()
             optimizer.zero_grad()
             ema.update()
+
+
+def _weight_averaging_fit(analyzer, averaging=True, order="averaging first"):
+    from lightning.pytorch.callbacks import WeightAveraging
+    from torch.optim.swa_utils import get_ema_multi_avg_fn
+
+    from genkernel.integrations.lightning import GenkernelCallback
+
+    module = lightning_denoiser(analyzer)
+    callbacks = [] if analyzer is None else [GenkernelCallback(analyzer, model_attribute="net")]
+    if averaging:
+        average = WeightAveraging(multi_avg_fn=get_ema_multi_avg_fn(0.9))
+        callbacks = [average, *callbacks] if order == "averaging first" else [*callbacks, average]
+    _fit_quietly(_trainer(callbacks, max_epochs=1), module,
+                 torch.utils.data.DataLoader(ring(48), batch_size=8, shuffle=False))
+    return module
+
+
+def _analyzer(**kwargs):
+    return NoiseLevelAnalyzer(make_scheduler(T), ring(16, seed=3), num_bins=3, num_probes=6, kernel_points=2,
+                              progress=False, **kwargs)
+
+
+def test_lightning_weight_averaging_gets_an_ema_ledger_and_the_trained_weights_keep_theirs():
+    """Lightning's WeightAveraging keeps an AveragedModel of the module and copies it into the module when
+    training ends. Old: no EMA ledger for it, and with the callback listed first the final kernel was
+    computed at the averaged weights copied in, recorded as the trained θ (by_distance off in the 4th
+    digit), and reading an EMA ledger after the copy was refused as an EMA that moved wrongly."""
+    plain = _analyzer()
+    trained = _weight_averaging_fit(plain, averaging=False)
+    for order in ("averaging first", "averaging last"):
+        analyzer = _analyzer()
+        averaged = _weight_averaging_fit(analyzer, order=order)
+        theta = analyzer.tracker.module_at_last_step()
+        assert all(torch.equal(p, q) for p, q in zip(theta.parameters(), trained.net.parameters()))
+        assert not torch.equal(next(averaged.net.parameters()), next(trained.net.parameters()))  # the average, copied in
+        assert analyzer.kernel_history[-1]["by_distance"] == plain.kernel_history[-1]["by_distance"]
+        assert torch.equal(analyzer.ledger.contributions, plain.ledger.contributions)
+        ema = analyzer.ema_ledgers["level"]
+        scale = float(ema.delta.abs().max())
+        identity = ema.contributions.sum(1) + ema.rest + ema.residual - ema.delta
+        assert scale > 0 and float(identity.abs().max()) < 1e-12 * scale
+        assert analyzer.residual(weights="ema")["relative_residual"] < 1e-3
+        assert analyzer.report()["ema"]["decays"] == pytest.approx([0.0] + [0.9] * 5, rel=1e-12)  # copy, then EMA
+    none = _analyzer(ema_ledger="none")
+    _weight_averaging_fit(none)
+    assert none.tracker.ema is None
+
+
+def test_an_ema_copied_into_the_model_before_finish_leaves_the_ledgers_at_the_trained_weights():
+    """diffusers' scripts copy the EMA into the model to sample and save (EMAModel.copy_to); a finish()
+    or a read of the EMA ledger after it reads the trained θ the ledger ends at, not the copy."""
+    from diffusers.training_utils import EMAModel
+
+    def run(copy_before_finish):
+        scheduler = make_scheduler(T)
+        model = denoiser()
+        optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+        ema = EMAModel(model.parameters(), decay=0.8)
+        analyzer = _analyzer()
+        analyzer.bind(model, optimizer, ema=ema)
+        g = torch.Generator().manual_seed(4)
+        for x0 in ring(24).split(8):
+            losses, t = per_example_loss(model, scheduler, x0, g)
+            analyzer.observe(losses, t)
+            losses.mean().backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            ema.step(model.parameters())
+        if copy_before_finish:
+            ema.copy_to(model.parameters())
+        analyzer.finish()
+        return analyzer
+
+    straight, copied = run(False), run(True)
+    assert copied.kernel_history[-1]["by_distance"] == straight.kernel_history[-1]["by_distance"]
+    for name in ("level",):
+        assert torch.equal(copied.ema_ledgers[name].contributions, straight.ema_ledgers[name].contributions)
+    assert copied.residual(weights="ema")["relative_residual"] < 1e-3

@@ -672,11 +672,14 @@ class NoiseLevelAnalyzer(TrainerCallback):
         return {"sketch": sketch, **summary}
 
     def record_kernel(self) -> dict[str, Any]:
-        """:meth:`kernel_structure` at the current θ, appended to ``kernel_history``."""
+        """:meth:`kernel_structure` at the θ the ledger has reached (the current θ, unless something
+        wrote other weights into the model since the last tracked step: an EMA copied in at the end of
+        training is not the trained θ), appended to ``kernel_history``."""
+        model = None if self.tracker is None else self.tracker.module_at_last_step()
         entry = {
             "tracked_step": 0 if self.tracker is None else self.tracker.ledger.steps,
             "global_step": self.global_steps[-1] if self.global_steps else self._start_step,
-            **self.kernel_structure(),
+            **self.kernel_structure(model),
         }
         self.kernel_history.append(entry)
         return entry

@@ -68,7 +68,10 @@ class GenkernelCallback(pl.Callback):
         model_attribute: the attribute of the LightningModule holding the trained network (default:
             the LightningModule itself). Not for a GAN analyzer, which holds G and D itself.
         ema: an EMA of the weights the module updates after each step (a second ledger; for a GAN,
-            of the generator's weights).
+            of the generator's weights). Without it, a fit with Lightning's ``WeightAveraging``
+            callback (an ``AveragedModel`` of the module, updated after every step: EMA or SWA) gets
+            the ledger of that average of the analyzed network, unless the analyzer says
+            ``ema_ledger="none"``.
     """
 
     def __init__(self, analyzer: Any, *, model_attribute: str | None = None, ema: Any = None) -> None:
@@ -90,9 +93,36 @@ class GenkernelCallback(pl.Callback):
                 f"the module has {len(trainer.optimizers)} optimizers: bind each analyzer to its own model and "
                 "optimizer by hand (analyzer.bind) instead of through GenkernelCallback"
             )
+        model = self._model(trainer, pl_module)
         self.analyzer.bind(
-            self._model(trainer, pl_module), trainer.optimizers[0], ema=self.ema, start_step=trainer.global_step,
+            model, trainer.optimizers[0], ema=self._ema(trainer, pl_module, model), start_step=trainer.global_step,
             batch_size=_step_batch(trainer))
+
+    def _ema(self, trainer: pl.Trainer, pl_module: pl.LightningModule, model: Any) -> Any:
+        """The EMA to keep a ledger for: the one given, else the averaged copy of ``model`` that Lightning's
+        ``WeightAveraging`` callback keeps (its ``AveragedModel`` holds a copy of the whole module), unless
+        the analyzer's ``ema_ledger`` is "none"; else None."""
+        if self.ema is not None or getattr(self.analyzer, "ema_ledger", "trainer") == "none":
+            return self.ema
+        try:
+            from lightning.pytorch.callbacks import WeightAveraging
+        except ImportError:  # (Lightning before 2.5)
+            return None
+        averaging = [c for c in getattr(trainer, "callbacks", ()) if isinstance(c, WeightAveraging)]
+        if not averaging:
+            return None
+        if len(averaging) > 1:
+            raise ValueError(f"the fit has {len(averaging)} WeightAveraging callbacks: pass the one to keep a ledger "
+                             "for as GenkernelCallback(analyzer, ema=...), or ema_ledger='none' on the analyzer")
+        average = getattr(averaging[0], "_average_model", None)
+        module = getattr(model, "module", model)  # (a DDP wrapper's module)
+        path = next((name for name, m in pl_module.named_modules() if m is module), None)
+        if average is None or path is None:
+            raise ValueError(
+                "the fit's WeightAveraging callback holds no averaged copy of the analyzed network (it builds one in "
+                "setup); pass the EMA as GenkernelCallback(analyzer, ema=...), or ema_ledger='none' on the analyzer"
+            )
+        return average.module.get_submodule(path)
 
     def _bind_gan(self, trainer: pl.Trainer) -> None:
         """Bind a :class:`~genkernel.gan.GANKernelAnalyzer` to this fit's generator and discriminator
@@ -143,7 +173,8 @@ class GenkernelCallback(pl.Callback):
         numbered = {"generator": analyzer.g_loop_steps, "discriminator": analyzer.d_loop_steps}  # a loaded state's
         steps = tuple(_optimizer_steps(found.get(player), numbered[player][-1] if numbered[player] else trainer.global_step)
                       for player in players)
-        analyzer.bind(found["generator"], found.get("discriminator"), ema=self.ema, start_step=steps)
+        analyzer.bind(found["generator"], found.get("discriminator"), ema=self._ema(trainer, trainer.lightning_module,
+                                                                                   analyzer._g), start_step=steps)
 
     @staticmethod
     def _check_bound_to(tracker: Any, trainer: pl.Trainer) -> None:

@@ -36,7 +36,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Mapping
 
 import torch
 from torch import nn
@@ -245,12 +245,14 @@ class EMALedgers:
         buffers = {n: b.detach().clone() for n, b in self.model.module.named_buffers()}
         return buffers or None
 
-    def sync(self, step: int) -> None:
-        """Record the EMA's update since the last sync, if it moved (``step``: the optimizer steps so far)."""
+    def sync(self, step: int, theta_after: Mapping[str, torch.Tensor]) -> None:
+        """Record the EMA's update since the last sync, if it moved (``step``: the optimizer steps so far;
+        ``theta_after``: the model's parameters after the last tracked step, the θ the EMA moved towards,
+        which the live ones need not be any more: an EMA copied into the model at the end of training)."""
         bar = {n: t.detach().to(torch.float64) for n, t in self.read().items()}
         if all(torch.equal(bar[n], self.last_bar[n]) for n in bar):
             return
-        theta = {n: p.detach().to(torch.float64) for n, p in self.model.params.items()}
+        theta = {n: theta_after[n].detach().to(device=bar[n].device, dtype=torch.float64) for n in self.model.params}
         # 1. (1 − β) from the EMA's own move: Δθ̄ = (1 − β)(θ − θ̄).
         dot = sum(float(((bar[n] - self.last_bar[n]) * (theta[n] - self.last_bar[n])).sum()) for n in bar)
         norm = sum(float(((theta[n] - self.last_bar[n]) ** 2).sum()) for n in bar)

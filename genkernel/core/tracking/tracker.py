@@ -36,6 +36,7 @@ controls cost (k + 1) G rows, not G^(k+1).
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import math
 import os
@@ -583,7 +584,7 @@ class PathKernelTracker:
         if self.ema is None:
             raise RuntimeError("no EMA is tracked: call tracker.track_ema(ema) first")
         if not self._closed:  # after close() the EMA follows untracked steps: its ledgers stay as they were
-            self.ema.sync(self.ledger.steps)
+            self.ema.sync(self.ledger.steps, self._last_theta())
         return self.ema.ledgers
 
     # -- observing a loop the user owns ---------------------------------------------------------
@@ -708,7 +709,7 @@ class PathKernelTracker:
             pending, self._pending_step = self._pending_step, None
             self._restore_state(pending.saved, pending.theta_before)
         if self.ema is not None and not self._closed and record_ema and self._broken is None:
-            self.ema.sync(self.ledger.steps)
+            self.ema.sync(self.ledger.steps, self._last_theta())
         self._closed = True
         for handle in self._hooks:
             handle.remove()
@@ -980,7 +981,7 @@ class PathKernelTracker:
         # it) would otherwise be reported as an EMA that moved in a way no EMA does.
         self._check_untouched()
         if self.ema is not None:
-            self.ema.sync(self.ledger.steps)  # the EMA's update after the previous step
+            self.ema.sync(self.ledger.steps, self._last_theta())  # the EMA's update after the previous step
 
     def _check_parameters(self) -> None:
         """Refuse a model whose trainable parameters are no longer the ones tracked (replaced, frozen
@@ -1136,6 +1137,29 @@ class PathKernelTracker:
     def _probe_outputs(self) -> torch.Tensor:
         """``[M, d]`` float64 outputs at the probes; callers run it inside :func:`analysis_mode`."""
         return checked_forward(self.module, self.probes, name="probes").to(torch.float64)
+
+    def _last_theta(self) -> dict[str, torch.Tensor]:
+        """θ after the last tracked step (where the tracker was built, before any): what the ledger ends at
+        and the EMA moved towards, whatever has been written into the model since."""
+        if self._theta_after is None:  # (a state saved without it)
+            return {n: p.detach() for n, p in self.params.items()}
+        return self._theta_after
+
+    def module_at_last_step(self) -> nn.Module:
+        """The tracked module with the parameters the ledger ends at (θ after the last tracked step, or
+        where the tracker was built): the module itself when they are its own, else a copy of it
+        holding them, the module untouched. An EMA copied into the model once training ends
+        (diffusers' scripts before saving, Lightning's ``WeightAveraging``) would otherwise put the
+        EMA's weights where the ledger's last θ belongs."""
+        theta = self._last_theta()
+        if all(torch.equal(p.detach(), theta[n].to(p.device)) for n, p in self.params.items()):
+            return self.module
+        held = copy.deepcopy(self.module)
+        with torch.no_grad():
+            for name, p in held.named_parameters():
+                if name in theta:
+                    p.copy_(theta[name])
+        return held
 
     def _check_untouched(self) -> None:
         if self._theta_after is not None:
