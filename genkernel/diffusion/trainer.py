@@ -446,25 +446,36 @@ class DDPMTrainer:
 
     def train_step(self) -> float:
         """One update through the callbacks; returns the loss it minimized (the mean, or the weighted
-        mean Σ c_n ℓ_n under a loss weighting)."""
+        mean Σ c_n ℓ_n under a loss weighting). An update made before a callback raised (in its
+        ``on_step_end``, an interrupt) is counted and averaged into the EMA as any other: the model
+        holds it, and a run continued after the error is the straight one."""
         batch = self.next_batch()
         step = self.build_step(batch)
         try:
-            losses = perform_step(self.callbacks, self, step)
-        except ValueError as error:
-            hint = self._conditioning_hint(batch)
+            perform_step(self.callbacks, self, step)
+        except BaseException as error:
+            if step.applied:
+                self._count_update(step)
+            hint = self._conditioning_hint(batch) if isinstance(error, ValueError) else None
             if hint is None or "do not fit" not in str(error):
                 raise
             raise ValueError(f"{error} ({hint})") from error
-        if self.ema is not None:
-            step_ema(self.ema, self.model)
         if self.logging is not None:
             self.logging.on_step_end(self, step)
-        self.global_step += 1
-        loss = float(losses.mean() if step.weights is None else (losses * step.weights.to(losses)).sum())
-        self.losses.append(loss)
+        loss = self._count_update(step)
         if self.checkpoint_every and self.global_step % self.checkpoint_every == 0:
             self.save_checkpoint()
+        return loss
+
+    def _count_update(self, step: OptimizerStep) -> float:
+        """Book an update that is in the weights: the EMA's update, ``global_step``, the loss it minimized
+        (returned)."""
+        if self.ema is not None:
+            step_ema(self.ema, self.model)
+        self.global_step += 1
+        losses = step.losses
+        loss = float(losses.mean() if step.weights is None else (losses * step.weights.to(losses)).sum())
+        self.losses.append(loss)
         return loss
 
     def _conditioning_hint(self, batch: dict[str, torch.Tensor]) -> str | None:

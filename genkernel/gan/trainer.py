@@ -475,17 +475,19 @@ class GANTrainer:
             self._count_applied(step)
             raise
         self._count_applied(step)
-        if step.phase == "generator" and self.ema is not None:
-            step_ema(self.ema, self.generator)
         if self.logging is not None:
             self.logging.on_step_end(self, step)
         return losses
 
     def _count_applied(self, step: OptimizerStep) -> None:
+        """Count an applied step; a generator step also updates the EMA (``ema=``): the EMA follows every update
+        that is in G's weights, also one after which a callback raised (a run continued after it is the straight one)."""
         if step.applied:
             if step.phase == "generator":
                 self.g_steps += 1
                 self.history["g_loss"].append(float(step.losses.mean()))
+                if self.ema is not None:
+                    step_ema(self.ema, self.generator)
             else:
                 self.d_steps_done += 1
                 self.history["d_loss"].append(float((step.losses * step.weights).sum()))

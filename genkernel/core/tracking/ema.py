@@ -117,7 +117,38 @@ def check_trainable_ema(ema: Any, model: nn.Module) -> None:
     if not (hasattr(ema, "shadow_params") or _is_ema_pytorch(ema)
             or isinstance(ema, torch.optim.swa_utils.AveragedModel)):
         raise TypeError(f"ema must be {EMA_KINDS} built over the trainer's model, got {type(ema).__name__}")
-    ema_parameters(ema, [n for n, _ in model.named_parameters()], model)  # (its errors name the mismatch)
+    names = [n for n, _ in model.named_parameters()]
+    ema_parameters(ema, names, model)  # (its errors name the mismatch)
+    if _is_ema_pytorch(ema) and {id(p) for p in ema.model.parameters()} != {id(p) for p in model.parameters()}:
+        # ema-pytorch's update() averages the model it was built over, not the one the trainer steps
+        raise ValueError(
+            "ema-pytorch's EMA averages the model it was built over, and this one was built over another model (a "
+            "copy?): its update() would never see the trainer's updates. Build it as EMA(model) with the model "
+            "passed to the trainer"
+        )
+    _check_ema_dtypes(ema, _weights_reader(ema, names, model)(), dict(model.named_parameters()))
+
+
+def _check_ema_dtypes(ema: Any, averaged: dict[str, torch.Tensor], params: dict[str, torch.Tensor]) -> None:
+    """Refuse EMA weights less precise than the model's (an EMA built before the model was cast: it would
+    average in the lower precision, sample in it, and its ledger's check would fail at the first update), and
+    an ema-pytorch EMA of another dtype without ``coerce_dtype=True`` (its ``lerp_`` fails after an update)."""
+    for name, tensor in averaged.items():
+        mine = params[name].dtype
+        if tensor.dtype == mine or not (tensor.is_floating_point() and params[name].is_floating_point()):
+            continue
+        if torch.finfo(tensor.dtype).eps > torch.finfo(mine).eps:
+            raise ValueError(
+                f"the EMA holds '{name}' in {str(tensor.dtype).replace('torch.', '')} but the model's parameter is "
+                f"{str(mine).replace('torch.', '')}: build the EMA after the model is cast (e.g. model.double() "
+                "before EMAModel(model.parameters()) / EMA(model) / AveragedModel(model))"
+            )
+        if _is_ema_pytorch(ema) and not getattr(ema, "coerce_dtype", False):
+            raise ValueError(
+                f"ema-pytorch's EMA holds '{name}' in {str(tensor.dtype).replace('torch.', '')}, the model "
+                f"{str(mine).replace('torch.', '')}: its update cannot average across dtypes; build it with "
+                "coerce_dtype=True, or after the model is cast"
+            )
 
 
 def _is_ema_pytorch(ema: Any) -> bool:

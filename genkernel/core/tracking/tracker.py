@@ -1095,8 +1095,13 @@ class PathKernelTracker:
                 + ". Load it into a tracker built with the same probes, model and optimizer"
             )
         if (state["ema"] is None) != (self.ema is None):
-            raise ValueError("the saved tracker and this one differ in keeping an EMA ledger: call track_ema(ema) on "
-                             "both or on neither before loading")
+            saved_has = state["ema"] is not None
+            raise ValueError(
+                f"the saved tracker {'keeps an' if saved_has else 'keeps no'} EMA ledger and this one "
+                f"{'does not' if saved_has else 'does'}: call track_ema(ema) on both or on neither before loading "
+                "(an analyzer in your loop: bind(..., ema=) as the saved run did; attached to a trainer with ema=: "
+                f"build it with ema_ledger='{'trainer' if saved_has else 'none'}', as the saved run's was)"
+            )
         # All or nothing: a state refused half-way (another sketch, a damaged entry) leaves this
         # tracker as it was, not with saved ledgers over fresh group state.
         previous = self._state()
