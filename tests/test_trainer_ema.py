@@ -18,19 +18,15 @@ from diffusers.training_utils import EMAModel
 from ema_pytorch import EMA
 from torch.optim.swa_utils import AveragedModel
 
-from genkernel.diffusion import DDPMTrainer, MLPDenoiser, NoiseLevelAnalyzer, make_scheduler, reverse_sample
+from genkernel.diffusion import DDPMTrainer, NoiseLevelAnalyzer, make_scheduler, reverse_sample
 from genkernel.diffusion.objectives import diffusion_loss
 from test_flow_matching import ring
+from test_timestep_sampling import ddpm_mlp as mlp
 
 F64 = torch.float64
 T = 40
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def mlp(seed=0):
-    torch.manual_seed(seed)
-    return MLPDenoiser(hidden=16, depth=2, time_dim=8).double()
 
 
 EMAS = {

@@ -163,6 +163,18 @@ def test_a_resume_whose_analyzer_keeps_another_ema_ledger_names_ema_ledger(tmp_p
 # ------------------------------------------------------------------------------------------
 # Coverage (pass on the reviewed code)
 # ------------------------------------------------------------------------------------------
+def hand_loop(build, make_ema, steps):
+    """A trainer without an EMA, and the loop's own EMA updated after each of its ``steps`` updates:
+    ``(trainer, ema)``."""
+    model = build()
+    ema = make_ema(model)
+    hand = trainer(model)
+    for _ in range(steps):
+        hand.train_step()
+        ema.update() if isinstance(ema, EMA) else ema.update_parameters(model)
+    return hand, ema
+
+
 def ema_pytorch_schedule(model):
     """ema-pytorch's copy-then-average schedule, shortened: copies at steps 0 and 2, averages from 4, every 2nd
     update a no-op; the online model kept in its state (its default)."""
@@ -174,12 +186,7 @@ def test_coverage_ema_pytorch_schedule_trains_books_and_resumes_mid_warm_up_bit_
     watcher = analyzer()
     straight = trainer(model, ema_pytorch_schedule(model), callbacks=[watcher])
     straight.train(7)
-    hand_model = mlp()
-    hand_ema = ema_pytorch_schedule(hand_model)
-    hand = trainer(hand_model)
-    for _ in range(7):
-        hand.train_step()
-        hand_ema.update()
+    _, hand_ema = hand_loop(mlp, ema_pytorch_schedule, 7)
     assert same(straight.ema.ema_model.parameters(), hand_ema.ema_model.parameters())
     # β read: copies (0) at updates 0 and 2, nothing at the odd ones, then 1 - (1 + epoch)^(-2/3)
     decays = watcher.report()["ema"]["decays"]
@@ -297,13 +304,8 @@ def test_coverage_an_ema_of_a_batchnorm_model_averages_its_buffers_as_by_hand_an
     watcher = analyzer()
     run = trainer(model, make(model), callbacks=[watcher])
     run.train(4)
-    hand_model = bn_model()
-    hand_ema = make(hand_model)
-    hand = trainer(hand_model)
-    for _ in range(4):
-        hand.train_step()
-        hand_ema.update() if isinstance(hand_ema, EMA) else hand_ema.update_parameters(hand_model)
-    ours, theirs = ema_weights_model(run.ema, run.model), ema_weights_model(hand_ema, hand_model)
+    hand, hand_ema = hand_loop(bn_model, make, 4)
+    ours, theirs = ema_weights_model(run.ema, run.model), ema_weights_model(hand_ema, hand.model)
     assert same(ours.parameters(), theirs.parameters()) and same(ours.buffers(), theirs.buffers())
     assert not torch.equal(ours.norm.running_mean, run.model.norm.running_mean)  # averaged, not the live ones
     for ledger in watcher.ema_ledgers.values():
