@@ -16,7 +16,7 @@ import pytest
 import torch
 from diffusers.training_utils import EMAModel
 from ema_pytorch import EMA
-from torch.optim.swa_utils import AveragedModel
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from genkernel.diffusion import DDPMTrainer, NoiseLevelAnalyzer, make_scheduler, reverse_sample
 from genkernel.diffusion.objectives import diffusion_loss
@@ -255,3 +255,22 @@ def test_the_gan_trainer_resumes_its_ema_and_samples_with_it(tmp_path):
         gan_run(None, iterations=4, checkpoint_dir=tmp_path, resume=True)
     with pytest.raises(ValueError, match="weights='ema'.*ema="):
         gan_run(None, iterations=1)[0].sample(z, weights="ema")
+
+
+@pytest.mark.parametrize("kind, other", [
+    ("diffusers", lambda model: EMAModel(model.parameters(), decay=0.8, use_ema_warmup=True, power=0.75)),
+    ("ema_pytorch", lambda model: EMA(model, beta=0.9, update_after_step=1, update_every=1,
+                                      include_online_model=False)),
+    ("averaged", lambda model: AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(0.9))),
+])
+def test_a_resume_with_another_ema_schedule_is_refused(tmp_path, kind, other):
+    # EMAModel would silently take the checkpoint's decay, the others would continue on the new one
+    model = mlp()
+    first = trainer(model, EMAS[kind](model), checkpoint_dir=tmp_path)
+    first.train(1)
+    first.save_checkpoint()
+    same_model = mlp()
+    assert trainer(same_model, EMAS[kind](same_model), checkpoint_dir=tmp_path).resume()
+    other_model = mlp()
+    with pytest.raises(ValueError, match="ema: saved"):
+        trainer(other_model, other(other_model), checkpoint_dir=tmp_path).resume()

@@ -63,7 +63,9 @@ from ..core.tracking.io import (
     atomic_save, check_module_state, check_optimizer_state, check_resume_config, global_rng_state, load_state,
     set_global_rng_state,
 )
-from ..core.tracking.ema import check_ema_state, check_trainable_ema, ema_weights_model, load_ema_state, step_ema
+from ..core.tracking.ema import (
+    check_ema_state, check_trainable_ema, ema_settings, ema_weights_model, load_ema_state, step_ema,
+)
 from ..core.tracking.step import OptimizerStep
 from ..logging import LoggingCallback
 from .timestep_sampling import Density, Weighting, make_loss_weighting, make_timestep_density
@@ -614,7 +616,7 @@ class DDPMTrainer:
             "num_train_timesteps": self.num_train_timesteps,
             "prediction_type": self.prediction_type,
             "noise_schedule": noise_schedule_config(self.scheduler),
-            "ema": None if self.ema is None else type(self.ema).__name__,
+            "ema": None if self.ema is None else ema_settings(self.ema),
             "timestep_density": self.timestep_density.config(),
             "loss_weighting": self.loss_weighting.config(),
         }

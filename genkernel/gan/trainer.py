@@ -56,7 +56,9 @@ from ..core.tracking.io import (
     atomic_save, check_module_state, check_optimizer_state, check_resume_config, global_rng_state, load_state,
     set_global_rng_state,
 )
-from ..core.tracking.ema import check_ema_state, check_trainable_ema, ema_weights_model, load_ema_state, step_ema
+from ..core.tracking.ema import (
+    check_ema_state, check_trainable_ema, ema_settings, ema_weights_model, load_ema_state, step_ema,
+)
 from ..core.tracking.step import OptimizerStep
 from ..logging import LoggingCallback
 from .losses import (
@@ -543,7 +545,7 @@ class GANTrainer:
             "dtype": str(self.dtype), "g_optimizer": type(self.g_optimizer).__name__,
             "d_optimizer": type(self.d_optimizer).__name__,
             "num_classes": self.num_classes, "class_sampling": self.class_sampling,
-            "ema": None if self.ema is None else type(self.ema).__name__,
+            "ema": None if self.ema is None else ema_settings(self.ema),
         }
 
     def state_dict(self) -> dict[str, Any]:

@@ -155,6 +155,35 @@ def _is_ema_pytorch(ema: Any) -> bool:
     return isinstance(ema, nn.Module) and hasattr(ema, "ema_model") and callable(getattr(ema, "update", None))
 
 
+def ema_settings(ema: Any) -> dict[str, Any]:
+    """What a resumed run's EMA must share with the saved one's, for a trainer's checkpoint: its kind and
+    its decay schedule. diffusers' ``EMAModel`` loads its settings from the checkpoint (a resume built with
+    another decay would silently take the saved one), ema-pytorch's ``EMA`` and ``AveragedModel`` keep the
+    new ones (the average would silently follow another schedule): either way, refused. An
+    ``AveragedModel``'s averaging function is compared by what it makes of θ̄ = 0, θ = 1 after 3 averages
+    (``get_ema_multi_avg_fn(β)``: 1 − β; the default running mean: 1/4)."""
+    kind = type(ema).__name__
+    if hasattr(ema, "shadow_params"):
+        keys = ("decay", "min_decay", "update_after_step", "use_ema_warmup", "inv_gamma", "power")
+    elif _is_ema_pytorch(ema):
+        keys = ("beta", "update_after_step", "update_every", "inv_gamma", "power", "min_value")
+    else:
+        return {"kind": kind, "use_buffers": bool(ema.use_buffers), "average_of_0_and_1": _averaging_probe(ema)}
+    return {"kind": kind, **{key: getattr(ema, key) for key in keys}}
+
+
+def _averaging_probe(ema: Any) -> float:
+    """An ``AveragedModel``'s average of θ̄ = 0 and θ = 1 after 3 averages (float64 scalars)."""
+    averaged, current, count = torch.zeros((), dtype=torch.float64), torch.ones((), dtype=torch.float64), torch.tensor(3)
+    if ema.multi_avg_fn is not None:
+        rows = [averaged]
+        ema.multi_avg_fn(rows, [current], count)
+        return float(rows[0])
+    if ema.avg_fn is not None:
+        return float(ema.avg_fn(averaged, current, count))
+    return 1.0 / (int(count) + 1)  # AveragedModel's own running mean, θ̄ + (θ − θ̄) / (n + 1)
+
+
 def check_ema_state(ema: Any, state: Any) -> None:
     """Raise a ValueError unless ``state`` (an EMA's ``state_dict``) fits ``ema``, before anything is
     loaded: the same averaged tensors with their shapes and dtypes."""
