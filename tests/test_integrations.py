@@ -242,8 +242,9 @@ def lightning_denoiser(analyzer=None):
 def _trainer(callbacks, **kwargs):
     import lightning.pytorch as pl
 
-    return pl.Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                      accelerator="cpu", callbacks=callbacks, **kwargs)
+    settings = {"logger": False, "enable_checkpointing": False, "enable_progress_bar": False,
+                "enable_model_summary": False, "accelerator": "cpu", **kwargs}
+    return pl.Trainer(callbacks=callbacks, **settings)
 
 
 def test_a_second_lightning_fit_with_a_new_optimizer_is_refused_not_left_out_of_the_ledger():
@@ -431,3 +432,55 @@ def test_an_ema_copied_into_the_model_before_finish_leaves_the_ledgers_at_the_tr
     for name in ("level",):
         assert torch.equal(copied.ema_ledgers[name].contributions, straight.ema_ledgers[name].contributions)
     assert copied.residual(weights="ema")["relative_residual"] < 1e-3
+
+
+def test_a_lightning_fit_with_weight_averaging_resumed_from_a_checkpoint_continues_every_ledger_bit_for_bit(tmp_path):
+    """WeightAveraging puts the average in the checkpoint's state_dict and the trained weights beside it
+    (current_model_state); a fit resumed with ckpt_path= from the first epoch's checkpoint reaches the
+    uninterrupted run's model ledger, EMA ledger and weights exactly (the noise comes from each batch's
+    position, so the two runs train on the same draws)."""
+    import lightning.pytorch as pl
+    from lightning.pytorch.callbacks import WeightAveraging
+    from torch.optim.swa_utils import get_ema_multi_avg_fn
+
+    from genkernel.integrations.lightning import GenkernelCallback
+
+    scheduler = make_scheduler(T)
+
+    class Module(pl.LightningModule):
+        def __init__(self, analyzer):
+            super().__init__()
+            self.net = denoiser()
+            self.analyzer = analyzer
+
+        def training_step(self, x0, index):
+            g = torch.Generator().manual_seed(1000 * self.current_epoch + index)
+            noise = torch.randn(x0.shape, generator=g, dtype=x0.dtype)
+            t = torch.randint(0, T, (x0.shape[0],), generator=g)
+            losses = ((self.net(scheduler.add_noise(x0, noise, t), t) - noise) ** 2).mean(dim=1)
+            self.analyzer.observe(losses, t)
+            return losses.mean()
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.05, momentum=0.9)
+
+    def fit(epochs, dirpath=None, ckpt_path=None):
+        analyzer = _analyzer()
+        module = Module(analyzer)
+        callbacks = [WeightAveraging(multi_avg_fn=get_ema_multi_avg_fn(0.9)), GenkernelCallback(analyzer, model_attribute="net")]
+        if dirpath is not None:
+            callbacks.append(pl.callbacks.ModelCheckpoint(dirpath=dirpath, save_top_k=-1, every_n_epochs=1))
+        trainer = _trainer(callbacks, max_epochs=epochs, enable_checkpointing=dirpath is not None)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            trainer.fit(module, torch.utils.data.DataLoader(ring(48), batch_size=8, shuffle=False), ckpt_path=ckpt_path)
+        return analyzer, module
+
+    straight, straight_module = fit(2)
+    fit(1, dirpath=tmp_path)
+    (checkpoint,) = tmp_path.glob("*.ckpt")
+    resumed, resumed_module = fit(2, ckpt_path=checkpoint)
+    assert resumed.ledger.steps == straight.ledger.steps == 12
+    assert torch.equal(resumed.ledger.contributions, straight.ledger.contributions)
+    assert torch.equal(resumed.ema_ledgers["level"].contributions, straight.ema_ledgers["level"].contributions)
+    assert all(torch.equal(p, q) for p, q in zip(resumed_module.net.parameters(), straight_module.net.parameters()))
