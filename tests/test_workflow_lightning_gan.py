@@ -351,3 +351,25 @@ def test_gan_callback_names_the_trainers_mixed_precision_when_it_is_refused():
         warnings.simplefilter("ignore")
         trainer.fit(module, data)
     assert any("precision='bf16-mixed'" in note and "'32-true'" in note for note in getattr(error.value, "__notes__", []))
+
+
+def test_lightning_weight_averaging_gives_the_generator_an_ema_ledger():
+    """Lightning's WeightAveraging averages the whole module (G and D) once per batch; the callback binds the
+    averaged copy of the analyzer's G as its EMA: the generator's EMA ledger adds up, β read from its moves
+    (a copy at the first update, then the EMA's 0.9). Old: no EMA ledger."""
+    from lightning.pytorch.callbacks import WeightAveraging
+    from torch.optim.swa_utils import get_ema_multi_avg_fn
+
+    module = LightningGAN(analyze=True)
+    callbacks = [WeightAveraging(multi_avg_fn=get_ema_multi_avg_fn(0.9)), GenkernelCallback(module.analyzer)]
+    trainer = pl.Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_progress_bar=False,
+                         enable_model_summary=False, enable_checkpointing=False, callbacks=callbacks)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.fit(module, loader())
+    ledger = module.analyzer.generator_ema_ledgers["geometry"]
+    scale = float(ledger.delta.abs().max())
+    identity = ledger.contributions.sum(1) + ledger.rest + ledger.residual - ledger.delta
+    assert scale > 0 and float(identity.abs().max()) < 1e-12 * scale
+    assert ledger.relative_residual() < 1e-3
+    assert module.analyzer.report()["generator_ema"]["decays"] == pytest.approx([0.0, 0.9], rel=1e-12)
