@@ -63,6 +63,7 @@ Conditional denoisers ``model(x_t, t, *conditioning)`` (class labels, ``encoder_
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import sys
@@ -675,12 +676,12 @@ class NoiseLevelAnalyzer(TrainerCallback):
         """:meth:`kernel_structure` at the θ the ledger has reached (the current θ, unless something
         wrote other weights into the model since the last tracked step: an EMA copied in at the end of
         training is not the trained θ), appended to ``kernel_history``."""
-        model = None if self.tracker is None else self.tracker.module_at_last_step()
-        entry = {
-            "tracked_step": 0 if self.tracker is None else self.tracker.ledger.steps,
-            "global_step": self.global_steps[-1] if self.global_steps else self._start_step,
-            **self.kernel_structure(model),
-        }
+        with contextlib.nullcontext() if self.tracker is None else self.tracker.at_last_step() as model:
+            entry = {
+                "tracked_step": 0 if self.tracker is None else self.tracker.ledger.steps,
+                "global_step": self.global_steps[-1] if self.global_steps else self._start_step,
+                **self.kernel_structure(model),
+            }
         self.kernel_history.append(entry)
         return entry
 

@@ -79,6 +79,7 @@ class GenkernelCallback(pl.Callback):
         self.analyzer = analyzer
         self.model_attribute = model_attribute
         self.ema = ema
+        self._averaging = None  # the WeightAveraging whose average is bound as the EMA
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if hasattr(self.analyzer, "observe_generator"):  # a GAN analyzer: both players' optimizers
@@ -102,6 +103,7 @@ class GenkernelCallback(pl.Callback):
         """The EMA to keep a ledger for: the one given, else the averaged copy of ``model`` that Lightning's
         ``WeightAveraging`` callback keeps (its ``AveragedModel`` holds a copy of the whole module), unless
         the analyzer's ``ema_ledger`` is "none"; else None."""
+        self._averaging = None
         if self.ema is not None or getattr(self.analyzer, "ema_ledger", "trainer") == "none":
             return self.ema
         try:
@@ -122,7 +124,24 @@ class GenkernelCallback(pl.Callback):
                 "the fit's WeightAveraging callback holds no averaged copy of the analyzed network (it builds one in "
                 "setup); pass the EMA as GenkernelCallback(analyzer, ema=...), or ema_ledger='none' on the analyzer"
             )
+        self._averaging = averaging[0]
         return average.module.get_submodule(path)
+
+    def _mark_swapped(self, swapped: bool) -> None:
+        """WeightAveraging swaps its average into the module for a validation loop (and back after it): the
+        bound EMA then holds the trained weights, so a read of the EMA ledger in between must not sync."""
+        if getattr(self, "_averaging", None) is None:
+            return
+        for name in ("tracker", "g_tracker"):
+            tracker = getattr(self.analyzer, name, None)
+            if tracker is not None and hasattr(tracker, "ema_swapped_out"):
+                tracker.ema_swapped_out = swapped
+
+    def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._mark_swapped(True)
+
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._mark_swapped(False)
 
     def _bind_gan(self, trainer: pl.Trainer) -> None:
         """Bind a :class:`~genkernel.gan.GANKernelAnalyzer` to this fit's generator and discriminator

@@ -36,6 +36,7 @@ controls cost (k + 1) G rows, not G^(k+1).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import math
@@ -43,7 +44,7 @@ import os
 import warnings
 import weakref
 from dataclasses import dataclass, field, replace
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 import torch
 from torch import nn
@@ -337,11 +338,17 @@ class PathKernelTracker:
         # θ where the ledger starts (f_start's): a change before the first step is refused like one between
         # steps, or it would land in the residual (or rest) unexplained.
         self._theta_after: dict[str, torch.Tensor] | None = {n: p.detach().clone() for n, p in self.params.items()}
+        # The buffers (BatchNorm's running statistics) as they were then: what f_prev was computed with, which
+        # an average copied into the model at the end of training (WeightAveraging's use_buffers) overwrites.
+        self._buffers_after: dict[str, torch.Tensor] | None = self._copy_buffers()
         self._grad_marks: dict[str, tuple[int, int]] | None = None
         self._observed: dict[str, Any] | None = None  # micro-batches observed since the last step
         self._pending_step: _StepInProgress | None = None  # an observed step between its hooks
         self._observing = False  # set by the first observe()
         self._closed = False  # close(): the tracked window ended
+        # Set while the EMA's weights and the model's are swapped (Lightning's WeightAveraging during a
+        # validation loop): the EMA then holds the trained weights, a read of its ledger syncs nothing.
+        self.ema_swapped_out = False
         self._broken: str | None = None  # why the ledgers no longer describe the run (a recording cut off half-way)
         self._scale_entry: dict[str, float] | None = None  # the observed step in progress' gradient scale
         # Step hooks on the optimizer, inert until the tracker observes a loop: installed now because a
@@ -583,8 +590,8 @@ class PathKernelTracker:
         """The EMA weights' ledgers per partition, up to the EMA's latest update."""
         if self.ema is None:
             raise RuntimeError("no EMA is tracked: call tracker.track_ema(ema) first")
-        if not self._closed:  # after close() the EMA follows untracked steps: its ledgers stay as they were
-            self.ema.sync(self.ledger.steps, self._last_theta())
+        if not self._closed and not self.ema_swapped_out:  # after close() the EMA follows untracked steps: its
+            self.ema.sync(self.ledger.steps, self._last_theta())  # ledgers stay as they were
         return self.ema.ledgers
 
     # -- observing a loop the user owns ---------------------------------------------------------
@@ -903,6 +910,7 @@ class PathKernelTracker:
             self.ema.after_step(result.group_updates)
         self._f_prev = f_after
         self._theta_after = theta_after
+        self._buffers_after = self._copy_buffers()
         if scale_entry is not None:  # an observed step: the loop zeroes or keeps its gradients as it likes
             self.gradient_scales.append(scale_entry)
             self._grad_marks = None
@@ -1060,6 +1068,7 @@ class PathKernelTracker:
             "route": self.route.state_dict(),
             "f_prev": self._f_prev.clone(),
             "theta_after": None if self._theta_after is None else {k: v.clone() for k, v in self._theta_after.items()},
+            "buffers_after": None if self._buffers_after is None else {k: v.clone() for k, v in self._buffers_after.items()},
             "partitions": self.partitions.state_dict(),
             "quadrature": self.rule.name,
             "group_state": self.group_state,
@@ -1122,6 +1131,7 @@ class PathKernelTracker:
         self.ledgers = {name: PathKernelLedger.from_state_dict(s) for name, s in state["ledgers"].items()}
         self._f_prev = state["f_prev"].clone()
         self._theta_after = state["theta_after"]
+        self._buffers_after = state.get("buffers_after")  # (None in a state saved before it was kept: the live ones)
         self.gradient_scales = list(state["gradient_scales"])
         self.skipped_steps = list(state.get("skipped_steps", []))
         if self.ema is not None:
@@ -1150,6 +1160,32 @@ class PathKernelTracker:
             return {n: p.detach() for n, p in self.params.items()}
         return self._theta_after
 
+    def _copy_buffers(self) -> dict[str, torch.Tensor] | None:
+        buffers = {n: b.detach().clone() for n, b in self.module.named_buffers()}
+        return buffers or None
+
+    @contextlib.contextmanager
+    def at_last_step(self) -> Iterator[nn.Module]:
+        """The tracked module holding, inside the block, the parameters and buffers the ledger ends at
+        (after the last tracked step), its own put back afterwards. Unlike :meth:`module_at_last_step`
+        it copies nothing but the tensors that differ: a deep copy of the module also copies whatever its
+        attributes hold (a LightningModule's analyzer, with the tracker's group state)."""
+        theta, buffers = self._last_theta(), self._buffers_after or {}
+        live_buffers = dict(self.module.named_buffers())
+        swaps = [(p, theta[n]) for n, p in self.params.items() if not torch.equal(p.detach(), theta[n].to(p.device))]
+        swaps += [(live_buffers[n], b) for n, b in buffers.items()
+                  if n in live_buffers and not torch.equal(live_buffers[n].detach(), b.to(live_buffers[n].device))]
+        kept = [t.detach().clone() for t, _ in swaps]
+        try:
+            with torch.no_grad():
+                for t, value in swaps:
+                    t.copy_(value)
+            yield self.module
+        finally:
+            with torch.no_grad():
+                for (t, _), value in zip(swaps, kept):
+                    t.copy_(value)
+
     def module_at_last_step(self) -> nn.Module:
         """The tracked module with the parameters the ledger ends at (θ after the last tracked step, or
         where the tracker was built): the module itself when they are its own, else a copy of it
@@ -1157,13 +1193,19 @@ class PathKernelTracker:
         (diffusers' scripts before saving, Lightning's ``WeightAveraging``) would otherwise put the
         EMA's weights where the ledger's last θ belongs."""
         theta = self._last_theta()
-        if all(torch.equal(p.detach(), theta[n].to(p.device)) for n, p in self.params.items()):
+        buffers = self._buffers_after or {}
+        live = dict(self.module.named_buffers())
+        if (all(torch.equal(p.detach(), theta[n].to(p.device)) for n, p in self.params.items())
+                and all(n not in live or torch.equal(live[n].detach(), b.to(live[n].device)) for n, b in buffers.items())):
             return self.module
         held = copy.deepcopy(self.module)
         with torch.no_grad():
             for name, p in held.named_parameters():
                 if name in theta:
                     p.copy_(theta[name])
+            for name, b in held.named_buffers():
+                if name in buffers:
+                    b.copy_(buffers[name])
         return held
 
     def _check_untouched(self) -> None:
