@@ -3,11 +3,12 @@
 import copy
 import warnings
 
-import pytest
 import torch
 from torch import nn
 
-from tests.test_integrations import T, _analyzer, _fit_quietly, _trainer, denoiser, per_example_loss, ring
+from test_integrations import (
+    T, _analyzer, _fit_quietly, _trainer, assert_ema_ledger_adds_up, denoiser, lightning_denoiser, per_example_loss, ring,
+)
 
 
 class _NormedDenoiser(nn.Module):
@@ -23,28 +24,9 @@ class _NormedDenoiser(nn.Module):
 
 
 def _fit(analyzer, averaging=None, net=_NormedDenoiser):
-    import lightning.pytorch as pl
-
-    from genkernel.diffusion import make_scheduler
     from genkernel.integrations.lightning import GenkernelCallback
 
-    scheduler = make_scheduler(T)
-
-    class Module(pl.LightningModule):
-        def __init__(self):
-            super().__init__()
-            self.net = net()
-            self.g = torch.Generator().manual_seed(5)
-
-        def training_step(self, x0, index):
-            losses, t = per_example_loss(self.net, scheduler, x0, self.g)
-            analyzer.observe(losses, t)
-            return losses.mean()
-
-        def configure_optimizers(self):
-            return torch.optim.SGD(self.parameters(), lr=0.05, momentum=0.9)
-
-    module = Module()
+    module = lightning_denoiser(analyzer, net=net)
     callbacks = [GenkernelCallback(analyzer, model_attribute="net")]
     if averaging is not None:
         callbacks = [averaging, *callbacks]  # its on_train_end (the copy) runs before the analyzer's finish
@@ -88,12 +70,7 @@ def test_a_weight_averaging_that_skips_steps_keeps_an_ema_ledger_that_adds_up():
     analyzer = _analyzer()
     module = _fit(analyzer, EveryOther(multi_avg_fn=get_ema_multi_avg_fn(0.9)), net=denoiser)
     assert torch.equal(analyzer.ledger.contributions, plain.ledger.contributions)
-    ema = analyzer.ema_ledgers["level"]
-    scale = float(ema.delta.abs().max())
-    identity = ema.contributions.sum(1) + ema.rest + ema.residual - ema.delta
-    assert scale > 0 and float(identity.abs().max()) < 1e-12 * scale
-    assert analyzer.residual(weights="ema")["relative_residual"] < 1e-3
-    assert analyzer.report()["ema"]["decays"] == pytest.approx([0.0, 0.9, 0.9], rel=1e-12)
+    assert_ema_ledger_adds_up(analyzer, [0.0, 0.9, 0.9])
     held = analyzer.tracker.module_at_last_step()
     assert not torch.equal(next(module.net.parameters()), next(held.parameters()))  # the average, copied in
 
@@ -103,38 +80,17 @@ def test_the_final_kernel_after_an_average_is_copied_in_does_not_copy_the_analyz
     with. Old: the final kernel after WeightAveraging copied the average in ran on copy.deepcopy(module),
     which also deep-copied the analyzer, its tracker and group state (G times the model's size, at the end
     of training, on its device). The kernel must still be the plain run's."""
-    import lightning.pytorch as pl
     from lightning.pytorch.callbacks import WeightAveraging
     from torch.optim.swa_utils import get_ema_multi_avg_fn
 
-    from genkernel.diffusion import NoiseLevelAnalyzer, make_scheduler
+    from genkernel.diffusion import NoiseLevelAnalyzer
     from genkernel.integrations.lightning import GenkernelCallback
 
-    scheduler = make_scheduler(T)
-
     def fit(analyzer, averaging):
-        class Module(pl.LightningModule):
-            def __init__(self):
-                super().__init__()
-                self.net = denoiser()
-                self.analyzer = analyzer
-                self.g = torch.Generator().manual_seed(5)
-
-            def forward(self, x, t):
-                return self.net(x, t)
-
-            def training_step(self, x0, index):
-                losses, t = per_example_loss(self.net, scheduler, x0, self.g)
-                self.analyzer.observe(losses, t)
-                return losses.mean()
-
-            def configure_optimizers(self):
-                return torch.optim.SGD(self.parameters(), lr=0.05, momentum=0.9)
-
         callbacks = [GenkernelCallback(analyzer)]
         if averaging:
             callbacks.insert(0, WeightAveraging(multi_avg_fn=get_ema_multi_avg_fn(0.9)))
-        module = Module()
+        module = lightning_denoiser(analyzer)
         _fit_quietly(_trainer(callbacks, max_epochs=1), module,
                      torch.utils.data.DataLoader(ring(48), batch_size=8, shuffle=False))
         return module
@@ -182,11 +138,7 @@ def test_weight_averaging_of_a_partly_frozen_network_keeps_an_ema_ledger_of_the_
     assert set(analyzer.tracker.params) == {n for n, p in module.net.named_parameters() if not n.startswith("time_proj")}
     assert torch.equal(analyzer.ledger.contributions, plain.ledger.contributions)
     assert analyzer.kernel_history[-1]["by_distance"] == plain.kernel_history[-1]["by_distance"]
-    ema = analyzer.ema_ledgers["level"]
-    identity = ema.contributions.sum(1) + ema.rest + ema.residual - ema.delta
-    assert float(identity.abs().max()) < 1e-12 * float(ema.delta.abs().max())
-    assert analyzer.residual(weights="ema")["relative_residual"] < 1e-3
-    assert analyzer.report()["ema"]["decays"] == pytest.approx([0.0] + [0.9] * 5, rel=1e-12)
+    assert_ema_ledger_adds_up(analyzer, [0.0] + [0.9] * 5)
 
 
 def test_reading_the_ema_ledger_during_validation_under_weight_averaging_neither_breaks_nor_bends_it():

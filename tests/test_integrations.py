@@ -212,7 +212,7 @@ def _fit_quietly(trainer, module, loader):
         trainer.fit(module, loader)
 
 
-def lightning_denoiser(analyzer=None):
+def lightning_denoiser(analyzer=None, net=None):
     """A LightningModule training ``denoiser()`` with SGD and momentum; its one added line observes
     the step's losses when ``analyzer`` is given (the class is built here: Lightning is imported only
     by the tests that use it)."""
@@ -223,9 +223,12 @@ def lightning_denoiser(analyzer=None):
     class Module(pl.LightningModule):
         def __init__(self):
             super().__init__()
-            self.net = denoiser()
+            self.net = denoiser() if net is None else net()
             self.analyzer = analyzer
             self.g = torch.Generator().manual_seed(5)
+
+        def forward(self, x, t):  # (GenkernelCallback without model_attribute binds the module itself)
+            return self.net(x, t)
 
         def training_step(self, x0, index):
             losses, t = per_example_loss(self.net, scheduler, x0, self.g)
@@ -355,6 +358,17 @@ def test_an_ema_that_leaves_a_parameter_out_is_refused_naming_that_parameter():
             ema.update()
 
 
+def assert_ema_ledger_adds_up(analyzer, decays):
+    """The analyzer's EMA ledger adds up to the EMA weights' change at the probes (1e-12), its residual is
+    small, and the decays it read are ``decays``."""
+    ema = analyzer.ema_ledgers["level"]
+    scale = float(ema.delta.abs().max())
+    identity = ema.contributions.sum(1) + ema.rest + ema.residual - ema.delta
+    assert scale > 0 and float(identity.abs().max()) < 1e-12 * scale
+    assert analyzer.residual(weights="ema")["relative_residual"] < 1e-3
+    assert analyzer.report()["ema"]["decays"] == pytest.approx(decays, rel=1e-12)
+
+
 def _weight_averaging_fit(analyzer, averaging=True, order="averaging first"):
     from lightning.pytorch.callbacks import WeightAveraging
     from torch.optim.swa_utils import get_ema_multi_avg_fn
@@ -391,12 +405,7 @@ def test_lightning_weight_averaging_gets_an_ema_ledger_and_the_trained_weights_k
         assert not torch.equal(next(averaged.net.parameters()), next(trained.net.parameters()))  # the average, copied in
         assert analyzer.kernel_history[-1]["by_distance"] == plain.kernel_history[-1]["by_distance"]
         assert torch.equal(analyzer.ledger.contributions, plain.ledger.contributions)
-        ema = analyzer.ema_ledgers["level"]
-        scale = float(ema.delta.abs().max())
-        identity = ema.contributions.sum(1) + ema.rest + ema.residual - ema.delta
-        assert scale > 0 and float(identity.abs().max()) < 1e-12 * scale
-        assert analyzer.residual(weights="ema")["relative_residual"] < 1e-3
-        assert analyzer.report()["ema"]["decays"] == pytest.approx([0.0] + [0.9] * 5, rel=1e-12)  # copy, then EMA
+        assert_ema_ledger_adds_up(analyzer, [0.0] + [0.9] * 5)  # a copy, then the EMA
     none = _analyzer(ema_ledger="none")
     _weight_averaging_fit(none)
     assert none.tracker.ema is None
