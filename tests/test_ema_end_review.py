@@ -1,4 +1,4 @@
-"""Review of the end-of-training EMA handling (module_at_last_step, WeightAveraging's EMA ledger)."""
+"""Review of the end-of-training EMA handling (tracker.at_last_step, WeightAveraging's EMA ledger)."""
 
 import copy
 import warnings
@@ -47,9 +47,11 @@ def test_weight_averaging_of_buffers_copied_in_at_the_end_leaves_the_final_kerne
     analyzer = _analyzer()
     averaged = _fit(analyzer, WeightAveraging(multi_avg_fn=get_ema_multi_avg_fn(0.9)))
     assert not torch.equal(averaged.net.norm.running_mean, trained.net.norm.running_mean)  # the average, copied in
-    held = analyzer.tracker.module_at_last_step()
-    assert torch.equal(held.norm.running_mean, trained.net.norm.running_mean)
-    assert torch.equal(held.norm.running_var, trained.net.norm.running_var)
+    with analyzer.tracker.at_last_step() as held:
+        statistics = held.norm.running_mean.clone(), held.norm.running_var.clone()
+    assert torch.equal(statistics[0], trained.net.norm.running_mean)
+    assert torch.equal(statistics[1], trained.net.norm.running_var)
+    assert not torch.equal(averaged.net.norm.running_mean, trained.net.norm.running_mean)  # put back after the block
     assert torch.equal(analyzer.ledger.contributions, plain.ledger.contributions)
     assert analyzer.kernel_history[-1]["by_distance"] == plain.kernel_history[-1]["by_distance"]
 
@@ -71,8 +73,9 @@ def test_a_weight_averaging_that_skips_steps_keeps_an_ema_ledger_that_adds_up():
     module = _fit(analyzer, EveryOther(multi_avg_fn=get_ema_multi_avg_fn(0.9)), net=denoiser)
     assert torch.equal(analyzer.ledger.contributions, plain.ledger.contributions)
     assert_ema_ledger_adds_up(analyzer, [0.0, 0.9, 0.9])
-    held = analyzer.tracker.module_at_last_step()
-    assert not torch.equal(next(module.net.parameters()), next(held.parameters()))  # the average, copied in
+    with analyzer.tracker.at_last_step() as held:
+        theta = next(held.parameters()).detach().clone()
+    assert not torch.equal(next(module.net.parameters()), theta)  # the average, copied in
 
 
 def test_the_final_kernel_after_an_average_is_copied_in_does_not_copy_the_analyzer(monkeypatch):

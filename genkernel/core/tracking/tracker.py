@@ -37,7 +37,6 @@ controls cost (k + 1) G rows, not G^(k+1).
 from __future__ import annotations
 
 import contextlib
-import copy
 import hashlib
 import math
 import os
@@ -1167,9 +1166,12 @@ class PathKernelTracker:
     @contextlib.contextmanager
     def at_last_step(self) -> Iterator[nn.Module]:
         """The tracked module holding, inside the block, the parameters and buffers the ledger ends at
-        (after the last tracked step), its own put back afterwards. Unlike :meth:`module_at_last_step`
-        it copies nothing but the tensors that differ: a deep copy of the module also copies whatever its
-        attributes hold (a LightningModule's analyzer, with the tracker's group state)."""
+        (after the last tracked step, or where the tracker was built), its own put back afterwards bit
+        for bit. An EMA copied into the model once training ends (diffusers' scripts before saving,
+        Lightning's ``WeightAveraging``, its averaged BatchNorm statistics too) would otherwise put the
+        EMA's weights where the ledger's last θ belongs. Only the tensors that differ are copied: a deep
+        copy of the module would also copy whatever its attributes hold (a LightningModule's analyzer,
+        with the tracker's group state)."""
         theta, buffers = self._last_theta(), self._buffers_after or {}
         live_buffers = dict(self.module.named_buffers())
         swaps = [(p, theta[n]) for n, p in self.params.items() if not torch.equal(p.detach(), theta[n].to(p.device))]
@@ -1185,28 +1187,6 @@ class PathKernelTracker:
             with torch.no_grad():
                 for (t, _), value in zip(swaps, kept):
                     t.copy_(value)
-
-    def module_at_last_step(self) -> nn.Module:
-        """The tracked module with the parameters the ledger ends at (θ after the last tracked step, or
-        where the tracker was built): the module itself when they are its own, else a copy of it
-        holding them, the module untouched. An EMA copied into the model once training ends
-        (diffusers' scripts before saving, Lightning's ``WeightAveraging``) would otherwise put the
-        EMA's weights where the ledger's last θ belongs."""
-        theta = self._last_theta()
-        buffers = self._buffers_after or {}
-        live = dict(self.module.named_buffers())
-        if (all(torch.equal(p.detach(), theta[n].to(p.device)) for n, p in self.params.items())
-                and all(n not in live or torch.equal(live[n].detach(), b.to(live[n].device)) for n, b in buffers.items())):
-            return self.module
-        held = copy.deepcopy(self.module)
-        with torch.no_grad():
-            for name, p in held.named_parameters():
-                if name in theta:
-                    p.copy_(theta[name])
-            for name, b in held.named_buffers():
-                if name in buffers:
-                    b.copy_(buffers[name])
-        return held
 
     def _check_untouched(self) -> None:
         if self._theta_after is not None:
