@@ -20,7 +20,8 @@ from genkernel.diffusion import NoiseLevelAnalyzer, make_edm_scheduler
 
 from test_flow_matching import flow_mlp as edm_mlp, ring as flow_ring
 from test_flow_matching_review import (
-    assert_a_resumed_run_continues_the_ledgers_bit_for_bit, brute_force_adamw_of_losses, tiny_class_unet,
+    assert_a_resumed_run_continues_the_ledgers_bit_for_bit, assert_the_run_is_the_brute_force, brute_force_adamw_of_losses,
+    record_batches, tiny_class_unet,
 )
 
 F64 = torch.float64
@@ -114,17 +115,10 @@ def test_a_continuous_sigma_loop_with_adamw_accumulation_clipping_weights_and_em
     sigma = torch.exp(4 * probes[1].to(F64))[:, None]
     z = (analyzer.probe_clean + sigma * analyzer.probe_noise) / torch.sqrt(sigma**2 + data**2)
     assert torch.allclose(probes[0], z, rtol=1e-15, atol=1e-15)
-    expected, expected_ema, reference, reference_ema = brute_force_adamw_of_losses(
-        reference, steps, probes, num_bins, lr=lr, weight_decay=weight_decay, clip=clip, ema_decays=decays)
-    assert all(torch.allclose(p, q, rtol=0, atol=1e-13) for p, q in zip(model.parameters(), reference.parameters()))
-    assert all(torch.allclose(p, q, rtol=0, atol=1e-13) for p, q in zip(ema.shadow_params, reference_ema.parameters()))
-    ok, gap = close(analyzer.contributions, expected, 1e-9)
-    assert ok, gap
-    ok, gap = close(analyzer.ema_ledgers["level"].contributions.cpu(), expected_ema, 1e-9)
-    assert ok, gap
-    counts = torch.tensor(analyzer.bin_counts).sum(dim=0)
-    assert torch.equal(counts, torch.bincount(torch.tensor([e[2] for s in steps for e in s]), minlength=num_bins))
-    assert analyzer.residual()["relative_residual"] < 1e-3
+    brute_force = brute_force_adamw_of_losses(reference, steps, probes, num_bins, lr=lr, weight_decay=weight_decay,
+                                              clip=clip, ema_decays=decays)
+    assert_the_run_is_the_brute_force(analyzer, model.parameters(), ema.shadow_params, brute_force,
+                                      [e[2] for s in steps for e in s], num_bins)
 
 
 @pytest.mark.parametrize("prediction", ["epsilon", "v_prediction"])
@@ -147,9 +141,7 @@ def test_a_class_conditional_unet_trained_by_the_trainer_matches_brute_force_per
     analyzer = NoiseLevelAnalyzer(scheduler(), probe, num_bins=num_bins, num_probes=2, controls=1, kernel_points=2,
                                   probe_conditioning=probe_labels, num_classes=classes, progress=False)
     tracked = trainer([analyzer])
-    batches = []
-    draw = tracked.next_batch
-    tracked.next_batch = lambda: batches.append(draw()) or batches[-1]
+    batches = record_batches(tracked)
     tracked.train(2)
     grid = scheduler()
     bin_of = edm_bins(grid, num_bins)
