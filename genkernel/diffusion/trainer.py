@@ -287,6 +287,7 @@ class DDPMTrainer:
         self._epoch_global_state: torch.Tensor | None = None  # the global RNG's, at the epoch's start
         self._iterator: Iterator[Any] | None = None
         self._reopen = False
+        self._held_batch: dict[str, torch.Tensor] | None = None  # a failed step's batch, trained on next
         self._callback_states = CallbackStates()
 
     def _init_tensor_data(self, data: torch.Tensor, labels: torch.Tensor | None, batch_size: int | None) -> None:
@@ -373,14 +374,22 @@ class DDPMTrainer:
         while True:
             if self._iterator is None:
                 self._open_epoch()
+            if self._held_batch is not None:  # handed back by a step that failed before its update
+                batch, self._held_batch = self._held_batch, None
+                break
             raw = next(self._iterator, _END)
             if raw is not _END:
+                batch = self._checked_batch(raw)
                 break
             if self._batches_in_epoch == 0:
                 raise ValueError("data yielded no batch in a whole epoch: pass a non-empty DataLoader or list of batches")
             self._iterator = None
             self._epoch += 1
         self._batches_in_epoch += 1
+        return batch
+
+    def _checked_batch(self, raw: Any) -> dict[str, torch.Tensor]:
+        """A DataLoader's batch as ``{"clean"[, "labels"]}`` on the model's device, its types and shape checked."""
         clean, labels = split_batch(raw)
         if not isinstance(clean, torch.Tensor) or clean.dim() < 2 or not clean.is_floating_point():
             found = f"{clean.dtype} {tuple(clean.shape)}" if isinstance(clean, torch.Tensor) else type(clean).__name__
@@ -428,6 +437,13 @@ class DDPMTrainer:
                         f"the checkpoint had trained on {skip} batches of this epoch, but the data yields only "
                         f"{skipped}: resume with the data the run was saved with"
                     )
+            if skip == 0 and resume_global is not None:
+                # Saved after a step that failed on the epoch's first batch (it was handed back): that batch is
+                # drawn here, from the epoch's start, as the saved run drew it (a sampler seeded from the
+                # global RNG at its first batch, not at iter()), and trained on next.
+                first = next(self._iterator, _END)
+                if first is not _END:
+                    self._held_batch = self._checked_batch(first)
         finally:
             if resume_global is not None:
                 torch.set_rng_state(resume_global)
@@ -450,14 +466,20 @@ class DDPMTrainer:
         """One update through the callbacks; returns the loss it minimized (the mean, or the weighted
         mean Σ c_n ℓ_n under a loss weighting). An update made before a callback raised (in its
         ``on_step_end``, an interrupt) is counted and averaged into the EMA as any other: the model
-        holds it, and a run continued after the error is the straight one."""
+        holds it, and a run continued after the error is the straight one. A step that failed before its
+        update hands its batch back: the next step draws the same batch, timesteps and noise (call
+        :meth:`next_batch` once to skip it), so a run continued after that error is the straight one too."""
+        position = self._data_position()
         batch = self.next_batch()
+        global_rng = global_rng_state()
         step = self.build_step(batch)
         try:
             perform_step(self.callbacks, self, step)
         except BaseException as error:
             if step.applied:
                 self._count_update(step)
+            else:
+                self._hand_back(batch, position, global_rng)
             hint = self._conditioning_hint(batch) if isinstance(error, ValueError) else None
             if hint is None or "do not fit" not in str(error):
                 raise
@@ -468,6 +490,26 @@ class DDPMTrainer:
         if self.checkpoint_every and self.global_step % self.checkpoint_every == 0:
             self.save_checkpoint()
         return loss
+
+    def _data_position(self) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """Where the draws stand before a batch: the trainer's generator's state, Tensor data's epoch order and
+        cursor."""
+        return self.generator.get_state(), self._order, self._cursor
+
+    def _hand_back(self, batch: dict[str, torch.Tensor], position: tuple[torch.Tensor, torch.Tensor, int],
+                   global_rng: dict[str, Any]) -> None:
+        """Undo the draws of a step that failed before its update (an analyzer's refusal, a non-finite loss, an
+        interrupt), so that the next step (or a checkpoint written now) trains on the same batch, timesteps and
+        noise as an uninterrupted run: the generator, the epoch order and cursor go back to ``position``;
+        iterable data keeps the batch for the next step (the iterator cannot go back) and no longer counts it
+        as trained on; the global RNG goes back to its state after the batch was drawn (``global_rng``), so
+        dropout draws again what it drew."""
+        state, self._order, self._cursor = position
+        self.generator.set_state(state)
+        if not isinstance(self.data, torch.Tensor):
+            self._held_batch = {k: batch[k] for k in ("clean", "labels") if k in batch}
+            self._batches_in_epoch -= 1
+        set_global_rng_state(global_rng)
 
     def _count_update(self, step: OptimizerStep) -> float:
         """Book an update that is in the weights: the EMA's update, ``global_step``, the loss it minimized
@@ -683,7 +725,7 @@ class DDPMTrainer:
             self._epoch_states = iterable["generator_states"]
             self._epoch_global_state = iterable.get("global_state")  # (None in older checkpoints)
             self.sample_shape = None if iterable["sample_shape"] is None else tuple(iterable["sample_shape"])
-            self._iterator, self._reopen = None, True
+            self._iterator, self._reopen, self._held_batch = None, True, None
         if "global_rng" in state:
             set_global_rng_state(state["global_rng"])
         self._callback_states.load(self.callbacks, state["callbacks"])

@@ -414,6 +414,7 @@ class GANTrainer:
     def discriminator_step(self) -> torch.Tensor:
         """One discriminator step; returns the per-example losses."""
         b = self.batch_size
+        rng_before = self.rng.get_state()
         index = torch.randint(0, self.data.shape[0], (b,), generator=self.rng)
         real = self.data[index].to(device=self.device, dtype=self.dtype)
         # A conditional GAN generates its fake rows at the real rows' classes (matching pairs for the penalty).
@@ -440,10 +441,11 @@ class GANTrainer:
             max_grad_norm=self.max_grad_norm, phase="discriminator",
             info={"roles": roles, "real_labels": real_labels, "discriminator": self.discriminator, "iteration": self.iteration},
         )
-        return self._perform(step)
+        return self._perform(step, rng_before)
 
     def generator_step(self) -> torch.Tensor:
         """One generator step (D's parameters frozen, its modes kept); returns the per-example losses."""
+        rng_before = self.rng.get_state()
         z = self.sample_latents(self.batch_size)
         info = {"latents": z, "discriminator": self.discriminator, "iteration": self.iteration}
         if self.conditional:  # inputs (z, classes); the loss reads D(G(z, y), y) from its targets
@@ -457,34 +459,44 @@ class GANTrainer:
             max_grad_norm=self.max_grad_norm, phase="generator", info=info,
         )
         with frozen(self.discriminator):
-            return self._perform(step)
+            return self._perform(step, rng_before)
 
-    def _perform(self, step: OptimizerStep) -> torch.Tensor:
+    def _perform(self, step: OptimizerStep, rng_before: torch.Tensor) -> torch.Tensor:
         """Run ``step`` through the callbacks and count it (``g_steps`` / ``d_steps_done``) once its
         update is in the parameters, also when an error comes after the update (a callback's
         ``on_step_end``, the logging): the counts number the updates made, which analyzers and
         the loop steps of a resumed run follow, and the loss history has one entry per update. A
-        step rolled back or never applied is not counted."""
+        step rolled back or never applied is not counted, and its draws are undone: the trainer's
+        generator goes back to ``rng_before`` (its state before the step drew its rows, latents and
+        classes) and the global RNG to its state before the step's passes, so the step run again
+        (``train()`` again, or after a resume from a checkpoint written now) is the one an
+        uninterrupted run makes."""
+        global_rng = global_rng_state()
         try:
             losses = perform_step(self.callbacks, self, step)
         except NonFiniteError as error:
-            self._count_applied(step)
+            self._count_applied(step, rng_before, global_rng)
             raise NonFiniteError(
                 f"iteration {self.iteration}, {step.phase} step: {error} (training stopped before this update; "
                 "models, optimizers and any ledger keep the state from before it)"
             ) from error
         except BaseException:
-            self._count_applied(step)
+            self._count_applied(step, rng_before, global_rng)
             raise
-        self._count_applied(step)
+        self._count_applied(step, rng_before, global_rng)
         if self.logging is not None:
             self.logging.on_step_end(self, step)
         return losses
 
-    def _count_applied(self, step: OptimizerStep) -> None:
+    def _count_applied(self, step: OptimizerStep, rng_before: torch.Tensor, global_rng: dict[str, Any]) -> None:
         """Count an applied step; a generator step also updates the EMA (``ema=``): the EMA follows every update
-        that is in G's weights, also one after which a callback raised (a run continued after it is the straight one)."""
-        if step.applied:
+        that is in G's weights, also one after which a callback raised (a run continued after it is the straight
+        one). A step not applied puts the trainer's generator back to ``rng_before`` and the global RNG to
+        ``global_rng``."""
+        if not step.applied:
+            self.rng.set_state(rng_before)
+            set_global_rng_state(global_rng)
+        else:
             if step.phase == "generator":
                 self.g_steps += 1
                 self.history["g_loss"].append(float(step.losses.mean()))
