@@ -675,7 +675,10 @@ class NoiseLevelAnalyzer(TrainerCallback):
     def record_kernel(self) -> dict[str, Any]:
         """:meth:`kernel_structure` at the θ the ledger has reached (the current θ, unless something
         wrote other weights into the model since the last tracked step: an EMA copied in at the end of
-        training is not the trained θ), appended to ``kernel_history``."""
+        training is not the trained θ), appended to ``kernel_history``. After :meth:`stop` or a
+        ``track_steps`` window that θ is the window's last, which the entry's ``tracked_step`` and
+        ``global_step`` name, not the live weights of a model trained on since: for those, call
+        :meth:`kernel_structure` (not recorded)."""
         with contextlib.nullcontext() if self.tracker is None else self.tracker.at_last_step() as model:
             entry = {
                 "tracked_step": 0 if self.tracker is None else self.tracker.ledger.steps,
