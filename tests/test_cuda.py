@@ -225,3 +225,17 @@ def test_gauss_legendre_ledgers_converge_on_a_unet_step_on_cuda():
 
     midpoint, gauss4 = residual("midpoint"), residual("gauss4")
     assert gauss4 < 0.1 * midpoint, (midpoint, gauss4)
+
+
+@pytest.mark.parametrize("rule", ["adam", "adamw_amsgrad", "sgd_nesterov"])
+def test_fused_and_capturable_optimizers_are_split_as_the_single_tensor_loop_is_on_cuda(rule):
+    # CUDA's own code paths: fused kernels and capturable (graph-safe, step count on the device) Adam
+    from test_workflow_optimizers import IMPLEMENTATIONS, ledgers_under
+
+    make = IMPLEMENTATIONS[rule]
+    reference, delta = ledgers_under(lambda p: make(p, foreach=False), DEVICE)
+    variants = [{"foreach": True}, {"fused": True}] + ([{"capturable": True}] if rule != "sgd_nesterov" else [])
+    for implementation in variants:
+        contributions, other_delta = ledgers_under(lambda p: make(p, **implementation), DEVICE)
+        torch.testing.assert_close(other_delta, delta, rtol=1e-10, atol=0)
+        torch.testing.assert_close(contributions, reference, rtol=1e-9, atol=1e-12 * float(reference.abs().max()))

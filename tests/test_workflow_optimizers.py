@@ -68,3 +68,39 @@ def test_complex_parameters_are_refused_with_the_real_view_that_works():
     probes = torch.randn(2, 3, dtype=torch.float64)
     with pytest.raises(ValueError, match=r"\['weight'\] are complex.*view_as_complex"):
         PathKernelTracker(model, torch.optim.Adam(model.parameters(), lr=1e-2), mse_loss, probes, num_groups=2)
+
+
+def ledgers_under(make_optimizer, device="cpu", steps=4):
+    """The contributions ``[P, G, K]`` and deltas of a 3-16-2 tanh MLP tracked (Adam-type step, groups
+    {0, 1}) under ``make_optimizer``, asserting the ledger identity on the way."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 16), nn.Tanh(), nn.Linear(16, 2)).to(device=device, dtype=F64)
+    g = torch.Generator().manual_seed(1)
+    tracker = PathKernelTracker(model, make_optimizer(model.parameters()), mse_loss,
+                                torch.randn(4, 3, generator=g, dtype=F64).to(device), num_groups=2)
+    for _ in range(steps):
+        x, y = torch.randn(6, 3, generator=g, dtype=F64), torch.randn(6, 2, generator=g, dtype=F64)
+        tracker.step(x.to(device), y.to(device), (torch.arange(6) % 2).to(device))
+    ledger = tracker.ledger
+    torch.testing.assert_close(ledger.contributions.sum(1) + ledger.rest + ledger.residual, ledger.delta,
+                               rtol=0, atol=1e-12)
+    return ledger.contributions.cpu(), ledger.delta.cpu()
+
+
+IMPLEMENTATIONS = {  # PyTorch's three code paths for one update rule: one Python loop, foreach, one fused kernel
+    "adam": lambda p, **kw: torch.optim.Adam(p, lr=0.01, **kw),
+    "adamw_amsgrad": lambda p, **kw: torch.optim.AdamW(p, lr=0.01, weight_decay=0.1, amsgrad=True, **kw),
+    "sgd_nesterov": lambda p, **kw: torch.optim.SGD(p, lr=0.1, momentum=0.9, nesterov=True, **kw),
+}
+
+
+@pytest.mark.parametrize("rule", sorted(IMPLEMENTATIONS))
+def test_fused_and_foreach_optimizers_are_split_as_the_single_tensor_loop_is(rule):
+    # Coverage: fused=True (one kernel per step, which the tracker cannot see inside) and foreach=True
+    # must be read as the plain loop: the same contributions, up to the kernels' rounding
+    make = IMPLEMENTATIONS[rule]
+    reference, delta = ledgers_under(lambda p: make(p, foreach=False))
+    for implementation in ({"foreach": True}, {"fused": True}):
+        contributions, other_delta = ledgers_under(lambda p: make(p, **implementation))
+        torch.testing.assert_close(other_delta, delta, rtol=1e-10, atol=0)
+        torch.testing.assert_close(contributions, reference, rtol=1e-9, atol=1e-12 * float(reference.abs().max()))
