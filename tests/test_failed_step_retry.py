@@ -16,11 +16,12 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
+from genkernel.core.errors import NonFiniteError
 from genkernel.core.tracking.callbacks import TrainerCallback
 from genkernel.diffusion import DDPMTrainer, NoiseLevelAnalyzer, make_scheduler
 from genkernel.gan import GANTrainer, MLPGenerator
 from test_ddpm_trainer import ring
-from test_resume import DropoutCritic, DropoutDenoiser, elsewhere, same
+from test_resume import DropoutCritic, DropoutDenoiser, elsewhere, same, small_mlp
 
 T = 100
 
@@ -44,11 +45,11 @@ class RefusesOnce(TrainerCallback):
         return perform()
 
 
-def ddpm(data, *callbacks, analyzer=True, **kwargs):
+def ddpm(data, *callbacks, analyzer=True, model=DropoutDenoiser, **kwargs):
     found = [NoiseLevelAnalyzer(make_scheduler(T), ring(16, seed=4), num_bins=3, num_probes=8, kernel_points=4,
                                 progress=False)] if analyzer else []
     settings = dict(batch_size=16) if isinstance(data, torch.Tensor) else {}
-    return DDPMTrainer(DropoutDenoiser(), make_scheduler(T), data, lr=1e-2, progress=False,
+    return DDPMTrainer(model(), make_scheduler(T), data, lr=1e-2, progress=False,
                        callbacks=[*callbacks, *found], **settings, **kwargs)
 
 
@@ -144,3 +145,48 @@ def test_a_gan_step_refused_before_its_update_is_drawn_again_also_after_a_resume
         assert torch.equal(run.rng.get_state(), straight.rng.get_state())
         assert run.history == straight.history
         assert (run.iteration, run.g_steps, run.d_steps_done) == (straight.iteration, straight.g_steps, straight.d_steps_done)
+
+
+class NonFiniteOnce(TrainerCallback):
+    """Makes the ``count``-th step of ``phase`` non-finite (its targets NaN), noting the trainer's generator's
+    state once the step has drawn everything."""
+
+    def __init__(self, count, phase="train"):
+        self.count, self.phase, self.seen, self.drawn = count, phase, 0, None
+
+    def wrap_step(self, trainer, step, perform):
+        if step.phase == self.phase:
+            self.seen += 1
+            if self.seen == self.count:
+                self.drawn = (trainer.generator if isinstance(trainer, DDPMTrainer) else trainer.rng).get_state()
+                if isinstance(step.inputs, torch.Tensor):
+                    step.inputs = step.inputs * float("nan")
+                else:  # (x or z first, then roles or classes)
+                    step.inputs = (step.inputs[0] * float("nan"), *step.inputs[1:])
+        return perform()
+
+
+def test_a_ddpm_step_skipped_for_a_non_finite_loss_keeps_its_draws_used_up_as_a_grad_scaler_skips_it():
+    # drawn again it would fail again: the run goes on with the next batch, as the run that skipped it does
+    # (no dropout: the skipped step's forward drew its masks, the skipping run's did not)
+    skipping = ddpm(ring(40), analyzer=False, model=small_mlp)
+    skipping.train(2)
+    skipping.next_batch()
+    skipping.train(2)
+    failing = ddpm(ring(40), NonFiniteOnce(3), analyzer=False, model=small_mlp)
+    with pytest.raises(NonFiniteError, match="non-finite"):
+        failing.train(4)
+    assert torch.equal(failing.generator.get_state(), failing.callbacks[0].drawn)
+    failing.train(4 - failing.global_step)
+    same(skipping.model.state_dict(), failing.model.state_dict(), "model")
+    assert skipping.losses == failing.losses
+
+
+@pytest.mark.parametrize("phase", ["discriminator", "generator"])
+def test_a_gan_step_skipped_for_a_non_finite_loss_keeps_its_draws_used_up(phase):
+    trainer = gan(NonFiniteOnce(2, phase))
+    with pytest.raises(NonFiniteError, match="skipped"):
+        trainer.train(3)
+    assert torch.equal(trainer.rng.get_state(), trainer.callbacks[0].drawn)
+    trainer.train(3)
+    assert trainer.g_steps == 3 and trainer.d_steps_done == 6

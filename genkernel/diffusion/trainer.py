@@ -58,6 +58,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..core.adapter import as_tuple, output_tensor, positive_int
+from ..core.errors import NonFiniteError
 from ..core.tracking.callbacks import CallbackStates, TrainerCallback, fire, perform_step
 from ..core.tracking.io import (
     atomic_save, check_module_state, check_optimizer_state, check_resume_config, global_rng_state, load_state,
@@ -467,8 +468,11 @@ class DDPMTrainer:
         mean Σ c_n ℓ_n under a loss weighting). An update made before a callback raised (in its
         ``on_step_end``, an interrupt) is counted and averaged into the EMA as any other: the model
         holds it, and a run continued after the error is the straight one. A step that failed before its
-        update hands its batch back: the next step draws the same batch, timesteps and noise (call
-        :meth:`next_batch` once to skip it), so a run continued after that error is the straight one too."""
+        update (an analyzer's refusal, an interrupt) hands its batch back: the next step draws the same
+        batch, timesteps and noise (call :meth:`next_batch` once to skip it), so a run continued after
+        that error is the straight one too. A step skipped for a non-finite loss or gradient
+        (:class:`~genkernel.core.errors.NonFiniteError`) keeps its draws used up, as a GradScaler skips
+        such a step: drawn again, it would fail again."""
         position = self._data_position()
         batch = self.next_batch()
         global_rng = global_rng_state()
@@ -478,7 +482,7 @@ class DDPMTrainer:
         except BaseException as error:
             if step.applied:
                 self._count_update(step)
-            else:
+            elif not isinstance(error, NonFiniteError):  # (a non-finite step is skipped: drawn again, it fails again)
                 self._hand_back(batch, position, global_rng)
             hint = self._conditioning_hint(batch) if isinstance(error, ValueError) else None
             if hint is None or "do not fit" not in str(error):

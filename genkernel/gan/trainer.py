@@ -466,37 +466,38 @@ class GANTrainer:
         update is in the parameters, also when an error comes after the update (a callback's
         ``on_step_end``, the logging): the counts number the updates made, which analyzers and
         the loop steps of a resumed run follow, and the loss history has one entry per update. A
-        step rolled back or never applied is not counted, and its draws are undone: the trainer's
-        generator goes back to ``rng_before`` (its state before the step drew its rows, latents and
-        classes) and the global RNG to its state before the step's passes, so the step run again
-        (``train()`` again, or after a resume from a checkpoint written now) is the one an
-        uninterrupted run makes."""
+        step rolled back or never applied is not counted. Its draws are undone (an analyzer's
+        refusal, an interrupt): the trainer's generator goes back to ``rng_before`` (its state before
+        the step drew its rows, latents and classes) and the global RNG to its state before the
+        step's passes, so the step run again (``train()`` again, or after a resume from a checkpoint
+        written now) is the one an uninterrupted run makes. A step skipped for a non-finite loss or
+        gradient keeps its draws used up, as a GradScaler skips such a step: drawn again it would
+        fail again, and ``train()`` again goes on with the next draws."""
         global_rng = global_rng_state()
         try:
             losses = perform_step(self.callbacks, self, step)
         except NonFiniteError as error:
-            self._count_applied(step, rng_before, global_rng)
+            self._count_applied(step)
             raise NonFiniteError(
-                f"iteration {self.iteration}, {step.phase} step: {error} (training stopped before this update; "
-                "models, optimizers and any ledger keep the state from before it)"
+                f"iteration {self.iteration}, {step.phase} step: {error} (training stopped before this update, "
+                "which is skipped: models, optimizers and any ledger keep the state from before it, and train() "
+                "again goes on with the next draws)"
             ) from error
         except BaseException:
-            self._count_applied(step, rng_before, global_rng)
+            self._count_applied(step)
+            if not step.applied:
+                self.rng.set_state(rng_before)
+                set_global_rng_state(global_rng)
             raise
-        self._count_applied(step, rng_before, global_rng)
+        self._count_applied(step)
         if self.logging is not None:
             self.logging.on_step_end(self, step)
         return losses
 
-    def _count_applied(self, step: OptimizerStep, rng_before: torch.Tensor, global_rng: dict[str, Any]) -> None:
+    def _count_applied(self, step: OptimizerStep) -> None:
         """Count an applied step; a generator step also updates the EMA (``ema=``): the EMA follows every update
-        that is in G's weights, also one after which a callback raised (a run continued after it is the straight
-        one). A step not applied puts the trainer's generator back to ``rng_before`` and the global RNG to
-        ``global_rng``."""
-        if not step.applied:
-            self.rng.set_state(rng_before)
-            set_global_rng_state(global_rng)
-        else:
+        that is in G's weights, also one after which a callback raised (a run continued after it is the straight one)."""
+        if step.applied:
             if step.phase == "generator":
                 self.g_steps += 1
                 self.history["g_loss"].append(float(step.losses.mean()))
