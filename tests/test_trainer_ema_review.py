@@ -22,7 +22,7 @@ from torch import nn
 from torch.optim.swa_utils import AveragedModel
 
 from genkernel.core.tracking.callbacks import TrainerCallback
-from genkernel.core.tracking.ema import ema_weights_model
+from genkernel.core.tracking.ema import ema_weights
 from genkernel.diffusion import MLPDenoiser, reverse_sample
 from genkernel.diffusion.objectives import diffusion_loss
 from test_trainer_ema import EMAS, F64, analyzer, gan_run, mlp, step_by_hand, trainer
@@ -35,7 +35,8 @@ def same(a, b):
 
 
 def ema_params(run_ema, model):
-    return list(ema_weights_model(run_ema, model).parameters())
+    with ema_weights(run_ema, model) as averaged:
+        return [p.detach().clone() for p in averaged.parameters()]
 
 
 class RaiseAfterUpdate(TrainerCallback):
@@ -305,9 +306,9 @@ def test_coverage_an_ema_of_a_batchnorm_model_averages_its_buffers_as_by_hand_an
     run = trainer(model, make(model), callbacks=[watcher])
     run.train(4)
     hand, hand_ema = hand_loop(bn_model, make, 4)
-    ours, theirs = ema_weights_model(run.ema, run.model), ema_weights_model(hand_ema, hand.model)
-    assert same(ours.parameters(), theirs.parameters()) and same(ours.buffers(), theirs.buffers())
-    assert not torch.equal(ours.norm.running_mean, run.model.norm.running_mean)  # averaged, not the live ones
+    with ema_weights(run.ema, run.model) as ours, ema_weights(hand_ema, hand.model) as theirs:
+        assert same(ours.parameters(), theirs.parameters()) and same(ours.buffers(), theirs.buffers())
+        assert not torch.equal(ours.norm.running_mean, run.model.norm.running_mean)  # averaged, not the live ones
     for ledger in watcher.ema_ledgers.values():
         scale = float(ledger.delta.abs().max())
         identity = ledger.contributions.sum(1) + ledger.rest + ledger.residual - ledger.delta

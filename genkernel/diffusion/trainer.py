@@ -46,6 +46,7 @@ differ (the tensors are moved), but a run resumed on another device is not bit-i
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import math
 import os
@@ -65,7 +66,7 @@ from ..core.tracking.io import (
     set_global_rng_state,
 )
 from ..core.tracking.ema import (
-    check_ema_state, check_trainable_ema, ema_settings, ema_weights_model, load_ema_state, step_ema,
+    check_ema_state, check_trainable_ema, ema_settings, ema_weights, load_ema_state, step_ema,
 )
 from ..core.tracking.step import OptimizerStep
 from ..logging import LoggingCallback
@@ -594,20 +595,25 @@ class DDPMTrainer:
         if self.sample_shape is None:
             raise RuntimeError("the shape of the samples is known once a batch was drawn: train a step first")
         conditioning = None if labels is None else _class_labels(labels, num_samples, "labels").to(self.device)
-        return reverse_sample(self._weights_model(weights), self.scheduler, (num_samples, *self.sample_shape),
-                              num_inference_steps=num_inference_steps, seed=seed, keep=keep, sampler=sampler,
-                              step_kwargs=step_kwargs, conditioning=conditioning)
+        with self._weights_model(weights) as model:
+            return reverse_sample(model, self.scheduler, (num_samples, *self.sample_shape),
+                                  num_inference_steps=num_inference_steps, seed=seed, keep=keep, sampler=sampler,
+                                  step_kwargs=step_kwargs, conditioning=conditioning)
 
-    def _weights_model(self, weights: str) -> nn.Module:
-        """The model to sample with: the trained one ("model") or one with the EMA's weights ("ema")."""
+    @contextlib.contextmanager
+    def _weights_model(self, weights: str) -> Iterator[nn.Module]:
+        """Inside: the model to sample with, the trained one ("model") or one with the EMA's weights
+        ("ema": :func:`ema_weights`, no copy of the parameters; the model as it was after the block)."""
         if weights not in ("model", "ema"):
             raise ValueError(f"weights must be 'model' or 'ema', got {weights!r}")
         if weights == "model":
-            return self.model
+            yield self.model
+            return
         if self.ema is None:
             raise ValueError("weights='ema' samples with the EMA of the weights: build the trainer with ema= "
                              "(e.g. diffusers' EMAModel(model.parameters(), decay=0.9999))")
-        return ema_weights_model(self.ema, self.model)
+        with ema_weights(self.ema, self.model) as model:
+            yield model
 
     def save_samples(self, path: str | os.PathLike, num_samples: int = 16, *, labels: torch.Tensor | None = None,
                      num_inference_steps: int | None = None, seed: int = 0, sampler: Any = None,

@@ -57,7 +57,7 @@ from ..core.tracking.io import (
     set_global_rng_state,
 )
 from ..core.tracking.ema import (
-    check_ema_state, check_trainable_ema, ema_settings, ema_weights_model, load_ema_state, step_ema,
+    check_ema_state, check_trainable_ema, ema_settings, ema_weights, load_ema_state, step_ema,
 )
 from ..core.tracking.step import OptimizerStep
 from ..logging import LoggingCallback
@@ -392,13 +392,11 @@ class GANTrainer:
         classes = self._checked_classes(classes, latents.shape[0])
         if weights not in ("model", "ema"):
             raise ValueError(f"weights must be 'model' or 'ema', got {weights!r}")
-        generator = self.generator
-        if weights == "ema":
-            if self.ema is None:
-                raise ValueError("weights='ema' samples with the EMA of the generator's weights: build the trainer "
-                                 "with ema= (e.g. diffusers' EMAModel(generator.parameters(), decay=0.999))")
-            generator = ema_weights_model(self.ema, self.generator)
-        with analysis_mode(generator):
+        if weights == "ema" and self.ema is None:
+            raise ValueError("weights='ema' samples with the EMA of the generator's weights: build the trainer "
+                             "with ema= (e.g. diffusers' EMAModel(generator.parameters(), decay=0.999))")
+        weighted = ema_weights(self.ema, self.generator) if weights == "ema" else contextlib.nullcontext(self.generator)
+        with weighted as generator, analysis_mode(generator):
             return output_tensor(generator(latents, *class_inputs(classes))).detach()
 
     def input_gradients(

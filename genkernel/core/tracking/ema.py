@@ -34,14 +34,13 @@ group row (D and E).
 from __future__ import annotations
 
 import contextlib
-import copy
 import math
 from typing import Any, Callable, Iterator, Mapping
 
 import torch
 from torch import nn
 
-from ..adapter import analysis_mode, functional_model
+from ..adapter import analysis_mode, evaluated_at, functional_model
 from ..errors import LedgerCheckError
 from ..grouping import rows_sum_and_size
 from .io import check_module_state
@@ -65,13 +64,10 @@ def _weights_reader(ema: Any, names: list[str], model: nn.Module) -> Callable[[]
     if callable(ema) and not isinstance(ema, nn.Module):
         return lambda: {n: ema()[n] for n in names}
     if hasattr(ema, "shadow_params"):  # diffusers.training_utils.EMAModel
-        all_names = [n for n, _ in model.named_parameters()]
-        if len(ema.shadow_params) != len(all_names):
-            raise ValueError(
-                f"the EMAModel averages {len(ema.shadow_params)} tensors but the model has {len(all_names)} "
-                "parameters: build it as EMAModel(model.parameters(), ...)"
-            )
+        all_names = _shadow_names(ema, model)
         return lambda: {n: t for n, t in zip(all_names, ema.shadow_params) if n in names}
+    if _is_ema_pytorch(ema):
+        _check_ema_pytorch_options(ema, names, model)
     module = _ema_module(ema)
     if not isinstance(module, nn.Module):
         raise TypeError(
@@ -82,6 +78,71 @@ def _weights_reader(ema: Any, names: list[str], model: nn.Module) -> Callable[[]
     if missing:
         raise ValueError(f"the EMA model has no parameters {missing[:5]}: it must be a copy of the tracked model")
     return lambda: {n: p for n, p in module.named_parameters() if n in names}
+
+
+def _shadow_names(ema: Any, model: nn.Module) -> list[str]:
+    """The parameter names of diffusers' ``EMAModel``'s ``shadow_params``, in order (those of
+    ``model.named_parameters()``); a ValueError when it averages another set of tensors."""
+    all_names = [n for n, _ in model.named_parameters()]
+    if len(ema.shadow_params) != len(all_names):
+        raise ValueError(
+            f"the EMAModel averages {len(ema.shadow_params)} tensors but the model has {len(all_names)} "
+            "parameters: build it as EMAModel(model.parameters(), ...)"
+        )
+    return all_names
+
+
+def _check_ema_pytorch_options(ema: Any, names: list[str], model: nn.Module) -> None:
+    """Refuse the options of ema-pytorch's ``EMA`` under which its ``update()`` is not one EMA step
+    of the model's trained parameters (read in ema_pytorch 0.8.3's source), each with its fix:
+
+    * ``update_model_with_ema_every`` (with ``update_model_with_ema_beta``): every N updates it
+      writes the EMA back into the online model (a copy, or a lerp keeping that much of the model):
+      the weights move outside the optimizer step, which no tracker can book (it refused the next
+      step with "changed outside the tracked step", naming no cause);
+    * ``ignore_names`` / ``ignore_startswith_names`` / ``param_or_buffer_names_no_ema`` covering a
+      trained parameter: the EMA leaves it at its last warm-up copy, or copies it at each update,
+      instead of averaging it with the others' decay; the EMA ledger follows one decay for all
+      parameters (it refused the first such update, or, where the parameter moved little, booked an
+      average the EMA did not make). Frozen parameters and buffers may be listed: a frozen
+      parameter never moves, and the EMA's buffers are read as they are (a change booked in the
+      ledger's ``buffer_drift``);
+    * ``lazy_init_ema=True`` before the first ``update()``: there are no averaged weights to read yet.
+
+    ``include_online_model``, ``allow_different_devices``, ``move_ema_to_online_device``,
+    ``use_foreach``, ``forward_method_names`` and ``coerce_dtype`` (see :func:`_check_ema_dtypes`)
+    change where the tensors live or how the same average is computed, not what it is: accepted."""
+    every = getattr(ema, "update_model_with_ema_every", None)
+    if every is not None:
+        raise ValueError(
+            f"ema-pytorch's EMA was built with update_model_with_ema_every={every} (update_model_with_ema_beta="
+            f"{getattr(ema, 'update_model_with_ema_beta', 0.0)}): every {every} updates it writes the EMA back into "
+            "the model, a change of the trained weights outside the optimizer step that the trainer's EMA, its "
+            "checkpoints and an analyzer's ledgers cannot follow. Build it without update_model_with_ema_every "
+            "(None, the default); to continue from the EMA weights, copy them into the model between runs "
+            "(ema.copy_params_from_ema_to_model())"
+        )
+    if getattr(ema, "ema_model", None) is None:
+        raise ValueError(
+            "ema-pytorch's EMA was built with lazy_init_ema=True and has no EMA model yet: build it with "
+            "lazy_init_ema=False (the default), or call ema.init_ema() before passing it"
+        )
+    trained = {n for n, p in model.named_parameters() if p.requires_grad and n in names}
+    for option in ("ignore_names", "ignore_startswith_names", "param_or_buffer_names_no_ema"):
+        listed = set(getattr(ema, option, ()) or ())
+        if option == "ignore_startswith_names":
+            hit = sorted(n for n in trained if any(n.startswith(prefix) for prefix in listed))
+        else:
+            hit = sorted(trained & listed)
+        if hit:
+            what = ("copies them at each update instead of averaging them" if option == "param_or_buffer_names_no_ema"
+                    else "leaves them at their last warm-up copy instead of averaging them")
+            raise ValueError(
+                f"ema-pytorch's EMA was built with {option} covering the trained parameters {hit[:5]}"
+                f"{' ...' if len(hit) > 5 else ''}: it {what}, so it is not one EMA of the model's weights, which "
+                f"the trainer's EMA ledger follows. Drop them from {option} (buffers and frozen parameters may stay "
+                "there), or freeze them (requires_grad=False) before building the EMA"
+            )
 
 
 def _ema_module(ema: Any) -> Any:
@@ -220,15 +281,37 @@ def step_ema(ema: Any, model: nn.Module) -> None:
         ema.update_parameters(model)
 
 
-def ema_weights_model(ema: Any, model: nn.Module) -> nn.Module:
-    """A module with the EMA's weights: the one an EMA holds (ema-pytorch's ``ema_model``,
-    ``AveragedModel.module``), or for diffusers' ``EMAModel``, which holds parameters only, a copy of
-    ``model`` with them copied in (the live model is not touched)."""
+@contextlib.contextmanager
+def ema_weights(ema: Any, model: nn.Module) -> Iterator[nn.Module]:
+    """Inside: a module with the EMA's weights, to sample with (``DDPMTrainer.sample(weights="ema")``,
+    ``GANTrainer.sample(..., weights="ema")``): the one an EMA holds (ema-pytorch's ``ema_model``,
+    ``AveragedModel.module``), or, for diffusers' ``EMAModel``, which holds parameters only, ``model``
+    itself with the ``shadow_params`` in its parameter slots (no copy of the parameters: what
+    ``copy_to`` would write, each in its parameter's dtype, device and strides, only a shadow that
+    differs in these is converted) and copies of its buffers in the buffer slots (a forward that
+    writes a buffer writes the copy).
+
+    After the block, also when it raised: ``model``'s own parameter and buffer tensors back in their
+    slots, untouched (values, ``requires_grad``, gradients), and every submodule's training mode as it
+    was. The samples are bit for bit those of a deep copy of ``model`` with ``ema.copy_to`` applied,
+    without the copy's memory. Not for training: the shadows are the
+    EMA's own tensors (an optimizer step inside the block would write the EMA)."""
     if not hasattr(ema, "shadow_params"):
-        return _ema_module(ema)
-    averaged = copy.deepcopy(model)
-    ema.copy_to(averaged.parameters())
-    return averaged
+        yield _ema_module(ema)
+        return
+    _shadow_names(ema, model)  # (a ValueError with the fix when it averages another set of tensors)
+    values = {}
+    for (name, param), shadow in zip(model.named_parameters(), ema.shadow_params):
+        same = shadow.dtype == param.dtype and shadow.device == param.device and shadow.stride() == param.stride()
+        values[name] = shadow.detach() if same else torch.empty_like(param, requires_grad=False).copy_(shadow.detach())
+    values.update({n: b.detach().clone() for n, b in model.named_buffers()})
+    modes = [(m, m.training) for m in model.modules()]
+    try:
+        with evaluated_at(model, values):
+            yield model
+    finally:
+        for module, training in modes:
+            module.training = training
 
 
 def _odd_gains(bar: dict[str, torch.Tensor], last: dict[str, torch.Tensor], theta: dict[str, torch.Tensor]) -> str:
@@ -427,4 +510,4 @@ class EMALedgers:
             self.live_buffers = {n: t.clone() for n, t in state["live_buffers"].items()}
 
 
-__all__ = ["EMALedgers", "ema_buffers", "ema_parameters"]
+__all__ = ["EMALedgers", "ema_buffers", "ema_parameters", "ema_weights"]
