@@ -58,7 +58,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..core.adapter import as_tuple, output_tensor, positive_int
+from ..core.adapter import as_tuple, positive_int
 from ..core.errors import NonFiniteError
 from ..core.tracking.callbacks import CallbackStates, TrainerCallback, fire, perform_step
 from ..core.tracking.io import (
@@ -70,6 +70,7 @@ from ..core.tracking.ema import (
 )
 from ..core.tracking.step import OptimizerStep
 from ..logging import LoggingCallback
+from .guidance import ClassDropout, check_guidance_scale, guided_output
 from .timestep_sampling import Density, Weighting, make_loss_weighting, make_timestep_density
 from .objectives import (
     DDPM_PROCESS, check_prediction_type, diffusion_loss, noise_process, noise_schedule_config, noisy_input,
@@ -172,6 +173,12 @@ class DDPMTrainer:
         conditional: pass the class labels to the model as its third positional input,
             ``model(x_t, t, y)`` (a class-conditional ``UNet2DModel`` takes them so); every batch then
             needs labels.
+        class_dropout, null_class: classifier-free guidance's label dropout (conditional only,
+            :mod:`~genkernel.diffusion.guidance`): each example's label is replaced by ``null_class``
+            (an extra row of the class embedding: ``UNet2DModel(num_class_embeds=K + 1)``, null_class=K)
+            with probability ``class_dropout``, drawn from the trainer's generator after the noise.
+            The analyzers get the labels the model was given as ``info["class_labels"]``, the data's as
+            ``info["data_labels"]``. ``sample(guidance_scale=)`` then samples with guidance.
         shuffle: Tensor data: a fresh permutation every epoch (default), or the data's own order.
         optimizer: "adam" (default), "adamw", "sgd", or a ``torch.optim.Optimizer`` over ``model``.
         lr, weight_decay, momentum: for a named optimizer (refused beside an optimizer object, which
@@ -212,6 +219,8 @@ class DDPMTrainer:
         *,
         labels: torch.Tensor | None = None,
         conditional: bool = False,
+        class_dropout: float = 0.0,
+        null_class: int | None = None,
         shuffle: bool = True,
         optimizer: str | torch.optim.Optimizer = "adam",
         lr: float = 1e-3,
@@ -245,6 +254,8 @@ class DDPMTrainer:
         self.loss_weighting = make_loss_weighting(loss_weighting)
         self.loss_weighting.check(scheduler)
         self.conditional = bool(conditional)
+        self.class_dropout = ClassDropout.build(class_dropout, null_class, self.conditional)
+        self.class_dropout.check_model(model)
         self.shuffle = bool(shuffle)
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
@@ -301,6 +312,8 @@ class DDPMTrainer:
             raise ValueError("conditional=True passes class labels to the model: give labels=, a LongTensor[N]")
         self.data = data.to(device=self.device, dtype=self.dtype)
         self.labels = None if labels is None else _class_labels(labels, data.shape[0], "labels").to(self.device)
+        if self.labels is not None:
+            self.class_dropout.check_labels(self.labels, "labels")
         self.batch_size = min(128 if batch_size is None else batch_size, data.shape[0])
         self.sample_shape: tuple[int, ...] | None = tuple(data.shape[1:])
 
@@ -337,8 +350,9 @@ class DDPMTrainer:
 
         Returns:
             ``{"clean", "timesteps", "noise", "noisy", "target"}``, plus ``"labels"`` when the batch
-            has class labels, ``"indices"`` (rows of Tensor data) and ``"weights"`` (the coefficients
-            c_n = w(t_n) / B ``[B]`` under a loss weighting).
+            has class labels (those the model is given), ``"indices"`` (rows of Tensor data),
+            ``"weights"`` (the coefficients c_n = w(t_n) / B ``[B]`` under a loss weighting) and, under
+            ``class_dropout``, ``"data_labels"`` (the data's) and ``"dropped"`` (BoolTensor[B]).
         """
         batch = self._tensor_batch() if isinstance(self.data, torch.Tensor) else self._iterable_batch()
         clean = batch["clean"]
@@ -355,6 +369,10 @@ class DDPMTrainer:
             # float16), its c_n = w / B need not; in the wider dtype, so float32 / float64 models are unchanged
             wide = torch.promote_types(loss_weights.dtype, clean.dtype)
             batch["weights"] = (loss_weights.to(device=clean.device, dtype=wide) / clean.shape[0]).to(clean.dtype)
+        if self.class_dropout.active:  # drawn last: a run without dropout draws as before
+            self.class_dropout.check_labels(batch["labels"], "the batch's class labels")
+            batch["data_labels"] = batch["labels"]
+            batch["labels"], batch["dropped"] = self.class_dropout.draw(batch["labels"], self.generator)
         return batch
 
     def _tensor_batch(self) -> dict[str, torch.Tensor]:
@@ -456,7 +474,7 @@ class DDPMTrainer:
         inputs = (batch["noisy"], batch["timesteps"])
         if self.conditional:
             inputs = (*inputs, batch["labels"])
-        info = {k: batch[k] for k in ("timesteps", "clean", "noise", "indices") if k in batch}
+        info = {k: batch[k] for k in ("timesteps", "clean", "noise", "indices", "data_labels") if k in batch}
         if "labels" in batch:
             info["class_labels"] = batch["labels"]
         return OptimizerStep(
@@ -512,7 +530,9 @@ class DDPMTrainer:
         state, self._order, self._cursor = position
         self.generator.set_state(state)
         if not isinstance(self.data, torch.Tensor):
-            self._held_batch = {k: batch[k] for k in ("clean", "labels") if k in batch}
+            self._held_batch = {"clean": batch["clean"]}
+            if "labels" in batch:  # the data's (class dropout draws again)
+                self._held_batch["labels"] = batch.get("data_labels", batch["labels"])
             self._batches_in_epoch -= 1
         set_global_rng_state(global_rng)
 
@@ -571,6 +591,7 @@ class DDPMTrainer:
         sampler: Any = None,
         step_kwargs: Mapping[str, Any] | None = None,
         weights: str = "model",
+        guidance_scale: float = 1.0,
     ) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
         """Reverse sampling from pure noise (:func:`reverse_sample`: DDPM unless ``sampler`` is given).
 
@@ -583,6 +604,8 @@ class DDPMTrainer:
             sampler, step_kwargs: another diffusers scheduler (class or instance) and its ``step``
                 arguments, e.g. ``sampler=DDIMScheduler, num_inference_steps=50``.
             weights: "model" (the trained weights) or "ema" (the EMA's, ``DDPMTrainer(ema=)``).
+            guidance_scale: classifier-free guidance's w (:mod:`~genkernel.diffusion.guidance`): 1 samples
+                the conditional model, other values need a model trained with ``class_dropout``.
 
         Returns:
             ``(samples [S, *shape], {t: x_t [S, *shape]})``.
@@ -595,10 +618,21 @@ class DDPMTrainer:
         if self.sample_shape is None:
             raise RuntimeError("the shape of the samples is known once a batch was drawn: train a step first")
         conditioning = None if labels is None else _class_labels(labels, num_samples, "labels").to(self.device)
+        guidance_scale = check_guidance_scale(guidance_scale)
+        null_conditioning = None
+        if guidance_scale != 1.0:
+            if not self.class_dropout.active:
+                raise ValueError(
+                    f"guidance_scale={guidance_scale:g} mixes the conditional and the unconditional outputs, but this "
+                    "model never learned an unconditional one: train with class_dropout= and null_class= (or "
+                    "sample with guidance_scale=1)"
+                )
+            null_conditioning = torch.full_like(conditioning, self.class_dropout.null_class)
         with self._weights_model(weights) as model:
             return reverse_sample(model, self.scheduler, (num_samples, *self.sample_shape),
                                   num_inference_steps=num_inference_steps, seed=seed, keep=keep, sampler=sampler,
-                                  step_kwargs=step_kwargs, conditioning=conditioning)
+                                  step_kwargs=step_kwargs, conditioning=conditioning, guidance_scale=guidance_scale,
+                                  null_conditioning=null_conditioning)
 
     @contextlib.contextmanager
     def _weights_model(self, weights: str) -> Iterator[nn.Module]:
@@ -662,6 +696,7 @@ class DDPMTrainer:
             "shuffle": self.shuffle,
             "labels": self.labels is not None if tensor_data else None,
             "conditional": self.conditional,
+            "class_dropout": self.class_dropout.config(),
             "dtype": str(self.dtype),
             "optimizer": type(self.optimizer).__name__,
             "max_grad_norm": float(self.max_grad_norm),
@@ -709,9 +744,9 @@ class DDPMTrainer:
             raise ValueError(f"the checkpoint was written by a trainer on {saved} data, this one trains on {here} data")
         saved_config = state.get("config")
         if saved_config is not None:
-            # a checkpoint written before densities, weightings and EMAs existed drew uniformly, unweighted, no EMA
+            # a checkpoint written before densities, weightings, EMAs and class dropout existed: uniform, unweighted, none
             saved_config = {"timestep_density": {"density": "uniform"}, "loss_weighting": {"weighting": "none"},
-                            "ema": None, **saved_config}
+                            "ema": None, "class_dropout": ClassDropout().config(), **saved_config}
         check_resume_config(saved_config, self._resume_config(), "DDPMTrainer")
         if tensor_data and int(state["order"].numel()) not in (0, self.data.shape[0]):
             raise ValueError(
@@ -817,6 +852,8 @@ def reverse_sample(
     sampler: Any = None,
     step_kwargs: Mapping[str, Any] | None = None,
     conditioning: torch.Tensor | tuple[torch.Tensor, ...] | None = None,
+    guidance_scale: float = 1.0,
+    null_conditioning: torch.Tensor | tuple[torch.Tensor, ...] | None = None,
 ) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
     """Reverse sampling from pure noise with a private sampler on ``scheduler``'s noise schedule.
 
@@ -836,6 +873,9 @@ def reverse_sample(
         step_kwargs: extra arguments of the sampler's ``step``: ``{"eta": 1.0}`` for DDIM, whose
             default ``eta=0`` makes sampling a deterministic function of the initial noise.
         conditioning: extra model inputs with S rows (class labels) for ``model(x_t, t, *conditioning)``.
+        guidance_scale, null_conditioning: classifier-free guidance (:func:`~genkernel.diffusion.guidance.guided_output`):
+            the sampler steps with F(∅) + w (F(y) − F(∅)), ∅ = ``null_conditioning`` (as ``conditioning``,
+            e.g. the null class in every row); w = 1 (default) is the conditional model alone.
 
     Returns:
         ``(x_0 samples [S, *shape[1:]], {t: state [S, *shape[1:]]})``, keyed by the steps used (int
@@ -867,6 +907,13 @@ def reverse_sample(
     extra = () if conditioning is None else as_tuple(conditioning, name="conditioning")
     if any(c.shape[0] != shape[0] for c in extra):
         raise ValueError(f"conditioning needs one row per sample ({shape[0]}), got {[tuple(c.shape) for c in extra]}")
+    guidance_scale = check_guidance_scale(guidance_scale)
+    null_extra = () if null_conditioning is None else as_tuple(null_conditioning, name="null_conditioning")
+    if guidance_scale != 1.0 and [(c.shape, c.dtype) for c in null_extra] != [(c.shape, c.dtype) for c in extra]:
+        raise ValueError(
+            f"guidance_scale={guidance_scale:g} needs null_conditioning shaped as conditioning "
+            f"({[tuple(c.shape) for c in extra]}), got {[tuple(c.shape) for c in null_extra]}"
+        )
     param = next(model.parameters())
     generator = torch.Generator(device="cpu").manual_seed(seed)
     kwargs = dict(step_kwargs or {})
@@ -885,7 +932,8 @@ def reverse_sample(
             if index in wanted:
                 kept[step] = state.clone()
             timestep = t.to(x.device).repeat(x.shape[0])
-            out = output_tensor(model(state, timestep, *(c.to(x.device) for c in extra)))
+            out = guided_output(model, state, timestep, tuple(c.to(x.device) for c in extra),
+                                tuple(c.to(x.device) for c in null_extra), guidance_scale)
             x = sampler.step(out, t, x, **kwargs).prev_sample
     finally:
         model.train(was_training)

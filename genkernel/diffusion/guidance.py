@@ -1,0 +1,108 @@
+"""Classifier-free guidance for class-conditional denoisers: the label dropout a trainer draws, and
+the guided output a sampler steps with.
+
+Training (Ho & Salimans, 2022): each example's class label y_n is replaced by a null class ∅ with
+probability p, drawn per example, so one network learns both the conditional output
+F(z, t, y) and the unconditional one F(z, t, ∅). The null class is an index of the model's class
+embedding: diffusers' ``UNet2DModel(num_class_embeds=K + 1)`` with ∅ = K, as DiT's
+``LabelEmbedding`` keeps its extra row at index ``num_classes``. The step's inputs hold the labels
+the model was given, so every ledger books the step that was taken.
+
+Sampling steps with the guided output (:func:`guided_output`)
+
+    F̃ = F(z, t, ∅) + w (F(z, t, y) − F(z, t, ∅)),
+
+w the guidance scale (w = 1: the conditional model itself, one pass; w = 0: the unconditional one),
+applied to the model's raw output whatever it predicts (ε, v, x₀, a flow's velocity), as diffusers'
+pipelines apply it.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..core.adapter import output_tensor
+
+
+@dataclass(frozen=True)
+class ClassDropout:
+    """Per-example label dropout towards ``null_class`` with ``probability`` (0: none, nothing drawn)."""
+
+    probability: float = 0.0
+    null_class: int | None = None
+
+    @classmethod
+    def build(cls, probability: Any, null_class: Any, conditional: bool) -> "ClassDropout":
+        """The checked setting of a trainer's ``class_dropout=`` and ``null_class=``."""
+        if isinstance(probability, bool) or not isinstance(probability, numbers.Real) or not 0 <= probability < 1:
+            raise ValueError(f"class_dropout must be a probability in [0, 1), got {probability!r}")
+        if null_class is not None and (isinstance(null_class, bool) or not isinstance(null_class, numbers.Integral)
+                                       or null_class < 0):
+            raise ValueError(f"null_class must be a class index >= 0, got {null_class!r}")
+        if probability > 0 and not conditional:
+            raise ValueError("class_dropout drops the class labels a conditional model is given: build the trainer "
+                             "with conditional=True (and labels)")
+        if probability > 0 and null_class is None:
+            raise ValueError(
+                "class_dropout needs null_class=, the class index the dropped labels take: an extra row of the "
+                "model's class embedding (UNet2DModel(num_class_embeds=K + 1) for K classes, null_class=K)"
+            )
+        if null_class is not None and probability == 0:
+            raise ValueError("null_class is the label class_dropout gives dropped examples: pass class_dropout > 0 "
+                             "(0.1 is common), or leave null_class out")
+        return cls(float(probability), None if null_class is None else int(null_class))
+
+    @property
+    def active(self) -> bool:
+        return self.probability > 0
+
+    def check_model(self, model: nn.Module) -> None:
+        """Refuse a null class outside a diffusers model's class embedding (``config.num_class_embeds``)."""
+        embeds = getattr(getattr(model, "config", None), "num_class_embeds", None)
+        if self.active and isinstance(embeds, int) and self.null_class >= embeds:
+            raise ValueError(
+                f"null_class={self.null_class} is not a row of the model's class embedding (num_class_embeds={embeds}): "
+                f"build it with num_class_embeds={self.null_class + 1}, one row more than the data's classes"
+            )
+
+    def check_labels(self, labels: torch.Tensor, where: str) -> None:
+        """Refuse data labels that are the null class: its examples would mean 'no class' and a class at once."""
+        if self.active and bool((labels == self.null_class).any()):
+            raise ValueError(
+                f"{where} contain the null class {self.null_class}, which class_dropout gives the dropped examples: "
+                "pass a null_class no example has (the number of classes K, with num_class_embeds=K + 1)"
+            )
+
+    def draw(self, labels: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(labels given to the model [B], dropped BoolTensor[B])``: each label replaced by the null class
+        with the set probability, one uniform draw per example from ``generator`` (CPU, float64)."""
+        dropped = (torch.rand(labels.shape[0], generator=generator, dtype=torch.float64) < self.probability)
+        dropped = dropped.to(labels.device)
+        return torch.where(dropped, torch.full_like(labels, self.null_class), labels), dropped
+
+    def config(self) -> dict[str, Any]:
+        return {"probability": self.probability, "null_class": self.null_class}
+
+
+def check_guidance_scale(scale: Any) -> float:
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not math.isfinite(scale):
+        raise ValueError(f"guidance_scale must be a finite number (1: no guidance), got {scale!r}")
+    return float(scale)
+
+
+def guided_output(model: nn.Module, state: torch.Tensor, timestep: torch.Tensor, conditioning: tuple[torch.Tensor, ...],
+                  null_conditioning: tuple[torch.Tensor, ...], scale: float) -> torch.Tensor:
+    """The guided output F̃ = F(z, t, ∅) + w (F(z, t, y) − F(z, t, ∅)) ``[S, *shape]``: one batched pass over
+    the conditional and the null rows (scale 1: the conditional pass alone)."""
+    if scale == 1.0:
+        return output_tensor(model(state, timestep, *conditioning))
+    both = output_tensor(model(torch.cat([state, state]), torch.cat([timestep, timestep]),
+                               *(torch.cat([c, u]) for c, u in zip(conditioning, null_conditioning))))
+    conditional, unconditional = both.chunk(2)
+    return unconditional + scale * (conditional - unconditional)
