@@ -141,11 +141,13 @@ def test_timestep_bins_are_equal_widths_of_t():
 # ------------------------------------------------------------------------------------------
 def brute_force_sgd(model, batches, probes, bin_of, num_bins, lr):
     """Per-example autograd and SGD by hand: contributions ``[M, G, d]`` (midpoint rule). ``batches``:
-    ``(z, t, target, c)`` with c ``[B]`` the examples' coefficients in the step's loss Σ c_n ℓ_n."""
+    ``(z, t, target, c)`` with c ``[B]`` the examples' coefficients in the step's loss Σ c_n ℓ_n; ``lr``
+    one rate, or one per step (a schedule's)."""
     params = list(model.parameters())
     z_probe, s_probe = probes
     total = torch.zeros(z_probe.shape[0], num_bins, z_probe.shape[1], dtype=F64)
-    for z, t, target, coefficients in batches:
+    rates = list(lr) if isinstance(lr, (list, tuple)) else [lr] * len(batches)
+    for (z, t, target, coefficients), lr in zip(batches, rates, strict=True):
         bins = bin_of(t)
         updates = [[torch.zeros_like(p) for p in params] for _ in range(num_bins)]
         for n in range(z.shape[0]):

@@ -68,6 +68,7 @@ from ..core.tracking.io import (
 from ..core.tracking.ema import (
     check_ema_state, check_trainable_ema, ema_settings, ema_weights, load_ema_state, step_ema,
 )
+from ..core.tracking.lr_schedules import LRSchedulerArg, build_lr_scheduler, lr_scheduler_settings, step_lr_scheduler
 from ..core.tracking.step import OptimizerStep
 from ..logging import LoggingCallback
 from .guidance import ClassDropout, check_guidance_scale, guided_output
@@ -183,6 +184,11 @@ class DDPMTrainer:
         optimizer: "adam" (default), "adamw", "sgd", or a ``torch.optim.Optimizer`` over ``model``.
         lr, weight_decay, momentum: for a named optimizer (refused beside an optimizer object, which
             keeps its own).
+        lr_scheduler: a learning-rate schedule stepped after every update
+            (:mod:`~genkernel.core.tracking.lr_schedules`): a function optimizer → ``LRScheduler``, e.g.
+            ``lambda opt: diffusers.optimization.get_scheduler("cosine", opt, num_warmup_steps=500,
+            num_training_steps=10_000)`` as diffusers' scripts schedule, or a scheduler built over the
+            optimizer passed as ``optimizer=``. Checkpoints save it; the ledgers follow it.
         batch_size: examples per step of Tensor data (default 128, capped at N); a DataLoader batches itself.
         max_grad_norm: global-norm gradient clipping (inf: none).
         timestep_density: how training levels are drawn (:mod:`~genkernel.diffusion.timestep_sampling`):
@@ -226,6 +232,7 @@ class DDPMTrainer:
         lr: float = 1e-3,
         weight_decay: float = 0.0,
         momentum: float = 0.0,
+        lr_scheduler: LRSchedulerArg = None,
         batch_size: int | None = None,
         max_grad_norm: float = math.inf,
         timestep_density: str | Density = "uniform",
@@ -276,6 +283,7 @@ class DDPMTrainer:
             self.optimizer = optimizer
         else:
             self.optimizer = make_optimizer(model, optimizer, lr, weight_decay=weight_decay, momentum=momentum)
+        self.lr_scheduler = build_lr_scheduler(lr_scheduler, self.optimizer, "lr_scheduler")
         self.max_grad_norm = max_grad_norm
         if ema is not None:
             check_trainable_ema(ema, model)
@@ -541,6 +549,7 @@ class DDPMTrainer:
         (returned)."""
         if self.ema is not None:
             step_ema(self.ema, self.model)
+        step_lr_scheduler(self.lr_scheduler)
         self.global_step += 1
         losses = step.losses
         loss = float(losses.mean() if step.weights is None else (losses * step.weights.to(losses)).sum())
@@ -699,6 +708,7 @@ class DDPMTrainer:
             "class_dropout": self.class_dropout.config(),
             "dtype": str(self.dtype),
             "optimizer": type(self.optimizer).__name__,
+            "lr_scheduler": lr_scheduler_settings(self.lr_scheduler),
             "max_grad_norm": float(self.max_grad_norm),
             "num_train_timesteps": self.num_train_timesteps,
             "prediction_type": self.prediction_type,
@@ -719,6 +729,7 @@ class DDPMTrainer:
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "ema": None if self.ema is None else self.ema.state_dict(),
+            "lr_scheduler": None if self.lr_scheduler is None else self.lr_scheduler.state_dict(),
             "generator": self.generator.get_state(),
             "global_step": self.global_step,
             "losses": list(self.losses),
@@ -744,9 +755,9 @@ class DDPMTrainer:
             raise ValueError(f"the checkpoint was written by a trainer on {saved} data, this one trains on {here} data")
         saved_config = state.get("config")
         if saved_config is not None:
-            # a checkpoint written before densities, weightings, EMAs and class dropout existed: uniform, unweighted, none
+            # a checkpoint written before densities, weightings, EMAs, class dropout and schedules: uniform, unweighted, none
             saved_config = {"timestep_density": {"density": "uniform"}, "loss_weighting": {"weighting": "none"},
-                            "ema": None, "class_dropout": ClassDropout().config(), **saved_config}
+                            "ema": None, "class_dropout": ClassDropout().config(), "lr_scheduler": None, **saved_config}
         check_resume_config(saved_config, self._resume_config(), "DDPMTrainer")
         if tensor_data and int(state["order"].numel()) not in (0, self.data.shape[0]):
             raise ValueError(
@@ -761,6 +772,8 @@ class DDPMTrainer:
         self.optimizer.load_state_dict(state["optimizer"])
         if self.ema is not None:
             load_ema_state(self.ema, state["ema"], self.device)
+        if self.lr_scheduler is not None:
+            self.lr_scheduler.load_state_dict(state["lr_scheduler"])
         self.generator.set_state(state["generator"])
         self.global_step = state["global_step"]
         self.losses = list(state["losses"])

@@ -59,6 +59,7 @@ from ..core.tracking.io import (
 from ..core.tracking.ema import (
     check_ema_state, check_trainable_ema, ema_settings, ema_weights, load_ema_state, step_ema,
 )
+from ..core.tracking.lr_schedules import LRSchedulerArg, build_lr_scheduler, lr_scheduler_settings, step_lr_scheduler
 from ..core.tracking.step import OptimizerStep
 from ..logging import LoggingCallback
 from .losses import (
@@ -167,6 +168,9 @@ class GANTrainer:
         output: what D returns, "logit" (default) or "probability" (D ends in a sigmoid;
             non-saturating loss only); see :class:`GeneratorLoss`.
         g_optimizer, d_optimizer: default Adam (lr ``lr_g`` / ``lr_d``, ``betas``).
+        lr_scheduler_g, lr_scheduler_d: learning-rate schedules, each stepped after every update of its
+            optimizer (:mod:`~genkernel.core.tracking.lr_schedules`): a function optimizer →
+            ``LRScheduler`` (for the default optimizers), or a scheduler built over the optimizer passed.
         batch_size: real and generated examples per discriminator step; latents per generator step.
         d_steps: discriminator steps per generator step.
         gp_weight: λ of the gradient penalty (wgan-gp only).
@@ -203,6 +207,8 @@ class GANTrainer:
         lr_g: float = 1e-3,
         lr_d: float = 1e-3,
         betas: tuple[float, float] = (0.5, 0.999),
+        lr_scheduler_g: LRSchedulerArg = None,
+        lr_scheduler_d: LRSchedulerArg = None,
         batch_size: int = 64,
         d_steps: int = 1,
         gp_weight: float = 10.0,
@@ -278,6 +284,8 @@ class GANTrainer:
         self.d_loss = DiscriminatorLoss(loss, gp_weight, output, discriminator=discriminator)
         self.g_optimizer = g_optimizer or torch.optim.Adam(generator.parameters(), lr=lr_g, betas=betas)
         self.d_optimizer = d_optimizer or torch.optim.Adam(discriminator.parameters(), lr=lr_d, betas=betas)
+        self.lr_scheduler_g = build_lr_scheduler(lr_scheduler_g, self.g_optimizer, "lr_scheduler_g")
+        self.lr_scheduler_d = build_lr_scheduler(lr_scheduler_d, self.d_optimizer, "lr_scheduler_d")
         self.batch_size = batch_size
         self.d_steps = d_steps
         self.max_grad_norm = max_grad_norm
@@ -501,9 +509,11 @@ class GANTrainer:
                 self.history["g_loss"].append(float(step.losses.mean()))
                 if self.ema is not None:
                     step_ema(self.ema, self.generator)
+                step_lr_scheduler(self.lr_scheduler_g)
             else:
                 self.d_steps_done += 1
                 self.history["d_loss"].append(float((step.losses * step.weights).sum()))
+                step_lr_scheduler(self.lr_scheduler_d)
 
     # -- loop ----------------------------------------------------------------------------------
     def train(self, iterations: int, *, resume: bool = False) -> dict[str, list[float]]:
@@ -557,6 +567,8 @@ class GANTrainer:
             "d_optimizer": type(self.d_optimizer).__name__,
             "num_classes": self.num_classes, "class_sampling": self.class_sampling,
             "ema": None if self.ema is None else ema_settings(self.ema),
+            "lr_scheduler_g": lr_scheduler_settings(self.lr_scheduler_g),
+            "lr_scheduler_d": lr_scheduler_settings(self.lr_scheduler_d),
         }
 
     def state_dict(self) -> dict[str, Any]:
@@ -569,6 +581,8 @@ class GANTrainer:
             "g_optimizer": self.g_optimizer.state_dict(),
             "d_optimizer": self.d_optimizer.state_dict(),
             "ema": None if self.ema is None else self.ema.state_dict(),
+            "lr_schedulers": {name: None if s is None else s.state_dict()
+                              for name, s in (("g", self.lr_scheduler_g), ("d", self.lr_scheduler_d))},
             "rng": self.rng.get_state(),
             "iteration": self.iteration,
             "g_steps": self.g_steps,
@@ -587,8 +601,8 @@ class GANTrainer:
         if not isinstance(state, dict) or state.get("format") != "genkernel.GANTrainer/2":
             raise ValueError("not a GANTrainer checkpoint (written by GANTrainer.save_checkpoint)")
         saved_config = state.get("config")
-        if saved_config is not None:  # a checkpoint written before trainers kept EMAs kept none
-            saved_config = {"ema": None, **saved_config}
+        if saved_config is not None:  # a checkpoint written before trainers kept EMAs or schedules kept none
+            saved_config = {"ema": None, "lr_scheduler_g": None, "lr_scheduler_d": None, **saved_config}
         check_resume_config(saved_config, self._resume_config(), "GANTrainer")
         check_module_state(self.generator, state["generator"], "generator")
         check_module_state(self.discriminator, state["discriminator"], "discriminator")
@@ -602,6 +616,9 @@ class GANTrainer:
         self.d_optimizer.load_state_dict(state["d_optimizer"])
         if self.ema is not None:
             load_ema_state(self.ema, state["ema"], self.device)
+        for name, scheduler in (("g", self.lr_scheduler_g), ("d", self.lr_scheduler_d)):
+            if scheduler is not None:
+                scheduler.load_state_dict(state["lr_schedulers"][name])
         self.rng.set_state(state["rng"])
         self.iteration, self.g_steps, self.d_steps_done = state["iteration"], state["g_steps"], state["d_steps_done"]
         self._iteration_d_steps = state.get("iteration_d_steps", 0)  # checkpoints are written between iterations
