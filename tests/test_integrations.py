@@ -1,6 +1,7 @@
 """Analyzers attached to loops people already run: accelerate, Lightning, torch.compile'd and
 wrapped models (issue 14). Each run is compared with the same loop without the analyzer."""
 
+import copy
 import warnings
 
 import pytest
@@ -339,6 +340,7 @@ def test_an_ema_that_leaves_a_parameter_out_is_refused_naming_that_parameter():
     from ema_pytorch import EMA
 
     from genkernel import PathKernelTracker
+    from genkernel.core.errors import LedgerCheckError
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 2)).to(F64)
@@ -348,6 +350,21 @@ def test_an_ema_that_leaves_a_parameter_out_is_refused_naming_that_parameter():
     tracker = PathKernelTracker(model, optimizer, mse, torch.randn(4, 3, dtype=F64), num_groups=2)
     with pytest.raises(ValueError, match=r"ignore_names covering the trained parameters \['2\.bias'\]"):
         tracker.track_ema(ema)
+    # a hand-written EMA that leaves it out is refused at its first odd update, naming it (not '0.weight')
+    ema = copy.deepcopy(model)
+    tracker.track_ema(ema)
+    with pytest.raises(LedgerCheckError, match=r"another 1 − β than the others' .*: '2\.bias': 0[^.]"):
+        for _ in range(3):
+            x, y = torch.randn(8, 3, dtype=F64), torch.randn(8, 2, dtype=F64)
+            losses = mse(model(x), y)
+            tracker.observe(losses, torch.arange(8) % 2)
+            losses.mean().backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            with torch.no_grad():
+                for (name, averaged), p in zip(ema.named_parameters(), model.parameters()):
+                    if name != "2.bias":
+                        averaged.lerp_(p, 0.1)
 
 
 def assert_ema_ledger_adds_up(analyzer, decays):
