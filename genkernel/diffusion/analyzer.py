@@ -541,7 +541,19 @@ class NoiseLevelAnalyzer(TrainerCallback):
 
     def track(self, step: OptimizerStep, timesteps: torch.Tensor, *, class_labels: torch.Tensor | None = None) -> StepContributions:
         """Group the step's examples by timestep bin (and permuted bins for the controls, and level ×
-        class) and let the tracker take the step."""
+        class) and let the tracker take the step. A step that fails before its update puts the control
+        permutations' generator back: the step run again (a built-in trainer hands its batch back) draws the
+        permutations the uninterrupted run draws."""
+        perm_state, sigma_like = self._perm_generator.get_state(), self._sigma_like
+        try:
+            return self._track(step, timesteps, class_labels)
+        except BaseException:
+            if not step.applied:
+                self._perm_generator.set_state(perm_state)
+                self._sigma_like = sigma_like
+            raise
+
+    def _track(self, step: OptimizerStep, timesteps: torch.Tensor, class_labels: torch.Tensor | None) -> StepContributions:
         groups, bins = self._groups(timesteps, step.batch, class_labels)
         self._pending_bins.append(bins)
         try:

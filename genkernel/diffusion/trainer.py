@@ -309,6 +309,10 @@ class DDPMTrainer:
         self._iterator: Iterator[Any] | None = None
         self._reopen = False
         self._held_batch: dict[str, torch.Tensor] | None = None  # a failed step's batch, trained on next
+        # the global RNG's state as the held batch was drawn (just before its next()): a resume draws it again
+        # from there (a Dataset's random augmentations draw from the global RNG as the batch is loaded)
+        self._held_global: torch.Tensor | None = None
+        self._batch_global: torch.Tensor | None = None  # the same, for the batch of the step under way
         self._callback_states = CallbackStates()
 
     def _init_tensor_data(self, data: torch.Tensor, labels: torch.Tensor | None, batch_size: int | None) -> None:
@@ -404,7 +408,9 @@ class DDPMTrainer:
                 self._open_epoch()
             if self._held_batch is not None:  # handed back by a step that failed before its update
                 batch, self._held_batch = self._held_batch, None
+                self._batch_global, self._held_global = self._held_global, None
                 break
+            self._batch_global = torch.get_rng_state()
             raw = next(self._iterator, _END)
             if raw is not _END:
                 batch = self._checked_batch(raw)
@@ -452,6 +458,7 @@ class DDPMTrainer:
         # The global RNG as the checkpoint left it: restored once the skipped batches are replayed
         # from the epoch's start (which draws a shuffle=True loader's order and its workers' seed).
         resume_global = torch.get_rng_state() if self._reopen and self._epoch_global_state is not None else None
+        held_global = self._held_global if self._reopen else None
         if resume_global is not None:
             torch.set_rng_state(self._epoch_global_state)
         self._reopen = False
@@ -465,7 +472,15 @@ class DDPMTrainer:
                         f"the checkpoint had trained on {skip} batches of this epoch, but the data yields only "
                         f"{skipped}: resume with the data the run was saved with"
                     )
-            if skip == 0 and resume_global is not None:
+            if held_global is not None:
+                # Saved after a step that failed before its update (its batch was handed back): that batch is
+                # drawn again here from the global RNG's state as the saved run drew it (a Dataset's random
+                # augmentations, a sampler seeded from the global RNG at its first batch), and trained on next.
+                torch.set_rng_state(held_global)
+                held = next(self._iterator, _END)
+                if held is not _END:
+                    self._held_batch = self._checked_batch(held)
+            elif skip == 0 and resume_global is not None:
                 # Saved after a step that failed on the epoch's first batch (it was handed back): that batch is
                 # drawn here, from the epoch's start, as the saved run drew it (a sampler seeded from the
                 # global RNG at its first batch, not at iter()), and trained on next.
@@ -515,9 +530,12 @@ class DDPMTrainer:
             if hint is None or "do not fit" not in str(error):
                 raise
             raise ValueError(f"{error} ({hint})") from error
-        if self.logging is not None:
-            self.logging.on_step_end(self, step)
-        loss = self._count_update(step)
+        try:  # (the logger numbers the step global_step + 1, so it runs before the count; an error in it still
+            # counts the update, which is in the weights)
+            if self.logging is not None:
+                self.logging.on_step_end(self, step)
+        finally:
+            loss = self._count_update(step)
         if self.checkpoint_every and self.global_step % self.checkpoint_every == 0:
             self.save_checkpoint()
         return loss
@@ -542,6 +560,7 @@ class DDPMTrainer:
             if "labels" in batch:  # the data's (class dropout draws again)
                 self._held_batch["labels"] = batch.get("data_labels", batch["labels"])
             self._batches_in_epoch -= 1
+            self._held_global = self._batch_global
         set_global_rng_state(global_rng)
 
     def _count_update(self, step: OptimizerStep) -> float:
@@ -723,7 +742,8 @@ class DDPMTrainer:
         iterable = None
         if not isinstance(self.data, torch.Tensor):
             iterable = {"epoch": self._epoch, "batches": self._batches_in_epoch, "generator_states": self._epoch_states,
-                        "global_state": self._epoch_global_state, "sample_shape": self.sample_shape}
+                        "global_state": self._epoch_global_state, "sample_shape": self.sample_shape,
+                        "held_global_state": self._held_global}
         return {
             "format": FORMAT,
             "model": self.model.state_dict(),
@@ -784,6 +804,7 @@ class DDPMTrainer:
             self._epoch_global_state = iterable.get("global_state")  # (None in older checkpoints)
             self.sample_shape = None if iterable["sample_shape"] is None else tuple(iterable["sample_shape"])
             self._iterator, self._reopen, self._held_batch = None, True, None
+            self._held_global = iterable.get("held_global_state")  # (None: no batch was handed back)
         if "global_rng" in state:
             set_global_rng_state(state["global_rng"])
         self._callback_states.load(self.callbacks, state["callbacks"])

@@ -565,7 +565,15 @@ class GANKernelAnalyzer(TrainerCallback):
         if step.phase == "generator":
             if self.g_tracker is None and self.ema_ledger == "trainer":  # the trainer's EMA, if it keeps one
                 self._ema = getattr(trainer, "ema", None)
-            return self._generator_step(step, _count(trainer, "g_steps"))
+            # A step that fails before its update puts the analyzer's generator back (its control permutations):
+            # the step run again (GANTrainer hands its draws back) draws what the uninterrupted run draws.
+            rng_state = self.rng.get_state()
+            try:
+                return self._generator_step(step, _count(trainer, "g_steps"))
+            except BaseException:
+                if not step.applied:
+                    self.rng.set_state(rng_state)
+                raise
         if step.phase == "discriminator":
             return self._discriminator_step(step, _count(trainer, "d_steps_done")) if self.track_discriminator else perform()
         return perform()

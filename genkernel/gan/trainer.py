@@ -420,7 +420,10 @@ class GANTrainer:
     def discriminator_step(self) -> torch.Tensor:
         """One discriminator step; returns the per-example losses."""
         b = self.batch_size
-        rng_before = self.rng.get_state()
+        # the state before the step's draws: the fake rows' pass draws from the global RNG (dropout in G) and, G
+        # in training mode, updates G's buffers (BatchNorm's running statistics)
+        rng_before, global_rng = self.rng.get_state(), global_rng_state()
+        g_buffers = [(buffer, buffer.clone()) for buffer in self.generator.buffers()]
         index = torch.randint(0, self.data.shape[0], (b,), generator=self.rng)
         real = self.data[index].to(device=self.device, dtype=self.dtype)
         # A conditional GAN generates its fake rows at the real rows' classes (matching pairs for the penalty).
@@ -447,11 +450,11 @@ class GANTrainer:
             max_grad_norm=self.max_grad_norm, phase="discriminator",
             info={"roles": roles, "real_labels": real_labels, "discriminator": self.discriminator, "iteration": self.iteration},
         )
-        return self._perform(step, rng_before)
+        return self._perform(step, rng_before, global_rng, g_buffers)
 
     def generator_step(self) -> torch.Tensor:
         """One generator step (D's parameters frozen, its modes kept); returns the per-example losses."""
-        rng_before = self.rng.get_state()
+        rng_before, global_rng = self.rng.get_state(), global_rng_state()
         z = self.sample_latents(self.batch_size)
         info = {"latents": z, "discriminator": self.discriminator, "iteration": self.iteration}
         if self.conditional:  # inputs (z, classes); the loss reads D(G(z, y), y) from its targets
@@ -465,21 +468,22 @@ class GANTrainer:
             max_grad_norm=self.max_grad_norm, phase="generator", info=info,
         )
         with frozen(self.discriminator):
-            return self._perform(step, rng_before)
+            return self._perform(step, rng_before, global_rng)
 
-    def _perform(self, step: OptimizerStep, rng_before: torch.Tensor) -> torch.Tensor:
+    def _perform(self, step: OptimizerStep, rng_before: torch.Tensor, global_rng: dict[str, Any],
+                 g_buffers: Sequence[tuple[torch.Tensor, torch.Tensor]] = ()) -> torch.Tensor:
         """Run ``step`` through the callbacks and count it (``g_steps`` / ``d_steps_done``) once its
         update is in the parameters, also when an error comes after the update (a callback's
         ``on_step_end``, the logging): the counts number the updates made, which analyzers and
         the loop steps of a resumed run follow, and the loss history has one entry per update. A
         step rolled back or never applied is not counted. Its draws are undone (an analyzer's
         refusal, an interrupt): the trainer's generator goes back to ``rng_before`` (its state before
-        the step drew its rows, latents and classes) and the global RNG to its state before the
-        step's passes, so the step run again (``train()`` again, or after a resume from a checkpoint
+        the step drew its rows, latents and classes) and the global RNG to ``global_rng``, its state
+        before the step's passes (the discriminator step's fake pass included), and G's buffers, which that
+        pass updates, to ``g_buffers``, so the step run again (``train()`` again, or after a resume from a checkpoint
         written now) is the one an uninterrupted run makes. A step skipped for a non-finite loss or
         gradient keeps its draws used up, as a GradScaler skips such a step: drawn again it would
         fail again, and ``train()`` again goes on with the next draws."""
-        global_rng = global_rng_state()
         try:
             losses = perform_step(self.callbacks, self, step)
         except NonFiniteError as error:
@@ -494,6 +498,9 @@ class GANTrainer:
             if not step.applied:
                 self.rng.set_state(rng_before)
                 set_global_rng_state(global_rng)
+                with torch.no_grad():
+                    for buffer, saved in g_buffers:
+                        buffer.copy_(saved)
             raise
         self._count_applied(step)
         if self.logging is not None:
