@@ -63,13 +63,36 @@ class ClassDropout:
         return self.probability > 0
 
     def check_model(self, model: nn.Module) -> None:
-        """Refuse a null class outside a diffusers model's class embedding (``config.num_class_embeds``)."""
-        embeds = getattr(getattr(model, "config", None), "num_class_embeds", None)
-        if self.active and isinstance(embeds, int) and self.null_class >= embeds:
+        """Refuse a null class outside the model's table of class rows (diffusers' ``UNet2DModel``:
+        ``config.num_class_embeds`` when ``class_embed_type`` is None, the only case with a table; DiT's
+        ``LabelEmbedding``: its ``embedding_table``), and a ``LabelEmbedding`` that drops labels itself."""
+        if not self.active:
+            return
+        config = getattr(model, "config", None)
+        embeds = getattr(config, "num_class_embeds", None)
+        if isinstance(embeds, int) and getattr(config, "class_embed_type", None) is None and self.null_class >= embeds:
             raise ValueError(
                 f"null_class={self.null_class} is not a row of the model's class embedding (num_class_embeds={embeds}): "
                 f"build it with num_class_embeds={self.null_class + 1}, one row more than the data's classes"
             )
+        for name, module in model.named_modules():
+            table = getattr(module, "embedding_table", None)
+            if not (callable(getattr(module, "token_drop", None)) and isinstance(table, nn.Embedding)):
+                continue
+            if getattr(module, "dropout_prob", 0) > 0:
+                raise ValueError(
+                    f"the model drops class labels itself ({name}: a LabelEmbedding with dropout_prob="
+                    f"{module.dropout_prob:g}, drawn from the global RNG in train mode): beside class_dropout each label "
+                    f"would be dropped twice and the analyzers would book labels the model did not see; set "
+                    f"model.{name}.dropout_prob = 0 (its null row {getattr(module, 'num_classes', '')} stays) and keep "
+                    "class_dropout"
+                )
+            if self.null_class >= table.num_embeddings:
+                raise ValueError(
+                    f"null_class={self.null_class} is not a row of the model's class embedding ({name}.embedding_table, "
+                    f"{table.num_embeddings} rows): pass null_class={getattr(module, 'num_classes', table.num_embeddings - 1)}, "
+                    "its null row"
+                )
 
     def check_labels(self, labels: torch.Tensor, where: str) -> None:
         """Refuse data labels that are the null class: its examples would mean 'no class' and a class at once."""

@@ -942,6 +942,12 @@ def reverse_sample(
     if any(c.shape[0] != shape[0] for c in extra):
         raise ValueError(f"conditioning needs one row per sample ({shape[0]}), got {[tuple(c.shape) for c in extra]}")
     guidance_scale = check_guidance_scale(guidance_scale)
+    if guidance_scale != 1.0 and not extra:
+        raise ValueError(
+            f"guidance_scale={guidance_scale:g} guides a conditional model between its conditional and unconditional "
+            "outputs: pass conditioning= (the labels) and null_conditioning= (the null class in every row), or "
+            "guidance_scale=1 for a model without conditioning"
+        )
     null_extra = () if null_conditioning is None else as_tuple(null_conditioning, name="null_conditioning")
     if guidance_scale != 1.0 and [(c.shape, c.dtype) for c in null_extra] != [(c.shape, c.dtype) for c in extra]:
         raise ValueError(
