@@ -512,7 +512,9 @@ class DDPMTrainer:
         holds it, and a run continued after the error is the straight one. A step that failed before its
         update (an analyzer's refusal, an interrupt) hands its batch back: the next step draws the same
         batch, timesteps and noise (call :meth:`next_batch` once to skip it), so a run continued after
-        that error is the straight one too. A step skipped for a non-finite loss or gradient
+        that error is the straight one too (the global RNG goes back as well: a callback that draws from it
+        once, in a step that then fails, draws on from the rewound stream, so give such draws a generator
+        of their own). A step skipped for a non-finite loss or gradient
         (:class:`~genkernel.core.errors.NonFiniteError`) keeps its draws used up, as a GradScaler skips
         such a step: drawn again, it would fail again."""
         position = self._data_position()
