@@ -187,3 +187,57 @@ def test_guidance_needs_a_model_trained_with_class_dropout():
         run.sample(3, labels=torch.tensor([0, 1, 2]), guidance_scale=2.0)
     with pytest.raises(ValueError, match="finite number"):
         run.sample(3, labels=torch.tensor([0, 1, 2]), guidance_scale=float("nan"))
+
+
+def flat_jacobian(model, x, t, y):
+    """``[d, P]`` Jacobian of one example's output with respect to every parameter (torch.func)."""
+    from torch.func import functional_call, jacrev
+
+    params = {n: p.detach() for n, p in model.named_parameters()}
+    jac = jacrev(lambda p: functional_call(model, p, (x[None], t[None], y[None]))[0])(params)
+    return torch.cat([j.reshape(j.shape[0], -1) for j in jac.values()], dim=1)
+
+
+@pytest.mark.parametrize("output_sketch", [None, 3])
+def test_retrieval_of_guided_samples_uses_the_guided_functions_gradient(output_sketch):
+    from genkernel.diffusion import retrieval_attribution
+    from genkernel.diffusion.objectives import noisy_input
+
+    run = trainer()
+    run.train(3)
+    model = run.model
+    model.record = False
+    scale, seed = 2.5, 1
+    train, train_labels = ring(6, seed=8), torch.tensor([0, 1, 2, 0, 1, 2])
+    labels = torch.tensor([0, 2, 1])
+    null = torch.full_like(labels, NULL)
+    result = retrieval_attribution(model, make_scheduler(T), train, num_samples=3, stages=[40, 5], top_k=2,
+                                   num_inference_steps=T, seed=seed, conditioning=labels,
+                                   train_conditioning=train_labels, guidance_scale=scale, null_conditioning=null,
+                                   output_sketch=output_sketch)
+    assert model.training
+    # the samples are the guided ones
+    torch.testing.assert_close(result.samples, guided_by_hand(model, labels, scale, seed=seed), rtol=0, atol=1e-12)
+    model.train()
+    # brute force: J̃ = w J(x, y) + (1 − w) J(x, ∅) against J(z_n, y_n), the trace kernel (or its sketch)
+    noise = torch.randn(train.shape, generator=torch.Generator().manual_seed(seed + 7), dtype=torch.float64)
+    directions = torch.eye(2, dtype=torch.float64) if output_sketch is None else (
+        torch.randint(0, 2, (output_sketch, 2), generator=torch.Generator().manual_seed(seed)) * 2 - 1).double()
+    model.eval()
+    for k, stage in enumerate(result.stages.tolist()):
+        t = torch.full((1,), stage, dtype=torch.long)[0]
+        guided = [directions @ (scale * flat_jacobian(model, x, t, y) + (1 - scale) * flat_jacobian(model, x, t, u))
+                  for x, y, u in zip(result.states[k], labels, null)]
+        z = noisy_input(make_scheduler(T), train, noise, torch.full((6,), stage))
+        others = [directions @ flat_jacobian(model, x, t, y) for x, y in zip(z, train_labels)]
+        kernel = torch.tensor([[float((a * b).sum()) for b in others] for a in guided], dtype=torch.float64)
+        norms_a = torch.tensor([float((a * a).sum()) for a in guided], dtype=torch.float64).sqrt()
+        norms_b = torch.tensor([float((b * b).sum()) for b in others], dtype=torch.float64).sqrt()
+        expected = kernel / norms_a[:, None] / norms_b[None, :]
+        torch.testing.assert_close(result.kernel[k], expected, rtol=1e-9, atol=1e-12)
+    model.train()
+    # guidance changes the kernel: not the conditional branch's
+    plain = retrieval_attribution(model, make_scheduler(T), train, num_samples=3, stages=[40, 5], top_k=2,
+                                  num_inference_steps=T, seed=seed, conditioning=labels,
+                                  train_conditioning=train_labels, output_sketch=output_sketch)
+    assert not torch.allclose(plain.kernel, result.kernel)

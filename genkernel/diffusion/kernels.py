@@ -93,8 +93,10 @@ def state_kernel(
     seed: int = 0,
     memory_budget: int = 256 * 2**20,
     progress: bool = False,
+    normalize: bool = True,
 ) -> torch.Tensor:
-    """Normalized gradient kernel ``[M, N]`` (float64) between denoiser states.
+    """Normalized gradient kernel ``[M, N]`` (float64) between denoiser states (``normalize=False``: the
+    kernel itself, Σ_o ⟨∇_θ f_o(state), ∇_θ f_o(other)⟩, or its sketch).
 
     Args:
         states: ``(z [M, *shape], t [M], *conditioning)``; ``others`` likewise ``[N]`` (default: ``states``).
@@ -107,7 +109,7 @@ def state_kernel(
     """
     states = as_tuple(states, name="states")
     if output_sketch is None:
-        return gradient_kernel(model, states, others, normalize=True, memory_budget=memory_budget).to(torch.float64)
+        return gradient_kernel(model, states, others, normalize=normalize, memory_budget=memory_budget).to(torch.float64)
     if isinstance(output_sketch, bool) or not isinstance(output_sketch, int) or output_sketch < 1:
         raise ValueError(f"output_sketch must be None (exact) or a positive number of directions, got {output_sketch!r}")
     others_t = None if others is None else as_tuple(others, name="others")
@@ -123,12 +125,14 @@ def state_kernel(
     for r in tqdm(directions, desc="state kernel (sketched)", disable=not progress, leave=False):
         one = _Directional(model, r)
         k = gradient_kernel(one, states, others_t, memory_budget=memory_budget).to(torch.float64)
+        kernel = k if kernel is None else kernel + k
+        if not normalize:
+            continue
         d1 = k.diagonal() if others_t is None else _self_diagonal(one, states, memory_budget)
         d2 = k.diagonal() if others_t is None else _self_diagonal(one, others_t, memory_budget)
-        kernel = k if kernel is None else kernel + k
         diag1 = d1 if diag1 is None else diag1 + d1
         diag2 = d2 if diag2 is None else diag2 + d2
-    return normalize_kernel(kernel, diag1, diag2)
+    return normalize_kernel(kernel, diag1, diag2) if normalize else kernel
 
 
 def _self_diagonal(model: nn.Module, states: tuple[torch.Tensor, ...], memory_budget: int) -> torch.Tensor:

@@ -15,6 +15,12 @@ A conditional denoiser ``model(x_t, t, *conditioning)`` (class labels: ``UNet2DM
 training examples under their own ``train_conditioning`` (one row per training input): the kernel
 is between the states (x_s, s, y_sample) and (z_n, s, y_n), as the analyzer's probes and kernel
 checkpoints pass (x, t, *conditioning).
+
+A model sampled with classifier-free guidance (``guidance_scale=w``, ``null_conditioning=``) steps
+with F̃ = F(∅) + w (F(y) − F(∅)) (:mod:`~genkernel.diffusion.guidance`), so the samples' side of the
+kernel is that function's: ∇_θ F̃ = w ∇_θ F(y) + (1 − w) ∇_θ F(∅), and
+k(s̃, n) = w k((x_s, y), n) + (1 − w) k((x_s, ∅), n), normalized by ‖∇_θ F̃(x_s)‖ (from the 2S × 2S
+kernel of the two branches), against the training inputs under their own labels.
 """
 
 from __future__ import annotations
@@ -122,6 +128,8 @@ def retrieval_attribution(
     step_kwargs: Mapping[str, Any] | None = None,
     conditioning: torch.Tensor | tuple[torch.Tensor, ...] | None = None,
     train_conditioning: torch.Tensor | tuple[torch.Tensor, ...] | None = None,
+    guidance_scale: float = 1.0,
+    null_conditioning: torch.Tensor | tuple[torch.Tensor, ...] | None = None,
 ) -> RetrievalResult:
     """Generate ``num_samples`` by reverse sampling and compute the retrieval kernel at stages.
 
@@ -144,6 +152,10 @@ def retrieval_attribution(
             for the samples' states in the kernel.
         train_conditioning: the training inputs' own extra inputs, the same kinds with N rows
             (their class labels ``LongTensor[N]``). Give both or neither.
+        guidance_scale, null_conditioning: classifier-free guidance (a model trained with label
+            dropout): the samples are drawn with F(∅) + w (F(y) − F(∅)), ∅ = ``null_conditioning``
+            (shaped as ``conditioning``, e.g. the null class in every row), and their side of the
+            kernel is that function's gradient (module docstring). w = 1 (default): the conditional model.
 
     Returns:
         The :class:`RetrievalResult` (stages from the noisiest).
@@ -184,7 +196,10 @@ def retrieval_attribution(
     samples, kept = reverse_sample(
         model, scheduler, (num_samples, *train_data.shape[1:]), num_inference_steps=num_inference_steps, seed=seed,
         keep=stages, sampler=sampler, step_kwargs=step_kwargs, conditioning=conditioning,
-    )
+        guidance_scale=guidance_scale, null_conditioning=null_conditioning,
+    )  # (reverse_sample checks the guidance arguments)
+    guidance_scale = float(guidance_scale)
+    null_extra = () if guidance_scale == 1.0 else as_tuple(null_conditioning, name="null_conditioning")
     order = sorted(kept, reverse=True)
     generator = torch.Generator().manual_seed(seed + 7)
     clean = train_data.to(param)
@@ -193,7 +208,7 @@ def retrieval_attribution(
     def on_device(tensors: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
         return tuple(c.to(device=param.device, dtype=param.dtype if c.is_floating_point() else c.dtype) for c in tensors)
 
-    extra, train_extra = on_device(extra), on_device(train_extra)
+    extra, train_extra, null_extra = on_device(extra), on_device(train_extra), on_device(null_extra)
     kernels, states = [], []
     for s in order:
         x_s = kept[s]
@@ -201,8 +216,12 @@ def retrieval_attribution(
         t_train = torch.full((n,), s, dtype=level_dtype(scheduler), device=param.device)
         z_train = noisy_input(scheduler, clean, noise, t_train)
         with eval_mode(model):  # as sampled (reverse_sample runs the model in eval mode)
-            kernels.append(state_kernel(model, (x_s, t_samples, *extra), (z_train, t_train, *train_extra),
-                                        output_sketch=output_sketch, seed=seed))
+            if guidance_scale == 1.0:
+                kernels.append(state_kernel(model, (x_s, t_samples, *extra), (z_train, t_train, *train_extra),
+                                            output_sketch=output_sketch, seed=seed))
+            else:
+                kernels.append(_guided_kernel(model, (x_s, t_samples), extra, null_extra, guidance_scale,
+                                              (z_train, t_train, *train_extra), output_sketch, seed))
         states.append(x_s.detach().cpu())
     kernel = torch.stack(kernels).cpu()  # [K, S, N]
     entropy = normalized_entropy(kernel)
@@ -212,6 +231,31 @@ def retrieval_attribution(
         stages=torch.tensor(order), states=torch.stack(states), samples=samples.detach().cpu(), kernel=kernel,
         entropy=entropy, top_indices=top.indices, top_share=top_share,
     )
+
+
+def _guided_kernel(model: nn.Module, state: tuple[torch.Tensor, torch.Tensor], conditioning: tuple[torch.Tensor, ...],
+                   null_conditioning: tuple[torch.Tensor, ...], scale: float, others: tuple[torch.Tensor, ...],
+                   output_sketch: int | None, seed: int) -> torch.Tensor:
+    """``[S, N]`` normalized kernel between the guided function F̃ = w F(y) + (1 − w) F(∅) at the S
+    states and the N ``others``, from the two branches' kernels (module docstring):
+
+    1. k̂ ``[2S, N]`` of the conditional and the null rows against the others (normalized);
+    2. their unnormalized ``[2S, 2S]`` kernel G, whose diagonal gives each branch's norm;
+    3. k(s̃, n) / ‖n‖ = w k̂(y, n) ‖y‖ + (1 − w) k̂(∅, n) ‖∅‖, divided by
+       ‖s̃‖ = sqrt(w² G_yy + 2 w (1 − w) G_y∅ + (1 − w)² G_∅∅) (0 where that is 0, as normalize_kernel does).
+    """
+    s = state[0].shape[0]
+    both = tuple(torch.cat([a, a]) for a in state) + tuple(torch.cat([c, u]) for c, u in zip(conditioning, null_conditioning))
+    k_hat = state_kernel(model, both, others, output_sketch=output_sketch, seed=seed)
+    gram = state_kernel(model, both, output_sketch=output_sketch, seed=seed, normalize=False)
+    norms = gram.diagonal().clamp_min(0).sqrt()
+    rows = torch.arange(s)
+    g_yy, g_nn, g_yn = gram[rows, rows], gram[rows + s, rows + s], gram[rows, rows + s]
+    w = scale
+    scaled = w * k_hat[:s] * norms[:s, None] + (1 - w) * k_hat[s:] * norms[s:, None]
+    guided_norm = (w * w * g_yy + 2 * w * (1 - w) * g_yn + (1 - w) ** 2 * g_nn).clamp_min(0).sqrt()
+    return torch.where(guided_norm[:, None] > 0, scaled / guided_norm.clamp_min(torch.finfo(scaled.dtype).tiny)[:, None],
+                       torch.zeros_like(scaled))
 
 
 def _check_unconditional_call(model: nn.Module, train_data: torch.Tensor, level_dtype: torch.dtype) -> None:
