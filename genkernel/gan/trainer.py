@@ -405,7 +405,10 @@ class GANTrainer:
                              "with ema= (e.g. diffusers' EMAModel(generator.parameters(), decay=0.999))")
         weighted = ema_weights(self.ema, self.generator) if weights == "ema" else contextlib.nullcontext(self.generator)
         with weighted as generator, analysis_mode(generator):
-            return output_tensor(generator(latents, *class_inputs(classes))).detach()
+            # on the weights' device: an EMA may be kept elsewhere (ema-pytorch's allow_different_devices, offloaded)
+            device = next(generator.parameters()).device
+            classes = None if classes is None else classes.to(device)
+            return output_tensor(generator(latents.to(device), *class_inputs(classes))).detach()
 
     def input_gradients(
         self, latents: torch.Tensor, classes: torch.Tensor | None = None
