@@ -570,11 +570,12 @@ class DDPMTrainer:
         (returned)."""
         if self.ema is not None:
             step_ema(self.ema, self.model)
-        step_lr_scheduler(self.lr_scheduler)
         self.global_step += 1
         losses = step.losses
         loss = float(losses.mean() if step.weights is None else (losses * step.weights.to(losses)).sum())
         self.losses.append(loss)
+        # (last: a schedule that raises, such as OneCycleLR stepped past total_steps, leaves the update counted)
+        step_lr_scheduler(self.lr_scheduler)
         return loss
 
     def _conditioning_hint(self, batch: dict[str, torch.Tensor]) -> str | None:

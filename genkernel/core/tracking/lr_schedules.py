@@ -49,17 +49,25 @@ def build_lr_scheduler(given: LRSchedulerArg, optimizer: torch.optim.Optimizer, 
     return scheduler
 
 
-# A schedule's state entries that say where it is, not which schedule it is
-PROGRESS = frozenset({"last_epoch", "_step_count", "_last_lr", "_get_lr_called_within_step", "_is_initial", "verbose"})
+# A schedule's state entries that say where it is, not which schedule it is (CosineAnnealingWarmRestarts:
+# T_cur, the step within the current cycle, and T_i, the current cycle's length, T_0 · T_mult^cycles)
+PROGRESS = frozenset({"last_epoch", "_step_count", "_last_lr", "_get_lr_called_within_step", "_is_initial", "verbose",
+                      "T_cur", "T_i"})
+# State entries compared otherwise: the schedules of a SequentialLR / ChainedScheduler (each by its own settings,
+# its functions' values included), a LambdaLR's functions (by their values)
+NESTED = frozenset({"_schedulers", "lr_lambdas"})
+_UNCOMPARED = object()
 PROBE_STEPS = (0, 1, 10, 100, 1000, 10_000, 100_000)
 
 
 def lr_scheduler_settings(scheduler: Any) -> dict[str, Any] | None:
     """What a resumed run's schedule must share with the saved one's (a schedule's state holds where it
     is; loaded into another schedule it would continue a different run from the saved step): its kind,
-    base rates, scalar settings (``T_max``, ``gamma``, ``step_size``, ...) and, for ``LambdaLR`` and
-    ``MultiplicativeLR`` (diffusers' ``get_scheduler`` builds a ``LambdaLR``), its functions' values at
-    steps 0, 1, 10, ..., 10⁵, which tell a warm-up of 500 steps from one of 1000."""
+    base rates, settings (``T_max``, ``gamma``, ``step_size``, ``MultiStepLR``'s milestones, ``OneCycleLR``'s
+    phases, ``SequentialLR``'s milestones, ...), for ``LambdaLR`` and ``MultiplicativeLR`` (diffusers'
+    ``get_scheduler`` builds a ``LambdaLR``) its functions' values at steps 0, 1, 10, ..., 10⁵, which tell
+    a warm-up of 500 steps from one of 1000, and for ``SequentialLR`` / ``ChainedScheduler`` the settings
+    of each schedule they run."""
     if scheduler is None:
         return None
     settings = {
@@ -67,19 +75,44 @@ def lr_scheduler_settings(scheduler: Any) -> dict[str, Any] | None:
         "base_lrs": [float(lr) for lr in getattr(scheduler, "base_lrs", [])],
     }
     for key, value in sorted(scheduler.state_dict().items()):
-        if key not in PROGRESS and key != "base_lrs" and isinstance(value, (bool, int, float, str)):
+        if key in PROGRESS or key in NESTED or key == "base_lrs":
+            continue
+        value = _comparable(value)
+        if value is not _UNCOMPARED:
             settings[key] = value
+    inner = getattr(scheduler, "_schedulers", None)
+    if isinstance(inner, (list, tuple)):
+        settings["schedulers"] = [lr_scheduler_settings(one) for one in inner]
     functions = getattr(scheduler, "lr_lambdas", None)
     if functions is not None:
         settings["lr_lambda_values"] = [[_value_at(function, step) for step in PROBE_STEPS] for function in functions]
     return settings
 
 
+def _comparable(value: Any) -> Any:
+    """``value`` as plain data that compares by value (a Counter of milestones as a dict, tuples as lists, NaN as
+    "nan", which equals itself), or ``_UNCOMPARED`` for what holds anything else (functions, objects)."""
+    if isinstance(value, float) and value != value:
+        return "nan"
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, dict):
+        items = {key: _comparable(item) for key, item in value.items()}
+        if all(isinstance(key, (bool, int, float, str)) for key in items) and _UNCOMPARED not in items.values():
+            return dict(sorted(items.items(), key=lambda item: repr(item[0])))
+        return _UNCOMPARED
+    if isinstance(value, (list, tuple)):
+        items = [_comparable(item) for item in value]
+        return _UNCOMPARED if any(item is _UNCOMPARED for item in items) else items
+    return _UNCOMPARED
+
+
 def _value_at(function: Callable[[int], float], step: int) -> float | str:
     try:
-        return float(function(step))
+        value = float(function(step))
     except Exception as error:  # a schedule defined for fewer steps: its failure is part of what it is
         return f"raises {type(error).__name__}"
+    return "nan" if value != value else value  # (NaN != NaN would refuse the same schedule)
 
 
 def step_lr_scheduler(scheduler: Any) -> None:
