@@ -26,17 +26,9 @@ One step (docs/diffusion.md):
 
 What a checkpoint reproduces. :meth:`DDPMTrainer.resume` restores the model, the optimizer, the
 trainer's generator (so the timesteps and noise continue exactly) and the callbacks' states. With
-Tensor data it restores the epoch's permutation and position too. With a DataLoader it records how
-many batches of the current epoch were trained on and, when the loader draws its order from a
-``torch.Generator`` (``DataLoader(..., shuffle=True, generator=g)``, or a sampler's ``generator``),
-that generator's state at the start of the epoch: resuming restores the state, restarts the epoch
-and skips (loads and discards) the batches already trained on, so the batches continue in the
-order an uninterrupted run sees, and so do random augmentations drawn in worker processes (they
-are seeded from the loader's generator). It records the global RNG's state at the start of the
-epoch as well and replays the skipped batches from it, so an order drawn from the global RNG
-(``shuffle=True`` without ``generator=``) and the workers' seeds continue too; the global RNG's
-state at the checkpoint (dropout, random augmentations in the main process) is restored after the
-skip. Not reproduced: any iterable whose batches differ from epoch to epoch for other reasons.
+Tensor data it restores the epoch's permutation and position too; with a DataLoader, its position
+as :mod:`~genkernel.core.tracking.batches` records it (the epoch's trained batches are skipped on
+resume, the loader's order generators and the global RNG replayed from the epoch's start).
 
 A checkpoint records the trainer's settings (data size, batch size, shuffling, dtype, optimizer
 class, clipping, noise schedule) and its model's entries: a trainer built otherwise refuses it
@@ -68,6 +60,7 @@ from ..core.tracking.io import (
 from ..core.tracking.ema import (
     check_ema_state, check_trainable_ema, ema_settings, ema_weights, load_ema_state, step_ema,
 )
+from ..core.tracking.batches import IterableBatches, check_reiterable, class_labels, is_class_labels, split_batch
 from ..core.tracking.lr_schedules import LRSchedulerArg, build_lr_scheduler, lr_scheduler_settings, step_lr_scheduler
 from ..core.tracking.step import OptimizerStep
 from ..logging import LoggingCallback
@@ -79,11 +72,8 @@ from .objectives import (
 )
 
 OPTIMIZERS = ("adam", "adamw", "sgd")
-IMAGE_KEYS = ("images", "pixel_values", "input")  # where a dict batch holds its clean inputs ("input": diffusers' example)
-LABEL_KEYS = ("class_labels", "labels", "label")  # ... and its class labels
 FORMAT = "genkernel.DDPMTrainer/3"
 TENSOR_FORMAT_2 = "genkernel.DDPMTrainer/2"  # checkpoints of Tensor data before iterable data; still load
-_END = object()
 
 __all__ = ["DDPMTrainer", "make_optimizer", "make_sampler", "reverse_sample", "split_batch", "OPTIMIZERS"]
 
@@ -103,57 +93,6 @@ def make_optimizer(model: nn.Module, name: str = "adam", lr: float = 1e-3, *, we
     if key == "sgd":
         return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
     raise ValueError(f"optimizer {name!r} is not supported here; choose one of {OPTIMIZERS} or pass an optimizer object")
-
-
-def split_batch(batch: Any) -> tuple[Any, Any]:
-    """The clean inputs and the class labels of one batch of iterable data.
-
-    A batch is a Tensor of clean inputs; a tuple or list whose first element is (its second, if
-    any, is the candidate class labels: an ``ImageFolder`` batch is ``(images, classes)``); or a
-    dict with the inputs under "images", "pixel_values" or "input" and labels, if any, under
-    "class_labels", "labels" or "label".
-
-    Returns:
-        ``(clean inputs, labels or None)`` as found in the batch (not yet checked).
-    """
-    if isinstance(batch, torch.Tensor):
-        return batch, None
-    if isinstance(batch, Mapping):
-        image_key = next((key for key in IMAGE_KEYS if key in batch), None)
-        if image_key is None:
-            raise TypeError(f"a dict batch needs its clean inputs under one of {IMAGE_KEYS}; its keys are {list(batch)}")
-        label_key = next((key for key in LABEL_KEYS if key in batch), None)
-        return batch[image_key], None if label_key is None else batch[label_key]
-    if isinstance(batch, (tuple, list)) and batch:
-        return batch[0], batch[1] if len(batch) > 1 else None
-    raise TypeError(
-        "a batch must be a Tensor of clean inputs, a tuple/list whose first element is, or a dict with the inputs "
-        f"under one of {IMAGE_KEYS}; got {type(batch).__name__}"
-    )
-
-
-def _is_class_labels(labels: Any, n: int) -> bool:
-    integer = isinstance(labels, torch.Tensor) and not (labels.is_floating_point() or labels.is_complex())
-    return integer and labels.dtype != torch.bool and labels.shape == (n,)
-
-
-def _class_labels(labels: Any, n: int, what: str) -> torch.Tensor:
-    """``labels`` as a LongTensor[n] of class labels; a TypeError naming ``what`` otherwise."""
-    if not _is_class_labels(labels, n):
-        found = f"{labels.dtype} {tuple(labels.shape)}" if isinstance(labels, torch.Tensor) else type(labels).__name__
-        raise TypeError(f"{what} must be integer class labels, a LongTensor[{n}], got {found}")
-    return labels.long()
-
-
-def _order_generators(data: Any) -> list[torch.Generator]:
-    """The ``torch.Generator`` objects a DataLoader draws its order (and workers' seeds) from: the
-    loader's ``generator`` and its sampler's (often the same object)."""
-    found: list[torch.Generator] = []
-    for owner in (data, getattr(data, "sampler", None)):
-        generator = getattr(owner, "generator", None)
-        if isinstance(generator, torch.Generator) and all(generator is not g for g in found):
-            found.append(generator)
-    return found
 
 
 class DDPMTrainer:
@@ -266,6 +205,7 @@ class DDPMTrainer:
         self.shuffle = bool(shuffle)
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
+        self._stream: IterableBatches | None = None  # iterable data: its batches and their position
         if isinstance(data, torch.Tensor):
             self._init_tensor_data(data, labels, batch_size)
         else:
@@ -300,19 +240,6 @@ class DDPMTrainer:
         # Tensor data: the epoch's permutation and the position in it
         self._order = torch.empty(0, dtype=torch.long)
         self._cursor = 0
-        # iterable data: finished epochs, batches of this epoch trained on, the order generators'
-        # states at the epoch's start; _iterator None with _reopen: restore them and skip the batches
-        self._epoch = 0
-        self._batches_in_epoch = 0
-        self._epoch_states: list[torch.Tensor] | None = None
-        self._epoch_global_state: torch.Tensor | None = None  # the global RNG's, at the epoch's start
-        self._iterator: Iterator[Any] | None = None
-        self._reopen = False
-        self._held_batch: dict[str, torch.Tensor] | None = None  # a failed step's batch, trained on next
-        # the global RNG's state as the held batch was drawn (just before its next()): a resume draws it again
-        # from there (a Dataset's random augmentations draw from the global RNG as the batch is loaded)
-        self._held_global: torch.Tensor | None = None
-        self._batch_global: torch.Tensor | None = None  # the same, for the batch of the step under way
         self._callback_states = CallbackStates()
 
     def _init_tensor_data(self, data: torch.Tensor, labels: torch.Tensor | None, batch_size: int | None) -> None:
@@ -323,23 +250,14 @@ class DDPMTrainer:
         if self.conditional and labels is None:
             raise ValueError("conditional=True passes class labels to the model: give labels=, a LongTensor[N]")
         self.data = data.to(device=self.device, dtype=self.dtype)
-        self.labels = None if labels is None else _class_labels(labels, data.shape[0], "labels").to(self.device)
+        self.labels = None if labels is None else class_labels(labels, data.shape[0], "labels").to(self.device)
         if self.labels is not None:
             self.class_dropout.check_labels(self.labels, "labels")
         self.batch_size = min(128 if batch_size is None else batch_size, data.shape[0])
         self.sample_shape: tuple[int, ...] | None = tuple(data.shape[1:])
 
     def _init_iterable_data(self, data: Any, labels: Any, batch_size: int | None) -> None:
-        if not isinstance(data, Iterable) or isinstance(data, (str, bytes, Mapping)):
-            raise TypeError(
-                "data must be a Tensor [N, *shape] of clean inputs or a re-iterable of batches (a DataLoader, a list), "
-                f"got {type(data).__name__}"
-            )
-        if isinstance(data, Iterator):
-            raise TypeError(
-                f"data is an iterator ({type(data).__name__}), which cannot restart for the next epoch: pass the "
-                "DataLoader (or a list of batches) itself"
-            )
+        check_reiterable(data, "[N, *shape] of clean inputs")
         given = [name for name, value in (("labels", labels), ("batch_size", batch_size)) if value is not None]
         given += [] if self.shuffle else ["shuffle"]
         if given:
@@ -351,6 +269,7 @@ class DDPMTrainer:
         self.labels = None
         self.batch_size = getattr(data, "batch_size", None)
         self.sample_shape = None  # known from the first batch
+        self._stream = IterableBatches(data, self._checked_batch)
 
     @property
     def num_train_timesteps(self) -> int:
@@ -366,7 +285,7 @@ class DDPMTrainer:
             ``"weights"`` (the coefficients c_n = w(t_n) / B ``[B]`` under a loss weighting) and, under
             ``class_dropout``, ``"data_labels"`` (the data's) and ``"dropped"`` (BoolTensor[B]).
         """
-        batch = self._tensor_batch() if isinstance(self.data, torch.Tensor) else self._iterable_batch()
+        batch = self._tensor_batch() if self._stream is None else self._stream.next()
         clean = batch["clean"]
         timesteps = self.timestep_density.draw(self.scheduler, self.levels, clean.shape[0], self.generator)
         noise = torch.randn(clean.shape, generator=self.generator, dtype=torch.float64).to(clean)
@@ -400,28 +319,6 @@ class DDPMTrainer:
             batch["labels"] = self.labels[index.to(self.labels.device)]
         return batch
 
-    def _iterable_batch(self) -> dict[str, torch.Tensor]:
-        """The next batch of iterable data, checked and on the model's device; an epoch that ends
-        restarts the iterable."""
-        while True:
-            if self._iterator is None:
-                self._open_epoch()
-            if self._held_batch is not None:  # handed back by a step that failed before its update
-                batch, self._held_batch = self._held_batch, None
-                self._batch_global, self._held_global = self._held_global, None
-                break
-            self._batch_global = torch.get_rng_state()
-            raw = next(self._iterator, _END)
-            if raw is not _END:
-                batch = self._checked_batch(raw)
-                break
-            if self._batches_in_epoch == 0:
-                raise ValueError("data yielded no batch in a whole epoch: pass a non-empty DataLoader or list of batches")
-            self._iterator = None
-            self._epoch += 1
-        self._batches_in_epoch += 1
-        return batch
-
     def _checked_batch(self, raw: Any) -> dict[str, torch.Tensor]:
         """A DataLoader's batch as ``{"clean"[, "labels"]}`` on the model's device, its types and shape checked."""
         clean, labels = split_batch(raw)
@@ -433,64 +330,12 @@ class DDPMTrainer:
         self.sample_shape = tuple(clean.shape[1:])
         batch = {"clean": clean.to(device=self.device, dtype=self.dtype)}
         if self.conditional:
-            batch["labels"] = _class_labels(labels, clean.shape[0], "the batch's class labels (conditional=True)")
-        elif _is_class_labels(labels, clean.shape[0]):
+            batch["labels"] = class_labels(labels, clean.shape[0], "the batch's class labels (conditional=True)")
+        elif is_class_labels(labels, clean.shape[0]):
             batch["labels"] = labels.long()
         if "labels" in batch:
             batch["labels"] = batch["labels"].to(self.device)
         return batch
-
-    def _open_epoch(self) -> None:
-        """Start an epoch of iterable data, noting the state of its order generators; after a
-        resume, first restore the saved states, then skip the batches the checkpoint trained on."""
-        generators = _order_generators(self.data)
-        skip = 0
-        if self._reopen and self._epoch_states is not None:  # (None: saved before its first batch)
-            saved = self._epoch_states
-            if len(saved) != len(generators):
-                raise ValueError(
-                    f"the checkpoint's data drew its order from {len(saved)} torch.Generator(s), this data from "
-                    f"{len(generators)}: resume with a DataLoader built as the saved run's was"
-                )
-            for generator, state in zip(generators, saved):
-                generator.set_state(state)
-            skip = self._batches_in_epoch
-        # The global RNG as the checkpoint left it: restored once the skipped batches are replayed
-        # from the epoch's start (which draws a shuffle=True loader's order and its workers' seed).
-        resume_global = torch.get_rng_state() if self._reopen and self._epoch_global_state is not None else None
-        held_global = self._held_global if self._reopen else None
-        if resume_global is not None:
-            torch.set_rng_state(self._epoch_global_state)
-        self._reopen = False
-        self._epoch_states = [generator.get_state() for generator in generators]
-        self._epoch_global_state = torch.get_rng_state()
-        self._iterator = iter(self.data)
-        try:
-            for skipped in range(skip):
-                if next(self._iterator, _END) is _END:
-                    raise ValueError(
-                        f"the checkpoint had trained on {skip} batches of this epoch, but the data yields only "
-                        f"{skipped}: resume with the data the run was saved with"
-                    )
-            if held_global is not None:
-                # Saved after a step that failed before its update (its batch was handed back): that batch is
-                # drawn again here from the global RNG's state as the saved run drew it (a Dataset's random
-                # augmentations, a sampler seeded from the global RNG at its first batch), and trained on next.
-                torch.set_rng_state(held_global)
-                held = next(self._iterator, _END)
-                if held is not _END:
-                    self._held_batch = self._checked_batch(held)
-            elif skip == 0 and resume_global is not None:
-                # Saved after a step that failed on the epoch's first batch (it was handed back): that batch is
-                # drawn here, from the epoch's start, as the saved run drew it (a sampler seeded from the
-                # global RNG at its first batch, not at iter()), and trained on next.
-                first = next(self._iterator, _END)
-                if first is not _END:
-                    self._held_batch = self._checked_batch(first)
-        finally:
-            if resume_global is not None:
-                torch.set_rng_state(resume_global)
-        self._batches_in_epoch = skip
 
     def build_step(self, batch: dict[str, torch.Tensor]) -> OptimizerStep:
         """The :class:`OptimizerStep` for ``batch``: inputs (z, t) or (z, t, y), target y, per-example MSE."""
@@ -557,12 +402,11 @@ class DDPMTrainer:
         dropout draws again what it drew."""
         state, self._order, self._cursor = position
         self.generator.set_state(state)
-        if not isinstance(self.data, torch.Tensor):
-            self._held_batch = {"clean": batch["clean"]}
+        if self._stream is not None:
+            held = {"clean": batch["clean"]}
             if "labels" in batch:  # the data's (class dropout draws again)
-                self._held_batch["labels"] = batch.get("data_labels", batch["labels"])
-            self._batches_in_epoch -= 1
-            self._held_global = self._batch_global
+                held["labels"] = batch.get("data_labels", batch["labels"])
+            self._stream.hand_back(held)
         set_global_rng_state(global_rng)
 
     def _count_update(self, step: OptimizerStep) -> float:
@@ -648,7 +492,7 @@ class DDPMTrainer:
             )
         if self.sample_shape is None:
             raise RuntimeError("the shape of the samples is known once a batch was drawn: train a step first")
-        conditioning = None if labels is None else _class_labels(labels, num_samples, "labels").to(self.device)
+        conditioning = None if labels is None else class_labels(labels, num_samples, "labels").to(self.device)
         guidance_scale = check_guidance_scale(guidance_scale)
         null_conditioning = None
         if guidance_scale != 1.0:
@@ -723,7 +567,7 @@ class DDPMTrainer:
             "data": "Tensor" if tensor_data else "iterable",
             "data_shape": list(self.data.shape) if tensor_data else None,
             "batch_size": self.batch_size,
-            "batches_per_epoch": None if tensor_data else (len(self.data) if hasattr(self.data, "__len__") else None),
+            "batches_per_epoch": None if tensor_data else self._stream.batches_per_epoch,
             "shuffle": self.shuffle,
             "labels": self.labels is not None if tensor_data else None,
             "conditional": self.conditional,
@@ -743,10 +587,8 @@ class DDPMTrainer:
     def state_dict(self) -> dict[str, Any]:
         """Everything :meth:`load_state_dict` needs to continue exactly (see the module docstring)."""
         iterable = None
-        if not isinstance(self.data, torch.Tensor):
-            iterable = {"epoch": self._epoch, "batches": self._batches_in_epoch, "generator_states": self._epoch_states,
-                        "global_state": self._epoch_global_state, "sample_shape": self.sample_shape,
-                        "held_global_state": self._held_global}
+        if self._stream is not None:
+            iterable = {**self._stream.state_dict(), "sample_shape": self.sample_shape}
         return {
             "format": FORMAT,
             "model": self.model.state_dict(),
@@ -802,12 +644,8 @@ class DDPMTrainer:
         self.losses = list(state["losses"])
         self._order, self._cursor = state["order"].clone(), state["cursor"]
         if iterable is not None:
-            self._epoch, self._batches_in_epoch = iterable["epoch"], iterable["batches"]
-            self._epoch_states = iterable["generator_states"]
-            self._epoch_global_state = iterable.get("global_state")  # (None in older checkpoints)
+            self._stream.load_state_dict(iterable)
             self.sample_shape = None if iterable["sample_shape"] is None else tuple(iterable["sample_shape"])
-            self._iterator, self._reopen, self._held_batch = None, True, None
-            self._held_global = iterable.get("held_global_state")  # (None: no batch was handed back)
         if "global_rng" in state:
             set_global_rng_state(state["global_rng"])
         self._callback_states.load(self.callbacks, state["callbacks"])

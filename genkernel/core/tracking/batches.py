@@ -1,0 +1,224 @@
+"""Batches of a DataLoader (or any re-iterable) read by a built-in trainer epoch after epoch, with a
+position a checkpoint records and a resume restores exactly (``DDPMTrainer``, ``GANTrainer``).
+
+Lifecycle: :class:`IterableBatches` ``(data, check)``; :meth:`~IterableBatches.next` gives the next
+batch (its raw form passed through ``check``), restarting the iterable when an epoch ends;
+:meth:`~IterableBatches.hand_back` keeps the batch of a step that failed before its update, to be
+given again; :meth:`~IterableBatches.state_dict` / :meth:`~IterableBatches.load_state_dict` save and
+restore the position.
+
+What a checkpoint reproduces. It records how many batches of the current epoch were trained on
+and, when the loader draws its order from a ``torch.Generator`` (``DataLoader(..., shuffle=True,
+generator=g)``, or a sampler's ``generator``), that generator's state at the start of the epoch:
+resuming restores the state, restarts the epoch and skips (loads and discards) the batches already
+trained on, so the batches continue in the order an uninterrupted run sees, and so do random
+augmentations drawn in worker processes (they are seeded from the loader's generator). It records
+the global RNG's state at the start of the epoch as well and replays the skipped batches from it,
+so an order drawn from the global RNG (``shuffle=True`` without ``generator=``) and the workers'
+seeds continue too; the trainer restores the global RNG's state at the checkpoint (dropout, random
+augmentations in the main process) after the skip. A batch handed back is drawn again on resume
+from the global RNG's state it was first drawn at. Not reproduced: any iterable whose batches
+differ from epoch to epoch for other reasons.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Mapping
+from typing import Any, Callable
+
+import torch
+
+IMAGE_KEYS = ("images", "pixel_values", "input")  # where a dict batch holds its inputs ("input": diffusers' example)
+LABEL_KEYS = ("class_labels", "labels", "label")  # ... and its class labels
+_END = object()
+
+
+def split_batch(batch: Any) -> tuple[Any, Any]:
+    """The inputs and the class labels of one batch of iterable data.
+
+    A batch is a Tensor of inputs; a tuple or list whose first element is (its second, if any, is
+    the candidate class labels: an ``ImageFolder`` batch is ``(images, classes)``); or a dict with
+    the inputs under "images", "pixel_values" or "input" and labels, if any, under "class_labels",
+    "labels" or "label".
+
+    Returns:
+        ``(inputs, labels or None)`` as found in the batch (not yet checked).
+    """
+    if isinstance(batch, torch.Tensor):
+        return batch, None
+    if isinstance(batch, Mapping):
+        image_key = next((key for key in IMAGE_KEYS if key in batch), None)
+        if image_key is None:
+            raise TypeError(f"a dict batch needs its inputs under one of {IMAGE_KEYS}; its keys are {list(batch)}")
+        label_key = next((key for key in LABEL_KEYS if key in batch), None)
+        return batch[image_key], None if label_key is None else batch[label_key]
+    if isinstance(batch, (tuple, list)) and batch:
+        return batch[0], batch[1] if len(batch) > 1 else None
+    raise TypeError(
+        "a batch must be a Tensor of inputs, a tuple/list whose first element is, or a dict with the inputs "
+        f"under one of {IMAGE_KEYS}; got {type(batch).__name__}"
+    )
+
+
+def is_class_labels(labels: Any, n: int) -> bool:
+    """Whether ``labels`` are integer class labels of ``n`` examples (a non-bool integer Tensor ``[n]``)."""
+    integer = isinstance(labels, torch.Tensor) and not (labels.is_floating_point() or labels.is_complex())
+    return integer and labels.dtype != torch.bool and labels.shape == (n,)
+
+
+def class_labels(labels: Any, n: int, what: str) -> torch.Tensor:
+    """``labels`` as a LongTensor[n] of class labels; a TypeError naming ``what`` otherwise."""
+    if not is_class_labels(labels, n):
+        found = f"{labels.dtype} {tuple(labels.shape)}" if isinstance(labels, torch.Tensor) else type(labels).__name__
+        raise TypeError(f"{what} must be integer class labels, a LongTensor[{n}], got {found}")
+    return labels.long()
+
+
+def check_reiterable(data: Any, tensor_form: str) -> None:
+    """Raise a TypeError unless ``data`` can be iterated epoch after epoch (a DataLoader, a list of
+    batches); ``tensor_form`` names the Tensor the trainer takes instead."""
+    if not isinstance(data, Iterable) or isinstance(data, (str, bytes, Mapping)):
+        raise TypeError(
+            f"data must be a Tensor {tensor_form} or a re-iterable of batches (a DataLoader, a list), "
+            f"got {type(data).__name__}"
+        )
+    if isinstance(data, Iterator):
+        raise TypeError(
+            f"data is an iterator ({type(data).__name__}), which cannot restart for the next epoch: pass the "
+            "DataLoader (or a list of batches) itself"
+        )
+
+
+def order_generators(data: Any) -> list[torch.Generator]:
+    """The ``torch.Generator`` objects a DataLoader draws its order (and workers' seeds) from: the
+    loader's ``generator`` and its sampler's (often the same object)."""
+    found: list[torch.Generator] = []
+    for owner in (data, getattr(data, "sampler", None)):
+        generator = getattr(owner, "generator", None)
+        if isinstance(generator, torch.Generator) and all(generator is not g for g in found):
+            found.append(generator)
+    return found
+
+
+class IterableBatches:
+    """The batches of ``data`` (a re-iterable, :func:`check_reiterable`), each passed through ``check``
+    (raw batch → the trainer's dict of tensors), epoch after epoch (module docstring)."""
+
+    def __init__(self, data: Any, check: Callable[[Any], dict[str, torch.Tensor]]) -> None:
+        self.data = data
+        self.check = check
+        # finished epochs, batches of this epoch trained on, the order generators' and the global RNG's
+        # states at the epoch's start; _iterator None with _reopen: restore them and skip the batches
+        self.epoch = 0
+        self.batches_in_epoch = 0
+        self._epoch_states: list[torch.Tensor] | None = None
+        self._epoch_global_state: torch.Tensor | None = None
+        self._iterator: Iterator[Any] | None = None
+        self._reopen = False
+        self._held: dict[str, torch.Tensor] | None = None  # a failed step's batch, given next
+        # the global RNG's state as the held batch was drawn (just before its next()): a resume draws it again
+        # from there (a Dataset's random augmentations draw from the global RNG as the batch is loaded)
+        self._held_global: torch.Tensor | None = None
+        self._batch_global: torch.Tensor | None = None  # the same, for the batch of the step under way
+
+    @property
+    def batches_per_epoch(self) -> int | None:
+        return len(self.data) if hasattr(self.data, "__len__") else None
+
+    def next(self) -> dict[str, torch.Tensor]:
+        """The next batch, checked; an epoch that ends restarts the iterable."""
+        while True:
+            if self._iterator is None:
+                self._open_epoch()
+            if self._held is not None:  # handed back by a step that failed before its update
+                batch, self._held = self._held, None
+                self._batch_global, self._held_global = self._held_global, None
+                break
+            self._batch_global = torch.get_rng_state()
+            raw = next(self._iterator, _END)
+            if raw is not _END:
+                batch = self.check(raw)
+                break
+            if self.batches_in_epoch == 0:
+                raise ValueError("data yielded no batch in a whole epoch: pass a non-empty DataLoader or list of batches")
+            self._iterator = None
+            self.epoch += 1
+        self.batches_in_epoch += 1
+        return batch
+
+    def hand_back(self, batch: dict[str, torch.Tensor]) -> None:
+        """Keep ``batch`` (as :meth:`next` gave it, or the part of it a retry needs) for the next
+        :meth:`next`: the step that drew it failed before its update, and no longer counts it."""
+        self._held = batch
+        self.batches_in_epoch -= 1
+        self._held_global = self._batch_global
+
+    def _open_epoch(self) -> None:
+        """Start an epoch, noting the state of its order generators; after a resume, first restore the
+        saved states, then skip the batches the checkpoint trained on."""
+        generators = order_generators(self.data)
+        skip = 0
+        if self._reopen and self._epoch_states is not None:  # (None: saved before its first batch)
+            saved = self._epoch_states
+            if len(saved) != len(generators):
+                raise ValueError(
+                    f"the checkpoint's data drew its order from {len(saved)} torch.Generator(s), this data from "
+                    f"{len(generators)}: resume with a DataLoader built as the saved run's was"
+                )
+            for generator, state in zip(generators, saved):
+                generator.set_state(state)
+            skip = self.batches_in_epoch
+        # The global RNG as the checkpoint left it: restored once the skipped batches are replayed
+        # from the epoch's start (which draws a shuffle=True loader's order and its workers' seed).
+        resume_global = torch.get_rng_state() if self._reopen and self._epoch_global_state is not None else None
+        held_global = self._held_global if self._reopen else None
+        if resume_global is not None:
+            torch.set_rng_state(self._epoch_global_state)
+        self._reopen = False
+        self._epoch_states = [generator.get_state() for generator in generators]
+        self._epoch_global_state = torch.get_rng_state()
+        self._iterator = iter(self.data)
+        try:
+            for skipped in range(skip):
+                if next(self._iterator, _END) is _END:
+                    raise ValueError(
+                        f"the checkpoint had trained on {skip} batches of this epoch, but the data yields only "
+                        f"{skipped}: resume with the data the run was saved with"
+                    )
+            if held_global is not None:
+                # Saved after a step that failed before its update (its batch was handed back): that batch is
+                # drawn again here from the global RNG's state as the saved run drew it (a Dataset's random
+                # augmentations, a sampler seeded from the global RNG at its first batch), and given next.
+                torch.set_rng_state(held_global)
+                held = next(self._iterator, _END)
+                if held is not _END:
+                    self._held = self.check(held)
+            elif skip == 0 and resume_global is not None:
+                # Saved by an older version after a step that failed on the epoch's first batch: that batch is
+                # drawn here, from the epoch's start, as the saved run drew it (a sampler seeded from the
+                # global RNG at its first batch, not at iter()), and given next.
+                first = next(self._iterator, _END)
+                if first is not _END:
+                    self._held = self.check(first)
+        finally:
+            if resume_global is not None:
+                torch.set_rng_state(resume_global)
+        self.batches_in_epoch = skip
+
+    def state_dict(self) -> dict[str, Any]:
+        """The position: finished epochs, batches of this epoch trained on, the order generators' and the
+        global RNG's states at the epoch's start, and the held batch's global RNG state (None: none held)."""
+        return {"epoch": self.epoch, "batches": self.batches_in_epoch, "generator_states": self._epoch_states,
+                "global_state": self._epoch_global_state, "held_global_state": self._held_global}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Continue from :meth:`state_dict` (the epoch restarts, its trained batches skipped, at the next batch)."""
+        self.epoch, self.batches_in_epoch = state["epoch"], state["batches"]
+        self._epoch_states = state["generator_states"]
+        self._epoch_global_state = state.get("global_state")  # (None in older checkpoints)
+        self._iterator, self._reopen, self._held = None, True, None
+        self._held_global = state.get("held_global_state")  # (None: no batch was handed back)
+
+
+__all__ = ["IMAGE_KEYS", "LABEL_KEYS", "IterableBatches", "check_reiterable", "class_labels", "is_class_labels",
+           "order_generators", "split_batch"]
