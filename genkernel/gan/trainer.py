@@ -33,6 +33,14 @@ in the inputs, so every tracked objective is the exact conditional one:
 
 All randomness (batches, latents, a conditional generator step's classes, interpolation factors)
 comes from the trainer's own seeded ``torch.Generator``; analyzers never touch it.
+
+Data: a Tensor of real samples, from which each discriminator step draws its rows uniformly (with
+replacement across steps), or a DataLoader (any re-iterable of batches: an ``ImageFolder`` of a real
+data set that does not fit in memory), whose batches the discriminator steps take in order, epoch
+after epoch, each at its own size (a last smaller batch gets as many generated rows); a checkpoint
+records the loader's position as :mod:`~genkernel.core.tracking.batches` describes, and a resume
+continues it bit for bit. A conditional GAN reads a batch's classes from it (an ``ImageFolder``
+batch's second element, a dict's "class_labels").
 """
 
 from __future__ import annotations
@@ -43,13 +51,14 @@ import numbers
 import os
 import warnings
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
 from ..core.adapter import analysis_mode, output_tensor, positive_int, unwrap
+from ..core.tracking.batches import IterableBatches, check_reiterable, is_class_labels, split_batch
 from ..core.tracking.callbacks import CallbackStates, TrainerCallback, fire, perform_step
 from ..core.errors import NonFiniteError
 from ..core.tracking.io import (
@@ -143,7 +152,7 @@ def discriminator_input_gradients(
 
 
 class GANTrainer:
-    """Alternating GAN training on an in-memory data set.
+    """Alternating GAN training on an in-memory data set or a DataLoader.
 
     Args:
         generator, discriminator: G maps ``[B, latent_dim]`` latents to samples shaped like ``data``
@@ -151,7 +160,9 @@ class GANTrainer:
             followed exactly: its batch statistics couple the examples, which the graph route splits). D keeps
             its mode in generator steps (see :func:`frozen`): a training-mode D with spectral norm
             advances its power iteration in both players' steps.
-        data: ``[N, ...]`` real samples (2-D points, or images in [-1, 1]).
+        data: ``[N, ...]`` real samples (2-D points, or images in [-1, 1]), or a DataLoader / any
+            re-iterable of batches of them (module docstring; :func:`~genkernel.core.tracking.batches.split_batch`
+            reads a batch's samples and labels).
         labels: optional ``LongTensor[N]`` (mixture mode or class of each real sample), passed to
             analyzers as ``info["real_labels"]``; with ``num_classes`` the classes G and D are
             conditioned on (required then, each in ``[0, num_classes)``).
@@ -194,7 +205,7 @@ class GANTrainer:
         self,
         generator: nn.Module,
         discriminator: nn.Module,
-        data: torch.Tensor,
+        data: torch.Tensor | Iterable[Any],
         *,
         labels: torch.Tensor | None = None,
         num_classes: int | None = None,
@@ -209,7 +220,7 @@ class GANTrainer:
         betas: tuple[float, float] = (0.5, 0.999),
         lr_scheduler_g: LRSchedulerArg = None,
         lr_scheduler_d: LRSchedulerArg = None,
-        batch_size: int = 64,
+        batch_size: int | None = None,
         d_steps: int = 1,
         gp_weight: float = 10.0,
         max_grad_norm: float = math.inf,
@@ -222,8 +233,12 @@ class GANTrainer:
         log: Callable[[Mapping[str, float], int], None] | None = None,
         log_every: int = 1,
     ) -> None:
-        if not isinstance(data, torch.Tensor) or data.dim() < 2:
-            raise ValueError(f"data must be a Tensor [N, ...] of real samples, got {getattr(data, 'shape', type(data).__name__)}")
+        tensor_data = isinstance(data, torch.Tensor)
+        if tensor_data and data.dim() < 2:
+            raise ValueError(f"data must be a Tensor [N, ...] of real samples, got shape {tuple(data.shape)}")
+        if not tensor_data:
+            check_reiterable(data, "[N, ...] of real samples")
+            batch_size = self._check_iterable_data(data, labels, num_classes, class_sampling, batch_size)
         if labels is not None and (not isinstance(labels, torch.Tensor) or labels.shape != (data.shape[0],)):
             raise ValueError(f"labels must be a LongTensor[{data.shape[0]}] (one per real sample)")
         if class_sampling not in CLASS_SAMPLING:
@@ -233,6 +248,7 @@ class GANTrainer:
             )
         if num_classes is not None:
             num_classes = positive_int(num_classes, "num_classes")
+        if num_classes is not None and tensor_data:
             if labels is None:
                 raise ValueError(
                     f"a conditional GAN (num_classes={num_classes}) needs the real samples' classes: pass "
@@ -250,13 +266,13 @@ class GANTrainer:
                     "classes the data has (relabelled 0..n-1), or class_sampling='data'",
                     RuntimeWarning, stacklevel=2,
                 )
-        elif class_sampling != "data":
+        elif num_classes is None and class_sampling != "data":
             raise ValueError(
                 f"class_sampling={class_sampling!r} draws a conditional GAN's generator classes: pass num_classes= (and "
                 "labels=) for a conditional GAN, or drop class_sampling"
             )
-        batch_size = positive_int(batch_size, "batch_size")
-        if batch_size > data.shape[0]:
+        batch_size = positive_int(64 if batch_size is None else batch_size, "batch_size")
+        if tensor_data and batch_size > data.shape[0]:
             raise ValueError(f"batch_size must be in [1, {data.shape[0]}] (the data set size), got {batch_size}")
         d_steps = positive_int(d_steps, "d_steps")
         if (isinstance(checkpoint_every, bool) or not isinstance(checkpoint_every, numbers.Integral)
@@ -268,6 +284,7 @@ class GANTrainer:
         self.discriminator = discriminator
         self.data = data
         self.labels = labels
+        self._stream = None if tensor_data else IterableBatches(data, self._checked_batch)
         self.num_classes = num_classes
         self.conditional = num_classes is not None
         self.class_sampling = class_sampling if self.conditional else None
@@ -422,15 +439,16 @@ class GANTrainer:
     # -- steps ---------------------------------------------------------------------------------
     def discriminator_step(self) -> torch.Tensor:
         """One discriminator step; returns the per-example losses."""
-        b = self.batch_size
-        # the state before the step's draws: the fake rows' pass draws from the global RNG (dropout in G) and, G
-        # in training mode, updates G's buffers (BatchNorm's running statistics)
-        rng_before, global_rng = self.rng.get_state(), global_rng_state()
+        rng_before = self.rng.get_state()
+        batch = self._real_batch()
+        real = batch["real"]
+        b = real.shape[0]
+        # the state before the step's passes, the real batch loaded: the fake rows' pass draws from the global RNG
+        # (dropout in G) and, G in training mode, updates G's buffers (BatchNorm's running statistics)
+        global_rng = global_rng_state()
         g_buffers = [(buffer, buffer.clone()) for buffer in self.generator.buffers()]
-        index = torch.randint(0, self.data.shape[0], (b,), generator=self.rng)
-        real = self.data[index].to(device=self.device, dtype=self.dtype)
         # A conditional GAN generates its fake rows at the real rows' classes (matching pairs for the penalty).
-        conditions = (self.labels[index].to(self.device),) if self.conditional else ()
+        conditions = (batch["labels"],) if self.conditional else ()
         with torch.no_grad():
             fake = output_tensor(self.generator(self.sample_latents(b), *conditions)).detach()
         parts, roles = [real, fake], [torch.full((b,), REAL), torch.full((b,), GENERATED)]
@@ -443,8 +461,8 @@ class GANTrainer:
         roles = torch.cat(roles).to(self.device)
         weights = torch.full((x.shape[0],), 1.0 / b, dtype=self.dtype, device=self.device)
         real_labels = torch.full((x.shape[0],), -1, dtype=torch.long)
-        if self.labels is not None:
-            real_labels[:b] = self.labels[index]
+        if "labels" in batch:
+            real_labels[:b] = batch["labels"].cpu()
         inputs = (x, roles)
         if self.conditional:
             inputs = (x, roles, conditions[0].repeat(len(parts)))
@@ -453,7 +471,58 @@ class GANTrainer:
             max_grad_norm=self.max_grad_norm, phase="discriminator",
             info={"roles": roles, "real_labels": real_labels, "discriminator": self.discriminator, "iteration": self.iteration},
         )
-        return self._perform(step, rng_before, global_rng, g_buffers)
+        return self._perform(step, rng_before, global_rng, g_buffers, batch)
+
+    def _real_batch(self) -> dict[str, torch.Tensor]:
+        """A discriminator step's real rows ``{"real"[, "labels"]}`` on the trainer's device: ``batch_size`` rows
+        drawn uniformly from Tensor data (the trainer's generator), or a DataLoader's next batch."""
+        if self._stream is not None:
+            return self._stream.next()
+        index = torch.randint(0, self.data.shape[0], (self.batch_size,), generator=self.rng)
+        batch = {"real": self.data[index].to(device=self.device, dtype=self.dtype)}
+        if self.labels is not None:
+            batch["labels"] = self.labels[index].to(self.device)
+        return batch
+
+    @staticmethod
+    def _check_iterable_data(data: Any, labels: Any, num_classes: Any, class_sampling: str, batch_size: Any) -> int:
+        """Refuse what a DataLoader cannot go with; returns the generator steps' batch size (``batch_size``,
+        else the loader's)."""
+        if labels is not None:
+            raise ValueError(
+                "labels= is for Tensor data: a DataLoader's batches carry their labels (an ImageFolder batch's second "
+                "element, a dict's 'class_labels')"
+            )
+        if num_classes is not None and class_sampling == "data":
+            raise ValueError(
+                "class_sampling='data' draws the generator's classes from the data's labels, which a DataLoader does "
+                "not hold in memory: pass class_sampling='uniform' (each class equally often)"
+            )
+        batch_size = getattr(data, "batch_size", None) if batch_size is None else batch_size
+        if batch_size is None:
+            raise ValueError(
+                f"pass batch_size=, the generator steps' batch size: this data ({type(data).__name__}) does not say "
+                "its batch size"
+            )
+        return batch_size
+
+    def _checked_batch(self, raw: Any) -> dict[str, torch.Tensor]:
+        """A DataLoader's batch as ``{"real"[, "labels"]}`` on the trainer's device, its types checked (labels kept
+        for the analyzers when they are class labels; required of a conditional GAN)."""
+        real, labels = split_batch(raw)
+        if not isinstance(real, torch.Tensor) or real.dim() < 2 or not real.is_floating_point():
+            found = f"{real.dtype} {tuple(real.shape)}" if isinstance(real, torch.Tensor) else type(real).__name__
+            raise TypeError(f"a batch's real samples must be a floating Tensor [B, ...], got {found}")
+        n = real.shape[0]
+        batch = {"real": real.to(device=self.device, dtype=self.dtype)}
+        if self.conditional:
+            if labels is None:
+                raise ValueError(f"a conditional GAN (num_classes={self.num_classes}) needs each batch's class labels: "
+                                 "batches (samples, labels), as an ImageFolder gives, or dicts with 'class_labels'")
+            batch["labels"] = check_classes(labels, n, self.num_classes, "the batch's class labels").to(self.device)
+        elif is_class_labels(labels, n):
+            batch["labels"] = labels.long().to(self.device)
+        return batch
 
     def generator_step(self) -> torch.Tensor:
         """One generator step (D's parameters frozen, its modes kept); returns the per-example losses."""
@@ -474,7 +543,8 @@ class GANTrainer:
             return self._perform(step, rng_before, global_rng)
 
     def _perform(self, step: OptimizerStep, rng_before: torch.Tensor, global_rng: dict[str, Any],
-                 g_buffers: Sequence[tuple[torch.Tensor, torch.Tensor]] = ()) -> torch.Tensor:
+                 g_buffers: Sequence[tuple[torch.Tensor, torch.Tensor]] = (),
+                 real_batch: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
         """Run ``step`` through the callbacks and count it (``g_steps`` / ``d_steps_done``) once its
         update is in the parameters, also when an error comes after the update (a callback's
         ``on_step_end``, the logging): the counts number the updates made, which analyzers and
@@ -482,8 +552,8 @@ class GANTrainer:
         step rolled back or never applied is not counted. Its draws are undone (an analyzer's
         refusal, an interrupt): the trainer's generator goes back to ``rng_before`` (its state before
         the step drew its rows, latents and classes) and the global RNG to ``global_rng``, its state
-        before the step's passes (the discriminator step's fake pass included), and G's buffers, which that
-        pass updates, to ``g_buffers``, so the step run again (``train()`` again, or after a resume from a checkpoint
+        before the step's passes (the discriminator step's fake pass included), G's buffers, which that
+        pass updates, to ``g_buffers``, and a DataLoader's ``real_batch`` is handed back, so the step run again (``train()`` again, or after a resume from a checkpoint
         written now) is the one an uninterrupted run makes. A step skipped for a non-finite loss or
         gradient keeps its draws used up, as a GradScaler skips such a step: drawn again it would
         fail again, and ``train()`` again goes on with the next draws."""
@@ -501,6 +571,8 @@ class GANTrainer:
             if not step.applied:
                 self.rng.set_state(rng_before)
                 set_global_rng_state(global_rng)
+                if self._stream is not None and real_batch is not None:
+                    self._stream.hand_back(real_batch)
                 with torch.no_grad():
                     for buffer, saved in g_buffers:
                         buffer.copy_(saved)
@@ -569,8 +641,12 @@ class GANTrainer:
     def _resume_config(self) -> dict[str, Any]:
         """The settings a checkpoint must share with the trainer that resumes it (another batch
         size, dtype, loss, data set or optimizer would mix two runs)."""
+        tensor_data = self._stream is None
         return {
-            "data_shape": list(self.data.shape), "labels": self.labels is not None, "latent_dim": self.latent_dim,
+            "data": "Tensor" if tensor_data else "iterable",
+            "data_shape": list(self.data.shape) if tensor_data else None,
+            "batches_per_epoch": None if tensor_data else self._stream.batches_per_epoch,
+            "labels": self.labels is not None, "latent_dim": self.latent_dim,
             "loss": self.loss, "output": self.output, "gp_weight": float(self.gp_weight),
             "batch_size": self.batch_size, "d_steps": self.d_steps, "max_grad_norm": float(self.max_grad_norm),
             "dtype": str(self.dtype), "g_optimizer": type(self.g_optimizer).__name__,
@@ -594,6 +670,7 @@ class GANTrainer:
             "lr_schedulers": {name: None if s is None else s.state_dict()
                               for name, s in (("g", self.lr_scheduler_g), ("d", self.lr_scheduler_d))},
             "rng": self.rng.get_state(),
+            "iterable": None if self._stream is None else self._stream.state_dict(),
             "iteration": self.iteration,
             "g_steps": self.g_steps,
             "d_steps_done": self.d_steps_done,
@@ -612,7 +689,8 @@ class GANTrainer:
             raise ValueError("not a GANTrainer checkpoint (written by GANTrainer.save_checkpoint)")
         saved_config = state.get("config")
         if saved_config is not None:  # a checkpoint written before trainers kept EMAs or schedules kept none
-            saved_config = {"ema": None, "lr_scheduler_g": None, "lr_scheduler_d": None, **saved_config}
+            saved_config = {"ema": None, "lr_scheduler_g": None, "lr_scheduler_d": None, "data": "Tensor",
+                            "batches_per_epoch": None, **saved_config}
         check_resume_config(saved_config, self._resume_config(), "GANTrainer")
         check_module_state(self.generator, state["generator"], "generator")
         check_module_state(self.discriminator, state["discriminator"], "discriminator")
@@ -630,6 +708,8 @@ class GANTrainer:
             if scheduler is not None:
                 scheduler.load_state_dict(state["lr_schedulers"][name])
         self.rng.set_state(state["rng"])
+        if self._stream is not None:
+            self._stream.load_state_dict(state["iterable"])
         self.iteration, self.g_steps, self.d_steps_done = state["iteration"], state["g_steps"], state["d_steps_done"]
         self._iteration_d_steps = state.get("iteration_d_steps", 0)  # checkpoints are written between iterations
         self.history = {k: list(v) for k, v in state["history"].items()}
