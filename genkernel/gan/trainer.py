@@ -182,7 +182,9 @@ class GANTrainer:
         lr_scheduler_g, lr_scheduler_d: learning-rate schedules, each stepped after every update of its
             optimizer (:mod:`~genkernel.core.tracking.lr_schedules`): a function optimizer →
             ``LRScheduler`` (for the default optimizers), or a scheduler built over the optimizer passed.
-        batch_size: real and generated examples per discriminator step; latents per generator step.
+        batch_size: real and generated examples per discriminator step; latents per generator step
+            (default 64; with a DataLoader, its batches set the discriminator steps' and its batch size,
+            unless given, the generator steps').
         d_steps: discriminator steps per generator step.
         gp_weight: λ of the gradient penalty (wgan-gp only).
         max_grad_norm: global-norm clipping of both players (inf: none).
