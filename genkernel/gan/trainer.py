@@ -453,6 +453,11 @@ class GANTrainer:
         conditions = (batch["labels"],) if self.conditional else ()
         with torch.no_grad():
             fake = output_tensor(self.generator(self.sample_latents(b), *conditions)).detach()
+        if fake.shape[1:] != real.shape[1:]:  # (a DataLoader's batch shaped otherwise, a G for other data)
+            raise ValueError(
+                f"the real samples are shaped {tuple(real.shape[1:])} but the generator's samples are shaped "
+                f"{tuple(fake.shape[1:])}: D takes both in one batch; give G and the data (each of its batches) one shape"
+            )
         parts, roles = [real, fake], [torch.full((b,), REAL), torch.full((b,), GENERATED)]
         if self.critic.penalty:
             eps = torch.rand(b, generator=self.rng, dtype=torch.float64).to(real)
@@ -694,6 +699,11 @@ class GANTrainer:
             saved_config = {"ema": None, "lr_scheduler_g": None, "lr_scheduler_d": None, "data": "Tensor",
                             "batches_per_epoch": None, **saved_config}
         check_resume_config(saved_config, self._resume_config(), "GANTrainer")
+        if self._stream is not None and not isinstance(state.get("iterable"), Mapping):
+            raise ValueError(
+                "the checkpoint records no DataLoader position (it was written by a GANTrainer on Tensor data): resume "
+                "it with the Tensor data it was trained on, or start a new run on the DataLoader"
+            )
         check_module_state(self.generator, state["generator"], "generator")
         check_module_state(self.discriminator, state["discriminator"], "discriminator")
         for name in ("g_optimizer", "d_optimizer"):

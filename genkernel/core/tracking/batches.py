@@ -123,7 +123,12 @@ class IterableBatches:
 
     @property
     def batches_per_epoch(self) -> int | None:
-        return len(self.data) if hasattr(self.data, "__len__") else None
+        """The batches an epoch yields, None when ``data`` does not say (a DataLoader of an
+        ``IterableDataset`` without ``__len__``, a streaming data set: its ``len()`` raises a TypeError)."""
+        try:
+            return len(self.data)
+        except TypeError:
+            return None
 
     def next(self) -> dict[str, torch.Tensor]:
         """The next batch, checked; an epoch that ends restarts the iterable."""
