@@ -394,8 +394,8 @@ class DDPMTrainer:
 
     def _hand_back(self, batch: dict[str, torch.Tensor], position: tuple[torch.Tensor, torch.Tensor, int],
                    global_rng: dict[str, Any]) -> None:
-        """Undo the draws of a step that failed before its update (an analyzer's refusal, a non-finite loss, an
-        interrupt), so that the next step (or a checkpoint written now) trains on the same batch, timesteps and
+        """Undo the draws of a step that failed before its update (an analyzer's refusal, an interrupt; not a
+        non-finite loss, whose draws stay used up), so that the next step (or a checkpoint written now) trains on the same batch, timesteps and
         noise as an uninterrupted run: the generator, the epoch order and cursor go back to ``position``;
         iterable data keeps the batch for the next step (the iterator cannot go back) and no longer counts it
         as trained on; the global RNG goes back to its state after the batch was drawn (``global_rng``), so

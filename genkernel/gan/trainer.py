@@ -558,10 +558,11 @@ class GANTrainer:
         the loop steps of a resumed run follow, and the loss history has one entry per update. A
         step rolled back or never applied is not counted. Its draws are undone (an analyzer's
         refusal, an interrupt): the trainer's generator goes back to ``rng_before`` (its state before
-        the step drew its rows, latents and classes) and the global RNG to ``global_rng``, its state
-        before the step's passes (the discriminator step's fake pass included), G's buffers, which that
-        pass updates, to ``g_buffers``, and a DataLoader's ``real_batch`` is handed back, so the step run again (``train()`` again, or after a resume from a checkpoint
-        written now) is the one an uninterrupted run makes. A step skipped for a non-finite loss or
+        the step drew its rows, latents and classes), the global RNG to ``global_rng`` (its state
+        before the step's passes, the discriminator step's fake pass included), G's buffers, which
+        that pass updates, to ``g_buffers``, and a DataLoader's ``real_batch`` is handed back, so the
+        step run again (``train()`` again, or after a resume from a checkpoint written now) is the
+        one an uninterrupted run makes. A step skipped for a non-finite loss or
         gradient keeps its draws used up, as a GradScaler skips such a step: drawn again it would
         fail again, and ``train()`` again goes on with the next draws."""
         try:
