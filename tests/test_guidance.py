@@ -132,7 +132,7 @@ def guided_by_hand(model, labels, scale, seed=0):
 
 
 @pytest.mark.parametrize("scale", [0.0, 3.0])
-def test_guided_samples_are_the_hand_written_guidance_loops(scale):
+def test_guided_samples_are_the_hand_written_guidance_loops(scale, tmp_path):
     run = trainer()
     run.train(4)
     labels = torch.tensor([0, 1, 2, 0, 1, 2])
@@ -144,6 +144,9 @@ def test_guided_samples_are_the_hand_written_guidance_loops(scale):
     # scale 1 is the conditional model: not the guided samples
     plain, _ = run.sample(6, labels=labels)
     assert not torch.allclose(plain, samples)
+    run.model.train()
+    saved = run.save_samples(tmp_path / "guided.png", 6, labels=labels, guidance_scale=scale)
+    assert torch.equal(saved, samples) and torch.equal(torch.load(tmp_path / "guided.pt"), samples.cpu())
 
 
 @pytest.mark.parametrize("kwargs,match", [

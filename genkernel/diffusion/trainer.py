@@ -526,13 +526,13 @@ class DDPMTrainer:
 
     def save_samples(self, path: str | os.PathLike, num_samples: int = 16, *, labels: torch.Tensor | None = None,
                      num_inference_steps: int | None = None, seed: int = 0, sampler: Any = None,
-                     weights: str = "model") -> torch.Tensor:
-        """Generate samples and write them as ``path`` (a PNG: an image grid, or a scatter over the
-        data for points) plus ``path`` with suffix ``.pt`` (the tensor). Returns the samples."""
+                     weights: str = "model", guidance_scale: float = 1.0) -> torch.Tensor:
+        """Generate samples (:meth:`sample`'s arguments) and write them as ``path`` (a PNG: an image grid, or
+        a scatter over the data for points) plus ``path`` with suffix ``.pt`` (the tensor). Returns the samples."""
         import matplotlib.pyplot as plt
 
         samples, _ = self.sample(num_samples, labels=labels, num_inference_steps=num_inference_steps, seed=seed,
-                                 sampler=sampler, weights=weights)
+                                 sampler=sampler, weights=weights, guidance_scale=guidance_scale)
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_save(samples.cpu(), path.with_suffix(".pt"))
