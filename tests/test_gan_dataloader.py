@@ -156,7 +156,9 @@ def test_a_conditional_gan_whose_batches_lack_classes_is_refused_at_the_first_ba
 
 def test_a_dcgan_trains_on_an_image_folder(tmp_path):
     # the real component: torchvision's ImageFolder of PNGs (16×16), its class folders the batch's labels
+    from diffusers.training_utils import EMAModel
     from torchvision import datasets, transforms
+    from torchvision.utils import save_image
 
     rng = np.random.default_rng(0)
     for name in ("a", "b"):
@@ -167,9 +169,17 @@ def test_a_dcgan_trains_on_an_image_folder(tmp_path):
         transforms.Grayscale(), transforms.ToTensor(), transforms.Normalize((0.5,), (0.5,))]))
     rows = RealRows()
     torch.manual_seed(0)
-    run = GANTrainer(DCGenerator(8, width=8, groups=4), DCDiscriminator(width=8), DataLoader(folder, batch_size=4),
-                     seed=3, callbacks=[rows])
+    generator = DCGenerator(8, width=8, groups=4)
+    run = GANTrainer(generator, DCDiscriminator(width=8), DataLoader(folder, batch_size=4), seed=3, callbacks=[rows],
+                     ema=EMAModel(generator.parameters(), decay=0.5))
     run.train(3)
     images = torch.stack([folder[i][0] for i in range(12)])
     assert all(torch.equal(real, images[4 * k:4 * k + 4]) for k, real in enumerate(rows.real))
     assert run.g_steps == 3
+    # the sample grid with the EMA's weights is torchvision's grid of sample(weights="ema"), not the model's
+    latents = torch.randn(4, 8, generator=torch.Generator().manual_seed(4))
+    run.save_samples(tmp_path / "ema.png", latents, weights="ema")
+    save_image((run.sample(latents, weights="ema") + 1) / 2, str(tmp_path / "expected.png"))
+    run.save_samples(tmp_path / "model.png", latents)
+    pixels = {name: np.asarray(Image.open(tmp_path / f"{name}.png")) for name in ("ema", "expected", "model")}
+    assert np.array_equal(pixels["ema"], pixels["expected"]) and not np.array_equal(pixels["ema"], pixels["model"])

@@ -742,12 +742,12 @@ class GANTrainer:
         self.load_state_dict(load_state(path, "genkernel.GANTrainer/2"))
 
     def save_samples(self, path: str | os.PathLike, latents: torch.Tensor, *, nrow: int = 8,
-                     classes: torch.Tensor | None = None) -> None:
-        """A sample grid of G(latents) (G(latents, classes) for a conditional GAN) (images; values in
-        [-1, 1] mapped to [0, 1]) via torchvision."""
+                     classes: torch.Tensor | None = None, weights: str = "model") -> None:
+        """A sample grid of G(latents) (G(latents, classes) for a conditional GAN; ``weights="ema"``: with the
+        EMA's weights) (images; values in [-1, 1] mapped to [0, 1]) via torchvision."""
         from torchvision.utils import save_image
 
-        images = self.sample(latents, classes)
+        images = self.sample(latents, classes, weights=weights)
         if images.dim() != 4:
             raise ValueError(f"save_samples needs image samples [B, C, H, W], got shape {tuple(images.shape)}")
         Path(path).parent.mkdir(parents=True, exist_ok=True)
