@@ -183,3 +183,40 @@ def test_a_dcgan_trains_on_an_image_folder(tmp_path):
     run.save_samples(tmp_path / "model.png", latents)
     pixels = {name: np.asarray(Image.open(tmp_path / f"{name}.png")) for name in ("ema", "expected", "model")}
     assert np.array_equal(pixels["ema"], pixels["expected"]) and not np.array_equal(pixels["ema"], pixels["model"])
+
+
+class FailsOnce(torch.nn.Module):
+    """A generator whose ``count``-th forward raises (a discriminator step's fake pass, outside the performed step)."""
+
+    def __init__(self, net, count):
+        super().__init__()
+        self.net, self.count, self.calls, self.latent_dim = net, count, 0, net.latent_dim
+
+    def forward(self, z):
+        self.calls += 1
+        if self.calls == self.count:
+            raise RuntimeError("device lost in G's pass")
+        return self.net(z)
+
+
+def test_a_discriminator_step_failing_in_gs_fake_pass_hands_its_batch_back():
+    # forwards: the trainer's check of G at construction, D step 1 and 2 fake passes, G step 1, then D step 3's
+    # fake pass (the 5th) fails: before the step is built, so _perform never sees it
+    def make(count):
+        torch.manual_seed(0)
+        generator = FailsOnce(MLPGenerator(2, 2, hidden=16, depth=2).double(), count)
+        return GANTrainer(generator, MLPDiscriminator(2, hidden=16, depth=2).double(),
+                          loader(dataset=Jittered(ring(40))), d_steps=2, seed=3, loss="wgan-gp")
+
+    straight = make(count=10**6)
+    torch.manual_seed(5)
+    straight.train(3)
+    failing = make(count=5)
+    torch.manual_seed(5)
+    with pytest.raises(RuntimeError, match="device lost"):
+        failing.train(3)
+    assert failing.d_steps_done == 2
+    failing.train(3)
+    same(straight.generator.net.state_dict(), failing.generator.net.state_dict())
+    same(straight.discriminator.state_dict(), failing.discriminator.state_dict())
+    assert failing.history == straight.history

@@ -50,6 +50,7 @@ import math
 import numbers
 import os
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
@@ -149,6 +150,18 @@ def discriminator_input_gradients(
             raise ValueError(f"the generator loss must return per-example losses of shape [{x.shape[0]}]")
         (w,) = torch.autograd.grad(losses.sum(), x)
     return samples, w.detach(), losses.detach()
+
+
+@dataclass
+class StepDraws:
+    """What a step drew, to undo when it fails before its update: the trainer's generator's state before the
+    step's draws, the global RNG's before its passes, G's buffers (tensor, saved copy) before the discriminator
+    step's fake pass, and the DataLoader batch it took."""
+
+    rng: torch.Tensor
+    global_rng: dict[str, Any]
+    g_buffers: Sequence[tuple[torch.Tensor, torch.Tensor]] = ()
+    real_batch: dict[str, torch.Tensor] | None = None
 
 
 class GANTrainer:
@@ -443,12 +456,20 @@ class GANTrainer:
         """One discriminator step; returns the per-example losses."""
         rng_before = self.rng.get_state()
         batch = self._real_batch()
-        real = batch["real"]
-        b = real.shape[0]
         # the state before the step's passes, the real batch loaded: the fake rows' pass draws from the global RNG
         # (dropout in G) and, G in training mode, updates G's buffers (BatchNorm's running statistics)
-        global_rng = global_rng_state()
-        g_buffers = [(buffer, buffer.clone()) for buffer in self.generator.buffers()]
+        draws = StepDraws(rng_before, global_rng_state(), [(b, b.clone()) for b in self.generator.buffers()], batch)
+        try:
+            step = self._discriminator_step(batch)
+        except BaseException:  # (G's pass, a batch shaped otherwise, an interrupt): nothing was updated
+            self._undo(draws)
+            raise
+        return self._perform(step, draws)
+
+    def _discriminator_step(self, batch: dict[str, torch.Tensor]) -> OptimizerStep:
+        """The discriminator step on the real ``batch``: G's fake rows (and WGAN-GP's interpolates) drawn."""
+        real = batch["real"]
+        b = real.shape[0]
         # A conditional GAN generates its fake rows at the real rows' classes (matching pairs for the penalty).
         conditions = (batch["labels"],) if self.conditional else ()
         with torch.no_grad():
@@ -473,12 +494,11 @@ class GANTrainer:
         inputs = (x, roles)
         if self.conditional:
             inputs = (x, roles, conditions[0].repeat(len(parts)))
-        step = OptimizerStep(
+        return OptimizerStep(
             self.critic, self.d_optimizer, self.d_loss, inputs, roles, weights,
             max_grad_norm=self.max_grad_norm, phase="discriminator",
             info={"roles": roles, "real_labels": real_labels, "discriminator": self.discriminator, "iteration": self.iteration},
         )
-        return self._perform(step, rng_before, global_rng, g_buffers, batch)
 
     def _real_batch(self) -> dict[str, torch.Tensor]:
         """A discriminator step's real rows ``{"real"[, "labels"]}`` on the trainer's device: ``batch_size`` rows
@@ -533,7 +553,7 @@ class GANTrainer:
 
     def generator_step(self) -> torch.Tensor:
         """One generator step (D's parameters frozen, its modes kept); returns the per-example losses."""
-        rng_before, global_rng = self.rng.get_state(), global_rng_state()
+        draws = StepDraws(self.rng.get_state(), global_rng_state())
         z = self.sample_latents(self.batch_size)
         info = {"latents": z, "discriminator": self.discriminator, "iteration": self.iteration}
         if self.conditional:  # inputs (z, classes); the loss reads D(G(z, y), y) from its targets
@@ -547,22 +567,16 @@ class GANTrainer:
             max_grad_norm=self.max_grad_norm, phase="generator", info=info,
         )
         with frozen(self.discriminator):
-            return self._perform(step, rng_before, global_rng)
+            return self._perform(step, draws)
 
-    def _perform(self, step: OptimizerStep, rng_before: torch.Tensor, global_rng: dict[str, Any],
-                 g_buffers: Sequence[tuple[torch.Tensor, torch.Tensor]] = (),
-                 real_batch: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+    def _perform(self, step: OptimizerStep, draws: StepDraws) -> torch.Tensor:
         """Run ``step`` through the callbacks and count it (``g_steps`` / ``d_steps_done``) once its
         update is in the parameters, also when an error comes after the update (a callback's
         ``on_step_end``, the logging): the counts number the updates made, which analyzers and
         the loop steps of a resumed run follow, and the loss history has one entry per update. A
-        step rolled back or never applied is not counted. Its draws are undone (an analyzer's
-        refusal, an interrupt): the trainer's generator goes back to ``rng_before`` (its state before
-        the step drew its rows, latents and classes), the global RNG to ``global_rng`` (its state
-        before the step's passes, the discriminator step's fake pass included), G's buffers, which
-        that pass updates, to ``g_buffers``, and a DataLoader's ``real_batch`` is handed back, so the
-        step run again (``train()`` again, or after a resume from a checkpoint written now) is the
-        one an uninterrupted run makes. A step skipped for a non-finite loss or
+        step rolled back or never applied is not counted. Its ``draws`` are undone (an analyzer's
+        refusal, an interrupt; :meth:`_undo`), so the step run again (``train()`` again, or after a
+        resume from a checkpoint written now) is the one an uninterrupted run makes. A step skipped for a non-finite loss or
         gradient keeps its draws used up, as a GradScaler skips such a step: drawn again it would
         fail again, and ``train()`` again goes on with the next draws."""
         try:
@@ -577,18 +591,25 @@ class GANTrainer:
         except BaseException:
             self._count_applied(step)
             if not step.applied:
-                self.rng.set_state(rng_before)
-                set_global_rng_state(global_rng)
-                if self._stream is not None and real_batch is not None:
-                    self._stream.hand_back(real_batch)
-                with torch.no_grad():
-                    for buffer, saved in g_buffers:
-                        buffer.copy_(saved)
+                self._undo(draws)
             raise
         self._count_applied(step)
         if self.logging is not None:
             self.logging.on_step_end(self, step)
         return losses
+
+    def _undo(self, draws: StepDraws) -> None:
+        """Undo a step's draws: the trainer's generator back to its state before the step drew its rows,
+        latents and classes, the global RNG to its state before the step's passes (the discriminator step's
+        fake pass included), G's buffers, which that pass updates, to theirs, and a DataLoader's real batch
+        handed back."""
+        self.rng.set_state(draws.rng)
+        set_global_rng_state(draws.global_rng)
+        if self._stream is not None and draws.real_batch is not None:
+            self._stream.hand_back(draws.real_batch)
+        with torch.no_grad():
+            for buffer, saved in draws.g_buffers:
+                buffer.copy_(saved)
 
     def _count_applied(self, step: OptimizerStep) -> None:
         """Count an applied step; a generator step also updates the EMA (``ema=``): the EMA follows every update
