@@ -190,3 +190,19 @@ def test_a_gan_step_skipped_for_a_non_finite_loss_keeps_its_draws_used_up(phase)
     assert torch.equal(trainer.rng.get_state(), trainer.callbacks[0].drawn)
     trainer.train(3)
     assert trainer.g_steps == 3 and trainer.d_steps_done == 6
+
+
+def test_a_batch_its_check_refuses_is_passed_over_alike_by_the_next_step_and_by_a_resume(tmp_path):
+    # the third batch holds integer points: refused by the trainer's check after the iterator moved past it
+    batches = [ring(8, seed=1), ring(8, seed=2), torch.zeros(8, 2, dtype=torch.long), ring(8, seed=4), ring(8, seed=5)]
+    run = ddpm(batches, analyzer=False)
+    run.train(2)
+    with pytest.raises(TypeError, match="floating Tensor"):
+        run.train(1)
+    run.save_checkpoint(tmp_path / "after_the_refusal.pt")
+    run.train(2)
+    resumed = ddpm(batches, analyzer=False)
+    assert resumed.resume(tmp_path / "after_the_refusal.pt")
+    resumed.train(2)
+    same(run.model.state_dict(), resumed.model.state_dict(), "model")
+    assert run.losses == resumed.losses and run.global_step == 4

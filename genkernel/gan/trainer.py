@@ -156,11 +156,12 @@ def discriminator_input_gradients(
 class StepDraws:
     """What a step drew, to undo when it fails before its update: the trainer's generator's state before the
     step's draws, the global RNG's before its passes, G's buffers (tensor, saved copy) before the discriminator
-    step's fake pass, and the DataLoader batch it took."""
+    step's fake pass (by module and name: a forward may rebind a buffer, ``self.mean = ...``), and the DataLoader
+    batch it took."""
 
     rng: torch.Tensor
     global_rng: dict[str, Any]
-    g_buffers: Sequence[tuple[torch.Tensor, torch.Tensor]] = ()
+    g_buffers: Sequence[tuple[nn.Module, str, torch.Tensor]] = ()  # (module, buffer name, saved copy)
     real_batch: dict[str, torch.Tensor] | None = None
 
 
@@ -455,10 +456,16 @@ class GANTrainer:
     def discriminator_step(self) -> torch.Tensor:
         """One discriminator step; returns the per-example losses."""
         rng_before = self.rng.get_state()
-        batch = self._real_batch()
+        try:
+            batch = self._real_batch()
+        except BaseException:  # (Tensor data: its rows drawn, then a failure, e.g. an interrupt, loading them)
+            self.rng.set_state(rng_before)
+            raise
         # the state before the step's passes, the real batch loaded: the fake rows' pass draws from the global RNG
         # (dropout in G) and, G in training mode, updates G's buffers (BatchNorm's running statistics)
-        draws = StepDraws(rng_before, global_rng_state(), [(b, b.clone()) for b in self.generator.buffers()], batch)
+        g_buffers = [(module, name, buffer.clone()) for module in self.generator.modules()
+                     for name, buffer in module.named_buffers(recurse=False)]
+        draws = StepDraws(rng_before, global_rng_state(), g_buffers, batch)
         try:
             step = self._discriminator_step(batch)
         except BaseException:  # (G's pass, a batch shaped otherwise, an interrupt): nothing was updated
@@ -554,6 +561,16 @@ class GANTrainer:
     def generator_step(self) -> torch.Tensor:
         """One generator step (D's parameters frozen, its modes kept); returns the per-example losses."""
         draws = StepDraws(self.rng.get_state(), global_rng_state())
+        try:
+            step = self._generator_step()
+        except BaseException:  # (its latents or classes drawn, then a failure, e.g. an interrupt): nothing was updated
+            self._undo(draws)
+            raise
+        with frozen(self.discriminator):
+            return self._perform(step, draws)
+
+    def _generator_step(self) -> OptimizerStep:
+        """The generator step: its latents (and a conditional GAN's classes) drawn."""
         z = self.sample_latents(self.batch_size)
         info = {"latents": z, "discriminator": self.discriminator, "iteration": self.iteration}
         if self.conditional:  # inputs (z, classes); the loss reads D(G(z, y), y) from its targets
@@ -562,12 +579,10 @@ class GANTrainer:
             inputs, targets = (z, classes), classes
         else:
             inputs, targets = z, None
-        step = OptimizerStep(
+        return OptimizerStep(
             self.generator, self.g_optimizer, self.g_loss, inputs, targets,
             max_grad_norm=self.max_grad_norm, phase="generator", info=info,
         )
-        with frozen(self.discriminator):
-            return self._perform(step, draws)
 
     def _perform(self, step: OptimizerStep, draws: StepDraws) -> torch.Tensor:
         """Run ``step`` through the callbacks and count it (``g_steps`` / ``d_steps_done``) once its
@@ -585,8 +600,8 @@ class GANTrainer:
             self._count_applied(step)
             raise NonFiniteError(
                 f"iteration {self.iteration}, {step.phase} step: {error} (training stopped before this update, "
-                "which is skipped: models, optimizers and any ledger keep the state from before it, and train() "
-                "again goes on with the next draws)"
+                "which is skipped: parameters, optimizers and any ledger keep their state from before it, and "
+                "train() again goes on with the next draws)"
             ) from error
         except BaseException:
             self._count_applied(step)
@@ -608,8 +623,13 @@ class GANTrainer:
         if self._stream is not None and draws.real_batch is not None:
             self._stream.hand_back(draws.real_batch)
         with torch.no_grad():
-            for buffer, saved in draws.g_buffers:
-                buffer.copy_(saved)
+            for module, name, saved in draws.g_buffers:
+                # into the buffer the module holds now (a forward may have rebound it): in place where it fits
+                current = getattr(module, name, None)
+                if isinstance(current, torch.Tensor) and current.shape == saved.shape and current.dtype == saved.dtype:
+                    current.copy_(saved)
+                else:
+                    setattr(module, name, saved)
 
     def _count_applied(self, step: OptimizerStep) -> None:
         """Count an applied step; a generator step also updates the EMA (``ema=``): the EMA follows every update

@@ -138,18 +138,19 @@ class IterableBatches:
             if self._held is not None:  # handed back by a step that failed before its update
                 batch, self._held = self._held, None
                 self._batch_global, self._held_global = self._held_global, None
-                break
+                self.batches_in_epoch += 1
+                return batch
             self._batch_global = torch.get_rng_state()
             raw = next(self._iterator, _END)
             if raw is not _END:
-                batch = self.check(raw)
-                break
+                # counted before its check: a batch the check refuses is passed over, by the next call and by a
+                # resume from a checkpoint written now alike
+                self.batches_in_epoch += 1
+                return self.check(raw)
             if self.batches_in_epoch == 0:
                 raise ValueError("data yielded no batch in a whole epoch: pass a non-empty DataLoader or list of batches")
             self._iterator = None
             self.epoch += 1
-        self.batches_in_epoch += 1
-        return batch
 
     def hand_back(self, batch: dict[str, torch.Tensor]) -> None:
         """Keep ``batch`` (as :meth:`next` gave it, or the part of it a retry needs) for the next
