@@ -9,16 +9,18 @@ restore the position.
 
 What a checkpoint reproduces. It records how many batches of the current epoch were trained on
 and, when the loader draws its order from a ``torch.Generator`` (``DataLoader(..., shuffle=True,
-generator=g)``, or a sampler's ``generator``), that generator's state at the start of the epoch:
-resuming restores the state, restarts the epoch and skips (loads and discards) the batches already
-trained on, so the batches continue in the order an uninterrupted run sees, and so do random
-augmentations drawn in worker processes (they are seeded from the loader's generator). It records
-the global RNG's state at the start of the epoch as well and replays the skipped batches from it,
-so an order drawn from the global RNG (``shuffle=True`` without ``generator=``) and the workers'
-seeds continue too; the trainer restores the global RNG's state at the checkpoint (dropout, random
-augmentations in the main process) after the skip. A batch handed back is drawn again on resume
-from the global RNG's state it was first drawn at. Not reproduced: any iterable whose batches
-differ from epoch to epoch for other reasons.
+generator=g)``, or a sampler's or batch sampler's ``generator``), that generator's state at the start
+of the epoch: resuming restores the state, restarts the epoch and skips (loads and discards) the
+batches already trained on, so the batches continue in the order an uninterrupted run sees, and so
+do random augmentations drawn in worker processes (they are seeded from the loader's generator). A
+sampler with ``set_epoch`` (``DistributedSampler``, whose order is drawn from seed + epoch) is told
+each epoch's number before the epoch starts, as Lightning and accelerate tell it. The global RNG's
+state at the start of the epoch is recorded as well and the skipped batches are replayed from it, so
+an order drawn from the global RNG (``shuffle=True`` without ``generator=``) and the workers' seeds
+continue too; the trainer restores the global RNG's state at the checkpoint (dropout, random
+augmentations in the main process) after the skip. A batch handed back is drawn again on resume from
+the global RNG's state it was first drawn at. Not reproduced: any iterable whose batches differ from
+epoch to epoch for other reasons.
 """
 
 from __future__ import annotations
@@ -89,15 +91,37 @@ def check_reiterable(data: Any, tensor_form: str) -> None:
         )
 
 
+def _samplers(data: Any) -> list[Any]:
+    """A DataLoader's sampler, its batch sampler and the batch sampler's own sampler (where given: a
+    ``DataLoader(batch_sampler=BatchSampler(RandomSampler(..., generator=g), ...))`` keeps a default
+    ``SequentialSampler`` as its ``sampler``)."""
+    batch_sampler = getattr(data, "batch_sampler", None)
+    owners = [getattr(data, "sampler", None), batch_sampler, getattr(batch_sampler, "sampler", None)]
+    found: list[Any] = []
+    for owner in owners:
+        if owner is not None and all(owner is not o for o in found):
+            found.append(owner)
+    return found
+
+
 def order_generators(data: Any) -> list[torch.Generator]:
     """The ``torch.Generator`` objects a DataLoader draws its order (and workers' seeds) from: the
-    loader's ``generator`` and its sampler's (often the same object)."""
+    loader's ``generator`` and its samplers' (often the same object)."""
     found: list[torch.Generator] = []
-    for owner in (data, getattr(data, "sampler", None)):
+    for owner in (data, *_samplers(data)):
         generator = getattr(owner, "generator", None)
         if isinstance(generator, torch.Generator) and all(generator is not g for g in found):
             found.append(generator)
     return found
+
+
+def set_sampler_epoch(data: Any, epoch: int) -> None:
+    """Tell the samplers that order an epoch by its number (``DistributedSampler``'s ``set_epoch``: its
+    order is drawn from seed + epoch) which epoch starts, as Lightning and accelerate do; without it
+    every epoch repeats the first one's order."""
+    for owner in _samplers(data):
+        if callable(getattr(owner, "set_epoch", None)):
+            owner.set_epoch(epoch)
 
 
 class IterableBatches:
@@ -183,6 +207,7 @@ class IterableBatches:
         self._reopen = False
         self._epoch_states = [generator.get_state() for generator in generators]
         self._epoch_global_state = torch.get_rng_state()
+        set_sampler_epoch(self.data, self.epoch)
         self._iterator = iter(self.data)
         try:
             for skipped in range(skip):
@@ -227,4 +252,4 @@ class IterableBatches:
 
 
 __all__ = ["IMAGE_KEYS", "LABEL_KEYS", "IterableBatches", "check_reiterable", "class_labels", "is_class_labels",
-           "order_generators", "split_batch"]
+           "order_generators", "set_sampler_epoch", "split_batch"]
