@@ -24,7 +24,7 @@ from ema_pytorch import EMA
 from genkernel.core.adapter import analysis_mode, output_tensor
 from genkernel.core.tracking.ema import ema_weights
 from genkernel.diffusion import reverse_sample
-from test_trainer_ema import F64, analyzer, mlp, trainer
+from test_trainer_ema import F64, analyzer, assert_ledger_adds_up, mlp, trainer
 from test_trainer_ema_review import bn_model, gan_trainer, hand_loop, same
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -243,7 +243,5 @@ def test_coverage_an_accepted_ema_pytorch_option_averages_as_by_hand_and_its_ema
     decays = watcher.report()["ema"]["decays"]
     assert len(decays) == 5 and decays[0] == 0.0 and 0 < decays[-1] <= 0.8
     for ledger in watcher.ema_ledgers.values():
-        scale = float(ledger.delta.abs().max())
-        identity = ledger.contributions.sum(1) + ledger.rest + ledger.residual - ledger.delta
-        assert scale > 0 and float(identity.abs().max()) < 1e-12 * scale
+        assert_ledger_adds_up(ledger)
     assert watcher.residual(weights="ema")["relative_residual"] < 1e-3

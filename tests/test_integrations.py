@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from genkernel.diffusion import MLPDenoiser, NoiseLevelAnalyzer, make_scheduler
+from test_trainer_ema import assert_ledger_adds_up
 
 F64 = torch.float64
 T = 100
@@ -370,10 +371,7 @@ def test_an_ema_that_leaves_a_parameter_out_is_refused_naming_that_parameter():
 def assert_ema_ledger_adds_up(analyzer, decays):
     """The analyzer's EMA ledger adds up to the EMA weights' change at the probes (1e-12), its residual is
     small, and the decays it read are ``decays``."""
-    ema = analyzer.ema_ledgers["level"]
-    scale = float(ema.delta.abs().max())
-    identity = ema.contributions.sum(1) + ema.rest + ema.residual - ema.delta
-    assert scale > 0 and float(identity.abs().max()) < 1e-12 * scale
+    assert_ledger_adds_up(analyzer.ema_ledgers["level"])
     assert analyzer.residual(weights="ema")["relative_residual"] < 1e-3
     assert analyzer.report()["ema"]["decays"] == pytest.approx(decays, rel=1e-12)
 

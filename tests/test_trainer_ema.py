@@ -36,6 +36,14 @@ EMAS = {
 }
 
 
+def assert_ledger_adds_up(ledger, scale=None):
+    """contributions + rest + residual = Δ at every probe, to 1e-12 of ``scale`` (default: the ledger's own largest
+    change, which must not be 0)."""
+    scale = float(ledger.delta.abs().max()) if scale is None else scale
+    identity = ledger.contributions.sum(1) + ledger.rest + ledger.residual - ledger.delta
+    assert scale > 0 and float(identity.abs().max()) < 1e-12 * scale
+
+
 def step_by_hand(kind, ema, model):
     """The loop's own EMA update, as each library documents it."""
     {"diffusers": lambda: ema.step(model.parameters()), "ema_pytorch": lambda: ema.update(),
@@ -114,9 +122,7 @@ def test_an_attached_analyzer_books_the_ema_ledger_as_the_user_loop_does_and_cha
         scale = float(expected.delta.abs().max())
         assert torch.allclose(ledger.contributions, expected.contributions, rtol=0, atol=1e-12 * scale)
         assert torch.allclose(ledger.rest, expected.rest, rtol=0, atol=1e-12 * scale)
-        # the EMA ledger adds up to the EMA weights' change at the probes
-        identity = ledger.contributions.sum(1) + ledger.rest + ledger.residual - ledger.delta
-        assert float(identity.abs().max()) < 1e-12 * scale
+        assert_ledger_adds_up(ledger, scale)  # to the EMA weights' change at the probes
     assert watcher.residual(weights="ema")["relative_residual"] < 1e-3
     decays = watcher.report()["ema"]["decays"]
     assert len(decays) == 4 and decays[0] == 0.0 and 0 < decays[-1] < 0.9  # EMAModel's warm-up, read not assumed
@@ -228,9 +234,7 @@ def test_the_gan_trainer_steps_its_generator_ema_after_each_generator_step_and_t
     assert all(torch.equal(a, b) for a, b in zip(with_ema.ema.shadow_params, tracked.ema.shadow_params))
     assert with_ema.ema.optimization_step == 3  # once per generator step, not per discriminator step
     ledger = analyzer.generator_ema_ledgers["geometry"]
-    scale = float(ledger.delta.abs().max())
-    identity = ledger.contributions.sum(1) + ledger.rest + ledger.residual - ledger.delta
-    assert scale > 0 and float(identity.abs().max()) < 1e-12 * scale
+    assert_ledger_adds_up(ledger)
     assert ledger.relative_residual() < 1e-3
     # β read from the EMA's moves: EMAModel's warm-up decays 1 - (1 + k)^-power, 0 at its first step
     expected = [min(0.9, 1 - (1 + k) ** -0.75) if k > 0 else 0.0 for k in range(3)]

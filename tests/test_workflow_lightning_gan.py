@@ -22,6 +22,7 @@ pl = pytest.importorskip("lightning.pytorch")
 
 from genkernel.gan import GANKernelAnalyzer  # noqa: E402
 from genkernel.integrations.lightning import GenkernelCallback  # noqa: E402
+from test_trainer_ema import assert_ledger_adds_up  # noqa: E402
 
 NZ, LR, BETAS, EPS = 4, 2e-3, (0.5, 0.999), 1e-8
 
@@ -368,8 +369,6 @@ def test_lightning_weight_averaging_gives_the_generator_an_ema_ledger():
         warnings.simplefilter("ignore")
         trainer.fit(module, loader())
     ledger = module.analyzer.generator_ema_ledgers["geometry"]
-    scale = float(ledger.delta.abs().max())
-    identity = ledger.contributions.sum(1) + ledger.rest + ledger.residual - ledger.delta
-    assert scale > 0 and float(identity.abs().max()) < 1e-12 * scale
+    assert_ledger_adds_up(ledger)
     assert ledger.relative_residual() < 1e-3
     assert module.analyzer.report()["generator_ema"]["decays"] == pytest.approx([0.0, 0.9], rel=1e-12)
