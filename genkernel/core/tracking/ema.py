@@ -63,7 +63,7 @@ def _weights_reader(ema: Any, names: list[str], model: nn.Module) -> Callable[[]
     """:func:`ema_parameters`' reader, the tensors where the EMA keeps them."""
     if callable(ema) and not isinstance(ema, nn.Module):
         return lambda: {n: ema()[n] for n in names}
-    if hasattr(ema, "shadow_params"):  # diffusers.training_utils.EMAModel
+    if _is_diffusers_ema(ema):
         all_names = _shadow_names(ema, model)
         return lambda: {n: t for n, t in zip(all_names, ema.shadow_params) if n in names}
     if _is_ema_pytorch(ema):
@@ -157,7 +157,7 @@ def ema_buffers(ema: Any, model: nn.Module) -> Callable[[], dict[str, torch.Tens
     where the EMA keeps parameters only (diffusers' ``EMAModel``, a callable) or the model has no
     buffers: the live model's are the ones then."""
     own = [n for n, _ in model.named_buffers()]
-    if not own or (callable(ema) and not isinstance(ema, nn.Module)) or hasattr(ema, "shadow_params"):
+    if not own or (callable(ema) and not isinstance(ema, nn.Module)) or _is_diffusers_ema(ema):
         return None
     module = _ema_module(ema)
     theirs = {n for n, _ in module.named_buffers()}
@@ -175,7 +175,7 @@ EMA_LEDGERS = ("trainer", "none")
 def check_trainable_ema(ema: Any, model: nn.Module) -> None:
     """Raise unless a trainer can step ``ema`` (:func:`step_ema`) and read its weights for ``model``: a
     TypeError naming the kinds it takes, a ValueError when the EMA averages another model."""
-    if not (hasattr(ema, "shadow_params") or _is_ema_pytorch(ema)
+    if not (_is_diffusers_ema(ema) or _is_ema_pytorch(ema)
             or isinstance(ema, torch.optim.swa_utils.AveragedModel)):
         raise TypeError(f"ema must be {EMA_KINDS} built over the trainer's model, got {type(ema).__name__}")
     names = [n for n, _ in model.named_parameters()]
@@ -212,6 +212,11 @@ def _check_ema_dtypes(ema: Any, averaged: dict[str, torch.Tensor], params: dict[
             )
 
 
+def _is_diffusers_ema(ema: Any) -> bool:
+    """diffusers' ``EMAModel`` (``training_utils``): it holds the averaged parameters as ``shadow_params``."""
+    return hasattr(ema, "shadow_params")
+
+
 def _is_ema_pytorch(ema: Any) -> bool:
     return isinstance(ema, nn.Module) and hasattr(ema, "ema_model") and callable(getattr(ema, "update", None))
 
@@ -224,7 +229,7 @@ def ema_settings(ema: Any) -> dict[str, Any]:
     ``AveragedModel``'s averaging function is compared by what it makes of θ̄ = 0, θ = 1 after 3 averages
     (``get_ema_multi_avg_fn(β)``: 1 − β; the default running mean: 1/4)."""
     kind = type(ema).__name__
-    if hasattr(ema, "shadow_params"):
+    if _is_diffusers_ema(ema):
         keys = ("decay", "min_decay", "update_after_step", "use_ema_warmup", "inv_gamma", "power")
     elif _is_ema_pytorch(ema):
         keys = ("beta", "update_after_step", "update_every", "inv_gamma", "power", "min_value")
@@ -248,7 +253,7 @@ def _averaging_probe(ema: Any) -> float:
 def check_ema_state(ema: Any, state: Any) -> None:
     """Raise a ValueError unless ``state`` (an EMA's ``state_dict``) fits ``ema``, before anything is
     loaded: the same averaged tensors with their shapes and dtypes."""
-    if hasattr(ema, "shadow_params"):
+    if _is_diffusers_ema(ema):
         saved = state.get("shadow_params") if isinstance(state, dict) else None
         mine = [(tuple(t.shape), t.dtype) for t in ema.shadow_params]
         theirs = None if not isinstance(saved, list) else [(tuple(t.shape), t.dtype) for t in saved]
@@ -266,14 +271,14 @@ def load_ema_state(ema: Any, state: Any, device: torch.device) -> None:
     """Load a checked (:func:`check_ema_state`) EMA state; diffusers' ``EMAModel`` keeps the loaded tensors
     where they were saved, so its averages are moved to the model's ``device``."""
     ema.load_state_dict(state)
-    if hasattr(ema, "shadow_params"):
+    if _is_diffusers_ema(ema):
         ema.to(device=device)
 
 
 def step_ema(ema: Any, model: nn.Module) -> None:
     """One EMA update after an optimizer step, each kind by its own API: ``EMAModel.step(parameters)``,
     ema-pytorch's ``EMA.update()`` (its own warm-up and ``update_every``), ``AveragedModel.update_parameters``."""
-    if hasattr(ema, "shadow_params"):
+    if _is_diffusers_ema(ema):
         ema.step(model.parameters())
     elif _is_ema_pytorch(ema):
         ema.update()
@@ -296,7 +301,7 @@ def ema_weights(ema: Any, model: nn.Module) -> Iterator[nn.Module]:
     was. The samples are bit for bit those of a deep copy of ``model`` with ``ema.copy_to`` applied,
     without the copy's memory. Not for training: the shadows are the
     EMA's own tensors (an optimizer step inside the block would write the EMA)."""
-    if not hasattr(ema, "shadow_params"):
+    if not _is_diffusers_ema(ema):
         yield _ema_module(ema)
         return
     _shadow_names(ema, model)  # (a ValueError with the fix when it averages another set of tensors)
