@@ -60,7 +60,9 @@ from ..core.tracking.io import (
 from ..core.tracking.ema import (
     check_ema_state, check_trainable_ema, ema_settings, ema_weights, load_ema_state, step_ema,
 )
-from ..core.tracking.batches import IterableBatches, check_reiterable, class_labels, is_class_labels, split_batch
+from ..core.tracking.batches import (
+    IterableBatches, check_reiterable, class_labels, is_class_labels, split_batch, split_floating_batch,
+)
 from ..core.tracking.lr_schedules import LRSchedulerArg, build_lr_scheduler, lr_scheduler_settings, step_lr_scheduler
 from ..core.tracking.step import OptimizerStep
 from ..logging import LoggingCallback
@@ -321,10 +323,7 @@ class DDPMTrainer:
 
     def _checked_batch(self, raw: Any) -> dict[str, torch.Tensor]:
         """A DataLoader's batch as ``{"clean"[, "labels"]}`` on the model's device, its types and shape checked."""
-        clean, labels = split_batch(raw)
-        if not isinstance(clean, torch.Tensor) or clean.dim() < 2 or not clean.is_floating_point():
-            found = f"{clean.dtype} {tuple(clean.shape)}" if isinstance(clean, torch.Tensor) else type(clean).__name__
-            raise TypeError(f"a batch's clean inputs must be a floating Tensor [B, *shape], got {found}")
+        clean, labels = split_floating_batch(raw, "clean inputs")
         if self.sample_shape is not None and tuple(clean.shape[1:]) != self.sample_shape:
             raise ValueError(f"a batch of inputs shaped {tuple(clean.shape[1:])} follows batches shaped {self.sample_shape}")
         self.sample_shape = tuple(clean.shape[1:])

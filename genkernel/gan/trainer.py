@@ -59,7 +59,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..core.adapter import analysis_mode, output_tensor, positive_int, unwrap
-from ..core.tracking.batches import IterableBatches, check_reiterable, is_class_labels, split_batch
+from ..core.tracking.batches import IterableBatches, check_reiterable, is_class_labels, split_floating_batch
 from ..core.tracking.callbacks import CallbackStates, TrainerCallback, fire, perform_step
 from ..core.errors import NonFiniteError
 from ..core.tracking.io import (
@@ -543,10 +543,7 @@ class GANTrainer:
     def _checked_batch(self, raw: Any) -> dict[str, torch.Tensor]:
         """A DataLoader's batch as ``{"real"[, "labels"]}`` on the trainer's device, its types checked (labels kept
         for the analyzers when they are class labels; required of a conditional GAN)."""
-        real, labels = split_batch(raw)
-        if not isinstance(real, torch.Tensor) or real.dim() < 2 or not real.is_floating_point():
-            found = f"{real.dtype} {tuple(real.shape)}" if isinstance(real, torch.Tensor) else type(real).__name__
-            raise TypeError(f"a batch's real samples must be a floating Tensor [B, ...], got {found}")
+        real, labels = split_floating_batch(raw, "real samples")
         n = real.shape[0]
         batch = {"real": real.to(device=self.device, dtype=self.dtype)}
         if self.conditional:

@@ -62,6 +62,16 @@ def split_batch(batch: Any) -> tuple[Any, Any]:
     )
 
 
+def split_floating_batch(batch: Any, what: str) -> tuple[torch.Tensor, Any]:
+    """:func:`split_batch`, its inputs checked: ``(inputs [B, ...] floating, labels or None)``; a TypeError
+    naming ``what`` (the inputs, e.g. "clean inputs") otherwise."""
+    inputs, labels = split_batch(batch)
+    if not isinstance(inputs, torch.Tensor) or inputs.dim() < 2 or not inputs.is_floating_point():
+        found = f"{inputs.dtype} {tuple(inputs.shape)}" if isinstance(inputs, torch.Tensor) else type(inputs).__name__
+        raise TypeError(f"a batch's {what} must be a floating Tensor [B, ...], got {found}")
+    return inputs, labels
+
+
 def is_class_labels(labels: Any, n: int) -> bool:
     """Whether ``labels`` are integer class labels of ``n`` examples (a non-bool integer Tensor ``[n]``)."""
     integer = isinstance(labels, torch.Tensor) and not (labels.is_floating_point() or labels.is_complex())
@@ -252,4 +262,4 @@ class IterableBatches:
 
 
 __all__ = ["IMAGE_KEYS", "LABEL_KEYS", "IterableBatches", "check_reiterable", "class_labels", "is_class_labels",
-           "order_generators", "set_sampler_epoch", "split_batch"]
+           "order_generators", "set_sampler_epoch", "split_batch", "split_floating_batch"]
