@@ -234,13 +234,6 @@ class IterableBatches:
                 held = next(self._iterator, _END)
                 if held is not _END:
                     self._held = self.check(held)
-            elif skip == 0 and resume_global is not None:
-                # Saved by an older version after a step that failed on the epoch's first batch: that batch is
-                # drawn here, from the epoch's start, as the saved run drew it (a sampler seeded from the
-                # global RNG at its first batch, not at iter()), and given next.
-                first = next(self._iterator, _END)
-                if first is not _END:
-                    self._held = self.check(first)
         finally:
             if resume_global is not None:
                 torch.set_rng_state(resume_global)
