@@ -20,6 +20,7 @@ Plumbing (argument checks, schedule constants) stays importable from its module.
 
 from .analyzer import NoiseLevelAnalyzer, train_with_window
 from .kernels import make_states, state_kernel
+from .learned_variance import HybridLoss
 from .locality import kernel_locality, locality_per_input
 from .models import BinnedDenoiser, MLPDenoiser, TimeIgnoringDenoiser, freeze_attention_key_biases, tiny_unet
 from .objectives import (
@@ -32,7 +33,7 @@ from .timestep_sampling import LogitNormal, LogNormal, MinSNR, ModeDensity, SD3W
 from .trainer import DDPMTrainer, make_optimizer, reverse_sample
 
 __all__ = [
-    "BinnedDenoiser", "DDPMTrainer", "LogNormal", "LogitNormal", "MLPDenoiser", "MinSNR", "ModeDensity", "NoiseLevelAnalyzer", "RetrievalResult", "SD3Weighting",
+    "BinnedDenoiser", "DDPMTrainer", "HybridLoss", "LogNormal", "LogitNormal", "MLPDenoiser", "MinSNR", "ModeDensity", "NoiseLevelAnalyzer", "RetrievalResult", "SD3Weighting",
     "TimeIgnoringDenoiser",
     "bin_centers", "bin_edges", "diffusion_loss", "freeze_attention_key_biases", "kernel_locality", "locality_per_input",
     "loss_weight",

@@ -88,11 +88,11 @@ from ..core.tracking.tracker import MEMORY_CHECKS, PathKernelTracker, StepContri
 from ..logging import LoggingCallback
 from ..stats import nan_median
 from .kernels import eval_mode, make_states, state_kernel
+from .learned_variance import loss_targets, training_loss
 from .locality import kernel_locality
 from .objectives import (
     check_prediction_type,
     check_timesteps,
-    diffusion_loss,
     noise_process,
     level_dtype,
     noise_schedule_config,
@@ -169,6 +169,9 @@ class NoiseLevelAnalyzer(TrainerCallback):
         sketch_dim: k of ``group_state="sketched"``: each group's state is a k-dimensional projection
             (memory (Σ groups) × k; the estimates' noise falls as 1/sqrt(k), and the report flags a
             ledger whose estimates miss their exact total by more than a tenth of the change).
+        vlb_weight: λ of the hybrid loss that :meth:`step` (and :meth:`bind`'s ``tracker.step``) trains a model
+            predicting its variance with (``variance_type="learned_range"``:
+            :mod:`~genkernel.diffusion.learned_variance`); a trainer's steps and an observed loop carry their own loss.
         name: the key of this analyzer's state in a trainer's checkpoint (default the class name).
         log: a logger ``log(metrics, step)`` (:mod:`genkernel.logging`: TensorBoard, CSV, or any
             callable): the running residual, rest share, κ, traffic shares and locality
@@ -204,6 +207,7 @@ class NoiseLevelAnalyzer(TrainerCallback):
         memory_check: str = "refuse",
         ema_ledger: str = "trainer",
         sketch_dim: int = 512,
+        vlb_weight: float = 1.0,
         name: str | None = None,
         log: Callable[[Mapping[str, float], int], None] | None = None,
         log_every: int = 1,
@@ -211,6 +215,7 @@ class NoiseLevelAnalyzer(TrainerCallback):
     ) -> None:
         self.prediction_type = check_prediction_type(scheduler)
         self.scheduler = scheduler
+        self.loss_fn = training_loss(scheduler, vlb_weight)
         self.total = num_train_timesteps(scheduler)
         self.bins = NoiseBins(scheduler, num_bins, bin_spacing)
         num_probes = positive_int(num_probes, "num_probes")
@@ -353,7 +358,7 @@ class NoiseLevelAnalyzer(TrainerCallback):
         probes = self.probes(param)
         self.model = model
         self.tracker = PathKernelTracker(
-            model, optimizer, diffusion_loss, probes, num_groups=self.partitions, quadrature=self.quadrature,
+            model, optimizer, self.loss_fn, probes, num_groups=self.partitions, quadrature=self.quadrature,
             max_grad_norm=max_grad_norm, memory_budget=self.memory_budget, group_state=self.group_state,
             state_dtype=self.state_dtype, batch_size=batch_size, memory_check=self.memory_check,
             sketch_dim=self.sketch_dim,
@@ -533,7 +538,8 @@ class NoiseLevelAnalyzer(TrainerCallback):
         target = training_target(self.scheduler, clean, noise, timesteps)
         extra = () if conditioning is None else as_tuple(conditioning, name="conditioning")
         step = OptimizerStep(
-            self.tracker.model, self.tracker.optimizer, diffusion_loss, (noisy, timesteps, *extra), target, weights,
+            self.tracker.model, self.tracker.optimizer, self.loss_fn, (noisy, timesteps, *extra),
+            loss_targets(self.loss_fn, target, clean, noisy, timesteps), weights,
             max_grad_norm=self.tracker.max_grad_norm if max_grad_norm is None else max_grad_norm,
             info={"timesteps": timesteps},
         )

@@ -120,12 +120,18 @@ def check_guidance_scale(scale: Any) -> float:
 
 
 def guided_output(model: nn.Module, state: torch.Tensor, timestep: torch.Tensor, conditioning: tuple[torch.Tensor, ...],
-                  null_conditioning: tuple[torch.Tensor, ...], scale: float) -> torch.Tensor:
+                  null_conditioning: tuple[torch.Tensor, ...], scale: float, *, unguided_channels: int = 0) -> torch.Tensor:
     """The guided output F̃ = F(z, t, ∅) + w (F(z, t, y) − F(z, t, ∅)) ``[S, *shape]``: one batched pass over
-    the conditional and the null rows (scale 1: the conditional pass alone)."""
+    the conditional and the null rows (scale 1: the conditional pass alone). The last ``unguided_channels``
+    channels (dimension 1: a learned variance, :mod:`~genkernel.diffusion.learned_variance`) are the
+    conditional output's, unguided, as DiT's ``forward_with_cfg`` keeps them."""
     if scale == 1.0:
         return output_tensor(model(state, timestep, *conditioning))
     both = output_tensor(model(torch.cat([state, state]), torch.cat([timestep, timestep]),
                                *(torch.cat([c, u]) for c, u in zip(conditioning, null_conditioning))))
     conditional, unconditional = both.chunk(2)
-    return unconditional + scale * (conditional - unconditional)
+    guided = unconditional + scale * (conditional - unconditional)
+    if unguided_channels == 0:
+        return guided
+    split = conditional.shape[1] - unguided_channels
+    return torch.cat([guided[:, :split], conditional[:, split:]], dim=1)

@@ -487,6 +487,14 @@ def diffusion_loss(outputs: torch.Tensor, targets: torch.Tensor | tuple[torch.Te
     """Per-example mean squared error ``[B]`` (mean over the D output values, not over the batch)."""
     if isinstance(targets, tuple):
         targets = targets[0]
+    if (isinstance(targets, torch.Tensor) and outputs.dim() >= 2 and targets.dim() == outputs.dim()
+            and outputs.shape[1] == 2 * targets.shape[1] and outputs.shape[2:] == targets.shape[2:]):
+        raise ValueError(
+            f"the model outputs {outputs.shape[1]} channels for {targets.shape[1]}-channel targets: a model that "
+            "predicts its variance too (DiT's learn_sigma, IDDPM) trains with variance_type='learned_range' "
+            "(make_scheduler(variance_type='learned_range'): the hybrid loss of genkernel.diffusion.learned_variance); "
+            f"otherwise build it with out_channels={targets.shape[1]}"
+        )
     flat, target = _flat_pair(outputs, targets)
     diff = flat - target
     return (diff * diff).mean(dim=1)

@@ -36,6 +36,7 @@ from .kernels import eval_mode, state_kernel
 from ..core.adapter import as_tuple
 from ..core.grouping import measured_minus_control
 from .objectives import EDM_PROCESS, check_timesteps, level_dtype, noise_process, noisy_input, training_levels
+from .learned_variance import predicts_variance
 from .trainer import reverse_sample
 
 __all__ = ["RetrievalResult", "retrieval_attribution", "normalized_entropy", "top_weight_share"]
@@ -190,6 +191,14 @@ def retrieval_attribution(
     if stages.numel() == 0:
         raise ValueError("stages is empty: pass at least one reverse timestep in [0, T) (or stages=None for num_stages)")
     stages = check_timesteps(stages, scheduler, name="stages").tolist()
+    if float(guidance_scale) != 1.0 and predicts_variance(scheduler):
+        # F̃'s mean channels are guided, its variance channels the conditional output's: its gradient is no
+        # combination w ∇F(y) + (1 − w) ∇F(∅) of whole outputs, which the guided kernel assembles
+        raise ValueError(
+            "retrieval with guidance_scale != 1 is not defined here for a model that predicts its variance "
+            "(variance_type='learned_range'): its guided output guides the mean channels only; attribute the "
+            "conditional model (guidance_scale=1)"
+        )
     param = next(model.parameters())
     if not extra:
         _check_unconditional_call(model, train_data.to(param), level_dtype(scheduler))

@@ -20,7 +20,9 @@ One step (docs/diffusion.md):
    (:mod:`~genkernel.diffusion.objectives`);
 4. ``OptimizerStep(model(z, t[, y]), diffusion_loss, weights=w(t) / B, info={"timesteps": t,
    "class_labels": y, ...})`` through the callbacks, with w the run's loss weighting (none by default:
-   the plain mean; Min-SNR-γ, SD3's "sigma_sqrt" or "cosmap");
+   the plain mean; Min-SNR-γ, SD3's "sigma_sqrt" or "cosmap"); a model that predicts its variance
+   (``variance_type="learned_range"``, DiT's ``learn_sigma``) trains with IDDPM's hybrid loss instead
+   (:mod:`~genkernel.diffusion.learned_variance`);
 5. with an EMA of the weights (``ema=``), its update after the optimizer step, as diffusers' scripts
    update theirs (an attached analyzer keeps a second ledger for the EMA weights).
 
@@ -67,9 +69,10 @@ from ..core.tracking.lr_schedules import LRSchedulerArg, build_lr_scheduler, lr_
 from ..core.tracking.step import OptimizerStep
 from ..logging import LoggingCallback
 from .guidance import ClassDropout, check_guidance_scale, guided_output
+from .learned_variance import LEARNED_RANGE, loss_targets, mean_channels, predicts_variance, training_loss
 from .timestep_sampling import Density, Weighting, make_loss_weighting, make_timestep_density
 from .objectives import (
-    DDPM_PROCESS, check_prediction_type, diffusion_loss, noise_process, noise_schedule_config, noisy_input,
+    DDPM_PROCESS, check_prediction_type, noise_process, noise_schedule_config, noisy_input,
     num_train_timesteps, same_noise_schedule, training_levels, training_target,
 )
 
@@ -139,6 +142,9 @@ class DDPMTrainer:
         loss_weighting: per-level loss weights w(t): "none" (default), "min_snr" (DDPM: Min-SNR-γ, γ = 5;
             ``MinSNR(gamma=)``), "sigma_sqrt" or "cosmap" (flow matching: SD3's). The step minimizes
             (1/B) Σ w(t_n) ℓ_n, and the ledgers book exactly that.
+        vlb_weight: λ of the hybrid loss ℓ = MSE + λ L_vlb of a model that predicts its variance too
+            (a ``DDPMScheduler(variance_type="learned_range")`` and a model with twice the data's channels,
+            as DiT with ``learn_sigma``: :mod:`~genkernel.diffusion.learned_variance`); default 1, as DiT.
         ema: an exponential moving average of the model's weights, updated after every optimizer step:
             diffusers' ``EMAModel(model.parameters(), decay=0.9999)`` (``use_ema_warmup=True`` as
             diffusers' ``train_unconditional.py``), ema-pytorch's ``EMA(model)`` or
@@ -178,6 +184,7 @@ class DDPMTrainer:
         max_grad_norm: float = math.inf,
         timestep_density: str | Density = "uniform",
         loss_weighting: str | Weighting = "none",
+        vlb_weight: float = 1.0,
         ema: Any = None,
         seed: int = 0,
         callbacks: Sequence[TrainerCallback] = (),
@@ -201,6 +208,7 @@ class DDPMTrainer:
         self.timestep_density.check(scheduler)
         self.loss_weighting = make_loss_weighting(loss_weighting)
         self.loss_weighting.check(scheduler)
+        self.loss_fn = training_loss(scheduler, vlb_weight)
         self.conditional = bool(conditional)
         self.class_dropout = ClassDropout.build(class_dropout, null_class, self.conditional)
         self.class_dropout.check_model(model)
@@ -337,7 +345,8 @@ class DDPMTrainer:
         return batch
 
     def build_step(self, batch: dict[str, torch.Tensor]) -> OptimizerStep:
-        """The :class:`OptimizerStep` for ``batch``: inputs (z, t) or (z, t, y), target y, per-example MSE."""
+        """The :class:`OptimizerStep` for ``batch``: inputs (z, t) or (z, t, y), target y, per-example MSE (a model
+        that predicts its variance: the hybrid loss, targets (y, x_0, z_t, t))."""
         inputs = (batch["noisy"], batch["timesteps"])
         if self.conditional:
             inputs = (*inputs, batch["labels"])
@@ -345,7 +354,9 @@ class DDPMTrainer:
         if "labels" in batch:
             info["class_labels"] = batch["labels"]
         return OptimizerStep(
-            self.model, self.optimizer, diffusion_loss, inputs, batch["target"], weights=batch.get("weights"),
+            self.model, self.optimizer, self.loss_fn, inputs,
+            loss_targets(self.loss_fn, batch["target"], batch["clean"], batch["noisy"], batch["timesteps"]),
+            weights=batch.get("weights"),
             max_grad_norm=self.max_grad_norm, info=info,
         )
 
@@ -577,6 +588,7 @@ class DDPMTrainer:
             "max_grad_norm": float(self.max_grad_norm),
             "num_train_timesteps": self.num_train_timesteps,
             "prediction_type": self.prediction_type,
+            "learned_variance": getattr(self.loss_fn, "vlb_weight", None),  # λ, or None for a fixed variance
             "noise_schedule": noise_schedule_config(self.scheduler),
             "ema": None if self.ema is None else ema_settings(self.ema),
             "timestep_density": self.timestep_density.config(),
@@ -621,7 +633,8 @@ class DDPMTrainer:
         if saved_config is not None:
             # a checkpoint written before densities, weightings, EMAs, class dropout and schedules: uniform, unweighted, none
             saved_config = {"timestep_density": {"density": "uniform"}, "loss_weighting": {"weighting": "none"},
-                            "ema": None, "class_dropout": ClassDropout().config(), "lr_scheduler": None, **saved_config}
+                            "ema": None, "class_dropout": ClassDropout().config(), "lr_scheduler": None,
+                            "learned_variance": None, **saved_config}
         check_resume_config(saved_config, self._resume_config(), "DDPMTrainer")
         if tensor_data and int(state["order"].numel()) not in (0, self.data.shape[0]):
             raise ValueError(
@@ -794,6 +807,17 @@ def reverse_sample(
             f"guidance_scale={guidance_scale:g} needs null_conditioning shaped as conditioning "
             f"({[tuple(c.shape) for c in extra]}), got {[tuple(c.shape) for c in null_extra]}"
         )
+    # A model that predicts its variance (learned_range) gives 2C channels: a DDPM sampler with learned_range steps
+    # with them; any other sampler gets the mean channels alone, as diffusers' DiT pipeline gives it.
+    learned_variance = predicts_variance(scheduler)
+    sampler_reads_variance = getattr(sampler.config, "variance_type", None) == LEARNED_RANGE
+    if sampler_reads_variance and not learned_variance:
+        raise ValueError(
+            "the sampler's variance_type='learned_range' reads a variance from the model's output, but the training "
+            "scheduler's variance is fixed (the model predicts none): sample with the training scheduler's "
+            "variance_type, or train with variance_type='learned_range' and twice the data's channels"
+        )
+    channels = int(shape[1])
     param = next(model.parameters())
     generator = torch.Generator(device="cpu").manual_seed(seed)
     kwargs = dict(step_kwargs or {})
@@ -813,7 +837,10 @@ def reverse_sample(
                 kept[step] = state.clone()
             timestep = t.to(x.device).repeat(x.shape[0])
             out = guided_output(model, state, timestep, tuple(c.to(x.device) for c in extra),
-                                tuple(c.to(x.device) for c in null_extra), guidance_scale)
+                                tuple(c.to(x.device) for c in null_extra), guidance_scale,
+                                unguided_channels=channels if learned_variance else 0)
+            if learned_variance and not sampler_reads_variance:
+                out = mean_channels(out, channels)
             x = sampler.step(out, t, x, **kwargs).prev_sample
     finally:
         model.train(was_training)

@@ -1,0 +1,186 @@
+"""Denoisers that predict the reverse step's variance too: IDDPM's learned range, DiT's ``learn_sigma``.
+
+Such a model has 2C output channels for C-channel data (dimension 1; a point set's coordinates count
+as channels): the first C are the usual prediction F_mean (ε, v or x by the prediction type), the last
+C a per-value interpolation v ∈ [−1, 1] between the two fixed variances of DDPM (Nichol & Dhariwal
+2021, "Improved DDPM", Eq. 15):
+
+    log Σ_θ(z_t, t) = u log β_t + (1 − u) log β̃_t,      u = (v + 1) / 2,
+    β̃_t = β_t (1 − ᾱ_{t−1}) / (1 − ᾱ_t)                 (the posterior variance; at t = 0, β̃_1)
+
+diffusers samples it with ``DDPMScheduler(variance_type="learned_range")``; the diffusers DiT
+pipeline drops the variance for other samplers, as :func:`~genkernel.diffusion.trainer.reverse_sample`
+does. It is trained with the hybrid objective (Eq. 16) as guided-diffusion's ``training_losses`` and
+DiT's training script compute it:
+
+    ℓ = ‖F_mean − y‖² / D_mean + λ L_vlb,
+    L_vlb(t > 0) = KL(q(x_{t−1} | x_t, x_0) ‖ p_θ(x_{t−1} | x_t)) / (D_mean ln 2)      (bits per value)
+    L_vlb(t = 0) = −log p_θ(x_0 | x_1) / (D_mean ln 2)   (Gaussian discretized to 256 bins on [−1, 1])
+
+where p_θ's mean comes from F_mean with the gradient stopped, so L_vlb trains the variance channels
+alone and the MSE the mean channels (λ = 1: DiT's and guided-diffusion's weighting for T = 1000).
+The ledger differentiates this loss as it differentiates any per-example loss; the trainer passes
+``(y, x_0, z_t, t)`` as the step's targets.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..core.tracking.step import LossFn
+from .objectives import DDPM_PROCESS, check_prediction_type, diffusion_loss, noise_process
+
+LEARNED_RANGE = "learned_range"
+__all__ = ["LEARNED_RANGE", "HybridLoss", "loss_targets", "mean_channels", "predicts_variance", "training_loss"]
+
+
+def predicts_variance(scheduler) -> bool:
+    """Whether ``scheduler`` samples a model that predicts its variance (a DDPM-family scheduler with
+    ``variance_type="learned_range"``). ``variance_type="learned"`` (the model's raw output taken as the
+    variance) is refused with a ValueError: no training objective for it is defined here."""
+    if noise_process(scheduler) != DDPM_PROCESS:
+        return False
+    variance_type = getattr(scheduler.config, "variance_type", None)
+    if variance_type == "learned":
+        raise ValueError(
+            "variance_type='learned' takes the model's raw output as the reverse step's variance, which genkernel "
+            "does not train; use variance_type='learned_range' (IDDPM's and DiT's interpolation between β̃_t and β_t)"
+        )
+    return variance_type == LEARNED_RANGE
+
+
+def mean_channels(outputs: torch.Tensor, channels: int) -> torch.Tensor:
+    """The mean prediction of a learned-variance output ``[B, 2C, ...]``: its first C channels ``[B, C, ...]``."""
+    if outputs.dim() < 2 or outputs.shape[1] != 2 * channels:
+        raise ValueError(
+            f"a model that predicts its variance (variance_type='learned_range') outputs 2C = {2 * channels} channels "
+            f"(dimension 1) for C = {channels}-channel data, got outputs of shape {tuple(outputs.shape)}: build it with "
+            f"out_channels={2 * channels} (DiTTransformer2DModel(out_channels=2 * in_channels), UNet2DModel(out_channels="
+            f"{2 * channels})), or train it with a fixed variance_type"
+        )
+    return outputs[:, :channels]
+
+
+def _normal_kl(mean1: torch.Tensor, log_var1: torch.Tensor, mean2: torch.Tensor, log_var2: torch.Tensor) -> torch.Tensor:
+    """KL(N(mean1, e^{log_var1}) ‖ N(mean2, e^{log_var2})) per value."""
+    return 0.5 * (-1.0 + log_var2 - log_var1 + torch.exp(log_var1 - log_var2) + (mean1 - mean2) ** 2 * torch.exp(-log_var2))
+
+
+def _discretized_gaussian_log_likelihood(x: torch.Tensor, mean: torch.Tensor, log_scale: torch.Tensor) -> torch.Tensor:
+    """log P(x) per value of ``x`` in [−1, 1] under N(mean, e^{2 log_scale}) discretized to 256 bins of width
+    2/255 (the edge bins take the tails), as DDPM's and IDDPM's decoder L_0. The normal CDF Φ is torch's
+    (guided-diffusion uses a tanh approximation of it), and a bin above the mean takes its mass from the
+    upper tail, Φ(−a) − Φ(−b), where Φ(b) − Φ(a) would subtract two numbers near 1."""
+    inv_std = torch.exp(-log_scale)
+    high = inv_std * (x - mean + 1.0 / 255)
+    low = inv_std * (x - mean - 1.0 / 255)
+    ndtr = torch.special.ndtr
+    mass = torch.where(low > 0, ndtr(-low) - ndtr(-high), ndtr(high) - ndtr(low))
+    tiny = 1e-12
+    log_lowest = torch.log(ndtr(high).clamp_min(tiny))  # the bin at −1 holds the lower tail
+    log_highest = torch.log(ndtr(-low).clamp_min(tiny))  # the bin at +1 the upper one
+    return torch.where(x < -0.999, log_lowest, torch.where(x > 0.999, log_highest, torch.log(mass.clamp_min(tiny))))
+
+
+class HybridLoss:
+    """IDDPM's hybrid per-example loss ℓ = MSE(F_mean, y) + λ L_vlb for a model with 2C output channels.
+
+    Call as ``loss(outputs [B, 2C, ...], (y, x_0, z_t, t))`` with the training target y, clean inputs
+    x_0 and noisy inputs z_t ``[B, C, ...]`` and integer timesteps t ``LongTensor[B]``; returns ``[B]``.
+    Every step reads example n's rows only and has no data-dependent branch, so the per-example
+    routes (torch.func) compute it as the batch does.
+
+    Args:
+        scheduler: the training ``DDPMScheduler`` with ``variance_type="learned_range"``.
+        vlb_weight: λ (1, as DiT and guided-diffusion; IDDPM's paper quotes λ = 0.001 for a sum over
+            values where this is a mean).
+    """
+
+    def __init__(self, scheduler, vlb_weight: float = 1.0) -> None:
+        if not predicts_variance(scheduler):
+            raise ValueError(
+                "HybridLoss trains a model that predicts its variance: build the scheduler with "
+                "variance_type='learned_range' (make_scheduler(variance_type='learned_range'))"
+            )
+        if not (isinstance(vlb_weight, (int, float)) and math.isfinite(vlb_weight) and vlb_weight >= 0):
+            raise ValueError(f"vlb_weight must be a finite number >= 0, got {vlb_weight!r}")
+        self.prediction_type = check_prediction_type(scheduler)
+        self.vlb_weight = float(vlb_weight)
+        # 1. the forward process's tables, in float64 (ᾱ_t near 1 loses the posterior variance in float32)
+        alphas_cumprod = scheduler.alphas_cumprod.detach().to("cpu", torch.float64)
+        previous = torch.cat([torch.ones(1, dtype=torch.float64), alphas_cumprod[:-1]])
+        betas = 1.0 - alphas_cumprod / previous
+        posterior_variance = betas * (1.0 - previous) / (1.0 - alphas_cumprod)
+        self._tables = {
+            "sqrt_alphas_cumprod": alphas_cumprod.sqrt(),
+            "sqrt_one_minus_alphas_cumprod": (1.0 - alphas_cumprod).sqrt(),
+            # μ̃_t = c1 x_0 + c2 x_t (DDPM Eq. 7)
+            "posterior_mean_clean": betas * previous.sqrt() / (1.0 - alphas_cumprod),
+            "posterior_mean_noisy": (1.0 - previous) * (1.0 - betas).sqrt() / (1.0 - alphas_cumprod),
+            # log β̃_t with β̃_0 (zero) replaced by β̃_1, as guided-diffusion clips it
+            "posterior_log_variance": torch.cat([posterior_variance[1:2], posterior_variance[1:]]).log(),
+            "log_betas": betas.log(),
+        }
+
+    def _at(self, name: str, timesteps: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """Table ``name`` at ``timesteps``, shaped ``[B, 1, ...]`` to broadcast over ``like`` ``[B, C, ...]``."""
+        values = self._tables[name].to(like.device)[timesteps].to(like.dtype)
+        return values.reshape(timesteps.shape + (1,) * (like.dim() - 1))
+
+    def __call__(self, outputs: torch.Tensor, targets: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        if not (isinstance(targets, tuple) and len(targets) == 4):
+            raise TypeError("HybridLoss takes targets (y, x_0, z_t, t): the target, the clean and the noisy inputs, "
+                            "and the timesteps")
+        target, clean, noisy, timesteps = targets
+        prediction = mean_channels(outputs, target.shape[1] if target.dim() > 1 else 1)
+        variance_values = outputs[:, prediction.shape[1]:]
+        if prediction.shape != target.shape:
+            raise ValueError(f"the mean channels {tuple(prediction.shape)} do not match the target {tuple(target.shape)}")
+        # 1. L_simple: the mean squared error of the mean channels
+        values = prediction[0].numel()
+        mse = ((prediction - target) ** 2).reshape(prediction.shape[0], -1).mean(dim=1)
+        # 2. p_θ's mean from the mean channels, gradient stopped (Eq. 16: L_vlb trains Σ_θ alone)
+        frozen = prediction.detach()
+        root, root_rest = self._at("sqrt_alphas_cumprod", timesteps, noisy), self._at("sqrt_one_minus_alphas_cumprod", timesteps, noisy)
+        if self.prediction_type == "epsilon":
+            predicted_clean = (noisy - root_rest * frozen) / root
+        elif self.prediction_type == "sample":
+            predicted_clean = frozen
+        else:  # v_prediction: x_0 = sqrt(ᾱ) z − sqrt(1 − ᾱ) v
+            predicted_clean = root * noisy - root_rest * frozen
+        c_clean, c_noisy = self._at("posterior_mean_clean", timesteps, noisy), self._at("posterior_mean_noisy", timesteps, noisy)
+        model_mean = c_clean * predicted_clean + c_noisy * noisy
+        true_mean = c_clean * clean + c_noisy * noisy
+        # 3. Σ_θ: log-variance interpolated between log β̃_t and log β_t (Eq. 15)
+        low, high = self._at("posterior_log_variance", timesteps, noisy), self._at("log_betas", timesteps, noisy)
+        fraction = (variance_values + 1.0) / 2.0
+        model_log_variance = fraction * high + (1.0 - fraction) * low
+        # 4. L_vlb in bits per value: the KL to the posterior for t > 0, the decoder's NLL at t = 0
+        kl = _normal_kl(true_mean, low, model_mean, model_log_variance)
+        nll = -_discretized_gaussian_log_likelihood(clean, model_mean, 0.5 * model_log_variance)
+        first = (timesteps == 0).reshape(timesteps.shape + (1,) * (kl.dim() - 1))
+        vlb = torch.where(first, nll, kl).reshape(kl.shape[0], -1).sum(dim=1) / (values * math.log(2.0))
+        return mse + self.vlb_weight * vlb
+
+
+def training_loss(scheduler, vlb_weight: float = 1.0) -> LossFn:
+    """The per-example loss a denoiser on ``scheduler`` trains with: :class:`HybridLoss` when it predicts its
+    variance (:func:`predicts_variance`), else the mean squared error
+    (:func:`~genkernel.diffusion.objectives.diffusion_loss`, for which ``vlb_weight`` must stay 1)."""
+    if predicts_variance(scheduler):
+        return HybridLoss(scheduler, vlb_weight)
+    if vlb_weight != 1.0:
+        raise ValueError(
+            f"vlb_weight={vlb_weight!r} weighs the variational bound of a model that predicts its variance; this "
+            "scheduler's variance is fixed: build it with variance_type='learned_range', or leave vlb_weight at 1"
+        )
+    return diffusion_loss
+
+
+def loss_targets(loss_fn: LossFn, target: torch.Tensor, clean: torch.Tensor, noisy: torch.Tensor,
+                 timesteps: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, ...]:
+    """The step's targets for ``loss_fn`` (:func:`training_loss`): ``(y, x_0, z_t, t)`` for a
+    :class:`HybridLoss`, the target y ``[B, *shape]`` alone for the mean squared error."""
+    return (target, clean, noisy, timesteps) if isinstance(loss_fn, HybridLoss) else target
