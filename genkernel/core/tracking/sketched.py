@@ -11,7 +11,8 @@ the dense route runs on full rows):
 - SGD (momentum μ, dampening τ, Nesterov): s_g = b_g, the group's momentum buffer; the update
   is u_g = −η v_g with v_g = b_g, or ĝ_g + μ b_g with Nesterov (μ = 0: v_g = ĝ_g, and the
   buffers and their sketches stay as they are until momentum returns). A parameter whose first
-  gradient comes after the others' starts its buffer at b = g, not (1 − τ) g: refused when τ ≠ 0.
+  gradient comes after the others' (within the tracked window, or before it: buffers from before
+  tracking for only some parameters) starts its buffer at b = g, not (1 − τ) g: refused when τ ≠ 0.
 - Adam / AdamW: s_g = m_g, the group's first moment; u_g = −(η / (1 − β1^k)) m_g ⊘ (sqrt(v̂_k) + ε)
   with the optimizer's own second moment.
 
@@ -134,7 +135,8 @@ class SketchedRoute(_FactorRoute):
 
     def before_step(self) -> None:
         """Reads the shared hyperparameters and, on the first step, whether SGD starts its momentum
-        buffers now (b_1 = ĝ_1) or had them already."""
+        buffers now (b_1 = ĝ_1) or had them already (all, or some: the groups' then start from zero);
+        refuses what one sketch of all parameters' state cannot follow."""
         self.hyper = self._shared_hyperparameters()
         maximize = {n: bool(self.splitter.hyper[n].get("maximize", False)) for n in self.model.params}
         if self.state is not None and self._maximize is not None:
@@ -157,27 +159,25 @@ class SketchedRoute(_FactorRoute):
                 "all parameters' state cannot follow. Use group_state='dense', or give those parameters a "
                 "gradient at every step (zero is enough: optimizer.zero_grad(set_to_none=False))"
             )
-        if self.state is None and not self.adam:
+        if not self.adam:
+            # Which parameters SGD starts a momentum buffer for at this step (b = ĝ, undampened).
             optimizer = self.splitter.optimizer
-            has = {optimizer.state.get(p, {}).get("momentum_buffer") is not None
+            has = {n: optimizer.state.get(p, {}).get("momentum_buffer") is not None
                    for n, p in self.model.params.items() if n not in skipped}
-            if len(has) != 1:
-                raise ValueError(
-                    "some parameters have SGD momentum buffers and others not: start the sketched tracker "
-                    "before the first step or after every parameter has stepped"
-                )
-            self._fresh = not has.pop()
-        if self.state is not None and not self.adam and self.hyper["momentum"] != 0 and self.hyper["dampening"] != 0:
-            optimizer = self.splitter.optimizer
-            starting = [n for n, p in self.model.params.items() if n not in skipped
-                        and optimizer.state.get(p, {}).get("momentum_buffer") is None]
-            if starting:
+            if self.state is None:
+                # No buffer anywhere: b_1 = ĝ_1 for every group. Buffers from before tracking (all, or only
+                # some parameters': a branch off then) are the rest's: the groups' start from zero,
+                # b = μ 0 + (1 − τ) ĝ, which is SGD's b = ĝ for a parameter starting now when τ = 0.
+                self._fresh = not any(has.values())
+            momentum, dampening = self.hyper["momentum"], self.hyper["dampening"]
+            starting = [n for n, buffered in has.items() if not buffered]
+            if momentum != 0 and dampening != 0 and starting and (self.state is not None or not self._fresh):
                 raise ValueError(
                     f"parameters {starting[:5]} get their first gradient at this step, after the others: SGD starts "
                     f"their momentum buffers with the whole gradient (b = g) while every other parameter's takes "
-                    f"(1 - dampening) g with dampening={self.hyper['dampening']}, which one sketch of all parameters' "
+                    f"(1 - dampening) g with dampening={dampening}, which one sketch of all parameters' "
                     "state cannot follow. Use group_state='dense' or dampening=0, or give those parameters a gradient "
-                    "from the first tracked step on"
+                    "from the first step on (untracked steps before the tracker included)"
                 )
 
     def _advance(self, ids: dict[str, torch.Tensor], sketched_grads: torch.Tensor) -> torch.Tensor:
@@ -210,14 +210,18 @@ class SketchedRoute(_FactorRoute):
     def _check(self, rtol: float) -> None:
         """Σ_g R s_g must equal R s_total for every partition, s_total being the exact state the
         splitter keeps for all groups together (under ``maximize`` it holds negated gradients,
-        the sketches do not)."""
-        exact = {n: self.splitter.current(n) for n in self.model.params}
-        if self._pending is None or any(v is None for v in exact.values()):
+        the sketches do not).
+
+        A parameter without exact state (one the optimizer has not stepped with state since tracking
+        began: a branch or head without gradients) has none in any group either, and adds nothing:
+        the check runs whenever the groups hold state, not only once every parameter has some."""
+        exact = {n: v for n in self.model.params if (v := self.splitter.current(n)) is not None}
+        if self._pending is None or not exact:
             return
         reference = sum(
-            self.projection.project(n, exact[n][0].unsqueeze(0).to(self._dtype()))[0].to(torch.float64)
+            self.projection.project(n, v[0].unsqueeze(0).to(self._dtype()))[0].to(torch.float64)
             * (-1.0 if self.splitter.hyper[n].get("maximize", False) else 1.0)
-            for n in self.model.params
+            for n, v in exact.items()
         )
         for name, part in self.model.partitions.slices.items():
             rows = self._pending[part]
@@ -323,7 +327,8 @@ class SketchedRoute(_FactorRoute):
     def state_dict(self) -> dict[str, Any]:
         return {"state": None if self.state is None else self.state.clone(), "fresh": self._fresh,
                 "k": self.k, "seed": self.projection.seed, "kind": self.projection.kind,
-                "maximize": None if self._maximize is None else dict(self._maximize)}
+                "maximize": None if self._maximize is None else dict(self._maximize),
+                "order": list(self.projection.index)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if (state["k"], state["seed"], state["kind"]) != (self.k, self.projection.seed, self.projection.kind):
@@ -331,6 +336,20 @@ class SketchedRoute(_FactorRoute):
                 f"the saved sketch has k={state['k']}, seed={state['seed']}, kind={state['kind']!r}; this "
                 f"tracker has k={self.k}, seed={self.projection.seed}, kind={self.projection.kind!r}"
             )
+        # R's part for a parameter is seeded by its position among the parameters: a model that registers
+        # its modules in another order since the state was saved (same names and shapes) keeps the
+        # saved positions, so the sketches go on in the R they were made with.
+        order = state.get("order")  # absent from states saved before it was kept
+        if order is not None and list(order) != list(self.projection.index):
+            if sorted(order) != sorted(self.projection.index):
+                raise ValueError(
+                    f"the saved sketch covers parameters {sorted(order)[:5]}..., this tracker "
+                    f"{sorted(self.projection.index)[:5]}...: load it into a tracker of the same model"
+                )
+            projection = self.projection
+            self.projection = ParameterProjection({n: projection.shapes[n] for n in order}, projection.k,
+                                                  seed=projection.seed, kind=projection.kind,
+                                                  cache_bytes=self.model.memory_budget)
         self.state = None if state["state"] is None else state["state"].clone()
         self._fresh = state["fresh"]
         maximize = state.get("maximize")  # absent from states saved before it was kept
