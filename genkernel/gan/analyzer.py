@@ -283,7 +283,12 @@ class GANKernelAnalyzer(TrainerCallback):
         self._g = unwrap(generator)  # analysis passes run on the modules inside any wrapper
         self._d = unwrap(discriminator)
         # On the CPU, where the groupings and coverage read samples (centres may come from any device).
-        self.mode_centers = None if mode_centers is None else torch.as_tensor(mode_centers, dtype=torch.float64, device="cpu")
+        # A copy: a caller that reuses its tensor must not move the modes (groups, coverage) during the run.
+        self.mode_centers = None if mode_centers is None else torch.as_tensor(mode_centers).detach().to(
+            device="cpu", dtype=torch.float64).clone()
+        if self.mode_centers is not None and (self.mode_centers.dim() != 2 or not bool(torch.isfinite(self.mode_centers).all())):
+            raise ValueError(f"mode_centers must be a finite [num_modes, dim] tensor of the real modes' centres, got shape "
+                             f"{tuple(self.mode_centers.shape)}" + ("" if self.mode_centers.dim() != 2 else " with NaN or inf"))
         self.mode_std = mode_std
         self._set_conditional(probe_classes, num_classes, reference_classes, discriminator_probes,
                               discriminator_probe_classes)
@@ -765,6 +770,12 @@ class GANKernelAnalyzer(TrainerCallback):
                 geo["classes"] = classes
         else:  # the geometry of another loss (a null model): w from D at the samples, D's buffers kept
             geo = self._push(latents.detach(), samples.detach(), loss_fn, after_forward=True, classes=classes)
+            if not torch.isfinite(geo["losses"]).all() or not torch.isfinite(geo["w"]).all():
+                bad = torch.nonzero(~torch.isfinite(geo["losses"])).flatten().tolist()
+                raise NonFiniteError(
+                    f"generator step {index} (phase generator): non-finite geometry_loss or its gradient (examples "
+                    f"{bad[:10]}); this micro-batch was not observed"
+                )
         first = self._g_pending is None
         if first and self.g_steps == 0:
             self._check_generator_fillable(batch)

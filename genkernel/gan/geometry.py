@@ -17,6 +17,11 @@ then kept fixed, so a group means the same thing over the whole run.
 - :class:`ClassGroups`: a conditional GAN's classes (example i in group y_i); the analyzer passes each
   example's class (``uses_classes``), so no geometry is read.
 
+A fit refuses a reference batch with non-finite values, or one whose ties would leave a group empty by
+construction (quantile bins), since the fit is kept for the whole run. An assignment is computed example by
+example (an id never depends on the rest of the batch), refuses NaN inputs (a NaN has no nearest centre or
+bin), and ids must be whole numbers: a fractional id is refused, never truncated.
+
 :class:`NearestModeGroups` and :class:`LatentKMeansGroups` do not look at D: as the analyzer's
 ``comparison`` they measure how much coupling a grouping gets from the generator's smoothness alone
 (nearby latents share a group and a kernel), which a discriminator-geometry grouping must exceed.
@@ -24,7 +29,8 @@ then kept fixed, so a group means the same thing over the whole run.
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+import numbers
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -62,13 +68,14 @@ class GeometryGrouping:
         if not self.fitted:
             raise RuntimeError(f"{type(self).__name__} must be fitted on a reference batch first (call .fit)")
         raw = self.assign(z, x, w, scores) if classes is None else self._ids(z, x, w, scores, classes)
-        ids = torch.as_tensor(raw).to(torch.long).reshape(-1)
+        ids = _integer_ids(raw, type(self).__name__).reshape(-1)
         if ids.shape[0] != z.shape[0]:
-            raise ValueError(f"{type(self).__name__} returned {ids.shape[0]} group ids for {z.shape[0]} latents")
+            raise ValueError(f"{type(self).__name__} returned {ids.shape[0]} group ids for {z.shape[0]} latents: return "
+                             "one id per example, a LongTensor[B]")
         if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.num_groups):
             raise ValueError(
                 f"{type(self).__name__} returned group ids from {int(ids.min())} to {int(ids.max())}; they must lie "
-                f"in [0, {self.num_groups})"
+                f"in [0, {self.num_groups}) (num_groups={self.num_groups}): return ids in that range or raise num_groups"
             )
         return ids.cpu()
 
@@ -80,11 +87,91 @@ class GeometryGrouping:
 
 
 def _flat(t: torch.Tensor) -> torch.Tensor:
-    return t.detach().reshape(t.shape[0], -1).to(torch.float64).cpu()
+    """``[B, ...]`` as ``[B, features]`` float64 on the CPU (``[B]`` as ``[B, 1]``; an empty batch too)."""
+    return t.detach().reshape(t.shape[0], int(np.prod(t.shape[1:]))).to(torch.float64).cpu()
 
 
 def _check_count(num_groups: int, name: str) -> int:
     return positive_int(num_groups, name)
+
+
+def _integer_ids(raw: Any, who: str) -> torch.Tensor:
+    """``raw`` group ids as a LongTensor. Integer and bool ids pass; floating ids only when every value is a
+    whole number (a float id such as 0.7 would otherwise be truncated silently to a group it does not name)."""
+    try:
+        ids = raw.detach() if isinstance(raw, torch.Tensor) else torch.as_tensor(np.asarray(raw))
+    except (TypeError, ValueError, RuntimeError) as error:
+        raise TypeError(f"{who} must return group ids as a LongTensor[B], got {type(raw).__name__}") from error
+    if ids.is_complex():
+        raise TypeError(f"{who} must return integer group ids (a LongTensor[B]), got dtype {ids.dtype}")
+    if ids.is_floating_point():
+        bad = ~torch.isfinite(ids) | (ids != torch.round(ids))
+        if bool(bad.any()):
+            value = float(ids[bad].reshape(-1)[0])
+            raise TypeError(
+                f"{who} returned floating group ids with non-integer values (e.g. {value!r}); ids are not rounded or "
+                "truncated for you: return a LongTensor[B] of ids in [0, num_groups) (e.g. .long() after deciding how "
+                "to round)"
+            )
+    return ids.to(torch.long)
+
+
+def _check_seed(seed: Any) -> int:
+    """A k-means seed: an int in [0, 2**32). ``None`` would draw from NumPy's global random state (training's)."""
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= seed < 2 ** 32:
+        raise ValueError(f"seed must be an int in [0, 2**32) (k-means is seeded so that a fit is reproducible and never "
+                         f"draws from NumPy's global random state), got {seed!r}")
+    return int(seed)
+
+
+def _check_finite(values: torch.Tensor, who: str, what: str) -> None:
+    """A reference batch must be finite: a NaN or inf would fix the groups (centres, bin edges) for the whole run."""
+    bad = ~torch.isfinite(values)
+    if bool(bad.any()):
+        rows = int(bad.reshape(values.shape[0], -1).any(dim=1).sum()) if values.dim() else 1
+        raise ValueError(f"{who}: the reference batch has non-finite {what} (NaN or inf) in {rows} of "
+                         f"{values.shape[0] if values.dim() else 1} examples; the groups are fitted once and kept for the "
+                         "whole run, so fit on a batch where D and G are finite (e.g. reference_latents= at a sound θ)")
+
+
+def _finite_rows(values: torch.Tensor, who: str, what: str, *, allow_inf: bool = False) -> torch.Tensor:
+    """``values`` (``[B, ...]``), refused when a row holds a NaN (or an inf, unless ``allow_inf``: a quantile bin
+    orders ±inf correctly). A NaN has no nearest centre, direction or bin: argmin and bucketize would put it in
+    group 0 or in the top bin without a word."""
+    bad = torch.isnan(values) if allow_inf else ~torch.isfinite(values)
+    if bool(bad.any()):
+        rows = bad.reshape(values.shape[0], -1).any(dim=1)
+        raise ValueError(
+            f"{who}: non-finite {what} ({'NaN' if allow_inf else 'NaN or inf'}) in {int(rows.sum())} of "
+            f"{values.shape[0]} examples (first {torch.nonzero(rows).flatten()[:10].tolist()}): no group can be named "
+            "for them. D or G has diverged at these samples; pass finite inputs"
+        )
+    return values
+
+
+def _nearest(points: torch.Tensor, centers: torch.Tensor, who: str, what: str) -> torch.Tensor:
+    """Index of each row's nearest centre, every row on its own (no matrix-product shortcut, which
+    torch.cdist takes above 25 rows and which can move a near-tie with the batch's size or contents)."""
+    if points.shape[1] != centers.shape[1]:
+        raise ValueError(f"{who} was fitted on {centers.shape[1]}-D {what} but got {points.shape[1]}-D ones (flattened "
+                         "per example): assign with the same kind of examples it was fitted on")
+    return torch.cdist(points, centers, compute_mode="donot_use_mm_for_euclid_dist").argmin(dim=1)
+
+
+def _loaded(value: Any, who: str, key: str, shape: tuple) -> torch.Tensor:
+    """A saved tensor (centres, edges) back on the CPU in float64, with the shape this grouping needs."""
+    if not isinstance(value, torch.Tensor):
+        raise ValueError(f"{who}.load_state_dict: state[{key!r}] must be a Tensor, got {type(value).__name__}")
+    value = value.detach().to(device="cpu", dtype=torch.float64)
+    if value.dim() != len(shape) or any(n is not None and value.shape[i] != n for i, n in enumerate(shape)):
+        want = "[" + ", ".join("*" if n is None else str(n) for n in shape) + "]"
+        raise ValueError(f"{who}.load_state_dict: state[{key!r}] has shape {tuple(value.shape)}, this grouping needs "
+                         f"{want}: load a state saved by a grouping with the same num_groups")
+    return value
+
+
+def _unfitted(who: str) -> RuntimeError:
+    return RuntimeError(f"{who} must be fitted on a reference batch first (call .fit)")
 
 
 class DirectionGroups(GeometryGrouping):
@@ -94,7 +181,7 @@ class DirectionGroups(GeometryGrouping):
 
     def __init__(self, num_groups: int = 8, *, seed: int = 0) -> None:
         self.num_groups = _check_count(num_groups, "num_groups")
-        self.seed = seed
+        self.seed = _check_seed(seed)
         self.centers: torch.Tensor | None = None
         self.fitted = False
 
@@ -106,6 +193,7 @@ class DirectionGroups(GeometryGrouping):
     def fit(self, z, x, w, scores):
         from sklearn.cluster import KMeans
 
+        _check_finite(_flat(w), "DirectionGroups", "gradients w")
         unit = self._unit(w).numpy()
         distinct = len(np.unique(np.round(unit, 12), axis=0))
         if distinct < self.num_groups:
@@ -120,13 +208,16 @@ class DirectionGroups(GeometryGrouping):
         return self
 
     def assign(self, z, x, w, scores):
-        return torch.cdist(self._unit(w), self.centers).argmin(dim=1)
+        if self.centers is None:
+            raise _unfitted("DirectionGroups")
+        return _nearest(self._unit(_finite_rows(_flat(w), "DirectionGroups", "gradients w")), self.centers,
+                        "DirectionGroups", "gradients w")
 
     def state_dict(self):
         return {"centers": self.centers}
 
     def load_state_dict(self, state):
-        self.centers = state["centers"]
+        self.centers = _loaded(state["centers"], "DirectionGroups", "centers", (self.num_groups, None))
         self.fitted = True
 
 
@@ -140,9 +231,13 @@ class ModeGroups(GeometryGrouping):
     name = "pushed-to mode"
 
     def __init__(self, centers: torch.Tensor) -> None:
-        centers = torch.as_tensor(centers, dtype=torch.float64, device="cpu")  # samples are read on the CPU
-        if centers.dim() != 2 or centers.shape[0] < 1:
+        # samples are read on the CPU; a copy, so that changing the caller's tensor cannot move the groups
+        centers = torch.as_tensor(centers).detach().to(device="cpu", dtype=torch.float64).clone()
+        if centers.dim() != 2 or centers.shape[0] < 1 or centers.shape[1] < 1:
             raise ValueError(f"centers must be [num_modes, dim], got shape {tuple(centers.shape)}")
+        if not bool(torch.isfinite(centers).all()):
+            raise ValueError(f"{type(self).__name__}: the mode centres have non-finite values (NaN or inf): pass the real "
+                             "mixture's finite mode centres [num_modes, dim]")
         self.centers = centers
         self.num_groups = centers.shape[0]
 
@@ -150,9 +245,12 @@ class ModeGroups(GeometryGrouping):
         return [f"mode {m}" for m in range(self.num_groups)]
 
     def assign(self, z, x, w, scores):
-        x, w = _flat(x), _flat(w)
-        if x.shape[1] != self.centers.shape[1]:
-            raise ValueError(f"ModeGroups has {self.centers.shape[1]}-D centres but samples are {x.shape[1]}-D")
+        x = _finite_rows(_flat(x), type(self).__name__, "samples x")
+        w = _finite_rows(_flat(w), type(self).__name__, "gradients w")
+        if x.shape[1] != self.centers.shape[1] or w.shape != x.shape:
+            raise ValueError(f"ModeGroups has {self.centers.shape[1]}-D centres but samples are {x.shape[1]}-D and "
+                             f"gradients w {w.shape[1]}-D (flattened per example): pass samples G(z) and their w of the "
+                             "centres' dimension")
         to_mode = self.centers[None, :, :] - x[:, None, :]  # [B, M, dim]
         cos = torch.einsum("bmd,bd->bm", to_mode, -w) / (to_mode.norm(dim=2) * w.norm(dim=1, keepdim=True)).clamp_min(1e-300)
         return cos.argmax(dim=1)
@@ -164,8 +262,8 @@ class NearestModeGroups(ModeGroups):
     name = "nearest mode"
 
     def assign(self, z, x, w, scores):
-        x = _flat(x)
-        return torch.cdist(x, self.centers).argmin(dim=1)
+        x = _finite_rows(_flat(x), "NearestModeGroups", "samples x")
+        return _nearest(x, self.centers, "NearestModeGroups", "mode centres and samples")
 
 
 class LatentKMeansGroups(GeometryGrouping):
@@ -179,34 +277,43 @@ class LatentKMeansGroups(GeometryGrouping):
 
     def __init__(self, num_groups: int = 8, *, seed: int = 0) -> None:
         self.num_groups = _check_count(num_groups, "num_groups")
-        self.seed = seed
+        self.seed = _check_seed(seed)
         self.centers: torch.Tensor | None = None
         self.fitted = False
 
     def fit(self, z, x, w, scores):
         from sklearn.cluster import KMeans
 
+        _check_finite(_flat(z), "LatentKMeansGroups", "latents z")
         flat = _flat(z).numpy()
-        if len(np.unique(np.round(flat, 12), axis=0)) < self.num_groups:
-            raise ValueError(f"LatentKMeansGroups: the reference batch has fewer distinct latents than num_groups={self.num_groups}")
+        distinct = len(np.unique(np.round(flat, 12), axis=0))
+        if distinct < self.num_groups:
+            raise ValueError(f"LatentKMeansGroups: the reference batch has {distinct} distinct latents, fewer than "
+                             f"num_groups={self.num_groups}: the groups cannot all be filled. Use a larger reference batch "
+                             "or fewer groups.")
         km = KMeans(self.num_groups, n_init=4, random_state=self.seed).fit(flat)
         self.centers = torch.as_tensor(km.cluster_centers_, dtype=torch.float64)
         self.fitted = True
         return self
 
     def assign(self, z, x, w, scores):
-        return torch.cdist(_flat(z), self.centers).argmin(dim=1)
+        if self.centers is None:
+            raise _unfitted("LatentKMeansGroups")
+        z = _finite_rows(_flat(z), "LatentKMeansGroups", "latents z")
+        return _nearest(z, self.centers, "LatentKMeansGroups", "latents z")
 
     def state_dict(self):
         return {"centers": self.centers}
 
     def load_state_dict(self, state):
-        self.centers = state["centers"]
+        self.centers = _loaded(state["centers"], "LatentKMeansGroups", "centers", (self.num_groups, None))
         self.fitted = True
 
 
 class _QuantileBins(GeometryGrouping):
     """Quantile bins of a scalar, edges fitted on the reference batch."""
+
+    value_name = "values"
 
     def __init__(self, num_groups: int = 4) -> None:
         self.num_groups = _check_count(num_groups, "num_groups")
@@ -216,27 +323,51 @@ class _QuantileBins(GeometryGrouping):
     def value(self, z, x, w, scores) -> torch.Tensor:
         raise NotImplementedError
 
+    def _values(self, z, x, w, scores) -> torch.Tensor:
+        v = self.value(z, x, w, scores).contiguous()
+        if v.shape != (z.shape[0],):
+            raise ValueError(f"{type(self).__name__}: {v.numel()} values for {z.shape[0]} examples: pass one score per "
+                             "example (scores [B]) and w [B, ...]")
+        return v
+
     def fit(self, z, x, w, scores):
-        v = self.value(z, x, w, scores)
+        who = type(self).__name__
+        v = self._values(z, x, w, scores)
+        _check_finite(v, who, self.value_name)
+        levels = len(torch.unique(v))
+        if levels < self.num_groups:
+            raise ValueError(
+                f"{who}: the reference batch's values have only {levels} distinct levels, "
+                f"too few for {self.num_groups} quantile bins: some groups could never be filled. Use fewer groups."
+            )
         qs = torch.linspace(0, 1, self.num_groups + 1, dtype=torch.float64)[1:-1]
         edges = torch.quantile(v, qs)
-        if edges.numel() and (len(torch.unique(edges)) < edges.numel() or len(torch.unique(v)) < self.num_groups):
+        # Bins are (e_{j-1}, e_j]: a tie at an edge goes to the lower bin, so a block of equal values (a saturated
+        # D) can leave a bin empty on the very batch that fixed the edges: two equal edges, or a top edge at the
+        # maximum.
+        counts = torch.bincount(torch.bucketize(v, edges), minlength=self.num_groups)
+        if bool((counts == 0).any()):
+            empty = [int(g) for g in torch.nonzero(counts == 0).reshape(-1)]
             raise ValueError(
-                f"{type(self).__name__}: the reference batch's values have only {len(torch.unique(v))} distinct levels, "
-                f"too few for {self.num_groups} quantile bins: some groups could never be filled. Use fewer groups."
+                f"{who}: with {self.num_groups} quantile bins the reference batch leaves bin(s) {empty} empty (tied values "
+                f"at the bin edges {[round(float(e), 6) for e in edges]}; counts {counts.tolist()}): those groups would be "
+                "empty by construction. Use fewer groups or a reference batch with fewer ties."
             )
         self.edges = edges
         self.fitted = True
         return self
 
     def assign(self, z, x, w, scores):
-        return torch.bucketize(self.value(z, x, w, scores), self.edges)
+        if self.edges is None:
+            raise _unfitted(type(self).__name__)
+        v = _finite_rows(self._values(z, x, w, scores), type(self).__name__, self.value_name, allow_inf=True)
+        return torch.bucketize(v, self.edges)
 
     def state_dict(self):
         return {"edges": self.edges}
 
     def load_state_dict(self, state):
-        self.edges = state["edges"]
+        self.edges = _loaded(state["edges"], type(self).__name__, "edges", (self.num_groups - 1,))
         self.fitted = True
 
 
@@ -244,6 +375,7 @@ class MagnitudeGroups(_QuantileBins):
     """Quantile bins of ‖w_i‖ (how hard the discriminator pushes), low to high."""
 
     name = "|w| bin"
+    value_name = "gradient norms ‖w‖"
 
     def value(self, z, x, w, scores):
         return _flat(w).norm(dim=1)
@@ -253,6 +385,7 @@ class ConfidenceGroups(_QuantileBins):
     """Quantile bins of the score D(G(z_i)) (how real the sample looks to D), low to high."""
 
     name = "D(G(z)) bin"
+    value_name = "scores D(G(z))"
 
     def value(self, z, x, w, scores):
         return scores.detach().to(torch.float64).reshape(-1).cpu()
@@ -264,6 +397,7 @@ class FunctionGroups(GeometryGrouping):
     def __init__(self, fn: Callable, num_groups: int, *, name: str = "group", labels: Sequence[str] | None = None) -> None:
         if not callable(fn):
             raise TypeError(f"fn must be callable as fn(z, x, w, scores) -> LongTensor[B], got {type(fn).__name__}")
+        _refuse_grouping_class(fn)
         self.fn = fn
         self.num_groups = _check_count(num_groups, "num_groups")
         self.name = name
@@ -298,6 +432,13 @@ class ClassGroups(GeometryGrouping):
         return classes
 
 
+def _refuse_grouping_class(spec: Any) -> None:
+    """A GeometryGrouping class (not an instance) is callable too: it would be taken for fn(z, x, w, scores)."""
+    if isinstance(spec, type) and issubclass(spec, GeometryGrouping):
+        raise TypeError(f"got the class {spec.__name__}, not a grouping: pass an instance, e.g. {spec.__name__}(...) "
+                        "with its arguments, or a name such as 'direction'")
+
+
 GROUPINGS = {"direction": DirectionGroups, "mode": ModeGroups, "nearest_mode": NearestModeGroups,
              "magnitude": MagnitudeGroups, "confidence": ConfidenceGroups, "latent_kmeans": LatentKMeansGroups}
 
@@ -307,6 +448,7 @@ def make_grouping(spec, *, num_groups: int = 8, centers: torch.Tensor | None = N
     :class:`GeometryGrouping`, or a callable ``fn(z, x, w, scores)`` (then ``num_groups`` is required)."""
     if isinstance(spec, GeometryGrouping):
         return spec
+    _refuse_grouping_class(spec)
     if callable(spec):
         return FunctionGroups(spec, num_groups)
     if spec in ("mode", "nearest_mode"):
