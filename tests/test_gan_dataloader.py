@@ -220,3 +220,81 @@ def test_a_discriminator_step_failing_in_gs_fake_pass_hands_its_batch_back():
     same(straight.generator.net.state_dict(), failing.generator.net.state_dict())
     same(straight.discriminator.state_dict(), failing.discriminator.state_dict())
     assert failing.history == straight.history
+
+
+# -- class_sampling="data" on a DataLoader: the generator's classes drawn from the dataset's labels ----------------
+
+class GeneratorClasses(TrainerCallback):
+    def __init__(self):
+        self.classes = []
+
+    def on_step_end(self, trainer, step):
+        if step.phase == "generator":
+            self.classes.append(step.info["classes"].clone())
+
+
+def conditional_gan(data, *callbacks, **kwargs):
+    torch.manual_seed(0)
+    return GANTrainer(ConditionalG().double(), ConditionalD().double(), data, num_classes=3, latent_dim=3,
+                      loss="hinge", seed=3, callbacks=list(callbacks), **kwargs)
+
+
+def test_a_conditional_gan_on_a_dataloader_draws_its_generator_classes_from_the_datasets_labels():
+    # before: refused ("class_sampling='data' ... a DataLoader does not hold in memory"), the default refused
+    points, classes = ring(30), torch.tensor([0] * 26 + [1] * 4)  # class 2 absent, class 1 rare
+    seen = GeneratorClasses()
+    run = conditional_gan(DataLoader(TensorDataset(points, classes), batch_size=10, shuffle=True,
+                                     generator=torch.Generator().manual_seed(4)), seen)
+    by_hand = classes[torch.randint(0, 30, (50,), generator=torch.Generator().manual_seed(7))]
+    assert torch.equal(run.sample_classes(50, generator=torch.Generator().manual_seed(7)), by_hand)
+    run.train(6)
+    drawn = torch.cat(seen.classes)
+    assert drawn.numel() == 60 and int((drawn == 2).sum()) == 0 and int((drawn == 0).sum()) > int((drawn == 1).sum())
+
+
+def test_an_image_folders_targets_are_its_class_pool_and_what_cannot_give_them_is_refused(tmp_path):
+    from torch.utils.data import Subset, WeightedRandomSampler
+    from torchvision import datasets, transforms
+
+    rng = np.random.default_rng(0)
+    for name, count in (("a", 5), ("b", 2), ("c", 1)):
+        (tmp_path / name).mkdir()
+        for i in range(count):
+            Image.fromarray(rng.integers(0, 256, (4, 4), dtype=np.uint8)).save(tmp_path / name / f"{i}.png")
+    to_points = transforms.Compose([transforms.Grayscale(), transforms.ToTensor(),
+                                    transforms.Lambda(lambda x: x.reshape(-1)[:2].double())])
+    folder = datasets.ImageFolder(tmp_path, transform=to_points)
+    run = conditional_gan(DataLoader(folder, batch_size=4))
+    assert torch.equal(run._data_classes, torch.tensor([0] * 5 + [1] * 2 + [2]))
+    run.train(2)
+    relabelled = datasets.ImageFolder(tmp_path, transform=to_points, target_transform=lambda y: 2 - y)
+    weighted = DataLoader(folder, batch_size=4, sampler=WeightedRandomSampler([1.0] * 8, 8))
+    for data, why in ((DataLoader(relabelled, batch_size=4), "target_transform"),
+                      (weighted, "WeightedRandomSampler"),
+                      (DataLoader(Subset(folder, [0, 5, 7]), batch_size=2), "has no `targets`")):
+        with pytest.raises(ValueError, match=f"class_sampling='data'.*{why}.*class_sampling='uniform'"):
+            conditional_gan(data)
+        conditional_gan(data, class_sampling="uniform")  # each class equally often needs no labels
+
+
+def test_uniform_classes_absent_from_a_loaders_dataset_warn_as_on_tensor_data():
+    data = DataLoader(TensorDataset(ring(12), torch.tensor([0, 1] * 6)), batch_size=6)
+    with pytest.warns(RuntimeWarning, match=r"no real sample has class \[2\]"):
+        conditional_gan(data, class_sampling="uniform")
+
+
+def test_a_resume_on_a_dataset_with_other_class_counts_is_refused(tmp_path):
+    def data(classes):
+        return DataLoader(TensorDataset(ring(12), classes), batch_size=6)
+
+    run = conditional_gan(data(torch.tensor([0, 1, 2] * 4)))
+    run.train(2)
+    run.save_checkpoint(tmp_path / "run.pt")
+    other = conditional_gan(data(torch.tensor([0] * 10 + [1, 2])))
+    with pytest.raises(ValueError, match="class_counts"):
+        other.load_checkpoint(tmp_path / "run.pt")
+    again = conditional_gan(data(torch.tensor([0, 1, 2] * 4)))
+    again.load_checkpoint(tmp_path / "run.pt")
+    run.train(2)
+    again.train(2)
+    same(run.generator.state_dict(), again.generator.state_dict())

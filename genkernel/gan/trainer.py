@@ -59,7 +59,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..core.adapter import analysis_mode, output_tensor, positive_int, unwrap
-from ..core.tracking.batches import IterableBatches, check_reiterable, is_class_labels, split_floating_batch
+from ..core.tracking.batches import (
+    IterableBatches, check_reiterable, dataset_class_labels, is_class_labels, split_floating_batch,
+)
 from ..core.tracking.callbacks import CallbackStates, TrainerCallback, fire, perform_step
 from ..core.errors import NonFiniteError
 from ..core.tracking.io import (
@@ -186,7 +188,9 @@ class GANTrainer:
         class_sampling: the generator step's classes (conditional only; "uniform" is refused
             without ``num_classes``), drawn from the trainer's generator: ``"data"`` (the default: the classes
             of uniformly drawn real samples, i.e. the data's class frequencies, the mix the
-            discriminator sees in its generated rows) or ``"uniform"`` (each class equally often, as
+            discriminator sees in its generated rows; a DataLoader's from its dataset's ``targets``, as
+            torchvision's ``ImageFolder``, ``MNIST`` and ``CIFAR10`` keep them, read once, with a sampler
+            that visits each example once an epoch) or ``"uniform"`` (each class equally often, as
             many cDCGAN scripts do).
         latent_dim: defaults to ``generator.latent_dim``.
         loss: "nonsaturating" (default), "hinge" or "wgan-gp".
@@ -271,7 +275,24 @@ class GANTrainer:
                     f"labels=<LongTensor[{data.shape[0]}]> with values in [0, {num_classes})"
                 )
             labels = check_classes(labels, data.shape[0], num_classes, "labels")
-            absent = sorted(set(range(num_classes)) - set(labels.unique().tolist()))
+        # Every real example's class (Tensor data: labels=; a DataLoader: its dataset's, read once without loading a
+        # sample, where it tells them): class_sampling="data" draws the generator's classes from them.
+        data_classes = labels
+        if num_classes is not None and not tensor_data:
+            try:
+                data_classes = dataset_class_labels(data)
+            except ValueError as error:
+                if class_sampling == "data":
+                    raise ValueError(
+                        f"class_sampling='data' draws the generator's classes from the data's labels, which this "
+                        f"DataLoader does not give: {error}. Pass class_sampling='uniform' (each class equally often)"
+                    ) from error
+                data_classes = None
+            else:
+                data_classes = check_classes(data_classes, data_classes.shape[0], num_classes,
+                                             "the DataLoader's dataset's class labels (its targets)")
+        if num_classes is not None:
+            absent = [] if data_classes is None else sorted(set(range(num_classes)) - set(data_classes.unique().tolist()))
             if class_sampling == "uniform" and absent:
                 # D's generated rows take the real rows' classes, so D never sees these classes: G would be trained
                 # on them against D's untrained class parameters (an embedding row at its initial values).
@@ -300,6 +321,7 @@ class GANTrainer:
         self.discriminator = discriminator
         self.data = data
         self.labels = labels
+        self._data_classes = data_classes if class_sampling == "data" else None
         self._stream = None if tensor_data else IterableBatches(data, self._checked_batch)
         self.num_classes = num_classes
         self.conditional = num_classes is not None
@@ -362,7 +384,8 @@ class GANTrainer:
         if self.class_sampling == "uniform":
             classes = torch.randint(0, self.num_classes, (n,), generator=rng)
         else:
-            classes = self.labels[torch.randint(0, self.labels.shape[0], (n,), generator=rng)]
+            pool = self._data_classes
+            classes = pool[torch.randint(0, pool.shape[0], (n,), generator=rng)]
         return classes.to(self.device)
 
     def _check_latents(self) -> None:
@@ -526,11 +549,6 @@ class GANTrainer:
             raise ValueError(
                 "labels= is for Tensor data: a DataLoader's batches carry their labels (an ImageFolder batch's second "
                 "element, a dict's 'class_labels')"
-            )
-        if num_classes is not None and class_sampling == "data":
-            raise ValueError(
-                "class_sampling='data' draws the generator's classes from the data's labels, which a DataLoader does "
-                "not hold in memory: pass class_sampling='uniform' (each class equally often)"
             )
         batch_size = getattr(data, "batch_size", None) if batch_size is None else batch_size
         if batch_size is None:
@@ -698,6 +716,9 @@ class GANTrainer:
             "dtype": str(self.dtype), "g_optimizer": type(self.g_optimizer).__name__,
             "d_optimizer": type(self.d_optimizer).__name__,
             "num_classes": self.num_classes, "class_sampling": self.class_sampling,
+            # a DataLoader's class counts, which class_sampling="data" draws from (Tensor data: in data_shape's data)
+            "class_counts": None if tensor_data or self._data_classes is None
+            else torch.bincount(self._data_classes, minlength=self.num_classes).tolist(),
             "ema": None if self.ema is None else ema_settings(self.ema),
             "lr_scheduler_g": lr_scheduler_settings(self.lr_scheduler_g),
             "lr_scheduler_d": lr_scheduler_settings(self.lr_scheduler_d),
@@ -736,7 +757,7 @@ class GANTrainer:
         saved_config = state.get("config")
         if saved_config is not None:  # a checkpoint written before trainers kept EMAs or schedules kept none
             saved_config = {"ema": None, "lr_scheduler_g": None, "lr_scheduler_d": None, "data": "Tensor",
-                            "batches_per_epoch": None, **saved_config}
+                            "batches_per_epoch": None, "class_counts": None, **saved_config}
         check_resume_config(saved_config, self._resume_config(), "GANTrainer")
         if self._stream is not None and not isinstance(state.get("iterable"), Mapping):
             raise ValueError(

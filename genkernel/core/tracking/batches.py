@@ -134,6 +134,42 @@ def set_sampler_epoch(data: Any, epoch: int) -> None:
             owner.set_epoch(epoch)
 
 
+def dataset_class_labels(data: Any) -> torch.Tensor:
+    """``LongTensor[N]``: the class label of every example a DataLoader visits in an epoch, read without
+    loading a sample: its dataset's ``targets`` (torchvision's ``ImageFolder``, ``MNIST``, ``CIFAR10``) or
+    a two-tensor ``TensorDataset``'s second tensor. A ValueError naming what is missing unless those are
+    the labels its batches carry, each example equally often: a ``target_transform`` (the batches' labels
+    are transformed), a sampler other than a ``RandomSampler`` without replacement or a
+    ``SequentialSampler`` (a weighted or subset sampler draws another class mix), or no such labels."""
+    from torch.utils.data import RandomSampler, SequentialSampler, TensorDataset
+
+    dataset = getattr(data, "dataset", None)
+    why = None
+    targets = getattr(dataset, "targets", None)
+    if targets is None and isinstance(dataset, TensorDataset) and len(dataset.tensors) == 2:
+        targets = dataset.tensors[1]
+    if targets is None:
+        why = (f"its dataset ({type(dataset).__name__}) has no `targets` (a torchvision data set's) and is no "
+               "TensorDataset of (samples, labels)")
+    elif getattr(dataset, "target_transform", None) is not None:
+        why = "its dataset has a target_transform, so its batches' labels are not its `targets`"
+    else:
+        order = [owner for owner in _samplers(data) if not isinstance(owner, torch.utils.data.BatchSampler)]
+        full = [isinstance(o, SequentialSampler) or (isinstance(o, RandomSampler) and not o.replacement
+                                                     and o.num_samples == len(o.data_source)) for o in order]
+        if not order or not all(full):
+            names = [type(o).__name__ for o in order]
+            why = (f"its sampler ({', '.join(names) or 'none'}) is not a RandomSampler without replacement or a "
+                   "SequentialSampler, so its batches need not hold each example once an epoch")
+    if why is not None:
+        raise ValueError(why)
+    labels = torch.as_tensor(targets)
+    if labels.dim() != 1 or labels.shape[0] != len(dataset) or labels.is_floating_point() or labels.dtype == torch.bool:
+        raise ValueError(f"its dataset's labels are not one integer class per example (shape {tuple(labels.shape)}, "
+                         f"dtype {labels.dtype}, {len(dataset)} examples)")
+    return labels.long()
+
+
 class IterableBatches:
     """The batches of ``data`` (a re-iterable, :func:`check_reiterable`), each passed through ``check``
     (raw batch → the trainer's dict of tensors), epoch after epoch (module docstring)."""
