@@ -638,9 +638,10 @@ def test_kernel_locality_holds_on_null_kernels_at_most_at_its_nominal_rate():
 
 def test_locality_per_input_matches_a_brute_force_loop():
     """Per clean input: mean over its levels of [mean k̂ to other inputs' states within the band −
-    mean outside], by explicit loops; the control permutes the other states' level labels with
-    the same draws, so the measured part is checked exactly and the control against the same
-    statistic on the permuted bins; the mean of measured − control is kernel_locality's difference."""
+    mean outside], by explicit loops; the control relabels each input's own levels with the same
+    draws (the other states keep theirs), so the measured part is checked exactly and the control
+    against the same statistic at the permuted row bins; the mean of measured − control is
+    kernel_locality's difference."""
     from genkernel.diffusion.locality import _Differences, kernel_locality, locality_per_input
 
     n, levels, band = 5, 4, 1
@@ -650,15 +651,15 @@ def test_locality_per_input_matches_a_brute_force_loop():
     kernel = (a + a.T) / 2
     measured, control = locality_per_input(kernel, n, bins, band, num_permutations=3, seed=2)
 
-    def brute(col_bins):  # col_bins[j][b]: the bin of input j's level b
+    def brute(row_bins):  # row_bins[i][s]: the bin input i's level s is read at
         out = []
         for i in range(n):
             per_level = []
             for s in range(levels):
                 inside = [float(kernel[i * levels + s, j * levels + b]) for j in range(n) if j != i
-                          for b in range(levels) if abs(int(bins[s]) - int(col_bins[j][b])) <= band]
+                          for b in range(levels) if abs(int(row_bins[i][s]) - int(bins[b])) <= band]
                 outside = [float(kernel[i * levels + s, j * levels + b]) for j in range(n) if j != i
-                           for b in range(levels) if abs(int(bins[s]) - int(col_bins[j][b])) > band]
+                           for b in range(levels) if abs(int(row_bins[i][s]) - int(bins[b])) > band]
                 per_level.append(sum(inside) / len(inside) - sum(outside) / len(outside))
             out.append(sum(per_level) / levels)
         return torch.tensor(out, dtype=F64)

@@ -680,7 +680,9 @@ class NoiseLevelAnalyzer(TrainerCallback):
         all_levels = self.bins.centers
         states = make_states(self.scheduler, self.kernel_clean.to(param), self.kernel_noise.to(param), all_levels)
         levels = all_levels.numel()
-        states = (*states, *(c.to(param.device).repeat_interleave(levels, dim=0) for c in self.kernel_conditioning))
+        # floating conditioning in the model's dtype, as the probes have it (probes(like=...))
+        states = (*states, *(c.to(device=param.device, dtype=param.dtype if c.is_floating_point() else c.dtype)
+                             .repeat_interleave(levels, dim=0) for c in self.kernel_conditioning))
         sketch = self.kernel_sketch
         if sketch == "auto":
             sketch = None if self.kernel_clean[0].numel() <= AUTO_EXACT_OUTPUTS else AUTO_SKETCH_DIRECTIONS

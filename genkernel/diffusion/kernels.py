@@ -103,7 +103,8 @@ def state_kernel(
         output_sketch: None for the exact trace kernel, or V Rademacher output directions: the
             kernel of each scalar output ⟨r_v, f⟩ is computed by the engine
             (:func:`~genkernel.core.engine.kernels.gradient_kernel`, within ``memory_budget``) and
-            the V kernels are summed.
+            the V kernels are averaged (``normalize=False``: an unbiased estimate of the trace
+            kernel; normalized: divided by the sketch's own diagonals, so |k̂| <= 1 and k̂(x, x) = 1).
         seed: seeds the sketch directions (a private generator).
         progress: a tqdm bar over the directions.
     """
@@ -132,7 +133,11 @@ def state_kernel(
         d2 = k.diagonal() if others_t is None else _self_diagonal(one, others_t, memory_budget)
         diag1 = d1 if diag1 is None else diag1 + d1
         diag2 = d2 if diag2 is None else diag2 + d2
-    return normalize_kernel(kernel, diag1, diag2) if normalize else kernel
+    if normalize:  # (the 1/V cancels in k / sqrt(k(x, x) k(x', x')))
+        return normalize_kernel(kernel, diag1, diag2)
+    # The mean over the V directions, (1/V) Σ_v ⟨J(z)ᵀ r_v, J(z')ᵀ r_v⟩, is the unbiased estimate of the trace
+    # kernel; the sum was V times it.
+    return kernel / output_sketch
 
 
 def _self_diagonal(model: nn.Module, states: tuple[torch.Tensor, ...], memory_budget: int) -> torch.Tensor:
