@@ -8,10 +8,11 @@ C a per-value interpolation v ∈ [−1, 1] between the two fixed variances of D
     log Σ_θ(z_t, t) = u log β_t + (1 − u) log β̃_t,      u = (v + 1) / 2,
     β̃_t = β_t (1 − ᾱ_{t−1}) / (1 − ᾱ_t)                 (the posterior variance; at t = 0, β̃_1)
 
-diffusers samples it with ``DDPMScheduler(variance_type="learned_range")``; the diffusers DiT
-pipeline drops the variance for other samplers, as :func:`~genkernel.diffusion.trainer.reverse_sample`
-does. It is trained with the hybrid objective (Eq. 16) as guided-diffusion's ``training_losses`` and
-DiT's training script compute it:
+diffusers samples it with ``DDPMScheduler(variance_type="learned_range")`` (IDDPM's sampler; with
+respacing both variances are the respaced process's, β'_t = 1 − ᾱ_t / ᾱ_{t'}); diffusers' DiT pipeline
+drops the variance and steps any sampler with the mean channels, which
+:func:`~genkernel.diffusion.trainer.reverse_sample` does for samplers other than DDPM. It is trained with
+the hybrid objective (Eq. 16) as guided-diffusion's ``training_losses`` and DiT's training script compute it:
 
     ℓ = ‖F_mean − y‖² / D_mean + λ L_vlb,
     L_vlb(t > 0) = KL(q(x_{t−1} | x_t, x_0) ‖ p_θ(x_{t−1} | x_t)) / (D_mean ln 2)      (bits per value)
@@ -20,12 +21,16 @@ DiT's training script compute it:
 where p_θ's mean comes from F_mean with the gradient stopped, so L_vlb trains the variance channels
 alone and the MSE the mean channels (λ = 1: DiT's and guided-diffusion's weighting for T = 1000).
 The ledger differentiates this loss as it differentiates any per-example loss; the trainer passes
-``(y, x_0, z_t, t)`` as the step's targets.
+``(y, x_0, z_t, t)`` as the step's targets. The bound is computed in float32 at least (a float16 or
+bfloat16 model's outputs are widened: float16 cannot hold the decoder's floor 1e-12, and the bins in the
+normal's tails need erfc's digits). An ε-prediction on a zero-terminal-SNR schedule (ᾱ_{T−1} = 0) is
+refused: x̂_0 = (z_t − sqrt(1 − ᾱ_t) ε̂) / sqrt(ᾱ_t) gives p_θ no mean at t = T − 1.
 """
 
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 
@@ -63,24 +68,33 @@ def mean_channels(outputs: torch.Tensor, channels: int) -> torch.Tensor:
     return outputs[:, :channels]
 
 
-def _normal_kl(mean1: torch.Tensor, log_var1: torch.Tensor, mean2: torch.Tensor, log_var2: torch.Tensor) -> torch.Tensor:
-    """KL(N(mean1, e^{log_var1}) ‖ N(mean2, e^{log_var2})) per value."""
-    return 0.5 * (-1.0 + log_var2 - log_var1 + torch.exp(log_var1 - log_var2) + (mean1 - mean2) ** 2 * torch.exp(-log_var2))
+def _normal_kl(mean_gap: torch.Tensor, log_var1: torch.Tensor, log_var2: torch.Tensor) -> torch.Tensor:
+    """KL(N(mean1, e^{log_var1}) ‖ N(mean2, e^{log_var2})) per value, from the gap mean1 − mean2 (formed by the
+    caller without the cancellation of two near-equal means)."""
+    return 0.5 * (-1.0 + log_var2 - log_var1 + torch.exp(log_var1 - log_var2) + mean_gap ** 2 * torch.exp(-log_var2))
+
+
+def _normal_cdf(z: torch.Tensor) -> torch.Tensor:
+    """Φ(z) = erfc(−z/√2) / 2, accurate to the dtype's resolution in the lower tail (torch's float32 ``ndtr`` forms
+    1 − (…) there: 0 below z ≈ −5.4 in float32, and float64 loses digits below z ≈ −6)."""
+    return 0.5 * torch.special.erfc(-z * (1.0 / math.sqrt(2.0)))
 
 
 def _discretized_gaussian_log_likelihood(x: torch.Tensor, mean: torch.Tensor, log_scale: torch.Tensor) -> torch.Tensor:
     """log P(x) per value of ``x`` in [−1, 1] under N(mean, e^{2 log_scale}) discretized to 256 bins of width
-    2/255 (the edge bins take the tails), as DDPM's and IDDPM's decoder L_0. The normal CDF Φ is torch's
-    (guided-diffusion uses a tanh approximation of it), and a bin above the mean takes its mass from the
-    upper tail, Φ(−a) − Φ(−b), where Φ(b) − Φ(a) would subtract two numbers near 1."""
+    2/255 (the edge bins take the tails), as DDPM's and IDDPM's decoder L_0, with guided-diffusion's floor of
+    1e-12 on a bin's mass. The normal CDF is the exact one (guided-diffusion uses a tanh approximation of it),
+    from erfc so that tails keep their digits in float32; a bin above the mean takes its mass from the upper
+    tail, Φ(−a) − Φ(−b), where Φ(b) − Φ(a) would subtract two numbers near 1. Call it in float32 or wider
+    (the floor 1e-12 is 0 in float16)."""
     inv_std = torch.exp(-log_scale)
     high = inv_std * (x - mean + 1.0 / 255)
     low = inv_std * (x - mean - 1.0 / 255)
-    ndtr = torch.special.ndtr
-    mass = torch.where(low > 0, ndtr(-low) - ndtr(-high), ndtr(high) - ndtr(low))
+    cdf = _normal_cdf
+    mass = torch.where(low > 0, cdf(-low) - cdf(-high), cdf(high) - cdf(low))
     tiny = 1e-12
-    log_lowest = torch.log(ndtr(high).clamp_min(tiny))  # the bin at −1 holds the lower tail
-    log_highest = torch.log(ndtr(-low).clamp_min(tiny))  # the bin at +1 the upper one
+    log_lowest = torch.log(cdf(high).clamp_min(tiny))  # the bin at −1 holds the lower tail
+    log_highest = torch.log(cdf(-low).clamp_min(tiny))  # the bin at +1 the upper one
     return torch.where(x < -0.999, log_lowest, torch.where(x > 0.999, log_highest, torch.log(mass.clamp_min(tiny))))
 
 
@@ -104,12 +118,21 @@ class HybridLoss:
                 "HybridLoss trains a model that predicts its variance: build the scheduler with "
                 "variance_type='learned_range' (make_scheduler(variance_type='learned_range'))"
             )
-        if not (isinstance(vlb_weight, (int, float)) and math.isfinite(vlb_weight) and vlb_weight >= 0):
+        if not (isinstance(vlb_weight, numbers.Real) and not isinstance(vlb_weight, bool) and math.isfinite(vlb_weight)
+                and vlb_weight >= 0):
             raise ValueError(f"vlb_weight must be a finite number >= 0, got {vlb_weight!r}")
         self.prediction_type = check_prediction_type(scheduler)
         self.vlb_weight = float(vlb_weight)
         # 1. the forward process's tables, in float64 (ᾱ_t near 1 loses the posterior variance in float32)
         alphas_cumprod = scheduler.alphas_cumprod.detach().to("cpu", torch.float64)
+        if self.prediction_type == "epsilon" and bool((alphas_cumprod <= 0).any()):
+            # x̂_0 = (z_t − sqrt(1 − ᾱ_t) ε̂) / sqrt(ᾱ_t): at ᾱ_t = 0 (z_t = ε) an ε-prediction fixes no mean of p_θ
+            raise ValueError(
+                "a zero-terminal-SNR schedule (rescale_betas_zero_snr=True: ᾱ_{T−1} = 0) leaves an ε-prediction no "
+                "mean for p_θ(x_{T−2} | x_{T−1}) (x̂_0 divides by sqrt(ᾱ_{T−1}) = 0: an infinite L_vlb and NaN "
+                "gradients at t = T − 1); train the learned variance with prediction_type='v_prediction' (or "
+                "'sample'), as zero-terminal-SNR schedules are meant to be trained"
+            )
         previous = torch.cat([torch.ones(1, dtype=torch.float64), alphas_cumprod[:-1]])
         betas = 1.0 - alphas_cumprod / previous
         posterior_variance = betas * (1.0 - previous) / (1.0 - alphas_cumprod)
@@ -141,8 +164,11 @@ class HybridLoss:
         # 1. L_simple: the mean squared error of the mean channels
         values = prediction[0].numel()
         mse = ((prediction - target) ** 2).reshape(prediction.shape[0], -1).mean(dim=1)
-        # 2. p_θ's mean from the mean channels, gradient stopped (Eq. 16: L_vlb trains Σ_θ alone)
-        frozen = prediction.detach()
+        # 2. p_θ's mean from the mean channels, gradient stopped (Eq. 16: L_vlb trains Σ_θ alone); the bound in
+        # float32 at least (float16's range loses the decoder's floor 1e-12 and the tails of its bins)
+        wide = torch.promote_types(outputs.dtype, torch.float32)
+        frozen, variance_values = prediction.detach().to(wide), variance_values.to(wide)
+        clean, noisy = clean.to(device=outputs.device, dtype=wide), noisy.to(device=outputs.device, dtype=wide)
         root, root_rest = self._at("sqrt_alphas_cumprod", timesteps, noisy), self._at("sqrt_one_minus_alphas_cumprod", timesteps, noisy)
         if self.prediction_type == "epsilon":
             predicted_clean = (noisy - root_rest * frozen) / root
@@ -152,16 +178,18 @@ class HybridLoss:
             predicted_clean = root * noisy - root_rest * frozen
         c_clean, c_noisy = self._at("posterior_mean_clean", timesteps, noisy), self._at("posterior_mean_noisy", timesteps, noisy)
         model_mean = c_clean * predicted_clean + c_noisy * noisy
-        true_mean = c_clean * clean + c_noisy * noisy
+        # μ̃ − μ_θ = c1 (x_0 − x̂_0): the c2 x_t both means hold cancels exactly, not in rounding
+        mean_gap = c_clean * (clean - predicted_clean)
         # 3. Σ_θ: log-variance interpolated between log β̃_t and log β_t (Eq. 15)
         low, high = self._at("posterior_log_variance", timesteps, noisy), self._at("log_betas", timesteps, noisy)
         fraction = (variance_values + 1.0) / 2.0
         model_log_variance = fraction * high + (1.0 - fraction) * low
         # 4. L_vlb in bits per value: the KL to the posterior for t > 0, the decoder's NLL at t = 0
-        kl = _normal_kl(true_mean, low, model_mean, model_log_variance)
+        kl = _normal_kl(mean_gap, low, model_log_variance)
         nll = -_discretized_gaussian_log_likelihood(clean, model_mean, 0.5 * model_log_variance)
         first = (timesteps == 0).reshape(timesteps.shape + (1,) * (kl.dim() - 1))
         vlb = torch.where(first, nll, kl).reshape(kl.shape[0], -1).sum(dim=1) / (values * math.log(2.0))
+        vlb = vlb.to(mse.dtype)
         return mse + self.vlb_weight * vlb
 
 

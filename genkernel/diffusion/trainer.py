@@ -769,6 +769,23 @@ def reverse_sample(
         timesteps; under flow matching and EDM float ones).
     """
     sampler = make_sampler(scheduler, sampler)
+    # A model that predicts its variance (learned_range) gives 2C channels: a DDPM sampler with learned_range steps
+    # with them; any other sampler gets the mean channels alone, as diffusers' DiT pipeline gives it.
+    learned_variance = predicts_variance(scheduler)
+    from diffusers import DDPMParallelScheduler, DDPMScheduler
+
+    sampler_variance = getattr(sampler.config, "variance_type", None)
+    ddpm_family = isinstance(sampler, (DDPMScheduler, DDPMParallelScheduler))  # their step splits off the variance
+    sampler_reads_variance = ddpm_family and sampler_variance == LEARNED_RANGE
+    if ddpm_family and sampler_variance == "learned":
+        raise ValueError(
+            f"the sampler's variance_type='learned' takes the model's raw output as the variance; sample with "
+            f"variance_type={LEARNED_RANGE!r} (a model trained with it) or a fixed variance_type"
+        )
+    if not ddpm_family and sampler_variance in ("learned", LEARNED_RANGE):
+        # DPM-Solver, SA-Solver with a learned variance_type (copied from the training config) keep the first 3
+        # channels of what they are given (RGB's mean): they get the mean channels here, and no variance_type
+        sampler = type(sampler).from_config(sampler.config, variance_type=None)
     sampler.set_timesteps(num_inference_steps or num_train_timesteps(scheduler))
     real = noise_process(scheduler) != DDPM_PROCESS  # flow matching, EDM: real levels
     times = [float(t) for t in sampler.timesteps]
@@ -807,10 +824,6 @@ def reverse_sample(
             f"guidance_scale={guidance_scale:g} needs null_conditioning shaped as conditioning "
             f"({[tuple(c.shape) for c in extra]}), got {[tuple(c.shape) for c in null_extra]}"
         )
-    # A model that predicts its variance (learned_range) gives 2C channels: a DDPM sampler with learned_range steps
-    # with them; any other sampler gets the mean channels alone, as diffusers' DiT pipeline gives it.
-    learned_variance = predicts_variance(scheduler)
-    sampler_reads_variance = getattr(sampler.config, "variance_type", None) == LEARNED_RANGE
     if sampler_reads_variance and not learned_variance:
         raise ValueError(
             "the sampler's variance_type='learned_range' reads a variance from the model's output, but the training "
@@ -839,8 +852,15 @@ def reverse_sample(
             out = guided_output(model, state, timestep, tuple(c.to(x.device) for c in extra),
                                 tuple(c.to(x.device) for c in null_extra), guidance_scale,
                                 unguided_channels=channels if learned_variance else 0)
-            if learned_variance and not sampler_reads_variance:
-                out = mean_channels(out, channels)
+            if learned_variance:  # 2C channels, or the fix named (diffusers' learned-range step fails on C with a TypeError)
+                mean = mean_channels(out, channels)
+                if not sampler_reads_variance:
+                    out = mean
+                elif index == len(steps) - 1 and steps[index] > 0:
+                    # a last step from t > 0 straight to x_0 (timestep_spacing="trailing"): diffusers adds noise
+                    # whenever t > 0, and the learned u would interpolate it towards β'_t; x_0 is the posterior's
+                    # mean, with no noise in IDDPM: u = −1, the posterior's variance (0, which diffusers floors at 1e-20)
+                    out = torch.cat([mean, torch.full_like(mean, -1.0)], dim=1)
             x = sampler.step(out, t, x, **kwargs).prev_sample
     finally:
         model.train(was_training)
