@@ -488,7 +488,8 @@ def diffusion_loss(outputs: torch.Tensor, targets: torch.Tensor | tuple[torch.Te
     if isinstance(targets, tuple):
         targets = targets[0]
     if (isinstance(targets, torch.Tensor) and outputs.dim() >= 2 and targets.dim() == outputs.dim()
-            and outputs.shape[1] == 2 * targets.shape[1] and outputs.shape[2:] == targets.shape[2:]):
+            and targets.shape[0] == outputs.shape[0] and outputs.shape[1] == 2 * targets.shape[1]
+            and outputs.shape[2:] == targets.shape[2:]):
         raise ValueError(
             f"the model outputs {outputs.shape[1]} channels for {targets.shape[1]}-channel targets: a model that "
             "predicts its variance too (DiT's learn_sigma, IDDPM) trains with variance_type='learned_range' "
