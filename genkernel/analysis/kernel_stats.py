@@ -26,8 +26,31 @@ __all__ = [
 ]
 
 
+def _real(x, name: str) -> np.ndarray:
+    """``x`` as a float64 numpy array; complex input is refused (a cast would drop the imaginary part,
+    silently for a torch tensor)."""
+    if (x.is_complex() if isinstance(x, torch.Tensor) else np.iscomplexobj(x)):
+        raise TypeError(f"{name} is complex; pass real values (e.g. the real part, if that is the kernel meant)")
+    if isinstance(x, torch.Tensor):
+        return x.detach().cpu().to(torch.float64).numpy()
+    try:
+        return np.asarray(x, dtype=np.float64)
+    except (TypeError, ValueError) as exc:
+        raise TypeError(f"{name} must be a torch.Tensor or an array-like of real numbers, got {type(x).__name__}") from exc
+
+
+def _eps(x) -> float:
+    """Machine epsilon of ``x``'s floating dtype (float64's for anything else, e.g. lists or integers)."""
+    if isinstance(x, torch.Tensor):
+        return float(torch.finfo(x.dtype).eps) if x.is_floating_point() else float(np.finfo(np.float64).eps)
+    dtype = getattr(x, "dtype", None)
+    if isinstance(dtype, np.dtype) and np.issubdtype(dtype, np.floating):
+        return float(np.finfo(dtype).eps)
+    return float(np.finfo(np.float64).eps)
+
+
 def _matrix(kernel, name: str = "kernel") -> np.ndarray:
-    k = kernel.detach().cpu().to(torch.float64).numpy() if isinstance(kernel, torch.Tensor) else np.asarray(kernel, dtype=np.float64)
+    k = _real(kernel, name)
     if k.ndim != 2:
         raise ValueError(f"{name} must be a 2-D matrix [M, N], got shape {tuple(k.shape)}")
     if not np.all(np.isfinite(k)):
@@ -198,14 +221,17 @@ def centered_alignment(gram, y) -> float:
         float in [−1, 1].
 
     Raises:
+        TypeError: complex K or y.
         ValueError: when K or y is constant (up to rounding): its centered part is zero, so the
             alignment is 0/0 (centering leaves only rounding noise, which would give an arbitrary
-            number in [−1, 1]).
+            number in [−1, 1]). "Up to rounding": ‖H K H‖_F <= max(1e-12, 16 N eps₆₄, 16 eps) ‖K‖_F
+            with eps that of K's dtype (1.9e-6 for float32: a float32 kernel whose centered part is
+            smaller is its own rounding; pass a float64 kernel), and likewise for y.
     """
     k = _matrix(gram, "gram")
     if k.shape[0] != k.shape[1] or k.shape[0] < 2:
         raise ValueError(f"gram must be square over at least 2 examples (centering one leaves nothing), got {k.shape}")
-    yy = y.detach().cpu().to(torch.float64).numpy() if isinstance(y, torch.Tensor) else np.asarray(y, dtype=np.float64)
+    yy = _real(y, "y")
     if yy.ndim not in (1, 2) or yy.shape[0] != k.shape[0]:
         # a reshape would silently regroup e.g. a [C, N] (transposed) or [2N] target into [N, ·] rows
         raise ValueError(f"y must be [N] or [N, d] with N = {k.shape[0]} (one row per gram row), got shape {yy.shape}")
@@ -215,14 +241,20 @@ def centered_alignment(gram, y) -> float:
     kc = h @ k @ h
     yc = yy - yy.mean(axis=0, keepdims=True)
     # Centering a constant matrix leaves rounding noise of relative size ~ n·eps (measured up to
-    # 4e-16 for n <= 2000), not zeros; below this floor the centered part is noise.
+    # 4e-16 for n <= 2000), not zeros; below this floor the centered part is noise. A float32 (or
+    # coarser) input carries its own rounding, ~eps of its dtype relative per entry: the float32 Gram
+    # of features equal up to 1e-3 had a centered part of 1.6e-7–3.6e-7 relative, of which
+    # 0.8e-7–3.4e-7 was float32 rounding; 16 eps of the input's dtype is the floor there.
     floor = max(1e-12, 16 * n * np.finfo(np.float64).eps)
-    if np.linalg.norm(kc) <= floor * np.linalg.norm(k):
+    floor_k, floor_y = max(floor, 16 * _eps(gram)), max(floor, 16 * _eps(y))
+    if np.linalg.norm(kc) <= floor_k * np.linalg.norm(k):
         raise ValueError(
             "gram is constant (every entry equal, up to rounding, e.g. a network whose only live "
             "parameter is an output bias): its centered part is zero and centered alignment is undefined"
+            + (f" (‖HKH‖_F / ‖K‖_F <= {floor_k:.1e}, the rounding of its dtype {gram.dtype}: a float64 kernel "
+               "may resolve a smaller centered part)" if floor_k > floor else "")
         )
-    if np.linalg.norm(yc) <= floor * np.linalg.norm(yy):
+    if np.linalg.norm(yc) <= floor_y * np.linalg.norm(yy):
         raise ValueError(
             "y is constant (every example has the same target): its centered part is zero and centered "
             "alignment is undefined; use targets that vary over the examples"

@@ -19,7 +19,9 @@ Conventions. Kernels are symmetric PSD. The integral operator on the training sa
 
 so if K u = λ u for the Gram matrix K[n, m] = K(x_n, x_m), the operator eigenvalue is λ / N.
 All functions accept torch tensors (any float dtype, any device) or array-likes and compute in
-float64 on the CPU with scipy; tensors they return are torch float64 on the CPU.
+float64 on the CPU with scipy; tensors they return are torch float64 on the CPU (except
+:func:`path_kernel_gram`, which keeps the kernels' common dtype: the rounding floor of the
+other functions is read from the input's dtype).
 """
 
 from __future__ import annotations
@@ -156,7 +158,10 @@ class KernelEigensystem:
 
     Attributes:
         eigenvalues: Tensor[N] float64, descending, non-negative (tiny negative ones clipped).
-        eigenvectors: Tensor[N, N] float64; column i is u_i, columns orthonormal.
+        eigenvectors: Tensor[N, N] float64; column i is u_i, columns orthonormal, signed so
+            that Σ_n u_i[n] > 0 (or Σ_n u_i[n]³ > 0 when |Σ_n u_i[n]| <= 1e-8): a convention
+            that does not change with the order of the training inputs (LAPACK's sign does).
+            Inside a block of equal eigenvalues only the block's span is defined.
         min_raw_eigenvalue: the most negative eigenvalue found before clipping (0.0 when none
             was negative): a measure of how far the input was from PSD.
         num_clipped: how many negative eigenvalues were set to 0.
@@ -201,7 +206,8 @@ def eigendecompose(gram, *, psd_tol: float = 1e-8) -> KernelEigensystem:
     Algorithm:
         1. Refuse asymmetry beyond rounding; symmetrize, K ← (K + Kᵀ)/2 (removes asymmetric
            rounding from accumulation).
-        2. scipy.linalg.eigh gives ascending eigenpairs; reverse them to descending.
+        2. scipy.linalg.eigh gives ascending eigenpairs; reverse them to descending; fix each
+           eigenvector's sign (Σ u > 0, else Σ u³ > 0).
         3. Record the most negative eigenvalue; clip negatives within tolerance to 0.
     """
     if not (isinstance(psd_tol, (int, float)) and math.isfinite(psd_tol) and psd_tol >= 0):
@@ -215,6 +221,12 @@ def eigendecompose(gram, *, psd_tol: float = 1e-8) -> KernelEigensystem:
     vals, vecs = scipy.linalg.eigh(k)
     vals = vals[::-1].copy()
     vecs = vecs[:, ::-1].copy()
+    # sign convention (LAPACK's sign flipped with the order of the training inputs, for 45 of 100
+    # eigenfunctions over 20 orders of one RBF kernel): Σ_n u[n] > 0, or Σ_n u[n]³ > 0 when that sum
+    # is below 1e-8; both sums are invariant to permuting the inputs
+    total, cubes = vecs.sum(axis=0), (vecs**3).sum(axis=0)
+    flip = np.where(np.abs(total) > 1e-8, total < 0, cubes < -1e-8)
+    vecs[:, flip] *= -1.0
     # 3. clip within tolerance
     scale = float(np.max(np.abs(vals)))
     min_raw = float(min(vals[-1], 0.0))
@@ -223,7 +235,9 @@ def eigendecompose(gram, *, psd_tol: float = 1e-8) -> KernelEigensystem:
         raise ValueError(
             f"gram is not positive semi-definite: eigenvalue {min_raw:.3e} against largest "
             f"|eigenvalue| {scale:.3e} (relative tolerance {tol:g}). Check that the kernel "
-            "is a Gram matrix of features with non-negative step sizes, or raise psd_tol."
+            "is a Gram matrix of features with non-negative step sizes, or raise psd_tol. A kernel "
+            "computed in float32 and cast to float64 has float32 rounding: pass it as float32, "
+            "whose rounding floor (N * 1.2e-7) this tolerance then uses."
         )
     vals[negative] = 0.0
     return KernelEigensystem(
@@ -251,6 +265,31 @@ def _check_system(system) -> None:
             f"expected a KernelEigensystem, got {type(system).__name__}; "
             "build one with eigendecompose(gram)."
         )
+
+
+def _split_block(system: KernelEigensystem, k: int) -> tuple[int, int] | None:
+    """The block of equal eigenvalues that k splits, as (first k, last k) of its valid ends.
+
+    λ_k and λ_{k+1} count as equal when they differ by at most the tie level, max(rounding floor,
+    max(N, 64) * eps of float64) * λ_1; a chain of such gaps is one block. Returns None when
+    λ_k > λ_{k+1} beyond it (or k is 0 or N), else (start, end): k=start and k=end don't split it.
+    """
+    n = system.size
+    if not 0 < k < n:
+        return None
+    lam = system.eigenvalues.numpy()
+    floor = max(float(system.rounding_floor), max(n, 64) * float(np.finfo(np.float64).eps))
+    tie = floor * max(float(lam[0]), 0.0)
+    gaps = lam[:-1] - lam[1:]  # gaps[i] = λ_{i+1} − λ_{i+2} (1-based), >= 0
+    if gaps[k - 1] > tie:
+        return None
+    start = k - 1
+    while start > 0 and gaps[start - 1] <= tie:
+        start -= 1
+    end = k
+    while end < n - 1 and gaps[end] <= tie:
+        end += 1
+    return start, end + 1
 
 
 def _num_usable(eigenvalues: np.ndarray, rtol: float) -> int:
@@ -287,11 +326,18 @@ def nystrom_extend(
     sqrt(N) so that (1/N) Σ_n φ_i(x_n)² = 1 (orthonormal in L2 of the empirical measure).
 
     Which eigenvalues are usable: (Ny) divides by λ_i, so an eigenfunction is only defined
-    for λ_i > max(rtol, system.rounding_floor) * λ_1 (λ_1 the largest). The rounding floor
-    (N * eps of the Gram's dtype) matters for float32 input: a rank-deficient float32 Gram has
-    eigenvalues near 1e-8 λ_1 that are rounding noise, and dividing the cross kernel's own
-    rounding by them gives O(1) values that belong to no eigenfunction. With k=None every
-    usable eigenfunction is returned; an explicit k larger than the number usable raises.
+    for λ_i > max(rtol, rounding floor) * λ_1 (λ_1 the largest). The rounding floor is N * eps of
+    the coarser of the Gram's and the cross kernel's dtypes; it matters for float32 input: a
+    rank-deficient float32 Gram has eigenvalues near 1e-8 λ_1 that are rounding noise, and
+    dividing the cross kernel's own rounding by them gives O(1) values that belong to no
+    eigenfunction; so does a float32 cross kernel against small genuine eigenvalues of a
+    float64 Gram. With k=None every usable eigenfunction is returned (less a block of equal
+    eigenvalues that the cut runs through); an explicit k larger than the number usable raises.
+
+    Equal eigenvalues (up to the tie level of :func:`top_k_target_energy`): a k that splits a
+    block of them raises, as the eigenfunctions inside a block are an arbitrary basis of its
+    eigenspace (they change with the order of the training inputs). Columns of a block that k
+    keeps whole are such a basis too: their span, not each column, is the defined quantity.
 
     Args:
         system: from :func:`eigendecompose` on the training Gram matrix.
@@ -305,10 +351,12 @@ def nystrom_extend(
         Tensor[M, k] float64, column i is φ_i at the M new inputs.
 
     Raises:
-        TypeError / ValueError: wrong types, shapes, k out of range, no usable eigenvalue.
+        TypeError / ValueError: wrong types, shapes, k out of range, k splitting a block of
+            equal eigenvalues, no usable eigenvalue.
 
     Algorithm:
-        1. Count usable eigenvalues, λ_i > max(rtol, rounding floor) * λ_1; settle k.
+        1. Count usable eigenvalues, λ_i > max(rtol, rounding floor) * λ_1; settle k; refuse a
+           k that splits a block of equal eigenvalues.
         2. φ = K_cross U_k diag(1/λ_k)                                                 (Ny)
         3. Multiply by sqrt(N) for normalization="l2".
     """
@@ -326,23 +374,45 @@ def nystrom_extend(
         )
     lam = system.eigenvalues.numpy()
     vecs = system.eigenvectors.numpy()
-    # 1. usable eigenvalues
-    cut = max(float(rtol), float(system.rounding_floor))
+    # 1. usable eigenvalues: above rtol and the rounding floors of the Gram's and the cross
+    #    kernel's dtypes (a float32 cross kernel's rounding divided by a small eigenvalue of a
+    #    float64 Gram is as much noise as the Gram's own rounding would be)
+    cross_floor = n * _input_eps(cross_kernel)
+    floor = max(float(system.rounding_floor), cross_floor)
+    cut = max(float(rtol), floor)
     usable = _num_usable(lam, cut)
     if usable == 0:
-        raise ValueError("the Gram matrix has no eigenvalue above rtol * largest; "
-                         "the kernel is zero and has no eigenfunctions.")
+        raise ValueError(
+            f"the Gram matrix has no eigenvalue above max(rtol, rounding floor) * largest "
+            f"(= {cut:.1e} * largest): the kernel is zero, or its dtype is too coarse for N = {n} "
+            "(pass float64 kernels); there are no eigenfunctions."
+        )
+    explicit = k is not None
     if k is None:
         k = usable
+        block = _split_block(system, k)
+        if block is not None and block[0] > 0:
+            # the cut runs through a block of equal eigenvalues: the block is not usable as a whole
+            k = block[0]
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)):
         raise TypeError(f"k must be an int or None, got {type(k).__name__}.")
     if not 1 <= k <= usable:
         raise ValueError(
             f"k={k} but only {usable} eigenvalues exceed max(rtol, rounding floor) * largest "
-            f"(rtol={rtol:g}, rounding floor N * eps of the Gram's dtype = "
-            f"{system.rounding_floor:.1e}); eigenfunctions of negligible eigenvalues are not "
+            f"(rtol={rtol:g}, rounding floor N * eps of the Gram's and the cross kernel's "
+            f"dtypes = {floor:.1e}); eigenfunctions of negligible eigenvalues are not "
             f"defined. Use k <= {usable}, lower rtol if those eigenvalues are genuine, or pass "
-            "a float64 Gram matrix (and cross kernel) when the floor is the float32 one."
+            "a float64 Gram matrix and cross kernel when the floor is the float32 one."
+        )
+    block = _split_block(system, k)
+    if block is not None:
+        start, end = block
+        raise ValueError(
+            f"k={k}{'' if explicit else ' (all usable)'} splits a block of equal eigenvalues "
+            f"(λ_{start + 1} .. λ_{end} equal up to "
+            "rounding, e.g. a pair of a rotation-invariant kernel): an eigenfunction inside the "
+            "block is an arbitrary member of its eigenspace and changes with the order of the "
+            f"training inputs. Use k={start} or k={end} (the block's ends)."
         )
     # 2. Nyström formula
     phi = (cross @ vecs[:, :k]) / lam[:k]
@@ -412,24 +482,15 @@ def top_k_target_energy(system: KernelEigensystem, y, k: int) -> float:
     if not 0 <= k <= system.size:
         raise ValueError(f"k must satisfy 0 <= k <= N = {system.size}, got {k}.")
     curve = target_energy_curve(system, y)  # validates y first
-    if 0 < k < system.size:
-        lam = system.eigenvalues.numpy()
-        floor = max(float(system.rounding_floor), max(system.size, 64) * float(np.finfo(np.float64).eps))
-        tie = floor * max(float(lam[0]), 0.0)
-        gaps = lam[:-1] - lam[1:]  # gaps[i] = λ_{i+1} − λ_{i+2} (1-based), >= 0
-        if gaps[k - 1] <= tie:
-            start = k - 1
-            while start > 0 and gaps[start - 1] <= tie:
-                start -= 1
-            end = k
-            while end < system.size - 1 and gaps[end] <= tie:
-                end += 1
-            raise ValueError(
-                f"k={k} splits a block of equal eigenvalues (λ_{start + 1} .. λ_{end + 1} within "
-                f"{tie:.1e} of each other, e.g. the null space of a rank-deficient kernel): the "
-                "top-k eigenspace is not defined there, and its energy depends on the arbitrary "
-                f"basis inside the block. Use k={start} or k={end + 1} (the block's ends)."
-            )
+    block = _split_block(system, k)
+    if block is not None:
+        start, end = block
+        raise ValueError(
+            f"k={k} splits a block of equal eigenvalues (λ_{start + 1} .. λ_{end} equal up to "
+            "rounding, e.g. the null space of a rank-deficient kernel): the "
+            "top-k eigenspace is not defined there, and its energy depends on the arbitrary "
+            f"basis inside the block. Use k={start} or k={end} (the block's ends)."
+        )
     return 0.0 if k == 0 else float(curve[k - 1])
 
 
@@ -472,10 +533,15 @@ def kernel_target_alignment(gram, y) -> float:
 
 
 def default_ridge(gram, relative: float = 1e-6) -> float:
-    """Default ridge for :func:`out_of_span_residual`: λ = relative * tr(K) / N.
+    """Default ridge for :func:`out_of_span_residual`: λ = max(relative, N * eps) * tr(K) / N.
 
     tr(K)/N is the mean self-similarity k(x_n, x_n), so the ridge is scale-free: the residual
-    is unchanged when the kernel is multiplied by a constant.
+    is unchanged when the kernel is multiplied by a constant. eps is the machine epsilon of the
+    Gram's dtype, so N * eps is the rounding floor of :class:`KernelEigensystem` (below 1e-6
+    for float64 with N < 4.5e9, so there λ = relative * tr(K) / N). A float32 Gram of
+    rank-deficient features has negative eigenvalues from its own rounding, about −2e-6 tr(K)/N
+    for N = 1500 (measured): with λ = 1e-6 tr(K)/N, K + λI was not positive definite for
+    N >= 600 and the residual refused a kernel that :func:`eigendecompose` accepts.
 
     Returns:
         float > 0.
@@ -489,7 +555,7 @@ def default_ridge(gram, relative: float = 1e-6) -> float:
             f"gram has non-positive trace ({mean_diag * k.shape[0]:.3e}); a PSD kernel with "
             "any non-zero feature has positive trace. Pass an explicit ridge > 0."
         )
-    return relative * mean_diag
+    return max(float(relative), k.shape[0] * _input_eps(gram)) * mean_diag
 
 
 def out_of_span_residual(gram, cross, self_kernel, *, ridge: float | None = None) -> Tensor:
@@ -507,21 +573,26 @@ def out_of_span_residual(gram, cross, self_kernel, *, ridge: float | None = None
         gram: Tensor[N, N], kernel on the training inputs.
         cross: Tensor[M, N], cross[m, n] = K(x'_m, x_n).
         self_kernel: Tensor[M], self_kernel[m] = K(x'_m, x'_m) > 0.
-        ridge: λ > 0. None (default) uses :func:`default_ridge`, λ = 1e-6 * tr(K)/N.
+        ridge: λ > 0. None (default) uses :func:`default_ridge`, λ = max(1e-6, N * eps) * tr(K)/N
+            (eps of the Gram's dtype: 1e-6 * tr(K)/N for float64).
 
     Returns:
         Tensor[M] float64, r at each test input.
 
     Raises:
         ValueError: shapes disagree, gram asymmetric beyond rounding (see
-            :func:`eigendecompose`), ridge <= 0, a self-kernel value <= 0, or K + λI not
-            positive definite (K far from PSD: raise the ridge or check the kernel).
+            :func:`eigendecompose`), ridge <= 0, a self-kernel value <= 0, K + λI not
+            positive definite (K far from PSD: raise the ridge or check the kernel), or some
+            r < −max(1e-4, 16 eps of the inputs' coarsest dtype): cross and self_kernel not
+            from the same PSD kernel as gram (rounding leaves |r| < 1e-6 at r ≈ 0 for float32
+            kernels; a normalized self kernel with a raw cross kernel gives r of order −1).
 
     Algorithm:
-        1. Refuse asymmetry beyond rounding; symmetrize K; λ = ridge or 1e-6 tr(K)/N.
+        1. Refuse asymmetry beyond rounding; symmetrize K; λ = ridge or default_ridge(gram).
         2. Cholesky of K + λI (scipy.linalg.cho_factor).
         3. A = (K + λI)⁻¹ K_crossᵀ by cho_solve; q_m = Σ_n K_cross[m, n] A[n, m].
-        4. r = 1 − q / k(x, x)                                                          (R)
+        4. r = 1 − q / k(x, x)                                                          (R);
+           refuse r below −tolerance (values in [−tolerance, 0) are rounding, returned as is).
     """
     k = _square(gram)
     n = k.shape[0]
@@ -544,17 +615,17 @@ def out_of_span_residual(gram, cross, self_kernel, *, ridge: float | None = None
             f"self_kernel must be > 0 (K(x, x) = ‖φ(x)‖²); test inputs {bad[:10].tolist()} have "
             "K(x, x) <= 0, their residual is undefined. Drop them."
         )
-    # 1. ridge
+    # 1. ridge (from the input, whose dtype sets the rounding floor)
     k = _symmetric(k, gram)
     if ridge is None:
-        lam = default_ridge(k)
+        lam = default_ridge(gram)
     else:
         if isinstance(ridge, bool) or not isinstance(ridge, (int, float, np.floating)):
             raise TypeError(f"ridge must be a float or None, got {type(ridge).__name__}.")
         if not (math.isfinite(ridge) and ridge > 0):
             raise ValueError(
                 f"ridge must be a finite number > 0, got {ridge!r}; a good default is "
-                "1e-6 * trace(K) / N (ridge=None)."
+                "default_ridge(gram) (ridge=None)."
             )
         lam = float(ridge)
     # 2. Cholesky
@@ -562,14 +633,26 @@ def out_of_span_residual(gram, cross, self_kernel, *, ridge: float | None = None
         factor = scipy.linalg.cho_factor(k + lam * np.eye(n), lower=True, check_finite=False)
     except np.linalg.LinAlgError as exc:
         raise ValueError(
-            f"K + {lam:.3e} I is not positive definite; the kernel is not PSD at this scale. "
-            "Pass a larger ridge or check the Gram matrix."
+            f"K + {lam:.3e} I is not positive definite; the kernel is not PSD at this scale "
+            f"(gram dtype {getattr(gram, 'dtype', type(gram).__name__)}). Pass a larger ridge, "
+            "a float64 Gram matrix if its rounding is the cause, or check the Gram matrix."
         ) from exc
     # 3. quadratic forms k_xᵀ (K + λI)⁻¹ k_x
     sol = scipy.linalg.cho_solve(factor, kc.T, check_finite=False)  # [N, M]
     quad = np.einsum("mn,nm->m", kc, sol)
-    # 4. residual
-    return torch.from_numpy(1.0 - quad / kxx)
+    # 4. residual; r < 0 beyond rounding breaks the Schur complement bound r >= 0 of a PSD
+    #    kernel: cross and self_kernel do not come from the same kernel as gram
+    r = 1.0 - quad / kxx
+    neg_tol = max(1e-4, 16.0 * max(_input_eps(gram), _input_eps(cross), _input_eps(self_kernel)))
+    worst = int(np.argmin(r))
+    if r[worst] < -neg_tol:
+        raise ValueError(
+            f"out-of-span residual r = {r[worst]:.3e} < 0 at test input {worst} (tolerance "
+            f"{neg_tol:.0e}): k_xᵀ (K + λI)⁻¹ k_x exceeds K(x, x), impossible for one PSD kernel. "
+            "cross and self_kernel must come from the same kernel as gram (e.g. not a normalized "
+            "self kernel with a raw cross kernel, or kernels at different checkpoints)."
+        )
+    return torch.from_numpy(r)
 
 
 # --------------------------------------------------------------------------------------------
@@ -586,7 +669,8 @@ def spearman_with_interval(
         a, b: Tensor[M] each (e.g. out-of-span residual and test error), M >= 3.
         confidence: interval level in (0, 1).
         n_boot: number of bootstrap resamples (>= 100).
-        seed: seed of the numpy generator that draws the resamples.
+        seed: int, seed of the numpy generator that draws the resamples (the global RNGs are
+            not touched; None is refused, as it would make the interval irreproducible).
 
     Returns:
         (rho, (lo, hi)): rho from scipy.stats.spearmanr on all pairs; lo, hi the
@@ -596,6 +680,7 @@ def spearman_with_interval(
         no rank correlation and is left out (with tied values, e.g. 0/1 errors, some are).
 
     Raises:
+        TypeError: seed not an int.
         ValueError: shapes differ, M < 3, a or b constant, bad confidence or n_boot, or more
             than (1−confidence)/2 of the resamples undefined (then even the interval's tail
             could consist of them).
@@ -615,6 +700,9 @@ def spearman_with_interval(
         raise ValueError(f"confidence must be a float in (0, 1), got {confidence!r}.")
     if isinstance(n_boot, bool) or not isinstance(n_boot, (int, np.integer)) or n_boot < 100:
         raise ValueError(f"n_boot must be an int >= 100, got {n_boot!r}.")
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
+        # seed=None would draw the resamples from fresh OS entropy: an interval nobody can reproduce
+        raise TypeError(f"seed must be an int (the resamples must be reproducible), got {seed!r}.")
     if np.all(x == x[0]) or np.all(z == z[0]):
         raise ValueError("a or b is constant; the rank correlation is undefined.")
     m = x.shape[0]
@@ -658,14 +746,19 @@ def path_kernel_gram(kernels: Sequence, step_sizes: Sequence[float]) -> Tensor:
             steps a checkpoint stands for).
 
     Returns:
-        Tensor of the kernels' shape, float64.
+        Tensor of the kernels' shape, summed in float64 and returned in the kernels' common
+        dtype (torch's promotion: float64 unless every kernel is float32 or coarser). The
+        spectral tools read the rounding floor from the dtype: float32 checkpoint kernels summed
+        and returned as float64 were refused by :func:`eigendecompose` as "not PSD" (their
+        float32 rounding, -2e-8 λ_1 for 200 inputs of rank 6, read against float64's floor),
+        as :meth:`genkernel.supervised.checkpoint_kernels.CheckpointKernels.path_kernel` also avoids.
 
     Raises:
         TypeError / ValueError: empty lists, unequal lengths, shapes, non-finite step sizes.
 
     Algorithm:
-        1. Validate; convert each kernel to float64.
-        2. Accumulate Σ_k η_k K_k.
+        1. Validate; convert each kernel to float64, noting its dtype.
+        2. Accumulate Σ_k η_k K_k; cast to the common dtype.
     """
     if isinstance(kernels, Tensor) or not isinstance(kernels, Sequence):
         raise TypeError(
@@ -707,4 +800,18 @@ def path_kernel_gram(kernels: Sequence, step_sizes: Sequence[float]) -> Tensor:
     out = np.zeros(shape, dtype=np.float64)
     for eta, km in zip(etas, mats):
         out += eta * km
-    return torch.from_numpy(out)
+    dtype = torch.float64
+    for i, km in enumerate(kernels):
+        d = _float_dtype(km)
+        dtype = d if i == 0 else torch.promote_types(dtype, d)
+    return torch.from_numpy(out).to(dtype)
+
+
+def _float_dtype(x) -> torch.dtype:
+    """The torch floating dtype of `x` (float64 for non-float tensors, lists, integer arrays)."""
+    if isinstance(x, Tensor):
+        return x.dtype if x.is_floating_point() else torch.float64
+    dtype = getattr(x, "dtype", None)
+    if isinstance(dtype, np.dtype) and np.issubdtype(dtype, np.floating):
+        return {np.dtype(np.float16): torch.float16, np.dtype(np.float32): torch.float32}.get(dtype, torch.float64)
+    return torch.float64
