@@ -1576,6 +1576,8 @@ class GANKernelAnalyzer(TrainerCallback):
             "rng": self.rng.get_state(),
             "g_steps": self.g_steps, "d_steps": self.d_steps,
             "alignment": list(self.alignment), "coverage": list(self.coverage), "windows": list(self.windows),
+            # finish()'s window in progress: report() shows it, so a saved state (and genkernel summarize) keeps it
+            "partial_window": self.partial_window,
             "fields": list(self.fields), "probe_state": self._probe_state,
             "window_start": None if self._window_start is None else {k: v.state_dict() for k, v in self._window_start.items()},
             "window_groups": self._window_groups, "run_groups": self._run_groups,
@@ -1638,6 +1640,7 @@ class GANKernelAnalyzer(TrainerCallback):
         self.g_steps, self.d_steps = state["g_steps"], state["d_steps"]
         self._steps_at_bind = (self.g_steps, self.d_steps)  # bind's start_step counts the loop up to here
         self.alignment, self.coverage, self.windows = list(state["alignment"]), list(state["coverage"]), list(state["windows"])
+        self.partial_window = state.get("partial_window")  # (states saved before it was kept have none)
         self.fields = list(state["fields"])
         # The probes' state and the window's starting ledgers live beside the generator (loaded on the CPU).
         device = next(self._g.parameters()).device

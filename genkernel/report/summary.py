@@ -10,7 +10,9 @@ computed from the saved ledgers with the same grouping functions the analyzers u
 (:mod:`genkernel.core.grouping`), so the numbers equal the analyzer's own ``report()``; no model,
 scheduler or data is needed. The quantities are defined in ``docs/summaries.md``.
 
-:func:`summarize` returns strict-JSON-ready dicts (NaN as None), :func:`format_summary` the text.
+A state of a format version this module does not read (``VERSIONS``) is refused with a
+ValueError that names the versions it reads. :func:`summarize` returns strict-JSON-ready dicts
+(NaN as None), :func:`format_summary` the text.
 """
 
 from __future__ import annotations
@@ -37,11 +39,27 @@ KINDS = {
     "genkernel.PathKernelTracker/": "tracker",
     "genkernel.PathKernelLedger/": "ledger",
 }
+# The format versions whose layout this module reads (older GAN states /2 lack only the group labels
+# and the windows' clustered statistics, which are read where present).
+VERSIONS = {"diffusion": (2,), "gan": (2, 3), "tracker": (2,), "ledger": (1,)}
 RESIDUAL_LIMIT = 1e-3  # the analyzers' own threshold for a residual note
 REST_LIMIT = 0.5  # above it the window measured mostly what no tracked example caused
 
 
 # -- reading ---------------------------------------------------------------------------------
+def _check_version(fmt: str, kind: str) -> None:
+    """ValueError unless ``fmt`` (``"genkernel.Name/N"``) is a version this module reads: another
+    version's layout (a tuple config, ledgers elsewhere) would fail deep inside with a TypeError or
+    KeyError, or be read as this one's."""
+    name, _, version = fmt.rpartition("/")
+    known = VERSIONS[kind]
+    if not version.isdigit() or int(version) not in known:
+        raise ValueError(
+            f"{fmt!r} is a {name} state of a version this genkernel does not read (it reads "
+            f"{', '.join(f'{name}/{v}' for v in known)}): summarize it with the genkernel version that wrote it"
+        )
+
+
 def read_state(source: Any) -> tuple[dict[str, Any], str]:
     """``(state, origin)`` from a path (loaded with ``weights_only=True``), a state dict, or an
     object with ``state_dict()`` (an analyzer, tracker or ledger)."""
@@ -197,38 +215,59 @@ def _diffusion(state: Mapping[str, Any], top: int) -> dict[str, Any]:
         contributions = ledger.contributions.cpu()
         return grouping.net_shares(contributions, ledger.delta.cpu()), grouping.cancellation_ratio(contributions, ledger.delta.cpu())
 
-    share, kappa = shares_of(measured)
-    traffic = grouping.traffic_shares(measured.traffic.cpu())
-    matrices: dict[str, Any] = {
-        "traffic": by_level(traffic), "share": by_level(share), "kappa": by_level(kappa[:, None])[:, 0],
-        "residual": by_level(measured.probe_relative_residual().cpu()[:, None])[:, 0],
-    }
-    locality: dict[str, Any] = {"band": band, "median_kappa": _median(kappa)}
-    if controls:
-        control_traffic = [grouping.traffic_shares(ledgers[c].traffic.cpu()) for c in controls]
-        control_shares = [shares_of(ledgers[c]) for c in controls]
-        matrices["traffic_control"] = torch.stack([by_level(t) for t in control_traffic]).mean(0)
-        matrices["share_control"] = torch.stack([by_level(s) for s, _ in control_shares]).mean(0)
-        locality["median_kappa_control"] = _median(torch.stack([k for _, k in control_shares]))
-    if band is None:
-        # The half-width is a setting, not in the ledgers: a guessed band gives another locality than the analyzer's.
-        locality["traffic"] = locality["share"] = None
-    elif controls:
-        traffic_band = grouping.band_total(traffic, probe_bins, band)
-        share_band = grouping.band_total(share, probe_bins, band)
-        traffic_c = torch.stack([grouping.band_total(t, probe_bins, band) for t in control_traffic])
-        share_c = torch.stack([grouping.band_total(s, probe_bins, band) for s, _ in control_shares])
-        locality["traffic"] = grouping.measured_minus_control(traffic_band, traffic_c)
-        locality["share"] = grouping.measured_minus_control(share_band, share_c)
-        locality["per_level"] = [
-            {"level": _level(levels[i]), "bin": int(level_bins[i]),
-             "traffic": grouping.measured_minus_control(traffic_band[rows], traffic_c[:, rows]),
-             "share": grouping.measured_minus_control(share_band[rows], share_c[:, rows])}
-            for i in range(num_levels) for rows in [probe_level == i]
-        ]
-    else:
-        locality["traffic"] = {"measured": _num(grouping.band_total(traffic, probe_bins, band).nanmean())}
-        locality["share"] = {"measured": _num(grouping.band_total(share, probe_bins, band).nanmean())}
+    # As the analyzer's locality(): a band holding all bins around every probe's level (num_bins <= 2) leaves
+    # nothing outside it, so measured and control are the whole share alike; never held, and says why.
+    covering = band is not None and bool(((probe_bins - band <= 0) & (probe_bins + band >= num_bins - 1)).all())
+    why = (f"band={band} holds all {num_bins} bins around every probe's level: nothing lies outside it, so the "
+           f"locality is the whole share for the measured and the control partitions alike (pass band <= "
+           f"{num_bins - 2} with num_bins >= 3)") if covering else None
+
+    def numbers(ls: Mapping[str, PathKernelLedger]) -> tuple[dict[str, Any], dict[str, Any]]:
+        """The analyzer's matrices() and locality() of one set of ledgers (the model's or the EMA weights')."""
+        share, kappa = shares_of(ls["level"])
+        traffic = grouping.traffic_shares(ls["level"].traffic.cpu())
+        matrices: dict[str, Any] = {
+            "traffic": by_level(traffic), "share": by_level(share), "kappa": by_level(kappa[:, None])[:, 0],
+            "residual": by_level(ls["level"].probe_relative_residual().cpu()[:, None])[:, 0],
+        }
+        locality: dict[str, Any] = {"band": band, "median_kappa": _median(kappa)}
+        if controls:
+            control_traffic = [grouping.traffic_shares(ls[c].traffic.cpu()) for c in controls]
+            control_shares = [shares_of(ls[c]) for c in controls]
+            matrices["traffic_control"] = torch.stack([by_level(t) for t in control_traffic]).mean(0)
+            matrices["share_control"] = torch.stack([by_level(s) for s, _ in control_shares]).mean(0)
+            locality["median_kappa_control"] = _median(torch.stack([k for _, k in control_shares]))
+        if band is None:
+            # The half-width is a setting, not in the ledgers: a guessed band gives another locality than the analyzer's.
+            locality["traffic"] = locality["share"] = None
+        elif controls:
+            traffic_band = grouping.band_total(traffic, probe_bins, band)
+            share_band = grouping.band_total(share, probe_bins, band)
+            traffic_c = torch.stack([grouping.band_total(t, probe_bins, band) for t in control_traffic])
+            share_c = torch.stack([grouping.band_total(s, probe_bins, band) for s, _ in control_shares])
+            locality["traffic"] = grouping.measured_minus_control(traffic_band, traffic_c)
+            locality["share"] = grouping.measured_minus_control(share_band, share_c)
+            if why is not None:
+                for key in ("traffic", "share"):
+                    locality[key] = {**locality[key], "held": False, "why": why}
+            locality["per_level"] = [
+                {"level": _level(levels[i]), "bin": int(level_bins[i]),
+                 "traffic": grouping.measured_minus_control(traffic_band[rows], traffic_c[:, rows]),
+                 "share": grouping.measured_minus_control(share_band[rows], share_c[:, rows])}
+                for i in range(num_levels) for rows in [probe_level == i]
+            ]
+        else:
+            locality["traffic"] = {"measured": _num(grouping.band_total(traffic, probe_bins, band).nanmean())}
+            locality["share"] = {"measured": _num(grouping.band_total(share, probe_bins, band).nanmean())}
+            if why is not None:
+                locality["traffic"]["why"] = locality["share"]["why"] = why
+        return matrices, locality
+
+    matrices, locality = numbers(ledgers)
+    if "level_class" in ledgers:  # num_classes: a "level_class" partition of bin·C + class groups
+        num_classes = ledgers["level_class"].num_groups // num_bins
+        level_class = {"matrix": by_level(grouping.traffic_shares(ledgers["level_class"].traffic.cpu())),
+                       "columns": f"training group bin·{num_classes} + class"}
     if real:  # a bin of real levels: [edge, next edge), the last one closed at the last level
         bin_names = [f"bin {g} (t {float(edges[g]):.4g}–{float(edges[g + 1]):.4g})" for g in range(num_bins)]
     else:
@@ -251,7 +290,8 @@ def _diffusion(state: Mapping[str, Any], top: int) -> dict[str, Any]:
                 f"Corrections are noise-localized ({what}): the {what} from training within {band} bin(s) of a probe's "
                 "level exceeds the label-permutation control on the same trajectory (measured minus control, "
                 f"{int(result['confidence'] * 100)} % interval above 0)",
-                bool(result["held"]), result["difference"], result["interval"], method=result["method"], n=result["n"]))
+                bool(result["held"]), result["difference"], result["interval"], method=result["method"], n=result["n"],
+                **({"why": result["why"]} if result.get("why") else {})))
         if locality["median_kappa"] is not None and locality["median_kappa"] > 10:
             claims[-1]["caveat"] = (f"median κ is {locality['median_kappa']:.3g}: net shares are ill-conditioned here; "
                                     "read the traffic claim")
@@ -271,6 +311,18 @@ def _diffusion(state: Mapping[str, Any], top: int) -> dict[str, Any]:
     if tracker.get("group_state") == "sketched":
         notes.append(SKETCHED_TRAFFIC_NOTE)
     global_steps = [s for s in state.get("global_steps", []) if s is not None]
+    ema = _ema_summary(tracker)
+    if ema is not None and set(ema_ledgers := _ema_ledgers(tracker)) >= {"level", *controls}:
+        # the analyzer's report()["ema"]: the EMA weights' ledgers read as the model's are
+        ema_level = ema_ledgers["level"]
+        ema_matrices, ema_locality = numbers(ema_ledgers)
+        ema.update(residual={"median_rest_share": _median(ema_level.shares().rest.cpu()),
+                             **{k: ema["ledger"][k] for k in ("relative_residual", "max_probe_relative_residual", "rest_norm",
+                                                              "mean_change_norm", "steps")}},
+                   matrices=ema_matrices, locality=ema_locality)
+        start = tracker["ema"].get("start")
+        if isinstance(start, torch.Tensor):
+            ema["start_share_mean"] = _num(grouping.part_share(start.cpu(), ema_level.delta.cpu()).nanmean())
     return jsonable({
         "kind": "diffusion", "format": state["format"],
         "settings": {
@@ -289,7 +341,8 @@ def _diffusion(state: Mapping[str, Any], top: int) -> dict[str, Any]:
         "locality_over_training": history,
         "kernel": list(state.get("kernel_history") or []),
         "bin_counts_total": torch.tensor(state["bin_counts"]).sum(0) if state.get("bin_counts") else [],
-        "ema": _ema_summary(tracker),
+        "ema": ema,
+        **({"level_class_traffic": level_class} if "level_class" in ledgers else {}),
         "claims": claims,
         "notes": notes,
     })
@@ -342,6 +395,13 @@ def _identity(tracker: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
+def _ema_ledgers(tracker: Mapping[str, Any]) -> dict[str, PathKernelLedger]:
+    """The EMA weights' ledgers of a tracker state, per partition (none without an EMA)."""
+    ema = tracker.get("ema")
+    ledgers = ema.get("ledgers") if isinstance(ema, Mapping) else None
+    return {name: ledger_from_state(s) for name, s in ledgers.items()} if isinstance(ledgers, Mapping) else {}
+
+
 def _ema_summary(tracker: Mapping[str, Any]) -> dict[str, Any] | None:
     ema = tracker.get("ema")
     if not isinstance(ema, Mapping):
@@ -354,7 +414,8 @@ def _ema_summary(tracker: Mapping[str, Any]) -> dict[str, Any] | None:
 
 
 # -- GAN -------------------------------------------------------------------------------------
-def _coupling(ledgers: Mapping[str, PathKernelLedger], probe_groups: torch.Tensor, num_groups: int) -> dict[str, Any]:
+def _coupling(ledgers: Mapping[str, PathKernelLedger], probe_groups: torch.Tensor, num_groups: int,
+              spatial_groups: torch.Tensor | None = None) -> dict[str, Any]:
     """The analyzer's own :func:`~genkernel.gan.analyzer.partition_statistics` of the geometry
     partition over the whole run: matrices, and per kind the interaction statistic (own share minus
     the other probe groups' share from the same source group) minus control, clustered by probe
@@ -375,7 +436,28 @@ def _coupling(ledgers: Mapping[str, PathKernelLedger], probe_groups: torch.Tenso
             out[f"{kind}_interaction_minus_control"] = entry["interaction_minus_control"]
         else:
             out[f"{kind}_own"] = entry["own"]["estimate"]  # a mean_interval dict: estimate, low, high
+    if "spatial" in ledgers and spatial_groups is not None:
+        # The comparison grouping (GANKernelAnalyzer(comparison=)): its own partition and controls on the same
+        # steps, read as the analyzer's statistics["spatial"] and ["geometry_minus_spatial"] are.
+        from ..gan.metrics import few_units
+        from ..stats import mean_interval
+
+        spatial_controls = [ledgers[name] for name in ledgers if name.startswith("spatial_control_")]
+        spatial = partition_statistics(ledgers["spatial"], spatial_controls, measured.delta.cpu(), spatial_groups, num_groups)
+        out["spatial"] = {f"{kind}_{key}": spatial[kind][key] for kind in ("traffic", "net")
+                          for key in ("matrix", "matrix_control", "interaction_minus_control") if key in spatial[kind]}
+        if controls and spatial_controls:
+            out["geometry_minus_spatial"] = {}
+            for kind in ("traffic", "net"):
+                mine = torch.tensor(_finite_or_nan(stats[kind]["per_probe"]["interaction_minus_control"]), dtype=torch.float64)
+                theirs = torch.tensor(_finite_or_nan(spatial[kind]["per_probe"]["interaction_minus_control"]), dtype=torch.float64)
+                interval = mean_interval(mine - theirs, clusters=probe_groups)
+                out["geometry_minus_spatial"][kind] = few_units({**interval.as_dict(), "held": interval.above(0.0)})
     return out
+
+
+def _finite_or_nan(values: list) -> list[float]:
+    return [math.nan if v is None else float(v) for v in values]
 
 
 def _gan(state: Mapping[str, Any], top: int) -> dict[str, Any]:
@@ -384,7 +466,7 @@ def _gan(state: Mapping[str, Any], top: int) -> dict[str, Any]:
     out: dict[str, Any] = {
         "kind": "gan", "format": state["format"],
         "settings": {"num_groups": num_groups, "controls": config.get("controls"), "grouping": config.get("grouping"),
-                     "start_step": state.get("start_step")},
+                     "comparison": config.get("comparison"), "start_step": state.get("start_step")},
         "generator_steps": state.get("g_steps", 0), "discriminator_steps": state.get("d_steps", 0),
         "notes": [n for n in state.get("notes", []) if n],
     }
@@ -400,7 +482,9 @@ def _gan(state: Mapping[str, Any], top: int) -> dict[str, Any]:
         claims += _ledger_claims(out["generator"], "generator ledger")
         run_groups = state.get("run_groups")
         if run_groups is not None:
-            coupling = _coupling(ledgers, torch.as_tensor(run_groups).long().cpu(), num_groups)
+            run_spatial = state.get("run_spatial")
+            coupling = _coupling(ledgers, torch.as_tensor(run_groups).long().cpu(), num_groups,
+                                 None if run_spatial is None else torch.as_tensor(run_spatial).long().cpu())
             out["coupling_whole_run"] = coupling
             for kind, what in (("traffic", "traffic"), ("net", "net share")):
                 result = coupling.get(f"{kind}_interaction_minus_control")
@@ -418,16 +502,28 @@ def _gan(state: Mapping[str, Any], top: int) -> dict[str, Any]:
                 claims[-1]["caveat"] = (f"median κ is {coupling['kappa_median']:.3g}: net shares are ill-conditioned here; "
                                         "read the traffic claim")
         out["ema"] = _ema_summary(g_tracker)
-    windows = []
-    for w in state.get("windows", []):
-        row = {k: w.get(k) for k in ("steps", "loop_steps", "collapsed", "kappa_median", "traffic_matrix", "net_matrix")
-               if k in w}
+    def window_row(w: Mapping[str, Any]) -> dict[str, Any]:
+        row = {k: w.get(k) for k in ("steps", "loop_steps", "collapsed", "kappa_median", "traffic_matrix", "net_matrix",
+                                     "partial") if k in w}
         geometry = (w.get("statistics") or {}).get("geometry") or {}
         for kind in ("traffic", "net"):  # what a window's coupling claim reads (partition_statistics)
             if (geometry.get(kind) or {}).get("interaction_minus_control") is not None:
                 row[f"{kind}_interaction_minus_control"] = geometry[kind]["interaction_minus_control"]
-        windows.append(row)
+        return row
+
+    windows = [window_row(w) for w in state.get("windows", [])]
     out["windows"] = windows
+    if state.get("partial_window"):  # finish()'s window in progress, where the state keeps it
+        out["partial_window"] = window_row(state["partial_window"])
+    collapsed = [w for w in windows if w.get("collapsed")]
+    if collapsed:  # the analyzer's report() note, word for word
+        spans = ", ".join(f"{w['loop_steps'][0]}-{w['loop_steps'][1]}" if w.get("loop_steps") else
+                          f"{w['steps'][0]}-{w['steps'][1]}" for w in collapsed[:5])
+        out["notes"].append(
+            f"{len(collapsed)} of {len(windows)} windows are collapsed (steps {spans}): their probes or training "
+            "examples fall in fewer than half the geometry groups. The grouping was fitted on the first batch and "
+            "is not refitted, so a group keeps its meaning; read those windows' own-group shares with care"
+        )
     out["alignment"] = list(state.get("alignment", []))
     out["coverage"] = list(state.get("coverage", []))
     formula = [row.get("cos_formula") for row in out["alignment"] if row.get("cos_formula") is not None]
@@ -477,6 +573,7 @@ def summarize_state(state: Mapping[str, Any], *, top: int = 3) -> dict[str, Any]
     kind = kind_of(state)
     if kind is None:
         raise ValueError(f"not a genkernel state genkernel can summarize (format {state.get('format')!r})")
+    _check_version(state["format"], kind)
     return {"diffusion": _diffusion, "gan": _gan, "tracker": _tracker, "ledger": _ledger}[kind](state, top)
 
 
@@ -562,14 +659,29 @@ def format_summary(summary: Mapping[str, Any], *, top_probes: int = 8) -> str:
             if s.get("generator"):
                 lines += _ledger_lines("generator ledger (geometry groups)", s["generator"], top_probes)
             coupling = s.get("coupling_whole_run")
-            if coupling:
+            if coupling and not coupling.get("controls"):  # no control partition: the own share alone
+                lines.append(f"  own geometry group's share over the run (no control partition): traffic "
+                             f"{_fmt(coupling.get('traffic_own'))}, net share {_fmt(coupling.get('net_own'))}")
+            elif coupling:
                 lines.append("  own share minus the other probe groups' over the run, measured minus control "
                              "(95 % interval, clustered by probe group):")
                 lines.append(f"    traffic   {_interval(coupling.get('traffic_interaction_minus_control'))}")
                 lines.append(f"    net share {_interval(coupling.get('net_interaction_minus_control'))}")
+            versus = (coupling or {}).get("geometry_minus_spatial")
+            if versus:
+                lines.append(f"  geometry minus the comparison grouping ({settings.get('comparison')}), each its interaction "
+                             "minus control (95 % interval, clustered by probe group):")
+                for kind, what in (("traffic", "traffic  "), ("net", "net share")):
+                    r = versus[kind]
+                    lines.append(f"    {what} {_fmt(r.get('estimate'))} [{_fmt(r.get('low'))}, {_fmt(r.get('high'))}]")
             if s.get("windows"):
                 lines.append(f"  {len(s['windows'])} coupling windows; last: traffic "
                              f"{_interval(s['windows'][-1].get('traffic_interaction_minus_control'))}")
+            if s.get("partial_window"):
+                partial = s["partial_window"]
+                span = partial.get("loop_steps") or partial.get("steps")
+                lines.append(f"  partial window (steps {span[0]}-{span[1]}, in progress when saved): traffic "
+                             f"{_interval(partial.get('traffic_interaction_minus_control'))}")
             if s.get("discriminator"):
                 lines += _ledger_lines("discriminator ledger", s["discriminator"], min(top_probes, 4))
         elif s.get("ledgers"):
@@ -577,6 +689,13 @@ def format_summary(summary: Mapping[str, Any], *, top_probes: int = 8) -> str:
                 lines += _ledger_lines(f"ledger {name!r}", ledger, top_probes)
         elif kind == "diffusion":
             lines.append("  (not bound: nothing tracked)")
+        ema = s.get("ema")
+        if ema and ema.get("ledger"):
+            lines.append(f"  EMA weights' ledger: {ema['ledger']['steps']} steps, relative residual "
+                         f"{_fmt(ema['ledger']['relative_residual'])}, median κ {_fmt(ema['ledger']['median_kappa'])}")
+            if (ema.get("locality") or {}).get("band") is not None:
+                lines.append(f"    locality traffic  {_interval(ema['locality'].get('traffic'))}")
+                lines.append(f"    locality net share {_interval(ema['locality'].get('share'))}")
         for claim in s.get("claims", []):
             mark = {True: "held", False: "not held", None: "n/a"}[claim["held"]]
             lines.append(f"  claim [{mark}] {claim['statement']}: {_fmt(claim['value'])}"
