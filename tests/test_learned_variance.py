@@ -365,3 +365,19 @@ def test_predicts_variance_reads_the_schedulers_variance_type():
     assert predicts_variance(learned()) and not predicts_variance(make_scheduler(T))
     with pytest.raises(ValueError, match="out_channels=4"):
         mean_channels(torch.zeros(3, 2), 2)
+
+
+def test_the_automatic_kernel_sketch_counts_the_variance_channels_as_outputs():
+    # 6×6 grey images: 36 inputs, 72 outputs per state with the variance: above the 64 the exact kernel is kept for
+    diffusers = pytest.importorskip("diffusers")
+    data = torch.rand(6, 1, 6, 6, generator=torch.Generator().manual_seed(0), dtype=F64) * 2 - 1
+    sketches = {}
+    for scheduler, channels in ((make_scheduler(T), 1), (learned(), 2)):
+        torch.manual_seed(0)
+        model = diffusers.UNet2DModel(sample_size=6, in_channels=1, out_channels=channels, block_out_channels=(4, 8),
+                                      layers_per_block=1, norm_num_groups=2, down_block_types=("DownBlock2D",) * 2,
+                                      up_block_types=("UpBlock2D",) * 2).double()
+        analyzer = NoiseLevelAnalyzer(scheduler, data[:2], num_bins=3, num_probes=2, controls=0, progress=False,
+                                      kernel_points=2)
+        sketches[channels] = analyzer.kernel_structure(model)["sketch"]
+    assert sketches == {1: None, 2: 8}

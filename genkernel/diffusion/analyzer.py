@@ -88,7 +88,7 @@ from ..core.tracking.tracker import MEMORY_CHECKS, PathKernelTracker, StepContri
 from ..logging import LoggingCallback
 from ..stats import nan_median
 from .kernels import eval_mode, make_states, state_kernel
-from .learned_variance import loss_targets, training_loss
+from .learned_variance import loss_targets, predicts_variance, training_loss
 from .locality import kernel_locality
 from .objectives import (
     check_prediction_type,
@@ -685,7 +685,9 @@ class NoiseLevelAnalyzer(TrainerCallback):
                              .repeat_interleave(levels, dim=0) for c in self.kernel_conditioning))
         sketch = self.kernel_sketch
         if sketch == "auto":
-            sketch = None if self.kernel_clean[0].numel() <= AUTO_EXACT_OUTPUTS else AUTO_SKETCH_DIRECTIONS
+            # outputs per state: the input's values, twice over for a model that predicts its variance too
+            outputs = self.kernel_clean[0].numel() * (2 if predicts_variance(self.scheduler) else 1)
+            sketch = None if outputs <= AUTO_EXACT_OUTPUTS else AUTO_SKETCH_DIRECTIONS
         with eval_mode(model):  # the function sampled from, as the probes see it (a trainer's model is in train mode)
             kernel = state_kernel(model, states, output_sketch=sketch, seed=self.seed, memory_budget=self.memory_budget,
                                   progress=self.progress)
