@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import gzip
 import os
+import pickle
 import shutil
 from pathlib import Path
 from typing import Optional, Sequence, Union
@@ -63,6 +64,11 @@ def _resolve_root(name: str, data_root) -> Path:
     if not isinstance(data_root, (str, os.PathLike)):
         raise TypeError(f"data_root must be a str or os.PathLike folder, got {type(data_root).__name__}")
     root = Path(data_root).expanduser()
+    if root.exists() and not root.is_dir():
+        raise FileNotFoundError(  # the type the docstring names for a data_root that holds no data set
+            f"data_root {str(root)!r} is a file, not a folder: pass the folder DATA_ROOT holding the {name} files "
+            f"(for {name}: {_expected_layout(name, Path('DATA_ROOT'))})"
+        )
     if not root.is_dir():
         raise FileNotFoundError(
             f"data_root {str(root)!r} does not exist or is not a folder; create it and put the {name} files "
@@ -161,6 +167,12 @@ def _load_mnist(root: Path, train: bool, classes, per_class, limit, seed):
     where = _prepare_mnist(root)
     try:
         ds = MNIST(str(root), train=train, download=False)
+    except pickle.UnpicklingError as exc:  # torch.load(weights_only=True) of a legacy file that is no tensor pair
+        raise ValueError(
+            f"torchvision reads MNIST from its legacy files {where / 'training.pt'} and {where / 'test.pt'} when both "
+            f"exist, and could not read them ({type(exc).__name__}): they are not "
+            f"torchvision's (uint8 images, labels) pairs; remove them to read {root / 'MNIST' / 'raw'}"
+        ) from exc
     except (RuntimeError, ValueError, TypeError, IndexError, EOFError, AssertionError) as exc:  # a wrong file
         raise ValueError(f"torchvision could not read MNIST from {where} ({type(exc).__name__}: {exc}): are the "
                          "image and label files the standard ones, whole, and each under its own name?") from exc

@@ -188,9 +188,11 @@ class GANTrainer:
         class_sampling: the generator step's classes (conditional only; "uniform" is refused
             without ``num_classes``), drawn from the trainer's generator: ``"data"`` (the default: the classes
             of uniformly drawn real samples, i.e. the data's class frequencies, the mix the
-            discriminator sees in its generated rows; a DataLoader's from its dataset's ``targets``, as
-            torchvision's ``ImageFolder``, ``MNIST`` and ``CIFAR10`` keep them, read once, with a sampler
-            that visits each example once an epoch) or ``"uniform"`` (each class equally often, as
+            discriminator sees in its generated rows; a DataLoader's from the labels its batches carry, read
+            once without loading a sample from torchvision's ``MNIST`` / ``CIFAR10`` ``targets``, an
+            ``ImageFolder``'s ``samples`` or a ``TensorDataset``, with torch's default collate and a sampler
+            that visits each example once an epoch: ``core.tracking.batches.dataset_class_labels``) or
+            ``"uniform"`` (each class equally often, as
             many cDCGAN scripts do).
         latent_dim: defaults to ``generator.latent_dim``.
         loss: "nonsaturating" (default), "hinge" or "wgan-gp".

@@ -134,40 +134,103 @@ def set_sampler_epoch(data: Any, epoch: int) -> None:
             owner.set_epoch(epoch)
 
 
+def _label_source(dataset: Any) -> tuple[Any, str | None]:
+    """``(labels, None)``: the labels ``dataset``'s ``__getitem__`` gives, read without loading a sample, or
+    ``(None, why not)``. Trusted only where that ``__getitem__`` is known to return them: torchvision's
+    ``MNIST`` / ``CIFAR10`` (and subclasses keeping their ``__getitem__``: FashionMNIST, CIFAR100, ...) return
+    ``targets[i]``, a ``DatasetFolder`` (``ImageFolder``) its ``samples[i][1]`` (read from ``samples``: a
+    ``samples`` list edited without its ``targets`` gives the edited labels), a ``TensorDataset`` its tensors'
+    rows. Any other ``__getitem__`` (a Dataset subclass's own) may give other labels than its ``targets``."""
+    from torch.utils.data import TensorDataset
+
+    name = type(dataset).__name__
+    getitem = getattr(type(dataset), "__getitem__", None)
+    known = {TensorDataset.__getitem__: "TensorDataset"}
+    try:
+        from torchvision.datasets import CIFAR10, MNIST, DatasetFolder
+    except ImportError:  # torchvision absent: only TensorDataset
+        pass
+    else:
+        known.update({MNIST.__getitem__: "MNIST", CIFAR10.__getitem__: "CIFAR10", DatasetFolder.__getitem__: "DatasetFolder"})
+    kind = known.get(getitem)
+    if kind is None:
+        own = hasattr(dataset, "targets") or isinstance(dataset, TensorDataset)
+        has = "has its own __getitem__, which need not return its labels" if own else (
+            "has no `targets` (a torchvision data set's)")
+        return None, (f"its dataset ({name}) {has}; labels are read only from torchvision's MNIST, CIFAR10, "
+                      "ImageFolder (DatasetFolder) or a TensorDataset of (samples, labels), whose __getitem__ returns them")
+    if kind == "TensorDataset":
+        if len(dataset.tensors) != 2:
+            return None, f"its dataset is a TensorDataset of {len(dataset.tensors)} tensors, not (samples, labels)"
+        return dataset.tensors[1], None
+    if getattr(dataset, "target_transform", None) is not None:
+        return None, "its dataset has a target_transform, so its batches' labels are not its `targets`"
+    if kind == "DatasetFolder":
+        return [sample[1] for sample in dataset.samples], None
+    return dataset.targets, None
+
+
 def dataset_class_labels(data: Any) -> torch.Tensor:
-    """``LongTensor[N]``: the class label of every example a DataLoader visits in an epoch, read without
-    loading a sample: its dataset's ``targets`` (torchvision's ``ImageFolder``, ``MNIST``, ``CIFAR10``) or
-    a two-tensor ``TensorDataset``'s second tensor. A ValueError naming what is missing unless those are
-    the labels its batches carry, each example equally often: a ``target_transform`` (the batches' labels
-    are transformed), a sampler other than a ``RandomSampler`` without replacement or a
-    ``SequentialSampler`` (a weighted or subset sampler draws another class mix), or no such labels."""
-    from torch.utils.data import RandomSampler, SequentialSampler, TensorDataset
+    """``LongTensor[N]``: the class label of every example a DataLoader's batches hold in an epoch, read without
+    loading a sample (so without drawing from any RNG): from its dataset's ``targets`` (torchvision's ``MNIST``,
+    ``CIFAR10``), ``samples`` (``ImageFolder``) or a two-tensor ``TensorDataset``'s second tensor (see
+    :func:`_label_source`). With ``drop_last`` and a ``SequentialSampler`` the examples of the dropped last
+    batch are left out (never seen); a ``RandomSampler`` with ``drop_last`` drops each example equally often, so
+    all are kept. A ValueError naming what is missing unless those are the labels its batches carry, each
+    example equally often: a dataset whose ``__getitem__`` is not one of those (its ``targets`` need not be what
+    it returns; ``Subset`` and ``ConcatDataset`` included), a ``target_transform`` or a ``collate_fn`` of its
+    own (the batches' labels may be changed), a sampler other than a ``RandomSampler`` without replacement or
+    a ``SequentialSampler`` over the whole dataset (a weighted, distributed or subset sampler draws another
+    class mix), or a batch sampler other than torch's ``BatchSampler``."""
+    from torch.utils.data import BatchSampler, RandomSampler, SequentialSampler
+    from torch.utils.data._utils.collate import default_collate, default_convert
 
     dataset = getattr(data, "dataset", None)
-    why = None
-    targets = getattr(dataset, "targets", None)
-    if targets is None and isinstance(dataset, TensorDataset) and len(dataset.tensors) == 2:
-        targets = dataset.tensors[1]
-    if targets is None:
-        why = (f"its dataset ({type(dataset).__name__}) has no `targets` (a torchvision data set's) and is no "
-               "TensorDataset of (samples, labels)")
-    elif getattr(dataset, "target_transform", None) is not None:
-        why = "its dataset has a target_transform, so its batches' labels are not its `targets`"
-    else:
-        order = [owner for owner in _samplers(data) if not isinstance(owner, torch.utils.data.BatchSampler)]
-        full = [isinstance(o, SequentialSampler) or (isinstance(o, RandomSampler) and not o.replacement
-                                                     and o.num_samples == len(o.data_source)) for o in order]
-        if not order or not all(full):
+    targets, why = (None, "it has no `dataset` (it is no DataLoader)") if dataset is None else _label_source(dataset)
+    size = None
+    if why is None:
+        try:
+            size = len(dataset)
+        except TypeError:
+            why = f"its dataset ({type(dataset).__name__}) has no length"
+    if why is None:
+        collate = getattr(data, "collate_fn", default_collate)
+        if collate is not default_collate and collate is not default_convert:
+            why = (f"it has a collate_fn of its own ({getattr(collate, '__name__', type(collate).__name__)}), which "
+                   "may change its batches' labels")
+    drop_tail = 0
+    if why is None:
+        owners = _samplers(data)
+        batchers = [o for o in owners if isinstance(o, BatchSampler)]
+        order = [o for o in owners if not isinstance(o, BatchSampler)]
+        odd = [type(o).__name__ for o in batchers if type(o).__iter__ is not BatchSampler.__iter__]
+        full = [(isinstance(o, SequentialSampler) or (isinstance(o, RandomSampler) and not o.replacement
+                                                      and o.num_samples == size))
+                and len(o.data_source) == size for o in order]
+        if odd:
+            why = (f"its batch sampler ({', '.join(odd)}) is not torch's BatchSampler, so its batches need not hold "
+                   "each example once an epoch")
+        elif not order or not all(full):
             names = [type(o).__name__ for o in order]
             why = (f"its sampler ({', '.join(names) or 'none'}) is not a RandomSampler without replacement or a "
-                   "SequentialSampler, so its batches need not hold each example once an epoch")
+                   f"SequentialSampler over all {size} examples, so its batches need not hold each example once an "
+                   "epoch")
+        elif batchers and all(isinstance(o, SequentialSampler) for o in order) and batchers[0].drop_last:
+            drop_tail = size % batchers[0].batch_size  # the same last examples, never seen
+            if drop_tail == size:
+                why = (f"drop_last=True with batch_size={batchers[0].batch_size} drops all {size} examples: it "
+                       "gives no batch")
     if why is not None:
         raise ValueError(why)
-    labels = torch.as_tensor(targets)
-    if labels.dim() != 1 or labels.shape[0] != len(dataset) or labels.is_floating_point() or labels.dtype == torch.bool:
+    try:
+        labels = torch.as_tensor(targets)
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise ValueError(f"its dataset's labels are not integer classes ({type(exc).__name__}: {exc})") from exc
+    if labels.dim() != 1 or labels.shape[0] != size or labels.is_floating_point() or labels.is_complex() or (
+            labels.dtype == torch.bool):
         raise ValueError(f"its dataset's labels are not one integer class per example (shape {tuple(labels.shape)}, "
-                         f"dtype {labels.dtype}, {len(dataset)} examples)")
-    return labels.long()
+                         f"dtype {labels.dtype}, {size} examples)")
+    return labels[:size - drop_tail].long().cpu()
 
 
 class IterableBatches:
