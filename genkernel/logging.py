@@ -102,14 +102,17 @@ def image_grid(images: Any, *, nrow: int = 8, value_range: tuple[float, float] |
     """Samples ``[N, C, H, W]`` (C = 1 or 3) or ``[N, H, W]`` as one ``[H', W', 3]`` uint8 grid.
 
     ``value_range``: the samples' range (a diffusion model's [-1, 1] by default); None scales
-    the grid's own min and max to [0, 1].
+    the grid's own finite min and max to [0, 1] (NaN drawn black, ±inf at the ends).
     """
     x = images.detach().cpu().double() if isinstance(images, torch.Tensor) else torch.as_tensor(np.asarray(images), dtype=torch.float64)
     if x.dim() == 3:
         x = x[:, None]
     if x.dim() != 4 or x.shape[1] not in (1, 3):
         raise ValueError(f"image_grid takes [N, C, H, W] with C = 1 or 3, or [N, H, W]; got {tuple(x.shape)}")
-    low, high = value_range if value_range is not None else (float(x.min()), float(x.max()))
+    if value_range is None:  # the finite values' range: one diverged (NaN, inf) sample must not blank the others
+        finite = x[torch.isfinite(x)]
+        value_range = (float(finite.min()), float(finite.max())) if finite.numel() else (0.0, 1.0)
+    low, high = value_range
     x = ((x - low) / (high - low if high > low else 1.0)).clamp(0, 1)
     if x.shape[1] == 1:
         x = x.expand(-1, 3, -1, -1)
@@ -161,14 +164,22 @@ def log_figure(logger: Any, name: str, figure: Any, step: int) -> bool:
 
 
 def _scalars(metrics: Mapping[str, Any]) -> dict[str, float]:
-    """The metrics that are numbers, as floats (booleans as 0/1; tensors of one element)."""
+    """The metrics that are numbers, as floats (booleans as 0/1; tensors and arrays of one element)."""
     out = {}
     for key, value in metrics.items():
-        if isinstance(value, torch.Tensor) and value.numel() == 1:
-            value = value.item()
-        if isinstance(value, (bool, int, float, np.integer, np.floating)):
+        if (isinstance(value, torch.Tensor) and value.numel() == 1) or (isinstance(value, np.ndarray) and value.size == 1):
+            value = value.item()  # (a 0-d array, as np.mean(..., keepdims) or a reduction gives, was dropped)
+        if isinstance(value, (bool, int, float, np.integer, np.floating, np.bool_)):
             out[str(key)] = float(value)
     return out
+
+
+def _read_number(value: Any) -> Any:
+    """A CSV cell as the float it was written from (the text itself when it is not a number)."""
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return value
 
 
 def _same_value(a: Any, b: Any) -> bool:
@@ -226,7 +237,9 @@ class CSVWriter:
     with the wider header, earlier rows left blank there). A call at the step of the latest row joins
     that row (the trainer's loss and the analyzer's numbers at one step, sent to one writer, are one
     row; the same numbers sent twice are written once) unless it gives a name of that row another
-    value: then it starts a new row at the same step, so no value is lost. Images go to PNG files in
+    value: then it starts a new row at the same step, so no value is lost. A call at an earlier step
+    than the latest row's (an analyzer's final numbers at its tracked window's last step) joins that
+    step's row the same way, or becomes a row in step order (the file is rewritten). Images go to PNG files in
     ``image_dir`` (default: a folder ``<name>_images`` beside the CSV) as ``<name>_<step>.png``.
 
     ``purge_step``: None (default) starts a new file, replacing one at ``path``. A resumed run
@@ -265,12 +278,21 @@ class CSVWriter:
                 except (TypeError, ValueError):
                     raise ValueError(f"{self.path} has a row whose step is {row['step']!r}, not an integer") from None
                 if step < purge_step:
-                    self.rows.append({key: value for key, value in row.items() if value not in ("", None)} | {"step": step})
+                    # as the floats they were written from (str(float) reads back exactly), so that the same
+                    # numbers logged again at a kept step join its row instead of starting a second one
+                    self.rows.append({key: _read_number(value) for key, value in row.items()
+                                      if value not in ("", None)} | {"step": step})
         self._rewrite()
 
     def __call__(self, metrics: Mapping[str, Any], step: int) -> None:
         row = {"step": int(step), **_scalars(metrics)}
         new = [key for key in row if key not in self.columns]
+        if self.rows and row["step"] < self.rows[-1]["step"]:
+            # An earlier step (an analyzer's final numbers at its tracked window's last step, logged when
+            # training ends): into that step's row, or a new row in step order, never appended after later
+            # steps as a second row for the step.
+            self._insert(row, new)
+            return
         last = self.rows[-1] if self.rows else {}
         same_step = (self._last_row_at is not None and last.get("step") == row["step"]
                      and all(key not in last or _same_value(last[key], value) for key, value in row.items()))
@@ -290,6 +312,21 @@ class CSVWriter:
                 handle.seek(0, os.SEEK_END)
             self._last_row_at = handle.tell()
             csv.DictWriter(handle, self.columns).writerow(self.rows[-1])
+
+    def _insert(self, row: dict[str, Any], new: list[str]) -> None:
+        """Put ``row`` (a step before the latest row's) into the row of its step when no name there has
+        another value, else just after that step's rows (before the first later step); rewrite the file."""
+        position = len(self.rows)
+        while position and self.rows[position - 1]["step"] > row["step"]:
+            position -= 1
+        before = self.rows[position - 1] if position else {}
+        if before.get("step") == row["step"] and all(key not in before or _same_value(before[key], value)
+                                                     for key, value in row.items()):
+            self.rows[position - 1] = {**before, **row}
+        else:
+            self.rows.insert(position, row)
+        self.columns.extend(new)
+        self._rewrite()
 
     def _rewrite(self) -> None:
         tmp = self.path.with_name(self.path.name + ".tmp")
@@ -535,6 +572,17 @@ def _last_tracked_step(analyzer: Any, step: int) -> int:
     return min(step, int(numbered[-1])) if numbered else step
 
 
+def _analyzer_last_step(analyzer: Any) -> int:
+    """The loop step of ``analyzer``'s last tracked step (0 when none or unknown): a
+    :class:`~genkernel.diffusion.NoiseLevelAnalyzer`'s ``global_steps``, a
+    :class:`~genkernel.gan.GANKernelAnalyzer`'s ``g_loop_steps``; loaded states included."""
+    for name in ("global_steps", "g_loop_steps"):
+        numbered = [s for s in getattr(analyzer, name, None) or [] if s is not None]
+        if numbered:
+            return int(numbered[-1])
+    return 0
+
+
 # -- a callback for the built-in trainers ------------------------------------------------------
 class LoggingCallback(TrainerCallback):
     """Streams a run to ``log`` from any genkernel trainer (or :func:`~genkernel.perform_step`).
@@ -544,8 +592,10 @@ class LoggingCallback(TrainerCallback):
         analyzer: an analyzer, tracker or ledger whose :func:`analyzer_metrics` are logged.
         every: log the loss every this many steps.
         analysis_every: log the analyzer's metrics every this many steps (default ``every``;
-            they cost a few small reductions over the ledgers).
+            they cost a few small reductions over the ledgers; 0: at the end only).
         image_every: log the analyzer's matrices as images every this many steps (0: at the end only).
+            After a tracked window (``track_steps``) ended, its matrices are logged once, at its last
+            step, as its numbers are.
         samples: optional ``fn(trainer) -> Tensor[N, C, H, W]`` (or ``[N, H, W]``), logged as a
             grid ``samples`` at image steps and at the end (e.g. ``lambda t: t.sample(16)[0]``).
         sample_range: the samples' value range for the grid (None: their own min and max).
@@ -565,9 +615,13 @@ class LoggingCallback(TrainerCallback):
                  name: str | None = None) -> None:
         if not callable(log):
             raise TypeError(f"log must be callable as log(metrics, step), got {type(log).__name__}")
-        for key, value in (("every", every), ("image_every", image_every)):
+        # (analysis_every 0: the analyzer's numbers when training ends only, as image_every 0)
+        for key, value in (("every", every), ("analysis_every", analysis_every), ("image_every", image_every)):
+            if key == "analysis_every" and value is None:
+                continue
             if isinstance(value, bool) or not isinstance(value, int) or value < (1 if key == "every" else 0):
-                raise ValueError(f"{key} must be an int >= {1 if key == 'every' else 0}, got {value!r}")
+                also = " (a trainer's or analyzer's log_every)" if key == "every" else ""
+                raise ValueError(f"{key}{also} must be an int >= {1 if key == 'every' else 0}, got {value!r}")
         self.log = log
         self.analyzer = analyzer
         self.every = every
@@ -577,8 +631,9 @@ class LoggingCallback(TrainerCallback):
         self.sample_range = sample_range
         self.name = name
         self.seen = 0
-        self.last_step = 0
-        self.last_image_step: int | None = None
+        self.last_step: int | None = None  # the step number last seen (None: none yet; a loop may count from 0)
+        self.last_image_step: int | None = None  # the step samples were last logged at
+        self.last_matrix_step: int | None = None  # the step the analyzer's matrices were last logged at
         self.last_analysis_step: int | None = None  # the step the analyzer's metrics were last logged at
         self.analysis_keys: set[str] = set()  # the names logged at that step
 
@@ -611,6 +666,7 @@ class LoggingCallback(TrainerCallback):
         one per optimizer parameter group (``lr`` for the first, ``lr/group<i>`` for the others)."""
         suffix = "" if phase == "train" else f"/{phase}"
         metrics: dict[str, float] = dict(extra or {})
+        analysis: dict[str, float] = {}
         if step % self.every == 0:
             if loss is not None:
                 metrics[f"loss{suffix}"] = loss
@@ -627,27 +683,36 @@ class LoggingCallback(TrainerCallback):
                 analysis = analyzer_metrics(self.analyzer)
                 if analysis:
                     metrics.update(analysis)
-                    self.last_analysis_step, self.analysis_keys = step, set(analysis)
         if metrics:
             self.log(metrics, step)
+        if analysis:  # (once the logger took them: numbers a raising logger lost are logged again at the end)
+            self.last_analysis_step, self.analysis_keys = step, set(analysis)
         if fresh and self.image_every and step % self.image_every == 0:
             self.log_images(step, trainer)
 
     def log_images(self, step: int, trainer: Any = None) -> None:
-        """The analyzer's matrices (and samples, with ``samples=``) as images at ``step``."""
+        """The analyzer's matrices (and samples, with ``samples=``) as images at ``step``. The matrices
+        of an analyzer whose tracked window ended before ``step`` are its window's last step's: they are
+        logged at that step (once), not again at later steps as if after more training."""
+        if self.analyzer is not None:
+            at = _last_tracked_step(self.analyzer, step)
+            if at != self.last_matrix_step:
+                self.last_matrix_step = at
+                for name, image in analyzer_images(self.analyzer).items():
+                    log_image(self.log, name, image, at)
         if step == self.last_image_step:
             return
         self.last_image_step = step
-        if self.analyzer is not None:
-            for name, image in analyzer_images(self.analyzer).items():
-                log_image(self.log, name, image, step)
         if self.samples is not None and trainer is not None and getattr(self.log, "log_image", None) is not None:
             with torch.no_grad():
                 images = self.samples(trainer)
             log_image(self.log, "samples", image_grid(images, value_range=self.sample_range), step)
 
     def on_train_end(self, trainer: Any) -> None:
-        step = max(self.last_step, self._step_number(trainer) - 1 if trainer is not None else self.seen)
+        # (the analyzer's own last loop step counts: right after a resume, before any new step, the
+        # numbers loaded belong to the checkpoint's step, not to step 0)
+        step = max(self.last_step or 0, self._step_number(trainer) - 1 if trainer is not None else self.seen,
+                   _analyzer_last_step(self.analyzer))
         if self.analyzer is not None:
             at = _last_tracked_step(self.analyzer, step)
             # A name already logged at this step (the last step was an analysis step, or a tracked

@@ -175,7 +175,9 @@ class NoiseLevelAnalyzer(TrainerCallback):
         name: the key of this analyzer's state in a trainer's checkpoint (default the class name).
         log: a logger ``log(metrics, step)`` (:mod:`genkernel.logging`: TensorBoard, CSV, or any
             callable): the running residual, rest share, κ, traffic shares and locality
-            (:func:`~genkernel.logging.analyzer_metrics`) every ``log_every`` tracked steps, and the
+            (:func:`~genkernel.logging.analyzer_metrics`) at the tracked steps whose loop step number is a
+            multiple of ``log_every`` (the trainer's ``log_every`` rows) and at the end of training (a
+            ``track_steps`` window's last step), and the
             noise×noise matrices as images every ``image_every`` steps (0: when training ends).
         log_every, image_every: see ``log``.
     """

@@ -218,8 +218,8 @@ class GANKernelAnalyzer(TrainerCallback):
         log: a logger ``log(metrics, step)`` (:mod:`genkernel.logging`: TensorBoard, CSV, or any
             callable). The analyzer logs its own numbers (:func:`~genkernel.logging.analyzer_metrics`:
             the generator's residual and shares, coupling against its controls, window statistics,
-            alignment, coverage, the discriminator's residual) at the loop's step numbers every
-            ``log_every`` tracked generator steps, and the latest window's coupling matrices as
+            alignment, coverage, the discriminator's residual) at the tracked generator steps whose loop
+            step number is a multiple of ``log_every``, and the latest window's coupling matrices as
             images every ``image_every`` steps (0: when training ends, :meth:`finish`).
         log_every, image_every: see ``log``.
     """

@@ -625,9 +625,13 @@ class GANTrainer:
             if not step.applied:
                 self._undo(draws)
             raise
-        self._count_applied(step)
-        if self.logging is not None:
-            self.logging.on_step_end(self, step)
+        self._count_applied(step, schedule=False)
+        try:  # the logger reads the learning rate that trained this step: before the schedule steps it (an error
+            # in the logger still steps the schedule of the update, which is counted)
+            if self.logging is not None:
+                self.logging.on_step_end(self, step)
+        finally:
+            self._step_schedule(step)
         return losses
 
     def _undo(self, draws: StepDraws) -> None:
@@ -648,20 +652,27 @@ class GANTrainer:
                 else:
                     setattr(module, name, saved)
 
-    def _count_applied(self, step: OptimizerStep) -> None:
+    def _count_applied(self, step: OptimizerStep, *, schedule: bool = True) -> None:
         """Count an applied step; a generator step also updates the EMA (``ema=``): the EMA follows every update
-        that is in G's weights, also one after which a callback raised (a run continued after it is the straight one)."""
+        that is in G's weights, also one after which a callback raised (a run continued after it is the straight one).
+        ``schedule``: also step its player's learning-rate schedule (False: the caller does, after logging)."""
         if step.applied:
             if step.phase == "generator":
                 self.g_steps += 1
                 self.history["g_loss"].append(float(step.losses.mean()))
                 if self.ema is not None:
                     step_ema(self.ema, self.generator)
-                step_lr_scheduler(self.lr_scheduler_g)
             else:
                 self.d_steps_done += 1
                 self.history["d_loss"].append(float((step.losses * step.weights).sum()))
-                step_lr_scheduler(self.lr_scheduler_d)
+            if schedule:
+                self._step_schedule(step)
+
+    def _step_schedule(self, step: OptimizerStep) -> None:
+        """Step the learning-rate schedule of an applied step's player (last: a schedule that raises leaves the
+        update counted)."""
+        if step.applied:
+            step_lr_scheduler(self.lr_scheduler_g if step.phase == "generator" else self.lr_scheduler_d)
 
     # -- loop ----------------------------------------------------------------------------------
     def train(self, iterations: int, *, resume: bool = False) -> dict[str, list[float]]:
