@@ -9,7 +9,6 @@ torchvision sets are read from local files only, with clear errors naming the fi
 
 from __future__ import annotations
 
-import pickle
 import socket
 
 import numpy as np

@@ -182,7 +182,7 @@ def test_gan_comparison_grouping_equals_the_analyzers_statistics():
         assert _same(coupling["geometry_minus_spatial"][kind], theirs), kind
     versus = coupling["geometry_minus_spatial"]["traffic"]
     text = format_summary(summarize(analyzer.state_dict()))
-    assert (f"geometry minus the comparison grouping (LatentKMeansGroups)" in text
+    assert ("geometry minus the comparison grouping (LatentKMeansGroups)" in text
             and f"traffic   {versus['estimate']:.3g} [{versus['low']:.3g}, {versus['high']:.3g}]" in text)
 
 
