@@ -204,18 +204,25 @@ def test_the_analyzer_books_the_hybrid_step_exactly_and_training_is_unchanged():
     assert_ledger_adds_up(analyzer.tracker.ledger)
 
 
-@pytest.mark.parametrize("route", ["example", "factored"])
-def test_every_gradient_route_splits_the_hybrid_loss_as_the_graph_does(route):
-    scheduler = learned()
-    data = images(8)
+def probes_and_batches(scheduler, data, num_batches):
+    """4 probe states of ``data`` and ``num_batches`` batches ``((z, t), (y, x_0, z, t))`` of all of it, at eight
+    levels (t = 0 among them) in a shuffled order, from one seeded generator."""
     generator = torch.Generator().manual_seed(3)
     probe_t = torch.randint(0, T, (4,), generator=generator)
-    probes = (scheduler.add_noise(data[:4], torch.randn(4, 1, 8, 8, generator=generator, dtype=F64), probe_t), probe_t)
+    noise = torch.randn((4, *data.shape[1:]), generator=generator, dtype=F64)
+    probes = (scheduler.add_noise(data[:4], noise, probe_t), probe_t)
     batches = []
-    for _ in range(2):
+    for _ in range(num_batches):
         timesteps = torch.tensor([0, 3, 9, 17, 21, 30, 35, 39])[torch.randperm(8, generator=generator)]
         target, noisy = hybrid_batch(scheduler, data, timesteps, seed=int(torch.randint(0, 99, (1,), generator=generator)))
         batches.append(((noisy, timesteps), (target, data, noisy, timesteps)))
+    return probes, batches
+
+
+@pytest.mark.parametrize("route", ["example", "factored"])
+def test_every_gradient_route_splits_the_hybrid_loss_as_the_graph_does(route):
+    scheduler = learned()
+    probes, batches = probes_and_batches(scheduler, images(8), 2)
     ledgers = {}
     for name in ("graph", route):
         model = unet()

@@ -17,7 +17,7 @@ from genkernel.diffusion import DDPMTrainer, HybridLoss, make_scheduler
 from genkernel.diffusion.learned_variance import _discretized_gaussian_log_likelihood, training_loss
 from genkernel.diffusion.trainer import reverse_sample
 from test_ddpm_trainer import ring
-from test_learned_variance import VarianceMLP, hybrid_batch, reference_hybrid_loss
+from test_learned_variance import VarianceMLP, hybrid_batch, probes_and_batches, reference_hybrid_loss
 from test_trainer_ema import assert_ledger_adds_up
 
 T = 40
@@ -114,15 +114,7 @@ def test_vlb_weight_takes_real_numbers_and_refuses_a_bool():
 
 def test_the_factored_group_state_splits_the_hybrid_loss_as_the_graph_does():
     scheduler = make_scheduler(T, prediction_type="v_prediction", variance_type="learned_range")
-    data = ring(8)
-    generator = torch.Generator().manual_seed(3)
-    probe_t = torch.randint(0, T, (4,), generator=generator)
-    probes = (scheduler.add_noise(data[:4], torch.randn(4, 2, generator=generator, dtype=F64), probe_t), probe_t)
-    batches = []
-    for _ in range(3):
-        timesteps = torch.tensor([0, 3, 9, 17, 21, 30, 35, 39])[torch.randperm(8, generator=generator)]
-        target, noisy = hybrid_batch(scheduler, data, timesteps, seed=int(torch.randint(0, 99, (1,), generator=generator)))
-        batches.append(((noisy, timesteps), (target, data, noisy, timesteps)))
+    probes, batches = probes_and_batches(scheduler, ring(8), 3)
     ledgers = {}
     for name, options in (("graph", dict(group_state="dense", gradient_route="graph")), ("factored", dict(group_state="factored"))):
         model = VarianceMLP()

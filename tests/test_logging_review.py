@@ -12,17 +12,7 @@ from genkernel.diffusion import DDPMTrainer, MLPDenoiser, NoiseLevelAnalyzer, ma
 from genkernel.logging import CSVWriter, LoggingCallback, TensorBoardWriter
 
 
-class Collect:
-    """A logger that keeps what it gets (scalars and images)."""
-
-    def __init__(self):
-        self.rows, self.images = [], []
-
-    def __call__(self, metrics, step):
-        self.rows.append((step, dict(metrics)))
-
-    def log_image(self, name, array, step):
-        self.images.append((name, step))
+from test_logging import Collect  # noqa: E402  (images kept as (name, array, step))
 
 
 def _rows(path):
@@ -100,7 +90,7 @@ def test_a_resumed_run_logs_the_loaded_numbers_at_the_checkpoints_step(tmp_path)
     trainer.train(0)
     assert [(step, metrics["ledger/steps"]) for step, metrics in log.rows] == [(3, 3.0)]
     assert log.rows[0][1]["ledger/relative_residual"] == analyzer.residual()["relative_residual"]
-    assert {step for _, step in log.images} == {3}
+    assert {step for _, _, step in log.images} == {3}
     trainer.train(1)  # then on at the loop's numbers; the end of training at 4 adds no second point
     assert [(step, metrics["ledger/steps"]) for step, metrics in log.rows] == [(3, 3.0), (4, 4.0)]
 
@@ -165,7 +155,7 @@ def test_matrices_of_an_ended_window_are_logged_at_its_last_step():
     DDPMTrainer(MLPDenoiser(hidden=8, depth=2, time_dim=8).double(), scheduler, data, batch_size=16,
                 callbacks=[analyzer, callback], progress=False).train(6)
     assert [step for step, metrics in log.rows if "ledger/steps" in metrics] == [2, 3]
-    assert sorted(log.images) == [("matrix/share", 2), ("matrix/share", 3), ("matrix/traffic", 2),
+    assert sorted((name, step) for name, _, step in log.images) == [("matrix/share", 2), ("matrix/share", 3), ("matrix/traffic", 2),
                                   ("matrix/traffic", 3)]
 
 

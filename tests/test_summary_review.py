@@ -17,12 +17,7 @@ from genkernel.gan import GANKernelAnalyzer, GANTrainer, MLPDiscriminator, MLPGe
 from genkernel.report import format_summary, summarize
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _same(a, b) -> bool:
