@@ -15,15 +15,22 @@ Lifecycle::
 
 At ``on_train_start`` the callback binds the analyzer to the module (or ``model_attribute`` of it)
 and the trainer's first optimizer (Lightning's wrapper is read through); automatic optimization
-steps with a closure, which the tracker follows (the step is begun when the closure's backward
-and gradient clipping are done); ``accumulate_grad_batches`` and ``gradient_clip_val`` are
-followed exactly. Under DDP the callback binds the wrapper Lightning trains, so the ranks' group
-gradients are combined as their gradients are. ``on_train_end`` records the final kernel
-structure. The analyzer's state is saved in, and restored from, Lightning checkpoints. Every ``fit``
-builds its optimizers anew, so an analyzer bound in an earlier fit is refused at the next one (give
-each fit its own analyzer and callback; ``ckpt_path=...`` carries the ledgers over). On a GPU,
-call :func:`genkernel.set_exact_cuda_mode` before ``fit`` (TF32 off, deterministic kernels):
-trackers refuse TF32 convolutions, torch's default.
+steps with a closure, which the tracker follows (the step is begun when the closure's backward and
+gradient clipping are done); ``accumulate_grad_batches`` (an epoch's last, partial accumulation
+included), ``gradient_clip_val`` (by norm; clipping by value is refused at the first step it acts
+on) and learning-rate schedules are followed exactly; a ``training_step`` returning None after its
+``observe`` line is recorded as a step that moves nothing. Every step of the fit is tracked: an
+analyzer with ``track_steps`` (a window the built-in trainers follow) is refused, and so is, without
+``model_attribute``, a module with no ``forward`` (the probes call the bound network). ``observe``
+belongs in ``training_step``: an error raised by one called in the sanity check or a validation loop
+says so. Under DDP the callback binds the wrapper Lightning trains, so the ranks' group gradients
+are combined as their gradients are. ``on_train_end`` records the final kernel structure. The
+analyzer's state is saved in, and restored from, Lightning checkpoints (a ``validate``/``test``/
+``predict`` with ``ckpt_path=`` leaves an analyzer bound in a fit as it is). Every ``fit`` builds
+its optimizers anew, so an analyzer bound in an earlier fit is refused at the next one (give each
+fit its own analyzer and callback; ``ckpt_path=...`` carries the ledgers over). On a GPU, call
+:func:`genkernel.set_exact_cuda_mode` before ``fit`` (TF32 off, deterministic kernels): trackers
+refuse TF32 convolutions, torch's default.
 
 A GAN (:class:`~genkernel.gan.GANKernelAnalyzer`) trains with manual optimization and two
 optimizers; the callback binds the analyzer to both, telling them apart by their parameters (the
@@ -49,9 +56,11 @@ analyzer's last number, or the trainer's ``global_step``), so a resumed fit cont
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import lightning.pytorch as pl
+from torch import nn
 
 from ..core.adapter import unwrap_optimizer
 from ..core.errors import LedgerCheckError
@@ -85,6 +94,15 @@ class GenkernelCallback(pl.Callback):
         if hasattr(self.analyzer, "observe_generator"):  # a GAN analyzer: both players' optimizers
             self._bind_gan(trainer)
             return
+        window = getattr(self.analyzer, "track_steps", None)
+        if window is not None:  # followed by the built-in trainers only: every step here would be tracked
+            raise ValueError(
+                f"the analyzer has track_steps={tuple(window)!r}, a window only genkernel's built-in trainers follow: "
+                "GenkernelCallback tracks every step of the fit, so the ledger and report would cover other steps "
+                "than the window the report names. Build the analyzer without track_steps and attach it (module."
+                "analyzer and the callback) only to a fit of the window: resume with ckpt_path= from a checkpoint at "
+                "its first step - 1 and stop with max_steps= at its last"
+            )
         tracker = getattr(self.analyzer, "tracker", None)
         if tracker is not None:
             self._check_bound_to(tracker, trainer)
@@ -217,6 +235,13 @@ class GenkernelCallback(pl.Callback):
         from torch.nn.parallel import DistributedDataParallel
 
         if self.model_attribute is None:
+            if type(pl_module).forward in (pl.LightningModule.forward, nn.Module.forward):
+                # the analyzer's probes call the bound network: it would fail deep inside the binding
+                raise ValueError(
+                    f"{type(pl_module).__name__} defines no forward, and GenkernelCallback without model_attribute "
+                    "binds the LightningModule itself (its probes call module(x_t, t, ...)): name the attribute "
+                    "holding the trained network, GenkernelCallback(analyzer, model_attribute='net'), or define forward"
+                )
             wrapped = getattr(trainer.strategy, "model", None)
             return wrapped if isinstance(wrapped, DistributedDataParallel) else pl_module
         if trainer.world_size > 1:
@@ -231,13 +256,30 @@ class GenkernelCallback(pl.Callback):
         self.analyzer.finish()
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
-        """Name clip-by-value as the cause when the tracker's gradient check refused a step under it, and
-        the Trainer's setting when a tracker refused its mixed precision."""
-        precision = str(getattr(trainer, "precision", ""))
-        if ("mixed precision is not supported" in str(exception) and "mixed" in precision
+        """Name clip-by-value as the cause when the tracker's gradient check refused a step under it, the
+        Trainer's setting when a tracker refused its (mixed or half) precision, the validation loop when
+        the analyzer was called there, and a skipped batch when a step came without an observed one."""
+        stage = str(getattr(getattr(getattr(trainer, "state", None), "stage", None), "value", ""))
+        if stage in ("sanity_check", "validate") and _raised_in_observe(exception) and hasattr(exception, "add_note"):
+            loop = "sanity check" if stage == "sanity_check" else "validation"
+            exception.add_note(
+                f"genkernel: the analyzer was called in the {loop} loop (a step shared by training_step and "
+                "validation_step?): a ledger follows the optimizer's steps, so observe only in training_step "
+                "(guard a shared step's observe line with `if self.training:`)"
+            )
+        if ("without an observed micro-batch" in str(exception) and getattr(pl_module, "automatic_optimization", False)
                 and hasattr(exception, "add_note")):
             exception.add_note(
-                f"genkernel: the Trainer runs precision={precision!r} (autocast). Track with "
+                "genkernel: Lightning steps the optimizer (with no gradient) after a training_step that returns None "
+                "as well: call analyzer.observe before any `return None` of training_step, and the skipped step is "
+                "recorded as one that moves nothing"
+            )
+        precision = str(getattr(trainer, "precision", ""))
+        if ("mixed precision is not supported" in str(exception) and ("mixed" in precision or "16" in precision)
+                and hasattr(exception, "add_note")):
+            how = "autocast" if "mixed" in precision else "a half-precision copy of the module"
+            exception.add_note(
+                f"genkernel: the Trainer runs precision={precision!r} ({how}). Track with "
                 "L.Trainer(precision='32-true') or '64-true': the ledger must reproduce each update exactly"
             )
         algorithm = getattr(trainer, "gradient_clip_algorithm", None)
@@ -250,10 +292,19 @@ class GenkernelCallback(pl.Callback):
                 "(gradient_clip_algorithm='norm') while the analyzer tracks"
             )
 
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._stage = stage  # (called before a checkpoint's states are restored)
+
     def state_dict(self) -> dict[str, Any]:
         return {"analyzer": self.analyzer.state_dict()}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        # trainer.validate / test / predict(ckpt_path=...) restore the callbacks too: an analyzer bound in
+        # a fit keeps its ledgers (such a loop trains nothing), instead of refusing the checkpoint's older
+        # step numbers or taking its older ledgers
+        bound = getattr(self.analyzer, "tracker", None) is not None or getattr(self.analyzer, "_bound", False)
+        if getattr(self, "_stage", "fit") != "fit" and bound:
+            return
         self.analyzer.load_state_dict(state_dict["analyzer"])
 
 
@@ -265,6 +316,17 @@ def _optimizer_steps(optimizer: Any, fallback: int) -> int:
     counts = [float(state["step"]) for state in ([] if optimizer is None else optimizer.state.values())
               if isinstance(state, dict) and "step" in state]
     return int(max(counts)) if counts else int(fallback)
+
+
+def _raised_in_observe(exception: BaseException) -> bool:
+    """Whether ``exception`` was raised inside one of genkernel's ``observe*`` verbs."""
+    frame = exception.__traceback__
+    while frame is not None:
+        code = frame.tb_frame.f_code
+        if code.co_name.startswith("observe") and f"{os.sep}genkernel{os.sep}" in code.co_filename:
+            return True
+        frame = frame.tb_next
+    return False
 
 
 def _step_batch(trainer: pl.Trainer) -> int | None:
