@@ -66,7 +66,7 @@ class GeometryGrouping:
         """``LongTensor[B]`` group ids in ``[0, num_groups)`` (on the CPU); ``classes`` only for a grouping
         that ``uses_classes``."""
         if not self.fitted:
-            raise RuntimeError(f"{type(self).__name__} must be fitted on a reference batch first (call .fit)")
+            raise _unfitted(type(self).__name__)
         raw = self.assign(z, x, w, scores) if classes is None else self._ids(z, x, w, scores, classes)
         ids = _integer_ids(raw, type(self).__name__).reshape(-1)
         if ids.shape[0] != z.shape[0]:
@@ -174,10 +174,12 @@ def _unfitted(who: str) -> RuntimeError:
     return RuntimeError(f"{who} must be fitted on a reference batch first (call .fit)")
 
 
-class DirectionGroups(GeometryGrouping):
-    """k-means clusters of the unit directions w_i / ‖w_i‖, fitted once (sklearn KMeans, seeded)."""
+class _KMeansGroups(GeometryGrouping):
+    """k-means clusters of one per-example feature (sklearn KMeans, seeded), fitted once; a subclass names the
+    feature (``what``: the input read, ``distinct``: what the fit counts) and reads it (``_features``)."""
 
-    name = "direction"
+    what = "inputs"
+    distinct = "inputs"
 
     def __init__(self, num_groups: int = 8, *, seed: int = 0) -> None:
         self.num_groups = _check_count(num_groups, "num_groups")
@@ -185,40 +187,59 @@ class DirectionGroups(GeometryGrouping):
         self.centers: torch.Tensor | None = None
         self.fitted = False
 
-    @staticmethod
-    def _unit(w: torch.Tensor) -> torch.Tensor:
-        w = _flat(w)
-        return w / w.norm(dim=1, keepdim=True).clamp_min(1e-300)
+    def _raw(self, z, x, w) -> torch.Tensor:
+        """The input the feature is made from, ``[B, features]`` float64 on the CPU."""
+        raise NotImplementedError
+
+    def _features(self, raw: torch.Tensor) -> torch.Tensor:
+        return raw
 
     def fit(self, z, x, w, scores):
         from sklearn.cluster import KMeans
 
-        _check_finite(_flat(w), "DirectionGroups", "gradients w")
-        unit = self._unit(w).numpy()
-        distinct = len(np.unique(np.round(unit, 12), axis=0))
+        who = type(self).__name__
+        raw = self._raw(z, x, w)
+        _check_finite(raw, who, self.what)
+        features = self._features(raw).numpy()
+        distinct = len(np.unique(np.round(features, 12), axis=0))
         if distinct < self.num_groups:
             raise ValueError(
-                f"DirectionGroups: the reference batch has {distinct} distinct gradient directions, fewer than "
+                f"{who}: the reference batch has {distinct} distinct {self.distinct}, fewer than "
                 f"num_groups={self.num_groups}: the groups cannot all be filled. Use a larger reference batch or "
                 "fewer groups."
             )
-        km = KMeans(self.num_groups, n_init=4, random_state=self.seed).fit(unit)
+        km = KMeans(self.num_groups, n_init=4, random_state=self.seed).fit(features)
         self.centers = torch.as_tensor(km.cluster_centers_, dtype=torch.float64)
         self.fitted = True
         return self
 
     def assign(self, z, x, w, scores):
+        who = type(self).__name__
         if self.centers is None:
-            raise _unfitted("DirectionGroups")
-        return _nearest(self._unit(_finite_rows(_flat(w), "DirectionGroups", "gradients w")), self.centers,
-                        "DirectionGroups", "gradients w")
+            raise _unfitted(who)
+        features = self._features(_finite_rows(self._raw(z, x, w), who, self.what))
+        return _nearest(features, self.centers, who, self.what)
 
     def state_dict(self):
         return {"centers": self.centers}
 
     def load_state_dict(self, state):
-        self.centers = _loaded(state["centers"], "DirectionGroups", "centers", (self.num_groups, None))
+        self.centers = _loaded(state["centers"], type(self).__name__, "centers", (self.num_groups, None))
         self.fitted = True
+
+
+class DirectionGroups(_KMeansGroups):
+    """k-means clusters of the unit directions w_i / ‖w_i‖, fitted once (sklearn KMeans, seeded)."""
+
+    name = "direction"
+    what = "gradients w"
+    distinct = "gradient directions"
+
+    def _raw(self, z, x, w) -> torch.Tensor:
+        return _flat(w)
+
+    def _features(self, raw: torch.Tensor) -> torch.Tensor:
+        return raw / raw.norm(dim=1, keepdim=True).clamp_min(1e-300)
 
 
 class ModeGroups(GeometryGrouping):
@@ -266,7 +287,7 @@ class NearestModeGroups(ModeGroups):
         return _nearest(x, self.centers, "NearestModeGroups", "mode centres and samples")
 
 
-class LatentKMeansGroups(GeometryGrouping):
+class LatentKMeansGroups(_KMeansGroups):
     """k-means clusters of the latents z (flattened), fitted once (sklearn KMeans, seeded).
 
     Neither D nor G enters: a grouping that is spatial in latent space, for comparison with a
@@ -274,40 +295,11 @@ class LatentKMeansGroups(GeometryGrouping):
     """
 
     name = "latent cluster"
+    what = "latents z"
+    distinct = "latents"
 
-    def __init__(self, num_groups: int = 8, *, seed: int = 0) -> None:
-        self.num_groups = _check_count(num_groups, "num_groups")
-        self.seed = _check_seed(seed)
-        self.centers: torch.Tensor | None = None
-        self.fitted = False
-
-    def fit(self, z, x, w, scores):
-        from sklearn.cluster import KMeans
-
-        _check_finite(_flat(z), "LatentKMeansGroups", "latents z")
-        flat = _flat(z).numpy()
-        distinct = len(np.unique(np.round(flat, 12), axis=0))
-        if distinct < self.num_groups:
-            raise ValueError(f"LatentKMeansGroups: the reference batch has {distinct} distinct latents, fewer than "
-                             f"num_groups={self.num_groups}: the groups cannot all be filled. Use a larger reference batch "
-                             "or fewer groups.")
-        km = KMeans(self.num_groups, n_init=4, random_state=self.seed).fit(flat)
-        self.centers = torch.as_tensor(km.cluster_centers_, dtype=torch.float64)
-        self.fitted = True
-        return self
-
-    def assign(self, z, x, w, scores):
-        if self.centers is None:
-            raise _unfitted("LatentKMeansGroups")
-        z = _finite_rows(_flat(z), "LatentKMeansGroups", "latents z")
-        return _nearest(z, self.centers, "LatentKMeansGroups", "latents z")
-
-    def state_dict(self):
-        return {"centers": self.centers}
-
-    def load_state_dict(self, state):
-        self.centers = _loaded(state["centers"], "LatentKMeansGroups", "centers", (self.num_groups, None))
-        self.fitted = True
+    def _raw(self, z, x, w) -> torch.Tensor:
+        return _flat(z)
 
 
 class _QuantileBins(GeometryGrouping):
