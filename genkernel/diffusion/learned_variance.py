@@ -146,10 +146,13 @@ class HybridLoss:
             "posterior_log_variance": torch.cat([posterior_variance[1:2], posterior_variance[1:]]).log(),
             "log_betas": betas.log(),
         }
+        self._tables_on: dict[torch.device, dict[str, torch.Tensor]] = {}
 
     def _at(self, name: str, timesteps: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
         """Table ``name`` at ``timesteps``, shaped ``[B, 1, ...]`` to broadcast over ``like`` ``[B, C, ...]``."""
-        values = self._tables[name].to(like.device)[timesteps].to(like.dtype)
+        if like.device not in self._tables_on:  # moved once per device, not at every step (a GPU sync each time)
+            self._tables_on[like.device] = {key: table.to(like.device) for key, table in self._tables.items()}
+        values = self._tables_on[like.device][name][timesteps].to(like.dtype)
         return values.reshape(timesteps.shape + (1,) * (like.dim() - 1))
 
     def __call__(self, outputs: torch.Tensor, targets: tuple[torch.Tensor, ...]) -> torch.Tensor:
