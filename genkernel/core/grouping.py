@@ -226,6 +226,53 @@ def band_total(matrix: torch.Tensor, probe_groups: torch.Tensor, band: int) -> t
     return (matrix * mask).sum(dim=1)
 
 
+def band_locality(
+    traffic: torch.Tensor,
+    share: torch.Tensor,
+    control_traffic: Sequence[torch.Tensor],
+    control_share: Sequence[torch.Tensor],
+    probe_groups: torch.Tensor,
+    band: int,
+    num_groups: int,
+    probe_level: torch.Tensor,
+    level_bins: Sequence[tuple[Any, int]],
+) -> dict[str, Any]:
+    """Traffic and net-share locality of ``[M, G]`` share matrices (measured, and each control partition's):
+    the share within ``band`` groups of each probe's own group, ``{"traffic", "share"}`` as "measured minus
+    control" (:func:`measured_minus_control`) with ``"per_level"`` rows (probe level i, whose probes are
+    ``probe_level == i``, at ``level_bins[i] = (level, group)``); without controls, the measured means only.
+    A band that holds all ``num_groups`` groups around every probe's own group leaves nothing outside it
+    (measured and control are the whole share alike): never held, with the reason in ``"why"``. The
+    diffusion analyzer's ``locality()`` and the saved-state summary both read it here."""
+    traffic_band, share_band = band_total(traffic, probe_groups, band), band_total(share, probe_groups, band)
+    covering = bool(((probe_groups - band <= 0) & (probe_groups + band >= num_groups - 1)).all())
+    why = (f"band={band} holds all {num_groups} bins around every probe's level: nothing lies outside it, so the "
+           f"locality is the whole share for the measured and the control partitions alike (pass band <= "
+           f"{num_groups - 2} with num_bins >= 3)") if covering else None
+    out: dict[str, Any] = {}
+    if not control_traffic:
+        out["traffic"] = {"measured": float(traffic_band.nanmean())}
+        out["share"] = {"measured": float(share_band.nanmean())}
+        if why is not None:
+            out["traffic"]["why"] = out["share"]["why"] = why
+        return out
+    traffic_c = torch.stack([band_total(t, probe_groups, band) for t in control_traffic])
+    share_c = torch.stack([band_total(s, probe_groups, band) for s in control_share])
+    out["traffic"] = measured_minus_control(traffic_band, traffic_c)
+    out["share"] = measured_minus_control(share_band, share_c)
+    if why is not None:
+        for key in ("traffic", "share"):
+            out[key] = {**out[key], "held": False, "why": why}
+    # Per probe level: an average over levels can hide a sign flip between them.
+    out["per_level"] = [
+        {"level": level, "bin": int(group),
+         "traffic": measured_minus_control(traffic_band[rows], traffic_c[:, rows]),
+         "share": measured_minus_control(share_band[rows], share_c[:, rows])}
+        for i, (level, group) in enumerate(level_bins) for rows in [probe_level == i]
+    ]
+    return out
+
+
 def own_share(matrix: torch.Tensor, probe_groups: torch.Tensor) -> torch.Tensor:
     """``[M]`` each probe's entry for its own group, matrix[m, group(m)] (band 0)."""
     if matrix.dim() != 2:

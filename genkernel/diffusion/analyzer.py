@@ -798,40 +798,17 @@ class NoiseLevelAnalyzer(TrainerCallback):
         probes (:func:`~genkernel.core.grouping.measured_minus_control`)."""
         self._require()
         w = self.band if band is None else band
-        bins = self.probe_bins
         shares, kappa = self.shares(weights=weights)
-        traffic = grouping.band_total(self.traffic_shares(weights=weights), bins, w)
-        share = grouping.band_total(shares, bins, w)
         out: dict[str, Any] = {"band": w, "median_kappa": nan_median(kappa)}
-        g = self.num_bins
-        covering = bool(((bins - w <= 0) & (bins + w >= g - 1)).all())
-        why = (f"band={w} holds all {g} bins around every probe's level: nothing lies outside it, so the "
-               f"locality is the whole share for the measured and the control partitions alike (pass band <= "
-               f"{g - 2} with num_bins >= 3)") if covering else None
-        if self.controls:
-            control_shares = [self.shares(c, weights=weights) for c in self.control_names]
-            traffic_c = torch.stack([grouping.band_total(self.traffic_shares(c, weights=weights), bins, w)
-                                     for c in self.control_names])
-            share_c = torch.stack([grouping.band_total(sc, bins, w) for sc, _ in control_shares])
-            out["traffic"] = grouping.measured_minus_control(traffic, traffic_c)
-            out["share"] = grouping.measured_minus_control(share, share_c)
+        control_shares = [self.shares(c, weights=weights) for c in self.control_names]
+        if control_shares:
             out["median_kappa_control"] = nan_median(torch.stack([k for _, k in control_shares]))
-            if why is not None:
-                for key in ("traffic", "share"):
-                    out[key] = {**out[key], "held": False, "why": why}
-            # Per probe level: an average over levels can hide a sign flip between them.
-            out["per_level"] = [
-                {"level": self.levels[level].item(), "bin": int(self.level_bins[level]),
-                 "traffic": grouping.measured_minus_control(traffic[rows], traffic_c[:, rows]),
-                 "share": grouping.measured_minus_control(share[rows], share_c[:, rows])}
-                for level in range(self.levels.numel())
-                for rows in [self.probe_level == level]
-            ]
-        else:
-            out["traffic"] = {"measured": float(traffic.nanmean())}
-            out["share"] = {"measured": float(share.nanmean())}
-            if why is not None:
-                out["traffic"]["why"] = out["share"]["why"] = why
+        out.update(grouping.band_locality(
+            self.traffic_shares(weights=weights), shares,
+            [self.traffic_shares(c, weights=weights) for c in self.control_names], [s for s, _ in control_shares],
+            self.probe_bins, w, self.num_bins, self.probe_level,
+            [(self.levels[level].item(), int(self.level_bins[level])) for level in range(self.levels.numel())],
+        ))
         return out
 
     def residual(self, *, weights: str = "model") -> dict[str, float]:

@@ -215,13 +215,6 @@ def _diffusion(state: Mapping[str, Any], top: int) -> dict[str, Any]:
         contributions = ledger.contributions.cpu()
         return grouping.net_shares(contributions, ledger.delta.cpu()), grouping.cancellation_ratio(contributions, ledger.delta.cpu())
 
-    # As the analyzer's locality(): a band holding all bins around every probe's level (num_bins <= 2) leaves
-    # nothing outside it, so measured and control are the whole share alike; never held, and says why.
-    covering = band is not None and bool(((probe_bins - band <= 0) & (probe_bins + band >= num_bins - 1)).all())
-    why = (f"band={band} holds all {num_bins} bins around every probe's level: nothing lies outside it, so the "
-           f"locality is the whole share for the measured and the control partitions alike (pass band <= "
-           f"{num_bins - 2} with num_bins >= 3)") if covering else None
-
     def numbers(ls: Mapping[str, PathKernelLedger]) -> tuple[dict[str, Any], dict[str, Any]]:
         """The analyzer's matrices() and locality() of one set of ledgers (the model's or the EMA weights')."""
         share, kappa = shares_of(ls["level"])
@@ -231,36 +224,19 @@ def _diffusion(state: Mapping[str, Any], top: int) -> dict[str, Any]:
             "residual": by_level(ls["level"].probe_relative_residual().cpu()[:, None])[:, 0],
         }
         locality: dict[str, Any] = {"band": band, "median_kappa": _median(kappa)}
+        control_traffic = [grouping.traffic_shares(ls[c].traffic.cpu()) for c in controls]
+        control_shares = [shares_of(ls[c]) for c in controls]
         if controls:
-            control_traffic = [grouping.traffic_shares(ls[c].traffic.cpu()) for c in controls]
-            control_shares = [shares_of(ls[c]) for c in controls]
             matrices["traffic_control"] = torch.stack([by_level(t) for t in control_traffic]).mean(0)
             matrices["share_control"] = torch.stack([by_level(s) for s, _ in control_shares]).mean(0)
             locality["median_kappa_control"] = _median(torch.stack([k for _, k in control_shares]))
         if band is None:
             # The half-width is a setting, not in the ledgers: a guessed band gives another locality than the analyzer's.
             locality["traffic"] = locality["share"] = None
-        elif controls:
-            traffic_band = grouping.band_total(traffic, probe_bins, band)
-            share_band = grouping.band_total(share, probe_bins, band)
-            traffic_c = torch.stack([grouping.band_total(t, probe_bins, band) for t in control_traffic])
-            share_c = torch.stack([grouping.band_total(s, probe_bins, band) for s, _ in control_shares])
-            locality["traffic"] = grouping.measured_minus_control(traffic_band, traffic_c)
-            locality["share"] = grouping.measured_minus_control(share_band, share_c)
-            if why is not None:
-                for key in ("traffic", "share"):
-                    locality[key] = {**locality[key], "held": False, "why": why}
-            locality["per_level"] = [
-                {"level": _level(levels[i]), "bin": int(level_bins[i]),
-                 "traffic": grouping.measured_minus_control(traffic_band[rows], traffic_c[:, rows]),
-                 "share": grouping.measured_minus_control(share_band[rows], share_c[:, rows])}
-                for i in range(num_levels) for rows in [probe_level == i]
-            ]
         else:
-            locality["traffic"] = {"measured": _num(grouping.band_total(traffic, probe_bins, band).nanmean())}
-            locality["share"] = {"measured": _num(grouping.band_total(share, probe_bins, band).nanmean())}
-            if why is not None:
-                locality["traffic"]["why"] = locality["share"]["why"] = why
+            locality.update(grouping.band_locality(
+                traffic, share, control_traffic, [s for s, _ in control_shares], probe_bins, band, num_bins,
+                probe_level, [(_level(levels[i]), int(level_bins[i])) for i in range(num_levels)]))
         return matrices, locality
 
     matrices, locality = numbers(ledgers)
