@@ -89,6 +89,12 @@ from .engine.projections import PROJECTION_CHUNK_BYTES, weight_projection_macs
 GiB = 2**30
 
 
+# The settings a cheaper option may ask the user to change. A caller that fixes some of them (the
+# GAN analyzer's generator runs the dense graph route, and has no tracked window) passes the rest,
+# so a refusal never names an option its reader cannot take.
+COST_OPTIONS = ("groups", "group_state", "state_dtype", "probes", "window", "quadrature")
+
+
 @dataclass
 class CostEstimate:
     """Memory per part (bytes) and work per step of a tracked step; see the module docstring.
@@ -332,6 +338,7 @@ def estimate_cost(
     ema: bool = False,
     sketch_dim: int = 512,
     device: torch.device | str | None = None,
+    options: tuple[str, ...] = COST_OPTIONS,
 ) -> CostEstimate:
     """Memory and work of a tracked step before the run (see the module docstring).
 
@@ -344,7 +351,11 @@ def estimate_cost(
         batch_size: B of a training step (activations and the bare step's work; default M).
         ema: whether an EMA ledger is kept.
         device: where the state lives (default the parameters').
+        options: the settings :attr:`CostEstimate.cheaper` may name (a subset of ``COST_OPTIONS``:
+            "groups", "group_state", "state_dtype", "probes", "window", "quadrature"); a caller
+            whose user cannot change a setting leaves it out.
     """
+    options = cost_options(options)
     _check_arguments(probes, outputs=outputs, rows=rows, partitions=partitions, group_state=group_state,
                      gradient_route=gradient_route, contribution_route=contribution_route,
                      quadrature_nodes=quadrature_nodes, state_dtype=state_dtype, memory_budget=memory_budget,
@@ -462,8 +473,19 @@ def estimate_cost(
         "state_dtype": str(state_dtype).replace("torch.", ""), "device": str(device),
         "quadrature_nodes": quadrature_nodes, "ema": ema, "optimizer": type(optimizer).__name__,
     })
-    estimate.cheaper = _cheaper_options(estimate, group_state, state_dtype, param_bytes)
+    estimate.cheaper = _cheaper_options(estimate, group_state, state_dtype, param_bytes, options)
     return estimate
+
+
+def cost_options(options: Any) -> tuple[str, ...]:
+    """``options`` as a tuple of names from ``COST_OPTIONS``; TypeError or ValueError naming the
+    stray entry otherwise."""
+    if isinstance(options, str) or not isinstance(options, (tuple, list, set, frozenset)):
+        raise TypeError(f"options must be a tuple of names from {COST_OPTIONS}, got {options!r}")
+    unknown = [o for o in options if o not in COST_OPTIONS]
+    if unknown:
+        raise ValueError(f"options {unknown} are not cost options: choose from {COST_OPTIONS}")
+    return tuple(o for o in COST_OPTIONS if o in options)
 
 
 def push_route(rows: int, probes: int, outputs: int, parameter_bytes: int, memory_budget: float) -> str:
@@ -559,6 +581,7 @@ def check_bytes(num_params: int, partitions: int, row_bytes: int, linear_state: 
 
 # Float64 copies of one parameter the update check holds at once (tracker._check_updates).
 CHECK_TEMPORARIES = 5
+
 
 
 def _check_arguments(probes, *, state_dtype, group_state, gradient_route, contribution_route, memory_budget,
@@ -704,41 +727,45 @@ def _same_device(a: torch.device, b: torch.device) -> bool:
         b.index if b.index is not None else torch.cuda.current_device())
 
 
-def _cheaper_options(estimate: CostEstimate, group_state: str, state_dtype: torch.dtype, param_bytes: int) -> list[str]:
+def _cheaper_options(estimate: CostEstimate, group_state: str, state_dtype: torch.dtype, param_bytes: int,
+                     allowed: tuple[str, ...]) -> list[str]:
     """What would make the step fit or run faster, each memory option with what it would save
     (from the parts it changes: the group arrays scale with the rows, the probes' pushes with the
-    probes), only where it applies."""
+    probes), only where it applies and its setting is in ``allowed``."""
     options = []
     settings, memory = estimate.settings, estimate.memory
     gib = lambda value: f"{value / GiB:.2f} GiB"  # noqa: E731
     group_parts = sum(memory.get(k, 0) for k in ("group_gradients", "group_state", "group_updates", "ema"))
     ledger_parts = memory.get("ledgers", 0) + memory.get("step_contributions", 0)
     rows = max(int(settings["rows"]), 1)
-    if rows > 1:
+    if rows > 1 and "groups" in allowed:
         scaled = group_parts + ledger_parts if group_state == "dense" else ledger_parts
         options.append(f"fewer groups (now {rows} rows over all partitions: fewer bins or control partitions, "
                        f"examples grouped by class or cluster; the group arrays and ledgers, {gib(scaled)}, scale "
                        "with them)")
     if group_state == "dense":
         # The sketched route runs SGD (momentum), Adam and AdamW (tracking.sketched), not RMSprop.
-        if not settings.get("ema") and settings.get("optimizer") in ("SGD", "Adam", "AdamW"):
+        if ("group_state" in allowed and not settings.get("ema")
+                and settings.get("optimizer") in ("SGD", "Adam", "AdamW")):
             options.append("group_state='sketched' (k-dimensional sketches of each group's state instead of P-sized "
                            f"copies: most of the group arrays' {gib(group_parts)})")
-        if state_dtype == torch.float64 and param_bytes == 4:
+        if "state_dtype" in allowed and state_dtype == torch.float64 and param_bytes == 4:
             options.append(f"state_dtype=torch.float32 (halves the group arrays of a float32 model: saves "
                            f"{gib(group_parts / 2)}; on GPU float32 is also much faster)")
     pushes = memory.get("probe_pushes", 0)
-    options.append(f"fewer probes (now {settings['probes']}; their pushes and the ledgers take "
-                   f"{gib(pushes + ledger_parts)})")
-    options.append("a shorter tracked window (track steps a..b, then stop paying: time, not memory per step)")
-    if (not math.isinf(estimate.ratio) and estimate.ratio > 10 and group_state == "dense"
+    if "probes" in allowed:
+        options.append(f"fewer probes (now {settings['probes']}; their pushes and the ledgers take "
+                       f"{gib(pushes + ledger_parts)})")
+    if "window" in allowed:
+        options.append("a shorter tracked window (track steps a..b, then stop paying: time, not memory per step)")
+    if ("quadrature" in allowed and not math.isinf(estimate.ratio) and estimate.ratio > 10 and group_state == "dense"
             and settings.get("quadrature_nodes", 1) > 1):
         options.append("quadrature='midpoint' (one node) if a larger residual is acceptable")
     return options
 
 
 __all__ = [
-    "CHECK_TEMPORARIES", "CostEstimate", "PUSH_ROW_ACTIVATIONS", "available_memory", "cgroup_free_memory",
+    "CHECK_TEMPORARIES", "COST_OPTIONS", "CostEstimate", "cost_options", "PUSH_ROW_ACTIVATIONS", "available_memory", "cgroup_free_memory",
     "check_bytes", "estimate_cost", "factor_route_work", "forward_macs", "held_bytes", "ledger_bytes", "linear_state_rows",
     "optimizer_state_copies", "projection_bytes", "push_pass_bytes", "push_pass_shape", "push_route", "reads_training_pass",
     "sketch_temporary_bytes", "sketch_work",

@@ -121,6 +121,9 @@ SPATIAL = "spatial"
 KINDS = ("traffic", "net")
 FORMAT = "genkernel.GANKernelAnalyzer/3"
 RESIDUAL_NOTE = 1e-3  # a ledger's relative residual above this gets a note suggesting Simpson's rule
+# What a memory refusal may ask of this analyzer's user: its trackers' routes are fixed (the generator's
+# group gradients come from the training graph) and it has no tracked window.
+GAN_COST_OPTIONS = ("groups", "state_dtype", "probes", "quadrature")
 
 
 class _ObservedOnly:
@@ -198,7 +201,12 @@ class GANKernelAnalyzer(TrainerCallback):
             own loop, ``bind(..., ema=)`` says it.
         memory_check: both trackers' answer to a cost estimate above the free memory: "refuse"
             (MemoryError) or "warn" (built anyway; the estimate can be high on CUDA), see
-            :class:`~genkernel.core.PathKernelTracker`.
+            :class:`~genkernel.core.PathKernelTracker`. A refusal names only what this analyzer can
+            change: fewer groups or controls, fewer probes, ``state_dtype``, a one-node quadrature
+            (the generator's group gradients always come from the training graph, dense).
+        state_dtype: dtype of both trackers' per-group gradients, optimizer state and updates:
+            torch.float64 (default) or torch.float32 for float32 networks (half the group arrays; on
+            a GPU also much faster); the ledgers stay float64 and the checks keep float32's tolerance.
         generator_loss: ℓ_G as a function of samples, ``fn(samples) -> [B]`` (a conditional GAN's
             ``fn(samples, classes) -> [B]``) (default ``GeneratorLoss(discriminator)``, conditional as the
             analyzer is, for logits with the non-saturating loss;
@@ -250,6 +258,7 @@ class GANKernelAnalyzer(TrainerCallback):
         discriminator_groups: str = "role",
         quadrature: str = "midpoint",
         memory_check: str = "refuse",
+        state_dtype: torch.dtype = torch.float64,
         ema_ledger: str = "trainer",
         generator_loss: Callable[[torch.Tensor], torch.Tensor] | None = None,
         geometry_loss: Callable[[torch.Tensor], torch.Tensor] | None = None,
@@ -266,6 +275,9 @@ class GANKernelAnalyzer(TrainerCallback):
         if memory_check not in MEMORY_CHECKS:
             raise ValueError(f"memory_check must be one of {MEMORY_CHECKS}, got {memory_check!r}")
         self.memory_check = memory_check
+        if state_dtype not in (torch.float64, torch.float32):
+            raise ValueError(f"state_dtype must be torch.float64 or torch.float32, got {state_dtype!r}")
+        self.state_dtype = state_dtype
         if ema_ledger not in EMA_LEDGERS:
             raise ValueError(f"ema_ledger must be one of {EMA_LEDGERS}, got {ema_ledger!r}")
         self.ema_ledger = ema_ledger
@@ -282,6 +294,11 @@ class GANKernelAnalyzer(TrainerCallback):
         self.discriminator = discriminator
         self._g = unwrap(generator)  # analysis passes run on the modules inside any wrapper
         self._d = unwrap(discriminator)
+        wide = [n for n, m in (("generator", self._g), ("discriminator", self._d))
+                if any(p.dtype == torch.float64 for p in m.parameters())]
+        if state_dtype == torch.float32 and wide:
+            raise ValueError(f"state_dtype=torch.float32 is for float32 networks; the {' and '.join(wide)} {'has' if len(wide) == 1 else 'have'} float64 "
+                             "parameters, whose exact checks need float64 state: leave state_dtype at torch.float64")
         # On the CPU, where the groupings and coverage read samples (centres may come from any device).
         # A copy: a caller that reuses its tensor must not move the modes (groups, coverage) during the run.
         self.mode_centers = None if mode_centers is None else torch.as_tensor(mode_centers).detach().to(
@@ -1040,6 +1057,7 @@ class GANKernelAnalyzer(TrainerCallback):
             self.generator, optimizer, loss_fn, probes,
             num_groups=self.partitions, quadrature=self.quadrature, max_grad_norm=max_grad_norm,
             group_state="dense", gradient_route="graph", batch_size=batch, memory_check=self.memory_check,
+            state_dtype=self.state_dtype, cost_options=GAN_COST_OPTIONS,
         )
         try:
             if self._ema is not None:
@@ -1394,7 +1412,8 @@ class GANKernelAnalyzer(TrainerCallback):
         routes = {"group_state": "dense", "gradient_route": "graph"} if isinstance(loss_fn, _ObservedOnly) else {}
         tracker = PathKernelTracker(
             model, optimizer, loss_fn, probes, num_groups=num, quadrature=self.quadrature, max_grad_norm=max_grad_norm,
-            batch_size=batch, memory_check=self.memory_check, **routes,
+            batch_size=batch, memory_check=self.memory_check, state_dtype=self.state_dtype,
+            cost_options=GAN_COST_OPTIONS, **routes,
         )
         if self._pending and self._pending.get("d_tracker") is not None:
             try:
@@ -1601,7 +1620,7 @@ class GANKernelAnalyzer(TrainerCallback):
     def _config(self) -> dict[str, Any]:
         return {"num_groups": self.num_groups, "controls": self.controls, "grouping": type(self.grouping).__name__,
                 "comparison": None if self.comparison is None else type(self.comparison).__name__,
-                "num_classes": self.num_classes}
+                "num_classes": self.num_classes, "state_dtype": str(self.state_dtype).replace("torch.", "")}
 
     def save(self, path: str | os.PathLike) -> None:
         """Write the analyzer state (:meth:`state_dict`) atomically."""
@@ -1618,7 +1637,7 @@ class GANKernelAnalyzer(TrainerCallback):
         if state.get("format") != FORMAT:
             raise ValueError("not a GANKernelAnalyzer state (made by analyzer.state_dict())")
         mine = self._config()
-        if {"comparison": None, "num_classes": None, **state["config"]} != mine:
+        if {"comparison": None, "num_classes": None, "state_dtype": "float64", **state["config"]} != mine:
             raise ValueError(f"the saved analyzer had settings {state['config']}, this one {mine}; build it with the same settings")
         if self._bound:
             _check_start_step(self._start_step, list(state["g_loop_steps"]), list(state["d_loop_steps"]))

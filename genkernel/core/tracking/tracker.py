@@ -72,7 +72,7 @@ from ..adapter import (
 from ..engine.factors import TrainingCapture
 from ..engine.gradients import DEFAULT_GRADIENT_BUDGET
 from ..errors import LedgerCheckError, NonFiniteError
-from ..cost import activation_elements, estimate_cost
+from ..cost import COST_OPTIONS, activation_elements, estimate_cost, cost_options as checked_cost_options
 from ..grouping import Partitions, rows_sum_and_size
 from .distributed import StepAgreement, check_replicated, ddp_context, summed_over_ranks
 from .ema import EMALedgers, ema_buffers, ema_parameters
@@ -238,6 +238,9 @@ class PathKernelTracker:
             peak (DDPM CIFAR-10 UNet, 100 probes, an H200; the GPU check now records each phase's
             peak for a fit), so on a GPU it may refuse a set-up that would fit: "warn" is for that
             case.
+        cost_options: the settings a refusal may suggest changing (default all of
+            :data:`~genkernel.core.cost.COST_OPTIONS`); a wrapper that fixes some of them (the GAN
+            analyzer fixes the generator's route) names only those its user can change.
 
     Under torch.distributed, pass the DistributedDataParallel-wrapped model and each rank's shard:
     the ranks' group gradients are averaged as DDP averages gradients, so every rank keeps the
@@ -265,10 +268,12 @@ class PathKernelTracker:
         state_dtype: torch.dtype = torch.float64,
         batch_size: int | None = None,
         memory_check: str = "refuse",
+        cost_options: tuple[str, ...] = COST_OPTIONS,
     ) -> None:
         if memory_check not in MEMORY_CHECKS:
             raise ValueError(f"memory_check must be one of {MEMORY_CHECKS}, got {memory_check!r}")
         self.memory_check = memory_check
+        cost_options = checked_cost_options(cost_options)
         self.partitions = Partitions(num_groups)
         if batch_size is not None:  # the training batch, for the cost estimate
             batch_size = positive_int(batch_size, "batch_size")
@@ -329,7 +334,7 @@ class PathKernelTracker:
         self._tracked = tracked
         # What a step will cost, before anything runs; refuse a set-up the device cannot hold.
         self._cost_settings = dict(state_dtype=state_dtype, memory_budget=self.memory_budget, sketch_dim=sketch_dim,
-                                   batch_size=batch_size)
+                                   batch_size=batch_size, options=cost_options)
         self._check_cost(ema=False)
         self.ema: EMALedgers | None = None
         self.splitter = self.route.splitter
@@ -553,8 +558,9 @@ class PathKernelTracker:
                 quadrature_nodes=len(self.rule.nodes), ema=ema, **self._cost_settings,
             )
         if not cost.fits:
-            message = (f"this tracker would not fit on {cost.settings['device']}: {cost.describe()}. Cheaper: "
-                       + "; ".join(cost.cheaper))
+            message = (f"this tracker would not fit on {cost.settings['device']}: {cost.describe()}. "
+                       + ("Cheaper: " + "; ".join(cost.cheaper) if cost.cheaper
+                          else "None of the settings it was built with would make it cheaper"))
             if self.memory_check == "refuse":
                 raise MemoryError(message + ". If you know the device holds it (the estimate can be high on CUDA), "
                                   "build the tracker with memory_check='warn'")
