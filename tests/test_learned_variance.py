@@ -19,7 +19,7 @@ from genkernel.diffusion import DDPMTrainer, HybridLoss, NoiseLevelAnalyzer, mak
 from genkernel.diffusion.learned_variance import mean_channels, predicts_variance
 from genkernel.diffusion.models import MLPDenoiser
 from genkernel.diffusion.trainer import make_sampler, reverse_sample
-from test_ddpm_trainer import params_equal, ring
+from test_ddpm_trainer import params_equal, ring, small_mlp
 from test_trainer_ema import assert_ledger_adds_up
 
 T = 40
@@ -388,3 +388,42 @@ def test_the_automatic_kernel_sketch_counts_the_variance_channels_as_outputs():
                                       kernel_points=2)
         sketches[channels] = analyzer.kernel_structure(model)["sketch"]
     assert sketches == {1: None, 2: 8}
+
+
+def test_the_report_names_the_loss_each_tracked_step_trained_with_and_keeps_it_across_a_resume(tmp_path):
+    """Before: the report said nothing of the loss, so a hybrid run read like an MSE run."""
+    from genkernel.diffusion.analyzer import OBSERVED_LOSS
+
+    data = ring(32)
+    kinds = {}
+    for name, scheduler, model, weight in (("hybrid", learned(), VarianceMLP(), 0.25),
+                                           ("mse", make_scheduler(T), small_mlp(), 1.0)):
+        analyzer = NoiseLevelAnalyzer(scheduler, data[:4], num_bins=3, num_probes=4, controls=0, progress=False)
+        trainer = DDPMTrainer(model, scheduler, data, batch_size=8, progress=False, seed=1, callbacks=[analyzer],
+                              vlb_weight=weight, checkpoint_dir=tmp_path / name)
+        trainer.train(3)
+        trainer.save_checkpoint()
+        kinds[name] = analyzer.report()["config"]["step_losses"]
+        resumed_analyzer = NoiseLevelAnalyzer(scheduler, data[:4], num_bins=3, num_probes=4, controls=0, progress=False)
+        fresh = {"hybrid": VarianceMLP, "mse": small_mlp}[name]()
+        resumed = DDPMTrainer(fresh, scheduler, data, batch_size=8, progress=False, seed=1, callbacks=[resumed_analyzer],
+                              vlb_weight=weight, checkpoint_dir=tmp_path / name)
+        assert resumed.resume()
+        resumed.train(1)
+        assert resumed_analyzer.report()["config"]["step_losses"] == {k: v + 1 for k, v in kinds[name].items()}
+    assert kinds == {"hybrid": {"hybrid: MSE + λ·L_vlb (λ = 0.25)": 3}, "mse": {"mse": 3}}
+
+    model = small_mlp()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    scheduler = make_scheduler(T)
+    analyzer = NoiseLevelAnalyzer(scheduler, data[:4], num_bins=3, num_probes=4, controls=0, progress=False)
+    analyzer.bind(model, optimizer)
+    for seed in range(2):
+        noise = torch.randn(8, 2, generator=torch.Generator().manual_seed(seed), dtype=F64)
+        timesteps = torch.randint(0, T, (8,), generator=torch.Generator().manual_seed(seed))
+        losses = (model(scheduler.add_noise(data[:8], noise, timesteps), timesteps) - noise).pow(2).mean(1)
+        analyzer.observe(losses, timesteps)
+        optimizer.zero_grad()
+        losses.mean().backward()
+        optimizer.step()
+    assert analyzer.report()["config"]["step_losses"] == {OBSERVED_LOSS: 2}

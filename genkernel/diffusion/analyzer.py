@@ -88,7 +88,7 @@ from ..core.tracking.tracker import MEMORY_CHECKS, PathKernelTracker, StepContri
 from ..logging import LoggingCallback
 from ..stats import nan_median
 from .kernels import eval_mode, make_states, state_kernel
-from .learned_variance import loss_targets, predicts_variance, training_loss
+from .learned_variance import describe_loss, loss_targets, predicts_variance, training_loss
 from .locality import kernel_locality
 from .objectives import (
     check_prediction_type,
@@ -106,6 +106,7 @@ from .objectives import (
 __all__ = ["NoiseLevelAnalyzer"]
 
 FORMAT = "genkernel.NoiseLevelAnalyzer/2"
+OBSERVED_LOSS = "the loop's own (observed)"  # a step of a user's loop: the analyzer sees losses, not their formula
 AUTO_EXACT_OUTPUTS = 64  # kernel_sketch="auto": exact up to this many outputs per state
 AUTO_SKETCH_DIRECTIONS = 8
 LEVEL = "level"
@@ -497,6 +498,7 @@ class NoiseLevelAnalyzer(TrainerCallback):
         if self.tracker.observed_micro_batches == 1:  # a new step's first: bins left over belong to no step
             self._pending_bins = []
         self._pending_bins.append(bins)
+        self._pending_loss = OBSERVED_LOSS
 
     def finish(self) -> None:
         """Record the kernel structure at the current θ unless the last tracked step has it already
@@ -564,6 +566,7 @@ class NoiseLevelAnalyzer(TrainerCallback):
     def _track(self, step: OptimizerStep, timesteps: torch.Tensor, class_labels: torch.Tensor | None) -> StepContributions:
         groups, bins = self._groups(timesteps, step.batch, class_labels)
         self._pending_bins.append(bins)
+        self._pending_loss = describe_loss(step.loss_fn)
         try:
             return self.tracker.track(step, {k: v.to(timesteps.device) for k, v in groups.items()})
         except LedgerCheckError as error:
@@ -630,6 +633,8 @@ class NoiseLevelAnalyzer(TrainerCallback):
     # -- recording -----------------------------------------------------------------------------
     def _reset_records(self) -> None:
         self._pending_bins: list[torch.Tensor] = []  # the bins of the micro-batches of the step in progress
+        self._pending_loss: str | None = None  # what the step in progress trains with (describe_loss)
+        self.step_losses: dict[str, int] = {}  # tracked steps by the loss they trained with
         self.bin_counts: list[list[int]] = []
         self.global_steps: list[int | None] = []
         self.history: list[dict[str, Any]] = []
@@ -642,6 +647,8 @@ class NoiseLevelAnalyzer(TrainerCallback):
         """The tracker's listener: bookkeeping after every recorded step (owned or observed)."""
         bins = torch.cat(self._pending_bins) if self._pending_bins else torch.zeros(0, dtype=torch.long)
         self._pending_bins = []
+        loss, self._pending_loss = self._pending_loss or OBSERVED_LOSS, None
+        self.step_losses[loss] = self.step_losses.get(loss, 0) + 1
         # Under DDP each rank saw its shard: the counts are the global batch's.
         self.bin_counts.append(summed_over_ranks(torch.bincount(bins, minlength=self.num_bins),
                                                  self.tracker.distributed).tolist())
@@ -877,7 +884,7 @@ class NoiseLevelAnalyzer(TrainerCallback):
                 "num_probes": int(self.probe_level.numel()),
                 "probe_levels": self.levels.tolist(), "probe_level_bins": self.level_bins.tolist(),
                 "controls": self.controls, "quadrature": self.quadrature, "prediction_type": self.prediction_type,
-                "track_steps": self.track_steps, "group_state": self.tracker.group_state,
+                "step_losses": dict(self.step_losses), "track_steps": self.track_steps, "group_state": self.tracker.group_state,
                 **({"sketch_dim": self.sketch_dim} if self.tracker.group_state == "sketched" else {}),
                 "cost": self.tracker.cost.as_dict(),
                 "beta_schedule": self.scheduler.config.get("beta_schedule"), "num_train_timesteps": self.total,
@@ -902,7 +909,7 @@ class NoiseLevelAnalyzer(TrainerCallback):
             return {"format": FORMAT, "bound": False}
         return {
             "format": FORMAT, "bound": True, "tracker": self.tracker.state_dict(), "stopped": self.stopped,
-            "bin_counts": self.bin_counts, "global_steps": self.global_steps,
+            "bin_counts": self.bin_counts, "global_steps": self.global_steps, "step_losses": dict(self.step_losses),
             "history": self.history, "kernel_history": self.kernel_history,
             "perm_generator": self._perm_generator.get_state(),
             # band: a reading setting (not checked on load), saved so that a summary of the state reads
@@ -959,6 +966,9 @@ class NoiseLevelAnalyzer(TrainerCallback):
     def _load(self, state: dict[str, Any]) -> None:
         self.tracker.load_state_dict(state["tracker"])
         self.bin_counts, self.global_steps = list(state["bin_counts"]), list(state["global_steps"])
+        # (states saved before the losses were counted have none: their steps' loss is not known)
+        unknown = {"not recorded": len(self.bin_counts)} if self.bin_counts else {}
+        self.step_losses = dict(state.get("step_losses", unknown))
         self.history, self.kernel_history = list(state["history"]), list(state["kernel_history"])
         self._perm_generator.set_state(state["perm_generator"])
         self._steps_at_bind = self.tracker.ledger.steps  # bind's start_step counts the loop's steps up to here

@@ -38,7 +38,8 @@ from ..core.tracking.step import LossFn
 from .objectives import DDPM_PROCESS, check_prediction_type, diffusion_loss, noise_process
 
 LEARNED_RANGE = "learned_range"
-__all__ = ["LEARNED_RANGE", "HybridLoss", "loss_targets", "mean_channels", "predicts_variance", "training_loss"]
+__all__ = ["LEARNED_RANGE", "HybridLoss", "describe_loss", "loss_targets", "mean_channels", "predicts_variance",
+           "training_loss"]
 
 
 def predicts_variance(scheduler) -> bool:
@@ -208,6 +209,16 @@ def training_loss(scheduler, vlb_weight: float = 1.0) -> LossFn:
             "scheduler's variance is fixed: build it with variance_type='learned_range', or leave vlb_weight at 1"
         )
     return diffusion_loss
+
+
+def describe_loss(loss_fn: LossFn) -> str:
+    """What a report says a step trained with: ``"mse"`` (:func:`~genkernel.diffusion.objectives.diffusion_loss`),
+    ``"hybrid: MSE + λ·L_vlb (λ = ...)"`` for a :class:`HybridLoss`, else the callable's qualified name."""
+    if isinstance(loss_fn, HybridLoss):
+        return f"hybrid: MSE + λ·L_vlb (λ = {loss_fn.vlb_weight:g})"
+    if loss_fn is diffusion_loss:
+        return "mse"
+    return getattr(loss_fn, "__qualname__", type(loss_fn).__qualname__)
 
 
 def loss_targets(loss_fn: LossFn, target: torch.Tensor, clean: torch.Tensor, noisy: torch.Tensor,

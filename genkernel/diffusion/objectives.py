@@ -492,9 +492,10 @@ def diffusion_loss(outputs: torch.Tensor, targets: torch.Tensor | tuple[torch.Te
             and outputs.shape[2:] == targets.shape[2:]):
         raise ValueError(
             f"the model outputs {outputs.shape[1]} channels for {targets.shape[1]}-channel targets: a model that "
-            "predicts its variance too (DiT's learn_sigma, IDDPM) trains with variance_type='learned_range' "
-            "(make_scheduler(variance_type='learned_range'): the hybrid loss of genkernel.diffusion.learned_variance); "
-            f"otherwise build it with out_channels={targets.shape[1]}"
+            "predicts its variance too (DiT's learn_sigma, IDDPM) trains on a DDPM scheduler with "
+            "variance_type='learned_range' (make_scheduler(variance_type='learned_range'): the hybrid loss of "
+            "genkernel.diffusion.learned_variance); flow matching and EDM have no learned variance. Otherwise build "
+            f"it with out_channels={targets.shape[1]}"
         )
     flat, target = _flat_pair(outputs, targets)
     diff = flat - target
