@@ -393,6 +393,7 @@ def test_the_automatic_kernel_sketch_counts_the_variance_channels_as_outputs():
 def test_the_report_names_the_loss_each_tracked_step_trained_with_and_keeps_it_across_a_resume(tmp_path):
     """Before: the report said nothing of the loss, so a hybrid run read like an MSE run."""
     from genkernel.diffusion.analyzer import OBSERVED_LOSS
+    from genkernel.report import summarize
 
     data = ring(32)
     kinds = {}
@@ -411,6 +412,8 @@ def test_the_report_names_the_loss_each_tracked_step_trained_with_and_keeps_it_a
         assert resumed.resume()
         resumed.train(1)
         assert resumed_analyzer.report()["config"]["step_losses"] == {k: v + 1 for k, v in kinds[name].items()}
+        (summary,) = summarize(resumed_analyzer.state_dict())["states"].values()
+        assert summary["settings"]["step_losses"] == resumed_analyzer.report()["config"]["step_losses"]
     assert kinds == {"hybrid": {"hybrid: MSE + λ·L_vlb (λ = 0.25)": 3}, "mse": {"mse": 3}}
 
     model = small_mlp()

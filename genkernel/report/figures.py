@@ -207,8 +207,9 @@ def group_shares_figure(ledgers: Mapping[str, Mapping[str, Any]]) -> Figure:
     return fig
 
 
-def coupling_figure(coupling: Mapping[str, Any]) -> Figure:
-    """GAN coupling matrices over the run: traffic and net shares, measured and control."""
+def coupling_figure(coupling: Mapping[str, Any], groups: str = "geometry") -> Figure:
+    """GAN coupling matrices over the run: traffic and net shares, measured and control; ``groups``
+    names the partition ("geometry", or "comparison" for the discriminator-independent grouping)."""
     panels = [("traffic_matrix", "traffic share, measured", False), ("traffic_matrix_control", "traffic share, control", False),
               ("net_matrix", "net share, measured", True), ("net_matrix_control", "net share, control", True)]
     panels = [p for p in panels if coupling.get(p[0]) is not None]
@@ -218,7 +219,22 @@ def coupling_figure(coupling: Mapping[str, Any]) -> Figure:
     net_max = _finite_absmax(coupling["net_matrix"], coupling.get("net_matrix_control"))
     for ax, (key, title, diverging) in zip(axes, panels):
         _heatmap(fig, ax, coupling[key], title, diverging=diverging, limit=net_max if diverging else traffic_max,
-                 xlabel="training geometry group", ylabel="probe's group")
+                 xlabel=f"training {groups} group", ylabel="probe's group")
+    return fig
+
+
+def level_class_figure(level_class: Mapping[str, Any], levels: Sequence[float], num_bins: int) -> Figure:
+    """Traffic share per probe level (rows) and training group bin·C + class (columns), with a
+    line between bins: where a conditional model's corrections come from by noise level and class."""
+    values = _array(level_class["matrix"])
+    classes = max(values.shape[1] // max(num_bins, 1), 1)
+    fig = Figure(figsize=(max(4.0, 0.25 * values.shape[1] + 2.0), 3.2), layout="constrained")
+    ax = fig.subplots()
+    _heatmap(fig, ax, level_class["matrix"], "traffic share by noise bin and class", diverging=False,
+             limit=_finite_max(level_class["matrix"]),
+             rows=[f"t={t:g}" for t in levels], xlabel=f"training group: bin · {classes} + class", ylabel="probe level")
+    for edge in range(1, num_bins):
+        ax.axvline(edge * classes - 0.5, color="white", lw=0.8)
     return fig
 
 

@@ -212,8 +212,31 @@ def _diffusion_section(s: Mapping[str, Any], animate: bool) -> str:
                           _table(rows, ["checkpoint", "kernel locality m−c", "95 % interval"])))
     parts.append("<h2>Per probe</h2>")
     parts.append(_row(_figure(fg.ledger_figure(ledger), "per-probe ledger"), _top_groups(ledger)))
-    if s.get("ema"):
-        parts.append("<h3>EMA weights' ledger</h3>" + _table([[k, v] for k, v in s["ema"]["ledger"].items()]))
+    level_class = s.get("level_class_traffic")
+    if level_class and level_class.get("matrix"):
+        parts.append("<h2>Noise level × class</h2>")
+        parts.append(_row(
+            _figure(fg.level_class_figure(level_class, s["settings"]["probe_levels"], s["settings"]["num_bins"]),
+                    "traffic by noise level and class",
+                    "Rows: probe level; columns: training examples grouped by timestep bin and class "
+                    f"({level_class.get('columns')}); traffic share, each row summing to 1 over the groups."),
+            "<p>The level × class partition splits the same steps as the noise-level ledger; its groups sum to "
+            "the same total.</p>"))
+    ema = s.get("ema")
+    if ema:
+        parts.append("<h2>The EMA weights</h2>")
+        numbers = "<h3>EMA weights' ledger</h3>" + _table([[k, v] for k, v in ema["ledger"].items()])
+        if ema.get("start_share_mean") is not None:
+            numbers += _table([["mean share of the EMA's start (its lag behind the model)", ema["start_share_mean"]]])
+        if ema.get("matrices"):
+            ema_view = {"matrices": ema["matrices"], "settings": s["settings"], "locality": ema.get("locality") or loc}
+            numbers += _table(_difference_rows({"traffic": (ema.get("locality") or {}).get("traffic"),
+                                                "net share": (ema.get("locality") or {}).get("share")}), DIFF_HEADER)
+            parts.append(_row(_figure(fg.noise_matrix_figure(ema_view), "EMA noise-level matrices",
+                                      "The EMA weights' own ledger (the weights people sample from), split as the model's: "
+                                      "rows probe level, columns training-timestep bin."), numbers))
+        else:
+            parts.append(numbers)
     parts.append("<h2>Settings</h2>" + _settings(s["settings"], {
         "tracked steps": s["tracked_steps"], "training steps": s.get("global_steps"),
         "examples per bin (all steps)": s.get("bin_counts_total")}))
@@ -240,6 +263,21 @@ def _gan_section(s: Mapping[str, Any], animate: bool) -> str:
                                      "net: own − others' share": coupling.get("net_interaction_minus_control")}),
                    DIFF_HEADER)
             + _table([["median κ", coupling.get("kappa_median")], ["control partitions", coupling.get("controls")]])))
+    spatial = (coupling or {}).get("spatial")
+    if spatial and spatial.get("traffic_matrix") is not None:
+        versus = (coupling or {}).get("geometry_minus_spatial") or {}
+        rows = [[f"{kind}: geometry − comparison", r.get("estimate"), f"[{_fmt(r.get('low'))}, {_fmt(r.get('high'))}]",
+                 r.get("n"), r.get("held")] for kind, r in versus.items() if r]
+        parts.append("<h2>The comparison grouping</h2>")
+        parts.append(_row(
+            _figure(fg.coupling_figure(spatial, "comparison"), "comparison coupling matrices",
+                    f"The same steps split by the discriminator-independent grouping ({s['settings'].get('comparison')}), "
+                    "with its own permutation controls."),
+            _table(_difference_rows({"traffic: own − others' share": spatial.get("traffic_interaction_minus_control"),
+                                     "net: own − others' share": spatial.get("net_interaction_minus_control")}), DIFF_HEADER)
+            + (_table(rows, ["interaction m−c", "estimate", "95 % interval", "n", "above 0"]) if rows else "")))
+    if s.get("ema") and s["ema"].get("ledger"):
+        parts.append("<h2>The EMA generator's ledger</h2>" + _table([[k, v] for k, v in s["ema"]["ledger"].items()]))
     windows = s.get("windows") or []
     figure = fg.gan_windows_figure(windows)
     if figure is not None:

@@ -305,6 +305,8 @@ def _diffusion(state: Mapping[str, Any], top: int) -> dict[str, Any]:
             "num_bins": num_bins, "bin_edges": [_level(e) for e in edges], "controls": len(controls), "band": band,
             "probe_levels": [_level(t) for t in levels], "probe_level_bins": level_bins, "num_probes": int(timesteps.numel()),
             "quadrature": tracker.get("quadrature"), "group_state": tracker.get("group_state"),
+            # the loss each tracked step trained with (states saved before it was counted: not recorded)
+            "step_losses": dict(state.get("step_losses") or ({"not recorded": measured.steps} if measured.steps else {})),
             **_identity(tracker),
         },
         "tracked_steps": measured.steps,
