@@ -27,8 +27,10 @@ included) to the standard library, because imports are absolute.
 from __future__ import annotations
 
 import csv
+import io
 import math
 import os
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Mapping, Protocol, Sequence, runtime_checkable
 
@@ -265,8 +267,16 @@ class CSVWriter:
             self.path.write_text("step\n")
 
     def _continue(self, purge_step: int) -> None:
-        """Read the existing file's rows before ``purge_step`` and rewrite it with them alone."""
-        with self.path.open(newline="") as handle:
+        """Read the existing file's rows before ``purge_step`` and rewrite it with them alone. Rows are
+        appended in place, so a run killed mid-write leaves a last line without its line end: that
+        partial row (a number cut short would read as another number) is dropped, with a warning."""
+        text = self.path.read_text()
+        if text and not text.endswith("\n"):
+            cut = text.rfind("\n") + 1
+            warnings.warn(f"{self.path} ends in a partial row {text[cut:][:80]!r} (a run stopped while writing it): "
+                          "dropped", RuntimeWarning, stacklevel=3)
+            text = text[:cut]
+        with io.StringIO(text, newline="") as handle:
             reader = csv.DictReader(handle)
             if not reader.fieldnames or reader.fieldnames[0] != "step":
                 raise ValueError(f"{self.path} is not a CSVWriter file (its first column is not 'step'): pass "

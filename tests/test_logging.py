@@ -423,3 +423,20 @@ def test_an_integer_image_other_than_uint8_is_refused():
         log_image(log, "x", gray, 1)
     assert log_image(log, "x", gray.astype(np.uint8), 1) and log.images[0][1][0, 0] == 128
     assert log_image(log, "mask", np.eye(2, dtype=bool), 1) and log.images[1][1][0, 0] == 255
+
+
+def test_a_row_cut_short_by_a_killed_run_is_dropped_on_resume_not_read_as_another_number(tmp_path):
+    """Rows are appended in place: a run killed mid-write leaves '3,0.33' of '3,0.3333333333333333'.
+    Before, a resume kept that row at step 3 with loss 0.33, a number the run never logged."""
+    path = tmp_path / "metrics.csv"
+    writer = CSVWriter(path)
+    for step in (1, 2, 3):
+        writer({"loss": 1.0 / step}, step)
+    text = path.read_text()
+    path.write_text(text[: text.rindex("3333")])  # the last row without its last digits and line end
+    with pytest.warns(RuntimeWarning, match="partial row '3,0.33.*dropped"):
+        resumed = CSVWriter(path, purge_step=10)
+    assert [row["step"] for row in resumed.rows] == [1, 2] and resumed.rows[1]["loss"] == 0.5
+    resumed({"loss": 0.25}, 4)
+    with open(path, newline="") as handle:
+        assert [(r["step"], float(r["loss"])) for r in csv.DictReader(handle)] == [("1", 1.0), ("2", 0.5), ("4", 0.25)]
