@@ -18,7 +18,10 @@ Memory (bytes):
 - ``push_tangents``: the pushed rows converted to the parameters' dtype where the rows' differs;
 - ``parameter_copies``: θ_k, θ_{k+1}, the quadrature nodes in between, the rolled-back step's
   optimizer state;
-- ``ema``: the EMA ledger's displacements and offsets, 2 (R + 3) × P;
+- ``ema``: the EMA ledger's displacements and offsets, 2 (R + 3) × P, and its θ_0, θ̄_0 and last θ̄,
+  float64 whatever the state dtype; ``ema_sync``: what recording an EMA update takes between steps
+  (its change rows, the rows it pushes, their pass, the weights read in float64) beyond the step's
+  own temporaries, freed by then;
 - ``probe_pushes``: forward-mode AD through the probes: a parameter copy of tangents and each
   row's tangents of the probes' activations (:func:`push_pass_bytes`), as many rows per pass as the
   memory budget allows (one row through a chunk of the probes when not even one row through all
@@ -386,8 +389,8 @@ def estimate_cost(
     memory["checks"] = check_bytes(num, partitions if group_state == "dense" else 1, row_bytes, linear_state)
     if group_state == "dense":
         memory["group_gradients"] = rows * num * state_bytes
-        if ema:
-            memory["ema"] = (2 * stacked + 1) * num * state_bytes
+        if ema:  # D and E (with the start row), θ_0, θ̄_0 and the last θ̄: float64 (tracking.ema)
+            memory["ema"] = (2 * stacked + 1 + 3) * num * 8
         pushed = rows + 1
         if gradient_route == "graph":
             work["group_gradients"] = 2.0 * rows * b
@@ -464,6 +467,16 @@ def estimate_cost(
         work["contributions"] = quadrature_nodes * m * (passes + 2.0 * pushed)
     pushes = memory["probe_pushes"] + memory.get("push_tangents", 0)
     memory["check_temporaries"] = max(0, CHECK_TEMPORARIES * largest * 8 - pushes)
+    if ema and group_state == "dense":
+        # EMALedgers.sync, between steps: the change rows (R + 2 + partitions), the R + 2 rows it pushes
+        # (a float64 copy, and one in the parameters' dtype where that differs), a push pass as the step's,
+        # and the EMA's and the model's weights read in float64; beyond the step's temporaries, freed by then.
+        narrow = param_bytes != 8
+        sync = ((stacked + 1) + (rows + 2)) * num * 8 + memory["probe_pushes"]
+        sync += ((rows + 2) * num * param_bytes + 2 * num * 8) if narrow else 0
+        transient = sum(memory.get(k, 0) for k in ("group_gradients", "group_updates", "probe_pushes", "push_tangents",
+                                                    "check_temporaries"))
+        memory["ema_sync"] = max(0, sync - transient)
     # After the step; before it too when buffers or frozen parameters may have moved the outputs.
     work["probe_forwards"] = m * (2.0 if has_state_outside_training(model) else 1.0)
     if ema:
@@ -736,6 +749,7 @@ def _cheaper_options(estimate: CostEstimate, group_state: str, state_dtype: torc
     settings, memory = estimate.settings, estimate.memory
     gib = lambda value: f"{value / GiB:.2f} GiB"  # noqa: E731
     group_parts = sum(memory.get(k, 0) for k in ("group_gradients", "group_state", "group_updates", "ema"))
+    state_dtype_parts = group_parts - memory.get("ema", 0)  # the EMA ledger's arrays are float64 whatever it is
     ledger_parts = memory.get("ledgers", 0) + memory.get("step_contributions", 0)
     rows = max(int(settings["rows"]), 1)
     if rows > 1 and "groups" in allowed:
@@ -751,7 +765,7 @@ def _cheaper_options(estimate: CostEstimate, group_state: str, state_dtype: torc
                            f"copies: most of the group arrays' {gib(group_parts)})")
         if "state_dtype" in allowed and state_dtype == torch.float64 and param_bytes == 4:
             options.append(f"state_dtype=torch.float32 (halves the group arrays of a float32 model: saves "
-                           f"{gib(group_parts / 2)}; on GPU float32 is also much faster)")
+                           f"{gib(state_dtype_parts / 2)}; on GPU float32 is also much faster)")
     pushes = memory.get("probe_pushes", 0)
     if "probes" in allowed:
         options.append(f"fewer probes (now {settings['probes']}; their pushes and the ledgers take "

@@ -422,12 +422,14 @@ class EMALedgers:
         # 2. E_{k+1} = β E_k + (1 − β) D_{k+1}; the start row: β E + (1 − β)(θ_0 − θ̄_0).
         # Nothing of this object changes before the ledgers are written (step 5): a sync cut off half-way
         # (an interrupt, a failed check) leaves it as it was, and the next one records the same move.
-        change, offset = {}, {}
+        # As the change E_{k+1} − E_k = (1 − β)(D_{k+1} − E_k), formed in one [rows + 1, *shape] array per
+        # parameter (the target [D; θ_0 − θ̄_0] and β E_k would be two more copies of every row).
+        change = {}
         for name in bar:
-            target = torch.cat([self.displacement[name],
-                                (self.theta_start[name] - self.bar_start[name]).unsqueeze(0)])
-            offset[name] = self.offset[name] * beta + target * gain
-            change[name] = offset[name] - self.offset[name]
+            rows = torch.empty_like(self.offset[name])
+            torch.sub(self.displacement[name], self.offset[name][:-1], out=rows[:-1])
+            torch.sub(self.theta_start[name] - self.bar_start[name], self.offset[name][-1], out=rows[-1])
+            change[name] = rows.mul_(gain)
         # 3. The check: for every partition, its rows and the shared ones add up to the EMA's real move.
         for name in bar:
             real = bar[name] - self.last_bar[name]
@@ -464,7 +466,7 @@ class EMALedgers:
             for ledger, mark in reversed(written):
                 ledger.restore(mark)
             raise
-        self.offset = offset
+        self.offset = {n: self.offset[n] + change.pop(n) for n in list(change)}  # each change freed as it is added
         self.start = self.start + pushed[:, self.rows + 1]
         self._f_prev = f_after
         self.last_bar = {n: t.clone() for n, t in bar.items()}
