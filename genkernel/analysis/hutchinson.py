@@ -46,10 +46,15 @@ Model conventions shared by every function here:
   :func:`genkernel.core.adapter.call_with`), never modified.
 - Derivatives are computed in the parameters' dtype (use a float64 model for exact checks);
   returned tensors are float64 on the parameters' device.
+- Second derivatives use forward-mode AD, which the fused attention kernels lack
+  (scaled_dot_product_attention's flash/efficient backends, nn.MultiheadAttention's fast path):
+  every function here runs the model with the math attention backend and the MultiheadAttention
+  fast path off (the same values), restoring both afterwards.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 from typing import Mapping, Union
@@ -58,7 +63,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import grad, hessian, jacrev, jvp, vmap
 
-from ..core.adapter import call_with, check_per_example_safe, positive_int
+from ..core.adapter import call_with, check_per_example_safe, forward_ad_attention, positive_int
 
 __all__ = [
     "hessian_vector_product",
@@ -74,6 +79,17 @@ __all__ = [
 Inputs = Union[Tensor, tuple]
 
 
+def _attention_safe(fn):
+    """Run ``fn`` under :func:`~genkernel.core.adapter.forward_ad_attention` (module docstring)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with forward_ad_attention():
+            return fn(*args, **kwargs)
+
+    return wrapper
+
+
 # --------------------------------------------------------------------------------------------
 # validation helpers
 # --------------------------------------------------------------------------------------------
@@ -84,7 +100,7 @@ def _check_model(model) -> None:
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
     # BatchNorm with batch statistics makes f(x_m) depend on the other probes of the call (silently
     # wrong per-probe Hessians; in training mode torch.func fails on its running-statistics update),
-    # and active dropout draws a fresh mask per call: refuse both with the fix.
+    # and active dropout (RReLU's slopes, stochastic depth) draws afresh per call: refuse both with the fix.
     try:
         check_per_example_safe(model)
     except ValueError as exc:
@@ -190,8 +206,9 @@ def _per_example(grads, params: dict[str, Tensor], name: str) -> tuple[dict[str,
 def _check_lr(lr) -> float:
     if isinstance(lr, Tensor) and lr.numel() == 1:
         lr = float(lr)
-    if isinstance(lr, bool) or not isinstance(lr, (int, float)):
-        raise TypeError(f"lr must be a float, got {type(lr).__name__}.")
+    if isinstance(lr, bool) or not isinstance(lr, numbers.Real):
+        raise TypeError(f"lr must be a real number, got {type(lr).__name__}.")
+    lr = float(lr)  # numpy scalars (np.float32 from a config or a sweep) included
     if not (math.isfinite(lr) and lr > 0):
         raise ValueError(f"lr must be a finite number > 0, got {lr!r}.")
     return float(lr)
@@ -242,6 +259,7 @@ def _f64(d: dict[str, Tensor]) -> dict[str, Tensor]:
 # --------------------------------------------------------------------------------------------
 
 
+@_attention_safe
 def hessian_vector_product(model: nn.Module, x: Inputs, v: Mapping[str, Tensor], *,
                            output_index: int | None = None) -> dict[str, Tensor]:
     """H v with H = ∇²_θ Σ_m f(x_m; θ), the Hessian of the output summed over the batch.
@@ -277,6 +295,7 @@ def hessian_vector_product(model: nn.Module, x: Inputs, v: Mapping[str, Tensor],
     return _f64(hv)
 
 
+@_attention_safe
 def per_probe_hessian_vector_product(model: nn.Module, probe_x: Inputs,
                                      v: Mapping[str, Tensor], *,
                                      output_index: int | None = None) -> dict[str, Tensor]:
@@ -307,6 +326,7 @@ def per_probe_hessian_vector_product(model: nn.Module, probe_x: Inputs,
     return _f64(hv)
 
 
+@_attention_safe
 def hessian_quadratic_form(model: nn.Module, probe_x: Inputs, v: Mapping[str, Tensor], *,
                            output_index: int | None = None) -> Tensor:
     """vᵀ H_m v for every probe, H_m = ∇²_θ f(x_m; θ).
@@ -371,7 +391,10 @@ def ito_scale(batch_size: int, *, sampling: str = "with_replacement", population
         raise ValueError(f"sampling must be one of {SAMPLINGS}, got {sampling!r}.")
     b = positive_int(batch_size, "batch_size")
     if sampling == "without_replacement":
-        if isinstance(population, bool) or not isinstance(population, numbers.Integral) or population < b:
+        if population is not None and (isinstance(population, bool) or not isinstance(population, numbers.Integral)):
+            raise TypeError(f"population must be an int N (the number of training examples), got "
+                            f"{type(population).__name__} {population!r}.")
+        if population is None or population < b:
             raise ValueError(
                 f"sampling without replacement needs population = N >= B = {b} (the number of training examples), "
                 f"got {population!r}."
@@ -389,6 +412,7 @@ def ito_scale(batch_size: int, *, sampling: str = "with_replacement", population
     return 1.0 / (b * (b - 1))
 
 
+@_attention_safe
 def ito_term_estimate(model: nn.Module, probe_x: Inputs,
                       per_example_grads: Mapping[str, Tensor], lr: float, *,
                       num_samples: int, generator: torch.Generator,
@@ -481,13 +505,20 @@ def ito_term_estimate(model: nn.Module, probe_x: Inputs,
         if batched is None:
             values.append(quad({k: t[0] for k, t in vs.items()})[None])
         else:
-            values.append(batched(vs))
+            try:
+                values.append(batched(vs))
+            except RuntimeError as exc:
+                if "vmap" not in str(exc) and "batching rule" not in str(exc):
+                    raise
+                raise RuntimeError(f"an operation of the model has no vmap batching rule ({exc}); pass chunk_size=1 "
+                                   "to evaluate one Rademacher draw at a time without vmap (the same values).") from exc
     q = torch.cat(values, dim=0).detach().to(torch.float64)  # [S, M]
     # 5. scale, mean, standard error
     terms = 0.5 * eta**2 * q
     return terms.mean(dim=0), terms.std(dim=0, correction=1) / math.sqrt(num_samples)
 
 
+@_attention_safe
 def batch_ito_term(model: nn.Module, probe_x: Inputs, per_example_grads: Mapping[str, Tensor], lr: float, *,
                    sampling: str = "with_replacement", population: int | None = None,
                    output_index: int | None = None) -> Tensor:
@@ -514,6 +545,7 @@ def batch_ito_term(model: nn.Module, probe_x: Inputs, per_example_grads: Mapping
     return 0.5 * eta**2 * a2 * total
 
 
+@_attention_safe
 def deterministic_second_order_term(model: nn.Module, probe_x: Inputs,
                                     mean_grad: Mapping[str, Tensor], lr: float, *,
                                     output_index: int | None = None) -> Tensor:
@@ -544,6 +576,7 @@ def deterministic_second_order_term(model: nn.Module, probe_x: Inputs,
 
 
 
+@_attention_safe
 def exact_trace_sigma_hessian(model: nn.Module, probe_x: Inputs,
                               per_example_grads: Mapping[str, Tensor], lr: float, *,
                               batch_size: int | None = None, sampling: str = "with_replacement",

@@ -105,6 +105,10 @@ class ExpectedOutputDecomposition:
         """
         if method not in ("jackknife-t", "percentile"):
             raise ValueError(f"method must be 'jackknife-t' or 'percentile', got {method!r}")
+        # checked for both methods: the jackknife-t interval took any number (95 gave NaN ends, 1.0
+        # infinite ones, a negative value an inverted interval), silently
+        if isinstance(confidence, bool) or not isinstance(confidence, numbers.Real) or not 0 < confidence < 1:
+            raise ValueError(f"confidence must be a number in (0, 1), e.g. 0.95, got {confidence!r}")
         r = self.change.shape[0]
         stacks = {t: self._per_seed(t).numpy() for t in TERMS + ("remainder",)}
 
@@ -161,21 +165,32 @@ def expected_output_decomposition(
             not divide N, an epoch's last N mod B examples are dropped, so every batch is a uniform
             B-subset);
         steps: K optimizer steps per seed.
-        seeds: one batch order (and Hutchinson sign stream) per seed.
+        seeds: one batch order (and Hutchinson sign stream) per seed: distinct ints, each an
+            independent replicate of the intervals over seeds (:meth:`ExpectedOutputDecomposition.shares`).
         hutchinson_samples: Rademacher draws S ≥ 2 per step.
 
     Returns:
         :class:`ExpectedOutputDecomposition`.
 
     Raises:
-        ValueError: bad counts or step size; a model whose examples are coupled or randomized
-            (BatchNorm with batch statistics, active dropout: the per-example gradients and the
-            Hessians are undefined; put them in eval mode); a model with more than one output
-            per example (wrap it to return the scalar to follow).
+        ValueError: bad counts or step size; repeated seeds; inputs, targets or probes without
+            rows or with unequal numbers of training rows; a model whose examples are coupled or
+            randomized (BatchNorm with batch statistics, active dropout, RReLU in training mode:
+            the per-example gradients and the Hessians are undefined; put them in eval mode); a
+            model with more than one output per example (wrap it to return the scalar to follow).
+        TypeError: a model that is no nn.Module; seeds that are not ints.
     """
-    n = inputs.shape[0]
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    for name, value in (("inputs", inputs), ("probes", probes)):
+        if not isinstance(value, torch.Tensor) or value.dim() == 0 or value.shape[0] == 0:
+            shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+            raise ValueError(f"{name} must be a Tensor [rows, ...] with at least one row, got {shape}")
+    n = inputs.shape[0]
+    if isinstance(targets, torch.Tensor) and (targets.dim() == 0 or targets.shape[0] != n):
+        raise ValueError(
+            f"targets need one row per training input: inputs have N = {n} rows, targets have shape "
+            f"{tuple(targets.shape)}")
     try:
         check_per_example_safe(model)
     except ValueError as exc:
@@ -188,6 +203,21 @@ def expected_output_decomposition(
             "from (genkernel.analysis.hutchinson.ito_scale); use batch_size >= 2")
     if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps < 1 or len(seeds) < 1:
         raise ValueError(f"need an int steps >= 1 and at least one seed, got steps={steps!r}, seeds={list(seeds)}")
+    seeds = list(seeds)
+    # Each seed is one independent replicate, the unit of every interval over seeds (shares): a float seed
+    # was truncated (0.5 and 0.7 both ran seed 0) and a repeated seed repeated its replicate exactly, so the
+    # intervals counted one run twice, silently too narrow.
+    bad = [s for s in seeds if isinstance(s, bool) or not isinstance(s, numbers.Integral)
+           and not (isinstance(s, torch.Tensor) and s.numel() == 1 and not s.is_floating_point()
+                    and not s.is_complex() and s.dtype != torch.bool)]
+    if bad:
+        raise TypeError(f"seeds must be ints, got {bad[:3]}")
+    seeds = [int(s) for s in seeds]
+    if len(set(seeds)) != len(seeds):
+        raise ValueError(f"seeds must be distinct (each is an independent replicate of the intervals over seeds), "
+                         f"got repeats in {seeds}")
+    if not all(-2**63 <= s < 2**64 for s in seeds):
+        raise ValueError(f"seeds must lie in [-2**63, 2**64) (torch.Generator seeds), got {seeds}")
     if isinstance(lr, bool) or not (isinstance(lr, numbers.Real) and math.isfinite(lr) and lr > 0):
         raise ValueError(f"lr must be a finite number > 0, got {lr!r}")
     if isinstance(hutchinson_samples, bool) or not isinstance(hutchinson_samples, numbers.Integral) \
@@ -226,7 +256,9 @@ def expected_output_decomposition(
             per_example, _ = group_gradients(
                 net, params, (xb,), yb, loss_fn, torch.eye(batch_size, dtype=torch.float64)
             )
-            full = torch.autograd.grad(loss_fn(net(inputs), targets).mean(), list(params.values()))
+            # a trainable parameter the outputs do not reach has gradient 0 (as in group_gradients), not an error
+            full = torch.autograd.grad(loss_fn(net(inputs), targets).mean(), list(params.values()), allow_unused=True,
+                                       materialize_grads=True)
             full = dict(zip(params, full))
             batch_mean = {k: g.mean(dim=0) for k, g in per_example.items()}
             # 3. Itô term (Hutchinson), deterministic and realized second-order terms at θ_k.
@@ -248,5 +280,5 @@ def expected_output_decomposition(
     return ExpectedOutputDecomposition(
         change=stack["change"], first_order=stack["first_order"], deterministic=stack["deterministic"],
         ito=stack["ito"], realized_second_order=stack["realized_second_order"],
-        ito_stderr=stack["ito_var"].sqrt(), ledger_residual=stack["ledger_residual"], seeds=[int(s) for s in seeds],
+        ito_stderr=stack["ito_var"].sqrt(), ledger_residual=stack["ledger_residual"], seeds=seeds,
     )

@@ -229,8 +229,9 @@ def coupled_modules(model: nn.Module) -> list[str]:
     """Modules whose forward couples or randomizes examples: BatchNorm that normalizes with the
     batch's statistics (in training mode, and in eval mode too when it keeps no running
     statistics, ``track_running_stats=False``), dropout with p > 0 in training mode (fresh
-    masks), and the other modules that draw in training mode (:data:`RANDOM_IN_TRAINING`:
-    stochastic depth, label dropout), whose draws a second forward does not repeat."""
+    masks), RReLU with lower < upper in training mode (fresh slopes), and the other modules that
+    draw in training mode (:data:`RANDOM_IN_TRAINING`: stochastic depth, label dropout), whose
+    draws a second forward does not repeat."""
     out = []
     for name, module in model.named_modules():
         label = f"{name or type(model).__name__} ({type(module).__name__}"
@@ -241,6 +242,10 @@ def coupled_modules(model: nn.Module) -> list[str]:
                 out.append(label + ")")
         elif isinstance(module, nn.modules.dropout._DropoutNd) and module.training and module.p > 0:
             out.append(label + ")")
+        elif isinstance(module, nn.RReLU) and module.training and module.lower != module.upper:
+            # fresh random negative slopes on every forward (measured: two per-probe Hessian calls gave
+            # 6.62 and 7.28 for the same probe, silently)
+            out.append(label + f", random slopes in [{module.lower}, {module.upper}] in training mode)")
         elif module.training and type(module).__name__ in RANDOM_IN_TRAINING:
             p = getattr(module, RANDOM_IN_TRAINING[type(module).__name__], 0)
             if isinstance(p, numbers.Real) and p > 0:
@@ -282,7 +287,8 @@ def check_per_example_safe(model: nn.Module, *, route: str | None = None) -> Non
     if route is not None:
         raise ValueError(
             f"{route} needs per-example gradients, but {', '.join(coupled[:3])} couple or randomize the examples "
-            "(batch statistics, fresh dropout masks, stochastic depth or label dropout draws). Use group_state='dense' with "
+            "(batch statistics, fresh dropout masks, RReLU slopes, stochastic depth or label dropout draws). Use "
+            "group_state='dense' with "
             "gradient_route='graph' (or 'auto'), which takes group gradients from the training step's own graph, "
             "or put those modules in eval mode (BatchNorm: with running statistics)."
         )
@@ -420,7 +426,8 @@ def analysis_mode(model: nn.Module) -> Iterator[None]:
     """Context for analysis passes that must not disturb training.
 
     Modules go to eval mode (restored afterwards, module by module), attention uses the math
-    SDPA backend (which supports forward-mode AD on every device), and the global RNG state is
+    SDPA backend and no MultiheadAttention fast path (:func:`forward_ad_attention`: forward-mode AD
+    on every device, the same values), and the global RNG state is
     forked and restored. Activation checkpointing switched on through a module's
     ``gradient_checkpointing`` flag (diffusers' and transformers' ``enable_gradient_checkpointing``)
     is off inside: it recomputes the same values, and torch.func cannot run it (diffusers checks
@@ -433,7 +440,7 @@ def analysis_mode(model: nn.Module) -> Iterator[None]:
         model.eval()
         for module in checkpointed:
             module.gradient_checkpointing = False
-        with torch.random.fork_rng(devices=devices), _math_attention():
+        with torch.random.fork_rng(devices=devices), forward_ad_attention():
             yield
     finally:
         for module, training in modes:
@@ -468,12 +475,24 @@ def checkpointing_error(error: BaseException) -> ValueError | None:
     )
 
 
-def _math_attention():
+@contextlib.contextmanager
+def forward_ad_attention() -> Iterator[None]:
+    """Attention kernels that support forward-mode AD, with the same values: the math SDPA backend,
+    and no ``nn.MultiheadAttention`` fast path (``_native_multi_head_attention`` has no forward AD,
+    and in eval mode it is taken whenever the parameters do not require grad, as inside torch.func:
+    a JVP push through a MultiheadAttention model failed). Both are restored afterwards."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    mha = getattr(torch.backends, "mha", None)
+    fastpath = mha.get_fastpath_enabled() if mha is not None else None
     try:
-        from torch.nn.attention import SDPBackend, sdpa_kernel
-    except ImportError:  # pragma: no cover - older torch
-        return contextlib.nullcontext()
-    return sdpa_kernel([SDPBackend.MATH])
+        if mha is not None:
+            mha.set_fastpath_enabled(False)
+        with sdpa_kernel([SDPBackend.MATH]):
+            yield
+    finally:
+        if mha is not None:
+            mha.set_fastpath_enabled(fastpath)
 
 
 @contextlib.contextmanager
