@@ -5,7 +5,14 @@ collectives until the process group's timeout); replicas that would step apart (
 max_grad_norm or learning rate on one rank, a tracked step inside no_sync()) are refused on every
 rank (before, each rank recorded its own replica's step and the ranks' ledgers and parameters
 parted silently), as are buffers a module updates from each rank's shard; a kernel block that
-fails on one rank fails on every rank (before, the others waited for it in the gather)."""
+fails on one rank fails on every rank (before, the others waited for it in the gather). Counts summed
+over the ranks are a new int64 tensor (before: the caller's own tensor, summed in place; uint8 counts
+wrapped, bool counts were or-ed), and counts of another shape or dtype are refused on every rank
+(before: gloo summed the bytes into silent garbage, or one rank waited until the timeout).
+
+Also CheckpointKernels (single process): a recorder used for a second run is refused (before, path_kernel()
+summed both runs), checkpoint steps that are not whole numbers are refused (before, cut to the step below),
+and the Domingos sum is refused when train_x is not the trainer's inputs row for row (before, 85-116% off)."""
 
 import contextlib
 import datetime
@@ -149,6 +156,36 @@ def observed_row_reductions(rank):
     return shapes, steps
 
 
+def rank_counts(rank):
+    """This rank's counts: int64 (on the context's device: the CPU), uint8 near its top, bool."""
+    return {"int64": torch.tensor([1, 2, 3]) * (rank + 1), "uint8": torch.tensor([200, 7 * rank], dtype=torch.uint8),
+            "bool": torch.tensor([True, rank == 0, False])}
+
+
+def summed_counts(rank):
+    """Every kind of counts summed over the ranks: ``{kind: (counts after the call, the sum)}``."""
+    from genkernel.core.tracking.distributed import ddp_context, summed_over_ranks
+
+    context = ddp_context(make_model())
+    out = {}
+    for kind, counts in rank_counts(rank).items():
+        total = summed_over_ranks(counts, context)
+        out[kind] = (counts, total)
+    return out
+
+
+def summed_mismatched(rank, kind):
+    """Rank 1's counts of another dtype (same bytes per element) or of another length than rank 0's."""
+    from genkernel.core.tracking.distributed import ddp_context, summed_over_ranks
+
+    context = ddp_context(make_model())
+    if kind == "dtype":
+        counts = torch.tensor([1, 2, 3]) if rank == 0 else torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64)
+    else:
+        counts = torch.tensor([1, 2, 3]) if rank == 0 else torch.tensor([1, 2])
+    return summed_over_ranks(counts, context)
+
+
 SCENARIOS = {
     # rank 1 observes a third micro-batch where rank 0 steps after two (every backward averaged)
     "one_more_micro_batch": lambda rank: observe_loop(rank, [True, True] + [True] * rank),
@@ -163,6 +200,10 @@ SCENARIOS = {
     "kernel_failing_on_one_rank": kernel_failing_on_one_rank,
     "in_step_after_all": lambda rank: owned_steps(rank, steps=1),  # the ranks still meet after the refusals
     "observed_row_reductions": observed_row_reductions,
+    "summed_counts": summed_counts,
+    "summed_counts_of_another_dtype": lambda rank: summed_mismatched(rank, "dtype"),
+    # last: before, rank 0 waited here until the timeout and the process group broke
+    "summed_counts_of_another_shape": lambda rank: summed_mismatched(rank, "shape"),
 }
 
 
@@ -256,3 +297,127 @@ def test_an_observed_step_combines_its_group_rows_across_ranks_once(ranks):
         shapes, steps = result[1]
         assert steps == 1
         assert shapes.count((3, 50)) == 1 and (50,) in shapes, shapes
+
+
+def test_counts_summed_over_ranks_are_the_global_counts_and_leave_the_callers_tensor_alone(ranks):
+    # before: the result was the caller's own tensor, summed in place (counts [1, 2, 3] became [3, 6, 9] on
+    # rank 0); uint8 counts wrapped (200 + 200 -> [144]) and bool counts were or-ed (True + True -> True)
+    for rank, result in enumerate(ranks["summed_counts"]):
+        assert result is not None and result[0] == "ok", result
+        for kind, (counts, total) in result[1].items():
+            expected = sum(rank_counts(r)[kind].to(torch.int64) for r in range(WORLD))  # single-process sum
+            assert torch.equal(counts, rank_counts(rank)[kind]), (kind, counts)
+            assert total.dtype == torch.int64 and torch.equal(total, expected), (kind, total, expected)
+
+
+@pytest.mark.parametrize("kind", ["dtype", "shape"])
+def test_counts_of_another_dtype_or_shape_are_refused_on_every_rank(ranks, kind):
+    # before: gloo summed the bytes: int64 [1, 2, 3] + float64 [1., 2., 3.] gave [4607182418800017408, ...] on
+    # rank 0 and [1.0, 2.0, 3.0000000000000013] on rank 1, no error; lengths 3 and 2 gave rank 1 [3, 2] while
+    # rank 0 waited until the process group's timeout
+    for result in ranks[f"summed_counts_of_another_{kind}"]:
+        assert result is not None and result[0] == "ValueError", result
+        assert "the ranks' counts to sum differ in shape or dtype" in result[1] and "ranks [1]" in result[1], result[1]
+
+
+# -- CheckpointKernels: one recorder per run; whole-number steps -------------------------------------------------------
+
+
+def _checkpoint_inputs():
+    """Six training inputs (3 features) and their targets (2 outputs)."""
+    gen = torch.Generator().manual_seed(3)
+    return torch.randn(6, 3, generator=gen, dtype=torch.float64), torch.randn(6, 2, generator=gen, dtype=torch.float64)
+
+
+def _checkpoint_run(rec, lr=0.1, steps=4):
+    """A full-batch SGD run of ``steps`` steps on :func:`_checkpoint_inputs`, recorded by ``rec``."""
+    from genkernel.supervised import SupervisedTrainer
+
+    x, y = _checkpoint_inputs()
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 2)).double()
+    SupervisedTrainer(model, torch.optim.SGD(model.parameters(), lr=lr), mse_loss, batch_size=6,
+                      callbacks=[rec]).fit(x, y, steps=steps)
+    return model
+
+
+def test_a_checkpoint_recorder_used_for_a_second_run_is_refused_and_keeps_the_first_run():
+    """Before: the second run appended its checkpoints to the first's (checkpoints [0, 2, 0, 2], weights
+    [0.2] * 4) and path_kernel() summed both runs' kernels: twice the first run's here, with no error."""
+    from genkernel.supervised.checkpoint_kernels import CheckpointKernels
+
+    x, probes = _checkpoint_inputs()[0], PROBES
+    rec = CheckpointKernels(x, probes, every=2, steps=4)
+    _checkpoint_run(rec)
+    first = rec.path_kernel()
+    # Brute force: Σ_k (η × 2 steps) J_k J_k^T from the recorded checkpoints' own kernels, and the checkpoint-0
+    # kernel against dense float64 Jacobians of the initial model.
+    torch.manual_seed(0)
+    initial = nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 2)).double()
+    jac = torch.stack([torch.cat([g.reshape(-1) for g in torch.autograd.grad(initial(x[n : n + 1])[0, i],
+                                                                             list(initial.parameters()))])
+                       for n in range(len(x)) for i in range(2)]).reshape(len(x), 2, -1)
+    torch.testing.assert_close(rec.grams[0], torch.einsum("ndp,mdp->nm", jac, jac), rtol=1e-12, atol=1e-12)
+    assert rec.checkpoints == [0, 2] and rec.weights == pytest.approx([0.2, 0.2], rel=1e-15)
+    torch.testing.assert_close(first[0], 0.2 * (rec.grams[0] + rec.grams[1]), rtol=1e-13, atol=0)
+    with pytest.raises(RuntimeError, match="already recorded a run"):
+        _checkpoint_run(rec)
+    assert rec.checkpoints == [0, 2] and rec.weights == pytest.approx([0.2, 0.2], rel=1e-15)
+    for a, b in zip(rec.path_kernel(), first):
+        assert torch.equal(a, b)
+
+
+def test_checkpoint_steps_that_are_not_whole_numbers_are_refused():
+    """Before: at=[0, 2.5, 3.7] was cut to [0, 2, 3] and np.geomspace's float steps likewise, with no error;
+    steps=5.0 or every=2.5 failed inside range() ("'float' object cannot be interpreted as an integer");
+    geometric_checkpoints(10.5, 4) returned [0, 1, 4, 9]."""
+    import numpy as np
+
+    from genkernel.supervised.checkpoint_kernels import CheckpointKernels, geometric_checkpoints
+
+    x, probes = _checkpoint_inputs()[0], PROBES
+    for kwargs, name in [(dict(at=[0, 2.5, 3.7], steps=5), r"at\[1\]"),
+                         (dict(at=np.geomspace(1, 6, 3) - 1, steps=6), r"at\[0\]"),
+                         (dict(at=torch.tensor([0.0, 2.0]), steps=6), r"at\[0\]"),
+                         (dict(steps=5.0), "steps"), (dict(every=2.5, steps=5), "every"),
+                         (dict(at=5, steps=6), "sequence of int steps")]:
+        with pytest.raises(ValueError, match=name):
+            CheckpointKernels(x, probes, **kwargs)
+    for args, name in [((10.5, 4), "steps"), ((10, 4.0), "count")]:
+        with pytest.raises(ValueError, match=f"{name} must be an int"):
+            geometric_checkpoints(*args)
+    # Integer steps of any kind are steps.
+    assert CheckpointKernels(x, probes, at=np.array([0, 2, 4]), steps=6).at == [0, 2, 4]
+    assert CheckpointKernels(x, probes, at=torch.tensor([0, 3]), steps=6).at == [0, 3]
+    assert CheckpointKernels(x, probes, every=np.int64(2), steps=6).at == [0, 2, 4]
+    assert geometric_checkpoints(np.int64(100), 5) == geometric_checkpoints(100, 5) == [0, 2, 9, 31, 99]
+
+
+@pytest.mark.parametrize("case", ["reversed", "shifted"])
+def test_kernel_machine_change_refuses_a_train_x_that_is_not_the_trainers_inputs_row_for_row(case):
+    """The Domingos sum pairs kernel row n (train_x[n]) with the loss weight of training example n. Before, a
+    train_x in another order (reversed) or of other inputs of the same size (shifted by 0.5) gave sums 116% and
+    85% off the real change with no error; train_x as trained on: 0.17%."""
+    from genkernel.supervised import SupervisedTrainer
+    from genkernel.supervised.checkpoint_kernels import CheckpointKernels
+
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(8, 2, generator=gen, dtype=torch.float64)
+    y = torch.sin(2 * x[:, :1])
+    probes = torch.randn(5, 2, generator=gen, dtype=torch.float64)
+    other = x.flip(0) if case == "reversed" else x + 0.5
+    recorders = {}
+    for name, train_x in (("same", x), (case, other)):
+        torch.manual_seed(1)
+        model = nn.Sequential(nn.Linear(2, 16), nn.Tanh(), nn.Linear(16, 1)).double()
+        rec = recorders[name] = CheckpointKernels(train_x, probes, every=1, steps=10)
+        SupervisedTrainer(model, torch.optim.SGD(model.parameters(), lr=0.05), mse_loss, batch_size=8,
+                          callbacks=[rec]).fit(x, y, steps=10)
+        real = model(probes).detach() - rec.probe_outputs[0]
+    same = recorders["same"]
+    assert not same.not_plain_steps
+    sum_error = (same.kernel_machine_change(lambda f: 2 * (f - y)) - real).norm() / real.norm()
+    assert float(sum_error) < 5e-3  # the left Riemann sum of plain full-batch steps (0.0017)
+    with pytest.raises(ValueError, match="other inputs than train_x"):
+        recorders[case].kernel_machine_change(lambda f: 2 * (f - y))
+    recorders[case].path_kernel()  # the kernels over the inputs given are still there

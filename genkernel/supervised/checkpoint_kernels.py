@@ -4,6 +4,7 @@ K^p = Σ_k η_k k_{θ_k} (docs/generalization.md, "The null space").
 
 from __future__ import annotations
 
+import numbers
 from typing import Sequence
 
 import numpy as np
@@ -17,8 +18,23 @@ from ..core.engine.kernels import gradient_kernel
 __all__ = ["CheckpointKernels", "geometric_checkpoints"]
 
 
+def _whole(value, name: str) -> int:
+    """``value`` as an int when it is one (a Python, NumPy or 0-dim integer tensor step count);
+    a ValueError naming ``name`` for anything else: a float step would be truncated silently."""
+    if isinstance(value, torch.Tensor) and value.dim() == 0 and not (value.is_floating_point() or value.is_complex()) \
+            and value.dtype != torch.bool:
+        return int(value)
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise ValueError(
+            f"{name} must be an int (a whole number), got {value!r}: a float would be cut to the step "
+            "below silently. Round it yourself (int(round(v)); geometric_checkpoints gives int steps)"
+        )
+    return int(value)
+
+
 def geometric_checkpoints(steps: int, count: int) -> list[int]:
     """About ``count`` distinct checkpoint steps in [0, steps), 0 first, spaced geometrically."""
+    steps, count = _whole(steps, "steps"), _whole(count, "count")
     if steps < 1 or count < 1:
         raise ValueError(f"steps and count must be positive, got steps={steps}, count={count}")
     raw = np.unique(np.round(np.geomspace(1, steps, num=count)).astype(int) - 1)
@@ -65,11 +81,14 @@ class CheckpointKernels(TrainerCallback):
 
     def __init__(self, train_x: torch.Tensor, probe_x: torch.Tensor, *, every: int = 1, steps: int,
                  at: Sequence[int] | None = None) -> None:
+        every, steps = _whole(every, "every"), _whole(steps, "steps")
         if every < 1 or steps < 1:
             raise ValueError(f"every and steps must be positive, got every={every}, steps={steps}")
         if at is None:
             at = range(0, steps, every)
-        at = [int(a) for a in at]
+        if isinstance(at, (str, bytes)) or not hasattr(at, "__iter__"):
+            raise ValueError(f"at must be a sequence of int steps, got {type(at).__name__}")
+        at = [_whole(a, f"at[{i}]") for i, a in enumerate(at)]
         if not at or at[0] != 0 or any(b <= a for a, b in zip(at, at[1:])) or at[-1] >= steps:
             raise ValueError(f"checkpoints must start at 0, increase strictly and stay below steps={steps}; got {at[:10]}")
         for name, t in (("train_x", train_x), ("probe_x", probe_x)):
@@ -149,6 +168,25 @@ class CheckpointKernels(TrainerCallback):
                            "statistics in the recorded kernels (put it in eval mode to train on running statistics)")
         self.not_plain_steps += [r for r in reasons if r not in self.not_plain_steps]
 
+    def _note_inputs(self, step) -> None:
+        """Note a step whose inputs are not ``train_x``'s rows at the trainer's indices (``step.info["indices"]``,
+        which SupervisedTrainer sets): the Domingos sum pairs the kernel's row n (train_x[n]) with the loss
+        weight of training example n, so ``train_x`` must be the trainer's dataset, row for row; another
+        order or other inputs of the same size gave a sum 116% or 85% off the real change, with no error."""
+        reason = ("the steps train on other inputs than train_x at their dataset indices (train_x must be the "
+                  "trainer's training inputs, in the same order)")
+        indices = step.info.get("indices") if isinstance(step.info, dict) else None
+        inputs = step.inputs
+        if reason in self.not_plain_steps or not isinstance(indices, torch.Tensor) or len(inputs) != 1:
+            return  # (a trainer that states no indices cannot be checked)
+        n = self.train_x.shape[0]
+        indices = indices.reshape(-1).to(device=self.train_x.device, dtype=torch.long)
+        fits = (indices.numel() == inputs[0].shape[0] and inputs[0].shape[1:] == self.train_x.shape[1:]
+                and (indices.numel() == 0 or 0 <= int(indices.min()) and int(indices.max()) < n))
+        if not fits or self.train_x.dtype != inputs[0].dtype or not torch.equal(
+                self.train_x[indices].to(inputs[0].device), inputs[0]):
+            self.not_plain_steps.append(reason)
+
     def _record(self, trainer, step: int) -> None:
         n = self.train_x.shape[0]
         self._step_size(trainer)  # refuses several learning rates or untrained parameters before any kernel
@@ -173,6 +211,17 @@ class CheckpointKernels(TrainerCallback):
     def on_train_start(self, trainer) -> None:
         if trainer.global_step != 0:
             raise RuntimeError("CheckpointKernels counts steps from 0: attach it to a fresh trainer")
+        if self.checkpoints:
+            # A second run would append its checkpoints to the first's: path_kernel() would sum both runs'
+            # kernels (checkpoints [0, 2, 0, 2], every weight counted twice) with no error.
+            raise RuntimeError(
+                f"this CheckpointKernels already recorded a run (checkpoints {self.checkpoints[:10]}): a second run "
+                "would add its kernels to the first's in path_kernel(). Build a new CheckpointKernels for every run"
+            )
+        # Nothing kept from a run that failed before its first checkpoint (a reason noted then is not this run's).
+        for recorded in (self.grams, self.crosses, self.probe_self, self.weights, self.train_outputs,
+                         self.probe_outputs, self.not_plain_steps):
+            recorded.clear()
         self._step_rate = None
         self._record(trainer, 0)
 
@@ -200,6 +249,7 @@ class CheckpointKernels(TrainerCallback):
             self.not_plain_steps.append("gradient clipping scaled a step")
         if step.weights is not None and "a step weighted its examples" not in self.not_plain_steps:
             self.not_plain_steps.append("a step weighted its examples")
+        self._note_inputs(step)
         if done in self._next:
             self._record(trainer, done)
 
@@ -216,8 +266,10 @@ class CheckpointKernels(TrainerCallback):
         W_k = ``weights[k]`` (a left Riemann sum over the checkpoints; for a full-batch mean loss
         and scalar outputs).
         Only steps of plain gradient descent on all of ``train_x`` are such a sum: a run with
-        another optimizer (momentum, weight decay, Adam), mini-batches, dropout or clipped steps is
-        refused (:attr:`not_plain_steps` says why).
+        another optimizer (momentum, weight decay, Adam), mini-batches, dropout or clipped steps, or
+        steps on other inputs than ``train_x`` row for row (checked against the trainer's dataset
+        indices, ``step.info["indices"]``, where the trainer states them) is refused
+        (:attr:`not_plain_steps` says why).
 
         Args:
             loss_weight: ``loss_weight(train_outputs [N, d]) -> [N, d]``, w_n = ∂ℓ_n/∂f, e.g.

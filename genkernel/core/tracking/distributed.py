@@ -137,9 +137,10 @@ def combine_group_gradients(grads: dict[str, torch.Tensor], local_batch: int, co
     ``grads``: ``{name: Tensor[rows, *param.shape]}``; returns the same shapes, equal on every rank.
     Raises ValueError on every rank when the ranks' batch sizes differ, when their group rows
     are laid out differently (other partitions, another parameter set or dtype): summed row by
-    row, such rows would mix one rank's groups with another's; and when their parameters or real
-    gradients differ (:func:`_replica_digest`; every caller combines after the backward and before
-    the update, where DDP keeps both equal on every rank).
+    row, such rows would mix one rank's groups with another's; and when their parameters, real
+    gradients or buffers differ (:func:`_replica_digest`; every caller combines after the backward and
+    before the update, where DDP keeps the parameters and gradients equal on every rank, and the
+    buffers as rank 0 broadcast them before the forward unless a module updated them from its shard).
     """
     first = next(iter(grads.values()))
     names = list(grads)
@@ -216,11 +217,35 @@ def combine_group_gradients(grads: dict[str, torch.Tensor], local_batch: int, co
 
 def summed_over_ranks(counts: torch.Tensor, context: DistributedContext | None) -> torch.Tensor:
     """``counts`` (e.g. examples per group of this rank's shard) summed over the ranks: the global
-    batch's, as one process would count them; unchanged in one process (``context`` None). Same
-    shape, dtype and device as ``counts``; every rank must call it at the same point."""
+    batch's, as one process would count them; ``counts`` itself unchanged in one process
+    (``context`` None). Every rank must call it at the same point, with counts of one shape and
+    dtype (checked: a ValueError on every rank, where gloo would sum mismatched buffers into
+    silent garbage on one rank and leave the other waiting).
+
+    Returns a new tensor on ``counts``' device, of its shape; ``counts`` is left as it was.
+    Integer and bool counts are summed in int64 and returned as int64 (a uint8 sum wraps,
+    200 + 200 = 144; a bool sum is a logical or, True + True = True); floating counts are summed
+    and returned in their own dtype."""
     if context is None:
         return counts
-    total = counts.to(context.device)
+    if not isinstance(counts, torch.Tensor):
+        raise TypeError(f"counts must be a Tensor, got {type(counts).__name__}")
+    wide = counts.dtype if (counts.dtype.is_floating_point or counts.dtype.is_complex) else torch.int64
+    # What the ranks' buffers must agree on, gathered first: a mismatch is refused on every rank.
+    mine = torch.tensor([counts.numel(), counts.dim(), _code(str(tuple(counts.shape))), _code(str(counts.dtype))],
+                        dtype=torch.long, device=context.device)
+    gathered = [torch.zeros_like(mine) for _ in range(context.world_size)]
+    dist.all_gather(gathered, mine, group=context.group)
+    differ = sorted(r for r, g in enumerate(gathered) if not torch.equal(g, gathered[0]))
+    if differ:
+        sizes = [int(g[0]) for g in gathered]
+        raise ValueError(
+            f"the ranks' counts to sum differ in shape or dtype (rank {context.rank}: {tuple(counts.shape)} "
+            f"{counts.dtype}; ranks {differ} differ from rank 0; elements per rank {sizes}): summed element by "
+            "element they would mix one rank's entries with another's. Give every rank counts of the same shape "
+            "and dtype (torch.bincount(ids, minlength=G) with ids in [0, G) on every rank)"
+        )
+    total = counts.to(device=context.device, dtype=wide, copy=True)  # never the caller's tensor
     dist.all_reduce(total, op=dist.ReduceOp.SUM, group=context.group)
     return total.to(counts.device)
 
