@@ -297,7 +297,8 @@ class GANKernelAnalyzer(TrainerCallback):
         wide = [n for n, m in (("generator", self._g), ("discriminator", self._d))
                 if any(p.dtype == torch.float64 for p in m.parameters())]
         if state_dtype == torch.float32 and wide:
-            raise ValueError(f"state_dtype=torch.float32 is for float32 networks; the {' and '.join(wide)} {'has' if len(wide) == 1 else 'have'} float64 "
+            verb = "has" if len(wide) == 1 else "have"
+            raise ValueError(f"state_dtype=torch.float32 is for float32 networks; the {' and '.join(wide)} {verb} float64 "
                              "parameters, whose exact checks need float64 state: leave state_dtype at torch.float64")
         # On the CPU, where the groupings and coverage read samples (centres may come from any device).
         # A copy: a caller that reuses its tensor must not move the modes (groups, coverage) during the run.

@@ -229,7 +229,7 @@ def _diffusion_section(s: Mapping[str, Any], animate: bool) -> str:
         if ema.get("start_share_mean") is not None:
             numbers += _table([["mean share of the EMA's start (its lag behind the model)", ema["start_share_mean"]]])
         if ema.get("matrices"):
-            ema_view = {"matrices": ema["matrices"], "settings": s["settings"], "locality": ema.get("locality") or loc}
+            ema_view = {"matrices": ema["matrices"], "settings": s["settings"]}
             numbers += _table(_difference_rows({"traffic": (ema.get("locality") or {}).get("traffic"),
                                                 "net share": (ema.get("locality") or {}).get("share")}), DIFF_HEADER)
             parts.append(_row(_figure(fg.noise_matrix_figure(ema_view), "EMA noise-level matrices",
