@@ -85,6 +85,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import math
+import numbers
 import os
 from typing import Any, Callable, Iterator, Mapping
 
@@ -122,8 +123,8 @@ KINDS = ("traffic", "net")
 FORMAT = "genkernel.GANKernelAnalyzer/3"
 RESIDUAL_NOTE = 1e-3  # a ledger's relative residual above this gets a note suggesting Simpson's rule
 # What a memory refusal may ask of this analyzer's user: its trackers' routes are fixed (the generator's
-# group gradients come from the training graph) and it has no tracked window.
-GAN_COST_OPTIONS = ("groups", "state_dtype", "probes", "quadrature")
+# group gradients come from the training graph).
+GAN_COST_OPTIONS = ("groups", "state_dtype", "probes", "window", "quadrature")
 
 
 class _ObservedOnly:
@@ -202,8 +203,16 @@ class GANKernelAnalyzer(TrainerCallback):
         memory_check: both trackers' answer to a cost estimate above the free memory: "refuse"
             (MemoryError) or "warn" (built anyway; the estimate can be high on CUDA), see
             :class:`~genkernel.core.PathKernelTracker`. A refusal names only what this analyzer can
-            change: fewer groups or controls, fewer probes, ``state_dtype``, a one-node quadrature
-            (the generator's group gradients always come from the training graph, dense).
+            change: fewer groups or controls, fewer probes, ``state_dtype``, a shorter ``track_steps``
+            window, a one-node quadrature (the generator's group gradients always come from the
+            training graph, dense).
+        track_steps: ``(first, last)`` generator steps (1-based, inclusive) to track under a built-in
+            trainer (``GANTrainer``): the discriminator steps of those iterations (the ones before each
+            of those generator steps) and the generator steps themselves. Steps before ``first`` run
+            untracked and cost nothing; the trackers are built at the window's first step (optimizer
+            state from before it is the ledgers' rest); after ``last`` the analyzer stops
+            (:meth:`stop`). None (default): every step. In your own loop, bind at the window's first
+            step and call :meth:`stop` after its last.
         state_dtype: dtype of both trackers' per-group gradients, optimizer state and updates:
             torch.float64 (default) or torch.float32 for float32 networks (half the group arrays; on
             a GPU also much faster); the ledgers stay float64 and the checks keep float32's tolerance.
@@ -259,6 +268,7 @@ class GANKernelAnalyzer(TrainerCallback):
         quadrature: str = "midpoint",
         memory_check: str = "refuse",
         state_dtype: torch.dtype = torch.float64,
+        track_steps: tuple[int, int] | None = None,
         ema_ledger: str = "trainer",
         generator_loss: Callable[[torch.Tensor], torch.Tensor] | None = None,
         geometry_loss: Callable[[torch.Tensor], torch.Tensor] | None = None,
@@ -278,6 +288,13 @@ class GANKernelAnalyzer(TrainerCallback):
         if state_dtype not in (torch.float64, torch.float32):
             raise ValueError(f"state_dtype must be torch.float64 or torch.float32, got {state_dtype!r}")
         self.state_dtype = state_dtype
+        if track_steps is not None and (
+                not isinstance(track_steps, (tuple, list)) or len(track_steps) != 2
+                or any(isinstance(v, bool) or not isinstance(v, numbers.Integral) for v in track_steps)
+                or not 1 <= track_steps[0] <= track_steps[1]):
+            raise ValueError(f"track_steps must be (first, last) generator steps with 1 <= first <= last, got {track_steps!r}")
+        self.track_steps = None if track_steps is None else (int(track_steps[0]), int(track_steps[1]))
+        self.stopped = False  # stop(): the tracked window ended, later steps run untracked
         if ema_ledger not in EMA_LEDGERS:
             raise ValueError(f"ema_ledger must be one of {EMA_LEDGERS}, got {ema_ledger!r}")
         self.ema_ledger = ema_ledger
@@ -577,9 +594,44 @@ class GANKernelAnalyzer(TrainerCallback):
                 error.add_note(f"genkernel: {self._broken}; this analyzer refuses further steps, saves and reports")
             raise
 
+    def _outside_window(self, trainer: Any) -> bool:
+        """Whether the trainer's step about to run is outside ``track_steps`` (stopping the analyzer
+        once past it): each of its steps belongs to the iteration that ends with generator step
+        ``g_steps + 1``."""
+        if self.stopped:
+            return True
+        if self.track_steps is None:
+            return False
+        upcoming = _count(trainer, "g_steps")
+        if upcoming is None:
+            raise ValueError("track_steps needs a trainer that counts its generator steps (g_steps, as GANTrainer): "
+                             "in your own loop, bind at the window's first step and call analyzer.stop() after its last")
+        if upcoming > self.track_steps[1]:
+            self.stop()
+            return True
+        return upcoming < self.track_steps[0]
+
+    def stop(self) -> None:
+        """Stop tracking (the end of the tracked window): the coupling window in progress is closed
+        as a partial one, the trackers stop (an EMA's update after the last tracked step is
+        recorded) and their ledgers are kept and reported; later steps are not analysed and cost
+        nothing. In your own loop the optimizers' steps are no longer recorded after it."""
+        if self.stopped:
+            return
+        self._check_consistent()
+        self.partial_window = None
+        if self._view("g_tracker") is not None and self._window_start is not None and self.g_steps % self.window:
+            self._close_partial_window()
+        for tracker in (self.g_tracker, self.d_tracker):
+            if tracker is not None:
+                tracker.close()
+        self.stopped = True
+
     def wrap_step(self, trainer: Any, step: OptimizerStep, perform: Callable[[], torch.Tensor]) -> torch.Tensor:
         if step.phase in ("generator", "discriminator"):
             self._check_consistent()
+        if step.phase in ("generator", "discriminator") and not self._bound and self._outside_window(trainer):
+            return perform()
         if self._bound and step.phase in ("generator", "discriminator"):
             raise RuntimeError(
                 "this analyzer observes your own loop (bind): its optimizers' step() records the steps. Use another "
@@ -635,6 +687,11 @@ class GANKernelAnalyzer(TrainerCallback):
         """
         if self._bound:
             raise RuntimeError("this analyzer is already bound to a loop; build a new one for another run")
+        if self.track_steps is not None:
+            raise ValueError(
+                f"track_steps={self.track_steps} is followed by genkernel's built-in trainer only: in your own loop, build "
+                "the analyzer without it, bind at the window's first step (start_step= the loop's count) and call "
+                "analyzer.stop() after its last")
         if self.g_tracker is not None or self.d_tracker is not None:
             raise RuntimeError("this analyzer already tracks steps a trainer performs; build a new one to observe a loop")
         if g_optimizer is None and d_optimizer is None:
@@ -748,6 +805,8 @@ class GANKernelAnalyzer(TrainerCallback):
         """
         if not self._bound or self.g_tracker is None:
             raise RuntimeError("call analyzer.bind(g_optimizer, d_optimizer) before analyzer.observe_generator(...)")
+        if self.stopped:
+            raise RuntimeError("the analyzer was stopped (its tracked window ended): do not observe later steps")
         self._check_consistent()
         # A previous g_optimizer.step() that raised half-way is rolled back (and refused) before any analysis
         # reads this micro-batch, whose forward saw the half-updated generator.
@@ -839,6 +898,8 @@ class GANKernelAnalyzer(TrainerCallback):
         The loop's ``d_optimizer.step()`` records the step. A loop that shows D its real and
         generated rows in two micro-batches (the DCGAN example) is followed as accumulation.
         """
+        if self.stopped:
+            raise RuntimeError("the analyzer was stopped (its tracked window ended): do not observe later steps")
         if not self.track_discriminator:
             return
         if not self._bound or self._d_optimizer is None:
@@ -898,10 +959,11 @@ class GANKernelAnalyzer(TrainerCallback):
     def finish(self) -> None:
         """Close the coupling window in progress as a partial one (``partial_window`` in the report;
         training may go on: the next full window is unaffected), and log the final numbers and
-        matrices when the analyzer has a ``log``."""
-        self.partial_window = None
-        if self._view("g_tracker") is not None and self._window_start is not None and self.g_steps % self.window:
-            self._close_partial_window()
+        matrices when the analyzer has a ``log``. After :meth:`stop` the window it closed stays."""
+        if not self.stopped:
+            self.partial_window = None
+            if self._view("g_tracker") is not None and self._window_start is not None and self.g_steps % self.window:
+                self._close_partial_window()
         if self.logging is not None:
             self.logging.on_train_end(None)
 
@@ -1528,6 +1590,8 @@ class GANKernelAnalyzer(TrainerCallback):
                                "grouping": type(self.grouping).__name__, "group_labels": self.grouping.labels(),
                                "comparison": None if self.comparison is None else type(self.comparison).__name__,
                                "controls": self.controls, "start_step": self._start_step,
+                               "track_steps": None if self.track_steps is None else list(self.track_steps),
+                               "stopped": self.stopped,
                                "loop_steps": {"generator": _span(self.g_loop_steps), "discriminator": _span(self.d_loop_steps)}}
         g_tracker, d_tracker = self._view("g_tracker"), self._view("d_tracker")
         if g_tracker is not None and self.g_steps:
@@ -1607,6 +1671,7 @@ class GANKernelAnalyzer(TrainerCallback):
             "g_loop_steps": list(self.g_loop_steps), "d_loop_steps": list(self.d_loop_steps),
             "g_group_counts": list(self.g_group_counts), "d_group_counts": list(self.d_group_counts),
             "notes": list(self.notes), "start_step": self._start_step, "loss_checked": self._loss_checked,
+            "stopped": self.stopped,
             # names of the ledgers' groups, for readers of the state (genkernel.report) that build no analyzer
             "group_labels": {"generator": self.grouping.labels(), "discriminator": self.discriminator_group_labels()},
         }
@@ -1621,7 +1686,8 @@ class GANKernelAnalyzer(TrainerCallback):
     def _config(self) -> dict[str, Any]:
         return {"num_groups": self.num_groups, "controls": self.controls, "grouping": type(self.grouping).__name__,
                 "comparison": None if self.comparison is None else type(self.comparison).__name__,
-                "num_classes": self.num_classes, "state_dtype": str(self.state_dtype).replace("torch.", "")}
+                "num_classes": self.num_classes, "state_dtype": str(self.state_dtype).replace("torch.", ""),
+                "track_steps": None if self.track_steps is None else list(self.track_steps)}
 
     def save(self, path: str | os.PathLike) -> None:
         """Write the analyzer state (:meth:`state_dict`) atomically."""
@@ -1638,7 +1704,8 @@ class GANKernelAnalyzer(TrainerCallback):
         if state.get("format") != FORMAT:
             raise ValueError("not a GANKernelAnalyzer state (made by analyzer.state_dict())")
         mine = self._config()
-        if {"comparison": None, "num_classes": None, "state_dtype": "float64", **state["config"]} != mine:
+        if {"comparison": None, "num_classes": None, "state_dtype": "float64", "track_steps": None,
+                **state["config"]} != mine:
             raise ValueError(f"the saved analyzer had settings {state['config']}, this one {mine}; build it with the same settings")
         if self._bound:
             _check_start_step(self._start_step, list(state["g_loop_steps"]), list(state["d_loop_steps"]))
@@ -1675,6 +1742,7 @@ class GANKernelAnalyzer(TrainerCallback):
         self.g_loop_steps, self.d_loop_steps = list(state["g_loop_steps"]), list(state["d_loop_steps"])
         self.g_group_counts, self.d_group_counts = list(state["g_group_counts"]), list(state["d_group_counts"])
         self.notes, self._loss_checked = list(state["notes"]), state["loss_checked"]
+        self.stopped = bool(state.get("stopped", False))  # a state saved after its window: read, not extended
         if not self._bound:
             self._start_step = state["start_step"]
         self._pending = {"g_tracker": to_device(state["g_tracker"], device),  # None stays None
@@ -1686,9 +1754,9 @@ class GANKernelAnalyzer(TrainerCallback):
             if tracker is not None:
                 tracker.close()
         self.g_tracker = self.d_tracker = None
-        if self._bound and self._g_optimizer is not None:
+        if self._bound and self._g_optimizer is not None and not self.stopped:
             self._build_generator_tracker(self._g_optimizer, _ObservedOnly("generator"), math.inf)
-        if self._bound:
+        if self._bound and not self.stopped:
             self._build_bound_discriminator()
 
 

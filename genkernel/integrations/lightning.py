@@ -91,9 +91,6 @@ class GenkernelCallback(pl.Callback):
         self._averaging = None  # the WeightAveraging whose average is bound as the EMA
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if hasattr(self.analyzer, "observe_generator"):  # a GAN analyzer: both players' optimizers
-            self._bind_gan(trainer)
-            return
         window = getattr(self.analyzer, "track_steps", None)
         if window is not None:  # followed by the built-in trainers only: every step here would be tracked
             raise ValueError(
@@ -103,6 +100,9 @@ class GenkernelCallback(pl.Callback):
                 "analyzer and the callback) only to a fit of the window: resume with ckpt_path= from a checkpoint at "
                 "its first step - 1 and stop with max_steps= at its last"
             )
+        if hasattr(self.analyzer, "observe_generator"):  # a GAN analyzer: both players' optimizers
+            self._bind_gan(trainer)
+            return
         tracker = getattr(self.analyzer, "tracker", None)
         if tracker is not None:
             self._check_bound_to(tracker, trainer)
