@@ -1911,11 +1911,11 @@ def _check_start_step(start_step: Any, g_numbers: list[int], d_numbers: list[int
     its steps again (WGAN's five discriminator steps per iteration counted as one). A ValueError with
     the pair to pass."""
     starts = _start_pair(start_step)
-    for player, start, numbers in (("generator", starts[0], g_numbers), ("discriminator", starts[1], d_numbers)):
-        if numbers and start < numbers[-1]:
+    for player, start, numbered in (("generator", starts[0], g_numbers), ("discriminator", starts[1], d_numbers)):
+        if numbered and start < numbered[-1]:
             raise ValueError(
                 f"bind(start_step={start_step!r}) numbers the {player}'s next step {start + 1}, but the saved analyzer "
-                f"already numbered {player} steps up to {numbers[-1]}: start_step counts each player's steps. Pass "
+                f"already numbered {player} steps up to {numbered[-1]}: start_step counts each player's steps. Pass "
                 "start_step=(generator_steps, discriminator_steps), the steps each player has taken, e.g. "
                 f"start_step=({g_numbers[-1] if g_numbers else 0}, {d_numbers[-1] if d_numbers else 0}) when the loop "
                 "went on from the save"
