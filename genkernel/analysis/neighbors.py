@@ -31,7 +31,8 @@ def _real_matrix(x, name: str) -> Tensor:
     if not isinstance(x, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}.")
     if x.dim() != 2:
-        raise ValueError(f"{name} must be 2-D, got shape {tuple(x.shape)}.")
+        raise ValueError(f"{name} must be 2-D, got shape {tuple(x.shape)}; flatten each example first "
+                         "(x.reshape(len(x), -1)).")
     if x.is_complex() or x.dtype == torch.bool:
         raise TypeError(f"{name} must be real-valued and numeric, got dtype {x.dtype}.")
     x = x.detach().to(device="cpu", dtype=torch.float64)
@@ -103,6 +104,9 @@ def euclidean_neighbors(anchors: Tensor, points: Tensor, k: int) -> Tensor:
             f"anchors have D = {anc.shape[1]} features but points have D = {pts.shape[1]}; "
             "flatten both the same way."
         )
+    if anc.shape[1] == 0:  # every distance would be 0: the "nearest" points would be the first k indices
+        raise ValueError("anchors and points have D = 0 features: there is no distance to rank by; pass [A, D] and "
+                         "[N, D] with D >= 1.")
     k = _check_k(k, pts.shape[0])
     dist = torch.cdist(anc, pts, compute_mode="donot_use_mm_for_euclid_dist")
     return _smallest_k_stable(dist, k)
@@ -118,6 +122,12 @@ def label_purity(neighbor_idx: Tensor, labels: Tensor) -> Tensor:
     Returns:
         Tensor[A] float64, purity[a] = max_c #{j : labels[neighbor_idx[a, j]] = c} / k, in
         [1/k, 1].
+
+    An index listed twice in a row counts twice (the formula is over positions j); the neighbour
+    functions above never list one twice.
+
+    Raises:
+        TypeError / ValueError: non-tensors, wrong shapes, non-integer or out-of-range indices, NaN labels.
 
     Algorithm:
         1. Gather the neighbours' labels, L[a, j] = labels[neighbor_idx[a, j]].

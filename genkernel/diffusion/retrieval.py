@@ -33,9 +33,9 @@ import torch
 from torch import nn
 
 from .kernels import eval_mode, state_kernel
-from ..core.adapter import as_tuple
+from ..core.adapter import as_tuple, positive_int
 from ..core.grouping import measured_minus_control
-from .objectives import EDM_PROCESS, check_timesteps, level_dtype, noise_process, noisy_input, training_levels
+from .objectives import EDM_PROCESS, FLOW_PROCESS, check_timesteps, level_dtype, noise_process, noisy_input, training_levels
 from .learned_variance import predicts_variance
 from .trainer import reverse_sample
 
@@ -72,7 +72,8 @@ class RetrievalResult:
         samples: ``[S, *shape]`` the final samples.
         kernel: ``[K, S, N]`` k̂((x_s, s), (z_n, s)).
         entropy: ``[K, S]`` normalized entropy of the retrieval weights.
-        top_indices: ``[K, S, top_k]`` training indices with the largest k̂.
+        top_indices: ``[K, S, top_k]`` training indices with the largest k̂ (by decreasing k̂; equal
+            k̂ in increasing index order, whatever N).
         top_share: ``[K, S]`` weight p carried by the top_k training examples.
     """
 
@@ -140,7 +141,7 @@ def retrieval_attribution(
             EDM: real t = ¼ ln σ; the states then kept at the sampler's float timesteps) (a list, Tensor
             or array; snapped to
             the sampler's steps, where two may become one); default ``num_stages`` evenly spaced from
-            the noisiest to the cleanest.
+            the noisiest (T − 1; flow matching: T, σ = 1; EDM: the noisiest training level) to the cleanest.
         output_sketch: None for the exact kernel, V directions for images.
         seed: seeds sampling, the fixed training noise and the sketch.
         sampler, step_kwargs: the reverse sampler (default DDPM; a diffusers scheduler class or
@@ -164,6 +165,10 @@ def retrieval_attribution(
     if not isinstance(train_data, torch.Tensor) or train_data.dim() < 2:
         raise TypeError(f"train_data must be a Tensor [N, *shape], got {getattr(train_data, 'shape', type(train_data).__name__)}")
     n = train_data.shape[0]
+    # checked before sampling: a float or bool count would otherwise fail (or pass as 1) deep inside torch
+    top_k, num_samples = positive_int(top_k, "top_k"), positive_int(num_samples, "num_samples")
+    if stages is None:
+        num_stages = positive_int(num_stages, "num_stages")
     if n < 2 or not 1 <= top_k <= n:
         raise ValueError(f"need at least 2 training inputs and 1 <= top_k <= N; got N={n}, top_k={top_k}")
     extra = () if conditioning is None else as_tuple(conditioning, name="conditioning")
@@ -183,8 +188,9 @@ def retrieval_attribution(
         if noise_process(scheduler) == EDM_PROCESS:  # real levels ¼ ln σ, from the noisiest training level down
             levels = training_levels(scheduler)[0]
             stages = torch.linspace(float(levels[-1]), float(levels[0]), num_stages).tolist()
-        else:
-            stages = torch.linspace(total - 1, 0, num_stages).round().long().tolist()
+        else:  # the noisiest level: T − 1 under DDPM, T (σ = 1, the flow sampler's first step) under flow matching
+            noisiest = total if noise_process(scheduler) == FLOW_PROCESS else total - 1
+            stages = torch.linspace(noisiest, 0, num_stages).round().long().tolist()
     # A Tensor or array of stages is fine (reverse_sample's `keep or ()` is not); values outside [0, T)
     # would be snapped silently to the first or last reverse step.
     stages = torch.as_tensor(stages).reshape(-1)
@@ -234,12 +240,20 @@ def retrieval_attribution(
         states.append(x_s.detach().cpu())
     kernel = torch.stack(kernels).cpu()  # [K, S, N]
     entropy = normalized_entropy(kernel)
-    top = kernel.topk(top_k, dim=-1)
-    top_share = top_weight_share(kernel, top.indices)
+    top_indices = _top_indices(kernel, top_k)
+    top_share = top_weight_share(kernel, top_indices)
     return RetrievalResult(
         stages=torch.tensor(order), states=torch.stack(states), samples=samples.detach().cpu(), kernel=kernel,
-        entropy=entropy, top_indices=top.indices, top_share=top_share,
+        entropy=entropy, top_indices=top_indices, top_share=top_share,
     )
+
+
+def _top_indices(kernel: torch.Tensor, k: int) -> torch.Tensor:
+    """``[..., N]`` k̂ rows -> ``[..., k]`` indices of the k largest, by decreasing k̂, equal k̂ in increasing
+    index order (as :func:`~genkernel.analysis.neighbors.kernel_neighbors`). ``Tensor.topk`` breaks ties in an
+    order that depends on N (a model whose k̂ is equal over the training set lists other examples for a
+    subset of the same training data), so a stable sort of −k̂ (negation is exact) is used instead."""
+    return torch.sort(-kernel, dim=-1, stable=True).indices[..., :k].contiguous()
 
 
 def _guided_kernel(model: nn.Module, state: tuple[torch.Tensor, torch.Tensor], conditioning: tuple[torch.Tensor, ...],
