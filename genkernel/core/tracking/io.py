@@ -15,6 +15,7 @@ import glob
 import math
 import os
 import pickle
+import stat
 import tempfile
 from pathlib import Path
 from typing import Any, Mapping
@@ -34,7 +35,14 @@ def atomic_save(obj: Any, path: str | os.PathLike) -> None:
             pass
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        # mkstemp makes the file owner-only (0600), and the rename kept that: every save turned a
+        # shared results file unreadable to the group. The new file gets the old one's mode, or
+        # what open() would give (0666 less the umask).
         with os.fdopen(fd, "wb") as handle:
+            try:
+                os.fchmod(handle.fileno(), _target_mode(path))
+            except OSError:  # a file system without modes (some network mounts): the save still matters more
+                pass
             torch.save(obj, handle)
             handle.flush()
             os.fsync(handle.fileno())
@@ -51,6 +59,27 @@ def atomic_save(obj: Any, path: str | os.PathLike) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def _target_mode(path: Path) -> int:
+    """The permission bits a save to ``path`` should leave: the existing file's, else 0666 less the
+    process umask (read from /proc where it is there, since os.umask can only be read by setting it)."""
+    try:
+        return stat.S_IMODE(os.stat(path).st_mode)
+    except OSError:
+        pass
+    umask = None
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    umask = int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    if umask is None:
+        umask = os.umask(0o022)
+        os.umask(umask)
+    return 0o666 & ~umask
 
 
 def load_state(path: str | os.PathLike, expected_format: str | None = None) -> dict[str, Any]:
@@ -164,8 +193,8 @@ def jsonable(value: Any) -> Any:
     tuples to lists, non-finite floats to None, mapping keys to strings, numpy and torch scalars to
     numbers, anything else to its ``str``. The analyzers' reports and the saved-state
     summaries go through it."""
-    if isinstance(value, torch.Tensor):
-        return jsonable(value.tolist())
+    if isinstance(value, torch.Tensor) or (hasattr(value, "tolist") and getattr(value, "ndim", 0) > 0):
+        return jsonable(value.tolist())  # a numpy array too (its .item() refuses more than one element)
     if isinstance(value, Mapping):
         return {str(k): jsonable(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):

@@ -11,6 +11,7 @@ and rounding only, and is always reported.
 
 from __future__ import annotations
 
+import operator
 import os
 from dataclasses import dataclass, field
 from typing import Any
@@ -77,6 +78,16 @@ class PathKernelLedger:
 
     @classmethod
     def empty(cls, f_start: torch.Tensor, num_groups: int) -> "PathKernelLedger":
+        if not isinstance(f_start, torch.Tensor) or f_start.dim() != 2:
+            raise ValueError(f"f_start must be the probes' outputs as an [M, d] tensor (flatten each output), got "
+                             f"{tuple(f_start.shape) if isinstance(f_start, torch.Tensor) else type(f_start).__name__}")
+        try:
+            size = -1 if isinstance(num_groups, bool) else operator.index(num_groups)
+        except TypeError:
+            size = -1
+        if size < 0:
+            raise ValueError(f"num_groups must be a non-negative int, got {num_groups!r}")
+        num_groups = size
         f_start = f_start.detach().to(torch.float64)
         m, d = f_start.shape
         zeros = torch.zeros_like(f_start)
@@ -93,7 +104,8 @@ class PathKernelLedger:
 
     def __post_init__(self) -> None:
         if self.sketch_error is None:  # ledgers saved before sketched state existed
-            self.sketch_error = torch.zeros_like(self.rest)
+            self.sketch_error = torch.zeros_like(self.rest) if isinstance(self.rest, torch.Tensor) else None
+        _check_fields(self)
 
     @property
     def num_groups(self) -> int:
@@ -113,11 +125,24 @@ class PathKernelLedger:
         groups ``columns [U]`` when only those moved: a plain-SGD step touches the batch's
         groups only), ``step_rest [M, d]`` (buffer drift included, ``step_drift`` being its part),
         new outputs ``[M, d]`` and, with sketched state, the step's ``[M, d]`` sketch error."""
+        # Everything is checked before anything is written: a wrong shape would otherwise broadcast
+        # (a [M, 1, d] step into every group, a [d] rest into every probe) or an id outside
+        # [0, G) drop a group's contribution, while the running residual kept its old value.
+        m, _, d = self.contributions.shape
+        span = _contiguous_span(columns, self.num_groups)
+        width = self.num_groups if columns is None else columns.numel()
+        step_contributions = _as_float64(step_contributions, "step_contributions", (m, width, d),
+                                         self.contributions.device)
+        step_rest = _as_float64(step_rest, "step_rest", (m, d), self.rest.device)
+        f_new = _as_float64(f_new, "f_new", (m, d), self.f_end.device)
+        step_sketch = (torch.zeros_like(step_rest) if step_sketch_error is None
+                       else _as_float64(step_sketch_error, "step_sketch_error", (m, d), self.rest.device))
+        if step_drift is not None:
+            step_drift = _as_float64(step_drift, "step_drift", (m, d), self.rest.device)
         # One layout for the reductions below: on a permuted view (an einsum's result) torch's
         # norm over d runs 30-40x slower than on contiguous rows (measured: [64, 2304, 10] float64).
         step_contributions = step_contributions.contiguous()
         step_traffic = step_contributions.norm(dim=2)
-        span = _contiguous_span(columns, self.num_groups)
         if span is not None:  # every group, or a batch of consecutive ids: a view, no scattered writes
             self.contributions[:, span] += step_contributions
             self.traffic[:, span] += step_traffic
@@ -127,9 +152,8 @@ class PathKernelLedger:
         self.rest += step_rest
         if step_drift is not None:
             self.buffer_drift += step_drift
-        step_sketch = torch.zeros_like(step_rest) if step_sketch_error is None else step_sketch_error
         self.sketch_error += step_sketch
-        f_new = f_new.detach().to(torch.float64).clone()
+        f_new = f_new.clone()
         # R = f_end − f_start − Σ_g C − C_rest − sketch error, updated by this step's terms (the same
         # identity without an O(M G d) sum over every group; tests check it against the definition).
         self.residual = self.residual + (f_new - self.f_end) - step_contributions.sum(dim=1) - step_rest - step_sketch
@@ -145,7 +169,7 @@ class PathKernelLedger:
         MemoryError in a snapshot) puts the ones already written back with this, so that no ledger
         counts a step the others and the model do not."""
         span = _contiguous_span(columns, self.num_groups)
-        index = span if span is not None else columns
+        index = span if span is not None else columns.clone()  # the caller may reuse its tensor
         return {
             "index": index,
             "contributions": self.contributions[:, index].clone(),
@@ -177,15 +201,18 @@ class PathKernelLedger:
             {
                 "step": self.steps,
                 **{key: getattr(self, key).clone()
-                   for key in ("contributions", "rest", "residual", "f_end", "traffic", "sketch_error")},
+                   for key in ("contributions", "rest", "residual", "f_end", "traffic", "buffer_drift", "sketch_error")},
             }
         )
 
     def since(self, earlier: "PathKernelLedger") -> "PathKernelLedger":
         """The ledger of the steps after ``earlier`` (a copy of this ledger taken then): contributions,
         rest, traffic and sketch error are differences, ``f_start`` is ``earlier.f_end``."""
-        if earlier.contributions.shape != self.contributions.shape or earlier.steps > self.steps:
-            raise ValueError("`earlier` must be an earlier copy of this same ledger (ledger.copy())")
+        same_start = (earlier.f_start.shape == self.f_start.shape
+                      and torch.equal(earlier.f_start, self.f_start.to(earlier.f_start.device)))
+        if earlier.contributions.shape != self.contributions.shape or earlier.steps > self.steps or not same_start:
+            raise ValueError("`earlier` must be an earlier copy of this same ledger (ledger.copy()): same shape, same "
+                             f"f_start and no more steps (it has {earlier.steps}, this one {self.steps})")
         window = PathKernelLedger(
             contributions=self.contributions - earlier.contributions,
             rest=self.rest - earlier.rest,
@@ -243,8 +270,13 @@ class PathKernelLedger:
         change = self.delta.norm(dim=1)
         per_probe = self.probe_relative_residual()[change > 0]  # a probe that did not move has no ratio
         kappa = self.cancellation_ratio()
+        still = ~(change > 0)
         if not bool(torch.isfinite(self.residual).all()):
             worst = float("nan")  # a non-finite residual must not be summarized as a finite number
+        elif bool(self.residual[still].any()):
+            # A probe that did not move while the ledger books a change there (R ≠ 0) has no finite
+            # ratio: NaN, as when no probe moved, not the moved probes' maximum (which hid it).
+            worst = float("nan")
         else:
             # No probe moved: no ratio; 0 only when the residual is 0 too, as relative_residual says.
             worst = float(per_probe.max()) if per_probe.numel() else (0.0 if not bool(self.residual.any()) else float("nan"))
@@ -261,7 +293,7 @@ class PathKernelLedger:
         }
 
     def relative_sketch_error(self) -> float:
-        """‖sketch_error‖ / ‖Δf‖ (0 without sketched state)."""
+        """‖sketch_error‖ / ‖Δf‖ (0 without sketched state; NaN where no probe moved)."""
         change = self.delta.norm()
         return float(self.sketch_error.norm() / change) if change > 0 else float("nan")
 
@@ -275,7 +307,21 @@ class PathKernelLedger:
 
     @classmethod
     def from_state_dict(cls, state: dict[str, Any]) -> "PathKernelLedger":
-        return cls(**state)
+        """A ledger from :meth:`state_dict`'s output: its own float64 copies of the tensors (the
+        state is left as it is: two ledgers built from one state do not share memory, and
+        :meth:`record` adds in place)."""
+        if not isinstance(state, dict) and not hasattr(state, "items"):
+            raise TypeError(f"from_state_dict needs a ledger's state_dict(), got {type(state).__name__}")
+        allowed = {*_FIELDS, "steps", "history", "format"}  # format: a saved file's tag, read by load
+        required = set(_FIELDS) - {"sketch_error"}  # sketch_error: states saved before sketched state existed
+        missing, unexpected = sorted(required - set(state)), sorted(set(state) - allowed)
+        if missing or unexpected:
+            raise ValueError(f"not a PathKernelLedger state (missing {missing}, unexpected {unexpected}); pass "
+                             "ledger.state_dict() or a file written by ledger.save")
+        copy = lambda v: v.detach().to(torch.float64, copy=True) if isinstance(v, torch.Tensor) and v.is_floating_point() else v
+        fields = {key: copy(value) for key, value in state.items() if key in _FIELDS}
+        history = [{k: copy(v) for k, v in h.items()} for h in state.get("history", [])]
+        return cls(**fields, steps=int(state.get("steps", 0)), history=history)
 
     def save(self, path: str | os.PathLike) -> None:
         """Write the ledger atomically (temporary file, then rename)."""
@@ -291,11 +337,59 @@ class PathKernelLedger:
 def _contiguous_span(columns: torch.Tensor | None, num_groups: int) -> slice | None:
     """``slice(a, a + U)`` when ``columns [U]`` is the ascending run a, a+1, …, a+U−1 (``None``:
     every group); otherwise None. Adding into such a view is 2-3x faster than ``index_add_`` along
-    the ledger's middle dimension (measured: [64, 7680, 10] float64, 512 columns)."""
+    the ledger's middle dimension (measured: [64, 7680, 10] float64, 512 columns).
+
+    ``columns`` must be distinct integer group ids in [0, G) (a ValueError otherwise): an id past
+    the end made an empty slice that the step broadcast into (its contributions vanished), a
+    negative one a slice from the end, and a repeated one summed norms of pieces into traffic."""
     if columns is None:
         return slice(0, num_groups)
+    if not isinstance(columns, torch.Tensor) or columns.dim() != 1 or columns.dtype.is_floating_point \
+            or columns.dtype.is_complex or columns.dtype == torch.bool:
+        raise ValueError("columns must be a 1-D integer tensor of distinct group ids, got "
+                         f"{type(columns).__name__} {getattr(columns, 'dtype', '')} {tuple(getattr(columns, 'shape', ()))}")
     if columns.numel() == 0:
         return slice(0, 0)
     start = int(columns[0])
     run = torch.arange(start, start + columns.numel(), device=columns.device, dtype=columns.dtype)
-    return slice(start, start + columns.numel()) if torch.equal(columns, run) else None
+    if torch.equal(columns, run):
+        if start < 0 or start + columns.numel() > num_groups:
+            raise ValueError(f"columns must be group ids in [0, {num_groups}), got {start} to {start + columns.numel() - 1}")
+        return slice(start, start + columns.numel())
+    low, high = (int(v) for v in torch.aminmax(columns))
+    if low < 0 or high >= num_groups:
+        raise ValueError(f"columns must be group ids in [0, {num_groups}), got ids from {low} to {high}")
+    if torch.unique(columns).numel() != columns.numel():
+        raise ValueError("columns must be distinct group ids (sum a group's pieces into one column first: its traffic "
+                         "is the norm of the group's whole step contribution)")
+    return None
+
+
+def _as_float64(value: Any, name: str, shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """``value`` as a float64 tensor of exactly ``shape`` (a ValueError naming ``name`` otherwise)."""
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name} must be a tensor of shape {list(shape)}, got {type(value).__name__}")
+    if tuple(value.shape) != tuple(shape):
+        raise ValueError(f"{name} must have shape {list(shape)} (probes, {'groups or columns, ' if len(shape) == 3 else ''}"
+                         f"outputs), got {list(value.shape)}")
+    if value.is_complex() or value.dtype == torch.bool:
+        raise TypeError(f"{name} must hold real numbers, got {value.dtype}")
+    return value.detach().to(device=device, dtype=torch.float64)
+
+
+def _check_fields(ledger: "PathKernelLedger") -> None:
+    """ValueError unless the ledger's tensors have consistent shapes: contributions [M, G, d],
+    traffic [M, G], the rest [M, d]."""
+    for key in _FIELDS:
+        if not isinstance(getattr(ledger, key), torch.Tensor):
+            raise TypeError(f"PathKernelLedger.{key} must be a tensor, got {type(getattr(ledger, key)).__name__}")
+    if ledger.contributions.dim() != 3:
+        raise ValueError(f"PathKernelLedger.contributions must be [M, G, d], got {list(ledger.contributions.shape)}")
+    m, g, d = ledger.contributions.shape
+    expected = {key: (m, d) for key in ("rest", "residual", "f_start", "f_end", "buffer_drift", "sketch_error")}
+    expected["traffic"] = (m, g)
+    wrong = [f"{key} {list(getattr(ledger, key).shape)}" for key, shape in expected.items()
+             if tuple(getattr(ledger, key).shape) != shape]
+    if wrong:
+        raise ValueError(f"PathKernelLedger fields disagree with contributions [M={m}, G={g}, d={d}]: {', '.join(wrong)} "
+                         "(rest, residual, f_start, f_end, buffer_drift, sketch_error must be [M, d], traffic [M, G])")

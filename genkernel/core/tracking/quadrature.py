@@ -10,6 +10,7 @@ the outputs are polynomials of degree 2n along the step. Each node costs one pus
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -21,6 +22,19 @@ class QuadratureRule:
     nodes: tuple[float, ...]
     weights: tuple[float, ...]
     order: int  # exponent of |Δ| in the per-step error
+
+    def __post_init__(self) -> None:
+        # The tracker zips nodes with weights: unequal lengths would drop nodes silently, and weights
+        # that do not sum to 1 (or nodes off [0, 1]) scale every contribution into the residual.
+        nodes, weights = tuple(self.nodes), tuple(self.weights)
+        if not nodes or len(nodes) != len(weights):
+            raise ValueError(f"quadrature rule {self.name!r}: needs as many weights as nodes (at least one), got "
+                             f"{len(nodes)} nodes and {len(weights)} weights")
+        if not all(math.isfinite(s) and 0.0 <= s <= 1.0 for s in nodes):
+            raise ValueError(f"quadrature rule {self.name!r}: nodes must lie in [0, 1] (the step's segment), got {nodes}")
+        if not all(math.isfinite(w) for w in weights) or abs(math.fsum(weights) - 1.0) > 1e-12:
+            raise ValueError(f"quadrature rule {self.name!r}: weights must be finite and sum to 1, got {weights} "
+                             f"(sum {math.fsum(weights)!r})")
 
 
 def gauss_legendre(points: int) -> QuadratureRule:
@@ -45,7 +59,7 @@ def quadrature_rule(name: str) -> QuadratureRule:
     """The rule called ``name``; a clear error names the supported ones."""
     try:
         return QUADRATURE_RULES[name]
-    except KeyError:
+    except (KeyError, TypeError):  # TypeError: an unhashable name (a list, a dict)
         raise ValueError(f"unknown quadrature {name!r}; choose one of {sorted(QUADRATURE_RULES)}") from None
 
 
@@ -63,6 +77,10 @@ def residual_remedy(quadrature: str | None) -> str:
     if quadrature == "simpson" or (rule is not None and rule.name.startswith("gauss")):
         if quadrature == "gauss8":
             return "the steps are large for this model: shorten them (a smaller learning rate) or track fewer"
+        # Never advise fewer nodes than the rule already has (gauss5's advice named gauss4).
+        first = max(4, len(rule.nodes) + 1) if quadrature != "simpson" else 4
+        more_nodes = more_nodes.replace("'gauss4' to", f"'gauss{first}' to") if first < 8 else more_nodes.replace(
+            "'gauss4' to 'gauss8'", "'gauss8'")
         return f"{more_nodes}; or shorten the steps: the steps are large for this model"
     power = "" if rule is None else f" (the relative residual goes as step^{rule.order - 1} once steps are small)"
     return ("quadrature='simpson' shrinks it (by orders of magnitude at moderate steps, a few times at very large "
