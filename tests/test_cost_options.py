@@ -109,7 +109,13 @@ def test_float32_state_trains_the_same_networks_and_keeps_an_exact_ledger():
         assert y.contributions.dtype == F64  # the ledgers stay float64
         scale = float(x.contributions.abs().max())
         torch.testing.assert_close(y.contributions, x.contributions, rtol=1e-4, atol=1e-5 * scale)
-    assert b.report()["generator"]["relative_residual"] < 1e-2
+    report = b.report()
+    assert report["generator"]["relative_residual"] < 1e-2
+    # the report gives each tracker's cost estimate, as the diffusion analyzer's does
+    assert {k: v["settings"]["state_dtype"] for k, v in report["cost"].items()} == {"generator": "float32",
+                                                                                  "discriminator": "float32"}
+    wide = a.report()["cost"]["generator"]["memory_bytes"]["group_state"]
+    assert wide > 0 and wide == 2 * report["cost"]["generator"]["memory_bytes"]["group_state"]
 
 
 def test_float32_state_is_refused_for_float64_networks_and_on_resume_into_float64(tmp_path):

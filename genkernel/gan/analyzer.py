@@ -1594,6 +1594,11 @@ class GANKernelAnalyzer(TrainerCallback):
                                "stopped": self.stopped,
                                "loop_steps": {"generator": _span(self.g_loop_steps), "discriminator": _span(self.d_loop_steps)}}
         g_tracker, d_tracker = self._view("g_tracker"), self._view("d_tracker")
+        # What each tracker's step costs (memory by part, work against a bare step), as the diffusion
+        # analyzer's report gives it; trackers not rebuilt since a load have no estimate yet.
+        out["cost"] = {name: tracker.cost.as_dict() for name, tracker in (("generator", self.g_tracker),
+                                                                          ("discriminator", self.d_tracker))
+                       if tracker is not None and tracker.cost is not None}
         if g_tracker is not None and self.g_steps:
             ledger = self.generator_ledger()
             shares = ledger.shares()
