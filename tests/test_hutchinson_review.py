@@ -23,7 +23,8 @@ from genkernel.analysis.hutchinson import (
     per_probe_hessian_vector_product,
 )
 from genkernel.analysis.stochastic import expected_output_decomposition
-from genkernel.supervised import mlp, mse_loss
+from genkernel.supervised import mse_loss
+from test_stochastic import tiny_problem
 
 
 # ------------------------------------------------------------------ attention models
@@ -139,17 +140,10 @@ def test_attention_switches_are_restored_after_an_error():
 # ------------------------------------------------------------------ numeric argument types
 
 
-def _tiny(seed=0, n=8):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.rand(n, 1, generator=g, dtype=torch.float64) * 4 - 2
-    torch.manual_seed(seed)
-    return x, torch.sin(x), mlp(1, [4], 1, act="tanh").double()
-
-
 def test_numpy_float_step_sizes_are_accepted():
     # Old code: lr=np.float32(...) raised TypeError in hutchinson, and expected_output_decomposition, which
     # accepts any real lr, crashed inside its first step with that TypeError.
-    x, y, model = _tiny()
+    x, y, model = tiny_problem(n=8)
     lr32 = np.float32(0.05)
     grads = {k: torch.randn((4, *p.shape), dtype=torch.float64, generator=torch.Generator().manual_seed(2))
              for k, p in model.named_parameters()}
@@ -181,7 +175,7 @@ def test_population_of_the_wrong_type_names_the_problem(population):
 def test_decomposition_refuses_seeds_that_are_no_independent_replicates():
     # Old code ran [0, 0, 1] as three replicates (two identical) and [0.5, 0.7] as seed 0 twice: the
     # jackknife interval over seeds counted one run twice, silently.
-    x, y, model = _tiny()
+    x, y, model = tiny_problem(n=8)
     kwargs = dict(lr=0.05, batch_size=4, steps=1, hutchinson_samples=2)
     with pytest.raises(ValueError, match="distinct"):
         expected_output_decomposition(model, x, y, mse_loss, x[:2], seeds=[0, 0, 1], **kwargs)
@@ -201,7 +195,7 @@ def test_decomposition_refuses_seeds_that_are_no_independent_replicates():
 
 def test_shares_jackknife_matches_a_hand_computed_interval_and_refuses_bad_confidence():
     # Old code: confidence=95 gave NaN ends, 1.0 infinite ones, -0.5 an inverted interval (hi < lo), silently.
-    x, y, model = _tiny()
+    x, y, model = tiny_problem(n=8)
     dec = expected_output_decomposition(model, x, y, mse_loss, x[:3], lr=0.05, batch_size=4, steps=2,
                                         seeds=[0, 1, 2, 3], hutchinson_samples=2)
     for bad in (95, 1.0, 0.0, -0.5, float("nan")):
@@ -224,7 +218,7 @@ def test_shares_jackknife_matches_a_hand_computed_interval_and_refuses_bad_confi
 
 
 def test_decomposition_checks_its_data_up_front():
-    x, y, model = _tiny()
+    x, y, model = tiny_problem(n=8)
     kwargs = dict(lr=0.05, batch_size=4, steps=1, seeds=[0], hutchinson_samples=2)
     # old: IndexError deep inside (index 7 is out of bounds)
     with pytest.raises(ValueError, match="targets need one row per training input"):
@@ -250,7 +244,7 @@ class _WithUnused(nn.Module):
 def test_a_trainable_parameter_the_output_does_not_reach_changes_nothing():
     # Old code: RuntimeError "One of the differentiated Tensors appears to not have been used" from the
     # full-gradient pass. Its gradient is 0, so every term equals the model's without it.
-    x, y, model = _tiny()
+    x, y, model = tiny_problem(n=8)
     kwargs = dict(lr=0.05, batch_size=4, steps=2, seeds=[0, 1], hutchinson_samples=3)
     ref = expected_output_decomposition(model, x, y, mse_loss, x[:2], **kwargs)
     out = expected_output_decomposition(_WithUnused(copy.deepcopy(model)), x, y, mse_loss, x[:2], **kwargs)
@@ -275,7 +269,7 @@ def test_rrelu_in_training_mode_is_refused_and_in_eval_mode_is_exact():
                  lambda: exact_trace_sigma_hessian(model, x, grads, 0.1)):
         with pytest.raises(ValueError, match="RReLU"):
             call()
-    xs, ys, _ = _tiny()
+    xs, ys, _ = tiny_problem(n=8)
     with pytest.raises(ValueError, match="RReLU"):
         expected_output_decomposition(nn.Sequential(nn.Linear(1, 4), nn.RReLU(), nn.Linear(4, 1)).double(), xs, ys,
                                       mse_loss, xs[:2], lr=0.05, batch_size=4, steps=1, seeds=[0])
@@ -306,7 +300,7 @@ def test_one_step_terms_average_to_the_exact_ito_term_over_every_batch():
     from genkernel.core.engine.gradients import group_gradients
 
     n, b, lr = 6, 3, 0.1
-    x, y, model = _tiny(seed=1, n=n)
+    x, y, model = tiny_problem(n=n, seed=1)
     probes = torch.tensor([[-1.0], [0.3], [1.2]], dtype=torch.float64)
     seeds, seen = [], set()
     for s in range(2000):
