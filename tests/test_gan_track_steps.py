@@ -113,3 +113,27 @@ def test_a_window_is_refused_in_a_hand_written_loop_with_the_fix():
     analyzer = GANKernelAnalyzer(G, D, PROBES, num_groups=3, track_steps=(2, 4))
     with pytest.raises(ValueError, match="bind at the window's first step.*analyzer.stop"):
         analyzer.bind(torch.optim.SGD(G.parameters(), lr=0.1))
+
+
+def test_a_checkpoint_at_the_windows_last_step_keeps_the_emas_last_update(tmp_path):
+    """The EMA moves after the window's last generator step; the uninterrupted run records that
+    update when the next step stops the analyzer. A run saved at that iteration's end and resumed
+    lost it (its EMA ledger had 1 update of 2); the state is now saved stopped, with it."""
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+    def run(iterations, **options):
+        G, D = _pair()
+        data = gaussian_ring(128, radius=2.0, std=0.05, seed=0)[0].double()
+        analyzer = GANKernelAnalyzer(G, D, PROBES, num_groups=3, window=2, eval_every=1, controls=0,
+                                     track_discriminator=False, track_steps=(2, 3))
+        ema = AveragedModel(G, multi_avg_fn=get_ema_multi_avg_fn(0.9))
+        GANTrainer(G, D, data, batch_size=16, ema=ema, callbacks=[analyzer], seed=2, **options).train(
+            iterations, resume="checkpoint_every" not in options and "checkpoint_dir" in options)
+        return analyzer
+
+    straight = run(5)
+    run(3, checkpoint_dir=tmp_path, checkpoint_every=3)
+    resumed = run(5, checkpoint_dir=tmp_path)
+    a, b = straight.generator_ema_ledgers["geometry"], resumed.generator_ema_ledgers["geometry"]
+    assert a.steps == b.steps == 2
+    assert torch.equal(a.contributions, b.contributions) and torch.equal(a.f_end, b.f_end)

@@ -1654,7 +1654,14 @@ class GANKernelAnalyzer(TrainerCallback):
 
     # -- persistence ---------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
+        """The analyzer's state. Saved once the ``track_steps`` window's last generator step is done
+        (a trainer's checkpoint at that iteration's end), the analyzer stops first, as the next step
+        would stop it: the EMA's update after that step is in the state, where a run resumed from it
+        could no longer record it."""
         self._check_consistent()
+        if (self.track_steps is not None and not self.stopped and not self._bound and self.g_loop_steps
+                and self.g_loop_steps[-1] >= self.track_steps[1]):
+            self.stop()
         return {
             "format": FORMAT,
             "config": self._config(),
