@@ -55,6 +55,11 @@ def test_a_window_tracks_its_iterations_only_and_training_is_unchanged():
     assert report["track_steps"] == [3, 5] and report["stopped"] is True
     assert report["partial_window"]["loop_steps"] == [5, 5]  # windows of 2: (3, 4) closed, 5 left open at the stop
     assert [w["loop_steps"] for w in report["windows"]] == [[3, 4]]
+    from genkernel.report import summarize
+
+    (summary,) = summarize(analyzer.state_dict())["states"].values()
+    assert summary["settings"]["track_steps"] == [3, 5] and summary["settings"]["stopped"] is True
+    assert summary["generator_steps"] == 3 and _same(summary["partial_window"]["loop_steps"], [5, 5])
 
 
 def test_a_window_over_every_step_is_the_untracked_analyzer():

@@ -444,7 +444,9 @@ def _gan(state: Mapping[str, Any], top: int) -> dict[str, Any]:
     out: dict[str, Any] = {
         "kind": "gan", "format": state["format"],
         "settings": {"num_groups": num_groups, "controls": config.get("controls"), "grouping": config.get("grouping"),
-                     "comparison": config.get("comparison"), "start_step": state.get("start_step")},
+                     "comparison": config.get("comparison"), "start_step": state.get("start_step"),
+                     "track_steps": config.get("track_steps"), "stopped": bool(state.get("stopped", False)),
+                     "state_dtype": config.get("state_dtype", "float64")},
         "generator_steps": state.get("g_steps", 0), "discriminator_steps": state.get("d_steps", 0),
         "notes": [n for n in state.get("notes", []) if n],
     }
