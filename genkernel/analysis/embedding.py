@@ -32,7 +32,17 @@ def embed_2d(distances, *, method: str = "auto", seed: int = 0, perplexity: floa
 
     Returns:
         ``(coords [N, 2], method_used)`` with ``method_used`` "umap" or "t-SNE".
+
+    Raises:
+        TypeError: complex distances.
+        ValueError: not square, fewer than 4 points, NaN, infinite or negative entries, asymmetric
+            or with a nonzero diagonal (a kernel passed as distances); an unknown ``method``.
+        ImportError: ``method="umap"`` without umap-learn.
     """
+    if (distances.is_complex() if isinstance(distances, torch.Tensor) else np.iscomplexobj(distances)):
+        # the float64 cast below would drop the imaginary part with only a warning
+        raise TypeError("distances must be real; a complex matrix is not a distance matrix (take its absolute value "
+                        "or real part explicitly if that is what you mean)")
     if isinstance(distances, torch.Tensor):  # on any device, with or without autograd history
         distances = distances.detach().cpu().to(torch.float64).numpy()
     d = np.asarray(distances, dtype=np.float64)

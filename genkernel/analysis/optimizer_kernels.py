@@ -18,7 +18,8 @@ from ..core.engine.kernels import normalize_kernel, tangent_features
 __all__ = ["adaptive_preconditioner", "preconditioned_kernel"]
 
 
-def adaptive_preconditioner(model: nn.Module, optimizer: torch.optim.Optimizer, *, scale_by_lr: bool = False) -> torch.Tensor:
+def adaptive_preconditioner(model: nn.Module, optimizer: torch.optim.Optimizer, *, scale_by_lr: bool = False,
+                            first_moment_weight: bool = False) -> torch.Tensor:
     """``[P]`` float64 diagonal P = 1/(sqrt(v̂)+ε) of an Adam/AdamW (v̂ = v/(1−β2^t)) or RMSprop
     (v̂ = v, no bias correction; centered not supported) optimizer, flattened in the order of
     :func:`tangent_features` (the model's trainable parameters). ε, β2 and the step count t are
@@ -31,18 +32,33 @@ def adaptive_preconditioner(model: nn.Module, optimizer: torch.optim.Optimizer, 
             (``group["lr"]``), η_g/(sqrt(v̂)+ε): the diagonal through which a gradient moves the
             parameters when the groups' learning rates differ (Adam's first-moment weight
             (1 − β1)/(1 − β1^t) is left out: a common factor while the parameters share β1 and t).
+            ``group["lr"]`` is read now: call this after ``optimizer.step()`` and before
+            ``scheduler.step()`` for the learning rate of the step just taken (a scheduler stepped
+            in between has already set the next step's).
+        first_moment_weight: multiply each Adam parameter's entries by (1 − β1)/(1 − β1^t), its own
+            β1 and step count t: the weight with which the gradient of the step just taken enters
+            that step's update (1 for RMSprop). Needed when it is not common to the parameters: a
+            parameter that missed steps (no gradient while a branch was off) has a smaller t, and
+            groups may have different β1 (measured: 0.53 against 0.18 for a layer that sat out six
+            of eight steps at β1 = 0.9).
 
     Raises:
         TypeError: for other optimizers.
         ValueError: before the first step (no second moment yet); for a parameter that has had no
             gradient at any step (no state); when the model's parameters sit in groups with
             different learning rates and ``scale_by_lr`` is False (J P Jᵀ would weigh a group with
-            a small or zero learning rate like the others).
+            a small or zero learning rate like the others); when the first-moment weight
+            (1 − β1)/(1 − β1^t) differs between the model's parameters and ``first_moment_weight``
+            is False.
     """
+    for flag, value in (("scale_by_lr", scale_by_lr), ("first_moment_weight", first_moment_weight)):
+        if not isinstance(value, bool):
+            raise TypeError(f"{flag} must be a bool, got {type(value).__name__}")
     params = trainable_parameters(model)
-    by_id = {id(p): (group, optimizer.state.get(p, {})) for group in optimizer.param_groups for p in group["params"]}
     if not isinstance(optimizer, (torch.optim.Adam, torch.optim.RMSprop)):  # AdamW subclasses Adam in recent PyTorch
-        raise TypeError(f"{type(optimizer).__name__} has no diagonal preconditioner; use Adam, AdamW or RMSprop")
+        raise TypeError(f"{type(optimizer).__name__} has no diagonal preconditioner read here; use Adam, AdamW or "
+                        "RMSprop (pass the optimizer itself, not its learning-rate scheduler)")
+    by_id = {id(p): (group, optimizer.state.get(p, {})) for group in optimizer.param_groups for p in group["params"]}
     moment = "exp_avg_sq" if isinstance(optimizer, torch.optim.Adam) else "square_avg"
     if not any(moment in optimizer.state.get(p, {}) for p in params.values()):
         raise ValueError("the optimizer has not taken a step yet: no second moment to precondition with")
@@ -59,7 +75,7 @@ def adaptive_preconditioner(model: nn.Module, optimizer: torch.optim.Optimizer, 
             f"the model's parameters are in optimizer groups with different learning rates ({sorted(set(lrs.values()))}): "
             "the kernel of a step is J diag(η_g/(sqrt(v̂)+ε)) Jᵀ, not J P Jᵀ; pass scale_by_lr=True"
         )
-    pieces = []
+    pieces, weights = [], {}
     for name, p in params.items():
         group, state = by_id[id(p)]
         if moment not in state:
@@ -72,6 +88,8 @@ def adaptive_preconditioner(model: nn.Module, optimizer: torch.optim.Optimizer, 
             step = float(state["step"])
             v = state["max_exp_avg_sq"] if group.get("amsgrad") else state["exp_avg_sq"]
             v_hat = v.to(torch.float64) / (1 - float(group["betas"][1]) ** step)
+            beta1 = float(group["betas"][0])
+            weights[name] = (1 - beta1) / (1 - beta1**step)
         else:
             if group.get("centered"):
                 raise ValueError("centered RMSprop is not supported here")
@@ -79,7 +97,19 @@ def adaptive_preconditioner(model: nn.Module, optimizer: torch.optim.Optimizer, 
         diag = 1.0 / (v_hat.sqrt() + float(group["eps"]))
         if scale_by_lr:
             diag = diag * lrs[name]
+        if first_moment_weight and name in weights:
+            diag = diag * weights[name]
         pieces.append(diag.reshape(-1).cpu())
+    if not first_moment_weight and weights:
+        low, high = min(weights.values()), max(weights.values())
+        if high - low > 1e-12 * high:
+            detail = ", ".join(f"'{n}': {w:.4g}" for n, w in weights.items())
+            raise ValueError(
+                "the weight (1 − β1)/(1 − β1^t) with which a step's gradient enters its Adam update differs "
+                f"between the model's parameters ({detail}; a parameter that missed steps has a smaller step "
+                "count t, or the groups' β1 differ), so J P Jᵀ would weigh them wrongly against each other; "
+                "pass first_moment_weight=True"
+            )
     return torch.cat(pieces)
 
 
@@ -90,12 +120,14 @@ def preconditioned_kernel(model: nn.Module, x1: torch.Tensor, x2: torch.Tensor, 
     With ``normalize``: divided by sqrt(k(x, x) k(x', x')) under the same P.
 
     Raises:
-        TypeError: ``preconditioner`` not a tensor.
+        TypeError: ``preconditioner`` not a tensor, or complex.
         ValueError: ``preconditioner`` not a ``[P]`` vector, or with NaN, infinite or negative
             entries (a preconditioner is a non-negative diagonal).
     """
     if preconditioner is not None and not isinstance(preconditioner, torch.Tensor):
         raise TypeError(f"preconditioner must be a torch.Tensor [P] or None, got {type(preconditioner).__name__}")
+    if preconditioner is not None and preconditioner.is_complex():  # .to(float64) would drop the imaginary part
+        raise TypeError(f"preconditioner must be real, got {preconditioner.dtype}; pass a non-negative real diagonal")
     f1 = tangent_features(model, x1).to(torch.float64).cpu()  # [M, d, P]
     f2 = tangent_features(model, x2).to(torch.float64).cpu()
     p = torch.ones(f1.shape[-1], dtype=torch.float64) if preconditioner is None else preconditioner.detach().to(torch.float64).cpu()
