@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..core.adapter import output_tensor, under_torch_func, unwrap
+from ..core.adapter import output_tensor, positive_int, under_torch_func, unwrap
 
 LOSSES = ("nonsaturating", "hinge", "wgan-gp")
 OUTPUTS = ("logit", "probability")
@@ -64,7 +64,20 @@ def check_output(output: str, kind: str = "nonsaturating") -> str:
 
 
 def _clamped_log(p: torch.Tensor) -> torch.Tensor:
-    return torch.log(p).clamp_min(LOG_FLOOR)
+    """log p clamped at −100 (``nn.BCELoss``), with a zero gradient where clamped. At p = 0 the log is
+    taken of 1 instead: ``log(p).clamp_min`` there back-propagates 0 · (1/0) = NaN, in the selected
+    branch (a generator sample D scores 0) and in the one ``torch.where`` discards (a real row at
+    p = 1, which float32's sigmoid gives from a logit of 17 on), poisoning D's whole gradient."""
+    zero = p == 0
+    safe = torch.where(zero, torch.ones_like(p), p)
+    return torch.where(zero, torch.full_like(p, LOG_FLOOR), torch.log(safe)).clamp_min(LOG_FLOOR)
+
+
+def _softplus(x: torch.Tensor) -> torch.Tensor:
+    """log(1 + eˣ), exact in float64 too: ``F.softplus``'s default threshold (20) returns x itself above
+    it, an error of e⁻²⁰ ≈ 2e-9 in the loss and its gradient, far above float64's rounding (the
+    ledgers are float64). Above 40, x is log(1 + eˣ) to float64's precision."""
+    return F.softplus(x, beta=1.0, threshold=40.0)
 
 
 def _children(module: nn.Module) -> list[nn.Module]:
@@ -178,6 +191,29 @@ def check_classes(classes: object, batch: int, num_classes: int | None, what: st
     return classes.long()
 
 
+def check_roles(roles: object, values: torch.Tensor) -> None:
+    """Refuse ``roles`` unless they are integer ids 0, 1, 2, one per row of ``values [B]``.
+
+    ``torch.where`` broadcasts: roles ``[B, 1]`` against values ``[B]`` gave a ``[B, B]`` loss, and an
+    id other than 1 or 2 (3, −1) fell through to the generated rows' loss, both without a word."""
+    if not isinstance(values, torch.Tensor) or values.dim() != 1:
+        raise ValueError(f"values must be [B] (one score or gradient norm per example), got shape "
+                         f"{tuple(getattr(values, 'shape', ()))}: reshape them with values.reshape(-1)")
+    if not isinstance(roles, torch.Tensor):
+        raise TypeError(f"roles must be a LongTensor[{values.shape[0]}] (0 generated, 1 real, 2 penalty), got "
+                        f"{type(roles).__name__}")
+    if roles.is_floating_point() or roles.is_complex() or roles.dtype == torch.bool:
+        raise TypeError(f"roles must be integer ids (0 generated, 1 real, 2 penalty), got dtype {roles.dtype}: "
+                        "pass roles.long()")
+    if roles.shape != values.shape:
+        raise ValueError(f"roles must have shape [{values.shape[0]}] (one role per example, as values), got "
+                         f"{tuple(roles.shape)}: pass roles.reshape(-1)")
+    if roles.numel() and not under_torch_func(roles):
+        low, high = int(roles.min()), int(roles.max())
+        if low < GENERATED or high > PENALTY:
+            raise ValueError(f"roles must be 0 (generated), 1 (real) or 2 (gradient penalty), got ids from {low} to {high}")
+
+
 def class_inputs(classes: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
     """G's and D's inputs after the first: ``(classes,)`` for a conditional GAN, ``()`` for an
     unconditional one (``classes`` None), so that ``G(z, *class_inputs(y))`` serves both."""
@@ -190,7 +226,7 @@ def generator_losses(kind: str, scores: torch.Tensor, output: str = "logit") -> 
     check_loss(kind)
     if check_output(output, kind) == "probability":
         return -_clamped_log(scores)
-    return F.softplus(-scores) if kind == "nonsaturating" else -scores
+    return _softplus(-scores) if kind == "nonsaturating" else -scores
 
 
 def discriminator_losses(
@@ -200,10 +236,11 @@ def discriminator_losses(
     with ``output="probability"``: −log p on real, −log(1 − p) on generated (logs clamped at −100)."""
     check_loss(kind)
     gp_weight = check_gp_weight(gp_weight)
+    check_roles(roles, values)
     if check_output(output, kind) == "probability":
         real, fake = -_clamped_log(values), -_clamped_log(1 - values)
     elif kind == "nonsaturating":
-        real, fake = F.softplus(-values), F.softplus(values)
+        real, fake = _softplus(-values), _softplus(values)
     elif kind == "hinge":
         real, fake = F.relu(1 - values), F.relu(1 + values)
     else:
@@ -244,7 +281,10 @@ class GeneratorLoss:
         if not isinstance(conditional, bool):
             raise TypeError(f"conditional must be True (D(x, y)) or False (D(x)), got {conditional!r}")
         self.conditional = conditional
-        self.num_classes = num_classes
+        if num_classes is not None and not conditional:
+            raise ValueError(f"num_classes={num_classes!r} is for a conditional D(x, y): pass conditional=True too (or drop "
+                             "num_classes)")
+        self.num_classes = None if num_classes is None else positive_int(num_classes, "num_classes")
         if self.output == "logit":
             check_not_sigmoid(discriminator)
         self._checked = False
@@ -258,6 +298,16 @@ class GeneratorLoss:
                     "G was given, a LongTensor[B]"
                 )
             conditions = (check_classes(targets, samples.shape[0], self.num_classes),)
+        elif (isinstance(targets, torch.Tensor) and not (targets.is_floating_point() or targets.is_complex())
+              and targets.dtype != torch.bool and targets.shape == (samples.shape[0],)):
+            from .passes import classes_taken
+
+            if classes_taken(self.discriminator) is not False:  # D(x, y=None): the classes would be dropped unseen
+                raise ValueError(
+                    "this generator loss is unconditional (it calls D(samples) and drops the classes it was given), but "
+                    "it was called with class ids and D's forward takes a second input: build it as "
+                    "GeneratorLoss(D, ..., conditional=True) so that it reads D(samples, classes)"
+                )
         if self._checked or under_torch_func(samples):
             scores = scores_of(self.discriminator(samples, *conditions), samples.shape[0])
         else:
@@ -293,6 +343,7 @@ class DiscriminatorLoss:
 
     def __call__(self, values: torch.Tensor, roles: torch.Tensor) -> torch.Tensor:
         values = values.reshape(values.shape[0])
+        check_roles(roles, values)
         if not self._checked and not under_torch_func(values):
             check_probabilities(values[roles != PENALTY])
             self._checked = True
@@ -352,11 +403,12 @@ class DiscriminatorObjective(nn.Module):
         # One evaluation of D gives both the scores (aux) and the input gradient, so a training-mode
         # forward advances spectral norm's power iteration once, as a plain D(x) would.
         norms, scores = self.input_gradient_norm(x, with_scores=True, classes=classes)
+        check_roles(roles, scores)  # roles [B, 1] would broadcast to a [B, B] output
         return torch.where(roles == PENALTY, norms, scores).unsqueeze(1)
 
 
 __all__ = [
     "OUTPUTS", "check_output", "check_not_sigmoid", "final_module", "LOSSES", "GENERATED", "REAL", "PENALTY", "ROLE_NAMES", "generator_losses", "discriminator_losses",
     "GeneratorLoss", "DiscriminatorLoss", "DiscriminatorObjective", "scores_of", "check_loss", "check_gp_weight",
-    "check_classes", "class_inputs",
+    "check_classes", "check_roles", "class_inputs",
 ]

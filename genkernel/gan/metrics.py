@@ -18,22 +18,51 @@ from ..stats import Interval, mean_interval
 
 
 def cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """``[M]`` cosine between rows of ``a`` and ``b`` (flattened per row); NaN where either is zero."""
-    a = a.reshape(a.shape[0], -1).to(torch.float64)
-    b = b.reshape(b.shape[0], -1).to(torch.float64)
-    den = a.norm(dim=1) * b.norm(dim=1)
-    return torch.where(den > 0, (a * b).sum(dim=1) / den.clamp_min(1e-300), torch.full_like(den, float("nan")))
+    """``[M]`` cosine between rows of ``a`` and ``b`` (flattened per row); NaN where either is zero.
+
+    Each row is scaled to unit length before the product, so rows of any size (1e-200, 1e200) give
+    their cosine, not NaN from an under- or overflowing ‖a‖·‖b‖. Rows of a different length are
+    refused: broadcasting one against the other gave numbers that are no cosine (|cos| > 1)."""
+    if not isinstance(a, torch.Tensor) or not isinstance(b, torch.Tensor):
+        raise TypeError(f"cosine takes two tensors, got {type(a).__name__} and {type(b).__name__}")
+    if a.dim() == 0 or b.dim() == 0:
+        raise ValueError(f"cosine takes [M, ...] rows, got shapes {tuple(a.shape)} and {tuple(b.shape)}")
+    a = a.detach().reshape(a.shape[0], -1).to(device="cpu", dtype=torch.float64)
+    b = b.detach().reshape(b.shape[0], -1).to(device="cpu", dtype=torch.float64)
+    if a.shape != b.shape:
+        raise ValueError(f"cosine compares rows of equal size, got {tuple(a.shape)} and {tuple(b.shape)} (rows × "
+                         "flattened entries): pass the same number of rows, each of the same number of entries")
+
+    def unit(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # by the largest entry first: ‖·‖ of 1e-200s underflows to 0, of 1e200s overflows to inf
+        scale = rows.abs().amax(dim=1, keepdim=True)
+        nonzero = (scale > 0).squeeze(1)
+        rows = rows / torch.where(scale > 0, scale, torch.ones_like(scale))
+        return rows / rows.norm(dim=1, keepdim=True).clamp_min(1e-300), nonzero
+
+    (ua, ka), (ub, kb) = unit(a), unit(b)
+    cos = (ua * ub).sum(dim=1)
+    return torch.where(ka & kb, cos, torch.full_like(cos, float("nan")))
 
 
 def mode_coverage(samples: torch.Tensor, centers: torch.Tensor, std: float, sigmas: float = 3.0) -> dict[str, float]:
     """Mode coverage of 2-D samples: modes with at least one sample within ``sigmas``·std, and the
     share of samples within ``sigmas``·std of some mode ("high quality"). Both matter: a diffuse
     generator can hit every mode with few samples on any."""
+    _check_radius(std, "std", "the modes' standard deviation")
+    _check_radius(sigmas, "sigmas", "how many std from a mode a sample counts as on it")
+    if not isinstance(samples, torch.Tensor) or samples.dim() == 0 or samples.shape[0] == 0:
+        raise ValueError(f"samples must be a non-empty [N, ...] tensor, got {tuple(getattr(samples, 'shape', ()))}: "
+                         "the share of samples on a mode is undefined without samples")
     flat = samples.detach().to("cpu", torch.float64).reshape(samples.shape[0], -1)  # either may be on a GPU
+    centers = torch.as_tensor(centers.detach() if isinstance(centers, torch.Tensor) else centers, dtype=torch.float64)
+    centers = centers.to("cpu")
+    if centers.dim() != 2 or centers.shape[0] == 0 or centers.shape[1] != flat.shape[1]:
+        raise ValueError(f"centers must be [K, {flat.shape[1]}] (K ≥ 1 modes in the samples' {flat.shape[1]} "
+                         f"coordinates), got {tuple(centers.shape)}")
     # Distances as sqrt(Σ (x − μ)²), not by the matrix-product expansion cdist uses from 25 rows on,
     # whose rounding put a sample at exactly sigmas·std from a mode outside it.
-    d = torch.cdist(flat, torch.as_tensor(centers, dtype=torch.float64, device="cpu"),
-                    compute_mode="donot_use_mm_for_euclid_dist")
+    d = torch.cdist(flat, centers, compute_mode="donot_use_mm_for_euclid_dist")
     near = d <= sigmas * std
     hit = near.any(dim=0)
     return {
@@ -44,6 +73,17 @@ def mode_coverage(samples: torch.Tensor, centers: torch.Tensor, std: float, sigm
     }
 
 
+
+
+def _check_radius(value: Any, name: str, what: str) -> None:
+    """ValueError unless ``value`` is a finite real number > 0 (a negative or NaN radius counts no
+    sample as on a mode, silently; 0 only samples exactly on a centre)."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError, RuntimeError):
+        number = math.nan
+    if isinstance(value, bool) or not (0 < number < math.inf):
+        raise ValueError(f"{name} must be a finite number > 0 ({what}), got {value!r}")
 
 
 def push_field(loss_fn, samples: torch.Tensor, classes: torch.Tensor | None = None) -> torch.Tensor:
@@ -126,6 +166,12 @@ def pooled_interval(values: Sequence[Sequence[float | None]], clusters: Sequence
     """Student-t interval of per-probe values pooled over several windows of one run, clustered by
     probe group: probes that share a group (in any window; the grouping is fitted once and keeps its
     meaning) are one unit, so 64 probes in 2 groups count as 2 values, not 64."""
+    values, clusters = [list(row) for row in values], [list(row) for row in clusters]
+    if len(values) != len(clusters) or any(len(v) != len(c) for v, c in zip(values, clusters)):
+        raise ValueError(
+            f"values and clusters must pair up window by window, one probe group per value: got windows of "
+            f"{[len(v) for v in values]} values and of {[len(c) for c in clusters]} labels (flattened, a label "
+            "would be read against another window's probe)")
     flat = np.asarray([np.nan if v is None else float(v) for row in values for v in row], dtype=np.float64)
     labels = np.asarray([int(c) for row in clusters for c in row])
     if flat.size == 0:
@@ -145,14 +191,37 @@ def image_coverage(samples: torch.Tensor, train: torch.Tensor, train_labels: tor
     training labels: any integers, e.g. {3, 7}), the distance threshold. Noise samples are far from
     every training image: no class is hit.
     """
-    def flat(x):
+    def flat(x, name):
+        if not isinstance(x, torch.Tensor) or x.dim() == 0 or x.shape[0] == 0:
+            raise ValueError(f"{name} must be a non-empty [N, ...] tensor of images, got "
+                             f"{tuple(getattr(x, 'shape', ())) if isinstance(x, torch.Tensor) else type(x).__name__}")
         return x.detach().reshape(x.shape[0], -1).to(torch.float64).cpu()
 
-    base = flat(train)
+    if isinstance(quantile, bool) or not isinstance(quantile, (int, float)) or not 0 <= quantile <= 1:
+        raise ValueError(f"quantile must be a number in [0, 1] (of held-out images' nearest-training distances), got {quantile!r}")
+    base = flat(train, "train")
+    if not isinstance(train_labels, torch.Tensor) or train_labels.numel() != base.shape[0]:
+        raise ValueError(f"train_labels must hold one label per training image ({base.shape[0]}), got "
+                         f"{tuple(getattr(train_labels, 'shape', ()))}")
+    if train_labels.is_floating_point() or train_labels.is_complex() or train_labels.dtype == torch.bool:
+        raise ValueError(f"train_labels must be integer class labels, got dtype {train_labels.dtype}")
     labels = train_labels.reshape(-1).long().cpu()
-    held = torch.cdist(flat(held_out), base).min(dim=1).values
+    held_flat, sample_flat = flat(held_out, "held_out"), flat(samples, "samples")
+    for name, rows in (("held_out", held_flat), ("samples", sample_flat)):
+        if rows.shape[1] != base.shape[1]:
+            raise ValueError(f"{name} have {rows.shape[1]} pixels per image but the training images {base.shape[1]}")
+
+    def nearest_training(rows):
+        # cdist's matrix-product expansion (|x|² + |t|² − 2x·t, from 25 rows on) finds the nearest image fast,
+        # but its rounding is ~1e-6 in the distance: an image's own copy came out 8.9e-7 away, and a held-out
+        # image offered as a sample fell outside the threshold its own distance set. The distance to the nearest
+        # image is recomputed as ‖x − t‖, so one image gives one distance wherever it is compared.
+        nearest = torch.cdist(rows, base).argmin(dim=1)
+        return (rows - base[nearest]).norm(dim=1), nearest
+
+    held, _ = nearest_training(held_flat)
     threshold = float(torch.quantile(held, quantile))
-    distance, nearest = torch.cdist(flat(samples), base).min(dim=1)
+    distance, nearest = nearest_training(sample_flat)
     near = distance <= threshold
     classes, index = torch.unique(labels, sorted=True, return_inverse=True)  # labels need not be 0..C-1
     counts = torch.bincount(index[nearest][near], minlength=classes.shape[0])

@@ -266,7 +266,7 @@ def coupling_numbers(run: dict, kind: str) -> dict:
     """One run's coupling statistics for ``kind`` ("traffic" or "net"), every full window pooled
     (per-probe values, clustered by probe group: the grouping is fitted once, so a group id means
     the same region in every window), and each window's own numbers."""
-    geo_v, geo_c, sp_v, sp_c, diff_v = [], [], [], [], []
+    geo_v, geo_c, sp_v, sp_c, diff_v, diff_c = [], [], [], [], [], []
     per_window = []
     for w in run["report"]["windows"]:
         stats = w.get("statistics") or {}
@@ -281,6 +281,7 @@ def coupling_numbers(run: dict, kind: str) -> dict:
             sp_v.append(spatial[kind]["per_probe"]["interaction_minus_control"])
             sp_c.append(spatial["probe_groups"])
             diff_v.append(stats["geometry_minus_spatial"][kind]["per_probe"])
+            diff_c.append(geometry["probe_groups"])  # this window's clusters: windows without "spatial" add none
             entry["spatial"] = _window_entry(spatial[kind]["interaction_minus_control"])
             entry["geometry_minus_spatial"] = _window_entry(stats["geometry_minus_spatial"][kind])
         if "coverage" in w:
@@ -289,7 +290,7 @@ def coupling_numbers(run: dict, kind: str) -> dict:
     return {
         "geometry": pooled_interval(geo_v, geo_c),
         "spatial": pooled_interval(sp_v, sp_c) if sp_v else None,
-        "difference": pooled_interval(diff_v, geo_c) if diff_v else None,
+        "difference": pooled_interval(diff_v, diff_c) if diff_v else None,
         "per_window": per_window,
         "kappa_median": float(np.nanmedian(float_array([w.get("kappa_median") for w in run["report"]["windows"]])))
         if run["report"]["windows"] else math.nan,
