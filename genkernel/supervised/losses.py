@@ -24,9 +24,13 @@ def cross_entropy_loss(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Te
     """Softmax cross-entropy per example (``outputs [B, C]`` logits, ``targets [B]`` (or ``[B, 1]``)
     integer class ids of any integer dtype, or ``[B, C]`` class probabilities, float or an integer
     one-hot): ``[B]``. An id of -100 (PyTorch's ``ignore_index``) gets loss 0 and still counts in
-    the batch mean."""
+    the batch mean. Ids outside ``[0, C)`` and probability rows that are not distributions (a
+    multi-hot row, which would add up several classes' losses) are refused."""
     if not isinstance(targets, torch.Tensor):
         raise TypeError(f"cross_entropy_loss needs targets as a Tensor, got {type(targets).__name__}")
+    if outputs.dim() != 2:
+        raise ValueError(f"cross_entropy_loss needs outputs [B, C] (one logit per class), got {tuple(outputs.shape)}")
+    batch, classes = outputs.shape
     if targets.dim() == 2 and targets.shape[1] == 1 and not targets.is_floating_point():
         targets = targets.reshape(-1)  # class ids as a column
     if targets.dim() == 1 and targets.is_floating_point():
@@ -34,10 +38,35 @@ def cross_entropy_loss(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Te
             f"cross_entropy_loss: targets of shape [{targets.shape[0]}] must be integer class ids, got {targets.dtype} "
             "(use targets.long(); probabilities need shape [B, C])"
         )
-    if targets.dim() == 1:
+    if targets.dim() == 1 and targets.shape[0] == batch:
         targets = targets.long()  # int32 / int16 / bool ids (F.cross_entropy takes int64 and uint8 only)
-    elif not targets.is_floating_point():
+        if not under_torch_func(targets):
+            bad = ~(((targets >= 0) & (targets < classes)) | (targets == -100))
+            if bool(bad.any()):
+                raise ValueError(
+                    f"cross_entropy_loss: class ids must lie in [0, {classes}) (or be -100, ignored), got "
+                    f"{sorted(set(targets[bad].tolist()))[:5]}"
+                )
+        return F.cross_entropy(outputs, targets, reduction="none")
+    if targets.shape != outputs.shape:
+        hint = " (class ids as a float column: use targets.reshape(-1).long())" if (
+            targets.dim() == 2 and targets.shape[1] == 1) else ""
+        raise ValueError(
+            f"cross_entropy_loss: targets of shape {tuple(targets.shape)} fit neither class ids [{batch}] nor "
+            f"probabilities [{batch}, {classes}] for outputs of shape {tuple(outputs.shape)}{hint}"
+        )
+    if not targets.is_floating_point():
         targets = targets.to(outputs.dtype)  # an integer one-hot [B, C]: the probabilities it holds
+    if not under_torch_func(targets):
+        t = targets.detach()
+        eps = torch.finfo(t.dtype).eps
+        rows = t.sum(dim=1)
+        if not bool(((t >= 0) & (t <= 1)).all()) or not bool(((rows - 1).abs() <= max(1e-5, 4 * classes * eps)).all()):
+            raise ValueError(
+                "cross_entropy_loss: targets [B, C] must be class probabilities (in [0, 1], each row summing to 1), "
+                f"got rows summing to {sorted(set(rows.tolist()))[:3]}: a multi-hot row adds up several classes' "
+                "losses; for several labels per example use binary cross-entropy"
+            )
     return F.cross_entropy(outputs, targets, reduction="none")
 
 

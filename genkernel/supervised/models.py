@@ -7,6 +7,9 @@ the one-step residual large. No BatchNorm: per-example gradients need examples t
 
 from __future__ import annotations
 
+import numbers
+from collections.abc import Iterable
+
 from torch import nn
 
 ACTIVATIONS = {"tanh": nn.Tanh, "silu": nn.SiLU, "softplus": nn.Softplus, "gelu": nn.GELU, "relu": nn.ReLU}
@@ -21,9 +24,18 @@ def activation(name: str) -> nn.Module:
 
 
 def mlp(in_dim: int, hidden: tuple[int, ...] | list[int], out_dim: int, *, act: str = "tanh") -> nn.Sequential:
-    """``in_dim → hidden... → out_dim`` fully connected network with ``act`` between layers."""
-    if in_dim < 1 or out_dim < 1 or any(h < 1 for h in hidden):
+    """``in_dim → hidden... → out_dim`` fully connected network with ``act`` between layers
+    (``hidden``: a sequence of widths, ``()`` for none)."""
+    if isinstance(hidden, numbers.Integral) or not isinstance(hidden, Iterable):
+        raise TypeError(f"hidden must be a sequence of layer widths (e.g. [{hidden!r}] for one hidden layer), got "
+                        f"{type(hidden).__name__}")
+    hidden = tuple(hidden)  # (a generator would be used up by the check below and build no hidden layer)
+    widths = [in_dim, *hidden, out_dim]
+    if any(isinstance(w, bool) or not isinstance(w, numbers.Integral) for w in widths):
+        raise TypeError(f"layer widths must be ints: in={in_dim!r}, hidden={list(hidden)!r}, out={out_dim!r}")
+    if any(w < 1 for w in widths):
         raise ValueError(f"layer widths must be positive: in={in_dim}, hidden={list(hidden)}, out={out_dim}")
+    in_dim, out_dim, hidden = int(in_dim), int(out_dim), tuple(int(h) for h in hidden)
     layers: list[nn.Module] = []
     width = in_dim
     for h in hidden:
@@ -40,6 +52,9 @@ class SmallConvNet(nn.Sequential):
     """
 
     def __init__(self, in_channels: int = 1, num_classes: int = 10, *, size: int = 16, width: int = 16, act: str = "silu"):
+        sizes = {"in_channels": in_channels, "num_classes": num_classes, "size": size, "width": width}
+        if any(isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 1 for v in sizes.values()):
+            raise ValueError(f"SmallConvNet needs positive ints, got {sizes}")
         if size % 4:
             raise ValueError(f"image size must be divisible by 4 (two 2×2 poolings), got {size}")
         super().__init__(

@@ -20,6 +20,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..core.adapter import Batch, as_tuple, batch_size, select
+from ..core.errors import NonFiniteError
 from ..core.grouping import INTEGER_DTYPES
 from ..core.tracking.callbacks import TrainerCallback, fire, perform_step
 from ..core.tracking.io import (
@@ -43,7 +44,9 @@ class SupervisedTrainer:
     The examples are drawn as one stream of epochs (each a permutation of the dataset), cut into
     batches; a batch may span two epochs (and then can hold an example twice). Successive ``fit``
     calls continue the stream, so ``fit(steps=a)`` then ``fit(steps=b)`` trains exactly as
-    ``fit(steps=a + b)``.
+    ``fit(steps=a + b)``, also when ``fit`` raised in between: an update made before the error (a
+    callback's ``on_step_end``) is counted, a step that failed before its update gives its batch
+    and dropout draws back (a NonFiniteError step keeps them used up, as a GradScaler skips it).
     """
 
     FORMAT = "genkernel.SupervisedTrainer/1"
@@ -63,6 +66,10 @@ class SupervisedTrainer:
         if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
         batch_size = int(batch_size)
+        if isinstance(max_grad_norm, bool) or not isinstance(max_grad_norm, numbers.Real) or not max_grad_norm > 0:
+            raise ValueError(f"max_grad_norm must be a positive number (math.inf for no clipping), got {max_grad_norm!r}")
+        if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+            raise ValueError(f"seed must be an int (it seeds the batch order), got {seed!r}")
         self.model = model
         self.optimizer = optimizer
         self.loss_fn = loss_fn
@@ -81,13 +88,16 @@ class SupervisedTrainer:
     def batches(self, n: int, steps: int):
         """Yield ``steps`` index tensors of size ``batch_size``, epoch by epoch, continuing the
         order the previous call left (a dataset of another size starts a new stream)."""
+        for _ in range(steps):
+            yield self._next_batch(n)
+
+    def _next_batch(self, n: int) -> torch.Tensor:
         if self._order_size != n:
             self._order, self._order_size = torch.empty(0, dtype=torch.long), n
-        for _ in range(steps):
-            if self._order.numel() < self.batch_size:
-                self._order = torch.cat([self._order, torch.randperm(n, generator=self.generator)])
-            batch, self._order = self._order[: self.batch_size], self._order[self.batch_size :]
-            yield batch
+        if self._order.numel() < self.batch_size:
+            self._order = torch.cat([self._order, torch.randperm(n, generator=self.generator)])
+        batch, self._order = self._order[: self.batch_size], self._order[self.batch_size :]
+        return batch
 
     def fit(self, inputs: Batch, targets: Batch, *, steps: int) -> list[float]:
         """Train for ``steps`` optimizer steps. Returns the mean loss of every step."""
@@ -105,7 +115,25 @@ class SupervisedTrainer:
             raise ValueError(f"the dataset has {n} examples, fewer than batch_size={self.batch_size}")
         self.num_examples = n
         fire(self.callbacks, "on_train_start", self)
-        for indices in tqdm(self.batches(n, steps), total=steps, disable=not self.progress, desc="train"):
+        for _ in tqdm(range(steps), total=steps, disable=not self.progress, desc="train"):
+            self._train_step(xs, ys, n)
+        fire(self.callbacks, "on_train_end", self)
+        return self.history
+
+    def _train_step(self, xs: tuple[torch.Tensor, ...], ys, n: int) -> None:
+        """One update through the callbacks, counted (``global_step``, ``history``) once it is in the
+        parameters, also when an error comes after it (a callback's ``on_step_end``): the model holds
+        it, and a run continued after the error is the straight one. A step that failed before its
+        update (an analyzer's refusal, an interrupt) hands its batch back and rewinds the global RNG
+        (dropout), so ``fit`` again draws the same batch and masks: the run is the uninterrupted one.
+        A step skipped for a non-finite loss or gradient (NonFiniteError) keeps its batch used up, as
+        the other trainers (and a GradScaler) skip such a step: drawn again, it would fail again."""
+        # (_order is never changed in place, only rebound: keeping the tensor keeps the position)
+        position = (self.generator.get_state(), self._order, self._order_size)
+        global_rng = global_rng_state()
+        step = None
+        try:
+            indices = self._next_batch(n)
             step = OptimizerStep(
                 self.model,
                 self.optimizer,
@@ -115,11 +143,20 @@ class SupervisedTrainer:
                 max_grad_norm=self.max_grad_norm,
                 info={"indices": indices},
             )
-            losses = perform_step(self.callbacks, self, step)
-            self.global_step += 1
-            self.history.append(float(losses.mean()))
-        fire(self.callbacks, "on_train_end", self)
-        return self.history
+            perform_step(self.callbacks, self, step)
+        except BaseException as error:
+            if step is not None and step.applied:
+                self._count(step)
+            elif not isinstance(error, NonFiniteError):
+                self.generator.set_state(position[0])
+                self._order, self._order_size = position[1], position[2]
+                set_global_rng_state(global_rng)
+            raise
+        self._count(step)
+
+    def _count(self, step: OptimizerStep) -> None:
+        self.global_step += 1
+        self.history.append(float(step.losses.mean()))
 
     def state_dict(self) -> dict:
         """Everything :meth:`load_state_dict` needs to continue this run exactly: the model, the

@@ -68,9 +68,9 @@ class TrainerCallback:
 def perform_step(callbacks: Sequence[TrainerCallback], trainer: Any, step: OptimizerStep) -> torch.Tensor:
     """Run ``step`` through every callback's ``wrap_step`` (first callback outermost), then
     ``on_step_end``. Returns the per-example losses ``[B]``."""
-    perform: Callable[[], torch.Tensor] = step.run
+    perform: Callable[[], torch.Tensor] = _once(step, step.run, "the step")
     for callback in reversed(callbacks):
-        perform = functools.partial(callback.wrap_step, trainer, step, perform)
+        perform = _once(step, functools.partial(callback.wrap_step, trainer, step, perform), type(callback).__name__)
     losses = perform()
     if not step.applied:
         raise RuntimeError(
@@ -79,6 +79,23 @@ def perform_step(callbacks: Sequence[TrainerCallback], trainer: Any, step: Optim
     for callback in callbacks:
         callback.on_step_end(trainer, step)
     return losses
+
+
+def _once(step: OptimizerStep, inner: Callable[[], torch.Tensor], what: str) -> Callable[[], torch.Tensor]:
+    """``inner`` guarded against a second call once the step's update is made: a callback whose
+    ``wrap_step`` calls ``perform()`` twice would otherwise run the inner callbacks again (an analyzer
+    would take the applied step over anew, roll it back on the refusal and mark it not applied while
+    the parameters hold its update) and the forward again (dropout draws, batch statistics)."""
+
+    def perform() -> torch.Tensor:
+        if step.applied:
+            raise RuntimeError(
+                f"the {step.phase} step was performed twice (perform() called again, reaching {what}, after its update "
+                "was made): a callback's wrap_step must call perform() at most once"
+            )
+        return inner()
+
+    return perform
 
 
 class CallbackStates:

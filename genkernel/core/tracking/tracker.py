@@ -470,6 +470,10 @@ class PathKernelTracker:
         the tracker then refuses further steps and saves, saying so.
         """
         self._check_open()
+        if step.applied:  # (before the try: its roll-back would mark the applied step not applied)
+            raise RuntimeError(
+                f"this {step.phase} step was already applied: a step is performed once, by one analyzer"
+            )
         if step.model is not self.model or unwrap_optimizer(step.optimizer) is not self.optimizer:
             raise ValueError("this step trains a different model or optimizer than the tracker was built for")
         if step.max_grad_norm != self.max_grad_norm:
