@@ -93,8 +93,8 @@ GiB = 2**30
 
 
 # The settings a cheaper option may ask the user to change. A caller that fixes some of them (the
-# GAN analyzer's generator runs the dense graph route, and has no tracked window) passes the rest,
-# so a refusal never names an option its reader cannot take.
+# GAN analyzer's generator runs the dense graph route) passes the rest, so a refusal never names an
+# option its reader cannot take.
 COST_OPTIONS = ("groups", "group_state", "state_dtype", "probes", "window", "quadrature")
 
 
@@ -596,7 +596,6 @@ def check_bytes(num_params: int, partitions: int, row_bytes: int, linear_state: 
 CHECK_TEMPORARIES = 5
 
 
-
 def _check_arguments(probes, *, state_dtype, group_state, gradient_route, contribution_route, memory_budget,
                      batch_size, **counts) -> None:
     """ValueError or TypeError naming the first argument of :func:`estimate_cost` that cannot be
@@ -779,8 +778,8 @@ def _cheaper_options(estimate: CostEstimate, group_state: str, state_dtype: torc
 
 
 __all__ = [
-    "CHECK_TEMPORARIES", "COST_OPTIONS", "CostEstimate", "cost_options", "PUSH_ROW_ACTIVATIONS", "available_memory", "cgroup_free_memory",
-    "check_bytes", "estimate_cost", "factor_route_work", "forward_macs", "held_bytes", "ledger_bytes", "linear_state_rows",
+    "CHECK_TEMPORARIES", "COST_OPTIONS", "CostEstimate", "PUSH_ROW_ACTIVATIONS", "available_memory", "cgroup_free_memory",
+    "check_bytes", "cost_options", "estimate_cost", "factor_route_work", "forward_macs", "held_bytes", "ledger_bytes", "linear_state_rows",
     "optimizer_state_copies", "projection_bytes", "push_pass_bytes", "push_pass_shape", "push_route", "reads_training_pass",
     "sketch_temporary_bytes", "sketch_work",
     "tangent_bytes",
