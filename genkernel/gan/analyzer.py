@@ -619,9 +619,7 @@ class GANKernelAnalyzer(TrainerCallback):
         if self.stopped:
             return
         self._check_consistent()
-        self.partial_window = None
-        if self._view("g_tracker") is not None and self._window_start is not None and self.g_steps % self.window:
-            self._close_partial_window()
+        self._close_partial_window()
         for tracker in (self.g_tracker, self.d_tracker):
             if tracker is not None:
                 tracker.close()
@@ -961,13 +959,16 @@ class GANKernelAnalyzer(TrainerCallback):
         training may go on: the next full window is unaffected), and log the final numbers and
         matrices when the analyzer has a ``log``. After :meth:`stop` the window it closed stays."""
         if not self.stopped:
-            self.partial_window = None
-            if self._view("g_tracker") is not None and self._window_start is not None and self.g_steps % self.window:
-                self._close_partial_window()
+            self._close_partial_window()
         if self.logging is not None:
             self.logging.on_train_end(None)
 
     def _close_partial_window(self) -> None:
+        """``partial_window``: the coupling window in progress, closed as a partial one (None when
+        no window is open)."""
+        self.partial_window = None
+        if self._view("g_tracker") is None or self._window_start is None or not self.g_steps % self.window:
+            return
         first = self.g_steps - (self.g_steps - 1) % self.window  # the open window's first step
         record = self._window_record(first, self.g_steps, self._window_start, self._window_groups, self._window_spatial)
         record["partial"] = True
