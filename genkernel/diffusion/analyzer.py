@@ -532,8 +532,8 @@ class NoiseLevelAnalyzer(TrainerCallback):
         ``noise`` ``[B, *shape]``, ``timesteps`` ``LongTensor[B]`` in [0, T) (flow matching: t = σ·T in [0, T];
         EDM: t = ¼ ln σ); ``conditioning``: the
         model's extra inputs; ``weights``: per-example coefficients c_n of the loss Σ_n c_n ℓ_n
-        (default the mean; min-SNR weighting goes here). Builds z with ``scheduler.add_noise`` and
-        the target for the scheduler's prediction type. Returns the per-example losses ``[B]``.
+        (default the mean; min-SNR weighting goes here). Builds z with
+        :func:`~genkernel.diffusion.objectives.noisy_input` and the target for the scheduler's prediction type. Returns the per-example losses ``[B]``.
         """
         if self.tracker is None:
             raise RuntimeError("call analyzer.bind(model, optimizer) before analyzer.step(...)")

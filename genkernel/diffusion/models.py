@@ -135,7 +135,16 @@ class BinnedDenoiser(nn.Module):
         self.num_bins, self.num_train_timesteps = num_bins, num_train_timesteps
         if edges is None:
             edges = torch.tensor([-(-g * num_train_timesteps // num_bins) for g in range(num_bins + 1)])
-        edges = torch.as_tensor(edges, dtype=torch.long)
+        given = torch.as_tensor(edges)
+        # a float tensor of real edges (flow matching's NoiseBins.edges) would be truncated to other bins:
+        # [0., 2.5, 5.] routed t = 2 to the second expert, the first by the edges given
+        if given.is_complex() or given.dtype == torch.bool or (
+                given.is_floating_point() and not bool((given == given.round()).all())):
+            raise TypeError(
+                f"edges must be integer timesteps (a DDPM NoiseBins.edges), got {given.tolist()} ({given.dtype}): "
+                "BinnedDenoiser serves integer timesteps; flow matching and EDM levels are real"
+            )
+        edges = given.to(torch.long)
         if edges.shape != (num_bins + 1,):
             raise ValueError(f"edges must hold num_bins + 1 = {num_bins + 1} timesteps, got {tuple(edges.shape)}")
         # searchsorted needs sorted edges (unsorted ones route timesteps to arbitrary experts), and the
@@ -198,6 +207,13 @@ def tiny_unet(
             f"every channel count {channels} must be a multiple of 2 * norm_num_groups={norm_num_groups}: with one "
             "channel per group, GroupNorm removes every per-channel bias and the time embedding added before it "
             "(their gradients are exactly zero and the block loses its time modulation)"
+        )
+    if attention and (isinstance(attention_head_dim, bool) or not isinstance(attention_head_dim, int)
+                      or attention_head_dim < 1 or channels[-1] % attention_head_dim):
+        raise ValueError(
+            f"attention_head_dim={attention_head_dim!r} must be a positive int dividing the attention blocks' width "
+            f"{channels[-1]}: diffusers builds {channels[-1]} // attention_head_dim heads of that size, so a remainder "
+            "projects the queries, keys and values to fewer channels than the block has"
         )
     n = len(channels)
     down = ["DownBlock2D"] * n

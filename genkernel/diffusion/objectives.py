@@ -3,13 +3,16 @@
 A training contribution is a triple i = (n, t, ε) (docs/diffusion.md). With ᾱ_t the
 scheduler's cumulative product of (1 − β):
 
-    z_i = sqrt(ᾱ_t) x_n + sqrt(1 − ᾱ_t) ε                        (scheduler.add_noise)
+    z_i = sqrt(ᾱ_t) x_n + sqrt(1 − ᾱ_t) ε                        (DDPMScheduler.add_noise)
 
 and the denoiser f(z_i, t) regresses a target y_i that depends on the prediction type:
 
     epsilon        y = ε
-    v_prediction   y = v = sqrt(ᾱ_t) ε − sqrt(1 − ᾱ_t) x_n       (scheduler.get_velocity)
+    v_prediction   y = v = sqrt(ᾱ_t) ε − sqrt(1 − ᾱ_t) x_n       (DDPMScheduler.get_velocity)
     sample         y = x_n
+
+for every scheduler with ``alphas_cumprod`` (an Euler or DPM-Solver one too: its own add_noise is its sampling
+parameterization), with the coefficients in float32 at least (:func:`_vp_coefficients`).
 
 The loss is the mean squared error over the D output values, ℓ_i = ‖f(z_i, t) − y_i‖² / D, so
 the ledger's loss weight (docs/ledger.md: w = ∂ℓ/∂f) is, for every prediction type,
@@ -428,6 +431,12 @@ def _check_state(scheduler, clean: torch.Tensor, noise: torch.Tensor, timesteps:
     """``timesteps [B]`` after checking them (:func:`check_timesteps`) and the shapes of ``clean``/``noise``."""
     if not isinstance(clean, torch.Tensor) or not isinstance(noise, torch.Tensor) or clean.dim() < 1:
         raise TypeError("clean inputs and noise must be Tensors [B, *shape]")
+    # an integer input (uint8 images not yet scaled to [-1, 1]) would take the level's coefficients cast to
+    # integers: sqrt(ᾱ_t) -> 0, sqrt(1 − ᾱ_t) -> 0 or 1
+    for what, tensor in (("clean inputs", clean), ("noise", noise)):
+        if not tensor.is_floating_point():
+            raise TypeError(f"{what} must be a floating-point Tensor, got dtype {tensor.dtype}: convert images to "
+                            "float and scale them (to [-1, 1] for DDPM-style training) before adding noise")
     if clean.shape != noise.shape:
         raise ValueError(f"clean inputs {tuple(clean.shape)} and noise {tuple(noise.shape)} must have the same shape")
     # diffusers indexes alphas_cumprod with t: t = -1 would silently read ᾱ_{T-1}, and a t of
@@ -441,7 +450,8 @@ def _check_state(scheduler, clean: torch.Tensor, noise: torch.Tensor, timesteps:
 
 def training_target(scheduler, clean: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
     """The regression target y ``[B, *shape]`` for ``clean``, ``noise`` ``[B, *shape]`` and ``timesteps [B]``
-    (:func:`check_timesteps`): ε, x, or v = sqrt(ᾱ_t) ε − sqrt(1 − ᾱ_t) x (``scheduler.get_velocity``); under
+    (:func:`check_timesteps`): ε, x, or v = sqrt(ᾱ_t) ε − sqrt(1 − ᾱ_t) x (``DDPMScheduler.get_velocity``'s numbers,
+    its coefficients in float32 at least: :func:`_vp_coefficients`); under
     flow matching ε − x; under EDM the network's effective target (x − c_skip z) / c_out
     = ±(σ x / σ_d − σ_d ε) / sqrt(σ² + σ_d²) (− for v_prediction), in ``clean``'s dtype."""
     kind = check_prediction_type(scheduler)
@@ -458,12 +468,34 @@ def training_target(scheduler, clean: torch.Tensor, noise: torch.Tensor, timeste
         return noise
     if kind == "sample":
         return clean
-    return scheduler.get_velocity(clean, noise, timesteps)
+    signal, spread = _vp_coefficients(scheduler, timesteps, clean)
+    return signal * noise - spread * clean
+
+
+def _vp_coefficients(scheduler, timesteps: torch.Tensor, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(sqrt(ᾱ_t), sqrt(1 − ᾱ_t))`` of integer ``timesteps [B]``, shaped to broadcast over ``like [B, *shape]``,
+    in its dtype and on its device. Computed as ``DDPMScheduler.add_noise`` computes them (ᾱ_t cast to the samples'
+    dtype, then ``ᾱ ** 0.5`` and ``(1 − ᾱ) ** 0.5``), so float32 and float64 samples get its numbers bit for bit,
+    but in float32 at least and rounded once to a float16 / bfloat16 dtype.
+
+    Not ``scheduler.add_noise`` / ``get_velocity``: (1) DDPMScheduler's cast ᾱ_t to the samples' dtype before
+    1 − ᾱ_t, so in float16 ᾱ_0 = 0.9999 rounds to 1 and t = 0, 1 get no noise at all (in bfloat16 t = 0..9 of
+    a linear schedule, and 33% error in sqrt(1 − ᾱ_t) beyond); (2) the other schedulers with ``alphas_cumprod``
+    (Euler, LMS, Heun, KDPM2, DPM-Solver, UniPC, ...) add noise in their own sampling parameterization (Euler's
+    x + σ ε, indexed by their sampling grid), not the z = sqrt(ᾱ_t) x + sqrt(1 − ᾱ_t) ε that the bins, log SNR and
+    every DDPM training script (``DDPMScheduler.from_pretrained`` of the same config) use, and have no get_velocity
+    (the old code's noise was off by up to 227 for Euler's at t = 999)."""
+    wide = torch.promote_types(like.dtype, torch.float32)
+    alphas = scheduler.alphas_cumprod.detach().to("cpu", wide)[timesteps.detach().cpu()]
+    shape = (-1, *([1] * (like.dim() - 1)))
+    signal, spread = alphas**0.5, (1 - alphas) ** 0.5
+    return (signal.to(like.device, like.dtype).reshape(shape), spread.to(like.device, like.dtype).reshape(shape))
 
 
 def noisy_input(scheduler, clean: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
-    """z = sqrt(ᾱ_t) x + sqrt(1 − ᾱ_t) ε ``[B, *shape]``, computed by ``scheduler.add_noise`` in ``clean``'s
-    dtype (``timesteps``: LongTensor[B] in [0, T)); under flow matching z = (1 − σ) x + σ ε with
+    """z = sqrt(ᾱ_t) x + sqrt(1 − ᾱ_t) ε ``[B, *shape]``, ``DDPMScheduler.add_noise``'s numbers in ``clean``'s
+    dtype with its coefficients computed in float32 at least (:func:`_vp_coefficients`; ``timesteps``:
+    LongTensor[B] in [0, T)); under flow matching z = (1 − σ) x + σ ε with
     σ = t / T (``timesteps [B]`` in [0, T]); under EDM what the network is given, c_in (x + σ ε) =
     (x + σ ε) / sqrt(σ² + σ_d²) with σ = exp(4t) (``precondition_inputs`` of ``add_noise``)."""
     timesteps = _check_state(scheduler, clean, noise, timesteps)
@@ -472,9 +504,15 @@ def noisy_input(scheduler, clean: torch.Tensor, noise: torch.Tensor, timesteps: 
         c_in = 1 / torch.sqrt(sigma**2 + float(scheduler.config.sigma_data) ** 2)
         return (clean + noise * sigma.to(clean.dtype)) * c_in.to(clean.dtype)
     if is_flow_matching(scheduler):
-        sigma = _flow_sigmas(timesteps, num_train_timesteps(scheduler), clean)
-        return (1 - sigma) * clean + sigma * noise
-    return scheduler.add_noise(clean, noise, timesteps)
+        # σ and 1 − σ in float32 at least, each rounded once to clean's dtype: in bfloat16 σ = 0.999 rounds to 1, so
+        # 1 − σ of the rounded σ dropped the signal at t = 999 and was up to 30% off at t = 990..997 (float32 / float64
+        # unchanged: there the wide dtype is clean's own)
+        wide = torch.promote_types(clean.dtype, torch.float32)
+        sigma = (timesteps.to(torch.float64) / num_train_timesteps(scheduler)).to(device=clean.device, dtype=wide)
+        sigma = sigma.reshape(-1, *([1] * (clean.dim() - 1)))
+        return (1 - sigma).to(clean.dtype) * clean + sigma.to(clean.dtype) * noise
+    signal, spread = _vp_coefficients(scheduler, timesteps, clean)
+    return signal * clean + spread * noise
 
 
 def _flat_pair(outputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -484,7 +522,8 @@ def _flat_pair(outputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tens
 
 
 def diffusion_loss(outputs: torch.Tensor, targets: torch.Tensor | tuple[torch.Tensor, ...]) -> torch.Tensor:
-    """Per-example mean squared error ``[B]`` (mean over the D output values, not over the batch)."""
+    """Per-example mean squared error ``[B]`` (mean over the D output values, not over the batch), in float32 for
+    float16 / bfloat16 outputs (as diffusers' training scripts compute it), else in the outputs' dtype."""
     if isinstance(targets, tuple):
         targets = targets[0]
     if (isinstance(targets, torch.Tensor) and outputs.dim() >= 2 and targets.dim() == outputs.dim()
@@ -498,14 +537,20 @@ def diffusion_loss(outputs: torch.Tensor, targets: torch.Tensor | tuple[torch.Te
             f"it with out_channels={targets.shape[1]}"
         )
     flat, target = _flat_pair(outputs, targets)
-    diff = flat - target
+    # in float32 at least, and returned so, as diffusers' scripts compute it (F.mse_loss(pred.float(),
+    # target.float())): a float16 square of an error below 8e-3 is subnormal, and so is a loss below 6e-5 (errors
+    # ~1e-3, a trained model's at low noise, gave per-example losses 1.5% to 2.6% off)
+    wide = torch.promote_types(torch.promote_types(flat.dtype, target.dtype), torch.float32)
+    diff = flat.to(wide) - target.to(wide)
     return (diff * diff).mean(dim=1)
 
 
 def loss_weight(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """w = ∂ℓ/∂f = 2 (f − y) / D, ``[B, D]`` (the same formula for every prediction type)."""
+    """w = ∂ℓ/∂f = 2 (f − y) / D, ``[B, D]`` (the same formula for every prediction type; float32 for float16 /
+    bfloat16 outputs, as :func:`diffusion_loss`)."""
     flat, target = _flat_pair(outputs, targets)
-    return 2.0 * (flat - target) / flat.shape[1]
+    wide = torch.promote_types(torch.promote_types(flat.dtype, target.dtype), torch.float32)  # as diffusion_loss
+    return 2.0 * (flat.to(wide) - target.to(wide)) / flat.shape[1]
 
 
 def _check_bin_counts(num_bins: int, total: int) -> None:

@@ -14,7 +14,7 @@ One step (docs/diffusion.md):
 2. timesteps t from the run's density (:mod:`~genkernel.diffusion.timestep_sampling`), by default
    uniform over the T training levels (DDPM: t ~ U{0, …, T−1}; flow matching: the scheduler's grid
    t = σ·T; EDM: ``scheduler.timesteps[randint(0, T)]``, t = ¼ ln σ), and noise ε ~ N(0, I);
-3. z = sqrt(ᾱ_t) x + sqrt(1 − ᾱ_t) ε (``scheduler.add_noise``) and the target y (ε, v or x); under
+3. z = sqrt(ᾱ_t) x + sqrt(1 − ᾱ_t) ε (``DDPMScheduler.add_noise``'s numbers: ``noisy_input``) and the target y (ε, v or x); under
    flow matching z = (1 − σ) x + σ ε and y = ε − x; under EDM the model is given c_in (x + σ ε) and
    regresses (x − c_skip z) / c_out, so the plain MSE is the EDM-weighted loss
    (:mod:`~genkernel.diffusion.objectives`);
