@@ -15,6 +15,12 @@ def _np(x) -> np.ndarray:
 def scatter_labels(ax, points, labels, *, size=4, alpha=0.35) -> None:
     """Training points coloured by their ±1 label."""
     points, labels = _np(points), _np(labels)
+    if labels.shape != (points.shape[0],):
+        raise ValueError(f"labels of shape {labels.shape} for {points.shape[0]} points: pass one label per point")
+    unknown = sorted(set(np.unique(labels).tolist()) - set(LABEL_COLORS))
+    if unknown:
+        # a point whose label is no key of LABEL_COLORS was left out of the figure
+        raise ValueError(f"labels must be ±1 (got {unknown[:5]}); map {{0, 1}} labels with 2 * y - 1")
     for value, color in LABEL_COLORS.items():
         mask = labels == value
         ax.scatter(points[mask, 0], points[mask, 1], s=size, c=color, alpha=alpha, label=f"y = {value:+d}")

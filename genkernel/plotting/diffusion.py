@@ -36,6 +36,11 @@ def average_reports(reports: Sequence[dict[str, Any]]) -> dict[str, Any]:
     seeds' mean states the worst seed's residual, as the recipes' ledger claim reads it, not seed 0's."""
     if len(reports) == 1:
         return reports[0]
+    levels = [list(rep["config"]["probe_levels"]) for rep in reports]
+    for i, other in enumerate(levels[1:], start=1):
+        if other != levels[0]:
+            raise ValueError(f"run {i} has probe_levels {other}, run 0 {levels[0]}: the matrices' rows are probe levels, "
+                             "so only runs at the same probe levels (same order) can be averaged; draw them separately")
     out = dict(reports[0])
     residuals = [rep["residual"]["relative_residual"] for rep in reports]
     worst = None if any(r is None or not np.isfinite(r) for r in residuals) else max(residuals)
@@ -43,6 +48,9 @@ def average_reports(reports: Sequence[dict[str, Any]]) -> dict[str, Any]:
     mats = {}
     for key in reports[0]["matrices"]:
         stack = [_arr(rep["matrices"][key]) for rep in reports if key in rep["matrices"]]
+        if any(m.shape != stack[0].shape for m in stack):
+            raise ValueError(f"matrices[{key!r}] differ in shape between the runs ({[m.shape for m in stack]}): "
+                             "runs with other bins cannot be averaged")
         with np.errstate(invalid="ignore"):
             mats[key] = np.nanmean(np.stack(stack), axis=0).tolist()
     out["matrices"] = mats
@@ -52,12 +60,20 @@ def average_reports(reports: Sequence[dict[str, Any]]) -> dict[str, Any]:
 
 def _heat(ax, matrix, levels, title, *, diverging=False, kappa=None, vmin=None, vmax=None):
     m = _arr(matrix)
+    if m.ndim != 2 or m.shape[0] != len(levels):
+        raise ValueError(f"a matrix of shape {m.shape} drawn with {len(levels)} probe_levels: its rows must be the "
+                         "probe levels, one row per level in config['probe_levels'] order")
     if diverging:
-        lim = vmax if vmax is not None else (np.nanmax(np.abs(m)) if np.isfinite(m).any() else 1.0)
+        lim = vmax if vmax is not None else _finite_max(m, absolute=True)
+        # a limit of 0 (an all-zero matrix) gave vmin = vmax = 0, where matplotlib draws every value
+        # at the map's bottom: zeros looked strongly negative
+        lim = lim if lim > 0 else 1.0
         im = ax.imshow(m, cmap="RdBu_r", vmin=-lim, vmax=lim, origin="lower", aspect="auto")
     else:
         im = ax.imshow(m, cmap="viridis", vmin=0 if vmin is None else vmin, vmax=vmax, origin="lower", aspect="auto")
     ax.set_xlabel("training level t (bin)")
+    # columns are bins 0, 1, ...: ticks at whole bins only (automatic ticks put "0.5" between bins)
+    ax.set_xticks(range(m.shape[1]) if m.shape[1] <= 12 else np.unique(np.linspace(0, m.shape[1] - 1, 7).round().astype(int)))
     ax.set_ylabel("probe level s (timestep)")
     ax.set_yticks(range(len(levels)))
     ax.set_yticklabels([f"{v:g}" for v in levels], fontsize=7)
@@ -174,7 +190,11 @@ def plot_locality_over_training(report: dict[str, Any], ax_row=None, *, runs: Se
         rows = run["report"]["locality"].get("per_level", [])
         if not rows:
             continue
-        levels = [row["level"] for row in rows]
+        mine = [row["level"] for row in rows]
+        if levels is not None and mine != levels:
+            raise ValueError(f"run {i} has per-level locality at probe levels {mine}, an earlier run at {levels}: the "
+                             "per-level panel draws level j of every run at one x; pass runs with the same probe levels")
+        levels = mine
         diff = np.array([row["traffic"]["difference"] for row in rows], dtype=float)
         low = np.array([np.nan if row["traffic"]["interval"][0] is None else row["traffic"]["interval"][0] for row in rows])
         high = np.array([np.nan if row["traffic"]["interval"][1] is None else row["traffic"]["interval"][1] for row in rows])
@@ -183,6 +203,9 @@ def plot_locality_over_training(report: dict[str, Any], ax_row=None, *, runs: Se
                     label=f"seed {run.get('seed', i)}")
     if reference is not None and "locality" in reference and reference["locality"].get("per_level"):
         rows = reference["locality"]["per_level"]
+        if levels is not None and [row["level"] for row in rows] != levels:
+            raise ValueError(f"the reference's per-level locality is at probe levels {[row['level'] for row in rows]}, "
+                             f"the runs' at {levels}: pass a reference run at the same probe levels")
         ax.plot(np.arange(len(rows)), [row["traffic"]["difference"] for row in rows], "x--", color="C3",
                 label="time-blind denoiser")
     if levels is not None:
@@ -347,8 +370,9 @@ def plot_overview(report: dict[str, Any], retrieval_json: dict[str, Any] | None 
             continue
         if value is None:
             continue
-        low = value if interval[0] is None else interval[0]
-        high = value if interval[1] is None else interval[1]
+        # no interval: no bar (NaN), not a zero-length one, which would read as an exact value
+        low = np.nan if interval[0] is None else interval[0]
+        high = np.nan if interval[1] is None else interval[1]
         ax.errorbar([i], [value], yerr=[[value - low], [high - value]], fmt="o", capsize=3,
                     color="C2" if c.get("held") else "C3", label="held" if c.get("held") else "not held")
         base = (c.get("baseline") or {}).get("value")
@@ -398,8 +422,11 @@ def plot_matrix_evolution(report: dict[str, Any], *, max_panels: int = 5) -> plt
         history = [history[i] for i in picks]
     fig, axes = plt.subplots(1, max(1, len(history)), figsize=(3.4 * max(1, len(history)), 3.3), squeeze=False)
     levels = report["config"]["probe_levels"]
+    # panels compared by eye over training: one colour scale for all (each panel's own top made the
+    # same colour mean 0.5 in one panel and 0.9 in the next)
+    top = _finite_max(*[row["traffic_matrix"] for row in history]) if history else 1.0
     for ax, row in zip(axes[0], history):
         step = _step(row)
-        _heat(ax, row["traffic_matrix"], levels, f"traffic share, step {step}")
+        _heat(ax, row["traffic_matrix"], levels, f"traffic share, step {step}", vmin=0, vmax=top if top > 0 else None)
     fig.tight_layout()
     return fig

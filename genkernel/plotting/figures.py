@@ -52,8 +52,29 @@ def _kernel_image(ax, kernel, title: str, *, vmin=-1.0, vmax=1.0, boundaries: Se
 
 def shared_range(*kernels, low_percentile: float = 1.0) -> tuple[float, float]:
     """One colour range for several normalized kernels: from the lowest of their ``low_percentile``
-    percentiles to 1 (panels compared by eye must share their scale)."""
-    return min(float(np.percentile(_np(k), low_percentile)) for k in kernels), 1.0
+    percentiles (NaN entries ignored) to 1 (panels compared by eye must share their scale)."""
+    lows = [float(np.nanpercentile(_np(k), low_percentile)) if np.isfinite(_np(k)).any() else np.nan for k in kernels]
+    lows = [v for v in lows if np.isfinite(v)]
+    if not lows:
+        raise ValueError("shared_range: no kernel has a finite entry")
+    return min(lows), 1.0
+
+
+def _block_ticks(init_kernel, final_kernel, block: int, what: str) -> int:
+    """The kernels' common size n, checked square, equal and tiled by blocks of ``block`` rows."""
+    shapes = [_np(k).shape for k in (init_kernel, final_kernel)]
+    if shapes[0] != shapes[1] or len(shapes[0]) != 2 or shapes[0][0] != shapes[0][1]:
+        raise ValueError(f"init and final kernels must be square and of one shape; got shapes {shapes[0]} and {shapes[1]}")
+    n = shapes[0][0]
+    if block < 1 or n % block:
+        raise ValueError(f"a {n} × {n} kernel is not tiled by {what} = {block}: the block ticks and boundaries "
+                         "would name the wrong rows; pass the kernels of whole blocks")
+    return n
+
+
+def _clip_extend(vmin: float, *kernels) -> str:
+    """Colour-bar ``extend``: "min" where some finite entry lies below the scale's low end (drawn at it)."""
+    return "min" if any(np.nanmin(_np(k)) < vmin for k in kernels if np.isfinite(_np(k)).any()) else "neither"
 
 
 def plot_regression_kernels(panels: dict[str, dict]) -> plt.Figure:
@@ -72,8 +93,15 @@ def plot_regression_kernels(panels: dict[str, dict]) -> plt.Figure:
         ax.plot(_np(p["x_train"]), _np(p["y_train"]), "o", ms=2.5, color="C0", label="training points")
         ax.set_title(f"({letters[2 * j]}) {kind}: prediction vs ground truth", fontsize=9)
         ax.legend(fontsize=7, loc="lower right")
+        # the panel is labelled "sorted by x": draw the kernel's rows and columns in that order
+        # (a kernel over unsorted inputs was drawn in their order under that label)
+        x_train, kernel = _np(p["x_train"]).reshape(-1), _np(p["kernel"])
+        if kernel.shape != (x_train.size, x_train.size):
+            raise ValueError(f"{kind}: kernel of shape {kernel.shape} for {x_train.size} training inputs: pass the "
+                             "[N, N] kernel over x_train")
+        order = np.argsort(x_train, kind="stable")
         im = _kernel_image(
-            axes[1, j], p["kernel"],
+            axes[1, j], kernel[np.ix_(order, order)],
             f"({letters[2 * j + 1]}) normalized kernel after {p['steps']} steps\n"
             f"centered alignment {p['alignment']['init']:.2f} → {p['alignment']['final']:.2f}",
         )
@@ -89,8 +117,8 @@ def plot_class_kernels(init_kernel, final_kernel, per_class: int, *, dataset: st
     training, on one colour scale, with class-block boundaries every ``per_class`` rows and the
     class at each block's centre. Titles give the block AUC (scale-free) and the absolute gap."""
     fig = plt.figure(figsize=(10, 4.6))
+    n = _block_ticks(init_kernel, final_kernel, per_class, "per_class")
     grid = fig.add_gridspec(1, 3, width_ratios=[1, 1, 0.05])
-    n = _np(init_kernel).shape[0]
     bounds = list(range(per_class, n, per_class))
     ticks = [per_class * (c + 0.5) - 0.5 for c in range(n // per_class)]
     vmin, vmax = shared_range(init_kernel, final_kernel)
@@ -99,7 +127,7 @@ def plot_class_kernels(init_kernel, final_kernel, per_class: int, *, dataset: st
         im = _kernel_image(fig.add_subplot(grid[0, i]), kernel, f"{dataset}: {when}\n{auc}within − between {gaps[key]:.3f}",
                            vmin=vmin, vmax=vmax, boundaries=bounds, ticks=ticks,
                            ticklabels=[str(c) for c in range(len(ticks))], line_width=0.6)
-    fig.colorbar(im, cax=fig.add_subplot(grid[0, 2]), label="k̂ (shared scale)")
+    fig.colorbar(im, cax=fig.add_subplot(grid[0, 2]), label="k̂ (shared scale)", extend=_clip_extend(vmin, init_kernel, final_kernel))
     fig.tight_layout()
     return fig
 
@@ -120,6 +148,11 @@ def _decision(ax, grid_x, grid_y, scores, x, y, title: str):
     return [Patch(color="#f6d3cf", label="predicted +1"), Patch(color="#cfe0f3", label="predicted −1")]
 
 
+def _g(value, spec: str = "g") -> str:
+    """A tuned hyperparameter for a title; "?" when it was not given (formatting "?" with :g raised)."""
+    return "?" if value is None else format(float(value), spec)
+
+
 def plot_tangent_svm(panels: dict[str, dict]) -> plt.Figure:
     """Figure 3. ``panels[task]`` holds ``grid_x, grid_y [G, G']``, ``tangent_scores``,
     ``rbf_scores`` (decision functions), ``x_test [M, 2]``, ``y_test [M]``, ``tangent_acc``,
@@ -135,11 +168,11 @@ def plot_tangent_svm(panels: dict[str, dict]) -> plt.Figure:
     for j, task in enumerate(tasks):
         p = panels[task]
         handles = _decision(fig.add_subplot(grid[0, j]), p["grid_x"], p["grid_y"], p["tangent_scores"], p["x_test"], p["y_test"],
-                            f"({letters[j]}) {task}: linear SVM on\ntangent features (C={p.get('tangent_C', '?'):g})\n"
+                            f"({letters[j]}) {task}: linear SVM on\ntangent features (C={_g(p.get('tangent_C'))})\n"
                             f"test accuracy {p['tangent_acc']:.3f}")
         ax = fig.add_subplot(grid[1, j])
         _decision(ax, p["grid_x"], p["grid_y"], p["rbf_scores"], p["x_test"], p["y_test"],
-                  f"({letters[j + 2]}) {task}: RBF SVM on inputs\n(C={p.get('rbf_C', '?'):g}, γ={p.get('rbf_gamma', float('nan')):.3g})\n"
+                  f"({letters[j + 2]}) {task}: RBF SVM on inputs\n(C={_g(p.get('rbf_C'))}, γ={_g(p.get('rbf_gamma'), '.3g')})\n"
                   f"test accuracy {p['rbf_acc']:.3f}")
         if j == 0:
             points = ax.get_legend_handles_labels()[0]
@@ -177,10 +210,10 @@ def plot_printed_digits(init_kernel, final_kernel, confusion, per_class: int, ex
     hand 1, ...) at init and after training on one colour scale, large enough that the blocks show
     (thick lines between digits, thin between the two domains of a digit, the digit at each pair
     of blocks); the confusion matrix on printed digits and a strip of examples."""
+    pair = 2 * per_class
+    n = _block_ticks(init_kernel, final_kernel, pair, "2 · per_class")
     fig = plt.figure(figsize=(15, 12))
     grid = fig.add_gridspec(2, 3, width_ratios=[1, 1, 0.04], height_ratios=[1.35, 1])
-    n = _np(init_kernel).shape[0]
-    pair = 2 * per_class
     ticks = [pair * (d + 0.5) - 0.5 for d in range(n // pair)]
     vmin, vmax = shared_range(init_kernel, final_kernel)
     for i, (key, kernel, title) in enumerate((("init", init_kernel, "(a) initialization"),
@@ -194,18 +227,20 @@ def plot_printed_digits(init_kernel, final_kernel, confusion, per_class: int, ex
             ax.axhline(b - 0.5, color="w", lw=0.4, ls=":")
             ax.axvline(b - 0.5, color="w", lw=0.4, ls=":")
         ax.set_xlabel("digit (each: handwritten block, then printed block)", fontsize=8)
-    fig.colorbar(im, cax=fig.add_subplot(grid[0, 2]), label="k̂ (shared scale)")
+    fig.colorbar(im, cax=fig.add_subplot(grid[0, 2]), label="k̂ (shared scale)", extend=_clip_extend(vmin, init_kernel, final_kernel))
     ax = fig.add_subplot(grid[1, 0])
     conf = _np(confusion)
-    ax.imshow(conf, cmap="Blues")
+    if conf.ndim != 2 or conf.shape[0] != conf.shape[1]:
+        raise ValueError(f"confusion must be square [classes, classes] (rows: true digit, columns: predicted); got {conf.shape}")
+    ax.imshow(conf, cmap="Blues", vmin=0)  # counts: white at 0
     for i in range(conf.shape[0]):
         for j in range(conf.shape[1]):
             if conf[i, j]:
                 ax.text(j, i, int(conf[i, j]), ha="center", va="center", fontsize=7)
     ax.set_xlabel("predicted", fontsize=8)
     ax.set_ylabel("printed digit", fontsize=8)
-    ax.set_xticks(range(10))
-    ax.set_yticks(range(10))
+    ax.set_xticks(range(conf.shape[1]))
+    ax.set_yticks(range(conf.shape[0]))
     ax.tick_params(labelsize=7)
     ax.set_title(f"(c) confusion on printed digits (seed 0)\naccuracy {accuracy:.3f}", fontsize=9)
     ax = fig.add_subplot(grid[1, 1])
@@ -225,7 +260,7 @@ def plot_optimizer_weighting(weights: dict[str, np.ndarray], x_train, probe_x, k
     Args:
         weights: per optimizer, ``[N]`` per-example contribution at one probe (net, normalized).
         x_train: ``[N]`` 1-D training inputs (x axis); probe_x: the probe's input.
-        kernels: "plain" and "adam-preconditioned" normalized kernels probes × train.
+        kernels: "plain" and "preconditioned" (Adam's) normalized kernels probes × train.
         decomposition: term name -> {"share", "interval"} from the stochastic decomposition.
         correlations: label -> rank correlation, shown in the title.
     """
@@ -272,10 +307,18 @@ def plot_optimizer_weighting(weights: dict[str, np.ndarray], x_train, probe_x, k
 
 def plot_null_space(spectrum, energy_curve, x_train, x_test, y_test, pred_test, residual, error, *,
                     rho: float, interval: Sequence[float], eigenfunctions=None, distance=None,
-                    by_region: dict | None = None, operator_error: float | None = None) -> plt.Figure:
+                    by_region: dict | None = None, operator_error: float | None = None,
+                    train_range: Sequence[float] = (-np.pi, np.pi)) -> plt.Figure:
     """Generalization and the null space: spectrum, top-k target energy, predictions with the
-    out-of-span part r(x), and error against r(x) (inside the training range: filled; outside:
+    out-of-span part r(x), and error against r(x) (inside the training range ``train_range``, the
+    interval the training inputs were drawn from and the regions of ``by_region``: filled; outside:
     open), with the Spearman correlations per region beside the distance baseline."""
+    low_x, high_x = (float(v) for v in train_range)
+    xs = _np(x_train).reshape(-1)
+    if xs.size and (xs.min() < low_x or xs.max() > high_x):
+        raise ValueError(f"training inputs span [{xs.min():.3g}, {xs.max():.3g}], outside train_range "
+                         f"[{low_x:.3g}, {high_x:.3g}]: test points there would be drawn as 'outside'; pass the "
+                         "interval the training inputs were drawn from as train_range")
     fig, axes = plt.subplots(1, 4, figsize=(18, 4.3))
     s = _np(spectrum)
     floor = max(float(s.max()), 1e-300) * 1e-16  # below this: rounding (shown at the floor)
@@ -301,17 +344,19 @@ def plot_null_space(spectrum, energy_curve, x_train, x_test, y_test, pred_test, 
                          color=f"C{4 + i}", label=f"Nyström eigenfunction {i + 1} (scaled)")
     ax2 = axes[2].twinx()
     ax2.semilogy(xt[order], np.clip(_np(residual)[order], 1e-16, None), "C2-", lw=1)
-    ax2.set_ylabel("out-of-span part r(x) (log, green)", fontsize=8, color="C2")
+    ax2.set_ylabel("out-of-span part r(x) (log, green; below 1e-16 at 1e-16)", fontsize=8, color="C2")
     axes[2].legend(fontsize=6, loc="upper left")
     axes[2].set_title("test predictions, eigenfunctions, and r(x) (green, right axis)", fontsize=8)
-    inside = np.abs(xt) <= np.pi
-    r, err = _np(residual), _np(error)
+    inside = (xt >= low_x) & (xt <= high_x)
+    # log axes: a zero r(x) or error was not drawn at all (and the points are what ρ is computed on);
+    # values below 1e-16 are drawn at that floor, as the axis labels say
+    r, err = np.clip(_np(residual), 1e-16, None), np.clip(_np(error), 1e-16, None)
     axes[3].scatter(r[inside], err[inside], s=9, color="C0", label="inside the training range")
     axes[3].scatter(r[~inside], err[~inside], s=12, facecolors="none", edgecolors="C1", label="outside")
     axes[3].set_xscale("log")
     axes[3].set_yscale("log")
-    axes[3].set_xlabel("out-of-span part r(x)", fontsize=8)
-    axes[3].set_ylabel("test error |f(x) − y(x)|", fontsize=8)
+    axes[3].set_xlabel("out-of-span part r(x) (below 1e-16: at that floor)", fontsize=8)
+    axes[3].set_ylabel("test error |f(x) − y(x)| (floor 1e-16)", fontsize=8)
     title = f"seed 0: Spearman ρ = {rho:.2f}  [{interval[0]:.2f}, {interval[1]:.2f}] (test points)"
     if by_region:
         title += "\nmean over seeds, ρ(r, err) vs ρ(distance to training, err):\n" + "; ".join(

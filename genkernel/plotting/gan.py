@@ -78,13 +78,19 @@ def plot_coupling(ax, matrix, labels: Sequence[str] | None = None, *, title: str
     ``limit``: the colour scale's end (pass :func:`shared_limit` of the matrices shown side by side);
     default this matrix's own. ``colorbar``: a label draws a colour bar with it."""
     m = _np(matrix)
-    finite = m[np.isfinite(m)]
+    if m.ndim != 2 or m.shape[0] != m.shape[1]:
+        raise ValueError(f"a coupling matrix is square [G, G] (rows: probe group, columns: source group, one grouping); "
+                         f"got shape {m.shape}")
+    if labels is not None and len(labels) != m.shape[0]:
+        raise ValueError(f"{len(labels)} labels for a [{m.shape[0]}, {m.shape[0]}] coupling matrix: pass one label per group")
+    lim = limit if limit is not None else shared_limit(m, diverging=diverging)
+    # a limit of 0 (an all-zero matrix) gives vmin = vmax, where matplotlib draws every value at the
+    # map's bottom: a diverging map then drew zeros as strongly negative
+    lim = lim if lim > 0 else 1.0
     if diverging:
-        lim = limit if limit is not None else (float(np.abs(finite).max()) if finite.size else 1.0)
         im = ax.imshow(m, cmap="RdBu_r", vmin=-lim, vmax=lim)
     else:
-        top = limit if limit is not None else (float(finite.max()) if finite.size else 1.0)
-        im = ax.imshow(m, cmap="magma", vmin=0, vmax=top)
+        im = ax.imshow(m, cmap="magma", vmin=0, vmax=lim)
     if colorbar:
         bar = ax.figure.colorbar(im, ax=ax, fraction=0.046, pad=0.03)
         bar.set_label(colorbar, fontsize=7)
@@ -172,8 +178,9 @@ def _errorbars(ax, windows: list[dict], pick, offset: float, color: str, label: 
         e, low, high = _estimate_and_interval(result)
         mids.append(0.5 * (w["steps"][0] + w["steps"][1]) + offset)
         est.append(e)
-        lo.append(e - low if np.isfinite(low) else 0.0)
-        hi.append(high - e if np.isfinite(high) else 0.0)
+        # no interval: no bar (NaN), not a zero-length one, which would read as an exact estimate
+        lo.append(e - low if np.isfinite(low) else np.nan)
+        hi.append(high - e if np.isfinite(high) else np.nan)
     if mids:
         ax.errorbar(mids, est, yerr=[lo, hi], fmt=marker, color=color, ms=3.5, lw=1, capsize=2, label=label)
 
@@ -285,10 +292,18 @@ def sample_figure(panels: Sequence[tuple[str, object]], *, nrow: int = 8, title:
 
 
 def plot_sample_grid(ax, images, *, nrow: int = 8, title: str = "samples"):
-    """A torchvision grid of ``images [B, C, H, W]`` in [-1, 1]."""
+    """A torchvision grid of ``images [B, C, H, W]`` (C = 1 or 3; Tensor or array) in [-1, 1]."""
+    import torch
     from torchvision.utils import make_grid
 
-    grid = make_grid((images.detach().float().cpu() + 1) / 2, nrow=nrow, padding=2, pad_value=1.0).clamp(0, 1)
+    images = torch.as_tensor(images.detach().cpu() if hasattr(images, "detach") else np.asarray(images))
+    if images.dim() != 4:
+        raise ValueError(f"images must be [B, C, H, W] (one channel axis, even for grey images: x[:, None]); "
+                         f"got shape {tuple(images.shape)}")
+    if images.shape[1] not in (1, 3):
+        raise ValueError(f"images have {images.shape[1]} channels (shape {tuple(images.shape)}): a sample grid draws "
+                         "1 (grey) or 3 (RGB) channels, channels first")
+    grid = make_grid((images.float() + 1) / 2, nrow=nrow, padding=2, pad_value=1.0).clamp(0, 1)
     ax.imshow(grid.permute(1, 2, 0).numpy(), interpolation="nearest")
     ax.set_axis_off()
     ax.set_title(title, fontsize=9)
