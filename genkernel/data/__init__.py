@@ -1,8 +1,9 @@
 """Data for genkernel's experiments: toy 2-D / 1-D sets, digits, MNIST / CIFAR-10, printed digits.
 
 Everything is offline and deterministic for a given seed. Images are float32 in [0, 1]
-with 0 = background and 1 = ink (grey-scale sets), shaped [N, C, H, W]; labels are
-LongTensors, and "ordered by class" subsets come from :func:`balanced_subset`.
+with 0 = background and 1 = ink (grey-scale sets), shaped [N, C, H, W]; class labels are
+LongTensors (the ±1 targets of circle_task / ellipse_task are float tensors of the points'
+dtype), and "ordered by class" subsets come from :func:`balanced_subset`.
 """
 
 from .toy2d import (

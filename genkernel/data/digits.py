@@ -142,7 +142,9 @@ def resize_images(images: torch.Tensor, size: Optional[int]) -> torch.Tensor:
     """Bilinear resize of Tensor[N, C, H, W] float images to ``size`` x ``size``.
 
     Upsampling has no antialiasing (plain bilinear, ``align_corners=False``); downsampling
-    uses torch's antialiased bilinear filter. ``size=None`` or the current size returns the
+    (``size`` below the height or the width) uses torch's antialiased bilinear filter, which
+    along a growing side is plain bilinear. float16 / bfloat16 images are downsampled in
+    float32 and rounded once to their dtype. ``size=None`` or the current size returns the
     input unchanged. Both filters average with non-negative weights, so the result is
     clamped to the input's own range [min, max] (removing rounding only): images in [0, 1]
     stay in [0, 1], images already mapped to [-1, 1] stay in [-1, 1].
@@ -151,7 +153,10 @@ def resize_images(images: torch.Tensor, size: Optional[int]) -> torch.Tensor:
         return images
     size = _check_int(size, "size")
     if not isinstance(images, torch.Tensor) or images.dim() != 4 or not images.dtype.is_floating_point:
-        raise TypeError("images must be a float Tensor[N, C, H, W]")
+        got = (f"{images.dtype} tensor of shape {tuple(images.shape)}" if isinstance(images, torch.Tensor)
+               else type(images).__name__)
+        raise TypeError(f"images must be a float Tensor[N, C, H, W], got a {got}; "
+                        "pass e.g. images.float() or images[:, None] for [N, H, W]")
     h, w = images.shape[-2:]
     if (h, w) == (size, size):
         return images
@@ -161,9 +166,17 @@ def resize_images(images: torch.Tensor, size: Optional[int]) -> torch.Tensor:
         raise ValueError("images hold NaN or inf values; resize finite images")
     # The range of the input, not [0, 1]: clamping [-1, 1] images to [0, 1] zeroed every negative pixel.
     lo, hi = float(images.min()), float(images.max())
-    down = size < min(h, w)
-    out = F.interpolate(images, size=(size, size), mode="bilinear", align_corners=False, antialias=down)
-    return out.clamp_(lo, hi)
+    # Antialias whenever either side shrinks: a non-square image (8 x 48 -> 16 x 16) shrinking along one side
+    # only was sampled by plain bilinear there (a 1-in-3 column pattern came out all 0). torch's antialiased
+    # filter equals plain bilinear along a side that grows, so square upsampling stays plain bilinear.
+    down = size < max(h, w)
+    x = images
+    if down and x.dtype in (torch.float16, torch.bfloat16):
+        # torch has no CPU antialiased kernel for half types (NotImplementedError "compute_index_ranges_weights"):
+        # filter in float32 and round once to the input's dtype (on every device, so that they agree).
+        x = x.float()
+    out = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=down)
+    return out.to(images.dtype).clamp_(lo, hi)
 
 
 def load_digits_images(
@@ -202,6 +215,8 @@ def load_digits_images(
     labels : LongTensor[N], digits 0..9.
     """
     size = _check_int(size, "size")
+    if seed is not None:
+        _generator(seed)  # validated even where unused (no per_class), so a bad seed is not accepted silently
     if split not in _SPLITS:
         raise ValueError(f"split must be one of {_SPLITS}, got {split!r}")
     if classes is not None:

@@ -89,14 +89,19 @@ def _resolve_fonts(fonts) -> list[tuple[str, str]]:
                 f"unknown font {str(f)!r}: pass one of {sorted(avail)} or the path of an existing .ttf/.otf file"
             )
     names = [n for n, _ in out]
-    if len(set(names)) != len(names):
-        raise ValueError(f"fonts has repeated entries: {names}")
+    # by file as well as by name: "DejaVu Sans" and the path of DejaVuSans.ttf are one font, and passed
+    # together they gave pairs of identical variants (identical images under two entries of the variants)
+    files = [os.path.realpath(p) for _, p in out]
+    if len(set(names)) != len(names) or len(set(files)) != len(files):
+        raise ValueError(f"fonts has repeated entries: {names} (files {files}); list each font once")
     return out
 
 
 def _check_number_tuple(values, name: str, *, integer: bool) -> tuple:
     if isinstance(values, (numbers.Real,)) and not isinstance(values, bool):
         values = (values,)
+    if isinstance(values, np.ndarray) and values.ndim != 1:  # len() of a 0-d array raised a bare "unsized object"
+        raise TypeError(f"{name} must be a number or a 1-D sequence of numbers, got an array of shape {values.shape}")
     if isinstance(values, (str, bytes)) or not isinstance(values, (Sequence, np.ndarray)) or len(values) == 0:
         raise TypeError(f"{name} must be a non-empty sequence of numbers, got {values!r}")
     out = []

@@ -1,8 +1,10 @@
 """Toy data sets in two dimensions and in one dimension.
 
 Every generator is deterministic for a given ``seed``: the same seed gives the same
-tensors, bit for bit, on the same machine. ``seed`` is an ``int`` or a
-:class:`torch.Generator` (which is then advanced). Points are computed in float64 and
+tensors, bit for bit, on the same machine. ``seed`` is an ``int`` in [0, 2**64) or a
+:class:`torch.Generator` (which is then advanced). torch's generator keeps 32 bits of a
+seed, so a seed of 2**32 or more is first hashed (SHA-256) to 32 bits: seed and
+seed + 2**32 give different data. Points are computed in float64 and
 cast to ``dtype`` (float32 by default), so the geometric constraints below hold to the
 rounding of ``dtype``.
 
@@ -24,6 +26,7 @@ regression_1d
 
 from __future__ import annotations
 
+import hashlib
 import math
 import numbers
 from typing import Optional, Union
@@ -91,6 +94,11 @@ def _generator(seed: Optional[SeedLike], name: str = "seed") -> torch.Generator:
     seed = int(seed)
     if seed < 0 or seed >= 2**64:  # manual_seed takes 64 bits ("Overflow when unpacking long long")
         raise ValueError(f"{name} must be in [0, 2**64), got {seed}")
+    if seed >= 2**32:
+        # torch's CPU generator reads only the low 32 bits of its seed, so seed and seed + 2**32 (0 and 2**32)
+        # gave the same data. Seeds past 32 bits are hashed whole (SHA-256, first 32 bits), as the projection
+        # seeds of genkernel.core.engine.projections are; seeds in [0, 2**32) draw what they always drew.
+        seed = int.from_bytes(hashlib.sha256(str(seed).encode()).digest()[:4], "little")
     return torch.Generator().manual_seed(seed)
 
 
@@ -342,6 +350,8 @@ def regression_1d(
         raise TypeError(f"grid must be a bool, got {grid!r}")
     _check_dtype(dtype)
     if grid:
+        if seed is not None:
+            _generator(seed)  # unused on the grid, but a bad seed is refused rather than accepted silently
         x = torch.linspace(-math.pi, math.pi, n, dtype=torch.float64)
     else:
         gen = _generator(seed)
