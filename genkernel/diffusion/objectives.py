@@ -486,10 +486,11 @@ def _vp_coefficients(scheduler, timesteps: torch.Tensor, like: torch.Tensor) -> 
     every DDPM training script (``DDPMScheduler.from_pretrained`` of the same config) use, and have no get_velocity
     (the old code's noise was off by up to 227 for Euler's at t = 999)."""
     wide = torch.promote_types(like.dtype, torch.float32)
-    alphas = scheduler.alphas_cumprod.detach().to("cpu", wide)[timesteps.detach().cpu()]
+    # on the samples' device, as add_noise computes them there (a CUDA power may round otherwise than the CPU's)
+    alphas = scheduler.alphas_cumprod.detach().to(like.device, wide)[timesteps.detach().to(like.device)]
     shape = (-1, *([1] * (like.dim() - 1)))
     signal, spread = alphas**0.5, (1 - alphas) ** 0.5
-    return (signal.to(like.device, like.dtype).reshape(shape), spread.to(like.device, like.dtype).reshape(shape))
+    return signal.to(like.dtype).reshape(shape), spread.to(like.dtype).reshape(shape)
 
 
 def noisy_input(scheduler, clean: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
