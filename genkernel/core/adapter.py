@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
 import numbers
 import os
 from typing import Any, Callable, Iterator
@@ -412,6 +413,24 @@ def preserved_buffers(module: nn.Module) -> Iterator[None]:
     finally:
         for m, name, b in slots:
             m._buffers[name] = b
+
+
+def seed_bits(seed: int) -> int:
+    """The 32 bits a CPU ``torch.Generator`` reads of ``seed``: the seed itself in [0, 2**32), else the
+    first 32 bits of the SHA-256 of its decimal digits. torch reads the low 32 bits only, so seed and
+    seed + 2**32 (0 and 2**32) drew the same numbers; seeds in [0, 2**32) keep what they drew."""
+    s = int(seed)
+    return s if 0 <= s < 2**32 else int.from_bytes(hashlib.sha256(str(s).encode()).digest()[:4], "little")
+
+
+def seeded_generator(seed: Any, name: str = "seed") -> torch.Generator:
+    """A CPU ``torch.Generator`` seeded with ``seed``, an int in [0, 2**64) (:func:`seed_bits`); a bool,
+    a float or a seed outside that range is refused (TypeError / ValueError naming ``name``)."""
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {type(seed).__name__} ({seed!r}); pass e.g. {name}=0")
+    if not 0 <= int(seed) < 2**64:  # manual_seed takes 64 bits ("Overflow when unpacking long long")
+        raise ValueError(f"{name} must be in [0, 2**64), got {int(seed)}")
+    return torch.Generator(device="cpu").manual_seed(seed_bits(seed))
 
 
 def positive_int(value: Any, name: str) -> int:

@@ -26,13 +26,14 @@ regression_1d
 
 from __future__ import annotations
 
-import hashlib
 import math
 import numbers
 from typing import Optional, Union
 
 import numpy as np
 import torch
+
+from ..core.adapter import seeded_generator
 
 __all__ = [
     "gaussian_ring",
@@ -91,15 +92,7 @@ def _generator(seed: Optional[SeedLike], name: str = "seed") -> torch.Generator:
     if seed is None or isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
         raise TypeError(f"{name} must be an int or a torch.Generator, got {type(seed).__name__} ({seed!r}); "
                         f"pass e.g. {name}=0")
-    seed = int(seed)
-    if seed < 0 or seed >= 2**64:  # manual_seed takes 64 bits ("Overflow when unpacking long long")
-        raise ValueError(f"{name} must be in [0, 2**64), got {seed}")
-    if seed >= 2**32:
-        # torch's CPU generator reads only the low 32 bits of its seed, so seed and seed + 2**32 (0 and 2**32)
-        # gave the same data. Seeds past 32 bits are hashed whole (SHA-256, first 32 bits), as the projection
-        # seeds of genkernel.core.engine.projections are; seeds in [0, 2**32) draw what they always drew.
-        seed = int.from_bytes(hashlib.sha256(str(seed).encode()).digest()[:4], "little")
-    return torch.Generator().manual_seed(seed)
+    return seeded_generator(seed, name)
 
 
 def _int_seed(gen: torch.Generator) -> int:

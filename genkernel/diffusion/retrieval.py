@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from .kernels import eval_mode, state_kernel
-from ..core.adapter import as_tuple, positive_int
+from ..core.adapter import as_tuple, positive_int, seed_bits
 from ..core.grouping import measured_minus_control
 from .objectives import EDM_PROCESS, FLOW_PROCESS, check_timesteps, level_dtype, noise_process, noisy_input, training_levels
 from .learned_variance import predicts_variance
@@ -191,7 +191,7 @@ def retrieval_attribution(
         else:  # the noisiest level: T − 1 under DDPM, T (σ = 1, the flow sampler's first step) under flow matching
             noisiest = total if noise_process(scheduler) == FLOW_PROCESS else total - 1
             stages = torch.linspace(noisiest, 0, num_stages).round().long().tolist()
-    # A Tensor or array of stages is fine (reverse_sample's `keep or ()` is not); values outside [0, T)
+    # A Tensor or array of stages is fine (reverse_sample takes one too); values outside [0, T)
     # would be snapped silently to the first or last reverse step.
     stages = torch.as_tensor(stages).reshape(-1)
     if stages.numel() == 0:
@@ -216,7 +216,7 @@ def retrieval_attribution(
     guidance_scale = float(guidance_scale)
     null_extra = () if guidance_scale == 1.0 else as_tuple(null_conditioning, name="null_conditioning")
     order = sorted(kept, reverse=True)
-    generator = torch.Generator().manual_seed(seed + 7)
+    generator = torch.Generator().manual_seed(seed_bits(seed) + 7)  # (reverse_sample checked the seed)
     clean = train_data.to(param)
     noise = torch.randn(clean.shape, generator=generator, dtype=torch.float64).to(param)
 

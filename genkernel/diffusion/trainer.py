@@ -43,8 +43,10 @@ from __future__ import annotations
 import contextlib
 import inspect
 import math
+import numbers
 import os
 from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Sequence as SequenceABC
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -52,7 +54,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..core.adapter import as_tuple, positive_int
+from ..core.adapter import as_tuple, positive_int, seeded_generator
 from ..core.errors import NonFiniteError
 from ..core.tracking.callbacks import CallbackStates, TrainerCallback, fire, perform_step
 from ..core.tracking.io import (
@@ -72,7 +74,7 @@ from .guidance import ClassDropout, check_guidance_scale, guided_output
 from .learned_variance import LEARNED_RANGE, loss_targets, mean_channels, predicts_variance, training_loss
 from .timestep_sampling import Density, Weighting, make_loss_weighting, make_timestep_density
 from .objectives import (
-    DDPM_PROCESS, check_prediction_type, noise_process, noise_schedule_config, noisy_input,
+    DDPM_PROCESS, check_prediction_type, check_timesteps, noise_process, noise_schedule_config, noisy_input,
     num_train_timesteps, same_noise_schedule, training_levels, training_target,
 )
 
@@ -124,7 +126,10 @@ class DDPMTrainer:
             with probability ``class_dropout``, drawn from the trainer's generator after the noise.
             The analyzers get the labels the model was given as ``info["class_labels"]``, the data's as
             ``info["data_labels"]``. ``sample(guidance_scale=)`` then samples with guidance.
-        shuffle: Tensor data: a fresh permutation every epoch (default), or the data's own order.
+        shuffle: Tensor data: a fresh permutation every epoch (default; an epoch is its first
+            ⌊N / B⌋ batches, the rest of the permutation is left out, a different rest every epoch), or the
+            data's own order, batch after batch round the data (rows c, c + 1, ... mod N: every row is
+            trained on, none left out when B does not divide N).
         optimizer: "adam" (default), "adamw", "sgd", or a ``torch.optim.Optimizer`` over ``model``.
         lr, weight_decay, momentum: for a named optimizer (refused beside an optimizer object, which
             keeps its own).
@@ -151,7 +156,7 @@ class DDPMTrainer:
             ``torch.optim.swa_utils.AveragedModel``. Checkpoints save it; ``sample(weights="ema")``
             samples with it; an attached ``NoiseLevelAnalyzer`` keeps a ledger for it.
         seed: seeds the trainer's own generator (timesteps, noise, the order of Tensor data) and
-            nothing global.
+            nothing global: an int in [0, 2**64) (one of 2**32 or more is hashed, :func:`~genkernel.core.adapter.seeded_generator`).
         callbacks: :class:`TrainerCallback` objects (analyzers); more can be appended between
             calls of :meth:`train` (an analyzer may attach after a warm-up).
         checkpoint_dir, checkpoint_every: write ``checkpoint.pt`` atomically every that many steps
@@ -244,7 +249,7 @@ class DDPMTrainer:
         self.checkpoint_every = checkpoint_every
         self.progress = progress
         self.logging = None if log is None else LoggingCallback(log, every=log_every)
-        self.generator = torch.Generator(device="cpu").manual_seed(seed)
+        self.generator = seeded_generator(seed, "seed")
         self.global_step = 0
         self.losses: list[float] = []
         # Tensor data: the epoch's permutation and the position in it
@@ -319,11 +324,20 @@ class DDPMTrainer:
     def _tensor_batch(self) -> dict[str, torch.Tensor]:
         """The next rows of Tensor data (a new permutation when the epoch's is used up)."""
         n = self.data.shape[0]
-        if self._cursor + self.batch_size > self._order.numel():
-            self._order = torch.randperm(n, generator=self.generator) if self.shuffle else torch.arange(n)
-            self._cursor = 0
-        index = self._order[self._cursor : self._cursor + self.batch_size]
-        self._cursor += self.batch_size
+        if not self.shuffle:
+            # The data's own order, batch after batch through it and round again: rows cursor, cursor + 1, ...
+            # (mod N). Restarting at row 0 whenever a whole batch no longer fitted never trained on the last
+            # N mod B rows at all.
+            if self._order.numel() != n:
+                self._order, self._cursor = torch.arange(n), 0
+            index = (self._cursor + torch.arange(self.batch_size)) % n
+            self._cursor = (self._cursor + self.batch_size) % n
+        else:
+            if self._cursor + self.batch_size > self._order.numel():
+                self._order = torch.randperm(n, generator=self.generator)
+                self._cursor = 0
+            index = self._order[self._cursor : self._cursor + self.batch_size]
+            self._cursor += self.batch_size
         batch = {"indices": index, "clean": self.data[index.to(self.data.device)]}
         if self.labels is not None:
             batch["labels"] = self.labels[index.to(self.labels.device)]
@@ -500,6 +514,7 @@ class DDPMTrainer:
                 "this trainer's model is conditional: pass labels, a LongTensor[num_samples] of classes to sample"
                 if self.conditional else "labels are for a conditional model (DDPMTrainer(..., conditional=True))"
             )
+        num_samples = positive_int(num_samples, "num_samples")
         if self.sample_shape is None:
             raise RuntimeError("the shape of the samples is known once a batch was drawn: train a step first")
         conditioning = None if labels is None else class_labels(labels, num_samples, "labels").to(self.device)
@@ -746,11 +761,13 @@ def reverse_sample(
 
     Args:
         shape: ``(S, *sample shape)``.
-        num_inference_steps: reverse steps (default: all T).
-        seed: seeds the initial noise and the sampler's noise (a private generator).
-        keep: timesteps at which to keep the state the model is given at that step
+        num_inference_steps: reverse steps, a positive int (default: all T).
+        seed: seeds the initial noise and the sampler's noise (a private generator, :func:`~genkernel.core.adapter.seeded_generator`:
+            an int in [0, 2**64)); the global RNG is untouched.
+        keep: timesteps (a sequence, Tensor or array) at which to keep the state the model is given at that step
             (``sampler.scale_model_input(x_t, t)``: x_t itself for DDPM and DDIM); a requested t that
-            is not a reverse step of this schedule is snapped to the nearest one, which must be an
+            is not a reverse step of this schedule (it must be a training timestep 0..T−1: ValueError
+            otherwise) is snapped to the nearest one, which must be an
             integer timestep (a sampler's fractional one, EulerDiscreteScheduler with
             ``timestep_spacing="linspace"``, is refused: ValueError). Under flow matching a level is
             any real t = σ·T, under EDM t = ¼ ln σ: states are kept at the sampler's own float
@@ -767,7 +784,23 @@ def reverse_sample(
     Returns:
         ``(x_0 samples [S, *shape[1:]], {t: state [S, *shape[1:]]})``, keyed by the steps used (int
         timesteps; under flow matching and EDM float ones).
+
+    The model runs in eval mode; afterwards every module is in the mode it was in. Given the same initial
+    noise, this is diffusers' ``DDPMPipeline`` / ``DDIMPipeline`` loop before its ``(x / 2 + 0.5).clamp(0, 1)``
+    (tests/test_sampling_review.py); the initial noise is drawn in float64 (the same for every model dtype),
+    so with the same seed it is not the pipeline's float32 draw.
     """
+    if isinstance(shape, (str, bytes)) or not isinstance(shape, SequenceABC) or len(shape) < 2:
+        raise ValueError(f"shape must be (S, *sample shape) with at least one sample dimension, e.g. (16, 2) or "
+                         f"(16, 3, 32, 32), got {shape!r}")
+    shape = tuple(positive_int(n, "every entry of shape") for n in shape)
+    if num_inference_steps is not None:
+        # 0 sampled all T steps (it read as "not given") and a negative count none: the noise came back as samples
+        num_inference_steps = positive_int(num_inference_steps, "num_inference_steps (None: all T steps)")
+    if keep is not None and (isinstance(keep, (str, bytes)) or not isinstance(keep, Iterable)):
+        raise TypeError(f"keep must be a sequence of timesteps, e.g. keep=[{keep!r}], got {type(keep).__name__}")
+    keep = [] if keep is None else list(keep)  # (a Tensor or array of timesteps too: `keep or ()` raised for one)
+    generator = seeded_generator(seed, "seed")
     sampler = make_sampler(scheduler, sampler)
     # A model that predicts its variance (learned_range) gives 2C channels: a DDPM sampler with learned_range steps
     # with them; any other sampler gets the mean channels alone, as diffusers' DiT pipeline gives it.
@@ -793,7 +826,16 @@ def reverse_sample(
     # Indices of the reverse steps whose states are kept: each requested t snapped to the nearest
     # of the sampler's own timesteps (the first, noisiest, on a tie).
     wanted = set()
-    for t in keep or ():
+    for t in keep:
+        if isinstance(t, bool) or not isinstance(t, numbers.Real) and not (
+                isinstance(t, torch.Tensor) and t.numel() == 1 and not t.dtype == torch.bool):
+            raise TypeError(f"keep must hold timesteps (numbers), got {t!r}")
+        # snapping one outside the training levels would keep the state at the first or last step, under a key
+        # the schedule lacks
+        if not real and not 0 <= float(t) <= num_train_timesteps(scheduler) - 1:
+            raise ValueError(f"keep asks for t={float(t):g}, outside the training timesteps 0..{num_train_timesteps(scheduler) - 1}")
+        if real:  # flow matching: t = σ·T in [0, T]; EDM: finite ¼ ln σ up to the largest level
+            check_timesteps(torch.tensor([float(t)], dtype=torch.float64), scheduler, name="keep")
         index = min(range(len(times)), key=lambda i: abs(times[i] - float(t)))
         if not real and times[index] != steps[index]:
             # A fractional timestep (EulerDiscreteScheduler with timestep_spacing="linspace", ...): the
@@ -832,8 +874,15 @@ def reverse_sample(
         )
     channels = int(shape[1])
     param = next(model.parameters())
-    generator = torch.Generator(device="cpu").manual_seed(seed)
+    if step_kwargs is not None and not isinstance(step_kwargs, Mapping):
+        raise TypeError(f"step_kwargs must be a dict of the sampler's step arguments, e.g. {{'eta': 1.0}}, got "
+                        f"{type(step_kwargs).__name__}")
     kwargs = dict(step_kwargs or {})
+    # what the loop passes itself: a generator given here was replaced by the seed's without a word
+    reserved = sorted(set(kwargs) & {"generator", "return_dict", "model_output", "timestep", "sample"})
+    if reserved:
+        raise ValueError(f"step_kwargs {reserved} are set by reverse_sample (the sampler's noise comes from seed=, "
+                         "the loop reads .prev_sample): drop them and pass seed= for another draw")
     if "generator" in inspect.signature(sampler.step).parameters:
         kwargs["generator"] = generator
     # A flow-matching sampler starts at σ = 1 (pure noise, scale 1) and gives the model x_t itself; an EDM
@@ -841,7 +890,9 @@ def reverse_sample(
     x = torch.randn(tuple(shape), generator=generator, dtype=torch.float64).to(param) * getattr(sampler, "init_noise_sigma", 1.0)
     scale_input = getattr(sampler, "scale_model_input", lambda sample, timestep: sample)
     kept: dict[float, torch.Tensor] = {}
-    was_training = model.training
+    # every module's own mode back afterwards: model.train(was_training) switched a submodule kept in eval mode
+    # (a frozen encoder, dropout switched off) to training mode
+    modes = [(module, module.training) for module in model.modules()]
     model.eval()
     try:
         for index, (t, step) in enumerate(zip(sampler.timesteps, steps)):
@@ -863,5 +914,6 @@ def reverse_sample(
                     out = torch.cat([mean, torch.full_like(mean, -1.0)], dim=1)
             x = sampler.step(out, t, x, **kwargs).prev_sample
     finally:
-        model.train(was_training)
+        for module, training in modes:
+            module.training = training
     return x, kept

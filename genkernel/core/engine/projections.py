@@ -26,7 +26,6 @@ give independent R. Seeds in [0, 2**32) draw the R they always drew.
 
 from __future__ import annotations
 
-import hashlib
 import math
 import numbers
 from typing import Any
@@ -43,6 +42,7 @@ from ..adapter import (
     check_memory_budget,
     check_per_example_safe,
     outside_inference_mode,
+    seed_bits,
     positive_int,
     trainable_parameters,
     unwrap,
@@ -71,9 +71,7 @@ def _generator_seed(seed: int, param_index: int, block: int) -> int:
     s is the seed itself in [0, 2**32), else the first 32 bits of the SHA-256 of its decimal
     digits: the generator reads 32 bits of its seed, which here depend on s mod 2**32 only, so
     without the hash seed and seed + 2**32 (or -1 and 2**32 - 1) drew the same R."""
-    s = int(seed)
-    if not 0 <= s < 2**32:
-        s = int.from_bytes(hashlib.sha256(str(s).encode()).digest()[:4], "little")
+    s = seed_bits(seed)
     value = (s * 1_000_003 + param_index) * 1_000_033 + block
     return value if -(2**63) <= value < 2**64 else value % 2**64
 
