@@ -58,7 +58,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..core.adapter import analysis_mode, output_tensor, positive_int, unwrap
+from ..core.adapter import analysis_mode, output_tensor, positive_int, seeded_generator, unwrap
 from ..core.tracking.batches import (
     IterableBatches, check_reiterable, dataset_class_labels, is_class_labels, split_floating_batch,
 )
@@ -198,7 +198,9 @@ class GANTrainer:
         loss: "nonsaturating" (default), "hinge" or "wgan-gp".
         output: what D returns, "logit" (default) or "probability" (D ends in a sigmoid;
             non-saturating loss only); see :class:`GeneratorLoss`.
-        g_optimizer, d_optimizer: default Adam (lr ``lr_g`` / ``lr_d``, ``betas``).
+        g_optimizer, d_optimizer: default Adam (lr ``lr_g`` / ``lr_d``, default 1e-3, ``betas``, default
+            (0.5, 0.999)); ``lr_g`` (``lr_d``) with ``g_optimizer`` (``d_optimizer``), or ``betas`` with both
+            optimizers given, is refused (a ValueError): they would be ignored.
         lr_scheduler_g, lr_scheduler_d: learning-rate schedules, each stepped after every update of its
             optimizer (:mod:`~genkernel.core.tracking.lr_schedules`): a function optimizer →
             ``LRScheduler`` (for the default optimizers), or a scheduler built over the optimizer passed.
@@ -213,7 +215,9 @@ class GANTrainer:
             save it, ``sample(..., weights="ema")`` samples with it, and an attached
             :class:`GANKernelAnalyzer` keeps a ledger for it.
         callbacks: :class:`TrainerCallback` objects (e.g. :class:`GANKernelAnalyzer`).
-        seed: seeds the trainer's own generator (batches, latents, interpolation factors).
+        seed: seeds the trainer's own generator (batches, latents, interpolation factors): an int in [0, 2**64),
+            as :func:`~genkernel.core.adapter.seeded_generator` seeds (seeds of 2**32 and more no longer draw the
+            numbers of their low 32 bits).
         progress: show a tqdm bar.
         checkpoint_dir, checkpoint_every: write ``checkpoint.pt`` atomically every this many
             iterations (0: never); ``train(..., resume=True)`` continues from it.
@@ -237,9 +241,9 @@ class GANTrainer:
         output: str = "logit",
         g_optimizer: torch.optim.Optimizer | None = None,
         d_optimizer: torch.optim.Optimizer | None = None,
-        lr_g: float = 1e-3,
-        lr_d: float = 1e-3,
-        betas: tuple[float, float] = (0.5, 0.999),
+        lr_g: float | None = None,
+        lr_d: float | None = None,
+        betas: tuple[float, float] | None = None,
         lr_scheduler_g: LRSchedulerArg = None,
         lr_scheduler_d: LRSchedulerArg = None,
         batch_size: int | None = None,
@@ -258,11 +262,28 @@ class GANTrainer:
         tensor_data = isinstance(data, torch.Tensor)
         if tensor_data and data.dim() < 2:
             raise ValueError(f"data must be a Tensor [N, ...] of real samples, got shape {tuple(data.shape)}")
+        if tensor_data and not data.is_floating_point():
+            # (as a DataLoader's batches: uint8 images were cast to floats in [0, 255] silently)
+            raise TypeError(
+                f"data must be a floating Tensor [N, ...] of real samples (images in [-1, 1]), got dtype {data.dtype}: "
+                "convert it, e.g. uint8 images as data.float() / 127.5 - 1"
+            )
+        if tensor_data and data.shape[0] == 0:
+            raise ValueError(f"data holds no real samples (shape {tuple(data.shape)}): pass a Tensor [N, ...] with N >= 1")
         if not tensor_data:
             check_reiterable(data, "[N, ...] of real samples")
             batch_size = self._check_iterable_data(data, labels, num_classes, class_sampling, batch_size)
         if labels is not None and (not isinstance(labels, torch.Tensor) or labels.shape != (data.shape[0],)):
             raise ValueError(f"labels must be a LongTensor[{data.shape[0]}] (one per real sample)")
+        if labels is not None and num_classes is None:
+            # mode ids for analyzers' info["real_labels"] (a LongTensor, -1 on the generated rows): float ids were
+            # truncated there, a negative id read as a generated row's
+            labels = check_classes(labels, data.shape[0], None, "labels")
+            if labels.numel() and int(labels.min()) < 0:
+                raise ValueError(
+                    f"labels must be ids >= 0 (a real sample's mode or class; -1 marks the generated rows in "
+                    f"info['real_labels']), got a minimum of {int(labels.min())}: relabel them 0..n-1"
+                )
         if class_sampling not in CLASS_SAMPLING:
             raise ValueError(
                 f"class_sampling must be one of {CLASS_SAMPLING} (how a conditional generator step draws its classes), "
@@ -314,6 +335,9 @@ class GANTrainer:
         if tensor_data and batch_size > data.shape[0]:
             raise ValueError(f"batch_size must be in [1, {data.shape[0]}] (the data set size), got {batch_size}")
         d_steps = positive_int(d_steps, "d_steps")
+        if isinstance(max_grad_norm, bool) or not isinstance(max_grad_norm, numbers.Real) or not max_grad_norm > 0:
+            # (refused here, not at the first step after the callbacks' on_train_start)
+            raise ValueError(f"max_grad_norm must be a positive number (math.inf for no clipping), got {max_grad_norm!r}")
         if (isinstance(checkpoint_every, bool) or not isinstance(checkpoint_every, numbers.Integral)
                 or checkpoint_every < 0):
             raise ValueError(f"checkpoint_every must be an int >= 0 (0: never), got {checkpoint_every!r}")
@@ -328,9 +352,12 @@ class GANTrainer:
         self.num_classes = num_classes
         self.conditional = num_classes is not None
         self.class_sampling = class_sampling if self.conditional else None
-        self.latent_dim = int(latent_dim if latent_dim is not None else getattr(generator, "latent_dim", 0))
-        if self.latent_dim < 1:
-            raise ValueError("pass latent_dim= (the generator has no .latent_dim attribute)")
+        if latent_dim is None:
+            latent_dim = getattr(generator, "latent_dim", None)
+            if latent_dim is None:
+                raise ValueError("pass latent_dim= (the generator has no .latent_dim attribute)")
+        # an int >= 1 (a float such as 2.5 was truncated to 2 silently)
+        self.latent_dim = positive_int(latent_dim, "latent_dim")
         self._check_latents()
         self.loss = check_loss(loss)
         self.output = output
@@ -339,8 +366,24 @@ class GANTrainer:
         # The trainer's classes come from its checked labels: no per-step range check (a device sync) in its loss.
         self.g_loss = GeneratorLoss(discriminator, loss, output, conditional=self.conditional)
         self.d_loss = DiscriminatorLoss(loss, gp_weight, output, discriminator=discriminator)
-        self.g_optimizer = g_optimizer or torch.optim.Adam(generator.parameters(), lr=lr_g, betas=betas)
-        self.d_optimizer = d_optimizer or torch.optim.Adam(discriminator.parameters(), lr=lr_d, betas=betas)
+        # lr_g, lr_d and betas set the default Adams: given with an optimizer of one's own they were ignored silently
+        ignored = [(name, player) for name, value, player in (
+            ("lr_g", lr_g, "g_optimizer" if g_optimizer is not None else None),
+            ("lr_d", lr_d, "d_optimizer" if d_optimizer is not None else None),
+            ("betas", betas, "g_optimizer and d_optimizer" if g_optimizer is not None and d_optimizer is not None
+             else None),
+        ) if value is not None and player is not None]
+        if ignored:
+            name, player = ignored[0]
+            raise ValueError(
+                f"{name} sets the default Adam optimizer, but {player}= is given (its own settings train, {name} would "
+                f"be ignored): set it on that optimizer, or drop {name}="
+            )
+        betas = (0.5, 0.999) if betas is None else betas
+        self.g_optimizer = g_optimizer or torch.optim.Adam(
+            generator.parameters(), lr=1e-3 if lr_g is None else lr_g, betas=betas)
+        self.d_optimizer = d_optimizer or torch.optim.Adam(
+            discriminator.parameters(), lr=1e-3 if lr_d is None else lr_d, betas=betas)
         self.lr_scheduler_g = build_lr_scheduler(lr_scheduler_g, self.g_optimizer, "lr_scheduler_g")
         self.lr_scheduler_d = build_lr_scheduler(lr_scheduler_d, self.d_optimizer, "lr_scheduler_d")
         self.batch_size = batch_size
@@ -350,7 +393,9 @@ class GANTrainer:
             check_trainable_ema(ema, generator)
         self.ema = ema
         self.callbacks = list(callbacks)
-        self.rng = torch.Generator(device="cpu").manual_seed(seed)
+        # seeded as seeded_generator does: torch reads a seed's low 32 bits (seed 2**32 drew seed 0's numbers); a seed
+        # in [0, 2**32) draws what it drew before, a bool, a float or a seed outside [0, 2**64) is refused
+        self.rng = seeded_generator(seed, "seed")
         self.progress = progress
         self.checkpoint_dir = None if checkpoint_dir is None else Path(checkpoint_dir)
         self.checkpoint_every = checkpoint_every
