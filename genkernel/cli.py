@@ -103,6 +103,9 @@ def _report(args: argparse.Namespace) -> int:
     from .report import write_report
 
     output = Path(args.output) if args.output else Path(args.state).with_suffix(".html")
+    if output.exists() and Path(args.state).exists() and os.path.samefile(output, args.state):
+        # -o STATE.pt (or a state named .html) would replace the analyzer's saved state by the page
+        raise ValueError(f"the output {output} is the state file itself: pass another name with -o")
     path = write_report(args.state, output, title=args.title, top=args.top, animate=not args.no_animation)
     print(f"wrote {path} ({path.stat().st_size / 1e3:.0f} kB): open it in a browser")
     return 0
@@ -117,7 +120,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     try:
         return {"figures": _figures, "summarize": _summarize, "report": _report}[args.command](args)
-    except (FileNotFoundError, ValueError) as error:
+    except (OSError, ValueError) as error:  # a missing state, an unwritable output: one line, not a traceback
         print(f"genkernel {args.command}: {error}", file=sys.stderr)
         return 1
 

@@ -13,7 +13,9 @@ import base64
 import datetime as _dt
 import html
 import json
+import math
 import os
+import tempfile
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -61,6 +63,19 @@ def _fmt(value: Any, digits: int = 3) -> str:
     return str(value)
 
 
+def _claim_number(value: Any) -> str:
+    """A claim's number, with digits added (up to 9) where 3 significant digits round it onto a
+    rounder number: a mean cosine of 0.98996 shown as "0.99" beside "≥ 0.99 … not held", or a
+    residual of 0.0010004 shown as "0.001" beside "below 0.001 … not held", read as the limit itself."""
+    if isinstance(value, bool) or not isinstance(value, float) or not math.isfinite(value):
+        return _fmt(value)
+    digits, text = 3, f"{value:.3g}"
+    while float(text) != value and digits < 9 and len(text.split("e")[0].replace("-", "").replace(".", "").strip("0")) < 3:
+        digits += 1
+        text = f"{value:.{digits}g}"
+    return text
+
+
 def _table(rows: Sequence[Sequence[Any]], header: Sequence[str] | None = None) -> str:
     out = ["<table>"]
     if header:
@@ -94,9 +109,9 @@ def _claims(claims: Sequence[Mapping[str, Any]]) -> str:
         held = claim.get("held")
         cls, badge = {True: ("held", "held"), False: ("notheld", "not held"), None: ("na", "n/a")}[held]
         interval = claim.get("interval")
-        value = _fmt(claim.get("value"))
+        value = _claim_number(claim.get("value"))
         if interval:
-            value += f" [{_fmt(interval[0])}, {_fmt(interval[1])}]"
+            value += f" [{_claim_number(interval[0])}, {_claim_number(interval[1])}]"
         caveat = f'<div class="caveat">{_e(claim["caveat"])}</div>' if claim.get("caveat") else ""
         if claim.get("why"):  # held is False whatever the interval shows (e.g. too few independent units)
             caveat = f'<div class="caveat">not held because: {_e(claim["why"])}</div>' + caveat
@@ -182,7 +197,9 @@ def _diffusion_section(s: Mapping[str, Any], animate: bool) -> str:
         + _table([["median κ (measured)", loc.get("median_kappa")], ["median κ (control)", loc.get("median_kappa_control")]])
         + (_table(per_level, ["level", "traffic m−c", "interval", "net share m−c", "interval"]) if per_level else "")))
     history = s.get("locality_over_training") or []
-    frames = [{"label": f"training step {h.get('global_step', h['tracked_step'])} (tracked step {h['tracked_step']})",
+    # an analyzer driven without a trainer's global_step records None: name the tracked step, never "step None"
+    frames = [{"label": (f"tracked step {h['tracked_step']}" if h.get("global_step") is None else
+                         f"training step {h['global_step']} (tracked step {h['tracked_step']})"),
                "traffic": h["traffic_matrix"], "share": h["share_matrix"], "row": h}
               for h in history if h.get("traffic_matrix") is not None and h.get("share_matrix") is not None]
     if animate and len(frames) >= 2:
@@ -201,7 +218,8 @@ def _diffusion_section(s: Mapping[str, Any], animate: bool) -> str:
     kernel = s.get("kernel") or []
     figure = fg.kernel_figure(s)
     if figure is not None:
-        rows = [[("initialization" if k.get("tracked_step") is None else f"step {k.get('global_step')}"),
+        rows = [[("initialization" if k.get("tracked_step") is None else f"tracked step {k['tracked_step']}"
+                  if k.get("global_step") is None else f"step {k['global_step']}"),
                  (k.get("locality") or {}).get("difference"),
                  "[{}, {}]".format(*(_fmt(v) for v in (k.get("locality") or {}).get("interval", [None, None])))]
                 for k in kernel]
@@ -238,7 +256,10 @@ def _diffusion_section(s: Mapping[str, Any], animate: bool) -> str:
         else:
             parts.append(numbers)
     parts.append("<h2>Settings</h2>" + _settings(s["settings"], {
-        "tracked steps": s["tracked_steps"], "training steps": s.get("global_steps"),
+        "tracked steps": s["tracked_steps"],
+        # [first, last] of the trainer's step numbers: not a count, not a list of the steps
+        "training steps tracked (first – last)": (None if not s.get("global_steps") else
+                                                  f"{s['global_steps'][0]} – {s['global_steps'][-1]}"),
         "examples per bin (all steps)": s.get("bin_counts_total")}))
     return "".join(parts)
 
@@ -280,8 +301,13 @@ def _gan_section(s: Mapping[str, Any], animate: bool) -> str:
         parts.append("<h2>The EMA generator's ledger</h2>" + _table([[k, v] for k, v in s["ema"]["ledger"].items()]))
     windows = s.get("windows") or []
     figure = fg.gan_windows_figure(windows)
+
+    def span(w: Mapping[str, Any]) -> Any:
+        steps = w.get("loop_steps") or w.get("steps")
+        return f"{steps[0]}–{steps[1]}" if isinstance(steps, (list, tuple)) and len(steps) == 2 else steps
+
     if figure is not None:
-        rows = [[f"{w['loop_steps'][0]}–{w['loop_steps'][1]}" if w.get("loop_steps") else w.get("steps"),
+        rows = [[span(w),
                  (w.get("traffic_interaction_minus_control") or {}).get("difference"),
                  (w.get("net_interaction_minus_control") or {}).get("difference"), w.get("kappa_median"), w.get("collapsed")]
                 for w in windows]
@@ -325,6 +351,9 @@ def _ledgers_section(s: Mapping[str, Any], animate: bool) -> str:
     return "".join(parts)
 
 
+# default-src covers fetches only: base-uri and form-action do not fall back to it, so they are set too.
+CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'; base-uri 'none'; form-action 'none'"
+
 TITLES = {"diffusion": "NoiseLevelAnalyzer (diffusion, noise-level groups)",
           "gan": "GANKernelAnalyzer (generator split by discriminator geometry)",
           "tracker": "PathKernelTracker", "ledger": "PathKernelLedger"}
@@ -357,7 +386,7 @@ def render_report(source: Any, *, title: str | None = None, top: int = 3, animat
 <html lang="en">
 <head>
 <meta charset="utf-8">
-<meta http-equiv="Content-Security-Policy" content="default-src 'none'; img-src data:; style-src 'unsafe-inline'">
+<meta http-equiv="Content-Security-Policy" content="{CSP}">
 <meta name="viewport" content="width=device-width, initial-scale=1">
 <title>{_e(page_title)}</title>
 <style>{CSS}</style>
@@ -382,11 +411,17 @@ def write_report(source: Any, path: str | os.PathLike, **kwargs: Any) -> Path:
     path = Path(path)
     if path.is_dir():
         raise ValueError(f"{path} is a folder: pass the page's file name, e.g. {path / 'report.html'}")
+    page = render_report(source, **kwargs)  # first: a state it cannot read leaves no folder or file behind
     path.parent.mkdir(parents=True, exist_ok=True)
-    page = render_report(source, **kwargs)
-    tmp = path.with_name(path.name + ".tmp")
+    # a temporary file of its own (not PATH.tmp: that could be the user's file, or a concurrent writer's)
+    handle, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(handle)
+    tmp = Path(name)
     try:
         tmp.write_text(page, encoding="utf-8")
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would make the page unreadable to others
         os.replace(tmp, path)
     finally:
         if tmp.exists():
