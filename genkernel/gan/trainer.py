@@ -72,7 +72,7 @@ from ..core.tracking.ema import (
     check_ema_state, check_trainable_ema, ema_settings, ema_weights, load_ema_state, step_ema,
 )
 from ..core.tracking.lr_schedules import LRSchedulerArg, build_lr_scheduler, lr_scheduler_settings, step_lr_scheduler
-from ..core.tracking.step import OptimizerStep
+from ..core.tracking.step import OptimizerStep, check_max_grad_norm
 from ..logging import LoggingCallback
 from .losses import (
     GENERATED,
@@ -335,9 +335,7 @@ class GANTrainer:
         if tensor_data and batch_size > data.shape[0]:
             raise ValueError(f"batch_size must be in [1, {data.shape[0]}] (the data set size), got {batch_size}")
         d_steps = positive_int(d_steps, "d_steps")
-        if isinstance(max_grad_norm, bool) or not isinstance(max_grad_norm, numbers.Real) or not max_grad_norm > 0:
-            # (refused here, not at the first step after the callbacks' on_train_start)
-            raise ValueError(f"max_grad_norm must be a positive number (math.inf for no clipping), got {max_grad_norm!r}")
+        check_max_grad_norm(max_grad_norm)  # here, not at the first step after the callbacks' on_train_start
         if (isinstance(checkpoint_every, bool) or not isinstance(checkpoint_every, numbers.Integral)
                 or checkpoint_every < 0):
             raise ValueError(f"checkpoint_every must be an int >= 0 (0: never), got {checkpoint_every!r}")

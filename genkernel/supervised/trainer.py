@@ -26,7 +26,7 @@ from ..core.tracking.callbacks import TrainerCallback, fire, perform_step
 from ..core.tracking.io import (
     check_module_state, check_optimizer_state, check_resume_config, global_rng_state, set_global_rng_state,
 )
-from ..core.tracking.step import LossFn, OptimizerStep
+from ..core.tracking.step import LossFn, OptimizerStep, check_max_grad_norm
 from ..core.tracking.tracker import PathKernelTracker
 
 
@@ -66,8 +66,7 @@ class SupervisedTrainer:
         if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
         batch_size = int(batch_size)
-        if isinstance(max_grad_norm, bool) or not isinstance(max_grad_norm, numbers.Real) or not max_grad_norm > 0:
-            raise ValueError(f"max_grad_norm must be a positive number (math.inf for no clipping), got {max_grad_norm!r}")
+        check_max_grad_norm(max_grad_norm)
         if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
             raise ValueError(f"seed must be an int (it seeds the batch order), got {seed!r}")
         self.model = model

@@ -25,6 +25,13 @@ from ..errors import NonFiniteError
 LossFn = Callable[[torch.Tensor, Any], torch.Tensor]
 
 
+def check_max_grad_norm(value: Any) -> None:
+    """ValueError unless ``value`` is a positive number (``math.inf``: no clipping): what a step and the
+    trainers that build steps (refusing it at construction, before any callback runs) accept."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not value > 0:
+        raise ValueError(f"max_grad_norm must be a positive number (math.inf for no clipping), got {value!r}")
+
+
 @dataclass
 class OptimizerStep:
     """Everything needed to perform (and to analyse) one optimizer step.
@@ -69,11 +76,7 @@ class OptimizerStep:
             if not isinstance(self.weights, torch.Tensor) or self.weights.shape != (self.batch,):
                 shape = getattr(self.weights, "shape", type(self.weights).__name__)
                 raise ValueError(f"weights must be a Tensor of shape [{self.batch}] (one c_n per example), got {shape}")
-        if isinstance(self.max_grad_norm, bool) or not isinstance(self.max_grad_norm, numbers.Real) \
-                or not self.max_grad_norm > 0:
-            raise ValueError(
-                f"max_grad_norm must be a positive number (math.inf for no clipping), got {self.max_grad_norm!r}"
-            )
+        check_max_grad_norm(self.max_grad_norm)
 
     def compute_gradients(self, before_backward: Callable[[torch.Tensor], None] | None = None) -> torch.Tensor:
         """Forward, per-example losses, backward, clipping. Returns the losses ``[B]`` (detached).
