@@ -19,6 +19,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+from ..core.tracking.io import target_mode
 from . import figures as fg
 from .summary import find_states, read_state, summarize_state
 
@@ -419,9 +420,7 @@ def write_report(source: Any, path: str | os.PathLike, **kwargs: Any) -> Path:
     tmp = Path(name)
     try:
         tmp.write_text(page, encoding="utf-8")
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would make the page unreadable to others
+        os.chmod(tmp, target_mode(path))  # mkstemp's 0600 would make the page unreadable to others
         os.replace(tmp, path)
     finally:
         if tmp.exists():

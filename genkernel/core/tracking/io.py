@@ -40,7 +40,7 @@ def atomic_save(obj: Any, path: str | os.PathLike) -> None:
         # what open() would give (0666 less the umask).
         with os.fdopen(fd, "wb") as handle:
             try:
-                os.fchmod(handle.fileno(), _target_mode(path))
+                os.fchmod(handle.fileno(), target_mode(path))
             except OSError:  # a file system without modes (some network mounts): the save still matters more
                 pass
             torch.save(obj, handle)
@@ -61,7 +61,7 @@ def atomic_save(obj: Any, path: str | os.PathLike) -> None:
         raise
 
 
-def _target_mode(path: Path) -> int:
+def target_mode(path: Path) -> int:
     """The permission bits a save to ``path`` should leave: the existing file's, else 0666 less the
     process umask (read from /proc where it is there, since os.umask can only be read by setting it)."""
     try:
@@ -210,5 +210,5 @@ def jsonable(value: Any) -> Any:
 
 __all__ = [
     "atomic_save", "check_module_state", "check_optimizer_state", "check_resume_config", "global_rng_state", "jsonable", "load_state",
-    "set_global_rng_state", "to_device",
+    "set_global_rng_state", "target_mode", "to_device",
 ]
