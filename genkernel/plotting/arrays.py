@@ -1,4 +1,4 @@
-"""The one conversion every figure function needs."""
+"""What every figure function needs: arrays from tensors or JSON lists, and shared colour limits."""
 
 from __future__ import annotations
 
@@ -11,3 +11,18 @@ def float_array(x) -> np.ndarray:
     if hasattr(x, "detach"):
         x = x.detach().cpu().double().numpy()
     return np.asarray(x, dtype=np.float64)
+
+
+def colour_limit(*matrices, absolute: bool = False) -> float:
+    """The end of one colour scale shared by several matrices (measured beside control, frames of
+    one animation): the largest finite value, or the largest finite |value| with ``absolute=True``
+    (a diverging map spans −limit..limit). None entries are skipped. Returns 1.0 when no value is
+    finite or the largest is not positive: a limit of 0 gives vmin = vmax, where matplotlib draws
+    every value at the map's bottom (zeros of a diverging map read as strongly negative)."""
+    arrays = [float_array(m).reshape(-1) for m in matrices if m is not None]
+    values = np.concatenate(arrays) if arrays else np.zeros(0)
+    values = values[np.isfinite(values)]
+    if absolute:
+        values = np.abs(values)
+    top = float(values.max()) if values.size else 0.0
+    return top if top > 0 else 1.0

@@ -11,7 +11,7 @@ from typing import Any, Sequence
 import matplotlib.pyplot as plt
 import numpy as np
 
-from .arrays import float_array as _arr
+from .arrays import colour_limit, float_array as _arr
 
 __all__ = [
     "average_reports",
@@ -64,7 +64,7 @@ def _heat(ax, matrix, levels, title, *, diverging=False, kappa=None, vmin=None, 
         raise ValueError(f"a matrix of shape {m.shape} drawn with {len(levels)} probe_levels: its rows must be the "
                          "probe levels, one row per level in config['probe_levels'] order")
     if diverging:
-        lim = vmax if vmax is not None else _finite_max(m, absolute=True)
+        lim = vmax if vmax is not None else colour_limit(m, absolute=True)
         # a limit of 0 (an all-zero matrix) gave vmin = vmax = 0, where matplotlib draws every value
         # at the map's bottom: zeros looked strongly negative
         lim = lim if lim > 0 else 1.0
@@ -85,13 +85,6 @@ def _heat(ax, matrix, levels, title, *, diverging=False, kappa=None, vmin=None, 
     plt.colorbar(im, ax=ax, fraction=0.046, pad=0.12 if kappa is not None else 0.04)
 
 
-def _finite_max(*matrices, absolute: bool = False) -> float:
-    values = np.concatenate([_arr(m).ravel() for m in matrices])
-    values = np.abs(values) if absolute else values
-    values = values[np.isfinite(values)]
-    return float(values.max()) if values.size else 1.0
-
-
 def plot_noise_matrices(report: dict[str, Any]) -> plt.Figure:
     """Noise × noise matrices: traffic and net shares (rows: probe level; columns: training bin),
     measured and permutation control on one colour scale per row, with κ per level beside the net
@@ -99,8 +92,8 @@ def plot_noise_matrices(report: dict[str, Any]) -> plt.Figure:
     mats, levels = report["matrices"], report["config"]["probe_levels"]
     has_control = "traffic_control" in mats
     fig, axes = plt.subplots(2, 2 if has_control else 1, figsize=(10 if has_control else 5.5, 8), squeeze=False)
-    traffic_max = _finite_max(mats["traffic"], *( [mats["traffic_control"]] if has_control else []))
-    share_max = _finite_max(mats["share"], *([mats["share_control"]] if has_control else []), absolute=True)
+    traffic_max = colour_limit(mats["traffic"], mats.get("traffic_control"))
+    share_max = colour_limit(mats["share"], mats.get("share_control"), absolute=True)
     _heat(axes[0, 0], mats["traffic"], levels, "traffic share T(s, t) (normalized per probe)", vmin=0, vmax=traffic_max)
     _heat(axes[1, 0], mats["share"], levels, "net share ⟨C, Δf⟩/‖Δf‖² (κ: cancellation)", diverging=True,
           kappa=mats["kappa"], vmax=share_max)
@@ -424,9 +417,9 @@ def plot_matrix_evolution(report: dict[str, Any], *, max_panels: int = 5) -> plt
     levels = report["config"]["probe_levels"]
     # panels compared by eye over training: one colour scale for all (each panel's own top made the
     # same colour mean 0.5 in one panel and 0.9 in the next)
-    top = _finite_max(*[row["traffic_matrix"] for row in history]) if history else 1.0
+    top = colour_limit(*[row["traffic_matrix"] for row in history])
     for ax, row in zip(axes[0], history):
         step = _step(row)
-        _heat(ax, row["traffic_matrix"], levels, f"traffic share, step {step}", vmin=0, vmax=top if top > 0 else None)
+        _heat(ax, row["traffic_matrix"], levels, f"traffic share, step {step}", vmin=0, vmax=top)
     fig.tight_layout()
     return fig

@@ -16,7 +16,7 @@ from typing import Sequence
 
 import numpy as np
 
-from .arrays import float_array as _np
+from .arrays import colour_limit, float_array as _np
 
 
 def _unit(v: np.ndarray) -> np.ndarray:
@@ -62,13 +62,9 @@ def plot_probe_field(ax, samples, vectors, centers=None, *, title: str, color="t
 
 def shared_limit(*matrices, diverging: bool = False) -> float:
     """One colour limit for several matrices (the largest finite value, or |value| when diverging),
-    so that measured and control heat maps are read on the same scale."""
-    values = np.concatenate([_np(m).reshape(-1) for m in matrices if m is not None] or [np.zeros(0)])
-    values = values[np.isfinite(values)]
-    if not values.size:
-        return 1.0
-    lim = float(np.abs(values).max() if diverging else values.max())
-    return lim if lim > 0 else 1.0
+    so that measured and control heat maps are read on the same scale; 1.0 when none is positive
+    (:func:`genkernel.plotting.arrays.colour_limit`)."""
+    return colour_limit(*matrices, absolute=diverging)
 
 
 def plot_coupling(ax, matrix, labels: Sequence[str] | None = None, *, title: str, diverging: bool = False, fmt="{:.2f}",
@@ -84,8 +80,7 @@ def plot_coupling(ax, matrix, labels: Sequence[str] | None = None, *, title: str
     if labels is not None and len(labels) != m.shape[0]:
         raise ValueError(f"{len(labels)} labels for a [{m.shape[0]}, {m.shape[0]}] coupling matrix: pass one label per group")
     lim = limit if limit is not None else shared_limit(m, diverging=diverging)
-    # a limit of 0 (an all-zero matrix) gives vmin = vmax, where matplotlib draws every value at the
-    # map's bottom: a diverging map then drew zeros as strongly negative
+    # a passed limit of 0 gives vmin = vmax, where matplotlib draws every value at the map's bottom
     lim = lim if lim > 0 else 1.0
     if diverging:
         im = ax.imshow(m, cmap="RdBu_r", vmin=-lim, vmax=lim)

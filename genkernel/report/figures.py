@@ -16,6 +16,8 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 from matplotlib.figure import Figure
 
+from ..plotting.arrays import colour_limit
+
 __all__ = [
     "alignment_figure", "coupling_figure", "gan_windows_figure", "group_shares_figure", "kernel_figure",
     "ledger_figure", "locality_figure", "matrix_animation", "noise_matrix_figure", "png",
@@ -38,10 +40,11 @@ def _heatmap(fig: Figure, ax: Any, matrix: Any, title: str, *, diverging: bool, 
              rows: Sequence[Any] | None = None, xlabel: str = "", ylabel: str = "") -> None:
     values = _array(matrix)
     if diverging:
-        bound = limit if limit is not None else (np.nanmax(np.abs(values)) if np.isfinite(values).any() else 1.0)
+        bound = limit if limit is not None else colour_limit(values, absolute=True)
         image = ax.imshow(values, cmap="coolwarm", vmin=-bound, vmax=bound, aspect="auto")
     else:
-        image = ax.imshow(values, cmap="viridis", vmin=0.0, vmax=limit, aspect="auto")
+        image = ax.imshow(values, cmap="viridis", vmin=0.0, vmax=limit if limit is not None else colour_limit(values),
+                          aspect="auto")
     ax.set_title(title, fontsize=9)
     ax.set_xlabel(xlabel, fontsize=8)
     ax.set_ylabel(ylabel, fontsize=8)
@@ -50,18 +53,6 @@ def _heatmap(fig: Figure, ax: Any, matrix: Any, title: str, *, diverging: bool, 
         ax.set_yticks(range(len(rows)), [str(r) for r in rows])
     ax.tick_params(labelsize=7)
     fig.colorbar(image, ax=ax, shrink=0.8)
-
-
-def _finite_max(*matrices: Any) -> float:
-    values = np.concatenate([_array(m).ravel() for m in matrices if m is not None])
-    values = values[np.isfinite(values)]
-    return float(values.max()) if values.size else 1.0
-
-
-def _finite_absmax(*matrices: Any) -> float:
-    values = np.concatenate([_array(m).ravel() for m in matrices if m is not None])
-    values = np.abs(values[np.isfinite(values)])
-    return float(values.max()) if values.size and values.max() > 0 else 1.0
 
 
 def noise_matrix_figure(summary: Mapping[str, Any]) -> Figure:
@@ -73,8 +64,8 @@ def noise_matrix_figure(summary: Mapping[str, Any]) -> Figure:
     panels = [p for p in panels if p[0] in mats]
     fig = Figure(figsize=(3.3 * len(panels), 3.2), layout="constrained")
     axes = fig.subplots(1, len(panels), squeeze=False)[0]
-    traffic_max = _finite_max(mats["traffic"], mats.get("traffic_control"))
-    share_max = _finite_absmax(mats["share"], mats.get("share_control"))
+    traffic_max = colour_limit(mats["traffic"], mats.get("traffic_control"))
+    share_max = colour_limit(mats["share"], mats.get("share_control"), absolute=True)
     for ax, (key, title, diverging) in zip(axes, panels):
         _heatmap(fig, ax, mats[key], title, diverging=diverging, limit=share_max if diverging else traffic_max,
                  rows=[f"t={t:g}" for t in levels], xlabel="training bin", ylabel="probe level")
@@ -171,9 +162,9 @@ def ledger_figure(ledger: Mapping[str, Any], title: str = "") -> Figure:
     fig = Figure(figsize=(11.0, 3.2), layout="constrained")
     axes = fig.subplots(1, 3)
     _heatmap(fig, axes[0], ledger["traffic_shares"], f"{title}traffic share", diverging=False,
-             limit=_finite_max(ledger["traffic_shares"]), xlabel="group", ylabel="probe")
+             limit=colour_limit(ledger["traffic_shares"]), xlabel="group", ylabel="probe")
     _heatmap(fig, axes[1], ledger["net_shares"], f"{title}net share", diverging=True,
-             limit=_finite_absmax(ledger["net_shares"]), xlabel="group", ylabel="probe")
+             limit=colour_limit(ledger["net_shares"], absolute=True), xlabel="group", ylabel="probe")
     ax = axes[2]
     kappa = _array(ledger["kappa"])
     ax.plot(kappa, "o", ms=3, color="C2", label="κ")
@@ -215,8 +206,8 @@ def coupling_figure(coupling: Mapping[str, Any], groups: str = "geometry") -> Fi
     panels = [p for p in panels if coupling.get(p[0]) is not None]
     fig = Figure(figsize=(3.3 * len(panels), 3.2), layout="constrained")
     axes = fig.subplots(1, len(panels), squeeze=False)[0]
-    traffic_max = _finite_max(coupling["traffic_matrix"], coupling.get("traffic_matrix_control"))
-    net_max = _finite_absmax(coupling["net_matrix"], coupling.get("net_matrix_control"))
+    traffic_max = colour_limit(coupling["traffic_matrix"], coupling.get("traffic_matrix_control"))
+    net_max = colour_limit(coupling["net_matrix"], coupling.get("net_matrix_control"), absolute=True)
     for ax, (key, title, diverging) in zip(axes, panels):
         _heatmap(fig, ax, coupling[key], title, diverging=diverging, limit=net_max if diverging else traffic_max,
                  xlabel=f"training {groups} group", ylabel="probe's group")
@@ -231,7 +222,7 @@ def level_class_figure(level_class: Mapping[str, Any], levels: Sequence[float], 
     fig = Figure(figsize=(max(4.0, 0.25 * values.shape[1] + 2.0), 3.2), layout="constrained")
     ax = fig.subplots()
     _heatmap(fig, ax, level_class["matrix"], "traffic share by noise bin and class", diverging=False,
-             limit=_finite_max(level_class["matrix"]),
+             limit=colour_limit(level_class["matrix"]),
              rows=[f"t={t:g}" for t in levels], xlabel=f"training group: bin · {classes} + class", ylabel="probe level")
     for edge in range(1, num_bins):
         ax.axvline(edge * classes - 0.5, color="white", lw=0.8)
@@ -315,10 +306,10 @@ def matrix_animation(frames: Sequence[Mapping[str, Any]], *, keys: Sequence[tupl
     images, limits = [], []
     for ax, (key, title, diverging) in zip(axes, keys):
         if diverging:
-            bound = _finite_absmax(*[f[key] for f in frames])
+            bound = colour_limit(*[f[key] for f in frames], absolute=True)
             image = ax.imshow(_array(frames[0][key]), cmap="coolwarm", vmin=-bound, vmax=bound, aspect="auto")
         else:
-            image = ax.imshow(_array(frames[0][key]), cmap="viridis", vmin=0.0, vmax=_finite_max(*[f[key] for f in frames]),
+            image = ax.imshow(_array(frames[0][key]), cmap="viridis", vmin=0.0, vmax=colour_limit(*[f[key] for f in frames]),
                               aspect="auto")
         fig.colorbar(image, ax=ax, shrink=0.8)
         ax.set_title(title, fontsize=9)
