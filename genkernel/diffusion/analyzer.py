@@ -74,7 +74,7 @@ import torch
 from torch import nn
 
 from ..core import grouping
-from ..core.adapter import as_tuple, positive_int, unwrap, unwrap_optimizer
+from ..core.adapter import as_tuple, positive_int, seed_bits, seeded_generator, unwrap, unwrap_optimizer
 from ..core.errors import LedgerCheckError
 from ..core.tracking.callbacks import TrainerCallback
 from ..core.tracking.distributed import summed_over_ranks
@@ -286,7 +286,7 @@ class NoiseLevelAnalyzer(TrainerCallback):
         )
         self.levels = levels.to(level_dtype(scheduler))
         self.level_bins = self.bins(self.levels)
-        generator = torch.Generator().manual_seed(seed)
+        generator = seeded_generator(seed)
         self.probe_level = torch.arange(num_probes) % self.levels.numel()  # level index per probe
         self.probe_timesteps = self.levels[self.probe_level]
         self.probe_bins = self.level_bins[self.probe_level]
@@ -300,7 +300,7 @@ class NoiseLevelAnalyzer(TrainerCallback):
         if self.kernel_clean.shape[0] < 2:
             raise ValueError("probe_data needs at least 2 rows for the kernel structure")
         self.kernel_noise = torch.randn(self.kernel_clean.shape, generator=generator, dtype=torch.float64)
-        self._perm_generator = torch.Generator().manual_seed(seed + 1)
+        self._perm_generator = torch.Generator().manual_seed(seed_bits(seed + 1))
         self._sigma_like = 0  # examples in a row at a level t <= 1 (flow matching: sigmas passed as timesteps?)
 
         self.tracker: PathKernelTracker | None = None

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..core.adapter import analysis_mode, as_tuple, checked_forward, output_tensor, trainable_parameters
+from ..core.adapter import analysis_mode, as_tuple, checked_forward, output_tensor, seeded_generator, trainable_parameters
 from ..core.engine.kernels import gradient_kernel, normalize_kernel
 from .objectives import check_timesteps, noisy_input
 
@@ -120,7 +120,7 @@ def state_kernel(
     if d2 != d:  # the directions [V, d] would broadcast against (or fail on) the others' outputs
         raise ValueError(f"states give {d} outputs per example but others give {d2}")
     first = next(iter(trainable_parameters(model).values()))
-    generator = torch.Generator().manual_seed(seed)
+    generator = seeded_generator(seed)
     directions = (torch.randint(0, 2, (output_sketch, d), generator=generator) * 2 - 1).to(first)
     kernel = diag1 = diag2 = None
     for r in tqdm(directions, desc="state kernel (sketched)", disable=not progress, leave=False):

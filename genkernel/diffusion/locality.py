@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from ..core.adapter import seeded_generator
 from ..core.grouping import measured_minus_control
 
 __all__ = ["kernel_locality", "locality_per_input", "locality_pseudo_values"]
@@ -184,7 +185,7 @@ class _Differences:
     def __init__(self, k: torch.Tensor, level_bins: torch.Tensor, band: int, num_permutations: int, seed: int):
         self.k, self.level_bins, self.band = k, level_bins, band
         n, levels = k.shape[0], k.shape[1]
-        generator = torch.Generator().manual_seed(seed)
+        generator = seeded_generator(seed)
         self.perms = [torch.stack([level_bins[torch.randperm(levels, generator=generator)] for _ in range(n)])
                       for _ in range(num_permutations)]
 

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..core.adapter import Batch, as_tuple, batch_size, select
+from ..core.adapter import Batch, as_tuple, batch_size, seeded_generator, select
 from ..core.errors import NonFiniteError
 from ..core.grouping import INTEGER_DTYPES
 from ..core.tracking.callbacks import TrainerCallback, fire, perform_step
@@ -38,7 +38,7 @@ class SupervisedTrainer:
         batch_size: examples per step (sampled without replacement within each epoch).
         max_grad_norm: global-norm clipping (inf: none).
         callbacks: :class:`TrainerCallback` objects.
-        seed: seeds the batch order (its own generator; the global RNG is untouched).
+        seed: seeds the batch order (its own generator; the global RNG is untouched), an int in [0, 2**64).
         progress: show a tqdm bar.
 
     The examples are drawn as one stream of epochs (each a permutation of the dataset), cut into
@@ -75,7 +75,7 @@ class SupervisedTrainer:
         self.batch_size = batch_size
         self.max_grad_norm = max_grad_norm
         self.callbacks = list(callbacks)
-        self.generator = torch.Generator().manual_seed(seed)
+        self.generator = seeded_generator(seed)  # seeds of 2**32 or more do not repeat another seed's order
         self.progress = progress
         self.global_step = 0
         self.num_examples: int | None = None  # the dataset size of the current fit (callbacks check against it)
