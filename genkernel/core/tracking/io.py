@@ -3,7 +3,9 @@
 Every state genkernel writes (ledgers, trackers, analyzers, trainers) goes through
 :func:`atomic_save`: a temporary file in the same folder, flushed and fsynced, then renamed over
 the target, so a save interrupted half-way (a kill, a full disk) leaves the previous file intact.
-Left-over temporary files of interrupted saves are removed by the next save to the same path.
+Left-over temporary files of interrupted saves are removed by the next save to the same path on the
+same host (a temporary file of a process still running, such as another rank saving the same path, is
+kept).
 :func:`load_state` reads them back with ``weights_only=True``: plain containers, numbers,
 strings and tensors only, never arbitrary pickled objects. :func:`jsonable` turns results into
 strict JSON for the reports written beside them.
@@ -15,6 +17,7 @@ import glob
 import math
 import os
 import pickle
+import socket
 import stat
 import tempfile
 from pathlib import Path
@@ -28,12 +31,8 @@ def atomic_save(obj: Any, path: str | os.PathLike) -> None:
     """``torch.save`` to a temporary file in the same folder, then rename over ``path``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    for stale in glob.glob(str(path.parent / f".{glob.escape(path.name)}.*.tmp")):
-        try:
-            os.unlink(stale)
-        except OSError:
-            pass
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    _remove_left_over_temporaries(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{_HOST}~{os.getpid()}~", suffix=".tmp", dir=path.parent)
     try:
         # mkstemp makes the file owner-only (0600), and the rename kept that: every save turned a
         # shared results file unreadable to the group. The new file gets the old one's mode, or
@@ -59,6 +58,38 @@ def atomic_save(obj: Any, path: str | os.PathLike) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+_HOST = "".join(c if c.isalnum() or c in "-_" else "_" for c in socket.gethostname()) or "host"
+
+
+def _remove_left_over_temporaries(path: Path) -> None:
+    """Remove the temporary files that saves to ``path`` killed half-way left: those this host's
+    processes made that are no longer running, and those of the unnamed form earlier versions wrote.
+    A temporary file of a live process (another rank or thread saving the same path at this moment:
+    removing it made that save fail) and one another host made (its process cannot be seen from
+    here) are kept."""
+    prefix = f".{path.name}."
+    for stale in glob.glob(str(path.parent / f"{glob.escape(prefix)}*.tmp")):
+        owner = os.path.basename(stale)[len(prefix):-len(".tmp")].split("~")
+        if len(owner) == 3:
+            host, pid = owner[0], owner[1]
+            if host != _HOST or not pid.isdigit() or int(pid) == os.getpid() or _running(int(pid)):
+                continue
+        try:
+            os.unlink(stale)
+        except OSError:
+            pass
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError, OSError):  # another user's process, or one we cannot ask about
+        return True
+    return True
 
 
 def target_mode(path: Path) -> int:
