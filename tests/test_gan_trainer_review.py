@@ -90,7 +90,8 @@ def _flat(m):
 
 def _trainer(G, D, data, kind, d_steps, batch_size=None, seed=0, **kw):
     return GANTrainer(
-        G, D, data, loss=kind, gp_weight=GP, batch_size=batch_size, d_steps=d_steps, seed=seed,
+        G, D, data, loss=kind, **({"gp_weight": GP} if kind == "wgan-gp" else {}), batch_size=batch_size, d_steps=d_steps,
+        seed=seed,
         g_optimizer=torch.optim.SGD(G.parameters(), lr=LR_G), d_optimizer=torch.optim.SGD(D.parameters(), lr=LR_D), **kw,
     )
 

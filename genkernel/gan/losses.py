@@ -32,6 +32,8 @@ trained and analysed. Which value an example gets is a second input, ``roles`` (
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -39,6 +41,7 @@ from torch import nn
 from ..core.adapter import output_tensor, positive_int, under_torch_func, unwrap
 
 LOSSES = ("nonsaturating", "hinge", "wgan-gp")
+DEFAULT_GP_WEIGHT = 10.0  # λ of WGAN-GP (Gulrajani et al.)
 OUTPUTS = ("logit", "probability")
 GENERATED, REAL, PENALTY = 0, 1, 2
 ROLE_NAMES = ("generated", "real", "penalty")
@@ -230,7 +233,7 @@ def generator_losses(kind: str, scores: torch.Tensor, output: str = "logit") -> 
 
 
 def discriminator_losses(
-    kind: str, values: torch.Tensor, roles: torch.Tensor, gp_weight: float = 10.0, output: str = "logit"
+    kind: str, values: torch.Tensor, roles: torch.Tensor, gp_weight: float = DEFAULT_GP_WEIGHT, output: str = "logit"
 ) -> torch.Tensor:
     """ℓ_D per example ``[B]`` from ``values [B]`` (scores, or gradient norms for penalty rows) and ``roles [B]``;
     with ``output="probability"``: −log p on real, −log(1 − p) on generated (logs clamped at −100)."""
@@ -331,11 +334,15 @@ class DiscriminatorLoss:
     """
 
     def __init__(
-        self, kind: str = "nonsaturating", gp_weight: float = 10.0, output: str = "logit", *,
+        self, kind: str = "nonsaturating", gp_weight: float = DEFAULT_GP_WEIGHT, output: str = "logit", *,
         discriminator: nn.Module | None = None,
     ) -> None:
         self.kind = check_loss(kind)
         self.gp_weight = check_gp_weight(gp_weight)
+        if self.kind != "wgan-gp" and self.gp_weight != DEFAULT_GP_WEIGHT:
+            # only wgan-gp has a gradient penalty: another λ here is a setting that changes nothing
+            warnings.warn(f"gp_weight={gp_weight!r} has no effect with loss={kind!r}: only 'wgan-gp' has a gradient "
+                          "penalty (pass loss='wgan-gp', or leave gp_weight at its default)", UserWarning, stacklevel=3)
         self.output = check_output(output, kind)
         if self.output == "logit" and discriminator is not None:
             check_not_sigmoid(discriminator)

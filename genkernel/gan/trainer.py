@@ -75,6 +75,7 @@ from ..core.tracking.lr_schedules import LRSchedulerArg, build_lr_scheduler, lr_
 from ..core.tracking.step import OptimizerStep, check_max_grad_norm
 from ..logging import LoggingCallback
 from .losses import (
+    DEFAULT_GP_WEIGHT,
     GENERATED,
     PENALTY,
     REAL,
@@ -248,7 +249,7 @@ class GANTrainer:
         lr_scheduler_d: LRSchedulerArg = None,
         batch_size: int | None = None,
         d_steps: int = 1,
-        gp_weight: float = 10.0,
+        gp_weight: float = DEFAULT_GP_WEIGHT,
         max_grad_norm: float = math.inf,
         ema: Any = None,
         callbacks: Sequence[TrainerCallback] = (),
