@@ -177,6 +177,11 @@ def traffic_shares(traffic: torch.Tensor) -> torch.Tensor:
 def coarsen(contributions: torch.Tensor, mapping: torch.Tensor, num_new_groups: int) -> torch.Tensor:
     """``[M, G', ...]`` groups summed into coarser ones: old group g goes to ``mapping[g]``."""
     num_groups = contributions.shape[1]
+    if isinstance(mapping, torch.Tensor) and (mapping.is_floating_point() or mapping.is_complex()
+                                              or mapping.dtype == torch.bool):
+        # (cast to long, 0.7 and 1.2 would silently go to groups 0 and 1)
+        raise ValueError(f"mapping must hold integer group ids, got dtype {mapping.dtype}: pass mapping.long() of "
+                         "whole ids")
     mapping = torch.as_tensor(mapping, dtype=torch.long, device=contributions.device)
     if mapping.shape != (num_groups,):
         raise ValueError(f"mapping needs one new id per group: shape [{num_groups}], got {tuple(mapping.shape)}")
@@ -221,7 +226,12 @@ def band_mask(probe_groups: torch.Tensor, num_groups: int, band: int) -> torch.T
 
 
 def band_total(matrix: torch.Tensor, probe_groups: torch.Tensor, band: int) -> torch.Tensor:
-    """``[M]`` Σ over the band around each probe's own group of ``matrix [M, G]`` (NaN rows stay NaN)."""
+    """``[M]`` Σ over the band around each probe's own group of ``matrix [M, G]`` (NaN rows stay NaN).
+    ``probe_groups`` must be ``[M]`` integer ids in [0, G) (:func:`check_probe_groups`): one id would be
+    broadcast to every probe, and an id outside would sum a band cut short."""
+    if matrix.dim() != 2:
+        raise ValueError(f"matrix must be [M, G] (probes × groups), got {tuple(matrix.shape)}")
+    check_probe_groups(probe_groups, matrix.shape[0], matrix.shape[1])
     mask = band_mask(probe_groups.to(matrix.device), matrix.shape[1], band).to(matrix.dtype)
     return (matrix * mask).sum(dim=1)
 

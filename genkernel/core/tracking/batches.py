@@ -253,6 +253,7 @@ class IterableBatches:
         # from there (a Dataset's random augmentations draw from the global RNG as the batch is loaded)
         self._held_global: torch.Tensor | None = None
         self._batch_global: torch.Tensor | None = None  # the same, for the batch of the step under way
+        self._given = False  # whether the last batch next() gave is still out (hand_back takes that one back)
 
     @property
     def batches_per_epoch(self) -> int | None:
@@ -265,6 +266,7 @@ class IterableBatches:
 
     def next(self) -> dict[str, torch.Tensor]:
         """The next batch, checked; an epoch that ends restarts the iterable."""
+        self._given = False  # (the last batch given is taken, trained on; set again once this one is given)
         while True:
             if self._iterator is None:
                 self._open_epoch()
@@ -272,6 +274,7 @@ class IterableBatches:
                 batch, self._held = self._held, None
                 self._batch_global, self._held_global = self._held_global, None
                 self.batches_in_epoch += 1
+                self._given = True
                 return batch
             self._batch_global = torch.get_rng_state()
             raw = next(self._iterator, _END)
@@ -279,7 +282,9 @@ class IterableBatches:
                 # counted before its check: a batch the check refuses is passed over, by the next call and by a
                 # resume from a checkpoint written now alike
                 self.batches_in_epoch += 1
-                return self.check(raw)
+                batch = self.check(raw)  # (a batch the check refuses is not out: hand_back refuses it)
+                self._given = True
+                return batch
             if self.batches_in_epoch == 0:
                 raise ValueError("data yielded no batch in a whole epoch: pass a non-empty DataLoader or list of batches")
             self._iterator = None
@@ -287,7 +292,15 @@ class IterableBatches:
 
     def hand_back(self, batch: dict[str, torch.Tensor]) -> None:
         """Keep ``batch`` (as :meth:`next` gave it, or the part of it a retry needs) for the next
-        :meth:`next`: the step that drew it failed before its update, and no longer counts it."""
+        :meth:`next`: the step that drew it failed before its update, and no longer counts it. Once per
+        batch :meth:`next` gave: a second hand_back (or one before any batch) would uncount a batch that
+        was trained on, and a resume would then give it again."""
+        if not self._given:
+            raise ValueError(
+                "hand_back takes back the batch the last next() gave, once: no batch is out (none drawn since the "
+                "last hand_back or load_state_dict); call next() for a batch before handing it back"
+            )
+        self._given = False
         self._held = batch
         self.batches_in_epoch -= 1
         self._held_global = self._batch_global
@@ -331,8 +344,13 @@ class IterableBatches:
                 # augmentations, a sampler seeded from the global RNG at its first batch), and given next.
                 torch.set_rng_state(held_global)
                 held = next(self._iterator, _END)
-                if held is not _END:
-                    self._held = self.check(held)
+                if held is _END:
+                    raise ValueError(
+                        f"the checkpoint had trained on {skip} batches of this epoch and held the next one back "
+                        f"(a step that failed before its update), but the data yields only {skip}: resume with the "
+                        "data the run was saved with"
+                    )
+                self._held = self.check(held)
         finally:
             if resume_global is not None:
                 torch.set_rng_state(resume_global)
@@ -349,7 +367,7 @@ class IterableBatches:
         self.epoch, self.batches_in_epoch = state["epoch"], state["batches"]
         self._epoch_states = state["generator_states"]
         self._epoch_global_state = state.get("global_state")  # (None in older checkpoints)
-        self._iterator, self._reopen, self._held = None, True, None
+        self._iterator, self._reopen, self._held, self._given = None, True, None, False
         self._held_global = state.get("held_global_state")  # (None: no batch was handed back)
 
 

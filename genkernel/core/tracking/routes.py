@@ -452,7 +452,9 @@ class FactoredRoute(_FactorRoute):
             group_ids = ids[name].to(per_example.device)
             columns[name], position = torch.unique(group_ids, return_inverse=True)
             if columns[name].numel() == group_ids.numel():  # one example per group: the examples' own order
-                columns[name], contributions[name] = group_ids, per_example
+                # (a copy: ids[name] may be the caller's own tensor, which a loop may refill before the step's
+                # contributions are read, and would then place them in other groups)
+                columns[name], contributions[name] = group_ids.clone(), per_example
             else:
                 contributions[name] = per_example.new_zeros((m, columns[name].numel(), d)).index_add_(1, position, per_example)
         rest = self._rest(updates, nodes)
