@@ -22,7 +22,8 @@ One step (docs/diffusion.md):
    "class_labels": y, ...})`` through the callbacks, with w the run's loss weighting (none by default:
    the plain mean; Min-SNR-γ, SD3's "sigma_sqrt" or "cosmap"); a model that predicts its variance
    (``variance_type="learned_range"``, DiT's ``learn_sigma``) trains with IDDPM's hybrid loss instead
-   (:mod:`~genkernel.diffusion.learned_variance`);
+   (:mod:`~genkernel.diffusion.learned_variance`); with ``micro_batches=K`` the step runs its batch in K
+   micro-batches, forward and backward one at a time (gradient accumulation);
 5. with an EMA of the weights (``ema=``), its update after the optimizer step, as diffusers' scripts
    update theirs (an attached analyzer keeps a second ledger for the EMA weights).
 
@@ -139,6 +140,15 @@ class DDPMTrainer:
             num_training_steps=10_000)`` as diffusers' scripts schedule, or a scheduler built over the
             optimizer passed as ``optimizer=``. Checkpoints save it; the ledgers follow it.
         batch_size: examples per step of Tensor data (default 128, capped at N); a DataLoader batches itself.
+        micro_batches: run each step's batch in this many micro-batches, forward and backward one at a
+            time with the gradients summed, then one clipping and one optimizer step (gradient
+            accumulation: the memory of one micro-batch, the update of the whole batch, up to rounding;
+            :class:`~genkernel.core.tracking.step.OptimizerStep`). ``batch_size=256, micro_batches=4`` is
+            diffusers' ``train_batch_size=64, gradient_accumulation_steps=4``. A batch smaller than this
+            (a DataLoader's last) runs one example per micro-batch. Default 1. An attached analyzer books
+            the step exactly; one whose route reads per-example gradients from the training pass (the
+            factored and sketched group states, dense with gradient_route "example") runs its own
+            pass instead, in chunks its memory budget sets: one more forward and backward per step.
         max_grad_norm: global-norm gradient clipping (inf: none).
         timestep_density: how training levels are drawn (:mod:`~genkernel.diffusion.timestep_sampling`):
             "uniform" over the T levels (default), "logit_normal" or "mode" (Stable Diffusion 3's, over
@@ -186,6 +196,7 @@ class DDPMTrainer:
         momentum: float = 0.0,
         lr_scheduler: LRSchedulerArg = None,
         batch_size: int | None = None,
+        micro_batches: int = 1,
         max_grad_norm: float = math.inf,
         timestep_density: str | Density = "uniform",
         loss_weighting: str | Weighting = "none",
@@ -201,6 +212,7 @@ class DDPMTrainer:
     ) -> None:
         if batch_size is not None:
             batch_size = positive_int(batch_size, "batch_size")
+        self.micro_batches = positive_int(micro_batches, "micro_batches")
         if checkpoint_every < 0:
             raise ValueError(f"checkpoint_every must be >= 0, got {checkpoint_every}")
         if checkpoint_every and checkpoint_dir is None:
@@ -371,7 +383,7 @@ class DDPMTrainer:
             self.model, self.optimizer, self.loss_fn, inputs,
             loss_targets(self.loss_fn, batch["target"], batch["clean"], batch["noisy"], batch["timesteps"]),
             weights=batch.get("weights"),
-            max_grad_norm=self.max_grad_norm, info=info,
+            max_grad_norm=self.max_grad_norm, micro_batches=min(self.micro_batches, batch["clean"].shape[0]), info=info,
         )
 
     def train_step(self) -> float:
@@ -592,6 +604,7 @@ class DDPMTrainer:
             "data": "Tensor" if tensor_data else "iterable",
             "data_shape": list(self.data.shape) if tensor_data else None,
             "batch_size": self.batch_size,
+            "micro_batches": self.micro_batches,  # (BatchNorm's statistics and the rounding depend on them)
             "batches_per_epoch": None if tensor_data else self._stream.batches_per_epoch,
             "shuffle": self.shuffle,
             "labels": self.labels is not None if tensor_data else None,
@@ -649,7 +662,7 @@ class DDPMTrainer:
             # a checkpoint written before densities, weightings, EMAs, class dropout and schedules: uniform, unweighted, none
             saved_config = {"timestep_density": {"density": "uniform"}, "loss_weighting": {"weighting": "none"},
                             "ema": None, "class_dropout": ClassDropout().config(), "lr_scheduler": None,
-                            "learned_variance": None, **saved_config}
+                            "learned_variance": None, "micro_batches": 1, **saved_config}
         check_resume_config(saved_config, self._resume_config(), "DDPMTrainer")
         if tensor_data and int(state["order"].numel()) not in (0, self.data.shape[0]):
             raise ValueError(

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..core.adapter import Batch, as_tuple, batch_size, seeded_generator, select
+from ..core.adapter import Batch, as_tuple, batch_size, positive_int, seeded_generator, select
 from ..core.errors import NonFiniteError
 from ..core.grouping import INTEGER_DTYPES
 from ..core.tracking.callbacks import TrainerCallback, fire, perform_step
@@ -36,6 +36,9 @@ class SupervisedTrainer:
     Args:
         model, optimizer, loss_fn: ``loss_fn(outputs, targets) -> Tensor[B]``.
         batch_size: examples per step (sampled without replacement within each epoch).
+        micro_batches: run each step's batch in this many micro-batches, forward and backward one at a
+            time with the gradients summed, then one clipping and one step (gradient accumulation;
+            :class:`~genkernel.core.tracking.step.OptimizerStep`). Default 1; at most ``batch_size``.
         max_grad_norm: global-norm clipping (inf: none).
         callbacks: :class:`TrainerCallback` objects.
         seed: seeds the batch order (its own generator; the global RNG is untouched), an int in [0, 2**64).
@@ -58,14 +61,17 @@ class SupervisedTrainer:
         loss_fn: LossFn,
         *,
         batch_size: int = 64,
+        micro_batches: int = 1,
         max_grad_norm: float = math.inf,
         callbacks: Sequence[TrainerCallback] = (),
         seed: int = 0,
         progress: bool = False,
     ) -> None:
-        if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) or batch_size < 1:
-            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
-        batch_size = int(batch_size)
+        batch_size = positive_int(batch_size, "batch_size")
+        self.micro_batches = positive_int(micro_batches, "micro_batches")
+        if self.micro_batches > batch_size:
+            raise ValueError(f"micro_batches={self.micro_batches} exceeds batch_size={batch_size}: a micro-batch holds "
+                             "at least one example")
         check_max_grad_norm(max_grad_norm)
         if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
             raise ValueError(f"seed must be an int (it seeds the batch order), got {seed!r}")
@@ -140,6 +146,7 @@ class SupervisedTrainer:
                 select(xs, indices),
                 ys[indices] if isinstance(ys, torch.Tensor) else select(ys, indices),
                 max_grad_norm=self.max_grad_norm,
+                micro_batches=self.micro_batches,
                 info={"indices": indices},
             )
             perform_step(self.callbacks, self, step)

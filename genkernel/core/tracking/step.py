@@ -6,7 +6,12 @@ between them. Both paths execute the same operations in the same order, which is
 an analyzer leaves training bit-for-bit unchanged.
 
 The loss of a step is Σ_n c_n ℓ_n with per-example coefficients c_n (``weights``); the default
-is the mean, computed as ``losses.mean()`` exactly as an untracked loop would.
+is the mean, computed as ``losses.mean()`` exactly as an untracked loop would. With
+``micro_batches=K`` the batch is split into K micro-batches (``torch.tensor_split``: sizes differ by at
+most one), each run forward and backward on its own with the gradients summed (gradient
+accumulation: the memory of one micro-batch), before one clipping and one optimizer step; micro-batch
+j's loss is Σ_{n ∈ j} ℓ_n / B (with ``weights``, Σ_{n ∈ j} c_n ℓ_n), so the step minimizes the same
+Σ_n c_n ℓ_n as the whole batch at once, up to rounding.
 """
 
 from __future__ import annotations
@@ -44,6 +49,8 @@ class OptimizerStep:
         targets: Tensor, tuple of Tensors, or None.
         weights: per-example coefficients c_n ``Tensor[B]``; None means the mean (1/B).
         max_grad_norm: clip the global gradient norm to this value (inf: no clipping).
+        micro_batches: K, the number of micro-batches the batch is run in (gradient accumulation;
+            1: the whole batch at once), at most the batch size.
         phase: a label for trainers with several optimizers ("generator", "discriminator").
         info: free-form extras for analyzers (timesteps, latents, ...).
         applied: whether the update is in the parameters (set by :meth:`apply_update`; a tracker that
@@ -58,6 +65,7 @@ class OptimizerStep:
     targets: Batch | None = None
     weights: torch.Tensor | None = None
     max_grad_norm: float = math.inf
+    micro_batches: int = 1
     phase: str = "train"
     info: dict[str, Any] = field(default_factory=dict)
     clip_factor: float = field(default=1.0, init=False)
@@ -66,6 +74,8 @@ class OptimizerStep:
     # The model's output tensor with its graph, set during ``before_backward`` only (an analyzer
     # checks there that each example's loss reads its own output rows alone).
     outputs: torch.Tensor | None = field(default=None, init=False, repr=False)
+    # The rows of the batch whose losses ``before_backward`` is given (one micro-batch's), set during it only.
+    rows: slice | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.inputs = as_tuple(self.inputs, name="inputs")
@@ -77,6 +87,21 @@ class OptimizerStep:
                 shape = getattr(self.weights, "shape", type(self.weights).__name__)
                 raise ValueError(f"weights must be a Tensor of shape [{self.batch}] (one c_n per example), got {shape}")
         check_max_grad_norm(self.max_grad_norm)
+        if isinstance(self.micro_batches, bool) or not isinstance(self.micro_batches, numbers.Integral) \
+                or self.micro_batches < 1:
+            raise ValueError(f"micro_batches must be a positive int (1: no gradient accumulation), got {self.micro_batches!r}")
+        self.micro_batches = int(self.micro_batches)
+        if self.micro_batches > self.batch:
+            raise ValueError(f"a batch of {self.batch} examples cannot be run in {self.micro_batches} micro-batches: "
+                             f"pass micro_batches <= {self.batch}")
+        if self.micro_batches > 1:
+            targets = () if self.targets is None else as_tuple(self.targets, name="targets")
+            unbatched = [tuple(t.shape) for t in targets if t.dim() == 0 or t.shape[0] != self.batch]
+            if unbatched:
+                raise ValueError(
+                    f"micro-batches split the targets along their first dimension, but targets of shapes {unbatched} "
+                    f"do not have the batch's {self.batch} rows there: pass per-example targets, or micro_batches=1"
+                )
 
     def compute_gradients(self, before_backward: Callable[[torch.Tensor], None] | None = None) -> torch.Tensor:
         """Forward, per-example losses, backward, clipping. Returns the losses ``[B]`` (detached).
@@ -84,7 +109,8 @@ class OptimizerStep:
         ``before_backward(losses)``: called with the per-example losses, graph attached, between the
         forward and the backward (an analyzer takes group gradients from the step's own graph there,
         with ``retain_graph=True``; training is unchanged); :attr:`outputs` holds the model's output
-        tensor during the call.
+        tensor during the call. With micro-batches it is called once per micro-batch, before that
+        micro-batch's backward, with its losses; :attr:`rows` holds which rows of the batch they are.
 
         Raises NonFiniteError before any parameter changes when a loss or gradient is not finite.
         Refuses a step already applied before running anything (a second forward would draw dropout
@@ -95,37 +121,27 @@ class OptimizerStep:
                 f"this {self.phase} step was already applied: a step is performed once (a callback's wrap_step must "
                 "call perform() at most once, and only one analyzer may take over a step)"
             )
-        try:
-            outputs = output_tensor(self.model(*self.inputs))
-        except Exception as error:
-            if not not_fitting_inputs(error):
-                raise
-            shapes = [tuple(t.shape) for t in self.inputs]
-            raise ValueError(f"inputs of shapes {shapes} do not fit {type(self.model).__name__}: {error}") from error
-        losses = self.loss_fn(outputs, self.targets)
-        if isinstance(losses, torch.Tensor) and torch.is_grad_enabled() and not losses.requires_grad:
-            raise ValueError(
-                "loss_fn returned losses that do not depend on the model's parameters (detached, or computed under "
-                "torch.no_grad()): return the per-example losses with their graph"
-            )
-        if not isinstance(losses, torch.Tensor) or losses.shape != (self.batch,):
-            shape = tuple(losses.shape) if isinstance(losses, torch.Tensor) else type(losses).__name__
-            raise ValueError(
-                f"loss_fn must return per-example losses of shape [{self.batch}], got {shape}; "
-                "use reduction='none' and average over non-batch dimensions only"
-            )
-        if not torch.isfinite(losses).all():
-            bad = torch.nonzero(~torch.isfinite(losses)).flatten().tolist()
-            raise NonFiniteError(f"non-finite loss at examples {bad[:10]}")
-        if before_backward is not None:
-            self.outputs = outputs
-            try:
-                before_backward(losses)
-            finally:
-                self.outputs = None
-        loss = losses.mean() if self.weights is None else (losses * self.weights.to(losses)).sum()
-        self.optimizer.zero_grad()
-        loss.backward()
+        whole = self.micro_batches == 1
+        micro_losses = []
+        for rows in micro_batch_rows(self.batch, self.micro_batches):
+            inputs = self.inputs if whole else tuple(t[rows] for t in self.inputs)
+            outputs, losses = self._forward(inputs, self.targets if whole else _rows(self.targets, rows),
+                                            rows.stop - rows.start)
+            if before_backward is not None:
+                self.outputs, self.rows = outputs, rows
+                try:
+                    before_backward(losses)
+                finally:
+                    self.outputs = self.rows = None
+            del outputs
+            if self.weights is not None:
+                loss = (losses * self.weights[rows].to(losses)).sum()
+            else:  # micro-batches of any sizes: Σ_{n ∈ j} ℓ_n / B, which sum to the batch's mean
+                loss = losses.mean() if whole else losses.sum() / self.batch
+            if rows.start == 0:
+                self.optimizer.zero_grad()
+            loss.backward()
+            micro_losses.append(losses.detach())
         params = [p for group in self.optimizer.param_groups for p in group["params"] if p.grad is not None]
         if any(not torch.isfinite(p.grad).all() for p in params):
             raise NonFiniteError("non-finite gradient")
@@ -139,8 +155,36 @@ class OptimizerStep:
             # (float32 for float32 gradients), not in float64, so that grad = raw grad * clip_factor
             # holds exactly (a float64 quotient was 1 ulp off for float32, 0.4 % for bfloat16).
             self.clip_factor = float(torch.clamp(float(self.max_grad_norm) / (total + 1e-6), max=1.0))
-        self.losses = losses.detach()
+        self.losses = micro_losses[0] if self.micro_batches == 1 else torch.cat(micro_losses)
         return self.losses
+
+    def _forward(self, inputs: tuple[torch.Tensor, ...], targets: Batch | None,
+                 size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The forward on ``inputs`` (one micro-batch, or the batch): the model's output tensor and the
+        per-example losses ``[size]`` with their graph, checked."""
+        try:
+            outputs = output_tensor(self.model(*inputs))
+        except Exception as error:
+            if not not_fitting_inputs(error):
+                raise
+            shapes = [tuple(t.shape) for t in inputs]
+            raise ValueError(f"inputs of shapes {shapes} do not fit {type(self.model).__name__}: {error}") from error
+        losses = self.loss_fn(outputs, targets)
+        if isinstance(losses, torch.Tensor) and torch.is_grad_enabled() and not losses.requires_grad:
+            raise ValueError(
+                "loss_fn returned losses that do not depend on the model's parameters (detached, or computed under "
+                "torch.no_grad()): return the per-example losses with their graph"
+            )
+        if not isinstance(losses, torch.Tensor) or losses.shape != (size,):
+            shape = tuple(losses.shape) if isinstance(losses, torch.Tensor) else type(losses).__name__
+            raise ValueError(
+                f"loss_fn must return per-example losses of shape [{size}], got {shape}; "
+                "use reduction='none' and average over non-batch dimensions only"
+            )
+        if not torch.isfinite(losses).all():
+            bad = torch.nonzero(~torch.isfinite(losses)).flatten().tolist()
+            raise NonFiniteError(f"non-finite loss at examples {bad[:10]}")
+        return outputs, losses
 
     def apply_update(self) -> None:
         """The real ``optimizer.step()``; a step is applied once."""
@@ -156,3 +200,24 @@ class OptimizerStep:
         losses = self.compute_gradients()
         self.apply_update()
         return losses
+
+
+def micro_batch_rows(batch: int, micro_batches: int) -> list[slice]:
+    """The rows of each of ``micro_batches`` micro-batches of a batch of ``batch`` examples, in order
+    (``torch.tensor_split``'s sizes: the first ``batch % micro_batches`` one example larger)."""
+    size, larger = divmod(batch, micro_batches)
+    rows, first = [], 0
+    for j in range(micro_batches):
+        stop = first + size + (1 if j < larger else 0)
+        rows.append(slice(first, stop))
+        first = stop
+    return rows
+
+
+def _rows(targets: Batch | None, rows: slice) -> Batch | None:
+    """One micro-batch's rows of the targets (a Tensor, a tuple of Tensors, or None)."""
+    if targets is None:
+        return None
+    if isinstance(targets, torch.Tensor):
+        return targets[rows]
+    return tuple(t[rows] for t in targets)

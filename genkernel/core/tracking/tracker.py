@@ -501,20 +501,35 @@ class PathKernelTracker:
             # 1. ĝ_{k,g} = Σ_{n ∈ g} c_n ∇ℓ_n at θ_k (from the step's own graph or layer factors, or a second pass).
             if self.route.uses_graph():
                 box: dict[str, Any] = {}
-                losses = step.compute_gradients(lambda graph_losses: (
-                    self._check_precision(graph_losses),
-                    box.update(grads=self.route.graph_gradients(graph_losses, ids, coefficients)), together.passed()))
+
+                def from_graph(graph_losses: torch.Tensor) -> None:
+                    # one micro-batch's rows (the whole batch without accumulation), summed over them
+                    self._check_precision(graph_losses)
+                    rows = step.rows
+                    part = self.route.graph_gradients(graph_losses, {n: v[rows] for n, v in ids.items()},
+                                                      coefficients[rows])
+                    if "grads" in box:
+                        for name, g in part.items():
+                            box["grads"][name] += g
+                    else:
+                        box["grads"] = part
+                    if rows.start == 0:
+                        together.passed()
+
+                losses = step.compute_gradients(from_graph)
                 with torch.no_grad():
                     gradients = self.route.from_graph(box["grads"], losses, step)
             else:
-                # Hooks inside a compiled forward would change what torch.compile traces: a compiled
-                # model's group gradients come from the route's own pass.
-                recorded = TrainingCapture.idle() if is_compiled(step.model) else self.route.recording(step.inputs)
+                # Hooks inside a compiled forward would change what torch.compile traces, and a capture
+                # records one forward: the group gradients of a compiled model's step, or of a step run in
+                # micro-batches, come from the route's own pass (in chunks its memory budget sets).
+                own_pass = is_compiled(step.model) or step.micro_batches > 1
+                recorded = TrainingCapture.idle() if own_pass else self.route.recording(step.inputs)
                 with recorded:  # stops recording before the backward
                     losses = step.compute_gradients(lambda graph_losses: (
                         recorded.stop(graph_losses), self._check_precision(graph_losses),
                         self._check_separate_losses(graph_losses, step.outputs),
-                        together.passed()))
+                        together.passed() if step.rows.start == 0 else None))
                 with torch.no_grad(), analysis_mode(self.module), torch.enable_grad():
                     gradients = self.route.gradients(step, ids, coefficients.to(losses.device), recorded)
             pending = self._begin(index, step.phase, ids, theta_before, saved, gradients, losses, step.clip_factor)
