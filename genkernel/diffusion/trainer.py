@@ -59,8 +59,8 @@ from ..core.adapter import as_tuple, positive_int, seeded_generator
 from ..core.errors import NonFiniteError
 from ..core.tracking.callbacks import CallbackStates, TrainerCallback, fire, perform_step
 from ..core.tracking.io import (
-    atomic_save, check_module_state, check_optimizer_state, check_resume_config, global_rng_state, load_state,
-    set_global_rng_state,
+    atomic_save, check_module_state, check_optimizer_state, check_resume_config, data_fingerprint, global_rng_state,
+    load_state, set_global_rng_state,
 )
 from ..core.tracking.ema import (
     check_ema_state, check_trainable_ema, ema_settings, ema_weights, load_ema_state, step_ema,
@@ -603,6 +603,8 @@ class DDPMTrainer:
         return {
             "data": "Tensor" if tensor_data else "iterable",
             "data_shape": list(self.data.shape) if tensor_data else None,
+            # (the same shape is not the same data: another subset or normalization would be mixed in)
+            "data_fingerprint": data_fingerprint(self.data, self.labels) if tensor_data else None,
             "batch_size": self.batch_size,
             "micro_batches": self.micro_batches,  # (BatchNorm's statistics and the rounding depend on them)
             "batches_per_epoch": None if tensor_data else self._stream.batches_per_epoch,
