@@ -195,3 +195,24 @@ def test_supervised_trainer_runs_micro_batches():
                           micro_batches=k).fit(x, y, steps=3)
         runs.append(_flat(model))
     torch.testing.assert_close(runs[1], runs[0], rtol=1e-12, atol=1e-14)
+
+
+def test_the_cost_estimate_counts_micro_batches():
+    from genkernel.core.cost import estimate_cost
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(2, 64), nn.Tanh(), nn.Linear(64, 64), nn.Tanh(), nn.Linear(64, 1))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    probes = (torch.randn(8, 2),)
+    common = dict(outputs=1, rows=1, group_state="factored", gradient_route="graph", batch_size=64)
+    whole, micro = (estimate_cost(model, opt, probes, micro_batches=k, **common) for k in (1, 4))
+    # training holds a quarter of the activations; the training pass is not read, so step 1 runs its own
+    assert micro.memory["training_step"] < whole.memory["training_step"]
+    assert "training_records" in whole.memory and "training_records" not in micro.memory
+    assert micro.work["group_gradients"] > whole.work["group_gradients"]
+    # the tracker passes it on
+    tracker = PathKernelTracker(model, opt, mse_loss, probes[0], num_groups=1, group_state="factored", batch_size=64,
+                                micro_batches=4)
+    assert tracker.cost.work["group_gradients"] == micro.work["group_gradients"]
+    with pytest.raises(ValueError, match="micro_batches must be a positive int"):
+        estimate_cost(model, opt, probes, micro_batches=0, **common)

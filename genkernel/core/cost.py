@@ -338,6 +338,7 @@ def estimate_cost(
     state_dtype: torch.dtype = torch.float64,
     memory_budget: int = 256 * 2**20,
     batch_size: int | None = None,
+    micro_batches: int = 1,
     ema: bool = False,
     sketch_dim: int = 512,
     device: torch.device | str | None = None,
@@ -352,6 +353,9 @@ def estimate_cost(
         group_state, gradient_route, contribution_route, quadrature_nodes, state_dtype,
         memory_budget, sketch_dim: the tracker's settings.
         batch_size: B of a training step (activations and the bare step's work; default M).
+        micro_batches: K, the micro-batches a step runs its batch in (``OptimizerStep(micro_batches=)``):
+            training holds one micro-batch's activations, and no route reads the training pass (a
+            capture records one forward), so step 1 runs its own.
         ema: whether an EMA ledger is kept.
         device: where the state lives (default the parameters').
         options: the settings :attr:`CostEstimate.cheaper` may name (a subset of ``COST_OPTIONS``:
@@ -362,7 +366,7 @@ def estimate_cost(
     _check_arguments(probes, outputs=outputs, rows=rows, partitions=partitions, group_state=group_state,
                      gradient_route=gradient_route, contribution_route=contribution_route,
                      quadrature_nodes=quadrature_nodes, state_dtype=state_dtype, memory_budget=memory_budget,
-                     batch_size=batch_size, sketch_dim=sketch_dim)
+                     batch_size=batch_size, sketch_dim=sketch_dim, micro_batches=micro_batches)
     params = [p for p in model.parameters() if p.requires_grad]
     num = sum(p.numel() for p in params)
     param_bytes = params[0].element_size() if params else 4
@@ -378,7 +382,9 @@ def estimate_cost(
     work: dict[str, float] = {}
     # What training itself holds: parameters, gradients, optimizer state, activations.
     acts = activation_elements(model, tuple(t[:1] for t in probes))
-    memory["training_step"] = num * param_bytes * (2 + optimizer_state) + 3 * acts * b * param_bytes
+    micro = -(-b // micro_batches)  # the largest micro-batch: what training's activations hold at once
+    memory["training_step"] = num * param_bytes * (2 + optimizer_state) + 3 * acts * micro * param_bytes
+    reads_training = micro_batches == 1 and reads_training_pass(acts * param_bytes, b, memory_budget)
     bare = 3.0 * b  # a forward and a backward of every example (the factor routes count it from the shapes)
     memory["parameter_copies"] = num * param_bytes * (2 + quadrature_nodes) + num * param_bytes * optimizer_state
     # The splitter's rows: the dense route's groups, the rest and a rounding row per partition in
@@ -396,7 +402,7 @@ def estimate_cost(
             work["group_gradients"] = 2.0 * rows * b
         elif gradient_route == "factored":  # a capture pass of its own, then the factors summed
             work["group_gradients"] = 4.0 * b
-        elif reads_training_pass(acts * param_bytes, b, memory_budget):  # its layers' per-example gradients
+        elif reads_training:  # its layers' per-example gradients
             work["group_gradients"] = 1.0 * b
             memory["training_records"] = acts * b * param_bytes
         else:  # vmapped per-example gradients of a second forward and backward
@@ -414,7 +420,7 @@ def estimate_cost(
                                   memory_budget=memory_budget, form="lean" if group_state == "factored" else "outer")
         bare = parts["bare_step"]
         work["group_gradients"] = parts["batch_factors"]
-        if reads_training_pass(acts * param_bytes, b, memory_budget):
+        if reads_training:
             memory["training_records"] = acts * b * param_bytes
         else:  # a capture pass of its own
             work["group_gradients"] += parts["capture"]

@@ -231,6 +231,9 @@ class PathKernelTracker:
             float32 tolerance); the ledgers stay float64.
         batch_size: the training batch B, for the cost estimate only (:attr:`cost`: the bare step it
             compares with, the activations training holds); default the number of probes.
+        micro_batches: the micro-batches a step runs its batch in (``OptimizerStep(micro_batches=)``),
+            for the cost estimate only (training holds one micro-batch's activations; step 1 runs a pass
+            of its own). Default 1.
         memory_check: what a cost estimate (:attr:`cost`) above the device's free memory does:
             "refuse" (default: MemoryError with the numbers and the cheaper options) or "warn" (a
             ResourceWarning with the same text, and the tracker is built). The estimate is within
@@ -267,6 +270,7 @@ class PathKernelTracker:
         sketch_kind: str = "rademacher",
         state_dtype: torch.dtype = torch.float64,
         batch_size: int | None = None,
+        micro_batches: int = 1,
         memory_check: str = "refuse",
         cost_options: tuple[str, ...] = COST_OPTIONS,
     ) -> None:
@@ -334,7 +338,8 @@ class PathKernelTracker:
         self._tracked = tracked
         # What a step will cost, before anything runs; refuse a set-up the device cannot hold.
         self._cost_settings = dict(state_dtype=state_dtype, memory_budget=self.memory_budget, sketch_dim=sketch_dim,
-                                   batch_size=batch_size, options=cost_options)
+                                   batch_size=batch_size, micro_batches=positive_int(micro_batches, "micro_batches"),
+                                   options=cost_options)
         self._check_cost(ema=False)
         self.ema: EMALedgers | None = None
         self.splitter = self.route.splitter
