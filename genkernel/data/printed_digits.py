@@ -17,6 +17,7 @@ from __future__ import annotations
 import functools
 import numbers
 import os
+from collections import OrderedDict
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
@@ -159,8 +160,27 @@ def _centre_of_mass(a: np.ndarray) -> tuple[float, float]:
     return float((a.sum(1) * ii).sum() / m), float((a.sum(0) * jj).sum() / m)
 
 
-@functools.lru_cache(maxsize=4096)
+_GLYPH_CACHE_BYTES = 256 * 2**20
+_glyph_cache: OrderedDict[tuple, np.ndarray] = OrderedDict()
+
+
 def _centred_glyph(font_path: str, char: str, size: int, height: float, stroke: float) -> np.ndarray:
+    """:func:`_render_centred_glyph`, kept in a least-recently-used cache of at most
+    ``_GLYPH_CACHE_BYTES`` (a count bound of 4096 canvases held 8 GiB at size 64: 2 MiB each)."""
+    key = (font_path, char, size, height, stroke)
+    if key in _glyph_cache:
+        _glyph_cache.move_to_end(key)
+        return _glyph_cache[key]
+    canvas = _render_centred_glyph(*key)
+    _glyph_cache[key] = canvas
+    held = sum(a.nbytes for a in _glyph_cache.values())
+    while held > _GLYPH_CACHE_BYTES and len(_glyph_cache) > 1:
+        _, dropped = _glyph_cache.popitem(last=False)
+        held -= dropped.nbytes
+    return canvas
+
+
+def _render_centred_glyph(font_path: str, char: str, size: int, height: float, stroke: float) -> np.ndarray:
     """Hi-res coverage on a padded canvas (side 2*size*S), centre of mass at the canvas centre.
 
     The glyph is scaled so its ink (fill plus stroke) is ``height * size`` output pixels tall,
