@@ -216,3 +216,18 @@ def test_the_cost_estimate_counts_micro_batches():
     assert tracker.cost.work["group_gradients"] == micro.work["group_gradients"]
     with pytest.raises(ValueError, match="micro_batches must be a positive int"):
         estimate_cost(model, opt, probes, micro_batches=0, **common)
+
+
+def test_the_gan_analyzer_refuses_a_micro_batched_step_before_it_runs():
+    from genkernel.gan import GANKernelAnalyzer, MLPDiscriminator, MLPGenerator
+
+    torch.manual_seed(0)
+    G, D = MLPGenerator(3, 2, hidden=6).double(), MLPDiscriminator(2, hidden=6).double()
+    analyzer = GANKernelAnalyzer(G, D, probe_latents=torch.randn(4, 3, dtype=F64))
+    opt = torch.optim.SGD(G.parameters(), lr=0.1)
+    before = _flat(G)
+    step = OptimizerStep(G, opt, lambda out, t: -D(out).reshape(-1), torch.randn(6, 3, dtype=F64), micro_batches=2,
+                         phase="generator")
+    with pytest.raises(ValueError, match="in 2 micro-batches: GANKernelAnalyzer reads a step's samples in one pass"):
+        analyzer.perform(step)
+    assert torch.equal(_flat(G), before) and not step.applied

@@ -41,6 +41,12 @@ geometry minus spatial: coupling that G's smoothness alone produces is not credi
 (G trained on a loss that ignores D, ``geometry_loss=GeneratorLoss(D)``) shows what the statistics
 give when G does not depend on D.
 
+**Examples D is flat at.** A training example with w_i = 0 exactly (a saturated or dead-ReLU D) has no
+direction: under ``"direction"`` and ``"mode"`` its group is the grouping's tie-break (the centre nearest the
+origin, mode 0), which the geometry does not give. Its ledger rows stay there (zero for the training loss),
+but the group counts (``g_group_counts``, a window's ``training_group_counts`` and occupancy) leave it out and
+count it apart (``g_zero_counts``, ``training_zero_gradient``, the report's ``zero_gradient_total`` and a note).
+
 **Analysis never changes D.** Every analysis pass through D (geometry of a batch or of the probes,
 the loss check) runs in D's current mode with all its buffers (BatchNorm's running statistics,
 spectral norm's u, v) saved and written back, and the RNG forked (:mod:`genkernel.gan.passes`);
@@ -87,6 +93,7 @@ import inspect
 import math
 import numbers
 import os
+import warnings
 from typing import Any, Callable, Iterator, Mapping
 
 import torch
@@ -110,7 +117,7 @@ from ..core.tracking.step import OptimizerStep
 from ..core.tracking.tracker import MEMORY_CHECKS, PathKernelTracker, StepContributions
 from ..logging import LoggingCallback
 from ..stats import mean_interval, nan_median
-from .geometry import ClassGroups, GeometryGrouping, make_grouping
+from .geometry import ClassGroups, DirectionGroups, GeometryGrouping, ModeGroups, NearestModeGroups, make_grouping
 from .losses import (
     GENERATED, PENALTY, REAL, ROLE_NAMES, DiscriminatorObjective, GeneratorLoss, check_classes, class_inputs, scores_of,
 )
@@ -342,27 +349,33 @@ class GANKernelAnalyzer(TrainerCallback):
         self.window = window
         self.eval_every = eval_every
         self.coverage_sigmas = coverage_sigmas
-        self.reference_latents = reference_latents
         self.track_discriminator = track_discriminator
         self.discriminator_groups = discriminator_groups
         self.quadrature = quadrature
         self._generator_loss = generator_loss
         self._geometry_loss = geometry_loss
         self.rng = torch.Generator().manual_seed(seed)
-        self.probe_latents = self._checked_latents(probe_latents, "probe_latents", probe_classes, "probe_classes")
-        self.probe_classes = None if probe_classes is None else probe_classes.long().to(probe_latents.device)
+        # Copies of every fixed input the caller passed (probes, their classes, reference latents, D's probes), as of
+        # mode_centers: the trackers clone theirs when they are built (at the first step), so a caller reusing its
+        # tensor in place would otherwise move the probes of the analysis away from the ledgers' probes.
+        self.probe_latents = self._checked_latents(probe_latents, "probe_latents", probe_classes,
+                                                   "probe_classes").detach().clone()
+        self.probe_classes = None if probe_classes is None else probe_classes.detach().long().to(
+            probe_latents.device).clone()
         self.coverage_latents = torch.randn(
             coverage_latents, *probe_latents.shape[1:], generator=self.rng, dtype=torch.float64
         ).to(probe_latents)
         # A conditional generator's coverage samples cycle through the classes (no draw: the rng's stream is kept).
         self.coverage_classes = None if not self.conditional else (
             torch.arange(coverage_latents, device=probe_latents.device) % self.num_classes)
-        self.discriminator_probes = discriminator_probes
+        self.discriminator_probes = _copied(discriminator_probes)
+        reference_latents = _copied(reference_latents)
+        self.reference_latents = reference_latents
         if self.conditional and reference_latents is not None:  # refused now rather than at the first step
             self._checked_latents(reference_latents, "reference_latents", reference_classes, "reference_classes")
             # kept as checked class ids (LongTensor): G's embedding refuses uint8 ids, and indexing by uint8 is a mask
             self.reference_classes = check_classes(reference_classes, reference_latents.shape[0], self.num_classes,
-                                                   "reference_classes").to(reference_latents.device)
+                                                   "reference_classes").to(reference_latents.device).clone()
         elif reference_classes is not None:
             raise ValueError("reference_classes are the classes of reference_latents: pass both, or neither")
         self.logging = None if log is None else LoggingCallback(
@@ -384,6 +397,9 @@ class GANKernelAnalyzer(TrainerCallback):
         self.d_loop_steps: list[int] = []
         self.g_group_counts: list[list[int]] = []  # training examples per geometry group, per tracked step
         self.g_spatial_counts: list[list[int]] = []  # ... per spatial group (with a comparison)
+        # per tracked step, training examples with w = 0 under a grouping by w's direction (no geometry group):
+        # left out of g_group_counts (see _zero_gradient)
+        self.g_zero_counts: list[int] = []
         self.d_group_counts: list[list[int]] = []
         self.notes: list[str] = []  # what the report must say about how the numbers were made
         self._window_start: dict[str, PathKernelLedger] | None = None  # the ledgers when the window opened
@@ -443,7 +459,7 @@ class GANKernelAnalyzer(TrainerCallback):
                 raise ValueError("a conditional GAN's discriminator_probes need their classes: pass "
                                  f"discriminator_probe_classes=<LongTensor[{discriminator_probes.shape[0]}]>")
             discriminator_probe_classes = check_classes(discriminator_probe_classes, discriminator_probes.shape[0],
-                                                        self.num_classes, "discriminator_probe_classes")
+                                                        self.num_classes, "discriminator_probe_classes").clone()
         elif discriminator_probe_classes is not None:
             raise ValueError("discriminator_probe_classes are the classes of discriminator_probes: pass both, or neither")
         self.discriminator_probe_classes = discriminator_probe_classes
@@ -615,15 +631,35 @@ class GANKernelAnalyzer(TrainerCallback):
         """Stop tracking (the end of the tracked window): the coupling window in progress is closed
         as a partial one, the trackers stop (an EMA's update after the last tracked step is
         recorded) and their ledgers are kept and reported; later steps are not analysed and cost
-        nothing. In your own loop the optimizers' steps are no longer recorded after it."""
+        nothing. In your own loop the optimizers' steps are no longer recorded after it; call it after the last
+        step's EMA update (``bind(..., ema=)``): the EMA ledger records an update when the next step begins or the
+        trackers close, so a ``stop()`` between ``g_optimizer.step()`` and ``ema.update`` leaves that update out
+        (a RuntimeWarning says so when the EMA has not moved since the last step began)."""
         if self.stopped:
             return
         self._check_consistent()
+        self._warn_pending_ema()
         self._close_partial_window()
         for tracker in (self.g_tracker, self.d_tracker):
             if tracker is not None:
                 tracker.close()
         self.stopped = True
+
+    def _warn_pending_ema(self) -> None:
+        """stop() in your own loop: an EMA still where it was when the last generator step began has likely not
+        been updated after that step yet (or skips updates, as ema-pytorch's ``update_every``): its update, made
+        after the trackers close, would be missing from the EMA ledger."""
+        tracker = self.g_tracker
+        ema = None if tracker is None else tracker.ema
+        if not self._bound or ema is None or tracker._closed or len(ema.decays) >= tracker.ledger.steps:
+            return  # (every step's update recorded already)
+        bar = ema.read()
+        if all(torch.equal(bar[n].detach().to(torch.float64), ema.last_bar[n]) for n in bar):
+            warnings.warn(
+                "analyzer.stop(): the generator's EMA has not moved since its last tracked step began; if the loop "
+                "updates it after this call, that update is not in generator_ema_ledgers (the trackers close now). "
+                "Call stop() after the EMA's update of the window's last step",
+                RuntimeWarning, stacklevel=3)
 
     def wrap_step(self, trainer: Any, step: OptimizerStep, perform: Callable[[], torch.Tensor]) -> torch.Tensor:
         if step.phase in ("generator", "discriminator"):
@@ -634,6 +670,14 @@ class GANKernelAnalyzer(TrainerCallback):
             raise RuntimeError(
                 "this analyzer observes your own loop (bind): its optimizers' step() records the steps. Use another "
                 "analyzer for steps a trainer or analyzer.perform performs"
+            )
+        if step.phase in ("generator", "discriminator") and step.micro_batches != 1:
+            # the samples' geometry (w, G(z), D(G(z))) is read in one pass over the batch; in micro-batches,
+            # training's batch statistics (BatchNorm in G or D) would not be the ones that pass saw
+            raise ValueError(
+                f"a {step.phase} step in {step.micro_batches} micro-batches: GANKernelAnalyzer reads a step's samples "
+                "in one pass over its batch; run it with micro_batches=1 (GANTrainer does), or observe your own "
+                "accumulating loop (bind, observe_generator / observe_discriminator once per micro-batch)"
             )
         if step.phase == "generator":
             if self.g_tracker is None and self.ema_ledger == "trainer":  # the trainer's EMA, if it keeps one
@@ -864,8 +908,9 @@ class GANKernelAnalyzer(TrainerCallback):
             self._probe_state["field"] = self._probe_state["field"] + self._field(vector)
         self.g_tracker.observe(losses, {k: v.to(losses.device) for k, v in tracked.items()}, weights)
         if first:
-            self._g_pending = {"ids": [], "spatial": [], "loop_step": None}
+            self._g_pending = {"ids": [], "spatial": [], "zero": [], "loop_step": None}
         self._g_pending["ids"].append(tracked[GEOMETRY])
+        self._g_pending["zero"].append(self._zero_gradient(geo))
         if SPATIAL in tracked:
             self._g_pending["spatial"].append(tracked[SPATIAL])
         self._loss_checked = True
@@ -1091,6 +1136,19 @@ class GANKernelAnalyzer(TrainerCallback):
             tracked[control] = tracked[SPATIAL][torch.randperm(ids.shape[0], generator=self.rng)]
         return tracked
 
+    def _zero_gradient(self, geo: dict[str, torch.Tensor]) -> torch.Tensor:
+        """``BoolTensor[B]`` (CPU): the examples whose geometry group is undefined, w_i = 0 exactly under a grouping
+        by w's direction (``"direction"``, ``"mode"``): D is flat there (a saturated or dead-ReLU region), and the
+        grouping's tie-break (the centre nearest the origin, mode 0) names a group the geometry does not give. Their
+        ledger rows stay where the grouping put them (a plain training loss gives them zero contributions; a
+        ``geometry_loss`` other than the training loss need not), but the group counts leave them out and count
+        them apart (``g_zero_counts``, a window's ``training_zero_gradient``), so that a flat D does not fill a
+        group, nor mark a collapsed window occupied."""
+        batch = geo["w"].shape[0]
+        if not isinstance(self.grouping, (DirectionGroups, ModeGroups)) or isinstance(self.grouping, NearestModeGroups):
+            return torch.zeros(batch, dtype=torch.bool)
+        return (geo["w"].detach().reshape(batch, -1) == 0).all(dim=1).cpu()
+
     def _begin_generator_step(self, index: int, vector, loss_fn, *, after_forward: bool) -> None:
         """3. At evaluation steps the probes' geometry and the kernel field at θ_k; window openings."""
         if (index - 1) % self.eval_every == 0:
@@ -1175,7 +1233,7 @@ class GANKernelAnalyzer(TrainerCallback):
             self._begin_generator_step(index, vector, loss_fn, after_forward=False)
         # 4. The real step, tracked; 5. the listener's bookkeeping.
         self._g_pending = {"ids": [tracked[GEOMETRY]], "spatial": [tracked[SPATIAL]] if SPATIAL in tracked else [],
-                           "loop_step": loop_step}
+                           "zero": [self._zero_gradient(geo)], "loop_step": loop_step}
         device = latents.device
         try:
             contributions = self.g_tracker.track(step, {name: t.to(device) for name, t in tracked.items()})
@@ -1235,13 +1293,19 @@ class GANKernelAnalyzer(TrainerCallback):
             self._book_generator(result)
 
     def _book_generator(self, result: StepContributions) -> None:
-        pending, self._g_pending = self._g_pending or {"ids": [], "spatial": [], "loop_step": None}, None
+        pending, self._g_pending = self._g_pending or {"ids": [], "spatial": [], "zero": [], "loop_step": None}, None
         index = self.g_steps + 1
         self.g_steps = index
+        # A window finish() closed as partial is out of date once a step goes on from it (it is closed again at
+        # the next finish(), or as a full window): reports and saved states must not show it as the run's last.
+        self.partial_window = None
         ids = torch.cat(pending["ids"]) if pending["ids"] else torch.zeros(0, dtype=torch.long)
+        zero = torch.cat(pending["zero"]) if pending.get("zero") else torch.zeros(ids.shape[0], dtype=torch.bool)
         # Under DDP each rank saw its shard: the counts are the global batch's.
         context = self.g_tracker.distributed
-        self.g_group_counts.append(summed_over_ranks(torch.bincount(ids.cpu(), minlength=self.num_groups), context).tolist())
+        self.g_group_counts.append(
+            summed_over_ranks(torch.bincount(ids.cpu()[~zero], minlength=self.num_groups), context).tolist())
+        self.g_zero_counts.append(int(summed_over_ranks(zero.sum().reshape(1), context)[0]))
         if self.comparison is not None:
             spatial = torch.cat(pending["spatial"]) if pending.get("spatial") else torch.zeros(0, dtype=torch.long)
             self.g_spatial_counts.append(
@@ -1304,6 +1368,7 @@ class GANKernelAnalyzer(TrainerCallback):
 
         kappa = measured.cancellation_ratio().cpu()
         counts = torch.tensor(self.g_group_counts[first - 1:last], dtype=torch.long).reshape(-1, g).sum(0)
+        zero = sum(self.g_zero_counts[first - 1:last])
         probe_occupied = int(torch.unique(probe_groups).numel())
         training_occupied = int((counts > 0).sum())
         out: dict[str, Any] = {
@@ -1311,6 +1376,8 @@ class GANKernelAnalyzer(TrainerCallback):
             "loop_steps": [self.g_loop_steps[first - 1], self.g_loop_steps[last - 1]],
             "probe_groups": probe_groups.tolist(),
             "training_group_counts": counts.tolist(),
+            # examples with w = 0 (no direction: D flat there), left out of training_group_counts
+            "training_zero_gradient": zero,
             "probe_groups_occupied": probe_occupied,
             "training_groups_occupied": training_occupied,
             "collapsed": min(probe_occupied, training_occupied) < g / 2,
@@ -1418,7 +1485,9 @@ class GANKernelAnalyzer(TrainerCallback):
         k = self.mode_centers.shape[0]
         x = inputs.detach().reshape(inputs.shape[0], -1).to(torch.float64).cpu()
         nearest = torch.cdist(x, self.mode_centers).argmin(dim=1)
-        real_mode = nearest if real_labels is None else torch.where(real_labels.cpu() >= 0, real_labels.cpu(), nearest)
+        if real_labels is not None:
+            real_labels = _check_real_labels(real_labels, roles, k)
+        real_mode = nearest if real_labels is None else torch.where(real_labels >= 0, real_labels, nearest)
         ids = torch.where(roles == REAL, real_mode, k + nearest)
         return torch.where(roles == PENALTY, torch.full_like(ids, 2 * k), ids)
 
@@ -1613,6 +1682,7 @@ class GANKernelAnalyzer(TrainerCallback):
                 "residual_share_mean": float(shares.residual.nanmean()),
                 "buffer_drift_norm": float(ledger.buffer_drift.norm()),
                 "group_counts_total": torch.tensor(self.g_group_counts).sum(0).tolist(),
+                "zero_gradient_total": sum(self.g_zero_counts),
                 "coupling_whole_run": whole,
             }
             out["windows"] = self.windows
@@ -1621,6 +1691,13 @@ class GANKernelAnalyzer(TrainerCallback):
             if self.partial_window is not None:
                 out["partial_window"] = self.partial_window
             notes.append(self._residual_note("generator", ledger))
+            if sum(self.g_zero_counts):
+                notes.append(
+                    f"{sum(self.g_zero_counts)} training examples had a zero discriminator gradient w (D flat at their "
+                    f"samples), which has no direction: the {type(self.grouping).__name__} grouping's group for them is "
+                    "a tie-break, so the group counts leave them out (zero_gradient_total, each window's "
+                    "training_zero_gradient); their ledger rows stay in the group the tie-break gave"
+                )
             collapsed = [w for w in self.windows if w["collapsed"]]
             if collapsed:
                 spans = ", ".join(f"{w['loop_steps'][0]}-{w['loop_steps'][1]}" for w in collapsed[:5])
@@ -1679,6 +1756,7 @@ class GANKernelAnalyzer(TrainerCallback):
             "window_start": None if self._window_start is None else {k: v.state_dict() for k, v in self._window_start.items()},
             "window_groups": self._window_groups, "run_groups": self._run_groups,
             "window_spatial": self._window_spatial, "run_spatial": self._run_spatial, "g_spatial_counts": list(self.g_spatial_counts),
+            "g_zero_counts": list(self.g_zero_counts),
             "discriminator_probes": self.discriminator_probes,
             "discriminator_probe_classes": self.discriminator_probe_classes,
             "g_loop_steps": list(self.g_loop_steps), "d_loop_steps": list(self.d_loop_steps),
@@ -1700,7 +1778,13 @@ class GANKernelAnalyzer(TrainerCallback):
         return {"num_groups": self.num_groups, "controls": self.controls, "grouping": type(self.grouping).__name__,
                 "comparison": None if self.comparison is None else type(self.comparison).__name__,
                 "num_classes": self.num_classes, "state_dtype": str(self.state_dtype).replace("torch.", ""),
-                "track_steps": None if self.track_steps is None else list(self.track_steps)}
+                "track_steps": None if self.track_steps is None else list(self.track_steps),
+                # the saved window start is a ledger copy at a step of this window length: another length would
+                # close windows that span other steps than their "steps" say
+                "window": self.window,
+                # ModeGroups / NearestModeGroups and D's role_mode groups read the centres, which no grouping state keeps
+                "mode_centers": None if self.mode_centers is None else self.mode_centers.tolist(),
+                "discriminator_groups": self.discriminator_groups}
 
     def save(self, path: str | os.PathLike) -> None:
         """Write the analyzer state (:meth:`state_dict`) atomically."""
@@ -1717,9 +1801,16 @@ class GANKernelAnalyzer(TrainerCallback):
         if state.get("format") != FORMAT:
             raise ValueError("not a GANKernelAnalyzer state (made by analyzer.state_dict())")
         mine = self._config()
-        if {"comparison": None, "num_classes": None, "state_dtype": "float64", "track_steps": None,
-                **state["config"]} != mine:
-            raise ValueError(f"the saved analyzer had settings {state['config']}, this one {mine}; build it with the same settings")
+        # (states saved before a key was kept: the settings they were made with, or unknown for the window)
+        saved = {"comparison": None, "num_classes": None, "state_dtype": "float64", "track_steps": None,
+                 "window": self.window, "mode_centers": mine["mode_centers"],
+                 "discriminator_groups": self.discriminator_groups, **state["config"]}
+        differ = [key for key in mine if saved.get(key) != mine[key]] + [key for key in saved if key not in mine]
+        if differ:
+            raise ValueError(
+                f"the saved analyzer had other {', '.join(differ)} than this one: saved "
+                f"{ {k: saved.get(k) for k in differ} }, here { {k: mine.get(k) for k in differ} }; build it with the same "
+                "settings")
         if self._bound:
             _check_start_step(self._start_step, list(state["g_loop_steps"]), list(state["d_loop_steps"]))
         try:
@@ -1750,6 +1841,8 @@ class GANKernelAnalyzer(TrainerCallback):
         self._window_groups, self._run_groups = to_device((state["window_groups"], state["run_groups"]), device)
         self._window_spatial, self._run_spatial = to_device((state.get("window_spatial"), state.get("run_spatial")), device)
         self.g_spatial_counts = list(state.get("g_spatial_counts", []))
+        # (a state saved before they were counted apart counted them in their groups: none apart)
+        self.g_zero_counts = list(state.get("g_zero_counts", [0] * len(state["g_group_counts"])))
         self.discriminator_probes = state["discriminator_probes"]
         self.discriminator_probe_classes = state.get("discriminator_probe_classes")
         self.g_loop_steps, self.d_loop_steps = list(state["g_loop_steps"]), list(state["d_loop_steps"])
@@ -1879,6 +1972,29 @@ def _check_roles(roles: Any, batch: int) -> torch.Tensor:
     return roles
 
 
+def _check_real_labels(real_labels: Any, roles: torch.Tensor, num_modes: int) -> torch.Tensor:
+    """The real rows' mode ids for ``discriminator_groups="role_mode"``: integer ``[B]``, on the real rows a mode
+    in ``[0, num_modes)`` or negative (unknown: the nearest mode). A larger id would be read as a generated row's
+    group (id ``num_modes + m``) or the penalty's, and a float id truncated: refused with the fix."""
+    batch = roles.shape[0]
+    if not isinstance(real_labels, torch.Tensor) or real_labels.shape != (batch,) or real_labels.is_floating_point() \
+            or real_labels.is_complex() or real_labels.dtype == torch.bool:
+        raise ValueError(
+            f"real_labels must be a LongTensor[{batch}] of the rows' mode ids (negative where unknown, e.g. -1 on the "
+            f"generated rows), got {getattr(real_labels, 'dtype', type(real_labels).__name__)} "
+            f"{tuple(getattr(real_labels, 'shape', ()))}"
+        )
+    labels = real_labels.detach().cpu().long()
+    real = labels[roles == REAL]
+    if real.numel() and int(real.max()) >= num_modes:
+        raise ValueError(
+            f"real_labels name mode {int(real.max())} on a real row, but mode_centers has {num_modes} modes (ids 0.."
+            f"{num_modes - 1}): with discriminator_groups='role_mode' the labels must be the real mixture's mode ids, "
+            "in the order of mode_centers (pass -1 where a row's mode is unknown: its nearest mode is used)"
+        )
+    return labels
+
+
 def _coefficients(weights: torch.Tensor | None, batch: int, like: torch.Tensor) -> torch.Tensor:
     return (torch.full((batch,), 1.0 / batch) if weights is None else weights.detach()).to(like)
 
@@ -1893,6 +2009,11 @@ def _positional_inputs(fn: Callable) -> int | None:
     if inspect.Parameter.VAR_POSITIONAL in kinds:
         return None
     return sum(k in (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD) for k in kinds)
+
+
+def _copied(t: Any) -> Any:
+    """A detached copy of a caller's tensor (anything else as it is, for the checks that refuse it)."""
+    return t.detach().clone() if isinstance(t, torch.Tensor) else t
 
 
 def _flat_latents(z: torch.Tensor) -> torch.Tensor:
