@@ -61,3 +61,16 @@ def test_state_kernel_sketch_and_locality_permutations_read_every_bit():
     assert same != other  # before: the same permutations
     with pytest.raises(ValueError, match=r"seed must be in \[0, 2\*\*64\)"):
         kernel_locality(k, 4, bins, band=0, seed=-1)
+
+
+def test_gan_analyzer_control_draws_of_seeds_past_32_bits_are_their_own():
+    from genkernel.gan import GANKernelAnalyzer, MLPDiscriminator, MLPGenerator
+
+    torch.manual_seed(0)
+    G, D = MLPGenerator(3, 2, hidden=6).double(), MLPDiscriminator(2, hidden=6).double()
+    latents = torch.randn(4, 3, dtype=torch.float64)
+    same, other = (GANKernelAnalyzer(G, D, probe_latents=latents, seed=s).rng for s in (5, 5 + 2**32))
+    assert not torch.equal(same.get_state(), other.get_state())  # before: the same permutations
+    assert same.initial_seed() == 5  # seeds below 2**32 draw what they drew
+    with pytest.raises(ValueError, match=r"seed must be in \[0, 2\*\*64\)"):
+        GANKernelAnalyzer(G, D, probe_latents=latents, seed=-1)

@@ -103,8 +103,8 @@ from torch.func import jvp
 
 from ..core import grouping as grouping_layer
 from ..core.adapter import (
-    analysis_mode, call_with, explained_torch_func_errors, output_tensor, positive_int, trainable_parameters, unwrap,
-    unwrap_optimizer,
+    analysis_mode, call_with, explained_torch_func_errors, output_tensor, positive_int, seed_bits, seeded_generator,
+    trainable_parameters, unwrap, unwrap_optimizer,
 )
 from ..core.errors import NonFiniteError
 from ..core.tracking.callbacks import TrainerCallback, perform_step
@@ -336,9 +336,12 @@ class GANKernelAnalyzer(TrainerCallback):
                               discriminator_probe_classes)
         for what, fn in (("generator_loss", generator_loss), ("geometry_loss", geometry_loss)):
             self._check_loss_conditioning(fn, what)
-        self.grouping = self._make_grouping(grouping, num_groups, seed)
+        self.rng = seeded_generator(seed)  # (checks the seed: seed and seed + 2**32 drew the same controls)
+        # k-means takes 32-bit seeds: the same bits the generator reads
+        self.grouping = self._make_grouping(grouping, num_groups, seed_bits(seed))
         self.num_groups = self.grouping.num_groups
-        self.comparison = None if comparison is None else self._make_grouping(comparison, self.num_groups, seed)
+        self.comparison = None if comparison is None else self._make_grouping(comparison, self.num_groups,
+                                                                               seed_bits(seed))
         if self.comparison is not None and self.comparison.num_groups != self.num_groups:
             raise ValueError(
                 f"comparison has {self.comparison.num_groups} groups but the geometry grouping {self.num_groups}: compare "
@@ -354,7 +357,6 @@ class GANKernelAnalyzer(TrainerCallback):
         self.quadrature = quadrature
         self._generator_loss = generator_loss
         self._geometry_loss = geometry_loss
-        self.rng = torch.Generator().manual_seed(seed)
         # Copies of every fixed input the caller passed (probes, their classes, reference latents, D's probes), as of
         # mode_centers: the trackers clone theirs when they are built (at the first step), so a caller reusing its
         # tensor in place would otherwise move the probes of the analysis away from the ledgers' probes.
