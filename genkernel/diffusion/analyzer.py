@@ -65,6 +65,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import numbers
 import os
 import sys
 import time
@@ -74,17 +75,19 @@ import torch
 from torch import nn
 
 from ..core import grouping
-from ..core.adapter import as_tuple, positive_int, seed_bits, seeded_generator, unwrap, unwrap_optimizer
+from ..core.adapter import (
+    as_tuple, check_memory_budget, positive_int, seed_bits, seeded_generator, unwrap, unwrap_optimizer,
+)
 from ..core.errors import LedgerCheckError
 from ..core.tracking.callbacks import TrainerCallback
 from ..core.tracking.distributed import summed_over_ranks
 from ..core.tracking.io import atomic_save, jsonable, load_state
 from ..core.tracking.ledger import PathKernelLedger
-from ..core.tracking.quadrature import residual_remedy
+from ..core.tracking.quadrature import quadrature_rule, residual_remedy
 from ..core.tracking.ema import EMA_LEDGERS
 from ..core.tracking.sketched import SKETCHED_TRAFFIC_NOTE, sketch_error_note
 from ..core.tracking.step import OptimizerStep
-from ..core.tracking.tracker import MEMORY_CHECKS, PathKernelTracker, StepContributions
+from ..core.tracking.tracker import GROUP_STATES, MEMORY_CHECKS, PathKernelTracker, StepContributions
 from ..logging import LoggingCallback
 from ..stats import nan_median
 from .kernels import eval_mode, make_states, state_kernel
@@ -238,8 +241,12 @@ class NoiseLevelAnalyzer(TrainerCallback):
                 f"band={band} covers all num_bins={num_bins} bins (band >= num_bins - 1 = {num_bins - 1}): nothing "
                 f"lies outside it, so locality is undefined; pass band <= {num_bins - 2} or more bins"
             )
-        if snapshot_every < 0 or kernel_every < 0:
-            raise ValueError("snapshot_every and kernel_every must be >= 0 (0: only at the start/end)")
+        for key, every in (("snapshot_every", snapshot_every), ("kernel_every", kernel_every)):
+            # (a float every passed the old check and recorded at the multiples of it that steps hit:
+            # snapshot_every=1.5 every third step, kernel_every=0.5 every step)
+            if isinstance(every, bool) or not isinstance(every, numbers.Integral) or every < 0:
+                raise ValueError(f"{key} must be an int >= 0 (tracked steps; 0: only at the start/end), got {every!r}")
+        snapshot_every, kernel_every = int(snapshot_every), int(kernel_every)
         if not isinstance(kernel_points, int) or kernel_points < 2:
             raise ValueError(f"kernel_points must be an int >= 2 (pairs of different inputs), got {kernel_points!r}")
         if num_classes is not None and (isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1):
@@ -251,8 +258,14 @@ class NoiseLevelAnalyzer(TrainerCallback):
                 f"{[tuple(c.shape) for c in conditioning]}"
             )
         self.num_classes = num_classes
-        if track_steps is not None and (len(track_steps) != 2 or not 1 <= track_steps[0] <= track_steps[1]):
-            raise ValueError(f"track_steps must be (first, last) with 1 <= first <= last, got {track_steps!r}")
+        if track_steps is not None and (
+            not isinstance(track_steps, (tuple, list)) or len(track_steps) != 2
+            or any(isinstance(s, bool) or not isinstance(s, numbers.Integral) for s in track_steps)
+            or not 1 <= track_steps[0] <= track_steps[1]
+        ):  # (floats were taken: (1.5, 4) tracked steps 2 to 4)
+            raise ValueError(f"track_steps must be (first, last) ints with 1 <= first <= last, got {track_steps!r}")
+        if track_steps is not None:
+            track_steps = (int(track_steps[0]), int(track_steps[1]))
         self.track_steps = track_steps
         self.progress = progress
         self.group_state = group_state
@@ -271,9 +284,20 @@ class NoiseLevelAnalyzer(TrainerCallback):
         self.kernel_every = kernel_every
         self.kernel_sketch = kernel_sketch
         self.seed = seed
-        self.memory_budget = memory_budget
-        if memory_check not in MEMORY_CHECKS:  # here, not at binding: a long run should not fail there
+        # The tracker's settings are checked here, not at binding: a track_steps window (or a loop's
+        # bind after a warm-up) should not fail after the untracked steps have trained.
+        self.memory_budget = check_memory_budget(memory_budget)
+        if memory_check not in MEMORY_CHECKS:
             raise ValueError(f"memory_check must be one of {MEMORY_CHECKS}, got {memory_check!r}")
+        if group_state not in GROUP_STATES:
+            raise ValueError(f"group_state must be one of {GROUP_STATES}, got {group_state!r}")
+        if state_dtype not in (torch.float64, torch.float32):
+            raise ValueError(f"state_dtype must be torch.float64 or torch.float32, got {state_dtype!r}")
+        quadrature_rule(quadrature)  # (a ValueError naming the rules)
+        if kernel_sketch != "auto" and kernel_sketch is not None and (
+                isinstance(kernel_sketch, bool) or not isinstance(kernel_sketch, int) or kernel_sketch < 1):
+            raise ValueError(f"kernel_sketch must be 'auto', None (exact) or a positive int of output directions, "
+                             f"got {kernel_sketch!r}")
         self.memory_check = memory_check
         # one piece logs for the trainers, the callback and this analyzer (genkernel.logging)
         self.logging = None if log is None else LoggingCallback(
@@ -294,9 +318,10 @@ class NoiseLevelAnalyzer(TrainerCallback):
         rows = pick[torch.arange(num_probes) % probe_data.shape[0]]
         self.probe_clean = probe_data[rows].detach().to(torch.float64).cpu()
         self.probe_conditioning = tuple(c[rows.to(c.device)].detach().cpu() for c in conditioning)
-        self.kernel_conditioning = tuple(c[:kernel_points].detach().cpu() for c in conditioning)
+        # copies (a slice is a view: the caller's later in-place changes to probe_data moved the kernel states)
+        self.kernel_conditioning = tuple(c[:kernel_points].detach().to("cpu", copy=True) for c in conditioning)
         self.probe_noise = torch.randn(self.probe_clean.shape, generator=generator, dtype=torch.float64)
-        self.kernel_clean = probe_data[: kernel_points].detach().to(torch.float64).cpu()
+        self.kernel_clean = probe_data[: kernel_points].detach().to(device="cpu", dtype=torch.float64, copy=True)
         if self.kernel_clean.shape[0] < 2:
             raise ValueError("probe_data needs at least 2 rows for the kernel structure")
         self.kernel_noise = torch.randn(self.kernel_clean.shape, generator=generator, dtype=torch.float64)
@@ -341,6 +366,7 @@ class NoiseLevelAnalyzer(TrainerCallback):
         max_grad_norm: float = math.inf,
         start_step: int = 0,
         batch_size: int | None = None,
+        micro_batches: int = 1,
     ) -> None:
         """Start tracking ``model`` trained by ``optimizer`` (the window starts at the current θ).
 
@@ -350,7 +376,10 @@ class NoiseLevelAnalyzer(TrainerCallback):
         ``AveragedModel``) that the loop updates after each step: a second ledger is kept for it.
         ``start_step``: the loop's step count now (reports number steps from it); with a loaded state,
         at least the saved last step number (a ValueError otherwise: the steps would be numbered again).
-        ``batch_size``: the loop's batch, for the cost printed here (default: the number of probes).
+        ``batch_size``: the loop's batch, for the cost printed here (default: the number of probes);
+        ``micro_batches``: the micro-batches a step runs that batch in (a built-in trainer's
+        ``micro_batches=``), for the cost too (training then holds one micro-batch's activations, and
+        the tracker runs a pass of its own for the group gradients).
         """
         if self.tracker is not None:
             raise RuntimeError("this analyzer is already bound to a model; build a new one for another run")
@@ -363,8 +392,8 @@ class NoiseLevelAnalyzer(TrainerCallback):
         self.tracker = PathKernelTracker(
             model, optimizer, self.loss_fn, probes, num_groups=self.partitions, quadrature=self.quadrature,
             max_grad_norm=max_grad_norm, memory_budget=self.memory_budget, group_state=self.group_state,
-            state_dtype=self.state_dtype, batch_size=batch_size, memory_check=self.memory_check,
-            sketch_dim=self.sketch_dim,
+            state_dtype=self.state_dtype, batch_size=batch_size, micro_batches=micro_batches,
+            memory_check=self.memory_check, sketch_dim=self.sketch_dim,
         )
         self.tracker.listeners.append(self._record)
         if ema is not None:
@@ -416,8 +445,12 @@ class NoiseLevelAnalyzer(TrainerCallback):
         if self.tracker is None and (self._in_window(getattr(trainer, "global_step", 0) + 1)
                                      or self._pending_state is not None):
             self._start_step = getattr(trainer, "global_step", None)
+            batch_size = getattr(trainer, "batch_size", None)
+            micro_batches = getattr(trainer, "micro_batches", 1)  # (as its steps split a batch: at most one example each)
+            micro_batches = micro_batches if batch_size is None else min(micro_batches, batch_size)
             self.bind(trainer.model, trainer.optimizer, ema=self._trainer_ema(trainer),
-                      max_grad_norm=getattr(trainer, "max_grad_norm", math.inf), batch_size=getattr(trainer, "batch_size", None))
+                      max_grad_norm=getattr(trainer, "max_grad_norm", math.inf), batch_size=batch_size,
+                      micro_batches=micro_batches)
 
     def _trainer_ema(self, trainer: Any) -> Any:
         """The trainer's EMA of the weights, when it keeps one and ``ema_ledger="trainer"``; else None."""
@@ -451,7 +484,7 @@ class NoiseLevelAnalyzer(TrainerCallback):
         if self.tracker is None:
             self._check_trainer_scheduler(trainer)
             self.bind(step.model, step.optimizer, ema=self._trainer_ema(trainer), max_grad_norm=step.max_grad_norm,
-                      batch_size=step.batch, start_step=index - 1)
+                      batch_size=step.batch, micro_batches=step.micro_batches, start_step=index - 1)
         current = getattr(trainer, "global_step", None)
         self._global_step = None if current is None else current + 1  # 1-based index of this step
         return self.track(step, step.info["timesteps"], class_labels=step.info.get("class_labels")).losses
@@ -487,6 +520,12 @@ class NoiseLevelAnalyzer(TrainerCallback):
         groups, bins = self._groups(timesteps, losses.shape[0] if isinstance(losses, torch.Tensor) else -1, class_labels)
         try:
             self.tracker.observe(losses, {k: v.to(losses.device) for k, v in groups.items()}, weights)
+        except ValueError as error:
+            if "needs one update row per group" not in str(error):
+                raise
+            raise ValueError(f"{error} (here: NoiseLevelAnalyzer(group_state='dense' or 'auto'); group_state="
+                             f"{self.group_state!r} serves the analyzer's own steps, analyzer.step(...) or a "
+                             "built-in trainer)") from error
         except RuntimeError as error:
             if "backward through the graph a second time" not in str(error):
                 raise
@@ -757,6 +796,10 @@ class NoiseLevelAnalyzer(TrainerCallback):
     def _partition(self, partition: str, weights: str = "model") -> PathKernelLedger:
         if weights not in WEIGHTS:
             raise ValueError(f"weights must be one of {WEIGHTS}, got {weights!r}")
+        if weights == "ema" and self.tracker is not None and self.tracker.ema is None:
+            raise ValueError("weights='ema': this analyzer keeps no ledger for an EMA of the weights (in your loop: "
+                             "bind(model, optimizer, ema=...); attached to DDPMTrainer(ema=...): ema_ledger='trainer', "
+                             "the default)")
         ledgers = self.ledgers if weights == "model" else self.ema_ledgers
         if partition not in ledgers:
             raise ValueError(f"unknown partition {partition!r}; this analyzer tracks {list(ledgers)}")
@@ -805,6 +848,9 @@ class NoiseLevelAnalyzer(TrainerCallback):
         probes (:func:`~genkernel.core.grouping.measured_minus_control`)."""
         self._require()
         w = self.band if band is None else band
+        if isinstance(w, bool) or not isinstance(w, numbers.Integral) or w < 0:  # (1.5 read as 1, labelled 1.5)
+            raise ValueError(f"band must be a non-negative int (bins), got {band!r}")
+        w = int(w)
         shares, kappa = self.shares(weights=weights)
         out: dict[str, Any] = {"band": w, "median_kappa": nan_median(kappa)}
         control_shares = [self.shares(c, weights=weights) for c in self.control_names]
@@ -950,6 +996,11 @@ class NoiseLevelAnalyzer(TrainerCallback):
         else:
             self._check_start_step(state, self._start_step or 0)
             self._load(state)
+            if state.get("stopped", False) and not self.stopped:
+                # saved after its window ended: read, not extended (as when the state is loaded before bind;
+                # bound first, the loop's later steps went on into the ledgers)
+                self.tracker.close(record_ema=False)
+                self.stopped = True
 
     def _check_start_step(self, state: dict[str, Any], start: int) -> None:
         """Refuse a ``start_step`` below the saved state's last step number (a resumed loop counted
@@ -984,15 +1035,17 @@ class NoiseLevelAnalyzer(TrainerCallback):
 def train_with_window(trainer: Any, analyzer: NoiseLevelAnalyzer, *, warmup_steps: int, window_steps: int) -> dict[str, Any]:
     """Warm up untracked, then attach ``analyzer`` and train a tracked window.
 
-    The kernel structure at initialization is recorded before the warm-up (it is not in the
-    window) and put first in the report's ``kernel`` list.
+    The kernel structure before the warm-up (at initialization for a fresh trainer; it is not in the
+    window) is put first in the report's ``kernel`` list, numbered with the trainer's ``global_step`` then.
 
     Returns:
         ``{"report": analyzer.report(), "warmup_s": float, "window_s": float}``.
     """
     if warmup_steps < 0 or window_steps < 1:
         raise ValueError(f"need warmup_steps >= 0 and window_steps >= 1, got {warmup_steps} and {window_steps}")
-    init = {"tracked_step": None, "global_step": 0, **analyzer.kernel_structure(trainer.model)} if warmup_steps else None
+    # (numbered with the trainer's steps so far: 0 at initialization, not for a trainer that has trained or resumed)
+    init = ({"tracked_step": None, "global_step": getattr(trainer, "global_step", 0),
+             **analyzer.kernel_structure(trainer.model)} if warmup_steps else None)
     start = time.perf_counter()
     trainer.train(warmup_steps)
     warmup_s = time.perf_counter() - start

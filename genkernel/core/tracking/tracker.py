@@ -1119,6 +1119,11 @@ class PathKernelTracker:
         if not isinstance(state, dict) or state.get("format") != FORMAT:
             raise ValueError("not a PathKernelTracker state (made by tracker.state_dict())")
         state = to_device(state, next(iter(self.params.values())).device)
+        if state.get("group_state") == "dense" and self.group_state != "dense" \
+                and self._requested["group_state"] == "auto" and not self.ledger.steps:
+            # an observed loop (or track_ema) switched "auto" to the dense route; this fresh tracker resolved
+            # "auto" again (plain SGD: "factored") and would refuse the state as another set-up
+            self._need_dense("a state saved with the dense group state")
         saved = (state["partitions"], state["quadrature"], state["group_state"])
         mine = (self.partitions.state_dict(), self.rule.name, self.group_state)
         if saved != mine:
