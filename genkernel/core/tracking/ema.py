@@ -456,21 +456,24 @@ class EMALedgers:
             f_after = self._outputs(bar)
         drift = f_before - self._f_prev  # the buffers moved the EMA weights' outputs
         rest = pushed[:, self.rows] + pushed[:, self.rows + 1] + drift  # the rest and the start rows
-        # 5. Record every partition's ledger, all or nothing (PathKernelLedger.mark / restore), then the state.
+        # 5. Record every partition's ledger and form the new state, all or nothing: an error or an interrupt
+        #    before the state is swapped in puts the ledgers back (PathKernelLedger.mark / restore), so the next
+        #    sync records the same move once (the new offsets were formed after the ledgers were written, and a
+        #    cut there left a recorded update without its offsets).
         written = []
         try:
             for name, part in self.model.partitions.slices.items():
                 written.append((self.ledgers[name], self.ledgers[name].mark()))
                 self.ledgers[name].record(pushed[:, part], rest, f_after, None, drift)
+            offset = {n: self.offset[n] + change.pop(n) for n in list(change)}  # each change freed as it is added
+            start = self.start + pushed[:, self.rows + 1]
+            last_bar = {n: t.clone() for n, t in bar.items()}
+            decays = [*self.decays, beta]
         except BaseException:
             for ledger, mark in reversed(written):
                 ledger.restore(mark)
             raise
-        self.offset = {n: self.offset[n] + change.pop(n) for n in list(change)}  # each change freed as it is added
-        self.start = self.start + pushed[:, self.rows + 1]
-        self._f_prev = f_after
-        self.last_bar = {n: t.clone() for n, t in bar.items()}
-        self.decays.append(beta)
+        self.offset, self.start, self._f_prev, self.last_bar, self.decays = offset, start, f_after, last_bar, decays
 
     @contextlib.contextmanager
     def _sampled_buffers(self) -> Iterator[None]:
