@@ -129,6 +129,16 @@ def claim(
         interval = (interval.low, interval.high)
     if not measured and not why:
         raise ValueError("a claim that was not measured needs why=")
+    if measured and not (isinstance(held, (bool, np.bool_))
+                         or (isinstance(held, torch.Tensor) and held.dtype == torch.bool and held.numel() == 1)):
+        # bool(NaN) is True: a held computed as a float (e.g. a NaN statistic) would count as held
+        raise TypeError(f"held must be a bool computed from the numbers (e.g. interval.above(0)), got "
+                        f"{type(held).__name__} {held!r}")
+    if measured and held and (_clean(value) is None or (interval is not None and None in _ends(interval))):
+        # a NaN (or missing) statistic or interval end cannot hold: e.g. max() over seeds skipping a NaN seed
+        raise ValueError(f"a claim cannot hold on an undefined value or interval (value {value!r}, interval "
+                         f"{None if interval is None else tuple(interval)!r}); compute held from finite numbers, "
+                         "or pass measured=False with why=")
     entry = {
         "statement": statement,
         "statistic": statistic or statement,
@@ -216,8 +226,6 @@ def finish(
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     png = out / f"{name}.png"
-    figure.savefig(png, dpi=110 if args.mode != "smoke" else 50)
-    plt.close(figure)
     payload = {
         "recipe": name,
         "mode": args.mode,
@@ -229,6 +237,16 @@ def finish(
         "wall_seconds": round(timer.seconds, 2),
         "figure": png.name,
     }
+    # refused before the PNG is replaced: a payload that is not JSON would leave the previous run's JSON beside
+    # this run's figure
+    try:
+        json.dumps(payload, allow_nan=False)
+    except (TypeError, ValueError):
+        plt.close(figure)
+        raise
+    figure.savefig(png, dpi=110 if args.mode != "smoke" else 50)
+    plt.close(figure)
+    payload["wall_seconds"] = round(timer.seconds, 2)
     path = out / f"{name}.json"
     write_json(path, payload, indent=2)
     for key, c in claims.items():
@@ -277,7 +295,11 @@ def recipe_seeds(args: argparse.Namespace, settings: dict) -> list[int]:
     """The independent runs a multi-seed recipe makes: ``--seeds``, else the mode's number of seeds
     (``settings["seeds"]``) from ``--seed`` on (claims about training rest on seeds, not on one
     run's own units)."""
-    return list(args.seeds or [args.seed + k for k in range(settings["seeds"])])
+    seeds = list(args.seeds or [args.seed + k for k in range(settings["seeds"])])
+    if len(set(seeds)) != len(seeds):
+        # a repeated seed is the same run twice: counted as two independent replicates it narrows the interval
+        raise ValueError(f"--seeds names a seed more than once ({seeds}): name each independent run once")
+    return seeds
 
 
 def add_seed_arguments(parser: argparse.ArgumentParser) -> None:
@@ -299,6 +321,44 @@ def runs_folder(name: str, args: argparse.Namespace) -> str | None:
     if args.runs_dir or not ((args.seeds and len(args.seeds) > 1) or args.aggregate):
         return args.runs_dir
     return str(Path(args.out_dir) / f"{name}_runs")
+
+
+IGNORED_SETTINGS = ("checkpoint_every",)  # settings that do not change a run's numbers
+
+
+def read_seed_runs(runs_dir: str | Path, args: argparse.Namespace, settings: dict, prefix: str = "seed", *,
+                   missing_ok: bool = False) -> list[dict]:
+    """``--aggregate``: the per-seed JSON files ``RUNS/PREFIX_S.json`` in seed order, refused unless
+    each was written in this mode with these settings (a file left by an earlier run with other
+    settings, or by another mode, would be aggregated as if it were one of these runs). With
+    ``--seeds``, exactly those seeds (a missing one is refused, or with ``missing_ok`` skipped); else
+    every file."""
+    files = list(Path(runs_dir).glob(f"{prefix}_*.json"))
+    if not files and not missing_ok:
+        raise FileNotFoundError(f"no {prefix}_*.json in {runs_dir}: run the seeds first (--seeds ... --runs-dir {runs_dir})")
+    runs = {}
+    for f in files:
+        run = json.loads(f.read_text())
+        runs[int(run["seed"])] = (f, run)
+    wanted = sorted(runs) if not getattr(args, "seeds", None) else list(args.seeds)
+    missing = [seed for seed in wanted if seed not in runs]
+    if missing_ok:
+        wanted = [seed for seed in wanted if seed in runs]
+    elif missing:
+        raise FileNotFoundError(f"--aggregate: no {prefix}_S.json for seeds {missing} in {runs_dir}: run them first")
+    expected = {k: v for k, v in _clean(settings).items() if k not in IGNORED_SETTINGS}
+    out = []
+    for seed in wanted:
+        f, run = runs[seed]
+        saved = {k: v for k, v in (run.get("settings") or {}).items() if k not in IGNORED_SETTINGS}
+        if run.get("mode") != args.mode or saved != expected:
+            differ = sorted(k for k in set(saved) | set(expected) if saved.get(k) != expected.get(k))
+            raise ValueError(
+                f"{f} was written by a {run.get('mode')} run with other settings than this {args.mode} aggregation "
+                f"(differing: {differ or 'mode'}): aggregate with the options it was run with, or rerun that seed "
+                "(or remove the file)")
+        out.append(run)
+    return out
 
 
 def add_diffusion_arguments(parser: argparse.ArgumentParser, objective: str = "ddpm") -> None:
@@ -577,10 +637,11 @@ def diffusion_claims(runs: list[dict]) -> dict:
             value, interval_w = rows[worst]["difference"], rows[worst]["interval"]
             every = all(v is not None and v > 0 for v in lows)
         else:
-            per_level_iv = [over_seeds([float(_per_level(rep, "traffic")[i]["difference"]) for rep in reports])
-                            for i in range(len(rows))]
+            # a level without a difference (NaN, saved as null) in some seed is left out and counted, not a TypeError
+            per_level_iv = [over_seeds([math.nan if (v := _per_level(rep, "traffic")[i]["difference"]) is None else float(v)
+                                        for rep in reports]) for i in range(len(rows))]
             worst = _lowest([iv.low for iv in per_level_iv])
-            value, interval_w = per_level_iv[worst].estimate, (per_level_iv[worst].low, per_level_iv[worst].high)
+            value, interval_w = per_level_iv[worst].estimate, per_level_iv[worst]  # with its n and dropped seeds
             every = all(iv.above(0) for iv in per_level_iv)
         statement = (f"traffic locality (±{band} bins, minus control) holds at every probe level, not only on "
                      "average: the level with the lowest interval still lies above 0")
@@ -625,7 +686,8 @@ def diffusion_claims(runs: list[dict]) -> dict:
                  "than at θ₀ (paired by sample: the same initial noise)")
     stat = "entropy(noisiest) − entropy(cleanest), θ_T − θ₀"
     if noise:
-        worst = max(q["score"] for q in quality)
+        # score +inf (d_r <= d_h) is saved as null: the worst of the scores, null counting as +inf
+        worst = max(math.inf if q["score"] is None else q["score"] for q in quality)
         out["retrieval_broad_to_narrow"] = claim(
             statement, False, at_T.estimate, at_T, statistic=stat,
             baseline=baseline(None, "θ₀ (not run: θ_T's samples are noise)"), measured=False,
@@ -689,6 +751,10 @@ def write_diffusion_outputs(name: str, args: argparse.Namespace, s: dict, timer:
     results = {
         "seeds": [r["seed"] for r in runs],
         "report": first["report"],
+        # what the noise-matrix and overview figures draw over several seeds (the report above is seed 0's alone)
+        **({"averaged_over_seeds": {"seeds": report.get("seeds_averaged"), "matrices": report["matrices"],
+                                    "relative_residual_worst": report["residual"]["relative_residual"]}}
+           if len(runs) > 1 else {}),
         "retrieval": first["retrieval"],
         "runs": [{k: v for k, v in r.items() if k not in ("report", "retrieval")} | {
             "residual": r["report"]["residual"], "measured": r["report"].get("measured"), "notes": r["report"].get("notes"),
@@ -715,10 +781,7 @@ def run_diffusion_recipe(name: str, spec: dict, args: argparse.Namespace, s: dic
     runs, retrieval = [], None
     data = None
     if args.aggregate:
-        files = sorted(Path(runs_dir).glob("seed_*.json"))
-        if not files:
-            raise FileNotFoundError(f"no seed_*.json in {runs_dir}: run the seeds first (--seeds ... --runs-dir {runs_dir})")
-        runs = [json.loads(f.read_text()) for f in files]
+        runs = read_seed_runs(runs_dir, args, s)
         data = spec["load"](runs[0]["seed"])[0][: s["retrieval_train"]]
     else:
         for i, seed in enumerate(seeds):

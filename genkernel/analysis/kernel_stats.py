@@ -290,7 +290,7 @@ def kernel_distance(normalized_kernel, *, same_set: bool | None = None) -> np.nd
         if square:
             diag = np.diag(k)
             unit_diagonal = bool(np.all((np.abs(diag - 1.0) <= 1e-4) | (diag == 0.0)))
-            if not unit_diagonal or np.abs(k - k.T).max() > 1e-4:
+            if not unit_diagonal or (k.size and np.abs(k - k.T).max() > 1e-4):  # 0×0: nothing to compare
                 raise ValueError(
                     f"kernel is a square {k.shape[0]}×{k.shape[1]} matrix that is not a normalized kernel over one set "
                     "(diagonal 1, symmetric): pass same_set=False for a kernel between two sets of inputs, or "

@@ -59,6 +59,7 @@ beside control on one scale, for both groupings, and every window's statistics) 
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import time
@@ -159,11 +160,10 @@ def run_protocol(name: str, args, s: dict, spec: dict) -> dict:
     runs_dir = common.runs_folder(name, args)
     runs, nulls = [], []
     if args.aggregate:
-        files = sorted(Path(runs_dir).glob("seed_*.json"))
-        if not files:
-            raise FileNotFoundError(f"no seed_*.json in {runs_dir}: run the seeds first (--seeds ... --runs-dir {runs_dir})")
-        runs = [json.loads(f.read_text()) for f in files]
-        nulls = [json.loads(f.read_text()) for f in sorted(Path(runs_dir).glob("null_*.json"))]
+        # only files of this mode and these settings, the --seeds named (common.read_seed_runs)
+        runs = common.read_seed_runs(runs_dir, args, s)
+        nulls = common.read_seed_runs(runs_dir, argparse.Namespace(mode=args.mode, seeds=[r["seed"] for r in runs]), s,
+                                      prefix="null", missing_ok=True)
     else:
         for seed in seeds:
             for null in ([False, True] if s["null_model"] else [False]):
@@ -318,7 +318,9 @@ def claim_core(runs: Sequence[dict], *, grouping_word: str, require_convergence:
     ``require_convergence=False``, for the null model."""
     out: dict[str, dict] = {}
     reports = [r["report"] for r in runs]
-    worst = max(max(rep["generator"]["relative_residual"], rep["discriminator"]["relative_residual"]) for rep in reports)
+    # np.max: a NaN (or null, read back) residual makes the worst NaN, not held; max() skipped a NaN not first
+    worst = float(np.max(np.asarray([[rep["generator"]["relative_residual"], rep["discriminator"]["relative_residual"]]
+                                     for rep in reports], dtype=np.float64)))
     out["exact_ledger"] = {"held": worst < RESIDUAL_LIMIT, "value": worst, "interval": None}
     formula, units = _alignment(runs, lambda row: row["cos_formula"])
     out["formula_matches_each_step"] = {"held": formula.above(FORMULA_LIMIT), "interval": formula, "units": units}
