@@ -86,9 +86,14 @@ def batch_size(batch: tuple[torch.Tensor, ...], *, name: str = "inputs") -> int:
 
 
 def select(batch: tuple[torch.Tensor, ...] | None, index: torch.Tensor | slice) -> tuple[torch.Tensor, ...] | None:
-    """Rows ``index`` of every tensor of ``batch`` (``None`` stays ``None``)."""
+    """Rows ``index`` of every tensor of ``batch`` (``None`` stays ``None``); tensors of other batch
+    sizes are refused (ValueError)."""
     if batch is None:
         return None
+    if len({t.shape[0] if t.dim() > 0 else None for t in batch}) > 1 or any(t.dim() == 0 for t in batch):
+        # rows of tensors of other lengths are other examples (a slice cuts them unequally, silently)
+        raise ValueError(f"select needs every tensor with the same batch size on dimension 0, got shapes "
+                         f"{[tuple(t.shape) for t in batch]}: pass one row per example in each tensor")
     return tuple(t[index] for t in batch)
 
 
@@ -179,7 +184,7 @@ def unwrap_optimizer(optimizer: Any) -> torch.optim.Optimizer:
 def check_memory_budget(value: Any, *, name: str = "memory_budget") -> int:
     """A memory budget as a positive int number of bytes (ints, numpy integers and finite floats
     such as ``2e9`` are accepted); a clear error otherwise."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) and not hasattr(value, "__index__"):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) and not hasattr(value, "__index__"):
         raise TypeError(f"{name} must be a number of bytes (e.g. 256 * 2**20), got {value!r}")
     number = float(value)
     if not (number >= 1 and number != float("inf")):
@@ -517,7 +522,9 @@ def forward_ad_attention() -> Iterator[None]:
 @contextlib.contextmanager
 def evaluated_at(model: nn.Module, values: dict[str, torch.Tensor]) -> Iterator[nn.Module]:
     """The module with parameters and buffers replaced by ``values`` (by name) for the whole
-    block, leaving it exactly as it was afterwards.
+    block, leaving it exactly as it was afterwards. A name the module does not have, or a
+    parameter's value of another shape, is refused (ValueError): torch would use the module's own
+    value for the first and broadcast the second, silently.
 
     A forward and its backward belong inside one block: activation checkpointing (diffusers'
     ``enable_gradient_checkpointing``, ``torch.utils.checkpoint``) recomputes forwards during the
@@ -537,6 +544,25 @@ def evaluated_at(model: nn.Module, values: dict[str, torch.Tensor]) -> Iterator[
         for table in (module._parameters, module._buffers)
         for name, value in table.items()
     ]
+    known = {f"{prefix}.{name}" if prefix else name: (table is module._parameters, value)
+             for prefix, module in model.named_modules(remove_duplicate=False)
+             for table in (module._parameters, module._buffers) for name, value in table.items()}
+    unknown = [name for name in values if name not in known]
+    if unknown:
+        # torch would skip a name on an existing submodule (the module's own value is used, silently)
+        raise ValueError(
+            f"values name {unknown[:5]}, which are no parameter or buffer of {type(model).__name__}: pass names as "
+            "model.named_parameters() / named_buffers() give them (a DistributedDataParallel or torch.compile "
+            "wrapper adds 'module.' or '_orig_mod.': name the unwrapped module's)"
+        )
+    # A parameter of another shape may broadcast (a bias of shape [1]) and give other numbers silently.
+    # (Buffers are not checked: caches such as rotary tables may change their shape in a forward.)
+    reshaped = [f"{name}: {tuple(values[name].shape)} for {tuple(current.shape)}" for name, (parameter, current) in
+                known.items() if parameter and current is not None and name in values
+                and isinstance(values[name], torch.Tensor) and values[name].shape != current.shape]
+    if reshaped:
+        raise ValueError(f"values of another shape than the parameters they replace ({', '.join(reshaped[:3])}): pass "
+                         "each parameter's value in its own shape")
     try:
         # functional_call's own context (torch.nn.utils.stateless), held across the backward too
         with _reparametrize_module(model, values, tie_weights=True, strict=False):

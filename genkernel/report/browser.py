@@ -128,7 +128,10 @@ def inspect_page(path: str | os.PathLike, *, screenshot: str | os.PathLike | Non
 
     command = [binary, *FLAGS, f"--user-data-dir={profile}", "--remote-debugging-pipe", f"--window-size={width},{height}",
                "about:blank"]
-    process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    # stderr goes to a file: a pipe nobody reads fills (64 kB of log lines) and blocks the browser
+    # until the timeout; the file's tail explains a browser that failed to start.
+    log = tempfile.TemporaryFile()
+    process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log,
                                preexec_fn=child_fds, pass_fds=(3, 4, to_browser_r, from_browser_w))
     os.close(to_browser_r)
     os.close(from_browser_w)
@@ -170,6 +173,12 @@ def inspect_page(path: str | os.PathLike, *, screenshot: str | os.PathLike | Non
         except BrowserError:
             pass
         return page
+    except BrowserError as error:
+        log.seek(0)
+        said = log.read().decode(errors="replace").strip()[-2000:]
+        if not said:
+            raise
+        raise BrowserError(f"{error}; {Path(binary).name} wrote: {said}") from error
     finally:
         os.close(to_browser_w)
         os.close(from_browser_r)
@@ -178,4 +187,5 @@ def inspect_page(path: str | os.PathLike, *, screenshot: str | os.PathLike | Non
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
+        log.close()
         shutil.rmtree(profile, ignore_errors=True)

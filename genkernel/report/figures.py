@@ -39,6 +39,12 @@ def _array(values: Any) -> np.ndarray:
 def _heatmap(fig: Figure, ax: Any, matrix: Any, title: str, *, diverging: bool, limit: float | None = None,
              rows: Sequence[Any] | None = None, xlabel: str = "", ylabel: str = "") -> None:
     values = _array(matrix)
+    if values.ndim != 2:
+        raise ValueError(f"{title}: a heatmap needs a [rows, columns] matrix, got shape {values.shape}")
+    if rows is not None and len(rows) != values.shape[0]:
+        # the labels would name other rows than they sit beside, silently
+        raise ValueError(f"{title}: {len(rows)} row labels for a matrix of {values.shape[0]} rows (shape "
+                         f"{values.shape}): the summary's levels and matrices disagree")
     if diverging:
         bound = limit if limit is not None else colour_limit(values, absolute=True)
         image = ax.imshow(values, cmap="coolwarm", vmin=-bound, vmax=bound, aspect="auto")
@@ -64,8 +70,8 @@ def noise_matrix_figure(summary: Mapping[str, Any]) -> Figure:
     panels = [p for p in panels if p[0] in mats]
     fig = Figure(figsize=(3.3 * len(panels), 3.2), layout="constrained")
     axes = fig.subplots(1, len(panels), squeeze=False)[0]
-    traffic_max = colour_limit(mats["traffic"], mats.get("traffic_control"))
-    share_max = colour_limit(mats["share"], mats.get("share_control"), absolute=True)
+    traffic_max = colour_limit(mats.get("traffic"), mats.get("traffic_control"))
+    share_max = colour_limit(mats.get("share"), mats.get("share_control"), absolute=True)
     for ax, (key, title, diverging) in zip(axes, panels):
         _heatmap(fig, ax, mats[key], title, diverging=diverging, limit=share_max if diverging else traffic_max,
                  rows=[f"t={t:g}" for t in levels], xlabel="training bin", ylabel="probe level")
@@ -142,7 +148,10 @@ def kernel_figure(summary: Mapping[str, Any]) -> Figure | None:
     fig = Figure(figsize=(7.0, 3.0), layout="constrained")
     axes = fig.subplots(1, 2)
     for i, entry in enumerate(kernel):
-        label = f"step {entry.get('global_step')}" if entry.get("tracked_step") is not None else "initialization"
+        # (an entry recorded before any step may carry no global step: "step None" named no step)
+        step, tracked = entry.get("global_step"), entry.get("tracked_step")
+        label = ("initialization" if tracked is None or (step is None and not tracked) else
+                 f"step {step}" if step is not None else f"tracked step {tracked}")
         colour = f"C{i % 10}"
         axes[0].plot(_array(entry["by_distance"]), "o-", ms=3, color=colour, label=label)
         if entry.get("by_distance_same_input"):
@@ -153,7 +162,10 @@ def kernel_figure(summary: Mapping[str, Any]) -> Figure | None:
         ax.set_xlabel("|Δ bin|", fontsize=8)
         ax.set_ylabel("mean normalized kernel", fontsize=8)
         ax.tick_params(labelsize=7)
-        ax.legend(fontsize=7)
+        if ax.get_lines():
+            ax.legend(fontsize=7)
+    if not axes[1].get_lines():
+        axes[1].text(0.5, 0.5, "not recorded", ha="center", va="center", fontsize=8, transform=axes[1].transAxes)
     return fig
 
 
@@ -206,8 +218,8 @@ def coupling_figure(coupling: Mapping[str, Any], groups: str = "geometry") -> Fi
     panels = [p for p in panels if coupling.get(p[0]) is not None]
     fig = Figure(figsize=(3.3 * len(panels), 3.2), layout="constrained")
     axes = fig.subplots(1, len(panels), squeeze=False)[0]
-    traffic_max = colour_limit(coupling["traffic_matrix"], coupling.get("traffic_matrix_control"))
-    net_max = colour_limit(coupling["net_matrix"], coupling.get("net_matrix_control"), absolute=True)
+    traffic_max = colour_limit(coupling.get("traffic_matrix"), coupling.get("traffic_matrix_control"))
+    net_max = colour_limit(coupling.get("net_matrix"), coupling.get("net_matrix_control"), absolute=True)
     for ax, (key, title, diverging) in zip(axes, panels):
         _heatmap(fig, ax, coupling[key], title, diverging=diverging, limit=net_max if diverging else traffic_max,
                  xlabel=f"training {groups} group", ylabel="probe's group")
@@ -218,7 +230,11 @@ def level_class_figure(level_class: Mapping[str, Any], levels: Sequence[float], 
     """Traffic share per probe level (rows) and training group bin·C + class (columns), with a
     line between bins: where a conditional model's corrections come from by noise level and class."""
     values = _array(level_class["matrix"])
-    classes = max(values.shape[1] // max(num_bins, 1), 1)
+    if values.ndim != 2 or num_bins < 1 or values.shape[1] % num_bins:
+        # the bin lines would fall between other columns than the bins', silently
+        raise ValueError(f"level_class matrix of shape {values.shape} does not split into {num_bins} bins of "
+                         "bin · C + class columns: the summary's num_bins and matrix disagree")
+    classes = max(values.shape[1] // num_bins, 1)
     fig = Figure(figsize=(max(4.0, 0.25 * values.shape[1] + 2.0), 3.2), layout="constrained")
     ax = fig.subplots()
     _heatmap(fig, ax, level_class["matrix"], "traffic share by noise bin and class", diverging=False,
@@ -301,6 +317,12 @@ def matrix_animation(frames: Sequence[Mapping[str, Any]], *, keys: Sequence[tupl
 
     if len(frames) < 2:
         return None
+    for key, title, _ in keys:
+        shapes = {_array(f[key]).shape for f in frames}
+        if len(shapes) > 1:
+            # set_data keeps the first frame's extent: another shape would be drawn stretched over it
+            raise ValueError(f"matrix_animation: the frames' {key!r} matrices ({title}) differ in shape "
+                             f"{sorted(shapes)}: every frame needs the same rows and columns")
     fig = Figure(figsize=(3.6 * len(keys), 3.3), layout="constrained")
     axes = fig.subplots(1, len(keys), squeeze=False)[0]
     images, limits = [], []
