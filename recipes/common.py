@@ -586,6 +586,13 @@ def _lowest(lows: list[float]) -> int:
     return int(np.nanargmin(values)) if np.isfinite(values).any() else 0
 
 
+KERNEL_NULL_NOT_RUN_WHY = (
+    "the time-blind denoiser (the null model, settings reference) was not run: a denoiser that cannot tell the noise "
+    "levels apart also gains kernel locality from training (quick toy settings, three seeds: time-blind at θ_T 0.061 "
+    "under DDPM, 0.20 [0.043, 0.36] under flow matching, against 0.0024 at θ₀), so the rise from θ₀ alone does not "
+    "show that training made k̂ noise-local; run with reference 'kernel' or 'ledger'")
+
+
 def diffusion_claims(runs: list[dict]) -> dict:
     """The section-3 claims from one or several runs (:func:`diffusion_seed_run`); see the module
     comment above for the units of the intervals."""
@@ -669,13 +676,18 @@ def diffusion_claims(runs: list[dict]) -> dict:
         extra.update(time_blind=blind.estimate, time_blind_interval=[blind.low, blind.high],
                      beyond_time_blind=beyond.estimate, beyond_time_blind_interval=[beyond.low, beyond.high])
         held = held and beyond.above(0)
-    out["kernel_locality"] = claim(
-        f"training makes k̂ noise-local: (mean k̂ within ±{band} bins − outside, minus a level-label permutation) "
-        "rises from θ₀ to θ_T, and (when a time-blind denoiser is trained beside it) exceeds the time-blind "
-        "denoiser's at θ_T, whose locality comes from the inputs' similarity alone",
-        held, change.estimate, change,
-        statistic="kernel locality (within − outside band, minus permutation), θ_T − θ₀",
-        baseline=baseline(at_0.estimate, "θ₀: kernel locality before training", at_0), **extra)
+    statement = (f"training makes k̂ noise-local: (mean k̂ within ±{band} bins − outside, minus a level-label permutation) "
+                 "rises from θ₀ to θ_T, and (when a time-blind denoiser is trained beside it) exceeds the time-blind "
+                 "denoiser's at θ_T, whose locality comes from the inputs' similarity alone")
+    kw = dict(statistic="kernel locality (within − outside band, minus permutation), θ_T − θ₀",
+              baseline=baseline(at_0.estimate, "θ₀: kernel locality before training", at_0), **extra)
+    if not all("time_blind" in k for k in per_input):
+        # the rise from θ₀ alone is passed by the null model: a time-blind denoiser gains kernel locality from
+        # training too (its inputs' similarity), so without it the claim's second half is untested
+        out["kernel_locality"] = claim(statement, False, change.estimate, change, measured=False,
+                                       why=KERNEL_NULL_NOT_RUN_WHY, **kw)
+    else:
+        out["kernel_locality"] = claim(statement, held, change.estimate, change, **kw)
     # retrieval: broad → narrow, against θ_0, only where samples are not noise
     quality = [r["sample_quality"] for r in runs]
     noise = any(q["noise"] for q in quality)

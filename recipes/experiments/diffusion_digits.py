@@ -14,8 +14,9 @@ recipes"); a claim these settings cannot measure says so (``measured: false`` an
 
 What the quick setting can and cannot say. Quick mode (`make figures`) trains 80 steps and
 tracks 6: the samples are still noise and the window's change is mostly Adam's first moment from
-before the window, so the ledger-locality and retrieval claims come out "not measured"; only the
-kernel's change from θ₀ and the ledger's residual are measured there.
+before the window, so the ledger-locality and retrieval claims come out "not measured"; so does the
+kernel's change from θ₀, since quick mode trains no time-blind denoiser (the null model, whose kernel
+locality rises with training too): only the ledger's residual is measured there.
 
 The full run the paper's claim needs (default, no --quick): a UNet2DModel (32, 64 channels) trained
 untracked until its samples are recognisable (20 000 steps), then tracked over a window of 500

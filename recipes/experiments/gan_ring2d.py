@@ -571,6 +571,8 @@ def write_outputs(name: str, args, s: dict, timer, runs: list[dict], nulls: list
         "generator": first["report"]["generator"],
         "discriminator": first["report"]["discriminator"],
         "windows": first["report"]["windows"],
+        # what the coupling figure and the overview's window panel draw: every seed, not seed 0's alone
+        "drawn_over_seeds": _drawn_numbers(runs),
         "alignment": first["report"]["alignment"],
         "coverage": first["report"]["coverage"],
         "coverage_start": first["coverage_start"],
@@ -589,6 +591,13 @@ def write_outputs(name: str, args, s: dict, timer, runs: list[dict], nulls: list
                 "convergence_rule": "at least 6 of 8 modes hit and half the samples within 3σ of a mode at the end"}
     figure = draw(runs, centers, extent)
     return common.finish(name, args, figure, results, claims, settings, timer)
+
+
+def _drawn_numbers(runs: list[dict]) -> dict:
+    """:func:`recipes.experiments.gan_digits.drawn_numbers` (the same figures, the same numbers)."""
+    from .gan_digits import drawn_numbers
+
+    return drawn_numbers(runs)
 
 
 def draw(runs: list[dict], centers, extent):

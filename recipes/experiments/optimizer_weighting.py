@@ -100,7 +100,9 @@ def null_rho(contributions: dict, s: dict) -> dict:
     """``{"rho_null", "rho_null_per_lr"}``: ρ(SGD, null model) (mean over probes) of every null
     model in ``contributions`` (:func:`part_a`'s) and the lowest of them, the reweighting claim's bar."""
     per_lr = {name: float(np.nanmean(rank_agreement(contributions["SGD"], contributions[name]))) for name in null_names(s)}
-    return {"rho_null": min(per_lr.values()), "rho_null_per_lr": per_lr}
+    # np.min, not min(): min() skips a NaN that is not first (NaN < x is False), so a null model whose agreement is
+    # undefined would silently drop out of the bar; a NaN bar leaves the seed out of the claim's interval, counted
+    return {"rho_null": float(np.min(list(per_lr.values()))), "rho_null_per_lr": per_lr}
 
 
 def claims_from(per_seed: list[dict], shares: dict) -> dict:
@@ -226,6 +228,9 @@ def main(argv=None) -> dict:
     for name in ("SGD", "momentum", "Adam"):  # the null models' runs are in the numbers, not the figure
         led = contributions[name][mid]
         weights[name] = led / (abs(led.sum()) + 1e-300)
+    # what the figure draws (seed --seed's run): the weights at the middle probe and the two kernels at θ_T
+    results["figure"] = {"seed": args.seed, "probe_index": mid, "probe_x": float(probes[mid]), "x_train": x[:, 0],
+                         "weights_at_probe": weights, "kernel_plain": k_plain, "kernel_preconditioned": k_pre}
     fig = plot_optimizer_weighting(
         weights, x[:, 0], float(probes[mid]), {"plain": k_plain, "preconditioned": k_pre},
         {k: {"share": v["share"], "interval": v["interval"]} for k, v in shares.items() if k != "second_order_gap_ratio"},
