@@ -15,7 +15,7 @@ Steps:
      above chance (0.1; the untrained network is the baseline); training raises the cross-domain
      block AUC (θ_T − θ₀), and more than the null model does: the same network (same
      initialization and batch order) trained on randomly permuted labels, whose cross-domain block
-     AUC rises too (by about 0.03 against 0.04 with the true labels, quick settings).
+     AUC rises too (by 0.013 against 0.044 with the true labels, quick settings, seeds 0–2).
 """
 
 from __future__ import annotations
