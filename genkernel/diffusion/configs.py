@@ -7,6 +7,10 @@
 - :func:`mnist_unet`: a smaller UNet for 28×28 (or 32×32) grey images: widths 32-64-64, attention
   at the lowest resolution; about 1.1M parameters.
 
+``seed=``: the builder calls ``torch.manual_seed(seed)`` before drawing the weights, which reseeds
+the caller's global generator too (draws after the call continue from that seed), as
+:mod:`genkernel.gan.configs` does.
+
 Use them with :class:`~genkernel.diffusion.DDPMTrainer` or your own loop; the cost of analysing
 them is estimated before a run by :func:`genkernel.core.cost.estimate_cost`, which trackers and
 analyzers call at construction.

@@ -8,6 +8,12 @@ discriminator, which ends in a Sigmoid (its output is a probability: use
 tracker takes its group gradients from the training graph, where that is exact.
 ``weights_init`` is the example's N(0, 0.02) initialization.
 
+``seed=``: each builder then calls ``torch.manual_seed(seed)`` before drawing its weights, which
+reseeds the caller's global (CPU and CUDA) generator too, as upstream's ``manualSeed`` does: draws
+made after the call continue from that seed. Sizes (``nz``, ``ngf``, ``ndf``, ``nc``,
+``num_classes``, ``embed_dim``) must be positive ints (0 built a network that ignores its input or its
+class, or has no parameters).
+
 :func:`cdcgan64_generator` and :func:`cdcgan64_discriminator` are its class-conditional form (a
 cDCGAN), G(z, y) and D(x, y) with ``y`` a ``LongTensor[B]`` of classes, for
 ``GANTrainer(..., labels=, num_classes=)`` and ``GANKernelAnalyzer(..., probe_classes=)``: as usual
@@ -20,9 +26,17 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..core.adapter import positive_int
+
+
+def _check_sizes(**sizes: int) -> None:
+    for name, value in sizes.items():
+        positive_int(value, name)
+
 
 def weights_init(module: nn.Module) -> None:
-    """DCGAN's initialization: convolutions N(0, 0.02), BatchNorm weights N(1, 0.02), biases 0."""
+    """DCGAN's initialization: convolution weights N(0, 0.02), BatchNorm weights N(1, 0.02) and biases 0
+    (as upstream, a convolution's bias is left as PyTorch drew it; DCGAN's convolutions have none)."""
     name = type(module).__name__
     if "Conv" in name:
         nn.init.normal_(module.weight, 0.0, 0.02)
@@ -32,7 +46,9 @@ def weights_init(module: nn.Module) -> None:
 
 
 def dcgan64_generator(nz: int = 100, ngf: int = 64, nc: int = 3, *, seed: int | None = None) -> nn.Module:
-    """G: ``[B, nz, 1, 1] -> [B, nc, 64, 64]`` in [-1, 1] (3.6M parameters at the defaults)."""
+    """G: ``[B, nz, 1, 1] -> [B, nc, 64, 64]`` in [-1, 1] (3.6M parameters at the defaults).
+    ``seed``: ``torch.manual_seed(seed)`` first (the global generator's state is changed)."""
+    _check_sizes(nz=nz, ngf=ngf, nc=nc)
     if seed is not None:
         torch.manual_seed(seed)
     model = nn.Sequential(
@@ -47,7 +63,9 @@ def dcgan64_generator(nz: int = 100, ngf: int = 64, nc: int = 3, *, seed: int | 
 
 
 def dcgan64_discriminator(ndf: int = 64, nc: int = 3, *, seed: int | None = None) -> nn.Module:
-    """D: ``[B, nc, 64, 64] -> [B]`` probabilities (2.8M parameters at the defaults)."""
+    """D: ``[B, nc, 64, 64] -> [B]`` probabilities (2.8M parameters at the defaults).
+    ``seed``: ``torch.manual_seed(seed)`` first (the global generator's state is changed)."""
+    _check_sizes(ndf=ndf, nc=nc)
     if seed is not None:
         torch.manual_seed(seed)
     model = nn.Sequential(
@@ -69,7 +87,9 @@ class ConditionalGenerator64(nn.Module):
 
     def __init__(self, num_classes: int, nz: int = 100, ngf: int = 64, nc: int = 3, *, embed_dim: int | None = None):
         super().__init__()
+        _check_sizes(num_classes=num_classes, nz=nz)
         embed_dim = num_classes if embed_dim is None else embed_dim
+        _check_sizes(embed_dim=embed_dim)
         self.latent_dim, self.num_classes = nz, num_classes
         self.embed = nn.Embedding(num_classes, embed_dim)
         self.net = dcgan64_generator(nz + embed_dim, ngf, nc)
@@ -86,6 +106,7 @@ class ConditionalDiscriminator64(nn.Module):
 
     def __init__(self, num_classes: int, ndf: int = 64, nc: int = 3):
         super().__init__()
+        _check_sizes(num_classes=num_classes, ndf=ndf, nc=nc)
         self.num_classes = num_classes
         self.embed = nn.Embedding(num_classes, 64 * 64)
         self.net = dcgan64_discriminator(ndf, nc + 1)
@@ -96,7 +117,8 @@ class ConditionalDiscriminator64(nn.Module):
 
 def cdcgan64_generator(num_classes: int, nz: int = 100, ngf: int = 64, nc: int = 3, *, embed_dim: int | None = None,
                        seed: int | None = None) -> ConditionalGenerator64:
-    """The conditional DCGAN's G(z, y) (:class:`ConditionalGenerator64`, DCGAN's initialization)."""
+    """The conditional DCGAN's G(z, y) (:class:`ConditionalGenerator64`, DCGAN's initialization; ``seed``:
+    ``torch.manual_seed(seed)`` first, the global generator's state is changed)."""
     if seed is not None:
         torch.manual_seed(seed)
     return ConditionalGenerator64(num_classes, nz, ngf, nc, embed_dim=embed_dim)
@@ -104,7 +126,8 @@ def cdcgan64_generator(num_classes: int, nz: int = 100, ngf: int = 64, nc: int =
 
 def cdcgan64_discriminator(num_classes: int, ndf: int = 64, nc: int = 3, *,
                            seed: int | None = None) -> ConditionalDiscriminator64:
-    """The conditional DCGAN's D(x, y) (:class:`ConditionalDiscriminator64`, DCGAN's initialization)."""
+    """The conditional DCGAN's D(x, y) (:class:`ConditionalDiscriminator64`, DCGAN's initialization; ``seed``:
+    ``torch.manual_seed(seed)`` first, the global generator's state is changed)."""
     if seed is not None:
         torch.manual_seed(seed)
     return ConditionalDiscriminator64(num_classes, ndf, nc)

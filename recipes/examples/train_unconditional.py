@@ -24,13 +24,18 @@ What differs from upstream, so that it runs offline and small:
   turned into the denoised image by ``precondition_outputs``), with the EDM paper's loss weight
   (σ² + σ_d²) / (σ σ_d)² (``--edm_weighting none``: the SDXL script's unweighted loss); σ_d = 0.5,
   the images' scale in [−1, 1]; ``--prediction_type`` epsilon or v_prediction;
+- the images and noise are cast to fp16 / bf16 only where accelerate autocasts (upstream casts them
+  whenever ``--mixed_precision`` asks: on CPU, where accelerate runs fp16 without autocast, fp16 inputs
+  reached the float32 UNet and the first forward failed);
 - the attention layers' key biases are frozen, with or without the analyzer: softmax ignores a bias
   added to every key, so their gradient is zero but for rounding, which Adam turns into steps that
   the ledger's check refuses; freezing them changes no function the UNet computes;
 - the lines marked ``# genkernel`` attach :class:`~genkernel.diffusion.NoiseLevelAnalyzer`
   (docs/observing.md, "Observing a loop the user owns"): it observes the per-example losses
   before the backward, and the loop's own ``optimizer.step()`` records every step, following the
-  accumulation and the clipping exactly. Training is bit-for-bit the same with ``--no-analyze``.
+  accumulation and the clipping exactly; it is bound with the step's batch, ``--train_batch_size`` ×
+  ``--gradient_accumulation_steps`` examples in that many micro-batches (``DDPMTrainer(batch_size=B·K,
+  micro_batches=K)``'s step), for its cost estimate. Training is bit-for-bit the same with ``--no-analyze``.
 
 Run from the repository root::
 
@@ -174,7 +179,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if args.model_config_name_or_path is None:
         model = UNet2DModel(sample_size=args.resolution, in_channels=3, out_channels=3, **UNETS[args.unet])
     else:
-        model = UNet2DModel.from_config(UNet2DModel.load_config(args.model_config_name_or_path))
+        # a local config only (a hub name was fetched from the hub: the example runs offline)
+        model = UNet2DModel.from_config(UNet2DModel.load_config(args.model_config_name_or_path, local_files_only=True))
     freeze_attention_key_biases(model)  # genkernel: zero gradient but for rounding, which Adam would turn into steps
 
     # Create EMA for the model.
@@ -189,10 +195,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             model_config=model.config,
         )
 
-    weight_dtype = torch.float32
-    if accelerator.mixed_precision == "fp16":
-        weight_dtype = torch.float16
-    elif accelerator.mixed_precision == "bf16":
+    weight_dtype = torch.float32  # the inputs' dtype: reduced only where accelerate autocasts (native_amp); on CPU
+    if accelerator.native_amp and accelerator.mixed_precision == "fp16":  # it runs fp16 without autocast, in float32
+        weight_dtype = torch.float16  # (fp16 inputs to the float32 UNet failed there: Half input, float bias)
+    elif accelerator.native_amp and accelerator.mixed_precision == "bf16":
         weight_dtype = torch.bfloat16
 
     # Initialize the scheduler
@@ -254,7 +260,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         rows = torch.linspace(0, len(probe_set) - 1, min(len(probe_set), args.num_probes)).long().tolist()
         analyzer = NoiseLevelAnalyzer(noise_scheduler, torch.stack([probe_set[i][0] for i in rows]), num_bins=args.num_bins,
                                       num_probes=args.num_probes, controls=args.controls, kernel_sketch=8, seed=args.seed)
-        analyzer.bind(model, optimizer, ema=ema_model if args.use_ema else None)
+        analyzer.bind(model, optimizer, ema=ema_model if args.use_ema else None,  # genkernel: for its cost, the step's
+                      batch_size=args.train_batch_size * args.gradient_accumulation_steps,  # batch in K micro-batches,
+                      micro_batches=args.gradient_accumulation_steps)  # genkernel: DDPMTrainer(batch_size=B·K, micro_batches=K)
 
     num_update_steps_per_epoch = math.ceil(len(train_dataloader) / args.gradient_accumulation_steps)
     max_train_steps = args.max_train_steps or args.num_epochs * num_update_steps_per_epoch
