@@ -60,7 +60,6 @@ beside control on one scale, for both groupings, and every window's statistics) 
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import time
 from pathlib import Path
