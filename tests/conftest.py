@@ -39,3 +39,34 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
+
+
+@pytest.fixture
+def fresh_accelerate():
+    """One thread (tiny UNets; extra threads spin on a busy machine), and accelerate's process-wide
+    state reset around the test (it refuses a second mixed_precision in one process)."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture
+def image_folder(tmp_path):
+    """An ImageFolder of 12 RGB 16×16 PNGs in two class folders ("a", "b"); a module may define its own."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    root = tmp_path / "images"
+    for name in ("a", "b"):
+        (root / name).mkdir(parents=True)
+        for i in range(6):
+            Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(root / name / f"{i}.png")
+    return root

@@ -26,12 +26,7 @@ from genkernel.report import figures as fg
 from genkernel.report.browser import BrowserError, find_chromium, inspect_page
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: one torch thread for the module
 
 
 def _mlp() -> nn.Module:

@@ -7,27 +7,13 @@ from __future__ import annotations
 
 import json
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from recipes.examples.dcgan import main
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: one torch thread for the module
-
-
-@pytest.fixture
-def image_folder(tmp_path):
-    """An ImageFolder of 12 RGB 16×16 PNGs in two class folders (resized to 64×64 by the script)."""
-    rng = np.random.default_rng(0)
-    root = tmp_path / "images"
-    for name in ("a", "b"):
-        (root / name).mkdir(parents=True)
-        for i in range(6):
-            Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(root / name / f"{i}.png")
-    return root
 
 
 def run(image_folder, out, *extra):

@@ -16,20 +16,7 @@ from torch.optim.optimizer import register_optimizer_step_pre_hook
 from recipes.examples.train_unconditional import main
 
 
-@pytest.fixture(autouse=True)
-def one_thread_and_fresh_accelerate():
-    """One thread (the UNet is tiny; extra threads spin on a busy machine), and accelerate's
-    process-wide state reset around each run (it refuses a second mixed_precision in one process)."""
-    from accelerate.state import AcceleratorState, GradientState
-
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
-    yield
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("fresh_accelerate")  # conftest: one thread, accelerate reset
 
 
 @pytest.fixture

@@ -6,41 +6,14 @@ step and runs the --steps asked for, and the configurations refuse sizes of 0.""
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from recipes.examples import overhead
 from recipes.examples.train_unconditional import main as train_unconditional
 
 
-@pytest.fixture(autouse=True)
-def one_thread_and_fresh_accelerate():
-    """One thread, and accelerate's process-wide state reset around each test (it refuses a second
-    mixed_precision in one process)."""
-    from accelerate.state import AcceleratorState, GradientState
-
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
-    yield
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
-    torch.set_num_threads(previous)
-
-
-@pytest.fixture
-def image_folder(tmp_path):
-    """An ImageFolder of 12 RGB 16×16 PNGs in two class folders."""
-    rng = np.random.default_rng(0)
-    root = tmp_path / "images"
-    for name in ("a", "b"):
-        (root / name).mkdir(parents=True)
-        for i in range(6):
-            Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(root / name / f"{i}.png")
-    return root
+pytestmark = pytest.mark.usefixtures("fresh_accelerate")  # conftest: one thread, accelerate reset
 
 
 def unconditional(image_folder, out, *extra):
