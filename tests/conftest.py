@@ -58,15 +58,25 @@ def fresh_accelerate():
 
 
 @pytest.fixture
-def image_folder(tmp_path):
-    """An ImageFolder of 12 RGB 16×16 PNGs in two class folders ("a", "b"); a module may define its own."""
+def make_image_folder(tmp_path):
+    """``make_image_folder(classes, per_class)``: an ImageFolder of RGB 16×16 PNGs (seeded noise) under
+    ``tmp_path / "images"``, ``per_class`` in each class folder; returns its root."""
     import numpy as np
     from PIL import Image
 
-    rng = np.random.default_rng(0)
-    root = tmp_path / "images"
-    for name in ("a", "b"):
-        (root / name).mkdir(parents=True)
-        for i in range(6):
-            Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(root / name / f"{i}.png")
-    return root
+    def make(classes=("a", "b"), per_class=6):
+        rng = np.random.default_rng(0)
+        root = tmp_path / "images"
+        for name in classes:
+            (root / name).mkdir(parents=True)
+            for i in range(per_class):
+                Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(root / name / f"{i}.png")
+        return root
+
+    return make
+
+
+@pytest.fixture
+def image_folder(make_image_folder):
+    """An ImageFolder of 12 RGB 16×16 PNGs in two class folders ("a", "b"); a module may define its own."""
+    return make_image_folder()

@@ -7,10 +7,8 @@ from __future__ import annotations
 
 import json
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from recipes.examples.train_unconditional import main
@@ -20,15 +18,9 @@ pytestmark = pytest.mark.usefixtures("fresh_accelerate")  # conftest: one thread
 
 
 @pytest.fixture
-def image_folder(tmp_path):
+def image_folder(make_image_folder):
     """An ImageFolder of 16 RGB 16×16 PNGs in two class folders."""
-    rng = np.random.default_rng(0)
-    root = tmp_path / "images"
-    for name in ("circles", "squares"):
-        (root / name).mkdir(parents=True)
-        for i in range(8):
-            Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(root / name / f"{i}.png")
-    return root
+    return make_image_folder(("circles", "squares"), per_class=8)
 
 
 def run(image_folder, out, *extra):
