@@ -351,3 +351,14 @@ def test_a_state_saved_after_its_window_is_read_not_extended_when_loaded_into_a_
         _loop(resumed, model, optimizer, [2])
     assert resumed.ledger.steps == 2 and resumed.global_steps == [1, 2]
     assert torch.equal(resumed.ledger.contributions, first.ledger.contributions)
+
+
+def test_the_report_names_the_loss_weighting_its_steps_minimized():
+    """Under DDPMTrainer(loss_weighting="min_snr") the report said the steps trained with "mse", while
+    the ledgers book (1/B) Σ w(t_n) ℓ_n; it names the weighting (and none is named without one)."""
+    analyzer = _analyzer()
+    _trainer(1, [analyzer], ema=False, loss_weighting="min_snr").train(2)
+    assert analyzer.report()["config"]["step_losses"] == {"mse, weighted by min_snr (gamma = 5)": 2}
+    plain = _analyzer()
+    _trainer(1, [plain], ema=False).train(2)
+    assert plain.report()["config"]["step_losses"] == {"mse": 2}

@@ -606,6 +606,11 @@ class NoiseLevelAnalyzer(TrainerCallback):
         groups, bins = self._groups(timesteps, step.batch, class_labels)
         self._pending_bins.append(bins)
         self._pending_loss = describe_loss(step.loss_fn)
+        weighting = step.info.get("loss_weighting")
+        if weighting:  # a built-in trainer's per-level weights w(t): the step minimized (1/B) Σ w(t_n) ℓ_n
+            settings = ", ".join(f"{k} = {v:g}" if isinstance(v, float) else f"{k} = {v}"
+                                 for k, v in weighting.items() if k != "weighting")
+            self._pending_loss += f", weighted by {weighting['weighting']}" + (f" ({settings})" if settings else "")
         try:
             return self.tracker.track(step, {k: v.to(timesteps.device) for k, v in groups.items()})
         except LedgerCheckError as error:

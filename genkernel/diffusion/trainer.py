@@ -379,6 +379,8 @@ class DDPMTrainer:
         info = {k: batch[k] for k in ("timesteps", "clean", "noise", "indices", "data_labels") if k in batch}
         if "labels" in batch:
             info["class_labels"] = batch["labels"]
+        if "weights" in batch:  # what the per-example coefficients are (an analyzer's report names it)
+            info["loss_weighting"] = self.loss_weighting.config()
         return OptimizerStep(
             self.model, self.optimizer, self.loss_fn, inputs,
             loss_targets(self.loss_fn, batch["target"], batch["clean"], batch["noisy"], batch["timesteps"]),
