@@ -15,6 +15,7 @@ Writes OUT/benchmark_diffusion.png and OUT/benchmark_diffusion.json.
 
 from __future__ import annotations
 
+import statistics
 import time
 
 import torch
@@ -23,7 +24,7 @@ from genkernel.data import gaussian_ring, load_image_dataset
 from genkernel.diffusion import DDPMTrainer, MLPDenoiser, NoiseLevelAnalyzer, make_scheduler, tiny_unet
 
 from ..common import Timer, claim, finish, make_parser, parse, pick
-from .harness import print_ratios
+from .harness import load_average, print_ratios
 
 NAME = "benchmark_diffusion"
 
@@ -40,10 +41,27 @@ SETTINGS = dict(
 CONFIGURATIONS = (("bare", None), ("no_control", 0), ("one_control", 1), ("five_controls", 5))
 
 
+def _timed_step(trainer) -> float:
+    """Seconds of one ``trainer.train(1)``; on CUDA the device is synchronized before the clock
+    starts and before it is read (kernels still queued would otherwise land in another's time)."""
+    device = next(trainer.model.parameters()).device
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    trainer.train(1)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - start
+
+
 def measure(make_model, data, probe_data, *, batch, steps, warmup, num_bins, num_probes, kernel_sketch, seed):
-    """Median seconds per step of every configuration, timed in interleaved rounds, and the ratios."""
+    """Median seconds per step of every configuration, timed in interleaved rounds (the order
+    rotated each round), and the ratios; the first warm-up step's seconds apart (``first_step_s``)
+    and the 1-minute load average over the rounds (``load_mean``)."""
     scheduler = make_scheduler(1000, clip_sample=data.dim() > 2)
-    trainers = {}
+    if warmup < 1:
+        raise ValueError(f"warmup must be at least 1 (the first step is kept out of the medians), got {warmup!r}")
+    trainers, first = {}, {}
     for label, controls in CONFIGURATIONS:
         torch.manual_seed(seed)
         trainer = DDPMTrainer(make_model(), scheduler, data, batch_size=batch, seed=seed, progress=False)
@@ -53,20 +71,23 @@ def measure(make_model, data, probe_data, *, batch, steps, warmup, num_bins, num
             trainer.callbacks.append(analyzer)
             analyzer.on_train_start(trainer)  # bind (and the initial kernel checkpoint) outside the timing
             analyzer.record_kernel = lambda: None  # no kernel checkpoints inside the timed steps
-        trainer.train(warmup)
+        first[label] = _timed_step(trainer)
+        trainer.train(warmup - 1)
         trainers[label] = trainer
     times: dict[str, list[float]] = {label: [] for label in trainers}
-    for _ in range(steps):
-        for label, trainer in trainers.items():
-            start = time.perf_counter()
-            trainer.train(1)
-            times[label].append(time.perf_counter() - start)
-    out = {label: sorted(t)[len(t) // 2] for label, t in times.items()}
+    labels, loads = list(trainers), []
+    for round_ in range(steps):
+        for label in labels[round_ % len(labels):] + labels[: round_ % len(labels)]:
+            times[label].append(_timed_step(trainers[label]))
+        loads.append(load_average())
+    out = {label: statistics.median(t) for label, t in times.items()}
     out["ratio_no_control"] = out["no_control"] / out["bare"]
     out["ratio_one_control"] = out["one_control"] / out["bare"]
     out["ratio_five_controls"] = out["five_controls"] / out["bare"]
     out["control_cost_one"] = out["one_control"] / out["no_control"]
     out["control_cost_five"] = out["five_controls"] / out["no_control"]
+    out["first_step_s"] = first
+    out["load_mean"] = statistics.fmean(loads)
     return out
 
 

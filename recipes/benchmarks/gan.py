@@ -3,7 +3,9 @@
     python -m recipes.benchmarks.gan [--quick] [--out-dir figures] [--seed 0] [--device cpu]
 
 2-D MLP GAN (8-Gaussian ring), batch 64, 64 probe latents, 8 geometry groups (pushed-to mode),
-Adam. Times generator steps only (discriminator steps run untimed in between) for:
+Adam. Times generator steps only (discriminator steps run untimed in between), interleaved round by
+round with the order rotated (a change in the machine's load hits every configuration alike; the
+first step's seconds and the load are reported apart from the medians), for:
 
 - bare: the trainer's plain step;
 - analyzer: the exact ledger with 8 groups (``controls=0``, evaluations off);
@@ -19,6 +21,7 @@ timings depend on the machine and its load.
 
 from __future__ import annotations
 
+import statistics
 import time
 from pathlib import Path
 
@@ -28,15 +31,15 @@ from genkernel.data import gaussian_ring, ring_mode_centers
 from genkernel.gan import GANKernelAnalyzer, GANTrainer, MLPDiscriminator, MLPGenerator
 
 from ..common import Timer, make_parser, parse, pick
-from .harness import print_ratios, write_outputs
+from .harness import load_average, print_ratios, write_outputs
 
 NAME = "benchmark_gan"
 DTYPE = torch.float64
 TARGET_RATIO = 3.0  # the analyzer alone, against a bare generator step
 
 
-def time_generator_steps(analyzer_kwargs: dict | None, *, steps: int, warmup: int, seed: int, device) -> float:
-    """Median seconds of a generator step (D steps untimed) for one configuration."""
+def make_trainer(analyzer_kwargs: dict | None, *, seed: int, device) -> GANTrainer:
+    """The trainer of one configuration (``analyzer_kwargs`` None: bare)."""
     torch.manual_seed(seed)
     data, modes = gaussian_ring(4096, radius=2.0, std=0.05, seed=seed)
     # float64: the core's float32 Adam check can trip on coordinates whose batch gradient is a small
@@ -50,16 +53,41 @@ def time_generator_steps(analyzer_kwargs: dict | None, *, steps: int, warmup: in
             G, D, probes, grouping="mode", mode_centers=ring_mode_centers(8, 2.0), mode_std=0.05,
             track_discriminator=False, **analyzer_kwargs,
         ))
-    trainer = GANTrainer(G, D, data.to(device, DTYPE), labels=modes, batch_size=64, callbacks=callbacks, seed=seed)
-    times = []
-    for i in range(warmup + steps):
-        trainer.discriminator_step()
-        start = time.perf_counter()
-        trainer.generator_step()
-        if i >= warmup:
-            times.append(time.perf_counter() - start)
-    times.sort()
-    return times[len(times) // 2]
+    return GANTrainer(G, D, data.to(device, DTYPE), labels=modes, batch_size=64, callbacks=callbacks, seed=seed)
+
+
+def timed_generator_step(trainer: GANTrainer, device) -> float:
+    """One discriminator step (untimed), then the seconds of one generator step; on CUDA the device
+    is synchronized before the clock starts and before it is read."""
+    trainer.discriminator_step()
+    sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda device: None)
+    sync(device)
+    start = time.perf_counter()
+    trainer.generator_step()
+    sync(device)
+    return time.perf_counter() - start
+
+
+def time_generator_steps(configs: dict[str, dict | None], *, steps: int, warmup: int, seed: int, device) -> dict:
+    """Every configuration's generator steps (D steps untimed), interleaved: ``warmup`` steps each
+    (the first one's seconds kept apart), then ``steps`` rounds of one step per configuration, the
+    order rotated each round. Returns ``{"median_s", "first_step_s", "load_mean"}`` (seconds per
+    configuration; the 1-minute load average over the rounds)."""
+    if warmup < 1:
+        raise ValueError(f"warmup must be at least 1 (the first step is kept out of the medians), got {warmup!r}")
+    trainers = {name: make_trainer(kwargs, seed=seed, device=device) for name, kwargs in configs.items()}
+    first = {}
+    for name, trainer in trainers.items():
+        first[name] = timed_generator_step(trainer, device)
+        for _ in range(warmup - 1):
+            timed_generator_step(trainer, device)
+    names, times, loads = list(trainers), {name: [] for name in trainers}, []
+    for round_ in range(steps):
+        for name in names[round_ % len(names):] + names[: round_ % len(names)]:
+            times[name].append(timed_generator_step(trainers[name], device))
+        loads.append(load_average())
+    return {"median_s": {name: statistics.median(t) for name, t in times.items()}, "first_step_s": first,
+            "load_mean": statistics.fmean(loads)}
 
 
 def main(argv=None) -> dict:
@@ -79,16 +107,17 @@ def main(argv=None) -> dict:
         "analyzer_with_control": dict(controls=1, window=10**6, eval_every=10**6),
         "analyzer_with_comparison": dict(controls=1, comparison="nearest_mode", window=10**6, eval_every=10**6),
     }
-    seconds = {}
-    for name, kwargs in configs.items():
-        seconds[name] = time_generator_steps(kwargs, seed=args.seed, device=args.torch_device, **settings)
-        print(f"[{NAME}] {name:28s} {1e3 * seconds[name]:8.2f} ms per generator step")
+    timed = time_generator_steps(configs, seed=args.seed, device=args.torch_device, **settings)
+    seconds = timed["median_s"]
+    for name in configs:
+        print(f"[{NAME}] {name:28s} {1e3 * seconds[name]:8.2f} ms per generator step (first {1e3 * timed['first_step_s'][name]:.2f} ms)")
     ratios = {name: seconds[name] / seconds["bare"] for name in configs if name != "bare"}
     print_ratios(f"[{NAME}] generator step time, x a bare step (target <= {TARGET_RATIO:g}x for 'analyzer')",
                  {name: {"x bare": ratio} for name, ratio in ratios.items()})
     payload = {
         "recipe": NAME, "mode": args.mode, "settings": settings, "threads": torch.get_num_threads(),
         "milliseconds": {k: 1e3 * v for k, v in seconds.items()}, "ratios": ratios,
+        "first_step_milliseconds": {k: 1e3 * v for k, v in timed["first_step_s"].items()}, "load_mean": timed["load_mean"],
         "target_ratio": TARGET_RATIO, "within_target": ratios["analyzer"] <= TARGET_RATIO,
         "wall_seconds": round(timer.seconds, 2),
     }

@@ -16,7 +16,8 @@ On a CUDA device (``make gpu-check``), within ``--budget`` seconds (8 minutes by
 
 Everything runs as exact ledgers need on CUDA (:func:`exact_mode`: TF32 off, deterministic
 algorithms, no cuDNN autotuning). It writes ``OUT/gpu_check.json`` (device name, those settings,
-per-step times, ratios, peak memory above what was allocated before each trainer, the GAN's
+per-step times (medians of steady steps; each trainer's first step, which binds its analyzer, timed
+apart), ratios, peak memory above what was allocated before each trainer, the GAN's
 training unchanged against a second bare pair, test results), rewritten after each section: a
 section that fails keeps its traceback there and the next one runs; a run killed at its limit keeps
 what finished. The tests' whole output goes to ``OUT/gpu_check_tests.log``. ``--tiny`` runs the
@@ -38,6 +39,7 @@ import argparse
 import json
 import math
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -81,6 +83,15 @@ def exact_mode(device: torch.device) -> dict:
     if device.type == "cuda":
         return set_exact_cuda_mode("warn")
     return {**exact_cuda_settings(), "set_exact_cuda_mode": False}
+
+
+def _timed(device: torch.device, call) -> float:
+    """Seconds of ``call()``, the device synchronized before the clock starts and before it is read."""
+    _sync(device)
+    start = time.perf_counter()
+    call()
+    _sync(device)
+    return time.perf_counter() - start
 
 
 def _allocated(device: torch.device) -> int:
@@ -171,28 +182,30 @@ def _diffusion_benchmark(device: torch.device, s: dict, deadline: float) -> dict
 
     bare = make_trainer()
     _reset_peak(device)
-    bare.train(1)
+    first = {"bare": _timed(device, lambda: bare.train(1))}  # first calls: never part of the steady numbers
     out["bare_peak_bytes"] = None if device.type != "cuda" else _peak(device) - before
     before = _allocated(device)
     analyzer = analyzer_for("midpoint")
     out["memory_budget"] = analyzer.memory_budget
     tracked = make_trainer([analyzer])
     _reset_peak(device)
-    tracked.train(1)
+    first["analyzed"] = _timed(device, lambda: tracked.train(1))  # binds the analyzer: one-time work
+    out["first_step_seconds"] = first
     out["analyzed_peak_bytes"] = None if device.type != "cuda" else _peak(device) - before
     out["estimate"] = analyzer.tracker.cost.as_dict()
     times = {"bare": [], "analyzed": []}
+    steady_peak = None  # on CUDA: the analyzed timed steps' peak, above the same baseline as the first step's
     for _ in range(s["steps"]):
         if times["analyzed"] and time.perf_counter() + 1.5 * (times["bare"][-1] + times["analyzed"][-1]) > deadline:
             out["stopped_early"] = "the time budget"
             break
         for label, trainer in (("bare", bare), ("analyzed", tracked)):
-            _sync(device)
-            start = time.perf_counter()
-            trainer.train(1)
-            _sync(device)
-            times[label].append(time.perf_counter() - start)
-    out["seconds_per_step"] = {k: sorted(v)[len(v) // 2] for k, v in times.items()}
+            _reset_peak(device)
+            times[label].append(_timed(device, lambda: trainer.train(1)))  # noqa: B023 - called at once
+            if label == "analyzed" and device.type == "cuda":
+                steady_peak = max(steady_peak or 0, _peak(device) - before)
+    out["analyzed_steady_peak_bytes"] = steady_peak  # the first step's (above) carries the analyzer's binding
+    out["seconds_per_step"] = {k: statistics.median(v) for k, v in times.items()}
     out["ratio"] = out["seconds_per_step"]["analyzed"] / out["seconds_per_step"]["bare"]
     out["relative_residual"] = analyzer.ledger.relative_residual()
     out["tracked_steps"] = analyzer.ledger.steps
@@ -216,11 +229,12 @@ def _diffusion_benchmark(device: torch.device, s: dict, deadline: float) -> dict
             out["rules"][rule] = "not run: the time budget"
             continue
         other = analyzer_for(rule)
-        started = time.perf_counter()
-        make_trainer([other]).train(steps)
+        trainer = make_trainer([other])
+        # as for the midpoint rule: the first step (it binds the analyzer) apart, then the median of steady steps
+        rule_times = [_timed(device, lambda: trainer.train(1)) for _ in range(steps)]  # noqa: B023 - called at once
         out["rules"][rule] = {"tracked_steps": other.ledger.steps, "relative_residual": other.ledger.relative_residual(),
-                              "seconds_per_step": (time.perf_counter() - started) / steps}
-        del other
+                              "first_step_seconds": rule_times[0], "seconds_per_step": statistics.median(rule_times[1:])}
+        del other, trainer
     # One more analyzed step with its phases timed and, on CUDA, each phase's peak of allocated bytes
     # beside the estimate's parts (the estimate adds them all; the peak comes from one phase).
     if time.perf_counter() + 2 * per_step < deadline:
@@ -341,6 +355,7 @@ def gan_benchmark(device: torch.device, s: dict) -> dict:
     except (TypeError, AttributeError) as error:  # the observe API of the GAN analyzer
         return {"ran": False, "why": f"the GAN analyzer cannot observe this loop: {error}"}
     times = {"bare": [], "analyzed": []}
+    first = {}
     extra = {"bare": 0, "analyzed": 0}  # the most an iteration allocated above what was held before it
     _reset_peak(device)
     for step in range(s["gan_steps"] + 1):
@@ -353,11 +368,14 @@ def gan_benchmark(device: torch.device, s: dict) -> dict:
             _sync(device)
             if label == "control":
                 continue
-            if step:  # the first iteration builds the trackers
+            if step:  # the first iteration builds the trackers: kept apart from the steady numbers
                 times[label].append(time.perf_counter() - start)
+            else:
+                first[label] = time.perf_counter() - start
             if device.type == "cuda":
                 extra[label] = max(extra[label], _peak(device) - held)
-    out["seconds_per_iteration"] = {k: sorted(v)[len(v) // 2] for k, v in times.items()}
+    out["first_iteration_seconds"] = first
+    out["seconds_per_iteration"] = {k: statistics.median(v) for k, v in times.items()}
     out["ratio"] = out["seconds_per_iteration"]["analyzed"] / out["seconds_per_iteration"]["bare"]
     out["iteration_peak_extra_bytes"] = extra if device.type == "cuda" else None
     out["generator_relative_residual"] = analyzer.generator_ledger().relative_residual()

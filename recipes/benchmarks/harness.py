@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -144,8 +145,12 @@ def interleaved(methods: dict[str, Callable[[], object]], repeats: int,
     the 1-minute load average after it.
 
     Returns ``{method: {"first_call_s", "first_call_load", "steady_s" (list), "steady_load" (list),
-    "steady_min_s", "steady_median_s", "load_mean"}}``.
+    "steady_min_s", "steady_median_s", "load_mean"}}``: the steady numbers come from the rounds
+    only (the first call is never one of them); the median of an even count is the mean of the
+    middle two.
     """
+    if repeats < 1:
+        raise ValueError(f"repeats must be at least 1 (the steady state is timed in the rounds), got {repeats!r}")
     first = first or {}
     out: dict[str, dict] = {}
     for name, fn in methods.items():
@@ -164,12 +169,10 @@ def interleaved(methods: dict[str, Callable[[], object]], repeats: int,
             methods[name]()
             out[name]["steady_s"].append(time.perf_counter() - began)
             out[name]["steady_load"].append(load_average())
-    for entry in out.values():
-        times = sorted(entry["steady_s"]) or [entry["first_call_s"]]
-        loads = entry["steady_load"] or [entry["first_call_load"]]
-        entry["steady_min_s"] = times[0]
-        entry["steady_median_s"] = times[len(times) // 2]
-        entry["load_mean"] = sum(loads) / len(loads)
+    for entry in out.values():  # every method takes part in one round at least
+        entry["steady_min_s"] = min(entry["steady_s"])
+        entry["steady_median_s"] = statistics.median(entry["steady_s"])
+        entry["load_mean"] = statistics.fmean(entry["steady_load"])
     return out
 
 
