@@ -328,6 +328,8 @@ def factored_gradient_kernel(
            J_fb J_fbᵀ.
         4. Symmetric case: only blocks on and above the diagonal are computed, then mirrored.
     """
+    if reduce not in ("trace", "none"):  # any other value silently gave the "none" blocks
+        raise ValueError(f"reduce must be 'trace' or 'none', got {reduce!r}")
     excluded: set[str] = set()
     xs1 = as_tuple(x1, name="x1")
     xs2 = None if x2 is None else as_tuple(x2, name="x2")
@@ -410,7 +412,11 @@ def _held_kernel(model, plan, xs1, xs2, m_total, n_total, reduce, memory_budget,
         del factors, fb
     if xs2 is None or not diagonals:
         return kernel, diag1, diag1
-    diag2 = sum(f.self_kernel(reduce) for f in held if not f.is_unused)
+    # From zeros: with every held block unused and no fallback, sum() of nothing was the int 0
+    diag2 = torch.zeros((n_total, *diag_shape), dtype=first.dtype, device=first.device)
+    for f in held:
+        if not f.is_unused:
+            diag2 += f.self_kernel(reduce)
     if held_fb is not None:
         diag2 = diag2 + jacobian_self_kernel(held_fb, reduce)
     return kernel, diag1, diag2

@@ -361,6 +361,9 @@ def _uncovered_blocks(model: nn.Module, plan: Plan, sample: tuple[torch.Tensor, 
     for n in range(batch):
         with torch.enable_grad(), _any_attention():
             raw = output_tensor(model(*(t[n : n + 1] for t in sample)))
+            if not raw.requires_grad:  # an output that no parameter reaches: every gradient is zero
+                reference.append({})
+                continue
             reference.append(dict(zip(map(id, params), torch.autograd.grad((raw * E[n : n + 1]).sum(), params,
                                                                            allow_unused=True))))
     sums = {block.name: [0.0, 0.0, 0.0] for block in plan.blocks}  # gap², reference², factors²
@@ -370,7 +373,7 @@ def _uncovered_blocks(model: nn.Module, plan: Plan, sample: tuple[torch.Tensor, 
             for name, rows in f.gradients().items():
                 for row, example in enumerate(order):
                     got = rows[0, row].to(torch.float64)
-                    want = reference[example][id(f.block.parameter(name))]
+                    want = reference[example].get(id(f.block.parameter(name)))
                     want = torch.zeros_like(got) if want is None else want.to(torch.float64)
                     acc[0] += float((got - want).norm()) ** 2
                     acc[1] += float(want.norm()) ** 2

@@ -54,7 +54,7 @@ def per_example(fn: Callable, in_dims: tuple) -> Callable:
         try:
             out = batched(*args)
         except RuntimeError as error:
-            clear = checkpointing_error(error)  # one example at a time would fail the same way
+            clear = checkpointing_error(error) or _untransformable_error(error)  # one example at a time fails too
             if clear is not None:
                 raise clear from error
             why = f"torch.func.vmap cannot batch this model over examples ({str(error).splitlines()[0][:200]})"
@@ -69,6 +69,22 @@ def per_example(fn: Callable, in_dims: tuple) -> Callable:
         return pytree.tree_map(lambda *xs: torch.stack(xs), *outs)
 
     return run
+
+
+def _untransformable_error(error: BaseException) -> ValueError | None:
+    """The clear error for a forward that calls a ``torch.autograd.Function`` without
+    ``setup_context`` (``torch.utils.checkpoint(..., use_reentrant=True)`` is one), which no
+    torch.func transform can run, batched or one example at a time; None for any other error.
+    (Unchecked, the one-example-at-a-time fallback ran, warned that vmap could not batch the
+    model, and then raised torch's own message, which names neither checkpointing nor a remedy.)"""
+    if "setup_context" not in str(error):
+        return None
+    return ValueError(
+        "the model's forward calls a torch.autograd.Function without a setup_context staticmethod, which "
+        "torch.func (per-example gradients, Jacobians) cannot differentiate; torch.utils.checkpoint with "
+        "use_reentrant=True is one: call it with use_reentrant=False, or skip the checkpoint when the module's "
+        f"gradient_checkpointing attribute is False (torch: {str(error).splitlines()[0][:200]})"
+    )
 
 
 def _agrees(batched: Any, alone: Any) -> bool:
