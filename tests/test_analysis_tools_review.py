@@ -251,3 +251,24 @@ def test_adaptive_preconditioner_names_a_scheduler_passed_for_the_optimizer():
     opt = torch.optim.Adam(model.parameters())
     with pytest.raises(TypeError, match="not its learning-rate scheduler"):
         adaptive_preconditioner(model, torch.optim.lr_scheduler.StepLR(opt, step_size=1))
+
+
+def test_loss_sharpness_leaves_a_shared_module_its_parameters():
+    """Fails on the old code: torch.func.functional_call (torch 2.14) left a module registered under two
+    names (self.b = self.a) holding a plain tensor in place of its Parameter, so later optimizer steps on
+    the Parameter no longer reached the forward. λ_max itself was right (2.0763172 both ways)."""
+    class Shared(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.h = nn.Linear(4, 4), nn.Linear(4, 2)
+            self.b = self.a
+
+        def forward(self, x):
+            return self.h(torch.tanh(self.b(torch.tanh(self.a(x)))))
+
+    torch.manual_seed(0)
+    model = Shared().double()
+    weight = model.a.weight
+    x, y = torch.randn(8, 4, dtype=torch.float64), torch.randn(8, 2, dtype=torch.float64)
+    loss_sharpness(model, lambda out, t: ((out - t) ** 2).mean(1), x, y)
+    assert model.a.weight is weight and model.b.weight is weight

@@ -19,8 +19,9 @@ from typing import Callable
 import numpy as np
 import torch
 from torch import nn
-from torch.func import functional_call, grad, jvp
+from torch.func import grad, jvp
 
+from ..core.adapter import call_with
 from ..core.engine.kernels import REPEAT_RTOL, in_full_precision
 
 
@@ -67,7 +68,9 @@ def loss_sharpness(model: nn.Module, loss_fn: Callable[[torch.Tensor, torch.Tens
     batch = x.shape[0] if isinstance(x, torch.Tensor) and x.dim() > 0 else None
 
     def mean_loss(p: dict[str, torch.Tensor]) -> torch.Tensor:
-        losses = loss_fn(functional_call(model, p, (x,)), y)
+        # call_with, not torch.func.functional_call: functional_call (torch 2.14) leaves a module registered
+        # under two names holding a plain tensor in place of its parameter
+        losses = loss_fn(call_with(model, p, (x,)), y)
         # As the trainer's step: a [B, d] loss (reduction='none' over d outputs) averaged over B·d
         # would scale the Hessian by 1/d, silently (a halved λ_max for two outputs).
         if not isinstance(losses, torch.Tensor) or losses.dim() != 1 or (batch is not None and len(losses) != batch):
