@@ -52,8 +52,8 @@ def test_gpu_check_keeps_the_analyzers_first_step_out_of_every_steady_time(monke
     out = gpu_check.diffusion_benchmark(torch.device("cpu"), s, time.perf_counter() + 600)
     assert out["seconds_per_step"]["analyzed"] < 1.2
     for rule in ("simpson", "gauss6"):
-        assert out["rules"][rule]["tracked_steps"] == 2
-        assert out["rules"][rule]["seconds_per_step"] < 1.2  # the second step alone
+        assert out["rules"][rule]["tracked_steps"] == 3
+        assert out["rules"][rule]["seconds_per_step"] < 1.2  # the median of the steps after the first
         assert out["rules"][rule]["first_step_seconds"] >= 2.5
     assert out["first_step_seconds"]["analyzed"] >= 2.5 > out["first_step_seconds"]["bare"]
 

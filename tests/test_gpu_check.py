@@ -11,11 +11,11 @@ def test_the_gpu_check_runs_in_its_tiny_cpu_mode(tmp_path):
     written = json.loads((tmp_path / "gpu_check.json").read_text())
     assert written["tiny"] and written["device"] == "cpu"
     diffusion = written["diffusion"]
-    assert diffusion["tracked_steps"] == 2 and diffusion["ratio"] > 1  # one warm-up and one timed step
+    assert diffusion["tracked_steps"] == 3 and diffusion["ratio"] > 1  # one warm-up and two timed steps
     assert diffusion["estimate"]["total_bytes"] > 0
     assert diffusion["training_unchanged"] and diffusion["bare_runs_identical"]
     for rule in ("simpson", "gauss6"):  # the same steps under more nodes
-        assert diffusion["rules"][rule]["tracked_steps"] == 2 and diffusion["rules"][rule]["relative_residual"] < 0.1
+        assert diffusion["rules"][rule]["tracked_steps"] == 3 and diffusion["rules"][rule]["relative_residual"] < 0.1
     phases = {row["phase"]: row for row in diffusion["phases"]}  # one more step, timed phase by phase
     assert {"training forward + backward", "split: group updates and state", "probe forwards"} <= set(phases)
     assert all(row["seconds"] >= 0 and "peak_allocated_bytes" not in row for row in phases.values())  # CUDA only
