@@ -5,7 +5,6 @@ import copy
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from genkernel.core.engine.factored import factored_gradient_kernel
@@ -205,21 +204,24 @@ def test_reentrant_checkpoint_is_refused_with_the_setting_that_works(engine):
         gradient_kernel(model, torch.randn(4, 3, dtype=F64), engine=engine)
 
 
+class _Branch(nn.Module):
+    """Inputs of 4 features go through a Linear; other inputs take a branch no parameter reaches."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.a(x) if x.shape[1] == 4 else x[:, :2] * 1.0
+
+
 def test_held_side_without_any_gradient_gives_zero_diagonals():
     """Fails on the old code: when the held side (x2) reaches no block and there is no fallback
     (here x2 takes a branch without parameters; it requires grad, so its output has a graph),
     diag2 was the int 0, not an [N] tensor, and gradient_kernel(normalize=True) raised
     AttributeError ("'int' object has no attribute 'clamp_min'"); the functional engine gives 0."""
 
-    class Branch(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.a = nn.Linear(4, 2)
-
-        def forward(self, x):
-            return self.a(x) if x.shape[1] == 4 else x[:, :2] * 1.0
-
-    model = Branch().double()
+    model = _Branch().double()
     x1, x2 = torch.randn(3, 4, dtype=F64), torch.randn(2, 8, dtype=F64, requires_grad=True)
     for reduce, shape in (("trace", (2,)), ("none", (2, 2))):
         kernel, diag1, diag2 = factored_gradient_kernel(model, x1, x2, reduce=reduce)
@@ -234,15 +236,7 @@ def test_held_side_whose_outputs_have_no_graph_gives_the_functional_engines_zero
     with no graph, and the factored engine's covering check called autograd.grad on them ("element 0
     of tensors does not require grad"); the functional engine gives a zero kernel."""
 
-    class Branch(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.a = nn.Linear(4, 2)
-
-        def forward(self, x):
-            return self.a(x) if x.shape[1] == 4 else x[:, :2] * 1.0
-
-    model = Branch().double()
+    model = _Branch().double()
     x1, x2 = torch.randn(3, 4, dtype=F64), torch.randn(2, 8, dtype=F64)
     want = gradient_kernel(model, x1, x2, engine="functional")
     got = gradient_kernel(model, x1, x2, engine="factored")

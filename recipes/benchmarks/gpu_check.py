@@ -36,6 +36,7 @@ packages it may lack as wheels and run the script with that python, not ``make``
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -202,7 +203,7 @@ def _diffusion_benchmark(device: torch.device, s: dict, deadline: float) -> dict
             break
         for label, trainer in (("bare", bare), ("analyzed", tracked)):
             _reset_peak(device)
-            times[label].append(_timed(device, lambda: trainer.train(1)))  # noqa: B023 - called at once
+            times[label].append(_timed(device, functools.partial(trainer.train, 1)))
             if label == "analyzed" and device.type == "cuda":
                 steady_peak = max(steady_peak or 0, _peak(device) - before)
     out["analyzed_steady_peak_bytes"] = steady_peak  # the first step's (above) carries the analyzer's binding
@@ -232,7 +233,7 @@ def _diffusion_benchmark(device: torch.device, s: dict, deadline: float) -> dict
         other = analyzer_for(rule)
         trainer = make_trainer([other])
         # as for the midpoint rule: the first step (it binds the analyzer) apart, then the median of steady steps
-        rule_times = [_timed(device, lambda: trainer.train(1)) for _ in range(steps)]  # noqa: B023 - called at once
+        rule_times = [_timed(device, functools.partial(trainer.train, 1)) for _ in range(steps)]
         out["rules"][rule] = {"tracked_steps": other.ledger.steps, "relative_residual": other.ledger.relative_residual(),
                               "first_step_seconds": rule_times[0], "seconds_per_step": statistics.median(rule_times[1:])}
         del other, trainer
