@@ -446,6 +446,21 @@ def positive_int(value: Any, name: str) -> int:
 
 
 @contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """``model`` in eval mode inside (dropout off, BatchNorm on its running statistics: the function
+    sampled from, as the ledger's probes see it), every module's own mode restored afterwards
+    (``model.train(was)`` would switch a submodule kept in eval mode, a frozen encoder or a dropout
+    switched off, to training). Used by :func:`analysis_mode`, sampling and the diffusion kernels."""
+    modes = [(module, module.training) for module in model.modules()]
+    try:
+        model.eval()
+        yield model
+    finally:
+        for module, training in modes:
+            module.training = training
+
+
+@contextlib.contextmanager
 def analysis_mode(model: nn.Module) -> Iterator[None]:
     """Context for analysis passes that must not disturb training.
 
@@ -457,18 +472,14 @@ def analysis_mode(model: nn.Module) -> Iterator[None]:
     is off inside: it recomputes the same values, and torch.func cannot run it (diffusers checks
     the flag in eval mode too). Analysis passes then hold their activations like any forward.
     """
-    modes = [(m, m.training) for m in model.modules()]
     checkpointed = [m for m in model.modules() if getattr(m, "gradient_checkpointing", None) is True]
     devices = sorted({p.device.index for p in model.parameters() if p.device.type == "cuda"})  # each device's RNG once
     try:
-        model.eval()
         for module in checkpointed:
             module.gradient_checkpointing = False
-        with torch.random.fork_rng(devices=devices), forward_ad_attention():
+        with eval_mode(model), torch.random.fork_rng(devices=devices), forward_ad_attention():
             yield
     finally:
-        for module, training in modes:
-            module.training = training
         for module in checkpointed:
             module.gradient_checkpointing = True
 

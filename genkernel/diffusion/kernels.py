@@ -14,35 +14,17 @@ sketch seeds is the sketching error (reported separately from the ledger's resid
 
 from __future__ import annotations
 
-import contextlib
-from typing import Iterator
-
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..core.adapter import analysis_mode, as_tuple, checked_forward, output_tensor, seeded_generator, trainable_parameters
+from ..core.adapter import (  # eval_mode: re-exported, it was defined here
+    analysis_mode, as_tuple, checked_forward, eval_mode, output_tensor, seeded_generator, trainable_parameters,
+)
 from ..core.engine.kernels import gradient_kernel, normalize_kernel
 from .objectives import check_timesteps, noisy_input
 
 __all__ = ["state_kernel", "make_states", "eval_mode"]
-
-
-@contextlib.contextmanager
-def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
-    """``model`` in eval mode inside, every module's own mode restored afterwards.
-
-    The kernel structure and the retrieval kernel describe the denoiser as it is sampled from: in
-    eval mode (dropout off, BatchNorm on its running statistics), like the ledger's probes. A
-    trainer leaves the model in training mode, where :func:`state_kernel` refuses dropout (fresh
-    masks make per-example gradients undefined)."""
-    modes = [(module, module.training) for module in model.modules()]
-    try:
-        model.eval()
-        yield model
-    finally:
-        for module, training in modes:
-            module.training = training
 
 
 def make_states(scheduler, clean: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -55,7 +55,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..core.adapter import as_tuple, positive_int, seeded_generator
+from ..core.adapter import as_tuple, eval_mode, positive_int, seeded_generator
 from ..core.errors import NonFiniteError
 from ..core.tracking.callbacks import CallbackStates, TrainerCallback, fire, perform_step
 from ..core.tracking.io import (
@@ -907,11 +907,7 @@ def reverse_sample(
     x = torch.randn(tuple(shape), generator=generator, dtype=torch.float64).to(param) * getattr(sampler, "init_noise_sigma", 1.0)
     scale_input = getattr(sampler, "scale_model_input", lambda sample, timestep: sample)
     kept: dict[float, torch.Tensor] = {}
-    # every module's own mode back afterwards: model.train(was_training) switched a submodule kept in eval mode
-    # (a frozen encoder, dropout switched off) to training mode
-    modes = [(module, module.training) for module in model.modules()]
-    model.eval()
-    try:
+    with eval_mode(model):  # every module's own mode back afterwards
         for index, (t, step) in enumerate(zip(sampler.timesteps, steps)):
             state = scale_input(x, t)
             if index in wanted:
@@ -930,7 +926,4 @@ def reverse_sample(
                     # mean, with no noise in IDDPM: u = −1, the posterior's variance (0, which diffusers floors at 1e-20)
                     out = torch.cat([mean, torch.full_like(mean, -1.0)], dim=1)
             x = sampler.step(out, t, x, **kwargs).prev_sample
-    finally:
-        for module, training in modes:
-            module.training = training
     return x, kept
