@@ -81,7 +81,7 @@ from ..core.adapter import (
 from ..core.errors import LedgerCheckError
 from ..core.tracking.callbacks import TrainerCallback
 from ..core.tracking.distributed import summed_over_ranks
-from ..core.tracking.io import atomic_save, jsonable, load_state
+from ..core.tracking.io import atomic_save, check_saved_settings, jsonable, load_state
 from ..core.tracking.ledger import PathKernelLedger
 from ..core.tracking.quadrature import quadrature_rule, residual_remedy
 from ..core.tracking.ema import EMA_LEDGERS
@@ -989,12 +989,7 @@ class NoiseLevelAnalyzer(TrainerCallback):
         for key, value in self._noise_process().items():
             if key in state["config"]:
                 mine[key] = value
-        differ = [key for key in mine if state["config"][key] != mine[key]]
-        if differ:
-            raise ValueError(
-                f"the saved analyzer had other {', '.join(differ)} than this one "
-                f"(saved {[state['config'][k] for k in differ]}, here {[mine[k] for k in differ]}); build it with the same settings"
-            )
+        check_saved_settings({key: state["config"][key] for key in mine}, mine, "analyzer")
         if self.tracker is None:
             self._pending_state = state
             self.stopped = bool(state.get("stopped", False))

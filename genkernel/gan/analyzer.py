@@ -110,7 +110,7 @@ from ..core.errors import NonFiniteError
 from ..core.tracking.callbacks import TrainerCallback, perform_step
 from ..core.tracking.distributed import summed_over_ranks
 from ..core.tracking.ema import EMA_LEDGERS
-from ..core.tracking.io import atomic_save, jsonable, load_state, to_device
+from ..core.tracking.io import atomic_save, check_saved_settings, jsonable, load_state, to_device
 from ..core.tracking.ledger import PathKernelLedger
 from ..core.tracking.quadrature import residual_remedy
 from ..core.tracking.step import OptimizerStep
@@ -360,8 +360,8 @@ class GANKernelAnalyzer(TrainerCallback):
         # Copies of every fixed input the caller passed (probes, their classes, reference latents, D's probes), as of
         # mode_centers: the trackers clone theirs when they are built (at the first step), so a caller reusing its
         # tensor in place would otherwise move the probes of the analysis away from the ledgers' probes.
-        self.probe_latents = self._checked_latents(probe_latents, "probe_latents", probe_classes,
-                                                   "probe_classes").detach().clone()
+        self.probe_latents = _copied(self._checked_latents(probe_latents, "probe_latents", probe_classes,
+                                                           "probe_classes"))
         self.probe_classes = None if probe_classes is None else probe_classes.detach().long().to(
             probe_latents.device).clone()
         self.coverage_latents = torch.randn(
@@ -1807,12 +1807,7 @@ class GANKernelAnalyzer(TrainerCallback):
         saved = {"comparison": None, "num_classes": None, "state_dtype": "float64", "track_steps": None,
                  "window": self.window, "mode_centers": mine["mode_centers"],
                  "discriminator_groups": self.discriminator_groups, **state["config"]}
-        differ = [key for key in mine if saved.get(key) != mine[key]] + [key for key in saved if key not in mine]
-        if differ:
-            raise ValueError(
-                f"the saved analyzer had other {', '.join(differ)} than this one: saved "
-                f"{ {k: saved.get(k) for k in differ} }, here { {k: mine.get(k) for k in differ} }; build it with the same "
-                "settings")
+        check_saved_settings(saved, mine, "analyzer")
         if self._bound:
             _check_start_step(self._start_step, list(state["g_loop_steps"]), list(state["d_loop_steps"]))
         try:

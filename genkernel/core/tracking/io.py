@@ -193,6 +193,19 @@ def data_fingerprint(data: torch.Tensor, labels: torch.Tensor | None = None, row
     return digest.hexdigest()[:16]
 
 
+def check_saved_settings(saved: Mapping[str, Any], here: Mapping[str, Any], what: str) -> None:
+    """Raise a ValueError naming every setting in which a saved analyzer's state (``saved``) and this
+    one (``here``) differ, keys of either side (one the other lacks reads as None), with both values:
+    the saved numbers were made under the saved settings and would be extended under others."""
+    differ = [key for key in here if saved.get(key) != here[key]] + [key for key in saved if key not in here]
+    if differ:
+        raise ValueError(
+            f"the saved {what} had other {', '.join(differ)} than this one: saved "
+            f"{ {k: saved.get(k) for k in differ} }, here { {k: here.get(k) for k in differ} }; build it with the "
+            "same settings"
+        )
+
+
 def check_module_state(module: torch.nn.Module, saved: Mapping[str, torch.Tensor], what: str) -> None:
     """Raise a ValueError unless ``saved`` (a ``state_dict``) has exactly ``module``'s entries with
     their shapes and dtypes, before anything is loaded (``load_state_dict`` would cast another
