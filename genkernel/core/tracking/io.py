@@ -189,7 +189,7 @@ def data_fingerprint(data: torch.Tensor, labels: torch.Tensor | None = None, row
         if tensor is not None:
             part = tensor[picks.to(tensor.device)].detach().cpu().contiguous()
             digest.update(str((part.dtype, tuple(tensor.shape))).encode())
-            digest.update(part.view(torch.uint8).numpy().tobytes() if part.dim() else part.numpy().tobytes())
+            digest.update(part.view(torch.uint8).numpy().tobytes())  # (rows of a tensor: at least one dimension)
     return digest.hexdigest()[:16]
 
 
