@@ -16,7 +16,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 from matplotlib.figure import Figure
 
-from ..plotting.arrays import colour_limit
+from ..plotting.arrays import colour_limit, float_array as _array  # (None, as JSON writes NaN, reads NaN)
 
 __all__ = [
     "alignment_figure", "coupling_figure", "gan_windows_figure", "group_shares_figure", "kernel_figure",
@@ -29,11 +29,6 @@ def png(figure: Figure, *, dpi: int = 110) -> bytes:
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=dpi)
     return buffer.getvalue()
-
-
-def _array(values: Any) -> np.ndarray:
-    return np.array([[np.nan if v is None else v for v in row] for row in values], dtype=float) \
-        if values and isinstance(values[0], (list, tuple)) else np.array([np.nan if v is None else v for v in values], dtype=float)
 
 
 def _heatmap(fig: Figure, ax: Any, matrix: Any, title: str, *, diverging: bool, limit: float | None = None,
