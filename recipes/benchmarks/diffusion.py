@@ -16,7 +16,6 @@ Writes OUT/benchmark_diffusion.png and OUT/benchmark_diffusion.json.
 from __future__ import annotations
 
 import statistics
-import time
 
 import torch
 
@@ -24,7 +23,7 @@ from genkernel.data import gaussian_ring, load_image_dataset
 from genkernel.diffusion import DDPMTrainer, MLPDenoiser, NoiseLevelAnalyzer, make_scheduler, tiny_unet
 
 from ..common import Timer, claim, finish, make_parser, parse, pick
-from .harness import load_average, print_ratios
+from .harness import load_average, print_ratios, synced_seconds
 
 NAME = "benchmark_diffusion"
 
@@ -44,14 +43,7 @@ CONFIGURATIONS = (("bare", None), ("no_control", 0), ("one_control", 1), ("five_
 def _timed_step(trainer) -> float:
     """Seconds of one ``trainer.train(1)``; on CUDA the device is synchronized before the clock
     starts and before it is read (kernels still queued would otherwise land in another's time)."""
-    device = next(trainer.model.parameters()).device
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    start = time.perf_counter()
-    trainer.train(1)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter() - start
+    return synced_seconds(next(trainer.model.parameters()).device, lambda: trainer.train(1))
 
 
 def measure(make_model, data, probe_data, *, batch, steps, warmup, num_bins, num_probes, kernel_sketch, seed):

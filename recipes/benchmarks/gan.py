@@ -22,7 +22,6 @@ timings depend on the machine and its load.
 from __future__ import annotations
 
 import statistics
-import time
 from pathlib import Path
 
 import torch
@@ -31,7 +30,7 @@ from genkernel.data import gaussian_ring, ring_mode_centers
 from genkernel.gan import GANKernelAnalyzer, GANTrainer, MLPDiscriminator, MLPGenerator
 
 from ..common import Timer, make_parser, parse, pick
-from .harness import load_average, print_ratios, write_outputs
+from .harness import load_average, print_ratios, synced_seconds, write_outputs
 
 NAME = "benchmark_gan"
 DTYPE = torch.float64
@@ -60,12 +59,7 @@ def timed_generator_step(trainer: GANTrainer, device) -> float:
     """One discriminator step (untimed), then the seconds of one generator step; on CUDA the device
     is synchronized before the clock starts and before it is read."""
     trainer.discriminator_step()
-    sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda device: None)
-    sync(device)
-    start = time.perf_counter()
-    trainer.generator_step()
-    sync(device)
-    return time.perf_counter() - start
+    return synced_seconds(device, trainer.generator_step)
 
 
 def time_generator_steps(configs: dict[str, dict | None], *, steps: int, warmup: int, seed: int, device) -> dict:

@@ -49,6 +49,8 @@ from pathlib import Path
 
 import torch
 
+from .harness import synced_seconds
+
 
 def _settings(tiny: bool) -> dict:
     if tiny:
@@ -85,15 +87,6 @@ def exact_mode(device: torch.device) -> dict:
     if device.type == "cuda":
         return set_exact_cuda_mode("warn")
     return {**exact_cuda_settings(), "set_exact_cuda_mode": False}
-
-
-def _timed(device: torch.device, call) -> float:
-    """Seconds of ``call()``, the device synchronized before the clock starts and before it is read."""
-    _sync(device)
-    start = time.perf_counter()
-    call()
-    _sync(device)
-    return time.perf_counter() - start
 
 
 def _allocated(device: torch.device) -> int:
@@ -184,14 +177,14 @@ def _diffusion_benchmark(device: torch.device, s: dict, deadline: float) -> dict
 
     bare = make_trainer()
     _reset_peak(device)
-    first = {"bare": _timed(device, lambda: bare.train(1))}  # first calls: never part of the steady numbers
+    first = {"bare": synced_seconds(device, lambda: bare.train(1))}  # first calls: never part of the steady numbers
     out["bare_peak_bytes"] = None if device.type != "cuda" else _peak(device) - before
     before = _allocated(device)
     analyzer = analyzer_for("midpoint")
     out["memory_budget"] = analyzer.memory_budget
     tracked = make_trainer([analyzer])
     _reset_peak(device)
-    first["analyzed"] = _timed(device, lambda: tracked.train(1))  # binds the analyzer: one-time work
+    first["analyzed"] = synced_seconds(device, lambda: tracked.train(1))  # binds the analyzer: one-time work
     out["first_step_seconds"] = first
     out["analyzed_peak_bytes"] = None if device.type != "cuda" else _peak(device) - before
     out["estimate"] = analyzer.tracker.cost.as_dict()
@@ -203,7 +196,7 @@ def _diffusion_benchmark(device: torch.device, s: dict, deadline: float) -> dict
             break
         for label, trainer in (("bare", bare), ("analyzed", tracked)):
             _reset_peak(device)
-            times[label].append(_timed(device, functools.partial(trainer.train, 1)))
+            times[label].append(synced_seconds(device, functools.partial(trainer.train, 1)))
             if label == "analyzed" and device.type == "cuda":
                 steady_peak = max(steady_peak or 0, _peak(device) - before)
     out["analyzed_steady_peak_bytes"] = steady_peak  # the first step's (above) carries the analyzer's binding
@@ -233,7 +226,7 @@ def _diffusion_benchmark(device: torch.device, s: dict, deadline: float) -> dict
         other = analyzer_for(rule)
         trainer = make_trainer([other])
         # as for the midpoint rule: the first step (it binds the analyzer) apart, then the median of steady steps
-        rule_times = [_timed(device, functools.partial(trainer.train, 1)) for _ in range(steps)]
+        rule_times = [synced_seconds(device, functools.partial(trainer.train, 1)) for _ in range(steps)]
         out["rules"][rule] = {"tracked_steps": other.ledger.steps, "relative_residual": other.ledger.relative_residual(),
                               "first_step_seconds": rule_times[0], "seconds_per_step": statistics.median(rule_times[1:])}
         del other, trainer

@@ -126,6 +126,19 @@ def allocator_settings() -> dict[str, str]:
     return {name: os.environ[name] for name in ALLOCATOR_VARIABLES if name in os.environ}
 
 
+def synced_seconds(device: torch.device | str, call: Callable[[], object]) -> float:
+    """Seconds of ``call()``; on CUDA the device is synchronized before the clock starts and before it
+    is read (kernels still queued would otherwise land in another method's time)."""
+    cuda = torch.device(device).type == "cuda"
+    if cuda:
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    call()
+    if cuda:
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - start
+
+
 def load_average() -> float:
     """The machine's 1-minute load average now (``os.getloadavg``): what else was running while
     a time was taken; on 2 cores a load above 2 means the cores were shared."""
