@@ -11,23 +11,16 @@ from torch import nn
 from genkernel.core import gradient_kernel
 from genkernel.core.engine.factors import analysis, covering_plan
 from genkernel.core.engine.per_example import batch_totals, capture_batch, factored_contributions
+from test_engine_factored_review import brute_jacobians as brute_jacobians_of_inputs
 
 F64 = torch.float64
 
 
 def brute_jacobians(model, x):
-    """[M, d, P]: one torch.autograd.grad per example and output (eval mode, trainable parameters)."""
+    """[M, d, P]: one torch.autograd.grad per example and output (eval mode, trainable parameters);
+    the model is left in eval mode, as the tests here use it next."""
     model.eval()
-    params = [p for p in model.parameters() if p.requires_grad]
-    rows = []
-    for n in range(x.shape[0]):
-        out = model(x[n : n + 1]).reshape(-1)
-        rows.append(torch.stack([
-            torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1)
-                       for g, p in zip(torch.autograd.grad(out[i], params, retain_graph=True, allow_unused=True), params)])
-            for i in range(out.shape[0])
-        ]))
-    return torch.stack(rows)
+    return brute_jacobians_of_inputs(model, (x,))
 
 
 class GatedAttention(nn.Module):
