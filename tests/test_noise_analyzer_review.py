@@ -362,3 +362,64 @@ def test_the_report_names_the_loss_weighting_its_steps_minimized():
     plain = _analyzer()
     _trainer(1, [plain], ema=False).train(2)
     assert plain.report()["config"]["step_losses"] == {"mse": 2}
+
+
+def test_a_refused_observation_draws_no_control_permutation():
+    """Fails on the old code: observe() drew the control permutations before the tracker refused the
+    micro-batch (here: weights of the wrong length), so a loop that caught the error and observed again
+    booked other control labels than the uninterrupted run (control ledgers differ)."""
+    def run(refuse_once):
+        analyzer = _analyzer(controls=2)
+        model, optimizer = _sgd_model()
+        analyzer.bind(model, optimizer)
+        scheduler, data = make_scheduler(T), _data()
+        for i in range(3):
+            g = torch.Generator().manual_seed(100 + i)
+            x = data[torch.randperm(24, generator=g)[:6]]
+            noise, t = torch.randn(x.shape, generator=g, dtype=F64), torch.randint(0, T, (6,), generator=g)
+            losses = ((model(scheduler.add_noise(x, noise, t), t) - noise) ** 2).mean(dim=1)
+            if refuse_once and i == 1:
+                with pytest.raises(ValueError):
+                    analyzer.observe(losses, t, weights=torch.full((5,), 1 / 5, dtype=F64))
+            analyzer.observe(losses, t)
+            losses.mean().backward()
+            optimizer.step()
+            optimizer.zero_grad()
+        return analyzer
+
+    straight, retried = run(False), run(True)
+    assert len(straight.ledgers) == 3
+    for name in straight.ledgers:
+        for attr in ("contributions", "traffic", "rest", "residual"):
+            assert torch.equal(getattr(retried.ledgers[name], attr), getattr(straight.ledgers[name], attr)), (name, attr)
+
+
+def test_the_sigma_count_is_saved_with_the_analyzer():
+    """Fails on the old code: the flow-matching refusal of sigmas passed as timesteps counts examples in a
+    row across micro-batches, but the count was not saved: 3 before a resume and 1 after were accepted."""
+    from genkernel.diffusion import make_flow_scheduler
+    from test_flow_matching import flow_mlp, ring
+
+    def analyzer_and_loop(weights=None, start_step=0):
+        model = flow_mlp()
+        if weights is not None:
+            model.load_state_dict(weights)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        analyzer = NoiseLevelAnalyzer(make_flow_scheduler(1000), ring(8), num_bins=4, num_probes=4, controls=0,
+                                      kernel_points=2, progress=False)
+        analyzer.bind(model, optimizer, start_step=start_step)
+        return analyzer, model, optimizer
+
+    analyzer, model, optimizer = analyzer_and_loop()
+    sigmas = torch.rand(4, generator=torch.Generator().manual_seed(0), dtype=F64)
+    losses = (model(ring(3), sigmas[:3]) ** 2).mean(dim=1)
+    analyzer.observe(losses, sigmas[:3])
+    losses.mean().backward()
+    optimizer.step()
+    state = analyzer.state_dict()
+    assert state["sigma_like"] == 3
+    resumed, model, optimizer = analyzer_and_loop(model.state_dict(), start_step=1)
+    resumed.load_state_dict(state)
+    losses = (model(ring(1), sigmas[3:]) ** 2).mean(dim=1)
+    with pytest.raises(ValueError, match="look like sigmas"):
+        resumed.observe(losses, sigmas[3:])

@@ -517,6 +517,17 @@ class NoiseLevelAnalyzer(TrainerCallback):
             raise RuntimeError("call analyzer.bind(model, optimizer) before analyzer.observe(...)")
         if self.stopped:
             raise RuntimeError("the analyzer was stopped (its tracked window ended): do not observe later steps")
+        # A refused micro-batch draws nothing: the loop that catches the error and observes again (or the
+        # same loop resumed) gets the control permutations an uninterrupted run draws.
+        perm_state, sigma_like = self._perm_generator.get_state(), self._sigma_like
+        try:
+            self._observe(losses, timesteps, class_labels, weights)
+        except BaseException:
+            self._perm_generator.set_state(perm_state)
+            self._sigma_like = sigma_like
+            raise
+
+    def _observe(self, losses, timesteps, class_labels, weights) -> None:
         groups, bins = self._groups(timesteps, losses.shape[0] if isinstance(losses, torch.Tensor) else -1, class_labels)
         try:
             self.tracker.observe(losses, {k: v.to(losses.device) for k, v in groups.items()}, weights)
@@ -963,6 +974,8 @@ class NoiseLevelAnalyzer(TrainerCallback):
             "bin_counts": self.bin_counts, "global_steps": self.global_steps, "step_losses": dict(self.step_losses),
             "history": self.history, "kernel_history": self.kernel_history,
             "perm_generator": self._perm_generator.get_state(),
+            # the flow-matching sigma refusal's count of examples in a row at t <= 1, which may span a save
+            "sigma_like": self._sigma_like,
             # band: a reading setting (not checked on load), saved so that a summary of the state reads
             # locality at the analyzer's own half-width
             "config": {"num_bins": self.num_bins, "controls": self.controls, "probe_timesteps": self.probe_timesteps.tolist(),
@@ -1022,6 +1035,7 @@ class NoiseLevelAnalyzer(TrainerCallback):
         self.step_losses = dict(state.get("step_losses", unknown))
         self.history, self.kernel_history = list(state["history"]), list(state["kernel_history"])
         self._perm_generator.set_state(state["perm_generator"])
+        self._sigma_like = int(state.get("sigma_like", 0))  # (states of earlier versions did not save it)
         self._steps_at_bind = self.tracker.ledger.steps  # bind's start_step counts the loop's steps up to here
 
     def save(self, path: str | os.PathLike) -> None:
