@@ -121,6 +121,15 @@ def test_memory_budget_takes_numpy_floats_like_floats():
         check_memory_budget(np.float32("nan"))
 
 
+@pytest.mark.parametrize("budget", [1.5, 8.0, np.float32(0.75 * 2**10)])
+def test_a_float_budget_of_a_few_bytes_is_refused_as_another_unit(budget):
+    """Fails on the old code: memory_budget=1.5 (meant as GiB) ran on a budget of 1 byte. Ints that small
+    are still budgets in bytes (tests force the smallest chunks with them)."""
+    with pytest.raises(ValueError, match=r"budgets are in bytes.*\* 2\*\*30"):
+        check_memory_budget(budget)
+    assert check_memory_budget(1) == 1 and check_memory_budget(np.int64(3)) == 3 and check_memory_budget(2.0**10) == 2**10
+
+
 def test_analysis_mode_restores_mixed_modes_rng_and_statistics_on_error():
     """coverage: nested modules in mixed modes get their own mode back, also when the block raises;
     BatchNorm's running statistics, its batch counter and the global CPU RNG are as they were."""

@@ -189,6 +189,11 @@ def check_memory_budget(value: Any, *, name: str = "memory_budget") -> int:
     number = float(value)
     if not (number >= 1 and number != float("inf")):
         raise ValueError(f"{name} must be a positive, finite number of bytes (e.g. 256 * 2**20), got {value!r}")
+    if not isinstance(value, numbers.Integral) and not hasattr(value, "__index__") and number < 2**10:
+        # A float of a few bytes is a size in other units (1.5 meaning 1.5 GiB ran on a 1-byte budget);
+        # an int that small stays a budget in bytes (it forces the smallest chunks).
+        raise ValueError(f"{name}={value!r} would be {int(number)} byte(s): budgets are in bytes, e.g. "
+                         f"{name}={value!r} * 2**30 for {value!r} GiB")
     return int(number)
 
 
