@@ -248,6 +248,18 @@ def test_browser_that_fails_to_start_says_why_quickly(tmp_path):
     assert time.monotonic() - start < 2.5
 
 
+def test_a_chromium_variable_naming_no_executable_is_refused(tmp_path, monkeypatch):
+    """Fails on the old code: CHROMIUM=/missing fell back silently to whatever browser the PATH had (or
+    to none, "no Chromium found"), so the page was inspected by another browser than the one asked for."""
+    monkeypatch.setenv("CHROMIUM", str(tmp_path / "missing-chrome"))
+    with pytest.raises(BrowserError, match=r"CHROMIUM=.*missing-chrome.* is not an executable"):
+        find_chromium()
+    page = tmp_path / "page.html"
+    page.write_text("<html></html>")
+    with pytest.raises(BrowserError, match="is not an executable"):
+        inspect_page(page, timeout=3.0)
+
+
 @pytest.mark.skipif(find_chromium() is None, reason="no headless Chromium: apt-get install chromium")
 def test_browser_sees_an_embedded_figure(tmp_path):
     """coverage: a page with one embedded PNG of a figure loads with that image at its pixel size."""

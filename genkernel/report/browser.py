@@ -31,10 +31,17 @@ class BrowserError(RuntimeError):
 
 
 def find_chromium() -> str | None:
-    """The path of a Chromium/Chrome binary (``$CHROMIUM`` first), or None."""
+    """The path of a Chromium/Chrome binary (``$CHROMIUM`` first), or None.
+
+    Raises BrowserError when ``$CHROMIUM`` names no executable: the page would otherwise be inspected
+    by another browser found on the PATH (or none) while the caller asked for that one."""
     explicit = os.environ.get("CHROMIUM")
-    if explicit and shutil.which(explicit):
-        return shutil.which(explicit)
+    if explicit:
+        found = shutil.which(explicit)
+        if not found:
+            raise BrowserError(f"CHROMIUM={explicit!r} is not an executable: point it at a Chromium/Chrome binary, "
+                               "or unset it to search the PATH")
+        return found
     for name in CANDIDATES:
         found = shutil.which(name)
         if found:
