@@ -323,7 +323,7 @@ def test_stop_between_a_generator_step_and_its_ema_update_is_detected():
         _loop(G, D, g_opt, d_opt, analyzer, 2, ema=ema)
         _loop(G, D, g_opt, d_opt, analyzer, 3, first=2)  # the last step, its EMA update not made yet
         if before:
-            with pytest.warns(RuntimeWarning, match="EMA has not moved since its last tracked step"):
+            with pytest.warns(RuntimeWarning, match="EMA has not been updated since its last tracked step"):
                 analyzer.stop()
             ema.update_parameters(G)
         else:
@@ -333,6 +333,33 @@ def test_stop_between_a_generator_step_and_its_ema_update_is_detected():
                 analyzer.stop()
             e1 = _eval(ema.module, _probes())
             torch.testing.assert_close(analyzer.generator_ema_ledgers["geometry"].delta, e1 - e0, rtol=0, atol=1e-12)
+
+
+def test_stop_after_an_ema_update_that_skipped_does_not_warn():
+    """Fails on the old code: an ema-pytorch EMA with update_every=2 called after the last step, but
+    skipping it, had not moved, and stop() warned that its update was missing; the update count says the
+    call was made. Without the call it still warns."""
+    ema_pytorch = pytest.importorskip("ema_pytorch")
+    for call_update in (True, False):
+        G, D = _pair()
+        g_opt, d_opt = torch.optim.Adam(G.parameters(), 1e-2), torch.optim.Adam(D.parameters(), 1e-2)
+        ema = ema_pytorch.EMA(G, beta=0.9, update_after_step=0, update_every=2, allow_different_devices=True)
+        ema.update()  # initialises the average (ema-pytorch copies the weights at its first call)
+        analyzer = GANKernelAnalyzer(G, D, _probes(), grouping="direction", num_groups=2, controls=0, window=2,
+                                     eval_every=1)
+        analyzer.bind(g_opt, d_opt, ema=ema)
+        _loop(G, D, g_opt, d_opt, analyzer, 2, hook=lambda k: ema.update())
+        _loop(G, D, g_opt, d_opt, analyzer, 3, first=2)
+        before = {n: t.clone() for n, t in ema.ema_model.state_dict().items()}
+        if call_update:
+            ema.update()  # step counter 3: not divisible by 2, skipped
+            assert all(torch.equal(before[n], t) for n, t in ema.ema_model.state_dict().items())
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", RuntimeWarning)
+                analyzer.stop()
+        else:
+            with pytest.warns(RuntimeWarning, match="EMA has not been updated since its last tracked step"):
+                analyzer.stop()
 
 
 def test_a_resumed_analyzer_with_other_mode_centres_is_refused(tmp_path):

@@ -109,7 +109,7 @@ from ..core.adapter import (
 from ..core.errors import NonFiniteError
 from ..core.tracking.callbacks import TrainerCallback, perform_step
 from ..core.tracking.distributed import summed_over_ranks
-from ..core.tracking.ema import EMA_LEDGERS
+from ..core.tracking.ema import EMA_LEDGERS, ema_update_count
 from ..core.tracking.io import atomic_save, check_saved_settings, jsonable, load_state, to_device
 from ..core.tracking.ledger import PathKernelLedger
 from ..core.tracking.quadrature import residual_remedy
@@ -421,6 +421,7 @@ class GANKernelAnalyzer(TrainerCallback):
         self._g_optimizer: torch.optim.Optimizer | None = None
         self._d_optimizer: torch.optim.Optimizer | None = None
         self._ema: Any = None
+        self._ema_count_at_step: int | None = None  # own loop: the EMA's update count when a G step began
         self._start_step = 0
         self._loss_checked = False
         self._d_fill_checked = False  # the first observed discriminator micro-batch can fill D's groups
@@ -636,7 +637,8 @@ class GANKernelAnalyzer(TrainerCallback):
         nothing. In your own loop the optimizers' steps are no longer recorded after it; call it after the last
         step's EMA update (``bind(..., ema=)``): the EMA ledger records an update when the next step begins or the
         trackers close, so a ``stop()`` between ``g_optimizer.step()`` and ``ema.update`` leaves that update out
-        (a RuntimeWarning says so when the EMA has not moved since the last step began)."""
+        (a RuntimeWarning says so when the EMA's update was not called, or it has not moved, since the last step
+        began)."""
         if self.stopped:
             return
         self._check_consistent()
@@ -648,17 +650,25 @@ class GANKernelAnalyzer(TrainerCallback):
         self.stopped = True
 
     def _warn_pending_ema(self) -> None:
-        """stop() in your own loop: an EMA still where it was when the last generator step began has likely not
-        been updated after that step yet (or skips updates, as ema-pytorch's ``update_every``): its update, made
-        after the trackers close, would be missing from the EMA ledger."""
+        """stop() in your own loop: an EMA whose update was not called since the last generator step began
+        (by its own update counter; an EMA without one: whose weights have not moved since) has not been
+        updated after that step yet: its update, made after the trackers close, would be missing from the EMA
+        ledger. A skipped update (ema-pytorch's ``update_every``) is counted, so it does not warn."""
         tracker = self.g_tracker
         ema = None if tracker is None else tracker.ema
         if not self._bound or ema is None or tracker._closed or len(ema.decays) >= tracker.ledger.steps:
             return  # (every step's update recorded already)
-        bar = ema.read()
-        if all(torch.equal(bar[n].detach().to(torch.float64), ema.last_bar[n]) for n in bar):
+        count = ema_update_count(self._ema)
+        counted = count is not None and self._ema_count_at_step is not None
+        if counted:
+            pending = count == self._ema_count_at_step  # no update call since (a skipped one is counted)
+        else:
+            bar = ema.read()
+            pending = all(torch.equal(bar[n].detach().to(torch.float64), ema.last_bar[n]) for n in bar)
+        if pending:
             warnings.warn(
-                "analyzer.stop(): the generator's EMA has not moved since its last tracked step began; if the loop "
+                f"analyzer.stop(): the generator's EMA has not {'been updated' if counted else 'moved'} since its last "
+                "tracked step began; if the loop "
                 "updates it after this call, that update is not in generator_ema_ledgers (the trackers close now). "
                 "Call stop() after the EMA's update of the window's last step",
                 RuntimeWarning, stacklevel=3)
@@ -1153,6 +1163,8 @@ class GANKernelAnalyzer(TrainerCallback):
 
     def _begin_generator_step(self, index: int, vector, loss_fn, *, after_forward: bool) -> None:
         """3. At evaluation steps the probes' geometry and the kernel field at θ_k; window openings."""
+        if self._bound and self._ema is not None:
+            self._ema_count_at_step = ema_update_count(self._ema)
         if (index - 1) % self.eval_every == 0:
             probe = self._geometry(self.probe_latents, loss_fn, after_forward=after_forward, classes=self.probe_classes)
             probe["groups"] = self._assign(self.grouping, probe)

@@ -275,6 +275,19 @@ def load_ema_state(ema: Any, state: Any, device: torch.device) -> None:
         ema.to(device=device)
 
 
+def ema_update_count(ema: Any) -> int | None:
+    """How many times the EMA's update was called, by its own counter (ema-pytorch's ``step``, which
+    also counts the calls ``update_every`` skips; ``AveragedModel.n_averaged``; diffusers'
+    ``EMAModel.optimization_step``), or None for an EMA that keeps none."""
+    if _is_diffusers_ema(ema):
+        count = getattr(ema, "optimization_step", None)
+    elif _is_ema_pytorch(ema):
+        count = getattr(ema, "step", None)
+    else:
+        count = getattr(ema, "n_averaged", None)
+    return None if count is None else int(count)
+
+
 def step_ema(ema: Any, model: nn.Module) -> None:
     """One EMA update after an optimizer step, each kind by its own API: ``EMAModel.step(parameters)``,
     ema-pytorch's ``EMA.update()`` (its own warm-up and ``update_every``), ``AveragedModel.update_parameters``."""
