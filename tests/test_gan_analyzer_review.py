@@ -181,6 +181,29 @@ def _loop(G, D, g_opt, d_opt, analyzer, iterations, first=0, ema=None, hook=None
             ema.update_parameters(G)
 
 
+def test_a_state_loaded_into_an_analyzer_of_another_eval_every_is_refused():
+    """Fails on the old code: eval_every was not among the checked settings, so a resume with another
+    cadence appended its alignment and coverage rows to the saved ones (rows at steps 1, 2 then 3, 5) and
+    took the probes' groups of later steps from evaluations the saved run never made."""
+    def bound(eval_every):
+        G, D = _pair()
+        g_opt, d_opt = torch.optim.Adam(G.parameters(), 1e-2), torch.optim.Adam(D.parameters(), 1e-2)
+        analyzer = GANKernelAnalyzer(G, D, _probes(), grouping="direction", num_groups=2, controls=0, window=2,
+                                     eval_every=eval_every)
+        return G, D, g_opt, d_opt, analyzer
+
+    G, D, g_opt, d_opt, first = bound(1)
+    first.bind(g_opt, d_opt)
+    _loop(G, D, g_opt, d_opt, first, 2)
+    state = first.state_dict()
+    *_, other = bound(2)
+    with pytest.raises(ValueError, match=r"saved \{'eval_every': 1\}, here \{'eval_every': 2\}"):
+        other.load_state_dict(state)
+    *_, same = bound(1)
+    same.load_state_dict(state)
+    assert same.g_steps == 2
+
+
 def test_finishs_partial_window_is_not_reported_after_later_steps():
     """finish() closes the window in progress as partial; the loop may go on. The old partial window
     (steps [4, 4]) stayed in report() and in saved states after steps 5 and 6 had closed the full window

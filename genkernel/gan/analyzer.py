@@ -1796,6 +1796,9 @@ class GANKernelAnalyzer(TrainerCallback):
                 # the saved window start is a ledger copy at a step of this window length: another length would
                 # close windows that span other steps than their "steps" say
                 "window": self.window,
+                # the alignment, coverage and field rows are taken every eval_every steps and the probes' groups
+                # of a step come from the last evaluation: another cadence would mix two runs' rows in one list
+                "eval_every": self.eval_every,
                 # ModeGroups / NearestModeGroups and D's role_mode groups read the centres, which no grouping state keeps
                 "mode_centers": None if self.mode_centers is None else self.mode_centers.tolist(),
                 "discriminator_groups": self.discriminator_groups}
@@ -1817,7 +1820,7 @@ class GANKernelAnalyzer(TrainerCallback):
         mine = self._config()
         # (states saved before a key was kept: the settings they were made with, or unknown for the window)
         saved = {"comparison": None, "num_classes": None, "state_dtype": "float64", "track_steps": None,
-                 "window": self.window, "mode_centers": mine["mode_centers"],
+                 "window": self.window, "eval_every": self.eval_every, "mode_centers": mine["mode_centers"],
                  "discriminator_groups": self.discriminator_groups, **state["config"]}
         check_saved_settings(saved, mine, "analyzer")
         if self._bound:
