@@ -281,6 +281,46 @@ def test_examples_with_zero_discriminator_gradient_are_counted_apart():
     assert again.g_zero_counts == expected_zero and again.report()["windows"] == report["windows"]
 
 
+def test_probes_with_zero_discriminator_gradient_are_left_out_of_the_coupling_statistics():
+    """Fails on the old code: a probe where D is flat (w = 0) got the mode grouping's tie-break, mode 0, and its
+    shares counted in mode 0's row of the coupling matrices and in the own-group intervals, though the geometry
+    gives it no group. Now left out (NaN per probe) and counted (probe_zero_gradient), the same in the
+    analyzer's report and in the summary of its saved state."""
+    from genkernel.core.grouping import traffic_shares
+    from genkernel.plotting.arrays import float_array
+    from genkernel.report import summarize
+
+    torch.manual_seed(0)
+    G = MLPGenerator(2, 2, hidden=8, depth=2).to(F64)
+    threshold = float(_eval(G, torch.randn(256, 2, generator=torch.Generator().manual_seed(7), dtype=F64))[:, 0].median())
+    D = _FlatOnTheLeft(threshold)
+    centers = ring_mode_centers(8, 2.0).to(F64)
+    probes = _probes(12)
+    flat = _eval(G, probes)[:, 0] < threshold  # D(x) = relu(x_0 − t)·(...) has w = 0 there
+    assert 0 < int(flat.sum()) < 12
+    analyzer = GANKernelAnalyzer(G, D, probes, grouping="mode", mode_centers=centers, mode_std=0.05, controls=1,
+                                 window=2, eval_every=2, coverage_latents=16)
+    g_opt, d_opt = torch.optim.SGD(G.parameters(), lr=0.05), torch.optim.SGD(D.parameters(), lr=0.05)
+    analyzer.bind(g_opt, d_opt)
+    _loop(G, D, g_opt, d_opt, analyzer, 2)
+    whole = analyzer.report()["generator"]["coupling_whole_run"]
+    assert whole["probe_zero_gradient"] == int(flat.sum()) and "probe_note" in whole
+    groups = torch.tensor(whole["probe_groups"])
+    shares = traffic_shares(analyzer.generator_ledgers["geometry"].traffic)  # [M, G]
+    geometry = whole["statistics"]["geometry"]["traffic"]
+    for mode in range(8):  # each row: the mean over the probes of that mode with a defined group
+        rows = shares[(groups == mode) & ~flat]
+        want = rows.mean(0) if rows.shape[0] else torch.full((8,), float("nan"), dtype=F64)
+        torch.testing.assert_close(torch.from_numpy(float_array(geometry["matrix"][mode])), want, equal_nan=True)
+    per_probe = torch.from_numpy(float_array(geometry["per_probe"]["own_minus_control"]))
+    assert torch.isnan(per_probe[flat]).all()
+    assert whole["statistics"]["geometry"]["probe_groups_occupied"] == len(set(groups[~flat].tolist()))
+    summary = next(iter(summarize(analyzer.state_dict())["states"].values()))
+    assert summary["coupling_whole_run"]["probe_zero_gradient"] == int(flat.sum())
+    torch.testing.assert_close(torch.from_numpy(float_array(summary["coupling_whole_run"]["traffic_matrix"])),
+                               torch.from_numpy(float_array(geometry["matrix"])), equal_nan=True)
+
+
 def test_coverage_a_state_saved_between_a_generator_step_and_its_ema_update_resumes_bit_for_bit():
     """Coverage (known leftover b): the tracker records an EMA's update lazily, at the next step (or when
     its ledgers are read), from the EMA it finds; a state saved after g_optimizer.step() and before

@@ -46,6 +46,8 @@ direction: under ``"direction"`` and ``"mode"`` its group is the grouping's tie-
 origin, mode 0), which the geometry does not give. Its ledger rows stay there (zero for the training loss),
 but the group counts (``g_group_counts``, a window's ``training_group_counts`` and occupancy) leave it out and
 count it apart (``g_zero_counts``, ``training_zero_gradient``, the report's ``zero_gradient_total`` and a note).
+A *probe* with w = 0 when the probes are grouped has no group either: the coupling statistics leave it out
+(NaN per probe; not in the matrices, intervals or occupied count) and count it (``probe_zero_gradient``, a note).
 
 **Analysis never changes D.** Every analysis pass through D (geometry of a batch or of the probes,
 the loss check) runs in D's current mode with all its buffers (BatchNorm's running statistics,
@@ -407,6 +409,9 @@ class GANKernelAnalyzer(TrainerCallback):
         self._window_start: dict[str, PathKernelLedger] | None = None  # the ledgers when the window opened
         self._window_groups: torch.Tensor | None = None  # the probes' geometry groups at the window's start
         self._run_groups: torch.Tensor | None = None  # ... at the first tracked step (whole-run coupling)
+        # the probes whose geometry group was undefined (w = 0) at those evaluations (BoolTensor[M], CPU)
+        self._window_zero: torch.Tensor | None = None
+        self._run_zero: torch.Tensor | None = None
         self._window_spatial: torch.Tensor | None = None  # the probes' spatial groups (comparison), likewise
         self._run_spatial: torch.Tensor | None = None
         self._probe_state: dict[str, torch.Tensor] | None = None
@@ -1027,7 +1032,8 @@ class GANKernelAnalyzer(TrainerCallback):
         if self._view("g_tracker") is None or self._window_start is None or not self.g_steps % self.window:
             return
         first = self.g_steps - (self.g_steps - 1) % self.window  # the open window's first step
-        record = self._window_record(first, self.g_steps, self._window_start, self._window_groups, self._window_spatial)
+        record = self._window_record(first, self.g_steps, self._window_start, self._window_groups, self._window_spatial,
+                                     self._window_zero)
         record["partial"] = True
         self.partial_window = record
 
@@ -1168,6 +1174,7 @@ class GANKernelAnalyzer(TrainerCallback):
         if (index - 1) % self.eval_every == 0:
             probe = self._geometry(self.probe_latents, loss_fn, after_forward=after_forward, classes=self.probe_classes)
             probe["groups"] = self._assign(self.grouping, probe)
+            probe["zero"] = self._zero_gradient(probe)
             if self.comparison is not None:
                 probe["spatial_groups"] = self._assign(self.comparison, probe)
             probe["field"] = self._field(vector() if callable(vector) else vector)
@@ -1175,12 +1182,20 @@ class GANKernelAnalyzer(TrainerCallback):
         if (index - 1) % self.window == 0:
             self._window_start = {name: ledger.copy() for name, ledger in self.g_tracker.ledgers.items()}
             self._window_groups = self._probe_state["groups"].clone()
+            self._window_zero = self._probe_zero()
             if self.comparison is not None:
                 self._window_spatial = self._probe_state["spatial_groups"].clone()
         if self._run_groups is None:
             self._run_groups = self._probe_state["groups"].clone()
+            self._run_zero = self._probe_zero()
             if self.comparison is not None:
                 self._run_spatial = self._probe_state["spatial_groups"].clone()
+
+    def _probe_zero(self) -> torch.Tensor:
+        """``BoolTensor[M]`` the probes at the last evaluation whose geometry group is undefined (w = 0,
+        :meth:`_zero_gradient`); none for a probe state loaded from a version that did not keep it."""
+        zero = self._probe_state.get("zero")
+        return torch.zeros(self.probe_latents.shape[0], dtype=torch.bool) if zero is None else zero.cpu().clone()
 
     def _build_generator_tracker(self, optimizer, loss_fn, max_grad_norm: float, batch: int | None = None) -> None:
         # Group gradients from the training step's own graph (R masked backward passes), never from a
@@ -1363,7 +1378,7 @@ class GANKernelAnalyzer(TrainerCallback):
         return [] if self.comparison is None else [f"spatial_control_{i}" for i in range(self.controls)]
 
     def _coupling(self, ledgers: dict[str, PathKernelLedger], probe_groups: torch.Tensor, first: int, last: int,
-                  spatial_groups: torch.Tensor | None = None) -> dict[str, Any]:
+                  spatial_groups: torch.Tensor | None, zero: torch.Tensor | None) -> dict[str, Any]:
         """Coupling matrices of traffic and net shares, measured and (averaged over the controls)
         control, and each probe's share from its own geometry group against the controls', from
         ledgers over tracked generator steps ``first..last`` (a window, or the whole run).
@@ -1371,7 +1386,9 @@ class GANKernelAnalyzer(TrainerCallback):
         ``"statistics"`` holds what claims should read (:func:`partition_statistics`): per partition
         (geometry, and spatial with a comparison) the own share and the interaction statistic, each
         minus control, with intervals clustered by probe group, and ``"geometry_minus_spatial"``. The
-        top-level ``{kind}_matrix``, ``{kind}_own``, ``{kind}_own_control`` and
+        Probes with w = 0 at the evaluation that grouped them (``zero``, BoolTensor[M]; D flat there) have
+        no geometry group (the grouping's tie-break named one): they are left out of the geometry
+        partition's statistics and counted in ``probe_zero_gradient``. The top-level ``{kind}_matrix``, ``{kind}_own``, ``{kind}_own_control`` and
         ``{kind}_own_minus_control`` keys (the older layout, kept for saved windows) are the geometry
         partition's entries of ``"statistics"``, clustered likewise; own minus control is confounded
         by source-group strength, not a claim: the report, the summary and the streamed metrics read
@@ -1382,8 +1399,9 @@ class GANKernelAnalyzer(TrainerCallback):
 
         kappa = measured.cancellation_ratio().cpu()
         counts = torch.tensor(self.g_group_counts[first - 1:last], dtype=torch.long).reshape(-1, g).sum(0)
-        zero = sum(self.g_zero_counts[first - 1:last])
-        probe_occupied = int(torch.unique(probe_groups).numel())
+        zero_training = sum(self.g_zero_counts[first - 1:last])
+        undefined = torch.zeros(probe_groups.shape[0], dtype=torch.bool) if zero is None else zero.cpu()
+        probe_occupied = int(torch.unique(probe_groups.cpu()[~undefined]).numel())
         training_occupied = int((counts > 0).sum())
         out: dict[str, Any] = {
             "steps": [first, last],
@@ -1391,7 +1409,9 @@ class GANKernelAnalyzer(TrainerCallback):
             "probe_groups": probe_groups.tolist(),
             "training_group_counts": counts.tolist(),
             # examples with w = 0 (no direction: D flat there), left out of training_group_counts
-            "training_zero_gradient": zero,
+            "training_zero_gradient": zero_training,
+            # probes with w = 0 (their geometry group undefined), left out of the geometry statistics
+            "probe_zero_gradient": int(undefined.sum()),
             "probe_groups_occupied": probe_occupied,
             "training_groups_occupied": training_occupied,
             "collapsed": min(probe_occupied, training_occupied) < g / 2,
@@ -1406,7 +1426,12 @@ class GANKernelAnalyzer(TrainerCallback):
                 "here compare few groups with themselves: read them with care (a new analyzer with reference_latents= "
                 "refits)"
             )
-        out["statistics"] = self._statistics(ledgers, probe_groups, spatial_groups, first, last)
+        if out["probe_zero_gradient"]:
+            out["probe_note"] = (
+                f"{out['probe_zero_gradient']} of {probe_groups.shape[0]} probes had a zero discriminator gradient w (D "
+                "flat at their samples) when they were grouped: they have no geometry group (the grouping's tie-break "
+                "named one), so the geometry statistics leave them out (their ledger rows stay)")
+        out["statistics"] = self._statistics(ledgers, probe_groups, spatial_groups, first, last, undefined)
         # The older top-level keys (saved windows keep their layout) carry the geometry partition's own
         # statistics, clustered by probe group: an interval over probes that share a column would
         # count 64 probes in 2 groups as 64 independent values and could "hold" on 2 units.
@@ -1418,11 +1443,12 @@ class GANKernelAnalyzer(TrainerCallback):
         return out
 
     def _statistics(self, ledgers: dict[str, PathKernelLedger], probe_groups: torch.Tensor,
-                    spatial_groups: torch.Tensor | None, first: int, last: int) -> dict[str, Any]:
+                    spatial_groups: torch.Tensor | None, first: int, last: int, undefined: torch.Tensor) -> dict[str, Any]:
         g = self.num_groups
         delta = ledgers[GEOMETRY].delta.cpu()
         stats: dict[str, Any] = {
-            GEOMETRY: partition_statistics(ledgers[GEOMETRY], [ledgers[n] for n in self.control_names], delta, probe_groups, g),
+            GEOMETRY: partition_statistics(ledgers[GEOMETRY], [ledgers[n] for n in self.control_names], delta, probe_groups, g,
+                                           undefined=undefined),
             "clusters": "each partition's probe groups; the geometry probe groups for geometry_minus_spatial",
         }
         if self.comparison is None or spatial_groups is None:
@@ -1447,16 +1473,16 @@ class GANKernelAnalyzer(TrainerCallback):
         return stats
 
     def _window_record(self, first: int, last: int, start: dict[str, PathKernelLedger], groups: torch.Tensor,
-                       spatial: torch.Tensor | None = None) -> dict[str, Any]:
+                       spatial: torch.Tensor | None, zero: torch.Tensor | None) -> dict[str, Any]:
         window = {name: ledger.since(start[name]) for name, ledger in self.generator_ledgers.items()}
-        record = self._coupling(window, groups, first, last, spatial)
+        record = self._coupling(window, groups, first, last, spatial, zero)
         if self.mode_centers is not None and self.coverage:
             record["coverage"] = self.coverage[-1]
         return record
 
     def _close_window(self, index: int) -> None:
         self.windows.append(self._window_record(index - self.window + 1, index, self._window_start, self._window_groups,
-                                                self._window_spatial))
+                                                self._window_spatial, self._window_zero))
 
     def _record_alignment(self, index: int, contributions: StepContributions, change: torch.Tensor,
                           drift: torch.Tensor) -> None:
@@ -1686,7 +1712,7 @@ class GANKernelAnalyzer(TrainerCallback):
         if g_tracker is not None and self.g_steps:
             ledger = self.generator_ledger()
             shares = ledger.shares()
-            whole = self._coupling(g_tracker.ledgers, self._run_groups, 1, self.g_steps, self._run_spatial)
+            whole = self._coupling(g_tracker.ledgers, self._run_groups, 1, self.g_steps, self._run_spatial, self._run_zero)
             out["generator"] = {
                 **ledger.summary(),
                 "loop_steps": _span(self.g_loop_steps),
@@ -1769,6 +1795,7 @@ class GANKernelAnalyzer(TrainerCallback):
             "fields": list(self.fields), "probe_state": self._probe_state,
             "window_start": None if self._window_start is None else {k: v.state_dict() for k, v in self._window_start.items()},
             "window_groups": self._window_groups, "run_groups": self._run_groups,
+            "window_zero": self._window_zero, "run_zero": self._run_zero,
             "window_spatial": self._window_spatial, "run_spatial": self._run_spatial, "g_spatial_counts": list(self.g_spatial_counts),
             "g_zero_counts": list(self.g_zero_counts),
             "discriminator_probes": self.discriminator_probes,
@@ -1851,6 +1878,8 @@ class GANKernelAnalyzer(TrainerCallback):
         starts = to_device(state["window_start"], device)
         self._window_start = None if starts is None else {k: PathKernelLedger.from_state_dict(v) for k, v in starts.items()}
         self._window_groups, self._run_groups = to_device((state["window_groups"], state["run_groups"]), device)
+        # (states of versions that did not keep them: no probe counted as undefined)
+        self._window_zero, self._run_zero = state.get("window_zero"), state.get("run_zero")
         self._window_spatial, self._run_spatial = to_device((state.get("window_spatial"), state.get("run_spatial")), device)
         self.g_spatial_counts = list(state.get("g_spatial_counts", []))
         # (a state saved before they were counted apart counted them in their groups: none apart)
@@ -1900,7 +1929,8 @@ class _Decays:
 
 
 def partition_statistics(measured: PathKernelLedger, controls: list[PathKernelLedger], delta: torch.Tensor,
-                         probe_groups: torch.Tensor, num_groups: int) -> dict[str, Any]:
+                         probe_groups: torch.Tensor, num_groups: int, *,
+                         undefined: torch.Tensor | None = None) -> dict[str, Any]:
     """What a partition's coupling claims read, from its ledger and its control partitions' ledgers over
     the same steps (a window's ledger differences, or the whole run).
 
@@ -1913,16 +1943,20 @@ def partition_statistics(measured: PathKernelLedger, controls: list[PathKernelLe
     (:func:`~genkernel.core.grouping.measured_minus_control`, every control its own permutation, averaged
     per probe) with ``per_probe`` values. Every interval is clustered by probe group: probes in one
     group share their source column, so the independent units are the groups, not the probes.
+    ``undefined`` (``BoolTensor[M]``): probes without a group (w = 0 under a grouping by w), whose shares
+    are left out (NaN per probe; not in the matrices, the intervals or the occupied count).
     """
     groups = probe_groups.to(torch.long).cpu()
+    undefined = torch.zeros(groups.shape[0], dtype=torch.bool) if undefined is None else undefined.cpu().bool()
 
     def shares(ledger: PathKernelLedger) -> dict[str, torch.Tensor]:
-        return {"traffic": grouping_layer.traffic_shares(ledger.traffic.cpu()),
-                "net": grouping_layer.net_shares(ledger.contributions.cpu(), delta)}
+        kinds = {"traffic": grouping_layer.traffic_shares(ledger.traffic.cpu()),
+                 "net": grouping_layer.net_shares(ledger.contributions.cpu(), delta)}
+        return {kind: value.masked_fill(undefined[:, None], math.nan) for kind, value in kinds.items()}
 
     mine = shares(measured)
     others = [shares(c) for c in controls]
-    out: dict[str, Any] = {"probe_groups": groups.tolist(), "probe_groups_occupied": int(torch.unique(groups).numel()),
+    out: dict[str, Any] = {"probe_groups": groups.tolist(), "probe_groups_occupied": int(torch.unique(groups[~undefined]).numel()),
                            "controls": len(controls)}
     for kind in KINDS:
         own = grouping_layer.own_share(mine[kind], groups)

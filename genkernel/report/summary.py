@@ -393,19 +393,21 @@ def _ema_summary(tracker: Mapping[str, Any]) -> dict[str, Any] | None:
 
 # -- GAN -------------------------------------------------------------------------------------
 def _coupling(ledgers: Mapping[str, PathKernelLedger], probe_groups: torch.Tensor, num_groups: int,
-              spatial_groups: torch.Tensor | None = None) -> dict[str, Any]:
+              spatial_groups: torch.Tensor | None, undefined: torch.Tensor | None) -> dict[str, Any]:
     """The analyzer's own :func:`~genkernel.gan.analyzer.partition_statistics` of the geometry
     partition over the whole run: matrices, and per kind the interaction statistic (own share minus
     the other probe groups' share from the same source group) minus control, clustered by probe
-    group: what a coupling claim reads. (The plain own share minus control is confounded by
+    group: what a coupling claim reads; probes without a geometry group (``undefined``: w = 0 when grouped)
+    are left out, as the analyzer leaves them. (The plain own share minus control is confounded by
     source-group strength: a model with no coupling at all passed it in 61.5 % of 200 runs whose
     large groups were also the strong ones.)"""
     from ..gan.analyzer import partition_statistics  # the GAN package is only needed for GAN states
 
     measured = ledgers["geometry"]
     controls = [ledgers[name] for name in ledgers if name.startswith("control_")]
-    stats = partition_statistics(measured, controls, measured.delta.cpu(), probe_groups, num_groups)
-    out: dict[str, Any] = {"kappa_median": _median(measured.cancellation_ratio().cpu()), "controls": len(controls)}
+    stats = partition_statistics(measured, controls, measured.delta.cpu(), probe_groups, num_groups, undefined=undefined)
+    out: dict[str, Any] = {"kappa_median": _median(measured.cancellation_ratio().cpu()), "controls": len(controls),
+                           "probe_zero_gradient": 0 if undefined is None else int(undefined.sum())}
     for kind in ("traffic", "net"):
         entry = stats[kind]
         out[f"{kind}_matrix"] = torch.tensor(entry["matrix"], dtype=torch.float64)
@@ -462,9 +464,10 @@ def _gan(state: Mapping[str, Any], top: int) -> dict[str, Any]:
         claims += _ledger_claims(out["generator"], "generator ledger")
         run_groups = state.get("run_groups")
         if run_groups is not None:
-            run_spatial = state.get("run_spatial")
+            run_spatial, run_zero = state.get("run_spatial"), state.get("run_zero")
             coupling = _coupling(ledgers, torch.as_tensor(run_groups).long().cpu(), num_groups,
-                                 None if run_spatial is None else torch.as_tensor(run_spatial).long().cpu())
+                                 None if run_spatial is None else torch.as_tensor(run_spatial).long().cpu(),
+                                 None if run_zero is None else torch.as_tensor(run_zero).bool().cpu())
             out["coupling_whole_run"] = coupling
             for kind, what in (("traffic", "traffic"), ("net", "net share")):
                 result = coupling.get(f"{kind}_interaction_minus_control")
