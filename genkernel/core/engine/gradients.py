@@ -8,9 +8,10 @@ route below costs the same whatever the rows mean. Three exact routes:
 - "example": per-example gradients (``vmap`` over ``grad`` of a one-example
   ``functional_call``), in example chunks sized by a memory budget, multiplied into the rows in
   float64 straight away; cost ∝ B gradients of size P, whatever R.
-- "group": one forward of the whole batch and R backward passes batched with ``vmap``, each with
-  the cotangent W[r]; no per-example gradient is formed; cost ∝ R backward passes. The only
-  route for models whose examples interact in the forward (BatchNorm in training mode).
+- "group": one forward of the whole batch and R backward passes batched (``is_grads_batched``),
+  each with the cotangent W[r]; no per-example gradient is formed; cost ∝ R backward passes. The
+  only route for models whose examples interact in the forward (BatchNorm with batch
+  statistics: the batch's own, as in training; its running statistics are not advanced).
 - "factored": one forward with hooks and one backward of Σ_n ℓ_n per chunk give each example's
   layer factors (:mod:`genkernel.core.engine.factors`); each layer's per-example gradients are
   materialized one layer at a time and multiplied into the rows; parameters outside supported
@@ -24,6 +25,12 @@ dense route also uses for the per-example gradients it reads from the training p
 :func:`gradients_from_losses` is the same sum taken from the training step's own graph (the
 per-example losses before the user's backward): R backward passes with ``retain_graph=True``, no
 second forward, so BatchNorm's batch statistics and dropout's masks are the ones training used.
+
+:func:`group_gradients` refuses (ValueError) on every route a model that draws random numbers in
+its forward (dropout, RReLU, stochastic depth in training mode: its own forward would draw other
+masks than training's; two calls gave per-example gradients 51-106% apart, relative) and one whose
+forward rewrites its parameters (an embedding with ``max_norm``); "example" and "factored" also
+refuse BatchNorm with batch statistics, whose per-example gradients are undefined.
 """
 
 from __future__ import annotations
@@ -31,9 +38,19 @@ from __future__ import annotations
 from typing import Any, Callable, Iterable, Sequence
 
 import torch
-from torch.func import grad, grad_and_value, vmap
+from torch import nn
+from torch.func import grad_and_value
 
-from ..adapter import batch_size, check_memory_budget, explained_torch_func_errors, functional_model
+from ..adapter import (
+    batch_size,
+    check_analysis_safe,
+    check_memory_budget,
+    coupled_modules,
+    evaluated_at,
+    functional_model,
+    output_tensor,
+    preserved_buffers,
+)
 from .factors import Factors, capture, covering_plan, loss_cotangents
 from .reference import per_example
 
@@ -46,9 +63,20 @@ def membership_matrix(
     groups: Sequence[torch.Tensor], coefficients: torch.Tensor, sizes: Sequence[int], *, dtype=torch.float64
 ) -> torch.Tensor:
     """``W [Σ sizes, B]``: for each partition p (ids ``groups[p]`` in [0, sizes[p])), rows
-    offset_p + g hold c_n for the examples of group g."""
+    offset_p + g hold c_n for the examples of group g. An id outside [0, sizes[p]) is refused
+    (ValueError): it would land in another partition's row (or, negative, count from the end)."""
+    if len(groups) != len(sizes):
+        raise ValueError(f"groups ({len(groups)} partitions) and sizes ({len(sizes)}) need one entry per partition")
     batch = coefficients.shape[0]
     device = coefficients.device
+    for p, ids in enumerate(groups):
+        if tuple(ids.shape) != (batch,):
+            raise ValueError(f"groups[{p}] must hold one group id per example, shape ({batch},), got {tuple(ids.shape)}")
+    bad = [((ids.to(device) < 0) | (ids.to(device) >= size)).any() for ids, size in zip(groups, sizes)]
+    if bad and bool(torch.stack(bad).any()):  # one synchronization for every partition
+        p = int(torch.stack(bad).nonzero()[0])
+        raise ValueError(f"groups[{p}] holds ids from {int(groups[p].min())} to {int(groups[p].max())}, outside "
+                         f"[0, {sizes[p]}): pass group ids in [0, sizes[{p}])")
     out = torch.zeros((sum(sizes), batch), dtype=dtype, device=device)
     columns = torch.arange(batch, device=device)
     offset = 0
@@ -86,11 +114,38 @@ def group_gradients(
     batch = batch_size(inputs)
     if membership.dim() != 2 or membership.shape[1] != batch:
         raise ValueError(f"membership must be [rows, {batch}], got {tuple(membership.shape)}")
-    if route == "group" or (route == "auto" and 2 * membership.shape[0] <= batch):
+    group = route == "group" or (route == "auto" and 2 * membership.shape[0] <= batch)
+    _check_model(model, "group" if group else route)
+    if group:
         return _group_route(model, params, inputs, targets, loss_fn, membership, memory_budget)
     if route == "factored":
         return _factored_route(model, params, inputs, targets, loss_fn, membership, memory_budget)
     return _example_route(model, params, inputs, targets, loss_fn, membership, memory_budget)
+
+
+def _check_model(model: nn.Module, route: str) -> None:
+    """Refuse a model whose analysis forward would rewrite it (:func:`check_analysis_safe`), draw
+    random numbers (other masks than training's: dropout, RReLU, stochastic depth, label dropout
+    in training mode) or, for a per-example ``route`` ("example", "factored", "auto"), couple the
+    examples (BatchNorm with batch statistics)."""
+    check_analysis_safe(model)
+    batch_norms = {name or type(model).__name__ for name, m in model.named_modules()
+                   if isinstance(m, nn.modules.batchnorm._BatchNorm)}
+    coupled = coupled_modules(model)
+    random = [label for label in coupled if label.split(" (")[0] not in batch_norms]
+    if random:
+        raise ValueError(
+            f"{', '.join(random[:3])} draw random numbers in the forward (training mode), so group_gradients' own "
+            "forward would use other masks than the training step's and two calls would give other gradients. Take "
+            "the gradients from the training step's losses with gradients_from_losses (its masks), or put those "
+            "modules in eval mode"
+        )
+    if coupled and route != "group":
+        raise ValueError(
+            f"{', '.join(coupled[:3])} normalize with the batch's statistics, so per-example gradients (route "
+            f"{route!r}) are undefined. Use route='group' (one forward of the whole batch), gradients_from_losses "
+            "on the training step's losses, or put BatchNorm in eval mode (with running statistics)"
+        )
 
 
 def gradients_from_losses(
@@ -290,34 +345,32 @@ def factor_rows(weights: torch.Tensor, blocks: Iterable[Factors], params: dict[s
 
 
 def _group_route(model, params, inputs, targets, loss_fn, membership, memory_budget):
-    """ĝ_r as R vmapped backward passes through one batch forward (see the module docstring)."""
-    forward = functional_model(model, flatten=False)
-    detached = {name: p.detach() for name, p in params.items()}
-    first = next(iter(detached.values()))
+    """ĝ_r as R batched backward passes through one batch forward (see the module docstring).
+
+    The forward runs with plain autograd, on copies of the buffers (:func:`preserved_buffers`):
+    BatchNorm in training mode normalizes with the batch's statistics and writes its running
+    statistics to the copies, not the model's (torch.func refused the write, RuntimeError)."""
     batch = inputs[0].shape[0]
-
-    # 1. The step's weighted loss for one row of coefficients w: Σ_n w_n ℓ_n(θ).
-    def weighted_loss(p, w):
-        losses = loss_fn(forward(p, inputs), targets).reshape(batch)
-        return (losses * w).sum(), losses
-
-    # 2. The rows W[r] in the parameters' dtype.
-    weights = membership.to(device=first.device, dtype=first.dtype)
-    rows_total = weights.shape[0]
-    num_params = sum(p.numel() for p in detached.values())
+    leaves = {name: p.detach().requires_grad_(True) for name, p in params.items()}
+    first = next(iter(leaves.values()))
+    rows_total = membership.shape[0]
+    num_params = sum(p.numel() for p in leaves.values())
     chunk = max(1, memory_budget // (3 * num_params * first.element_size()))
-    batched = vmap(grad(weighted_loss, has_aux=True), in_dims=(None, 0))
-    sums = {name: torch.empty((rows_total, *p.shape), dtype=torch.float64, device=p.device) for name, p in detached.items()}
-    losses = None
-    for start in range(0, rows_total, chunk):
-        rows = slice(start, min(start + chunk, rows_total))
-        # 3. Backward passes for a chunk of rows at once: {name: [r, *shape]}.
-        with explained_torch_func_errors():
-            grads, values = batched(detached, weights[rows])
-        losses = values[0].detach() if losses is None else losses
-        for name, g in grads.items():
-            sums[name][rows] = g.detach().to(torch.float64)
-    return sums, losses
+    # 1. One forward of the batch at θ: the per-example losses ℓ_n, with their graph.
+    with torch.enable_grad(), preserved_buffers(model), evaluated_at(model, leaves):
+        losses = loss_fn(output_tensor(model(*inputs)), targets)
+        if losses.numel() != batch:
+            raise ValueError(f"loss_fn must return one loss per example (shape [{batch}]; e.g. reduction='none'), "
+                             f"got shape {tuple(losses.shape)}")
+        losses = losses.reshape(batch)
+        sums = {name: torch.empty((rows_total, *p.shape), dtype=torch.float64, device=p.device)
+                for name, p in leaves.items()}
+        # 2. ĝ_r = ∇_θ Σ_n W[r, n] ℓ_n for a chunk of rows at once (W in the parameters' dtype).
+        for start in range(0, rows_total, chunk):
+            rows = slice(start, min(start + chunk, rows_total))
+            for name, g in gradients_from_losses(losses, leaves, membership[rows], dtype=torch.float64).items():
+                sums[name][rows] = g
+    return sums, losses.detach()
 
 
 def _factored_route(model, params, inputs, targets, loss_fn, membership, memory_budget):

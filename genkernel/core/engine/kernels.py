@@ -20,6 +20,7 @@ import numbers
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, NamedTuple
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -406,6 +407,8 @@ def gradient_kernel(
         raise ValueError(f"reduce must be one of {REDUCTIONS}, got {reduce!r}")
     if engine not in ENGINES:
         raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
+    if not isinstance(normalize, (bool, np.bool_)):  # normalize="no" was taken as true
+        raise TypeError(f"normalize must be True or False, got {type(normalize).__name__} ({normalize!r})")
     memory_budget = check_memory_budget(memory_budget)
     model = unwrap(model)
     check_per_example_safe(model)  # before analysis mode, which puts every module in eval mode
