@@ -185,6 +185,23 @@ def test_factored_step_result_does_not_alias_the_callers_group_ids():
     torch.testing.assert_close(result.contributions, expected, rtol=1e-12, atol=1e-15)
 
 
+def test_factored_partitions_with_one_example_per_group_get_their_own_contributions():
+    """Fails on the old code: two partitions that both put one example in each group were handed the same
+    [M, B, d] tensor, so a caller editing one partition's contributions in place edited the other's."""
+    model = _mlp()
+    probes = torch.randn(4, 3, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    tracker = PathKernelTracker(model, torch.optim.SGD(model.parameters(), lr=0.1), mse_loss, probes,
+                                num_groups={"a": 6, "b": 6}, group_state="factored", quadrature="left")
+    gen = torch.Generator().manual_seed(2)
+    x, y = torch.randn(6, 3, generator=gen, dtype=torch.float64), torch.randn(6, 2, generator=gen, dtype=torch.float64)
+    result = tracker.step(x, y, {"a": torch.arange(6), "b": torch.arange(6)})
+    a, b = result.partitions["a"], result.partitions["b"]
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+    kept = b.clone()
+    a.zero_()  # the caller's own use of one partition's numbers
+    assert torch.equal(b, kept) and bool(kept.abs().max() > 0)
+
+
 # -- grouping ---------------------------------------------------------------------------------
 @pytest.mark.parametrize("probe_groups", [torch.tensor([1]), torch.tensor([0, 1, 2, 5]), torch.tensor([0, -1, 2, 1]),
                                           torch.tensor([0.0, 1.5, 2.0, 1.0])])

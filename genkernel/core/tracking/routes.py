@@ -448,13 +448,16 @@ class FactoredRoute(_FactorRoute):
         ).to(torch.float64)  # [M, B, d]
         m, _, d = per_example.shape
         contributions, columns = {}, {}
+        shared = False  # per_example handed to a partition already: the next one gets its own copy
         for name in model.partitions.names:  # only the batch's groups moved: [M, U, d], not [M, G, d]
             group_ids = ids[name].to(per_example.device)
             columns[name], position = torch.unique(group_ids, return_inverse=True)
             if columns[name].numel() == group_ids.numel():  # one example per group: the examples' own order
                 # (a copy: ids[name] may be the caller's own tensor, which a loop may refill before the step's
                 # contributions are read, and would then place them in other groups)
-                columns[name], contributions[name] = group_ids.clone(), per_example
+                columns[name] = group_ids.clone()
+                contributions[name] = per_example.clone() if shared else per_example
+                shared = True
             else:
                 contributions[name] = per_example.new_zeros((m, columns[name].numel(), d)).index_add_(1, position, per_example)
         rest = self._rest(updates, nodes)
