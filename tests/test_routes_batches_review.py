@@ -85,6 +85,34 @@ def test_a_resume_at_every_position_continues_the_uninterrupted_batches(kind):
         assert all(torch.equal(a, b) for a, b in zip(before + after, straight_f, strict=True)), (kind, fail)
 
 
+def test_a_held_batch_refused_on_resume_is_passed_over_like_any_refused_batch():
+    """Fails on the old code: a resume redraws the batch a failed step had handed back; when the check
+    refused it there, the position still counted it as not drawn and still held (batches 1, a held state),
+    so a checkpoint written next would give it once more; a refused batch is passed over (counted) as a
+    straight stream counts it (batches 2, nothing held)."""
+    def refuse_second(batch):
+        if float(batch[0, 0]) == 3.0:
+            raise ValueError("refused")
+        return batch
+
+    stream = IterableBatches(_loader("plain"), lambda b: b)
+    stream.next()
+    stream.hand_back(stream.next())  # a step that failed before its update
+    saved = stream.state_dict()
+    straight = IterableBatches(_loader("plain"), refuse_second)
+    straight.next()
+    with pytest.raises(ValueError, match="refused"):
+        straight.next()
+    resumed = IterableBatches(_loader("plain"), refuse_second)
+    resumed.load_state_dict(saved)
+    with pytest.raises(ValueError, match="refused"):
+        resumed.next()
+    for key in ("epoch", "batches", "held_global_state"):
+        assert resumed.state_dict()[key] == straight.state_dict()[key], key
+    assert resumed.state_dict()["batches"] == 2 and resumed.state_dict()["held_global_state"] is None
+    assert resumed.next()[:, 0].tolist() == straight.next()[:, 0].tolist() == [0.0, 1.0, 2.0]  # the next epoch's first
+
+
 def test_hand_back_takes_back_one_batch_once():
     """Old code: a second hand_back of one step's batch (or one before any batch) uncounted a batch that was
     trained on (batches_in_epoch went 1 -> -1) and a resume skipped one batch too few; now a ValueError."""

@@ -350,7 +350,12 @@ class IterableBatches:
                         f"(a step that failed before its update), but the data yields only {skip}: resume with the "
                         "data the run was saved with"
                     )
-                self._held = self.check(held)
+                try:
+                    self._held = self.check(held)
+                except BaseException:
+                    # passed over, as next() passes over a batch its check refuses: counted, not held
+                    self._held_global, self.batches_in_epoch = None, skip + 1
+                    raise
         finally:
             if resume_global is not None:
                 torch.set_rng_state(resume_global)
