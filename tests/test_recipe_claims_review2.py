@@ -68,3 +68,46 @@ def test_null_space_results_worst_domingos_error_is_nan_with_a_nan_seed(tmp_path
     claim = data["claims"]["checkpoint_path_kernel_reproduces_change"]
     assert claim["value"] is None and claim["held"] is False
     assert data["results"]["domingos_relative_error"] is None
+
+
+def test_printed_accuracy_interval_counts_digits_and_fonts_not_images():
+    """Fails on the old code (a Wilson interval over 100 images taken as independent): a network that reads
+    digits 0-4 in every font and 5-9 in none has accuracy 0.5 with Wilson [0.40, 0.60] over 100 images, but
+    only 10 digits vary: the digit-clustered Student-t interval is [0.12, 0.88]. The wider of the digit and
+    font-variant intervals is taken; a seed whose interval cannot be formed makes the claim not held."""
+    import numpy as np
+    import torch
+    from scipy import stats as scipy_stats
+
+    from recipes.experiments import printed_digits as recipe
+
+    correct = torch.cat([torch.ones(50), torch.zeros(50)]).double()  # ordered by digit, 10 variants each
+    digit_means = np.array([1.0] * 5 + [0.0] * 5)
+    half = scipy_stats.t.ppf(0.975, 9) * digit_means.std(ddof=1) / math.sqrt(10)
+    low, high = recipe.accuracy_interval(correct, 10)
+    assert low == pytest.approx(0.5 - half, abs=1e-12) and high == pytest.approx(0.5 + half, abs=1e-12)
+    assert low < 0.15  # far wider than Wilson's 0.40
+    # an odd font: variant 0 wrong for every digit, the rest right: the variant-clustered interval is the wider
+    font = torch.ones(100).double()
+    font[::10] = 0.0
+    low, high = recipe.accuracy_interval(font, 10)
+    variant_means = np.array([0.0] + [1.0] * 9)
+    half = scipy_stats.t.ppf(0.975, 9) * variant_means.std(ddof=1) / math.sqrt(10)
+    assert low == pytest.approx(0.9 - half, abs=1e-12) and high == pytest.approx(0.9 + half, abs=1e-12)
+
+    # every image right: no spread anywhere, Wilson over the 10 digits as units (not over 100 images)
+    low, high = recipe.accuracy_interval(torch.ones(100).double(), 10)
+    z2 = scipy_stats.norm.ppf(0.975) ** 2
+    assert (low, high) == pytest.approx((10 / (10 + z2), 1.0), abs=1e-12)  # Wilson's low end at p̂ = 1, n = 10
+
+    from types import SimpleNamespace
+
+    def run(values):
+        return {"correct_per_image": values, "accuracy": float(values.mean()), "accuracy_init": 0.1,
+                "auc_init": SimpleNamespace(auc=0.5), "auc_final": SimpleNamespace(auc=0.6),
+                "gap_init": SimpleNamespace(gap=0.0), "gap_final": SimpleNamespace(gap=0.1)}
+
+    good = torch.cat([torch.ones(80), torch.zeros(20)]).double()[torch.randperm(100, generator=torch.Generator().manual_seed(0))]
+    three_digits = torch.cat([torch.ones(30), torch.zeros(70)]).double()  # 0.3: Wilson over 100 images [0.22, 0.40]
+    claim = recipe.claims_from_runs([run(good), run(three_digits)], 100)["printed_recognised_above_chance"]
+    assert claim["held"] is False and claim["interval"][0] < 0.1  # three digits read are no evidence above chance
