@@ -231,3 +231,29 @@ def test_the_gan_analyzer_refuses_a_micro_batched_step_before_it_runs():
     with pytest.raises(ValueError, match="in 2 micro-batches: GANKernelAnalyzer reads a step's samples in one pass"):
         analyzer.perform(step)
     assert torch.equal(_flat(G), before) and not step.applied
+
+
+def test_a_supervised_state_loads_only_with_its_micro_batches():
+    """SupervisedTrainer.state_dict records K as DDPMTrainer's checkpoints do: with BatchNorm a run in 4
+    micro-batches is another run than one in 1 (the statistics of 2 examples, not 8)."""
+    x, y = _data(16)
+
+    def trainer(k):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(2, 6), nn.BatchNorm1d(6), nn.Tanh(), nn.Linear(6, 1)).to(F64)
+        return SupervisedTrainer(model, torch.optim.SGD(model.parameters(), lr=0.1), mse_loss, batch_size=8,
+                                 micro_batches=k)
+
+    saved = trainer(4)
+    saved.fit(x, y, steps=1)
+    state = saved.state_dict()
+    with pytest.raises(ValueError, match="micro_batches: saved 4, here 1"):
+        trainer(1).load_state_dict(state)
+    old = {**state, "config": {k: v for k, v in state["config"].items() if k != "micro_batches"}}
+    with pytest.raises(ValueError, match="micro_batches: saved 1, here 4"):  # a state from before K: whole batches
+        trainer(4).load_state_dict(old)
+    again = trainer(4)
+    again.load_state_dict(state)
+    again.fit(x, y, steps=2)
+    saved.fit(x, y, steps=2)
+    assert torch.equal(_flat(again.model), _flat(saved.model))

@@ -180,9 +180,14 @@ class SupervisedTrainer:
             "global_step": self.global_step,
             "history": list(self.history),
             "global_rng": global_rng_state(),
-            "config": {"batch_size": self.batch_size, "max_grad_norm": float(self.max_grad_norm),
-                       "optimizer": type(self.optimizer).__name__},
+            "config": self._resume_config(),
         }
+
+    def _resume_config(self) -> dict:
+        """The settings a saved state must share with the trainer that loads it (BatchNorm's statistics,
+        dropout's draws and the rounding depend on the micro-batches, as in DDPMTrainer's checkpoints)."""
+        return {"batch_size": self.batch_size, "micro_batches": self.micro_batches,
+                "max_grad_norm": float(self.max_grad_norm), "optimizer": type(self.optimizer).__name__}
 
     def load_state_dict(self, state: dict) -> None:
         """Continue from :meth:`state_dict`; a state of another set-up (batch size, clipping,
@@ -190,8 +195,8 @@ class SupervisedTrainer:
         after loading (a tracker built before would start its ledger at the old parameters)."""
         if not isinstance(state, dict) or state.get("format") != self.FORMAT:
             raise ValueError("not a SupervisedTrainer state (written by SupervisedTrainer.state_dict)")
-        check_resume_config(state["config"], {"batch_size": self.batch_size, "max_grad_norm": float(self.max_grad_norm),
-                                              "optimizer": type(self.optimizer).__name__}, "SupervisedTrainer")
+        # (a state written before micro-batches existed ran every batch whole)
+        check_resume_config({"micro_batches": 1, **state["config"]}, self._resume_config(), "SupervisedTrainer")
         check_module_state(self.model, state["model"], "model")
         check_optimizer_state(self.optimizer, state["optimizer"], "optimizer")
         self.model.load_state_dict(state["model"])

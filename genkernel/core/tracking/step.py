@@ -112,7 +112,11 @@ class OptimizerStep:
         tensor during the call. With micro-batches it is called once per micro-batch, before that
         micro-batch's backward, with its losses; :attr:`rows` holds which rows of the batch they are.
 
-        Raises NonFiniteError before any parameter changes when a loss or gradient is not finite.
+        Raises NonFiniteError before any parameter changes when a loss or gradient is not finite
+        (a loss's example indices are the batch's, in every micro-batch). The gradients of a step that
+        fails are never a partial sum: a failure before the first backward leaves ``.grad`` as it was,
+        one after the last backward (a non-finite gradient) the step's, and one in between (in
+        micro-batch j > 0, or inside a backward) clears them (``optimizer.zero_grad()``).
         Refuses a step already applied before running anything (a second forward would draw dropout
         masks again, update batch statistics again and overwrite the gradients of the update made).
         """
@@ -123,25 +127,35 @@ class OptimizerStep:
             )
         whole = self.micro_batches == 1
         micro_losses = []
-        for rows in micro_batch_rows(self.batch, self.micro_batches):
-            inputs = self.inputs if whole else tuple(t[rows] for t in self.inputs)
-            outputs, losses = self._forward(inputs, self.targets if whole else _rows(self.targets, rows),
-                                            rows.stop - rows.start)
-            if before_backward is not None:
-                self.outputs, self.rows = outputs, rows
-                try:
-                    before_backward(losses)
-                finally:
-                    self.outputs = self.rows = None
-            del outputs
-            if self.weights is not None:
-                loss = (losses * self.weights[rows].to(losses)).sum()
-            else:  # micro-batches of any sizes: Σ_{n ∈ j} ℓ_n / B, which sum to the batch's mean
-                loss = losses.mean() if whole else losses.sum() / self.batch
-            if rows.start == 0:
+        accumulating = False  # between the zero_grad and the end of the last backward: .grad holds a partial sum
+        try:
+            for rows in micro_batch_rows(self.batch, self.micro_batches):
+                inputs = self.inputs if whole else tuple(t[rows] for t in self.inputs)
+                outputs, losses = self._forward(inputs, self.targets if whole else _rows(self.targets, rows), rows)
+                if before_backward is not None:
+                    self.outputs, self.rows = outputs, rows
+                    try:
+                        before_backward(losses)
+                    finally:
+                        self.outputs = self.rows = None
+                del outputs
+                if self.weights is not None:
+                    loss = (losses * self.weights[rows].to(losses)).sum()
+                else:  # micro-batches of any sizes: Σ_{n ∈ j} ℓ_n / B, which sum to the batch's mean
+                    loss = losses.mean() if whole else losses.sum() / self.batch
+                if rows.start == 0:
+                    self.optimizer.zero_grad()
+                    accumulating = True
+                loss.backward()
+                micro_losses.append(losses.detach())
+            accumulating = False
+        except BaseException:
+            if accumulating:
+                # A failure in micro-batch j > 0 (a non-finite loss, an analyzer's refusal, an interrupt) or
+                # inside a backward: .grad holds the sum of some micro-batches only, a gradient of no step
+                # that an optimizer.step() would apply as one. Cleared (as zero_grad does), never left partial.
                 self.optimizer.zero_grad()
-            loss.backward()
-            micro_losses.append(losses.detach())
+            raise
         params = [p for group in self.optimizer.param_groups for p in group["params"] if p.grad is not None]
         if any(not torch.isfinite(p.grad).all() for p in params):
             raise NonFiniteError("non-finite gradient")
@@ -159,9 +173,10 @@ class OptimizerStep:
         return self.losses
 
     def _forward(self, inputs: tuple[torch.Tensor, ...], targets: Batch | None,
-                 size: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The forward on ``inputs`` (one micro-batch, or the batch): the model's output tensor and the
-        per-example losses ``[size]`` with their graph, checked."""
+                 rows: slice) -> tuple[torch.Tensor, torch.Tensor]:
+        """The forward on ``inputs`` (rows ``rows`` of the batch: one micro-batch, or the batch): the
+        model's output tensor and the per-example losses ``[size]`` with their graph, checked."""
+        size = rows.stop - rows.start
         try:
             outputs = output_tensor(self.model(*inputs))
         except Exception as error:
@@ -182,7 +197,8 @@ class OptimizerStep:
                 "use reduction='none' and average over non-batch dimensions only"
             )
         if not torch.isfinite(losses).all():
-            bad = torch.nonzero(~torch.isfinite(losses)).flatten().tolist()
+            # (the batch's example indices: micro-batch j's rows start at rows.start, not at 0)
+            bad = (torch.nonzero(~torch.isfinite(losses)).flatten() + rows.start).tolist()
             raise NonFiniteError(f"non-finite loss at examples {bad[:10]}")
         return outputs, losses
 
