@@ -13,10 +13,15 @@ bound, about 15 minutes per method).
 1. Speed, one process per row: ``vmap`` (torch.func ``vmap(jacrev)`` + matmul, chunked; PyTorch's
    NTK tutorial, method 1), ``linear_ref`` (a minimal hook-based factored kernel for Linear
    layers, :func:`linear_reference_kernel`; MLP rows only), and :func:`genkernel.core.gradient_kernel`
-   ``auto`` and ``factored``, on the same inputs. Each method's first call is timed on its own
-   copy of the model (what a first call costs: tracing, the covering check), then the methods
-   run ``--repeats`` rounds interleaved, order rotated each round; steady state is the median
-   (and min) of the rounds. The machine's 1-minute load average is recorded after every call
+   ``auto`` and ``factored``, on the same inputs. Each method's first call is timed in a fresh
+   process of its own after the same method-neutral warm-up (what a first call costs: tracing,
+   the covering check; run after another method in one process, a first call skipped what that
+   one had warmed), then the methods run, in one process, ``--repeats`` rounds interleaved, order
+   rotated each round; steady state is the median (and min) of the rounds. Every method's kernel
+   from its fresh first call, its in-process first call and its last round is compared with
+   vmap's (the worst goes into the targets). ``vmap_work`` says how many per-example Jacobians
+   vmap computes over the m + n it would with both sides held at once (x2's are recomputed per
+   row chunk where BASELINE_BUDGET cannot hold them: the MLP rows). The machine's 1-minute load average is recorded after every call
    and reported per row (2 cores: above 2, the cores were shared and times are noisy).
 2. Memory and exactness, one subprocess per method, so that its peak memory is its own: after a
    2 × 2 warm-up, one full call; working memory = peak RSS − the process's RSS after setup
@@ -43,6 +48,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import time
 from pathlib import Path
 
@@ -60,6 +66,7 @@ from .harness import (
     count_flops,
     cpu_profile,
     interleaved,
+    load_average,
     matmul_flops,
     peak_working_memory,
     print_ratios,
@@ -340,6 +347,9 @@ def linear_reference_kernel(model: nn.Module, x1: torch.Tensor, x2: torch.Tensor
         finally:
             for handle in handles:
                 handle.remove()
+        if len(acts) != len(linears):  # a shared Linear's gradient sums its uses: cross terms this form leaves out
+            raise ValueError(f"linear_reference_kernel needs every Linear applied exactly once per forward "
+                             f"({len(linears)} Linear layers, {len(acts)} applications)")
         b, d = y.shape
         if d == 1:
             grads = [g[None] for g in torch.autograd.grad(y.sum(), outs)]
@@ -458,10 +468,13 @@ def child(model_name: str, method: str, n: int, cap: float, out: str, quick: boo
     torch.save({"kernel": kernel, "result": result}, out)
 
 
-def speed_child(model_name: str, n: int, repeats: int, out: str, quick: bool) -> None:
-    """Section 1 for one row, in its own process: every speed method's first call (on its own
-    copy of the model), then ``repeats`` interleaved rounds (:func:`~recipes.benchmarks.harness.interleaved`);
-    saves ``{"methods": {method: timing}, "plan": kernel_plan of auto, "max_rel_diff_vs_vmap"}``."""
+def _speed_setup(model_name: str, n: int, quick: bool):
+    """``(model, x1, x2)`` of a speed process, after the warm-up every method's first call would
+    otherwise pay in a fresh process, whatever the method: thread pools, matmul and convolution
+    kernels, and the autograd engine (one forward and backward of a copy of the model on 2
+    examples, its gradients dropped). Without it, whichever method ran first in a process paid
+    them: on the convnet at 64 rows, auto's first call took 0.68 s when it ran first and 0.14 s
+    after vmap's."""
     import copy
 
     use_bench_threads()
@@ -469,48 +482,136 @@ def speed_child(model_name: str, n: int, repeats: int, out: str, quick: bool) ->
     model.eval()
     for p in model.parameters():
         p.requires_grad_(True)
-    # What any first call in a fresh process pays, whatever the method (thread pools, kernels).
     torch.randn(256, 256) @ torch.randn(256, 256)
     nn.functional.conv2d(torch.randn(2, 3, 8, 8), torch.randn(4, 3, 3, 3))
-    b1, b2 = x1, x2
+    twin = copy.deepcopy(model)
+    out = twin(*_rows(x1, slice(0, 2)))
+    getattr(out, "sample", out).sum().backward()
+    return model, x1, x2
+
+
+def _speed_calls(model_name: str, x1, x2) -> dict:
+    """``{method: call(model) -> kernel [M, N]}`` of the speed section, on the whole batches."""
     calls = {
         "vmap": lambda m: method_vmap(m, x1, x2, Pacer(float("inf")))[0],
-        "linear_ref": lambda m: linear_reference_kernel(m, x1, x2),
-        "auto": lambda m: gradient_kernel(m, b1, b2, engine="auto"),
-        "factored": lambda m: gradient_kernel(m, b1, b2, engine="factored"),
+        "linear_ref": lambda m: linear_reference_kernel(m, x1, x2),  # LINEAR_ROWS: tensor batches
+        "auto": lambda m: gradient_kernel(m, x1, x2, engine="auto"),
+        "factored": lambda m: gradient_kernel(m, x1, x2, engine="factored"),
     }
-    names = [name for name in SPEED_METHODS if name != "linear_ref" or model_name in LINEAR_ROWS]
-    kernels: dict[str, torch.Tensor] = {}
+    return {name: calls[name] for name in SPEED_METHODS if name != "linear_ref" or model_name in LINEAR_ROWS}
+
+
+def _rel_diff(kernel: torch.Tensor, ref: torch.Tensor) -> float:
+    """max |K - K_ref| / max |K_ref| (NaN when the shapes differ or K holds a NaN: never agreement)."""
+    if kernel.shape != ref.shape:
+        return float("nan")
+    return float((kernel.detach() - ref).abs().max() / ref.abs().max())
+
+
+def _worst(values) -> float | None:
+    """The largest of the differences measured; NaN when one is NaN (never agreement), None when
+    none was measured."""
+    got = [v for v in values if v is not None]
+    if not got:
+        return None
+    return math.nan if any(v != v for v in got) else max(got)
+
+
+def vmap_jacobian_work(model, x1, x2) -> dict:
+    """How much Jacobian work :func:`method_vmap` does on these batches: its rows per chunk, and the
+    per-example Jacobians it computes (x1's once, x2's once per row chunk) over the m + n a
+    method holding both sides' Jacobians at once would compute (1.0: no recomputation; above 1
+    where BASELINE_BUDGET cannot hold them, the MLP rows: part of vmap's time there is that)."""
+    num = sum(p.numel() for p in model.parameters())
+    rows = max(1, BASELINE_BUDGET // (2 * model_outputs(model, x1) * num * 4))
+    m, n = _n(x1), _n(x2)
+    return {"rows_per_chunk": rows, "row_chunks": -(-m // rows),
+            "jacobians_over_needed": (m + n * -(-m // rows)) / (m + n)}
+
+
+def first_child(model_name: str, method: str, n: int, out: str, quick: bool) -> None:
+    """One speed method's first call, alone in this fresh process after :func:`_speed_setup`'s
+    warm-up: ``{"first_call_s", "first_call_load", "kernel"}`` saved to ``out``. Timed apart from
+    the other methods, so that no method's first call is cheaper for running after another's."""
+    model, x1, x2 = _speed_setup(model_name, n, quick)
+    call = _speed_calls(model_name, x1, x2)[method]
+    began = time.perf_counter()
+    kernel = call(model).detach()
+    seconds = time.perf_counter() - began
+    torch.save({"first_call_s": seconds, "first_call_load": load_average(), "kernel": kernel}, out)
+
+
+def speed_child(model_name: str, n: int, repeats: int, out: str, quick: bool) -> None:
+    """Section 1 for one row, in its own process: every speed method's in-process first call (on
+    its own copy of the model, made before the clock starts; order-dependent, so the row's
+    first-call times come from :func:`first_child` instead), then ``repeats`` interleaved rounds
+    (:func:`~recipes.benchmarks.harness.interleaved`); every method's kernel from its first call
+    and from its last round is compared with vmap's. Saves ``{"methods": {method: timing},
+    "plan": kernel_plan of auto, "max_rel_diff_vs_vmap" (the worse of the two per method),
+    "max_rel_diff_vs_vmap_by_call", "vmap_work", "reference_kernel" (vmap's)}``."""
+    import copy
+
+    model, x1, x2 = _speed_setup(model_name, n, quick)
+    calls = _speed_calls(model_name, x1, x2)
+    firsts: dict[str, torch.Tensor] = {}
+    lasts: dict[str, torch.Tensor] = {}
+    copies = {name: copy.deepcopy(model) for name in calls}  # nothing cached for a copy yet
 
     def first_call(name):
         def run():
-            kernels[name] = calls[name](copy.deepcopy(model)).detach()  # a copy: nothing cached for it yet
+            firsts[name] = calls[name](copies.pop(name)).detach()
         return run
 
-    timings = interleaved({name: (lambda name=name: calls[name](model)) for name in names}, repeats,
-                          first={name: first_call(name) for name in names}, seconds=SPEED_SECONDS)
-    ref = kernels.get("vmap")
-    diffs = {name: float((k - ref).abs().max() / ref.abs().max()) for name, k in kernels.items() if ref is not None}
-    plan = kernel_plan(model, b1, rows_total=max(_n(x1), _n(x2)))
+    def steady_call(name):
+        def run():
+            lasts[name] = calls[name](model)
+        return run
+
+    timings = interleaved({name: steady_call(name) for name in calls}, repeats,
+                          first={name: first_call(name) for name in calls}, seconds=SPEED_SECONDS)
+    for entry in timings.values():  # order-dependent (see _speed_setup); run_speed puts fresh-process times in
+        entry["in_process_first_call_s"] = entry["first_call_s"]
+    ref = firsts.get("vmap")
+    by_call = {name: {"first": _rel_diff(firsts[name], ref) if name in firsts else None,
+                      "steady": _rel_diff(lasts[name], ref) if name in lasts else None}
+               for name in calls} if ref is not None else {}
+    diffs = {name: _worst(d.values()) for name, d in by_call.items()}
+    plan = kernel_plan(model, x1, rows_total=max(_n(x1), _n(x2)))
     torch.save({"methods": timings, "plan": dict(plan.__dict__), "max_rel_diff_vs_vmap": diffs,
-                "threads": torch.get_num_threads()}, out)
+                "max_rel_diff_vs_vmap_by_call": by_call, "vmap_work": vmap_jacobian_work(model, x1, x2),
+                "reference_kernel": ref, "threads": torch.get_num_threads()}, out)
 
 
 def run_speed(model_name: str, n: int, repeats: int, quick: bool) -> dict:
-    """Section 1 for one row in a subprocess (:func:`speed_child`), with each method's steady-state
-    speed-up over vmap and time over linear_ref, and the row's load; ``{"error": ...}`` when it failed."""
+    """Section 1 for one row: the interleaved rounds in one subprocess (:func:`speed_child`), and
+    each method's first call in a fresh subprocess of its own (:func:`first_child`; its kernel is
+    compared with vmap's too), with each method's steady-state speed-up over vmap and time over
+    linear_ref, the same ratios of first calls, and the row's load; ``{"error": ...}`` when the
+    speed child failed."""
     args = ["--speed-child", model_name, str(n), str(repeats)] + ["--quick"] * quick
     data = run_child(MODULE, args, timeout=3600.0)
     if "error" in data:
         return data
+    ref = data.pop("reference_kernel", None)
     methods = data["methods"]
-    loads = [x for entry in methods.values() for x in entry["steady_load"] + [entry["first_call_load"]]]
+    for name, entry in methods.items():
+        first = run_child(MODULE, ["--first-child", model_name, name, str(n)] + ["--quick"] * quick, timeout=3600.0)
+        if "error" in first:
+            entry.update(first_call_s=None, first_call_load=None, first_call_error=first["error"])
+            continue
+        entry.update(first_call_s=first["first_call_s"], first_call_load=first["first_call_load"])
+        if ref is not None:
+            diff = _rel_diff(first["kernel"], ref)
+            data["max_rel_diff_vs_vmap_by_call"].setdefault(name, {})["fresh_first"] = diff
+            data["max_rel_diff_vs_vmap"][name] = _worst(data["max_rel_diff_vs_vmap_by_call"][name].values())
+    loads = [x for entry in methods.values() for x in entry["steady_load"] + [entry["first_call_load"]] if x is not None]
     data["load"] = {"mean": sum(loads) / len(loads), "min": min(loads), "max": max(loads)}
     for name, entry in methods.items():
         for base in ("vmap", "linear_ref"):
             if base in methods:
                 entry[f"speedup_vs_{base}"] = methods[base]["steady_median_s"] / entry["steady_median_s"]
-                entry[f"first_call_speedup_vs_{base}"] = methods[base]["first_call_s"] / entry["first_call_s"]
+                firsts = (methods[base]["first_call_s"], entry["first_call_s"])
+                entry[f"first_call_speedup_vs_{base}"] = firsts[0] / firsts[1] if None not in firsts else None
     return data
 
 
@@ -525,10 +626,11 @@ def describe_speed(model_name: str, n: int, data: dict) -> str:
              f"{'load':>5s} {'rel diff':>9s}"]
     for name, e in data["methods"].items():
         over_ref = e["steady_median_s"] / data["methods"]["linear_ref"]["steady_median_s"] if "linear_ref" in data["methods"] else None
-        lines.append(f"  {name:10s} {e['first_call_s']:9.4f} {e['steady_median_s']:9.4f} {e['steady_min_s']:9.4f} "
+        first = e["first_call_s"] if e["first_call_s"] is not None else float("nan")
+        lines.append(f"  {name:10s} {first:9.4f} {e['steady_median_s']:9.4f} {e['steady_min_s']:9.4f} "
                      f"{e.get('speedup_vs_vmap', float('nan')):7.2f} "
                      f"{over_ref if over_ref is not None else float('nan'):7.2f} {e['load_mean']:5.2f} "
-                     f"{data['max_rel_diff_vs_vmap'].get(name, float('nan')):9.1e}")
+                     f"{_num(data['max_rel_diff_vs_vmap'].get(name)):9.1e}")
     return "\n".join(lines)
 
 
@@ -613,8 +715,10 @@ def _tracker_run(optimizer: str, group_state: str, batch: int, steps: int, profi
         if profiler is not None and s > 0:
             profiler.disable()
     bare, tracked = min(bare_times[1:]), min(tracked_times[1:])
+    # the same steps on the same batches from the same start: a tracked step that trained differently is no step made slower
+    same = all(torch.equal(p, q) for p, q in zip(bare_model.parameters(), tracked_model.parameters()))
     out = {"optimizer": optimizer, "group_state": tracker.group_state, "batch": batch, "groups": batch * steps,
-           "bare_step_s": bare, "tracked_step_s": tracked, "ratio": tracked / bare,
+           "bare_step_s": bare, "tracked_step_s": tracked, "ratio": tracked / bare, "training_unchanged": same,
            "relative_residual": tracker.ledger.relative_residual(),
            "relative_sketch_error": tracker.ledger.relative_sketch_error()}
     if profiler is not None:
@@ -646,7 +750,7 @@ def tracker_ratio(quick: bool) -> dict:
     print("tracker", json.dumps(rows[-1]), flush=True)
     target = [r for r in rows if r.get("group_state") == "factored" and "ratio" in r]
     entry = {"target_ratio": TRACKER_TARGET, "runs": rows,
-             "met_at_batch": {r["batch"]: r["ratio"] <= TRACKER_TARGET for r in target}}
+             "met_at_batch": {r["batch"]: r["ratio"] <= TRACKER_TARGET and r["training_unchanged"] is True for r in target}}
     if target and not all(entry["met_at_batch"].values()):
         entry["profile_of_factored_step_at_batch_64"] = _tracker_run("sgd", "factored", 64, 4, profile=True)["profile"]
     return entry
@@ -667,6 +771,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--skip-projection", action="store_true", help="leave out the sketch-error-vs-k section")
     parser.add_argument("--child", nargs=4, metavar=("MODEL", "METHOD", "N", "CAP"), help=argparse.SUPPRESS)
     parser.add_argument("--speed-child", nargs=3, metavar=("MODEL", "N", "REPEATS"), help=argparse.SUPPRESS)
+    parser.add_argument("--first-child", nargs=3, metavar=("MODEL", "METHOD", "N"), help=argparse.SUPPRESS)
     parser.add_argument("--child-out", help=argparse.SUPPRESS)
     parser.add_argument("--profile", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -683,11 +788,19 @@ def main(argv=None) -> dict:
         speed_child(model_name, int(n), int(repeats), args.child_out, args.quick)
         return {}
 
+    if args.first_child:
+        if args.child_out is None:
+            parser.error("--first-child needs --child-out PATH")
+        model_name, method, n = args.first_child
+        first_child(model_name, method, int(n), args.child_out, args.quick)
+        return {}
+
     sizes = dict(QUICK if args.quick else FULL)
     sizes.update({name: pair[1 if args.quick else 0] for name, pair in OPTIONAL.items()})
     cap = args.cap if args.cap is not None else (QUICK_CAP if args.quick else 60.0)
     repeats = args.repeats if args.repeats is not None else (QUICK_REPEATS if args.quick else REPEATS)
     methods = (args.methods or ",".join(QUICK_METHODS if args.quick else METHODS)).split(",")
+    check_arguments(parser, cap, repeats, args.models.split(","), methods, sizes)
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     peak = matmul_flops()
@@ -725,6 +838,23 @@ def main(argv=None) -> dict:
                       "tracker": {k: v for k, v in report["tracker_vs_bare_step"].items() if not k.startswith("profile")}},
                      indent=1))
     return report
+
+
+def check_arguments(parser, cap: float, repeats: int, models: list[str], methods: list[str], sizes: dict) -> None:
+    """Refuses (``parser.error``) what would otherwise fail late or measure nothing: a cap that is
+    not a positive finite number of seconds (every method would stop before its first row), fewer
+    than one round, and model or method names the benchmark does not know (a KeyError after the
+    first rows had run, or an error row)."""
+    if not (math.isfinite(cap) and cap > 0):
+        parser.error(f"--cap must be a positive number of seconds, got {cap!r}")
+    if repeats < 1:
+        parser.error(f"--repeats must be at least 1 (the steady state is timed in the rounds), got {repeats!r}")
+    unknown = [m for m in models if m not in sizes]
+    if unknown or not models:
+        parser.error(f"--models: unknown {unknown or models!r}; choose from {', '.join(sizes)}")
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown or not methods:
+        parser.error(f"--methods: unknown {unknown or methods!r}; choose from {', '.join(METHODS)}")
 
 
 def captum_note() -> dict:
