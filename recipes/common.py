@@ -588,8 +588,9 @@ def _lowest(lows: list[float]) -> int:
 
 KERNEL_NULL_NOT_RUN_WHY = (
     "the time-blind denoiser (the null model, settings reference) was not run: a denoiser that cannot tell the noise "
-    "levels apart also gains kernel locality from training (quick toy settings, three seeds: time-blind at θ_T 0.061 "
-    "under DDPM, 0.20 [0.043, 0.36] under flow matching, against 0.0024 at θ₀), so the rise from θ₀ alone does not "
+    "levels apart also gains kernel locality from training (quick toy settings, three seeds: time-blind at θ_T 0.055 "
+    "[-0.010, 0.12] under DDPM, 0.072 [-0.006, 0.15] under flow matching, against 0.0024 at θ₀; with the 1500-step "
+    "warm-up quick had before, 0.061 and 0.20 [0.043, 0.36]), so the rise from θ₀ alone does not "
     "show that training made k̂ noise-local; run with reference 'kernel' or 'ledger'")
 
 
@@ -817,6 +818,8 @@ def estimate_diffusion_wall_time(name: str, spec: dict, args: argparse.Namespace
     imports not counted. Returns the numbers."""
     from genkernel.diffusion import DDPMTrainer
 
+    from .benchmarks.harness import synced_seconds  # (here: the harness imports this module)
+
     device = args.torch_device
     data, held_out = spec["load"](seeds[0])
     torch.manual_seed(seeds[0])
@@ -824,28 +827,16 @@ def estimate_diffusion_wall_time(name: str, spec: dict, args: argparse.Namespace
     scheduler = spec["scheduler"]()
     n = 5 if args.mode == "smoke" or device.type == "cpu" else 20
     trainer = DDPMTrainer(model, scheduler, data.to(device), batch_size=s["batch_size"], lr=s["lr"], seed=seeds[0], progress=False)
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     trainer.train(2)
-    sync()
-    t0 = time.perf_counter()
-    trainer.train(n)
-    sync()
-    bare = (time.perf_counter() - t0) / n
+    bare = synced_seconds(device, lambda: trainer.train(n)) / n
     settings = {**s, "warmup_steps": trainer.global_step, "window_steps": n + 1}
     analyzer = _make_analyzer(scheduler, held_out.to(device), settings, seeds[0], controls=s["controls"], snapshots=False,
                               progress=True)
-    t0 = time.perf_counter()
-    analyzer.kernel_structure(model)
-    sync()
-    kernel = time.perf_counter() - t0
+    kernel = synced_seconds(device, lambda: analyzer.kernel_structure(model))
     analyzer.record_kernel = lambda: None  # timed apart, above
     trainer.callbacks.append(analyzer)
     trainer.train(1)  # binds
-    sync()
-    t0 = time.perf_counter()
-    trainer.train(n)
-    sync()
-    tracked = (time.perf_counter() - t0) / n
+    tracked = synced_seconds(device, lambda: trainer.train(n)) / n
     kernels = 2 + (s["window_steps"] // s["kernel_every"] if s["kernel_every"] else 0) + 1 + 2
     per_seed = s["warmup_steps"] * bare + s["window_steps"] * tracked + kernels * kernel
     if s.get("reference"):

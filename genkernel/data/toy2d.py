@@ -68,7 +68,7 @@ def _check_float(value, name: str, *, positive: bool = False, nonnegative: bool 
         raise TypeError(f"{name} must be a real number, got {type(value).__name__} ({value!r})")
     value = float(value)
     if not math.isfinite(value):
-        raise ValueError(f"{name} must be finite, got {value}")
+        raise ValueError(f"{name} must be finite, got {value}; pass a finite {name}")
     if positive and value <= 0:
         raise ValueError(f"{name} must be > 0, got {value}; pass a positive {name}")
     if nonnegative and value < 0:

@@ -40,7 +40,8 @@ from genkernel.gan.metrics import converged, image_coverage
 
 from .. import common
 from .gan_ring2d import (
-    add_gan_arguments, apply_gan_overrides, estimate_wall_time, gan_claims, report_for_run, run_protocol, train_resumable,
+    add_gan_arguments, apply_gan_overrides, drawn_numbers, estimate_wall_time, gan_claims, report_for_run, run_protocol,
+    train_resumable,
 )
 
 NAME = "gan_digits"
@@ -170,34 +171,6 @@ def write_outputs(name: str, args, s: dict, timer, runs: list[dict], nulls: list
                 "convergence_rule": "at least 3/4 of the classes hit and half the samples within the 95th percentile of "
                                     "held-out images' nearest-training distance"}
     return common.finish(name, args, draw(runs), results, claims, settings, timer)
-
-
-COUPLING_KEYS = ("traffic_matrix", "traffic_matrix_control", "net_matrix", "net_matrix_control")
-WINDOW_PARTITIONS = ("geometry", "spatial", "geometry_minus_spatial")  # the window panels' series
-
-
-def drawn_numbers(runs: list[dict]) -> dict:
-    """The numbers the figures draw from every seed (``OUT/NAME.json`` held seed 0's windows only while the
-    coupling matrices and window panels draw every window of every seed): ``{"seeds", "coupling_matrices":
-    {partition: {key: [G, G] mean over every window of every seed}}, "window_statistics": [per seed [{"steps",
-    kind: {"geometry", "spatial", "geometry_minus_spatial"}}]]}``, kind "traffic" and "net": the geometry and
-    spatial partitions' interaction − control and their difference, each with its interval, as the panels draw them."""
-    from genkernel.plotting.gan import average_window_matrices
-
-    def stat(window: dict, partition: str, kind: str):
-        stats = window.get("statistics") or {}
-        if partition == "geometry_minus_spatial":
-            return (stats.get(partition) or {}).get(kind)
-        return ((stats.get(partition) or {}).get(kind) or {}).get("interaction_minus_control")
-
-    windows = [r["report"]["windows"] for r in runs]
-    return {
-        "seeds": [r["seed"] for r in runs],
-        "coupling_matrices": {partition: {key: average_window_matrices(windows, partition, key) for key in COUPLING_KEYS}
-                              for partition in ("geometry", "spatial")},
-        "window_statistics": [[{"steps": w["steps"], **{kind: {p: stat(w, p, kind) for p in WINDOW_PARTITIONS}
-                                                         for kind in ("traffic", "net")}} for w in ws] for ws in windows],
-    }
 
 
 def draw(runs: list[dict]):
