@@ -22,7 +22,8 @@ This module holds the three pieces every factored computation shares:
 Supported modules: ``nn.Linear`` (any leading dimensions: positions t), ``nn.Conv1d`` /
 ``nn.Conv2d`` (unfolded patches; ungrouped, zero padding), ``nn.Embedding`` ((a_t · a'_s)
 becomes [index_t = index'_s]) and the affine parameters of ``nn.GroupNorm`` / ``nn.LayerNorm``
-(per-example gradients Σ g ⊙ x̂ and Σ g, materialized: they are C-sized). A module whose
+(per-example gradients Σ g ⊙ x̂ and Σ g, materialized: they are C-sized), each running its
+class's own forward (a subclass that overrides it is not supported). A module whose
 parameters are shared with another module, or that is used in a way the hooks cannot see, is
 left to the fallback.
 """
@@ -118,7 +119,28 @@ class Plan:
         return 1.0 - fb / max(total, 1)
 
 
+# What a supported module's call runs: the stock methods of its class. A subclass that overrides
+# one of them (a gain or gate on the weight, a permuted layout, a second read) runs code whose
+# reads of the weight the hooks do not describe, and a numerical check at one point cannot prove
+# it: a gain of exactly 1, or a gate far below the check's tolerance, hides the difference there.
+_STOCK_METHODS = {
+    nn.Linear: ("forward",), nn.Conv1d: ("forward", "_conv_forward"), nn.Conv2d: ("forward", "_conv_forward"),
+    nn.Embedding: ("forward",), nn.GroupNorm: ("forward",), nn.LayerNorm: ("forward",),
+}
+
+
+def _runs_stock_forward(module: nn.Module) -> bool:
+    """Whether ``module``'s call runs its supported base class's own methods (no override in a
+    subclass, none set on the instance)."""
+    for base, methods in _STOCK_METHODS.items():
+        if isinstance(module, base):
+            return all(getattr(type(module), m) is getattr(base, m) and m not in module.__dict__ for m in methods)
+    return False
+
+
 def _supported(module: nn.Module) -> str | None:
+    if not _runs_stock_forward(module):
+        return None
     if isinstance(module, nn.Linear):
         return "linear"
     if isinstance(module, (nn.Conv1d, nn.Conv2d)):
@@ -137,9 +159,10 @@ def _supported(module: nn.Module) -> str | None:
 def make_plan(model: nn.Module, exclude: Iterable[str] = frozenset()) -> Plan:
     """Split ``model``'s trainable parameters into factored blocks and a torch.func fallback.
 
-    A module is factored when its type is supported, its configuration is (no grouped or
-    non-zero-padded convolution, no embedding max_norm), none of its parameters is shared with
-    another module, and its name is not in ``exclude``.
+    A module is factored when its type is supported and its call runs that type's own forward (a
+    subclass overriding ``forward``, or ``_conv_forward`` for convolutions, goes to torch.func), its
+    configuration is (no grouped or non-zero-padded convolution, no embedding max_norm), none of
+    its parameters is shared with another module, and its name is not in ``exclude``.
     """
     exclude = set(exclude)
     params = trainable_parameters(model)
@@ -355,7 +378,9 @@ def _uncovered_blocks(model: nn.Module, plan: Plan, sample: tuple[torch.Tensor, 
         edges = [edge for calls in records.values() for _, edge, _ in calls]
         with torch.enable_grad():
             grads = torch.autograd.grad((raw * E[order.to(E.device)]).sum(), edges, allow_unused=True) if edges else []
-        passes.append((order.tolist(), _assemble(plan, records, [None if g is None else g.unsqueeze(0) for g in grads], 1, out)))
+        grads = [None if g is None else g.unsqueeze(0) for g in grads]
+        # A block whose calls do not fit its layout comes back as its name (moved to the fallback).
+        passes.append((order.tolist(), list(_assembled(plan, records, grads, 1, out, "outer", tolerant=True))))
     # 1. Each example alone (the sample's parameter-sized gradients, in the parameters' dtype).
     reference = []
     for n in range(batch):
@@ -367,10 +392,19 @@ def _uncovered_blocks(model: nn.Module, plan: Plan, sample: tuple[torch.Tensor, 
             reference.append(dict(zip(map(id, params), torch.autograd.grad((raw * E[n : n + 1]).sum(), params,
                                                                            allow_unused=True))))
     sums = {block.name: [0.0, 0.0, 0.0] for block in plan.blocks}  # gap², reference², factors²
+    unreadable = set()
     for order, factors in passes:
         for f in factors:  # each block's per-example gradients formed once, one block at a time
+            if isinstance(f, str):
+                unreadable.add(f)
+                continue
             acc = sums[f.block.name]
-            for name, rows in f.gradients().items():
+            try:
+                gradients = f.gradients()
+            except RuntimeError:  # factors of a call whose output is not the module's own (a hook's)
+                unreadable.add(f.block.name)
+                continue
+            for name, rows in gradients.items():
                 for row, example in enumerate(order):
                     got = rows[0, row].to(torch.float64)
                     want = reference[example].get(id(f.block.parameter(name)))
@@ -378,7 +412,7 @@ def _uncovered_blocks(model: nn.Module, plan: Plan, sample: tuple[torch.Tensor, 
                     acc[0] += float((got - want).norm()) ** 2
                     acc[1] += float(want.norm()) ** 2
                     acc[2] += float(got.norm()) ** 2
-    uncovered = _read_outside_their_calls(model, plan, sample, E)
+    uncovered = _read_outside_their_calls(model, plan, sample, E) | unreadable
     for block in plan.blocks:
         gap2, ref2, got2 = sums[block.name]
         rtol = COVERAGE_RTOL.get(block.parameter(block.names[0]).dtype, 1e-3)
@@ -398,9 +432,10 @@ def _read_outside_their_calls(model: nn.Module, plan: Plan, sample: tuple[torch.
     initialized gate (adaLN-Zero, ReZero, a zero-initialized residual scale) makes exactly that: at
     initialization the outside read adds nothing, after training it does, and the block's factors
     then silently missed it (a kernel 10-12 % off). Here every block parameter is replaced by a
-    copy (a separate leaf) everywhere but inside its module's own calls (a forward pre-hook puts the
-    parameter back, a forward hook, run first, takes it out again); a copy that ⟨E, f(x)⟩ reaches in
-    the graph, with any gradient, zero included, is a read the hooks cannot see. Reads through a
+    copy (a separate leaf) everywhere but inside its module's own calls (a forward pre-hook, run
+    after the user's, puts the parameter back, a forward hook, run first, takes it out again: a
+    user's hook on the module reads the copy); a copy that ⟨E, f(x)⟩ reaches in the graph, with
+    any gradient, zero included, is a read the hooks cannot see. Reads through a
     reference kept elsewhere (not the module attribute) are left to the numerical check. A forward
     that fails on the copies leaves every block to the fallback."""
     swaps: dict[int, list] = {}  # id(module) -> [(module, name, parameter, copy)]
@@ -427,7 +462,10 @@ def _read_outside_their_calls(model: nn.Module, plan: Plan, sample: tuple[torch.
     try:
         for entries in swaps.values():
             module = entries[0][0]
-            handles.append(module.register_forward_pre_hook(inside, prepend=True))
+            # Last of the pre-hooks: a user's pre-hook that reads the weight runs on the copy (its
+            # read is outside what the factors describe); first of the forward hooks (below), so
+            # the user's forward hooks run on the copy too.
+            handles.append(module.register_forward_pre_hook(inside))
             handles.append(module.register_forward_hook(outside, prepend=True))
             for m, name, _, copy in entries:
                 m._parameters[name] = copy
@@ -1149,9 +1187,12 @@ def _assemble(plan: Plan, records: dict[int, list], grads: list, cotangents: int
 
 
 def _assembled(plan: Plan, records: dict[int, list], grads: list, cotangents: int, out: torch.Tensor,
-               form: str) -> Iterator[Factors]:
+               form: str, tolerant: bool = False) -> Iterator[Factors]:
     """:func:`_assemble` one block at a time (a caller that reduces each block at once holds one).
-    Consumes ``records`` and ``grads`` (emptied once the calls are sorted by block)."""
+    Consumes ``records`` and ``grads`` (emptied once the calls are sorted by block). ``tolerant``
+    (the covering check): a block whose recorded calls do not fit its layout (a user's forward hook
+    that returns another shape than the module's output, which is what the hooks see) gives its
+    name instead of factors, for the check to move it to the fallback rather than fail."""
     batch = out.shape[0]
     calls: dict[int, list] = {i: [] for i in range(len(plan.blocks))}
     position = 0
@@ -1167,7 +1208,14 @@ def _assembled(plan: Plan, records: dict[int, list], grads: list, cotangents: in
         if not calls[i]:  # the module was not called: its gradients are zero
             yield Factors.unused(block, cotangents, batch, out)
             continue
-        yield _block_factors(block, calls.pop(i), batch, form)
+        if not tolerant:
+            yield _block_factors(block, calls.pop(i), batch, form)
+            continue
+        try:
+            factors = _block_factors(block, calls.pop(i), batch, form)
+        except RuntimeError:
+            factors = block.name
+        yield factors
 
 
 def capture(
@@ -1241,11 +1289,18 @@ def output_cotangents(outputs: list[int]) -> Callable[[torch.Tensor], tuple[torc
 def loss_cotangents(loss_fn: Callable, targets) -> tuple[Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]], dict]:
     """Cotangents of the per-example losses: ``(make, box)``; ``make(out)`` evaluates
     ``loss_fn(out, targets)`` and returns it with a cotangent of ones, and ``box["losses"]``
-    then holds the detached per-example losses ``[B]``."""
+    then holds the detached per-example losses ``[B]``. A loss of any other size is refused
+    (ValueError): a batch-reduced loss would give every example's gradient divided by B (and one
+    loss), an unreduced [B, d] one B·d losses."""
     box: dict[str, torch.Tensor] = {}
 
     def make(out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        values = loss_fn(out, targets).reshape(-1)
+        values = loss_fn(out, targets)
+        batch = out.shape[0] if out.dim() else 1
+        if values.numel() != batch:
+            raise ValueError(f"loss_fn must return one loss per example (shape [{batch}]; e.g. reduction='none'), "
+                             f"got shape {tuple(values.shape)}")
+        values = values.reshape(-1)
         box["losses"] = values.detach()
         return values, torch.ones((1, *values.shape), dtype=values.dtype, device=values.device)
 
