@@ -169,6 +169,16 @@ def test_group_route_refuses_a_batch_mean_loss_by_name():
                         torch.ones(1, 6, dtype=F64), route="group")
 
 
+def test_example_route_refuses_an_unreduced_loss_by_name():
+    """Fails on the old code: a loss_fn returning [B, d] (reduction='none' without the mean over outputs)
+    raised torch's "shape '[]' is invalid" from inside vmap."""
+    model = nn.Linear(3, 2).double()
+    x, y = torch.randn(6, 3, dtype=F64), torch.randn(6, 2, dtype=F64)
+    with pytest.raises(ValueError, match=r"one loss per example.*got shape \(1, 2\)"):
+        group_gradients(model, trainable_parameters(model), (x,), y, lambda o, t: (o - t) ** 2,
+                        torch.ones(1, 6, dtype=F64), route="example")
+
+
 class DictOut(nn.Module):
     """An unused layer, a scalar parameter, a parameter read outside any module, a dict output [B, 3, 1]."""
 

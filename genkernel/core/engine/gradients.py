@@ -203,7 +203,11 @@ def _example_route(model, params, inputs, targets, loss_fn, membership, memory_b
         target = None if y is None else tuple(t.unsqueeze(0) for t in y)
         if target is not None and isinstance(targets, torch.Tensor):
             target = target[0]
-        return loss_fn(out, target).reshape(())
+        loss = loss_fn(out, target)
+        if loss.numel() != 1:  # (an unreduced [1, d] loss: torch's reshape error named no cause)
+            raise ValueError(f"loss_fn must return one loss per example (shape [B]; e.g. reduction='none' averaged "
+                             f"over non-batch dimensions), got shape {tuple(loss.shape)} for one example")
+        return loss.reshape(())
 
     per_example_grads = per_example(grad_and_value(example_loss), (None, 0, 0 if targets is not None else None))
     target_tuple = None if targets is None else ((targets,) if isinstance(targets, torch.Tensor) else tuple(targets))
