@@ -354,6 +354,7 @@ class PathKernelTracker:
         self._observed: dict[str, Any] | None = None  # micro-batches observed since the last step
         self._pending_step: _StepInProgress | None = None  # an observed step between its hooks
         self._observing = False  # set by the first observe()
+        self._own_pass = False  # observe()'s own passes through the losses (no backward of the loop's)
         self._closed = False  # close(): the tracked window ended
         # Set while the EMA's weights and the model's are swapped (Lightning's WeightAveraging during a
         # validation loop): the EMA then holds the trained weights, a read of its ledger syncs nothing.
@@ -643,26 +644,81 @@ class PathKernelTracker:
         """
         # Under DDP a micro-batch one rank refuses is refused on every rank, before the loop's backward.
         together = StepAgreement(self.distributed, "observe() of this micro-batch", points=1)
+        if self._observed is not None and any(seen() is losses for seen in self._observed["tensors"]):
+            error = ValueError(
+                "these losses were already observed for the step to come (observe() called twice on one tensor: a "
+                "callback and the loop both observing?): each micro-batch is observed once, before its backward"
+            )
+            together.failed(error)
+            raise error
+        self._own_pass = True  # (losses observed before may be these: their hooks must not count this pass)
         try:
             ids, grads = self._observed_gradients(losses, groups, weights)
         except BaseException as error:
             together.failed(error)
             raise
+        finally:
+            self._own_pass = False
         together.passed()
         if self._observed is not None and self._gradients_cleared():
             # The loop cleared the gradients of the micro-batches observed so far without stepping on
             # them (a GradScaler that found inf or NaN skips optimizer.step()): they are no step's.
             self.skipped_steps.append({"after_step": self.ledger.steps, "micro_batches": self._observed["micro_batches"]})
             self._observed = None
+        backward = [False]  # set by the loop's backward through these losses
         if self._observed is None:
-            self._observed = {"grads": grads, "losses": [losses.detach()], "micro_batches": 1, "ids": [ids]}
+            self._observed = {"grads": grads, "losses": [losses.detach()], "micro_batches": 1, "ids": [ids],
+                              "backward": [backward], "direction": None, "moving": 0, "independent": False,
+                              "tensors": []}
         else:
+            if self._observed["micro_batches"] == 1:  # (only steps of several micro-batches pay for this)
+                self._note_direction(self._observed["grads"])  # the first micro-batch's: the sum holds it alone
+            self._note_direction(grads)
             for name, g in grads.items():
                 self._observed["grads"][name] += g
             self._observed["losses"].append(losses.detach())
             self._observed["micro_batches"] += 1
             self._observed["ids"].append(ids)
+            self._observed["backward"].append(backward)
         self._observing = True
+        self._mark_observed(losses, backward)
+        self._observed["tensors"].append(weakref.ref(losses))
+
+    def _note_direction(self, grads: dict[str, torch.Tensor]) -> None:
+        """Follow whether the observed micro-batches' gradients (Σ over the primary partition's groups) are
+        all parallel: then the one scale fitted at the step cannot tell how the loop weighted them against
+        each other (:meth:`_scale_to_real` refuses). Keeps one unit vector until two directions are seen.
+        Call before ``grads`` is added to the observed sum (it may be that sum's own storage)."""
+        observed = self._observed
+        if observed["independent"]:
+            return
+        first = self.partitions.slices[self.partitions.primary]
+        total = torch.cat([grads[name][first].sum(dim=0).reshape(-1).to(torch.float64) for name in self.params])
+        norm = float(total.norm())
+        if norm == 0.0 or not math.isfinite(norm):  # no gradient: its weight moves nothing (non-finite: refused later)
+            return
+        observed["moving"] += 1
+        if observed["direction"] is None:
+            observed["direction"] = total.div_(norm)
+            return
+        cosine = float(total @ observed["direction"]) / norm
+        # Parallel to within 100 rtol: a weighting that differs between them by a fraction δ would move the
+        # real gradient off the fitted multiple by only about δ·sin(angle), under the step's check for δ < 1 %.
+        if 1.0 - cosine * cosine > (100 * self.rtol) ** 2:
+            observed["independent"], observed["direction"] = True, None
+
+    def _mark_observed(self, losses: torch.Tensor, backward: list[bool]) -> None:
+        """A hook on the observed losses that the loop's backward through them fires (``backward[0] = True``;
+        observe()'s own passes do not count; the loop's gradient is unchanged, the tracker held weakly):
+        a step refused by its check then names the micro-batches that had no backward."""
+        this = weakref.ref(self)
+
+        def backward_seen(_grad: torch.Tensor) -> None:
+            tracker = this()
+            if tracker is not None and not tracker._own_pass:
+                backward[0] = True
+
+        losses.register_hook(backward_seen)
 
     def _observed_gradients(self, losses, groups, weights):
         """observe()'s checks, then the micro-batch's group ids and group gradients."""
@@ -802,8 +858,33 @@ class PathKernelTracker:
         theta_before = {name: p.detach().clone() for name, p in self.params.items()}
         saved = self._save_state()
         losses = torch.cat(observed["losses"])
+        try:
+            self._begin_observed_checked(index, observed, losses, theta_before, saved, together)
+        except LedgerCheckError as error:
+            missed = [i + 1 for i, seen in enumerate(observed["backward"]) if not seen[0]]
+            if missed and len(missed) < len(observed["backward"]):
+                raise LedgerCheckError(
+                    f"step {index} (observed): micro-batch(es) {missed[:10]} of the {len(observed['backward'])} "
+                    "observed for this step had no backward through their losses while the others had: a loop that "
+                    "observed them and then skipped their backward (a loss-spike guard, a `continue`) without "
+                    "clearing the gradients. Call tracker.observe() after the loop decides to train on a batch, "
+                    f"just before its backward ({error})"
+                ) from error
+            raise
+
+    def _begin_observed_checked(self, index, observed, losses, theta_before, saved, together) -> None:
         with torch.no_grad(), together.meeting():
             scale = self._scale_to_real(index, observed["grads"], observed["micro_batches"])
+            if observed["moving"] > 1 and not observed["independent"]:
+                raise ValueError(
+                    f"step {index}: the gradients of the {observed['moving']} observed micro-batches that move the "
+                    "parameters are all parallel (a model whose per-example gradients span one direction, the same "
+                    "examples in each micro-batch), so the one scale fitted to the optimizer's gradient cannot show "
+                    "whether the loop weighted them as observe() was told: any weighting fits, and the groups' "
+                    "shares would follow the observed weights, not the loop's. Observe the step's examples in one "
+                    "call (torch.cat of the micro-batches' losses, with weights= the loss's coefficients), or call "
+                    "tracker.step() with the whole batch"
+                )
             # Combined across ranks once, there, and scaled after (the rows are this step's own arrays).
             gradients = self.route.from_graph(observed["grads"], losses, _Batch(losses.shape[0], scale))
             # Kept once the step is recorded (a refused step leaves no entry).
