@@ -42,7 +42,7 @@ class Pooled(nn.Module):
 
     def forward(self, x):
         h = torch.tanh(self.body(x))
-        return self.head(h.mean(dim=tuple(range(2, h.dim()))))
+        return self.head(h.mean(dim=tuple(range(2, h.dim()))) if h.dim() > 2 else h)
 
 
 class Tokens(nn.Module):

@@ -12,6 +12,7 @@ from torch import nn
 from genkernel.core.engine.factored import factored_gradient_kernel
 from genkernel.core.engine.factors import analysis, covering_plan, make_plan
 from genkernel.core.engine.kernels import gradient_kernel
+from test_engine_factored_review import Pooled
 
 F64 = torch.float64
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -43,16 +44,6 @@ def relative_error(got, want):
 
 def _data(*shape, seed=1, dtype=F64):
     return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=dtype)
-
-
-class Pooled(nn.Module):
-    def __init__(self, body, channels):
-        super().__init__()
-        self.body, self.head = body, nn.Linear(channels, 2)
-
-    def forward(self, x):
-        h = torch.tanh(self.body(x))
-        return self.head(h.mean(dim=tuple(range(2, h.dim()))) if h.dim() > 2 else h)
 
 
 # -- 1. Subclasses whose own forward reads the weight another way ------------------------------
