@@ -440,3 +440,21 @@ def test_a_resumed_analyzer_with_other_mode_centres_is_refused(tmp_path):
     G, D, other = build(centers.roll(1, dims=0))
     with pytest.raises(ValueError, match=r"other mode_centers than this one.*same settings"):
         _trainer(other, G, D, tmp_path, 2).train(4, resume=True)
+
+
+@pytest.mark.parametrize("comparison", ["direction", "mode", "magnitude", "confidence"])
+def test_a_comparison_that_reads_the_discriminator_is_refused(comparison):
+    """Fails on the old code: a comparison grouping by D's gradient or scores was taken, though "geometry minus
+    spatial" credits D with what the comparison does not explain (and examples D is flat at took its tie-break
+    group). The D-independent ones, and a user's function (unknown), are taken."""
+    from genkernel.gan.geometry import FunctionGroups
+
+    G, D = _pair()
+    centers = ring_mode_centers(8, 2.0).to(F64)
+    with pytest.raises(ValueError, match="the comparison must not depend on D"):
+        GANKernelAnalyzer(G, D, _probes(), grouping="mode", mode_centers=centers, mode_std=0.05, comparison=comparison,
+                          num_groups=8)
+    for fine in ("nearest_mode", "latent_kmeans", FunctionGroups(lambda z, x, w, s: torch.zeros(len(z)).long(), 8)):
+        analyzer = GANKernelAnalyzer(G, D, _probes(), grouping="mode", mode_centers=centers, mode_std=0.05, comparison=fine,
+                                     num_groups=8)
+        assert analyzer.comparison.num_groups == 8

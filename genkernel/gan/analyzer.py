@@ -176,7 +176,8 @@ class GANKernelAnalyzer(TrainerCallback):
             ``fn(z, x, w, scores) -> LongTensor[B]`` (with ``num_groups``). Groupings see latents
             flattened per example, ``z [B, k]``.
         num_groups: G for the groupings that take a count.
-        comparison: a discriminator-independent grouping of the same size, tracked as a second partition
+        comparison: a discriminator-independent grouping of the same size (one that reads D's gradient or
+            scores, "direction", "mode", "magnitude", "confidence", is refused), tracked as a second partition
             ``"spatial"`` on the same steps (with its own permutation controls ``"spatial_control_i"``):
             "nearest_mode" (the mode nearest to G(z_i), needs ``mode_centers``), "latent_kmeans"
             (k-means of z), a :class:`GeometryGrouping` or None (default: none). Nearby latents share a
@@ -344,6 +345,14 @@ class GANKernelAnalyzer(TrainerCallback):
         self.num_groups = self.grouping.num_groups
         self.comparison = None if comparison is None else self._make_grouping(comparison, self.num_groups,
                                                                                seed_bits(seed))
+        if self.comparison is not None and self.comparison.reads_discriminator:
+            # geometry minus spatial credits D with what the comparison does not explain; a comparison that reads
+            # D (its w or scores) explains part of D's own coupling, and the examples D is flat at (w = 0) take its
+            # tie-break group
+            raise ValueError(
+                f"comparison={type(self.comparison).__name__} groups by the discriminator (its gradient w or scores): "
+                "the comparison must not depend on D; use 'nearest_mode', 'latent_kmeans' or a grouping of z or G(z)"
+            )
         if self.comparison is not None and self.comparison.num_groups != self.num_groups:
             raise ValueError(
                 f"comparison has {self.comparison.num_groups} groups but the geometry grouping {self.num_groups}: compare "

@@ -45,6 +45,9 @@ class GeometryGrouping:
     name: str = "geometry"
     fitted: bool = True
     uses_classes: bool = False  # True: called with classes=, a conditional GAN's LongTensor[B] (ClassGroups)
+    # Whether the groups read the discriminator (its gradient w or its scores): such a grouping cannot be the
+    # D-independent comparison of GANKernelAnalyzer(comparison=). None: not known (a user's function).
+    reads_discriminator: bool | None = None
 
     def labels(self) -> list[str]:
         return [f"{self.name} {g}" for g in range(self.num_groups)]
@@ -232,6 +235,7 @@ class DirectionGroups(_KMeansGroups):
     """k-means clusters of the unit directions w_i / ‖w_i‖, fitted once (sklearn KMeans, seeded)."""
 
     name = "direction"
+    reads_discriminator = True
     what = "gradients w"
     distinct = "gradient directions"
 
@@ -250,6 +254,7 @@ class ModeGroups(GeometryGrouping):
     """
 
     name = "pushed-to mode"
+    reads_discriminator = True
 
     def __init__(self, centers: torch.Tensor) -> None:
         # samples are read on the CPU; a copy, so that changing the caller's tensor cannot move the groups
@@ -281,6 +286,7 @@ class NearestModeGroups(ModeGroups):
     """The mode nearest to G(z_i)."""
 
     name = "nearest mode"
+    reads_discriminator = False
 
     def assign(self, z, x, w, scores):
         x = _finite_rows(_flat(x), "NearestModeGroups", "samples x")
@@ -295,6 +301,7 @@ class LatentKMeansGroups(_KMeansGroups):
     """
 
     name = "latent cluster"
+    reads_discriminator = False
     what = "latents z"
     distinct = "latents"
 
@@ -367,6 +374,7 @@ class MagnitudeGroups(_QuantileBins):
     """Quantile bins of ‖w_i‖ (how hard the discriminator pushes), low to high."""
 
     name = "|w| bin"
+    reads_discriminator = True
     value_name = "gradient norms ‖w‖"
 
     def value(self, z, x, w, scores):
@@ -377,6 +385,7 @@ class ConfidenceGroups(_QuantileBins):
     """Quantile bins of the score D(G(z_i)) (how real the sample looks to D), low to high."""
 
     name = "D(G(z)) bin"
+    reads_discriminator = True
     value_name = "scores D(G(z))"
 
     def value(self, z, x, w, scores):
@@ -412,6 +421,7 @@ class ClassGroups(GeometryGrouping):
 
     name = "class"
     uses_classes = True
+    reads_discriminator = False
 
     def __init__(self, num_classes: int) -> None:
         self.num_groups = _check_count(num_classes, "num_classes")
