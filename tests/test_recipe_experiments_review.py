@@ -215,3 +215,29 @@ def test_kernel_locality_is_not_measured_without_the_time_blind_null_model():
     # mixed: one seed without the reference leaves the claim unmeasured, not judged on the others
     runs = [_diffusion_run(0, time_blind=True), _diffusion_run(1, time_blind=False)]
     assert common.diffusion_claims(runs)["kernel_locality"]["measured"] is False
+
+
+def test_regression_json_holds_what_its_figure_draws():
+    """Fails on the old code: the figure draws the first seed's prediction against the ground truth, its
+    training points and its normalized kernel at θ_T, none of which the JSON held (a mean of the kernel's
+    off-diagonal only). ``results[kind]["drawn"]`` holds them: the figure's lines and image equal them."""
+    import matplotlib.pyplot as plt
+    import numpy as np
+    from genkernel.core.tracking.io import jsonable
+    from genkernel.plotting.figures import plot_regression_kernels
+    from recipes.experiments import regression_kernels as recipe
+
+    s = dict(n_train=8, n_test=20, width=8, lr=1e-2, steps=5)
+    run = recipe.run_one("sin", 0, s, "cpu")
+    drawn = jsonable(recipe.drawn_numbers(run))
+    fig = plot_regression_kernels({"sin": run})
+    top, bottom = fig.axes[0], fig.axes[1]
+    truth, prediction, points = top.lines[:3]
+    np.testing.assert_array_equal(prediction.get_xdata(), np.asarray(drawn["x_test"], dtype=np.float32))
+    np.testing.assert_array_equal(prediction.get_ydata(), np.asarray(drawn["y_pred"], dtype=np.float32))
+    np.testing.assert_array_equal(truth.get_ydata(), np.asarray(drawn["y_true"]))
+    np.testing.assert_array_equal(points.get_ydata(), np.asarray(drawn["y_train"], dtype=np.float32))
+    order = np.argsort(np.asarray(drawn["x_train"]), kind="stable")
+    kernel = np.asarray(drawn["kernel"], dtype=np.float32)
+    np.testing.assert_array_equal(np.asarray(bottom.images[0].get_array()), kernel[np.ix_(order, order)])
+    plt.close("all")

@@ -60,6 +60,16 @@ def run_one(kind: str, seed: int, s: dict, device, *, random_targets: bool = Fal
     }
 
 
+DRAWN = ("x_train", "y_train", "x_test", "y_true", "y_pred", "kernel")
+
+
+def drawn_numbers(run: dict) -> dict:
+    """What the figure draws of one run (:func:`run_one`), for the JSON: the training points, the test grid
+    with the ground truth and the prediction, and the normalized kernel ``[N, N]`` at θ_T (in the training
+    inputs' order; the figure sorts its rows and columns by x)."""
+    return {key: run[key] for key in DRAWN}
+
+
 def claims_for(kind: str, runs: list[dict]) -> dict:
     """The two claims of ``kind`` from its runs (one per seed, :func:`run_one`)."""
     r2 = mean_interval([r["r2"] for r in runs])  # Student t over seeds
@@ -107,6 +117,7 @@ def main(argv=None) -> dict:
             "alignment_gain_mean": gain.estimate,
             "test_mse": [r["test_mse"] for r in runs],
             "kernel_final_offdiag_mean": float(runs[0]["kernel"][~torch.eye(len(runs[0]["kernel"]), dtype=torch.bool)].mean()),
+            "drawn": drawn_numbers(runs[0]),  # the figure's panels: the first seed's run
         }
         claims.update(claims_for(kind, runs))
     fig = plot_regression_kernels(panels)
