@@ -124,14 +124,14 @@ def accuracy_interval(correct: torch.Tensor, per_digit: int) -> tuple[float, flo
     ordered by digit, image j of every digit rendered with variant j) that does not take the images as
     independent: the wider of the Student-t intervals over the 10 digits' accuracies and over the
     ``per_digit`` variants' accuracies (a glyph shape one network misreads fails every variant of that
-    digit; an odd font fails many digits). A grouping whose units all score alike has no spread and
+    digit; an odd font fails many digits), within [0, 1]. A grouping whose units all score alike has no spread and
     adds no interval; when neither has any (every image right, or every one wrong), the Wilson interval
     over the 10 digits as the units; NaN when no interval can be formed."""
     by_digit = mean_interval(correct, clusters=torch.arange(10).repeat_interleave(per_digit))
     by_variant = mean_interval(correct, clusters=torch.arange(per_digit).repeat(10))
     formed = [i for i in (by_digit, by_variant) if math.isfinite(i.low) and math.isfinite(i.high)]
-    if formed:
-        return min(i.low for i in formed), max(i.high for i in formed)
+    if formed:  # (an accuracy lies in [0, 1]: a t-interval over few units can reach past either end)
+        return max(0.0, min(i.low for i in formed)), min(1.0, max(i.high for i in formed))
     values = np.asarray(correct, dtype=np.float64)
     if values.size == 10 * per_digit and per_digit >= 1 and np.all(values == values[0]) and values[0] in (0.0, 1.0):
         units = proportion_interval(int(values[0]) * 10, 10)
