@@ -15,6 +15,8 @@ accuracy are kept in ``.tuning``.
 
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -46,10 +48,35 @@ def _check_labels(labels: np.ndarray, n: int) -> None:
         raise ValueError(f"an SVM needs at least two classes, but every label is {labels.tolist()[0]!r}")
 
 
+def _check_folds(folds) -> int:
+    """``folds`` as an int >= 2 (a float was truncated and 0, 1 or True blamed the class counts)."""
+    if isinstance(folds, bool) or not isinstance(folds, numbers.Integral):
+        raise TypeError(f"folds must be an int, got {type(folds).__name__} ({folds!r}); pass e.g. folds=5")
+    if folds < 2:
+        raise ValueError(f"folds must be >= 2 for cross-validation, got {folds}; pass e.g. folds=5")
+    return int(folds)
+
+
+def _check_grid(values: Sequence[float], name: str) -> list[float]:
+    """The grid ``values`` as positive finite floats: a C or gamma <= 0 or NaN failed its fits inside the
+    search, which only warned, dropped it and kept it in the recorded grid."""
+    if isinstance(values, (str, bytes)) or not isinstance(values, (Sequence, np.ndarray)):
+        raise TypeError(f"{name} must be a sequence of positive numbers, got {values!r}")
+    out = []
+    for v in list(values):
+        if isinstance(v, bool) or not isinstance(v, numbers.Real) or not (math.isfinite(float(v)) and float(v) > 0):
+            raise ValueError(f"{name} must hold positive finite numbers, got {v!r} in {list(values)!r}; drop it")
+        out.append(float(v))
+    if not out:
+        raise ValueError(f"{name} is empty; pass at least one value, e.g. the default grid")
+    return out
+
+
 def _search(estimator, grid: dict, x: np.ndarray, y: np.ndarray, folds: int, seed: int):
     """Stratified k-fold grid search; returns (best estimator refit on all of x, tuning record)."""
     from sklearn.model_selection import GridSearchCV, StratifiedKFold
 
+    folds = _check_folds(folds)
     counts = np.unique(y, return_counts=True)[1]
     folds = int(min(folds, counts.min()))
     if folds < 2:
@@ -176,7 +203,8 @@ def fit_tangent_svm(model: nn.Module, x: torch.Tensor, y, *, C: float = 1.0, out
     phi = phi / scale
     gram = phi @ phi.T
     if tune:
-        svm, tuning = _search(SVC(kernel="precomputed", max_iter=MAX_ITER), {"C": list(Cs)}, gram, labels, folds, seed)
+        svm, tuning = _search(SVC(kernel="precomputed", max_iter=MAX_ITER), {"C": _check_grid(Cs, "Cs")}, gram, labels,
+                              folds, seed)
     else:
         if not C > 0:
             raise ValueError(f"C must be positive, got {C}")
@@ -198,9 +226,12 @@ def fit_rbf_svm(x: torch.Tensor, y, *, C: float = 1.0, gamma: str | float = "sca
     labels = _labels(y)
     _check_labels(labels, xs.shape[0])
     if tune:
-        scale = 1.0 / (xs.shape[1] * xs.var())
-        svm, tuning = _search(SVC(kernel="rbf", max_iter=MAX_ITER), {"C": list(Cs), "gamma": [f * scale for f in gamma_factors]},
-                              xs, labels, folds, seed)
+        # sklearn's gamma="scale", 1 / (D · Var(x)), and as sklearn 1.0 for constant inputs (it was 1 / 0 = inf, which
+        # SVC refused with an unrelated "gamma ... Got inf" error)
+        var = float(xs.var())
+        scale = 1.0 / (xs.shape[1] * var) if var != 0 else 1.0
+        grid = {"C": _check_grid(Cs, "Cs"), "gamma": [f * scale for f in _check_grid(gamma_factors, "gamma_factors")]}
+        svm, tuning = _search(SVC(kernel="rbf", max_iter=MAX_ITER), grid, xs, labels, folds, seed)
     else:
         svm = SVC(kernel="rbf", C=C, gamma=gamma, max_iter=MAX_ITER).fit(xs, labels)
         tuning = {"tuned": False, "best": {"C": float(C), "gamma": gamma}}
