@@ -64,7 +64,9 @@ expected ratio of an analyzed step to a bare one (forward and backward of the ba
   :func:`sketch_work`); their group gradients (the batch's totals and sizes) and bare step are
   counted from the same shapes (the first layer's input gradient is not formed);
 - the probe forwards after the step, and before it too when the model has buffers or frozen
-  parameters.
+  parameters;
+- with an EMA ledger, its sync per step: R + 2 rows pushed through every node by push_rows' own
+  "auto" route (whatever the step's), JVPs at two forwards a row as above, and two probe forwards.
 
 Trackers and analyzers call it at construction and refuse, with the numbers and the cheaper
 options, when the device cannot hold what the step still needs: the total less what already exists
@@ -474,11 +476,24 @@ def estimate_cost(
     pushes = memory["probe_pushes"] + memory.get("push_tangents", 0)
     memory["check_temporaries"] = max(0, CHECK_TEMPORARIES * largest * 8 - pushes)
     if ema and group_state == "dense":
+        # EMALedgers.sync pushes its R + 2 rows by push_rows' own "auto" choice (whatever the step's route):
+        # the probes' Jacobians when 8 d <= R + 2 and they fit the budget, else JVPs in passes.
+        ema_rows = rows + 2
+        if push_route(ema_rows, m, outputs, num * param_bytes, memory_budget) == "jacobian":
+            ema_push = (2 * m * outputs + ema_rows) * num * param_bytes
+            shapes, fallback = block_shapes(model, probes)
+            forward = max(forward_macs(shapes, fallback), 1.0)
+            ema_work = quadrature_nodes * m * outputs * (2.0 + ema_rows * num / forward)
+        else:
+            per_pass, probes_per_pass = push_pass_shape(memory_budget, m, acts * param_bytes)
+            ema_push = push_pass_bytes(num, param_bytes, min(ema_rows, per_pass), probes_per_pass * acts * param_bytes)
+            # One primal per pass and two forwards per tangent row, as the step's pushes.
+            ema_work = quadrature_nodes * m * (math.ceil(ema_rows / per_pass) + 2.0 * ema_rows)
         # EMALedgers.sync, between steps: the change rows (R + 2 + partitions), the R + 2 rows it pushes
-        # (a float64 copy, and one in the parameters' dtype where that differs), a push pass as the step's,
-        # and the EMA's and the model's weights read in float64; beyond the step's temporaries, freed by then.
+        # (a float64 copy, and one in the parameters' dtype where that differs), its push, and the EMA's
+        # and the model's weights read in float64; beyond the step's temporaries, freed by then.
         narrow = param_bytes != 8
-        sync = ((stacked + 1) + (rows + 2)) * num * 8 + memory["probe_pushes"]
+        sync = ((stacked + 1) + (rows + 2)) * num * 8 + ema_push
         sync += ((rows + 2) * num * param_bytes + 2 * num * 8) if narrow else 0
         transient = sum(memory.get(k, 0) for k in ("group_gradients", "group_updates", "probe_pushes", "push_tangents",
                                                     "check_temporaries"))
@@ -486,13 +501,16 @@ def estimate_cost(
     # After the step; before it too when buffers or frozen parameters may have moved the outputs.
     work["probe_forwards"] = m * (2.0 if has_state_outside_training(model) else 1.0)
     if ema:
-        work["ema_contributions"] = quadrature_nodes * m * (1.0 + rows + 2)
+        # The sync's pushes and its two forwards of the probes (the EMA weights before and after).
+        work["ema_contributions"] = ema_work + 2.0 * m if group_state == "dense" else quadrature_nodes * m * (
+            1.0 + 2.0 * (rows + 2)) + 2.0 * m
     estimate = CostEstimate(memory, available_memory(device), work, bare, held_bytes(model, optimizer, device), settings={
         "parameters": num, "rows": rows, "probes": m, "outputs": outputs, "batch": b, "group_state": group_state,
         "state_dtype": str(state_dtype).replace("torch.", ""), "device": str(device),
         "quadrature_nodes": quadrature_nodes, "ema": ema, "optimizer": type(optimizer).__name__,
     })
-    estimate.cheaper = _cheaper_options(estimate, group_state, state_dtype, param_bytes, options)
+    estimate.cheaper = _cheaper_options(estimate, group_state, state_dtype, param_bytes, options,
+                                        sketches=sketchable(optimizer))
     return estimate
 
 
@@ -563,6 +581,25 @@ def linear_state_rows(optimizer: torch.optim.Optimizer) -> bool:
     if isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW)):
         return True
     return any(float(g.get("momentum", 0.0)) != 0.0 for g in optimizer.param_groups)
+
+
+def sketchable(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether ``group_state="sketched"`` takes this optimizer
+    (:class:`~genkernel.core.tracking.sketched.SketchedRoute`): SGD, Adam or AdamW (exactly those
+    types), with the same betas (Adam) or momentum, dampening and nesterov (SGD) in every parameter
+    group, which one sketch of all parameters' state needs."""
+    if type(optimizer) not in (torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW):
+        return False
+    keys = ("betas",) if type(optimizer) is not torch.optim.SGD else ("momentum", "dampening", "nesterov")
+
+    def plain(value: Any) -> Any:
+        if isinstance(value, torch.Tensor):
+            return float(value.item())
+        if isinstance(value, (tuple, list)):
+            return tuple(plain(v) for v in value)
+        return value
+
+    return len({tuple(plain(g.get(key)) for key in keys) for g in optimizer.param_groups}) == 1
 
 
 def optimizer_state_copies(optimizer: torch.optim.Optimizer) -> int:
@@ -746,7 +783,7 @@ def _same_device(a: torch.device, b: torch.device) -> bool:
 
 
 def _cheaper_options(estimate: CostEstimate, group_state: str, state_dtype: torch.dtype, param_bytes: int,
-                     allowed: tuple[str, ...]) -> list[str]:
+                     allowed: tuple[str, ...], *, sketches: bool = False) -> list[str]:
     """What would make the step fit or run faster, each memory option with what it would save
     (from the parts it changes: the group arrays scale with the rows, the probes' pushes with the
     probes), only where it applies and its setting is in ``allowed``."""
@@ -763,9 +800,9 @@ def _cheaper_options(estimate: CostEstimate, group_state: str, state_dtype: torc
                        f"examples grouped by class or cluster; the group arrays and ledgers, {gib(scaled)}, scale "
                        "with them)")
     if group_state == "dense":
-        # The sketched route runs SGD (momentum), Adam and AdamW (tracking.sketched), not RMSprop.
-        if ("group_state" in allowed and not settings.get("ema")
-                and settings.get("optimizer") in ("SGD", "Adam", "AdamW")):
+        # The sketched route runs SGD (momentum), Adam and AdamW (tracking.sketched), not RMSprop, with one
+        # betas or momentum over the parameter groups (sketches: :func:`sketchable`).
+        if "group_state" in allowed and not settings.get("ema") and sketches:
             options.append("group_state='sketched' (k-dimensional sketches of each group's state instead of P-sized "
                            f"copies: most of the group arrays' {gib(group_parts)})")
         if "state_dtype" in allowed and state_dtype == torch.float64 and param_bytes == 4:
@@ -787,6 +824,6 @@ __all__ = [
     "CHECK_TEMPORARIES", "COST_OPTIONS", "CostEstimate", "PUSH_ROW_ACTIVATIONS", "available_memory", "cgroup_free_memory",
     "check_bytes", "cost_options", "estimate_cost", "factor_route_work", "forward_macs", "held_bytes", "ledger_bytes", "linear_state_rows",
     "optimizer_state_copies", "projection_bytes", "push_pass_bytes", "push_pass_shape", "push_route", "reads_training_pass",
-    "sketch_temporary_bytes", "sketch_work",
+    "sketch_temporary_bytes", "sketch_work", "sketchable",
     "tangent_bytes",
 ]

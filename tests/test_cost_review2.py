@@ -1,0 +1,105 @@
+"""Second review of genkernel.core.cost: the EMA ledger's sync (its pushes take push_rows' own
+"auto" route and cost two forwards per tangent row, plus its two probe forwards), and the cheaper
+options naming group_state='sketched' only where the sketched route takes the optimizer."""
+
+import pytest
+import torch
+from torch import nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+import genkernel.core.cost as cost
+from genkernel import PathKernelTracker
+from genkernel.core.cost import estimate_cost
+from genkernel.supervised import mse_loss
+
+F64 = torch.float64
+
+
+def _mlp(outputs):
+    return nn.Sequential(nn.Flatten(), nn.Linear(16, 24), nn.Tanh(), nn.Linear(24, outputs)).double()
+
+
+def test_the_ema_syncs_work_is_its_flop_count_with_six_nodes():
+    """An EMA ledger's sync pushes R + 2 rows through every quadrature node, one primal per pass and
+    two forwards per tangent row as the step's own pushes, and runs two probe forwards: the
+    predicted ratio is torch's operation count of a tracked step with its sync over a bare step's,
+    to 6 % (gauss6). It counted one forward per row and no probe forwards: 19 % low."""
+    from recipes.benchmarks.harness import counted_flops
+
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    batch, probes, groups = 8, 4, 3
+    bare_model, model = _mlp(3), _mlp(3)
+    model.load_state_dict(bare_model.state_dict())
+    bare_opt, opt = torch.optim.Adam(bare_model.parameters(), 1e-3), torch.optim.Adam(model.parameters(), 1e-3)
+    x = torch.randn(2 * batch + probes, 1, 4, 4, dtype=F64)
+    y = torch.randn(2 * batch, 3, dtype=F64)
+    tracker = PathKernelTracker(model, opt, mse_loss, x[-probes:], num_groups=groups, batch_size=batch,
+                                group_state="dense", gradient_route="graph", contribution_route="jvp",
+                                quadrature="gauss6")
+    ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(0.9))
+    tracker.track_ema(ema)
+
+    def bare(rows):
+        bare_opt.zero_grad()
+        mse_loss(bare_model(x[rows]), y[rows]).mean().backward()
+        bare_opt.step()
+
+    def tracked(rows):
+        tracker.step(x[rows], y[rows], torch.arange(batch) % groups)
+        ema.update_parameters(model)
+        tracker.ema_ledgers  # the sync
+
+    bare(slice(0, batch))
+    tracked(slice(0, batch))
+    rows = slice(batch, 2 * batch)
+    ratio = counted_flops(lambda: tracked(rows))[0] / counted_flops(lambda: bare(rows))[0]
+    assert tracker.cost.ratio == pytest.approx(ratio, rel=0.06)
+    assert tracker.cost.work["ema_contributions"] == 6 * probes * (1 + 2 * (groups + 2)) + 2 * probes
+
+
+def test_the_ema_sync_is_estimated_on_the_route_push_rows_takes_for_it():
+    """EMALedgers.sync calls push_rows with route "auto" whatever the tracker's contribution route:
+    with d = 1 and R + 2 = 12 rows it takes the probes' Jacobians, [2 M d + R + 2] × P, which the
+    sync's estimate counts (it counted the step's JVP pass) and whose work it counts."""
+    torch.manual_seed(0)
+    model = _mlp(1)
+    opt = torch.optim.Adam(model.parameters(), 1e-3)
+    probes = (torch.randn(5, 1, 4, 4, dtype=F64),)
+    num = sum(p.numel() for p in model.parameters())
+    rows, m = 10, 5
+    assert cost.push_route(rows + 2, m, 1, num * 8, 2**28) == "jacobian"
+    plain = estimate_cost(model, opt, probes, outputs=1, rows=rows, contribution_route="jvp", memory_budget=2**28)
+    with_ema = estimate_cost(model, opt, probes, outputs=1, rows=rows, contribution_route="jvp", memory_budget=2**28,
+                             ema=True)
+    stacked = rows + 2
+    sync = (stacked + 1 + rows + 2) * num * 8 + (2 * m * 1 + rows + 2) * num * 8
+    transient = sum(with_ema.memory.get(k, 0) for k in ("group_gradients", "group_updates", "probe_pushes",
+                                                         "push_tangents", "check_temporaries"))
+    assert with_ema.memory["ema_sync"] == sync - transient
+    assert with_ema.memory["probe_pushes"] == plain.memory["probe_pushes"]  # the step's own route is unchanged
+    shapes, fallback = cost.block_shapes(model, probes)
+    forward = cost.forward_macs(shapes, fallback)
+    assert with_ema.work["ema_contributions"] == pytest.approx(m * 1 * (2 + (rows + 2) * num / forward) + 2 * m)
+
+
+def test_sketched_is_not_suggested_where_the_sketched_route_refuses_the_optimizer(monkeypatch):
+    """The sketched route needs one betas (Adam) or one momentum (SGD) over all parameter groups and
+    SGD, Adam or AdamW: a refusal named it for an optimizer whose groups differ, which it then refused."""
+    monkeypatch.setattr(cost, "available_memory", lambda device: 1000)
+    model = nn.Sequential(nn.Linear(3, 16), nn.Tanh(), nn.Linear(16, 2))
+    probes = (torch.randn(4, 3),)
+
+    def split(kind, **second):
+        groups = [{"params": model[0].parameters()}, {"params": model[2].parameters(), **second}]
+        return kind(groups, lr=1e-3, **({"momentum": 0.9} if kind is torch.optim.SGD else {}))
+
+    for optimizer in (split(torch.optim.Adam, betas=(0.5, 0.999)), split(torch.optim.SGD, momentum=0.5)):
+        estimate = estimate_cost(model, optimizer, probes, outputs=2, rows=4)
+        assert not estimate.fits and "fewer groups" in " ".join(estimate.cheaper)
+        assert "group_state='sketched'" not in " ".join(estimate.cheaper)
+        with pytest.raises(ValueError, match="sketched"):  # what it would have named
+            PathKernelTracker(model, optimizer, mse_loss, probes[0], num_groups=4, group_state="sketched",
+                              memory_check="warn")
+    same = estimate_cost(model, split(torch.optim.Adam, betas=(0.9, 0.999)), probes, outputs=2, rows=4)
+    assert "group_state='sketched'" in " ".join(same.cheaper)
