@@ -243,24 +243,35 @@ def coupled_modules(model: nn.Module) -> list[str]:
     masks), RReLU with lower < upper in training mode (fresh slopes), and the other modules that
     draw in training mode (:data:`RANDOM_IN_TRAINING`: stochastic depth, label dropout), whose
     draws a second forward does not repeat."""
+    return [label for label, _ in _coupling(model)]
+
+
+def randomizing_modules(model: nn.Module) -> list[str]:
+    """The modules of :func:`coupled_modules` that draw random numbers in the forward (all but BatchNorm)."""
+    return [label for label, draws in _coupling(model) if draws]
+
+
+def _coupling(model: nn.Module) -> list[tuple[str, bool]]:
+    """``(label, draws)`` for each module of :func:`coupled_modules`, in module order; ``draws``: it
+    randomizes (dropout, RReLU, :data:`RANDOM_IN_TRAINING`) rather than normalizing over the batch."""
     out = []
     for name, module in model.named_modules():
         label = f"{name or type(model).__name__} ({type(module).__name__}"
         if isinstance(module, nn.modules.batchnorm._BatchNorm):
             if module.running_mean is None and module.running_var is None:
-                out.append(label + ", no running statistics: batch statistics in eval mode too)")
+                out.append((label + ", no running statistics: batch statistics in eval mode too)", False))
             elif module.training:
-                out.append(label + ")")
+                out.append((label + ")", False))
         elif isinstance(module, nn.modules.dropout._DropoutNd) and module.training and module.p > 0:
-            out.append(label + ")")
+            out.append((label + ")", True))
         elif isinstance(module, nn.RReLU) and module.training and module.lower != module.upper:
             # fresh random negative slopes on every forward (measured: two per-probe Hessian calls gave
             # 6.62 and 7.28 for the same probe, silently)
-            out.append(label + f", random slopes in [{module.lower}, {module.upper}] in training mode)")
+            out.append((label + f", random slopes in [{module.lower}, {module.upper}] in training mode)", True))
         elif module.training and type(module).__name__ in RANDOM_IN_TRAINING:
             p = getattr(module, RANDOM_IN_TRAINING[type(module).__name__], 0)
             if isinstance(p, numbers.Real) and p > 0:
-                out.append(label + f", p={p} in training mode)")
+                out.append((label + f", p={p} in training mode)", True))
     return out
 
 

@@ -50,6 +50,7 @@ from ..adapter import (
     functional_model,
     output_tensor,
     preserved_buffers,
+    randomizing_modules,
 )
 from .factors import Factors, capture, covering_plan, loss_cotangents
 from .reference import per_example
@@ -129,10 +130,7 @@ def _check_model(model: nn.Module, route: str) -> None:
     in training mode) or, for a per-example ``route`` ("example", "factored", "auto"), couple the
     examples (BatchNorm with batch statistics)."""
     check_analysis_safe(model)
-    batch_norms = {name or type(model).__name__ for name, m in model.named_modules()
-                   if isinstance(m, nn.modules.batchnorm._BatchNorm)}
-    coupled = coupled_modules(model)
-    random = [label for label in coupled if label.split(" (")[0] not in batch_norms]
+    random = randomizing_modules(model)
     if random:
         raise ValueError(
             f"{', '.join(random[:3])} draw random numbers in the forward (training mode), so group_gradients' own "
@@ -140,7 +138,8 @@ def _check_model(model: nn.Module, route: str) -> None:
             "the gradients from the training step's losses with gradients_from_losses (its masks), or put those "
             "modules in eval mode"
         )
-    if coupled and route != "group":
+    coupled = coupled_modules(model) if route != "group" else []  # (BatchNorm only, the draws refused above)
+    if coupled:
         raise ValueError(
             f"{', '.join(coupled[:3])} normalize with the batch's statistics, so per-example gradients (route "
             f"{route!r}) are undefined. Use route='group' (one forward of the whole batch), gradients_from_losses "
