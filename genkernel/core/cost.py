@@ -448,47 +448,40 @@ def estimate_cost(
     if group_state == "sketched":
         memory["step_contributions"] += sketch_temporary_bytes(
             model, m, outputs, sketch_dim, param_bytes, preconditioned=type(optimizer) is not torch.optim.SGD)
+
+    def push_cost(rows_pushed: int, route: str) -> tuple[int, float]:
+        """``(bytes, work)`` of pushing ``rows_pushed`` rows to the probes at every node on ``route``."""
+        if route == "jacobian":
+            # The Jacobians' blocks and their concatenation, M × d × P each, and the rows as one [rows, P]
+            # matrix; d backward passes of the probes, and the Jacobians times the rows: M·d·rows·P
+            # multiply-adds (in forwards of F multiply-adds each: on an MLP P ≈ F, and this product dominates).
+            shapes, fallback = block_shapes(model, probes)
+            forward = max(forward_macs(shapes, fallback), 1.0)
+            return ((2 * m * outputs + rows_pushed) * num * param_bytes,
+                    quadrature_nodes * m * outputs * (2.0 + rows_pushed * num / forward))
+        # One primal pass per vmapped pass and two per tangent row (J u through every product:
+        # Ẇx + Wẋ), as torch.utils.flop_counter counts vmapped JVPs: 1 + 2.05 R forwards on a UNet
+        # at R = 21 in one pass. Passes over chunks of the probes add up to one primal of them all.
+        per_pass, probes_per_pass = push_pass_shape(memory_budget, m, acts * param_bytes)
+        return (push_pass_bytes(num, param_bytes, min(rows_pushed, per_pass), probes_per_pass * acts * param_bytes),
+                quadrature_nodes * m * (math.ceil(rows_pushed / per_pass) + 2.0 * rows_pushed))
+
     if contribution_route == "auto":  # as routes.push_rows decides at every step
         contribution_route = push_route(pushed, m, outputs, num * param_bytes, memory_budget)
     if pushed == 0:
         memory["probe_pushes"] = 0
         work["contributions"] = 0.0
-    elif contribution_route == "jacobian":
-        # The Jacobians' blocks and their concatenation, M × d × P each, and the rows as one [rows, P]
-        # matrix; the rows converted to the parameters' dtype first where theirs differs.
-        memory["probe_pushes"] = (2 * m * outputs + pushed) * num * param_bytes
-        memory["push_tangents"] = tangent_bytes(pushed, num, row_bytes, param_bytes)
-        # d backward passes of the probes, and the Jacobians times the rows: M·d·rows·P multiply-adds
-        # (in forwards of F multiply-adds each: on an MLP P ≈ F, and this product dominates).
-        shapes, fallback = block_shapes(model, probes)
-        forward = max(forward_macs(shapes, fallback), 1.0)
-        work["contributions"] = quadrature_nodes * m * outputs * (2.0 + pushed * num / forward)
     else:
-        per_pass, probes_per_pass = push_pass_shape(memory_budget, m, acts * param_bytes)
-        memory["probe_pushes"] = push_pass_bytes(num, param_bytes, min(pushed, per_pass),
-                                                 probes_per_pass * acts * param_bytes)
+        memory["probe_pushes"], work["contributions"] = push_cost(pushed, contribution_route)
+        # the rows converted to the parameters' dtype first where theirs differs
         memory["push_tangents"] = tangent_bytes(pushed, num, row_bytes, param_bytes)
-        # One primal pass per vmapped pass and two per tangent row (J u through every product:
-        # Ẇx + Wẋ), as torch.utils.flop_counter counts vmapped JVPs: 1 + 2.05 R forwards on a UNet
-        # at R = 21 in one pass. Passes over chunks of the probes add up to one primal of them all.
-        passes = math.ceil(pushed / per_pass)
-        work["contributions"] = quadrature_nodes * m * (passes + 2.0 * pushed)
     pushes = memory["probe_pushes"] + memory.get("push_tangents", 0)
     memory["check_temporaries"] = max(0, CHECK_TEMPORARIES * largest * 8 - pushes)
     if ema and group_state == "dense":
         # EMALedgers.sync pushes its R + 2 rows by push_rows' own "auto" choice (whatever the step's route):
         # the probes' Jacobians when 8 d <= R + 2 and they fit the budget, else JVPs in passes.
         ema_rows = rows + 2
-        if push_route(ema_rows, m, outputs, num * param_bytes, memory_budget) == "jacobian":
-            ema_push = (2 * m * outputs + ema_rows) * num * param_bytes
-            shapes, fallback = block_shapes(model, probes)
-            forward = max(forward_macs(shapes, fallback), 1.0)
-            ema_work = quadrature_nodes * m * outputs * (2.0 + ema_rows * num / forward)
-        else:
-            per_pass, probes_per_pass = push_pass_shape(memory_budget, m, acts * param_bytes)
-            ema_push = push_pass_bytes(num, param_bytes, min(ema_rows, per_pass), probes_per_pass * acts * param_bytes)
-            # One primal per pass and two forwards per tangent row, as the step's pushes.
-            ema_work = quadrature_nodes * m * (math.ceil(ema_rows / per_pass) + 2.0 * ema_rows)
+        ema_push, ema_work = push_cost(ema_rows, push_route(ema_rows, m, outputs, num * param_bytes, memory_budget))
         # EMALedgers.sync, between steps: the change rows (R + 2 + partitions), the R + 2 rows it pushes
         # (a float64 copy, and one in the parameters' dtype where that differs), its push, and the EMA's
         # and the model's weights read in float64; beyond the step's temporaries, freed by then.
