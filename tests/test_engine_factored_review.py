@@ -17,13 +17,20 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # small problems: two thread
 
 
 def brute_jacobians(model, xs, theta=None):
-    """[M, d, P] over the trainable parameters (at ``theta`` when given), one example at a time."""
+    """[M, d, P] over the trainable parameters (at ``theta`` when given), one example at a time, of an
+    eval-mode copy of ``model``."""
     model = copy.deepcopy(model).eval()
-    params = [p for p in model.parameters() if p.requires_grad]
     if theta is not None:
         with torch.no_grad():
             for (name, p) in [(n, p) for n, p in model.named_parameters() if p.requires_grad]:
                 p.copy_(theta[name])
+    return jacobians_of(model, xs)
+
+
+def jacobians_of(model, xs):
+    """[M, d, P] over ``model``'s trainable parameters as they are (the model itself, in its mode), one
+    autograd call per example and output."""
+    params = [p for p in model.parameters() if p.requires_grad]
     rows = []
     for n in range(xs[0].shape[0]):
         out = model(*(t[n : n + 1] for t in xs)).reshape(-1)

@@ -12,7 +12,7 @@ from torch import nn
 from genkernel.core.engine.factored import factored_gradient_kernel
 from genkernel.core.engine.factors import analysis, covering_plan, make_plan
 from genkernel.core.engine.kernels import gradient_kernel
-from test_engine_factored_review import Pooled
+from test_engine_factored_review import Pooled, jacobians_of
 
 F64 = torch.float64
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -21,16 +21,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def brute_jacobians(model, x):
     """[M, d, P] in float64 over the trainable parameters, one example at a time (no deepcopy:
     the old weight_norm's computed weight is not a leaf)."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    rows = []
-    for n in range(x.shape[0]):
-        out = model(x[n : n + 1]).reshape(-1)
-        rows.append(torch.stack([
-            torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1).to(F64)
-                       for g, p in zip(torch.autograd.grad(out[i], params, retain_graph=True, allow_unused=True), params)])
-            for i in range(out.shape[0])
-        ]))
-    return torch.stack(rows)
+    return jacobians_of(model, (x,)).to(F64)
 
 
 def brute_kernel(model, x):
