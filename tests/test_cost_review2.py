@@ -103,3 +103,24 @@ def test_sketched_is_not_suggested_where_the_sketched_route_refuses_the_optimize
                               memory_check="warn")
     same = estimate_cost(model, split(torch.optim.Adam, betas=(0.9, 0.999)), probes, outputs=2, rows=4)
     assert "group_state='sketched'" in " ".join(same.cheaper)
+
+
+def test_factored_is_suggested_for_plain_sgd_and_only_the_group_states_the_caller_can_build(monkeypatch):
+    """A dense tracker of plain SGD that did not fit never named group_state='factored' (no per-group copies
+    at all), the cheapest route for it; and group_states= (a tracker under DDP: dense alone) keeps the
+    suggestions to the routes its caller can be built with."""
+    monkeypatch.setattr(cost, "available_memory", lambda device: 1000)
+    model = nn.Sequential(nn.Linear(3, 16), nn.Tanh(), nn.Linear(16, 2))
+    probes = (torch.randn(4, 3),)
+    named = lambda estimate: " ".join(estimate.cheaper)  # noqa: E731
+    plain = estimate_cost(model, torch.optim.SGD(model.parameters(), lr=0.1), probes, outputs=2, rows=4)
+    assert not plain.fits and "group_state='factored'" in named(plain) and "group_state='sketched'" in named(plain)
+    momentum = estimate_cost(model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), probes, outputs=2, rows=4)
+    assert "group_state='factored'" not in named(momentum) and "group_state='sketched'" in named(momentum)
+    alone = estimate_cost(model, torch.optim.SGD(model.parameters(), lr=0.1), probes, outputs=2, rows=4,
+                          group_states=("dense",))
+    assert "group_state=" not in named(alone) and "fewer groups" in named(alone)
+    with_ema = estimate_cost(model, torch.optim.SGD(model.parameters(), lr=0.1), probes, outputs=2, rows=4, ema=True)
+    assert "group_state=" not in named(with_ema)  # neither route keeps an EMA ledger
+    with pytest.raises(ValueError, match="group_states must be a tuple drawn from"):
+        estimate_cost(model, torch.optim.SGD(model.parameters(), lr=0.1), probes, outputs=2, rows=4, group_states="dense")

@@ -65,6 +65,7 @@ def worker(rank, rendezvous, out_dir):
         result["counts"] = summed_over_ranks(torch.bincount(groups[0, shard], minlength=3), tracker.distributed)
         result.update(disagreeing_ranks(rank, model, tracker, x, y, groups, shard))
         result.update(batch_norm(x, y, groups, shard))
+        result.update(micro_batched(x, y, groups, shard))
         torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
         # Both ranks done before either tears the group down: a rank that destroys it while the other
         # still drains the last collective's messages closes their connection under it, and gloo's
@@ -138,6 +139,31 @@ def batch_norm(x, y, groups, shard):
     return out
 
 
+def micro_batched(x, y, groups, shard):
+    """Tracked steps of 2 micro-batches per rank under DDP, its all-reduces counted by a communication hook
+    (DDP's own all-reduce inside): the micro-batch before the last runs in no_sync(), one all-reduce a step."""
+    from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+
+    from genkernel.core.tracking.step import OptimizerStep
+
+    model = nn.parallel.DistributedDataParallel(make_model())
+    all_reduces = [0]
+
+    def counted(state, bucket):
+        all_reduces[0] += 1
+        return allreduce_hook(state, bucket)
+
+    model.register_comm_hook(None, counted)
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.02, weight_decay=0.01)
+    tracker = PathKernelTracker(model, optimizer, mse_loss, PROBES, num_groups=3)
+    for k in range(2):
+        tracker.track(OptimizerStep(model, optimizer, mse_loss, x[k, shard], y[k, shard], micro_batches=2), groups[k, shard])
+    ledger = tracker.ledger
+    identity = (ledger.contributions.sum(1) + ledger.rest + ledger.residual - (ledger.f_end - ledger.f_start)).abs().max()
+    return {"mb_all_reduces": all_reduces[0], "mb_params": [p.detach().clone() for p in model.parameters()],
+            "mb_identity": float(identity), "mb_contributions": ledger.contributions.clone()}
+
+
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):
     """Run the 2-process job once; the per-rank results."""
@@ -172,6 +198,24 @@ def test_ddp_ledger_equals_single_process(ranks):
         assert ledger["steps"] == STEPS
         expected_kernel = gradient_kernel(model, KERNEL_ROWS, PROBES, normalize=True)
         torch.testing.assert_close(result["kernel"], expected_kernel, rtol=1e-10, atol=1e-12)
+
+
+def test_micro_batches_under_ddp_all_reduce_once_a_step_and_equal_single_process(ranks):
+    """OptimizerStep(micro_batches=2) all-reduced every micro-batch's gradient under DDP (4 all-reduces for 2
+    steps); the first now runs in no_sync(): 2, and the run is the single-process run on the global batches."""
+    model = make_model()
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.02, weight_decay=0.01)
+    tracker = PathKernelTracker(model, optimizer, mse_loss, PROBES, num_groups=3)
+    x, y, groups = global_batches()
+    for k in range(2):
+        tracker.step(x[k], y[k], groups[k])
+    scale = tracker.ledger.contributions.abs().max()
+    for result in ranks:
+        assert result["mb_all_reduces"] == 2
+        for a, b in zip(result["mb_params"], model.parameters()):
+            torch.testing.assert_close(a, b.detach(), rtol=1e-12, atol=1e-14)
+        torch.testing.assert_close(result["mb_contributions"], tracker.ledger.contributions, rtol=0, atol=1e-10 * scale)
+        assert result["mb_identity"] < 1e-12
 
 
 def test_uneven_shards_are_refused_on_every_rank(ranks):

@@ -382,7 +382,9 @@ def test_guided_retrieval_under_each_noise_process_is_the_guided_functions_kerne
 @pytest.mark.parametrize("output_sketch", [None, 4])
 def test_guidance_scale_zero_is_the_retrieval_of_the_null_branchs_samples(output_sketch):
     """coverage: w = 0 samples with F(∅) alone and its kernel is that function's: the retrieval of the
-    unguided samples drawn with conditioning = ∅ (bit-equal samples; kernels to 1e-12)."""
+    unguided samples drawn with conditioning = ∅ (samples and kernels to 1e-12). Not bit for bit: the guided
+    pass runs the conditional and the null rows as one batch of 2S, the plain one S rows, and the BLAS may round
+    a matrix product differently with the row count (seen: bit-equal on one CPU, 2.8e-17 apart on another)."""
     from genkernel.diffusion import retrieval_attribution
     model = ConditionalDenoiser()
     train, train_labels = ring(6, seed=8), torch.tensor([0, 1, 2, 0, 1, 2])
@@ -393,7 +395,7 @@ def test_guidance_scale_zero_is_the_retrieval_of_the_null_branchs_samples(output
     guided = retrieval_attribution(model, make_scheduler(T), train, conditioning=labels, guidance_scale=0.0,
                                    null_conditioning=null, **kwargs)
     plain = retrieval_attribution(model, make_scheduler(T), train, conditioning=null, **kwargs)
-    assert torch.equal(guided.samples, plain.samples)
+    torch.testing.assert_close(guided.samples, plain.samples, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(guided.kernel, plain.kernel, rtol=1e-12, atol=1e-12)
 
 

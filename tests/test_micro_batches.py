@@ -93,6 +93,25 @@ def test_bad_micro_batch_counts_and_targets_are_refused():
         SupervisedTrainer(model, opt, mse_loss, batch_size=8, micro_batches=9)
 
 
+def test_ddpm_trainer_refuses_more_micro_batches_than_its_batch_size():
+    """DDPMTrainer ran every batch of a batch size below K in one-example micro-batches, fewer than asked,
+    silently; now refused for Tensor data (batch_size=, capped at N) and for a DataLoader's batch size. A
+    DataLoader's short last batch still runs in fewer (test_micro_batches_review)."""
+    from genkernel.diffusion import DDPMTrainer, make_scheduler
+    from genkernel.diffusion.models import MLPDenoiser
+
+    model = MLPDenoiser(hidden=4, depth=1, time_dim=4)
+    data = torch.randn(6, 2)
+    with pytest.raises(ValueError, match=r"micro_batches=5 exceeds the batch size 4 \(batch_size="):
+        DDPMTrainer(model, make_scheduler(10), data, batch_size=4, micro_batches=5, progress=False)
+    with pytest.raises(ValueError, match=r"micro_batches=7 exceeds the batch size 6 \(batch_size=, capped"):
+        DDPMTrainer(model, make_scheduler(10), data, batch_size=32, micro_batches=7, progress=False)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(data), batch_size=2)
+    with pytest.raises(ValueError, match=r"micro_batches=3 exceeds the batch size 2 \(the DataLoader's\)"):
+        DDPMTrainer(model, make_scheduler(10), loader, micro_batches=3, progress=False)
+    assert DDPMTrainer(model, make_scheduler(10), data, batch_size=4, micro_batches=4, progress=False).micro_batches == 4
+
+
 ROUTES = [
     ("dense", "graph", torch.optim.Adam, {"lr": 0.02, "weight_decay": 1e-3}),
     ("dense", "example", torch.optim.SGD, {"lr": 0.05, "momentum": 0.9}),

@@ -122,3 +122,44 @@ def test_embed_2d_tsne_of_euclidean_distances_is_sklearns_tsne_of_the_points():
     np.testing.assert_allclose(coords, reference, atol=1e-6)
     squared, _ = embed_2d(d ** 2, method="tsne", seed=3, perplexity=5.0)  # the property is not vacuous
     assert np.abs(squared - reference).max() > 1e-2
+
+
+def test_a_fit_stopped_at_libsvm_s_iteration_cap_is_refused_and_counted_in_the_search(monkeypatch):
+    """sklearn only warned when libsvm stopped at max_iter and kept the unfinished solution (its decision
+    values then depend on the cap): the fit is refused now, and the search counts its unfinished fits."""
+    from genkernel.supervised import svm as svm_module
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(40, 3, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 2, (40,), generator=g)  # random labels: many iterations at large C
+    monkeypatch.setattr(svm_module, "MAX_ITER", 3)
+    with pytest.raises(RuntimeError, match="did not converge in 3 libsvm iterations"):
+        svm_module.fit_rbf_svm(x, y, C=1000.0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 6), torch.nn.Tanh(), torch.nn.Linear(6, 1)).double()
+    with pytest.raises(RuntimeError, match="did not converge"):
+        svm_module.fit_tangent_svm(model, x, y, C=1000.0)
+    with pytest.raises(RuntimeError, match="did not converge"):
+        svm_module.fit_rbf_svm(x, y, tune=True, Cs=[1000.0], gamma_factors=[1.0], folds=2)
+    monkeypatch.setattr(svm_module, "MAX_ITER", 10_000_000)
+    fitted = svm_module.fit_rbf_svm(x, y, tune=True, Cs=[1000.0], gamma_factors=[1.0], folds=2)
+    assert fitted.tuning["unconverged_fits"] == 0 and (fitted.n_iter_ < 10_000_000).all()
+
+
+def test_tune_refuses_the_settings_it_would_ignore():
+    """tune=True chose C (and gamma) from the grids and silently dropped a C= or gamma= given beside it."""
+
+
+    x = torch.randn(12, 2, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    y = torch.arange(12) % 2
+    with pytest.raises(ValueError, match=r"C=10.0 would be ignored: tune=True chooses C"):
+        fit_rbf_svm(x, y, tune=True, C=10.0, folds=2)
+    with pytest.raises(ValueError, match=r"gamma=0.5 would be ignored"):
+        fit_rbf_svm(x, y, tune=True, gamma=0.5, folds=2)
+    model = torch.nn.Sequential(torch.nn.Linear(2, 4), torch.nn.Tanh(), torch.nn.Linear(4, 1)).double()
+    with pytest.raises(ValueError, match=r"C=0.1 would be ignored"):
+        fit_tangent_svm(model, x, y, tune=True, C=0.1, folds=2)
+    for bad in (0.0, -1.0, float("nan"), True):
+        with pytest.raises(ValueError, match="C must be a positive finite number"):
+            fit_rbf_svm(x, y, C=bad)
+    with pytest.raises(ValueError, match="gamma"):
+        fit_rbf_svm(x, y, gamma=-2.0)

@@ -98,6 +98,7 @@ GiB = 2**30
 # GAN analyzer's generator runs the dense graph route) passes the rest, so a refusal never names an
 # option its reader cannot take.
 COST_OPTIONS = ("groups", "group_state", "state_dtype", "probes", "window", "quadrature")
+GROUP_STATE_CHOICES = ("dense", "factored", "sketched")  # the group-state routes a tracker is built with
 
 
 @dataclass
@@ -345,6 +346,7 @@ def estimate_cost(
     sketch_dim: int = 512,
     device: torch.device | str | None = None,
     options: tuple[str, ...] = COST_OPTIONS,
+    group_states: tuple[str, ...] = GROUP_STATE_CHOICES,
 ) -> CostEstimate:
     """Memory and work of a tracked step before the run (see the module docstring).
 
@@ -363,8 +365,15 @@ def estimate_cost(
         options: the settings :attr:`CostEstimate.cheaper` may name (a subset of ``COST_OPTIONS``:
             "groups", "group_state", "state_dtype", "probes", "window", "quadrature"); a caller
             whose user cannot change a setting leaves it out.
+        group_states: the group-state routes the caller could be built with (a tracker under DDP:
+            "dense" alone; one whose model couples its examples, training-mode BatchNorm or dropout:
+            not "factored"); :attr:`CostEstimate.cheaper` names only those, and only where the
+            optimizer suits them (factored: plain SGD; sketched: :func:`sketchable`).
     """
     options = cost_options(options)
+    unknown = [g for g in group_states if g not in GROUP_STATE_CHOICES] if isinstance(group_states, tuple) else [group_states]
+    if unknown:
+        raise ValueError(f"group_states must be a tuple drawn from {GROUP_STATE_CHOICES}, got {group_states!r}")
     _check_arguments(probes, outputs=outputs, rows=rows, partitions=partitions, group_state=group_state,
                      gradient_route=gradient_route, contribution_route=contribution_route,
                      quadrature_nodes=quadrature_nodes, state_dtype=state_dtype, memory_budget=memory_budget,
@@ -502,8 +511,9 @@ def estimate_cost(
         "state_dtype": str(state_dtype).replace("torch.", ""), "device": str(device),
         "quadrature_nodes": quadrature_nodes, "ema": ema, "optimizer": type(optimizer).__name__,
     })
-    estimate.cheaper = _cheaper_options(estimate, group_state, state_dtype, param_bytes, options,
-                                        sketches=sketchable(optimizer))
+    switchable = tuple(g for g in group_states if g == "dense" or (g == "factored" and plain_sgd(optimizer))
+                       or (g == "sketched" and sketchable(optimizer)))
+    estimate.cheaper = _cheaper_options(estimate, group_state, state_dtype, param_bytes, options, switchable)
     return estimate
 
 
@@ -574,6 +584,12 @@ def linear_state_rows(optimizer: torch.optim.Optimizer) -> bool:
     if isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW)):
         return True
     return any(float(g.get("momentum", 0.0)) != 0.0 for g in optimizer.param_groups)
+
+
+def plain_sgd(optimizer: torch.optim.Optimizer) -> bool:
+    """torch.optim.SGD with no momentum in any parameter group (its update is −η ĝ, stateless): what
+    ``group_state="factored"`` takes (:class:`~genkernel.core.tracking.routes.FactoredRoute`)."""
+    return type(optimizer) is torch.optim.SGD and all(float(g.get("momentum", 0.0)) == 0.0 for g in optimizer.param_groups)
 
 
 def sketchable(optimizer: torch.optim.Optimizer) -> bool:
@@ -648,7 +664,7 @@ def _check_arguments(probes, *, state_dtype, group_state, gradient_route, contri
         raise ValueError(f"batch_size must be a positive int (or None: the probes' count), got {batch_size!r}")
     if state_dtype not in (torch.float32, torch.float64):
         raise ValueError(f"state_dtype must be torch.float32 or torch.float64, got {state_dtype!r}")
-    choices = {"group_state": (group_state, ("dense", "factored", "sketched")),
+    choices = {"group_state": (group_state, GROUP_STATE_CHOICES),
                "gradient_route": (gradient_route, ("graph", "example", "factored")),
                "contribution_route": (contribution_route, ("auto", "jvp", "jacobian"))}
     for name, (value, allowed) in choices.items():
@@ -776,10 +792,11 @@ def _same_device(a: torch.device, b: torch.device) -> bool:
 
 
 def _cheaper_options(estimate: CostEstimate, group_state: str, state_dtype: torch.dtype, param_bytes: int,
-                     allowed: tuple[str, ...], *, sketches: bool = False) -> list[str]:
+                     allowed: tuple[str, ...], switchable: tuple[str, ...]) -> list[str]:
     """What would make the step fit or run faster, each memory option with what it would save
     (from the parts it changes: the group arrays scale with the rows, the probes' pushes with the
-    probes), only where it applies and its setting is in ``allowed``."""
+    probes), only where it applies and its setting is in ``allowed``; other group states only
+    those in ``switchable`` (built for this optimizer and model)."""
     options = []
     settings, memory = estimate.settings, estimate.memory
     gib = lambda value: f"{value / GiB:.2f} GiB"  # noqa: E731
@@ -793,9 +810,12 @@ def _cheaper_options(estimate: CostEstimate, group_state: str, state_dtype: torc
                        f"examples grouped by class or cluster; the group arrays and ledgers, {gib(scaled)}, scale "
                        "with them)")
     if group_state == "dense":
-        # The sketched route runs SGD (momentum), Adam and AdamW (tracking.sketched), not RMSprop, with one
-        # betas or momentum over the parameter groups (sketches: :func:`sketchable`).
-        if "group_state" in allowed and not settings.get("ema") and sketches:
+        # Neither route keeps the per-group rows an EMA ledger is built from (tracking.ema).
+        if "group_state" in allowed and not settings.get("ema") and "factored" in switchable:
+            options.append("group_state='factored' (plain SGD: no per-group copies at all, each example's "
+                           "contribution a cross kernel of its layer factors with the probes': most of the group "
+                           f"arrays' {gib(group_parts)}; it needs a per-example loss)")
+        if "group_state" in allowed and not settings.get("ema") and "sketched" in switchable:
             options.append("group_state='sketched' (k-dimensional sketches of each group's state instead of P-sized "
                            f"copies: most of the group arrays' {gib(group_parts)})")
         if "state_dtype" in allowed and state_dtype == torch.float64 and param_bytes == 4:
@@ -815,8 +835,8 @@ def _cheaper_options(estimate: CostEstimate, group_state: str, state_dtype: torc
 
 __all__ = [
     "CHECK_TEMPORARIES", "COST_OPTIONS", "CostEstimate", "PUSH_ROW_ACTIVATIONS", "available_memory", "cgroup_free_memory",
-    "check_bytes", "cost_options", "estimate_cost", "factor_route_work", "forward_macs", "held_bytes", "ledger_bytes", "linear_state_rows",
-    "optimizer_state_copies", "projection_bytes", "push_pass_bytes", "push_pass_shape", "push_route", "reads_training_pass",
+    "GROUP_STATE_CHOICES", "check_bytes", "cost_options", "estimate_cost", "factor_route_work", "forward_macs", "held_bytes", "ledger_bytes", "linear_state_rows",
+    "optimizer_state_copies", "plain_sgd", "projection_bytes", "push_pass_bytes", "push_pass_shape", "push_route", "reads_training_pass",
     "sketch_temporary_bytes", "sketch_work", "sketchable",
     "tangent_bytes",
 ]

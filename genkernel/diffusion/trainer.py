@@ -237,6 +237,13 @@ class DDPMTrainer:
             self._init_tensor_data(data, labels, batch_size)
         else:
             self._init_iterable_data(data, labels, batch_size)
+        if self.batch_size is not None and self.micro_batches > self.batch_size:
+            # Every batch would run one example per micro-batch: fewer micro-batches than asked, silently.
+            raise ValueError(
+                f"micro_batches={self.micro_batches} exceeds the batch size {self.batch_size} ("
+                + ("the DataLoader's" if self._stream is not None else "batch_size=, capped at the N examples")
+                + "): a micro-batch holds at least one example; pass micro_batches <= the batch size"
+            )
         if isinstance(optimizer, torch.optim.Optimizer):
             # The optimizer keeps its own settings: values given beside it would be ignored silently.
             settings = {"lr": (lr, 1e-3), "weight_decay": (weight_decay, 0.0), "momentum": (momentum, 0.0)}

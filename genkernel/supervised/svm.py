@@ -33,6 +33,18 @@ TANGENT_CS = (0.01, 0.1, 1.0, 10.0, 100.0, 1000.0)  # C grid of the tangent SVM 
 RBF_CS = (1.0, 10.0, 100.0, 1000.0, 10000.0)  # C grid of the RBF SVM
 RBF_GAMMA_FACTORS = (1.0, 10.0, 100.0, 1000.0)  # gamma grid, as multiples of sklearn's "scale"
 MAX_ITER = 10_000_000  # libsvm iterations per fit: a cap against a quadratic program that does not converge
+DEFAULT_C = 1.0  # C of an untuned fit
+
+
+def _quiet_fit(svm, x: np.ndarray, labels: np.ndarray):
+    """``svm.fit(x, labels)`` without sklearn's convergence warning: :func:`_converged` refuses instead."""
+    import warnings
+
+    from sklearn.exceptions import ConvergenceWarning
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        return svm.fit(x, labels)
 
 
 def _labels(y) -> np.ndarray:
@@ -72,8 +84,43 @@ def _check_grid(values: Sequence[float], name: str) -> list[float]:
     return out
 
 
+def _check_positive(value, name: str) -> float:
+    """``value`` as a positive finite float (the untuned C, or a numeric gamma)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not (math.isfinite(float(value)) and value > 0):
+        raise ValueError(f"{name} must be a positive finite number, got {value!r}")
+    return float(value)
+
+
+def _check_untuned(given: dict[str, Any]) -> None:
+    """Refuse settings ``tune=True`` would ignore: the search chooses them from its grids."""
+    ignored = [name for name, (value, default) in given.items() if not (value is default or value == default)]
+    if ignored:
+        raise ValueError(
+            f"{', '.join(f'{n}={given[n][0]!r}' for n in ignored)} would be ignored: tune=True chooses "
+            + " and ".join(ignored) + " by cross-validation from their grids (Cs=, gamma_factors=); pass a grid "
+            "holding the value, or tune=False to fit with it"
+        )
+
+
+def _converged(svm, where: str):
+    """``svm`` if libsvm solved its quadratic program within :data:`MAX_ITER` iterations, else an error:
+    sklearn only warns and keeps the unfinished solution, whose predictions then depend on the cap."""
+    iterations = np.asarray(getattr(svm, "n_iter_", [0]))
+    if (iterations >= MAX_ITER).any():
+        raise RuntimeError(
+            f"the {where} did not converge in {MAX_ITER} libsvm iterations: its solution is the cap's, not the "
+            "SVM's. Use a smaller C (or a smaller gamma), or scale the inputs"
+        )
+    return svm
+
+
 def _search(estimator, grid: dict, x: np.ndarray, y: np.ndarray, folds: int, seed: int):
-    """Stratified k-fold grid search; returns (best estimator refit on all of x, tuning record)."""
+    """Stratified k-fold grid search; returns (best estimator refit on all of x, tuning record). The
+    record counts the cross-validation fits libsvm stopped at its iteration cap (``unconverged_fits``):
+    their scores are those of unfinished solutions. The refit best estimator must converge."""
+    import warnings
+
+    from sklearn.exceptions import ConvergenceWarning
     from sklearn.model_selection import GridSearchCV, StratifiedKFold
 
     folds = _check_folds(folds)
@@ -81,10 +128,18 @@ def _search(estimator, grid: dict, x: np.ndarray, y: np.ndarray, folds: int, see
     folds = int(min(folds, counts.min()))
     if folds < 2:
         raise ValueError("cross-validation needs at least 2 examples of every class")
-    search = GridSearchCV(estimator, grid, cv=StratifiedKFold(folds, shuffle=True, random_state=seed)).fit(x, y)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ConvergenceWarning)
+        search = GridSearchCV(estimator, grid, cv=StratifiedKFold(folds, shuffle=True, random_state=seed)).fit(x, y)
+    unconverged = sum(issubclass(w.category, ConvergenceWarning) for w in caught)
+    for w in caught:  # the others as they would have been shown
+        if not issubclass(w.category, ConvergenceWarning):
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     best = {k: (float(v) if isinstance(v, (int, float, np.floating)) else v) for k, v in search.best_params_.items()}
-    return search.best_estimator_, {"tuned": True, "best": best, "cv_accuracy": float(search.best_score_),
-                                    "folds": folds, "grid": {k: [float(v) for v in vs] for k, vs in grid.items()}}
+    best_estimator = _converged(search.best_estimator_, f"SVM refit with the chosen {best}")
+    return best_estimator, {"tuned": True, "best": best, "cv_accuracy": float(search.best_score_),
+                            "folds": folds, "grid": {k: [float(v) for v in vs] for k, vs in grid.items()},
+                            "unconverged_fits": int(unconverged)}
 
 
 @dataclass
@@ -169,7 +224,7 @@ def _model_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return state
 
 
-def fit_tangent_svm(model: nn.Module, x: torch.Tensor, y, *, C: float = 1.0, output_index: int | None = None,
+def fit_tangent_svm(model: nn.Module, x: torch.Tensor, y, *, C: float = DEFAULT_C, output_index: int | None = None,
                     tune: bool = False, Cs: Sequence[float] = TANGENT_CS, folds: int = 5, seed: int = 0) -> TangentSVM:
     """Fit a linear SVM on φ(x_n) = ∇_θ f(x_n; θ) (flattened, ``[N, P]``, scaled to mean norm 1).
 
@@ -178,10 +233,15 @@ def fit_tangent_svm(model: nn.Module, x: torch.Tensor, y, *, C: float = 1.0, out
         x: ``[N, ...]`` training inputs (or a tuple of Tensors, the model's positional inputs; predict
             with the same layout); y: ``[N]`` labels (any two or more values).
         C: SVM regularization (larger: fit the training set harder), when not tuned.
-        tune: choose C from ``Cs`` by stratified ``folds``-fold cross-validation (seeded by ``seed``).
+        tune: choose C from ``Cs`` by stratified ``folds``-fold cross-validation (seeded by ``seed``);
+            a ``C`` other than the default beside it is refused (it would be ignored).
+
+    A fit libsvm stops at its iteration cap (:data:`MAX_ITER`) is refused (sklearn only warns).
     """
     from sklearn.svm import SVC
 
+    if tune:
+        _check_untuned({"C": (C, DEFAULT_C)})
     labels = _labels(y)
     xs = as_tuple(x, name="x")
     _check_labels(labels, xs[0].shape[0])
@@ -206,26 +266,27 @@ def fit_tangent_svm(model: nn.Module, x: torch.Tensor, y, *, C: float = 1.0, out
         svm, tuning = _search(SVC(kernel="precomputed", max_iter=MAX_ITER), {"C": _check_grid(Cs, "Cs")}, gram, labels,
                               folds, seed)
     else:
-        if not C > 0:
-            raise ValueError(f"C must be positive, got {C}")
-        svm = SVC(kernel="precomputed", C=C, max_iter=MAX_ITER).fit(gram, labels)
-        tuning = {"tuned": False, "best": {"C": float(C)}}
+        C = _check_positive(C, "C")
+        svm = _converged(_quiet_fit(SVC(kernel="precomputed", C=C, max_iter=MAX_ITER), gram, labels), f"SVM with C={C:g}")
+        tuning = {"tuned": False, "best": {"C": C}}
     state = {k: v.clone() for k, v in _model_state(model).items()}
     return TangentSVM(model, svm, scale, output_index, phi, mean=mean, tuning=tuning, state_at_fit=state)
 
 
-def fit_rbf_svm(x: torch.Tensor, y, *, C: float = 1.0, gamma: str | float = "scale", tune: bool = False,
+def fit_rbf_svm(x: torch.Tensor, y, *, C: float = DEFAULT_C, gamma: str | float = "scale", tune: bool = False,
                 Cs: Sequence[float] = RBF_CS, gamma_factors: Sequence[float] = RBF_GAMMA_FACTORS, folds: int = 5,
                 seed: int = 0):
     """Fit ``sklearn.svm.SVC(kernel="rbf")`` on the raw inputs ``x [N, D]``; returns the SVC with
     ``.tuning`` (``tune=True``: C from ``Cs`` and gamma from ``gamma_factors`` × sklearn's "scale",
-    1 / (D · Var(x)), by stratified ``folds``-fold cross-validation)."""
+    1 / (D · Var(x)), by stratified ``folds``-fold cross-validation; a ``C`` or ``gamma`` other than the
+    default beside it is refused, as it would be ignored). A fit libsvm stops at its iteration cap is refused."""
     from sklearn.svm import SVC
 
     xs = x.detach().cpu().to(torch.float64).reshape(x.shape[0], -1).numpy()
     labels = _labels(y)
     _check_labels(labels, xs.shape[0])
     if tune:
+        _check_untuned({"C": (C, DEFAULT_C), "gamma": (gamma, "scale")})
         # sklearn's gamma="scale", 1 / (D · Var(x)), and as sklearn 1.0 for constant inputs (it was 1 / 0 = inf, which
         # SVC refused with an unrelated "gamma ... Got inf" error)
         var = float(xs.var())
@@ -233,7 +294,11 @@ def fit_rbf_svm(x: torch.Tensor, y, *, C: float = 1.0, gamma: str | float = "sca
         grid = {"C": _check_grid(Cs, "Cs"), "gamma": [f * scale for f in _check_grid(gamma_factors, "gamma_factors")]}
         svm, tuning = _search(SVC(kernel="rbf", max_iter=MAX_ITER), grid, xs, labels, folds, seed)
     else:
-        svm = SVC(kernel="rbf", C=C, gamma=gamma, max_iter=MAX_ITER).fit(xs, labels)
-        tuning = {"tuned": False, "best": {"C": float(C), "gamma": gamma}}
+        C = _check_positive(C, "C")
+        if not (isinstance(gamma, str) and gamma in ("scale", "auto")):
+            gamma = _check_positive(gamma, "gamma (or 'scale', 'auto')")
+        svm = _converged(_quiet_fit(SVC(kernel="rbf", C=C, gamma=gamma, max_iter=MAX_ITER), xs, labels),
+                         f"RBF SVM with C={C:g}, gamma={gamma}")
+        tuning = {"tuned": False, "best": {"C": C, "gamma": gamma}}
     svm.tuning = tuning
     return svm

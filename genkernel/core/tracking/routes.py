@@ -38,7 +38,7 @@ from ..adapter import (
     analysis_mode, batch_size, check_per_example_safe, coupled_modules, explained_torch_func_errors, functional_model,
     not_fitting_inputs,
 )
-from ..cost import push_pass_shape, push_route, reads_training_pass
+from ..cost import plain_sgd, push_pass_shape, push_route, reads_training_pass
 from ..engine.factored import row_chunks
 from ..engine.factors import COVERAGE_SAMPLE, Plan, TrainingCapture, Unfactorable, covering_plan, pair_covering_plan
 from ..engine.gradients import factor_rows, gradients_from_losses, group_gradients, membership_matrix
@@ -486,11 +486,6 @@ def input_kind(inputs: tuple[torch.Tensor, ...]) -> tuple:
     dtypes and devices, and as many examples sampled (a route's plan is checked once
     per kind; the per-step check of the groups' sum against the real gradient runs at every step)."""
     return (tuple((tuple(t.shape[1:]), t.dtype, t.device) for t in inputs), min(COVERAGE_SAMPLE, batch_size(inputs)))
-
-
-def plain_sgd(optimizer: torch.optim.Optimizer) -> bool:
-    """torch.optim.SGD with no momentum in any parameter group (its update is −η ĝ, stateless)."""
-    return type(optimizer) is torch.optim.SGD and all(float(g.get("momentum", 0.0)) == 0.0 for g in optimizer.param_groups)
 
 
 __all__ = [

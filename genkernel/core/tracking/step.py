@@ -11,11 +11,13 @@ is the mean, computed as ``losses.mean()`` exactly as an untracked loop would. W
 most one), each run forward and backward on its own with the gradients summed (gradient
 accumulation: the memory of one micro-batch), before one clipping and one optimizer step; micro-batch
 j's loss is Σ_{n ∈ j} ℓ_n / B (with ``weights``, Σ_{n ∈ j} c_n ℓ_n), so the step minimizes the same
-Σ_n c_n ℓ_n as the whole batch at once, up to rounding.
+Σ_n c_n ℓ_n as the whole batch at once, up to rounding. Under DistributedDataParallel the micro-batches
+before the last run inside its ``no_sync()``: one all-reduce of the summed gradient per step.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import numbers
 from dataclasses import dataclass, field
@@ -130,23 +132,12 @@ class OptimizerStep:
         accumulating = False  # between the zero_grad and the end of the last backward: .grad holds a partial sum
         try:
             for rows in micro_batch_rows(self.batch, self.micro_batches):
-                inputs = self.inputs if whole else tuple(t[rows] for t in self.inputs)
-                outputs, losses = self._forward(inputs, self.targets if whole else _rows(self.targets, rows), rows)
-                if before_backward is not None:
-                    self.outputs, self.rows = outputs, rows
-                    try:
-                        before_backward(losses)
-                    finally:
-                        self.outputs = self.rows = None
-                del outputs
-                if self.weights is not None:
-                    loss = (losses * self.weights[rows].to(losses)).sum()
-                else:  # micro-batches of any sizes: Σ_{n ∈ j} ℓ_n / B, which sum to the batch's mean
-                    loss = losses.mean() if whole else losses.sum() / self.batch
-                if rows.start == 0:
-                    self.optimizer.zero_grad()
-                    accumulating = True
-                loss.backward()
+                with self._gradient_sync(last=rows.stop == self.batch):
+                    losses, loss = self._micro_batch_loss(rows, whole, before_backward)
+                    if rows.start == 0:
+                        self.optimizer.zero_grad()
+                        accumulating = True
+                    loss.backward()
                 micro_losses.append(losses.detach())
             accumulating = False
         except BaseException:
@@ -156,6 +147,35 @@ class OptimizerStep:
                 # that an optimizer.step() would apply as one. Cleared (as zero_grad does), never left partial.
                 self.optimizer.zero_grad()
             raise
+        return self._checked_and_clipped(micro_losses)
+
+    def _gradient_sync(self, *, last: bool) -> contextlib.AbstractContextManager:
+        """Around one micro-batch's forward and backward: DistributedDataParallel's (and FSDP's) ``no_sync()``
+        for every micro-batch but the last, whose backward all-reduces the summed gradient once, as
+        accelerate's and Lightning's gradient accumulation do (one all-reduce per step, not one per
+        micro-batch: the same gradient up to rounding, and the same whether an analyzer is attached)."""
+        no_sync = getattr(self.model, "no_sync", None)
+        return contextlib.nullcontext() if last or not callable(no_sync) else no_sync()
+
+    def _micro_batch_loss(self, rows: slice, whole: bool, before_backward) -> tuple[torch.Tensor, torch.Tensor]:
+        """Forward of the batch's ``rows`` and ``before_backward``; returns their per-example losses
+        ``[size]`` and the scalar whose backward adds their share of the step's gradient."""
+        inputs = self.inputs if whole else tuple(t[rows] for t in self.inputs)
+        outputs, losses = self._forward(inputs, self.targets if whole else _rows(self.targets, rows), rows)
+        if before_backward is not None:
+            self.outputs, self.rows = outputs, rows
+            try:
+                before_backward(losses)
+            finally:
+                self.outputs = self.rows = None
+        del outputs
+        if self.weights is not None:
+            return losses, (losses * self.weights[rows].to(losses)).sum()
+        # micro-batches of any sizes: Σ_{n ∈ j} ℓ_n / B, which sum to the batch's mean
+        return losses, losses.mean() if whole else losses.sum() / self.batch
+
+    def _checked_and_clipped(self, micro_losses: list[torch.Tensor]) -> torch.Tensor:
+        """After the last backward: refuse a non-finite gradient, clip, keep and return the losses ``[B]``."""
         params = [p for group in self.optimizer.param_groups for p in group["params"] if p.grad is not None]
         if any(not torch.isfinite(p.grad).all() for p in params):
             raise NonFiniteError("non-finite gradient")
