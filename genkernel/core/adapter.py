@@ -461,6 +461,17 @@ def positive_int(value: Any, name: str) -> int:
     return int(value)
 
 
+def seed_weights(seed: int | None) -> None:
+    """``torch.manual_seed(seed)`` before a model builder draws its weights (None: no reseeding); a
+    float or bool is refused (manual_seed truncates a float, seed=0.5 and seed=0.9 drawing seed 0's
+    weights, and takes a bool as 0 or 1)."""
+    if seed is None:
+        return
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+        raise TypeError(f"seed must be an int (or None), got {type(seed).__name__} {seed!r}; pass e.g. seed=0")
+    torch.manual_seed(int(seed))
+
+
 @contextlib.contextmanager
 def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
     """``model`` in eval mode inside (dropout off, BatchNorm on its running statistics: the function

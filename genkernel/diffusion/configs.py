@@ -7,9 +7,9 @@
 - :func:`mnist_unet`: a smaller UNet for 28×28 (or 32×32) grey images: widths 32-64-64, attention
   at the lowest resolution; about 1.1M parameters.
 
-``seed=``: the builder calls ``torch.manual_seed(seed)`` before drawing the weights, which reseeds
-the caller's global generator too (draws after the call continue from that seed), as
-:mod:`genkernel.gan.configs` does.
+``seed=`` (an int; a float or bool is refused): the builder calls ``torch.manual_seed(seed)`` before
+drawing the weights, which reseeds the caller's global generator too (draws after the call continue
+from that seed), as :mod:`genkernel.gan.configs` does. ``dropout`` must be in [0, 1).
 
 Use them with :class:`~genkernel.diffusion.DDPMTrainer` or your own loop; the cost of analysing
 them is estimated before a run by :func:`genkernel.core.cost.estimate_cost`, which trackers and
@@ -18,7 +18,11 @@ analyzers call at construction.
 
 from __future__ import annotations
 
+import numbers
+
 from torch import nn
+
+from ..core.adapter import positive_int, seed_weights
 
 from .models import freeze_attention_key_biases
 
@@ -31,9 +35,10 @@ def ddpm_cifar10_unet(*, dropout: float = 0.1, seed: int | None = None) -> nn.Mo
     ``dropout``: 0.1 as in the original model (a tracker takes its group gradients from the
     training graph, so dropout in training mode is exact); 0.0 for per-example routes.
     """
+    dropout = _dropout(dropout)
+    seed_weights(seed)
     from diffusers import UNet2DModel
 
-    _seed(seed)
     model = UNet2DModel(
         sample_size=32,
         in_channels=3,
@@ -59,10 +64,17 @@ def ddpm_cifar10_unet(*, dropout: float = 0.1, seed: int | None = None) -> nn.Mo
 
 
 def mnist_unet(*, sample_size: int = 28, dropout: float = 0.0, seed: int | None = None) -> nn.Module:
-    """A smaller ``UNet2DModel`` for 28×28 (or 32×32) grey images, random weights."""
+    """A smaller ``UNet2DModel`` for 28×28 (or 32×32) grey images, random weights.
+
+    ``sample_size``: a multiple of 4 (two stride-2 downsamplings: 28 -> 14 -> 7); another side
+    (30) is refused here rather than failing in the forward at a skip connection (15 != 16)."""
+    if positive_int(sample_size, "sample_size") % 4:
+        raise ValueError(f"mnist_unet's sample_size must be a multiple of 4 (it halves the side twice), got "
+                         f"{sample_size}; pad or resize the images to 28 or 32")
+    dropout = _dropout(dropout)
+    seed_weights(seed)
     from diffusers import UNet2DModel
 
-    _seed(seed)
     model = UNet2DModel(
         sample_size=sample_size,
         in_channels=1,
@@ -87,11 +99,11 @@ def denoiser_config(name: str, **kwargs) -> nn.Module:
     return builders[name](**kwargs)
 
 
-def _seed(seed: int | None) -> None:
-    if seed is not None:
-        import torch
-
-        torch.manual_seed(seed)
+def _dropout(dropout: float) -> float:
+    # torch.nn.Dropout takes True as p = 1 (every residual branch zeroed) without a word
+    if isinstance(dropout, bool) or not isinstance(dropout, numbers.Real) or not 0.0 <= float(dropout) < 1.0:
+        raise ValueError(f"dropout must be a probability in [0, 1), got {dropout!r}; pass e.g. dropout=0.1 or 0.0")
+    return float(dropout)
 
 
 __all__ = ["CONFIGS", "ddpm_cifar10_unet", "denoiser_config", "mnist_unet"]

@@ -16,6 +16,8 @@ import numbers
 import torch
 from torch import nn
 
+from ..core.adapter import positive_int
+
 __all__ = [
     "sinusoidal_embedding",
     "MLPDenoiser",
@@ -189,7 +191,8 @@ def tiny_unet(
     """A small ``diffusers.UNet2DModel`` whose blocks are modulated by the time embedding.
 
     Args:
-        sample_size: image side (16 for the upsampled digits, 28/32 for MNIST/CIFAR-10).
+        sample_size: image side (16 for the upsampled digits, 28/32 for MNIST/CIFAR-10), a multiple of
+            ``2 ** (len(channels) - 1)`` (each width after the first halves the side).
         in_channels: 1 (grey) or 3 (RGB); the output has the same channels.
         channels: block widths, one per resolution.
         attention: put self-attention in the lowest-resolution down and up blocks
@@ -200,13 +203,28 @@ def tiny_unet(
     attention key biases are frozen (:func:`freeze_attention_key_biases`: their gradient is
     exactly zero in exact arithmetic).
     """
-    from diffusers import UNet2DModel
-
+    # sizes are checked here: in_channels=0 built a UNet with no input or output channels,
+    # norm_num_groups=0 raised ZeroDivisionError, channels=() an IndexError
+    positive_int(in_channels, "in_channels")
+    positive_int(layers_per_block, "layers_per_block")
+    positive_int(norm_num_groups, "norm_num_groups")
+    if isinstance(channels, (str, bytes)) or not hasattr(channels, "__iter__") or not len(channels := tuple(channels)):
+        raise TypeError(f"channels must be a non-empty tuple of block widths, one per resolution, e.g. (16, 32); "
+                        f"got {channels!r}")
+    channels = tuple(positive_int(c, "every entry of channels") for c in channels)
+    # n resolutions halve the side n - 1 times; a side they do not divide fails in the forward with a
+    # tensor-size mismatch in the skip connections (28 with four widths: 28 -> 14 -> 7 -> 4 -> 8 != 7)
+    step = 2 ** (len(channels) - 1)
+    if positive_int(sample_size, "sample_size") % step:
+        raise ValueError(
+            f"sample_size={sample_size} must be a multiple of {step}: {len(channels)} block widths halve the image "
+            f"side {len(channels) - 1} times; pad or resize the images, or pass fewer widths"
+        )
     if any(c % norm_num_groups or c // norm_num_groups < 2 for c in channels):
         raise ValueError(
-            f"every channel count {channels} must be a multiple of 2 * norm_num_groups={norm_num_groups}: with one "
-            "channel per group, GroupNorm removes every per-channel bias and the time embedding added before it "
-            "(their gradients are exactly zero and the block loses its time modulation)"
+            f"every channel count {channels} must be a multiple of norm_num_groups={norm_num_groups} with at least 2 "
+            "channels per group: with one channel per group, GroupNorm removes every per-channel bias and the time "
+            "embedding added before it (their gradients are exactly zero and the block loses its time modulation)"
         )
     if attention and (isinstance(attention_head_dim, bool) or not isinstance(attention_head_dim, int)
                       or attention_head_dim < 1 or channels[-1] % attention_head_dim):
@@ -215,6 +233,8 @@ def tiny_unet(
             f"{channels[-1]}: diffusers builds {channels[-1]} // attention_head_dim heads of that size, so a remainder "
             "projects the queries, keys and values to fewer channels than the block has"
         )
+    from diffusers import UNet2DModel
+
     n = len(channels)
     down = ["DownBlock2D"] * n
     up = ["UpBlock2D"] * n

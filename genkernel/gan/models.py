@@ -114,7 +114,8 @@ class DCGenerator(nn.Module):
 
 
 class DCDiscriminator(nn.Module):
-    """D: ``[B, channels, 16, 16] -> [B, 1]``: two stride-2 4×4 convs (16→8→4), act, linear.
+    """D: ``[B, channels, 16, 16] -> [B, 1]``: two stride-2 4×4 convs (16→8→4), act, linear. Another
+    image size is refused (ValueError).
 
     ``spectral_norm=True`` (default) normalizes every layer; no BatchNorm.
     """
@@ -132,6 +133,13 @@ class DCDiscriminator(nn.Module):
         )
 
     def forward(self, x):
+        # the stride-2 convolutions map a 17×17 image to 8×8 as a 16×16 one (its last row and column
+        # silently cropped); other sides fail later with a matrix-shape error that does not say why
+        if x.dim() < 3 or tuple(x.shape[-2:]) != (16, 16):
+            raise ValueError(
+                f"DCDiscriminator takes 16×16 images [B, channels, 16, 16], got an input of shape {tuple(x.shape)}: "
+                "resize or crop them to 16×16"
+            )
         return self.net(x)
 
 
