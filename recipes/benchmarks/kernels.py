@@ -677,7 +677,9 @@ TRACKER_TARGET = 3.0  # plain SGD, one group per example, 64 probes: tracked ste
 
 def _tracker_run(optimizer: str, group_state: str, batch: int, steps: int, profile: bool = False) -> dict:
     """Bare and tracked steps interleaved on two copies of the 2-D MLP (the first step of each is
-    a warm-up): min seconds per step of each, their ratio, and the ledger's residual and sketch error."""
+    a warm-up), the order within each pair alternating (the step run second finds the caches and the
+    allocator as the first left them): min seconds per step of each, their ratio, the median of the
+    pairs' ratios, and the ledger's residual and sketch error."""
     import cProfile
     import io
     import pstats
@@ -700,25 +702,34 @@ def _tracker_run(optimizer: str, group_state: str, batch: int, steps: int, profi
                                 group_state=group_state, sketch_dim=512)
     bare_times, tracked_times = [], []
     profiler = cProfile.Profile() if profile else None
-    for s in range(steps):
-        rows = slice(s * batch, (s + 1) * batch)
+    def bare_step(rows: slice) -> None:
         start = time.perf_counter()
         bare_opt.zero_grad()
         loss_fn(bare_model(x[rows]), y[rows]).mean().backward()
         bare_opt.step()
         bare_times.append(time.perf_counter() - start)
-        if profiler is not None and s > 0:
+
+    def tracked_step(rows: slice) -> None:
+        profiling = profiler is not None and len(tracked_times) > 0
+        if profiling:
             profiler.enable()
         start = time.perf_counter()
         tracker.step(x[rows], y[rows], torch.arange(rows.start, rows.stop))
         tracked_times.append(time.perf_counter() - start)
-        if profiler is not None and s > 0:
+        if profiling:
             profiler.disable()
+
+    for s in range(steps):
+        rows = slice(s * batch, (s + 1) * batch)
+        for run in ((bare_step, tracked_step) if s % 2 == 0 else (tracked_step, bare_step)):
+            run(rows)
     bare, tracked = min(bare_times[1:]), min(tracked_times[1:])
+    pair_ratios = sorted(t / b for t, b in zip(tracked_times[1:], bare_times[1:]))
     # the same steps on the same batches from the same start: a tracked step that trained differently is no step made slower
     same = all(torch.equal(p, q) for p, q in zip(bare_model.parameters(), tracked_model.parameters()))
     out = {"optimizer": optimizer, "group_state": tracker.group_state, "batch": batch, "groups": batch * steps,
-           "bare_step_s": bare, "tracked_step_s": tracked, "ratio": tracked / bare, "training_unchanged": same,
+           "bare_step_s": bare, "tracked_step_s": tracked, "ratio": tracked / bare,
+           "median_pair_ratio": pair_ratios[len(pair_ratios) // 2], "order": "alternating", "training_unchanged": same,
            "relative_residual": tracker.ledger.relative_residual(),
            "relative_sketch_error": tracker.ledger.relative_sketch_error()}
     if profiler is not None:
