@@ -50,12 +50,17 @@ def test_gpu_check_keeps_the_analyzers_first_step_out_of_every_steady_time(monke
     torch.set_num_threads(1)
     s = gpu_check._settings(True)
     out = gpu_check.diffusion_benchmark(torch.device("cpu"), s, time.perf_counter() + 600)
-    assert out["seconds_per_step"]["analyzed"] < 1.2
+    # Against the run's own first step, not a fixed bound (a loaded machine took 1.45 s for a steady step): the
+    # first step holds the 2.5 s and a steady one none of it, so they differ by about 2.5 s at any load (the
+    # old code's averages held half of it: a difference of about 1.25 s).
+    first = out["first_step_seconds"]["analyzed"]
+    assert first >= 2.5 > out["first_step_seconds"]["bare"]
+    assert first - out["seconds_per_step"]["analyzed"] > 2.0
     for rule in ("simpson", "gauss6"):
         assert out["rules"][rule]["tracked_steps"] == 3
-        assert out["rules"][rule]["seconds_per_step"] < 1.2  # the median of the steps after the first
         assert out["rules"][rule]["first_step_seconds"] >= 2.5
-    assert out["first_step_seconds"]["analyzed"] >= 2.5 > out["first_step_seconds"]["bare"]
+        # the median of the steps after the first
+        assert out["rules"][rule]["first_step_seconds"] - out["rules"][rule]["seconds_per_step"] > 2.0
 
 
 def test_the_gan_benchmark_times_its_configurations_interleaved_and_rotated(tmp_path, monkeypatch):
