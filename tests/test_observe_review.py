@@ -189,23 +189,29 @@ def test_a_skipped_step_after_observing_is_still_detected_with_gradients_set_to_
     torch.testing.assert_close(tracker.ledger.contributions, brute.contributions, rtol=0, atol=1e-12 * scale)
 
 
-def test_a_micro_batch_observed_then_skipped_by_the_loop_is_refused_naming_it():
-    # Old code: the generic "do not add up to the real gradient" advice about weights=; the step is
-    # refused either way (its gradient lacks the skipped micro-batch), now naming the micro-batch.
+def test_a_micro_batch_observed_then_skipped_by_the_loop_is_left_out_of_the_step():
+    # Old code: refused (its gradient lacks the skipped micro-batch), naming the micro-batch. Now the
+    # backward hooks say which micro-batches the real gradient holds: the skipped one is left out and
+    # counted, and the step is the first micro-batch's, to rounding.
     model = mlp()
     optimizer = two_groups(model)
     tracker = PathKernelTracker(model, optimizer, mse_loss, PROBES, num_groups=G)
+    brute = BruteForce(model)
     x, y, groups = batches(1)[0]
     for i, rows in enumerate((slice(0, 4), slice(4, 8))):
         losses = mse_loss(model(x[rows]), y[rows])
         tracker.observe(losses, groups[rows])
         if i == 1:  # a loss-spike guard after observe(): no backward for this micro-batch
             continue
+        brute.add(x[rows], y[rows], groups[rows], torch.full((4,), 1 / 8, dtype=F64))
         (losses.mean() / 2).backward()
-    theta = [p.detach().clone() for p in model.parameters()]
-    with pytest.raises(LedgerCheckError, match=r"micro-batch\(es\) \[2\] of the 2 .* had no backward"):
-        optimizer.step()
-    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), theta)) and tracker.ledger.steps == 0
+    brute.step(optimizer)
+    assert tracker.ledger.steps == 1 and tracker.skipped_steps == []
+    entry = tracker.gradient_scales[0]
+    assert entry["micro_batches"] == 1 and entry["dropped_micro_batches"] == 1
+    assert entry["scale"] == pytest.approx(0.5, rel=1e-12)
+    scale = float(brute.contributions.abs().max())
+    torch.testing.assert_close(tracker.ledger.contributions, brute.contributions, rtol=0, atol=1e-12 * scale)
 
 
 def skip_guard(model, optimizer, tracker, brute):
@@ -226,7 +232,9 @@ def test_a_batch_skipped_after_observe_is_dropped_at_the_next_observe():
     model, tracker, brute = run(skip_guard, track=True)
     bare, _, _ = run(skip_guard, track=False)
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), bare.parameters()))
-    assert tracker.skipped_steps == [{"after_step": 1, "micro_batches": 1}] and tracker.ledger.steps == 3
+    # (the skipped batch had no backward: it is left out of the next step and counted there, not a skipped step)
+    assert tracker.skipped_steps == [] and tracker.ledger.steps == 3
+    assert [e["dropped_micro_batches"] for e in tracker.gradient_scales] == [0, 1, 0]
     scale = float(brute.contributions.abs().max())
     torch.testing.assert_close(tracker.ledger.contributions, brute.contributions, rtol=0, atol=1e-12 * scale)
 

@@ -87,7 +87,9 @@ from ..core.tracking.quadrature import quadrature_rule, residual_remedy
 from ..core.tracking.ema import EMA_LEDGERS
 from ..core.tracking.sketched import SKETCHED_TRAFFIC_NOTE, sketch_error_note
 from ..core.tracking.step import OptimizerStep
-from ..core.tracking.tracker import GROUP_STATES, MEMORY_CHECKS, PathKernelTracker, StepContributions
+from ..core.tracking.tracker import (
+    GROUP_STATES, MEMORY_CHECKS, OWNED_STEP, PathKernelTracker, StepContributions, step_payloads,
+)
 from ..logging import LoggingCallback
 from ..stats import nan_median
 from .kernels import eval_mode, make_states, state_kernel
@@ -530,7 +532,7 @@ class NoiseLevelAnalyzer(TrainerCallback):
     def _observe(self, losses, timesteps, class_labels, weights) -> None:
         groups, bins = self._groups(timesteps, losses.shape[0] if isinstance(losses, torch.Tensor) else -1, class_labels)
         try:
-            self.tracker.observe(losses, {k: v.to(losses.device) for k, v in groups.items()}, weights)
+            number = self.tracker.observe(losses, {k: v.to(losses.device) for k, v in groups.items()}, weights)
         except ValueError as error:
             if "needs one update row per group" not in str(error):
                 raise
@@ -545,9 +547,9 @@ class NoiseLevelAnalyzer(TrainerCallback):
                 "analyzer.observe(losses, timesteps) reads the per-example gradients from the losses' graph, which "
                 "the backward has already freed: call observe before accelerator.backward(...) / loss.backward()"
             ) from error
-        if self.tracker.observed_micro_batches == 1:  # a new step's first: bins left over belong to no step
-            self._pending_bins = []
-        self._pending_bins.append(bins)
+        # Keyed by the tracker's observation number: the step takes the micro-batches the tracker kept for it
+        # (a micro-batch left out, or dropped with a skipped step, is not counted in its bins).
+        self._pending_bins[number] = bins
         self._pending_loss = OBSERVED_LOSS
 
     def finish(self) -> None:
@@ -615,7 +617,7 @@ class NoiseLevelAnalyzer(TrainerCallback):
 
     def _track(self, step: OptimizerStep, timesteps: torch.Tensor, class_labels: torch.Tensor | None) -> StepContributions:
         groups, bins = self._groups(timesteps, step.batch, class_labels)
-        self._pending_bins.append(bins)
+        self._pending_bins = {OWNED_STEP: bins}  # (an owned step: the tracker observes nothing, step_observations is [])
         self._pending_loss = describe_loss(step.loss_fn)
         weighting = step.info.get("loss_weighting")
         if weighting:  # a built-in trainer's per-level weights w(t): the step minimized (1/B) Σ w(t_n) ℓ_n
@@ -625,7 +627,7 @@ class NoiseLevelAnalyzer(TrainerCallback):
         try:
             return self.tracker.track(step, {k: v.to(timesteps.device) for k, v in groups.items()})
         except LedgerCheckError as error:
-            self._pending_bins = []
+            self._pending_bins = {}
             if "to_k.bias" in str(error):
                 raise LedgerCheckError(
                     f"{error}. Attention key biases have exactly zero gradient (softmax is shift invariant) and "
@@ -634,7 +636,7 @@ class NoiseLevelAnalyzer(TrainerCallback):
                 ) from error
             raise
         except BaseException:
-            self._pending_bins = []
+            self._pending_bins = {}
             raise
 
     def _groups(self, timesteps, batch: int, class_labels) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
@@ -687,7 +689,9 @@ class NoiseLevelAnalyzer(TrainerCallback):
 
     # -- recording -----------------------------------------------------------------------------
     def _reset_records(self) -> None:
-        self._pending_bins: list[torch.Tensor] = []  # the bins of the micro-batches of the step in progress
+        # The bins of the micro-batches of the step in progress, by the tracker's observation number
+        # (an owned step's under OWNED_STEP).
+        self._pending_bins: dict[int, torch.Tensor] = {}
         self._pending_loss: str | None = None  # what the step in progress trains with (describe_loss)
         self.step_losses: dict[str, int] = {}  # tracked steps by the loss they trained with
         self.bin_counts: list[list[int]] = []
@@ -700,8 +704,8 @@ class NoiseLevelAnalyzer(TrainerCallback):
 
     def _record(self, result: StepContributions) -> None:
         """The tracker's listener: bookkeeping after every recorded step (owned or observed)."""
-        bins = torch.cat(self._pending_bins) if self._pending_bins else torch.zeros(0, dtype=torch.long)
-        self._pending_bins = []
+        bins = step_payloads(self._pending_bins, self.tracker.step_observations)
+        bins = torch.cat(bins) if bins else torch.zeros(0, dtype=torch.long)
         loss, self._pending_loss = self._pending_loss or OBSERVED_LOSS, None
         self.step_losses[loss] = self.step_losses.get(loss, 0) + 1
         # Under DDP each rank saw its shard: the counts are the global batch's.

@@ -116,7 +116,7 @@ from ..core.tracking.io import atomic_save, check_saved_settings, jsonable, load
 from ..core.tracking.ledger import PathKernelLedger
 from ..core.tracking.quadrature import residual_remedy
 from ..core.tracking.step import OptimizerStep
-from ..core.tracking.tracker import MEMORY_CHECKS, PathKernelTracker, StepContributions
+from ..core.tracking.tracker import MEMORY_CHECKS, PathKernelTracker, StepContributions, step_payloads
 from ..logging import LoggingCallback
 from ..stats import mean_interval, nan_median
 from .geometry import ClassGroups, DirectionGroups, GeometryGrouping, ModeGroups, NearestModeGroups, make_grouping
@@ -890,8 +890,11 @@ class GANKernelAnalyzer(TrainerCallback):
         classes = self._step_classes(classes, batch, "observe_generator")
         if weights is not None and (not isinstance(weights, torch.Tensor) or weights.shape != (batch,)):
             raise ValueError(f"weights must be a Tensor of shape [{batch}] (one c_n per example)")
-        if self._g_pending is not None and _dropped(self.g_tracker):
-            self._g_pending = None  # the step in progress was rolled back or skipped: this micro-batch begins a new one
+        # Whether this micro-batch may open the step (nothing observed since the last step, or the gradients
+        # cleared): the probes' geometry at θ_k is taken then (again, at the same θ, for a second micro-batch
+        # observed before a joint backward). Which micro-batches the step counts is the tracker's decision,
+        # read at the step (step_observations), not guessed here.
+        first = _opens_step(self.g_tracker)
         index = self.g_steps + 1
         with torch.enable_grad():
             (w,) = torch.autograd.grad(losses.sum(), samples, retain_graph=True, allow_unused=True)
@@ -921,7 +924,6 @@ class GANKernelAnalyzer(TrainerCallback):
                     f"generator step {index} (phase generator): non-finite geometry_loss or its gradient (examples "
                     f"{bad[:10]}); this micro-batch was not observed"
                 )
-        first = self._g_pending is None
         if first and self.g_steps == 0:
             self._check_generator_fillable(batch)
         self._fit_grouping(geo, loss_fn, after_forward=True)
@@ -930,15 +932,13 @@ class GANKernelAnalyzer(TrainerCallback):
         vector = self._pull(samples, geo["w"], _coefficients(weights, batch, geo["w"])) if evaluate else None
         if first:
             self._begin_generator_step(index, vector, loss_fn, after_forward=True)
-        elif evaluate:  # a further micro-batch of the step: its pull adds to the field (linear)
-            self._probe_state["field"] = self._probe_state["field"] + self._field(vector)
-        self.g_tracker.observe(losses, {k: v.to(losses.device) for k, v in tracked.items()}, weights)
-        if first:
-            self._g_pending = {"ids": [], "spatial": [], "zero": [], "loop_step": None}
-        self._g_pending["ids"].append(tracked[GEOMETRY])
-        self._g_pending["zero"].append(self._zero_gradient(geo))
-        if SPATIAL in tracked:
-            self._g_pending["spatial"].append(tracked[SPATIAL])
+        # This micro-batch's pull's field: the step's field is the sum over the micro-batches it keeps (linear).
+        field = (self._probe_state["field"] if first else self._field(vector)) if evaluate else None
+        number = self.g_tracker.observe(losses, {k: v.to(losses.device) for k, v in tracked.items()}, weights)
+        if self._g_pending is None:
+            self._g_pending = {"observed": {}, "loop_step": None}
+        self._g_pending["observed"][number] = {"ids": tracked[GEOMETRY], "zero": self._zero_gradient(geo),
+                                               "spatial": tracked.get(SPATIAL), "field": field}
         self._loss_checked = True
 
     def observe_discriminator(
@@ -995,12 +995,10 @@ class GANKernelAnalyzer(TrainerCallback):
             self._d_first_theta = [p.detach().clone() for p in self._d.parameters()]
         else:
             self._check_first_discriminator_step()
-        if self._d_pending is not None and _dropped(self.d_tracker):
-            self._d_pending = None  # as in observe_generator
-        self.d_tracker.observe(losses, ids.to(losses.device), weights)
-        if self._d_pending is None:
-            self._d_pending = {"ids": [], "loop_step": None}
-        self._d_pending["ids"].append(ids)
+        number = self.d_tracker.observe(losses, ids.to(losses.device), weights)
+        if self._d_pending is None:  # (keyed by observation number: the step counts the micro-batches it keeps)
+            self._d_pending = {"observed": {}, "loop_step": None}
+        self._d_pending["observed"][number] = ids
 
     def _check_first_discriminator_step(self) -> None:
         """A D tracker built at an observed micro-batch inside ``d_optimizer.step(closure)`` missed that
@@ -1331,7 +1329,18 @@ class GANKernelAnalyzer(TrainerCallback):
             self._book_generator(result)
 
     def _book_generator(self, result: StepContributions) -> None:
-        pending, self._g_pending = self._g_pending or {"ids": [], "spatial": [], "zero": [], "loop_step": None}, None
+        booked = self.g_tracker.step_observations
+        if booked:  # an observed step: the micro-batches the tracker kept, in order; older ones discarded
+            observed = (self._g_pending or {}).get("observed", {})
+            parts = step_payloads(observed, booked)
+            self._g_pending = {"observed": observed, "loop_step": None} if observed else None
+            pending = {"ids": [p["ids"] for p in parts], "zero": [p["zero"] for p in parts],
+                       "spatial": [p["spatial"] for p in parts if p["spatial"] is not None], "loop_step": None}
+            fields = [p["field"] for p in parts if p["field"] is not None]
+            if fields and self._probe_state is not None:
+                self._probe_state["field"] = torch.stack(fields).sum(dim=0)
+        else:
+            pending, self._g_pending = self._g_pending or {"ids": [], "spatial": [], "zero": [], "loop_step": None}, None
         index = self.g_steps + 1
         self.g_steps = index
         # A window finish() closed as partial is out of date once a step goes on from it (it is closed again at
@@ -1640,7 +1649,13 @@ class GANKernelAnalyzer(TrainerCallback):
             self._book_discriminator(result)
 
     def _book_discriminator(self, result: StepContributions) -> None:
-        pending, self._d_pending = self._d_pending or {"ids": [], "loop_step": None}, None
+        booked = self.d_tracker.step_observations
+        if booked:  # as in _book_generator
+            observed = (self._d_pending or {}).get("observed", {})
+            pending = {"ids": step_payloads(observed, booked), "loop_step": None}
+            self._d_pending = {"observed": observed, "loop_step": None} if observed else None
+        else:
+            pending, self._d_pending = self._d_pending or {"ids": [], "loop_step": None}, None
         self.d_steps += 1
         ids = torch.cat(pending["ids"]) if pending["ids"] else torch.zeros(0, dtype=torch.long)
         self.d_group_counts.append(summed_over_ranks(torch.bincount(ids.cpu(), minlength=self._d_num_groups),
@@ -2076,11 +2091,13 @@ def _flat_latents(z: torch.Tensor) -> torch.Tensor:
     return z.reshape(z.shape[0], -1)
 
 
-def _dropped(tracker: PathKernelTracker) -> bool:
-    """Whether the micro-batches observed so far belong to no step: the step failed and was rolled back
-    (nothing observed is left), or the loop cleared the gradients without stepping (a GradScaler that
-    found inf, a loop that skips an update), so the tracker drops them at the next observe()."""
-    return tracker._observed is None or tracker._gradients_cleared()
+def _opens_step(tracker: PathKernelTracker) -> bool:
+    """Whether a micro-batch observed now may be its step's first: nothing is observed since the last step
+    (or the step failed and was rolled back), or the gradients are clear (a skipped step's micro-batches
+    are dropped at this observe(), or this is a second micro-batch before one joint backward). Only where
+    the probes' geometry is taken depends on it; the step's micro-batches are the tracker's
+    ``step_observations``."""
+    return tracker.observed_micro_batches == 0 or tracker._gradients_cleared()
 
 
 def _start_pair(start_step: Any) -> tuple[int, int]:

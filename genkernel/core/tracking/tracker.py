@@ -93,6 +93,27 @@ CHECK_RTOL = {torch.float64: 1e-10, torch.float32: 1e-5}
 FORMAT = "genkernel.PathKernelTracker/2"
 
 
+# The key of an owned step's payload in an analyzer's per-micro-batch mirrors (observation numbers start at 1).
+OWNED_STEP = 0
+
+
+def step_payloads(pending: dict[int, Any], booked: list[int]) -> list[Any]:
+    """For a tracker's listener: the per-micro-batch payloads of the step just recorded, taken out of
+    ``pending`` (keyed by the observation numbers :meth:`PathKernelTracker.observe` returned):
+    those of the observations the step was made of (``booked``, its ``step_observations``, in
+    order), every older one discarded (micro-batches left out of the step, or dropped with a skipped
+    one); an owned step (``booked`` empty) takes them all. A number the caller never mirrored is
+    skipped."""
+    if not booked:
+        taken = list(pending.values())
+        pending.clear()
+        return taken
+    taken = [pending[n] for n in booked if n in pending]
+    for n in [n for n in pending if n <= booked[-1]]:
+        del pending[n]
+    return taken
+
+
 @dataclass
 class StepContributions:
     """What one tracked step did at the probes.
@@ -352,6 +373,11 @@ class PathKernelTracker:
         self._buffers_after: dict[str, torch.Tensor] | None = self._copy_buffers()
         self._grad_marks: dict[str, tuple[int, int]] | None = None
         self._observed: dict[str, Any] | None = None  # micro-batches observed since the last step
+        self._observations = 0  # observe() calls so far: each micro-batch's observation number
+        # The observation numbers the step being recorded was made of, in order (set before the listeners
+        # run; empty for an owned step, tracker.step/track, which observes nothing).
+        self.step_observations: list[int] = []
+        self._step_numbers: list[int] = []  # the observed step in progress' observation numbers
         self._pending_step: _StepInProgress | None = None  # an observed step between its hooks
         self._observing = False  # set by the first observe()
         self._own_pass = False  # observe()'s own passes through the losses (no backward of the loop's)
@@ -556,6 +582,7 @@ class PathKernelTracker:
                     f"step {index} ({step.phase}): {error}; the ledger keeps the {index - 1} steps before"
                 ) from error
             raise
+        self.step_observations = []  # an owned step observes nothing
         self._recorded(result)
         return result
 
@@ -630,27 +657,41 @@ class PathKernelTracker:
         losses: torch.Tensor,
         groups: torch.Tensor | Mapping[str, torch.Tensor],
         weights: torch.Tensor | None = None,
-    ) -> None:
+    ) -> int:
         """Record one micro-batch of a training loop the user owns, before its backward.
 
         ``losses``: the ``[B]`` per-example losses with their graph, whose mean (or, with
         ``weights``, Σ_n c_n ℓ_n) is the micro-batch's loss. The group gradients are taken from
-        this graph (``retain_graph=True``: the loop's own backward runs unchanged), summed over the
-        micro-batches observed until the optimizer steps. ``optimizer.step()`` (through any
-        wrapper: accelerate, Lightning) then records the step through the optimizer's step hooks:
-        its real gradient must be the observed groups' sum times one scalar (gradient
-        accumulation, global-norm clipping, a constant loss scale; reported per step in
-        ``gradient_scales``), else the step is refused before the parameters move.
+        this graph (``retain_graph=True``: the loop's own backward runs unchanged) and kept until the
+        optimizer steps. ``optimizer.step()`` (through any wrapper: accelerate, Lightning) then
+        records the step through the optimizer's step hooks: its real gradient must be the sum of
+        the step's observed groups times one scalar (gradient accumulation, global-norm clipping, a
+        constant loss scale; reported per step in ``gradient_scales``), else the step is refused
+        before the parameters move.
+
+        Which observed micro-batches a step is made of follows the loop's backward (a hook on
+        ``losses``): several micro-batches may be observed before one backward of their summed loss;
+        a micro-batch with no backward through it by the step (a loss-spike guard) is left out of the
+        step and counted in its ``gradient_scales`` entry (``dropped_micro_batches``); micro-batches
+        whose backward ran and whose gradients the loop then cleared without stepping (a GradScaler
+        that found inf) are dropped at the next ``observe()`` as a skipped step (``skipped_steps``).
+        When no backward was seen at all (a loop that sets ``p.grad`` itself) every observed
+        micro-batch forms the step. The step's check decides in every case.
+
+        Returns this micro-batch's observation number (1, 2, ... over the tracker's life); a recorded
+        step lists the numbers it was made of in :attr:`step_observations` while its listeners run.
         """
         # Under DDP a micro-batch one rank refuses is refused on every rank, before the loop's backward.
         together = StepAgreement(self.distributed, "observe() of this micro-batch", points=1)
-        if self._observed is not None and any(seen() is losses for seen in self._observed["tensors"]):
+        if self._observed is not None and any(e["tensor"]() is losses for e in self._observed["entries"]):
             error = ValueError(
                 "these losses were already observed for the step to come (observe() called twice on one tensor: a "
                 "callback and the loop both observing?): each micro-batch is observed once, before its backward"
             )
             together.failed(error)
             raise error
+        if self._observed is not None:  # (only the representation changes: the sum before this micro-batch's rows)
+            self._fold_backwarded(self._observed)
         self._own_pass = True  # (losses observed before may be these: their hooks must not count this pass)
         try:
             ids, grads = self._observed_gradients(losses, groups, weights)
@@ -661,35 +702,69 @@ class PathKernelTracker:
             self._own_pass = False
         together.passed()
         if self._observed is not None and self._gradients_cleared():
-            # The loop cleared the gradients of the micro-batches observed so far without stepping on
-            # them (a GradScaler that found inf or NaN skips optimizer.step()): they are no step's.
-            self.skipped_steps.append({"after_step": self.ledger.steps, "micro_batches": self._observed["micro_batches"]})
-            self._observed = None
+            self._drop_skipped()
+        self._observations += 1
+        number = self._observations
         backward = [False]  # set by the loop's backward through these losses
         if self._observed is None:
-            self._observed = {"grads": grads, "losses": [losses.detach()], "micro_batches": 1, "ids": [ids],
-                              "backward": [backward], "direction": None, "moving": 0, "independent": False,
-                              "tensors": []}
-        else:
-            if self._observed["micro_batches"] == 1:  # (only steps of several micro-batches pay for this)
-                self._note_direction(self._observed["grads"])  # the first micro-batch's: the sum holds it alone
-            self._note_direction(grads)
-            for name, g in grads.items():
-                self._observed["grads"][name] += g
-            self._observed["losses"].append(losses.detach())
-            self._observed["micro_batches"] += 1
-            self._observed["ids"].append(ids)
-            self._observed["backward"].append(backward)
+            self._observed = self._new_observed()
+        self._observed["entries"].append({"number": number, "grads": grads, "folded": False, "ids": ids,
+                                          "losses": losses.detach(), "backward": backward,
+                                          "tensor": weakref.ref(losses)})
         self._observing = True
         self._mark_observed(losses, backward)
-        self._observed["tensors"].append(weakref.ref(losses))
+        return number
 
-    def _note_direction(self, grads: dict[str, torch.Tensor]) -> None:
+    @staticmethod
+    def _new_observed() -> dict[str, Any]:
+        """The micro-batches observed for the step to come: ``entries`` (one per observe(), in order: its
+        number, ids, detached losses, backward flag and, until folded, its group gradients) and the
+        running sum ``grads`` of the folded ones (those whose loop backward was seen), with the
+        parallel-directions bookkeeping of :meth:`_note_direction` over the folded ones."""
+        return {"entries": [], "grads": None, "folded": 0, "direction": None, "moving": 0, "independent": False}
+
+    def _fold(self, observed: dict[str, Any], entry: dict[str, Any]) -> None:
+        """Add one micro-batch's group gradients to the running sum (and to the directions followed)."""
+        grads, entry["grads"], entry["folded"] = entry["grads"], None, True
+        if observed["grads"] is None:  # the first: the sum holds it alone (its direction noted at the second)
+            observed["grads"], observed["folded"] = grads, 1
+            return
+        if observed["folded"] == 1:  # (only steps of several micro-batches pay for this)
+            self._note_direction(observed["grads"], observed)
+        self._note_direction(grads, observed)
+        for name, g in grads.items():
+            observed["grads"][name] += g
+        observed["folded"] += 1
+
+    def _fold_backwarded(self, observed: dict[str, Any]) -> None:
+        """Fold the micro-batches whose loop backward has been seen (in an accumulation loop, the last one):
+        they belong to the step to come unless the loop clears the gradients without stepping."""
+        for entry in observed["entries"]:
+            if not entry["folded"] and entry["backward"][0]:
+                self._fold(observed, entry)
+
+    def _drop_skipped(self) -> None:
+        """At observe() with every gradient clear: the micro-batches observed so far whose backward ran were
+        cleared without a step (a GradScaler that found inf or NaN skips optimizer.step()): they are no
+        step's and go to ``skipped_steps``. Those with no backward yet stay: the loop may still backward
+        them with this one (observe(real), observe(fake), (real.mean() + fake.mean()).backward())."""
+        entries = self._observed["entries"]
+        skipped = [e for e in entries if e["backward"][0]]
+        if not skipped:
+            return
+        self.skipped_steps.append({"after_step": self.ledger.steps, "micro_batches": len(skipped)})
+        waiting = [e for e in entries if not e["backward"][0]]  # never folded (folding needs a backward)
+        self._observed = None
+        if waiting:
+            self._observed = self._new_observed()
+            self._observed["entries"] = waiting
+
+    def _note_direction(self, grads: dict[str, torch.Tensor], observed: dict[str, Any] | None = None) -> None:
         """Follow whether the observed micro-batches' gradients (Σ over the primary partition's groups) are
         all parallel: then the one scale fitted at the step cannot tell how the loop weighted them against
         each other (:meth:`_scale_to_real` refuses). Keeps one unit vector until two directions are seen.
         Call before ``grads`` is added to the observed sum (it may be that sum's own storage)."""
-        observed = self._observed
+        observed = self._observed if observed is None else observed
         if observed["independent"]:
             return
         first = self.partitions.slices[self.partitions.primary]
@@ -710,7 +785,8 @@ class PathKernelTracker:
     def _mark_observed(self, losses: torch.Tensor, backward: list[bool]) -> None:
         """A hook on the observed losses that the loop's backward through them fires (``backward[0] = True``;
         observe()'s own passes do not count; the loop's gradient is unchanged, the tracker held weakly):
-        a step refused by its check then names the micro-batches that had no backward."""
+        which micro-batches form the step (:meth:`_begin_observed`) and which a cleared gradient drops as a
+        skipped step (:meth:`_drop_skipped`)."""
         this = weakref.ref(self)
 
         def backward_seen(_grad: torch.Tensor) -> None:
@@ -751,8 +827,9 @@ class PathKernelTracker:
     @property
     def observed_micro_batches(self) -> int:
         """Micro-batches observed for the optimizer step to come (0 after a step is recorded, refused
-        or rolled back, or its micro-batches were dropped as a skipped step's)."""
-        return 0 if self._observed is None else self._observed["micro_batches"]
+        or rolled back, or its micro-batches were dropped as a skipped step's); the step may leave out
+        those with no backward (:meth:`observe`)."""
+        return 0 if self._observed is None else len(self._observed["entries"])
 
     def _gradients_cleared(self) -> bool:
         """Whether every tracked gradient is None or exactly zero (before this micro-batch's
@@ -854,21 +931,36 @@ class PathKernelTracker:
         except BaseException as error:
             together.failed(error)
             raise
+        entries = observed["entries"]
+        # The step is made of the micro-batches whose loop backward was seen; one with none (a loss-spike guard
+        # skipped it) put nothing into the real gradient and is left out. With no backward seen at all (a loop
+        # that sets p.grad itself) every observed micro-batch forms the step. The check below decides either way.
+        kept = [e for e in entries if e["backward"][0]] or entries
+        dropped = [i + 1 for i, e in enumerate(entries) if not any(e is k for k in kept)]
+        # Under DDP the ranks must keep the same micro-batches (the kept count feeds the gradient average): a
+        # rank that keeps another count meets the others at another place, and the step is refused on every rank.
+        if dropped:
+            together.what = f"step {index} (observed, {len(kept)} micro-batches kept, {len(dropped)} dropped)"
         together.passed()
+        together.what = f"step {index} (observed)"
         theta_before = {name: p.detach().clone() for name, p in self.params.items()}
         saved = self._save_state()
-        losses = torch.cat(observed["losses"])
+        for entry in kept:  # (in observation order; the ones folded already are the sum)
+            if not entry["folded"]:
+                self._fold(observed, entry)
+        losses = torch.cat([e["losses"] for e in kept])
+        step = {"grads": observed["grads"], "micro_batches": len(kept), "dropped": len(dropped),
+                "moving": observed["moving"], "independent": observed["independent"],
+                "ids": [e["ids"] for e in kept], "numbers": [e["number"] for e in kept]}
         try:
-            self._begin_observed_checked(index, observed, losses, theta_before, saved, together)
+            self._begin_observed_checked(index, step, losses, theta_before, saved, together)
         except LedgerCheckError as error:
-            missed = [i + 1 for i, seen in enumerate(observed["backward"]) if not seen[0]]
-            if missed and len(missed) < len(observed["backward"]):
+            if dropped:
                 raise LedgerCheckError(
-                    f"step {index} (observed): micro-batch(es) {missed[:10]} of the {len(observed['backward'])} "
-                    "observed for this step had no backward through their losses while the others had: a loop that "
-                    "observed them and then skipped their backward (a loss-spike guard, a `continue`) without "
-                    "clearing the gradients. Call tracker.observe() after the loop decides to train on a batch, "
-                    f"just before its backward ({error})"
+                    f"step {index} (observed): micro-batch(es) {dropped[:10]} of the {len(entries)} observed for this "
+                    "step had no backward through their losses while the others had, and were left out of it (a loop "
+                    "that observed them and then skipped their backward: a loss-spike guard, a `continue`); the "
+                    f"{len(kept)} kept do not add up to the optimizer's gradient either ({error})"
                 ) from error
             raise
 
@@ -889,7 +981,9 @@ class PathKernelTracker:
             gradients = self.route.from_graph(observed["grads"], losses, _Batch(losses.shape[0], scale))
             # Kept once the step is recorded (a refused step leaves no entry).
             self._scale_entry = {"step": index, "scale": scale, "micro_batches": observed["micro_batches"],
-                                 "scale_times_micro_batches": scale * observed["micro_batches"]}
+                                 "scale_times_micro_batches": scale * observed["micro_batches"],
+                                 "dropped_micro_batches": observed["dropped"]}
+            self._step_numbers = list(observed["numbers"])
             ids = {name: torch.cat([i[name] for i in observed["ids"]]) for name in self.partitions.names}
             self._pending_step = self._begin(index, "observed", ids, theta_before, saved, gradients, losses, scale)
 
@@ -905,6 +999,7 @@ class PathKernelTracker:
             self._together.failed(error)
             self._roll_back(error, pending.index, pending.phase, pending.saved, pending.theta_before, applied=True)
             raise
+        self.step_observations = self._step_numbers
         self._recorded(result)
 
     def _scale_to_real(self, index: int, grads: dict[str, torch.Tensor], micro_batches: int) -> float:
@@ -1184,6 +1279,7 @@ class PathKernelTracker:
             "group_state": self.group_state,
             "identity": self._identity(),
             "gradient_scales": list(self.gradient_scales), "skipped_steps": list(self.skipped_steps),
+            "observations": self._observations,
             "ema": None if self.ema is None else self.ema.state_dict(),
         }
 
@@ -1249,6 +1345,8 @@ class PathKernelTracker:
         self._buffers_after = state.get("buffers_after")  # (None in a state saved before it was kept: the live ones)
         self.gradient_scales = list(state["gradient_scales"])
         self.skipped_steps = list(state.get("skipped_steps", []))
+        # Observation numbers never repeat in one tracker (an analyzer's mirrors are keyed by them).
+        self._observations = max(self._observations, int(state.get("observations", 0)))
         if self.ema is not None:
             self.ema.load_state_dict(state["ema"])
         self._grad_marks = None
