@@ -124,3 +124,19 @@ def test_factored_is_suggested_for_plain_sgd_and_only_the_group_states_the_calle
     assert "group_state=" not in named(with_ema)  # neither route keeps an EMA ledger
     with pytest.raises(ValueError, match="group_states must be a tuple drawn from"):
         estimate_cost(model, torch.optim.SGD(model.parameters(), lr=0.1), probes, outputs=2, rows=4, group_states="dense")
+
+
+def test_a_tracker_names_the_per_example_routes_only_for_a_model_that_does_not_couple_its_examples(monkeypatch):
+    """Training-mode BatchNorm couples the batch's examples, so the factored and sketched routes refuse it: a
+    dense tracker of it that did not fit named them all the same."""
+    monkeypatch.setattr(cost, "available_memory", lambda device: 1000)
+    model = nn.Sequential(nn.Linear(3, 8), nn.BatchNorm1d(8), nn.Tanh(), nn.Linear(8, 2))
+    probes = torch.randn(4, 3)
+    with pytest.raises(MemoryError) as coupled:
+        PathKernelTracker(model, torch.optim.SGD(model.parameters(), lr=0.1), mse_loss, probes, num_groups=4)
+    assert "fewer groups" in str(coupled.value) and "group_state=" not in str(coupled.value)
+    model.eval()  # running statistics: examples independent
+    with pytest.raises(MemoryError) as independent:
+        PathKernelTracker(model, torch.optim.SGD(model.parameters(), lr=0.1), mse_loss, probes, num_groups=4,
+                          group_state="dense")
+    assert "group_state='factored'" in str(independent.value)

@@ -160,8 +160,18 @@ def micro_batched(x, y, groups, shard):
         tracker.track(OptimizerStep(model, optimizer, mse_loss, x[k, shard], y[k, shard], micro_batches=2), groups[k, shard])
     ledger = tracker.ledger
     identity = (ledger.contributions.sum(1) + ledger.rest + ledger.residual - (ledger.f_end - ledger.f_start)).abs().max()
-    return {"mb_all_reduces": all_reduces[0], "mb_params": [p.detach().clone() for p in model.parameters()],
-            "mb_identity": float(identity), "mb_contributions": ledger.contributions.clone()}
+    out = {"mb_all_reduces": all_reduces[0], "mb_params": [p.detach().clone() for p in model.parameters()],
+           "mb_identity": float(identity), "mb_contributions": ledger.contributions.clone()}
+    # A tracker that does not fit, under DDP: its refusal may name only the dense route (the others run in one process).
+    from genkernel.core import cost
+
+    available, cost.available_memory = cost.available_memory, lambda device: 1000
+    try:
+        out["memory_error"] = str(pytest.raises(MemoryError, PathKernelTracker, model, torch.optim.SGD(
+            model.parameters(), lr=0.1), mse_loss, PROBES, num_groups=3).value)
+    finally:
+        cost.available_memory = available
+    return out
 
 
 @pytest.fixture(scope="module")
@@ -216,6 +226,14 @@ def test_micro_batches_under_ddp_all_reduce_once_a_step_and_equal_single_process
             torch.testing.assert_close(a, b.detach(), rtol=1e-12, atol=1e-14)
         torch.testing.assert_close(result["mb_contributions"], tracker.ledger.contributions, rtol=0, atol=1e-10 * scale)
         assert result["mb_identity"] < 1e-12
+
+
+def test_a_refusal_under_ddp_names_no_single_process_route(ranks):
+    """A tracker that did not fit under DDP suggested group_state='sketched' (and would 'factored' for plain SGD),
+    which a tracker under DDP refuses."""
+    for result in ranks:
+        assert "would not fit" in result["memory_error"] and "fewer groups" in result["memory_error"]
+        assert "group_state=" not in result["memory_error"]
 
 
 def test_uneven_shards_are_refused_on_every_rank(ranks):

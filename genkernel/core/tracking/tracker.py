@@ -72,7 +72,9 @@ from ..adapter import (
 from ..engine.factors import TrainingCapture
 from ..engine.gradients import DEFAULT_GRADIENT_BUDGET
 from ..errors import LedgerCheckError, NonFiniteError
-from ..cost import COST_OPTIONS, activation_elements, estimate_cost, cost_options as checked_cost_options
+from ..cost import (
+    COST_OPTIONS, GROUP_STATE_CHOICES, activation_elements, cost_options as checked_cost_options, estimate_cost,
+)
 from ..grouping import Partitions, rows_sum_and_size
 from .distributed import StepAgreement, check_replicated, ddp_context, summed_over_ranks
 from .ema import EMALedgers, ema_buffers, ema_parameters
@@ -358,9 +360,12 @@ class PathKernelTracker:
         self.route = self._make_route(tracked, contribution_route, gradient_route, sketch_dim, sketch_seed, sketch_kind)
         self._tracked = tracked
         # What a step will cost, before anything runs; refuse a set-up the device cannot hold.
+        # A refusal names only the group states this tracker could be built with: dense alone under DDP, and
+        # not the per-example ones (factored, sketched) for a model that couples or randomizes its examples.
+        buildable = ("dense",) if self.distributed is not None or coupled_modules(self.module) else GROUP_STATE_CHOICES
         self._cost_settings = dict(state_dtype=state_dtype, memory_budget=self.memory_budget, sketch_dim=sketch_dim,
                                    batch_size=batch_size, micro_batches=positive_int(micro_batches, "micro_batches"),
-                                   options=cost_options)
+                                   options=cost_options, group_states=buildable)
         self._check_cost(ema=False)
         self.ema: EMALedgers | None = None
         self.splitter = self.route.splitter
