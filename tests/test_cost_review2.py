@@ -140,3 +140,33 @@ def test_a_tracker_names_the_per_example_routes_only_for_a_model_that_does_not_c
         PathKernelTracker(model, torch.optim.SGD(model.parameters(), lr=0.1), mse_loss, probes, num_groups=4,
                           group_state="dense")
     assert "group_state='factored'" in str(independent.value)
+
+
+def test_an_ema_ledger_added_after_steps_is_not_refused_for_the_memory_the_tracker_already_holds(monkeypatch):
+    """track_ema() after steps estimated the whole tracker against the memory free now, which no longer holds
+    the tracker's own arrays: they were counted twice (in the total and as taken), and an EMA that fits was
+    refused. Here the device has room for the tracker with its EMA ledger; after the first step the tracker's
+    estimated arrays are taken from the free memory. With nothing free after the step, the EMA is refused."""
+    x, y = torch.randn(6, 3, dtype=torch.float64), torch.randn(6, 2, dtype=torch.float64)
+    probes = torch.randn(4, 3, dtype=torch.float64)
+    for left in ("room", "nothing"):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(3, 16), nn.Tanh(), nn.Linear(16, 2)).double()
+        optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+        ema = torch.optim.swa_utils.AveragedModel(model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(0.9))
+        with_ema = estimate_cost(model, optimizer, (probes,), outputs=2, rows=3, ema=True)
+        grads = sum(p.numel() * p.element_size() for p in model.parameters())
+        free = {"bytes": with_ema.total_bytes - with_ema.held + 2 * grads}  # room for all of it, gradients included
+        monkeypatch.setattr(cost, "available_memory", lambda device: free["bytes"])
+        tracker = PathKernelTracker(model, optimizer, mse_loss, probes, num_groups=3, group_state="dense")
+        tracker.step(x, y, torch.arange(6) % 3)
+        ema.update_parameters(model)
+        # what the tracker holds (at most) is taken; or every byte
+        free["bytes"] = 0 if left == "nothing" else free["bytes"] - (tracker.cost.total_bytes - tracker.cost.held)
+        if left == "nothing":
+            with pytest.raises(MemoryError, match="would not fit"):
+                tracker.track_ema(ema)
+            assert tracker.ema is None and not tracker.cost.settings["ema"]
+        else:
+            tracker.track_ema(ema)
+            assert tracker.cost.settings["ema"] and tracker.cost.memory["ema"] > 0

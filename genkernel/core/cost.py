@@ -137,6 +137,16 @@ class CostEstimate:
         """Whether what the step still needs (the total less what is already held) is free."""
         return self.available is None or self.total_bytes - self.held <= self.available
 
+    def fits_beside(self, built: "CostEstimate") -> bool:
+        """Whether this estimate fits for a tracker built as ``built`` and running since, which holds its
+        arrays (no longer in :attr:`available`): the whole within what was free when ``built`` was
+        estimated (less what was held then), and what this one adds to ``built`` within what is free now.
+        (:attr:`fits` would count the arrays the tracker holds twice: in the total and as not free.)"""
+        if self.available is None or built.available is None:
+            return True
+        return (self.total_bytes - built.held <= built.available
+                and self.total_bytes - built.total_bytes <= self.available)
+
     @property
     def ratio(self) -> float:
         """Expected analyzed step time over a bare step's (work counted in passes)."""

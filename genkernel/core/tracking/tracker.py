@@ -606,7 +606,11 @@ class PathKernelTracker:
     def _check_cost(self, *, ema: bool) -> None:
         """:func:`~genkernel.core.cost.estimate_cost` of the route as it is now (with an EMA ledger
         when ``ema``) into ``self.cost``; MemoryError, with the numbers and the cheaper options, when
-        the device cannot hold it (``self.cost`` is then left as it was)."""
+        the device cannot hold it (``self.cost`` is then left as it was). After steps (an EMA ledger
+        added to a running tracker) the arrays the tracker holds are no longer free: the estimate must
+        fit beside the one it replaces (:meth:`~genkernel.core.cost.CostEstimate.fits_beside`), not
+        count them twice."""
+        previous = getattr(self, "cost", None)
         with analysis_mode(self.module):
             cost = estimate_cost(
                 self.module, self.optimizer, self.probes, outputs=self._tracked.outputs, rows=self.partitions.total,
@@ -614,7 +618,8 @@ class PathKernelTracker:
                 gradient_route=self._gradient_route_of_estimate(), contribution_route=self.route.contribution_route,
                 quadrature_nodes=len(self.rule.nodes), ema=ema, **self._cost_settings,
             )
-        if not cost.fits:
+        after_steps = previous is not None and self.ledger.steps > 0
+        if not (cost.fits_beside(previous) if after_steps else cost.fits):
             message = (f"this tracker would not fit on {cost.settings['device']}: {cost.describe()}. "
                        + ("Cheaper: " + "; ".join(cost.cheaper) if cost.cheaper
                           else "None of the settings it was built with would make it cheaper"))
