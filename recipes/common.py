@@ -280,7 +280,8 @@ def import_root(package: str, folder: Path) -> Path:
 #      change), and for the null models: a time-blind denoiser trained the same way (its kernel,
 #      and with ``reference="ledger"`` its ledger over the same window); the per-bin-parameter
 #      model's traffic locality is 1 by construction (no parameter is shared between bins);
-#   4. retrieval along reverse sampling at θ_T, and at θ_0 only when θ_T's samples are not noise.
+#   4. retrieval along reverse sampling at θ_T, and at θ_0 only when θ_T's samples are not noise; then (same options,
+#      same initial noise) on the time-blind denoiser where it was trained.
 #
 # Claims rest on the runs: with several seeds, one value per seed and a Student-t interval over
 # seeds; with one seed, within the run with its own units (probe levels, clean inputs, samples).
@@ -526,7 +527,7 @@ def diffusion_seed_run(spec: dict, args: argparse.Namespace, s: dict, seed: int)
     t0 = Timer()
     kernel = {"theta_0": _kernel_locality_per_input(analyzer, theta0, scheduler),
               "theta_T": _kernel_locality_per_input(analyzer, model, scheduler)}
-    reference = None
+    reference = blind = None
     if s.get("reference") and spec.get("time_blind") is not None:
         torch.manual_seed(seed)
         blind = spec["time_blind"]().to(device)
@@ -555,18 +556,29 @@ def diffusion_seed_run(spec: dict, args: argparse.Namespace, s: dict, seed: int)
     untrained, _ = reverse_sample(theta0, scheduler, tuple(retrieval.samples.shape), num_inference_steps=s["inference_steps"],
                                   seed=seed)
     quality = sample_quality(retrieval.samples, train_subset, held_out, untrained)
-    entropy0 = None
+    entropy0 = entropy_blind = quality_blind = None
     if not quality["noise"]:
         entropy0 = retrieval_attribution(theta0, scheduler, train_subset, **options).entropy
     retrieval_s = t0.seconds
+    # the null model's retrieval (same options, same initial noise): a denoiser that cannot tell the noise levels
+    # apart may show the broad-to-narrow fall too, from the samples' distribution alone; only where it was trained
+    # (settings reference) and the claim is measured (θ_T's samples are not noise)
+    t0 = Timer()
+    if blind is not None and not quality["noise"]:
+        blind_retrieval = retrieval_attribution(blind, scheduler, train_subset, **options)
+        entropy_blind = blind_retrieval.entropy
+        quality_blind = sample_quality(blind_retrieval.samples, train_subset, held_out, untrained)
+    retrieval_time_blind_s = t0.seconds
     run = _clean({
         "seed": seed, "resumed": resumed, "report": report,
         "kernel_locality_per_input": kernel,
         "reference": reference,
         "retrieval": retrieval.to_json(), "retrieval_entropy": retrieval.entropy,
         "retrieval_entropy_theta_0": entropy0, "sample_quality": quality,
+        "retrieval_entropy_time_blind": entropy_blind, "sample_quality_time_blind": quality_blind,
         "final_loss": sum(trainer.losses[-20:]) / max(1, len(trainer.losses[-20:])),
         "timing": {"warmup_s": warmup_s, "window_s": window_s, "reference_s": reference_s, "retrieval_s": retrieval_s,
+                   "retrieval_time_blind_s": retrieval_time_blind_s,
                    "seconds_per_tracked_step": window_s / max(1, window), "total_s": timer.seconds},
     })
     return run, retrieval
@@ -577,6 +589,27 @@ def _within_or_over_seeds(per_run: list[np.ndarray]) -> Interval:
     if len(per_run) == 1:
         return mean_interval(np.asarray(per_run[0], dtype=np.float64))
     return over_seeds([float(np.nanmean(np.asarray(v, dtype=np.float64))) for v in per_run])
+
+
+def _paired_units(*arrays) -> tuple[np.ndarray, ...]:
+    """The arrays (one value per unit: clean input, sample) as float64 with a unit left out of all of them (NaN)
+    where it is undefined in any: a paired difference and its baseline then rest on the same units, so value −
+    baseline is, unit by unit and in the mean over seeds, the difference the claim is judged on."""
+    values = [np.asarray(a, dtype=np.float64) for a in arrays]
+    if len({v.shape for v in values}) != 1:
+        raise ValueError(f"paired statistics need one value per unit in each, got shapes {[v.shape for v in values]}: "
+                         "compute them on the same units (clean inputs, samples)")
+    bad = np.zeros(values[0].shape, dtype=bool)
+    for v in values:
+        bad |= ~np.isfinite(v)
+    return tuple(np.where(bad, np.nan, v) for v in values)
+
+
+def _entropy_drop(entropy) -> np.ndarray:
+    """Retrieval entropy at the noisiest stage minus at the cleanest, per sample (``entropy``: ``[stages, samples]``,
+    or ``[stages]`` of means)."""
+    e = np.asarray(entropy, dtype=np.float64)
+    return e[0] - e[-1]
 
 
 def _lowest(lows: list[float]) -> int:
@@ -592,6 +625,11 @@ KERNEL_NULL_NOT_RUN_WHY = (
     "[-0.010, 0.12] under DDPM, 0.072 [-0.006, 0.15] under flow matching, against 0.0024 at θ₀; with the 1500-step "
     "warm-up quick had before, 0.061 and 0.20 [0.043, 0.36]), so the rise from θ₀ alone does not "
     "show that training made k̂ noise-local; run with reference 'kernel' or 'ledger'")
+
+
+NULL_LEDGER_NOT_RUN = ("none: the null model (a time-blind denoiser tracked over the same window, settings reference "
+                       "'ledger') was not run; the statistic subtracts the permutation control (per-bin parameters, the "
+                       "positive control, would give 1 − control)")
 
 
 def diffusion_claims(runs: list[dict]) -> dict:
@@ -617,16 +655,19 @@ def diffusion_claims(runs: list[dict]) -> dict:
             "median_kappa": float(np.median([rep["locality"]["median_kappa"] for rep in reports])),
             "median_rest_share": [rep["residual"]["median_rest_share"] for rep in reports],
         }
-        base = baseline(None, "per-bin parameters: 1 − control by construction (no reference run)")
+        base = baseline(None, NULL_LEDGER_NOT_RUN)
         held = interval.above(0)
         if has_ledger_ref:
             ref_levels = [np.array([row[key]["difference"] for row in ref["locality"]["per_level"]], dtype=np.float64)
                           for ref in reference]
-            ref_interval = _within_or_over_seeds(ref_levels)
-            beyond = _within_or_over_seeds([a - b for a, b in zip(per_level, ref_levels)])
+            # paired by level: a level undefined in either is left out of both, so value − baseline is beyond_null
+            paired = [_paired_units(a, b) for a, b in zip(per_level, ref_levels)]
+            interval = _within_or_over_seeds([p[0] for p in paired])
+            ref_interval = _within_or_over_seeds([p[1] for p in paired])
+            beyond = _within_or_over_seeds([p[0] - p[1] for p in paired])
             base = baseline(ref_interval.estimate, "null model: time-blind denoiser, same window", ref_interval)
             extra.update(beyond_null=beyond.estimate, beyond_null_interval=[beyond.low, beyond.high])
-            held = held and beyond.above(0)
+            held = interval.above(0) and beyond.above(0)
         statement = (f"the {what} of a probe's correction from training within ±{band} bins of its own level exceeds the "
                      "label-permutation controls (same trajectory), and exceeds what a time-blind denoiser shows "
                      "(when run); interval over " + (units or "probe levels"))
@@ -652,72 +693,136 @@ def diffusion_claims(runs: list[dict]) -> dict:
             value, interval_w = per_level_iv[worst].estimate, per_level_iv[worst]  # with its n and dropped seeds
             every = all(iv.above(0) for iv in per_level_iv)
         statement = (f"traffic locality (±{band} bins, minus control) holds at every probe level, not only on "
-                     "average: the level with the lowest interval still lies above 0")
+                     "average: the level with the lowest interval still lies above 0, and (when a time-blind denoiser "
+                     "is tracked beside it) above the time-blind denoiser's at every level")
         stat = "traffic within band − control at the worst probe level"
-        kw = dict(statistic=stat, baseline=baseline(None, "per-bin parameters: 1 − control by construction"),
-                  worst_level=rows[worst]["level"],
+        base = baseline(None, NULL_LEDGER_NOT_RUN)
+        beyond_kw: dict[str, Any] = {}
+        if has_ledger_ref:
+            # the null model's value of the same statistic at the same level; held only where every level is beyond it
+            ref_rows = [[row["traffic"] for row in ref["locality"]["per_level"]] for ref in reference]
+            if seeds == 1:
+                # one run: the per-probe values are not saved, so the levels' intervals cannot be paired; the
+                # conservative test: the run's interval lies above the null's at every level
+                ref_w = ref_rows[0][worst]
+                base = baseline(ref_w["difference"], "null model: time-blind denoiser, same window, same level",
+                                ref_w["interval"])
+                beyond_every = all(row["interval"][0] is not None and r["interval"][1] is not None
+                                   and row["interval"][0] > r["interval"][1] for row, r in zip(rows, ref_rows[0]))
+                beyond_kw["beyond_null_test"] = "interval above the null's interval at every level (one run: unpaired)"
+            else:
+                def nan(v):
+                    return math.nan if v is None else float(v)
+
+                ref_iv = [over_seeds([nan(rr[i]["difference"]) for rr in ref_rows]) for i in range(len(rows))]
+                beyond_iv = [over_seeds([nan(_per_level(rep, "traffic")[i]["difference"]) - nan(rr[i]["difference"])
+                                         for rep, rr in zip(reports, ref_rows)]) for i in range(len(rows))]
+                base = baseline(ref_iv[worst].estimate, "null model: time-blind denoiser, same window, same level",
+                                ref_iv[worst])
+                beyond_every = all(iv.above(0) for iv in beyond_iv)
+                beyond_kw.update(beyond_null=beyond_iv[worst].estimate,
+                                 beyond_null_interval=[beyond_iv[worst].low, beyond_iv[worst].high],
+                                 levels_beyond_null=[row["level"] for row, iv in zip(rows, beyond_iv) if iv.above(0)])
+            every = every and beyond_every
+        kw = dict(statistic=stat, baseline=base, worst_level=rows[worst]["level"],
                   levels_above_zero=[row["level"] for row in rows if row["interval"][0] is not None and row["interval"][0] > 0]
-                  if seeds == 1 else None)
+                  if seeds == 1 else None, **beyond_kw)
         if not window_measured:
             out["traffic_locality_every_level"] = claim(statement, False, value, interval_w, measured=False, why=why_window, **kw)
         else:
             out["traffic_locality_every_level"] = claim(statement, every, value, interval_w, **kw)
-    # kernel locality: the change from θ_0, per clean input (and beyond the time-blind denoiser's)
+    # kernel locality: the change from θ_0, per clean input, judged against the time-blind denoiser's change (the
+    # null model: its θ_T locality minus the same θ₀ term), so value − baseline is θ_T − time-blind per input
     per_input = [r["kernel_locality_per_input"] for r in runs]  # NaN (saved as null) below 3 inputs
-    change = _within_or_over_seeds([np.asarray(k["theta_T"], dtype=np.float64) - np.asarray(k["theta_0"], dtype=np.float64) for k in per_input])
-    at_0 = _within_or_over_seeds([np.asarray(k["theta_0"], dtype=np.float64) for k in per_input])
-    at_T = _within_or_over_seeds([np.asarray(k["theta_T"], dtype=np.float64) for k in per_input])
+    blind_run = all(k.get("time_blind") is not None for k in per_input)
+    terms = [_paired_units(k["theta_T"], k["theta_0"], *([k["time_blind"]] if blind_run else [])) for k in per_input]
+    change = _within_or_over_seeds([t[0] - t[1] for t in terms])
+    at_0 = _within_or_over_seeds([t[1] for t in terms])
+    at_T = _within_or_over_seeds([t[0] for t in terms])
     extra = {"at_theta_T": at_T.estimate, "at_theta_T_interval": [at_T.low, at_T.high],
+             "theta_0": at_0.estimate, "theta_0_interval": [at_0.low, at_0.high],
              "units": units or "jackknife pseudo-values of the kernel's clean inputs (one run)",
              "sketch": reports[0]["config"].get("kernel_sketch")}
-    held = change.above(0)
-    if all("time_blind" in k for k in per_input):
-        beyond = _within_or_over_seeds([np.asarray(k["theta_T"], dtype=np.float64) - np.asarray(k["time_blind"], dtype=np.float64) for k in per_input])
-        blind = _within_or_over_seeds([np.asarray(k["time_blind"], dtype=np.float64) for k in per_input])
-        extra.update(time_blind=blind.estimate, time_blind_interval=[blind.low, blind.high],
-                     beyond_time_blind=beyond.estimate, beyond_time_blind_interval=[beyond.low, beyond.high])
-        held = held and beyond.above(0)
     statement = (f"training makes k̂ noise-local: (mean k̂ within ±{band} bins − outside, minus a level-label permutation) "
                  "rises from θ₀ to θ_T, and (when a time-blind denoiser is trained beside it) exceeds the time-blind "
                  "denoiser's at θ_T, whose locality comes from the inputs' similarity alone")
-    kw = dict(statistic="kernel locality (within − outside band, minus permutation), θ_T − θ₀",
-              baseline=baseline(at_0.estimate, "θ₀: kernel locality before training", at_0), **extra)
-    if not all("time_blind" in k for k in per_input):
+    stat = "kernel locality (within − outside band, minus permutation), θ_T − θ₀"
+    if not blind_run:
         # the rise from θ₀ alone is passed by the null model: a time-blind denoiser gains kernel locality from
         # training too (its inputs' similarity), so without it the claim's second half is untested
-        out["kernel_locality"] = claim(statement, False, change.estimate, change, measured=False,
-                                       why=KERNEL_NULL_NOT_RUN_WHY, **kw)
+        missing = [r["seed"] for r, k in zip(runs, per_input) if k.get("time_blind") is None]
+        out["kernel_locality"] = claim(
+            statement, False, change.estimate, change, measured=False, why=KERNEL_NULL_NOT_RUN_WHY, statistic=stat,
+            baseline=baseline(None, "null model: time-blind denoiser (not run"
+                              + (f" in seeds {missing})" if len(missing) < len(runs) else ")")), **extra)
     else:
-        out["kernel_locality"] = claim(statement, held, change.estimate, change, **kw)
-    # retrieval: broad → narrow, against θ_0, only where samples are not noise
+        null = _within_or_over_seeds([t[2] - t[1] for t in terms])  # the time-blind denoiser's θ_T − θ₀
+        beyond = _within_or_over_seeds([(t[0] - t[1]) - (t[2] - t[1]) for t in terms])  # value − baseline per unit
+        blind = _within_or_over_seeds([t[2] for t in terms])
+        extra.update(time_blind=blind.estimate, time_blind_interval=[blind.low, blind.high],
+                     beyond_time_blind=beyond.estimate, beyond_time_blind_interval=[beyond.low, beyond.high])
+        out["kernel_locality"] = claim(
+            statement, change.above(0) and beyond.above(0), change.estimate, change, statistic=stat,
+            baseline=baseline(null.estimate, "null model: time-blind denoiser, trained the same way (its θ_T − the same "
+                              "θ₀)", null), **extra)
+    # retrieval: broad → narrow, against θ_0 and the time-blind denoiser (where it ran and its samples are not noise),
+    # only where θ_T's samples are not noise
     quality = [r["sample_quality"] for r in runs]
     noise = any(q["noise"] for q in quality)
-    high_low = [np.asarray(r["retrieval_entropy"], dtype=np.float64) for r in runs]
-    high_low = [e[0] - e[-1] for e in high_low]
+    high_low = [_entropy_drop(r["retrieval_entropy"]) for r in runs]
     at_T = _within_or_over_seeds(high_low)
     statement = ("retrieval entropy along reverse sampling falls from the noisiest stage to the cleanest more at θ_T "
-                 "than at θ₀ (paired by sample: the same initial noise)")
+                 "than at θ₀ (paired by sample: the same initial noise), and more than at a time-blind denoiser's "
+                 "(when it is trained beside it and its samples are not noise)")
     stat = "entropy(noisiest) − entropy(cleanest), θ_T − θ₀"
     if noise:
         # score +inf (d_r <= d_h) is saved as null: the worst of the scores, null counting as +inf
         worst = max(math.inf if q["score"] is None else q["score"] for q in quality)
         out["retrieval_broad_to_narrow"] = claim(
             statement, False, at_T.estimate, at_T, statistic=stat,
-            baseline=baseline(None, "θ₀ (not run: θ_T's samples are noise)"), measured=False,
+            baseline=baseline(None, "θ₀ and the time-blind denoiser (not run: θ_T's samples are noise)"), measured=False,
             why=(f"the samples are still noise: their distance to the training set is {worst:.2f} of the way from "
                  f"held-out data's (0) to the training inputs' distance to one another (1), above "
                  f"{SAMPLE_NOISE_LIMIT:g}; retrieval of noise says nothing about the trained denoiser"),
             at_theta_T=at_T.estimate, sample_quality=quality)
     else:
-        h0 = [np.asarray(r["retrieval_entropy_theta_0"], dtype=np.float64) for r in runs]
-        h0 = [e[0] - e[-1] for e in h0]
-        did = _within_or_over_seeds([a - b for a, b in zip(high_low, h0)])
-        base0 = _within_or_over_seeds(h0)
-        out["retrieval_broad_to_narrow"] = claim(
-            statement, did.above(0), did.estimate, did, statistic=stat,
-            baseline=baseline(base0.estimate, "θ₀: the untrained denoiser's retrieval", base0),
-            at_theta_T=at_T.estimate, at_theta_T_interval=[at_T.low, at_T.high], sample_quality=quality,
-            units=units or "samples (one run)")
+        blind_entropy = [r.get("retrieval_entropy_time_blind") for r in runs]
+        blind_quality = [r.get("sample_quality_time_blind") for r in runs]
+        blind_run = all(e is not None for e in blind_entropy)
+        blind_noise = blind_run and any(q is None or q["noise"] for q in blind_quality)
+        use_blind = blind_run and not blind_noise
+        terms = [_paired_units(a, _entropy_drop(r["retrieval_entropy_theta_0"]),
+                               *([_entropy_drop(e)] if use_blind else []))
+                 for a, r, e in zip(high_low, runs, blind_entropy)]
+        did = _within_or_over_seeds([t[0] - t[1] for t in terms])
+        base0 = _within_or_over_seeds([t[1] for t in terms])
+        extra = {"at_theta_T": at_T.estimate, "at_theta_T_interval": [at_T.low, at_T.high],
+                 "theta_0": base0.estimate, "theta_0_interval": [base0.low, base0.high],
+                 "sample_quality": quality, "units": units or "samples (one run)"}
+        held = did.above(0)
+        if use_blind:
+            null = _within_or_over_seeds([t[2] - t[1] for t in terms])  # the time-blind denoiser's drop − θ₀'s
+            beyond = _within_or_over_seeds([(t[0] - t[1]) - (t[2] - t[1]) for t in terms])  # value − baseline
+            base = baseline(null.estimate, "null model: time-blind denoiser, trained the same way, same initial noise "
+                            "(its drop − θ₀'s)", null)
+            extra.update(beyond_time_blind=beyond.estimate, beyond_time_blind_interval=[beyond.low, beyond.high],
+                         sample_quality_time_blind=blind_quality)
+            held = held and beyond.above(0)
+        elif blind_run:
+            scores = [math.inf if q is None or q["score"] is None else q["score"] for q in blind_quality]
+            base = baseline(base0.estimate, "θ₀: the untrained denoiser's retrieval (the null used: the time-blind "
+                            "denoiser's samples are noise, so its retrieval is not a usable null)", base0)
+            extra.update(sample_quality_time_blind=blind_quality,
+                         time_blind_null=(f"not used: the time-blind denoiser's samples are noise (score "
+                                          f"{max(scores):.2f} in the worst seed, above {SAMPLE_NOISE_LIMIT:g}); judged "
+                                          "against θ₀ only"))
+        else:
+            missing = [r["seed"] for r, e in zip(runs, blind_entropy) if e is None]
+            base = baseline(base0.estimate, "θ₀: the untrained denoiser's retrieval (the time-blind null model was not "
+                            "run" + (f" in seeds {missing}" if len(missing) < len(runs) else "")
+                            + ": judged against θ₀ only)", base0)
+        out["retrieval_broad_to_narrow"] = claim(statement, held, did.estimate, did, statistic=stat, baseline=base,
+                                                 **extra)
     residuals = [rep["residual"]["relative_residual"] for rep in reports]
     residual = None if any(r is None for r in residuals) else max(residuals)  # a run whose outputs did not move
     out["ledger_adds_up"] = claim(

@@ -60,12 +60,16 @@ def check_payload(out: Path, name: str, payload: dict) -> dict:
     c = on_disk["claims"]["kernel_locality"]  # the change from θ₀, beyond the time-blind denoiser when it ran
     low, beyond = c["interval"][0], c.get("beyond_time_blind_interval", [1.0])[0]
     # below 3 kernel inputs there is no jackknife: no interval, not held; without the time-blind denoiser not measured
+    # the baseline is the null model's value of the same statistic (θ_T − θ₀): value − baseline is what is judged
     if c["measured"]:
         assert "beyond_time_blind_interval" in c
         assert c["held"] == (low is not None and low > 0 and beyond is not None and beyond > 0)
+        assert c["baseline"]["what"].startswith("null model: time-blind denoiser")
+        if c["value"] is not None and c["baseline"]["value"] is not None:
+            assert math.isclose(c["value"] - c["baseline"]["value"], c["beyond_time_blind"], rel_tol=1e-9, abs_tol=1e-12)
     else:
         assert c["held"] is None and "time-blind" in c["why"] and "beyond_time_blind_interval" not in c
-    assert c["baseline"]["what"].startswith("θ₀")
+        assert c["baseline"]["value"] is None and "not run" in c["baseline"]["what"]
     residual = report["residual"]["relative_residual"]
     assert residual < 1e-2 and on_disk["claims"]["ledger_adds_up"]["held"]
     retrieval = on_disk["results"]["retrieval"]
