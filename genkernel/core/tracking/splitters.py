@@ -48,6 +48,12 @@ def _scalar(value: Any) -> float:
     return float(value.item()) if isinstance(value, torch.Tensor) else float(value)
 
 
+def _plain(value: Any) -> Any:
+    """A hyperparameter as PyTorch's optimizers take it (``_to_scalar``): a one-element tensor squeezed
+    to 0-dim (its dtype kept, so arithmetic with it rounds as theirs does), anything else as it is."""
+    return value.detach().squeeze() if isinstance(value, torch.Tensor) else value
+
+
 def _relative_gap(total: torch.Tensor, reference: torch.Tensor, scale: torch.Tensor) -> float:
     gap = (total - reference).norm()
     return _scalar(gap / scale.clamp_min(torch.finfo(torch.float64).tiny))
@@ -101,7 +107,8 @@ class UpdateSplitter:
             )
         tracked = {id(p) for p in params.values()}
         # Frozen parameters the optimizer holds (AdamW(model.parameters()) with some frozen) get no
-        # gradient, so PyTorch's optimizers skip them: they never move.
+        # gradient, so PyTorch's optimizers skip them: they never move (capture() refuses a step where one
+        # still has a .grad from before it was frozen).
         extra = [p.shape for group in optimizer.param_groups for p in group["params"]
                  if id(p) not in tracked and p.requires_grad]
         if extra:
@@ -111,6 +118,24 @@ class UpdateSplitter:
                 "give the tracker an optimizer over this model only"
             )
         return {name: owner[id(p)] for name, p in params.items()}
+
+    def _check_untracked_gradients(self) -> None:
+        """Refuse a step that would move a parameter the split does not follow: PyTorch's optimizers
+        step every parameter whose ``.grad`` is not None, ``requires_grad`` or not, so a frozen
+        parameter the optimizer holds with a gradient left from before it was frozen (a
+        ``zero_grad(set_to_none=False)`` loop keeps it as zeros) moves by its weight decay, momentum
+        or Adam moments: a change of the model no group, rest or check would see."""
+        tracked = {id(p) for p in self.params.values()}
+        stale = [tuple(p.shape) for group in self.optimizer.param_groups for p in group["params"]
+                 if id(p) not in tracked and p.grad is not None]
+        if stale:
+            raise ValueError(
+                f"the optimizer holds {len(stale)} frozen parameter(s) (shapes {stale[:5]}) that still have a .grad: "
+                "PyTorch's optimizers step every parameter with a gradient, requires_grad or not, so they would move "
+                "(weight decay, momentum, Adam's moments) outside the tracked split. Set their .grad to None before the "
+                "step (p.grad = None once after freezing them, or optimizer.zero_grad() with its default "
+                "set_to_none=True), or leave them out of the optimizer"
+            )
 
     # -- the optimizer's rule, written once -------------------------------------------------
     @staticmethod
@@ -141,6 +166,7 @@ class UpdateSplitter:
         # Re-read which parameter group holds each parameter: the set of parameters is checked by the
         # tracker, but a parameter moved between groups steps with its new group's hyperparameters.
         self.group_of = self._group_index(self.optimizer, self.params)
+        self._check_untracked_gradients()
         for name, p in self.params.items():
             group = self.optimizer.param_groups[self.group_of[name]]
             self.hyper[name] = self._hyperparameters(group)
@@ -208,7 +234,9 @@ class UpdateSplitter:
                 # 1 − 1e-6 is 1 − 1.0133e-6, a decay 1.3 % larger than η λ (enough to fail the step's
                 # check on a weight near 1), and 1 − 1e-10 is 1, no decay at all. The rest row books
                 # the decay applied, 1 − fl(1 − η λ).
-                factor = torch.tensor(1.0 - float(h["lr"]) * decay, dtype=theta_before[name].dtype).item()
+                # A tensor lr or weight decay makes 1 − η λ a tensor of its dtype (float32: rounded there).
+                factor = torch.tensor(h.get("decay_factor", 1.0 - float(h["lr"]) * decay),
+                                      dtype=theta_before[name].dtype).item()
                 update[self.rows] -= (1.0 - factor) * theta
             updates[name] = update
         return updates
@@ -320,6 +348,8 @@ class SGDSplitter(UpdateSplitter):
             "lr": _scalar(group["lr"]),
             "momentum": _scalar(group.get("momentum", 0.0)),
             "dampening": _scalar(group.get("dampening", 0.0)),
+            # As PyTorch's alpha=1 − τ: a float32 tensor τ gives a float32 1 − τ (rounded in float32).
+            "undamped": _scalar(1 - _plain(group.get("dampening", 0.0))),
             "nesterov": bool(group.get("nesterov", False)),
             "weight_decay": _scalar(group.get("weight_decay", 0.0)),
             "maximize": bool(group.get("maximize", False)),
@@ -333,7 +363,7 @@ class SGDSplitter(UpdateSplitter):
         if state is None:
             state = grads.clone()  # PyTorch's first step: b_1 = g_1
         else:
-            state = torch.mul(state, mu).add_(grads, alpha=1 - h["dampening"])
+            state = torch.mul(state, mu).add_(grads, alpha=h.get("undamped", 1 - h["dampening"]))
         return state, (grads + mu * state if h["nesterov"] else state)
 
     def preconditioner(self, name):
@@ -391,6 +421,10 @@ class AdamSplitter(UpdateSplitter):
             "amsgrad": bool(group.get("amsgrad", False)),
             "maximize": bool(group.get("maximize", False)),
             "decoupled": bool(group.get("decoupled_weight_decay", self._adamw)),
+            # PyTorch's param.mul_(1 − lr·λ) (single-tensor and foreach): with lr or λ a tensor, 1 − lr·λ is a
+            # tensor of its dtype. The fused kernel computes in the parameters' precision: left to the default.
+            **({} if group.get("fused") else
+               {"decay_factor": _scalar(1 - _plain(group["lr"]) * _plain(group.get("weight_decay", 0.0)))}),
         }
 
     @staticmethod
