@@ -5,6 +5,7 @@ gradients summed, then one clipping and one update. Checked against a hand-writt
 training unchanged by tracking, the ledger identity, and the same group contributions as the whole
 batch's step."""
 
+import copy
 import math
 
 import pytest
@@ -237,19 +238,25 @@ def test_the_cost_estimate_counts_micro_batches():
         estimate_cost(model, opt, probes, micro_batches=0, **common)
 
 
-def test_the_gan_analyzer_refuses_a_micro_batched_step_before_it_runs():
-    from genkernel.gan import GANKernelAnalyzer, MLPDiscriminator, MLPGenerator
+def test_the_gan_analyzer_performs_a_micro_batched_step_as_training_runs_it():
+    """GANKernelAnalyzer refused owned steps in micro-batches; it now reads their geometry micro-batch by
+    micro-batch (tests/test_gan_micro_batches.py): the step trains as step.run() does, bit for bit."""
+    from genkernel.gan import GANKernelAnalyzer, GeneratorLoss, MLPDiscriminator, MLPGenerator
+
+    def step_of(G, D):
+        opt = torch.optim.SGD(G.parameters(), lr=0.1)
+        z = torch.randn(6, 3, generator=torch.Generator().manual_seed(1), dtype=F64)
+        return OptimizerStep(G, opt, GeneratorLoss(D), z, micro_batches=2, phase="generator")
 
     torch.manual_seed(0)
     G, D = MLPGenerator(3, 2, hidden=6).double(), MLPDiscriminator(2, hidden=6).double()
-    analyzer = GANKernelAnalyzer(G, D, probe_latents=torch.randn(4, 3, dtype=F64))
-    opt = torch.optim.SGD(G.parameters(), lr=0.1)
-    before = _flat(G)
-    step = OptimizerStep(G, opt, lambda out, t: -D(out).reshape(-1), torch.randn(6, 3, dtype=F64), micro_batches=2,
-                         phase="generator")
-    with pytest.raises(ValueError, match="in 2 micro-batches: GANKernelAnalyzer reads a step's samples in one pass"):
-        analyzer.perform(step)
-    assert torch.equal(_flat(G), before) and not step.applied
+    plain = copy.deepcopy(G)
+    step_of(plain, D).run()
+    analyzer = GANKernelAnalyzer(G, D, probe_latents=torch.randn(4, 3, dtype=F64), num_groups=2, controls=0)
+    step = step_of(G, D)
+    analyzer.perform(step)
+    assert step.applied and torch.equal(_flat(G), _flat(plain))
+    assert float(analyzer.generator_ledger().residual.abs().max()) < 1e-6 * float(analyzer.generator_ledger().delta.abs().max())
 
 
 def test_a_supervised_state_loads_only_with_its_micro_batches():

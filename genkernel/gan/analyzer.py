@@ -16,7 +16,8 @@ Per generator step, owned (:meth:`GANKernelAnalyzer._generator_step`) or observe
 1. w_i, G(z_i), D(G(z_i)) at θ_k as training sees them: observed, w_i comes from the user's own graph
    (``torch.autograd.grad(losses.sum(), samples)``), so BatchNorm batch statistics (in G and D) and
    dropout masks are training's; owned, from a pass in the networks' current modes before the
-   training forward (buffers written back, RNG forked: the same values training is about to use);
+   training forward (buffers written back, RNG forked: the same values training is about to use; a
+   step in micro-batches, one pass per micro-batch in training's order, concatenated);
 2. group ids from the geometry grouping (fitted once, on the first batch together with the probes,
    and then kept fixed), and, for each of the ``controls`` control partitions, label-permuted ids on
    the *same* step: the tracker splits the geometry partition and every control partition at once,
@@ -124,7 +125,7 @@ from .losses import (
     GENERATED, PENALTY, REAL, ROLE_NAMES, DiscriminatorObjective, GeneratorLoss, check_classes, class_inputs, scores_of,
 )
 from .metrics import cosine, few_units, mode_coverage, own_minus_others
-from .passes import classes_taken, preserved
+from .passes import classes_taken, power_iteration_modules, preserved
 
 GEOMETRY = "geometry"
 SPATIAL = "spatial"
@@ -697,14 +698,6 @@ class GANKernelAnalyzer(TrainerCallback):
                 "this analyzer observes your own loop (bind): its optimizers' step() records the steps. Use another "
                 "analyzer for steps a trainer or analyzer.perform performs"
             )
-        if step.phase in ("generator", "discriminator") and step.micro_batches != 1:
-            # the samples' geometry (w, G(z), D(G(z))) is read in one pass over the batch; in micro-batches,
-            # training's batch statistics (BatchNorm in G or D) would not be the ones that pass saw
-            raise ValueError(
-                f"a {step.phase} step in {step.micro_batches} micro-batches: GANKernelAnalyzer reads a step's samples "
-                "in one pass over its batch; run it with micro_batches=1 (GANTrainer does), or observe your own "
-                "accumulating loop (bind, observe_generator / observe_discriminator once per micro-batch)"
-            )
         if step.phase == "generator":
             if self.g_tracker is None and self.ema_ledger == "trainer":  # the trainer's EMA, if it keeps one
                 self._ema = getattr(trainer, "ema", None)
@@ -1204,7 +1197,8 @@ class GANKernelAnalyzer(TrainerCallback):
         zero = self._probe_state.get("zero")
         return torch.zeros(self.probe_latents.shape[0], dtype=torch.bool) if zero is None else zero.cpu().clone()
 
-    def _build_generator_tracker(self, optimizer, loss_fn, max_grad_norm: float, batch: int | None = None) -> None:
+    def _build_generator_tracker(self, optimizer, loss_fn, max_grad_norm: float, batch: int | None = None,
+                                 micro_batches: int = 1) -> None:
         # Group gradients from the training step's own graph (R masked backward passes), never from a
         # second per-example pass: that pass would run D again after the training forward (a
         # training-mode D would advance spectral norm once more, and BatchNorm would see single examples).
@@ -1214,8 +1208,8 @@ class GANKernelAnalyzer(TrainerCallback):
         tracker = PathKernelTracker(
             self.generator, optimizer, loss_fn, probes,
             num_groups=self.partitions, quadrature=self.quadrature, max_grad_norm=max_grad_norm,
-            group_state="dense", gradient_route="graph", batch_size=batch, memory_check=self.memory_check,
-            state_dtype=self.state_dtype, cost_options=GAN_COST_OPTIONS,
+            group_state="dense", gradient_route="graph", batch_size=batch, micro_batches=micro_batches,
+            memory_check=self.memory_check, state_dtype=self.state_dtype, cost_options=GAN_COST_OPTIONS,
         )
         try:
             if self._ema is not None:
@@ -1242,7 +1236,8 @@ class GANKernelAnalyzer(TrainerCallback):
         evaluate = (index - 1) % self.eval_every == 0
         if self.g_tracker is None:
             self._check_generator_fillable(step.batch)
-            self._build_generator_tracker(step.optimizer, step.loss_fn, step.max_grad_norm, step.batch)
+            self._build_generator_tracker(step.optimizer, step.loss_fn, step.max_grad_norm, step.batch,
+                                          step.micro_batches)
         # The analysis before the training forward runs G on copies of its buffers, advanced by the batch
         # pass exactly as the training forward will advance the real ones: the probes then see G as the
         # tracker (and an observed loop) sees it at θ_k, after the step's forward.
@@ -1250,10 +1245,13 @@ class GANKernelAnalyzer(TrainerCallback):
         with preserved(self._g):
             # 1. The batch at θ_k as training's forward computes it (G's current mode, the same RNG). D's pass
             # draws its random numbers (dropout masks) after G's, as training's D(G(z)) does: one fork for both.
-            with torch.random.fork_rng(devices=_cuda(latents)):
-                with torch.set_grad_enabled(evaluate):
-                    samples = output_tensor(self._g(latents, *class_inputs(classes)))
-                geo = self._push(latents, samples.detach(), loss_fn, after_forward=False, classes=classes)
+            if step.micro_batches > 1:  # micro-batch by micro-batch, as training runs them (the field pull too)
+                geo, vector = self._micro_batch_geometry(step, latents, classes, loss_fn, evaluate)
+            else:
+                with torch.random.fork_rng(devices=_cuda(latents)):
+                    with torch.set_grad_enabled(evaluate):
+                        samples = output_tensor(self._g(latents, *class_inputs(classes)))
+                    geo = self._push(latents, samples.detach(), loss_fn, after_forward=False, classes=classes)
             if not torch.isfinite(geo["losses"]).all() or not torch.isfinite(geo["w"]).all():
                 bad = torch.nonzero(~torch.isfinite(geo["losses"])).flatten().tolist()
                 raise NonFiniteError(
@@ -1265,7 +1263,8 @@ class GANKernelAnalyzer(TrainerCallback):
             # 2. Group ids (and permuted control ids on the same step).
             tracked = self._partition_ids(geo)
             # 3. Probe geometry and the plain kernel-smoothed field at evaluation steps.
-            vector = self._pull(samples, geo["w"], _coefficients(step.weights, step.batch, geo["w"])) if evaluate else None
+            if step.micro_batches == 1:
+                vector = self._pull(samples, geo["w"], _coefficients(step.weights, step.batch, geo["w"])) if evaluate else None
             self._begin_generator_step(index, vector, loss_fn, after_forward=False)
         # 4. The real step, tracked; 5. the listener's bookkeeping.
         self._g_pending = {"ids": [tracked[GEOMETRY]], "spatial": [tracked[SPATIAL]] if SPATIAL in tracked else [],
@@ -1276,6 +1275,41 @@ class GANKernelAnalyzer(TrainerCallback):
         finally:
             self._g_pending = None
         return contributions.losses
+
+    def _micro_batch_geometry(self, step: OptimizerStep, latents: torch.Tensor, classes: torch.Tensor | None, loss_fn,
+                              evaluate: bool) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor] | None]:
+        """1. for a generator step in micro-batches (``step.rows`` j = ``step.micro_batch_slices()`` j, in order): each
+        micro-batch's geometry read as training's micro-batch forward j computes it, concatenated over the step,
+        and (``evaluate``) the field's pulled vector Σ_i c_i J_G(z_i)ᵀ w_i summed over the micro-batches (it is
+        linear in the batch; each micro-batch's graph freed after its pull: the memory of one micro-batch).
+
+        Training's micro-batch j runs G on latents j, then ``step.loss_fn`` (D) on its samples; the
+        forwards before it have advanced G's and D's buffers (BatchNorm's statistics, spectral norm's u, v)
+        and the RNG j times. Here, inside the caller's ``preserved(G)`` and one fork of the RNG: G's forward
+        on latents j (its buffer copies advance as training's), w_j from D as it is then (D's own pass keeps
+        D's buffers and the RNG, :meth:`_push`), then, before micro-batch j + 1, ``step.loss_fn`` once on
+        the samples without a graph, on copies of D's buffers: D's buffers and the RNG advance as training's
+        loss forward j advances them. D's real buffers are put back after the last; the probes then see D
+        as training's first micro-batch does, G after the step's last forward, as without micro-batches."""
+        parts, vector = [], None
+        with torch.random.fork_rng(devices=_cuda(latents)), preserved(self._d):
+            for rows in step.micro_batch_slices():
+                z, y = latents[rows], None if classes is None else classes[rows]
+                with torch.set_grad_enabled(evaluate):
+                    samples = output_tensor(self._g(z, *class_inputs(y)))
+                geo = self._push(z, samples.detach(), loss_fn, after_forward=False, classes=y)
+                parts.append(geo)
+                if evaluate:
+                    pulled = self._pull(samples, geo["w"], _coefficients(step.weights, step.batch, geo["w"])[rows])
+                    vector = pulled if vector is None else {n: vector[n] + g for n, g in pulled.items()}
+                if rows.stop < step.batch:  # D's buffers and the RNG advanced as training's loss forward j does
+                    targets = step.targets
+                    if targets is not None:
+                        targets = targets[rows] if isinstance(targets, torch.Tensor) else tuple(t[rows] for t in targets)
+                    with torch.no_grad():
+                        step.loss_fn(samples.detach(), targets)
+                del samples
+        return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}, vector
 
     def _owned_step_classes(self, step: OptimizerStep) -> torch.Tensor | None:
         """A performed generator step's classes: ``inputs = (z, classes)`` with ``targets = classes`` for
@@ -1571,7 +1605,8 @@ class GANKernelAnalyzer(TrainerCallback):
         return 3 if self.discriminator_groups == "role" else 2 * self.mode_centers.shape[0] + 1
 
     def _build_discriminator_tracker(self, model, optimizer, loss_fn, max_grad_norm, x, roles, batch, *, wrap_critic,
-                                     classes: torch.Tensor | None = None) -> None:
+                                     classes: torch.Tensor | None = None, graph: bool = False,
+                                     micro_batches: int = 1) -> None:
         """D's tracker; ``classes [B]``: a conditional GAN's classes of the rows ``x [B, ...]`` (the
         default probes keep theirs, in ``discriminator_probe_classes``)."""
         num = self._d_num_groups
@@ -1600,10 +1635,11 @@ class GANKernelAnalyzer(TrainerCallback):
         # An observed loop's tracker takes its group rows from the loop's graph: dense from the start (an "auto"
         # tracker of a plain-SGD D would be built factored and switch at the first observed micro-batch, so the
         # state it saves is dense and a resumed, freshly built factored one refused to load it).
-        routes = {"group_state": "dense", "gradient_route": "graph"} if isinstance(loss_fn, _ObservedOnly) else {}
+        # (``graph``: owned steps in micro-batches that need each micro-batch's graph, _discriminator_step)
+        routes = {"group_state": "dense", "gradient_route": "graph"} if graph or isinstance(loss_fn, _ObservedOnly) else {}
         tracker = PathKernelTracker(
             model, optimizer, loss_fn, probes, num_groups=num, quadrature=self.quadrature, max_grad_norm=max_grad_norm,
-            batch_size=batch, memory_check=self.memory_check, state_dtype=self.state_dtype,
+            batch_size=batch, micro_batches=micro_batches, memory_check=self.memory_check, state_dtype=self.state_dtype,
             cost_options=GAN_COST_OPTIONS, **routes,
         )
         if self._pending and self._pending.get("d_tracker") is not None:
@@ -1620,10 +1656,23 @@ class GANKernelAnalyzer(TrainerCallback):
         ids = self._discriminator_groups(step)
         wrap_critic = isinstance(step.model, DiscriminatorObjective)
         classes = self._discriminator_step_classes(step, wrap_critic)
+        # In micro-batches a training-mode spectral norm advances its power iteration at every micro-batch's
+        # forward: each trains with its own weight, which only the micro-batches' own graphs give (a per-example
+        # route's own pass would run every example at the last micro-batch's weight).
+        iterating = step.micro_batches > 1 and any(m.training for m in power_iteration_modules(step.model))
         if self.d_tracker is None:
             roles = ids if self.discriminator_groups == "role" else step.info["roles"]
             self._build_discriminator_tracker(step.model, step.optimizer, step.loss_fn, step.max_grad_norm,
-                                              step.inputs[0], roles, step.batch, wrap_critic=wrap_critic, classes=classes)
+                                              step.inputs[0], roles, step.batch, wrap_critic=wrap_critic, classes=classes,
+                                              graph=iterating, micro_batches=step.micro_batches)
+        elif iterating and not self.d_tracker.route.uses_graph():
+            raise ValueError(
+                f"a discriminator step in {step.micro_batches} micro-batches with spectral norm in training mode: each "
+                "micro-batch's forward advances the power iteration, so each trains with its own weight, which only the "
+                f"micro-batches' own graphs give, but this analyzer's discriminator tracker ({self.d_tracker.group_state}) "
+                "reads per-example gradients from a pass of its own. Build the analyzer before the first discriminator "
+                "step in micro-batches (its tracker is then built on the graph route), or train with micro_batches=1"
+            )
         self._d_pending = {"ids": [ids], "loop_step": loop_step}
         try:
             result = self.d_tracker.track(step, ids.to(step.inputs[0].device))

@@ -10,6 +10,9 @@ training:
   samples concatenated, ``targets = roles`` (0 generated, 1 real, 2 penalty), per-example
   ``weights`` c_n = 1/|B_real|, 1/|B_fake|, 1/|B_gp|; ``info``: "roles", "real_labels" (mode or
   class ids of the real rows, -1 elsewhere), "discriminator".
+  With ``micro_batches=K`` (gradient accumulation) it is a :class:`DiscriminatorStep`: micro-batch j is real
+  rows j, their generated rows G(z_j) (G run per micro-batch) and their interpolates, made contiguous in x
+  and run in one forward of D.
 - generator step: ``model`` = G, ``inputs`` = latents z ``[B, latent_dim]``, ``targets`` None,
   ``loss_fn`` = :class:`GeneratorLoss` (ℓ_G(D(G(z))) per example); ``info``: "latents",
   "discriminator". The step runs inside :func:`frozen`: D's parameters are frozen (the generator's
@@ -72,7 +75,7 @@ from ..core.tracking.ema import (
     check_ema_state, check_trainable_ema, ema_settings, ema_weights, load_ema_state, step_ema,
 )
 from ..core.tracking.lr_schedules import LRSchedulerArg, build_lr_scheduler, lr_scheduler_settings, step_lr_scheduler
-from ..core.tracking.step import OptimizerStep, check_max_grad_norm
+from ..core.tracking.step import OptimizerStep, check_max_grad_norm, micro_batch_rows
 from ..logging import LoggingCallback
 from .losses import (
     DEFAULT_GP_WEIGHT,
@@ -155,6 +158,32 @@ def discriminator_input_gradients(
     return samples, w.detach(), losses.detach()
 
 
+class DiscriminatorStep(OptimizerStep):
+    """A discriminator step whose micro-batches are the rows :attr:`micro_rows` (contiguous slices, in order,
+    covering the batch) rather than :class:`OptimizerStep`'s equal split: micro-batch j of a step of b real rows
+    in K micro-batches holds real rows j, their generated rows and (WGAN-GP) their interpolates, m |rows j| rows
+    for m parts, which an equal split of the m b rows does not give when K does not divide b. Each micro-batch
+    runs as :class:`OptimizerStep` runs it (forward, ``before_backward`` with :attr:`rows`, backward of
+    Σ_{n ∈ j} c_n ℓ_n, under DDP ``no_sync`` for all but the last); without micro-batches it is an OptimizerStep."""
+
+    micro_rows: list[slice] | None = None
+
+    def micro_batch_slices(self) -> list[slice]:
+        if self.micro_batches > 1 and self.micro_rows is not None:
+            return list(self.micro_rows)
+        return super().micro_batch_slices()
+
+
+def micro_batch_order(micro: Sequence[slice], parts: int) -> torch.Tensor | None:
+    """The order of a discriminator step's rows ``cat(parts)`` (``parts`` blocks of b rows each: real, generated[,
+    interpolates]) that makes each micro-batch's rows contiguous: micro-batch j's real rows, then its generated
+    rows (then its interpolates), j = 0, 1, ...; None for one micro-batch (the concatenation as it is)."""
+    if len(micro) == 1:
+        return None
+    b = micro[-1].stop
+    return torch.cat([torch.arange(r.start, r.stop) + i * b for r in micro for i in range(parts)])
+
+
 @dataclass
 class StepDraws:
     """What a step drew, to undo when it fails before its update: the trainer's generator's state before the
@@ -209,6 +238,15 @@ class GANTrainer:
             (default 64; with a DataLoader, its batches set the discriminator steps' and its batch size,
             unless given, the generator steps').
         d_steps: discriminator steps per generator step.
+        micro_batches: run every step of both players in this many micro-batches, forward and backward one at
+            a time with the gradients summed, then one clipping and one optimizer step (gradient accumulation:
+            the memory of one micro-batch, the update of the whole batch, up to rounding;
+            :class:`~genkernel.core.tracking.step.OptimizerStep`). A generator step's micro-batch j is latents
+            rows j; a discriminator step's is real rows j with their generated rows G(z_j) (and WGAN-GP's
+            interpolates of those pairs), in one forward of D as the whole batch is (:class:`DiscriminatorStep`):
+            what a hand-written accumulating loop runs, BatchNorm's batch statistics included. A batch smaller
+            than this (a DataLoader's last) runs one example per micro-batch. Default 1. An attached
+            :class:`GANKernelAnalyzer` books such steps exactly.
         gp_weight: λ of the gradient penalty (wgan-gp only).
         max_grad_norm: global-norm clipping of both players (inf: none).
         ema: an exponential moving average of the generator's weights (diffusers' ``EMAModel``,
@@ -249,6 +287,7 @@ class GANTrainer:
         lr_scheduler_d: LRSchedulerArg = None,
         batch_size: int | None = None,
         d_steps: int = 1,
+        micro_batches: int = 1,
         gp_weight: float = DEFAULT_GP_WEIGHT,
         max_grad_norm: float = math.inf,
         ema: Any = None,
@@ -336,6 +375,14 @@ class GANTrainer:
         if tensor_data and batch_size > data.shape[0]:
             raise ValueError(f"batch_size must be in [1, {data.shape[0]}] (the data set size), got {batch_size}")
         d_steps = positive_int(d_steps, "d_steps")
+        micro_batches = positive_int(micro_batches, "micro_batches")
+        if micro_batches > batch_size:
+            # Every step would run one example per micro-batch: fewer micro-batches than asked, silently.
+            raise ValueError(
+                f"micro_batches={micro_batches} exceeds the batch size {batch_size} (batch_size="
+                + (", or the DataLoader's" if not tensor_data else "")
+                + "): a micro-batch holds at least one example; pass micro_batches <= the batch size"
+            )
         check_max_grad_norm(max_grad_norm)  # here, not at the first step after the callbacks' on_train_start
         if (isinstance(checkpoint_every, bool) or not isinstance(checkpoint_every, numbers.Integral)
                 or checkpoint_every < 0):
@@ -387,6 +434,7 @@ class GANTrainer:
         self.lr_scheduler_d = build_lr_scheduler(lr_scheduler_d, self.d_optimizer, "lr_scheduler_d")
         self.batch_size = batch_size
         self.d_steps = d_steps
+        self.micro_batches = micro_batches
         self.max_grad_norm = max_grad_norm
         if ema is not None:
             check_trainable_ema(ema, generator)
@@ -548,8 +596,14 @@ class GANTrainer:
         b = real.shape[0]
         # A conditional GAN generates its fake rows at the real rows' classes (matching pairs for the penalty).
         conditions = (batch["labels"],) if self.conditional else ()
+        # micro-batch j: real rows j and their generated rows, G run on micro-batch j's latents (a smaller batch
+        # than micro_batches, a DataLoader's last: one example per micro-batch)
+        micro = micro_batch_rows(b, min(self.micro_batches, b))
+        z = self.sample_latents(b)
         with torch.no_grad():
-            fake = output_tensor(self.generator(self.sample_latents(b), *conditions)).detach()
+            fake = torch.cat([output_tensor(self.generator(z[r], *(c[r] for c in conditions))).detach()
+                              for r in micro]) if len(micro) > 1 else \
+                output_tensor(self.generator(z, *conditions)).detach()
         if fake.shape[1:] != real.shape[1:]:  # (a DataLoader's batch shaped otherwise, a G for other data)
             raise ValueError(
                 f"the real samples are shaped {tuple(real.shape[1:])} but the generator's samples are shaped "
@@ -567,14 +621,19 @@ class GANTrainer:
         real_labels = torch.full((x.shape[0],), -1, dtype=torch.long)
         if "labels" in batch:
             real_labels[:b] = batch["labels"].cpu()
-        inputs = (x, roles)
-        if self.conditional:
-            inputs = (x, roles, conditions[0].repeat(len(parts)))
-        return OptimizerStep(
+        classes = conditions[0].repeat(len(parts)) if self.conditional else None
+        order = micro_batch_order(micro, len(parts))
+        if order is not None:  # micro-batch j's rows (real j, generated j[, interpolates j]) made contiguous
+            x, roles, real_labels = x[order.to(x.device)], roles[order.to(roles.device)], real_labels[order]
+            classes = None if classes is None else classes[order.to(classes.device)]
+        inputs = (x, roles) if classes is None else (x, roles, classes)
+        step = DiscriminatorStep(
             self.critic, self.d_optimizer, self.d_loss, inputs, roles, weights,
-            max_grad_norm=self.max_grad_norm, phase="discriminator",
+            max_grad_norm=self.max_grad_norm, micro_batches=len(micro), phase="discriminator",
             info={"roles": roles, "real_labels": real_labels, "discriminator": self.discriminator, "iteration": self.iteration},
         )
+        step.micro_rows = [slice(len(parts) * r.start, len(parts) * r.stop) for r in micro]
+        return step
 
     def _real_batch(self) -> dict[str, torch.Tensor]:
         """A discriminator step's real rows ``{"real"[, "labels"]}`` on the trainer's device: ``batch_size`` rows
@@ -642,7 +701,7 @@ class GANTrainer:
             inputs, targets = z, None
         return OptimizerStep(
             self.generator, self.g_optimizer, self.g_loss, inputs, targets,
-            max_grad_norm=self.max_grad_norm, phase="generator", info=info,
+            max_grad_norm=self.max_grad_norm, micro_batches=self.micro_batches, phase="generator", info=info,
         )
 
     def _perform(self, step: OptimizerStep, draws: StepDraws) -> torch.Tensor:
@@ -771,7 +830,9 @@ class GANTrainer:
             "batches_per_epoch": None if tensor_data else self._stream.batches_per_epoch,
             "labels": self.labels is not None, "latent_dim": self.latent_dim,
             "loss": self.loss, "output": self.output, "gp_weight": float(self.gp_weight),
-            "batch_size": self.batch_size, "d_steps": self.d_steps, "max_grad_norm": float(self.max_grad_norm),
+            "batch_size": self.batch_size, "d_steps": self.d_steps,
+            "micro_batches": self.micro_batches,  # (BatchNorm's statistics and the rounding depend on them)
+            "max_grad_norm": float(self.max_grad_norm),
             "dtype": str(self.dtype), "g_optimizer": type(self.g_optimizer).__name__,
             "d_optimizer": type(self.d_optimizer).__name__,
             "num_classes": self.num_classes, "class_sampling": self.class_sampling,
@@ -816,7 +877,7 @@ class GANTrainer:
         saved_config = state.get("config")
         if saved_config is not None:  # a checkpoint written before trainers kept EMAs or schedules kept none
             saved_config = {"ema": None, "lr_scheduler_g": None, "lr_scheduler_d": None, "data": "Tensor",
-                            "batches_per_epoch": None, "class_counts": None, **saved_config}
+                            "batches_per_epoch": None, "class_counts": None, "micro_batches": 1, **saved_config}
         check_resume_config(saved_config, self._resume_config(), "GANTrainer")
         if self._stream is not None and not isinstance(state.get("iterable"), Mapping):
             raise ValueError(
@@ -872,4 +933,4 @@ class GANTrainer:
         save_image((images.float().cpu() + 1) / 2, str(path), nrow=nrow)
 
 
-__all__ = ["GANTrainer", "frozen", "discriminator_input_gradients"]
+__all__ = ["GANTrainer", "DiscriminatorStep", "frozen", "discriminator_input_gradients"]

@@ -131,7 +131,7 @@ class OptimizerStep:
         micro_losses = []
         accumulating = False  # between the zero_grad and the end of the last backward: .grad holds a partial sum
         try:
-            for rows in micro_batch_rows(self.batch, self.micro_batches):
+            for rows in self.micro_batch_slices():
                 with self._gradient_sync(last=rows.stop == self.batch):
                     losses, loss = self._micro_batch_loss(rows, whole, before_backward)
                     if rows.start == 0:
@@ -148,6 +148,12 @@ class OptimizerStep:
                 self.optimizer.zero_grad()
             raise
         return self._checked_and_clipped(micro_losses)
+
+    def micro_batch_slices(self) -> list[slice]:
+        """The rows of each micro-batch, in order: contiguous, the first starting at 0, the last ending at
+        the batch's end (:func:`micro_batch_rows`' equal split; a subclass may split otherwise, as the GAN
+        trainer's discriminator step keeps each micro-batch's real and generated rows together)."""
+        return micro_batch_rows(self.batch, self.micro_batches)
 
     def _gradient_sync(self, *, last: bool) -> contextlib.AbstractContextManager:
         """Around one micro-batch's forward and backward: DistributedDataParallel's (and FSDP's) ``no_sync()``
