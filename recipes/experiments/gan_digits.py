@@ -53,11 +53,11 @@ def settings_for(mode: str) -> dict:
     return common.pick(
         mode,
         full=dict(iterations=2000, width=32, latent=32, batch=64, probes=32, groups=6, window=200, eval_every=20, lr=1e-3,
-                  limit=None, dtype="float64", controls=3, null_model=True, seeds=3),
+                  limit=None, dtype="float64", controls=3, null_model=True, seeds=3, quadrature="midpoint"),
         quick=dict(iterations=45, width=8, latent=16, batch=32, probes=16, groups=4, window=15, eval_every=5, lr=1e-3,
-                   limit=None, dtype="float64", controls=2, null_model=True, seeds=3),
+                   limit=None, dtype="float64", controls=2, null_model=True, seeds=3, quadrature="simpson"),
         smoke=dict(iterations=3, width=8, latent=8, batch=8, probes=4, groups=2, window=3, eval_every=1, lr=1e-3,
-                   limit=64, dtype="float64", controls=1, null_model=False, seeds=1),
+                   limit=64, dtype="float64", controls=1, null_model=False, seeds=1, quadrature="midpoint"),
     )
 
 
@@ -83,7 +83,7 @@ def build(args, s: dict, seed: int, *, null: bool, analyzed: bool = True, run_di
     if analyzed:
         analyzer = GANKernelAnalyzer(
             G, D, probes, grouping="direction", comparison="latent_kmeans", num_groups=s["groups"], controls=s["controls"],
-            window=s["window"], eval_every=s["eval_every"], coverage_latents=0, seed=seed,
+            window=s["window"], eval_every=s["eval_every"], coverage_latents=0, seed=seed, quadrature=s["quadrature"],
             geometry_loss=GeneratorLoss(D) if null else None,
         )
     trainer = GANTrainer(G, D, images.to(device, dtype), labels=labels, batch_size=s["batch"], lr_g=s["lr"], lr_d=s["lr"],
