@@ -41,7 +41,8 @@ def test_circle_claims_on_an_untrained_network():
     claims, _ = recipe.claims_from_runs(runs, residual=0.0)
     assert claims["kernel_neighborhoods_sharpen"]["value"] == 0.0
     assert not_held(claims["kernel_neighborhoods_sharpen"]) and not_held(claims["kernel_purer_than_euclidean"])
-    assert claims["kernel_neighborhoods_sharpen"]["baseline"]["what"].startswith("θ₀")
+    assert claims["kernel_neighborhoods_sharpen"]["baseline"]["what"].startswith("null model")
+    assert 0.5 <= claims["kernel_neighborhoods_sharpen"]["theta_0"] <= 1.0  # θ₀'s purity, a field beside the rise
 
 
 def test_circle_ledger_check_fails_for_a_first_order_rule_at_large_steps():
@@ -104,7 +105,7 @@ def test_class_block_claim_on_an_untrained_network():
     runs = [recipe.train_once(seed, s, x_train, y_train, x_probe, y_probe, y_probe, "cpu") for seed in (0, 1)]
     c = recipe.claims_from_runs(runs)["training_sharpens_class_blocks"]
     assert c["value"] == 0.0 and not_held(c)
-    assert 0.0 <= c["baseline"]["value"] <= 1.0
+    assert 0.0 <= c["theta_0"] <= 1.0 and c["baseline"]["value"] is None  # the null model's rise: not run
 
 
 def test_printed_digit_claims_on_an_untrained_network():
@@ -146,8 +147,8 @@ def test_embedding_claims_on_an_untrained_network():
     claims = recipe.claims_from_runs(runs)
     for key in ("seen_digits_cluster_after_training", "unseen_digits_cluster_less"):
         assert claims[key]["value"] == 0.0 and not_held(claims[key]), key
-    # the untrained network already separates seen from unseen digits: a non-zero baseline
-    assert claims["unseen_digits_cluster_less"]["baseline"]["value"] != 0.0
+    # the untrained network already separates seen from unseen digits: a non-zero gap at θ₀
+    assert claims["unseen_digits_cluster_less"]["theta_0"] != 0.0
 
 
 # ------------------------------------------------------------------ stochastic Domingos and optimizer weighting

@@ -236,17 +236,17 @@ def test_adam_reweighting_claim_is_not_held_by_plain_sgd_at_a_smaller_step(monke
 
 def test_circle_claims_are_not_held_by_a_network_trained_on_random_labels():
     """The circle recipe's null model: the same runs on randomly permuted labels. Purity against the
-    true labels falls (quick settings: −0.009 [−0.014, −0.004]), so neither claim is held; the true
-    labels, same settings, hold both (positive control)."""
+    true labels falls (quick settings: −0.009 [−0.014, −0.004]), so neither claim is held, judged
+    against itself; the true labels, same settings, judged against it hold both (positive control)."""
     from recipes.experiments import circle_neighborhoods as recipe
 
     s = dict(n_train=600, hidden=64, steps=800, batch=32, lr=0.05, k=100, random_anchors=150)  # the quick settings
     null = [recipe.replicate(seed, s, "cpu", torch.float64, random_labels=True) for seed in (0, 1, 2)]
-    claims, _ = recipe.claims_from_runs(null, residual=0.0)
+    claims, _ = recipe.claims_from_runs(null, 0.0, null)
     assert claims["kernel_neighborhoods_sharpen"]["held"] is False
     assert claims["kernel_purer_than_euclidean"]["held"] is False
     true = [recipe.replicate(seed, s, "cpu", torch.float64) for seed in (0, 1, 2)]
-    positive, _ = recipe.claims_from_runs(true, residual=0.0)
+    positive, _ = recipe.claims_from_runs(true, 0.0, null)
     assert positive["kernel_neighborhoods_sharpen"]["held"] is True
 
 
@@ -256,7 +256,7 @@ def test_regression_claims_are_not_held_by_a_network_trained_on_shuffled_targets
     s = dict(n_train=40, n_test=100, width=16, lr=1e-2, steps=300)
     for kind in ("sin", "square"):
         null = [recipe.run_one(kind, seed, s, "cpu", random_targets=True) for seed in (0, 1, 2)]
-        claims = recipe.claims_for(kind, null)
+        claims = recipe.claims_for(kind, null, null)
         assert claims[f"{kind}_fitted"]["held"] is False, kind
         assert claims[f"{kind}_kernel_aligns_with_target"]["held"] is False, (kind, claims[f"{kind}_kernel_aligns_with_target"])
 
@@ -264,14 +264,13 @@ def test_regression_claims_are_not_held_by_a_network_trained_on_shuffled_targets
 def test_embedding_claims_are_not_held_by_a_network_trained_on_random_labels():
     from genkernel.data import load_digits_images
     from recipes.experiments import tangent_embedding as recipe
-    from recipes.common import permuted_labels
 
     s = dict(width=8, steps=150, batch=64, lr=2e-3)
     x_train, y_train = load_digits_images(size=16, classes=recipe.SEEN, split="train", seed=0)
     x_emb, y_emb = load_digits_images(size=16, per_class=8, split="test", seed=0)
-    null = [recipe.train_once(seed, s, x_train, permuted_labels(y_train, seed), x_emb, y_emb, y_emb.numpy(), "cpu")
+    null = [recipe.train_once(seed, s, x_train, y_train, x_emb, y_emb, y_emb.numpy(), "cpu", random_labels=True)
             for seed in (0, 1, 2)]
-    claims = recipe.claims_from_runs(null)
+    claims = recipe.claims_from_runs(null, null)
     for key in ("seen_digits_cluster_after_training", "unseen_digits_cluster_less"):
         assert claims[key]["held"] is False, (key, claims[key])
 

@@ -127,8 +127,8 @@ def test_gan_digits_json_holds_every_seeds_windows_the_figures_draw(tmp_path, mo
 
 
 # ----------------------------------------------------------------------------- regression_kernels
-def _regression_run(r2: float, r2_init: float, a0: float, a1: float) -> dict:
-    return {"r2": r2, "r2_init": r2_init, "alignment": {"init": a0, "final": a1}}
+def _regression_run(r2: float, r2_init: float, a0: float, a1: float, seed: int = 0) -> dict:
+    return {"r2": r2, "r2_init": r2_init, "alignment": {"init": a0, "final": a1}, "seed": seed, "random_targets": True}
 
 
 def test_regression_claims_follow_their_intervals_over_seeds():
@@ -138,7 +138,8 @@ def test_regression_claims_follow_their_intervals_over_seeds():
     from recipes.experiments import regression_kernels as recipe
 
     runs = [_regression_run(0.97, 0.0, 0.5, 0.6), _regression_run(0.96, 0.1, 0.4, 0.52), _regression_run(0.98, 0.05, 0.45, 0.55)]
-    c = recipe.claims_for("sin", runs)
+    flat = [_regression_run(0.0, 0.0, a, a) for a in (0.5, 0.4, 0.45)]  # a null model whose alignment does not move
+    c = recipe.claims_for("sin", runs, flat)
     iv = common.over_seeds([0.97, 0.96, 0.98])
     assert c["sin_fitted"]["interval"] == pytest.approx([iv.low, iv.high]) and c["sin_fitted"]["held"] is (iv.low > 0.95)
     gain = common.over_seeds([0.1, 0.12, 0.1])
@@ -149,7 +150,7 @@ def test_regression_claims_follow_their_intervals_over_seeds():
     assert recipe.claims_for("sin", wide)["sin_fitted"]["held"] is False
     # alignment falling: not held
     falling = [_regression_run(0.99, 0.0, 0.8, 0.79), _regression_run(0.99, 0.0, 0.8, 0.78), _regression_run(0.99, 0.0, 0.8, 0.785)]
-    assert recipe.claims_for("square", falling)["square_kernel_aligns_with_target"]["held"] is False
+    assert recipe.claims_for("square", falling, flat)["square_kernel_aligns_with_target"]["held"] is False
     nan = recipe.claims_for("sin", [_regression_run(float("nan"), 0.0, 0.5, 0.6)] + runs[:2])["sin_fitted"]
     assert nan["dropped"] == 1 and nan["n"] == 2
 

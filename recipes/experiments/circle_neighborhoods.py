@@ -6,7 +6,8 @@ anchors, the k nearest training points in Euclidean space and under the normaliz
 kernel k̂_t at initialization, mid-training and the end. Purity (share of the majority label)
 is measured for the three anchors and for many random anchors; the claims rest on independent
 training runs (seeds: data, initialization and batch order), each summarized by its mean over the
-random anchors, and compare θ_T with θ₀ (the same network before training).
+random anchors, and compare θ_T with θ₀ (the same network before training); the rise from θ₀ is
+judged against the null model, the same runs trained on randomly permuted labels (paired by seed).
 
     python -m recipes.experiments.circle_neighborhoods [--quick] [--out-dir figures] [--seed 0]
 """
@@ -64,23 +65,48 @@ def replicate(seed: int, settings: dict, device, dtype, *, random_labels: bool =
     return {"seed": seed, "kernel_init": float(init.mean()), "kernel_end": float(end.mean()), "euclidean": float(euclid.mean())}
 
 
-def claims_from_runs(runs: list[dict], residual: float) -> tuple[dict, dict]:
-    """The claims from one entry per independent run (``{"kernel_init", "kernel_end", "euclidean"}``:
-    mean purities over random anchors) and the ledger's relative residual; returns ``(claims,
-    summaries for the results)``."""
+NULL_NOT_RUN_WHY = ("the random-label null model was not run: a rise in purity from θ₀ is what any training may "
+                    "show (the claim is that training on the labels raises it more than training on randomly "
+                    "permuted labels does)")
+
+
+def claims_from_runs(runs: list[dict], residual: float, nulls: list[dict] | None = None) -> tuple[dict, dict]:
+    """The claims from one entry per independent run (``{"seed", "kernel_init", "kernel_end", "euclidean"}``:
+    mean purities over random anchors), the ledger's relative residual and the random-label null
+    model's runs (:func:`replicate` with ``random_labels=True``, the same seeds in the same order);
+    returns ``(claims, summaries for the results)``.
+
+    ``kernel_neighborhoods_sharpen`` is judged against the null model's rise, paired by seed: its
+    baseline is the null's θ_T − θ₀ purity, and it is held when the rise and the rise minus the
+    null's (per seed) both lie above 0 (Student t over seeds). Without ``nulls`` it is not measured."""
     rise = common.over_seeds([r["kernel_end"] - r["kernel_init"] for r in runs])
     over_euclid = common.over_seeds([r["kernel_end"] - r["euclidean"] for r in runs])
     over_euclid_init = common.over_seeds([r["kernel_init"] - r["euclidean"] for r in runs])
-    init_purity = float(np.mean([r["kernel_init"] for r in runs]))
+    init = common.over_seeds([r["kernel_init"] for r in runs])
     end_purity = float(np.mean([r["kernel_end"] for r in runs]))
+    statement = ("training makes kernel neighbourhoods more label-pure: mean purity over random anchors at θ_T minus at "
+                 "θ₀ > 0, and more than for the same runs (data, initialization, batch order) trained on randomly "
+                 "permuted labels (paired by seed; Student t over seeds)")
+    stat = "mean k̂-neighbourhood purity, θ_T − θ₀"
+    fields = dict(statistic=stat, at_theta_T=end_purity, theta_0=init.estimate, theta_0_interval=[init.low, init.high])
+    if nulls is None:
+        sharpen = common.claim(statement, False, rise.estimate, rise, measured=False, why=NULL_NOT_RUN_WHY,
+                               baseline=common.baseline(None, "null model: random labels (not run)"), **fields)
+    else:
+        if [n.get("seed") for n in nulls] != [r.get("seed") for r in runs]:
+            raise ValueError("nulls must be replicate(..., random_labels=True) runs with the same seeds, in the same "
+                             f"order, as runs: got seeds {[n.get('seed') for n in nulls]} for {[r.get('seed') for r in runs]}")
+        null_rises = [n["kernel_end"] - n["kernel_init"] for n in nulls]
+        null = common.over_seeds(null_rises)
+        beyond = common.over_seeds([r["kernel_end"] - r["kernel_init"] - b for r, b in zip(runs, null_rises)])
+        sharpen = common.claim(
+            statement, rise.above(0) and beyond.above(0), rise.estimate, rise,
+            baseline=common.baseline(null.estimate, "null model (random labels): the same runs trained on randomly permuted labels "
+                                     "(its θ_T − θ₀ purity, against the true labels)", null),
+            null_model="the same data, initialization and batch order trained on randomly permuted labels",
+            beyond_null=beyond.estimate, beyond_null_interval=[beyond.low, beyond.high], **fields)
     claims = {
-        "kernel_neighborhoods_sharpen": common.claim(
-            "training makes kernel neighbourhoods more label-pure: mean purity over random anchors at θ_T minus at θ₀ "
-            "> 0 (Student t over seeds)",
-            rise.above(0), rise.estimate, rise,
-            statistic="mean k̂-neighbourhood purity, θ_T − θ₀",
-            baseline=common.baseline(init_purity, "θ₀: mean purity before training"),
-            at_theta_T=end_purity),
+        "kernel_neighborhoods_sharpen": sharpen,
         "kernel_purer_than_euclidean": common.claim(
             "after training, kernel neighbourhoods are purer than Euclidean ones, and training made them so: purity "
             "at θ_T minus Euclidean > 0 and the rise from θ₀ > 0 (Student t over seeds)",
@@ -96,6 +122,8 @@ def claims_from_runs(runs: list[dict], residual: float) -> tuple[dict, dict]:
     }
     summaries = {"purity_rise_init_to_end": summary(rise), "purity_end_minus_euclidean": summary(over_euclid),
                  "purity_init_minus_euclidean": summary(over_euclid_init)}
+    if nulls is not None:
+        summaries["purity_rise_random_labels"] = summary(null)
     return claims, summaries
 
 
@@ -149,7 +177,9 @@ def main(argv=None) -> dict:
     # Independent replicates: this run plus settings["seeds"] − 1 more (no ledger); one value per seed.
     runs = [{"seed": args.seed, **{key: float(random_purity[key].mean()) for key in ("kernel_init", "kernel_end", "euclidean")}}]
     runs += [replicate(args.seed + r, settings, device, dtype) for r in range(1, settings["seeds"])]
-    claims, summaries = claims_from_runs(runs, tracker.ledger.relative_residual())
+    # the null model: the same runs (data, initialization, batch order) trained on randomly permuted labels
+    nulls = [replicate(args.seed + r, settings, device, dtype, random_labels=True) for r in range(settings["seeds"])]
+    claims, summaries = claims_from_runs(runs, tracker.ledger.relative_residual(), nulls)
     with torch.no_grad():
         accuracy = float(((model(points)[:, 0] > 0) == (labels > 0)).double().mean())
         grid = torch.linspace(-1.3, 1.3, 121, dtype=dtype)
@@ -165,6 +195,7 @@ def main(argv=None) -> dict:
         "random_anchor_mean_purity": {key: float(value.mean()) for key, value in random_purity.items()},
         **summaries,
         "seeds": runs,
+        "seeds_random_labels": nulls,
         "purity_rose_for_each_anchor": [bool(purity["kernel_end"][i] > purity["kernel_init"][i]) for i in range(a)],
         "train_accuracy": accuracy,
         "ledger": ledger.summary(),

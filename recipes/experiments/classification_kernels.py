@@ -84,24 +84,26 @@ def block_rise_claim(statement: str, runs: list[dict], nulls: list[dict] | None,
     ``nulls``: not measured, ``why``."""
     rises = [r["auc_final"].auc - r["auc_init"].auc for r in runs]
     change = over_seeds(rises)
-    theta_0 = float(np.mean([r["auc_init"].auc for r in runs]))
+    theta_0 = over_seeds([r["auc_init"].auc for r in runs])
     fields = dict(statistic=statistic, at_theta_T=float(np.mean([r["auc_final"].auc for r in runs])),
+                  theta_0=theta_0.estimate, theta_0_interval=[theta_0.low, theta_0.high],
                   gap_init=runs[0]["gap_init"].gap, gap_final=runs[0]["gap_final"].gap)
     if nulls is None:
+        # the baseline is the null model's rise, which was not computed: θ₀'s level is a field, not the baseline
         return claim(statement, False, change.estimate, change, measured=False, why=why,
-                     baseline=baseline(theta_0, "θ₀: block AUC before training (random-label null model not run)"),
-                     **fields)
+                     baseline=baseline(None, "null model: random labels (not run)"), **fields)
     if [n.get("seed") for n in nulls] != [r.get("seed") for r in runs] or not all(n.get("random_labels") for n in nulls):
         raise ValueError("nulls must be train_once(..., random_labels=True) runs with the same seeds, in the same "
                          f"order, as runs: got seeds {[n.get('seed') for n in nulls]} for {[r.get('seed') for r in runs]}")
     null_rises = [n["auc_final"].auc - n["auc_init"].auc for n in nulls]
     null_change = over_seeds(null_rises)
     beyond = over_seeds([a - b for a, b in zip(rises, null_rises)])
+    # the baseline is the null model's value of the same statistic (its θ_T − θ₀ block AUC, paired by seed): the
+    # value the claim is judged against, so value − baseline is beyond_null
     return claim(
         statement, change.above(0) and beyond.above(0), change.estimate, change,
-        baseline=baseline(theta_0, f"θ₀: block AUC before training; null model (random labels) rises by "
-                                   f"{null_change.estimate:.3g}, and the rise must exceed it",
-                          null_rise=null_change.estimate, null_rise_interval=[null_change.low, null_change.high]),
+        baseline=baseline(null_change.estimate, "null model (random labels): the same network, initialization and batch order trained "
+                          "on randomly permuted labels (its θ_T − θ₀ block AUC, against the true classes)", null_change),
         null_model="the same network, initialization and batch order trained on randomly permuted labels",
         null_rise=null_change.estimate, null_rise_interval=[null_change.low, null_change.high],
         beyond_null=beyond.estimate, beyond_null_interval=[beyond.low, beyond.high], **fields)

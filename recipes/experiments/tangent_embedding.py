@@ -14,7 +14,9 @@ Steps:
      (``seeds``: initialization and batch order): training raises the seen digits' silhouette;
      training separates seen digits more than unseen ones (difference in differences: the
      seen − unseen silhouette gap at θ_T minus the same gap at θ_0, which is not zero: the
-     untrained network's kernel already clusters digits).
+     untrained network's kernel already clusters digits). Each is judged against the null model:
+     the same network (initialization and batch order) trained on randomly permuted labels of
+     digits 0–4, whose change from θ_0 is the baseline (paired by seed).
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from genkernel.data import load_digits_images
 from genkernel.plotting.figures import plot_tangent_embedding
 from genkernel.supervised import SmallConvNet, SupervisedTrainer, cross_entropy_loss
 
-from ..common import Timer, baseline, claim, finish, make_parser, over_seeds, parse, pick
+from ..common import Timer, baseline, claim, finish, make_parser, over_seeds, parse, permuted_labels, pick
 
 NAME = "tangent_embedding"
 SEEN = [0, 1, 2, 3, 4]
@@ -43,17 +45,21 @@ def silhouettes(dist: np.ndarray, labels: np.ndarray, classes: list[int]) -> np.
     return silhouette_samples(dist[np.ix_(sel, sel)], labels[sel], metric="precomputed")
 
 
-def train_once(seed, s, x_train, y_train, x_emb, y_emb, labels, device) -> dict:
+def train_once(seed, s, x_train, y_train, x_emb, y_emb, labels, device, *, random_labels: bool = False) -> dict:
     """One training run from ``seed``: tangent-feature distances over the embedding images at θ_0
     and θ_T, the per-image silhouettes (seen among seen, unseen among unseen) at both, the seen
-    digits' test accuracy and the loss history."""
+    digits' test accuracy and the loss history.
+
+    ``random_labels=True``: the null model, the same network and batch order trained on
+    :func:`~recipes.common.permuted_labels` of ``y_train``; the silhouettes are still scored by the true digits."""
     torch.manual_seed(seed)
     model = SmallConvNet(1, len(SEEN), size=16, width=s["width"]).to(device)
     x_emb_d = x_emb.to(device)
     d_init = kernel_distance(gradient_kernel(model, x_emb_d, normalize=True).cpu())
     trainer = SupervisedTrainer(model, torch.optim.Adam(model.parameters(), lr=s["lr"]), cross_entropy_loss,
                                 batch_size=min(s["batch"], len(x_train)), seed=seed)
-    history = trainer.fit(x_train.to(device), y_train.to(device), steps=s["steps"])
+    targets = permuted_labels(y_train, seed) if random_labels else y_train
+    history = trainer.fit(x_train.to(device), targets.to(device), steps=s["steps"])
     d_final = kernel_distance(gradient_kernel(model, x_emb_d, normalize=True).cpu())
     seen_mask = torch.from_numpy(np.isin(labels, SEEN))
     with torch.no_grad():
@@ -63,34 +69,75 @@ def train_once(seed, s, x_train, y_train, x_emb, y_emb, labels, device) -> dict:
         for when, d in (("init", d_init), ("final", d_final))
         for group, classes in (("seen", SEEN), ("unseen", UNSEEN))
     }
-    return {"d_init": d_init, "d_final": d_final, "seen_acc": seen_acc, "history": history, "sil": sil}
+    return {"seed": seed, "random_labels": random_labels, "d_init": d_init, "d_final": d_final, "seen_acc": seen_acc,
+            "history": history, "sil": sil}
 
 
-def claims_from_runs(runs: list[dict]) -> dict:
-    """The two claims from the runs (one per seed, :func:`train_once`): changes from θ_0."""
-    per_seed = {f"{group}_{when}": np.array([float(r["sil"][(when, group)].mean()) for r in runs])
-                for when in ("init", "final") for group in ("seen", "unseen")}
-    gain = over_seeds(per_seed["seen_final"] - per_seed["seen_init"])
+NULL_NOT_RUN_WHY = ("the random-label null model was not run: a change from θ₀ is what any training on digits 0–4 "
+                    "may show (the claim is that training on their labels changes it more than training on randomly "
+                    "permuted labels does)")
+
+
+def _per_seed(runs: list[dict]) -> dict[str, np.ndarray]:
+    return {f"{group}_{when}": np.array([float(r["sil"][(when, group)].mean()) for r in runs])
+            for when in ("init", "final") for group in ("seen", "unseen")}
+
+
+def claims_from_runs(runs: list[dict], nulls: list[dict] | None = None) -> dict:
+    """The two claims from the runs (one per seed, :func:`train_once`), changes from θ_0, each judged
+    against the random-label null model's runs (``random_labels=True``, the same seeds in the same
+    order), paired by seed: a claim's baseline is the null model's value of its statistic, and it is
+    held when the statistic and the statistic minus the null's (per seed) both lie above 0 (Student t
+    over seeds). Without ``nulls`` neither claim is measured."""
+    per_seed = _per_seed(runs)
     gap_init = per_seed["seen_init"] - per_seed["unseen_init"]
     gap_final = per_seed["seen_final"] - per_seed["unseen_final"]
-    did = over_seeds(gap_final - gap_init)
-    return {
-        "seen_digits_cluster_after_training": claim(
-            "training on digits 0–4 raises their silhouette in tangent-feature space (θ_T − θ₀, Student t over seeds)",
-            gain.above(0), gain.estimate, gain,
+    values = {"seen_digits_cluster_after_training": per_seed["seen_final"] - per_seed["seen_init"],
+              "unseen_digits_cluster_less": gap_final - gap_init}
+    null_values = None
+    if nulls is not None:
+        if [n.get("seed") for n in nulls] != [r.get("seed") for r in runs] or not all(n.get("random_labels") for n in nulls):
+            raise ValueError("nulls must be train_once(..., random_labels=True) runs with the same seeds, in the same "
+                             f"order, as runs: got seeds {[n.get('seed') for n in nulls]} for {[r.get('seed') for r in runs]}")
+        null_seed = _per_seed(nulls)
+        null_values = {"seen_digits_cluster_after_training": null_seed["seen_final"] - null_seed["seen_init"],
+                       "unseen_digits_cluster_less": (null_seed["seen_final"] - null_seed["unseen_final"])
+                       - (null_seed["seen_init"] - null_seed["unseen_init"])}
+    spec = {
+        "seen_digits_cluster_after_training": dict(
+            statement="training on digits 0–4 raises their silhouette in tangent-feature space (θ_T − θ₀), and more "
+                      "than training the same network (initialization, batch order) on randomly permuted labels does "
+                      "(paired by seed; Student t over seeds)",
             statistic="silhouette of digits 0–4 (tangent-feature distances), θ_T − θ₀",
-            baseline=baseline(float(per_seed["seen_init"].mean()), "θ₀: silhouette before training"),
-            at_theta_T=float(per_seed["seen_final"].mean()),
-        ),
-        "unseen_digits_cluster_less": claim(
-            "training separates the seen digits (0–4) more than the unseen ones (5–9): the seen − unseen silhouette "
-            "gap at θ_T minus the same gap at θ₀ > 0 (difference in differences, Student t over seeds)",
-            did.above(0), did.estimate, did,
+            theta_0=per_seed["seen_init"], at_theta_T=per_seed["seen_final"],
+            null_what="its θ_T − θ₀ silhouette of digits 0–4"),
+        "unseen_digits_cluster_less": dict(
+            statement="training separates the seen digits (0–4) more than the unseen ones (5–9): the seen − unseen "
+                      "silhouette gap at θ_T minus the same gap at θ₀ > 0 (difference in differences), and more than "
+                      "for the same network (initialization, batch order) trained on randomly permuted labels (paired "
+                      "by seed; Student t over seeds)",
             statistic="(seen − unseen silhouette) at θ_T minus at θ₀",
-            baseline=baseline(float(gap_init.mean()), "θ₀: seen − unseen gap before training"),
-            at_theta_T=float(gap_final.mean()),
-        ),
+            theta_0=gap_init, at_theta_T=gap_final, null_what="its seen − unseen gap at θ_T minus at θ₀"),
     }
+    out = {}
+    for key, sp in spec.items():
+        value = over_seeds(values[key])
+        theta_0 = over_seeds(sp["theta_0"])
+        fields = dict(statistic=sp["statistic"], at_theta_T=float(sp["at_theta_T"].mean()), theta_0=theta_0.estimate,
+                      theta_0_interval=[theta_0.low, theta_0.high])
+        if null_values is None:
+            out[key] = claim(sp["statement"], False, value.estimate, value, measured=False, why=NULL_NOT_RUN_WHY,
+                             baseline=baseline(None, "null model: random labels (not run)"), **fields)
+            continue
+        null = over_seeds(null_values[key])
+        beyond = over_seeds(values[key] - null_values[key])
+        out[key] = claim(
+            sp["statement"], value.above(0) and beyond.above(0), value.estimate, value,
+            baseline=baseline(null.estimate, "null model (random labels): the same network, initialization and batch "
+                              f"order trained on randomly permuted labels of digits 0–4 ({sp['null_what']})", null),
+            null_model="the same network, initialization and batch order trained on randomly permuted labels",
+            beyond_null=beyond.estimate, beyond_null_interval=[beyond.low, beyond.high], **fields)
+    return out
 
 
 def main(argv=None) -> dict:
@@ -112,6 +159,8 @@ def main(argv=None) -> dict:
     labels = y_emb.numpy()
     # 2. Kernels at θ_0 and θ_T, one independent training run per seed (seed 0 also draws the figure).
     runs = [train_once(args.seed + r, s, x_train, y_train, x_emb, y_emb, labels, device) for r in range(s["seeds"])]
+    nulls = [train_once(args.seed + r, s, x_train, y_train, x_emb, y_emb, labels, device, random_labels=True)
+             for r in range(s["seeds"])]  # the null model: the same runs on randomly permuted labels
     first = runs[0]
     d_init, d_final, seen_acc, history, sil = first["d_init"], first["d_final"], first["seen_acc"], first["history"], first["sil"]
     seen_sel = np.isin(labels, SEEN)
@@ -123,7 +172,9 @@ def main(argv=None) -> dict:
     for (when, group), v in sil.items():
         results[f"silhouette_{group}_{when}"] = float(v.mean())
         results[f"silhouette_{group}_{when}_per_seed"] = [float(r["sil"][(when, group)].mean()) for r in runs]
-    claims = claims_from_runs(runs)  # 4. Claims: changes from θ_0, one value per seed.
+        results[f"silhouette_{group}_{when}_random_labels_per_seed"] = [float(n["sil"][(when, group)].mean()) for n in nulls]
+    results["seen_test_accuracy_random_labels_per_seed"] = [n["seen_acc"] for n in nulls]
+    claims = claims_from_runs(runs, nulls)  # 4. Claims: changes from θ_0 against the random-label null, per seed.
     panels = [
         {"coords": coords_init, "labels": labels[seen_sel], "seen": SEEN,
          "title": f"initialization, digits 0–4\nsilhouette {results['silhouette_seen_init']:.3f}"},
