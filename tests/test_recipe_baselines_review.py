@@ -150,3 +150,19 @@ def test_block_claims_baseline_is_the_random_label_rise_not_theta0s_level():
         assert claims_of(tied)[key]["held"] is False
         alone = claims_of(None)[key]
         assert alone["measured"] is False and alone["baseline"]["value"] is None
+
+
+def test_circle_purer_than_euclidean_needs_training_on_the_labels_beyond_the_null():
+    """'training made them so' took the plain rise from θ₀, which a network trained on random labels that
+    rose as much passed (held); it is the sharpening rule now: beyond the random-label null's rise."""
+    from recipes.experiments import circle_neighborhoods as recipe
+
+    inits = [0.70, 0.69, 0.71]  # Euclidean 0.6: purer than Euclidean at θ_T in every seed
+    runs = [_circle(s, i, i + d) for s, i, d in zip((0, 1, 2), inits, RISES)]
+    weak = [_circle(s, i, i + d) for s, i, d in zip((0, 1, 2), inits, WEAK_NULL)]
+    held = recipe.claims_from_runs(runs, 0.0, weak)[0]["kernel_purer_than_euclidean"]
+    assert held["held"] is True and held["interval"][0] > 0
+    tied = recipe.claims_from_runs(runs, 0.0, [dict(r) for r in runs])[0]["kernel_purer_than_euclidean"]
+    assert tied["interval"][0] > 0 and tied["held"] is False and tied["beyond_null"] == 0.0
+    alone = recipe.claims_from_runs(runs, 0.0)[0]["kernel_purer_than_euclidean"]
+    assert alone["measured"] is False and alone["held"] is None and "null model" in alone["why"]
