@@ -32,7 +32,7 @@ def test_interleaved_refuses_rounds_that_would_leave_the_first_call_as_the_stead
         interleaved({"a": lambda: time.sleep(0.01)}, 0)
 
 
-def test_gpu_check_keeps_the_analyzers_first_step_out_of_every_steady_time(monkeypatch):
+def test_gpu_check_keeps_the_analyzers_first_step_out_of_every_steady_time(monkeypatch, one_thread):
     """A planted 2.5 s of one-time work in the analyzer's bind (its first step) must show in the
     first-step times and in no seconds_per_step: the midpoint's interleaved steps and the
     Simpson / Gauss-6 runs alike (these averaged it in, with their model's construction: on the
@@ -47,8 +47,7 @@ def test_gpu_check_keeps_the_analyzers_first_step_out_of_every_steady_time(monke
         return bind(self, *args, **kwargs)
 
     monkeypatch.setattr(NoiseLevelAnalyzer, "bind", slow_bind)
-    torch.set_num_threads(1)
-    s = gpu_check._settings(True)
+    s = gpu_check._settings(True)  # (one thread, restored after: it was set here and left for every later module)
     out = gpu_check.diffusion_benchmark(torch.device("cpu"), s, time.perf_counter() + 600)
     # Against the run's own first step, not a fixed bound (a loaded machine took 1.45 s for a steady step): the
     # first step holds the 2.5 s and a steady one none of it, so they differ by about 2.5 s at any load (the

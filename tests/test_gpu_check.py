@@ -3,6 +3,13 @@ full one where a GPU is present)."""
 
 import json
 
+import pytest
+
+# One torch thread (conftest): the tiny CPU mode's models are tiny, and a second thread only spins on a busy
+# machine (2 cores at load ~3: 88-95 s with two threads, 9-12 s with one; on idle cores both about 8 s); the
+# check runs what it ran, on one thread.
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 def test_the_gpu_check_runs_in_its_tiny_cpu_mode(tmp_path):
     from recipes.benchmarks import gpu_check
