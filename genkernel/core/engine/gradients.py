@@ -174,10 +174,18 @@ def gradients_from_losses(
             ) from error
         rows = [torch.autograd.grad(losses, inputs, grad_outputs=w, retain_graph=True, allow_unused=True) for w in weights]
         grads = [None if rows[0][i] is None else torch.stack([r[i] for r in rows]) for i in range(len(inputs))]
-    out = {}
+    out, seen = {}, set()
     for name, p, g in zip(names, inputs, grads):
-        out[name] = (torch.zeros((weights.shape[0], *p.shape), dtype=dtype, device=p.device) if g is None
-                     else g.detach().to(dtype))
+        if g is None:
+            out[name] = torch.zeros((weights.shape[0], *p.shape), dtype=dtype, device=p.device)
+            continue
+        g = g.detach().to(dtype)
+        # autograd may hand two parameters one tensor (θ_a + θ_b passes its gradient to both unchanged):
+        # callers scale and sum the rows in place, so each parameter gets storage of its own.
+        if g.data_ptr() in seen:
+            g = g.clone()
+        seen.add(g.data_ptr())
+        out[name] = g
     return out
 
 

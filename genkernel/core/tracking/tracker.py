@@ -99,6 +99,21 @@ FORMAT = "genkernel.PathKernelTracker/2"
 OWNED_STEP = 0
 
 
+def _reentrant_checkpoint_in(losses: torch.Tensor) -> bool:
+    """Whether ``losses``' graph holds a reentrant ``torch.utils.checkpoint`` node (its backward runs
+    its own ``torch.autograd.backward`` and gives ``torch.autograd.grad`` nothing for the parameters)."""
+    seen, stack = set(), [losses.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        if type(node).__name__ == "CheckpointFunctionBackward":
+            return True
+        stack.extend(n for n, _ in node.next_functions)
+    return False
+
+
 def step_payloads(pending: dict[int, Any], booked: list[int]) -> list[Any]:
     """For a tracker's listener: the per-micro-batch payloads of the step just recorded, taken out of
     ``pending`` (keyed by the observation numbers :meth:`PathKernelTracker.observe` returned):
@@ -713,6 +728,7 @@ class PathKernelTracker:
         together.passed()
         if self._observed is not None and self._gradients_cleared():
             self._drop_skipped()
+        self._follow_accumulation()
         self._observations += 1
         number = self._observations
         backward = [False]  # set by the loop's backward through these losses
@@ -720,7 +736,7 @@ class PathKernelTracker:
             self._observed = self._new_observed()
         self._observed["entries"].append({"number": number, "grads": grads, "folded": False, "ids": ids,
                                           "losses": losses.detach(), "backward": backward,
-                                          "tensor": weakref.ref(losses)})
+                                          "tensor": weakref.ref(losses), "accumulations": self._accumulations})
         self._observing = True
         self._mark_observed(losses, backward)
         return number
@@ -759,11 +775,15 @@ class PathKernelTracker:
         step's and go to ``skipped_steps``. Those with no backward yet stay: the loop may still backward
         them with this one (observe(real), observe(fake), (real.mean() + fake.mean()).backward())."""
         entries = self._observed["entries"]
-        skipped = [e for e in entries if e["backward"][0]]
+        # A micro-batch whose backward ran: its losses' hook fired, or (a loop whose loss is built beside the
+        # observed losses, F.mse_loss(outputs, y), whose backward passes no hook of theirs) a backward
+        # accumulated into the parameters after it was observed.
+        ran = [e["backward"][0] or self._accumulations > e["accumulations"] for e in entries]
+        skipped = [e for e, r in zip(entries, ran) if r]
         if not skipped:
             return
         self.skipped_steps.append({"after_step": self.ledger.steps, "micro_batches": len(skipped)})
-        waiting = [e for e in entries if not e["backward"][0]]  # never folded (folding needs a backward)
+        waiting = [e for e, r in zip(entries, ran) if not r]  # never folded (folding needs a backward)
         self._observed = None
         if waiting:
             self._observed = self._new_observed()
@@ -791,6 +811,23 @@ class PathKernelTracker:
         # real gradient off the fitted multiple by only about δ·sin(angle), under the step's check for δ < 1 %.
         if 1.0 - cosine * cosine > (100 * self.rtol) ** 2:
             observed["independent"], observed["direction"] = True, None
+
+    def _follow_accumulation(self) -> None:
+        """Count the loop's backward passes into the tracked parameters (``_accumulations``; hooks set at the
+        first observe(), removed by close(); the tracker's own torch.autograd.grad passes accumulate nothing):
+        :meth:`_drop_skipped` reads a skipped step from them where no hook on the observed losses fired."""
+        if getattr(self, "_accumulation_hooks", False):
+            return
+        self._accumulations = 0
+        this = weakref.ref(self)
+
+        def accumulated(_param: torch.Tensor) -> None:
+            tracker = this()
+            if tracker is not None:
+                tracker._accumulations += 1
+
+        self._hooks.extend(p.register_post_accumulate_grad_hook(accumulated) for p in self.params.values())
+        self._accumulation_hooks = True
 
     def _mark_observed(self, losses: torch.Tensor, backward: list[bool]) -> None:
         """A hook on the observed losses that the loop's backward through them fires (``backward[0] = True``;
@@ -832,6 +869,13 @@ class PathKernelTracker:
         self._need_dense("observing a loop")
         coefficients = (torch.full((batch,), 1.0 / batch, dtype=torch.float64) if weights is None else weights).to(torch.float64)
         grads = self.route.graph_gradients(losses, {k: v.to(losses.device) for k, v in ids.items()}, coefficients.to(losses.device))
+        if not any(bool(g.any()) for g in grads.values()) and _reentrant_checkpoint_in(losses):
+            raise ValueError(
+                "the losses' graph runs through torch.utils.checkpoint with use_reentrant=True, whose backward the "
+                "tracker's passes (torch.autograd.grad with respect to the parameters) cannot enter: every group "
+                "gradient of this micro-batch came back zero. Pass use_reentrant=False to torch.utils.checkpoint "
+                "(diffusers' enable_gradient_checkpointing already does); this micro-batch was not observed"
+            )
         return ids, grads
 
     @property
@@ -946,7 +990,8 @@ class PathKernelTracker:
         # skipped it) put nothing into the real gradient and is left out. With no backward seen at all (a loop
         # that sets p.grad itself) every observed micro-batch forms the step. The check below decides either way.
         kept = [e for e in entries if e["backward"][0]] or entries
-        dropped = [i + 1 for i, e in enumerate(entries) if not any(e is k for k in kept)]
+        left_out = [(i + 1, e) for i, e in enumerate(entries) if not any(e is k for k in kept)]
+        dropped = [i for i, _ in left_out]
         # Under DDP the ranks must keep the same micro-batches (the kept count feeds the gradient average): a
         # rank that keeps another count meets the others at another place, and the step is refused on every rank.
         if dropped:
@@ -961,7 +1006,8 @@ class PathKernelTracker:
         losses = torch.cat([e["losses"] for e in kept])
         step = {"grads": observed["grads"], "micro_batches": len(kept), "dropped": len(dropped),
                 "moving": observed["moving"], "independent": observed["independent"],
-                "ids": [e["ids"] for e in kept], "numbers": [e["number"] for e in kept]}
+                "ids": [e["ids"] for e in kept], "numbers": [e["number"] for e in kept],
+                "left_out": [(i, e["grads"]) for i, e in left_out]}
         try:
             self._begin_observed_checked(index, step, losses, theta_before, saved, together)
         except LedgerCheckError as error:
@@ -977,6 +1023,7 @@ class PathKernelTracker:
     def _begin_observed_checked(self, index, observed, losses, theta_before, saved, together) -> None:
         with torch.no_grad(), together.meeting():
             scale = self._scale_to_real(index, observed["grads"], observed["micro_batches"])
+            self._check_left_out_visible(index, observed["grads"], observed.get("left_out", []))
             if observed["moving"] > 1 and not observed["independent"]:
                 raise ValueError(
                     f"step {index}: the gradients of the {observed['moving']} observed micro-batches that move the "
@@ -1011,6 +1058,44 @@ class PathKernelTracker:
             raise
         self.step_observations = self._step_numbers
         self._recorded(result)
+
+    def _check_left_out_visible(self, index: int, grads: dict[str, torch.Tensor], left_out: list) -> None:
+        """Refuse a step whose left-out micro-batches (no backward seen through their observed losses) the
+        check could not tell from kept ones: when one's gradient (Σ over the primary partition's groups),
+        or the left-out ones' sum, is parallel to the kept sum, the real gradient is one scalar times the
+        kept sum whether or not the loop trained on them, and the scale fitted would silently give the kept
+        micro-batches' groups the left-out ones' share."""
+        if not left_out:
+            return
+        first = self.partitions.slices[self.partitions.primary]
+
+        def total(rows: dict[str, torch.Tensor]) -> torch.Tensor:
+            return torch.cat([rows[name][first].sum(dim=0).reshape(-1).to(torch.float64) for name in self.params])
+
+        kept = total(grads)
+        kept_norm = float(kept.norm())
+        if kept_norm == 0.0 or not math.isfinite(kept_norm):  # (then a left-out gradient fails the check itself)
+            return
+        candidates = [([i], total(rows)) for i, rows in left_out]
+        if len(candidates) > 1:
+            candidates.append(([i for i, _ in left_out], sum(t for _, t in candidates)))
+        for which, t in candidates:
+            norm = float(t.norm())
+            if norm == 0.0 or not math.isfinite(norm):
+                continue
+            cosine = float(t @ kept) / (norm * kept_norm)
+            if 1.0 - cosine * cosine <= (100 * self.rtol) ** 2:
+                raise ValueError(
+                    f"step {index}: micro-batch(es) {which[:10]} of this step had no backward through the losses "
+                    "observed for them and would be left out, but their gradient is parallel to the kept "
+                    "micro-batches' sum, so the optimizer's gradient cannot show whether the loop trained on them "
+                    "(one scale fits either way, and the kept groups would silently take their share). A backward "
+                    "through another node than the observed tensor (loss = F.mse_loss(outputs, y) where observe() "
+                    "got per-example losses computed beside it) reaches the parameters without the observed "
+                    "losses' hook. Build the loop's loss from the observed tensor itself (loss = losses.mean()), "
+                    "call observe() only once the loop decides to train on a micro-batch, or observe the step's "
+                    "examples in one call"
+                )
 
     def _scale_to_real(self, index: int, grads: dict[str, torch.Tensor], micro_batches: int) -> float:
         """The one scalar α that makes the observed group gradients' sum the optimizer's real gradient
