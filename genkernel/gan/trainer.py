@@ -187,13 +187,15 @@ def micro_batch_order(micro: Sequence[slice], parts: int) -> torch.Tensor | None
 @dataclass
 class StepDraws:
     """What a step drew, to undo when it fails before its update: the trainer's generator's state before the
-    step's draws, the global RNG's before its passes, G's buffers (tensor, saved copy) before the discriminator
-    step's fake pass (by module and name: a forward may rebind a buffer, ``self.mean = ...``), and the DataLoader
-    batch it took."""
+    step's draws, the global RNG's before its passes, both players' buffers (tensor, saved copy) before the step's
+    forwards (by module and name: a forward may rebind a buffer, ``self.mean = ...``): the discriminator step's
+    fake pass updates G's (BatchNorm's running statistics, spectral norm's power iteration), and a training
+    forward that ran before the failure (micro-batch 0's, when micro-batch 1 fails) D's, also in a generator
+    step, whose D keeps its mode; and the DataLoader batch it took."""
 
     rng: torch.Tensor
     global_rng: dict[str, Any]
-    g_buffers: Sequence[tuple[nn.Module, str, torch.Tensor]] = ()  # (module, buffer name, saved copy)
+    buffers: Sequence[tuple[nn.Module, str, torch.Tensor]] = ()  # (module, buffer name, saved copy)
     real_batch: dict[str, torch.Tensor] | None = None
 
 
@@ -579,10 +581,9 @@ class GANTrainer:
             self.rng.set_state(rng_before)
             raise
         # the state before the step's passes, the real batch loaded: the fake rows' pass draws from the global RNG
-        # (dropout in G) and, G in training mode, updates G's buffers (BatchNorm's running statistics)
-        g_buffers = [(module, name, buffer.clone()) for module in self.generator.modules()
-                     for name, buffer in module.named_buffers(recurse=False)]
-        draws = StepDraws(rng_before, global_rng_state(), g_buffers, batch)
+        # (dropout in G) and, G in training mode, updates G's buffers (BatchNorm's running statistics); the training
+        # forwards before a failure (micro-batches before the one that fails) update D's
+        draws = StepDraws(rng_before, global_rng_state(), self._saved_buffers(), batch)
         try:
             step = self._discriminator_step(batch)
         except BaseException:  # (G's pass, a batch shaped otherwise, an interrupt): nothing was updated
@@ -680,7 +681,10 @@ class GANTrainer:
 
     def generator_step(self) -> torch.Tensor:
         """One generator step (D's parameters frozen, its modes kept); returns the per-example losses."""
-        draws = StepDraws(self.rng.get_state(), global_rng_state())
+        # the players' buffers too: the training forwards before a failure (micro-batch 0's when micro-batch 1 fails,
+        # or the forward whose graph an analyzer refuses) update G's and, D keeping its mode, D's (spectral norm's
+        # power iteration, BatchNorm's running statistics): the step run again must start from the same ones
+        draws = StepDraws(self.rng.get_state(), global_rng_state(), self._saved_buffers())
         try:
             step = self._generator_step()
         except BaseException:  # (its latents or classes drawn, then a failure, e.g. an interrupt): nothing was updated
@@ -737,17 +741,28 @@ class GANTrainer:
             self._step_schedule(step)
         return losses
 
+    def _saved_buffers(self) -> list[tuple[nn.Module, str, torch.Tensor]]:
+        """Copies of both players' buffers ``(module, name, copy)``, each module once (StepDraws)."""
+        seen, saved = set(), []
+        for model in (self.generator, self.discriminator):
+            for module in model.modules():
+                if id(module) in seen:
+                    continue
+                seen.add(id(module))
+                saved.extend((module, name, buffer.clone()) for name, buffer in module.named_buffers(recurse=False))
+        return saved
+
     def _undo(self, draws: StepDraws) -> None:
         """Undo a step's draws: the trainer's generator back to its state before the step drew its rows,
         latents and classes, the global RNG to its state before the step's passes (the discriminator step's
-        fake pass included), G's buffers, which that pass updates, to theirs, and a DataLoader's real batch
-        handed back."""
+        fake pass included), both players' buffers, which those passes and the training forwards before a failure
+        update, to theirs, and a DataLoader's real batch handed back."""
         self.rng.set_state(draws.rng)
         set_global_rng_state(draws.global_rng)
         if self._stream is not None and draws.real_batch is not None:
             self._stream.hand_back(draws.real_batch)
         with torch.no_grad():
-            for module, name, saved in draws.g_buffers:
+            for module, name, saved in draws.buffers:
                 # into the buffer the module holds now (a forward may have rebound it): in place where it fits
                 current = getattr(module, name, None)
                 if isinstance(current, torch.Tensor) and current.shape == saved.shape and current.dtype == saved.dtype:
