@@ -67,7 +67,7 @@ class _AdamW:
 
     def __call__(self, name, rows, theta, group):
         st = self.state.setdefault(name, {"k": 0})
-        lr, wd, eps = _f(group["lr"]), _f(group["weight_decay"]), group["eps"]
+        lr, eps = _f(group["lr"]), group["eps"]
         b1, b2 = (_f(b) for b in group["betas"])
         total = rows.sum(0)
         st["k"] += 1
