@@ -168,3 +168,28 @@ def test_accumulation_holds_the_sum_and_one_micro_batch_and_a_stale_hook_marks_n
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):  # the hook runs before this
         stale.sum().backward()  # through the stepped micro-batch's losses again
     assert old_flag == [True] and [e["backward"][0] for e in tracker._observed["entries"]] == [False]
+
+
+def test_micro_batches_observed_before_a_load_are_not_part_of_the_loaded_runs_next_step():
+    """A state holds no observed micro-batches, but load_state_dict kept those observed before it: here A
+    (observed, never backwarded) came back as a dropped micro-batch of the loaded run's next step. Now the
+    loaded tracker's next step is the one a fresh tracker loaded from the same state records."""
+    x, y, ids = rows(8, 3)
+    runs = []
+    for observe_first in (False, True):
+        model, opt, tracker = mlp()
+        state = {k: v.clone() for k, v in model.state_dict().items()}
+        saved = tracker.state_dict()
+        if observe_first:
+            tracker.observe(mse_loss(model(x[:4]), y[:4]), ids[:4])  # A: observed, then the run is rolled back
+        model.load_state_dict(state)
+        tracker.load_state_dict(saved)
+        opt.zero_grad()
+        losses = mse_loss(model(x[4:]), y[4:])
+        tracker.observe(losses, ids[4:])
+        losses.mean().backward()
+        opt.step()
+        runs.append(tracker)
+    assert runs[1].gradient_scales[-1]["dropped_micro_batches"] == 0 and runs[1].skipped_steps == []
+    assert runs[1].gradient_scales[-1]["micro_batches"] == 1
+    assert torch.equal(runs[0].ledger.contributions, runs[1].ledger.contributions)

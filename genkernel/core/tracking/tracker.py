@@ -1447,6 +1447,9 @@ class PathKernelTracker:
         self._grad_marks = None
         # A loaded state replaces whatever a failed step left: the caller loads the model and optimizer beside it.
         self._broken, self._pending_step = None, None
+        # Micro-batches observed before the load belong to the run the state replaces (a state holds none): kept,
+        # they came back as a skipped step or a dropped micro-batch of the loaded run's next step.
+        self._observed = None
 
     def save(self, path: str | os.PathLike) -> None:
         """Write the tracker state atomically (temporary file, then rename)."""
