@@ -9,6 +9,7 @@ from torch import nn
 from genkernel import PathKernelTracker
 from genkernel.core.grouping import Partitions
 from genkernel.core.tracking.splitters import make_splitter
+from genkernel.supervised import mse_loss
 
 G, N = 3, 6
 
@@ -160,3 +161,21 @@ def test_adamw_weight_decay_held_as_a_float32_tensor_books_the_decay_torch_appli
         worst_row = max(worst_row, max(_relative(rows[g], ref[g]) for g in range(G + 1)))
         worst_sum = max(worst_sum, _relative(rows.sum(0), delta))
     assert worst_row < 1e-12 and worst_sum < 1e-13, (worst_row, worst_sum)
+
+
+def test_the_sketched_route_follows_torchs_rounding_of_a_tensor_dampening():
+    """The sketched route formed 1 − τ in float64 for SGD's momentum with dampening=tensor(0.1) (float32:
+    PyTorch's 1 − τ is rounded there), so its step after the first was refused by its own state check
+    (blamed on a loaded state); now it books the steps, and their contributions add up."""
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, dampening=torch.tensor(0.1))
+    probes = torch.randn(4, 3, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    tracker = PathKernelTracker(model, opt, mse_loss, probes, num_groups=3, group_state="sketched", sketch_dim=64)
+    g = torch.Generator().manual_seed(3)
+    for _ in range(3):
+        x, y = torch.randn(6, 3, generator=g, dtype=torch.float64), torch.randn(6, 2, generator=g, dtype=torch.float64)
+        tracker.step(x, y, torch.arange(6) % 3)
+    ledger = tracker.ledger
+    assert ledger.steps == 3
+    total = ledger.contributions.sum(1) + ledger.rest + ledger.residual + ledger.sketch_error
+    torch.testing.assert_close(total, ledger.f_end - ledger.f_start, rtol=0, atol=1e-12)

@@ -45,7 +45,7 @@ from ..engine.reference import split_columns
 from ..errors import LedgerCheckError
 from ..grouping import abs_row_sum
 from .routes import RouteContributions, TrackedModel, _FactorRoute, push_rows
-from .splitters import UpdateSplitter
+from .splitters import UpdateSplitter, one_minus
 
 SKETCH_OPTIMIZERS = "torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW"
 
@@ -131,7 +131,9 @@ class SketchedRoute(_FactorRoute):
         (shared,) = values
         if self.adam:
             return {"beta1": shared[0][0]}
-        return {"momentum": shared[0], "dampening": shared[1], "nesterov": bool(shared[2])}
+        # PyTorch's alpha = 1 − τ in a tensor τ's dtype (the splitter's rule, UpdateSplitter.advance)
+        undamped = one_minus(self.splitter.optimizer.param_groups[0].get("dampening", 0.0))
+        return {"momentum": shared[0], "dampening": shared[1], "nesterov": bool(shared[2]), "undamped": undamped}
 
     def before_step(self) -> None:
         """Reads the shared hyperparameters and, on the first step, whether SGD starts its momentum

@@ -54,6 +54,12 @@ def _plain(value: Any) -> Any:
     return value.detach().squeeze() if isinstance(value, torch.Tensor) else value
 
 
+def one_minus(value: Any) -> float:
+    """1 − ``value`` as PyTorch's optimizers form it: a float32 tensor hyperparameter (SGD's dampening
+    τ) gives a float32 1 − τ, rounded there, which a float64 1 − τ misses by up to 5e-9."""
+    return _scalar(1 - _plain(value))
+
+
 def _relative_gap(total: torch.Tensor, reference: torch.Tensor, scale: torch.Tensor) -> float:
     gap = (total - reference).norm()
     return _scalar(gap / scale.clamp_min(torch.finfo(torch.float64).tiny))
@@ -349,7 +355,7 @@ class SGDSplitter(UpdateSplitter):
             "momentum": _scalar(group.get("momentum", 0.0)),
             "dampening": _scalar(group.get("dampening", 0.0)),
             # As PyTorch's alpha=1 − τ: a float32 tensor τ gives a float32 1 − τ (rounded in float32).
-            "undamped": _scalar(1 - _plain(group.get("dampening", 0.0))),
+            "undamped": one_minus(group.get("dampening", 0.0)),
             "nesterov": bool(group.get("nesterov", False)),
             "weight_decay": _scalar(group.get("weight_decay", 0.0)),
             "maximize": bool(group.get("maximize", False)),
@@ -501,4 +507,4 @@ def make_splitter(optimizer: torch.optim.Optimizer, params: dict[str, torch.nn.P
     )
 
 
-__all__ = ["SUPPORTED_OPTIMIZERS", "AdamSplitter", "RMSpropSplitter", "SGDSplitter", "UpdateSplitter", "make_splitter"]
+__all__ = ["SUPPORTED_OPTIMIZERS", "AdamSplitter", "RMSpropSplitter", "SGDSplitter", "UpdateSplitter", "make_splitter", "one_minus"]
