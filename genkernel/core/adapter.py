@@ -436,6 +436,30 @@ def preserved_buffers(module: nn.Module) -> Iterator[None]:
             m._buffers[name] = b
 
 
+def buffer_snapshot(*modules: nn.Module) -> list[tuple[nn.Module, str, torch.Tensor]]:
+    """Copies of the buffers of ``modules`` (each submodule once, shared ones too): ``(module, name, copy)``,
+    what :func:`restore_buffers` puts back after a step that failed part-way."""
+    seen, saved = set(), []
+    for model in modules:
+        for module in model.modules():
+            if id(module) not in seen:
+                seen.add(id(module))
+                saved.extend((module, name, b.clone()) for name, b in module.named_buffers(recurse=False))
+    return saved
+
+
+def restore_buffers(snapshot: list[tuple[nn.Module, str, torch.Tensor]]) -> None:
+    """Put a :func:`buffer_snapshot` back into the buffers the modules hold now: in place where shape and
+    dtype fit (a forward may have rebound one, ``self.mean = ...``: then the saved tensor is set)."""
+    with torch.no_grad():
+        for module, name, saved in snapshot:
+            current = getattr(module, name, None)
+            if isinstance(current, torch.Tensor) and current.shape == saved.shape and current.dtype == saved.dtype:
+                current.copy_(saved)
+            else:
+                setattr(module, name, saved)
+
+
 def seed_bits(seed: int) -> int:
     """The 32 bits a CPU ``torch.Generator`` reads of ``seed``: the seed itself in [0, 2**32), else the
     first 32 bits of the SHA-256 of its decimal digits. torch reads the low 32 bits only, so seed and

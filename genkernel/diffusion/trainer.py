@@ -55,7 +55,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..core.adapter import as_tuple, eval_mode, positive_int, seeded_generator
+from ..core.adapter import as_tuple, buffer_snapshot, eval_mode, positive_int, restore_buffers, seeded_generator
 from ..core.errors import NonFiniteError
 from ..core.tracking.callbacks import CallbackStates, TrainerCallback, fire, perform_step
 from ..core.tracking.io import (
@@ -413,7 +413,7 @@ class DDPMTrainer:
         step = self.build_step(batch)
         # the model's buffers (BatchNorm's running statistics): a forward that ran before a failure (micro-batch 0's
         # when micro-batch 1 fails, or the one whose graph an analyzer refuses) advanced them
-        buffers = [(module, name, b.clone()) for module in self.model.modules() for name, b in module.named_buffers(recurse=False)]
+        buffers = buffer_snapshot(self.model)
         try:
             perform_step(self.callbacks, self, step)
         except BaseException as error:
@@ -421,13 +421,7 @@ class DDPMTrainer:
                 self._count_update(step)
             elif not isinstance(error, NonFiniteError):  # (a non-finite step is skipped: drawn again, it fails again)
                 self._hand_back(batch, position, global_rng)
-                with torch.no_grad():
-                    for module, name, saved in buffers:
-                        current = getattr(module, name, None)
-                        if isinstance(current, torch.Tensor) and current.shape == saved.shape and current.dtype == saved.dtype:
-                            current.copy_(saved)
-                        else:
-                            setattr(module, name, saved)
+                restore_buffers(buffers)
             hint = self._conditioning_hint(batch) if isinstance(error, ValueError) else None
             if hint is None or "do not fit" not in str(error):
                 raise

@@ -61,7 +61,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..core.adapter import analysis_mode, output_tensor, positive_int, seeded_generator, unwrap
+from ..core.adapter import (
+    analysis_mode, buffer_snapshot, output_tensor, positive_int, restore_buffers, seeded_generator, unwrap,
+)
 from ..core.tracking.batches import (
     IterableBatches, check_reiterable, dataset_class_labels, is_class_labels, split_floating_batch,
 )
@@ -583,7 +585,7 @@ class GANTrainer:
         # the state before the step's passes, the real batch loaded: the fake rows' pass draws from the global RNG
         # (dropout in G) and, G in training mode, updates G's buffers (BatchNorm's running statistics); the training
         # forwards before a failure (micro-batches before the one that fails) update D's
-        draws = StepDraws(rng_before, global_rng_state(), self._saved_buffers(), batch)
+        draws = StepDraws(rng_before, global_rng_state(), buffer_snapshot(self.generator, self.discriminator), batch)
         try:
             step = self._discriminator_step(batch)
         except BaseException:  # (G's pass, a batch shaped otherwise, an interrupt): nothing was updated
@@ -684,7 +686,7 @@ class GANTrainer:
         # the players' buffers too: the training forwards before a failure (micro-batch 0's when micro-batch 1 fails,
         # or the forward whose graph an analyzer refuses) update G's and, D keeping its mode, D's (spectral norm's
         # power iteration, BatchNorm's running statistics): the step run again must start from the same ones
-        draws = StepDraws(self.rng.get_state(), global_rng_state(), self._saved_buffers())
+        draws = StepDraws(self.rng.get_state(), global_rng_state(), buffer_snapshot(self.generator, self.discriminator))
         try:
             step = self._generator_step()
         except BaseException:  # (its latents or classes drawn, then a failure, e.g. an interrupt): nothing was updated
@@ -741,17 +743,6 @@ class GANTrainer:
             self._step_schedule(step)
         return losses
 
-    def _saved_buffers(self) -> list[tuple[nn.Module, str, torch.Tensor]]:
-        """Copies of both players' buffers ``(module, name, copy)``, each module once (StepDraws)."""
-        seen, saved = set(), []
-        for model in (self.generator, self.discriminator):
-            for module in model.modules():
-                if id(module) in seen:
-                    continue
-                seen.add(id(module))
-                saved.extend((module, name, buffer.clone()) for name, buffer in module.named_buffers(recurse=False))
-        return saved
-
     def _undo(self, draws: StepDraws) -> None:
         """Undo a step's draws: the trainer's generator back to its state before the step drew its rows,
         latents and classes, the global RNG to its state before the step's passes (the discriminator step's
@@ -761,14 +752,7 @@ class GANTrainer:
         set_global_rng_state(draws.global_rng)
         if self._stream is not None and draws.real_batch is not None:
             self._stream.hand_back(draws.real_batch)
-        with torch.no_grad():
-            for module, name, saved in draws.buffers:
-                # into the buffer the module holds now (a forward may have rebound it): in place where it fits
-                current = getattr(module, name, None)
-                if isinstance(current, torch.Tensor) and current.shape == saved.shape and current.dtype == saved.dtype:
-                    current.copy_(saved)
-                else:
-                    setattr(module, name, saved)
+        restore_buffers(draws.buffers)
 
     def _count_applied(self, step: OptimizerStep, *, schedule: bool = True) -> None:
         """Count an applied step; a generator step also updates the EMA (``ema=``): the EMA follows every update
