@@ -394,6 +394,8 @@ class PathKernelTracker:
         self._grad_marks: dict[str, tuple[int, int]] | None = None
         self._observed: dict[str, Any] | None = None  # micro-batches observed since the last step
         self._observations = 0  # observe() calls so far: each micro-batch's observation number
+        self._accumulations = 0  # the loop's backward passes into the tracked parameters (_follow_accumulation)
+        self._accumulation_hooks = False
         # The observation numbers the step being recorded was made of, in order (set before the listeners
         # run; empty for an owned step, tracker.step/track, which observes nothing).
         self.step_observations: list[int] = []
@@ -797,8 +799,7 @@ class PathKernelTracker:
         observed = self._observed if observed is None else observed
         if observed["independent"]:
             return
-        first = self.partitions.slices[self.partitions.primary]
-        total = torch.cat([grads[name][first].sum(dim=0).reshape(-1).to(torch.float64) for name in self.params])
+        total = self._primary_total(grads)
         norm = float(total.norm())
         if norm == 0.0 or not math.isfinite(norm):  # no gradient: its weight moves nothing (non-finite: refused later)
             return
@@ -806,19 +807,27 @@ class PathKernelTracker:
         if observed["direction"] is None:
             observed["direction"] = total.div_(norm)
             return
-        cosine = float(total @ observed["direction"]) / norm
-        # Parallel to within 100 rtol: a weighting that differs between them by a fraction δ would move the
-        # real gradient off the fitted multiple by only about δ·sin(angle), under the step's check for δ < 1 %.
-        if 1.0 - cosine * cosine > (100 * self.rtol) ** 2:
+        if not self._parallel(float(total @ observed["direction"]) / norm):
             observed["independent"], observed["direction"] = True, None
+
+    def _primary_total(self, grads: dict[str, torch.Tensor]) -> torch.Tensor:
+        """``[P]`` float64: the group gradients ``grads`` summed over the primary partition's groups, flattened
+        over the tracked parameters (a micro-batch's, or a step's, whole gradient)."""
+        first = self.partitions.slices[self.partitions.primary]
+        return torch.cat([grads[name][first].sum(dim=0).reshape(-1).to(torch.float64) for name in self.params])
+
+    def _parallel(self, cosine: float) -> bool:
+        """Whether two gradients at this cosine are parallel to within 100 rtol: a weighting that differs
+        between them by a fraction δ would move the real gradient off the fitted multiple by only about
+        δ·sin(angle), under the step's check for δ < 1 %."""
+        return 1.0 - cosine * cosine <= (100 * self.rtol) ** 2
 
     def _follow_accumulation(self) -> None:
         """Count the loop's backward passes into the tracked parameters (``_accumulations``; hooks set at the
         first observe(), removed by close(); the tracker's own torch.autograd.grad passes accumulate nothing):
         :meth:`_drop_skipped` reads a skipped step from them where no hook on the observed losses fired."""
-        if getattr(self, "_accumulation_hooks", False):
+        if self._accumulation_hooks:
             return
-        self._accumulations = 0
         this = weakref.ref(self)
 
         def accumulated(_param: torch.Tensor) -> None:
@@ -1067,24 +1076,18 @@ class PathKernelTracker:
         micro-batches' groups the left-out ones' share."""
         if not left_out:
             return
-        first = self.partitions.slices[self.partitions.primary]
-
-        def total(rows: dict[str, torch.Tensor]) -> torch.Tensor:
-            return torch.cat([rows[name][first].sum(dim=0).reshape(-1).to(torch.float64) for name in self.params])
-
-        kept = total(grads)
+        kept = self._primary_total(grads)
         kept_norm = float(kept.norm())
         if kept_norm == 0.0 or not math.isfinite(kept_norm):  # (then a left-out gradient fails the check itself)
             return
-        candidates = [([i], total(rows)) for i, rows in left_out]
+        candidates = [([i], self._primary_total(rows)) for i, rows in left_out]
         if len(candidates) > 1:
             candidates.append(([i for i, _ in left_out], sum(t for _, t in candidates)))
         for which, t in candidates:
             norm = float(t.norm())
             if norm == 0.0 or not math.isfinite(norm):
                 continue
-            cosine = float(t @ kept) / (norm * kept_norm)
-            if 1.0 - cosine * cosine <= (100 * self.rtol) ** 2:
+            if self._parallel(float(t @ kept) / (norm * kept_norm)):
                 raise ValueError(
                     f"step {index}: micro-batch(es) {which[:10]} of this step had no backward through the losses "
                     "observed for them and would be left out, but their gradient is parallel to the kept "
