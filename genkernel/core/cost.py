@@ -610,15 +610,17 @@ def sketchable(optimizer: torch.optim.Optimizer) -> bool:
     if type(optimizer) not in (torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW):
         return False
     keys = ("betas",) if type(optimizer) is not torch.optim.SGD else ("momentum", "dampening", "nesterov")
+    return len({tuple(plain_hyperparameter(g.get(key)) for key in keys) for g in optimizer.param_groups}) == 1
 
-    def plain(value: Any) -> Any:
-        if isinstance(value, torch.Tensor):
-            return float(value.item())
-        if isinstance(value, (tuple, list)):
-            return tuple(plain(v) for v in value)
-        return value
 
-    return len({tuple(plain(g.get(key)) for key in keys) for g in optimizer.param_groups}) == 1
+def plain_hyperparameter(value: Any) -> Any:
+    """A hyperparameter as a comparable plain value: a tensor's float, betas set as a list (by a loop or
+    a scheduler) as a tuple, anything else as it is (what "the same in every parameter group" compares)."""
+    if isinstance(value, torch.Tensor):
+        return float(value.item())
+    if isinstance(value, (tuple, list)):
+        return tuple(plain_hyperparameter(v) for v in value)
+    return value
 
 
 def optimizer_state_copies(optimizer: torch.optim.Optimizer) -> int:
@@ -846,7 +848,7 @@ def _cheaper_options(estimate: CostEstimate, group_state: str, state_dtype: torc
 __all__ = [
     "CHECK_TEMPORARIES", "COST_OPTIONS", "CostEstimate", "PUSH_ROW_ACTIVATIONS", "available_memory", "cgroup_free_memory",
     "GROUP_STATE_CHOICES", "check_bytes", "cost_options", "estimate_cost", "factor_route_work", "forward_macs", "held_bytes", "ledger_bytes", "linear_state_rows",
-    "optimizer_state_copies", "plain_sgd", "projection_bytes", "push_pass_bytes", "push_pass_shape", "push_route", "reads_training_pass",
+    "optimizer_state_copies", "plain_hyperparameter", "plain_sgd", "projection_bytes", "push_pass_bytes", "push_pass_shape", "push_route", "reads_training_pass",
     "sketch_temporary_bytes", "sketch_work", "sketchable",
     "tangent_bytes",
 ]

@@ -38,6 +38,7 @@ from typing import Any
 import torch
 
 from ..adapter import analysis_mode
+from ..cost import plain_hyperparameter
 from ..engine.factors import Factors
 from ..engine.per_example import BatchFactors, probe_factors
 from ..engine.projections import ParameterProjection
@@ -122,7 +123,7 @@ class SketchedRoute(_FactorRoute):
     # -- the recurrence ------------------------------------------------------------------------
     def _shared_hyperparameters(self) -> dict[str, Any]:
         keys = ("betas",) if self.adam else ("momentum", "dampening", "nesterov")
-        values = {tuple(_plain(group.get(key)) for key in keys) for group in self.splitter.optimizer.param_groups}
+        values = {tuple(plain_hyperparameter(group.get(key)) for key in keys) for group in self.splitter.optimizer.param_groups}
         if len(values) != 1:
             raise ValueError(
                 f"group_state='sketched' needs the same {', '.join(keys)} in every parameter group (one "
@@ -360,14 +361,6 @@ class SketchedRoute(_FactorRoute):
 
 def _as(value: Any, like: torch.Tensor) -> Any:
     return value.to(like.device) if isinstance(value, torch.Tensor) else value
-
-
-def _plain(value: Any) -> Any:
-    if isinstance(value, torch.Tensor):
-        return float(value.item())
-    if isinstance(value, (tuple, list)):  # betas set as a list (by a loop or a scheduler) compare as a tuple
-        return tuple(_plain(v) for v in value)
-    return value
 
 
 __all__ = ["SKETCH_OPTIMIZERS", "SketchedRoute"]
