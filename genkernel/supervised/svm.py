@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -38,8 +39,6 @@ DEFAULT_C = 1.0  # C of an untuned fit
 
 def _quiet_fit(svm, x: np.ndarray, labels: np.ndarray):
     """``svm.fit(x, labels)`` without sklearn's convergence warning: :func:`_converged` refuses instead."""
-    import warnings
-
     from sklearn.exceptions import ConvergenceWarning
 
     with warnings.catch_warnings():
@@ -118,8 +117,6 @@ def _search(estimator, grid: dict, x: np.ndarray, y: np.ndarray, folds: int, see
     """Stratified k-fold grid search; returns (best estimator refit on all of x, tuning record). The
     record counts the cross-validation fits libsvm stopped at its iteration cap (``unconverged_fits``):
     their scores are those of unfinished solutions. The refit best estimator must converge."""
-    import warnings
-
     from sklearn.exceptions import ConvergenceWarning
     from sklearn.model_selection import GridSearchCV, StratifiedKFold
 
