@@ -1245,13 +1245,8 @@ class GANKernelAnalyzer(TrainerCallback):
         with preserved(self._g):
             # 1. The batch at θ_k as training's forward computes it (G's current mode, the same RNG). D's pass
             # draws its random numbers (dropout masks) after G's, as training's D(G(z)) does: one fork for both.
-            if step.micro_batches > 1:  # micro-batch by micro-batch, as training runs them (the field pull too)
-                geo, vector = self._micro_batch_geometry(step, latents, classes, loss_fn, evaluate)
-            else:
-                with torch.random.fork_rng(devices=_cuda(latents)):
-                    with torch.set_grad_enabled(evaluate):
-                        samples = output_tensor(self._g(latents, *class_inputs(classes)))
-                    geo = self._push(latents, samples.detach(), loss_fn, after_forward=False, classes=classes)
+            # Micro-batch by micro-batch (one for a step without them), as training runs them; the field pull too.
+            geo, vector = self._micro_batch_geometry(step, latents, classes, loss_fn, evaluate)
             if not torch.isfinite(geo["losses"]).all() or not torch.isfinite(geo["w"]).all():
                 bad = torch.nonzero(~torch.isfinite(geo["losses"])).flatten().tolist()
                 raise NonFiniteError(
@@ -1262,9 +1257,7 @@ class GANKernelAnalyzer(TrainerCallback):
             self._fit_grouping(geo, loss_fn, after_forward=False)
             # 2. Group ids (and permuted control ids on the same step).
             tracked = self._partition_ids(geo)
-            # 3. Probe geometry and the plain kernel-smoothed field at evaluation steps.
-            if step.micro_batches == 1:
-                vector = self._pull(samples, geo["w"], _coefficients(step.weights, step.batch, geo["w"])) if evaluate else None
+            # 3. Probe geometry and the plain kernel-smoothed field (its pulled vector from 1.) at evaluation steps.
             self._begin_generator_step(index, vector, loss_fn, after_forward=False)
         # 4. The real step, tracked; 5. the listener's bookkeeping.
         self._g_pending = {"ids": [tracked[GEOMETRY]], "spatial": [tracked[SPATIAL]] if SPATIAL in tracked else [],
@@ -1278,7 +1271,7 @@ class GANKernelAnalyzer(TrainerCallback):
 
     def _micro_batch_geometry(self, step: OptimizerStep, latents: torch.Tensor, classes: torch.Tensor | None, loss_fn,
                               evaluate: bool) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor] | None]:
-        """1. for a generator step in micro-batches (``step.rows`` j = ``step.micro_batch_slices()`` j, in order): each
+        """1. for a generator step (in micro-batches: ``step.rows`` j = ``step.micro_batch_slices()`` j, in order): each
         micro-batch's geometry read as training's micro-batch forward j computes it, concatenated over the step,
         and (``evaluate``) the field's pulled vector Σ_i c_i J_G(z_i)ᵀ w_i summed over the micro-batches (it is
         linear in the batch; each micro-batch's graph freed after its pull: the memory of one micro-batch).
