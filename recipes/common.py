@@ -13,7 +13,8 @@ run, computed from the interval (never written by hand), or ``measured: false`` 
 these settings cannot answer it. ``python -m recipes`` writes the claims table of
 ``figures/README.md`` from these files.
 
-Modes: full (paper-fidelity, default), ``--quick`` (at most 90 s on 2 CPU cores) and the hidden
+Modes: full (paper-fidelity, default), ``--quick`` (seconds to about three
+minutes on 2 idle CPU cores; each JSON records its ``wall_seconds``) and the hidden
 ``--smoke`` (tiny sizes, for the test suite only: its numbers check the plumbing, not the claims).
 """
 
@@ -39,7 +40,7 @@ MODES = ("full", "quick", "smoke")
 def make_parser(description: str, *, datasets: Sequence[str] | None = None) -> argparse.ArgumentParser:
     """The common command line: --quick, --out-dir, --seed, --device, optional --dataset/--data-root."""
     parser = argparse.ArgumentParser(description=description)
-    parser.add_argument("--quick", action="store_true", help="small settings (at most 90 s on 2 CPU cores)")
+    parser.add_argument("--quick", action="store_true", help="small settings (seconds to about 3 minutes on 2 CPU cores; the JSON records wall_seconds)")
     parser.add_argument("--smoke", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--out-dir", default="figures", help="folder for NAME.png and NAME.json (default: figures)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")

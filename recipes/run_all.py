@@ -176,7 +176,7 @@ def main(argv=None) -> int:
     experiments_dir = Path(args.experiments_dir).resolve()
     root = import_root(PACKAGE, experiments_dir)
     out_dir = Path(args.out_dir).resolve()  # the children run from `root`
-    # Quick runs take 10-90 s on 2 idle cores, several times that on a loaded machine; a hang still ends.
+    # Quick runs take 8-180 s on 2 cores (the JSONs' wall_seconds), several times that on a loaded machine; a hang still ends.
     timeout = args.timeout or (600.0 if (args.quick or args.smoke) else None)
     if args.only is not None and not args.only:
         print(f"--only needs at least one recipe name; known: {', '.join(RECIPES)}", file=sys.stderr)

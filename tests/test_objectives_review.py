@@ -125,6 +125,18 @@ def test_binned_denoiser_refuses_real_edges_that_it_would_truncate():
     assert torch.equal(a.edges, torch.tensor([0, 3, 5]))
 
 
+@pytest.mark.parametrize("num_bins", [True, 2.0, 0])
+def test_binned_denoiser_refuses_a_bin_count_that_is_not_a_positive_int(num_bins):
+    """Old code took num_bins=True as one bin (a model with no level split, built without a word) and failed
+    inside range() on 2.0; num_train_timesteps likewise."""
+    from genkernel.diffusion.models import BinnedDenoiser
+
+    with pytest.raises(ValueError, match="num_bins must be a positive int"):
+        BinnedDenoiser(num_bins, 10, hidden=4, depth=1, time_dim=2)
+    with pytest.raises(ValueError, match="num_train_timesteps must be a positive int"):
+        BinnedDenoiser(2, 10.0, hidden=4, depth=1, time_dim=2)
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_precision_losses_are_the_float32_loss_of_the_outputs(dtype):
     """The per-example loss of float16/bfloat16 outputs is computed and returned in float32, as diffusers' scripts

@@ -132,8 +132,9 @@ class BinnedDenoiser(nn.Module):
     def __init__(self, num_bins: int, num_train_timesteps: int = 1000, *, edges: torch.Tensor | None = None,
                  **mlp_kwargs):
         super().__init__()
-        if num_bins < 1:
-            raise ValueError(f"num_bins must be >= 1, got {num_bins}")
+        # positive_int: num_bins=True (a bool) was one bin, a float 2.5 failed in range()
+        num_bins = positive_int(num_bins, "num_bins")
+        num_train_timesteps = positive_int(num_train_timesteps, "num_train_timesteps")
         self.num_bins, self.num_train_timesteps = num_bins, num_train_timesteps
         if edges is None:
             edges = torch.tensor([-(-g * num_train_timesteps // num_bins) for g in range(num_bins + 1)])

@@ -21,7 +21,7 @@ data" within the 95th percentile of held-out images' nearest-training distances
 
 Expected wall time, full settings (2000 iterations, K = 3, null model on), one seed: about 3 h on 2
 CPU cores (``--estimate-only``: 2.7 s per tracked iteration); measure a GPU with ``--estimate-only
---device cuda``. Quick: about 90 s on 2 CPU cores (3 seeds, each with its null model).
+--device cuda``. Quick: about 3 minutes on 2 CPU cores (3 seeds, each with its null model).
 
 Writes ``gan_digits.png`` (samples before/after, alignment, every window's statistics),
 ``gan_digits_coupling.png`` (coupling matrices, measured beside control on one scale, for both
