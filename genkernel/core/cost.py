@@ -588,11 +588,18 @@ def projection_bytes(params: list[torch.Tensor], k: int, param_bytes: int, cache
     return factors + vectors
 
 
+# Optimizers whose splitter keeps a first moment per row (splitters.py), whatever their settings.
+_FIRST_MOMENT_OPTIMIZERS = (torch.optim.Adam, torch.optim.AdamW, torch.optim.Adamax, torch.optim.RAdam, torch.optim.NAdam)
+
+
 def linear_state_rows(optimizer: torch.optim.Optimizer) -> bool:
     """Whether the splitter keeps a linear state per row (:mod:`~genkernel.core.tracking.splitters`):
-    Adam's and AdamW's first moment, a momentum buffer of SGD or RMSprop in any parameter group."""
-    if isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW)):
+    the first moment of Adam, AdamW, Adamax, RAdam and NAdam, a momentum buffer of SGD or RMSprop in
+    any parameter group (Adagrad keeps none)."""
+    if isinstance(optimizer, _FIRST_MOMENT_OPTIMIZERS):
         return True
+    if isinstance(optimizer, torch.optim.Adagrad):
+        return False
     return any(float(g.get("momentum", 0.0)) != 0.0 for g in optimizer.param_groups)
 
 
@@ -625,13 +632,19 @@ def plain_hyperparameter(value: Any) -> Any:
 
 def optimizer_state_copies(optimizer: torch.optim.Optimizer) -> int:
     """Parameter-sized tensors the optimizer keeps per parameter (the most of its parameter groups):
-    Adam's and AdamW's two moments (three with amsgrad); SGD's momentum buffer (none without
-    momentum); RMSprop's square average, its momentum buffer and, centered, its gradient average."""
+    Adam's and AdamW's two moments (three with amsgrad); Adamax's first moment and infinity norm;
+    RAdam's and NAdam's two moments; Adagrad's sum of squares (their step counts and NAdam's μ
+    product are 0-dim); SGD's momentum buffer (none without momentum); RMSprop's square average, its
+    momentum buffer and, centered, its gradient average."""
     copies = 0
     for g in optimizer.param_groups:
         momentum = float(g.get("momentum", 0.0)) != 0.0
         if isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW)):
             count = 3 if g.get("amsgrad", False) else 2
+        elif isinstance(optimizer, (torch.optim.Adamax, torch.optim.RAdam, torch.optim.NAdam)):
+            count = 2
+        elif isinstance(optimizer, torch.optim.Adagrad):
+            count = 1
         elif isinstance(optimizer, torch.optim.RMSprop):
             count = 1 + momentum + bool(g.get("centered", False))
         else:

@@ -6,10 +6,14 @@ before tracking began). Each splitter writes its optimizer's rule once, as two p
 route uses:
 
 - :meth:`UpdateSplitter.advance`: the optimizer's *linear* recurrence on a stack of rows (SGD's
-  momentum buffer, Adam's first moment, RMSprop's momentum of preconditioned gradients), exactly
-  as PyTorch updates its own buffer, returning the rows' update directions;
+  momentum buffer, the first moment of Adam, Adamax, RAdam and NAdam, RMSprop's momentum of
+  preconditioned gradients), exactly as PyTorch updates its own buffer, returning the rows' update
+  directions;
 - :meth:`UpdateSplitter.preconditioner`: the diagonal D read from the optimizer *after* its step
-  (−η, or Adam's −η / (1 − β1^k) / (sqrt(v̂_k) + ε)) that turns a direction into an update.
+  (−η, Adam's −η / (1 − β1^k) / (sqrt(v̂_k) + ε), Adagrad's −η_k / (sqrt(Σ g²) + ε), Adamax's
+  −η / (1 − β1^k) / u_k, ...) that turns a direction into an update. What is not linear in the
+  gradients (second moments, infinity norms, Adagrad's sums, RAdam's choice of branch) is read
+  from the optimizer after its step, never split.
 
 The dense route keeps the rows as float64 copies of the parameters (:meth:`UpdateSplitter.split`);
 the sketched route (:mod:`genkernel.core.tracking.sketched`) runs the same ``advance`` on k-dim
@@ -41,7 +45,8 @@ import torch
 from ..errors import LedgerCheckError
 from ..grouping import Partitions, abs_row_sum, rows_sum_and_size
 
-SUPPORTED_OPTIMIZERS = "torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW, torch.optim.RMSprop"
+SUPPORTED_OPTIMIZERS = ("torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW, torch.optim.RMSprop, torch.optim.Adagrad, "
+                        "torch.optim.Adamax, torch.optim.RAdam, torch.optim.NAdam")
 
 
 def _scalar(value: Any) -> float:
@@ -491,6 +496,220 @@ class RMSpropSplitter(UpdateSplitter):
         return -self.hyper[name]["lr"]
 
 
+def _first_moment(state, grads, h):
+    """m_k = lerp(m_{k−1}, ĝ_k, 1 − β1) as torch.optim's Adam, Adamax, RAdam and NAdam update their
+    ``exp_avg`` (from zeros on the first step: (1 − β1) ĝ_1), in one pass."""
+    if state is None:
+        return torch.mul(grads, 1 - h["beta1"])
+    return torch.lerp(state, grads, 1 - h["beta1"])
+
+
+def _first_moment_advance(state, grads, h):
+    """:meth:`UpdateSplitter.advance` for a rule whose direction is the first moment itself."""
+    state = _first_moment(state, grads, h)
+    return state, state
+
+
+class _ReadAfterStepSplitter(UpdateSplitter):
+    """Adagrad, Adamax, RAdam and NAdam: each step is linear in the gradients given what is read from
+    the optimizer after it (its step count, second moments or sums, NAdam's μ product). Refuses the
+    variants whose arithmetic the split cannot reproduce to the checks' tolerance (checked at
+    construction and again before every step, as a scheduler or a loop may change them)."""
+
+    # Hyperparameters PyTorch combines with the step count in the tensor's own dtype when they are
+    # tensors (step sizes, bias corrections, NAdam's μ_k); the rest enter as exact scalars.
+    step_size_keys: tuple[str, ...] = ("lr", "betas")
+
+    def __init__(self, optimizer, params, partitions, dtype=torch.float64):
+        super().__init__(optimizer, params, partitions, dtype)
+        self._check_variant()
+
+    def capture(self) -> None:
+        super().capture()
+        self._check_variant()
+        for name, p in self.params.items():
+            if p.grad is not None and p.grad.is_sparse:
+                raise TypeError(
+                    f"parameter '{name}' has a sparse gradient: {type(self.optimizer).__name__}'s sparse update touches "
+                    "only the rows the batch used, which the dense split does not follow. Build the layer with dense "
+                    "gradients (nn.Embedding(..., sparse=False))"
+                )
+
+    def _check_variant(self) -> None:
+        kind = type(self.optimizer).__name__
+        for name, p in self.params.items():
+            group = self.optimizer.param_groups[self.group_of[name]]
+            for flag, why in (
+                ("differentiable", "steps inside autograd, for differentiating through the optimizer"),
+                ("capturable", "forms its step sizes and bias corrections as float32 tensors on the device"),
+            ):
+                if group.get(flag):
+                    raise ValueError(
+                        f"{kind}({flag}=True) {why}: the exact split does not follow it. Build the optimizer with "
+                        f"{flag}=False (the default)"
+                    )
+            if group.get("fused"):  # Adagrad's fused kernel forms its step size in float64 from lr's value
+                continue
+            for key in self.step_size_keys:
+                values = group.get(key)
+                pairs = ([(f"{key}[{i}]", v) for i, v in enumerate(values)] if isinstance(values, (tuple, list))
+                         else [(key, values)])
+                for label, value in pairs:
+                    if (isinstance(value, torch.Tensor) and value.is_floating_point()
+                            and torch.finfo(value.dtype).eps > torch.finfo(p.dtype).eps):
+                        raise ValueError(
+                            f"{kind}'s {label} is a {value.dtype} tensor but parameter '{name}' is {p.dtype}: PyTorch "
+                            f"forms {kind}'s step size in the tensor's dtype on one code path and in float64 on the "
+                            "other (foreach), a rounding the exact split cannot reproduce. Pass it as a Python float, "
+                            f"or as a tensor of the parameters' dtype ({p.dtype})"
+                        )
+
+    def _common(self, group, **extra) -> dict[str, Any]:
+        decay = group.get("weight_decay", 0.0)
+        return {
+            "lr": _scalar(group["lr"]),
+            "eps": _scalar(group["eps"]),
+            "weight_decay": _scalar(decay),
+            "maximize": bool(group.get("maximize", False)),
+            **extra,
+        }
+
+    def _adam_like(self, group, **extra) -> dict[str, Any]:
+        beta1, beta2 = group["betas"]
+        decoupled = bool(group.get("decoupled_weight_decay", False))
+        return self._common(
+            group, beta1=_scalar(beta1), beta2=_scalar(beta2), decoupled=decoupled,
+            # param.mul_(1 − lr·λ): with λ (or lr) a tensor, 1 − lr·λ is a tensor of its dtype, rounded there.
+            decay_factor=_scalar(1 - _plain(group["lr"]) * _plain(group.get("weight_decay", 0.0))), **extra,
+        )
+
+    def _step(self, name: str) -> float:
+        return _scalar(self.optimizer.state[self.params[name]]["step"])
+
+
+class AdagradSplitter(_ReadAfterStepSplitter):
+    """torch.optim.Adagrad (lr_decay, coupled weight decay, initial_accumulator_value, maximize, foreach,
+    fused).
+
+    No linear state: u_{k,g} = −η_k ĝ_{k,g} ⊘ (sqrt(s_k) + ε) with η_k = η / (1 + (k − 1) lr_decay)
+    and the optimizer's sum s_k = s_0 + Σ_{j≤k} ĝ_j² read after its step (s_0 the initial accumulator
+    value). Coupled decay λθ_k is the rest's gradient (it enters s_k too, as in PyTorch).
+    """
+
+    state_key = None
+    step_size_keys = ("lr", "lr_decay")
+
+    def _hyperparameters(self, group):
+        return self._common(group, lr_decay=_scalar(group.get("lr_decay", 0.0)))
+
+    @staticmethod
+    def advance(state, grads, h):
+        return None, grads
+
+    def preconditioner(self, name):
+        h = self.hyper[name]
+        step = self._step(name)
+        clr = h["lr"] / (1 + (step - 1) * h["lr_decay"])  # as PyTorch: step a Python float
+        total = self.optimizer.state[self.params[name]]["sum"].to(self.dtype)
+        return -clr / (total.sqrt() + h["eps"])
+
+
+class AdamaxSplitter(_ReadAfterStepSplitter):
+    """torch.optim.Adamax (coupled weight decay, maximize).
+
+    Per-group first moments as Adam's, m_{k,g} = β1 m_{k−1,g} + (1 − β1) ĝ_{k,g}; the infinity norm
+    u_k = max(β2 u_{k−1}, |ĝ_k| + ε) is the optimizer's own, read after its step:
+    u_{k,g} = −η / (1 − β1^k) · m_{k,g} ⊘ u_k.
+    """
+
+    state_key = "exp_avg"
+    advance = staticmethod(_first_moment_advance)
+
+    def _hyperparameters(self, group):
+        beta1, beta2 = group["betas"]
+        return self._common(group, beta1=_scalar(beta1), beta2=_scalar(beta2))
+
+    def preconditioner(self, name):
+        h = self.hyper[name]
+        clr = h["lr"] / (1 - h["beta1"] ** self._step(name))
+        return -clr / self.optimizer.state[self.params[name]]["exp_inf"].to(self.dtype)
+
+
+class RAdamSplitter(_ReadAfterStepSplitter):
+    """torch.optim.RAdam (coupled or decoupled weight decay, maximize).
+
+    Per-group first moments as Adam's; with ρ_∞ = 2 / (1 − β2) − 1 and
+    ρ_k = ρ_∞ − 2k β2^k / (1 − β2^k), the branch is chosen per step and parameter (step count k):
+    ρ_k > 5: u_{k,g} = −η r_k m_{k,g} / (1 − β1^k) ⊙ sqrt(1 − β2^k) / (sqrt(v_k) + ε) with
+    r_k = sqrt((ρ_k − 4)(ρ_k − 2) ρ_∞ / ((ρ_∞ − 4)(ρ_∞ − 2) ρ_k)); otherwise the un-adapted
+    u_{k,g} = −η m_{k,g} / (1 − β1^k). v_k is the optimizer's second moment after its step.
+    """
+
+    state_key = "exp_avg"
+    advance = staticmethod(_first_moment_advance)
+
+    def _hyperparameters(self, group):
+        return self._adam_like(group)
+
+    def preconditioner(self, name):
+        h = self.hyper[name]
+        beta1, beta2 = h["beta1"], h["beta2"]
+        step = self._step(name)
+        bias_correction1 = 1 - beta1 ** step
+        bias_correction2 = 1 - beta2 ** step
+        rho_inf = 2 / (1 - beta2) - 1
+        rho_t = rho_inf - 2 * step * (beta2 ** step) / bias_correction2
+        if not rho_t > 5.0:
+            return -h["lr"] / bias_correction1
+        rect = ((rho_t - 4) * (rho_t - 2) * rho_inf / ((rho_inf - 4) * (rho_inf - 2) * rho_t)) ** 0.5
+        second = self.optimizer.state[self.params[name]]["exp_avg_sq"].to(self.dtype)
+        return -(h["lr"] / bias_correction1 * rect * bias_correction2 ** 0.5) / (second.sqrt() + h["eps"])
+
+
+class NAdamSplitter(_ReadAfterStepSplitter):
+    """torch.optim.NAdam (momentum_decay ψ, coupled or decoupled weight decay, maximize).
+
+    μ_k = β1 (1 − 0.96^(kψ) / 2), μ_{k+1} likewise, Π_k = Π_{j≤k} μ_j (the optimizer's
+    ``mu_product``, read after its step); per-group first moments as Adam's and
+    u_{k,g} = −η [(1 − μ_k) / (1 − Π_k) ĝ_{k,g} + μ_{k+1} / (1 − Π_k μ_{k+1}) m_{k,g}] ⊘ (sqrt(v_k / (1 − β2^k)) + ε).
+    The rows' direction is m_{k,g} + c ĝ_{k,g} (c the ratio of the two weights) and D carries the
+    first moment's weight, so the rounding scale is that of the first moment as for Adam.
+    """
+
+    state_key = "exp_avg"
+    step_size_keys = ("lr", "betas", "momentum_decay")
+
+    def _hyperparameters(self, group):
+        return self._adam_like(group, momentum_decay=_scalar(group.get("momentum_decay", 4e-3)))
+
+    def prepare(self, name, grads):
+        # The step's two weights, as PyTorch forms them (Python floats; Π_k as the optimizer stored it).
+        h = self.hyper[name]
+        state = self.optimizer.state[self.params[name]]
+        step, lr, beta1, psi = self._step(name), h["lr"], h["beta1"], h["momentum_decay"]
+        mu = beta1 * (1.0 - 0.5 * (0.96 ** (step * psi)))
+        mu_next = beta1 * (1.0 - 0.5 * (0.96 ** ((step + 1) * psi)))
+        product = _scalar(state["mu_product"])
+        h["grad_weight"] = -lr * (1.0 - mu) / (1.0 - product)
+        h["avg_weight"] = (-lr * mu_next) / (1.0 - product * mu_next)
+        return grads
+
+    @staticmethod
+    def advance(state, grads, h):
+        state = _first_moment(state, grads, h)
+        avg_weight = h.get("avg_weight", 1.0)
+        if avg_weight == 0:  # β1 = 0: the first moment is the gradient and carries no weight of its own
+            return state, grads
+        return state, torch.add(state, grads, alpha=h.get("grad_weight", 0.0) / avg_weight)
+
+    def preconditioner(self, name):
+        h = self.hyper[name]
+        state = self.optimizer.state[self.params[name]]
+        denom = (state["exp_avg_sq"].to(self.dtype) / (1 - h["beta2"] ** self._step(name))).sqrt() + h["eps"]
+        weight = h["avg_weight"] if h["avg_weight"] != 0 else h["grad_weight"]
+        return weight / denom
+
+
 def make_splitter(optimizer: torch.optim.Optimizer, params: dict[str, torch.nn.Parameter], partitions: Partitions,
                   dtype: torch.dtype = torch.float64) -> UpdateSplitter:
     """The splitter for ``optimizer``; a clear error names the supported optimizers."""
@@ -501,10 +720,15 @@ def make_splitter(optimizer: torch.optim.Optimizer, params: dict[str, torch.nn.P
         return AdamSplitter(optimizer, params, partitions, dtype)
     if kind is torch.optim.RMSprop:
         return RMSpropSplitter(optimizer, params, partitions, dtype)
+    others = {torch.optim.Adagrad: AdagradSplitter, torch.optim.Adamax: AdamaxSplitter,
+              torch.optim.RAdam: RAdamSplitter, torch.optim.NAdam: NAdamSplitter}
+    if kind in others:
+        return others[kind](optimizer, params, partitions, dtype)
     raise TypeError(
         f"{kind.__module__}.{kind.__name__} is not supported: the ledger must reproduce the optimizer's "
         f"update exactly, and genkernel knows how for {SUPPORTED_OPTIMIZERS}"
     )
 
 
-__all__ = ["SUPPORTED_OPTIMIZERS", "AdamSplitter", "RMSpropSplitter", "SGDSplitter", "UpdateSplitter", "make_splitter", "one_minus"]
+__all__ = ["SUPPORTED_OPTIMIZERS", "AdagradSplitter", "AdamSplitter", "AdamaxSplitter", "NAdamSplitter", "RAdamSplitter",
+           "RMSpropSplitter", "SGDSplitter", "UpdateSplitter", "make_splitter", "one_minus"]
