@@ -246,11 +246,16 @@ class UpdateSplitter:
                 # check on a weight near 1), and 1 − 1e-10 is 1, no decay at all. The rest row books
                 # the decay applied, 1 − fl(1 − η λ).
                 # A tensor lr or weight decay makes 1 − η λ a tensor of its dtype (float32: rounded there).
-                factor = torch.tensor(h.get("decay_factor", 1.0 - float(h["lr"]) * decay),
-                                      dtype=theta_before[name].dtype).item()
-                update[self.rows] -= (1.0 - factor) * theta
+                update[self.rows] -= self._decay_applied(theta_before[name], theta, h)
             updates[name] = update
         return updates
+
+    @staticmethod
+    def _decay_applied(theta_before: torch.Tensor, theta: torch.Tensor, h: dict[str, Any]) -> torch.Tensor:
+        """θ_k − θ_k (1 − η λ) as the rest books it, (1 − fl(1 − η λ)) θ_k (``theta``: θ_k in the state dtype)."""
+        factor = torch.tensor(h.get("decay_factor", 1.0 - float(h["lr"]) * h["weight_decay"]),
+                              dtype=theta_before.dtype).item()
+        return (1.0 - factor) * theta
 
     def _rows_of(self, grads: torch.Tensor, gaps: list[torch.Tensor]) -> torch.Tensor:
         """``[R + 1 + Π, *shape]`` in the state dtype: the group gradients, a zero rest row and the
@@ -680,7 +685,17 @@ class NAdamSplitter(_ReadAfterStepSplitter):
     step_size_keys = ("lr", "betas", "momentum_decay")
 
     def _hyperparameters(self, group):
-        return self._adam_like(group, momentum_decay=_scalar(group.get("momentum_decay", 4e-3)))
+        return self._adam_like(group, momentum_decay=_scalar(group.get("momentum_decay", 4e-3)),
+                               decay_multiplier=1 - _plain(group["lr"]) * _plain(group.get("weight_decay", 0.0)))
+
+    @staticmethod
+    def _decay_applied(theta_before, theta, h):
+        # NAdam's single-tensor step writes θ three times (param.mul_(1 − η λ), then two addcdiv_ calls),
+        # each write rounded to the parameter's dtype: 1.5 ulp in all, more than the check's one rounding
+        # of θ_{k+1} (float32 with lr 1e-4 and decoupled decay 0.01 failed its first steps). The rest books
+        # the decay as the optimizer applied it, θ_k − fl(θ_k (1 − η λ)) (the same multiplication, exact
+        # in float64), so only the two writes of the update are rounding.
+        return theta - theta_before.mul(h["decay_multiplier"]).to(theta.dtype)
 
     def prepare(self, name, grads):
         # The step's two weights, as PyTorch forms them (Python floats; Π_k as the optimizer stored it).
