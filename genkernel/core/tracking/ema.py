@@ -432,6 +432,13 @@ class EMALedgers:
                     "when resuming, load the EMA's state from the checkpoint the tracker's state came from"
                 )
         beta = 1.0 - gain
+        # The fitted gain is only as precise as the EMA's moves: each is rounded where the EMA writes θ̄ (up to
+        # ε|θ̄| apart from (1 − β)(θ − θ̄)), and in float32 a move of a few hundred ulps of the large weights
+        # biases the least-squares gain (2e-4 of 0.1 with moves 3e-5 on weights 0.5). By Cauchy-Schwarz
+        # |gain − (1 − β)| ≤ sqrt(Σ (ε θ̄)²) / sqrt(Σ (θ − θ̄)²): an element's offsets may miss its move by
+        # that much of its |θ − θ̄|.
+        noise = math.sqrt(sum(float((bar[n] * torch.finfo(self.model.params[n].dtype).eps).pow(2).sum()) for n in bar))
+        gain_slack = noise / math.sqrt(norm) if norm > 0 else 0.0
         # 2. E_{k+1} = β E_k + (1 − β) D_{k+1}; the start row: β E + (1 − β)(θ_0 − θ̄_0).
         # Nothing of this object changes before the ledgers are written (step 5): a sync cut off half-way
         # (an interrupt, a failed check) leaves it as it was, and the next one records the same move.
@@ -447,6 +454,7 @@ class EMALedgers:
         for name in bar:
             real = bar[name] - self.last_bar[name]
             floor = 4 * torch.finfo(self.model.params[name].dtype).eps * bar[name].abs()
+            floor.add_((theta[name] - self.last_bar[name]).abs_().mul_(gain_slack))
             for partition, part in self.model.partitions.slices.items():
                 shared = [self.rows, self.rounding_rows[partition], self.start_row]
                 total, scale = rows_sum_and_size(change[name], part, shared)
