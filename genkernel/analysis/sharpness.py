@@ -35,7 +35,7 @@ def loss_sharpness(model: nn.Module, loss_fn: Callable[[torch.Tensor, torch.Tens
         model: called as ``model(x)``; must give the same loss in every pass (no dropout in training
             mode: refused) and must not update buffers in its forward (BatchNorm in training mode:
             refused). Evaluated in its own precision (autocast and TF32 off, as
-            :func:`~genkernel.core.engine.kernels.full_precision`).
+            :func:`~genkernel.core.adapter.full_precision`).
         loss_fn: per-example losses ``[B]`` from outputs and targets (``genkernel.supervised.mse_loss``);
             another shape is refused.
         x, y: the training batch (the whole set for full-batch gradient descent).

@@ -512,10 +512,52 @@ def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
 
 
 @contextlib.contextmanager
+def full_precision(model: nn.Module | None = None) -> Iterator[None]:
+    """The passes inside in the model's own precision: ``torch.autocast`` off (on every device
+    type where it is on), TF32 off for cuDNN convolutions and float32 matrix products (torch's
+    switches), and, for a model that accelerate prepared with ``mixed_precision`` (its forward
+    wrapped in autocast, the original kept as ``_original_forward``), that original forward;
+    everything is put back afterwards.
+
+    A kernel called under autocast (a mixed-precision validation step: Lightning's
+    ``precision="bf16-mixed"``, or a model prepared by ``Accelerator(mixed_precision="bf16")``)
+    would run its forwards and backwards in bfloat16 or float16 and return a float32 kernel about
+    1e-3 off (measured: 2.5e-3 and 2.3e-3 relative on a small MLP), with no sign of it. A float32
+    convolutional model on a GPU rounds to TF32 (a 10-bit mantissa: cuDNN's default,
+    ``torch.backends.cudnn.allow_tf32``; measured on an H200, a small conv net's factored kernel
+    9.5e-6 off the float64 one with it, 1.5e-7 without). The kernel is that of the model's own
+    parameters, in their dtype."""
+    cudnn_tf32, matmul_precision = torch.backends.cudnn.allow_tf32, torch.get_float32_matmul_precision()
+    slots = {} if model is None else model.__dict__
+    wrapped = slots.get("forward") if "_original_forward" in slots else None
+    with contextlib.ExitStack() as stack:
+        for device in ("cpu", "cuda"):
+            if torch.is_autocast_enabled(device):
+                stack.enter_context(torch.autocast(device, enabled=False))
+        try:
+            if cudnn_tf32:
+                torch.backends.cudnn.allow_tf32 = False
+            if matmul_precision != "highest":
+                torch.set_float32_matmul_precision("highest")
+            if wrapped is not None:
+                slots["forward"] = slots["_original_forward"]
+            yield
+        finally:
+            if cudnn_tf32:
+                torch.backends.cudnn.allow_tf32 = True
+            if matmul_precision != "highest":
+                torch.set_float32_matmul_precision(matmul_precision)
+            if wrapped is not None:
+                slots["forward"] = wrapped
+
+
+@contextlib.contextmanager
 def analysis_mode(model: nn.Module) -> Iterator[None]:
     """Context for analysis passes that must not disturb training.
 
-    Modules go to eval mode (restored afterwards, module by module), attention uses the math
+    Modules go to eval mode (restored afterwards, module by module), the passes run in the model's
+    own precision (:func:`full_precision`: autocast and TF32 off, accelerate's autocast-wrapped
+    forward swapped for the original), attention uses the math
     SDPA backend and no MultiheadAttention fast path (:func:`forward_ad_attention`: forward-mode AD
     on every device, the same values), and the global RNG state is
     forked and restored. Activation checkpointing switched on through a module's
@@ -528,7 +570,7 @@ def analysis_mode(model: nn.Module) -> Iterator[None]:
     try:
         for module in checkpointed:
             module.gradient_checkpointing = False
-        with eval_mode(model), torch.random.fork_rng(devices=devices), forward_ad_attention():
+        with eval_mode(model), torch.random.fork_rng(devices=devices), forward_ad_attention(), full_precision(model):
             yield
     finally:
         for module in checkpointed:

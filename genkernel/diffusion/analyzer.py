@@ -88,7 +88,7 @@ from ..core.tracking.ema import EMA_LEDGERS
 from ..core.tracking.sketched import SKETCHED_TRAFFIC_NOTE, sketch_error_note
 from ..core.tracking.step import OptimizerStep
 from ..core.tracking.tracker import (
-    GROUP_STATES, MEMORY_CHECKS, OWNED_STEP, PathKernelTracker, StepContributions, step_payloads,
+    GROUP_STATES, MEMORY_CHECKS, MIXED_PRECISION, OWNED_STEP, PathKernelTracker, StepContributions, step_payloads,
 )
 from ..logging import LoggingCallback
 from ..stats import nan_median
@@ -164,10 +164,13 @@ class NoiseLevelAnalyzer(TrainerCallback):
             trainer: the analyzer binds at ``first`` and stops paying after ``last`` (in your own loop,
             call ``bind`` when the window starts and :meth:`stop` when it ends).
         progress: print what a step will cost when the analyzer binds (one line on stderr).
-        group_state, state_dtype, memory_check: the tracker's (:class:`~genkernel.core.PathKernelTracker`):
-            "auto"/"dense"/"sketched", float64 or (for a float32 model) float32 group state, and
-            "refuse" or "warn" for a cost estimate above the free memory (the estimate can be high on
-            CUDA: "warn" builds the tracker anyway).
+        group_state, state_dtype, memory_check, mixed_precision: the tracker's
+            (:class:`~genkernel.core.PathKernelTracker`): "auto"/"dense"/"sketched", float64 or (for a
+            float32 model) float32 group state, "refuse" or "warn" for a cost estimate above the free
+            memory (the estimate can be high on CUDA: "warn" builds the tracker anyway), and "refuse"
+            or "observe" for a loop of your own whose forward runs under ``torch.autocast`` (its
+            half-precision gradients split, the rounding left in the residual; docs/observing.md,
+            "Mixed precision"; the built-in trainers' owned steps stay in the model's precision).
         ema_ledger: attached to a trainer that keeps an EMA of the weights (``DDPMTrainer(ema=)``),
             "trainer" (default) keeps a second ledger for the EMA weights, the ones people sample from
             (the dense route; two more float64 copies of the parameters per group row); "none" keeps
@@ -213,6 +216,7 @@ class NoiseLevelAnalyzer(TrainerCallback):
         group_state: str = "auto",
         state_dtype: torch.dtype = torch.float64,
         memory_check: str = "refuse",
+        mixed_precision: str = "refuse",
         ema_ledger: str = "trainer",
         sketch_dim: int = 512,
         vlb_weight: float = 1.0,
@@ -301,6 +305,9 @@ class NoiseLevelAnalyzer(TrainerCallback):
             raise ValueError(f"kernel_sketch must be 'auto', None (exact) or a positive int of output directions, "
                              f"got {kernel_sketch!r}")
         self.memory_check = memory_check
+        if mixed_precision not in MIXED_PRECISION:
+            raise ValueError(f"mixed_precision must be one of {MIXED_PRECISION}, got {mixed_precision!r}")
+        self.mixed_precision = mixed_precision
         # one piece logs for the trainers, the callback and this analyzer (genkernel.logging)
         self.logging = None if log is None else LoggingCallback(
             log, analyzer=self, every=log_every, analysis_every=log_every, image_every=image_every
@@ -395,7 +402,7 @@ class NoiseLevelAnalyzer(TrainerCallback):
             model, optimizer, self.loss_fn, probes, num_groups=self.partitions, quadrature=self.quadrature,
             max_grad_norm=max_grad_norm, memory_budget=self.memory_budget, group_state=self.group_state,
             state_dtype=self.state_dtype, batch_size=batch_size, micro_batches=micro_batches,
-            memory_check=self.memory_check, sketch_dim=self.sketch_dim,
+            memory_check=self.memory_check, sketch_dim=self.sketch_dim, mixed_precision=self.mixed_precision,
         )
         self.tracker.listeners.append(self._record)
         if ema is not None:

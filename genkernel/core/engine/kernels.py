@@ -32,6 +32,7 @@ from ..adapter import (
     check_memory_budget,
     check_per_example_safe,
     checked_forward,
+    full_precision,
     outside_inference_mode,
     trainable_parameters,
     unwrap,
@@ -166,46 +167,6 @@ def choose_engine(plan: Plan, d: int, engine: str = "auto", *, rows: tuple[int, 
     factored = (passes_x * (out_chunks * forward + d * (forward + materialized)) + m * n * pair
                 + (passes_x * torch_func_pass + m * n * d * fallback if fallback else 0))
     return "factored" if factored <= functional else "functional"
-
-
-@contextlib.contextmanager
-def full_precision(model: nn.Module | None = None) -> Iterator[None]:
-    """The passes inside in the model's own precision: ``torch.autocast`` off (on every device
-    type where it is on), TF32 off for cuDNN convolutions and float32 matrix products (torch's
-    switches), and, for a model that accelerate prepared with ``mixed_precision`` (its forward
-    wrapped in autocast, the original kept as ``_original_forward``), that original forward;
-    everything is put back afterwards.
-
-    A kernel called under autocast (a mixed-precision validation step: Lightning's
-    ``precision="bf16-mixed"``, or a model prepared by ``Accelerator(mixed_precision="bf16")``)
-    would run its forwards and backwards in bfloat16 or float16 and return a float32 kernel about
-    1e-3 off (measured: 2.5e-3 and 2.3e-3 relative on a small MLP), with no sign of it. A float32
-    convolutional model on a GPU rounds to TF32 (a 10-bit mantissa: cuDNN's default,
-    ``torch.backends.cudnn.allow_tf32``; measured on an H200, a small conv net's factored kernel
-    9.5e-6 off the float64 one with it, 1.5e-7 without). The kernel is that of the model's own
-    parameters, in their dtype."""
-    cudnn_tf32, matmul_precision = torch.backends.cudnn.allow_tf32, torch.get_float32_matmul_precision()
-    slots = {} if model is None else model.__dict__
-    wrapped = slots.get("forward") if "_original_forward" in slots else None
-    with contextlib.ExitStack() as stack:
-        for device in ("cpu", "cuda"):
-            if torch.is_autocast_enabled(device):
-                stack.enter_context(torch.autocast(device, enabled=False))
-        try:
-            if cudnn_tf32:
-                torch.backends.cudnn.allow_tf32 = False
-            if matmul_precision != "highest":
-                torch.set_float32_matmul_precision("highest")
-            if wrapped is not None:
-                slots["forward"] = slots["_original_forward"]
-            yield
-        finally:
-            if cudnn_tf32:
-                torch.backends.cudnn.allow_tf32 = True
-            if matmul_precision != "highest":
-                torch.set_float32_matmul_precision(matmul_precision)
-            if wrapped is not None:
-                slots["forward"] = wrapped
 
 
 def in_full_precision(function: Callable) -> Callable:

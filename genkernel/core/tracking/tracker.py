@@ -91,6 +91,7 @@ from .step import LossFn, OptimizerStep
 
 GROUP_STATES = ("auto", "dense", "factored", "sketched")
 MEMORY_CHECKS = ("refuse", "warn")
+MIXED_PRECISION = ("refuse", "observe")
 CHECK_RTOL = {torch.float64: 1e-10, torch.float32: 1e-5}
 FORMAT = "genkernel.PathKernelTracker/2"
 
@@ -112,6 +113,15 @@ def _reentrant_checkpoint_in(losses: torch.Tensor) -> bool:
             return True
         stack.extend(n for n, _ in node.next_functions)
     return False
+
+
+def _precision_name(entries: list[dict[str, Any]]) -> str | None:
+    """The least precise half-precision dtype observed micro-batches ``entries`` ran in, by name
+    ("bfloat16", "float16"), or None when all ran in the model's precision."""
+    precisions = [e["precision"] for e in entries if e.get("precision") is not None]
+    if not precisions:
+        return None
+    return str(max(precisions, key=lambda p: torch.finfo(p).eps)).removeprefix("torch.")
 
 
 def step_payloads(pending: dict[int, Any], booked: list[int]) -> list[Any]:
@@ -283,6 +293,16 @@ class PathKernelTracker:
         cost_options: the settings a refusal may suggest changing (default all of
             :data:`~genkernel.core.cost.COST_OPTIONS`); a wrapper that fixes some of them (the GAN
             analyzer fixes the generator's route) names only those its user can change.
+        mixed_precision: what a forward run under ``torch.autocast`` (or a float16/bfloat16 loss)
+            does: "refuse" (default: RuntimeError naming the fixes) or "observe": an observed loop
+            (:meth:`observe`) may run its forward and backward in half precision. Its group gradients
+            come from that half-precision graph, and the step's check then allows the rounding that
+            precision makes (each gradient entry rounded once: ``torch.finfo(dtype).eps`` of the
+            magnitudes, in place of the model dtype's tolerance); what the groups do not add up to
+            is the rounding row, carried through the optimizer and left in the residual, so the
+            residual reports the precision's cost (docs/observing.md, "Mixed precision"). The
+            tracker's own passes (probes, contributions, checks) run in the model's precision.
+            Owned steps (:meth:`step`, :meth:`track`) stay refused under autocast.
 
     Under torch.distributed, pass the DistributedDataParallel-wrapped model and each rank's shard:
     the ranks' group gradients are averaged as DDP averages gradients, so every rank keeps the
@@ -312,10 +332,14 @@ class PathKernelTracker:
         micro_batches: int = 1,
         memory_check: str = "refuse",
         cost_options: tuple[str, ...] = COST_OPTIONS,
+        mixed_precision: str = "refuse",
     ) -> None:
         if memory_check not in MEMORY_CHECKS:
             raise ValueError(f"memory_check must be one of {MEMORY_CHECKS}, got {memory_check!r}")
+        if mixed_precision not in MIXED_PRECISION:
+            raise ValueError(f"mixed_precision must be one of {MIXED_PRECISION}, got {mixed_precision!r}")
         self.memory_check = memory_check
+        self.mixed_precision = mixed_precision
         cost_options = checked_cost_options(cost_options)
         self.partitions = Partitions(num_groups)
         if batch_size is not None:  # the training batch, for the cost estimate
@@ -541,7 +565,7 @@ class PathKernelTracker:
         together = StepAgreement(self.distributed, "this step", points=3)  # a NonFiniteError gets the index below
         try:
             ids = self.partitions.check(groups, step.batch)
-            self._check_before()
+            self._check_before(owned=True)
         except BaseException as error:
             together.failed(error)
             raise
@@ -559,7 +583,7 @@ class PathKernelTracker:
 
                 def from_graph(graph_losses: torch.Tensor) -> None:
                     # one micro-batch's rows (the whole batch without accumulation), summed over them
-                    self._check_precision(graph_losses)
+                    self._check_precision(graph_losses, owned=True)
                     rows = step.rows
                     part = self.route.graph_gradients(graph_losses, {n: v[rows] for n, v in ids.items()},
                                                       coefficients[rows])
@@ -582,12 +606,13 @@ class PathKernelTracker:
                 recorded = TrainingCapture.idle() if own_pass else self.route.recording(step.inputs)
                 with recorded:  # stops recording before the backward
                     losses = step.compute_gradients(lambda graph_losses: (
-                        recorded.stop(graph_losses), self._check_precision(graph_losses),
+                        recorded.stop(graph_losses), self._check_precision(graph_losses, owned=True),
                         self._check_separate_losses(graph_losses, step.outputs),
                         together.passed() if step.rows.start == 0 else None))
                 with torch.no_grad(), analysis_mode(self.module), torch.enable_grad():
                     gradients = self.route.gradients(step, ids, coefficients.to(losses.device), recorded)
-            pending = self._begin(index, step.phase, ids, theta_before, saved, gradients, losses, step.clip_factor)
+            pending = self._begin(index, step.phase, ids, theta_before, saved, gradients, losses, step.clip_factor,
+                                  self.rtol)
             # 2. The real optimizer step.
             step.apply_update()
             result, after = self._finish(pending)
@@ -722,7 +747,7 @@ class PathKernelTracker:
             self._fold_backwarded(self._observed)
         self._own_pass = True  # (losses observed before may be these: their hooks must not count this pass)
         try:
-            ids, grads = self._observed_gradients(losses, groups, weights)
+            ids, grads, precision = self._observed_gradients(losses, groups, weights)
         except BaseException as error:
             together.failed(error)
             raise
@@ -739,7 +764,8 @@ class PathKernelTracker:
             self._observed = self._new_observed()
         self._observed["entries"].append({"number": number, "grads": grads, "folded": False, "ids": ids,
                                           "losses": losses.detach(), "backward": backward,
-                                          "tensor": weakref.ref(losses), "accumulations": self._accumulations})
+                                          "tensor": weakref.ref(losses), "accumulations": self._accumulations,
+                                          "precision": precision})
         self._observing = True
         self._mark_observed(losses, backward)
         return number
@@ -808,7 +834,7 @@ class PathKernelTracker:
         if observed["direction"] is None:
             observed["direction"] = total.div_(norm)
             return
-        if not self._parallel(float(total @ observed["direction"]) / norm):
+        if not self._parallel(float(total @ observed["direction"]) / norm, observed["entries"]):
             observed["independent"], observed["direction"] = True, None
 
     def _primary_total(self, grads: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -817,11 +843,20 @@ class PathKernelTracker:
         first = self.partitions.slices[self.partitions.primary]
         return torch.cat([grads[name][first].sum(dim=0).reshape(-1).to(torch.float64) for name in self.params])
 
-    def _parallel(self, cosine: float) -> bool:
+    def _parallel(self, cosine: float, entries: list[dict[str, Any]]) -> bool:
         """Whether two gradients at this cosine are parallel to within 100 rtol: a weighting that differs
         between them by a fraction δ would move the real gradient off the fitted multiple by only about
-        δ·sin(angle), under the step's check for δ < 1 %."""
-        return 1.0 - cosine * cosine <= (100 * self.rtol) ** 2
+        δ·sin(angle), under the step's check for δ < 1 %. Micro-batches ``entries`` observed in half
+        precision: within that precision's eps (their directions carry its rounding)."""
+        return 1.0 - cosine * cosine <= max(100 * self.rtol, self._precision_rtol(entries)) ** 2
+
+    def _precision_rtol(self, entries: list[dict[str, Any]]) -> float:
+        """The gradient check's tolerance for a step of the observed micro-batches ``entries``: the model
+        dtype's, or the eps of the least precise half precision their gradients passed through (each
+        entry of a half-precision weight gradient is rounded once there, the groups' and the batch's
+        alike: they differ by at most eps/2 of |real| + Σ_g |ĝ_g|, per entry)."""
+        precisions = [e["precision"] for e in entries if e.get("precision") is not None]
+        return max([self.rtol] + [torch.finfo(p).eps for p in precisions])
 
     def _follow_accumulation(self) -> None:
         """Count the loop's backward passes into the tracked parameters (``_accumulations``; hooks set at the
@@ -854,7 +889,8 @@ class PathKernelTracker:
         losses.register_hook(backward_seen)
 
     def _observed_gradients(self, losses, groups, weights):
-        """observe()'s checks, then the micro-batch's group ids and group gradients."""
+        """observe()'s checks, then the micro-batch's group ids, group gradients and the half-precision
+        dtype its gradients passed through (None: the model's precision)."""
         self._check_open()
         if not isinstance(losses, torch.Tensor) or losses.dim() != 1 or losses.numel() == 0:
             raise ValueError(
@@ -869,7 +905,7 @@ class PathKernelTracker:
         batch = losses.shape[0]
         if weights is not None and (not isinstance(weights, torch.Tensor) or weights.shape != (batch,)):
             raise ValueError(f"weights must be a Tensor of shape [{batch}] (one c_n per example)")
-        self._check_precision(losses)
+        precision = self._check_precision(losses)
         self._check_parameters()  # a layer frozen or unfrozen, a model.double(), before the graph is read
         check_replicated(self.module, self.distributed)
         if not bool(torch.isfinite(losses).all()):
@@ -886,7 +922,7 @@ class PathKernelTracker:
                 "gradient of this micro-batch came back zero. Pass use_reentrant=False to torch.utils.checkpoint "
                 "(diffusers' enable_gradient_checkpointing already does); this micro-batch was not observed"
             )
-        return ids, grads
+        return ids, grads, precision
 
     @property
     def observed_micro_batches(self) -> int:
@@ -991,7 +1027,7 @@ class PathKernelTracker:
                     "tracker.observe(per_example_losses, groups) before every backward (or tracker.close() to stop "
                     "tracking)"
                 )
-            self._check_before()
+            self._check_before(owned=False)
         except BaseException as error:
             together.failed(error)
             raise
@@ -1017,7 +1053,7 @@ class PathKernelTracker:
         step = {"grads": observed["grads"], "micro_batches": len(kept), "dropped": len(dropped),
                 "moving": observed["moving"], "independent": observed["independent"],
                 "ids": [e["ids"] for e in kept], "numbers": [e["number"] for e in kept],
-                "left_out": [(i, e["grads"]) for i, e in left_out]}
+                "left_out": [(i, e["grads"]) for i, e in left_out], "entries": entries}
         try:
             self._begin_observed_checked(index, step, losses, theta_before, saved, together)
         except LedgerCheckError as error:
@@ -1033,7 +1069,7 @@ class PathKernelTracker:
     def _begin_observed_checked(self, index, observed, losses, theta_before, saved, together) -> None:
         with torch.no_grad(), together.meeting():
             scale = self._scale_to_real(index, observed["grads"], observed["micro_batches"])
-            self._check_left_out_visible(index, observed["grads"], observed.get("left_out", []))
+            self._check_left_out_visible(index, observed["grads"], observed.get("left_out", []), observed["entries"])
             if observed["moving"] > 1 and not observed["independent"]:
                 raise ValueError(
                     f"step {index}: the gradients of the {observed['moving']} observed micro-batches that move the "
@@ -1049,10 +1085,13 @@ class PathKernelTracker:
             # Kept once the step is recorded (a refused step leaves no entry).
             self._scale_entry = {"step": index, "scale": scale, "micro_batches": observed["micro_batches"],
                                  "scale_times_micro_batches": scale * observed["micro_batches"],
-                                 "dropped_micro_batches": observed["dropped"]}
+                                 "dropped_micro_batches": observed["dropped"],
+                                 # the half precision the step's gradients were rounded in (None: the model's)
+                                 "gradient_precision": _precision_name(observed["entries"])}
             self._step_numbers = list(observed["numbers"])
             ids = {name: torch.cat([i[name] for i in observed["ids"]]) for name in self.partitions.names}
-            self._pending_step = self._begin(index, "observed", ids, theta_before, saved, gradients, losses, scale)
+            self._pending_step = self._begin(index, "observed", ids, theta_before, saved, gradients, losses, scale,
+                                             self._precision_rtol(observed["entries"]))
 
     def _after_observed_step(self, optimizer, args, kwargs) -> None:
         pending, self._pending_step = self._pending_step, None
@@ -1069,7 +1108,8 @@ class PathKernelTracker:
         self.step_observations = self._step_numbers
         self._recorded(result)
 
-    def _check_left_out_visible(self, index: int, grads: dict[str, torch.Tensor], left_out: list) -> None:
+    def _check_left_out_visible(self, index: int, grads: dict[str, torch.Tensor], left_out: list,
+                                entries: list[dict[str, Any]]) -> None:
         """Refuse a step whose left-out micro-batches (no backward seen through their observed losses) the
         check could not tell from kept ones: when one's gradient (Σ over the primary partition's groups),
         or the left-out ones' sum, is parallel to the kept sum, the real gradient is one scalar times the
@@ -1088,7 +1128,7 @@ class PathKernelTracker:
             norm = float(t.norm())
             if norm == 0.0 or not math.isfinite(norm):
                 continue
-            if self._parallel(float(t @ kept) / (norm * kept_norm)):
+            if self._parallel(float(t @ kept) / (norm * kept_norm), entries):
                 raise ValueError(
                     f"step {index}: micro-batch(es) {which[:10]} of this step had no backward through the losses "
                     "observed for them and would be left out, but their gradient is parallel to the kept "
@@ -1144,9 +1184,11 @@ class PathKernelTracker:
             listener(result)
 
     # -- the numbered steps, shared by owned and observed steps ---------------------------------
-    def _begin(self, index, phase, ids, theta_before, saved, gradients, losses, clip_factor) -> "_StepInProgress":
+    def _begin(self, index, phase, ids, theta_before, saved, gradients, losses, clip_factor,
+               gradient_rtol: float) -> "_StepInProgress":
         """Everything before the real optimizer step: the drift of state outside the trainable
-        parameters, the gradient check and the splitter's capture."""
+        parameters, the gradient check (to ``gradient_rtol``: the model dtype's tolerance, or a half
+        precision's the observed micro-batches ran in) and the splitter's capture."""
         with torch.no_grad(), analysis_mode(self.module):
             # Buffers (running statistics, spectral norm) and frozen parameters may have changed since
             # the last step, or in the training forward: not an example's doing.
@@ -1154,7 +1196,7 @@ class PathKernelTracker:
             # The optimizer will step on the batched gradient, which differs from Σ_g ĝ_g by
             # rounding (checked here): its own row of the split in step 3, left out of the
             # contributions (residual).
-            rounding = self._check_gradients(index, gradients, losses)
+            rounding = self._check_gradients(index, gradients, losses, gradient_rtol)
         self.splitter.capture()
         self.route.before_step()
         return _StepInProgress(index, phase, ids, theta_before, saved, gradients, rounding, f_before,
@@ -1240,23 +1282,40 @@ class PathKernelTracker:
             error.add_note(note)
 
     # -- all-or-nothing steps -------------------------------------------------------------------
-    def _check_precision(self, losses: torch.Tensor | None = None) -> None:
+    def _check_precision(self, losses: torch.Tensor | None = None, *, owned: bool = False) -> torch.dtype | None:
+        """Refuse half precision in the training pass; under ``mixed_precision="observe"`` an observed
+        micro-batch's ``losses`` may come from one: returns the half-precision dtype its gradients
+        passed through (None: the model's own precision, or nothing to tell yet)."""
         wrapped = hasattr(self.module, "_original_forward") or hasattr(self.model, "_original_forward")
-        autocast = any(torch.is_autocast_enabled(device) for device in ("cpu", "cuda"))
+        autocast = [device for device in ("cpu", "cuda") if torch.is_autocast_enabled(device)]
         low = losses is not None and losses.dtype in (torch.float16, torch.bfloat16)
         # A float32 loss from a forward run under autocast (the loop's `with` block closed before
         # observe(), or autocast inside the model's forward): the gradients pass through half precision.
         hidden = None if (wrapped or autocast or low or losses is None) else low_precision_in_graph(losses)
+        precision = None
         if wrapped or autocast or low or hidden is not None:
-            where = "the model's forward is wrapped in autocast (accelerate's mixed_precision)" if wrapped else (
-                "autocast is on" if autocast else f"the losses are {losses.dtype}" if low else
-                f"the losses' graph runs in {hidden}: the forward ran under torch.autocast or in half precision")
-            raise RuntimeError(
-                f"mixed precision is not supported ({where}): the ledger must reproduce each update exactly. Track a "
-                "window in full precision: build the Accelerator with mixed_precision='no' (Lightning: "
-                "Trainer(precision='32-true')), or run the tracked steps outside torch.autocast (a GradScaler on "
-                "float32 training is followed); train the rest as you like"
-            )
+            if self.mixed_precision != "observe" or owned:
+                where = "the model's forward is wrapped in autocast (accelerate's mixed_precision)" if wrapped else (
+                    "autocast is on" if autocast else f"the losses are {losses.dtype}" if low else
+                    f"the losses' graph runs in {hidden}: the forward ran under torch.autocast or in half precision")
+                fix = ("owned steps (tracker.step, tracker.track, the built-in trainers) run in the model's precision: "
+                       "train them outside torch.autocast, or observe a loop of your own with "
+                       "mixed_precision='observe'") if owned else (
+                       "or split the half-precision gradients of a loop you observe: PathKernelTracker(..., "
+                       "mixed_precision='observe') (an analyzer takes the same option; the residual then reports "
+                       "the rounding, docs/observing.md)")
+                raise RuntimeError(
+                    f"mixed precision is not supported here ({where}): the ledger must reproduce each update exactly. "
+                    "Track a window in full precision: build the Accelerator with mixed_precision='no' (Lightning: "
+                    "Trainer(precision='32-true')), or run the tracked steps outside torch.autocast (a GradScaler on "
+                    f"float32 training is followed); {fix}"
+                )
+            if losses is not None:
+                # The dtype the gradients were rounded to: the losses', else the lowest the graph records,
+                # else autocast's. None where nothing shows it: the step is then checked at the model's
+                # precision (a half-precision gradient fails that check: refused, never booked loosely).
+                precision = losses.dtype if low else (
+                    low_precision_in_graph(losses) or (torch.get_autocast_dtype(autocast[0]) if autocast else None))
         tf32 = tf32_hazard(self.module)
         if tf32 is not None:
             raise RuntimeError(
@@ -1265,10 +1324,11 @@ class PathKernelTracker:
                 "genkernel.set_exact_cuda_mode() (or torch.backends.cudnn.allow_tf32 = False and "
                 "torch.set_float32_matmul_precision('highest')), or track a float64 model"
             )
+        return precision
 
-    def _check_before(self) -> None:
+    def _check_before(self, *, owned: bool) -> None:
         """Everything that can be refused before the training forward (or the observed step) changes anything."""
-        self._check_precision()
+        self._check_precision(owned=owned)
         if self.route.uses_graph():
             check_analysis_safe(self.module)
         else:
@@ -1570,9 +1630,11 @@ class PathKernelTracker:
                 "the batch's own graph: exact for such losses)"
             )
 
-    def _check_gradients(self, index: int, gradients, losses: torch.Tensor) -> dict[str, dict[str, torch.Tensor]]:
-        """Check step 1 against training; returns every partition's rounding gap
-        ``{partition: {name: real gradient − Σ_g ĝ_g}}``."""
+    def _check_gradients(self, index: int, gradients, losses: torch.Tensor,
+                         gradient_rtol: float) -> dict[str, dict[str, torch.Tensor]]:
+        """Check step 1 against training (the groups' sum against the real gradient to ``gradient_rtol``
+        of the magnitudes); returns every partition's rounding gap ``{partition: {name: real gradient −
+        Σ_g ĝ_g}}``."""
         loss_tolerance = max(self.rtol, 1e-6) * 10
         scale = float(losses.abs().max()) if losses.numel() else 0.0
         analysis_losses = gradients.losses.to(losses)
@@ -1595,7 +1657,7 @@ class PathKernelTracker:
         for partition, part in partitions.slices.items():
             for name in self.params:
                 gap = float(rounding[partition][name].norm())
-                if gap > self.rtol * scales[name] + floor:
+                if gap > gradient_rtol * scales[name] + floor:
                     where = "" if len(partitions) == 1 else f" of partition '{partition}'"
                     hint = "" if not self._observing else (
                         ": in an observed loop the optimizer's gradient must be one scalar times the observed sum "
