@@ -227,7 +227,7 @@ def ddpm_loop_context():
                         for _ in range(3)])
 
 
-def test_readme_ddpm_loop_keeps_level_class_and_ema_ledgers_and_a_strict_json_report():
+def test_readme_ddpm_loop_keeps_level_class_and_ema_ledgers_and_a_strict_json_report(fresh_accelerate):
     source = block("README.md", 2)
     assert ELIDED in source, "README's DDPM block no longer elides the noise with '...': update FILLED"
     source = source.replace(ELIDED, FILLED)
@@ -400,7 +400,7 @@ def test_diffusion_loops_book_every_step_and_leave_training_as_it_was(index):
 # --- README: "With accelerate ... resume ... in either order" -------------------------------------
 
 
-def test_readme_accelerate_checkpoint_resumes_the_ledgers_bit_for_bit_loaded_before_or_after_bind(tmp_path):
+def test_readme_accelerate_checkpoint_resumes_the_ledgers_bit_for_bit_loaded_before_or_after_bind(tmp_path, fresh_accelerate):
     """``accelerator.register_for_checkpointing(analyzer)`` (and the EMA), ``save_state``; then a new
     analyzer with the same settings, ``load_state`` and ``bind(..., ema=, start_step=)`` in either
     order: the ledgers (and the EMA's) equal the uninterrupted run's bit for bit."""

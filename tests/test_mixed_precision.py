@@ -148,7 +148,7 @@ def test_autocast_is_refused_by_default_and_for_owned_steps_naming_the_option():
         PathKernelTracker(model, optimizer, loss_fn, probes, num_groups=G, mixed_precision="bf16")
 
 
-def test_the_trackers_own_passes_run_in_float32_under_accelerates_bf16_forward():
+def test_the_trackers_own_passes_run_in_float32_under_accelerates_bf16_forward(fresh_accelerate):
     """accelerate's mixed_precision='bf16' wraps the model's forward in autocast: the loop trains through it,
     the ledger's probe outputs are the float32 model's (the original forward, bit for bit), not bf16's."""
     accelerate = pytest.importorskip("accelerate")
