@@ -224,3 +224,19 @@ def test_the_noise_level_analyzer_observes_a_bf16_diffusers_loop_and_leaves_it_a
     # rest is the rounding row, which Adam magnifies where the real gradient is small against its groups'.
     assert float(ledger.residual.norm() / ledger.delta.norm()) < 0.1
     json.dumps(analyzer.report(), allow_nan=False)
+
+
+def test_the_cost_estimate_counts_the_witnesses_a_half_precision_step_keeps():
+    """mixed_precision='observe' keeps two parameter-sized sums of the micro-batches' own backward passes
+    (float16: unscaled and at 2^16): the estimate counts them; the default keeps none (old code: no such item)."""
+    model = _model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=LR)
+    _, _, probes = _data()
+    loss_fn = lambda out, t: ((out - t) ** 2).mean(dim=1)  # noqa: E731
+    parameters = sum(p.numel() for p in model.parameters())
+    observing = PathKernelTracker(model, optimizer, loss_fn, probes, num_groups=G, mixed_precision="observe")
+    assert observing.cost.memory["witnesses"] == 2 * parameters * 4
+    observing.close()
+    plain = PathKernelTracker(model, optimizer, loss_fn, probes, num_groups=G)
+    assert "witnesses" not in plain.cost.memory
+    assert observing.cost.total_bytes - plain.cost.total_bytes == 2 * parameters * 4

@@ -18,6 +18,8 @@ Memory (bytes):
 - ``push_tangents``: the pushed rows converted to the parameters' dtype where the rows' differs;
 - ``parameter_copies``: θ_k, θ_{k+1}, the quadrature nodes in between, the rolled-back step's
   optimizer state;
+- ``witnesses``: under ``mixed_precision="observe"``, the observed micro-batches' own backward passes
+  summed per seed scale (one in bfloat16, two in float16), in the parameters' dtype;
 - ``ema``: the EMA ledger's displacements and offsets, 2 (R + 3) × P, and its θ_0, θ̄_0 and last θ̄,
   float64 whatever the state dtype; ``ema_sync``: what recording an EMA update takes between steps
   (its change rows, the rows it pushes, their pass, the weights read in float64) beyond the step's
@@ -357,6 +359,7 @@ def estimate_cost(
     device: torch.device | str | None = None,
     options: tuple[str, ...] = COST_OPTIONS,
     group_states: tuple[str, ...] = GROUP_STATE_CHOICES,
+    witness_copies: int = 0,
 ) -> CostEstimate:
     """Memory and work of a tracked step before the run (see the module docstring).
 
@@ -379,8 +382,12 @@ def estimate_cost(
             "dense" alone; one whose model couples its examples, training-mode BatchNorm or dropout:
             not "factored"); :attr:`CostEstimate.cheaper` names only those, and only where the
             optimizer suits them (factored: plain SGD; sketched: :func:`sketchable`).
+        witness_copies: parameter-sized sums an observed half-precision step keeps
+            (``PathKernelTracker(mixed_precision="observe")``: 2, the float16 case; else 0).
     """
     options = cost_options(options)
+    if isinstance(witness_copies, bool) or not isinstance(witness_copies, int) or witness_copies < 0:
+        raise ValueError(f"witness_copies must be an int >= 0, got {witness_copies!r}")
     unknown = [g for g in group_states if g not in GROUP_STATE_CHOICES] if isinstance(group_states, tuple) else [group_states]
     if unknown:
         raise ValueError(f"group_states must be a tuple drawn from {GROUP_STATE_CHOICES}, got {group_states!r}")
@@ -408,6 +415,8 @@ def estimate_cost(
     reads_training = micro_batches == 1 and reads_training_pass(acts * param_bytes, b, memory_budget)
     bare = 3.0 * b  # a forward and a backward of every example (the factor routes count it from the shapes)
     memory["parameter_copies"] = num * param_bytes * (2 + quadrature_nodes) + num * param_bytes * optimizer_state
+    if witness_copies:
+        memory["witnesses"] = witness_copies * num * param_bytes
     # The splitter's rows: the dense route's groups, the rest and a rounding row per partition in
     # the state dtype; the other routes' exact totals (one partition of one group), float64.
     stacked, row_bytes = (rows + 1 + partitions, state_bytes) if group_state == "dense" else (3, 8)

@@ -281,6 +281,8 @@ class GenkernelCallback(pl.Callback):
             exception.add_note(
                 f"genkernel: the Trainer runs precision={precision!r} ({how}). Track with "
                 "L.Trainer(precision='32-true') or '64-true': the ledger must reproduce each update exactly"
+                + (", or build the analyzer (or tracker) with mixed_precision='observe' to split the half-precision "
+                   "gradients, the rounding left in the residual (docs/observing.md)" if "mixed" in precision else "")
             )
         algorithm = getattr(trainer, "gradient_clip_algorithm", None)
         if (isinstance(exception, LedgerCheckError) and trainer.gradient_clip_val

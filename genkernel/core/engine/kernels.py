@@ -14,11 +14,10 @@ computing a kernel never disturbs training.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import numbers
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import numpy as np
 import torch

@@ -93,6 +93,9 @@ GROUP_STATES = ("auto", "dense", "factored", "sketched")
 MEMORY_CHECKS = ("refuse", "warn")
 MIXED_PRECISION = ("refuse", "observe")
 CHECK_RTOL = {torch.float64: 1e-10, torch.float32: 1e-5}
+# The power of two an observed float16 micro-batch's own backward passes are scaled by (GradScaler's
+# initial scale), divided out exactly: the rows keep the digits the loop's scaled backward keeps.
+HALF_ROW_SCALE = 2.0 ** 16
 FORMAT = "genkernel.PathKernelTracker/2"
 
 
@@ -405,7 +408,9 @@ class PathKernelTracker:
         buildable = ("dense",) if self.distributed is not None or coupled_modules(self.module) else GROUP_STATE_CHOICES
         self._cost_settings = dict(state_dtype=state_dtype, memory_budget=self.memory_budget, sketch_dim=sketch_dim,
                                    batch_size=batch_size, micro_batches=positive_int(micro_batches, "micro_batches"),
-                                   options=cost_options, group_states=buildable)
+                                   options=cost_options, group_states=buildable,
+                                   # a half-precision step's witnesses: two sums in float16 (_fold_witness)
+                                   witness_copies=2 if mixed_precision == "observe" else 0)
         self._check_cost(ema=False)
         self.ema: EMALedgers | None = None
         self.splitter = self.route.splitter
@@ -612,7 +617,7 @@ class PathKernelTracker:
                 with torch.no_grad(), analysis_mode(self.module), torch.enable_grad():
                     gradients = self.route.gradients(step, ids, coefficients.to(losses.device), recorded)
             pending = self._begin(index, step.phase, ids, theta_before, saved, gradients, losses, step.clip_factor,
-                                  self.rtol)
+                                  self.rtol, [])
             # 2. The real optimizer step.
             step.apply_update()
             result, after = self._finish(pending)
@@ -747,7 +752,7 @@ class PathKernelTracker:
             self._fold_backwarded(self._observed)
         self._own_pass = True  # (losses observed before may be these: their hooks must not count this pass)
         try:
-            ids, grads, precision = self._observed_gradients(losses, groups, weights)
+            ids, grads, precision, witnesses = self._observed_gradients(losses, groups, weights)
         except BaseException as error:
             together.failed(error)
             raise
@@ -765,9 +770,11 @@ class PathKernelTracker:
         self._observed["entries"].append({"number": number, "grads": grads, "folded": False, "ids": ids,
                                           "losses": losses.detach(), "backward": backward,
                                           "tensor": weakref.ref(losses), "accumulations": self._accumulations,
-                                          "precision": precision})
+                                          "precision": precision, "witness": witnesses})
         self._observing = True
         self._mark_observed(losses, backward)
+        if precision is not None:
+            self._follow_seed(losses, self._observed["entries"][-1], weights)
         return number
 
     @staticmethod
@@ -776,10 +783,12 @@ class PathKernelTracker:
         number, ids, detached losses, backward flag and, until folded, its group gradients) and the
         running sum ``grads`` of the folded ones (those whose loop backward was seen), with the
         parallel-directions bookkeeping of :meth:`_note_direction` over the folded ones."""
-        return {"entries": [], "grads": None, "folded": 0, "direction": None, "moving": 0, "independent": False}
+        return {"entries": [], "grads": None, "folded": 0, "direction": None, "moving": 0, "independent": False,
+                "witness": None}
 
     def _fold(self, observed: dict[str, Any], entry: dict[str, Any]) -> None:
         """Add one micro-batch's group gradients to the running sum (and to the directions followed)."""
+        self._fold_witness(observed, entry)
         grads, entry["grads"], entry["folded"] = entry["grads"], None, True
         if observed["grads"] is None:  # the first: the sum holds it alone (its direction noted at the second)
             observed["grads"], observed["folded"] = grads, 1
@@ -790,6 +799,26 @@ class PathKernelTracker:
         for name, g in grads.items():
             observed["grads"][name] += g
         observed["folded"] += 1
+
+    @staticmethod
+    def _fold_witness(observed: dict[str, Any], entry: dict[str, Any]) -> None:
+        """Add a half-precision micro-batch's witnesses (:meth:`_half_precision_rows`, one per seed scale)
+        to the step's running sums, as its group gradients are added (the step holds the sums, not one
+        copy per micro-batch); a micro-batch with fewer scales adds its last to the others. One without
+        any (the model's precision, DDP) leaves the step none: the gradient check alone decides."""
+        witness, entry["witness"] = entry.get("witness"), None
+        total = observed["witness"]
+        if not witness or total == []:
+            observed["witness"] = []
+            return
+        if total is None:
+            observed["witness"] = witness
+            return
+        total = total + [{n: w.clone() for n, w in total[-1].items()} for _ in range(len(witness) - len(total))]
+        for k, sums in enumerate(total):
+            for name, w in witness[min(k, len(witness) - 1)].items():
+                sums[name] += w
+        observed["witness"] = total
 
     def _fold_backwarded(self, observed: dict[str, Any]) -> None:
         """Fold the micro-batches whose loop backward has been seen (in an accumulation loop, the last one):
@@ -874,6 +903,74 @@ class PathKernelTracker:
         self._hooks.extend(p.register_post_accumulate_grad_hook(accumulated) for p in self.params.values())
         self._accumulation_hooks = True
 
+    def _follow_seed(self, losses: torch.Tensor, entry: dict[str, Any], weights) -> None:
+        """For a micro-batch observed in half precision: the loop's seed ∂loss/∂ℓ_n (what its backward
+        hands the observed losses; summed over backward passes) into ``entry["seed_box"]["seed"]``, beside the
+        coefficients c_n observed, for :meth:`_check_seeds`. The tracker held weakly."""
+        this = weakref.ref(self)
+        batch = losses.shape[0]
+        entry["coefficients"] = (torch.full((batch,), 1.0 / batch, dtype=torch.float64) if weights is None
+                                 else weights.detach().to("cpu", torch.float64))
+        box = entry["seed_box"] = {"seed": None}  # (the hook holds this, not the entry and its rows)
+
+        def seed_seen(grad: torch.Tensor) -> None:
+            tracker = this()
+            if tracker is not None and not tracker._own_pass:
+                seed = grad.detach().to("cpu", torch.float64)
+                box["seed"] = seed if box["seed"] is None else box["seed"] + seed
+
+        losses.register_hook(seed_seen)
+
+    def _check_seeds(self, index: int, kept: list[dict[str, Any]]) -> None:
+        """A half-precision step whose kept micro-batches' losses all saw the loop's seed: refuse one that
+        weighs its examples otherwise than observed, s_n ≠ λ c_n with one λ for the step (to the seeds'
+        float32 rounding, ``rtol``), across micro-batches and, under DDP, across ranks (the ranks' λ
+        compared through two all-reduces every rank makes at every observed step). The gradient check
+        allows the precision's eps of the magnitudes, under which a micro-batch weighted 1 % off passes
+        (bfloat16); the seed shows it exactly. A loss built beside the observed losses
+        (F.mse_loss(outputs, y)) hands them no seed: the gradient check alone decides."""
+        seeded = bool(kept) and all(e.get("seed_box", {}).get("seed") is not None for e in kept)
+        lambdas = []
+        for entry in kept if seeded else []:
+            seed, c = entry["seed_box"]["seed"], entry["coefficients"]
+            lam = float(seed @ c) / float(c @ c)
+            off = float((seed - lam * c).norm())
+            if not math.isfinite(lam) or off > self.rtol * float(seed.norm()):
+                raise LedgerCheckError(
+                    f"step {index}: the observed group gradients do not add up to the real gradient: the loop's "
+                    f"backward weighed the examples of observed micro-batch {entry['number']} otherwise than "
+                    f"observe() was told (its seed ∂loss/∂ℓ_n is {off / max(float(seed.norm()), 1e-300):.2e} off "
+                    "every multiple of the coefficients): pass the loss's own per-example coefficients to "
+                    "observe(losses, groups, weights=)")
+            lambdas.append((entry["number"], lam))
+        if lambdas:
+            first = lambdas[0][1]
+            for number, lam in lambdas[1:]:
+                if abs(lam - first) > self.rtol * max(abs(first), abs(lam)):
+                    raise LedgerCheckError(
+                        f"step {index}: the observed group gradients do not add up to the real gradient: the loop's "
+                        f"backward weighed observed micro-batch {number} {lam / first if first else math.inf:.6g} "
+                        f"times micro-batch {lambdas[0][0]} (their seeds ∂loss/∂ℓ_n over the coefficients observed): "
+                        "in an observed loop every micro-batch of a step enters as observed, one scalar for the whole "
+                        "step (the mean over micro-batches, clipping); pass the loss's own coefficients to "
+                        "observe(..., weights=)")
+        if self.distributed is None or self.mixed_precision != "observe":  # (every rank holds the same setting)
+            return
+        world = self.distributed.world_size
+        mine = lambdas[0][1] if lambdas else 0.0
+        device = self.distributed.device
+        summed = summed_over_ranks(torch.tensor([0.0 if lambdas else 1.0, mine], dtype=torch.float64, device=device),
+                                   self.distributed)
+        missing, mean = float(summed[0]), float(summed[1]) / world
+        spread = float(summed_over_ranks(torch.tensor([(mine - mean) ** 2], dtype=torch.float64, device=device),
+                                         self.distributed)[0])
+        if missing == 0.0 and math.sqrt(spread) > self.rtol * abs(mean):
+            raise LedgerCheckError(
+                f"step {index}: the observed group gradients do not add up to the real gradient: the ranks' backward "
+                f"passes weighed their micro-batches differently (this rank's seed ∂loss/∂ℓ_n is {mine / mean if mean else math.inf:.6g} "
+                "times the ranks' mean over the coefficients observed); every rank's loss must weigh its examples as "
+                "observe() was told there")
+
     def _mark_observed(self, losses: torch.Tensor, backward: list[bool]) -> None:
         """A hook on the observed losses that the loop's backward through them fires (``backward[0] = True``;
         observe()'s own passes do not count; the loop's gradient is unchanged, the tracker held weakly):
@@ -914,7 +1011,12 @@ class PathKernelTracker:
         ids = self.partitions.check(groups, batch)
         self._need_dense("observing a loop")
         coefficients = (torch.full((batch,), 1.0 / batch, dtype=torch.float64) if weights is None else weights).to(torch.float64)
-        grads = self.route.graph_gradients(losses, {k: v.to(losses.device) for k, v in ids.items()}, coefficients.to(losses.device))
+        ids_on = {k: v.to(losses.device) for k, v in ids.items()}
+        witnesses = []
+        if precision is None:
+            grads = self.route.graph_gradients(losses, ids_on, coefficients.to(losses.device))
+        else:
+            grads, witnesses = self._half_precision_rows(losses, ids_on, coefficients.to(losses.device), precision)
         if not any(bool(g.any()) for g in grads.values()) and _reentrant_checkpoint_in(losses):
             raise ValueError(
                 "the losses' graph runs through torch.utils.checkpoint with use_reentrant=True, whose backward the "
@@ -922,7 +1024,37 @@ class PathKernelTracker:
                 "gradient of this micro-batch came back zero. Pass use_reentrant=False to torch.utils.checkpoint "
                 "(diffusers' enable_gradient_checkpointing already does); this micro-batch was not observed"
             )
-        return ids, grads, precision
+        return ids, grads, precision, witnesses
+
+    def _half_precision_rows(self, losses, ids, coefficients, precision):
+        """The group rows of a micro-batch whose gradients pass through ``precision`` (float16,
+        bfloat16), and its witnesses: the batch's own backward ∇ Σ_n s c_n ℓ_n / s, one more pass
+        through the same graph per seed scale s, rounded as the loop's backward rounds it whatever the
+        model's kernels do (a CPU LayerNorm under autocast accumulates its weight gradient in
+        half precision, rounding each entry many times). In float16 the rows are taken with the losses
+        scaled by ``HALF_ROW_SCALE`` (a power of two, divided out exactly; lowered while a row
+        overflows), as GradScaler scales the loop's: unscaled, gradients under float16's normal range
+        (6e-5) lose their digits; its witnesses are taken unscaled and at that scale (a loop with and
+        without GradScaler). Returns ``(rows, [witness, ...])``; no witness under DDP (the step is then
+        checked against the groups alone)."""
+        boost = HALF_ROW_SCALE if precision == torch.float16 else 1.0
+        while True:
+            grads = self.route.graph_gradients(losses, ids, coefficients * boost)
+            if boost == 1.0 or all(bool(torch.isfinite(g).all()) for g in grads.values()):
+                break
+            boost = max(1.0, boost / 256)
+        for g in grads.values():
+            g.div_(boost)
+        witnesses = []
+        if self.distributed is None:
+            for seed_scale in sorted({1.0, boost}):
+                rows = torch.autograd.grad(losses, list(self.params.values()),
+                                           grad_outputs=(coefficients * seed_scale).to(losses.dtype),
+                                           retain_graph=True, allow_unused=True)
+                # In the parameters' dtype, as the loop's gradient is (a power of two divided out exactly).
+                witnesses.append({name: torch.zeros_like(p) if g is None else g.detach().div(seed_scale)
+                                  for (name, p), g in zip(self.params.items(), rows)})
+        return grads, witnesses
 
     @property
     def observed_micro_batches(self) -> int:
@@ -1053,7 +1185,8 @@ class PathKernelTracker:
         step = {"grads": observed["grads"], "micro_batches": len(kept), "dropped": len(dropped),
                 "moving": observed["moving"], "independent": observed["independent"],
                 "ids": [e["ids"] for e in kept], "numbers": [e["number"] for e in kept],
-                "left_out": [(i, e["grads"]) for i, e in left_out], "entries": entries}
+                "left_out": [(i, e["grads"]) for i, e in left_out], "entries": entries,
+                "witnesses": observed["witness"] or [], "kept": kept}
         try:
             self._begin_observed_checked(index, step, losses, theta_before, saved, together)
         except LedgerCheckError as error:
@@ -1069,6 +1202,7 @@ class PathKernelTracker:
     def _begin_observed_checked(self, index, observed, losses, theta_before, saved, together) -> None:
         with torch.no_grad(), together.meeting():
             scale = self._scale_to_real(index, observed["grads"], observed["micro_batches"])
+            self._check_seeds(index, observed["kept"])
             self._check_left_out_visible(index, observed["grads"], observed.get("left_out", []), observed["entries"])
             if observed["moving"] > 1 and not observed["independent"]:
                 raise ValueError(
@@ -1091,7 +1225,7 @@ class PathKernelTracker:
             self._step_numbers = list(observed["numbers"])
             ids = {name: torch.cat([i[name] for i in observed["ids"]]) for name in self.partitions.names}
             self._pending_step = self._begin(index, "observed", ids, theta_before, saved, gradients, losses, scale,
-                                             self._precision_rtol(observed["entries"]))
+                                             self._precision_rtol(observed["entries"]), observed["witnesses"])
 
     def _after_observed_step(self, optimizer, args, kwargs) -> None:
         pending, self._pending_step = self._pending_step, None
@@ -1185,10 +1319,11 @@ class PathKernelTracker:
 
     # -- the numbered steps, shared by owned and observed steps ---------------------------------
     def _begin(self, index, phase, ids, theta_before, saved, gradients, losses, clip_factor,
-               gradient_rtol: float) -> "_StepInProgress":
+               gradient_rtol: float, witnesses: list[dict[str, torch.Tensor]]) -> "_StepInProgress":
         """Everything before the real optimizer step: the drift of state outside the trainable
         parameters, the gradient check (to ``gradient_rtol``: the model dtype's tolerance, or a half
-        precision's the observed micro-batches ran in) and the splitter's capture."""
+        precision's the observed micro-batches ran in; ``witnesses``: a half-precision step's own backward
+        passes, :meth:`_witnessed`, else empty) and the splitter's capture."""
         with torch.no_grad(), analysis_mode(self.module):
             # Buffers (running statistics, spectral norm) and frozen parameters may have changed since
             # the last step, or in the training forward: not an example's doing.
@@ -1196,7 +1331,7 @@ class PathKernelTracker:
             # The optimizer will step on the batched gradient, which differs from Σ_g ĝ_g by
             # rounding (checked here): its own row of the split in step 3, left out of the
             # contributions (residual).
-            rounding = self._check_gradients(index, gradients, losses, gradient_rtol)
+            rounding = self._check_gradients(index, gradients, losses, gradient_rtol, witnesses)
         self.splitter.capture()
         self.route.before_step()
         return _StepInProgress(index, phase, ids, theta_before, saved, gradients, rounding, f_before,
@@ -1630,8 +1765,8 @@ class PathKernelTracker:
                 "the batch's own graph: exact for such losses)"
             )
 
-    def _check_gradients(self, index: int, gradients, losses: torch.Tensor,
-                         gradient_rtol: float) -> dict[str, dict[str, torch.Tensor]]:
+    def _check_gradients(self, index: int, gradients, losses: torch.Tensor, gradient_rtol: float,
+                         witnesses: list[dict[str, torch.Tensor]]) -> dict[str, dict[str, torch.Tensor]]:
         """Check step 1 against training (the groups' sum against the real gradient to ``gradient_rtol``
         of the magnitudes); returns every partition's rounding gap ``{partition: {name: real gradient −
         Σ_g ĝ_g}}``."""
@@ -1654,6 +1789,8 @@ class PathKernelTracker:
         # A parameter whose true gradient is zero (a bias before a normalization) carries pure
         # rounding noise on both sides: compare it with rounding of the whole gradient too.
         floor = 16 * torch.finfo(next(iter(self.params.values())).dtype).eps * math.sqrt(sum(v * v for v in scales.values()))
+        if gradient_rtol > self.rtol and any(self._witnessed(real, w) for w in witnesses):
+            return rounding
         for partition, part in partitions.slices.items():
             for name in self.params:
                 gap = float(rounding[partition][name].norm())
@@ -1676,6 +1813,29 @@ class PathKernelTracker:
                         f"(gap {gap:.3e}, scale {scales[name]:.3e}){hint}"
                     )
         return rounding
+
+    def _witnessed(self, real, witness) -> bool:
+        """Whether a half-precision step's real gradient is one scalar β times the witness (the
+        micro-batches' own backward passes, Σ_m ∇ Σ_n c_n ℓ_n, rounded as the loop's: equal bit for bit
+        in a loop that seeds its backward with c_n times one power of two per step, clipping by the
+        global norm after it) to the model dtype's tolerance. Then the loop weighted its examples as
+        observed (to 1e-5, not to the precision's eps), and what the groups (masked passes through the
+        same graph) do not add up to is the precision's rounding, however many times the model's
+        kernels round an entry (a CPU LayerNorm's weight gradient under autocast): the step's rounding
+        row, left in the residual. Otherwise (a loop seeding its backward otherwise: unequal
+        micro-batch weights, loss / 3 over 3 micro-batches) the per-parameter check against the
+        groups decides, at the precision's eps."""
+        dot = norm = real_norm = 0.0
+        for name in self.params:
+            w = witness[name]
+            dot += float((real[name] * w).sum())
+            norm += float((w * w).sum())
+            real_norm += float((real[name] * real[name]).sum())
+        if norm == 0.0 or real_norm == 0.0 or not math.isfinite(dot):
+            return False
+        beta = dot / norm
+        gap = sum(float(((real[name] - beta * witness[name]) ** 2).sum()) for name in self.params)
+        return math.sqrt(gap) <= self.rtol * math.sqrt(real_norm)
 
     def _check_updates(self, index, updates, theta_before, theta_after) -> None:
         """Step 4: every partition's rows (its groups, the rest and its rounding row) add up to the
