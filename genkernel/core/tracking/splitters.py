@@ -65,6 +65,18 @@ def one_minus(value: Any) -> float:
     return _scalar(1 - _plain(value))
 
 
+def _refuse_imprecise_tensor(kind: str, label: str, value: Any, name: str, p: torch.Tensor, why: str) -> None:
+    """Refuse hyperparameter ``value`` (``label`` of optimizer ``kind``) held as a floating tensor less
+    precise than parameter ``name``'s ``p``: PyTorch then forms the step from it in the tensor's dtype
+    (``why``), a rounding the exact split, in the parameters' precision, cannot reproduce."""
+    if (isinstance(value, torch.Tensor) and value.is_floating_point()
+            and torch.finfo(value.dtype).eps > torch.finfo(p.dtype).eps):
+        raise ValueError(
+            f"{kind}'s {label} is a {value.dtype} tensor but parameter '{name}' is {p.dtype}: {why}, a rounding the "
+            f"exact split cannot reproduce. Pass it as a Python float, or as a tensor of the parameters' dtype ({p.dtype})"
+        )
+
+
 def _relative_gap(total: torch.Tensor, reference: torch.Tensor, scale: torch.Tensor) -> float:
     gap = (total - reference).norm()
     return _scalar(gap / scale.clamp_min(torch.finfo(torch.float64).tiny))
@@ -417,14 +429,8 @@ class AdamSplitter(UpdateSplitter):
                 continue
             beta1, beta2 = group["betas"]
             for key, value in (("lr", group["lr"]), ("betas[0]", beta1), ("betas[1]", beta2)):
-                if (isinstance(value, torch.Tensor) and value.is_floating_point()
-                        and torch.finfo(value.dtype).eps > torch.finfo(p.dtype).eps):
-                    raise ValueError(
-                        f"{type(self.optimizer).__name__}'s {key} is a {value.dtype} tensor but parameter '{name}' is "
-                        f"{p.dtype}: PyTorch computes Adam's step size and bias corrections in the tensor's dtype, a "
-                        "rounding the exact split cannot reproduce. Pass it as a Python float, or as a tensor of the "
-                        f"parameters' dtype ({p.dtype})"
-                    )
+                _refuse_imprecise_tensor(type(self.optimizer).__name__, key, value, name, p,
+                                         "PyTorch computes Adam's step size and bias corrections in the tensor's dtype")
 
     def _hyperparameters(self, group):
         beta1, beta2 = group["betas"]
@@ -560,14 +566,9 @@ class _ReadAfterStepSplitter(UpdateSplitter):
                 pairs = ([(f"{key}[{i}]", v) for i, v in enumerate(values)] if isinstance(values, (tuple, list))
                          else [(key, values)])
                 for label, value in pairs:
-                    if (isinstance(value, torch.Tensor) and value.is_floating_point()
-                            and torch.finfo(value.dtype).eps > torch.finfo(p.dtype).eps):
-                        raise ValueError(
-                            f"{kind}'s {label} is a {value.dtype} tensor but parameter '{name}' is {p.dtype}: PyTorch "
-                            f"forms {kind}'s step size in the tensor's dtype on one code path and in float64 on the "
-                            "other (foreach), a rounding the exact split cannot reproduce. Pass it as a Python float, "
-                            f"or as a tensor of the parameters' dtype ({p.dtype})"
-                        )
+                    _refuse_imprecise_tensor(kind, label, value, name, p,
+                                             f"PyTorch forms {kind}'s step size in the tensor's dtype on one code path "
+                                             "and in float64 on the other (foreach)")
 
     def _common(self, group, **extra) -> dict[str, Any]:
         decay = group.get("weight_decay", 0.0)
