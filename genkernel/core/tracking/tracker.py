@@ -299,13 +299,15 @@ class PathKernelTracker:
         mixed_precision: what a forward run under ``torch.autocast`` (or a float16/bfloat16 loss)
             does: "refuse" (default: RuntimeError naming the fixes) or "observe": an observed loop
             (:meth:`observe`) may run its forward and backward in half precision. Its group gradients
-            come from that half-precision graph, and the step's check then allows the rounding that
-            precision makes (each gradient entry rounded once: ``torch.finfo(dtype).eps`` of the
-            magnitudes, in place of the model dtype's tolerance); what the groups do not add up to
-            is the rounding row, carried through the optimizer and left in the residual, so the
-            residual reports the precision's cost (docs/observing.md, "Mixed precision"). The
-            tracker's own passes (probes, contributions, checks) run in the model's precision.
-            Owned steps (:meth:`step`, :meth:`track`) stay refused under autocast.
+            come from that half-precision graph; the loop's weighting is checked at the model dtype's
+            tolerance through the seed its backward hands the observed losses and one more backward
+            of each micro-batch (float16: two; a real gradient one scalar times their sum passes),
+            else the groups' sum against the real gradient at ``torch.finfo(dtype).eps`` of the
+            magnitudes. What the groups do not add up to is the rounding row, carried through the
+            optimizer and left in the residual, so the residual reports the precision's cost
+            (docs/observing.md, "Mixed precision"). The tracker's own passes (probes,
+            contributions, checks) run in the model's precision. Owned steps (:meth:`step`,
+            :meth:`track`) stay refused under autocast.
 
     Under torch.distributed, pass the DistributedDataParallel-wrapped model and each rank's shard:
     the ranks' group gradients are averaged as DDP averages gradients, so every rank keeps the
@@ -925,7 +927,8 @@ class PathKernelTracker:
         """A half-precision step whose kept micro-batches' losses all saw the loop's seed: refuse one that
         weighs its examples otherwise than observed, s_n ≠ λ c_n with one λ for the step (to the seeds'
         float32 rounding, ``rtol``), across micro-batches and, under DDP, across ranks (the ranks' λ
-        compared through two all-reduces every rank makes at every observed step). The gradient check
+        compared through two small all-reduces every rank makes at every observed step of a tracker
+        built with ``mixed_precision="observe"``: the setting, not the step, decides). The gradient check
         allows the precision's eps of the magnitudes, under which a micro-batch weighted 1 % off passes
         (bfloat16); the seed shows it exactly. A loss built beside the observed losses
         (F.mse_loss(outputs, y)) hands them no seed: the gradient check alone decides."""
@@ -986,8 +989,9 @@ class PathKernelTracker:
         losses.register_hook(backward_seen)
 
     def _observed_gradients(self, losses, groups, weights):
-        """observe()'s checks, then the micro-batch's group ids, group gradients and the half-precision
-        dtype its gradients passed through (None: the model's precision)."""
+        """observe()'s checks, then the micro-batch's group ids, group gradients, the half-precision dtype
+        its gradients passed through (None: the model's precision) and its witnesses
+        (:meth:`_half_precision_rows`; none in the model's precision)."""
         self._check_open()
         if not isinstance(losses, torch.Tensor) or losses.dim() != 1 or losses.numel() == 0:
             raise ValueError(
