@@ -470,6 +470,23 @@ def _make_analyzer(scheduler, held_out, s: dict, seed: int, *, controls: int, sn
     )
 
 
+def lr_decay_schedule(s: dict, updates_per_step: int = 1):
+    """``settings["lr_decay"]`` = (step, factor): the learning rate × factor from that step on (a
+    ``MultiStepLR``, which checkpoints save, stepped after every update: ``updates_per_step`` per step, a
+    GAN's D takes ``d_steps``), for a model and its null model alike; None (a constant rate) when absent.
+    Refuses a step below 1 or a factor outside (0, 1]."""
+    decay = s.get("lr_decay")
+    if not decay:
+        return None
+    if len(decay) != 2:
+        raise ValueError(f"lr_decay is (step, factor), got {decay!r}")
+    at, factor = int(decay[0]), float(decay[1])
+    if at < 1 or not 0 < factor <= 1:
+        raise ValueError(f"lr_decay needs a step >= 1 and a factor in (0, 1], got {decay!r}")
+    return lambda optimizer: torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=[at * updates_per_step],
+                                                                  gamma=factor)
+
+
 def _train(trainer, warmup: int, total: int) -> tuple[float, float]:
     """Train up to ``warmup`` (untracked) and then to ``total`` steps; returns (warm-up s, window s)
     of this process (a resumed run counts only what it trained)."""
@@ -515,7 +532,8 @@ def diffusion_seed_run(spec: dict, args: argparse.Namespace, s: dict, seed: int)
     progress = args.mode == "full"
     analyzer = _make_analyzer(scheduler, held_out, s, seed, controls=s["controls"], snapshots=True, progress=progress)
     trainer = DDPMTrainer(model, scheduler, data, batch_size=s["batch_size"], lr=s["lr"], seed=seed, callbacks=[analyzer],
-                          checkpoint_dir=run_dir, checkpoint_every=s["checkpoint_every"] if run_dir else 0, progress=progress)
+                          lr_scheduler=lr_decay_schedule(s), checkpoint_dir=run_dir,
+                          checkpoint_every=s["checkpoint_every"] if run_dir else 0, progress=progress)
     resumed = bool(run_dir is not None and trainer.resume())
     warmup_s, window_s = _train(trainer, warmup, total)
     if analyzer.tracker is None:  # resumed after the window had ended: bind to apply the checkpointed ledgers
@@ -536,7 +554,8 @@ def diffusion_seed_run(spec: dict, args: argparse.Namespace, s: dict, seed: int)
         blind_analyzer = _make_analyzer(scheduler, held_out, s, seed, controls=s["controls"], snapshots=False,
                                         progress=False) if ledger else None
         blind_trainer = DDPMTrainer(blind, scheduler, data, batch_size=s["batch_size"], lr=s["lr"], seed=seed,
-                                    callbacks=[blind_analyzer] if ledger else [], progress=progress)
+                                    callbacks=[blind_analyzer] if ledger else [], lr_scheduler=lr_decay_schedule(s),
+                                    progress=progress)
         _train(blind_trainer, warmup, total)
         kernel["time_blind"] = _kernel_locality_per_input(analyzer, blind, scheduler)
         reference = {"what": "time-blind denoiser (the same network fed t = 0), trained the same way"}
@@ -882,7 +901,9 @@ def write_diffusion_outputs(name: str, args: argparse.Namespace, s: dict, timer:
         "final_loss": first["final_loss"],
         "timing": first["timing"],
         "what_ran": (f"{args.mode} settings, {len(runs)} seed(s) {[r['seed'] for r in runs]}: warm-up "
-                     f"{s['warmup_steps']} untracked steps, then a tracked window of {s['window_steps']} steps, "
+                     f"{s['warmup_steps']} untracked steps"
+                     + (f" (learning rate × {s['lr_decay'][1]:g} from update {s['lr_decay'][0]} on)" if s.get("lr_decay") else "")
+                     + f", then a tracked window of {s['window_steps']} steps, "
                      f"{s['num_probes']} probes, {s['num_bins']} log-SNR bins, {s['controls']} permutation controls"),
     }
     return finish(name, args, plots.plot_overview(report, first["retrieval"], claims=claims), results, claims, s, timer)

@@ -566,16 +566,6 @@ def tracked_steps(s: dict) -> tuple[int, int] | None:
     return None if warmup == 0 else (warmup + 1, int(s["iterations"]))
 
 
-def lr_schedule(s: dict, updates_per_iteration: int):
-    """``lr_decay = (iteration, factor)``: both learning rates times ``factor`` from that iteration on (a step
-    schedule, stepped after every update: D's ``d_steps`` per iteration); None: a constant rate."""
-    decay = s.get("lr_decay")
-    if decay is None:
-        return None
-    at, factor = decay
-    return lambda optimizer: torch.optim.lr_scheduler.MultiStepLR(optimizer, [int(at) * updates_per_iteration], gamma=factor)
-
-
 def build(args, s: dict, seed: int, *, null: bool, analyzed: bool = True, run_dir: Path | None = None):
     """``(trainer, analyzer or None, context)`` for one run of ``seed``; ``null``: G trains against a
     fixed random discriminator (never trained, independent of D) while D trains as usual and supplies
@@ -600,7 +590,7 @@ def build(args, s: dict, seed: int, *, null: bool, analyzed: bool = True, run_di
         )
     trainer = GANTrainer(
         G, D, data.to(device, DTYPE), labels=modes, loss=args.loss, batch_size=batch, lr_g=s["lr"], lr_d=s["lr"], d_steps=s["d_steps"],
-        lr_scheduler_g=lr_schedule(s, 1), lr_scheduler_d=lr_schedule(s, s["d_steps"]),
+        lr_scheduler_g=common.lr_decay_schedule(s), lr_scheduler_d=common.lr_decay_schedule(s, s["d_steps"]),
         callbacks=[analyzer] if analyzer is not None else [], seed=seed, progress=args.mode == "full",
         checkpoint_dir=run_dir, checkpoint_every=s["window"] if run_dir is not None else 0,
     )
