@@ -96,6 +96,9 @@ CHECK_RTOL = {torch.float64: 1e-10, torch.float32: 1e-5}
 # The power of two an observed float16 micro-batch's own backward passes are scaled by (GradScaler's
 # initial scale), divided out exactly: the rows keep the digits the loop's scaled backward keeps.
 HALF_ROW_SCALE = 2.0 ** 16
+# A half-precision step whose residual exceeds this fraction of its change at the probes is mostly its
+# rounding row (Adam divides by sqrt(v̂) + ε where the rounding is most of v̂): warned of, once per tracker.
+PRECISION_WARNING = 1.0
 FORMAT = "genkernel.PathKernelTracker/2"
 
 
@@ -441,6 +444,7 @@ class PathKernelTracker:
         self.ema_swapped_out = False
         self._broken: str | None = None  # why the ledgers no longer describe the run (a recording cut off half-way)
         self._scale_entry: dict[str, float] | None = None  # the observed step in progress' gradient scale
+        self._precision_warned = False  # (the warning of _note_precision_cost, once)
         # Step hooks on the optimizer, inert until the tracker observes a loop: installed now because a
         # loop that steps with a closure calls observe() inside optimizer.step(), after the pre-hooks ran.
         # They hold the tracker weakly: a tracker that is dropped leaves inert hooks behind.
@@ -1237,6 +1241,7 @@ class PathKernelTracker:
             return
         try:
             result, after = self._finish(pending)
+            self._note_precision_cost(pending, result, after)
             self._together.passed()
             self._commit(pending, result, after, scale_entry=self._scale_entry)
         except BaseException as error:
@@ -1245,6 +1250,27 @@ class PathKernelTracker:
             raise
         self.step_observations = self._step_numbers
         self._recorded(result)
+
+    def _note_precision_cost(self, pending: "_StepInProgress", result: StepContributions, after: "_After") -> None:
+        """A half-precision step's relative residual ‖R_k‖ / ‖f(θ_{k+1}) − f(θ_k)‖ at the probes, into its
+        ``gradient_scales`` entry (``relative_residual``), and a RuntimeWarning (once per tracker) when it
+        exceeds :data:`PRECISION_WARNING`: the step's change is then mostly what its groups do not add up
+        to (its rounding row), and its shares say little. The ledger is recorded either way."""
+        if self._scale_entry.get("gradient_precision") is None:
+            return
+        change, residual = float((after[0] - pending.f_before).norm()), float(result.residual.norm())
+        relative = residual / change if change > 0 else (0.0 if residual == 0 else math.inf)
+        self._scale_entry["relative_residual"] = relative
+        if relative > PRECISION_WARNING and not self._precision_warned:
+            self._precision_warned = True
+            warnings.warn(
+                f"step {pending.index}: its residual at the probes is {relative:.3g} times its change: in "
+                f"{self._scale_entry['gradient_precision']} the groups' gradients miss the real one by a rounding "
+                "that this step magnified (Adam divides by sqrt(v) + eps where that rounding is most of v), so its "
+                "shares say little. Read gradient_scales[*]['relative_residual'] and the ledger's residual before "
+                "the shares; a larger Adam eps or a float32 window avoids it (shown once per tracker)",
+                RuntimeWarning, stacklevel=2,
+            )
 
     def _check_left_out_visible(self, index: int, grads: dict[str, torch.Tensor], left_out: list,
                                 entries: list[dict[str, Any]]) -> None:
