@@ -9,7 +9,6 @@ import math
 
 import pytest
 import torch
-from torch import nn
 from torch.func import functional_call, jacrev
 
 from genkernel import PathKernelTracker
@@ -17,17 +16,10 @@ from genkernel.core.grouping import Partitions
 from genkernel.core.tracking.splitters import make_splitter
 from genkernel.supervised import mlp, mse_loss
 
+from test_splitters_review2 import G, N, _f, _model, _relative  # the same tiny float64 model and helpers
+from test_splitters_review2 import _drive as _drive_with
+
 F64 = torch.float64
-G, N = 3, 6
-
-
-def _model(seed=0):
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
-
-
-def _f(x):
-    return float(x.item()) if isinstance(x, torch.Tensor) else float(x)
 
 
 # -- the published rules, per row (groups, rest, rounding), their non-linear parts from the total ------------------
@@ -121,38 +113,15 @@ def _groups(model, lrs):
 
 
 def _drive(model, opt, reference, steps):
-    """Real steps of ``opt`` split by the splitter; the first group's learning rate halves before step 4.
-    Yields (rows, Δ, reference rows) per step and parameter."""
-    params = {n: p for n, p in model.named_parameters()}
-    splitter = make_splitter(opt, params, Partitions(G))
-    gen = torch.Generator().manual_seed(1)
-    owner = {id(p): group for group in opt.param_groups for p in group["params"]}
-    for k in range(steps):
+    """test_splitters_review2's real steps split by the splitter, the first group's learning rate halved
+    before step 4 (after the step's backward: the gradients do not depend on it). Yields (rows, Δ,
+    reference rows) per step and parameter."""
+    def halve(k, _splitter):
         if k == 4:
             opt.param_groups[0]["lr"] *= 0.5
-        x = torch.randn(N, 3, generator=gen, dtype=F64)
-        y = torch.randn(N, 2, generator=gen, dtype=F64)
-        grads = {n: torch.zeros(G, *p.shape, dtype=F64) for n, p in params.items()}
-        for i in range(N):
-            loss = ((model(x[i:i + 1]) - y[i:i + 1]) ** 2).sum() / N
-            for (n, _), g in zip(params.items(), torch.autograd.grad(loss, list(params.values()))):
-                grads[n][i % G] += g
-        opt.zero_grad(set_to_none=True)
-        (((model(x) - y) ** 2).sum() / N).backward()
-        rounding = {"groups": {n: p.grad - grads[n].sum(0) for n, p in params.items()}}
-        theta = {n: p.detach().clone() for n, p in params.items()}
-        splitter.capture()
-        opt.step()
-        updates = splitter.split(grads, theta, rounding)
-        splitter.check_state(1e-10)
-        splitter.commit()
-        for n, p in params.items():
-            rows = torch.cat([grads[n], torch.zeros_like(grads[n][:1]), rounding["groups"][n][None]])
-            yield updates[n], p.detach() - theta[n], reference(n, rows, theta[n], owner[id(p)])
 
-
-def _relative(a, b):
-    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-300))
+    for _, rows, delta, expected in _drive_with(model, opt, steps, reference, before_capture=halve):
+        yield rows, delta, expected
 
 
 CASES = {
