@@ -239,3 +239,71 @@ def test_fused_and_capturable_optimizers_are_split_as_the_single_tensor_loop_is_
         contributions, other_delta = ledgers_under(lambda p: make(p, **implementation), DEVICE)
         torch.testing.assert_close(other_delta, delta, rtol=1e-10, atol=0)
         torch.testing.assert_close(contributions, reference, rtol=1e-9, atol=1e-12 * float(reference.abs().max()))
+
+
+NEW_RULES = {  # Adagrad, Adamax, RAdam, NAdam: their single-tensor loop against CUDA's foreach kernels (and Adagrad's fused)
+    "adagrad": lambda p, **kw: torch.optim.Adagrad(p, lr=0.05, lr_decay=0.01, weight_decay=0.01, **kw),
+    "adamax": lambda p, **kw: torch.optim.Adamax(p, lr=0.01, weight_decay=0.01, **kw),
+    "radam": lambda p, **kw: torch.optim.RAdam(p, lr=0.01, weight_decay=0.01, decoupled_weight_decay=True, **kw),
+    "nadam": lambda p, **kw: torch.optim.NAdam(p, lr=0.01, weight_decay=0.01, **kw),
+}
+
+
+@pytest.mark.parametrize("rule", sorted(NEW_RULES))
+def test_the_four_newer_optimizers_are_split_on_cuda_as_on_their_plain_loop(rule):
+    """docs/optimizers.md: CUDA's foreach kernels (and Adagrad's fused one) split as the single-tensor loop,
+    the ledger identity on the way (8 steps: RAdam crosses its rectification switch at step 6)."""
+    from test_workflow_optimizers import ledgers_under
+
+    make = NEW_RULES[rule]
+    reference, delta = ledgers_under(lambda p: make(p, foreach=False), DEVICE, steps=8)
+    variants = [{"foreach": True}] + ([{"fused": True}] if rule == "adagrad" else [])
+    for implementation in variants:
+        contributions, other_delta = ledgers_under(lambda p: make(p, **implementation), DEVICE, steps=8)
+        torch.testing.assert_close(other_delta, delta, rtol=1e-10, atol=0)
+        torch.testing.assert_close(contributions, reference, rtol=1e-9, atol=1e-12 * float(reference.abs().max()))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_an_autocast_unet_loop_is_observed_on_cuda_and_trains_as_without_the_tracker(dtype):
+    """docs/observing.md, "Mixed precision", on cuBLAS/cuDNN's half-precision kernels: a float32 tiny UNet
+    trained under torch.autocast (float16 with a GradScaler), observed with mixed_precision='observe':
+    parameters bit for bit those of the loop without the tracker, every step booked in its precision, the
+    ledger identity, a residual the precision can explain (each step's relative residual reported)."""
+    scheduler = make_scheduler(100)
+    images = (torch.rand(3, 8, 1, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1).to(DEVICE)
+
+    def run(observe):
+        torch.manual_seed(0)
+        model = tiny_unet(16, 1, channels=(8, 16)).to(DEVICE)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+        scaler = torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)
+        analyzer = None
+        if observe:
+            analyzer = NoiseLevelAnalyzer(scheduler, images[0, :4], num_bins=2, num_probes=4, controls=0, kernel_points=2,
+                                          progress=False, mixed_precision="observe")
+            analyzer.bind(model, optimizer)
+        g = torch.Generator(device=DEVICE).manual_seed(1)
+        for x0 in images:
+            noise = torch.randn(x0.shape, generator=g, device=DEVICE)
+            t = torch.randint(0, 100, (x0.shape[0],), generator=g, device=DEVICE)
+            with torch.autocast("cuda", dtype=dtype):
+                prediction = model(scheduler.add_noise(x0, noise, t), t).sample
+            losses = ((prediction.float() - noise) ** 2).flatten(1).mean(1)
+            if analyzer is not None:
+                analyzer.observe(losses, t)
+            scaler.scale(losses.mean()).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad()
+        return model, None if analyzer is None else analyzer.tracker
+
+    plain, _ = run(False)
+    model, tracker = run(True)
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), plain.parameters()))
+    ledger = tracker.ledger
+    assert ledger.steps + len(tracker.skipped_steps) == 3 and ledger.steps >= 2
+    assert {e["gradient_precision"] for e in tracker.gradient_scales} == {str(dtype).removeprefix("torch.")}
+    torch.testing.assert_close(ledger.contributions.sum(1) + ledger.rest + ledger.residual, ledger.delta, rtol=0,
+                               atol=1e-10)
+    assert all(e["relative_residual"] < 0.1 for e in tracker.gradient_scales)
