@@ -76,15 +76,19 @@ def test_max_train_steps_stops_after_that_many_optimizer_steps(image_folder, tmp
     assert result["global_step"] == 6 and result["ema_model"].optimization_step == 6
 
 
-def test_bf16_mixed_precision_is_refused_before_any_step_with_the_library_message(image_folder, tmp_path):
-    steps = []
-    handle = register_optimizer_step_pre_hook(lambda *args: steps.append(1))
-    try:
-        with pytest.raises(RuntimeError, match="mixed precision is not supported.*mixed_precision='no'"):
-            run(image_folder, tmp_path / "out", "--mixed_precision", "bf16")
-    finally:
-        handle.remove()
-    assert steps == []
+def test_bf16_mixed_precision_is_analysed_and_trains_as_without_the_analyzer(image_folder, tmp_path):
+    """--mixed_precision bf16 (accelerate autocasts on the CPU too): the analyzer splits the half-precision
+    gradients (mixed_precision="observe"): four steps booked in bfloat16, the ledger identity, the UNet
+    and EMA weights bit for bit those of --no-analyze. Old code refused the run before its first step."""
+    analyzed = run(image_folder, tmp_path / "analyzed", "--mixed_precision", "bf16")
+    analyzer = analyzed["analyzer"]
+    assert analyzed["global_step"] == 4 and analyzer.ledger.steps == 4
+    assert [e["gradient_precision"] for e in analyzer.tracker.gradient_scales] == ["bfloat16"] * 4
+    for name, ledger in analyzer.ledgers.items():
+        assert_identity(ledger, name)
+    bare = run(image_folder, tmp_path / "bare", "--mixed_precision", "bf16", "--no-analyze")
+    assert all(torch.equal(p, q) for p, q in zip(analyzed["model"].parameters(), bare["model"].parameters()))
+    assert all(torch.equal(p, q) for p, q in zip(analyzed["ema_model"].shadow_params, bare["ema_model"].shadow_params))
 
 
 def objective_report(image_folder, tmp_path, *objective):

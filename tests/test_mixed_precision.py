@@ -271,3 +271,23 @@ def test_each_half_precision_step_reports_its_relative_residual_and_a_large_one_
         assert entry["relative_residual"] == pytest.approx(expected, rel=1e-9)
         assert 0 < entry["relative_residual"] < 1e-2
         previous = delta
+
+
+def test_full_precision_reaches_an_accelerate_prepared_model_inside_a_wrapper(fresh_accelerate):
+    """The analyzers' kernels run a read-out wrapper around the model (diffusion.kernels): accelerate's
+    autocast-wrapped forward on the inner model was left in place, so a bf16 run's kernel structure failed
+    at binding ("expected scalar type Float but found BFloat16"; the example train_unconditional.py with
+    --mixed_precision bf16). Every module's original forward runs inside, the wrapped one is put back after."""
+    accelerate = pytest.importorskip("accelerate")
+    from genkernel.core.adapter import full_precision
+
+    inner = accelerate.Accelerator(mixed_precision="bf16", cpu=True).prepare(_model())
+    outer = nn.Sequential(inner)
+    wrapped = inner.__dict__["forward"]
+    _, _, probes = _data()
+    with torch.no_grad():
+        assert outer(probes).dtype == torch.float32 and not torch.equal(outer(probes), inner._original_forward(probes))
+        with full_precision(outer):
+            inside = outer(probes)
+        assert torch.equal(inside, inner._original_forward(probes))
+    assert inner.__dict__["forward"] is wrapped

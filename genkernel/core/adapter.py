@@ -516,7 +516,8 @@ def full_precision(model: nn.Module | None = None) -> Iterator[None]:
     """The passes inside in the model's own precision: ``torch.autocast`` off (on every device
     type where it is on), TF32 off for cuDNN convolutions and float32 matrix products (torch's
     switches), and, for a model that accelerate prepared with ``mixed_precision`` (its forward
-    wrapped in autocast, the original kept as ``_original_forward``), that original forward;
+    wrapped in autocast, the original kept as ``_original_forward``), that original forward, on
+    ``model`` and on every module inside it (a read-out wrapper around the prepared model);
     everything is put back afterwards.
 
     A kernel called under autocast (a mixed-precision validation step: Lightning's
@@ -528,8 +529,8 @@ def full_precision(model: nn.Module | None = None) -> Iterator[None]:
     9.5e-6 off the float64 one with it, 1.5e-7 without). The kernel is that of the model's own
     parameters, in their dtype."""
     cudnn_tf32, matmul_precision = torch.backends.cudnn.allow_tf32, torch.get_float32_matmul_precision()
-    slots = {} if model is None else model.__dict__
-    wrapped = slots.get("forward") if "_original_forward" in slots else None
+    wrapped = [] if model is None else [(m.__dict__, m.__dict__["forward"]) for m in model.modules()
+                                        if "_original_forward" in m.__dict__ and "forward" in m.__dict__]
     with contextlib.ExitStack() as stack:
         for device in ("cpu", "cuda"):
             if torch.is_autocast_enabled(device):
@@ -539,7 +540,7 @@ def full_precision(model: nn.Module | None = None) -> Iterator[None]:
                 torch.backends.cudnn.allow_tf32 = False
             if matmul_precision != "highest":
                 torch.set_float32_matmul_precision("highest")
-            if wrapped is not None:
+            for slots, _ in wrapped:
                 slots["forward"] = slots["_original_forward"]
             yield
         finally:
@@ -547,8 +548,8 @@ def full_precision(model: nn.Module | None = None) -> Iterator[None]:
                 torch.backends.cudnn.allow_tf32 = True
             if matmul_precision != "highest":
                 torch.set_float32_matmul_precision(matmul_precision)
-            if wrapped is not None:
-                slots["forward"] = wrapped
+            for slots, forward in wrapped:
+                slots["forward"] = forward
 
 
 @contextlib.contextmanager

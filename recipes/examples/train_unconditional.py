@@ -44,9 +44,12 @@ Run from the repository root::
 ``DIR`` is an ``ImageFolder`` (one sub-folder of images per class). Writes
 ``OUT/genkernel_report.json`` (``analyzer.report()`` as strict JSON; with ``--use_ema`` its
 ``"ema"`` section is the ledger of the EMA weights) and the pipeline (``save_pretrained``).
-The analyzer refuses mixed precision (the ledger must reproduce each update exactly): train with
-``--mixed_precision no``, or use ``--no-analyze`` with fp16/bf16. (On CPU, accelerate runs fp16
-without autocast, so that run is float32 and analysed; bf16 on CPU is autocast and refused.)
+With ``--mixed_precision fp16`` or ``bf16`` (accelerate's autocast) the analyzer is built with
+``mixed_precision="observe"`` (docs/observing.md, "Mixed precision"): it splits the half-precision
+gradients of the loop's own backward, checks the loop's weighting at float32's tolerance, and leaves
+what the groups do not add up to in the residual (each step's ``relative_residual`` in
+``analyzer.tracker.gradient_scales``; a warning when one exceeds its change). (On CPU, accelerate runs
+fp16 without autocast, so that run is float32 and analysed exactly; bf16 on CPU is autocast.)
 """
 
 from __future__ import annotations
@@ -259,7 +262,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             transforms.CenterCrop(args.resolution), transforms.ToTensor(), transforms.Normalize([0.5], [0.5])]))
         rows = torch.linspace(0, len(probe_set) - 1, min(len(probe_set), args.num_probes)).long().tolist()
         analyzer = NoiseLevelAnalyzer(noise_scheduler, torch.stack([probe_set[i][0] for i in rows]), num_bins=args.num_bins,
-                                      num_probes=args.num_probes, controls=args.controls, kernel_sketch=8, seed=args.seed)
+                                      num_probes=args.num_probes, controls=args.controls, kernel_sketch=8, seed=args.seed,
+                                      # genkernel: accelerate's fp16/bf16 autocast: split the half-precision gradients
+                                      mixed_precision="refuse" if args.mixed_precision == "no" else "observe")
         analyzer.bind(model, optimizer, ema=ema_model if args.use_ema else None,  # genkernel: for its cost, the step's
                       batch_size=args.train_batch_size * args.gradient_accumulation_steps,  # batch in K micro-batches,
                       micro_batches=args.gradient_accumulation_steps)  # genkernel: DDPMTrainer(batch_size=B·K, micro_batches=K)
