@@ -9,7 +9,6 @@ import json
 
 import pytest
 import torch
-from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from recipes.examples.train_unconditional import main
 
