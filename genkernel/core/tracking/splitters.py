@@ -59,6 +59,12 @@ def _plain(value: Any) -> Any:
     return value.detach().squeeze() if isinstance(value, torch.Tensor) else value
 
 
+def decay_multiplier(group: dict[str, Any]) -> Any:
+    """1 − η λ of a parameter group as PyTorch's decoupled decay forms it, ``param.mul_(1 − lr·λ)``: a
+    tensor of its dtype (rounded there) when lr or λ is a tensor, else a Python float."""
+    return 1 - _plain(group["lr"]) * _plain(group.get("weight_decay", 0.0))
+
+
 def one_minus(value: Any) -> float:
     """1 − ``value`` as PyTorch's optimizers form it: a float32 tensor hyperparameter (SGD's dampening
     τ) gives a float32 1 − τ, rounded there, which a float64 1 − τ misses by up to 5e-9."""
@@ -398,6 +404,20 @@ class SGDSplitter(UpdateSplitter):
         return -self.hyper[name]["lr"]
 
 
+def _first_moment(state, grads, h):
+    """m_k = lerp(m_{k−1}, ĝ_k, 1 − β1) as torch.optim's Adam, Adamax, RAdam and NAdam update their
+    ``exp_avg`` (from zeros on the first step: (1 − β1) ĝ_1), in one pass."""
+    if state is None:
+        return torch.mul(grads, 1 - h["beta1"])
+    return torch.lerp(state, grads, 1 - h["beta1"])
+
+
+def _first_moment_advance(state, grads, h):
+    """:meth:`UpdateSplitter.advance` for a rule whose direction is the first moment itself."""
+    state = _first_moment(state, grads, h)
+    return state, state
+
+
 class AdamSplitter(UpdateSplitter):
     """torch.optim.Adam and AdamW (amsgrad and maximize too).
 
@@ -446,17 +466,10 @@ class AdamSplitter(UpdateSplitter):
             # PyTorch's param.mul_(1 − lr·λ) (single-tensor and foreach): with lr or λ a tensor, 1 − lr·λ is a
             # tensor of its dtype. The fused kernel computes in the parameters' precision: left to the default.
             **({} if group.get("fused") else
-               {"decay_factor": _scalar(1 - _plain(group["lr"]) * _plain(group.get("weight_decay", 0.0)))}),
+               {"decay_factor": _scalar(decay_multiplier(group))}),
         }
 
-    @staticmethod
-    def advance(state, grads, h):
-        # As torch.optim.Adam: m_k = lerp(m_{k−1}, ĝ_k, 1 − β1), in one pass.
-        if state is None:
-            state = torch.mul(grads, 1 - h["beta1"])
-        else:
-            state = torch.lerp(state, grads, 1 - h["beta1"])
-        return state, state
+    advance = staticmethod(_first_moment_advance)
 
     def preconditioner(self, name):
         h = self.hyper[name]
@@ -505,20 +518,6 @@ class RMSpropSplitter(UpdateSplitter):
 
     def preconditioner(self, name):
         return -self.hyper[name]["lr"]
-
-
-def _first_moment(state, grads, h):
-    """m_k = lerp(m_{k−1}, ĝ_k, 1 − β1) as torch.optim's Adam, Adamax, RAdam and NAdam update their
-    ``exp_avg`` (from zeros on the first step: (1 − β1) ĝ_1), in one pass."""
-    if state is None:
-        return torch.mul(grads, 1 - h["beta1"])
-    return torch.lerp(state, grads, 1 - h["beta1"])
-
-
-def _first_moment_advance(state, grads, h):
-    """:meth:`UpdateSplitter.advance` for a rule whose direction is the first moment itself."""
-    state = _first_moment(state, grads, h)
-    return state, state
 
 
 class _ReadAfterStepSplitter(UpdateSplitter):
@@ -586,7 +585,7 @@ class _ReadAfterStepSplitter(UpdateSplitter):
         return self._common(
             group, beta1=_scalar(beta1), beta2=_scalar(beta2), decoupled=decoupled,
             # param.mul_(1 − lr·λ): with λ (or lr) a tensor, 1 − lr·λ is a tensor of its dtype, rounded there.
-            decay_factor=_scalar(1 - _plain(group["lr"]) * _plain(group.get("weight_decay", 0.0))), **extra,
+            decay_factor=_scalar(decay_multiplier(group)), **extra,
         )
 
     def _step(self, name: str) -> float:
@@ -687,7 +686,7 @@ class NAdamSplitter(_ReadAfterStepSplitter):
 
     def _hyperparameters(self, group):
         return self._adam_like(group, momentum_decay=_scalar(group.get("momentum_decay", 4e-3)),
-                               decay_multiplier=1 - _plain(group["lr"]) * _plain(group.get("weight_decay", 0.0)))
+                               decay_multiplier=decay_multiplier(group))
 
     @staticmethod
     def _decay_applied(theta_before, theta, h):
