@@ -121,13 +121,17 @@ def _reentrant_checkpoint_in(losses: torch.Tensor) -> bool:
     return False
 
 
-def _precision_name(entries: list[dict[str, Any]]) -> str | None:
-    """The least precise half-precision dtype observed micro-batches ``entries`` ran in, by name
-    ("bfloat16", "float16"), or None when all ran in the model's precision."""
+def _least_precise(entries: list[dict[str, Any]]) -> torch.dtype | None:
+    """The least precise half-precision dtype observed micro-batches ``entries`` ran in, or None when
+    all ran in the model's precision."""
     precisions = [e["precision"] for e in entries if e.get("precision") is not None]
-    if not precisions:
-        return None
-    return str(max(precisions, key=lambda p: torch.finfo(p).eps)).removeprefix("torch.")
+    return max(precisions, key=lambda p: torch.finfo(p).eps) if precisions else None
+
+
+def _precision_name(entries: list[dict[str, Any]]) -> str | None:
+    """:func:`_least_precise` by name ("bfloat16", "float16"), or None."""
+    precision = _least_precise(entries)
+    return None if precision is None else str(precision).removeprefix("torch.")
 
 
 def step_payloads(pending: dict[int, Any], booked: list[int]) -> list[Any]:
@@ -890,8 +894,8 @@ class PathKernelTracker:
         dtype's, or the eps of the least precise half precision their gradients passed through (each
         entry of a half-precision weight gradient is rounded once there, the groups' and the batch's
         alike: they differ by at most eps/2 of |real| + Σ_g |ĝ_g|, per entry)."""
-        precisions = [e["precision"] for e in entries if e.get("precision") is not None]
-        return max([self.rtol] + [torch.finfo(p).eps for p in precisions])
+        precision = _least_precise(entries)
+        return self.rtol if precision is None else max(self.rtol, torch.finfo(precision).eps)
 
     def _follow_accumulation(self) -> None:
         """Count the loop's backward passes into the tracked parameters (``_accumulations``; hooks set at the
@@ -1480,7 +1484,7 @@ class PathKernelTracker:
                 # else autocast's. None where nothing shows it: the step is then checked at the model's
                 # precision (a half-precision gradient fails that check: refused, never booked loosely).
                 precision = losses.dtype if low else (
-                    low_precision_in_graph(losses) or (torch.get_autocast_dtype(autocast[0]) if autocast else None))
+                    hidden or low_precision_in_graph(losses) or (torch.get_autocast_dtype(autocast[0]) if autocast else None))
         tf32 = tf32_hazard(self.module)
         if tf32 is not None:
             raise RuntimeError(
