@@ -553,6 +553,20 @@ def full_precision(model: nn.Module | None = None) -> Iterator[None]:
 
 
 @contextlib.contextmanager
+def loop_precision(like: torch.Tensor, precision: torch.dtype | None) -> Iterator[None]:
+    """A pass repeated as a mixed-precision loop ran it: under ``torch.autocast`` to ``precision``
+    (float16/bfloat16) on ``like``'s device type; ``precision=None``: as the caller's context is."""
+    with torch.autocast(like.device.type, dtype=precision) if precision is not None else contextlib.nullcontext():
+        yield
+
+
+def floating_parameter(model: nn.Module) -> torch.Tensor | None:
+    """The first floating-point parameter of ``model`` (its device and dtype are the model's own
+    precision: what a mixed-precision loop's half-precision activations are read back in), or None."""
+    return next((p for p in model.parameters() if p.is_floating_point()), None)
+
+
+@contextlib.contextmanager
 def analysis_mode(model: nn.Module) -> Iterator[None]:
     """Context for analysis passes that must not disturb training.
 

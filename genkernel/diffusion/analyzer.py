@@ -916,7 +916,7 @@ class NoiseLevelAnalyzer(TrainerCallback):
         if residual["relative_residual"] > 1e-3:
             notes.append(
                 f"the residual is {residual['relative_residual']:.2g} of the change (quadrature {self.quadrature!r}): "
-                + residual_remedy(self.quadrature)
+                + residual_remedy(self.quadrature, self.tracker.gradient_scales)
             )
         extra: dict[str, Any] = {}
         rest_share = residual["median_rest_share"]

@@ -106,8 +106,8 @@ from torch.func import jvp
 
 from ..core import grouping as grouping_layer
 from ..core.adapter import (
-    analysis_mode, call_with, explained_torch_func_errors, output_tensor, positive_int, seed_bits, seeded_generator,
-    trainable_parameters, unwrap, unwrap_optimizer,
+    analysis_mode, call_with, explained_torch_func_errors, floating_parameter, full_precision, loop_precision,
+    output_tensor, positive_int, seed_bits, seeded_generator, trainable_parameters, unwrap, unwrap_optimizer,
 )
 from ..core.errors import NonFiniteError
 from ..core.tracking.callbacks import TrainerCallback, perform_step
@@ -117,7 +117,7 @@ from ..core.tracking.io import atomic_save, check_saved_settings, jsonable, load
 from ..core.tracking.ledger import PathKernelLedger
 from ..core.tracking.quadrature import residual_remedy
 from ..core.tracking.step import OptimizerStep
-from ..core.tracking.tracker import MEMORY_CHECKS, PathKernelTracker, StepContributions, step_payloads
+from ..core.tracking.tracker import MEMORY_CHECKS, MIXED_PRECISION, PathKernelTracker, StepContributions, step_payloads
 from ..logging import LoggingCallback
 from ..stats import mean_interval, nan_median
 from .geometry import ClassGroups, DirectionGroups, GeometryGrouping, ModeGroups, NearestModeGroups, make_grouping
@@ -217,6 +217,16 @@ class GANKernelAnalyzer(TrainerCallback):
             change: fewer groups or controls, fewer probes, ``state_dtype``, a shorter ``track_steps``
             window, a one-node quadrature (the generator's group gradients always come from the
             training graph, dense).
+        mixed_precision: what a loop you observe whose forwards ran under ``torch.autocast`` (or
+            accelerate's bf16/fp16 ``mixed_precision``) gets: "refuse" (default; at the first
+            ``observe_*``, before any analysis pass) or "observe": both trackers split the half-precision
+            gradients as :class:`~genkernel.core.PathKernelTracker` does (each step checked at its
+            precision's rounding, which the residual then holds), the batch's geometry w_i is read from
+            the loop's own graph in G's dtype, the probes' geometry, the field and every pass through D
+            run in the networks' own precision, and the first generator micro-batch's losses are
+            compared with ``generator_loss`` repeated under autocast at two eps of that precision.
+            Owned steps (:class:`GANTrainer`, :meth:`perform`) are refused under autocast either way
+            (docs/observing.md, "Mixed precision").
         track_steps: ``(first, last)`` generator steps (1-based, inclusive) to track under a built-in
             trainer (``GANTrainer``): the discriminator steps of those iterations (the ones before each
             of those generator steps) and the generator steps themselves. Steps before ``first`` run
@@ -278,6 +288,7 @@ class GANKernelAnalyzer(TrainerCallback):
         discriminator_groups: str = "role",
         quadrature: str = "midpoint",
         memory_check: str = "refuse",
+        mixed_precision: str = "refuse",
         state_dtype: torch.dtype = torch.float64,
         track_steps: tuple[int, int] | None = None,
         ema_ledger: str = "trainer",
@@ -296,6 +307,9 @@ class GANKernelAnalyzer(TrainerCallback):
         if memory_check not in MEMORY_CHECKS:
             raise ValueError(f"memory_check must be one of {MEMORY_CHECKS}, got {memory_check!r}")
         self.memory_check = memory_check
+        if mixed_precision not in MIXED_PRECISION:
+            raise ValueError(f"mixed_precision must be one of {MIXED_PRECISION}, got {mixed_precision!r}")
+        self.mixed_precision = mixed_precision
         if state_dtype not in (torch.float64, torch.float32):
             raise ValueError(f"state_dtype must be torch.float64 or torch.float32, got {state_dtype!r}")
         self.state_dtype = state_dtype
@@ -784,7 +798,7 @@ class GANKernelAnalyzer(TrainerCallback):
         if not self.track_discriminator or self._d_optimizer is None or self.d_tracker is not None \
                 or self.discriminator_probes is None:
             return
-        like = next((p for p in self._d.parameters() if p.is_floating_point()), None)
+        like = floating_parameter(self._d)
         probes = self.discriminator_probes if like is None else self.discriminator_probes.to(like)
         if self.conditional and self.discriminator_probe_classes is None:
             raise ValueError("a conditional GAN's discriminator_probes need their classes: pass discriminator_probe_classes=")
@@ -800,7 +814,7 @@ class GANKernelAnalyzer(TrainerCallback):
         and only then moves it to the GPU or casts it (``precision="64-true"``). Called by :meth:`bind`;
         integer latents keep their dtype."""
         def like(t: torch.Tensor | None, module: nn.Module) -> torch.Tensor | None:
-            p = next((q for q in module.parameters() if q.is_floating_point()), None)
+            p = floating_parameter(module)
             if t is None or p is None:
                 return t
             return t.to(device=p.device, dtype=p.dtype if t.is_floating_point() else t.dtype)
@@ -883,6 +897,11 @@ class GANKernelAnalyzer(TrainerCallback):
         classes = self._step_classes(classes, batch, "observe_generator")
         if weights is not None and (not isinstance(weights, torch.Tensor) or weights.shape != (batch,)):
             raise ValueError(f"weights must be a Tensor of shape [{batch}] (one c_n per example)")
+        # A forward under autocast is refused here under the default, before any analysis pass meets its
+        # half-precision samples; observed, its precision is the tolerance of the losses' check, and the
+        # geometry is read in G's own dtype (the analysis passes run D in its own precision).
+        precision = self.g_tracker._check_precision(losses)
+        dtype = getattr(floating_parameter(self._g), "dtype", samples.dtype)
         # Whether this micro-batch may open the step (nothing observed since the last step, or the gradients
         # cleared): the probes' geometry at θ_k is taken then (again, at the same θ, for a second micro-batch
         # observed before a joint backward). Which micro-batches the step counts is the tracker's decision,
@@ -893,7 +912,7 @@ class GANKernelAnalyzer(TrainerCallback):
             (w,) = torch.autograd.grad(losses.sum(), samples, retain_graph=True, allow_unused=True)
         if w is None:
             raise ValueError("the losses do not depend on samples: pass samples = G(latents), the tensor your loss fed to D")
-        w = w.detach()
+        w = w.detach().to(dtype)
         if not torch.isfinite(losses).all() or not torch.isfinite(w).all():
             bad = torch.nonzero(~torch.isfinite(losses.detach())).flatten().tolist()
             raise NonFiniteError(
@@ -903,14 +922,14 @@ class GANKernelAnalyzer(TrainerCallback):
         loss_fn = self._geometry_fn(self._loss_fn)
         if self._geometry_loss is None:
             if not self._loss_checked:
-                self._check_generator_losses(losses.detach(), samples.detach(), classes)
-            x = samples.detach()
-            geo = {"z": latents.detach(), "x": x, "w": w, "losses": losses.detach(),
+                self._check_generator_losses(losses.detach(), samples.detach(), classes, precision)
+            x = samples.detach().to(dtype)
+            geo = {"z": latents.detach(), "x": x, "w": w, "losses": losses.detach().to(dtype),
                    "scores": self._scores(x, after_forward=True, classes=classes)}
             if classes is not None:
                 geo["classes"] = classes
         else:  # the geometry of another loss (a null model): w from D at the samples, D's buffers kept
-            geo = self._push(latents.detach(), samples.detach(), loss_fn, after_forward=True, classes=classes)
+            geo = self._push(latents.detach(), samples.detach().to(dtype), loss_fn, after_forward=True, classes=classes)
             if not torch.isfinite(geo["losses"]).all() or not torch.isfinite(geo["w"]).all():
                 bad = torch.nonzero(~torch.isfinite(geo["losses"])).flatten().tolist()
                 raise NonFiniteError(
@@ -1040,7 +1059,7 @@ class GANKernelAnalyzer(TrainerCallback):
     # -- generator -----------------------------------------------------------------------------
     def _scores(self, x: torch.Tensor, *, after_forward: bool, classes: torch.Tensor | None = None) -> torch.Tensor:
         """``[B]`` D(x) (a conditional GAN's D(x, classes)), D's buffers kept."""
-        with torch.no_grad(), preserved(self._d, reuse_power_iteration=after_forward):
+        with torch.no_grad(), preserved(self._d, reuse_power_iteration=after_forward), full_precision(self._d):
             return scores_of(self._d(x, *class_inputs(classes)), x.shape[0]).detach()
 
     def _geometry(self, latents: torch.Tensor, loss_fn, *, after_forward: bool,
@@ -1057,7 +1076,7 @@ class GANKernelAnalyzer(TrainerCallback):
         """w = ∇_x ℓ_G(D(x)) at samples ``x [B, ...]`` (``loss_fn(x, None)`` closes over D; a conditional
         GAN's w_i = ∇_x ℓ_G(D(x, y_i)), ``loss_fn(x, classes)``, each example at its own class), D's
         losses and scores: D in its current mode, its buffers kept (:func:`~genkernel.gan.passes.preserved`)."""
-        with torch.enable_grad(), preserved(self._d, reuse_power_iteration=after_forward):
+        with torch.enable_grad(), preserved(self._d, reuse_power_iteration=after_forward), full_precision(self._d):
             xr = x.clone().requires_grad_(True)
             losses = loss_fn(xr, classes)
             if not isinstance(losses, torch.Tensor) or losses.shape != (x.shape[0],):
@@ -1070,34 +1089,36 @@ class GANKernelAnalyzer(TrainerCallback):
         return geo
 
     def _check_generator_losses(self, losses: torch.Tensor, samples: torch.Tensor,
-                                classes: torch.Tensor | None = None) -> None:
+                                classes: torch.Tensor | None = None, precision: torch.dtype | None = None) -> None:
         """The first observed micro-batch: ``generator_loss(samples)`` (a conditional GAN's
-        ``generator_loss(samples, classes)``) must give the loop's losses."""
-        with torch.no_grad(), preserved(self._d, reuse_power_iteration=True):
+        ``generator_loss(samples, classes)``) must give the loop's losses; a forward observed in half
+        ``precision`` is repeated under autocast to it and compared at two of its eps."""
+        with torch.no_grad(), preserved(self._d, reuse_power_iteration=True), loop_precision(samples, precision):
             mine = self.generator_loss(samples, *class_inputs(classes))
         if not isinstance(mine, torch.Tensor) or mine.shape != losses.shape:
             raise ValueError(f"generator_loss(samples) must return per-example losses of shape {tuple(losses.shape)}, "
                              f"got {getattr(mine, 'shape', type(mine).__name__)}")
-        tol = 1e-8 if losses.dtype == torch.float64 else 1e-4
+        tol = _loss_tolerance(losses, precision)
         scale = max(1.0, float(losses.abs().max()))
         if torch.allclose(mine.to(losses), losses, rtol=tol, atol=tol * scale):
             return
         gap = float((mine.to(losses) - losses).abs().max())
-        if torch.allclose(mine.to(losses), losses, rtol=1e-4, atol=1e-4 * scale):
+        if precision is None and torch.allclose(mine.to(losses), losses, rtol=1e-4, atol=1e-4 * scale):
             cause = (
                 "They agree only roughly: the loss is right, but your losses came from another evaluation of D than "
                 "D(samples) now (D changed in between, randomness in D such as dropout in training mode, or samples "
                 "other than the tensor fed to D). Compute the losses from D(samples) just before observe_generator."
             )
         else:
-            cause = self._diagnose(losses, samples, classes)
+            cause = self._diagnose(losses, samples, classes, precision)
         raise ValueError(
             f"the analyzer's generator_loss does not reproduce your generator losses on the first observed micro-batch "
             f"(max gap {gap:.3g}); the probes' geometry w(z') needs your loss as a function of the samples. " + cause
         )
 
-    def _diagnose(self, losses: torch.Tensor, samples: torch.Tensor, classes: torch.Tensor | None = None) -> str:
-        with torch.no_grad(), preserved(self._d, reuse_power_iteration=True):
+    def _diagnose(self, losses: torch.Tensor, samples: torch.Tensor, classes: torch.Tensor | None = None,
+                  precision: torch.dtype | None = None) -> str:
+        with torch.no_grad(), preserved(self._d, reuse_power_iteration=True), loop_precision(samples, precision):
             s = scores_of(self._d(samples, *class_inputs(classes)), samples.shape[0]).detach().to(torch.float64)
         user = losses.to(torch.float64)
         # a conditional analyzer calls its loss as fn(samples, classes): the fixes say so
@@ -1113,9 +1134,9 @@ class GANKernelAnalyzer(TrainerCallback):
             candidates.insert(0, ("D returns probabilities (it ends in a sigmoid) and the loss is BCELoss against 1",
                                   -torch.log(s).clamp_min(-100.0),
                                   f"generator_loss=GeneratorLoss(D, output='probability'{more})"))
-        scale = max(1.0, float(user.abs().max()))
+        scale, tol = max(1.0, float(user.abs().max())), max(1e-4, _loss_tolerance(losses, precision))
         for text, value, fix in candidates:
-            if torch.allclose(value, user, rtol=1e-4, atol=1e-4 * scale):
+            if torch.allclose(value, user, rtol=tol, atol=tol * scale):
                 return f"Your losses look like {text}: pass {fix}."
         return (
             "Likely causes: D outputs probabilities (a final sigmoid) but the loss expects logits, or the other way round "
@@ -1210,6 +1231,7 @@ class GANKernelAnalyzer(TrainerCallback):
             num_groups=self.partitions, quadrature=self.quadrature, max_grad_norm=max_grad_norm,
             group_state="dense", gradient_route="graph", batch_size=batch, micro_batches=micro_batches,
             memory_check=self.memory_check, state_dtype=self.state_dtype, cost_options=GAN_COST_OPTIONS,
+            mixed_precision=self.mixed_precision,
         )
         try:
             if self._ema is not None:
@@ -1238,6 +1260,9 @@ class GANKernelAnalyzer(TrainerCallback):
             self._check_generator_fillable(step.batch)
             self._build_generator_tracker(step.optimizer, step.loss_fn, step.max_grad_norm, step.batch,
                                           step.micro_batches)
+        # Owned steps under autocast are refused (the tracker would refuse at track()), before the passes below
+        # meet half-precision samples.
+        self.g_tracker._check_precision(owned=True)
         # The analysis before the training forward runs G on copies of its buffers, advanced by the batch
         # pass exactly as the training forward will advance the real ones: the probes then see G as the
         # tracker (and an observed loop) sees it at θ_k, after the step's forward.
@@ -1332,7 +1357,8 @@ class GANKernelAnalyzer(TrainerCallback):
         """Σ_i c_i J_G(z_i)ᵀ w_i at θ_k from the graph of ``samples`` = G(z) (training's, or the batch pass's)."""
         params = trainable_parameters(self._g)
         with torch.enable_grad():
-            grads = torch.autograd.grad(samples, list(params.values()), grad_outputs=c.view(-1, *([1] * (w.dim() - 1))) * w,
+            seed = (c.view(-1, *([1] * (w.dim() - 1))) * w).to(samples.dtype)  # (a half-precision graph's dtype)
+            grads = torch.autograd.grad(samples, list(params.values()), grad_outputs=seed,
                                         retain_graph=True, allow_unused=True)
         return {n: (torch.zeros_like(p) if g is None else g.detach()) for (n, p), g in zip(params.items(), grads)}
 
@@ -1608,7 +1634,9 @@ class GANKernelAnalyzer(TrainerCallback):
         if self.discriminator_probes is None:
             roles = roles.to(x.device)
             real, generated = x[roles == REAL][:32], x[roles == GENERATED][:32]
-            self.discriminator_probes = torch.cat([real, generated]).detach().clone()
+            # (in D's own dtype: the rows of a loop under autocast can be half precision, D's passes on its probes are not)
+            self.discriminator_probes = torch.cat([real, generated]).detach().to(
+                getattr(floating_parameter(self._d), "dtype", x.dtype)).clone()
             if self.conditional:
                 classes = classes.to(x.device)
                 self.discriminator_probe_classes = torch.cat(
@@ -1619,7 +1647,7 @@ class GANKernelAnalyzer(TrainerCallback):
                     f"the discriminator's probes are the first discriminator batch's rows, which held no {missing} rows "
                     "(real and generated examples in separate micro-batches): pass discriminator_probes= to choose them"
                 )
-        probes = self.discriminator_probes.to(x)
+        probes = self.discriminator_probes.to(device=x.device, dtype=getattr(floating_parameter(self._d), "dtype", x.dtype))
         conditions = () if not self.conditional else (self.discriminator_probe_classes.to(probes.device),)
         if wrap_critic:
             probes = (probes, torch.full((probes.shape[0],), GENERATED, dtype=torch.long, device=probes.device), *conditions)
@@ -1633,7 +1661,7 @@ class GANKernelAnalyzer(TrainerCallback):
         tracker = PathKernelTracker(
             model, optimizer, loss_fn, probes, num_groups=num, quadrature=self.quadrature, max_grad_norm=max_grad_norm,
             batch_size=batch, micro_batches=micro_batches, memory_check=self.memory_check, state_dtype=self.state_dtype,
-            cost_options=GAN_COST_OPTIONS, **routes,
+            mixed_precision=self.mixed_precision, cost_options=GAN_COST_OPTIONS, **routes,
         )
         if self._pending and self._pending.get("d_tracker") is not None:
             try:
@@ -1747,12 +1775,12 @@ class GANKernelAnalyzer(TrainerCallback):
             return _SavedTracker(self._pending[which])
         return tracker
 
-    def _residual_note(self, which: str, ledger: PathKernelLedger) -> str | None:
+    def _residual_note(self, which: str, ledger: PathKernelLedger, tracker) -> str | None:
         residual = ledger.relative_residual()
         if not residual > RESIDUAL_NOTE:
             return None
         return (f"the {which} ledger's relative residual is {residual:.2g} (quadrature {self.quadrature!r}): "
-                f"{residual_remedy(self.quadrature)}")
+                f"{residual_remedy(self.quadrature, tracker.gradient_scales)}")
 
     def report(self) -> dict[str, Any]:
         """Everything measured so far as strict JSON (NaN as None), with the loop's step numbers, the
@@ -1796,7 +1824,7 @@ class GANKernelAnalyzer(TrainerCallback):
             out["coverage"] = self.coverage
             if self.partial_window is not None:
                 out["partial_window"] = self.partial_window
-            notes.append(self._residual_note("generator", ledger))
+            notes.append(self._residual_note("generator", ledger, g_tracker))
             if sum(self.g_zero_counts):
                 notes.append(
                     f"{sum(self.g_zero_counts)} training examples had a zero discriminator gradient w (D flat at their "
@@ -1815,7 +1843,7 @@ class GANKernelAnalyzer(TrainerCallback):
             if g_tracker.ema is not None:
                 ema = self.generator_ema_ledgers[GEOMETRY]
                 out["generator_ema"] = {**ema.summary(), "decays": list(g_tracker.ema.decays)}
-                notes.append(self._residual_note("generator EMA", ema))
+                notes.append(self._residual_note("generator EMA", ema, g_tracker))
         if d_tracker is not None and self.d_steps:
             ledger = d_tracker.ledger
             shares = ledger.shares()
@@ -1830,7 +1858,7 @@ class GANKernelAnalyzer(TrainerCallback):
             }
             if d_tracker.gradient_scales:
                 out["discriminator"]["gradient_scales"] = d_tracker.gradient_scales
-            notes.append(self._residual_note("discriminator", ledger))
+            notes.append(self._residual_note("discriminator", ledger, d_tracker))
         if g_tracker is not None and g_tracker.gradient_scales and "generator" in out:
             out["generator"]["gradient_scales"] = g_tracker.gradient_scales
         out["notes"] = [n for n in notes if n]
@@ -2105,6 +2133,15 @@ def _check_real_labels(real_labels: Any, roles: torch.Tensor, num_modes: int) ->
             "in the order of mode_centers (pass -1 where a row's mode is unknown: its nearest mode is used)"
         )
     return labels
+
+
+def _loss_tolerance(losses: torch.Tensor, precision: torch.dtype | None) -> float:
+    """Relative tolerance at which the analyzer's generator loss must reproduce the loop's ``losses``:
+    1e-8 (float64) or 1e-4; a forward in half ``precision``, two of its eps (the loss itself is one
+    more half-precision rounding of the same scores)."""
+    if precision is not None:
+        return 2 * torch.finfo(precision).eps
+    return 1e-8 if losses.dtype == torch.float64 else 1e-4
 
 
 def _coefficients(weights: torch.Tensor | None, batch: int, like: torch.Tensor) -> torch.Tensor:

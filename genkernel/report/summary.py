@@ -277,7 +277,7 @@ def _diffusion(state: Mapping[str, Any], top: int) -> dict[str, Any]:
                      "computed; save with snapshot_every > 0, or read the analyzer's own report()")
     if ledger["relative_residual"] is not None and ledger["relative_residual"] > RESIDUAL_LIMIT:
         notes.append(f"the residual is {ledger['relative_residual']:.2g} of the change (quadrature "
-                     f"{tracker.get('quadrature')!r}): {residual_remedy(tracker.get('quadrature'))}")
+                     f"{tracker.get('quadrature')!r}): {residual_remedy(tracker.get('quadrature'), tracker.get('gradient_scales') or ())}")
     if ledger["median_rest_share"] is not None and abs(ledger["median_rest_share"]) > REST_LIMIT:
         notes.append("the window's change is mostly the rest (optimizer state from before tracking began, or weight "
                      "decay): the group shares describe the smaller remainder; track a longer window")

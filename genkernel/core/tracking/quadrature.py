@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
@@ -63,14 +64,28 @@ def quadrature_rule(name: str) -> QuadratureRule:
         raise ValueError(f"unknown quadrature {name!r}; choose one of {sorted(QUADRATURE_RULES)}") from None
 
 
-def residual_remedy(quadrature: str | None) -> str:
+def residual_remedy(quadrature: str | None, gradient_scales: Sequence[Mapping[str, Any]] = ()) -> str:
     """What shrinks a large residual left under the rule ``quadrature``: the advice of the
-    analyzers' and the reports' notes. Simpson's rule gains orders of magnitude where steps are
+    analyzers' and the reports' notes. ``gradient_scales``: the tracker's per-step entries; steps
+    split from half-precision gradients (``mixed_precision="observe"``) leave their rounding in the
+    residual, which no rule shrinks: that is said first, with the worst step's share. Simpson's rule gains orders of magnitude where steps are
     moderate but little where one step moves the outputs far; more Gauss–Legendre nodes still
     converge there (measured, float64 brute force: one Adam step at lr 2e-4 of the DDPM CIFAR-10
     UNet from random weights, which moves the probes' outputs by a norm of 42 against their 28,
     leaves 0.29 of the change under the midpoint rule, 0.23 Simpson, 0.093 gauss3, 0.046 gauss4,
     0.011 gauss6; the same UNet at lr 1e-5 and 1e-6 leaves 0.011 and 0.0002 with the midpoint rule)."""
+    half = [entry for entry in gradient_scales if entry.get("gradient_precision")]
+    rounding = ""
+    if half:
+        names = " and ".join(sorted({str(entry["gradient_precision"]) for entry in half}))
+        worst = max((entry.get("relative_residual") or 0.0 for entry in half), default=0.0)
+        rounding = (f"{len(half)} step(s) were split from {names} gradients (mixed_precision='observe'): the residual "
+                    f"holds their rounding (worst step {worst:.2g} of its change, gradient_scales[*]['relative_residual']), "
+                    "which only a window trained in float32 removes; beyond it, ")
+    return rounding + _quadrature_remedy(quadrature)
+
+
+def _quadrature_remedy(quadrature: str | None) -> str:
     rule = QUADRATURE_RULES.get(quadrature or "")
     more_nodes = ("more Gauss-Legendre nodes (quadrature='gauss4' to 'gauss8': each node costs one push, and they "
                   "converge where one step moves the outputs far)")
