@@ -307,3 +307,21 @@ def test_an_autocast_unet_loop_is_observed_on_cuda_and_trains_as_without_the_tra
     torch.testing.assert_close(ledger.contributions.sum(1) + ledger.rest + ledger.residual, ledger.delta, rtol=0,
                                atol=1e-10)
     assert all(e["relative_residual"] < 0.1 for e in tracker.gradient_scales)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_an_autocast_gan_loop_is_observed_on_cuda_and_trains_as_without_the_analyzer(dtype):
+    """A DCGAN-like pair (BatchNorm in both) trained under CUDA autocast (float16 through a GradScaler),
+    observed by GANKernelAnalyzer(mixed_precision='observe'): both networks bit for bit as without it,
+    every step of both booked at its precision, each partition adding up to the change."""
+    from test_gan_mixed_precision import STEPS, _equal, _state, _train
+
+    G0, D0, _ = _train(dtype, analyze=False, device="cuda")
+    G1, D1, analyzer = _train(dtype, analyze=True, device="cuda")
+    assert _equal(_state(G0), _state(G1)) and _equal(_state(D0), _state(D1))
+    name = str(dtype).replace("torch.", "")
+    for tracker in (analyzer.g_tracker, analyzer.d_tracker):
+        assert [entry["gradient_precision"] for entry in tracker.gradient_scales] == [name] * STEPS
+    for ledger in analyzer.generator_ledgers.values():
+        total = ledger.contributions.sum(dim=1) + ledger.rest + ledger.residual
+        assert torch.allclose(total, ledger.delta, rtol=0, atol=1e-12 * float(ledger.delta.abs().max()))

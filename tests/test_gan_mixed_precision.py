@@ -47,20 +47,21 @@ def _analyzer(G, D, **options):
                              **options)
 
 
-def _train(dtype, *, analyze, observe_inside=False, steps=STEPS, hinge=False):
+def _train(dtype, *, analyze, observe_inside=False, steps=STEPS, hinge=False, device="cpu"):
     """The loop: a D step on real and generated rows, then a non-saturating G step (hinge: −D(G(z))), forwards
-    under CPU autocast(dtype) (float16: through a GradScaler), Adam on both. Returns G, D, the analyzer."""
-    G, D = _nets()
+    under autocast(dtype) on ``device`` (float16: through a GradScaler; None: no autocast), Adam on both.
+    Returns G, D, the analyzer."""
+    G, D = (net.to(device) for net in _nets())
     g_opt = torch.optim.Adam(G.parameters(), lr=2e-3, betas=(0.5, 0.999))
     d_opt = torch.optim.Adam(D.parameters(), lr=2e-3, betas=(0.5, 0.999))
-    scaler = torch.amp.GradScaler("cpu", enabled=dtype == torch.float16)
+    scaler = torch.amp.GradScaler(device, enabled=dtype == torch.float16)
     analyzer = None
     if analyze:
         analyzer = _analyzer(G, D, mixed_precision="observe")
         analyzer.bind(g_opt, d_opt)
-    for real, z_d, z_g in _batches(steps):
-        roles = torch.cat([torch.ones(B), torch.zeros(B)]).long()
-        with torch.autocast("cpu", dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+    for real, z_d, z_g in ([t.to(device) for t in batch] for batch in _batches(steps)):
+        roles = torch.cat([torch.ones(B), torch.zeros(B)]).long().to(device)
+        with torch.autocast(device, dtype=dtype or torch.bfloat16, enabled=dtype is not None):
             x = torch.cat([real, G(z_d).detach()])
             d_losses = F.binary_cross_entropy_with_logits(D(x).view(-1).float(), roles.float(), reduction="none")
             if analyzer is not None and observe_inside:
@@ -70,7 +71,7 @@ def _train(dtype, *, analyze, observe_inside=False, steps=STEPS, hinge=False):
         d_opt.zero_grad()
         scaler.scale(d_losses.mean()).backward()
         scaler.step(d_opt)
-        with torch.autocast("cpu", dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+        with torch.autocast(device, dtype=dtype or torch.bfloat16, enabled=dtype is not None):
             fake = G(z_g)
             scores = D(fake).view(-1).float()
             g_losses = -scores if hinge else F.softplus(-scores)
