@@ -241,3 +241,20 @@ def test_residual_remedy_names_half_precision_steps_first():
     assert text.startswith("2 step(s) were split from bfloat16 and float16 gradients")
     assert "worst step 0.2 of its change" in text and text.endswith(residual_remedy("midpoint").split("; so do")[-1])
     assert residual_remedy("midpoint", [{"gradient_precision": None}]) == residual_remedy("midpoint")
+
+
+def test_saved_state_summary_flags_the_half_precision_rounding():
+    """`genkernel summarize` of a GAN analyzer saved from a bfloat16 loop: both ledgers' "adds up" claims
+    carry the caveat that their residual holds the half-precision rounding (none for a float32 loop)."""
+    from genkernel.report import summarize
+
+    for dtype, caveat in ((torch.bfloat16, True), (None, False)):
+        _, _, analyzer = _train(dtype, analyze=True, steps=2)
+        (summary,) = summarize(analyzer.state_dict())["states"].values()
+        claims = {c["statement"].split(" adds up")[0]: c for c in summary["claims"] if " adds up" in c["statement"]}
+        assert set(claims) == {"The generator ledger", "The discriminator ledger"}
+        for claim in claims.values():
+            if caveat:
+                assert claim["caveat"].startswith("2 step(s) were split from bfloat16 gradients")
+            else:
+                assert "caveat" not in claim

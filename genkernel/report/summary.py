@@ -20,14 +20,14 @@ from __future__ import annotations
 import math
 import os
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Iterator, Mapping, Sequence
 
 import torch
 
 from ..core import grouping
 from ..core.tracking.io import jsonable, load_state
 from ..core.tracking.ledger import PathKernelLedger
-from ..core.tracking.quadrature import residual_remedy
+from ..core.tracking.quadrature import half_precision_note, residual_remedy
 from ..core.tracking.sketched import SKETCH_ERROR_LIMIT, SKETCHED_TRAFFIC_NOTE, sketch_error_note
 from ..stats import nan_median
 
@@ -163,11 +163,17 @@ def ledger_summary(ledger: PathKernelLedger, *, top: int = 3, group_names: list[
     })
 
 
-def _ledger_claims(summary: Mapping[str, Any], what: str = "ledger") -> list[dict[str, Any]]:
+def _ledger_claims(summary: Mapping[str, Any], what: str = "ledger",
+                   gradient_scales: Sequence[Mapping[str, Any]] = ()) -> list[dict[str, Any]]:
+    """The claims every ledger makes; ``gradient_scales``: its tracker's per-step entries, whose
+    half-precision steps put their rounding in the residual (a caveat on the first claim)."""
     residual = summary.get("relative_residual")
     claims = [_claim(
         f"The {what} adds up: Σ contributions + rest + residual equals the measured change, with a relative "
         f"residual below {RESIDUAL_LIMIT:g}", None if residual is None else residual <= RESIDUAL_LIMIT, residual)]
+    rounding = half_precision_note(gradient_scales)
+    if rounding:
+        claims[0]["caveat"] = rounding
     rest = summary.get("median_rest_share")
     if rest is not None:
         claims.append(_claim(
@@ -258,7 +264,7 @@ def _diffusion(state: Mapping[str, Any], top: int) -> dict[str, Any]:
                              "top_groups": [{"group": int(g), "name": bin_names[int(g)],
                                              "traffic_share": _num(row[g]), "net_share": _num(matrices["share"][i, g])}
                                             for g in order.tolist()]})
-    claims = _ledger_claims(ledger)
+    claims = _ledger_claims(ledger, gradient_scales=tracker.get("gradient_scales") or ())
     if controls and band is not None:
         for kind, what in (("traffic", "traffic"), ("share", "net share")):
             result = locality[kind]
@@ -461,7 +467,7 @@ def _gan(state: Mapping[str, Any], top: int) -> dict[str, Any]:
         out["settings"].update(quadrature=g_tracker.get("quadrature"), group_state=g_tracker.get("group_state"),
                                **_identity(g_tracker))
         out["generator"] = ledger_summary(ledgers["geometry"], top=top, group_names=names)
-        claims += _ledger_claims(out["generator"], "generator ledger")
+        claims += _ledger_claims(out["generator"], "generator ledger", g_tracker.get("gradient_scales") or ())
         run_groups = state.get("run_groups")
         if run_groups is not None:
             run_spatial, run_zero = state.get("run_spatial"), state.get("run_zero")
@@ -524,7 +530,7 @@ def _gan(state: Mapping[str, Any], top: int) -> dict[str, Any]:
             labels = [f"group {g}" for g in range(ledger.num_groups)]
             out["notes"].append("the state records no discriminator group labels: groups are numbered")
         out["discriminator"] = ledger_summary(ledger, top=top, group_names=labels)
-        claims += _ledger_claims(out["discriminator"], "discriminator ledger")
+        claims += _ledger_claims(out["discriminator"], "discriminator ledger", d_tracker.get("gradient_scales") or ())
     out["claims"] = claims
     return jsonable(out)
 
@@ -537,7 +543,7 @@ def _tracker(state: Mapping[str, Any], top: int) -> dict[str, Any]:
         "kind": "tracker", "format": state["format"],
         "settings": {"partitions": state.get("partitions"), "quadrature": state.get("quadrature"),
                      "group_state": state.get("group_state"), **_identity(state)},
-        "ledgers": ledgers, "claims": _ledger_claims(first), "ema": _ema_summary(state),
+        "ledgers": ledgers, "claims": _ledger_claims(first, gradient_scales=state.get("gradient_scales") or ()), "ema": _ema_summary(state),
         "notes": [SKETCHED_TRAFFIC_NOTE] if state.get("group_state") == "sketched" else [],
     })
 

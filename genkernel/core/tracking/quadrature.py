@@ -74,15 +74,22 @@ def residual_remedy(quadrature: str | None, gradient_scales: Sequence[Mapping[st
     UNet from random weights, which moves the probes' outputs by a norm of 42 against their 28,
     leaves 0.29 of the change under the midpoint rule, 0.23 Simpson, 0.093 gauss3, 0.046 gauss4,
     0.011 gauss6; the same UNet at lr 1e-5 and 1e-6 leaves 0.011 and 0.0002 with the midpoint rule)."""
+    rounding = half_precision_note(gradient_scales)
+    return (f"{rounding}; beyond it, " if rounding else "") + _quadrature_remedy(quadrature)
+
+
+def half_precision_note(gradient_scales: Sequence[Mapping[str, Any]]) -> str | None:
+    """What steps split from half-precision gradients (``mixed_precision="observe"``; a tracker's
+    ``gradient_scales`` entries with a ``gradient_precision``) leave in the residual, with the worst
+    step's share of its change; None when every step ran in the model's precision."""
     half = [entry for entry in gradient_scales if entry.get("gradient_precision")]
-    rounding = ""
-    if half:
-        names = " and ".join(sorted({str(entry["gradient_precision"]) for entry in half}))
-        worst = max((entry.get("relative_residual") or 0.0 for entry in half), default=0.0)
-        rounding = (f"{len(half)} step(s) were split from {names} gradients (mixed_precision='observe'): the residual "
-                    f"holds their rounding (worst step {worst:.2g} of its change, gradient_scales[*]['relative_residual']), "
-                    "which only a window trained in float32 removes; beyond it, ")
-    return rounding + _quadrature_remedy(quadrature)
+    if not half:
+        return None
+    names = " and ".join(sorted({str(entry["gradient_precision"]) for entry in half}))
+    worst = max((entry.get("relative_residual") or 0.0 for entry in half), default=0.0)
+    return (f"{len(half)} step(s) were split from {names} gradients (mixed_precision='observe'): the residual holds "
+            f"their rounding (worst step {worst:.2g} of its change, gradient_scales[*]['relative_residual']), which only "
+            "a window trained in float32 removes")
 
 
 def _quadrature_remedy(quadrature: str | None) -> str:
