@@ -439,6 +439,7 @@ class GANKernelAnalyzer(TrainerCallback):
         self._window_spatial: torch.Tensor | None = None  # the probes' spatial groups (comparison), likewise
         self._run_spatial: torch.Tensor | None = None
         self._probe_state: dict[str, torch.Tensor] | None = None
+        self._probe_d_clock: int | None = None  # D's booked steps when the probes' geometry was last read
         self._g_f_prev: torch.Tensor | None = None  # the generator ledger's f_end before the step
         self._g_drift_prev: torch.Tensor | None = None  # and its buffer drift
         self._g_pending: dict[str, Any] | None = None  # the generator step in progress (ids, loop step)
@@ -908,6 +909,12 @@ class GANKernelAnalyzer(TrainerCallback):
         # read at the step (step_observations), not guessed here.
         first = _opens_step(self.g_tracker)
         index = self.g_steps + 1
+        evaluate = (index - 1) % self.eval_every == 0
+        if not first and evaluate and not self._probes_read_at_this_discriminator():
+            # The micro-batch that read this step's probes was left without a step (a GradScaler that found inf, a
+            # loss guard) and D stepped since: it is dropped when the loop clears the gradients (after this
+            # observe), so this one opens the step, and the probes' geometry is read again at today's D.
+            first = True
         with torch.enable_grad():
             (w,) = torch.autograd.grad(losses.sum(), samples, retain_graph=True, allow_unused=True)
         if w is None:
@@ -940,7 +947,6 @@ class GANKernelAnalyzer(TrainerCallback):
             self._check_generator_fillable(batch)
         self._fit_grouping(geo, loss_fn, after_forward=True)
         tracked = self._partition_ids(geo)
-        evaluate = (index - 1) % self.eval_every == 0
         vector = self._pull(samples, geo["w"], _coefficients(weights, batch, geo["w"])) if evaluate else None
         if first:
             self._begin_generator_step(index, vector, loss_fn, after_forward=True)
@@ -1200,6 +1206,7 @@ class GANKernelAnalyzer(TrainerCallback):
                 probe["spatial_groups"] = self._assign(self.comparison, probe)
             probe["field"] = self._field(vector() if callable(vector) else vector)
             self._probe_state = probe
+            self._probe_d_clock = self._discriminator_clock()
         if (index - 1) % self.window == 0:
             self._window_start = {name: ledger.copy() for name, ledger in self.g_tracker.ledgers.items()}
             self._window_groups = self._probe_state["groups"].clone()
@@ -1211,6 +1218,17 @@ class GANKernelAnalyzer(TrainerCallback):
             self._run_zero = self._probe_zero()
             if self.comparison is not None:
                 self._run_spatial = self._probe_state["spatial_groups"].clone()
+
+    def _discriminator_clock(self) -> int | None:
+        """D's steps as far as the analyzer sees them (its tracker's booked steps), None where it cannot tell
+        (D untracked, or its tracker not built yet)."""
+        return None if self.d_tracker is None else self.d_tracker.ledger.steps
+
+    def _probes_read_at_this_discriminator(self) -> bool:
+        """Whether the probes' geometry was read at D as it is now (no D step booked since); False where
+        that cannot be told: the geometry is then read again (the same θ, so only D can differ)."""
+        clock = self._discriminator_clock()
+        return clock is not None and clock == self._probe_d_clock
 
     def _probe_zero(self) -> torch.Tensor:
         """``BoolTensor[M]`` the probes at the last evaluation whose geometry group is undefined (w = 0,

@@ -782,7 +782,7 @@ class PathKernelTracker:
                                           "tensor": weakref.ref(losses), "accumulations": self._accumulations,
                                           "precision": precision, "witness": witnesses})
         self._observing = True
-        self._mark_observed(losses, backward)
+        self._observed["entries"][-1]["backward_at"] = self._mark_observed(losses, backward)
         if precision is not None:
             self._follow_seed(losses, self._observed["entries"][-1], weights)
         return number
@@ -852,6 +852,28 @@ class PathKernelTracker:
             return
         self.skipped_steps.append({"after_step": self.ledger.steps, "micro_batches": len(skipped)})
         waiting = [e for e, r in zip(entries, ran) if not r]  # never folded (folding needs a backward)
+        self._observed = None
+        if waiting:
+            self._observed = self._new_observed()
+            self._observed["entries"] = waiting
+
+    def _drop_cleared(self) -> None:
+        """In the loop's backward through an observed micro-batch, with every gradient clear: the micro-batches
+        whose backward ran in an earlier pass were cleared without a step (a GradScaler that found inf skipped
+        optimizer.step(), and the loop cleared the gradients after observing the next micro-batch: observe(),
+        zero_grad(), backward()). They are no step's and go to ``skipped_steps``, as :meth:`_drop_skipped`
+        drops them where the clear came before observe()."""
+        if self._observed is None:
+            return
+        entries = self._observed["entries"]
+        # (folded: its backward ran before a later observe(); else its backward ran in a pass that accumulated
+        # into the parameters since, which the clear then undid; one joint backward's hooks are not)
+        stale = [e for e in entries if e["folded"] or (e["backward"][0] and e["backward_at"][0] is not None
+                                                        and e["backward_at"][0] < self._accumulations)]
+        if not stale or not self._gradients_cleared():  # (the scan over the gradients only where it can drop)
+            return
+        self.skipped_steps.append({"after_step": self.ledger.steps, "micro_batches": len(stale)})
+        waiting = [e for e in entries if not any(e is s for s in stale)]
         self._observed = None
         if waiting:
             self._observed = self._new_observed()
@@ -982,19 +1004,25 @@ class PathKernelTracker:
                 "times the ranks' mean over the coefficients observed); every rank's loss must weigh its examples as "
                 "observe() was told there")
 
-    def _mark_observed(self, losses: torch.Tensor, backward: list[bool]) -> None:
+    def _mark_observed(self, losses: torch.Tensor, backward: list[bool]) -> list[int | None]:
         """A hook on the observed losses that the loop's backward through them fires (``backward[0] = True``;
         observe()'s own passes do not count; the loop's gradient is unchanged, the tracker held weakly):
         which micro-batches form the step (:meth:`_begin_observed`) and which a cleared gradient drops as a
-        skipped step (:meth:`_drop_skipped`)."""
+        skipped step (:meth:`_drop_skipped`, :meth:`_drop_cleared`). Returns ``[n]``: the loop's backward
+        passes into the parameters counted when the hook fired (None before)."""
         this = weakref.ref(self)
+        at: list[int | None] = [None]
 
         def backward_seen(_grad: torch.Tensor) -> None:
             tracker = this()
             if tracker is not None and not tracker._own_pass:
+                if not backward[0]:
+                    tracker._drop_cleared()
                 backward[0] = True
+                at[0] = tracker._accumulations
 
         losses.register_hook(backward_seen)
+        return at
 
     def _observed_gradients(self, losses, groups, weights):
         """observe()'s checks, then the micro-batch's group ids, group gradients, the half-precision dtype
