@@ -241,6 +241,11 @@ def test_residual_remedy_names_half_precision_steps_first():
     assert text.startswith("2 step(s) were split from bfloat16 and float16 gradients")
     assert "worst step 0.2 of its change" in text and text.endswith(residual_remedy("midpoint").split("; so do")[-1])
     assert residual_remedy("midpoint", [{"gradient_precision": None}]) == residual_remedy("midpoint")
+    # a saved state's infinite share (None in JSON) is the worst, not 0; a state without shares names none
+    saved = [{"gradient_precision": "bfloat16", "relative_residual": 0.04},
+             {"gradient_precision": "bfloat16", "relative_residual": None}]
+    assert "worst step inf of its change" in residual_remedy("midpoint", saved)
+    assert "worst step" not in residual_remedy("midpoint", [{"gradient_precision": "bfloat16"}])
 
 
 def test_saved_state_summary_flags_the_half_precision_rounding():

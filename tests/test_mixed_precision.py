@@ -291,3 +291,37 @@ def test_full_precision_reaches_an_accelerate_prepared_model_inside_a_wrapper(fr
             inside = outer(probes)
         assert torch.equal(inside, inner._original_forward(probes))
     assert inner.__dict__["forward"] is wrapped
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_parameters_are_refused_at_construction(dtype):
+    """A model cast to bfloat16/float16 (no float32 master weights: Lightning's "bf16-true") rounds each update
+    into its weights, which no split can follow: refused when the tracker is built, with autocast and
+    mixed_precision='observe' named. Before, mixed_precision='observe' let it in and the first step failed on
+    something else: bfloat16's Adam state check ("was the optimizer's state loaded, reset or edited") and
+    float16's non-finite loss."""
+    model = _model().to(dtype)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    _, _, probes = _data()
+    with pytest.raises(RuntimeError, match=r"parameters are (bfloat16|float16).*torch.autocast.*mixed_precision='observe'"):
+        PathKernelTracker(model, optimizer, lambda out, t: ((out - t) ** 2).mean(dim=1), probes.to(dtype),
+                          num_groups=G, mixed_precision="observe")
+
+
+def test_a_float64_model_inside_an_autocast_block_is_checked_at_its_own_precision():
+    """Autocast leaves float64 operations alone: a float64 model's losses observed inside an autocast block have
+    no half precision in their graph, so the step is checked (and labelled) at float64. Before, the tracker took
+    autocast's dtype: the step was labelled bfloat16 and checked at bfloat16's eps."""
+    model = _model().double()
+    optimizer = torch.optim.SGD(model.parameters(), lr=LR)
+    x, y, probes = (t.double() for t in _data())
+    tracker = PathKernelTracker(model, optimizer, lambda out, t: ((out - t) ** 2).mean(dim=1), probes, num_groups=G,
+                                mixed_precision="observe")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        losses = ((model(x[:B]) - y[:B]) ** 2).mean(dim=1)
+        tracker.observe(losses, torch.arange(B) % G)
+    optimizer.zero_grad()
+    losses.mean().backward()
+    optimizer.step()
+    assert tracker.ledger.steps == 1
+    assert tracker.gradient_scales[0]["gradient_precision"] is None

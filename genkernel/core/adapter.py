@@ -728,9 +728,10 @@ def under_torch_func(t: torch.Tensor) -> bool:
 LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 
-def low_precision_in_graph(t: torch.Tensor) -> torch.dtype | None:
+def low_precision_in_graph(t: torch.Tensor, unrecorded: Any = None) -> torch.dtype | None | Any:
     """The first float16/bfloat16 dtype found among the gradients that flow through ``t``'s
-    autograd graph (``Tensor[...]`` with a ``grad_fn``), or None.
+    autograd graph (``Tensor[...]`` with a ``grad_fn``), or None (``unrecorded`` where the graph
+    keeps no record of its dtypes).
 
     A float32 loss can hide a mixed-precision forward: ``torch.autocast`` runs the matmuls and
     convolutions in bfloat16/float16 and the loss (cross-entropy, MSE) back in float32, so neither
@@ -746,7 +747,7 @@ def low_precision_in_graph(t: torch.Tensor) -> torch.dtype | None:
         try:
             metadata = node._input_metadata
         except (AttributeError, RuntimeError):
-            return None
+            return unrecorded
         for entry in metadata:
             if getattr(entry, "dtype", None) in LOW_PRECISION:
                 return entry.dtype

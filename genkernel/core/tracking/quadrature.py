@@ -86,10 +86,12 @@ def half_precision_note(gradient_scales: Sequence[Mapping[str, Any]]) -> str | N
     if not half:
         return None
     names = " and ".join(sorted({str(entry["gradient_precision"]) for entry in half}))
-    worst = max((entry.get("relative_residual") or 0.0 for entry in half), default=0.0)
+    # (a saved state writes an infinite share, a step that moved nothing, as None; older states have no share)
+    shares = [math.inf if entry["relative_residual"] is None else float(entry["relative_residual"])
+              for entry in half if "relative_residual" in entry]
+    worst = f" (worst step {max(shares):.2g} of its change, gradient_scales[*]['relative_residual'])" if shares else ""
     return (f"{len(half)} step(s) were split from {names} gradients (mixed_precision='observe'): the residual holds "
-            f"their rounding (worst step {worst:.2g} of its change, gradient_scales[*]['relative_residual']), which only "
-            "a window trained in float32 removes")
+            f"their rounding{worst}, which only a window trained in float32 removes")
 
 
 def _quadrature_remedy(quadrature: str | None) -> str:

@@ -49,6 +49,7 @@ import torch
 from torch import nn
 
 from ..adapter import (
+    LOW_PRECISION,
     Batch,
     analysis_mode,
     as_tuple,
@@ -372,9 +373,9 @@ class PathKernelTracker:
         self.snapshot_every = snapshot_every
         self.memory_budget = check_memory_budget(memory_budget)
 
+        self.params = trainable_parameters(self.module)
         self._check_precision()  # before anything runs the model: autocast may hide in a wrapped forward
         check_analysis_safe(self.module)
-        self.params = trainable_parameters(self.module)
         # The tracker's own copy: probes that are views of a buffer the loop refills (a batch sliced
         # from a loader's reused tensor) would otherwise change under the ledger between steps.
         self.probes = tuple(t.detach().clone() for t in as_tuple(probes, name="probes"))
@@ -1483,6 +1484,15 @@ class PathKernelTracker:
         """Refuse half precision in the training pass; under ``mixed_precision="observe"`` an observed
         micro-batch's ``losses`` may come from one: returns the half-precision dtype its gradients
         passed through (None: the model's own precision, or nothing to tell yet)."""
+        half = sorted({str(p.dtype).replace("torch.", "") for p in self.params.values() if p.dtype in LOW_PRECISION})
+        if half:
+            raise RuntimeError(
+                f"mixed precision is not supported here (the model's trainable parameters are {' and '.join(half)}): each "
+                "update is rounded into a half-precision weight (an update below half an ulp of its weight vanishes), "
+                "which no split of the update into groups can follow. Keep float32 parameters and run the forward under "
+                "torch.autocast (a loop you observe: mixed_precision='observe'; Lightning: precision='bf16-mixed', not "
+                "'bf16-true'), or track in float32 / float64"
+            )
         wrapped = hasattr(self.module, "_original_forward") or hasattr(self.model, "_original_forward")
         autocast = [device for device in ("cpu", "cuda") if torch.is_autocast_enabled(device)]
         low = losses is not None and losses.dtype in (torch.float16, torch.bfloat16)
@@ -1508,11 +1518,13 @@ class PathKernelTracker:
                     f"float32 training is followed); {fix}"
                 )
             if losses is not None:
-                # The dtype the gradients were rounded to: the losses', else the lowest the graph records,
-                # else autocast's. None where nothing shows it: the step is then checked at the model's
-                # precision (a half-precision gradient fails that check: refused, never booked loosely).
-                precision = losses.dtype if low else (
-                    hidden or low_precision_in_graph(losses) or (torch.get_autocast_dtype(autocast[0]) if autocast else None))
+                # The dtype the gradients were rounded to: the losses', else the half precision the graph records
+                # (none: the model's own precision, a float64 model's inside an autocast block that changed
+                # nothing), else, where the graph keeps no record of dtypes, autocast's. None where nothing shows
+                # it: the step is then checked at the model's precision (a half-precision gradient fails that
+                # check: refused, never booked loosely).
+                unrecorded = torch.get_autocast_dtype(autocast[0]) if autocast else None
+                precision = losses.dtype if low else (hidden or low_precision_in_graph(losses, unrecorded))
         tf32 = tf32_hazard(self.module)
         if tf32 is not None:
             raise RuntimeError(
