@@ -47,42 +47,54 @@ def _analyzer(G, D, **options):
                              **options)
 
 
-def _train(dtype, *, analyze, observe_inside=False, steps=STEPS, hinge=False, device="cpu"):
+def _train(dtype, *, analyze, observe_inside=False, steps=STEPS, hinge=False, device="cpu", clear_first=False,
+           init_scale=2.0 ** 16, taken=None):
     """The loop: a D step on real and generated rows, then a non-saturating G step (hinge: −D(G(z))), forwards
-    under autocast(dtype) on ``device`` (float16: through a GradScaler; None: no autocast), Adam on both.
-    Returns G, D, the analyzer."""
+    under autocast(dtype) on ``device`` (float16: through a GradScaler starting at ``init_scale``; None: no
+    autocast), Adam on both. Each player observes (inside the autocast block with ``observe_inside``), clears
+    its gradients, backpropagates and steps; ``clear_first``: it clears them before its forward instead.
+    Returns G, D, the analyzer; ``taken`` (a list) receives the optimizers' step counts (G's, D's)."""
     G, D = (net.to(device) for net in _nets())
     g_opt = torch.optim.Adam(G.parameters(), lr=2e-3, betas=(0.5, 0.999))
     d_opt = torch.optim.Adam(D.parameters(), lr=2e-3, betas=(0.5, 0.999))
-    scaler = torch.amp.GradScaler(device, enabled=dtype == torch.float16)
+    scaler = torch.amp.GradScaler(device, init_scale=init_scale, enabled=dtype == torch.float16)
     analyzer = None
     if analyze:
         analyzer = _analyzer(G, D, mixed_precision="observe")
         analyzer.bind(g_opt, d_opt)
-    for real, z_d, z_g in ([t.to(device) for t in batch] for batch in _batches(steps)):
+
+    def player_step(optimizer, forward, observe):
+        """One player's step: ``forward() -> (losses, observe's arguments)`` under autocast, observe (inside the
+        block or after it), zero_grad (before the forward with ``clear_first``), the scaled backward, the step."""
+        if clear_first:
+            optimizer.zero_grad()
+        with torch.autocast(device, dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+            losses, arguments = forward()
+            if analyzer is not None and observe_inside:
+                observe(losses, *arguments)
+        if analyzer is not None and not observe_inside:
+            observe(losses, *arguments)
+        if not clear_first:
+            optimizer.zero_grad()
+        scaler.scale(losses.mean()).backward()
+        scaler.step(optimizer)
+
+    def discriminator_forward(real, z):
+        x = torch.cat([real, G(z).detach()])
         roles = torch.cat([torch.ones(B), torch.zeros(B)]).long().to(device)
-        with torch.autocast(device, dtype=dtype or torch.bfloat16, enabled=dtype is not None):
-            x = torch.cat([real, G(z_d).detach()])
-            d_losses = F.binary_cross_entropy_with_logits(D(x).view(-1).float(), roles.float(), reduction="none")
-            if analyzer is not None and observe_inside:
-                analyzer.observe_discriminator(d_losses, roles, x)
-        if analyzer is not None and not observe_inside:
-            analyzer.observe_discriminator(d_losses, roles, x)
-        d_opt.zero_grad()
-        scaler.scale(d_losses.mean()).backward()
-        scaler.step(d_opt)
-        with torch.autocast(device, dtype=dtype or torch.bfloat16, enabled=dtype is not None):
-            fake = G(z_g)
-            scores = D(fake).view(-1).float()
-            g_losses = -scores if hinge else F.softplus(-scores)
-            if analyzer is not None and observe_inside:
-                analyzer.observe_generator(g_losses, z_g, fake)
-        if analyzer is not None and not observe_inside:
-            analyzer.observe_generator(g_losses, z_g, fake)
-        g_opt.zero_grad()
-        scaler.scale(g_losses.mean()).backward()
-        scaler.step(g_opt)
+        return F.binary_cross_entropy_with_logits(D(x).view(-1).float(), roles.float(), reduction="none"), (roles, x)
+
+    def generator_forward(z):
+        fake = G(z)
+        scores = D(fake).view(-1).float()
+        return (-scores if hinge else F.softplus(-scores)), (z, fake)
+
+    for real, z_d, z_g in ([t.to(device) for t in batch] for batch in _batches(steps)):
+        player_step(d_opt, lambda: discriminator_forward(real, z_d), analyzer and analyzer.observe_discriminator)
+        player_step(g_opt, lambda: generator_forward(z_g), analyzer and analyzer.observe_generator)
         scaler.update()
+    if taken is not None:
+        taken.extend(int(next(iter(opt.state.values()))["step"]) if opt.state else 0 for opt in (g_opt, d_opt))
     return G, D, analyzer
 
 

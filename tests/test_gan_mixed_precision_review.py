@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from test_gan_mixed_precision import B, _analyzer, _batches, _equal, _nets, _state
+from test_gan_mixed_precision import _train as _train_loop
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -23,42 +24,11 @@ OVERFLOWING_SCALE = 2.0 ** 17
 
 def _train(*, analyze, observe_first):
     """The float16 loop of tests/test_gan_mixed_precision.py (D on real and generated rows, then a
-    non-saturating G step, Adam, one GradScaler), observed before zero_grad (``observe_first``) or
-    after it. Returns G, D, the analyzer and the optimizers' step counts."""
-    G, D = _nets()
-    g_opt = torch.optim.Adam(G.parameters(), lr=2e-3, betas=(0.5, 0.999))
-    d_opt = torch.optim.Adam(D.parameters(), lr=2e-3, betas=(0.5, 0.999))
-    scaler = torch.amp.GradScaler("cpu", init_scale=OVERFLOWING_SCALE)
-    analyzer = None
-    if analyze:
-        analyzer = _analyzer(G, D, mixed_precision="observe")
-        analyzer.bind(g_opt, d_opt)
-    for real, z_d, z_g in _batches(STEPS):
-        roles = torch.cat([torch.ones(B), torch.zeros(B)]).long()
-        if not observe_first:
-            d_opt.zero_grad()
-        with torch.autocast("cpu", dtype=torch.float16):
-            x = torch.cat([real, G(z_d).detach()])
-            d_losses = F.binary_cross_entropy_with_logits(D(x).view(-1).float(), roles.float(), reduction="none")
-        if analyzer is not None:
-            analyzer.observe_discriminator(d_losses, roles, x)
-        if observe_first:
-            d_opt.zero_grad()
-        scaler.scale(d_losses.mean()).backward()
-        scaler.step(d_opt)
-        if not observe_first:
-            g_opt.zero_grad()
-        with torch.autocast("cpu", dtype=torch.float16):
-            fake = G(z_g)
-            g_losses = F.softplus(-D(fake).view(-1).float())
-        if analyzer is not None:
-            analyzer.observe_generator(g_losses, z_g, fake)
-        if observe_first:
-            g_opt.zero_grad()
-        scaler.scale(g_losses.mean()).backward()
-        scaler.step(g_opt)
-        scaler.update()
-    taken = [int(next(iter(opt.state.values()))["step"]) if opt.state else 0 for opt in (g_opt, d_opt)]
+    non-saturating G step, Adam, one GradScaler starting at OVERFLOWING_SCALE), observed before zero_grad
+    (``observe_first``) or after it. Returns G, D, the analyzer and the optimizers' step counts."""
+    taken = []
+    G, D, analyzer = _train_loop(torch.float16, analyze=analyze, clear_first=not observe_first,
+                                 init_scale=OVERFLOWING_SCALE, taken=taken)
     return G, D, analyzer, taken
 
 
