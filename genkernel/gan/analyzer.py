@@ -2191,7 +2191,9 @@ def _flat_latents(z: torch.Tensor) -> torch.Tensor:
 def _opens_step(tracker: PathKernelTracker) -> bool:
     """Whether a micro-batch observed now may be its step's first: nothing is observed since the last step
     (or the step failed and was rolled back), or the gradients are clear (a skipped step's micro-batches
-    are dropped at this observe(), or this is a second micro-batch before one joint backward). Only where
+    are dropped at this observe(), or this is a second micro-batch before one joint backward). A skipped
+    step cleared only after this observe() cannot be told from accumulation here (the tracker drops it at
+    the backward): :meth:`GANKernelAnalyzer._probes_read_at_this_discriminator` then decides. Only where
     the probes' geometry is taken depends on it; the step's micro-batches are the tracker's
     ``step_observations``."""
     return tracker.observed_micro_batches == 0 or tracker._gradients_cleared()
