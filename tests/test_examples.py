@@ -133,3 +133,64 @@ def test_a_prediction_type_the_objective_does_not_take_is_refused(image_folder, 
         run(image_folder, tmp_path / "out", "--objective", "edm", "--prediction_type", "sample")
     with pytest.raises(ValueError, match="--prediction_type v_prediction does not go with --objective ddpm"):
         run(image_folder, tmp_path / "out", "--prediction_type", "v_prediction")
+
+
+def same(first, second):
+    """The two runs' UNet weights and EMA weights (and EMA step counts) equal bit for bit."""
+    assert all(torch.equal(p, q) for p, q in zip(first["model"].parameters(), second["model"].parameters()))
+    assert all(torch.equal(p, q) for p, q in zip(first["ema_model"].shadow_params, second["ema_model"].shadow_params))
+    assert first["ema_model"].optimization_step == second["ema_model"].optimization_step
+
+
+def test_a_run_resumed_mid_epoch_from_a_checkpoint_is_bit_for_bit_the_uninterrupted_run(image_folder, tmp_path):
+    """Four optimizer steps (accumulation over 2, EMA, random flips) saved at step 2, and a fresh run resumed
+    from a folder holding only that checkpoint (``--resume_from_checkpoint latest``): the UNet, the EMA, and
+    the analyzer's ledgers (level, control, EMA; the report, but for the cost estimate at binding) equal the
+    uninterrupted run's bit for bit. Upstream's resume (the random states as of the checkpoint, the
+    skipped batches loaded again, a new shuffle at ``iter()``) drew other noise after step 2."""
+    import shutil
+
+    straight = run(image_folder, tmp_path / "straight", "--checkpointing_steps", "2", "--random_flip")
+    assert sorted(p.name for p in (tmp_path / "straight").glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
+    shutil.copytree(tmp_path / "straight" / "checkpoint-2", tmp_path / "resumed" / "checkpoint-2")
+    resumed = run(image_folder, tmp_path / "resumed", "--checkpointing_steps", "2", "--random_flip",
+                  "--resume_from_checkpoint", "latest")
+    assert resumed["global_step"] == 4
+    same(straight, resumed)
+    first, second = straight["analyzer"], resumed["analyzer"]
+    assert second.ledger.steps == 4 and second.ema_ledgers["level"].steps == 3
+    for ledgers, again in ((first.ledgers, second.ledgers), (first.ema_ledgers, second.ema_ledgers)):
+        assert ledgers.keys() == again.keys()
+        for name, ledger in ledgers.items():
+            for field in ("contributions", "rest", "residual", "traffic", "f_end", "delta"):
+                assert torch.equal(getattr(ledger, field), getattr(again[name], field)), (name, field)
+    reports = [json.loads((tmp_path / out / "genkernel_report.json").read_text()) for out in ("straight", "resumed")]
+    for report in reports:  # (the memory free and held at binding: the resumed run holds Adam's state already)
+        report["config"].pop("cost")
+    assert reports[0] == reports[1] and reports[1]["global_steps"] == [1, 4]
+
+
+def test_checkpoints_beyond_the_total_limit_are_removed_and_saving_them_leaves_training_alone(image_folder, tmp_path):
+    """--checkpointing_steps 1 --checkpoints_total_limit 2: the two newest are kept, the last holds the
+    final UNet and EMA weights, and the run is bit for bit one that saved none (saving the EMA builds a
+    UNet, whose initialisation drew from torch's random state). ``--resume_from_checkpoint latest`` with
+    no checkpoint starts afresh, as upstream's."""
+    from diffusers import UNet2DModel
+
+    saved = run(image_folder, tmp_path / "saved", "--no-analyze", "--checkpointing_steps", "1",
+                "--checkpoints_total_limit", "2")
+    assert sorted(p.name for p in (tmp_path / "saved").glob("checkpoint-*")) == ["checkpoint-3", "checkpoint-4"]
+    last = tmp_path / "saved" / "checkpoint-4"
+    for folder, weights in (("unet", list(saved["model"].parameters())),
+                            ("unet_ema", saved["ema_model"].shadow_params)):
+        loaded = UNet2DModel.from_pretrained(last / folder, local_files_only=True)
+        assert all(torch.equal(p, q) for p, q in zip(loaded.parameters(), weights)), folder
+    fresh = run(image_folder, tmp_path / "fresh", "--no-analyze", "--resume_from_checkpoint", "latest")
+    assert fresh["global_step"] == 4 and not list((tmp_path / "fresh").glob("checkpoint-*"))
+    same(saved, fresh)
+
+
+def test_resuming_from_a_checkpoint_that_is_not_there_is_refused(image_folder, tmp_path):
+    missing = tmp_path / "out" / "checkpoint-7"
+    with pytest.raises(ValueError, match=f"--resume_from_checkpoint {missing}: no such checkpoint folder"):
+        run(image_folder, tmp_path / "out", "--no-analyze", "--resume_from_checkpoint", str(missing))

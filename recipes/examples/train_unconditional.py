@@ -4,11 +4,31 @@ The flow is that of diffusers' ``examples/unconditional_image_generation/train_u
 an ``Accelerator`` with gradient accumulation, a ``UNet2DModel`` trained as a DDPM denoiser
 (``DDPMScheduler``), AdamW with a warm-up learning-rate schedule (``get_scheduler``), an
 ``EMAModel`` of the weights stepped after each optimizer step, ``accelerator.accumulate``,
-``accelerator.backward``, global-norm clipping at 1.0, and the pipeline saved at the end.
-What differs from upstream, so that it runs offline and small:
+``accelerator.backward``, global-norm clipping at 1.0, checkpoints every ``--checkpointing_steps``
+optimizer steps (``accelerator.save_state`` into ``OUT/checkpoint-STEP``, the UNet and the EMA saved by
+upstream's save/load hooks, the oldest removed beyond ``--checkpoints_total_limit``), resumed with
+``--resume_from_checkpoint`` (a checkpoint folder, or ``latest``), and the pipeline saved at the end.
+What differs from upstream, so that it runs offline and small, and resumes exactly:
 
 - the images come from a torchvision ``ImageFolder`` (upstream: ``datasets.load_dataset("imagefolder")``);
-- no hub, trackers, checkpoints or sample images;
+- no hub, trackers or sample images; the checkpoints' UNets are read with ``local_files_only=True`` (the
+  EMA's as ``EMAModel.from_pretrained`` reads it, which takes no such argument);
+- a resumed run is bit for bit the uninterrupted one (UNet, EMA, optimizer, lr schedule, the analyzer's
+  ledgers). Upstream's resume is not: ``load_state`` puts back the random states as of the checkpoint,
+  mid-epoch, and the loop then draws a new shuffle at ``iter()`` and loads and augments the skipped
+  batches (and the DataLoader's look-ahead batch a second time) from those states, so that the data and
+  noise after the checkpoint are not the uninterrupted run's. Here the random states as each epoch
+  begins are saved in the checkpoint too (``EpochRNG``, ``register_for_checkpointing``); a run resumed
+  mid-epoch puts them back before ``iter()`` and skips the epoch's first steps as upstream does (loading
+  and augmenting their batches) while also drawing their noise and timesteps, unused: the shuffle, the
+  augmentations and the draws after the checkpoint are then the uninterrupted run's. (This holds while the
+  training step draws nothing else: a UNet with ``dropout`` > 0 draws in its forward, which the skipped steps
+  do not run, and resumes as inexactly as upstream's.) The EMA is saved
+  (``EMAModel.save_pretrained``, which builds a ``UNet2DModel`` and so draws from torch's random state) under
+  ``torch.random.fork_rng``: a run that saves checkpoints trains bit for bit as one that saves none;
+- an explicit ``--resume_from_checkpoint`` is read as given when it is a folder (upstream: its base name
+  in ``--output_dir``, also tried here), and one that is not there is a ValueError naming it (upstream:
+  ``load_state``'s error on the missing folder); ``latest`` with no checkpoint starts afresh, as upstream;
 - ``--unet tiny`` (the default) builds a small UNet for tests and CPUs, ``--unet upstream`` upstream's
   (for ``--resolution`` 64), and ``--max_train_steps`` stops early;
 - the loss is computed per example (``reduction="none"``, averaged over the pixels only); the loss
@@ -43,7 +63,10 @@ Run from the repository root::
 
 ``DIR`` is an ``ImageFolder`` (one sub-folder of images per class). Writes
 ``OUT/genkernel_report.json`` (``analyzer.report()`` as strict JSON; with ``--use_ema`` its
-``"ema"`` section is the ledger of the EMA weights) and the pipeline (``save_pretrained``).
+``"ema"`` section is the ledger of the EMA weights) and the pipeline (``save_pretrained``). The analyzer
+is registered for checkpointing (``accelerator.register_for_checkpointing``): the checkpoints carry its
+ledgers, and a resumed run binds it after ``load_state`` with ``start_step`` = the checkpoint's step
+(README, "With accelerate ... resume"), so that its report is the uninterrupted run's.
 With ``--mixed_precision fp16`` or ``bf16`` (accelerate's autocast) the analyzer is built with
 ``mixed_precision="observe"`` (docs/observing.md, "Mixed precision"): it splits the half-precision
 gradients of the loop's own backward, checks the loop's weighting at float32's tolerance, and leaves
@@ -58,8 +81,11 @@ import argparse
 import json  # genkernel
 import math
 import os
+import random
+import shutil
 from typing import Any, Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
@@ -101,6 +127,43 @@ def _extract_into_tensor(arr, timesteps, broadcast_shape):
     while len(res.shape) < len(broadcast_shape):
         res = res[..., None]
     return res.expand(broadcast_shape)
+
+
+class EpochRNG:
+    """The random states (torch's, CUDA's, numpy's, Python's, and ``generator``'s: the shuffle's
+    generator that accelerate shares between processes, when it keeps one) as the current epoch began, for
+    the checkpoints (``accelerator.register_for_checkpointing``): a run resumed mid-epoch puts them back
+    before ``iter()`` and replays the epoch's first steps' draws, so that it goes on as the uninterrupted
+    run did (``load_state``'s own random states, as of the checkpoint, would draw another shuffle and
+    augment the skipped batches again)."""
+
+    def __init__(self, generator: torch.Generator | None = None) -> None:
+        self.generator = generator
+        self.state: dict[str, Any] = {}
+
+    def record(self, epoch: int) -> None:
+        self.state = {"epoch": epoch, "torch": torch.get_rng_state(),
+                      "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+                      "numpy": np.random.get_state(), "python": random.getstate(),
+                      "generator": None if self.generator is None else self.generator.get_state()}
+
+    def restore(self, epoch: int) -> None:
+        if self.state.get("epoch") != epoch:
+            raise ValueError(f"the checkpoint's random states are those of epoch {self.state.get('epoch')}, not of "
+                             f"epoch {epoch} that it resumes: resume from a checkpoint that this script wrote")
+        torch.set_rng_state(self.state["torch"])
+        if self.state["cuda"]:
+            torch.cuda.set_rng_state_all(self.state["cuda"])
+        np.random.set_state(self.state["numpy"])
+        random.setstate(self.state["python"])
+        if self.generator is not None and self.state["generator"] is not None:
+            self.generator.set_state(self.state["generator"])
+
+    def state_dict(self) -> dict[str, Any]:
+        return dict(self.state)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.state = dict(state)
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -149,6 +212,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--logit_std", type=float, default=1.0)
     parser.add_argument("--mode_scale", type=float, default=1.29)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--checkpointing_steps", type=int, default=500,
+                        help="save the training state (accelerator.save_state) every this many optimizer steps")
+    parser.add_argument("--checkpoints_total_limit", type=int, default=None,
+                        help="keep at most this many checkpoints (the oldest are removed)")
+    parser.add_argument("--resume_from_checkpoint", type=str, default=None,
+                        help='a checkpoint folder to resume from (OUT/checkpoint-STEP), or "latest" in --output_dir')
     parser.add_argument("--analyze", action=argparse.BooleanOptionalAction, default=True,
                         help="keep genkernel's noise-level ledger (default on)")  # genkernel
     parser.add_argument("--num_bins", type=int, default=10, help="training-timestep bins (groups)")  # genkernel
@@ -161,6 +230,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                          f"choose one of {allowed}")
     if args.max_train_steps is not None and args.max_train_steps < 1:
         raise ValueError(f"--max_train_steps must be at least 1, got {args.max_train_steps}")
+    if args.checkpointing_steps < 1:
+        raise ValueError(f"--checkpointing_steps must be at least 1, got {args.checkpointing_steps}")
+    if args.checkpoints_total_limit is not None and args.checkpoints_total_limit < 1:
+        raise ValueError(f"--checkpoints_total_limit must be at least 1, got {args.checkpoints_total_limit}")
     return args
 
 
@@ -256,6 +329,51 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if args.use_ema:
         ema_model.to(accelerator.device)
 
+    # create custom saving & loading hooks so that `accelerator.save_state(...)` serializes in a nice format
+    def save_model_hook(models, weights, output_dir):
+        if accelerator.is_main_process:
+            if args.use_ema:
+                # (it builds a UNet2DModel to save, whose initialisation draws from torch's random state: forked,
+                # so that a checkpoint leaves the training's random draws as they are)
+                with torch.random.fork_rng(devices=[]):
+                    ema_model.save_pretrained(os.path.join(output_dir, "unet_ema"))
+
+            for i, model in enumerate(models):
+                model.save_pretrained(os.path.join(output_dir, "unet"))
+
+                # make sure to pop weight so that corresponding model is not saved again
+                weights.pop()
+
+    def load_model_hook(models, input_dir):
+        if args.use_ema:
+            # EMAModel.from_pretrained(os.path.join(input_dir, "unet_ema"), UNet2DModel), read offline
+            ema_dir = os.path.join(input_dir, "unet_ema")
+            _, ema_kwargs = UNet2DModel.from_config(UNet2DModel.load_config(ema_dir, local_files_only=True),
+                                                    return_unused_kwargs=True)
+            ema_unet = UNet2DModel.from_pretrained(ema_dir, local_files_only=True)
+            load_model = EMAModel(ema_unet.parameters(), model_cls=UNet2DModel, model_config=ema_unet.config)
+            load_model.load_state_dict(ema_kwargs)
+            ema_model.load_state_dict(load_model.state_dict())
+            ema_model.to(accelerator.device)
+            del load_model, ema_unet
+
+        for i in range(len(models)):
+            # pop models so that they are not loaded again
+            model = models.pop()
+
+            # load diffusers style into model
+            load_model = UNet2DModel.from_pretrained(input_dir, subfolder="unet", local_files_only=True)
+            model.register_to_config(**load_model.config)
+
+            model.load_state_dict(load_model.state_dict())
+            del load_model
+
+    accelerator.register_save_state_pre_hook(save_model_hook)
+    accelerator.register_load_state_pre_hook(load_model_hook)
+    # the random states as each epoch began, in the checkpoints: a resume mid-epoch replays the epoch's draws
+    epoch_rng = EpochRNG(getattr(train_dataloader, "synchronized_generator", None))
+    accelerator.register_for_checkpointing(epoch_rng)
+
     analyzer = None  # genkernel: the noise-level ledger; probes are dataset images without random augmentations
     if args.analyze:  # genkernel
         probe_set = ImageFolder(args.train_data_dir, transform=transforms.Compose([transforms.Resize(args.resolution),
@@ -265,20 +383,64 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                                       num_probes=args.num_probes, controls=args.controls, kernel_sketch=8, seed=args.seed,
                                       # genkernel: accelerate's fp16/bf16 autocast: split the half-precision gradients
                                       mixed_precision="refuse" if args.mixed_precision == "no" else "observe")
-        analyzer.bind(model, optimizer, ema=ema_model if args.use_ema else None,  # genkernel: for its cost, the step's
-                      batch_size=args.train_batch_size * args.gradient_accumulation_steps,  # batch in K micro-batches,
-                      micro_batches=args.gradient_accumulation_steps)  # genkernel: DDPMTrainer(batch_size=B·K, micro_batches=K)
+        accelerator.register_for_checkpointing(analyzer)  # genkernel: its ledgers go into the checkpoints
 
     num_update_steps_per_epoch = math.ceil(len(train_dataloader) / args.gradient_accumulation_steps)
     max_train_steps = args.max_train_steps or args.num_epochs * num_update_steps_per_epoch
     global_step = 0
+    first_epoch = 0
+    resume_step = 0
+
+    # Potentially load in the weights and states from a previous save
+    if args.resume_from_checkpoint:
+        if args.resume_from_checkpoint != "latest":
+            path = args.resume_from_checkpoint  # a folder as given, or (upstream) its base name in --output_dir
+            if not os.path.isdir(path):
+                path = os.path.join(args.output_dir, os.path.basename(os.path.normpath(path)))
+            if not os.path.isdir(path):
+                raise ValueError(f"--resume_from_checkpoint {args.resume_from_checkpoint}: no such checkpoint folder "
+                                 f"(nor {path}): give a checkpoint-STEP folder that a run saved, or 'latest'")
+        else:
+            # Get the most recent checkpoint
+            dirs = os.listdir(args.output_dir) if os.path.isdir(args.output_dir) else []
+            dirs = [d for d in dirs if d.startswith("checkpoint")]
+            dirs = sorted(dirs, key=lambda x: int(x.split("-")[1]))
+            path = os.path.join(args.output_dir, dirs[-1]) if len(dirs) > 0 else None
+
+        if path is None:
+            accelerator.print(
+                f"Checkpoint '{args.resume_from_checkpoint}' does not exist. Starting a new training run."
+            )
+            args.resume_from_checkpoint = None
+        else:
+            name = os.path.basename(os.path.normpath(path))
+            if not (name.startswith("checkpoint-") and name.split("-")[1].isdigit()):
+                raise ValueError(f"--resume_from_checkpoint {args.resume_from_checkpoint}: {name!r} is not named "
+                                 "checkpoint-STEP (the optimizer steps at its save): give a folder this script saved")
+            accelerator.print(f"Resuming from checkpoint {path}")
+            accelerator.load_state(path)
+            global_step = int(name.split("-")[1])
+
+            resume_global_step = global_step * args.gradient_accumulation_steps
+            first_epoch = global_step // num_update_steps_per_epoch
+            resume_step = resume_global_step % (num_update_steps_per_epoch * args.gradient_accumulation_steps)
+
+    if analyzer is not None:  # genkernel: bound after load_state, its steps numbered on from the checkpoint's
+        analyzer.bind(model, optimizer, ema=ema_model if args.use_ema else None,  # genkernel: for its cost, the step's
+                      batch_size=args.train_batch_size * args.gradient_accumulation_steps,  # batch in K micro-batches,
+                      micro_batches=args.gradient_accumulation_steps,  # genkernel: DDPMTrainer(batch_size=B·K, micro_batches=K)
+                      start_step=global_step)  # genkernel: README, "With accelerate ... resume"
 
     # Train!
-    for epoch in range(args.num_epochs):
+    for epoch in range(first_epoch, args.num_epochs):
         model.train()
         progress_bar = tqdm(total=num_update_steps_per_epoch, disable=not accelerator.is_local_main_process)
         progress_bar.set_description(f"Epoch {epoch}")
-        for batch in train_dataloader:
+        if resume_step and epoch == first_epoch:
+            epoch_rng.restore(epoch)  # the random states as this epoch began: its shuffle, augmentations, draws again
+        else:
+            epoch_rng.record(epoch)
+        for step, batch in enumerate(train_dataloader):
             clean_images = batch[0].to(weight_dtype)
             # Sample noise that we'll add to the images
             noise = torch.randn(clean_images.shape, dtype=weight_dtype, device=clean_images.device)
@@ -311,6 +473,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                 # Add noise to the clean images according to the noise magnitude at each timestep
                 # (this is the forward diffusion process)
                 noisy_images = noise_scheduler.add_noise(clean_images, noise, timesteps)
+
+            # Skip steps until we reach the resumed step (as upstream, once their batch is loaded and augmented,
+            # and here once their noise and timesteps are drawn: the random states go on as the uninterrupted run's)
+            if resume_step and epoch == first_epoch and step < resume_step:
+                if step % args.gradient_accumulation_steps == 0:
+                    progress_bar.update(1)
+                continue
 
             with accelerator.accumulate(model):
                 # Predict the noise residual
@@ -354,6 +523,25 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                     ema_model.step(model.parameters())
                 progress_bar.update(1)
                 global_step += 1
+
+                if accelerator.is_main_process:
+                    if global_step % args.checkpointing_steps == 0:
+                        # _before_ saving state, check if this save would set us over the `checkpoints_total_limit`
+                        if args.checkpoints_total_limit is not None:
+                            checkpoints = os.listdir(args.output_dir)
+                            checkpoints = [d for d in checkpoints if d.startswith("checkpoint")]
+                            checkpoints = sorted(checkpoints, key=lambda x: int(x.split("-")[1]))
+
+                            # before we save the new checkpoint, we need to have at _most_
+                            # `checkpoints_total_limit - 1` checkpoints
+                            if len(checkpoints) >= args.checkpoints_total_limit:
+                                num_to_remove = len(checkpoints) - args.checkpoints_total_limit + 1
+                                removing_checkpoints = checkpoints[0:num_to_remove]
+                                for removing_checkpoint in removing_checkpoints:
+                                    shutil.rmtree(os.path.join(args.output_dir, removing_checkpoint))
+
+                        save_path = os.path.join(args.output_dir, f"checkpoint-{global_step}")
+                        accelerator.save_state(save_path)
 
             logs = {"loss": loss.detach().item(), "lr": lr_scheduler.get_last_lr()[0], "step": global_step}
             if args.use_ema:
