@@ -913,7 +913,7 @@ class GANKernelAnalyzer(TrainerCallback):
         if not first and evaluate and not self._probes_read_at_this_discriminator():
             # The micro-batch that read this step's probes was left without a step (a GradScaler that found inf, a
             # loss guard) and D stepped since: it is dropped when the loop clears the gradients (after this
-            # observe), so this one opens the step, and the probes' geometry is read again at today's D.
+            # observe), so this one opens the step, and the probes' geometry is read again at D as it is now.
             first = True
         with torch.enable_grad():
             (w,) = torch.autograd.grad(losses.sum(), samples, retain_graph=True, allow_unused=True)
