@@ -51,6 +51,8 @@ def test_a_step_the_gradscaler_skipped_before_a_zero_grad_after_observe_is_dropp
         assert tracker.skipped_steps == other.skipped_steps == skipped
         assert torch.equal(tracker.ledger.contributions, other.ledger.contributions)
         assert torch.equal(tracker.ledger.residual, other.ledger.residual)
+    # The loop's step numbers count the skipped D step, as the loop's own count does (it was numbered 1, 2).
+    assert analyzer.d_loop_steps == reference.d_loop_steps == [2, 3] and analyzer.g_loop_steps == [1, 2, 3]
 
 
 def _guarded_loop(*, analyze, skip_iteration=0, steps=STEPS, probe_check=None):
@@ -108,4 +110,5 @@ def test_probes_are_read_again_when_the_step_that_read_them_was_skipped_and_d_mo
     assert _equal(_state(G0), _state(G1)) and _equal(_state(D0), _state(D1))
     assert analyzer.g_tracker.ledger.steps == STEPS - 1
     assert analyzer.g_tracker.skipped_steps == [{"after_step": 0, "micro_batches": 1}]
+    assert analyzer.g_loop_steps == [2, 3] and analyzer.d_loop_steps == [1, 2, 3]
     assert len(checked) == STEPS and max(checked) < 1e-6, checked

@@ -423,3 +423,30 @@ def test_the_sigma_count_is_saved_with_the_analyzer():
     losses = (model(ring(1), sigmas[3:]) ** 2).mean(dim=1)
     with pytest.raises(ValueError, match="look like sigmas"):
         resumed.observe(losses, sigmas[3:])
+
+
+def test_an_observed_loops_step_numbers_count_the_steps_a_gradscaler_skipped():
+    """A float32 loop observed by the analyzer whose second step a GradScaler skips (its scaled gradient
+    overflows): the ledger books the three steps taken and numbers them 1, 3, 4, as the loop (accelerate's
+    global_step, Lightning's) counts its steps; before, 1, 2, 3, one behind the loop from the skip on."""
+    torch.manual_seed(0)
+    model = MLPDenoiser(hidden=16, depth=2, time_dim=8).float()
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    scheduler = make_scheduler(T)
+    analyzer = NoiseLevelAnalyzer(scheduler, _data().float(), num_bins=4, num_probes=8, controls=0, kernel_points=2,
+                                  progress=False)
+    analyzer.bind(model, optimizer)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10)
+    g = torch.Generator().manual_seed(1)
+    for k in range(4):
+        x0 = _data().float()[:8]
+        noise = torch.randn(x0.shape, generator=g)
+        t = torch.randint(0, T, (8,), generator=g)
+        losses = ((model(scheduler.add_noise(x0, noise, t), t) - noise) ** 2).mean(dim=1)
+        analyzer.observe(losses, t)
+        optimizer.zero_grad()
+        scaler.scale(losses.mean() * (1e38 if k == 1 else 1.0)).backward()  # step 2's scaled gradient overflows
+        scaler.step(optimizer)
+        scaler.update()
+    assert analyzer.tracker.skipped_steps == [{"after_step": 1, "micro_batches": 1}]
+    assert analyzer.ledger.steps == 3 and analyzer.global_steps == [1, 3, 4]

@@ -421,6 +421,7 @@ def test_a_step_a_grad_scaler_skips_is_no_step_of_the_ledger(set_to_none):
     model, tracker = loop(True, False)
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), bare.parameters()))
     assert tracker.skipped_steps == [{"after_step": 1, "micro_batches": 1}]
+    assert tracker.attempted_steps == 4  # (the loop's count: three recorded, one skipped)
     _, without = loop(True, True)
     assert tracker.ledger.steps == without.ledger.steps == 3
     torch.testing.assert_close(tracker.ledger.contributions, without.ledger.contributions, rtol=1e-6, atol=1e-9)

@@ -383,7 +383,8 @@ class NoiseLevelAnalyzer(TrainerCallback):
         objects, ``torch.compile``, Lightning's optimizer): the analyzer reads through the wrappers.
         ``ema``: an EMA of the weights (diffusers' ``EMAModel``, ema-pytorch's ``EMA``,
         ``AveragedModel``) that the loop updates after each step: a second ledger is kept for it.
-        ``start_step``: the loop's step count now (reports number steps from it); with a loaded state,
+        ``start_step``: the loop's step count now (reports number steps from it, counting a step the loop
+        skipped with its micro-batches observed, a GradScaler's, as the loop does); with a loaded state,
         at least the saved last step number (a ValueError otherwise: the steps would be numbered again).
         ``batch_size``: the loop's batch, for the cost printed here (default: the number of probes);
         ``micro_batches``: the micro-batches a step runs that batch in (a built-in trainer's
@@ -425,7 +426,7 @@ class NoiseLevelAnalyzer(TrainerCallback):
                 self.tracker.close(record_ema=False)
         elif not self.kernel_history:
             self.record_kernel()
-        self._steps_at_bind = self.tracker.ledger.steps
+        self._steps_at_bind = self.tracker.attempted_steps
 
     # -- the trainer callback ----------------------------------------------------------------
     def _check_trainer_scheduler(self, trainer: Any) -> None:
@@ -719,8 +720,8 @@ class NoiseLevelAnalyzer(TrainerCallback):
         self.bin_counts.append(summed_over_ranks(torch.bincount(bins, minlength=self.num_bins),
                                                  self.tracker.distributed).tolist())
         step = self._global_step
-        if step is None:  # a user loop: count from bind's start_step (the steps recorded since bind)
-            step = (self._start_step or 0) + self.tracker.ledger.steps - self._steps_at_bind
+        if step is None:  # a user loop: count from bind's start_step (the steps recorded or skipped since bind)
+            step = (self._start_step or 0) + self.tracker.attempted_steps - self._steps_at_bind
         self.global_steps.append(step)
         self._global_step = None
         steps = self.tracker.ledger.steps
@@ -1047,7 +1048,7 @@ class NoiseLevelAnalyzer(TrainerCallback):
         self.history, self.kernel_history = list(state["history"]), list(state["kernel_history"])
         self._perm_generator.set_state(state["perm_generator"])
         self._sigma_like = int(state.get("sigma_like", 0))  # (states of earlier versions did not save it)
-        self._steps_at_bind = self.tracker.ledger.steps  # bind's start_step counts the loop's steps up to here
+        self._steps_at_bind = self.tracker.attempted_steps  # bind's start_step counts the loop's steps up to here
 
     def save(self, path: str | os.PathLike) -> None:
         """Write the analyzer state atomically."""

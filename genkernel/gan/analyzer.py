@@ -415,7 +415,7 @@ class GANKernelAnalyzer(TrainerCallback):
         self._pending: dict[str, Any] | None = None
         self.g_steps = 0
         self.d_steps = 0
-        self._steps_at_bind = (0, 0)  # (g_steps, d_steps) when the loop's step count was start_step
+        self._steps_at_bind = (0, 0)  # each player's attempted steps (_attempted) when the loop's count was start_step
         self.alignment: list[dict[str, float]] = []
         self.coverage: list[dict[str, Any]] = []
         self.windows: list[dict[str, Any]] = []
@@ -751,7 +751,8 @@ class GANKernelAnalyzer(TrainerCallback):
                 ``EMAModel``, ...) that the loop updates after each generator step: a second ledger
                 (``generator_ema_ledgers``) for the weights people sample from.
             start_step: the loop's step count now; reports number the tracked steps from it
-                (``start_step + 1``, ``start_step + 2``, ... for each player). A pair
+                (``start_step + 1``, ``start_step + 2``, ... for each player; a step the loop skipped with its
+                micro-batches observed, a GradScaler's, is counted as the loop counts it). A pair
                 ``(generator_steps, discriminator_steps)`` gives each player's own count (a loop with
                 several discriminator steps per generator step, e.g. WGAN's five). After
                 :meth:`load_state_dict`, a count below the saved analyzer's last number of that player is
@@ -780,7 +781,7 @@ class GANKernelAnalyzer(TrainerCallback):
             self._generator_loss = self._default_generator_loss()
         self._follow_networks()
         self._start_step = start_step
-        self._steps_at_bind = (self.g_steps, self.d_steps)
+        self._steps_at_bind = (self._attempted("g_tracker"), self._attempted("d_tracker"))
         self._ema = ema
         if g_optimizer is not None:
             self._g_optimizer = unwrap_optimizer(g_optimizer)
@@ -1430,7 +1431,7 @@ class GANKernelAnalyzer(TrainerCallback):
                 summed_over_ranks(torch.bincount(spatial.cpu(), minlength=self.num_groups), context).tolist())
         loop = pending["loop_step"]
         self.g_loop_steps.append(int(loop) if loop is not None
-                                 else _start_pair(self._start_step)[0] + index - self._steps_at_bind[0])
+                                 else _start_pair(self._start_step)[0] + self._attempted("g_tracker") - self._steps_at_bind[0])
         f_end = self.g_tracker.ledger.f_end
         drift = self.g_tracker.ledger.buffer_drift
         # What training moved: the outputs' change less what G's buffers (BatchNorm's running
@@ -1750,7 +1751,7 @@ class GANKernelAnalyzer(TrainerCallback):
                                                      self.d_tracker.distributed).tolist())
         loop = pending["loop_step"]
         self.d_loop_steps.append(int(loop) if loop is not None
-                                 else _start_pair(self._start_step)[1] + self.d_steps - self._steps_at_bind[1])
+                                 else _start_pair(self._start_step)[1] + self._attempted("d_tracker") - self._steps_at_bind[1])
 
     # -- results -------------------------------------------------------------------------------
     @property
@@ -1792,6 +1793,13 @@ class GANKernelAnalyzer(TrainerCallback):
         if tracker is None and self._pending and self._pending.get(which) is not None:
             return _SavedTracker(self._pending[which])
         return tracker
+
+    def _attempted(self, which: str) -> int:
+        """A player's optimizer steps as its loop counts them: booked, and skipped with their micro-batches
+        observed (a GradScaler that found inf; the tracker's ``skipped_steps``, or a loaded state's)."""
+        tracker = self._view(which)
+        booked = self.g_steps if which == "g_tracker" else self.d_steps
+        return booked + (0 if tracker is None else len(tracker.skipped_steps))
 
     def _residual_note(self, which: str, ledger: PathKernelLedger, tracker) -> str | None:
         residual = ledger.relative_residual()
@@ -1980,7 +1988,6 @@ class GANKernelAnalyzer(TrainerCallback):
             self.comparison.load_state_dict(state["comparison"])
         self.rng.set_state(state["rng"])
         self.g_steps, self.d_steps = state["g_steps"], state["d_steps"]
-        self._steps_at_bind = (self.g_steps, self.d_steps)  # bind's start_step counts the loop up to here
         self.alignment, self.coverage, self.windows = list(state["alignment"]), list(state["coverage"]), list(state["windows"])
         self.partial_window = state.get("partial_window")  # (states saved before it was kept have none)
         self.fields = list(state["fields"])
@@ -2013,6 +2020,8 @@ class GANKernelAnalyzer(TrainerCallback):
             if tracker is not None:
                 tracker.close()
         self.g_tracker = self.d_tracker = None
+        # bind's start_step counts the loop up to here (the saved trackers' skipped steps included)
+        self._steps_at_bind = (self._attempted("g_tracker"), self._attempted("d_tracker"))
         if self._bound and self._g_optimizer is not None and not self.stopped:
             self._build_generator_tracker(self._g_optimizer, _ObservedOnly("generator"), math.inf)
         if self._bound and not self.stopped:
@@ -2030,6 +2039,7 @@ class _SavedTracker:
         self.ledgers = ledgers(state["ledgers"])
         self.ledger = next(iter(self.ledgers.values()))
         self.gradient_scales = list(state.get("gradient_scales") or [])
+        self.skipped_steps = list(state.get("skipped_steps") or [])
         ema = state.get("ema")
         self.ema = None if ema is None else _Decays(list(ema["decays"]))
         self.ema_ledgers = {} if ema is None else ledgers(ema["ledgers"])

@@ -470,6 +470,13 @@ class PathKernelTracker:
         return self.ledgers[self.partitions.primary]
 
     @property
+    def attempted_steps(self) -> int:
+        """The loop's optimizer steps since tracking began as a loop counts them: the recorded ones and those
+        it skipped with their micro-batches observed (``skipped_steps``: a GradScaler that found inf), which
+        accelerate's ``global_step`` and Lightning's count too. The analyzers number the loop's steps by it."""
+        return self.ledger.steps + len(self.skipped_steps)
+
+    @property
     def num_groups(self) -> int:
         """G of the primary partition."""
         return self.partitions.sizes[self.partitions.primary]
