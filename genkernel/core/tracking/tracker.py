@@ -436,6 +436,7 @@ class PathKernelTracker:
         self._observations = 0  # observe() calls so far: each micro-batch's observation number
         self._accumulations = 0  # the loop's backward passes into the tracked parameters (_follow_accumulation)
         self._accumulation_hooks = False
+        self._armed = False  # an observe() since the loop's last backward into the tracked parameters began
         # The observation numbers the step being recorded was made of, in order (set before the listeners
         # run; empty for an owned step, tracker.step/track, which observes nothing).
         self.step_observations: list[int] = []
@@ -788,8 +789,11 @@ class PathKernelTracker:
         self._observed["entries"].append({"number": number, "grads": grads, "folded": False, "ids": ids,
                                           "losses": losses.detach(), "backward": backward,
                                           "tensor": weakref.ref(losses), "accumulations": self._accumulations,
-                                          "precision": precision, "witness": witnesses})
+                                          "precision": precision, "witness": witnesses,
+                                          # (whether its backward puts anything into the gradients)
+                                          "moves": any(bool(g.any()) for g in grads.values())})
         self._observing = True
+        self._armed = True
         self._observed["entries"][-1]["backward_at"] = self._mark_observed(losses, backward)
         if precision is not None:
             self._follow_seed(losses, self._observed["entries"][-1], weights)
@@ -856,7 +860,10 @@ class PathKernelTracker:
         # accumulated into the parameters after it was observed.
         ran = [e["backward"][0] or self._accumulations > e["accumulations"] for e in entries]
         skipped = [e for e, r in zip(entries, ran) if r]
-        if not skipped:
+        # Clear gradients show a clear only after a backward that put something in them: a micro-batch whose
+        # gradient is exactly zero (a perceptron or hinge loss it already satisfies, dead ReLUs) leaves them
+        # as clear as a zero_grad() would, and is the step's like any other.
+        if not any(e["moves"] for e in skipped):
             return
         self.skipped_steps.append({"after_step": self.ledger.steps, "micro_batches": len(skipped)})
         waiting = [e for e, r in zip(entries, ran) if not r]  # never folded (folding needs a backward)
@@ -865,20 +872,24 @@ class PathKernelTracker:
             self._observed = self._new_observed()
             self._observed["entries"] = waiting
 
-    def _drop_cleared(self) -> None:
+    def _drop_cleared(self, at_pass: bool = False) -> None:
         """In the loop's backward through an observed micro-batch, with every gradient clear: the micro-batches
         whose backward ran in an earlier pass were cleared without a step (a GradScaler that found inf skipped
         optimizer.step(), and the loop cleared the gradients after observing the next micro-batch: observe(),
         zero_grad(), backward()). They are no step's and go to ``skipped_steps``, as :meth:`_drop_skipped`
-        drops them where the clear came before observe()."""
+        drops them where the clear came before observe(). ``at_pass``: called as a backward pass begins, before
+        it accumulates: a micro-batch whose losses' hook never fired whose backward ran (the parameters
+        accumulated since its observe()) is stale as well."""
         if self._observed is None:
             return
         entries = self._observed["entries"]
         # (folded: its backward ran before a later observe(); else its backward ran in a pass that accumulated
         # into the parameters since, which the clear then undid; one joint backward's hooks are not)
         stale = [e for e in entries if e["folded"] or (e["backward"][0] and e["backward_at"][0] is not None
-                                                        and e["backward_at"][0] < self._accumulations)]
-        if not stale or not self._gradients_cleared():  # (the scan over the gradients only where it can drop)
+                                                        and e["backward_at"][0] < self._accumulations)
+                 or (at_pass and not e["backward"][0] and self._accumulations > e["accumulations"])]
+        if not any(e["moves"] for e in stale) or not self._gradients_cleared():  # (as _drop_skipped; the scan
+            # over the gradients only where it can drop)
             return
         self.skipped_steps.append({"after_step": self.ledger.steps, "micro_batches": len(stale)})
         waiting = [e for e in entries if not any(e is s for s in stale)]
@@ -940,7 +951,17 @@ class PathKernelTracker:
             if tracker is not None:
                 tracker._accumulations += 1
 
+        def arriving(_grad: torch.Tensor) -> None:
+            # The first gradient of the loop's first backward after an observe(), before it accumulates: the
+            # gradients are then as the loop left them, where a clear shows also for a loss built beside the
+            # observed losses (F.mse_loss(outputs, y)), whose backward passes no hook of theirs.
+            tracker = this()
+            if tracker is not None and tracker._armed and not tracker._own_pass:
+                tracker._armed = False
+                tracker._drop_cleared(at_pass=True)
+
         self._hooks.extend(p.register_post_accumulate_grad_hook(accumulated) for p in self.params.values())
+        self._hooks.extend(p.register_hook(arriving) for p in self.params.values())
         self._accumulation_hooks = True
 
     def _follow_seed(self, losses: torch.Tensor, entry: dict[str, Any], weights) -> None:
@@ -1366,7 +1387,9 @@ class PathKernelTracker:
             norm += float((total * total).sum())
             if micro_batches > 1 and nonzero < 2:
                 nonzero += int(torch.count_nonzero(total))
-        if micro_batches > 1 and nonzero < 2:
+        # (a step whose every row is zero, each micro-batch's examples already fit: no weighting changes its
+        # shares, and the check below still asks for a zero real gradient)
+        if micro_batches > 1 and nonzero < 2 and (nonzero or any(bool(grads[name].any()) for name in self.params)):
             raise ValueError(
                 f"step {index}: the {micro_batches} observed micro-batches give a gradient with "
                 f"{nonzero} nonzero entr{'y' if nonzero == 1 else 'ies'}, so the tracker cannot check that they "
