@@ -68,7 +68,8 @@ def residual_remedy(quadrature: str | None, gradient_scales: Sequence[Mapping[st
     """What shrinks a large residual left under the rule ``quadrature``: the advice of the
     analyzers' and the reports' notes. ``gradient_scales``: the tracker's per-step entries; steps
     split from half-precision gradients (``mixed_precision="observe"``) leave their rounding in the
-    residual, which no rule shrinks: that is said first, with the worst step's share. Simpson's rule gains orders of magnitude where steps are
+    residual, which no rule shrinks: that is said first, with the worst step's share. Simpson's
+    rule gains orders of magnitude where steps are
     moderate but little where one step moves the outputs far; more Gauss–Legendre nodes still
     converge there (measured, float64 brute force: one Adam step at lr 2e-4 of the DDPM CIFAR-10
     UNet from random weights, which moves the probes' outputs by a norm of 42 against their 28,
