@@ -66,6 +66,7 @@ def worker(rank, rendezvous, out_dir):
         result.update(disagreeing_ranks(rank, model, tracker, x, y, groups, shard))
         result.update(batch_norm(x, y, groups, shard))
         result.update(micro_batched(x, y, groups, shard))
+        result.update(skipped_after_observe(shard))
         torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
         # Both ranks done before either tears the group down: a rank that destroys it while the other
         # still drains the last collective's messages closes their connection under it, and gloo's
@@ -137,6 +138,40 @@ def batch_norm(x, y, groups, shard):
     out["bn_steps"] = tracker.ledger.steps
     tracker.close()
     return out
+
+
+def gradscaler_loop(model, shard, *, track):
+    """Four steps of a loop that observes, then clears the gradients, then backpropagates through a
+    GradScaler whose second step overflows (skipped); ``shard`` of each global batch (all of it in one
+    process). Returns the tracker (None untracked)."""
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.02)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10)
+    tracker = PathKernelTracker(model, optimizer, mse_loss, PROBES, num_groups=3) if track else None
+    x, y, groups = global_batches()
+    for k in range(4):
+        losses = mse_loss(model(x[k % STEPS, shard]), y[k % STEPS, shard])
+        if tracker is not None:
+            tracker.observe(losses, groups[k % STEPS, shard])
+        optimizer.zero_grad()
+        scaler.scale(losses.mean() * (float("inf") if k == 1 else 1.0)).backward()
+        scaler.step(optimizer)
+        scaler.update()
+    return tracker
+
+
+def skipped_after_observe(shard):
+    """:func:`gradscaler_loop` under DDP, untracked and tracked: the skipped step is dropped at the next
+    micro-batch's backward (inside DDP's), on every rank alike."""
+    bare = nn.parallel.DistributedDataParallel(make_model())
+    gradscaler_loop(bare, shard, track=False)
+    model = nn.parallel.DistributedDataParallel(make_model())
+    try:  # (a refusal is this test's result, not the worker's end: the other tests read the rest)
+        tracker = gradscaler_loop(model, shard, track=True)
+    except (ValueError, RuntimeError) as error:
+        return {"skip_error": f"{type(error).__name__}: {error}"}
+    return {"skip_error": None, "skip_equal": all(torch.equal(a, b) for a, b in zip(bare.parameters(), model.parameters())),
+            "skip_steps": tracker.ledger.steps, "skip_skipped": tracker.skipped_steps,
+            "skip_attempted": tracker.attempted_steps, "skip_contributions": tracker.ledger.contributions.clone()}
 
 
 def micro_batched(x, y, groups, shard):
@@ -283,3 +318,19 @@ def test_batch_norm_with_batch_statistics_is_refused_on_every_rank(ranks):
             assert result[key] is not None and result[key][0] == "ValueError", (key, result[key])
             assert "1 (BatchNorm1d)" in result[key][1] and "eval mode" in result[key][1], result[key][1]
         assert result["bn_steps"] == 0
+
+
+def test_a_gradscaler_skip_cleared_after_observe_is_dropped_on_every_rank_as_in_one_process(ranks):
+    """observe(), zero_grad(), a scaled backward whose second step overflows (the GradScaler skips it):
+    under DDP each rank drops the skipped micro-batch at the next backward, books the three steps taken
+    and counts four, training as without the tracker; the ledger is the single-process loop's on the
+    global batches. Before, the skipped micro-batch stayed and the next step was refused."""
+    single = gradscaler_loop(make_model(), slice(None), track=True)
+    assert single.skipped_steps == [{"after_step": 1, "micro_batches": 1}]
+    scale = single.ledger.contributions.abs().max()
+    for result in ranks:
+        assert result["skip_error"] is None, result["skip_error"]
+        assert result["skip_equal"]
+        assert result["skip_steps"] == 3 and result["skip_attempted"] == 4
+        assert result["skip_skipped"] == single.skipped_steps
+        torch.testing.assert_close(result["skip_contributions"], single.ledger.contributions, rtol=0, atol=1e-10 * scale)
