@@ -377,3 +377,42 @@ def test_lightning_weight_averaging_gives_the_generator_an_ema_ledger():
     assert_ledger_adds_up(ledger)
     assert ledger.relative_residual() < 1e-3
     assert module.analyzer.report()["generator_ema"]["decays"] == pytest.approx([0.0, 0.9], rel=1e-12)
+
+
+def test_a_bf16_mixed_lightning_gan_is_booked_with_mixed_precision_observe():
+    """The same Lightning GAN under precision="bf16-mixed" (autocast around training_step), its analyzer built
+    with mixed_precision="observe": G and D train bit for bit as without the analyzer, and every step of both
+    players is booked at bfloat16 (the default refuses it: the test above)."""
+
+    class Bf16GAN(LightningGAN):
+        def __init__(self, analyze: bool) -> None:
+            super().__init__(analyze=False)
+            self.G.float()
+            self.D.float()
+            self.analyzer = GANKernelAnalyzer(self.G, self.D, probe_latents().float(), num_groups=2, window=2,
+                                              eval_every=1, mixed_precision="observe",
+                                              state_dtype=torch.float32) if analyze else None
+
+        def latents(self, b: int, k: int) -> torch.Tensor:
+            return super().latents(b, k).float()
+
+    images = torch.tanh(torch.randn(16, 1, 8, 8, generator=torch.Generator().manual_seed(5)))
+    runs = []
+    for analyze in (False, True):
+        module = Bf16GAN(analyze)
+        callbacks = [GenkernelCallback(module.analyzer)] if analyze else []
+        trainer = pl.Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_progress_bar=False,
+                             enable_model_summary=False, enable_checkpointing=False, precision="bf16-mixed",
+                             callbacks=callbacks)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            trainer.fit(module, torch.utils.data.DataLoader(torch.utils.data.TensorDataset(images), batch_size=8))
+        runs.append(module)
+    bare, analyzed = runs
+    for a, b in zip([*bare.G.state_dict().values(), *bare.D.state_dict().values()],
+                    [*analyzed.G.state_dict().values(), *analyzed.D.state_dict().values()]):
+        assert torch.equal(a, b)
+    analyzer = analyzed.analyzer
+    assert analyzer.g_steps == 2 and analyzer.d_steps == 4
+    for tracker in (analyzer.g_tracker, analyzer.d_tracker):
+        assert [entry["gradient_precision"] for entry in tracker.gradient_scales] == ["bfloat16"] * tracker.ledger.steps
