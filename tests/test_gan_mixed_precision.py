@@ -109,6 +109,9 @@ def _equal(a, b):
 @pytest.mark.parametrize("dtype, inside", [(torch.bfloat16, False), (torch.float16, True)],
                          ids=["bf16_observed_after_the_block", "fp16_gradscaler_observed_inside_the_block"])
 def test_autocast_gan_loop_trains_unchanged_and_books_every_step(dtype, inside):
+    """Both networks train bit for bit as without the analyzer; every step of both players is booked at the
+    precision its forward ran in, each generator partition adds up to the change, and the report carries it.
+    Before, the analyzer refused the loop (its trackers kept the default) or crashed on bf16 samples in D."""
     G0, D0, _ = _train(dtype, analyze=False)
     G1, D1, analyzer = _train(dtype, analyze=True, observe_inside=inside)
     assert _equal(_state(G0), _state(G1)) and _equal(_state(D0), _state(D1))
