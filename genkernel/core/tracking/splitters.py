@@ -45,10 +45,6 @@ import torch
 from ..errors import LedgerCheckError
 from ..grouping import Partitions, abs_row_sum, rows_sum_and_size
 
-SUPPORTED_OPTIMIZERS = ("torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW, torch.optim.RMSprop, torch.optim.Adagrad, "
-                        "torch.optim.Adamax, torch.optim.RAdam, torch.optim.NAdam")
-
-
 def _scalar(value: Any) -> float:
     return float(value.item()) if isinstance(value, torch.Tensor) else float(value)
 
@@ -725,25 +721,26 @@ class NAdamSplitter(_ReadAfterStepSplitter):
         return weight / denom
 
 
+# Each supported optimizer's splitter (the exact class: a subclass may change the rule).
+SPLITTERS: dict[type, type[UpdateSplitter]] = {
+    torch.optim.SGD: SGDSplitter, torch.optim.Adam: AdamSplitter, torch.optim.AdamW: AdamSplitter,
+    torch.optim.RMSprop: RMSpropSplitter, torch.optim.Adagrad: AdagradSplitter, torch.optim.Adamax: AdamaxSplitter,
+    torch.optim.RAdam: RAdamSplitter, torch.optim.NAdam: NAdamSplitter,
+}
+SUPPORTED_OPTIMIZERS = ", ".join(f"torch.optim.{kind.__name__}" for kind in SPLITTERS)
+
+
 def make_splitter(optimizer: torch.optim.Optimizer, params: dict[str, torch.nn.Parameter], partitions: Partitions,
                   dtype: torch.dtype = torch.float64) -> UpdateSplitter:
     """The splitter for ``optimizer``; a clear error names the supported optimizers."""
     kind = type(optimizer)
-    if kind is torch.optim.SGD:
-        return SGDSplitter(optimizer, params, partitions, dtype)
-    if kind in (torch.optim.Adam, torch.optim.AdamW):
-        return AdamSplitter(optimizer, params, partitions, dtype)
-    if kind is torch.optim.RMSprop:
-        return RMSpropSplitter(optimizer, params, partitions, dtype)
-    others = {torch.optim.Adagrad: AdagradSplitter, torch.optim.Adamax: AdamaxSplitter,
-              torch.optim.RAdam: RAdamSplitter, torch.optim.NAdam: NAdamSplitter}
-    if kind in others:
-        return others[kind](optimizer, params, partitions, dtype)
+    if kind in SPLITTERS:
+        return SPLITTERS[kind](optimizer, params, partitions, dtype)
     raise TypeError(
         f"{kind.__module__}.{kind.__name__} is not supported: the ledger must reproduce the optimizer's "
         f"update exactly, and genkernel knows how for {SUPPORTED_OPTIMIZERS}"
     )
 
 
-__all__ = ["SUPPORTED_OPTIMIZERS", "AdagradSplitter", "AdamSplitter", "AdamaxSplitter", "NAdamSplitter", "RAdamSplitter",
+__all__ = ["SPLITTERS", "SUPPORTED_OPTIMIZERS", "AdagradSplitter", "AdamSplitter", "AdamaxSplitter", "NAdamSplitter", "RAdamSplitter",
            "RMSpropSplitter", "SGDSplitter", "UpdateSplitter", "make_splitter", "one_minus"]
