@@ -771,7 +771,7 @@ class PathKernelTracker:
             self._fold_backwarded(self._observed)
         self._own_pass = True  # (losses observed before may be these: their hooks must not count this pass)
         try:
-            ids, grads, precision, witnesses = self._observed_gradients(losses, groups, weights)
+            ids, grads, precision, witnesses, coefficients = self._observed_gradients(losses, groups, weights)
         except BaseException as error:
             together.failed(error)
             raise
@@ -796,7 +796,7 @@ class PathKernelTracker:
         self._armed = True
         self._observed["entries"][-1]["backward_at"] = self._mark_observed(losses, backward)
         if precision is not None:
-            self._follow_seed(losses, self._observed["entries"][-1], weights)
+            self._follow_seed(losses, self._observed["entries"][-1], coefficients)
         return number
 
     @staticmethod
@@ -964,14 +964,13 @@ class PathKernelTracker:
         self._hooks.extend(p.register_hook(arriving) for p in self.params.values())
         self._accumulation_hooks = True
 
-    def _follow_seed(self, losses: torch.Tensor, entry: dict[str, Any], weights) -> None:
+    def _follow_seed(self, losses: torch.Tensor, entry: dict[str, Any], coefficients: torch.Tensor) -> None:
         """For a micro-batch observed in half precision: the loop's seed ∂loss/∂ℓ_n (what its backward
         hands the observed losses; summed over backward passes) into ``entry["seed_box"]["seed"]``, beside the
-        coefficients c_n observed, for :meth:`_check_seeds`. The tracker held weakly."""
+        coefficients c_n observed (``[B]`` float64, :meth:`_observed_gradients`'), for :meth:`_check_seeds`.
+        The tracker held weakly."""
         this = weakref.ref(self)
-        batch = losses.shape[0]
-        entry["coefficients"] = (torch.full((batch,), 1.0 / batch, dtype=torch.float64) if weights is None
-                                 else weights.detach().to("cpu", torch.float64))
+        entry["coefficients"] = coefficients.detach().to("cpu")
         box = entry["seed_box"] = {"seed": None}  # (the hook holds this, not the entry and its rows)
 
         def seed_seen(grad: torch.Tensor) -> None:
@@ -1055,8 +1054,9 @@ class PathKernelTracker:
 
     def _observed_gradients(self, losses, groups, weights):
         """observe()'s checks, then the micro-batch's group ids, group gradients, the half-precision dtype
-        its gradients passed through (None: the model's precision) and its witnesses
-        (:meth:`_half_precision_rows`; none in the model's precision)."""
+        its gradients passed through (None: the model's precision), its witnesses
+        (:meth:`_half_precision_rows`; none in the model's precision) and its coefficients c_n (``[B]``
+        float64: the mean's 1/B, or ``weights``)."""
         self._check_open()
         if not isinstance(losses, torch.Tensor) or losses.dim() != 1 or losses.numel() == 0:
             raise ValueError(
@@ -1093,7 +1093,7 @@ class PathKernelTracker:
                 "gradient of this micro-batch came back zero. Pass use_reentrant=False to torch.utils.checkpoint "
                 "(diffusers' enable_gradient_checkpointing already does); this micro-batch was not observed"
             )
-        return ids, grads, precision, witnesses
+        return ids, grads, precision, witnesses, coefficients
 
     def _half_precision_rows(self, losses, ids, coefficients, precision):
         """The group rows of a micro-batch whose gradients pass through ``precision`` (float16,
@@ -1525,7 +1525,7 @@ class PathKernelTracker:
             )
         wrapped = hasattr(self.module, "_original_forward") or hasattr(self.model, "_original_forward")
         autocast = [device for device in ("cpu", "cuda") if torch.is_autocast_enabled(device)]
-        low = losses is not None and losses.dtype in (torch.float16, torch.bfloat16)
+        low = losses is not None and losses.dtype in LOW_PRECISION
         # A float32 loss from a forward run under autocast (the loop's `with` block closed before
         # observe(), or autocast inside the model's forward): the gradients pass through half precision.
         hidden = None if (wrapped or autocast or low or losses is None) else low_precision_in_graph(losses)
