@@ -166,6 +166,14 @@ class EpochRNG:
         self.state = dict(state)
 
 
+def saved_checkpoints(output_dir: str) -> list[str]:
+    """The ``checkpoint-STEP`` folders in ``output_dir`` (none when it does not exist), oldest first: the
+    listing upstream writes twice, for ``--resume_from_checkpoint latest`` and ``--checkpoints_total_limit``."""
+    dirs = os.listdir(output_dir) if os.path.isdir(output_dir) else []
+    dirs = [d for d in dirs if d.startswith("checkpoint")]
+    return sorted(dirs, key=lambda x: int(x.split("-")[1]))
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """The command line (upstream's argument names) as an ``argparse.Namespace``."""
     parser = argparse.ArgumentParser(description="diffusers' unconditional training example with genkernel's analyzer.")
@@ -402,9 +410,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                                  f"(nor {path}): give a checkpoint-STEP folder that a run saved, or 'latest'")
         else:
             # Get the most recent checkpoint
-            dirs = os.listdir(args.output_dir) if os.path.isdir(args.output_dir) else []
-            dirs = [d for d in dirs if d.startswith("checkpoint")]
-            dirs = sorted(dirs, key=lambda x: int(x.split("-")[1]))
+            dirs = saved_checkpoints(args.output_dir)
             path = os.path.join(args.output_dir, dirs[-1]) if len(dirs) > 0 else None
 
         if path is None:
@@ -528,9 +534,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                     if global_step % args.checkpointing_steps == 0:
                         # _before_ saving state, check if this save would set us over the `checkpoints_total_limit`
                         if args.checkpoints_total_limit is not None:
-                            checkpoints = os.listdir(args.output_dir)
-                            checkpoints = [d for d in checkpoints if d.startswith("checkpoint")]
-                            checkpoints = sorted(checkpoints, key=lambda x: int(x.split("-")[1]))
+                            checkpoints = saved_checkpoints(args.output_dir)
 
                             # before we save the new checkpoint, we need to have at _most_
                             # `checkpoints_total_limit - 1` checkpoints
