@@ -5,7 +5,8 @@ CPU autocast (bfloat16, or float16 with a GradScaler): both networks train bit f
 analyzer, every step of both is booked at the precision it ran in, the probes' geometry is that of
 the float32 networks wherever observe_* is called, the loop's losses are checked at the half
 precision's tolerance (a wrong loss kind still named), the default refuses before any analysis pass,
-and owned steps under autocast are refused."""
+and an owned step under the caller's autocast is split as the loop's are (tests/test_owned_mixed_precision.py:
+GANTrainer(mixed_precision="bf16"))."""
 
 from __future__ import annotations
 
@@ -197,14 +198,30 @@ def test_default_refuses_before_any_analysis_pass():
         assert _equal(before_g, _state(G)) and _equal(before_d, _state(D))
 
 
-def test_owned_step_under_autocast_is_refused_before_its_analysis():
+def test_owned_step_under_autocast_is_refused_by_default_and_split_under_the_option():
+    """An owned generator step under the caller's autocast: refused by default before its analysis (G as it
+    was), booked in bfloat16 under the option (old code refused it there too) with G's update the untracked
+    step's, bit for bit."""
+    def step(G, D):
+        return OptimizerStep(G, torch.optim.SGD(G.parameters(), lr=0.1), GeneratorLoss(D), _batches(1)[0][2],
+                             phase="generator")
+
     G, D = _nets()
-    analyzer = _analyzer(G, D, mixed_precision="observe", track_discriminator=False)
+    with torch.autocast("cpu", dtype=torch.bfloat16), frozen(D):
+        step(G, D).run()
+    plain = _state(G)
+    G, D = _nets()
     before = _state(G)
-    step = OptimizerStep(G, torch.optim.SGD(G.parameters(), lr=0.1), GeneratorLoss(D), _batches(1)[0][2], phase="generator")
-    with pytest.raises(RuntimeError, match="owned steps"), torch.autocast("cpu", dtype=torch.bfloat16), frozen(D):
-        analyzer.perform(step)
+    analyzer = _analyzer(G, D, track_discriminator=False)
+    with pytest.raises(RuntimeError, match="mixed_precision='observe'"), torch.autocast("cpu", dtype=torch.bfloat16), \
+            frozen(D):
+        analyzer.perform(step(G, D))
     assert analyzer.g_steps == 0 and _equal(before, _state(G))
+    analyzer = _analyzer(G, D, mixed_precision="observe", track_discriminator=False)
+    with torch.autocast("cpu", dtype=torch.bfloat16), frozen(D):
+        analyzer.perform(step(G, D))
+    assert analyzer.g_steps == 1 and _equal(plain, _state(G))
+    assert analyzer.g_tracker.gradient_scales[0]["gradient_precision"] == "bfloat16"
 
 
 def test_accelerate_bf16_gan_loop(fresh_accelerate):

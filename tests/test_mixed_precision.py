@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from torch.func import functional_call, jacrev
 
-from genkernel import PathKernelTracker
+from genkernel import OptimizerStep, PathKernelTracker
 from genkernel.core.errors import LedgerCheckError
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -129,8 +129,10 @@ def test_a_misweighted_micro_batch_is_still_refused_in_half_precision():
         _loop(torch.bfloat16, dict(mixed_precision="observe"), second_weight=1.5)
 
 
-def test_autocast_is_refused_by_default_and_for_owned_steps_naming_the_option():
-    """Old code's message did not name mixed_precision='observe'; owned steps keep refusing under it."""
+def test_autocast_is_refused_by_default_naming_the_option_and_an_owned_step_under_it_is_split():
+    """Old code's message did not name mixed_precision='observe'; an owned step under the caller's autocast is
+    refused by default, before anything moves, and under the option booked at its precision (old code refused
+    it there too), its update the one an untracked step under autocast makes."""
     model = _model()
     optimizer = torch.optim.SGD(model.parameters(), lr=LR)
     x, y, probes = _data()
@@ -138,12 +140,24 @@ def test_autocast_is_refused_by_default_and_for_owned_steps_naming_the_option():
     tracker = PathKernelTracker(model, optimizer, loss_fn, probes, num_groups=G)
     with pytest.raises(RuntimeError, match="mixed_precision='observe'"):
         tracker.observe(_losses(model, x[:B], y[:B], torch.bfloat16), torch.arange(B) % G)
-    tracker.close()
-    tracker = PathKernelTracker(model, optimizer, loss_fn, probes, num_groups=G, mixed_precision="observe")
     before = [p.detach().clone() for p in model.parameters()]
-    with torch.autocast("cpu", dtype=torch.bfloat16), pytest.raises(RuntimeError, match="owned steps"):
+    with torch.autocast("cpu", dtype=torch.bfloat16), pytest.raises(RuntimeError, match="mixed_precision='no'"):
         tracker.step(x[:B], y[:B], torch.arange(B) % G)
     assert all(torch.equal(a, p) for a, p in zip(before, model.parameters())) and tracker.ledger.steps == 0
+    tracker.close()
+    plain = _model()
+    plain_optimizer = torch.optim.SGD(plain.parameters(), lr=LR)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        OptimizerStep(plain, plain_optimizer, loss_fn, x[:B], y[:B]).run()
+    tracker = PathKernelTracker(model, optimizer, loss_fn, probes, num_groups=G, mixed_precision="observe")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        tracker.step(x[:B], y[:B], torch.arange(B) % G)
+    assert all(torch.equal(a, p) for a, p in zip(plain.parameters(), model.parameters())) and tracker.ledger.steps == 1
+    assert tracker.gradient_scales[0]["gradient_precision"] == "bfloat16"
+    ledger = tracker.ledger
+    assert torch.equal(ledger.f_end, model(probes).detach().double())  # the probes in float32, not under autocast
+    torch.testing.assert_close(ledger.delta, ledger.contributions.sum(1) + ledger.rest + ledger.residual,
+                               rtol=0, atol=1e-12)
     with pytest.raises(ValueError, match="mixed_precision must be one of"):
         PathKernelTracker(model, optimizer, loss_fn, probes, num_groups=G, mixed_precision="bf16")
 

@@ -69,7 +69,7 @@ from ..core.tracking.batches import (
     IterableBatches, check_reiterable, class_labels, is_class_labels, split_batch, split_floating_batch,
 )
 from ..core.tracking.lr_schedules import LRSchedulerArg, build_lr_scheduler, lr_scheduler_settings, step_lr_scheduler
-from ..core.tracking.step import OptimizerStep
+from ..core.tracking.step import OptimizerStep, trainer_autocast_dtype
 from ..logging import LoggingCallback
 from .guidance import ClassDropout, check_guidance_scale, guided_output
 from .learned_variance import LEARNED_RANGE, loss_targets, mean_channels, predicts_variance, training_loss
@@ -150,6 +150,15 @@ class DDPMTrainer:
             factored and sketched group states, dense with gradient_route "example") runs its own
             pass instead, in chunks its memory budget sets: one more forward and backward per step.
         max_grad_norm: global-norm gradient clipping (inf: none).
+        mixed_precision: "no" (default: every pass in the model's dtype) or "bf16": each step's forward
+            and loss run under ``torch.autocast`` to bfloat16 on the model's device type, the weights,
+            their gradients, the optimizer and the EMA in float32 (accelerate's
+            ``mixed_precision="bf16"``; on a GPU with bfloat16 units, faster and lighter). Needs float32
+            parameters (autocast leaves float64 alone). An attached analyzer refuses it unless built with
+            ``mixed_precision="observe"``: it then splits the bfloat16 gradients, and its residual reports
+            the rounding (docs/observing.md, "Mixed precision"). Sampling runs in the model's dtype.
+            (float16 needs a GradScaler, which this trainer does not run: train such a loop yourself and
+            observe it.)
         timestep_density: how training levels are drawn (:mod:`~genkernel.diffusion.timestep_sampling`):
             "uniform" over the T levels (default), "logit_normal" or "mode" (Stable Diffusion 3's, over
             the grid, as diffusers' SD3 script draws them), "log_normal" (EDM: ln σ ~ N(−1.2, 1.2²),
@@ -198,6 +207,7 @@ class DDPMTrainer:
         batch_size: int | None = None,
         micro_batches: int = 1,
         max_grad_norm: float = math.inf,
+        mixed_precision: str = "no",
         timestep_density: str | Density = "uniform",
         loss_weighting: str | Weighting = "none",
         vlb_weight: float = 1.0,
@@ -232,6 +242,8 @@ class DDPMTrainer:
         self.shuffle = bool(shuffle)
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
+        self.mixed_precision = mixed_precision
+        self.autocast_dtype = trainer_autocast_dtype(mixed_precision, model)
         self._stream: IterableBatches | None = None  # iterable data: its batches and their position
         if isinstance(data, torch.Tensor):
             self._init_tensor_data(data, labels, batch_size)
@@ -393,6 +405,7 @@ class DDPMTrainer:
             loss_targets(self.loss_fn, batch["target"], batch["clean"], batch["noisy"], batch["timesteps"]),
             weights=batch.get("weights"),
             max_grad_norm=self.max_grad_norm, micro_batches=min(self.micro_batches, batch["clean"].shape[0]), info=info,
+            autocast_dtype=self.autocast_dtype,
         )
 
     def train_step(self) -> float:
@@ -629,6 +642,7 @@ class DDPMTrainer:
             "optimizer": type(self.optimizer).__name__,
             "lr_scheduler": lr_scheduler_settings(self.lr_scheduler),
             "max_grad_norm": float(self.max_grad_norm),
+            "mixed_precision": self.mixed_precision,  # (another precision rounds every step otherwise)
             "num_train_timesteps": self.num_train_timesteps,
             "prediction_type": self.prediction_type,
             "learned_variance": getattr(self.loss_fn, "vlb_weight", None),  # λ, or None for a fixed variance
@@ -677,7 +691,7 @@ class DDPMTrainer:
             # a checkpoint written before densities, weightings, EMAs, class dropout and schedules: uniform, unweighted, none
             saved_config = {"timestep_density": {"density": "uniform"}, "loss_weighting": {"weighting": "none"},
                             "ema": None, "class_dropout": ClassDropout().config(), "lr_scheduler": None,
-                            "learned_variance": None, "micro_batches": 1, **saved_config}
+                            "learned_variance": None, "micro_batches": 1, "mixed_precision": "no", **saved_config}
         check_resume_config(saved_config, self._resume_config(), "DDPMTrainer")
         if tensor_data and int(state["order"].numel()) not in (0, self.data.shape[0]):
             raise ValueError(

@@ -1279,9 +1279,9 @@ class GANKernelAnalyzer(TrainerCallback):
             self._check_generator_fillable(step.batch)
             self._build_generator_tracker(step.optimizer, step.loss_fn, step.max_grad_norm, step.batch,
                                           step.micro_batches)
-        # Owned steps under autocast are refused (the tracker would refuse at track()), before the passes below
-        # meet half-precision samples.
-        self.g_tracker._check_precision(owned=True)
+        # A step under autocast (GANTrainer(mixed_precision="bf16")) is refused under the default before the passes
+        # below run (the tracker would refuse at track()); under "observe" they run as training's forward does.
+        self.g_tracker._check_precision(owned=True, autocast_dtype=step.autocast_dtype)
         # The analysis before the training forward runs G on copies of its buffers, advanced by the batch
         # pass exactly as the training forward will advance the real ones: the probes then see G as the
         # tracker (and an observed loop) sees it at θ_k, after the step's forward.
@@ -1332,9 +1332,10 @@ class GANKernelAnalyzer(TrainerCallback):
         with torch.random.fork_rng(devices=_cuda(latents)), preserved(self._d):
             for rows in step.micro_batch_slices():
                 z, y = latents[rows], None if classes is None else classes[rows]
-                with torch.set_grad_enabled(evaluate):
+                with torch.set_grad_enabled(evaluate), step.precision():
                     samples = output_tensor(self._g(z, *class_inputs(y)))
-                geo = self._push(z, samples.detach(), loss_fn, after_forward=False, classes=y)
+                # (D's passes run in its own precision: a step under autocast gives half-precision samples)
+                geo = self._push(z, samples.detach().to(latents.dtype), loss_fn, after_forward=False, classes=y)
                 parts.append(geo)
                 if evaluate:
                     pulled = self._pull(samples, geo["w"], _coefficients(step.weights, step.batch, geo["w"])[rows])
@@ -1343,7 +1344,7 @@ class GANKernelAnalyzer(TrainerCallback):
                     targets = step.targets
                     if targets is not None:
                         targets = targets[rows] if isinstance(targets, torch.Tensor) else tuple(t[rows] for t in targets)
-                    with torch.no_grad():
+                    with torch.no_grad(), step.precision():
                         step.loss_fn(samples.detach(), targets)
                 del samples
         return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}, vector

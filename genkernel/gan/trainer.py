@@ -77,7 +77,9 @@ from ..core.tracking.ema import (
     check_ema_state, check_trainable_ema, ema_settings, ema_weights, load_ema_state, step_ema,
 )
 from ..core.tracking.lr_schedules import LRSchedulerArg, build_lr_scheduler, lr_scheduler_settings, step_lr_scheduler
-from ..core.tracking.step import OptimizerStep, check_max_grad_norm, micro_batch_rows
+from ..core.tracking.step import (
+    OptimizerStep, autocast_to, check_max_grad_norm, micro_batch_rows, trainer_autocast_dtype,
+)
 from ..logging import LoggingCallback
 from .losses import (
     DEFAULT_GP_WEIGHT,
@@ -253,6 +255,13 @@ class GANTrainer:
             :class:`GANKernelAnalyzer` books such steps exactly.
         gp_weight: λ of the gradient penalty (wgan-gp only).
         max_grad_norm: global-norm clipping of both players (inf: none).
+        mixed_precision: "no" (default) or "bf16": both players' training forwards and losses run
+            under ``torch.autocast`` to bfloat16 on their device type, and so does G's pass that
+            generates the discriminator step's fake rows (as accelerate's ``mixed_precision="bf16"``
+            wraps G's forward; the rows are read back in float32); weights, gradients, optimizers and the
+            EMA stay float32. Needs float32 networks. An attached :class:`GANKernelAnalyzer` refuses it
+            unless built with ``mixed_precision="observe"``: it then splits both players' bfloat16
+            gradients, and its residuals report the rounding. Sampling runs in the networks' dtype.
         ema: an exponential moving average of the generator's weights (diffusers' ``EMAModel``,
             ema-pytorch's ``EMA``, ``AveragedModel``), updated after every generator step; checkpoints
             save it, ``sample(..., weights="ema")`` samples with it, and an attached
@@ -294,6 +303,7 @@ class GANTrainer:
         micro_batches: int = 1,
         gp_weight: float = DEFAULT_GP_WEIGHT,
         max_grad_norm: float = math.inf,
+        mixed_precision: str = "no",
         ema: Any = None,
         callbacks: Sequence[TrainerCallback] = (),
         seed: int = 0,
@@ -440,6 +450,9 @@ class GANTrainer:
         self.d_steps = d_steps
         self.micro_batches = micro_batches
         self.max_grad_norm = max_grad_norm
+        self.mixed_precision = mixed_precision
+        self.autocast_dtype = trainer_autocast_dtype(mixed_precision, generator)
+        trainer_autocast_dtype(mixed_precision, discriminator)
         if ema is not None:
             check_trainable_ema(ema, generator)
         self.ema = ema
@@ -603,10 +616,11 @@ class GANTrainer:
         # than micro_batches, a DataLoader's last: one example per micro-batch)
         micro = micro_batch_rows(b, min(self.micro_batches, b))
         z = self.sample_latents(b)
-        with torch.no_grad():
+        with torch.no_grad(), autocast_to(self.autocast_dtype, self.device):
             fake = torch.cat([output_tensor(self.generator(z[r], *(c[r] for c in conditions))).detach()
                               for r in micro]) if len(micro) > 1 else \
                 output_tensor(self.generator(z, *conditions)).detach()
+        fake = fake.to(self.dtype)  # (a bfloat16 pass's rows, read back as the real rows are)
         if fake.shape[1:] != real.shape[1:]:  # (a DataLoader's batch shaped otherwise, a G for other data)
             raise ValueError(
                 f"the real samples are shaped {tuple(real.shape[1:])} but the generator's samples are shaped "
@@ -633,6 +647,7 @@ class GANTrainer:
         step = DiscriminatorStep(
             self.critic, self.d_optimizer, self.d_loss, inputs, roles, weights,
             max_grad_norm=self.max_grad_norm, micro_batches=len(micro), phase="discriminator",
+            autocast_dtype=self.autocast_dtype,
             info={"roles": roles, "real_labels": real_labels, "discriminator": self.discriminator, "iteration": self.iteration},
         )
         step.micro_rows = [slice(len(parts) * r.start, len(parts) * r.stop) for r in micro]
@@ -708,6 +723,7 @@ class GANTrainer:
         return OptimizerStep(
             self.generator, self.g_optimizer, self.g_loss, inputs, targets,
             max_grad_norm=self.max_grad_norm, micro_batches=self.micro_batches, phase="generator", info=info,
+            autocast_dtype=self.autocast_dtype,
         )
 
     def _perform(self, step: OptimizerStep, draws: StepDraws) -> torch.Tensor:
@@ -832,6 +848,7 @@ class GANTrainer:
             "batch_size": self.batch_size, "d_steps": self.d_steps,
             "micro_batches": self.micro_batches,  # (BatchNorm's statistics and the rounding depend on them)
             "max_grad_norm": float(self.max_grad_norm),
+            "mixed_precision": self.mixed_precision,  # (another precision rounds every step otherwise)
             "dtype": str(self.dtype), "g_optimizer": type(self.g_optimizer).__name__,
             "d_optimizer": type(self.d_optimizer).__name__,
             "num_classes": self.num_classes, "class_sampling": self.class_sampling,
@@ -876,7 +893,7 @@ class GANTrainer:
         saved_config = state.get("config")
         if saved_config is not None:  # a checkpoint written before trainers kept EMAs or schedules kept none
             saved_config = {"ema": None, "lr_scheduler_g": None, "lr_scheduler_d": None, "data": "Tensor",
-                            "batches_per_epoch": None, "class_counts": None, "micro_batches": 1, **saved_config}
+                            "batches_per_epoch": None, "class_counts": None, "micro_batches": 1, "mixed_precision": "no", **saved_config}
         check_resume_config(saved_config, self._resume_config(), "GANTrainer")
         if self._stream is not None and not isinstance(state.get("iterable"), Mapping):
             raise ValueError(

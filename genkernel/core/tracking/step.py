@@ -26,10 +26,12 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from ..adapter import Batch, as_tuple, batch_size, not_fitting_inputs, output_tensor
+from ..adapter import Batch, as_tuple, batch_size, floating_parameter, not_fitting_inputs, output_tensor
 from ..errors import NonFiniteError
 
 LossFn = Callable[[torch.Tensor, Any], torch.Tensor]
+# What a step's forward may run under autocast to (None: the model's own precision).
+AUTOCAST_DTYPES = (None, torch.bfloat16, torch.float16)
 
 
 def check_max_grad_norm(value: Any) -> None:
@@ -37,6 +39,37 @@ def check_max_grad_norm(value: Any) -> None:
     trainers that build steps (refusing it at construction, before any callback runs) accept."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not value > 0:
         raise ValueError(f"max_grad_norm must be a positive number (math.inf for no clipping), got {value!r}")
+
+
+# A trainer's mixed_precision setting and the dtype its steps run their forward under autocast to.
+TRAINER_PRECISIONS = {"no": None, "bf16": torch.bfloat16}
+
+
+def trainer_autocast_dtype(mixed_precision: Any, model: nn.Module) -> torch.dtype | None:
+    """The :attr:`OptimizerStep.autocast_dtype` of a trainer built with ``mixed_precision`` ("no", "bf16")
+    for ``model``; ValueError for another setting, or "bf16" on a model whose floating-point parameters
+    are not all float32 (autocast leaves float64 alone; half-precision weights round every update away)."""
+    if not isinstance(mixed_precision, str) or mixed_precision not in TRAINER_PRECISIONS:
+        hint = (" (float16 needs a GradScaler, which the built-in trainers do not run: train with 'bf16', or "
+                "observe a loop of your own that scales its loss)") if mixed_precision == "fp16" else ""
+        raise ValueError(f"mixed_precision must be one of {tuple(TRAINER_PRECISIONS)}, got {mixed_precision!r}{hint}")
+    dtype = TRAINER_PRECISIONS[mixed_precision]
+    if dtype is not None:
+        others = sorted({str(p.dtype).removeprefix("torch.") for p in model.parameters()
+                         if p.is_floating_point() and p.dtype != torch.float32})
+        if others:
+            raise ValueError(
+                f"mixed_precision={mixed_precision!r} runs a float32 model's forward under torch.autocast, but this "
+                f"model has {' and '.join(others)} parameters (autocast leaves float64 alone; half-precision weights "
+                "round each update away): keep float32 parameters (model.float()), or train with mixed_precision='no'"
+            )
+    return dtype
+
+
+def autocast_to(dtype: torch.dtype | None, device: torch.device) -> contextlib.AbstractContextManager:
+    """``torch.autocast`` to ``dtype`` on ``device``'s type, or nothing for ``dtype=None`` (the model's own
+    precision): what a trainer's mixed-precision passes run in."""
+    return contextlib.nullcontext() if dtype is None else torch.autocast(device.type, dtype=dtype)
 
 
 @dataclass
@@ -54,6 +87,10 @@ class OptimizerStep:
         micro_batches: K, the number of micro-batches the batch is run in (gradient accumulation;
             1: the whole batch at once), at most the batch size.
         phase: a label for trainers with several optimizers ("generator", "discriminator").
+        autocast_dtype: run the forward and ``loss_fn`` under ``torch.autocast`` to this dtype
+            (``torch.bfloat16``, ``torch.float16``) on the model's device type, as a mixed-precision
+            loop does (the parameters, their gradients and the update stay in the model's dtype);
+            None (default): in the model's own precision.
         info: free-form extras for analyzers (timesteps, latents, ...).
         applied: whether the update is in the parameters (set by :meth:`apply_update`; a tracker that
             rolls the step back after a failure sets it back to False), so that a trainer whose step
@@ -70,6 +107,7 @@ class OptimizerStep:
     micro_batches: int = 1
     phase: str = "train"
     info: dict[str, Any] = field(default_factory=dict)
+    autocast_dtype: torch.dtype | None = None
     clip_factor: float = field(default=1.0, init=False)
     losses: torch.Tensor | None = field(default=None, init=False)
     applied: bool = field(default=False, init=False)
@@ -89,6 +127,9 @@ class OptimizerStep:
                 shape = getattr(self.weights, "shape", type(self.weights).__name__)
                 raise ValueError(f"weights must be a Tensor of shape [{self.batch}] (one c_n per example), got {shape}")
         check_max_grad_norm(self.max_grad_norm)
+        if self.autocast_dtype not in AUTOCAST_DTYPES:
+            raise ValueError(f"autocast_dtype must be one of {AUTOCAST_DTYPES} (None: the model's own precision), "
+                             f"got {self.autocast_dtype!r}")
         if isinstance(self.micro_batches, bool) or not isinstance(self.micro_batches, numbers.Integral) \
                 or self.micro_batches < 1:
             raise ValueError(f"micro_batches must be a positive int (1: no gradient accumulation), got {self.micro_batches!r}")
@@ -203,14 +244,15 @@ class OptimizerStep:
         """The forward on ``inputs`` (rows ``rows`` of the batch: one micro-batch, or the batch): the
         model's output tensor and the per-example losses ``[size]`` with their graph, checked."""
         size = rows.stop - rows.start
-        try:
-            outputs = output_tensor(self.model(*inputs))
-        except Exception as error:
-            if not not_fitting_inputs(error):
-                raise
-            shapes = [tuple(t.shape) for t in inputs]
-            raise ValueError(f"inputs of shapes {shapes} do not fit {type(self.model).__name__}: {error}") from error
-        losses = self.loss_fn(outputs, targets)
+        with self.precision():
+            try:
+                outputs = output_tensor(self.model(*inputs))
+            except Exception as error:
+                if not not_fitting_inputs(error):
+                    raise
+                shapes = [tuple(t.shape) for t in inputs]
+                raise ValueError(f"inputs of shapes {shapes} do not fit {type(self.model).__name__}: {error}") from error
+            losses = self.loss_fn(outputs, targets)
         if isinstance(losses, torch.Tensor) and torch.is_grad_enabled() and not losses.requires_grad:
             raise ValueError(
                 "loss_fn returned losses that do not depend on the model's parameters (detached, or computed under "
@@ -227,6 +269,11 @@ class OptimizerStep:
             bad = (torch.nonzero(~torch.isfinite(losses)).flatten() + rows.start).tolist()
             raise NonFiniteError(f"non-finite loss at examples {bad[:10]}")
         return outputs, losses
+
+    def precision(self) -> contextlib.AbstractContextManager:
+        """The context the step's forward and loss run in: :func:`autocast_to` :attr:`autocast_dtype` on the
+        model's device."""
+        return autocast_to(self.autocast_dtype, floating_parameter(self.model).device)
 
     def apply_update(self) -> None:
         """The real ``optimizer.step()``; a step is applied once."""

@@ -129,6 +129,11 @@ def _least_precise(entries: list[dict[str, Any]]) -> torch.dtype | None:
     return max(precisions, key=lambda p: torch.finfo(p).eps) if precisions else None
 
 
+def _autocast_devices() -> list[str]:
+    """The device types ("cpu", "cuda") on which ``torch.autocast`` is on here."""
+    return [device for device in ("cpu", "cuda") if torch.is_autocast_enabled(device)]
+
+
 def _precision_name(entries: list[dict[str, Any]]) -> str | None:
     """:func:`_least_precise` by name ("bfloat16", "float16"), or None."""
     precision = _least_precise(entries)
@@ -315,7 +320,10 @@ class PathKernelTracker:
             optimizer and left in the residual, so the residual reports the precision's cost
             (docs/observing.md, "Mixed precision"). The tracker's own passes (probes,
             contributions, checks) run in the model's precision. Owned steps (:meth:`step`,
-            :meth:`track`) stay refused under autocast.
+            :meth:`track`) run under autocast (a step's ``autocast_dtype``: the built-in trainers'
+            ``mixed_precision="bf16"``, or the caller's ``with torch.autocast``) are split the same
+            way, from their own graph (the dense group state), their seed known: one more backward of
+            each micro-batch is the witness.
 
     Under torch.distributed, pass the DistributedDataParallel-wrapped model and each rank's shard:
     the ranks' group gradients are averaged as DDP averages gradients, so every rank keeps the
@@ -589,7 +597,12 @@ class PathKernelTracker:
         together = StepAgreement(self.distributed, "this step", points=3)  # a NonFiniteError gets the index below
         try:
             ids = self.partitions.check(groups, step.batch)
-            self._check_before(owned=True)
+            self._check_before(owned=True, autocast_dtype=step.autocast_dtype)
+            # Under mixed_precision="observe" a step run under autocast (its own, a trainer's mixed_precision,
+            # or the caller's) takes its group rows from its half-precision graph, as an observed loop's are.
+            half = step.autocast_dtype is not None or bool(_autocast_devices())
+            if half:
+                self._need_dense("a step run under torch.autocast")
         except BaseException as error:
             together.failed(error)
             raise
@@ -602,15 +615,24 @@ class PathKernelTracker:
         ).to(torch.float64)
         try:
             # 1. ĝ_{k,g} = Σ_{n ∈ g} c_n ∇ℓ_n at θ_k (from the step's own graph or layer factors, or a second pass).
-            if self.route.uses_graph():
-                box: dict[str, Any] = {}
+            if self.route.uses_graph() or half:
+                box: dict[str, Any] = {"entries": [], "witness": None}
 
                 def from_graph(graph_losses: torch.Tensor) -> None:
                     # one micro-batch's rows (the whole batch without accumulation), summed over them
-                    self._check_precision(graph_losses, owned=True)
+                    precision = self._check_precision(graph_losses, owned=True, autocast_dtype=step.autocast_dtype)
                     rows = step.rows
-                    part = self.route.graph_gradients(graph_losses, {n: v[rows] for n, v in ids.items()},
-                                                      coefficients[rows])
+                    rows_ids = {n: v[rows].to(graph_losses.device) for n, v in ids.items()}
+                    if precision is None:
+                        part = self.route.graph_gradients(graph_losses, rows_ids, coefficients[rows])
+                        entry = {"precision": None, "witness": []}
+                    else:  # the step's own seed: c_n, times its loss scale (none here), as _micro_batch_loss's backward
+                        part, witness = self._half_precision_rows(graph_losses, rows_ids,
+                                                                  coefficients[rows].to(graph_losses.device),
+                                                                  precision, seed_scales=(1.0,))
+                        entry = {"precision": precision, "witness": witness}
+                    box["entries"].append(entry)
+                    self._fold_witness(box, entry)
                     if "grads" in box:
                         for name, g in part.items():
                             box["grads"][name] += g
@@ -622,6 +644,7 @@ class PathKernelTracker:
                 losses = step.compute_gradients(from_graph)
                 with torch.no_grad():
                     gradients = self.route.from_graph(box["grads"], losses, step)
+                precision_entries, witnesses = box["entries"], box["witness"] or []
             else:
                 # Hooks inside a compiled forward would change what torch.compile traces, and a capture
                 # records one forward: the group gradients of a compiled model's step, or of a step run in
@@ -630,19 +653,26 @@ class PathKernelTracker:
                 recorded = TrainingCapture.idle() if own_pass else self.route.recording(step.inputs)
                 with recorded:  # stops recording before the backward
                     losses = step.compute_gradients(lambda graph_losses: (
-                        recorded.stop(graph_losses), self._check_precision(graph_losses, owned=True),
+                        recorded.stop(graph_losses), self._refuse_hidden_precision(graph_losses),
                         self._check_separate_losses(graph_losses, step.outputs),
                         together.passed() if step.rows.start == 0 else None))
                 with torch.no_grad(), analysis_mode(self.module), torch.enable_grad():
                     gradients = self.route.gradients(step, ids, coefficients.to(losses.device), recorded)
+                precision_entries, witnesses = [], []
             pending = self._begin(index, step.phase, ids, theta_before, saved, gradients, losses, step.clip_factor,
-                                  self.rtol, [])
+                                  self._precision_rtol(precision_entries), witnesses)
             # 2. The real optimizer step.
             step.apply_update()
             result, after = self._finish(pending)
+            scale_entry = None
+            if _least_precise(precision_entries) is not None:  # (the entry an observed step's would be)
+                scale_entry = {"step": index, "scale": step.clip_factor, "micro_batches": step.micro_batches,
+                               "scale_times_micro_batches": step.clip_factor * step.micro_batches,
+                               "dropped_micro_batches": 0, "gradient_precision": _precision_name(precision_entries)}
+                self._note_precision_cost(pending, result, after, scale_entry)
             together.passed()
             # 6. Record: every ledger, the group state and the EMA's displacement, all or nothing.
-            self._commit(pending, result, after)
+            self._commit(pending, result, after, scale_entry=scale_entry, owned=True)
         except BaseException as error:
             together.failed(error)
             applied = step.applied
@@ -1095,7 +1125,7 @@ class PathKernelTracker:
             )
         return ids, grads, precision, witnesses, coefficients
 
-    def _half_precision_rows(self, losses, ids, coefficients, precision):
+    def _half_precision_rows(self, losses, ids, coefficients, precision, seed_scales=None):
         """The group rows of a micro-batch whose gradients pass through ``precision`` (float16,
         bfloat16), and its witnesses: the batch's own backward ∇ Σ_n s c_n ℓ_n / s, one more pass
         through the same graph per seed scale s, rounded as the loop's backward rounds it whatever the
@@ -1104,8 +1134,8 @@ class PathKernelTracker:
         scaled by ``HALF_ROW_SCALE`` (a power of two, divided out exactly; lowered while a row
         overflows), as GradScaler scales the loop's: unscaled, gradients under float16's normal range
         (6e-5) lose their digits; its witnesses are taken unscaled and at that scale (a loop with and
-        without GradScaler). Returns ``(rows, [witness, ...])``; no witness under DDP (the step is then
-        checked against the groups alone)."""
+        without GradScaler); ``seed_scales``: those scales instead (an owned step knows its own). Returns
+        ``(rows, [witness, ...])``; no witness under DDP (the step is then checked against the groups alone)."""
         boost = HALF_ROW_SCALE if precision == torch.float16 else 1.0
         while True:
             grads = self.route.graph_gradients(losses, ids, coefficients * boost)
@@ -1116,7 +1146,7 @@ class PathKernelTracker:
             g.div_(boost)
         witnesses = []
         if self.distributed is None:
-            for seed_scale in sorted({1.0, boost}):
+            for seed_scale in sorted({1.0, boost} if seed_scales is None else set(seed_scales)):
                 rows = torch.autograd.grad(losses, list(self.params.values()),
                                            grad_outputs=(coefficients * seed_scale).to(losses.dtype),
                                            retain_graph=True, allow_unused=True)
@@ -1302,7 +1332,7 @@ class PathKernelTracker:
             return
         try:
             result, after = self._finish(pending)
-            self._note_precision_cost(pending, result, after)
+            self._note_precision_cost(pending, result, after, self._scale_entry)
             self._together.passed()
             self._commit(pending, result, after, scale_entry=self._scale_entry)
         except BaseException as error:
@@ -1312,21 +1342,22 @@ class PathKernelTracker:
         self.step_observations = self._step_numbers
         self._recorded(result)
 
-    def _note_precision_cost(self, pending: "_StepInProgress", result: StepContributions, after: "_After") -> None:
+    def _note_precision_cost(self, pending: "_StepInProgress", result: StepContributions, after: "_After",
+                             entry: dict[str, Any]) -> None:
         """A half-precision step's relative residual ‖R_k‖ / ‖f(θ_{k+1}) − f(θ_k)‖ at the probes, into its
-        ``gradient_scales`` entry (``relative_residual``), and a RuntimeWarning (once per tracker) when it
+        ``gradient_scales`` ``entry`` (``relative_residual``), and a RuntimeWarning (once per tracker) when it
         exceeds :data:`PRECISION_WARNING`: the step's change is then mostly what its groups do not add up
         to (its rounding row), and its shares say little. The ledger is recorded either way."""
-        if self._scale_entry.get("gradient_precision") is None:
+        if entry.get("gradient_precision") is None:
             return
         change, residual = float((after[0] - pending.f_before).norm()), float(result.residual.norm())
         relative = residual / change if change > 0 else (0.0 if residual == 0 else math.inf)
-        self._scale_entry["relative_residual"] = relative
+        entry["relative_residual"] = relative
         if relative > PRECISION_WARNING and not self._precision_warned:
             self._precision_warned = True
             warnings.warn(
                 f"step {pending.index}: its residual at the probes is {relative:.3g} times its change: in "
-                f"{self._scale_entry['gradient_precision']} the groups' gradients miss the real one by a rounding "
+                f"{entry['gradient_precision']} the groups' gradients miss the real one by a rounding "
                 "that this step magnified (Adam divides by sqrt(v) + eps where that rounding is most of v), so its "
                 "shares say little. Read gradient_scales[*]['relative_residual'] and the ledger's residual before "
                 "the shares; a larger Adam eps or a float32 window avoids it (shown once per tracker)",
@@ -1455,7 +1486,7 @@ class PathKernelTracker:
                                   updates, result.sketch_error), (f_after, theta_after))
 
     def _commit(self, pending: "_StepInProgress", result: StepContributions, after: "_After",
-                scale_entry: dict[str, float] | None = None) -> None:
+                scale_entry: dict[str, float] | None = None, *, owned: bool = False) -> None:
         """Record a checked step, all or nothing: every partition's ledger, then the route's new group
         state, the EMA's displacement, f(θ_{k+1}) and θ_{k+1} (``after``).
 
@@ -1485,11 +1516,12 @@ class PathKernelTracker:
         self._f_prev = f_after
         self._theta_after = theta_after
         self._buffers_after = self._copy_buffers()
-        if scale_entry is not None:  # an observed step: the loop zeroes or keeps its gradients as it likes
+        if scale_entry is not None:  # an observed step, or an owned one split from half-precision gradients
             self.gradient_scales.append(scale_entry)
-            self._grad_marks = None
-        else:
+        if owned:
             self._grad_marks = {n: (id(p.grad), p.grad._version) for n, p in self.params.items() if p.grad is not None}
+        else:  # an observed step: the loop zeroes or keeps its gradients as it likes
+            self._grad_marks = None
         self._broken = None
 
     def _roll_back(self, error: BaseException, index: int, phase: str, saved, theta_before, *, applied: bool) -> None:
@@ -1510,10 +1542,13 @@ class PathKernelTracker:
             error.add_note(note)
 
     # -- all-or-nothing steps -------------------------------------------------------------------
-    def _check_precision(self, losses: torch.Tensor | None = None, *, owned: bool = False) -> torch.dtype | None:
+    def _check_precision(self, losses: torch.Tensor | None = None, *, owned: bool = False,
+                         autocast_dtype: torch.dtype | None = None) -> torch.dtype | None:
         """Refuse half precision in the training pass; under ``mixed_precision="observe"`` an observed
-        micro-batch's ``losses`` may come from one: returns the half-precision dtype its gradients
-        passed through (None: the model's own precision, or nothing to tell yet)."""
+        micro-batch's ``losses``, or an owned step's (``owned``; ``autocast_dtype``: the dtype the step
+        runs its own forward under autocast to, :attr:`OptimizerStep.autocast_dtype`), may come from one:
+        returns the half-precision dtype its gradients passed through (None: the model's own precision,
+        or nothing to tell yet)."""
         half = sorted({str(p.dtype).replace("torch.", "") for p in self.params.values() if p.dtype in LOW_PRECISION})
         if half:
             raise RuntimeError(
@@ -1524,28 +1559,28 @@ class PathKernelTracker:
                 "'bf16-true'), or track in float32 / float64"
             )
         wrapped = hasattr(self.module, "_original_forward") or hasattr(self.model, "_original_forward")
-        autocast = [device for device in ("cpu", "cuda") if torch.is_autocast_enabled(device)]
+        autocast = _autocast_devices()
         low = losses is not None and losses.dtype in LOW_PRECISION
         # A float32 loss from a forward run under autocast (the loop's `with` block closed before
         # observe(), or autocast inside the model's forward): the gradients pass through half precision.
         hidden = None if (wrapped or autocast or low or losses is None) else low_precision_in_graph(losses)
         precision = None
-        if wrapped or autocast or low or hidden is not None:
-            if self.mixed_precision != "observe" or owned:
+        if wrapped or autocast or low or hidden is not None or autocast_dtype is not None:
+            if self.mixed_precision != "observe":
                 where = "the model's forward is wrapped in autocast (accelerate's mixed_precision)" if wrapped else (
                     "autocast is on" if autocast else f"the losses are {losses.dtype}" if low else
-                    f"the losses' graph runs in {hidden}: the forward ran under torch.autocast or in half precision")
-                fix = ("owned steps (tracker.step, tracker.track, the built-in trainers) run in the model's precision: "
-                       "train them outside torch.autocast, or observe a loop of your own with "
-                       "mixed_precision='observe'") if owned else (
-                       "or split the half-precision gradients of a loop you observe: PathKernelTracker(..., "
-                       "mixed_precision='observe') (an analyzer takes the same option; the residual then reports "
-                       "the rounding, docs/observing.md)")
+                    f"the losses' graph runs in {hidden}: the forward ran under torch.autocast or in half precision"
+                    if hidden is not None else f"the step runs its forward under torch.autocast to "
+                    f"{str(autocast_dtype).removeprefix('torch.')} (a trainer's mixed_precision)")
+                full = ("train the tracked steps in full precision: the built-in trainers' mixed_precision='no', or "
+                        "outside torch.autocast") if owned else (
+                        "track a window in full precision: build the Accelerator with mixed_precision='no' (Lightning: "
+                        "Trainer(precision='32-true')), or run the tracked steps outside torch.autocast (a GradScaler "
+                        "on float32 training is followed)")
                 raise RuntimeError(
                     f"mixed precision is not supported here ({where}): the ledger must reproduce each update exactly. "
-                    "Track a window in full precision: build the Accelerator with mixed_precision='no' (Lightning: "
-                    "Trainer(precision='32-true')), or run the tracked steps outside torch.autocast (a GradScaler on "
-                    f"float32 training is followed); {fix}"
+                    "Split the half-precision gradients: PathKernelTracker(..., mixed_precision='observe') (an analyzer "
+                    f"takes the same option; the residual then reports the rounding, docs/observing.md); or {full}"
                 )
             if losses is not None:
                 # The dtype the gradients were rounded to: the losses', else the half precision the graph records
@@ -1553,7 +1588,7 @@ class PathKernelTracker:
                 # nothing), else, where the graph keeps no record of dtypes, autocast's. None where nothing shows
                 # it: the step is then checked at the model's precision (a half-precision gradient fails that
                 # check: refused, never booked loosely).
-                unrecorded = torch.get_autocast_dtype(autocast[0]) if autocast else None
+                unrecorded = torch.get_autocast_dtype(autocast[0]) if autocast else autocast_dtype
                 precision = losses.dtype if low else (hidden or low_precision_in_graph(losses, unrecorded))
         tf32 = tf32_hazard(self.module)
         if tf32 is not None:
@@ -1565,9 +1600,24 @@ class PathKernelTracker:
             )
         return precision
 
-    def _check_before(self, *, owned: bool) -> None:
+    def _refuse_hidden_precision(self, losses: torch.Tensor) -> None:
+        """An owned step on a route that takes its group gradients from a pass of its own (in the model's
+        precision, not the training graph's): refuse a graph that runs in half precision all the same
+        (autocast inside the model's forward: nothing before the forward showed it)."""
+        precision = self._check_precision(losses, owned=True)
+        if precision is not None:
+            raise RuntimeError(
+                f"the step's graph runs in {str(precision).removeprefix('torch.')} (autocast or a half-precision cast "
+                f"inside the model's forward), but this tracker's route (group_state={self.group_state!r}) takes its "
+                "group gradients from a pass of its own in the model's precision, which cannot follow that rounding: "
+                "build the tracker with group_state='dense' and gradient_route='graph' (rows from the step's own "
+                "graph), or run the autocast around the model (a step's autocast_dtype, a trainer's "
+                "mixed_precision='bf16'), which the tracker sees before the forward"
+            )
+
+    def _check_before(self, *, owned: bool, autocast_dtype: torch.dtype | None = None) -> None:
         """Everything that can be refused before the training forward (or the observed step) changes anything."""
-        self._check_precision(owned=owned)
+        self._check_precision(owned=owned, autocast_dtype=autocast_dtype)
         if self.route.uses_graph():
             check_analysis_safe(self.module)
         else:
