@@ -26,6 +26,9 @@ def test_the_gpu_check_runs_in_its_tiny_cpu_mode(tmp_path):
     phases = {row["phase"]: row for row in diffusion["phases"]}  # one more step, timed phase by phase
     assert {"training forward + backward", "split: group updates and state", "probe forwards"} <= set(phases)
     assert all(row["seconds"] >= 0 and "peak_allocated_bytes" not in row for row in phases.values())  # CUDA only
+    half = diffusion["bf16"]  # the same steps in bfloat16, split by the analyzer (old code: no such block)
+    assert half["tracked_steps"] == 3 and half["gradient_precision"] == ["bfloat16"] and half["training_unchanged"]
+    assert half["ratio"] > 1 and half["relative_residual"] < 0.1
     gan = written["gan"]
     assert gan["training_unchanged"] and gan["bare_runs_identical"] and gan["ratio"] > 1
     assert written["exact_mode"]["matmul_precision"] == "highest"  # torch's default on the CPU, untouched

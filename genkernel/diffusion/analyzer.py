@@ -168,9 +168,9 @@ class NoiseLevelAnalyzer(TrainerCallback):
             (:class:`~genkernel.core.PathKernelTracker`): "auto"/"dense"/"sketched", float64 or (for a
             float32 model) float32 group state, "refuse" or "warn" for a cost estimate above the free
             memory (the estimate can be high on CUDA: "warn" builds the tracker anyway), and "refuse"
-            or "observe" for a loop of your own whose forward runs under ``torch.autocast`` (its
-            half-precision gradients split, the rounding left in the residual; docs/observing.md,
-            "Mixed precision"; the built-in trainers' owned steps stay in the model's precision).
+            or "observe" for steps whose forward runs under ``torch.autocast``, a loop of your own or
+            ``DDPMTrainer(mixed_precision="bf16")`` (their half-precision gradients split, the rounding
+            left in the residual; docs/observing.md, "Mixed precision").
         ema_ledger: attached to a trainer that keeps an EMA of the weights (``DDPMTrainer(ema=)``),
             "trainer" (default) keeps a second ledger for the EMA weights, the ones people sample from
             (the dense route; two more float64 copies of the parameters per group row); "none" keeps

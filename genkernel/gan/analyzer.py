@@ -225,8 +225,10 @@ class GANKernelAnalyzer(TrainerCallback):
             the loop's own graph in G's dtype, the probes' geometry, the field and every pass through D
             run in the networks' own precision, and the first generator micro-batch's losses are
             compared with ``generator_loss`` repeated under autocast at two eps of that precision.
-            Owned steps (:class:`GANTrainer`, :meth:`perform`) are refused under autocast either way
-            (docs/observing.md, "Mixed precision").
+            Owned steps under autocast (``GANTrainer(mixed_precision="bf16")``, :meth:`perform` inside
+            the caller's autocast) are refused under the default and split under "observe", their
+            batch geometry from a pass run as training's forward runs (docs/observing.md, "Mixed
+            precision").
         track_steps: ``(first, last)`` generator steps (1-based, inclusive) to track under a built-in
             trainer (``GANTrainer``): the discriminator steps of those iterations (the ones before each
             of those generator steps) and the generator steps themselves. Steps before ``first`` run

@@ -9,8 +9,10 @@ On a CUDA device (``make gpu-check``), within ``--budget`` seconds (8 minutes by
 2. the DDPM CIFAR-10 UNet (35.7M parameters) under the noise-level analyzer: 10 log-SNR bins, one
    control partition, 100 probes, float32 group state, a few tracked steps against bare steps
    (interleaved): seconds per step, their ratio, the peak memory against the cost estimate, a
-   second bare run, the residual under Simpson and six Gauss–Legendre nodes, and one step timed
-   phase by phase with each phase's peak of allocated bytes (to fit the estimate's parts to);
+   second bare run, the residual under Simpson and six Gauss–Legendre nodes, one step timed
+   phase by phase with each phase's peak of allocated bytes (to fit the estimate's parts to), and
+   the same steps in bfloat16 (``DDPMTrainer(mixed_precision="bf16")``, the analyzer splitting
+   them: ``bf16``, seconds, ratio, residual, training unchanged);
 3. the DCGAN at 64×64 (BatchNorm in training mode) under the GAN analyzer in an observed loop:
    seconds per iteration with and without the analyzer, peak memory.
 
@@ -164,14 +166,15 @@ def _diffusion_benchmark(device: torch.device, s: dict, deadline: float) -> dict
     # analyzed one the bare trainer, which the interleaved timing below still needs).
     before = _allocated(device)
 
-    def make_trainer(callbacks=()):
+    def make_trainer(callbacks=(), mixed_precision="no"):
         return DDPMTrainer(model(), scheduler, data, batch_size=s["batch"], lr=s["lr"], progress=False,
-                           callbacks=list(callbacks))
+                           callbacks=list(callbacks), mixed_precision=mixed_precision)
 
-    def analyzer_for(quadrature: str):
+    def analyzer_for(quadrature: str, mixed_precision="refuse"):
         made = NoiseLevelAnalyzer(scheduler, data[:32], num_bins=s["bins"], num_probes=s["probes"], controls=s["controls"],
                                   kernel_points=2, kernel_sketch=1, snapshot_every=0, state_dtype=torch.float32,
-                                  quadrature=quadrature, memory_budget=analysis_budget(device), progress=False)
+                                  quadrature=quadrature, memory_budget=analysis_budget(device), progress=False,
+                                  mixed_precision=mixed_precision)
         made.record_kernel = lambda: None  # the kernel structure is not part of a step
         return made
 
@@ -188,17 +191,16 @@ def _diffusion_benchmark(device: torch.device, s: dict, deadline: float) -> dict
     out["first_step_seconds"] = first
     out["analyzed_peak_bytes"] = None if device.type != "cuda" else _peak(device) - before
     out["estimate"] = analyzer.tracker.cost.as_dict()
-    times = {"bare": [], "analyzed": []}
     steady_peak = None  # on CUDA: the analyzed timed steps' peak, above the same baseline as the first step's
-    for _ in range(s["steps"]):
-        if times["analyzed"] and time.perf_counter() + 1.5 * (times["bare"][-1] + times["analyzed"][-1]) > deadline:
-            out["stopped_early"] = "the time budget"
-            break
-        for label, trainer in (("bare", bare), ("analyzed", tracked)):
-            _reset_peak(device)
-            times[label].append(synced_seconds(device, functools.partial(trainer.train, 1)))
-            if label == "analyzed" and device.type == "cuda":
-                steady_peak = max(steady_peak or 0, _peak(device) - before)
+
+    def analyzed_peak(label):
+        nonlocal steady_peak
+        if label == "analyzed" and device.type == "cuda":
+            steady_peak = max(steady_peak or 0, _peak(device) - before)
+
+    times = _interleaved_steps(device, {"bare": bare, "analyzed": tracked}, s["steps"], deadline, after=analyzed_peak)
+    if len(times["bare"]) < s["steps"]:
+        out["stopped_early"] = "the time budget"
     out["analyzed_steady_peak_bytes"] = steady_peak  # the first step's (above) carries the analyzer's binding
     out["seconds_per_step"] = {k: statistics.median(v) for k, v in times.items()}
     out["ratio"] = out["seconds_per_step"]["analyzed"] / out["seconds_per_step"]["bare"]
@@ -246,7 +248,46 @@ def _diffusion_benchmark(device: torch.device, s: dict, deadline: float) -> dict
         out["phases"] = clock.table()
     else:
         out["phases"] = "not run: the time budget"
+    # The same UNet as a GPU user trains it, in bfloat16 (DDPMTrainer(mixed_precision="bf16")), the analyzer
+    # splitting its half-precision steps (mixed_precision="observe"): bare and analyzed steps interleaved as above.
+    if time.perf_counter() + 2 * steps * per_step < deadline:
+        del tracked, analyzer
+        half_bare = make_trainer(mixed_precision="bf16")
+        half_analyzer = analyzer_for("midpoint", mixed_precision="observe")
+        half_tracked = make_trainer([half_analyzer], mixed_precision="bf16")
+        half_first = {label: synced_seconds(device, functools.partial(trainer.train, 1))
+                      for label, trainer in (("bare", half_bare), ("analyzed", half_tracked))}
+        half_times = _interleaved_steps(device, {"bare": half_bare, "analyzed": half_tracked}, s["steps"], deadline)
+        seconds = {k: statistics.median(v) for k, v in half_times.items()}
+        out["bf16"] = {
+            "first_step_seconds": half_first, "seconds_per_step": seconds,
+            "ratio": seconds["analyzed"] / seconds["bare"],
+            "bare_over_float32_bare": seconds["bare"] / out["seconds_per_step"]["bare"],
+            "tracked_steps": half_analyzer.ledger.steps, "relative_residual": half_analyzer.ledger.relative_residual(),
+            "per_step_relative_residual": [e.get("relative_residual") for e in half_analyzer.tracker.gradient_scales],
+            "gradient_precision": sorted({str(e.get("gradient_precision")) for e in half_analyzer.tracker.gradient_scales}),
+            "training_unchanged": parameters_equal(half_bare, half_tracked),
+        }
+    else:
+        out["bf16"] = "not run: the time budget"
     return out
+
+
+def _interleaved_steps(device: torch.device, trainers: dict, steps: int, deadline: float, after=None) -> dict:
+    """``{label: [seconds, ...]}``: up to ``steps`` rounds of one step of each trainer in turn (interleaved, so
+    the machine's load falls on all alike), stopping before a round the ``deadline`` would cut (at least one
+    round); ``after(label)`` runs after each timed step (a peak reading), the peak reset before it."""
+    times = {label: [] for label in trainers}
+    for _ in range(steps):
+        last = sum(v[-1] for v in times.values() if v)
+        if last and time.perf_counter() + 1.5 * last > deadline:
+            break
+        for label, trainer in trainers.items():
+            _reset_peak(device)
+            times[label].append(synced_seconds(device, functools.partial(trainer.train, 1)))
+            if after is not None:
+                after(label)
+    return times
 
 
 def main(argv=None) -> dict:
