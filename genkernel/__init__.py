@@ -7,6 +7,7 @@ from .core import (
     OptimizerStep,
     PathKernelLedger,
     PathKernelTracker,
+    SkippedStep,
     StepContributions,
     TrainerCallback,
     gradient_kernel,
@@ -19,6 +20,6 @@ from .core import (
 __version__ = "0.1.0"
 __all__ = [
     "LedgerCheckError", "NetShares", "NonFiniteError", "OptimizerStep", "PathKernelLedger", "PathKernelTracker",
-    "StepContributions", "TrainerCallback", "gradient_kernel", "normalize_kernel", "perform_step",
+    "SkippedStep", "StepContributions", "TrainerCallback", "gradient_kernel", "normalize_kernel", "perform_step",
     "set_exact_cuda_mode", "tangent_features",
 ]

@@ -175,10 +175,11 @@ def test_a_default_analyzer_refuses_a_bf16_trainer_before_anything_moves():
 
 
 def test_trainer_precision_settings_are_checked_and_kept_in_checkpoints(tmp_path):
-    with pytest.raises(ValueError, match="GradScaler"):
-        _ddpm("fp16")
     with pytest.raises(ValueError, match="mixed_precision must be one of"):
         _ddpm(torch.bfloat16)
+    with pytest.raises(TypeError, match="torch.amp.GradScaler"):
+        OptimizerStep(_mlp(), torch.optim.SGD(_mlp().parameters(), lr=0.1), _loss, torch.zeros(2, 5),
+                      torch.zeros(2, 2), grad_scaler=object())
     scheduler = make_scheduler(num_train_timesteps=100)
     with pytest.raises(ValueError, match="float64 parameters"):
         DDPMTrainer(tiny_unet(sample_size=8, in_channels=1, channels=(8, 16)).double(), scheduler,
@@ -194,10 +195,13 @@ def test_trainer_precision_settings_are_checked_and_kept_in_checkpoints(tmp_path
         other.resume()
 
 
-def test_the_gan_trainer_trains_in_bf16_with_the_analyzer_as_without_it():
-    """GANTrainer(mixed_precision='bf16'), DCGAN-like pair with BatchNorm: both networks bit for bit the
-    trainer's without the analyzer (and not the float32 run's), every step of both players booked in
-    bfloat16, identities closed; a default analyzer refuses at the first step with both players as before."""
+@pytest.mark.parametrize("mixed_precision", ["bf16", "fp16"])
+def test_the_gan_trainer_trains_in_half_precision_with_the_analyzer_as_without_it(mixed_precision):
+    """GANTrainer(mixed_precision=), DCGAN-like pair with BatchNorm: both networks bit for bit the trainer's
+    without the analyzer (and not the float32 run's), every step of both players booked at its precision,
+    identities closed; fp16's one GradScaler, started at 2^30, skips the discriminator steps that overflow
+    (drawn again) the same way with the analyzer; a default analyzer refuses at the first step with both
+    players as before."""
     sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
     from test_gan_observe import NZ, TinyD, TinyG
 
@@ -211,22 +215,117 @@ def test_the_gan_trainer_trains_in_bf16_with_the_analyzer_as_without_it():
             g, d, probes, num_groups=2, window=STEPS, eval_every=1, state_dtype=torch.float32, **analyzer_kwargs)]
         trainer = GANTrainer(g, d, data, latent_dim=NZ, batch_size=8, mixed_precision=mixed_precision,
                              callbacks=callbacks)
+        if trainer.grad_scaler is not None:
+            trainer.grad_scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 30)
         return trainer, (callbacks[0] if callbacks else None)
 
-    plain, _ = run("bf16")
+    plain, _ = run(mixed_precision)
     plain.train(STEPS)
-    trainer, analyzer = run("bf16", dict(mixed_precision="observe"))
+    trainer, analyzer = run(mixed_precision, dict(mixed_precision="observe"))
     trainer.train(STEPS)
     full, _ = run("no")
     full.train(STEPS)
     networks = lambda t: [*t.generator.parameters(), *t.discriminator.parameters()]  # noqa: E731
     assert all(torch.equal(a, b) for a, b in zip(networks(plain), networks(trainer)))
     assert any(not torch.equal(a, b) for a, b in zip(networks(full), networks(trainer)))
+    name = {"bf16": "bfloat16", "fp16": "float16"}[mixed_precision]
     for tracker in (analyzer.g_tracker, analyzer.d_tracker):
         assert tracker.ledger.steps == STEPS and _identity_gap(tracker.ledger) < 1e-12
-        assert [e["gradient_precision"] for e in tracker.gradient_scales] == ["bfloat16"] * STEPS
-    refused, _ = run("bf16", {})
+        assert [e["gradient_precision"] for e in tracker.gradient_scales] == [name] * STEPS
+    assert trainer.skipped_steps == plain.skipped_steps and trainer.g_steps == trainer.d_steps_done == STEPS
+    if mixed_precision == "fp16":
+        assert trainer.skipped_steps["discriminator"] > 0  # measured 15
+        assert trainer.grad_scaler.get_scale() == plain.grad_scaler.get_scale()
+    refused, _ = run(mixed_precision, {})
     before = [p.detach().clone() for p in networks(refused)]
     with pytest.raises(RuntimeError, match="mixed_precision='observe'"):
         refused.train(1)
     assert all(torch.equal(a, b) for a, b in zip(before, networks(refused)))
+
+
+def _fp16_ddpm(analyzer_kwargs=None, *, init_scale=2.0 ** 20, **scaler_kwargs):
+    """A DDPMTrainer in fp16 whose GradScaler starts far too high: its first steps overflow and are skipped."""
+    trainer, analyzer = _ddpm("fp16", analyzer_kwargs)
+    trainer.grad_scaler = torch.amp.GradScaler("cpu", init_scale=init_scale, **scaler_kwargs)
+    return trainer, analyzer
+
+
+def test_the_ddpm_trainer_in_fp16_skips_overflowing_steps_and_the_analyzer_books_the_updates():
+    """DDPMTrainer(mixed_precision='fp16'): a GradScaler at 2^20 skips the steps that overflow (the scale halved
+    each time, nothing updated), train(n) still makes n updates; with the analyzer the UNet and the scaler are
+    bit for bit the same, every update booked in float16 (its witness taken at the scale the step ran at), the
+    identity closed. Old code: no 'fp16'."""
+    plain, _ = _fp16_ddpm()
+    plain.train(STEPS)
+    trainer, analyzer = _fp16_ddpm(dict(mixed_precision="observe"))
+    trainer.train(STEPS)
+    assert plain.skipped_steps > 0 and trainer.skipped_steps == plain.skipped_steps  # measured 3
+    assert trainer.global_step == STEPS and len(trainer.losses) == STEPS
+    assert trainer.grad_scaler.get_scale() == plain.grad_scaler.get_scale() == 2.0 ** (20 - plain.skipped_steps)
+    assert all(torch.equal(a, b) for a, b in zip(plain.model.parameters(), trainer.model.parameters()))
+    ledger = analyzer.ledger
+    assert ledger.steps == STEPS and _identity_gap(ledger) < 1e-12
+    assert [e["gradient_precision"] for e in analyzer.tracker.gradient_scales] == ["float16"] * STEPS
+    assert float(ledger.residual.norm() / ledger.delta.norm()) < 0.1  # measured 0.026
+
+
+def test_an_fp16_run_resumes_bit_for_bit_with_its_scaler(tmp_path):
+    """The checkpoint keeps the GradScaler's scale and growth count and the skipped count: a resumed run is the
+    straight one (UNet, scale, skips)."""
+    straight, _ = _fp16_ddpm()
+    straight.train(4)
+    first, _ = _fp16_ddpm()
+    first.checkpoint_dir = tmp_path
+    first.train(2)
+    first.save_checkpoint()
+    resumed, _ = _fp16_ddpm(init_scale=2.0 ** 16)  # (the checkpoint's scale replaces it)
+    resumed.checkpoint_dir = tmp_path
+    assert resumed.resume()
+    resumed.train(2)
+    assert all(torch.equal(a, b) for a, b in zip(straight.model.parameters(), resumed.model.parameters()))
+    assert resumed.grad_scaler.state_dict() == straight.grad_scaler.state_dict()
+    assert resumed.skipped_steps == straight.skipped_steps
+
+
+def test_a_step_abandoned_after_its_unscale_leaves_the_scaler_as_it_was():
+    """A callback that fails between the gradients (unscaled) and the update: the step is handed back, and the
+    next try unscales again (old scaler state: "unscale_() has already been called"), training as a fresh run."""
+    from genkernel import TrainerCallback
+
+    class FailOnce(TrainerCallback):
+        failed = False
+
+        def wrap_step(self, trainer, step, perform):
+            if not self.failed:
+                self.failed = True
+                step.compute_gradients()
+                raise RuntimeError("refused after the gradients")
+            return perform()
+
+    trainer, _ = _fp16_ddpm(init_scale=2.0 ** 10)
+    trainer.callbacks.append(FailOnce())
+    with pytest.raises(RuntimeError, match="refused after the gradients"):
+        trainer.train(1)
+    trainer.train(2)
+    fresh, _ = _fp16_ddpm(init_scale=2.0 ** 10)
+    fresh.train(2)
+    assert all(torch.equal(a, b) for a, b in zip(fresh.model.parameters(), trainer.model.parameters()))
+    assert trainer.grad_scaler.state_dict() == fresh.grad_scaler.state_dict()
+
+
+def test_gradients_that_overflow_at_every_scale_stop_the_trainer():
+    """A scaler that barely backs off keeps overflowing: 64 skips in a row stop train() with the fixes named,
+    nothing updated."""
+    from genkernel import NonFiniteError
+
+    from genkernel.diffusion import MLPDenoiser
+
+    torch.manual_seed(0)
+    trainer = DDPMTrainer(MLPDenoiser(2, hidden=16, depth=2), make_scheduler(num_train_timesteps=100),
+                          torch.randn(16, 2), batch_size=8, mixed_precision="fp16", progress=False)
+    trainer.grad_scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 60, backoff_factor=0.99)
+    before = [p.detach().clone() for p in trainer.model.parameters()]
+    with pytest.raises(NonFiniteError, match="64 steps in a row.*mixed_precision='bf16'"):
+        trainer.train(1)
+    assert trainer.skipped_steps == 64 and trainer.global_step == 0
+    assert all(torch.equal(a, p) for a, p in zip(before, trainer.model.parameters()))

@@ -23,7 +23,7 @@ from .engine import (
     sketched_tangent_features,
     tangent_features,
 )
-from .errors import LedgerCheckError, NonFiniteError
+from .errors import LedgerCheckError, NonFiniteError, SkippedStep
 from .grouping import Partitions
 from .tracking import (
     GROUP_STATES,
@@ -40,7 +40,7 @@ from .tracking import (
 
 __all__ = [
     "GROUP_STATES", "KernelPlan", "LedgerCheckError", "NetShares", "NonFiniteError", "OptimizerStep", "Partitions",
-    "PathKernelLedger", "PathKernelTracker", "QUADRATURE_RULES", "SUPPORTED_OPTIMIZERS", "StepContributions",
+    "PathKernelLedger", "PathKernelTracker", "QUADRATURE_RULES", "SUPPORTED_OPTIMIZERS", "SkippedStep", "StepContributions",
     "TrainerCallback", "distributed_gradient_kernel", "expected_relative_error", "gradient_kernel", "kernel_plan",
     "normalize_kernel", "perform_step", "set_exact_cuda_mode", "sketched_gradient_kernel", "sketched_tangent_features",
     "tangent_features",

@@ -56,7 +56,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..core.adapter import as_tuple, buffer_snapshot, eval_mode, positive_int, restore_buffers, seeded_generator
-from ..core.errors import NonFiniteError
+from ..core.errors import NonFiniteError, SkippedStep
 from ..core.tracking.callbacks import CallbackStates, TrainerCallback, fire, perform_step
 from ..core.tracking.io import (
     atomic_save, check_module_state, check_optimizer_state, check_resume_config, data_fingerprint, global_rng_state,
@@ -69,7 +69,7 @@ from ..core.tracking.batches import (
     IterableBatches, check_reiterable, class_labels, is_class_labels, split_batch, split_floating_batch,
 )
 from ..core.tracking.lr_schedules import LRSchedulerArg, build_lr_scheduler, lr_scheduler_settings, step_lr_scheduler
-from ..core.tracking.step import OptimizerStep, trainer_autocast_dtype
+from ..core.tracking.step import OptimizerStep, skip_streak_error, trainer_autocast_dtype, trainer_grad_scaler
 from ..logging import LoggingCallback
 from .guidance import ClassDropout, check_guidance_scale, guided_output
 from .learned_variance import LEARNED_RANGE, loss_targets, mean_channels, predicts_variance, training_loss
@@ -150,15 +150,18 @@ class DDPMTrainer:
             factored and sketched group states, dense with gradient_route "example") runs its own
             pass instead, in chunks its memory budget sets: one more forward and backward per step.
         max_grad_norm: global-norm gradient clipping (inf: none).
-        mixed_precision: "no" (default: every pass in the model's dtype) or "bf16": each step's forward
-            and loss run under ``torch.autocast`` to bfloat16 on the model's device type, the weights,
-            their gradients, the optimizer and the EMA in float32 (accelerate's
-            ``mixed_precision="bf16"``; on a GPU with bfloat16 units, faster and lighter). Needs float32
-            parameters (autocast leaves float64 alone). An attached analyzer refuses it unless built with
-            ``mixed_precision="observe"``: it then splits the bfloat16 gradients, and its residual reports
-            the rounding (docs/observing.md, "Mixed precision"). Sampling runs in the model's dtype.
-            (float16 needs a GradScaler, which this trainer does not run: train such a loop yourself and
-            observe it.)
+        mixed_precision: "no" (default: every pass in the model's dtype), "bf16" or "fp16": each step's
+            forward and loss run under ``torch.autocast`` to bfloat16 (float16) on the model's device
+            type, the weights, their gradients, the optimizer and the EMA in float32 (accelerate's
+            ``mixed_precision``; on a GPU, faster and lighter). "fp16" scales the loss with a
+            ``torch.amp.GradScaler`` (:attr:`grad_scaler`, in checkpoints): a step whose scaled gradients
+            overflow is skipped (the scale halved, nothing updated, the EMA and the schedule not
+            stepped, counted in :attr:`skipped_steps`) and the next batch drawn, so :meth:`train` still
+            makes its ``num_steps`` updates (64 skips in a row stop it with a NonFiniteError). Needs
+            float32 parameters (autocast leaves float64 alone). An attached analyzer refuses it unless
+            built with ``mixed_precision="observe"``: it then splits the half-precision gradients, and its
+            residual reports the rounding (docs/observing.md, "Mixed precision"). Sampling runs in the
+            model's dtype.
         timestep_density: how training levels are drawn (:mod:`~genkernel.diffusion.timestep_sampling`):
             "uniform" over the T levels (default), "logit_normal" or "mode" (Stable Diffusion 3's, over
             the grid, as diffusers' SD3 script draws them), "log_normal" (EDM: ln σ ~ N(−1.2, 1.2²),
@@ -244,6 +247,8 @@ class DDPMTrainer:
         self.device, self.dtype = param.device, param.dtype
         self.mixed_precision = mixed_precision
         self.autocast_dtype = trainer_autocast_dtype(mixed_precision, model)
+        self.grad_scaler = trainer_grad_scaler(mixed_precision, self.device)
+        self.skipped_steps = 0  # steps a GradScaler skipped (fp16): no update, not in global_step
         self._stream: IterableBatches | None = None  # iterable data: its batches and their position
         if isinstance(data, torch.Tensor):
             self._init_tensor_data(data, labels, batch_size)
@@ -405,11 +410,25 @@ class DDPMTrainer:
             loss_targets(self.loss_fn, batch["target"], batch["clean"], batch["noisy"], batch["timesteps"]),
             weights=batch.get("weights"),
             max_grad_norm=self.max_grad_norm, micro_batches=min(self.micro_batches, batch["clean"].shape[0]), info=info,
-            autocast_dtype=self.autocast_dtype,
+            autocast_dtype=self.autocast_dtype, grad_scaler=self.grad_scaler,
         )
 
     def train_step(self) -> float:
-        """One update through the callbacks; returns the loss it minimized (the mean, or the weighted
+        """One update through the callbacks (:meth:`attempt_step` until one is made: a GradScaler's skipped steps
+        draw the next batch); returns the loss it minimized."""
+        streak = 0
+        while True:
+            try:
+                return self.attempt_step()
+            except SkippedStep as error:
+                self.skipped_steps += 1
+                streak += 1
+                stop = skip_streak_error(streak, self.grad_scaler, error)
+                if stop is not None:
+                    raise stop from error
+
+    def attempt_step(self) -> float:
+        """One step through the callbacks; returns the loss it minimized (the mean, or the weighted
         mean Σ c_n ℓ_n under a loss weighting). An update made before a callback raised (in its
         ``on_step_end``, an interrupt) is counted and averaged into the EMA as any other: the model
         holds it, and a run continued after the error is the straight one. A step that failed before its
@@ -418,7 +437,8 @@ class DDPMTrainer:
         that error is the straight one too (the global RNG goes back as well: a callback that draws from it
         once, in a step that then fails, draws on from the rewound stream, so give such draws a generator
         of their own). A step skipped for a non-finite loss or gradient
-        (:class:`~genkernel.core.errors.NonFiniteError`) keeps its draws used up, as a GradScaler skips
+        (:class:`~genkernel.core.errors.NonFiniteError`; under "fp16" the GradScaler's
+        :class:`~genkernel.core.errors.SkippedStep`) keeps its draws used up, as a GradScaler skips
         such a step: drawn again, it would fail again."""
         position = self._data_position()
         batch = self.next_batch()
@@ -672,6 +692,8 @@ class DDPMTrainer:
             "callbacks": self._callback_states.save(self.callbacks),
             # dropout and other stochastic layers draw from the global RNG, not the trainer's generator
             "global_rng": global_rng_state(),
+            "grad_scaler": None if self.grad_scaler is None else self.grad_scaler.state_dict(),
+            "skipped_steps": self.skipped_steps,
             "config": self._resume_config(),
         }
 
@@ -717,6 +739,9 @@ class DDPMTrainer:
             self.sample_shape = None if iterable["sample_shape"] is None else tuple(iterable["sample_shape"])
         if "global_rng" in state:
             set_global_rng_state(state["global_rng"])
+        if self.grad_scaler is not None:  # (the config check above: a "fp16" checkpoint has one)
+            self.grad_scaler.load_state_dict(state["grad_scaler"])
+        self.skipped_steps = int(state.get("skipped_steps", 0))
         self._callback_states.load(self.callbacks, state["callbacks"])
 
     def discard_callback_states(self, keys: Sequence[str]) -> None:

@@ -68,7 +68,7 @@ from ..core.tracking.batches import (
     IterableBatches, check_reiterable, dataset_class_labels, is_class_labels, split_floating_batch,
 )
 from ..core.tracking.callbacks import CallbackStates, TrainerCallback, fire, perform_step
-from ..core.errors import NonFiniteError
+from ..core.errors import NonFiniteError, SkippedStep
 from ..core.tracking.io import (
     atomic_save, check_module_state, check_optimizer_state, check_resume_config, data_fingerprint, global_rng_state,
     load_state, set_global_rng_state,
@@ -78,7 +78,8 @@ from ..core.tracking.ema import (
 )
 from ..core.tracking.lr_schedules import LRSchedulerArg, build_lr_scheduler, lr_scheduler_settings, step_lr_scheduler
 from ..core.tracking.step import (
-    OptimizerStep, autocast_to, check_max_grad_norm, micro_batch_rows, trainer_autocast_dtype,
+    OptimizerStep, autocast_to, check_max_grad_norm, micro_batch_rows, skip_streak_error, trainer_autocast_dtype,
+    trainer_grad_scaler,
 )
 from ..logging import LoggingCallback
 from .losses import (
@@ -255,13 +256,18 @@ class GANTrainer:
             :class:`GANKernelAnalyzer` books such steps exactly.
         gp_weight: λ of the gradient penalty (wgan-gp only).
         max_grad_norm: global-norm clipping of both players (inf: none).
-        mixed_precision: "no" (default) or "bf16": both players' training forwards and losses run
-            under ``torch.autocast`` to bfloat16 on their device type, and so does G's pass that
-            generates the discriminator step's fake rows (as accelerate's ``mixed_precision="bf16"``
+        mixed_precision: "no" (default), "bf16" or "fp16": both players' training forwards and losses
+            run under ``torch.autocast`` to bfloat16 (float16) on their device type, and so does G's pass
+            that generates the discriminator step's fake rows (as accelerate's ``mixed_precision``
             wraps G's forward; the rows are read back in float32); weights, gradients, optimizers and the
-            EMA stay float32. Needs float32 networks. An attached :class:`GANKernelAnalyzer` refuses it
-            unless built with ``mixed_precision="observe"``: it then splits both players' bfloat16
-            gradients, and its residuals report the rounding. Sampling runs in the networks' dtype.
+            EMA stay float32. "fp16" scales both players' losses with one ``torch.amp.GradScaler``
+            (:attr:`grad_scaler`, updated after each step as accelerate's is, in checkpoints): a step
+            whose scaled gradients overflow is skipped (the scale halved, nothing updated) and the step
+            drawn again with fresh draws, counted in :attr:`skipped_steps` (64 skips in a row stop
+            training with a NonFiniteError). Needs float32 networks. An attached
+            :class:`GANKernelAnalyzer` refuses it unless built with ``mixed_precision="observe"``: it then
+            splits both players' half-precision gradients, and its residuals report the rounding.
+            Sampling runs in the networks' dtype.
         ema: an exponential moving average of the generator's weights (diffusers' ``EMAModel``,
             ema-pytorch's ``EMA``, ``AveragedModel``), updated after every generator step; checkpoints
             save it, ``sample(..., weights="ema")`` samples with it, and an attached
@@ -453,6 +459,10 @@ class GANTrainer:
         self.mixed_precision = mixed_precision
         self.autocast_dtype = trainer_autocast_dtype(mixed_precision, generator)
         trainer_autocast_dtype(mixed_precision, discriminator)
+        self.grad_scaler = trainer_grad_scaler(mixed_precision, next(generator.parameters()).device)
+        # steps a GradScaler skipped (fp16), per player: no update, not counted in g_steps / d_steps_done
+        self.skipped_steps = {"generator": 0, "discriminator": 0}
+        self._skip_streak = 0
         if ema is not None:
             check_trainable_ema(ema, generator)
         self.ema = ema
@@ -587,8 +597,8 @@ class GANTrainer:
             return discriminator_input_gradients(self.generator, self.g_loss, latents, classes=classes)
 
     # -- steps ---------------------------------------------------------------------------------
-    def discriminator_step(self) -> torch.Tensor:
-        """One discriminator step; returns the per-example losses."""
+    def discriminator_step(self) -> torch.Tensor | None:
+        """One discriminator step; returns the per-example losses (None: a GradScaler skipped it)."""
         rng_before = self.rng.get_state()
         try:
             batch = self._real_batch()
@@ -647,7 +657,7 @@ class GANTrainer:
         step = DiscriminatorStep(
             self.critic, self.d_optimizer, self.d_loss, inputs, roles, weights,
             max_grad_norm=self.max_grad_norm, micro_batches=len(micro), phase="discriminator",
-            autocast_dtype=self.autocast_dtype,
+            autocast_dtype=self.autocast_dtype, grad_scaler=self.grad_scaler,
             info={"roles": roles, "real_labels": real_labels, "discriminator": self.discriminator, "iteration": self.iteration},
         )
         step.micro_rows = [slice(len(parts) * r.start, len(parts) * r.stop) for r in micro]
@@ -696,8 +706,9 @@ class GANTrainer:
             batch["labels"] = labels.long().to(self.device)
         return batch
 
-    def generator_step(self) -> torch.Tensor:
-        """One generator step (D's parameters frozen, its modes kept); returns the per-example losses."""
+    def generator_step(self) -> torch.Tensor | None:
+        """One generator step (D's parameters frozen, its modes kept); returns the per-example losses (None: a
+        GradScaler skipped it)."""
         # the players' buffers too: the training forwards before a failure (micro-batch 0's when micro-batch 1 fails,
         # or the forward whose graph an analyzer refuses) update G's and, D keeping its mode, D's (spectral norm's
         # power iteration, BatchNorm's running statistics): the step run again must start from the same ones
@@ -723,10 +734,10 @@ class GANTrainer:
         return OptimizerStep(
             self.generator, self.g_optimizer, self.g_loss, inputs, targets,
             max_grad_norm=self.max_grad_norm, micro_batches=self.micro_batches, phase="generator", info=info,
-            autocast_dtype=self.autocast_dtype,
+            autocast_dtype=self.autocast_dtype, grad_scaler=self.grad_scaler,
         )
 
-    def _perform(self, step: OptimizerStep, draws: StepDraws) -> torch.Tensor:
+    def _perform(self, step: OptimizerStep, draws: StepDraws) -> torch.Tensor | None:
         """Run ``step`` through the callbacks and count it (``g_steps`` / ``d_steps_done``) once its
         update is in the parameters, also when an error comes after the update (a callback's
         ``on_step_end``, the logging): the counts number the updates made, which analyzers and
@@ -735,9 +746,17 @@ class GANTrainer:
         refusal, an interrupt; :meth:`_undo`), so the step run again (``train()`` again, or after a
         resume from a checkpoint written now) is the one an uninterrupted run makes. A step skipped for a non-finite loss or
         gradient keeps its draws used up, as a GradScaler skips such a step: drawn again it would
-        fail again, and ``train()`` again goes on with the next draws."""
+        fail again, and ``train()`` again goes on with the next draws. A GradScaler's skip (fp16) returns
+        None and is counted in :attr:`skipped_steps`; ``train()`` draws the step again."""
         try:
             losses = perform_step(self.callbacks, self, step)
+        except SkippedStep as error:
+            self.skipped_steps[step.phase] += 1
+            self._skip_streak += 1
+            stop = skip_streak_error(self._skip_streak, self.grad_scaler, error)
+            if stop is not None:
+                raise stop from error
+            return None
         except NonFiniteError as error:
             self._count_applied(step)
             raise NonFiniteError(
@@ -751,6 +770,7 @@ class GANTrainer:
                 self._undo(draws)
             raise
         self._count_applied(step, schedule=False)
+        self._skip_streak = 0
         try:  # the logger reads the learning rate that trained this step: before the schedule steps it (an error
             # in the logger still steps the schedule of the update, which is counted)
             if self.logging is not None:
@@ -881,6 +901,8 @@ class GANTrainer:
             "history": {k: list(v) for k, v in self.history.items()},
             "callbacks": self._callback_states.save(self.callbacks),
             "global_rng": global_rng_state(),
+            "grad_scaler": None if self.grad_scaler is None else self.grad_scaler.state_dict(),
+            "skipped_steps": dict(self.skipped_steps),
             "config": self._resume_config(),
         }
 
@@ -923,6 +945,9 @@ class GANTrainer:
         self.history = {k: list(v) for k, v in state["history"].items()}
         if "global_rng" in state:
             set_global_rng_state(state["global_rng"])
+        if self.grad_scaler is not None:  # (the config check: a "fp16" checkpoint has one)
+            self.grad_scaler.load_state_dict(state["grad_scaler"])
+        self.skipped_steps = dict(state.get("skipped_steps", {"generator": 0, "discriminator": 0}))
         self._callback_states.load(self.callbacks, state["callbacks"])
 
     def discard_callback_states(self, keys: Sequence[str]) -> None:

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from ..adapter import Batch, as_tuple, batch_size, floating_parameter, not_fitting_inputs, output_tensor
-from ..errors import NonFiniteError
+from ..errors import NonFiniteError, SkippedStep
 
 LossFn = Callable[[torch.Tensor, Any], torch.Tensor]
 # What a step's forward may run under autocast to (None: the model's own precision).
@@ -41,18 +41,20 @@ def check_max_grad_norm(value: Any) -> None:
         raise ValueError(f"max_grad_norm must be a positive number (math.inf for no clipping), got {value!r}")
 
 
-# A trainer's mixed_precision setting and the dtype its steps run their forward under autocast to.
-TRAINER_PRECISIONS = {"no": None, "bf16": torch.bfloat16}
+# A trainer's mixed_precision setting and the dtype its steps run their forward under autocast to
+# ("fp16" with a GradScaler: trainer_grad_scaler).
+TRAINER_PRECISIONS = {"no": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+# GradScaler skips in a row after which a trainer stops: the gradients are not finite at any scale.
+MAX_SKIPS_IN_A_ROW = 64
 
 
 def trainer_autocast_dtype(mixed_precision: Any, model: nn.Module) -> torch.dtype | None:
-    """The :attr:`OptimizerStep.autocast_dtype` of a trainer built with ``mixed_precision`` ("no", "bf16")
-    for ``model``; ValueError for another setting, or "bf16" on a model whose floating-point parameters
-    are not all float32 (autocast leaves float64 alone; half-precision weights round every update away)."""
+    """The :attr:`OptimizerStep.autocast_dtype` of a trainer built with ``mixed_precision`` ("no", "bf16",
+    "fp16") for ``model``; ValueError for another setting, or a half precision on a model whose
+    floating-point parameters are not all float32 (autocast leaves float64 alone; half-precision weights
+    round every update away)."""
     if not isinstance(mixed_precision, str) or mixed_precision not in TRAINER_PRECISIONS:
-        hint = (" (float16 needs a GradScaler, which the built-in trainers do not run: train with 'bf16', or "
-                "observe a loop of your own that scales its loss)") if mixed_precision == "fp16" else ""
-        raise ValueError(f"mixed_precision must be one of {tuple(TRAINER_PRECISIONS)}, got {mixed_precision!r}{hint}")
+        raise ValueError(f"mixed_precision must be one of {tuple(TRAINER_PRECISIONS)}, got {mixed_precision!r}")
     dtype = TRAINER_PRECISIONS[mixed_precision]
     if dtype is not None:
         others = sorted({str(p.dtype).removeprefix("torch.") for p in model.parameters()
@@ -64,6 +66,24 @@ def trainer_autocast_dtype(mixed_precision: Any, model: nn.Module) -> torch.dtyp
                 "round each update away): keep float32 parameters (model.float()), or train with mixed_precision='no'"
             )
     return dtype
+
+
+def trainer_grad_scaler(mixed_precision: str, device: torch.device) -> torch.amp.GradScaler | None:
+    """The GradScaler a trainer built with ``mixed_precision="fp16"`` scales its losses with on ``device``
+    (torch's defaults: 2^16 to start, halved at a step with inf/NaN, doubled after 2000 clean ones), or None."""
+    return torch.amp.GradScaler(device.type) if mixed_precision == "fp16" else None
+
+
+def skip_streak_error(streak: int, scaler: torch.amp.GradScaler, error: BaseException) -> NonFiniteError | None:
+    """The error that stops a trainer after ``streak`` GradScaler skips in a row (:data:`MAX_SKIPS_IN_A_ROW`),
+    or None while it may go on."""
+    if streak < MAX_SKIPS_IN_A_ROW:
+        return None
+    return NonFiniteError(
+        f"the GradScaler skipped {streak} steps in a row (the loss scale is now {scaler.get_scale():g}): the "
+        f"gradients are not finite at any scale ({error}). Lower the learning rate, or train with "
+        "mixed_precision='bf16' or 'no'"
+    )
 
 
 def autocast_to(dtype: torch.dtype | None, device: torch.device) -> contextlib.AbstractContextManager:
@@ -91,6 +111,11 @@ class OptimizerStep:
             (``torch.bfloat16``, ``torch.float16``) on the model's device type, as a mixed-precision
             loop does (the parameters, their gradients and the update stay in the model's dtype);
             None (default): in the model's own precision.
+        grad_scaler: a ``torch.amp.GradScaler`` (float16): every micro-batch's backward runs on the
+            loss times its scale (:attr:`loss_scale`), the gradients are unscaled before the
+            non-finite check and the clipping, and the update is ``scaler.step`` then
+            ``scaler.update()``; inf or NaN found lowers the scale and raises :class:`SkippedStep`
+            before anything is updated. None (default), or a disabled scaler: no scaling.
         info: free-form extras for analyzers (timesteps, latents, ...).
         applied: whether the update is in the parameters (set by :meth:`apply_update`; a tracker that
             rolls the step back after a failure sets it back to False), so that a trainer whose step
@@ -108,9 +133,12 @@ class OptimizerStep:
     phase: str = "train"
     info: dict[str, Any] = field(default_factory=dict)
     autocast_dtype: torch.dtype | None = None
+    grad_scaler: Any = None
     clip_factor: float = field(default=1.0, init=False)
     losses: torch.Tensor | None = field(default=None, init=False)
     applied: bool = field(default=False, init=False)
+    # The GradScaler's scale the step's backward ran at (1.0 without one).
+    loss_scale: float = field(default=1.0, init=False)
     # The model's output tensor with its graph, set during ``before_backward`` only (an analyzer
     # checks there that each example's loss reads its own output rows alone).
     outputs: torch.Tensor | None = field(default=None, init=False, repr=False)
@@ -130,6 +158,11 @@ class OptimizerStep:
         if self.autocast_dtype not in AUTOCAST_DTYPES:
             raise ValueError(f"autocast_dtype must be one of {AUTOCAST_DTYPES} (None: the model's own precision), "
                              f"got {self.autocast_dtype!r}")
+        if self.grad_scaler is not None:
+            if not isinstance(self.grad_scaler, torch.amp.GradScaler):
+                raise TypeError(f"grad_scaler must be a torch.amp.GradScaler, got {type(self.grad_scaler).__name__}")
+            if not self.grad_scaler.is_enabled():
+                self.grad_scaler = None
         if isinstance(self.micro_batches, bool) or not isinstance(self.micro_batches, numbers.Integral) \
                 or self.micro_batches < 1:
             raise ValueError(f"micro_batches must be a positive int (1: no gradient accumulation), got {self.micro_batches!r}")
@@ -170,6 +203,12 @@ class OptimizerStep:
             )
         whole = self.micro_batches == 1
         micro_losses = []
+        scaler = self.grad_scaler
+        if scaler is not None:
+            # A step abandoned after its unscale_ (a refusal, an interrupt) left the scaler's record of this
+            # optimizer; its scale and growth count change only at update(), so a fresh record is the scaler as it was.
+            scaler._per_optimizer_states.pop(id(self.optimizer), None)
+            self.loss_scale = float(scaler.get_scale())
         accumulating = False  # between the zero_grad and the end of the last backward: .grad holds a partial sum
         try:
             for rows in self.micro_batch_slices():
@@ -178,7 +217,7 @@ class OptimizerStep:
                     if rows.start == 0:
                         self.optimizer.zero_grad()
                         accumulating = True
-                    loss.backward()
+                    (loss if scaler is None else scaler.scale(loss)).backward()
                 micro_losses.append(losses.detach())
             accumulating = False
         except BaseException:
@@ -222,9 +261,19 @@ class OptimizerStep:
         return losses, losses.mean() if whole else losses.sum() / self.batch
 
     def _checked_and_clipped(self, micro_losses: list[torch.Tensor]) -> torch.Tensor:
-        """After the last backward: refuse a non-finite gradient, clip, keep and return the losses ``[B]``."""
+        """After the last backward: unscale (a GradScaler's), refuse a non-finite gradient (a GradScaler's: the
+        scale lowered, :class:`SkippedStep`), clip, keep and return the losses ``[B]``."""
+        scaler = self.grad_scaler
+        if scaler is not None:
+            scaler.unscale_(self.optimizer)
         params = [p for group in self.optimizer.param_groups for p in group["params"] if p.grad is not None]
         if any(not torch.isfinite(p.grad).all() for p in params):
+            if scaler is not None:
+                scaler.update()  # (unscale_ recorded the inf: the scale backs off, as scaler.step + update do)
+                raise SkippedStep(
+                    f"the GradScaler found inf or NaN in the gradients at loss scale {self.loss_scale:g}: the step is "
+                    f"skipped, nothing updated, and the scale lowered to {scaler.get_scale():g}"
+                )
             raise NonFiniteError("non-finite gradient")
         if math.isfinite(self.max_grad_norm):
             total = torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm)
@@ -281,7 +330,11 @@ class OptimizerStep:
             raise RuntimeError(
                 f"this {self.phase} step was already applied: only one analyzer may take over a step"
             )
-        self.optimizer.step()
+        if self.grad_scaler is None:
+            self.optimizer.step()
+        else:  # (the gradients were unscaled and found finite: scaler.step steps, update() counts a clean step)
+            self.grad_scaler.step(self.optimizer)
+            self.grad_scaler.update()
         self.applied = True
 
     def run(self) -> torch.Tensor:

@@ -626,10 +626,10 @@ class PathKernelTracker:
                     if precision is None:
                         part = self.route.graph_gradients(graph_losses, rows_ids, coefficients[rows])
                         entry = {"precision": None, "witness": []}
-                    else:  # the step's own seed: c_n, times its loss scale (none here), as _micro_batch_loss's backward
+                    else:  # the step's own seed: c_n times its GradScaler's scale (1 without), as its backward's
                         part, witness = self._half_precision_rows(graph_losses, rows_ids,
                                                                   coefficients[rows].to(graph_losses.device),
-                                                                  precision, seed_scales=(1.0,))
+                                                                  precision, seed_scales=(step.loss_scale,))
                         entry = {"precision": precision, "witness": witness}
                     box["entries"].append(entry)
                     self._fold_witness(box, entry)
@@ -680,7 +680,7 @@ class PathKernelTracker:
             if self._broken is None:
                 step.applied = False  # undone: a trainer counting its applied steps does not count this one
             if isinstance(error, NonFiniteError) and not applied:
-                raise NonFiniteError(
+                raise type(error)(  # (a GradScaler's SkippedStep stays one: a trainer goes on after it)
                     f"step {index} ({step.phase}): {error}; the ledger keeps the {index - 1} steps before"
                 ) from error
             raise
