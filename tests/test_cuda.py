@@ -325,3 +325,36 @@ def test_an_autocast_gan_loop_is_observed_on_cuda_and_trains_as_without_the_anal
     for ledger in analyzer.generator_ledgers.values():
         total = ledger.contributions.sum(dim=1) + ledger.rest + ledger.residual
         assert torch.allclose(total, ledger.delta, rtol=0, atol=1e-12 * float(ledger.delta.abs().max()))
+
+
+@pytest.mark.parametrize("mixed_precision", ["bf16", "fp16"])
+def test_the_ddpm_trainer_in_half_precision_is_split_on_cuda_as_without_the_analyzer(mixed_precision):
+    """DDPMTrainer(mixed_precision=) on CUDA (fp16 through its GradScaler), a NoiseLevelAnalyzer with
+    mixed_precision='observe': the UNet bit for bit the trainer's without it, every update booked at its
+    precision, the identity closed, the residual of the order the CPU's is."""
+    g = torch.Generator().manual_seed(0)
+    images = torch.rand(32, 1, 16, 16, generator=g) * 2 - 1
+
+    def trainer(analyze):
+        scheduler = make_scheduler(100, clip_sample=True)
+        data = images.to(DEVICE)
+        torch.manual_seed(0)
+        model = tiny_unet(16, 1, channels=(8, 16)).to(DEVICE)
+        callbacks = [NoiseLevelAnalyzer(scheduler, data[:8], num_bins=4, num_probes=8, kernel_points=2,
+                                        state_dtype=torch.float32, progress=False, mixed_precision="observe")] \
+            if analyze else []
+        t = DDPMTrainer(model, scheduler, data, batch_size=8, progress=False, callbacks=callbacks,
+                        mixed_precision=mixed_precision)
+        t.train(3)
+        return t
+
+    bare, tracked = trainer(False), trainer(True)
+    assert all(torch.equal(p, q) for p, q in zip(bare.model.parameters(), tracked.model.parameters()))
+    assert tracked.skipped_steps == bare.skipped_steps and tracked.global_step == 3
+    analyzer = tracked.callbacks[0]
+    name = {"bf16": "bfloat16", "fp16": "float16"}[mixed_precision]
+    assert [e["gradient_precision"] for e in analyzer.tracker.gradient_scales] == [name] * 3
+    ledger = analyzer.ledger
+    torch.testing.assert_close(ledger.contributions.sum(1) + ledger.rest + ledger.residual, ledger.delta,
+                               rtol=0, atol=1e-9 * float(ledger.delta.abs().max()))
+    assert ledger.relative_residual() < 0.2
