@@ -667,7 +667,9 @@ class PathKernelTracker:
             scale_entry = None
             if _least_precise(precision_entries) is not None:  # (the entry an observed step's would be)
                 scale_entry = {"step": index, "scale": step.clip_factor, "micro_batches": step.micro_batches,
-                               "scale_times_micro_batches": step.clip_factor * step.micro_batches,
+                               # (its c_n already hold 1/B over all K micro-batches: the clip factor is what a
+                               # loop averaging its micro-batches reports here, not clip × K)
+                               "scale_times_micro_batches": step.clip_factor,
                                "dropped_micro_batches": 0, "gradient_precision": _precision_name(precision_entries)}
                 self._note_precision_cost(pending, result, after, scale_entry)
             together.passed()
@@ -1962,6 +1964,15 @@ class PathKernelTracker:
                         "in too, and a micro-batch observed whose backward then raised adds nothing: zero the "
                         "gradients (optimizer.zero_grad()) before each step's first backward and observe the step's "
                         "micro-batches again")
+                    rows = real[name] - rounding[partition][name]
+                    if any(bool(((w[name] == 0) & (rows != 0)).any()) for w in witnesses):
+                        # The step's own backward (the witness) gave exact zeros where the groups' rows, taken with
+                        # the losses scaled up, are not: its half-precision gradients underflowed.
+                        hint += ("; the step's own backward gave exact zeros where the groups' gradients are not: its "
+                                 "gradients underflowed in the half precision of its forward (float16 without a "
+                                 "GradScaler flushes values under 6e-8 to zero). Train in bfloat16 (mixed_precision="
+                                 "'bf16', autocast_dtype=torch.bfloat16), or scale the loss (mixed_precision='fp16' "
+                                 "runs a GradScaler; a loop you observe may run one)")
                     raise LedgerCheckError(
                         f"step {index}: the group gradients{where} of '{name}' do not add up to the real gradient "
                         f"(gap {gap:.3e}, scale {scales[name]:.3e}){hint}"
