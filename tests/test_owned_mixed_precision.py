@@ -329,3 +329,45 @@ def test_gradients_that_overflow_at_every_scale_stop_the_trainer():
         trainer.train(1)
     assert trainer.skipped_steps == 64 and trainer.global_step == 0
     assert all(torch.equal(a, p) for a, p in zip(before, trainer.model.parameters()))
+
+
+@pytest.mark.parametrize("mixed_precision", ["bf16", "fp16"])
+def test_the_supervised_trainer_in_half_precision_keeps_its_ledger_as_without_it(mixed_precision):
+    """SupervisedTrainer(mixed_precision=) with a LedgerCallback (tracker under mixed_precision='observe'): the
+    model bit for bit the trainer's without it, every update booked at its precision, the identity closed; fp16's
+    scaler (started at 2^24) skips the same steps either way and fit(steps=n) still makes n updates; a saved state
+    resumes the straight run. Old code: no mixed_precision."""
+    from genkernel.supervised import LedgerCallback, SupervisedTrainer
+
+    x, y, probes = _data()
+
+    def trainer(callbacks=()):
+        model = _mlp()
+        made = SupervisedTrainer(model, torch.optim.Adam(model.parameters(), lr=1e-2), _loss, batch_size=B,
+                                 mixed_precision=mixed_precision, micro_batches=2, callbacks=list(callbacks))
+        if made.grad_scaler is not None:
+            made.grad_scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 24)
+        return made
+
+    plain = trainer()
+    plain.fit(x, y, steps=STEPS)
+    tracked = trainer()
+    tracker = PathKernelTracker(tracked.model, tracked.optimizer, _loss, probes, num_groups=G,
+                                mixed_precision="observe")
+    tracked.callbacks.append(LedgerCallback(tracker, torch.arange(x.shape[0]) % G))
+    tracked.fit(x, y, steps=STEPS)
+    assert all(torch.equal(a, b) for a, b in zip(plain.model.parameters(), tracked.model.parameters()))
+    assert tracked.global_step == STEPS and tracked.skipped_steps == plain.skipped_steps
+    if mixed_precision == "fp16":
+        assert plain.skipped_steps > 0
+    name = {"bf16": "bfloat16", "fp16": "float16"}[mixed_precision]
+    assert [e["gradient_precision"] for e in tracker.gradient_scales] == [name] * STEPS
+    assert tracker.ledger.steps == STEPS and _identity_gap(tracker.ledger) < 1e-12
+    half = trainer()
+    half.fit(x, y, steps=1)
+    state = half.state_dict()
+    resumed = trainer()
+    resumed.load_state_dict(state)
+    resumed.fit(x, y, steps=STEPS - 1)
+    assert all(torch.equal(a, b) for a, b in zip(plain.model.parameters(), resumed.model.parameters()))
+    assert resumed.skipped_steps == plain.skipped_steps

@@ -26,7 +26,9 @@ from ..core.tracking.callbacks import TrainerCallback, fire, perform_step
 from ..core.tracking.io import (
     check_module_state, check_optimizer_state, check_resume_config, global_rng_state, set_global_rng_state,
 )
-from ..core.tracking.step import LossFn, OptimizerStep, check_max_grad_norm
+from ..core.tracking.step import (
+    LossFn, OptimizerStep, check_max_grad_norm, trainer_autocast_dtype, trainer_grad_scaler, until_applied,
+)
 from ..core.tracking.tracker import PathKernelTracker
 
 
@@ -40,6 +42,11 @@ class SupervisedTrainer:
             time with the gradients summed, then one clipping and one step (gradient accumulation;
             :class:`~genkernel.core.tracking.step.OptimizerStep`). Default 1; at most ``batch_size``.
         max_grad_norm: global-norm clipping (inf: none).
+        mixed_precision: "no" (default), "bf16" or "fp16": each step's forward and loss under
+            ``torch.autocast`` to that half precision with float32 weights (fp16 through a
+            ``torch.amp.GradScaler``, :attr:`grad_scaler`, whose overflowing steps are skipped, counted in
+            :attr:`skipped_steps` and drawn again), as :class:`~genkernel.diffusion.DDPMTrainer`'s; a
+            :class:`LedgerCallback`'s tracker then needs ``mixed_precision="observe"``.
         callbacks: :class:`TrainerCallback` objects.
         seed: seeds the batch order (its own generator; the global RNG is untouched), an int in [0, 2**64).
         progress: show a tqdm bar.
@@ -63,6 +70,7 @@ class SupervisedTrainer:
         batch_size: int = 64,
         micro_batches: int = 1,
         max_grad_norm: float = math.inf,
+        mixed_precision: str = "no",
         callbacks: Sequence[TrainerCallback] = (),
         seed: int = 0,
         progress: bool = False,
@@ -80,6 +88,10 @@ class SupervisedTrainer:
         self.loss_fn = loss_fn
         self.batch_size = batch_size
         self.max_grad_norm = max_grad_norm
+        self.mixed_precision = mixed_precision
+        self.autocast_dtype = trainer_autocast_dtype(mixed_precision, model)
+        self.grad_scaler = trainer_grad_scaler(mixed_precision, next(model.parameters()).device)
+        self.skipped_steps = 0  # steps a GradScaler skipped (fp16): no update, not in global_step
         self.callbacks = list(callbacks)
         self.generator = seeded_generator(seed)  # seeds of 2**32 or more do not repeat another seed's order
         self.progress = progress
@@ -121,7 +133,7 @@ class SupervisedTrainer:
         self.num_examples = n
         fire(self.callbacks, "on_train_start", self)
         for _ in tqdm(range(steps), total=steps, disable=not self.progress, desc="train"):
-            self._train_step(xs, ys, n)
+            until_applied(lambda: self._train_step(xs, ys, n), self.grad_scaler, self._count_skip)
         fire(self.callbacks, "on_train_end", self)
         return self.history
 
@@ -148,6 +160,8 @@ class SupervisedTrainer:
                 max_grad_norm=self.max_grad_norm,
                 micro_batches=self.micro_batches,
                 info={"indices": indices},
+                autocast_dtype=self.autocast_dtype,
+                grad_scaler=self.grad_scaler,
             )
             perform_step(self.callbacks, self, step)
         except BaseException as error:
@@ -163,6 +177,9 @@ class SupervisedTrainer:
     def _count(self, step: OptimizerStep) -> None:
         self.global_step += 1
         self.history.append(float(step.losses.mean()))
+
+    def _count_skip(self) -> None:
+        self.skipped_steps += 1
 
     def state_dict(self) -> dict:
         """Everything :meth:`load_state_dict` needs to continue this run exactly: the model, the
@@ -180,6 +197,8 @@ class SupervisedTrainer:
             "global_step": self.global_step,
             "history": list(self.history),
             "global_rng": global_rng_state(),
+            "grad_scaler": None if self.grad_scaler is None else self.grad_scaler.state_dict(),
+            "skipped_steps": self.skipped_steps,
             "config": self._resume_config(),
         }
 
@@ -187,7 +206,8 @@ class SupervisedTrainer:
         """The settings a saved state must share with the trainer that loads it (BatchNorm's statistics,
         dropout's draws and the rounding depend on the micro-batches, as in DDPMTrainer's checkpoints)."""
         return {"batch_size": self.batch_size, "micro_batches": self.micro_batches,
-                "max_grad_norm": float(self.max_grad_norm), "optimizer": type(self.optimizer).__name__}
+                "max_grad_norm": float(self.max_grad_norm), "optimizer": type(self.optimizer).__name__,
+                "mixed_precision": self.mixed_precision}
 
     def load_state_dict(self, state: dict) -> None:
         """Continue from :meth:`state_dict`; a state of another set-up (batch size, clipping,
@@ -196,7 +216,8 @@ class SupervisedTrainer:
         if not isinstance(state, dict) or state.get("format") != self.FORMAT:
             raise ValueError("not a SupervisedTrainer state (written by SupervisedTrainer.state_dict)")
         # (a state written before micro-batches existed ran every batch whole)
-        check_resume_config({"micro_batches": 1, **state["config"]}, self._resume_config(), "SupervisedTrainer")
+        check_resume_config({"micro_batches": 1, "mixed_precision": "no", **state["config"]}, self._resume_config(),
+                            "SupervisedTrainer")
         check_module_state(self.model, state["model"], "model")
         check_optimizer_state(self.optimizer, state["optimizer"], "optimizer")
         self.model.load_state_dict(state["model"])
@@ -206,6 +227,9 @@ class SupervisedTrainer:
         self.global_step = int(state["global_step"])
         self.history = list(state["history"])
         set_global_rng_state(state["global_rng"])
+        if self.grad_scaler is not None:  # (the config check: an "fp16" state has one)
+            self.grad_scaler.load_state_dict(state["grad_scaler"])
+        self.skipped_steps = int(state.get("skipped_steps", 0))
 
 
 class LedgerCallback(TrainerCallback):

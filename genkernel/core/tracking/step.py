@@ -74,6 +74,22 @@ def trainer_grad_scaler(mixed_precision: str, device: torch.device) -> torch.amp
     return torch.amp.GradScaler(device.type) if mixed_precision == "fp16" else None
 
 
+def until_applied(attempt: Callable[[], Any], scaler: torch.amp.GradScaler | None, skipped: Callable[[], None]) -> Any:
+    """``attempt()`` (one step of a trainer, drawing its batch) again after each GradScaler skip
+    (:class:`SkippedStep`; ``skipped()`` counts it) until one returns; returns what it returns. A
+    NonFiniteError (:func:`skip_streak_error`) after :data:`MAX_SKIPS_IN_A_ROW` skips in a row."""
+    streak = 0
+    while True:
+        try:
+            return attempt()
+        except SkippedStep as error:
+            skipped()
+            streak += 1
+            stop = skip_streak_error(streak, scaler, error)
+            if stop is not None:
+                raise stop from error
+
+
 def skip_streak_error(streak: int, scaler: torch.amp.GradScaler, error: BaseException) -> NonFiniteError | None:
     """The error that stops a trainer after ``streak`` GradScaler skips in a row (:data:`MAX_SKIPS_IN_A_ROW`),
     or None while it may go on."""
