@@ -755,6 +755,7 @@ class GANTrainer:
             self._skip_streak += 1
             stop = skip_streak_error(self._skip_streak, self.grad_scaler, error)
             if stop is not None:
+                self._skip_streak = 0  # (a train() called again, at a lowered scale, starts a streak of its own)
                 raise stop from error
             return None
         except NonFiniteError as error:

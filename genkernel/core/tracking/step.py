@@ -153,8 +153,10 @@ class OptimizerStep:
     clip_factor: float = field(default=1.0, init=False)
     losses: torch.Tensor | None = field(default=None, init=False)
     applied: bool = field(default=False, init=False)
-    # The GradScaler's scale the step's backward ran at (1.0 without one).
+    # The GradScaler's scale the step's backward ran at (1.0 without one), and its state before apply_update's
+    # update() (undo_scaler_update puts it back).
     loss_scale: float = field(default=1.0, init=False)
+    _scaler_before: dict[str, Any] | None = field(default=None, init=False, repr=False)
     # The model's output tensor with its graph, set during ``before_backward`` only (an analyzer
     # checks there that each example's loss reads its own output rows alone).
     outputs: torch.Tensor | None = field(default=None, init=False, repr=False)
@@ -349,9 +351,22 @@ class OptimizerStep:
         if self.grad_scaler is None:
             self.optimizer.step()
         else:  # (the gradients were unscaled and found finite: scaler.step steps, update() counts a clean step)
-            self.grad_scaler.step(self.optimizer)
-            self.grad_scaler.update()
+            scaler = self.grad_scaler
+            # (what undo_scaler_update puts back: a tracker that rolls the update back rolls the scaler's count back too)
+            self._scaler_before = scaler.state_dict()
+            scaler.step(self.optimizer)
+            scaler.update()
         self.applied = True
+
+    def undo_scaler_update(self) -> None:
+        """Put the GradScaler's scale and growth count back to what they were before :meth:`apply_update`'s
+        ``update()`` (a tracker rolling the update back: the step run again must run at the same scale and
+        count as an uninterrupted run's); nothing without a scaler or an update."""
+        before = self._scaler_before
+        if self.grad_scaler is None or before is None:
+            return
+        self.grad_scaler.load_state_dict(before)
+        self._scaler_before = None
 
     def run(self) -> torch.Tensor:
         """Perform the step without analysis. Returns the per-example losses ``[B]``."""

@@ -574,8 +574,10 @@ class PathKernelTracker:
 
         The step is all-or-nothing: everything that can be checked is checked before the training
         forward, and a failure after it (a failed check, an error or an interrupt in the
-        analysis) restores the parameters, buffers and optimizer state to θ_k and leaves every
-        ledger and group state as it was, so ``ledger.steps`` keeps counting the recorded steps (a
+        analysis) restores the parameters, buffers and optimizer state to θ_k (a step skipped for a
+        non-finite loss or gradient, or by a GradScaler, keeps the buffers its forward advanced, as the
+        loop without a tracker does, and its GradScaler's lowered scale) and leaves every ledger and
+        group state as it was, so ``ledger.steps`` keeps counting the recorded steps (a
         failure while the partitions' ledgers are written puts back the ones already written). Only
         an interrupt after every ledger was written, while the group state is kept, cannot be undone:
         the tracker then refuses further steps and saves, saying so.
@@ -603,6 +605,10 @@ class PathKernelTracker:
             half = step.autocast_dtype is not None or bool(_autocast_devices())
             if half:
                 self._need_dense("a step run under torch.autocast")
+            elif step.grad_scaler is not None:
+                # (a GradScaler's scale is in every signal of the training backward, which a capture of it would read:
+                # the group rows come from the losses' own graph, unscaled, as the float32 gradients are after unscale_)
+                self._need_dense("a step with a GradScaler")
         except BaseException as error:
             together.failed(error)
             raise
@@ -615,7 +621,7 @@ class PathKernelTracker:
         ).to(torch.float64)
         try:
             # 1. ĝ_{k,g} = Σ_{n ∈ g} c_n ∇ℓ_n at θ_k (from the step's own graph or layer factors, or a second pass).
-            if self.route.uses_graph() or half:
+            if self.route.uses_graph() or half or step.grad_scaler is not None:
                 box: dict[str, Any] = {"entries": [], "witness": None}
 
                 def from_graph(graph_losses: torch.Tensor) -> None:
@@ -681,6 +687,8 @@ class PathKernelTracker:
             self._roll_back(error, index, step.phase, saved, theta_before, applied=applied)
             if self._broken is None:
                 step.applied = False  # undone: a trainer counting its applied steps does not count this one
+                if applied:  # (and its GradScaler's update(): the step run again runs at the scale it ran at)
+                    step.undo_scaler_update()
             if isinstance(error, NonFiniteError) and not applied:
                 raise type(error)(  # (a GradScaler's SkippedStep stays one: a trainer goes on after it)
                     f"step {index} ({step.phase}): {error}; the ledger keeps the {index - 1} steps before"
@@ -1534,9 +1542,13 @@ class PathKernelTracker:
                 error.add_note(f"genkernel: {self._broken}; the ledgers hold step {index}, the group state does not: "
                                "this tracker refuses further steps")
             return
-        self._restore_state(saved, theta_before)
         if isinstance(error, NonFiniteError) and not applied:
+            # A skipped step (a non-finite loss or gradient, a GradScaler's skip): nothing was updated, and the step's
+            # forward advanced the buffers (BatchNorm's statistics) as it does in the loop without a tracker, which
+            # goes on from them (the trainers keep a skipped step's draws and buffers): they are kept.
+            self._restore_state({**saved, "buffers": []}, theta_before)
             return
+        self._restore_state(saved, theta_before)
         note = (f"genkernel: step {index} ({phase}) was rolled back: the parameters, buffers and optimizer state "
                 f"are those before it again and the ledgers keep their {index - 1} recorded steps; fix the cause and "
                 "call the step again")
