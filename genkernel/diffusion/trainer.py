@@ -56,7 +56,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..core.adapter import as_tuple, buffer_snapshot, eval_mode, positive_int, restore_buffers, seeded_generator
-from ..core.errors import NonFiniteError, SkippedStep
+from ..core.errors import NonFiniteError
 from ..core.tracking.callbacks import CallbackStates, TrainerCallback, fire, perform_step
 from ..core.tracking.io import (
     atomic_save, check_module_state, check_optimizer_state, check_resume_config, data_fingerprint, global_rng_state,
@@ -69,7 +69,7 @@ from ..core.tracking.batches import (
     IterableBatches, check_reiterable, class_labels, is_class_labels, split_batch, split_floating_batch,
 )
 from ..core.tracking.lr_schedules import LRSchedulerArg, build_lr_scheduler, lr_scheduler_settings, step_lr_scheduler
-from ..core.tracking.step import OptimizerStep, skip_streak_error, trainer_autocast_dtype, trainer_grad_scaler
+from ..core.tracking.step import OptimizerStep, trainer_autocast_dtype, trainer_grad_scaler, until_applied
 from ..logging import LoggingCallback
 from .guidance import ClassDropout, check_guidance_scale, guided_output
 from .learned_variance import LEARNED_RANGE, loss_targets, mean_channels, predicts_variance, training_loss
@@ -416,16 +416,10 @@ class DDPMTrainer:
     def train_step(self) -> float:
         """One update through the callbacks (:meth:`attempt_step` until one is made: a GradScaler's skipped steps
         draw the next batch); returns the loss it minimized."""
-        streak = 0
-        while True:
-            try:
-                return self.attempt_step()
-            except SkippedStep as error:
-                self.skipped_steps += 1
-                streak += 1
-                stop = skip_streak_error(streak, self.grad_scaler, error)
-                if stop is not None:
-                    raise stop from error
+        return until_applied(self.attempt_step, self.grad_scaler, self._count_skip)
+
+    def _count_skip(self) -> None:
+        self.skipped_steps += 1
 
     def attempt_step(self) -> float:
         """One step through the callbacks; returns the loss it minimized (the mean, or the weighted
