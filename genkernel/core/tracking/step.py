@@ -44,7 +44,7 @@ def check_max_grad_norm(value: Any) -> None:
 # A trainer's mixed_precision setting and the dtype its steps run their forward under autocast to
 # ("fp16" with a GradScaler: trainer_grad_scaler).
 TRAINER_PRECISIONS = {"no": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-# GradScaler skips in a row after which a trainer stops: the gradients are not finite at any scale.
+# GradScaler skips in a row after which a trainer stops: the gradients stay non-finite as the scale falls.
 MAX_SKIPS_IN_A_ROW = 64
 
 
@@ -97,7 +97,7 @@ def skip_streak_error(streak: int, scaler: torch.amp.GradScaler, error: BaseExce
         return None
     return NonFiniteError(
         f"the GradScaler skipped {streak} steps in a row (the loss scale is now {scaler.get_scale():g}): the "
-        f"gradients are not finite at any scale ({error}). Lower the learning rate, or train with "
+        f"gradients stay non-finite as the scale falls ({error}). Lower the learning rate, or train with "
         "mixed_precision='bf16' or 'no'"
     )
 
