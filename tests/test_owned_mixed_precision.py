@@ -371,3 +371,32 @@ def test_the_supervised_trainer_in_half_precision_keeps_its_ledger_as_without_it
     resumed.fit(x, y, steps=STEPS - 1)
     assert all(torch.equal(a, b) for a, b in zip(plain.model.parameters(), resumed.model.parameters()))
     assert resumed.skipped_steps == plain.skipped_steps
+
+
+def test_a_non_finite_loss_under_fp16_is_skipped_as_a_grad_scaler_skips_it():
+    """A point at 1e6 overflows the float16 forward: its batch's loss is not finite. An AMP loop's backward would
+    overflow and its scaler skip the step, halving the scale and resetting the growth count; the fp16 trainer does
+    the same without the backward (old code: NonFiniteError stopped training), with the analyzer bit for bit."""
+    from genkernel.diffusion import MLPDenoiser
+
+    scheduler = make_scheduler(num_train_timesteps=100)
+    data = torch.randn(12, 2, generator=torch.Generator().manual_seed(2))
+    data[3] = 1e6
+
+    def run(analyzer_kwargs=None):
+        torch.manual_seed(0)
+        callbacks = [] if analyzer_kwargs is None else [NoiseLevelAnalyzer(
+            scheduler, data[4:], num_bins=4, num_probes=2, kernel_points=2, progress=False, **analyzer_kwargs)]
+        trainer = DDPMTrainer(MLPDenoiser(2, hidden=16, depth=2), scheduler, data, batch_size=6, mixed_precision="fp16",
+                              callbacks=callbacks, progress=False)
+        trainer.grad_scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10)
+        trainer.train(STEPS)
+        return trainer, (callbacks[0] if callbacks else None)
+
+    plain, _ = run()
+    trainer, analyzer = run(dict(mixed_precision="observe"))
+    assert plain.skipped_steps >= 1 and trainer.skipped_steps == plain.skipped_steps and trainer.global_step == STEPS
+    state = trainer.grad_scaler.state_dict()
+    assert state["scale"] == 2.0 ** (10 - plain.skipped_steps) and state == plain.grad_scaler.state_dict()
+    assert all(torch.equal(a, b) for a, b in zip(plain.model.state_dict().values(), trainer.model.state_dict().values()))
+    assert analyzer.ledger.steps == STEPS and _identity_gap(analyzer.ledger) < 1e-12

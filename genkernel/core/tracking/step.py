@@ -130,8 +130,9 @@ class OptimizerStep:
         grad_scaler: a ``torch.amp.GradScaler`` (float16): every micro-batch's backward runs on the
             loss times its scale (:attr:`loss_scale`), the gradients are unscaled before the
             non-finite check and the clipping, and the update is ``scaler.step`` then
-            ``scaler.update()``; inf or NaN found lowers the scale and raises :class:`SkippedStep`
-            before anything is updated. None (default), or a disabled scaler: no scaling.
+            ``scaler.update()``; inf or NaN found (or a non-finite loss, whose backward would overflow)
+            lowers the scale and raises :class:`SkippedStep` before anything is updated. None (default),
+            or a disabled scaler: no scaling.
         info: free-form extras for analyzers (timesteps, latents, ...).
         applied: whether the update is in the parameters (set by :meth:`apply_update`; a tracker that
             rolls the step back after a failure sets it back to False), so that a trainer whose step
@@ -334,6 +335,17 @@ class OptimizerStep:
         if not torch.isfinite(losses).all():
             # (the batch's example indices: micro-batch j's rows start at rows.start, not at 0)
             bad = (torch.nonzero(~torch.isfinite(losses)).flatten() + rows.start).tolist()
+            if self.grad_scaler is not None:
+                # A mixed-precision loop's backward of this loss overflows and its GradScaler skips the step, backing
+                # off (the scale times its backoff factor, the growth count reset): the same, without the backward.
+                state = self.grad_scaler.state_dict()
+                self.grad_scaler.load_state_dict({**state, "scale": state["scale"] * state["backoff_factor"],
+                                                  "_growth_tracker": 0})
+                raise SkippedStep(
+                    f"non-finite loss at examples {bad[:10]} (a float16 forward that overflowed, or bad data): the step "
+                    f"is skipped as a GradScaler skips it, nothing updated, the scale lowered to "
+                    f"{self.grad_scaler.get_scale():g}"
+                )
             raise NonFiniteError(f"non-finite loss at examples {bad[:10]}")
         return outputs, losses
 
