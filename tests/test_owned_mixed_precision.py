@@ -400,3 +400,34 @@ def test_a_non_finite_loss_under_fp16_is_skipped_as_a_grad_scaler_skips_it():
     assert state["scale"] == 2.0 ** (10 - plain.skipped_steps) and state == plain.grad_scaler.state_dict()
     assert all(torch.equal(a, b) for a, b in zip(plain.model.state_dict().values(), trainer.model.state_dict().values()))
     assert analyzer.ledger.steps == STEPS and _identity_gap(analyzer.ledger) < 1e-12
+
+
+def test_a_skipped_generator_step_neither_ends_its_iteration_nor_writes_a_checkpoint(tmp_path):
+    """GANTrainer(mixed_precision='fp16', checkpoint_every=1): a callback raises the scale to 2^40 before the first
+    generator step, which skips until the scale falls back; the iteration draws its generator step again and
+    ends once, so 3 iterations write 3 checkpoints (old code wrote one more for every skipped generator step:
+    iteration 0 % 1 == 0) and make 3 generator updates."""
+    from test_gan_observe import NZ, TinyD, TinyG
+
+    from genkernel import TrainerCallback
+
+    class RaiseScaleOnce(TrainerCallback):
+        done = False
+
+        def wrap_step(self, trainer, step, perform):
+            if step.phase == "generator" and not self.done:
+                self.done = True
+                trainer.grad_scaler.update(new_scale=2.0 ** 40)
+            return perform()
+
+    torch.manual_seed(0)
+    data = (0.5 * torch.randn(32, 1, 8, 8, generator=torch.Generator().manual_seed(1))).clamp(-1, 1)
+    trainer = GANTrainer(nn.Sequential(nn.Unflatten(1, (NZ, 1, 1)), TinyG()), TinyD(), data, latent_dim=NZ,
+                         batch_size=8, mixed_precision="fp16", callbacks=[RaiseScaleOnce()],
+                         checkpoint_dir=tmp_path, checkpoint_every=1)
+    saves = []
+    save = trainer.save_checkpoint
+    trainer.save_checkpoint = lambda path: (saves.append(trainer.iteration), save(path))
+    trainer.train(STEPS)
+    assert trainer.skipped_steps["generator"] > 0 and trainer.g_steps == STEPS
+    assert saves == [1, 2, 3]

@@ -842,6 +842,8 @@ class GANTrainer:
                 if self.g_steps > done:
                     self._iteration_d_steps = 0
                     self.iteration += 1
+            if self.g_steps == done:  # (a GradScaler skipped the generator step: the iteration draws it again)
+                continue
             bar.update(1)
             if self.progress and self.iteration % 10 == 0:
                 bar.set_postfix(d=f"{self.history['d_loss'][-1]:.3f}", g=f"{self.history['g_loss'][-1]:.3f}")
