@@ -601,14 +601,13 @@ class PathKernelTracker:
             ids = self.partitions.check(groups, step.batch)
             self._check_before(owned=True, autocast_dtype=step.autocast_dtype)
             # Under mixed_precision="observe" a step run under autocast (its own, a trainer's mixed_precision,
-            # or the caller's) takes its group rows from its half-precision graph, as an observed loop's are.
-            half = step.autocast_dtype is not None or bool(_autocast_devices())
-            if half:
-                self._need_dense("a step run under torch.autocast")
-            elif step.grad_scaler is not None:
-                # (a GradScaler's scale is in every signal of the training backward, which a capture of it would read:
-                # the group rows come from the losses' own graph, unscaled, as the float32 gradients are after unscale_)
-                self._need_dense("a step with a GradScaler")
+            # or the caller's) takes its group rows from its half-precision graph, as an observed loop's are; so
+            # does a step with a GradScaler (its scale is in every signal of the training backward, which a capture
+            # would read: the losses' own graph is unscaled, as the gradients are after unscale_).
+            own_graph = ("a step run under torch.autocast" if step.autocast_dtype is not None or _autocast_devices()
+                         else "a step with a GradScaler" if step.grad_scaler is not None else None)
+            if own_graph is not None:
+                self._need_dense(own_graph)
         except BaseException as error:
             together.failed(error)
             raise
@@ -621,7 +620,7 @@ class PathKernelTracker:
         ).to(torch.float64)
         try:
             # 1. ĝ_{k,g} = Σ_{n ∈ g} c_n ∇ℓ_n at θ_k (from the step's own graph or layer factors, or a second pass).
-            if self.route.uses_graph() or half or step.grad_scaler is not None:
+            if self.route.uses_graph() or own_graph is not None:
                 box: dict[str, Any] = {"entries": [], "witness": None}
 
                 def from_graph(graph_losses: torch.Tensor) -> None:
