@@ -729,16 +729,16 @@ LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 
 def low_precision_in_graph(t: torch.Tensor, unrecorded: Any = None) -> torch.dtype | None | Any:
-    """The first float16/bfloat16 dtype found among the gradients that flow through ``t``'s
-    autograd graph (``Tensor[...]`` with a ``grad_fn``), or None (``unrecorded`` where the graph
-    keeps no record of its dtypes).
+    """The coarsest float16/bfloat16 dtype among the gradients that flow through ``t``'s autograd
+    graph (``Tensor[...]`` with a ``grad_fn``; bfloat16 where a graph mixes both, as its rounding is the
+    larger), or None (``unrecorded`` where the graph keeps no record of its dtypes).
 
     A float32 loss can hide a mixed-precision forward: ``torch.autocast`` runs the matmuls and
     convolutions in bfloat16/float16 and the loss (cross-entropy, MSE) back in float32, so neither
     the loss's dtype nor the autocast state after the ``with`` block shows it; the graph does (each
     node records the dtypes of the gradients it receives). Returns None where this torch keeps no
     such record (``Node._input_metadata``)."""
-    stack, seen = [t.grad_fn], set()
+    stack, seen, found = [t.grad_fn], set(), None
     while stack:
         node = stack.pop()
         if node is None or node in seen:
@@ -749,10 +749,12 @@ def low_precision_in_graph(t: torch.Tensor, unrecorded: Any = None) -> torch.dty
         except (AttributeError, RuntimeError):
             return unrecorded
         for entry in metadata:
-            if getattr(entry, "dtype", None) in LOW_PRECISION:
-                return entry.dtype
+            if getattr(entry, "dtype", None) == torch.bfloat16:
+                return torch.bfloat16  # nothing coarser to find
+            if getattr(entry, "dtype", None) == torch.float16:
+                found = torch.float16
         stack.extend(child for child, _ in node.next_functions)
-    return None
+    return found
 
 
 def targets_per_example(outputs: torch.Tensor, targets: Any, what: str) -> torch.Tensor:

@@ -1602,7 +1602,8 @@ class PathKernelTracker:
                 # it: the step is then checked at the model's precision (a half-precision gradient fails that
                 # check: refused, never booked loosely).
                 unrecorded = torch.get_autocast_dtype(autocast[0]) if autocast else autocast_dtype
-                precision = losses.dtype if low else (hidden or low_precision_in_graph(losses, unrecorded))
+                # (the coarsest: float16 losses from a graph that also ran bfloat16 carry bfloat16's rounding)
+                precision = hidden or low_precision_in_graph(losses, unrecorded) or (losses.dtype if low else None)
         tf32 = tf32_hazard(self.module)
         if tf32 is not None:
             raise RuntimeError(
