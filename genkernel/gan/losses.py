@@ -7,6 +7,11 @@ Losses (``kind``):
 - ``"wgan-gp"``: ℓ_D = −D(x) on real, D(x) on generated, λ(‖∇_x D(x̂)‖ − 1)² on interpolates x̂;
   ℓ_G = −D(G(z)).
 
+The R1 penalty (Mescheder et al. 2018, StyleGAN's regularizer), with ``r1_gamma`` = γ > 0 beside
+"nonsaturating" or "hinge": penalty rows are real examples again, ℓ_D = γ/2·‖∇_x D(x)‖² on each, so the
+step's loss is the data term plus γ/2 · mean over the real rows of ‖∇_x D(x)‖², and the ledger books the
+penalty as contributions of its own (role "penalty").
+
 Discriminators that end in a sigmoid output probabilities p = D(x) ∈ [0, 1], not logits
 (``output="probability"``, non-saturating loss only, as ``nn.BCELoss``): ℓ_G = −log p, ℓ_D = −log p on
 real and −log(1 − p) on generated. Every log is clamped at −100, as ``nn.BCELoss`` does, so p = 0 (or
@@ -159,15 +164,31 @@ def scores_of(output, batch: int) -> torch.Tensor:
     )
 
 
-def check_gp_weight(gp_weight: float) -> float:
-    """``gp_weight`` as a float; a ValueError unless it is finite and >= 0 (a negative λ rewards steep critics)."""
+def _penalty_weight(weight: object, name: str, meaning: str) -> float:
+    """``weight`` as a float; a ValueError unless it is finite and >= 0 (a negative weight rewards steep D)."""
     try:
-        value = float(gp_weight)
+        value = float(weight)
     except (TypeError, ValueError, RuntimeError):
         value = float("nan")
-    if isinstance(gp_weight, bool) or not 0 <= value < float("inf"):
+    if isinstance(weight, (bool, str)) or not 0 <= value < float("inf"):  # ("4" read as 4.0: a config slip)
+        raise ValueError(f"{name} must be a finite number >= 0 ({meaning}), got {weight!r}")
+    return value
+
+
+def check_gp_weight(gp_weight: float) -> float:
+    """``gp_weight`` as a float; a ValueError unless it is finite and >= 0 (a negative λ rewards steep critics)."""
+    return _penalty_weight(gp_weight, "gp_weight", "λ of λ(‖∇D‖ − 1)², 10 in WGAN-GP")
+
+
+def check_r1_gamma(r1_gamma: float, kind: str) -> float:
+    """``r1_gamma`` as a float (γ of the R1 penalty γ/2·‖∇_x D(x)‖² on real rows; 0: none); a ValueError unless
+    it is finite and >= 0, and beside ``kind="wgan-gp"`` unless 0 (WGAN-GP has a penalty of its own)."""
+    value = _penalty_weight(r1_gamma, "r1_gamma", "γ of the R1 penalty γ/2·‖∇_x D(x)‖² on real data; 0: none")
+    if value > 0 and kind == "wgan-gp":
         raise ValueError(
-            f"gp_weight must be a finite number >= 0 (λ of λ(‖∇D‖ − 1)², 10 in WGAN-GP), got {gp_weight!r}"
+            f"r1_gamma={r1_gamma!r} adds the R1 penalty, but loss='wgan-gp' has a gradient penalty of its own "
+            "(λ(‖∇D(x̂)‖ − 1)² on interpolates, gp_weight): choose one, R1 with loss='nonsaturating' or 'hinge', or "
+            "WGAN-GP with r1_gamma=0"
         )
     return value
 
@@ -233,12 +254,15 @@ def generator_losses(kind: str, scores: torch.Tensor, output: str = "logit") -> 
 
 
 def discriminator_losses(
-    kind: str, values: torch.Tensor, roles: torch.Tensor, gp_weight: float = DEFAULT_GP_WEIGHT, output: str = "logit"
+    kind: str, values: torch.Tensor, roles: torch.Tensor, gp_weight: float = DEFAULT_GP_WEIGHT, output: str = "logit",
+    r1_gamma: float = 0.0,
 ) -> torch.Tensor:
     """ℓ_D per example ``[B]`` from ``values [B]`` (scores, or gradient norms for penalty rows) and ``roles [B]``;
-    with ``output="probability"``: −log p on real, −log(1 − p) on generated (logs clamped at −100)."""
+    with ``output="probability"``: −log p on real, −log(1 − p) on generated (logs clamped at −100). Penalty rows:
+    γ/2·‖∇_x D(x)‖² (R1, real rows again) with ``r1_gamma`` = γ > 0, else λ(‖∇_x D(x̂)‖ − 1)² (λ = ``gp_weight``)."""
     check_loss(kind)
     gp_weight = check_gp_weight(gp_weight)
+    r1_gamma = check_r1_gamma(r1_gamma, kind)
     check_roles(roles, values)
     if check_output(output, kind) == "probability":
         real, fake = -_clamped_log(values), -_clamped_log(1 - values)
@@ -248,7 +272,7 @@ def discriminator_losses(
         real, fake = F.relu(1 - values), F.relu(1 + values)
     else:
         real, fake = -values, values
-    penalty = gp_weight * (values - 1.0) ** 2
+    penalty = r1_gamma / 2 * values ** 2 if r1_gamma > 0 else gp_weight * (values - 1.0) ** 2
     return torch.where(roles == REAL, real, torch.where(roles == PENALTY, penalty, fake))
 
 
@@ -330,15 +354,17 @@ class DiscriminatorLoss:
     ``output``: "logit" (default) or "probability" (a D ending in a sigmoid; non-saturating only:
     −log p on real, −log(1 − p) on generated, logs clamped at −100 as ``nn.BCELoss``); probabilities
     outside [0, 1] are refused at the first call. ``discriminator``: optional, D itself, so that
-    "logit" with a D whose ``nn.Sequential`` chain ends in ``nn.Sigmoid`` is refused here.
+    "logit" with a D whose ``nn.Sequential`` chain ends in ``nn.Sigmoid`` is refused here. ``r1_gamma``:
+    γ of the R1 penalty γ/2·‖∇_x D(x)‖² its penalty rows (real rows again) take (0, default: none).
     """
 
     def __init__(
         self, kind: str = "nonsaturating", gp_weight: float = DEFAULT_GP_WEIGHT, output: str = "logit", *,
-        discriminator: nn.Module | None = None,
+        discriminator: nn.Module | None = None, r1_gamma: float = 0.0,
     ) -> None:
         self.kind = check_loss(kind)
         self.gp_weight = check_gp_weight(gp_weight)
+        self.r1_gamma = check_r1_gamma(r1_gamma, self.kind)
         if self.kind != "wgan-gp" and self.gp_weight != DEFAULT_GP_WEIGHT:
             # only wgan-gp has a gradient penalty: another λ here is a setting that changes nothing
             warnings.warn(f"gp_weight={gp_weight!r} has no effect with loss={kind!r}: only 'wgan-gp' has a gradient "
@@ -354,7 +380,7 @@ class DiscriminatorLoss:
         if not self._checked and not under_torch_func(values):
             check_probabilities(values[roles != PENALTY])
             self._checked = True
-        return discriminator_losses(self.kind, values, roles, self.gp_weight, self.output)
+        return discriminator_losses(self.kind, values, roles, self.gp_weight, self.output, self.r1_gamma)
 
 
 class DiscriminatorObjective(nn.Module):
@@ -416,6 +442,6 @@ class DiscriminatorObjective(nn.Module):
 
 __all__ = [
     "OUTPUTS", "check_output", "check_not_sigmoid", "final_module", "LOSSES", "GENERATED", "REAL", "PENALTY", "ROLE_NAMES", "generator_losses", "discriminator_losses",
-    "GeneratorLoss", "DiscriminatorLoss", "DiscriminatorObjective", "scores_of", "check_loss", "check_gp_weight",
+    "GeneratorLoss", "DiscriminatorLoss", "DiscriminatorObjective", "scores_of", "check_loss", "check_gp_weight", "check_r1_gamma",
     "check_classes", "check_roles", "class_inputs",
 ]

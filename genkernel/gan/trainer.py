@@ -92,6 +92,7 @@ from .losses import (
     GeneratorLoss,
     check_classes,
     check_loss,
+    check_r1_gamma,
     class_inputs,
 )
 from .passes import classes_taken, preserved
@@ -255,6 +256,12 @@ class GANTrainer:
             than this (a DataLoader's last) runs one example per micro-batch. Default 1. An attached
             :class:`GANKernelAnalyzer` books such steps exactly.
         gp_weight: λ of the gradient penalty (wgan-gp only).
+        r1_gamma: γ of the R1 penalty (Mescheder et al. 2018; StyleGAN's regularizer, applied every step, not
+            lazily): with loss "nonsaturating" or "hinge", each discriminator step adds γ/2 · the mean over its
+            real rows of ‖∇_x D(x)‖² (the gradient of what D returns). The real rows are shown to D a second
+            time as penalty rows, in the same forward, so an analyzer books the penalty as contributions of its
+            own (role "penalty"). D must treat examples independently (BatchNorm in training mode is refused,
+            as for WGAN-GP). 0 (default): none; beside "wgan-gp" refused.
         max_grad_norm: global-norm clipping of both players (inf: none).
         mixed_precision: "no" (default), "bf16" or "fp16": both players' training forwards and losses
             run under ``torch.autocast`` to bfloat16 (float16) on their device type, and so does G's pass
@@ -308,6 +315,7 @@ class GANTrainer:
         d_steps: int = 1,
         micro_batches: int = 1,
         gp_weight: float = DEFAULT_GP_WEIGHT,
+        r1_gamma: float = 0.0,
         max_grad_norm: float = math.inf,
         mixed_precision: str = "no",
         ema: Any = None,
@@ -428,10 +436,11 @@ class GANTrainer:
         self.loss = check_loss(loss)
         self.output = output
         self.gp_weight = gp_weight
-        self.critic = DiscriminatorObjective(discriminator, penalty=(loss == "wgan-gp"))
+        self.r1_gamma = check_r1_gamma(r1_gamma, loss)
+        self.critic = DiscriminatorObjective(discriminator, penalty=(loss == "wgan-gp" or self.r1_gamma > 0))
         # The trainer's classes come from its checked labels: no per-step range check (a device sync) in its loss.
         self.g_loss = GeneratorLoss(discriminator, loss, output, conditional=self.conditional)
-        self.d_loss = DiscriminatorLoss(loss, gp_weight, output, discriminator=discriminator)
+        self.d_loss = DiscriminatorLoss(loss, gp_weight, output, discriminator=discriminator, r1_gamma=self.r1_gamma)
         # lr_g, lr_d and betas set the default Adams: given with an optimizer of one's own they were ignored silently
         ignored = [(name, player) for name, value, player in (
             ("lr_g", lr_g, "g_optimizer" if g_optimizer is not None else None),
@@ -637,7 +646,10 @@ class GANTrainer:
                 f"{tuple(fake.shape[1:])}: D takes both in one batch; give G and the data (each of its batches) one shape"
             )
         parts, roles = [real, fake], [torch.full((b,), REAL), torch.full((b,), GENERATED)]
-        if self.critic.penalty:
+        if self.r1_gamma > 0:  # R1: the real rows again, each penalized at itself (no draw)
+            parts.append(real)
+            roles.append(torch.full((b,), PENALTY))
+        elif self.critic.penalty:  # WGAN-GP: interpolates of the real and generated pairs
             eps = torch.rand(b, generator=self.rng, dtype=torch.float64).to(real)
             eps = eps.view(-1, *([1] * (real.dim() - 1)))
             parts.append(eps * real + (1 - eps) * fake)
@@ -867,7 +879,7 @@ class GANTrainer:
             "data_fingerprint": data_fingerprint(self.data, self.labels) if tensor_data else None,
             "batches_per_epoch": None if tensor_data else self._stream.batches_per_epoch,
             "labels": self.labels is not None, "latent_dim": self.latent_dim,
-            "loss": self.loss, "output": self.output, "gp_weight": float(self.gp_weight),
+            "loss": self.loss, "output": self.output, "gp_weight": float(self.gp_weight), "r1_gamma": self.r1_gamma,
             "batch_size": self.batch_size, "d_steps": self.d_steps,
             "micro_batches": self.micro_batches,  # (BatchNorm's statistics and the rounding depend on them)
             "max_grad_norm": float(self.max_grad_norm),
@@ -918,7 +930,8 @@ class GANTrainer:
         saved_config = state.get("config")
         if saved_config is not None:  # a checkpoint written before trainers kept EMAs or schedules kept none
             saved_config = {"ema": None, "lr_scheduler_g": None, "lr_scheduler_d": None, "data": "Tensor",
-                            "batches_per_epoch": None, "class_counts": None, "micro_batches": 1, "mixed_precision": "no", **saved_config}
+                            "batches_per_epoch": None, "class_counts": None, "micro_batches": 1, "mixed_precision": "no",
+                            "r1_gamma": 0.0, **saved_config}
         check_resume_config(saved_config, self._resume_config(), "GANTrainer")
         if self._stream is not None and not isinstance(state.get("iterable"), Mapping):
             raise ValueError(
