@@ -3,7 +3,6 @@
 with the analyzer attached (training unchanged, each role's contributions pushed by hand), and its
 refusals."""
 
-import copy
 
 import pytest
 import torch
