@@ -180,15 +180,24 @@ def check_gp_weight(gp_weight: float) -> float:
     return _penalty_weight(gp_weight, "gp_weight", "λ of λ(‖∇D‖ − 1)², 10 in WGAN-GP")
 
 
-def check_r1_gamma(r1_gamma: float, kind: str) -> float:
+def check_r1_gamma(r1_gamma: float, kind: str, output: str = "logit") -> float:
     """``r1_gamma`` as a float (γ of the R1 penalty γ/2·‖∇_x D(x)‖² on real rows; 0: none); a ValueError unless
-    it is finite and >= 0, and beside ``kind="wgan-gp"`` unless 0 (WGAN-GP has a penalty of its own)."""
+    it is finite and >= 0, and unless 0 beside ``kind="wgan-gp"`` (WGAN-GP has a penalty of its own) or
+    ``output="probability"`` (R1 is the gradient of D's logit, not of a sigmoid's probability)."""
     value = _penalty_weight(r1_gamma, "r1_gamma", "γ of the R1 penalty γ/2·‖∇_x D(x)‖² on real data; 0: none")
     if value > 0 and kind == "wgan-gp":
         raise ValueError(
             f"r1_gamma={r1_gamma!r} adds the R1 penalty, but loss='wgan-gp' has a gradient penalty of its own "
             "(λ(‖∇D(x̂)‖ − 1)² on interpolates, gp_weight): choose one, R1 with loss='nonsaturating' or 'hinge', or "
             "WGAN-GP with r1_gamma=0"
+        )
+    if value > 0 and output == "probability":
+        # ∇_x σ(l) = σ'(l)·∇_x l, σ' <= 1/4 and -> 0 where D is confident: a far weaker penalty than R1, silently
+        raise ValueError(
+            f"r1_gamma={r1_gamma!r} penalizes ‖∇_x D(x)‖² of D's logit (Mescheder et al. 2018), but with "
+            "output='probability' D returns a sigmoid's probability p = σ(l), whose gradient σ'(l)·∇_x l is at most "
+            "a quarter of the logit's and vanishes where D is confident: remove the final sigmoid and use "
+            "output='logit' (the same non-saturating loss, on logits)"
         )
     return value
 
@@ -262,7 +271,7 @@ def discriminator_losses(
     γ/2·‖∇_x D(x)‖² (R1, real rows again) with ``r1_gamma`` = γ > 0, else λ(‖∇_x D(x̂)‖ − 1)² (λ = ``gp_weight``)."""
     check_loss(kind)
     gp_weight = check_gp_weight(gp_weight)
-    r1_gamma = check_r1_gamma(r1_gamma, kind)
+    r1_gamma = check_r1_gamma(r1_gamma, kind, output)
     check_roles(roles, values)
     if check_output(output, kind) == "probability":
         real, fake = -_clamped_log(values), -_clamped_log(1 - values)
@@ -364,11 +373,15 @@ class DiscriminatorLoss:
     ) -> None:
         self.kind = check_loss(kind)
         self.gp_weight = check_gp_weight(gp_weight)
-        self.r1_gamma = check_r1_gamma(r1_gamma, self.kind)
+        self.r1_gamma = check_r1_gamma(r1_gamma, self.kind, output)
         if self.kind != "wgan-gp" and self.gp_weight != DEFAULT_GP_WEIGHT:
-            # only wgan-gp has a gradient penalty: another λ here is a setting that changes nothing
+            # only wgan-gp has a gradient penalty: another λ here is a setting that changes nothing (beside R1, a
+            # λ meant for R1's weight: loss='wgan-gp' would then be refused)
+            fix = (f"the R1 penalty's weight is r1_gamma, here {self.r1_gamma!r}: leave gp_weight at its default"
+                   if self.r1_gamma > 0 else "pass loss='wgan-gp', or leave gp_weight at its default; the R1 penalty's "
+                   "weight is r1_gamma")
             warnings.warn(f"gp_weight={gp_weight!r} has no effect with loss={kind!r}: only 'wgan-gp' has a gradient "
-                          "penalty (pass loss='wgan-gp', or leave gp_weight at its default)", UserWarning, stacklevel=3)
+                          f"penalty ({fix})", UserWarning, stacklevel=3)
         self.output = check_output(output, kind)
         if self.output == "logit" and discriminator is not None:
             check_not_sigmoid(discriminator)
@@ -388,7 +401,7 @@ class DiscriminatorObjective(nn.Module):
     conditional D(x, y) ``forward(x [B, ...], roles [B], classes [B]) -> [B, 1]``.
 
     Returns D(x) (D(x, y)) where ``roles`` is 0 (generated) or 1 (real), and ‖∇_x D(x)‖ (‖∇_x D(x, y)‖,
-    the gradient in x alone) where it is 2 (gradient-penalty interpolate). With ``penalty=False`` no
+    the gradient in x alone) where it is 2 (a penalty row: a WGAN-GP interpolate, or a real row again for R1). With ``penalty=False`` no
     input gradient is computed and every row is D(x). Its parameters are D's (named ``net.*``), so an
     optimizer over D trains it.
 

@@ -261,7 +261,8 @@ class GANTrainer:
             real rows of ‖∇_x D(x)‖² (the gradient of what D returns). The real rows are shown to D a second
             time as penalty rows, in the same forward, so an analyzer books the penalty as contributions of its
             own (role "penalty"). D must treat examples independently (BatchNorm in training mode is refused,
-            as for WGAN-GP). 0 (default): none; beside "wgan-gp" refused.
+            as for WGAN-GP). 0 (default): none; beside "wgan-gp" refused, and beside
+            ``output="probability"`` (R1 is the gradient of D's logit, not of a sigmoid's probability).
         max_grad_norm: global-norm clipping of both players (inf: none).
         mixed_precision: "no" (default), "bf16" or "fp16": both players' training forwards and losses
             run under ``torch.autocast`` to bfloat16 (float16) on their device type, and so does G's pass
@@ -436,7 +437,7 @@ class GANTrainer:
         self.loss = check_loss(loss)
         self.output = output
         self.gp_weight = gp_weight
-        self.r1_gamma = check_r1_gamma(r1_gamma, loss)
+        self.r1_gamma = check_r1_gamma(r1_gamma, loss, output)
         self.critic = DiscriminatorObjective(discriminator, penalty=(loss == "wgan-gp" or self.r1_gamma > 0))
         # The trainer's classes come from its checked labels: no per-step range check (a device sync) in its loss.
         self.g_loss = GeneratorLoss(discriminator, loss, output, conditional=self.conditional)
