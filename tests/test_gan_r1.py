@@ -276,3 +276,13 @@ def test_an_observed_loop_with_r1_in_its_real_rows_books_what_the_trainer_splits
                                rtol=0, atol=1e-9 * scale)
     torch.testing.assert_close(mine.contributions[:, 0], theirs.contributions[:, 0], rtol=0, atol=1e-9 * scale)
     torch.testing.assert_close(mine.delta, theirs.delta, rtol=0, atol=1e-9 * scale)
+
+
+def test_a_penalty_weight_given_as_a_string_is_refused():
+    """A config value read as text ("10") was taken as the number 10 for gp_weight; both weights refuse it now."""
+    from genkernel.gan.losses import check_gp_weight
+
+    with pytest.raises(ValueError, match="gp_weight must be a finite number"):
+        check_gp_weight("10")
+    with pytest.raises(ValueError, match="gp_weight must be a finite number"):
+        GANTrainer(*_pair(), _data(), loss="wgan-gp", batch_size=B, gp_weight="10")
