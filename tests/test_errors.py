@@ -136,7 +136,7 @@ def test_parameters_not_owned_by_the_optimizer_and_foreign_parameters():
 
 def test_unknown_optimizer_names_the_supported_ones():
     model = mlp()
-    with pytest.raises(TypeError, match="Rprop is not supported.*SGD.*Adam.*AdamW.*RMSprop.*Adagrad.*Adamax.*RAdam.*NAdam"):
+    with pytest.raises(TypeError, match="Rprop is not supported.*SGD.*Adam.*AdamW.*RMSprop.*Adagrad.*Adamax.*RAdam.*NAdam.*Adafactor"):
         tracker_for(model, optimizer=torch.optim.Rprop(model.parameters()))
 
 

@@ -604,10 +604,11 @@ _FIRST_MOMENT_OPTIMIZERS = (torch.optim.Adam, torch.optim.AdamW, torch.optim.Ada
 def linear_state_rows(optimizer: torch.optim.Optimizer) -> bool:
     """Whether the splitter keeps a linear state per row (:mod:`~genkernel.core.tracking.splitters`):
     the first moment of Adam, AdamW, Adamax, RAdam and NAdam, a momentum buffer of SGD or RMSprop in
-    any parameter group (Adagrad keeps none)."""
+    any parameter group (Adagrad and Adafactor keep none: their steps are linear in the gradient given
+    what is read from the optimizer after it)."""
     if isinstance(optimizer, _FIRST_MOMENT_OPTIMIZERS):
         return True
-    if isinstance(optimizer, torch.optim.Adagrad):
+    if isinstance(optimizer, (torch.optim.Adagrad, torch.optim.Adafactor)):
         return False
     return any(float(g.get("momentum", 0.0)) != 0.0 for g in optimizer.param_groups)
 
@@ -644,11 +645,15 @@ def optimizer_state_copies(optimizer: torch.optim.Optimizer) -> int:
     Adam's and AdamW's two moments (three with amsgrad); Adamax's first moment and infinity norm;
     RAdam's and NAdam's two moments; Adagrad's sum of squares (their step counts and NAdam's μ
     product are 0-dim); SGD's momentum buffer (none without momentum); RMSprop's square average, its
-    momentum buffer and, centered, its gradient average."""
+    momentum buffer and, centered, its gradient average; Adafactor's full variance of a vector or 0-dim
+    parameter (1 where a group holds one, else 0: a matrix's or conv weight's second moment is a row
+    and a column factor over its last two dims, n + m values per n × m slice, left out)."""
     copies = 0
     for g in optimizer.param_groups:
         momentum = float(g.get("momentum", 0.0)) != 0.0
-        if isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW)):
+        if isinstance(optimizer, torch.optim.Adafactor):
+            count = int(any(p.dim() <= 1 for p in g["params"]))
+        elif isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW)):
             count = 3 if g.get("amsgrad", False) else 2
         elif isinstance(optimizer, (torch.optim.Adamax, torch.optim.RAdam, torch.optim.NAdam)):
             count = 2

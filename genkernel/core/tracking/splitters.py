@@ -11,9 +11,10 @@ route uses:
   directions;
 - :meth:`UpdateSplitter.preconditioner`: the diagonal D read from the optimizer *after* its step
   (−η, Adam's −η / (1 − β1^k) / (sqrt(v̂_k) + ε), Adagrad's −η_k / (sqrt(Σ g²) + ε), Adamax's
-  −η / (1 − β1^k) / u_k, ...) that turns a direction into an update. What is not linear in the
-  gradients (second moments, infinity norms, Adagrad's sums, RAdam's choice of branch) is read
-  from the optimizer after its step, never split.
+  −η / (1 − β1^k) / u_k, Adafactor's −α_k / c_k / sqrt(V̂_k), ...) that turns a direction into an
+  update. What is not linear in the gradients (second moments, infinity norms, Adagrad's sums,
+  RAdam's choice of branch, Adafactor's factored second moment and update clipping) is read from
+  the optimizer after its step, never split.
 
 The dense route keeps the rows as float64 copies of the parameters (:meth:`UpdateSplitter.split`);
 the sketched route (:mod:`genkernel.core.tracking.sketched`) runs the same ``advance`` on k-dim
@@ -721,11 +722,136 @@ class NAdamSplitter(_ReadAfterStepSplitter):
         return weight / denom
 
 
+class AdafactorSplitter(_ReadAfterStepSplitter):
+    """torch.optim.Adafactor (factored or full second moment, decoupled weight decay, update clipping d,
+    eps1 given or None, maximize, foreach).
+
+    No linear state: with step count k, ρ_k = min(η, 1 / sqrt(k)), α_k = max(ε2, RMS(θ_k)) ρ_k (θ_k before the
+    decay), the optimizer's variance estimate V̂_k after its step (R_k C_k / max(mean(R_k), ε1) over the last two
+    dims of a matrix or conv weight, the full v_k of a vector) and Q = 1 / sqrt(max(V̂_k, ε1²)),
+
+        u_{k,g} = −α_k / c_k · Q ⊙ ĝ_{k,g},   c_k = max(1, RMS(Q ⊙ g_k) / d),
+
+    g_k the step's whole gradient. α_k needs θ_k, so :meth:`capture` reads RMS(θ_k) before the step;
+    Q and c_k are formed after it from the optimizer's own factors and the gradient it stepped on, with
+    PyTorch's operations in the parameter's dtype, so both scalars are the ones the step used. The rest
+    books the decay applied, θ_k − θ_k fl(1 − η λ), as AdamW's. A tensor lr is followed as PyTorch
+    uses it (α_k and α_k / c_k formed in its dtype); complex parameters and sparse gradients are
+    refused before the step (PyTorch refuses them mid-step, after earlier parameter groups moved), and so
+    is ε1 = None in a parameter group mixing dtypes (PyTorch's two paths take ε1 from different dtypes).
+    """
+
+    state_key = None
+    step_size_keys = ()  # a tensor lr enters α_k as PyTorch forms it on both paths (preconditioner)
+
+    def __init__(self, optimizer, params, partitions, dtype=torch.float64):
+        super().__init__(optimizer, params, partitions, dtype)
+        self._refuse_complex()
+        self.parameter_rms: dict[str, float] = {}
+        # The gradient each parameter steps on, held (not copied) from capture() until the preconditioner
+        # has read its clipping denominator c_k, then only c_k (a number) is kept.
+        self.gradient: dict[str, tuple[torch.Tensor, int]] = {}
+        self.clip_denominator: dict[str, float] = {}
+
+    def _refuse_complex(self) -> None:
+        for name, p in self.params.items():
+            if p.is_complex():
+                raise TypeError(
+                    f"parameter '{name}' is complex ({p.dtype}): torch.optim.Adafactor does not support complex "
+                    "parameters (its step raises). Use real parameters (torch.view_as_real) or another optimizer"
+                )
+
+    def capture(self) -> None:
+        self._refuse_complex()
+        for name, p in self.params.items():
+            if p.grad is not None and p.grad.is_sparse:
+                raise TypeError(
+                    f"parameter '{name}' has a sparse gradient: torch.optim.Adafactor does not support sparse "
+                    "gradients (its step raises, after earlier parameter groups have moved). Build the layer with "
+                    "dense gradients (nn.Embedding(..., sparse=False))"
+                )
+        super().capture()
+        self.gradient, self.clip_denominator, self.parameter_rms = {}, {}, {}
+        for index, group in enumerate(self.optimizer.param_groups):
+            stepped = [p for p in group["params"] if p.grad is not None]
+            eps1 = group["eps"][0]
+            if eps1 is None and stepped:
+                # PyTorch sets ε1 once per parameter group, from the first parameter it steps, and keeps it for the
+                # group's other parameters whatever their dtype; which one is first differs between the
+                # single-tensor and foreach paths (foreach orders the parameters by dtype) when the dtypes differ.
+                dtypes = sorted({str(p.dtype) for p in stepped})
+                if len(dtypes) > 1:
+                    raise ValueError(
+                        f"Adafactor's parameter group {index} mixes parameter dtypes ({', '.join(dtypes)}) with "
+                        "eps=(None, ...): PyTorch then takes ε1 from one dtype's eps for all of them, and which one "
+                        "depends on the code path (single-tensor or foreach). Give ε1 explicitly (eps=(1e-16, 1e-3)), "
+                        "or put each dtype in a parameter group of its own"
+                    )
+                eps1 = torch.finfo(stepped[0].dtype).eps
+            for name, p in self.params.items():
+                if self.group_of[name] != index or p.grad is None:
+                    continue
+                self.hyper[name]["eps1"] = eps1
+                # RMS(θ_k) before the decoupled decay, as PyTorch reads it: a Python float from the parameter's norm.
+                self.parameter_rms[name] = p.detach().norm(2).item() / (p.numel() ** 0.5)
+                self.gradient[name] = (p.grad, p.grad._version)
+
+    def _hyperparameters(self, group):
+        return {
+            "lr": _scalar(group["lr"]),
+            # As PyTorch's _to_scalar(lr): a tensor lr (squeezed to 0-dim) makes ρ_k and α_k tensors of its dtype.
+            "step_lr": _plain(group["lr"]),
+            "eps2": group["eps"][1],
+            "d": group["d"],
+            "weight_decay": _scalar(group.get("weight_decay", 0.0)),
+            "maximize": bool(group.get("maximize", False)),
+            "decoupled": True,
+            "decay_factor": _scalar(decay_multiplier(group)),
+        }
+
+    @staticmethod
+    def advance(state, grads, h):
+        return None, grads
+
+    def _inverse_root(self, name: str, eps1: Any) -> torch.Tensor:
+        """Q = 1 / sqrt(max(V̂_k, ε1²)) from the optimizer's state after its step, with PyTorch's operations in
+        the parameter's dtype (bit for bit the Q its step multiplied the gradient by): parameter-shaped."""
+        state = self.optimizer.state[self.params[name]]
+        if "row_var" in state:
+            row_var, col_var = state["row_var"], state["col_var"]
+            estimate = row_var @ col_var
+            estimate.div_(row_var.mean(dim=-2, keepdim=True).clamp_(min=eps1))
+        else:
+            estimate = state["variance"].clone()
+        return estimate.clamp_(min=eps1 * eps1).rsqrt_()
+
+    def preconditioner(self, name):
+        h = self.hyper[name]
+        inverse_root = self._inverse_root(name, h["eps1"])
+        if name not in self.clip_denominator:
+            grad, version = self.gradient.pop(name)
+            if grad._version != version:
+                raise LedgerCheckError(
+                    f"parameter '{name}': its gradient was changed in place after the optimizer step began, so the "
+                    "split cannot read the update clipping Adafactor applied; leave the gradients as they are until "
+                    "the tracker has recorded the step"
+                )
+            # PyTorch's update Q ⊙ g (under maximize Q ⊙ (−g): the same norm), its RMS over d, at least 1.
+            update = inverse_root * grad
+            self.clip_denominator[name] = max(1.0, update.norm(2).item() / ((update.numel() ** 0.5) * h["d"]))
+            del update
+        step = self._step(name)
+        rho = min(h["step_lr"], 1 / (step ** 0.5))
+        alpha = max(h["eps2"], self.parameter_rms[name]) * rho
+        scale = _scalar(-alpha / self.clip_denominator[name])
+        return inverse_root.to(self.dtype).mul_(scale)
+
+
 # Each supported optimizer's splitter (the exact class: a subclass may change the rule).
 SPLITTERS: dict[type, type[UpdateSplitter]] = {
     torch.optim.SGD: SGDSplitter, torch.optim.Adam: AdamSplitter, torch.optim.AdamW: AdamSplitter,
     torch.optim.RMSprop: RMSpropSplitter, torch.optim.Adagrad: AdagradSplitter, torch.optim.Adamax: AdamaxSplitter,
-    torch.optim.RAdam: RAdamSplitter, torch.optim.NAdam: NAdamSplitter,
+    torch.optim.RAdam: RAdamSplitter, torch.optim.NAdam: NAdamSplitter, torch.optim.Adafactor: AdafactorSplitter,
 }
 SUPPORTED_OPTIMIZERS = ", ".join(f"torch.optim.{kind.__name__}" for kind in SPLITTERS)
 
@@ -742,5 +868,6 @@ def make_splitter(optimizer: torch.optim.Optimizer, params: dict[str, torch.nn.P
     )
 
 
-__all__ = ["SPLITTERS", "SUPPORTED_OPTIMIZERS", "AdagradSplitter", "AdamSplitter", "AdamaxSplitter", "NAdamSplitter", "RAdamSplitter",
-           "RMSpropSplitter", "SGDSplitter", "UpdateSplitter", "make_splitter", "one_minus"]
+__all__ = ["SPLITTERS", "SUPPORTED_OPTIMIZERS", "AdafactorSplitter", "AdagradSplitter", "AdamSplitter", "AdamaxSplitter",
+           "NAdamSplitter", "RAdamSplitter", "RMSpropSplitter", "SGDSplitter", "UpdateSplitter", "make_splitter",
+           "one_minus"]
