@@ -241,16 +241,17 @@ def test_fused_and_capturable_optimizers_are_split_as_the_single_tensor_loop_is_
         torch.testing.assert_close(contributions, reference, rtol=1e-9, atol=1e-12 * float(reference.abs().max()))
 
 
-NEW_RULES = {  # Adagrad, Adamax, RAdam, NAdam: their single-tensor loop against CUDA's foreach kernels (and Adagrad's fused)
+NEW_RULES = {  # Adagrad, Adamax, RAdam, NAdam, Adafactor: their single-tensor loop against CUDA's foreach kernels (and Adagrad's fused)
     "adagrad": lambda p, **kw: torch.optim.Adagrad(p, lr=0.05, lr_decay=0.01, weight_decay=0.01, **kw),
     "adamax": lambda p, **kw: torch.optim.Adamax(p, lr=0.01, weight_decay=0.01, **kw),
     "radam": lambda p, **kw: torch.optim.RAdam(p, lr=0.01, weight_decay=0.01, decoupled_weight_decay=True, **kw),
     "nadam": lambda p, **kw: torch.optim.NAdam(p, lr=0.01, weight_decay=0.01, **kw),
+    "adafactor": lambda p, **kw: torch.optim.Adafactor(p, lr=0.01, weight_decay=0.01, **kw),
 }
 
 
 @pytest.mark.parametrize("rule", sorted(NEW_RULES))
-def test_the_four_newer_optimizers_are_split_on_cuda_as_on_their_plain_loop(rule):
+def test_the_newer_optimizers_are_split_on_cuda_as_on_their_plain_loop(rule):
     """docs/optimizers.md: CUDA's foreach kernels (and Adagrad's fused one) split as the single-tensor loop,
     the ledger identity on the way (8 steps: RAdam crosses its rectification switch at step 6)."""
     from test_workflow_optimizers import ledgers_under
