@@ -3,7 +3,6 @@
 resumed mid-run with its analyzer, D's role_mode groups, r1_gamma=0 as no argument, and two refusals
 (R1 on a sigmoid's probability; a gp_weight given beside R1 named as r1_gamma's mistake)."""
 
-import math
 import warnings
 
 import pytest
