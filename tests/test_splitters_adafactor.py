@@ -12,7 +12,6 @@ import math
 import pytest
 import torch
 from torch import nn
-from torch.func import functional_call, jacrev
 
 from genkernel import LedgerCheckError, PathKernelTracker
 from genkernel.core.grouping import Partitions
@@ -21,6 +20,7 @@ from genkernel.supervised import mse_loss
 
 from test_splitters_review2 import G, N, _f, _relative  # the same group count, batch and helpers
 from test_splitters_review2 import _drive as _drive_with
+from test_splitters_more_optimizers import track_against_rule
 
 F64 = torch.float64
 
@@ -168,13 +168,6 @@ def test_foreach_and_single_tensor_steps_hold_the_same_state_and_move_within_a_r
 
 
 # -- a tracked run against the same rule, pushed by hand ---------------------------------------------------------
-def _jacobian(model, probes, theta):
-    def outputs(p):
-        return functional_call(model, p, (probes,)).reshape(-1)
-    jac = jacrev(outputs)(theta)
-    return {n: j.reshape(j.shape[0], -1) for n, j in jac.items()}
-
-
 @pytest.mark.parametrize("foreach", [False, True], ids=["single-tensor", "foreach"])
 def test_a_tracked_run_books_the_hand_pushed_contributions_and_trains_as_the_untracked_loop(foreach):
     """PathKernelTracker (dense route, midpoint rule) over 6 steps with two parameter groups, decay, clipping and a
@@ -186,37 +179,10 @@ def test_a_tracked_run_books_the_hand_pushed_contributions_and_trains_as_the_unt
                      for m in (model, twin))
     gen = torch.Generator().manual_seed(4)
     probes = torch.randn(3, 3, generator=gen, dtype=F64)
-    tracker = PathKernelTracker(model, opt, mse_loss, probes, num_groups=2)
-    assert tracker.group_state == "dense"
-    names = [n for n, _ in model.named_parameters()]
-    owner = {n: opt.param_groups[0 if n in ("kernel", "bias") else 1] for n in names}
+    owner = {n: opt.param_groups[0 if n in ("kernel", "bias") else 1] for n, _ in model.named_parameters()}
     rule = _Adafactor(2)
-    contributions, rest = torch.zeros(3, 2, 2, dtype=F64), torch.zeros(3, 2, dtype=F64)
-    f_start = model(probes).detach()
-    for k in range(6):
-        if k == 3:
-            for o in (opt, twin_opt):
-                o.param_groups[1]["lr"] = 0.005
-        x, y = torch.randn(N, 3, generator=gen, dtype=F64), torch.randn(N, 2, generator=gen, dtype=F64)
-        groups = torch.arange(N) % 2
-        params = dict(model.named_parameters())
-        rows = {n: torch.zeros(3, *p.shape, dtype=F64) for n, p in params.items()}
-        for i in range(N):
-            loss = ((model(x[i:i + 1]) - y[i:i + 1]) ** 2).mean() / N
-            for n, g in zip(names, torch.autograd.grad(loss, list(params.values()))):
-                rows[n][int(groups[i])] += g
-        before = {n: p.detach().clone() for n, p in params.items()}
-        tracker.step(x, y, groups)
-        twin_opt.zero_grad()
-        mse_loss(twin(x), y).mean().backward()
-        twin_opt.step()
-        middle = {n: torch.lerp(before[n], p.detach(), 0.5) for n, p in params.items()}
-        jac = _jacobian(model, probes, middle)
-        for n in names:
-            u = rule(n, rows[n], before[n], owner[n]).reshape(3, -1)
-            pushed = (jac[n] @ u.T).reshape(3, 2, 3)  # [M, d, rows]
-            contributions += pushed[..., :2].permute(0, 2, 1)
-            rest += pushed[..., 2]
+    tracker, contributions, rest, f_start = track_against_rule(model, opt, twin, twin_opt, rule, owner, probes, gen,
+                                                               steps=6, new_lr=0.005)
     ledger = tracker.ledger
     assert ledger.steps == 6
     assert ("clipped", True) in rule.seen

@@ -175,6 +175,46 @@ def _jacobian(model, probes, theta):
     return {n: j.reshape(j.shape[0], -1) for n, j in jac.items()}
 
 
+def track_against_rule(model, opt, twin, twin_opt, rule, owner, probes, gen, *, steps, new_lr):
+    """A PathKernelTracker (two groups, dense route, midpoint rule) over ``steps`` steps of ``model`` beside the
+    same loop on ``twin`` without it, the second parameter group's lr set to ``new_lr`` before step 4 in both.
+    Per step, the groups' gradients by a plain autograd loop over the examples go through ``rule`` (the
+    published update per row: groups 0, 1, rest 2; ``owner[name]`` the parameter's group) and J(θ_mid) by
+    jacrev. Returns ``(tracker, contributions [M, 2, d], rest [M, d], f_start [M, d])``."""
+    tracker = PathKernelTracker(model, opt, mse_loss, probes, num_groups=2)
+    assert tracker.group_state == "dense"
+    names = [n for n, _ in model.named_parameters()]
+    m, d = probes.shape[0], model(probes).shape[1]
+    contributions, rest = torch.zeros(m, 2, d, dtype=F64), torch.zeros(m, d, dtype=F64)
+    f_start = model(probes).detach()
+    for k in range(steps):
+        if k == 3:
+            for o in (opt, twin_opt):
+                o.param_groups[1]["lr"] = new_lr
+        x, y = torch.randn(N, 3, generator=gen, dtype=F64), torch.randn(N, 2, generator=gen, dtype=F64)
+        groups = torch.arange(N) % 2
+        params = dict(model.named_parameters())
+        rows = {n: torch.zeros(3, *p.shape, dtype=F64) for n, p in params.items()}
+        for i in range(N):
+            loss = ((model(x[i:i + 1]) - y[i:i + 1]) ** 2).mean() / N
+            for n, g in zip(names, torch.autograd.grad(loss, list(params.values()))):
+                rows[n][int(groups[i])] += g
+        before = {n: p.detach().clone() for n, p in params.items()}
+        tracker.step(x, y, groups)
+        twin_opt.zero_grad()
+        mse_loss(twin(x), y).mean().backward()
+        twin_opt.step()
+        middle = {n: torch.lerp(before[n], p.detach(), 0.5) for n, p in params.items()}
+        jac = _jacobian(model, probes, middle)
+        for n in names:
+            u = rule(n, rows[n], before[n], owner[n]).reshape(3, -1)
+            pushed = (jac[n] @ u.T).reshape(m, d, 3)  # [M, d, rows]
+            contributions += pushed[..., :2].permute(0, 2, 1)
+            rest += pushed[..., 2]
+    return tracker, contributions, rest, f_start
+
+
+
 @pytest.mark.parametrize("kind, options", [
     (torch.optim.Adagrad, dict(lr_decay=0.05, weight_decay=0.05)),
     (torch.optim.Adamax, dict(weight_decay=0.05, maximize=True)),
@@ -193,38 +233,12 @@ def test_a_tracked_run_books_the_hand_pushed_contributions_and_trains_as_the_unt
     opt, twin_opt = (kind(_groups(m, (0.03, 0.01)), **options) for m in (model, twin))
     gen = torch.Generator().manual_seed(4)
     probes = torch.randn(3, 3, generator=gen, dtype=F64)
-    tracker = PathKernelTracker(model, opt, mse_loss, probes, num_groups=2)
-    assert tracker.group_state == "dense"
     names = [n for n, _ in model.named_parameters()]
     owner = {n: opt.param_groups[0 if n.startswith("0.") else 1] for n in names}
     rule = _rule(kind, options)
     rule.rest = 2
-    contributions, rest = torch.zeros(3, 2, 2, dtype=F64), torch.zeros(3, 2, dtype=F64)
-    f_start = model(probes).detach()
-    for k in range(8):
-        if k == 3:
-            for o in (opt, twin_opt):
-                o.param_groups[1]["lr"] = 0.02
-        x, y = torch.randn(N, 3, generator=gen, dtype=F64), torch.randn(N, 2, generator=gen, dtype=F64)
-        groups = torch.arange(N) % 2
-        params = dict(model.named_parameters())
-        rows = {n: torch.zeros(3, *p.shape, dtype=F64) for n, p in params.items()}
-        for i in range(N):
-            loss = ((model(x[i:i + 1]) - y[i:i + 1]) ** 2).mean() / N
-            for n, g in zip(names, torch.autograd.grad(loss, list(params.values()))):
-                rows[n][int(groups[i])] += g
-        before = {n: p.detach().clone() for n, p in params.items()}
-        tracker.step(x, y, groups)
-        twin_opt.zero_grad()
-        mse_loss(twin(x), y).mean().backward()
-        twin_opt.step()
-        middle = {n: torch.lerp(before[n], p.detach(), 0.5) for n, p in params.items()}
-        jac = _jacobian(model, probes, middle)
-        for n in names:
-            u = rule(n, rows[n], before[n], owner[n]).reshape(3, -1)
-            pushed = (jac[n] @ u.T).reshape(3, 2, 3)  # [M, d, rows]
-            contributions += pushed[..., :2].permute(0, 2, 1)
-            rest += pushed[..., 2]
+    tracker, contributions, rest, f_start = track_against_rule(model, opt, twin, twin_opt, rule, owner, probes, gen,
+                                                               steps=8, new_lr=0.02)
     ledger = tracker.ledger
     assert ledger.steps == 8
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), twin.parameters()))

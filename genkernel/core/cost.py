@@ -30,7 +30,7 @@ Memory (bytes):
   of them fits: :func:`push_pass_shape`), or the probes' Jacobians M × d × P (twice) and the rows
   as one matrix on the "jacobian" route (which "auto" takes where :func:`push_route` says);
 - ``training_step``: the parameters, their gradients and the optimizer's own state
-  (:func:`optimizer_state_copies`), and the
+  (:func:`optimizer_state_values`), and the
   batch's activations (a hook pass on one example, times the batch and a factor for what autograd
   keeps), when ``batch_size`` is given;
 - ``training_records``: what step 1 keeps of the training pass when it reads layer factors from it
@@ -403,7 +403,7 @@ def estimate_cost(
     b = m if batch_size is None else batch_size
     device = params[0].device if device is None and params else torch.device(device or "cpu")
     linear_state = linear_state_rows(optimizer)
-    optimizer_state = optimizer_state_copies(optimizer)
+    optimizer_state = optimizer_state_values(optimizer, params)
     largest = max((p.numel() for p in params), default=0)
 
     memory: dict[str, int] = {}
@@ -411,10 +411,10 @@ def estimate_cost(
     # What training itself holds: parameters, gradients, optimizer state, activations.
     acts = activation_elements(model, tuple(t[:1] for t in probes))
     micro = -(-b // micro_batches)  # the largest micro-batch: what training's activations hold at once
-    memory["training_step"] = num * param_bytes * (2 + optimizer_state) + 3 * acts * micro * param_bytes
+    memory["training_step"] = (2 * num + optimizer_state) * param_bytes + 3 * acts * micro * param_bytes
     reads_training = micro_batches == 1 and reads_training_pass(acts * param_bytes, b, memory_budget)
     bare = 3.0 * b  # a forward and a backward of every example (the factor routes count it from the shapes)
-    memory["parameter_copies"] = num * param_bytes * (2 + quadrature_nodes) + num * param_bytes * optimizer_state
+    memory["parameter_copies"] = num * param_bytes * (2 + quadrature_nodes) + optimizer_state * param_bytes
     if witness_copies:
         memory["witnesses"] = witness_copies * num * param_bytes
     # The splitter's rows: the dense route's groups, the rest and a rounding row per partition in
@@ -646,8 +646,8 @@ def optimizer_state_copies(optimizer: torch.optim.Optimizer) -> int:
     RAdam's and NAdam's two moments; Adagrad's sum of squares (their step counts and NAdam's μ
     product are 0-dim); SGD's momentum buffer (none without momentum); RMSprop's square average, its
     momentum buffer and, centered, its gradient average; Adafactor's full variance of a vector or 0-dim
-    parameter (1 where a group holds one, else 0: a matrix's or conv weight's second moment is a row
-    and a column factor over its last two dims, n + m values per n × m slice, left out)."""
+    parameter (1 where a group holds one, else 0: an upper bound per parameter, as a matrix's or conv
+    weight's second moment is a row and a column factor; :func:`optimizer_state_values` counts them)."""
     copies = 0
     for g in optimizer.param_groups:
         momentum = float(g.get("momentum", 0.0)) != 0.0
@@ -665,6 +665,25 @@ def optimizer_state_copies(optimizer: torch.optim.Optimizer) -> int:
             count = int(momentum)
         copies = max(copies, count)
     return copies
+
+
+def optimizer_state_values(optimizer: torch.optim.Optimizer, params: list[torch.Tensor]) -> int:
+    """Values of per-parameter state the optimizer keeps for ``params`` (what training holds, and what a
+    rolled-back step's copy of the optimizer's state restores): :func:`optimizer_state_copies` times
+    their count, except Adafactor's, counted exactly: a vector's or 0-dim parameter's full variance (its
+    numel), a matrix's or conv weight's row and column factors over its last two dims (n + m values per
+    n × m slice; a full copy per parameter would count a model with one bias as if every weight had a
+    variance of its own)."""
+    if not isinstance(optimizer, torch.optim.Adafactor):
+        return optimizer_state_copies(optimizer) * sum(p.numel() for p in params)
+    total = 0
+    for p in params:
+        if p.dim() <= 1 or p.numel() == 0:
+            total += p.numel()
+        else:
+            rows, cols = p.shape[-2], p.shape[-1]
+            total += p.numel() // (rows * cols) * (rows + cols)
+    return total
 
 
 def tangent_bytes(rows: int, num_params: int, row_bytes: int, param_bytes: int) -> int:
@@ -875,7 +894,7 @@ def _cheaper_options(estimate: CostEstimate, group_state: str, state_dtype: torc
 __all__ = [
     "CHECK_TEMPORARIES", "COST_OPTIONS", "CostEstimate", "PUSH_ROW_ACTIVATIONS", "available_memory", "cgroup_free_memory",
     "GROUP_STATE_CHOICES", "check_bytes", "cost_options", "estimate_cost", "factor_route_work", "forward_macs", "held_bytes", "ledger_bytes", "linear_state_rows",
-    "optimizer_state_copies", "plain_hyperparameter", "plain_sgd", "projection_bytes", "push_pass_bytes", "push_pass_shape", "push_route", "reads_training_pass",
+    "optimizer_state_copies", "optimizer_state_values", "plain_hyperparameter", "plain_sgd", "projection_bytes", "push_pass_bytes", "push_pass_shape", "push_route", "reads_training_pass",
     "sketch_temporary_bytes", "sketch_work", "sketchable",
     "tangent_bytes",
 ]

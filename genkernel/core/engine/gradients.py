@@ -180,10 +180,12 @@ def gradients_from_losses(
             out[name] = torch.zeros((weights.shape[0], *p.shape), dtype=dtype, device=p.device)
             continue
         g = g.detach().to(dtype)
-        # autograd may hand two parameters one tensor (θ_a + θ_b passes its gradient to both unchanged):
-        # callers scale and sum the rows in place, so each parameter gets storage of its own.
-        if g.data_ptr() in seen:
-            g = g.clone()
+        # Callers scale and sum the rows in place (clipping, accumulation over micro-batches, a float16
+        # boost divided back), so each parameter gets dense storage of its own: autograd may hand two
+        # parameters one tensor (θ_a + θ_b passes its gradient to both unchanged), or a row as an expanded
+        # view, one element for many values (a weight summed over in the forward, einsum("bj,pqkj->bk")).
+        if g.data_ptr() in seen or not g.is_contiguous():
+            g = g.clone(memory_format=torch.contiguous_format)
         seen.add(g.data_ptr())
         out[name] = g
     return out

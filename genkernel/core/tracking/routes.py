@@ -342,9 +342,7 @@ class DenseRoute(GroupStateRoute):
         if model.distributed is not None:
             grads = combine_group_gradients(grads, batch, model.distributed)
         if scale != 1.0:  # clipping or loss scaling; the rows are this step's own arrays (R × P each: no copy)
-            # A row autograd returned as an expanded view (a weight summed over in the forward, as in
-            # einsum("bj,pqkj->bk")) cannot be scaled in place: scale a copy of it.
-            grads = {name: g.mul_(scale) if g.is_contiguous() else g.mul(scale) for name, g in grads.items()}
+            grads = {name: g.mul_(scale) for name, g in grads.items()}
         first = model.partitions.slices[model.partitions.primary]
         sizes = {name: float(abs_row_sum(g[first]).norm()) for name, g in grads.items()}
         return StepGradients(grads, losses, sizes)

@@ -531,15 +531,17 @@ class _ReadAfterStepSplitter(UpdateSplitter):
         super().__init__(optimizer, params, partitions, dtype)
         self._check_variant()
 
+    # Why a sparse gradient is refused (Adafactor's step raises on one instead).
+    sparse_consequence = "'s sparse update touches only the rows the batch used, which the dense split does not follow"
+
     def capture(self) -> None:
         super().capture()
         self._check_variant()
         for name, p in self.params.items():
             if p.grad is not None and p.grad.is_sparse:
                 raise TypeError(
-                    f"parameter '{name}' has a sparse gradient: {type(self.optimizer).__name__}'s sparse update touches "
-                    "only the rows the batch used, which the dense split does not follow. Build the layer with dense "
-                    "gradients (nn.Embedding(..., sparse=False))"
+                    f"parameter '{name}' has a sparse gradient: {type(self.optimizer).__name__}"
+                    f"{self.sparse_consequence}. Build the layer with dense gradients (nn.Embedding(..., sparse=False))"
                 )
 
     def _check_variant(self) -> None:
@@ -761,16 +763,12 @@ class AdafactorSplitter(_ReadAfterStepSplitter):
                     "parameters (its step raises). Use real parameters (torch.view_as_real) or another optimizer"
                 )
 
+    sparse_consequence = (" does not support sparse gradients (its step raises, after earlier parameter groups "
+                          "have moved)")
+
     def capture(self) -> None:
         self._refuse_complex()
-        for name, p in self.params.items():
-            if p.grad is not None and p.grad.is_sparse:
-                raise TypeError(
-                    f"parameter '{name}' has a sparse gradient: torch.optim.Adafactor does not support sparse "
-                    "gradients (its step raises, after earlier parameter groups have moved). Build the layer with "
-                    "dense gradients (nn.Embedding(..., sparse=False))"
-                )
-        super().capture()
+        super().capture()  # (reads the hyperparameters and refuses a sparse gradient: nothing has moved yet)
         self.gradient, self.clip_denominator, self.parameter_rms = {}, {}, {}
         for index, group in enumerate(self.optimizer.param_groups):
             stepped = [p for p in group["params"] if p.grad is not None]
