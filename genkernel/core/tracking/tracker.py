@@ -1368,9 +1368,10 @@ class PathKernelTracker:
             warnings.warn(
                 f"step {pending.index}: its residual at the probes is {relative:.3g} times its change: in "
                 f"{entry['gradient_precision']} the groups' gradients miss the real one by a rounding "
-                "that this step magnified (Adam divides by sqrt(v) + eps where that rounding is most of v), so its "
-                "shares say little. Read gradient_scales[*]['relative_residual'] and the ledger's residual before "
-                "the shares; a larger Adam eps or a float32 window avoids it (shown once per tracker)",
+                "that this step magnified (an adaptive optimizer divides by the root of a second moment, Adam's "
+                "sqrt(v) + eps, where that rounding is most of it), so its shares say little. Read "
+                "gradient_scales[*]['relative_residual'] and the ledger's residual before the shares; a larger eps "
+                "or a float32 window avoids it (shown once per tracker)",
                 RuntimeWarning, stacklevel=2,
             )
 
@@ -1716,9 +1717,10 @@ class PathKernelTracker:
             )
         if group_state == "factored" and not plain:
             raise ValueError(
-                "group_state='factored' needs plain SGD (torch.optim.SGD without momentum): a momentum "
-                "buffer or Adam's preconditioner mixes steps or coordinates, which the layer factors "
-                "cannot carry; use group_state='dense'"
+                f"group_state='factored' needs plain SGD (torch.optim.SGD without momentum), not "
+                f"{type(self.optimizer).__name__}{' with momentum' if type(self.optimizer) is torch.optim.SGD else ''}: a momentum buffer or an adaptive optimizer's per-coordinate "
+                "preconditioner mixes steps or coordinates, which the layer factors cannot carry; use "
+                "group_state='dense'"
             )
         return group_state
 
