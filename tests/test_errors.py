@@ -140,6 +140,18 @@ def test_unknown_optimizer_names_the_supported_ones():
         tracker_for(model, optimizer=torch.optim.Rprop(model.parameters()))
 
 
+def test_an_optimizer_whose_step_is_not_linear_in_the_gradient_is_refused_saying_why():
+    """Rprop and Muon are refused (as before) with the reason no split can follow them, beside the supported list."""
+    model = mlp()
+    with pytest.raises(TypeError, match=r"Rprop is not supported \(Rprop steps by the sign of each gradient.*SGD"):
+        tracker_for(model, optimizer=torch.optim.Rprop(model.parameters()))
+    matrices = nn.Sequential(nn.Linear(2, 4, bias=False), nn.Tanh(), nn.Linear(4, 1, bias=False))
+    with pytest.raises(TypeError, match=r"Muon is not supported \(Muon orthogonalizes its momentum"):
+        tracker_for(matrices, optimizer=torch.optim.Muon(matrices.parameters()))
+    with pytest.raises(TypeError, match=r"ASGD is not supported: the ledger"):  # (no reason known: the list only)
+        tracker_for(model, optimizer=torch.optim.ASGD(model.parameters()))
+
+
 def test_parameters_changed_outside_the_step():
     model = mlp()
     tracker = tracker_for(model)

@@ -854,14 +854,27 @@ SPLITTERS: dict[type, type[UpdateSplitter]] = {
 SUPPORTED_OPTIMIZERS = ", ".join(f"torch.optim.{kind.__name__}" for kind in SPLITTERS)
 
 
+# Why the split cannot follow some of torch.optim's other optimizers: their step is not linear in the gradient
+# given what the optimizer holds, so no sum of per-group updates reproduces it.
+NOT_LINEAR = {
+    "Muon": "Muon orthogonalizes its momentum (Newton–Schulz iterations), a non-linear map of the gradients",
+    "Rprop": "Rprop steps by the sign of each gradient coordinate, not by its size",
+    "LBFGS": "L-BFGS evaluates the loss several times a step and solves for its direction from past gradients",
+    "SparseAdam": "SparseAdam updates only the rows a sparse gradient touches",
+}
+
+
 def make_splitter(optimizer: torch.optim.Optimizer, params: dict[str, torch.nn.Parameter], partitions: Partitions,
                   dtype: torch.dtype = torch.float64) -> UpdateSplitter:
-    """The splitter for ``optimizer``; a clear error names the supported optimizers."""
+    """The splitter for ``optimizer``; a clear error names the supported optimizers (and, for the ones whose
+    step is not linear in the gradient, why)."""
     kind = type(optimizer)
     if kind in SPLITTERS:
         return SPLITTERS[kind](optimizer, params, partitions, dtype)
+    reason = NOT_LINEAR.get(kind.__name__) if kind.__module__.startswith("torch.optim") else None
+    why = f" ({reason}, which no split of the update into groups can follow)" if reason else ""
     raise TypeError(
-        f"{kind.__module__}.{kind.__name__} is not supported: the ledger must reproduce the optimizer's "
+        f"{kind.__module__}.{kind.__name__} is not supported{why}: the ledger must reproduce the optimizer's "
         f"update exactly, and genkernel knows how for {SUPPORTED_OPTIMIZERS}"
     )
 
