@@ -402,8 +402,8 @@ class DiscriminatorObjective(nn.Module):
 
     Returns D(x) (D(x, y)) where ``roles`` is 0 (generated) or 1 (real), and ‖∇_x D(x)‖ (‖∇_x D(x, y)‖,
     the gradient in x alone) where it is 2 (a penalty row: a WGAN-GP interpolate, or a real row again for
-    R1). With ``penalty=False`` no input gradient is computed and every row is D(x). Its parameters are D's (named ``net.*``), so an
-    optimizer over D trains it.
+    R1). With ``penalty=False`` no input gradient is computed and every row is D(x). Its parameters are
+    D's (named ``net.*``), so an optimizer over D trains it.
 
     The input gradient of a batch is ``torch.func.grad(x ↦ Σ_b D(x)_b)(x)``: D treats examples
     independently, so row b is ∇_x D(x_b) (a D with BatchNorm in training mode is refused: it mixes the batch).
