@@ -286,3 +286,108 @@ def test_a_penalty_weight_given_as_a_string_is_refused():
         check_gp_weight("10")
     with pytest.raises(ValueError, match="gp_weight must be a finite number"):
         GANTrainer(*_pair(), _data(), loss="wgan-gp", batch_size=B, gp_weight="10")
+
+
+
+def _lazy_r1_loop(G, D, g_opt, d_opt, batches, analyzer=None, *, every=2, start=0):
+    """StyleGAN2's lazy regularization written by hand: every iteration a D step on real and generated rows
+    (non-saturating), and after every ``every``-th a separate D step on the real rows alone with
+    γ·every/2·‖∇_x D(x)‖² each (role "penalty"), then a G step; SGD. ``start``: the first iteration's index.
+    The analyzer's observe calls are the only added lines."""
+    roles = torch.cat([torch.full((B,), REAL), torch.zeros(B, dtype=torch.long)])
+    weights = torch.full((2 * B,), 1.0 / B, dtype=F64)
+    for i, (real, z_d, z_g) in enumerate(batches, start=start):
+        with torch.no_grad():
+            fake = G(z_d)
+        x = torch.cat([real, fake])
+        s = D(x).reshape(-1)
+        losses = torch.cat([F.softplus(-s[:B]), F.softplus(s[B:])])
+        d_opt.zero_grad()
+        if analyzer is not None:
+            analyzer.observe_discriminator(losses, roles, x, weights=weights)
+        (losses.sum() / B).backward()
+        d_opt.step()
+        if (i + 1) % every == 0:
+            r = real.detach().requires_grad_(True)
+            (grad_x,) = torch.autograd.grad(D(r).sum(), r, create_graph=True)
+            penalty = GAMMA * every / 2 * grad_x.pow(2).sum(1)
+            d_opt.zero_grad()
+            if analyzer is not None:
+                analyzer.observe_discriminator(penalty, torch.full((B,), PENALTY), real)
+            penalty.mean().backward()
+            d_opt.step()
+        g_opt.zero_grad()
+        D.requires_grad_(False)
+        fake = G(z_g)
+        g_losses = F.softplus(-D(fake).reshape(-1))
+        if analyzer is not None:
+            analyzer.observe_generator(g_losses, z_g, fake)
+        g_losses.mean().backward()
+        g_opt.step()
+        D.requires_grad_(True)
+
+
+def _lazy_r1_owned(G, D, g_opt, d_opt, batches, analyzer, *, every=2):
+    """The same steps performed by the analyzer: one objective with penalty rows serves both kinds of D step,
+    its loss R1 at γ·every."""
+    from genkernel import OptimizerStep
+    from genkernel.gan import frozen
+    from genkernel.gan.losses import DiscriminatorObjective, GeneratorLoss
+
+    critic, g_loss = DiscriminatorObjective(D, penalty=True), GeneratorLoss(D)
+    d_loss = DiscriminatorLoss(r1_gamma=GAMMA * every)
+    roles = torch.cat([torch.full((B,), REAL), torch.zeros(B, dtype=torch.long)])
+    penalty_roles = torch.full((B,), PENALTY)
+    for i, (real, z_d, z_g) in enumerate(batches):
+        with torch.no_grad():
+            fake = G(z_d)
+        x = torch.cat([real, fake])
+        analyzer.perform(OptimizerStep(critic, d_opt, d_loss, (x, roles), roles, torch.full((2 * B,), 1.0 / B, dtype=F64),
+                                       phase="discriminator", info={"roles": roles}))
+        if (i + 1) % every == 0:
+            analyzer.perform(OptimizerStep(critic, d_opt, d_loss, (real, penalty_roles), penalty_roles,
+                                           phase="discriminator", info={"roles": penalty_roles}))
+        with frozen(D):
+            analyzer.perform(OptimizerStep(G, g_opt, g_loss, z_g, phase="generator"))
+
+
+def test_a_lazily_regularized_loop_you_write_is_booked_as_the_same_steps_performed_by_the_analyzer():
+    """Coverage (the observed path books any per-example losses; the owned reference needs r1_gamma).
+    Lazy R1 (separate penalty-only D steps after every second iteration), observed: training bit for bit as
+    without the analyzer; D's ledger has a step per D update, its penalty column zero until the first
+    regularization step, and equals the ledger of the same steps performed by the analyzer (the objective with
+    penalty rows, DiscriminatorLoss(r1_gamma=2γ)) to 1e-12 of its scale; the identity closes."""
+    data = _data(40)
+    g = torch.Generator().manual_seed(11)
+    batches = [(data[torch.randint(0, 40, (B,), generator=g)], torch.randn(B, LATENT, generator=g, dtype=F64),
+                torch.randn(B, LATENT, generator=g, dtype=F64)) for _ in range(4)]
+    probes = torch.randn(6, 2, generator=torch.Generator().manual_seed(3), dtype=F64)
+
+    def players():
+        G, D = _pair()
+        return G, D, torch.optim.SGD(G.parameters(), lr=LR_G), torch.optim.SGD(D.parameters(), lr=LR_D)
+
+    def analyzer_for(G, D):
+        return GANKernelAnalyzer(G, D, torch.randn(4, LATENT, dtype=F64), num_groups=2, window=8, eval_every=1,
+                                 discriminator_probes=probes)
+
+    G0, D0, g0, d0 = players()
+    _lazy_r1_loop(G0, D0, g0, d0, batches)
+    G1, D1, g1, d1 = players()
+    observed = analyzer_for(G1, D1)
+    observed.bind(g1, d1)
+    _lazy_r1_loop(G1, D1, g1, d1, batches[:1], observed)
+    assert observed.discriminator_ledger.steps == 1
+    assert float(observed.discriminator_ledger.contributions[:, PENALTY].abs().max()) == 0.0
+    _lazy_r1_loop(G1, D1, g1, d1, batches[1:], observed, start=1)
+    assert torch.equal(_flat(D1), _flat(D0)) and torch.equal(_flat(G1), _flat(G0))
+    G2, D2, g2, d2 = players()
+    owned = analyzer_for(G2, D2)
+    _lazy_r1_owned(G2, D2, g2, d2, batches, owned)
+    mine, theirs = observed.discriminator_ledger, owned.discriminator_ledger
+    assert mine.steps == theirs.steps == 6  # 4 main steps and 2 regularization steps
+    scale = float(theirs.contributions.abs().max())
+    assert float(theirs.contributions[:, PENALTY].abs().max()) > 1e-3 * scale
+    for field in ("contributions", "rest", "residual", "delta"):
+        torch.testing.assert_close(getattr(mine, field), getattr(theirs, field), rtol=0, atol=1e-12 * scale, msg=field)
+    torch.testing.assert_close(mine.delta, mine.contributions.sum(1) + mine.rest + mine.residual, rtol=0, atol=1e-12)
