@@ -78,7 +78,7 @@ from ..core.tracking.ema import (
 )
 from ..core.tracking.lr_schedules import LRSchedulerArg, build_lr_scheduler, lr_scheduler_settings, step_lr_scheduler
 from ..core.tracking.step import (
-    OptimizerStep, autocast_to, check_max_grad_norm, micro_batch_rows, skip_streak_error, trainer_autocast_dtype,
+    OptimizerStep, SkipStreak, autocast_to, check_max_grad_norm, micro_batch_rows, trainer_autocast_dtype,
     trainer_grad_scaler,
 )
 from ..logging import LoggingCallback
@@ -472,7 +472,7 @@ class GANTrainer:
         self.grad_scaler = trainer_grad_scaler(mixed_precision, next(generator.parameters()).device)
         # steps a GradScaler skipped (fp16), per player: no update, not counted in g_steps / d_steps_done
         self.skipped_steps = {"generator": 0, "discriminator": 0}
-        self._skip_streak = 0
+        self._skip_streak = SkipStreak(self.grad_scaler)
         if ema is not None:
             check_trainable_ema(ema, generator)
         self.ema = ema
@@ -765,11 +765,7 @@ class GANTrainer:
             losses = perform_step(self.callbacks, self, step)
         except SkippedStep as error:
             self.skipped_steps[step.phase] += 1
-            self._skip_streak += 1
-            stop = skip_streak_error(self._skip_streak, self.grad_scaler, error)
-            if stop is not None:
-                self._skip_streak = 0  # (a train() called again, at a lowered scale, starts a streak of its own)
-                raise stop from error
+            self._skip_streak.skipped(error)
             return None
         except NonFiniteError as error:
             self._count_applied(step)
@@ -784,7 +780,7 @@ class GANTrainer:
                 self._undo(draws)
             raise
         self._count_applied(step, schedule=False)
-        self._skip_streak = 0
+        self._skip_streak.applied()
         try:  # the logger reads the learning rate that trained this step: before the schedule steps it (an error
             # in the logger still steps the schedule of the update, which is counted)
             if self.logging is not None:

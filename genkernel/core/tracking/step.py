@@ -77,29 +77,38 @@ def trainer_grad_scaler(mixed_precision: str, device: torch.device) -> torch.amp
 def until_applied(attempt: Callable[[], Any], scaler: torch.amp.GradScaler | None, skipped: Callable[[], None]) -> Any:
     """``attempt()`` (one step of a trainer, drawing its batch) again after each GradScaler skip
     (:class:`SkippedStep`; ``skipped()`` counts it) until one returns; returns what it returns. A
-    NonFiniteError (:func:`skip_streak_error`) after :data:`MAX_SKIPS_IN_A_ROW` skips in a row."""
-    streak = 0
+    NonFiniteError (:class:`SkipStreak`) after :data:`MAX_SKIPS_IN_A_ROW` skips in a row."""
+    streak = SkipStreak(scaler)
     while True:
         try:
             return attempt()
         except SkippedStep as error:
             skipped()
-            streak += 1
-            stop = skip_streak_error(streak, scaler, error)
-            if stop is not None:
-                raise stop from error
+            streak.skipped(error)
 
 
-def skip_streak_error(streak: int, scaler: torch.amp.GradScaler, error: BaseException) -> NonFiniteError | None:
-    """The error that stops a trainer after ``streak`` GradScaler skips in a row (:data:`MAX_SKIPS_IN_A_ROW`),
-    or None while it may go on."""
-    if streak < MAX_SKIPS_IN_A_ROW:
-        return None
-    return NonFiniteError(
-        f"the GradScaler skipped {streak} steps in a row (the loss scale is now {scaler.get_scale():g}): the "
-        f"gradients stay non-finite as the scale falls ({error}). Lower the learning rate, or train with "
-        "mixed_precision='bf16' or 'no'"
-    )
+class SkipStreak:
+    """GradScaler skips in a row of one trainer (both players of a GAN count in one streak, as its one scaler
+    backs off for either): :meth:`skipped` raises the NonFiniteError that stops training at the
+    :data:`MAX_SKIPS_IN_A_ROW`-th, naming the scale reached and the fixes; :meth:`applied` ends the streak."""
+
+    def __init__(self, scaler: torch.amp.GradScaler | None) -> None:
+        self.scaler = scaler
+        self.count = 0
+
+    def skipped(self, error: BaseException) -> None:
+        self.count += 1
+        if self.count < MAX_SKIPS_IN_A_ROW:
+            return
+        count, self.count = self.count, 0  # (training called again, at the lowered scale, starts a streak of its own)
+        raise NonFiniteError(
+            f"the GradScaler skipped {count} steps in a row (the loss scale is now {self.scaler.get_scale():g}): the "
+            f"gradients stay non-finite as the scale falls ({error}). Lower the learning rate, or train with "
+            "mixed_precision='bf16' or 'no'"
+        ) from error
+
+    def applied(self) -> None:
+        self.count = 0
 
 
 def autocast_to(dtype: torch.dtype | None, device: torch.device) -> contextlib.AbstractContextManager:
