@@ -241,12 +241,17 @@ def test_fused_and_capturable_optimizers_are_split_as_the_single_tensor_loop_is_
         torch.testing.assert_close(contributions, reference, rtol=1e-9, atol=1e-12 * float(reference.abs().max()))
 
 
-NEW_RULES = {  # Adagrad, Adamax, RAdam, NAdam, Adafactor: their single-tensor loop against CUDA's foreach kernels (and Adagrad's fused)
+NEW_RULES = {  # Adagrad, Adamax, RAdam, NAdam, Adafactor, Adadelta, ASGD: their single-tensor loop against CUDA's foreach kernels (and Adagrad's fused)
     "adagrad": lambda p, **kw: torch.optim.Adagrad(p, lr=0.05, lr_decay=0.01, weight_decay=0.01, **kw),
     "adamax": lambda p, **kw: torch.optim.Adamax(p, lr=0.01, weight_decay=0.01, **kw),
     "radam": lambda p, **kw: torch.optim.RAdam(p, lr=0.01, weight_decay=0.01, decoupled_weight_decay=True, **kw),
     "nadam": lambda p, **kw: torch.optim.NAdam(p, lr=0.01, weight_decay=0.01, **kw),
     "adafactor": lambda p, **kw: torch.optim.Adafactor(p, lr=0.01, weight_decay=0.01, **kw),
+    "adadelta": lambda p, **kw: torch.optim.Adadelta(p, lr=0.5, weight_decay=0.01, **kw),
+    # ASGD's two paths form η_{k+1} = lr / (1 + λ_d lr k)^α differently (foreach from its float32 step count in float32,
+    # single-tensor in float64): with λ_d lr a power of two and α = 1 both round the same exact quotient once, so the
+    # two runs' Δθ agree to 1e-10 (with lr=0.05, λ_d=0.01, α=0.75 they differ by 1.7e-7, PyTorch's doing, not the split's).
+    "asgd": lambda p, **kw: torch.optim.ASGD(p, lr=2 ** -5, lambd=2.0, alpha=1.0, t0=2.0, weight_decay=0.01, **kw),
 }
 
 

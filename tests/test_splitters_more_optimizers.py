@@ -123,6 +123,31 @@ def _drive(model, opt, reference, steps):
     for _, rows, delta, expected in _drive_with(model, opt, steps, reference, before_capture=halve):
         yield rows, delta, expected
 
+def assert_rows_are_the_rule(model, opt, reference, steps):
+    """Over ``steps`` real steps (:func:`_drive`): every group's and the rest's row equals ``reference``'s (≤ 1e-12
+    relative) and all rows add up to the real Δθ (≤ 1e-12)."""
+    worst_row = worst_sum = 0.0
+    for rows, delta, ref in _drive(model, opt, reference, steps):
+        worst_row = max(worst_row, max(_relative(rows[g], ref[g]) for g in range(G + 1)))
+        worst_sum = max(worst_sum, _relative(rows.sum(0), delta))
+    assert worst_row < 1e-12 and worst_sum < 1e-12, (worst_row, worst_sum)
+
+
+def assert_ledger_is_the_rule(tracker, model, twin, contributions, rest, f_start, probes, steps):
+    """The tracked run of :func:`track_against_rule` against its hand-pushed rule: ``steps`` steps, the parameters bit
+    for bit the untracked twin's, contributions and rest equal to 1e-12 of their scale, the residual the midpoint
+    rule's error (f_end − f_start minus those, to 1e-13), small."""
+    ledger = tracker.ledger
+    assert ledger.steps == steps
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), twin.parameters()))
+    scale = float(contributions.abs().max())
+    torch.testing.assert_close(ledger.contributions, contributions, rtol=0, atol=1e-12 * scale)
+    torch.testing.assert_close(ledger.rest, rest, rtol=0, atol=1e-12 * scale)
+    residual = model(probes).detach() - f_start - contributions.sum(1) - rest
+    torch.testing.assert_close(ledger.residual, residual, rtol=0, atol=1e-13)
+    assert 0 < ledger.relative_residual() < 1e-3
+
+
 
 CASES = {
     "adagrad": (torch.optim.Adagrad, dict(lr_decay=0.1, weight_decay=0.05, initial_accumulator_value=0.1)),
@@ -158,11 +183,7 @@ def test_the_rows_are_the_brute_force_group_updates_and_add_up_to_the_real_step(
     model = _model()
     opt = kind(_groups(model, (0.05, 0.02)), **options)
     reference = _rule(kind, options)
-    worst_row = worst_sum = 0.0
-    for rows, delta, ref in _drive(model, opt, reference, 9):
-        worst_row = max(worst_row, max(_relative(rows[g], ref[g]) for g in range(G + 1)))
-        worst_sum = max(worst_sum, _relative(rows.sum(0), delta))
-    assert worst_row < 1e-12 and worst_sum < 1e-12, (worst_row, worst_sum)
+    assert_rows_are_the_rule(model, opt, reference, 9)
     if kind is torch.optim.RAdam:
         assert reference.branches == {False, True}
 
@@ -173,6 +194,15 @@ def _jacobian(model, probes, theta):
         return functional_call(model, p, (probes,)).reshape(-1)
     jac = jacrev(outputs)(theta)
     return {n: j.reshape(j.shape[0], -1) for n, j in jac.items()}
+
+
+def mlp_and_twin():
+    """Two float64 3-5-2 MLPs with the same weights: one tracked, one trained without the tracker."""
+    torch.manual_seed(3)
+    model = mlp(3, [5], 2).double()
+    twin = mlp(3, [5], 2).double()
+    twin.load_state_dict(model.state_dict())
+    return model, twin
 
 
 def track_against_rule(model, opt, twin, twin_opt, rule, owner, probes, gen, *, steps, new_lr):
@@ -226,10 +256,7 @@ def test_a_tracked_run_books_the_hand_pushed_contributions_and_trains_as_the_unt
     change: its contributions and rest equal J(θ_mid) u_g with u_g from the published rule (≤ 1e-12 of their
     scale), its residual is the midpoint rule's error (f_end − f_start minus those, to 1e-13), small, and the
     parameters end bit-identical to the same loop without the tracker."""
-    torch.manual_seed(3)
-    model = mlp(3, [5], 2).double()
-    twin = mlp(3, [5], 2).double()
-    twin.load_state_dict(model.state_dict())
+    model, twin = mlp_and_twin()
     opt, twin_opt = (kind(_groups(m, (0.03, 0.01)), **options) for m in (model, twin))
     gen = torch.Generator().manual_seed(4)
     probes = torch.randn(3, 3, generator=gen, dtype=F64)
@@ -239,15 +266,7 @@ def test_a_tracked_run_books_the_hand_pushed_contributions_and_trains_as_the_unt
     rule.rest = 2
     tracker, contributions, rest, f_start = track_against_rule(model, opt, twin, twin_opt, rule, owner, probes, gen,
                                                                steps=8, new_lr=0.02)
-    ledger = tracker.ledger
-    assert ledger.steps == 8
-    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), twin.parameters()))
-    scale = float(contributions.abs().max())
-    torch.testing.assert_close(ledger.contributions, contributions, rtol=0, atol=1e-12 * scale)
-    torch.testing.assert_close(ledger.rest, rest, rtol=0, atol=1e-12 * scale)
-    residual = model(probes).detach() - f_start - contributions.sum(1) - rest
-    torch.testing.assert_close(ledger.residual, residual, rtol=0, atol=1e-13)
-    assert 0 < ledger.relative_residual() < 1e-3
+    assert_ledger_is_the_rule(tracker, model, twin, contributions, rest, f_start, probes, 8)
 
 
 # -- the cost estimate and the routes ---------------------------------------------------------------------------
@@ -279,6 +298,18 @@ def _splitter(opt, model):
     return make_splitter(opt, dict(model.named_parameters()), Partitions(G))
 
 
+def assert_flag_refused(kind, flag, model):
+    """``kind(..., flag=True)`` (differentiable, capturable) is refused when the splitter is built and again before a
+    step when a loop sets it later, naming the fix."""
+    with pytest.raises(ValueError, match=rf"{kind.__name__}\({flag}=True\).*Build the optimizer with {flag}=False"):
+        _splitter(kind(model.parameters(), **{flag: True}), model)
+    opt = kind(model.parameters())
+    splitter = _splitter(opt, model)
+    opt.param_groups[0][flag] = True
+    with pytest.raises(ValueError, match=rf"{flag}=False"):
+        splitter.capture()
+
+
 @pytest.mark.parametrize("kind, flag", [
     (torch.optim.Adagrad, "differentiable"), (torch.optim.Adamax, "capturable"),
     (torch.optim.RAdam, "capturable"), (torch.optim.NAdam, "differentiable"),
@@ -288,13 +319,7 @@ def test_variants_the_split_cannot_follow_are_refused_with_the_fix(kind, flag):
     when a loop sets them later; a float32 tensor lr (or β, or ψ) on float64 parameters is refused (PyTorch
     rounds the step size in float32 on one path and in float64 on the other)."""
     model = _model()
-    with pytest.raises(ValueError, match=rf"{kind.__name__}\({flag}=True\).*Build the optimizer with {flag}=False"):
-        _splitter(kind(model.parameters(), **{flag: True}), model)
-    opt = kind(model.parameters())
-    splitter = _splitter(opt, model)
-    opt.param_groups[0][flag] = True
-    with pytest.raises(ValueError, match=rf"{flag}=False"):
-        splitter.capture()
+    assert_flag_refused(kind, flag, model)
     with pytest.raises(ValueError, match=r"lr is a torch.float32 tensor.*Pass it as a Python float"):
         _splitter(kind(model.parameters(), lr=torch.tensor(0.01)), model)
     if kind is torch.optim.NAdam:

@@ -417,6 +417,8 @@ def estimate_cost(
     memory["parameter_copies"] = num * param_bytes * (2 + quadrature_nodes) + optimizer_state * param_bytes
     if witness_copies:
         memory["witnesses"] = witness_copies * num * param_bytes
+    # Adadelta's accumulated update from before the step, copied by the splitter until the step is recorded.
+    memory["parameter_copies"] += splitter_state_copies(optimizer) * num * param_bytes
     # The splitter's rows: the dense route's groups, the rest and a rounding row per partition in
     # the state dtype; the other routes' exact totals (one partition of one group), float64.
     stacked, row_bytes = (rows + 1 + partitions, state_bytes) if group_state == "dense" else (3, 8)
@@ -604,11 +606,11 @@ _FIRST_MOMENT_OPTIMIZERS = (torch.optim.Adam, torch.optim.AdamW, torch.optim.Ada
 def linear_state_rows(optimizer: torch.optim.Optimizer) -> bool:
     """Whether the splitter keeps a linear state per row (:mod:`~genkernel.core.tracking.splitters`):
     the first moment of Adam, AdamW, Adamax, RAdam and NAdam, a momentum buffer of SGD or RMSprop in
-    any parameter group (Adagrad and Adafactor keep none: their steps are linear in the gradient given
-    what is read from the optimizer after it)."""
+    any parameter group (Adagrad, Adafactor, Adadelta and ASGD keep none: their steps are linear in the
+    gradient given what is read from the optimizer around it)."""
     if isinstance(optimizer, _FIRST_MOMENT_OPTIMIZERS):
         return True
-    if isinstance(optimizer, (torch.optim.Adagrad, torch.optim.Adafactor)):
+    if isinstance(optimizer, (torch.optim.Adagrad, torch.optim.Adafactor, torch.optim.Adadelta, torch.optim.ASGD)):
         return False
     return any(float(g.get("momentum", 0.0)) != 0.0 for g in optimizer.param_groups)
 
@@ -643,8 +645,9 @@ def plain_hyperparameter(value: Any) -> Any:
 def optimizer_state_copies(optimizer: torch.optim.Optimizer) -> int:
     """Parameter-sized tensors the optimizer keeps per parameter (the most of its parameter groups):
     Adam's and AdamW's two moments (three with amsgrad); Adamax's first moment and infinity norm;
-    RAdam's and NAdam's two moments; Adagrad's sum of squares (their step counts and NAdam's μ
-    product are 0-dim); SGD's momentum buffer (none without momentum); RMSprop's square average, its
+    RAdam's and NAdam's two moments; Adadelta's square average and accumulated update; Adagrad's sum of
+    squares; ASGD's average of the parameters (their step counts, NAdam's μ product and ASGD's η and μ
+    are 0-dim); SGD's momentum buffer (none without momentum); RMSprop's square average, its
     momentum buffer and, centered, its gradient average; Adafactor's full variance of a vector or 0-dim
     parameter (1 where a group holds one, else 0: an upper bound per parameter, as a matrix's or conv
     weight's second moment is a row and a column factor; :func:`optimizer_state_values` counts them)."""
@@ -655,9 +658,9 @@ def optimizer_state_copies(optimizer: torch.optim.Optimizer) -> int:
             count = int(any(p.dim() <= 1 for p in g["params"]))
         elif isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW)):
             count = 3 if g.get("amsgrad", False) else 2
-        elif isinstance(optimizer, (torch.optim.Adamax, torch.optim.RAdam, torch.optim.NAdam)):
+        elif isinstance(optimizer, (torch.optim.Adamax, torch.optim.RAdam, torch.optim.NAdam, torch.optim.Adadelta)):
             count = 2
-        elif isinstance(optimizer, torch.optim.Adagrad):
+        elif isinstance(optimizer, (torch.optim.Adagrad, torch.optim.ASGD)):
             count = 1
         elif isinstance(optimizer, torch.optim.RMSprop):
             count = 1 + momentum + bool(g.get("centered", False))
@@ -665,6 +668,13 @@ def optimizer_state_copies(optimizer: torch.optim.Optimizer) -> int:
             count = int(momentum)
         copies = max(copies, count)
     return copies
+
+
+def splitter_state_copies(optimizer: torch.optim.Optimizer) -> int:
+    """Parameter-sized copies of the optimizer's state the splitter takes before each step and holds until the
+    step is recorded, in the parameters' dtype: Adadelta's accumulated update before its step (its update's
+    numerator, which the step overwrites), 1; none for the other optimizers (0)."""
+    return int(isinstance(optimizer, torch.optim.Adadelta))
 
 
 def optimizer_state_values(optimizer: torch.optim.Optimizer, params: list[torch.Tensor]) -> int:
@@ -895,6 +905,6 @@ __all__ = [
     "CHECK_TEMPORARIES", "COST_OPTIONS", "CostEstimate", "PUSH_ROW_ACTIVATIONS", "available_memory", "cgroup_free_memory",
     "GROUP_STATE_CHOICES", "check_bytes", "cost_options", "estimate_cost", "factor_route_work", "forward_macs", "held_bytes", "ledger_bytes", "linear_state_rows",
     "optimizer_state_copies", "optimizer_state_values", "plain_hyperparameter", "plain_sgd", "projection_bytes", "push_pass_bytes", "push_pass_shape", "push_route", "reads_training_pass",
-    "sketch_temporary_bytes", "sketch_work", "sketchable",
+    "sketch_temporary_bytes", "sketch_work", "sketchable", "splitter_state_copies",
     "tangent_bytes",
 ]

@@ -14,7 +14,8 @@ route uses:
   −η / (1 − β1^k) / u_k, Adafactor's −α_k / c_k / sqrt(V̂_k), ...) that turns a direction into an
   update. What is not linear in the gradients (second moments, infinity norms, Adagrad's sums,
   RAdam's choice of branch, Adafactor's factored second moment and update clipping) is read from
-  the optimizer after its step, never split.
+  the optimizer after its step, never split (Adadelta's accumulated update and ASGD's η, which the
+  step overwrites, before it).
 
 The dense route keeps the rows as float64 copies of the parameters (:meth:`UpdateSplitter.split`);
 the sketched route (:mod:`genkernel.core.tracking.sketched`) runs the same ``advance`` on k-dim
@@ -518,8 +519,9 @@ class RMSpropSplitter(UpdateSplitter):
 
 
 class _ReadAfterStepSplitter(UpdateSplitter):
-    """Adagrad, Adamax, RAdam and NAdam: each step is linear in the gradients given what is read from
-    the optimizer after it (its step count, second moments or sums, NAdam's μ product). Refuses the
+    """Adagrad, Adamax, RAdam, NAdam, Adafactor, Adadelta and ASGD: each step is linear in the gradients given
+    what is read from the optimizer after it (its step count, second moments or sums, NAdam's μ product; Adadelta's
+    accumulated update and ASGD's η from before it). Refuses the
     variants whose arithmetic the split cannot reproduce to the checks' tolerance (checked at
     construction and again before every step, as a scheduler or a loop may change them)."""
 
@@ -724,6 +726,10 @@ class NAdamSplitter(_ReadAfterStepSplitter):
         return weight / denom
 
 
+# The sparse-gradient refusal's reason for the optimizers whose own step raises on one.
+RAISES_ON_SPARSE = " does not support sparse gradients (its step raises, after earlier parameter groups have moved)"
+
+
 class AdafactorSplitter(_ReadAfterStepSplitter):
     """torch.optim.Adafactor (factored or full second moment, decoupled weight decay, update clipping d,
     eps1 given or None, maximize, foreach).
@@ -763,8 +769,7 @@ class AdafactorSplitter(_ReadAfterStepSplitter):
                     "parameters (its step raises). Use real parameters (torch.view_as_real) or another optimizer"
                 )
 
-    sparse_consequence = (" does not support sparse gradients (its step raises, after earlier parameter groups "
-                          "have moved)")
+    sparse_consequence = RAISES_ON_SPARSE
 
     def capture(self) -> None:
         self._refuse_complex()
@@ -845,11 +850,145 @@ class AdafactorSplitter(_ReadAfterStepSplitter):
         return inverse_root.to(self.dtype).mul_(scale)
 
 
+class AdadeltaSplitter(_ReadAfterStepSplitter):
+    """torch.optim.Adadelta (coupled weight decay, maximize, foreach; a tensor lr).
+
+    No linear state: with the optimizer's square average v_k after its step (v_k = ρ v_{k−1} + (1 − ρ) g_k²) and
+    its accumulated update a_{k−1} *before* the step (zeros on its first step),
+
+        u_{k,g} = −η sqrt(a_{k−1} + ε) ⊘ sqrt(v_k + ε) ⊙ ĝ_{k,g}.
+
+    a_{k−1} is gone once the step has updated it (a_k = ρ a_{k−1} + (1 − ρ) δ_k², δ_k the whole update over η, not
+    linear in the gradient), so :meth:`capture` copies it before the step: one copy of the parameters in their
+    dtype, held until the step is recorded. Coupled decay λθ_k is the rest's gradient (it enters v_k too). A tensor
+    lr is followed as it is: PyTorch uses it only as the final ``alpha`` (its value, on both code paths).
+    """
+
+    state_key = None
+    step_size_keys = ()  # lr enters only as param.add_(δ, alpha=−lr): its value, whatever its dtype
+    sparse_consequence = RAISES_ON_SPARSE
+
+    def __init__(self, optimizer, params, partitions, dtype=torch.float64):
+        super().__init__(optimizer, params, partitions, dtype)
+        # name -> the optimizer's acc_delta before this step (None: the optimizer starts it now, from zeros).
+        self.accumulated_before: dict[str, torch.Tensor | None] = {}
+
+    def capture(self) -> None:
+        super().capture()
+        self.accumulated_before = {}
+        for name, p in self.params.items():
+            if p.grad is None:  # skipped by the optimizer: its acc_delta stays as it is
+                continue
+            existing = self.optimizer.state.get(p, {}).get("acc_delta")
+            self.accumulated_before[name] = None if existing is None else existing.detach().clone()
+
+    def commit(self) -> None:
+        super().commit()
+        self.accumulated_before = {}  # the copy is needed only until the step is recorded
+
+    def _hyperparameters(self, group):
+        return self._common(group, rho=_scalar(group["rho"]))
+
+    @staticmethod
+    def advance(state, grads, h):
+        return None, grads
+
+    def preconditioner(self, name):
+        h = self.hyper[name]
+        eps = h["eps"]
+        before = self.accumulated_before[name]
+        numerator = eps ** 0.5 if before is None else before.to(self.dtype).add_(eps).sqrt_()
+        square_avg = self.optimizer.state[self.params[name]]["square_avg"].to(self.dtype)
+        return (-h["lr"] * numerator) / square_avg.add(eps).sqrt_()
+
+
+def _uses_foreach(group: dict[str, Any]) -> bool:
+    """Whether PyTorch steps parameter group ``group`` on its foreach path: ``foreach`` as given, else PyTorch's
+    own default for the parameters it will step (those with a gradient): foreach on CUDA and other accelerators,
+    single-tensor on CPU."""
+    foreach = group.get("foreach")
+    if foreach is None:
+        from torch.optim.optimizer import _default_to_fused_or_foreach
+        stepped = [p for p in group["params"] if p.grad is not None]
+        foreach = _default_to_fused_or_foreach(stepped, bool(group.get("differentiable", False)), use_fused=False)[1]
+    return bool(foreach)
+
+
+class ASGDSplitter(_ReadAfterStepSplitter):
+    """torch.optim.ASGD (coupled weight decay, the decay term λ_d, maximize, foreach; a tensor lr).
+
+    No linear state: with η_k the step size the optimizer holds *before* its step (its ``eta``: the learning rate on
+    the first step, rounded to the default scalar dtype, then η_{k+1} = lr / (1 + λ_d lr k)^α computed after step
+    k from the lr of that step),
+
+        θ_{k+1} = θ_k (1 − λ_d η_k) − η_k (g_k + λ θ_k),   u_{k,g} = −η_k ĝ_{k,g},
+
+    and the rest books the coupled decay, −η_k λ θ_k, and the decay term, −λ_d η_k θ_k. :meth:`capture` reads η_k
+    before the step (the step overwrites it), never recomputed: the foreach path forms η_{k+1} from its float32 step
+    count in float32 arithmetic, the single-tensor path in float64. The single-tensor path applies the decay term first,
+    ``param.mul_(1 − λ_d η_k)``, a write rounded to the parameters' dtype that the rest books as applied,
+    θ_k − fl(θ_k (1 − λ_d η_k)); the foreach path folds λ_d θ_k into the gradient, −η_k λ_d θ_k exactly. The
+    average ``ax`` the optimizer keeps is not the parameters and is not tracked.
+    """
+
+    state_key = None
+    step_size_keys = ()  # lr enters only through eta, read from the optimizer's state before the step
+    sparse_consequence = RAISES_ON_SPARSE
+
+    def capture(self) -> None:
+        super().capture()
+        from torch.optim.optimizer import _get_scalar_dtype
+        for index, group in enumerate(self.optimizer.param_groups):
+            foreach = _uses_foreach(group)
+            for name, p in self.params.items():
+                if self.group_of[name] != index or p.grad is None:
+                    continue
+                eta = self.optimizer.state.get(p, {}).get("eta")
+                if eta is None:  # PyTorch's first step starts eta from lr, as a tensor of the default scalar dtype
+                    eta = torch.as_tensor(_plain(group["lr"]), dtype=_get_scalar_dtype())
+                h = self.hyper[name]
+                h["eta"], h["foreach"] = _scalar(eta), foreach
+                # As PyTorch's single-tensor path forms it: 1 − λ_d · eta.item() (a tensor λ_d keeps its dtype).
+                h["decay_term_multiplier"] = 1 - h["lambd_plain"] * h["eta"]
+
+    def _hyperparameters(self, group):
+        return {
+            "lr": _scalar(group["lr"]),
+            "lambd": _scalar(group["lambd"]),
+            "lambd_plain": _plain(group["lambd"]),
+            "weight_decay": _scalar(group.get("weight_decay", 0.0)),
+            "maximize": bool(group.get("maximize", False)),
+        }
+
+    @staticmethod
+    def advance(state, grads, h):
+        return None, grads
+
+    def preconditioner(self, name):
+        return -self.hyper[name]["eta"]
+
+    def split(self, group_grads, theta_before, rounding):
+        updates = super().split(group_grads, theta_before, rounding)
+        for name, update in updates.items():
+            if name in self.skipped:
+                continue
+            h = self.hyper[name]
+            if h["lambd"] == 0:
+                continue
+            theta = theta_before[name]
+            if h["foreach"]:
+                update[self.rows] -= theta.to(self.dtype) * (h["lambd"] * h["eta"])
+            else:
+                update[self.rows] -= theta.to(self.dtype) - theta.mul(h["decay_term_multiplier"]).to(self.dtype)
+        return updates
+
+
 # Each supported optimizer's splitter (the exact class: a subclass may change the rule).
 SPLITTERS: dict[type, type[UpdateSplitter]] = {
     torch.optim.SGD: SGDSplitter, torch.optim.Adam: AdamSplitter, torch.optim.AdamW: AdamSplitter,
     torch.optim.RMSprop: RMSpropSplitter, torch.optim.Adagrad: AdagradSplitter, torch.optim.Adamax: AdamaxSplitter,
     torch.optim.RAdam: RAdamSplitter, torch.optim.NAdam: NAdamSplitter, torch.optim.Adafactor: AdafactorSplitter,
+    torch.optim.Adadelta: AdadeltaSplitter, torch.optim.ASGD: ASGDSplitter,
 }
 SUPPORTED_OPTIMIZERS = ", ".join(f"torch.optim.{kind.__name__}" for kind in SPLITTERS)
 
@@ -879,6 +1018,6 @@ def make_splitter(optimizer: torch.optim.Optimizer, params: dict[str, torch.nn.P
     )
 
 
-__all__ = ["SPLITTERS", "SUPPORTED_OPTIMIZERS", "AdafactorSplitter", "AdagradSplitter", "AdamSplitter", "AdamaxSplitter",
+__all__ = ["SPLITTERS", "SUPPORTED_OPTIMIZERS", "ASGDSplitter", "AdadeltaSplitter", "AdafactorSplitter", "AdagradSplitter", "AdamSplitter", "AdamaxSplitter",
            "NAdamSplitter", "RAdamSplitter", "RMSpropSplitter", "SGDSplitter", "UpdateSplitter", "make_splitter",
            "one_minus"]

@@ -248,8 +248,8 @@ class PathKernelTracker:
             gradients from the step's own graph) and refused by the per-example routes (factored,
             sketched) and under DistributedDataParallel (BatchNorm).
         optimizer: SGD (momentum, dampening, Nesterov, weight decay), Adam, AdamW (amsgrad,
-            maximize), RMSprop (momentum, centered), Adagrad, Adamax, RAdam, NAdam or Adafactor
-            (docs/optimizers.md),
+            maximize), RMSprop (momentum, centered), Adagrad, Adamax, RAdam, NAdam, Adafactor,
+            Adadelta or ASGD (docs/optimizers.md),
             one or several parameter groups, owning
             exactly the model's trainable parameters.
         loss_fn: ``loss_fn(outputs, targets) -> Tensor[B]`` per-example losses.
