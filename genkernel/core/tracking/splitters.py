@@ -897,7 +897,7 @@ class AdadeltaSplitter(_ReadAfterStepSplitter):
         h = self.hyper[name]
         eps = h["eps"]
         before = self.accumulated_before[name]
-        numerator = eps ** 0.5 if before is None else before.to(self.dtype).add_(eps).sqrt_()
+        numerator = eps ** 0.5 if before is None else before.to(self.dtype).add(eps).sqrt_()  # (the copy kept)
         square_avg = self.optimizer.state[self.params[name]]["square_avg"].to(self.dtype)
         return (-h["lr"] * numerator) / square_avg.add(eps).sqrt_()
 
