@@ -2027,13 +2027,6 @@ class PathKernelTracker:
         for name, u in updates.items():
             before, after = theta_before[name], theta_after[name]
             info = torch.finfo(after.dtype)
-            if bool((torch.isfinite(before) & ~torch.isfinite(after)).any()):
-                # NaN compares false, so the gap check below would let a non-finite step through.
-                raise NonFiniteError(
-                    f"step {index}: the optimizer's step made parameter '{name}' non-finite (from finite gradients: "
-                    "a learning rate or step size that is inf or NaN, or an update that overflows the parameters' "
-                    "dtype); the step is rolled back. Lower the learning rate, or check the optimizer's hyperparameters"
-                )
             after64 = after.to(torch.float64, copy=True)  # its own buffer: made |θ_{k+1}| in place below
             delta = after64 - before  # exact in float64 for float32 or float64 parameters
             # The optimizer's write of θ_{k+1} rounds by at most half an ulp of it; ε|x| (plus the
@@ -2048,7 +2041,15 @@ class PathKernelTracker:
                 if name in self.splitter.rounding_scale:  # the optimizer's own state rounding (splitters.py)
                     scale.add_(self.splitter.rounding_scale[name])
                 excess = gap.sub_(scale.mul_(self.rtol)).sub_(rounding_floor)
-                if bool((excess > 0).any()):
+                # (not "excess > 0 anywhere": NaN compares false, and a step that made θ inf or NaN gives NaN here)
+                if not bool((excess <= 0).all()):
+                    if not bool(torch.isfinite(after).all()):
+                        raise NonFiniteError(
+                            f"step {index}: parameter '{name}' is non-finite (inf or NaN) after the optimizer's step "
+                            "(from finite gradients: a learning rate or step size that is inf or NaN, or an update that "
+                            "overflows the parameters' dtype); the step is rolled back. Lower the learning rate, or check the "
+                            "optimizer's hyperparameters"
+                        )
                     where = "" if len(partitions) == 1 else f" (partition '{partition}')"
                     raise LedgerCheckError(
                         f"step {index}: the split update of '{name}'{where} does not add up to the optimizer's real "
