@@ -748,10 +748,10 @@ def low_precision_in_graph(t: torch.Tensor, unrecorded: Any = None) -> torch.dty
             metadata = node._input_metadata
         except (AttributeError, RuntimeError):
             return unrecorded
-        for entry in metadata:
-            if getattr(entry, "dtype", None) == torch.bfloat16:
+        for dtype in (getattr(entry, "dtype", None) for entry in metadata):
+            if dtype == torch.bfloat16:
                 return torch.bfloat16  # nothing coarser to find
-            if getattr(entry, "dtype", None) == torch.float16:
+            if dtype == torch.float16:
                 found = torch.float16
         stack.extend(child for child, _ in node.next_functions)
     return found

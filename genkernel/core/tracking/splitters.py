@@ -43,6 +43,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from torch.optim.optimizer import _default_to_fused_or_foreach, _get_scalar_dtype  # (ASGD: PyTorch's own choices)
 
 from ..errors import LedgerCheckError
 from ..grouping import Partitions, abs_row_sum, rows_sum_and_size
@@ -163,6 +164,12 @@ class UpdateSplitter:
                 "step (p.grad = None once after freezing them, or optimizer.zero_grad() with its default "
                 "set_to_none=True), or leave them out of the optimizer"
             )
+
+    def _stepped_in(self, index: int) -> list[tuple[str, torch.nn.Parameter]]:
+        """``(name, parameter)`` of parameter group ``index`` that this step moves (a gradient; read in
+        :meth:`capture`, which fills :attr:`skipped`)."""
+        return [(name, p) for name, p in self.params.items()
+                if self.group_of[name] == index and name not in self.skipped]
 
     # -- the optimizer's rule, written once -------------------------------------------------
     @staticmethod
@@ -776,7 +783,7 @@ class AdafactorSplitter(_ReadAfterStepSplitter):
         super().capture()  # (reads the hyperparameters and refuses a sparse gradient: nothing has moved yet)
         self.gradient, self.clip_denominator, self.parameter_rms = {}, {}, {}
         for index, group in enumerate(self.optimizer.param_groups):
-            stepped = [p for p in group["params"] if p.grad is not None]
+            stepped = [p for p in group["params"] if p.grad is not None]  # (untracked ones too: PyTorch steps them)
             eps1 = group["eps"][0]
             if eps1 is None and stepped:
                 # PyTorch sets ε1 once per parameter group, from the first parameter it steps, and keeps it for the
@@ -791,9 +798,7 @@ class AdafactorSplitter(_ReadAfterStepSplitter):
                         "or put each dtype in a parameter group of its own"
                     )
                 eps1 = torch.finfo(stepped[0].dtype).eps
-            for name, p in self.params.items():
-                if self.group_of[name] != index or p.grad is None:
-                    continue
+            for name, p in self._stepped_in(index):
                 self.hyper[name]["eps1"] = eps1
                 # RMS(θ_k) before the decoupled decay, as PyTorch reads it: a Python float from the parameter's norm.
                 self.parameter_rms[name] = p.detach().norm(2).item() / (p.numel() ** 0.5)
@@ -908,7 +913,6 @@ def _uses_foreach(group: dict[str, Any]) -> bool:
     single-tensor on CPU."""
     foreach = group.get("foreach")
     if foreach is None:
-        from torch.optim.optimizer import _default_to_fused_or_foreach
         stepped = [p for p in group["params"] if p.grad is not None]
         foreach = _default_to_fused_or_foreach(stepped, bool(group.get("differentiable", False)), use_fused=False)[1]
     return bool(foreach)
@@ -937,12 +941,9 @@ class ASGDSplitter(_ReadAfterStepSplitter):
 
     def capture(self) -> None:
         super().capture()
-        from torch.optim.optimizer import _get_scalar_dtype
         for index, group in enumerate(self.optimizer.param_groups):
             foreach = _uses_foreach(group)
-            for name, p in self.params.items():
-                if self.group_of[name] != index or p.grad is None:
-                    continue
+            for name, p in self._stepped_in(index):
                 eta = self.optimizer.state.get(p, {}).get("eta")
                 if eta is None:  # PyTorch's first step starts eta from lr, as a tensor of the default scalar dtype
                     eta = torch.as_tensor(_plain(group["lr"]), dtype=_get_scalar_dtype())
