@@ -1714,7 +1714,8 @@ class GANKernelAnalyzer(TrainerCallback):
                 "micro-batch's forward advances the power iteration, so each trains with its own weight, which only the "
                 f"micro-batches' own graphs give, but this analyzer's discriminator tracker ({self.d_tracker.group_state}) "
                 "reads per-example gradients from a pass of its own. Build the analyzer before the first discriminator "
-                "step in micro-batches (its tracker is then built on the graph route), or train with micro_batches=1"
+                "step in micro-batches (its tracker is then built on the graph route), or train with micro_batches=1 "
+                "(and GANTrainer's discriminator_batches='joint', whose step is one forward)"
             )
         self._d_pending = {"ids": [ids], "loop_step": loop_step}
         try:

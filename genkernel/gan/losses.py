@@ -402,7 +402,8 @@ class DiscriminatorObjective(nn.Module):
 
     Returns D(x) (D(x, y)) where ``roles`` is 0 (generated) or 1 (real), and ‖∇_x D(x)‖ (‖∇_x D(x, y)‖,
     the gradient in x alone) where it is 2 (a penalty row: a WGAN-GP interpolate, or a real row again for
-    R1). With ``penalty=False`` no input gradient is computed and every row is D(x). Its parameters are
+    R1). With ``penalty=False``, or on a batch without penalty rows, no input gradient is computed and every
+    row is D(x) (one plain forward). Its parameters are
     D's (named ``net.*``), so an optimizer over D trains it.
 
     The input gradient of a batch is ``torch.func.grad(x ↦ Σ_b D(x)_b)(x)``: D treats examples
@@ -415,6 +416,23 @@ class DiscriminatorObjective(nn.Module):
         self.net = discriminator
         self.penalty = bool(penalty)
         self.eps = float(eps)
+
+    @property
+    def data_dependent_forward(self) -> bool:
+        """With penalty rows possible, the forward's path depends on the roles' values (the input gradient is
+        formed only for a batch that holds penalty rows): the factored engine leaves D's layers to torch.func
+        (:func:`~genkernel.core.engine.factors.make_plan`), whose per-example passes always form it."""
+        return self.penalty
+
+    @staticmethod
+    def _has_penalty_rows(x: torch.Tensor, roles: torch.Tensor) -> bool:
+        """Whether a batch holds penalty rows: a batch without them (lazy R1's main steps, the separate forwards of
+        real and generated rows) is scored by one plain forward, without the input gradient's backward. Under a
+        torch.func transform (a per-example pass) the roles cannot be read: the gradient is formed, and
+        ``torch.where`` keeps the scores of the rows that are not penalty rows."""
+        if under_torch_func(x) or under_torch_func(roles):
+            return True
+        return bool((roles == PENALTY).any())
 
     def input_gradient_norm(self, x: torch.Tensor, *, with_scores: bool = False, classes: torch.Tensor | None = None):
         """``[B]`` ‖∇_x D(x)‖ per example (‖∇_x D(x, classes)‖ with ``classes [B]``), differentiable in
@@ -444,7 +462,7 @@ class DiscriminatorObjective(nn.Module):
 
     def forward(self, x: torch.Tensor, roles: torch.Tensor, classes: torch.Tensor | None = None) -> torch.Tensor:
         conditions = class_inputs(classes)
-        if not self.penalty:
+        if not self.penalty or not self._has_penalty_rows(x, roles):
             return scores_of(self.net(x, *conditions), x.shape[0]).unsqueeze(1)
         # One evaluation of D gives both the scores (aux) and the input gradient, so a training-mode
         # forward advances spectral norm's power iteration once, as a plain D(x) would.

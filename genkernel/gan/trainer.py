@@ -100,6 +100,7 @@ from .passes import classes_taken, preserved
 
 FROZEN_MODES = ("keep", "eval")
 CLASS_SAMPLING = ("data", "uniform")
+DISCRIMINATOR_BATCHES = ("joint", "separate")
 
 
 @contextlib.contextmanager
@@ -256,13 +257,30 @@ class GANTrainer:
             than this (a DataLoader's last) runs one example per micro-batch. Default 1. An attached
             :class:`GANKernelAnalyzer` books such steps exactly.
         gp_weight: λ of the gradient penalty (wgan-gp only).
-        r1_gamma: γ of the R1 penalty (Mescheder et al. 2018; StyleGAN's regularizer, applied every step, not
-            lazily): with loss "nonsaturating" or "hinge", each discriminator step adds γ/2 · the mean over its
-            real rows of ‖∇_x D(x)‖² (the gradient of what D returns). The real rows are shown to D a second
-            time as penalty rows, in the same forward, so an analyzer books the penalty as contributions of its
-            own (role "penalty"). D must treat examples independently (BatchNorm in training mode is refused,
-            as for WGAN-GP). 0 (default): none; beside "wgan-gp" refused, and beside
+        r1_gamma: γ of the R1 penalty (Mescheder et al. 2018; StyleGAN's regularizer): with loss
+            "nonsaturating" or "hinge", γ/2 · the mean over a step's real rows of ‖∇_x D(x)‖² (the gradient of
+            what D returns). The real rows are shown to D a second time as penalty rows, so an analyzer books the
+            penalty as contributions of its own (role "penalty"). D must treat examples independently (BatchNorm in
+            training mode is refused, as for WGAN-GP). 0 (default): none; beside "wgan-gp" refused, and beside
             ``output="probability"`` (R1 is the gradient of D's logit, not of a sigmoid's probability).
+        r1_interval: k, lazy regularization (StyleGAN2, Karras et al. 2020): 1 (default) adds the penalty to every
+            discriminator step; k > 1 leaves it out of them and, after every k-th discriminator step, makes a
+            regularization step of its own: a discriminator update on that step's real rows alone, its loss
+            γ·k/2 · the mean of ‖∇_x D(x)‖² (:meth:`regularization_step`; drawing nothing, as StyleGAN2-ADA's
+            "Dreg" phase reuses its iteration's real images). It is an update of D like any other: counted in
+            ``d_steps_done`` and booked by an analyzer (its rows are all penalty rows), but not in the iteration's
+            ``d_steps``; it does not step D's learning-rate schedule, which counts the discriminator steps, and its
+            losses go to ``history["r1_penalty"]``. StyleGAN2 also scales Adam's learning rate by c = k/(k+1) and
+            its betas to β^c for D: do that on the ``d_optimizer`` you pass. Needs ``r1_gamma`` > 0.
+        discriminator_batches: how a discriminator step shows D its rows. ``"joint"`` (default): the real and the
+            generated rows (and the penalty rows) in one forward. ``"separate"``: one forward and backward per kind
+            of row (the real rows, then the generated, then the penalty rows), the gradients summed before the one
+            update, as PyTorch's DCGAN example, ganhacks and StyleGAN2 do: a D that mixes its batch (BatchNorm in
+            training mode, a minibatch-std layer) then normalizes the real rows among themselves and the generated
+            among themselves, not over a mixed batch. For a D that treats examples independently the update is the
+            joint one up to rounding (spectral norm in training mode excepted: its power iteration advances at each
+            forward). Only the penalty rows' forward forms their input gradient (the joint forward forms it for
+            every row). With ``micro_batches=K``, micro-batch j runs as such forwards of its rows.
         max_grad_norm: global-norm clipping of both players (inf: none).
         mixed_precision: "no" (default), "bf16" or "fp16": both players' training forwards and losses
             run under ``torch.autocast`` to bfloat16 (float16) on their device type, and so does G's pass
@@ -317,6 +335,8 @@ class GANTrainer:
         micro_batches: int = 1,
         gp_weight: float = DEFAULT_GP_WEIGHT,
         r1_gamma: float = 0.0,
+        r1_interval: int = 1,
+        discriminator_batches: str = "joint",
         max_grad_norm: float = math.inf,
         mixed_precision: str = "no",
         ema: Any = None,
@@ -438,10 +458,26 @@ class GANTrainer:
         self.output = output
         self.gp_weight = gp_weight
         self.r1_gamma = check_r1_gamma(r1_gamma, loss, output)
+        self.r1_interval = positive_int(r1_interval, "r1_interval")
+        if self.r1_interval > 1 and self.r1_gamma == 0:
+            raise ValueError(
+                f"r1_interval={r1_interval!r} makes the R1 penalty lazy (a regularization step every {r1_interval} "
+                "discriminator steps), but r1_gamma is 0 (no penalty): pass r1_gamma=γ > 0, or leave r1_interval at 1"
+            )
+        if discriminator_batches not in DISCRIMINATOR_BATCHES:
+            raise ValueError(
+                f"discriminator_batches must be one of {DISCRIMINATOR_BATCHES} (one forward of D over a step's real "
+                f"and generated rows, or one forward per kind of row), got {discriminator_batches!r}"
+            )
+        self.discriminator_batches = discriminator_batches
+        # (one objective serves the main and the regularization steps, which an analyzer's one tracker of D books:
+        # a batch without penalty rows is scored by a plain forward)
         self.critic = DiscriminatorObjective(discriminator, penalty=(loss == "wgan-gp" or self.r1_gamma > 0))
         # The trainer's classes come from its checked labels: no per-step range check (a device sync) in its loss.
         self.g_loss = GeneratorLoss(discriminator, loss, output, conditional=self.conditional)
-        self.d_loss = DiscriminatorLoss(loss, gp_weight, output, discriminator=discriminator, r1_gamma=self.r1_gamma)
+        # (lazily, the regularization steps' rows take γ·k: the main steps have no penalty rows)
+        self.d_loss = DiscriminatorLoss(loss, gp_weight, output, discriminator=discriminator,
+                                        r1_gamma=self.r1_gamma * self.r1_interval)
         # lr_g, lr_d and betas set the default Adams: given with an optimizer of one's own they were ignored silently
         ignored = [(name, player) for name, value, player in (
             ("lr_g", lr_g, "g_optimizer" if g_optimizer is not None else None),
@@ -488,7 +524,12 @@ class GANTrainer:
         self.g_steps = 0
         self.d_steps_done = 0
         self._iteration_d_steps = 0  # discriminator updates made in the iteration under way
+        self.r1_steps_done = 0  # regularization steps made (lazy R1; counted in d_steps_done too)
+        # the real rows {"real"[, "labels"]} of the k-th discriminator step, whose regularization step is still to make
+        self._r1_batch: dict[str, torch.Tensor] | None = None
         self.history: dict[str, list[float]] = {"d_loss": [], "g_loss": []}
+        if self.r1_interval > 1:
+            self.history["r1_penalty"] = []
         self._callback_states = CallbackStates()
 
     # -- sampling ------------------------------------------------------------------------------
@@ -608,7 +649,14 @@ class GANTrainer:
 
     # -- steps ---------------------------------------------------------------------------------
     def discriminator_step(self) -> torch.Tensor | None:
-        """One discriminator step; returns the per-example losses (None: a GradScaler skipped it)."""
+        """One discriminator step; returns the per-example losses (None: a GradScaler skipped it). With lazy R1
+        (``r1_interval`` k > 1) the k-th such step leaves its real rows for :meth:`regularization_step`, which
+        must come before the next discriminator step (``train()`` makes it)."""
+        if self._r1_batch is not None:
+            raise RuntimeError(
+                f"discriminator step {self.d_steps_done - self.r1_steps_done} was the {self.r1_interval}-th since the "
+                "last regularization step (r1_interval): call regularization_step() before the next discriminator step"
+            )
         rng_before = self.rng.get_state()
         try:
             batch = self._real_batch()
@@ -624,10 +672,45 @@ class GANTrainer:
         except BaseException:  # (G's pass, a batch shaped otherwise, an interrupt): nothing was updated
             self._undo(draws)
             raise
-        return self._perform(step, draws)
+        done = self.d_steps_done
+        try:
+            return self._perform(step, draws)
+        finally:  # (also when a callback raises after the update: the update is made, its regularization owed)
+            if self.d_steps_done > done and self.r1_interval > 1 and \
+                    (self.d_steps_done - self.r1_steps_done) % self.r1_interval == 0:
+                self._r1_batch = batch
 
-    def _discriminator_step(self, batch: dict[str, torch.Tensor]) -> OptimizerStep:
-        """The discriminator step on the real ``batch``: G's fake rows (and WGAN-GP's interpolates) drawn."""
+    def regularization_step(self) -> torch.Tensor | None:
+        """Lazy R1's regularization step (``r1_interval`` k > 1), on the real rows of the k-th discriminator step
+        since the last one: a discriminator update whose rows are those rows as penalty rows, each with loss
+        γ·k/2·‖∇_x D(x)‖², weighted 1/b. Returns the per-example losses (None: a GradScaler skipped it, and the step
+        is owed still). Draws nothing. A step refused for a non-finite loss or gradient is not made (its
+        NonFiniteError says so) and not owed: it would fail again on the same rows."""
+        if self._r1_batch is None:
+            raise RuntimeError(
+                "no regularization step is owed: lazy R1 (r1_interval > 1) makes one after every "
+                f"{self.r1_interval}-th discriminator step" if self.r1_interval > 1 else
+                "regularization_step() is lazy R1's (r1_interval > 1); with r1_interval=1 the penalty is in every "
+                "discriminator step"
+            )
+        draws = StepDraws(self.rng.get_state(), global_rng_state(), buffer_snapshot(self.generator, self.discriminator))
+        try:
+            step = self._discriminator_step(self._r1_batch, regularization=True)
+        except BaseException:
+            self._undo(draws)
+            raise
+        try:
+            losses = self._perform(step, draws)
+        except NonFiniteError:
+            self._r1_batch = None
+            raise
+        if step.applied:
+            self._r1_batch = None
+        return losses
+
+    def _discriminator_step(self, batch: dict[str, torch.Tensor], *, regularization: bool = False) -> OptimizerStep:
+        """The discriminator step on the real ``batch``: G's fake rows (and WGAN-GP's interpolates) drawn;
+        ``regularization``: lazy R1's step, the real rows as penalty rows alone (nothing drawn)."""
         real = batch["real"]
         b = real.shape[0]
         # A conditional GAN generates its fake rows at the real rows' classes (matching pairs for the penalty).
@@ -635,6 +718,8 @@ class GANTrainer:
         # micro-batch j: real rows j and their generated rows, G run on micro-batch j's latents (a smaller batch
         # than micro_batches, a DataLoader's last: one example per micro-batch)
         micro = micro_batch_rows(b, min(self.micro_batches, b))
+        if regularization:
+            return self._make_discriminator_step(batch, [real], [torch.full((b,), PENALTY)], micro, regularization=True)
         z = self.sample_latents(b)
         with torch.no_grad(), autocast_to(self.autocast_dtype, self.device):
             fake = torch.cat([output_tensor(self.generator(z[r], *(c[r] for c in conditions))).detach()
@@ -647,33 +732,49 @@ class GANTrainer:
                 f"{tuple(fake.shape[1:])}: D takes both in one batch; give G and the data (each of its batches) one shape"
             )
         parts, roles = [real, fake], [torch.full((b,), REAL), torch.full((b,), GENERATED)]
-        if self.r1_gamma > 0:  # R1: the real rows again, each penalized at itself (no draw)
+        if self.r1_gamma > 0 and self.r1_interval == 1:  # R1: the real rows again, each penalized at itself (no draw)
             parts.append(real)
             roles.append(torch.full((b,), PENALTY))
-        elif self.critic.penalty:  # WGAN-GP: interpolates of the real and generated pairs
+        elif self.loss == "wgan-gp":  # WGAN-GP: interpolates of the real and generated pairs
             eps = torch.rand(b, generator=self.rng, dtype=torch.float64).to(real)
             eps = eps.view(-1, *([1] * (real.dim() - 1)))
             parts.append(eps * real + (1 - eps) * fake)
             roles.append(torch.full((b,), PENALTY))
+        return self._make_discriminator_step(batch, parts, roles, micro)
+
+    def _make_discriminator_step(self, batch: dict[str, torch.Tensor], parts: list[torch.Tensor],
+                                 roles: list[torch.Tensor], micro: list[slice], *,
+                                 regularization: bool = False) -> "DiscriminatorStep":
+        """The step over ``parts`` (blocks of b rows each, in the order real, generated, penalty, with ``roles``
+        theirs), every row weighted 1/b, in the micro-batches ``micro`` (slices of b) and, with
+        ``discriminator_batches="separate"``, one forward per block within each."""
+        b = batch["real"].shape[0]
         x = torch.cat(parts)
         roles = torch.cat(roles).to(self.device)
         weights = torch.full((x.shape[0],), 1.0 / b, dtype=self.dtype, device=self.device)
         real_labels = torch.full((x.shape[0],), -1, dtype=torch.long)
-        if "labels" in batch:
+        if "labels" in batch:  # (the real rows come first; a regularization step's rows are all real rows)
             real_labels[:b] = batch["labels"].cpu()
-        classes = conditions[0].repeat(len(parts)) if self.conditional else None
+        classes = batch["labels"].repeat(len(parts)) if self.conditional else None
         order = micro_batch_order(micro, len(parts))
         if order is not None:  # micro-batch j's rows (real j, generated j[, interpolates j]) made contiguous
             x, roles, real_labels = x[order.to(x.device)], roles[order.to(roles.device)], real_labels[order]
             classes = None if classes is None else classes[order.to(classes.device)]
         inputs = (x, roles) if classes is None else (x, roles, classes)
+        # micro-batch j's rows start at len(parts)·j's first row; "separate" runs each block of them on its own
+        blocks = len(parts) if self.discriminator_batches == "separate" else 1
+        rows = [slice(len(parts) * r.start + i * (r.stop - r.start) * len(parts) // blocks,
+                      len(parts) * r.start + (i + 1) * (r.stop - r.start) * len(parts) // blocks)
+                for r in micro for i in range(blocks)]
+        info = {"roles": roles, "real_labels": real_labels, "discriminator": self.discriminator, "iteration": self.iteration}
+        if regularization:
+            info["regularization"] = True
         step = DiscriminatorStep(
             self.critic, self.d_optimizer, self.d_loss, inputs, roles, weights,
-            max_grad_norm=self.max_grad_norm, micro_batches=len(micro), phase="discriminator",
-            autocast_dtype=self.autocast_dtype, grad_scaler=self.grad_scaler,
-            info={"roles": roles, "real_labels": real_labels, "discriminator": self.discriminator, "iteration": self.iteration},
+            max_grad_norm=self.max_grad_norm, micro_batches=len(rows), phase="discriminator",
+            autocast_dtype=self.autocast_dtype, grad_scaler=self.grad_scaler, info=info,
         )
-        step.micro_rows = [slice(len(parts) * r.start, len(parts) * r.stop) for r in micro]
+        step.micro_rows = rows
         return step
 
     def _real_batch(self) -> dict[str, torch.Tensor]:
@@ -783,7 +884,9 @@ class GANTrainer:
         self._skip_streak.applied()
         try:  # the logger reads the learning rate that trained this step: before the schedule steps it (an error
             # in the logger still steps the schedule of the update, which is counted)
-            if self.logging is not None:
+            if self.logging is not None and _regularization(step):
+                self.logging.log_step(self.iteration + 1, loss=self.history["r1_penalty"][-1], phase="r1", trainer=self)
+            elif self.logging is not None:
                 self.logging.on_step_end(self, step)
         finally:
             self._step_schedule(step)
@@ -812,14 +915,19 @@ class GANTrainer:
                     step_ema(self.ema, self.generator)
             else:
                 self.d_steps_done += 1
-                self.history["d_loss"].append(float((step.losses * step.weights).sum()))
+                loss = float((step.losses * step.weights).sum())
+                if _regularization(step):
+                    self.r1_steps_done += 1
+                    self.history["r1_penalty"].append(loss)
+                else:
+                    self.history["d_loss"].append(loss)
             if schedule:
                 self._step_schedule(step)
 
     def _step_schedule(self, step: OptimizerStep) -> None:
         """Step the learning-rate schedule of an applied step's player (last: a schedule that raises leaves the
-        update counted)."""
-        if step.applied:
+        update counted); a regularization step's leaves D's alone (it counts the discriminator steps)."""
+        if step.applied and not _regularization(step):
             step_lr_scheduler(self.lr_scheduler_g if step.phase == "generator" else self.lr_scheduler_d)
 
     # -- loop ----------------------------------------------------------------------------------
@@ -837,8 +945,14 @@ class GANTrainer:
         bar = tqdm(total=iterations, initial=self.iteration, disable=not self.progress, desc="gan")
         while self.iteration < iterations:
             # An iteration interrupted after some of its updates were made (an error after a step, then
-            # train() again) goes on with the steps it still lacks: no update is made twice.
-            while self._iteration_d_steps < self.d_steps:
+            # train() again) goes on with the steps it still lacks: no update is made twice. A regularization
+            # step owed (lazy R1) comes first, and is not one of the iteration's d_steps.
+            while True:
+                if self._r1_batch is not None:
+                    self.regularization_step()  # (a GradScaler's skip: owed still, made again)
+                    continue
+                if self._iteration_d_steps >= self.d_steps:
+                    break
                 done = self.d_steps_done
                 try:
                     self.discriminator_step()
@@ -877,6 +991,7 @@ class GANTrainer:
             "batches_per_epoch": None if tensor_data else self._stream.batches_per_epoch,
             "labels": self.labels is not None, "latent_dim": self.latent_dim,
             "loss": self.loss, "output": self.output, "gp_weight": float(self.gp_weight), "r1_gamma": self.r1_gamma,
+            "r1_interval": self.r1_interval, "discriminator_batches": self.discriminator_batches,
             "batch_size": self.batch_size, "d_steps": self.d_steps,
             "micro_batches": self.micro_batches,  # (BatchNorm's statistics and the rounding depend on them)
             "max_grad_norm": float(self.max_grad_norm),
@@ -910,6 +1025,8 @@ class GANTrainer:
             "g_steps": self.g_steps,
             "d_steps_done": self.d_steps_done,
             "iteration_d_steps": self._iteration_d_steps,
+            "r1_steps_done": self.r1_steps_done,
+            "r1_batch": None if self._r1_batch is None else dict(self._r1_batch),
             "history": {k: list(v) for k, v in self.history.items()},
             "callbacks": self._callback_states.save(self.callbacks),
             "global_rng": global_rng_state(),
@@ -928,7 +1045,7 @@ class GANTrainer:
         if saved_config is not None:  # a checkpoint written before trainers kept EMAs or schedules kept none
             saved_config = {"ema": None, "lr_scheduler_g": None, "lr_scheduler_d": None, "data": "Tensor",
                             "batches_per_epoch": None, "class_counts": None, "micro_batches": 1, "mixed_precision": "no",
-                            "r1_gamma": 0.0, **saved_config}
+                            "r1_gamma": 0.0, "r1_interval": 1, "discriminator_batches": "joint", **saved_config}
         check_resume_config(saved_config, self._resume_config(), "GANTrainer")
         if self._stream is not None and not isinstance(state.get("iterable"), Mapping):
             raise ValueError(
@@ -955,6 +1072,9 @@ class GANTrainer:
             self._stream.load_state_dict(state["iterable"])
         self.iteration, self.g_steps, self.d_steps_done = state["iteration"], state["g_steps"], state["d_steps_done"]
         self._iteration_d_steps = state.get("iteration_d_steps", 0)  # checkpoints are written between iterations
+        self.r1_steps_done = state.get("r1_steps_done", 0)
+        owed = state.get("r1_batch")
+        self._r1_batch = None if owed is None else {k: v.to(self.device) for k, v in owed.items()}
         self.history = {k: list(v) for k, v in state["history"].items()}
         if "global_rng" in state:
             set_global_rng_state(state["global_rng"])
@@ -985,6 +1105,11 @@ class GANTrainer:
             raise ValueError(f"save_samples needs image samples [B, C, H, W], got shape {tuple(images.shape)}")
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         save_image((images.float().cpu() + 1) / 2, str(path), nrow=nrow)
+
+
+def _regularization(step: OptimizerStep) -> bool:
+    """Whether ``step`` is a lazy-R1 regularization step (:meth:`GANTrainer.regularization_step`)."""
+    return bool(step.info.get("regularization", False))
 
 
 __all__ = ["GANTrainer", "DiscriminatorStep", "frozen", "discriminator_input_gradients"]

@@ -162,9 +162,15 @@ def make_plan(model: nn.Module, exclude: Iterable[str] = frozenset()) -> Plan:
     A module is factored when its type is supported and its call runs that type's own forward (a
     subclass overriding ``forward``, or ``_conv_forward`` for convolutions, goes to torch.func), its
     configuration is (no grouped or non-zero-padded convolution, no embedding max_norm), none of
-    its parameters is shared with another module, and its name is not in ``exclude``.
+    its parameters is shared with another module, its name is not in ``exclude``, and it is not inside
+    a module whose ``data_dependent_forward`` is true: a forward that takes another path depending on
+    its inputs' values (the GAN critic's input gradient, formed only for a batch holding penalty rows),
+    which a covering check on a sample of rows, remembered per kind of input, cannot stand for.
     """
     exclude = set(exclude)
+    opaque = [name for name, module in model.named_modules() if getattr(module, "data_dependent_forward", False)]
+    exclude |= {name for name, _ in model.named_modules()
+                if any(name == o or not o or name.startswith(o + ".") for o in opaque)}
     params = trainable_parameters(model)
     by_id = {id(p): n for n, p in params.items()}
     owners: dict[int, int] = {}
