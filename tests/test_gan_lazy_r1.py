@@ -221,6 +221,8 @@ def test_steps_out_of_order_are_refused_naming_the_fix():
     trainer.discriminator_step()
     with pytest.raises(RuntimeError, match=r"call regularization_step\(\) before the next discriminator step"):
         trainer.discriminator_step()
+    with pytest.raises(RuntimeError, match=r"call regularization_step\(\) before the next generator step"):
+        trainer.generator_step()
     trainer.regularization_step()
     assert trainer.r1_steps_done == 1 and trainer.d_steps_done == 3
     with pytest.raises(RuntimeError, match="with r1_interval=1 the penalty is in every discriminator step"):

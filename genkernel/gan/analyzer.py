@@ -1705,6 +1705,8 @@ class GANKernelAnalyzer(TrainerCallback):
         iterating = step.micro_batches > 1 and any(m.training for m in power_iteration_modules(step.model))
         if self.d_tracker is None:
             roles = ids if self.discriminator_groups == "role" else step.info["roles"]
+            if step.info.get("regularization", False):  # (lazy R1's step, first after a resume: its penalty rows
+                roles = torch.full_like(roles, REAL)     # are real rows, the probes' real half)
             self._build_discriminator_tracker(step.model, step.optimizer, step.loss_fn, step.max_grad_norm,
                                               step.inputs[0], roles, step.batch, wrap_critic=wrap_critic, classes=classes,
                                               graph=iterating, micro_batches=step.micro_batches)

@@ -434,14 +434,11 @@ class DiscriminatorObjective(nn.Module):
             return True
         return bool((roles == PENALTY).any())
 
-    def input_gradient_norm(self, x: torch.Tensor, *, with_scores: bool = False, classes: torch.Tensor | None = None):
-        """``[B]`` ‖∇_x D(x)‖ per example (‖∇_x D(x, classes)‖ with ``classes [B]``), differentiable in
-        D's parameters (and under torch.func); with ``with_scores`` also the scores D(x) ``[B]`` of the
-        same evaluation."""
-        conditions = class_inputs(classes)
-
-        # BatchNorm in training mode mixes the batch: row b's input gradient would take terms from the other
-        # examples (and functorch refuses its running-statistics update inside grad with an opaque error)
+    def _refuse_batch_coupling(self) -> None:
+        """BatchNorm in training mode mixes the batch: row b's input gradient would take terms from the other
+        examples (and functorch refuses its running-statistics update inside grad with an opaque error). Refused at
+        every forward of a penalized objective, also a batch without penalty rows (lazy R1's main steps, the separate
+        forwards of real and generated rows): a refusal at the first penalty rows came after updates already made."""
         training_bn = [n for n, m in self.net.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
                        and m.training]
         if training_bn:
@@ -451,6 +448,13 @@ class DiscriminatorObjective(nn.Module):
                 "‖∇_x D(x_b)‖ would depend on the other examples). Use a per-example normalization (LayerNorm, "
                 "GroupNorm, or none, as WGAN-GP's critic), or put the BatchNorm modules in eval mode"
             )
+
+    def input_gradient_norm(self, x: torch.Tensor, *, with_scores: bool = False, classes: torch.Tensor | None = None):
+        """``[B]`` ‖∇_x D(x)‖ per example (‖∇_x D(x, classes)‖ with ``classes [B]``), differentiable in
+        D's parameters (and under torch.func); with ``with_scores`` also the scores D(x) ``[B]`` of the
+        same evaluation."""
+        conditions = class_inputs(classes)
+        self._refuse_batch_coupling()
 
         def total(inputs):
             scores = scores_of(self.net(inputs, *conditions), inputs.shape[0])
@@ -462,6 +466,8 @@ class DiscriminatorObjective(nn.Module):
 
     def forward(self, x: torch.Tensor, roles: torch.Tensor, classes: torch.Tensor | None = None) -> torch.Tensor:
         conditions = class_inputs(classes)
+        if self.penalty:
+            self._refuse_batch_coupling()
         if not self.penalty or not self._has_penalty_rows(x, roles):
             return scores_of(self.net(x, *conditions), x.shape[0]).unsqueeze(1)
         # One evaluation of D gives both the scores (aux) and the input gradient, so a training-mode

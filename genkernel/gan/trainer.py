@@ -652,11 +652,7 @@ class GANTrainer:
         """One discriminator step; returns the per-example losses (None: a GradScaler skipped it). With lazy R1
         (``r1_interval`` k > 1) the k-th such step leaves its real rows for :meth:`regularization_step`, which
         must come before the next discriminator step (``train()`` makes it)."""
-        if self._r1_batch is not None:
-            raise RuntimeError(
-                f"discriminator step {self.d_steps_done - self.r1_steps_done} was the {self.r1_interval}-th since the "
-                "last regularization step (r1_interval): call regularization_step() before the next discriminator step"
-            )
+        self._refuse_owed_regularization("discriminator")
         rng_before = self.rng.get_state()
         try:
             batch = self._real_batch()
@@ -680,6 +676,14 @@ class GANTrainer:
                     (self.d_steps_done - self.r1_steps_done) % self.r1_interval == 0:
                 self._r1_batch = batch
 
+    def _refuse_owed_regularization(self, phase: str) -> None:
+        """Raise if lazy R1's regularization step is owed: StyleGAN2's order is D, its regularization, then G."""
+        if self._r1_batch is not None:
+            raise RuntimeError(
+                f"discriminator step {self.d_steps_done - self.r1_steps_done} was the {self.r1_interval}-th since the "
+                f"last regularization step (r1_interval): call regularization_step() before the next {phase} step"
+            )
+
     def regularization_step(self) -> torch.Tensor | None:
         """Lazy R1's regularization step (``r1_interval`` k > 1), on the real rows of the k-th discriminator step
         since the last one: a discriminator update whose rows are those rows as penalty rows, each with loss
@@ -700,13 +704,13 @@ class GANTrainer:
             self._undo(draws)
             raise
         try:
-            losses = self._perform(step, draws)
+            return self._perform(step, draws)
         except NonFiniteError:
             self._r1_batch = None
             raise
-        if step.applied:
-            self._r1_batch = None
-        return losses
+        finally:  # (also when a callback or the logger raises after the update: made, so no longer owed)
+            if step.applied:
+                self._r1_batch = None
 
     def _discriminator_step(self, batch: dict[str, torch.Tensor], *, regularization: bool = False) -> OptimizerStep:
         """The discriminator step on the real ``batch``: G's fake rows (and WGAN-GP's interpolates) drawn;
@@ -822,7 +826,8 @@ class GANTrainer:
 
     def generator_step(self) -> torch.Tensor | None:
         """One generator step (D's parameters frozen, its modes kept); returns the per-example losses (None: a
-        GradScaler skipped it)."""
+        GradScaler skipped it). Refused while lazy R1's regularization step is owed (it comes first)."""
+        self._refuse_owed_regularization("generator")
         # the players' buffers too: the training forwards before a failure (micro-batch 0's when micro-batch 1 fails,
         # or the forward whose graph an analyzer refuses) update G's and, D keeping its mode, D's (spectral norm's
         # power iteration, BatchNorm's running statistics): the step run again must start from the same ones
