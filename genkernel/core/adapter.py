@@ -24,7 +24,7 @@ import functools
 import hashlib
 import numbers
 import os
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -292,7 +292,7 @@ def check_analysis_safe(model: nn.Module) -> None:
             )
 
 
-def check_per_example_safe(model: nn.Module, *, route: str | None = None) -> None:
+def check_per_example_safe(model: nn.Module, *, route: str | None = None, found: Sequence[str] = ()) -> None:
     """Raise if per-example analysis of ``model`` in its current mode would be wrong or would
     change the model.
 
@@ -300,10 +300,10 @@ def check_per_example_safe(model: nn.Module, *, route: str | None = None) -> Non
     a batch, so per-example gradients are undefined; dropout in training mode makes a second
     forward differ from the training one; an embedding with ``max_norm`` rewrites its weight on
     every forward. ``route``: the tracker route that needs per-example gradients (named in the
-    message, with the one that works).
+    message, with the one that works). ``found``: couplings found otherwise (:func:`random_forward`).
     """
     check_analysis_safe(model)
-    coupled = coupled_modules(model)
+    coupled = coupled_modules(model) + list(found)
     if not coupled:
         return
     if route is not None:
@@ -323,24 +323,64 @@ def check_per_example_safe(model: nn.Module, *, route: str | None = None) -> Non
     )
 
 
+def _rng_states(devices: Sequence[int]) -> list[torch.Tensor]:
+    """The states of torch's global generators: the CPU's and those of the CUDA ``devices``."""
+    return [torch.get_rng_state()] + [torch.cuda.get_rng_state(d) for d in devices]
+
+
+def _cuda_devices(inputs: tuple[torch.Tensor, ...]) -> list[int]:
+    return sorted({t.device.index for t in inputs if isinstance(t, torch.Tensor) and t.device.type == "cuda"})
+
+
 def check_deterministic(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
-    """Raise if two forward passes of ``model`` on ``inputs`` differ (hidden randomness), in the
-    mode analysis passes use (:func:`analysis_mode`: eval mode, forked RNG, so training's random
-    stream is untouched)."""
-    devices = sorted({t.device.index for t in inputs if t.device.type == "cuda"})  # each device's RNG once
+    """Raise if a forward pass of ``model`` on ``inputs``, in the mode analysis passes use
+    (:func:`analysis_mode`: eval mode, forked RNG, so training's random stream is untouched), draws
+    from torch's global generators or gives another output a second time (hidden randomness).
+
+    The draw is checked as well as the outputs: a random flip of the whole batch gives the same output
+    twice half of the time, and noise scaled by a zero-initialized strength (StyleGAN's noise inputs)
+    none at initialization and a different one once training has moved the strength."""
+    devices = _cuda_devices(inputs)  # each device's RNG once
     # Each pass runs on copies of the buffers (a forward may write them): the check must neither
     # advance them (training would change) nor see them move.
     with torch.no_grad(), analysis_mode(model), torch.random.fork_rng(devices=devices):
+        before = _rng_states(devices)
         with preserved_buffers(model):
             first = checked_forward(model, inputs, name="probes")
+        drew = any(not torch.equal(a, b) for a, b in zip(before, _rng_states(devices)))
         with preserved_buffers(model):
             second = checked_forward(model, inputs, name="probes")
-    if not torch.equal(first, second):
+    if drew or not torch.equal(first, second):
+        what = "draws random numbers in its forward" if drew else "gives another output on a second forward pass"
         raise ValueError(
-            f"{type(model).__name__} is not deterministic in eval mode: two forward passes on the same input "
-            "differ (noise injection or other randomness that eval mode does not switch off). Probes must have one "
-            "output each: remove the randomness from eval mode."
+            f"{type(model).__name__} is not deterministic in eval mode: it {what} on the same input (noise "
+            "injection, a random augmentation, or other randomness that eval mode does not switch off). Probes must "
+            "have one output each: remove the randomness from eval mode (draw only when self.training), or apply "
+            "the augmentation to the batch outside the model."
         )
+
+
+def random_forward(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> list[str]:
+    """``["<model> (draws random numbers in its forward)"]`` if a forward of ``model`` on ``inputs`` in
+    its current mode draws from torch's global generators, else ``[]``: a module of the user's own
+    that randomizes (an augmentation inside D, DiffAugment's or ADA's, noise injection), which
+    :func:`coupled_modules` cannot know by type. Such a forward is not repeated by a second pass, so
+    a tracker takes its group gradients from the training graph. One forward without a graph,
+    on copies of the buffers and a forked RNG: training is untouched. Not run for a model that
+    :func:`coupled_modules` already names (its routes are chosen for it), and ``[]`` when the forward
+    fails in this mode on these inputs (training may call the model otherwise; the per-step checks
+    of every route then stand)."""
+    if coupled_modules(model):
+        return []
+    devices = _cuda_devices(inputs)
+    with torch.no_grad(), torch.random.fork_rng(devices=devices), preserved_buffers(model):
+        before = _rng_states(devices)
+        try:
+            checked_forward(model, inputs, name="probes")
+        except Exception:
+            return []
+        drew = any(not torch.equal(a, b) for a, b in zip(before, _rng_states(devices)))
+    return [f"{type(model).__name__} (draws random numbers in its forward)"] if drew else []
 
 
 CONVOLUTIONS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)

@@ -68,6 +68,7 @@ class TrackedModel:
     check_rtol: float  # relative tolerance of the exact checks (float64: 1e-10, float32: 1e-5)
     state_dtype: torch.dtype = torch.float64  # of the groups' gradients, optimizer state and updates
     record_bytes: int = 0  # per example, the activations: what step 1 keeps of the training pass, what a JVP row scales with
+    random_forward: tuple[str, ...] = ()  # the model's forward seen drawing random numbers (adapter.random_forward)
 
 
 @dataclass
@@ -296,7 +297,8 @@ class DenseRoute(GroupStateRoute):
     def uses_graph(self) -> bool:
         if self.gradient_route != "auto":
             return self.gradient_route == "graph"
-        return self.model.partitions.total <= 1 or bool(coupled_modules(self.model.module))
+        return (self.model.partitions.total <= 1 or bool(coupled_modules(self.model.module))
+                or bool(self.model.random_forward))
 
     def _membership(self, ids, coefficients) -> torch.Tensor:
         partitions = self.model.partitions
@@ -311,7 +313,7 @@ class DenseRoute(GroupStateRoute):
 
     def gradients(self, step, ids, coefficients, recorded):
         model = self.model
-        check_per_example_safe(model.module, route=f"gradient_route={self.gradient_route!r}")
+        check_per_example_safe(model.module, route=f"gradient_route={self.gradient_route!r}", found=model.random_forward)
         blocks = recorded.blocks()
         if blocks is not None:
             return self._finish(self._from_training_pass(blocks, step, ids, coefficients), step.losses, step.batch,
@@ -383,7 +385,7 @@ class _FactorRoute(GroupStateRoute):
 
     def gradients(self, step, ids, coefficients, recorded):
         model = self.model
-        check_per_example_safe(model.module, route=f"group_state={self.name!r}")
+        check_per_example_safe(model.module, route=f"group_state={self.name!r}", found=model.random_forward)
         self._plan_for(step.inputs)  # (a compiled model's step records nothing: checked here)
         batch = training_batch(model.module, self.plan, recorded, step.inputs, step.targets, step.loss_fn,
                                coefficients, step.losses, model.memory_budget)

@@ -65,6 +65,7 @@ from ..adapter import (
     is_compiled,
     low_precision_in_graph,
     positive_int,
+    random_forward,
     tf32_hazard,
     trainable_parameters,
     unwrap,
@@ -391,6 +392,9 @@ class PathKernelTracker:
         rows_of(self.probes, name="probes")  # refuses probes of unequal lengths
         check_finite(self.probes, name="probes")
         check_deterministic(self.module, self.probes)
+        # A forward of the user's own that draws in training mode (an augmentation inside D, noise injection) is
+        # not repeated by a per-example route's second pass: seen here, such a model is tracked on the graph route.
+        self.random_forward = random_forward(self.module, self.probes)
         self._has_state = has_state_outside_training(self.module)
         self._optimizer_params = {id(p) for group in optimizer.param_groups for p in group["params"]}
         self._layout = {n: (p.dtype, p.device) for n, p in self.params.items()}  # model.double() / .to() is refused
@@ -414,7 +418,7 @@ class PathKernelTracker:
         with analysis_mode(self.module):  # what step 1 would keep of a training pass, per example
             record_bytes = activation_elements(self.module, tuple(t[:1] for t in self.probes)) * torch.finfo(dtype).bits // 8
         tracked = TrackedModel(self.module, self.params, self.probes, self.partitions, f_start.shape[1], self.memory_budget,
-                               self.distributed, self.rtol, state_dtype, record_bytes)
+                               self.distributed, self.rtol, state_dtype, record_bytes, tuple(self.random_forward))
         self._requested = {"group_state": group_state, "contribution_route": contribution_route,
                            "gradient_route": gradient_route}
         self.group_state = self._choose_group_state(group_state, f_start.shape[1])
@@ -424,7 +428,7 @@ class PathKernelTracker:
         # What a step will cost, before anything runs; refuse a set-up the device cannot hold.
         # A refusal names only the group states this tracker could be built with: dense alone under DDP, and
         # not the per-example ones (factored, sketched) for a model that couples or randomizes its examples.
-        buildable = ("dense",) if self.distributed is not None or coupled_modules(self.module) else GROUP_STATE_CHOICES
+        buildable = ("dense",) if self.distributed is not None or self._coupled() else GROUP_STATE_CHOICES
         self._cost_settings = dict(state_dtype=state_dtype, memory_budget=self.memory_budget, sketch_dim=sketch_dim,
                                    batch_size=batch_size, micro_batches=positive_int(micro_batches, "micro_batches"),
                                    options=cost_options, group_states=buildable,
@@ -472,7 +476,7 @@ class PathKernelTracker:
         self.gradient_scales: list[dict[str, float]] = []  # observed steps: real gradient / observed sum
         self.skipped_steps: list[dict[str, int]] = []  # observed micro-batches dropped with no step taken
         if not self.route.uses_graph():
-            check_per_example_safe(self.module, route=f"group_state={self.group_state!r}")
+            check_per_example_safe(self.module, route=f"group_state={self.group_state!r}", found=self.random_forward)
 
     @property
     def ledger(self) -> PathKernelLedger:
@@ -1637,7 +1641,7 @@ class PathKernelTracker:
         if self.route.uses_graph():
             check_analysis_safe(self.module)
         else:
-            check_per_example_safe(self.module, route=f"group_state={self.group_state!r}")
+            check_per_example_safe(self.module, route=f"group_state={self.group_state!r}", found=self.random_forward)
         check_replicated(self.module, self.distributed)  # BatchNorm switched to training mode since binding
         self._check_parameters()
         owned = {id(p) for group in self.optimizer.param_groups for p in group["params"]}
@@ -1703,13 +1707,18 @@ class PathKernelTracker:
         for p, state in saved["optimizer"].items():
             self.optimizer.state[p] = state
 
+    def _coupled(self) -> list[str]:
+        """What couples or randomizes the examples: modules known by type (:func:`coupled_modules`, in their
+        current mode) and a forward seen drawing random numbers at construction (:func:`random_forward`)."""
+        return coupled_modules(self.module) + self.random_forward
+
     def _choose_group_state(self, group_state: str, d: int) -> str:
         if group_state not in GROUP_STATES:
             raise ValueError(f"group_state must be one of {GROUP_STATES}, got {group_state!r}")
         plain = plain_sgd(self.optimizer)
         if group_state == "auto":
             factored = plain and self.distributed is None and d <= self.partitions.total + 1
-            return "factored" if factored and not coupled_modules(self.module) else "dense"
+            return "factored" if factored and not self._coupled() else "dense"
         if group_state in ("factored", "sketched") and self.distributed is not None:
             raise ValueError(
                 f"group_state={group_state!r} runs in one process; under DistributedDataParallel use "
