@@ -171,3 +171,18 @@ def test_the_detection_leaves_training_and_its_random_stream_alone():
     assert torch.equal(torch.get_rng_state(), state)
     assert random_forward(model.eval(), (x,)) == []
     assert random_forward(nn.Linear(2, 1).to(F64), (x,)) == []
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_kernels_of_a_model_that_flips_its_batch_in_eval_mode_are_refused_whatever_the_coin_gives(seed):
+    """gradient_kernel's two passes on one example agree when the coin comes up the same twice (a quarter of the
+    time for two passes of a fair coin with a flip that changes the output): the kernel was then taken at a random
+    flip per chunk, silently. The draw is refused."""
+    from genkernel import gradient_kernel
+
+    torch.manual_seed(seed)
+    model = nn.Sequential(BatchFlip(), nn.Linear(2, 3), nn.Tanh(), nn.Linear(3, 1)).to(F64)
+    x = torch.randn(5, 2, dtype=F64)
+    with pytest.raises(ValueError, match="not deterministic in eval mode: two passes on the first example of x1 draw "
+                                         "random numbers"):
+        gradient_kernel(model, x)

@@ -323,13 +323,20 @@ def check_per_example_safe(model: nn.Module, *, route: str | None = None, found:
     )
 
 
-def _rng_states(devices: Sequence[int]) -> list[torch.Tensor]:
-    """The states of torch's global generators: the CPU's and those of the CUDA ``devices``."""
-    return [torch.get_rng_state()] + [torch.cuda.get_rng_state(d) for d in devices]
-
-
 def _cuda_devices(inputs: tuple[torch.Tensor, ...]) -> list[int]:
     return sorted({t.device.index for t in inputs if isinstance(t, torch.Tensor) and t.device.type == "cuda"})
+
+
+def generator_states(inputs: tuple[torch.Tensor, ...]) -> list[torch.Tensor]:
+    """The states of torch's global generators a forward on ``inputs`` may draw from: the CPU's and
+    those of the inputs' CUDA devices. Two lists differ (:func:`drew_between`) when a pass between
+    them drew random numbers."""
+    return [torch.get_rng_state()] + [torch.cuda.get_rng_state(d) for d in _cuda_devices(inputs)]
+
+
+def drew_between(before: list[torch.Tensor], after: list[torch.Tensor]) -> bool:
+    """Whether the generators moved between two :func:`generator_states` of the same inputs."""
+    return any(not torch.equal(a, b) for a, b in zip(before, after))
 
 
 def check_deterministic(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
@@ -344,10 +351,10 @@ def check_deterministic(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> N
     # Each pass runs on copies of the buffers (a forward may write them): the check must neither
     # advance them (training would change) nor see them move.
     with torch.no_grad(), analysis_mode(model), torch.random.fork_rng(devices=devices):
-        before = _rng_states(devices)
+        before = generator_states(inputs)
         with preserved_buffers(model):
             first = checked_forward(model, inputs, name="probes")
-        drew = any(not torch.equal(a, b) for a, b in zip(before, _rng_states(devices)))
+        drew = drew_between(before, generator_states(inputs))
         with preserved_buffers(model):
             second = checked_forward(model, inputs, name="probes")
     if drew or not torch.equal(first, second):
@@ -372,14 +379,13 @@ def random_forward(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> list[s
     of every route then stand)."""
     if coupled_modules(model):
         return []
-    devices = _cuda_devices(inputs)
-    with torch.no_grad(), torch.random.fork_rng(devices=devices), preserved_buffers(model):
-        before = _rng_states(devices)
+    with torch.no_grad(), torch.random.fork_rng(devices=_cuda_devices(inputs)), preserved_buffers(model):
+        before = generator_states(inputs)
         try:
             checked_forward(model, inputs, name="probes")
         except Exception:
             return []
-        drew = any(not torch.equal(a, b) for a, b in zip(before, _rng_states(devices)))
+        drew = drew_between(before, generator_states(inputs))
     return [f"{type(model).__name__} (draws random numbers in its forward)"] if drew else []
 
 

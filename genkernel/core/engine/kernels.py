@@ -31,7 +31,9 @@ from ..adapter import (
     check_memory_budget,
     check_per_example_safe,
     checked_forward,
+    drew_between,
     full_precision,
+    generator_states,
     outside_inference_mode,
     trainable_parameters,
     unwrap,
@@ -198,14 +200,19 @@ def repeatable_output(model: nn.Module, one: tuple[torch.Tensor, ...], params: d
     (measured: two calls on the same inputs differed by up to 6.4, and StyleGAN-style noise
     injection by 0.74 on entries up to 9.7). The gradients show it where the output does not: StyleGAN's noise injection starts with a zero
     weight, so its output is repeatable at initialization while its Jacobian (the noise) is not.
-    The tolerance lets through the last bits of a GPU's atomic additions (scatter, index_add)."""
+    The tolerance lets through the last bits of a GPU's atomic additions (scatter, index_add). A
+    pass that draws from torch's generators is refused too, whatever the draws give: a random flip
+    of the whole batch gives the same output twice half of the time."""
     with analysis(model):
+        before = generator_states(one)
         passes = [_one_pass(model, one, params, name) for _ in range(2)]
+        drew = drew_between(before, generator_states(one))
     (out1, grad1), (out2, grad2) = passes
-    if not (_close(out1, out2) and _close(grad1, grad2)):
+    if drew or not (_close(out1, out2) and _close(grad1, grad2)):
+        what = "draw random numbers" if drew else "give other outputs or gradients"
         raise ValueError(
             f"{type(model).__name__} is not deterministic in eval mode: two passes on the first example of {name} "
-            "give other outputs or gradients (noise injection, F.dropout called with training=True, or other "
+            f"{what} (noise injection, F.dropout called with training=True, a random augmentation, or other "
             "randomness that eval mode does not switch off), so its gradient kernel and tangent features are "
             "undefined. Remove the randomness from eval mode (pass the noise as an input, or call F.dropout with "
             "training=self.training)"
