@@ -5,7 +5,9 @@ at 64×64, as in PyTorch's ``examples/dcgan``: transposed convolutions with Batc
 the generator (latents ``[B, nz, 1, 1]``), strided convolutions with BatchNorm and LeakyReLU in the
 discriminator, which ends in a Sigmoid (its output is a probability: use
 ``GeneratorLoss(D, output="probability")``). BatchNorm stays in training mode during training: a
-tracker takes its group gradients from the training graph, where that is exact.
+tracker takes its group gradients from the training graph, where that is exact. Upstream's loop shows D
+a real batch and a generated batch in two forwards, each normalized by its own statistics:
+``GANTrainer(..., output="probability", discriminator_batches="separate")`` trains so.
 ``weights_init`` is the example's N(0, 0.02) initialization.
 
 ``seed=`` (an int; a float or bool is refused): each builder then calls ``torch.manual_seed(seed)``

@@ -765,11 +765,13 @@ class GANTrainer:
             x, roles, real_labels = x[order.to(x.device)], roles[order.to(roles.device)], real_labels[order]
             classes = None if classes is None else classes[order.to(classes.device)]
         inputs = (x, roles) if classes is None else (x, roles, classes)
-        # micro-batch j's rows start at len(parts)·j's first row; "separate" runs each block of them on its own
+        # micro-batch j's rows start at len(parts) × its first real row; "separate" runs each block of them (real,
+        # generated, penalty rows) on its own
         blocks = len(parts) if self.discriminator_batches == "separate" else 1
-        rows = [slice(len(parts) * r.start + i * (r.stop - r.start) * len(parts) // blocks,
-                      len(parts) * r.start + (i + 1) * (r.stop - r.start) * len(parts) // blocks)
-                for r in micro for i in range(blocks)]
+        rows = []
+        for r in micro:
+            first, width = len(parts) * r.start, len(parts) * (r.stop - r.start) // blocks
+            rows += [slice(first + i * width, first + (i + 1) * width) for i in range(blocks)]
         info = {"roles": roles, "real_labels": real_labels, "discriminator": self.discriminator, "iteration": self.iteration}
         if regularization:
             info["regularization"] = True

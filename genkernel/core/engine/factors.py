@@ -41,7 +41,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.autograd.graph import get_gradient_edge
 
-from ..adapter import analysis_mode, batch_size, evaluated_at, flat_output, output_tensor, trainable_parameters
+from ..adapter import (
+    analysis_mode, batch_size, data_dependent_modules, evaluated_at, flat_output, output_tensor, trainable_parameters,
+)
 
 DEFAULT_MEMORY_BUDGET = 512 * 2**20
 
@@ -168,7 +170,7 @@ def make_plan(model: nn.Module, exclude: Iterable[str] = frozenset()) -> Plan:
     which a covering check on a sample of rows, remembered per kind of input, cannot stand for.
     """
     exclude = set(exclude)
-    opaque = [name for name, module in model.named_modules() if getattr(module, "data_dependent_forward", False)]
+    opaque = data_dependent_modules(model)
     exclude |= {name for name, _ in model.named_modules()
                 if any(name == o or not o or name.startswith(o + ".") for o in opaque)}
     params = trainable_parameters(model)

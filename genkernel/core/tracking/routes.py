@@ -35,8 +35,8 @@ from torch import nn
 from torch.func import jvp, vmap
 
 from ..adapter import (
-    analysis_mode, batch_size, check_per_example_safe, coupled_modules, explained_torch_func_errors, functional_model,
-    not_fitting_inputs,
+    analysis_mode, batch_size, check_per_example_safe, coupled_modules, data_dependent_modules,
+    explained_torch_func_errors, functional_model, not_fitting_inputs,
 )
 from ..cost import plain_sgd, push_pass_shape, push_route, reads_training_pass
 from ..engine.factored import row_chunks
@@ -298,7 +298,7 @@ class DenseRoute(GroupStateRoute):
         if self.gradient_route != "auto":
             return self.gradient_route == "graph"
         return (self.model.partitions.total <= 1 or bool(coupled_modules(self.model.module))
-                or bool(self.model.random_forward))
+                or bool(self.model.random_forward) or bool(data_dependent_modules(self.model.module)))
 
     def _membership(self, ids, coefficients) -> torch.Tensor:
         partitions = self.model.partitions

@@ -61,6 +61,7 @@ from ..adapter import (
     check_per_example_safe,
     checked_forward,
     coupled_modules,
+    data_dependent_modules,
     has_state_outside_training,
     is_compiled,
     low_precision_in_graph,
@@ -1718,7 +1719,9 @@ class PathKernelTracker:
         plain = plain_sgd(self.optimizer)
         if group_state == "auto":
             factored = plain and self.distributed is None and d <= self.partitions.total + 1
-            return "factored" if factored and not self._coupled() else "dense"
+            # (a forward that branches on its inputs' values leaves the factored route no layer factors: every
+            # example through torch.func, slower than the dense route's graph)
+            return "factored" if factored and not self._coupled() and not data_dependent_modules(self.module) else "dense"
         if group_state in ("factored", "sketched") and self.distributed is not None:
             raise ValueError(
                 f"group_state={group_state!r} runs in one process; under DistributedDataParallel use "
