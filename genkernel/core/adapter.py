@@ -349,14 +349,18 @@ def check_deterministic(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> N
     none at initialization and a different one once training has moved the strength."""
     devices = _cuda_devices(inputs)  # each device's RNG once
     # Each pass runs on copies of the buffers (a forward may write them): the check must neither
-    # advance them (training would change) nor see them move.
-    with torch.no_grad(), analysis_mode(model), torch.random.fork_rng(devices=devices):
-        before = generator_states(inputs)
+    # advance them (training would change) nor see them move. A generator a module keeps of its own
+    # is not forked by fork_rng: put back by restored_module_generators.
+    # The draw is the second pass's: a forward that reseeds before drawing (fixed noise) ends both passes
+    # in one state and repeats its output, while any other draw moves the state again.
+    with torch.no_grad(), analysis_mode(model), torch.random.fork_rng(devices=devices), \
+            restored_module_generators(model) as own:
         with preserved_buffers(model):
             first = checked_forward(model, inputs, name="probes")
-        drew = drew_between(before, generator_states(inputs))
+        between = generator_states(inputs) + [g.get_state() for g in own]
         with preserved_buffers(model):
             second = checked_forward(model, inputs, name="probes")
+        drew = drew_between(between, generator_states(inputs) + [g.get_state() for g in own])
     if drew or not torch.equal(first, second):
         what = "draws random numbers in its forward" if drew else "gives another output on a second forward pass"
         raise ValueError(
@@ -385,17 +389,40 @@ def random_forward(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> list[s
     on copies of the buffers and a forked RNG: training is untouched. Not run for a model that
     :func:`coupled_modules` already names (its routes are chosen for it), and ``[]`` when the forward
     fails in this mode on these inputs (training may call the model otherwise; the per-step checks
-    of every route then stand)."""
+    of every route then stand). A ``torch.Generator`` a module keeps as an attribute (an augmentation
+    seeded for reproducibility) counts as well, and is put back too; so are the generators of the
+    CUDA devices holding the model's tensors (a forward that moves CPU probes to its device)."""
     if coupled_modules(model):
         return []
-    with torch.no_grad(), torch.random.fork_rng(devices=_cuda_devices(inputs)), preserved_buffers(model):
-        before = generator_states(inputs)
+    where = (*inputs, *model.parameters(), *model.buffers())
+    with torch.no_grad(), torch.random.fork_rng(devices=_cuda_devices(where)), preserved_buffers(model), \
+            restored_module_generators(model) as own:
+        before = generator_states(where) + [g.get_state() for g in own]
         try:
             checked_forward(model, inputs, name="probes")
         except Exception:
             return []
-        drew = drew_between(before, generator_states(inputs))
+        drew = drew_between(before, generator_states(where) + [g.get_state() for g in own])
     return [f"{type(model).__name__} (draws random numbers in its forward)"] if drew else []
+
+
+@contextlib.contextmanager
+def restored_module_generators(model: nn.Module) -> Iterator[list[torch.Generator]]:
+    """Yield the distinct ``torch.Generator`` objects ``model``'s modules hold as attributes, and put
+    each one's state back on exit: ``torch.random.fork_rng`` forks only torch's global generators, so
+    a check's forward would otherwise advance a module's own and shift training's draws."""
+    found: dict[int, torch.Generator] = {}
+    for module in model.modules():
+        for value in vars(module).values():
+            if isinstance(value, torch.Generator):
+                found.setdefault(id(value), value)
+    own = list(found.values())
+    states = [g.get_state() for g in own]
+    try:
+        yield own
+    finally:
+        for generator, state in zip(own, states):
+            generator.set_state(state)
 
 
 CONVOLUTIONS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)

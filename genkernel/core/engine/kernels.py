@@ -35,6 +35,7 @@ from ..adapter import (
     full_precision,
     generator_states,
     outside_inference_mode,
+    restored_module_generators,
     trainable_parameters,
     unwrap,
 )
@@ -202,12 +203,14 @@ def repeatable_output(model: nn.Module, one: tuple[torch.Tensor, ...], params: d
     weight, so its output is repeatable at initialization while its Jacobian (the noise) is not.
     The tolerance lets through the last bits of a GPU's atomic additions (scatter, index_add). A
     pass that draws from torch's generators is refused too, whatever the draws give: a random flip
-    of the whole batch gives the same output twice half of the time."""
-    with analysis(model):
-        before = generator_states(one)
-        passes = [_one_pass(model, one, params, name) for _ in range(2)]
-        drew = drew_between(before, generator_states(one))
-    (out1, grad1), (out2, grad2) = passes
+    of the whole batch gives the same output twice half of the time; a generator a module keeps of its
+    own is watched and put back as well."""
+    # the draw is the second pass's (a forward that reseeds before drawing ends both passes in one state)
+    with analysis(model), restored_module_generators(model) as own:
+        out1, grad1 = _one_pass(model, one, params, name)
+        between = generator_states(one) + [g.get_state() for g in own]
+        out2, grad2 = _one_pass(model, one, params, name)
+        drew = drew_between(between, generator_states(one) + [g.get_state() for g in own])
     if drew or not (_close(out1, out2) and _close(grad1, grad2)):
         what = "draw random numbers" if drew else "give other outputs or gradients"
         raise ValueError(
