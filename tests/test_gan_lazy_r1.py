@@ -14,7 +14,7 @@ from genkernel.core.adapter import seeded_generator
 from genkernel.gan import GANKernelAnalyzer, GANTrainer
 from genkernel.gan.losses import PENALTY, REAL
 
-from test_gan_r1 import B, F64, GAMMA, LATENT, LR_D, LR_G, _data, _data_term, _flat, _pair, _sgd
+from test_gan_r1 import B, F64, GAMMA, LATENT, LR_D, LR_G, _data, _data_term, _flat, _pair
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -35,10 +35,20 @@ def _r1_term(D, real, gamma):
     return gamma / 2 * g.pow(2).sum(1).mean()
 
 
-def _lazy_reference(kind, iterations, d_steps, data):
+def _sgd_step(module, loss, lr):
+    """An SGD step on ``loss``; a parameter it does not reach (the output bias in ‖∇_x D‖) keeps its value."""
+    grads = torch.autograd.grad(loss, list(module.parameters()), allow_unused=True)
+    with torch.no_grad():
+        for p, g in zip(module.parameters(), grads):
+            if g is not None:
+                p -= lr * g
+
+
+def _lazy_reference(kind, iterations, d_steps, data, update=_sgd_step):
     """StyleGAN2's lazy loop by hand with the trainer's documented draws (per D step its real rows then its
-    latents, per G step its latents): after every K-th D step an SGD step on γ·K/2·mean‖∇_x D(real)‖² of that
-    step's real rows. Returns (G, D, the penalties of the regularization steps)."""
+    latents, per G step its latents): after every K-th D step an update on γ·K/2·mean‖∇_x D(real)‖² of that
+    step's real rows; every update is ``update(module, loss, lr)``. Returns (G, D, the penalties of the
+    regularization steps)."""
     G, D = _pair()
     gen = seeded_generator(0)
     penalties, main_steps = [], 0
@@ -48,21 +58,16 @@ def _lazy_reference(kind, iterations, d_steps, data):
             z = torch.randn(B, LATENT, generator=gen, dtype=F64)
             with torch.no_grad():
                 fake = G(z)
-            _sgd(D, _data_term(kind, D, real, fake), LR_D)
+            update(D, _data_term(kind, D, real, fake), LR_D)
             main_steps += 1
             if main_steps % K == 0:
                 term = _r1_term(D, real, GAMMA * K)
                 penalties.append(float(term.detach()))
-                # (the output bias does not enter ‖∇_x D‖: its gradient is zero)
-                grads = torch.autograd.grad(term, list(D.parameters()), allow_unused=True)
-                with torch.no_grad():
-                    for p, g in zip(D.parameters(), grads):
-                        if g is not None:
-                            p -= LR_D * g
+                update(D, term, LR_D)
         z = torch.randn(B, LATENT, generator=gen, dtype=F64)
         D.requires_grad_(False)
         s = D(G(z)).reshape(-1)
-        _sgd(G, F.softplus(-s).mean() if kind == "nonsaturating" else -s.mean(), LR_G)
+        update(G, F.softplus(-s).mean() if kind == "nonsaturating" else -s.mean(), LR_G)
         D.requires_grad_(True)
     return G, D, penalties
 

@@ -8,17 +8,16 @@ and gradient kernels of the penalty objective."""
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from genkernel import TrainerCallback
-from genkernel.core.adapter import seeded_generator
 from genkernel.core.engine.kernels import gradient_kernel
 from genkernel.gan import GANKernelAnalyzer, GANTrainer, MLPDiscriminator
 from genkernel.gan.losses import PENALTY, DiscriminatorObjective
 
 from test_gan_r1 import B, F64, GAMMA, LATENT, LR_D, LR_G, _data, _flat, _pair
+from test_gan_lazy_r1 import _lazy_reference
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -162,42 +161,15 @@ def _clipped_sgd(module, loss, lr, max_norm):
             p -= lr * factor * g
 
 
-def _lazy_clipped_reference(iterations, d_steps, max_norm):
-    """StyleGAN2's lazy R1 with a hinge loss by hand, every update clipped: per D step its real rows then its
-    latents; after every K-th D step a step on γ·K/2·mean‖∇_x D(real)‖² of its real rows; per G step its
-    latents. Returns (G, D, [the regularization steps' losses])."""
-    G, D = _pair()
-    data, gen = _data(), seeded_generator(0)
-    penalties, main = [], 0
-    for _ in range(iterations):
-        for _ in range(d_steps):
-            real = data[torch.randint(0, data.shape[0], (B,), generator=gen)]
-            z = torch.randn(B, LATENT, generator=gen, dtype=F64)
-            with torch.no_grad():
-                fake = G(z)
-            loss = F.relu(1 - D(real).reshape(-1)).mean() + F.relu(1 + D(fake).reshape(-1)).mean()
-            _clipped_sgd(D, loss, LR_D, max_norm)
-            main += 1
-            if main % K == 0:
-                x = real.clone().requires_grad_(True)
-                (g,) = torch.autograd.grad(D(x).sum(), x, create_graph=True)
-                term = GAMMA * K / 2 * g.pow(2).sum(1).mean()
-                penalties.append(float(term.detach()))
-                _clipped_sgd(D, term, LR_D, max_norm)
-        z = torch.randn(B, LATENT, generator=gen, dtype=F64)
-        D.requires_grad_(False)
-        _clipped_sgd(G, -D(G(z)).reshape(-1).mean(), LR_G, max_norm)
-        D.requires_grad_(True)
-    return G, D, penalties
-
-
 @pytest.mark.parametrize("layout", ["joint", "separate"])
 def test_lazy_r1_in_micro_batches_with_clipping_and_two_d_steps_is_the_loop_written_by_hand(layout):
     """Lazy R1 with micro_batches=2 (5 rows: 3 + 2, per kind of row under "separate"), d_steps=2 and every
     update clipped to norm 0.5 equals the hand-written float64 loop (the regularization step is clipped as an
     update of its own), and the analyzer leaves that training bit for bit. New arguments (fails on 6e59059);
     no fault found in the new code."""
-    G0, D0, penalties = _lazy_clipped_reference(2, 2, 0.5)
+    # (the regularization step clipped as an update of its own)
+    G0, D0, penalties = _lazy_reference("hinge", 2, 2, _data(),
+                                        update=lambda module, loss, lr: _clipped_sgd(module, loss, lr, 0.5))
     trainer = _lazy(micro_batches=2, d_steps=2, max_grad_norm=0.5, discriminator_batches=layout)
     trainer.train(2)
     torch.testing.assert_close(_flat(trainer.discriminator), _flat(D0), rtol=1e-10, atol=1e-12)

@@ -10,6 +10,8 @@ from torch import nn
 from genkernel import PathKernelTracker
 from genkernel.supervised import mse_loss
 
+from test_random_forward import Jitter
+
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 F64 = torch.float64
@@ -27,15 +29,6 @@ class OwnGeneratorJitter(nn.Module):
             return x
         shift = torch.randn(x.shape[0], *([1] * (x.dim() - 1)), dtype=x.dtype, generator=self.generator)
         return x + 0.3 * shift
-
-
-class GlobalJitter(nn.Module):
-    """A per-row random shift in training mode, drawn from the global generator."""
-
-    def forward(self, x):
-        if not self.training:
-            return x
-        return x + 0.3 * torch.randn(x.shape[0], *([1] * (x.dim() - 1)), dtype=x.dtype)
 
 
 class OwnGeneratorBatchFlip(nn.Module):
@@ -104,7 +97,7 @@ def test_a_model_put_in_training_mode_after_construction_keeps_exact_contributio
     x, y, probes = _data()
 
     def contributions(eval_first, **routes):
-        model = _regressor(GlobalJitter())
+        model = _regressor(Jitter())
         if eval_first:
             model.eval()
         tracker = PathKernelTracker(model, torch.optim.SGD(model.parameters(), lr=0.1), mse_loss, probes,
