@@ -186,3 +186,32 @@ def test_kernels_of_a_model_that_flips_its_batch_in_eval_mode_are_refused_whatev
     with pytest.raises(ValueError, match="not deterministic in eval mode: two passes on the first example of x1 draw "
                                          "random numbers"):
         gradient_kernel(model, x)
+
+
+def test_a_run_with_an_augmentation_inside_d_resumes_from_a_checkpoint_bit_for_bit(tmp_path):
+    """The jitter draws from torch's global generator, which GANTrainer's checkpoints save: a run stopped after
+    two iterations and resumed in a fresh trainer (analyzer attached both times) ends with the parameters and
+    D's ledger of the uninterrupted run."""
+    def run(checkpoints, **kw):
+        G, D = _jittered_pair()
+        latents = torch.randn(4, LATENT, generator=torch.Generator().manual_seed(4), dtype=F64)
+        probes = torch.randn(6, 2, generator=torch.Generator().manual_seed(3), dtype=F64)
+        analyzer = GANKernelAnalyzer(G, D, latents, num_groups=2, window=4, eval_every=1, discriminator_probes=probes)
+        trainer = GANTrainer(G, D, _data(), batch_size=B, seed=0, callbacks=[analyzer], r1_gamma=1.0,
+                             g_optimizer=torch.optim.SGD(G.parameters(), lr=LR_G),
+                             d_optimizer=torch.optim.SGD(D.parameters(), lr=LR_D), checkpoint_dir=checkpoints, **kw)
+        return trainer, analyzer
+
+    straight, straight_analyzer = run(tmp_path / "a")
+    straight.train(4)
+    first, _ = run(tmp_path / "b", checkpoint_every=2)
+    first.train(2)
+    torch.manual_seed(123)  # (the resumed run's global stream comes from the checkpoint, not from here)
+    resumed, resumed_analyzer = run(tmp_path / "b")
+    resumed.train(4, resume=True)
+    assert torch.equal(_flat(resumed.discriminator), _flat(straight.discriminator))
+    assert torch.equal(_flat(resumed.generator), _flat(straight.generator))
+    mine, theirs = resumed_analyzer.discriminator_ledger, straight_analyzer.discriminator_ledger
+    assert mine.steps == theirs.steps == 4
+    for field in ("contributions", "rest", "residual", "delta"):
+        assert torch.equal(getattr(mine, field), getattr(theirs, field)), field
