@@ -327,11 +327,19 @@ def _cuda_devices(inputs: tuple[torch.Tensor, ...]) -> list[int]:
     return sorted({t.device.index for t in inputs if isinstance(t, torch.Tensor) and t.device.type == "cuda"})
 
 
-def generator_states(inputs: tuple[torch.Tensor, ...]) -> list[torch.Tensor]:
-    """The states of torch's global generators a forward on ``inputs`` may draw from: the CPU's and
-    those of the inputs' CUDA devices. Two lists differ (:func:`drew_between`) when a pass between
-    them drew random numbers."""
-    return [torch.get_rng_state()] + [torch.cuda.get_rng_state(d) for d in _cuda_devices(inputs)]
+def generator_states(tensors: tuple[torch.Tensor, ...], own: Sequence[torch.Generator] = ()) -> list[torch.Tensor]:
+    """The states of the generators a forward may draw from: torch's global CPU generator, those of the
+    CUDA devices of ``tensors`` (the inputs, the model's parameters and buffers), and ``own``, the
+    generators the model's modules keep (:func:`restored_module_generators`). Two lists differ
+    (:func:`drew_between`) when a pass between them drew random numbers."""
+    return ([torch.get_rng_state()] + [torch.cuda.get_rng_state(d) for d in _cuda_devices(tensors)]
+            + [g.get_state() for g in own])
+
+
+def _watched(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+    """The tensors whose devices a forward of ``model`` on ``inputs`` may draw on (a forward that moves CPU
+    probes to the model's CUDA device draws there)."""
+    return (*inputs, *model.parameters(), *model.buffers())
 
 
 def drew_between(before: list[torch.Tensor], after: list[torch.Tensor]) -> bool:
@@ -347,20 +355,20 @@ def check_deterministic(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> N
     The draw is checked as well as the outputs: a random flip of the whole batch gives the same output
     twice half of the time, and noise scaled by a zero-initialized strength (StyleGAN's noise inputs)
     none at initialization and a different one once training has moved the strength."""
-    devices = _cuda_devices(inputs)  # each device's RNG once
+    watched = _watched(model, inputs)
     # Each pass runs on copies of the buffers (a forward may write them): the check must neither
     # advance them (training would change) nor see them move. A generator a module keeps of its own
     # is not forked by fork_rng: put back by restored_module_generators.
     # The draw is the second pass's: a forward that reseeds before drawing (fixed noise) ends both passes
     # in one state and repeats its output, while any other draw moves the state again.
-    with torch.no_grad(), analysis_mode(model), torch.random.fork_rng(devices=devices), \
+    with torch.no_grad(), analysis_mode(model), torch.random.fork_rng(devices=_cuda_devices(watched)), \
             restored_module_generators(model) as own:
         with preserved_buffers(model):
             first = checked_forward(model, inputs, name="probes")
-        between = generator_states(inputs) + [g.get_state() for g in own]
+        between = generator_states(watched, own)
         with preserved_buffers(model):
             second = checked_forward(model, inputs, name="probes")
-        drew = drew_between(between, generator_states(inputs) + [g.get_state() for g in own])
+        drew = drew_between(between, generator_states(watched, own))
     if drew or not torch.equal(first, second):
         what = "draws random numbers in its forward" if drew else "gives another output on a second forward pass"
         raise ValueError(
@@ -394,15 +402,15 @@ def random_forward(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> list[s
     CUDA devices holding the model's tensors (a forward that moves CPU probes to its device)."""
     if coupled_modules(model):
         return []
-    where = (*inputs, *model.parameters(), *model.buffers())
-    with torch.no_grad(), torch.random.fork_rng(devices=_cuda_devices(where)), preserved_buffers(model), \
+    watched = _watched(model, inputs)
+    with torch.no_grad(), torch.random.fork_rng(devices=_cuda_devices(watched)), preserved_buffers(model), \
             restored_module_generators(model) as own:
-        before = generator_states(where) + [g.get_state() for g in own]
+        before = generator_states(watched, own)
         try:
             checked_forward(model, inputs, name="probes")
         except Exception:
             return []
-        drew = drew_between(before, generator_states(where) + [g.get_state() for g in own])
+        drew = drew_between(before, generator_states(watched, own))
     return [f"{type(model).__name__} (draws random numbers in its forward)"] if drew else []
 
 

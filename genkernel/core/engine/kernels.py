@@ -208,9 +208,9 @@ def repeatable_output(model: nn.Module, one: tuple[torch.Tensor, ...], params: d
     # the draw is the second pass's (a forward that reseeds before drawing ends both passes in one state)
     with analysis(model), restored_module_generators(model) as own:
         out1, grad1 = _one_pass(model, one, params, name)
-        between = generator_states(one) + [g.get_state() for g in own]
+        between = generator_states(one, own)
         out2, grad2 = _one_pass(model, one, params, name)
-        drew = drew_between(between, generator_states(one) + [g.get_state() for g in own])
+        drew = drew_between(between, generator_states(one, own))
     if drew or not (_close(out1, out2) and _close(grad1, grad2)):
         what = "draw random numbers" if drew else "give other outputs or gradients"
         raise ValueError(
