@@ -215,3 +215,24 @@ def test_a_run_with_an_augmentation_inside_d_resumes_from_a_checkpoint_bit_for_b
     assert mine.steps == theirs.steps == 4
     for field in ("contributions", "rest", "residual", "delta"):
         assert torch.equal(getattr(mine, field), getattr(theirs, field)), field
+
+
+def test_a_draw_of_the_models_own_beside_dropout_is_recorded_and_keeps_the_graph_once_dropout_is_off():
+    """The check skipped a model that dropout already marked, so its own jitter went unrecorded: with the
+    dropout later set to p = 0, "auto" moved to a per-example route whose second pass draws other offsets. The
+    check now runs with the dropout in eval (its mode back afterwards) and records the jitter."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(2, 8), nn.Dropout(0.3), Jitter(), nn.Tanh(), nn.Linear(8, 1)).to(F64).train()
+    probes = torch.randn(3, 2, generator=torch.Generator().manual_seed(3), dtype=F64)
+    assert random_forward(model, (probes,)) == ["Sequential (draws random numbers in its forward)"]
+    assert model[1].training and random_forward(nn.Sequential(nn.Linear(2, 2), nn.Dropout(0.3)).to(F64),
+                                                (probes,)) == []
+    tracker = PathKernelTracker(model, torch.optim.SGD(model.parameters(), lr=0.1), mse_loss, probes, num_groups=4)
+    model[1].p = 0.0
+    assert tracker.route.uses_graph()
+    x = torch.randn(8, 2, generator=torch.Generator().manual_seed(1), dtype=F64)
+    y = torch.randn(8, 1, generator=torch.Generator().manual_seed(2), dtype=F64)
+    tracker.step(x, y, torch.arange(8) % 4)
+    ledger = tracker.ledger
+    torch.testing.assert_close(ledger.delta, ledger.contributions.sum(1) + ledger.rest + ledger.residual,
+                               rtol=0, atol=1e-12)

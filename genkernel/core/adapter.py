@@ -243,36 +243,51 @@ def coupled_modules(model: nn.Module) -> list[str]:
     masks), RReLU with lower < upper in training mode (fresh slopes), and the other modules that
     draw in training mode (:data:`RANDOM_IN_TRAINING`: stochastic depth, label dropout), whose
     draws a second forward does not repeat."""
-    return [label for label, _ in _coupling(model)]
+    return [label for label, _, _ in _coupling(model)]
 
 
 def randomizing_modules(model: nn.Module) -> list[str]:
     """The modules of :func:`coupled_modules` that draw random numbers in the forward (all but BatchNorm)."""
-    return [label for label, draws in _coupling(model) if draws]
+    return [label for label, draws, _ in _coupling(model) if draws]
 
 
-def _coupling(model: nn.Module) -> list[tuple[str, bool]]:
-    """``(label, draws)`` for each module of :func:`coupled_modules`, in module order; ``draws``: it
+def _coupling(model: nn.Module) -> list[tuple[str, bool, nn.Module]]:
+    """``(label, draws, module)`` for each module of :func:`coupled_modules`, in module order; ``draws``: it
     randomizes (dropout, RReLU, :data:`RANDOM_IN_TRAINING`) rather than normalizing over the batch."""
     out = []
     for name, module in model.named_modules():
         label = f"{name or type(model).__name__} ({type(module).__name__}"
         if isinstance(module, nn.modules.batchnorm._BatchNorm):
             if module.running_mean is None and module.running_var is None:
-                out.append((label + ", no running statistics: batch statistics in eval mode too)", False))
+                out.append((label + ", no running statistics: batch statistics in eval mode too)", False, module))
             elif module.training:
-                out.append((label + ")", False))
+                out.append((label + ")", False, module))
         elif isinstance(module, nn.modules.dropout._DropoutNd) and module.training and module.p > 0:
-            out.append((label + ")", True))
+            out.append((label + ")", True, module))
         elif isinstance(module, nn.RReLU) and module.training and module.lower != module.upper:
             # fresh random negative slopes on every forward (measured: two per-probe Hessian calls gave
             # 6.62 and 7.28 for the same probe, silently)
-            out.append((label + f", random slopes in [{module.lower}, {module.upper}] in training mode)", True))
+            out.append((label + f", random slopes in [{module.lower}, {module.upper}] in training mode)", True,
+                        module))
         elif module.training and type(module).__name__ in RANDOM_IN_TRAINING:
             p = getattr(module, RANDOM_IN_TRAINING[type(module).__name__], 0)
             if isinstance(p, numbers.Real) and p > 0:
-                out.append((label + f", p={p} in training mode)", True))
+                out.append((label + f", p={p} in training mode)", True, module))
     return out
+
+
+@contextlib.contextmanager
+def _typed_draws_off(model: nn.Module) -> Iterator[None]:
+    """Inside: the modules that draw by type (:func:`randomizing_modules`) in eval mode (their own flag only),
+    so that a forward's draws are the other modules'; their modes back afterwards."""
+    typed = [module for _, draws, module in _coupling(model) if draws]
+    try:
+        for module in typed:
+            module.training = False
+        yield
+    finally:
+        for module in typed:
+            module.training = True
 
 
 def check_analysis_safe(model: nn.Module) -> None:
@@ -394,17 +409,16 @@ def random_forward(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> list[s
     that randomizes (an augmentation inside D, DiffAugment's or ADA's, noise injection), which
     :func:`coupled_modules` cannot know by type. Such a forward is not repeated by a second pass, so
     a tracker takes its group gradients from the training graph. One forward without a graph,
-    on copies of the buffers and a forked RNG: training is untouched. Not run for a model that
-    :func:`coupled_modules` already names (its routes are chosen for it), and ``[]`` when the forward
-    fails in this mode on these inputs (training may call the model otherwise; the per-step checks
-    of every route then stand). A ``torch.Generator`` a module keeps as an attribute (an augmentation
+    on copies of the buffers and a forked RNG: training is untouched. The modules that draw by type
+    (dropout, :func:`randomizing_modules`) run in eval mode for it, so a draw of the model's own is
+    recorded beside them too (a dropout later set to p = 0 leaves it the model's only draw). ``[]``
+    when the forward fails in this mode on these inputs (training may call the model otherwise; the
+    per-step checks of every route then stand). A ``torch.Generator`` a module keeps as an attribute (an augmentation
     seeded for reproducibility) counts as well, and is put back too; so are the generators of the
     CUDA devices holding the model's tensors (a forward that moves CPU probes to its device)."""
-    if coupled_modules(model):
-        return []
     watched = _watched(model, inputs)
     with torch.no_grad(), torch.random.fork_rng(devices=_cuda_devices(watched)), preserved_buffers(model), \
-            restored_module_generators(model) as own:
+            restored_module_generators(model) as own, _typed_draws_off(model):
         before = generator_states(watched, own)
         try:
             checked_forward(model, inputs, name="probes")
