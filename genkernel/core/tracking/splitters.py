@@ -600,7 +600,19 @@ class _ReadAfterStepSplitter(UpdateSplitter):
         return _scalar(self.optimizer.state[self.params[name]]["step"])
 
 
-class AdagradSplitter(_ReadAfterStepSplitter):
+class _NoLinearStateSplitter(_ReadAfterStepSplitter):
+    """Adagrad, Adafactor, Adadelta and ASGD: no linear state per row. A group's update is its gradient times
+    what :meth:`preconditioner` reads from the optimizer around the step, so the rows advance as the
+    gradients themselves."""
+
+    state_key = None
+
+    @staticmethod
+    def advance(state, grads, h):
+        return None, grads
+
+
+class AdagradSplitter(_NoLinearStateSplitter):
     """torch.optim.Adagrad (lr_decay, coupled weight decay, initial_accumulator_value, maximize, foreach,
     fused).
 
@@ -609,15 +621,10 @@ class AdagradSplitter(_ReadAfterStepSplitter):
     value). Coupled decay λθ_k is the rest's gradient (it enters s_k too, as in PyTorch).
     """
 
-    state_key = None
     step_size_keys = ("lr", "lr_decay")
 
     def _hyperparameters(self, group):
         return self._common(group, lr_decay=_scalar(group.get("lr_decay", 0.0)))
-
-    @staticmethod
-    def advance(state, grads, h):
-        return None, grads
 
     def preconditioner(self, name):
         h = self.hyper[name]
@@ -737,7 +744,7 @@ class NAdamSplitter(_ReadAfterStepSplitter):
 RAISES_ON_SPARSE = " does not support sparse gradients (its step raises, after earlier parameter groups have moved)"
 
 
-class AdafactorSplitter(_ReadAfterStepSplitter):
+class AdafactorSplitter(_NoLinearStateSplitter):
     """torch.optim.Adafactor (factored or full second moment, decoupled weight decay, update clipping d,
     eps1 given or None, maximize, foreach).
 
@@ -756,7 +763,6 @@ class AdafactorSplitter(_ReadAfterStepSplitter):
     is ε1 = None in a parameter group mixing dtypes (PyTorch's two paths take ε1 from different dtypes).
     """
 
-    state_key = None
     step_size_keys = ()  # a tensor lr enters α_k as PyTorch forms it on both paths (preconditioner)
 
     def __init__(self, optimizer, params, partitions, dtype=torch.float64):
@@ -817,10 +823,6 @@ class AdafactorSplitter(_ReadAfterStepSplitter):
             "decay_factor": _scalar(decay_multiplier(group)),
         }
 
-    @staticmethod
-    def advance(state, grads, h):
-        return None, grads
-
     def _inverse_root(self, name: str, eps1: Any) -> torch.Tensor:
         """Q = 1 / sqrt(max(V̂_k, ε1²)) from the optimizer's state after its step, with PyTorch's operations in
         the parameter's dtype (bit for bit the Q its step multiplied the gradient by): parameter-shaped."""
@@ -855,7 +857,7 @@ class AdafactorSplitter(_ReadAfterStepSplitter):
         return inverse_root.to(self.dtype).mul_(scale)
 
 
-class AdadeltaSplitter(_ReadAfterStepSplitter):
+class AdadeltaSplitter(_NoLinearStateSplitter):
     """torch.optim.Adadelta (coupled weight decay, maximize, foreach; a tensor lr).
 
     No linear state: with the optimizer's square average v_k after its step (v_k = ρ v_{k−1} + (1 − ρ) g_k²) and
@@ -869,7 +871,6 @@ class AdadeltaSplitter(_ReadAfterStepSplitter):
     lr is followed as it is: PyTorch uses it only as the final ``alpha`` (its value, on both code paths).
     """
 
-    state_key = None
     step_size_keys = ()  # lr enters only as param.add_(δ, alpha=−lr): its value, whatever its dtype
     sparse_consequence = RAISES_ON_SPARSE
 
@@ -882,7 +883,7 @@ class AdadeltaSplitter(_ReadAfterStepSplitter):
         super().capture()
         self.accumulated_before = {}
         for name, p in self.params.items():
-            if p.grad is None:  # skipped by the optimizer: its acc_delta stays as it is
+            if name in self.skipped:  # no gradient: the optimizer leaves its acc_delta as it is
                 continue
             existing = self.optimizer.state.get(p, {}).get("acc_delta")
             self.accumulated_before[name] = None if existing is None else existing.detach().clone()
@@ -893,10 +894,6 @@ class AdadeltaSplitter(_ReadAfterStepSplitter):
 
     def _hyperparameters(self, group):
         return self._common(group, rho=_scalar(group["rho"]))
-
-    @staticmethod
-    def advance(state, grads, h):
-        return None, grads
 
     def preconditioner(self, name):
         h = self.hyper[name]
@@ -918,7 +915,7 @@ def _uses_foreach(group: dict[str, Any]) -> bool:
     return bool(foreach)
 
 
-class ASGDSplitter(_ReadAfterStepSplitter):
+class ASGDSplitter(_NoLinearStateSplitter):
     """torch.optim.ASGD (coupled weight decay, the decay term λ_d, maximize, foreach; a tensor lr).
 
     No linear state: with η_k the step size the optimizer holds *before* its step (its ``eta``: the learning rate on
@@ -935,7 +932,6 @@ class ASGDSplitter(_ReadAfterStepSplitter):
     average ``ax`` the optimizer keeps is not the parameters and is not tracked.
     """
 
-    state_key = None
     step_size_keys = ()  # lr enters only through eta, read from the optimizer's state before the step
     sparse_consequence = RAISES_ON_SPARSE
 
@@ -960,10 +956,6 @@ class ASGDSplitter(_ReadAfterStepSplitter):
             "weight_decay": _scalar(group.get("weight_decay", 0.0)),
             "maximize": bool(group.get("maximize", False)),
         }
-
-    @staticmethod
-    def advance(state, grads, h):
-        return None, grads
 
     def preconditioner(self, name):
         return -self.hyper[name]["eta"]
