@@ -38,7 +38,7 @@ def test_trainer_labels_given_to_class_conditional_unet_without_conditional_flag
         trainer.train(1)
 
 
-def test_trainer_class_labels_into_cross_attention_unet_points_to_the_analyzer_loop():
+def test_trainer_class_labels_into_cross_attention_unet_points_to_embedding_conditioning():
     torch.manual_seed(0)
     model = diffusers.UNet2DConditionModel(
         sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16), layers_per_block=1,
@@ -47,7 +47,7 @@ def test_trainer_class_labels_into_cross_attention_unet_points_to_the_analyzer_l
     )
     data, labels = _data()
     trainer = DDPMTrainer(model, _scheduler(), data, labels=labels, conditional=True, batch_size=4, progress=False)
-    with pytest.raises(ValueError, match="encoder_hidden_states"):
+    with pytest.raises(ValueError, match="encoder_hidden_states.*conditional='embeddings'"):
         trainer.train(1)
 
 

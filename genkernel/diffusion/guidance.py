@@ -1,4 +1,4 @@
-"""Classifier-free guidance for class-conditional denoisers: the label dropout a trainer draws, and
+"""Classifier-free guidance for conditional denoisers: the conditioning dropout a trainer draws, and
 the guided output a sampler steps with.
 
 Training (Ho & Salimans, 2022): each example's class label y_n is replaced by a null class ∅ with
@@ -7,6 +7,11 @@ F(z, t, y) and the unconditional one F(z, t, ∅). The null class is an index of
 embedding: diffusers' ``UNet2DModel(num_class_embeds=K + 1)`` with ∅ = K, as DiT's
 ``LabelEmbedding`` keeps its extra row at index ``num_classes``. The step's inputs hold the labels
 the model was given, so every ledger books the step that was taken.
+
+A model conditioned on embeddings (a text encoder's hidden states, ``UNet2DConditionModel``'s
+``encoder_hidden_states``) drops them so (:class:`EmbeddingDropout`): each example's embedding is
+replaced by a null embedding, the encoding of the empty prompt, as diffusers' text-to-image scripts
+replace a caption by "" with probability ``proportion_empty_prompts`` before encoding it.
 
 Sampling steps with the guided output (:func:`guided_output`)
 
@@ -28,6 +33,7 @@ import torch
 from torch import nn
 
 from ..core.adapter import output_tensor
+from ..core.tracking.io import data_fingerprint
 
 
 @dataclass(frozen=True)
@@ -94,7 +100,7 @@ class ClassDropout:
                     "its null row"
                 )
 
-    def check_labels(self, labels: torch.Tensor, where: str) -> None:
+    def check_conditioning(self, labels: torch.Tensor, where: str) -> None:
         """Refuse data labels that are the null class: its examples would mean 'no class' and a class at once."""
         if self.active and bool((labels == self.null_class).any()):
             raise ValueError(
@@ -109,8 +115,75 @@ class ClassDropout:
         dropped = dropped.to(labels.device)
         return torch.where(dropped, torch.full_like(labels, self.null_class), labels), dropped
 
+    def null_rows(self, labels: torch.Tensor) -> torch.Tensor:
+        """The null class in every row of ``labels`` ``[S]`` (the unconditional half of guided sampling)."""
+        return torch.full_like(labels, self.null_class)
+
     def config(self) -> dict[str, Any]:
         return {"probability": self.probability, "null_class": self.null_class}
+
+
+@dataclass(frozen=True, eq=False)
+class EmbeddingDropout:
+    """Per-example dropout of conditioning embeddings ``[B, *E]`` towards ``null_embedding`` ``[*E]`` (the
+    empty prompt's encoding) with ``probability`` (0: none, nothing drawn). The same draws as
+    :class:`ClassDropout`: one uniform per example from the trainer's generator."""
+
+    probability: float = 0.0
+    null_embedding: torch.Tensor | None = None
+
+    @classmethod
+    def build(cls, probability: Any, null_embedding: Any) -> "EmbeddingDropout":
+        """The checked setting of a trainer's ``class_dropout=`` and ``null_embedding=`` (conditional="embeddings")."""
+        if isinstance(probability, bool) or not isinstance(probability, numbers.Real) or not 0 <= probability < 1:
+            raise ValueError(f"class_dropout must be a probability in [0, 1), got {probability!r}")
+        if null_embedding is not None and not (isinstance(null_embedding, torch.Tensor)
+                                               and null_embedding.is_floating_point()):
+            found = null_embedding.dtype if isinstance(null_embedding, torch.Tensor) else type(null_embedding).__name__
+            raise TypeError(f"null_embedding must be a floating Tensor [*E], one example's embedding, got {found}")
+        if probability > 0 and null_embedding is None:
+            raise ValueError(
+                "class_dropout needs null_embedding=, the embedding dropped examples take: the encoding of the empty "
+                "prompt (text_encoder(tokenizer('')) as the text-to-image scripts' proportion_empty_prompts), shaped as "
+                "one example's embedding [*E]"
+            )
+        if null_embedding is not None and probability == 0:
+            raise ValueError("null_embedding is what class_dropout gives dropped examples: pass class_dropout > 0 "
+                             "(0.1 is common), or leave null_embedding out")
+        null = None if null_embedding is None else null_embedding.detach().clone()
+        return cls(float(probability), null)
+
+    @property
+    def active(self) -> bool:
+        return self.probability > 0
+
+    def check_model(self, model: nn.Module) -> None:
+        """Nothing to check of the model: the null embedding is an input, not a row of a table."""
+
+    def check_conditioning(self, embeddings: torch.Tensor, where: str) -> None:
+        """Refuse embeddings ``[B, *E]`` whose rows are not shaped as the null embedding."""
+        if self.active and tuple(embeddings.shape[1:]) != tuple(self.null_embedding.shape):
+            raise ValueError(
+                f"{where} are shaped {tuple(embeddings.shape[1:])} per example, null_embedding "
+                f"{tuple(self.null_embedding.shape)}: pass the empty prompt's embedding encoded as the data's"
+            )
+
+    def draw(self, embeddings: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(embeddings given to the model [B, *E], dropped BoolTensor[B])``: each example's embedding replaced by
+        the null embedding with the set probability, one uniform draw per example from ``generator`` (CPU,
+        float64)."""
+        dropped = (torch.rand(embeddings.shape[0], generator=generator, dtype=torch.float64) < self.probability)
+        dropped = dropped.to(embeddings.device)
+        mask = dropped.view(-1, *([1] * (embeddings.dim() - 1)))
+        return torch.where(mask, self.null_rows(embeddings), embeddings), dropped
+
+    def null_rows(self, embeddings: torch.Tensor) -> torch.Tensor:
+        """The null embedding in every row of ``embeddings`` ``[S, *E]``, in their dtype and device."""
+        return self.null_embedding.to(embeddings).expand_as(embeddings)
+
+    def config(self) -> dict[str, Any]:
+        null = None if self.null_embedding is None else data_fingerprint(self.null_embedding.unsqueeze(0))
+        return {"probability": self.probability, "null_embedding": null}
 
 
 def check_guidance_scale(scale: Any) -> float:

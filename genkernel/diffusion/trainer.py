@@ -9,7 +9,7 @@ passes cannot change what it trains on.
 
 One step (docs/diffusion.md):
 
-1. a batch of clean inputs x_n (and class labels y_n, if any): from Tensor data an epoch-wise
+1. a batch of clean inputs x_n (and class labels y_n or conditioning embeddings e_n, if any): from Tensor data an epoch-wise
    permutation, from a DataLoader (or any re-iterable of batches) its next batch;
 2. timesteps t from the run's density (:mod:`~genkernel.diffusion.timestep_sampling`), by default
    uniform over the T training levels (DDPM: t ~ U{0, …, T−1}; flow matching: the scheduler's grid
@@ -18,7 +18,7 @@ One step (docs/diffusion.md):
    flow matching z = (1 − σ) x + σ ε and y = ε − x; under EDM the model is given c_in (x + σ ε) and
    regresses (x − c_skip z) / c_out, so the plain MSE is the EDM-weighted loss
    (:mod:`~genkernel.diffusion.objectives`);
-4. ``OptimizerStep(model(z, t[, y]), diffusion_loss, weights=w(t) / B, info={"timesteps": t,
+4. ``OptimizerStep(model(z, t[, y or e]), diffusion_loss, weights=w(t) / B, info={"timesteps": t,
    "class_labels": y, ...})`` through the callbacks, with w the run's loss weighting (none by default:
    the plain mean; Min-SNR-γ, SD3's "sigma_sqrt" or "cosmap"); a model that predicts its variance
    (``variance_type="learned_range"``, DiT's ``learn_sigma``) trains with IDDPM's hybrid loss instead
@@ -66,12 +66,13 @@ from ..core.tracking.ema import (
     check_ema_state, check_trainable_ema, ema_settings, ema_weights, load_ema_state, step_ema,
 )
 from ..core.tracking.batches import (
-    IterableBatches, check_reiterable, class_labels, is_class_labels, split_batch, split_floating_batch,
+    IterableBatches, check_reiterable, class_labels, is_class_labels, split_batch, split_embedding_batch,
+    split_floating_batch,
 )
 from ..core.tracking.lr_schedules import LRSchedulerArg, build_lr_scheduler, lr_scheduler_settings, step_lr_scheduler
 from ..core.tracking.step import OptimizerStep, trainer_autocast_dtype, trainer_grad_scaler, until_applied
 from ..logging import LoggingCallback
-from .guidance import ClassDropout, check_guidance_scale, guided_output
+from .guidance import ClassDropout, EmbeddingDropout, check_guidance_scale, guided_output
 from .learned_variance import LEARNED_RANGE, loss_targets, mean_channels, predicts_variance, training_loss
 from .timestep_sampling import Density, Weighting, make_loss_weighting, make_timestep_density
 from .objectives import (
@@ -80,10 +81,36 @@ from .objectives import (
 )
 
 OPTIMIZERS = ("adam", "adamw", "sgd")
+CONDITIONINGS = ("none", "class_labels", "embeddings")  # what the model is given beside (x_t, t)
+CONDITIONING_NAMES = {"labels": "class labels", "embeddings": "conditioning embeddings"}  # by a batch's key
 FORMAT = "genkernel.DDPMTrainer/3"
 TENSOR_FORMAT_2 = "genkernel.DDPMTrainer/2"  # checkpoints of Tensor data before iterable data; still load
 
 __all__ = ["DDPMTrainer", "make_optimizer", "make_sampler", "reverse_sample", "split_batch", "OPTIMIZERS"]
+
+
+def conditioning_kind(conditional: Any) -> str:
+    """One of :data:`CONDITIONINGS` for a trainer's ``conditional=`` (False, True, "class_labels", "embeddings")."""
+    if conditional is False or conditional is True:
+        return "class_labels" if conditional else "none"
+    if isinstance(conditional, str) and conditional in ("class_labels", "embeddings"):
+        return conditional
+    raise ValueError(f"conditional must be False, True (class labels), 'class_labels' or 'embeddings', got {conditional!r}")
+
+
+def conditioning_dropout(conditioning: str, probability: Any, null_class: Any,
+                         null_embedding: Any) -> ClassDropout | EmbeddingDropout:
+    """The checked classifier-free-guidance dropout of a trainer's conditioning (:mod:`~genkernel.diffusion.guidance`):
+    of class labels towards ``null_class``, of embeddings towards ``null_embedding``."""
+    if conditioning == "embeddings":
+        if null_class is not None:
+            raise ValueError("null_class is the label dropped class labels take; a model conditioned on embeddings drops "
+                             "them to null_embedding= (the empty prompt's embedding)")
+        return EmbeddingDropout.build(probability, null_embedding)
+    if null_embedding is not None:
+        raise ValueError("null_embedding is what dropped embeddings become: build the trainer with "
+                         "conditional='embeddings' (class labels drop to null_class=)")
+    return ClassDropout.build(probability, null_class, conditioning == "class_labels")
 
 
 def make_optimizer(model: nn.Module, name: str = "adam", lr: float = 1e-3, *, weight_decay: float = 0.0, momentum: float = 0.0):
@@ -104,7 +131,7 @@ def make_optimizer(model: nn.Module, name: str = "adam", lr: float = 1e-3, *, we
 
 
 class DDPMTrainer:
-    """Trains a denoiser ``model(x_t, t)`` (or ``model(x_t, t, y)``) with a ``diffusers.DDPMScheduler``.
+    """Trains a denoiser ``model(x_t, t)`` (or ``model(x_t, t, y)``, ``model(x_t, t, e)``) with a ``diffusers.DDPMScheduler``.
 
     Args:
         model: the denoiser (:class:`~genkernel.diffusion.models.MLPDenoiser`,
@@ -118,15 +145,24 @@ class DDPMTrainer:
             every epoch restarts it. See the module docstring for what a checkpoint reproduces.
         labels: ``LongTensor[N]`` class labels of Tensor data (iterable data carries them in its batches).
             Labels reach the analyzers as ``step.info["class_labels"]``.
-        conditional: pass the class labels to the model as its third positional input,
-            ``model(x_t, t, y)`` (a class-conditional ``UNet2DModel`` takes them so); every batch then
-            needs labels.
-        class_dropout, null_class: classifier-free guidance's label dropout (conditional only,
-            :mod:`~genkernel.diffusion.guidance`): each example's label is replaced by ``null_class``
-            (an extra row of the class embedding: ``UNet2DModel(num_class_embeds=K + 1)``, null_class=K)
+        conditional: what the model is given as its third positional input: False (default: nothing,
+            ``model(x_t, t)``); True or "class_labels": the class labels, ``model(x_t, t, y)`` (a
+            class-conditional ``UNet2DModel`` takes them so), and every batch then needs labels;
+            "embeddings": conditioning embeddings ``[B, *E]``, ``model(x_t, t, e)`` (a text encoder's
+            hidden states encoded beforehand, ``UNet2DConditionModel``'s ``encoder_hidden_states``, as the
+            text-to-image scripts' ``--cache`` of prompt embeddings): Tensor data gives them as
+            ``embeddings=``, a DataLoader's batches as ``(images, embeddings[, labels])`` or a dict with them
+            under "encoder_hidden_states", "prompt_embeds" or "embeddings". Class labels beside embeddings
+            are not given to the model; they reach the analyzers (a "level_class" partition).
+        embeddings: ``Tensor[N, *E]`` floating conditioning embeddings of Tensor data (conditional="embeddings").
+        class_dropout, null_class, null_embedding: classifier-free guidance's conditioning dropout
+            (conditional only, :mod:`~genkernel.diffusion.guidance`): each example's label is replaced by
+            ``null_class`` (an extra row of the class embedding: ``UNet2DModel(num_class_embeds=K + 1)``,
+            null_class=K), or its embedding by ``null_embedding`` ``[*E]`` (the empty prompt's encoding),
             with probability ``class_dropout``, drawn from the trainer's generator after the noise.
             The analyzers get the labels the model was given as ``info["class_labels"]``, the data's as
-            ``info["data_labels"]``. ``sample(guidance_scale=)`` then samples with guidance.
+            ``info["data_labels"]`` (embeddings: the step's inputs hold those given to the model).
+            ``sample(guidance_scale=)`` then samples with guidance.
         shuffle: Tensor data: a fresh permutation every epoch (default; an epoch is its first
             ⌊N / B⌋ batches, the rest of the permutation is left out, a different rest every epoch), or the
             data's own order, batch after batch round the data (rows c, c + 1, ... mod N: every row is
@@ -198,9 +234,11 @@ class DDPMTrainer:
         data: torch.Tensor | Iterable[Any],
         *,
         labels: torch.Tensor | None = None,
-        conditional: bool = False,
+        conditional: bool | str = False,
+        embeddings: torch.Tensor | None = None,
         class_dropout: float = 0.0,
         null_class: int | None = None,
+        null_embedding: torch.Tensor | None = None,
         shuffle: bool = True,
         optimizer: str | torch.optim.Optimizer = "adam",
         lr: float = 1e-3,
@@ -239,8 +277,8 @@ class DDPMTrainer:
         self.loss_weighting = make_loss_weighting(loss_weighting)
         self.loss_weighting.check(scheduler)
         self.loss_fn = training_loss(scheduler, vlb_weight)
-        self.conditional = bool(conditional)
-        self.class_dropout = ClassDropout.build(class_dropout, null_class, self.conditional)
+        self.conditioning = conditioning_kind(conditional)
+        self.class_dropout = conditioning_dropout(self.conditioning, class_dropout, null_class, null_embedding)
         self.class_dropout.check_model(model)
         self.shuffle = bool(shuffle)
         param = next(model.parameters())
@@ -250,10 +288,11 @@ class DDPMTrainer:
         self.grad_scaler = trainer_grad_scaler(mixed_precision, self.device)
         self.skipped_steps = 0  # steps a GradScaler skipped (fp16): no update, not in global_step
         self._stream: IterableBatches | None = None  # iterable data: its batches and their position
+        self.embedding_shape: tuple[int, ...] | None = None  # E, known from the data (conditional="embeddings")
         if isinstance(data, torch.Tensor):
-            self._init_tensor_data(data, labels, batch_size)
+            self._init_tensor_data(data, labels, embeddings, batch_size)
         else:
-            self._init_iterable_data(data, labels, batch_size)
+            self._init_iterable_data(data, labels, embeddings, batch_size)
         if self.batch_size is not None and self.micro_batches > self.batch_size:
             # Every batch would run one example per micro-batch: fewer micro-batches than asked, silently.
             raise ValueError(
@@ -293,31 +332,49 @@ class DDPMTrainer:
         self._cursor = 0
         self._callback_states = CallbackStates()
 
-    def _init_tensor_data(self, data: torch.Tensor, labels: torch.Tensor | None, batch_size: int | None) -> None:
+    @property
+    def conditional(self) -> bool:
+        """Whether the model is given conditioning (class labels or embeddings) beside (x_t, t)."""
+        return self.conditioning != "none"
+
+    def _init_tensor_data(self, data: torch.Tensor, labels: torch.Tensor | None, embeddings: torch.Tensor | None,
+                          batch_size: int | None) -> None:
         if data.dim() < 2 or data.shape[0] < 1:
             raise TypeError(f"data must be a Tensor [N, *shape] of clean training inputs, got shape {tuple(data.shape)}")
         if not data.is_floating_point():
             raise TypeError(f"data must be floating point, got {data.dtype}")
-        if self.conditional and labels is None:
+        if self.conditioning == "class_labels" and labels is None:
             raise ValueError("conditional=True passes class labels to the model: give labels=, a LongTensor[N]")
+        if (self.conditioning == "embeddings") != (embeddings is not None):
+            raise ValueError(
+                "conditional='embeddings' passes conditioning embeddings to the model: give embeddings=, a floating "
+                "Tensor [N, *E]" if embeddings is None else
+                "embeddings= are given to a model conditioned on them: build the trainer with conditional='embeddings'"
+            )
         self.data = data.to(device=self.device, dtype=self.dtype)
         self.labels = None if labels is None else class_labels(labels, data.shape[0], "labels").to(self.device)
-        if self.labels is not None:
-            self.class_dropout.check_labels(self.labels, "labels")
+        self.embeddings = None
+        if embeddings is not None:
+            self.embeddings = self._checked_embeddings(embeddings, data.shape[0], "embeddings")
+        if self.conditioning == "class_labels":
+            self.class_dropout.check_conditioning(self.labels, "labels")
         self.batch_size = min(128 if batch_size is None else batch_size, data.shape[0])
         self.sample_shape: tuple[int, ...] | None = tuple(data.shape[1:])
 
-    def _init_iterable_data(self, data: Any, labels: Any, batch_size: int | None) -> None:
+    def _init_iterable_data(self, data: Any, labels: Any, embeddings: Any, batch_size: int | None) -> None:
         check_reiterable(data, "[N, *shape] of clean inputs")
-        given = [name for name, value in (("labels", labels), ("batch_size", batch_size)) if value is not None]
+        given = [name for name, value in (("labels", labels), ("embeddings", embeddings), ("batch_size", batch_size))
+                 if value is not None]
         given += [] if self.shuffle else ["shuffle"]
         if given:
             raise ValueError(
                 f"{given[0]}= is for Tensor data: with a DataLoader the batches carry their labels (a "
-                "tuple's second element, a dict's 'class_labels') and the loader sets the batch size and the order"
+                "tuple's second element, a dict's 'class_labels') or embeddings (a dict's 'encoder_hidden_states') "
+                "and the loader sets the batch size and the order"
             )
         self.data = data
         self.labels = None
+        self.embeddings = None
         self.batch_size = getattr(data, "batch_size", None)
         self.sample_shape = None  # known from the first batch
         self._stream = IterableBatches(data, self._checked_batch)
@@ -352,10 +409,30 @@ class DDPMTrainer:
             wide = torch.promote_types(loss_weights.dtype, clean.dtype)
             batch["weights"] = (loss_weights.to(device=clean.device, dtype=wide) / clean.shape[0]).to(clean.dtype)
         if self.class_dropout.active:  # drawn last: a run without dropout draws as before
-            self.class_dropout.check_labels(batch["labels"], "the batch's class labels")
-            batch["data_labels"] = batch["labels"]
-            batch["labels"], batch["dropped"] = self.class_dropout.draw(batch["labels"], self.generator)
+            key = self._model_key
+            self.class_dropout.check_conditioning(batch[key], f"the batch's {CONDITIONING_NAMES[key]}")
+            batch[f"data_{key}"] = batch[key]
+            batch[key], batch["dropped"] = self.class_dropout.draw(batch[key], self.generator)
         return batch
+
+    @property
+    def _model_key(self) -> str:
+        """Where a batch holds what the model is given beside (z, t) (conditional only)."""
+        return "embeddings" if self.conditioning == "embeddings" else "labels"
+
+    def _checked_embeddings(self, embeddings: Any, n: int, what: str) -> torch.Tensor:
+        """``embeddings`` as a floating Tensor [n, *E] on the model's device and in its dtype, E the data's (the
+        first seen sets it); a TypeError or ValueError naming ``what`` otherwise."""
+        if not (isinstance(embeddings, torch.Tensor) and embeddings.is_floating_point() and embeddings.dim() >= 2
+                and embeddings.shape[0] == n):
+            found = (f"{embeddings.dtype} {tuple(embeddings.shape)}" if isinstance(embeddings, torch.Tensor)
+                     else type(embeddings).__name__)
+            raise TypeError(f"{what} must be a floating Tensor [{n}, *E] of conditioning embeddings, got {found}")
+        shape = tuple(embeddings.shape[1:])
+        if self.embedding_shape is not None and shape != self.embedding_shape:
+            raise ValueError(f"{what} are shaped {shape} per example, the data's embeddings {self.embedding_shape}")
+        self.embedding_shape = shape
+        return embeddings.to(device=self.device, dtype=self.dtype)
 
     def _tensor_batch(self) -> dict[str, torch.Tensor]:
         """The next rows of Tensor data (a new permutation when the epoch's is used up)."""
@@ -377,16 +454,24 @@ class DDPMTrainer:
         batch = {"indices": index, "clean": self.data[index.to(self.data.device)]}
         if self.labels is not None:
             batch["labels"] = self.labels[index.to(self.labels.device)]
+        if self.embeddings is not None:
+            batch["embeddings"] = self.embeddings[index.to(self.embeddings.device)]
         return batch
 
     def _checked_batch(self, raw: Any) -> dict[str, torch.Tensor]:
-        """A DataLoader's batch as ``{"clean"[, "labels"]}`` on the model's device, its types and shape checked."""
-        clean, labels = split_floating_batch(raw, "clean inputs")
+        """A DataLoader's batch as ``{"clean"[, "labels"][, "embeddings"]}`` on the model's device, its types and
+        shapes checked."""
+        if self.conditioning == "embeddings":
+            clean, embeddings, labels = split_embedding_batch(raw, "clean inputs")
+        else:
+            (clean, labels), embeddings = split_floating_batch(raw, "clean inputs"), None
         if self.sample_shape is not None and tuple(clean.shape[1:]) != self.sample_shape:
             raise ValueError(f"a batch of inputs shaped {tuple(clean.shape[1:])} follows batches shaped {self.sample_shape}")
         self.sample_shape = tuple(clean.shape[1:])
         batch = {"clean": clean.to(device=self.device, dtype=self.dtype)}
-        if self.conditional:
+        if embeddings is not None:
+            batch["embeddings"] = self._checked_embeddings(embeddings, clean.shape[0], "a batch's conditioning embeddings")
+        if self.conditioning == "class_labels":
             batch["labels"] = class_labels(labels, clean.shape[0], "the batch's class labels (conditional=True)")
         elif is_class_labels(labels, clean.shape[0]):
             batch["labels"] = labels.long()
@@ -395,11 +480,11 @@ class DDPMTrainer:
         return batch
 
     def build_step(self, batch: dict[str, torch.Tensor]) -> OptimizerStep:
-        """The :class:`OptimizerStep` for ``batch``: inputs (z, t) or (z, t, y), target y, per-example MSE (a model
-        that predicts its variance: the hybrid loss, targets (y, x_0, z_t, t))."""
+        """The :class:`OptimizerStep` for ``batch``: inputs (z, t), (z, t, y) or (z, t, e), target y, per-example MSE
+        (a model that predicts its variance: the hybrid loss, targets (y, x_0, z_t, t))."""
         inputs = (batch["noisy"], batch["timesteps"])
         if self.conditional:
-            inputs = (*inputs, batch["labels"])
+            inputs = (*inputs, batch[self._model_key])
         info = {k: batch[k] for k in ("timesteps", "clean", "noise", "indices", "data_labels") if k in batch}
         if "labels" in batch:
             info["class_labels"] = batch["labels"]
@@ -480,8 +565,9 @@ class DDPMTrainer:
         self.generator.set_state(state)
         if self._stream is not None:
             held = {"clean": batch["clean"]}
-            if "labels" in batch:  # the data's (class dropout draws again)
-                held["labels"] = batch.get("data_labels", batch["labels"])
+            for key in ("labels", "embeddings"):
+                if key in batch:  # the data's (the conditioning dropout draws again)
+                    held[key] = batch.get(f"data_{key}", batch[key])
             self._stream.hand_back(held)
         set_global_rng_state(global_rng)
 
@@ -505,10 +591,10 @@ class DDPMTrainer:
         if not self.conditional and "labels" in batch:
             return ("the model was called as model(x_t, t) although the data has class labels: pass "
                     "conditional=True to call it as model(x_t, t, labels) (a class-conditional UNet2DModel)")
-        if self.conditional:
+        if self.conditioning == "class_labels":
             return ("conditional=True calls model(x_t, t, labels) with integer class labels LongTensor[B]; a model "
-                    "conditioned on embeddings (UNet2DConditionModel's encoder_hidden_states) needs its own loop: "
-                    "NoiseLevelAnalyzer.step(x0, noise, t, conditioning=embeddings) or observe() (docs/diffusion.md)")
+                    "conditioned on embeddings (UNet2DConditionModel's encoder_hidden_states) takes "
+                    "conditional='embeddings' with the data's embeddings")
         return None
 
     def train(self, num_steps: int) -> list[float]:
@@ -536,6 +622,7 @@ class DDPMTrainer:
         num_samples: int,
         *,
         labels: torch.Tensor | None = None,
+        embeddings: torch.Tensor | None = None,
         num_inference_steps: int | None = None,
         seed: int = 0,
         keep: Sequence[int] | None = None,
@@ -548,7 +635,9 @@ class DDPMTrainer:
 
         Args:
             num_samples: S.
-            labels: ``LongTensor[S]`` classes to sample (a conditional trainer needs them).
+            labels: ``LongTensor[S]`` classes to sample (a trainer with conditional=True needs them).
+            embeddings: ``Tensor[S, *E]`` conditioning embeddings to sample with (conditional="embeddings":
+            the prompts' encodings, shaped as the data's).
             num_inference_steps: reverse steps (default: all T).
             seed: seeds the sampling generator (the global RNG is untouched).
             keep: timesteps t at which to keep the current sample x_t (the input of the step at t).
@@ -556,35 +645,52 @@ class DDPMTrainer:
                 arguments, e.g. ``sampler=DDIMScheduler, num_inference_steps=50``.
             weights: "model" (the trained weights) or "ema" (the EMA's, ``DDPMTrainer(ema=)``).
             guidance_scale: classifier-free guidance's w (:mod:`~genkernel.diffusion.guidance`): 1 samples
-                the conditional model, other values need a model trained with ``class_dropout``.
+                the conditional model, other values need a model trained with ``class_dropout`` (the
+                unconditional output: the null class's, or the null embedding's).
 
         Returns:
             ``(samples [S, *shape], {t: x_t [S, *shape]})``.
         """
-        if self.conditional != (labels is not None):
-            raise ValueError(
-                "this trainer's model is conditional: pass labels, a LongTensor[num_samples] of classes to sample"
-                if self.conditional else "labels are for a conditional model (DDPMTrainer(..., conditional=True))"
-            )
         num_samples = positive_int(num_samples, "num_samples")
         if self.sample_shape is None:
             raise RuntimeError("the shape of the samples is known once a batch was drawn: train a step first")
-        conditioning = None if labels is None else class_labels(labels, num_samples, "labels").to(self.device)
+        conditioning = self._sampling_conditioning(num_samples, labels, embeddings)
         guidance_scale = check_guidance_scale(guidance_scale)
         null_conditioning = None
         if guidance_scale != 1.0:
             if not self.class_dropout.active:
+                null = "null_embedding=" if self.conditioning == "embeddings" else "null_class="
                 raise ValueError(
                     f"guidance_scale={guidance_scale:g} mixes the conditional and the unconditional outputs, but this "
-                    "model never learned an unconditional one: train with class_dropout= and null_class= (or "
+                    f"model never learned an unconditional one: train with class_dropout= and {null} (or "
                     "sample with guidance_scale=1)"
                 )
-            null_conditioning = torch.full_like(conditioning, self.class_dropout.null_class)
+            null_conditioning = self.class_dropout.null_rows(conditioning)
         with self._weights_model(weights) as model:
             return reverse_sample(model, self.scheduler, (num_samples, *self.sample_shape),
                                   num_inference_steps=num_inference_steps, seed=seed, keep=keep, sampler=sampler,
                                   step_kwargs=step_kwargs, conditioning=conditioning, guidance_scale=guidance_scale,
                                   null_conditioning=null_conditioning)
+
+    def _sampling_conditioning(self, num_samples: int, labels: Any, embeddings: Any) -> torch.Tensor | None:
+        """What the model is given beside (x_t, t) while sampling: the checked ``labels`` ``[S]`` or
+        ``embeddings`` ``[S, *E]`` on the model's device, as the trainer's conditioning asks; None for an
+        unconditional model."""
+        wanted = {"none": None, "class_labels": "labels", "embeddings": "embeddings"}[self.conditioning]
+        given = [name for name, value in (("labels", labels), ("embeddings", embeddings)) if value is not None]
+        if given != ([] if wanted is None else [wanted]):
+            if wanted is None:
+                raise ValueError(f"{given[0]} are for a conditional model (DDPMTrainer(..., conditional="
+                                 f"{'True' if given[0] == 'labels' else repr('embeddings')}))")
+            form = ("labels, a LongTensor[num_samples] of classes" if wanted == "labels"
+                    else "embeddings, a floating Tensor [num_samples, *E] (the prompts' encodings)")
+            raise ValueError(f"this trainer's model is conditioned on {wanted.replace('labels', 'class labels')}: pass {form} to "
+                             "sample" + (f", not {given}" if given and wanted not in given else ""))
+        if wanted == "labels":
+            return class_labels(labels, num_samples, "labels").to(self.device)
+        if wanted == "embeddings":
+            return self._checked_embeddings(embeddings, num_samples, "embeddings")
+        return None
 
     @contextlib.contextmanager
     def _weights_model(self, weights: str) -> Iterator[nn.Module]:
@@ -602,13 +708,14 @@ class DDPMTrainer:
             yield model
 
     def save_samples(self, path: str | os.PathLike, num_samples: int = 16, *, labels: torch.Tensor | None = None,
-                     num_inference_steps: int | None = None, seed: int = 0, sampler: Any = None,
-                     weights: str = "model", guidance_scale: float = 1.0) -> torch.Tensor:
+                     embeddings: torch.Tensor | None = None, num_inference_steps: int | None = None, seed: int = 0,
+                     sampler: Any = None, weights: str = "model", guidance_scale: float = 1.0) -> torch.Tensor:
         """Generate samples (:meth:`sample`'s arguments) and write them as ``path`` (a PNG: an image grid, or
         a scatter over the data for points) plus ``path`` with suffix ``.pt`` (the tensor). Returns the samples."""
         import matplotlib.pyplot as plt
 
-        samples, _ = self.sample(num_samples, labels=labels, num_inference_steps=num_inference_steps, seed=seed,
+        samples, _ = self.sample(num_samples, labels=labels, embeddings=embeddings,
+                                 num_inference_steps=num_inference_steps, seed=seed,
                                  sampler=sampler, weights=weights, guidance_scale=guidance_scale)
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -644,13 +751,14 @@ class DDPMTrainer:
             "data": "Tensor" if tensor_data else "iterable",
             "data_shape": list(self.data.shape) if tensor_data else None,
             # (the same shape is not the same data: another subset or normalization would be mixed in)
-            "data_fingerprint": data_fingerprint(self.data, self.labels) if tensor_data else None,
+            "data_fingerprint": data_fingerprint(self.data, self.labels, self.embeddings) if tensor_data else None,
             "batch_size": self.batch_size,
             "micro_batches": self.micro_batches,  # (BatchNorm's statistics and the rounding depend on them)
             "batches_per_epoch": None if tensor_data else self._stream.batches_per_epoch,
             "shuffle": self.shuffle,
             "labels": self.labels is not None if tensor_data else None,
-            "conditional": self.conditional,
+            # (True / False for class labels / none, as checkpoints written before embeddings record it)
+            "conditional": "embeddings" if self.conditioning == "embeddings" else self.conditional,
             "class_dropout": self.class_dropout.config(),
             "dtype": str(self.dtype),
             "optimizer": type(self.optimizer).__name__,
@@ -670,7 +778,8 @@ class DDPMTrainer:
         """Everything :meth:`load_state_dict` needs to continue exactly (see the module docstring)."""
         iterable = None
         if self._stream is not None:
-            iterable = {**self._stream.state_dict(), "sample_shape": self.sample_shape}
+            iterable = {**self._stream.state_dict(), "sample_shape": self.sample_shape,
+                        "embedding_shape": self.embedding_shape}
         return {
             "format": FORMAT,
             "model": self.model.state_dict(),
@@ -731,6 +840,8 @@ class DDPMTrainer:
         if iterable is not None:
             self._stream.load_state_dict(iterable)
             self.sample_shape = None if iterable["sample_shape"] is None else tuple(iterable["sample_shape"])
+            shape = iterable.get("embedding_shape")
+            self.embedding_shape = None if shape is None else tuple(shape)
         if "global_rng" in state:
             set_global_rng_state(state["global_rng"])
         if self.grad_scaler is not None:  # (the config check above: a "fp16" checkpoint has one)

@@ -32,6 +32,7 @@ import torch
 
 IMAGE_KEYS = ("images", "pixel_values", "input")  # where a dict batch holds its inputs ("input": diffusers' example)
 LABEL_KEYS = ("class_labels", "labels", "label")  # ... and its class labels
+EMBEDDING_KEYS = ("encoder_hidden_states", "prompt_embeds", "embeddings")  # ... and conditioning embeddings
 _END = object()
 
 
@@ -70,6 +71,43 @@ def split_floating_batch(batch: Any, what: str) -> tuple[torch.Tensor, Any]:
         found = f"{inputs.dtype} {tuple(inputs.shape)}" if isinstance(inputs, torch.Tensor) else type(inputs).__name__
         raise TypeError(f"a batch's {what} must be a floating Tensor [B, ...], got {found}")
     return inputs, labels
+
+
+def split_embedding_batch(batch: Any, what: str) -> tuple[torch.Tensor, torch.Tensor, Any]:
+    """The inputs, conditioning embeddings and class labels of one batch of a model conditioned on embeddings.
+
+    A batch is a tuple or list ``(inputs, embeddings[, labels])``, or a dict with the inputs under one of
+    :data:`IMAGE_KEYS`, the embeddings under "encoder_hidden_states", "prompt_embeds" or "embeddings"
+    and labels, if any, under one of :data:`LABEL_KEYS` (a text-to-image script's batch with its
+    captions encoded beforehand).
+
+    Returns:
+        ``(inputs [B, ...] floating, embeddings [B, *E] floating, labels or None)``; a TypeError naming
+        what is missing or mistyped otherwise.
+    """
+    if isinstance(batch, Mapping):
+        inputs, labels = split_batch(batch)
+        key = next((key for key in EMBEDDING_KEYS if key in batch), None)
+        if key is None:
+            raise TypeError(f"a dict batch of a model conditioned on embeddings needs them under one of {EMBEDDING_KEYS}; "
+                            f"its keys are {list(batch)}")
+        embeddings = batch[key]
+    elif isinstance(batch, (tuple, list)) and len(batch) in (2, 3):
+        inputs, embeddings = batch[0], batch[1]
+        labels = batch[2] if len(batch) == 3 else None
+    else:
+        raise TypeError(
+            "a batch of a model conditioned on embeddings is a tuple (inputs, embeddings[, labels]) or a dict with the "
+            f"embeddings under one of {EMBEDDING_KEYS}; got "
+            + (f"a {type(batch).__name__} of {len(batch)}" if isinstance(batch, (tuple, list)) else type(batch).__name__)
+        )
+    inputs, _ = split_floating_batch(inputs, what)
+    if not (isinstance(embeddings, torch.Tensor) and embeddings.is_floating_point() and embeddings.dim() >= 2
+            and embeddings.shape[0] == inputs.shape[0]):
+        found = f"{embeddings.dtype} {tuple(embeddings.shape)}" if isinstance(embeddings, torch.Tensor) else type(embeddings).__name__
+        raise TypeError(f"a batch's conditioning embeddings must be a floating Tensor [{inputs.shape[0]}, *E] (one row "
+                        f"per input), got {found}")
+    return inputs, embeddings, labels
 
 
 def is_class_labels(labels: Any, n: int) -> bool:
@@ -376,5 +414,6 @@ class IterableBatches:
         self._held_global = state.get("held_global_state")  # (None: no batch was handed back)
 
 
-__all__ = ["IMAGE_KEYS", "LABEL_KEYS", "IterableBatches", "check_reiterable", "class_labels", "is_class_labels",
-           "order_generators", "set_sampler_epoch", "split_batch", "split_floating_batch"]
+__all__ = ["EMBEDDING_KEYS", "IMAGE_KEYS", "LABEL_KEYS", "IterableBatches", "check_reiterable", "class_labels", "is_class_labels",
+           "order_generators", "set_sampler_epoch", "split_batch", "split_embedding_batch",
+           "split_floating_batch"]

@@ -178,14 +178,15 @@ def check_resume_config(saved: Mapping[str, Any] | None, here: Mapping[str, Any]
         )
 
 
-def data_fingerprint(data: torch.Tensor, labels: torch.Tensor | None = None, rows: int = 256) -> str:
+def data_fingerprint(data: torch.Tensor, *columns: torch.Tensor | None, rows: int = 256) -> str:
     """A short hash (SHA-256, 16 hex digits) of up to ``rows`` evenly spaced rows of ``data`` (and of
-    ``labels``), as stored: what a checkpoint records so that a resume on other data of the same shape
-    (another subset, another normalization, shuffled rows) is refused rather than mixed into the run.
-    Reads ``rows`` rows, not the whole set (a CIFAR-10 tensor: 3 MB)."""
+    each of ``columns`` not None, with as many rows: class labels, conditioning embeddings), as stored:
+    what a checkpoint records so that a resume on other data of the same shape (another subset, another
+    normalization, shuffled rows) is refused rather than mixed into the run. Reads ``rows`` rows, not
+    the whole set (a CIFAR-10 tensor: 3 MB)."""
     picks = torch.linspace(0, data.shape[0] - 1, min(rows, data.shape[0])).round().long()
     digest = hashlib.sha256()
-    for tensor in (data, labels):
+    for tensor in (data, *columns):
         if tensor is not None:
             part = tensor[picks.to(tensor.device)].detach().cpu().contiguous()
             digest.update(str((part.dtype, tuple(tensor.shape))).encode())
