@@ -14,7 +14,8 @@ One step (docs/diffusion.md):
 2. timesteps t from the run's density (:mod:`~genkernel.diffusion.timestep_sampling`), by default
    uniform over the T training levels (DDPM: t ~ U{0, …, T−1}; flow matching: the scheduler's grid
    t = σ·T; EDM: ``scheduler.timesteps[randint(0, T)]``, t = ¼ ln σ), and noise ε ~ N(0, I);
-3. z = sqrt(ᾱ_t) x + sqrt(1 − ᾱ_t) ε (``DDPMScheduler.add_noise``'s numbers: ``noisy_input``) and the target y (ε, v or x); under
+3. z = sqrt(ᾱ_t) x + sqrt(1 − ᾱ_t) ε (``DDPMScheduler.add_noise``'s numbers: ``noisy_input``) and the target y (ε, v or x),
+   ε with the scripts' offset noise and input perturbation if asked (``noise_offset``, ``input_perturbation``); under
    flow matching z = (1 − σ) x + σ ε and y = ε − x; under EDM the model is given c_in (x + σ ε) and
    regresses (x − c_skip z) / c_out, so the plain MSE is the EDM-weighted loss
    (:mod:`~genkernel.diffusion.objectives`);
@@ -113,6 +114,13 @@ def conditioning_dropout(conditioning: str, probability: Any, null_class: Any,
     return ClassDropout.build(probability, null_class, conditioning == "class_labels")
 
 
+def noise_scale(value: Any, name: str) -> float:
+    """``value`` as a finite number >= 0 (a trainer's noise_offset or input_perturbation); a ValueError naming it otherwise."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not (math.isfinite(value) and value >= 0):
+        raise ValueError(f"{name} must be a finite number >= 0 (0: none), got {value!r}")
+    return float(value)
+
+
 def make_optimizer(model: nn.Module, name: str = "adam", lr: float = 1e-3, *, weight_decay: float = 0.0, momentum: float = 0.0):
     """Adam (default), AdamW or SGD over the model's trainable parameters."""
     params = [p for p in model.parameters() if p.requires_grad]
@@ -205,6 +213,12 @@ class DDPMTrainer:
         loss_weighting: per-level loss weights w(t): "none" (default), "min_snr" (DDPM: Min-SNR-γ, γ = 5;
             ``MinSNR(gamma=)``), "sigma_sqrt" or "cosmap" (flow matching: SD3's). The step minimizes
             (1/B) Σ w(t_n) ℓ_n, and the ledgers book exactly that.
+        noise_offset: offset noise (diffusers' text-to-image scripts' ``--noise_offset``, 0.05 to 0.1 common):
+            ε = ε₀ + noise_offset · o, o ~ N(0, 1) one value per example and channel ``[B, C, 1, 1]``, drawn
+            after the noise; the model learns to change an image's mean brightness. Default 0 (nothing drawn).
+        input_perturbation: the scripts' ``--input_perturbation`` (Ning et al., 2023; DDPM only): the noisy
+            input is made with ε + input_perturbation · ξ, ξ ~ N(0, I) drawn after the offset, while the
+            target stays ε. Default 0 (nothing drawn).
         vlb_weight: λ of the hybrid loss ℓ = MSE + λ L_vlb of a model that predicts its variance too
             (a ``DDPMScheduler(variance_type="learned_range")`` and a model with twice the data's channels,
             as DiT with ``learn_sigma``: :mod:`~genkernel.diffusion.learned_variance`); default 1, as DiT.
@@ -251,6 +265,8 @@ class DDPMTrainer:
         mixed_precision: str = "no",
         timestep_density: str | Density = "uniform",
         loss_weighting: str | Weighting = "none",
+        noise_offset: float = 0.0,
+        input_perturbation: float = 0.0,
         vlb_weight: float = 1.0,
         ema: Any = None,
         seed: int = 0,
@@ -277,6 +293,14 @@ class DDPMTrainer:
         self.loss_weighting = make_loss_weighting(loss_weighting)
         self.loss_weighting.check(scheduler)
         self.loss_fn = training_loss(scheduler, vlb_weight)
+        self.noise_offset = noise_scale(noise_offset, "noise_offset")
+        self.input_perturbation = noise_scale(input_perturbation, "input_perturbation")
+        if self.input_perturbation and noise_process(scheduler) != DDPM_PROCESS:
+            raise ValueError(
+                f"input_perturbation is the DDPM scripts' (noisy input from ε + γ ξ, target ε); under "
+                f"{noise_process(scheduler)} the target is made from the noisy input's noise, so it has no one meaning "
+                "there: leave input_perturbation at 0"
+            )
         self.conditioning = conditioning_kind(conditional)
         self.class_dropout = conditioning_dropout(self.conditioning, class_dropout, null_class, null_embedding)
         self.class_dropout.check_model(model)
@@ -396,10 +420,18 @@ class DDPMTrainer:
         batch = self._tensor_batch() if self._stream is None else self._stream.next()
         clean = batch["clean"]
         timesteps = self.timestep_density.draw(self.scheduler, self.levels, clean.shape[0], self.generator)
-        noise = torch.randn(clean.shape, generator=self.generator, dtype=torch.float64).to(clean)
+        noise = torch.randn(clean.shape, generator=self.generator, dtype=torch.float64)
+        if self.noise_offset:  # (drawn only when set: a run without it draws as before; summed in float64, then cast)
+            per_channel = (*clean.shape[:2], *([1] * (clean.dim() - 2)))
+            noise = noise + self.noise_offset * torch.randn(per_channel, generator=self.generator, dtype=torch.float64)
+        input_noise = noise
+        if self.input_perturbation:
+            input_noise = noise + self.input_perturbation * torch.randn(clean.shape, generator=self.generator,
+                                                                        dtype=torch.float64)
+        noise, input_noise = noise.to(clean), input_noise.to(clean)
         timesteps = timesteps.to(clean.device)
         batch.update(
-            timesteps=timesteps, noise=noise, noisy=noisy_input(self.scheduler, clean, noise, timesteps),
+            timesteps=timesteps, noise=noise, noisy=noisy_input(self.scheduler, clean, input_noise, timesteps),
             target=training_target(self.scheduler, clean, noise, timesteps),
         )
         loss_weights = self.loss_weighting.weights(self.scheduler, timesteps)
@@ -772,6 +804,8 @@ class DDPMTrainer:
             "ema": None if self.ema is None else ema_settings(self.ema),
             "timestep_density": self.timestep_density.config(),
             "loss_weighting": self.loss_weighting.config(),
+            "noise_offset": self.noise_offset,
+            "input_perturbation": self.input_perturbation,
         }
 
     def state_dict(self) -> dict[str, Any]:
@@ -816,7 +850,8 @@ class DDPMTrainer:
             # a checkpoint written before densities, weightings, EMAs, class dropout and schedules: uniform, unweighted, none
             saved_config = {"timestep_density": {"density": "uniform"}, "loss_weighting": {"weighting": "none"},
                             "ema": None, "class_dropout": ClassDropout().config(), "lr_scheduler": None,
-                            "learned_variance": None, "micro_batches": 1, "mixed_precision": "no", **saved_config}
+                            "learned_variance": None, "micro_batches": 1, "mixed_precision": "no", "noise_offset": 0.0,
+                            "input_perturbation": 0.0, **saved_config}
         check_resume_config(saved_config, self._resume_config(), "DDPMTrainer")
         if tensor_data and int(state["order"].numel()) not in (0, self.data.shape[0]):
             raise ValueError(
