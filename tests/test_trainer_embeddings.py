@@ -283,6 +283,21 @@ def test_guided_samples_on_embeddings_are_the_hand_written_guidance_loop(scale, 
     assert torch.equal(saved, samples)
 
 
+def test_float32_prompts_sample_a_float64_model_as_their_values_in_its_dtype():
+    """reverse_sample (and retrieval through it) gave a float64 model float32 embeddings: torch's "mat1 and mat2
+    must have the same dtype". Floating conditioning now meets the model's dtype, as in training."""
+    from genkernel.diffusion import reverse_sample
+
+    run = trainer()
+    run.train(2)
+    run.model.record = False
+    prompts = embeddings_of(5, seed=6).float()
+    ours, _ = reverse_sample(run.model, run.scheduler, (5, 2), seed=3, conditioning=prompts, guidance_scale=3.0,
+                             null_conditioning=NULL.float().expand(5, L, D))
+    expected, _ = run.sample(5, embeddings=prompts.double(), guidance_scale=3.0, seed=3)
+    assert ours.dtype == F64 and torch.equal(ours, expected)
+
+
 @pytest.mark.parametrize("kwargs,error,match", [
     (dict(embeddings=None, data=ring(40)), ValueError, "give embeddings="),
     (dict(conditional=False, class_dropout=0.0, null_embedding=None), ValueError, "conditional='embeddings'"),

@@ -49,6 +49,12 @@ def as_tuple(batch: Batch, *, name: str = "inputs") -> tuple[torch.Tensor, ...]:
     )
 
 
+def like_parameter(tensor: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+    """``tensor`` on ``param``'s device, in its dtype when floating (integer class labels keep theirs): a model
+    input (conditioning, latents) made to meet the model's weights."""
+    return tensor.to(device=param.device, dtype=param.dtype if tensor.is_floating_point() else tensor.dtype)
+
+
 def outside_inference_mode(function: Callable) -> Callable:
     """``function`` run with inference mode off: an entry point whose passes differentiate,
     callable from code under ``torch.inference_mode`` (Lightning's validation and test loops),

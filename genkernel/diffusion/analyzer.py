@@ -76,7 +76,8 @@ from torch import nn
 
 from ..core import grouping
 from ..core.adapter import (
-    as_tuple, check_memory_budget, positive_int, seed_bits, seeded_generator, unwrap, unwrap_optimizer,
+    as_tuple, check_memory_budget, like_parameter, positive_int, seed_bits, seeded_generator, unwrap,
+    unwrap_optimizer,
 )
 from ..core.errors import LedgerCheckError
 from ..core.tracking.callbacks import TrainerCallback
@@ -361,8 +362,7 @@ class NoiseLevelAnalyzer(TrainerCallback):
         conditioning = self.probe_conditioning
         if like is not None:
             clean, noise = clean.to(like), noise.to(like)
-            conditioning = tuple(c.to(device=like.device, dtype=like.dtype if c.is_floating_point() else c.dtype)
-                                 for c in conditioning)
+            conditioning = tuple(like_parameter(c, like) for c in conditioning)
         t = self.probe_timesteps.to(clean.device)
         return (noisy_input(self.scheduler, clean, noise, t), t, *conditioning)
 
@@ -757,8 +757,7 @@ class NoiseLevelAnalyzer(TrainerCallback):
         states = make_states(self.scheduler, self.kernel_clean.to(param), self.kernel_noise.to(param), all_levels)
         levels = all_levels.numel()
         # floating conditioning in the model's dtype, as the probes have it (probes(like=...))
-        states = (*states, *(c.to(device=param.device, dtype=param.dtype if c.is_floating_point() else c.dtype)
-                             .repeat_interleave(levels, dim=0) for c in self.kernel_conditioning))
+        states = (*states, *(like_parameter(c, param).repeat_interleave(levels, dim=0) for c in self.kernel_conditioning))
         sketch = self.kernel_sketch
         if sketch == "auto":
             # outputs per state: the input's values, twice over for a model that predicts its variance too

@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from .kernels import eval_mode, state_kernel
-from ..core.adapter import as_tuple, positive_int, seed_bits
+from ..core.adapter import as_tuple, like_parameter, positive_int, seed_bits
 from ..core.grouping import measured_minus_control
 from .objectives import EDM_PROCESS, FLOW_PROCESS, check_timesteps, level_dtype, noise_process, noisy_input, training_levels
 from .learned_variance import predicts_variance
@@ -221,7 +221,7 @@ def retrieval_attribution(
     noise = torch.randn(clean.shape, generator=generator, dtype=torch.float64).to(param)
 
     def on_device(tensors: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
-        return tuple(c.to(device=param.device, dtype=param.dtype if c.is_floating_point() else c.dtype) for c in tensors)
+        return tuple(like_parameter(c, param) for c in tensors)
 
     extra, train_extra, null_extra = on_device(extra), on_device(train_extra), on_device(null_extra)
     kernels, states = [], []

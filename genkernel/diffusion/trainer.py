@@ -56,7 +56,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..core.adapter import as_tuple, buffer_snapshot, eval_mode, positive_int, restore_buffers, seeded_generator
+from ..core.adapter import (
+    as_tuple, buffer_snapshot, eval_mode, like_parameter, positive_int, restore_buffers, seeded_generator,
+)
 from ..core.errors import NonFiniteError
 from ..core.tracking.callbacks import CallbackStates, TrainerCallback, fire, perform_step
 from ..core.tracking.io import (
@@ -67,8 +69,8 @@ from ..core.tracking.ema import (
     check_ema_state, check_trainable_ema, ema_settings, ema_weights, load_ema_state, step_ema,
 )
 from ..core.tracking.batches import (
-    IterableBatches, check_reiterable, class_labels, is_class_labels, split_batch, split_embedding_batch,
-    split_floating_batch,
+    EMBEDDING_KEYS, IterableBatches, check_reiterable, class_labels, is_class_labels, split_batch,
+    split_embedding_batch, split_floating_batch,
 )
 from ..core.tracking.lr_schedules import LRSchedulerArg, build_lr_scheduler, lr_scheduler_settings, step_lr_scheduler
 from ..core.tracking.step import OptimizerStep, trainer_autocast_dtype, trainer_grad_scaler, until_applied
@@ -92,7 +94,7 @@ __all__ = ["DDPMTrainer", "make_optimizer", "make_sampler", "reverse_sample", "s
 
 def conditioning_kind(conditional: Any) -> str:
     """One of :data:`CONDITIONINGS` for a trainer's ``conditional=`` (False, True, "class_labels", "embeddings")."""
-    if conditional is False or conditional is True:
+    if isinstance(conditional, numbers.Integral) and conditional in (0, 1):  # False, True (and 0, 1, as bool() took)
         return "class_labels" if conditional else "none"
     if isinstance(conditional, str) and conditional in ("class_labels", "embeddings"):
         return conditional
@@ -380,8 +382,9 @@ class DDPMTrainer:
         self.embeddings = None
         if embeddings is not None:
             self.embeddings = self._checked_embeddings(embeddings, data.shape[0], "embeddings")
-        if self.conditioning == "class_labels":
-            self.class_dropout.check_conditioning(self.labels, "labels")
+        if self.conditional:  # (a null embedding shaped otherwise: refused now, not at the first step's draws)
+            self.class_dropout.check_conditioning(self.labels if self.embeddings is None else self.embeddings,
+                                                  "labels" if self.embeddings is None else "embeddings")
         self.batch_size = min(128 if batch_size is None else batch_size, data.shape[0])
         self.sample_shape: tuple[int, ...] | None = tuple(data.shape[1:])
 
@@ -393,8 +396,9 @@ class DDPMTrainer:
         if given:
             raise ValueError(
                 f"{given[0]}= is for Tensor data: with a DataLoader the batches carry their labels (a "
-                "tuple's second element, a dict's 'class_labels') or embeddings (a dict's 'encoder_hidden_states') "
-                "and the loader sets the batch size and the order"
+                "tuple's second element, a dict's 'class_labels') or embeddings (conditional='embeddings': "
+                "(images, embeddings[, labels]) tuples, a dict's 'encoder_hidden_states') and the loader sets the "
+                "batch size and the order"
             )
         self.data = data
         self.labels = None
@@ -413,9 +417,11 @@ class DDPMTrainer:
 
         Returns:
             ``{"clean", "timesteps", "noise", "noisy", "target"}``, plus ``"labels"`` when the batch
-            has class labels (those the model is given), ``"indices"`` (rows of Tensor data),
-            ``"weights"`` (the coefficients c_n = w(t_n) / B ``[B]`` under a loss weighting) and, under
-            ``class_dropout``, ``"data_labels"`` (the data's) and ``"dropped"`` (BoolTensor[B]).
+            has class labels (conditional=True: those the model is given), ``"embeddings"``
+            ``[B, *E]`` (conditional="embeddings": those the model is given), ``"indices"`` (rows of
+            Tensor data), ``"weights"`` (the coefficients c_n = w(t_n) / B ``[B]`` under a loss
+            weighting) and, under ``class_dropout``, ``"data_labels"`` or ``"data_embeddings"`` (the
+            data's) and ``"dropped"`` (BoolTensor[B]).
         """
         batch = self._tensor_batch() if self._stream is None else self._stream.next()
         clean = batch["clean"]
@@ -453,8 +459,8 @@ class DDPMTrainer:
         return "embeddings" if self.conditioning == "embeddings" else "labels"
 
     def _checked_embeddings(self, embeddings: Any, n: int, what: str) -> torch.Tensor:
-        """``embeddings`` as a floating Tensor [n, *E] on the model's device and in its dtype, E the data's (the
-        first seen sets it); a TypeError or ValueError naming ``what`` otherwise."""
+        """``embeddings`` as a floating Tensor [n, *E] on the model's device and in its dtype, detached, E the
+        data's (the first seen sets it); a TypeError or ValueError naming ``what`` otherwise."""
         if not (isinstance(embeddings, torch.Tensor) and embeddings.is_floating_point() and embeddings.dim() >= 2
                 and embeddings.shape[0] == n):
             found = (f"{embeddings.dtype} {tuple(embeddings.shape)}" if isinstance(embeddings, torch.Tensor)
@@ -464,7 +470,10 @@ class DDPMTrainer:
         if self.embedding_shape is not None and shape != self.embedding_shape:
             raise ValueError(f"{what} are shaped {shape} per example, the data's embeddings {self.embedding_shape}")
         self.embedding_shape = shape
-        return embeddings.to(device=self.device, dtype=self.dtype)
+        # detached: embeddings encoded outside torch.no_grad() carry the text encoder's graph, which every step's
+        # backward would run into (gradients piling up in the encoder; Tensor data's second step: "backward
+        # through the graph a second time")
+        return embeddings.detach().to(device=self.device, dtype=self.dtype)
 
     def _tensor_batch(self) -> dict[str, torch.Tensor]:
         """The next rows of Tensor data (a new permutation when the epoch's is used up)."""
@@ -496,6 +505,14 @@ class DDPMTrainer:
         if self.conditioning == "embeddings":
             clean, embeddings, labels = split_embedding_batch(raw, "clean inputs")
         else:
+            found = [key for key in EMBEDDING_KEYS if isinstance(raw, Mapping) and key in raw]
+            if found and self.conditioning == "none":
+                # (Tensor data's embeddings= is refused so: trained as model(x_t, t), the captions would be ignored)
+                raise ValueError(
+                    f"a dict batch holds conditioning embeddings under {found[0]!r}, but conditional=False calls the "
+                    "model as model(x_t, t) and would train it without them: pass conditional='embeddings' (a "
+                    f"UNet2DConditionModel's encoder_hidden_states), or leave {found[0]!r} out of the batches"
+                )
             (clean, labels), embeddings = split_floating_batch(raw, "clean inputs"), None
         if self.sample_shape is not None and tuple(clean.shape[1:]) != self.sample_shape:
             raise ValueError(f"a batch of inputs shaped {tuple(clean.shape[1:])} follows batches shaped {self.sample_shape}")
@@ -716,8 +733,9 @@ class DDPMTrainer:
                                  f"{'True' if given[0] == 'labels' else repr('embeddings')}))")
             form = ("labels, a LongTensor[num_samples] of classes" if wanted == "labels"
                     else "embeddings, a floating Tensor [num_samples, *E] (the prompts' encodings)")
+            unwanted = [name for name in given if name != wanted]
             raise ValueError(f"this trainer's model is conditioned on {wanted.replace('labels', 'class labels')}: pass {form} to "
-                             "sample" + (f", not {given}" if given and wanted not in given else ""))
+                             "sample" + (f", not {unwanted}" if unwanted else ""))
         if wanted == "labels":
             return class_labels(labels, num_samples, "labels").to(self.device)
         if wanted == "embeddings":
@@ -1096,6 +1114,8 @@ def reverse_sample(
     # one starts at scale init_noise_sigma and gives the model c_in x_t (scale_model_input).
     x = torch.randn(tuple(shape), generator=generator, dtype=torch.float64).to(param) * getattr(sampler, "init_noise_sigma", 1.0)
     scale_input = getattr(sampler, "scale_model_input", lambda sample, timestep: sample)
+    # floating conditioning (embeddings) in the model's dtype, as the trainer gives it in training
+    extra, null_extra = tuple(like_parameter(c, param) for c in extra), tuple(like_parameter(c, param) for c in null_extra)
     kept: dict[float, torch.Tensor] = {}
     with eval_mode(model):  # every module's own mode back afterwards
         for index, (t, step) in enumerate(zip(sampler.timesteps, steps)):
@@ -1103,8 +1123,7 @@ def reverse_sample(
             if index in wanted:
                 kept[step] = state.clone()
             timestep = t.to(x.device).repeat(x.shape[0])
-            out = guided_output(model, state, timestep, tuple(c.to(x.device) for c in extra),
-                                tuple(c.to(x.device) for c in null_extra), guidance_scale,
+            out = guided_output(model, state, timestep, extra, null_extra, guidance_scale,
                                 unguided_channels=channels if learned_variance else 0)
             if learned_variance:  # 2C channels, or the fix named (diffusers' learned-range step fails on C with a TypeError)
                 mean = mean_channels(out, channels)

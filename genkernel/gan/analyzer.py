@@ -106,8 +106,8 @@ from torch.func import jvp
 
 from ..core import grouping as grouping_layer
 from ..core.adapter import (
-    analysis_mode, call_with, explained_torch_func_errors, floating_parameter, full_precision, loop_precision,
-    output_tensor, positive_int, seed_bits, seeded_generator, trainable_parameters, unwrap, unwrap_optimizer,
+    analysis_mode, call_with, explained_torch_func_errors, floating_parameter, full_precision, like_parameter,
+    loop_precision, output_tensor, positive_int, seed_bits, seeded_generator, trainable_parameters, unwrap, unwrap_optimizer,
 )
 from ..core.errors import NonFiniteError
 from ..core.tracking.callbacks import TrainerCallback, perform_step
@@ -821,7 +821,7 @@ class GANKernelAnalyzer(TrainerCallback):
             p = floating_parameter(module)
             if t is None or p is None:
                 return t
-            return t.to(device=p.device, dtype=p.dtype if t.is_floating_point() else t.dtype)
+            return like_parameter(t, p)
 
         self.probe_latents = like(self.probe_latents, self._g)
         self.coverage_latents = like(self.coverage_latents, self._g)
