@@ -1,0 +1,431 @@
+"""diffusers' text-to-image fine-tuning example, with genkernel's noise-level analyzer attached.
+
+The flow is that of diffusers' ``examples/text_to_image/train_text_to_image.py`` (Stable Diffusion
+fine-tuning): a frozen VAE encodes the images into latents (``latent_dist.sample()`` times its
+``scaling_factor``) and a frozen text encoder the captions (tokenized to ``model_max_length``, an empty
+caption with probability ``--proportion_empty_prompts`` for classifier-free guidance); a
+``UNet2DConditionModel`` trains on ``(noisy latents, timesteps, encoder_hidden_states)`` with a
+``DDPMScheduler``, the scripts' ``--noise_offset``, ``--input_perturbation`` and Min-SNR ``--snr_gamma``,
+AdamW with a warm-up schedule, an ``EMAModel`` stepped after each optimizer step, gradient accumulation
+(``accelerator.accumulate``), clipping at ``--max_grad_norm``, and checkpoints every
+``--checkpointing_steps`` optimizer steps (``accelerator.save_state``, the UNet and the EMA saved by
+upstream's hooks), resumed with ``--resume_from_checkpoint``. What differs from upstream, so that it runs
+offline and small, and resumes exactly:
+
+- the images come from a torchvision ``ImageFolder`` and each is captioned from its class folder's name
+  (``--caption_template``, "a picture of a {}"; upstream reads a ``datasets`` image-and-text table);
+- with no ``--pretrained_model_name_or_path`` (the default) the components are small and random, built
+  offline: a word-level tokenizer over the captions' words (``tokenizers``' ``WordLevel`` in a
+  ``PreTrainedTokenizerFast``), a 1-layer ``CLIPTextModel``, a 2-block ``AutoencoderKL`` and a UNet with
+  cross-attention; a local Stable Diffusion folder (``tokenizer``, ``text_encoder``, ``vae``, ``unet``,
+  ``scheduler`` sub-folders) is read with ``local_files_only=True``;
+- a resumed run is bit for bit the uninterrupted one, as in ``train_unconditional.py`` (its ``EpochRNG``):
+  the random states as each epoch began are in the checkpoints, and the skipped steps of a resumed epoch
+  load their batches and draw what they drew (the VAE's latent sample, the noise, the offset, the
+  perturbation and the timesteps), unused;
+- the loss is computed per example (upstream's ``reduction="none"`` then ``.mean(dim=...)`` with Min-SNR,
+  its plain MSE otherwise, which is the mean of the same per-example losses);
+- no ``--dream_training``, hub, trackers or validation images; the pipeline's components are saved in
+  their sub-folders (upstream: ``StableDiffusionPipeline.save_pretrained``, the same layout).
+
+The lines marked ``# genkernel`` attach :class:`~genkernel.diffusion.NoiseLevelAnalyzer` in latent space:
+its probes are the latents of dataset images (the VAE's ``latent_dist.mode()``, no augmentation) under
+their captions' embeddings (``probe_conditioning=``), and it splits every step by noise level and by
+class folder ("level_class"); it observes the per-example losses before the backward and the loop's own
+``optimizer.step()`` records the step. Training is bit-for-bit the same with ``--no-analyze``.
+
+Run from the repository root::
+
+    python -m recipes.examples.train_text_to_image --train_data_dir DIR --output_dir OUT --use_ema
+
+Writes ``OUT/genkernel_report.json`` (``analyzer.report()`` as strict JSON) and the components.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json  # genkernel
+import math
+import os
+import random
+import shutil
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+from diffusers.optimization import get_scheduler
+from diffusers.training_utils import EMAModel, compute_snr
+from torchvision import transforms
+from torchvision.datasets import ImageFolder
+from tqdm.auto import tqdm
+
+from genkernel import set_exact_cuda_mode  # genkernel
+from genkernel.diffusion import NoiseLevelAnalyzer, freeze_attention_key_biases  # genkernel
+
+from .train_unconditional import EpochRNG, saved_checkpoints
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """The command line (upstream's argument names) as an ``argparse.Namespace``."""
+    parser = argparse.ArgumentParser(description="diffusers' text-to-image example with genkernel's analyzer.")
+    parser.add_argument("--pretrained_model_name_or_path", type=str, default=None,
+                        help="a local Stable Diffusion folder (read offline); default: small random components")
+    parser.add_argument("--train_data_dir", type=str, required=True,
+                        help="an ImageFolder: a folder with one sub-folder of images per class")
+    parser.add_argument("--caption_template", type=str, default="a picture of a {}",
+                        help="each image's caption, from its class folder's name")
+    parser.add_argument("--output_dir", type=str, default="sd-model-finetuned")
+    parser.add_argument("--resolution", type=int, default=16)
+    parser.add_argument("--center_crop", action="store_true")
+    parser.add_argument("--random_flip", action="store_true")
+    parser.add_argument("--train_batch_size", type=int, default=4)
+    parser.add_argument("--num_train_epochs", type=int, default=1)
+    parser.add_argument("--max_train_steps", type=int, default=None, help="stop after this many optimizer steps")
+    parser.add_argument("--gradient_accumulation_steps", type=int, default=1)
+    parser.add_argument("--learning_rate", type=float, default=1e-4)
+    parser.add_argument("--lr_scheduler", type=str, default="constant")
+    parser.add_argument("--lr_warmup_steps", type=int, default=0)
+    parser.add_argument("--snr_gamma", type=float, default=None, help="Min-SNR weighting's gamma (5.0 is common)")
+    parser.add_argument("--use_ema", action="store_true")
+    parser.add_argument("--noise_offset", type=float, default=0.0)
+    parser.add_argument("--input_perturbation", type=float, default=0.0)
+    parser.add_argument("--proportion_empty_prompts", type=float, default=0.0,
+                        help="captions replaced by the empty one (classifier-free guidance)")
+    parser.add_argument("--prediction_type", type=str, default=None, choices=["epsilon", "v_prediction"],
+                        help="default: the scheduler's")
+    parser.add_argument("--adam_beta1", type=float, default=0.9)
+    parser.add_argument("--adam_beta2", type=float, default=0.999)
+    parser.add_argument("--adam_weight_decay", type=float, default=1e-2)
+    parser.add_argument("--adam_epsilon", type=float, default=1e-08)
+    parser.add_argument("--max_grad_norm", type=float, default=1.0)
+    parser.add_argument("--mixed_precision", type=str, default="no", choices=["no", "fp16", "bf16"])
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--checkpointing_steps", type=int, default=500,
+                        help="save the training state (accelerator.save_state) every this many optimizer steps")
+    parser.add_argument("--checkpoints_total_limit", type=int, default=None,
+                        help="keep at most this many checkpoints (the oldest are removed)")
+    parser.add_argument("--resume_from_checkpoint", type=str, default=None,
+                        help='a checkpoint folder to resume from (OUT/checkpoint-STEP), or "latest" in --output_dir')
+    parser.add_argument("--analyze", action=argparse.BooleanOptionalAction, default=True,
+                        help="keep genkernel's noise-level ledger (default on)")  # genkernel
+    parser.add_argument("--num_bins", type=int, default=10, help="training-timestep bins (groups)")  # genkernel
+    parser.add_argument("--num_probes", type=int, default=16, help="probe (latent, noise level) pairs")  # genkernel
+    parser.add_argument("--controls", type=int, default=1, help="label-permutation controls")  # genkernel
+    args = parser.parse_args(None if argv is None else list(argv))
+    if not 0 <= args.proportion_empty_prompts <= 1:
+        raise ValueError(f"--proportion_empty_prompts must be in [0, 1], got {args.proportion_empty_prompts}")
+    if "{}" not in args.caption_template:
+        raise ValueError(f"--caption_template needs a {{}} for the class name, got {args.caption_template!r}")
+    for name in ("max_train_steps", "checkpointing_steps", "checkpoints_total_limit"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise ValueError(f"--{name} must be at least 1, got {value}")
+    return args
+
+
+def small_components(class_names: Sequence[str], template: str, resolution: int):
+    """Random, offline ``(tokenizer, text_encoder, vae, unet, noise_scheduler)`` of the kinds Stable Diffusion
+    has: a word-level tokenizer over the captions' words (padded to 8 tokens), a 1-layer ``CLIPTextModel``
+    (width 16), an ``AutoencoderKL`` halving the resolution into 4 latent channels, and a
+    ``UNet2DConditionModel`` with cross-attention to the text."""
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+    from tokenizers.normalizers import Lowercase
+    from tokenizers.pre_tokenizers import Whitespace
+    from transformers import CLIPTextConfig, CLIPTextModel, PreTrainedTokenizerFast
+
+    words = sorted({w for name in class_names for w in template.format(name).lower().split()})
+    vocab = {"[PAD]": 0, "[UNK]": 1, **{w: i + 2 for i, w in enumerate(words)}}
+    backend = Tokenizer(WordLevel(vocab, unk_token="[UNK]"))
+    backend.normalizer, backend.pre_tokenizer = Lowercase(), Whitespace()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]", pad_token="[PAD]",
+                                        model_max_length=8)
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        vocab_size=len(vocab), hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+        max_position_embeddings=8, pad_token_id=0, bos_token_id=1, eos_token_id=1,
+    ))
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), layers_per_block=1, latent_channels=4,
+        norm_num_groups=4, sample_size=resolution,
+    )
+    unet = UNet2DConditionModel(
+        sample_size=resolution // 2, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(8, 16),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=16, norm_num_groups=4, attention_head_dim=2,
+    )
+    return tokenizer, text_encoder, vae, unet, DDPMScheduler(num_train_timesteps=1000)
+
+
+def pretrained_components(path: str):
+    """``(tokenizer, text_encoder, vae, unet, noise_scheduler)`` of a local Stable Diffusion folder, offline."""
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    return (CLIPTokenizer.from_pretrained(path, subfolder="tokenizer", local_files_only=True),
+            CLIPTextModel.from_pretrained(path, subfolder="text_encoder", local_files_only=True),
+            AutoencoderKL.from_pretrained(path, subfolder="vae", local_files_only=True),
+            UNet2DConditionModel.from_pretrained(path, subfolder="unet", local_files_only=True),
+            DDPMScheduler.from_pretrained(path, subfolder="scheduler", local_files_only=True))
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    """Train; returns ``{"unet": the trained UNet, "ema_unet": EMAModel or None, "analyzer":
+    NoiseLevelAnalyzer or None, "global_step": optimizer steps made}``."""
+    args = parse_args(argv)
+    accelerator = Accelerator(gradient_accumulation_steps=args.gradient_accumulation_steps,
+                              mixed_precision=args.mixed_precision)
+    set_seed(args.seed)
+    if accelerator.device.type == "cuda":  # genkernel: TF32 off and deterministic kernels, analyzed or not (like for like)
+        set_exact_cuda_mode()
+    if accelerator.is_main_process:
+        os.makedirs(args.output_dir, exist_ok=True)
+
+    train_transforms = transforms.Compose([
+        transforms.Resize(args.resolution, interpolation=transforms.InterpolationMode.BILINEAR),
+        transforms.CenterCrop(args.resolution) if args.center_crop else transforms.RandomCrop(args.resolution),
+        transforms.RandomHorizontalFlip() if args.random_flip else transforms.Lambda(lambda x: x),
+        transforms.ToTensor(),
+        transforms.Normalize([0.5], [0.5]),
+    ])
+    dataset = ImageFolder(args.train_data_dir, transform=train_transforms)
+    captions = [args.caption_template.format(name) for name in dataset.classes]
+
+    # Load scheduler, tokenizer and models.
+    if args.pretrained_model_name_or_path is None:
+        tokenizer, text_encoder, vae, unet, noise_scheduler = small_components(dataset.classes, args.caption_template,
+                                                                               args.resolution)
+    else:
+        tokenizer, text_encoder, vae, unet, noise_scheduler = pretrained_components(args.pretrained_model_name_or_path)
+    if args.prediction_type is not None:
+        noise_scheduler.register_to_config(prediction_type=args.prediction_type)
+    # Freeze vae and text_encoder and set unet to trainable
+    vae.requires_grad_(False)
+    text_encoder.requires_grad_(False)
+    unet.train()
+    freeze_attention_key_biases(unet)  # genkernel: zero gradient but for rounding, which Adam would turn into steps
+
+    if args.use_ema:
+        ema_unet = EMAModel(unet.parameters(), model_cls=UNet2DConditionModel, model_config=unet.config)
+
+    optimizer = torch.optim.AdamW(
+        [p for p in unet.parameters() if p.requires_grad], lr=args.learning_rate,
+        betas=(args.adam_beta1, args.adam_beta2), weight_decay=args.adam_weight_decay, eps=args.adam_epsilon,
+    )
+
+    def tokenize_captions(texts: Sequence[str]) -> torch.Tensor:
+        return tokenizer(list(texts), max_length=tokenizer.model_max_length, padding="max_length", truncation=True,
+                         return_tensors="pt").input_ids
+
+    def collate_fn(examples: Sequence[tuple[torch.Tensor, int]]) -> dict[str, torch.Tensor]:
+        # upstream draws the empty prompts as it tokenizes, when a batch is loaded (Python's random)
+        texts = ["" if random.random() < args.proportion_empty_prompts else captions[label] for _, label in examples]
+        return {"pixel_values": torch.stack([image for image, _ in examples]).contiguous().float(),
+                "input_ids": tokenize_captions(texts), "class_labels": torch.tensor([label for _, label in examples])}
+
+    train_dataloader = torch.utils.data.DataLoader(dataset, shuffle=True, collate_fn=collate_fn,
+                                                   batch_size=args.train_batch_size)
+
+    num_update_steps_per_epoch = math.ceil(len(train_dataloader) / args.gradient_accumulation_steps)
+    max_train_steps = args.max_train_steps or args.num_train_epochs * num_update_steps_per_epoch
+    lr_scheduler = get_scheduler(
+        args.lr_scheduler, optimizer=optimizer,
+        num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
+        num_training_steps=max_train_steps * accelerator.num_processes,
+    )
+    unet, optimizer, train_dataloader, lr_scheduler = accelerator.prepare(unet, optimizer, train_dataloader, lr_scheduler)
+    if args.use_ema:
+        ema_unet.to(accelerator.device)
+
+    weight_dtype = torch.float32  # the frozen encoders' dtype: reduced only where accelerate autocasts (native_amp)
+    if accelerator.native_amp and accelerator.mixed_precision == "fp16":
+        weight_dtype = torch.float16
+    elif accelerator.native_amp and accelerator.mixed_precision == "bf16":
+        weight_dtype = torch.bfloat16
+    for frozen in (text_encoder, vae):  # (cast only when reduced: diffusers warns at every cast of the VAE)
+        frozen.to(accelerator.device) if weight_dtype == torch.float32 else frozen.to(accelerator.device, dtype=weight_dtype)
+
+    def save_model_hook(models, weights, output_dir):
+        if accelerator.is_main_process:
+            if args.use_ema:
+                with torch.random.fork_rng(devices=[]):  # (building the UNet to save draws: training's draws untouched)
+                    ema_unet.save_pretrained(os.path.join(output_dir, "unet_ema"))
+            for model in models:
+                model.save_pretrained(os.path.join(output_dir, "unet"))
+                weights.pop()
+
+    def load_model_hook(models, input_dir):
+        if args.use_ema:
+            ema_dir = os.path.join(input_dir, "unet_ema")
+            _, ema_kwargs = UNet2DConditionModel.from_config(
+                UNet2DConditionModel.load_config(ema_dir, local_files_only=True), return_unused_kwargs=True)
+            ema_model = UNet2DConditionModel.from_pretrained(ema_dir, local_files_only=True)
+            load_model = EMAModel(ema_model.parameters(), model_cls=UNet2DConditionModel, model_config=ema_model.config)
+            load_model.load_state_dict(ema_kwargs)
+            ema_unet.load_state_dict(load_model.state_dict())
+            ema_unet.to(accelerator.device)
+            del load_model, ema_model
+        for _ in range(len(models)):
+            model = models.pop()
+            load_model = UNet2DConditionModel.from_pretrained(input_dir, subfolder="unet", local_files_only=True)
+            model.register_to_config(**load_model.config)
+            model.load_state_dict(load_model.state_dict())
+            del load_model
+
+    accelerator.register_save_state_pre_hook(save_model_hook)
+    accelerator.register_load_state_pre_hook(load_model_hook)
+    epoch_rng = EpochRNG(getattr(train_dataloader, "synchronized_generator", None))
+    accelerator.register_for_checkpointing(epoch_rng)
+
+    analyzer = None  # genkernel: the noise-level ledger in latent space
+    if args.analyze:  # genkernel: probes are dataset images without augmentation, encoded, under their captions
+        probe_set = ImageFolder(args.train_data_dir, transform=transforms.Compose([transforms.Resize(args.resolution),  # genkernel
+            transforms.CenterCrop(args.resolution), transforms.ToTensor(), transforms.Normalize([0.5], [0.5])]))  # genkernel
+        rows = torch.linspace(0, len(probe_set) - 1, min(len(probe_set), args.num_probes)).long().tolist()  # genkernel
+        with torch.no_grad():  # genkernel: the latent's mode (no draw) and the captions' embeddings
+            images = torch.stack([probe_set[i][0] for i in rows]).to(accelerator.device, weight_dtype)  # genkernel
+            probe_latents = vae.encode(images).latent_dist.mode() * vae.config.scaling_factor  # genkernel
+            probe_text = text_encoder(tokenize_captions([captions[probe_set[i][1]] for i in rows]).to(  # genkernel
+                accelerator.device), return_dict=False)[0]  # genkernel
+        analyzer = NoiseLevelAnalyzer(noise_scheduler, probe_latents.float(), probe_conditioning=probe_text.float(),  # genkernel
+                                      num_classes=len(dataset.classes), num_bins=args.num_bins,  # genkernel
+                                      num_probes=args.num_probes, controls=args.controls, kernel_sketch=8,  # genkernel
+                                      seed=args.seed, mixed_precision="refuse" if args.mixed_precision == "no" else "observe")  # genkernel
+        accelerator.register_for_checkpointing(analyzer)  # genkernel: its ledgers go into the checkpoints
+
+    global_step = 0
+    first_epoch = 0
+    resume_step = 0
+    if args.resume_from_checkpoint:
+        if args.resume_from_checkpoint != "latest":
+            path = args.resume_from_checkpoint
+            if not os.path.isdir(path):
+                path = os.path.join(args.output_dir, os.path.basename(os.path.normpath(path)))
+            if not os.path.isdir(path):
+                raise ValueError(f"--resume_from_checkpoint {args.resume_from_checkpoint}: no such checkpoint folder "
+                                 f"(nor {path}): give a checkpoint-STEP folder that a run saved, or 'latest'")
+        else:
+            dirs = saved_checkpoints(args.output_dir)
+            path = os.path.join(args.output_dir, dirs[-1]) if dirs else None
+        if path is None:
+            accelerator.print(f"Checkpoint '{args.resume_from_checkpoint}' does not exist. Starting a new training run.")
+        else:
+            accelerator.print(f"Resuming from checkpoint {path}")
+            accelerator.load_state(path)
+            global_step = int(os.path.basename(os.path.normpath(path)).split("-")[1])
+            first_epoch = global_step // num_update_steps_per_epoch
+            resume_step = (global_step * args.gradient_accumulation_steps) % (
+                num_update_steps_per_epoch * args.gradient_accumulation_steps)
+
+    if analyzer is not None:  # genkernel: bound after load_state, its steps numbered on from the checkpoint's
+        analyzer.bind(unet, optimizer, ema=ema_unet if args.use_ema else None,  # genkernel
+                      batch_size=args.train_batch_size * args.gradient_accumulation_steps,  # genkernel
+                      micro_batches=args.gradient_accumulation_steps, start_step=global_step)  # genkernel
+
+    for epoch in range(first_epoch, args.num_train_epochs):
+        unet.train()
+        progress_bar = tqdm(total=num_update_steps_per_epoch, disable=not accelerator.is_local_main_process)
+        if resume_step and epoch == first_epoch:
+            epoch_rng.restore(epoch)  # the random states as this epoch began: its shuffle, captions, draws again
+        else:
+            epoch_rng.record(epoch)
+        for step, batch in enumerate(train_dataloader):
+            # Convert images to latent space
+            with torch.no_grad():
+                latents = vae.encode(batch["pixel_values"].to(weight_dtype)).latent_dist.sample()
+            latents = latents * vae.config.scaling_factor
+            # Sample noise that we'll add to the latents
+            noise = torch.randn_like(latents)
+            if args.noise_offset:
+                # https://www.crosslabs.org//blog/diffusion-with-offset-noise
+                noise += args.noise_offset * torch.randn((latents.shape[0], latents.shape[1], 1, 1),
+                                                         device=latents.device)
+            if args.input_perturbation:
+                new_noise = noise + args.input_perturbation * torch.randn_like(noise)
+            bsz = latents.shape[0]
+            timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (bsz,), device=latents.device).long()
+            # (a resumed epoch's first steps: loaded and drawn as the uninterrupted run's, then skipped)
+            if resume_step and epoch == first_epoch and step < resume_step:
+                if step % args.gradient_accumulation_steps == 0:
+                    progress_bar.update(1)
+                continue
+
+            with accelerator.accumulate(unet):
+                # Add noise to the latents according to the noise magnitude at each timestep
+                noisy_latents = noise_scheduler.add_noise(latents, new_noise if args.input_perturbation else noise,
+                                                          timesteps)
+                with torch.no_grad():
+                    encoder_hidden_states = text_encoder(batch["input_ids"], return_dict=False)[0]
+                if noise_scheduler.config.prediction_type == "epsilon":
+                    target = noise
+                elif noise_scheduler.config.prediction_type == "v_prediction":
+                    target = noise_scheduler.get_velocity(latents, noise, timesteps)
+                else:
+                    raise ValueError(f"Unknown prediction type {noise_scheduler.config.prediction_type}")
+                model_pred = unet(noisy_latents, timesteps, encoder_hidden_states, return_dict=False)[0]
+                # per-example losses (mean over the latent's values); the loss is their mean, as upstream's
+                losses = F.mse_loss(model_pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+                if args.snr_gamma is not None:
+                    snr = compute_snr(noise_scheduler, timesteps)
+                    mse_loss_weights = torch.stack([snr, args.snr_gamma * torch.ones_like(timesteps)], dim=1).min(dim=1)[0]
+                    if noise_scheduler.config.prediction_type == "epsilon":
+                        mse_loss_weights = mse_loss_weights / snr
+                    else:
+                        mse_loss_weights = mse_loss_weights / (snr + 1)
+                    losses = losses * mse_loss_weights
+                if analyzer is not None:  # genkernel
+                    analyzer.observe(losses, timesteps, class_labels=batch["class_labels"])  # genkernel: before the backward
+                loss = losses.mean()
+                accelerator.backward(loss)
+                if accelerator.sync_gradients:
+                    accelerator.clip_grad_norm_(unet.parameters(), args.max_grad_norm)
+                optimizer.step()
+                lr_scheduler.step()
+                optimizer.zero_grad()
+
+            if accelerator.sync_gradients:
+                if args.use_ema:
+                    ema_unet.step(unet.parameters())
+                progress_bar.update(1)
+                global_step += 1
+                if accelerator.is_main_process and global_step % args.checkpointing_steps == 0:
+                    if args.checkpoints_total_limit is not None:
+                        checkpoints = saved_checkpoints(args.output_dir)
+                        if len(checkpoints) >= args.checkpoints_total_limit:
+                            for removing in checkpoints[: len(checkpoints) - args.checkpoints_total_limit + 1]:
+                                shutil.rmtree(os.path.join(args.output_dir, removing))
+                    accelerator.save_state(os.path.join(args.output_dir, f"checkpoint-{global_step}"))
+            progress_bar.set_postfix(step_loss=loss.detach().item(), lr=lr_scheduler.get_last_lr()[0])
+            if global_step >= max_train_steps:
+                break
+        progress_bar.close()
+        accelerator.wait_for_everyone()
+        if global_step >= max_train_steps:
+            break
+
+    if analyzer is not None:  # genkernel: the kernel structure at the final weights, then the report
+        analyzer.finish()  # genkernel
+        if accelerator.is_main_process:  # genkernel: strict JSON, no NaN or Infinity
+            with open(os.path.join(args.output_dir, "genkernel_report.json"), "w") as file:  # genkernel
+                file.write(json.dumps(analyzer.report(), allow_nan=False, indent=1))  # genkernel
+
+    # Save the components (with the EMA weights, as upstream), in a pipeline's layout
+    unet = accelerator.unwrap_model(unet)
+    if accelerator.is_main_process:
+        if args.use_ema:
+            ema_unet.store(unet.parameters())
+            ema_unet.copy_to(unet.parameters())
+        for name, component in (("unet", unet), ("vae", vae), ("text_encoder", text_encoder),
+                                ("tokenizer", tokenizer), ("scheduler", noise_scheduler)):
+            component.save_pretrained(os.path.join(args.output_dir, name))
+        if args.use_ema:
+            ema_unet.restore(unet.parameters())
+    accelerator.end_training()
+    return {"unet": unet, "ema_unet": ema_unet if args.use_ema else None, "analyzer": analyzer,
+            "global_step": global_step}
+
+
+if __name__ == "__main__":
+    main()
