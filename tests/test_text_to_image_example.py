@@ -81,3 +81,17 @@ def test_bad_settings_are_refused_before_training(image_folder, tmp_path):
         run(image_folder, tmp_path, "--proportion_empty_prompts", "1.5")
     with pytest.raises(ValueError, match=r"caption_template needs a \{\}"):
         run(image_folder, tmp_path, "--caption_template", "a picture")
+
+
+def test_a_run_fine_tunes_on_from_a_folder_this_script_saved(image_folder, tmp_path):
+    """The saved components (unet, vae, text_encoder, its word-level tokenizer, scheduler) are a local Stable
+    Diffusion folder: read offline by --pretrained_model_name_or_path, training starts from the saved UNet (with
+    lr 0 it ends there: the EMA weights the first run saved)."""
+    from diffusers import UNet2DConditionModel
+
+    run(image_folder, tmp_path / "first", "--no-analyze", "--max_train_steps", "1")
+    saved = UNet2DConditionModel.from_pretrained(tmp_path / "first" / "unet", local_files_only=True)
+    second = run(image_folder, tmp_path / "second", "--pretrained_model_name_or_path", str(tmp_path / "first"),
+                 "--learning_rate", "0", "--max_train_steps", "1")
+    assert second["global_step"] == 1 and second["analyzer"].ledger.steps == 1
+    assert all(torch.equal(p, q) for p, q in zip(second["unet"].parameters(), saved.parameters()))

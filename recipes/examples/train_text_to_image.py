@@ -161,10 +161,11 @@ def small_components(class_names: Sequence[str], template: str, resolution: int)
 
 
 def pretrained_components(path: str):
-    """``(tokenizer, text_encoder, vae, unet, noise_scheduler)`` of a local Stable Diffusion folder, offline."""
-    from transformers import CLIPTextModel, CLIPTokenizer
+    """``(tokenizer, text_encoder, vae, unet, noise_scheduler)`` of a local Stable Diffusion folder (or this script's
+    output: its word-level tokenizer is read by ``AutoTokenizer`` too), offline."""
+    from transformers import AutoTokenizer, CLIPTextModel
 
-    return (CLIPTokenizer.from_pretrained(path, subfolder="tokenizer", local_files_only=True),
+    return (AutoTokenizer.from_pretrained(path, subfolder="tokenizer", local_files_only=True),
             CLIPTextModel.from_pretrained(path, subfolder="text_encoder", local_files_only=True),
             AutoencoderKL.from_pretrained(path, subfolder="vae", local_files_only=True),
             UNet2DConditionModel.from_pretrained(path, subfolder="unet", local_files_only=True),
