@@ -65,7 +65,7 @@ from tqdm.auto import tqdm
 from genkernel import set_exact_cuda_mode  # genkernel
 from genkernel.diffusion import NoiseLevelAnalyzer, freeze_attention_key_biases  # genkernel
 
-from .train_unconditional import EpochRNG, saved_checkpoints
+from .checkpointing import EpochRNG, saved_checkpoints
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:

@@ -81,11 +81,8 @@ import argparse
 import json  # genkernel
 import math
 import os
-import random
-import shutil
 from typing import Any, Sequence
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
@@ -99,6 +96,8 @@ from tqdm.auto import tqdm
 
 from genkernel import set_exact_cuda_mode  # genkernel
 from genkernel.diffusion import NoiseLevelAnalyzer, freeze_attention_key_biases  # genkernel
+
+from .checkpointing import EpochRNG, register_unet_hooks, resume_position, save_checkpoint
 
 UNETS = {
     # upstream's architecture (for 64×64 images)
@@ -127,51 +126,6 @@ def _extract_into_tensor(arr, timesteps, broadcast_shape):
     while len(res.shape) < len(broadcast_shape):
         res = res[..., None]
     return res.expand(broadcast_shape)
-
-
-class EpochRNG:
-    """The random states (torch's, CUDA's, numpy's, Python's, and ``generator``'s: the shuffle's
-    generator that accelerate shares between processes, when it keeps one) as the current epoch began, for
-    the checkpoints (``accelerator.register_for_checkpointing``): a run resumed mid-epoch puts them back
-    before ``iter()`` and replays the epoch's first steps' draws, so that it goes on as the uninterrupted
-    run did (``load_state``'s own random states, as of the checkpoint, would draw another shuffle and
-    augment the skipped batches again)."""
-
-    def __init__(self, generator: torch.Generator | None = None) -> None:
-        self.generator = generator
-        self.state: dict[str, Any] = {}
-
-    def record(self, epoch: int) -> None:
-        self.state = {"epoch": epoch, "torch": torch.get_rng_state(),
-                      "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-                      "numpy": np.random.get_state(), "python": random.getstate(),
-                      "generator": None if self.generator is None else self.generator.get_state()}
-
-    def restore(self, epoch: int) -> None:
-        if self.state.get("epoch") != epoch:
-            raise ValueError(f"the checkpoint's random states are those of epoch {self.state.get('epoch')}, not of "
-                             f"epoch {epoch} that it resumes: resume from a checkpoint that this script wrote")
-        torch.set_rng_state(self.state["torch"])
-        if self.state["cuda"]:
-            torch.cuda.set_rng_state_all(self.state["cuda"])
-        np.random.set_state(self.state["numpy"])
-        random.setstate(self.state["python"])
-        if self.generator is not None and self.state["generator"] is not None:
-            self.generator.set_state(self.state["generator"])
-
-    def state_dict(self) -> dict[str, Any]:
-        return dict(self.state)
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.state = dict(state)
-
-
-def saved_checkpoints(output_dir: str) -> list[str]:
-    """The ``checkpoint-STEP`` folders in ``output_dir`` (none when it does not exist), oldest first: the
-    listing upstream writes twice, for ``--resume_from_checkpoint latest`` and ``--checkpoints_total_limit``."""
-    dirs = os.listdir(output_dir) if os.path.isdir(output_dir) else []
-    dirs = [d for d in dirs if d.startswith("checkpoint")]
-    return sorted(dirs, key=lambda x: int(x.split("-")[1]))
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -337,47 +291,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if args.use_ema:
         ema_model.to(accelerator.device)
 
-    # create custom saving & loading hooks so that `accelerator.save_state(...)` serializes in a nice format
-    def save_model_hook(models, weights, output_dir):
-        if accelerator.is_main_process:
-            if args.use_ema:
-                # (it builds a UNet2DModel to save, whose initialisation draws from torch's random state: forked,
-                # so that a checkpoint leaves the training's random draws as they are)
-                with torch.random.fork_rng(devices=[]):
-                    ema_model.save_pretrained(os.path.join(output_dir, "unet_ema"))
-
-            for i, model in enumerate(models):
-                model.save_pretrained(os.path.join(output_dir, "unet"))
-
-                # make sure to pop weight so that corresponding model is not saved again
-                weights.pop()
-
-    def load_model_hook(models, input_dir):
-        if args.use_ema:
-            # EMAModel.from_pretrained(os.path.join(input_dir, "unet_ema"), UNet2DModel), read offline
-            ema_dir = os.path.join(input_dir, "unet_ema")
-            _, ema_kwargs = UNet2DModel.from_config(UNet2DModel.load_config(ema_dir, local_files_only=True),
-                                                    return_unused_kwargs=True)
-            ema_unet = UNet2DModel.from_pretrained(ema_dir, local_files_only=True)
-            load_model = EMAModel(ema_unet.parameters(), model_cls=UNet2DModel, model_config=ema_unet.config)
-            load_model.load_state_dict(ema_kwargs)
-            ema_model.load_state_dict(load_model.state_dict())
-            ema_model.to(accelerator.device)
-            del load_model, ema_unet
-
-        for i in range(len(models)):
-            # pop models so that they are not loaded again
-            model = models.pop()
-
-            # load diffusers style into model
-            load_model = UNet2DModel.from_pretrained(input_dir, subfolder="unet", local_files_only=True)
-            model.register_to_config(**load_model.config)
-
-            model.load_state_dict(load_model.state_dict())
-            del load_model
-
-    accelerator.register_save_state_pre_hook(save_model_hook)
-    accelerator.register_load_state_pre_hook(load_model_hook)
+    # upstream's hooks: `accelerator.save_state(...)` writes the UNet and the EMA in diffusers' format
+    register_unet_hooks(accelerator, UNet2DModel, ema_model if args.use_ema else None)
     # the random states as each epoch began, in the checkpoints: a resume mid-epoch replays the epoch's draws
     epoch_rng = EpochRNG(getattr(train_dataloader, "synchronized_generator", None))
     accelerator.register_for_checkpointing(epoch_rng)
@@ -395,41 +310,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
     num_update_steps_per_epoch = math.ceil(len(train_dataloader) / args.gradient_accumulation_steps)
     max_train_steps = args.max_train_steps or args.num_epochs * num_update_steps_per_epoch
-    global_step = 0
-    first_epoch = 0
-    resume_step = 0
-
     # Potentially load in the weights and states from a previous save
-    if args.resume_from_checkpoint:
-        if args.resume_from_checkpoint != "latest":
-            path = args.resume_from_checkpoint  # a folder as given, or (upstream) its base name in --output_dir
-            if not os.path.isdir(path):
-                path = os.path.join(args.output_dir, os.path.basename(os.path.normpath(path)))
-            if not os.path.isdir(path):
-                raise ValueError(f"--resume_from_checkpoint {args.resume_from_checkpoint}: no such checkpoint folder "
-                                 f"(nor {path}): give a checkpoint-STEP folder that a run saved, or 'latest'")
-        else:
-            # Get the most recent checkpoint
-            dirs = saved_checkpoints(args.output_dir)
-            path = os.path.join(args.output_dir, dirs[-1]) if len(dirs) > 0 else None
-
-        if path is None:
-            accelerator.print(
-                f"Checkpoint '{args.resume_from_checkpoint}' does not exist. Starting a new training run."
-            )
-            args.resume_from_checkpoint = None
-        else:
-            name = os.path.basename(os.path.normpath(path))
-            if not (name.startswith("checkpoint-") and name.split("-")[1].isdigit()):
-                raise ValueError(f"--resume_from_checkpoint {args.resume_from_checkpoint}: {name!r} is not named "
-                                 "checkpoint-STEP (the optimizer steps at its save): give a folder this script saved")
-            accelerator.print(f"Resuming from checkpoint {path}")
-            accelerator.load_state(path)
-            global_step = int(name.split("-")[1])
-
-            resume_global_step = global_step * args.gradient_accumulation_steps
-            first_epoch = global_step // num_update_steps_per_epoch
-            resume_step = resume_global_step % (num_update_steps_per_epoch * args.gradient_accumulation_steps)
+    global_step, first_epoch, resume_step = resume_position(args, accelerator, num_update_steps_per_epoch)
 
     if analyzer is not None:  # genkernel: bound after load_state, its steps numbered on from the checkpoint's
         analyzer.bind(model, optimizer, ema=ema_model if args.use_ema else None,  # genkernel: for its cost, the step's
@@ -530,22 +412,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                 progress_bar.update(1)
                 global_step += 1
 
-                if accelerator.is_main_process:
-                    if global_step % args.checkpointing_steps == 0:
-                        # _before_ saving state, check if this save would set us over the `checkpoints_total_limit`
-                        if args.checkpoints_total_limit is not None:
-                            checkpoints = saved_checkpoints(args.output_dir)
-
-                            # before we save the new checkpoint, we need to have at _most_
-                            # `checkpoints_total_limit - 1` checkpoints
-                            if len(checkpoints) >= args.checkpoints_total_limit:
-                                num_to_remove = len(checkpoints) - args.checkpoints_total_limit + 1
-                                removing_checkpoints = checkpoints[0:num_to_remove]
-                                for removing_checkpoint in removing_checkpoints:
-                                    shutil.rmtree(os.path.join(args.output_dir, removing_checkpoint))
-
-                        save_path = os.path.join(args.output_dir, f"checkpoint-{global_step}")
-                        accelerator.save_state(save_path)
+                if accelerator.is_main_process and global_step % args.checkpointing_steps == 0:
+                    save_checkpoint(accelerator, args.output_dir, global_step, args.checkpoints_total_limit)
 
             logs = {"loss": loss.detach().item(), "lr": lr_scheduler.get_last_lr()[0], "step": global_step}
             if args.use_ema:

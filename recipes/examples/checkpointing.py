@@ -1,0 +1,154 @@
+"""The checkpoint plumbing the accelerate examples share, as diffusers' training scripts write it, made exact.
+
+Upstream's scripts save ``accelerator.save_state(OUT/checkpoint-STEP)`` every ``--checkpointing_steps``
+optimizer steps (the oldest removed beyond ``--checkpoints_total_limit``), with save/load hooks that write the
+UNet and its ``EMAModel`` in diffusers' format, and resume with ``--resume_from_checkpoint`` (a folder, or
+``latest``) by skipping the resumed epoch's first steps. Their resume is not exact mid-epoch: ``load_state``
+puts back the random states as of the checkpoint, so the skipped batches are loaded and augmented from those
+states and the shuffle and draws that follow are not the uninterrupted run's. :class:`EpochRNG` keeps the
+random states as each epoch began in the checkpoints instead; a resumed epoch restores them before
+``iter()`` and its skipped steps draw what they drew (the examples' loops do so), so the run goes on as the
+uninterrupted one did.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import shutil
+from typing import Any
+
+import numpy as np
+import torch
+
+
+class EpochRNG:
+    """The random states (torch's, CUDA's, numpy's, Python's, and ``generator``'s: the shuffle's
+    generator that accelerate shares between processes, when it keeps one) as the current epoch began, for
+    the checkpoints (``accelerator.register_for_checkpointing``): a run resumed mid-epoch puts them back
+    before ``iter()`` and replays the epoch's first steps' draws, so that it goes on as the uninterrupted
+    run did (``load_state``'s own random states, as of the checkpoint, would draw another shuffle and
+    augment the skipped batches again)."""
+
+    def __init__(self, generator: torch.Generator | None = None) -> None:
+        self.generator = generator
+        self.state: dict[str, Any] = {}
+
+    def record(self, epoch: int) -> None:
+        self.state = {"epoch": epoch, "torch": torch.get_rng_state(),
+                      "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+                      "numpy": np.random.get_state(), "python": random.getstate(),
+                      "generator": None if self.generator is None else self.generator.get_state()}
+
+    def restore(self, epoch: int) -> None:
+        if self.state.get("epoch") != epoch:
+            raise ValueError(f"the checkpoint's random states are those of epoch {self.state.get('epoch')}, not of "
+                             f"epoch {epoch} that it resumes: resume from a checkpoint that this script wrote")
+        torch.set_rng_state(self.state["torch"])
+        if self.state["cuda"]:
+            torch.cuda.set_rng_state_all(self.state["cuda"])
+        np.random.set_state(self.state["numpy"])
+        random.setstate(self.state["python"])
+        if self.generator is not None and self.state["generator"] is not None:
+            self.generator.set_state(self.state["generator"])
+
+    def state_dict(self) -> dict[str, Any]:
+        return dict(self.state)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.state = dict(state)
+
+
+def saved_checkpoints(output_dir: str) -> list[str]:
+    """The ``checkpoint-STEP`` folders in ``output_dir`` (none when it does not exist), oldest first: the
+    listing upstream writes twice, for ``--resume_from_checkpoint latest`` and ``--checkpoints_total_limit``."""
+    dirs = os.listdir(output_dir) if os.path.isdir(output_dir) else []
+    dirs = [d for d in dirs if d.startswith("checkpoint")]
+    return sorted(dirs, key=lambda x: int(x.split("-")[1]))
+
+
+def save_checkpoint(accelerator, output_dir: str, global_step: int, total_limit: int | None) -> None:
+    """``accelerator.save_state(output_dir/checkpoint-STEP)``, first removing the oldest checkpoints so that at
+    most ``total_limit`` remain with the new one (upstream's ``--checkpoints_total_limit``)."""
+    if total_limit is not None:
+        checkpoints = saved_checkpoints(output_dir)
+        # before we save the new checkpoint, we need to have at _most_ `checkpoints_total_limit - 1` checkpoints
+        for removing in checkpoints[: max(0, len(checkpoints) - total_limit + 1)]:
+            shutil.rmtree(os.path.join(output_dir, removing))
+    accelerator.save_state(os.path.join(output_dir, f"checkpoint-{global_step}"))
+
+
+def register_unet_hooks(accelerator, model_cls: type, ema_model: Any = None) -> None:
+    """Upstream's save/load hooks: ``accelerator.save_state`` writes the UNet (a ``model_cls``) in diffusers'
+    format under ``unet/`` (and the ``EMAModel`` under ``unet_ema/``); ``load_state`` reads them back offline
+    (``local_files_only``). The EMA's save builds a UNet, whose initialization draws from torch's random
+    state: forked, so that saving a checkpoint leaves training's draws as they are."""
+
+    def save_model_hook(models, weights, output_dir):
+        if accelerator.is_main_process:
+            if ema_model is not None:
+                with torch.random.fork_rng(devices=[]):
+                    ema_model.save_pretrained(os.path.join(output_dir, "unet_ema"))
+            for model in models:
+                model.save_pretrained(os.path.join(output_dir, "unet"))
+                weights.pop()  # make sure to pop weight so that corresponding model is not saved again
+
+    def load_model_hook(models, input_dir):
+        if ema_model is not None:
+            # EMAModel.from_pretrained(os.path.join(input_dir, "unet_ema"), model_cls), read offline
+            from diffusers.training_utils import EMAModel
+
+            ema_dir = os.path.join(input_dir, "unet_ema")
+            _, ema_kwargs = model_cls.from_config(model_cls.load_config(ema_dir, local_files_only=True),
+                                                  return_unused_kwargs=True)
+            ema_unet = model_cls.from_pretrained(ema_dir, local_files_only=True)
+            load_model = EMAModel(ema_unet.parameters(), model_cls=model_cls, model_config=ema_unet.config)
+            load_model.load_state_dict(ema_kwargs)
+            ema_model.load_state_dict(load_model.state_dict())
+            ema_model.to(accelerator.device)
+            del load_model, ema_unet
+        for _ in range(len(models)):
+            model = models.pop()  # pop models so that they are not loaded again
+            load_model = model_cls.from_pretrained(input_dir, subfolder="unet", local_files_only=True)
+            model.register_to_config(**load_model.config)
+            model.load_state_dict(load_model.state_dict())
+            del load_model
+
+    accelerator.register_save_state_pre_hook(save_model_hook)
+    accelerator.register_load_state_pre_hook(load_model_hook)
+
+
+def resume_position(args: argparse.Namespace, accelerator, num_update_steps_per_epoch: int) -> tuple[int, int, int]:
+    """Load ``args.resume_from_checkpoint`` (a ``checkpoint-STEP`` folder as given, or its base name in
+    ``args.output_dir``, or "latest" there) with ``accelerator.load_state``; returns ``(global_step, first_epoch,
+    resume_step)``: the optimizer steps made, the epoch to go on in and the micro-batches of it to skip
+    (``(0, 0, 0)`` without a checkpoint; "latest" with none starts afresh, as upstream). A folder that is not
+    there, or not named ``checkpoint-STEP``, is a ValueError naming it."""
+    if not args.resume_from_checkpoint:
+        return 0, 0, 0
+    if args.resume_from_checkpoint != "latest":
+        path = args.resume_from_checkpoint  # a folder as given, or (upstream) its base name in --output_dir
+        if not os.path.isdir(path):
+            path = os.path.join(args.output_dir, os.path.basename(os.path.normpath(path)))
+        if not os.path.isdir(path):
+            raise ValueError(f"--resume_from_checkpoint {args.resume_from_checkpoint}: no such checkpoint folder "
+                             f"(nor {path}): give a checkpoint-STEP folder that a run saved, or 'latest'")
+    else:
+        dirs = saved_checkpoints(args.output_dir)
+        path = os.path.join(args.output_dir, dirs[-1]) if dirs else None
+    if path is None:
+        accelerator.print(f"Checkpoint '{args.resume_from_checkpoint}' does not exist. Starting a new training run.")
+        args.resume_from_checkpoint = None
+        return 0, 0, 0
+    name = os.path.basename(os.path.normpath(path))
+    if not (name.startswith("checkpoint-") and name.split("-")[1].isdigit()):
+        raise ValueError(f"--resume_from_checkpoint {args.resume_from_checkpoint}: {name!r} is not named "
+                         "checkpoint-STEP (the optimizer steps at its save): give a folder this script saved")
+    accelerator.print(f"Resuming from checkpoint {path}")
+    accelerator.load_state(path)
+    global_step = int(name.split("-")[1])
+    resume_global_step = global_step * args.gradient_accumulation_steps
+    first_epoch = global_step // num_update_steps_per_epoch
+    resume_step = resume_global_step % (num_update_steps_per_epoch * args.gradient_accumulation_steps)
+    return global_step, first_epoch, resume_step
