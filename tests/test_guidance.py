@@ -12,7 +12,7 @@ from genkernel.diffusion import DDPMTrainer, NoiseLevelAnalyzer, make_scheduler
 from genkernel.diffusion.trainer import make_sampler
 from test_ddpm_trainer import ConditionalMLP, StepRecorder, params_equal, ring
 from test_failed_step_retry import RefusesOnce
-from test_resume import elsewhere, same
+from test_resume import assert_resumes_bit_for_bit
 
 T = 50
 P, NULL = 0.3, 3  # three data classes 0..2, the null class 3
@@ -84,15 +84,7 @@ def test_the_analyzer_books_the_labels_the_model_was_given_and_training_is_uncha
 
 
 def test_a_run_with_class_dropout_resumes_bit_for_bit_and_another_rate_is_refused(tmp_path):
-    straight = trainer()
-    straight.train(6)
-    trainer(checkpoint_dir=tmp_path, checkpoint_every=3).train(3)
-    resumed = trainer()
-    elsewhere()
-    assert resumed.resume(tmp_path / "checkpoint.pt")
-    resumed.train(3)
-    same(straight.state_dict()["model"], resumed.state_dict()["model"], "model")
-    assert straight.losses == resumed.losses
+    assert_resumes_bit_for_bit(trainer, tmp_path, 6, 3)
     with pytest.raises(ValueError, match="class_dropout"):
         trainer(class_dropout=0.2).resume(tmp_path / "checkpoint.pt")
 
@@ -114,14 +106,15 @@ def test_a_refused_step_on_a_dataloader_hands_back_the_datas_labels_not_the_drop
     assert all(torch.equal(a, b) for a, b in zip(straight.model.seen, refused.model.seen))
 
 
-def guided_by_hand(model, labels, scale, seed=0):
-    """DDPM ancestral sampling stepping with F(∅) + w (F(y) − F(∅)), two separate passes per step."""
+def guided_by_hand(model, labels, scale, seed=0, null=None):
+    """DDPM ancestral sampling of points stepping with F(∅) + w (F(y) − F(∅)), two separate passes per step;
+    ∅ = ``null`` (default: the null class in every row)."""
     scheduler = make_scheduler(T)
     sampler = make_sampler(scheduler)
     sampler.set_timesteps(T)
     generator = torch.Generator().manual_seed(seed)
     x = torch.randn(labels.shape[0], 2, generator=generator, dtype=torch.float64)
-    null = torch.full_like(labels, NULL)
+    null = torch.full_like(labels, NULL) if null is None else null
     model.eval()
     with torch.no_grad():
         for t in sampler.timesteps:

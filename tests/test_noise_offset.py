@@ -11,7 +11,7 @@ from torch import nn
 
 from genkernel import TrainerCallback
 from genkernel.diffusion import DDPMTrainer, make_flow_scheduler, make_scheduler
-from test_resume import elsewhere, same
+from test_resume import assert_resumes_bit_for_bit
 
 F64 = torch.float64
 T = 50
@@ -104,15 +104,7 @@ def test_offset_noise_under_flow_matching_is_in_the_velocity_target():
 
 
 def test_a_run_with_offset_noise_and_input_perturbation_resumes_bit_for_bit(tmp_path):
-    straight = trainer()
-    straight.train(6)
-    trainer(checkpoint_dir=tmp_path, checkpoint_every=3).train(3)
-    resumed = trainer()
-    elsewhere()
-    assert resumed.resume(tmp_path / "checkpoint.pt")
-    resumed.train(3)
-    same(straight.state_dict()["model"], resumed.state_dict()["model"], "model")
-    assert straight.losses == resumed.losses
+    assert_resumes_bit_for_bit(trainer, tmp_path, 6, 3)
     with pytest.raises(ValueError, match="noise_offset"):
         trainer(noise_offset=0.05).resume(tmp_path / "checkpoint.pt")
     with pytest.raises(ValueError, match="input_perturbation"):

@@ -80,6 +80,22 @@ def elsewhere():
     torch.manual_seed(12345)
 
 
+def assert_resumes_bit_for_bit(build, directory, total: int, stop: int):
+    """A trainer from ``build(**kwargs)`` trained ``total`` steps straight, and one stopped at a checkpoint after
+    ``stop`` and resumed by a fresh trainer "elsewhere", end with the same model and losses, bit for bit;
+    returns ``(straight, resumed)``."""
+    straight = build()
+    straight.train(total)
+    build(checkpoint_dir=directory, checkpoint_every=stop).train(stop)
+    resumed = build()
+    elsewhere()
+    assert resumed.resume(directory / "checkpoint.pt")
+    resumed.train(total - stop)
+    same(straight.state_dict()["model"], resumed.state_dict()["model"], "model")
+    assert straight.losses == resumed.losses
+    return straight, resumed
+
+
 # ------------------------------------------------------------------------------------------
 # bit-for-bit resume
 # ------------------------------------------------------------------------------------------

@@ -12,11 +12,11 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from genkernel.diffusion import DDPMTrainer, MLPDenoiser, NoiseLevelAnalyzer, make_scheduler
-from genkernel.diffusion.trainer import make_sampler
 from test_ddpm_trainer import StepRecorder, params_equal, ring
 from test_failed_step_retry import RefusesOnce
 from test_flow_matching_review import brute_force_adamw, close
-from test_resume import elsewhere, same
+from test_guidance import guided_by_hand as guided_by_hand_of_labels
+from test_resume import assert_resumes_bit_for_bit
 
 F64 = torch.float64
 T = 50
@@ -217,15 +217,7 @@ def test_a_run_on_embeddings_resumes_bit_for_bit(source, tmp_path):
     def data():
         return None if source == "tensor" else loader(CaptionedPoints())
 
-    straight = trainer(data=data())
-    straight.train(7)
-    trainer(data=data(), checkpoint_dir=tmp_path, checkpoint_every=3).train(3)
-    resumed = trainer(data=data())
-    elsewhere()
-    assert resumed.resume(tmp_path / "checkpoint.pt")
-    resumed.train(4)
-    same(straight.state_dict()["model"], resumed.state_dict()["model"], "model")
-    assert straight.losses == resumed.losses
+    straight, resumed = assert_resumes_bit_for_bit(lambda **kwargs: trainer(data=data(), **kwargs), tmp_path, 7, 3)
     assert all(torch.equal(a, b) for a, b in zip(straight.model.seen[3:], resumed.model.seen))
     with pytest.raises(ValueError, match="class_dropout"):  # another null embedding: another run
         trainer(data=data(), null_embedding=NULL + 1).resume(tmp_path / "checkpoint.pt")
@@ -253,19 +245,8 @@ def test_a_refused_step_on_a_dataloader_hands_back_the_datas_embeddings_not_the_
 
 
 def guided_by_hand(model, embeddings, scale, seed=0):
-    """DDPM ancestral sampling stepping with F(∅) + w (F(e) − F(∅)), two separate passes per step."""
-    sampler = make_sampler(make_scheduler(T))
-    sampler.set_timesteps(T)
-    generator = torch.Generator().manual_seed(seed)
-    x = torch.randn(embeddings.shape[0], 2, generator=generator, dtype=F64)
-    null = NULL.expand_as(embeddings)
-    model.eval()
-    with torch.no_grad():
-        for t in sampler.timesteps:
-            timestep = t.repeat(x.shape[0])
-            conditional, unconditional = model(x, timestep, embeddings), model(x, timestep, null)
-            x = sampler.step(unconditional + scale * (conditional - unconditional), t, x, generator=generator).prev_sample
-    return x
+    """test_guidance's guidance loop by hand, ∅ the null embedding in every row."""
+    return guided_by_hand_of_labels(model, embeddings, scale, seed=seed, null=NULL.expand_as(embeddings))
 
 
 @pytest.mark.parametrize("scale", [0.0, 3.0])
