@@ -11,6 +11,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from genkernel import TrainerCallback
 from genkernel.diffusion import DDPMTrainer, MLPDenoiser, NoiseLevelAnalyzer, make_scheduler
 from test_ddpm_trainer import StepRecorder, params_equal, ring
 from test_failed_step_retry import RefusesOnce
@@ -82,8 +83,19 @@ def loader(dataset, seed=2):
     return DataLoader(dataset, batch_size=8, shuffle=True, generator=torch.Generator().manual_seed(seed))
 
 
+class DroppedRecorder(TrainerCallback):
+    """Keeps every step's ``info["dropped"]``."""
+
+    def __init__(self):
+        self.dropped = []
+
+    def on_step_end(self, trainer, step):
+        self.dropped.append(step.info["dropped"].clone())
+
+
 def test_each_embedding_is_given_to_the_model_and_dropped_to_the_null_by_one_draw_after_the_noise():
-    ours = trainer()
+    recorder = DroppedRecorder()
+    ours = trainer(recorder)
     ours.train(6)
     twin = trainer(class_dropout=0.0, null_embedding=None)  # the same batches, timesteps and noise, then the draw by hand
     data = embeddings_of(40)
@@ -94,6 +106,7 @@ def test_each_embedding_is_given_to_the_model_and_dropped_to_the_null_by_one_dra
         dropped = torch.rand(16, generator=twin.generator, dtype=F64) < P
         expected = torch.where(dropped[:, None, None], NULL.expand(16, L, D), batch["embeddings"])
         assert torch.equal(ours.model.seen[step], expected)  # what the model was given
+        assert torch.equal(recorder.dropped[step], dropped)  # which rows, as the analyzers get it
         dropped_total += int(dropped.sum())
     assert 0 < dropped_total < 6 * 16
     # without dropout nothing more is drawn: the generator drew exactly order, timesteps and noise

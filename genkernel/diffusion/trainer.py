@@ -534,7 +534,7 @@ class DDPMTrainer:
         inputs = (batch["noisy"], batch["timesteps"])
         if self.conditional:
             inputs = (*inputs, batch[self._model_key])
-        info = {k: batch[k] for k in ("timesteps", "clean", "noise", "indices", "data_labels") if k in batch}
+        info = {k: batch[k] for k in ("timesteps", "clean", "noise", "indices", "data_labels", "dropped") if k in batch}
         if "labels" in batch:
             info["class_labels"] = batch["labels"]
         if "weights" in batch:  # what the per-example coefficients are (an analyzer's report names it)
