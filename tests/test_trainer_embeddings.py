@@ -334,3 +334,22 @@ def test_embeddings_shaped_otherwise_than_the_datas_are_refused():
         run.sample(2)
     with pytest.raises(ValueError, match="not \\['labels'\\]"):
         run.sample(2, labels=torch.zeros(2, dtype=torch.long))
+
+
+@pytest.mark.parametrize("conditional", ["embeddings", True])
+def test_an_analyzer_without_probe_conditioning_on_a_conditional_trainer_names_it(conditional):
+    """Its probes' forward model(z, s) missed the trainer's third input: torch's "missing 1 required positional
+    argument" from inside the tracker's check, naming neither the analyzer nor probe_conditioning."""
+    from test_ddpm_trainer import ConditionalMLP
+
+    analyzer = NoiseLevelAnalyzer(make_scheduler(T), ring(6, seed=4), num_bins=2, num_probes=6, kernel_points=2,
+                                  progress=False)
+    if conditional is True:
+        run = DDPMTrainer(ConditionalMLP(), make_scheduler(T), ring(40), labels=torch.arange(40) % 3, conditional=True,
+                          progress=False, callbacks=[analyzer])
+    else:
+        run = trainer(analyzer)
+    with pytest.raises(ValueError, match="build it with probe_conditioning=, the probes' " +
+                       ("embeddings" if conditional == "embeddings" else "class labels")):
+        run.train(1)
+    assert run.global_step == 0

@@ -450,6 +450,7 @@ class NoiseLevelAnalyzer(TrainerCallback):
 
     def on_train_start(self, trainer: Any) -> None:
         self._check_trainer_scheduler(trainer)
+        self._check_trainer_conditioning(trainer)
         # Bound now inside the window, or to restore a saved state (one saved after the window
         # ended included: its ledgers are then read, not extended).
         if self.tracker is None and (self._in_window(getattr(trainer, "global_step", 0) + 1)
@@ -461,6 +462,19 @@ class NoiseLevelAnalyzer(TrainerCallback):
             self.bind(trainer.model, trainer.optimizer, ema=self._trainer_ema(trainer),
                       max_grad_norm=getattr(trainer, "max_grad_norm", math.inf), batch_size=batch_size,
                       micro_batches=micro_batches)
+
+    def _check_trainer_conditioning(self, trainer: Any) -> None:
+        """Refuse probes without conditioning for a trainer that conditions its model (``DDPMTrainer(conditional=)``):
+        the probes' forward ``model(z, s)`` would miss the input every training step gives."""
+        conditioning = getattr(trainer, "conditioning", "none")
+        if conditioning != "none" and not self.probe_conditioning:
+            what = ("embeddings, a floating Tensor [N0, *E] (the probes' prompts encoded)" if conditioning == "embeddings"
+                    else "class labels, a LongTensor[N0]")
+            raise ValueError(
+                f"the trainer gives its model {conditioning.replace('_', ' ')} as a third input (conditional="
+                f"{'True' if conditioning == 'class_labels' else repr(conditioning)}), but this analyzer's probes have "
+                f"none: build it with probe_conditioning=, the probes' {what}"
+            )
 
     def _trainer_ema(self, trainer: Any) -> Any:
         """The trainer's EMA of the weights, when it keeps one and ``ema_ledger="trainer"``; else None."""
