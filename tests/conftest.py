@@ -77,6 +77,13 @@ def make_image_folder(tmp_path):
 
 
 @pytest.fixture
+def captioned_image_folder(make_image_folder):
+    """An ImageFolder of 12 RGB 16×16 PNGs in two class folders, "circles" and "squares" (the text-to-image
+    example captions them "a picture of a circles", ...)."""
+    return make_image_folder(("circles", "squares"), per_class=6)
+
+
+@pytest.fixture
 def image_folder(make_image_folder):
     """An ImageFolder of 12 RGB 16×16 PNGs in two class folders ("a", "b"); a module may define its own."""
     return make_image_folder()

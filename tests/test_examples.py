@@ -194,3 +194,19 @@ def test_resuming_from_a_checkpoint_that_is_not_there_is_refused(image_folder, t
     missing = tmp_path / "out" / "checkpoint-7"
     with pytest.raises(ValueError, match=f"--resume_from_checkpoint {missing}: no such checkpoint folder"):
         run(image_folder, tmp_path / "out", "--no-analyze", "--resume_from_checkpoint", str(missing))
+
+
+def test_a_run_resumed_from_its_last_checkpoint_trains_nothing_more(image_folder, tmp_path):
+    """--max_train_steps 2 ends mid-epoch with checkpoint-2; resumed from it, the loop trained a third step
+    (the stop was checked only after a step): global_step 3 and other weights than the straight run's (with
+    accumulation, one more forward and backward that no step applied)."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    one_step = ("--no-analyze", "--max_train_steps", "2", "--gradient_accumulation_steps", "1")
+    straight = run(image_folder, tmp_path / "straight", *one_step, "--checkpointing_steps", "2")
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    resumed = run(image_folder, tmp_path / "resumed", *one_step,
+                  "--resume_from_checkpoint", str(tmp_path / "straight" / "checkpoint-2"))
+    assert straight["global_step"] == resumed["global_step"] == 2
+    assert all(torch.equal(p, q) for p, q in zip(straight["model"].parameters(), resumed["model"].parameters()))

@@ -19,9 +19,8 @@ pytestmark = pytest.mark.usefixtures("fresh_accelerate")  # conftest: one thread
 
 
 @pytest.fixture
-def image_folder(make_image_folder):
-    """An ImageFolder of 12 RGB 16×16 PNGs in two class folders: the captions "a picture of a circles" / "... squares"."""
-    return make_image_folder(("circles", "squares"), per_class=6)
+def image_folder(captioned_image_folder):
+    return captioned_image_folder
 
 
 def run(image_folder, out, *extra):

@@ -62,9 +62,11 @@ class EpochRNG:
 
 def saved_checkpoints(output_dir: str) -> list[str]:
     """The ``checkpoint-STEP`` folders in ``output_dir`` (none when it does not exist), oldest first: the
-    listing upstream writes twice, for ``--resume_from_checkpoint latest`` and ``--checkpoints_total_limit``."""
+    listing upstream writes twice, for ``--resume_from_checkpoint latest`` and ``--checkpoints_total_limit``
+    (other names beginning "checkpoint", such as a "checkpoint-old" of one's own, are left alone: upstream's
+    ``int()`` of their step failed)."""
     dirs = os.listdir(output_dir) if os.path.isdir(output_dir) else []
-    dirs = [d for d in dirs if d.startswith("checkpoint")]
+    dirs = [d for d in dirs if d.startswith("checkpoint-") and d.split("-", 1)[1].isdigit()]
     return sorted(dirs, key=lambda x: int(x.split("-")[1]))
 
 

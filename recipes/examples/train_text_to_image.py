@@ -16,17 +16,24 @@ offline and small, and resumes exactly:
   (``--caption_template``, "a picture of a {}"; upstream reads a ``datasets`` image-and-text table);
 - with no ``--pretrained_model_name_or_path`` (the default) the components are small and random, built
   offline: a word-level tokenizer over the captions' words (``tokenizers``' ``WordLevel`` in a
-  ``PreTrainedTokenizerFast``), a 1-layer ``CLIPTextModel``, a 2-block ``AutoencoderKL`` and a UNet with
-  cross-attention; a local Stable Diffusion folder (``tokenizer``, ``text_encoder``, ``vae``, ``unet``,
-  ``scheduler`` sub-folders) is read with ``local_files_only=True``;
+  ``PreTrainedTokenizerFast``; its words split as it splits them, its length the longest caption's, at
+  least 8 tokens, so that no caption loses its class name), a 1-layer ``CLIPTextModel``, a 2-block
+  ``AutoencoderKL`` and a UNet with cross-attention; a local Stable Diffusion folder (``tokenizer``,
+  ``text_encoder``, ``vae``, ``unet``, ``scheduler`` sub-folders) is read with ``local_files_only=True``;
 - a resumed run is bit for bit the uninterrupted one, as in ``train_unconditional.py`` (its ``EpochRNG``):
   the random states as each epoch began are in the checkpoints, and the skipped steps of a resumed epoch
   load their batches and draw what they drew (the VAE's latent sample, the noise, the offset, the
   perturbation and the timesteps), unused;
+- the frozen VAE and text encoder are cast to fp16 / bf16 only where accelerate autocasts, and to float32
+  otherwise (upstream casts them to ``--mixed_precision``'s dtype always: on CPU, where accelerate runs fp16
+  without autocast, the float32 UNet got fp16 inputs); a folder saved by a bf16 run is read back in float32;
+- an explicit ``--resume_from_checkpoint`` is read as given when it is a folder (upstream: its base name in
+  ``--output_dir``, also tried here); one that is not there, or not named ``checkpoint-STEP``, is a ValueError
+  (:mod:`recipes.examples.checkpointing`, shared with ``train_unconditional.py``);
 - the loss is computed per example (upstream's ``reduction="none"`` then ``.mean(dim=...)`` with Min-SNR,
   its plain MSE otherwise, which is the mean of the same per-example losses);
-- no ``--dream_training``, hub, trackers or validation images; the pipeline's components are saved in
-  their sub-folders (upstream: ``StableDiffusionPipeline.save_pretrained``, the same layout).
+- no ``--dream_training``, hub, trackers or validation images; the pipeline is saved as upstream's
+  (``StableDiffusionPipeline.save_pretrained``), without a safety checker.
 
 The lines marked ``# genkernel`` attach :class:`~genkernel.diffusion.NoiseLevelAnalyzer` in latent space:
 its probes are the latents of dataset images (the VAE's ``latent_dist.mode()``, no augmentation) under
@@ -48,14 +55,13 @@ import json  # genkernel
 import math
 import os
 import random
-import shutil
 from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.utils import set_seed
-from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel, compute_snr
 from torchvision import transforms
@@ -65,7 +71,7 @@ from tqdm.auto import tqdm
 from genkernel import set_exact_cuda_mode  # genkernel
 from genkernel.diffusion import NoiseLevelAnalyzer, freeze_attention_key_biases  # genkernel
 
-from .checkpointing import EpochRNG, saved_checkpoints
+from .checkpointing import EpochRNG, register_unet_hooks, resume_position, save_checkpoint
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -83,7 +89,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--random_flip", action="store_true")
     parser.add_argument("--train_batch_size", type=int, default=4)
     parser.add_argument("--num_train_epochs", type=int, default=1)
-    parser.add_argument("--max_train_steps", type=int, default=None, help="stop after this many optimizer steps")
+    parser.add_argument("--max_train_steps", type=int, default=None,
+                        help="train this many optimizer steps (as upstream: overrides --num_train_epochs)")
     parser.add_argument("--gradient_accumulation_steps", type=int, default=1)
     parser.add_argument("--learning_rate", type=float, default=1e-4)
     parser.add_argument("--lr_scheduler", type=str, default="constant")
@@ -119,7 +126,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         raise ValueError(f"--proportion_empty_prompts must be in [0, 1], got {args.proportion_empty_prompts}")
     if "{}" not in args.caption_template:
         raise ValueError(f"--caption_template needs a {{}} for the class name, got {args.caption_template!r}")
-    for name in ("max_train_steps", "checkpointing_steps", "checkpoints_total_limit"):
+    try:
+        args.caption_template.format("name")
+    except (IndexError, KeyError, ValueError) as error:
+        raise ValueError(f"--caption_template must have one {{}} (the class name) and no other fields, got "
+                         f"{args.caption_template!r} ({error})") from None
+    for name in ("train_batch_size", "gradient_accumulation_steps", "max_train_steps", "checkpointing_steps",
+                 "checkpoints_total_limit"):
         value = getattr(args, name)
         if value is not None and value < 1:
             raise ValueError(f"--{name} must be at least 1, got {value}")
@@ -128,24 +141,31 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def small_components(class_names: Sequence[str], template: str, resolution: int):
     """Random, offline ``(tokenizer, text_encoder, vae, unet, noise_scheduler)`` of the kinds Stable Diffusion
-    has: a word-level tokenizer over the captions' words (padded to 8 tokens), a 1-layer ``CLIPTextModel``
+    has: a word-level tokenizer over the captions' words (split by its own normalizer and pre-tokenizer, so
+    that every word is in its vocabulary; padded to the longest caption's length, at least 8 tokens, so that
+    none is truncated), a 1-layer ``CLIPTextModel``
     (width 16), an ``AutoencoderKL`` halving the resolution into 4 latent channels, and a
-    ``UNet2DConditionModel`` with cross-attention to the text."""
+    ``UNet2DConditionModel`` with cross-attention to the text; the scheduler is Stable Diffusion's."""
     from tokenizers import Tokenizer
     from tokenizers.models import WordLevel
     from tokenizers.normalizers import Lowercase
     from tokenizers.pre_tokenizers import Whitespace
     from transformers import CLIPTextConfig, CLIPTextModel, PreTrainedTokenizerFast
 
-    words = sorted({w for name in class_names for w in template.format(name).lower().split()})
+    normalizer, pre_tokenizer = Lowercase(), Whitespace()
+    # the words as the tokenizer splits them (a str.split vocabulary left "hot-dog" [UNK] [UNK] [UNK])
+    split = [[w for w, _ in pre_tokenizer.pre_tokenize_str(normalizer.normalize_str(template.format(name)))]
+             for name in class_names]
+    max_length = max([8, *map(len, split)])  # (truncated at 8, a long template cut every class name off)
+    words = sorted({w for caption in split for w in caption})
     vocab = {"[PAD]": 0, "[UNK]": 1, **{w: i + 2 for i, w in enumerate(words)}}
     backend = Tokenizer(WordLevel(vocab, unk_token="[UNK]"))
-    backend.normalizer, backend.pre_tokenizer = Lowercase(), Whitespace()
+    backend.normalizer, backend.pre_tokenizer = normalizer, pre_tokenizer
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]", pad_token="[PAD]",
-                                        model_max_length=8)
+                                        model_max_length=max_length)
     text_encoder = CLIPTextModel(CLIPTextConfig(
         vocab_size=len(vocab), hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-        max_position_embeddings=8, pad_token_id=0, bos_token_id=1, eos_token_id=1,
+        max_position_embeddings=max_length, pad_token_id=0, bos_token_id=1, eos_token_id=1,
     ))
     vae = AutoencoderKL(
         in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
@@ -157,7 +177,12 @@ def small_components(class_names: Sequence[str], template: str, resolution: int)
         down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
         cross_attention_dim=16, norm_num_groups=4, attention_head_dim=2,
     )
-    return tokenizer, text_encoder, vae, unet, DDPMScheduler(num_train_timesteps=1000)
+    # Stable Diffusion's training schedule (scaled_linear from 0.00085 to 0.012), and no clipping of the predicted
+    # sample when the saved pipeline samples: latents are not images in [-1, 1] (DDPMScheduler's defaults, a
+    # linear schedule from 0.0001 to 0.02 and clip_sample=True, are the pixel-space DDPM's)
+    noise_scheduler = DDPMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
+                                    beta_schedule="scaled_linear", clip_sample=False, steps_offset=1)
+    return tokenizer, text_encoder, vae, unet, noise_scheduler
 
 
 def pretrained_components(path: str):
@@ -231,6 +256,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
     num_update_steps_per_epoch = math.ceil(len(train_dataloader) / args.gradient_accumulation_steps)
     max_train_steps = args.max_train_steps or args.num_train_epochs * num_update_steps_per_epoch
+    # as upstream: --max_train_steps overrides --num_train_epochs (more epochs as well as fewer)
+    num_train_epochs = math.ceil(max_train_steps / num_update_steps_per_epoch)
     lr_scheduler = get_scheduler(
         args.lr_scheduler, optimizer=optimizer,
         num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
@@ -245,38 +272,14 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         weight_dtype = torch.float16
     elif accelerator.native_amp and accelerator.mixed_precision == "bf16":
         weight_dtype = torch.bfloat16
-    for frozen in (text_encoder, vae):  # (cast only when reduced: diffusers warns at every cast of the VAE)
-        frozen.to(accelerator.device) if weight_dtype == torch.float32 else frozen.to(accelerator.device, dtype=weight_dtype)
+    for frozen in (text_encoder, vae):  # (cast only when needed: diffusers warns at every cast of the VAE; a folder
+        # saved by a bf16 run holds a bf16 text encoder, which fed bf16 states to a float32 UNet)
+        if all(p.dtype == weight_dtype for p in frozen.parameters()):
+            frozen.to(accelerator.device)
+        else:
+            frozen.to(accelerator.device, dtype=weight_dtype)
 
-    def save_model_hook(models, weights, output_dir):
-        if accelerator.is_main_process:
-            if args.use_ema:
-                with torch.random.fork_rng(devices=[]):  # (building the UNet to save draws: training's draws untouched)
-                    ema_unet.save_pretrained(os.path.join(output_dir, "unet_ema"))
-            for model in models:
-                model.save_pretrained(os.path.join(output_dir, "unet"))
-                weights.pop()
-
-    def load_model_hook(models, input_dir):
-        if args.use_ema:
-            ema_dir = os.path.join(input_dir, "unet_ema")
-            _, ema_kwargs = UNet2DConditionModel.from_config(
-                UNet2DConditionModel.load_config(ema_dir, local_files_only=True), return_unused_kwargs=True)
-            ema_model = UNet2DConditionModel.from_pretrained(ema_dir, local_files_only=True)
-            load_model = EMAModel(ema_model.parameters(), model_cls=UNet2DConditionModel, model_config=ema_model.config)
-            load_model.load_state_dict(ema_kwargs)
-            ema_unet.load_state_dict(load_model.state_dict())
-            ema_unet.to(accelerator.device)
-            del load_model, ema_model
-        for _ in range(len(models)):
-            model = models.pop()
-            load_model = UNet2DConditionModel.from_pretrained(input_dir, subfolder="unet", local_files_only=True)
-            model.register_to_config(**load_model.config)
-            model.load_state_dict(load_model.state_dict())
-            del load_model
-
-    accelerator.register_save_state_pre_hook(save_model_hook)
-    accelerator.register_load_state_pre_hook(load_model_hook)
+    register_unet_hooks(accelerator, UNet2DConditionModel, ema_unet if args.use_ema else None)  # upstream's hooks
     epoch_rng = EpochRNG(getattr(train_dataloader, "synchronized_generator", None))
     accelerator.register_for_checkpointing(epoch_rng)
 
@@ -296,36 +299,16 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                                       seed=args.seed, mixed_precision="refuse" if args.mixed_precision == "no" else "observe")  # genkernel
         accelerator.register_for_checkpointing(analyzer)  # genkernel: its ledgers go into the checkpoints
 
-    global_step = 0
-    first_epoch = 0
-    resume_step = 0
-    if args.resume_from_checkpoint:
-        if args.resume_from_checkpoint != "latest":
-            path = args.resume_from_checkpoint
-            if not os.path.isdir(path):
-                path = os.path.join(args.output_dir, os.path.basename(os.path.normpath(path)))
-            if not os.path.isdir(path):
-                raise ValueError(f"--resume_from_checkpoint {args.resume_from_checkpoint}: no such checkpoint folder "
-                                 f"(nor {path}): give a checkpoint-STEP folder that a run saved, or 'latest'")
-        else:
-            dirs = saved_checkpoints(args.output_dir)
-            path = os.path.join(args.output_dir, dirs[-1]) if dirs else None
-        if path is None:
-            accelerator.print(f"Checkpoint '{args.resume_from_checkpoint}' does not exist. Starting a new training run.")
-        else:
-            accelerator.print(f"Resuming from checkpoint {path}")
-            accelerator.load_state(path)
-            global_step = int(os.path.basename(os.path.normpath(path)).split("-")[1])
-            first_epoch = global_step // num_update_steps_per_epoch
-            resume_step = (global_step * args.gradient_accumulation_steps) % (
-                num_update_steps_per_epoch * args.gradient_accumulation_steps)
+    global_step, first_epoch, resume_step = resume_position(args, accelerator, num_update_steps_per_epoch)
 
     if analyzer is not None:  # genkernel: bound after load_state, its steps numbered on from the checkpoint's
         analyzer.bind(unet, optimizer, ema=ema_unet if args.use_ema else None,  # genkernel
                       batch_size=args.train_batch_size * args.gradient_accumulation_steps,  # genkernel
                       micro_batches=args.gradient_accumulation_steps, start_step=global_step)  # genkernel
 
-    for epoch in range(first_epoch, args.num_train_epochs):
+    for epoch in range(first_epoch, num_train_epochs):
+        if global_step >= max_train_steps:  # resumed from the last step's checkpoint: nothing is left to train
+            break
         unet.train()
         progress_bar = tqdm(total=num_update_steps_per_epoch, disable=not accelerator.is_local_main_process)
         if resume_step and epoch == first_epoch:
@@ -392,12 +375,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                 progress_bar.update(1)
                 global_step += 1
                 if accelerator.is_main_process and global_step % args.checkpointing_steps == 0:
-                    if args.checkpoints_total_limit is not None:
-                        checkpoints = saved_checkpoints(args.output_dir)
-                        if len(checkpoints) >= args.checkpoints_total_limit:
-                            for removing in checkpoints[: len(checkpoints) - args.checkpoints_total_limit + 1]:
-                                shutil.rmtree(os.path.join(args.output_dir, removing))
-                    accelerator.save_state(os.path.join(args.output_dir, f"checkpoint-{global_step}"))
+                    save_checkpoint(accelerator, args.output_dir, global_step, args.checkpoints_total_limit)
             progress_bar.set_postfix(step_loss=loss.detach().item(), lr=lr_scheduler.get_last_lr()[0])
             if global_step >= max_train_steps:
                 break
@@ -418,9 +396,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         if args.use_ema:
             ema_unet.store(unet.parameters())
             ema_unet.copy_to(unet.parameters())
-        for name, component in (("unet", unet), ("vae", vae), ("text_encoder", text_encoder),
-                                ("tokenizer", tokenizer), ("scheduler", noise_scheduler)):
-            component.save_pretrained(os.path.join(args.output_dir, name))
+        # as upstream's StableDiffusionPipeline.save_pretrained: the sub-folders and model_index.json, which
+        # StableDiffusionPipeline.from_pretrained(OUT) reads (no safety checker: there is none to save)
+        StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                                scheduler=noise_scheduler, safety_checker=None, feature_extractor=None,
+                                requires_safety_checker=False).save_pretrained(args.output_dir)
         if args.use_ema:
             ema_unet.restore(unet.parameters())
     accelerator.end_training()

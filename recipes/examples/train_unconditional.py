@@ -321,6 +321,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
     # Train!
     for epoch in range(first_epoch, args.num_epochs):
+        if global_step >= max_train_steps:  # resumed from the last step's checkpoint: nothing is left to train
+            break
         model.train()
         progress_bar = tqdm(total=num_update_steps_per_epoch, disable=not accelerator.is_local_main_process)
         progress_bar.set_description(f"Epoch {epoch}")
