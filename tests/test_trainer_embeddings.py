@@ -118,6 +118,25 @@ def test_each_embedding_is_given_to_the_model_and_dropped_to_the_null_by_one_dra
     assert torch.equal(plain.generator.get_state(), again.generator.get_state())
 
 
+def test_tensor_datas_embeddings_stay_where_given_and_each_batchs_rows_are_moved_to_the_model():
+    """A cache of text encodings is large (CLIP's 77 × 768 per example): it was copied whole to the model's device
+    and dtype. Now it stays as given, and each batch's rows reach the model in its dtype."""
+
+    class Indices(TrainerCallback):
+        def __init__(self):
+            self.indices = []
+
+        def on_step_end(self, trainer, step):
+            self.indices.append(step.info["indices"].clone())
+
+    given, recorder = embeddings_of(40).float(), Indices()
+    run = trainer(recorder, embeddings=given, class_dropout=0.0, null_embedding=None)
+    assert run.embeddings.data_ptr() == given.data_ptr() and run.embeddings.dtype == torch.float32  # no copy
+    run.train(2)
+    for seen, rows in zip(run.model.seen, recorder.indices):
+        assert seen.dtype == F64 and torch.equal(seen, given[rows].double())
+
+
 def tiny_text_unet(seed=0):
     from diffusers import UNet2DConditionModel
 

@@ -164,7 +164,8 @@ class DDPMTrainer:
             ``embeddings=``, a DataLoader's batches as ``(images, embeddings[, labels])`` or a dict with them
             under "encoder_hidden_states", "prompt_embeds" or "embeddings". Class labels beside embeddings
             are not given to the model; they reach the analyzers (a "level_class" partition).
-        embeddings: ``Tensor[N, *E]`` floating conditioning embeddings of Tensor data (conditional="embeddings").
+        embeddings: ``Tensor[N, *E]`` floating conditioning embeddings of Tensor data (conditional="embeddings"),
+            kept where they are given (on the CPU for a large cache), each batch's rows moved to the model.
         class_dropout, null_class, null_embedding: classifier-free guidance's conditioning dropout
             (conditional only, :mod:`~genkernel.diffusion.guidance`): each example's label is replaced by
             ``null_class`` (an extra row of the class embedding: ``UNet2DModel(num_class_embeds=K + 1)``,
@@ -459,8 +460,8 @@ class DDPMTrainer:
         return "embeddings" if self.conditioning == "embeddings" else "labels"
 
     def _checked_embeddings(self, embeddings: Any, n: int, what: str) -> torch.Tensor:
-        """``embeddings`` as a floating Tensor [n, *E] on the model's device and in its dtype, detached, E the
-        data's (the first seen sets it); a TypeError or ValueError naming ``what`` otherwise."""
+        """``embeddings`` checked as a floating Tensor [n, *E], E the data's (the first seen sets it), detached, where
+        and as they were given (:meth:`_on_model` moves them); a TypeError or ValueError naming ``what`` otherwise."""
         if not (isinstance(embeddings, torch.Tensor) and embeddings.is_floating_point() and embeddings.dim() >= 2
                 and embeddings.shape[0] == n):
             found = (f"{embeddings.dtype} {tuple(embeddings.shape)}" if isinstance(embeddings, torch.Tensor)
@@ -473,7 +474,11 @@ class DDPMTrainer:
         # detached: embeddings encoded outside torch.no_grad() carry the text encoder's graph, which every step's
         # backward would run into (gradients piling up in the encoder; Tensor data's second step: "backward
         # through the graph a second time")
-        return embeddings.detach().to(device=self.device, dtype=self.dtype)
+        return embeddings.detach()
+
+    def _on_model(self, embeddings: torch.Tensor) -> torch.Tensor:
+        """``embeddings`` on the model's device and in its dtype, as the model is given them."""
+        return embeddings.to(device=self.device, dtype=self.dtype)
 
     def _tensor_batch(self) -> dict[str, torch.Tensor]:
         """The next rows of Tensor data (a new permutation when the epoch's is used up)."""
@@ -496,7 +501,9 @@ class DDPMTrainer:
         if self.labels is not None:
             batch["labels"] = self.labels[index.to(self.labels.device)]
         if self.embeddings is not None:
-            batch["embeddings"] = self.embeddings[index.to(self.embeddings.device)]
+            # (Tensor data's embeddings stay where they were given, a batch's rows moved: cached text encodings
+            # are large, CLIP's 77 × 768 per example 4x a 4 × 64 × 64 latent)
+            batch["embeddings"] = self._on_model(self.embeddings[index.to(self.embeddings.device)])
         return batch
 
     def _checked_batch(self, raw: Any) -> dict[str, torch.Tensor]:
@@ -519,7 +526,8 @@ class DDPMTrainer:
         self.sample_shape = tuple(clean.shape[1:])
         batch = {"clean": clean.to(device=self.device, dtype=self.dtype)}
         if embeddings is not None:
-            batch["embeddings"] = self._checked_embeddings(embeddings, clean.shape[0], "a batch's conditioning embeddings")
+            batch["embeddings"] = self._on_model(
+                self._checked_embeddings(embeddings, clean.shape[0], "a batch's conditioning embeddings"))
         if self.conditioning == "class_labels":
             batch["labels"] = class_labels(labels, clean.shape[0], "the batch's class labels (conditional=True)")
         elif is_class_labels(labels, clean.shape[0]):
@@ -739,7 +747,7 @@ class DDPMTrainer:
         if wanted == "labels":
             return class_labels(labels, num_samples, "labels").to(self.device)
         if wanted == "embeddings":
-            return self._checked_embeddings(embeddings, num_samples, "embeddings")
+            return self._on_model(self._checked_embeddings(embeddings, num_samples, "embeddings"))
         return None
 
     @contextlib.contextmanager
