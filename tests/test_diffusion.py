@@ -242,6 +242,29 @@ def test_sketched_kernel_is_unbiased_for_the_exact_one():
     assert (sketched - exact).abs().max() < 0.1
 
 
+def test_a_sketched_kernel_checks_the_factored_engines_covering_once_not_per_direction(monkeypatch):
+    """Every direction had a wrapper module of its own, and the covering check (remembered per module) ran once per
+    direction: on a small cross-attention UNet most of an analyzer's kernel structure. The kernel is the one made
+    with a fresh wrapper per direction (the directions' values are not part of the check)."""
+    from genkernel.core.engine import factors
+    from genkernel.diffusion import kernels
+
+    checks = []
+    original = factors._uncovered_blocks
+    monkeypatch.setattr(factors, "_uncovered_blocks", lambda *a, **k: checks.append(1) or original(*a, **k))
+    model = small_mlp()
+    states = (ring(5, seed=7), torch.tensor([5, 30, 60, 90, 99]))
+    sketched = state_kernel(model, states, output_sketch=6, seed=1, normalize=False)
+    assert len(checks) == 1
+    from genkernel import gradient_kernel
+    from genkernel.core.adapter import seeded_generator
+
+    directions = (torch.randint(0, 2, (6, 2), generator=seeded_generator(1)) * 2 - 1).double()
+    by_hand = sum(gradient_kernel(kernels._Directional(model, r), states, engine="functional").double()
+                  for r in directions)
+    torch.testing.assert_close(sketched, by_hand / 6, rtol=1e-12, atol=1e-12)
+
+
 def test_analyzer_leaves_training_bit_for_bit_unchanged():
     bare, _ = run_trainer(5, controls=1, steps=5, callbacks=False)
     tracked, analyzer = run_trainer(5, controls=1, steps=5)

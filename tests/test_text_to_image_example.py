@@ -94,3 +94,21 @@ def test_a_run_fine_tunes_on_from_a_folder_this_script_saved(image_folder, tmp_p
                  "--learning_rate", "0", "--max_train_steps", "1")
     assert second["global_step"] == 1 and second["analyzer"].ledger.steps == 1
     assert all(torch.equal(p, q) for p, q in zip(second["unet"].parameters(), saved.parameters()))
+
+
+def test_an_analyzer_attached_to_a_run_checkpointed_without_it_starts_at_the_checkpoints_step(image_folder, tmp_path):
+    """A run trained so far without the analyzer, resumed with it: accelerate's load_state refused the checkpoint
+    (no file for the analyzer registered before it). The analyzer now starts at the checkpoint's step, its ledger
+    holds the steps after it, and training is bit for bit the run never analyzed."""
+    straight = run(image_folder, tmp_path / "straight", "--no-analyze", "--checkpointing_steps", "1")
+    resumed = run(image_folder, tmp_path / "resumed", "--resume_from_checkpoint",
+                  str(tmp_path / "straight" / "checkpoint-1"), "--checkpointing_steps", "1")
+    analyzer = resumed["analyzer"]
+    assert resumed["global_step"] == 3 and analyzer.ledger.steps == 2
+    assert all(torch.equal(p, q) for p, q in zip(straight["unet"].parameters(), resumed["unet"].parameters()))
+    for name, ledger in analyzer.ledgers.items():
+        assert_identity(ledger, name)
+    # the checkpoints it saved from then on hold its state: resumed from one, it goes on where it was
+    again = run(image_folder, tmp_path / "again", "--resume_from_checkpoint", str(tmp_path / "resumed" / "checkpoint-2"))
+    assert again["analyzer"].ledger.steps == 2
+    torch.testing.assert_close(again["analyzer"].ledger.contributions, analyzer.ledger.contributions, rtol=0, atol=0)

@@ -105,8 +105,12 @@ def state_kernel(
     generator = seeded_generator(seed)
     directions = (torch.randint(0, 2, (output_sketch, d), generator=generator) * 2 - 1).to(first)
     kernel = diag1 = diag2 = None
+    # One wrapper for every direction, its buffer set to each in turn: the factored engine's covering check is
+    # remembered per module, and a new wrapper per direction ran it V times (on a small cross-attention UNet,
+    # 0.2 s each: most of an analyzer's kernel structure)
+    one = _Directional(model, directions[0].clone())
     for r in tqdm(directions, desc="state kernel (sketched)", disable=not progress, leave=False):
-        one = _Directional(model, r)
+        one.direction.copy_(r)
         k = gradient_kernel(one, states, others_t, memory_budget=memory_budget).to(torch.float64)
         kernel = k if kernel is None else kernel + k
         if not normalize:

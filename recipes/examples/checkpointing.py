@@ -17,7 +17,7 @@ import argparse
 import os
 import random
 import shutil
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -121,13 +121,21 @@ def register_unet_hooks(accelerator, model_cls: type, ema_model: Any = None) -> 
     accelerator.register_load_state_pre_hook(load_model_hook)
 
 
-def resume_position(args: argparse.Namespace, accelerator, num_update_steps_per_epoch: int) -> tuple[int, int, int]:
+def resume_position(args: argparse.Namespace, accelerator, num_update_steps_per_epoch: int,
+                    attach: Sequence[Any] = ()) -> tuple[int, int, int]:
     """Load ``args.resume_from_checkpoint`` (a ``checkpoint-STEP`` folder as given, or its base name in
     ``args.output_dir``, or "latest" there) with ``accelerator.load_state``; returns ``(global_step, first_epoch,
     resume_step)``: the optimizer steps made, the epoch to go on in and the micro-batches of it to skip
     (``(0, 0, 0)`` without a checkpoint; "latest" with none starts afresh, as upstream). A folder that is not
-    there, or not named ``checkpoint-STEP``, is a ValueError naming it."""
+    there, or not named ``checkpoint-STEP``, is a ValueError naming it.
+
+    ``attach``: objects to register for checkpointing (an analyzer). From a checkpoint that holds their states
+    they are registered before it is loaded, so they go on where it left them; from one saved without them (a
+    run trained so far without the analyzer) after, so they start at the checkpoint's step (accelerate's
+    ``load_state`` refuses a registered object whose file is missing)."""
     if not args.resume_from_checkpoint:
+        for item in attach:
+            accelerator.register_for_checkpointing(item)
         return 0, 0, 0
     if args.resume_from_checkpoint != "latest":
         path = args.resume_from_checkpoint  # a folder as given, or (upstream) its base name in --output_dir
@@ -142,13 +150,20 @@ def resume_position(args: argparse.Namespace, accelerator, num_update_steps_per_
     if path is None:
         accelerator.print(f"Checkpoint '{args.resume_from_checkpoint}' does not exist. Starting a new training run.")
         args.resume_from_checkpoint = None
-        return 0, 0, 0
+        return resume_position(args, accelerator, num_update_steps_per_epoch, attach)
     name = os.path.basename(os.path.normpath(path))
     if not (name.startswith("checkpoint-") and name.split("-")[1].isdigit()):
         raise ValueError(f"--resume_from_checkpoint {args.resume_from_checkpoint}: {name!r} is not named "
                          "checkpoint-STEP (the optimizer steps at its save): give a folder this script saved")
+    # accelerate saves the i-th registered object as custom_checkpoint_i.pkl
+    saved_with = os.path.isfile(os.path.join(path, f"custom_checkpoint_{len(accelerator._custom_objects)}.pkl"))
+    for item in attach if saved_with else ():
+        accelerator.register_for_checkpointing(item)
     accelerator.print(f"Resuming from checkpoint {path}")
     accelerator.load_state(path)
+    for item in () if saved_with else attach:
+        accelerator.print(f"{type(item).__name__} starts at step {name.split('-')[1]}: the checkpoint holds no state of it")
+        accelerator.register_for_checkpointing(item)
     global_step = int(name.split("-")[1])
     resume_global_step = global_step * args.gradient_accumulation_steps
     first_epoch = global_step // num_update_steps_per_epoch

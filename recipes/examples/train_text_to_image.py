@@ -297,9 +297,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                                       num_classes=len(dataset.classes), num_bins=args.num_bins,  # genkernel
                                       num_probes=args.num_probes, controls=args.controls, kernel_sketch=8,  # genkernel
                                       seed=args.seed, mixed_precision="refuse" if args.mixed_precision == "no" else "observe")  # genkernel
-        accelerator.register_for_checkpointing(analyzer)  # genkernel: its ledgers go into the checkpoints
 
-    global_step, first_epoch, resume_step = resume_position(args, accelerator, num_update_steps_per_epoch)
+    # (genkernel: the analyzer registered for checkpointing, its ledgers in the checkpoints; a checkpoint saved without
+    # it, training so far unanalyzed, is loaded first and the analyzer starts at its step)
+    global_step, first_epoch, resume_step = resume_position(args, accelerator, num_update_steps_per_epoch,
+                                                            attach=[] if analyzer is None else [analyzer])  # genkernel
 
     if analyzer is not None:  # genkernel: bound after load_state, its steps numbered on from the checkpoint's
         analyzer.bind(unet, optimizer, ema=ema_unet if args.use_ema else None,  # genkernel

@@ -306,12 +306,14 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                                       num_probes=args.num_probes, controls=args.controls, kernel_sketch=8, seed=args.seed,
                                       # genkernel: accelerate's fp16/bf16 autocast: split the half-precision gradients
                                       mixed_precision="refuse" if args.mixed_precision == "no" else "observe")
-        accelerator.register_for_checkpointing(analyzer)  # genkernel: its ledgers go into the checkpoints
 
     num_update_steps_per_epoch = math.ceil(len(train_dataloader) / args.gradient_accumulation_steps)
     max_train_steps = args.max_train_steps or args.num_epochs * num_update_steps_per_epoch
     # Potentially load in the weights and states from a previous save
-    global_step, first_epoch, resume_step = resume_position(args, accelerator, num_update_steps_per_epoch)
+    # (genkernel: the analyzer registered for checkpointing, its ledgers in the checkpoints; a checkpoint saved without
+    # it, training so far unanalyzed, is loaded first and the analyzer starts at its step)
+    global_step, first_epoch, resume_step = resume_position(args, accelerator, num_update_steps_per_epoch,
+                                                            attach=[] if analyzer is None else [analyzer])  # genkernel
 
     if analyzer is not None:  # genkernel: bound after load_state, its steps numbered on from the checkpoint's
         analyzer.bind(model, optimizer, ema=ema_model if args.use_ema else None,  # genkernel: for its cost, the step's
