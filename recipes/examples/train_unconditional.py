@@ -66,7 +66,9 @@ Run from the repository root::
 ``"ema"`` section is the ledger of the EMA weights) and the pipeline (``save_pretrained``). The analyzer
 is registered for checkpointing (``accelerator.register_for_checkpointing``): the checkpoints carry its
 ledgers, and a resumed run binds it after ``load_state`` with ``start_step`` = the checkpoint's step
-(README, "With accelerate ... resume"), so that its report is the uninterrupted run's.
+(README, "With accelerate ... resume"), so that its report is the uninterrupted run's; a checkpoint saved
+without it (a run analyzed from then on) is loaded first and the analyzer starts at its step
+(:func:`recipes.examples.checkpointing.resume_position`).
 With ``--mixed_precision fp16`` or ``bf16`` (accelerate's autocast) the analyzer is built with
 ``mixed_precision="observe"`` (docs/observing.md, "Mixed precision"): it splits the half-precision
 gradients of the loop's own backward, checks the loop's weighting at float32's tolerance, and leaves
