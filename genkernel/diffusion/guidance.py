@@ -36,6 +36,18 @@ from ..core.adapter import output_tensor
 from ..core.tracking.io import data_fingerprint
 
 
+def _check_probability(probability: Any) -> None:
+    if isinstance(probability, bool) or not isinstance(probability, numbers.Real) or not 0 <= probability < 1:
+        raise ValueError(f"class_dropout must be a probability in [0, 1), got {probability!r}")
+
+
+def _dropped(conditioning: torch.Tensor, probability: float, generator: torch.Generator) -> torch.Tensor:
+    """BoolTensor[B] on ``conditioning``'s device: which of its B rows are dropped, one uniform draw per row from
+    ``generator`` (CPU, float64) below ``probability``."""
+    draws = torch.rand(conditioning.shape[0], generator=generator, dtype=torch.float64)
+    return (draws < probability).to(conditioning.device)
+
+
 @dataclass(frozen=True)
 class ClassDropout:
     """Per-example label dropout towards ``null_class`` with ``probability`` (0: none, nothing drawn)."""
@@ -46,8 +58,7 @@ class ClassDropout:
     @classmethod
     def build(cls, probability: Any, null_class: Any, conditional: bool) -> "ClassDropout":
         """The checked setting of a trainer's ``class_dropout=`` and ``null_class=``."""
-        if isinstance(probability, bool) or not isinstance(probability, numbers.Real) or not 0 <= probability < 1:
-            raise ValueError(f"class_dropout must be a probability in [0, 1), got {probability!r}")
+        _check_probability(probability)
         if null_class is not None and (isinstance(null_class, bool) or not isinstance(null_class, numbers.Integral)
                                        or null_class < 0):
             raise ValueError(f"null_class must be a class index >= 0, got {null_class!r}")
@@ -111,9 +122,8 @@ class ClassDropout:
     def draw(self, labels: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         """``(labels given to the model [B], dropped BoolTensor[B])``: each label replaced by the null class
         with the set probability, one uniform draw per example from ``generator`` (CPU, float64)."""
-        dropped = (torch.rand(labels.shape[0], generator=generator, dtype=torch.float64) < self.probability)
-        dropped = dropped.to(labels.device)
-        return torch.where(dropped, torch.full_like(labels, self.null_class), labels), dropped
+        dropped = _dropped(labels, self.probability, generator)
+        return torch.where(dropped, self.null_rows(labels), labels), dropped
 
     def null_rows(self, labels: torch.Tensor) -> torch.Tensor:
         """The null class in every row of ``labels`` ``[S]`` (the unconditional half of guided sampling)."""
@@ -135,8 +145,7 @@ class EmbeddingDropout:
     @classmethod
     def build(cls, probability: Any, null_embedding: Any) -> "EmbeddingDropout":
         """The checked setting of a trainer's ``class_dropout=`` and ``null_embedding=`` (conditional="embeddings")."""
-        if isinstance(probability, bool) or not isinstance(probability, numbers.Real) or not 0 <= probability < 1:
-            raise ValueError(f"class_dropout must be a probability in [0, 1), got {probability!r}")
+        _check_probability(probability)
         if null_embedding is not None and not (isinstance(null_embedding, torch.Tensor)
                                                and null_embedding.is_floating_point()):
             found = null_embedding.dtype if isinstance(null_embedding, torch.Tensor) else type(null_embedding).__name__
@@ -172,8 +181,7 @@ class EmbeddingDropout:
         """``(embeddings given to the model [B, *E], dropped BoolTensor[B])``: each example's embedding replaced by
         the null embedding with the set probability, one uniform draw per example from ``generator`` (CPU,
         float64)."""
-        dropped = (torch.rand(embeddings.shape[0], generator=generator, dtype=torch.float64) < self.probability)
-        dropped = dropped.to(embeddings.device)
+        dropped = _dropped(embeddings, self.probability, generator)
         mask = dropped.view(-1, *([1] * (embeddings.dim() - 1)))
         return torch.where(mask, self.null_rows(embeddings), embeddings), dropped
 
