@@ -372,3 +372,58 @@ def test_an_analyzer_without_probe_conditioning_on_a_conditional_trainer_names_i
                        ("embeddings" if conditional == "embeddings" else "class labels")):
         run.train(1)
     assert run.global_step == 0
+
+
+def tiny_pixart(seed=0):
+    from diffusers import PixArtTransformer2DModel
+
+    torch.manual_seed(seed)
+    return PixArtTransformer2DModel(
+        num_attention_heads=2, attention_head_dim=4, in_channels=2, out_channels=2, num_layers=1, norm_num_groups=1,
+        cross_attention_dim=8, caption_channels=D, sample_size=4, patch_size=2, use_additional_conditions=False,
+    ).double()
+
+
+PIXART_INPUTS = ("hidden_states", "timestep", "encoder_hidden_states")
+PIXART_FIXED = {"added_cond_kwargs": {"resolution": None, "aspect_ratio": None}}
+
+
+def test_a_text_conditioned_transformer_taking_its_inputs_by_name_trains_and_is_analyzed_exactly():
+    """PixArt's transformer takes (hidden_states, encoder_hidden_states, timestep): called model(z, t, e) it got the
+    timesteps as the text. PositionalInputs names the trainer's inputs: its output is the transformer's own called
+    by keyword, training is bit for bit with and without the analyzer, and the ledgers add up."""
+    pytest.importorskip("diffusers")
+    from genkernel.diffusion import PositionalInputs
+
+    gen = torch.Generator().manual_seed(8)
+    images, text = torch.randn(12, 2, 4, 4, generator=gen, dtype=F64), torch.randn(12, L, D, generator=gen, dtype=F64)
+    wrapped = PositionalInputs(tiny_pixart(), PIXART_INPUTS, **PIXART_FIXED)
+    t = torch.tensor([3, 17, 40])
+    direct = tiny_pixart()(hidden_states=images[:3], timestep=t, encoder_hidden_states=text[:3], **PIXART_FIXED).sample
+    assert torch.equal(wrapped(images[:3], t, text[:3]).sample, direct)
+
+    def run(*callbacks):
+        return DDPMTrainer(PositionalInputs(tiny_pixart(), PIXART_INPUTS, **PIXART_FIXED), make_scheduler(T), images,
+                           conditional="embeddings", embeddings=text, batch_size=4, progress=False,
+                           callbacks=list(callbacks))
+
+    analyzer = NoiseLevelAnalyzer(make_scheduler(T), images[:3], probe_conditioning=text[:3], num_bins=2, num_probes=3,
+                                  kernel_points=2, progress=False)
+    analyzed, bare = run(analyzer), run()
+    analyzed.train(3)
+    bare.train(3)
+    assert params_equal(analyzed.model, bare.model) and analyzed.losses == bare.losses
+    for ledger in analyzer.ledgers.values():
+        torch.testing.assert_close(ledger.contributions.sum(1) + ledger.rest + ledger.residual, ledger.delta,
+                                   rtol=0, atol=1e-12 * float(ledger.delta.abs().max()))
+
+
+def test_positional_inputs_refuse_a_call_or_names_that_do_not_match():
+    from genkernel.diffusion import PositionalInputs
+
+    with pytest.raises(TypeError, match=r"called with 2 inputs, but names has 3"):
+        PositionalInputs(nn.Identity(), ("a", "b", "c"))(torch.zeros(1), torch.zeros(1))
+    with pytest.raises(ValueError, match=r"\['timestep'\] given twice"):
+        PositionalInputs(nn.Identity(), ("hidden_states", "timestep"), timestep=None)
+    with pytest.raises(TypeError, match="names must be a tuple"):
+        PositionalInputs(nn.Identity(), "hidden_states")

@@ -25,6 +25,7 @@ __all__ = [
     "TimeIgnoringDenoiser",
     "tiny_unet",
     "freeze_attention_key_biases",
+    "PositionalInputs",
 ]
 
 
@@ -275,3 +276,43 @@ def freeze_attention_key_biases(model: nn.Module) -> list[str]:
             p.requires_grad_(False)
             frozen.append(name)
     return frozen
+
+
+class PositionalInputs(nn.Module):
+    """A denoiser whose forward takes its inputs by name, called positionally as ``model(x_t, t[, c])``: the form
+    the trainers, the analyzers and the engine call a model in.
+
+    diffusers' text-conditioned transformers order their inputs otherwise than ``UNet2DConditionModel``'s
+    ``(sample, timestep, encoder_hidden_states)``: ``PixArtTransformer2DModel(hidden_states,
+    encoder_hidden_states, timestep, added_cond_kwargs)``, so ``model(z, t, e)`` would hand it the timesteps as
+    the text. ``PositionalInputs(pixart, ("hidden_states", "timestep", "encoder_hidden_states"),
+    added_cond_kwargs={"resolution": None, "aspect_ratio": None})`` is called as ``DDPMTrainer(...,
+    conditional="embeddings")`` calls its model. The wrapped model's parameters are this module's (under
+    ``model.``); its output is the model's own (``.sample`` is read by the adapter).
+
+    Args:
+        model: the denoiser.
+        names: the keyword of each positional input, in order (the first two: the noisy input and the timesteps).
+        **fixed: keyword arguments passed unchanged at every call (inputs that do not vary per example).
+    """
+
+    def __init__(self, model: nn.Module, names: tuple[str, ...], **fixed) -> None:
+        super().__init__()
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+        names = tuple(names) if isinstance(names, (tuple, list)) else names
+        if not (isinstance(names, tuple) and names and all(isinstance(n, str) for n in names)):
+            raise TypeError(f"names must be a tuple of the model's input keywords, e.g. ('hidden_states', 'timestep', "
+                            f"'encoder_hidden_states'), got {names!r}")
+        repeated = sorted({n for n in names if names.count(n) > 1} | (set(names) & set(fixed)))
+        if repeated:
+            raise ValueError(f"each input is named once: {repeated} given twice (in names or also in the fixed keywords)")
+        self.model = model
+        self.names = names
+        self.fixed = fixed
+
+    def forward(self, *inputs):
+        if len(inputs) != len(self.names):
+            raise TypeError(f"called with {len(inputs)} inputs, but names has {len(self.names)} ({self.names}): name "
+                            "every input the model is given, in order")
+        return self.model(**dict(zip(self.names, inputs)), **self.fixed)
