@@ -466,8 +466,8 @@ class NoiseLevelAnalyzer(TrainerCallback):
     def _check_trainer_conditioning(self, trainer: Any) -> None:
         """Refuse probes without conditioning for a trainer that conditions its model (``DDPMTrainer(conditional=)``):
         the probes' forward ``model(z, s)`` would miss the input every training step gives."""
-        conditioning = getattr(trainer, "conditioning", "none")
-        if conditioning != "none" and not self.probe_conditioning:
+        conditioning = getattr(trainer, "conditioning", "none")  # (DDPMTrainer's; another trainer's may be anything)
+        if isinstance(conditioning, str) and conditioning in ("class_labels", "embeddings") and not self.probe_conditioning:
             what = ("embeddings, a floating Tensor [N0, *E] (the probes' prompts encoded)" if conditioning == "embeddings"
                     else "class labels, a LongTensor[N0]")
             raise ValueError(

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import os
 import random
+import re
 import shutil
 from typing import Any, Sequence
 
@@ -121,6 +122,16 @@ def register_unet_hooks(accelerator, model_cls: type, ema_model: Any = None) -> 
     accelerator.register_load_state_pre_hook(load_model_hook)
 
 
+class _DroppedState:
+    """Takes a checkpointed object's state that this run does not use (:func:`resume_position`) and keeps none."""
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: Any) -> None:
+        pass
+
+
 def resume_position(args: argparse.Namespace, accelerator, num_update_steps_per_epoch: int,
                     attach: Sequence[Any] = ()) -> tuple[int, int, int]:
     """Load ``args.resume_from_checkpoint`` (a ``checkpoint-STEP`` folder as given, or its base name in
@@ -132,7 +143,8 @@ def resume_position(args: argparse.Namespace, accelerator, num_update_steps_per_
     ``attach``: objects to register for checkpointing (an analyzer). From a checkpoint that holds their states
     they are registered before it is loaded, so they go on where it left them; from one saved without them (a
     run trained so far without the analyzer) after, so they start at the checkpoint's step (accelerate's
-    ``load_state`` refuses a registered object whose file is missing)."""
+    ``load_state`` refuses a registered object whose file is missing). States the checkpoint holds of objects this
+    run does not register (the analyzer's, resumed with ``--no-analyze``) are left out."""
     if not args.resume_from_checkpoint:
         for item in attach:
             accelerator.register_for_checkpointing(item)
@@ -159,8 +171,20 @@ def resume_position(args: argparse.Namespace, accelerator, num_update_steps_per_
     saved_with = os.path.isfile(os.path.join(path, f"custom_checkpoint_{len(accelerator._custom_objects)}.pkl"))
     for item in attach if saved_with else ():
         accelerator.register_for_checkpointing(item)
+    # States the checkpoint holds of objects this run does not register (an analyzer's, resumed with --no-analyze):
+    # accelerate's load_state refuses a folder with more of them than registered objects, so they are read into
+    # placeholders and dropped; the checkpoints this run saves hold none
+    held = sum(re.fullmatch(r"custom_checkpoint_\d+\.pkl", f) is not None for f in os.listdir(path))
+    dropped = [_DroppedState() for _ in range(held - len(accelerator._custom_objects))]
+    for placeholder in dropped:
+        accelerator.register_for_checkpointing(placeholder)
     accelerator.print(f"Resuming from checkpoint {path}")
     accelerator.load_state(path)
+    for placeholder in dropped:
+        accelerator._custom_objects.remove(placeholder)
+    if dropped:
+        accelerator.print(f"{len(dropped)} state(s) in the checkpoint of objects this run does not attach (an analyzer's, "
+                          "resumed without it) are left out")
     for item in () if saved_with else attach:
         accelerator.print(f"{type(item).__name__} starts at step {name.split('-')[1]}: the checkpoint holds no state of it")
         accelerator.register_for_checkpointing(item)
