@@ -24,6 +24,25 @@ import numpy as np
 import torch
 
 
+def add_checkpoint_arguments(parser: argparse.ArgumentParser) -> None:
+    """Upstream's checkpoint options: ``--checkpointing_steps``, ``--checkpoints_total_limit``,
+    ``--resume_from_checkpoint`` (checked by :func:`check_checkpoint_arguments`)."""
+    parser.add_argument("--checkpointing_steps", type=int, default=500,
+                        help="save the training state (accelerator.save_state) every this many optimizer steps")
+    parser.add_argument("--checkpoints_total_limit", type=int, default=None,
+                        help="keep at most this many checkpoints (the oldest are removed)")
+    parser.add_argument("--resume_from_checkpoint", type=str, default=None,
+                        help='a checkpoint folder to resume from (OUT/checkpoint-STEP), or "latest" in --output_dir')
+
+
+def check_checkpoint_arguments(args: argparse.Namespace) -> None:
+    """A ValueError naming ``--checkpointing_steps`` or ``--checkpoints_total_limit`` when one is below 1."""
+    for name in ("checkpointing_steps", "checkpoints_total_limit"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise ValueError(f"--{name} must be at least 1, got {value}")
+
+
 class EpochRNG:
     """The random states (torch's, CUDA's, numpy's, Python's, and ``generator``'s: the shuffle's
     generator that accelerate shares between processes, when it keeps one) as the current epoch began, for

@@ -71,7 +71,9 @@ from tqdm.auto import tqdm
 from genkernel import set_exact_cuda_mode  # genkernel
 from genkernel.diffusion import NoiseLevelAnalyzer, freeze_attention_key_biases  # genkernel
 
-from .checkpointing import EpochRNG, register_unet_hooks, resume_position, save_checkpoint
+from .checkpointing import (
+    EpochRNG, add_checkpoint_arguments, check_checkpoint_arguments, register_unet_hooks, resume_position, save_checkpoint,
+)
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -110,12 +112,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max_grad_norm", type=float, default=1.0)
     parser.add_argument("--mixed_precision", type=str, default="no", choices=["no", "fp16", "bf16"])
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--checkpointing_steps", type=int, default=500,
-                        help="save the training state (accelerator.save_state) every this many optimizer steps")
-    parser.add_argument("--checkpoints_total_limit", type=int, default=None,
-                        help="keep at most this many checkpoints (the oldest are removed)")
-    parser.add_argument("--resume_from_checkpoint", type=str, default=None,
-                        help='a checkpoint folder to resume from (OUT/checkpoint-STEP), or "latest" in --output_dir')
+    add_checkpoint_arguments(parser)
     parser.add_argument("--analyze", action=argparse.BooleanOptionalAction, default=True,
                         help="keep genkernel's noise-level ledger (default on)")  # genkernel
     parser.add_argument("--num_bins", type=int, default=10, help="training-timestep bins (groups)")  # genkernel
@@ -131,8 +128,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     except (IndexError, KeyError, ValueError) as error:
         raise ValueError(f"--caption_template must have one {{}} (the class name) and no other fields, got "
                          f"{args.caption_template!r} ({error})") from None
-    for name in ("train_batch_size", "gradient_accumulation_steps", "max_train_steps", "checkpointing_steps",
-                 "checkpoints_total_limit"):
+    check_checkpoint_arguments(args)
+    for name in ("train_batch_size", "gradient_accumulation_steps", "max_train_steps"):
         value = getattr(args, name)
         if value is not None and value < 1:
             raise ValueError(f"--{name} must be at least 1, got {value}")

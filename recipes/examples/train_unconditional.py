@@ -99,7 +99,9 @@ from tqdm.auto import tqdm
 from genkernel import set_exact_cuda_mode  # genkernel
 from genkernel.diffusion import NoiseLevelAnalyzer, freeze_attention_key_biases  # genkernel
 
-from .checkpointing import EpochRNG, register_unet_hooks, resume_position, save_checkpoint
+from .checkpointing import (
+    EpochRNG, add_checkpoint_arguments, check_checkpoint_arguments, register_unet_hooks, resume_position, save_checkpoint,
+)
 
 UNETS = {
     # upstream's architecture (for 64×64 images)
@@ -176,12 +178,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--logit_std", type=float, default=1.0)
     parser.add_argument("--mode_scale", type=float, default=1.29)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--checkpointing_steps", type=int, default=500,
-                        help="save the training state (accelerator.save_state) every this many optimizer steps")
-    parser.add_argument("--checkpoints_total_limit", type=int, default=None,
-                        help="keep at most this many checkpoints (the oldest are removed)")
-    parser.add_argument("--resume_from_checkpoint", type=str, default=None,
-                        help='a checkpoint folder to resume from (OUT/checkpoint-STEP), or "latest" in --output_dir')
+    add_checkpoint_arguments(parser)
     parser.add_argument("--analyze", action=argparse.BooleanOptionalAction, default=True,
                         help="keep genkernel's noise-level ledger (default on)")  # genkernel
     parser.add_argument("--num_bins", type=int, default=10, help="training-timestep bins (groups)")  # genkernel
@@ -194,10 +191,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                          f"choose one of {allowed}")
     if args.max_train_steps is not None and args.max_train_steps < 1:
         raise ValueError(f"--max_train_steps must be at least 1, got {args.max_train_steps}")
-    if args.checkpointing_steps < 1:
-        raise ValueError(f"--checkpointing_steps must be at least 1, got {args.checkpointing_steps}")
-    if args.checkpoints_total_limit is not None and args.checkpoints_total_limit < 1:
-        raise ValueError(f"--checkpoints_total_limit must be at least 1, got {args.checkpoints_total_limit}")
+    check_checkpoint_arguments(args)
     return args
 
 
