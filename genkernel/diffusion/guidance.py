@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from ..core.adapter import output_tensor
+from ..core.tracking.batches import embedding_parts, map_embeddings
 from ..core.tracking.io import data_fingerprint
 
 
@@ -135,21 +136,24 @@ class ClassDropout:
 
 @dataclass(frozen=True, eq=False)
 class EmbeddingDropout:
-    """Per-example dropout of conditioning embeddings ``[B, *E]`` towards ``null_embedding`` ``[*E]`` (the
-    empty prompt's encoding) with ``probability`` (0: none, nothing drawn). The same draws as
-    :class:`ClassDropout`: one uniform per example from the trainer's generator."""
+    """Per-example dropout of conditioning embeddings ``[B, *E]`` (or a tuple of them: a sequence and a pooled
+    embedding, dropped together) towards ``null_embedding`` ``[*E]`` (the empty prompt's encoding; a tuple for a
+    tuple) with ``probability`` (0: none, nothing drawn). The same draws as :class:`ClassDropout`: one uniform per
+    example from the trainer's generator."""
 
     probability: float = 0.0
-    null_embedding: torch.Tensor | None = None
+    null_embedding: torch.Tensor | tuple[torch.Tensor, ...] | None = None
 
     @classmethod
     def build(cls, probability: Any, null_embedding: Any) -> "EmbeddingDropout":
         """The checked setting of a trainer's ``class_dropout=`` and ``null_embedding=`` (conditional="embeddings")."""
         _check_probability(probability)
-        if null_embedding is not None and not (isinstance(null_embedding, torch.Tensor)
-                                               and null_embedding.is_floating_point()):
-            found = null_embedding.dtype if isinstance(null_embedding, torch.Tensor) else type(null_embedding).__name__
-            raise TypeError(f"null_embedding must be a floating Tensor [*E], one example's embedding, got {found}")
+        null_embedding = tuple(null_embedding) if isinstance(null_embedding, list) else null_embedding
+        for part in () if null_embedding is None else embedding_parts(null_embedding):
+            if not (isinstance(part, torch.Tensor) and part.is_floating_point()):
+                found = part.dtype if isinstance(part, torch.Tensor) else type(part).__name__
+                raise TypeError(f"null_embedding must be a floating Tensor [*E], one example's embedding (a tuple of "
+                                f"them for embeddings given as a tuple), got {found}")
         if probability > 0 and null_embedding is None:
             raise ValueError(
                 "class_dropout needs null_embedding=, the embedding dropped examples take: the encoding of the empty "
@@ -159,7 +163,7 @@ class EmbeddingDropout:
         if null_embedding is not None and probability == 0:
             raise ValueError("null_embedding is what class_dropout gives dropped examples: pass class_dropout > 0 "
                              "(0.1 is common), or leave null_embedding out")
-        null = None if null_embedding is None else null_embedding.detach().clone()
+        null = None if null_embedding is None else map_embeddings(null_embedding, lambda part: part.detach().clone())
         return cls(float(probability), null)
 
     @property
@@ -169,29 +173,37 @@ class EmbeddingDropout:
     def check_model(self, model: nn.Module) -> None:
         """Nothing to check of the model: the null embedding is an input, not a row of a table."""
 
-    def check_conditioning(self, embeddings: torch.Tensor, where: str) -> None:
-        """Refuse embeddings ``[B, *E]`` whose rows are not shaped as the null embedding."""
-        if self.active and tuple(embeddings.shape[1:]) != tuple(self.null_embedding.shape):
-            raise ValueError(
-                f"{where} are shaped {tuple(embeddings.shape[1:])} per example, null_embedding "
-                f"{tuple(self.null_embedding.shape)}: pass the empty prompt's embedding encoded as the data's"
-            )
+    def check_conditioning(self, embeddings: torch.Tensor | tuple[torch.Tensor, ...], where: str) -> None:
+        """Refuse embeddings ``[B, *E]`` (or a tuple) whose rows are not shaped as the null embedding."""
+        if not self.active:
+            return
+        shapes = map_embeddings(embeddings, lambda part: tuple(part.shape[1:]))
+        null_shapes = map_embeddings(self.null_embedding, lambda part: tuple(part.shape))
+        if shapes != null_shapes:
+            raise ValueError(f"{where} are shaped {shapes} per example, null_embedding {null_shapes}: pass the empty "
+                             "prompt's embedding encoded as the data's (a tuple for embeddings given as a tuple)")
 
-    def draw(self, embeddings: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(embeddings given to the model [B, *E], dropped BoolTensor[B])``: each example's embedding replaced by
-        the null embedding with the set probability, one uniform draw per example from ``generator`` (CPU,
-        float64)."""
-        dropped = _dropped(embeddings, self.probability, generator)
-        mask = dropped.view(-1, *([1] * (embeddings.dim() - 1)))
-        return torch.where(mask, self.null_rows(embeddings), embeddings), dropped
+    def draw(self, embeddings: torch.Tensor | tuple[torch.Tensor, ...],
+             generator: torch.Generator) -> tuple[torch.Tensor | tuple[torch.Tensor, ...], torch.Tensor]:
+        """``(embeddings given to the model [B, *E] (or a tuple), dropped BoolTensor[B])``: each example's
+        embedding (every part of it) replaced by the null embedding with the set probability, one uniform draw
+        per example from ``generator`` (CPU, float64)."""
+        dropped = _dropped(embedding_parts(embeddings)[0], self.probability, generator)
 
-    def null_rows(self, embeddings: torch.Tensor) -> torch.Tensor:
-        """The null embedding in every row of ``embeddings`` ``[S, *E]``, in their dtype and device."""
-        return self.null_embedding.to(embeddings).expand_as(embeddings)
+        def drop(part: torch.Tensor, null: torch.Tensor) -> torch.Tensor:
+            return torch.where(dropped.view(-1, *([1] * (part.dim() - 1))), null, part)
+
+        return map_embeddings(embeddings, drop, self.null_rows(embeddings)), dropped
+
+    def null_rows(self, embeddings: torch.Tensor | tuple[torch.Tensor, ...]) -> torch.Tensor | tuple[torch.Tensor, ...]:
+        """The null embedding in every row of ``embeddings`` ``[S, *E]`` (or a tuple), in their dtype and device."""
+        return map_embeddings(embeddings, lambda part, null: null.to(part).expand_as(part), self.null_embedding)
 
     def config(self) -> dict[str, Any]:
-        null = None if self.null_embedding is None else data_fingerprint(self.null_embedding.unsqueeze(0))
-        return {"probability": self.probability, "null_embedding": null}
+        if self.null_embedding is None:
+            return {"probability": self.probability, "null_embedding": None}
+        parts = [part.unsqueeze(0) for part in embedding_parts(self.null_embedding)]
+        return {"probability": self.probability, "null_embedding": data_fingerprint(*parts)}
 
 
 def check_guidance_scale(scale: Any) -> float:

@@ -69,8 +69,8 @@ from ..core.tracking.ema import (
     check_ema_state, check_trainable_ema, ema_settings, ema_weights, load_ema_state, step_ema,
 )
 from ..core.tracking.batches import (
-    EMBEDDING_KEYS, IterableBatches, check_reiterable, class_labels, is_class_labels, split_batch,
-    split_embedding_batch, split_floating_batch,
+    EMBEDDING_KEYS, IterableBatches, check_reiterable, class_labels, embedding_parts, is_class_labels, map_embeddings,
+    split_batch, split_embedding_batch, split_floating_batch,
 )
 from ..core.tracking.lr_schedules import LRSchedulerArg, build_lr_scheduler, lr_scheduler_settings, step_lr_scheduler
 from ..core.tracking.step import OptimizerStep, trainer_autocast_dtype, trainer_grad_scaler, until_applied
@@ -162,14 +162,18 @@ class DDPMTrainer:
             hidden states encoded beforehand, ``UNet2DConditionModel``'s ``encoder_hidden_states``, as the
             text-to-image scripts' ``--cache`` of prompt embeddings): Tensor data gives them as
             ``embeddings=``, a DataLoader's batches as ``(images, embeddings[, labels])`` or a dict with them
-            under "encoder_hidden_states", "prompt_embeds" or "embeddings". Class labels beside embeddings
-            are not given to the model; they reach the analyzers (a "level_class" partition).
+            under "encoder_hidden_states", "prompt_embeds" or "embeddings". Embeddings given as a tuple
+            (SD3's and FLUX's sequence and pooled text embeddings; a dict's "pooled_prompt_embeds" or
+            "pooled_projections" beside the sequence) are given to the model in order, ``model(x_t, t, e, p)``.
+            Class labels beside embeddings are not given to the model; they reach the analyzers (a
+            "level_class" partition).
         embeddings: ``Tensor[N, *E]`` floating conditioning embeddings of Tensor data (conditional="embeddings"),
             kept where they are given (on the CPU for a large cache), each batch's rows moved to the model.
         class_dropout, null_class, null_embedding: classifier-free guidance's conditioning dropout
             (conditional only, :mod:`~genkernel.diffusion.guidance`): each example's label is replaced by
             ``null_class`` (an extra row of the class embedding: ``UNet2DModel(num_class_embeds=K + 1)``,
-            null_class=K), or its embedding by ``null_embedding`` ``[*E]`` (the empty prompt's encoding),
+            null_class=K), or its embedding by ``null_embedding`` ``[*E]`` (the empty prompt's encoding; a
+            tuple for embeddings given as a tuple, every part of an example dropped together),
             with probability ``class_dropout``, drawn from the trainer's generator after the noise.
             The analyzers get the labels the model was given as ``info["class_labels"]``, the data's as
             ``info["data_labels"]`` (embeddings: the step's inputs hold those given to the model).
@@ -459,26 +463,29 @@ class DDPMTrainer:
         """Where a batch holds what the model is given beside (z, t) (conditional only)."""
         return "embeddings" if self.conditioning == "embeddings" else "labels"
 
-    def _checked_embeddings(self, embeddings: Any, n: int, what: str) -> torch.Tensor:
-        """``embeddings`` checked as a floating Tensor [n, *E], E the data's (the first seen sets it), detached, where
-        and as they were given (:meth:`_on_model` moves them); a TypeError or ValueError naming ``what`` otherwise."""
-        if not (isinstance(embeddings, torch.Tensor) and embeddings.is_floating_point() and embeddings.dim() >= 2
-                and embeddings.shape[0] == n):
-            found = (f"{embeddings.dtype} {tuple(embeddings.shape)}" if isinstance(embeddings, torch.Tensor)
-                     else type(embeddings).__name__)
-            raise TypeError(f"{what} must be a floating Tensor [{n}, *E] of conditioning embeddings, got {found}")
-        shape = tuple(embeddings.shape[1:])
+    def _checked_embeddings(self, embeddings: Any, n: int, what: str) -> torch.Tensor | tuple[torch.Tensor, ...]:
+        """``embeddings`` checked as a floating Tensor [n, *E] or a tuple of them (a sequence and a pooled
+        embedding, given to the model in that order), shaped per example as the data's (the first seen sets
+        it), detached, where and as they were given (:meth:`_on_model` moves them); a TypeError or ValueError
+        naming ``what`` otherwise."""
+        embeddings = tuple(embeddings) if isinstance(embeddings, list) else embeddings
+        for part in embedding_parts(embeddings):
+            if not (isinstance(part, torch.Tensor) and part.is_floating_point() and part.dim() >= 2 and part.shape[0] == n):
+                found = f"{part.dtype} {tuple(part.shape)}" if isinstance(part, torch.Tensor) else type(part).__name__
+                raise TypeError(f"{what} must be a floating Tensor [{n}, *E] of conditioning embeddings (or a tuple of "
+                                f"them), got {found}")
+        shape = map_embeddings(embeddings, lambda part: tuple(part.shape[1:]))
         if self.embedding_shape is not None and shape != self.embedding_shape:
             raise ValueError(f"{what} are shaped {shape} per example, the data's embeddings {self.embedding_shape}")
         self.embedding_shape = shape
         # detached: embeddings encoded outside torch.no_grad() carry the text encoder's graph, which every step's
         # backward would run into (gradients piling up in the encoder; Tensor data's second step: "backward
         # through the graph a second time")
-        return embeddings.detach()
+        return map_embeddings(embeddings, torch.Tensor.detach)
 
-    def _on_model(self, embeddings: torch.Tensor) -> torch.Tensor:
+    def _on_model(self, embeddings: torch.Tensor | tuple[torch.Tensor, ...]) -> torch.Tensor | tuple[torch.Tensor, ...]:
         """``embeddings`` on the model's device and in its dtype, as the model is given them."""
-        return embeddings.to(device=self.device, dtype=self.dtype)
+        return map_embeddings(embeddings, lambda part: part.to(device=self.device, dtype=self.dtype))
 
     def _tensor_batch(self) -> dict[str, torch.Tensor]:
         """The next rows of Tensor data (a new permutation when the epoch's is used up)."""
@@ -503,7 +510,7 @@ class DDPMTrainer:
         if self.embeddings is not None:
             # (Tensor data's embeddings stay where they were given, a batch's rows moved: cached text encodings
             # are large, CLIP's 77 × 768 per example 4x a 4 × 64 × 64 latent)
-            batch["embeddings"] = self._on_model(self.embeddings[index.to(self.embeddings.device)])
+            batch["embeddings"] = self._on_model(map_embeddings(self.embeddings, lambda part: part[index.to(part.device)]))
         return batch
 
     def _checked_batch(self, raw: Any) -> dict[str, torch.Tensor]:
@@ -540,8 +547,10 @@ class DDPMTrainer:
         """The :class:`OptimizerStep` for ``batch``: inputs (z, t), (z, t, y) or (z, t, e), target y, per-example MSE
         (a model that predicts its variance: the hybrid loss, targets (y, x_0, z_t, t))."""
         inputs = (batch["noisy"], batch["timesteps"])
-        if self.conditional:
-            inputs = (*inputs, batch[self._model_key])
+        if self.conditioning == "embeddings":
+            inputs = (*inputs, *embedding_parts(batch["embeddings"]))
+        elif self.conditional:
+            inputs = (*inputs, batch["labels"])
         info = {k: batch[k] for k in ("timesteps", "clean", "noise", "indices", "data_labels", "dropped") if k in batch}
         if "labels" in batch:
             info["class_labels"] = batch["labels"]
@@ -809,7 +818,9 @@ class DDPMTrainer:
             "data": "Tensor" if tensor_data else "iterable",
             "data_shape": list(self.data.shape) if tensor_data else None,
             # (the same shape is not the same data: another subset or normalization would be mixed in)
-            "data_fingerprint": data_fingerprint(self.data, self.labels, self.embeddings) if tensor_data else None,
+            "data_fingerprint": (data_fingerprint(self.data, self.labels,
+                                                  *(() if self.embeddings is None else embedding_parts(self.embeddings)))
+                                 if tensor_data else None),
             "batch_size": self.batch_size,
             "micro_batches": self.micro_batches,  # (BatchNorm's statistics and the rounding depend on them)
             "batches_per_epoch": None if tensor_data else self._stream.batches_per_epoch,

@@ -33,6 +33,7 @@ import torch
 IMAGE_KEYS = ("images", "pixel_values", "input")  # where a dict batch holds its inputs ("input": diffusers' example)
 LABEL_KEYS = ("class_labels", "labels", "label")  # ... and its class labels
 EMBEDDING_KEYS = ("encoder_hidden_states", "prompt_embeds", "embeddings")  # ... and conditioning embeddings
+POOLED_KEYS = ("pooled_projections", "pooled_prompt_embeds")  # ... and a pooled text embedding beside them (SD3, FLUX)
 _END = object()
 
 
@@ -73,17 +74,32 @@ def split_floating_batch(batch: Any, what: str) -> tuple[torch.Tensor, Any]:
     return inputs, labels
 
 
-def split_embedding_batch(batch: Any, what: str) -> tuple[torch.Tensor, torch.Tensor, Any]:
+def embedding_parts(embeddings: torch.Tensor | tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+    """Conditioning embeddings as a tuple of tensors: one ``[B, *E]``, or several (a sequence and a pooled one)."""
+    return embeddings if isinstance(embeddings, tuple) else (embeddings,)
+
+
+def map_embeddings(embeddings: torch.Tensor | tuple[torch.Tensor, ...],
+                   function: Callable[..., torch.Tensor], *others: Any) -> torch.Tensor | tuple[torch.Tensor, ...]:
+    """``function`` applied to each part of ``embeddings`` (with the same part of each of ``others``), in the
+    form given: a tensor for a tensor, a tuple for a tuple."""
+    parts = [function(*args) for args in zip(embedding_parts(embeddings), *map(embedding_parts, others))]
+    return tuple(parts) if isinstance(embeddings, tuple) else parts[0]
+
+
+def split_embedding_batch(batch: Any, what: str) -> tuple[torch.Tensor, Any, Any]:
     """The inputs, conditioning embeddings and class labels of one batch of a model conditioned on embeddings.
 
-    A batch is a tuple or list ``(inputs, embeddings[, labels])``, or a dict with the inputs under one of
-    :data:`IMAGE_KEYS`, the embeddings under "encoder_hidden_states", "prompt_embeds" or "embeddings"
-    and labels, if any, under one of :data:`LABEL_KEYS` (a text-to-image script's batch with its
-    captions encoded beforehand).
+    A batch is a tuple or list ``(inputs, embeddings[, labels])`` (embeddings a Tensor, or a tuple of them:
+    a sequence and a pooled embedding), or a dict with the inputs under one of :data:`IMAGE_KEYS`, the
+    embeddings under "encoder_hidden_states", "prompt_embeds" or "embeddings" (and a pooled one, if any,
+    under "pooled_projections" or "pooled_prompt_embeds": then the two as a tuple) and labels, if any,
+    under one of :data:`LABEL_KEYS` (a text-to-image script's batch with its captions encoded beforehand).
 
     Returns:
-        ``(inputs [B, ...] floating, embeddings [B, *E] floating, labels or None)``; a TypeError naming
-        what is missing or mistyped otherwise.
+        ``(inputs [B, ...] floating, embeddings (floating [B, ...], or a tuple of them), labels or None)``;
+        a TypeError naming what is missing or mistyped otherwise (the embeddings' shapes are checked by
+        the trainer).
     """
     if isinstance(batch, Mapping):
         inputs, labels = split_batch(batch)
@@ -91,7 +107,8 @@ def split_embedding_batch(batch: Any, what: str) -> tuple[torch.Tensor, torch.Te
         if key is None:
             raise TypeError(f"a dict batch of a model conditioned on embeddings needs them under one of {EMBEDDING_KEYS}; "
                             f"its keys are {list(batch)}")
-        embeddings = batch[key]
+        pooled = next((key for key in POOLED_KEYS if key in batch), None)
+        embeddings = batch[key] if pooled is None else (batch[key], batch[pooled])
     elif isinstance(batch, (tuple, list)) and len(batch) in (2, 3):
         inputs, embeddings = batch[0], batch[1]
         labels = batch[2] if len(batch) == 3 else None
@@ -102,12 +119,7 @@ def split_embedding_batch(batch: Any, what: str) -> tuple[torch.Tensor, torch.Te
             + (f"a {type(batch).__name__} of {len(batch)}" if isinstance(batch, (tuple, list)) else type(batch).__name__)
         )
     inputs, _ = split_floating_batch(inputs, what)
-    if not (isinstance(embeddings, torch.Tensor) and embeddings.is_floating_point() and embeddings.dim() >= 2
-            and embeddings.shape[0] == inputs.shape[0]):
-        found = f"{embeddings.dtype} {tuple(embeddings.shape)}" if isinstance(embeddings, torch.Tensor) else type(embeddings).__name__
-        raise TypeError(f"a batch's conditioning embeddings must be a floating Tensor [{inputs.shape[0]}, *E] (one row "
-                        f"per input), got {found}")
-    return inputs, embeddings, labels
+    return inputs, tuple(embeddings) if isinstance(embeddings, list) else embeddings, labels
 
 
 def is_class_labels(labels: Any, n: int) -> bool:
@@ -414,6 +426,6 @@ class IterableBatches:
         self._held_global = state.get("held_global_state")  # (None: no batch was handed back)
 
 
-__all__ = ["EMBEDDING_KEYS", "IMAGE_KEYS", "LABEL_KEYS", "IterableBatches", "check_reiterable", "class_labels", "is_class_labels",
+__all__ = ["EMBEDDING_KEYS", "IMAGE_KEYS", "LABEL_KEYS", "POOLED_KEYS", "embedding_parts", "map_embeddings", "IterableBatches", "check_reiterable", "class_labels", "is_class_labels",
            "order_generators", "set_sampler_epoch", "split_batch", "split_embedding_batch",
            "split_floating_batch"]
