@@ -530,3 +530,27 @@ def test_tensor_data_with_a_pooled_embedding_resumes_bit_for_bit_and_refuses_oth
     assert_resumes_bit_for_bit(build, tmp_path, 4, 2)
     with pytest.raises(ValueError, match="data_fingerprint"):
         build(pooled=data.pooled.flip(0)).resume(tmp_path / "checkpoint.pt")
+
+
+def test_a_pooled_embedding_for_a_unet_taking_class_labels_next_is_refused():
+    """A dict batch with "pooled_prompt_embeds" (SDXL's scripts cache it) gave UNet2DConditionModel the pooled
+    embedding as its fourth input, class_labels: ignored without a class embedding, silently."""
+    pytest.importorskip("diffusers")
+    data = CaptionedImages()
+    pooled = torch.randn(len(data), 6, dtype=F64)
+
+    class WithPooled(Dataset):
+        def __len__(self):
+            return len(data)
+
+        def __getitem__(self, i):
+            return {**data[i], "pooled_prompt_embeds": pooled[i]}
+
+    run = DDPMTrainer(tiny_text_unet(), make_scheduler(T), DataLoader(WithPooled(), batch_size=3), conditional="embeddings",
+                      progress=False)
+    with pytest.raises(ValueError, match=r"inputs \['encoder_hidden_states', 'class_labels'\].*give the sequence alone"):
+        run.train(1)
+    assert run.global_step == 0
+    with pytest.raises(ValueError, match="class_labels"):
+        DDPMTrainer(tiny_text_unet(), make_scheduler(T), data.images, conditional="embeddings",
+                    embeddings=(data.embeddings, pooled), progress=False)

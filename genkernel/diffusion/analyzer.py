@@ -638,6 +638,7 @@ class NoiseLevelAnalyzer(TrainerCallback):
             raise
 
     def _track(self, step: OptimizerStep, timesteps: torch.Tensor, class_labels: torch.Tensor | None) -> StepContributions:
+        self._check_step_conditioning(step)
         groups, bins = self._groups(timesteps, step.batch, class_labels)
         self._pending_bins = {OWNED_STEP: bins}  # (an owned step: the tracker observes nothing, step_observations is [])
         self._pending_loss = describe_loss(step.loss_fn)
@@ -660,6 +661,19 @@ class NoiseLevelAnalyzer(TrainerCallback):
         except BaseException:
             self._pending_bins = {}
             raise
+
+    def _check_step_conditioning(self, step: OptimizerStep) -> None:
+        """Refuse a step whose model inputs beside (x_t, t) are not the probes' in number and per-row shapes: the
+        probes' kernels would be of another input (a pooled embedding the steps give and the probes lack
+        reaches a model whose ``forward`` defaults it, silently, as None)."""
+        given = [tuple(c.shape[1:]) for c in step.inputs[2:]]
+        probes = [tuple(c.shape[1:]) for c in self.probe_conditioning]
+        if given and probes and given != probes:
+            raise ValueError(
+                f"the step gives the model {len(given)} input(s) beside (x_t, t) shaped {given} per example, this "
+                f"analyzer's probes {len(probes)} shaped {probes}: build it with probe_conditioning= as the steps' "
+                "(a tuple (sequence, pooled) for embeddings given as a tuple)"
+            )
 
     def _groups(self, timesteps, batch: int, class_labels) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         """Every partition's ids for a batch: level bins, permuted bins per control, level × class."""

@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from ..core.adapter import output_tensor
-from ..core.tracking.batches import embedding_parts, map_embeddings
+from ..core.tracking.batches import embedding_form, embedding_parts, map_embeddings
 from ..core.tracking.io import data_fingerprint
 
 
@@ -148,7 +148,10 @@ class EmbeddingDropout:
     def build(cls, probability: Any, null_embedding: Any) -> "EmbeddingDropout":
         """The checked setting of a trainer's ``class_dropout=`` and ``null_embedding=`` (conditional="embeddings")."""
         _check_probability(probability)
-        null_embedding = tuple(null_embedding) if isinstance(null_embedding, list) else null_embedding
+        null_embedding = embedding_form(null_embedding)
+        if isinstance(null_embedding, tuple) and not null_embedding:
+            raise TypeError("null_embedding is an empty tuple: pass the empty prompt's embedding, a floating Tensor "
+                            "[*E] (a tuple of them for embeddings given as a tuple)")
         for part in () if null_embedding is None else embedding_parts(null_embedding):
             if not (isinstance(part, torch.Tensor) and part.is_floating_point()):
                 found = part.dtype if isinstance(part, torch.Tensor) else type(part).__name__

@@ -69,8 +69,8 @@ from ..core.tracking.ema import (
     check_ema_state, check_trainable_ema, ema_settings, ema_weights, load_ema_state, step_ema,
 )
 from ..core.tracking.batches import (
-    EMBEDDING_KEYS, IterableBatches, check_reiterable, class_labels, embedding_parts, is_class_labels, map_embeddings,
-    split_batch, split_embedding_batch, split_floating_batch,
+    EMBEDDING_KEYS, IterableBatches, check_reiterable, class_labels, embedding_form, embedding_parts, is_class_labels,
+    map_embeddings, split_batch, split_embedding_batch, split_floating_batch,
 )
 from ..core.tracking.lr_schedules import LRSchedulerArg, build_lr_scheduler, lr_scheduler_settings, step_lr_scheduler
 from ..core.tracking.step import OptimizerStep, trainer_autocast_dtype, trainer_grad_scaler, until_applied
@@ -468,12 +468,20 @@ class DDPMTrainer:
         embedding, given to the model in that order), shaped per example as the data's (the first seen sets
         it), detached, where and as they were given (:meth:`_on_model` moves them); a TypeError or ValueError
         naming ``what`` otherwise."""
-        embeddings = tuple(embeddings) if isinstance(embeddings, list) else embeddings
-        for part in embedding_parts(embeddings):
+        embeddings = embedding_form(embeddings)
+        # (an empty tuple calls model(x_t, t): a conditional model trained without its conditioning, silently)
+        if isinstance(embeddings, tuple) and not embeddings:
+            raise TypeError(f"{what} are an empty tuple: pass a floating Tensor [{n}, *E], or a tuple of them (a "
+                            "sequence embedding and a pooled one)")
+        parts = embedding_parts(embeddings)
+        for index, part in enumerate(parts):
             if not (isinstance(part, torch.Tensor) and part.is_floating_point() and part.dim() >= 2 and part.shape[0] == n):
                 found = f"{part.dtype} {tuple(part.shape)}" if isinstance(part, torch.Tensor) else type(part).__name__
+                which = f" as part {index} of the {len(parts)} given" if isinstance(embeddings, tuple) else ""
                 raise TypeError(f"{what} must be a floating Tensor [{n}, *E] of conditioning embeddings (or a tuple of "
-                                f"them), got {found}")
+                                f"them, each with the {n} rows), got {found}{which}")
+        if self.embedding_shape is None:
+            self._check_model_takes(len(parts))
         shape = map_embeddings(embeddings, lambda part: tuple(part.shape[1:]))
         if self.embedding_shape is not None and shape != self.embedding_shape:
             raise ValueError(f"{what} are shaped {shape} per example, the data's embeddings {self.embedding_shape}")
@@ -482,6 +490,28 @@ class DDPMTrainer:
         # backward would run into (gradients piling up in the encoder; Tensor data's second step: "backward
         # through the graph a second time")
         return map_embeddings(embeddings, torch.Tensor.detach)
+
+    def _check_model_takes(self, parts: int) -> None:
+        """Refuse embeddings of ``parts`` parts for a model whose forward does not take them as its inputs after
+        (x_t, t): a pooled embedding given to ``UNet2DConditionModel`` would land on its ``class_labels``
+        (ignored without a class embedding, a class embedding's input with one), silently."""
+        try:
+            parameters = list(inspect.signature(self.model.forward).parameters.values())
+        except (TypeError, ValueError):  # (a forward without a signature: the model's own call will tell)
+            return
+        if any(p.kind == inspect.Parameter.VAR_POSITIONAL for p in parameters):
+            return
+        positional = [p.name for p in parameters
+                      if p.kind in (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)]
+        names = positional[2 : 2 + parts]
+        if len(names) < parts or any(name in ("class_labels", "timestep_cond") for name in names):
+            raise ValueError(
+                f"the embeddings have {parts} part(s), given to the model after (x_t, t) as its inputs {names}, but "
+                f"{type(self.model).__name__}.forward takes {positional}: a UNet2DConditionModel conditions on one "
+                "sequence embedding (its next input is class_labels; SDXL's pooled embedding goes through "
+                "added_cond_kwargs, a loop of your own): give the sequence alone, or wrap the model in "
+                "PositionalInputs to name each input"
+            )
 
     def _on_model(self, embeddings: torch.Tensor | tuple[torch.Tensor, ...]) -> torch.Tensor | tuple[torch.Tensor, ...]:
         """``embeddings`` on the model's device and in its dtype, as the model is given them."""

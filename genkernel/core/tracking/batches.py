@@ -79,11 +79,20 @@ def embedding_parts(embeddings: torch.Tensor | tuple[torch.Tensor, ...]) -> tupl
     return embeddings if isinstance(embeddings, tuple) else (embeddings,)
 
 
+def embedding_form(embeddings: Any) -> Any:
+    """``embeddings`` in the one form the trainer keeps: a list as a tuple, a tuple of one part as that part
+    (``model(x_t, t, e)`` either way: one form, so that a one-part tuple and a plain Tensor check, drop and
+    resume alike); anything else as given (the caller checks it)."""
+    embeddings = tuple(embeddings) if isinstance(embeddings, list) else embeddings
+    return embeddings[0] if isinstance(embeddings, tuple) and len(embeddings) == 1 else embeddings
+
+
 def map_embeddings(embeddings: torch.Tensor | tuple[torch.Tensor, ...],
                    function: Callable[..., torch.Tensor], *others: Any) -> torch.Tensor | tuple[torch.Tensor, ...]:
     """``function`` applied to each part of ``embeddings`` (with the same part of each of ``others``), in the
     form given: a tensor for a tensor, a tuple for a tuple."""
-    parts = [function(*args) for args in zip(embedding_parts(embeddings), *map(embedding_parts, others))]
+    # (strict: a null of fewer parts than the data's would drop the pooled embedding without a word)
+    parts = [function(*args) for args in zip(embedding_parts(embeddings), *map(embedding_parts, others), strict=True)]
     return tuple(parts) if isinstance(embeddings, tuple) else parts[0]
 
 
@@ -112,6 +121,14 @@ def split_embedding_batch(batch: Any, what: str) -> tuple[torch.Tensor, Any, Any
     elif isinstance(batch, (tuple, list)) and len(batch) in (2, 3):
         inputs, embeddings = batch[0], batch[1]
         labels = batch[2] if len(batch) == 3 else None
+        if isinstance(labels, torch.Tensor) and labels.is_floating_point():
+            # (a TensorDataset(latents, prompt_embeds, pooled_prompt_embeds)'s batch: its pooled embedding, taken
+            # for labels that are not class labels, was passed over and the model trained without it)
+            raise TypeError(
+                f"a {type(batch).__name__} batch (inputs, embeddings, labels) holds a floating Tensor "
+                f"{tuple(labels.shape)} where its class labels go: a pooled embedding goes beside the sequence as "
+                "(inputs, (embeddings, pooled)) (or a dict's 'pooled_prompt_embeds'); class labels are integers"
+            )
     else:
         raise TypeError(
             "a batch of a model conditioned on embeddings is a tuple (inputs, embeddings[, labels]) or a dict with the "
@@ -119,7 +136,7 @@ def split_embedding_batch(batch: Any, what: str) -> tuple[torch.Tensor, Any, Any
             + (f"a {type(batch).__name__} of {len(batch)}" if isinstance(batch, (tuple, list)) else type(batch).__name__)
         )
     inputs, _ = split_floating_batch(inputs, what)
-    return inputs, tuple(embeddings) if isinstance(embeddings, list) else embeddings, labels
+    return inputs, embedding_form(embeddings), labels
 
 
 def is_class_labels(labels: Any, n: int) -> bool:
@@ -426,6 +443,6 @@ class IterableBatches:
         self._held_global = state.get("held_global_state")  # (None: no batch was handed back)
 
 
-__all__ = ["EMBEDDING_KEYS", "IMAGE_KEYS", "LABEL_KEYS", "POOLED_KEYS", "embedding_parts", "map_embeddings", "IterableBatches", "check_reiterable", "class_labels", "is_class_labels",
+__all__ = ["EMBEDDING_KEYS", "IMAGE_KEYS", "LABEL_KEYS", "POOLED_KEYS", "embedding_form", "embedding_parts", "map_embeddings", "IterableBatches", "check_reiterable", "class_labels", "is_class_labels",
            "order_generators", "set_sampler_epoch", "split_batch", "split_embedding_batch",
            "split_floating_batch"]
