@@ -237,3 +237,13 @@ def test_guided_sampling_on_a_pair_is_the_guidance_loop_written_by_hand():
             conditional, unconditional = run.model(x, timestep, *prompts), run.model(x, timestep, *null)
             x = sampler.step(unconditional + 2.5 * (conditional - unconditional), t, x, generator=gen).prev_sample
     torch.testing.assert_close(samples, x, rtol=0, atol=1e-15)
+
+
+def test_a_dict_batch_with_both_pooled_keys_is_refused():
+    """"pooled_projections" and "pooled_prompt_embeds" in one batch: the first was taken without a word."""
+    from genkernel.core.tracking.batches import split_embedding_batch
+
+    batch = {"pixel_values": torch.zeros(2, 3), "prompt_embeds": torch.zeros(2, 4, 5),
+             "pooled_projections": torch.zeros(2, 6), "pooled_prompt_embeds": torch.ones(2, 6)}
+    with pytest.raises(TypeError, match=r"pooled embeddings under both \['pooled_projections', 'pooled_prompt_embeds'\]"):
+        split_embedding_batch(batch, "clean inputs")

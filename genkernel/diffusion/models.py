@@ -314,5 +314,6 @@ class PositionalInputs(nn.Module):
     def forward(self, *inputs):
         if len(inputs) != len(self.names):
             raise TypeError(f"called with {len(inputs)} inputs, but names has {len(self.names)} ({self.names}): name "
-                            "every input the model is given, in order")
+                            "every input the model is given, in order (a trainer on embeddings given as a tuple, or "
+                            "batches with a pooled embedding, gives the model x_t, t, then each part)")
         return self.model(**dict(zip(self.names, inputs)), **self.fixed)

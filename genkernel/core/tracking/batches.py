@@ -116,8 +116,10 @@ def split_embedding_batch(batch: Any, what: str) -> tuple[torch.Tensor, Any, Any
         if key is None:
             raise TypeError(f"a dict batch of a model conditioned on embeddings needs them under one of {EMBEDDING_KEYS}; "
                             f"its keys are {list(batch)}")
-        pooled = next((key for key in POOLED_KEYS if key in batch), None)
-        embeddings = batch[key] if pooled is None else (batch[key], batch[pooled])
+        pooled = [key for key in POOLED_KEYS if key in batch]
+        if len(pooled) > 1:  # (one of them taken without a word would train on the other's absence)
+            raise TypeError(f"a dict batch holds pooled embeddings under both {pooled}: keep the one the model takes")
+        embeddings = batch[key] if not pooled else (batch[key], batch[pooled[0]])
     elif isinstance(batch, (tuple, list)) and len(batch) in (2, 3):
         inputs, embeddings = batch[0], batch[1]
         labels = batch[2] if len(batch) == 3 else None
