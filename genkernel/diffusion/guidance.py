@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from ..core.adapter import output_tensor
-from ..core.tracking.batches import embedding_form, embedding_parts, map_embeddings
+from ..core.tracking.batches import embedding_form, embedding_parts, embedding_shapes, map_embeddings
 from ..core.tracking.io import data_fingerprint
 
 
@@ -148,10 +148,7 @@ class EmbeddingDropout:
     def build(cls, probability: Any, null_embedding: Any) -> "EmbeddingDropout":
         """The checked setting of a trainer's ``class_dropout=`` and ``null_embedding=`` (conditional="embeddings")."""
         _check_probability(probability)
-        null_embedding = embedding_form(null_embedding)
-        if isinstance(null_embedding, tuple) and not null_embedding:
-            raise TypeError("null_embedding is an empty tuple: pass the empty prompt's embedding, a floating Tensor "
-                            "[*E] (a tuple of them for embeddings given as a tuple)")
+        null_embedding = embedding_form(null_embedding, "null_embedding")
         for part in () if null_embedding is None else embedding_parts(null_embedding):
             if not (isinstance(part, torch.Tensor) and part.is_floating_point()):
                 found = part.dtype if isinstance(part, torch.Tensor) else type(part).__name__
@@ -180,7 +177,7 @@ class EmbeddingDropout:
         """Refuse embeddings ``[B, *E]`` (or a tuple) whose rows are not shaped as the null embedding."""
         if not self.active:
             return
-        shapes = map_embeddings(embeddings, lambda part: tuple(part.shape[1:]))
+        shapes = embedding_shapes(embeddings)
         null_shapes = map_embeddings(self.null_embedding, lambda part: tuple(part.shape))
         if shapes != null_shapes:
             raise ValueError(f"{where} are shaped {shapes} per example, null_embedding {null_shapes}: pass the empty "

@@ -69,8 +69,8 @@ from ..core.tracking.ema import (
     check_ema_state, check_trainable_ema, ema_settings, ema_weights, load_ema_state, step_ema,
 )
 from ..core.tracking.batches import (
-    EMBEDDING_KEYS, IterableBatches, check_reiterable, class_labels, embedding_form, embedding_parts, is_class_labels,
-    map_embeddings, split_batch, split_embedding_batch, split_floating_batch,
+    EMBEDDING_KEYS, IterableBatches, check_reiterable, class_labels, embedding_form, embedding_parts, embedding_shapes,
+    is_class_labels, map_embeddings, split_batch, split_embedding_batch, split_floating_batch,
 )
 from ..core.tracking.lr_schedules import LRSchedulerArg, build_lr_scheduler, lr_scheduler_settings, step_lr_scheduler
 from ..core.tracking.step import OptimizerStep, trainer_autocast_dtype, trainer_grad_scaler, until_applied
@@ -96,7 +96,7 @@ def conditioning_kind(conditional: Any) -> str:
     """One of :data:`CONDITIONINGS` for a trainer's ``conditional=`` (False, True, "class_labels", "embeddings")."""
     if isinstance(conditional, numbers.Integral) and conditional in (0, 1):  # False, True (and 0, 1, as bool() took)
         return "class_labels" if conditional else "none"
-    if isinstance(conditional, str) and conditional in ("class_labels", "embeddings"):
+    if isinstance(conditional, str) and conditional in CONDITIONINGS[1:]:
         return conditional
     raise ValueError(f"conditional must be False, True (class labels), 'class_labels' or 'embeddings', got {conditional!r}")
 
@@ -468,11 +468,7 @@ class DDPMTrainer:
         embedding, given to the model in that order), shaped per example as the data's (the first seen sets
         it), detached, where and as they were given (:meth:`_on_model` moves them); a TypeError or ValueError
         naming ``what`` otherwise."""
-        embeddings = embedding_form(embeddings)
-        # (an empty tuple calls model(x_t, t): a conditional model trained without its conditioning, silently)
-        if isinstance(embeddings, tuple) and not embeddings:
-            raise TypeError(f"{what} are an empty tuple: pass a floating Tensor [{n}, *E], or a tuple of them (a "
-                            "sequence embedding and a pooled one)")
+        embeddings = embedding_form(embeddings, what)
         parts = embedding_parts(embeddings)
         for index, part in enumerate(parts):
             if not (isinstance(part, torch.Tensor) and part.is_floating_point() and part.dim() >= 2 and part.shape[0] == n):
@@ -482,7 +478,7 @@ class DDPMTrainer:
                                 f"them, each with the {n} rows), got {found}{which}")
         if self.embedding_shape is None:
             self._check_model_takes(len(parts))
-        shape = map_embeddings(embeddings, lambda part: tuple(part.shape[1:]))
+        shape = embedding_shapes(embeddings)
         if self.embedding_shape is not None and shape != self.embedding_shape:
             raise ValueError(f"{what} are shaped {shape} per example, the data's embeddings {self.embedding_shape}")
         self.embedding_shape = shape
@@ -772,7 +768,7 @@ class DDPMTrainer:
         """What the model is given beside (x_t, t) while sampling: the checked ``labels`` ``[S]`` or
         ``embeddings`` ``[S, *E]`` on the model's device, as the trainer's conditioning asks; None for an
         unconditional model."""
-        wanted = {"none": None, "class_labels": "labels", "embeddings": "embeddings"}[self.conditioning]
+        wanted = self._model_key if self.conditional else None
         given = [name for name, value in (("labels", labels), ("embeddings", embeddings)) if value is not None]
         if given != ([] if wanted is None else [wanted]):
             if wanted is None:

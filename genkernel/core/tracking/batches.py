@@ -79,12 +79,21 @@ def embedding_parts(embeddings: torch.Tensor | tuple[torch.Tensor, ...]) -> tupl
     return embeddings if isinstance(embeddings, tuple) else (embeddings,)
 
 
-def embedding_form(embeddings: Any) -> Any:
+def embedding_form(embeddings: Any, what: str) -> Any:
     """``embeddings`` in the one form the trainer keeps: a list as a tuple, a tuple of one part as that part
     (``model(x_t, t, e)`` either way: one form, so that a one-part tuple and a plain Tensor check, drop and
-    resume alike); anything else as given (the caller checks it)."""
+    resume alike); anything else as given (the caller checks its parts). An empty tuple is a TypeError naming
+    ``what``: it would call ``model(x_t, t)``, a conditional model trained without its conditioning."""
     embeddings = tuple(embeddings) if isinstance(embeddings, list) else embeddings
+    if isinstance(embeddings, tuple) and not embeddings:
+        raise TypeError(f"{what} is an empty tuple: pass a floating Tensor, or a tuple of them (a sequence embedding "
+                        "and a pooled one)")
     return embeddings[0] if isinstance(embeddings, tuple) and len(embeddings) == 1 else embeddings
+
+
+def embedding_shapes(embeddings: torch.Tensor | tuple[torch.Tensor, ...]) -> tuple:
+    """The per-example shapes of ``embeddings`` ``[B, *E]``: ``E``, or a tuple of them for a tuple."""
+    return map_embeddings(embeddings, lambda part: tuple(part.shape[1:]))
 
 
 def map_embeddings(embeddings: torch.Tensor | tuple[torch.Tensor, ...],
@@ -138,7 +147,7 @@ def split_embedding_batch(batch: Any, what: str) -> tuple[torch.Tensor, Any, Any
             + (f"a {type(batch).__name__} of {len(batch)}" if isinstance(batch, (tuple, list)) else type(batch).__name__)
         )
     inputs, _ = split_floating_batch(inputs, what)
-    return inputs, embedding_form(embeddings), labels
+    return inputs, embedding_form(embeddings, "a batch's conditioning embeddings"), labels
 
 
 def is_class_labels(labels: Any, n: int) -> bool:
@@ -445,6 +454,6 @@ class IterableBatches:
         self._held_global = state.get("held_global_state")  # (None: no batch was handed back)
 
 
-__all__ = ["EMBEDDING_KEYS", "IMAGE_KEYS", "LABEL_KEYS", "POOLED_KEYS", "embedding_form", "embedding_parts", "map_embeddings", "IterableBatches", "check_reiterable", "class_labels", "is_class_labels",
+__all__ = ["EMBEDDING_KEYS", "IMAGE_KEYS", "LABEL_KEYS", "POOLED_KEYS", "embedding_form", "embedding_parts", "embedding_shapes", "map_embeddings", "IterableBatches", "check_reiterable", "class_labels", "is_class_labels",
            "order_generators", "set_sampler_epoch", "split_batch", "split_embedding_batch",
            "split_floating_batch"]
