@@ -69,7 +69,7 @@ from ..core.tracking.ema import (
     check_ema_state, check_trainable_ema, ema_settings, ema_weights, load_ema_state, step_ema,
 )
 from ..core.tracking.batches import (
-    EMBEDDING_KEYS, IterableBatches, check_reiterable, class_labels, embedding_form, embedding_parts, embedding_shapes,
+    IterableBatches, check_reiterable, class_labels, embedding_form, embedding_parts, embedding_shapes,
     is_class_labels, map_embeddings, split_batch, split_embedding_batch, split_floating_batch,
 )
 from ..core.tracking.lr_schedules import LRSchedulerArg, build_lr_scheduler, lr_scheduler_settings, step_lr_scheduler
@@ -545,15 +545,12 @@ class DDPMTrainer:
         if self.conditioning == "embeddings":
             clean, embeddings, labels = split_embedding_batch(raw, "clean inputs")
         else:
-            found = [key for key in EMBEDDING_KEYS if isinstance(raw, Mapping) and key in raw]
-            if found and self.conditioning == "none":
-                # (Tensor data's embeddings= is refused so: trained as model(x_t, t), the captions would be ignored)
-                raise ValueError(
-                    f"a dict batch holds conditioning embeddings under {found[0]!r}, but conditional=False calls the "
-                    "model as model(x_t, t) and would train it without them: pass conditional='embeddings' (a "
-                    f"UNet2DConditionModel's encoder_hidden_states), or leave {found[0]!r} out of the batches"
-                )
-            (clean, labels), embeddings = split_floating_batch(raw, "clean inputs"), None
+            # (Tensor data's embeddings= is refused so: the captions' encodings would be ignored)
+            clean, labels = split_floating_batch(
+                raw, "clean inputs", f"conditional={self.conditional!r} calls the model as model(x_t, t"
+                + (", labels)" if self.conditional else ")") + ": pass conditional='embeddings' to give it embeddings "
+                "(a UNet2DConditionModel's encoder_hidden_states)")
+            embeddings = None
         if self.sample_shape is not None and tuple(clean.shape[1:]) != self.sample_shape:
             raise ValueError(f"a batch of inputs shaped {tuple(clean.shape[1:])} follows batches shaped {self.sample_shape}")
         self.sample_shape = tuple(clean.shape[1:])

@@ -814,7 +814,8 @@ class GANTrainer:
     def _checked_batch(self, raw: Any) -> dict[str, torch.Tensor]:
         """A DataLoader's batch as ``{"real"[, "labels"]}`` on the trainer's device, its types checked (labels kept
         for the analyzers when they are class labels; required of a conditional GAN)."""
-        real, labels = split_floating_batch(raw, "real samples")
+        real, labels = split_floating_batch(raw, "real samples", "GANTrainer conditions G and D on class labels "
+                                            "alone (num_classes=)")
         n = real.shape[0]
         batch = {"real": real.to(device=self.device, dtype=self.dtype)}
         if self.conditional:

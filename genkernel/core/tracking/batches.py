@@ -64,13 +64,41 @@ def split_batch(batch: Any) -> tuple[Any, Any]:
     )
 
 
-def split_floating_batch(batch: Any, what: str) -> tuple[torch.Tensor, Any]:
-    """:func:`split_batch`, its inputs checked: ``(inputs [B, ...] floating, labels or None)``; a TypeError
-    naming ``what`` (the inputs, e.g. "clean inputs") otherwise."""
-    inputs, labels = split_batch(batch)
+def floating_inputs(inputs: Any, what: str) -> torch.Tensor:
+    """``inputs`` checked to be a floating Tensor ``[B, ...]``; a TypeError naming ``what`` otherwise."""
     if not isinstance(inputs, torch.Tensor) or inputs.dim() < 2 or not inputs.is_floating_point():
         found = f"{inputs.dtype} {tuple(inputs.shape)}" if isinstance(inputs, torch.Tensor) else type(inputs).__name__
         raise TypeError(f"a batch's {what} must be a floating Tensor [B, ...], got {found}")
+    return inputs
+
+
+def split_floating_batch(batch: Any, what: str, conditioning_fix: str) -> tuple[torch.Tensor, Any]:
+    """:func:`split_batch` for a trainer that gives its model the inputs (and class labels, if any) alone, its
+    inputs checked.
+
+    Returns:
+        ``(inputs [B, ...] floating, labels or None)``; a TypeError naming ``what`` (the inputs, e.g. "clean
+        inputs") when the inputs are not floating ``[B, ...]``, and a ValueError ending in ``conditioning_fix``
+        (how this trainer takes conditioning) when the batch holds conditioning it would leave out: a dict's
+        entry under one of :data:`EMBEDDING_KEYS` / :data:`POOLED_KEYS`, or a tuple's floating Tensor ``[B, ...]``
+        past its inputs (a ``TensorDataset(latents, prompt_embeds)``'s batch; class labels are integers).
+    """
+    inputs, labels = split_batch(batch)
+    inputs = floating_inputs(inputs, what)
+    if isinstance(batch, Mapping):
+        left_out = [f"under {key!r}" for key in EMBEDDING_KEYS + POOLED_KEYS if key in batch]
+    else:
+        left_out = [f"at position {position} (a floating Tensor {tuple(part.shape)})"
+                    for position, part in enumerate(batch[1:] if isinstance(batch, (tuple, list)) else (), start=1)
+                    if isinstance(part, torch.Tensor) and part.is_floating_point() and part.dim() >= 1
+                    and part.shape[0] == inputs.shape[0]]
+    if left_out:
+        # (trained without it, the model learns the unconditional distribution of data meant to condition it:
+        # every caption's encoding ignored, no error anywhere)
+        raise ValueError(
+            f"a {type(batch).__name__} batch holds conditioning {left_out[0]} beside its {what}, which this trainer "
+            f"does not give the model (it would train without it): {conditioning_fix}, or leave it out of the batches"
+        )
     return inputs, labels
 
 
@@ -146,8 +174,7 @@ def split_embedding_batch(batch: Any, what: str) -> tuple[torch.Tensor, Any, Any
             f"embeddings under one of {EMBEDDING_KEYS}; got "
             + (f"a {type(batch).__name__} of {len(batch)}" if isinstance(batch, (tuple, list)) else type(batch).__name__)
         )
-    inputs, _ = split_floating_batch(inputs, what)
-    return inputs, embedding_form(embeddings, "a batch's conditioning embeddings"), labels
+    return floating_inputs(inputs, what), embedding_form(embeddings, "a batch's conditioning embeddings"), labels
 
 
 def is_class_labels(labels: Any, n: int) -> bool:
