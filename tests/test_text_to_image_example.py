@@ -1,6 +1,6 @@
 """diffusers' text-to-image fine-tuning flow with the analyzer attached (recipes/examples/train_text_to_image.py):
 offline on a tiny captioned ImageFolder, a frozen VAE and text encoder, a cross-attention UNet with EMA,
-gradient accumulation, clipping, Min-SNR, offset noise, input perturbation and empty prompts. The ledgers add
+gradient accumulation, clipping, Min-SNR, offset noise, input perturbation, empty prompts and DREAM. The ledgers add
 up (by level and by level × class), training is bit-for-bit the run without the analyzer, and a run resumed
 mid-epoch from a checkpoint is bit-for-bit the uninterrupted one, ledgers included."""
 
@@ -112,3 +112,21 @@ def test_an_analyzer_attached_to_a_run_checkpointed_without_it_starts_at_the_che
     again = run(image_folder, tmp_path / "again", "--resume_from_checkpoint", str(tmp_path / "resumed" / "checkpoint-2"))
     assert again["analyzer"].ledger.steps == 2
     torch.testing.assert_close(again["analyzer"].ledger.contributions, analyzer.ledger.contributions, rtol=0, atol=0)
+
+
+def test_dream_training_is_booked_from_the_corrected_inputs_and_trains_bit_for_bit(image_folder, tmp_path):
+    """--dream_training runs a no-grad forward of the UNet before the training forward and trains on the
+    corrected latents and target: the analyzer's group gradients (checked each step against the real gradient)
+    come from the training forward, the ledgers add up, training is bit for bit the unanalyzed run's and not
+    the run without DREAM's. --scale_lr scales the rate by accumulation × batch × processes (2 × 2 × 1)."""
+    dream = ("--dream_training", "--scale_lr", "--learning_rate", "2.5e-4")
+    analyzed = run(image_folder, tmp_path / "analyzed", *dream)
+    analyzer = analyzed["analyzer"]
+    assert analyzer.ledger.steps == 3
+    assert analyzer.tracker.optimizer.param_groups[0]["lr"] == pytest.approx(1e-3, rel=1e-12)
+    for name, ledger in analyzer.ledgers.items():
+        assert_identity(ledger, name)
+    bare = run(image_folder, tmp_path / "bare", "--no-analyze", *dream)
+    assert all(torch.equal(p, q) for p, q in zip(analyzed["unet"].parameters(), bare["unet"].parameters()))
+    plain = run(image_folder, tmp_path / "plain", "--no-analyze", "--scale_lr", "--learning_rate", "2.5e-4")
+    assert not all(torch.equal(p, q) for p, q in zip(analyzed["unet"].parameters(), plain["unet"].parameters()))

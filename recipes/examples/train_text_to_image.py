@@ -5,7 +5,9 @@ fine-tuning): a frozen VAE encodes the images into latents (``latent_dist.sample
 ``scaling_factor``) and a frozen text encoder the captions (tokenized to ``model_max_length``, an empty
 caption with probability ``--proportion_empty_prompts`` for classifier-free guidance); a
 ``UNet2DConditionModel`` trains on ``(noisy latents, timesteps, encoder_hidden_states)`` with a
-``DDPMScheduler``, the scripts' ``--noise_offset``, ``--input_perturbation`` and Min-SNR ``--snr_gamma``,
+``DDPMScheduler``, the scripts' ``--noise_offset``, ``--input_perturbation``, Min-SNR ``--snr_gamma`` and
+``--dream_training`` (DREAM: the noisy latents and the target corrected by the UNet's own prediction from a
+no-grad forward; the analyzer reads the corrected ones from the training forward's graph), ``--scale_lr``,
 AdamW with a warm-up schedule, an ``EMAModel`` stepped after each optimizer step, gradient accumulation
 (``accelerator.accumulate``), clipping at ``--max_grad_norm``, and checkpoints every
 ``--checkpointing_steps`` optimizer steps (``accelerator.save_state``, the UNet and the EMA saved by
@@ -32,7 +34,7 @@ offline and small, and resumes exactly:
   (:mod:`recipes.examples.checkpointing`, shared with ``train_unconditional.py``);
 - the loss is computed per example (upstream's ``reduction="none"`` then ``.mean(dim=...)`` with Min-SNR,
   its plain MSE otherwise, which is the mean of the same per-example losses);
-- no ``--dream_training``, hub, trackers or validation images; the pipeline is saved as upstream's
+- no hub, trackers or validation images; the pipeline is saved as upstream's
   (``StableDiffusionPipeline.save_pretrained``), without a safety checker.
 
 The lines marked ``# genkernel`` attach :class:`~genkernel.diffusion.NoiseLevelAnalyzer` in latent space:
@@ -63,7 +65,7 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from diffusers.optimization import get_scheduler
-from diffusers.training_utils import EMAModel, compute_snr
+from diffusers.training_utils import EMAModel, compute_dream_and_update_latents, compute_snr
 from torchvision import transforms
 from torchvision.datasets import ImageFolder
 from tqdm.auto import tqdm
@@ -95,6 +97,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         help="train this many optimizer steps (as upstream: overrides --num_train_epochs)")
     parser.add_argument("--gradient_accumulation_steps", type=int, default=1)
     parser.add_argument("--learning_rate", type=float, default=1e-4)
+    parser.add_argument("--scale_lr", action="store_true",
+                        help="scale the learning rate by accumulation steps, batch size and processes")
     parser.add_argument("--lr_scheduler", type=str, default="constant")
     parser.add_argument("--lr_warmup_steps", type=int, default=0)
     parser.add_argument("--snr_gamma", type=float, default=None, help="Min-SNR weighting's gamma (5.0 is common)")
@@ -103,6 +107,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--input_perturbation", type=float, default=0.0)
     parser.add_argument("--proportion_empty_prompts", type=float, default=0.0,
                         help="captions replaced by the empty one (classifier-free guidance)")
+    parser.add_argument("--dream_training", action="store_true",
+                        help="DREAM: the input and target corrected by the model's own no-grad prediction")
+    parser.add_argument("--dream_detail_preservation", type=float, default=1.0)
     parser.add_argument("--prediction_type", type=str, default=None, choices=["epsilon", "v_prediction"],
                         help="default: the scheduler's")
     parser.add_argument("--adam_beta1", type=float, default=0.9)
@@ -233,6 +240,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if args.use_ema:
         ema_unet = EMAModel(unet.parameters(), model_cls=UNet2DConditionModel, model_config=unet.config)
 
+    if args.scale_lr:
+        args.learning_rate = (args.learning_rate * args.gradient_accumulation_steps * args.train_batch_size
+                              * accelerator.num_processes)
     optimizer = torch.optim.AdamW(
         [p for p in unet.parameters() if p.requires_grad], lr=args.learning_rate,
         betas=(args.adam_beta1, args.adam_beta2), weight_decay=args.adam_weight_decay, eps=args.adam_epsilon,
@@ -347,6 +357,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                     target = noise_scheduler.get_velocity(latents, noise, timesteps)
                 else:
                     raise ValueError(f"Unknown prediction type {noise_scheduler.config.prediction_type}")
+                if args.dream_training:
+                    noisy_latents, target = compute_dream_and_update_latents(
+                        unet, noise_scheduler, timesteps, noise, noisy_latents, target, encoder_hidden_states,
+                        args.dream_detail_preservation)
                 model_pred = unet(noisy_latents, timesteps, encoder_hidden_states, return_dict=False)[0]
                 # per-example losses (mean over the latent's values); the loss is their mean, as upstream's
                 losses = F.mse_loss(model_pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
