@@ -97,7 +97,8 @@ def split_floating_batch(batch: Any, what: str, conditioning_fix: str) -> tuple[
         # every caption's encoding ignored, no error anywhere)
         raise ValueError(
             f"a {type(batch).__name__} batch holds conditioning {left_out[0]} beside its {what}, which this trainer "
-            f"does not give the model (it would train without it): {conditioning_fix}, or leave it out of the batches"
+            f"does not give the model (it would train without it): {conditioning_fix}, or leave it out of the batches "
+            "(class labels, which it reads, are integers [B]: one-hot rows as labels.argmax(1))"
         )
     return inputs, labels
 
