@@ -75,6 +75,7 @@ from ..core.tracking.batches import (
 from ..core.tracking.lr_schedules import LRSchedulerArg, build_lr_scheduler, lr_scheduler_settings, step_lr_scheduler
 from ..core.tracking.step import OptimizerStep, trainer_autocast_dtype, trainer_grad_scaler, until_applied
 from ..logging import LoggingCallback
+from .latents import LatentCoder
 from .guidance import ClassDropout, EmbeddingDropout, check_guidance_scale, guided_output
 from .learned_variance import LEARNED_RANGE, loss_targets, mean_channels, predicts_variance, training_loss
 from .timestep_sampling import Density, Weighting, make_loss_weighting, make_timestep_density
@@ -226,6 +227,14 @@ class DDPMTrainer:
         input_perturbation: the scripts' ``--input_perturbation`` (Ning et al., 2023; DDPM only): the noisy
             input is made with ε + input_perturbation · ξ, ξ ~ N(0, I) drawn after the offset, while the
             target stays ε. Default 0 (nothing drawn).
+        vae: a frozen VAE (diffusers' ``AutoencoderKL``, ``AutoencoderTiny``) for latent diffusion
+            (:mod:`~genkernel.diffusion.latents`): the data are images, and each step encodes its batch and
+            draws one latent per image from the posterior, ``(mean + std · ξ − shift_factor) · scaling_factor``
+            (ξ from the trainer's generator, before the levels; diffusers' text-to-image scripts'
+            ``latent_dist.sample() * scaling_factor``), in chunks of a micro-batch. The model, the noise, the
+            analyzers and :meth:`sample` live in latent space; :meth:`encode` gives probe latents (the
+            posterior's mean), :meth:`decode` images, and :meth:`save_samples` saves decoded images.
+            Checkpoints record the VAE's fingerprint. Default None (the model denoises the data itself).
         vlb_weight: λ of the hybrid loss ℓ = MSE + λ L_vlb of a model that predicts its variance too
             (a ``DDPMScheduler(variance_type="learned_range")`` and a model with twice the data's channels,
             as DiT with ``learn_sigma``: :mod:`~genkernel.diffusion.learned_variance`); default 1, as DiT.
@@ -274,6 +283,7 @@ class DDPMTrainer:
         loss_weighting: str | Weighting = "none",
         noise_offset: float = 0.0,
         input_perturbation: float = 0.0,
+        vae: nn.Module | None = None,
         vlb_weight: float = 1.0,
         ema: Any = None,
         seed: int = 0,
@@ -308,6 +318,7 @@ class DDPMTrainer:
                 f"{noise_process(scheduler)} the target is made from the noisy input's noise, so it has no one meaning "
                 "there: leave input_perturbation at 0"
             )
+        self.latent_coder = None if vae is None else LatentCoder(vae)
         self.conditioning = conditioning_kind(conditional)
         self.class_dropout = conditioning_dropout(self.conditioning, class_dropout, null_class, null_embedding)
         self.class_dropout.check_model(model)
@@ -391,7 +402,11 @@ class DDPMTrainer:
             self.class_dropout.check_conditioning(self.labels if self.embeddings is None else self.embeddings,
                                                   "labels" if self.embeddings is None else "embeddings")
         self.batch_size = min(128 if batch_size is None else batch_size, data.shape[0])
-        self.sample_shape: tuple[int, ...] | None = tuple(data.shape[1:])
+        self.input_shape: tuple[int, ...] | None = tuple(data.shape[1:])
+        self.sample_shape: tuple[int, ...] | None = self.input_shape  # what the model denoises: the data, or latents
+        if self.latent_coder is not None:  # (one image's latent: its shape, and the VAE's check of the data)
+            self.sample_shape = tuple(self.latent_coder.mode_latents(self.data[:1], device=self.device,
+                                                                     dtype=self.dtype).shape[1:])
 
     def _init_iterable_data(self, data: Any, labels: Any, embeddings: Any, batch_size: int | None) -> None:
         check_reiterable(data, "[N, *shape] of clean inputs")
@@ -409,7 +424,7 @@ class DDPMTrainer:
         self.labels = None
         self.embeddings = None
         self.batch_size = getattr(data, "batch_size", None)
-        self.sample_shape = None  # known from the first batch
+        self.input_shape = self.sample_shape = None  # known from the first batch
         self._stream = IterableBatches(data, self._checked_batch)
 
     @property
@@ -429,7 +444,13 @@ class DDPMTrainer:
             data's) and ``"dropped"`` (BoolTensor[B]).
         """
         batch = self._tensor_batch() if self._stream is None else self._stream.next()
+        if self.latent_coder is not None:  # the latents drawn first, as the scripts draw them
+            batch["images"] = batch["clean"]
+            chunk = -(-batch["clean"].shape[0] // self.micro_batches)  # (a micro-batch's memory, not the batch's)
+            batch["clean"] = self.latent_coder.sample_latents(batch["images"], self.generator, device=self.device,
+                                                              dtype=self.dtype, chunk=chunk)
         clean = batch["clean"]
+        self.sample_shape = tuple(clean.shape[1:])
         timesteps = self.timestep_density.draw(self.scheduler, self.levels, clean.shape[0], self.generator)
         noise = torch.randn(clean.shape, generator=self.generator, dtype=torch.float64)
         if self.noise_offset:  # (drawn only when set: a run without it draws as before; summed in float64, then cast)
@@ -551,9 +572,9 @@ class DDPMTrainer:
                 + (", labels)" if self.conditional else ")") + ": pass conditional='embeddings' to give it embeddings "
                 "(a UNet2DConditionModel's encoder_hidden_states)")
             embeddings = None
-        if self.sample_shape is not None and tuple(clean.shape[1:]) != self.sample_shape:
-            raise ValueError(f"a batch of inputs shaped {tuple(clean.shape[1:])} follows batches shaped {self.sample_shape}")
-        self.sample_shape = tuple(clean.shape[1:])
+        if self.input_shape is not None and tuple(clean.shape[1:]) != self.input_shape:
+            raise ValueError(f"a batch of inputs shaped {tuple(clean.shape[1:])} follows batches shaped {self.input_shape}")
+        self.input_shape = tuple(clean.shape[1:])
         batch = {"clean": clean.to(device=self.device, dtype=self.dtype)}
         if embeddings is not None:
             batch["embeddings"] = self._on_model(
@@ -653,7 +674,7 @@ class DDPMTrainer:
         state, self._order, self._cursor = position
         self.generator.set_state(state)
         if self._stream is not None:
-            held = {"clean": batch["clean"]}
+            held = {"clean": batch.get("images", batch["clean"])}  # (the data's: latents are drawn again)
             for key in ("labels", "embeddings"):
                 if key in batch:  # the data's (the conditioning dropout draws again)
                     held[key] = batch.get(f"data_{key}", batch[key])
@@ -782,6 +803,23 @@ class DDPMTrainer:
             return self._on_model(self._checked_embeddings(embeddings, num_samples, "embeddings"))
         return None
 
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """Latents of ``images`` ``[S, C, H, W]`` for a trainer with ``vae=``: the posterior's mean, scaled
+        as the training latents are (nothing drawn): ``[S, *sample_shape]`` in the model's dtype, on its
+        device. An analyzer's probes in latent space (``NoiseLevelAnalyzer(scheduler, trainer.encode(x))``)."""
+        return self._coder("encode").mode_latents(images, device=self.device, dtype=self.dtype, chunk=self.batch_size)
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Images ``[S, C, H, W]`` (in the VAE's [-1, 1]) of ``latents`` ``[S, *sample_shape]`` (:meth:`sample`'s,
+        a trainer with ``vae=``), in the latents' dtype and device."""
+        return self._coder("decode").decode(latents, chunk=self.batch_size)
+
+    def _coder(self, verb: str) -> LatentCoder:
+        if self.latent_coder is None:
+            raise ValueError(f"{verb}() maps between images and latents: this trainer has no vae= (its model "
+                             "denoises the data itself)")
+        return self.latent_coder
+
     @contextlib.contextmanager
     def _weights_model(self, weights: str) -> Iterator[nn.Module]:
         """Inside: the model to sample with, the trained one ("model") or one with the EMA's weights
@@ -801,12 +839,15 @@ class DDPMTrainer:
                      embeddings: torch.Tensor | None = None, num_inference_steps: int | None = None, seed: int = 0,
                      sampler: Any = None, weights: str = "model", guidance_scale: float = 1.0) -> torch.Tensor:
         """Generate samples (:meth:`sample`'s arguments) and write them as ``path`` (a PNG: an image grid, or
-        a scatter over the data for points) plus ``path`` with suffix ``.pt`` (the tensor). Returns the samples."""
+        a scatter over the data for points) plus ``path`` with suffix ``.pt`` (the tensor). Returns the samples
+        (a trainer with ``vae=``: the decoded images, which are what is written)."""
         import matplotlib.pyplot as plt
 
         samples, _ = self.sample(num_samples, labels=labels, embeddings=embeddings,
                                  num_inference_steps=num_inference_steps, seed=seed,
                                  sampler=sampler, weights=weights, guidance_scale=guidance_scale)
+        if self.latent_coder is not None:
+            samples = self.decode(samples)
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_save(samples.cpu(), path.with_suffix(".pt"))
@@ -866,6 +907,7 @@ class DDPMTrainer:
             "loss_weighting": self.loss_weighting.config(),
             "noise_offset": self.noise_offset,
             "input_perturbation": self.input_perturbation,
+            "vae": None if self.latent_coder is None else self.latent_coder.config(),
         }
 
     def state_dict(self) -> dict[str, Any]:
@@ -873,7 +915,7 @@ class DDPMTrainer:
         iterable = None
         if self._stream is not None:
             iterable = {**self._stream.state_dict(), "sample_shape": self.sample_shape,
-                        "embedding_shape": self.embedding_shape}
+                        "input_shape": self.input_shape, "embedding_shape": self.embedding_shape}
         return {
             "format": FORMAT,
             "model": self.model.state_dict(),
@@ -911,7 +953,7 @@ class DDPMTrainer:
             saved_config = {"timestep_density": {"density": "uniform"}, "loss_weighting": {"weighting": "none"},
                             "ema": None, "class_dropout": ClassDropout().config(), "lr_scheduler": None,
                             "learned_variance": None, "micro_batches": 1, "mixed_precision": "no", "noise_offset": 0.0,
-                            "input_perturbation": 0.0, **saved_config}
+                            "input_perturbation": 0.0, "vae": None, **saved_config}
         check_resume_config(saved_config, self._resume_config(), "DDPMTrainer")
         if tensor_data and int(state["order"].numel()) not in (0, self.data.shape[0]):
             raise ValueError(
@@ -935,6 +977,8 @@ class DDPMTrainer:
         if iterable is not None:
             self._stream.load_state_dict(iterable)
             self.sample_shape = None if iterable["sample_shape"] is None else tuple(iterable["sample_shape"])
+            shape = iterable.get("input_shape", iterable["sample_shape"])  # (before latents: the same shape)
+            self.input_shape = None if shape is None else tuple(shape)
             shape = iterable.get("embedding_shape")
             self.embedding_shape = None if shape is None else tuple(shape)
         if "global_rng" in state:
