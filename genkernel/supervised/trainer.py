@@ -19,7 +19,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..core.adapter import Batch, as_tuple, batch_size, positive_int, seeded_generator, select
+from ..core.adapter import (
+    Batch, as_tuple, batch_size, buffer_snapshot, positive_int, restore_buffers, seeded_generator, select,
+)
 from ..core.errors import NonFiniteError
 from ..core.grouping import INTEGER_DTYPES
 from ..core.tracking.callbacks import TrainerCallback, fire, perform_step
@@ -81,6 +83,16 @@ class SupervisedTrainer:
             raise ValueError(f"micro_batches={self.micro_batches} exceeds batch_size={batch_size}: a micro-batch holds "
                              "at least one example")
         check_max_grad_norm(max_grad_norm)
+        if not callable(loss_fn):
+            raise TypeError(f"loss_fn must be a function loss_fn(outputs, targets) -> Tensor[B] (per-example losses), got "
+                            f"{type(loss_fn).__name__}: e.g. genkernel.supervised.cross_entropy_loss")
+        callbacks = list(callbacks)
+        hookless = [type(c).__name__ for c in callbacks
+                    if not all(callable(getattr(c, hook, None)) for hook in ("on_train_start", "wrap_step", "on_step_end",
+                                                                              "on_train_end"))]
+        if hookless:
+            raise TypeError(f"callbacks must be TrainerCallback objects (on_train_start, wrap_step, on_step_end, "
+                            f"on_train_end), got {hookless}: subclass genkernel.TrainerCallback")
         if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
             raise ValueError(f"seed must be an int (it seeds the batch order), got {seed!r}")
         self.model = model
@@ -92,7 +104,7 @@ class SupervisedTrainer:
         self.autocast_dtype = trainer_autocast_dtype(mixed_precision, model)
         self.grad_scaler = trainer_grad_scaler(mixed_precision, next(model.parameters()).device)
         self.skipped_steps = 0  # steps a GradScaler skipped (fp16): no update, not in global_step
-        self.callbacks = list(callbacks)
+        self.callbacks = callbacks
         self.generator = seeded_generator(seed)  # seeds of 2**32 or more do not repeat another seed's order
         self.progress = progress
         self.global_step = 0
@@ -105,6 +117,9 @@ class SupervisedTrainer:
     def batches(self, n: int, steps: int):
         """Yield ``steps`` index tensors of size ``batch_size``, epoch by epoch, continuing the
         order the previous call left (a dataset of another size starts a new stream)."""
+        if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < self.batch_size:
+            # (fewer examples than a batch: each batch would be one permutation of them, shorter than batch_size)
+            raise ValueError(f"n must be a dataset size of at least batch_size={self.batch_size} examples, got {n!r}")
         for _ in range(steps):
             yield self._next_batch(n)
 
@@ -148,6 +163,10 @@ class SupervisedTrainer:
         # (_order is never changed in place, only rebound: keeping the tensor keeps the position)
         position = (self.generator.get_state(), self._order, self._order_size)
         global_rng = global_rng_state()
+        # The model's buffers (BatchNorm's running statistics): a forward that ran before a failure (micro-batch 0's when
+        # micro-batch 1 fails, or one a callback ran before refusing) advanced them, and the step drawn again advances
+        # them again: put back, as the batch and the global RNG are (a tracker restores them itself; this is the rest).
+        buffers = buffer_snapshot(self.model)
         step = None
         try:
             indices = self._next_batch(n)
@@ -171,6 +190,7 @@ class SupervisedTrainer:
                 self.generator.set_state(position[0])
                 self._order, self._order_size = position[1], position[2]
                 set_global_rng_state(global_rng)
+                restore_buffers(buffers)
             raise
         self._count(step)
 
@@ -288,6 +308,22 @@ class LedgerCallback(TrainerCallback):
                 f"group_of has {sorted(sizes)} entries but the dataset has {n} examples: give one group id per "
                 "training example"
             )
+        if self.tracker is not None:
+            self._check_group_of(self.tracker)
+
+    def _check_group_of(self, tracker: PathKernelTracker) -> None:
+        """Every example's ids against ``tracker``'s partitions, before a step: an id outside [0, G) or a partition
+        named wrongly was refused only at the first step whose batch held it, in the tracker's words ("groups")."""
+        ids = self.group_of
+        n = len(next(iter(ids.values()))) if isinstance(ids, dict) else len(ids)
+        try:
+            tracker.partitions.check(ids, n)
+        except (TypeError, ValueError) as error:
+            raise ValueError(
+                f"LedgerCallback's group_of does not fit the tracker's partitions {dict(tracker.partitions.sizes)} "
+                f"({error}): give every training example an id in [0, G) of each partition (group_of={{name: ids}} for "
+                "several)"
+            ) from None
 
     def _groups(self, indices: torch.Tensor):
         if isinstance(self.group_of, dict):
@@ -306,9 +342,9 @@ class LedgerCallback(TrainerCallback):
                 )
             return perform()
         if self.tracker is None:
-            self.tracker = self._make_tracker()
-            if not isinstance(self.tracker, PathKernelTracker):
-                raise TypeError(
-                    f"the tracker function returned a {type(self.tracker).__name__}, not a PathKernelTracker"
-                )
+            tracker = self._make_tracker()
+            if not isinstance(tracker, PathKernelTracker):
+                raise TypeError(f"the tracker function returned a {type(tracker).__name__}, not a PathKernelTracker")
+            self._check_group_of(tracker)
+            self.tracker = tracker  # (kept only once it fits: a refused one is built again at the retried step)
         return self.tracker.track(step, self._groups(step.info["indices"])).losses
