@@ -260,3 +260,29 @@ def test_reentrant_checkpointing_is_refused_with_the_setting_that_works():
     model = Checkpointed()
     with pytest.raises(ValueError, match="use_reentrant=False"):
         PathKernelTracker(model, torch.optim.SGD(model.parameters(), lr=0.1), mse_loss, torch.randn(3, 2), num_groups=2)
+
+
+def test_a_trainer_given_a_module_without_parameters_names_it():
+    """next(model.parameters()) raised a bare StopIteration from inside the trainers' constructors (a module
+    whose weights sit elsewhere, a wrapper passed by mistake)."""
+    from genkernel.diffusion import DDPMTrainer, make_scheduler
+    from genkernel.gan import GANTrainer, MLPDiscriminator
+    from genkernel.supervised import SupervisedTrainer
+
+    empty = nn.Identity()
+    with pytest.raises(ValueError, match=r"the model \(Identity\) has no parameters or buffers"):
+        DDPMTrainer(empty, make_scheduler(10), torch.randn(8, 2), progress=False)
+    with pytest.raises(ValueError, match=r"the model \(Identity\) has no parameters or buffers"):
+        SupervisedTrainer(empty, torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.1), mse_loss, batch_size=2)
+    with pytest.raises(ValueError, match=r"the generator \(Identity\) has no parameters or buffers"):
+        GANTrainer(empty, MLPDiscriminator(2, hidden=4, depth=1), torch.randn(8, 2), batch_size=4, latent_dim=2)
+
+
+def test_the_clipping_mismatch_names_the_trackers_setting_to_change():
+    from genkernel.core.tracking.step import OptimizerStep
+
+    model = mlp()
+    tracker = tracker_for(model)
+    step = OptimizerStep(model, tracker.optimizer, mse_loss, X, Y, max_grad_norm=0.5)
+    with pytest.raises(ValueError, match=r"build the PathKernelTracker with max_grad_norm=0.5"):
+        tracker.track(step, G)

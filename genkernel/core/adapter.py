@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
+import itertools
 import numbers
 import os
 from typing import Any, Callable, Iterator, Sequence
@@ -586,6 +587,17 @@ def seeded_generator(seed: Any, name: str = "seed") -> torch.Generator:
     if not 0 <= int(seed) < 2**64:  # manual_seed takes 64 bits ("Overflow when unpacking long long")
         raise ValueError(f"{name} must be in [0, 2**64), got {int(seed)}")
     return torch.Generator(device="cpu").manual_seed(seed_bits(seed))
+
+
+def first_tensor(module: nn.Module, what: str) -> torch.Tensor:
+    """``module``'s first parameter (or, for a module without any, its first buffer): where it lives and
+    in what dtype. A ValueError naming ``what`` for a module with neither (``next(module.parameters())``
+    raised a bare StopIteration)."""
+    tensor = next(itertools.chain(module.parameters(), module.buffers()), None)
+    if tensor is not None:
+        return tensor
+    raise ValueError(f"{what} ({type(module).__name__}) has no parameters or buffers: nothing says its device and dtype, "
+                     "and nothing in it trains; pass the module that holds the weights")
 
 
 def positive_int(value: Any, name: str) -> int:

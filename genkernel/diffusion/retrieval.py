@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from .kernels import eval_mode, state_kernel
-from ..core.adapter import as_tuple, like_parameter, positive_int, seed_bits
+from ..core.adapter import as_tuple, first_tensor, like_parameter, positive_int, seed_bits
 from ..core.grouping import measured_minus_control
 from .objectives import EDM_PROCESS, FLOW_PROCESS, check_timesteps, level_dtype, noise_process, noisy_input, training_levels
 from .learned_variance import predicts_variance
@@ -205,7 +205,7 @@ def retrieval_attribution(
             "(variance_type='learned_range'): its guided output guides the mean channels only; attribute the "
             "conditional model (guidance_scale=1)"
         )
-    param = next(model.parameters())
+    param = first_tensor(model, "the model")
     if not extra:
         _check_unconditional_call(model, train_data.to(param), level_dtype(scheduler))
     samples, kept = reverse_sample(

@@ -57,7 +57,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..core.adapter import (
-    as_tuple, buffer_snapshot, eval_mode, like_parameter, positive_int, restore_buffers, seeded_generator,
+    as_tuple, buffer_snapshot, eval_mode, first_tensor, like_parameter, positive_int, restore_buffers, seeded_generator,
 )
 from ..core.errors import NonFiniteError
 from ..core.tracking.callbacks import CallbackStates, TrainerCallback, fire, perform_step
@@ -323,7 +323,7 @@ class DDPMTrainer:
         self.class_dropout = conditioning_dropout(self.conditioning, class_dropout, null_class, null_embedding)
         self.class_dropout.check_model(model)
         self.shuffle = bool(shuffle)
-        param = next(model.parameters())
+        param = first_tensor(model, "the model")
         self.device, self.dtype = param.device, param.dtype
         self.mixed_precision = mixed_precision
         self.autocast_dtype = trainer_autocast_dtype(mixed_precision, model)
@@ -1184,7 +1184,7 @@ def reverse_sample(
             "variance_type, or train with variance_type='learned_range' and twice the data's channels"
         )
     channels = int(shape[1])
-    param = next(model.parameters())
+    param = first_tensor(model, "the model")
     if step_kwargs is not None and not isinstance(step_kwargs, Mapping):
         raise TypeError(f"step_kwargs must be a dict of the sampler's step arguments, e.g. {{'eta': 1.0}}, got "
                         f"{type(step_kwargs).__name__}")

@@ -62,7 +62,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..core.adapter import (
-    analysis_mode, buffer_snapshot, output_tensor, positive_int, restore_buffers, seeded_generator, unwrap,
+    analysis_mode, buffer_snapshot, first_tensor, output_tensor, positive_int, restore_buffers, seeded_generator, unwrap,
 )
 from ..core.tracking.batches import (
     IterableBatches, check_reiterable, dataset_class_labels, is_class_labels, split_floating_batch,
@@ -505,7 +505,7 @@ class GANTrainer:
         self.mixed_precision = mixed_precision
         self.autocast_dtype = trainer_autocast_dtype(mixed_precision, generator)
         trainer_autocast_dtype(mixed_precision, discriminator)
-        self.grad_scaler = trainer_grad_scaler(mixed_precision, next(generator.parameters()).device)
+        self.grad_scaler = trainer_grad_scaler(mixed_precision, first_tensor(generator, "the generator").device)
         # steps a GradScaler skipped (fp16), per player: no update, not counted in g_steps / d_steps_done
         self.skipped_steps = {"generator": 0, "discriminator": 0}
         self._skip_streak = SkipStreak(self.grad_scaler)
@@ -535,11 +535,11 @@ class GANTrainer:
     # -- sampling ------------------------------------------------------------------------------
     @property
     def device(self) -> torch.device:
-        return next(self.generator.parameters()).device
+        return first_tensor(self.generator, "the generator").device
 
     @property
     def dtype(self) -> torch.dtype:
-        return next(self.generator.parameters()).dtype
+        return first_tensor(self.generator, "the generator").dtype
 
     def sample_latents(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
         """``[n, latent_dim]`` standard normal latents from the trainer's generator (or ``generator``)."""

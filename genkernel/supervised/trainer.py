@@ -20,7 +20,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..core.adapter import (
-    Batch, as_tuple, batch_size, buffer_snapshot, positive_int, restore_buffers, seeded_generator, select,
+    Batch, as_tuple, batch_size, buffer_snapshot, first_tensor, positive_int, restore_buffers, seeded_generator, select,
 )
 from ..core.errors import NonFiniteError
 from ..core.grouping import INTEGER_DTYPES
@@ -102,7 +102,7 @@ class SupervisedTrainer:
         self.max_grad_norm = max_grad_norm
         self.mixed_precision = mixed_precision
         self.autocast_dtype = trainer_autocast_dtype(mixed_precision, model)
-        self.grad_scaler = trainer_grad_scaler(mixed_precision, next(model.parameters()).device)
+        self.grad_scaler = trainer_grad_scaler(mixed_precision, first_tensor(model, "the model").device)
         self.skipped_steps = 0  # steps a GradScaler skipped (fp16): no update, not in global_step
         self.callbacks = callbacks
         self.generator = seeded_generator(seed)  # seeds of 2**32 or more do not repeat another seed's order

@@ -596,7 +596,8 @@ class PathKernelTracker:
         if step.model is not self.model or unwrap_optimizer(step.optimizer) is not self.optimizer:
             raise ValueError("this step trains a different model or optimizer than the tracker was built for")
         if step.max_grad_norm != self.max_grad_norm:
-            raise ValueError(f"the step clips at {step.max_grad_norm} but the tracker at {self.max_grad_norm}")
+            raise ValueError(f"the step clips at {step.max_grad_norm} but the tracker at {self.max_grad_norm}: build the "
+                             f"PathKernelTracker with max_grad_norm={step.max_grad_norm} (the trainer's)")
         if self._observing:
             raise RuntimeError("this tracker observes a loop (tracker.observe): let the loop's optimizer.step() record steps")
         index = self.ledger.steps + 1
