@@ -60,7 +60,7 @@ from ..core.adapter import (
     as_tuple, buffer_snapshot, eval_mode, first_tensor, like_parameter, positive_int, restore_buffers, seeded_generator,
 )
 from ..core.errors import NonFiniteError
-from ..core.tracking.callbacks import CallbackStates, TrainerCallback, fire, perform_step
+from ..core.tracking.callbacks import CallbackStates, TrainerCallback, check_between_steps, fire, perform_step
 from ..core.tracking.io import (
     atomic_save, check_module_state, check_optimizer_state, check_resume_config, data_fingerprint, global_rng_state,
     load_state, set_global_rng_state,
@@ -912,6 +912,7 @@ class DDPMTrainer:
 
     def state_dict(self) -> dict[str, Any]:
         """Everything :meth:`load_state_dict` needs to continue exactly (see the module docstring)."""
+        check_between_steps(self, "state_dict()")
         iterable = None
         if self._stream is not None:
             iterable = {**self._stream.state_dict(), "sample_shape": self.sample_shape,

@@ -67,7 +67,7 @@ from ..core.adapter import (
 from ..core.tracking.batches import (
     IterableBatches, check_reiterable, dataset_class_labels, is_class_labels, split_floating_batch,
 )
-from ..core.tracking.callbacks import CallbackStates, TrainerCallback, fire, perform_step
+from ..core.tracking.callbacks import CallbackStates, TrainerCallback, check_between_steps, fire, perform_step
 from ..core.errors import NonFiniteError, SkippedStep
 from ..core.tracking.io import (
     atomic_save, check_module_state, check_optimizer_state, check_resume_config, data_fingerprint, global_rng_state,
@@ -1018,6 +1018,7 @@ class GANTrainer:
     def state_dict(self) -> dict[str, Any]:
         """Everything :meth:`load_state_dict` needs to continue exactly, including the global RNG
         (dropout in G or D draws from it) and the settings a resume must share."""
+        check_between_steps(self, "state_dict()")
         return {
             "format": "genkernel.GANTrainer/2",
             "generator": self.generator.state_dict(),

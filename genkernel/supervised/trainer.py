@@ -24,7 +24,7 @@ from ..core.adapter import (
 )
 from ..core.errors import NonFiniteError
 from ..core.grouping import INTEGER_DTYPES
-from ..core.tracking.callbacks import TrainerCallback, fire, perform_step
+from ..core.tracking.callbacks import TrainerCallback, check_between_steps, fire, perform_step
 from ..core.tracking.io import (
     check_module_state, check_optimizer_state, check_resume_config, global_rng_state, set_global_rng_state,
 )
@@ -207,6 +207,7 @@ class SupervisedTrainer:
         loss history and the global RNG (dropout draws from it). Callbacks keep their own state.
         The model's and optimizer's tensors are shared with the live ones, as in PyTorch's own
         ``state_dict``: ``torch.save`` the state (or deep-copy it) before training on."""
+        check_between_steps(self, "state_dict()")
         return {
             "format": self.FORMAT,
             "model": self.model.state_dict(),

@@ -65,20 +65,48 @@ class TrainerCallback:
         pass
 
 
+# The trainers inside perform_step (by id: the entry lives only while the call runs), with the phase of the step.
+_STEPS_IN_FLIGHT: dict[int, str] = {}
+
+
 def perform_step(callbacks: Sequence[TrainerCallback], trainer: Any, step: OptimizerStep) -> torch.Tensor:
     """Run ``step`` through every callback's ``wrap_step`` (first callback outermost), then
-    ``on_step_end``. Returns the per-example losses ``[B]``."""
+    ``on_step_end``. Returns the per-example losses ``[B]``. Meanwhile the trainer is marked as inside a
+    step (:func:`check_between_steps`)."""
     perform: Callable[[], torch.Tensor] = _once(step, step.run, "the step")
     for callback in reversed(callbacks):
         perform = _once(step, functools.partial(callback.wrap_step, trainer, step, perform), type(callback).__name__)
-    losses = perform()
-    if not step.applied:
-        raise RuntimeError(
-            f"no callback performed the {step.phase} step: wrap_step must call perform() or take the step over"
-        )
-    for callback in callbacks:
-        callback.on_step_end(trainer, step)
+    outer = _STEPS_IN_FLIGHT.get(id(trainer))
+    _STEPS_IN_FLIGHT[id(trainer)] = step.phase
+    try:
+        losses = perform()
+        if not step.applied:
+            raise RuntimeError(
+                f"no callback performed the {step.phase} step: wrap_step must call perform() or take the step over"
+            )
+        for callback in callbacks:
+            callback.on_step_end(trainer, step)
+    finally:
+        if outer is None:
+            del _STEPS_IN_FLIGHT[id(trainer)]
+        else:
+            _STEPS_IN_FLIGHT[id(trainer)] = outer
     return losses
+
+
+def check_between_steps(trainer: Any, what: str) -> None:
+    """Raise a RuntimeError when ``trainer`` is inside a step (a callback's ``wrap_step`` or ``on_step_end``
+    calling ``what``): the step's batch and noise are drawn and its update may be made, but the trainer has
+    not counted it (the step count, the loss history, the EMA, the learning-rate schedule), so a checkpoint
+    written there would resume one step short of the weights it holds, or past a batch never trained on."""
+    phase = _STEPS_IN_FLIGHT.get(id(trainer))
+    if phase is not None:
+        raise RuntimeError(
+            f"{type(trainer).__name__}.{what} was called inside a {phase} step (from a callback): the step's draws are "
+            "made and its update is not yet counted, so a run resumed from this state would not be the "
+            "uninterrupted one. Save between steps: the trainer's checkpoint_every= (DDPMTrainer, GANTrainer), or "
+            "state_dict() / save_checkpoint() after train() returns"
+        )
 
 
 def _once(step: OptimizerStep, inner: Callable[[], torch.Tensor], what: str) -> Callable[[], torch.Tensor]:
