@@ -448,6 +448,20 @@ class NoiseLevelAnalyzer(TrainerCallback):
                 "trainer's scheduler: NoiseLevelAnalyzer(trainer.scheduler, ...)"
             )
 
+    def _check_latent_probes(self, trainer: Any, step: OptimizerStep) -> None:
+        """Refuse probes not shaped as a latent-diffusion trainer's (``DDPMTrainer(vae=)``) model inputs: image
+        probes there are of another space (a VAE with as many latent channels as the images have, LDM's f4
+        VAE, and a resolution-free UNet would run them without an error)."""
+        if getattr(trainer, "latent_coder", None) is None:
+            return
+        given, probes = tuple(step.inputs[0].shape[1:]), tuple(self.probe_clean.shape[1:])
+        if given != probes:
+            raise ValueError(
+                f"the trainer denoises latents shaped {given} per example (vae=), this analyzer's probes are shaped "
+                f"{probes}: build the analyzer with the probes' latents, NoiseLevelAnalyzer(scheduler, "
+                "trainer.encode(probe_images), ...)"
+            )
+
     def on_train_start(self, trainer: Any) -> None:
         self._check_trainer_scheduler(trainer)
         self._check_trainer_conditioning(trainer)
@@ -505,6 +519,7 @@ class NoiseLevelAnalyzer(TrainerCallback):
                 "the step carries no timesteps: a diffusion trainer must put the training timesteps in "
                 "step.info['timesteps'] (DDPMTrainer does)"
             )
+        self._check_latent_probes(trainer, step)
         if self.tracker is None:
             self._check_trainer_scheduler(trainer)
             self.bind(step.model, step.optimizer, ema=self._trainer_ema(trainer), max_grad_norm=step.max_grad_norm,

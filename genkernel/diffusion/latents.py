@@ -4,7 +4,9 @@
 diffusers' text-to-image scripts do: each step's clean images are encoded by the frozen VAE and one
 latent is drawn from its posterior, ``z = (mean + std · ξ − shift) · scale`` with ξ ~ N(0, I) from the
 trainer's generator (the scripts' ``vae.encode(x).latent_dist.sample() * vae.config.scaling_factor``;
-``shift_factor``, SD3's and FLUX's VAEs, subtracted first). Everything after that (levels, noise,
+``shift_factor``, SD3's and FLUX's VAEs, subtracted first; a VAE with per-channel ``latents_mean`` and
+``latents_std``, Playground v2.5's, gives ``(z − μ_c) · scale / σ_c`` as SDXL's pipelines encode and decode
+it). Everything after that (levels, noise,
 targets, the analyzers' ledgers and probes) lives in latent space.
 
 Lifecycle: :class:`LatentCoder` ``(vae)`` reads the VAE's ``scaling_factor`` and ``shift_factor``;
@@ -15,8 +17,8 @@ text-to-image example encodes them); :meth:`~LatentCoder.decode` maps latents ba
 
 The VAE runs under ``torch.no_grad()`` in its own dtype (an fp16 or bf16 VAE beside a float32
 denoiser, as the scripts cast it) and device; the latents are returned in the denoiser's dtype. A
-VAE without a posterior (diffusers' ``AutoencoderTiny``, whose ``encode`` gives ``latents``) is
-deterministic: nothing is drawn.
+VAE without a posterior (diffusers' ``AutoencoderTiny``, whose ``encode`` gives ``latents``, and
+``AutoencoderDC``, Sana's, whose ``encode`` gives ``latent``) is deterministic: nothing is drawn.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ class LatentCoder:
 
     Args:
         vae: a diffusers autoencoder (``AutoencoderKL``, ``AutoencoderTiny``, ...): ``vae.encode(x)`` returns
-            an output with ``latent_dist`` (a Gaussian posterior: ``mean``, ``std``) or ``latents``,
+            an output with ``latent_dist`` (a Gaussian posterior: ``mean``, ``std``), ``latents`` or ``latent``,
             ``vae.decode(z)`` one with ``sample``, and ``vae.config`` holds ``scaling_factor`` (and, where
             the VAE has one, ``shift_factor``).
     """
@@ -57,6 +59,7 @@ class LatentCoder:
         self.scaling_factor = float(scale)
         self.shift_factor = 0.0 if shift is None else float(shift)
         self.in_channels = config.get("in_channels")
+        self.latents_mean, self.latents_std = latent_statistics(vae, self.shift_factor)
         first = next(vae.parameters(), None)
         if first is None:
             raise ValueError(f"the {type(vae).__name__} has no parameters: pass the trained VAE")
@@ -81,15 +84,32 @@ class LatentCoder:
                 if posterior is not None:
                     means.append(posterior.mean.double())
                     stds.append(posterior.std.double())
-                elif isinstance(getattr(out, "latents", None), torch.Tensor):
+                elif isinstance(getattr(out, "latents", None), torch.Tensor):  # AutoencoderTiny's
                     means.append(out.latents.double())
+                elif isinstance(getattr(out, "latent", None), torch.Tensor):  # AutoencoderDC's (Sana's)
+                    means.append(out.latent.double())
                 else:
                     raise TypeError(f"{type(self.vae).__name__}.encode gave {type(out).__name__}, with neither "
-                                    "latent_dist (a posterior) nor latents")
+                                    "latent_dist (a posterior) nor latents / latent (a deterministic encoder's)")
         return torch.cat(means), (torch.cat(stds) if stds else None)
 
     def _scaled(self, latents: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-        return ((latents - self.shift_factor) * self.scaling_factor).to(device=device, dtype=dtype)
+        """``(latents − shift) · scale``, or per channel ``(latents − μ_c) · scale / σ_c`` for a VAE with
+        ``latents_mean``/``latents_std`` (as SDXL's pipelines encode them), on ``device`` in ``dtype``."""
+        if self.latents_mean is None:
+            return ((latents - self.shift_factor) * self.scaling_factor).to(device=device, dtype=dtype)
+        mean, std = (stat.to(latents.device).view(1, -1, *([1] * (latents.dim() - 2)))
+                     for stat in (self.latents_mean, self.latents_std))
+        return ((latents - mean) * self.scaling_factor / std).to(device=device, dtype=dtype)
+
+    def _unscaled(self, latents: torch.Tensor) -> torch.Tensor:
+        """The inverse of :meth:`_scaled` in float64: what the VAE decodes."""
+        latents = latents.double()
+        if self.latents_mean is None:
+            return latents / self.scaling_factor + self.shift_factor
+        mean, std = (stat.to(latents.device).view(1, -1, *([1] * (latents.dim() - 2)))
+                     for stat in (self.latents_mean, self.latents_std))
+        return latents * std / self.scaling_factor + mean
 
     def sample_latents(self, images: torch.Tensor, generator: torch.Generator, *, device: torch.device,
                        dtype: torch.dtype, chunk: int | None = None) -> torch.Tensor:
@@ -115,15 +135,49 @@ class LatentCoder:
         out = []
         with torch.no_grad():
             for start in range(0, latents.shape[0], chunk):
-                z = latents[start : start + chunk].double() / self.scaling_factor + self.shift_factor
+                z = self._unscaled(latents[start : start + chunk])
                 decoded = self.vae.decode(z.to(device=self.device, dtype=self.dtype))
                 out.append(getattr(decoded, "sample", decoded).to(device=latents.device, dtype=latents.dtype))
         return torch.cat(out)
 
     def config(self) -> dict[str, Any]:
         """What a checkpoint records: the VAE's class, factors and a fingerprint of its weights."""
-        return {"class": type(self.vae).__name__, "scaling_factor": self.scaling_factor,
-                "shift_factor": self.shift_factor, "fingerprint": self._fingerprint}
+        config = {"class": type(self.vae).__name__, "scaling_factor": self.scaling_factor,
+                  "shift_factor": self.shift_factor, "fingerprint": self._fingerprint}
+        if self.latents_mean is not None:  # (recorded only when set: a checkpoint of a VAE without them reads as before)
+            config.update(latents_mean=self.latents_mean.tolist(), latents_std=self.latents_std.tolist())
+        return config
+
+
+def latent_statistics(vae: nn.Module, shift_factor: float) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The VAE's per-channel ``config.latents_mean`` and ``config.latents_std`` as float64 ``[c]`` tensors
+    (Playground v2.5's SDXL VAE: its latents are ``(z − μ_c) · scale / σ_c``, which SDXL's pipelines
+    decode), or ``(None, None)`` when the VAE has neither."""
+    config = vae.config
+    mean, std = config.get("latents_mean"), config.get("latents_std")
+    if mean is None and std is None:
+        return None, None
+    if mean is None or std is None:
+        raise ValueError(
+            f"the {type(vae).__name__}'s config has latents_{'mean' if std is None else 'std'} without "
+            f"latents_{'std' if std is None else 'mean'}: diffusers' pipelines normalize the latents per channel "
+            "only with both; register_to_config both (or neither) on the VAE"
+        )
+    if shift_factor:
+        raise ValueError(
+            f"the {type(vae).__name__}'s config has both shift_factor ({shift_factor}) and latents_mean/latents_std: "
+            "diffusers' pipelines use one or the other; register_to_config(shift_factor=None) or drop the statistics"
+        )
+    mean, std = (torch.as_tensor(value, dtype=torch.float64).reshape(-1) for value in (mean, std))
+    channels = config.get("latent_channels")
+    if mean.shape != std.shape or (channels is not None and mean.numel() != channels):
+        raise ValueError(
+            f"the {type(vae).__name__}'s latents_mean ({mean.numel()} values) and latents_std ({std.numel()}) "
+            f"need one value per latent channel ({channels})"
+        )
+    if not bool((std > 0).all()):
+        raise ValueError(f"the {type(vae).__name__}'s latents_std must be positive, got {std.tolist()}")
+    return mean, std
 
 
 def module_fingerprint(module: nn.Module, values: int = FINGERPRINT_VALUES) -> str:
@@ -139,4 +193,4 @@ def module_fingerprint(module: nn.Module, values: int = FINGERPRINT_VALUES) -> s
     return digest.hexdigest()[:16]
 
 
-__all__ = ["LatentCoder", "module_fingerprint"]
+__all__ = ["LatentCoder", "latent_statistics", "module_fingerprint"]

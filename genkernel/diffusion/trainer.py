@@ -231,7 +231,9 @@ class DDPMTrainer:
             (:mod:`~genkernel.diffusion.latents`): the data are images, and each step encodes its batch and
             draws one latent per image from the posterior, ``(mean + std · ξ − shift_factor) · scaling_factor``
             (ξ from the trainer's generator, before the levels; diffusers' text-to-image scripts'
-            ``latent_dist.sample() * scaling_factor``), in chunks of a micro-batch. The model, the noise, the
+            ``latent_dist.sample() * scaling_factor``; per channel ``(z − μ_c) · scaling_factor / σ_c`` for a VAE
+            with ``latents_mean``/``latents_std``, as SDXL's pipelines), in chunks of a micro-batch; the images
+            are kept in the VAE's dtype and on its device. The model, the noise, the
             analyzers and :meth:`sample` live in latent space; :meth:`encode` gives probe latents (the
             posterior's mean), :meth:`decode` images, and :meth:`save_samples` saves decoded images.
             Checkpoints record the VAE's fingerprint. Default None (the model denoises the data itself).
@@ -393,7 +395,7 @@ class DDPMTrainer:
                 "Tensor [N, *E]" if embeddings is None else
                 "embeddings= are given to a model conditioned on them: build the trainer with conditional='embeddings'"
             )
-        self.data = data.to(device=self.device, dtype=self.dtype)
+        self.data = data.to(**self._input_placement())
         self.labels = None if labels is None else class_labels(labels, data.shape[0], "labels").to(self.device)
         self.embeddings = None
         if embeddings is not None:
@@ -427,6 +429,14 @@ class DDPMTrainer:
         self.input_shape = self.sample_shape = None  # known from the first batch
         self._stream = IterableBatches(data, self._checked_batch)
 
+    def _input_placement(self) -> dict[str, Any]:
+        """Where the data's inputs are kept: the model's device and dtype, or with ``vae=`` the VAE's (images
+        cast once, to the dtype the VAE encodes in, as the scripts' ``pixel_values.to(vae.dtype)``: through a
+        bfloat16 denoiser's dtype first, a float32 VAE would encode images rounded to 8 bits of mantissa)."""
+        if self.latent_coder is None:
+            return {"device": self.device, "dtype": self.dtype}
+        return {"device": self.latent_coder.device, "dtype": self.latent_coder.dtype}
+
     @property
     def num_train_timesteps(self) -> int:
         return num_train_timesteps(self.scheduler)
@@ -443,12 +453,20 @@ class DDPMTrainer:
             weighting) and, under ``class_dropout``, ``"data_labels"`` or ``"data_embeddings"`` (the
             data's) and ``"dropped"`` (BoolTensor[B]).
         """
+        position = self._data_position()
         batch = self._tensor_batch() if self._stream is None else self._stream.next()
         if self.latent_coder is not None:  # the latents drawn first, as the scripts draw them
             batch["images"] = batch["clean"]
             chunk = -(-batch["clean"].shape[0] // self.micro_batches)  # (a micro-batch's memory, not the batch's)
-            batch["clean"] = self.latent_coder.sample_latents(batch["images"], self.generator, device=self.device,
-                                                              dtype=self.dtype, chunk=chunk)
+            global_rng = global_rng_state()
+            try:
+                batch["clean"] = self.latent_coder.sample_latents(batch["images"], self.generator, device=self.device,
+                                                                  dtype=self.dtype, chunk=chunk)
+            except BaseException:
+                # an encoder that fails (out of memory, an interrupt in its forward) hands the images back: the
+                # next step (or a checkpoint written now) draws this batch again, as after a refused step
+                self._hand_back(batch, position, global_rng)
+                raise
         clean = batch["clean"]
         self.sample_shape = tuple(clean.shape[1:])
         timesteps = self.timestep_density.draw(self.scheduler, self.levels, clean.shape[0], self.generator)
@@ -575,7 +593,7 @@ class DDPMTrainer:
         if self.input_shape is not None and tuple(clean.shape[1:]) != self.input_shape:
             raise ValueError(f"a batch of inputs shaped {tuple(clean.shape[1:])} follows batches shaped {self.input_shape}")
         self.input_shape = tuple(clean.shape[1:])
-        batch = {"clean": clean.to(device=self.device, dtype=self.dtype)}
+        batch = {"clean": clean.to(**self._input_placement())}
         if embeddings is not None:
             batch["embeddings"] = self._on_model(
                 self._checked_embeddings(embeddings, clean.shape[0], "a batch's conditioning embeddings"))
