@@ -412,7 +412,8 @@ class NoiseLevelAnalyzer(TrainerCallback):
             except BaseException as error:  # unbound again: the analyzer can be bound once fixed
                 self.tracker.close(record_ema=False)
                 self.tracker = None
-                if isinstance(error, ValueError):
+                if isinstance(error, ValueError) and "needs one update row per group" in str(error):
+                    # (only the route's refusal: an EMA of other tensors is not fixed by a group state)
                     raise ValueError(f"{error} (here: NoiseLevelAnalyzer(group_state='dense' or 'auto'), or "
                                      "ema_ledger='none' to keep no ledger for a trainer's EMA)") from error
                 raise

@@ -81,15 +81,24 @@ def _weights_reader(ema: Any, names: list[str], model: nn.Module) -> Callable[[]
 
 
 def _shadow_names(ema: Any, model: nn.Module) -> list[str]:
-    """The parameter names of diffusers' ``EMAModel``'s ``shadow_params``, in order (those of
-    ``model.named_parameters()``); a ValueError when it averages another set of tensors."""
-    all_names = [n for n, _ in model.named_parameters()]
-    if len(ema.shadow_params) != len(all_names):
-        raise ValueError(
-            f"the EMAModel averages {len(ema.shadow_params)} tensors but the model has {len(all_names)} "
-            "parameters: build it as EMAModel(model.parameters(), ...)"
-        )
-    return all_names
+    """The parameter names of diffusers' ``EMAModel``'s ``shadow_params``, in order: those of
+    ``model.named_parameters()``, or of its trainable parameters only (an EMA of LoRA adapters over a
+    frozen base, ``EMAModel([p for p in unet.parameters() if p.requires_grad])``: no copy of the base);
+    a ValueError when it averages another set of tensors."""
+    named = list(model.named_parameters())
+    shapes = [tuple(t.shape) for t in ema.shadow_params]
+    every = [n for n, _ in named]
+    trainable = [n for n, p in named if p.requires_grad]
+    for names in (every, trainable):
+        chosen = set(names)
+        if [tuple(p.shape) for n, p in named if n in chosen] == shapes:
+            return names
+    raise ValueError(
+        f"the EMAModel averages {len(shapes)} tensors, which are neither the model's {len(every)} parameters nor "
+        f"its {len(trainable)} trainable ones (in the order of model.parameters(), of the same shapes): build it as "
+        "EMAModel(model.parameters(), ...), or over the trainable parameters only, EMAModel([p for p in "
+        "model.parameters() if p.requires_grad], ...) (LoRA adapters)"
+    )
 
 
 def _check_ema_pytorch_options(ema: Any, names: list[str], model: nn.Module) -> None:
@@ -292,7 +301,8 @@ def step_ema(ema: Any, model: nn.Module) -> None:
     """One EMA update after an optimizer step, each kind by its own API: ``EMAModel.step(parameters)``,
     ema-pytorch's ``EMA.update()`` (its own warm-up and ``update_every``), ``AveragedModel.update_parameters``."""
     if _is_diffusers_ema(ema):
-        ema.step(model.parameters())
+        params = dict(model.named_parameters())
+        ema.step([params[n] for n in _shadow_names(ema, model)])  # (zip would pair an adapters' EMA with the base)
     elif _is_ema_pytorch(ema):
         ema.update()
     else:
@@ -317,9 +327,10 @@ def ema_weights(ema: Any, model: nn.Module) -> Iterator[nn.Module]:
     if not _is_diffusers_ema(ema):
         yield _ema_module(ema)
         return
-    _shadow_names(ema, model)  # (a ValueError with the fix when it averages another set of tensors)
+    params = dict(model.named_parameters())
     values = {}
-    for (name, param), shadow in zip(model.named_parameters(), ema.shadow_params):
+    for name, shadow in zip(_shadow_names(ema, model), ema.shadow_params):  # (a ValueError for another set)
+        param = params[name]
         same = shadow.dtype == param.dtype and shadow.device == param.device and shadow.stride() == param.stride()
         values[name] = shadow.detach() if same else torch.empty_like(param, requires_grad=False).copy_(shadow.detach())
     values.update({n: b.detach().clone() for n, b in model.named_buffers()})

@@ -386,6 +386,8 @@ class PathKernelTracker:
 
         self.params = trainable_parameters(self.module)
         self._check_precision()  # before anything runs the model: autocast may hide in a wrapped forward
+        self._check_frozen_precision()
+        self._check_detached_weight_norms()
         check_analysis_safe(self.module)
         # The tracker's own copy: probes that are views of a buffer the loop refills (a batch sliced
         # from a loader's reused tensor) would otherwise change under the ledger between steps.
@@ -1561,6 +1563,49 @@ class PathKernelTracker:
                 "call the step again")
         if hasattr(error, "add_note"):
             error.add_note(note)
+
+    def _check_frozen_precision(self) -> None:
+        """Refuse frozen half-precision parameters beside full-precision trainable ones (diffusers' LoRA
+        scripts: the base cast to ``weight_dtype``, the adapters to float32 by ``cast_training_params``).
+        The ledger's own passes (probe outputs, contributions) run in the parameters' precision, so every
+        activation is rounded to the base's half precision: a step's change at the probes is then mostly
+        that rounding, which no group caused (measured on a LoRA UNet, bf16 base, AdamW at lr 1e-4: the
+        residual was 0.99 of the change, the contributions summing to almost nothing, with no error)."""
+        trainable = {t.dtype for t in self.params.values()}
+        if trainable & set(LOW_PRECISION):
+            return  # (half-precision trainable parameters: _check_precision's error)
+        frozen = [(n, p.dtype) for n, p in self.module.named_parameters()
+                  if p.dtype in LOW_PRECISION and n not in self.params]
+        if frozen:
+            names = ", ".join(n for n, _ in frozen[:3]) + (f" and {len(frozen) - 3} more" if len(frozen) > 3 else "")
+            half = " and ".join(sorted({str(d).removeprefix("torch.") for _, d in frozen}))
+            full = " and ".join(sorted({str(d).removeprefix("torch.") for d in trainable}))
+            raise ValueError(
+                f"the frozen parameters {names} are {half} while the trained ones are {full}: the ledger's passes "
+                f"at the probes would run in {half}, and a step's change there would be mostly its rounding, which "
+                "no group caused. Keep the frozen weights in float32 for the tracked window (diffusers' LoRA "
+                "scripts: skip unet.to(weight_dtype), or call unet.to(torch.float32) before add_adapter); the "
+                "forward still runs in half precision under torch.autocast with mixed_precision='observe'"
+            )
+
+    def _check_detached_weight_norms(self) -> None:
+        """Refuse trained DoRA layers (peft's ``LoraConfig(use_dora=True)``): they divide by the weight
+        norm ‖V + ΔV‖ detached from the graph (the DoRA paper's section 4.3, peft's only form), so autograd's
+        derivative of the outputs is not their real derivative, and the contributions, made of it at the
+        probes, miss the real change by that part whatever the quadrature (measured on a LoRA UNet: 0.22 of
+        the change under midpoint and under gauss4, where LoRA's was 6e-6 and 1e-9; the brute force of the
+        same autograd gradients agreed with the ledger to 1e-14, so nothing else flagged it)."""
+        dora = [name for name, module in self.module.named_modules()
+                if type(module).__name__.startswith("Dora") and type(module).__module__.startswith("peft")
+                and any(p.requires_grad for p in module.parameters())]
+        if dora:
+            more = f" and {len(dora) - 3} more" if len(dora) > 3 else ""
+            raise ValueError(
+                f"{', '.join(dora[:3])}{more} are DoRA layers (peft, use_dora=True), which detach their weight norm "
+                "from the gradient: autograd's derivative of the outputs is then not their real one, and the ledger's "
+                "contributions would miss the real change by that part whatever the quadrature (measured: 0.22 of "
+                "the change). Track a window trained with LoraConfig(use_dora=False)"
+            )
 
     # -- all-or-nothing steps -------------------------------------------------------------------
     def _check_precision(self, losses: torch.Tensor | None = None, *, owned: bool = False,
