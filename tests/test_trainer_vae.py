@@ -188,3 +188,16 @@ def test_what_a_vae_cannot_encode_is_refused_with_the_fix():
     with pytest.raises(ValueError, match="no vae="):
         DDPMTrainer(make_unet(), make_scheduler(T), torch.zeros(8, 2, 4, 4, dtype=F64), progress=False).decode(
             torch.zeros(1, 2, 4, 4, dtype=F64))
+
+
+def test_the_vae_encodes_in_eval_mode_and_keeps_its_own_mode():
+    """A VAE with dropout left in training mode drew from the global RNG inside each step's encode: a step drawn
+    again after a failure encoded other latents. Encoded in eval mode (as frozen), its mode restored after."""
+    vae = make_vae()
+    vae.encoder.mid_block.resnets[0].dropout.p = 0.5  # (a VAE trained with dropout, left in training mode)
+    vae.train()
+    run = trainer(vae=vae)
+    before = torch.get_rng_state()
+    latents = run.encode(images(2))
+    assert torch.equal(torch.get_rng_state(), before) and vae.training
+    torch.testing.assert_close(latents, run.encode(images(2)), rtol=0, atol=0)

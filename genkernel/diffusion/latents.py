@@ -15,7 +15,8 @@ Lifecycle: :class:`LatentCoder` ``(vae)`` reads the VAE's ``scaling_factor`` and
 text-to-image example encodes them); :meth:`~LatentCoder.decode` maps latents back to images;
 :meth:`~LatentCoder.config` is what a checkpoint records (a resume with another VAE is refused).
 
-The VAE runs under ``torch.no_grad()`` in its own dtype (an fp16 or bf16 VAE beside a float32
+The VAE runs under ``torch.no_grad()`` in eval mode (frozen: a VAE with dropout would otherwise draw
+from the global RNG, and a step drawn again after a failure would encode otherwise) in its own dtype (an fp16 or bf16 VAE beside a float32
 denoiser, as the scripts cast it) and device; the latents are returned in the denoiser's dtype. A
 VAE without a posterior (diffusers' ``AutoencoderTiny``, whose ``encode`` gives ``latents``, and
 ``AutoencoderDC``, Sana's, whose ``encode`` gives ``latent``) is deterministic: nothing is drawn.
@@ -28,6 +29,8 @@ from typing import Any
 
 import torch
 from torch import nn
+
+from ..core.adapter import eval_mode
 
 FINGERPRINT_VALUES = 4096  # values read per tensor for the VAE's fingerprint (evenly spaced)
 
@@ -77,7 +80,7 @@ class LatentCoder:
                 f"(shape {tuple(images.shape)}): data already encoded to latents trains without vae="
             )
         means, stds = [], []
-        with torch.no_grad():
+        with torch.no_grad(), eval_mode(self.vae):  # (frozen: a VAE with dropout would draw from the global RNG)
             for start in range(0, images.shape[0], chunk):
                 out = self.vae.encode(images[start : start + chunk].to(device=self.device, dtype=self.dtype))
                 posterior = getattr(out, "latent_dist", None)
@@ -133,7 +136,7 @@ class LatentCoder:
         ``vae.decode(z / scale + shift).sample``, in the latents' dtype and device."""
         chunk = chunk or max(1, latents.shape[0])
         out = []
-        with torch.no_grad():
+        with torch.no_grad(), eval_mode(self.vae):
             for start in range(0, latents.shape[0], chunk):
                 z = self._unscaled(latents[start : start + chunk])
                 decoded = self.vae.decode(z.to(device=self.device, dtype=self.dtype))
