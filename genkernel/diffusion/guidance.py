@@ -139,7 +139,9 @@ class EmbeddingDropout:
     """Per-example dropout of conditioning embeddings ``[B, *E]`` (or a tuple of them: a sequence and a pooled
     embedding, dropped together) towards ``null_embedding`` ``[*E]`` (the empty prompt's encoding; a tuple for a
     tuple) with ``probability`` (0: none, nothing drawn). The same draws as :class:`ClassDropout`: one uniform per
-    example from the trainer's generator."""
+    example from the trainer's generator. A part of the null tuple that is None is not dropped: a dropped example
+    keeps its own (SDXL's size and crop conditioning ``time_ids`` beside the prompt's two embeddings, which its
+    script empties while the image's sizes stay), and guidance's unconditional rows take the sample's own."""
 
     probability: float = 0.0
     null_embedding: torch.Tensor | tuple[torch.Tensor, ...] | None = None
@@ -149,11 +151,18 @@ class EmbeddingDropout:
         """The checked setting of a trainer's ``class_dropout=`` and ``null_embedding=`` (conditional="embeddings")."""
         _check_probability(probability)
         null_embedding = embedding_form(null_embedding, "null_embedding")
-        for part in () if null_embedding is None else embedding_parts(null_embedding):
+        parts = () if null_embedding is None else embedding_parts(null_embedding)
+        kept = isinstance(null_embedding, tuple) and any(part is None for part in parts)
+        if kept and all(part is None for part in parts):
+            raise ValueError("null_embedding=(None, ...) drops no part of the embeddings: give the empty prompt's "
+                             "encoding for the parts dropped, None only for those each example keeps")
+        for part in parts:
+            if kept and part is None:
+                continue
             if not (isinstance(part, torch.Tensor) and part.is_floating_point()):
                 found = part.dtype if isinstance(part, torch.Tensor) else type(part).__name__
                 raise TypeError(f"null_embedding must be a floating Tensor [*E], one example's embedding (a tuple of "
-                                f"them for embeddings given as a tuple), got {found}")
+                                f"them for embeddings given as a tuple, None for a part each example keeps), got {found}")
         if probability > 0 and null_embedding is None:
             raise ValueError(
                 "class_dropout needs null_embedding=, the embedding dropped examples take: the encoding of the empty "
@@ -163,7 +172,8 @@ class EmbeddingDropout:
         if null_embedding is not None and probability == 0:
             raise ValueError("null_embedding is what class_dropout gives dropped examples: pass class_dropout > 0 "
                              "(0.1 is common), or leave null_embedding out")
-        null = None if null_embedding is None else map_embeddings(null_embedding, lambda part: part.detach().clone())
+        null = None if null_embedding is None else map_embeddings(
+            null_embedding, lambda part: None if part is None else part.detach().clone())
         return cls(float(probability), null)
 
     @property
@@ -177,8 +187,10 @@ class EmbeddingDropout:
         """Refuse embeddings ``[B, *E]`` (or a tuple) whose rows are not shaped as the null embedding."""
         if not self.active:
             return
-        shapes = embedding_shapes(embeddings)
-        null_shapes = map_embeddings(self.null_embedding, lambda part: tuple(part.shape))
+        null_shapes = map_embeddings(self.null_embedding, lambda part: None if part is None else tuple(part.shape))
+        # (a part each example keeps has no null to match: compared as None)
+        shapes = map_embeddings(embeddings, lambda part, null: None if null is None else tuple(part.shape[1:]),
+                                self.null_embedding)
         if shapes != null_shapes:
             raise ValueError(f"{where} are shaped {shapes} per example, null_embedding {null_shapes}: pass the empty "
                              "prompt's embedding encoded as the data's (a tuple for embeddings given as a tuple)")
@@ -191,19 +203,25 @@ class EmbeddingDropout:
         dropped = _dropped(embedding_parts(embeddings)[0], self.probability, generator)
 
         def drop(part: torch.Tensor, null: torch.Tensor) -> torch.Tensor:
-            return torch.where(dropped.view(-1, *([1] * (part.dim() - 1))), null, part)
+            return torch.where(dropped.view(-1, *([1] * (part.dim() - 1))), null, part)  # (a kept part: null is part)
 
         return map_embeddings(embeddings, drop, self.null_rows(embeddings)), dropped
 
     def null_rows(self, embeddings: torch.Tensor | tuple[torch.Tensor, ...]) -> torch.Tensor | tuple[torch.Tensor, ...]:
-        """The null embedding in every row of ``embeddings`` ``[S, *E]`` (or a tuple), in their dtype and device."""
-        return map_embeddings(embeddings, lambda part, null: null.to(part).expand_as(part), self.null_embedding)
+        """The null embedding in every row of ``embeddings`` ``[S, *E]`` (or a tuple), in their dtype and device; a
+        part the null tuple leaves None is the rows' own."""
+        return map_embeddings(embeddings, lambda part, null: part if null is None else null.to(part).expand_as(part),
+                              self.null_embedding)
 
     def config(self) -> dict[str, Any]:
         if self.null_embedding is None:
             return {"probability": self.probability, "null_embedding": None}
-        parts = [part.unsqueeze(0) for part in embedding_parts(self.null_embedding)]
-        return {"probability": self.probability, "null_embedding": data_fingerprint(*parts)}
+        parts = [part.unsqueeze(0) for part in embedding_parts(self.null_embedding) if part is not None]
+        config = {"probability": self.probability, "null_embedding": data_fingerprint(*parts)}
+        kept = [i for i, part in enumerate(embedding_parts(self.null_embedding)) if part is None]
+        if kept:  # (recorded only then: a checkpoint of a null dropping every part reads as before)
+            config["kept_parts"] = kept
+        return config
 
 
 def check_guidance_scale(scale: Any) -> float:

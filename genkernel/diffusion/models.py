@@ -287,13 +287,19 @@ class PositionalInputs(nn.Module):
     encoder_hidden_states, timestep, added_cond_kwargs)``, so ``model(z, t, e)`` would hand it the timesteps as
     the text. ``PositionalInputs(pixart, ("hidden_states", "timestep", "encoder_hidden_states"),
     added_cond_kwargs={"resolution": None, "aspect_ratio": None})`` is called as ``DDPMTrainer(...,
-    conditional="embeddings")`` calls its model. The wrapped model's parameters are this module's (under
-    ``model.``); its output is the model's own (``.sample`` is read by the adapter).
+    conditional="embeddings")`` calls its model. A name ``"outer.inner"`` puts its input in the dict argument
+    ``outer`` under ``inner``: SDXL's ``UNet2DConditionModel`` takes its pooled text embedding and its size
+    and crop conditioning as ``added_cond_kwargs={"text_embeds": ..., "time_ids": ...}``, so
+    ``PositionalInputs(unet, ("sample", "timestep", "encoder_hidden_states", "added_cond_kwargs.text_embeds",
+    "added_cond_kwargs.time_ids"))`` is ``model(z, t, e, pooled, time_ids)``. The wrapped model's parameters
+    are this module's (under ``model.``); its output is the model's own (``.sample`` is read by the adapter).
 
     Args:
         model: the denoiser.
-        names: the keyword of each positional input, in order (the first two: the noisy input and the timesteps).
-        **fixed: keyword arguments passed unchanged at every call (inputs that do not vary per example).
+        names: the keyword of each positional input, in order (the first two: the noisy input and the timesteps);
+            ``"outer.inner"`` for an entry of a dict argument.
+        **fixed: keyword arguments passed unchanged at every call (inputs that do not vary per example); a dict
+            given for an argument that dotted names fill is merged with their entries.
     """
 
     def __init__(self, model: nn.Module, names: tuple[str, ...], **fixed) -> None:
@@ -307,6 +313,17 @@ class PositionalInputs(nn.Module):
         repeated = sorted({n for n in names if names.count(n) > 1} | (set(names) & set(fixed)))
         if repeated:
             raise ValueError(f"each input is named once: {repeated} given twice (in names or also in the fixed keywords)")
+        nested = {n.split(".")[0] for n in names if "." in n}
+        deep = [n for n in names if n.count(".") > 1 or "" in n.split(".")]
+        if deep:
+            raise ValueError(f"a dotted name is 'argument.key' (one dict level), got {deep}")
+        clashes = sorted((nested & set(names)) | {n for n in nested if n in fixed and not isinstance(fixed[n], dict)})
+        if clashes:
+            raise ValueError(f"{clashes} are filled entry by entry by dotted names, so they cannot also be given whole "
+                             "(in names, or fixed as something other than a dict of the other entries)")
+        overlap = sorted(n for n in names if "." in n and n.split(".")[1] in fixed.get(n.split(".")[0], {}))
+        if overlap:
+            raise ValueError(f"each input is named once: {overlap} given twice (by name and in the fixed dict)")
         self.model = model
         self.names = names
         self.fixed = fixed
@@ -316,4 +333,11 @@ class PositionalInputs(nn.Module):
             raise TypeError(f"called with {len(inputs)} inputs, but names has {len(self.names)} ({self.names}): name "
                             "every input the model is given, in order (a trainer on embeddings given as a tuple, or "
                             "batches with a pooled embedding, gives the model x_t, t, then each part)")
-        return self.model(**dict(zip(self.names, inputs)), **self.fixed)
+        arguments = {name: dict(value) if isinstance(value, dict) else value for name, value in self.fixed.items()}
+        for name, value in zip(self.names, inputs):
+            outer, _, inner = name.partition(".")
+            if inner:  # an entry of a dict argument (SDXL's added_cond_kwargs)
+                arguments.setdefault(outer, {})[inner] = value
+            else:
+                arguments[name] = value
+        return self.model(**arguments)

@@ -174,7 +174,8 @@ class DDPMTrainer:
             (conditional only, :mod:`~genkernel.diffusion.guidance`): each example's label is replaced by
             ``null_class`` (an extra row of the class embedding: ``UNet2DModel(num_class_embeds=K + 1)``,
             null_class=K), or its embedding by ``null_embedding`` ``[*E]`` (the empty prompt's encoding; a
-            tuple for embeddings given as a tuple, every part of an example dropped together),
+            tuple for embeddings given as a tuple, every part of an example dropped together, None for a part
+            each example keeps: SDXL's ``time_ids``),
             with probability ``class_dropout``, drawn from the trainer's generator after the noise.
             The analyzers get the labels the model was given as ``info["class_labels"]``, the data's as
             ``info["data_labels"]`` (embeddings: the step's inputs hold those given to the model).
