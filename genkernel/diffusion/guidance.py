@@ -188,12 +188,16 @@ class EmbeddingDropout:
         if not self.active:
             return
         null_shapes = map_embeddings(self.null_embedding, lambda part: None if part is None else tuple(part.shape))
-        # (a part each example keeps has no null to match: compared as None)
-        shapes = map_embeddings(embeddings, lambda part, null: None if null is None else tuple(part.shape[1:]),
-                                self.null_embedding)
+        shapes = embedding_shapes(embeddings)
+        if isinstance(embeddings, tuple) and isinstance(self.null_embedding, tuple) and \
+                len(embeddings) == len(self.null_embedding):
+            # (a part each example keeps has no null to match: compared as None; parts counted otherwise than the
+            # null's are refused below, not by zip's strict count, whose error named neither)
+            shapes = tuple(None if null is None else shape for shape, null in zip(shapes, self.null_embedding))
         if shapes != null_shapes:
             raise ValueError(f"{where} are shaped {shapes} per example, null_embedding {null_shapes}: pass the empty "
-                             "prompt's embedding encoded as the data's (a tuple for embeddings given as a tuple)")
+                             "prompt's embedding encoded as the data's (a tuple of as many parts for embeddings given "
+                             "as a tuple, None for a part each example keeps)")
 
     def draw(self, embeddings: torch.Tensor | tuple[torch.Tensor, ...],
              generator: torch.Generator) -> tuple[torch.Tensor | tuple[torch.Tensor, ...], torch.Tensor]:

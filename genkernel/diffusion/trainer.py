@@ -960,6 +960,7 @@ class DDPMTrainer:
         """Continue from :meth:`state_dict`. Everything is checked before anything is loaded: a
         checkpoint of another set-up (data, batch size, dtype, model, optimizer) is refused with a
         ValueError naming the differences, and the trainer is left as it was."""
+        check_between_steps(self, "load_state_dict()")
         tensor_data = isinstance(self.data, torch.Tensor)
         if not isinstance(state, dict) or state.get("format") not in (FORMAT, TENSOR_FORMAT_2):
             raise ValueError("not a DDPMTrainer checkpoint (written by DDPMTrainer.save_checkpoint)")

@@ -1048,6 +1048,7 @@ class GANTrainer:
         """Continue from :meth:`state_dict`. A checkpoint of another set-up (data, batch size,
         d_steps, loss, dtype, networks, optimizers) is refused with a ValueError naming the
         differences, before the networks or optimizers are loaded."""
+        check_between_steps(self, "load_state_dict()")
         if not isinstance(state, dict) or state.get("format") != "genkernel.GANTrainer/2":
             raise ValueError("not a GANTrainer checkpoint (written by GANTrainer.save_checkpoint)")
         saved_config = state.get("config")

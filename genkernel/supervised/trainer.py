@@ -234,6 +234,7 @@ class SupervisedTrainer:
         """Continue from :meth:`state_dict`; a state of another set-up (batch size, clipping,
         optimizer, model) is refused before anything is loaded. Build callbacks that keep a ledger
         after loading (a tracker built before would start its ledger at the old parameters)."""
+        check_between_steps(self, "load_state_dict()")
         if not isinstance(state, dict) or state.get("format") != self.FORMAT:
             raise ValueError("not a SupervisedTrainer state (written by SupervisedTrainer.state_dict)")
         # (a state written before micro-batches existed ran every batch whole)

@@ -34,6 +34,9 @@ IMAGE_KEYS = ("images", "pixel_values", "input")  # where a dict batch holds its
 LABEL_KEYS = ("class_labels", "labels", "label")  # ... and its class labels
 EMBEDDING_KEYS = ("encoder_hidden_states", "prompt_embeds", "embeddings")  # ... and conditioning embeddings
 POOLED_KEYS = ("pooled_projections", "pooled_prompt_embeds")  # ... and a pooled text embedding beside them (SD3, FLUX)
+# SDXL's size-and-crop conditioning in its script's batches (its time_ids, or the sizes and crops they are built
+# from): no dict key gives it to the model, so a dict batch holding it is refused rather than trained without it
+SIZE_CONDITIONING_KEYS = ("add_time_ids", "time_ids", "original_sizes", "crop_top_lefts", "target_sizes")
 _END = object()
 
 
@@ -157,6 +160,14 @@ def split_embedding_batch(batch: Any, what: str) -> tuple[torch.Tensor, Any, Any
         pooled = [key for key in POOLED_KEYS if key in batch]
         if len(pooled) > 1:  # (one of them taken without a word would train on the other's absence)
             raise TypeError(f"a dict batch holds pooled embeddings under both {pooled}: keep the one the model takes")
+        sizes = [key for key in SIZE_CONDITIONING_KEYS if key in batch]
+        if sizes:  # (trained without it, or on a fixed added_cond_kwargs' time_ids: every image's own sizes ignored)
+            raise TypeError(
+                f"a dict batch holds size-and-crop conditioning under {sizes[0]!r} (SDXL's time_ids), which a dict "
+                "batch does not give the model: give batches as tuples (images, (prompt_embeds, pooled_prompt_embeds, "
+                "time_ids [B, 6])) to a PositionalInputs(unet, (..., 'added_cond_kwargs.text_embeds', "
+                "'added_cond_kwargs.time_ids')), or leave it out of the batches"
+            )
         embeddings = batch[key] if not pooled else (batch[key], batch[pooled[0]])
     elif isinstance(batch, (tuple, list)) and len(batch) in (2, 3):
         inputs, embeddings = batch[0], batch[1]

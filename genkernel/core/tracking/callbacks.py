@@ -94,19 +94,33 @@ def perform_step(callbacks: Sequence[TrainerCallback], trainer: Any, step: Optim
     return losses
 
 
+# Why a trainer's state cannot be taken or loaded inside a step, and where to do it instead, by the call refused.
+_BETWEEN_STEPS = {
+    "state_dict()": (
+        "the step's draws are made and its update is not yet counted, so a run resumed from this state would not be "
+        "the uninterrupted one. Save between steps: the trainer's checkpoint_every= (DDPMTrainer, GANTrainer), or "
+        "state_dict() / save_checkpoint() after train() returns"
+    ),
+    # (the step's update, count, EMA and schedule step land on the loaded state after the call: a state of step k
+    # comes back as k + 1, holding k's weights)
+    "load_state_dict()": (
+        "the trainer counts the step after the callbacks return, so the loaded state would be counted one step on, "
+        "its EMA and learning-rate schedule advanced past the weights it holds. Load between steps: stop train() "
+        "(raise from the callback) and load_state_dict() / resume() before training on"
+    ),
+}
+
+
 def check_between_steps(trainer: Any, what: str) -> None:
     """Raise a RuntimeError when ``trainer`` is inside a step (a callback's ``wrap_step`` or ``on_step_end``
-    calling ``what``): the step's batch and noise are drawn and its update may be made, but the trainer has
-    not counted it (the step count, the loss history, the EMA, the learning-rate schedule), so a checkpoint
-    written there would resume one step short of the weights it holds, or past a batch never trained on."""
+    calling ``what``, "state_dict()" or "load_state_dict()"): the step's batch and noise are drawn and its
+    update may be made, but the trainer has not counted it (the step count, the loss history, the EMA, the
+    learning-rate schedule), so a checkpoint written there would resume one step short of the weights it
+    holds, or past a batch never trained on, and a state loaded there would be counted one step on."""
     phase = _STEPS_IN_FLIGHT.get(id(trainer))
     if phase is not None:
-        raise RuntimeError(
-            f"{type(trainer).__name__}.{what} was called inside a {phase} step (from a callback): the step's draws are "
-            "made and its update is not yet counted, so a run resumed from this state would not be the "
-            "uninterrupted one. Save between steps: the trainer's checkpoint_every= (DDPMTrainer, GANTrainer), or "
-            "state_dict() / save_checkpoint() after train() returns"
-        )
+        raise RuntimeError(f"{type(trainer).__name__}.{what} was called inside a {phase} step (from a callback): "
+                           f"{_BETWEEN_STEPS[what]}")
 
 
 def _once(step: OptimizerStep, inner: Callable[[], torch.Tensor], what: str) -> Callable[[], torch.Tensor]:
