@@ -130,3 +130,53 @@ def test_dream_training_is_booked_from_the_corrected_inputs_and_trains_bit_for_b
     assert all(torch.equal(p, q) for p, q in zip(analyzed["unet"].parameters(), bare["unet"].parameters()))
     plain = run(image_folder, tmp_path / "plain", "--no-analyze", "--scale_lr", "--learning_rate", "2.5e-4")
     assert not all(torch.equal(p, q) for p, q in zip(analyzed["unet"].parameters(), plain["unet"].parameters()))
+
+
+def lora_run(image_folder, out, *extra):
+    # train_text_to_image_lora.py's flow: adapters of rank 2 on a frozen UNet, no EMA
+    return main([
+        "--train_data_dir", str(image_folder), "--output_dir", str(out), "--train_batch_size", "2",
+        "--gradient_accumulation_steps", "2", "--rank", "2", "--snr_gamma", "5.0", "--max_grad_norm", "0.05",
+        "--learning_rate", "1e-2", "--num_bins", "2", "--num_probes", "3", "--controls", "1", *extra,
+    ])
+
+
+def test_the_lora_flow_books_the_adapters_trains_bit_for_bit_resumes_and_saves_loadable_weights(image_folder, tmp_path):
+    """--rank: the analyzer's ledger covers the adapters alone and adds up; training is bit for bit the unanalyzed
+    run's; a run resumed mid-epoch is the straight one (ledgers included); the saved pytorch_lora_weights load into
+    the UNet (diffusers' load_lora_adapter) and give the trained adapters' outputs."""
+    import copy
+
+    analyzed = lora_run(image_folder, tmp_path / "analyzed", "--checkpointing_steps", "1")
+    analyzer, unet = analyzed["analyzer"], analyzed["unet"]
+    assert analyzed["global_step"] == 3 and analyzer.ledger.steps == 3
+    assert analyzer.tracker.params and all("lora_" in name for name in analyzer.tracker.params)
+    for name, ledger in analyzer.ledgers.items():
+        assert_identity(ledger, name)
+    bare = lora_run(image_folder, tmp_path / "bare", "--no-analyze")
+    assert all(torch.equal(p, q) for p, q in zip(unet.parameters(), bare["unet"].parameters()))
+    resumed = lora_run(image_folder, tmp_path / "resumed", "--resume_from_checkpoint",
+                       str(tmp_path / "analyzed" / "checkpoint-1"))
+    assert all(torch.equal(p, q) for p, q in zip(unet.parameters(), resumed["unet"].parameters()))
+    for name, ledger in analyzer.ledgers.items():
+        assert torch.equal(resumed["analyzer"].ledgers[name].contributions, ledger.contributions), name
+
+    loaded = copy.deepcopy(unet)
+    loaded.delete_adapters(list(unet.peft_config))
+    loaded.load_lora_adapter(str(tmp_path / "analyzed"), prefix="unet", adapter_name="loaded",
+                             weight_name="pytorch_lora_weights.safetensors")
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(2, unet.config.in_channels, 4, 4, generator=generator)
+    e = torch.randn(2, 8, unet.config.cross_attention_dim, generator=generator)
+    with torch.no_grad():
+        trained = unet(x, torch.tensor([3, 400]), e).sample
+        torch.testing.assert_close(loaded(x, torch.tensor([3, 400]), e).sample, trained, rtol=0, atol=0)
+        loaded.disable_adapters()
+        assert not torch.allclose(loaded(x, torch.tensor([3, 400]), e).sample, trained)
+
+
+def test_lora_settings_upstream_does_not_have_are_refused(image_folder, tmp_path):
+    with pytest.raises(ValueError, match="--use_ema is the full fine-tuning flow's"):
+        lora_run(image_folder, tmp_path, "--use_ema")
+    with pytest.raises(ValueError, match="--rank must be at least 1"):
+        lora_run(image_folder, tmp_path, "--rank", "0")

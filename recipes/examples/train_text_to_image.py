@@ -11,7 +11,12 @@ no-grad forward; the analyzer reads the corrected ones from the training forward
 AdamW with a warm-up schedule, an ``EMAModel`` stepped after each optimizer step, gradient accumulation
 (``accelerator.accumulate``), clipping at ``--max_grad_norm``, and checkpoints every
 ``--checkpointing_steps`` optimizer steps (``accelerator.save_state``, the UNet and the EMA saved by
-upstream's hooks), resumed with ``--resume_from_checkpoint``. What differs from upstream, so that it runs
+upstream's hooks), resumed with ``--resume_from_checkpoint``. ``--rank R`` is its LoRA script's flow
+(``train_text_to_image_lora.py``): the UNet frozen, peft adapters of rank R on the attention projections
+(``add_adapter(LoraConfig(r=R, lora_alpha=R, init_lora_weights="gaussian", ...))``), the optimizer over them, no
+EMA, checkpoints of the whole prepared UNet and the adapters saved as ``pytorch_lora_weights.safetensors``
+(``StableDiffusionPipeline.save_lora_weights``); the base stays float32 where upstream casts it to the mixed
+precision's dtype (the analyzer refuses a half-precision frozen base: its own passes would run in it). What differs from upstream, so that it runs
 offline and small, and resumes exactly:
 
 - the images come from a torchvision ``ImageFolder`` and each is captioned from its class folder's name
@@ -103,6 +108,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--lr_warmup_steps", type=int, default=0)
     parser.add_argument("--snr_gamma", type=float, default=None, help="Min-SNR weighting's gamma (5.0 is common)")
     parser.add_argument("--use_ema", action="store_true")
+    parser.add_argument("--rank", type=int, default=None,
+                        help="train LoRA adapters of this rank on a frozen UNet (train_text_to_image_lora.py's flow)")
     parser.add_argument("--noise_offset", type=float, default=0.0)
     parser.add_argument("--input_perturbation", type=float, default=0.0)
     parser.add_argument("--proportion_empty_prompts", type=float, default=0.0,
@@ -136,6 +143,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         raise ValueError(f"--caption_template must have one {{}} (the class name) and no other fields, got "
                          f"{args.caption_template!r} ({error})") from None
     check_checkpoint_arguments(args)
+    if args.rank is not None and args.rank < 1:
+        raise ValueError(f"--rank must be at least 1 (the LoRA adapters' rank), got {args.rank}")
+    if args.rank is not None and args.use_ema:
+        raise ValueError("--use_ema is the full fine-tuning flow's: upstream's LoRA script keeps no EMA of the adapters; "
+                         "drop --use_ema or --rank")
     for name in ("train_batch_size", "gradient_accumulation_steps", "max_train_steps"):
         value = getattr(args, name)
         if value is not None and value < 1:
@@ -235,7 +247,16 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     vae.requires_grad_(False)
     text_encoder.requires_grad_(False)
     unet.train()
-    freeze_attention_key_biases(unet)  # genkernel: zero gradient but for rounding, which Adam would turn into steps
+    if args.rank is None:
+        freeze_attention_key_biases(unet)  # genkernel: zero gradient but for rounding, which Adam would turn into steps
+    else:  # train_text_to_image_lora.py: a frozen UNet with adapters on the attention projections
+        # (genkernel: the base stays float32, where upstream casts it to the mixed precision's dtype: the analyzer's
+        # passes would run in that precision, and refuse to; autocast still runs the forward in it)
+        from peft import LoraConfig  # (peft only for --rank: the full fine-tuning flow runs without it)
+
+        unet.requires_grad_(False)
+        unet.add_adapter(LoraConfig(r=args.rank, lora_alpha=args.rank, init_lora_weights="gaussian",
+                                    target_modules=["to_k", "to_q", "to_v", "to_out.0"]))
 
     if args.use_ema:
         ema_unet = EMAModel(unet.parameters(), model_cls=UNet2DConditionModel, model_config=unet.config)
@@ -286,7 +307,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         else:
             frozen.to(accelerator.device, dtype=weight_dtype)
 
-    register_unet_hooks(accelerator, UNet2DConditionModel, ema_unet if args.use_ema else None)  # upstream's hooks
+    if args.rank is None:  # (the LoRA flow saves the whole prepared UNet, adapters included, as accelerate does)
+        register_unet_hooks(accelerator, UNet2DConditionModel, ema_unet if args.use_ema else None)  # upstream's hooks
     epoch_rng = EpochRNG(getattr(train_dataloader, "synchronized_generator", None))
     accelerator.register_for_checkpointing(epoch_rng)
 
@@ -405,7 +427,14 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
     # Save the components (with the EMA weights, as upstream), in a pipeline's layout
     unet = accelerator.unwrap_model(unet)
-    if accelerator.is_main_process:
+    if accelerator.is_main_process and args.rank is not None:  # the adapters' weights, as the LoRA script saves them
+        from diffusers.utils import convert_state_dict_to_diffusers
+        from peft.utils import get_peft_model_state_dict
+
+        StableDiffusionPipeline.save_lora_weights(
+            save_directory=args.output_dir, safe_serialization=True,
+            unet_lora_layers=convert_state_dict_to_diffusers(get_peft_model_state_dict(unet)))
+    elif accelerator.is_main_process:
         if args.use_ema:
             ema_unet.store(unet.parameters())
             ema_unet.copy_to(unet.parameters())
