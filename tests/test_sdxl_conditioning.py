@@ -66,7 +66,7 @@ def test_dotted_names_fill_added_cond_kwargs_as_the_unet_takes_them():
     expected = unet(x, t, seq, added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids}).sample
     torch.testing.assert_close(PositionalInputs(unet, NAMES)(x, t, seq, pooled, time_ids).sample, expected,
                                rtol=0, atol=0)
-    # a fixed entry merged with the dotted ones (one size for the whole run)
+    # a fixed entry merged with the dotted ones (passed as it is: one row per row of the call)
     fixed = PositionalInputs(unet, NAMES[:4], added_cond_kwargs={"time_ids": time_ids})
     torch.testing.assert_close(fixed(x, t, seq, pooled).sample, expected, rtol=0, atol=0)
     with pytest.raises(ValueError, match="one dict level"):
