@@ -1153,6 +1153,10 @@ class GANKernelAnalyzer(TrainerCallback):
             "from another forward of D than D(samples). Pass generator_loss=<fn(samples) -> [B] losses> matching your loop"
             + (" (conditional: fn(samples, classes), e.g. GeneratorLoss(D, ..., conditional=True))." if self.conditional
                else ".")
+            # (a random augmentation has no deterministic loss of the samples to reproduce; the ledgers need none)
+            + " A loop that shows D its rows through a random differentiable augmentation (DiffAugment, ADA) has no "
+            "such function: pass geometry_loss=GeneratorLoss(D) (the geometry of D on the samples themselves; the "
+            "ledgers take the loop's own gradients, augmentation included, and stay exact)."
         )
 
     def _fit_grouping(self, geo: dict[str, torch.Tensor], loss_fn, *, after_forward: bool) -> None:
