@@ -12,6 +12,7 @@ import torch
 from genkernel import TrainerCallback
 from genkernel.diffusion import DDPMTrainer, NoiseLevelAnalyzer, PositionalInputs, make_scheduler
 from genkernel.diffusion.trainer import make_sampler
+from test_trainer_vae import assert_booked_as_trained_bare
 
 F64 = torch.float64
 T, N, L, D, P = 50, 12, 3, 8, 8
@@ -96,15 +97,7 @@ def test_the_analyzer_books_sdxl_steps_and_training_is_bit_for_bit_without_it():
     x, (seq, pooled, time_ids) = data()
     analyzer = NoiseLevelAnalyzer(make_scheduler(T), x[:4], num_bins=2, num_probes=4, controls=1, kernel_points=2,
                                   probe_conditioning=(seq[:4], pooled[:4], time_ids[:4]), progress=False)
-    run = trainer(analyzer)
-    run.train(3)
-    bare = trainer()
-    bare.train(3)
-    assert all(torch.equal(p, q) for p, q in zip(run.model.parameters(), bare.model.parameters()))
-    for name, ledger in analyzer.ledgers.items():
-        total = ledger.contributions.sum(1) + ledger.rest + ledger.residual
-        torch.testing.assert_close(total, ledger.delta, rtol=0, atol=1e-12 * float(ledger.delta.abs().max()), msg=name)
-    assert float(analyzer.ledger.delta.abs().max()) > 0
+    assert_booked_as_trained_bare(trainer(analyzer), trainer(), analyzer, 3)
 
 
 def test_guidances_unconditional_rows_keep_each_samples_time_ids():

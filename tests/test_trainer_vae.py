@@ -100,18 +100,23 @@ def test_each_steps_latents_are_the_scripts_posterior_draw_times_the_scaling_fac
     assert run.sample_shape == (2, 4, 4)
 
 
+def assert_booked_as_trained_bare(analyzed, bare, analyzer, steps):
+    """``analyzed`` (with ``analyzer`` attached) and ``bare`` trained ``steps`` steps each end with the same
+    weights, bit for bit, and every ledger of the analyzer adds up: contributions + rest + residual = Δf."""
+    analyzed.train(steps)
+    bare.train(steps)
+    assert all(torch.equal(p, q) for p, q in zip(analyzed.model.parameters(), bare.model.parameters()))
+    for name, ledger in analyzer.ledgers.items():
+        total = ledger.contributions.sum(1) + ledger.rest + ledger.residual
+        torch.testing.assert_close(total, ledger.delta, rtol=0, atol=1e-12 * float(ledger.delta.abs().max()), msg=name)
+    assert analyzer.ledger.steps == steps and float(analyzer.ledger.delta.abs().max()) > 0
+
+
 def test_an_analyzer_in_latent_space_adds_up_and_training_is_bit_for_bit_without_it():
     run = trainer()
     analyzer = analyzer_for(run)
     run.callbacks.append(analyzer)
-    run.train(3)
-    bare = trainer()
-    bare.train(3)
-    assert all(torch.equal(p, q) for p, q in zip(run.model.parameters(), bare.model.parameters()))
-    for name, ledger in analyzer.ledgers.items():
-        total = ledger.contributions.sum(1) + ledger.rest + ledger.residual
-        torch.testing.assert_close(total, ledger.delta, rtol=0, atol=1e-12 * float(ledger.delta.abs().max()), msg=name)
-    assert analyzer.ledger.steps == 3 and float(analyzer.ledger.delta.abs().max()) > 0
+    assert_booked_as_trained_bare(run, trainer(), analyzer, 3)
 
 
 def test_a_run_resumes_bit_for_bit_from_tensor_data_and_from_a_dataloader(tmp_path):
