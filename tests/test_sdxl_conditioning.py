@@ -133,3 +133,20 @@ def test_a_null_that_keeps_every_part_and_a_resume_with_another_null_are_refused
     dropping_all = trainer(null=(*NULL[:2], torch.zeros(6, dtype=F64)))
     with pytest.raises(ValueError, match="class_dropout"):
         dropping_all.resume(tmp_path / "checkpoint.pt")
+
+
+def test_reverse_sample_takes_a_none_null_part_as_the_samples_own():
+    """``reverse_sample(..., null_conditioning=(e0, p0, None))`` guides as with the samples' own time_ids written
+    out (a None there was refused as not a Tensor)."""
+    from genkernel.diffusion import reverse_sample
+
+    run = trainer()
+    _, (seq, pooled, time_ids) = data()
+    cond = (seq[:3], pooled[:3], time_ids[:3])
+    null = (NULL[0].expand(3, L, D), NULL[1].expand(3, P))
+    kwargs = dict(num_inference_steps=3, seed=2, conditioning=cond, guidance_scale=2.0)
+    written, _ = reverse_sample(run.model, run.scheduler, (3, 2, 4, 4), null_conditioning=(*null, cond[2]), **kwargs)
+    kept, _ = reverse_sample(run.model, run.scheduler, (3, 2, 4, 4), null_conditioning=(*null, None), **kwargs)
+    torch.testing.assert_close(kept, written, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="one part per conditioning part"):
+        reverse_sample(run.model, run.scheduler, (3, 2, 4, 4), null_conditioning=(null[0], None), **kwargs)

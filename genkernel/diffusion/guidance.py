@@ -32,7 +32,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..core.adapter import output_tensor
+from ..core.adapter import as_tuple, output_tensor
 from ..core.tracking.batches import embedding_form, embedding_parts, embedding_shapes, map_embeddings
 from ..core.tracking.io import data_fingerprint
 
@@ -226,6 +226,20 @@ class EmbeddingDropout:
         if kept:  # (recorded only then: a checkpoint of a null dropping every part reads as before)
             config["kept_parts"] = kept
         return config
+
+
+def null_conditioning_rows(null_conditioning: Any, conditioning: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+    """``null_conditioning`` (guidance's unconditional rows) as a tuple of tensors, a part given as None taken from
+    ``conditioning`` (the samples' own: SDXL's ``time_ids``, which the null prompt does not replace); a TypeError
+    or ValueError naming it otherwise."""
+    if isinstance(null_conditioning, (tuple, list)) and any(part is None for part in null_conditioning):
+        if len(null_conditioning) != len(conditioning) or all(part is None for part in null_conditioning):
+            raise ValueError(
+                f"null_conditioning has {len(null_conditioning)} parts, None for those each sample keeps, and "
+                f"conditioning {len(conditioning)}: give one part per conditioning part, at least one of them a tensor"
+            )
+        null_conditioning = tuple(own if part is None else part for part, own in zip(null_conditioning, conditioning))
+    return as_tuple(null_conditioning, name="null_conditioning")
 
 
 def check_guidance_scale(scale: Any) -> float:

@@ -36,6 +36,7 @@ from .kernels import eval_mode, state_kernel
 from ..core.adapter import as_tuple, first_tensor, like_parameter, positive_int, seed_bits
 from ..core.grouping import measured_minus_control
 from .objectives import EDM_PROCESS, FLOW_PROCESS, check_timesteps, level_dtype, noise_process, noisy_input, training_levels
+from .guidance import null_conditioning_rows
 from .learned_variance import predicts_variance
 from .trainer import reverse_sample
 
@@ -156,7 +157,8 @@ def retrieval_attribution(
             (their class labels ``LongTensor[N]``). Give both or neither.
         guidance_scale, null_conditioning: classifier-free guidance (a model trained with label
             dropout): the samples are drawn with F(∅) + w (F(y) − F(∅)), ∅ = ``null_conditioning``
-            (shaped as ``conditioning``, e.g. the null class in every row), and their side of the
+            (shaped as ``conditioning``, e.g. the null class in every row; a part None: the samples' own), and
+            their side of the
             kernel is that function's gradient (module docstring). w = 1 (default): the conditional model.
 
     Returns:
@@ -214,7 +216,7 @@ def retrieval_attribution(
         guidance_scale=guidance_scale, null_conditioning=null_conditioning,
     )  # (reverse_sample checks the guidance arguments)
     guidance_scale = float(guidance_scale)
-    null_extra = () if guidance_scale == 1.0 else as_tuple(null_conditioning, name="null_conditioning")
+    null_extra = () if guidance_scale == 1.0 else null_conditioning_rows(null_conditioning, extra)
     order = sorted(kept, reverse=True)
     generator = torch.Generator().manual_seed(seed_bits(seed) + 7)  # (reverse_sample checked the seed)
     clean = train_data.to(param)

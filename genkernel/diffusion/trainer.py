@@ -76,7 +76,7 @@ from ..core.tracking.lr_schedules import LRSchedulerArg, build_lr_scheduler, lr_
 from ..core.tracking.step import OptimizerStep, trainer_autocast_dtype, trainer_grad_scaler, until_applied
 from ..logging import LoggingCallback
 from .latents import LatentCoder
-from .guidance import ClassDropout, EmbeddingDropout, check_guidance_scale, guided_output
+from .guidance import ClassDropout, EmbeddingDropout, check_guidance_scale, guided_output, null_conditioning_rows
 from .learned_variance import LEARNED_RANGE, loss_targets, mean_channels, predicts_variance, training_loss
 from .timestep_sampling import Density, Weighting, make_loss_weighting, make_timestep_density
 from .objectives import (
@@ -1111,7 +1111,8 @@ def reverse_sample(
         conditioning: extra model inputs with S rows (class labels) for ``model(x_t, t, *conditioning)``.
         guidance_scale, null_conditioning: classifier-free guidance (:func:`~genkernel.diffusion.guidance.guided_output`):
             the sampler steps with F(∅) + w (F(y) − F(∅)), ∅ = ``null_conditioning`` (as ``conditioning``,
-            e.g. the null class in every row); w = 1 (default) is the conditional model alone.
+            e.g. the null class in every row; a part given as None is the samples' own, SDXL's ``time_ids``); w = 1
+            (default) is the conditional model alone.
 
     Returns:
         ``(x_0 samples [S, *shape[1:]], {t: state [S, *shape[1:]]})``, keyed by the steps used (int
@@ -1192,7 +1193,7 @@ def reverse_sample(
             "outputs: pass conditioning= (the labels) and null_conditioning= (the null class in every row), or "
             "guidance_scale=1 for a model without conditioning"
         )
-    null_extra = () if null_conditioning is None else as_tuple(null_conditioning, name="null_conditioning")
+    null_extra = () if null_conditioning is None else null_conditioning_rows(null_conditioning, extra)
     if guidance_scale != 1.0 and [(c.shape, c.dtype) for c in null_extra] != [(c.shape, c.dtype) for c in extra]:
         raise ValueError(
             f"guidance_scale={guidance_scale:g} needs null_conditioning shaped as conditioning "
