@@ -48,7 +48,9 @@ Memory (bytes):
   parameters' columns, k numbers per row or parameter value (:func:`projection_bytes`).
 
 Work per step, in passes (a backward counted as two forwards of the same examples), and the
-expected ratio of an analyzed step to a bare one (forward and backward of the batch):
+expected ratio of an analyzed step to a bare one (forward and backward of the batch; a frozen
+layer's backward forms its input's gradient, not its weight's: one forward, so a LoRA fine-tune's
+bare step is about two forwards an example, :func:`bare_step_forwards`):
 
 - group gradients: "graph" R backward passes of the batch; "example", sketched and factored routes
   read the batch's layer factors from the training pass and sum them (about one forward) when its
@@ -279,13 +281,27 @@ def _stat_entry(path: str, key: str) -> int:
     return 0
 
 
-def activation_elements(model: nn.Module, example: tuple[torch.Tensor, ...]) -> int:
-    """Elements of every module output for one example (a forward with hooks, no grad)."""
-    count = [0]
+def example_counts(model: nn.Module, example: tuple[torch.Tensor, ...]) -> tuple[int, int, int]:
+    """``(activations, macs, trainable_macs)`` of one example's forward (one hooked pass, no grad): the
+    elements of every leaf module's output, and the multiply-adds through the weights of every leaf
+    ``nn.Linear`` and convolution (output elements × inputs per output, a convolution's
+    ``in_channels / groups × kernel size``), all of them and those whose weight requires grad. A frozen
+    base (LoRA: adapters beside frozen layers) makes the last a small share of the second: its backward
+    forms the inputs' gradients but not the frozen weights'."""
+    counts = [0, 0, 0]
 
     def hook(module, args, output):
-        if isinstance(output, torch.Tensor):
-            count[0] += output[:1].numel()
+        if not isinstance(output, torch.Tensor):
+            return
+        counts[0] += output[:1].numel()
+        if isinstance(module, (nn.Linear, nn.modules.conv._ConvNd)) and isinstance(getattr(module, "weight", None),
+                                                                                 torch.Tensor):
+            per_output = (module.in_features if isinstance(module, nn.Linear)
+                          else module.in_channels // module.groups * math.prod(module.kernel_size))
+            macs = output[:1].numel() * per_output
+            counts[1] += macs
+            if module.weight.requires_grad:
+                counts[2] += macs
 
     handles = [m.register_forward_hook(hook) for m in model.modules() if not list(m.children())]
     try:
@@ -294,7 +310,21 @@ def activation_elements(model: nn.Module, example: tuple[torch.Tensor, ...]) -> 
     finally:
         for handle in handles:
             handle.remove()
-    return count[0]
+    return counts[0], counts[1], counts[2]
+
+
+def activation_elements(model: nn.Module, example: tuple[torch.Tensor, ...]) -> int:
+    """Elements of every module output for one example (a forward with hooks, no grad)."""
+    return example_counts(model, example)[0]
+
+
+def bare_step_forwards(macs: int, trainable_macs: int, batch: int) -> float:
+    """A bare step's work in example-forwards: the forward, the backward's input gradients (about one
+    forward) and its weight gradients, one forward's worth of the layers whose weights are trained:
+    ``batch × (2 + share)``, share = ``trainable_macs / macs`` (:func:`example_counts`; 1 without frozen
+    layers: 3 per example; a LoRA fine-tune's frozen base: about 2)."""
+    share = trainable_macs / macs if macs else 1.0
+    return batch * (2.0 + share)
 
 
 def reads_training_pass(record_bytes_per_example: int, batch: int, memory_budget: int) -> bool:
@@ -409,11 +439,13 @@ def estimate_cost(
     memory: dict[str, int] = {}
     work: dict[str, float] = {}
     # What training itself holds: parameters, gradients, optimizer state, activations.
-    acts = activation_elements(model, tuple(t[:1] for t in probes))
+    acts, macs, trainable_macs = example_counts(model, tuple(t[:1] for t in probes))
     micro = -(-b // micro_batches)  # the largest micro-batch: what training's activations hold at once
     memory["training_step"] = (2 * num + optimizer_state) * param_bytes + 3 * acts * micro * param_bytes
     reads_training = micro_batches == 1 and reads_training_pass(acts * param_bytes, b, memory_budget)
-    bare = 3.0 * b  # a forward and a backward of every example (the factor routes count it from the shapes)
+    # a forward and a backward of every example, the frozen layers' weight gradients not formed (the
+    # factor routes count it from the shapes)
+    bare = bare_step_forwards(macs, trainable_macs, b)
     memory["parameter_copies"] = num * param_bytes * (2 + quadrature_nodes) + optimizer_state * param_bytes
     if witness_copies:
         memory["witnesses"] = witness_copies * num * param_bytes
@@ -906,5 +938,5 @@ __all__ = [
     "GROUP_STATE_CHOICES", "check_bytes", "cost_options", "estimate_cost", "factor_route_work", "forward_macs", "held_bytes", "ledger_bytes", "linear_state_rows",
     "optimizer_state_copies", "optimizer_state_values", "plain_hyperparameter", "plain_sgd", "projection_bytes", "push_pass_bytes", "push_pass_shape", "push_route", "reads_training_pass",
     "sketch_temporary_bytes", "sketch_work", "sketchable", "splitter_state_copies",
-    "tangent_bytes",
+    "tangent_bytes", "bare_step_forwards", "example_counts",
 ]
