@@ -109,26 +109,44 @@ def _code(text: str) -> int:
     return zlib.crc32(text.encode())
 
 
+# An odd factor (2**64 / golden ratio, as a wrapped int64) on the columns' weighted sum in the digest's third
+# sum: with the rows' and columns' weights alike, a transposed square weight would give the same sum.
+_COLUMN_FACTOR = 0x9E3779B97F4A7C15 - 2**64
+
+
 def _replica_digest(module: nn.Module) -> list[int]:
-    """Six int64 digests of ``module``'s replica, computed on its device: of its parameters, of
+    """Nine int64 digests of ``module``'s replica, computed on its device: of its parameters, of
     their gradients (None counts as zeros) and of its buffers, the sums, wrapping modulo 2**64, of
-    each element's bit pattern and of its square. Integer sums do not depend on the order of
-    summation, so equal replicas give equal digests on any device; replicas that stepped
+    each element's bit pattern, of its square, and of it times a weight of its place: 2j + 1 for its
+    row (j counts the rows, the first-dimension slices, of the part's tensors in order) plus
+    (2c + 1)·_COLUMN_FACTOR for its column c within the row. Integer sums do not depend on the order
+    of summation, so equal replicas give equal digests on any device; replicas that stepped
     differently, gradients that DDP did not average, or buffers each rank updated from its own shard
-    differ in them (unless the differences cancel in both sums, which updates and shards do not
-    arrange)."""
+    differ in them (unless the differences cancel in all three sums, which updates and shards do not
+    arrange). The third sum tells replicas holding the same values in other places (two frozen
+    weights of one shape swapped on one rank, rows or columns permuted, a weight transposed), which
+    the first two cannot; it is formed from the row and column sums, one reduction more."""
     views = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
-    parts = (list(module.parameters()), [p.grad for p in module.parameters()], list(module.buffers()))
+    params = list(module.parameters())
+    buffers = list(module.buffers())
+    # (a part's tensors, the tensors whose rows give their places: a None gradient keeps its parameter's rows)
+    parts = ((params, params), ([p.grad for p in params], params), (buffers, buffers))
     totals: dict[torch.device, torch.Tensor] = {}  # one sum per device, read once at the end
-    for i, tensors in enumerate(parts):
-        for t in tensors:
+    for i, (tensors, places) in enumerate(parts):
+        offset = 0
+        for t, place in zip(tensors, places):
+            rows = place.shape[0] if place.dim() else 1
+            start, offset = offset, offset + rows
             if t is None or t.numel() == 0:
                 continue
-            flat = t.detach().reshape(-1)
-            bits = flat.view(views.get(t.element_size(), torch.uint8)).to(torch.long)
-            total = totals.setdefault(t.device, torch.zeros(2 * len(parts), dtype=torch.long, device=t.device))
-            total[2 * i: 2 * i + 2] += torch.stack([bits.sum(), (bits * bits).sum()])
-    return [int(v) for v in sum((t.cpu() for t in totals.values()), torch.zeros(2 * len(parts), dtype=torch.long))]
+            bits = t.detach().reshape(rows, -1).view(views.get(t.element_size(), torch.uint8)).to(torch.long)
+            row_sums, column_sums = bits.sum(1), bits.sum(0)
+            row_weights = torch.arange(start, start + rows, dtype=torch.long, device=t.device).mul_(2).add_(1)
+            column_weights = torch.arange(column_sums.numel(), dtype=torch.long, device=t.device).mul_(2).add_(1)
+            placed = (row_sums * row_weights).sum() + (column_sums * column_weights).sum() * _COLUMN_FACTOR
+            total = totals.setdefault(t.device, torch.zeros(3 * len(parts), dtype=torch.long, device=t.device))
+            total[3 * i: 3 * i + 3] += torch.stack([row_sums.sum(), (bits * bits).sum(), placed])
+    return [int(v) for v in sum((t.cpu() for t in totals.values()), torch.zeros(3 * len(parts), dtype=torch.long))]
 
 
 def combine_group_gradients(grads: dict[str, torch.Tensor], local_batch: int, context: DistributedContext) -> dict[str, torch.Tensor]:
@@ -151,7 +169,7 @@ def combine_group_gradients(grads: dict[str, torch.Tensor], local_batch: int, co
     # Digests of the replica's parameters (θ_k: every caller combines before the update), of its real
     # gradients, which DDP's averaging makes equal on every rank, and of its buffers, which DDP
     # broadcasts from rank 0 before each forward (the forward may have updated them since).
-    digest = _replica_digest(context.model.module) if context.model is not None else [0] * 6
+    digest = _replica_digest(context.model.module) if context.model is not None else [0] * 9
     mine = [local_batch, *digest, rows, _code(repr(context.layout)), _code(shapes), _code(str(first.dtype))]
     gathered = [torch.zeros(len(mine), dtype=torch.long, device=first.device) for _ in range(context.world_size)]
     dist.all_gather(gathered, torch.tensor(mine, dtype=torch.long, device=first.device), group=context.group)
@@ -160,7 +178,7 @@ def combine_group_gradients(grads: dict[str, torch.Tensor], local_batch: int, co
     def apart_from_rank_0(columns: slice) -> list[int]:
         return sorted(r for r, g in enumerate(gathered) if g[columns] != gathered[0][columns])
 
-    diverged = apart_from_rank_0(slice(1, 3))
+    diverged = apart_from_rank_0(slice(1, 4))
     if diverged:
         raise ValueError(
             f"the ranks' parameters differ before this step (ranks {diverged} differ from rank 0): the replicas "
@@ -169,7 +187,7 @@ def combine_group_gradients(grads: dict[str, torch.Tensor], local_batch: int, co
             "is the single-process run's. Build every rank's model, optimizer and tracker alike, and restore "
             "checkpoints on every rank"
         )
-    unaveraged = apart_from_rank_0(slice(3, 5))
+    unaveraged = apart_from_rank_0(slice(4, 7))
     if unaveraged:
         raise ValueError(
             f"the ranks' real gradients differ at this step (ranks {unaveraged} differ from rank 0): DDP did not "
@@ -179,7 +197,7 @@ def combine_group_gradients(grads: dict[str, torch.Tensor], local_batch: int, co
             "alike, and step (tracker.step, or the loop's optimizer.step()) after a backward outside no_sync(); "
             "under no_sync() only the micro-batches before the last one of a step"
         )
-    shifted = apart_from_rank_0(slice(5, 7))
+    shifted = apart_from_rank_0(slice(7, 10))
     if shifted:
         buffers = [name for name, _ in context.model.module.named_buffers()]
         raise ValueError(
@@ -189,7 +207,7 @@ def combine_group_gradients(grads: dict[str, torch.Tensor], local_batch: int, co
             "the ranks' models differ; no rank's ledger would be the single-process run's. Keep such buffers frozen "
             "while tracking (eval mode for that module), or track on one process"
         )
-    differ = sorted(r for r, g in enumerate(gathered) if g[7:] != mine[7:])
+    differ = sorted(r for r, g in enumerate(gathered) if g[10:] != mine[10:])
     if differ:
         raise ValueError(
             f"the ranks' trackers lay out their group rows differently (rank {context.rank}: partitions "
@@ -252,7 +270,7 @@ def summed_over_ranks(counts: torch.Tensor, context: DistributedContext | None) 
 
 # The error a rank raises when another rank refused the step: the refusing rank's kind, so that a
 # loop catching it (``except NonFiniteError``: skip the batch) catches it on every rank alike.
-_KINDS = (NonFiniteError, LedgerCheckError, ValueError, TypeError, RuntimeError)
+_KINDS = (NonFiniteError, LedgerCheckError, ValueError, TypeError, MemoryError, RuntimeError)
 # How many bytes of each rank's meeting (StepAgreement._where) the ranks compare.
 _WHERE = 96
 

@@ -437,7 +437,11 @@ class PathKernelTracker:
                                    options=cost_options, group_states=buildable,
                                    # a half-precision step's witnesses: two sums in float16 (_fold_witness)
                                    witness_copies=2 if mixed_precision == "observe" else 0)
-        self._check_cost(ema=False)
+        # The device's free memory differs between ranks (another process on one GPU): a set-up that fits on one rank
+        # only is refused on every rank, or the ranks that built their trackers would wait for the others in the
+        # first step's meeting until the process group's timeout.
+        with StepAgreement(self.distributed, "building the tracker (its memory check)", points=1).meeting():
+            self._check_cost(ema=False)
         self.ema: EMALedgers | None = None
         self.splitter = self.route.splitter
         self._f_prev = f_start.clone()
@@ -713,9 +717,12 @@ class PathKernelTracker:
         callable returning ``{name: tensor}``), from now on; read it with :attr:`ema_ledgers`.
         The EMA is updated by the loop as usual, after each optimizer step
         (:mod:`genkernel.core.tracking.ema`)."""
-        self._need_dense("an EMA ledger", ema=True)
-        self.ema = EMALedgers(self._tracked, ema_parameters(ema, list(self.params), self.module), self.rtol, self.rule,
-                              ema_buffers(ema, self.module))
+        # (an EMA ledger that fits on one rank only is refused on every rank, as in __init__)
+        with StepAgreement(self.distributed, "track_ema (its memory check)", points=1).meeting():
+            self._need_dense("an EMA ledger", ema=True)
+            ema_ledgers = EMALedgers(self._tracked, ema_parameters(ema, list(self.params), self.module), self.rtol,
+                                     self.rule, ema_buffers(ema, self.module))
+        self.ema = ema_ledgers
         return self.ema
 
     def _check_cost(self, *, ema: bool) -> None:
