@@ -119,7 +119,7 @@ def _check_ema_pytorch_options(ema: Any, names: list[str], model: nn.Module) -> 
     * ``lazy_init_ema=True`` before the first ``update()``: there are no averaged weights to read yet.
 
     ``include_online_model``, ``allow_different_devices``, ``move_ema_to_online_device``,
-    ``use_foreach``, ``forward_method_names`` and ``coerce_dtype`` (see :func:`_check_ema_dtypes`)
+    ``use_foreach``, ``forward_method_names`` and ``coerce_dtype`` (see :func:`check_ema_precision`)
     change where the tensors live or how the same average is computed, not what it is: accepted."""
     every = getattr(ema, "update_model_with_ema_every", None)
     if every is not None:
@@ -196,10 +196,10 @@ def check_trainable_ema(ema: Any, model: nn.Module) -> None:
             "copy?): its update() would never see the trainer's updates. Build it as EMA(model) with the model "
             "passed to the trainer"
         )
-    _check_ema_dtypes(ema, _weights_reader(ema, names, model)(), dict(model.named_parameters()))
+    check_ema_precision(ema, _weights_reader(ema, names, model)(), dict(model.named_parameters()))
 
 
-def _check_ema_dtypes(ema: Any, averaged: dict[str, torch.Tensor], params: dict[str, torch.Tensor]) -> None:
+def check_ema_precision(ema: Any, averaged: dict[str, torch.Tensor], params: dict[str, torch.Tensor]) -> None:
     """Refuse EMA weights less precise than the model's (an EMA built before the model was cast: it would
     average in the lower precision, sample in it, and its ledger's check would fail at the first update), and
     an ema-pytorch EMA of another dtype without ``coerce_dtype=True`` (its ``lerp_`` fails after an update)."""
@@ -211,7 +211,10 @@ def _check_ema_dtypes(ema: Any, averaged: dict[str, torch.Tensor], params: dict[
             raise ValueError(
                 f"the EMA holds '{name}' in {str(tensor.dtype).replace('torch.', '')} but the model's parameter is "
                 f"{str(mine).replace('torch.', '')}: build the EMA after the model is cast (e.g. model.double() "
-                "before EMAModel(model.parameters()) / EMA(model) / AveragedModel(model))"
+                "before EMAModel(model.parameters()) / EMA(model) / AveragedModel(model)). Lightning's "
+                "precision='64-true' casts the module after __init__, setup() and on_load_checkpoint(): build the "
+                "network in float64 in __init__, or cast the EMA in on_fit_start() (diffusers' "
+                "ema.to(dtype=torch.float64))"
             )
         if _is_ema_pytorch(ema) and not getattr(ema, "coerce_dtype", False):
             raise ValueError(
@@ -552,4 +555,4 @@ class EMALedgers:
             self.live_buffers = {n: t.clone() for n, t in state["live_buffers"].items()}
 
 
-__all__ = ["EMALedgers", "ema_buffers", "ema_parameters", "ema_weights"]
+__all__ = ["EMALedgers", "check_ema_precision", "ema_buffers", "ema_parameters", "ema_weights"]

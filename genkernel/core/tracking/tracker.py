@@ -80,7 +80,7 @@ from ..cost import (
 )
 from ..grouping import Partitions, rows_sum_and_size
 from .distributed import StepAgreement, check_replicated, ddp_context, summed_over_ranks
-from .ema import EMALedgers, ema_buffers, ema_parameters
+from .ema import EMALedgers, check_ema_precision, ema_buffers, ema_parameters
 from .io import atomic_save, load_state, to_device
 from .ledger import PathKernelLedger
 from .quadrature import quadrature_rule
@@ -717,11 +717,14 @@ class PathKernelTracker:
         callable returning ``{name: tensor}``), from now on; read it with :attr:`ema_ledgers`.
         The EMA is updated by the loop as usual, after each optimizer step
         (:mod:`genkernel.core.tracking.ema`)."""
+        read = ema_parameters(ema, list(self.params), self.module)
+        # (an EMA less precise than the model fails the first update's check with a message about the update
+        # order: refused here, naming the dtypes, before anything changes)
+        check_ema_precision(ema, read(), dict(self.params))
         # (an EMA ledger that fits on one rank only is refused on every rank, as in __init__)
         with StepAgreement(self.distributed, "track_ema (its memory check)", points=1).meeting():
             self._need_dense("an EMA ledger", ema=True)
-            ema_ledgers = EMALedgers(self._tracked, ema_parameters(ema, list(self.params), self.module), self.rtol,
-                                     self.rule, ema_buffers(ema, self.module))
+            ema_ledgers = EMALedgers(self._tracked, read, self.rtol, self.rule, ema_buffers(ema, self.module))
         self.ema = ema_ledgers
         return self.ema
 
