@@ -20,13 +20,11 @@ global-norm clipping that bites, and an EMA of the adapters only.
 """
 
 import contextlib
-import datetime
-import os
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
+
+from test_distributed_review import run_scenarios
 
 pytest.importorskip("peft")
 
@@ -111,14 +109,6 @@ def shard(rank):
     return slice(rank * GLOBAL_BATCH // WORLD, (rank + 1) * GLOBAL_BATCH // WORLD)
 
 
-def outcome(call):
-    """``(error type name, message)`` of what ``call()`` raised; ``("ok", result)`` when it returned."""
-    try:
-        return "ok", call()
-    except Exception as error:  # noqa: BLE001 - the test reads which error each rank raised
-        return type(error).__name__, str(error)
-
-
 def frozen_weights_swapped_on_rank_1(rank):
     """The observed loop after rank 1 exchanged the frozen base weights of its first cross-attention's to_k and
     to_v (both [8, 8]) once wrapped (a checkpoint mapped wrongly on one rank). Returns the ledger."""
@@ -156,40 +146,15 @@ SCENARIOS = {
 }
 
 
-def worker(rank, rendezvous, out_dir):
-    torch.set_num_threads(1)
-    # A short timeout: a rank left waiting in a collective ends the job instead of waiting 30 minutes.
-    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=WORLD,
-                            timeout=datetime.timedelta(seconds=20))
-    try:
-        for name, scenario in SCENARIOS.items():
-            torch.save(outcome(lambda: scenario(rank)), os.path.join(out_dir, f"{name}.rank{rank}.pt"))
-        dist.barrier()  # both ranks done before the group is torn down (see test_distributed.worker)
-    finally:
-        dist.destroy_process_group()
-
-
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):
     """Every scenario run once in a 2-process job (killed after 90 s); ``{scenario: [per-rank outcome]}``
     (None where a rank never got there), and ``"single"``: :func:`accumulating_loop` in one process on the
     global batches."""
-    out = tmp_path_factory.mktemp("ddp_lora_review")
-    context = mp.start_processes(worker, args=(str(out / "rendezvous"), str(out)), nprocs=WORLD, join=False,
-                                 start_method="spawn")
-    # the single-process reference, computed while the ranks run
-    single = accumulating_loop(lora_unet(), slice(0, GLOBAL_BATCH), analyze=True)
-    for process in context.processes:
-        process.join(timeout=90)
-    for process in context.processes:
-        if process.is_alive():
-            process.kill()
-            process.join()
-    results = {}
-    for name in SCENARIOS:
-        paths = [out / f"{name}.rank{rank}.pt" for rank in range(WORLD)]
-        results[name] = [torch.load(p, weights_only=False) if p.exists() else None for p in paths]
-    results["single"] = single
+    results, results["single"] = run_scenarios(
+        tmp_path_factory.mktemp("ddp_lora_review"), __name__, timeout=90,
+        # the single-process reference, computed while the ranks run
+        while_running=lambda: accumulating_loop(lora_unet(), slice(0, GLOBAL_BATCH), analyze=True))
     return results
 
 

@@ -16,6 +16,7 @@ and the Domingos sum is refused when train_x is not the trainer's inputs row for
 
 import contextlib
 import datetime
+import importlib
 import os
 from unittest import mock
 
@@ -207,37 +208,47 @@ SCENARIOS = {
 }
 
 
-def worker(rank, rendezvous, out_dir):
+def scenario_worker(rank, rendezvous, out_dir, module):
+    """One rank of a 2-process gloo job running every scenario of test module ``module``'s ``SCENARIOS`` in
+    order, each one's :func:`outcome` saved as ``{name}.rank{rank}.pt`` in ``out_dir``."""
     torch.set_num_threads(1)
+    scenarios = importlib.import_module(module).SCENARIOS
     # A short timeout: a hang (the old behaviour) ends the job instead of waiting 30 minutes.
     dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=WORLD,
                             timeout=datetime.timedelta(seconds=20))
     try:
-        for name, scenario in SCENARIOS.items():
+        for name, scenario in scenarios.items():
             torch.save(outcome(lambda: scenario(rank)), os.path.join(out_dir, f"{name}.rank{rank}.pt"))
         dist.barrier()  # both ranks done before the group is torn down (see test_distributed.worker)
     finally:
         dist.destroy_process_group()
 
 
-@pytest.fixture(scope="module")
-def ranks(tmp_path_factory):
-    """Run every scenario once in a 2-process job (killed after 60 s); ``{scenario: [per-rank outcome]}``
-    (None where a rank never got there)."""
-    out = tmp_path_factory.mktemp("ddp_review")
-    context = mp.start_processes(worker, args=(str(out / "rendezvous"), str(out)), nprocs=WORLD, join=False,
-                                 start_method="spawn")
+def run_scenarios(out, module: str, timeout: float, while_running=lambda: None):
+    """Every scenario of test module ``module``'s ``SCENARIOS`` once in a 2-process job (:func:`scenario_worker`,
+    killed after ``timeout`` seconds), ``while_running()`` called meanwhile in this process; returns
+    ``({scenario: [per-rank outcome, None where a rank never got there]}, while_running's result)``."""
+    context = mp.start_processes(scenario_worker, args=(str(out / "rendezvous"), str(out), module), nprocs=WORLD,
+                                 join=False, start_method="spawn")
+    here = while_running()
     for process in context.processes:
-        process.join(timeout=60)
+        process.join(timeout=timeout)
     for process in context.processes:
         if process.is_alive():
             process.kill()
             process.join()
     results = {}
-    for name in SCENARIOS:
+    for name in importlib.import_module(module).SCENARIOS:
         paths = [out / f"{name}.rank{rank}.pt" for rank in range(WORLD)]
-        results[name] = [torch.load(p) if p.exists() else None for p in paths]
-    return results
+        results[name] = [torch.load(p, weights_only=False) if p.exists() else None for p in paths]
+    return results, here
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory):
+    """Run every scenario once in a 2-process job (killed after 60 s); ``{scenario: [per-rank outcome]}``
+    (None where a rank never got there)."""
+    return run_scenarios(tmp_path_factory.mktemp("ddp_review"), __name__, timeout=60)[0]
 
 
 @pytest.mark.parametrize("name", ["one_more_micro_batch", "other_no_sync_micro_batches", "step_where_another_observes"])
