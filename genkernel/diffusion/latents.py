@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..core.adapter import eval_mode
+from ..core.adapter import eval_mode, first_tensor
 
 FINGERPRINT_VALUES = 4096  # values read per tensor for the VAE's fingerprint (evenly spaced)
 
@@ -63,9 +63,7 @@ class LatentCoder:
         self.shift_factor = 0.0 if shift is None else float(shift)
         self.in_channels = config.get("in_channels")
         self.latents_mean, self.latents_std = latent_statistics(vae, self.shift_factor)
-        first = next(vae.parameters(), None)
-        if first is None:
-            raise ValueError(f"the {type(vae).__name__} has no parameters: pass the trained VAE")
+        first = first_tensor(vae, "the vae")
         self.device, self.dtype = first.device, first.dtype
         self._fingerprint = module_fingerprint(vae)
 

@@ -454,7 +454,8 @@ class DDPMTrainer:
             weighting) and, under ``class_dropout``, ``"data_labels"`` or ``"data_embeddings"`` (the
             data's) and ``"dropped"`` (BoolTensor[B]).
         """
-        position = self._data_position()
+        # (where the draws stood, for an encode that fails: read only with a VAE, not on every step's path)
+        position = None if self.latent_coder is None else self._data_position()
         batch = self._tensor_batch() if self._stream is None else self._stream.next()
         if self.latent_coder is not None:  # the latents drawn first, as the scripts draw them
             batch["images"] = batch["clean"]
