@@ -88,6 +88,7 @@ __all__ = [
     "check_prediction_type",
     "check_timesteps",
     "training_target",
+    "dream_correction",
     "diffusion_loss",
     "loss_weight",
     "timestep_bins",
@@ -470,6 +471,40 @@ def training_target(scheduler, clean: torch.Tensor, noise: torch.Tensor, timeste
         return clean
     signal, spread = _vp_coefficients(scheduler, timesteps, clean)
     return signal * noise - spread * clean
+
+
+def dream_correction(scheduler, timesteps: torch.Tensor, noise: torch.Tensor, prediction: torch.Tensor,
+                     noisy: torch.Tensor, target: torch.Tensor, detail_preservation: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """DREAM's corrected noisy input and target ``(z', y')``, each ``[B, *shape]`` in ``noisy``'s and ``target``'s
+    dtypes (Zhou et al. 2024, "Diffusion Rectification and Estimation-Adaptive Models"; diffusers'
+    ``compute_dream_and_update_latents``, its numbers: the coefficients in float32 at least, as
+    :func:`_vp_coefficients`), for a DDPM-family scheduler with ε-prediction:
+
+    1. δ = λ_t (ε − ε̂), ε̂ = ``prediction`` the model's own no-grad output at (z, t), λ_t = sqrt(1 − ᾱ_t)^p with
+       p = ``detail_preservation`` (the paper's p = 1);
+    2. z' = z + sqrt(1 − ᾱ_t) δ, the noisy input moved towards what the model would see if it were right;
+    3. y' = y + δ (y = ε): the target the step regresses.
+
+    ``noise`` is ε (the target's noise, without input perturbation), ``noisy`` z, ``target`` y, ``timesteps``
+    LongTensor[B]; nothing here carries a graph: the step trains on (z', y') as data."""
+    if check_prediction_type(scheduler) != "epsilon" or noise_process(scheduler) != DDPM_PROCESS:
+        raise ValueError(
+            f"DREAM corrects ε-prediction on a DDPM-family scheduler (diffusers' compute_dream_and_update_latents "
+            f"raises for v-prediction); this scheduler is {noise_process(scheduler)} with prediction_type "
+            f"{check_prediction_type(scheduler)!r}: train with prediction_type='epsilon' or without DREAM"
+        )
+    timesteps = _check_state(scheduler, noisy, noise, timesteps)
+    if prediction.shape != noise.shape or target.shape != noise.shape:
+        raise ValueError(
+            f"DREAM needs the model's prediction and the target shaped as the noise {tuple(noise.shape)}, got "
+            f"{tuple(prediction.shape)} and {tuple(target.shape)} (a model that predicts its variance too has no one "
+            "ε̂ to correct by: train it without DREAM)"
+        )
+    wide = torch.promote_types(noisy.dtype, torch.float32)
+    alphas = scheduler.alphas_cumprod.detach().to(noisy.device, wide)[timesteps.detach().to(noisy.device)]
+    spread = ((1 - alphas) ** 0.5).reshape(-1, *([1] * (noisy.dim() - 1)))
+    delta = (noise - prediction.detach().to(noise.dtype)) * (spread ** float(detail_preservation)).to(noise.dtype)
+    return noisy + (spread * delta).to(noisy.dtype), target + delta.to(target.dtype)
 
 
 def _vp_coefficients(scheduler, timesteps: torch.Tensor, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -73,14 +73,17 @@ from ..core.tracking.batches import (
     is_class_labels, map_embeddings, split_batch, split_embedding_batch, split_floating_batch,
 )
 from ..core.tracking.lr_schedules import LRSchedulerArg, build_lr_scheduler, lr_scheduler_settings, step_lr_scheduler
-from ..core.tracking.step import OptimizerStep, trainer_autocast_dtype, trainer_grad_scaler, until_applied
+from ..core.tracking.step import (
+    OptimizerStep, autocast_to, micro_batch_rows, model_output, trainer_autocast_dtype, trainer_grad_scaler, until_applied,
+)
 from ..logging import LoggingCallback
 from .latents import LatentCoder
 from .guidance import ClassDropout, EmbeddingDropout, check_guidance_scale, guided_output, null_conditioning_rows
 from .learned_variance import LEARNED_RANGE, loss_targets, mean_channels, predicts_variance, training_loss
 from .timestep_sampling import Density, Weighting, make_loss_weighting, make_timestep_density
 from .objectives import (
-    DDPM_PROCESS, check_prediction_type, check_timesteps, noise_process, noise_schedule_config, noisy_input,
+    DDPM_PROCESS, check_prediction_type, check_timesteps, dream_correction, noise_process, noise_schedule_config,
+    noisy_input,
     num_train_timesteps, same_noise_schedule, training_levels, training_target,
 )
 
@@ -122,6 +125,27 @@ def noise_scale(value: Any, name: str) -> float:
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not (math.isfinite(value) and value >= 0):
         raise ValueError(f"{name} must be a finite number >= 0 (0: none), got {value!r}")
     return float(value)
+
+
+def check_dream(detail_preservation: Any, scheduler) -> float | None:
+    """A trainer's ``dream=`` as a float p >= 0 (None: off); a ValueError where DREAM has no meaning (a scheduler
+    other than DDPM ε-prediction, a model that predicts its variance) or p is not a finite number >= 0."""
+    if detail_preservation is None:
+        return None
+    if (isinstance(detail_preservation, bool) or not isinstance(detail_preservation, numbers.Real)
+            or not (math.isfinite(detail_preservation) and detail_preservation >= 0)):
+        raise ValueError(f"dream must be None (off) or DREAM's detail preservation p, a finite number >= 0 (the "
+                         f"paper's 1.0), got {detail_preservation!r}")
+    if noise_process(scheduler) != DDPM_PROCESS or check_prediction_type(scheduler) != "epsilon":
+        raise ValueError(
+            f"dream= corrects ε-prediction on a DDPM scheduler (diffusers' compute_dream_and_update_latents raises "
+            f"for v-prediction); this scheduler is {noise_process(scheduler)} with prediction_type "
+            f"{check_prediction_type(scheduler)!r}: train it with dream=None"
+        )
+    if predicts_variance(scheduler):
+        raise ValueError("dream= corrects a predicted ε, but a model that predicts its variance too trains on the hybrid "
+                         "loss, whose variational term reads the uncorrected z_t: train it with dream=None")
+    return float(detail_preservation)
 
 
 def make_optimizer(model: nn.Module, name: str = "adam", lr: float = 1e-3, *, weight_decay: float = 0.0, momentum: float = 0.0):
@@ -228,6 +252,14 @@ class DDPMTrainer:
         input_perturbation: the scripts' ``--input_perturbation`` (Ning et al., 2023; DDPM only): the noisy
             input is made with ε + input_perturbation · ξ, ξ ~ N(0, I) drawn after the offset, while the
             target stays ε. Default 0 (nothing drawn).
+        dream: DREAM's detail preservation p (Zhou et al. 2024; diffusers' text-to-image scripts'
+            ``--dream_training`` with ``--dream_detail_preservation``; DDPM ε-prediction only): before each
+            step the model's own no-grad prediction ε̂ at (z, t), run in the model's mode and precision in
+            chunks of a micro-batch, corrects the noisy input and the target, z' = z + sqrt(1 − ᾱ_t) δ and
+            y' = ε + δ with δ = sqrt(1 − ᾱ_t)^p (ε − ε̂) (:func:`~genkernel.diffusion.objectives.dream_correction`);
+            the step trains on (z', y') as data, so an analyzer books the corrected inputs. None (default): off;
+            the paper and the scripts use 1.0. Its forward runs after the batch's draws and before the step, so
+            a step handed back draws its dropout again.
         vae: a frozen VAE (diffusers' ``AutoencoderKL``, ``AutoencoderTiny``) for latent diffusion
             (:mod:`~genkernel.diffusion.latents`): the data are images, and each step encodes its batch and
             draws one latent per image from the posterior, ``(mean + std · ξ − shift_factor) · scaling_factor``
@@ -286,6 +318,7 @@ class DDPMTrainer:
         loss_weighting: str | Weighting = "none",
         noise_offset: float = 0.0,
         input_perturbation: float = 0.0,
+        dream: float | None = None,
         vae: nn.Module | None = None,
         vlb_weight: float = 1.0,
         ema: Any = None,
@@ -321,6 +354,7 @@ class DDPMTrainer:
                 f"{noise_process(scheduler)} the target is made from the noisy input's noise, so it has no one meaning "
                 "there: leave input_perturbation at 0"
             )
+        self.dream = check_dream(dream, scheduler)
         self.latent_coder = None if vae is None else LatentCoder(vae)
         self.conditioning = conditioning_kind(conditional)
         self.class_dropout = conditioning_dropout(self.conditioning, class_dropout, null_class, null_embedding)
@@ -610,11 +644,7 @@ class DDPMTrainer:
     def build_step(self, batch: dict[str, torch.Tensor]) -> OptimizerStep:
         """The :class:`OptimizerStep` for ``batch``: inputs (z, t), (z, t, y) or (z, t, e), target y, per-example MSE
         (a model that predicts its variance: the hybrid loss, targets (y, x_0, z_t, t))."""
-        inputs = (batch["noisy"], batch["timesteps"])
-        if self.conditioning == "embeddings":
-            inputs = (*inputs, *embedding_parts(batch["embeddings"]))
-        elif self.conditional:
-            inputs = (*inputs, batch["labels"])
+        inputs = self._model_inputs(batch)
         info = {k: batch[k] for k in ("timesteps", "clean", "noise", "indices", "data_labels", "dropped") if k in batch}
         if "labels" in batch:
             info["class_labels"] = batch["labels"]
@@ -627,6 +657,26 @@ class DDPMTrainer:
             max_grad_norm=self.max_grad_norm, micro_batches=min(self.micro_batches, batch["clean"].shape[0]), info=info,
             autocast_dtype=self.autocast_dtype, grad_scaler=self.grad_scaler,
         )
+
+    def _model_inputs(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        """What the model is called with for ``batch``: (z, t), (z, t, y) or (z, t, *e)."""
+        inputs = (batch["noisy"], batch["timesteps"])
+        if self.conditioning == "embeddings":
+            return (*inputs, *embedding_parts(batch["embeddings"]))
+        return (*inputs, batch["labels"]) if self.conditional else inputs
+
+    def dream_correct(self, batch: dict[str, torch.Tensor]) -> None:
+        """DREAM (``dream=``): replace ``batch["noisy"]`` and ``batch["target"]`` by their corrections from the model's
+        own prediction at the current weights (:func:`~genkernel.diffusion.objectives.dream_correction`), as
+        ``compute_dream_and_update_latents`` does before the training forward: one no-grad forward in the model's
+        mode (dropout draws from the global RNG, as the scripts') and the step's precision, in the step's
+        micro-batches (a micro-batch's activations at a time)."""
+        inputs = self._model_inputs(batch)
+        rows = micro_batch_rows(batch["noisy"].shape[0], min(self.micro_batches, batch["noisy"].shape[0]))
+        with torch.no_grad(), autocast_to(self.autocast_dtype, self.device):
+            prediction = torch.cat([model_output(self.model, tuple(t[r] for t in inputs)) for r in rows])
+        batch["noisy"], batch["target"] = dream_correction(self.scheduler, batch["timesteps"], batch["noise"],
+                                                           prediction, batch["noisy"], batch["target"], self.dream)
 
     def train_step(self) -> float:
         """One update through the callbacks (:meth:`attempt_step` until one is made: a GradScaler's skipped steps
@@ -652,14 +702,17 @@ class DDPMTrainer:
         position = self._data_position()
         batch = self.next_batch()
         global_rng = global_rng_state()
-        step = self.build_step(batch)
-        # the model's buffers (BatchNorm's running statistics): a forward that ran before a failure (micro-batch 0's
-        # when micro-batch 1 fails, or the one whose graph an analyzer refuses) advanced them
+        # the model's buffers (BatchNorm's running statistics): a forward that ran before a failure (DREAM's,
+        # micro-batch 0's when micro-batch 1 fails, or the one whose graph an analyzer refuses) advanced them
         buffers = buffer_snapshot(self.model)
+        step = None
         try:
+            if self.dream is not None:
+                self.dream_correct(batch)
+            step = self.build_step(batch)
             perform_step(self.callbacks, self, step)
         except BaseException as error:
-            if step.applied:
+            if step is not None and step.applied:
                 self._count_update(step)
             elif not isinstance(error, NonFiniteError):  # (a non-finite step is skipped: drawn again, it fails again)
                 self._hand_back(batch, position, global_rng)
@@ -927,6 +980,7 @@ class DDPMTrainer:
             "loss_weighting": self.loss_weighting.config(),
             "noise_offset": self.noise_offset,
             "input_perturbation": self.input_perturbation,
+            "dream": self.dream,
             "vae": None if self.latent_coder is None else self.latent_coder.config(),
         }
 
@@ -975,7 +1029,8 @@ class DDPMTrainer:
             saved_config = {"timestep_density": {"density": "uniform"}, "loss_weighting": {"weighting": "none"},
                             "ema": None, "class_dropout": ClassDropout().config(), "lr_scheduler": None,
                             "learned_variance": None, "micro_batches": 1, "mixed_precision": "no", "noise_offset": 0.0,
-                            "input_perturbation": 0.0, "vae": None, **saved_config}
+                            "input_perturbation": 0.0, "vae": None, "dream": None,
+                            **saved_config}
         check_resume_config(saved_config, self._resume_config(), "DDPMTrainer")
         if tensor_data and int(state["order"].numel()) not in (0, self.data.shape[0]):
             raise ValueError(

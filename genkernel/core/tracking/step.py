@@ -322,13 +322,7 @@ class OptimizerStep:
         model's output tensor and the per-example losses ``[size]`` with their graph, checked."""
         size = rows.stop - rows.start
         with self.precision():
-            try:
-                outputs = output_tensor(self.model(*inputs))
-            except Exception as error:
-                if not not_fitting_inputs(error):
-                    raise
-                shapes = [tuple(t.shape) for t in inputs]
-                raise ValueError(f"inputs of shapes {shapes} do not fit {type(self.model).__name__}: {error}") from error
+            outputs = model_output(self.model, inputs)
             losses = self.loss_fn(outputs, targets)
         if isinstance(losses, torch.Tensor) and torch.is_grad_enabled() and not losses.requires_grad:
             raise ValueError(
@@ -394,6 +388,18 @@ class OptimizerStep:
         losses = self.compute_gradients()
         self.apply_update()
         return losses
+
+
+def model_output(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """``model(*inputs)``'s output tensor (:func:`~genkernel.core.adapter.output_tensor`); inputs the model cannot
+    take (a shape or a dtype it refuses) raise a ValueError naming their shapes and the model."""
+    try:
+        return output_tensor(model(*inputs))
+    except Exception as error:
+        if not not_fitting_inputs(error):
+            raise
+        shapes = [tuple(t.shape) for t in inputs]
+        raise ValueError(f"inputs of shapes {shapes} do not fit {type(model).__name__}: {error}") from error
 
 
 def micro_batch_rows(batch: int, micro_batches: int) -> list[slice]:
