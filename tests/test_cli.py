@@ -121,3 +121,16 @@ def test_probes_must_not_be_negative(tracker_state, capsys):
     assert "first 2:" in capsys.readouterr().out
     assert main(["summarize", str(path), "--probes", "-1"]) == 1
     assert "must be an int >= 0" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["summarize", "report"])
+def test_a_state_with_the_format_tag_but_not_its_layout_is_one_line_and_exit_1(tracker_state, tmp_path, capsys,
+                                                                               command):
+    """A hand-made or edited state (the tracker's format tag, its ledgers removed) printed a KeyError traceback."""
+    tracker, _ = tracker_state
+    state = tracker.state_dict()
+    del state["ledgers"]
+    atomic_save(state, tmp_path / "edited.pt")
+    assert main([command, str(tmp_path / "edited.pt")]) == 1
+    err = capsys.readouterr().err
+    assert "has no entry 'ledgers' that its format holds" in err and "Traceback" not in err

@@ -563,7 +563,15 @@ def summarize_state(state: Mapping[str, Any], *, top: int = 3) -> dict[str, Any]
     if kind is None:
         raise ValueError(f"not a genkernel state genkernel can summarize (format {state.get('format')!r})")
     _check_version(state["format"], kind)
-    return {"diffusion": _diffusion, "gan": _gan, "tracker": _tracker, "ledger": _ledger}[kind](state, top)
+    try:
+        return {"diffusion": _diffusion, "gan": _gan, "tracker": _tracker, "ledger": _ledger}[kind](state, top)
+    except KeyError as error:
+        # a state with the right format tag but not its layout (built by hand, or edited): one clear line
+        raise ValueError(
+            f"the {state['format']!r} state has no entry {error.args[0]!r} that its format holds: it was not written "
+            "by genkernel's save() / state_dict() (or was edited); summarize what the analyzer, tracker or ledger "
+            "saved"
+        ) from error
 
 
 def summarize(source: Any, *, top: int = 3) -> dict[str, Any]:
