@@ -116,6 +116,7 @@ def test_an_analyzer_books_the_corrected_steps_and_training_is_bit_for_bit_witho
                                   progress=False)
     run.callbacks.append(analyzer)
     assert_booked_as_trained_bare(run, trainer(dream=1.0), analyzer, 3)
+    assert analyzer.step_losses == {"mse, on DREAM-corrected inputs and targets (p = 1)": 3}
 
 
 def test_with_dropout_a_refused_step_draws_its_dream_forwards_dropout_again():

@@ -663,6 +663,8 @@ class NoiseLevelAnalyzer(TrainerCallback):
             settings = ", ".join(f"{k} = {v:g}" if isinstance(v, float) else f"{k} = {v}"
                                  for k, v in weighting.items() if k != "weighting")
             self._pending_loss += f", weighted by {weighting['weighting']}" + (f" ({settings})" if settings else "")
+        if step.info.get("dream") is not None:  # (the trainer's dream=: the inputs and targets the step trained on)
+            self._pending_loss += f", on DREAM-corrected inputs and targets (p = {step.info['dream']:g})"
         try:
             return self.tracker.track(step, {k: v.to(timesteps.device) for k, v in groups.items()})
         except LedgerCheckError as error:

@@ -645,7 +645,8 @@ class DDPMTrainer:
         """The :class:`OptimizerStep` for ``batch``: inputs (z, t), (z, t, y) or (z, t, e), target y, per-example MSE
         (a model that predicts its variance: the hybrid loss, targets (y, x_0, z_t, t))."""
         inputs = self._model_inputs(batch)
-        info = {k: batch[k] for k in ("timesteps", "clean", "noise", "indices", "data_labels", "dropped") if k in batch}
+        info = {k: batch[k] for k in ("timesteps", "clean", "noise", "indices", "data_labels", "dropped", "dream")
+                if k in batch}
         if "labels" in batch:
             info["class_labels"] = batch["labels"]
         if "weights" in batch:  # what the per-example coefficients are (an analyzer's report names it)
@@ -670,11 +671,13 @@ class DDPMTrainer:
         own prediction at the current weights (:func:`~genkernel.diffusion.objectives.dream_correction`), as
         ``compute_dream_and_update_latents`` does before the training forward: one no-grad forward in the model's
         mode (dropout draws from the global RNG, as the scripts') and the step's precision, in the step's
-        micro-batches (a micro-batch's activations at a time)."""
+        micro-batches (a micro-batch's activations at a time). Sets ``batch["dream"]`` to p (the step's
+        ``info["dream"]``)."""
         inputs = self._model_inputs(batch)
         rows = micro_batch_rows(batch["noisy"].shape[0], min(self.micro_batches, batch["noisy"].shape[0]))
         with torch.no_grad(), autocast_to(self.autocast_dtype, self.device):
             prediction = torch.cat([model_output(self.model, tuple(t[r] for t in inputs)) for r in rows])
+        batch["dream"] = self.dream  # (the step's info says so: an analyzer's report names what it trained on)
         batch["noisy"], batch["target"] = dream_correction(self.scheduler, batch["timesteps"], batch["noise"],
                                                            prediction, batch["noisy"], batch["target"], self.dream)
 
