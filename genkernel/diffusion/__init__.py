@@ -23,7 +23,7 @@ from .kernels import make_states, state_kernel
 from .learned_variance import HybridLoss
 from .locality import kernel_locality, locality_per_input
 from .models import (
-    BinnedDenoiser, MLPDenoiser, PositionalInputs, TimeIgnoringDenoiser, freeze_attention_key_biases, tiny_unet,
+    BinnedDenoiser, ControlNetDenoiser, MLPDenoiser, PositionalInputs, TimeIgnoringDenoiser, freeze_attention_key_biases, tiny_unet,
 )
 from .objectives import (
     bin_centers, bin_edges, diffusion_loss, loss_weight, make_edm_scheduler, make_flow_scheduler, make_scheduler, noisy_input,
@@ -35,7 +35,7 @@ from .timestep_sampling import LogitNormal, LogNormal, MinSNR, ModeDensity, SD3W
 from .trainer import DDPMTrainer, make_optimizer, reverse_sample
 
 __all__ = [
-    "BinnedDenoiser", "DDPMTrainer", "HybridLoss", "LogNormal", "LogitNormal", "MLPDenoiser", "MinSNR", "ModeDensity", "NoiseLevelAnalyzer", "PositionalInputs", "RetrievalResult", "SD3Weighting",
+    "BinnedDenoiser", "ControlNetDenoiser", "DDPMTrainer", "HybridLoss", "LogNormal", "LogitNormal", "MLPDenoiser", "MinSNR", "ModeDensity", "NoiseLevelAnalyzer", "PositionalInputs", "RetrievalResult", "SD3Weighting",
     "TimeIgnoringDenoiser",
     "bin_centers", "bin_edges", "diffusion_loss", "freeze_attention_key_biases", "kernel_locality", "locality_per_input",
     "loss_weight",

@@ -16,7 +16,7 @@ import numbers
 import torch
 from torch import nn
 
-from ..core.adapter import positive_int
+from ..core.adapter import first_tensor, positive_int
 
 __all__ = [
     "sinusoidal_embedding",
@@ -341,3 +341,49 @@ class PositionalInputs(nn.Module):
             else:
                 arguments[name] = value
         return self.model(**arguments)
+
+
+class ControlNetDenoiser(nn.Module):
+    """A frozen ``UNet2DConditionModel`` steered by a trainable ``ControlNetModel``, called as
+    ``model(z, t, e, control_image)``: diffusers' ``train_controlnet.py`` training forward as one module, so
+    that :class:`~genkernel.diffusion.trainer.DDPMTrainer` (``conditional="embeddings"``, embeddings
+    ``(prompt_embeds, control_images)``), the analyzers and the engine call it as any denoiser.
+
+    The forward is the script's two calls: the ControlNet's residuals
+    ``controlnet(z, t, encoder_hidden_states=e, controlnet_cond=c, conditioning_scale=s, return_dict=False)``, then
+    ``unet(z, t, encoder_hidden_states=e, down_block_additional_residuals=[r.to(unet dtype) ...],
+    mid_block_additional_residual=m.to(unet dtype)).sample``; the control image is given as the script gives it
+    (pixels in [0, 1], at the images' resolution: the ControlNet's conditioning embedding brings it to the
+    latents'). Freeze the UNet (``unet.requires_grad_(False)``, as the script does) and give the optimizer the
+    ControlNet's parameters (``ControlNetModel.from_unet(unet)``: its zero convolutions make the first output
+    the UNet's own); keep the frozen UNet in float32 beside autocast (an analyzer refuses a half-precision
+    frozen base: its own passes would run in it).
+
+    Args:
+        unet: the denoiser (``UNet2DConditionModel``).
+        controlnet: the ``ControlNetModel`` (or a module with its call: ``return_dict=False`` gives
+            ``(down_block_residuals, mid_block_residual)``).
+        conditioning_scale: the residuals' scale (the pipelines' ``controlnet_conditioning_scale``; training: 1).
+    """
+
+    def __init__(self, unet: nn.Module, controlnet: nn.Module, conditioning_scale: float = 1.0) -> None:
+        super().__init__()
+        for name, module in (("unet", unet), ("controlnet", controlnet)):
+            if not isinstance(module, nn.Module):
+                raise TypeError(f"{name} must be an nn.Module, got {type(module).__name__}")
+        if isinstance(conditioning_scale, bool) or not isinstance(conditioning_scale, numbers.Real) or not math.isfinite(
+                conditioning_scale):
+            raise ValueError(f"conditioning_scale must be a finite number, got {conditioning_scale!r}")
+        self.unet, self.controlnet, self.conditioning_scale = unet, controlnet, float(conditioning_scale)
+
+    def forward(self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor,
+                controlnet_cond: torch.Tensor) -> torch.Tensor:
+        """The UNet's prediction ``[B, C, H, W]`` under the ControlNet's residuals for ``controlnet_cond`` ``[B, 3, h, w]``."""
+        down, mid = self.controlnet(sample, timestep, encoder_hidden_states=encoder_hidden_states,
+                                    controlnet_cond=controlnet_cond, conditioning_scale=self.conditioning_scale,
+                                    return_dict=False)
+        dtype = first_tensor(self.unet, "the UNet").dtype
+        return self.unet(sample, timestep, encoder_hidden_states=encoder_hidden_states,
+                         down_block_additional_residuals=[r.to(dtype) for r in down],
+                         mid_block_additional_residual=mid.to(dtype), return_dict=False)[0]
+

@@ -1,0 +1,131 @@
+"""ControlNet training (diffusers' ``train_controlnet.py``) in the built-in trainer: ``ControlNetDenoiser(unet,
+controlnet)`` is the script's training forward as one module, called ``model(z, t, e, control_image)``, with the
+UNet frozen and the ControlNet (``ControlNetModel.from_unet``) trained. The trainer takes the control images as
+the second part of its embeddings; a prompt dropped for guidance keeps its image's control (``null_embedding=(e0,
+None)``). The wrapper equals the script's two calls exactly; two steps equal the script's loop written by hand;
+the UNet does not move; an analyzer's ledgers over the ControlNet's parameters add up and training is bit for bit
+without it."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from genkernel import TrainerCallback
+from genkernel.diffusion import ControlNetDenoiser, DDPMTrainer, NoiseLevelAnalyzer, make_scheduler
+from test_trainer_vae import assert_booked_as_trained_bare
+
+F64 = torch.float64
+T, N, L, D = 50, 12, 3, 6
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def models():
+    """A frozen cross-attention UNet on 2×4×4 latents and a ControlNet from it taking 3×8×8 control images."""
+    from diffusers import ControlNetModel, UNet2DConditionModel
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(sample_size=4, in_channels=2, out_channels=2, layers_per_block=1,
+                                block_out_channels=(8, 16), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=D,
+                                attention_head_dim=2, norm_num_groups=4).double().requires_grad_(False)
+    controlnet = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(4, 8)).double()
+    controlnet.requires_grad_(True)
+    # (from_unet's zero convolutions: give them weights, so the residuals are not all zero from the first step)
+    with torch.no_grad():
+        for p in controlnet.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel()), dtype=F64))
+    return unet, controlnet
+
+
+def data():
+    g = torch.Generator().manual_seed(1)
+    latents = torch.randn(N, 2, 4, 4, generator=g, dtype=F64)
+    prompts = torch.randn(N, L, D, generator=g, dtype=F64)
+    controls = torch.rand(N, 3, 8, 8, generator=g, dtype=F64)
+    return latents, prompts, controls
+
+
+NULL = (torch.zeros(L, D, dtype=F64), None)
+
+
+class Seen(TrainerCallback):
+    def __init__(self):
+        self.inputs, self.targets, self.dropped = [], [], []
+
+    def on_step_end(self, trainer, step):
+        self.inputs.append(tuple(t.clone() for t in step.inputs))
+        self.targets.append(step.targets.clone())
+        self.dropped.append(step.info.get("dropped"))
+
+
+def trainer(*callbacks, pair=None, **kwargs):
+    unet, controlnet = models() if pair is None else pair
+    latents, prompts, controls = data()
+    return DDPMTrainer(ControlNetDenoiser(unet, controlnet), make_scheduler(T), latents, conditional="embeddings",
+                       embeddings=(prompts, controls), optimizer=torch.optim.AdamW(controlnet.parameters(), lr=1e-3),
+                       batch_size=4, progress=False, callbacks=list(callbacks), **kwargs)
+
+
+def test_the_wrapper_is_the_scripts_two_calls():
+    unet, controlnet = models()
+    latents, prompts, controls = data()
+    t = torch.arange(N) * 4
+    down, mid = controlnet(latents, t, encoder_hidden_states=prompts, controlnet_cond=controls, return_dict=False)
+    expected = unet(latents, t, encoder_hidden_states=prompts, down_block_additional_residuals=down,
+                    mid_block_additional_residual=mid, return_dict=False)[0]
+    got = ControlNetDenoiser(unet, controlnet)(latents, t, prompts, controls)
+    assert torch.equal(got, expected)
+    assert not torch.equal(got, unet(latents, t, prompts).sample)  # (the control steers the UNet)
+    with pytest.raises(ValueError, match="conditioning_scale"):
+        ControlNetDenoiser(unet, controlnet, conditioning_scale=float("nan"))
+
+
+def test_two_steps_equal_the_scripts_loop_and_the_unet_does_not_move():
+    """AdamW over the ControlNet, the UNet frozen: the weights after two steps equal the loop of train_controlnet.py
+    (controlnet residuals, the UNet under them, the MSE to ε) on the trainer's draws, to float64 rounding."""
+    seen = Seen()
+    run = trainer(seen)
+    frozen = copy.deepcopy(run.model.unet.state_dict())
+    run.train(2)
+    unet, controlnet = models()
+    optimizer = torch.optim.AdamW(controlnet.parameters(), lr=1e-3)
+    for (z, t, e, c), target in zip(seen.inputs, seen.targets):
+        down, mid = controlnet(z, t, encoder_hidden_states=e, controlnet_cond=c, return_dict=False)
+        pred = unet(z, t, encoder_hidden_states=e, down_block_additional_residuals=down,
+                    mid_block_additional_residual=mid, return_dict=False)[0]
+        optimizer.zero_grad()
+        torch.nn.functional.mse_loss(pred, target).backward()
+        optimizer.step()
+    for p, q in zip(run.model.controlnet.parameters(), controlnet.parameters()):
+        torch.testing.assert_close(p, q, rtol=0, atol=1e-12)
+    assert all(torch.equal(v, frozen[k]) for k, v in run.model.unet.state_dict().items())
+    _, _, controls = data()
+    for _, _, _, c in seen.inputs:  # every row's control image is one of the data's
+        assert all(any(torch.equal(row, image) for image in controls) for row in c)
+
+
+def test_a_dropped_prompt_keeps_its_images_control():
+    seen = Seen()
+    trainer(seen, class_dropout=0.5, null_embedding=NULL).train(3)
+    _, prompts, controls = data()
+    dropped = torch.cat(seen.dropped)
+    assert 0 < int(dropped.sum()) < dropped.numel()
+    for (_, _, e, c), rows_dropped in zip(seen.inputs, seen.dropped):
+        for i in range(c.shape[0]):
+            row = next(j for j in range(N) if torch.equal(controls[j], c[i]))
+            expected = NULL[0] if rows_dropped[i] else prompts[row]
+            assert torch.equal(e[i], expected)
+
+
+def test_the_analyzer_books_the_controlnets_steps_and_training_is_bit_for_bit_without_it():
+    latents, prompts, controls = data()
+    analyzer = NoiseLevelAnalyzer(make_scheduler(T), latents[:4], num_bins=2, num_probes=4, controls=1,
+                                  kernel_points=2, probe_conditioning=(prompts[:4], controls[:4]), progress=False)
+    run = trainer(analyzer)
+    assert_booked_as_trained_bare(run, trainer(), analyzer, 3)
+    tracked = {name for name, p in run.model.named_parameters() if p.requires_grad}
+    assert tracked and all(name.startswith("controlnet.") for name in tracked)
