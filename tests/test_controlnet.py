@@ -129,3 +129,64 @@ def test_the_analyzer_books_the_controlnets_steps_and_training_is_bit_for_bit_wi
     assert_booked_as_trained_bare(run, trainer(), analyzer, 3)
     tracked = {name for name, p in run.model.named_parameters() if p.requires_grad}
     assert tracked and all(name.startswith("controlnet.") for name in tracked)
+
+
+def sdxl_models():
+    """SDXL's UNet (pooled embedding and time_ids through added_cond_kwargs), frozen, and a ControlNet from it."""
+    from diffusers import ControlNetModel, UNet2DConditionModel
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        sample_size=4, in_channels=2, out_channels=2, layers_per_block=1, block_out_channels=(8, 16),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=D, norm_num_groups=4, attention_head_dim=2, addition_embed_type="text_time",
+        addition_time_embed_dim=4, projection_class_embeddings_input_dim=5 + 6 * 4,
+    ).double().requires_grad_(False)
+    controlnet = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(4, 8)).double()
+    controlnet.requires_grad_(True)
+    with torch.no_grad():
+        for p in controlnet.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel()), dtype=F64))
+    return unet, controlnet
+
+
+def sdxl_conditioning():
+    g = torch.Generator().manual_seed(3)
+    pooled = torch.randn(N, 5, generator=g, dtype=F64)
+    time_ids = torch.tensor([8.0, 8.0, 0.0, 0.0, 8.0, 8.0], dtype=F64).repeat(N, 1)
+    time_ids[:, 2] = torch.arange(N, dtype=F64)
+    return pooled, time_ids
+
+
+def test_sdxl_controlnet_passes_added_cond_kwargs_to_both_and_is_booked_bit_for_bit():
+    """train_controlnet_sdxl.py's forward: the pooled embedding and time_ids in added_cond_kwargs of the ControlNet
+    and of the UNet alike (the wrapper equals the two calls exactly); through the trainer with embeddings
+    (e, control, pooled, time_ids) and a null that empties the prompt and keeps the control and the sizes, the
+    analyzer's ledgers add up and training is bit for bit the same without it."""
+    unet, controlnet = sdxl_models()
+    latents, prompts, controls = data()
+    pooled, time_ids = sdxl_conditioning()
+    added = {"text_embeds": pooled, "time_ids": time_ids}
+    t = torch.arange(N) * 4
+    down, mid = controlnet(latents, t, encoder_hidden_states=prompts, controlnet_cond=controls,
+                           added_cond_kwargs=added, return_dict=False)
+    expected = unet(latents, t, encoder_hidden_states=prompts, added_cond_kwargs=added,
+                    down_block_additional_residuals=down, mid_block_additional_residual=mid).sample
+    keys = ("text_embeds", "time_ids")
+    assert torch.equal(ControlNetDenoiser(unet, controlnet, added_cond_keys=keys)(latents, t, prompts, controls,
+                                                                                   pooled, time_ids), expected)
+    with pytest.raises(TypeError, match="added_cond_keys names 2"):
+        ControlNetDenoiser(unet, controlnet, added_cond_keys=keys)(latents, t, prompts, controls, pooled)
+
+    def sdxl_trainer(*callbacks):
+        unet, controlnet = sdxl_models()
+        return DDPMTrainer(ControlNetDenoiser(unet, controlnet, added_cond_keys=keys), make_scheduler(T), latents,
+                           conditional="embeddings", embeddings=(prompts, controls, pooled, time_ids),
+                           class_dropout=0.5, null_embedding=(NULL[0], None, torch.zeros(5, dtype=F64), None),
+                           optimizer=torch.optim.AdamW(controlnet.parameters(), lr=1e-3), batch_size=4,
+                           progress=False, callbacks=list(callbacks))
+
+    analyzer = NoiseLevelAnalyzer(make_scheduler(T), latents[:4], num_bins=2, num_probes=4, controls=1,
+                                  kernel_points=2, probe_conditioning=(prompts[:4], controls[:4], pooled[:4],
+                                                                       time_ids[:4]), progress=False)
+    assert_booked_as_trained_bare(sdxl_trainer(analyzer), sdxl_trainer(), analyzer, 2)

@@ -345,28 +345,33 @@ class PositionalInputs(nn.Module):
 
 class ControlNetDenoiser(nn.Module):
     """A frozen ``UNet2DConditionModel`` steered by a trainable ``ControlNetModel``, called as
-    ``model(z, t, e, control_image)``: diffusers' ``train_controlnet.py`` training forward as one module, so
-    that :class:`~genkernel.diffusion.trainer.DDPMTrainer` (``conditional="embeddings"``, embeddings
-    ``(prompt_embeds, control_images)``), the analyzers and the engine call it as any denoiser.
+    ``model(z, t, e, control_image[, *added])``: diffusers' ``train_controlnet.py`` (and, with ``added_cond_keys``,
+    ``train_controlnet_sdxl.py``) training forward as one module, so that
+    :class:`~genkernel.diffusion.trainer.DDPMTrainer` (``conditional="embeddings"``, embeddings
+    ``(prompt_embeds, control_images[, pooled, time_ids])``), the analyzers and the engine call it as any denoiser.
 
-    The forward is the script's two calls: the ControlNet's residuals
-    ``controlnet(z, t, encoder_hidden_states=e, controlnet_cond=c, conditioning_scale=s, return_dict=False)``, then
-    ``unet(z, t, encoder_hidden_states=e, down_block_additional_residuals=[r.to(unet dtype) ...],
-    mid_block_additional_residual=m.to(unet dtype)).sample``; the control image is given as the script gives it
-    (pixels in [0, 1], at the images' resolution: the ControlNet's conditioning embedding brings it to the
-    latents'). Freeze the UNet (``unet.requires_grad_(False)``, as the script does) and give the optimizer the
-    ControlNet's parameters (``ControlNetModel.from_unet(unet)``: its zero convolutions make the first output
-    the UNet's own); keep the frozen UNet in float32 beside autocast (an analyzer refuses a half-precision
-    frozen base: its own passes would run in it).
+    The forward is the scripts' two calls: the ControlNet's residuals
+    ``controlnet(z, t, encoder_hidden_states=e, controlnet_cond=c, conditioning_scale=s, added_cond_kwargs=a,
+    return_dict=False)``, then ``unet(z, t, encoder_hidden_states=e, added_cond_kwargs=a,
+    down_block_additional_residuals=[r.to(unet dtype) ...], mid_block_additional_residual=m.to(unet dtype))``'s
+    sample, with ``a`` the inputs after the control image under ``added_cond_keys`` (SDXL: ``("text_embeds",
+    "time_ids")``, the pooled prompt embedding and the size-and-crop conditioning; none: no ``added_cond_kwargs``).
+    The control image is given as the scripts give it (pixels in [0, 1], at the images' resolution: the
+    ControlNet's conditioning embedding brings it to the latents'). Freeze the UNet (``unet.requires_grad_(False)``,
+    as the scripts do) and give the optimizer the ControlNet's parameters (``ControlNetModel.from_unet(unet)``:
+    its zero convolutions make the first output the UNet's own); keep the frozen UNet in float32 beside autocast
+    (an analyzer refuses a half-precision frozen base: its own passes would run in it).
 
     Args:
         unet: the denoiser (``UNet2DConditionModel``).
         controlnet: the ``ControlNetModel`` (or a module with its call: ``return_dict=False`` gives
             ``(down_block_residuals, mid_block_residual)``).
         conditioning_scale: the residuals' scale (the pipelines' ``controlnet_conditioning_scale``; training: 1).
+        added_cond_keys: the ``added_cond_kwargs`` entries the inputs after the control image fill, in order.
     """
 
-    def __init__(self, unet: nn.Module, controlnet: nn.Module, conditioning_scale: float = 1.0) -> None:
+    def __init__(self, unet: nn.Module, controlnet: nn.Module, conditioning_scale: float = 1.0,
+                 added_cond_keys: tuple[str, ...] = ()) -> None:
         super().__init__()
         for name, module in (("unet", unet), ("controlnet", controlnet)):
             if not isinstance(module, nn.Module):
@@ -374,16 +379,26 @@ class ControlNetDenoiser(nn.Module):
         if isinstance(conditioning_scale, bool) or not isinstance(conditioning_scale, numbers.Real) or not math.isfinite(
                 conditioning_scale):
             raise ValueError(f"conditioning_scale must be a finite number, got {conditioning_scale!r}")
-        self.unet, self.controlnet, self.conditioning_scale = unet, controlnet, float(conditioning_scale)
+        keys = tuple(added_cond_keys) if isinstance(added_cond_keys, (tuple, list)) else added_cond_keys
+        if not (isinstance(keys, tuple) and all(isinstance(k, str) for k in keys)) or len(set(keys)) != len(keys):
+            raise TypeError(f"added_cond_keys must be a tuple of distinct names (SDXL: ('text_embeds', 'time_ids')), "
+                            f"got {added_cond_keys!r}")
+        self.unet, self.controlnet = unet, controlnet
+        self.conditioning_scale, self.added_cond_keys = float(conditioning_scale), keys
 
     def forward(self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor,
-                controlnet_cond: torch.Tensor) -> torch.Tensor:
-        """The UNet's prediction ``[B, C, H, W]`` under the ControlNet's residuals for ``controlnet_cond`` ``[B, 3, h, w]``."""
+                controlnet_cond: torch.Tensor, *added: torch.Tensor) -> torch.Tensor:
+        """The UNet's prediction ``[B, C, H, W]`` under the ControlNet's residuals for ``controlnet_cond``
+        ``[B, 3, h, w]``; ``added``: the values of ``added_cond_keys``, in order."""
+        if len(added) != len(self.added_cond_keys):
+            raise TypeError(f"called with {len(added)} inputs after the control image, but added_cond_keys names "
+                            f"{len(self.added_cond_keys)} {self.added_cond_keys}: give the embeddings' parts as "
+                            "(prompt_embeds, control_images, *added_cond_kwargs values)")
+        extra = {"added_cond_kwargs": dict(zip(self.added_cond_keys, added))} if added else {}
         down, mid = self.controlnet(sample, timestep, encoder_hidden_states=encoder_hidden_states,
                                     controlnet_cond=controlnet_cond, conditioning_scale=self.conditioning_scale,
-                                    return_dict=False)
+                                    return_dict=False, **extra)
         dtype = first_tensor(self.unet, "the UNet").dtype
         return self.unet(sample, timestep, encoder_hidden_states=encoder_hidden_states,
                          down_block_additional_residuals=[r.to(dtype) for r in down],
-                         mid_block_additional_residual=mid.to(dtype), return_dict=False)[0]
-
+                         mid_block_additional_residual=mid.to(dtype), return_dict=False, **extra)[0]
