@@ -65,9 +65,10 @@ class Seen(TrainerCallback):
 def trainer(*callbacks, pair=None, **kwargs):
     unet, controlnet = models() if pair is None else pair
     latents, prompts, controls = data()
+    kwargs.setdefault("optimizer", torch.optim.AdamW(controlnet.parameters(), lr=1e-3))
     return DDPMTrainer(ControlNetDenoiser(unet, controlnet), make_scheduler(T), latents, conditional="embeddings",
-                       embeddings=(prompts, controls), optimizer=torch.optim.AdamW(controlnet.parameters(), lr=1e-3),
-                       batch_size=4, progress=False, callbacks=list(callbacks), **kwargs)
+                       embeddings=(prompts, controls), batch_size=4, progress=False, callbacks=list(callbacks),
+                       **kwargs)
 
 
 def test_the_wrapper_is_the_scripts_two_calls():
@@ -121,12 +122,19 @@ def test_a_dropped_prompt_keeps_its_images_control():
             assert torch.equal(e[i], expected)
 
 
-def test_the_analyzer_books_the_controlnets_steps_and_training_is_bit_for_bit_without_it():
+@pytest.mark.parametrize("group_state", ["dense", "factored"])
+def test_the_analyzer_books_the_controlnets_steps_and_training_is_bit_for_bit_without_it(group_state):
+    """(factored, plain SGD: coverage of the factored engine on the ControlNet's layers, its zero convolutions and
+    conditioning embedding among them)"""
     latents, prompts, controls = data()
     analyzer = NoiseLevelAnalyzer(make_scheduler(T), latents[:4], num_bins=2, num_probes=4, controls=1,
-                                  kernel_points=2, probe_conditioning=(prompts[:4], controls[:4]), progress=False)
-    run = trainer(analyzer)
-    assert_booked_as_trained_bare(run, trainer(), analyzer, 3)
+                                  kernel_points=2, probe_conditioning=(prompts[:4], controls[:4]), progress=False,
+                                  group_state=group_state)
+    sgd = (lambda pair: torch.optim.SGD(pair[1].parameters(), lr=1e-2)) if group_state == "factored" else None
+    pairs = [models(), models()]
+    run = trainer(analyzer, pair=pairs[0], **({} if sgd is None else {"optimizer": sgd(pairs[0])}))
+    bare = trainer(pair=pairs[1], **({} if sgd is None else {"optimizer": sgd(pairs[1])}))
+    assert_booked_as_trained_bare(run, bare, analyzer, 3)
     tracked = {name for name, p in run.model.named_parameters() if p.requires_grad}
     assert tracked and all(name.startswith("controlnet.") for name in tracked)
 
