@@ -13,6 +13,7 @@ G(z, y) and D(x, y), are first-class: ``GANTrainer(..., labels=, num_classes=)``
 """
 
 from .analyzer import GANKernelAnalyzer
+from .augment import DiffAugment
 from .geometry import (
     ClassGroups,
     ConfidenceGroups,
@@ -27,6 +28,8 @@ from .geometry import (
 from .losses import (
     LOSSES,
     OUTPUTS,
+    AugmentedDiscriminatorObjective,
+    AugmentedGeneratorLoss,
     DiscriminatorLoss,
     DiscriminatorObjective,
     GeneratorLoss,
@@ -39,7 +42,8 @@ from .models import DCDiscriminator, DCGenerator, MLPDiscriminator, MLPGenerator
 from .trainer import GANTrainer, discriminator_input_gradients, frozen
 
 __all__ = [
-    "GANKernelAnalyzer", "GANTrainer", "frozen", "discriminator_input_gradients",
+    "GANKernelAnalyzer", "GANTrainer", "frozen", "discriminator_input_gradients", "DiffAugment",
+    "AugmentedGeneratorLoss", "AugmentedDiscriminatorObjective",
     "GeometryGrouping", "DirectionGroups", "ModeGroups", "NearestModeGroups", "MagnitudeGroups", "ConfidenceGroups",
     "FunctionGroups", "ClassGroups", "make_grouping",
     "LOSSES", "OUTPUTS", "preserved", "GeneratorLoss", "DiscriminatorLoss", "DiscriminatorObjective", "generator_losses", "discriminator_losses",

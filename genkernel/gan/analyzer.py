@@ -82,6 +82,13 @@ A class-conditional GAN, G(z, y) and D(x, y), is first-class: pass the probes' c
 (``GANTrainer(..., labels=, num_classes=)``); your loop passes them by name
 (``observe_generator(..., classes=y)``, ``observe_discriminator(..., classes=y)``).
 
+A :class:`GANTrainer` with ``augment=`` (DiffAugment) is followed exactly: each row's augmentation parameters
+ride in its step (the critic D∘T's inputs, the generator step's targets), so every re-evaluation sees
+training's augmentation. Its geometry (the batch's groups, the probes' w, the field) is the un-augmented D's,
+w = ∇_x ℓ_G(D(x)) (the step's ``AugmentedGeneratorLoss.geometry``; ``geometry_loss=`` overrides it), as an
+observed DiffAugment loop's with ``geometry_loss=GeneratorLoss(D)``, and D's probes are read at the identity
+augmentation, where D∘T is D.
+
 or performing prepared steps yourself::
 
     step = OptimizerStep(G, g_opt, GeneratorLoss(D), z, phase="generator")
@@ -122,7 +129,8 @@ from ..logging import LoggingCallback
 from ..stats import mean_interval, nan_median
 from .geometry import ClassGroups, DirectionGroups, GeometryGrouping, ModeGroups, NearestModeGroups, make_grouping
 from .losses import (
-    GENERATED, PENALTY, REAL, ROLE_NAMES, DiscriminatorObjective, GeneratorLoss, check_classes, class_inputs, scores_of,
+    GENERATED, PENALTY, REAL, ROLE_NAMES, AugmentedDiscriminatorObjective, AugmentedGeneratorLoss, DiscriminatorObjective,
+    GeneratorLoss, check_classes, class_inputs, scores_of,
 )
 from .metrics import cosine, few_units, mode_coverage, own_minus_others
 from .passes import classes_taken, power_iteration_modules, preserved
@@ -1291,7 +1299,10 @@ class GANKernelAnalyzer(TrainerCallback):
         # The analysis before the training forward runs G on copies of its buffers, advanced by the batch
         # pass exactly as the training forward will advance the real ones: the probes then see G as the
         # tracker (and an observed loop) sees it at θ_k, after the step's forward.
-        loss_fn = self._geometry_fn(step.loss_fn)
+        # An augmented step's loss ℓ_G(D(T(x; params))) has no value at a probe (no params are drawn for it): the
+        # geometry is D's on the samples themselves, its loss without T (geometry_loss= still chooses another).
+        loss_fn = self._geometry_fn(step.loss_fn.geometry if isinstance(step.loss_fn, AugmentedGeneratorLoss)
+                                    else step.loss_fn)
         with preserved(self._g):
             # 1. The batch at θ_k as training's forward computes it (G's current mode, the same RNG). D's pass
             # draws its random numbers (dropout masks) after G's, as training's D(G(z)) does: one fork for both.
@@ -1372,7 +1383,10 @@ class GANKernelAnalyzer(TrainerCallback):
                 "classes), classes, phase='generator')"
             )
         classes = self._step_classes(step.inputs[1], step.batch, "the generator step")
-        if not isinstance(step.targets, torch.Tensor) or not torch.equal(step.targets.to(classes), classes):
+        targets = step.targets
+        if isinstance(step.loss_fn, AugmentedGeneratorLoss):  # (targets (classes, params))
+            targets = step.loss_fn.split_targets(targets)[0]
+        if not isinstance(targets, torch.Tensor) or not torch.equal(targets.to(classes), classes):
             raise ValueError(
                 "a conditional generator step's targets must be its classes (loss_fn(samples, classes) reads D(samples, "
                 "classes)): build it as OptimizerStep(G, opt, GeneratorLoss(D, conditional=True), (z, classes), classes)"
@@ -1676,7 +1690,11 @@ class GANKernelAnalyzer(TrainerCallback):
         probes = self.discriminator_probes.to(device=x.device, dtype=getattr(floating_parameter(self._d), "dtype", x.dtype))
         conditions = () if not self.conditional else (self.discriminator_probe_classes.to(probes.device),)
         if wrap_critic:
-            probes = (probes, torch.full((probes.shape[0],), GENERATED, dtype=torch.long, device=probes.device), *conditions)
+            roles = torch.full((probes.shape[0],), GENERATED, dtype=torch.long, device=probes.device)
+            # D∘T's probes at the identity augmentation: the ledger follows D itself there (bit for bit D(x))
+            augmentation = (model.augment.identity(probes.shape[0], dtype=probes.dtype, device=probes.device),) \
+                if isinstance(model, AugmentedDiscriminatorObjective) else ()
+            probes = (probes, roles, *augmentation, *conditions)
         elif conditions:
             probes = (probes, *conditions)
         # An observed loop's tracker takes its group rows from the loop's graph: dense from the start (an "auto"
@@ -1735,9 +1753,12 @@ class GANKernelAnalyzer(TrainerCallback):
         :class:`DiscriminatorObjective`, ``(x, classes)`` for D itself) in a conditional GAN."""
         if not self.conditional:
             return None
-        if len(step.inputs) != (3 if wrap_critic else 2):
+        augmented = isinstance(step.model, AugmentedDiscriminatorObjective)
+        if len(step.inputs) != (3 + augmented if wrap_critic else 2):
+            expected = ("(x, roles, params, classes)" if augmented else "(x, roles, classes)") if wrap_critic \
+                else "(x, classes)"
             raise ValueError(
-                f"a conditional discriminator step needs inputs {'(x, roles, classes)' if wrap_critic else '(x, classes)'}, "
+                f"a conditional discriminator step needs inputs {expected}, "
                 f"got {len(step.inputs)}: build the trainer with num_classes= and labels= (GANTrainer)"
             )
         return self._step_classes(step.inputs[-1], step.batch, "the discriminator step")

@@ -357,6 +357,52 @@ class GeneratorLoss:
         return generator_losses(self.kind, scores, self.output)
 
 
+class AugmentedGeneratorLoss:
+    """``loss_fn(samples, targets) -> [B]``: ℓ_G(D(T(samples; params))) per example, T a differentiable augmentation
+    (:class:`~genkernel.gan.augment.DiffAugment`) with its parameters carried per row in the targets: ``targets =
+    params [B, P]`` (unconditional), ``(classes [B], params [B, P])`` for a conditional D(x, y).
+
+    The generator step's loss of :class:`~genkernel.gan.GANTrainer` with ``augment=``. A deterministic function of
+    (samples, targets): every re-evaluation sees training's augmentation. :attr:`geometry` is the loss without
+    the augmentation, ℓ_G(D(samples)) (a :class:`GeneratorLoss`): an analyzer reads the discriminator's geometry
+    from it (the augmented loss has no one value at a probe, whose augmentation is not drawn).
+
+    Args:
+        discriminator, kind, output, conditional, num_classes: as :class:`GeneratorLoss`.
+        augment: the augmentation, ``augment.apply(x, params)``.
+    """
+
+    def __init__(self, discriminator: nn.Module, augment, kind: str = "nonsaturating", output: str = "logit", *,
+                 conditional: bool = False, num_classes: int | None = None) -> None:
+        self.geometry = GeneratorLoss(discriminator, kind, output, conditional=conditional, num_classes=num_classes)
+        self.augment = augment
+
+    @property
+    def discriminator(self) -> nn.Module:
+        return self.geometry.discriminator
+
+    @property
+    def conditional(self) -> bool:
+        return self.geometry.conditional
+
+    def split_targets(self, targets) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """``(classes or None, params)`` from a step's targets (``params``, or ``(classes, params)`` when
+        conditional); a ValueError naming the layout otherwise."""
+        if self.conditional:
+            if not isinstance(targets, (tuple, list)) or len(targets) != 2:
+                raise ValueError("an augmented conditional generator loss takes targets (classes [B], params [B, P]): "
+                                 "the classes G was given and the augmentation's parameters of each row")
+            return targets[0], targets[1]
+        if not isinstance(targets, torch.Tensor):
+            raise ValueError("an augmented generator loss takes targets = params [B, P] (the augmentation's parameters "
+                             "of each row, DiffAugment.draw's)")
+        return None, targets
+
+    def __call__(self, samples: torch.Tensor, targets=None) -> torch.Tensor:
+        classes, params = self.split_targets(targets)
+        return self.geometry(self.augment.apply(samples, params), classes)
+
+
 class DiscriminatorLoss:
     """``loss_fn(values, roles) -> [B]`` for :class:`DiscriminatorObjective` outputs.
 
@@ -449,15 +495,18 @@ class DiscriminatorObjective(nn.Module):
                 "GroupNorm, or none, as WGAN-GP's critic), or put the BatchNorm modules in eval mode"
             )
 
-    def input_gradient_norm(self, x: torch.Tensor, *, with_scores: bool = False, classes: torch.Tensor | None = None):
+    def input_gradient_norm(self, x: torch.Tensor, *, with_scores: bool = False, classes: torch.Tensor | None = None,
+                            transform=None):
         """``[B]`` ‖∇_x D(x)‖ per example (‖∇_x D(x, classes)‖ with ``classes [B]``), differentiable in
         D's parameters (and under torch.func); with ``with_scores`` also the scores D(x) ``[B]`` of the
-        same evaluation."""
+        same evaluation. ``transform``: a per-row function T of the samples in front of D (an augmentation
+        with its parameters fixed): ‖∇_x D(T(x))‖, the gradient in the samples before T."""
         conditions = class_inputs(classes)
         self._refuse_batch_coupling()
 
         def total(inputs):
-            scores = scores_of(self.net(inputs, *conditions), inputs.shape[0])
+            shown = inputs if transform is None else transform(inputs)
+            scores = scores_of(self.net(shown, *conditions), inputs.shape[0])
             return scores.sum(), scores
 
         g, scores = torch.func.grad(total, has_aux=True)(x)
@@ -465,20 +514,49 @@ class DiscriminatorObjective(nn.Module):
         return (norms, scores) if with_scores else norms
 
     def forward(self, x: torch.Tensor, roles: torch.Tensor, classes: torch.Tensor | None = None) -> torch.Tensor:
+        return self._values(x, roles, classes)
+
+    def _values(self, x: torch.Tensor, roles: torch.Tensor, classes: torch.Tensor | None, transform=None) -> torch.Tensor:
+        """``[B, 1]``: D(T(x)) on the rows that are not penalty rows, ‖∇_x D(T(x))‖ on the penalty rows (T the
+        identity when ``transform`` is None)."""
         conditions = class_inputs(classes)
         if self.penalty:
             self._refuse_batch_coupling()
         if not self.penalty or not self._has_penalty_rows(x, roles):
-            return scores_of(self.net(x, *conditions), x.shape[0]).unsqueeze(1)
+            shown = x if transform is None else transform(x)
+            return scores_of(self.net(shown, *conditions), x.shape[0]).unsqueeze(1)
         # One evaluation of D gives both the scores (aux) and the input gradient, so a training-mode
         # forward advances spectral norm's power iteration once, as a plain D(x) would.
-        norms, scores = self.input_gradient_norm(x, with_scores=True, classes=classes)
+        norms, scores = self.input_gradient_norm(x, with_scores=True, classes=classes, transform=transform)
         check_roles(roles, scores)  # roles [B, 1] would broadcast to a [B, B] output
         return torch.where(roles == PENALTY, norms, scores).unsqueeze(1)
 
 
+class AugmentedDiscriminatorObjective(DiscriminatorObjective):
+    """:class:`DiscriminatorObjective` of D∘T, T a differentiable augmentation (:class:`~genkernel.gan.augment.DiffAugment`)
+    whose random parameters are an input: ``forward(x [B, ...], roles [B], params [B, P]) -> [B, 1]``, for a
+    conditional D ``forward(x, roles, params, classes [B])``.
+
+    Row b's value is D(T(x_b; params_b)) (a real or generated row), or, on a penalty row, ‖∇_x D(T(x; params_b))‖
+    at x_b: the gradient in the sample before the augmentation, through T, as StyleGAN2-ADA and DiffAugment's
+    StyleGAN2 take R1 on augmented reals. T is deterministic given the params, so every evaluation of the
+    objective (a tracker's checks, per-example passes, quadrature nodes) sees training's augmentation; at
+    :meth:`~genkernel.gan.augment.DiffAugment.identity` params it is D itself, bit for bit.
+    """
+
+    def __init__(self, discriminator: nn.Module, augment, *, penalty: bool = False, eps: float = 1e-12) -> None:
+        super().__init__(discriminator, penalty=penalty, eps=eps)
+        self.augment = augment
+
+    def forward(self, x: torch.Tensor, roles: torch.Tensor, params: torch.Tensor,  # type: ignore[override]
+                classes: torch.Tensor | None = None) -> torch.Tensor:
+        self.augment.check_params(x, params)
+        return self._values(x, roles, classes, transform=lambda inputs: self.augment.apply(inputs, params))
+
+
 __all__ = [
     "OUTPUTS", "check_output", "check_not_sigmoid", "final_module", "LOSSES", "GENERATED", "REAL", "PENALTY", "ROLE_NAMES", "generator_losses", "discriminator_losses",
-    "GeneratorLoss", "DiscriminatorLoss", "DiscriminatorObjective", "scores_of", "check_loss", "check_gp_weight", "check_r1_gamma",
+    "GeneratorLoss", "DiscriminatorLoss", "DiscriminatorObjective", "AugmentedGeneratorLoss",
+    "AugmentedDiscriminatorObjective", "scores_of", "check_loss", "check_gp_weight", "check_r1_gamma",
     "check_classes", "check_roles", "class_inputs",
 ]

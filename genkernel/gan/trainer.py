@@ -34,8 +34,14 @@ in the inputs, so every tracked objective is the exact conditional one:
   the classes drawn from the trainer's generator after the latents (``class_sampling``);
   ``info["classes"]`` too.
 
-All randomness (batches, latents, a conditional generator step's classes, interpolation factors)
-comes from the trainer's own seeded ``torch.Generator``; analyzers never touch it.
+With ``augment=`` (DiffAugment) D is scored through the augmentation T: the discriminator step's model is
+:class:`~genkernel.gan.losses.AugmentedDiscriminatorObjective` (D∘T) with ``inputs = (x, roles, params[, classes])``,
+the generator step's ``loss_fn`` :class:`~genkernel.gan.losses.AugmentedGeneratorLoss` (ℓ_G(D(T(G(z); params))))
+with ``targets = params`` (conditional: ``(classes, params)``), each row's parameters drawn from the trainer's
+generator (``GANTrainer``'s ``augment`` argument).
+
+All randomness (batches, latents, a conditional generator step's classes, interpolation factors, augmentation
+parameters) comes from the trainer's own seeded ``torch.Generator``; analyzers never touch it.
 
 Data: a Tensor of real samples, from which each discriminator step draws its rows uniformly (with
 replacement across steps), or a DataLoader (any re-iterable of batches: an ``ImageFolder`` of a real
@@ -82,11 +88,14 @@ from ..core.tracking.step import (
     trainer_grad_scaler,
 )
 from ..logging import LoggingCallback
+from .augment import DiffAugment
 from .losses import (
     DEFAULT_GP_WEIGHT,
     GENERATED,
     PENALTY,
     REAL,
+    AugmentedDiscriminatorObjective,
+    AugmentedGeneratorLoss,
     DiscriminatorLoss,
     DiscriminatorObjective,
     GeneratorLoss,
@@ -281,6 +290,17 @@ class GANTrainer:
             joint one up to rounding (spectral norm in training mode excepted: its power iteration advances at each
             forward). Only the penalty rows' forward forms their input gradient (the joint forward forms it for
             every row). With ``micro_batches=K``, micro-batch j runs as such forwards of its rows.
+        augment: differentiable augmentation (DiffAugment, Zhao et al. 2020): a :class:`~genkernel.gan.DiffAugment`
+            or a policy string (``"color,translation,cutout"``, any comma-separated subset). D sees every row
+            through T, real and generated alike, and G's loss is ℓ_G(D(T(G(z)))); T's random parameters are drawn
+            per row from the trainer's generator (a discriminator step's after its latents: the real rows', then
+            the generated rows'; a generator step's after its latents and classes) and carried in the step (the
+            critic's inputs ``(x, roles, params[, classes])``, the generator step's targets ``params`` or
+            ``(classes, params)``), so each step's loss is a deterministic function that an analyzer re-evaluates
+            exactly, and a resumed run draws what the straight one draws. R1 (``r1_gamma``) is taken on the
+            augmented reals, ‖∇_x D(T(x))‖² in the sample before T (StyleGAN2-ADA's): at the real row's own
+            augmentation in every step, at a fresh draw in lazy R1's regularization step. Refused beside
+            ``loss="wgan-gp"`` and for samples that are not images ``[C, H, W]``. None (default): no augmentation.
         max_grad_norm: global-norm clipping of both players (inf: none).
         mixed_precision: "no" (default), "bf16" or "fp16": both players' training forwards and losses
             run under ``torch.autocast`` to bfloat16 (float16) on their device type, and so does G's pass
@@ -337,6 +357,7 @@ class GANTrainer:
         r1_gamma: float = 0.0,
         r1_interval: int = 1,
         discriminator_batches: str = "joint",
+        augment: DiffAugment | str | None = None,
         max_grad_norm: float = math.inf,
         mixed_precision: str = "no",
         ema: Any = None,
@@ -470,11 +491,17 @@ class GANTrainer:
                 f"and generated rows, or one forward per kind of row), got {discriminator_batches!r}"
             )
         self.discriminator_batches = discriminator_batches
+        self.augment = self._check_augment(augment, data if tensor_data else None)
+        penalized = loss == "wgan-gp" or self.r1_gamma > 0
         # (one objective serves the main and the regularization steps, which an analyzer's one tracker of D books:
         # a batch without penalty rows is scored by a plain forward)
-        self.critic = DiscriminatorObjective(discriminator, penalty=(loss == "wgan-gp" or self.r1_gamma > 0))
+        self.critic = DiscriminatorObjective(discriminator, penalty=penalized) if self.augment is None else \
+            AugmentedDiscriminatorObjective(discriminator, self.augment, penalty=penalized)
         # The trainer's classes come from its checked labels: no per-step range check (a device sync) in its loss.
-        self.g_loss = GeneratorLoss(discriminator, loss, output, conditional=self.conditional)
+        # What the generator steps train (a null model replaces it: G's steps ignoring D); with augment=
+        # ℓ_G(D(T(x; params))), its .geometry the un-augmented ℓ_G(D(x)) that input_gradients reads.
+        self.g_loss = GeneratorLoss(discriminator, loss, output, conditional=self.conditional) if self.augment is None \
+            else AugmentedGeneratorLoss(discriminator, self.augment, loss, output, conditional=self.conditional)
         # (lazily, the regularization steps' rows take γ·k: the main steps have no penalty rows)
         self.d_loss = DiscriminatorLoss(loss, gp_weight, output, discriminator=discriminator,
                                         r1_gamma=self.r1_gamma * self.r1_interval)
@@ -596,7 +623,8 @@ class GANTrainer:
         conditions = (torch.tensor([0, top], dtype=torch.long, device=self.device),) if self.conditional else ()
         try:
             with torch.no_grad(), preserved(self.generator), analysis_mode(self.generator):
-                output_tensor(self.generator(z, *conditions))
+                # (the samples' shape [C, H, W]: a generator step draws its rows' augmentation for it)
+                self._sample_shape = tuple(output_tensor(self.generator(z, *conditions)).shape[1:])
         except (RuntimeError, TypeError, ValueError, IndexError) as error:
             if self.conditional:
                 raise ValueError(
@@ -642,10 +670,12 @@ class GANTrainer:
         self, latents: torch.Tensor, classes: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(G(z), w, ℓ_G)`` with w_i = ∇_x ℓ_G(D(x)) at x = G(z_i) (conditional: ∇_x ℓ_G(D(x, y_i)) at
-        x = G(z_i, y_i)), D as in a generator step (its mode kept, its buffers written back after)."""
+        x = G(z_i, y_i)), D as in a generator step (its mode kept, its buffers written back after); with ``augment=``
+        the un-augmented D's (what an analyzer's geometry reads: an augmented loss has no one value at a sample)."""
         classes = self._checked_classes(classes, latents.shape[0])
         with frozen(self.discriminator):
-            return discriminator_input_gradients(self.generator, self.g_loss, latents, classes=classes)
+            geometry = self.g_loss.geometry if isinstance(self.g_loss, AugmentedGeneratorLoss) else self.g_loss
+            return discriminator_input_gradients(self.generator, geometry, latents, classes=classes)
 
     # -- steps ---------------------------------------------------------------------------------
     def discriminator_step(self) -> torch.Tensor | None:
@@ -722,8 +752,10 @@ class GANTrainer:
         # micro-batch j: real rows j and their generated rows, G run on micro-batch j's latents (a smaller batch
         # than micro_batches, a DataLoader's last: one example per micro-batch)
         micro = micro_batch_rows(b, min(self.micro_batches, b))
-        if regularization:
-            return self._make_discriminator_step(batch, [real], [torch.full((b,), PENALTY)], micro, regularization=True)
+        if regularization:  # (augmented: the penalty rows' own draw, as StyleGAN2-ADA's regularization pass)
+            params = None if self.augment is None else [self._draw_augmentation(b, real)]
+            return self._make_discriminator_step(batch, [real], [torch.full((b,), PENALTY)], micro, params,
+                                                 regularization=True)
         z = self.sample_latents(b)
         with torch.no_grad(), autocast_to(self.autocast_dtype, self.device):
             fake = torch.cat([output_tensor(self.generator(z[r], *(c[r] for c in conditions))).detach()
@@ -736,24 +768,31 @@ class GANTrainer:
                 f"{tuple(fake.shape[1:])}: D takes both in one batch; give G and the data (each of its batches) one shape"
             )
         parts, roles = [real, fake], [torch.full((b,), REAL), torch.full((b,), GENERATED)]
+        # augment=: the real rows' draws, then the generated rows' (after the latents)
+        params = None if self.augment is None else [self._draw_augmentation(b, real), self._draw_augmentation(b, fake)]
         if self.r1_gamma > 0 and self.r1_interval == 1:  # R1: the real rows again, each penalized at itself (no draw)
             parts.append(real)
             roles.append(torch.full((b,), PENALTY))
+            if params is not None:  # (at its real row's augmentation: StyleGAN2-ADA's R1 reads that row's pass)
+                params.append(params[0])
         elif self.loss == "wgan-gp":  # WGAN-GP: interpolates of the real and generated pairs
             eps = torch.rand(b, generator=self.rng, dtype=torch.float64).to(real)
             eps = eps.view(-1, *([1] * (real.dim() - 1)))
             parts.append(eps * real + (1 - eps) * fake)
             roles.append(torch.full((b,), PENALTY))
-        return self._make_discriminator_step(batch, parts, roles, micro)
+        return self._make_discriminator_step(batch, parts, roles, micro, params)
 
     def _make_discriminator_step(self, batch: dict[str, torch.Tensor], parts: list[torch.Tensor],
-                                 roles: list[torch.Tensor], micro: list[slice], *,
+                                 roles: list[torch.Tensor], micro: list[slice],
+                                 params: list[torch.Tensor] | None = None, *,
                                  regularization: bool = False) -> "DiscriminatorStep":
         """The step over ``parts`` (blocks of b rows each, in the order real, generated, penalty, with ``roles``
-        theirs), every row weighted 1/b, in the micro-batches ``micro`` (slices of b) and, with
-        ``discriminator_batches="separate"``, one forward per block within each."""
+        theirs and, with ``augment=``, ``params`` their augmentation parameters ``[b, P]`` each), every row
+        weighted 1/b, in the micro-batches ``micro`` (slices of b) and, with ``discriminator_batches="separate"``,
+        one forward per block within each."""
         b = batch["real"].shape[0]
         x = torch.cat(parts)
+        augmentation = None if params is None else torch.cat(params)
         roles = torch.cat(roles).to(self.device)
         weights = torch.full((x.shape[0],), 1.0 / b, dtype=self.dtype, device=self.device)
         real_labels = torch.full((x.shape[0],), -1, dtype=torch.long)
@@ -764,7 +803,9 @@ class GANTrainer:
         if order is not None:  # micro-batch j's rows (real j, generated j[, interpolates j]) made contiguous
             x, roles, real_labels = x[order.to(x.device)], roles[order.to(roles.device)], real_labels[order]
             classes = None if classes is None else classes[order.to(classes.device)]
-        inputs = (x, roles) if classes is None else (x, roles, classes)
+            augmentation = None if augmentation is None else augmentation[order.to(augmentation.device)]
+        # (x, roles[, params][, classes]): the critic's forward (AugmentedDiscriminatorObjective's takes the params)
+        inputs = (x, roles, *(() if augmentation is None else (augmentation,)), *(() if classes is None else (classes,)))
         # micro-batch j's rows start at len(parts) × its first real row; "separate" runs each block of them (real,
         # generated, penalty rows) on its own
         blocks = len(parts) if self.discriminator_batches == "separate" else 1
@@ -793,6 +834,48 @@ class GANTrainer:
         if self.labels is not None:
             batch["labels"] = self.labels[index].to(self.device)
         return batch
+
+    def _check_augment(self, augment: Any, data: torch.Tensor | None) -> DiffAugment | None:
+        """``augment=`` as a :class:`DiffAugment` (a policy string builds one), or None; refused with the fix: another
+        type, a WGAN-GP loss (no exact published counterpart of its interpolates under augmentation: see
+        docs/gan.md), Tensor data that is not images ``[N, C, H, W]``."""
+        if augment is None:
+            return None
+        if isinstance(augment, str):
+            augment = DiffAugment(augment)
+        if not isinstance(augment, DiffAugment):
+            raise TypeError(
+                f"augment must be a DiffAugment (genkernel.gan.DiffAugment('color,translation,cutout')) or a policy "
+                f"string such as 'color,translation,cutout', got {type(augment).__name__}"
+            )
+        if self.loss == "wgan-gp":
+            raise ValueError(
+                "augment= with loss='wgan-gp' is not implemented: WGAN-GP's interpolates of augmented rows have no "
+                "published DiffAugment/ADA recipe to follow exactly. Use loss='nonsaturating' or 'hinge' (with "
+                "r1_gamma= for a gradient penalty: R1 on the augmented reals, StyleGAN2-ADA's), or drop augment="
+            )
+        if data is not None:
+            augment.check_images(data.shape[1:], "the real samples (data rows)")
+        augment.check_images(self._sample_shape, "the generator's samples (one per row)")
+        return augment
+
+    def _check_generator_loss(self) -> None:
+        """With ``augment=``, refuse a ``g_loss`` replaced by one that does not apply the trainer's augmentation: it
+        would get the parameters as targets and ignore them, G training unaugmented beside an augmented D."""
+        if self.augment is None or (isinstance(self.g_loss, AugmentedGeneratorLoss)
+                                    and self.g_loss.augment is self.augment):
+            return
+        raise ValueError(
+            f"trainer.g_loss was replaced by a {type(self.g_loss).__name__}, which does not apply the trainer's "
+            f"augmentation {self.augment!r}: G's steps would train unaugmented while D's are augmented. Give "
+            "AugmentedGeneratorLoss(discriminator, trainer.augment, ...) (it reads its parameters from the targets), "
+            "or build the trainer without augment="
+        )
+
+    def _draw_augmentation(self, batch: int, like: torch.Tensor) -> torch.Tensor:
+        """``[batch, P]`` augmentation parameters for rows shaped like ``like [B, ...]``, from the trainer's
+        generator, in the networks' dtype on their device."""
+        return self.augment.draw(batch, like.shape[1:], self.rng, dtype=self.dtype, device=self.device)
 
     @staticmethod
     def _check_iterable_data(data: Any, labels: Any, num_classes: Any, class_sampling: str, batch_size: Any) -> int:
@@ -853,6 +936,12 @@ class GANTrainer:
             inputs, targets = (z, classes), classes
         else:
             inputs, targets = z, None
+        if self.augment is not None:  # each row's augmentation, drawn after its latents (and classes), in the targets
+            self._check_generator_loss()
+            params = self.augment.draw(self.batch_size, self._sample_shape, self.rng, dtype=self.dtype,
+                                       device=self.device)
+            info["augmentation"] = params
+            targets = params if targets is None else (targets, params)
         return OptimizerStep(
             self.generator, self.g_optimizer, self.g_loss, inputs, targets,
             max_grad_norm=self.max_grad_norm, micro_batches=self.micro_batches, phase="generator", info=info,
@@ -948,6 +1037,7 @@ class GANTrainer:
             raise ValueError("resume=True reads checkpoint_dir/checkpoint.pt: build the trainer with checkpoint_dir=")
         if resume and (self.checkpoint_dir / "checkpoint.pt").exists():
             self.load_checkpoint(self.checkpoint_dir / "checkpoint.pt")
+        self._check_generator_loss()  # (before any step: not after D's steps of the first iteration were made)
         self._callback_states.claim(self.callbacks)
         fire(self.callbacks, "on_train_start", self)
         bar = tqdm(total=iterations, initial=self.iteration, disable=not self.progress, desc="gan")
@@ -1000,6 +1090,7 @@ class GANTrainer:
             "labels": self.labels is not None, "latent_dim": self.latent_dim,
             "loss": self.loss, "output": self.output, "gp_weight": float(self.gp_weight), "r1_gamma": self.r1_gamma,
             "r1_interval": self.r1_interval, "discriminator_batches": self.discriminator_batches,
+            "augment": None if self.augment is None else self.augment.settings(),
             "batch_size": self.batch_size, "d_steps": self.d_steps,
             "micro_batches": self.micro_batches,  # (BatchNorm's statistics and the rounding depend on them)
             "max_grad_norm": float(self.max_grad_norm),
@@ -1055,7 +1146,8 @@ class GANTrainer:
         if saved_config is not None:  # a checkpoint written before trainers kept EMAs or schedules kept none
             saved_config = {"ema": None, "lr_scheduler_g": None, "lr_scheduler_d": None, "data": "Tensor",
                             "batches_per_epoch": None, "class_counts": None, "micro_batches": 1, "mixed_precision": "no",
-                            "r1_gamma": 0.0, "r1_interval": 1, "discriminator_batches": "joint", **saved_config}
+                            "r1_gamma": 0.0, "r1_interval": 1, "discriminator_batches": "joint", "augment": None,
+                            **saved_config}
         check_resume_config(saved_config, self._resume_config(), "GANTrainer")
         if self._stream is not None and not isinstance(state.get("iterable"), Mapping):
             raise ValueError(
