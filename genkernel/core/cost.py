@@ -33,6 +33,10 @@ Memory (bytes):
   (:func:`optimizer_state_values`), and the
   batch's activations (a hook pass on one example, times the batch and a factor for what autograd
   keeps), when ``batch_size`` is given;
+- ``frozen_weights``: the model's parameters that do not require grad (a LoRA base, a frozen
+  encoder inside the model), on the device while the step runs; like the training step's own
+  arrays they exist already, so the fit check does not ask the free memory for them
+  (:attr:`CostEstimate.existing_bytes`);
 - ``training_records``: what step 1 keeps of the training pass when it reads layer factors from it
   (the layers' output gradients, about one copy of the activations) until it has read them; only
   when that fits in the memory budget.
@@ -52,11 +56,14 @@ expected ratio of an analyzed step to a bare one (forward and backward of the ba
 layer's backward forms its input's gradient, not its weight's: one forward, so a LoRA fine-tune's
 bare step is about two forwards an example, :func:`bare_step_forwards`):
 
-- group gradients: "graph" R backward passes of the batch; "example", sketched and factored routes
-  read the batch's layer factors from the training pass and sum them (about one forward) when its
-  records fit in the memory budget (:func:`reads_training_pass`), else run a pass of their own
-  ("example": vmapped per-example gradients, about 1.5 bare steps; factored: a capture); the
-  dense route's ``gradient_route="factored"`` always captures its own pass (about 1.3 bare steps);
+- group gradients: "graph" R backward passes of the batch (a bare step less its forward each);
+  "example", sketched and factored routes read the batch's layer factors from the training pass
+  when its records fit in the memory budget (:func:`reads_training_pass`), else run a pass of
+  their own ("example": vmapped per-example gradients; factored: a capture); the dense route's
+  ``gradient_route="factored"`` always captures its own pass. The dense route's per-example
+  routes are counted from the layers' shapes (:func:`dense_gradient_work`): the pass, the
+  per-example gradients formed from the factors and their sums into the R group rows, R·B·P
+  multiply-adds whatever the membership's zeros (on an MLP more than a bare step);
 - contributions: per quadrature node, a forward of the probes per vmapped pass (as many rows per
   pass as :func:`push_pass_shape` allows) plus a tangent pass per pushed row (dense: R + 1 rows;
   factored: the rest row, only under weight decay; sketched: 2) that costs two forwards, or d
@@ -113,7 +120,8 @@ class CostEstimate:
         memory: ``{part: bytes}``.
         available: bytes the device has free now (None where that is unknown).
         held: bytes of ``training_step`` that already exist (parameters, their gradients, the
-            optimizer's state): they are counted in the total but are not in ``available``.
+            optimizer's state): they are counted in the total but are not in ``available``; the
+            ``frozen_weights`` part exists already too (:attr:`existing_bytes` adds it).
         work: ``{part: passes}`` in units of one forward pass over one example.
         bare_step: the same units for a bare step (forward and backward of the batch).
         cheaper: options that would make the tracker fit or run faster, in words.
@@ -133,13 +141,19 @@ class CostEstimate:
 
     @property
     def analysis_bytes(self) -> int:
-        """What tracking adds to the training step's own memory."""
-        return self.total_bytes - self.memory.get("training_step", 0)
+        """What tracking adds to the training step's own memory (and to the frozen weights)."""
+        return self.total_bytes - self.memory.get("training_step", 0) - self.memory.get("frozen_weights", 0)
+
+    @property
+    def existing_bytes(self) -> int:
+        """Bytes of the total that exist before the tracker, so are not in :attr:`available`: what
+        the training step holds already (:attr:`held`) and the frozen weights."""
+        return self.held + self.memory.get("frozen_weights", 0)
 
     @property
     def fits(self) -> bool:
-        """Whether what the step still needs (the total less what is already held) is free."""
-        return self.available is None or self.total_bytes - self.held <= self.available
+        """Whether what the step still needs (the total less what already exists) is free."""
+        return self.available is None or self.total_bytes - self.existing_bytes <= self.available
 
     def fits_beside(self, built: "CostEstimate") -> bool:
         """Whether this estimate fits for a tracker built as ``built`` and running since, which holds its
@@ -148,7 +162,7 @@ class CostEstimate:
         (:attr:`fits` would count the arrays the tracker holds twice: in the total and as not free.)"""
         if self.available is None or built.available is None:
             return True
-        return (self.total_bytes - built.held <= built.available
+        return (self.total_bytes - built.existing_bytes <= built.available
                 and self.total_bytes - built.total_bytes <= self.available)
 
     @property
@@ -162,13 +176,15 @@ class CostEstimate:
         free = "unknown" if self.available is None else f"{self.available / GiB:.1f} GiB"
         if self.held:
             free += f", {self.held / GiB:.2f} GiB of the training step already held"
+        if self.memory.get("frozen_weights"):
+            free += f", the frozen weights' {self.memory['frozen_weights'] / GiB:.2f} GiB already held"
         work = ", ".join(f"{k} {v:.0f}" for k, v in self.work.items() if v)
         return (f"memory {self.total_bytes / GiB:.2f} GiB ({parts}; {free} free); work per step in example-forwards: "
                 f"{work} against {self.bare_step:.0f} for a bare step: about {self.ratio:.1f}x a bare step")
 
     def as_dict(self) -> dict[str, Any]:
         return {"memory_bytes": dict(self.memory), "total_bytes": self.total_bytes, "available_bytes": self.available,
-                "held_bytes": self.held,
+                "held_bytes": self.held, "existing_bytes": self.existing_bytes,
                 "work": dict(self.work), "bare_step": self.bare_step, "ratio": self.ratio, "fits": self.fits,
                 "settings": dict(self.settings), "cheaper": list(self.cheaper)}
 
@@ -442,6 +458,9 @@ def estimate_cost(
     acts, macs, trainable_macs = example_counts(model, tuple(t[:1] for t in probes))
     micro = -(-b // micro_batches)  # the largest micro-batch: what training's activations hold at once
     memory["training_step"] = (2 * num + optimizer_state) * param_bytes + 3 * acts * micro * param_bytes
+    # Weights that do not train (a LoRA base, a frozen encoder inside the model) are on the device all the
+    # same: in the total, and, like the training step's own arrays, already out of the free memory.
+    memory["frozen_weights"] = frozen_bytes(model, device)
     reads_training = micro_batches == 1 and reads_training_pass(acts * param_bytes, b, memory_budget)
     # a forward and a backward of every example, the frozen layers' weight gradients not formed (the
     # factor routes count it from the shapes)
@@ -462,15 +481,27 @@ def estimate_cost(
         if ema:  # D and E (with the start row), θ_0, θ̄_0 and the last θ̄: float64 (tracking.ema)
             memory["ema"] = (2 * stacked + 1 + 3) * num * 8
         pushed = rows + 1
-        if gradient_route == "graph":
-            work["group_gradients"] = 2.0 * rows * b
-        elif gradient_route == "factored":  # a capture pass of its own, then the factors summed
-            work["group_gradients"] = 4.0 * b
-        elif reads_training:  # its layers' per-example gradients
-            work["group_gradients"] = 1.0 * b
-            memory["training_records"] = acts * b * param_bytes
-        else:  # vmapped per-example gradients of a second forward and backward
-            work["group_gradients"] = 4.5 * b
+        if gradient_route == "graph":  # R backward passes of the batch: a bare step's, less its forward
+            work["group_gradients"] = rows * (bare - b)
+        else:
+            own_pass = gradient_route == "example" and not reads_training
+            if gradient_route == "example" and reads_training:
+                memory["training_records"] = acts * b * param_bytes
+            shapes, fallback = block_shapes(model, probes)
+            # the rows are added one chunk of examples at a time: the route's own chunks (engine.gradients)
+            largest_bytes = max(largest, 1) * param_bytes
+            chunk = (b if gradient_route == "example" and reads_training
+                     else max(1, memory_budget // (3 * max(num, 1) * param_bytes)) if own_pass
+                     else max(1, memory_budget // (4 * largest_bytes)))
+            forward = float(macs) if macs else forward_macs(shapes, fallback)
+            share = trainable_macs / macs if macs else 1.0
+            work["group_gradients"] = dense_gradient_work(
+                shapes, fallback, batch=b, rows=rows, partitions=partitions, example_chunk=chunk,
+                route="example" if own_pass else "training" if gradient_route == "example" else "factored",
+                forward=forward, weight_share=share)
+            # the shapes at hand, the bare step's input gradients too: none where a block's input depends on
+            # no trained parameter (the first layer's), as the factored and sketched routes count them
+            bare = b * (1.0 + input_gradient_share(shapes, fallback, forward) + share)
     else:
         memory["group_gradients"] = 2 * num * 8  # the batch's exact total and sizes, float64
         if group_state == "sketched":
@@ -813,7 +844,7 @@ def factor_route_work(shapes: list[BlockShape], fallback: int, *, probes: int, b
     if forward <= 0:
         return {"bare_step": 3.0 * n, "batch_factors": 0.0, "capture": 1.0 * n, "probe_factors": m * (1.0 + 2.0 * d),
                 "cross_kernels": 0.0}
-    back = (sum(s.macs(s.input_gradient_positions) for s in shapes) + fallback) / forward
+    back = input_gradient_share(shapes, fallback)
     sizes = cross = 0.0
     for s in shapes:
         t, i, o, p = s.positions, s.inputs, s.outputs, s.parameters
@@ -839,6 +870,83 @@ def factor_route_work(shapes: list[BlockShape], fallback: int, *, probes: int, b
         cross += m * d * (1.0 + back) * forward + m * n * d * fallback
     return {"bare_step": n * (2.0 + back), "batch_factors": n * sizes / forward, "capture": n * (1.0 + back),
             "probe_factors": m * (1.0 + d * back), "cross_kernels": cross / forward}
+
+
+def row_sum_products(rows: int, partitions: int, batch: int, example_chunk: int) -> float:
+    """Multiply-adds per parameter value of summing ``batch`` per-example gradients into ``rows``
+    group rows, ``example_chunk`` examples at a time, as
+    :func:`~genkernel.core.engine.gradients.add_rows` does: every row (an in-place product over
+    all of them, whatever the membership's zeros) where a chunk reaches at least a sixth of them,
+    else the rows it reaches; a chunk of b examples reaches at most ``partitions`` × b rows."""
+    chunk = max(1, min(example_chunk, batch))
+
+    def products(b: int) -> float:
+        reached = min(rows, partitions * b)
+        return float((rows if 6 * reached >= rows else reached) * b)
+
+    full, remainder = divmod(batch, chunk)
+    return full * products(chunk) + (products(remainder) if remainder else 0.0)
+
+
+def dense_gradient_work(shapes: list[BlockShape], fallback: int, *, batch: int, rows: int, partitions: int,
+                        route: str, example_chunk: int, forward: float, weight_share: float) -> float:
+    """Example-forwards of the dense route's group gradients on a per-example ``route``, from the
+    covering plan's blocks (:func:`~genkernel.core.engine.factored.block_shapes`) and the
+    ``fallback`` parameters outside them; ``forward``: one example's forward in multiply-adds
+    (the unit; :func:`example_counts`), ``weight_share``: the trained weights' share of it.
+
+    Routes (:class:`~genkernel.core.tracking.routes.DenseRoute`):
+
+    - "training": the training pass's layer factors (``TrainingCapture``, compact form): no pass;
+    - "factored": a capture pass of its own, a forward and its input gradients, B (1 + β);
+    - "example": vmapped per-example gradients of a second forward and backward, B (1 + β + share);
+
+    β: the input gradients' share of a forward, every layer's but those the blocks' positions whose
+    input depends on no trained parameter skip (:func:`input_gradient_share`, as
+    :func:`factor_route_work` counts them: the first layer forms none).
+
+    Besides (the routes' own products, which a pass count leaves out):
+
+    - per-example gradients formed from the factors (not on "example": its backward forms them),
+      T·I·O (:meth:`~genkernel.core.engine.factored.BlockShape.macs`) per example and linear or
+      convolutional block at T > 1 positions, materialized or not
+      (:func:`~genkernel.core.engine.factors.self_kernel_materializes` decides only the layout);
+      at one position the rows are summed from the outer product itself;
+    - the rows: every block's and fallback parameter's per-example gradients summed into the
+      group rows, :func:`row_sum_products` × P;
+    - the fallback parameters ("training", "factored"): a vmapped forward and backward of every
+      example (torch.func), B (1 + β), and their weight gradients, B × P_fallback.
+
+    Measured against torch's operation count of a tracked step (in-place products counted) on an
+    MLP, a small CNN, the tiny UNet2DModel and a cross-attention UNet2DConditionModel: the row
+    sums are most of it on an MLP (R·B·P against the step's 3·B·F); an estimate of one forward per
+    example for the training pass's factors was up to 4x low (``tests/test_cost_dense_route.py``)."""
+    if route not in ("training", "factored", "example"):
+        raise ValueError(f"route must be 'training', 'factored' or 'example', got {route!r}")
+    unit = max(forward, 1.0)
+    back = input_gradient_share(shapes, fallback, unit)
+    parameters = sum(s.parameters for s in shapes) + fallback
+    products = row_sum_products(rows, partitions, batch, example_chunk) * parameters
+    if route == "example":
+        return batch * (1.0 + back + weight_share) + products / unit
+    formed = sum(s.macs() for s in shapes if s.kind in ("linear", "conv") and s.positions > 1)
+    passes = batch * (1.0 + back) if route == "factored" else 0.0
+    if fallback:
+        passes += batch * (1.0 + back)
+        formed += fallback
+    return passes + (batch * formed + products) / unit
+
+
+def input_gradient_share(shapes: list[BlockShape], fallback: int, forward: float | None = None) -> float:
+    """β: a backward's input gradients as a share of one forward (``forward`` multiply-adds; default
+    the blocks' own, :func:`forward_macs`): the blocks' at the positions whose input depends on a
+    trained parameter and one per fallback parameter, and, where ``forward`` counts layers outside
+    the blocks (frozen ones), theirs too, whole."""
+    unit = forward_macs(shapes, fallback) if forward is None else max(forward, forward_macs(shapes, fallback))
+    if unit <= 0:
+        return 1.0
+    skipped = sum(s.macs() - s.macs(s.input_gradient_positions) for s in shapes)
+    return (unit - skipped) / unit
 
 
 def sketch_work(shapes: list[BlockShape], fallback: int, rows: float, sketch_dim: int, preconditioned: bool) -> float:
@@ -879,6 +987,19 @@ def held_bytes(model: nn.Module, optimizer: torch.optim.Optimizer, device: torch
             if isinstance(value, torch.Tensor):
                 tensors[id(value)] = value
     return sum(t.numel() * t.element_size() for t in tensors.values() if _same_device(t.device, device))
+
+
+def frozen_bytes(model: nn.Module, device: torch.device | str) -> int:
+    """Bytes on ``device`` of ``model``'s parameters that do not require grad (a LoRA fine-tune's
+    base, a frozen encoder): no part of the tracked step, but on the device while it runs. Each
+    tensor once (tied weights), and none that a trainable parameter shares storage with."""
+    device = torch.device(device)
+    here = [p for p in model.parameters() if _same_device(p.device, device)]
+    if device.type == "meta":  # no storage to tell shared weights by
+        return sum(p.numel() * p.element_size() for p in here if not p.requires_grad)
+    trainable = {p.untyped_storage().data_ptr() for p in here if p.requires_grad and p.numel()}
+    return sum(p.numel() * p.element_size() for p in here
+               if not p.requires_grad and not (p.numel() and p.untyped_storage().data_ptr() in trainable))
 
 
 def _same_device(a: torch.device, b: torch.device) -> bool:
@@ -936,7 +1057,7 @@ def _cheaper_options(estimate: CostEstimate, group_state: str, state_dtype: torc
 __all__ = [
     "CHECK_TEMPORARIES", "COST_OPTIONS", "CostEstimate", "PUSH_ROW_ACTIVATIONS", "available_memory", "cgroup_free_memory",
     "GROUP_STATE_CHOICES", "check_bytes", "cost_options", "estimate_cost", "factor_route_work", "forward_macs", "held_bytes", "ledger_bytes", "linear_state_rows",
-    "optimizer_state_copies", "optimizer_state_values", "plain_hyperparameter", "plain_sgd", "projection_bytes", "push_pass_bytes", "push_pass_shape", "push_route", "reads_training_pass",
-    "sketch_temporary_bytes", "sketch_work", "sketchable", "splitter_state_copies",
+    "frozen_bytes", "optimizer_state_copies", "optimizer_state_values", "plain_hyperparameter", "plain_sgd", "projection_bytes", "push_pass_bytes", "push_pass_shape", "push_route", "reads_training_pass",
+    "sketch_temporary_bytes", "sketch_work", "dense_gradient_work", "input_gradient_share", "row_sum_products", "sketchable", "splitter_state_copies",
     "tangent_bytes", "bare_step_forwards", "example_counts",
 ]
