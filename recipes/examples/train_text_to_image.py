@@ -22,7 +22,8 @@ offline and small, and resumes exactly:
 - the images come from a torchvision ``ImageFolder`` and each is captioned from its class folder's name
   (``--caption_template``, "a picture of a {}"; upstream reads a ``datasets`` image-and-text table);
 - with no ``--pretrained_model_name_or_path`` (the default) the components are small and random, built
-  offline: a word-level tokenizer over the captions' words (``tokenizers``' ``WordLevel`` in a
+  offline (:mod:`recipes.examples.stable_diffusion`, shared with ``train_dreambooth.py``): a word-level
+  tokenizer over the captions' words (``tokenizers``' ``WordLevel`` in a
   ``PreTrainedTokenizerFast``; its words split as it splits them, its length the longest caption's, at
   least 8 tokens, so that no caption loses its class name), a 1-layer ``CLIPTextModel``, a 2-block
   ``AutoencoderKL`` and a UNet with cross-attention; a local Stable Diffusion folder (``tokenizer``,
@@ -68,7 +69,7 @@ import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.utils import set_seed
-from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel, compute_dream_and_update_latents, compute_snr
 from torchvision import transforms
@@ -80,6 +81,9 @@ from genkernel.diffusion import NoiseLevelAnalyzer, freeze_attention_key_biases 
 
 from .checkpointing import (
     EpochRNG, add_checkpoint_arguments, check_checkpoint_arguments, register_unet_hooks, resume_position, save_checkpoint,
+)
+from .stable_diffusion import (
+    frozen_dtype, place_frozen, pretrained_components, small_components, stable_diffusion_pipeline,
 )
 
 
@@ -153,64 +157,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         if value is not None and value < 1:
             raise ValueError(f"--{name} must be at least 1, got {value}")
     return args
-
-
-def small_components(class_names: Sequence[str], template: str, resolution: int):
-    """Random, offline ``(tokenizer, text_encoder, vae, unet, noise_scheduler)`` of the kinds Stable Diffusion
-    has: a word-level tokenizer over the captions' words (split by its own normalizer and pre-tokenizer, so
-    that every word is in its vocabulary; padded to the longest caption's length, at least 8 tokens, so that
-    none is truncated), a 1-layer ``CLIPTextModel``
-    (width 16), an ``AutoencoderKL`` halving the resolution into 4 latent channels, and a
-    ``UNet2DConditionModel`` with cross-attention to the text; the scheduler is Stable Diffusion's."""
-    from tokenizers import Tokenizer
-    from tokenizers.models import WordLevel
-    from tokenizers.normalizers import Lowercase
-    from tokenizers.pre_tokenizers import Whitespace
-    from transformers import CLIPTextConfig, CLIPTextModel, PreTrainedTokenizerFast
-
-    normalizer, pre_tokenizer = Lowercase(), Whitespace()
-    # the words as the tokenizer splits them (a str.split vocabulary left "hot-dog" [UNK] [UNK] [UNK])
-    split = [[w for w, _ in pre_tokenizer.pre_tokenize_str(normalizer.normalize_str(template.format(name)))]
-             for name in class_names]
-    max_length = max([8, *map(len, split)])  # (truncated at 8, a long template cut every class name off)
-    words = sorted({w for caption in split for w in caption})
-    vocab = {"[PAD]": 0, "[UNK]": 1, **{w: i + 2 for i, w in enumerate(words)}}
-    backend = Tokenizer(WordLevel(vocab, unk_token="[UNK]"))
-    backend.normalizer, backend.pre_tokenizer = normalizer, pre_tokenizer
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]", pad_token="[PAD]",
-                                        model_max_length=max_length)
-    text_encoder = CLIPTextModel(CLIPTextConfig(
-        vocab_size=len(vocab), hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-        max_position_embeddings=max_length, pad_token_id=0, bos_token_id=1, eos_token_id=1,
-    ))
-    vae = AutoencoderKL(
-        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), layers_per_block=1, latent_channels=4,
-        norm_num_groups=4, sample_size=resolution,
-    )
-    unet = UNet2DConditionModel(
-        sample_size=resolution // 2, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(8, 16),
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=16, norm_num_groups=4, attention_head_dim=2,
-    )
-    # Stable Diffusion's training schedule (scaled_linear from 0.00085 to 0.012), and no clipping of the predicted
-    # sample when the saved pipeline samples: latents are not images in [-1, 1] (DDPMScheduler's defaults, a
-    # linear schedule from 0.0001 to 0.02 and clip_sample=True, are the pixel-space DDPM's)
-    noise_scheduler = DDPMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
-                                    beta_schedule="scaled_linear", clip_sample=False, steps_offset=1)
-    return tokenizer, text_encoder, vae, unet, noise_scheduler
-
-
-def pretrained_components(path: str):
-    """``(tokenizer, text_encoder, vae, unet, noise_scheduler)`` of a local Stable Diffusion folder (or this script's
-    output: its word-level tokenizer is read by ``AutoTokenizer`` too), offline."""
-    from transformers import AutoTokenizer, CLIPTextModel
-
-    return (AutoTokenizer.from_pretrained(path, subfolder="tokenizer", local_files_only=True),
-            CLIPTextModel.from_pretrained(path, subfolder="text_encoder", local_files_only=True),
-            AutoencoderKL.from_pretrained(path, subfolder="vae", local_files_only=True),
-            UNet2DConditionModel.from_pretrained(path, subfolder="unet", local_files_only=True),
-            DDPMScheduler.from_pretrained(path, subfolder="scheduler", local_files_only=True))
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
@@ -295,17 +241,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if args.use_ema:
         ema_unet.to(accelerator.device)
 
-    weight_dtype = torch.float32  # the frozen encoders' dtype: reduced only where accelerate autocasts (native_amp)
-    if accelerator.native_amp and accelerator.mixed_precision == "fp16":
-        weight_dtype = torch.float16
-    elif accelerator.native_amp and accelerator.mixed_precision == "bf16":
-        weight_dtype = torch.bfloat16
-    for frozen in (text_encoder, vae):  # (cast only when needed: diffusers warns at every cast of the VAE; a folder
-        # saved by a bf16 run holds a bf16 text encoder, which fed bf16 states to a float32 UNet)
-        if all(p.dtype == weight_dtype for p in frozen.parameters()):
-            frozen.to(accelerator.device)
-        else:
-            frozen.to(accelerator.device, dtype=weight_dtype)
+    weight_dtype = frozen_dtype(accelerator)  # the frozen encoders': reduced only where accelerate autocasts
+    place_frozen((text_encoder, vae), accelerator.device, weight_dtype)
 
     if args.rank is None:  # (the LoRA flow saves the whole prepared UNet, adapters included, as accelerate does)
         register_unet_hooks(accelerator, UNet2DConditionModel, ema_unet if args.use_ema else None)  # upstream's hooks
@@ -440,9 +377,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             ema_unet.copy_to(unet.parameters())
         # as upstream's StableDiffusionPipeline.save_pretrained: the sub-folders and model_index.json, which
         # StableDiffusionPipeline.from_pretrained(OUT) reads (no safety checker: there is none to save)
-        StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
-                                scheduler=noise_scheduler, safety_checker=None, feature_extractor=None,
-                                requires_safety_checker=False).save_pretrained(args.output_dir)
+        stable_diffusion_pipeline(vae, text_encoder, tokenizer, unet, noise_scheduler).save_pretrained(args.output_dir)
         if args.use_ema:
             ema_unet.restore(unet.parameters())
     accelerator.end_training()

@@ -1,0 +1,101 @@
+"""The Stable Diffusion pieces the text-conditioned accelerate examples share (``train_text_to_image.py``,
+``train_dreambooth.py``): the components, small and random offline or read from a local folder, the frozen
+encoders' precision and placement, and the saved pipeline.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+
+
+def small_components(class_names: Sequence[str], template: str, resolution: int):
+    """Random, offline ``(tokenizer, text_encoder, vae, unet, noise_scheduler)`` of the kinds Stable Diffusion
+    has: a word-level tokenizer over the captions' words (split by its own normalizer and pre-tokenizer, so
+    that every word is in its vocabulary; padded to the longest caption's length, at least 8 tokens, so that
+    none is truncated), a 1-layer ``CLIPTextModel``
+    (width 16), an ``AutoencoderKL`` halving the resolution into 4 latent channels, and a
+    ``UNet2DConditionModel`` with cross-attention to the text; the scheduler is Stable Diffusion's.
+    The captions are ``template.format(name)`` for each name (``"{}"``: the names are the prompts)."""
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+    from tokenizers.normalizers import Lowercase
+    from tokenizers.pre_tokenizers import Whitespace
+    from transformers import CLIPTextConfig, CLIPTextModel, PreTrainedTokenizerFast
+
+    normalizer, pre_tokenizer = Lowercase(), Whitespace()
+    # the words as the tokenizer splits them (a str.split vocabulary left "hot-dog" [UNK] [UNK] [UNK])
+    split = [[w for w, _ in pre_tokenizer.pre_tokenize_str(normalizer.normalize_str(template.format(name)))]
+             for name in class_names]
+    max_length = max([8, *map(len, split)])  # (truncated at 8, a long template cut every class name off)
+    words = sorted({w for caption in split for w in caption})
+    vocab = {"[PAD]": 0, "[UNK]": 1, **{w: i + 2 for i, w in enumerate(words)}}
+    backend = Tokenizer(WordLevel(vocab, unk_token="[UNK]"))
+    backend.normalizer, backend.pre_tokenizer = normalizer, pre_tokenizer
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]", pad_token="[PAD]",
+                                        model_max_length=max_length)
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        vocab_size=len(vocab), hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+        max_position_embeddings=max_length, pad_token_id=0, bos_token_id=1, eos_token_id=1,
+    ))
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), layers_per_block=1, latent_channels=4,
+        norm_num_groups=4, sample_size=resolution,
+    )
+    unet = UNet2DConditionModel(
+        sample_size=resolution // 2, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(8, 16),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=16, norm_num_groups=4, attention_head_dim=2,
+    )
+    # Stable Diffusion's training schedule (scaled_linear from 0.00085 to 0.012), and no clipping of the predicted
+    # sample when the saved pipeline samples: latents are not images in [-1, 1] (DDPMScheduler's defaults, a
+    # linear schedule from 0.0001 to 0.02 and clip_sample=True, are the pixel-space DDPM's)
+    noise_scheduler = DDPMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
+                                    beta_schedule="scaled_linear", clip_sample=False, steps_offset=1)
+    return tokenizer, text_encoder, vae, unet, noise_scheduler
+
+
+def pretrained_components(path: str):
+    """``(tokenizer, text_encoder, vae, unet, noise_scheduler)`` of a local Stable Diffusion folder (or this script's
+    output: its word-level tokenizer is read by ``AutoTokenizer`` too), offline."""
+    from transformers import AutoTokenizer, CLIPTextModel
+
+    return (AutoTokenizer.from_pretrained(path, subfolder="tokenizer", local_files_only=True),
+            CLIPTextModel.from_pretrained(path, subfolder="text_encoder", local_files_only=True),
+            AutoencoderKL.from_pretrained(path, subfolder="vae", local_files_only=True),
+            UNet2DConditionModel.from_pretrained(path, subfolder="unet", local_files_only=True),
+            DDPMScheduler.from_pretrained(path, subfolder="scheduler", local_files_only=True))
+
+
+def frozen_dtype(accelerator) -> torch.dtype:
+    """The frozen encoders' dtype: fp16 / bf16 only where accelerate autocasts (``native_amp``), float32 otherwise
+    (upstream casts them to ``--mixed_precision``'s dtype always: on CPU, where accelerate runs fp16 without
+    autocast, the float32 UNet got fp16 inputs)."""
+    if accelerator.native_amp and accelerator.mixed_precision == "fp16":
+        return torch.float16
+    if accelerator.native_amp and accelerator.mixed_precision == "bf16":
+        return torch.bfloat16
+    return torch.float32
+
+
+def place_frozen(modules: Sequence[torch.nn.Module], device: torch.device, dtype: torch.dtype) -> None:
+    """Move the frozen ``modules`` to ``device``, cast to ``dtype`` only where a parameter is of another dtype
+    (diffusers warns at every cast of the VAE; a folder saved by a bf16 run holds a bf16 text encoder, which
+    fed bf16 states to a float32 UNet)."""
+    for frozen in modules:
+        if all(p.dtype == dtype for p in frozen.parameters()):
+            frozen.to(device)
+        else:
+            frozen.to(device, dtype=dtype)
+
+
+def stable_diffusion_pipeline(vae, text_encoder, tokenizer, unet, scheduler) -> StableDiffusionPipeline:
+    """A ``StableDiffusionPipeline`` of the components, without a safety checker (there is none to load or save):
+    upstream's ``save_pretrained`` layout (``tokenizer``, ``text_encoder``, ``vae``, ``unet``, ``scheduler``
+    sub-folders and ``model_index.json``, read back by ``StableDiffusionPipeline.from_pretrained``)."""
+    return StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
