@@ -360,7 +360,8 @@ class ControlNetDenoiser(nn.Module):
     ControlNet's conditioning embedding brings it to the latents'). Freeze the UNet (``unet.requires_grad_(False)``,
     as the scripts do) and give the optimizer the ControlNet's parameters (``ControlNetModel.from_unet(unet)``:
     its zero convolutions make the first output the UNet's own); keep the frozen UNet in float32 beside autocast
-    (an analyzer refuses a half-precision frozen base: its own passes would run in it).
+    (an analyzer refuses a half-precision frozen base: its own passes would run in it). The frozen UNet stays in
+    eval mode when the module is put in train mode (:meth:`train`), as the scripts keep it.
 
     Args:
         unet: the denoiser (``UNet2DConditionModel``).
@@ -385,6 +386,16 @@ class ControlNetDenoiser(nn.Module):
                             f"got {added_cond_keys!r}")
         self.unet, self.controlnet = unet, controlnet
         self.conditioning_scale, self.added_cond_keys = float(conditioning_scale), keys
+
+    def train(self, mode: bool = True) -> "ControlNetDenoiser":
+        """This module, the ControlNet in ``mode``; a frozen UNet (no trainable parameter) stays in eval mode, as the
+        scripts leave it (``from_pretrained`` returns it in eval mode and they call ``controlnet.train()`` alone): its
+        dropout off, its normalization on its statistics, whatever the trainer's ``model.train()``. A UNet with
+        trainable parameters follows ``mode``."""
+        super().train(mode)
+        if mode and not any(p.requires_grad for p in self.unet.parameters()):
+            self.unet.train(False)
+        return self
 
     def forward(self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor,
                 controlnet_cond: torch.Tensor, *added: torch.Tensor) -> torch.Tensor:

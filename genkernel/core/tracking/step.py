@@ -57,13 +57,16 @@ def trainer_autocast_dtype(mixed_precision: Any, model: nn.Module) -> torch.dtyp
         raise ValueError(f"mixed_precision must be one of {tuple(TRAINER_PRECISIONS)}, got {mixed_precision!r}")
     dtype = TRAINER_PRECISIONS[mixed_precision]
     if dtype is not None:
-        others = sorted({str(p.dtype).removeprefix("torch.") for p in model.parameters()
-                         if p.is_floating_point() and p.dtype != torch.float32})
+        odd = [p for p in model.parameters() if p.is_floating_point() and p.dtype != torch.float32]
+        others = sorted({str(p.dtype).removeprefix("torch.") for p in odd})
         if others:
+            why = ("half-precision weights round each update away" if any(p.requires_grad for p in odd) else
+                   "frozen ones included: diffusers' scripts cast a frozen UNet to the mixed precision's dtype, "
+                   "here the trainer's inputs and an analyzer's passes would run in it")
             raise ValueError(
                 f"mixed_precision={mixed_precision!r} runs a float32 model's forward under torch.autocast, but this "
-                f"model has {' and '.join(others)} parameters (autocast leaves float64 alone; half-precision weights "
-                "round each update away): keep float32 parameters (model.float()), or train with mixed_precision='no'"
+                f"model has {' and '.join(others)} parameters (autocast leaves float64 alone; {why}): keep float32 "
+                "parameters (model.float()), or train with mixed_precision='no'"
             )
     return dtype
 
