@@ -339,3 +339,20 @@ def test_a_small_memory_budget_chunks_the_batch_and_probes_without_changing_the_
     scale = float(ledgers[0].contributions.abs().max())
     assert float((ledgers[0].contributions - ledgers[1].contributions).abs().max()) < 1e-12 * scale
     assert float((ledgers[0].sketch_error - ledgers[1].sketch_error).abs().max()) < 1e-12 * scale
+
+
+def test_per_example_gradients_are_each_examples_scaled_gradient_in_chunks():
+    """engine.gradients.per_example_gradients (the fallback parameters' c_n ∇ℓ_n): each row equals autograd's
+    gradient of that example's loss alone times c_n, with the batch split into chunks by a small memory budget
+    (it replaced a B × B diagonal product, B²·P multiply-adds, by B·P)."""
+    from genkernel.core.engine.gradients import per_example_gradients
+
+    model = mlp()
+    x, y = torch.randn(7, 3, dtype=torch.float64), torch.randn(7, 2, dtype=torch.float64)
+    c = torch.linspace(0.5, 2.0, 7, dtype=torch.float64)
+    params = dict(model.named_parameters())
+    got = per_example_gradients(model, params, (x,), y, mse_loss, c, memory_budget=4 * 1024)
+    for n in range(7):
+        expected = torch.autograd.grad(mse_loss(model(x[n:n + 1]), y[n:n + 1]).sum(), list(params.values()))
+        for (name, g), e in zip(params.items(), expected):
+            torch.testing.assert_close(got[name][n], c[n] * e, rtol=0, atol=1e-14, msg=name)

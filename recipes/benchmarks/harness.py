@@ -266,15 +266,48 @@ def run_child(module: str, args: Sequence[str], timeout: float, env: dict[str, s
 def counted_flops(call: Callable[[], Any]) -> tuple[int, Any]:
     """``(FLOPs, result)`` of one ``call()``: matrix products, convolutions and their backward
     passes as ``torch.utils.flop_counter`` counts them (elementwise work is not counted), with a
-    grouped convolution's weight gradient divided by its groups (:func:`conv_backward_flops`). The
-    ratio of two counts is the time ratio a machine would reach if every product ran at one rate
-    and nothing else cost anything: a floor no implementation of the same operations beats."""
+    grouped convolution's weight gradient divided by its groups (:func:`conv_backward_flops`), and
+    what its table leaves out: in-place products (``addmm_``, ``baddbmm_``: the dense route's sums of
+    per-example gradients into group rows) and CPU's fused attention (``scaled_dot_product_attention``
+    on CPU runs ``_scaled_dot_product_flash_attention_for_cpu``, uncounted, while the math attention of a
+    vmapped or forward-mode pass is counted). The ratio of two counts is the time ratio a machine would
+    reach if every product ran at one rate and nothing else cost anything: a floor no implementation of
+    the same operations beats."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    grouped = {torch.ops.aten.convolution_backward: conv_backward_flops}
-    with FlopCounterMode(display=False, custom_mapping=grouped) as counter:
+    aten = torch.ops.aten
+    mapping = {aten.convolution_backward: conv_backward_flops, aten.addmm_: _in_place_mm_flops,
+               aten.baddbmm_: _in_place_bmm_flops}
+    for name, count in (("_scaled_dot_product_flash_attention_for_cpu", _cpu_attention_flops),
+                        ("_scaled_dot_product_flash_attention_for_cpu_backward", _cpu_attention_backward_flops)):
+        if hasattr(aten, name):
+            mapping[getattr(aten, name)] = count
+    with FlopCounterMode(display=False, custom_mapping=mapping) as counter:
         result = call()
     return counter.get_total_flops(), result
+
+
+def _in_place_mm_flops(self_shape, a_shape, b_shape, *args, out_shape=None, **kwargs) -> int:
+    """``addmm_``: the product's 2·n·k·m (as torch counts ``addmm``)."""
+    return 2 * a_shape[0] * a_shape[1] * b_shape[1]
+
+
+def _in_place_bmm_flops(self_shape, a_shape, b_shape, *args, out_shape=None, **kwargs) -> int:
+    """``baddbmm_``: the batched product's 2·b·n·k·m (as torch counts ``baddbmm``)."""
+    return 2 * a_shape[0] * a_shape[1] * a_shape[2] * b_shape[2]
+
+
+def _cpu_attention_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+    from torch.utils.flop_counter import sdpa_flop_count
+
+    return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
+def _cpu_attention_backward_flops(grad_out_shape, query_shape, key_shape, value_shape, *args, out_shape=None,
+                                  **kwargs) -> int:
+    from torch.utils.flop_counter import sdpa_backward_flop_count
+
+    return sdpa_backward_flop_count(grad_out_shape, query_shape, key_shape, value_shape)
 
 
 def conv_backward_flops(grad_out_shape, x_shape, w_shape, bias, stride, padding, dilation, transposed, output_padding,

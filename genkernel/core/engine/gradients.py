@@ -202,6 +202,37 @@ def _target_rows(targets, rows: slice):
 def _example_route(model, params, inputs, targets, loss_fn, membership, memory_budget, fixed=None):
     """Per-example gradients in chunks, multiplied into the rows (see the module docstring);
     ``fixed``: values of other parameters (default: the module's)."""
+    sums = {name: torch.zeros((membership.shape[0], *p.shape), dtype=torch.float64, device=p.device)
+            for name, p in params.items()}
+    losses = []
+    for rows, grads, values in _example_chunks(model, params, inputs, targets, loss_fn, memory_budget, fixed):
+        losses.append(values)
+        # 3. ĝ_r += Σ_{n ∈ chunk} W[r, n] ∇ℓ_n in float64.
+        add_rows(sums, membership[:, rows], grads)
+    return sums, torch.cat(losses)
+
+
+def per_example_gradients(model: nn.Module, params: dict[str, torch.Tensor], inputs: tuple[torch.Tensor, ...],
+                          targets: Any, loss_fn: Callable, coefficients: torch.Tensor, *,
+                          memory_budget: int = DEFAULT_GRADIENT_BUDGET) -> dict[str, torch.Tensor]:
+    """``{name: [B, *shape]}`` float64 c_n ∇ℓ_n of ``params`` for every example n of the batch
+    (``coefficients`` c ``[B]``), vmapped in chunks as the "example" route forms them: each example's
+    gradient scaled by its own coefficient (B·P multiply-adds; :func:`group_gradients` with the
+    diagonal of c as its membership summed them into B rows by a B × B product, B²·P)."""
+    _check_model(model, "example")
+    coefficients = coefficients.detach().to(torch.float64)
+    out = {name: torch.empty((coefficients.shape[0], *p.shape), dtype=torch.float64, device=p.device)
+           for name, p in params.items()}
+    for rows, grads, _ in _example_chunks(model, params, inputs, targets, loss_fn, check_memory_budget(memory_budget)):
+        for name, g in grads.items():
+            c = coefficients[rows].to(g.device).reshape(-1, *([1] * (g.dim() - 1)))
+            torch.mul(g.detach().to(torch.float64), c, out=out[name][rows])
+    return out
+
+
+def _example_chunks(model, params, inputs, targets, loss_fn, memory_budget, fixed=None):
+    """Yields ``(rows, {name: [c, *shape]} per-example gradients ∇ℓ_n, losses [c])`` for chunks of the batch
+    sized to the memory budget (torch.func.vmap of one example's gradient)."""
     forward = functional_model(model, fixed, flatten=False)  # loss_fn sees outputs shaped as in training
     detached = {name: p.detach() for name, p in params.items()}
     batch = inputs[0].shape[0]
@@ -224,9 +255,6 @@ def _example_route(model, params, inputs, targets, loss_fn, membership, memory_b
     num_params = sum(p.numel() for p in params.values())
     itemsize = next(iter(params.values())).element_size()
     chunk = max(1, memory_budget // (3 * num_params * itemsize))
-    rows_total = membership.shape[0]
-    sums = {name: torch.zeros((rows_total, *p.shape), dtype=torch.float64, device=p.device) for name, p in params.items()}
-    losses = []
     for start in range(0, batch, chunk):
         rows = slice(start, min(start + chunk, batch))
         # 2. Per-example gradients ∇ℓ_n for a chunk of examples: {name: [c, *shape]}.
@@ -235,10 +263,7 @@ def _example_route(model, params, inputs, targets, loss_fn, membership, memory_b
             tuple(t[rows] for t in inputs),
             None if target_tuple is None else tuple(t[rows] for t in target_tuple),
         )
-        losses.append(values.detach())
-        # 3. ĝ_r += Σ_{n ∈ chunk} W[r, n] ∇ℓ_n in float64.
-        add_rows(sums, membership[:, rows], grads)
-    return sums, torch.cat(losses)
+        yield rows, grads, values.detach()
 
 
 def add_rows(sums: dict[str, torch.Tensor], weights: torch.Tensor, grads: dict[str, torch.Tensor]) -> None:

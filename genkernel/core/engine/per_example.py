@@ -29,7 +29,7 @@ from torch import nn
 from ..adapter import batch_size
 from .factored import row_chunks
 from .factors import Factors, Plan, TrainingCapture, capture, loss_cotangents, output_cotangents
-from .gradients import group_gradients
+from .gradients import per_example_gradients
 from .reference import per_example_jacobian
 
 
@@ -103,12 +103,8 @@ def _fallback_gradients(model, plan, inputs, targets, loss_fn, coefficients, mem
     """``{name: [B, *shape]}`` float64 c_n ∇ℓ_n of the plan's fallback parameters (torch.func)."""
     if not plan.fallback:
         return {}
-    one_per_example = torch.diag(coefficients.to(torch.float64))  # row n: c_n for example n alone
-    fallback, _ = group_gradients(
-        model, dict(plan.fallback), inputs, targets, loss_fn, one_per_example, memory_budget=memory_budget,
-        route="example",
-    )
-    return fallback
+    return per_example_gradients(model, dict(plan.fallback), inputs, targets, loss_fn, coefficients,
+                                 memory_budget=memory_budget)
 
 
 def _rows_of(targets: Any, rows: slice) -> Any:
