@@ -342,6 +342,12 @@ class GANKernelAnalyzer(TrainerCallback):
         for what, fn in (("generator_loss", generator_loss), ("geometry_loss", geometry_loss)):
             if fn is not None and not callable(fn):
                 raise TypeError(f"{what} must be callable as fn(samples) -> [B] losses, got {type(fn).__name__}")
+            if isinstance(fn, AugmentedGeneratorLoss):  # (it failed at the first generator step, after D's update)
+                raise ValueError(
+                    f"{what} is an AugmentedGeneratorLoss, ℓ_G(D(T(x; params))), which has no value at a probe (no "
+                    f"augmentation parameters are drawn for one): pass {what}=loss.geometry (ℓ_G(D(x)), the "
+                    "un-augmented D's geometry, what GANTrainer(augment=)'s steps are read with)"
+                )
         self.generator = generator
         self.discriminator = discriminator
         self._g = unwrap(generator)  # analysis passes run on the modules inside any wrapper

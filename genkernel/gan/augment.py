@@ -130,8 +130,15 @@ class DiffAugment:
         """``[batch, P]`` parameters (:attr:`columns`), one row per example, from ``generator``: per policy in
         order, each column's ``batch`` numbers (uniforms drawn in float64, integers with ``torch.randint``), on
         the CPU generator's device and then moved to ``device`` in ``dtype`` (integers are exact in it up to
-        2**24 even in float32). ``image_shape``: the rows' ``[C, H, W]``."""
+        2**24 in float32; a ``dtype`` that would round them, bfloat16 beyond 256 pixels, is refused with a
+        ValueError). ``image_shape``: the rows' ``[C, H, W]``."""
         height, width = self.check_images(image_shape, "the images to augment")
+        exact = 2 / torch.finfo(dtype).eps  # (the largest integer below which every integer is exact in dtype)
+        if {"translation", "cutout"} & set(self.policy) and max(height, width) > exact:
+            raise ValueError(
+                f"DiffAugment.draw in {dtype} rounds the integer shifts and cutout offsets of a {height}×{width} "
+                f"image (integers are exact only up to {int(exact)}): draw in float32 or float64"
+            )
         values: list[torch.Tensor] = []
         for policy in self.policy:
             if policy == "color":
@@ -197,7 +204,9 @@ class DiffAugment:
         return params[:, self._column(name)].round().long()
 
     def _color(self, x: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
-        x = x + self._value(params, "brightness", x)
+        # (a shift of 0 keeps x itself: x + 0 turns −0.0 into +0.0)
+        brightness = self._value(params, "brightness", x)
+        x = torch.where(brightness == 0, x, x + brightness)
         # A factor of 1 leaves x as it is, bit for bit ((x − m)·1 + m rounds): the identity params then give x.
         saturation = self._value(params, "saturation", x)
         mean = x.mean(dim=1, keepdim=True)

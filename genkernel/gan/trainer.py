@@ -718,8 +718,9 @@ class GANTrainer:
         """Lazy R1's regularization step (``r1_interval`` k > 1), on the real rows of the k-th discriminator step
         since the last one: a discriminator update whose rows are those rows as penalty rows, each with loss
         γ·k/2·‖∇_x D(x)‖², weighted 1/b. Returns the per-example losses (None: a GradScaler skipped it, and the step
-        is owed still). Draws nothing. A step refused for a non-finite loss or gradient is not made (its
-        NonFiniteError says so) and not owed: it would fail again on the same rows."""
+        is owed still). Draws nothing but, with ``augment=``, its rows' augmentation (a step a GradScaler skipped
+        draws it again). A step refused for a non-finite loss or gradient is not made (its NonFiniteError says
+        so) and not owed: it would fail again on the same rows."""
         if self._r1_batch is None:
             raise RuntimeError(
                 "no regularization step is owed: lazy R1 (r1_interval > 1) makes one after every "
@@ -744,7 +745,9 @@ class GANTrainer:
 
     def _discriminator_step(self, batch: dict[str, torch.Tensor], *, regularization: bool = False) -> OptimizerStep:
         """The discriminator step on the real ``batch``: G's fake rows (and WGAN-GP's interpolates) drawn;
-        ``regularization``: lazy R1's step, the real rows as penalty rows alone (nothing drawn)."""
+        ``regularization``: lazy R1's step, the real rows as penalty rows alone (nothing drawn but, with
+        ``augment=``, their augmentation)."""
+        self._check_critic()  # (a step called by itself, outside train(): its draws are undone by the caller)
         real = batch["real"]
         b = real.shape[0]
         # A conditional GAN generates its fake rows at the real rows' classes (matching pairs for the penalty).
@@ -872,10 +875,31 @@ class GANTrainer:
             "or build the trainer without augment="
         )
 
+    def _check_critic(self) -> None:
+        """With ``augment=``, refuse a ``critic`` replaced by one that does not apply the trainer's augmentation:
+        a plain DiscriminatorObjective gets the parameters where a conditional D's classes go (a D with an optional
+        second argument ignores them: D trained unaugmented beside an augmented G), one of another DiffAugment
+        reads the columns of its own policy order."""
+        if self.augment is None or (isinstance(self.critic, AugmentedDiscriminatorObjective)
+                                    and self.critic.augment is self.augment):
+            return
+        raise ValueError(
+            f"trainer.critic was replaced by a {type(self.critic).__name__} that does not apply the trainer's "
+            f"augmentation {self.augment!r} (its parameters are drawn in that policy's columns): D's steps would train "
+            "on other images than G's. Give AugmentedDiscriminatorObjective(discriminator, trainer.augment, "
+            "penalty=...) (it reads its parameters from its inputs), or build the trainer without augment="
+        )
+
     def _draw_augmentation(self, batch: int, like: torch.Tensor) -> torch.Tensor:
         """``[batch, P]`` augmentation parameters for rows shaped like ``like [B, ...]``, from the trainer's
-        generator, in the networks' dtype on their device."""
-        return self.augment.draw(batch, like.shape[1:], self.rng, dtype=self.dtype, device=self.device)
+        generator, in the networks' dtype (at least float32) on their device."""
+        return self.augment.draw(batch, like.shape[1:], self.rng, dtype=self._augmentation_dtype, device=self.device)
+
+    @property
+    def _augmentation_dtype(self) -> torch.dtype:
+        """The augmentation parameters' dtype: the networks', at least float32 (bfloat16 holds integers exactly only up
+        to 256: a 300-pixel image's cutout offsets 281 and 299 became 280 and 300)."""
+        return torch.promote_types(self.dtype, torch.float32)
 
     @staticmethod
     def _check_iterable_data(data: Any, labels: Any, num_classes: Any, class_sampling: str, batch_size: Any) -> int:
@@ -938,7 +962,7 @@ class GANTrainer:
             inputs, targets = z, None
         if self.augment is not None:  # each row's augmentation, drawn after its latents (and classes), in the targets
             self._check_generator_loss()
-            params = self.augment.draw(self.batch_size, self._sample_shape, self.rng, dtype=self.dtype,
+            params = self.augment.draw(self.batch_size, self._sample_shape, self.rng, dtype=self._augmentation_dtype,
                                        device=self.device)
             info["augmentation"] = params
             targets = params if targets is None else (targets, params)
@@ -1038,6 +1062,7 @@ class GANTrainer:
         if resume and (self.checkpoint_dir / "checkpoint.pt").exists():
             self.load_checkpoint(self.checkpoint_dir / "checkpoint.pt")
         self._check_generator_loss()  # (before any step: not after D's steps of the first iteration were made)
+        self._check_critic()
         self._callback_states.claim(self.callbacks)
         fire(self.callbacks, "on_train_start", self)
         bar = tqdm(total=iterations, initial=self.iteration, disable=not self.progress, desc="gan")
