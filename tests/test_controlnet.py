@@ -23,29 +23,42 @@ T, N, L, D = 50, 12, 3, 6
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def models():
-    """A frozen cross-attention UNet on 2×4×4 latents and a ControlNet from it taking 3×8×8 control images."""
-    from diffusers import ControlNetModel, UNet2DConditionModel
+def cross_attention_unet(dtype=F64, dropout=0.0):
+    """A cross-attention UNet2DConditionModel on 2×4×4 latents and D-wide text."""
+    from diffusers import UNet2DConditionModel
 
     torch.manual_seed(0)
-    unet = UNet2DConditionModel(sample_size=4, in_channels=2, out_channels=2, layers_per_block=1,
+    return UNet2DConditionModel(sample_size=4, in_channels=2, out_channels=2, layers_per_block=1,
                                 block_out_channels=(8, 16), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
                                 up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=D,
-                                attention_head_dim=2, norm_num_groups=4).double().requires_grad_(False)
+                                attention_head_dim=2, norm_num_groups=4, dropout=dropout).to(dtype)
+
+
+def models():
+    """A frozen cross-attention UNet on 2×4×4 latents and a ControlNet from it taking 3×8×8 control images."""
+    unet = cross_attention_unet().requires_grad_(False)
+    return unet, controlnet_from(unet)
+
+
+def controlnet_from(unet):
+    """``ControlNetModel.from_unet(unet)`` on 3×8×8 control images (float64, trainable), its zero convolutions given
+    weights so that the residuals steer the UNet from the first step."""
+    from diffusers import ControlNetModel
+
     controlnet = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(4, 8)).double()
     controlnet.requires_grad_(True)
-    # (from_unet's zero convolutions: give them weights, so the residuals are not all zero from the first step)
     with torch.no_grad():
         for p in controlnet.parameters():
             p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel()), dtype=F64))
-    return unet, controlnet
+    return controlnet
 
 
-def data():
+def data(dtype=F64):
+    """``(latents [N, 2, 4, 4], prompts [N, L, D], control images [N, 3, 8, 8])``."""
     g = torch.Generator().manual_seed(1)
-    latents = torch.randn(N, 2, 4, 4, generator=g, dtype=F64)
-    prompts = torch.randn(N, L, D, generator=g, dtype=F64)
-    controls = torch.rand(N, 3, 8, 8, generator=g, dtype=F64)
+    latents = torch.randn(N, 2, 4, 4, generator=g, dtype=dtype)
+    prompts = torch.randn(N, L, D, generator=g, dtype=dtype)
+    controls = torch.rand(N, 3, 8, 8, generator=g, dtype=dtype)
     return latents, prompts, controls
 
 
@@ -53,12 +66,15 @@ NULL = (torch.zeros(L, D, dtype=F64), None)
 
 
 class Seen(TrainerCallback):
+    """Each step's inputs, targets, noise and dropped rows, as the step trains on them."""
+
     def __init__(self):
-        self.inputs, self.targets, self.dropped = [], [], []
+        self.inputs, self.targets, self.noise, self.dropped = [], [], [], []
 
     def on_step_end(self, trainer, step):
         self.inputs.append(tuple(t.clone() for t in step.inputs))
         self.targets.append(step.targets.clone())
+        self.noise.append(step.info["noise"].clone())
         self.dropped.append(step.info.get("dropped"))
 
 
@@ -141,7 +157,7 @@ def test_the_analyzer_books_the_controlnets_steps_and_training_is_bit_for_bit_wi
 
 def sdxl_models():
     """SDXL's UNet (pooled embedding and time_ids through added_cond_kwargs), frozen, and a ControlNet from it."""
-    from diffusers import ControlNetModel, UNet2DConditionModel
+    from diffusers import UNet2DConditionModel
 
     torch.manual_seed(0)
     unet = UNet2DConditionModel(
@@ -150,12 +166,7 @@ def sdxl_models():
         cross_attention_dim=D, norm_num_groups=4, attention_head_dim=2, addition_embed_type="text_time",
         addition_time_embed_dim=4, projection_class_embeddings_input_dim=5 + 6 * 4,
     ).double().requires_grad_(False)
-    controlnet = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(4, 8)).double()
-    controlnet.requires_grad_(True)
-    with torch.no_grad():
-        for p in controlnet.parameters():
-            p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel()), dtype=F64))
-    return unet, controlnet
+    return unet, controlnet_from(unet)
 
 
 def sdxl_conditioning():

@@ -18,44 +18,15 @@ import copy
 import pytest
 import torch
 
-from genkernel import TrainerCallback
 from genkernel.diffusion import ControlNetDenoiser, DDPMTrainer, make_scheduler
 from test_failed_step_retry import RefusesOnce
+from test_controlnet import Seen, controlnet_from, cross_attention_unet
+from test_controlnet import data as conditioning_data
 
 F64 = torch.float64
 T, N, L, D = 50, 12, 3, 6
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-class Seen(TrainerCallback):
-    """Each step's inputs, targets and draws, as the step trains on them."""
-
-    def __init__(self):
-        self.inputs, self.targets, self.noise = [], [], []
-
-    def on_step_end(self, trainer, step):
-        self.inputs.append(tuple(t.clone() for t in step.inputs))
-        self.targets.append(step.targets.clone())
-        self.noise.append(step.info["noise"].clone())
-
-
-def cross_attention_unet(dtype=F64, dropout=0.0):
-    from diffusers import UNet2DConditionModel
-
-    torch.manual_seed(0)
-    return UNet2DConditionModel(sample_size=4, in_channels=2, out_channels=2, layers_per_block=1,
-                                block_out_channels=(8, 16), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-                                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=D,
-                                attention_head_dim=2, norm_num_groups=4, dropout=dropout).to(dtype)
-
-
-def conditioning_data(dtype=F64):
-    g = torch.Generator().manual_seed(1)
-    latents = torch.randn(N, 2, 4, 4, generator=g, dtype=dtype)
-    prompts = torch.randn(N, L, D, generator=g, dtype=dtype)
-    controls = torch.rand(N, 3, 8, 8, generator=g, dtype=dtype)
-    return latents, prompts, controls
 
 
 # ------------------------------------------------------------------------------------------
@@ -64,15 +35,8 @@ def conditioning_data(dtype=F64):
 def controlnet_pair(unet_dropout):
     """A frozen UNet (in eval mode, as ``from_pretrained`` returns it) with dropout, and a ControlNet from it whose
     zero convolutions are given weights (so the residuals steer the UNet from the first step)."""
-    from diffusers import ControlNetModel
-
     unet = cross_attention_unet(dropout=unet_dropout).requires_grad_(False).eval()
-    controlnet = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(4, 8)).double()
-    controlnet.requires_grad_(True)
-    with torch.no_grad():
-        for p in controlnet.parameters():
-            p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel()), dtype=F64))
-    return unet, controlnet
+    return unet, controlnet_from(unet)
 
 
 def test_a_frozen_unets_dropout_stays_off_as_train_controlnet_leaves_it():

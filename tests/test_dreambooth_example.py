@@ -19,6 +19,7 @@ pytest.importorskip("transformers")
 
 from recipes.examples.train_dreambooth import dreambooth_loss, generate_class_images, main  # noqa: E402
 from recipes.examples.stable_diffusion import small_components, stable_diffusion_pipeline  # noqa: E402
+from test_text_to_image_example import assert_identity  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("fresh_accelerate")  # conftest: one thread, accelerate reset
 
@@ -53,12 +54,6 @@ def run(folders, out, *extra):
         "--gradient_accumulation_steps", "2", "--max_train_steps", "3", "--learning_rate", "1e-3",
         "--num_bins", "2", "--num_probes", "4", "--controls", "1", *extra,
     ])
-
-
-def assert_identity(ledger, what):
-    """contributions + rest + residual = Δf at every probe."""
-    total = ledger.contributions.sum(1) + ledger.rest + ledger.residual
-    torch.testing.assert_close(total, ledger.delta, rtol=0, atol=1e-12 * float(ledger.delta.abs().max()), msg=what)
 
 
 def by_source(analyzer):

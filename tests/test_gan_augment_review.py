@@ -23,6 +23,7 @@ from torch.func import vmap
 from genkernel.core.tracking.callbacks import TrainerCallback
 from genkernel.gan import DiffAugment, GANKernelAnalyzer, GANTrainer
 from genkernel.gan.losses import AugmentedDiscriminatorObjective, DiscriminatorObjective
+from test_gan_augment import official_cutout, official_translation
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -186,30 +187,6 @@ def test_the_identity_augmentation_returns_x_bit_for_bit_in_every_policy_order(d
 
 
 # -- apply against the official formulas -----------------------------------------------------------------------------
-def official_translation(x, shift_x, shift_y):
-    """mit-han-lab/data-efficient-gans DiffAugment_pytorch.py's rand_translation, its random integers passed in."""
-    shift_x, shift_y = shift_x.view(-1, 1, 1), shift_y.view(-1, 1, 1)
-    grid_batch, grid_x, grid_y = torch.meshgrid(torch.arange(x.size(0)), torch.arange(x.size(2)),
-                                                torch.arange(x.size(3)), indexing="ij")
-    grid_x = torch.clamp(grid_x + shift_x + 1, 0, x.size(2) + 1)
-    grid_y = torch.clamp(grid_y + shift_y + 1, 0, x.size(3) + 1)
-    x_pad = F.pad(x, [1, 1, 1, 1, 0, 0, 0, 0])
-    return x_pad.permute(0, 2, 3, 1).contiguous()[grid_batch, grid_x, grid_y].permute(0, 3, 1, 2)
-
-
-def official_cutout(x, offset_x, offset_y, ratio):
-    """The official rand_cutout, its random offsets passed in."""
-    size = int(x.size(2) * ratio + 0.5), int(x.size(3) * ratio + 0.5)
-    offset_x, offset_y = offset_x.view(-1, 1, 1), offset_y.view(-1, 1, 1)
-    grid_batch, grid_x, grid_y = torch.meshgrid(torch.arange(x.size(0)), torch.arange(size[0]),
-                                                torch.arange(size[1]), indexing="ij")
-    grid_x = torch.clamp(grid_x + offset_x - size[0] // 2, min=0, max=x.size(2) - 1)
-    grid_y = torch.clamp(grid_y + offset_y - size[1] // 2, min=0, max=x.size(3) - 1)
-    mask = torch.ones(x.size(0), x.size(2), x.size(3), dtype=x.dtype)
-    mask[grid_batch, grid_x, grid_y] = 0
-    return x * mask.unsqueeze(1)
-
-
 def official_geometry(x, order, gen, translation_ratio, cutout_ratio):
     """The official translation and cutout in ``order``, their random integers drawn from ``gen`` as the official
     code draws them (x's then y's)."""

@@ -96,6 +96,7 @@ from ..stats import nan_median
 from .kernels import eval_mode, make_states, state_kernel
 from .learned_variance import describe_loss, loss_targets, predicts_variance, training_loss
 from .locality import kernel_locality
+from .models import KEY_BIAS_SUFFIXES
 from .objectives import (
     check_prediction_type,
     check_timesteps,
@@ -669,7 +670,7 @@ class NoiseLevelAnalyzer(TrainerCallback):
             return self.tracker.track(step, {k: v.to(timesteps.device) for k, v in groups.items()})
         except LedgerCheckError as error:
             self._pending_bins = {}
-            if "to_k.bias" in str(error):
+            if any(suffix in str(error) for suffix in KEY_BIAS_SUFFIXES):
                 raise LedgerCheckError(
                     f"{error}. Attention key biases have exactly zero gradient (softmax is shift invariant) and "
                     "only rounding noise moves them: freeze them with "

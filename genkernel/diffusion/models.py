@@ -260,8 +260,12 @@ def tiny_unet(
     return model
 
 
+KEY_BIAS_SUFFIXES = ("to_k.bias", "k_proj.bias")  # diffusers' Attention, transformers' (CLIP's text encoder)
+
+
 def freeze_attention_key_biases(model: nn.Module) -> list[str]:
-    """Freeze the key-projection biases (``*.to_k.bias``) of attention layers; return their names.
+    """Freeze the key-projection biases of attention layers (diffusers' ``*.to_k.bias``, transformers'
+    ``*.k_proj.bias``: a CLIP text encoder trained beside the UNet); return their names.
 
     Softmax attention is invariant to a bias added to every key (it shifts all logits of a query
     by the same amount), so these biases have gradient exactly zero in exact arithmetic. In
@@ -272,7 +276,7 @@ def freeze_attention_key_biases(model: nn.Module) -> list[str]:
     """
     frozen = []
     for name, p in model.named_parameters():
-        if name.endswith("to_k.bias") and p.requires_grad:
+        if name.endswith(KEY_BIAS_SUFFIXES) and p.requires_grad:
             p.requires_grad_(False)
             frozen.append(name)
     return frozen

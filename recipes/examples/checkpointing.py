@@ -1,4 +1,5 @@
-"""The checkpoint plumbing the accelerate examples share, as diffusers' training scripts write it, made exact.
+"""The checkpoint plumbing the accelerate examples share, as diffusers' training scripts write it, made exact
+(and genkernel's own options of the examples, :func:`add_analyzer_arguments`).
 
 Upstream's scripts save ``accelerator.save_state(OUT/checkpoint-STEP)`` every ``--checkpointing_steps``
 optimizer steps (the oldest removed beyond ``--checkpoints_total_limit``), with save/load hooks that write the
@@ -33,6 +34,16 @@ def add_checkpoint_arguments(parser: argparse.ArgumentParser) -> None:
                         help="keep at most this many checkpoints (the oldest are removed)")
     parser.add_argument("--resume_from_checkpoint", type=str, default=None,
                         help='a checkpoint folder to resume from (OUT/checkpoint-STEP), or "latest" in --output_dir')
+
+
+def add_analyzer_arguments(parser: argparse.ArgumentParser, probes: str = "latent") -> None:  # genkernel
+    """genkernel's options of the examples: ``--analyze`` / ``--no-analyze``, ``--num_bins``, ``--num_probes`` (``probes``:
+    what a probe holds beside its noise level, "latent" or "image") and ``--controls``."""
+    parser.add_argument("--analyze", action=argparse.BooleanOptionalAction, default=True,
+                        help="keep genkernel's noise-level ledger (default on)")
+    parser.add_argument("--num_bins", type=int, default=10, help="training-timestep bins (groups)")
+    parser.add_argument("--num_probes", type=int, default=16, help=f"probe ({probes}, noise level) pairs")
+    parser.add_argument("--controls", type=int, default=1, help="label-permutation controls")
 
 
 def check_checkpoint_arguments(args: argparse.Namespace) -> None:

@@ -106,7 +106,8 @@ from genkernel import set_exact_cuda_mode  # genkernel
 from genkernel.diffusion import NoiseLevelAnalyzer, freeze_attention_key_biases  # genkernel
 
 from .checkpointing import (
-    EpochRNG, add_checkpoint_arguments, check_checkpoint_arguments, register_unet_hooks, resume_position, save_checkpoint,
+    EpochRNG, add_analyzer_arguments, add_checkpoint_arguments, check_checkpoint_arguments, register_unet_hooks,
+    resume_position, save_checkpoint,
 )
 from .stable_diffusion import (
     frozen_dtype, place_frozen, pretrained_components, small_components, stable_diffusion_pipeline,
@@ -162,11 +163,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--mixed_precision", type=str, default="no", choices=["no", "fp16", "bf16"])
     parser.add_argument("--seed", type=int, default=0)
     add_checkpoint_arguments(parser)
-    parser.add_argument("--analyze", action=argparse.BooleanOptionalAction, default=True,
-                        help="keep genkernel's noise-level ledger (default on)")  # genkernel
-    parser.add_argument("--num_bins", type=int, default=10, help="training-timestep bins (groups)")  # genkernel
-    parser.add_argument("--num_probes", type=int, default=16, help="probe (latent, noise level) pairs")  # genkernel
-    parser.add_argument("--controls", type=int, default=1, help="label-permutation controls")  # genkernel
+    add_analyzer_arguments(parser)  # genkernel
     args = parser.parse_args(None if argv is None else list(argv))
 
     if args.with_prior_preservation:
@@ -353,16 +350,6 @@ def register_text_encoder_hooks(accelerator, unet: torch.nn.Module, text_encoder
     accelerator.register_load_state_pre_hook(load_model_hook)
 
 
-def freeze_text_key_biases(text_encoder: torch.nn.Module) -> list[str]:  # genkernel
-    """Freeze the text encoder's attention key biases (``*.k_proj.bias``; their gradient is zero but for rounding,
-    as :func:`~genkernel.diffusion.freeze_attention_key_biases` says of the UNet's); returns their names."""
-    frozen = [name for name, p in text_encoder.named_parameters() if name.endswith("k_proj.bias") and p.requires_grad]
-    for name, p in text_encoder.named_parameters():
-        if name in frozen:
-            p.requires_grad_(False)
-    return frozen
-
-
 def source_shares(analyzer: NoiseLevelAnalyzer, probe_is_instance: torch.Tensor) -> dict[str, Any]:  # genkernel
     """The "prior_preservation" section of the report: for the instance probes and for the class probes, the
     mean net share of their change (⟨C(x, g), Δf(x)⟩ / ‖Δf(x)‖², per probe) that each training-noise bin's
@@ -439,7 +426,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
     vae.requires_grad_(False)
     if args.train_text_encoder and args.rank is None:
-        freeze_text_key_biases(text_encoder)  # genkernel: as the UNet's
+        freeze_attention_key_biases(text_encoder)  # genkernel: as the UNet's
     else:
         text_encoder.requires_grad_(False)
     unet.train()

@@ -80,7 +80,8 @@ from genkernel import set_exact_cuda_mode  # genkernel
 from genkernel.diffusion import NoiseLevelAnalyzer, freeze_attention_key_biases  # genkernel
 
 from .checkpointing import (
-    EpochRNG, add_checkpoint_arguments, check_checkpoint_arguments, register_unet_hooks, resume_position, save_checkpoint,
+    EpochRNG, add_analyzer_arguments, add_checkpoint_arguments, check_checkpoint_arguments, register_unet_hooks,
+    resume_position, save_checkpoint,
 )
 from .stable_diffusion import (
     frozen_dtype, place_frozen, pretrained_components, small_components, stable_diffusion_pipeline,
@@ -131,11 +132,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--mixed_precision", type=str, default="no", choices=["no", "fp16", "bf16"])
     parser.add_argument("--seed", type=int, default=0)
     add_checkpoint_arguments(parser)
-    parser.add_argument("--analyze", action=argparse.BooleanOptionalAction, default=True,
-                        help="keep genkernel's noise-level ledger (default on)")  # genkernel
-    parser.add_argument("--num_bins", type=int, default=10, help="training-timestep bins (groups)")  # genkernel
-    parser.add_argument("--num_probes", type=int, default=16, help="probe (latent, noise level) pairs")  # genkernel
-    parser.add_argument("--controls", type=int, default=1, help="label-permutation controls")  # genkernel
+    add_analyzer_arguments(parser)  # genkernel
     args = parser.parse_args(None if argv is None else list(argv))
     if not 0 <= args.proportion_empty_prompts <= 1:
         raise ValueError(f"--proportion_empty_prompts must be in [0, 1], got {args.proportion_empty_prompts}")

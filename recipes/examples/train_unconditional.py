@@ -100,7 +100,8 @@ from genkernel import set_exact_cuda_mode  # genkernel
 from genkernel.diffusion import NoiseLevelAnalyzer, freeze_attention_key_biases  # genkernel
 
 from .checkpointing import (
-    EpochRNG, add_checkpoint_arguments, check_checkpoint_arguments, register_unet_hooks, resume_position, save_checkpoint,
+    EpochRNG, add_analyzer_arguments, add_checkpoint_arguments, check_checkpoint_arguments, register_unet_hooks,
+    resume_position, save_checkpoint,
 )
 
 UNETS = {
@@ -179,11 +180,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--mode_scale", type=float, default=1.29)
     parser.add_argument("--seed", type=int, default=0)
     add_checkpoint_arguments(parser)
-    parser.add_argument("--analyze", action=argparse.BooleanOptionalAction, default=True,
-                        help="keep genkernel's noise-level ledger (default on)")  # genkernel
-    parser.add_argument("--num_bins", type=int, default=10, help="training-timestep bins (groups)")  # genkernel
-    parser.add_argument("--num_probes", type=int, default=16, help="probe (image, noise level) pairs")  # genkernel
-    parser.add_argument("--controls", type=int, default=1, help="label-permutation controls")  # genkernel
+    add_analyzer_arguments(parser, probes="image")  # genkernel
     args = parser.parse_args(None if argv is None else list(argv))
     allowed = {"ddpm": ("epsilon", "sample"), "edm": ("epsilon", "v_prediction")}.get(args.objective)
     if allowed is not None and args.prediction_type not in allowed:
