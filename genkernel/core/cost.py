@@ -406,6 +406,7 @@ def estimate_cost(
     options: tuple[str, ...] = COST_OPTIONS,
     group_states: tuple[str, ...] = GROUP_STATE_CHOICES,
     witness_copies: int = 0,
+    step_overhead: float = 0.0,
 ) -> CostEstimate:
     """Memory and work of a tracked step before the run (see the module docstring).
 
@@ -430,10 +431,16 @@ def estimate_cost(
             optimizer suits them (factored: plain SGD; sketched: :func:`sketchable`).
         witness_copies: parameter-sized sums an observed half-precision step keeps
             (``PathKernelTracker(mixed_precision="observe")``: 2, the float16 case; else 0).
+        step_overhead: example-forwards of the model that a bare step runs per training example besides its
+            forward and backward (a ``DDPMTrainer(dream=)``'s no-grad forward: 1; a ``vae=`` trainer's encode:
+            the encoder's multiply-adds over the model's), added to the bare step the ratio compares with.
     """
     options = cost_options(options)
     if isinstance(witness_copies, bool) or not isinstance(witness_copies, int) or witness_copies < 0:
         raise ValueError(f"witness_copies must be an int >= 0, got {witness_copies!r}")
+    if isinstance(step_overhead, bool) or not isinstance(step_overhead, (int, float)) or not (
+            math.isfinite(step_overhead) and step_overhead >= 0):
+        raise ValueError(f"step_overhead must be a finite number >= 0 (example-forwards), got {step_overhead!r}")
     unknown = [g for g in group_states if g not in GROUP_STATE_CHOICES] if isinstance(group_states, tuple) else [group_states]
     if unknown:
         raise ValueError(f"group_states must be a tuple drawn from {GROUP_STATE_CHOICES}, got {group_states!r}")
@@ -590,10 +597,14 @@ def estimate_cost(
         # The sync's pushes and its two forwards of the probes (the EMA weights before and after).
         work["ema_contributions"] = ema_work + 2.0 * m if group_state == "dense" else quadrature_nodes * m * (
             1.0 + 2.0 * (rows + 2)) + 2.0 * m
+    # (after the routes' counts, which read the model's own bare step: a trainer's work outside the model is in the
+    # bare step and the tracked one alike)
+    bare += step_overhead * b
     estimate = CostEstimate(memory, available_memory(device), work, bare, held_bytes(model, optimizer, device), settings={
         "parameters": num, "rows": rows, "probes": m, "outputs": outputs, "batch": b, "group_state": group_state,
         "state_dtype": str(state_dtype).replace("torch.", ""), "device": str(device),
         "quadrature_nodes": quadrature_nodes, "ema": ema, "optimizer": type(optimizer).__name__,
+        "step_overhead": float(step_overhead),
     })
     switchable = tuple(g for g in group_states if g == "dense" or (g == "factored" and plain_sgd(optimizer))
                        or (g == "sketched" and sketchable(optimizer)))

@@ -80,6 +80,7 @@ from ..core.adapter import (
     unwrap_optimizer,
 )
 from ..core.errors import LedgerCheckError
+from ..core.cost import example_counts
 from ..core.tracking.callbacks import TrainerCallback
 from ..core.tracking.distributed import summed_over_ranks
 from ..core.tracking.io import atomic_save, check_saved_settings, jsonable, load_state
@@ -377,6 +378,7 @@ class NoiseLevelAnalyzer(TrainerCallback):
         start_step: int = 0,
         batch_size: int | None = None,
         micro_batches: int = 1,
+        step_overhead: float = 0.0,
     ) -> None:
         """Start tracking ``model`` trained by ``optimizer`` (the window starts at the current θ).
 
@@ -390,7 +392,9 @@ class NoiseLevelAnalyzer(TrainerCallback):
         ``batch_size``: the loop's batch, for the cost printed here (default: the number of probes);
         ``micro_batches``: the micro-batches a step runs that batch in (a built-in trainer's
         ``micro_batches=``), for the cost too (training then holds one micro-batch's activations, and
-        the tracker runs a pass of its own for the group gradients).
+        the tracker runs a pass of its own for the group gradients); ``step_overhead``: example-forwards of
+        the model the loop's step runs per example besides its forward and backward (DREAM's no-grad forward: 1;
+        a VAE's encode), for the cost's bare step (:class:`~genkernel.core.tracking.tracker.PathKernelTracker`).
         """
         if self.tracker is not None:
             raise RuntimeError("this analyzer is already bound to a model; build a new one for another run")
@@ -404,6 +408,7 @@ class NoiseLevelAnalyzer(TrainerCallback):
             model, optimizer, self.loss_fn, probes, num_groups=self.partitions, quadrature=self.quadrature,
             max_grad_norm=max_grad_norm, memory_budget=self.memory_budget, group_state=self.group_state,
             state_dtype=self.state_dtype, batch_size=batch_size, micro_batches=micro_batches,
+            step_overhead=step_overhead,
             memory_check=self.memory_check, sketch_dim=self.sketch_dim, mixed_precision=self.mixed_precision,
         )
         self.tracker.listeners.append(self._record)
@@ -477,7 +482,17 @@ class NoiseLevelAnalyzer(TrainerCallback):
             micro_batches = micro_batches if batch_size is None else min(micro_batches, batch_size)
             self.bind(trainer.model, trainer.optimizer, ema=self._trainer_ema(trainer),
                       max_grad_norm=getattr(trainer, "max_grad_norm", math.inf), batch_size=batch_size,
-                      micro_batches=micro_batches)
+                      micro_batches=micro_batches, step_overhead=self._trainer_overhead(trainer))
+
+    def _trainer_overhead(self, trainer: Any) -> float:
+        """The trainer's work per example outside its model's forward and backward, in example-forwards of the
+        model (``DDPMTrainer.step_overhead_forwards``: DREAM's forward, a VAE's encode), for the cost estimate."""
+        overhead_of = getattr(trainer, "step_overhead_forwards", None)
+        if not callable(overhead_of):
+            return 0.0
+        model = unwrap(trainer.model)
+        probes = self.probes(next(model.parameters()))
+        return float(overhead_of(example_counts(model, tuple(t[:1] for t in probes))[1]))
 
     def _check_trainer_conditioning(self, trainer: Any) -> None:
         """Refuse probes without conditioning for a trainer that conditions its model (``DDPMTrainer(conditional=)``):

@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from ..core.adapter import eval_mode, first_tensor
+from ..core.cost import example_counts
 
 FINGERPRINT_VALUES = 4096  # values read per tensor for the VAE's fingerprint (evenly spaced)
 
@@ -141,6 +142,13 @@ class LatentCoder:
                 out.append(getattr(decoded, "sample", decoded).to(device=latents.device, dtype=latents.dtype))
         return torch.cat(out)
 
+    def encode_macs(self, image_shape: tuple[int, ...]) -> int:
+        """Multiply-adds of encoding one image shaped ``image_shape`` ``[C, H, W]`` (the encoder's linear and
+        convolutional layers, :func:`~genkernel.core.cost.example_counts`): a trainer's work per example outside
+        its model, for the cost estimate's bare step."""
+        image = torch.zeros((1, *image_shape), device=self.device, dtype=self.dtype)
+        return example_counts(_EncodePass(self), (image,))[1]
+
     def config(self) -> dict[str, Any]:
         """What a checkpoint records: the VAE's class, factors and a fingerprint of its weights."""
         config = {"class": type(self.vae).__name__, "scaling_factor": self.scaling_factor,
@@ -195,3 +203,15 @@ def module_fingerprint(module: nn.Module, values: int = FINGERPRINT_VALUES) -> s
 
 
 __all__ = ["LatentCoder", "latent_statistics", "module_fingerprint"]
+
+
+class _EncodePass(nn.Module):
+    """``coder``'s posterior of images as a module (its VAE a submodule), for :func:`example_counts`' hooks."""
+
+    def __init__(self, coder: LatentCoder) -> None:
+        super().__init__()
+        self.vae, self._coder = coder.vae, coder
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self._coder._posterior(images, images.shape[0])[0]
+

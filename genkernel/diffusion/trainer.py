@@ -659,6 +659,17 @@ class DDPMTrainer:
             autocast_dtype=self.autocast_dtype, grad_scaler=self.grad_scaler,
         )
 
+    def step_overhead_forwards(self, model_macs: int) -> float:
+        """Example-forwards of the model that a step runs per training example besides the model's forward and
+        backward, for the cost estimate's bare step (:func:`~genkernel.core.cost.estimate_cost`'s
+        ``step_overhead``): DREAM's no-grad forward (1) and a VAE's encode (its multiply-adds over ``model_macs``,
+        the model's per example; counted once the images' shape is known: Tensor data's, a DataLoader's after its
+        first batch)."""
+        extra = 1.0 if self.dream is not None else 0.0
+        if self.latent_coder is not None and self.input_shape is not None and model_macs > 0:
+            extra += self.latent_coder.encode_macs(self.input_shape) / model_macs
+        return extra
+
     def _model_inputs(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
         """What the model is called with for ``batch``: (z, t), (z, t, y) or (z, t, *e)."""
         inputs = (batch["noisy"], batch["timesteps"])

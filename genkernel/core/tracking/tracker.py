@@ -302,6 +302,9 @@ class PathKernelTracker:
         micro_batches: the micro-batches a step runs its batch in (``OptimizerStep(micro_batches=)``),
             for the cost estimate only (training holds one micro-batch's activations; step 1 runs a pass
             of its own). Default 1.
+        step_overhead: example-forwards of the model a bare training step runs per example besides its forward
+            and backward (a trainer's DREAM forward, a VAE's encode; :func:`~genkernel.core.cost.estimate_cost`),
+            for the cost estimate's bare step only. Default 0.
         memory_check: what a cost estimate (:attr:`cost`) above the device's free memory does:
             "refuse" (default: MemoryError with the numbers and the cheaper options) or "warn" (a
             ResourceWarning with the same text, and the tracker is built). The estimate is within
@@ -354,6 +357,7 @@ class PathKernelTracker:
         state_dtype: torch.dtype = torch.float64,
         batch_size: int | None = None,
         micro_batches: int = 1,
+        step_overhead: float = 0.0,
         memory_check: str = "refuse",
         cost_options: tuple[str, ...] = COST_OPTIONS,
         mixed_precision: str = "refuse",
@@ -434,6 +438,7 @@ class PathKernelTracker:
         buildable = ("dense",) if self.distributed is not None or self._coupled() else GROUP_STATE_CHOICES
         self._cost_settings = dict(state_dtype=state_dtype, memory_budget=self.memory_budget, sketch_dim=sketch_dim,
                                    batch_size=batch_size, micro_batches=positive_int(micro_batches, "micro_batches"),
+                                   step_overhead=step_overhead,
                                    options=cost_options, group_states=buildable,
                                    # a half-precision step's witnesses: two sums in float16 (_fold_witness)
                                    witness_copies=2 if mixed_precision == "observe" else 0)
