@@ -119,6 +119,22 @@ def test_an_analyzer_books_the_corrected_steps_and_training_is_bit_for_bit_witho
     assert analyzer.step_losses == {"mse, on DREAM-corrected inputs and targets (p = 1)": 3}
 
 
+def test_with_dropout_the_analyzer_draws_nothing_the_dream_and_training_forwards_draw():
+    """Dropout 0.3: the masks of the DREAM forward and of the training forward come from the global RNG; the
+    analyzer's passes (at bind, the cost estimate's count of the model among them) fork it, so a run with the
+    analyzer attached trains bit for bit as one without (each built and trained from the same global state)."""
+    runs = []
+    for attached in (True, False):
+        run = trainer(model=make_unet(dropout=0.3), dream=1.0)  # (make_unet seeds the global RNG)
+        if attached:
+            run.callbacks.append(NoiseLevelAnalyzer(run.scheduler, data(4), num_bins=2, num_probes=4, controls=1,
+                                                    kernel_points=2, progress=False))
+        run.train(3)
+        runs.append(run)
+    assert all(torch.equal(p, q) for p, q in zip(runs[0].model.parameters(), runs[1].model.parameters()))
+    assert runs[0].callbacks[0].ledger.steps == 3
+
+
 def test_with_dropout_a_refused_step_draws_its_dream_forwards_dropout_again():
     """The DREAM forward draws dropout from the global RNG before the step: a step refused after it hands the
     draws back (the global RNG to before that forward), so the run continued equals the straight run."""

@@ -76,7 +76,7 @@ from torch import nn
 
 from ..core import grouping
 from ..core.adapter import (
-    as_tuple, check_memory_budget, like_parameter, positive_int, seed_bits, seeded_generator, unwrap,
+    analysis_mode, as_tuple, check_memory_budget, like_parameter, positive_int, seed_bits, seeded_generator, unwrap,
     unwrap_optimizer,
 )
 from ..core.errors import LedgerCheckError
@@ -492,7 +492,9 @@ class NoiseLevelAnalyzer(TrainerCallback):
             return 0.0
         model = unwrap(trainer.model)
         probes = self.probes(next(model.parameters()))
-        return float(overhead_of(example_counts(model, tuple(t[:1] for t in probes))[1]))
+        with analysis_mode(model):  # (eval mode, the global RNG forked: the count's forward disturbs no training draw)
+            macs = example_counts(model, tuple(t[:1] for t in probes))[1]
+        return float(overhead_of(macs))
 
     def _check_trainer_conditioning(self, trainer: Any) -> None:
         """Refuse probes without conditioning for a trainer that conditions its model (``DDPMTrainer(conditional=)``):
