@@ -209,3 +209,28 @@ def test_sdxl_controlnet_passes_added_cond_kwargs_to_both_and_is_booked_bit_for_
                                   kernel_points=2, probe_conditioning=(prompts[:4], controls[:4], pooled[:4],
                                                                        time_ids[:4]), progress=False)
     assert_booked_as_trained_bare(sdxl_trainer(analyzer), sdxl_trainer(), analyzer, 2)
+
+
+def test_a_checkpoint_of_another_conditioning_scale_or_input_names_is_refused(tmp_path):
+    """The wrapper's settings are not in its state dict: a resume with another conditioning_scale trained another
+    function on the saved weights, one with PositionalInputs' names in another order routed every input elsewhere."""
+    from genkernel.diffusion import PositionalInputs
+
+    trainer(checkpoint_dir=tmp_path / "scale", checkpoint_every=1).train(1)
+    unet, controlnet = models()
+    other = DDPMTrainer(ControlNetDenoiser(unet, controlnet, conditioning_scale=0.5), make_scheduler(T), data()[0],
+                        conditional="embeddings", embeddings=data()[1:], batch_size=4, progress=False,
+                        optimizer=torch.optim.AdamW(controlnet.parameters(), lr=1e-3))
+    with pytest.raises(ValueError, match="model_settings"):
+        other.resume(tmp_path / "scale" / "checkpoint.pt")
+    assert trainer().resume(tmp_path / "scale" / "checkpoint.pt")  # (the same settings: resumed)
+
+    def positional(names, **kwargs):
+        latents, prompts, _ = data()
+        return DDPMTrainer(PositionalInputs(cross_attention_unet(), names), make_scheduler(T), latents,
+                           conditional="embeddings", embeddings=prompts, batch_size=4, progress=False, **kwargs)
+
+    names = ("sample", "timestep", "encoder_hidden_states")
+    positional(names, checkpoint_dir=tmp_path / "names", checkpoint_every=1).train(1)
+    with pytest.raises(ValueError, match="model_settings"):
+        positional(("sample", "timestep", "added_cond_kwargs.text_embeds")).resume(tmp_path / "names" / "checkpoint.pt")

@@ -16,7 +16,7 @@ import numbers
 import torch
 from torch import nn
 
-from ..core.adapter import first_tensor, positive_int
+from ..core.adapter import first_tensor, positive_int, unwrap
 
 __all__ = [
     "sinusoidal_embedding",
@@ -282,6 +282,16 @@ def freeze_attention_key_biases(model: nn.Module) -> list[str]:
     return frozen
 
 
+def wrapper_settings(model: nn.Module) -> dict | None:
+    """``{class name: settings}`` of a denoiser wrapper of this module (:class:`PositionalInputs`,
+    :class:`ControlNetDenoiser`), found through DDP / ``torch.compile`` wrappers; None for any other model."""
+    module = unwrap(model)
+    settings = getattr(module, "settings", None)
+    if isinstance(module, (PositionalInputs, ControlNetDenoiser)) and callable(settings):
+        return {type(module).__name__: settings()}
+    return None
+
+
 class PositionalInputs(nn.Module):
     """A denoiser whose forward takes its inputs by name, called positionally as ``model(x_t, t[, c])``: the form
     the trainers, the analyzers and the engine call a model in.
@@ -331,6 +341,11 @@ class PositionalInputs(nn.Module):
         self.model = model
         self.names = names
         self.fixed = fixed
+
+    def settings(self) -> dict:
+        """What a checkpoint must share with the run that resumes it: the names, in order, and the fixed keywords'
+        names (their values are passed as they are: tensors are not compared)."""
+        return {"names": list(self.names), "fixed": sorted(self.fixed)}
 
     def forward(self, *inputs):
         if len(inputs) != len(self.names):
@@ -390,6 +405,10 @@ class ControlNetDenoiser(nn.Module):
                             f"got {added_cond_keys!r}")
         self.unet, self.controlnet = unet, controlnet
         self.conditioning_scale, self.added_cond_keys = float(conditioning_scale), keys
+
+    def settings(self) -> dict:
+        """What a checkpoint must share with the run that resumes it."""
+        return {"conditioning_scale": self.conditioning_scale, "added_cond_keys": list(self.added_cond_keys)}
 
     def train(self, mode: bool = True) -> "ControlNetDenoiser":
         """This module, the ControlNet in ``mode``; a frozen UNet (no trainable parameter) stays in eval mode, as the

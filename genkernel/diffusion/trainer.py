@@ -78,6 +78,7 @@ from ..core.tracking.step import (
 )
 from ..logging import LoggingCallback
 from .latents import LatentCoder
+from .models import wrapper_settings
 from .guidance import ClassDropout, EmbeddingDropout, check_guidance_scale, guided_output, null_conditioning_rows
 from .learned_variance import LEARNED_RANGE, loss_targets, mean_channels, predicts_variance, training_loss
 from .timestep_sampling import Density, Weighting, make_loss_weighting, make_timestep_density
@@ -996,6 +997,9 @@ class DDPMTrainer:
             "input_perturbation": self.input_perturbation,
             "dream": self.dream,
             "vae": None if self.latent_coder is None else self.latent_coder.config(),
+            # a wrapper's own settings (PositionalInputs' names, ControlNetDenoiser's scale): not in its state dict, and
+            # another order of names routes every input elsewhere
+            "model_settings": wrapper_settings(self.model),
         }
 
     def state_dict(self) -> dict[str, Any]:
