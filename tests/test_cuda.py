@@ -398,3 +398,83 @@ def test_a_text_conditioned_unet_trains_on_cuda_as_without_the_analyzer():
                                    rtol=0, atol=1e-9 * float(ledger.delta.abs().max()))
     samples, _ = tracked.sample(2, embeddings=text[:2], num_inference_steps=3, guidance_scale=2.0)
     assert samples.device.type == "cuda" and samples.shape == (2, 4, 8, 8) and torch.isfinite(samples).all()
+
+
+def dream_controlnet_runs(device: str):
+    """A ControlNet beside a frozen cross-attention UNet, trained by DDPMTrainer with DREAM on ``device`` (float32),
+    with and without the analyzer: ``(bare, tracked)`` after three steps."""
+    diffusers = pytest.importorskip("diffusers")
+    from genkernel.diffusion import ControlNetDenoiser
+
+    g = torch.Generator().manual_seed(0)
+    latents, text, controls = torch.randn(16, 4, 8, 8, generator=g), torch.randn(16, 5, 16, generator=g), torch.rand(
+        16, 3, 16, 16, generator=g)
+
+    def trainer(analyze):
+        torch.manual_seed(0)
+        unet = diffusers.UNet2DConditionModel(
+            sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(8, 16),
+            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+            cross_attention_dim=16, norm_num_groups=4, attention_head_dim=2,
+        ).to(device).requires_grad_(False)
+        controlnet = diffusers.ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(4, 8)).to(device)
+        callbacks = []
+        if analyze:
+            callbacks.append(NoiseLevelAnalyzer(make_scheduler(100), latents[:6], probe_conditioning=(text[:6], controls[:6]),
+                                                num_bins=3, num_probes=6, kernel_points=2, state_dtype=torch.float32,
+                                                progress=False))
+        run = DDPMTrainer(ControlNetDenoiser(unet, controlnet), make_scheduler(100), latents, conditional="embeddings",
+                          embeddings=(text, controls), batch_size=8, class_dropout=0.2,
+                          null_embedding=(torch.zeros(5, 16), None), dream=1.0, progress=False, callbacks=callbacks,
+                          optimizer=torch.optim.AdamW(controlnet.parameters(), lr=1e-3))
+        run.train(3)
+        return run
+
+    return trainer(False), trainer(True)
+
+
+def test_a_controlnet_trained_with_dream_on_cuda_as_without_the_analyzer():
+    """DDPMTrainer(dream=) over ControlNetDenoiser on CUDA: the DREAM forward, the control images (CPU data to a CUDA
+    model) and the frozen UNet; bit for bit with and without the analyzer, the identity closes."""
+    bare, tracked = dream_controlnet_runs(DEVICE)
+    assert all(torch.equal(p, q) for p, q in zip(bare.model.parameters(), tracked.model.parameters()))
+    for ledger in tracked.callbacks[0].ledgers.values():
+        torch.testing.assert_close(ledger.contributions.sum(1) + ledger.rest + ledger.residual, ledger.delta,
+                                   rtol=0, atol=1e-9 * float(ledger.delta.abs().max()))
+
+
+def augmented_gan_runs(device: str):
+    """A small conv GAN trained by GANTrainer(augment=DiffAugment's three policies, r1_gamma) on ``device``, with
+    and without the analyzer: ``(bare, tracked)`` after three iterations."""
+    from genkernel.gan import GANKernelAnalyzer, GANTrainer
+
+    def players():
+        torch.manual_seed(0)
+        g = nn.Sequential(nn.Linear(4, 3 * 8 * 8), nn.Tanh(), nn.Unflatten(1, (3, 8, 8))).to(device)
+        d = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.SiLU(), nn.Flatten(), nn.Linear(4 * 8 * 8, 1)).to(device)
+        return g, d
+
+    data = torch.rand(32, 3, 8, 8, generator=torch.Generator().manual_seed(1)) * 2 - 1
+
+    def trainer(analyze):
+        g, d = players()
+        callbacks = [GANKernelAnalyzer(g, d, torch.randn(6, 4, generator=torch.Generator().manual_seed(2)),
+                                       num_groups=3)] if analyze else []
+        run = GANTrainer(g, d, data, latent_dim=4, batch_size=8, augment="color,translation,cutout", r1_gamma=1.0,
+                         seed=3, callbacks=callbacks, progress=False)
+        run.train(3)
+        return run
+
+    return trainer(False), trainer(True)
+
+
+def test_an_augmented_gan_trains_on_cuda_as_without_the_analyzer():
+    """GANTrainer(augment=) on CUDA: the augmentation's parameters drawn on the trainer's CPU generator and applied
+    on the GPU; both players bit for bit with and without the analyzer, every ledger's identity closes."""
+    bare, tracked = augmented_gan_runs(DEVICE)
+    for a, b in ((bare.generator, tracked.generator), (bare.discriminator, tracked.discriminator)):
+        assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+    analyzer = tracked.callbacks[0]
+    for ledger in [*analyzer.generator_ledgers.values(), analyzer.discriminator_ledger]:
+        torch.testing.assert_close(ledger.contributions.sum(1) + ledger.rest + ledger.residual, ledger.delta,
+                                   rtol=0, atol=1e-9 * float(ledger.delta.abs().max()))
