@@ -112,11 +112,13 @@ def save_checkpoint(accelerator, output_dir: str, global_step: int, total_limit:
     accelerator.save_state(os.path.join(output_dir, f"checkpoint-{global_step}"))
 
 
-def register_unet_hooks(accelerator, model_cls: type, ema_model: Any = None) -> None:
+def register_unet_hooks(accelerator, model_cls: type, ema_model: Any = None, subfolder: str = "unet") -> None:
     """Upstream's save/load hooks: ``accelerator.save_state`` writes the UNet (a ``model_cls``) in diffusers'
     format under ``unet/`` (and the ``EMAModel`` under ``unet_ema/``); ``load_state`` reads them back offline
     (``local_files_only``). The EMA's save builds a UNet, whose initialization draws from torch's random
-    state: forked, so that saving a checkpoint leaves training's draws as they are."""
+    state: forked, so that saving a checkpoint leaves training's draws as they are. ``subfolder``: the trained
+    model's folder in the checkpoint (``train_controlnet.py``'s hooks: a ``ControlNetModel`` under
+    ``controlnet/``)."""
 
     def save_model_hook(models, weights, output_dir):
         if accelerator.is_main_process:
@@ -124,7 +126,7 @@ def register_unet_hooks(accelerator, model_cls: type, ema_model: Any = None) -> 
                 with torch.random.fork_rng(devices=[]):
                     ema_model.save_pretrained(os.path.join(output_dir, "unet_ema"))
             for model in models:
-                model.save_pretrained(os.path.join(output_dir, "unet"))
+                model.save_pretrained(os.path.join(output_dir, subfolder))
                 weights.pop()  # make sure to pop weight so that corresponding model is not saved again
 
     def load_model_hook(models, input_dir):
@@ -143,7 +145,7 @@ def register_unet_hooks(accelerator, model_cls: type, ema_model: Any = None) -> 
             del load_model, ema_unet
         for _ in range(len(models)):
             model = models.pop()  # pop models so that they are not loaded again
-            load_model = model_cls.from_pretrained(input_dir, subfolder="unet", local_files_only=True)
+            load_model = model_cls.from_pretrained(input_dir, subfolder=subfolder, local_files_only=True)
             model.register_to_config(**load_model.config)
             model.load_state_dict(load_model.state_dict())
             del load_model
