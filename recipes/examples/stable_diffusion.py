@@ -1,6 +1,6 @@
 """The Stable Diffusion pieces the text-conditioned accelerate examples share (``train_text_to_image.py``,
-``train_dreambooth.py``): the components, small and random offline or read from a local folder, the frozen
-encoders' precision and placement, and the saved pipeline.
+``train_dreambooth.py``, ``train_controlnet.py``): the components, small and random offline or read from a local
+folder, the captioning options' check, the frozen encoders' precision and placement, and the saved pipeline.
 """
 
 from __future__ import annotations
@@ -9,6 +9,20 @@ from typing import Sequence
 
 import torch
 from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+
+
+def check_captioning(caption_template: str, proportion_empty_prompts: float) -> None:
+    """A ValueError naming ``--caption_template`` unless it has exactly one ``{}`` field (the class folder's name),
+    or ``--proportion_empty_prompts`` unless it is in [0, 1]: the ImageFolder examples' captioning options."""
+    if not 0 <= proportion_empty_prompts <= 1:
+        raise ValueError(f"--proportion_empty_prompts must be in [0, 1], got {proportion_empty_prompts}")
+    if "{}" not in caption_template:
+        raise ValueError(f"--caption_template needs a {{}} for the class name, got {caption_template!r}")
+    try:
+        caption_template.format("name")
+    except (IndexError, KeyError, ValueError) as error:
+        raise ValueError(f"--caption_template must have one {{}} (the class name) and no other fields, got "
+                         f"{caption_template!r} ({error})") from None
 
 
 def small_components(class_names: Sequence[str], template: str, resolution: int):

@@ -103,7 +103,7 @@ from .checkpointing import (
     resume_position, save_checkpoint,
 )
 from .stable_diffusion import (
-    frozen_dtype, place_frozen, pretrained_components, small_components, stable_diffusion_pipeline,
+    check_captioning, frozen_dtype, place_frozen, pretrained_components, small_components, stable_diffusion_pipeline,
 )
 
 # upstream's ControlNetConditioningEmbedding channels (from_unet's default: three stride-2 convolutions, for a VAE
@@ -155,15 +155,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     add_checkpoint_arguments(parser)
     add_analyzer_arguments(parser)  # genkernel
     args = parser.parse_args(None if argv is None else list(argv))
-    if not 0 <= args.proportion_empty_prompts <= 1:
-        raise ValueError(f"--proportion_empty_prompts must be in [0, 1], got {args.proportion_empty_prompts}")
-    if "{}" not in args.caption_template:
-        raise ValueError(f"--caption_template needs a {{}} for the class name, got {args.caption_template!r}")
-    try:
-        args.caption_template.format("name")
-    except (IndexError, KeyError, ValueError) as error:
-        raise ValueError(f"--caption_template must have one {{}} (the class name) and no other fields, got "
-                         f"{args.caption_template!r} ({error})") from None
+    check_captioning(args.caption_template, args.proportion_empty_prompts)
     check_checkpoint_arguments(args)
     for name in ("train_batch_size", "gradient_accumulation_steps", "max_train_steps", "resolution"):
         value = getattr(args, name)
