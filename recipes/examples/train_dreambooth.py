@@ -18,19 +18,21 @@ text encoder with the UNet, as upstream: one AdamW over both, clipped together, 
 ``unet/`` and ``text_encoder/`` in the checkpoints by upstream's hooks, the prompts encoded with gradients.
 ``--rank R`` is its LoRA script's flow (``train_dreambooth_lora.py``): the UNet (and with ``--train_text_encoder``
 the text encoder) frozen, peft adapters of rank R on the attention projections (``LoraConfig(r=R, lora_alpha=R,
-init_lora_weights="gaussian")``), the optimizer over them, the adapters saved as ``pytorch_lora_weights.safetensors``
-(``StableDiffusionPipeline.save_lora_weights``); its checkpoints hold the whole prepared models, as
-``train_text_to_image.py``'s LoRA flow's do (upstream's hooks write the adapters alone; the resume is the same).
+init_lora_weights="gaussian")``), the optimizer over them (its default ``--learning_rate`` 5e-4, upstream's), the
+adapters saved as ``pytorch_lora_weights.safetensors`` (``StableDiffusionPipeline.save_lora_weights``); its
+checkpoints hold the whole prepared models, as ``train_text_to_image.py``'s LoRA flow's do (upstream's hooks write
+the adapters alone; the resume is the same).
 
 Missing class images are generated as upstream generates them: when ``--class_data_dir`` holds fewer than
 ``--num_class_images`` images, the pipeline of the components before fine-tuning (``StableDiffusionPipeline``,
-50 steps, guidance 7.5, ``--sample_batch_size`` prompts a call) samples the rest from ``--class_prompt`` and
-saves them there as upstream names them (``{index}-{sha1 of the pixels}.jpg``). With a local Stable Diffusion
-folder (``--pretrained_model_name_or_path``) that is upstream's prior; with the small random components (the
-default) the "prior" is what an untrained model draws, noise-like images, which is honest about the flow but
-not a prior worth preserving: put real class images in ``--class_data_dir`` for that. Generation draws from a
-generator seeded with ``--seed`` inside a forked random state, so a run that generated its class images trains
-bit for bit as a run that found them already there.
+50 steps, guidance 7.5, ``--sample_batch_size`` prompts a call; the model folder's own scheduler, PNDM for Stable
+Diffusion 1.x, and its prediction type, whatever ``--prediction_type`` trains) samples the rest from
+``--class_prompt`` and saves them there as upstream names them (``{index}-{sha1 of the pixels}.jpg``). With a
+local Stable Diffusion folder (``--pretrained_model_name_or_path``) that is upstream's prior; with the small random
+components (the default) the "prior" is what an untrained model draws, noise-like images, which is honest about
+the flow but not a prior worth preserving: put real class images in ``--class_data_dir`` for that. Generation
+draws from a generator seeded with ``--seed`` inside a forked random state, so a run that generated its class
+images trains bit for bit as a run that found them already there.
 
 What differs from upstream, so that it runs offline and small, and resumes exactly:
 
@@ -144,7 +146,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max_train_steps", type=int, default=None,
                         help="train this many optimizer steps (as upstream: overrides --num_train_epochs)")
     parser.add_argument("--gradient_accumulation_steps", type=int, default=1)
-    parser.add_argument("--learning_rate", type=float, default=5e-6)
+    parser.add_argument("--learning_rate", type=float, default=None,
+                        help="default: 5e-6, and 5e-4 with --rank (train_dreambooth_lora.py's)")
     parser.add_argument("--scale_lr", action="store_true",
                         help="scale the learning rate by accumulation steps, batch size and processes")
     parser.add_argument("--lr_scheduler", type=str, default="constant")
@@ -184,6 +187,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         if args.class_prompt is not None:
             warnings.warn("--class_prompt is not used without --with_prior_preservation")
     check_checkpoint_arguments(args)
+    if args.learning_rate is None:  # upstream's two scripts' defaults (adapters whose B starts at zero need the larger)
+        args.learning_rate = 5e-6 if args.rank is None else 5e-4
     if args.rank is not None and args.rank < 1:
         raise ValueError(f"--rank must be at least 1 (the LoRA adapters' rank), got {args.rank}")
     for name in ("train_batch_size", "gradient_accumulation_steps", "max_train_steps", "sample_batch_size"):
@@ -280,7 +285,8 @@ def generate_class_images(components: tuple, class_data_dir: str, class_prompt: 
                           sample_batch_size: int, seed: int, device: torch.device) -> int:
     """Upstream's prior generation: sample the class images ``class_data_dir`` lacks (below ``num_class_images``)
     from ``class_prompt`` with the pipeline of ``components`` ``(tokenizer, text_encoder, vae, unet,
-    noise_scheduler)`` (default settings: 50 steps, guidance 7.5), ``sample_batch_size`` a call, saved as
+    noise_scheduler)`` (default settings: 50 steps, guidance 7.5; a fresh copy of that scheduler, of its class),
+    ``sample_batch_size`` a call, saved as
     ``{index}-{sha1 of the pixels}.jpg``. Draws from a generator seeded with ``seed`` in a forked random state (the
     training draws are those of a run that found the images there). Returns the number generated."""
     folder = Path(class_data_dir)
@@ -293,7 +299,7 @@ def generate_class_images(components: tuple, class_data_dir: str, class_prompt: 
         return 0
     tokenizer, text_encoder, vae, unet, noise_scheduler = components
     pipeline = stable_diffusion_pipeline(vae, text_encoder, tokenizer, unet,
-                                         DDPMScheduler.from_config(noise_scheduler.config))
+                                         type(noise_scheduler).from_config(noise_scheduler.config))
     pipeline.to(device)
     pipeline.set_progress_bar_config(disable=True)
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
@@ -305,6 +311,15 @@ def generate_class_images(components: tuple, class_data_dir: str, class_prompt: 
                 digest = hashlib.sha1(image.tobytes(), usedforsecurity=False).hexdigest()
                 image.save(folder / f"{present + start + offset}-{digest}.jpg")
     return missing
+
+
+def folder_scheduler(path: str):
+    """The scheduler a Stable Diffusion folder's pipeline samples with (its ``scheduler/`` config's class: PNDM for
+    Stable Diffusion 1.x), read offline."""
+    import diffusers
+
+    config = DDPMScheduler.load_config(path, subfolder="scheduler", local_files_only=True)
+    return getattr(diffusers, config["_class_name"]).from_config(config)
 
 
 class TextConditionedUNet(torch.nn.Module):  # genkernel
@@ -410,6 +425,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     else:
         components = pretrained_components(args.pretrained_model_name_or_path)
     tokenizer, text_encoder, vae, unet, noise_scheduler = components
+    # upstream samples the prior with the model's own pipeline: the folder's scheduler (PNDM for Stable Diffusion 1.x)
+    # and prediction type, taken before --prediction_type retargets the training scheduler
+    sampling_scheduler = (folder_scheduler(args.pretrained_model_name_or_path) if args.pretrained_model_name_or_path
+                          else DDPMScheduler.from_config(noise_scheduler.config))
     if args.prediction_type is not None:
         noise_scheduler.register_to_config(prediction_type=args.prediction_type)
 
@@ -417,7 +436,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     generated = 0
     if args.with_prior_preservation:
         if accelerator.is_main_process:
-            generated = generate_class_images(components, args.class_data_dir, args.class_prompt,
+            generated = generate_class_images((tokenizer, text_encoder, vae, unet, sampling_scheduler),
+                                              args.class_data_dir, args.class_prompt,
                                               args.num_class_images, args.sample_batch_size, args.seed,
                                               accelerator.device)
         accelerator.wait_for_everyone()
