@@ -15,6 +15,7 @@ uninterrupted one did.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import random
 import re
@@ -44,6 +45,18 @@ def add_analyzer_arguments(parser: argparse.ArgumentParser, probes: str = "laten
     parser.add_argument("--num_bins", type=int, default=10, help="training-timestep bins (groups)")
     parser.add_argument("--num_probes", type=int, default=16, help=f"probe ({probes}, noise level) pairs")
     parser.add_argument("--controls", type=int, default=1, help="label-permutation controls")
+
+
+def training_length(dataloader, gradient_accumulation_steps: int, max_train_steps: int | None,
+                    num_train_epochs: int) -> tuple[int, int, int]:
+    """``(optimizer steps an epoch, steps to train, epochs)`` of ``dataloader``: ``max_train_steps`` when given (as
+    upstream, it overrides the epochs, more as well as fewer), else ``num_train_epochs`` epochs. Counted before
+    ``accelerator.prepare`` for the learning-rate schedule (upstream's) and again after it, from this process's shard
+    of the batches: :func:`resume_position` places a checkpoint's step in its epoch by that count (counted on the
+    whole loader, a run on N processes resumed mid-epoch landed in another epoch and trained batches again)."""
+    per_epoch = math.ceil(len(dataloader) / gradient_accumulation_steps)
+    steps = max_train_steps or num_train_epochs * per_epoch
+    return per_epoch, steps, math.ceil(steps / per_epoch)
 
 
 def check_checkpoint_arguments(args: argparse.Namespace) -> None:

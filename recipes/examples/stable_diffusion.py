@@ -5,6 +5,7 @@ folder, the captioning options' check, the frozen encoders' precision and placem
 
 from __future__ import annotations
 
+import string
 from typing import Sequence
 
 import torch
@@ -16,13 +17,17 @@ def check_captioning(caption_template: str, proportion_empty_prompts: float) -> 
     or ``--proportion_empty_prompts`` unless it is in [0, 1]: the ImageFolder examples' captioning options."""
     if not 0 <= proportion_empty_prompts <= 1:
         raise ValueError(f"--proportion_empty_prompts must be in [0, 1], got {proportion_empty_prompts}")
-    if "{}" not in caption_template:
-        raise ValueError(f"--caption_template needs a {{}} for the class name, got {caption_template!r}")
-    try:
-        caption_template.format("name")
-    except (IndexError, KeyError, ValueError) as error:
+    try:  # the replacement fields as str.format reads them ("{{}}" is a literal brace pair, not a field)
+        fields = [(field, spec, conversion) for _, field, spec, conversion in string.Formatter().parse(caption_template)
+                  if field is not None]
+    except ValueError as error:
         raise ValueError(f"--caption_template must have one {{}} (the class name) and no other fields, got "
                          f"{caption_template!r} ({error})") from None
+    if not fields:
+        raise ValueError(f"--caption_template needs a {{}} for the class name, got {caption_template!r}")
+    if fields != [("", "", None)]:
+        raise ValueError(f"--caption_template must have one {{}} (the class name) and no other fields, got "
+                         f"{caption_template!r}")
 
 
 def small_components(class_names: Sequence[str], template: str, resolution: int):

@@ -100,7 +100,7 @@ from genkernel.diffusion import ControlNetDenoiser, NoiseLevelAnalyzer, freeze_a
 
 from .checkpointing import (
     EpochRNG, add_analyzer_arguments, add_checkpoint_arguments, check_checkpoint_arguments, register_unet_hooks,
-    resume_position, save_checkpoint,
+    resume_position, save_checkpoint, training_length,
 )
 from .stable_diffusion import (
     check_captioning, frozen_dtype, place_frozen, pretrained_components, small_components, stable_diffusion_pipeline,
@@ -336,9 +336,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     train_dataloader = torch.utils.data.DataLoader(dataset, shuffle=True, collate_fn=collate_fn,
                                                    batch_size=args.train_batch_size)
 
-    num_update_steps_per_epoch = math.ceil(len(train_dataloader) / args.gradient_accumulation_steps)
-    max_train_steps = args.max_train_steps or args.num_train_epochs * num_update_steps_per_epoch
-    num_train_epochs = math.ceil(max_train_steps / num_update_steps_per_epoch)
+    num_update_steps_per_epoch, max_train_steps, num_train_epochs = training_length(
+        train_dataloader, args.gradient_accumulation_steps, args.max_train_steps, args.num_train_epochs)
     lr_scheduler = get_scheduler(
         args.lr_scheduler, optimizer=optimizer,
         num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
@@ -347,6 +346,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     )
     controlnet, optimizer, train_dataloader, lr_scheduler = accelerator.prepare(controlnet, optimizer, train_dataloader,
                                                                                 lr_scheduler)
+    # (upstream) this process's shard of the batches: an epoch's steps counted again (resume_position reads them)
+    num_update_steps_per_epoch, max_train_steps, num_train_epochs = training_length(
+        train_dataloader, args.gradient_accumulation_steps, args.max_train_steps, args.num_train_epochs)
 
     weight_dtype = frozen_dtype(accelerator)  # the frozen encoders': reduced only where accelerate autocasts
     place_frozen((text_encoder, vae), accelerator.device, weight_dtype)

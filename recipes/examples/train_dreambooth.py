@@ -109,7 +109,7 @@ from genkernel.diffusion import NoiseLevelAnalyzer, freeze_attention_key_biases 
 
 from .checkpointing import (
     EpochRNG, add_analyzer_arguments, add_checkpoint_arguments, check_checkpoint_arguments, register_unet_hooks,
-    resume_position, save_checkpoint,
+    resume_position, save_checkpoint, training_length,
 )
 from .stable_diffusion import (
     frozen_dtype, place_frozen, pretrained_components, small_components, stable_diffusion_pipeline,
@@ -488,9 +488,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         train_dataset, batch_size=args.train_batch_size, shuffle=True,
         collate_fn=lambda examples: collate_fn(examples, args.with_prior_preservation))
 
-    num_update_steps_per_epoch = math.ceil(len(train_dataloader) / args.gradient_accumulation_steps)
-    max_train_steps = args.max_train_steps or args.num_train_epochs * num_update_steps_per_epoch
-    num_train_epochs = math.ceil(max_train_steps / num_update_steps_per_epoch)
+    num_update_steps_per_epoch, max_train_steps, num_train_epochs = training_length(
+        train_dataloader, args.gradient_accumulation_steps, args.max_train_steps, args.num_train_epochs)
     lr_scheduler = get_scheduler(
         args.lr_scheduler, optimizer=optimizer,
         num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
@@ -503,6 +502,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     else:
         unet, optimizer, train_dataloader, lr_scheduler = accelerator.prepare(unet, optimizer, train_dataloader,
                                                                               lr_scheduler)
+    # (upstream) this process's shard of the batches: an epoch's steps counted again (resume_position reads them)
+    num_update_steps_per_epoch, max_train_steps, num_train_epochs = training_length(
+        train_dataloader, args.gradient_accumulation_steps, args.max_train_steps, args.num_train_epochs)
 
     weight_dtype = frozen_dtype(accelerator)
     place_frozen((vae,) if args.train_text_encoder else (text_encoder, vae), accelerator.device, weight_dtype)
