@@ -39,6 +39,24 @@ def assert_identity(ledger, what):
     torch.testing.assert_close(total, ledger.delta, rtol=0, atol=1e-12 * float(ledger.delta.abs().max()), msg=what)
 
 
+def assert_encoders_counted(analyzer):
+    """The cost's bare step holds the frozen VAE's encode and text encoder's pass of every example (the example's
+    step_overhead): within 15 % of torch's operation count of those over one UNet forward (the estimate counts
+    linear and convolutional layers, torch the attention products too), on the example's small components."""
+    from recipes.benchmarks.harness import counted_flops
+    from recipes.examples.stable_diffusion import small_components
+
+    tokenizer, text_encoder, vae, unet, _ = small_components(["circles", "squares"], "a picture of a {}", 16)
+    image = torch.randn(1, 3, 16, 16)
+    ids = tokenizer(["a picture of a circles"], padding="max_length", max_length=tokenizer.model_max_length,
+                    truncation=True, return_tensors="pt").input_ids
+    with torch.no_grad():
+        latent, text = vae.encode(image).latent_dist.mean, text_encoder(ids)[0]
+        encoders = counted_flops(lambda: vae.encode(image))[0] + counted_flops(lambda: text_encoder(ids))[0]
+        forward = counted_flops(lambda: unet(latent, torch.tensor([3]), text))[0]
+    assert analyzer.tracker.cost.settings["step_overhead"] == pytest.approx(encoders / forward, rel=0.15)
+
+
 def test_the_text_to_image_flow_keeps_exact_ledgers_trains_bit_for_bit_and_resumes_mid_epoch(image_folder, tmp_path):
     analyzed = run(image_folder, tmp_path / "analyzed", "--checkpointing_steps", "1")
     analyzer = analyzed["analyzer"]
@@ -54,6 +72,7 @@ def test_the_text_to_image_flow_keeps_exact_ledgers_trains_bit_for_bit_and_resum
     torch.testing.assert_close(level_class.contributions.reshape(3, 2, 2, -1).sum(2), level.contributions, rtol=0,
                                atol=64 * torch.finfo(torch.float32).eps * float(level.contributions.abs().max()))
     assert_identity(analyzer.ema_ledgers["level"], "ema")
+    assert_encoders_counted(analyzer)
     report = json.loads((tmp_path / "analyzed" / "genkernel_report.json").read_text())
     assert "ema" in report
     for name in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"):

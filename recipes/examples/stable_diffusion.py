@@ -30,6 +30,38 @@ def check_captioning(caption_template: str, proportion_empty_prompts: float) -> 
                          f"{caption_template!r}")
 
 
+class _Encode(torch.nn.Module):
+    """``vae.encode(x)``'s posterior mean as a module (the VAE a submodule), for ``example_counts``' hooks."""
+
+    def __init__(self, vae) -> None:
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.vae.encode(images).latent_dist.mean
+
+
+def encoders_step_overhead(denoiser, denoiser_inputs: tuple, vae, image: torch.Tensor, text_encoder=None,
+                           input_ids: torch.Tensor | None = None) -> float:  # genkernel
+    """Example-forwards of ``denoiser`` that a step's frozen encoders run per example: the VAE's encode of ``image``
+    ``[1, 3, H, W]`` and, with ``text_encoder``, its encoding of ``input_ids`` ``[1, L]`` (left out when it trains:
+    it is then in the denoiser), their linear and convolutional multiply-adds over the denoiser's on
+    ``denoiser_inputs`` (one example; :func:`genkernel.core.cost.example_counts`): the analyzer's
+    ``bind(step_overhead=)``, so that the ratio its cost estimate prints compares with the step the loop runs.
+    Counted in analysis mode (eval, the random state forked): training draws nothing less."""
+    from genkernel.core.adapter import analysis_mode
+    from genkernel.core.cost import example_counts
+
+    def macs(module, inputs):
+        with analysis_mode(module):
+            return example_counts(module, inputs)[1]
+
+    extra = macs(_Encode(vae), (image,))
+    if text_encoder is not None:
+        extra += macs(text_encoder, (input_ids,))
+    return extra / max(macs(denoiser, denoiser_inputs), 1)
+
+
 def small_components(class_names: Sequence[str], template: str, resolution: int):
     """Random, offline ``(tokenizer, text_encoder, vae, unet, noise_scheduler)`` of the kinds Stable Diffusion
     has: a word-level tokenizer over the captions' words (split by its own normalizer and pre-tokenizer, so

@@ -103,7 +103,8 @@ from .checkpointing import (
     resume_position, save_checkpoint, training_length,
 )
 from .stable_diffusion import (
-    check_captioning, frozen_dtype, place_frozen, pretrained_components, small_components, stable_diffusion_pipeline,
+    check_captioning, encoders_step_overhead, frozen_dtype, place_frozen, pretrained_components, small_components,
+    stable_diffusion_pipeline,
 )
 
 # upstream's ControlNetConditioningEmbedding channels (from_unet's default: three stride-2 convolutions, for a VAE
@@ -381,8 +382,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
     if analyzer is not None:  # genkernel: the script's forward as one module over the ControlNet's parameters
         tracked = ControlNetDenoiser(unet, accelerator.unwrap_model(controlnet))  # genkernel: the UNet stays in eval mode
+        example = (probe_latents[:1].float(), torch.tensor([0], device=accelerator.device), probe_text[:1].float(),  # genkernel
+                   probe_controls[:1].float())  # genkernel: the frozen encoders' work per example, in forwards
+        overhead = encoders_step_overhead(tracked, example, vae, images[:1], text_encoder,  # genkernel
+                                          tokenize_captions([captions[0]]).to(accelerator.device))  # genkernel
         analyzer.bind(tracked, optimizer, batch_size=args.train_batch_size * args.gradient_accumulation_steps,  # genkernel
-                      micro_batches=args.gradient_accumulation_steps, start_step=global_step)  # genkernel
+                      micro_batches=args.gradient_accumulation_steps, start_step=global_step,  # genkernel
+                      step_overhead=overhead)  # genkernel
 
     for epoch in range(first_epoch, num_train_epochs):
         if global_step >= max_train_steps:  # resumed from the last step's checkpoint: nothing is left to train

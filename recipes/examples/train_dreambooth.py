@@ -112,7 +112,8 @@ from .checkpointing import (
     resume_position, save_checkpoint, training_length,
 )
 from .stable_diffusion import (
-    frozen_dtype, place_frozen, pretrained_components, small_components, stable_diffusion_pipeline,
+    encoders_step_overhead, frozen_dtype, place_frozen, pretrained_components, small_components,
+    stable_diffusion_pipeline,
 )
 
 INSTANCE, PRIOR = 0, 1  # the class labels the analyzer splits the rows by (genkernel)
@@ -547,8 +548,15 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         rows_per_batch = args.train_batch_size * (2 if args.with_prior_preservation else 1)  # genkernel
         tracked = unet if not args.train_text_encoder else TextConditionedUNet(  # genkernel: the two as one model
             accelerator.unwrap_model(unet), accelerator.unwrap_model(text_encoder))  # genkernel
+        example = (probe_latents[:1], torch.tensor([0], device=accelerator.device), probe_text[:1].to(  # genkernel
+            accelerator.device))  # genkernel: the frozen encoders' work per example (a trained text encoder's is the model's)
+        overhead = encoders_step_overhead(  # genkernel
+            tracked if args.train_text_encoder else accelerator.unwrap_model(unet), example, vae,  # genkernel
+            images[:1].to(accelerator.device, weight_dtype), None if args.train_text_encoder else text_encoder,  # genkernel
+            probe_ids[:1].to(accelerator.device))  # genkernel
         analyzer.bind(tracked, optimizer, batch_size=rows_per_batch * args.gradient_accumulation_steps,  # genkernel
-                      micro_batches=args.gradient_accumulation_steps, start_step=global_step)  # genkernel
+                      micro_batches=args.gradient_accumulation_steps, start_step=global_step,  # genkernel
+                      step_overhead=overhead)  # genkernel
 
     for epoch in range(first_epoch, num_train_epochs):
         if global_step >= max_train_steps:  # resumed from the last step's checkpoint: nothing is left to train

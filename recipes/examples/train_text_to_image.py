@@ -83,7 +83,8 @@ from .checkpointing import (
     resume_position, save_checkpoint, training_length,
 )
 from .stable_diffusion import (
-    check_captioning, frozen_dtype, place_frozen, pretrained_components, small_components, stable_diffusion_pipeline,
+    check_captioning, encoders_step_overhead, frozen_dtype, place_frozen, pretrained_components, small_components,
+    stable_diffusion_pipeline,
 )
 
 
@@ -259,9 +260,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                                                             attach=[] if analyzer is None else [analyzer])  # genkernel
 
     if analyzer is not None:  # genkernel: bound after load_state, its steps numbered on from the checkpoint's
+        unet_example = (probe_latents[:1].float(), torch.tensor([0], device=accelerator.device), probe_text[:1].float())  # genkernel
+        overhead = encoders_step_overhead(accelerator.unwrap_model(unet), unet_example, vae, images[:1],  # genkernel
+                                          text_encoder, tokenize_captions([captions[0]]).to(accelerator.device))  # genkernel
         analyzer.bind(unet, optimizer, ema=ema_unet if args.use_ema else None,  # genkernel
                       batch_size=args.train_batch_size * args.gradient_accumulation_steps,  # genkernel
-                      micro_batches=args.gradient_accumulation_steps, start_step=global_step)  # genkernel
+                      micro_batches=args.gradient_accumulation_steps, start_step=global_step,  # genkernel
+                      step_overhead=overhead)  # genkernel
 
     for epoch in range(first_epoch, num_train_epochs):
         if global_step >= max_train_steps:  # resumed from the last step's checkpoint: nothing is left to train
