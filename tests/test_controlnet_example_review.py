@@ -17,20 +17,10 @@ import torch
 pytest.importorskip("transformers")
 
 from recipes.examples.stable_diffusion import small_components  # noqa: E402
-from recipes.examples.train_controlnet import main, parse_args  # noqa: E402
+from recipes.examples.train_controlnet import parse_args  # noqa: E402
+from test_controlnet_example import run  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("fresh_accelerate")  # conftest: one thread, accelerate reset
-
-
-def run(image_folder, out, *extra):
-    """train_controlnet.main on the 12-image folder: batches of 2, accumulation over 2 (3 optimizer steps an epoch
-    in one process); returns main's dict."""
-    return main([
-        "--train_data_dir", str(image_folder), "--output_dir", str(out), "--train_batch_size", "2",
-        "--gradient_accumulation_steps", "2", "--learning_rate", "1e-3", "--lr_warmup_steps", "0",
-        "--max_grad_norm", "0.05", "--proportion_empty_prompts", "0.3", "--num_bins", "2", "--num_probes", "3",
-        "--controls", "1", *extra,
-    ])
 
 
 def same_parameters(first, second):
@@ -67,7 +57,8 @@ def test_a_caption_template_whose_only_braces_are_escaped_is_refused(tmp_path):
     a literal pair of braces)."""
     folder = tmp_path / "images"
     folder.mkdir()
-    assert "a {{}}".format("circles") == "a {}"  # (why the old check let it through: no field, no error)
+    escaped = "a {{}}"
+    assert escaped.format("circles") == "a {}"  # (why the old check let it through: no field, no error)
     with pytest.raises(ValueError, match=r"--caption_template needs a \{\} for the class name"):
         parse_args(["--train_data_dir", str(folder), "--caption_template", "a {{}}"])
     for template in ("a picture of a {}", "{{a}} {}"):
