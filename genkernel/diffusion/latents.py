@@ -214,4 +214,3 @@ class _EncodePass(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self._coder._posterior(images, images.shape[0])[0]
-

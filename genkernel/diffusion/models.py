@@ -26,6 +26,8 @@ __all__ = [
     "tiny_unet",
     "freeze_attention_key_biases",
     "PositionalInputs",
+    "ControlNetDenoiser",
+    "wrapper_settings",
 ]
 
 

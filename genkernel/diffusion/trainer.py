@@ -84,8 +84,7 @@ from .learned_variance import LEARNED_RANGE, loss_targets, mean_channels, predic
 from .timestep_sampling import Density, Weighting, make_loss_weighting, make_timestep_density
 from .objectives import (
     DDPM_PROCESS, check_prediction_type, check_timesteps, dream_correction, noise_process, noise_schedule_config,
-    noisy_input,
-    num_train_timesteps, same_noise_schedule, training_levels, training_target,
+    noisy_input, num_train_timesteps, same_noise_schedule, training_levels, training_target,
 )
 
 OPTIMIZERS = ("adam", "adamw", "sgd")
@@ -1047,8 +1046,7 @@ class DDPMTrainer:
             saved_config = {"timestep_density": {"density": "uniform"}, "loss_weighting": {"weighting": "none"},
                             "ema": None, "class_dropout": ClassDropout().config(), "lr_scheduler": None,
                             "learned_variance": None, "micro_batches": 1, "mixed_precision": "no", "noise_offset": 0.0,
-                            "input_perturbation": 0.0, "vae": None, "dream": None,
-                            **saved_config}
+                            "input_perturbation": 0.0, "vae": None, "dream": None, **saved_config}
         check_resume_config(saved_config, self._resume_config(), "DDPMTrainer")
         if tensor_data and int(state["order"].numel()) not in (0, self.data.shape[0]):
             raise ValueError(

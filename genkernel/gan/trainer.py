@@ -865,30 +865,29 @@ class GANTrainer:
     def _check_generator_loss(self) -> None:
         """With ``augment=``, refuse a ``g_loss`` replaced by one that does not apply the trainer's augmentation: it
         would get the parameters as targets and ignore them, G training unaugmented beside an augmented D."""
-        if self.augment is None or (isinstance(self.g_loss, AugmentedGeneratorLoss)
-                                    and self.g_loss.augment is self.augment):
-            return
-        raise ValueError(
-            f"trainer.g_loss was replaced by a {type(self.g_loss).__name__}, which does not apply the trainer's "
-            f"augmentation {self.augment!r}: G's steps would train unaugmented while D's are augmented. Give "
-            "AugmentedGeneratorLoss(discriminator, trainer.augment, ...) (it reads its parameters from the targets), "
-            "or build the trainer without augment="
-        )
+        self._check_augmented("g_loss", AugmentedGeneratorLoss, "G's steps would train unaugmented while D's are "
+                              "augmented", "AugmentedGeneratorLoss(discriminator, trainer.augment, ...) (it reads its "
+                              "parameters from the targets)")
 
     def _check_critic(self) -> None:
         """With ``augment=``, refuse a ``critic`` replaced by one that does not apply the trainer's augmentation:
         a plain DiscriminatorObjective gets the parameters where a conditional D's classes go (a D with an optional
         second argument ignores them: D trained unaugmented beside an augmented G), one of another DiffAugment
         reads the columns of its own policy order."""
-        if self.augment is None or (isinstance(self.critic, AugmentedDiscriminatorObjective)
-                                    and self.critic.augment is self.augment):
+        self._check_augmented("critic", AugmentedDiscriminatorObjective, "D's steps would train on other images than "
+                              "G's (the parameters are drawn in the trainer's policy's columns)",
+                              "AugmentedDiscriminatorObjective(discriminator, trainer.augment, penalty=...) (it reads "
+                              "its parameters from its inputs)")
+
+    def _check_augmented(self, attribute: str, kind: type, harm: str, fix: str) -> None:
+        """A ValueError naming ``harm`` and ``fix`` when ``augment=`` is set and ``self.<attribute>`` is not a ``kind``
+        applying ``self.augment`` itself."""
+        value = getattr(self, attribute)
+        if self.augment is None or (isinstance(value, kind) and value.augment is self.augment):
             return
-        raise ValueError(
-            f"trainer.critic was replaced by a {type(self.critic).__name__} that does not apply the trainer's "
-            f"augmentation {self.augment!r} (its parameters are drawn in that policy's columns): D's steps would train "
-            "on other images than G's. Give AugmentedDiscriminatorObjective(discriminator, trainer.augment, "
-            "penalty=...) (it reads its parameters from its inputs), or build the trainer without augment="
-        )
+        raise ValueError(f"trainer.{attribute} was replaced by a {type(value).__name__}, which does not apply the "
+                         f"trainer's augmentation {self.augment!r}: {harm}. Give {fix}, or build the trainer without "
+                         "augment=")
 
     def _draw_augmentation(self, batch: int, like: torch.Tensor) -> torch.Tensor:
         """``[batch, P]`` augmentation parameters for rows shaped like ``like [B, ...]``, from the trainer's
