@@ -99,7 +99,7 @@ from torch import nn
 
 from .adapter import has_state_outside_training
 from .engine.factored import BlockShape, block_shapes
-from .engine.factors import dense_pair_is_cheaper, lean_materializes, self_kernel_materializes
+from .engine.factors import covering_plan, dense_pair_is_cheaper, lean_materializes, self_kernel_materializes
 from .engine.projections import PROJECTION_CHUNK_BYTES, weight_projection_macs
 
 GiB = 2**30
@@ -329,6 +329,38 @@ def example_counts(model: nn.Module, example: tuple[torch.Tensor, ...]) -> tuple
     return counts[0], counts[1], counts[2]
 
 
+def fallback_product_macs(model: nn.Module, example: tuple[torch.Tensor, ...],
+                          fallback: dict[str, torch.Tensor]) -> int:
+    """Multiply-adds of one example's forward (the first of ``example``'s rows, no grad) in the matrix products
+    and convolutions an operand of which is one of the ``fallback`` parameters (outside the covering plan's
+    blocks: a raw weight passed to ``F.linear`` or ``einsum``), as torch.utils.flop_counter counts them (its
+    FLOPs halved); :func:`example_counts` counts only the products of Linear and convolution modules."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils.flop_counter import flop_registry
+
+    storages = {p.untyped_storage().data_ptr() for p in fallback.values() if p.numel() and p.device.type != "meta"}
+    if not storages:
+        return 0
+    total = [0]
+
+    def touches_fallback(value: Any) -> bool:
+        return (isinstance(value, torch.Tensor) and value.device.type != "meta" and value.numel() > 0
+                and value.untyped_storage().data_ptr() in storages)
+
+    class FallbackProducts(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            out = func(*args, **kwargs)
+            counter = flop_registry.get(func._overloadpacket)
+            if counter is not None and any(touches_fallback(a) for a in args):
+                total[0] += counter(*args, **kwargs, out_val=out) // 2
+            return out
+
+    with torch.no_grad(), FallbackProducts():
+        model(*(t[:1] for t in example))
+    return total[0]
+
+
 def activation_elements(model: nn.Module, example: tuple[torch.Tensor, ...]) -> int:
     """Elements of every module output for one example (a forward with hooks, no grad)."""
     return example_counts(model, example)[0]
@@ -438,7 +470,7 @@ def estimate_cost(
     options = cost_options(options)
     if isinstance(witness_copies, bool) or not isinstance(witness_copies, int) or witness_copies < 0:
         raise ValueError(f"witness_copies must be an int >= 0, got {witness_copies!r}")
-    if isinstance(step_overhead, bool) or not isinstance(step_overhead, (int, float)) or not (
+    if isinstance(step_overhead, bool) or not isinstance(step_overhead, numbers.Real) or not (
             math.isfinite(step_overhead) and step_overhead >= 0):
         raise ValueError(f"step_overhead must be a finite number >= 0 (example-forwards), got {step_overhead!r}")
     unknown = [g for g in group_states if g not in GROUP_STATE_CHOICES] if isinstance(group_states, tuple) else [group_states]
@@ -500,8 +532,12 @@ def estimate_cost(
             chunk = (b if gradient_route == "example" and reads_training
                      else max(1, memory_budget // (3 * max(num, 1) * param_bytes)) if own_pass
                      else max(1, memory_budget // (4 * largest_bytes)))
-            forward = float(macs) if macs else forward_macs(shapes, fallback)
-            share = trainable_macs / macs if macs else 1.0
+            # The unit, one example's forward: the Linear and convolution layers' products (example_counts) and
+            # those of the fallback parameters (a raw weight in F.linear, einsum), which the rows' R·B·P and the
+            # per-example gradients below count in whole (they are trained: in the weight share too).
+            outside = fallback_product_macs(model, probes, covering_plan(model, probes).fallback) if fallback else 0
+            forward = float(macs + outside) if macs + outside else forward_macs(shapes, fallback)
+            share = (trainable_macs + outside) / (macs + outside) if macs + outside else 1.0
             work["group_gradients"] = dense_gradient_work(
                 shapes, fallback, batch=b, rows=rows, partitions=partitions, example_chunk=chunk,
                 route="example" if own_pass else "training" if gradient_route == "example" else "factored",
@@ -1068,7 +1104,7 @@ def _cheaper_options(estimate: CostEstimate, group_state: str, state_dtype: torc
 __all__ = [
     "CHECK_TEMPORARIES", "COST_OPTIONS", "CostEstimate", "PUSH_ROW_ACTIVATIONS", "available_memory", "cgroup_free_memory",
     "GROUP_STATE_CHOICES", "check_bytes", "cost_options", "estimate_cost", "factor_route_work", "forward_macs", "held_bytes", "ledger_bytes", "linear_state_rows",
-    "frozen_bytes", "optimizer_state_copies", "optimizer_state_values", "plain_hyperparameter", "plain_sgd", "projection_bytes", "push_pass_bytes", "push_pass_shape", "push_route", "reads_training_pass",
+    "fallback_product_macs", "frozen_bytes", "optimizer_state_copies", "optimizer_state_values", "plain_hyperparameter", "plain_sgd", "projection_bytes", "push_pass_bytes", "push_pass_shape", "push_route", "reads_training_pass",
     "sketch_temporary_bytes", "sketch_work", "dense_gradient_work", "input_gradient_share", "row_sum_products", "sketchable", "splitter_state_copies",
     "tangent_bytes", "bare_step_forwards", "example_counts",
 ]

@@ -343,6 +343,7 @@ class NoiseLevelAnalyzer(TrainerCallback):
         self.tracker: PathKernelTracker | None = None
         self.model: nn.Module | None = None
         self._pending_state: dict[str, Any] | None = None
+        self._overhead_pending = False  # a DataLoader trainer's VAE encode, counted at its first batch
         self._reset_records()
 
     # -- binding -----------------------------------------------------------------------------
@@ -483,6 +484,20 @@ class NoiseLevelAnalyzer(TrainerCallback):
             self.bind(trainer.model, trainer.optimizer, ema=self._trainer_ema(trainer),
                       max_grad_norm=getattr(trainer, "max_grad_norm", math.inf), batch_size=batch_size,
                       micro_batches=micro_batches, step_overhead=self._trainer_overhead(trainer))
+            # (a DataLoader's images are shaped by its first batch, not drawn yet: the VAE's encode is counted then)
+            self._overhead_pending = (getattr(trainer, "latent_coder", None) is not None
+                                      and getattr(trainer, "input_shape", None) is None)
+
+    def _recount_overhead(self, overhead: float) -> None:
+        """The bound cost's bare step with the trainer's work outside its model counted again (``overhead``
+        example-forwards per example): no memory part changes, so no fit check runs again."""
+        cost = self.tracker.cost
+        cost.bare_step += (overhead - cost.settings["step_overhead"]) * cost.settings["batch"]
+        cost.settings["step_overhead"] = float(overhead)
+        self.tracker._cost_settings["step_overhead"] = float(overhead)  # (an EMA ledger's estimate, later)
+        if self.progress:
+            print(f"[genkernel] NoiseLevelAnalyzer, the VAE's encode counted at the first batch: {cost.describe()}",
+                  file=sys.stderr)
 
     def _trainer_overhead(self, trainer: Any) -> float:
         """The trainer's work per example outside its model's forward and backward, in example-forwards of the
@@ -542,7 +557,11 @@ class NoiseLevelAnalyzer(TrainerCallback):
         if self.tracker is None:
             self._check_trainer_scheduler(trainer)
             self.bind(step.model, step.optimizer, ema=self._trainer_ema(trainer), max_grad_norm=step.max_grad_norm,
-                      batch_size=step.batch, micro_batches=step.micro_batches, start_step=index - 1)
+                      batch_size=step.batch, micro_batches=step.micro_batches, start_step=index - 1,
+                      step_overhead=self._trainer_overhead(trainer))
+        elif self._overhead_pending:
+            self._overhead_pending = False
+            self._recount_overhead(self._trainer_overhead(trainer))
         current = getattr(trainer, "global_step", None)
         self._global_step = None if current is None else current + 1  # 1-based index of this step
         return self.track(step, step.info["timesteps"], class_labels=step.info.get("class_labels")).losses

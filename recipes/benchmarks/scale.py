@@ -437,7 +437,8 @@ def memory_comparison(s: dict, seed: int, threads: int) -> dict:
     estimate = tracked["estimate"]
     memory = estimate["memory_bytes"]
     predicted_total = estimate["total_bytes"]
-    predicted_analysis = predicted_total - memory.get("training_step", 0)
+    # (the frozen weights are in both processes: in the total, not in what analysis adds; CostEstimate.analysis_bytes)
+    predicted_analysis = predicted_total - memory.get("training_step", 0) - memory.get("frozen_weights", 0)
     measured_total = tracked["peak_rss"] - tracked["rss_before_model"]
     measured_training = bare["peak_rss"] - bare["rss_before_model"]
     # each process's own RSS before the model subtracted from its own peak (the raw difference of
