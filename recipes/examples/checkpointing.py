@@ -75,9 +75,12 @@ class EpochRNG:
     run did (``load_state``'s own random states, as of the checkpoint, would draw another shuffle and
     augment the skipped batches again)."""
 
-    def __init__(self, generator: torch.Generator | None = None) -> None:
+    def __init__(self, generator: torch.Generator | None = None, settings: dict[str, Any] | None = None) -> None:
         self.generator = generator
         self.state: dict[str, Any] = {}
+        # the run's options a resume must share (``--mixed_precision``: the probes are encoded in its dtype, and the
+        # analyzer's saved state of the other one is refused as "other probe values", not naming the option)
+        self.settings = dict(settings or {})
 
     def record(self, epoch: int) -> None:
         self.state = {"epoch": epoch, "torch": torch.get_rng_state(),
@@ -98,10 +101,18 @@ class EpochRNG:
             self.generator.set_state(self.state["generator"])
 
     def state_dict(self) -> dict[str, Any]:
-        return dict(self.state)
+        return {**self.state, "settings": dict(self.settings)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.state = dict(state)
+        """Load the epoch's random states; a ValueError naming the options in which the checkpoint's run and this
+        one differ (a checkpoint written before it recorded them is not compared)."""
+        state = dict(state)
+        saved = state.pop("settings", None) or {}
+        differ = [f"--{key} {saved[key]} (here {value})" for key, value in self.settings.items()
+                  if key in saved and saved[key] != value]
+        if differ:
+            raise ValueError(f"the checkpoint was saved by a run with {', '.join(differ)}: resume with the same options")
+        self.state = state
 
 
 def saved_checkpoints(output_dir: str) -> list[str]:

@@ -356,7 +356,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     place_frozen((unet,), accelerator.device, torch.float32)  # (float32 beside autocast: see the module's docstring)
 
     register_unet_hooks(accelerator, ControlNetModel, subfolder="controlnet")  # upstream's hooks: checkpoint/controlnet
-    epoch_rng = EpochRNG(getattr(train_dataloader, "synchronized_generator", None))
+    epoch_rng = EpochRNG(getattr(train_dataloader, "synchronized_generator", None),
+                         settings={"mixed_precision": args.mixed_precision})
     accelerator.register_for_checkpointing(epoch_rng)
 
     analyzer = None  # genkernel: the noise-level ledger in latent space

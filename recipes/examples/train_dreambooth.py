@@ -515,7 +515,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         register_text_encoder_hooks(accelerator, accelerator.unwrap_model(unet), accelerator.unwrap_model(text_encoder))
     else:
         register_unet_hooks(accelerator, UNet2DConditionModel)
-    epoch_rng = EpochRNG(getattr(train_dataloader, "synchronized_generator", None))
+    epoch_rng = EpochRNG(getattr(train_dataloader, "synchronized_generator", None),
+                         settings={"mixed_precision": args.mixed_precision})
     accelerator.register_for_checkpointing(epoch_rng)
 
     analyzer, probe_is_instance = None, None  # genkernel: the noise-level × source ledger in latent space

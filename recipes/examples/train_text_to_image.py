@@ -236,7 +236,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
     if args.rank is None:  # (the LoRA flow saves the whole prepared UNet, adapters included, as accelerate does)
         register_unet_hooks(accelerator, UNet2DConditionModel, ema_unet if args.use_ema else None)  # upstream's hooks
-    epoch_rng = EpochRNG(getattr(train_dataloader, "synchronized_generator", None))
+    epoch_rng = EpochRNG(getattr(train_dataloader, "synchronized_generator", None),
+                         settings={"mixed_precision": args.mixed_precision})
     accelerator.register_for_checkpointing(epoch_rng)
 
     analyzer = None  # genkernel: the noise-level ledger in latent space

@@ -287,7 +287,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     # upstream's hooks: `accelerator.save_state(...)` writes the UNet and the EMA in diffusers' format
     register_unet_hooks(accelerator, UNet2DModel, ema_model if args.use_ema else None)
     # the random states as each epoch began, in the checkpoints: a resume mid-epoch replays the epoch's draws
-    epoch_rng = EpochRNG(getattr(train_dataloader, "synchronized_generator", None))
+    epoch_rng = EpochRNG(getattr(train_dataloader, "synchronized_generator", None),
+                         settings={"mixed_precision": args.mixed_precision})
     accelerator.register_for_checkpointing(epoch_rng)
 
     analyzer = None  # genkernel: the noise-level ledger; probes are dataset images without random augmentations
