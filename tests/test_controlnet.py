@@ -101,6 +101,21 @@ def test_the_wrapper_is_the_scripts_two_calls():
         ControlNetDenoiser(unet, controlnet, conditioning_scale=float("nan"))
 
 
+def train_as_the_script(unet, controlnet, seen):
+    """``controlnet`` after train_controlnet.py's loop (``controlnet.train()``, AdamW at 1e-3, the residuals then
+    the UNet under them, the MSE to the target) over the steps ``seen`` recorded (their inputs and targets)."""
+    controlnet.train()
+    optimizer = torch.optim.AdamW(controlnet.parameters(), lr=1e-3)
+    for (z, t, e, c), target in zip(seen.inputs, seen.targets):
+        down, mid = controlnet(z, t, encoder_hidden_states=e, controlnet_cond=c, return_dict=False)
+        prediction = unet(z, t, encoder_hidden_states=e, down_block_additional_residuals=down,
+                          mid_block_additional_residual=mid, return_dict=False)[0]
+        optimizer.zero_grad()
+        torch.nn.functional.mse_loss(prediction, target).backward()
+        optimizer.step()
+    return controlnet
+
+
 def test_two_steps_equal_the_scripts_loop_and_the_unet_does_not_move():
     """AdamW over the ControlNet, the UNet frozen: the weights after two steps equal the loop of train_controlnet.py
     (controlnet residuals, the UNet under them, the MSE to ε) on the trainer's draws, to float64 rounding."""
@@ -108,15 +123,7 @@ def test_two_steps_equal_the_scripts_loop_and_the_unet_does_not_move():
     run = trainer(seen)
     frozen = copy.deepcopy(run.model.unet.state_dict())
     run.train(2)
-    unet, controlnet = models()
-    optimizer = torch.optim.AdamW(controlnet.parameters(), lr=1e-3)
-    for (z, t, e, c), target in zip(seen.inputs, seen.targets):
-        down, mid = controlnet(z, t, encoder_hidden_states=e, controlnet_cond=c, return_dict=False)
-        pred = unet(z, t, encoder_hidden_states=e, down_block_additional_residuals=down,
-                    mid_block_additional_residual=mid, return_dict=False)[0]
-        optimizer.zero_grad()
-        torch.nn.functional.mse_loss(pred, target).backward()
-        optimizer.step()
+    controlnet = train_as_the_script(*models(), seen)
     for p, q in zip(run.model.controlnet.parameters(), controlnet.parameters()):
         torch.testing.assert_close(p, q, rtol=0, atol=1e-12)
     assert all(torch.equal(v, frozen[k]) for k, v in run.model.unet.state_dict().items())

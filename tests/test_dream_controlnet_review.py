@@ -20,7 +20,7 @@ import torch
 
 from genkernel.diffusion import ControlNetDenoiser, DDPMTrainer, make_scheduler
 from test_failed_step_retry import RefusesOnce
-from test_controlnet import Seen, controlnet_from, cross_attention_unet
+from test_controlnet import Seen, controlnet_from, cross_attention_unet, train_as_the_script
 from test_controlnet import data as conditioning_data
 
 F64 = torch.float64
@@ -51,16 +51,7 @@ def test_a_frozen_unets_dropout_stays_off_as_train_controlnet_leaves_it():
                       embeddings=(prompts, controls), batch_size=4, progress=False, callbacks=[seen],
                       optimizer=torch.optim.AdamW(controlnet.parameters(), lr=1e-3))
     run.train(2)
-    script_unet, script_controlnet = controlnet_pair(unet_dropout=0.5)
-    script_controlnet.train()
-    optimizer = torch.optim.AdamW(script_controlnet.parameters(), lr=1e-3)
-    for (z, t, e, c), target in zip(seen.inputs, seen.targets):
-        down, mid = script_controlnet(z, t, encoder_hidden_states=e, controlnet_cond=c, return_dict=False)
-        prediction = script_unet(z, t, encoder_hidden_states=e, down_block_additional_residuals=down,
-                                 mid_block_additional_residual=mid, return_dict=False)[0]
-        optimizer.zero_grad()
-        torch.nn.functional.mse_loss(prediction, target).backward()
-        optimizer.step()
+    script_controlnet = train_as_the_script(*controlnet_pair(unet_dropout=0.5), seen)
     for p, q in zip(run.model.controlnet.parameters(), script_controlnet.parameters()):
         torch.testing.assert_close(p.detach(), q.detach(), rtol=0, atol=1e-12)
     assert not run.model.unet.training and run.model.controlnet.training

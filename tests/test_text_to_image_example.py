@@ -39,6 +39,18 @@ def assert_identity(ledger, what):
     torch.testing.assert_close(total, ledger.delta, rtol=0, atol=1e-12 * float(ledger.delta.abs().max()), msg=what)
 
 
+def assert_three_clipped_steps_add_up(analyzed):
+    """An example's run of 3 optimizer steps in 2 micro-batches each, clipped (the clipping acted and the ledger
+    followed it): every ledger of its analyzer adds up."""
+    analyzer = analyzed["analyzer"]
+    assert analyzed["global_step"] == 3 and analyzer.ledger.steps == 3
+    scales = analyzer.tracker.gradient_scales
+    assert [s["micro_batches"] for s in scales] == [2, 2, 2]
+    assert any(s["scale_times_micro_batches"] < 1 for s in scales)
+    for name, ledger in analyzer.ledgers.items():
+        assert_identity(ledger, name)
+
+
 def assert_encoders_counted(analyzer):
     """The cost's bare step holds the frozen VAE's encode and text encoder's pass of every example (the example's
     step_overhead): within 15 % of torch's operation count of those over one UNet forward (the estimate counts
@@ -60,12 +72,7 @@ def assert_encoders_counted(analyzer):
 def test_the_text_to_image_flow_keeps_exact_ledgers_trains_bit_for_bit_and_resumes_mid_epoch(image_folder, tmp_path):
     analyzed = run(image_folder, tmp_path / "analyzed", "--checkpointing_steps", "1")
     analyzer = analyzed["analyzer"]
-    assert analyzed["global_step"] == 3 and analyzer.ledger.steps == 3
-    scales = analyzer.tracker.gradient_scales
-    assert [s["micro_batches"] for s in scales] == [2, 2, 2]
-    assert any(s["scale_times_micro_batches"] < 1 for s in scales)  # the clipping acted and was followed
-    for name, ledger in analyzer.ledgers.items():
-        assert_identity(ledger, name)
+    assert_three_clipped_steps_add_up(analyzed)
     # the level × class split sums to the level split, to float32's rounding (the UNet trains in float32; each
     # partition's rows are made and summed in it)
     level, level_class = analyzer.ledgers["level"], analyzer.ledgers["level_class"]

@@ -30,17 +30,6 @@ def check_captioning(caption_template: str, proportion_empty_prompts: float) -> 
                          f"{caption_template!r}")
 
 
-class _Encode(torch.nn.Module):
-    """``vae.encode(x)``'s posterior mean as a module (the VAE a submodule), for ``example_counts``' hooks."""
-
-    def __init__(self, vae) -> None:
-        super().__init__()
-        self.vae = vae
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.vae.encode(images).latent_dist.mean
-
-
 def encoders_step_overhead(denoiser, denoiser_inputs: tuple, vae, image: torch.Tensor, text_encoder=None,
                            input_ids: torch.Tensor | None = None) -> float:  # genkernel
     """Example-forwards of ``denoiser`` that a step's frozen encoders run per example: the VAE's encode of ``image``
@@ -51,12 +40,13 @@ def encoders_step_overhead(denoiser, denoiser_inputs: tuple, vae, image: torch.T
     Counted in analysis mode (eval, the random state forked): training draws nothing less."""
     from genkernel.core.adapter import analysis_mode
     from genkernel.core.cost import example_counts
+    from genkernel.diffusion.latents import LatentCoder
 
     def macs(module, inputs):
         with analysis_mode(module):
             return example_counts(module, inputs)[1]
 
-    extra = macs(_Encode(vae), (image,))
+    extra = LatentCoder(vae).encode_macs(tuple(image.shape[1:]))  # (in the VAE's eval mode, nothing drawn)
     if text_encoder is not None:
         extra += macs(text_encoder, (input_ids,))
     return extra / max(macs(denoiser, denoiser_inputs), 1)
