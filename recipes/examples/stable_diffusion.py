@@ -111,6 +111,35 @@ def pretrained_components(path: str):
             DDPMScheduler.from_pretrained(path, subfolder="scheduler", local_files_only=True))
 
 
+def folder_scheduler(path: str, prediction_type: str | None = None):
+    """The scheduler a local Stable Diffusion folder's pipeline samples with, read offline: the class its
+    ``scheduler/`` config names (PNDM for Stable Diffusion 1.x) built from that config, which is what
+    ``StableDiffusionPipeline.from_pretrained(path)`` holds; with ``prediction_type``, that prediction type in
+    place of the config's."""
+    import diffusers
+
+    config = DDPMScheduler.load_config(path, subfolder="scheduler", local_files_only=True)
+    scheduler_class = getattr(diffusers, str(config.get("_class_name")), None)
+    if not (isinstance(scheduler_class, type) and issubclass(scheduler_class, diffusers.SchedulerMixin)):
+        raise ValueError(f"{path}/scheduler: its config names {config.get('_class_name')!r}, not a diffusers "
+                         "scheduler class: give a Stable Diffusion folder whose scheduler/ config diffusers reads")
+    overrides = {} if prediction_type is None else {"prediction_type": prediction_type}
+    return scheduler_class.from_config(config, **overrides)
+
+
+def saved_scheduler(pretrained_model_name_or_path: str | None, noise_scheduler, prediction_type: str | None):
+    """The scheduler of the pipeline a full fine-tuning run saves. With a local folder
+    (``pretrained_model_name_or_path``): upstream's, the folder's own (:func:`folder_scheduler`: its class and
+    config, PNDM for Stable Diffusion 1.x, not the DDPM the run trained with), but with ``prediction_type``
+    (``--prediction_type``; None: the folder's) in place of the folder's: the saved UNet predicts what it was
+    trained to (upstream keeps the folder's, so that a pipeline retrained to v-prediction read its velocities as
+    noise: diffusers issue #7012's "weird images"). With the small random components (None): the training
+    ``noise_scheduler`` itself, Stable Diffusion's schedule (it has no folder to take another from)."""
+    if pretrained_model_name_or_path is None:
+        return noise_scheduler
+    return folder_scheduler(pretrained_model_name_or_path, prediction_type)
+
+
 def frozen_dtype(accelerator) -> torch.dtype:
     """The frozen encoders' dtype: fp16 / bf16 only where accelerate autocasts (``native_amp``), float32 otherwise
     (upstream casts them to ``--mixed_precision``'s dtype always: on CPU, where accelerate runs fp16 without

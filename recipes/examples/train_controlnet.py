@@ -35,10 +35,15 @@ What differs from upstream, so that it runs offline and small, and resumes exact
   tokenizer over the captions' words, a 1-layer ``CLIPTextModel``, a 2-block ``AutoencoderKL`` halving the
   resolution, a UNet with cross-attention) and saved beside the ControlNet in ``OUT/base_model`` (a local Stable
   Diffusion folder: ``--pretrained_model_name_or_path OUT/base_model --controlnet_model_name_or_path OUT`` trains
-  on from them); a local folder is read with ``local_files_only=True``. ``from_unet`` gets as many of upstream's
-  conditioning channels (16, 32, 96, 256) as the VAE has downsamplings plus one, so that the conditioning
-  embedding brings the image to the latents' size (upstream's four: Stable Diffusion's VAE divides by 8); a
-  ControlNet whose embedding does not is refused;
+  on from them); a local folder is read with ``local_files_only=True``. ``--controlnet_model_name_or_path``
+  without ``--pretrained_model_name_or_path`` is a ValueError: the random base built anew is the one the
+  ControlNet trained with only when ``--seed``, the class folders' names, ``--caption_template`` and
+  ``--resolution`` all match that run's (they are its only inputs; nothing records them), and otherwise the
+  ControlNet, a copy of its own base UNet's encoder, would steer another UNet silently. ``from_unet`` gets as
+  many of upstream's conditioning channels (16, 32, 96, 256) as the VAE has downsamplings plus one, so that the
+  conditioning embedding brings the image to the latents' size (upstream's four: Stable Diffusion's VAE divides by 8); a
+  ControlNet whose embedding does not is refused, and so is one whose ``conditioning_channels`` is not 3 (a
+  1-channel depth ControlNet): the conditioning images are RGB, as upstream's always are;
 - a resumed run is bit for bit the uninterrupted one (:mod:`recipes.examples.checkpointing`'s ``EpochRNG``):
   the skipped steps of a resumed epoch load their batches and draw what they drew (the captions' empty
   prompts, the VAE's latent sample, the noise and the timesteps), unused (upstream's current script skips no
@@ -296,6 +301,20 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             raise ValueError(f"--controlnet_model_name_or_path {args.controlnet_model_name_or_path}: its conditioning "
                              f"embedding divides the resolution by {2 ** halvings}, the VAE by {vae_scale_factor}: "
                              "give a ControlNet made for this base model")
+        if controlnet.config.conditioning_channels != 3:  # (else a shape error deep in the first forward)
+            raise ValueError(f"--controlnet_model_name_or_path {args.controlnet_model_name_or_path}: its "
+                             f"conditioning_channels is {controlnet.config.conditioning_channels}, and this script "
+                             "feeds 3-channel RGB conditioning images (upstream's: edge maps, or "
+                             "--conditioning_data_dir's files read as RGB): give a ControlNet with conditioning_channels 3")
+        if built_here:
+            base_model = os.path.join(args.controlnet_model_name_or_path, "base_model")
+            raise ValueError(f"--controlnet_model_name_or_path {args.controlnet_model_name_or_path} without "
+                             "--pretrained_model_name_or_path: the base components would be small random ones built "
+                             "anew, the same as the ControlNet was trained with only if --seed, the class folders' "
+                             "names, --caption_template and --resolution all match its run (nothing checks it), and a "
+                             "ControlNet steers its own base UNet's features: pass --pretrained_model_name_or_path "
+                             f"{base_model}, the base a run of this script saved beside its ControlNet"
+                             + ("" if os.path.isdir(base_model) else " (not there: give the base it was trained with)"))
     else:
         controlnet = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=conditioning_channels(
             vae_scale_factor))

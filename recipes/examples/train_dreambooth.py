@@ -41,7 +41,18 @@ What differs from upstream, so that it runs offline and small, and resumes exact
   tokenizer over the two prompts' words, a 1-layer ``CLIPTextModel``, a 2-block ``AutoencoderKL`` and a UNet
   with cross-attention; a local Stable Diffusion folder is read with ``local_files_only=True``;
 - the image folders are read in sorted order, files only (upstream's ``iterdir()`` order is the file
-  system's, and counts sub-folders and hidden files as class images);
+  system's, and counts sub-folders and hidden files as class images), and a file in them that PIL cannot open
+  as an image (a README.txt) is a ValueError naming it, before any class image is generated (upstream counts
+  it as an image: one class image fewer generated, then a PIL error mid-training); refused rather than skipped
+  by its extension, which would leave out silently what the user put there (and keep an image named without an
+  image extension out, which upstream reads);
+- the saved pipeline (full fine-tuning) holds, with a local ``--pretrained_model_name_or_path``, the folder's own
+  scheduler as upstream's ``DiffusionPipeline.from_pretrained(folder, unet=..., text_encoder=...)`` does (PNDM
+  for Stable Diffusion 1.x, its config), but with the trained ``--prediction_type`` where one is given (upstream
+  has no such option here; its text-to-image script keeps the folder's prediction type, which samples a model
+  retrained to v-prediction as if it predicted noise); with the small random components, the training
+  ``DDPMScheduler`` (:func:`recipes.examples.stable_diffusion.saved_scheduler`); upstream's reset of a learned
+  ``variance_type`` to ``fixed_small`` is not here (Stable Diffusion's schedulers have none);
 - with ``--snr_gamma`` and ``--with_prior_preservation`` the Min-SNR weights are those of the instance rows'
   timesteps and weight the instance loss alone, the prior loss staying plain MSE (the fix upstream made in its
   DreamBooth LoRA SDXL scripts, diffusers PR #6356; ``train_dreambooth.py`` itself still weights with all 2B
@@ -112,8 +123,8 @@ from .checkpointing import (
     resume_position, save_checkpoint, training_length,
 )
 from .stable_diffusion import (
-    encoders_step_overhead, frozen_dtype, place_frozen, pretrained_components, small_components,
-    stable_diffusion_pipeline,
+    encoders_step_overhead, folder_scheduler, frozen_dtype, place_frozen, pretrained_components, saved_scheduler,
+    small_components, stable_diffusion_pipeline,
 )
 
 INSTANCE, PRIOR = 0, 1  # the class labels the analyzer splits the rows by (genkernel)
@@ -199,9 +210,20 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def image_files(folder: str | os.PathLike) -> list[Path]:
-    """The files of ``folder`` (not sub-folders, not hidden files), sorted by name."""
-    return sorted(p for p in Path(folder).iterdir() if p.is_file() and not p.name.startswith("."))
+def image_files(folder: str | os.PathLike, option: str) -> list[Path]:
+    """The files of ``folder`` (not sub-folders, not hidden files), sorted by name, each of them an image: a file
+    PIL cannot open as one (a README.txt; its header is read, as ``Image.open`` reads it when the image is
+    loaded) is a ValueError naming it and ``option``, the folder's command-line option (upstream counts every
+    file as an image: a stray text file meant one class image fewer generated, then a PIL error mid-training)."""
+    files = sorted(p for p in Path(folder).iterdir() if p.is_file() and not p.name.startswith("."))
+    for path in files:
+        try:
+            with Image.open(path):
+                pass
+        except OSError as error:  # (PIL's UnidentifiedImageError is an OSError)
+            raise ValueError(f"{option} {folder}: {path.name} is not an image PIL can read ({error}); every file "
+                             "there is used as an image: move it out of the folder") from None
+    return files
 
 
 def load_image(path: Path) -> Image.Image:
@@ -294,7 +316,7 @@ def generate_class_images(components: tuple, class_data_dir: str, class_prompt: 
     if folder.exists() and not folder.is_dir():
         raise ValueError(f"--class_data_dir {class_data_dir} is a file, not a folder of class images")
     folder.mkdir(parents=True, exist_ok=True)
-    present = len(image_files(folder))
+    present = len(image_files(folder, "--class_data_dir"))
     missing = num_class_images - present
     if missing <= 0:
         return 0
@@ -312,15 +334,6 @@ def generate_class_images(components: tuple, class_data_dir: str, class_prompt: 
                 digest = hashlib.sha1(image.tobytes(), usedforsecurity=False).hexdigest()
                 image.save(folder / f"{present + start + offset}-{digest}.jpg")
     return missing
-
-
-def folder_scheduler(path: str):
-    """The scheduler a Stable Diffusion folder's pipeline samples with (its ``scheduler/`` config's class: PNDM for
-    Stable Diffusion 1.x), read offline."""
-    import diffusers
-
-    config = DDPMScheduler.load_config(path, subfolder="scheduler", local_files_only=True)
-    return getattr(diffusers, config["_class_name"]).from_config(config)
 
 
 class TextConditionedUNet(torch.nn.Module):  # genkernel
@@ -413,10 +426,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         set_exact_cuda_mode()
 
     instance_dir = Path(args.instance_data_dir)
-    if not instance_dir.is_dir() or not image_files(instance_dir):
+    instance_paths = image_files(instance_dir, "--instance_data_dir") if instance_dir.is_dir() else []
+    if not instance_paths:
         raise ValueError(f"--instance_data_dir {args.instance_data_dir}: no such folder, or no image files in it: give "
                          "a folder of the subject's images")
-    instance_paths = image_files(instance_dir)
 
     # Load scheduler, tokenizer and models (built before any class image is generated: random components are then
     # the same whether or not this run generates)
@@ -482,7 +495,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         transforms.ToTensor(),
         transforms.Normalize([0.5], [0.5]),
     ])
-    class_paths = image_files(args.class_data_dir)[: args.num_class_images] if args.with_prior_preservation else None
+    class_paths = (image_files(args.class_data_dir, "--class_data_dir")[: args.num_class_images]
+                   if args.with_prior_preservation else None)
     train_dataset = DreamBoothDataset(instance_paths, tokenize_prompt(args.instance_prompt), image_transforms,
                                       class_paths, tokenize_prompt(args.class_prompt) if class_paths else None)
     train_dataloader = torch.utils.data.DataLoader(
@@ -650,8 +664,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             unet_lora_layers=convert_state_dict_to_diffusers(get_peft_model_state_dict(unet)),
             text_encoder_lora_layers=convert_state_dict_to_diffusers(get_peft_model_state_dict(text_encoder))
             if args.train_text_encoder else None)
-    elif accelerator.is_main_process:
-        stable_diffusion_pipeline(vae, text_encoder, tokenizer, unet, noise_scheduler).save_pretrained(args.output_dir)
+    elif accelerator.is_main_process:  # (upstream: the folder's pipeline with the trained models, its own scheduler)
+        scheduler = saved_scheduler(args.pretrained_model_name_or_path, noise_scheduler, args.prediction_type)
+        stable_diffusion_pipeline(vae, text_encoder, tokenizer, unet, scheduler).save_pretrained(args.output_dir)
     accelerator.end_training()
     return {"unet": unet, "text_encoder": text_encoder, "analyzer": analyzer, "global_step": global_step,
             "class_images_generated": generated, "probe_is_instance": probe_is_instance}

@@ -41,7 +41,13 @@ offline and small, and resumes exactly:
 - the loss is computed per example (upstream's ``reduction="none"`` then ``.mean(dim=...)`` with Min-SNR,
   its plain MSE otherwise, which is the mean of the same per-example losses);
 - no hub, trackers or validation images; the pipeline is saved as upstream's
-  (``StableDiffusionPipeline.save_pretrained``), without a safety checker.
+  (``StableDiffusionPipeline.save_pretrained``), without a safety checker; with a local
+  ``--pretrained_model_name_or_path`` it holds the folder's own scheduler as upstream's
+  ``StableDiffusionPipeline.from_pretrained(folder, text_encoder=..., vae=..., unet=...)`` does (its class and
+  config: PNDM for Stable Diffusion 1.x, not the ``DDPMScheduler`` trained with), but with the trained
+  ``--prediction_type`` where one is given (upstream keeps the folder's, so that its pipeline of a UNet retrained
+  to v-prediction samples it as a noise predictor: diffusers issue #7012's "weird images"); with the small
+  random components, the training ``DDPMScheduler`` (:func:`recipes.examples.stable_diffusion.saved_scheduler`).
 
 The lines marked ``# genkernel`` attach :class:`~genkernel.diffusion.NoiseLevelAnalyzer` in latent space:
 its probes are the latents of dataset images (the VAE's ``latent_dist.mode()``, no augmentation) under
@@ -83,8 +89,8 @@ from .checkpointing import (
     resume_position, save_checkpoint, training_length,
 )
 from .stable_diffusion import (
-    check_captioning, encoders_step_overhead, frozen_dtype, place_frozen, pretrained_components, small_components,
-    stable_diffusion_pipeline,
+    check_captioning, encoders_step_overhead, frozen_dtype, place_frozen, pretrained_components, saved_scheduler,
+    small_components, stable_diffusion_pipeline,
 )
 
 
@@ -371,8 +377,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             ema_unet.store(unet.parameters())
             ema_unet.copy_to(unet.parameters())
         # as upstream's StableDiffusionPipeline.save_pretrained: the sub-folders and model_index.json, which
-        # StableDiffusionPipeline.from_pretrained(OUT) reads (no safety checker: there is none to save)
-        stable_diffusion_pipeline(vae, text_encoder, tokenizer, unet, noise_scheduler).save_pretrained(args.output_dir)
+        # StableDiffusionPipeline.from_pretrained(OUT) reads (no safety checker: there is none to save); a local
+        # folder's own scheduler, as upstream's from_pretrained(folder, ...) holds
+        scheduler = saved_scheduler(args.pretrained_model_name_or_path, noise_scheduler, args.prediction_type)
+        stable_diffusion_pipeline(vae, text_encoder, tokenizer, unet, scheduler).save_pretrained(args.output_dir)
         if args.use_ema:
             ema_unet.restore(unet.parameters())
     accelerator.end_training()
