@@ -21,9 +21,11 @@ def _mlp(outputs):
 
 def test_the_ema_syncs_work_is_its_flop_count_with_six_nodes():
     """An EMA ledger's sync pushes R + 2 rows through every quadrature node, one primal per pass and
-    two forwards per tangent row as the step's own pushes, and runs two probe forwards: the
-    predicted ratio is torch's operation count of a tracked step with its sync over a bare step's,
-    to 6 % (gauss6). It counted one forward per row and no probe forwards: 19 % low."""
+    a tangent pass per row as the step's own pushes (every weight's tangent product and the input
+    tangents' of the layers after the first, whose input has none; per pass, the first layer's product
+    with the zero input tangent torch.func puts there), and runs two probe forwards: the predicted
+    ratio is torch's operation count of a tracked step with its sync over a bare step's, to 6 %
+    (gauss6). It counted one forward per row and no probe forwards: 19 % low."""
     from recipes.benchmarks.harness import counted_flops
 
     torch.set_num_threads(1)
@@ -55,7 +57,10 @@ def test_the_ema_syncs_work_is_its_flop_count_with_six_nodes():
     rows = slice(batch, 2 * batch)
     ratio = counted_flops(lambda: tracked(rows))[0] / counted_flops(lambda: bare(rows))[0]
     assert tracker.cost.ratio == pytest.approx(ratio, rel=0.06)
-    assert tracker.cost.work["ema_contributions"] == 6 * probes * (1 + 2 * (groups + 2)) + 2 * probes
+    first, second = 16 * 24, 24 * 3  # the two layers' multiply-adds per example
+    forward = first + second
+    assert tracker.cost.work["ema_contributions"] == pytest.approx(
+        6 * probes * (1 + first / forward + (forward + second) / forward * (groups + 2)) + 2 * probes)
 
 
 def test_the_ema_sync_is_estimated_on_the_route_push_rows_takes_for_it():
@@ -80,7 +85,11 @@ def test_the_ema_sync_is_estimated_on_the_route_push_rows_takes_for_it():
     assert with_ema.memory["probe_pushes"] == plain.memory["probe_pushes"]  # the step's own route is unchanged
     shapes, fallback = cost.block_shapes(model, probes)
     forward = cost.forward_macs(shapes, fallback)
-    assert with_ema.work["ema_contributions"] == pytest.approx(m * 1 * (2 + (rows + 2) * num / forward) + 2 * m)
+    # a forward and d = 1 backward pass per probe and once more for the first alone (per_example's check), the
+    # backward through both weights and the second layer's input (24 multiply-adds); the Jacobians times the rows
+    backward = (forward + 24) / forward
+    assert with_ema.work["ema_contributions"] == pytest.approx(
+        (m + 1) * (1 + 1 * backward) + m * 1 * (rows + 2) * num / forward + 2 * m)
 
 
 def test_sketched_is_not_suggested_where_the_sketched_route_refuses_the_optimizer(monkeypatch):

@@ -83,9 +83,13 @@ def test_jvp_pushes_go_in_passes_the_memory_budget_allows_and_give_the_same_cont
     for other in ledgers[1:]:
         assert float((ledgers[0].contributions - other.contributions).abs().max()) < 1e-12 * scale
     rows = 7 + 1  # the groups and the rest
-    assert trackers[0].cost.work["contributions"] == 6 * (1 + 2 * rows)
-    assert trackers[1].cost.work["contributions"] == 6 * (4 + 2 * rows)  # 8 rows, 2 per pass: 4 primals
-    assert trackers[2].cost.work["contributions"] == 6 * (8 + 2 * rows)  # 8 passes, each over 3 chunks of probes
+    # per pass a primal and the first layer's product with the zero input tangent torch.func puts there (96 of the
+    # 160 multiply-adds of a forward); per row every weight's tangent and the second layer's input tangent (64)
+    pass_work, row_work = 1 + 96 / 160, (160 + 64) / 160
+    contributions = [t.cost.work["contributions"] for t in trackers]
+    assert contributions[0] == pytest.approx(6 * (pass_work + row_work * rows))
+    assert contributions[1] == pytest.approx(6 * (4 * pass_work + row_work * rows))  # 8 rows, 2 per pass: 4 primals
+    assert contributions[2] == pytest.approx(6 * (8 * pass_work + row_work * rows))  # 8 passes, each over 3 chunks of probes
     pushes = [t.cost.memory["probe_pushes"] for t in trackers]
     assert pushes[1] == push_pass_bytes(num, 8, 2, int(per_row / PUSH_ROW_ACTIVATIONS))
     assert pushes[2] == push_pass_bytes(num, 8, 1, 2 * int(per_row / PUSH_ROW_ACTIVATIONS) // 6)
@@ -94,11 +98,13 @@ def test_jvp_pushes_go_in_passes_the_memory_budget_allows_and_give_the_same_cont
     assert push_pass_shape(trackers[2].memory_budget, 6, record_bytes) == (1, 2)
 
 
-def test_the_estimate_compares_with_the_training_batch_and_counts_tangents_as_two_forwards():
+def test_the_estimate_compares_with_the_training_batch_and_counts_tangents_through_the_layers_they_reach():
     """The bare step is the training batch's forward and backward, not the probes': B (2 + β) forwards, β the
     input gradients' share of a forward (the first layer forms none: 64 of this MLP's 160 multiply-adds a
-    forward); a JVP push of R rows costs one primal and two forwards per row (the flop counter's count on a
-    UNet: 1 + 2.05 R), per probe and quadrature node."""
+    forward); a JVP push of R rows costs, per probe and quadrature node, one primal and the first layer's
+    product with the zero input tangent torch.func materializes (96 / 160) per pass, and per row every
+    weight's tangent product and the input tangents' after the first layer, 1 + β forwards (two on a deep
+    model: the flop counter's count on a UNet, 1 + 2.05 R)."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(3, 32), nn.Tanh(), nn.Linear(32, 2))
     default = _tracker(model, 5, group_state="dense", contribution_route="jvp")
@@ -107,8 +113,9 @@ def test_the_estimate_compares_with_the_training_batch_and_counts_tangents_as_tw
     assert default.cost.bare_step == pytest.approx(per_example * 6)  # 6 probes by default
     assert given.cost.bare_step == pytest.approx(per_example * 48)
     rows = 5 + 1  # the groups and the rest
-    assert default.cost.work["contributions"] == 1 * 6 * (1 + 2 * rows)
-    assert given.cost.work["contributions"] == 3 * 6 * (1 + 2 * rows)  # Simpson: three nodes
+    pass_work, row_work = 1 + 96 / 160, 1 + 64 / 160
+    assert default.cost.work["contributions"] == pytest.approx(1 * 6 * (pass_work + row_work * rows))
+    assert given.cost.work["contributions"] == pytest.approx(3 * 6 * (pass_work + row_work * rows))  # Simpson: three nodes
     assert given.cost.ratio == pytest.approx((given.cost.bare_step + sum(given.cost.work.values())) / given.cost.bare_step)
     for bad in (0, -3, 2.5, True):
         with pytest.raises(ValueError, match="batch_size must be a positive int"):

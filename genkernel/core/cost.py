@@ -51,10 +51,15 @@ Memory (bytes):
 - ``projection``: the sketched route's projection R, its matrices' factors and the other
   parameters' columns, k numbers per row or parameter value (:func:`projection_bytes`).
 
-Work per step, in passes (a backward counted as two forwards of the same examples), and the
-expected ratio of an analyzed step to a bare one (forward and backward of the batch; a frozen
-layer's backward forms its input's gradient, not its weight's: one forward, so a LoRA fine-tune's
-bare step is about two forwards an example, :func:`bare_step_forwards`):
+Work per step, in passes, and the expected ratio of an analyzed step to a bare one (forward and
+backward of the batch). Every part and the bare step are in one unit, one example's forward through
+the whole model, frozen layers included (the matrix products of its Linear and convolution layers):
+a backward forms the input gradients of the layers whose input depends on a trained parameter and
+the trained layers' weight gradients, so a frozen layer's backward forms its input's gradient, not
+its weight's, and a frozen layer before the first trained one has none (a LoRA fine-tune's bare
+step is about two forwards an example, :func:`bare_step_forwards`, :class:`GradientLayerCounts`);
+the factored and sketched routes' passes (the probes' forwards, the capture, the backward through
+frozen layers to earlier adapters) run through the frozen layers too:
 
 - group gradients: "graph" R backward passes of the batch (a bare step less its forward each);
   "example", sketched and factored routes read the batch's layer factors from the training pass
@@ -65,10 +70,12 @@ bare step is about two forwards an example, :func:`bare_step_forwards`):
   per-example gradients formed from the factors and their sums into the R group rows, R·B·P
   multiply-adds whatever the membership's zeros (on an MLP more than a bare step);
 - contributions: per quadrature node, a forward of the probes per vmapped pass (as many rows per
-  pass as :func:`push_pass_shape` allows) plus a tangent pass per pushed row (dense: R + 1 rows;
-  factored: the rest row, only under weight decay; sketched: 2) that costs two forwards, or d
-  backward passes of the probes for the probes' Jacobians and their product with the rows
-  (M·d·rows·P multiply-adds, in forwards of the layers' F);
+  pass as :func:`push_pass_shape` allows, and the products with the zero tangents torch.func puts
+  where only one of a layer's input and weight has one) plus a tangent pass per pushed row (dense:
+  R + 1 rows; factored: the rest row, only under weight decay; sketched: 2) through the layers
+  downstream of a trained parameter and the trained weights (two forwards of an unfrozen model, a
+  frozen layer's input tangent alone), or the probes' Jacobians, a forward and d backward passes of
+  every probe (and of the first once more) and their product with the rows (M·d·rows·P multiply-adds);
 - factored and sketched routes, per node (:func:`factor_route_work`, from the layers' shapes): the
   probes' factors (a forward and d output-batched backward passes) and, factored, the cross
   kernels between the probes' d outputs and the batch's examples (sketched: the projections,
@@ -77,7 +84,7 @@ bare step is about two forwards an example, :func:`bare_step_forwards`):
 - the probe forwards after the step, and before it too when the model has buffers or frozen
   parameters;
 - with an EMA ledger, its sync per step: R + 2 rows pushed through every node by push_rows' own
-  "auto" route (whatever the step's), JVPs at two forwards a row as above, and two probe forwards.
+  "auto" route (whatever the step's), JVPs or Jacobians as above, and two probe forwards.
 
 Trackers and analyzers call it at construction and refuse, with the numbers and the cheaper
 options, when the device cannot hold what the step still needs: the total less what already exists
@@ -100,7 +107,7 @@ from torch import nn
 from .adapter import has_state_outside_training
 from .engine.factored import BlockShape, block_shapes
 from .engine.factors import covering_plan, dense_pair_is_cheaper, lean_materializes, self_kernel_materializes
-from .engine.projections import PROJECTION_CHUNK_BYTES, weight_projection_macs
+from .engine.projections import PROJECTION_CHUNK_BYTES, weight_projection_route
 
 GiB = 2**30
 
@@ -304,29 +311,87 @@ def example_counts(model: nn.Module, example: tuple[torch.Tensor, ...]) -> tuple
     ``in_channels / groups × kernel size``), all of them and those whose weight requires grad. A frozen
     base (LoRA: adapters beside frozen layers) makes the last a small share of the second: its backward
     forms the inputs' gradients but not the frozen weights'."""
+    return hooked_forward_counts(model, example, grad=False)[:3]
+
+
+@dataclass(frozen=True)
+class GradientLayerCounts:
+    """Multiply-adds of one example's forward through the leaf ``nn.Linear`` and convolution layers,
+    split by what a backward (or a JVP of the trained parameters' tangents) does through them:
+
+    - ``input_gradients``: the layers whose input depends on a trained parameter (a backward forms
+      their input's gradient; a JVP pushes their input's tangent through the weight), trained or not;
+    - ``frozen``: the layers none of whose own parameters is trained (a LoRA base, a frozen
+      encoder): forward work of every pass, outside the trained blocks' shapes;
+    - ``frozen_input_gradients``: those of ``frozen`` whose input depends on a trained parameter (a
+      frozen layer after or between trained ones: a backward goes through it, and a JVP's tangent);
+      a frozen layer before the first trained one has neither;
+    - ``one_sided``: the layers where one of the input and the weight has a tangent in a JVP of the
+      trained parameters and the other has none (a frozen layer after a trained one, a trained layer
+      whose input depends on no trained parameter: the first one). torch.func's ``jvp`` materializes
+      the missing tangent as zeros and multiplies by it (``Ẇx`` with ``Ẇ = 0``), one product per
+      vmapped pass, not per row (torch 2.14's dispatcher sees and runs it; measured on Linear and
+      Conv2d)."""
+
+    input_gradients: int
+    frozen: int
+    frozen_input_gradients: int
+    one_sided: int
+
+    @property
+    def frozen_skipped(self) -> int:
+        """The frozen layers' multiply-adds whose input depends on no trained parameter: a backward
+        and a JVP's tangent skip them."""
+        return self.frozen - self.frozen_input_gradients
+
+
+def gradient_layer_counts(model: nn.Module, example: tuple[torch.Tensor, ...]) -> GradientLayerCounts:
+    """:class:`GradientLayerCounts` of one example's forward (one hooked pass with autograd on, the
+    example not requiring grad, so that a layer's input requires grad exactly where it depends on a
+    trained parameter); the layers' multiply-adds as :func:`example_counts` counts them."""
+    return hooked_forward_counts(model, example, grad=True)[3]
+
+
+def hooked_forward_counts(model: nn.Module, example: tuple[torch.Tensor, ...],
+                          grad: bool) -> tuple[int, int, int, GradientLayerCounts]:
+    """``(activations, macs, trainable_macs, layers)``: :func:`example_counts` and, with ``grad``
+    (autograd on for the pass, the example detached), :func:`gradient_layer_counts`, from one hooked
+    forward of ``example`` (one pass: a training-mode BatchNorm's running statistics move once, as
+    they did for :func:`example_counts` alone). Without ``grad`` no input requires grad, and ``layers``
+    says so (every layer frozen or before the first trained one)."""
     counts = [0, 0, 0]
+    layers = [0, 0, 0, 0]  # GradientLayerCounts' fields in order
 
     def hook(module, args, output):
         if not isinstance(output, torch.Tensor):
             return
         counts[0] += output[:1].numel()
-        if isinstance(module, (nn.Linear, nn.modules.conv._ConvNd)) and isinstance(getattr(module, "weight", None),
-                                                                                 torch.Tensor):
-            per_output = (module.in_features if isinstance(module, nn.Linear)
-                          else module.in_channels // module.groups * math.prod(module.kernel_size))
-            macs = output[:1].numel() * per_output
-            counts[1] += macs
-            if module.weight.requires_grad:
-                counts[2] += macs
+        if not (isinstance(module, (nn.Linear, nn.modules.conv._ConvNd))
+                and isinstance(getattr(module, "weight", None), torch.Tensor)):
+            return
+        per_output = (module.in_features if isinstance(module, nn.Linear)
+                      else module.in_channels // module.groups * math.prod(module.kernel_size))
+        macs = output[:1].numel() * per_output
+        counts[1] += macs
+        if module.weight.requires_grad:
+            counts[2] += macs
+        downstream = any(isinstance(a, torch.Tensor) and a.requires_grad for a in args)
+        frozen = not any(p.requires_grad for p in module.parameters(recurse=False))
+        layers[0] += macs if downstream else 0
+        if frozen:
+            layers[1] += macs
+            layers[2] += macs if downstream else 0
+        if downstream == frozen:  # a tangent on one side only (none on both: a frozen layer before every trained one)
+            layers[3] += macs
 
     handles = [m.register_forward_hook(hook) for m in model.modules() if not list(m.children())]
     try:
-        with torch.no_grad():
-            model(*example)
+        with torch.set_grad_enabled(grad):
+            model(*(t.detach() if isinstance(t, torch.Tensor) else t for t in example) if grad else example)
     finally:
         for handle in handles:
             handle.remove()
-    return counts[0], counts[1], counts[2]
+    return counts[0], counts[1], counts[2], GradientLayerCounts(*layers)
 
 
 def fallback_product_macs(model: nn.Module, example: tuple[torch.Tensor, ...],
@@ -366,13 +431,17 @@ def activation_elements(model: nn.Module, example: tuple[torch.Tensor, ...]) -> 
     return example_counts(model, example)[0]
 
 
-def bare_step_forwards(macs: int, trainable_macs: int, batch: int) -> float:
-    """A bare step's work in example-forwards: the forward, the backward's input gradients (about one
-    forward) and its weight gradients, one forward's worth of the layers whose weights are trained:
-    ``batch × (2 + share)``, share = ``trainable_macs / macs`` (:func:`example_counts`; 1 without frozen
-    layers: 3 per example; a LoRA fine-tune's frozen base: about 2)."""
+def bare_step_forwards(macs: int, trainable_macs: int, batch: int, input_gradient_macs: int | None = None) -> float:
+    """A bare step's work in example-forwards: the forward, the backward's input gradients and its
+    weight gradients, one forward's worth of the layers whose weights are trained:
+    ``batch × (1 + β + share)``, share = ``trainable_macs / macs`` (:func:`example_counts`; 1 without
+    frozen layers), β = ``input_gradient_macs / macs``: the layers whose input depends on a trained
+    parameter (:attr:`GradientLayerCounts.input_gradients`; default all of them, β = 1: 3 per
+    example without frozen layers; a LoRA fine-tune's frozen base: about 2, less where frozen layers
+    come before the first adapter)."""
     share = trainable_macs / macs if macs else 1.0
-    return batch * (2.0 + share)
+    back = (input_gradient_macs if input_gradient_macs is not None else macs) / macs if macs else 1.0
+    return batch * (1.0 + back + share)
 
 
 def reads_training_pass(record_bytes_per_example: int, batch: int, memory_budget: int) -> bool:
@@ -494,16 +563,25 @@ def estimate_cost(
     memory: dict[str, int] = {}
     work: dict[str, float] = {}
     # What training itself holds: parameters, gradients, optimizer state, activations.
-    acts, macs, trainable_macs = example_counts(model, tuple(t[:1] for t in probes))
+    # One example's activations and products (example_counts), and which layers a backward (and a JVP's
+    # tangent) goes through and which are frozen, outside the trained blocks' shapes: every route's passes do
+    # their forward work too, so they are in every route's unit (gradient_layer_counts). One pass for both.
+    acts, macs, trainable_macs, layers = hooked_forward_counts(model, tuple(t[:1] for t in probes), grad=True)
     micro = -(-b // micro_batches)  # the largest micro-batch: what training's activations hold at once
     memory["training_step"] = (2 * num + optimizer_state) * param_bytes + 3 * acts * micro * param_bytes
     # Weights that do not train (a LoRA base, a frozen encoder inside the model) are on the device all the
     # same: in the total, and, like the training step's own arrays, already out of the free memory.
     memory["frozen_weights"] = frozen_bytes(model, device)
     reads_training = micro_batches == 1 and reads_training_pass(acts * param_bytes, b, memory_budget)
-    # a forward and a backward of every example, the frozen layers' weight gradients not formed (the
-    # factor routes count it from the shapes)
-    bare = bare_step_forwards(macs, trainable_macs, b)
+    # a forward and a backward of every example, the frozen layers' weight gradients not formed, nor the input
+    # gradients of layers whose input depends on no trained parameter (the routes below count it from the shapes)
+    bare = bare_step_forwards(macs, trainable_macs, b, layers.input_gradients)
+    # A pushed row's tangent pass, in example-forwards: the input tangent through every layer downstream of a
+    # trained parameter (β) and the weight tangent through the trained ones (their share): a frozen layer's weight
+    # has no tangent, one before the first trained layer no input tangent either.
+    tangent = (layers.input_gradients + trainable_macs) / macs if macs else 2.0
+    # and per vmapped pass, the products with the zeros torch.func puts where one side has no tangent
+    one_sided = layers.one_sided / macs if macs else 0.0
     memory["parameter_copies"] = num * param_bytes * (2 + quadrature_nodes) + optimizer_state * param_bytes
     if witness_copies:
         memory["witnesses"] = witness_copies * num * param_bytes
@@ -541,10 +619,13 @@ def estimate_cost(
             work["group_gradients"] = dense_gradient_work(
                 shapes, fallback, batch=b, rows=rows, partitions=partitions, example_chunk=chunk,
                 route="example" if own_pass else "training" if gradient_route == "example" else "factored",
-                forward=forward, weight_share=share)
+                forward=forward, weight_share=share, frozen_skipped=layers.frozen_skipped)
             # the shapes at hand, the bare step's input gradients too: none where a block's input depends on
-            # no trained parameter (the first layer's), as the factored and sketched routes count them
-            bare = b * (1.0 + input_gradient_share(shapes, fallback, forward) + share)
+            # no trained parameter (the first layer's) nor in a frozen layer before every trained one, as the
+            # factored and sketched routes count them
+            back = input_gradient_share(shapes, fallback, forward, layers.frozen_skipped)
+            bare = b * (1.0 + back + share)
+            tangent, one_sided = back + share, layers.one_sided / forward
     else:
         memory["group_gradients"] = 2 * num * 8  # the batch's exact total and sizes, float64
         if group_state == "sketched":
@@ -555,8 +636,12 @@ def estimate_cost(
         # attention's products and elementwise work, is not in a bare step's count either).
         shapes, fallback = block_shapes(model, probes)
         parts = factor_route_work(shapes, fallback, probes=m, batch=b, outputs=outputs, itemsize=param_bytes,
-                                  memory_budget=memory_budget, form="lean" if group_state == "factored" else "outer")
+                                  memory_budget=memory_budget, form="lean" if group_state == "factored" else "outer",
+                                  frozen=layers.frozen, frozen_skipped=layers.frozen_skipped)
         bare = parts["bare_step"]
+        # the unit of every part: the trained blocks' forward and the frozen layers'
+        forward = max(forward_macs(shapes, fallback) + layers.frozen, 1.0)
+        tangent, one_sided = parts["tangent"], layers.one_sided / forward
         work["group_gradients"] = parts["batch_factors"]
         if reads_training:
             memory["training_records"] = acts * b * param_bytes
@@ -573,9 +658,9 @@ def estimate_cost(
             # one parameter-sized vector (k·P); the groups' estimates, M·d·R·k.
             pushed = 2
             adam = type(optimizer) is not torch.optim.SGD
-            forward = max(forward_macs(shapes, fallback), 1.0)
-            work["sketches"] = (sketch_work(shapes, fallback, b, sketch_dim, preconditioned=False)
-                                + sketch_work(shapes, fallback, quadrature_nodes * m * outputs, sketch_dim, adam)
+            work["sketches"] = (sketch_work(shapes, fallback, b, sketch_dim, preconditioned=False, forward=forward)
+                                + sketch_work(shapes, fallback, quadrature_nodes * m * outputs, sketch_dim, adam,
+                                              forward=forward)
                                 + sketch_dim * num / forward)
             work["sketch_products"] = m * outputs * rows * sketch_dim / forward
     memory["ledgers"] = ledger_bytes(m, outputs, rows, partitions) * (2 if ema else 1)
@@ -589,18 +674,24 @@ def estimate_cost(
         """``(bytes, work)`` of pushing ``rows_pushed`` rows to the probes at every node on ``route``."""
         if route == "jacobian":
             # The Jacobians' blocks and their concatenation, M × d × P each, and the rows as one [rows, P]
-            # matrix; d backward passes of the probes, and the Jacobians times the rows: M·d·rows·P
-            # multiply-adds (in forwards of F multiply-adds each: on an MLP P ≈ F, and this product dominates).
+            # matrix. Work: a forward of every probe and d backward passes (through the layers downstream of a
+            # trained parameter, the trained weights' gradients: a tangent pass's work each), once more for the
+            # first probe alone (engine.reference.per_example checks the batched result on it), and the
+            # Jacobians times the rows, M·d·rows·P multiply-adds (in forwards of F multiply-adds, the frozen
+            # layers' with the blocks': on an MLP P ≈ F, and this product dominates).
             shapes, fallback = block_shapes(model, probes)
-            forward = max(forward_macs(shapes, fallback), 1.0)
+            unit = max(forward_macs(shapes, fallback) + layers.frozen, 1.0)
             return ((2 * m * outputs + rows_pushed) * num * param_bytes,
-                    quadrature_nodes * m * outputs * (2.0 + rows_pushed * num / forward))
-        # One primal pass per vmapped pass and two per tangent row (J u through every product:
-        # Ẇx + Wẋ), as torch.utils.flop_counter counts vmapped JVPs: 1 + 2.05 R forwards on a UNet
-        # at R = 21 in one pass. Passes over chunks of the probes add up to one primal of them all.
+                    quadrature_nodes * ((m + 1) * (1.0 + outputs * tangent) + m * outputs * rows_pushed * num / unit))
+        # One primal pass per vmapped pass and a tangent pass per row (J u through every product: Ẇx + Wẋ
+        # where both are there, two forwards of an unfrozen model; a frozen layer's Wẋ alone, and nothing in
+        # one before the first trained layer: ``tangent``), as torch.utils.flop_counter counts vmapped JVPs:
+        # 1 + 2.05 R forwards on a UNet at R = 21 in one pass; per pass besides, the products with the zero
+        # tangents torch.func materializes where one side has none (``one_sided``: a LoRA base after an
+        # adapter, the first layer). Passes over chunks of the probes add up to one primal of them all.
         per_pass, probes_per_pass = push_pass_shape(memory_budget, m, acts * param_bytes)
         return (push_pass_bytes(num, param_bytes, min(rows_pushed, per_pass), probes_per_pass * acts * param_bytes),
-                quadrature_nodes * m * (math.ceil(rows_pushed / per_pass) + 2.0 * rows_pushed))
+                quadrature_nodes * m * (math.ceil(rows_pushed / per_pass) * (1.0 + one_sided) + tangent * rows_pushed))
 
     if contribution_route == "auto":  # as routes.push_rows decides at every step
         contribution_route = push_route(pushed, m, outputs, num * param_bytes, memory_budget)
@@ -632,7 +723,7 @@ def estimate_cost(
     if ema:
         # The sync's pushes and its two forwards of the probes (the EMA weights before and after).
         work["ema_contributions"] = ema_work + 2.0 * m if group_state == "dense" else quadrature_nodes * m * (
-            1.0 + 2.0 * (rows + 2)) + 2.0 * m
+            1.0 + one_sided + tangent * (rows + 2)) + 2.0 * m
     # (after the routes' counts, which read the model's own bare step: a trainer's work outside the model is in the
     # bare step and the tracked one alike)
     bare += step_overhead * b
@@ -861,17 +952,22 @@ def forward_macs(shapes: list[BlockShape], fallback: int) -> float:
 
 
 def factor_route_work(shapes: list[BlockShape], fallback: int, *, probes: int, batch: int, outputs: int, form: str,
-                      itemsize: int, memory_budget: int) -> dict[str, float]:
-    """The factored and sketched routes' work per step, in example-forwards (F multiply-adds,
-    :func:`forward_macs`), from the covering plan's blocks
+                      itemsize: int, memory_budget: int, frozen: int = 0, frozen_skipped: int = 0) -> dict[str, float]:
+    """The factored and sketched routes' work per step, in example-forwards (F multiply-adds: the
+    blocks' :func:`forward_macs` and the ``frozen`` layers' outside them), from the covering plan's blocks
     (:func:`~genkernel.core.engine.factored.block_shapes`) and the ``fallback`` parameters outside
     them; ``form``: the batch factors' (:data:`~genkernel.core.engine.factors.FACTOR_FORMS`).
+    ``frozen``: the multiply-adds of the Linear and convolution layers none of whose parameters is
+    trained (:class:`GradientLayerCounts`), which every pass of the route runs forward, and a
+    backward through where their input depends on a trained parameter (all but ``frozen_skipped``
+    of them); counted in F, as a bare step's forward is (without them the parts were in forwards
+    of the trained blocks alone: a rank-2 LoRA MLP's ratio 52 % high, 4.09 against 2.70 counted).
 
     Returns ``{part: example-forwards}``:
 
-    - ``bare_step``: a backward forms the gradients of the blocks' inputs that depend on
-      parameters (a share β of F: not the first layer's) and the weight gradients (one F), so
-      B (2 + β);
+    - ``bare_step``: a backward forms the gradients of the inputs that depend on parameters (a
+      share β of F: not the first trained layer's, nor a frozen layer's before it) and the weight
+      gradients (the trained blocks' share w of F: 1 without frozen layers), so B (1 + β + w);
     - ``batch_factors``: the batch's totals and sizes from its factors, per example and block:
       T·I·O to form the block (lean form) and 2 P_block for its total and sizes; or T·I·O for the
       total from the factors and, for the sizes, T·I·O + P_block materialized
@@ -884,14 +980,18 @@ def factor_route_work(shapes: list[BlockShape], fallback: int, *, probes: int, b
       materialized where either side is (:func:`~genkernel.core.engine.factors.lean_materializes`)
       or :func:`~genkernel.core.engine.factors.dense_pair_is_cheaper` says so, M·d·T·I·O to form
       the probes' gradients and M·B·d·P_block for the products, else M·B·T²·(I + d·O); fallback
-      parameters: d backward passes of the probes (torch.func Jacobians) and M·B·d·P_fallback.
+      parameters: d backward passes of the probes (torch.func Jacobians) and M·B·d·P_fallback;
+    - ``tangent``: one pushed row's tangent pass (a JVP of the trained parameters), β + w (not a
+      part of the step by itself: the pushes count it per row).
     """
     m, n, d = probes, batch, outputs
-    forward = forward_macs(shapes, fallback)
-    if forward <= 0:
+    trained = forward_macs(shapes, fallback)
+    forward = trained + frozen
+    if trained <= 0:
         return {"bare_step": 3.0 * n, "batch_factors": 0.0, "capture": 1.0 * n, "probe_factors": m * (1.0 + 2.0 * d),
-                "cross_kernels": 0.0}
-    back = input_gradient_share(shapes, fallback)
+                "cross_kernels": 0.0, "tangent": 2.0}
+    back = input_gradient_share(shapes, fallback, forward, frozen_skipped)
+    weights = trained / forward
     sizes = cross = 0.0
     for s in shapes:
         t, i, o, p = s.positions, s.inputs, s.outputs, s.parameters
@@ -915,8 +1015,8 @@ def factor_route_work(shapes: list[BlockShape], fallback: int, *, probes: int, b
             cross += m * n * d * p
     if fallback:
         cross += m * d * (1.0 + back) * forward + m * n * d * fallback
-    return {"bare_step": n * (2.0 + back), "batch_factors": n * sizes / forward, "capture": n * (1.0 + back),
-            "probe_factors": m * (1.0 + d * back), "cross_kernels": cross / forward}
+    return {"bare_step": n * (1.0 + back + weights), "batch_factors": n * sizes / forward, "capture": n * (1.0 + back),
+            "probe_factors": m * (1.0 + d * back), "cross_kernels": cross / forward, "tangent": back + weights}
 
 
 def row_sum_products(rows: int, partitions: int, batch: int, example_chunk: int) -> float:
@@ -936,7 +1036,8 @@ def row_sum_products(rows: int, partitions: int, batch: int, example_chunk: int)
 
 
 def dense_gradient_work(shapes: list[BlockShape], fallback: int, *, batch: int, rows: int, partitions: int,
-                        route: str, example_chunk: int, forward: float, weight_share: float) -> float:
+                        route: str, example_chunk: int, forward: float, weight_share: float,
+                        frozen_skipped: int = 0) -> float:
     """Example-forwards of the dense route's group gradients on a per-example ``route``, from the
     covering plan's blocks (:func:`~genkernel.core.engine.factored.block_shapes`) and the
     ``fallback`` parameters outside them; ``forward``: one example's forward in multiply-adds
@@ -949,8 +1050,9 @@ def dense_gradient_work(shapes: list[BlockShape], fallback: int, *, batch: int, 
     - "example": vmapped per-example gradients of a second forward and backward, B (1 + β + share);
 
     β: the input gradients' share of a forward, every layer's but those the blocks' positions whose
-    input depends on no trained parameter skip (:func:`input_gradient_share`, as
-    :func:`factor_route_work` counts them: the first layer forms none).
+    input depends on no trained parameter skip and the frozen layers' before every trained one
+    (``frozen_skipped`` multiply-adds; :func:`input_gradient_share`, as :func:`factor_route_work`
+    counts them: the first layer forms none).
 
     Besides (the routes' own products, which a pass count leaves out):
 
@@ -971,7 +1073,7 @@ def dense_gradient_work(shapes: list[BlockShape], fallback: int, *, batch: int, 
     if route not in ("training", "factored", "example"):
         raise ValueError(f"route must be 'training', 'factored' or 'example', got {route!r}")
     unit = max(forward, 1.0)
-    back = input_gradient_share(shapes, fallback, unit)
+    back = input_gradient_share(shapes, fallback, unit, frozen_skipped)
     parameters = sum(s.parameters for s in shapes) + fallback
     products = row_sum_products(rows, partitions, batch, example_chunk) * parameters
     if route == "example":
@@ -984,28 +1086,37 @@ def dense_gradient_work(shapes: list[BlockShape], fallback: int, *, batch: int, 
     return passes + (batch * formed + products) / unit
 
 
-def input_gradient_share(shapes: list[BlockShape], fallback: int, forward: float | None = None) -> float:
+def input_gradient_share(shapes: list[BlockShape], fallback: int, forward: float | None = None,
+                         frozen_skipped: int = 0) -> float:
     """β: a backward's input gradients as a share of one forward (``forward`` multiply-adds; default
     the blocks' own, :func:`forward_macs`): the blocks' at the positions whose input depends on a
     trained parameter and one per fallback parameter, and, where ``forward`` counts layers outside
-    the blocks (frozen ones), theirs too, whole."""
+    the blocks (frozen ones), theirs too, but for ``frozen_skipped`` multiply-adds of them (the frozen
+    layers whose input depends on no trained parameter: before the first trained one,
+    :attr:`GradientLayerCounts.frozen_skipped`), which a backward does not go through.
+    The same share is a JVP's input tangents through the weights."""
     unit = forward_macs(shapes, fallback) if forward is None else max(forward, forward_macs(shapes, fallback))
     if unit <= 0:
         return 1.0
-    skipped = sum(s.macs() - s.macs(s.input_gradient_positions) for s in shapes)
-    return (unit - skipped) / unit
+    skipped = sum(s.macs() - s.macs(s.input_gradient_positions) for s in shapes) + frozen_skipped
+    return max(unit - skipped, 0.0) / unit
 
 
-def sketch_work(shapes: list[BlockShape], fallback: int, rows: float, sketch_dim: int, preconditioned: bool) -> float:
-    """Example-forwards (:func:`forward_macs`) of sketching ``rows`` per-example gradients to
+def sketch_work(shapes: list[BlockShape], fallback: int, rows: float, sketch_dim: int, preconditioned: bool,
+                forward: float | None = None) -> float:
+    """Example-forwards (``forward`` multiply-adds, default the blocks' :func:`forward_macs`; the
+    estimate's unit adds the frozen layers', :func:`factor_route_work`) of sketching ``rows`` per-example gradients to
     ``sketch_dim`` numbers (:class:`~genkernel.core.engine.projections.ParameterProjection`).
 
-    Per row: a weight matrix by the cheaper route of
-    :func:`~genkernel.core.engine.projections.weight_projection_macs`, or, ``preconditioned`` (the
-    probes' side under Adam, whose preconditioner D is a tensor), every block's matrix formed
-    (T·I·O) and projected (O·I·k + O·k); every other parameter (biases, norms, embeddings, the
-    fallback) is projected as a vector, P·k."""
-    forward = forward_macs(shapes, fallback)
+    Per row: a weight matrix by the route
+    :func:`~genkernel.core.engine.projections.weight_projection_route` takes, or, ``preconditioned``
+    (the probes' side under Adam, whose preconditioner D is a tensor), every block's matrix formed
+    (T·I·O) and projected (O·I·k); every other parameter (biases, norms, embeddings, the fallback)
+    is projected as a vector, P·k. Products only, as the unit and torch's operation count have them:
+    the routes' elementwise products (the factors route's (r·g)(s·a), T·k; the matrix route's r ⊙ (G sᵀ),
+    O·k) are not counted: beside a LoRA adapter's rank-r side (I = r) they are as large as its products
+    (a rank-2 LoRA MLP's sketches were counted 24.1 example-forwards for 20.4)."""
+    forward = forward_macs(shapes, fallback) if forward is None else forward
     if forward <= 0:
         return 0.0
     k, macs = sketch_dim, float(fallback * sketch_dim)
@@ -1013,8 +1124,9 @@ def sketch_work(shapes: list[BlockShape], fallback: int, rows: float, sketch_dim
         if s.kind not in ("linear", "conv"):
             macs += s.parameters * k
             continue
-        routes = weight_projection_macs(s.positions, s.inputs - s.bias, s.outputs, k)
-        macs += routes["matrix"] if preconditioned else min(routes.values())
+        t, i, o = s.positions, s.inputs - s.bias, s.outputs
+        route = "matrix" if preconditioned else weight_projection_route(t, i, o, k)
+        macs += t * k * (i + o) if route == "factors" else t * i * o + o * i * k
         macs += s.outputs * k * s.bias
     return rows * macs / forward
 
@@ -1104,7 +1216,7 @@ def _cheaper_options(estimate: CostEstimate, group_state: str, state_dtype: torc
 __all__ = [
     "CHECK_TEMPORARIES", "COST_OPTIONS", "CostEstimate", "PUSH_ROW_ACTIVATIONS", "available_memory", "cgroup_free_memory",
     "GROUP_STATE_CHOICES", "check_bytes", "cost_options", "estimate_cost", "factor_route_work", "forward_macs", "held_bytes", "ledger_bytes", "linear_state_rows",
-    "fallback_product_macs", "frozen_bytes", "optimizer_state_copies", "optimizer_state_values", "plain_hyperparameter", "plain_sgd", "projection_bytes", "push_pass_bytes", "push_pass_shape", "push_route", "reads_training_pass",
+    "fallback_product_macs", "frozen_bytes", "GradientLayerCounts", "gradient_layer_counts", "hooked_forward_counts", "optimizer_state_copies", "optimizer_state_values", "plain_hyperparameter", "plain_sgd", "projection_bytes", "push_pass_bytes", "push_pass_shape", "push_route", "reads_training_pass",
     "sketch_temporary_bytes", "sketch_work", "dense_gradient_work", "input_gradient_share", "row_sum_products", "sketchable", "splitter_state_copies",
     "tangent_bytes", "bare_step_forwards", "example_counts",
 ]
