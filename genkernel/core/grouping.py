@@ -133,18 +133,25 @@ def abs_row_sum(rows: torch.Tensor) -> torch.Tensor:
     return total.view(rows.shape[1:])
 
 
+def contiguous_rows(part: slice, shared: Sequence[int]) -> tuple[tuple[int, int], list[int]]:
+    """``((first, stop), others)``: a partition's rows ``part`` with the ``shared`` rows that continue
+    it, as one range to read together, and the shared rows left to add one at a time."""
+    stop = part.stop
+    others = list(shared)
+    while others and others[0] == stop:
+        others.pop(0)
+        stop += 1
+    return (part.start, stop), others
+
+
 def rows_sum_and_size(rows: torch.Tensor, part: slice, shared: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
     """``(Σ_r rows[r], Σ_r |rows[r]|)`` over the rows of ``part`` and the single rows ``shared``
     (indices outside it), each of shape ``rows.shape[1:]``: what the ledger's checks compare a
     partition's total with, and the magnitudes its rounding is judged against. Shared rows that
     continue ``part`` are read with it as one slice; the others are added one at a time, so no
     row is copied."""
-    stop = part.stop
-    shared = list(shared)
-    while shared and shared[0] == stop:  # adjacent: one slice
-        shared.pop(0)
-        stop += 1
-    block = rows[part.start : stop]
+    (first, stop), shared = contiguous_rows(part, shared)
+    block = rows[first:stop]
     total, size = block.sum(dim=0), abs_row_sum(block)
     for index in shared:
         total.add_(rows[index])
@@ -334,7 +341,7 @@ def measured_minus_control(
 
 
 __all__ = [
-    "DEFAULT_PARTITION", "Partitions", "abs_row_sum", "average_by_probe_group", "band_mask", "band_total",
+    "DEFAULT_PARTITION", "Partitions", "abs_row_sum", "average_by_probe_group", "band_mask", "band_total", "contiguous_rows",
     "cancellation_ratio", "coarsen", "measured_minus_control", "net_shares", "own_share", "part_share", "rows_sum_and_size",
     "traffic_shares",
 ]

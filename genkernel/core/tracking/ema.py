@@ -42,7 +42,7 @@ from torch import nn
 
 from ..adapter import analysis_mode, evaluated_at, functional_model
 from ..errors import LedgerCheckError
-from ..grouping import rows_sum_and_size
+from .checks import CheckScratch, largest_excess
 from .io import check_module_state
 from .ledger import PathKernelLedger
 from .routes import TrackedModel, push_rows
@@ -383,6 +383,7 @@ class EMALedgers:
         self.rounding_rows = {name: self.rows + 1 + i for i, name in enumerate(partitions.names)}
         self.num_rows = self.rows + 1 + len(partitions.names)
         self.start_row = self.num_rows  # E's extra row
+        self._check_scratch = CheckScratch()  # the sync's check buffers, kept from sync to sync
         theta = {n: p.detach().to(torch.float64).clone() for n, p in model.params.items()}
         bar = {n: t.detach().to(torch.float64).clone() for n, t in read().items()}
         self.theta_start, self.bar_start = theta, bar
@@ -465,15 +466,21 @@ class EMALedgers:
             torch.sub(self.theta_start[name] - self.bar_start[name], self.offset[name][-1], out=rows[-1])
             change[name] = rows.mul_(gain)
         # 3. The check: for every partition, its rows and the shared ones add up to the EMA's real move.
+        layout = {partition: (part, [self.rows, self.rounding_rows[partition], self.start_row])
+                  for partition, part in self.model.partitions.slices.items()}
         for name in bar:
-            real = bar[name] - self.last_bar[name]
-            floor = 4 * torch.finfo(self.model.params[name].dtype).eps * bar[name].abs()
-            floor.add_((theta[name] - self.last_bar[name]).abs_().mul_(gain_slack))
-            for partition, part in self.model.partitions.slices.items():
-                shared = [self.rows, self.rounding_rows[partition], self.start_row]
-                total, scale = rows_sum_and_size(change[name], part, shared)
-                scale.add_(real.abs())
-                if bool(((total - real).abs() > self.rtol * scale + floor).any()):
+            eps = torch.finfo(self.model.params[name].dtype).eps
+            bar_flat, last_flat, theta_flat = bar[name].reshape(-1), self.last_bar[name].reshape(-1), theta[name].reshape(-1)
+
+            def reference(columns, real, floor, spare, bar_flat=bar_flat, last_flat=last_flat, theta_flat=theta_flat,
+                          eps=eps):
+                torch.sub(bar_flat[columns], last_flat[columns], out=real)
+                torch.abs(bar_flat[columns], out=floor).mul_(4 * eps)
+                floor.add_(torch.sub(theta_flat[columns], last_flat[columns], out=spare).abs_(), alpha=gain_slack)
+
+            worst = largest_excess(change[name], layout, reference, self.rtol, self._check_scratch)
+            for partition, excess in worst.items():
+                if not excess <= 0:
                     raise LedgerCheckError(
                         f"after step {step} the EMA offsets of '{name}' (partition '{partition}') do not add up to the "
                         "EMA's move"

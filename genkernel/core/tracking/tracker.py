@@ -78,7 +78,8 @@ from ..errors import LedgerCheckError, NonFiniteError
 from ..cost import (
     COST_OPTIONS, GROUP_STATE_CHOICES, activation_elements, cost_options as checked_cost_options, estimate_cost,
 )
-from ..grouping import Partitions, rows_sum_and_size
+from ..grouping import Partitions
+from .checks import CheckScratch, largest_excess
 from .distributed import StepAgreement, check_replicated, ddp_context, summed_over_ranks
 from .ema import EMALedgers, check_ema_precision, ema_buffers, ema_parameters
 from .io import atomic_save, load_state, to_device
@@ -470,6 +471,7 @@ class PathKernelTracker:
         self._observing = False  # set by the first observe()
         self._own_pass = False  # observe()'s own passes through the losses (no backward of the loop's)
         self._closed = False  # close(): the tracked window ended
+        self._check_scratch = CheckScratch()  # the update check's buffers, kept from step to step
         # Set while the EMA's weights and the model's are swapped (Lightning's WeightAveraging during a
         # validation loop): the EMA then holds the trained weights, a read of its ledger syncs nothing.
         self.ema_swapped_out = False
@@ -2097,25 +2099,25 @@ class PathKernelTracker:
         self.splitter.check_state(self.rtol)
         partitions = self.route.splitter_partitions
         rest = partitions.total
+        layout = {partition: (part, [rest, self.splitter.rounding_rows[partition]])
+                  for partition, part in partitions.slices.items()}
         for name, u in updates.items():
-            before, after = theta_before[name], theta_after[name]
+            before, after = theta_before[name].reshape(-1), theta_after[name].reshape(-1)
             info = torch.finfo(after.dtype)
-            after64 = after.to(torch.float64, copy=True)  # its own buffer: made |θ_{k+1}| in place below
-            delta = after64 - before  # exact in float64 for float32 or float64 parameters
-            # The optimizer's write of θ_{k+1} rounds by at most half an ulp of it; ε|x| (plus the
-            # subnormal spacing) is at least one ulp everywhere. Checks are a fair part of a step
-            # on the factored route, so each line below is one pass over the parameter.
-            rounding_floor = after64.abs_().mul_(info.eps).add_(info.tiny * info.eps)
-            delta_size = delta.abs()
-            for partition, part in partitions.slices.items():
-                total, scale = rows_sum_and_size(u, part, [rest, self.splitter.rounding_rows[partition]])
-                gap = total.sub_(delta).abs_()
-                scale.add_(delta_size)
-                if name in self.splitter.rounding_scale:  # the optimizer's own state rounding (splitters.py)
-                    scale.add_(self.splitter.rounding_scale[name])
-                excess = gap.sub_(scale.mul_(self.rtol)).sub_(rounding_floor)
-                # (not "excess > 0 anywhere": NaN compares false, and a step that made θ inf or NaN gives NaN here)
-                if not bool((excess <= 0).all()):
+
+            def reference(columns, delta, rounding_floor, spare, before=before, after=after, info=info):
+                after64 = spare.copy_(after[columns])
+                torch.sub(after64, before[columns], out=delta)  # exact in float64 for float32 or float64 parameters
+                # The optimizer's write of θ_{k+1} rounds by at most half an ulp of it; ε|x| (plus the
+                # subnormal spacing) is at least one ulp everywhere.
+                torch.abs(after64, out=rounding_floor).mul_(info.eps).add_(info.tiny * info.eps)
+
+            # (the optimizer's own state rounding, splitters.py, widens the scale)
+            worst = largest_excess(u, layout, reference, self.rtol, self._check_scratch,
+                                   extra_scale=self.splitter.rounding_scale.get(name))
+            for partition, excess in worst.items():
+                # (not "excess > 0": NaN compares false, and a step that made θ inf or NaN gives NaN here)
+                if not excess <= 0:
                     if not bool(torch.isfinite(after).all()):
                         raise NonFiniteError(
                             f"step {index}: parameter '{name}' is non-finite (inf or NaN) after the optimizer's step "
@@ -2126,7 +2128,7 @@ class PathKernelTracker:
                     where = "" if len(partitions) == 1 else f" (partition '{partition}')"
                     raise LedgerCheckError(
                         f"step {index}: the split update of '{name}'{where} does not add up to the optimizer's real "
-                        f"step (excess gap {float(excess.max()):.3e}); was the optimizer's state or hyperparameters "
+                        f"step (excess gap {excess:.3e}); was the optimizer's state or hyperparameters "
                         "changed in a way the tracker cannot see?"
                     )
 
