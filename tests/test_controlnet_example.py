@@ -248,16 +248,21 @@ def test_bad_input_is_refused_by_name(image_folder, tmp_path):
         run(image_folder, tmp_path, "--conditioning_data_dir", str(tmp_path / "nowhere"))
     with pytest.raises(ValueError, match="--resolution must be a multiple of 4"):
         run(image_folder, tmp_path, "--resolution", "10")
-    # a ControlNet whose conditioning embedding divides by 8 (upstream's default), for a VAE that divides by 2
+    # a ControlNet whose conditioning embedding divides by 8 (upstream's default), for a VAE that divides by 2 (given
+    # with its base: without one, a ControlNet is refused for that first)
+    from recipes.examples.stable_diffusion import stable_diffusion_pipeline
+
     torch.manual_seed(0)
-    unet = small_components(["a"], TEMPLATE, 16)[3]
+    tokenizer, text_encoder, vae, unet, noise_scheduler = small_components(["a", "b"], TEMPLATE, 16)
+    stable_diffusion_pipeline(vae, text_encoder, tokenizer, unet, noise_scheduler).save_pretrained(tmp_path / "base")
+    base = ("--pretrained_model_name_or_path", str(tmp_path / "base"))
     ControlNetModel.from_unet(unet).save_pretrained(tmp_path / "wrong")
     with pytest.raises(ValueError, match="conditioning embedding divides the resolution by 8, the VAE by 2"):
-        run(image_folder, tmp_path / "out", "--controlnet_model_name_or_path", str(tmp_path / "wrong"))
+        run(image_folder, tmp_path / "out", "--controlnet_model_name_or_path", str(tmp_path / "wrong"), *base)
     # a ControlNet of another UNet (cross-attention to 32-wide text, not the text encoder's 16)
     from diffusers import UNet2DConditionModel
 
     other = UNet2DConditionModel(**{**unet.config, "cross_attention_dim": 32})
     ControlNetModel.from_unet(other, conditioning_embedding_out_channels=(16, 32)).save_pretrained(tmp_path / "other")
     with pytest.raises(ValueError, match=r"is not made for this UNet \(cross_attention_dim 32, the UNet's 16\)"):
-        run(image_folder, tmp_path / "out", "--controlnet_model_name_or_path", str(tmp_path / "other"))
+        run(image_folder, tmp_path / "out", "--controlnet_model_name_or_path", str(tmp_path / "other"), *base)

@@ -5,6 +5,7 @@ folder, the captioning options' check, the frozen encoders' precision and placem
 
 from __future__ import annotations
 
+import hashlib
 import string
 from typing import Sequence
 
@@ -124,7 +125,13 @@ def folder_scheduler(path: str, prediction_type: str | None = None):
         raise ValueError(f"{path}/scheduler: its config names {config.get('_class_name')!r}, not a diffusers "
                          "scheduler class: give a Stable Diffusion folder whose scheduler/ config diffusers reads")
     overrides = {} if prediction_type is None else {"prediction_type": prediction_type}
-    return scheduler_class.from_config(config, **overrides)
+    scheduler = scheduler_class.from_config(config, **overrides)
+    if prediction_type is not None and scheduler.config.get("prediction_type") != prediction_type:
+        # (from_config drops an unknown option with a logged warning: a pipeline that samples the UNet otherwise)
+        raise ValueError(f"{path}/scheduler: its {scheduler_class.__name__} has no prediction_type, so it cannot "
+                         f"sample a UNet trained to --prediction_type {prediction_type}: give a folder whose scheduler "
+                         "has one (DDPM, DDIM, PNDM, Euler, DPM-Solver), or leave --prediction_type out")
+    return scheduler
 
 
 def saved_scheduler(pretrained_model_name_or_path: str | None, noise_scheduler, prediction_type: str | None):
@@ -138,6 +145,39 @@ def saved_scheduler(pretrained_model_name_or_path: str | None, noise_scheduler, 
     if pretrained_model_name_or_path is None:
         return noise_scheduler
     return folder_scheduler(pretrained_model_name_or_path, prediction_type)
+
+
+def warn_adapters_prediction_type(pretrained_model_name_or_path: str | None, prediction_type: str | None) -> None:
+    """A UserWarning when LoRA adapters (``--rank``: saved alone, as upstream's LoRA scripts save them) train on a
+    local folder's UNet to a ``--prediction_type`` other than the folder's scheduler's: the folder's pipeline with
+    the adapters loaded samples them as its own prediction type (diffusers issue #7012's "weird images"), and no
+    saved file says otherwise; the warning names the scheduler to set. Nothing when the two agree, or without a
+    folder or ``--prediction_type``."""
+    if pretrained_model_name_or_path is None or prediction_type is None:
+        return
+    folder_type = folder_scheduler(pretrained_model_name_or_path).config.get("prediction_type")
+    if folder_type != prediction_type:
+        import warnings
+
+        warnings.warn(f"--rank with --prediction_type {prediction_type} on {pretrained_model_name_or_path}, whose "
+                      f"scheduler's prediction type is {folder_type}: the adapters are saved alone, and that folder's "
+                      f"pipeline with them loaded samples them as {folder_type}: after load_lora_weights, set "
+                      "pipeline.scheduler = pipeline.scheduler.from_config(pipeline.scheduler.config, "
+                      f"prediction_type={prediction_type!r})", stacklevel=2)
+
+
+def base_fingerprint(*modules: torch.nn.Module) -> str:
+    """The base a run started from, as a checkpoint records it (``EpochRNG``'s settings): ``"components of sha1
+    <12 hex digits>"`` over the ``modules``' states as loaded (every entry's name, dtype, shape and bytes), so
+    that a resume on another ``--pretrained_model_name_or_path`` (or on the small random components in place of
+    a folder's) is refused, while the same folder moved elsewhere is not (its path is not in it). Take it before
+    training or casting: the modules a checkpoint does not restore (the frozen ones) are the ones that matter."""
+    digest = hashlib.sha1(usedforsecurity=False)
+    for module in modules:
+        for name, tensor in module.state_dict().items():
+            digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)};".encode())
+            digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return f"components of sha1 {digest.hexdigest()[:12]}"
 
 
 def frozen_dtype(accelerator) -> torch.dtype:

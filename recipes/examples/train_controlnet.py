@@ -43,11 +43,17 @@ What differs from upstream, so that it runs offline and small, and resumes exact
   many of upstream's conditioning channels (16, 32, 96, 256) as the VAE has downsamplings plus one, so that the
   conditioning embedding brings the image to the latents' size (upstream's four: Stable Diffusion's VAE divides by 8); a
   ControlNet whose embedding does not is refused, and so is one whose ``conditioning_channels`` is not 3 (a
-  1-channel depth ControlNet): the conditioning images are RGB, as upstream's always are;
+  1-channel depth ControlNet): the conditioning images are RGB, as upstream's always are (both refusals
+  from the command line and the ControlNet's config, before the output folder is made or a model loaded: a
+  Stable Diffusion ControlNet given without its base was refused as "not made for this UNet", the small one);
 - a resumed run is bit for bit the uninterrupted one (:mod:`recipes.examples.checkpointing`'s ``EpochRNG``):
   the skipped steps of a resumed epoch load their batches and draw what they drew (the captions' empty
   prompts, the VAE's latent sample, the noise and the timesteps), unused (upstream's current script skips no
   batch when it resumes: the resumed epoch trains its first batches again);
+- a checkpoint records ``--mixed_precision``, the prediction type trained and the base (a sha1 over the frozen text
+  encoder's, VAE's and UNet's weights as loaded, :func:`recipes.examples.stable_diffusion.base_fingerprint`): a
+  resume with another is refused naming it (upstream resumes silently: one model trained on two objectives, or the
+  checkpoint's ControlNet trained on under another base's UNet); the same folder moved elsewhere resumes;
 - ``--mixed_precision``: the frozen UNet stays float32 and the forward runs under ``accelerator.autocast()``
   (upstream casts the UNet to the mixed precision's dtype: the analyzer refuses a half-precision frozen base,
   its own passes would run in it); the VAE and text encoder are cast to fp16 / bf16 only where accelerate
@@ -108,8 +114,8 @@ from .checkpointing import (
     resume_position, save_checkpoint, training_length,
 )
 from .stable_diffusion import (
-    check_captioning, encoders_step_overhead, frozen_dtype, place_frozen, pretrained_components, small_components,
-    stable_diffusion_pipeline,
+    base_fingerprint, check_captioning, encoders_step_overhead, frozen_dtype, place_frozen, pretrained_components,
+    small_components, stable_diffusion_pipeline,
 )
 
 # upstream's ControlNetConditioningEmbedding channels (from_unet's default: three stride-2 convolutions, for a VAE
@@ -172,7 +178,36 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         if folder is not None and not os.path.isdir(folder):
             raise ValueError(f"--{name} {folder}: no such folder (give a folder with one sub-folder of images per "
                              "class)")
+    if args.controlnet_model_name_or_path:
+        check_controlnet_folder(args.controlnet_model_name_or_path, args.pretrained_model_name_or_path)
     return args
+
+
+def check_controlnet_folder(controlnet_path: str, pretrained_model_name_or_path: str | None) -> None:
+    """A ValueError, from the command line and the ControlNet's config alone (before any folder is written or
+    model loaded), when ``--controlnet_model_name_or_path`` comes without ``--pretrained_model_name_or_path`` or
+    its ``conditioning_channels`` is not 3.
+
+    Without a base the components would be small random ones built anew: the ControlNet's own base only when
+    ``--seed``, the class folders' names, ``--caption_template`` and ``--resolution`` all match its run (nothing
+    checks it), and a ControlNet steers its own base UNet's features; a ControlNet of any other base (a Stable
+    Diffusion one) would otherwise be refused as "not made for this UNet", naming the wrong fix. The script feeds
+    3-channel RGB conditioning images, as upstream's always are."""
+    if pretrained_model_name_or_path is None:
+        base_model = os.path.join(controlnet_path, "base_model")
+        raise ValueError(f"--controlnet_model_name_or_path {controlnet_path} without "
+                         "--pretrained_model_name_or_path: the base components would be small random ones built "
+                         "anew, the same as the ControlNet was trained with only if --seed, the class folders' "
+                         "names, --caption_template and --resolution all match its run (nothing checks it), and a "
+                         "ControlNet steers its own base UNet's features: pass --pretrained_model_name_or_path "
+                         f"{base_model}, the base a run of this script saved beside its ControlNet"
+                         + ("" if os.path.isdir(base_model) else " (not there: give the base it was trained with)"))
+    channels = ControlNetModel.load_config(controlnet_path, local_files_only=True).get("conditioning_channels", 3)
+    if channels != 3:  # (else a shape error deep in the first forward)
+        raise ValueError(f"--controlnet_model_name_or_path {controlnet_path}: its conditioning_channels is "
+                         f"{channels}, and this script feeds 3-channel RGB conditioning images (upstream's: edge "
+                         "maps, or --conditioning_data_dir's files read as RGB): give a ControlNet with "
+                         "conditioning_channels 3")
 
 
 def edge_map(image: torch.Tensor) -> torch.Tensor:
@@ -279,6 +314,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                                                                                args.resolution)
     else:
         tokenizer, text_encoder, vae, unet, noise_scheduler = pretrained_components(args.pretrained_model_name_or_path)
+    # the frozen base a resume must find the same: the checkpoint holds the ControlNet alone
+    base = base_fingerprint(text_encoder, vae, unet)
     if args.prediction_type is not None:
         noise_scheduler.register_to_config(prediction_type=args.prediction_type)
     vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
@@ -301,20 +338,6 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             raise ValueError(f"--controlnet_model_name_or_path {args.controlnet_model_name_or_path}: its conditioning "
                              f"embedding divides the resolution by {2 ** halvings}, the VAE by {vae_scale_factor}: "
                              "give a ControlNet made for this base model")
-        if controlnet.config.conditioning_channels != 3:  # (else a shape error deep in the first forward)
-            raise ValueError(f"--controlnet_model_name_or_path {args.controlnet_model_name_or_path}: its "
-                             f"conditioning_channels is {controlnet.config.conditioning_channels}, and this script "
-                             "feeds 3-channel RGB conditioning images (upstream's: edge maps, or "
-                             "--conditioning_data_dir's files read as RGB): give a ControlNet with conditioning_channels 3")
-        if built_here:
-            base_model = os.path.join(args.controlnet_model_name_or_path, "base_model")
-            raise ValueError(f"--controlnet_model_name_or_path {args.controlnet_model_name_or_path} without "
-                             "--pretrained_model_name_or_path: the base components would be small random ones built "
-                             "anew, the same as the ControlNet was trained with only if --seed, the class folders' "
-                             "names, --caption_template and --resolution all match its run (nothing checks it), and a "
-                             "ControlNet steers its own base UNet's features: pass --pretrained_model_name_or_path "
-                             f"{base_model}, the base a run of this script saved beside its ControlNet"
-                             + ("" if os.path.isdir(base_model) else " (not there: give the base it was trained with)"))
     else:
         controlnet = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=conditioning_channels(
             vae_scale_factor))
@@ -376,7 +399,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
     register_unet_hooks(accelerator, ControlNetModel, subfolder="controlnet")  # upstream's hooks: checkpoint/controlnet
     epoch_rng = EpochRNG(getattr(train_dataloader, "synchronized_generator", None),
-                         settings={"mixed_precision": args.mixed_precision})
+                         # (a resume training to another prediction type would mix two objectives in one model
+                         # silently, and the saved pipeline would state the second alone)
+                         settings={"mixed_precision": args.mixed_precision,
+                                   "prediction_type": noise_scheduler.config.prediction_type,
+                                   "pretrained_model_name_or_path": base})
     accelerator.register_for_checkpointing(epoch_rng)
 
     analyzer = None  # genkernel: the noise-level ledger in latent space

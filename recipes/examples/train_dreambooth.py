@@ -41,9 +41,10 @@ What differs from upstream, so that it runs offline and small, and resumes exact
   tokenizer over the two prompts' words, a 1-layer ``CLIPTextModel``, a 2-block ``AutoencoderKL`` and a UNet
   with cross-attention; a local Stable Diffusion folder is read with ``local_files_only=True``;
 - the image folders are read in sorted order, files only (upstream's ``iterdir()`` order is the file
-  system's, and counts sub-folders and hidden files as class images), and a file in them that PIL cannot open
-  as an image (a README.txt) is a ValueError naming it, before any class image is generated (upstream counts
-  it as an image: one class image fewer generated, then a PIL error mid-training); refused rather than skipped
+  system's, and counts sub-folders and hidden files as class images), and a file in them that does not load as
+  an image (a README.txt, a truncated PNG or JPEG: each is decoded, the class folder's first
+  ``--num_class_images``, those used) is a ValueError naming it, before any class image is generated (upstream
+  counts it as an image: one class image fewer generated, then a PIL error mid-training); refused rather than skipped
   by its extension, which would leave out silently what the user put there (and keep an image named without an
   image extension out, which upstream reads);
 - the saved pipeline (full fine-tuning) holds, with a local ``--pretrained_model_name_or_path``, the folder's own
@@ -60,6 +61,10 @@ What differs from upstream, so that it runs offline and small, and resumes exact
   averaged under both rows' weights);
 - a resumed run is bit for bit the uninterrupted one (:mod:`recipes.examples.checkpointing`'s ``EpochRNG``):
   the skipped steps of a resumed epoch load their batches and draw what they drew, unused;
+- a checkpoint records ``--mixed_precision``, the prediction type trained and the base (a sha1 over the frozen text
+  encoder's and VAE's weights as loaded, :func:`recipes.examples.stable_diffusion.base_fingerprint`): a resume with
+  another is refused naming it (upstream resumes silently: one model trained on two objectives, or the checkpoint's
+  UNet trained on under another base's text encoder and VAE); the same folder moved elsewhere resumes;
 - the frozen VAE and text encoder are cast to fp16 / bf16 only where accelerate autocasts;
 - the loss is computed per example (the mean over each latent's values) and then averaged per half:
   upstream's ``F.mse_loss(reduction="mean")`` over the half, to rounding;
@@ -123,8 +128,8 @@ from .checkpointing import (
     resume_position, save_checkpoint, training_length,
 )
 from .stable_diffusion import (
-    encoders_step_overhead, folder_scheduler, frozen_dtype, place_frozen, pretrained_components, saved_scheduler,
-    small_components, stable_diffusion_pipeline,
+    base_fingerprint, encoders_step_overhead, folder_scheduler, frozen_dtype, place_frozen, pretrained_components,
+    saved_scheduler, small_components, stable_diffusion_pipeline, warn_adapters_prediction_type,
 )
 
 INSTANCE, PRIOR = 0, 1  # the class labels the analyzer splits the rows by (genkernel)
@@ -210,17 +215,21 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def image_files(folder: str | os.PathLike, option: str) -> list[Path]:
-    """The files of ``folder`` (not sub-folders, not hidden files), sorted by name, each of them an image: a file
-    PIL cannot open as one (a README.txt; its header is read, as ``Image.open`` reads it when the image is
-    loaded) is a ValueError naming it and ``option``, the folder's command-line option (upstream counts every
-    file as an image: a stray text file meant one class image fewer generated, then a PIL error mid-training)."""
-    files = sorted(p for p in Path(folder).iterdir() if p.is_file() and not p.name.startswith("."))
+def image_files(folder: str | os.PathLike, option: str, limit: int | None = None) -> list[Path]:
+    """The files of ``folder`` (not sub-folders, not hidden files), sorted by name, the first ``limit`` of them
+    (None: all; the class folder's first ``--num_class_images``, the ones a run uses), each of them an image: a
+    file that does not load as training loads it (:func:`load_image`, pixels decoded: a README.txt, a truncated
+    PNG or JPEG, whose header alone PIL opens, a link to nothing) is a ValueError naming it and ``option``, the
+    folder's command-line option (upstream counts every file as an image: a stray text file meant one class image
+    fewer generated, then a PIL error mid-training, naming no file)."""
+    # (a dangling link is kept, to be refused by name: is_file() is False for it, which skipped it silently)
+    files = sorted(p for p in Path(folder).iterdir()
+                   if (p.is_file() or (p.is_symlink() and not p.exists())) and not p.name.startswith("."))[:limit]
     for path in files:
         try:
-            with Image.open(path):
-                pass
-        except OSError as error:  # (PIL's UnidentifiedImageError is an OSError)
+            load_image(path)
+        except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as error:
+            # (UnidentifiedImageError and "image file is truncated" are OSErrors; PIL's decoders raise the others)
             raise ValueError(f"{option} {folder}: {path.name} is not an image PIL can read ({error}); every file "
                              "there is used as an image: move it out of the folder") from None
     return files
@@ -316,7 +325,7 @@ def generate_class_images(components: tuple, class_data_dir: str, class_prompt: 
     if folder.exists() and not folder.is_dir():
         raise ValueError(f"--class_data_dir {class_data_dir} is a file, not a folder of class images")
     folder.mkdir(parents=True, exist_ok=True)
-    present = len(image_files(folder, "--class_data_dir"))
+    present = len(image_files(folder, "--class_data_dir", limit=num_class_images))
     missing = num_class_images - present
     if missing <= 0:
         return 0
@@ -439,12 +448,20 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     else:
         components = pretrained_components(args.pretrained_model_name_or_path)
     tokenizer, text_encoder, vae, unet, noise_scheduler = components
+    base = base_fingerprint(text_encoder, vae)  # what a resume must find the same (the UNet is the checkpoint's)
     # upstream samples the prior with the model's own pipeline: the folder's scheduler (PNDM for Stable Diffusion 1.x)
     # and prediction type, taken before --prediction_type retargets the training scheduler
     sampling_scheduler = (folder_scheduler(args.pretrained_model_name_or_path) if args.pretrained_model_name_or_path
                           else DDPMScheduler.from_config(noise_scheduler.config))
     if args.prediction_type is not None:
         noise_scheduler.register_to_config(prediction_type=args.prediction_type)
+    # the saved pipeline's scheduler, read before any class image is generated or step trained (a folder whose
+    # scheduler cannot take the trained prediction type is refused then; the LoRA flow saves the adapters alone)
+    scheduler_to_save = None
+    if args.rank is None:
+        scheduler_to_save = saved_scheduler(args.pretrained_model_name_or_path, noise_scheduler, args.prediction_type)
+    else:
+        warn_adapters_prediction_type(args.pretrained_model_name_or_path, args.prediction_type)
 
     # Generate class images if prior preservation is enabled.
     generated = 0
@@ -495,7 +512,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         transforms.ToTensor(),
         transforms.Normalize([0.5], [0.5]),
     ])
-    class_paths = (image_files(args.class_data_dir, "--class_data_dir")[: args.num_class_images]
+    class_paths = (image_files(args.class_data_dir, "--class_data_dir", limit=args.num_class_images)
                    if args.with_prior_preservation else None)
     train_dataset = DreamBoothDataset(instance_paths, tokenize_prompt(args.instance_prompt), image_transforms,
                                       class_paths, tokenize_prompt(args.class_prompt) if class_paths else None)
@@ -530,7 +547,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     else:
         register_unet_hooks(accelerator, UNet2DConditionModel)
     epoch_rng = EpochRNG(getattr(train_dataloader, "synchronized_generator", None),
-                         settings={"mixed_precision": args.mixed_precision})
+                         # (a resume training to another prediction type would mix two objectives in one model
+                         # silently, and the saved pipeline would state the second alone)
+                         settings={"mixed_precision": args.mixed_precision,
+                                   "prediction_type": noise_scheduler.config.prediction_type,
+                                   "pretrained_model_name_or_path": base})
     accelerator.register_for_checkpointing(epoch_rng)
 
     analyzer, probe_is_instance = None, None  # genkernel: the noise-level × source ledger in latent space
@@ -665,8 +686,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             text_encoder_lora_layers=convert_state_dict_to_diffusers(get_peft_model_state_dict(text_encoder))
             if args.train_text_encoder else None)
     elif accelerator.is_main_process:  # (upstream: the folder's pipeline with the trained models, its own scheduler)
-        scheduler = saved_scheduler(args.pretrained_model_name_or_path, noise_scheduler, args.prediction_type)
-        stable_diffusion_pipeline(vae, text_encoder, tokenizer, unet, scheduler).save_pretrained(args.output_dir)
+        stable_diffusion_pipeline(vae, text_encoder, tokenizer, unet, scheduler_to_save).save_pretrained(
+            args.output_dir)
     accelerator.end_training()
     return {"unet": unet, "text_encoder": text_encoder, "analyzer": analyzer, "global_step": global_step,
             "class_images_generated": generated, "probe_is_instance": probe_is_instance}

@@ -32,6 +32,10 @@ offline and small, and resumes exactly:
   the random states as each epoch began are in the checkpoints, and the skipped steps of a resumed epoch
   load their batches and draw what they drew (the VAE's latent sample, the noise, the offset, the
   perturbation and the timesteps), unused;
+- a checkpoint records ``--mixed_precision``, the prediction type trained and the base (a sha1 over the frozen text
+  encoder's and VAE's weights as loaded, :func:`recipes.examples.stable_diffusion.base_fingerprint`): a resume with
+  another is refused naming it (upstream resumes silently: one model trained on two objectives, or the checkpoint's
+  UNet trained on under another base's text encoder and VAE); the same folder moved elsewhere resumes;
 - the frozen VAE and text encoder are cast to fp16 / bf16 only where accelerate autocasts, and to float32
   otherwise (upstream casts them to ``--mixed_precision``'s dtype always: on CPU, where accelerate runs fp16
   without autocast, the float32 UNet got fp16 inputs); a folder saved by a bf16 run is read back in float32;
@@ -89,8 +93,8 @@ from .checkpointing import (
     resume_position, save_checkpoint, training_length,
 )
 from .stable_diffusion import (
-    check_captioning, encoders_step_overhead, frozen_dtype, place_frozen, pretrained_components, saved_scheduler,
-    small_components, stable_diffusion_pipeline,
+    base_fingerprint, check_captioning, encoders_step_overhead, frozen_dtype, place_frozen, pretrained_components,
+    saved_scheduler, small_components, stable_diffusion_pipeline, warn_adapters_prediction_type,
 )
 
 
@@ -182,8 +186,17 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                                                                                args.resolution)
     else:
         tokenizer, text_encoder, vae, unet, noise_scheduler = pretrained_components(args.pretrained_model_name_or_path)
+    # the frozen encoders a resume must find the same (the UNet is the checkpoint's)
+    base = base_fingerprint(text_encoder, vae)
     if args.prediction_type is not None:
         noise_scheduler.register_to_config(prediction_type=args.prediction_type)
+    # the saved pipeline's scheduler, read before training so that a folder whose scheduler cannot take the trained
+    # prediction type is refused before any step (full fine-tuning: the LoRA flow saves the adapters alone)
+    scheduler_to_save = None
+    if args.rank is None:
+        scheduler_to_save = saved_scheduler(args.pretrained_model_name_or_path, noise_scheduler, args.prediction_type)
+    else:
+        warn_adapters_prediction_type(args.pretrained_model_name_or_path, args.prediction_type)
     # Freeze vae and text_encoder and set unet to trainable
     vae.requires_grad_(False)
     text_encoder.requires_grad_(False)
@@ -243,7 +256,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if args.rank is None:  # (the LoRA flow saves the whole prepared UNet, adapters included, as accelerate does)
         register_unet_hooks(accelerator, UNet2DConditionModel, ema_unet if args.use_ema else None)  # upstream's hooks
     epoch_rng = EpochRNG(getattr(train_dataloader, "synchronized_generator", None),
-                         settings={"mixed_precision": args.mixed_precision})
+                         # (a resume training to another prediction type would mix two objectives in one model
+                         # silently, and the saved pipeline would state the second alone)
+                         settings={"mixed_precision": args.mixed_precision,
+                                   "prediction_type": noise_scheduler.config.prediction_type,
+                                   "pretrained_model_name_or_path": base})
     accelerator.register_for_checkpointing(epoch_rng)
 
     analyzer = None  # genkernel: the noise-level ledger in latent space
@@ -379,8 +396,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         # as upstream's StableDiffusionPipeline.save_pretrained: the sub-folders and model_index.json, which
         # StableDiffusionPipeline.from_pretrained(OUT) reads (no safety checker: there is none to save); a local
         # folder's own scheduler, as upstream's from_pretrained(folder, ...) holds
-        scheduler = saved_scheduler(args.pretrained_model_name_or_path, noise_scheduler, args.prediction_type)
-        stable_diffusion_pipeline(vae, text_encoder, tokenizer, unet, scheduler).save_pretrained(args.output_dir)
+        stable_diffusion_pipeline(vae, text_encoder, tokenizer, unet, scheduler_to_save).save_pretrained(
+            args.output_dir)
         if args.use_ema:
             ema_unet.restore(unet.parameters())
     accelerator.end_training()
