@@ -321,17 +321,21 @@ class GradientLayerCounts:
 
     - ``input_gradients``: the layers whose input depends on a trained parameter (a backward forms
       their input's gradient; a JVP pushes their input's tangent through the weight), trained or not;
-    - ``frozen``: the layers none of whose own parameters is trained (a LoRA base, a frozen
-      encoder): forward work of every pass, outside the trained blocks' shapes;
+    - ``frozen``: the layers whose weight is not trained (a LoRA base, a frozen encoder, and a
+      layer whose bias alone trains: peft's ``LoraConfig(bias="all")`` base layers, BitFit): forward
+      work of every pass, outside the trained blocks' shapes (a block of a bias alone has no
+      multiply-adds there, :meth:`~genkernel.core.engine.factored.BlockShape.macs`);
     - ``frozen_input_gradients``: those of ``frozen`` whose input depends on a trained parameter (a
       frozen layer after or between trained ones: a backward goes through it, and a JVP's tangent);
       a frozen layer before the first trained one has neither;
-    - ``one_sided``: the layers where one of the input and the weight has a tangent in a JVP of the
-      trained parameters and the other has none (a frozen layer after a trained one, a trained layer
-      whose input depends on no trained parameter: the first one). torch.func's ``jvp`` materializes
-      the missing tangent as zeros and multiplies by it (``Ẇx`` with ``Ẇ = 0``), one product per
-      vmapped pass, not per row (torch 2.14's dispatcher sees and runs it; measured on Linear and
-      Conv2d)."""
+    - ``one_sided``: the products with a zero tangent in a JVP of the trained parameters. Where any
+      of a layer's input, weight and bias has a tangent, torch.func's ``jvp`` materializes the
+      missing ones of the input's and the weight's as zeros and multiplies by them (``Ẇx`` with
+      ``Ẇ = 0``), one product per vmapped pass, not per row (torch 2.14's dispatcher sees and runs
+      it; measured on Linear and Conv2d): one for a frozen layer after a trained one or a trained
+      layer whose input depends on no trained parameter (the first one), two for a layer whose bias
+      alone trains and whose input depends on no trained parameter, none where both have tangents
+      or nothing has one (a frozen layer before every trained one)."""
 
     input_gradients: int
     frozen: int
@@ -353,12 +357,15 @@ def gradient_layer_counts(model: nn.Module, example: tuple[torch.Tensor, ...]) -
 
 
 def hooked_forward_counts(model: nn.Module, example: tuple[torch.Tensor, ...],
-                          grad: bool) -> tuple[int, int, int, GradientLayerCounts]:
+                          grad: bool, constants: dict[str, torch.Tensor] | None = None,
+                          ) -> tuple[int, int, int, GradientLayerCounts]:
     """``(activations, macs, trainable_macs, layers)``: :func:`example_counts` and, with ``grad``
     (autograd on for the pass, the example detached), :func:`gradient_layer_counts`, from one hooked
     forward of ``example`` (one pass: a training-mode BatchNorm's running statistics move once, as
     they did for :func:`example_counts` alone). Without ``grad`` no input requires grad, and ``layers``
-    says so (every layer frozen or before the first trained one)."""
+    says so (every layer frozen or before the first trained one). ``constants``: ``{name: parameter}``
+    held constant for the pass (their values detached, ``torch.func.functional_call``), so that
+    ``layers.input_gradients`` counts the layers whose input depends on the other trained parameters."""
     counts = [0, 0, 0]
     layers = [0, 0, 0, 0]  # GradientLayerCounts' fields in order
 
@@ -376,18 +383,26 @@ def hooked_forward_counts(model: nn.Module, example: tuple[torch.Tensor, ...],
         if module.weight.requires_grad:
             counts[2] += macs
         downstream = any(isinstance(a, torch.Tensor) and a.requires_grad for a in args)
-        frozen = not any(p.requires_grad for p in module.parameters(recurse=False))
+        # By the weight, not by every own parameter: a trained bias beside a frozen weight (peft's bias="all",
+        # BitFit) forms no weight gradient or weight tangent, and its block has no multiply-adds in the shapes, so
+        # the layer's products are the unit's only through ``frozen``.
+        weight_trained = module.weight.requires_grad
+        bias_trained = isinstance(getattr(module, "bias", None), torch.Tensor) and module.bias.requires_grad
         layers[0] += macs if downstream else 0
-        if frozen:
+        if not weight_trained:
             layers[1] += macs
             layers[2] += macs if downstream else 0
-        if downstream == frozen:  # a tangent on one side only (none on both: a frozen layer before every trained one)
-            layers[3] += macs
+        if downstream or weight_trained or bias_trained:  # torch.func zero-fills the input's or weight's missing tangent
+            layers[3] += macs * ((not downstream) + (not weight_trained))
 
     handles = [m.register_forward_hook(hook) for m in model.modules() if not list(m.children())]
     try:
         with torch.set_grad_enabled(grad):
-            model(*(t.detach() if isinstance(t, torch.Tensor) else t for t in example) if grad else example)
+            inputs = tuple(t.detach() if isinstance(t, torch.Tensor) else t for t in example) if grad else example
+            if constants:
+                torch.func.functional_call(model, {name: p.detach() for name, p in constants.items()}, inputs)
+            else:
+                model(*inputs)
     finally:
         for handle in handles:
             handle.remove()
@@ -635,9 +650,23 @@ def estimate_cost(
         # Counted from the layers' shapes, in forwards of their blocks (what they leave out,
         # attention's products and elementwise work, is not in a bare step's count either).
         shapes, fallback = block_shapes(model, probes)
+        capture_skipped = fallback_skipped = 0
+        # With fallback parameters, which layers the captures' backward skips and which torch.func's for the fallback
+        # skip: two more hooked passes, each with one side held constant (these routes refuse models whose passes
+        # move buffers or draw random numbers; a tracker estimates under analysis_mode, its RNG forked besides).
+        if fallback:
+            fallback_params = covering_plan(model, probes).fallback
+            block_params = {name: p for name, p in model.named_parameters()
+                            if p.requires_grad and name not in fallback_params}
+            one = tuple(t[:1] for t in probes)
+            capture_skipped = layers.input_gradients - hooked_forward_counts(
+                model, one, True, constants=fallback_params)[3].input_gradients
+            fallback_skipped = layers.input_gradients - hooked_forward_counts(
+                model, one, True, constants=block_params)[3].input_gradients
         parts = factor_route_work(shapes, fallback, probes=m, batch=b, outputs=outputs, itemsize=param_bytes,
                                   memory_budget=memory_budget, form="lean" if group_state == "factored" else "outer",
-                                  frozen=layers.frozen, frozen_skipped=layers.frozen_skipped)
+                                  frozen=layers.frozen, frozen_skipped=layers.frozen_skipped,
+                                  capture_skipped=capture_skipped, fallback_skipped=fallback_skipped)
         bare = parts["bare_step"]
         # the unit of every part: the trained blocks' forward and the frozen layers'
         forward = max(forward_macs(shapes, fallback) + layers.frozen, 1.0)
@@ -952,7 +981,8 @@ def forward_macs(shapes: list[BlockShape], fallback: int) -> float:
 
 
 def factor_route_work(shapes: list[BlockShape], fallback: int, *, probes: int, batch: int, outputs: int, form: str,
-                      itemsize: int, memory_budget: int, frozen: int = 0, frozen_skipped: int = 0) -> dict[str, float]:
+                      itemsize: int, memory_budget: int, frozen: int = 0, frozen_skipped: int = 0,
+                      capture_skipped: float = 0.0, fallback_skipped: float = 0.0) -> dict[str, float]:
     """The factored and sketched routes' work per step, in example-forwards (F multiply-adds: the
     blocks' :func:`forward_macs` and the ``frozen`` layers' outside them), from the covering plan's blocks
     (:func:`~genkernel.core.engine.factored.block_shapes`) and the ``fallback`` parameters outside
@@ -962,6 +992,11 @@ def factor_route_work(shapes: list[BlockShape], fallback: int, *, probes: int, b
     backward through where their input depends on a trained parameter (all but ``frozen_skipped``
     of them); counted in F, as a bare step's forward is (without them the parts were in forwards
     of the trained blocks alone: a rank-2 LoRA MLP's ratio 52 % high, 4.09 against 2.70 counted).
+    ``capture_skipped`` and ``fallback_skipped``: the multiply-adds of the Linear and convolution
+    layers whose input depends on a trained parameter, but on none of the blocks' (a capture's
+    backward goes to the blocks' outputs alone: β_b = β less them), and on none of the fallback
+    parameters (torch.func's passes for the fallback go to them alone: β_f = β less those);
+    :func:`hooked_forward_counts` with the others held constant.
 
     Returns ``{part: example-forwards}``:
 
@@ -972,22 +1007,27 @@ def factor_route_work(shapes: list[BlockShape], fallback: int, *, probes: int, b
       T·I·O to form the block (lean form) and 2 P_block for its total and sizes; or T·I·O for the
       total from the factors and, for the sizes, T·I·O + P_block materialized
       (:func:`~genkernel.core.engine.factors.self_kernel_materializes`) or T²·(I + O) factored;
-    - ``capture``: a capture pass of the batch's own when the training pass cannot be read, B (1 + β);
+      with fallback parameters, their per-example gradients too, read from no factors whether or
+      not the training pass is: a vmapped forward and backward of every example and of the first
+      once more (``engine.reference.per_example`` checks the batched result on it), (B + 1)(1 + β_f);
+    - ``capture``: a capture pass of the batch's own when the training pass cannot be read, B (1 + β_b);
     - ``probe_factors``, per quadrature node: a forward and d output-batched backward passes to the
-      blocks' outputs, M (1 + d β);
+      blocks' outputs, M (1 + d β_b); with fallback parameters, their torch.func Jacobians besides (the
+      sketched route's too), a forward and d backward passes of every probe and of the first once
+      more, (M + 1)(1 + d β_f);
     - ``cross_kernels``, per node, the factored route's kernels between the probes' d outputs and
       the B examples, as :meth:`~genkernel.core.engine.factors.Factors.pair_kernel` forms them:
       materialized where either side is (:func:`~genkernel.core.engine.factors.lean_materializes`)
       or :func:`~genkernel.core.engine.factors.dense_pair_is_cheaper` says so, M·d·T·I·O to form
       the probes' gradients and M·B·d·P_block for the products, else M·B·T²·(I + d·O); fallback
-      parameters: d backward passes of the probes (torch.func Jacobians) and M·B·d·P_fallback;
+      parameters: M·B·d·P_fallback (their Jacobians are in ``probe_factors``);
     - ``tangent``: one pushed row's tangent pass (a JVP of the trained parameters), β + w (not a
       part of the step by itself: the pushes count it per row).
     """
     m, n, d = probes, batch, outputs
     trained = forward_macs(shapes, fallback)
     forward = trained + frozen
-    if trained <= 0:
+    if forward <= 0:  # (no blocks' products but frozen layers' remain a unit: BitFit's biases, w = 0 below)
         return {"bare_step": 3.0 * n, "batch_factors": 0.0, "capture": 1.0 * n, "probe_factors": m * (1.0 + 2.0 * d),
                 "cross_kernels": 0.0, "tangent": 2.0}
     back = input_gradient_share(shapes, fallback, forward, frozen_skipped)
@@ -1013,10 +1053,19 @@ def factor_route_work(shapes: list[BlockShape], fallback: int, *, probes: int, b
         else:  # norm: materialized per-example gradients
             sizes += p
             cross += m * n * d * p
+    # Fallback parameters (a prompt or a positional embedding added to the input, a scale vector): torch.func's
+    # per-example gradients of the batch and Jacobians of the probes, backward passes to them alone, while the
+    # captures' go to the blocks' outputs alone (a VPT model's prompt and head: the capture's backward is empty).
+    block_back = max(back - capture_skipped / forward, 0.0)
+    batch_fallback = probe_fallback = 0.0
     if fallback:
-        cross += m * d * (1.0 + back) * forward + m * n * d * fallback
-    return {"bare_step": n * (1.0 + back + weights), "batch_factors": n * sizes / forward, "capture": n * (1.0 + back),
-            "probe_factors": m * (1.0 + d * back), "cross_kernels": cross / forward, "tangent": back + weights}
+        fallback_back = max(back - fallback_skipped / forward, 0.0)
+        cross += m * n * d * fallback
+        batch_fallback = (n + 1) * (1.0 + fallback_back)
+        probe_fallback = (m + 1) * (1.0 + d * fallback_back)
+    return {"bare_step": n * (1.0 + back + weights), "batch_factors": n * sizes / forward + batch_fallback,
+            "capture": n * (1.0 + block_back), "probe_factors": m * (1.0 + d * block_back) + probe_fallback,
+            "cross_kernels": cross / forward, "tangent": back + weights}
 
 
 def row_sum_products(rows: int, partitions: int, batch: int, example_chunk: int) -> float:
