@@ -108,3 +108,22 @@ def test_a_tracker_checking_in_small_blocks_catches_one_wrong_element_of_the_las
     assert tracker.ledger.steps == 1
     tracker.step(x, y, ids)
     assert tracker.ledger.relative_residual() < 1e-3
+
+
+@pytest.mark.parametrize("group_state", ["dense", "factored"])
+def test_the_estimate_counts_the_buffers_the_check_keeps(group_state, monkeypatch):
+    """tracker.cost.memory["check_scratch"] is the bytes the update check's kept buffers hold after a step (one
+    partition: its rows and the rest and rounding rows after them are one block), here with blocks of 40 values."""
+    monkeypatch.setitem(checks.CHECK_BLOCK_BYTES, "cpu", 40 * 8)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 2)).to(F64)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+
+    def loss_fn(out, y):
+        return ((out - y) ** 2).sum(dim=1)
+
+    tracker = PathKernelTracker(model, optimizer, loss_fn, torch.randn(4, 6, dtype=F64), num_groups=3,
+                                group_state=group_state)
+    tracker.step(torch.randn(8, 6, dtype=F64), torch.randn(8, 2, dtype=F64), torch.arange(8) % 3)
+    kept = sum(b.numel() * b.element_size() for b in tracker._check_scratch._buffers.values())
+    assert kept == tracker.cost.memory["check_scratch"] > 0

@@ -80,7 +80,7 @@ def test_the_ema_sync_is_estimated_on_the_route_push_rows_takes_for_it():
     stacked = rows + 2
     sync = (stacked + 1 + rows + 2) * num * 8 + (2 * m * 1 + rows + 2) * num * 8
     transient = sum(with_ema.memory.get(k, 0) for k in ("group_gradients", "group_updates", "probe_pushes",
-                                                         "push_tangents", "check_temporaries"))
+                                                         "push_tangents"))
     assert with_ema.memory["ema_sync"] == sync - transient
     assert with_ema.memory["probe_pushes"] == plain.memory["probe_pushes"]  # the step's own route is unchanged
     shapes, fallback = cost.block_shapes(model, probes)

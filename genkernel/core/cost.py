@@ -13,8 +13,9 @@ Memory (bytes):
   for the exact totals (3 × P, float64 whatever the state dtype), the sketched one R × k besides;
 - ``group_updates``: the split update, (R + 1 + Π) × P (other routes: 3 × P float64);
 - ``checks``: the real gradient and each partition's rounding gap (float64), with a linear state
-  the magnitudes its rounding is judged against (:func:`check_bytes`); ``check_temporaries``: the
-  update check's per-parameter float64 copies, beyond what the pushes (freed by then) took;
+  the magnitudes its rounding is judged against (:func:`check_bytes`); ``check_scratch``: the
+  elementwise checks' buffers, a block of columns of the rows at a time, kept from step to step
+  (a few MB on CPU);
 - ``push_tangents``: the pushed rows converted to the parameters' dtype where the rows' differs;
 - ``parameter_copies``: θ_k, θ_{k+1}, the quadrature nodes in between, the rolled-back step's
   optimizer state;
@@ -731,8 +732,13 @@ def estimate_cost(
         memory["probe_pushes"], work["contributions"] = push_cost(pushed, contribution_route)
         # the rows converted to the parameters' dtype first where theirs differs
         memory["push_tangents"] = tangent_bytes(pushed, num, row_bytes, param_bytes)
-    pushes = memory["probe_pushes"] + memory.get("push_tangents", 0)
-    memory["check_temporaries"] = max(0, CHECK_TEMPORARIES * largest * 8 - pushes)
+    # The elementwise checks' buffers, kept from step to step (tracking.checks): the update check's over a
+    # partition's rows and the ones it shares (at most all of them), and an EMA sync's over its change rows.
+    from .tracking.checks import check_scratch_bytes  # (here: tracking imports this module)
+
+    memory["check_scratch"] = check_scratch_bytes(stacked, largest, row_bytes, device)
+    if ema:
+        memory["check_scratch"] += check_scratch_bytes(stacked + 1, largest, 8, device)
     if ema and group_state == "dense":
         # EMALedgers.sync pushes its R + 2 rows by push_rows' own "auto" choice (whatever the step's route):
         # the probes' Jacobians when 8 d <= R + 2 and they fit the budget, else JVPs in passes.
@@ -744,8 +750,7 @@ def estimate_cost(
         narrow = param_bytes != 8
         sync = ((stacked + 1) + (rows + 2)) * num * 8 + ema_push
         sync += ((rows + 2) * num * param_bytes + 2 * num * 8) if narrow else 0
-        transient = sum(memory.get(k, 0) for k in ("group_gradients", "group_updates", "probe_pushes", "push_tangents",
-                                                    "check_temporaries"))
+        transient = sum(memory.get(k, 0) for k in ("group_gradients", "group_updates", "probe_pushes", "push_tangents"))
         memory["ema_sync"] = max(0, sync - transient)
     # After the step; before it too when buffers or frozen parameters may have moved the outputs.
     work["probe_forwards"] = m * (2.0 if has_state_outside_training(model) else 1.0)
@@ -936,14 +941,9 @@ def check_bytes(num_params: int, partitions: int, row_bytes: int, linear_state: 
     """What the step's checks and the split hold besides the rows, in bytes: the real gradient in
     float64 and each partition's rounding gap (1 + Π parameter copies); with a linear state, the
     magnitudes it is checked against (committed, pending) and the rounding scale (three copies in
-    the rows' dtype). The update check's per-parameter temporaries (θ_{k+1} in float64, Δ, |Δ|, a
-    total and a scale: :data:`CHECK_TEMPORARIES` of the largest parameter) come after the probes'
-    pushes are freed (``check_temporaries``: what they need beyond the pushes)."""
+    the rows' dtype). The elementwise checks themselves run in kept block-sized buffers
+    (``check_scratch``: :func:`~genkernel.core.tracking.checks.check_scratch_bytes`)."""
     return (1 + partitions) * num_params * 8 + (3 * num_params * row_bytes if linear_state else 0)
-
-
-# Float64 copies of one parameter the update check holds at once (tracker._check_updates).
-CHECK_TEMPORARIES = 5
 
 
 def _check_arguments(probes, *, state_dtype, group_state, gradient_route, contribution_route, memory_budget,
@@ -1263,7 +1263,7 @@ def _cheaper_options(estimate: CostEstimate, group_state: str, state_dtype: torc
 
 
 __all__ = [
-    "CHECK_TEMPORARIES", "COST_OPTIONS", "CostEstimate", "PUSH_ROW_ACTIVATIONS", "available_memory", "cgroup_free_memory",
+    "COST_OPTIONS", "CostEstimate", "PUSH_ROW_ACTIVATIONS", "available_memory", "cgroup_free_memory",
     "GROUP_STATE_CHOICES", "check_bytes", "cost_options", "estimate_cost", "factor_route_work", "forward_macs", "held_bytes", "ledger_bytes", "linear_state_rows",
     "fallback_product_macs", "frozen_bytes", "GradientLayerCounts", "gradient_layer_counts", "hooked_forward_counts", "optimizer_state_copies", "optimizer_state_values", "plain_hyperparameter", "plain_sgd", "projection_bytes", "push_pass_bytes", "push_pass_shape", "push_route", "reads_training_pass",
     "sketch_temporary_bytes", "sketch_work", "dense_gradient_work", "input_gradient_share", "row_sum_products", "sketchable", "splitter_state_copies",

@@ -43,6 +43,14 @@ def block_columns(rows: int, numel: int, element_size: int, device: torch.device
     return max(1, min(numel, budget // max(1, rows * element_size)))
 
 
+def check_scratch_bytes(rows: int, numel: int, element_size: int, device: torch.device | str) -> int:
+    """Bytes of the buffers :func:`largest_excess` keeps for blocks of ``rows`` rows of a parameter of
+    ``numel`` values (``element_size`` bytes each) on ``device``: the float64 vectors and the block's
+    magnitudes (a few MB on CPU however large the parameter; what the cost estimate counts)."""
+    width = block_columns(rows, numel, element_size, torch.device(device))
+    return VECTORS * width * 8 + max(1, rows) * width * element_size
+
+
 class CheckScratch:
     """Buffers the checks reuse from step to step, grown to the largest block they were asked for
     (per device and dtype; a few MB on CPU: :data:`CHECK_BLOCK_BYTES`). Holds nothing a check's
@@ -127,4 +135,4 @@ def _nan_max(a: float, b: float) -> float:
     return math.nan if math.isnan(a) or math.isnan(b) else max(a, b)
 
 
-__all__ = ["CheckScratch", "block_columns", "largest_excess"]
+__all__ = ["CheckScratch", "block_columns", "check_scratch_bytes", "largest_excess"]
