@@ -115,6 +115,15 @@ class EpochRNG:
         self.state = state
 
 
+def resume_settings(args, **more: Any) -> dict[str, Any]:
+    """What a checkpoint's run and the run resuming it must share (:class:`EpochRNG`'s ``settings``):
+    ``--mixed_precision``, and ``--train_batch_size`` and ``--gradient_accumulation_steps``, which place the
+    resumed epoch's first batch (upstream's ``resume_step`` is ``global_step`` times the accumulation, in batches
+    of the size: another value of either lines up other batches, silently); ``more``: a script's own."""
+    return {"mixed_precision": args.mixed_precision, "train_batch_size": args.train_batch_size,
+            "gradient_accumulation_steps": args.gradient_accumulation_steps, **more}
+
+
 def saved_checkpoints(output_dir: str) -> list[str]:
     """The ``checkpoint-STEP`` folders in ``output_dir`` (none when it does not exist), oldest first: the
     listing upstream writes twice, for ``--resume_from_checkpoint latest`` and ``--checkpoints_total_limit``

@@ -90,7 +90,7 @@ from genkernel.diffusion import NoiseLevelAnalyzer, freeze_attention_key_biases 
 
 from .checkpointing import (
     EpochRNG, add_analyzer_arguments, add_checkpoint_arguments, check_checkpoint_arguments, register_unet_hooks,
-    resume_position, save_checkpoint, training_length,
+    resume_position, resume_settings, save_checkpoint, training_length,
 )
 from .stable_diffusion import (
     base_fingerprint, check_captioning, encoders_step_overhead, frozen_dtype, place_frozen, pretrained_components,
@@ -258,9 +258,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     epoch_rng = EpochRNG(getattr(train_dataloader, "synchronized_generator", None),
                          # (a resume training to another prediction type would mix two objectives in one model
                          # silently, and the saved pipeline would state the second alone)
-                         settings={"mixed_precision": args.mixed_precision,
-                                   "prediction_type": noise_scheduler.config.prediction_type,
-                                   "pretrained_model_name_or_path": base})
+                         settings=resume_settings(args, prediction_type=noise_scheduler.config.prediction_type,
+                                                  pretrained_model_name_or_path=base))
     accelerator.register_for_checkpointing(epoch_rng)
 
     analyzer = None  # genkernel: the noise-level ledger in latent space

@@ -101,7 +101,7 @@ from genkernel.diffusion import NoiseLevelAnalyzer, freeze_attention_key_biases 
 
 from .checkpointing import (
     EpochRNG, add_analyzer_arguments, add_checkpoint_arguments, check_checkpoint_arguments, register_unet_hooks,
-    resume_position, save_checkpoint,
+    resume_position, resume_settings, save_checkpoint,
 )
 
 UNETS = {
@@ -288,7 +288,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     register_unet_hooks(accelerator, UNet2DModel, ema_model if args.use_ema else None)
     # the random states as each epoch began, in the checkpoints: a resume mid-epoch replays the epoch's draws
     epoch_rng = EpochRNG(getattr(train_dataloader, "synchronized_generator", None),
-                         settings={"mixed_precision": args.mixed_precision})
+                         settings=resume_settings(args))
     accelerator.register_for_checkpointing(epoch_rng)
 
     analyzer = None  # genkernel: the noise-level ledger; probes are dataset images without random augmentations
