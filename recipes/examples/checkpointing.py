@@ -9,7 +9,10 @@ puts back the random states as of the checkpoint, so the skipped batches are loa
 states and the shuffle and draws that follow are not the uninterrupted run's. :class:`EpochRNG` keeps the
 random states as each epoch began in the checkpoints instead; a resumed epoch restores them before
 ``iter()`` and its skipped steps draw what they drew (the examples' loops do so), so the run goes on as the
-uninterrupted one did.
+uninterrupted one did. The checkpoints also record the options a resume must share (:func:`resume_settings`):
+upstream's resume goes on from ``global_step`` times the accumulation batches into the epoch, so a resume with
+another ``--train_batch_size`` or ``--gradient_accumulation_steps`` went on from another batch, silently; here it
+is refused, naming the option.
 """
 
 from __future__ import annotations
