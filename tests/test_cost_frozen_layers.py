@@ -7,8 +7,7 @@ or weight tangent).
 
 The reference count is torch.utils.flop_counter's formulas applied by a plain dispatch mode, with the
 in-place products (``addmm_``, ``baddbmm_``) and a grouped convolution's weight gradient divided by its
-groups, as ``tests/test_cost_dense_route.py`` counts (its ``ProductCounter``, copied here in the part
-these models need); one example's forward is the unit of both sides."""
+groups, as ``tests/test_cost_dense_route.py`` counts (its ``counted``, imported); one example's forward is the unit of both sides."""
 
 from __future__ import annotations
 
@@ -17,48 +16,15 @@ import copy
 import pytest
 import torch
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils.flop_counter import conv_backward_flop, flop_registry
 
 from genkernel import PathKernelTracker
 from genkernel.core.adapter import output_tensor
+from test_cost_dense_route import counted  # (torch's operation count with the in-place products)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-aten = torch.ops.aten
 F64 = torch.float64
 BATCH, PROBES, RANK = 8, 4, 2
-
-
-class ProductCounter(TorchDispatchMode):
-    """FLOPs (2 × multiply-adds) of every matrix product and convolution dispatched inside it, the
-    in-place products and a grouped convolution's weight gradient (per group) included."""
-
-    def __init__(self):
-        super().__init__()
-        self.flops = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        out = func(*args, **kwargs)
-        packet = func._overloadpacket
-        if packet in (aten.addmm_, aten.baddbmm_):
-            a, b = args[1].shape, args[2].shape
-            self.flops += 2 * (a[0] if len(a) == 3 else 1) * a[-2] * a[-1] * b[-1]
-        elif packet is aten.convolution_backward:
-            grad_out, x, w, bias, stride, padding, dilation, transposed, output_padding, groups, mask = args
-            call = (grad_out, x, w, bias, stride, padding, dilation, transposed, output_padding, groups)
-            self.flops += conv_backward_flop(*call, [mask[0], False, False], out_val=out)
-            self.flops += conv_backward_flop(*call, [False, mask[1], False], out_val=out) // groups
-        elif packet in flop_registry:
-            self.flops += flop_registry[packet](*args, **kwargs, out_val=out)
-        return out
-
-
-def counted(call) -> int:
-    with ProductCounter() as counter:
-        call()
-    return counter.flops
 
 
 def loss_fn(outputs, targets):

@@ -9,8 +9,8 @@ trained layer (one of its own parameters trains) left its forward out of the fac
 Jacobian routes' unit, and its input's gradient in where it depends on no trained parameter.
 
 The reference is torch's operation count, torch.utils.flop_counter's formulas applied by a plain
-dispatch mode with the in-place products (``addmm_``, ``baddbmm_``) counted, written here apart
-from the estimate; one example's forward is the unit of both sides."""
+dispatch mode with the in-place products (``addmm_``, ``baddbmm_``) counted (``counted`` of
+``tests/test_cost_dense_route.py``, written apart from the estimate); one example's forward is the unit of both sides."""
 
 from __future__ import annotations
 
@@ -20,43 +20,15 @@ import pytest
 import torch
 from torch import nn
 from torch.func import functional_call, jvp, vmap
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils.flop_counter import flop_registry
 
 from genkernel import PathKernelTracker
 from genkernel.core.cost import gradient_layer_counts
+from test_cost_dense_route import counted  # (torch's operation count with the in-place products)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-aten = torch.ops.aten
 F64 = torch.float64
 BATCH, PROBES, RANK = 8, 4, 2
-
-
-class ProductCounter(TorchDispatchMode):
-    """FLOPs (2 × multiply-adds) of every matrix product dispatched inside it, the in-place ones included."""
-
-    def __init__(self):
-        super().__init__()
-        self.flops = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        out = func(*args, **kwargs)
-        packet = func._overloadpacket
-        if packet in (aten.addmm_, aten.baddbmm_):
-            a, b = args[1].shape, args[2].shape
-            self.flops += 2 * (a[0] if len(a) == 3 else 1) * a[-2] * a[-1] * b[-1]
-        elif packet in flop_registry:
-            self.flops += flop_registry[packet](*args, **kwargs, out_val=out)
-        return out
-
-
-def counted(call) -> int:
-    """FLOPs of the matrix products ``call()`` dispatches."""
-    with ProductCounter() as counter:
-        call()
-    return counter.flops
 
 
 def loss_fn(outputs, targets):
