@@ -15,7 +15,8 @@ Memory (bytes):
 - ``checks``: the real gradient and each partition's rounding gap (float64), with a linear state
   the magnitudes its rounding is judged against (:func:`check_bytes`); ``check_scratch``: the
   elementwise checks' buffers, a block of columns of the rows at a time, kept from step to step
-  (a few MB on CPU);
+  (a few MB on CPU, more with over checks.BUDGET_ROWS rows; no less than what a tracker and its EMA ledgers
+  keep after a step, equal with one partition);
 - ``push_tangents``: the pushed rows converted to the parameters' dtype where the rows' differs;
 - ``parameter_copies``: θ_k, θ_{k+1}, the quadrature nodes in between, the rolled-back step's
   optimizer state;
@@ -1262,10 +1263,43 @@ def _cheaper_options(estimate: CostEstimate, group_state: str, state_dtype: torc
     return options
 
 
+def with_kernel_records(tracker_cost: CostEstimate, record: dict[str, Any], every: int) -> CostEstimate:
+    """``tracker_cost`` with an analyzer's kernel records added (a new estimate; ``tracker_cost`` is not changed).
+
+    ``record``: one record's ``{"work": example-forwards, "bytes": its peak, "states": n·G, "sketch": V or None}``
+    (:meth:`genkernel.diffusion.NoiseLevelAnalyzer.kernel_record_cost`); ``every``: tracked steps per record (0:
+    only the records at the start and the end). Work part ``kernel_records``: ``record["work"] / every`` per
+    tracked step; the records at the start and end, ``2 × record["work"]`` in all, are one-off
+    (``settings["kernel_record_once"]``), outside the per-step ratio. Memory part ``kernel_record``: the record's
+    peak less the tracker's analysis memory (:attr:`CostEstimate.analysis_bytes`: a record runs between steps,
+    beside the tracker's arrays, and no larger than a step's analysis memory it adds nothing), so the total is the
+    larger of the two peaks. The cheaper options name the analyzer's kernel settings when the record costs more
+    than a tenth of a tracked step or adds memory."""
+    work = dict(tracker_cost.work)
+    work["kernel_records"] = record["work"] / every if every else 0.0
+    memory = dict(tracker_cost.memory)
+    memory["kernel_record"] = max(0, int(record["bytes"]) - tracker_cost.analysis_bytes)
+    settings = dict(tracker_cost.settings)
+    settings.update(kernel_record_work=float(record["work"]), kernel_record_bytes=int(record["bytes"]),
+                    kernel_every=int(every), kernel_record_once=2.0 * float(record["work"]),
+                    kernel_states=int(record["states"]), kernel_sketch=record["sketch"])
+    estimate = CostEstimate(memory, tracker_cost.available, work, tracker_cost.bare_step, tracker_cost.held, settings,
+                            list(tracker_cost.cheaper))
+    tracked_step = tracker_cost.bare_step + sum(tracker_cost.work.values())
+    if memory["kernel_record"] or record["work"] > 0.1 * tracked_step * max(every, 1):
+        directions = record["sketch"]
+        estimate.cheaper.append(
+            f"kernel records ({record['states']} states, {'exact' if directions is None else f'{directions} output directions'}: "
+            f"{record['work']:.0f} example-forwards and {record['bytes'] / GiB:.2f} GiB each): fewer kernel_points (its work "
+            "grows with the square of the states), kernel_sketch=V with fewer output directions, a larger kernel_every "
+            "(or kernel_every=0: records at the start and end only), or a smaller memory_budget (the engine's chunks)")
+    return estimate
+
+
 __all__ = [
     "COST_OPTIONS", "CostEstimate", "PUSH_ROW_ACTIVATIONS", "available_memory", "cgroup_free_memory",
     "GROUP_STATE_CHOICES", "check_bytes", "cost_options", "estimate_cost", "factor_route_work", "forward_macs", "held_bytes", "ledger_bytes", "linear_state_rows",
     "fallback_product_macs", "frozen_bytes", "GradientLayerCounts", "gradient_layer_counts", "hooked_forward_counts", "optimizer_state_copies", "optimizer_state_values", "plain_hyperparameter", "plain_sgd", "projection_bytes", "push_pass_bytes", "push_pass_shape", "push_route", "reads_training_pass",
     "sketch_temporary_bytes", "sketch_work", "dense_gradient_work", "input_gradient_share", "row_sum_products", "sketchable", "splitter_state_copies",
-    "tangent_bytes", "bare_step_forwards", "example_counts",
+    "tangent_bytes", "bare_step_forwards", "example_counts", "with_kernel_records",
 ]

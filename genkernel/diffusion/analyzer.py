@@ -68,6 +68,7 @@ import math
 import numbers
 import os
 import sys
+import warnings
 import time
 from typing import Any, Callable, Mapping
 
@@ -80,7 +81,7 @@ from ..core.adapter import (
     unwrap_optimizer,
 )
 from ..core.errors import LedgerCheckError
-from ..core.cost import example_counts
+from ..core.cost import CostEstimate, example_counts, with_kernel_records
 from ..core.tracking.callbacks import TrainerCallback
 from ..core.tracking.distributed import summed_over_ranks
 from ..core.tracking.io import atomic_save, check_saved_settings, jsonable, load_state
@@ -94,7 +95,7 @@ from ..core.tracking.tracker import (
 )
 from ..logging import LoggingCallback
 from ..stats import nan_median
-from .kernels import eval_mode, make_states, state_kernel
+from .kernels import eval_mode, make_states, state_kernel, state_kernel_work
 from .learned_variance import describe_loss, loss_targets, predicts_variance, training_loss
 from .locality import kernel_locality
 from .models import KEY_BIAS_SUFFIXES
@@ -151,7 +152,9 @@ class NoiseLevelAnalyzer(TrainerCallback):
             the end); they are the "locality over training" curves.
         kernel_every: compute the kernel structure every this many tracked steps (0: only when
             tracking starts and at ``on_train_end``).
-        kernel_points: clean inputs n used for the kernel structure (n × G states).
+        kernel_points: clean inputs n used for the kernel structure (n × G states). A record's work grows with
+            (n·G)² (and with the output directions); :attr:`cost` counts it (``kernel_records``, per tracked step)
+            and its memory beside the tracker's, and bind refuses (``memory_check``) a record that does not fit.
         kernel_sketch: "auto" (the exact kernel for at most 64 outputs per state, else 8 output
             directions: an image's exact kernel needs one backward pass per pixel), None for the
             exact kernel, or V output directions.
@@ -341,6 +344,7 @@ class NoiseLevelAnalyzer(TrainerCallback):
         self._sigma_like = 0  # examples in a row at a level t <= 1 (flow matching: sigmas passed as timesteps?)
 
         self.tracker: PathKernelTracker | None = None
+        self._kernel_wrappers: dict = {}  # the kernel sketch's wrappers, kept between records (state_kernel)
         self.model: nn.Module | None = None
         self._pending_state: dict[str, Any] | None = None
         self._overhead_pending = False  # a DataLoader trainer's VAE encode, counted at its first batch
@@ -424,8 +428,15 @@ class NoiseLevelAnalyzer(TrainerCallback):
                     raise ValueError(f"{error} (here: NoiseLevelAnalyzer(group_state='dense' or 'auto'), or "
                                      "ema_ledger='none' to keep no ledger for a trainer's EMA)") from error
                 raise
+        try:
+            self._kernel_record = self.kernel_record_cost(model)
+            self._check_kernel_fit()
+        except BaseException:  # unbound again: the analyzer can be bound once fixed
+            self.tracker.close(record_ema=False)
+            self.tracker = None
+            raise
         if self.progress:
-            print(f"[genkernel] NoiseLevelAnalyzer: {self.tracker.cost.describe()}", file=sys.stderr)
+            print(f"[genkernel] NoiseLevelAnalyzer: {self.cost.describe()}", file=sys.stderr)
         self._start_step = start_step if self._start_step is None else self._start_step
         if self._pending_state is not None:
             self._load(self._pending_state)
@@ -435,6 +446,20 @@ class NoiseLevelAnalyzer(TrainerCallback):
         elif not self.kernel_history:
             self.record_kernel()
         self._steps_at_bind = self.tracker.attempted_steps
+
+    def _check_kernel_fit(self) -> None:
+        """Refuse (``memory_check="refuse"``: MemoryError, as the tracker refuses) or warn (ResourceWarning) where
+        the kernel record's peak, beside what the tracker holds, is more than the device had free when the tracker
+        was estimated: the tracker's own check does not see the record."""
+        cost = self.cost
+        if cost.memory["kernel_record"] == 0 or cost.fits_beside(self.tracker.cost):
+            return
+        message = (f"this analyzer's kernel structure records would not fit on {cost.settings.get('device')}: "
+                   f"{cost.describe()}. Cheaper: " + "; ".join(cost.cheaper))
+        if self.memory_check == "refuse":
+            raise MemoryError(message + ". If you know the device holds it (the estimate can be high on CUDA), "
+                              "build the analyzer with memory_check='warn'")
+        warnings.warn(message + " (memory_check='warn': bound anyway)", ResourceWarning, stacklevel=3)
 
     # -- the trainer callback ----------------------------------------------------------------
     def _check_trainer_scheduler(self, trainer: Any) -> None:
@@ -496,7 +521,7 @@ class NoiseLevelAnalyzer(TrainerCallback):
         cost.settings["step_overhead"] = float(overhead)
         self.tracker._cost_settings["step_overhead"] = float(overhead)  # (an EMA ledger's estimate, later)
         if self.progress:
-            print(f"[genkernel] NoiseLevelAnalyzer, the VAE's encode counted at the first batch: {cost.describe()}",
+            print(f"[genkernel] NoiseLevelAnalyzer, the VAE's encode counted at the first batch: {self.cost.describe()}",
                   file=sys.stderr)
 
     def _trainer_overhead(self, trainer: Any) -> float:
@@ -835,6 +860,16 @@ class NoiseLevelAnalyzer(TrainerCallback):
         model = self.model if model is None else model
         if model is None:
             raise RuntimeError("pass a model, or bind the analyzer to one first")
+        states, sketch = self._kernel_states(model)
+        with eval_mode(model):  # the function sampled from, as the probes see it (a trainer's model is in train mode)
+            kernel = state_kernel(model, states, output_sketch=sketch, seed=self.seed, memory_budget=self.memory_budget,
+                                  progress=self.progress, wrappers=self._kernel_wrappers)
+        summary = kernel_locality(kernel.cpu(), self.kernel_clean.shape[0], torch.arange(self.num_bins), self.band, seed=self.seed)
+        return {"sketch": sketch, **summary}
+
+    def _kernel_states(self, model: nn.Module) -> tuple[tuple[torch.Tensor, ...], int | None]:
+        """The kernel structure's states ``(z [n·G, *shape], t [n·G], *conditioning)`` in ``model``'s dtype and
+        device, and the output directions its kernel is sketched with (None: exact)."""
         param = next(unwrap(model).parameters())
         all_levels = self.bins.centers
         states = make_states(self.scheduler, self.kernel_clean.to(param), self.kernel_noise.to(param), all_levels)
@@ -846,11 +881,32 @@ class NoiseLevelAnalyzer(TrainerCallback):
             # outputs per state: the input's values, twice over for a model that predicts its variance too
             outputs = self.kernel_clean[0].numel() * (2 if predicts_variance(self.scheduler) else 1)
             sketch = None if outputs <= AUTO_EXACT_OUTPUTS else AUTO_SKETCH_DIRECTIONS
-        with eval_mode(model):  # the function sampled from, as the probes see it (a trainer's model is in train mode)
-            kernel = state_kernel(model, states, output_sketch=sketch, seed=self.seed, memory_budget=self.memory_budget,
-                                  progress=self.progress)
-        summary = kernel_locality(kernel.cpu(), self.kernel_clean.shape[0], torch.arange(self.num_bins), self.band, seed=self.seed)
-        return {"sketch": sketch, **summary}
+        return states, sketch
+
+    def kernel_record_cost(self, model: nn.Module | None = None) -> dict[str, Any]:
+        """What one :meth:`record_kernel` costs on ``model`` (default: the bound one), from the engine's counts
+        (:func:`~genkernel.diffusion.kernels.state_kernel_work`), nothing of the kernel's size computed:
+        ``{"work": example-forwards of the model, "bytes": the engine's peak of Jacobians or factors and the
+        kernel, "states": n·G, "sketch": V or None}``."""
+        model = self.model if model is None else model
+        if model is None:
+            raise RuntimeError("pass a model, or bind the analyzer to one first")
+        states, sketch = self._kernel_states(model)
+        with eval_mode(model):
+            counts = state_kernel_work(model, states, output_sketch=sketch, memory_budget=self.memory_budget,
+                                       wrappers=self._kernel_wrappers)
+        work = (counts["kernel"] + counts["checks"]) / max(counts["forward_macs"], 1.0)
+        return {"work": work, "bytes": int(counts["bytes"]), "states": int(states[0].shape[0]), "sketch": sketch}
+
+    @property
+    def cost(self) -> CostEstimate:
+        """The tracker's estimate (:attr:`PathKernelTracker.cost`) with the kernel structure's records added:
+        work ``kernel_records``, one record's example-forwards over ``kernel_every`` (amortized per tracked step;
+        0 with ``kernel_every=0``), the records at the start and end in ``settings["kernel_record_once"]``;
+        memory ``kernel_record``, the record's peak beyond the tracker's own analysis memory (the record runs
+        between steps, with the tracker's arrays held). ``tracker.cost`` stays the tracker's alone."""
+        self._require()
+        return with_kernel_records(self.tracker.cost, self._kernel_record, self.kernel_every)
 
     def record_kernel(self) -> dict[str, Any]:
         """:meth:`kernel_structure` at the θ the ledger has reached (the current θ, unless something

@@ -19,12 +19,12 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..core.adapter import (  # eval_mode: re-exported, it was defined here
-    analysis_mode, as_tuple, checked_forward, eval_mode, output_tensor, seeded_generator, trainable_parameters,
+    analysis_mode, as_tuple, checked_forward, eval_mode, output_tensor, seeded_generator, trainable_parameters, unwrap,
 )
 from ..core.engine.kernels import gradient_kernel, kernel_plan, normalize_kernel
 from .objectives import check_timesteps, noisy_input
 
-__all__ = ["state_kernel", "make_states", "eval_mode"]
+__all__ = ["state_kernel", "state_kernel_work", "make_states", "eval_mode"]
 
 
 def make_states(scheduler, clean: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -76,6 +76,7 @@ def state_kernel(
     memory_budget: int = 256 * 2**20,
     progress: bool = False,
     normalize: bool = True,
+    wrappers: dict | None = None,
 ) -> torch.Tensor:
     """Normalized gradient kernel ``[M, N]`` (float64) between denoiser states (``normalize=False``: the
     kernel itself, Σ_o ⟨∇_θ f_o(state), ∇_θ f_o(other)⟩, or its sketch).
@@ -89,6 +90,10 @@ def state_kernel(
             kernel; normalized: divided by the sketch's own diagonals, so |k̂| <= 1 and k̂(x, x) = 1).
         seed: seeds the sketch directions (a private generator).
         progress: a tqdm bar over the directions.
+        wrappers: a dict the caller keeps between calls on the same model (an analyzer's records): the sketch's
+            one-output wrapper is kept there, so that the engine's covering check of the model's layers, remembered
+            per module, runs at the first call only (without it, at every call: measured on a tiny UNet2DModel,
+            a third of a two-direction record's multiply-adds).
     """
     states = as_tuple(states, name="states")
     if output_sketch is None:
@@ -111,7 +116,8 @@ def state_kernel(
     # a ±1 direction can cancel equal outputs (r = (1, -1) on two equal channels), and a block it leaves without
     # gradient passes the check whatever its factors miss, an outcome then kept for the directions that do not
     # cancel it (measured: a block seeing its batch reversed, 38 % of the kernel's scale off)
-    one = _Directional(model, torch.randn(d, generator=generator, dtype=torch.float64).to(first))
+    one = _directional(model, d, first, wrappers)
+    one.direction.copy_(torch.randn(d, generator=generator, dtype=torch.float64))
     for inputs in (states, others_t) if others_t is not None else (states,):
         kernel_plan(one, inputs, memory_budget=memory_budget)
         if normalize and others_t is not None:  # _self_diagonal's one-example kernels: a check of one example
@@ -133,9 +139,92 @@ def state_kernel(
     return kernel / output_sketch
 
 
+def _directional(model: nn.Module, outputs: int, like: torch.Tensor, wrappers: dict | None) -> _Directional:
+    """A :class:`_Directional` of ``model`` with an ``[outputs]`` direction in ``like``'s dtype and device: the one
+    kept in ``wrappers`` for them, else a new one (kept there)."""
+    key = (id(model), outputs, like.dtype, like.device)
+    one = None if wrappers is None else wrappers.get(key)
+    if one is None or one.model is not model:
+        one = _Directional(model, torch.zeros(outputs, dtype=like.dtype, device=like.device))
+        if wrappers is not None:
+            wrappers[key] = one
+    return one
+
+
 def _self_diagonal(model: nn.Module, states: tuple[torch.Tensor, ...], memory_budget: int) -> torch.Tensor:
     """k(x, x) of every state, one state at a time (no N × N kernel)."""
     return torch.cat([
         gradient_kernel(model, tuple(t[i : i + 1] for t in states), memory_budget=memory_budget).reshape(1)
         for i in range(states[0].shape[0])
     ]).to(torch.float64)
+
+
+def state_kernel_work(model: nn.Module, states: tuple[torch.Tensor, ...], *, output_sketch: int | None = None,
+                      memory_budget: int = 256 * 2**20, wrappers: dict | None = None) -> dict[str, float]:
+    """Multiply-adds and bytes :func:`state_kernel` (``normalize=True``, ``others=None``) takes on ``states``, from
+    the engine's own counts (:func:`~genkernel.core.engine.kernels.choose_engine`'s): ``{"kernel": the kernel's
+    passes and pair products, "checks": the repeatability checks (two forward and backward passes of one
+    example per engine call), "forward_macs": one example's forward, "bytes": the engine's peak of Jacobians or
+    factors held at once (two chunks of Jacobians, or the held side's factors, as the engine sizes them within
+    ``memory_budget``) and the float64 kernel [M, M]}``. The covering check of a model's
+    layers runs once per model and kind of input (with ``wrappers``, :func:`state_kernel`'s, once for the sketch's
+    wrapper too), so it is not counted. Needs one example's forward and the
+    engine's plan; nothing the size of the kernel is computed."""
+    from ..core.cost import bare_step_forwards, hooked_forward_counts
+    from ..core.engine.factored import _probe_sizes
+    from ..core.engine.kernels import _chunking, _engine_plan, example_passes
+
+    states = as_tuple(states, name="states")
+    m = states[0].shape[0]
+    one = tuple(t[:1] for t in states)
+    with torch.no_grad(), analysis_mode(model):
+        outputs = checked_forward(model, one, name="states").shape[1]
+    with analysis_mode(model):
+        activations, forward, trainable, layers = hooked_forward_counts(model, one, grad=True)
+    params = trainable_parameters(model)
+    total = sum(p.numel() for p in params.values())
+    first = next(iter(params.values()))
+    if output_sketch is not None:
+        calls, d = output_sketch, 1
+        target = _directional(model, outputs, first, wrappers)
+    else:
+        calls, d, target = 1, outputs, unwrap(model)  # (gradient_kernel unwraps it the same way)
+    with analysis_mode(target):
+        plan = _engine_plan(target, states, d, (m, m), "auto", None, memory_budget)
+        if plan is None:
+            from ..core.engine.kernels import _functional_rows
+            rows = _functional_rows(params, d, memory_budget)
+            passes = example_passes(m, m, rows, True, False, "functional")
+            kernel = passes * (1 + 2 * d) * forward + m * m * d * total + m * d * total
+            held = 2 * min(rows, m) * 2 * d * total * first.element_size()  # two chunks, vmap's doubling
+        else:
+            sizes = _probe_sizes(target, plan, states)
+            chunking = _chunking(target, plan, states, d, (m, m), True, sizes, memory_budget)
+            # per chunk of c cotangents: a block kept factored forms its activations' Gram T²·I again in each
+            # (counted once for all d outputs, the kernel at c = 1 was 14 % low on a tiny UNet), and whether a block
+            # materializes is decided at c
+            c = min(chunking.cotangents, d)
+            widths = [c] * (d // c) + ([d % c] if d % c else [])
+            counts = [sizes.engine_counts(plan, width) for width in widths]
+            block_forward = counts[0][0]
+            materialized = sum(width * counted[1] for width, counted in zip(widths, counts)) / d
+            pair = sum(counted[2] for counted in counts)
+            fallback = sum(p.numel() for p in plan.fallback.values())
+            passes = example_passes(m, m, chunking.rows, True, chunking.held, "factored")
+            out_chunks = -(-d // max(chunking.cotangents, 1))
+            # the backward of d cotangents forms the inputs' gradients of the layers after a trained one
+            # (the first layer's input needs none), then the materialized blocks' per-example gradients
+            kernel = (passes * (out_chunks * forward + d * (layers.input_gradients + materialized)) + m * m * pair
+                      + (passes * (1 + 2 * d) * forward + m * m * d * fallback if fallback else 0))
+            # the held side's factors and the streamed chunk's captures, or two chunks' captures recomputed per pair
+            # (each of the engine's chunks of cotangents, c of the d outputs)
+            per_example = first.element_size() * (sizes.compact_factors(plan, c) + c * fallback)
+            captured = min(chunking.rows, m) * per_example
+            held = m * per_example + captured if chunking.held else 2 * captured
+            held += min(chunking.rows, m) * activations * first.element_size()  # the capture pass's activations
+    # repeatable_output: two forward and backward passes of one example per engine call; sketched, once more for the
+    # Gaussian direction's plan, and one no-grad forward for the outputs
+    checks = 2 * forward * bare_step_forwards(forward, trainable, 1, layers.input_gradients)
+    extra = checks + forward if output_sketch is not None else 0
+    return {"kernel": float(calls * kernel), "checks": float(calls * checks + extra), "forward_macs": float(forward),
+            "bytes": float(held + 3 * m * m * 8)}
