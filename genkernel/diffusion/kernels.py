@@ -206,7 +206,6 @@ def state_kernel_work(model: nn.Module, states: tuple[torch.Tensor, ...], *, out
             c = min(chunking.cotangents, d)
             widths = [c] * (d // c) + ([d % c] if d % c else [])
             counts = [sizes.engine_counts(plan, width) for width in widths]
-            block_forward = counts[0][0]
             materialized = sum(width * counted[1] for width, counted in zip(widths, counts)) / d
             pair = sum(counted[2] for counted in counts)
             fallback = sum(p.numel() for p in plan.fallback.values())
