@@ -366,8 +366,10 @@ def hooked_forward_counts(model: nn.Module, example: tuple[torch.Tensor, ...],
     forward of ``example`` (one pass: a training-mode BatchNorm's running statistics move once, as
     they did for :func:`example_counts` alone). Without ``grad`` no input requires grad, and ``layers``
     says so (every layer frozen or before the first trained one). ``constants``: ``{name: parameter}``
-    held constant for the pass (their values detached, ``torch.func.functional_call``), so that
-    ``layers.input_gradients`` counts the layers whose input depends on the other trained parameters."""
+    held constant for the pass (``requires_grad`` off for it, put back after), so that
+    ``layers.input_gradients`` counts the layers whose input depends on the other trained parameters
+    (not through ``torch.func.functional_call``: on a module registered under two names it left the
+    model holding other parameter objects)."""
     counts = [0, 0, 0]
     layers = [0, 0, 0, 0]  # GradientLayerCounts' fields in order
 
@@ -397,15 +399,16 @@ def hooked_forward_counts(model: nn.Module, example: tuple[torch.Tensor, ...],
         if downstream or weight_trained or bias_trained:  # torch.func zero-fills the input's or weight's missing tangent
             layers[3] += macs * ((not downstream) + (not weight_trained))
 
+    held = [p for p in (constants or {}).values() if p.requires_grad]
     handles = [m.register_forward_hook(hook) for m in model.modules() if not list(m.children())]
     try:
+        for p in held:
+            p.requires_grad_(False)
         with torch.set_grad_enabled(grad):
-            inputs = tuple(t.detach() if isinstance(t, torch.Tensor) else t for t in example) if grad else example
-            if constants:
-                torch.func.functional_call(model, {name: p.detach() for name, p in constants.items()}, inputs)
-            else:
-                model(*inputs)
+            model(*(tuple(t.detach() if isinstance(t, torch.Tensor) else t for t in example) if grad else example))
     finally:
+        for p in held:
+            p.requires_grad_(True)
         for handle in handles:
             handle.remove()
     return counts[0], counts[1], counts[2], GradientLayerCounts(*layers)
@@ -1271,14 +1274,21 @@ def with_kernel_records(tracker_cost: CostEstimate, record: dict[str, Any], ever
     only the records at the start and the end). Work part ``kernel_records``: ``record["work"] / every`` per
     tracked step; the records at the start and end, ``2 × record["work"]`` in all, are one-off
     (``settings["kernel_record_once"]``), outside the per-step ratio. Memory part ``kernel_record``: the record's
-    peak less the tracker's analysis memory (:attr:`CostEstimate.analysis_bytes`: a record runs between steps,
-    beside the tracker's arrays, and no larger than a step's analysis memory it adds nothing), so the total is the
-    larger of the two peaks. The cheaper options name the analyzer's kernel settings when the record costs more
+    peak less the step's temporaries (the parts a step frees before the next: its group gradients and updates,
+    checks, pushes, step contributions, held factors, training records, an EMA update's sync): a record runs
+    between steps, beside what the tracker keeps from step to step (its group state, ledgers, parameter copies,
+    EMA ledger, projection, check scratch, and the training step's arrays, counted whole), so the total bounds
+    both peaks, the step's and the record's. (Less the whole analysis memory, the kept arrays were counted as room
+    for the record: a record within the analysis memory but larger than the temporaries was short by the kept
+    arrays, up to their size.) The cheaper options name the analyzer's kernel settings when the record costs more
     than a tenth of a tracked step or adds memory."""
+    step_temporaries = ("group_gradients", "group_updates", "checks", "push_tangents", "witnesses", "probe_pushes",
+                        "training_records", "step_contributions", "held_factors", "ema_sync")
     work = dict(tracker_cost.work)
     work["kernel_records"] = record["work"] / every if every else 0.0
     memory = dict(tracker_cost.memory)
-    memory["kernel_record"] = max(0, int(record["bytes"]) - tracker_cost.analysis_bytes)
+    freed = sum(int(tracker_cost.memory.get(part, 0)) for part in step_temporaries)
+    memory["kernel_record"] = max(0, int(record["bytes"]) - freed)
     settings = dict(tracker_cost.settings)
     settings.update(kernel_record_work=float(record["work"]), kernel_record_bytes=int(record["bytes"]),
                     kernel_every=int(every), kernel_record_once=2.0 * float(record["work"]),
