@@ -429,8 +429,12 @@ class NoiseLevelAnalyzer(TrainerCallback):
                                      "ema_ledger='none' to keep no ledger for a trainer's EMA)") from error
                 raise
         try:
-            self._kernel_record = self.kernel_record_cost(model)
-            self._check_kernel_fit()
+            if self.stopped:  # a state saved after its window ended, bound to be read: it records no kernel again
+                states, sketch = self._kernel_states(unwrap(model))
+                self._kernel_record = {"work": 0.0, "bytes": 0, "states": int(states[0].shape[0]), "sketch": sketch}
+            else:
+                self._kernel_record = self.kernel_record_cost(model)
+                self._check_kernel_fit()
         except BaseException:  # unbound again: the analyzer can be bound once fixed
             self.tracker.close(record_ema=False)
             self.tracker = None
@@ -860,12 +864,21 @@ class NoiseLevelAnalyzer(TrainerCallback):
         model = self.model if model is None else model
         if model is None:
             raise RuntimeError("pass a model, or bind the analyzer to one first")
+        # the module itself, as the records take it (the tracker's): a torch.compile'd module's hooks see nothing,
+        # and the engine's chunk sizes divided by its factors' sizes, 0 (a ZeroDivisionError)
+        model = unwrap(model)
         states, sketch = self._kernel_states(model)
         with eval_mode(model):  # the function sampled from, as the probes see it (a trainer's model is in train mode)
             kernel = state_kernel(model, states, output_sketch=sketch, seed=self.seed, memory_budget=self.memory_budget,
-                                  progress=self.progress, wrappers=self._kernel_wrappers)
+                                  progress=self.progress, wrappers=self._wrappers_for(model))
         summary = kernel_locality(kernel.cpu(), self.kernel_clean.shape[0], torch.arange(self.num_bins), self.band, seed=self.seed)
         return {"sketch": sketch, **summary}
+
+    def _wrappers_for(self, model: nn.Module) -> dict | None:
+        """The kept sketch wrappers (:func:`~genkernel.diffusion.kernels.state_kernel`'s ``wrappers``) for the bound
+        module (the tracker's, unwrapped: the records'), None for any other: a wrapper holds its model, and one
+        kept per model passed to :meth:`kernel_structure` (a sweep over checkpoints) kept every one of them alive."""
+        return self._kernel_wrappers if self.model is not None and model is unwrap(self.model) else None
 
     def _kernel_states(self, model: nn.Module) -> tuple[tuple[torch.Tensor, ...], int | None]:
         """The kernel structure's states ``(z [n·G, *shape], t [n·G], *conditioning)`` in ``model``'s dtype and
@@ -891,10 +904,14 @@ class NoiseLevelAnalyzer(TrainerCallback):
         model = self.model if model is None else model
         if model is None:
             raise RuntimeError("pass a model, or bind the analyzer to one first")
+        # the module the records run on (the tracker's, unwrapped), and the one whose sketch wrapper they keep: a
+        # torch.compile'd model's hooks see nothing (its probe sizes 0, a ZeroDivisionError at bind), and the
+        # wrapper would be another module's, checked for no record
+        model = unwrap(model)
         states, sketch = self._kernel_states(model)
         with eval_mode(model):
             counts = state_kernel_work(model, states, output_sketch=sketch, memory_budget=self.memory_budget,
-                                       wrappers=self._kernel_wrappers)
+                                       wrappers=self._wrappers_for(model), seed=self.seed)
         work = (counts["kernel"] + counts["checks"]) / max(counts["forward_macs"], 1.0)
         return {"work": work, "bytes": int(counts["bytes"]), "states": int(states[0].shape[0]), "sketch": sketch}
 
@@ -903,8 +920,8 @@ class NoiseLevelAnalyzer(TrainerCallback):
         """The tracker's estimate (:attr:`PathKernelTracker.cost`) with the kernel structure's records added:
         work ``kernel_records``, one record's example-forwards over ``kernel_every`` (amortized per tracked step;
         0 with ``kernel_every=0``), the records at the start and end in ``settings["kernel_record_once"]``;
-        memory ``kernel_record``, the record's peak beyond the tracker's own analysis memory (the record runs
-        between steps, with the tracker's arrays held). ``tracker.cost`` stays the tracker's alone."""
+        memory ``kernel_record``, the record's peak beyond the step's temporaries (the record runs between
+        steps, with the arrays the tracker keeps from step to step held: :func:`~genkernel.core.cost.with_kernel_records`). ``tracker.cost`` stays the tracker's alone."""
         self._require()
         return with_kernel_records(self.tracker.cost, self._kernel_record, self.kernel_every)
 
@@ -1098,7 +1115,8 @@ class NoiseLevelAnalyzer(TrainerCallback):
                 "controls": self.controls, "quadrature": self.quadrature, "prediction_type": self.prediction_type,
                 "step_losses": dict(self.step_losses), "track_steps": self.track_steps, "group_state": self.tracker.group_state,
                 **({"sketch_dim": self.sketch_dim} if self.tracker.group_state == "sketched" else {}),
-                "cost": self.tracker.cost.as_dict(),
+                # the analyzer's estimate, its kernel records with the tracker's step (bind prints the same)
+                "cost": self.cost.as_dict(),
                 "beta_schedule": self.scheduler.config.get("beta_schedule"), "num_train_timesteps": self.total,
                 "noise_schedule": noise_schedule_config(self.scheduler),
                 "kernel_points": int(self.kernel_clean.shape[0]), "kernel_sketch": self.kernel_sketch,

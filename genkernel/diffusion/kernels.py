@@ -107,8 +107,8 @@ def state_kernel(
     if d2 != d:  # the directions [V, d] would broadcast against (or fail on) the others' outputs
         raise ValueError(f"states give {d} outputs per example but others give {d2}")
     first = next(iter(trainable_parameters(model).values()))
-    generator = seeded_generator(seed)
-    directions = (torch.randint(0, 2, (output_sketch, d), generator=generator) * 2 - 1).to(first)
+    directions, checked_along = _sketch_directions(output_sketch, d, seed)
+    directions = directions.to(first)
     kernel = diag1 = diag2 = None
     # One wrapper for every direction, its buffer set to each in turn: the factored engine's covering check is
     # remembered per module, and a new wrapper per direction ran it V times (on a small cross-attention UNet,
@@ -117,7 +117,7 @@ def state_kernel(
     # gradient passes the check whatever its factors miss, an outcome then kept for the directions that do not
     # cancel it (measured: a block seeing its batch reversed, 38 % of the kernel's scale off)
     one = _directional(model, d, first, wrappers)
-    one.direction.copy_(torch.randn(d, generator=generator, dtype=torch.float64))
+    one.direction.copy_(checked_along)
     for inputs in (states, others_t) if others_t is not None else (states,):
         kernel_plan(one, inputs, memory_budget=memory_budget)
         if normalize and others_t is not None:  # _self_diagonal's one-example kernels: a check of one example
@@ -137,6 +137,15 @@ def state_kernel(
     # The mean over the V directions, (1/V) Σ_v ⟨J(z)ᵀ r_v, J(z')ᵀ r_v⟩, is the unbiased estimate of the trace
     # kernel; the sum was V times it.
     return kernel / output_sketch
+
+
+def _sketch_directions(output_sketch: int, outputs: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(the sketch's ±1 directions [V, outputs], the Gaussian direction [outputs] the covering check runs along)``
+    (float64) drawn from ``seed``: :func:`state_kernel`'s, and the direction :func:`state_kernel_work` checks its
+    kept wrapper along, so that the outcome it leaves in ``wrappers`` is the one a record would find."""
+    generator = seeded_generator(seed)
+    directions = torch.randint(0, 2, (output_sketch, outputs), generator=generator) * 2 - 1
+    return directions.to(torch.float64), torch.randn(outputs, generator=generator, dtype=torch.float64)
 
 
 def _directional(model: nn.Module, outputs: int, like: torch.Tensor, wrappers: dict | None) -> _Directional:
@@ -160,7 +169,7 @@ def _self_diagonal(model: nn.Module, states: tuple[torch.Tensor, ...], memory_bu
 
 
 def state_kernel_work(model: nn.Module, states: tuple[torch.Tensor, ...], *, output_sketch: int | None = None,
-                      memory_budget: int = 256 * 2**20, wrappers: dict | None = None) -> dict[str, float]:
+                      memory_budget: int = 256 * 2**20, wrappers: dict | None = None, seed: int = 0) -> dict[str, float]:
     """Multiply-adds and bytes :func:`state_kernel` (``normalize=True``, ``others=None``) takes on ``states``, from
     the engine's own counts (:func:`~genkernel.core.engine.kernels.choose_engine`'s): ``{"kernel": the kernel's
     passes and pair products, "checks": the repeatability checks (two forward and backward passes of one
@@ -169,7 +178,8 @@ def state_kernel_work(model: nn.Module, states: tuple[torch.Tensor, ...], *, out
     ``memory_budget``) and the float64 kernel [M, M]}``. The covering check of a model's
     layers runs once per model and kind of input (with ``wrappers``, :func:`state_kernel`'s, once for the sketch's
     wrapper too), so it is not counted. Needs one example's forward and the
-    engine's plan; nothing the size of the kernel is computed."""
+    engine's plan; nothing the size of the kernel is computed. ``seed``: :func:`state_kernel`'s; sketched, the
+    wrapper's covering check runs along its Gaussian direction (an outcome kept in ``wrappers`` for the records)."""
     from ..core.cost import bare_step_forwards, hooked_forward_counts
     from ..core.engine.factored import _probe_sizes
     from ..core.engine.kernels import _chunking, _engine_plan, example_passes
@@ -187,6 +197,10 @@ def state_kernel_work(model: nn.Module, states: tuple[torch.Tensor, ...], *, out
     if output_sketch is not None:
         calls, d = output_sketch, 1
         target = _directional(model, outputs, first, wrappers)
+        # along state_kernel's Gaussian direction, as a record checks: the plan below runs the wrapper's covering
+        # check, remembered for the records, and along a zero direction every gradient is zero, so every block
+        # passed whatever its factors miss (a block seeing its batch reversed: the records' kernel 0.31 off)
+        target.direction.copy_(_sketch_directions(output_sketch, outputs, seed)[1])
     else:
         calls, d, target = 1, outputs, unwrap(model)  # (gradient_kernel unwraps it the same way)
     with analysis_mode(target):
