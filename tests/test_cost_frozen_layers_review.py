@@ -14,16 +14,16 @@ dispatch mode with the in-place products (``addmm_``, ``baddbmm_``) counted (``c
 
 from __future__ import annotations
 
-import copy
+import functools
 
 import pytest
 import torch
 from torch import nn
 from torch.func import functional_call, jvp, vmap
 
-from genkernel import PathKernelTracker
 from genkernel.core.cost import gradient_layer_counts
 from test_cost_dense_route import counted  # (torch's operation count with the in-place products)
+from test_cost_frozen_layers import counted_ratio as counted_ratio_of
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -99,39 +99,12 @@ def data(n: int, g: torch.Generator, image: bool = False):
     return (inputs,), torch.randn(n, 3, generator=g, dtype=F64)
 
 
-ROUTES = {  # group_state, optimizer, tracker options
-    "factored": ("factored", lambda p: torch.optim.SGD(p, lr=1e-3), {}),
-    "sketched": ("sketched", lambda p: torch.optim.Adam(p, lr=1e-4), {"sketch_dim": 16}),
-    "dense-jvp": ("dense", lambda p: torch.optim.Adam(p, lr=1e-4), {"contribution_route": "jvp"}),
-    "dense-jacobian": ("dense", lambda p: torch.optim.Adam(p, lr=1e-4), {"contribution_route": "jacobian"}),
-}
-
-
 def counted_ratio(build, route: str):
-    """``(tracker, tracked step FLOPs / bare step FLOPs, bare step FLOPs / one example's forward FLOPs)``
-    on a second step (the first builds what later ones reuse), the same batch for both."""
-    model = build()
-    bare_model = copy.deepcopy(model)
-    group_state, optimizer, options = ROUTES[route]
-    g = torch.Generator().manual_seed(1)
-    image = isinstance(model[0], nn.Conv2d)
-    probes, _ = data(PROBES, g, image)
-    first, second = data(BATCH, g, image), data(BATCH, g, image)
-    tracker = PathKernelTracker(model, optimizer([p for p in model.parameters() if p.requires_grad]), loss_fn,
-                                probes, num_groups=BATCH, batch_size=BATCH, group_state=group_state, **options)
-    ids = torch.arange(BATCH)
-    tracker.step(*first, ids)
-    step = counted(lambda: tracker.step(*second, ids))
-    bare_optimizer = optimizer([p for p in bare_model.parameters() if p.requires_grad])
-
-    def bare():
-        bare_optimizer.zero_grad()
-        loss_fn(bare_model(*second[0]), second[1]).mean().backward()
-        bare_optimizer.step()
-
-    bare_flops = counted(bare)
-    forward = counted(lambda: bare_model(*(t[:1] for t in second[0])))
-    return tracker, step / bare_flops, bare_flops / forward
+    """:func:`test_cost_frozen_layers.counted_ratio` of the model ``build()`` makes, on :func:`data` of its kind."""
+    def with_data():
+        model = build()
+        return model, functools.partial(data, image=isinstance(model[0], nn.Conv2d))
+    return counted_ratio_of(with_data, route)
 
 
 @pytest.mark.parametrize("build, route", [
