@@ -254,7 +254,7 @@ def _example_chunks(model, params, inputs, targets, loss_fn, memory_budget, fixe
 
     num_params = sum(p.numel() for p in params.values())
     itemsize = next(iter(params.values())).element_size()
-    chunk = max(1, memory_budget // (3 * num_params * itemsize))
+    chunk = max(1, memory_budget // (3 * max(num_params, 1) * itemsize))  # (parameters of no values: a chunk of all)
     for start in range(0, batch, chunk):
         rows = slice(start, min(start + chunk, batch))
         # 2. Per-example gradients ∇ℓ_n for a chunk of examples: {name: [c, *shape]}.
@@ -281,6 +281,8 @@ def add_rows(sums: dict[str, torch.Tensor], weights: torch.Tensor, grads: dict[s
         return
     in_place = 6 * touched.numel() >= weights.shape[0]
     for name, g in grads.items():
+        if g.numel() == 0:  # a parameter of no values: nothing to add
+            continue
         total = sums[name].view(weights.shape[0], -1)
         flat = g.detach().reshape(g.shape[0], -1)
         w, reached = weights.to(flat.device), touched.to(flat.device)
