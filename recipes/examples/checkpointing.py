@@ -18,12 +18,13 @@ is refused, naming the option.
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import random
 import re
 import shutil
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -125,6 +126,18 @@ def resume_settings(args, **more: Any) -> dict[str, Any]:
     of the size: another value of either lines up other batches, silently); ``more``: a script's own."""
     return {"mixed_precision": args.mixed_precision, "train_batch_size": args.train_batch_size,
             "gradient_accumulation_steps": args.gradient_accumulation_steps, **more}
+
+
+def write_report(accelerator, output_dir: str, analyzer, sections: Callable[[], dict[str, Any]] = dict) -> None:  # genkernel
+    """The end of an analyzed run: ``analyzer.finish()`` on every rank (the kernel structure at the final weights),
+    then the main process writes ``analyzer.report()`` with ``sections()`` added to ``OUT/genkernel_report.json``
+    as strict JSON (no NaN or Infinity; every rank holds the same ledger, one writes it)."""
+    analyzer.finish()
+    if accelerator.is_main_process:
+        report = analyzer.report()
+        report.update(sections())
+        with open(os.path.join(output_dir, "genkernel_report.json"), "w") as file:
+            file.write(json.dumps(report, allow_nan=False, indent=1))
 
 
 def saved_checkpoints(output_dir: str) -> list[str]:

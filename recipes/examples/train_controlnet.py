@@ -89,7 +89,6 @@ Writes ``OUT/genkernel_report.json`` (``analyzer.report()`` as strict JSON) and 
 from __future__ import annotations
 
 import argparse
-import json  # genkernel
 import math
 import os
 import random
@@ -111,7 +110,7 @@ from genkernel.diffusion import ControlNetDenoiser, NoiseLevelAnalyzer, freeze_a
 
 from .checkpointing import (
     EpochRNG, add_analyzer_arguments, add_checkpoint_arguments, check_checkpoint_arguments, register_unet_hooks,
-    resume_position, resume_settings, save_checkpoint, training_length,
+    resume_position, resume_settings, save_checkpoint, training_length, write_report,
 )
 from .stable_diffusion import (
     base_fingerprint, check_captioning, encoders_step_overhead, frozen_dtype, place_frozen, pretrained_components,
@@ -504,10 +503,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             break
 
     if analyzer is not None:  # genkernel: the kernel structure at the final weights, then the report
-        analyzer.finish()  # genkernel
-        if accelerator.is_main_process:  # genkernel: strict JSON, no NaN or Infinity
-            with open(os.path.join(args.output_dir, "genkernel_report.json"), "w") as file:  # genkernel
-                file.write(json.dumps(analyzer.report(), allow_nan=False, indent=1))  # genkernel
+        write_report(accelerator, args.output_dir, analyzer)  # genkernel
 
     # Save the trained ControlNet (upstream), and the base components built here beside it
     controlnet = accelerator.unwrap_model(controlnet)

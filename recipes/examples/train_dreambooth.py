@@ -101,7 +101,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import itertools
-import json  # genkernel
 import math
 import os
 import warnings
@@ -125,7 +124,7 @@ from genkernel.diffusion import NoiseLevelAnalyzer, freeze_attention_key_biases 
 
 from .checkpointing import (
     EpochRNG, add_analyzer_arguments, add_checkpoint_arguments, check_checkpoint_arguments, register_unet_hooks,
-    resume_position, resume_settings, save_checkpoint, training_length,
+    resume_position, resume_settings, save_checkpoint, training_length, write_report,
 )
 from .stable_diffusion import (
     base_fingerprint, encoders_step_overhead, folder_scheduler, frozen_dtype, place_frozen, pretrained_components,
@@ -665,13 +664,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             break
 
     if analyzer is not None:  # genkernel: the kernel structure at the final weights, then the report
-        analyzer.finish()  # genkernel
-        if accelerator.is_main_process:  # genkernel: strict JSON, no NaN or Infinity
-            report = analyzer.report()  # genkernel
-            if class_paths:  # genkernel: per noise level, the instance rows' and the prior rows' shares
-                report["prior_preservation"] = source_shares(analyzer, probe_is_instance)  # genkernel
-            with open(os.path.join(args.output_dir, "genkernel_report.json"), "w") as file:  # genkernel
-                file.write(json.dumps(report, allow_nan=False, indent=1))  # genkernel
+        # genkernel: with class images, per noise level, the instance rows' and the prior rows' shares
+        write_report(accelerator, args.output_dir, analyzer, lambda: (  # genkernel
+            {"prior_preservation": source_shares(analyzer, probe_is_instance)} if class_paths else {}))  # genkernel
 
     # Create the pipeline using the trained modules and save it.
     unet, text_encoder = accelerator.unwrap_model(unet), accelerator.unwrap_model(text_encoder)

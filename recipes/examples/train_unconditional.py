@@ -80,7 +80,6 @@ fp16 without autocast, so that run is float32 and analysed exactly; bf16 on CPU 
 from __future__ import annotations
 
 import argparse
-import json  # genkernel
 import math
 import os
 from typing import Any, Sequence
@@ -101,7 +100,7 @@ from genkernel.diffusion import NoiseLevelAnalyzer, freeze_attention_key_biases 
 
 from .checkpointing import (
     EpochRNG, add_analyzer_arguments, add_checkpoint_arguments, check_checkpoint_arguments, register_unet_hooks,
-    resume_position, resume_settings, save_checkpoint,
+    resume_position, resume_settings, save_checkpoint, write_report,
 )
 
 UNETS = {
@@ -425,10 +424,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             break
 
     if analyzer is not None:  # genkernel: the kernel structure at the final weights, then the report
-        analyzer.finish()
-        if accelerator.is_main_process:  # every rank holds the same ledger; one writes it
-            with open(os.path.join(args.output_dir, "genkernel_report.json"), "w") as file:
-                file.write(json.dumps(analyzer.report(), allow_nan=False, indent=1))  # strict JSON: no NaN, no Infinity
+        write_report(accelerator, args.output_dir, analyzer)
 
     # Save the pipeline (with the EMA weights, as upstream)
     unet = accelerator.unwrap_model(model)
