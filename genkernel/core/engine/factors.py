@@ -187,6 +187,8 @@ def make_plan(model: nn.Module, exclude: Iterable[str] = frozenset()) -> Plan:
         own = {pn: p for pn, p in module.named_parameters(recurse=False)}
         if any(owners.get(id(p), 0) > 1 for p in own.values()):
             continue  # tied weights: torch.func handles them
+        if any(p.numel() == 0 for p in own.values()):
+            continue  # a parameter of no values (Linear(0, n), Linear(n, 0)): its factors have an empty side; torch.func
         names = {pn: by_id.get(id(p)) for pn, p in own.items()}
         weight, bias = names.get("weight"), names.get("bias")
         if weight is None and bias is None:

@@ -395,7 +395,7 @@ def _group_route(model, params, inputs, targets, loss_fn, membership, memory_bud
     first = next(iter(leaves.values()))
     rows_total = membership.shape[0]
     num_params = sum(p.numel() for p in leaves.values())
-    chunk = max(1, memory_budget // (3 * num_params * first.element_size()))
+    chunk = max(1, memory_budget // (3 * max(num_params, 1) * first.element_size()))  # (no values at all: every row)
     # 1. One forward of the batch at θ: the per-example losses ℓ_n, with their graph.
     with torch.enable_grad(), preserved_buffers(model), evaluated_at(model, leaves):
         losses = loss_fn(output_tensor(model(*inputs)), targets)
@@ -434,7 +434,7 @@ def _factored_route(model, params, inputs, targets, loss_fn, membership, memory_
     batch = batch_size(inputs)
     rows_total = membership.shape[0]
     sums = {n: torch.zeros((rows_total, *p.shape), dtype=torch.float64, device=p.device) for n, p in params.items()}
-    largest = max(p.numel() for p in params.values())
+    largest = max(1, max(p.numel() for p in params.values()))  # (parameters of no values only: every example)
     rows = max(1, memory_budget // (4 * largest * next(iter(params.values())).element_size()))
     losses = []
     for start in range(0, batch, rows):

@@ -96,6 +96,8 @@ def project_parameter(
     if not values.is_floating_point():
         raise TypeError(f"values must be floating point (R's entries are ±1/sqrt(k)), got dtype {values.dtype}")
     lead, numel = values.shape[:-1], values.shape[-1]
+    if numel == 0:  # a parameter of no values projects to zero (reshape(-1, 0) cannot infer the rows)
+        return values.new_zeros((*lead, k))
     flat = values.reshape(-1, numel)
     out = flat.new_zeros((flat.shape[0], k))
     for block, start in enumerate(range(0, numel, GENERATION_BLOCK)):
@@ -200,6 +202,8 @@ class ParameterProjection:
     def project(self, name: str, values: torch.Tensor, chunk_bytes: int = PROJECTION_CHUNK_BYTES) -> torch.Tensor:
         """R v for rows of values of parameter ``name``: ``[N, *shape]`` (or ``[N, numel]``) -> ``[N, k]``."""
         n = values.shape[0]
+        if math.prod(values.shape[1:]) == 0:  # a parameter of no values projects to zero (reshape(n, -1) cannot infer it)
+            return values.new_zeros((n, self.k))
         flat = values.reshape(n, -1)
         if not self.is_matrix(name):
             return self.vectors.project(flat, self.index[name])
