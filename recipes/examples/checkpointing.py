@@ -12,18 +12,23 @@ random states as each epoch began in the checkpoints instead; a resumed epoch re
 uninterrupted one did. The checkpoints also record the options a resume must share (:func:`resume_settings`):
 upstream's resume goes on from ``global_step`` times the accumulation batches into the epoch, so a resume with
 another ``--train_batch_size`` or ``--gradient_accumulation_steps`` went on from another batch, silently; here it
-is refused, naming the option.
+is refused, naming the option, as is every other option that changes what the resumed run trains or records (the
+data's, the loss's, the optimizer's and schedule's, the seed, the processes' count; data folders by content): only
+the output, the length (a decaying schedule stretched is warned of), the checkpointing and ``--analyze`` may change.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import os
 import random
 import re
 import shutil
+import tempfile
+import warnings
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -113,31 +118,154 @@ class EpochRNG:
         state = dict(state)
         saved = state.pop("settings", None) or {}
         differ = [f"--{key} {saved[key]} (here {value})" for key, value in self.settings.items()
-                  if key in saved and saved[key] != value]
+                  if key in saved and saved[key] != value and key not in WARNED_SETTINGS]
         if differ:
             raise ValueError(f"the checkpoint was saved by a run with {', '.join(differ)}: resume with the same options")
+        for key in WARNED_SETTINGS:
+            if key in saved and key in self.settings and saved[key] != self.settings[key]:
+                here = self.settings[key]
+                warnings.warn(f"the checkpoint's run scheduled its learning rate (--lr_scheduler {here['lr_scheduler']}) "
+                              f"over {saved[key]['length']}, this one over {here['length']}: from the checkpoint on, "
+                              "the rates follow the new schedule, not the one its first steps followed", stacklevel=2)
         self.state = state
 
 
+# Options a resume may change: where things go, how long the run is and how often it is saved, whether it is analyzed;
+# class images generated in batches of --sample_batch_size are compared as the class folder's content; the initial
+# weights of a model a checkpoint holds (--controlnet_model_name_or_path) are replaced by the checkpoint's
+RESUME_MAY_DIFFER = frozenset({
+    "output_dir", "resume_from_checkpoint", "checkpointing_steps", "checkpoints_total_limit",
+    "max_train_steps", "num_train_epochs", "num_epochs", "analyze", "sample_batch_size",
+    "controlnet_model_name_or_path",
+})
+# The analyzer's options, compared when both runs analyze (a run resumed with --no-analyze, or analyzed from a
+# checkpoint saved without the analyzer, keeps no ledger of the checkpoint's)
+ANALYZER_SETTINGS = ("num_bins", "num_probes", "controls")
+# Settings whose change is warned of, not refused: a resume that trains longer is allowed, and stretches a decaying
+# learning-rate schedule (its length is the run's) from the checkpoint on
+WARNED_SETTINGS = frozenset({"lr_schedule_length"})
+_SMALL_FILE = 1 << 16  # files up to this size (captions, configurations) are fingerprinted by content, larger by size
+
+
+def path_fingerprint(path: str) -> str:
+    """A fingerprint of a file's or folder's content as a resume compares it: the relative names and sizes of the
+    files under it, and the content of those up to 64 KiB (captions, prompts, configurations); a folder moved or
+    copied elsewhere keeps it, another data set (other images, another subset, edited captions) does not."""
+    digest = hashlib.sha256()
+    files = [("", path)] if os.path.isfile(path) else sorted(
+        (os.path.relpath(os.path.join(root, name), path), os.path.join(root, name))
+        for root, _, names in os.walk(path, followlinks=True) for name in names)
+    for relative, full in files:
+        size = os.path.getsize(full)
+        digest.update(f"{relative}\0{size}\0".encode())
+        if size <= _SMALL_FILE:
+            with open(full, "rb") as file:
+                digest.update(file.read())
+    return f"sha256:{digest.hexdigest()[:16]} ({len(files)} files)"
+
+
 def resume_settings(args, **more: Any) -> dict[str, Any]:
-    """What a checkpoint's run and the run resuming it must share (:class:`EpochRNG`'s ``settings``):
-    ``--mixed_precision``, and ``--train_batch_size`` and ``--gradient_accumulation_steps``, which place the
-    resumed epoch's first batch (upstream's ``resume_step`` is ``global_step`` times the accumulation, in batches
-    of the size: another value of either lines up other batches, silently); ``more``: a script's own."""
-    return {"mixed_precision": args.mixed_precision, "train_batch_size": args.train_batch_size,
-            "gradient_accumulation_steps": args.gradient_accumulation_steps, **more}
+    """What a checkpoint's run and the run resuming it must share (:class:`EpochRNG`'s ``settings``): every option
+    of ``args`` but those a resume may change (:data:`RESUME_MAY_DIFFER`: the output, the length, the checkpointing,
+    ``--analyze``), the analyzer's (``--num_bins``, ``--num_probes``, ``--controls``) only when analyzing; ``more``:
+    a script's own (the scheduler's resolved ``prediction_type``, the base's fingerprint), in place of the options.
+
+    Each changes what a resumed run trains or records, silently: ``--train_batch_size`` and
+    ``--gradient_accumulation_steps`` place the resumed epoch's first batch (upstream's ``resume_step`` is
+    ``global_step`` times the accumulation, in batches of the size); the data options (``--resolution``,
+    ``--center_crop``, ``--random_flip``, ``--dataloader_num_workers``: the augmentations' draws move to the workers,
+    ``--max_train_samples``) other examples; the loss's (``--prediction_type``, ``--objective``, ``--snr_gamma``,
+    ``--noise_offset``...) another objective; the learning rate's and the optimizer's (``--learning_rate``,
+    ``--adam_beta1``..., ``--use_ema``'s) were ignored, ``load_state`` putting back the checkpoint's, or (the
+    schedule's ``--lr_scheduler``, ``--lr_warmup_steps``) took effect from the checkpoint on; ``--seed``: the
+    analyzer's probes and controls (refused by its state, naming no option), ignored otherwise. Options naming a
+    file or folder (``--train_data_dir``, ``--model_config_name_or_path``) are compared by
+    :func:`path_fingerprint`, so that the data may move but not change. The length of a decaying schedule
+    (``lr_schedule_length``) is warned of when it changes (:data:`WARNED_SETTINGS`): training longer stays allowed."""
+    settings: dict[str, Any] = {}
+    for key, value in sorted(vars(args).items()):
+        if key in RESUME_MAY_DIFFER or (key in ANALYZER_SETTINGS and not getattr(args, "analyze", True)):
+            continue
+        if isinstance(value, str) and (key.endswith("_dir") or key.endswith("_path")) and os.path.exists(value):
+            value = path_fingerprint(value)
+        elif isinstance(value, (list, tuple)):
+            value = list(value)
+        settings[key] = value
+    scheduler = getattr(args, "lr_scheduler", None)
+    if scheduler is not None and scheduler not in ("constant", "constant_with_warmup"):
+        if hasattr(args, "num_epochs"):  # (train_unconditional.py: the schedule's length is --num_epochs')
+            length = f"--num_epochs {args.num_epochs}"
+        elif getattr(args, "max_train_steps", None):
+            length = f"--max_train_steps {args.max_train_steps}"
+        else:
+            length = f"--num_train_epochs {getattr(args, 'num_train_epochs', None)}"
+        settings["lr_schedule_length"] = {"lr_scheduler": scheduler, "length": length}
+    # the processes' count (accelerate launch --num_processes): each optimizer step takes a batch from each, so that
+    # resume_step, counted in one process's batches, lands elsewhere in the epoch with another count
+    from accelerate.state import PartialState
+
+    if PartialState._shared_state:  # (an Accelerator is made: the scripts make theirs first)
+        settings["num_processes"] = PartialState().num_processes
+    settings.update(more)
+    return settings
+
+
+def _non_finite(value: Any, path: str = "") -> tuple[Any, list[str]]:
+    """``value`` with every float that is NaN or infinite replaced by None, and the places of those (``a.b[2]``)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None, [path or "(the report)"]
+    if isinstance(value, dict):
+        out, places = {}, []
+        for key, item in value.items():
+            out[key], found = _non_finite(item, f"{path}.{key}" if path else str(key))
+            places += found
+        return out, places
+    if isinstance(value, (list, tuple)):
+        out, places = [], []
+        for index, item in enumerate(value):
+            clean, found = _non_finite(item, f"{path}[{index}]")
+            out.append(clean)
+            places += found
+        return out, places
+    return value, []
 
 
 def write_report(accelerator, output_dir: str, analyzer, sections: Callable[[], dict[str, Any]] = dict) -> None:  # genkernel
     """The end of an analyzed run: ``analyzer.finish()`` on every rank (the kernel structure at the final weights),
     then the main process writes ``analyzer.report()`` with ``sections()`` added to ``OUT/genkernel_report.json``
-    as strict JSON (no NaN or Infinity; every rank holds the same ledger, one writes it)."""
+    as strict JSON (every rank holds the same ledger, one writes it).
+
+    The file is replaced at once (written beside it, then ``os.replace``): a run that fails while writing it, or
+    whose report does not serialize, leaves the report that was there (a resumed run's folder) whole, not a
+    truncated or empty file. A value that is NaN or infinite is written as null, its places listed under
+    ``"non_finite"`` and warned of: strict JSON holds neither, and refusing it here, at the end of training,
+    lost the trained model that the scripts save after the report."""
     analyzer.finish()
-    if accelerator.is_main_process:
-        report = analyzer.report()
-        report.update(sections())
-        with open(os.path.join(output_dir, "genkernel_report.json"), "w") as file:
-            file.write(json.dumps(report, allow_nan=False, indent=1))
+    if not accelerator.is_main_process:
+        return
+    report = analyzer.report()
+    report.update(sections())
+    report, places = _non_finite(report)
+    if places:
+        report["non_finite"] = places
+        warnings.warn(f"the report's {', '.join(places)} were not finite: written as null (listed under "
+                      "\"non_finite\")", stacklevel=2)
+    text = json.dumps(report, allow_nan=False, indent=1)
+    target = os.path.join(output_dir, "genkernel_report.json")
+    handle, temporary = tempfile.mkstemp(prefix=".genkernel_report.", suffix=".json.tmp", dir=output_dir)
+    umask = os.umask(0)
+    os.umask(umask)
+    try:
+        os.chmod(temporary, 0o666 & ~umask)  # (mkstemp's file is the owner's alone; open() made it by the umask)
+        with os.fdopen(handle, "w") as file:
+            file.write(text)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temporary, target)
+    except BaseException:
+        if os.path.exists(temporary):
+            os.remove(temporary)
+        raise
 
 
 def saved_checkpoints(output_dir: str) -> list[str]:
