@@ -55,7 +55,9 @@ Memory (bytes):
 
 Work per step, in passes, and the expected ratio of an analyzed step to a bare one (forward and
 backward of the batch). Every part and the bare step are in one unit, one example's forward through
-the whole model, frozen layers included (the matrix products of its Linear and convolution layers):
+the whole model, frozen layers included (every matrix product and convolution of it, as the dispatcher
+runs them: a weight passed to ``F.linear``, MultiheadAttention's projections and attention's products
+between activations too, :func:`hooked_forward_counts`):
 a backward forms the input gradients of the layers whose input depends on a trained parameter and
 the trained layers' weight gradients, so a frozen layer's backward forms its input's gradient, not
 its weight's, and a frozen layer before the first trained one has none (a LoRA fine-tune's bare
@@ -308,23 +310,29 @@ def _stat_entry(path: str, key: str) -> int:
 
 def example_counts(model: nn.Module, example: tuple[torch.Tensor, ...]) -> tuple[int, int, int]:
     """``(activations, macs, trainable_macs)`` of one example's forward (one hooked pass, no grad): the
-    elements of every leaf module's output, and the multiply-adds through the weights of every leaf
-    ``nn.Linear`` and convolution (output elements × inputs per output, a convolution's
-    ``in_channels / groups × kernel size``), all of them and those whose weight requires grad. A frozen
-    base (LoRA: adapters beside frozen layers) makes the last a small share of the second: its backward
-    forms the inputs' gradients but not the frozen weights'."""
+    elements of every leaf module's output, and the multiply-adds of every matrix product and convolution
+    of the pass (:func:`hooked_forward_counts`: a Linear's output elements × its inputs, a convolution's
+    ``in_channels / groups × kernel size``, and the products outside modules, a weight passed to
+    ``F.linear``, MultiheadAttention's projections, attention's QKᵀ and AV), all of them and those with a
+    weight that requires grad. A frozen base (LoRA: adapters beside frozen layers) makes the last a small
+    share of the second: its backward forms the inputs' gradients but not the frozen weights'."""
     return hooked_forward_counts(model, example, grad=False)[:3]
 
 
 @dataclass(frozen=True)
 class GradientLayerCounts:
-    """Multiply-adds of one example's forward through the leaf ``nn.Linear`` and convolution layers,
-    split by what a backward (or a JVP of the trained parameters' tangents) does through them:
+    """Multiply-adds of one example's forward (every product, :func:`hooked_forward_counts`: the Linear and
+    convolution layers', and those outside modules), split by what a backward (or a JVP of the trained
+    parameters' tangents) does through them, per product operand: a product whose two operands depend on
+    trained parameters (attention's QKᵀ and AV between activations) forms two gradients in a backward and
+    takes two tangent products in a JVP, so counts twice in ``input_gradients``, and
+    ``frozen_input_gradients`` may exceed ``frozen`` (``frozen_skipped`` below 0):
 
     - ``input_gradients``: the layers whose input depends on a trained parameter (a backward forms
       their input's gradient; a JVP pushes their input's tangent through the weight), trained or not;
-    - ``frozen``: the layers whose weight is not trained (a LoRA base, a frozen encoder, and a
-      layer whose bias alone trains: peft's ``LoraConfig(bias="all")`` base layers, BitFit): forward
+    - ``frozen``: the products with no trained weight (a LoRA base, a frozen encoder, a layer whose
+      bias alone trains: peft's ``LoraConfig(bias="all")`` base layers, BitFit; attention's products
+      between activations): forward
       work of every pass, outside the trained blocks' shapes (a block of a bias alone has no
       multiply-adds there, :meth:`~genkernel.core.engine.factored.BlockShape.macs`);
     - ``frozen_input_gradients``: those of ``frozen`` whose input depends on a trained parameter (a
@@ -369,42 +377,91 @@ def hooked_forward_counts(model: nn.Module, example: tuple[torch.Tensor, ...],
     held constant for the pass (``requires_grad`` off for it, put back after), so that
     ``layers.input_gradients`` counts the layers whose input depends on the other trained parameters
     (not through ``torch.func.functional_call``: on a module registered under two names it left the
-    model holding other parameter objects)."""
+    model holding other parameter objects).
+
+    The products are read from the dispatcher, every matrix product and convolution of the pass as
+    torch.utils.flop_counter counts them (its FLOPs halved), not from the Linear and convolution modules'
+    hooks alone: a weight passed to ``F.linear`` or ``einsum`` (``nn.MultiheadAttention`` calls
+    ``F.multi_head_attention_forward`` with its ``in_proj_weight`` and ``out_proj.weight``, the ``out_proj``
+    module's forward never runs) and the products between activations (attention's QKᵀ and AV) are one
+    example's forward too. The pass runs attention through the math SDPA backend, MultiheadAttention's
+    fast path off (:func:`~genkernel.core.adapter.forward_ad_attention`, the same values), as analysis
+    passes do: its products are the dispatcher's matrix products. Each product's two operands (a bias added
+    by ``addmm`` or a convolution is not one) are sorted as :class:`GradientLayerCounts` describes: a trained
+    parameter, a view of one or a tensor computed from model tensors alone with one of them trained (a cast,
+    a reshaped or scaled weight) is a trained weight; any other operand that requires grad is an input a
+    backward forms the gradient of. On a model of Linear and convolution layers the counts are the hooks'
+    (a transposed convolution by its input positions, as torch counts it, not its output's)."""
+    import weakref
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_flatten
+    from torch.utils.flop_counter import flop_registry
+
+    from .adapter import forward_ad_attention
+
     counts = [0, 0, 0]
     layers = [0, 0, 0, 0]  # GradientLayerCounts' fields in order
 
     def hook(module, args, output):
-        if not isinstance(output, torch.Tensor):
-            return
-        counts[0] += output[:1].numel()
-        if not (isinstance(module, (nn.Linear, nn.modules.conv._ConvNd))
-                and isinstance(getattr(module, "weight", None), torch.Tensor)):
-            return
-        per_output = (module.in_features if isinstance(module, nn.Linear)
-                      else module.in_channels // module.groups * math.prod(module.kernel_size))
-        macs = output[:1].numel() * per_output
-        counts[1] += macs
-        if module.weight.requires_grad:
-            counts[2] += macs
-        downstream = any(isinstance(a, torch.Tensor) and a.requires_grad for a in args)
-        # By the weight, not by every own parameter: a trained bias beside a frozen weight (peft's bias="all",
-        # BitFit) forms no weight gradient or weight tangent, and its block has no multiply-adds in the shapes, so
-        # the layer's products are the unit's only through ``frozen``.
-        weight_trained = module.weight.requires_grad
-        bias_trained = isinstance(getattr(module, "bias", None), torch.Tensor) and module.bias.requires_grad
-        layers[0] += macs if downstream else 0
-        if not weight_trained:
-            layers[1] += macs
-            layers[2] += macs if downstream else 0
-        if downstream or weight_trained or bias_trained:  # torch.func zero-fills the input's or weight's missing tangent
-            layers[3] += macs * ((not downstream) + (not weight_trained))
+        if isinstance(output, torch.Tensor):
+            counts[0] += output[:1].numel()
 
     held = [p for p in (constants or {}).values() if p.requires_grad]
+    model_tensors = {id(t) for t in (*model.parameters(), *model.buffers())}
+    derived: dict[int, weakref.ref] = {}  # tensors computed from model tensors alone, one of them trained
+
+    def is_derived(value: torch.Tensor) -> bool:
+        ref = derived.get(id(value))  # (by identity: an id a freed tensor had may be reused)
+        return ref is not None and ref() is value
+
+    def trained(value: Any) -> bool:
+        """A trained parameter (one that requires grad, but ``constants``) or a tensor computed from one and
+        model tensors alone (views, casts, a scaled or normalized weight; without grad too)."""
+        return isinstance(value, torch.Tensor) and (id(value) in trained_ids or is_derived(value))
+
+    def from_model(value: Any) -> bool:
+        return isinstance(value, torch.Tensor) and (id(value) in model_tensors or is_derived(value))
+
+    def wants_grad(value: Any) -> bool:
+        return isinstance(value, torch.Tensor) and value.requires_grad
+
+    def count(packet, args, kwargs, macs: int) -> None:
+        tensors = [a for a in args if isinstance(a, torch.Tensor)]
+        if packet in (torch.ops.aten.addmm, torch.ops.aten.baddbmm):  # (bias, a, b)
+            tensors = tensors[1:] + tensors[:1]
+        operands, others = tensors[:2], tensors[2:] + [v for v in kwargs.values() if isinstance(v, torch.Tensor)]
+        weights = sum(trained(o) for o in operands)
+        inputs = sum(wants_grad(o) and not trained(o) for o in operands)
+        counts[1] += macs
+        counts[2] += macs * weights
+        layers[0] += macs * inputs
+        if not weights:
+            layers[1] += macs
+            layers[2] += macs * inputs
+        if any(wants_grad(v) for v in operands + others):  # torch.func zero-fills an operand's missing tangent
+            layers[3] += macs * sum(not wants_grad(o) for o in operands)
+
+    class Products(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            out = func(*args, **kwargs)
+            counter = flop_registry.get(func._overloadpacket)
+            if counter is not None:
+                count(func._overloadpacket, args, kwargs, counter(*args, **kwargs, out_val=out) // 2)
+            inputs = [a for a in tree_flatten((args, kwargs))[0] if isinstance(a, torch.Tensor)]
+            if inputs and all(from_model(a) for a in inputs) and any(trained(a) for a in inputs):
+                for value in tree_flatten(out)[0]:
+                    if isinstance(value, torch.Tensor):
+                        derived[id(value)] = weakref.ref(value)
+            return out
+
     handles = [m.register_forward_hook(hook) for m in model.modules() if not list(m.children())]
     try:
         for p in held:
             p.requires_grad_(False)
-        with torch.set_grad_enabled(grad):
+        trained_ids = {id(p) for p in model.parameters() if p.requires_grad}
+        with torch.set_grad_enabled(grad), forward_ad_attention(), Products():
             model(*(tuple(t.detach() if isinstance(t, torch.Tensor) else t for t in example) if grad else example))
     finally:
         for p in held:
@@ -412,38 +469,6 @@ def hooked_forward_counts(model: nn.Module, example: tuple[torch.Tensor, ...],
         for handle in handles:
             handle.remove()
     return counts[0], counts[1], counts[2], GradientLayerCounts(*layers)
-
-
-def fallback_product_macs(model: nn.Module, example: tuple[torch.Tensor, ...],
-                          fallback: dict[str, torch.Tensor]) -> int:
-    """Multiply-adds of one example's forward (the first of ``example``'s rows, no grad) in the matrix products
-    and convolutions an operand of which is one of the ``fallback`` parameters (outside the covering plan's
-    blocks: a raw weight passed to ``F.linear`` or ``einsum``), as torch.utils.flop_counter counts them (its
-    FLOPs halved); :func:`example_counts` counts only the products of Linear and convolution modules."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-    from torch.utils.flop_counter import flop_registry
-
-    storages = {p.untyped_storage().data_ptr() for p in fallback.values() if p.numel() and p.device.type != "meta"}
-    if not storages:
-        return 0
-    total = [0]
-
-    def touches_fallback(value: Any) -> bool:
-        return (isinstance(value, torch.Tensor) and value.device.type != "meta" and value.numel() > 0
-                and value.untyped_storage().data_ptr() in storages)
-
-    class FallbackProducts(TorchDispatchMode):
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            kwargs = kwargs or {}
-            out = func(*args, **kwargs)
-            counter = flop_registry.get(func._overloadpacket)
-            if counter is not None and any(touches_fallback(a) for a in args):
-                total[0] += counter(*args, **kwargs, out_val=out) // 2
-            return out
-
-    with torch.no_grad(), FallbackProducts():
-        model(*(t[:1] for t in example))
-    return total[0]
 
 
 def activation_elements(model: nn.Module, example: tuple[torch.Tensor, ...]) -> int:
@@ -630,12 +655,11 @@ def estimate_cost(
             chunk = (b if gradient_route == "example" and reads_training
                      else max(1, memory_budget // (3 * max(num, 1) * param_bytes)) if own_pass
                      else max(1, memory_budget // (4 * largest_bytes)))
-            # The unit, one example's forward: the Linear and convolution layers' products (example_counts) and
-            # those of the fallback parameters (a raw weight in F.linear, einsum), which the rows' R·B·P and the
-            # per-example gradients below count in whole (they are trained: in the weight share too).
-            outside = fallback_product_macs(model, probes, covering_plan(model, probes).fallback) if fallback else 0
-            forward = float(macs + outside) if macs + outside else forward_macs(shapes, fallback)
-            share = (trainable_macs + outside) / (macs + outside) if macs + outside else 1.0
+            # The unit, one example's forward: every product of it (hooked_forward_counts), those of the fallback
+            # parameters (a raw weight in F.linear, einsum, MultiheadAttention's in_proj_weight) too, which the rows'
+            # R·B·P and the per-example gradients below count in whole (they are trained: in the weight share too).
+            forward = float(macs) if macs else forward_macs(shapes, fallback)
+            share = trainable_macs / macs if macs else 1.0
             work["group_gradients"] = dense_gradient_work(
                 shapes, fallback, batch=b, rows=rows, partitions=partitions, example_chunk=chunk,
                 route="example" if own_pass else "training" if gradient_route == "example" else "factored",
@@ -646,6 +670,7 @@ def estimate_cost(
             back = input_gradient_share(shapes, fallback, forward, layers.frozen_skipped)
             bare = b * (1.0 + back + share)
             tangent, one_sided = back + share, layers.one_sided / forward
+        unit = max(float(macs), 1.0)  # the Jacobian route's products below, in the same forwards
     else:
         memory["group_gradients"] = 2 * num * 8  # the batch's exact total and sizes, float64
         if group_state == "sketched":
@@ -668,13 +693,19 @@ def estimate_cost(
                 model, one, True, constants=fallback_params)[3].input_gradients
             fallback_skipped = layers.input_gradients - hooked_forward_counts(
                 model, one, True, constants=block_params)[3].input_gradients
+        # The trained products outside the blocks (a fallback weight in F.linear or einsum, MultiheadAttention's
+        # in_proj_weight and out_proj.weight): every pass's forward work, and their weight gradients a bare step's;
+        outside = max(trainable_macs - sum(s.macs() for s in shapes), 0)
         parts = factor_route_work(shapes, fallback, probes=m, batch=b, outputs=outputs, itemsize=param_bytes,
                                   memory_budget=memory_budget, form="lean" if group_state == "factored" else "outer",
                                   frozen=layers.frozen, frozen_skipped=layers.frozen_skipped,
-                                  capture_skipped=capture_skipped, fallback_skipped=fallback_skipped)
+                                  capture_skipped=capture_skipped, fallback_skipped=fallback_skipped,
+                                  outside=outside)
         bare = parts["bare_step"]
-        # the unit of every part: the trained blocks' forward and the frozen layers'
-        forward = max(forward_macs(shapes, fallback) + layers.frozen, 1.0)
+        # the unit of every part: the trained blocks' forward, the trained products outside them and the others
+        # (frozen layers', products between activations)
+        forward = max(route_forward(shapes, fallback, outside) + layers.frozen, 1.0)
+        unit = forward
         tangent, one_sided = parts["tangent"], layers.one_sided / forward
         work["group_gradients"] = parts["batch_factors"]
         if reads_training:
@@ -713,8 +744,6 @@ def estimate_cost(
             # first probe alone (engine.reference.per_example checks the batched result on it), and the
             # Jacobians times the rows, M·d·rows·P multiply-adds (in forwards of F multiply-adds, the frozen
             # layers' with the blocks': on an MLP P ≈ F, and this product dominates).
-            shapes, fallback = block_shapes(model, probes)
-            unit = max(forward_macs(shapes, fallback) + layers.frozen, 1.0)
             return ((2 * m * outputs + rows_pushed) * num * param_bytes,
                     quadrature_nodes * ((m + 1) * (1.0 + outputs * tangent) + m * outputs * rows_pushed * num / unit))
         # One primal pass per vmapped pass and a tangent pass per row (J u through every product: Ẇx + Wẋ
@@ -984,9 +1013,19 @@ def forward_macs(shapes: list[BlockShape], fallback: int) -> float:
     return float(sum(s.macs() for s in shapes) + fallback)
 
 
+def route_forward(shapes: list[BlockShape], fallback: int, outside: float = 0.0) -> float:
+    """The trained products of one example's forward (the estimate's unit less the frozen ones): the blocks'
+    (:func:`forward_macs`) and the fallback parameters', the larger of ``outside`` (their products as the
+    dispatcher counts them, :func:`hooked_forward_counts`: a raw weight in ``F.linear``, MultiheadAttention's
+    ``in_proj_weight``, T multiply-adds per value at T positions) and one multiply-add per fallback value
+    (:func:`forward_macs`' count for a parameter in no product: a prompt added to the input)."""
+    return forward_macs(shapes, fallback) + max(float(outside) - fallback, 0.0)
+
+
 def factor_route_work(shapes: list[BlockShape], fallback: int, *, probes: int, batch: int, outputs: int, form: str,
                       itemsize: int, memory_budget: int, frozen: int = 0, frozen_skipped: int = 0,
-                      capture_skipped: float = 0.0, fallback_skipped: float = 0.0) -> dict[str, float]:
+                      capture_skipped: float = 0.0, fallback_skipped: float = 0.0,
+                      outside: float = 0.0) -> dict[str, float]:
     """The factored and sketched routes' work per step, in example-forwards (F multiply-adds: the
     blocks' :func:`forward_macs` and the ``frozen`` layers' outside them), from the covering plan's blocks
     (:func:`~genkernel.core.engine.factored.block_shapes`) and the ``fallback`` parameters outside
@@ -1000,7 +1039,13 @@ def factor_route_work(shapes: list[BlockShape], fallback: int, *, probes: int, b
     layers whose input depends on a trained parameter, but on none of the blocks' (a capture's
     backward goes to the blocks' outputs alone: β_b = β less them), and on none of the fallback
     parameters (torch.func's passes for the fallback go to them alone: β_f = β less those);
-    :func:`hooked_forward_counts` with the others held constant.
+    :func:`hooked_forward_counts` with the others held constant. ``outside``: the trained products outside
+    the blocks (a fallback weight passed to ``F.linear`` or ``einsum``, ``nn.MultiheadAttention``'s
+    ``in_proj_weight`` and ``out_proj.weight``; ``trainable_macs`` of :func:`hooked_forward_counts` less the
+    blocks'), in F and in the weight share w (:func:`route_forward`), and their weight gradients in the
+    fallback's backward passes; ``frozen`` holds every product
+    none of whose operands is a trained weight, the ones between activations too (attention's QKᵀ and AV,
+    whose two operands' gradients a backward forms: ``frozen_skipped`` less by them).
 
     Returns ``{part: example-forwards}``:
 
@@ -1029,7 +1074,7 @@ def factor_route_work(shapes: list[BlockShape], fallback: int, *, probes: int, b
       part of the step by itself: the pushes count it per row).
     """
     m, n, d = probes, batch, outputs
-    trained = forward_macs(shapes, fallback)
+    trained = route_forward(shapes, fallback, outside)
     forward = trained + frozen
     if forward <= 0:  # (no blocks' products but frozen layers' remain a unit: BitFit's biases, w = 0 below)
         return {"bare_step": 3.0 * n, "batch_factors": 0.0, "capture": 1.0 * n, "probe_factors": m * (1.0 + 2.0 * d),
@@ -1064,6 +1109,9 @@ def factor_route_work(shapes: list[BlockShape], fallback: int, *, probes: int, b
     batch_fallback = probe_fallback = 0.0
     if fallback:
         fallback_back = max(back - fallback_skipped / forward, 0.0)
+        # and, where they are a product's weight (``outside``: MultiheadAttention's in_proj_weight), its gradient
+        # in every backward pass to them, as a trained block's weight share is in a bare step's
+        fallback_back += outside / forward
         cross += m * n * d * fallback
         batch_fallback = (n + 1) * (1.0 + fallback_back)
         probe_fallback = (m + 1) * (1.0 + d * fallback_back)
@@ -1266,6 +1314,13 @@ def _cheaper_options(estimate: CostEstimate, group_state: str, state_dtype: torc
     return options
 
 
+# The memory parts a tracker's step frees before the next (its group gradients and updates, checks, pushes, step
+# contributions, held factors, training records, an EMA update's sync): what runs between steps (an analyzer's
+# kernel records and own passes) has them as room, beside what the tracker keeps from step to step.
+STEP_TEMPORARIES = ("group_gradients", "group_updates", "checks", "push_tangents", "witnesses", "probe_pushes",
+                    "training_records", "step_contributions", "held_factors", "ema_sync")
+
+
 def with_kernel_records(tracker_cost: CostEstimate, record: dict[str, Any], every: int) -> CostEstimate:
     """``tracker_cost`` with an analyzer's kernel records added (a new estimate; ``tracker_cost`` is not changed).
 
@@ -1282,12 +1337,10 @@ def with_kernel_records(tracker_cost: CostEstimate, record: dict[str, Any], ever
     for the record: a record within the analysis memory but larger than the temporaries was short by the kept
     arrays, up to their size.) The cheaper options name the analyzer's kernel settings when the record costs more
     than a tenth of a tracked step or adds memory."""
-    step_temporaries = ("group_gradients", "group_updates", "checks", "push_tangents", "witnesses", "probe_pushes",
-                        "training_records", "step_contributions", "held_factors", "ema_sync")
     work = dict(tracker_cost.work)
     work["kernel_records"] = record["work"] / every if every else 0.0
     memory = dict(tracker_cost.memory)
-    freed = sum(int(tracker_cost.memory.get(part, 0)) for part in step_temporaries)
+    freed = sum(int(tracker_cost.memory.get(part, 0)) for part in STEP_TEMPORARIES)
     memory["kernel_record"] = max(0, int(record["bytes"]) - freed)
     settings = dict(tracker_cost.settings)
     settings.update(kernel_record_work=float(record["work"]), kernel_record_bytes=int(record["bytes"]),
@@ -1306,10 +1359,56 @@ def with_kernel_records(tracker_cost: CostEstimate, record: dict[str, Any], ever
     return estimate
 
 
+def with_analysis_passes(tracker_cost: CostEstimate, passes: dict[str, Any]) -> CostEstimate:
+    """``tracker_cost`` with an analyzer's own passes added (a new estimate; ``tracker_cost`` is not changed), as
+    :func:`with_kernel_records` adds kernel records: the passes an analyzer runs besides its tracker's step (the GAN
+    analyzer's geometry w = ∇_x ℓ_G(D(x)) of the batch and the probes, its kernel-smoothed field:
+    :meth:`genkernel.gan.GANKernelAnalyzer.analysis_pass_cost`).
+
+    ``passes``: ``{"work": {part: example-forwards per tracked step, amortized}, "once": {part: example-forwards run
+    once, at the first step}, "bytes": the largest pass's peak, "cheaper": [options in words], "cheaper_memory": [...],
+    "bare_step": example-forwards, "settings": {...}}``, in the tracker's unit (one example's forward through its
+    model); ``bare_step``: work of a bare training step outside the tracker's model, added to the estimate's bare
+    step (a GAN generator step's loss through D). Work: the parts added to
+    the estimate's (a name the tracker's estimate has already is refused: ValueError); the one-off parts go to
+    ``settings["analysis_once"]``, outside the per-step ratio. Memory part ``analysis_passes``: the peak less the
+    step's temporaries (the parts a step frees before the next, :func:`with_kernel_records`' list: the passes run
+    before or between the tracker's steps, beside what it keeps from step to step, as a kernel record does), 0 where
+    they hold it. ``passes["cheaper"]`` is added to the cheaper options when the passes add memory or more than a
+    tenth of a tracked step's work, ``passes["cheaper_memory"]`` (options that save memory alone) when they add
+    memory."""
+    if not isinstance(passes, dict) or not isinstance(passes.get("work"), dict):
+        raise TypeError("passes must be a dict with 'work' ({part: example-forwards per step}), 'once', 'bytes'")
+    clash = sorted(set(passes["work"]) & set(tracker_cost.work))
+    if clash:
+        raise ValueError(f"the analyzer's work parts {clash} have the tracker's names: name them apart")
+    work = dict(tracker_cost.work)
+    work.update({part: float(value) for part, value in passes["work"].items()})
+    memory = dict(tracker_cost.memory)
+    peak = int(passes.get("bytes", 0))
+    freed = sum(int(tracker_cost.memory.get(part, 0)) for part in STEP_TEMPORARIES)
+    memory["analysis_passes"] = max(0, peak - freed)
+    settings = dict(tracker_cost.settings)
+    settings.update(passes.get("settings") or {})
+    settings.update(analysis_once={part: float(v) for part, v in (passes.get("once") or {}).items()},
+                    analysis_pass_bytes=peak)
+    bare = tracker_cost.bare_step + float(passes.get("bare_step", 0.0))
+    settings["analysis_bare_step"] = float(passes.get("bare_step", 0.0))
+    estimate = CostEstimate(memory, tracker_cost.available, work, bare, tracker_cost.held, settings,
+                            list(tracker_cost.cheaper))
+    tracked_step = tracker_cost.bare_step + sum(tracker_cost.work.values())
+    if memory["analysis_passes"] or sum(passes["work"].values()) > 0.1 * tracked_step:
+        estimate.cheaper.extend(passes.get("cheaper") or [])
+    if memory["analysis_passes"]:
+        estimate.cheaper.extend(passes.get("cheaper_memory") or [])
+    return estimate
+
+
 __all__ = [
     "COST_OPTIONS", "CostEstimate", "PUSH_ROW_ACTIVATIONS", "available_memory", "cgroup_free_memory",
     "GROUP_STATE_CHOICES", "check_bytes", "cost_options", "estimate_cost", "factor_route_work", "forward_macs", "held_bytes", "ledger_bytes", "linear_state_rows",
-    "fallback_product_macs", "frozen_bytes", "GradientLayerCounts", "gradient_layer_counts", "hooked_forward_counts", "optimizer_state_copies", "optimizer_state_values", "plain_hyperparameter", "plain_sgd", "projection_bytes", "push_pass_bytes", "push_pass_shape", "push_route", "reads_training_pass",
+    "frozen_bytes", "GradientLayerCounts", "gradient_layer_counts", "hooked_forward_counts", "optimizer_state_copies", "optimizer_state_values", "plain_hyperparameter", "plain_sgd", "projection_bytes", "push_pass_bytes", "push_pass_shape", "push_route", "reads_training_pass",
     "sketch_temporary_bytes", "sketch_work", "dense_gradient_work", "input_gradient_share", "row_sum_products", "sketchable", "splitter_state_copies",
     "tangent_bytes", "bare_step_forwards", "example_counts", "with_kernel_records",
+    "with_analysis_passes",
 ]
