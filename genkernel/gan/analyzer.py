@@ -116,6 +116,7 @@ from ..core.adapter import (
     analysis_mode, call_with, explained_torch_func_errors, floating_parameter, full_precision, like_parameter,
     loop_precision, output_tensor, positive_int, seed_bits, seeded_generator, trainable_parameters, unwrap, unwrap_optimizer,
 )
+from ..core.cost import GiB, CostEstimate, hooked_forward_counts, with_analysis_passes
 from ..core.errors import NonFiniteError
 from ..core.tracking.callbacks import TrainerCallback, perform_step
 from ..core.tracking.distributed import summed_over_ranks
@@ -123,7 +124,7 @@ from ..core.tracking.ema import EMA_LEDGERS, ema_update_count
 from ..core.tracking.io import atomic_save, check_saved_settings, jsonable, load_state, to_device
 from ..core.tracking.ledger import PathKernelLedger
 from ..core.tracking.quadrature import residual_remedy
-from ..core.tracking.step import OptimizerStep
+from ..core.tracking.step import OptimizerStep, micro_batch_rows
 from ..core.tracking.tracker import MEMORY_CHECKS, MIXED_PRECISION, PathKernelTracker, StepContributions, step_payloads
 from ..logging import LoggingCallback
 from ..stats import mean_interval, nan_median
@@ -428,6 +429,7 @@ class GANKernelAnalyzer(TrainerCallback):
 
         self.g_tracker: PathKernelTracker | None = None
         self.d_tracker: PathKernelTracker | None = None
+        self._pass_record: dict[str, Any] | None = None  # analysis_pass_cost() when the generator tracker was built
         self._pending: dict[str, Any] | None = None
         self.g_steps = 0
         self.d_steps = 0
@@ -1277,6 +1279,12 @@ class GANKernelAnalyzer(TrainerCallback):
                 tracker.track_ema(self._ema)
             if self._pending and self._pending.get("g_tracker") is not None:
                 tracker.load_state_dict(self._pending["g_tracker"])
+            # The analyzer's own passes (geometry, probes, field): counted once, checked beside the tracker.
+            # (bind builds it before the analyzer is marked bound: an observing tracker's loss function says it)
+            self._pass_record = self.analysis_pass_cost(batch=tracker.cost.settings["batch"],
+                                                        micro_batches=micro_batches,
+                                                        observed=isinstance(loss_fn, _ObservedOnly))
+            self._check_passes_fit(tracker.cost)
         except BaseException:
             tracker.close(record_ema=False)
             raise
@@ -1286,6 +1294,177 @@ class GANKernelAnalyzer(TrainerCallback):
         self.g_tracker = tracker
         self._g_f_prev = self.g_tracker.ledger.f_end.clone()
         self._g_drift_prev = self.g_tracker.ledger.buffer_drift.clone()
+
+    def analysis_pass_cost(self, batch: int | None = None, micro_batches: int = 1, *,
+                           observed: bool | None = None) -> dict[str, Any]:
+        """What the analyzer's own passes through G and D cost, besides its trackers' steps, in the generator
+        tracker's unit (one example's forward through G): ``{"work": {part: per tracked generator step},
+        "once": {part: at the first step}, "bytes": the largest pass's peak, "cheaper": [...], "settings": {...}}``
+        (:func:`~genkernel.core.cost.with_analysis_passes` adds it to the tracker's estimate: :attr:`cost`).
+
+        ``batch`` (B, default the generator tracker's estimate's, the probes' count in a loop of your own bound
+        before its first step) and ``micro_batches`` (K) of a generator step; ``observed``: the steps of a loop of
+        your own (:meth:`bind`) or steps the analyzer performs (default: whether it is bound to a loop). Counted,
+        with M probes, u a D forward over a G forward (one example each, as the tracker counts its unit:
+        :func:`~genkernel.core.cost.hooked_forward_counts`, the products of D's passes in G's forwards),
+        u_x D's input-gradient share (every layer downstream of x), b = β + share G's backward through its
+        trained parameters (no input gradient of the latents), j = 1 + one-sided + b a JVP of G's parameters:
+
+        - ``batch_geometry``, every step: owned (:meth:`_micro_batch_geometry`), G's forward of the batch, w_i
+          from D's forward with a graph and its backward to x alone (``torch.autograd.grad`` w.r.t. x: D's weight
+          gradients are not formed), D's scores (a no-grad forward): B (1 + 2u + u_x), and D's no-grad loss forward
+          of every micro-batch but the last, (B − b_K) u; observed (:meth:`observe_generator`), w_i from the loop's
+          own graph (a backward through D to the samples) and the scores: B (u_x + u), with ``geometry_loss``
+          its push in place of the scores, B (u_x + 2u + u_x);
+        - ``probe_geometry``: at evaluation steps (every ``eval_every``-th), the probes' samples (G, no grad) and
+          their push, M (1 + 2u + u_x), over ``eval_every``;
+        - ``kernel_field``: at evaluation steps the pulled vector Σ_i c_i J_G(z_i)ᵀ w_i (G's backward of the batch,
+          B b: owned, from the batch pass's graph; observed, from the loop's) and the field's JVP at the probes,
+          M j (observed: one per micro-batch, K M j), over ``eval_every``;
+        - ``coverage`` (with ``mode_centers``): G's forward of the coverage latents at evaluation steps, over
+          ``eval_every``;
+        - once: ``grouping_fit``, the geometry of the reference latents (or the probes) a grouping is fitted on
+          at the first step, n (1 + 2u + u_x), and reference latents' shape check, n (1 + u); none for groupings
+          fitted from the start (classes, nearest mode, a function); ``loss_check``, an observed loop's first
+          micro-batch's losses reproduced, b_1 u; ``cost_counts``, this estimate's own one-row passes, 2 + u.
+
+        Memory: the largest pass's peak, its graphs at three times the activations (as the training step's are
+        counted) and the pulled vector (twice G's parameters: the micro-batch's and the sum).
+
+        Besides, what the generator tracker's estimate leaves out of a GAN's step (it counts G alone): ``bare_step``,
+        D's forward of the samples and its backward to them in training's loss, B (u + u_x), added to the bare step
+        (in a loop of your own whose backward also forms D's weight gradients, those are not counted); and
+        ``discriminator_backward``, the tracker's R backward passes of the batch (its group gradients, one per group
+        row) through D to the samples, R B u_x per step."""
+        tracker_cost = None if self.g_tracker is None else self.g_tracker.cost
+        if batch is None:
+            if tracker_cost is None:
+                raise RuntimeError("pass batch=, or let the analyzer build its generator tracker first (bind, or a "
+                                   "step)")
+            batch = int(tracker_cost.settings["batch"])
+        batch = positive_int(batch, "batch")
+        micro_batches = positive_int(micro_batches, "micro_batches")
+        g_param, d_param = floating_parameter(self._g), floating_parameter(self._d)
+        z = self.probe_latents[:1]
+        y = class_inputs(None if self.probe_classes is None else self.probe_classes[:1])
+        # One example through each network, counted as the tracker counts its unit (hooked_forward_counts, in eval
+        # mode, every buffer kept): G's backward and JVP through its trained parameters, D's layers downstream of x.
+        with preserved(self._g), analysis_mode(self._g):
+            with torch.no_grad():
+                x = output_tensor(self._g(z, *y)).detach()
+            g_acts, g_macs, g_trained, g_layers = hooked_forward_counts(self._g, (z, *y), grad=True)
+        x = x if d_param is None else x.to(d_param.dtype)
+        held = {name: p for name, p in self._d.named_parameters() if p.requires_grad}
+        with preserved(self._d), analysis_mode(self._d):
+            d_acts, d_macs, _, d_layers = hooked_forward_counts(_FromInput(self._d), (x, *y), grad=True, constants=held)
+        unit = max(g_macs, 1)
+        u, u_x = d_macs / unit, d_layers.input_gradients / unit
+        back = (g_layers.input_gradients + g_trained) / unit
+        jvp_pass = 1.0 + g_layers.one_sided / unit + back
+        push = 2.0 * u + u_x  # w at given samples: D's forward with a graph, its backward to x, the scores
+        geometry = 1.0 + push  # the samples themselves first (G, no grad)
+        m = int(self.probe_latents.shape[0])
+        rows = micro_batch_rows(batch, micro_batches)
+        first, last = rows[0].stop - rows[0].start, rows[-1].stop - rows[-1].start
+        observed = self._bound if observed is None else bool(observed)
+        if observed:
+            # the loop's graph's backward to the samples, then the scores, or with a geometry_loss its own push
+            batch_geometry = batch * u_x + (batch * push if self._geometry_loss is not None else batch * u)
+            field_passes = micro_batches
+        else:
+            batch_geometry = batch * geometry + (batch - last) * u
+            field_passes = 1
+        every = self.eval_every
+        work = {"batch_geometry": batch_geometry, "probe_geometry": m * geometry / every,
+                "kernel_field": (batch * back + field_passes * m * jvp_pass) / every}
+        coverage = int(self.coverage_latents.shape[0]) if self.mode_centers is not None else 0
+        if coverage:
+            work["coverage"] = coverage / every
+        fit_rows, checked = 0, 0
+        if not (self.grouping.fitted and (self.comparison is None or self.comparison.fitted)):
+            fit_rows = m if self.reference_latents is None else int(self.reference_latents.shape[0])
+            checked = 0 if self.reference_latents is None else fit_rows  # their shape check: G and D, no grad
+        # (and this estimate's own hooked passes of one row: G's sample, G's and D's counts)
+        once = {"grouping_fit": fit_rows * geometry + checked * (1.0 + u), "cost_counts": 2.0 + u}
+        if observed and self._geometry_loss is None and not self._loss_checked:
+            once["loss_check"] = first * u
+        # Memory (bytes): graphs at 3x the activations, as estimate_cost counts training's.
+        gb = 4 if g_param is None else g_param.element_size()
+        db = gb if d_param is None else d_param.element_size()
+        g_graph, d_graph = 3 * g_acts * gb, 3 * d_acts * db
+        vector = sum(p.numel() for p in trainable_parameters(self._g).values()) * gb
+        micro = first
+        peaks = {
+            # owned: a micro-batch's G graph (kept for the pull at evaluation steps), D's graph of its push, and
+            # the pulled vector (the micro-batch's and the sum); observed: the pull and a geometry_loss's push
+            "batch_geometry": (2 * vector + (0 if self._geometry_loss is None else micro * d_graph)) if observed
+            else micro * (g_graph + d_graph) + 2 * vector,
+            "probe_geometry": m * d_graph + vector,  # the pulled vector is held until the field
+            # the JVP's primal and tangent activations (no graph), the vector and its tangents, the field
+            "kernel_field": 2 * m * g_acts * gb + 2 * vector + m * x[0].numel() * 8,
+            "grouping_fit": fit_rows * d_graph,
+            "coverage": coverage * g_acts * gb,
+        }
+        largest = max(peaks, key=peaks.get)
+        cheaper, cheaper_memory = [], []
+        per_eval = work["probe_geometry"] + work["kernel_field"] + work.get("coverage", 0.0)
+        if per_eval > 0.25 * sum(work.values()) or largest in ("probe_geometry", "kernel_field"):
+            cheaper.append(
+                f"the GAN analyzer's evaluations ({per_eval * every:.0f} example-forwards of G each: the probes' "
+                f"geometry and the kernel field{', coverage' if coverage else ''}): a larger eval_every (now {every}; "
+                f"it must divide window), fewer probe_latents (now {m})"
+                + (f", fewer coverage_latents (now {coverage})" if coverage else ""))
+        if largest == "grouping_fit" and self.reference_latents is not None:
+            cheaper_memory.append(f"fewer reference_latents (now {fit_rows}: their geometry, once, is the analyzer's "
+                                  "largest pass)")
+        if largest == "batch_geometry" and not observed:
+            cheaper_memory.append(f"more micro_batches (now {micro_batches}: the analyzer's batch geometry holds one "
+                                  "micro-batch's graphs of G and D)")
+        if observed and self._geometry_loss is not None:
+            cheaper.append(f"no geometry_loss (its push of every batch: {batch * push:.0f} example-forwards a step)")
+        # What the tracker's estimate of a GAN's generator step leaves out (it counts G alone): training's loss runs
+        # through D, a forward and its backward to the samples (D frozen: no weight gradient), in the bare step; and
+        # each of the dense graph route's R backward passes (one per group row) runs through D to the samples too.
+        work["discriminator_backward"] = sum(self.partitions.values()) * batch * u_x
+        return {"work": work, "once": once, "bytes": int(peaks[largest]), "cheaper": cheaper,
+                "cheaper_memory": cheaper_memory, "bare_step": batch * (u + u_x),
+                "settings": {"analysis_discriminator_forward": u, "analysis_discriminator_input_gradient": u_x,
+                             "analysis_eval_every": every, "analysis_largest_pass": largest,
+                             "analysis_micro_batches": micro_batches, "analysis_observed": observed}}
+
+    @property
+    def cost(self) -> CostEstimate:
+        """The generator tracker's estimate (:attr:`PathKernelTracker.cost`) with the analyzer's own passes added
+        (:meth:`analysis_pass_cost`: the batch's geometry every step, the probes' geometry and the kernel field at
+        evaluation steps amortized over ``eval_every``, the grouping's fit once in ``settings["analysis_once"]``;
+        memory ``analysis_passes``, the largest pass's peak beyond the step's temporaries:
+        :func:`~genkernel.core.cost.with_analysis_passes`), and what the tracker's estimate, which counts G alone,
+        leaves out of a GAN's step: D's forward and backward in the bare step, and its group gradients' backward
+        passes through D (``discriminator_backward``). ``g_tracker.cost`` stays the tracker's alone. The
+        discriminator tracker's estimate is ``d_tracker.cost`` (the analyzer runs no pass of its own for D's steps
+        but its probes' first rows)."""
+        if self.g_tracker is None or self.g_tracker.cost is None or self._pass_record is None:
+            raise RuntimeError("the analyzer has no generator tracker yet: bind it (your own loop) or run a generator "
+                               "step")
+        return with_analysis_passes(self.g_tracker.cost, self._pass_record)
+
+    def _check_passes_fit(self, tracker_cost: CostEstimate) -> None:
+        """Refuse (``memory_check="refuse"``: MemoryError, as the trackers refuse) or warn (ResourceWarning) where the
+        analyzer's largest pass, beside what the generator tracker holds, is more than the device had free when the
+        tracker was estimated: the tracker's own check does not see the analyzer's passes."""
+        if self.stopped:  # (a state saved after its window ended, bound to be read: no pass runs again)
+            return
+        cost = with_analysis_passes(tracker_cost, self._pass_record)
+        if cost.memory["analysis_passes"] == 0 or cost.fits_beside(tracker_cost):
+            return
+        gib = self._pass_record["bytes"] / GiB
+        message = (f"this GAN analyzer's own passes would not fit on {cost.settings.get('device')}: its largest, "
+                   f"{cost.settings['analysis_largest_pass']}, takes {gib:.2f} GiB; {cost.describe()}. Cheaper: "
+                   + "; ".join(cost.cheaper))
+        if self.memory_check == "refuse":
+            raise MemoryError(message + ". If you know the device holds it (the estimate can be high on CUDA), "
+                              "build the analyzer with memory_check='warn'")
+        warnings.warn(message + " (memory_check='warn': built anyway)", ResourceWarning, stacklevel=3)
 
     def _generator_step(self, step: OptimizerStep, loop_step: int | None = None) -> torch.Tensor:
         if unwrap(step.model) is not self._g:
@@ -1863,9 +2042,12 @@ class GANKernelAnalyzer(TrainerCallback):
         g_tracker, d_tracker = self._view("g_tracker"), self._view("d_tracker")
         # What each tracker's step costs (memory by part, work against a bare step), as the diffusion
         # analyzer's report gives it; trackers not rebuilt since a load have no estimate yet.
+        # The generator's with the analyzer's own passes added (:attr:`cost`).
         out["cost"] = {name: tracker.cost.as_dict() for name, tracker in (("generator", self.g_tracker),
                                                                           ("discriminator", self.d_tracker))
                        if tracker is not None and tracker.cost is not None}
+        if "generator" in out["cost"] and self._pass_record is not None:
+            out["cost"]["generator"] = self.cost.as_dict()
         if g_tracker is not None and self.g_steps:
             ledger = self.generator_ledger()
             shares = ledger.shares()
@@ -2223,6 +2405,19 @@ def _positional_inputs(fn: Callable) -> int | None:
     if inspect.Parameter.VAR_POSITIONAL in kinds:
         return None
     return sum(k in (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD) for k in kinds)
+
+
+class _FromInput(nn.Module):
+    """A network whose first input requires grad inside its forward (:func:`~genkernel.core.cost.hooked_forward_counts`
+    detaches its example): with the network's parameters held constant, the count's ``input_gradients`` are the
+    layers downstream of x, what a geometry pass's ∇_x ℓ_G(D(x)) goes through."""
+
+    def __init__(self, network: nn.Module) -> None:
+        super().__init__()
+        self.network = network
+
+    def forward(self, x: torch.Tensor, *rest: Any) -> Any:
+        return self.network(x.detach().requires_grad_(True), *rest)
 
 
 def _copied(t: Any) -> Any:
