@@ -158,3 +158,29 @@ def test_a_resume_on_another_count_of_processes_is_refused(data):
     saved.record(0)
     with pytest.raises(ValueError, match=r"--num_processes 2 \(here 1\)"):
         EpochRNG(settings=resume_settings(_args(data))).load_state_dict(saved.state_dict())
+
+
+def test_a_data_folder_with_a_link_cycle_or_a_dangling_link_is_fingerprinted(tmp_path):
+    """A folder linked back up the tree is walked once (os.walk following links walked it until the names were too
+    long: OSError), a dangling link counts by its name (os.path.getsize raised FileNotFoundError); a copy elsewhere
+    keeps the fingerprint, an edited file does not."""
+    import os
+    import shutil
+
+    from recipes.examples.checkpointing import path_fingerprint
+
+    data = tmp_path / "data"
+    (data / "sub").mkdir(parents=True)
+    (data / "a.txt").write_text("a caption")
+    (data / "sub" / "b.txt").write_text("another")
+    os.symlink(data, data / "sub" / "loop")
+    os.symlink(tmp_path / "missing", data / "dangling")
+    first = path_fingerprint(str(data))
+    assert first.endswith("(3 files)")
+    copy = tmp_path / "moved"
+    shutil.copytree(data, copy, symlinks=True)
+    os.remove(copy / "sub" / "loop")
+    os.symlink(copy, copy / "sub" / "loop")
+    assert path_fingerprint(str(copy)) == first
+    (copy / "sub" / "b.txt").write_text("edited!")
+    assert path_fingerprint(str(copy)) != first

@@ -152,16 +152,28 @@ def path_fingerprint(path: str) -> str:
     files under it, and the content of those up to 64 KiB (captions, prompts, configurations); a folder moved or
     copied elsewhere keeps it, another data set (other images, another subset, edited captions) does not."""
     digest = hashlib.sha256()
-    files = [("", path)] if os.path.isfile(path) else sorted(
-        (os.path.relpath(os.path.join(root, name), path), os.path.join(root, name))
-        for root, _, names in os.walk(path, followlinks=True) for name in names)
+    files = [("", path)] if os.path.isfile(path) else sorted(_walked_files(path))
     for relative, full in files:
-        size = os.path.getsize(full)
+        size = os.path.getsize(full) if os.path.exists(full) else -1  # (a dangling link: by its name)
         digest.update(f"{relative}\0{size}\0".encode())
-        if size <= _SMALL_FILE:
+        if 0 <= size <= _SMALL_FILE:
             with open(full, "rb") as file:
                 digest.update(file.read())
     return f"sha256:{digest.hexdigest()[:16]} ({len(files)} files)"
+
+
+def _walked_files(path: str) -> list[tuple[str, str]]:
+    """``(relative name, path)`` of every file under ``path``, linked folders followed once each (a link back up the
+    tree would otherwise be walked until the names grow too long)."""
+    seen, out = set(), []
+    for root, folders, names in os.walk(path, followlinks=True):
+        real = os.path.realpath(root)
+        if real in seen:
+            folders[:] = []
+            continue
+        seen.add(real)
+        out += [(os.path.relpath(os.path.join(root, name), path), os.path.join(root, name)) for name in names]
+    return out
 
 
 def resume_settings(args, **more: Any) -> dict[str, Any]:
