@@ -109,7 +109,7 @@ import torch
 from torch import nn
 
 from .adapter import has_state_outside_training
-from .engine.factored import BlockShape, block_shapes
+from .engine.factored import BlockShape, block_shapes, row_chunks
 from .engine.factors import covering_plan, dense_pair_is_cheaper, lean_materializes, self_kernel_materializes
 from .engine.projections import PROJECTION_CHUNK_BYTES, weight_projection_route
 
@@ -668,6 +668,14 @@ def estimate_cost(
             if gradient_route == "example" and reads_training:
                 memory["training_records"] = acts * b * param_bytes
             shapes, fallback = block_shapes(model, probes)
+            # the fallback's torch.func pass (not on "example": its own pass forms every gradient): to the fallback
+            # parameters alone, their own gradients, a check per chunk of the batch (as factor_route_work's)
+            fallback_back, batch_checks = None, 0
+            if fallback and (gradient_route == "factored" or reads_training):
+                _, fallback_skipped, fallback_gradients, _, batch_checks = _fallback_passes(
+                    model, probes, layers, fallback, outputs=outputs, batch=b, param_bytes=param_bytes,
+                    memory_budget=memory_budget, probe_side=False)
+                fallback_back = (max(layers.input_gradients - fallback_skipped, 0) + fallback_gradients) / max(macs, 1)
             # the rows are added one chunk of examples at a time: the route's own chunks (engine.gradients)
             largest_bytes = max(largest, 1) * param_bytes
             chunk = (b if gradient_route == "example" and reads_training
@@ -681,11 +689,12 @@ def estimate_cost(
             work["group_gradients"] = dense_gradient_work(
                 shapes, fallback, batch=b, rows=rows, partitions=partitions, example_chunk=chunk,
                 route="example" if own_pass else "training" if gradient_route == "example" else "factored",
-                forward=forward, weight_share=share, frozen_skipped=layers.frozen_skipped)
+                forward=forward, weight_share=share, frozen_skipped=layers.frozen_skipped,
+                input_gradients=layers.input_gradients, fallback_back=fallback_back, batch_checks=batch_checks)
             # the shapes at hand, the bare step's input gradients too: none where a block's input depends on
             # no trained parameter (the first layer's) nor in a frozen layer before every trained one, as the
             # factored and sketched routes count them
-            back = input_gradient_share(shapes, fallback, forward, layers.frozen_skipped)
+            back = input_gradient_share(shapes, fallback, forward, layers.frozen_skipped, layers.input_gradients)
             bare = b * (1.0 + back + share)
             tangent, one_sided = back + share, layers.one_sided / forward
         unit = max(float(macs), 1.0)  # the Jacobian route's products below, in the same forwards
@@ -698,27 +707,25 @@ def estimate_cost(
         # Counted from the layers' shapes, in forwards of their blocks (what they leave out,
         # attention's products and elementwise work, is not in a bare step's count either).
         shapes, fallback = block_shapes(model, probes)
-        capture_skipped = fallback_skipped = 0
-        # With fallback parameters, which layers the captures' backward skips and which torch.func's for the fallback
-        # skip: two more hooked passes, each with one side held constant (these routes refuse models whose passes
-        # move buffers or draw random numbers; a tracker estimates under analysis_mode, its RNG forked besides).
-        if fallback:
-            fallback_params = covering_plan(model, probes).fallback
-            block_params = {name: p for name, p in model.named_parameters()
-                            if p.requires_grad and name not in fallback_params}
-            one = tuple(t[:1] for t in probes)
-            capture_skipped = layers.input_gradients - hooked_forward_counts(
-                model, one, True, constants=fallback_params)[3].input_gradients
-            fallback_skipped = layers.input_gradients - hooked_forward_counts(
-                model, one, True, constants=block_params)[3].input_gradients
+        # with fallback parameters: what the captures' and torch.func's backward passes skip, the fallback's own
+        # gradients, and the examples torch.func checks alone (:func:`_fallback_passes`)
+        capture_skipped, fallback_skipped, fallback_gradients, probe_checks, batch_checks = _fallback_passes(
+            model, probes, layers, fallback, outputs=outputs, batch=b, param_bytes=param_bytes,
+            memory_budget=memory_budget, probe_side=True)
         # The trained products outside the blocks (a fallback weight in F.linear or einsum, MultiheadAttention's
-        # in_proj_weight and out_proj.weight): every pass's forward work, and their weight gradients a bare step's;
-        outside = max(trainable_macs - sum(s.macs() for s in shapes), 0)
+        # in_proj_weight and out_proj.weight): every pass's forward work, once per product (every product but the
+        # frozen ones: macs - frozen), and their weight gradients a bare step's, one per trained operand (a product
+        # of two trained operands, learned queries through a Linear, forms two: trainable_macs counts it twice)
+        blocks_macs = sum(s.macs() for s in shapes)
+        outside = max(macs - layers.frozen - blocks_macs, 0)
+        outside_gradients = max(trainable_macs - blocks_macs, 0)
         parts = factor_route_work(shapes, fallback, probes=m, batch=b, outputs=outputs, itemsize=param_bytes,
                                   memory_budget=memory_budget, form="lean" if group_state == "factored" else "outer",
                                   frozen=layers.frozen, frozen_skipped=layers.frozen_skipped,
                                   capture_skipped=capture_skipped, fallback_skipped=fallback_skipped,
-                                  outside=outside)
+                                  outside=outside, outside_gradients=outside_gradients,
+                                  input_gradients=layers.input_gradients, fallback_gradients=fallback_gradients,
+                                  probe_checks=probe_checks, batch_checks=batch_checks)
         bare = parts["bare_step"]
         # the unit of every part: the trained blocks' forward, the trained products outside them and the others
         # (frozen layers', products between activations)
@@ -1043,7 +1050,9 @@ def route_forward(shapes: list[BlockShape], fallback: int, outside: float = 0.0)
 def factor_route_work(shapes: list[BlockShape], fallback: int, *, probes: int, batch: int, outputs: int, form: str,
                       itemsize: int, memory_budget: int, frozen: int = 0, frozen_skipped: int = 0,
                       capture_skipped: float = 0.0, fallback_skipped: float = 0.0,
-                      outside: float = 0.0) -> dict[str, float]:
+                      outside: float = 0.0, outside_gradients: float | None = None,
+                      input_gradients: float | None = None, fallback_gradients: float | None = None,
+                      probe_checks: int = 1, batch_checks: int = 1) -> dict[str, float]:
     """The factored and sketched routes' work per step, in example-forwards (F multiply-adds: the
     blocks' :func:`forward_macs` and the ``frozen`` layers' outside them), from the covering plan's blocks
     (:func:`~genkernel.core.engine.factored.block_shapes`) and the ``fallback`` parameters outside
@@ -1064,6 +1073,18 @@ def factor_route_work(shapes: list[BlockShape], fallback: int, *, probes: int, b
     fallback's backward passes; ``frozen`` holds every product
     none of whose operands is a trained weight, the ones between activations too (attention's QKᵀ and AV,
     whose two operands' gradients a backward forms: ``frozen_skipped`` less by them).
+    ``outside`` is forward work, once per product (``macs - frozen`` less the blocks'); ``outside_gradients``
+    (default ``outside``) the weight gradients of the trained operands outside the blocks, once per trained
+    operand (``trainable_macs`` less the blocks': a product of two trained operands, learned query tokens through
+    a Linear, ``B @ A`` of a LoRA-like pair, forms two gradients but is one product of a forward).
+    ``input_gradients``: a backward's input gradients in multiply-adds
+    (:attr:`GradientLayerCounts.input_gradients`, exact: outside the blocks too, a fallback first layer's input
+    gradient is not formed); default the blocks' shapes' (:func:`input_gradient_share`).
+    ``fallback_gradients``: the fallback parameters' own gradients in torch.func's passes to them
+    (``trainable_macs`` of :func:`hooked_forward_counts` with the blocks' parameters held constant; default
+    ``outside_gradients``). ``probe_checks``, ``batch_checks``: the extra example of each torch.func call that
+    ``engine.reference.per_example`` runs alone to check the batched result, once per chunk of two or more
+    (:func:`fallback_checks`; one probe per chunk, as a large d × P_fb Jacobian makes them: none).
 
     Returns ``{part: example-forwards}``:
 
@@ -1076,12 +1097,13 @@ def factor_route_work(shapes: list[BlockShape], fallback: int, *, probes: int, b
       (:func:`~genkernel.core.engine.factors.self_kernel_materializes`) or T²·(I + O) factored;
       with fallback parameters, their per-example gradients too, read from no factors whether or
       not the training pass is: a vmapped forward and backward of every example and of the first
-      once more (``engine.reference.per_example`` checks the batched result on it), (B + 1)(1 + β_f);
+      of each chunk once more (``engine.reference.per_example`` checks the batched result on it),
+      (B + ``batch_checks``)(1 + β_f);
     - ``capture``: a capture pass of the batch's own when the training pass cannot be read, B (1 + β_b);
     - ``probe_factors``, per quadrature node: a forward and d output-batched backward passes to the
       blocks' outputs, M (1 + d β_b); with fallback parameters, their torch.func Jacobians besides (the
-      sketched route's too), a forward and d backward passes of every probe and of the first once
-      more, (M + 1)(1 + d β_f);
+      sketched route's too), a forward and d backward passes of every probe and of the first of each
+      chunk of probes once more, (M + ``probe_checks``)(1 + d β_f);
     - ``cross_kernels``, per node, the factored route's kernels between the probes' d outputs and
       the B examples, as :meth:`~genkernel.core.engine.factors.Factors.pair_kernel` forms them:
       materialized where either side is (:func:`~genkernel.core.engine.factors.lean_materializes`)
@@ -1092,13 +1114,15 @@ def factor_route_work(shapes: list[BlockShape], fallback: int, *, probes: int, b
       part of the step by itself: the pushes count it per row).
     """
     m, n, d = probes, batch, outputs
+    outside_gradients = outside if outside_gradients is None else outside_gradients
     trained = route_forward(shapes, fallback, outside)
     forward = trained + frozen
     if forward <= 0:  # (no blocks' products but frozen layers' remain a unit: BitFit's biases, w = 0 below)
         return {"bare_step": 3.0 * n, "batch_factors": 0.0, "capture": 1.0 * n, "probe_factors": m * (1.0 + 2.0 * d),
                 "cross_kernels": 0.0, "tangent": 2.0}
-    back = input_gradient_share(shapes, fallback, forward, frozen_skipped)
-    weights = trained / forward
+    back = input_gradient_share(shapes, fallback, forward, frozen_skipped, input_gradients)
+    # the weight gradients: one per trained operand (the forward's ``trained`` counts a product once)
+    weights = route_forward(shapes, fallback, outside_gradients) / forward
     sizes = cross = 0.0
     for s in shapes:
         t, i, o, p = s.positions, s.inputs, s.outputs, s.parameters
@@ -1129,13 +1153,53 @@ def factor_route_work(shapes: list[BlockShape], fallback: int, *, probes: int, b
         fallback_back = max(back - fallback_skipped / forward, 0.0)
         # and, where they are a product's weight (``outside``: MultiheadAttention's in_proj_weight), its gradient
         # in every backward pass to them, as a trained block's weight share is in a bare step's
-        fallback_back += outside / forward
+        fallback_back += (outside_gradients if fallback_gradients is None else fallback_gradients) / forward
         cross += m * n * d * fallback
-        batch_fallback = (n + 1) * (1.0 + fallback_back)
-        probe_fallback = (m + 1) * (1.0 + d * fallback_back)
+        batch_fallback = (n + batch_checks) * (1.0 + fallback_back)
+        probe_fallback = (m + probe_checks) * (1.0 + d * fallback_back)
     return {"bare_step": n * (1.0 + back + weights), "batch_factors": n * sizes / forward + batch_fallback,
             "capture": n * (1.0 + block_back), "probe_factors": m * (1.0 + d * block_back) + probe_fallback,
             "cross_kernels": cross / forward, "tangent": back + weights}
+
+
+def _fallback_passes(model: nn.Module, probes: tuple[torch.Tensor, ...], layers: GradientLayerCounts, fallback: int, *,
+                     outputs: int, batch: int, param_bytes: int, memory_budget: int, probe_side: bool,
+                     ) -> tuple[int, int, int | None, int, int]:
+    """``(capture_skipped, fallback_skipped, fallback_gradients, probe_checks, batch_checks)`` of a model with
+    ``fallback`` parameters outside its covering plan's blocks (``(0, 0, None, 1, 1)`` without: the defaults of
+    :func:`factor_route_work`): which products' input gradients the captures' backward skips and which torch.func's
+    passes to the fallback skip (two more hooked passes, each with one side held constant:
+    :func:`hooked_forward_counts`; these routes refuse models whose passes move buffers or draw random numbers; a
+    tracker estimates under analysis_mode, its RNG forked besides), the fallback parameters' own gradients in those
+    passes (the products they are an operand of, once per such operand, the blocks' weights held constant), and the
+    examples torch.func's calls check alone (:func:`fallback_checks`): over the probes' chunks, the captures'
+    (``routes.probe_chunks``: :func:`~genkernel.core.engine.factored.row_chunks`, only with ``probe_side``), and
+    over the batch's, those of ``engine.gradients``' per-example gradients of the fallback (3 × P_fb values an
+    example in the budget)."""
+    if not fallback:
+        return 0, 0, None, 1, 1
+    plan = covering_plan(model, probes)
+    block_params = {name: p for name, p in model.named_parameters() if p.requires_grad and name not in plan.fallback}
+    one = tuple(t[:1] for t in probes)
+    capture_skipped = layers.input_gradients - hooked_forward_counts(
+        model, one, True, constants=plan.fallback)[3].input_gradients
+    _, _, fallback_gradients, fallback_layers = hooked_forward_counts(model, one, True, constants=block_params)
+    fallback_skipped = layers.input_gradients - fallback_layers.input_gradients
+    probe_checks = fallback_checks([s.stop - s.start for s in row_chunks(model, plan, probes, outputs, memory_budget)]
+                                   ) if probe_side else 0
+    per_chunk = max(1, memory_budget // (3 * fallback * param_bytes))
+    batch_checks = fallback_checks([min(per_chunk, batch - start) for start in range(0, batch, per_chunk)])
+    return capture_skipped, fallback_skipped, fallback_gradients, probe_checks, batch_checks
+
+
+def fallback_checks(chunk_sizes: list[int]) -> int:
+    """Examples torch.func's per-example calls run a second time, alone, over chunks of ``chunk_sizes`` examples:
+    ``engine.reference.per_example`` checks each batched call's first example against a pass of it alone where the
+    chunk has two or more (one per such chunk; a chunk of one is not checked). The probes' fallback Jacobians on the
+    factored and sketched routes run in the captures' chunks (one probe per chunk where the d × P_fb Jacobian is
+    large: a DCGAN generator's, d = 64 × 64, P_fb its every weight, and no check at all, which the estimate counted
+    as one whole Jacobian more: M + 1 for M, +22.6 % on the factored route's ratio)."""
+    return sum(1 for size in chunk_sizes if size >= 2)
 
 
 def row_sum_products(rows: int, partitions: int, batch: int, example_chunk: int) -> float:
@@ -1156,7 +1220,8 @@ def row_sum_products(rows: int, partitions: int, batch: int, example_chunk: int)
 
 def dense_gradient_work(shapes: list[BlockShape], fallback: int, *, batch: int, rows: int, partitions: int,
                         route: str, example_chunk: int, forward: float, weight_share: float,
-                        frozen_skipped: int = 0) -> float:
+                        frozen_skipped: int = 0, input_gradients: float | None = None,
+                        fallback_back: float | None = None, batch_checks: int = 0) -> float:
     """Example-forwards of the dense route's group gradients on a per-example ``route``, from the
     covering plan's blocks (:func:`~genkernel.core.engine.factored.block_shapes`) and the
     ``fallback`` parameters outside them; ``forward``: one example's forward in multiply-adds
@@ -1171,7 +1236,8 @@ def dense_gradient_work(shapes: list[BlockShape], fallback: int, *, batch: int, 
     β: the input gradients' share of a forward, every layer's but those the blocks' positions whose
     input depends on no trained parameter skip and the frozen layers' before every trained one
     (``frozen_skipped`` multiply-adds; :func:`input_gradient_share`, as :func:`factor_route_work`
-    counts them: the first layer forms none).
+    counts them: the first layer forms none), or ``input_gradients`` multiply-adds where given (exact: a
+    fallback first layer's too).
 
     Besides (the routes' own products, which a pass count leaves out):
 
@@ -1183,7 +1249,11 @@ def dense_gradient_work(shapes: list[BlockShape], fallback: int, *, batch: int, 
     - the rows: every block's and fallback parameter's per-example gradients summed into the
       group rows, :func:`row_sum_products` × P;
     - the fallback parameters ("training", "factored"): a vmapped forward and backward of every
-      example (torch.func), B (1 + β), and their weight gradients, B × P_fallback.
+      example (torch.func), B (1 + β), and their weight gradients, B × P_fallback; or, with
+      ``fallback_back`` (β_f + w_f: the backward to the fallback parameters alone, their input gradients and
+      their own gradients, the products they are an operand of, in forwards), (B + ``batch_checks``)(1 + β_f + w_f),
+      the extra examples ``engine.reference.per_example`` checks alone (:func:`fallback_checks`): a grouped first
+      convolution's weight gradients are its products', not one multiply-add per value (dense ratio 4 % low).
 
     Measured against torch's operation count of a tracked step (in-place products counted) on an
     MLP, a small CNN, the tiny UNet2DModel and a cross-attention UNet2DConditionModel: the row
@@ -1192,31 +1262,41 @@ def dense_gradient_work(shapes: list[BlockShape], fallback: int, *, batch: int, 
     if route not in ("training", "factored", "example"):
         raise ValueError(f"route must be 'training', 'factored' or 'example', got {route!r}")
     unit = max(forward, 1.0)
-    back = input_gradient_share(shapes, fallback, unit, frozen_skipped)
+    back = input_gradient_share(shapes, fallback, unit, frozen_skipped, input_gradients)
     parameters = sum(s.parameters for s in shapes) + fallback
     products = row_sum_products(rows, partitions, batch, example_chunk) * parameters
     if route == "example":
         return batch * (1.0 + back + weight_share) + products / unit
     formed = sum(s.macs() for s in shapes if s.kind in ("linear", "conv") and s.positions > 1)
     passes = batch * (1.0 + back) if route == "factored" else 0.0
-    if fallback:
+    if fallback and fallback_back is not None:
+        passes += (batch + batch_checks) * (1.0 + fallback_back)
+    elif fallback:
         passes += batch * (1.0 + back)
         formed += fallback
     return passes + (batch * formed + products) / unit
 
 
 def input_gradient_share(shapes: list[BlockShape], fallback: int, forward: float | None = None,
-                         frozen_skipped: int = 0) -> float:
+                         frozen_skipped: int = 0, input_gradients: float | None = None) -> float:
     """β: a backward's input gradients as a share of one forward (``forward`` multiply-adds; default
     the blocks' own, :func:`forward_macs`): the blocks' at the positions whose input depends on a
     trained parameter and one per fallback parameter, and, where ``forward`` counts layers outside
     the blocks (frozen ones), theirs too, but for ``frozen_skipped`` multiply-adds of them (the frozen
     layers whose input depends on no trained parameter: before the first trained one,
     :attr:`GradientLayerCounts.frozen_skipped`), which a backward does not go through.
-    The same share is a JVP's input tangents through the weights."""
+    The same share is a JVP's input tangents through the weights.
+
+    ``input_gradients``: the exact multiply-adds (:attr:`GradientLayerCounts.input_gradients`, the dispatcher's
+    products operand by operand), taken instead of the blocks' shapes where given: outside the blocks, a fallback
+    product (a grouped or transposed convolution, a raw weight in ``F.linear``) whose input depends on no trained
+    parameter forms no input gradient either, which the shapes' count formed (a grouped first convolution: a bare
+    step of 24.0 example-forwards predicted against 21.4 counted)."""
     unit = forward_macs(shapes, fallback) if forward is None else max(forward, forward_macs(shapes, fallback))
     if unit <= 0:
         return 1.0
+    if input_gradients is not None:
+        return max(float(input_gradients), 0.0) / unit
     skipped = sum(s.macs() - s.macs(s.input_gradient_positions) for s in shapes) + frozen_skipped
     return max(unit - skipped, 0.0) / unit
 
@@ -1426,7 +1506,7 @@ __all__ = [
     "COST_OPTIONS", "CostEstimate", "PUSH_ROW_ACTIVATIONS", "available_memory", "cgroup_free_memory",
     "GROUP_STATE_CHOICES", "check_bytes", "cost_options", "estimate_cost", "factor_route_work", "forward_macs", "held_bytes", "ledger_bytes", "linear_state_rows",
     "frozen_bytes", "GradientLayerCounts", "gradient_layer_counts", "hooked_forward_counts", "optimizer_state_copies", "optimizer_state_values", "plain_hyperparameter", "plain_sgd", "projection_bytes", "push_pass_bytes", "push_pass_shape", "push_route", "reads_training_pass",
-    "sketch_temporary_bytes", "sketch_work", "dense_gradient_work", "input_gradient_share", "row_sum_products", "sketchable", "splitter_state_copies",
+    "sketch_temporary_bytes", "sketch_work", "dense_gradient_work", "fallback_checks", "input_gradient_share", "row_sum_products", "sketchable", "splitter_state_copies",
     "tangent_bytes", "bare_step_forwards", "example_counts", "with_kernel_records",
     "with_analysis_passes",
 ]
