@@ -163,7 +163,9 @@ def test_an_ema_ledger_added_after_steps_is_not_refused_for_the_memory_the_track
         model = nn.Sequential(nn.Linear(3, 16), nn.Tanh(), nn.Linear(16, 2)).double()
         optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
         ema = torch.optim.swa_utils.AveragedModel(model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(0.9))
-        with_ema = estimate_cost(model, optimizer, (probes,), outputs=2, rows=3, ema=True)
+        # (the tracker's estimate takes the first step's batch of 6 and the route it runs: the training pass's factors)
+        with_ema = estimate_cost(model, optimizer, (probes,), outputs=2, rows=3, ema=True, batch_size=6,
+                                 gradient_route="example")
         grads = sum(p.numel() * p.element_size() for p in model.parameters())
         free = {"bytes": with_ema.total_bytes - with_ema.held + 2 * grads}  # room for all of it, gradients included
         monkeypatch.setattr(cost, "available_memory", lambda device: free["bytes"])

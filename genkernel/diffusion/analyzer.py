@@ -382,7 +382,7 @@ class NoiseLevelAnalyzer(TrainerCallback):
         max_grad_norm: float = math.inf,
         start_step: int = 0,
         batch_size: int | None = None,
-        micro_batches: int = 1,
+        micro_batches: int | None = None,
         step_overhead: float = 0.0,
     ) -> None:
         """Start tracking ``model`` trained by ``optimizer`` (the window starts at the current θ).
@@ -394,10 +394,13 @@ class NoiseLevelAnalyzer(TrainerCallback):
         ``start_step``: the loop's step count now (reports number steps from it, counting a step the loop
         skipped with its micro-batches observed, a GradScaler's, as the loop does); with a loaded state,
         at least the saved last step number (a ValueError otherwise: the steps would be numbered again).
-        ``batch_size``: the loop's batch, for the cost printed here (default: the number of probes);
+        ``batch_size``: the loop's batch, for the cost printed here (default: the number of probes until the
+        first tracked step, whose batch then replaces it: the tracker estimates again and checks the fit, the
+        kernel records' too, before that step is recorded; :class:`~genkernel.core.tracking.tracker.PathKernelTracker`);
         ``micro_batches``: the micro-batches a step runs that batch in (a built-in trainer's
         ``micro_batches=``), for the cost too (training then holds one micro-batch's activations, and
-        the tracker runs a pass of its own for the group gradients); ``step_overhead``: example-forwards of
+        the tracker runs a pass of its own for the group gradients; default 1 until the first step, as for
+        ``batch_size``); ``step_overhead``: example-forwards of
         the model the loop's step runs per example besides its forward and backward (DREAM's no-grad forward: 1;
         a VAE's encode), for the cost's bare step (:class:`~genkernel.core.tracking.tracker.PathKernelTracker`).
         """
@@ -435,6 +438,8 @@ class NoiseLevelAnalyzer(TrainerCallback):
             else:
                 self._kernel_record = self.kernel_record_cost(model)
                 self._check_kernel_fit()
+                # (checked again beside the tracker's estimate made with the first step's batch, where it was not given)
+                self.tracker._cost_followers.append(lambda tracker: self._check_kernel_fit())
         except BaseException:  # unbound again: the analyzer can be bound once fixed
             self.tracker.close(record_ema=False)
             self.tracker = None

@@ -1260,7 +1260,7 @@ class GANKernelAnalyzer(TrainerCallback):
         return torch.zeros(self.probe_latents.shape[0], dtype=torch.bool) if zero is None else zero.cpu().clone()
 
     def _build_generator_tracker(self, optimizer, loss_fn, max_grad_norm: float, batch: int | None = None,
-                                 micro_batches: int = 1) -> None:
+                                 micro_batches: int | None = None) -> None:
         # Group gradients from the training step's own graph (R masked backward passes), never from a
         # second per-example pass: that pass would run D again after the training forward (a
         # training-mode D would advance spectral norm once more, and BatchNorm would see single examples).
@@ -1281,13 +1281,16 @@ class GANKernelAnalyzer(TrainerCallback):
                 tracker.load_state_dict(self._pending["g_tracker"])
             # The analyzer's own passes (geometry, probes, field): counted once, checked beside the tracker.
             # (bind builds it before the analyzer is marked bound: an observing tracker's loss function says it)
+            # (a loop bound before its first step: the probes' count and one micro-batch stand in for B and K until
+            # that step, when the tracker estimates again with its own and _follow_generator_batch counts these again)
             self._pass_record = self.analysis_pass_cost(batch=tracker.cost.settings["batch"],
-                                                        micro_batches=micro_batches,
+                                                        micro_batches=tracker._cost_settings["micro_batches"],
                                                         observed=isinstance(loss_fn, _ObservedOnly))
             self._check_passes_fit(tracker.cost)
         except BaseException:
             tracker.close(record_ema=False)
             raise
+        tracker._cost_followers.append(self._follow_generator_batch)
         if self._pending:
             self._pending["g_tracker"] = None
         tracker.listeners.append(self._record_generator)
@@ -1295,15 +1298,16 @@ class GANKernelAnalyzer(TrainerCallback):
         self._g_f_prev = self.g_tracker.ledger.f_end.clone()
         self._g_drift_prev = self.g_tracker.ledger.buffer_drift.clone()
 
-    def analysis_pass_cost(self, batch: int | None = None, micro_batches: int = 1, *,
+    def analysis_pass_cost(self, batch: int | None = None, micro_batches: int | None = None, *,
                            observed: bool | None = None) -> dict[str, Any]:
         """What the analyzer's own passes through G and D cost, besides its trackers' steps, in the generator
         tracker's unit (one example's forward through G): ``{"work": {part: per tracked generator step},
         "once": {part: at the first step}, "bytes": the largest pass's peak, "cheaper": [...], "settings": {...}}``
         (:func:`~genkernel.core.cost.with_analysis_passes` adds it to the tracker's estimate: :attr:`cost`).
 
-        ``batch`` (B, default the generator tracker's estimate's, the probes' count in a loop of your own bound
-        before its first step) and ``micro_batches`` (K) of a generator step; ``observed``: the steps of a loop of
+        ``batch`` (B) and ``micro_batches`` (K) of a generator step, default the generator tracker's estimate's (in
+        a loop of your own bound before its first step the probes' count and 1, then that step's own: the tracker
+        estimates again with them there, and :attr:`cost` follows); ``observed``: the steps of a loop of
         your own (:meth:`bind`) or steps the analyzer performs (default: whether it is bound to a loop). Counted,
         with M probes, u a D forward over a G forward (one example each, as the tracker counts its unit:
         :func:`~genkernel.core.cost.hooked_forward_counts`, the products of D's passes in G's forwards),
@@ -1317,7 +1321,8 @@ class GANKernelAnalyzer(TrainerCallback):
           own graph (a backward through D to the samples) and the scores: B (u_x + u), with ``geometry_loss``
           its push in place of the scores, B (u_x + 2u + u_x);
         - ``probe_geometry``: at evaluation steps (every ``eval_every``-th), the probes' samples (G, no grad) and
-          their push, M (1 + 2u + u_x), over ``eval_every``;
+          their push, M (1 + 2u + u_x), over ``eval_every``; in a loop of your own whose D the analyzer does not
+          track, once per micro-batch (K M (1 + 2u + u_x)): it cannot tell whether D stepped between them;
         - ``kernel_field``: at evaluation steps the pulled vector Σ_i c_i J_G(z_i)ᵀ w_i (G's backward of the batch,
           B b: owned, from the batch pass's graph; observed, from the loop's) and the field's JVP at the probes,
           M j (observed: one per micro-batch, K M j), over ``eval_every``;
@@ -1348,6 +1353,8 @@ class GANKernelAnalyzer(TrainerCallback):
                 raise RuntimeError("pass batch=, or let the analyzer build its generator tracker first (bind, or a "
                                    "step)")
             batch = int(tracker_cost.settings["batch"])
+        if micro_batches is None:
+            micro_batches = 1 if self.g_tracker is None else int(self.g_tracker._cost_settings["micro_batches"])
         batch = positive_int(batch, "batch")
         micro_batches = positive_int(micro_batches, "micro_batches")
         g_param, d_param = floating_parameter(self._g), floating_parameter(self._d)
@@ -1381,7 +1388,12 @@ class GANKernelAnalyzer(TrainerCallback):
             batch_geometry = batch * geometry + (batch - last) * u
             field_passes = 1
         every = self.eval_every
-        work = {"batch_geometry": batch_geometry, "probe_geometry": m * geometry / every,
+        # An observed loop whose D the analyzer does not track cannot tell whether D stepped between the micro-batches
+        # of a step (_probes_read_at_this_discriminator): each of an evaluation step's K reads the probes' geometry
+        # again (left out before: on the conv pair, B = 6 in 2 micro-batches, 21 example-forwards every 2 steps).
+        probe_reads = micro_batches if observed and not (self.track_discriminator and self._d_optimizer is not None) \
+            else 1
+        work = {"batch_geometry": batch_geometry, "probe_geometry": probe_reads * m * geometry / every,
                 "kernel_field": (batch * back + field_passes * m * jvp_pass) / every}
         coverage = int(self.coverage_latents.shape[0]) if self.mode_centers is not None else 0
         if coverage:
@@ -1460,6 +1472,40 @@ class GANKernelAnalyzer(TrainerCallback):
             raise RuntimeError("the analyzer has no generator tracker yet: bind it (your own loop) or run a generator "
                                "step")
         return with_analysis_passes(self.g_tracker.cost, self._pass_record)
+
+    def _follow_generator_batch(self, tracker: PathKernelTracker) -> Callable[[], None] | None:
+        """The generator tracker estimated again at its first step, with that step's batch and micro-batches in
+        place of the stand-ins (a loop bound before its first step: the probes' count, one): the analyzer's own
+        passes counted again with them (the batch's geometry, the pulled vector, D's share of the step and of the
+        group gradients' backward passes), and checked beside the new estimate as at bind
+        (:meth:`_check_passes_fit`; a refusal leaves the record as it was, and the tracker its estimate and the
+        step). The one-off passes keep their count from bind (the grouping's fit, the losses' check, which ran at
+        the first micro-batch: that check with the first micro-batch's rows now), this count's own passes added.
+        Returns what puts the record back (another rank refused the step)."""
+        previous = self._pass_record
+        if previous is None:
+            return None
+        settings = tracker.cost.settings
+        batch, micro_batches = int(settings["batch"]), int(settings["micro_batches"])
+        record = self.analysis_pass_cost(batch=batch, micro_batches=micro_batches,
+                                         observed=previous["settings"]["analysis_observed"])
+        once = dict(previous["once"])
+        once["cost_counts"] = once.get("cost_counts", 0.0) + record["once"].get("cost_counts", 0.0)
+        if "loss_check" in once:
+            first = micro_batch_rows(batch, micro_batches)[0]
+            once["loss_check"] = (first.stop - first.start) * record["settings"]["analysis_discriminator_forward"]
+        record["once"] = once
+        self._pass_record = record
+        try:
+            self._check_passes_fit(tracker.cost)  # (its refusal named by the tracker: the step and its batch)
+        except BaseException:
+            self._pass_record = previous
+            raise
+
+        def back() -> None:
+            self._pass_record = previous
+
+        return back
 
     def _check_passes_fit(self, tracker_cost: CostEstimate) -> None:
         """Refuse (``memory_check="refuse"``: MemoryError, as the trackers refuse) or warn (ResourceWarning) where the
@@ -1900,11 +1946,15 @@ class GANKernelAnalyzer(TrainerCallback):
         # state it saves is dense and a resumed, freshly built factored one refused to load it).
         # (``graph``: owned steps in micro-batches that need each micro-batch's graph, _discriminator_step)
         routes = {"group_state": "dense", "gradient_route": "graph"} if graph or isinstance(loss_fn, _ObservedOnly) else {}
+        observed = isinstance(loss_fn, _ObservedOnly)
         tracker = PathKernelTracker(
             model, optimizer, loss_fn, probes, num_groups=num, quadrature=self.quadrature, max_grad_norm=max_grad_norm,
-            batch_size=batch, micro_batches=micro_batches, memory_check=self.memory_check, state_dtype=self.state_dtype,
-            mixed_precision=self.mixed_precision, cost_options=GAN_COST_OPTIONS, **routes,
+            batch_size=batch, micro_batches=None if observed else micro_batches, memory_check=self.memory_check,
+            state_dtype=self.state_dtype, mixed_precision=self.mixed_precision, cost_options=GAN_COST_OPTIONS, **routes,
         )
+        if observed and batch is not None:  # the first observed micro-batch's rows stand in for the step's batch until
+            tracker._cost_from["batch"] = "first_micro_batch"  # the first step, whose kept micro-batches replace them
+            tracker.cost.settings["batch_from"] = "first_micro_batch"
         if self._pending and self._pending.get("d_tracker") is not None:
             try:
                 tracker.load_state_dict(self._pending["d_tracker"])

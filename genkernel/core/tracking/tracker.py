@@ -43,7 +43,7 @@ import os
 import warnings
 import weakref
 from dataclasses import dataclass, field, replace
-from typing import Any, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 import torch
 from torch import nn
@@ -141,6 +141,17 @@ def _precision_name(entries: list[dict[str, Any]]) -> str | None:
     """:func:`_least_precise` by name ("bfloat16", "float16"), or None."""
     precision = _least_precise(entries)
     return None if precision is None else str(precision).removeprefix("torch.")
+
+
+@contextlib.contextmanager
+def _undone_on_error(undo) -> Iterator[None]:
+    """Run ``undo`` (when given) if the block raises, then raise."""
+    try:
+        yield
+    except BaseException:
+        if undo is not None:
+            undo()
+        raise
 
 
 def step_payloads(pending: dict[int, Any], booked: list[int]) -> list[Any]:
@@ -299,10 +310,17 @@ class PathKernelTracker:
             float64 (default), or float32 for a float32 model (half the memory; the checks keep the
             float32 tolerance); the ledgers stay float64.
         batch_size: the training batch B, for the cost estimate only (:attr:`cost`: the bare step it
-            compares with, the activations training holds); default the number of probes.
+            compares with, the activations training holds); default the number of probes until the first
+            recorded step, whose batch (an observed step's kept micro-batches' rows, an owned step's
+            batch) then replaces it: the estimate is made again with it and checked against the free
+            memory as at construction (``memory_check``), before anything of that step is recorded.
+            Given, it is kept; a first step of another batch warns once, naming both.
+            ``cost.settings["batch_from"]`` says which: "batch_size", "probes" or "first_step".
         micro_batches: the micro-batches a step runs its batch in (``OptimizerStep(micro_batches=)``),
             for the cost estimate only (training holds one micro-batch's activations; step 1 runs a pass
-            of its own). Default 1.
+            of its own). Default 1 until the first recorded step, whose count (the observed micro-batches
+            it kept, an owned step's ``micro_batches``) then replaces it, as for ``batch_size``
+            (``cost.settings["micro_batches_from"]``: "micro_batches", "default" or "first_step").
         step_overhead: example-forwards of the model a bare training step runs per example besides its forward
             and backward (a trainer's DREAM forward, a VAE's encode; :func:`~genkernel.core.cost.estimate_cost`),
             for the cost estimate's bare step only. Default 0.
@@ -357,7 +375,7 @@ class PathKernelTracker:
         sketch_kind: str = "rademacher",
         state_dtype: torch.dtype = torch.float64,
         batch_size: int | None = None,
-        micro_batches: int = 1,
+        micro_batches: int | None = None,
         step_overhead: float = 0.0,
         memory_check: str = "refuse",
         cost_options: tuple[str, ...] = COST_OPTIONS,
@@ -373,6 +391,18 @@ class PathKernelTracker:
         self.partitions = Partitions(num_groups)
         if batch_size is not None:  # the training batch, for the cost estimate
             batch_size = positive_int(batch_size, "batch_size")
+        if micro_batches is not None:
+            micro_batches = positive_int(micro_batches, "micro_batches")
+        # Where the estimate's B and K come from (cost.settings): given, or stand-ins (the probes' count, one
+        # micro-batch) that the first recorded step replaces with its own (_follow_batch).
+        self._cost_from = {"batch": "probes" if batch_size is None else "batch_size",
+                           "micro_batches": "default" if micro_batches is None else "micro_batches"}
+        self._batch_followed = False  # the first recorded step's B and K taken into the estimate
+        self._batch_warned = False  # (the warning of a given batch_size / micro_batches the first step differs from)
+        # Checks of an analyzer's own passes beside the tracker's estimate, run again with it when the first step
+        # replaces the stand-ins: callables of the tracker (self.cost the new estimate), raising to refuse the step
+        # (leaving their records as they were), returning None or what puts their records back.
+        self._cost_followers: list = []
         if snapshot_every < 0:
             raise ValueError(f"snapshot_every must be >= 0 (0: no snapshots), got {snapshot_every}")
         if contribution_route not in CONTRIBUTION_ROUTES:
@@ -438,7 +468,7 @@ class PathKernelTracker:
         # not the per-example ones (factored, sketched) for a model that couples or randomizes its examples.
         buildable = ("dense",) if self.distributed is not None or self._coupled() else GROUP_STATE_CHOICES
         self._cost_settings = dict(state_dtype=state_dtype, memory_budget=self.memory_budget, sketch_dim=sketch_dim,
-                                   batch_size=batch_size, micro_batches=positive_int(micro_batches, "micro_batches"),
+                                   batch_size=batch_size, micro_batches=1 if micro_batches is None else micro_batches,
                                    step_overhead=step_overhead,
                                    options=cost_options, group_states=buildable,
                                    # a half-precision step's witnesses: two sums in float16 (_fold_witness)
@@ -628,10 +658,12 @@ class PathKernelTracker:
                          else "a step with a GradScaler" if step.grad_scaler is not None else None)
             if own_graph is not None:
                 self._need_dense(own_graph)
+            undo = self._follow_batch(index, step.batch, step.micro_batches)  # (the first step's, before its forward)
         except BaseException as error:
             together.failed(error)
             raise
-        together.passed()
+        with _undone_on_error(undo):  # (another rank refused: this one's estimate as it was, as theirs)
+            together.passed()
         theta_before = {name: p.detach().clone() for name, p in self.params.items()}
         saved = self._save_state()
         self._grad_marks = None  # this step's own backward touches the gradients, even if it fails
@@ -735,13 +767,14 @@ class PathKernelTracker:
         self.ema = ema_ledgers
         return self.ema
 
-    def _check_cost(self, *, ema: bool) -> None:
+    def _check_cost(self, *, ema: bool, first_step: tuple[str, str] | None = None) -> None:
         """:func:`~genkernel.core.cost.estimate_cost` of the route as it is now (with an EMA ledger
         when ``ema``) into ``self.cost``; MemoryError, with the numbers and the cheaper options, when
         the device cannot hold it (``self.cost`` is then left as it was). After steps (an EMA ledger
         added to a running tracker) the arrays the tracker holds are no longer free: the estimate must
         fit beside the one it replaces (:meth:`~genkernel.core.cost.CostEstimate.fits_beside`), not
-        count them twice."""
+        count them twice; so must the estimate :meth:`_follow_batch` makes at the first step
+        (``first_step``: what a refusal says of that step's batch before and after the numbers)."""
         previous = getattr(self, "cost", None)
         with analysis_mode(self.module):
             cost = estimate_cost(
@@ -750,16 +783,95 @@ class PathKernelTracker:
                 gradient_route=self._gradient_route_of_estimate(), contribution_route=self.route.contribution_route,
                 quadrature_nodes=len(self.rule.nodes), ema=ema, **self._cost_settings,
             )
-        after_steps = previous is not None and self.ledger.steps > 0
+        cost.settings.update(batch_from=self._cost_from["batch"], micro_batches=self._cost_settings["micro_batches"],
+                             micro_batches_from=self._cost_from["micro_batches"])
+        after_steps = previous is not None and (self.ledger.steps > 0 or first_step is not None)
         if not (cost.fits_beside(previous) if after_steps else cost.fits):
             message = (f"this tracker would not fit on {cost.settings['device']}: {cost.describe()}. "
                        + ("Cheaper: " + "; ".join(cost.cheaper) if cost.cheaper
                           else "None of the settings it was built with would make it cheaper"))
+            if first_step is not None:
+                message = f"{first_step[0]}: {message}; {first_step[1]}"
             if self.memory_check == "refuse":
                 raise MemoryError(message + ". If you know the device holds it (the estimate can be high on CUDA), "
                                   "build the tracker with memory_check='warn'")
-            warnings.warn(message + " (memory_check='warn': built anyway)", ResourceWarning, stacklevel=3)
+            warnings.warn(message + " (memory_check='warn': " + ("recorded anyway)" if first_step else "built anyway)"),
+                          ResourceWarning, stacklevel=3)
         self.cost = cost
+
+    def _follow_batch(self, index: int, batch: int, micro_batches: int) -> Callable[[], None] | None:
+        """At the first recorded step (before anything of it changes, at its first meeting under DDP): the
+        estimate made again with the step's batch ``batch`` (this rank's rows) and ``micro_batches`` in place
+        of the stand-ins the tracker was built with (no ``batch_size``: the probes' count; no
+        ``micro_batches``: one), into ``self.cost``, and checked as at construction, beside the estimate it
+        replaces (the tracker's arrays exist by now), with the analyzers' checks of their own passes
+        (``_cost_followers``); a refusal (MemoryError under ``memory_check="refuse"``) leaves the estimate
+        and its settings as they were, so the step is refused again until it fits. A given ``batch_size`` or
+        ``micro_batches`` is kept (the estimate is the one asked for); one the step differs from warns once,
+        naming both. Once per tracker; an estimate whose B and K do not change is not made again. Returns
+        what puts the estimate back (another rank refused the step at the meeting after), or None."""
+        if self._batch_followed:
+            return None
+        settings, origin = self._cost_settings, self._cost_from
+        given = {"batch": origin["batch"] == "batch_size", "micro_batches": origin["micro_batches"] == "micro_batches"}
+        probes = int(self.probes[0].shape[0])
+        before = (probes if settings["batch_size"] is None else settings["batch_size"], settings["micro_batches"])
+        after = (before[0] if given["batch"] else batch, before[1] if given["micro_batches"] else micro_batches)
+        differ = [f"{name}={mine} but this step's is {seen}"
+                  for name, mine, seen, kept in (("batch_size", before[0], batch, given["batch"]),
+                                                 ("micro_batches", before[1], micro_batches, given["micro_batches"]))
+                  if kept and mine != seen]
+        if differ and not self._batch_warned:
+            self._batch_warned = True
+            warnings.warn(
+                f"step {index}: the tracker was built with {' and '.join(differ)} (its examples on this rank, its "
+                "micro-batches kept): its cost estimate (tracker.cost, an analyzer's cost, the reports') is for the "
+                "batch given, not the one trained on. Build the tracker (or bind the analyzer) with the loop's own "
+                "batch_size= and micro_batches= per optimizer step, or without them to take the first step's (shown "
+                "once per tracker)", UserWarning, stacklevel=4)
+        previous = (self.cost, dict(settings), dict(origin))
+
+        followers_back: list = []  # what puts the analyzers' records back
+
+        def undo() -> None:
+            for back in reversed(followers_back):
+                back()
+            self.cost, previous_settings, previous_origin = previous
+            settings.clear()
+            settings.update(previous_settings)
+            origin.clear()
+            origin.update(previous_origin)
+            self._batch_followed = False
+
+        origin.update({key: "first_step" for key, kept in given.items() if not kept})
+        try:
+            if after == before:  # the same estimate: only where its numbers came from changes
+                self.cost = replace(self.cost, settings={**self.cost.settings, "batch_from": origin["batch"],
+                                                         "micro_batches_from": origin["micro_batches"]})
+            else:
+                settings.update(batch_size=after[0], micro_batches=after[1])
+                stand_ins = [f"{name}= (the estimate took {was}, {why})"
+                             for name, was, now, why in (("batch_size", before[0], after[0], "the probes' count"),
+                                                         ("micro_batches", before[1], after[1], "one"))
+                             if was != now]
+                why = (f"step {index} was refused before anything of it was recorded (the parameters, the optimizer's "
+                       f"state and the ledgers are as before it): the tracker was built without "
+                       f"{' and '.join(stand_ins)}, and with this first step's batch of {batch} examples in "
+                       f"{micro_batches} micro-batch{'es' if micro_batches > 1 else ''} as batch_size and micro_batches")
+                smaller = "or a smaller batch per optimizer step (batch_size), in more micro-batches"
+                self._check_cost(ema=self.ema is not None, first_step=(why, smaller))
+                for follow in self._cost_followers:  # (an analyzer's passes beside the new estimate)
+                    try:
+                        back = follow(self)
+                    except MemoryError as error:
+                        raise MemoryError(f"{why}: {error}; {smaller}") from error
+                    if back is not None:
+                        followers_back.append(back)
+        except BaseException:
+            undo()
+            raise
+        self._batch_followed = True
+        return undo
 
     def _need_dense(self, what: str, *, ema: bool = False) -> None:
         """Switch "auto" to the dense route (before any step), or refuse: ``what`` needs per-group rows
@@ -1294,21 +1406,25 @@ class PathKernelTracker:
                     "tracking)"
                 )
             self._check_before(owned=False)
+            entries = observed["entries"]
+            # The step is made of the micro-batches whose loop backward was seen; one with none (a loss-spike guard
+            # skipped it) put nothing into the real gradient and is left out. With no backward seen at all (a loop
+            # that sets p.grad itself) every observed micro-batch forms the step. The check below decides either way.
+            kept = [e for e in entries if e["backward"][0]] or entries
+            # (the first step's batch into the cost estimate, checked before anything of the step runs; under DDP
+            # at this first meeting, before any collective of the step, so a rank that refuses is heard by all)
+            undo = self._follow_batch(index, sum(int(e["losses"].shape[0]) for e in kept), len(kept))
         except BaseException as error:
             together.failed(error)
             raise
-        entries = observed["entries"]
-        # The step is made of the micro-batches whose loop backward was seen; one with none (a loss-spike guard
-        # skipped it) put nothing into the real gradient and is left out. With no backward seen at all (a loop
-        # that sets p.grad itself) every observed micro-batch forms the step. The check below decides either way.
-        kept = [e for e in entries if e["backward"][0]] or entries
         left_out = [(i + 1, e) for i, e in enumerate(entries) if not any(e is k for k in kept)]
         dropped = [i for i, _ in left_out]
         # Under DDP the ranks must keep the same micro-batches (the kept count feeds the gradient average): a
         # rank that keeps another count meets the others at another place, and the step is refused on every rank.
         if dropped:
             together.what = f"step {index} (observed, {len(kept)} micro-batches kept, {len(dropped)} dropped)"
-        together.passed()
+        with _undone_on_error(undo):  # (another rank refused: this one's estimate as it was, as theirs)
+            together.passed()
         together.what = f"step {index} (observed)"
         theta_before = {name: p.detach().clone() for name, p in self.params.items()}
         saved = self._save_state()
