@@ -365,6 +365,10 @@ def _ddp_worker(rank, rendezvous, out_dir):
         out.update(after_steps=tracker.ledger.steps, after_batch=tracker.cost.settings["batch"],
                    after_micro=tracker.cost.settings.get("micro_batches"))
         torch.save(out, os.path.join(out_dir, f"rank{rank}.pt"))
+        # Both ranks done before either tears the group down (tests/test_distributed.py's worker): a rank that
+        # destroys it while the other still drains the last collective's messages closes their connection under
+        # it, and gloo's thread there aborts the process ("terminate called without an active exception").
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 

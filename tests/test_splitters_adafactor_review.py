@@ -231,8 +231,11 @@ def test_the_cost_estimate_counts_the_adafactor_state_the_step_really_holds():
             model.scale.requires_grad_(False)
         probes = torch.randn(2, 3, dtype=F64)
         adafactor = torch.optim.Adafactor(params)
-        tracked = PathKernelTracker(model, adafactor, _per_example_losses, probes, num_groups=G)
-        plain = PathKernelTracker(model, torch.optim.SGD(params, lr=0.1), _per_example_losses, probes, num_groups=G)
+        # (both estimated for the step's batch: without batch_size= the tracked one's first step would replace the
+        # probes' count in its estimate, and plain's, which takes no step, keep it)
+        tracked = PathKernelTracker(model, adafactor, _per_example_losses, probes, num_groups=G, batch_size=B)
+        plain = PathKernelTracker(model, torch.optim.SGD(params, lr=0.1), _per_example_losses, probes, num_groups=G,
+                                  batch_size=B)
         tracked.step(torch.randn(B, 3, dtype=F64), torch.randn(B, 2, dtype=F64), torch.tensor([0, 1, 1, 0]))
         held = sum(v.numel() * v.element_size() for p in params for key, v in adafactor.state[p].items() if key != "step")
         assert held == (28 + 6) * 8 if matrices_only else (28 + 6 + 4 + 1) * 8

@@ -70,7 +70,7 @@ from ..core.tracking.ema import (
 )
 from ..core.tracking.batches import (
     IterableBatches, check_reiterable, class_labels, embedding_form, embedding_parts, embedding_shapes,
-    is_class_labels, map_embeddings, split_batch, split_embedding_batch, split_floating_batch,
+    is_class_labels, loader_batch_size, map_embeddings, split_batch, split_embedding_batch, split_floating_batch,
 )
 from ..core.tracking.lr_schedules import LRSchedulerArg, build_lr_scheduler, lr_scheduler_settings, step_lr_scheduler
 from ..core.tracking.step import (
@@ -460,7 +460,7 @@ class DDPMTrainer:
         self.data = data
         self.labels = None
         self.embeddings = None
-        self.batch_size = getattr(data, "batch_size", None)
+        self.batch_size = loader_batch_size(data)  # (a batch of 16 over 10 examples trains 10)
         self.input_shape = self.sample_shape = None  # known from the first batch
         self._stream = IterableBatches(data, self._checked_batch)
 

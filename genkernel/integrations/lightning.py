@@ -63,6 +63,7 @@ import lightning.pytorch as pl
 from torch import nn
 
 from ..core.adapter import unwrap_optimizer
+from ..core.tracking.batches import loader_batch_size
 from ..core.errors import LedgerCheckError
 
 
@@ -334,10 +335,8 @@ def _raised_in_observe(exception: BaseException) -> bool:
 def _step_batch(trainer: pl.Trainer) -> int | None:
     """Examples per optimizer step (the loader's batch times the accumulated batches), for the
     cost the analyzer prints at binding; None when the loader does not say."""
-    per_batch = getattr(trainer.train_dataloader, "batch_size", None)
-    if isinstance(per_batch, bool) or not isinstance(per_batch, int):
-        return None
-    return per_batch * int(trainer.accumulate_grad_batches)
+    # (an epoch of fewer examples than the accumulated batches hold: every step trains the epoch's examples)
+    return loader_batch_size(trainer.train_dataloader, int(trainer.accumulate_grad_batches))
 
 
 __all__ = ["GenkernelCallback"]

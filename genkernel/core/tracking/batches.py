@@ -203,6 +203,27 @@ def class_labels(labels: Any, n: int, what: str) -> torch.Tensor:
     return labels.long()
 
 
+def loader_batch_size(loader: Any, batches: int = 1) -> int | None:
+    """The examples ``batches`` full batches of a loader hold (a step accumulating them): ``batches`` × its
+    ``batch_size``, capped by the examples its sampler gives an epoch when it keeps a partial batch
+    (``drop_last=False``: a loader of batch 16 over 10 examples, or 10 on this rank of a ``DistributedSampler``,
+    trains 10 a step); None where the loader does not say (a ``batch_sampler``, an iterable without
+    ``batch_size``)."""
+    per_batch = getattr(loader, "batch_size", None)
+    if isinstance(per_batch, bool) or not isinstance(per_batch, int):
+        return None
+    step = per_batch * batches
+    sampler = getattr(loader, "sampler", None)
+    if not getattr(loader, "drop_last", True) and hasattr(sampler, "__len__"):
+        try:
+            examples = len(sampler)
+        except TypeError:  # (a sampler whose length is undefined)
+            return step
+        if examples:
+            return min(step, examples)
+    return step
+
+
 def check_reiterable(data: Any, tensor_form: str) -> None:
     """Raise a TypeError unless ``data`` can be iterated epoch after epoch (a DataLoader, a list of
     batches); ``tensor_form`` names the Tensor the trainer takes instead."""
@@ -493,6 +514,6 @@ class IterableBatches:
         self._held_global = state.get("held_global_state")  # (None: no batch was handed back)
 
 
-__all__ = ["EMBEDDING_KEYS", "IMAGE_KEYS", "LABEL_KEYS", "POOLED_KEYS", "embedding_form", "embedding_parts", "embedding_shapes", "map_embeddings", "IterableBatches", "check_reiterable", "class_labels", "is_class_labels",
+__all__ = ["EMBEDDING_KEYS", "IMAGE_KEYS", "LABEL_KEYS", "POOLED_KEYS", "embedding_form", "embedding_parts", "embedding_shapes", "map_embeddings", "IterableBatches", "check_reiterable", "loader_batch_size", "class_labels", "is_class_labels",
            "order_generators", "set_sampler_epoch", "split_batch", "split_embedding_batch",
            "split_floating_batch"]

@@ -399,6 +399,11 @@ class PathKernelTracker:
                            "micro_batches": "default" if micro_batches is None else "micro_batches"}
         self._batch_followed = False  # the first recorded step's B and K taken into the estimate
         self._batch_warned = False  # (the warning of a given batch_size / micro_batches the first step differs from)
+        # The (B, K) the first recorded step had (its rows on this rank, its kept micro-batches), kept in the saved
+        # state: a tracker resumed from it takes them, not those of its first step after the resume (an epoch's
+        # last, partial batch: a resumed tracker estimated B = 4 where the run it resumes had B = 12).
+        self._first_step: tuple[int, int] | None = None
+        self._saved_first_step: tuple[int, int] | None = None  # (a loaded state's)
         # Checks of an analyzer's own passes beside the tracker's estimate, run again with it when the first step
         # replaces the stand-ins: callables of the tracker (self.cost the new estimate), raising to refuse the step
         # (leaving their records as they were), returning None or what puts their records back.
@@ -812,12 +817,16 @@ class PathKernelTracker:
         what puts the estimate back (another rank refused the step at the meeting after), or None."""
         if self._batch_followed:
             return None
+        resumed = self._saved_first_step is not None
+        if resumed:  # (a loaded state's first step: the run it resumes had that batch, not this step's)
+            batch, micro_batches = self._saved_first_step
         settings, origin = self._cost_settings, self._cost_from
         given = {"batch": origin["batch"] == "batch_size", "micro_batches": origin["micro_batches"] == "micro_batches"}
         probes = int(self.probes[0].shape[0])
         before = (probes if settings["batch_size"] is None else settings["batch_size"], settings["micro_batches"])
         after = (before[0] if given["batch"] else batch, before[1] if given["micro_batches"] else micro_batches)
-        differ = [f"{name}={mine} but this step's is {seen}"
+        seen_as = "the first step of the run it resumes had" if resumed else "this step's is"
+        differ = [f"{name}={mine} but {seen_as} {seen}"
                   for name, mine, seen, kept in (("batch_size", before[0], batch, given["batch"]),
                                                  ("micro_batches", before[1], micro_batches, given["micro_batches"]))
                   if kept and mine != seen]
@@ -829,14 +838,14 @@ class PathKernelTracker:
                 "batch given, not the one trained on. Build the tracker (or bind the analyzer) with the loop's own "
                 "batch_size= and micro_batches= per optimizer step, or without them to take the first step's (shown "
                 "once per tracker)", UserWarning, stacklevel=4)
-        previous = (self.cost, dict(settings), dict(origin))
+        previous = (self.cost, dict(settings), dict(origin), self._first_step)
 
         followers_back: list = []  # what puts the analyzers' records back
 
         def undo() -> None:
             for back in reversed(followers_back):
                 back()
-            self.cost, previous_settings, previous_origin = previous
+            self.cost, previous_settings, previous_origin, self._first_step = previous
             settings.clear()
             settings.update(previous_settings)
             origin.clear()
@@ -854,9 +863,10 @@ class PathKernelTracker:
                              for name, was, now, why in (("batch_size", before[0], after[0], "the probes' count"),
                                                          ("micro_batches", before[1], after[1], "one"))
                              if was != now]
+                which = "the first step's batch of the run it resumes" if resumed else "this first step's batch"
                 why = (f"step {index} was refused before anything of it was recorded (the parameters, the optimizer's "
                        f"state and the ledgers are as before it): the tracker was built without "
-                       f"{' and '.join(stand_ins)}, and with this first step's batch of {batch} examples in "
+                       f"{' and '.join(stand_ins)}, and with {which} of {batch} examples in "
                        f"{micro_batches} micro-batch{'es' if micro_batches > 1 else ''} as batch_size and micro_batches")
                 smaller = "or a smaller batch per optimizer step (batch_size), in more micro-batches"
                 self._check_cost(ema=self.ema is not None, first_step=(why, smaller))
@@ -871,6 +881,7 @@ class PathKernelTracker:
             undo()
             raise
         self._batch_followed = True
+        self._first_step = (int(batch), int(micro_batches))
         return undo
 
     def _need_dense(self, what: str, *, ema: bool = False) -> None:
@@ -1937,6 +1948,8 @@ class PathKernelTracker:
             "gradient_scales": list(self.gradient_scales), "skipped_steps": list(self.skipped_steps),
             "observations": self._observations,
             "ema": None if self.ema is None else self.ema.state_dict(),
+            # the first recorded step's (B, K), for the cost estimate of a tracker resumed from this state
+            "cost_first_step": self._first_step if self._first_step is not None else self._saved_first_step,
         }
 
     def _identity(self) -> dict[str, Any]:
@@ -2011,6 +2024,8 @@ class PathKernelTracker:
         # Micro-batches observed before the load belong to the run the state replaces (a state holds none): kept,
         # they came back as a skipped step or a dropped micro-batch of the loaded run's next step.
         self._observed = None
+        first = state.get("cost_first_step")  # (None: saved before its first step, or before it was kept)
+        self._saved_first_step = None if first is None else (int(first[0]), int(first[1]))
 
     def save(self, path: str | os.PathLike) -> None:
         """Write the tracker state atomically (temporary file, then rename)."""
