@@ -20,47 +20,15 @@ import math
 import pytest
 import torch
 from torch import nn
-from torch.utils.flop_counter import sdpa_backward_flop_count, sdpa_flop_count
 
-from genkernel import PathKernelTracker
 from genkernel.core.cost import example_counts, gradient_layer_counts, hooked_forward_counts
-from test_cost_dense_route import ProductCounter
-from test_cost_frozen_layers import ROUTES, frozen_mlp, loss_fn
+from test_cost_dense_route import counted  # (torch's operation count, CPU's fused attention by its formulas)
+from test_cost_frozen_layers import frozen_mlp, counted_ratio as counted_ratios
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-aten = torch.ops.aten
 F64 = torch.float64
 BATCH, PROBES, TOKENS, WIDTH = 8, 4, 8, 16
-
-
-def _counts_fused_attention() -> bool:
-    """Whether :class:`ProductCounter` counts the CPU fused attention kernel itself (then it is not added twice)."""
-    q = torch.randn(1, 1, 4, 2, dtype=F64)
-    with ProductCounter() as counter:
-        nn.functional.scaled_dot_product_attention(q, q, q)
-    return counter.flops > 0
-
-
-class AttentionCounter(ProductCounter):
-    """:class:`ProductCounter` and the CPU fused attention's forward and backward, by torch's SDPA formulas."""
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        packet = func._overloadpacket
-        if packet is aten._scaled_dot_product_flash_attention_for_cpu and not FUSED_COUNTED:
-            self.flops += sdpa_flop_count(args[0].shape, args[1].shape, args[2].shape)
-        elif packet is aten._scaled_dot_product_flash_attention_for_cpu_backward and not FUSED_COUNTED:
-            self.flops += sdpa_backward_flop_count(*(a.shape for a in args[:4]))
-        return super().__torch_dispatch__(func, types, args, kwargs)
-
-
-FUSED_COUNTED = _counts_fused_attention()
-
-
-def counted(call) -> int:
-    with AttentionCounter() as counter:
-        call()
-    return counter.flops
 
 
 class Transformer(nn.Module):
@@ -105,30 +73,6 @@ def functional_middle():
                                                       torch.randn(n, 3, generator=g, dtype=F64))
 
 
-def counted_ratio(build, route: str):
-    """``(tracker, tracked step FLOPs / bare step FLOPs)`` on a second step, the same batch for both
-    (``test_cost_frozen_layers.counted_ratio`` with the attention counted)."""
-    model, data = build()
-    bare_model = copy.deepcopy(model)
-    group_state, optimizer, options = ROUTES[route]
-    g = torch.Generator().manual_seed(1)
-    probes, _ = data(PROBES, g)
-    first, second = data(BATCH, g), data(BATCH, g)
-    tracker = PathKernelTracker(model, optimizer(list(model.parameters())), loss_fn, probes, num_groups=BATCH,
-                                batch_size=BATCH, group_state=group_state, **options)
-    ids = torch.arange(BATCH)
-    tracker.step(*first, ids)
-    step = counted(lambda: tracker.step(*second, ids))
-    bare_optimizer = optimizer(list(bare_model.parameters()))
-
-    def bare():
-        bare_optimizer.zero_grad()
-        loss_fn(bare_model(*second[0]), second[1]).mean().backward()
-        bare_optimizer.step()
-
-    return tracker, step / counted(bare)
-
-
 def test_the_unit_counts_multihead_attentions_projections_and_products():
     """One example's forward through the Transformer in multiply-adds: torch's count (the fused CPU attention by
     its formula), and by hand: the Linear modules' 9008, the packed in-projection 8 × 16 × 48 and the
@@ -164,7 +108,7 @@ def test_a_modules_weight_in_f_linear_is_a_trained_product_and_the_ratio_the_ope
     assert (macs, trainable) == (forward, forward)
     assert (layers.input_gradients, layers.frozen, layers.one_sided) == (24 * 24 + 24 * 3, 0, 6 * 24)
     for route in ("factored", "dense-jacobian"):
-        tracker, ratio = counted_ratio(functional_middle, route)
+        tracker, ratio, _ = counted_ratios(functional_middle, route)
         assert tracker.cost.ratio == pytest.approx(ratio, rel=0.05), route
 
 
@@ -177,7 +121,7 @@ def test_the_predicted_ratio_is_the_operation_count_with_multihead_attention(rou
     in-projection's weight gradients in no backward pass. The dense JVP route held before (0.999x: its parts
     are in the Linear modules' and the fallback products' forwards, short of the attention's 2048 alone):
     coverage there."""
-    tracker, ratio = counted_ratio(transformer, route)
+    tracker, ratio, _ = counted_ratios(transformer, route)
     assert tracker.cost.ratio == pytest.approx(ratio, rel=0.05)
 
 

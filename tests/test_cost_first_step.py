@@ -28,8 +28,7 @@ from genkernel import PathKernelTracker
 from genkernel.core.cost import estimate_cost
 from genkernel.gan import GANKernelAnalyzer, GeneratorLoss, frozen
 from genkernel.supervised import mse_loss
-from test_cost_dense_route import counted
-from test_gan_analyzer_cost import EVERY, conv, g_forward, mlp, probes
+from test_gan_analyzer_cost import EVERY, conv, g_forward, mlp, observed_steps, probes
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -194,31 +193,8 @@ def test_the_gan_analyzers_estimate_follows_a_bound_loops_real_batch(build):
     micro-batches, D frozen: everything steps 2 and 3 count is twice the analyzer's estimated step
     (``bare_step + sum(work)``) once the first step gave B and K, as tests/test_gan_analyzer_cost.py checks at
     B = M. Before, the estimate stayed at 6 in one micro-batch: 0.8 of the count on the conv pair."""
-    G, D, shape = build()
-    m = 6
-    analyzer = GANKernelAnalyzer(G, D, probes(shape, m), num_groups=2, window=2 * EVERY, eval_every=EVERY,
-                                 track_discriminator=False)
-    g_opt = torch.optim.Adam(G.parameters(), 1e-3)
-    analyzer.bind(g_opt, None)
-    assert analyzer.cost.settings["batch"] == m
-    draws = torch.Generator().manual_seed(3)
-    total = 0
-    for index in (1, 2, 3):
-        z = torch.randn(BATCH, *shape, generator=draws, dtype=F64)
-
-        def step():
-            g_opt.zero_grad()
-            with frozen(D):
-                for rows in (slice(0, BATCH // 2), slice(BATCH // 2, BATCH)):
-                    fake = G(z[rows])
-                    losses = F.binary_cross_entropy_with_logits(D(fake).view(-1), torch.ones(BATCH // 2, dtype=F64),
-                                                                reduction="none")
-                    analyzer.observe_generator(losses, z[rows], fake)
-                    (losses.mean() / 2).backward()
-            g_opt.step()
-
-        flops = counted(step)
-        total += flops if index > 1 else 0
+    analyzer, G, shape, total, bound_batch = observed_steps(build, BATCH, 2)
+    assert bound_batch == 6  # (the probes' count, until the first step)
     estimate = analyzer.cost
     assert 2 * (estimate.bare_step + sum(estimate.work.values())) == pytest.approx(total / g_forward(G, shape),
                                                                                    rel=1e-9)

@@ -20,6 +20,7 @@ from genkernel.core.tracking.step import OptimizerStep
 from genkernel.supervised import mse_loss
 from genkernel.core.adapter import analysis_mode
 from genkernel.core.cost import estimate_cost
+from test_cost_first_step import loop_step  # (a hand-written loop of 2 micro-batches, observe() its added line)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -28,19 +29,6 @@ EPOCH = (12, 12, 4)  # 28 examples in batches of 12, drop_last=False: the epoch 
 
 
 PROBES = torch.randn(5, 3, generator=torch.Generator().manual_seed(7), dtype=F64)  # M = 5
-
-
-def loop_step(model, optimizer, x, y, groups, tracker=None, micro=2):
-    """One optimizer step of a hand-written loop accumulating ``micro`` micro-batches; observe() its only added line."""
-    optimizer.zero_grad()
-    size = x.shape[0] // micro
-    for i in range(micro):
-        rows = slice(i * size, (i + 1) * size)
-        losses = mse_loss(model(x[rows]), y[rows])
-        if tracker is not None:
-            tracker.observe(losses, groups[rows])
-        (losses.mean() / micro).backward()
-    optimizer.step()
 
 
 def direct_estimate(tracker, batch, micro_batches):

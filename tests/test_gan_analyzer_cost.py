@@ -200,34 +200,46 @@ def test_a_whole_analyzed_step_and_a_bare_step_are_the_estimates(build, micro_ba
     assert tracker_cost.bare_step < 0.7 * estimate.bare_step
 
 
-@pytest.mark.parametrize("build", [mlp, conv])
-def test_a_whole_observed_step_is_the_estimates(build):
-    """A loop of your own that freezes D for its generator step: everything steps 2 and 3 count (the loop's forward,
-    observe_generator, its backward, g_optimizer.step() and the tracker's passes in it) is twice the estimate's
-    analyzed step. (A loop whose generator backward also forms D's weight gradients does B·share_D more a step,
-    which the estimate leaves out: 2.5 % of the conv pair's step.)"""
+def observed_steps(build, batch: int = 6, micro_batches: int = 1):
+    """A GAN analyzer (M = 6 probes, D untracked) bound before its first step to a loop of your own that trains G on
+    ``batch`` latents in ``micro_batches`` micro-batches, D frozen: ``(analyzer, G, shape, torch's operation count of
+    steps 2 and 3 (the loop's forward, observe_generator, its backward, g_optimizer.step() and the tracker's passes
+    in it), the estimate's batch at bind)``."""
     G, D, shape = build()
-    m = 6
-    analyzer = GANKernelAnalyzer(G, D, probes(shape, m), num_groups=2, window=2 * EVERY, eval_every=EVERY,
+    analyzer = GANKernelAnalyzer(G, D, probes(shape, 6), num_groups=2, window=2 * EVERY, eval_every=EVERY,
                                  track_discriminator=False)
     g_opt = torch.optim.Adam(G.parameters(), 1e-3)
     analyzer.bind(g_opt, None)
+    bound_batch = analyzer.cost.settings["batch"]
     draws = torch.Generator().manual_seed(3)
+    size = batch // micro_batches
     total = 0
     for index in (1, 2, 3):
-        z = torch.randn(m, *shape, generator=draws, dtype=F64)
+        z = torch.randn(batch, *shape, generator=draws, dtype=F64)
 
         def step():
             g_opt.zero_grad()
             with frozen(D):
-                fake = G(z)
-                losses = F.binary_cross_entropy_with_logits(D(fake).view(-1), torch.ones(m, dtype=F64), reduction="none")
-                analyzer.observe_generator(losses, z, fake)
-                losses.mean().backward()
+                for start in range(0, batch, size):
+                    rows = slice(start, start + size)
+                    fake = G(z[rows])
+                    losses = F.binary_cross_entropy_with_logits(D(fake).view(-1), torch.ones(size, dtype=F64),
+                                                                reduction="none")
+                    analyzer.observe_generator(losses, z[rows], fake)
+                    (losses.mean() / micro_batches).backward()
             g_opt.step()
 
         flops = counted(step)
         total += flops if index > 1 else 0
+    return analyzer, G, shape, total, bound_batch
+
+
+@pytest.mark.parametrize("build", [mlp, conv])
+def test_a_whole_observed_step_is_the_estimates(build):
+    """A loop of your own that freezes D for its generator step: everything steps 2 and 3 count is twice the
+    estimate's analyzed step. (A loop whose generator backward also forms D's weight gradients does B·share_D more a
+    step, which the estimate leaves out: 2.5 % of the conv pair's step.)"""
+    analyzer, G, shape, total, _ = observed_steps(build)
     estimate = analyzer.cost
     assert 2 * (estimate.bare_step + sum(estimate.work.values())) == pytest.approx(total / g_forward(G, shape), rel=1e-9)
 
