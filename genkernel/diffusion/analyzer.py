@@ -439,7 +439,7 @@ class NoiseLevelAnalyzer(TrainerCallback):
                 self._kernel_record = self.kernel_record_cost(model)
                 self._check_kernel_fit()
                 # (checked again beside the tracker's estimate made with the first step's batch, where it was not given)
-                self.tracker._cost_followers.append(lambda tracker: self._check_kernel_fit())
+                self.tracker.add_cost_follower(lambda tracker: self._check_kernel_fit())
         except BaseException:  # unbound again: the analyzer can be bound once fixed
             self.tracker.close(record_ema=False)
             self.tracker = None

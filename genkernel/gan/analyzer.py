@@ -168,12 +168,8 @@ def _stand_in_after_resume(tracker: PathKernelTracker, loss_fn: Any) -> None:
     first step, they only stand in for it: the
     tracker takes the run's at its first step (:meth:`PathKernelTracker._follow_batch`), the analyzer's passes
     with it (``_follow_generator_batch``). An observed loop's tracker is built without them."""
-    if isinstance(loss_fn, _ObservedOnly) or tracker._saved_first_step is None:
-        return
-    for key, setting in (("batch", "batch_from"), ("micro_batches", "micro_batches_from")):
-        if tracker._cost_from[key] in ("batch_size", "micro_batches"):
-            tracker._cost_from[key] = "resumed_step"
-            tracker.cost.settings[setting] = "resumed_step"
+    if not isinstance(loss_fn, _ObservedOnly) and tracker.saved_first_step is not None:
+        tracker.mark_stand_ins("resumed_step")
 
 
 class GANKernelAnalyzer(TrainerCallback):
@@ -1301,13 +1297,13 @@ class GANKernelAnalyzer(TrainerCallback):
             # (a loop bound before its first step: the probes' count and one micro-batch stand in for B and K until
             # that step, when the tracker estimates again with its own and _follow_generator_batch counts these again)
             self._pass_record = self.analysis_pass_cost(batch=tracker.cost.settings["batch"],
-                                                        micro_batches=tracker._cost_settings["micro_batches"],
+                                                        micro_batches=tracker.cost.settings["micro_batches"],
                                                         observed=isinstance(loss_fn, _ObservedOnly))
             self._check_passes_fit(tracker.cost)
         except BaseException:
             tracker.close(record_ema=False)
             raise
-        tracker._cost_followers.append(self._follow_generator_batch)
+        tracker.add_cost_follower(self._follow_generator_batch)
         if self._pending:
             self._pending["g_tracker"] = None
         tracker.listeners.append(self._record_generator)
@@ -1371,7 +1367,7 @@ class GANKernelAnalyzer(TrainerCallback):
                                    "step)")
             batch = int(tracker_cost.settings["batch"])
         if micro_batches is None:
-            micro_batches = 1 if self.g_tracker is None else int(self.g_tracker._cost_settings["micro_batches"])
+            micro_batches = 1 if self.g_tracker is None else int(self.g_tracker.cost.settings["micro_batches"])
         batch = positive_int(batch, "batch")
         micro_batches = positive_int(micro_batches, "micro_batches")
         g_param, d_param = floating_parameter(self._g), floating_parameter(self._d)
@@ -1970,8 +1966,7 @@ class GANKernelAnalyzer(TrainerCallback):
             state_dtype=self.state_dtype, mixed_precision=self.mixed_precision, cost_options=GAN_COST_OPTIONS, **routes,
         )
         if observed and batch is not None:  # the first observed micro-batch's rows stand in for the step's batch until
-            tracker._cost_from["batch"] = "first_micro_batch"  # the first step, whose kept micro-batches replace them
-            tracker.cost.settings["batch_from"] = "first_micro_batch"
+            tracker.mark_stand_ins("first_micro_batch", micro_batches=False)  # the first step, whose kept micro-batches replace them
         if self._pending and self._pending.get("d_tracker") is not None:
             try:
                 tracker.load_state_dict(self._pending["d_tracker"])

@@ -804,6 +804,30 @@ class PathKernelTracker:
                           ResourceWarning, stacklevel=3)
         self.cost = cost
 
+    def add_cost_follower(self, follow: Callable[["PathKernelTracker"], Callable[[], None] | None]) -> None:
+        """An analyzer's check of its own passes beside this tracker's estimate, run again when the first recorded
+        step makes the estimate again (:meth:`_follow_batch`): ``follow(tracker)``, ``tracker.cost`` the new
+        estimate, raises MemoryError to refuse that step (its records left as they were) and returns None or what
+        puts its records back (another rank refused the step)."""
+        self._cost_followers.append(follow)
+
+    def mark_stand_ins(self, origin: str, *, batch: bool = True, micro_batches: bool = True) -> None:
+        """Take the ``batch_size`` (``batch``) and ``micro_batches`` this tracker was given as stand-ins that the
+        first recorded step replaces, as if they had not been given (``cost.settings["batch_from"]`` /
+        ``["micro_batches_from"]`` say ``origin``): for an analyzer that built it from a step whose batch it cannot
+        vouch for (an observed discriminator's first micro-batch, the first step after a resume). Values not given
+        stand in already."""
+        for key, setting, wanted in (("batch", "batch_from", batch), ("micro_batches", "micro_batches_from", micro_batches)):
+            if wanted and self._cost_from[key] in ("batch_size", "micro_batches"):
+                self._cost_from[key] = origin
+                self.cost.settings[setting] = origin
+
+    @property
+    def saved_first_step(self) -> tuple[int, int] | None:
+        """``(B, K)`` of the first recorded step of the run a loaded state was saved by (None: no state loaded, or
+        one saved before its first step), which :meth:`_follow_batch` takes in place of the resumed run's."""
+        return self._saved_first_step
+
     def _follow_batch(self, index: int, batch: int, micro_batches: int) -> Callable[[], None] | None:
         """At the first recorded step (before anything of it changes, at its first meeting under DDP): the
         estimate made again with the step's batch ``batch`` (this rank's rows) and ``micro_batches`` in place
