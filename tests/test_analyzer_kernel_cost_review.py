@@ -18,6 +18,7 @@ from genkernel.diffusion.kernels import make_states
 from genkernel.diffusion.locality import kernel_locality
 from genkernel.diffusion.models import MLPDenoiser
 from genkernel.diffusion.objectives import make_scheduler
+from test_analyzer_kernel_cost import tiny_unet  # (the seeded UNet2DModel and its 8 inputs)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -84,6 +85,18 @@ def sketched_reference_kernel(model: nn.Module, states: tuple[torch.Tensor, ...]
     return kernel / scale[:, None] / scale[None, :]
 
 
+def bound_mlp(optimizer=torch.optim.SGD, wrap=lambda model: model, **options):
+    """``(model, analyzer)``: the seeded MLPDenoiser and an analyzer (3 bins, 4 probes, ``kernel_points=4`` unless
+    ``options`` say otherwise) bound to ``wrap(model)`` with ``optimizer`` at lr 1e-3 and the batch BATCH."""
+    torch.manual_seed(0)
+    model = MLPDenoiser(2, hidden=32, depth=2).double()
+    data = torch.randn(8, 2, generator=torch.Generator().manual_seed(1), dtype=F64)
+    analyzer = NoiseLevelAnalyzer(make_scheduler(100), data, num_bins=3, num_probes=4,
+                                  **{"kernel_points": 4, **options}, progress=False)
+    analyzer.bind(wrap(model), optimizer(model.parameters(), 1e-3), batch_size=BATCH)
+    return model, analyzer
+
+
 def test_a_sketched_record_after_binds_estimate_checks_the_models_layers_along_a_nonzero_direction():
     """The kernel record at bind (sketched, 2 directions) on a model with a layer that sees its batch reversed
     is the brute-force sketched kernel's locality summary. Regression of 6f24276: bind's ``kernel_record_cost``
@@ -111,17 +124,8 @@ def test_a_torch_compiled_model_binds_and_its_records_are_the_plain_models():
     model. Regression of 6f24276: bind's estimate ran on the compiled module itself, whose submodules' hooks see
     nothing, and raised ZeroDivisionError in the engine's chunk sizes (its factors' sizes 0). Passes at
     6f24276^ (without the ``kernel_record_cost`` comparison: no such method there)."""
-    data = torch.randn(8, 2, generator=torch.Generator().manual_seed(1), dtype=F64)
-    bound = []
-    for compiled in (False, True):
-        torch.manual_seed(0)
-        model = MLPDenoiser(2, hidden=32, depth=2).double()
-        analyzer = NoiseLevelAnalyzer(make_scheduler(100), data, num_bins=3, num_probes=4, kernel_points=4,
-                                      kernel_sketch=3, progress=False)
-        analyzer.bind(torch.compile(model, backend="eager") if compiled else model,
-                      torch.optim.SGD(model.parameters(), 1e-3), batch_size=BATCH)
-        bound.append(analyzer)
-    plain, compiled = bound
+    _, plain = bound_mlp(kernel_sketch=3)
+    _, compiled = bound_mlp(kernel_sketch=3, wrap=lambda model: torch.compile(model, backend="eager"))
     assert_same_summary(compiled.kernel_history[0], plain.kernel_history[0], rel=1e-12)
     if hasattr(NoiseLevelAnalyzer, "kernel_record_cost"):  # (6f24276^ has no record estimate)
         assert compiled.kernel_record_cost() == plain.kernel_record_cost()
@@ -133,23 +137,14 @@ def test_a_stopped_analyzer_loaded_to_be_read_is_not_refused_for_records_it_neve
     closed and ``stop`` records nothing more), the saved kernel history is read back, and ``analyzer.cost``
     counts no records. Regression of 6f24276: bind refused it with MemoryError naming ``kernel_points``.
     Passes at 6f24276^ (without the ``analyzer.cost`` check: no such property there)."""
-    diffusers = pytest.importorskip("diffusers")
-
-    def tiny_unet():
-        torch.manual_seed(0)
-        return diffusers.UNet2DModel(
-            sample_size=4, in_channels=1, out_channels=1, layers_per_block=1, block_out_channels=(4, 8),
-            down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
-            norm_num_groups=2).double()
-
-    data = torch.randn(8, 1, 4, 4, generator=torch.Generator().manual_seed(1), dtype=F64)
+    _, data = tiny_unet()
 
     def analyzer():
         return NoiseLevelAnalyzer(make_scheduler(100), data, num_bins=2, num_probes=4, kernel_points=4,
                                   progress=False)
 
     monkeypatch.setattr(cost, "available_memory", lambda device: None)
-    model = tiny_unet()
+    model, _ = tiny_unet()
     first = analyzer()
     first.bind(model, torch.optim.SGD(model.parameters(), 1e-3), batch_size=BATCH)
     tracker_needs = first.tracker.cost.total_bytes - first.tracker.cost.existing_bytes
@@ -159,7 +154,7 @@ def test_a_stopped_analyzer_loaded_to_be_read_is_not_refused_for_records_it_neve
     monkeypatch.setattr(cost, "available_memory", lambda device: tracker_needs)
     reader = analyzer()
     reader.load_state_dict(saved)
-    model = tiny_unet()
+    model, _ = tiny_unet()
     reader.bind(model, torch.optim.SGD(model.parameters(), 1e-3), batch_size=BATCH)
     assert reader.stopped and reader.kernel_history == first.kernel_history
     if hasattr(NoiseLevelAnalyzer, "cost"):  # (6f24276^ has no analyzer estimate)
@@ -171,12 +166,7 @@ def test_the_reports_cost_is_the_analyzers_estimate_with_its_kernel_records():
     ``kernel_records`` work and ``kernel_record`` memory), its ratio that of the tracked step and the amortized
     record: 1 + Σ work / bare step. Fails at HEAD (6f24276), whose report kept ``tracker.cost`` alone: its ratio
     without the records (here 2.19× a bare step against 3.32× with them, kernel_every=2)."""
-    torch.manual_seed(0)
-    model = MLPDenoiser(2, hidden=32, depth=2).double()
-    data = torch.randn(8, 2, generator=torch.Generator().manual_seed(1), dtype=F64)
-    analyzer = NoiseLevelAnalyzer(make_scheduler(100), data, num_bins=3, num_probes=4, kernel_points=4,
-                                  kernel_every=2, progress=False)
-    analyzer.bind(model, torch.optim.SGD(model.parameters(), 1e-3), batch_size=BATCH)
+    _, analyzer = bound_mlp(kernel_every=2)
     g = torch.Generator().manual_seed(2)
     analyzer.step(torch.randn(BATCH, 2, generator=g, dtype=F64), torch.randn(BATCH, 2, generator=g, dtype=F64),
                   torch.randint(0, 100, (BATCH,), generator=g))
@@ -194,12 +184,7 @@ def test_a_model_passed_to_kernel_structure_is_not_kept_alive_by_the_analyzer():
     stays the one kept. Regression of 6f24276:
     the sketch's wrapper, which holds its model, was kept per model in ``_kernel_wrappers`` for the analyzer's
     life (a sweep of N checkpoints held N models). Passes at 6f24276^ (no kept wrappers)."""
-    torch.manual_seed(0)
-    model = MLPDenoiser(2, hidden=32, depth=2).double()
-    data = torch.randn(8, 2, generator=torch.Generator().manual_seed(1), dtype=F64)
-    analyzer = NoiseLevelAnalyzer(make_scheduler(100), data, num_bins=3, num_probes=4, kernel_points=2,
-                                  kernel_sketch=2, progress=False)
-    analyzer.bind(model, torch.optim.SGD(model.parameters(), 1e-3), batch_size=BATCH)
+    model, analyzer = bound_mlp(kernel_points=2, kernel_sketch=2)
     checkpoint = MLPDenoiser(2, hidden=32, depth=2).double()
     alive = weakref.ref(checkpoint)
     of_checkpoint = analyzer.kernel_structure(checkpoint)
@@ -217,13 +202,8 @@ def test_kernel_structure_of_an_analyzer_bound_to_a_compiled_model_is_its_record
     unwrapped module). Fails at 6f24276^ in ``kernel_structure``: the compiled module went to the engine as it was,
     its submodules' hooks saw nothing, and its chunk sizes divided by factor sizes of 0 (ZeroDivisionError); at
     HEAD (6f24276) already in bind, the same way (the regression test above)."""
-    torch.manual_seed(0)
-    model = MLPDenoiser(2, hidden=32, depth=2).double()
-    compiled = torch.compile(model, backend="eager")
-    data = torch.randn(8, 2, generator=torch.Generator().manual_seed(1), dtype=F64)
-    analyzer = NoiseLevelAnalyzer(make_scheduler(100), data, num_bins=3, num_probes=4, kernel_points=4,
-                                  kernel_sketch=3, progress=False)
-    analyzer.bind(compiled, torch.optim.SGD(model.parameters(), 1e-3), batch_size=BATCH)
+    _, analyzer = bound_mlp(kernel_sketch=3, wrap=lambda model: torch.compile(model, backend="eager"))
+    compiled = analyzer.model  # (the module bind was given)
     recorded = {key: value for key, value in analyzer.kernel_history[0].items() if key not in ("tracked_step", "global_step")}
     for structure in (analyzer.kernel_structure(), analyzer.kernel_structure(compiled)):
         assert_same_summary(structure, recorded, rel=1e-12)
@@ -237,12 +217,7 @@ def test_the_estimate_holds_a_record_beside_what_the_tracker_keeps_between_steps
     total is at least the kept parts plus the record, and never below the tracker's own. Fails at HEAD (6f24276),
     which subtracted the whole analysis memory, kept arrays included: ``kernel_record`` 0 and the total, 1.52 MB,
     short of that peak, 1.89 MB (the kept 0.87 MB and the record's 1.01 MB), by 0.37 MB here."""
-    torch.manual_seed(0)
-    model = MLPDenoiser(2, hidden=32, depth=2).double()
-    data = torch.randn(8, 2, generator=torch.Generator().manual_seed(1), dtype=F64)
-    analyzer = NoiseLevelAnalyzer(make_scheduler(100), data, num_bins=3, num_probes=4, kernel_points=4,
-                                  group_state="dense", progress=False)
-    analyzer.bind(model, torch.optim.Adam(model.parameters(), 1e-3), batch_size=BATCH)
+    _, analyzer = bound_mlp(torch.optim.Adam, group_state="dense")
     tracker_cost = analyzer.tracker.cost
     kept_between_steps = sum(tracker_cost.memory.get(part, 0) for part in (
         "training_step", "frozen_weights", "group_state", "ledgers", "parameter_copies", "check_scratch", "ema",
