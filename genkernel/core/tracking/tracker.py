@@ -494,6 +494,9 @@ class PathKernelTracker:
         self._buffers_after: dict[str, torch.Tensor] | None = self._copy_buffers()
         self._grad_marks: dict[str, tuple[int, int]] | None = None
         self._observed: dict[str, Any] | None = None  # micro-batches observed since the last step
+        # (step index, error) of the last observed step refused after its micro-batches were taken: they went
+        # with it, and a plain retry of optimizer.step() must say so (cleared by the next observe or step)
+        self._refused_observed: tuple[int, BaseException] | None = None
         self._observations = 0  # observe() calls so far: each micro-batch's observation number
         self._accumulations = 0  # the loop's backward passes into the tracked parameters (_follow_accumulation)
         self._accumulation_hooks = False
@@ -998,6 +1001,7 @@ class PathKernelTracker:
         backward = [False]  # set by the loop's backward through these losses
         if self._observed is None:
             self._observed = self._new_observed()
+            self._refused_observed = None
         self._observed["entries"].append({"number": number, "grads": grads, "folded": False, "ids": ids,
                                           "losses": losses.detach(), "backward": backward,
                                           "tensor": weakref.ref(losses), "accumulations": self._accumulations,
@@ -1433,13 +1437,34 @@ class PathKernelTracker:
         # Under DDP the ranks meet before the combination, before the real step and before recording
         # (the post-step hook): a step one rank refuses is refused on every rank.
         self._together = together = StepAgreement(self.distributed, f"step {index} (observed)", points=3)
+        if observed is None:
+            error = RuntimeError(self._no_observed_message(index))
+            together.failed(error)
+            raise error
         try:
-            if observed is None:
-                raise RuntimeError(
-                    "optimizer.step() was called without an observed micro-batch since the last step: call "
-                    "tracker.observe(per_example_losses, groups) before every backward (or tracker.close() to stop "
-                    "tracking)"
-                )
+            self._begin_observed_step(index, observed, together)
+        except BaseException as error:
+            self._refused_observed = (index, error)
+            raise
+
+    def _no_observed_message(self, index: int) -> str:
+        """The error of an ``optimizer.step()`` with no micro-batch observed since the last step; after a refused
+        step, it names the refusal (its micro-batches were dropped with it) and how to run the step again."""
+        message = ("optimizer.step() was called without an observed micro-batch since the last step: call "
+                   "tracker.observe(per_example_losses, groups) before every backward (or tracker.close() to stop "
+                   "tracking)")
+        if self._refused_observed is None:
+            return message
+        refused, error = self._refused_observed
+        reason = " ".join(str(error).split())
+        reason = reason if len(reason) <= 300 else reason[:297] + "..."
+        return (f"{message}. The optimizer.step() before it, for step {refused}, was refused ({type(error).__name__}: "
+                f"{reason}) and the micro-batches observed for it were dropped with it; the parameters and the "
+                f"optimizer are as they were before step {refused}. To run step {index}: call optimizer.zero_grad(), "
+                "run its micro-batches again, each observed before its backward, then optimizer.step()")
+
+    def _begin_observed_step(self, index: int, observed: dict[str, Any], together: StepAgreement) -> None:
+        try:
             self._check_before(owned=False)
             entries = observed["entries"]
             # The step is made of the micro-batches whose loop backward was seen; one with none (a loss-spike guard
@@ -1522,9 +1547,11 @@ class PathKernelTracker:
             self._together.passed()
             self._commit(pending, result, after, scale_entry=self._scale_entry)
         except BaseException as error:
+            self._refused_observed = (pending.index, error)
             self._together.failed(error)
             self._roll_back(error, pending.index, pending.phase, pending.saved, pending.theta_before, applied=True)
             raise
+        self._refused_observed = None
         self.step_observations = self._step_numbers
         self._recorded(result)
 
