@@ -144,21 +144,37 @@ ANALYZER_SETTINGS = ("num_bins", "num_probes", "controls")
 # Settings whose change is warned of, not refused: a resume that trains longer is allowed, and stretches a decaying
 # learning-rate schedule (its length is the run's) from the checkpoint on
 WARNED_SETTINGS = frozenset({"lr_schedule_length"})
-_SMALL_FILE = 1 << 16  # files up to this size (captions, configurations) are fingerprinted by content, larger by size
+# A data set's files are read whole until this many bytes in all (a CIFAR-10 or a DreamBooth folder entirely, in about
+# a second, once per run); past it, each further file by its first and last SAMPLED_BYTES
+FULL_CONTENT_BYTES = 512 << 20
+SAMPLED_BYTES = 1 << 16
+_READ_BYTES = 1 << 20
 
 
 def path_fingerprint(path: str) -> str:
     """A fingerprint of a file's or folder's content as a resume compares it: the relative names and sizes of the
-    files under it, and the content of those up to 64 KiB (captions, prompts, configurations); a folder moved or
-    copied elsewhere keeps it, another data set (other images, another subset, edited captions) does not."""
+    files under it (in name order) and their content, every byte of the files until :data:`FULL_CONTENT_BYTES` are
+    read, past it each file's first and last :data:`SAMPLED_BYTES` (an edit inside only the middle of such a file
+    goes unseen). A folder moved or copied elsewhere keeps it; another data set (other images, another subset,
+    edited captions, an array file of the same size with other values) does not."""
     digest = hashlib.sha256()
     files = [("", path)] if os.path.isfile(path) else sorted(_walked_files(path))
+    read = 0
     for relative, full in files:
         size = os.path.getsize(full) if os.path.exists(full) else -1  # (a dangling link: by its name)
-        digest.update(f"{relative}\0{size}\0".encode())
-        if 0 <= size <= _SMALL_FILE:
-            with open(full, "rb") as file:
-                digest.update(file.read())
+        whole = 0 <= size and read + size <= FULL_CONTENT_BYTES
+        digest.update(f"{relative}\0{size}\0{'whole' if whole else 'ends'}\0".encode())
+        if size < 0:
+            continue
+        with open(full, "rb") as file:
+            if whole:
+                read += size
+                while chunk := file.read(_READ_BYTES):
+                    digest.update(chunk)
+            else:
+                digest.update(file.read(SAMPLED_BYTES))
+                file.seek(max(0, size - SAMPLED_BYTES))
+                digest.update(file.read(SAMPLED_BYTES))
     return f"sha256:{digest.hexdigest()[:16]} ({len(files)} files)"
 
 
