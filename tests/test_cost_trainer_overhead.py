@@ -46,3 +46,27 @@ def test_a_vaes_encode_is_its_multiply_adds_over_the_models():
     encode = counted_flops(lambda: vae.encode(images(1)))[0]
     forward = counted_flops(lambda: unet(latent, torch.tensor([3])))[0]
     assert cost.settings["step_overhead"] == pytest.approx(encode / forward, rel=0.1)  # (0.357 against 0.373)
+
+
+def test_set_step_overhead_recounts_the_bare_step_and_refuses_nonsense():
+    """tracker.set_step_overhead(c): the bare step grows by (c − before) · B example-forwards, the setting says c, and
+    the first step's estimate made again keeps it (the analyzer's VAE recount went through the tracker's private
+    settings before); a negative or non-finite count is a ValueError."""
+    from genkernel import PathKernelTracker
+    from genkernel.supervised import mse_loss
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 8), torch.nn.Tanh(), torch.nn.Linear(8, 2)).double()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    tracker = PathKernelTracker(model, optimizer, mse_loss, torch.randn(4, 3, dtype=torch.float64), num_groups=2,
+                                group_state="dense")
+    before = tracker.cost.bare_step
+    tracker.set_step_overhead(0.5)
+    assert tracker.cost.bare_step == pytest.approx(before + 0.5 * tracker.cost.settings["batch"], rel=1e-12)
+    assert tracker.cost.settings["step_overhead"] == 0.5
+    x, y = torch.randn(6, 3, dtype=torch.float64), torch.randn(6, 2, dtype=torch.float64)
+    tracker.step(x, y, torch.tensor([0, 1, 0, 1, 0, 1]))  # B = 6 replaces the probes' 4: estimated again
+    assert tracker.cost.settings["batch"] == 6 and tracker.cost.settings["step_overhead"] == 0.5
+    for bad in (-1.0, float("nan"), "1"):
+        with pytest.raises(ValueError, match="overhead"):
+            tracker.set_step_overhead(bad)

@@ -525,10 +525,7 @@ class NoiseLevelAnalyzer(TrainerCallback):
     def _recount_overhead(self, overhead: float) -> None:
         """The bound cost's bare step with the trainer's work outside its model counted again (``overhead``
         example-forwards per example): no memory part changes, so no fit check runs again."""
-        cost = self.tracker.cost
-        cost.bare_step += (overhead - cost.settings["step_overhead"]) * cost.settings["batch"]
-        cost.settings["step_overhead"] = float(overhead)
-        self.tracker._cost_settings["step_overhead"] = float(overhead)  # (an EMA ledger's estimate, later)
+        self.tracker.set_step_overhead(overhead)
         if self.progress:
             print(f"[genkernel] NoiseLevelAnalyzer, the VAE's encode counted at the first batch: {self.cost.describe()}",
                   file=sys.stderr)

@@ -825,6 +825,18 @@ class PathKernelTracker:
                 self._cost_from[key] = origin
                 self.cost.settings[setting] = origin
 
+    def set_step_overhead(self, overhead: float) -> None:
+        """Count a bare training step's work outside the model's forward and backward again: ``overhead``
+        example-forwards of the model per example (a VAE's encode, known once the first batch is drawn), in
+        ``cost.bare_step`` and in the estimates made later (the first step's, an EMA ledger's). No memory part
+        changes, so no fit check runs again."""
+        if not isinstance(overhead, (int, float)) or not math.isfinite(overhead) or overhead < 0:
+            raise ValueError(f"overhead must be a finite number of example-forwards >= 0, got {overhead!r}")
+        cost = self.cost
+        cost.bare_step += (overhead - cost.settings["step_overhead"]) * cost.settings["batch"]
+        cost.settings["step_overhead"] = float(overhead)
+        self._cost_settings["step_overhead"] = float(overhead)
+
     @property
     def saved_first_step(self) -> tuple[int, int] | None:
         """``(B, K)`` of the first recorded step of the run a loaded state was saved by (None: no state loaded, or
