@@ -670,12 +670,15 @@ def estimate_cost(
             shapes, fallback = block_shapes(model, probes)
             # the fallback's torch.func pass (not on "example": its own pass forms every gradient): to the fallback
             # parameters alone, their own gradients, a check per chunk of the batch (as factor_route_work's)
-            fallback_back, batch_checks = None, 0
+            # (the factored route's capture pass holds the fallback constant: what its backward skips; the fallback's
+            # rows are summed over that pass's own chunks of the batch)
+            fallback_back, batch_checks, capture_skipped, fallback_chunk = None, 0, 0, None
             if fallback and (gradient_route == "factored" or reads_training):
-                _, fallback_skipped, fallback_gradients, _, batch_checks = _fallback_passes(
+                capture_skipped, fallback_skipped, fallback_gradients, _, batch_checks = _fallback_passes(
                     model, probes, layers, fallback, outputs=outputs, batch=b, param_bytes=param_bytes,
                     memory_budget=memory_budget, probe_side=False)
                 fallback_back = (max(layers.input_gradients - fallback_skipped, 0) + fallback_gradients) / max(macs, 1)
+                fallback_chunk = _fallback_chunk(fallback, param_bytes, memory_budget)
             # the rows are added one chunk of examples at a time: the route's own chunks (engine.gradients)
             largest_bytes = max(largest, 1) * param_bytes
             chunk = (b if gradient_route == "example" and reads_training
@@ -690,7 +693,8 @@ def estimate_cost(
                 shapes, fallback, batch=b, rows=rows, partitions=partitions, example_chunk=chunk,
                 route="example" if own_pass else "training" if gradient_route == "example" else "factored",
                 forward=forward, weight_share=share, frozen_skipped=layers.frozen_skipped,
-                input_gradients=layers.input_gradients, fallback_back=fallback_back, batch_checks=batch_checks)
+                input_gradients=layers.input_gradients, fallback_back=fallback_back, batch_checks=batch_checks,
+                capture_skipped=capture_skipped, fallback_chunk=fallback_chunk)
             # the shapes at hand, the bare step's input gradients too: none where a block's input depends on
             # no trained parameter (the first layer's) nor in a frozen layer before every trained one, as the
             # factored and sketched routes count them
@@ -766,11 +770,13 @@ def estimate_cost(
             # The Jacobians' blocks and their concatenation, M × d × P each, and the rows as one [rows, P]
             # matrix. Work: a forward of every probe and d backward passes (through the layers downstream of a
             # trained parameter, the trained weights' gradients: a tangent pass's work each), once more for the
-            # first probe alone (engine.reference.per_example checks the batched result on it), and the
+            # first probe alone where there are two or more (engine.reference.per_example checks the batched
+            # result on it: fallback_checks; one probe is not checked), and the
             # Jacobians times the rows, M·d·rows·P multiply-adds (in forwards of F multiply-adds, the frozen
             # layers' with the blocks': on an MLP P ≈ F, and this product dominates).
             return ((2 * m * outputs + rows_pushed) * num * param_bytes,
-                    quadrature_nodes * ((m + 1) * (1.0 + outputs * tangent) + m * outputs * rows_pushed * num / unit))
+                    quadrature_nodes * ((m + fallback_checks([m])) * (1.0 + outputs * tangent)
+                                        + m * outputs * rows_pushed * num / unit))
         # One primal pass per vmapped pass and a tangent pass per row (J u through every product: Ẇx + Wẋ
         # where both are there, two forwards of an unfrozen model; a frozen layer's Wẋ alone, and nothing in
         # one before the first trained layer: ``tangent``), as torch.utils.flop_counter counts vmapped JVPs:
@@ -1120,6 +1126,10 @@ def factor_route_work(shapes: list[BlockShape], fallback: int, *, probes: int, b
     if forward <= 0:  # (no blocks' products but frozen layers' remain a unit: BitFit's biases, w = 0 below)
         return {"bare_step": 3.0 * n, "batch_factors": 0.0, "capture": 1.0 * n, "probe_factors": m * (1.0 + 2.0 * d),
                 "cross_kernels": 0.0, "tangent": 2.0}
+    if input_gradients is not None:  # (the fallback values in no product count one multiply-add each in the unit,
+        # route_forward: so does their input gradient, as the shapes' count had it; the exact count has none, and a
+        # learned positional table's bare step was 23.54 for 24.0)
+        input_gradients = float(input_gradients) + max(float(fallback) - float(outside), 0.0)
     back = input_gradient_share(shapes, fallback, forward, frozen_skipped, input_gradients)
     # the weight gradients: one per trained operand (the forward's ``trained`` counts a product once)
     weights = route_forward(shapes, fallback, outside_gradients) / forward
@@ -1187,9 +1197,15 @@ def _fallback_passes(model: nn.Module, probes: tuple[torch.Tensor, ...], layers:
     fallback_skipped = layers.input_gradients - fallback_layers.input_gradients
     probe_checks = fallback_checks([s.stop - s.start for s in row_chunks(model, plan, probes, outputs, memory_budget)]
                                    ) if probe_side else 0
-    per_chunk = max(1, memory_budget // (3 * fallback * param_bytes))
+    per_chunk = _fallback_chunk(fallback, param_bytes, memory_budget)
     batch_checks = fallback_checks([min(per_chunk, batch - start) for start in range(0, batch, per_chunk)])
     return capture_skipped, fallback_skipped, fallback_gradients, probe_checks, batch_checks
+
+
+def _fallback_chunk(fallback: int, param_bytes: int, memory_budget: int) -> int:
+    """Examples per chunk of torch.func's per-example gradients of the ``fallback`` parameters alone
+    (``engine.gradients._example_chunks``: 3 × P_fb values an example in the budget)."""
+    return max(1, memory_budget // (3 * max(fallback, 1) * param_bytes))
 
 
 def fallback_checks(chunk_sizes: list[int]) -> int:
@@ -1221,7 +1237,8 @@ def row_sum_products(rows: int, partitions: int, batch: int, example_chunk: int)
 def dense_gradient_work(shapes: list[BlockShape], fallback: int, *, batch: int, rows: int, partitions: int,
                         route: str, example_chunk: int, forward: float, weight_share: float,
                         frozen_skipped: int = 0, input_gradients: float | None = None,
-                        fallback_back: float | None = None, batch_checks: int = 0) -> float:
+                        fallback_back: float | None = None, batch_checks: int = 0, capture_skipped: float = 0.0,
+                        fallback_chunk: int | None = None) -> float:
     """Example-forwards of the dense route's group gradients on a per-example ``route``, from the
     covering plan's blocks (:func:`~genkernel.core.engine.factored.block_shapes`) and the
     ``fallback`` parameters outside them; ``forward``: one example's forward in multiply-adds
@@ -1231,7 +1248,11 @@ def dense_gradient_work(shapes: list[BlockShape], fallback: int, *, batch: int, 
 
     - "training": the training pass's layer factors (``TrainingCapture``, compact form): no pass;
     - "factored": a capture pass of its own, a forward and its input gradients, B (1 + β);
-    - "example": vmapped per-example gradients of a second forward and backward, B (1 + β + share);
+    - "example": vmapped per-example gradients of a second forward and backward, B (1 + β + share), and the first
+      example of each chunk of two or more (``example_chunk``) once more (``engine.reference.per_example`` checks
+      the batched result on it alone: :func:`fallback_checks`; 4 chunks of 2 left out were 5-6 % of a grouped
+      convolution net's tracked step at a 60 kB budget, and the one chunk of a micro-batched step, which reads no
+      training pass, 1-2 %);
 
     β: the input gradients' share of a forward, every layer's but those the blocks' positions whose
     input depends on no trained parameter skip and the frozen layers' before every trained one
@@ -1253,7 +1274,13 @@ def dense_gradient_work(shapes: list[BlockShape], fallback: int, *, batch: int, 
       ``fallback_back`` (β_f + w_f: the backward to the fallback parameters alone, their input gradients and
       their own gradients, the products they are an operand of, in forwards), (B + ``batch_checks``)(1 + β_f + w_f),
       the extra examples ``engine.reference.per_example`` checks alone (:func:`fallback_checks`): a grouped first
-      convolution's weight gradients are its products', not one multiply-add per value (dense ratio 4 % low).
+      convolution's weight gradients are its products', not one multiply-add per value (dense ratio 4 % low);
+      ``capture_skipped``: the input gradients (multiply-adds) the "factored" capture pass does not form, the fallback
+      held constant there (a fallback first layer: the next block's input gradient too; its ratio was 4.1 % high);
+      ``fallback_chunk``: the examples a chunk of that torch.func pass holds, over which the fallback's rows are
+      summed (:func:`row_sum_products` with its chunks, not the blocks' nor, read from the training pass, the whole
+      batch: an MLP whose middle weight is a raw ``F.linear`` parameter was 23 % low at a 200 kB budget, 32 % high
+      at 150 kB, ``tests/test_cost_second_read.py``).
 
     Measured against torch's operation count of a tracked step (in-place products counted) on an
     MLP, a small CNN, the tiny UNet2DModel and a cross-attention UNet2DConditionModel: the row
@@ -1265,10 +1292,15 @@ def dense_gradient_work(shapes: list[BlockShape], fallback: int, *, batch: int, 
     back = input_gradient_share(shapes, fallback, unit, frozen_skipped, input_gradients)
     parameters = sum(s.parameters for s in shapes) + fallback
     products = row_sum_products(rows, partitions, batch, example_chunk) * parameters
-    if route == "example":
-        return batch * (1.0 + back + weight_share) + products / unit
+    if route == "example":  # (and the first example of each chunk of two or more once more: per_example's check)
+        chunk = max(1, example_chunk)
+        checks = fallback_checks([min(chunk, batch - start) for start in range(0, batch, chunk)])
+        return (batch + checks) * (1.0 + back + weight_share) + products / unit
+    if fallback and fallback_back is not None and fallback_chunk is not None:  # (the fallback's rows: its own chunks)
+        products += (row_sum_products(rows, partitions, batch, fallback_chunk)
+                     - row_sum_products(rows, partitions, batch, example_chunk)) * fallback
     formed = sum(s.macs() for s in shapes if s.kind in ("linear", "conv") and s.positions > 1)
-    passes = batch * (1.0 + back) if route == "factored" else 0.0
+    passes = batch * (1.0 + max(back - capture_skipped / unit, 0.0)) if route == "factored" else 0.0
     if fallback and fallback_back is not None:
         passes += (batch + batch_checks) * (1.0 + fallback_back)
     elif fallback:
@@ -1295,8 +1327,10 @@ def input_gradient_share(shapes: list[BlockShape], fallback: int, forward: float
     unit = forward_macs(shapes, fallback) if forward is None else max(forward, forward_macs(shapes, fallback))
     if unit <= 0:
         return 1.0
-    if input_gradients is not None:
-        return max(float(input_gradients), 0.0) / unit
+    if input_gradients is not None:  # (exact multiply-adds: over the forward given, which the fallback's one multiply-add
+        # a value, forward_macs' count for a parameter in no product, would otherwise outgrow on the dense route: a
+        # learned positional table added to the input, a bare step 1.9 % low)
+        return max(float(input_gradients), 0.0) / (float(forward) if forward is not None and forward > 0 else unit)
     skipped = sum(s.macs() - s.macs(s.input_gradient_positions) for s in shapes) + frozen_skipped
     return max(unit - skipped, 0.0) / unit
 
