@@ -219,7 +219,8 @@ def test_frozen_weights_are_in_the_total_and_not_asked_of_the_free_memory(monkey
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
     estimate = estimate_cost(model, optimizer, probes, outputs=4, rows=GROUPS, batch_size=BATCH, device="cpu")
     assert estimate.memory["frozen_weights"] == frozen
-    assert estimate.analysis_bytes == estimate.total_bytes - estimate.memory["training_step"] - frozen
+    assert estimate.analysis_bytes == (estimate.total_bytes - estimate.memory["training_step"]
+                                       - estimate.memory["training_activations"] - frozen)
     needed = estimate.total_bytes - estimate.held - frozen
     for free, fits in ((needed, True), (needed - 1, False)):
         monkeypatch.setattr(cost, "available_memory", lambda device, free=free: free)

@@ -227,7 +227,7 @@ def test_the_cost_estimate_counts_micro_batches():
     common = dict(outputs=1, rows=1, group_state="factored", gradient_route="graph", batch_size=64)
     whole, micro = (estimate_cost(model, opt, probes, micro_batches=k, **common) for k in (1, 4))
     # training holds a quarter of the activations; the training pass is not read, so step 1 runs its own
-    assert micro.memory["training_step"] < whole.memory["training_step"]
+    assert micro.memory["training_activations"] < whole.memory["training_activations"]
     assert "training_records" in whole.memory and "training_records" not in micro.memory
     assert micro.work["group_gradients"] > whole.work["group_gradients"]
     # the tracker passes it on

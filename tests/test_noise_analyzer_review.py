@@ -129,11 +129,12 @@ def test_the_cost_counts_the_trainers_micro_batches(window):
                                         num_groups=analyzer.partitions, group_state="factored", batch_size=16,
                                         micro_batches=k).cost
     cost = analyzer.tracker.cost
-    assert expected[4].memory["training_step"] < expected[1].memory["training_step"]
-    assert cost.memory["training_step"] == expected[4].memory["training_step"]
+    assert expected[4].memory["training_activations"] < expected[1].memory["training_activations"]
+    assert cost.memory["training_activations"] == expected[4].memory["training_activations"]
     assert "training_records" not in cost.memory
     assert cost.work["group_gradients"] == expected[4].work["group_gradients"]
-    assert analyzer.report()["config"]["cost"]["memory_bytes"]["training_step"] == expected[4].memory["training_step"]
+    reported = analyzer.report()["config"]["cost"]["memory_bytes"]
+    assert reported["training_activations"] == expected[4].memory["training_activations"]
 
 
 # -- settings refused when built -------------------------------------------------------------------

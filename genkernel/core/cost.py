@@ -32,9 +32,9 @@ Memory (bytes):
   of them fits: :func:`push_pass_shape`), or the probes' Jacobians M × d × P (twice) and the rows
   as one matrix on the "jacobian" route (which "auto" takes where :func:`push_route` says);
 - ``training_step``: the parameters, their gradients and the optimizer's own state
-  (:func:`optimizer_state_values`), and the
-  batch's activations (a hook pass on one example, times the batch and a factor for what autograd
-  keeps), when ``batch_size`` is given;
+  (:func:`optimizer_state_values`); ``training_activations``: what the training pass holds of a
+  micro-batch's activations at its peak (a hook pass on one example, times the micro-batch and
+  :data:`TRAINING_ACTIVATIONS` for what autograd saves and the backward's gradients);
 - ``frozen_weights``: the model's parameters that do not require grad (a LoRA base, a frozen
   encoder inside the model), on the device while the step runs; like the training step's own
   arrays they exist already, so the fit check does not ask the free memory for them
@@ -89,6 +89,25 @@ frozen layers to earlier adapters) run through the frozen layers too:
   parameters;
 - with an EMA ledger, its sync per step: R + 2 rows pushed through every node by push_rows' own
   "auto" route (whatever the step's), JVPs or Jacobians as above, and two probe forwards.
+
+The total (:attr:`CostEstimate.total_bytes`) is the step's peak, not the sum of the parts: a step
+runs in phases, and each phase's temporaries are freed before the next (:attr:`CostEstimate.phases`).
+The parts in no phase are held throughout (the parameters, their gradients and the optimizer's
+state, the group state, the parameter copies, the ledgers, the EMA ledger, the projection, the check
+buffers, the frozen weights); the phases are
+
+- ``"training pass"``: the training activations, the records a step keeps of them, and, on the
+  dense route, the group rows formed from the training graph as it runs (an observed loop's
+  ``observe()``, an owned step's graph route; conservatively on every dense route);
+- ``"group gradients"``: the training records read into the group rows (and held factors);
+- ``"analysis"`` (:data:`STEP_TEMPORARIES`): after the optimizer's step, the group rows, the split
+  update, the checks, the pushes, the step's contributions, held factors, an EMA update's sync;
+
+and an analyzer's kernel records or own passes, run between steps, are counted in every phase by
+their excess over the analysis phase (:func:`with_kernel_records`, :func:`with_analysis_passes`).
+Summing every part had the estimate 1.8-2.2x the measured peak RSS on an MNIST-sized UNet2DModel at
+B = 32 with 16 probes and 20 group rows (and 2.35x the allocated peak on CUDA): the training pass's
+activations, three times over, counted beside the pushes that run after they are freed.
 
 Trackers and analyzers call it at construction and refuse, with the numbers and the cheaper
 options, when the device cannot hold what the step still needs: the total less what already exists
@@ -145,15 +164,34 @@ class CostEstimate:
     held: int = 0
     settings: dict[str, Any] = field(default_factory=dict)
     cheaper: list[str] = field(default_factory=list)
+    phases: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
     @property
     def total_bytes(self) -> int:
-        return int(sum(self.memory.values()))
+        """The step's peak: the parts held throughout (every part in no phase) and the largest phase's parts
+        (:attr:`phases`, of which only one runs at a time); the sum of every part without phases."""
+        return int(self._held_throughout() + max(self.phase_bytes().values(), default=0))
+
+    def _held_throughout(self) -> int:
+        in_phases = {part for parts in self.phases.values() for part in parts}
+        return int(sum(v for k, v in self.memory.items() if k not in in_phases))
+
+    def phase_bytes(self) -> dict[str, int]:
+        """``{phase: bytes}`` of each phase's own parts (not counting the parts held throughout)."""
+        return {name: int(sum(self.memory.get(part, 0) for part in parts)) for name, parts in self.phases.items()}
+
+    @property
+    def peak_phase(self) -> str | None:
+        """The phase the peak is reached in (None without phases)."""
+        sizes = self.phase_bytes()
+        return max(sizes, key=sizes.get) if sizes else None
 
     @property
     def analysis_bytes(self) -> int:
-        """What tracking adds to the training step's own memory (and to the frozen weights)."""
-        return self.total_bytes - self.memory.get("training_step", 0) - self.memory.get("frozen_weights", 0)
+        """What tracking adds to the peak of the training step's own memory (its held arrays and activations) and
+        the frozen weights."""
+        return self.total_bytes - sum(self.memory.get(k, 0) for k in ("training_step", "training_activations",
+                                                                          "frozen_weights"))
 
     @property
     def existing_bytes(self) -> int:
@@ -190,6 +228,8 @@ class CostEstimate:
         if self.memory.get("frozen_weights"):
             free += f", the frozen weights' {self.memory['frozen_weights'] / GiB:.2f} GiB already held"
         work = ", ".join(f"{k} {v:.0f}" for k, v in self.work.items() if v)
+        if self.phases:
+            parts += f"; at most one phase at a time, the peak in the {self.peak_phase}"
         return (f"memory {self.total_bytes / GiB:.2f} GiB ({parts}; {free} free); work per step in example-forwards: "
                 f"{work} against {self.bare_step:.0f} for a bare step: about {self.ratio:.1f}x a bare step")
 
@@ -197,7 +237,8 @@ class CostEstimate:
         return {"memory_bytes": dict(self.memory), "total_bytes": self.total_bytes, "available_bytes": self.available,
                 "held_bytes": self.held, "existing_bytes": self.existing_bytes,
                 "work": dict(self.work), "bare_step": self.bare_step, "ratio": self.ratio, "fits": self.fits,
-                "settings": dict(self.settings), "cheaper": list(self.cheaper)}
+                "settings": dict(self.settings), "cheaper": list(self.cheaper),
+                "phases": {name: list(parts) for name, parts in self.phases.items()}, "peak_phase": self.peak_phase}
 
 
 def available_memory(device: torch.device | str) -> int | None:
@@ -519,6 +560,13 @@ def reads_training_pass(record_bytes_per_example: int, batch: int, memory_budget
 # (the DDPM CIFAR-10 one at 4 probes, an MNIST-sized one at 8, the tiny one at 64) and 1.2 on an
 # MLP (784-2048-2048-10, 64 probes), from the peak RSS of one vmapped JVP pass at 1, 2 and 4 rows.
 PUSH_ROW_ACTIVATIONS = 1.25
+# What a training step holds at its peak per activation element of its micro-batch (every module output of one
+# example's hooked forward, :func:`hooked_forward_counts`, times the micro-batch): what autograd saves and the
+# backward's gradients. Measured as the peak RSS's growth from B to 2B examples (2 CPU threads, glibc's allocator,
+# Adam): 1.47-1.48 on two UNet2DModels (MNIST-sized, tiny), 0.68 on the DDPM CIFAR-10 UNet, 0.75 and 0.83 on the
+# DCGAN 64x64 G and D, 0.61 on an MLP, 1.88 on a transformer encoder (attention's probabilities are no module's
+# output); on CUDA the CIFAR-10 UNet's allocated peak at B = 64 gave 1.43 (figures/gpu_check.json). It was 3.
+TRAINING_ACTIVATIONS = 2.0
 
 
 def push_pass_bytes(num_params: int, param_bytes: int, rows: int, probe_activation_bytes: int) -> int:
@@ -631,7 +679,8 @@ def estimate_cost(
     # their forward work too, so they are in every route's unit (gradient_layer_counts). One pass for both.
     acts, macs, trainable_macs, layers = hooked_forward_counts(model, tuple(t[:1] for t in probes), grad=True)
     micro = -(-b // micro_batches)  # the largest micro-batch: what training's activations hold at once
-    memory["training_step"] = (2 * num + optimizer_state) * param_bytes + 3 * acts * micro * param_bytes
+    memory["training_step"] = (2 * num + optimizer_state) * param_bytes
+    memory["training_activations"] = int(TRAINING_ACTIVATIONS * acts * micro * param_bytes)
     # Weights that do not train (a LoRA base, a frozen encoder inside the model) are on the device all the
     # same: in the total, and, like the training step's own arrays, already out of the free memory.
     memory["frozen_weights"] = frozen_bytes(model, device)
@@ -825,7 +874,16 @@ def estimate_cost(
     # (after the routes' counts, which read the model's own bare step: a trainer's work outside the model is in the
     # bare step and the tracked one alike)
     bare += step_overhead * b
-    estimate = CostEstimate(memory, available_memory(device), work, bare, held_bytes(model, optimizer, device), settings={
+    # Which parts exist at once (the module docstring's phases): the training pass's activations and what a step
+    # keeps of them, then the group gradients read from them, then the analysis after the optimizer's step.
+    phases = {
+        "training pass": ("training_activations", "training_records", "group_gradients", "witnesses"),
+        "group gradients": ("training_records", "group_gradients", "held_factors", "witnesses"),
+        "analysis": STEP_TEMPORARIES,
+    }
+    if group_state != "dense":  # (rows from the training graph, observed or owned, only on the dense route)
+        phases["training pass"] = ("training_activations", "training_records", "witnesses")
+    estimate = CostEstimate(memory, available_memory(device), work, bare, held_bytes(model, optimizer, device), phases=phases, settings={
         "parameters": num, "rows": rows, "probes": m, "outputs": outputs, "batch": b, "group_state": group_state,
         "state_dtype": str(state_dtype).replace("torch.", ""), "device": str(device),
         "quadrature_nodes": quadrature_nodes, "ema": ema, "optimizer": type(optimizer).__name__,
@@ -1446,11 +1504,18 @@ def _cheaper_options(estimate: CostEstimate, group_state: str, state_dtype: torc
     return options
 
 
-# The memory parts a tracker's step frees before the next (its group gradients and updates, checks, pushes, step
-# contributions, held factors, training records, an EMA update's sync): what runs between steps (an analyzer's
-# kernel records and own passes) has them as room, beside what the tracker keeps from step to step.
+# The memory parts a tracker's step frees before the next, its analysis phase (its group gradients and updates,
+# checks, pushes, step contributions, held factors, an EMA update's sync; the training records are read into the
+# group gradients before it): what runs between steps (an analyzer's kernel records and own passes) has them as
+# room, beside what the tracker keeps from step to step.
 STEP_TEMPORARIES = ("group_gradients", "group_updates", "checks", "push_tangents", "witnesses", "probe_pushes",
-                    "training_records", "step_contributions", "held_factors", "ema_sync")
+                    "step_contributions", "held_factors", "ema_sync")
+
+
+def _beside_every_phase(phases: dict[str, tuple[str, ...]], part: str) -> dict[str, tuple[str, ...]]:
+    """``phases`` with ``part`` in each (a between-steps peak counted as its excess over the analysis phase's parts,
+    :data:`STEP_TEMPORARIES`: the total grows by it whichever phase is largest, as a part held throughout would)."""
+    return {name: (*parts, part) for name, parts in phases.items()}
 
 
 def with_kernel_records(tracker_cost: CostEstimate, record: dict[str, Any], every: int) -> CostEstimate:
@@ -1479,7 +1544,7 @@ def with_kernel_records(tracker_cost: CostEstimate, record: dict[str, Any], ever
                     kernel_every=int(every), kernel_record_once=2.0 * float(record["work"]),
                     kernel_states=int(record["states"]), kernel_sketch=record["sketch"])
     estimate = CostEstimate(memory, tracker_cost.available, work, tracker_cost.bare_step, tracker_cost.held, settings,
-                            list(tracker_cost.cheaper))
+                            list(tracker_cost.cheaper), _beside_every_phase(tracker_cost.phases, "kernel_record"))
     tracked_step = tracker_cost.bare_step + sum(tracker_cost.work.values())
     if memory["kernel_record"] or record["work"] > 0.1 * tracked_step * max(every, 1):
         directions = record["sketch"]
@@ -1527,7 +1592,7 @@ def with_analysis_passes(tracker_cost: CostEstimate, passes: dict[str, Any]) -> 
     bare = tracker_cost.bare_step + float(passes.get("bare_step", 0.0))
     settings["analysis_bare_step"] = float(passes.get("bare_step", 0.0))
     estimate = CostEstimate(memory, tracker_cost.available, work, bare, tracker_cost.held, settings,
-                            list(tracker_cost.cheaper))
+                            list(tracker_cost.cheaper), _beside_every_phase(tracker_cost.phases, "analysis_passes"))
     tracked_step = tracker_cost.bare_step + sum(tracker_cost.work.values())
     if memory["analysis_passes"] or sum(passes["work"].values()) > 0.1 * tracked_step:
         estimate.cheaper.extend(passes.get("cheaper") or [])

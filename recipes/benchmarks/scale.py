@@ -24,7 +24,7 @@ committed figures were measured on). Three measurements, side by side in one run
      (reported beside it; the two peaks fall in different phases, so this difference is a
      lower bound of what tracking holds at its own peak).
    - training: the bare process's peak minus its RSS before the model, against the estimate's
-     ``training_step``.
+     ``training_step`` and ``training_activations`` (and ``frozen_weights``).
 
    The tracked child also records, per phase of the step (monkeypatched wrappers around the
    tracker's, route's and splitter's methods; none of them is edited), the seconds, the peak RSS
@@ -437,8 +437,10 @@ def memory_comparison(s: dict, seed: int, threads: int) -> dict:
     estimate = tracked["estimate"]
     memory = estimate["memory_bytes"]
     predicted_total = estimate["total_bytes"]
-    # (the frozen weights are in both processes: in the total, not in what analysis adds; CostEstimate.analysis_bytes)
-    predicted_analysis = predicted_total - memory.get("training_step", 0) - memory.get("frozen_weights", 0)
+    # What the bare process holds at its peak: the training step's arrays and activations and the frozen weights (in
+    # both processes: in the total, not in what analysis adds; CostEstimate.analysis_bytes)
+    predicted_training = sum(memory.get(k, 0) for k in ("training_step", "training_activations", "frozen_weights"))
+    predicted_analysis = predicted_total - predicted_training
     measured_total = tracked["peak_rss"] - tracked["rss_before_model"]
     measured_training = bare["peak_rss"] - bare["rss_before_model"]
     # each process's own RSS before the model subtracted from its own peak (the raw difference of
@@ -450,8 +452,9 @@ def memory_comparison(s: dict, seed: int, threads: int) -> dict:
         "analysis_only": _compare(predicted_analysis, measured_analysis,
                                   "tracked peak minus bare peak, each less its own RSS before the model; "
                                   "estimate: analysis_bytes"),
-        "training": _compare(memory.get("training_step", 0), measured_training,
-                             "bare process: peak RSS minus RSS before the model; estimate: training_step"),
+        "training": _compare(predicted_training, measured_training,
+                             "bare process: peak RSS minus RSS before the model; estimate: training_step, "
+                             "training_activations and frozen_weights"),
     }
     out["claim_refers_to"] = "total"
     out["estimate_parts_bytes"] = memory
