@@ -31,6 +31,16 @@ def float64():
     torch.set_default_dtype(previous)
 
 
+@pytest.fixture
+def batch_sets_the_peak(monkeypatch):
+    """A training pass holding 10⁴ of its activation elements per example (``cost.TRAINING_ACTIVATIONS``): on tiny
+    models the cost estimate's analysis phase (pushes, group rows) is otherwise its peak whatever the batch, and a
+    first step's batch could not decide whether it fits (the memory check a module asking for this exercises)."""
+    import genkernel.core.cost as cost
+
+    monkeypatch.setattr(cost, "TRAINING_ACTIVATIONS", 1e4)
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """One torch thread for a module of tiny models (faster, and far faster on a busy machine);

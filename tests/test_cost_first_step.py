@@ -30,20 +30,12 @@ from genkernel.gan import GANKernelAnalyzer, GeneratorLoss, frozen
 from genkernel.supervised import mse_loss
 from test_gan_analyzer_cost import EVERY, conv, g_forward, mlp, observed_steps, probes
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = pytest.mark.usefixtures("one_thread", "batch_sets_the_peak")
 
 F64 = torch.float64
 PROBES = torch.randn(5, 3, generator=torch.Generator().manual_seed(7), dtype=F64)  # M = 5
 BATCH, MICRO = 12, 2
 FREE = cost.available_memory  # (put back where a test has set its own, keeping batch_sets_the_peak's patch)
-
-
-@pytest.fixture(autouse=True)
-def batch_sets_the_peak(monkeypatch):
-    """A training pass holding 10⁴ of its activation elements per example: on these tiny models the analysis phase
-    (pushes, group rows) is otherwise the estimate's peak whatever the batch, and a first step's batch could not
-    decide whether it fits (the memory check these tests exercise)."""
-    monkeypatch.setattr(cost, "TRAINING_ACTIVATIONS", 1e4)
 
 
 def model_and_optimizer(seed=0):

@@ -15,8 +15,7 @@ import pytest
 import torch
 
 import genkernel.core.cost as cost
-from test_cost_first_step import (BATCH, MICRO, batch_sets_the_peak, batches, dense_tracker, direct_estimate,  # noqa: F401
-                                  loop_step, model_and_optimizer)
+from test_cost_first_step import BATCH, MICRO, batches, dense_tracker, direct_estimate, loop_step, model_and_optimizer
 
 pytestmark = pytest.mark.usefixtures("one_thread", "batch_sets_the_peak")
 
