@@ -102,9 +102,12 @@ buffers, the frozen weights); the phases are
 - ``"group gradients"``: the training records read into the group rows (and held factors);
 - ``"analysis"`` (:data:`STEP_TEMPORARIES`): after the optimizer's step, the group rows, the split
   update, the checks, the pushes, the step's contributions, held factors, an EMA update's sync;
+- with an EMA ledger, ``"EMA sync"``: an observed loop's ``optimizer.step()`` syncs the EMA ledger while the
+  rows its ``observe()`` calls summed are held (on the dense route, conservatively, owned steps too);
 
-and an analyzer's kernel records or own passes, run between steps, are counted in every phase by
-their excess over the analysis phase (:func:`with_kernel_records`, :func:`with_analysis_passes`).
+with ``micro_batches`` > 1 the dense route's training pass holds the rows twice (the earlier micro-batches'
+sum and the current one's); and an analyzer's kernel records or own passes, run between steps, are counted
+in every phase by their excess over the analysis phase (:func:`with_kernel_records`, :func:`with_analysis_passes`).
 Summing every part had the estimate 1.8-2.2x the measured peak RSS on an MNIST-sized UNet2DModel at
 B = 32 with 16 probes and 20 group rows (and 2.35x the allocated peak on CUDA): the training pass's
 activations, three times over, counted beside the pushes that run after they are freed.
@@ -883,6 +886,16 @@ def estimate_cost(
     }
     if group_state != "dense":  # (rows from the training graph, observed or owned, only on the dense route)
         phases["training pass"] = ("training_activations", "training_records", "witnesses")
+    elif micro_batches > 1:
+        # Rows from the graph of each micro-batch (an owned step's graph route, an observed loop's observe()): from
+        # the second on, the sum of the earlier micro-batches' rows is held while this one's are formed (twice).
+        phases["training pass"] += ("group_gradients",)
+    if "ema_sync" in memory:
+        # An observed loop's optimizer.step() syncs the EMA ledger (the EMA's update after the previous step) before
+        # the step, while the rows its observe() calls summed are held: the sync (``ema_sync``, its excess over the
+        # step's temporaries, counted with those it replaces) beside them. (An owned step syncs before its forward.)
+        phases["EMA sync"] = ("group_gradients", "witnesses", "group_gradients", "group_updates", "probe_pushes",
+                              "push_tangents", "ema_sync")
     estimate = CostEstimate(memory, available_memory(device), work, bare, held_bytes(model, optimizer, device), phases=phases, settings={
         "parameters": num, "rows": rows, "probes": m, "outputs": outputs, "batch": b, "group_state": group_state,
         "state_dtype": str(state_dtype).replace("torch.", ""), "device": str(device),
