@@ -73,15 +73,16 @@ def test_a_larger_batch_moves_the_peak_only_once_the_training_pass_is_largest():
     leaves the total as it is (the training pass grows below it); once the training pass is the largest, the total
     grows with it, by TRAINING_ACTIVATIONS activation elements per example. Before, every batch added its
     activations (three times) to the sum."""
-    totals, peaks = {}, {}
+    totals, peaks, backward = {}, {}, {}
     for batch in (1, 2, 512, 1024):
         e = estimate(batch)
-        totals[batch], peaks[batch] = e.total_bytes, e.peak_phase
+        totals[batch], peaks[batch], backward[batch] = e.total_bytes, e.peak_phase, e.memory["row_backward"]
         if batch == 1:
             per_example = e.memory["training_activations"]
     assert peaks[1] == peaks[2] == "analysis" and totals[1] == totals[2]
     assert peaks[512] == peaks[1024] == "training pass"
-    assert totals[1024] - totals[512] == 512 * per_example
+    # (and the rows' batched backward through the graph, as many rows at once as the budget holds)
+    assert totals[1024] - totals[512] == 512 * per_example + backward[1024] - backward[512]
     model = conv_net()
     elements = cost.hooked_forward_counts(model, (torch.randn(1, 1, 12, 12),), grad=True)[0]
     assert per_example == int(cost.TRAINING_ACTIVATIONS * elements * 4)

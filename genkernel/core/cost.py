@@ -39,6 +39,10 @@ Memory (bytes):
   encoder inside the model), on the device while the step runs; like the training step's own
   arrays they exist already, so the fit check does not ask the free memory for them
   (:attr:`CostEstimate.existing_bytes`);
+- ``row_backward``: on the dense route's ``gradient_route="graph"`` (an observed loop's ``observe()``
+  takes it whatever the route), the batched backward of the R group rows through the training graph,
+  every row at once (:data:`GRAPH_ROW_ACTIVATIONS` of the micro-batch's activations a row; the memory
+  budget does not bound it);
 - ``training_records``: what step 1 keeps of the training pass when it reads layer factors from it
   (the layers' output gradients, about one copy of the activations) until it has read them; only
   when that fits in the memory budget.
@@ -98,7 +102,8 @@ buffers, the frozen weights); the phases are
 
 - ``"training pass"``: the training activations, the records a step keeps of them, and, on the
   dense route, the group rows formed from the training graph as it runs (an observed loop's
-  ``observe()``, an owned step's graph route; conservatively on every dense route);
+  ``observe()``, an owned step's graph route; conservatively on every dense route) and their
+  batched backward (``row_backward``);
 - ``"group gradients"``: the training records read into the group rows (and held factors);
 - ``"analysis"`` (:data:`STEP_TEMPORARIES`): after the optimizer's step, the group rows, the split
   update, the checks, the pushes, the step's contributions, held factors, an EMA update's sync;
@@ -558,6 +563,14 @@ def reads_training_pass(record_bytes_per_example: int, batch: int, memory_budget
     return record_bytes_per_example * batch <= memory_budget
 
 
+# What one group row of the batched backward through the training graph holds (``gradients_from_losses``: all R
+# rows' activation gradients at once, ``is_grads_batched``), per activation element of the micro-batch: measured 0.48
+# (float32) and 0.62 (float64) on a convolutional net (3 -> 16 channels at 64x64, B = 32, Adam; the peak RSS's growth
+# from 1 to 8 and 16 rows, glibc returning every block), where the graph route's total was 0.29-0.52 of its measured
+# peak without it.
+GRAPH_ROW_ACTIVATIONS = 0.625
+
+
 # Tangents of the probes' activations one pushed row holds, as a share of the probes' activations
 # (M × the activation elements of one example × bytes): measured 0.42-0.58 on three UNet2DModels
 # (the DDPM CIFAR-10 one at 4 probes, an MNIST-sized one at 8, the tiny one at 64) and 1.2 on an
@@ -715,6 +728,9 @@ def estimate_cost(
         pushed = rows + 1
         if gradient_route == "graph":  # R backward passes of the batch: a bare step's, less its forward
             work["group_gradients"] = rows * (bare - b)
+            # batched, every row at once, beside the training graph (not bounded by the memory budget: rows taken in
+            # chunks were rounded otherwise than the step's check allows, a conv bias's gap 1.7e-5 of its scale)
+            memory["row_backward"] = int(rows * GRAPH_ROW_ACTIVATIONS * acts * micro * param_bytes)
         else:
             own_pass = gradient_route == "example" and not reads_training
             if gradient_route == "example" and reads_training:
@@ -880,7 +896,7 @@ def estimate_cost(
     # Which parts exist at once (the module docstring's phases): the training pass's activations and what a step
     # keeps of them, then the group gradients read from them, then the analysis after the optimizer's step.
     phases = {
-        "training pass": ("training_activations", "training_records", "group_gradients", "witnesses"),
+        "training pass": ("training_activations", "training_records", "group_gradients", "witnesses", "row_backward"),
         "group gradients": ("training_records", "group_gradients", "held_factors", "witnesses"),
         "analysis": STEP_TEMPORARIES,
     }
@@ -900,7 +916,7 @@ def estimate_cost(
         "parameters": num, "rows": rows, "probes": m, "outputs": outputs, "batch": b, "group_state": group_state,
         "state_dtype": str(state_dtype).replace("torch.", ""), "device": str(device),
         "quadrature_nodes": quadrature_nodes, "ema": ema, "optimizer": type(optimizer).__name__,
-        "step_overhead": float(step_overhead),
+        "step_overhead": float(step_overhead), "gradient_route": gradient_route if group_state == "dense" else None,
     })
     switchable = tuple(g for g in group_states if g == "dense" or (g == "factored" and plain_sgd(optimizer))
                        or (g == "sketched" and sketchable(optimizer)))
@@ -1616,7 +1632,7 @@ def with_analysis_passes(tracker_cost: CostEstimate, passes: dict[str, Any]) -> 
 
 __all__ = [
     "COST_OPTIONS", "CostEstimate", "PUSH_ROW_ACTIVATIONS", "available_memory", "cgroup_free_memory",
-    "GROUP_STATE_CHOICES", "check_bytes", "cost_options", "estimate_cost", "factor_route_work", "forward_macs", "held_bytes", "ledger_bytes", "linear_state_rows",
+    "GROUP_STATE_CHOICES", "GRAPH_ROW_ACTIVATIONS", "check_bytes", "cost_options", "estimate_cost", "factor_route_work", "forward_macs", "held_bytes", "ledger_bytes", "linear_state_rows",
     "frozen_bytes", "GradientLayerCounts", "gradient_layer_counts", "hooked_forward_counts", "optimizer_state_copies", "optimizer_state_values", "plain_hyperparameter", "plain_sgd", "projection_bytes", "push_pass_bytes", "push_pass_shape", "push_route", "reads_training_pass",
     "sketch_temporary_bytes", "sketch_work", "dense_gradient_work", "fallback_checks", "input_gradient_share", "row_sum_products", "sketchable", "splitter_state_copies",
     "tangent_bytes", "bare_step_forwards", "example_counts", "with_kernel_records",

@@ -578,8 +578,9 @@ class PathKernelTracker:
 
     def _gradient_route_of_estimate(self) -> str:
         """The group-gradient route the cost estimate counts: "graph", "factored" (the dense
-        route's second pass of layer factors) or "example" (read from the training pass)."""
-        if self.route.uses_graph():
+        route's second pass of layer factors) or "example" (read from the training pass). An observed loop's
+        rows come from its own graph (``observe()``) whatever the route."""
+        if self.route.uses_graph() or getattr(self, "_observing", False):  # (set after the first estimate)
             return "graph"
         return "factored" if getattr(self.route, "gradient_route", None) == "factored" else "example"
 
@@ -893,7 +894,10 @@ class PathKernelTracker:
 
         origin.update({key: "first_step" for key, kept in given.items() if not kept})
         try:
-            if after == before:  # the same estimate: only where its numbers came from changes
+            # (an observed loop's first step: its rows came from the loop's graph, which a tracker built before its
+            # first observe() did not count)
+            route_changed = self.cost.settings.get("gradient_route") not in (None, self._gradient_route_of_estimate())
+            if after == before and not route_changed:  # the same estimate: only where its numbers came from changes
                 self.cost = replace(self.cost, settings={**self.cost.settings, "batch_from": origin["batch"],
                                                          "micro_batches_from": origin["micro_batches"]})
             else:
@@ -903,10 +907,15 @@ class PathKernelTracker:
                                                          ("micro_batches", before[1], after[1], "one"))
                              if was != now]
                 which = "the first step's batch of the run it resumes" if resumed else "this first step's batch"
-                why = (f"step {index} was refused before anything of it was recorded (the parameters, the optimizer's "
-                       f"state and the ledgers are as before it): the tracker was built without "
-                       f"{' and '.join(stand_ins)}, and with {which} of {batch} examples in "
-                       f"{micro_batches} micro-batch{'es' if micro_batches > 1 else ''} as batch_size and micro_batches")
+                refused = (f"step {index} was refused before anything of it was recorded (the parameters, the "
+                           "optimizer's state and the ledgers are as before it)")
+                if stand_ins:
+                    why = (f"{refused}: the tracker was built without {' and '.join(stand_ins)}, and with {which} of "
+                           f"{batch} examples in {micro_batches} micro-batch{'es' if micro_batches > 1 else ''} as "
+                           "batch_size and micro_batches")
+                else:
+                    why = (f"{refused}: an observed loop forms the group rows from its own training graph, in batched "
+                           "backward passes beside it that the estimate made before its first observe() did not count")
                 smaller = "or a smaller batch per optimizer step (batch_size), in more micro-batches"
                 self._check_cost(ema=self.ema is not None, first_step=(why, smaller))
                 for follow in self._cost_followers:  # (an analyzer's passes beside the new estimate)
