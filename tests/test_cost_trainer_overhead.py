@@ -67,6 +67,6 @@ def test_set_step_overhead_recounts_the_bare_step_and_refuses_nonsense():
     x, y = torch.randn(6, 3, dtype=torch.float64), torch.randn(6, 2, dtype=torch.float64)
     tracker.step(x, y, torch.tensor([0, 1, 0, 1, 0, 1]))  # B = 6 replaces the probes' 4: estimated again
     assert tracker.cost.settings["batch"] == 6 and tracker.cost.settings["step_overhead"] == 0.5
-    for bad in (-1.0, float("nan"), "1"):
+    for bad in (-1.0, float("nan"), "1", True):
         with pytest.raises(ValueError, match="overhead"):
             tracker.set_step_overhead(bad)

@@ -831,7 +831,7 @@ class PathKernelTracker:
         example-forwards of the model per example (a VAE's encode, known once the first batch is drawn), in
         ``cost.bare_step`` and in the estimates made later (the first step's, an EMA ledger's). No memory part
         changes, so no fit check runs again."""
-        if not isinstance(overhead, (int, float)) or not math.isfinite(overhead) or overhead < 0:
+        if isinstance(overhead, bool) or not isinstance(overhead, (int, float)) or not math.isfinite(overhead) or overhead < 0:
             raise ValueError(f"overhead must be a finite number of example-forwards >= 0, got {overhead!r}")
         cost = self.cost
         cost.bare_step += (overhead - cost.settings["step_overhead"]) * cost.settings["batch"]
@@ -1479,6 +1479,8 @@ class PathKernelTracker:
         refused, error = self._refused_observed
         reason = " ".join(str(error).split())
         reason = reason if len(reason) <= 300 else reason[:297] + "..."
+        if self._broken is not None:  # (the step could not be undone: say that, not how to run it again)
+            return f"{message}. The optimizer.step() before it, for step {refused}, failed ({reason}); {self._broken}"
         return (f"{message}. The optimizer.step() before it, for step {refused}, was refused ({type(error).__name__}: "
                 f"{reason}) and the micro-batches observed for it were dropped with it; the parameters and the "
                 f"optimizer are as they were before step {refused}. To run step {index}: call optimizer.zero_grad(), "
