@@ -108,6 +108,7 @@ def measure(case: str) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.slow  # (a fresh process measuring its peak: 7-8 s; `make test-slow`)
 def test_an_observed_steps_ema_sync_is_counted_beside_the_rows_it_observed():
     """An observed loop with an EMA ledger (AveragedModel), plain SGD, 32 rows: its optimizer.step() syncs the EMA's
     last update while the observed rows are held, and that is the step's peak. The estimate (less what exists
@@ -119,6 +120,7 @@ def test_an_observed_steps_ema_sync_is_counted_beside_the_rows_it_observed():
     assert 0.92 <= result["predicted_total"] / result["measured_total"] <= 1.3, result
 
 
+@pytest.mark.slow  # (a fresh process measuring its peak: 7-8 s; `make test-slow`)
 def test_micro_batches_hold_the_rows_twice_in_the_training_pass():
     """An observed loop of two micro-batches: the second micro-batch's rows are formed from its graph while the
     first's are held (the sum the tracker keeps until the step), twice the rows in the training pass. The training
