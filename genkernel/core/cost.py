@@ -882,7 +882,7 @@ def estimate_cost(
         narrow = param_bytes != 8
         sync = ((stacked + 1) + (rows + 2)) * num * 8 + ema_push
         sync += ((rows + 2) * num * param_bytes + 2 * num * 8) if narrow else 0
-        transient = sum(memory.get(k, 0) for k in ("group_gradients", "group_updates", "probe_pushes", "push_tangents"))
+        transient = sum(memory.get(k, 0) for k in EMA_SYNC_REPLACES)
         memory["ema_sync"] = max(0, sync - transient)
     # After the step; before it too when buffers or frozen parameters may have moved the outputs.
     work["probe_forwards"] = m * (2.0 if has_state_outside_training(model) else 1.0)
@@ -895,23 +895,23 @@ def estimate_cost(
     bare += step_overhead * b
     # Which parts exist at once (the module docstring's phases): the training pass's activations and what a step
     # keeps of them, then the group gradients read from them, then the analysis after the optimizer's step.
+    training_pass = ("training_activations", "training_records", "witnesses")
+    if group_state == "dense":  # (rows from the training graph, observed or owned, only on the dense route)
+        training_pass += ("group_gradients", "row_backward")
+        if micro_batches > 1:
+            # Rows from the graph of each micro-batch (an owned step's graph route, an observed loop's observe()):
+            # from the second on, the earlier micro-batches' sum is held while this one's are formed (twice).
+            training_pass += ("group_gradients",)
     phases = {
-        "training pass": ("training_activations", "training_records", "group_gradients", "witnesses", "row_backward"),
+        "training pass": training_pass,
         "group gradients": ("training_records", "group_gradients", "held_factors", "witnesses"),
         "analysis": STEP_TEMPORARIES,
     }
-    if group_state != "dense":  # (rows from the training graph, observed or owned, only on the dense route)
-        phases["training pass"] = ("training_activations", "training_records", "witnesses")
-    elif micro_batches > 1:
-        # Rows from the graph of each micro-batch (an owned step's graph route, an observed loop's observe()): from
-        # the second on, the sum of the earlier micro-batches' rows is held while this one's are formed (twice).
-        phases["training pass"] += ("group_gradients",)
     if "ema_sync" in memory:
         # An observed loop's optimizer.step() syncs the EMA ledger (the EMA's update after the previous step) before
         # the step, while the rows its observe() calls summed are held: the sync (``ema_sync``, its excess over the
         # step's temporaries, counted with those it replaces) beside them. (An owned step syncs before its forward.)
-        phases["EMA sync"] = ("group_gradients", "witnesses", "group_gradients", "group_updates", "probe_pushes",
-                              "push_tangents", "ema_sync")
+        phases["EMA sync"] = ("group_gradients", "witnesses", *EMA_SYNC_REPLACES, "ema_sync")
     estimate = CostEstimate(memory, available_memory(device), work, bare, held_bytes(model, optimizer, device), phases=phases, settings={
         "parameters": num, "rows": rows, "probes": m, "outputs": outputs, "batch": b, "group_state": group_state,
         "state_dtype": str(state_dtype).replace("torch.", ""), "device": str(device),
@@ -1285,7 +1285,7 @@ def _fallback_passes(model: nn.Module, probes: tuple[torch.Tensor, ...], layers:
     probe_checks = fallback_checks([s.stop - s.start for s in row_chunks(model, plan, probes, outputs, memory_budget)]
                                    ) if probe_side else 0
     per_chunk = _fallback_chunk(fallback, param_bytes, memory_budget)
-    batch_checks = fallback_checks([min(per_chunk, batch - start) for start in range(0, batch, per_chunk)])
+    batch_checks = chunked_checks(batch, per_chunk)
     return capture_skipped, fallback_skipped, fallback_gradients, probe_checks, batch_checks
 
 
@@ -1293,6 +1293,11 @@ def _fallback_chunk(fallback: int, param_bytes: int, memory_budget: int) -> int:
     """Examples per chunk of torch.func's per-example gradients of the ``fallback`` parameters alone
     (``engine.gradients._example_chunks``: 3 × P_fb values an example in the budget)."""
     return max(1, memory_budget // (3 * max(fallback, 1) * param_bytes))
+
+
+def chunked_checks(batch: int, chunk: int) -> int:
+    """:func:`fallback_checks` of ``batch`` examples in chunks of ``chunk`` (the last one short)."""
+    return fallback_checks([min(chunk, batch - start) for start in range(0, batch, chunk)])
 
 
 def fallback_checks(chunk_sizes: list[int]) -> int:
@@ -1380,9 +1385,7 @@ def dense_gradient_work(shapes: list[BlockShape], fallback: int, *, batch: int, 
     parameters = sum(s.parameters for s in shapes) + fallback
     products = row_sum_products(rows, partitions, batch, example_chunk) * parameters
     if route == "example":  # (and the first example of each chunk of two or more once more: per_example's check)
-        chunk = max(1, example_chunk)
-        checks = fallback_checks([min(chunk, batch - start) for start in range(0, batch, chunk)])
-        return (batch + checks) * (1.0 + back + weight_share) + products / unit
+        return (batch + chunked_checks(batch, max(1, example_chunk))) * (1.0 + back + weight_share) + products / unit
     if fallback and fallback_back is not None and fallback_chunk is not None:  # (the fallback's rows: its own chunks)
         products += (row_sum_products(rows, partitions, batch, fallback_chunk)
                      - row_sum_products(rows, partitions, batch, example_chunk)) * fallback
@@ -1537,6 +1540,8 @@ def _cheaper_options(estimate: CostEstimate, group_state: str, state_dtype: torc
 # checks, pushes, step contributions, held factors, an EMA update's sync; the training records are read into the
 # group gradients before it): what runs between steps (an analyzer's kernel records and own passes) has them as
 # room, beside what the tracker keeps from step to step.
+# The step's temporaries an EMA ledger's sync takes as room (its part ``ema_sync`` is its excess over them).
+EMA_SYNC_REPLACES = ("group_gradients", "group_updates", "probe_pushes", "push_tangents")
 STEP_TEMPORARIES = ("group_gradients", "group_updates", "checks", "push_tangents", "witnesses", "probe_pushes",
                     "step_contributions", "held_factors", "ema_sync")
 
@@ -1634,7 +1639,7 @@ __all__ = [
     "COST_OPTIONS", "CostEstimate", "PUSH_ROW_ACTIVATIONS", "available_memory", "cgroup_free_memory",
     "GROUP_STATE_CHOICES", "GRAPH_ROW_ACTIVATIONS", "check_bytes", "cost_options", "estimate_cost", "factor_route_work", "forward_macs", "held_bytes", "ledger_bytes", "linear_state_rows",
     "frozen_bytes", "GradientLayerCounts", "gradient_layer_counts", "hooked_forward_counts", "optimizer_state_copies", "optimizer_state_values", "plain_hyperparameter", "plain_sgd", "projection_bytes", "push_pass_bytes", "push_pass_shape", "push_route", "reads_training_pass",
-    "sketch_temporary_bytes", "sketch_work", "dense_gradient_work", "fallback_checks", "input_gradient_share", "row_sum_products", "sketchable", "splitter_state_copies",
+    "sketch_temporary_bytes", "sketch_work", "dense_gradient_work", "chunked_checks", "fallback_checks", "input_gradient_share", "row_sum_products", "sketchable", "splitter_state_copies",
     "tangent_bytes", "bare_step_forwards", "example_counts", "with_kernel_records",
     "with_analysis_passes",
 ]
