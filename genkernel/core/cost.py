@@ -141,6 +141,9 @@ from .engine.factors import covering_plan, dense_pair_is_cheaper, lean_materiali
 from .engine.projections import PROJECTION_CHUNK_BYTES, weight_projection_route
 
 GiB = 2**30
+# The parts a bare training step holds too (its arrays and activations, the frozen weights): the total less them is
+# what tracking adds (CostEstimate.analysis_bytes)
+TRAINING_PARTS = ("training_step", "training_activations", "frozen_weights")
 
 
 # The settings a cheaper option may ask the user to change. A caller that fixes some of them (the
@@ -198,8 +201,7 @@ class CostEstimate:
     def analysis_bytes(self) -> int:
         """What tracking adds to the peak of the training step's own memory (its held arrays and activations) and
         the frozen weights."""
-        return self.total_bytes - sum(self.memory.get(k, 0) for k in ("training_step", "training_activations",
-                                                                          "frozen_weights"))
+        return self.total_bytes - sum(self.memory.get(k, 0) for k in TRAINING_PARTS)
 
     @property
     def existing_bytes(self) -> int:
@@ -1636,7 +1638,7 @@ def with_analysis_passes(tracker_cost: CostEstimate, passes: dict[str, Any]) -> 
 
 
 __all__ = [
-    "COST_OPTIONS", "CostEstimate", "PUSH_ROW_ACTIVATIONS", "available_memory", "cgroup_free_memory",
+    "COST_OPTIONS", "CostEstimate", "PUSH_ROW_ACTIVATIONS", "TRAINING_PARTS", "available_memory", "cgroup_free_memory",
     "GROUP_STATE_CHOICES", "GRAPH_ROW_ACTIVATIONS", "check_bytes", "cost_options", "estimate_cost", "factor_route_work", "forward_macs", "held_bytes", "ledger_bytes", "linear_state_rows",
     "frozen_bytes", "GradientLayerCounts", "gradient_layer_counts", "hooked_forward_counts", "optimizer_state_copies", "optimizer_state_values", "plain_hyperparameter", "plain_sgd", "projection_bytes", "push_pass_bytes", "push_pass_shape", "push_route", "reads_training_pass",
     "sketch_temporary_bytes", "sketch_work", "dense_gradient_work", "chunked_checks", "fallback_checks", "input_gradient_share", "row_sum_products", "sketchable", "splitter_state_copies",

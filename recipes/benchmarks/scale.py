@@ -91,6 +91,7 @@ from typing import Any, Callable
 
 import torch
 
+from genkernel.core.cost import TRAINING_PARTS
 from genkernel.core.tracking.io import jsonable
 
 from ..common import Timer, make_parser, parse, pick
@@ -439,7 +440,7 @@ def memory_comparison(s: dict, seed: int, threads: int) -> dict:
     predicted_total = estimate["total_bytes"]
     # What the bare process holds at its peak: the training step's arrays and activations and the frozen weights (in
     # both processes: in the total, not in what analysis adds; CostEstimate.analysis_bytes)
-    predicted_training = sum(memory.get(k, 0) for k in ("training_step", "training_activations", "frozen_weights"))
+    predicted_training = sum(memory.get(k, 0) for k in TRAINING_PARTS)
     predicted_analysis = predicted_total - predicted_training
     measured_total = tracked["peak_rss"] - tracked["rss_before_model"]
     measured_training = bare["peak_rss"] - bare["rss_before_model"]
