@@ -140,8 +140,8 @@ def test_the_rows_are_counted_twice_only_with_micro_batches_and_the_sync_phase_o
     """The two phases' parts from their definitions (small model, every setting else equal): with K > 1 micro-batches
     the dense training pass is its K = 1 self plus the rows once more (the micro-batch's activations aside); not on
     the factored route, whose rows are never formed from the training graph. With an EMA ledger the "EMA sync" phase
-    is the rows, the witnesses and the sync (its excess over the step's temporaries, plus those), whichever is
-    larger, and without one there is no such phase."""
+    is the rows, the witnesses, a float32 model's rounding sample and the sync (its excess over the step's
+    temporaries, plus those), whichever is larger, and without one there is no such phase."""
     probes = (torch.randn(4, 6, generator=torch.Generator().manual_seed(1)),)
 
     def estimate(micro_batches=1, ema=False, group_state="dense"):
@@ -161,4 +161,5 @@ def test_the_rows_are_counted_twice_only_with_micro_batches_and_the_sync_phase_o
     with_ema = estimate(1, ema=True)
     m = with_ema.memory
     transient = sum(m.get(k, 0) for k in ("group_gradients", "group_updates", "probe_pushes", "push_tangents"))
-    assert with_ema.phase_bytes()["EMA sync"] == m["group_gradients"] + m.get("witnesses", 0) + transient + m["ema_sync"]
+    held = m["group_gradients"] + m.get("witnesses", 0) + m["rounding_sample"]
+    assert with_ema.phase_bytes()["EMA sync"] == held + transient + m["ema_sync"]

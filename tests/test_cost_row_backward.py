@@ -41,6 +41,34 @@ def data(batch=12, seed=1):
             torch.randint(0, 6, (batch,), generator=g))
 
 
+def test_a_float32_model_counts_its_rounding_sample_on_the_graph_route():
+    """A float32 model's graph rows come with the rounding sample of its own gradient (tracking.rounding): two more
+    rows in the batched backward (its memory and its work) and one float64 copy of the parameters held from the
+    training pass to the check; a float64 model takes none."""
+    probes = (torch.randn(3, 1, 8, 8, dtype=F64),)
+
+    def estimate(dtype, rows):
+        model = conv_net().to(dtype)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+        return estimate_cost(model, optimizer, (probes[0].to(dtype),), outputs=2, rows=rows, group_state="dense",
+                             gradient_route="graph", batch_size=12, device="cpu")
+
+    model = conv_net()
+    acts = hooked_forward_counts(model, (probes[0][:1],), grad=True)[0]
+    parameters = sum(p.numel() for p in model.parameters())
+    f32, f64 = estimate(torch.float32, 6), estimate(F64, 6)
+    assert f32.memory["row_backward"] == int((6 + 2) * GRAPH_ROW_ACTIVATIONS * acts * 12 * 4)
+    assert f32.memory["rounding_sample"] == 8 * parameters
+    assert all("rounding_sample" in f32.phases[p] for p in ("training pass", "group gradients"))
+    assert f64.memory["row_backward"] == int(6 * GRAPH_ROW_ACTIVATIONS * acts * 12 * 8)
+    assert "rounding_sample" not in f64.memory
+    # the work: R + 2 backward passes of the batch against R
+    more = estimate(torch.float32, 7).work["group_gradients"] - f32.work["group_gradients"]
+    assert f32.work["group_gradients"] == pytest.approx(8 * more)
+    assert f64.work["group_gradients"] == pytest.approx(6 * (estimate(F64, 7).work["group_gradients"]
+                                                             - f64.work["group_gradients"]))
+
+
 @pytest.mark.parametrize("micro_batches", [1, 3])
 def test_the_estimate_counts_the_rows_backward_on_the_graph_route(micro_batches):
     """estimate_cost on the graph route: row_backward is R · GRAPH_ROW_ACTIVATIONS of the micro-batch's activations

@@ -42,7 +42,11 @@ Memory (bytes):
 - ``row_backward``: on the dense route's ``gradient_route="graph"`` (an observed loop's ``observe()``
   takes it whatever the route), the batched backward of the R group rows through the training graph,
   every row at once (:data:`GRAPH_ROW_ACTIVATIONS` of the micro-batch's activations a row; the memory
-  budget does not bound it);
+  budget does not bound it), two rows more for a float32 model;
+- ``rounding_sample``: with those two rows, a float32 model's sample of its own gradient's rounding
+  (:mod:`genkernel.core.tracking.rounding`), one float64 copy of the parameters held from the training
+  pass until the gradient check (an owned step on another route takes it only when a parameter fails
+  the check's plain tolerance, by a forward again: not counted);
 - ``training_records``: what step 1 keeps of the training pass when it reads layer factors from it
   (the layers' output gradients, about one copy of the activations) until it has read them; only
   when that fits in the memory budget.
@@ -69,7 +73,8 @@ step is about two forwards an example, :func:`bare_step_forwards`, :class:`Gradi
 the factored and sketched routes' passes (the probes' forwards, the capture, the backward through
 frozen layers to earlier adapters) run through the frozen layers too:
 
-- group gradients: "graph" R backward passes of the batch (a bare step less its forward each);
+- group gradients: "graph" R backward passes of the batch (a bare step less its forward each; R + 2
+  for a float32 model, its rounding sample's);
   "example", sketched and factored routes read the batch's layer factors from the training pass
   when its records fit in the memory budget (:func:`reads_training_pass`), else run a pass of
   their own ("example": vmapped per-example gradients; factored: a capture); the dense route's
@@ -137,6 +142,7 @@ from torch import nn
 
 from .adapter import has_state_outside_training
 from .engine.factored import BlockShape, block_shapes, row_chunks
+from .engine.gradients import ROUNDING_SEEDS
 from .engine.factors import covering_plan, dense_pair_is_cheaper, lean_materializes, self_kernel_materializes
 from .engine.projections import PROJECTION_CHUNK_BYTES, weight_projection_route
 
@@ -681,6 +687,7 @@ def estimate_cost(
     params = [p for p in model.parameters() if p.requires_grad]
     num = sum(p.numel() for p in params)
     param_bytes = params[0].element_size() if params else 4
+    float32 = bool(params) and params[0].dtype == torch.float32
     state_bytes = torch.empty((), dtype=state_dtype).element_size()
     m = probes[0].shape[0]
     b = m if batch_size is None else batch_size
@@ -729,10 +736,14 @@ def estimate_cost(
             memory["ema"] = (2 * stacked + 1 + 3) * num * 8
         pushed = rows + 1
         if gradient_route == "graph":  # R backward passes of the batch: a bare step's, less its forward
-            work["group_gradients"] = rows * (bare - b)
+            # (a float32 model's two more, its rounding sample's seeded rows, held summed until the check: tracking.rounding)
+            backward_rows = rows + (len(ROUNDING_SEEDS) if float32 else 0)
+            work["group_gradients"] = backward_rows * (bare - b)
             # batched, every row at once, beside the training graph (not bounded by the memory budget: rows taken in
             # chunks were rounded otherwise than the step's check allows, a conv bias's gap 1.7e-5 of its scale)
-            memory["row_backward"] = int(rows * GRAPH_ROW_ACTIVATIONS * acts * micro * param_bytes)
+            memory["row_backward"] = int(backward_rows * GRAPH_ROW_ACTIVATIONS * acts * micro * param_bytes)
+            if float32:
+                memory["rounding_sample"] = num * 8
         else:
             own_pass = gradient_route == "example" and not reads_training
             if gradient_route == "example" and reads_training:
@@ -899,21 +910,21 @@ def estimate_cost(
     # keeps of them, then the group gradients read from them, then the analysis after the optimizer's step.
     training_pass = ("training_activations", "training_records", "witnesses")
     if group_state == "dense":  # (rows from the training graph, observed or owned, only on the dense route)
-        training_pass += ("group_gradients", "row_backward")
+        training_pass += ("group_gradients", "row_backward", "rounding_sample")
         if micro_batches > 1:
             # Rows from the graph of each micro-batch (an owned step's graph route, an observed loop's observe()):
             # from the second on, the earlier micro-batches' sum is held while this one's are formed (twice).
             training_pass += ("group_gradients",)
     phases = {
         "training pass": training_pass,
-        "group gradients": ("training_records", "group_gradients", "held_factors", "witnesses"),
+        "group gradients": ("training_records", "group_gradients", "held_factors", "witnesses", "rounding_sample"),
         "analysis": STEP_TEMPORARIES,
     }
     if "ema_sync" in memory:
         # An observed loop's optimizer.step() syncs the EMA ledger (the EMA's update after the previous step) before
         # the step, while the rows its observe() calls summed are held: the sync (``ema_sync``, its excess over the
         # step's temporaries, counted with those it replaces) beside them. (An owned step syncs before its forward.)
-        phases["EMA sync"] = ("group_gradients", "witnesses", *EMA_SYNC_REPLACES, "ema_sync")
+        phases["EMA sync"] = ("group_gradients", "witnesses", "rounding_sample", *EMA_SYNC_REPLACES, "ema_sync")
     estimate = CostEstimate(memory, available_memory(device), work, bare, held_bytes(model, optimizer, device), phases=phases, settings={
         "parameters": num, "rows": rows, "probes": m, "outputs": outputs, "batch": b, "group_state": group_state,
         "state_dtype": str(state_dtype).replace("torch.", ""), "device": str(device),

@@ -25,6 +25,8 @@ dense route also uses for the per-example gradients it reads from the training p
 :func:`gradients_from_losses` is the same sum taken from the training step's own graph (the
 per-example losses before the user's backward): R backward passes with ``retain_graph=True``, no
 second forward, so BatchNorm's batch statistics and dropout's masks are the ones training used.
+:func:`gradients_and_rounding` adds, in the same batched backward, a sample of how the batch's own
+gradient rounds (the gradient check's allowance for a long float32 reduction, tracking.checks).
 
 :func:`group_gradients` refuses (ValueError) on every route a model that draws random numbers in
 its forward (dropout, RReLU, stochastic depth in training mode: its own forward would draw other
@@ -159,12 +161,63 @@ def gradients_from_losses(
     """
     if membership.dim() != 2 or membership.shape[1] != losses.shape[0]:
         raise ValueError(f"membership must be [rows, {losses.shape[0]}], got {tuple(membership.shape)}")
-    names = list(params)
-    inputs = [params[n] for n in names]
+    grads = _batched_backward(losses, params, membership)
+    return _own_rows(params, grads, membership.shape[0], dtype)
+
+
+def gradients_and_rounding(
+    losses: torch.Tensor, params: dict[str, torch.Tensor], membership: torch.Tensor, coefficients: torch.Tensor, *,
+    dtype: torch.dtype = torch.float64
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """:func:`gradients_from_losses`' rows and, from the same batched backward (two rows more), a sample of
+    how the batch's own gradient ∇ Σ_n c_n ℓ_n rounds in the model's precision: its two copies seeded at
+    the scales s of :data:`ROUNDING_SEEDS`, divided back,
+
+        d = ∇ Σ_n s₁ c_n ℓ_n / s₁ − ∇ Σ_n s₂ c_n ℓ_n / s₂,
+
+    zero in exact arithmetic; in floating point every term of every reduction rounds anew at each seed,
+    so d is the difference of two roundings of the reductions the training backward makes (a long
+    convolution bias reduction's included), whatever the kernels. ``coefficients``: c_n ``[B]``.
+
+    Returns ``(rows, d)``: the rows as :func:`gradients_from_losses` gives them and ``{name:
+    Tensor[*shape]}`` float64. (A seed s c_n rounds to the losses' dtype, which moves d by at most one
+    unit roundoff of |∇|: far below what it measures.)
+    """
+    if membership.dim() != 2 or membership.shape[1] != losses.shape[0]:
+        raise ValueError(f"membership must be [rows, {losses.shape[0]}], got {tuple(membership.shape)}")
+    if coefficients.shape != (losses.shape[0],):
+        raise ValueError(f"coefficients must be [{losses.shape[0]}], got {tuple(coefficients.shape)}")
+    seeds = torch.tensor(ROUNDING_SEEDS, dtype=torch.float64, device=membership.device)
+    seeded = seeds[:, None] * coefficients.to(device=membership.device, dtype=torch.float64)[None, :]
+    rows = membership.shape[0]
+    grads = _batched_backward(losses, params, torch.cat([membership.to(torch.float64), seeded]))
+    difference = {}
+    for name, p, g in zip(params, params.values(), grads):
+        difference[name] = (torch.zeros(p.shape, dtype=torch.float64, device=p.device) if g is None else
+                            g[rows].to(torch.float64) / ROUNDING_SEEDS[0] - g[rows + 1].to(torch.float64) / ROUNDING_SEEDS[1])
+    return _own_rows(params, grads, rows, dtype), difference
+
+
+def rounding_of(losses: torch.Tensor, params: dict[str, torch.Tensor], coefficients: torch.Tensor) -> dict[str, torch.Tensor]:
+    """:func:`gradients_and_rounding`'s rounding sample d alone (no group rows): ``{name: Tensor[*shape]}`` float64."""
+    empty = torch.zeros((0, losses.shape[0]), dtype=torch.float64, device=losses.device)
+    return gradients_and_rounding(losses, params, empty, coefficients)[1]
+
+
+# The two seed scales of :func:`gradients_and_rounding`: no power of two apart, nor from 1, so that no
+# product of a seed keeps the mantissa of another's (a power of two would round every term identically).
+ROUNDING_SEEDS = (3.0, 5.0)
+
+
+def _batched_backward(losses: torch.Tensor, params: dict[str, torch.Tensor],
+                      membership: torch.Tensor) -> list[torch.Tensor | None]:
+    """∇_θ Σ_n W[r, n] ℓ_n for every row r, in one batched backward (the graph retained): one
+    ``Tensor[R, *shape]`` per parameter in the losses' dtype, None for a parameter they do not reach."""
+    inputs = list(params.values())
     weights = membership.to(device=losses.device, dtype=losses.dtype)
     try:
-        grads = torch.autograd.grad(losses, inputs, grad_outputs=weights, retain_graph=True, allow_unused=True,
-                                    is_grads_batched=True)
+        return list(torch.autograd.grad(losses, inputs, grad_outputs=weights, retain_graph=True, allow_unused=True,
+                                        is_grads_batched=True))
     except RuntimeError as error:  # an operation without a batching rule: one backward per row
         if "donated buffers" in str(error):
             raise ValueError(
@@ -173,18 +226,28 @@ def gradients_from_losses(
                 "backward, or set torch._functorch.config.donated_buffer = False before compiling"
             ) from error
         rows = [torch.autograd.grad(losses, inputs, grad_outputs=w, retain_graph=True, allow_unused=True) for w in weights]
-        grads = [None if rows[0][i] is None else torch.stack([r[i] for r in rows]) for i in range(len(inputs))]
+        return [None if rows[0][i] is None else torch.stack([r[i] for r in rows]) for i in range(len(inputs))]
+
+
+def _own_rows(params: dict[str, torch.Tensor], grads: list[torch.Tensor | None], rows: int,
+              dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """The first ``rows`` rows of :func:`_batched_backward`'s gradients as ``{name: Tensor[rows, *shape]}``
+    in ``dtype``, each parameter's in dense storage of its own (zeros where the losses do not reach).
+    Empties ``grads`` as it goes: a copy is made beside one parameter's raw rows at a time, not all."""
     out, seen = {}, set()
-    for name, p, g in zip(names, inputs, grads):
+    for i, (name, p) in enumerate(params.items()):
+        g, grads[i] = grads[i], None
         if g is None:
-            out[name] = torch.zeros((weights.shape[0], *p.shape), dtype=dtype, device=p.device)
+            out[name] = torch.zeros((rows, *p.shape), dtype=dtype, device=p.device)
             continue
-        g = g.detach().to(dtype)
+        whole = g.shape[0] == rows
+        g = g.detach()[:rows].to(dtype)
         # Callers scale and sum the rows in place (clipping, accumulation over micro-batches, a float16
         # boost divided back), so each parameter gets dense storage of its own: autograd may hand two
         # parameters one tensor (θ_a + θ_b passes its gradient to both unchanged), or a row as an expanded
-        # view, one element for many values (a weight summed over in the forward, einsum("bj,pqkj->bk")).
-        if g.data_ptr() in seen or not g.is_contiguous():
+        # view, one element for many values (a weight summed over in the forward, einsum("bj,pqkj->bk")),
+        # and rows cut from a longer batch (the rounding sample's two) would keep its storage.
+        if g.data_ptr() in seen or not g.is_contiguous() or (not whole and g.untyped_storage().nbytes() > g.nbytes):
             g = g.clone(memory_format=torch.contiguous_format)
         seen.add(g.data_ptr())
         out[name] = g

@@ -41,7 +41,8 @@ from ..adapter import (
 from ..cost import plain_sgd, push_pass_shape, push_route, reads_training_pass
 from ..engine.factored import row_chunks
 from ..engine.factors import COVERAGE_SAMPLE, Plan, TrainingCapture, Unfactorable, covering_plan, pair_covering_plan
-from ..engine.gradients import factor_rows, gradients_from_losses, group_gradients, membership_matrix
+from ..engine.gradients import (factor_rows, gradients_and_rounding, gradients_from_losses, group_gradients,
+                                membership_matrix)
 from ..engine.per_example import BatchFactors, batch_totals, capture_batch, factored_contributions, training_batch
 from ..engine.reference import per_example_jacobian
 from ..grouping import Partitions, abs_row_sum
@@ -209,6 +210,12 @@ class GroupStateRoute:
             "training graph: observing a loop (or BatchNorm or dropout in training mode) needs group_state='dense'"
         )
 
+    def graph_gradients_and_rounding(self, losses: torch.Tensor, ids: dict[str, torch.Tensor], coefficients: torch.Tensor
+                                     ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """:meth:`graph_gradients` and, from the same batched backward, the rounding sample d of the batch's
+        own gradient (:func:`~genkernel.core.engine.gradients.gradients_and_rounding`, tracking.rounding)."""
+        return self.graph_gradients(losses, ids, coefficients), {}
+
     def from_graph(self, grads: dict[str, torch.Tensor], losses: torch.Tensor, step) -> StepGradients:
         """Step 1's result from :meth:`graph_gradients` (summed over micro-batches), times the
         step's gradient scale (clipping, loss scaling), averaged across ranks under DDP."""
@@ -307,6 +314,10 @@ class DenseRoute(GroupStateRoute):
     def graph_gradients(self, losses, ids, coefficients):
         return gradients_from_losses(losses, self.model.params, self._membership(ids, coefficients),
                                      dtype=self.model.state_dtype)
+
+    def graph_gradients_and_rounding(self, losses, ids, coefficients):
+        return gradients_and_rounding(losses, self.model.params, self._membership(ids, coefficients), coefficients,
+                                      dtype=self.model.state_dtype)
 
     def from_graph(self, grads, losses, step):
         return self._finish(grads, losses.detach(), step.batch, step.clip_factor)

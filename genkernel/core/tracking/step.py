@@ -274,11 +274,16 @@ class OptimizerStep:
         no_sync = getattr(self.model, "no_sync", None)
         return contextlib.nullcontext() if last or not callable(no_sync) else no_sync()
 
+    def micro_batch(self, rows: slice) -> tuple[tuple[torch.Tensor, ...], Batch | None]:
+        """The inputs and targets of the batch's ``rows`` (one micro-batch; the batch's own tensors for all of them)."""
+        if rows.start == 0 and rows.stop == self.batch:
+            return self.inputs, self.targets
+        return tuple(t[rows] for t in self.inputs), _rows(self.targets, rows)
+
     def _micro_batch_loss(self, rows: slice, whole: bool, before_backward) -> tuple[torch.Tensor, torch.Tensor]:
         """Forward of the batch's ``rows`` and ``before_backward``; returns their per-example losses
         ``[size]`` and the scalar whose backward adds their share of the step's gradient."""
-        inputs = self.inputs if whole else tuple(t[rows] for t in self.inputs)
-        outputs, losses = self._forward(inputs, self.targets if whole else _rows(self.targets, rows), rows)
+        outputs, losses = self._forward(*self.micro_batch(rows), rows)
         if before_backward is not None:
             self.outputs, self.rows = outputs, rows
             try:

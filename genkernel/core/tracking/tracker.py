@@ -73,13 +73,14 @@ from ..adapter import (
     unwrap_optimizer,
 )
 from ..engine.factors import TrainingCapture
-from ..engine.gradients import DEFAULT_GRADIENT_BUDGET
+from ..engine.gradients import DEFAULT_GRADIENT_BUDGET, rounding_of
 from ..errors import LedgerCheckError, NonFiniteError
 from ..cost import (
     COST_OPTIONS, GROUP_STATE_CHOICES, activation_elements, cost_options as checked_cost_options, estimate_cost,
 )
 from ..grouping import Partitions
 from .checks import CheckScratch, largest_excess
+from .rounding import ROUNDING_ALLOWANCE, ReplayedRounding, RoundingSample
 from .distributed import StepAgreement, check_replicated, ddp_context, summed_over_ranks
 from .ema import EMALedgers, check_ema_precision, ema_buffers, ema_parameters
 from .io import atomic_save, load_state, to_device
@@ -91,7 +92,7 @@ from .routes import (
 )
 from .sketched import SketchedRoute
 from .splitters import make_splitter
-from .step import LossFn, OptimizerStep
+from .step import LossFn, OptimizerStep, model_output
 
 GROUP_STATES = ("auto", "dense", "factored", "sketched")
 MEMORY_CHECKS = ("refuse", "warn")
@@ -450,6 +451,8 @@ class PathKernelTracker:
             )
         dtype = next(iter(self.params.values())).dtype
         self.rtol = CHECK_RTOL.get(dtype, 1e-3)
+        # A float32 step's gradient check allows the rounding its own backward shows (tracking.rounding).
+        self._samples_rounding = dtype == torch.float32
         with torch.no_grad(), analysis_mode(self.module):
             f_start = self._probe_outputs()
         self.ledgers = {name: PathKernelLedger.empty(f_start, size) for name, size in self.partitions.sizes.items()}
@@ -683,6 +686,7 @@ class PathKernelTracker:
             # 1. ĝ_{k,g} = Σ_{n ∈ g} c_n ∇ℓ_n at θ_k (from the step's own graph or layer factors, or a second pass).
             if self.route.uses_graph() or own_graph is not None:
                 box: dict[str, Any] = {"entries": [], "witness": None}
+                rounding = RoundingSample()
 
                 def from_graph(graph_losses: torch.Tensor) -> None:
                     # one micro-batch's rows (the whole batch without accumulation), summed over them
@@ -690,7 +694,8 @@ class PathKernelTracker:
                     rows = step.rows
                     rows_ids = {n: v[rows].to(graph_losses.device) for n, v in ids.items()}
                     if precision is None:
-                        part = self.route.graph_gradients(graph_losses, rows_ids, coefficients[rows])
+                        part, difference = self._graph_rows(graph_losses, rows_ids, coefficients[rows])
+                        rounding.add(difference)
                         entry = {"precision": None, "witness": []}
                     else:  # the step's own seed: c_n times its GradScaler's scale (1 without), as its backward's
                         part, witness = self._half_precision_rows(graph_losses, rows_ids,
@@ -725,8 +730,11 @@ class PathKernelTracker:
                 with torch.no_grad(), analysis_mode(self.module), torch.enable_grad():
                     gradients = self.route.gradients(step, ids, coefficients.to(losses.device), recorded)
                 precision_entries, witnesses = [], []
+                # (the training graph is gone: taken again only if a parameter fails the plain tolerance)
+                rounding = (ReplayedRounding(lambda: self._replayed_rounding(step, coefficients))
+                            if self._samples_rounding else RoundingSample())
             pending = self._begin(index, step.phase, ids, theta_before, saved, gradients, losses, step.clip_factor,
-                                  self._precision_rtol(precision_entries), witnesses)
+                                  self._precision_rtol(precision_entries), witnesses, rounding)
             # 2. The real optimizer step.
             step.apply_update()
             result, after = self._finish(pending)
@@ -1007,7 +1015,7 @@ class PathKernelTracker:
             self._fold_backwarded(self._observed)
         self._own_pass = True  # (losses observed before may be these: their hooks must not count this pass)
         try:
-            ids, grads, precision, witnesses, coefficients = self._observed_gradients(losses, groups, weights)
+            ids, grads, precision, witnesses, coefficients, difference = self._observed_gradients(losses, groups, weights)
         except BaseException as error:
             together.failed(error)
             raise
@@ -1026,7 +1034,7 @@ class PathKernelTracker:
         self._observed["entries"].append({"number": number, "grads": grads, "folded": False, "ids": ids,
                                           "losses": losses.detach(), "backward": backward,
                                           "tensor": weakref.ref(losses), "accumulations": self._accumulations,
-                                          "precision": precision, "witness": witnesses,
+                                          "precision": precision, "witness": witnesses, "rounding": difference,
                                           # (whether its backward puts anything into the gradients)
                                           "moves": any(bool(g.any()) for g in grads.values())})
         self._observing = True
@@ -1043,11 +1051,13 @@ class PathKernelTracker:
         running sum ``grads`` of the folded ones (those whose loop backward was seen), with the
         parallel-directions bookkeeping of :meth:`_note_direction` over the folded ones."""
         return {"entries": [], "grads": None, "folded": 0, "direction": None, "moving": 0, "independent": False,
-                "witness": None}
+                "witness": None, "rounding": RoundingSample()}
 
     def _fold(self, observed: dict[str, Any], entry: dict[str, Any]) -> None:
         """Add one micro-batch's group gradients to the running sum (and to the directions followed)."""
         self._fold_witness(observed, entry)
+        observed["rounding"].add(entry["rounding"])
+        entry["rounding"] = None
         grads, entry["grads"], entry["folded"] = entry["grads"], None, True
         if observed["grads"] is None:  # the first: the sum holds it alone (its direction noted at the second)
             observed["grads"], observed["folded"] = grads, 1
@@ -1292,8 +1302,8 @@ class PathKernelTracker:
     def _observed_gradients(self, losses, groups, weights):
         """observe()'s checks, then the micro-batch's group ids, group gradients, the half-precision dtype
         its gradients passed through (None: the model's precision), its witnesses
-        (:meth:`_half_precision_rows`; none in the model's precision) and its coefficients c_n (``[B]``
-        float64: the mean's 1/B, or ``weights``)."""
+        (:meth:`_half_precision_rows`; none in the model's precision), its coefficients c_n (``[B]``
+        float64: the mean's 1/B, or ``weights``) and its rounding sample (:meth:`_graph_rows`)."""
         self._check_open()
         if not isinstance(losses, torch.Tensor) or losses.dim() != 1 or losses.numel() == 0:
             raise ValueError(
@@ -1318,9 +1328,9 @@ class PathKernelTracker:
         self._need_dense("observing a loop")
         coefficients = (torch.full((batch,), 1.0 / batch, dtype=torch.float64) if weights is None else weights).to(torch.float64)
         ids_on = {k: v.to(losses.device) for k, v in ids.items()}
-        witnesses = []
+        witnesses, difference = [], {}
         if precision is None:
-            grads = self.route.graph_gradients(losses, ids_on, coefficients.to(losses.device))
+            grads, difference = self._graph_rows(losses, ids_on, coefficients.to(losses.device))
         else:
             grads, witnesses = self._half_precision_rows(losses, ids_on, coefficients.to(losses.device), precision)
         if not any(bool(g.any()) for g in grads.values()) and _reentrant_checkpoint_in(losses):
@@ -1330,7 +1340,29 @@ class PathKernelTracker:
                 "gradient of this micro-batch came back zero. Pass use_reentrant=False to torch.utils.checkpoint "
                 "(diffusers' enable_gradient_checkpointing already does); this micro-batch was not observed"
             )
-        return ids, grads, precision, witnesses, coefficients
+        return ids, grads, precision, witnesses, coefficients, difference
+
+    def _graph_rows(self, losses: torch.Tensor, ids: dict[str, torch.Tensor], coefficients: torch.Tensor
+                    ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """A micro-batch's group rows from its graph in the model's precision, and (a float32 model) the
+        rounding sample d of its own gradient from the same batched backward (tracking.rounding; else ``{}``)."""
+        if self._samples_rounding:
+            return self.route.graph_gradients_and_rounding(losses, ids, coefficients)
+        return self.route.graph_gradients(losses, ids, coefficients), {}
+
+    def _replayed_rounding(self, step: OptimizerStep, coefficients: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The rounding sample d of an owned step whose rows came from another pass than its graph: each
+        micro-batch's forward again, in analysis mode as the route's own pass (which reproduced the training
+        losses), and its two seeded backward passes batched (tracking.rounding); summed over micro-batches,
+        ``{name: Tensor[*shape]}`` float64. Runs inside the gradient check: the parameters are θ_k, and
+        ``.grad`` (the optimizer's gradient) is not touched."""
+        total = RoundingSample()
+        with torch.enable_grad():
+            for rows in step.micro_batch_slices():
+                inputs, targets = step.micro_batch(rows)
+                losses = step.loss_fn(model_output(self.module, inputs), targets)
+                total.add(rounding_of(losses, self.params, coefficients[rows].to(losses.device)))
+        return total.difference or {}
 
     def _half_precision_rows(self, losses, ids, coefficients, precision, seed_scales=None):
         """The group rows of a micro-batch whose gradients pass through ``precision`` (float16,
@@ -1519,7 +1551,7 @@ class PathKernelTracker:
                 "moving": observed["moving"], "independent": observed["independent"],
                 "ids": [e["ids"] for e in kept], "numbers": [e["number"] for e in kept],
                 "left_out": [(i, e["grads"]) for i, e in left_out], "entries": entries,
-                "witnesses": observed["witness"] or [], "kept": kept}
+                "witnesses": observed["witness"] or [], "kept": kept, "rounding": observed["rounding"]}
         try:
             self._begin_observed_checked(index, step, losses, theta_before, saved, together)
         except LedgerCheckError as error:
@@ -1558,7 +1590,8 @@ class PathKernelTracker:
             self._step_numbers = list(observed["numbers"])
             ids = {name: torch.cat([i[name] for i in observed["ids"]]) for name in self.partitions.names}
             self._pending_step = self._begin(index, "observed", ids, theta_before, saved, gradients, losses, scale,
-                                             self._precision_rtol(observed["entries"]), observed["witnesses"])
+                                             self._precision_rtol(observed["entries"]), observed["witnesses"],
+                                             observed["rounding"])
 
     def _after_observed_step(self, optimizer, args, kwargs) -> None:
         pending, self._pending_step = self._pending_step, None
@@ -1680,11 +1713,13 @@ class PathKernelTracker:
 
     # -- the numbered steps, shared by owned and observed steps ---------------------------------
     def _begin(self, index, phase, ids, theta_before, saved, gradients, losses, clip_factor,
-               gradient_rtol: float, witnesses: list[dict[str, torch.Tensor]]) -> "_StepInProgress":
+               gradient_rtol: float, witnesses: list[dict[str, torch.Tensor]],
+               rounding_sample: RoundingSample) -> "_StepInProgress":
         """Everything before the real optimizer step: the drift of state outside the trainable
         parameters, the gradient check (to ``gradient_rtol``: the model dtype's tolerance, or a half
         precision's the observed micro-batches ran in; ``witnesses``: a half-precision step's own backward
-        passes, :meth:`_witnessed`, else empty) and the splitter's capture."""
+        passes, :meth:`_witnessed`, else empty; ``rounding_sample``: the step's (tracking.rounding), before its gradient
+        scale ``clip_factor``) and the splitter's capture."""
         with torch.no_grad(), analysis_mode(self.module):
             # Buffers (running statistics, spectral norm) and frozen parameters may have changed since
             # the last step, or in the training forward: not an example's doing.
@@ -1692,7 +1727,8 @@ class PathKernelTracker:
             # The optimizer will step on the batched gradient, which differs from Σ_g ĝ_g by
             # rounding (checked here): its own row of the split in step 3, left out of the
             # contributions (residual).
-            rounding = self._check_gradients(index, gradients, losses, gradient_rtol, witnesses)
+            rounding = self._check_gradients(index, gradients, losses, gradient_rtol, witnesses,
+                                             lambda: rounding_sample.norms(clip_factor))
         self.splitter.capture()
         self.route.before_step()
         return _StepInProgress(index, phase, ids, theta_before, saved, gradients, rounding, f_before,
@@ -2217,10 +2253,12 @@ class PathKernelTracker:
             )
 
     def _check_gradients(self, index: int, gradients, losses: torch.Tensor, gradient_rtol: float,
-                         witnesses: list[dict[str, torch.Tensor]]) -> dict[str, dict[str, torch.Tensor]]:
+                         witnesses: list[dict[str, torch.Tensor]],
+                         rounding_norms: Callable[[], dict[str, float]]) -> dict[str, dict[str, torch.Tensor]]:
         """Check step 1 against training (the groups' sum against the real gradient to ``gradient_rtol``
-        of the magnitudes); returns every partition's rounding gap ``{partition: {name: real gradient −
-        Σ_g ĝ_g}}``."""
+        of the magnitudes, plus, for a parameter past that, :data:`ROUNDING_ALLOWANCE` times the rounding
+        its own backward shows: ``rounding_norms()``, read only then, tracking.rounding); returns every
+        partition's rounding gap ``{partition: {name: real gradient − Σ_g ĝ_g}}``."""
         loss_tolerance = max(self.rtol, 1e-6) * 10
         scale = float(losses.abs().max()) if losses.numel() else 0.0
         analysis_losses = gradients.losses.to(losses)
@@ -2242,10 +2280,15 @@ class PathKernelTracker:
         floor = 16 * torch.finfo(next(iter(self.params.values())).dtype).eps * math.sqrt(sum(v * v for v in scales.values()))
         if gradient_rtol > self.rtol and any(self._witnessed(real, w) for w in witnesses):
             return rounding
+        measured: dict[str, float] | None = None
         for partition, part in partitions.slices.items():
             for name in self.params:
                 gap = float(rounding[partition][name].norm())
-                if gap > gradient_rtol * scales[name] + floor:
+                allowed = gradient_rtol * scales[name] + floor
+                if gap > allowed:
+                    measured = rounding_norms() if measured is None else measured
+                    allowed += ROUNDING_ALLOWANCE * measured.get(name, 0.0)
+                if gap > allowed:
                     where = "" if len(partitions) == 1 else f" of partition '{partition}'"
                     hint = "" if not self._observing else (
                         ": in an observed loop the optimizer's gradient must be one scalar times the observed sum "
@@ -2268,9 +2311,10 @@ class PathKernelTracker:
                                  "GradScaler flushes values under 6e-8 to zero). Train in bfloat16 (mixed_precision="
                                  "'bf16', autocast_dtype=torch.bfloat16), or scale the loss (mixed_precision='fp16' "
                                  "runs a GradScaler; a loop you observe may run one)")
+                    own = "" if not measured else f", its own backward's rounding {measured.get(name, 0.0):.3e}"
                     raise LedgerCheckError(
                         f"step {index}: the group gradients{where} of '{name}' do not add up to the real gradient "
-                        f"(gap {gap:.3e}, scale {scales[name]:.3e}){hint}"
+                        f"(gap {gap:.3e}, scale {scales[name]:.3e}{own}){hint}"
                     )
         return rounding
 
