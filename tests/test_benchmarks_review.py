@@ -32,6 +32,7 @@ def test_interleaved_refuses_rounds_that_would_leave_the_first_call_as_the_stead
         interleaved({"a": lambda: time.sleep(0.01)}, 0)
 
 
+@pytest.mark.slow  # (16 s of make test's 10 minutes; the tiny CPU mode itself runs in test_gpu_check.py)
 def test_gpu_check_keeps_the_analyzers_first_step_out_of_every_steady_time(monkeypatch, one_thread):
     """A planted 2.5 s of one-time work in the analyzer's bind (its first step) must show in the
     first-step times and in no seconds_per_step: the midpoint's interleaved steps and the
