@@ -173,7 +173,7 @@ def gradients_and_rounding(
     how the batch's own gradient ∇ Σ_n c_n ℓ_n rounds in the model's precision: its two copies seeded at
     the scales s of :data:`ROUNDING_SEEDS`, divided back,
 
-        d = ∇ Σ_n s₁ c_n ℓ_n / s₁ − ∇ Σ_n s₂ c_n ℓ_n / s₂,
+        d = ∇ Σ_n s₁ c_n ℓ_n / s₁ − ∇ Σ_n s₂ c_n ℓ_n / s₂   (s₁, s₂ = 3/4, 5/8),
 
     zero in exact arithmetic; in floating point every term of every reduction rounds anew at each seed,
     so d is the difference of two roundings of the reductions the training backward makes (a long
@@ -205,8 +205,10 @@ def rounding_of(losses: torch.Tensor, params: dict[str, torch.Tensor], coefficie
 
 
 # The two seed scales of :func:`gradients_and_rounding`: no power of two apart, nor from 1, so that no
-# product of a seed keeps the mantissa of another's (a power of two would round every term identically).
-ROUNDING_SEEDS = (3.0, 5.0)
+# product of a seed keeps the mantissa of another's (a power of two would round every term identically);
+# below 1, so that no seeded gradient overflows where the real one does not (3 and 5 did past 6.8e37 in
+# float32, an infinite sample; 3/4 and 5/8 round as they did).
+ROUNDING_SEEDS = (0.75, 0.625)
 
 
 def _batched_backward(losses: torch.Tensor, params: dict[str, torch.Tensor],

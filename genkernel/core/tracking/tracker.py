@@ -1727,8 +1727,11 @@ class PathKernelTracker:
             # The optimizer will step on the batched gradient, which differs from Σ_g ĝ_g by
             # rounding (checked here): its own row of the split in step 3, left out of the
             # contributions (residual).
-            rounding = self._check_gradients(index, gradients, losses, gradient_rtol, witnesses,
-                                             lambda: rounding_sample.norms(clip_factor))
+            try:
+                rounding = self._check_gradients(index, gradients, losses, gradient_rtol, witnesses,
+                                                 lambda: rounding_sample.norms(clip_factor))
+            finally:  # (read only by the check: not held through the analysis, which cost.py does not count it in)
+                rounding_sample.release()
         self.splitter.capture()
         self.route.before_step()
         return _StepInProgress(index, phase, ids, theta_before, saved, gradients, rounding, f_before,
