@@ -48,33 +48,41 @@ def test_the_estimate_counts_the_arrays_the_dense_route_allocates():
 
 
 def test_jvp_pushes_go_in_passes_the_memory_budget_allows_and_give_the_same_contributions():
-    """A vmapped JVP pass holds a parameter copy and, per row, 1.25 x the probes' activations; it
-    pushes as many rows as the budget holds (at least one), and one row through a chunk of the
-    probes when not even one row through all of them fits; the contributions do not depend on how
-    rows and probes are split into passes, and the estimate counts one primal of all the probes
-    per pass of rows and the pass it holds."""
-    from genkernel.core.cost import PUSH_ROW_ACTIVATIONS, activation_elements, push_pass_bytes, push_pass_shape
+    """A vmapped JVP pass holds a parameter copy, the probes' primal and, per row, a share of the probes'
+    activations (the model's own, measured at construction: core.push_memory; 1.25 a row where not measured);
+    it pushes as many rows as the budget holds (at least one), and one row through a chunk of the probes when
+    not even one row through all of them fits; the contributions do not depend on how rows and probes are split
+    into passes, and the estimate counts one primal of all the probes per pass of rows and the pass it holds."""
+    from genkernel.core.cost import PUSH_ROW_ACTIVATIONS, push_pass_bytes, push_pass_shape
+    from genkernel.core.push_memory import PushMemory
 
     assert PUSH_ROW_ACTIVATIONS == 1.25
     assert push_pass_shape(10**6, 10, 100) == (10**6 // 1250, 10)
     assert push_pass_bytes(1000, 8, 3, 1000) == 8000 + 3 * 1250  # the parameter copy besides the budgeted rows
     assert push_pass_shape(3 * 125, 10, 100) == (1, 3)  # a row through 3 of the 10 probes
     assert push_pass_shape(99, 10, 100) == (1, 1)  # never zero rows or probes, even past the budget
+    measured = PushMemory(row=0.5, primal=2.0)  # the primal once per pass, before the rows
+    assert push_pass_shape(10 * 100 * (2.0 + 3 * 0.5), 10, 100, measured) == (3, 10)
+    assert push_pass_bytes(1000, 8, 3, 1000, measured) == 8000 + 2000 + 3 * 500
+    assert push_pass_shape(2 * 100 * 2.5, 10, 100, measured) == (1, 2)
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(3, 32), nn.Tanh(), nn.Linear(32, 2)).to(F64)
     num = sum(p.numel() for p in model.parameters())
-    per_row = PUSH_ROW_ACTIVATIONS * 6 * activation_elements(model, (torch.zeros(1, 3, dtype=F64),)) * 8  # 6 probes
     g = torch.Generator().manual_seed(2)
     x, y = torch.randn(16, 3, generator=g, dtype=F64), torch.randn(16, 2, generator=g, dtype=F64)
     ledgers, trackers = [], []
-    per_probe_row = per_row / 6
-    # every row in one pass; two rows per pass; one row through 2 of the 6 probes per pass
-    for budget in (256 * 2**20, int(2 * per_row) + 1, int(2.5 * per_probe_row)):
+    budgets = [256 * 2**20]
+    for k in range(3):
         copy = nn.Sequential(nn.Linear(3, 32), nn.Tanh(), nn.Linear(32, 2)).to(F64)
         copy.load_state_dict(model.state_dict())
         tracker = PathKernelTracker(copy, torch.optim.Adam(copy.parameters(), lr=1e-2), mse_loss,
                                     torch.randn(6, 3, generator=torch.Generator().manual_seed(3), dtype=F64),
-                                    num_groups=7, group_state="dense", contribution_route="jvp", memory_budget=budget)
+                                    num_groups=7, group_state="dense", contribution_route="jvp", memory_budget=budgets[k])
+        if k == 0:  # every row in one pass; then two rows per pass; one row through 2 of the 6 probes per pass
+            push, probe_bytes = tracker.route.model.push_memory, tracker.route.model.record_bytes
+            assert push.row > 0 and push != PushMemory(1.25, 0.0)  # measured
+            budgets += [int(6 * (push.primal + 2 * push.row) * probe_bytes) + 1,
+                        int(2.5 * (push.primal + push.row) * probe_bytes)]
         for k in range(2):
             tracker.step(x, y, (torch.arange(16) + k) % 7)
         ledgers.append(tracker.ledger)
@@ -91,11 +99,10 @@ def test_jvp_pushes_go_in_passes_the_memory_budget_allows_and_give_the_same_cont
     assert contributions[1] == pytest.approx(6 * (4 * pass_work + row_work * rows))  # 8 rows, 2 per pass: 4 primals
     assert contributions[2] == pytest.approx(6 * (8 * pass_work + row_work * rows))  # 8 passes, each over 3 chunks of probes
     pushes = [t.cost.memory["probe_pushes"] for t in trackers]
-    assert pushes[1] == push_pass_bytes(num, 8, 2, int(per_row / PUSH_ROW_ACTIVATIONS))
-    assert pushes[2] == push_pass_bytes(num, 8, 1, 2 * int(per_row / PUSH_ROW_ACTIVATIONS) // 6)
+    assert pushes[1] == push_pass_bytes(num, 8, 2, 6 * probe_bytes, push)
+    assert pushes[2] == push_pass_bytes(num, 8, 1, 2 * probe_bytes, push)
     assert pushes[2] - 8 * num <= trackers[2].memory_budget < pushes[1] - 8 * num
-    record_bytes = trackers[2].route.model.record_bytes  # what the route sizes its passes with
-    assert push_pass_shape(trackers[2].memory_budget, 6, record_bytes) == (1, 2)
+    assert push_pass_shape(trackers[2].memory_budget, 6, probe_bytes, push) == (1, 2)
 
 
 def test_the_estimate_compares_with_the_training_batch_and_counts_tangents_through_the_layers_they_reach():
@@ -324,24 +331,30 @@ def test_a_loaded_state_goes_back_beside_the_parameters():
 
 
 def test_the_cifar_unet_estimate_points_at_what_does_not_fit():
+    from genkernel.core.cost import activation_elements, push_pass_bytes, push_pass_shape
+    from genkernel.core.push_memory import measure_push_memory
     from genkernel.diffusion.configs import ddpm_cifar10_unet
 
     model = ddpm_cifar10_unet(dropout=0.0)
     probes = (torch.randn(64, 3, 32, 32), torch.randint(0, 1000, (64,)))
+    one_probe = activation_elements(model, tuple(t[:1] for t in probes)) * 4
+    trained = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    push = measure_push_memory(model, trained, probes, one_probe)  # (what estimate_cost measures unless given)
+    assert 0.1 < push.row < 0.5  # the UNet's row holds a fraction of its activations (0.23 measured)
     estimate = estimate_cost(model, torch.optim.Adam(model.parameters()), probes, outputs=3 * 32 * 32, rows=20,
-                             batch_size=128, device="cpu")
+                             batch_size=128, device="cpu", push_memory=push)
     # 20 rows of float64 state, updates and gradients for 35.7M parameters: tens of GB
     assert estimate.memory["group_state"] > 10 * 2**30 and "state_dtype=torch.float32" in " ".join(estimate.cheaper)
     sketched = estimate_cost(model, torch.optim.Adam(model.parameters()), probes, outputs=3 * 32 * 32, rows=20,
-                             batch_size=128, group_state="sketched", device="cpu")
+                             batch_size=128, group_state="sketched", device="cpu", push_memory=push)
     # sketches shrink the group arrays; the probes' pushes are the same on both routes: one row
-    # through as many probes as the default budget holds (4 of the 64, about 250 MB, and a
-    # parameter copy; one row through all 64 would hold about 4 GB)
-    from genkernel.core.cost import activation_elements, push_pass_bytes
-
-    one_probe = activation_elements(model, tuple(t[:1] for t in probes)) * 4
-    num = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    assert sketched.memory["probe_pushes"] == estimate.memory["probe_pushes"] == push_pass_bytes(num, 4, 1, 4 * one_probe)
+    # through as many probes as the default budget holds (9 of the 64, about 270 MB, and a
+    # parameter copy; one row through all 64 would hold about 1.9 GB)
+    num = sum(p.numel() for p in trained.values())
+    rows, chunk = push_pass_shape(256 * 2**20, 64, one_probe, push)
+    assert rows == 1 and 4 <= chunk < 64
+    assert sketched.memory["probe_pushes"] == estimate.memory["probe_pushes"] == push_pass_bytes(num, 4, 1, chunk * one_probe,
+                                                                                                 push)
     assert estimate.memory["probe_pushes"] < 2**29
     groups = lambda e: e.analysis_bytes - e.memory["probe_pushes"] - e.memory["step_contributions"]  # noqa: E731
     # Not 10x: the sketched route still keeps the exact totals' rows in float64 (Adam's state, its

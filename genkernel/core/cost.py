@@ -26,8 +26,9 @@ Memory (bytes):
   float64 whatever the state dtype; ``ema_sync``: what recording an EMA update takes between steps
   (its change rows, the rows it pushes, their pass, the weights read in float64) beyond the step's
   own temporaries, freed by then;
-- ``probe_pushes``: forward-mode AD through the probes: a parameter copy of tangents and each
-  row's tangents of the probes' activations (:func:`push_pass_bytes`), as many rows per pass as the
+- ``probe_pushes``: forward-mode AD through the probes: a parameter copy of tangents, the probes'
+  primal and each row's tangents, as shares of the probes' activations the model's own pass was
+  measured to hold (:func:`push_pass_bytes`, :mod:`genkernel.core.push_memory`), as many rows per pass as the
   memory budget allows (one row through a chunk of the probes when not even one row through all
   of them fits: :func:`push_pass_shape`), or the probes' Jacobians M × d × P (twice) and the rows
   as one matrix on the "jacobian" route (which "auto" takes where :func:`push_route` says);
@@ -143,6 +144,7 @@ from torch import nn
 from .adapter import has_state_outside_training
 from .engine.factored import BlockShape, block_shapes, row_chunks
 from .engine.gradients import ROUNDING_SEEDS
+from .push_memory import DEFAULT_PUSH_MEMORY, PushMemory, measure_push_memory
 from .engine.factors import covering_plan, dense_pair_is_cheaper, lean_materializes, self_kernel_materializes
 from .engine.projections import PROJECTION_CHUNK_BYTES, weight_projection_route
 
@@ -580,10 +582,10 @@ GRAPH_ROW_ACTIVATIONS = 0.625
 
 
 # Tangents of the probes' activations one pushed row holds, as a share of the probes' activations
-# (M × the activation elements of one example × bytes): measured 0.42-0.58 on three UNet2DModels
-# (the DDPM CIFAR-10 one at 4 probes, an MNIST-sized one at 8, the tiny one at 64) and 1.2 on an
-# MLP (784-2048-2048-10, 64 probes), from the peak RSS of one vmapped JVP pass at 1, 2 and 4 rows.
-PUSH_ROW_ACTIVATIONS = 1.25
+# (M × the activation elements of one example × bytes), where the model's own pass was not measured
+# (push_memory.measure_push_memory: 0.18-0.29 a row on UNet2DModels, 1.25 on an MLP, 1.35 on the DCGAN
+# 64x64 generator).
+PUSH_ROW_ACTIVATIONS = DEFAULT_PUSH_MEMORY.row
 # What a training step holds at its peak per activation element of its micro-batch (every module output of one
 # example's hooked forward, :func:`hooked_forward_counts`, times the micro-batch): what autograd saves and the
 # backward's gradients. Measured as the peak RSS's growth from B to 2B examples (2 CPU threads, glibc's allocator,
@@ -593,19 +595,22 @@ PUSH_ROW_ACTIVATIONS = 1.25
 TRAINING_ACTIVATIONS = 2.0
 
 
-def push_pass_bytes(num_params: int, param_bytes: int, rows: int, probe_activation_bytes: int) -> int:
+def push_pass_bytes(num_params: int, param_bytes: int, rows: int, probe_activation_bytes: int,
+                    push_memory: PushMemory = DEFAULT_PUSH_MEMORY) -> int:
     """Working memory of one vmapped JVP pass of ``rows`` tangent rows: a copy of the parameters'
-    tangents (measured: at most one, whatever the rows) and, per row, the tangents of the probes'
-    activations (``probe_activation_bytes`` = M × activation elements per example × bytes)."""
-    return int(num_params * param_bytes + rows * PUSH_ROW_ACTIVATIONS * probe_activation_bytes)
+    tangents (measured: at most one, whatever the rows), the probes' primal activations and, per row,
+    their tangents (``push_memory``'s shares of ``probe_activation_bytes`` = M' × activation elements
+    per example × bytes, M' the pass's probes)."""
+    return int(num_params * param_bytes + (push_memory.primal + rows * push_memory.row) * probe_activation_bytes)
 
 
-def push_pass_shape(memory_budget: int, probes: int, activation_bytes: int) -> tuple[int, int]:
+def push_pass_shape(memory_budget: int, probes: int, activation_bytes: int,
+                    push_memory: PushMemory = DEFAULT_PUSH_MEMORY) -> tuple[int, int]:
     """``(rows, probes)`` one vmapped JVP pass pushes at once, from the probes' count and one
     probe's activation bytes (``activation_bytes``: elements per example × bytes): every probe and
-    as many tangent rows as keep the rows' activation tangents (:data:`PUSH_ROW_ACTIVATIONS` per
-    probe and row) within ``memory_budget``; when not even one row through every probe fits, one
-    row through as many probes as fit; at least one of each. The pass's parameter copy of
+    as many tangent rows as keep the pass (``push_memory``: the model's measured shares, a primal
+    and a row per probe) within ``memory_budget``; when not even one row through every probe fits,
+    one row through as many probes as fit; at least one of each. The pass's parameter copy of
     tangents is held besides, like the tracker's other parameter-sized copies
     (:func:`push_pass_bytes` counts both).
 
@@ -614,10 +619,11 @@ def push_pass_shape(memory_budget: int, probes: int, activation_bytes: int) -> t
     pass, 2 CPU cores); on small models the rows' activations dominate (the tiny UNet's 64 probes:
     about 40 MB a row against 0.7 MB of parameters), and 3 rows per pass took as long as 20.
     """
-    per_probe_row = max(1.0, PUSH_ROW_ACTIVATIONS * activation_bytes)
-    if memory_budget >= probes * per_probe_row:
-        return int(memory_budget // (probes * per_probe_row)), probes
-    return 1, max(1, int(memory_budget // per_probe_row))
+    per_probe_row = max(1.0, push_memory.row * activation_bytes)
+    per_probe_primal = push_memory.primal * activation_bytes
+    if memory_budget >= probes * (per_probe_primal + per_probe_row):
+        return int((memory_budget - probes * per_probe_primal) // (probes * per_probe_row)), probes
+    return 1, max(1, int(memory_budget // (per_probe_primal + per_probe_row)))
 
 
 def estimate_cost(
@@ -643,6 +649,7 @@ def estimate_cost(
     group_states: tuple[str, ...] = GROUP_STATE_CHOICES,
     witness_copies: int = 0,
     step_overhead: float = 0.0,
+    push_memory: PushMemory | None = None,
 ) -> CostEstimate:
     """Memory and work of a tracked step before the run (see the module docstring).
 
@@ -670,6 +677,8 @@ def estimate_cost(
         step_overhead: example-forwards of the model that a bare step runs per training example besides its
             forward and backward (a ``DDPMTrainer(dream=)``'s no-grad forward: 1; a ``vae=`` trainer's encode:
             the encoder's multiply-adds over the model's), added to the bare step the ratio compares with.
+        push_memory: what the model's JVP pass holds (:class:`~genkernel.core.push_memory.PushMemory`, the
+            tracker's measure); default measured here (:func:`~genkernel.core.push_memory.measure_push_memory`).
     """
     options = cost_options(options)
     if isinstance(witness_copies, bool) or not isinstance(witness_copies, int) or witness_copies < 0:
@@ -703,6 +712,9 @@ def estimate_cost(
     # tangent) goes through and which are frozen, outside the trained blocks' shapes: every route's passes do
     # their forward work too, so they are in every route's unit (gradient_layer_counts). One pass for both.
     acts, macs, trainable_macs, layers = hooked_forward_counts(model, tuple(t[:1] for t in probes), grad=True)
+    if push_memory is None:
+        trained = {name: p for name, p in model.named_parameters() if p.requires_grad}
+        push_memory = measure_push_memory(model, trained, probes, acts * param_bytes)
     micro = -(-b // micro_batches)  # the largest micro-batch: what training's activations hold at once
     memory["training_step"] = (2 * num + optimizer_state) * param_bytes
     memory["training_activations"] = int(TRAINING_ACTIVATIONS * acts * micro * param_bytes)
@@ -864,8 +876,9 @@ def estimate_cost(
         # 1 + 2.05 R forwards on a UNet at R = 21 in one pass; per pass besides, the products with the zero
         # tangents torch.func materializes where one side has none (``one_sided``: a LoRA base after an
         # adapter, the first layer). Passes over chunks of the probes add up to one primal of them all.
-        per_pass, probes_per_pass = push_pass_shape(memory_budget, m, acts * param_bytes)
-        return (push_pass_bytes(num, param_bytes, min(rows_pushed, per_pass), probes_per_pass * acts * param_bytes),
+        per_pass, probes_per_pass = push_pass_shape(memory_budget, m, acts * param_bytes, push_memory)
+        return (push_pass_bytes(num, param_bytes, min(rows_pushed, per_pass), probes_per_pass * acts * param_bytes,
+                                push_memory),
                 quadrature_nodes * m * (math.ceil(rows_pushed / per_pass) * (1.0 + one_sided) + tangent * rows_pushed))
 
     if contribution_route == "auto":  # as routes.push_rows decides at every step

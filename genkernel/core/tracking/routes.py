@@ -32,13 +32,14 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.func import jvp, vmap
+from torch.func import vmap
 
 from ..adapter import (
     analysis_mode, batch_size, check_per_example_safe, coupled_modules, data_dependent_modules,
-    explained_torch_func_errors, functional_model, not_fitting_inputs,
+    explained_torch_func_errors, not_fitting_inputs,
 )
 from ..cost import plain_sgd, push_pass_shape, push_route, reads_training_pass
+from ..push_memory import DEFAULT_PUSH_MEMORY, PushMemory, jvp_pass
 from ..engine.factored import row_chunks
 from ..engine.factors import COVERAGE_SAMPLE, Plan, TrainingCapture, Unfactorable, covering_plan, pair_covering_plan
 from ..engine.gradients import (factor_rows, gradients_and_rounding, gradients_from_losses, group_gradients,
@@ -70,6 +71,7 @@ class TrackedModel:
     state_dtype: torch.dtype = torch.float64  # of the groups' gradients, optimizer state and updates
     record_bytes: int = 0  # per example, the activations: what step 1 keeps of the training pass, what a JVP row scales with
     random_forward: tuple[str, ...] = ()  # the model's forward seen drawing random numbers (adapter.random_forward)
+    push_memory: PushMemory = DEFAULT_PUSH_MEMORY  # what its JVP pass holds per probe and record byte (core.push_memory)
 
 
 @dataclass
@@ -154,15 +156,10 @@ def _jvp_rows(model: TrackedModel, theta, tangents, rows: int) -> torch.Tensor:
     """``[rows, M, d]``: J(x; θ) u_r by forward-mode AD, vmapped over chunks of rows, each pass
     through all the probes or, when one row through all of them does not fit the memory budget,
     through a chunk of them (:func:`~genkernel.core.cost.push_pass_shape`)."""
-    forward = functional_model(model.module)
     probes = model.probes
     m = probes[0].shape[0]
-
-    def pusher(chunk: tuple[torch.Tensor, ...]):
-        return lambda tangent: jvp(lambda p: forward(p, chunk), (theta,), (tangent,))[1]
-
-    rows_per_pass, probes_per_pass = push_pass_shape(model.memory_budget, m, model.record_bytes)
-    pushes = [pusher(tuple(t[start : start + probes_per_pass] for t in probes))
+    rows_per_pass, probes_per_pass = push_pass_shape(model.memory_budget, m, model.record_bytes, model.push_memory)
+    pushes = [jvp_pass(model.module, theta, tuple(t[start : start + probes_per_pass] for t in probes))
               for start in range(0, m, probes_per_pass)]
     parts = []
     for start in range(0, rows, rows_per_pass):

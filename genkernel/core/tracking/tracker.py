@@ -74,6 +74,7 @@ from ..adapter import (
 )
 from ..engine.factors import TrainingCapture
 from ..engine.gradients import DEFAULT_GRADIENT_BUDGET, rounding_of
+from ..push_memory import measure_push_memory
 from ..errors import LedgerCheckError, NonFiniteError
 from ..cost import (
     COST_OPTIONS, GROUP_STATE_CHOICES, activation_elements, cost_options as checked_cost_options, estimate_cost,
@@ -463,8 +464,11 @@ class PathKernelTracker:
                              "float64 model keeps float64 state, or its exact checks could not hold")
         with analysis_mode(self.module):  # what step 1 would keep of a training pass, per example
             record_bytes = activation_elements(self.module, tuple(t[:1] for t in self.probes)) * torch.finfo(dtype).bits // 8
+        # what a JVP pass through the probes holds, measured once (its passes' width and the estimate's pushes)
+        push_memory = measure_push_memory(self.module, self.params, self.probes, record_bytes)
         tracked = TrackedModel(self.module, self.params, self.probes, self.partitions, f_start.shape[1], self.memory_budget,
-                               self.distributed, self.rtol, state_dtype, record_bytes, tuple(self.random_forward))
+                               self.distributed, self.rtol, state_dtype, record_bytes, tuple(self.random_forward),
+                               push_memory)
         self._requested = {"group_state": group_state, "contribution_route": contribution_route,
                            "gradient_route": gradient_route}
         self.group_state = self._choose_group_state(group_state, f_start.shape[1])
@@ -798,7 +802,8 @@ class PathKernelTracker:
                 self.module, self.optimizer, self.probes, outputs=self._tracked.outputs, rows=self.partitions.total,
                 partitions=len(self.partitions), group_state=self.group_state,
                 gradient_route=self._gradient_route_of_estimate(), contribution_route=self.route.contribution_route,
-                quadrature_nodes=len(self.rule.nodes), ema=ema, **self._cost_settings,
+                quadrature_nodes=len(self.rule.nodes), ema=ema, push_memory=self._tracked.push_memory,
+                **self._cost_settings,
             )
         cost.settings.update(batch_from=self._cost_from["batch"], micro_batches=self._cost_settings["micro_batches"],
                              micro_batches_from=self._cost_from["micro_batches"])
