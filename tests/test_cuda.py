@@ -478,3 +478,69 @@ def test_an_augmented_gan_trains_on_cuda_as_without_the_analyzer():
     for ledger in [*analyzer.generator_ledgers.values(), analyzer.discriminator_ledger]:
         torch.testing.assert_close(ledger.contributions.sum(1) + ledger.rest + ledger.residual, ledger.delta,
                                    rtol=0, atol=1e-9 * float(ledger.delta.abs().max()))
+
+
+def test_a_jvp_pass_of_the_measured_width_stays_within_its_count_on_cuda():
+    """core.push_memory on CUDA: the tracker's measure of its model's JVP pass (live storages, the CUDA caching
+    allocator's blocks not counted) sizes a pass of many rows whose allocated peak stays within what
+    push_pass_bytes counts for it (the tangents made before left out)."""
+    from torch.func import vmap
+
+    from genkernel.core.adapter import analysis_mode
+    from genkernel.core.cost import push_pass_bytes, push_pass_shape
+    from genkernel.core.push_memory import DEFAULT_PUSH_MEMORY, jvp_pass
+
+    class Denoiser(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.unet = tiny_unet(16, 1)
+
+        def forward(self, x, t):
+            return self.unet(x, t).sample
+
+    torch.manual_seed(0)
+    model = Denoiser().to(DEVICE)
+    probes = (torch.randn(8, 1, 16, 16, device=DEVICE), torch.arange(8, device=DEVICE))
+    tracker = PathKernelTracker(model, torch.optim.SGD(model.parameters(), lr=1e-3),
+                                lambda out, y: out.flatten(1).pow(2).mean(1), probes, num_groups=4, batch_size=8)
+    tracked = tracker._tracked
+    push = tracked.push_memory
+    assert push != DEFAULT_PUSH_MEMORY
+    budget = int(8 * tracked.record_bytes * (push.primal + 6 * push.row)) + 1
+    assert push_pass_shape(budget, 8, tracked.record_bytes, push) == (6, 8)
+    theta = {n: p.detach() for n, p in tracked.params.items()}
+    tangents = {n: torch.randn(6, *p.shape, device=DEVICE) for n, p in theta.items()}
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    with torch.no_grad(), analysis_mode(model):
+        out = vmap(jvp_pass(model, theta, probes))(tangents)
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() - before
+    del out
+    assert peak <= push_pass_bytes(0, 4, 6, 8 * tracked.record_bytes, push)
+
+
+def test_a_float32_conv_step_with_a_long_bias_reduction_is_booked_on_cuda():
+    """tracking.rounding on cuDNN: a correct float32 step of a conv net at 64 examples of 64x64 (its second conv's
+    bias summed over 262144 positions) is booked on the graph route, and the same step with that bias's gradient
+    1e-2 off is refused."""
+    from genkernel import LedgerCheckError
+
+    for fault in (None, 1e-2):
+        torch.manual_seed(1)
+        model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.Tanh(), nn.Conv2d(4, 4, 3, padding=1), nn.Tanh(),
+                              nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 4)).to(DEVICE)
+        g = torch.Generator().manual_seed(2)
+        x, y = torch.randn(64, 3, 64, 64, generator=g).to(DEVICE), torch.randn(64, 4, generator=g).to(DEVICE)
+        ids = torch.randint(0, 8, (64,), generator=g).to(DEVICE)
+        tracker = PathKernelTracker(model, torch.optim.SGD(model.parameters(), lr=1e-2), mse_loss,
+                                    torch.randn(2, 3, 64, 64, generator=g).to(DEVICE), num_groups=8, batch_size=64,
+                                    group_state="dense", gradient_route="graph")
+        if fault is None:
+            tracker.step(x, y, ids)
+            assert tracker.ledger.steps == 1 and tracker.ledger.relative_residual() < 1e-4
+        else:
+            model[2].bias.register_post_accumulate_grad_hook(lambda p: (p.grad.mul_(1 + fault), None)[1])
+            with pytest.raises(LedgerCheckError, match="'2.bias'"):
+                tracker.step(x, y, ids)
