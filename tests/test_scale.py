@@ -340,7 +340,7 @@ def test_the_cifar_unet_estimate_points_at_what_does_not_fit():
     one_probe = activation_elements(model, tuple(t[:1] for t in probes)) * 4
     trained = {n: p for n, p in model.named_parameters() if p.requires_grad}
     push = measure_push_memory(model, trained, probes, one_probe)  # (what estimate_cost measures unless given)
-    assert 0.1 < push.row < 0.5  # the UNet's row holds a fraction of its activations (0.23 measured)
+    assert 0.1 < push.row < 0.5  # the UNet's row holds a fraction of its activations (0.26 measured)
     estimate = estimate_cost(model, torch.optim.Adam(model.parameters()), probes, outputs=3 * 32 * 32, rows=20,
                              batch_size=128, device="cpu", push_memory=push)
     # 20 rows of float64 state, updates and gradients for 35.7M parameters: tens of GB

@@ -4,19 +4,30 @@ The tracker pushes update rows to the probes by forward-mode AD, vmapped over th
 (``tracking.routes._jvp_rows``, through :func:`jvp_pass`), as many rows a pass as its memory budget
 allows (:func:`genkernel.core.cost.push_pass_shape`); the cost estimate counts the same pass
 (``probe_pushes``, ``ema_sync``). A pass holds the probes' primal activations and, per row, their
-tangents, and how much of the activations each takes depends on the layers. Measured here (live
-storages of one pass at 1 and 2 rows, per probe and activation byte, float32): the DDPM CIFAR-10 UNet
-0.18 a row (0.28 besides, the primal), an MNIST-sized UNet 0.29 (0.46), the tiny UNet 0.24 (0.39), the
-DCGAN 64×64 generator 1.35 (at 4 probes), an MLP 784-2048-2048-10 1.25 (0.75). One constant (1.25 a
-row, the primal unbudgeted) made a UNet's passes 4-7 times narrower than its budget allows, each
-with a primal forward of the probes, and its estimate 4-7 times its pass.
+tangents, and how much of the activations each takes depends on the layers. Measured
+(:class:`PushMemory`, per probe and activation byte, float32, the allocator's slack in): the DDPM
+CIFAR-10 UNet 0.26 a row (0.18 besides, the primal), an MNIST-sized UNet 0.42 (0.29), the tiny UNet
+0.35 (0.26), an MLP 784-2048-2048-10 1.56 (0.62), the DCGAN 64×64 generator 5.2 (a parameter-sized
+copy a row at 2 probes, extrapolated per probe: its passes of 8 probes hold 0.12-0.30 of what is
+counted). One constant (1.25 a row, the primal unbudgeted) made a UNet's passes 3-5 times narrower
+than its budget allows, each with a primal forward of the probes, and its estimate that much high.
 
 :func:`measure_push_memory` runs the pass the tracker runs on ``min(M, 2)`` probes at 1 and 2 rows
-under :class:`LiveBytes` (a ``TorchDispatchMode`` counting every storage an operation returns that
-did not exist before, while it lives: the device's allocations, not the process's), and returns a
-:class:`PushMemory`: bytes of a row and of the primal per probe and activation byte, times
-:data:`ALLOCATOR_SLACK`. It runs once, at the tracker's construction (two small passes); a model
-the measurement cannot run is given :data:`DEFAULT_PUSH_MEMORY`, the old constant.
+(and one row through one probe) under :class:`LiveBytes` (a ``TorchDispatchMode`` counting every
+storage an operation returns that did not exist before, while it lives: the device's allocations,
+not the process's), and returns a :class:`PushMemory`: bytes of a row and of the primal per probe and
+activation byte, times :data:`ALLOCATOR_SLACK`. It runs once, at the tracker's construction (three
+small passes: 4.1 s on the CIFAR UNet on one CPU thread, its 2-row tangents 286 MB); a model the measurement cannot
+run is given :data:`DEFAULT_PUSH_MEMORY`, the old constant.
+
+Known limits (a second read's measures, held / counted over the tracker's own passes at five budgets,
+the CPU allocator's events as the reference): an operation's own workspace, allocated and freed inside
+it, is not seen: a CPU convolution's unfolded columns held 1.20-1.36 times the count on a 7×7
+convolution of 3 and 4 channels at 128² (cuDNN's and cuBLAS's workspaces on CUDA likewise), so such a
+pass can exceed its budget by a third; what a pass holds whatever its probes (a transformer encoder's
+per-row arrays, the DCGAN generator's copy) is extrapolated per probe, an over-count (0.08-0.13 on a
+transformer encoder): narrower passes than the budget allows, never wider. Every other model measured
+held 0.2-0.8 of its count.
 """
 
 from __future__ import annotations
@@ -74,9 +85,11 @@ def jvp_pass(module: nn.Module, theta: dict[str, torch.Tensor],
 class LiveBytes(TorchDispatchMode):
     """Inside it, :attr:`peak` is the most bytes of storages alive at once among those the operations
     returned that were not among ``existing`` (tensors made before: the parameters, the tangents, the
-    probes). A storage is followed by a weak reference and dropped once freed (checked at every
-    operation, before its outputs count); views share their base's storage and count once. An
-    operation's temporaries freed inside it are not seen (a kernel's workspace)."""
+    probes; a storage an operation is given without one inside having made it is taken as made before,
+    too: the frozen parameters and buffers an ``existing`` leaves out). A storage is followed by a weak
+    reference and dropped once freed (checked at every operation, before its outputs count); views share
+    their base's storage and count once; one resized in place counts at its new size. An operation's
+    temporaries freed inside it are not seen (a kernel's workspace)."""
 
     def __init__(self, existing: tuple[torch.Tensor, ...] = ()) -> None:
         super().__init__()
@@ -86,15 +99,27 @@ class LiveBytes(TorchDispatchMode):
         self.peak = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
         # (what was freed since the last operation first: it was gone before this one's outputs existed)
         for key in [k for k, (ref, _) in self._live.items() if ref.expired()]:
             self.current -= self._live.pop(key)[1]
+        # An output on the storage of a tensor the operation was given (a view, an in-place operation, the input
+        # returned) is nothing new unless an earlier operation made that storage: every storage made inside is
+        # followed from the operation that made it, so one given and not followed was made before (a frozen
+        # weight's transpose in F.linear, a buffer updated in place), whether or not ``existing`` names it.
+        given = {StorageWeakRef(t.untyped_storage()).cdata for t in tree_leaves((args, kwargs))
+                 if isinstance(t, torch.Tensor)}
         for t in tree_leaves(out):
             if isinstance(t, torch.Tensor):
                 storage = t.untyped_storage()
                 ref = StorageWeakRef(storage)
-                if ref.cdata not in self._live and ref.cdata not in self._existing:
+                if ref.cdata in self._live:  # grown or shrunk in place since (resize_, an out= variant)
+                    held = self._live[ref.cdata][1]
+                    if storage.nbytes() != held:
+                        self._live[ref.cdata] = (ref, storage.nbytes())
+                        self.current += storage.nbytes() - held
+                elif ref.cdata not in self._existing and ref.cdata not in given:
                     self._live[ref.cdata] = (ref, storage.nbytes())
                     self.current += storage.nbytes()
         self.peak = max(self.peak, self.current)
@@ -105,8 +130,12 @@ def measure_push_memory(module: nn.Module, params: dict[str, torch.Tensor], prob
                         activation_bytes: int) -> PushMemory:
     """:class:`PushMemory` of ``module``'s JVP pass, measured: the pass of :func:`jvp_pass` on the first
     ``min(M, 2)`` probes at 1 and 2 tangent rows under :class:`LiveBytes` (in analysis mode, as the
-    tracker pushes), row = peak(2) − peak(1) and primal = peak(1) − row per probe and per
-    ``activation_bytes`` (one probe's activation elements × element size), times :data:`ALLOCATOR_SLACK`.
+    tracker pushes), row = peak(2) − peak(1) and primal = peak(1) − row per probe and per ``activation_bytes`` (one probe's
+    activation elements × element size), times :data:`ALLOCATOR_SLACK`.
+    Where M >= 2, also one row through the first probe alone, the smallest pass the tracker runs (one row
+    through a chunk of one): the primal is at least what that pass holds besides its row, so that what a pass
+    holds whatever its probes (a zero tangent torch.func materializes for a frozen weight after a trained
+    layer: a LoRA base) is counted whole in a pass of one probe, not as half of a two-probe pass.
     A model whose pass raises (no forward-mode rule: the tracker then takes the Jacobian route) gets
     :data:`DEFAULT_PUSH_MEMORY`."""
     if activation_bytes <= 0 or not params:
@@ -114,20 +143,24 @@ def measure_push_memory(module: nn.Module, params: dict[str, torch.Tensor], prob
     chunk = tuple(t[:MEASURED_PROBES] for t in probes)
     count = chunk[0].shape[0]
     theta = {name: p.detach() for name, p in params.items()}
+    shapes = [(chunk, 1), (chunk, 2)] + ([(tuple(t[:1] for t in probes), 1)] if count > 1 else [])
     peaks = []
     try:
         with torch.no_grad(), analysis_mode(module):
-            push = jvp_pass(module, theta, chunk)
-            for rows in (1, 2):
+            for inputs, rows in shapes:
+                push = jvp_pass(module, theta, inputs)
                 tangents = {name: torch.ones((rows, *p.shape), dtype=p.dtype, device=p.device) for name, p in theta.items()}
-                with LiveBytes((*theta.values(), *tangents.values(), *chunk)) as live:
-                    del_out = vmap(push)(tangents)
-                    del del_out
+                with LiveBytes((*theta.values(), *tangents.values(), *inputs)) as live:
+                    vmap(push)(tangents)
                 peaks.append(live.peak)
                 del tangents
+    except torch.OutOfMemoryError:
+        # (not the model's: the constant in its place would be another rank's other pass shape under DDP, and
+        # 1.3 times too few bytes on a transformer encoder's pass)
+        raise
     except Exception:  # (any failure of a measurement leaves the constant; the tracker's own pass reports its errors)
         return DEFAULT_PUSH_MEMORY
     unit = count * activation_bytes
-    row = max(peaks[1] - peaks[0], 0)
-    primal = max(peaks[0] - row, 0)
-    return PushMemory(row=ALLOCATOR_SLACK * row / unit, primal=ALLOCATOR_SLACK * primal / unit)
+    row = max(peaks[1] - peaks[0], 0) / unit
+    primal = max(peaks[0] / unit - row, *((peaks[2] / activation_bytes - row,) if count > 1 else ()), 0)
+    return PushMemory(row=ALLOCATOR_SLACK * row, primal=ALLOCATOR_SLACK * primal)
