@@ -490,16 +490,8 @@ def test_a_jvp_pass_of_the_measured_width_stays_within_its_count_on_cuda():
     from genkernel.core.cost import push_pass_bytes, push_pass_shape
     from genkernel.core.push_memory import DEFAULT_PUSH_MEMORY, jvp_pass
 
-    class Denoiser(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.unet = tiny_unet(16, 1)
-
-        def forward(self, x, t):
-            return self.unet(x, t).sample
-
     torch.manual_seed(0)
-    model = Denoiser().to(DEVICE)
+    model = tiny_unet(16, 1).to(DEVICE)  # (called as model(x_t, t): the adapter reads its output's .sample)
     probes = (torch.randn(8, 1, 16, 16, device=DEVICE), torch.arange(8, device=DEVICE))
     tracker = PathKernelTracker(model, torch.optim.SGD(model.parameters(), lr=1e-3),
                                 lambda out, y: out.flatten(1).pow(2).mean(1), probes, num_groups=4, batch_size=8)

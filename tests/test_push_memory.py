@@ -40,16 +40,8 @@ def test_live_bytes_counts_what_the_operations_allocate_while_it_lives():
 def _tiny_unet_denoiser():
     from genkernel.diffusion import tiny_unet
 
-    class Denoiser(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.unet = tiny_unet(16, 1)
-
-        def forward(self, x, t):
-            return self.unet(x, t).sample
-
-    torch.manual_seed(0)
-    return Denoiser(), (torch.randn(8, 1, 16, 16), torch.arange(8))
+    torch.manual_seed(0)  # (a UNet2DModel called as model(x_t, t): the adapter reads its output's .sample)
+    return tiny_unet(16, 1), (torch.randn(8, 1, 16, 16), torch.arange(8))
 
 
 def _mlp():
