@@ -21,6 +21,16 @@ from genkernel.core.tracking.routes import _jvp_rows
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
+@pytest.fixture(autouse=True)
+def fresh_measures(monkeypatch):
+    """Every test measures its models afresh (the measures kept per process would answer a model seen before)."""
+    from collections import OrderedDict
+
+    from genkernel.core import push_memory
+
+    monkeypatch.setattr(push_memory, "_MEASURED", OrderedDict())
+
+
 def test_live_bytes_counts_what_the_operations_allocate_while_it_lives():
     """coverage: new. Fresh storages count while alive (views once), tensors made before are left out, and the
     peak is the largest sum at once."""
@@ -151,3 +161,29 @@ def test_the_estimate_counts_the_measured_pass():
     assert measured.memory["probe_pushes"] == given.memory["probe_pushes"] == push_pass_bytes(num, 4, 5, 16 * one, push)
     assert constant.memory["probe_pushes"] == push_pass_bytes(num, 4, 5, 16 * one)
     assert given.memory["probe_pushes"] != constant.memory["probe_pushes"]
+
+
+def test_a_model_measured_before_is_not_measured_again(monkeypatch):
+    """A tracker of a model whose architecture, shapes, trained parameters and probes were measured before in the
+    process reuses that measure (no pass runs); another probe shape, another set of trained parameters or another
+    width is measured afresh."""
+    from genkernel.core import push_memory
+    from genkernel.core.cost import activation_elements
+
+    passes = []
+    real = push_memory.jvp_pass
+    monkeypatch.setattr(push_memory, "jvp_pass", lambda *a: passes.append(1) or real(*a))
+
+    def measure(width=256, probes=16, trained=None):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(64, width), nn.Tanh(), nn.Linear(width, 4))
+        x = (torch.randn(probes, 64),)
+        params = {n: p for n, p in model.named_parameters() if trained is None or n in trained}
+        return measure_push_memory(model, params, x, activation_elements(model, (x[0][:1],)) * 4)
+
+    first = measure()
+    assert len(passes) == 3 and measure() == first and len(passes) == 3  # (other weights, same architecture)
+    measure(probes=1)
+    measure(trained=("2.weight", "2.bias"))
+    measure(width=128)
+    assert len(passes) == 3 + 2 + 3 + 3  # (one probe: two passes)

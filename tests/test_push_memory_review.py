@@ -18,6 +18,16 @@ from genkernel.core.push_memory import LiveBytes, measure_push_memory
 from genkernel.core.tracking.routes import _jvp_rows
 
 
+@pytest.fixture(autouse=True)
+def fresh_measures(monkeypatch):
+    """Every test measures its models afresh (the measures kept per process would answer a model seen before)."""
+    from collections import OrderedDict
+
+    from genkernel.core import push_memory
+
+    monkeypatch.setattr(push_memory, "_MEASURED", OrderedDict())
+
+
 def _profiled_peak(fn) -> int:
     """Peak bytes the CPU allocator held at once during ``fn()`` above what it held before (torch.profiler's
     memory events, in order)."""
