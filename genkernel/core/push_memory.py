@@ -102,8 +102,8 @@ class LiveBytes(TorchDispatchMode):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
         # (what was freed since the last operation first: it was gone before this one's outputs existed)
-        expired = [key for key, (ref, _) in self._live.items() if ref.expired()]
-        for key in expired:
+        is_expired = _STORAGE_EXPIRED
+        for key in [key for key, (ref, _) in self._live.items() if is_expired(ref.cdata)]:
             self.current -= self._live.pop(key)[1]
         # An output on the storage of a tensor the operation was given (a view, an in-place operation, the input
         # returned) is nothing new unless an earlier operation made that storage: every storage made inside is
@@ -128,6 +128,9 @@ class LiveBytes(TorchDispatchMode):
                 self.current += storage.nbytes()
         self.peak = max(self.peak, self.current)
         return out
+
+
+_STORAGE_EXPIRED = torch.UntypedStorage._expired  # (StorageWeakRef.expired without its frame: every operation asks)
 
 
 def _tensors(value):
