@@ -159,7 +159,7 @@ def measure_push_memory(module: nn.Module, params: dict[str, torch.Tensor], prob
     :data:`DEFAULT_PUSH_MEMORY`. A model of the same architecture (its class, its modules as ``repr`` lists
     them, their attention processors), parameter and buffer shapes, trained parameters and probe shapes as
     one measured before in this process gets that measure again (:data:`MEASURES_KEPT` kept): the passes
-    cost 3 times a plain pass under the counter, 0.3-0.4 s on the tiny UNet, which a test suite or a
+    cost several plain passes under the counter (0.25 s on the tiny UNet), which a test suite or a
     sweep building many trackers of one model would pay at every one."""
     if activation_bytes <= 0 or not params:
         return DEFAULT_PUSH_MEMORY
