@@ -583,8 +583,7 @@ GRAPH_ROW_ACTIVATIONS = 0.625
 
 # Tangents of the probes' activations one pushed row holds, as a share of the probes' activations
 # (M × the activation elements of one example × bytes), where the model's own pass was not measured
-# (push_memory.measure_push_memory: 0.18-0.29 a row on UNet2DModels, 1.25 on an MLP, 1.35 on the DCGAN
-# 64x64 generator).
+# (push_memory.measure_push_memory; its docstring has the measured shares).
 PUSH_ROW_ACTIVATIONS = DEFAULT_PUSH_MEMORY.row
 # What a training step holds at its peak per activation element of its micro-batch (every module output of one
 # example's hooked forward, :func:`hooked_forward_counts`, times the micro-batch): what autograd saves and the

@@ -189,7 +189,7 @@ def _architecture_key(module: nn.Module, params: dict[str, torch.Tensor], probes
     return (type(module), repr(module), processors,
             tuple((n, tuple(p.shape), p.dtype, str(p.device), n in params) for n, p in module.named_parameters()),
             tuple((n, tuple(b.shape), b.dtype, str(b.device)) for n, b in module.named_buffers()),
-            tuple((tuple(t.shape), t.dtype, str(t.device)) for t in probes), activation_bytes, tuple(params))
+            tuple((tuple(t.shape), t.dtype, str(t.device)) for t in probes), activation_bytes)
 
 
 def _measured(module: nn.Module, params: dict[str, torch.Tensor], probes: tuple[torch.Tensor, ...],

@@ -26,7 +26,7 @@ dense route also uses for the per-example gradients it reads from the training p
 per-example losses before the user's backward): R backward passes with ``retain_graph=True``, no
 second forward, so BatchNorm's batch statistics and dropout's masks are the ones training used.
 :func:`gradients_and_rounding` adds, in the same batched backward, a sample of how the batch's own
-gradient rounds (the gradient check's allowance for a long float32 reduction, tracking.checks).
+gradient rounds (the gradient check's allowance for a long float32 reduction, tracking.rounding).
 
 :func:`group_gradients` refuses (ValueError) on every route a model that draws random numbers in
 its forward (dropout, RReLU, stochastic depth in training mode: its own forward would draw other
@@ -115,8 +115,7 @@ def group_gradients(
         raise ValueError(f"route must be one of {GRADIENT_ROUTES}, got {route!r}")
     memory_budget = check_memory_budget(memory_budget)
     batch = batch_size(inputs)
-    if membership.dim() != 2 or membership.shape[1] != batch:
-        raise ValueError(f"membership must be [rows, {batch}], got {tuple(membership.shape)}")
+    _check_membership(membership, batch)
     group = route == "group" or (route == "auto" and 2 * membership.shape[0] <= batch)
     _check_model(model, "group" if group else route)
     if group:
@@ -159,8 +158,7 @@ def gradients_from_losses(
     passes are batched (``is_grads_batched``) and taken one row at a time where an operation has
     no batching rule.
     """
-    if membership.dim() != 2 or membership.shape[1] != losses.shape[0]:
-        raise ValueError(f"membership must be [rows, {losses.shape[0]}], got {tuple(membership.shape)}")
+    _check_membership(membership, losses.shape[0])
     grads = _batched_backward(losses, params, membership)
     return _own_rows(params, grads, membership.shape[0], dtype)
 
@@ -183,8 +181,7 @@ def gradients_and_rounding(
     Tensor[*shape]}`` float64. (A seed s c_n rounds to the losses' dtype, which moves d by at most one
     unit roundoff of |∇|: far below what it measures.)
     """
-    if membership.dim() != 2 or membership.shape[1] != losses.shape[0]:
-        raise ValueError(f"membership must be [rows, {losses.shape[0]}], got {tuple(membership.shape)}")
+    _check_membership(membership, losses.shape[0])
     if coefficients.shape != (losses.shape[0],):
         raise ValueError(f"coefficients must be [{losses.shape[0]}], got {tuple(coefficients.shape)}")
     seeds = torch.tensor(ROUNDING_SEEDS, dtype=torch.float64, device=membership.device)
@@ -209,6 +206,12 @@ def rounding_of(losses: torch.Tensor, params: dict[str, torch.Tensor], coefficie
 # below 1, so that no seeded gradient overflows where the real one does not (3 and 5 did past 6.8e37 in
 # float32, an infinite sample; 3/4 and 5/8 round as they did).
 ROUNDING_SEEDS = (0.75, 0.625)
+
+
+def _check_membership(membership: torch.Tensor, batch: int) -> None:
+    """ValueError unless ``membership`` is ``[rows, batch]``."""
+    if membership.dim() != 2 or membership.shape[1] != batch:
+        raise ValueError(f"membership must be [rows, {batch}], got {tuple(membership.shape)}")
 
 
 def _batched_backward(losses: torch.Tensor, params: dict[str, torch.Tensor],
