@@ -6,7 +6,10 @@ import torch
 
 matplotlib.use("Agg")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# Under pytest-xdist (`make test` runs two workers) each worker takes its share of the cores: on two
+# cores, one thread each. Most tests are small tensors and Python, where a second thread idles.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+torch.set_num_threads(max(1, min(2, (os.cpu_count() or 1) // _WORKERS)))
 
 
 def pytest_configure(config):
