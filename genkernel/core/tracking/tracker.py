@@ -37,6 +37,7 @@ controls cost (k + 1) G rows, not G^(k+1).
 from __future__ import annotations
 
 import contextlib
+import copy
 import hashlib
 import math
 import os
@@ -2044,6 +2045,48 @@ class PathKernelTracker:
             )
         return group_state
 
+    # -- copies ---------------------------------------------------------------------------------
+    def __deepcopy__(self, memo: dict) -> "PathKernelTracker":
+        """A tracker of the copied model and optimizer that records on as this one would (``copy.deepcopy`` of a
+        trainer, or of ``(model, optimizer, tracker)``: the copies made in the same call; a tracker copied alone
+        takes copies of its own). What the tracker keeps by identity is taken again from the copies: the
+        optimizer's parameters, the gradients its last owned step left, and its hooks (the copied optimizer's
+        step hooks call the copy, and the copy counts its own loop's backward passes). Copied between steps:
+        micro-batches observed for a step to come hold the loop's graph, which does not copy."""
+        if self._observed is not None or self._pending_step is not None:
+            raise RuntimeError(
+                "a tracker cannot be copied in the middle of an observed step (micro-batches observed, the optimizer's "
+                "step not yet taken): their losses hold the loop's graph. Copy it after optimizer.step()"
+            )
+        copied = type(self).__new__(type(self))
+        memo[id(self)] = copied
+        copied.__dict__.update(copy.deepcopy({k: v for k, v in self.__dict__.items() if k != "_hooks"}, memo))
+        # 1. What the original kept by id() names the original's tensors.
+        copied._optimizer_params = {id(p) for group in copied.optimizer.param_groups for p in group["params"]}
+        if self._grad_marks is not None:  # a gradient left as the last owned step left it stays so in the copy
+            copied._grad_marks = {}
+            for name, mark in self._grad_marks.items():
+                grad, twin = self.params[name].grad, copied.params[name].grad
+                same = grad is not None and twin is not None and mark == (id(grad), grad._version)
+                copied._grad_marks[name] = (id(twin), twin._version) if same else mark
+        # 2. Hooks: a copied optimizer has none (torch's Optimizer copies its state and groups alone; one that
+        # copied its hooks would hold this tracker's, inert there: _TrackerHook), and a tensor's hooks are not
+        # copied with it: the copy sets its own.
+        copied._hooks = []
+        if not self._closed:
+            for table in (copied.optimizer._optimizer_step_pre_hooks, copied.optimizer._optimizer_step_post_hooks):
+                for key in [k for k, h in table.items() if isinstance(h, _TrackerHook) and h.tracker_ref() is self]:
+                    del table[key]
+            this = weakref.ref(copied)
+            copied._hooks = [
+                copied.optimizer.register_step_pre_hook(_TrackerHook(this, "_before_observed_step")),
+                copied.optimizer.register_step_post_hook(_TrackerHook(this, "_after_observed_step")),
+            ]
+            copied._accumulation_hooks = False
+            if self._accumulation_hooks:
+                copied._follow_accumulation()
+        return copied
+
     # -- persistence ----------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         """Ledgers, per-group optimizer state and the last parameters (for the outside-change check)."""
@@ -2406,14 +2449,17 @@ class PathKernelTracker:
 
 class _TrackerHook:
     """An optimizer step hook that calls ``method`` of the tracker behind a weak reference (nothing
-    once it is gone); trackers recognize each other's hooks by this type."""
+    once it is gone, nor when another optimizer calls it: a copy of the tracker's that kept its
+    hooks); trackers recognize each other's hooks by this type."""
 
     def __init__(self, tracker_ref, method: str):
         self.tracker_ref, self.method = tracker_ref, method
 
-    def __call__(self, *args):
+    def __call__(self, optimizer, *args):
         tracker = self.tracker_ref()
-        return None if tracker is None else getattr(tracker, self.method)(*args)
+        if tracker is None or optimizer is not tracker.optimizer:  # (a copy of the optimizer: not the tracker's)
+            return None
+        return getattr(tracker, self.method)(optimizer, *args)
 
 
 def _digest(t: torch.Tensor) -> str:
