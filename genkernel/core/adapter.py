@@ -25,6 +25,7 @@ import hashlib
 import itertools
 import numbers
 import os
+import sys
 from typing import Any, Callable, Iterator, Sequence
 
 import torch
@@ -218,14 +219,41 @@ def check_finite(batch: tuple[torch.Tensor, ...], *, name: str) -> None:
 
 
 def trainable_parameters(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The model's parameters that require grad, by name (the θ of every ledger)."""
+    """The model's parameters that require grad, by name (the θ of every ledger); refused when they are
+    shards (:func:`check_whole_parameters`)."""
     params = {name: p for name, p in model.named_parameters() if p.requires_grad}
     if not params:
         raise ValueError(
             f"{type(model).__name__} has no trainable parameters (none with requires_grad=True): "
             "there is nothing to attribute"
         )
+    check_whole_parameters(params)
     return params
+
+
+def check_whole_parameters(params: dict[str, torch.Tensor]) -> None:
+    """Refuse parameters that are shards of the model's: DTensors (FSDP's ``fully_shard``, tensor
+    parallelism) or FSDP's flattened ``FlatParameter``. Every kernel and ledger differentiates the
+    model's own function of whole parameters on each process (per-example passes through
+    ``torch.func``, the optimizer's update split elementwise); on shards the passes fail deep inside
+    (DTensor's "mixed torch.Tensor and DTensor") or would describe one process's slice."""
+    sharded = [name for name, p in params.items()
+               if type(p).__name__ == "FlatParameter" or _is_dtensor(p)]
+    if sharded:
+        raise ValueError(
+            f"parameters {sharded[:5]} are shards (FSDP's fully_shard or FullyShardedDataParallel, or tensor "
+            "parallelism): genkernel needs every trained parameter whole on each process. Train under "
+            "DistributedDataParallel, whose gradient averaging the tracker follows, or analyze a single-process "
+            "copy of the model with its full weights (the sharded state_dict gathered, DTensor.full_tensor())"
+        )
+
+
+def _is_dtensor(value: torch.Tensor) -> bool:
+    """Whether ``value`` is a ``torch.distributed.tensor.DTensor`` (without importing torch.distributed
+    where no DTensor could exist: the class is looked up only when its module is loaded)."""
+    module = sys.modules.get("torch.distributed.tensor")
+    dtensor = getattr(module, "DTensor", None) if module is not None else None
+    return dtensor is not None and isinstance(value, dtensor)
 
 
 def has_state_outside_training(model: nn.Module) -> bool:
