@@ -117,7 +117,7 @@ def test_coverage_a_copied_optimizer_alone_never_calls_the_original_tracker():
         t.observe(losses, ids)
         losses.mean().backward()
         if t is tracker:
-            copy.deepcopy(opt).step()  # its parameters are copies, with the gradients copied
+            copy.deepcopy(opt).step()  # (its parameters are copies; torch copies a Parameter without .grad)
             assert tracker.ledger.steps == 0 and tracker.observed_micro_batches == 1
         o.step()
     assert tracker.ledger.steps == 1 and _same_ledgers(tracker, reference)

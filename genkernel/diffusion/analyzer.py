@@ -439,7 +439,7 @@ class NoiseLevelAnalyzer(TrainerCallback):
                 self._kernel_record = self.kernel_record_cost(model)
                 self._check_kernel_fit()
                 # (checked again beside the tracker's estimate made with the first step's batch, where it was not given)
-                self.tracker.add_cost_follower(lambda tracker: self._check_kernel_fit())
+                self.tracker.add_cost_follower(self._follow_kernel_fit)  # (a bound method: a deep copy rebinds it)
         except BaseException:  # unbound again: the analyzer can be bound once fixed
             self.tracker.close(record_ema=False)
             self.tracker = None
@@ -455,6 +455,10 @@ class NoiseLevelAnalyzer(TrainerCallback):
         elif not self.kernel_history:
             self.record_kernel()
         self._steps_at_bind = self.tracker.attempted_steps
+
+    def _follow_kernel_fit(self, tracker: PathKernelTracker) -> None:
+        """The tracker's cost follower (:meth:`PathKernelTracker.add_cost_follower`): :meth:`_check_kernel_fit`."""
+        self._check_kernel_fit()
 
     def _check_kernel_fit(self) -> None:
         """Refuse (``memory_check="refuse"``: MemoryError, as the tracker refuses) or warn (ResourceWarning) where

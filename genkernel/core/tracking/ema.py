@@ -34,6 +34,7 @@ group row (D and E).
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 from typing import Any, Callable, Iterator, Mapping
 
@@ -56,16 +57,45 @@ def ema_parameters(ema: Any, names: list[str], model: nn.Module) -> Callable[[],
     the averaged weights, or a callable returning ``{name: tensor}``."""
     read = _weights_reader(ema, names, model)
     devices = {n: p.device for n, p in model.named_parameters() if n in names}
-    return lambda: {n: t.to(devices[n]) for n, t in read().items()}
+    # The readers are partials of module-level functions, not closures: ``copy.deepcopy`` of a tracker (with
+    # its model, optimizer and EMA: a trainer) gives readers of the copied EMA (a closure would be shared, and
+    # the copy's EMA ledger would follow the original's EMA).
+    return functools.partial(_read_on_devices, read, devices)
+
+
+def _read_on_devices(read: Callable[[], dict[str, torch.Tensor]], devices: dict[str, torch.device]) -> dict[str, torch.Tensor]:
+    return {n: t.to(devices[n]) for n, t in read().items()}
+
+
+def _read_callable(ema: Callable[[], Mapping[str, torch.Tensor]], names: list[str]) -> dict[str, torch.Tensor]:
+    return {n: ema()[n] for n in names}
+
+
+def ema_callable(read: Callable[[], dict[str, torch.Tensor]]) -> Callable | None:
+    """The caller's function a reader of :func:`ema_parameters` calls (an EMA given as a callable), else None."""
+    inner = read.args[0] if isinstance(read, functools.partial) and read.args else None
+    return inner.args[0] if isinstance(inner, functools.partial) and inner.func is _read_callable else None
+
+
+def _read_shadow(ema: Any, all_names: list[str], names: list[str]) -> dict[str, torch.Tensor]:
+    return {n: t for n, t in zip(all_names, ema.shadow_params) if n in names}
+
+
+def _read_parameters(module: nn.Module, names: list[str]) -> dict[str, torch.Tensor]:
+    return {n: p for n, p in module.named_parameters() if n in names}
+
+
+def _read_buffers(module: nn.Module, own: list[str]) -> dict[str, torch.Tensor]:
+    return {n: b for n, b in module.named_buffers() if n in own}
 
 
 def _weights_reader(ema: Any, names: list[str], model: nn.Module) -> Callable[[], dict[str, torch.Tensor]]:
     """:func:`ema_parameters`' reader, the tensors where the EMA keeps them."""
     if callable(ema) and not isinstance(ema, nn.Module):
-        return lambda: {n: ema()[n] for n in names}
+        return functools.partial(_read_callable, ema, names)
     if _is_diffusers_ema(ema):
         all_names = _shadow_names(ema, model)
-        return lambda: {n: t for n, t in zip(all_names, ema.shadow_params) if n in names}
+        return functools.partial(_read_shadow, ema, all_names, names)
     if _is_ema_pytorch(ema):
         _check_ema_pytorch_options(ema, names, model)
     module = _ema_module(ema)
@@ -77,7 +107,7 @@ def _weights_reader(ema: Any, names: list[str], model: nn.Module) -> Callable[[]
     missing = [n for n in names if n not in dict(module.named_parameters())]
     if missing:
         raise ValueError(f"the EMA model has no parameters {missing[:5]}: it must be a copy of the tracked model")
-    return lambda: {n: p for n, p in module.named_parameters() if n in names}
+    return functools.partial(_read_parameters, module, names)
 
 
 def _shadow_names(ema: Any, model: nn.Module) -> list[str]:
@@ -173,7 +203,7 @@ def ema_buffers(ema: Any, model: nn.Module) -> Callable[[], dict[str, torch.Tens
     missing = [n for n in own if n not in theirs]
     if missing:
         raise ValueError(f"the EMA model has no buffers {missing[:5]}: it must be a copy of the tracked model")
-    return lambda: {n: b for n, b in module.named_buffers() if n in own}
+    return functools.partial(_read_buffers, module, own)
 
 
 EMA_KINDS = "diffusers' EMAModel, ema-pytorch's EMA or torch.optim.swa_utils.AveragedModel"
@@ -562,4 +592,4 @@ class EMALedgers:
             self.live_buffers = {n: t.clone() for n, t in state["live_buffers"].items()}
 
 
-__all__ = ["EMALedgers", "check_ema_precision", "ema_buffers", "ema_parameters", "ema_weights"]
+__all__ = ["EMALedgers", "check_ema_precision", "ema_buffers", "ema_callable", "ema_parameters", "ema_weights"]

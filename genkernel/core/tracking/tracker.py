@@ -84,7 +84,7 @@ from ..grouping import Partitions
 from .checks import CheckScratch, largest_excess
 from .rounding import ROUNDING_ALLOWANCE, ReplayedRounding, RoundingSample
 from .distributed import StepAgreement, check_replicated, ddp_context, summed_over_ranks
-from .ema import EMALedgers, check_ema_precision, ema_buffers, ema_parameters
+from .ema import EMALedgers, check_ema_precision, ema_buffers, ema_callable, ema_parameters
 from .io import atomic_save, load_state, to_device
 from .ledger import PathKernelLedger
 from .quadrature import quadrature_rule
@@ -2058,12 +2058,26 @@ class PathKernelTracker:
                 "a tracker cannot be copied in the middle of an observed step (micro-batches observed, the optimizer's "
                 "step not yet taken): their losses hold the loop's graph. Copy it after optimizer.step()"
             )
+        if self.distributed is not None:
+            raise TypeError(
+                "a tracker of a DistributedDataParallel model cannot be copied: every step meets the other ranks in "
+                "its process group, which a copy in one process cannot join. Branch a distributed run through a "
+                "checkpoint on every rank (tracker.save, then load into a tracker built for the branch)"
+            )
         copied = type(self).__new__(type(self))
         memo[id(self)] = copied
         copied.__dict__.update(copy.deepcopy({k: v for k, v in self.__dict__.items() if k != "_hooks"}, memo))
+        if self.ema is not None and ema_callable(self.ema.read) is not None and \
+                ema_callable(copied.ema.read) is ema_callable(self.ema.read):
+            raise TypeError(
+                "the tracker's EMA was given as a function (track_ema(callable)), which copy.deepcopy does not copy: "
+                "the copy's EMA ledger would read the original run's EMA. Track the EMA object itself (diffusers' "
+                "EMAModel, ema-pytorch's EMA, AveragedModel, the averaged module) to copy the tracker"
+            )
         # 1. What the original kept by id() names the original's tensors.
         copied._optimizer_params = {id(p) for group in copied.optimizer.param_groups for p in group["params"]}
-        if self._grad_marks is not None:  # a gradient left as the last owned step left it stays so in the copy
+        if self._grad_marks is not None:  # a gradient left as the last owned step left it stays so in the copy (a
+            # Parameter's deep copy drops .grad: then no mark matters, the copy's check reads its gradients only)
             copied._grad_marks = {}
             for name, mark in self._grad_marks.items():
                 grad, twin = self.params[name].grad, copied.params[name].grad
