@@ -218,10 +218,7 @@ def test_a_ddpm_trainer_with_an_ema_copied_mid_run_books_as_an_uncopied_run_and_
     twin.train(2)
     reference.train(2)
     assert all(torch.equal(p, q) for p, q in zip(twin.model.parameters(), reference.model.parameters()))
-    copied, expected = twin_analyzer.tracker.ema_ledgers, ref_analyzer.tracker.ema_ledgers
-    assert expected.keys() == copied.keys() and all(expected[k].steps == 4 for k in expected)
-    assert all(copied[k].steps == 4 and torch.equal(copied[k].contributions, expected[k].contributions)
-               for k in expected)
+    _assert_same_ema_ledgers(twin_analyzer.tracker.ema_ledgers, ref_analyzer.tracker.ema_ledgers, steps=4)
 
 
 def test_a_tracker_of_a_ddp_model_refuses_a_copy_by_name(tmp_path):
@@ -272,7 +269,11 @@ def test_a_gan_trainer_with_an_ema_copied_mid_run_books_the_generator_s_ema_ledg
     twin.train(3)
     reference.train(3)
     assert all(torch.equal(p, q) for p, q in zip(twin.generator.parameters(), reference.generator.parameters()))
-    copied, expected = twin_analyzer.g_tracker.ema_ledgers, ref_analyzer.g_tracker.ema_ledgers
-    assert expected.keys() == copied.keys() and all(expected[k].steps == 3 for k in expected)
-    assert all(copied[k].steps == 3 and torch.equal(copied[k].contributions, expected[k].contributions)
+    _assert_same_ema_ledgers(twin_analyzer.g_tracker.ema_ledgers, ref_analyzer.g_tracker.ema_ledgers, steps=3)
+
+
+def _assert_same_ema_ledgers(copied, expected, steps):
+    """Every EMA ledger of the copy equals the uncopied run's, which booked ``steps`` steps."""
+    assert expected.keys() == copied.keys() and all(expected[k].steps == steps for k in expected)
+    assert all(copied[k].steps == steps and torch.equal(copied[k].contributions, expected[k].contributions)
                and torch.equal(copied[k].residual, expected[k].residual) for k in expected)
