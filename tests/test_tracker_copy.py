@@ -182,3 +182,18 @@ def test_a_gan_trainer_copied_mid_run_with_its_analyzer_trains_and_reports_as_th
     assert all(torch.equal(p, q) for a, b in models for p, q in zip(a.parameters(), b.parameters()))
     report, twin_report = analyzer.report(), twin_analyzer.report()
     assert twin_report["generator"]["steps"] == report["generator"]["steps"] > 0 and twin_report == report
+
+
+def test_a_tracker_is_not_pickled_or_shallow_copied():
+    """Fails on the old code (copy.copy gave a tracker sharing its ledgers with the original; pickling failed on
+    whatever unpicklable object it met first, a lambda or a weak reference, naming neither the tracker nor the
+    fix)."""
+    import io
+    import pickle
+
+    model, opt, tracker = _setup()
+    tracker.step(*_batches(1)[0])
+    for attempt in (lambda: pickle.dumps(tracker), lambda: torch.save(tracker, io.BytesIO()), lambda: copy.copy(tracker)):
+        with pytest.raises(TypeError, match=r"tracker.save\(path\)"):
+            attempt()
+    assert copy.deepcopy(tracker).ledger.steps == 1

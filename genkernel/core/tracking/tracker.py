@@ -2101,6 +2101,15 @@ class PathKernelTracker:
                 copied._follow_accumulation()
         return copied
 
+    def __reduce_ex__(self, protocol):
+        """Refused (pickle, ``torch.save`` of the object, ``copy.copy``): a tracker holds its model, optimizer,
+        hooks and weak references, and a shallow copy would share its ledgers with the original."""
+        raise TypeError(
+            "a PathKernelTracker is not pickled or shallow-copied: save its state with tracker.save(path) (or an "
+            "analyzer's save(path)) and load it into a tracker built on the same model and optimizer; copy.deepcopy "
+            "gives an independent copy of a run"
+        )
+
     # -- persistence ----------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         """Ledgers, per-group optimizer state and the last parameters (for the outside-change check)."""
