@@ -21,7 +21,7 @@ import torch
 from torch import nn
 from torch.func import grad, jvp
 
-from ..core.adapter import call_with
+from ..core.adapter import call_with, check_whole_parameters
 from ..core.engine.kernels import REPEAT_RTOL, in_full_precision
 
 
@@ -61,6 +61,7 @@ def loss_sharpness(model: nn.Module, loss_fn: Callable[[torch.Tensor, torch.Tens
     params = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
     if not params:
         raise ValueError("the model has no trainable parameters: there is no Hessian to measure")
+    check_whole_parameters(params, model)
     names = list(params)
     shapes = [params[n].shape for n in names]
     sizes = [params[n].numel() for n in names]

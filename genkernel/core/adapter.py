@@ -227,18 +227,22 @@ def trainable_parameters(model: nn.Module) -> dict[str, torch.Tensor]:
             f"{type(model).__name__} has no trainable parameters (none with requires_grad=True): "
             "there is nothing to attribute"
         )
-    check_whole_parameters(params)
+    check_whole_parameters(params, model)
     return params
 
 
-def check_whole_parameters(params: dict[str, torch.Tensor]) -> None:
+def check_whole_parameters(params: dict[str, torch.Tensor], model: nn.Module | None = None) -> None:
     """Refuse parameters that are shards of the model's: DTensors (FSDP's ``fully_shard``, tensor
-    parallelism) or FSDP's flattened ``FlatParameter``. Every kernel and ledger differentiates the
-    model's own function of whole parameters on each process (per-example passes through
-    ``torch.func``, the optimizer's update split elementwise); on shards the passes fail deep inside
-    (DTensor's "mixed torch.Tensor and DTensor") or would describe one process's slice."""
-    sharded = [name for name, p in params.items()
-               if type(p).__name__ == "FlatParameter" or _is_dtensor(p)]
+    parallelism), FSDP's flattened ``FlatParameter`` (a plain ``nn.Parameter`` marked ``_is_flat_param``
+    since torch 2.1), or any parameter of a ``model`` holding a ``FullyShardedDataParallel`` wrapper (with
+    ``use_orig_params=True`` its parameters are plain views of the local shard). Every kernel and ledger
+    differentiates the model's own function of whole parameters on each process (per-example passes
+    through ``torch.func``, the optimizer's update split elementwise); on shards the passes fail deep
+    inside (DTensor's "mixed torch.Tensor and DTensor", FSDP's unshard inside a transform) or would
+    describe one process's slice."""
+    sharded = [name for name, p in params.items() if _is_flat_parameter(p) or _is_dtensor(p)]
+    if not sharded and model is not None and any(type(m).__name__ == "FullyShardedDataParallel" for m in model.modules()):
+        sharded = list(params)
     if sharded:
         raise ValueError(
             f"parameters {sharded[:5]} are shards (FSDP's fully_shard or FullyShardedDataParallel, or tensor "
@@ -248,12 +252,21 @@ def check_whole_parameters(params: dict[str, torch.Tensor]) -> None:
         )
 
 
+def _is_flat_parameter(value: torch.Tensor) -> bool:
+    """Whether ``value`` is FSDP's ``FlatParameter``: since torch 2.1 an ``nn.Parameter`` whose
+    ``_is_flat_param`` is set (``isinstance`` answers through a metaclass; the type's name is "Parameter")."""
+    return type(value).__name__ == "FlatParameter" or getattr(value, "_is_flat_param", False) is True
+
+
 def _is_dtensor(value: torch.Tensor) -> bool:
-    """Whether ``value`` is a ``torch.distributed.tensor.DTensor`` (without importing torch.distributed
-    where no DTensor could exist: the class is looked up only when its module is loaded)."""
-    module = sys.modules.get("torch.distributed.tensor")
-    dtensor = getattr(module, "DTensor", None) if module is not None else None
-    return dtensor is not None and isinstance(value, dtensor)
+    """Whether ``value`` is a DTensor (``torch.distributed.tensor``, ``torch.distributed._tensor`` before
+    torch 2.5), without importing torch.distributed where no DTensor could exist: the class is looked up
+    only when its module is loaded."""
+    for where in ("torch.distributed.tensor", "torch.distributed._tensor"):
+        dtensor = getattr(sys.modules.get(where), "DTensor", None)
+        if isinstance(dtensor, type) and isinstance(value, dtensor):
+            return True
+    return False
 
 
 def has_state_outside_training(model: nn.Module) -> bool:
