@@ -100,3 +100,17 @@ def captioned_image_folder(make_image_folder):
 def image_folder(make_image_folder):
     """An ImageFolder of 12 RGB 16×16 PNGs in two class folders ("a", "b"); a module may define its own."""
     return make_image_folder()
+
+
+@pytest.fixture
+def one_process_group(tmp_path):
+    """A gloo process group of one process (what FSDP's wrappers need to be built), destroyed afterwards."""
+    import torch.distributed as dist
+
+    if not dist.is_available():
+        pytest.skip("torch.distributed is not available")
+    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()

@@ -4,22 +4,9 @@ pass through a probe with DTensor's "got mixed torch.Tensor and DTensor" and adv
 
 import pytest
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from genkernel import PathKernelTracker, gradient_kernel
-
-
-@pytest.fixture
-def one_process_group(tmp_path):
-    """A gloo process group of one process (FSDP's fully_shard needs one), destroyed afterwards."""
-    if not dist.is_available():
-        pytest.skip("torch.distributed is not available")
-    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
-    try:
-        yield
-    finally:
-        dist.destroy_process_group()
 
 
 def test_a_fully_sharded_model_is_refused_by_the_tracker_and_the_kernels(one_process_group):

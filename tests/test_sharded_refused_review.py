@@ -6,24 +6,11 @@ parameters are plain tensors, and the tracker advised replacing a layer, the ker
 
 import pytest
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from genkernel import PathKernelTracker, gradient_kernel
 from genkernel.analysis.sharpness import loss_sharpness
 from genkernel.core.adapter import trainable_parameters
-
-
-@pytest.fixture
-def one_process_group(tmp_path):
-    """A gloo process group of one process (FSDP needs one), destroyed afterwards."""
-    if not dist.is_available():
-        pytest.skip("torch.distributed is not available")
-    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
-    try:
-        yield
-    finally:
-        dist.destroy_process_group()
 
 
 def _loss(out, target):
