@@ -9,7 +9,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # Under pytest-xdist (`make test` runs two workers) each worker takes its share of the cores: on two
 # cores, one thread each. Most tests are small tensors and Python, where a second thread idles.
 _WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
-torch.set_num_threads(max(1, min(2, (os.cpu_count() or 1) // _WORKERS)))
+_CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)  # (a container's own)
+torch.set_num_threads(max(1, min(2, _CORES // _WORKERS)))
 
 
 def pytest_configure(config):
