@@ -799,10 +799,13 @@ def estimate_cost(
         if group_state == "sketched":
             memory["group_state"] += rows * sketch_dim * 8
             memory["projection"] = projection_bytes(params, sketch_dim, param_bytes, memory_budget)
-        memory["held_factors"] = min(memory_budget, 3 * acts * b * param_bytes)
         # Counted from the layers' shapes, in forwards of their blocks (what they leave out,
         # attention's products and elementwise work, is not in a bare step's count either).
         shapes, fallback = block_shapes(model, probes)
+        # The batch's factors, held from step 1 to step 5 whether read from the training pass or from a capture
+        # pass of the route's own (its chunks are joined into the whole batch's): not bounded by the budget.
+        memory["held_factors"] = held_factor_bytes(shapes, fallback, batch=b, itemsize=param_bytes,
+                                                   form="lean" if group_state == "factored" else "outer")
         # with fallback parameters: what the captures' and torch.func's backward passes skip, the fallback's own
         # gradients, and the examples torch.func checks alone (:func:`_fallback_passes`)
         capture_skipped, fallback_skipped, fallback_gradients, probe_checks, batch_checks = _fallback_passes(
@@ -1163,6 +1166,33 @@ def route_forward(shapes: list[BlockShape], fallback: int, outside: float = 0.0)
     ``in_proj_weight``, T multiply-adds per value at T positions) and one multiply-add per fallback value
     (:func:`forward_macs`' count for a parameter in no product: a prompt added to the input)."""
     return forward_macs(shapes, fallback) + max(float(outside) - fallback, 0.0)
+
+
+def held_factor_bytes(shapes: list[BlockShape], fallback: int, *, batch: int, itemsize: int, form: str) -> int:
+    """Bytes of the batch's layer factors that the factored (``form="lean"``) and sketched (``"outer"``) routes
+    hold from step 1 to step 5 (:class:`~genkernel.core.engine.per_example.BatchFactors`, one cotangent), from
+    the covering plan's blocks (:func:`~genkernel.core.engine.factored.block_shapes`), per example:
+
+    - a linear or convolutional block of T positions, I inputs (weight columns, a convolution's unfolded patch
+      C·k values, and a bias column) and O outputs: the outer form's ``a [T, I]`` and ``g [T, O]``, T·(I + O)
+      values; "lean" keeps the per-example gradient, I·O values, where it materializes the block
+      (:func:`~genkernel.core.engine.factors.lean_materializes`);
+    - a norm block: its per-example gradients, P_block values;
+    - an embedding: T int64 indices and ``g [T, D]``;
+
+    times ``itemsize``, and the ``fallback`` parameters' per-example gradients, float64. A convolution's outer
+    form holds k times its input (about 9x for 3x3 kernels): not a multiple of the activations."""
+    per_example = 0
+    for s in shapes:
+        if s.kind in ("linear", "conv"):
+            t, i, o = s.positions, s.inputs, s.outputs
+            dense = form != "outer" and lean_materializes(t, i, o, 1)
+            per_example += (i * o if dense else t * (i + o)) * itemsize
+        elif s.kind == "embedding":
+            per_example += s.positions * (8 + s.outputs * itemsize)
+        else:
+            per_example += s.parameters * itemsize
+    return batch * (per_example + fallback * 8)
 
 
 def factor_route_work(shapes: list[BlockShape], fallback: int, *, probes: int, batch: int, outputs: int, form: str,

@@ -64,15 +64,21 @@ def capture_batch(
     ``coefficients``: ``[B]`` c_n; ``form``: the factors' form (:data:`~genkernel.core.engine.factors.FACTOR_FORMS`;
     "outer" or "lean", which is never larger). Runs under the caller's :func:`analysis_mode`.
     """
-    chunks, losses = [], []
+    batch = batch_size(inputs)
+    factors: list[Factors] | None = None
+    losses = []
     for rows in row_chunks(model, plan, inputs, 1, memory_budget):
         cotangents, box = loss_cotangents(loss_fn, _rows_of(targets, rows))
-        factors, _ = capture(model, plan, tuple(t[rows] for t in inputs), cotangents, form=form)
-        chunks.append(factors)
+        chunk, _ = capture(model, plan, tuple(t[rows] for t in inputs), cotangents, form=form)
+        if factors is None:  # the whole batch's factors, filled chunk by chunk (no list of chunks beside them)
+            factors = chunk if rows.stop - rows.start == batch else [f.allocate(batch) for f in chunk]
+        if factors is not chunk:
+            for whole, part in zip(factors, chunk):
+                whole.write(rows, part)
+        del chunk
         losses.append(box["losses"])
-    factors = [
-        Factors.concat([chunk[i] for chunk in chunks]).per_example_scaled(coefficients) for i in range(len(plan.blocks))
-    ]
+    for i, f in enumerate(factors):  # one block's scaled copy at a time
+        factors[i] = f.per_example_scaled(coefficients)
     fallback = _fallback_gradients(model, plan, inputs, targets, loss_fn, coefficients, memory_budget)
     return BatchFactors(factors, fallback, torch.cat(losses))
 
