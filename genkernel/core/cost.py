@@ -51,6 +51,11 @@ Memory (bytes):
 - ``training_records``: what step 1 keeps of the training pass when it reads layer factors from it
   (the layers' output gradients, about one copy of the activations) until it has read them; only
   when that fits in the memory budget.
+- ``example_pass``: on the dense route's ``gradient_route="example"`` when the training pass's records do
+  not fit the budget, the route's own vmapped per-example pass over one chunk of examples (the chunk sized
+  by the budget to the per-example gradients alone, engine.gradients): the chunk's activations
+  (:data:`EXAMPLE_PASS_ACTIVATIONS` of them), its per-example gradients twice, and the float64 block
+  ``add_rows`` widens a narrower dtype's gradients in;
 - ``ledgers``: the ledgers themselves, float64: every partition's contributions ``[M, G, d]`` and
   traffic ``[M, G]`` (:func:`ledger_bytes`), twice with an EMA ledger; with a group per training
   example this grows with the data set and is often the largest part;
@@ -110,7 +115,8 @@ buffers, the frozen weights); the phases are
   dense route, the group rows formed from the training graph as it runs (an observed loop's
   ``observe()``, an owned step's graph route; conservatively on every dense route) and their
   batched backward (``row_backward``);
-- ``"group gradients"``: the training records read into the group rows (and held factors);
+- ``"group gradients"``: the training records read into the group rows (and held factors), or the
+  "example" route's own per-example pass (``example_pass``);
 - ``"analysis"`` (:data:`STEP_TEMPORARIES`): after the optimizer's step, the group rows, the split
   update, the checks, the pushes, the step's contributions, held factors, an EMA update's sync;
 - with an EMA ledger, ``"EMA sync"``: an observed loop's ``optimizer.step()`` syncs the EMA ledger while the
@@ -143,7 +149,7 @@ from torch import nn
 
 from .adapter import has_state_outside_training
 from .engine.factored import BlockShape, block_shapes, row_chunks
-from .engine.gradients import ROUNDING_SEEDS
+from .engine.gradients import ROUNDING_SEEDS, WIDEN_BLOCK_BYTES
 from .push_memory import DEFAULT_PUSH_MEMORY, PushMemory, measure_push_memory
 from .engine.factors import covering_plan, dense_pair_is_cheaper, lean_materializes, self_kernel_materializes
 from .engine.projections import PROJECTION_CHUNK_BYTES, weight_projection_route
@@ -592,6 +598,14 @@ PUSH_ROW_ACTIVATIONS = DEFAULT_PUSH_MEMORY.row
 # DCGAN 64x64 G and D, 0.61 on an MLP, 1.88 on a transformer encoder (attention's probabilities are no module's
 # output); on CUDA the CIFAR-10 UNet's allocated peak at B = 64 gave 1.43 (figures/gpu_check.json). It was 3.
 TRAINING_ACTIVATIONS = 2.0
+# What the dense "example" route's own vmapped per-example pass (engine.gradients._example_chunks, a chunk of c
+# examples at once) holds per activation element of its chunk, beside its per-example gradients (twice: c x P)
+# and add_rows' float64 widening block: measured 1.50 on a conv net (3 -> 16 -> 16 -> 32 channels at 64x64, stride
+# 2 twice, a Linear head, P = 40k, float32, Adam; the "gradients" call's peak RSS growth at c = 8, 16 and 32 in a
+# warmed process, glibc returning every block: 14.9, 28.0 and 56.1 MiB), the training pass of the same net 1.47
+# of its activations (TRAINING_ACTIVATIONS, 2.0, covers other models' larger shares). Uncounted before: that
+# route's phase held the group rows alone (1.3 MiB against the pass's 56.1 MiB at c = 32).
+EXAMPLE_PASS_ACTIVATIONS = 1.5
 
 
 def push_pass_bytes(num_params: int, param_bytes: int, rows: int, probe_activation_bytes: int,
@@ -776,6 +790,10 @@ def estimate_cost(
             chunk = (b if gradient_route == "example" and reads_training
                      else max(1, memory_budget // (3 * max(num, 1) * param_bytes)) if own_pass
                      else max(1, memory_budget // (4 * largest_bytes)))
+            if own_pass:  # the vmapped pass over one chunk: its activations, gradients, and add_rows' widened block
+                held = min(chunk, b)
+                widened = 0 if param_bytes == 8 else min(WIDEN_BLOCK_BYTES, held * max(largest, 1) * 8)
+                memory["example_pass"] = int(held * (EXAMPLE_PASS_ACTIVATIONS * acts + 2 * num) * param_bytes) + widened
             # The unit, one example's forward: every product of it (hooked_forward_counts), those of the fallback
             # parameters (a raw weight in F.linear, einsum, MultiheadAttention's in_proj_weight) too, which the rows'
             # R·B·P and the per-example gradients below count in whole (they are trained: in the weight share too).
@@ -932,7 +950,8 @@ def estimate_cost(
             training_pass += ("group_gradients",)
     phases = {
         "training pass": training_pass,
-        "group gradients": ("training_records", "group_gradients", "held_factors", "witnesses", "rounding_sample"),
+        "group gradients": ("training_records", "example_pass", "group_gradients", "held_factors", "witnesses",
+                            "rounding_sample"),
         "analysis": STEP_TEMPORARIES,
     }
     if "ema_sync" in memory:
