@@ -14,10 +14,6 @@ grow it by 25-30 MiB of one-time state (imports, torch.func and oneDNN initialis
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
@@ -26,6 +22,7 @@ from torch import nn
 
 from genkernel.core import cost
 from genkernel.core.cost import estimate_cost, hooked_forward_counts
+from peak_rss import measure_script
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -37,14 +34,6 @@ MEASURE = textwrap.dedent("""
     from genkernel import PathKernelTracker
     from genkernel.supervised import mse_loss
     from genkernel.core.tracking import routes
-
-    def rss():
-        with open("/proc/self/status") as f:
-            return {k: int(v.split()[0]) * 1024 for k, v in (l.split(":", 1) for l in f) if k in ("VmRSS", "VmHWM")}
-
-    def reset_peak():
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # VmHWM back to VmRSS
 
     batch, budget = 32, 16 * 10**6  # the records (24 MB) do not fit: the route's own pass, one chunk of 32
 
@@ -105,13 +94,7 @@ MEASURE = textwrap.dedent("""
 
 @pytest.fixture(scope="module")
 def measured() -> dict:
-    if not sys.platform.startswith("linux") or not os.access("/proc/self/clear_refs", os.W_OK):
-        pytest.skip("peak RSS from /proc (Linux, /proc/self/clear_refs writable)")
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0", OMP_NUM_THREADS="1",
-               PYTHONPATH=os.pathsep.join([os.getcwd(), os.environ.get("PYTHONPATH", "")]))
-    done = subprocess.run([sys.executable, "-c", MEASURE], env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-2000:]
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return measure_script(MEASURE)
 
 
 def test_the_group_gradients_phase_counts_the_routes_own_per_example_pass(measured):

@@ -16,10 +16,6 @@ tests/test_cost_phases.py's technique), on an MLP whose parameters dominate (256
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
@@ -27,6 +23,7 @@ import torch
 from torch import nn
 
 from genkernel.core.cost import estimate_cost
+from peak_rss import measure_script
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -38,14 +35,6 @@ MEASURE = textwrap.dedent("""
     from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
     from genkernel import PathKernelTracker
     from genkernel.supervised import mse_loss
-
-    def rss():
-        with open("/proc/self/status") as f:
-            return {k: int(v.split()[0]) * 1024 for k, v in (l.split(":", 1) for l in f) if k in ("VmRSS", "VmHWM")}
-
-    def reset_peak():
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # VmHWM back to VmRSS
 
     case = sys.argv[1]
     batch, rows, micro = 32, 32, (1 if case == "ema" else 2)
@@ -99,13 +88,7 @@ MEASURE = textwrap.dedent("""
 
 
 def measure(case: str) -> dict:
-    if not sys.platform.startswith("linux") or not os.access("/proc/self/clear_refs", os.W_OK):
-        pytest.skip("peak RSS from /proc (Linux, /proc/self/clear_refs writable)")
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0", OMP_NUM_THREADS="1",
-               PYTHONPATH=os.pathsep.join([os.getcwd(), os.environ.get("PYTHONPATH", "")]))
-    done = subprocess.run([sys.executable, "-c", MEASURE, case], env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-2000:]
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return measure_script(MEASURE, case)
 
 
 @pytest.mark.slow  # (a fresh process measuring its peak: 7-8 s; `make test-slow`)

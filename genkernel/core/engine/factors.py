@@ -546,15 +546,6 @@ class Factors:
         """The factors of cotangent ``index`` alone (c = 1)."""
         return Factors(self.block, self.kind, self.a, self.g[index : index + 1])
 
-    @staticmethod
-    def concat(chunks: list["Factors"]) -> "Factors":
-        """Factors of consecutive row chunks of one block, joined along the batch."""
-        first = chunks[0]
-        if len(chunks) == 1:
-            return first
-        a = None if first.a is None else torch.cat([f.a for f in chunks])
-        return Factors(first.block, first.kind, a, torch.cat([f.g for f in chunks], dim=1))
-
     def allocate(self, total: int) -> "Factors":
         """Empty factors like these for ``total`` examples (filled with :meth:`write`)."""
         a = None if self.a is None else self.a.new_empty((total, *self.a.shape[1:]))
