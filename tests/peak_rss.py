@@ -24,14 +24,14 @@ PRELUDE = textwrap.dedent("""
 """)
 
 
-def measure_script(script: str, *args: str) -> dict:
-    """The JSON ``script`` (after :data:`PRELUDE`) prints last, run with ``args``; skipped where /proc cannot
-    reset the peak."""
+def measure_script(script: str, *args: str, timeout: float = 300) -> dict:
+    """The JSON ``script`` (after :data:`PRELUDE`) prints last, run with ``args`` (at most ``timeout`` seconds);
+    skipped where /proc cannot reset the peak."""
     if not sys.platform.startswith("linux") or not os.access("/proc/self/clear_refs", os.W_OK):
         pytest.skip("peak RSS from /proc (Linux, /proc/self/clear_refs writable)")
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0", OMP_NUM_THREADS="1",
                PYTHONPATH=os.pathsep.join([os.getcwd(), os.environ.get("PYTHONPATH", "")]))
     done = subprocess.run([sys.executable, "-c", PRELUDE + script, *args], env=env, capture_output=True, text=True,
-                          timeout=300)
+                          timeout=timeout)
     assert done.returncode == 0, done.stderr[-2000:]
     return json.loads(done.stdout.strip().splitlines()[-1])

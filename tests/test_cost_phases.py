@@ -10,10 +10,6 @@ summed with the parts held throughout, and the largest phase is the peak."""
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
@@ -22,6 +18,7 @@ from torch import nn
 
 import genkernel.core.cost as cost
 from genkernel.core.cost import CostEstimate, STEP_TEMPORARIES, estimate_cost, with_analysis_passes, with_kernel_records
+from peak_rss import measure_script
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -122,10 +119,6 @@ MEASURE = textwrap.dedent("""
     from genkernel.diffusion.objectives import diffusion_loss, noisy_input, training_target
     from genkernel.core.tracking.step import OptimizerStep
 
-    def rss():
-        with open("/proc/self/status") as f:
-            return {k: int(v.split()[0]) * 1024 for k, v in (l.split(":", 1) for l in f) if k in ("VmRSS", "VmHWM")}
-
     batch, probes, bins, controls = map(int, sys.argv[1:5])
     scheduler = make_scheduler(1000, clip_sample=True)
     gc.collect()
@@ -147,15 +140,13 @@ MEASURE = textwrap.dedent("""
     analyzer.bind(model, optimizer, batch_size=batch)
     analyzer.step(*batches[1])  # the first tracked step allocates what the tracker keeps
     gc.collect()
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # VmHWM back to VmRSS: the peak of the next step
+    reset_peak()  # VmHWM back to VmRSS: the peak of the next step
     analyzer.step(*batches[2])
     print(json.dumps({"measured": rss()["VmHWM"] - before_model, "predicted": analyzer.tracker.cost.total_bytes}))
 """)
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="peak RSS from /proc (Linux)")
 @pytest.mark.parametrize("setting", [(16, 8, 10, 0), (32, 16, 10, 1)], ids=["B16-10rows", "B32-20rows"])
 def test_the_estimate_is_near_the_measured_peak_of_a_unet_step(setting):
     """A tracked step of the MNIST-sized UNet2DModel (Adam, dense float32 state, default memory budget) in a fresh
@@ -164,13 +155,6 @@ def test_the_estimate_is_near_the_measured_peak_of_a_unet_step(setting):
     and 1.36 (843 for 621, its peak the training pass, whose activations' factor is set for glibc's default
     allocator, 1.12 of a peak of 750 there); before, 1.95 and 2.21 (834 and 1374 MiB). About 20 s and 45 s on one
     thread."""
-    if not os.access("/proc/self/clear_refs", os.W_OK):
-        pytest.skip("/proc/self/clear_refs is not writable here")
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0", OMP_NUM_THREADS="1",
-               PYTHONPATH=os.pathsep.join([os.getcwd(), os.environ.get("PYTHONPATH", "")]))
-    done = subprocess.run([sys.executable, "-c", MEASURE, *map(str, setting)], env=env, capture_output=True, text=True,
-                          timeout=600)
-    assert done.returncode == 0, done.stderr[-2000:]
-    result = json.loads(done.stdout.strip().splitlines()[-1])
+    result = measure_script(MEASURE, *map(str, setting), timeout=600)
     assert result["measured"] > 200 * 2**20  # (a step large enough to read above the process's noise)
     assert 0.8 <= result["predicted"] / result["measured"] <= 1.45, result

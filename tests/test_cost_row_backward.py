@@ -10,10 +10,6 @@ loop's first step is estimated on the graph route."""
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
@@ -23,6 +19,7 @@ from torch import nn
 from genkernel import PathKernelTracker
 from genkernel.core.cost import GRAPH_ROW_ACTIVATIONS, estimate_cost, hooked_forward_counts
 from genkernel.supervised import mse_loss
+from peak_rss import measure_script
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -114,10 +111,6 @@ MEASURE = textwrap.dedent("""
     from genkernel import PathKernelTracker
     from genkernel.supervised import mse_loss
 
-    def rss():
-        with open("/proc/self/status") as f:
-            return {k: int(v.split()[0]) * 1024 for k, v in (l.split(":", 1) for l in f) if k in ("VmRSS", "VmHWM")}
-
     rows, batch = int(sys.argv[1]), 32
     gc.collect()
     base = rss()["VmRSS"]
@@ -139,26 +132,17 @@ MEASURE = textwrap.dedent("""
                                 group_state="dense", gradient_route="graph", batch_size=batch, memory_check="warn")
     tracker.step(x[batch:2 * batch], y[batch:2 * batch], ids[batch:2 * batch])
     gc.collect()
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # VmHWM back to VmRSS: the next step's peak
+    reset_peak()  # VmHWM back to VmRSS: the next step's peak
     tracker.step(x[2 * batch:], y[2 * batch:], ids[2 * batch:])
     print(json.dumps({"measured": rss()["VmHWM"] - base - libraries, "predicted": tracker.cost.total_bytes}))
 """)
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="peak RSS from /proc (Linux)")
 @pytest.mark.parametrize("rows", [8, 16])
 def test_the_graph_routes_estimate_is_near_its_measured_peak(rows):
     """A conv net (3 -> 16 channels at 64x64, float64) on the graph route (Adam, B = 32, 4 probes) in a fresh process, glibc returning every block
     of 64 KiB or more at once: the estimate within [0.8, 1.5] of the step's peak RSS above the process after a bare
     step (its libraries). Before the part, 0.52 and 0.29 of it (the helper's measure, libraries included)."""
-    if not os.access("/proc/self/clear_refs", os.W_OK):
-        pytest.skip("/proc/self/clear_refs is not writable here")
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0", OMP_NUM_THREADS="1",
-               PYTHONPATH=os.pathsep.join([os.getcwd(), os.environ.get("PYTHONPATH", "")]))
-    done = subprocess.run([sys.executable, "-c", MEASURE, str(rows)], env=env, capture_output=True, text=True,
-                          timeout=600)
-    assert done.returncode == 0, done.stderr[-2000:]
-    result = json.loads(done.stdout.strip().splitlines()[-1])
+    result = measure_script(MEASURE, str(rows), timeout=600)
     assert 0.8 <= result["predicted"] / result["measured"] <= 1.5, result

@@ -9,9 +9,6 @@ fits was refused."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
@@ -23,6 +20,7 @@ from genkernel.gan import GANKernelAnalyzer, GANTrainer, GeneratorLoss, frozen
 from genkernel.gan.augment import DiffAugment
 from genkernel.gan.losses import AugmentedGeneratorLoss
 from genkernel.gan.passes import preserved
+from peak_rss import measure_script
 from test_conditional_gan import ConditionalD, ConditionalG
 from test_cost_dense_route import counted
 from test_gan_analyzer_cost import EVERY, F64, conv, mlp, probes
@@ -157,14 +155,6 @@ MEASURE = textwrap.dedent("""
     from genkernel.gan import GANKernelAnalyzer, GeneratorLoss
     from genkernel.gan.configs import dcgan64_discriminator, dcgan64_generator
 
-    def rss():
-        out = {}
-        for line in open("/proc/self/status"):
-            key, value = line.split(":", 1)
-            if key in ("VmRSS", "VmHWM"):
-                out[key] = int(value.split()[0]) * 1024
-        return out
-
     class PatchG(nn.Module):
         def __init__(self):
             super().__init__()
@@ -200,8 +190,7 @@ MEASURE = textwrap.dedent("""
     loss = analyzer._geometry_fn(loss)
     analyzer._geometry(reference[:8], loss, after_forward=False)  # (warm-up: kernels, caches)
     gc.collect()
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # VmHWM back to VmRSS
+    reset_peak()  # VmHWM back to VmRSS
     before = rss()["VmRSS"]
     analyzer._geometry(reference, loss, after_forward=False)  # the fit's pass: G's samples, D's push of n rows
     print(json.dumps({"measured": rss()["VmHWM"] - before, "predicted": record["bytes"],
@@ -209,7 +198,6 @@ MEASURE = textwrap.dedent("""
 """)
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="peak RSS from /proc (Linux)")
 @pytest.mark.parametrize("network", ["dcgan", "transformer"])
 def test_the_largest_passs_memory_is_its_measured_peak(network):
     """The grouping's fit on 256 reference latents (the largest pass here) through a 64×64 DCGAN (ngf = ndf = 16)
@@ -219,16 +207,7 @@ def test_the_largest_passs_memory_is_its_measured_peak(network):
     the fix 1.18 (DCGAN: 117 MiB for 99) and 0.98 (transformer: 97 MiB for 99; a graph at its activations once,
     0.79, was short by attention's products, no module's output); before, 2.25 and 2.30 (graphs at three times the
     activations, the training step's factor): a run refused for passes less than half the size it named."""
-    if not os.access("/proc/self/clear_refs", os.W_OK):
-        pytest.skip("/proc/self/clear_refs is not writable here")
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0", OMP_NUM_THREADS="1",
-               PYTHONPATH=os.pathsep.join([os.getcwd(), os.environ.get("PYTHONPATH", "")]))
-    done = subprocess.run([sys.executable, "-c", MEASURE, network], env=env, capture_output=True, text=True,
-                          timeout=120)
-    assert done.returncode == 0, done.stderr[-2000:]
-    import json
-
-    result = json.loads(done.stdout.strip().splitlines()[-1])
+    result = measure_script(MEASURE, network, timeout=120)
     assert result["largest"] == "grouping_fit"
     assert result["measured"] > 50 * 2**20  # (a pass large enough to read above the process's noise)
     assert 0.9 <= result["predicted"] / result["measured"] <= 1.5, result
