@@ -221,7 +221,7 @@ def test_the_estimate_holds_a_record_beside_what_the_tracker_keeps_between_steps
     tracker_cost = analyzer.tracker.cost
     kept_between_steps = sum(tracker_cost.memory.get(part, 0) for part in (
         "training_step", "frozen_weights", "group_state", "ledgers", "parameter_copies", "check_scratch", "ema",
-        "projection"))
+        "projection", "probe_outputs"))
     temporaries = tracker_cost.total_bytes - kept_between_steps
     assert kept_between_steps > 0 and temporaries > 0
     record_bytes = (temporaries + tracker_cost.analysis_bytes) // 2  # above the temporaries, within the analysis
@@ -230,4 +230,6 @@ def test_the_estimate_holds_a_record_beside_what_the_tracker_keeps_between_steps
     assert estimate.total_bytes >= kept_between_steps + record_bytes
     assert estimate.total_bytes >= tracker_cost.total_bytes
     small = cost.with_kernel_records(tracker_cost, {**record, "bytes": temporaries}, every=1)
-    assert small.memory["kernel_record"] == 0 and small.total_bytes == tracker_cost.total_bytes
+    # (no excess over the temporaries, but a record every step runs in the listener, beside the recorded step)
+    assert small.memory["kernel_record"] == 0 and small.total_bytes >= (
+        kept_between_steps + small.memory["step_record"] + tracker_cost.memory["group_updates"] + temporaries)

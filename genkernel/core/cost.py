@@ -53,9 +53,15 @@ Memory (bytes):
   when that fits in the memory budget.
 - ``example_pass``: on the dense route's ``gradient_route="example"`` when the training pass's records do
   not fit the budget, the route's own vmapped per-example pass over one chunk of examples (the chunk sized
-  by the budget to the per-example gradients alone, engine.gradients): the chunk's activations
+  by the budget to its activations and per-example gradients, engine.gradients.example_chunk): the chunk's activations
   (:data:`EXAMPLE_PASS_ACTIVATIONS` of them), its per-example gradients twice, and the float64 block
-  ``add_rows`` widens a narrower dtype's gradients in;
+  ``add_rows`` widens a narrower dtype's gradients in; when the route reads the training pass (and on
+  ``gradient_route="factored"``), the fallback parameters' own such pass (a raw ``nn.Parameter`` in the forward,
+  a layer the plan leaves out), through the whole model, its chunk sized to the fallback's gradients;
+- ``probe_outputs``: the probes' outputs at the last recorded θ (the tracker's f_prev, [M, d] float64);
+- ``step_record``: only with an analyzer whose listener works inside ``track`` (:func:`with_kernel_records`,
+  :func:`with_analysis_passes`), the recorded step it is handed (:func:`step_record_bytes`), in the
+  ``"listener"`` phase with the step's ``group_updates`` and the listener's own arrays;
 - ``ledgers``: the ledgers themselves, float64: every partition's contributions ``[M, G, d]`` and
   traffic ``[M, G]`` (:func:`ledger_bytes`), twice with an EMA ledger; with a group per training
   example this grows with the data set and is often the largest part;
@@ -149,7 +155,8 @@ from torch import nn
 
 from .adapter import has_state_outside_training
 from .engine.factored import BlockShape, block_shapes, row_chunks
-from .engine.gradients import ROUNDING_SEEDS, WIDEN_BLOCK_BYTES
+from .engine.gradients import (EXAMPLE_PASS_ACTIVATIONS, GRAPH_ROW_ACTIVATIONS, ROUNDING_SEEDS, example_chunk,
+                               example_pass_bytes)
 from .push_memory import DEFAULT_PUSH_MEMORY, PushMemory, measure_push_memory
 from .engine.factors import covering_plan, dense_pair_is_cheaper, lean_materializes, self_kernel_materializes
 from .engine.projections import PROJECTION_CHUNK_BYTES, weight_projection_route
@@ -579,12 +586,9 @@ def reads_training_pass(record_bytes_per_example: int, batch: int, memory_budget
     return record_bytes_per_example * batch <= memory_budget
 
 
-# What one group row of the batched backward through the training graph holds (``gradients_from_losses``: all R
-# rows' activation gradients at once, ``is_grads_batched``), per activation element of the micro-batch: measured 0.48
-# (float32) and 0.62 (float64) on a convolutional net (3 -> 16 channels at 64x64, B = 32, Adam; the peak RSS's growth
-# from 1 to 8 and 16 rows, glibc returning every block), where the graph route's total was 0.29-0.52 of its measured
-# peak without it.
-GRAPH_ROW_ACTIVATIONS = 0.625
+# GRAPH_ROW_ACTIVATIONS (engine.gradients, where the "group" route sizes its chunks of rows with it): what one group
+# row of the batched backward through the training graph holds per activation element of the micro-batch (the graph
+# route's total was 0.29-0.52 of its measured peak without it).
 
 
 # Tangents of the probes' activations one pushed row holds, as a share of the probes' activations
@@ -598,14 +602,10 @@ PUSH_ROW_ACTIVATIONS = DEFAULT_PUSH_MEMORY.row
 # DCGAN 64x64 G and D, 0.61 on an MLP, 1.88 on a transformer encoder (attention's probabilities are no module's
 # output); on CUDA the CIFAR-10 UNet's allocated peak at B = 64 gave 1.43 (figures/gpu_check.json). It was 3.
 TRAINING_ACTIVATIONS = 2.0
-# What the dense "example" route's own vmapped per-example pass (engine.gradients._example_chunks, a chunk of c
-# examples at once) holds per activation element of its chunk, beside its per-example gradients (twice: c x P)
-# and add_rows' float64 widening block: measured 1.50 on a conv net (3 -> 16 -> 16 -> 32 channels at 64x64, stride
-# 2 twice, a Linear head, P = 40k, float32, Adam; the "gradients" call's peak RSS growth at c = 8, 16 and 32 in a
-# warmed process, glibc returning every block: 14.9, 28.0 and 56.1 MiB), the training pass of the same net 1.47
-# of its activations (TRAINING_ACTIVATIONS, 2.0, covers other models' larger shares). Uncounted before: that
-# route's phase held the group rows alone (1.3 MiB against the pass's 56.1 MiB at c = 32).
-EXAMPLE_PASS_ACTIVATIONS = 1.5
+# EXAMPLE_PASS_ACTIVATIONS (engine.gradients, where example_chunk sizes the pass's chunk with it): what the dense
+# "example" route's own vmapped per-example pass holds per activation element of its chunk, 1.50 measured on a conv
+# net whose training pass held 1.47 of its activations (TRAINING_ACTIVATIONS, 2.0, covers other models' larger
+# shares). Uncounted before: that route's phase held the group rows alone (1.3 MiB against the pass's 56.1 MiB).
 
 
 def push_pass_bytes(num_params: int, param_bytes: int, rows: int, probe_activation_bytes: int,
@@ -784,16 +784,26 @@ def estimate_cost(
                     model, probes, layers, fallback, outputs=outputs, batch=b, param_bytes=param_bytes,
                     memory_budget=memory_budget, probe_side=False)
                 fallback_back = (max(layers.input_gradients - fallback_skipped, 0) + fallback_gradients) / max(macs, 1)
-                fallback_chunk = _fallback_chunk(fallback, param_bytes, memory_budget)
+                fallback_plan = covering_plan(model, probes)
+                fallback_largest = max((t.numel() for t in fallback_plan.fallback.values()), default=0)
+                fallback_chunk = _fallback_chunk(fallback_plan, acts, param_bytes, memory_budget)
             # the rows are added one chunk of examples at a time: the route's own chunks (engine.gradients)
             largest_bytes = max(largest, 1) * param_bytes
             chunk = (b if gradient_route == "example" and reads_training
-                     else max(1, memory_budget // (3 * max(num, 1) * param_bytes)) if own_pass
+                     else example_chunk(memory_budget, num, largest, param_bytes, acts) if own_pass
                      else max(1, memory_budget // (4 * largest_bytes)))
             if own_pass:  # the vmapped pass over one chunk: its activations, gradients, and add_rows' widened block
-                held = min(chunk, b)
-                widened = 0 if param_bytes == 8 else min(WIDEN_BLOCK_BYTES, held * max(largest, 1) * 8)
-                memory["example_pass"] = int(held * (EXAMPLE_PASS_ACTIVATIONS * acts + 2 * num) * param_bytes) + widened
+                memory["example_pass"] = example_pass_bytes(min(chunk, b), num, largest, param_bytes, acts)
+            elif fallback_chunk is not None:
+                # The fallback parameters' own vmapped per-example pass (routes.DenseRoute._from_training_pass, the
+                # factored gradient route's _factored_route: engine.gradients' "example" route over the fallback
+                # alone), beside the rows (and the training records it reads the other blocks from): the whole
+                # model's forward over a chunk of examples, the chunk sized by the budget to its activations and the
+                # fallback's gradients (engine.gradients.example_chunk). Uncounted before: on a 64x64 conv net with a raw
+                # input scale (3 values, B = 32, 64 MB budget) the pass added 29.5 MiB to the gradients call, 1.3x
+                # the training records and half the step's measured peak (the training pass's over-count hid it).
+                memory["example_pass"] = example_pass_bytes(min(fallback_chunk, b), fallback, fallback_largest,
+                                                            param_bytes, acts)
             # The unit, one example's forward: every product of it (hooked_forward_counts), those of the fallback
             # parameters (a raw weight in F.linear, einsum, MultiheadAttention's in_proj_weight) too, which the rows'
             # R·B·P and the per-example gradients below count in whole (they are trained: in the weight share too).
@@ -871,6 +881,8 @@ def estimate_cost(
                                 + sketch_dim * num / forward)
             work["sketch_products"] = m * outputs * rows * sketch_dim / forward
     memory["ledgers"] = ledger_bytes(m, outputs, rows, partitions) * (2 if ema else 1)
+    # the probes' outputs at the last recorded θ (the tracker's f_prev, float64 [M, d]), kept from step to step
+    memory["probe_outputs"] = 8 * m * outputs
     moved = min(rows, b) if group_state == "factored" else rows  # plain SGD moves only the batch's groups
     memory["step_contributions"] = 2 * m * moved * outputs * 8
     if group_state == "sketched":
@@ -960,7 +972,8 @@ def estimate_cost(
         # step's temporaries, counted with those it replaces) beside them. (An owned step syncs before its forward.)
         phases["EMA sync"] = ("group_gradients", "witnesses", "rounding_sample", *EMA_SYNC_REPLACES, "ema_sync")
     estimate = CostEstimate(memory, available_memory(device), work, bare, held_bytes(model, optimizer, device), phases=phases, settings={
-        "parameters": num, "rows": rows, "probes": m, "outputs": outputs, "batch": b, "group_state": group_state,
+        "parameters": num, "rows": rows, "partitions": partitions, "probes": m, "outputs": outputs, "batch": b,
+        "group_state": group_state,
         "state_dtype": str(state_dtype).replace("torch.", ""), "device": str(device),
         "quadrature_nodes": quadrature_nodes, "ema": ema, "optimizer": type(optimizer).__name__,
         "step_overhead": float(step_overhead), "gradient_route": gradient_route if group_state == "dense" else None,
@@ -1345,28 +1358,30 @@ def _fallback_passes(model: nn.Module, probes: tuple[torch.Tensor, ...], layers:
     passes (the products they are an operand of, once per such operand, the blocks' weights held constant), and the
     examples torch.func's calls check alone (:func:`fallback_checks`): over the probes' chunks, the captures'
     (``routes.probe_chunks``: :func:`~genkernel.core.engine.factored.row_chunks`, only with ``probe_side``), and
-    over the batch's, those of ``engine.gradients``' per-example gradients of the fallback (3 × P_fb values an
-    example in the budget)."""
+    over the batch's, those of ``engine.gradients``' per-example gradients of the fallback (its chunks,
+    :func:`~genkernel.core.engine.gradients.example_chunk`: the pass's activations and 2 × P_fb values an example)."""
     if not fallback:
         return 0, 0, None, 1, 1
     plan = covering_plan(model, probes)
     block_params = {name: p for name, p in model.named_parameters() if p.requires_grad and name not in plan.fallback}
     one = tuple(t[:1] for t in probes)
-    capture_skipped = layers.input_gradients - hooked_forward_counts(
-        model, one, True, constants=plan.fallback)[3].input_gradients
+    acts, _, _, captured = hooked_forward_counts(model, one, True, constants=plan.fallback)
+    capture_skipped = layers.input_gradients - captured.input_gradients
     _, _, fallback_gradients, fallback_layers = hooked_forward_counts(model, one, True, constants=block_params)
     fallback_skipped = layers.input_gradients - fallback_layers.input_gradients
     probe_checks = fallback_checks([s.stop - s.start for s in row_chunks(model, plan, probes, outputs, memory_budget)]
                                    ) if probe_side else 0
-    per_chunk = _fallback_chunk(fallback, param_bytes, memory_budget)
+    per_chunk = _fallback_chunk(plan, acts, param_bytes, memory_budget)
     batch_checks = chunked_checks(batch, per_chunk)
     return capture_skipped, fallback_skipped, fallback_gradients, probe_checks, batch_checks
 
 
-def _fallback_chunk(fallback: int, param_bytes: int, memory_budget: int) -> int:
-    """Examples per chunk of torch.func's per-example gradients of the ``fallback`` parameters alone
-    (``engine.gradients._example_chunks``: 3 × P_fb values an example in the budget)."""
-    return max(1, memory_budget // (3 * max(fallback, 1) * param_bytes))
+def _fallback_chunk(plan, acts: int, param_bytes: int, memory_budget: int) -> int:
+    """Examples per chunk of torch.func's per-example gradients of ``plan``'s fallback parameters alone
+    (``engine.gradients._example_chunks``: :func:`~genkernel.core.engine.gradients.example_chunk` over them, the
+    pass's ``acts`` activation elements an example)."""
+    sizes = [p.numel() for p in plan.fallback.values()]
+    return example_chunk(memory_budget, sum(sizes), max(sizes, default=0), param_bytes, acts)
 
 
 def chunked_checks(batch: int, chunk: int) -> int:
@@ -1626,6 +1641,23 @@ def _beside_every_phase(phases: dict[str, tuple[str, ...]], part: str) -> dict[s
     return {name: (*parts, part) for name, parts in phases.items()}
 
 
+def step_record_bytes(probes: int, outputs: int, rows: int, partitions: int) -> int:
+    """Bytes of the recorded step a tracker hands its listeners (:class:`~genkernel.core.tracking.StepContributions`,
+    held by ``track`` until they return), float64: every partition's contributions with the rest row in one
+    ``[M, R + 1, d]`` block, a sketch error per partition, the rest and the step's residual, ``[M, d]`` each:
+    ``8 M d (R + 3 + partitions)``; and the step's split update (the estimate's ``group_updates``, counted by that
+    part). Counted (a walk of the result's tensors) on the 64×64 DCGAN generator's tracker, M = 128, R = 2, one
+    partition: 72 MiB, 6 × 12 MiB, beside the updates. A listener's own work (an analyzer's kernel record, its
+    bookkeeping) runs beside it: the "listener" phase (:func:`with_kernel_records`, :func:`with_analysis_passes`)."""
+    return 8 * probes * outputs * (rows + 3 + partitions)
+
+
+def _step_record(tracker_cost: CostEstimate) -> int:
+    s = tracker_cost.settings
+    return step_record_bytes(int(s.get("probes", 0)), int(s.get("outputs", 0)), int(s.get("rows", 0)),
+                             int(s.get("partitions", 1)))
+
+
 def with_kernel_records(tracker_cost: CostEstimate, record: dict[str, Any], every: int) -> CostEstimate:
     """``tracker_cost`` with an analyzer's kernel records added (a new estimate; ``tracker_cost`` is not changed).
 
@@ -1640,21 +1672,32 @@ def with_kernel_records(tracker_cost: CostEstimate, record: dict[str, Any], ever
     EMA ledger, projection, check scratch, and the training step's arrays, counted whole), so the total bounds
     both peaks, the step's and the record's. (Less the whole analysis memory, the kept arrays were counted as room
     for the record: a record within the analysis memory but larger than the temporaries was short by the kept
-    arrays, up to their size.) The cheaper options name the analyzer's kernel settings when the record costs more
+    arrays, up to their size.) A record every ``every`` steps runs in the tracker's listener, while ``track`` still
+    holds the recorded step (:func:`step_record_bytes`): phase ``"listener"``, that record (``step_record``, and its
+    split update, ``group_updates``) and the
+    part of the record the excess leaves out (``kernel_record_in_step``, the record up to the temporaries), so that
+    the total bounds held + step record + record (counted before by its excess alone, as if the step's arrays were
+    freed). The cheaper options name the analyzer's kernel settings when the record costs more
     than a tenth of a tracked step or adds memory."""
     work = dict(tracker_cost.work)
     work["kernel_records"] = record["work"] / every if every else 0.0
     memory = dict(tracker_cost.memory)
     freed = sum(int(tracker_cost.memory.get(part, 0)) for part in STEP_TEMPORARIES)
     memory["kernel_record"] = max(0, int(record["bytes"]) - freed)
+    phases = dict(tracker_cost.phases)
+    if every and phases:
+        memory["step_record"] = _step_record(tracker_cost)
+        memory["kernel_record_in_step"] = min(int(record["bytes"]), freed)
+        phases["listener"] = ("step_record", "group_updates", "kernel_record_in_step")
     settings = dict(tracker_cost.settings)
     settings.update(kernel_record_work=float(record["work"]), kernel_record_bytes=int(record["bytes"]),
                     kernel_every=int(every), kernel_record_once=2.0 * float(record["work"]),
                     kernel_states=int(record["states"]), kernel_sketch=record["sketch"])
     estimate = CostEstimate(memory, tracker_cost.available, work, tracker_cost.bare_step, tracker_cost.held, settings,
-                            list(tracker_cost.cheaper), _beside_every_phase(tracker_cost.phases, "kernel_record"))
+                            list(tracker_cost.cheaper), _beside_every_phase(phases, "kernel_record"))
     tracked_step = tracker_cost.bare_step + sum(tracker_cost.work.values())
-    if memory["kernel_record"] or record["work"] > 0.1 * tracked_step * max(every, 1):
+    if (memory["kernel_record"] or estimate.peak_phase == "listener"
+            or record["work"] > 0.1 * tracked_step * max(every, 1)):
         directions = record["sketch"]
         estimate.cheaper.append(
             f"kernel records ({record['states']} states, {'exact' if directions is None else f'{directions} output directions'}: "
@@ -1681,7 +1724,13 @@ def with_analysis_passes(tracker_cost: CostEstimate, passes: dict[str, Any]) -> 
     before or between the tracker's steps, beside what it keeps from step to step, as a kernel record does), 0 where
     they hold it. ``passes["cheaper"]`` is added to the cheaper options when the passes add memory or more than a
     tenth of a tracked step's work, ``passes["cheaper_memory"]`` (options that save memory alone) when they add
-    memory."""
+    memory.
+
+    ``passes["held"]``: bytes the analyzer keeps from step to step (part ``analysis_state``, in no phase: held
+    throughout); ``passes["listener"]``: the peak its listener (bookkeeping after each recorded step) allocates
+    while ``track`` holds the recorded step: phase ``"listener"``, ``step_record`` (:func:`step_record_bytes`), its
+    ``group_updates`` and ``analysis_listener``. Both were uncounted: the GAN analyzer's, 0.44 of its measured peak on the 64×64 DCGAN at
+    M = 128."""
     if not isinstance(passes, dict) or not isinstance(passes.get("work"), dict):
         raise TypeError("passes must be a dict with 'work' ({part: example-forwards per step}), 'once', 'bytes'")
     clash = sorted(set(passes["work"]) & set(tracker_cost.work))
@@ -1693,6 +1742,13 @@ def with_analysis_passes(tracker_cost: CostEstimate, passes: dict[str, Any]) -> 
     peak = int(passes.get("bytes", 0))
     freed = sum(int(tracker_cost.memory.get(part, 0)) for part in STEP_TEMPORARIES)
     memory["analysis_passes"] = max(0, peak - freed)
+    phases = dict(tracker_cost.phases)
+    if int(passes.get("held", 0)):
+        memory["analysis_state"] = int(passes["held"])
+    if int(passes.get("listener", 0)) and phases:
+        memory["step_record"] = _step_record(tracker_cost)
+        memory["analysis_listener"] = int(passes["listener"])
+        phases["listener"] = ("step_record", "group_updates", "analysis_listener")
     settings = dict(tracker_cost.settings)
     settings.update(passes.get("settings") or {})
     settings.update(analysis_once={part: float(v) for part, v in (passes.get("once") or {}).items()},
@@ -1700,17 +1756,18 @@ def with_analysis_passes(tracker_cost: CostEstimate, passes: dict[str, Any]) -> 
     bare = tracker_cost.bare_step + float(passes.get("bare_step", 0.0))
     settings["analysis_bare_step"] = float(passes.get("bare_step", 0.0))
     estimate = CostEstimate(memory, tracker_cost.available, work, bare, tracker_cost.held, settings,
-                            list(tracker_cost.cheaper), _beside_every_phase(tracker_cost.phases, "analysis_passes"))
+                            list(tracker_cost.cheaper), _beside_every_phase(phases, "analysis_passes"))
     tracked_step = tracker_cost.bare_step + sum(tracker_cost.work.values())
-    if memory["analysis_passes"] or sum(passes["work"].values()) > 0.1 * tracked_step:
+    adds = bool(memory["analysis_passes"] or estimate.peak_phase == "listener")
+    if adds or sum(passes["work"].values()) > 0.1 * tracked_step:
         estimate.cheaper.extend(passes.get("cheaper") or [])
-    if memory["analysis_passes"]:
+    if adds:
         estimate.cheaper.extend(passes.get("cheaper_memory") or [])
     return estimate
 
 
 __all__ = [
-    "COST_OPTIONS", "CostEstimate", "PUSH_ROW_ACTIVATIONS", "TRAINING_PARTS", "available_memory", "cgroup_free_memory",
+    "COST_OPTIONS", "CostEstimate", "EXAMPLE_PASS_ACTIVATIONS", "PUSH_ROW_ACTIVATIONS", "TRAINING_PARTS", "available_memory", "cgroup_free_memory",
     "GROUP_STATE_CHOICES", "GRAPH_ROW_ACTIVATIONS", "check_bytes", "cost_options", "estimate_cost", "factor_route_work", "forward_macs", "held_bytes", "ledger_bytes", "linear_state_rows",
     "frozen_bytes", "GradientLayerCounts", "gradient_layer_counts", "hooked_forward_counts", "optimizer_state_copies", "optimizer_state_values", "plain_hyperparameter", "plain_sgd", "projection_bytes", "push_pass_bytes", "push_pass_shape", "push_route", "reads_training_pass",
     "sketch_temporary_bytes", "sketch_work", "dense_gradient_work", "chunked_checks", "fallback_checks", "input_gradient_share", "row_sum_products", "sketchable", "splitter_state_copies",

@@ -37,6 +37,7 @@ refuse BatchNorm with batch statistics, whose per-example gradients are undefine
 
 from __future__ import annotations
 
+import weakref
 from typing import Any, Callable, Iterable, Sequence
 
 import torch
@@ -60,6 +61,108 @@ from .reference import per_example
 DEFAULT_GRADIENT_BUDGET = 256 * 2**20
 GRADIENT_ROUTES = ("auto", "example", "group", "factored")
 WIDEN_BLOCK_BYTES = 8 * 2**20  # float64 columns add_rows widens at once
+# What the "example" route's vmapped per-example pass (:func:`_example_chunks`, a chunk of c examples at once) holds
+# per activation element of its chunk (every leaf module's output of one example, :func:`example_activation_elements`,
+# times c), beside its per-example gradients (twice: c x P) and add_rows' float64 widening block
+# (:func:`example_pass_bytes`): measured 1.50 on a conv net (3 -> 16 -> 16 -> 32 channels at 64x64, stride 2 twice,
+# a Linear head, P = 40k, float32, Adam; the "gradients" call's peak RSS growth at c = 8, 16 and 32 in a warmed
+# process, glibc returning every block: 14.9, 28.0 and 56.1 MiB). The cost estimate's ``example_pass`` and
+# :func:`example_chunk` count the pass with it.
+EXAMPLE_PASS_ACTIVATIONS = 1.5
+# What one group row of a batched backward through a batch's graph holds (``gradients_from_losses``: the rows'
+# activation gradients at once, ``is_grads_batched``), per activation element of the batch: measured 0.48 (float32)
+# and 0.62 (float64) on a convolutional net (3 -> 16 channels at 64x64, B = 32, Adam; the peak RSS's growth from 1 to
+# 8 and 16 rows, glibc returning every block). The cost estimate's ``row_backward`` (every row at once through the
+# training graph) counts with it; :func:`group_row_chunk` sizes the "group" route's chunks of rows. (On the deeper
+# conv net above, 3 -> 16 -> 16 -> 32 channels, B = 32, float32, a row of the "group" route held 1.0: 23 MiB a row
+# for 23 MiB of the batch's activations, from 1 to 4 rows.)
+GRAPH_ROW_ACTIVATIONS = 0.625
+
+
+def example_pass_bytes(chunk: int, num_params: int, largest: int, itemsize: int, activation_elements: int) -> int:
+    """Bytes the "example" route's vmapped per-example pass (:func:`_example_chunks`) holds over ``chunk`` examples
+    of ``num_params`` parameter values (``largest``: the largest parameter's, ``itemsize`` bytes each): the chunk's
+    activations (:data:`EXAMPLE_PASS_ACTIVATIONS` x ``activation_elements``, one example's leaf module outputs,
+    :func:`example_activation_elements`, x ``chunk``), its per-example gradients twice (``chunk`` x P) and the float64
+    block :func:`add_rows` widens a narrower dtype's gradients in (at most :data:`WIDEN_BLOCK_BYTES`). What the cost
+    estimate counts as ``example_pass`` (measured 0.98 of the pass's peak RSS growth on a conv net, chunk 32)."""
+    widened = 0 if itemsize >= 8 else min(WIDEN_BLOCK_BYTES, chunk * max(largest, 1) * 8)
+    return int(chunk * (EXAMPLE_PASS_ACTIVATIONS * activation_elements + 2 * num_params) * itemsize) + widened
+
+
+def example_chunk(memory_budget: int, num_params: int, largest: int, itemsize: int, activation_elements: int) -> int:
+    """Examples per chunk of the "example" route's vmapped per-example pass (:func:`_example_chunks`), the one rule
+    the engine runs and the cost estimate counts: the most examples whose pass (:func:`example_pass_bytes`: the
+    chunk's activations, its per-example gradients and add_rows' widening block) fits in ``memory_budget``.
+
+    At least one example: a single example whose pass alone exceeds the budget still runs alone (as before), and the
+    pass then exceeds the budget by that one example's. With neither parameter values nor activations, the whole
+    budget in examples (every batch in one chunk). (The chunk was sized to 3 x P values an example alone: on a conv
+    net whose activations outweigh its parameters, 3 -> 16 -> 16 -> 32 channels at 64x64, P = 40k, one chunk's pass
+    held 3.4-4.0x a 4-16 MiB budget.)"""
+    base = (EXAMPLE_PASS_ACTIVATIONS * activation_elements + 2 * num_params) * itemsize  # per example
+    widen = 0 if itemsize >= 8 else max(largest, 1) * 8  # per example, until the block reaches its cap
+    if base + widen <= 0:
+        return max(1, memory_budget)
+    candidates = [memory_budget // (base + widen)]  # the widening block below its cap
+    if widen and base > 0 and memory_budget > WIDEN_BLOCK_BYTES:
+        candidates.append((memory_budget - WIDEN_BLOCK_BYTES) // base)  # the block at its cap
+    chunk = max(1, int(max(candidates)))
+    while chunk > 1 and example_pass_bytes(chunk, num_params, largest, itemsize, activation_elements) > memory_budget:
+        chunk -= 1  # (a float product rounded up past the budget)
+    return chunk
+
+
+def group_row_chunk(memory_budget: int, num_params: int, itemsize: int, batch_activation_elements: int) -> int:
+    """Group rows per batched backward of the "group" route (:func:`_group_route`): as many as keep what each row
+    holds, its gradients (3 x P values: the row in the parameters' dtype, its float64 copy counted as two) and its
+    activation gradients through the whole batch's graph (:data:`GRAPH_ROW_ACTIVATIONS` x
+    ``batch_activation_elements``, every leaf module's output over the batch), in ``itemsize`` bytes each, within
+    ``memory_budget``; at least one row (a row whose backward alone exceeds the budget runs alone). The batch's own
+    forward graph, which every row goes through, is held whatever the rows: not bounded by the budget."""
+    per_row = (3 * num_params + GRAPH_ROW_ACTIVATIONS * batch_activation_elements) * itemsize
+    return max(1, int(memory_budget // per_row)) if per_row > 0 else max(1, memory_budget)
+
+
+class _LeafOutputs:
+    """Counts the elements of every leaf module's tensor output while open (forward hooks; ``first``: the first
+    example's, ``output[:1]``, as ``cost.hooked_forward_counts`` counts one example's activations; else every
+    element)."""
+
+    def __init__(self, model: nn.Module, first: bool):
+        self.model, self.first, self.elements, self.handles = model, first, 0, []
+
+    def _hook(self, module, args, output) -> None:
+        if isinstance(output, torch.Tensor):
+            self.elements += (output[:1] if self.first else output).numel()
+
+    def __enter__(self) -> "_LeafOutputs":
+        self.handles = [m.register_forward_hook(self._hook) for m in self.model.modules() if not list(m.children())]
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+
+# one example's activation elements by model and by input signature (:func:`example_activation_elements`)
+_ACTIVATIONS: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
+
+
+def example_activation_elements(model: nn.Module, forward: Callable, params: dict[str, torch.Tensor],
+                                example: tuple[torch.Tensor, ...]) -> int:
+    """Elements of every leaf module's output of one example (``example``: its inputs, batch dimension 1), as
+    ``cost.hooked_forward_counts`` counts them: one hooked ``forward(params, example)`` without grad, once per model,
+    input shapes and dtypes and set of modules (cached: the route runs it on its first call only, not per step)."""
+    key = (tuple((tuple(t.shape[1:]), t.dtype, t.device.type) for t in example),
+           tuple(id(m) for m in model.modules()))
+    known = _ACTIVATIONS.setdefault(model, {})
+    if key not in known:
+        with torch.no_grad(), _LeafOutputs(model, first=True) as counted:
+            forward(params, example)
+        known.clear()  # (one signature kept: a model whose modules or inputs change does not grow the cache)
+        known[key] = counted.elements
+    return known[key]
 
 
 def membership_matrix(
@@ -321,8 +424,10 @@ def _example_chunks(model, params, inputs, targets, loss_fn, memory_budget, fixe
     target_tuple = None if targets is None else ((targets,) if isinstance(targets, torch.Tensor) else tuple(targets))
 
     num_params = sum(p.numel() for p in params.values())
+    largest = max(p.numel() for p in params.values())
     itemsize = next(iter(params.values())).element_size()
-    chunk = max(1, memory_budget // (3 * max(num_params, 1) * itemsize))  # (parameters of no values: a chunk of all)
+    activations = example_activation_elements(model, forward, detached, tuple(t[:1] for t in inputs))
+    chunk = example_chunk(memory_budget, num_params, largest, itemsize, activations)
     for start in range(0, batch, chunk):
         rows = slice(start, min(start + chunk, batch))
         # 2. Per-example gradients ∇ℓ_n for a chunk of examples: {name: [c, *shape]}.
@@ -463,10 +568,12 @@ def _group_route(model, params, inputs, targets, loss_fn, membership, memory_bud
     first = next(iter(leaves.values()))
     rows_total = membership.shape[0]
     num_params = sum(p.numel() for p in leaves.values())
-    chunk = max(1, memory_budget // (3 * max(num_params, 1) * first.element_size()))  # (no values at all: every row)
-    # 1. One forward of the batch at θ: the per-example losses ℓ_n, with their graph.
+    # 1. One forward of the batch at θ: the per-example losses ℓ_n, with their graph (its activations counted).
     with torch.enable_grad(), preserved_buffers(model), evaluated_at(model, leaves):
-        losses = loss_fn(output_tensor(model(*inputs)), targets)
+        with _LeafOutputs(model, first=False) as counted:
+            out = output_tensor(model(*inputs))
+        chunk = group_row_chunk(memory_budget, num_params, first.element_size(), counted.elements)
+        losses = loss_fn(out, targets)
         if losses.numel() != batch:
             raise ValueError(f"loss_fn must return one loss per example (shape [{batch}]; e.g. reduction='none'), "
                              f"got shape {tuple(losses.shape)}")
@@ -520,6 +627,8 @@ def _factored_route(model, params, inputs, targets, loss_fn, membership, memory_
 
 
 __all__ = [
-    "DEFAULT_GRADIENT_BUDGET", "GRADIENT_ROUTES", "WIDEN_BLOCK_BYTES", "add_factor_rows", "add_rows", "factor_rows",
-    "gradients_from_losses", "group_gradients", "membership_matrix",
+    "DEFAULT_GRADIENT_BUDGET", "EXAMPLE_PASS_ACTIVATIONS", "GRADIENT_ROUTES", "GRAPH_ROW_ACTIVATIONS",
+    "WIDEN_BLOCK_BYTES", "add_factor_rows", "add_rows", "example_activation_elements", "example_chunk",
+    "example_pass_bytes", "factor_rows",
+    "gradients_from_losses", "group_gradients", "group_row_chunk", "membership_matrix",
 ]
