@@ -116,7 +116,7 @@ from ..core.adapter import (
     analysis_mode, call_with, explained_torch_func_errors, floating_parameter, full_precision, like_parameter,
     loop_precision, output_tensor, positive_int, seed_bits, seeded_generator, trainable_parameters, unwrap, unwrap_optimizer,
 )
-from ..core.cost import GiB, CostEstimate, hooked_forward_counts, with_analysis_passes
+from ..core.cost import GiB, CostEstimate, hooked_forward_counts, ledger_bytes, with_analysis_passes
 from ..core.errors import NonFiniteError
 from ..core.tracking.callbacks import TrainerCallback, perform_step
 from ..core.tracking.distributed import summed_over_ranks
@@ -172,6 +172,16 @@ def _stand_in_after_resume(tracker: PathKernelTracker, loss_fn: Any) -> None:
         tracker.mark_stand_ins("resumed_step")
 
 
+def field_stride(last_evaluation: int, keep: int) -> int:
+    """The spacing of the evaluations whose snapshots :attr:`GANKernelAnalyzer.fields` keeps once evaluations
+    0..``last_evaluation`` ran (-1: none yet): the smallest power of two s with at most ``keep`` multiples of s
+    among them (evaluations 0, s, 2s, ...)."""
+    stride = 1
+    while last_evaluation >= 0 and last_evaluation // stride + 1 > keep:
+        stride *= 2
+    return stride
+
+
 class GANKernelAnalyzer(TrainerCallback):
     """Generator and discriminator path-kernel ledgers of a GAN, split by discriminator geometry.
 
@@ -213,6 +223,12 @@ class GANKernelAnalyzer(TrainerCallback):
             every generator step's cost (2G with a ``comparison``: the spatial ids get their own).
         window: generator steps per coupling window (coupling over training).
         eval_every: generator steps between alignment / coverage evaluations (must divide ``window``).
+        field_snapshots: how many evaluations' probe snapshots (:attr:`fields`: the probes' samples, their
+            geometry, the kernel field and the change, ``[M, ...]`` each) are kept: at most this many, evenly
+            spaced from the first evaluation (every s-th, s the smallest power of two that keeps them within the
+            number: every other one is dropped when one more would not fit), so a long run's memory and saved
+            states stay bounded (on a 64×64 DCGAN with 128 probes a snapshot is about 24 MiB); ``"all"``: every
+            evaluation's, growing with the run. The alignment and coverage rows are kept for every evaluation.
         coverage_latents: number of fixed latents for mode coverage (a conditional GAN's at classes
             ``i % num_classes``, every class in turn, trained or not).
         coverage_sigmas: a sample is "on" a mode within this many std.
@@ -303,6 +319,7 @@ class GANKernelAnalyzer(TrainerCallback):
         controls: int = 1,
         window: int = 20,
         eval_every: int = 5,
+        field_snapshots: int | str = 32,
         coverage_latents: int = 512,
         coverage_sigmas: float = 3.0,
         reference_latents: torch.Tensor | None = None,
@@ -327,6 +344,11 @@ class GANKernelAnalyzer(TrainerCallback):
             raise ValueError(f"controls must be a non-negative int (permutation control partitions), got {controls!r}")
         if window < 1 or eval_every < 1 or window % eval_every:
             raise ValueError(f"window ({window}) and eval_every ({eval_every}) must be positive, eval_every dividing window")
+        if field_snapshots != "all" and (isinstance(field_snapshots, bool) or not isinstance(field_snapshots, int)
+                                         or field_snapshots < 1):
+            raise ValueError(f"field_snapshots must be a positive int (the most evaluations' probe snapshots kept) or "
+                             f"'all', got {field_snapshots!r}")
+        self.field_snapshots = field_snapshots
         if memory_check not in MEMORY_CHECKS:
             raise ValueError(f"memory_check must be one of {MEMORY_CHECKS}, got {memory_check!r}")
         self.memory_check = memory_check
@@ -450,7 +472,8 @@ class GANKernelAnalyzer(TrainerCallback):
         self.coverage: list[dict[str, Any]] = []
         self.windows: list[dict[str, Any]] = []
         self.partial_window: dict[str, Any] | None = None  # finish(): the window in progress
-        self.fields: list[dict[str, torch.Tensor]] = []  # probe fields at evaluation steps (for figures)
+        # probe snapshots at evaluation steps (for figures): at most field_snapshots, evenly spaced (_keep_field)
+        self.fields: list[dict[str, torch.Tensor]] = []
         self.g_loop_steps: list[int] = []  # the loop's number of every tracked generator step
         self.d_loop_steps: list[int] = []
         self.g_group_counts: list[list[int]] = []  # training examples per geometry group, per tracked step
@@ -1355,6 +1378,14 @@ class GANKernelAnalyzer(TrainerCallback):
         1.5–1.9× the DCGAN's batch pass, 1.6–1.7× its field; the training step's 3× the activations had put the
         DCGAN's passes at 2.8–4.2× their peak (refusing runs that fit).
 
+        ``"held"``: what the analyzer keeps from step to step (the window's start ledgers, the probe state, the
+        previous f_end and drift, the last evaluation's snapshot); ``"listener"``: the [M, d] float64 arrays its
+        bookkeeping after each step holds at once, beside the recorded step the tracker still holds
+        (:func:`~genkernel.core.cost.with_analysis_passes` counts both; uncounted before, the estimate was 0.44-0.49
+        of the measured peak on the 64×64 DCGAN G at M = 32-128). ``"held"`` counts the most ``fields`` keeps
+        (``field_snapshots``, ``settings["analysis_history_per_evaluation"]`` bytes each); with ``"all"``, the
+        snapshots grow with the run and only the last one is counted.
+
         Besides, what the generator tracker's estimate leaves out of a GAN's step (it counts G alone): ``bare_step``,
         D's forward of the samples and its backward to them in training's loss, B (u + u_x), added to the bare step
         (in a loop of your own whose backward also forms D's weight gradients, those are not counted); and
@@ -1463,12 +1494,34 @@ class GANKernelAnalyzer(TrainerCallback):
         # through D, a forward and its backward to the samples (D frozen: no weight gradient), in the bare step; and
         # each of the dense graph route's R backward passes (one per group row) runs through D to the samples too.
         work["discriminator_backward"] = sum(self.partitions.values()) * batch * u_x
-        return {"work": work, "once": once, "bytes": int(peaks[largest]),
+        # Kept from step to step (uncounted before: the estimate 0.44 of the measured peak on the 64×64 DCGAN G at
+        # M = 128, d = 12288): the window's start ledgers (a copy of every partition's, _window_start), the probe
+        # state's field (float64) and its samples x and geometry w, the generator ledger's f_end and buffer drift
+        # before the step (_g_f_prev, _g_drift_prev), and the snapshots in ``fields``: each its change and the
+        # field, x and w of its evaluation (``settings["analysis_history_per_evaluation"]``), the last
+        # evaluation's sharing the probe state's. At most field_snapshots are kept, the newest not always the last
+        # evaluation's (a thinned list keeps evaluations 0, s, 2s, ...): counted as that many whole snapshots; with
+        # "all", the last one's change alone, the list growing by one snapshot every evaluation beyond any per-step
+        # estimate.
+        d = x[0].numel()
+        groups, partitions = sum(self.partitions.values()), len(self.partitions)
+        per_evaluation = m * d * (16 + gb + db)
+        snapshots = 8 * m * d if self.field_snapshots == "all" else self.field_snapshots * per_evaluation
+        state = ledger_bytes(m, d, groups, partitions) + 3 * m * d * 8 + m * d * (gb + db) + snapshots
+        # The listener (_book_generator, inside the tracker's track, beside the recorded step), [M, d] float64
+        # arrays alive at once, counted (live storages under a dispatch mode, tests/test_cost_listener.py):
+        # 9 at an evaluation step (the change, the step's drift, the predicted change, the local push and the
+        # cosines' unit rows), 7 + R + 6 P when a window closes (its ledgers' differences, every partition's
+        # [M, G, d] and six [M, d] fields, beside 7).
+        listener = 8 * m * d * max(9, 7 + groups + 6 * partitions)
+        return {"work": work, "once": once, "bytes": int(peaks[largest]), "held": int(state), "listener": int(listener),
                 "peaks": {k: int(v) for k, v in peaks.items()}, "cheaper": cheaper,
                 "cheaper_memory": cheaper_memory, "bare_step": batch * (u + u_x),
                 "settings": {"analysis_discriminator_forward": u, "analysis_discriminator_input_gradient": u_x,
                              "analysis_eval_every": every, "analysis_largest_pass": largest,
-                             "analysis_micro_batches": micro_batches, "analysis_observed": observed}}
+                             "analysis_micro_batches": micro_batches, "analysis_observed": observed,
+                             "analysis_history_per_evaluation": int(per_evaluation),
+                             "analysis_field_snapshots": self.field_snapshots}}
 
     @property
     def cost(self) -> CostEstimate:
@@ -1883,7 +1936,19 @@ class GANKernelAnalyzer(TrainerCallback):
             cov["loop_step"] = self.g_loop_steps[-1]
             self.coverage.append(cov)
         self.alignment.append(row)
-        self.fields.append(snapshot)
+        self._keep_field(snapshot, len(self.alignment) - 1)
+
+    def _keep_field(self, snapshot: dict[str, Any], evaluation: int) -> None:
+        """Keep the snapshot of evaluation number ``evaluation`` (0-based) if it falls on the current spacing
+        (:func:`field_stride`), then drop every other kept one when they outnumber ``field_snapshots``: the
+        kept ones are then evaluations 0, s, 2s, ... for the smallest power of two s that keeps them within it."""
+        if self.field_snapshots == "all":
+            self.fields.append(snapshot)
+            return
+        if evaluation % field_stride(evaluation - 1, self.field_snapshots) == 0:
+            self.fields.append(snapshot)
+        if len(self.fields) > self.field_snapshots:
+            self.fields = self.fields[::2]
 
     # -- discriminator -------------------------------------------------------------------------
     def _discriminator_ids(self, roles: torch.Tensor, inputs: torch.Tensor, real_labels: torch.Tensor | None) -> torch.Tensor:
@@ -2241,6 +2306,8 @@ class GANKernelAnalyzer(TrainerCallback):
                 # the alignment, coverage and field rows are taken every eval_every steps and the probes' groups
                 # of a step come from the last evaluation: another cadence would mix two runs' rows in one list
                 "eval_every": self.eval_every,
+                # the snapshots kept are spaced by a stride set by this number: another would mix two spacings
+                "field_snapshots": self.field_snapshots,
                 # ModeGroups / NearestModeGroups and D's role_mode groups read the centres, which no grouping state keeps
                 "mode_centers": None if self.mode_centers is None else self.mode_centers.tolist(),
                 "discriminator_groups": self.discriminator_groups}
@@ -2263,6 +2330,7 @@ class GANKernelAnalyzer(TrainerCallback):
         # (states saved before a key was kept: the settings they were made with, or unknown for the window)
         saved = {"comparison": None, "num_classes": None, "state_dtype": "float64", "track_steps": None,
                  "window": self.window, "eval_every": self.eval_every, "mode_centers": mine["mode_centers"],
+                 "field_snapshots": self.field_snapshots,
                  "discriminator_groups": self.discriminator_groups, **state["config"]}
         check_saved_settings(saved, mine, "analyzer")
         if self._bound:
@@ -2286,6 +2354,11 @@ class GANKernelAnalyzer(TrainerCallback):
         self.alignment, self.coverage, self.windows = list(state["alignment"]), list(state["coverage"]), list(state["windows"])
         self.partial_window = state.get("partial_window")  # (states saved before it was kept have none)
         self.fields = list(state["fields"])
+        evaluations = len(self.alignment)
+        if self.field_snapshots != "all" and len(self.fields) == evaluations:
+            # (every evaluation's snapshot: saved with "all", or by a version that kept them all) thinned to the
+            # snapshots this analyzer would have kept
+            self.fields = self.fields[:: field_stride(evaluations - 1, self.field_snapshots)]
         # The probes' state and the window's starting ledgers live beside the generator (loaded on the CPU).
         device = next(self._g.parameters()).device
         self._probe_state = to_device(state["probe_state"], device)

@@ -584,6 +584,7 @@ def build(args, s: dict, seed: int, *, null: bool, analyzed: bool = True, run_di
         analyzer = GANKernelAnalyzer(
             G, D, probes, grouping="mode", comparison="nearest_mode", mode_centers=centers, mode_std=std,
             controls=s["controls"], window=s["window"], eval_every=s["eval_every"],
+            field_snapshots="all",  # (2-D probes: a few KiB each; the figure picks the one nearest 40% of the span)
             discriminator_probes=torch.cartesian_prod(axis, axis).to(device), discriminator_groups="role_mode",
             quadrature=s["quadrature"], seed=seed, geometry_loss=GeneratorLoss(D, args.loss) if null else None,
             track_steps=tracked_steps(s),
