@@ -476,8 +476,11 @@ def hooked_forward_counts(model: nn.Module, example: tuple[torch.Tensor, ...],
     layers = [0, 0, 0, 0]  # GradientLayerCounts' fields in order
 
     def hook(module, args, output):
-        if isinstance(output, torch.Tensor):
-            counts[0] += output[:1].numel()
+        # every element of every tensor it returns: the example is a batch of one, so this is the example's whatever
+        # the layout (output[:1] was one row of dimension 0: d of T·d for a [T, 1, d] output inside a sequence-first
+        # model; a tuple's or dict's tensors, an LSTM's (out, (h, c)), none), as engine.gradients._LeafOutputs counts
+        leaves = [output] if isinstance(output, torch.Tensor) else tree_flatten(output)[0]
+        counts[0] += sum(t.numel() for t in leaves if isinstance(t, torch.Tensor))
 
     held = [p for p in (constants or {}).values() if p.requires_grad]
     model_tensors = {id(t) for t in (*model.parameters(), *model.buffers())}

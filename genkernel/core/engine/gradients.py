@@ -43,6 +43,7 @@ from typing import Any, Callable, Iterable, Sequence
 import torch
 from torch import nn
 from torch.func import grad_and_value
+from torch.utils._pytree import tree_leaves
 
 from ..adapter import (
     batch_size,
@@ -124,17 +125,25 @@ def group_row_chunk(memory_budget: int, num_params: int, itemsize: int, batch_ac
     return max(1, int(memory_budget // per_row)) if per_row > 0 else max(1, memory_budget)
 
 
-class _LeafOutputs:
-    """Counts the elements of every leaf module's tensor output while open (forward hooks; ``first``: the first
-    example's, ``output[:1]``, as ``cost.hooked_forward_counts`` counts one example's activations; else every
-    element)."""
+def _new_elements(output: Any) -> int:
+    """Elements of the tensors a module's forward returned: a tensor, or those in a tuple, list or dict (an LSTM's
+    ``(out, (h, c))``, a leaf returning ``{"h": ...}``: none of them was counted)."""
+    leaves = [output] if isinstance(output, torch.Tensor) else tree_leaves(output)
+    return sum(t.numel() for t in leaves if isinstance(t, torch.Tensor))
 
-    def __init__(self, model: nn.Module, first: bool):
-        self.model, self.first, self.elements, self.handles = model, first, 0, []
+
+class _LeafOutputs:
+    """Counts the elements of every leaf module's output while open (forward hooks): every element of every tensor
+    it returns (:func:`_new_elements`). On one example's forward (batch dimension 1) that is the example's
+    activations whatever the layout: ``output[:1]`` counted the first row of dimension 0, which is one example's
+    only where dimension 0 is the batch's (a sequence-first ``[T, 1, d]`` inside the model counted d of T·d values;
+    a tuple's or dict's tensors none)."""
+
+    def __init__(self, model: nn.Module):
+        self.model, self.elements, self.handles = model, 0, []
 
     def _hook(self, module, args, output) -> None:
-        if isinstance(output, torch.Tensor):
-            self.elements += (output[:1] if self.first else output).numel()
+        self.elements += _new_elements(output)
 
     def __enter__(self) -> "_LeafOutputs":
         self.handles = [m.register_forward_hook(self._hook) for m in self.model.modules() if not list(m.children())]
@@ -145,24 +154,40 @@ class _LeafOutputs:
             handle.remove()
 
 
-# one example's activation elements by model and by input signature (:func:`example_activation_elements`)
-_ACTIVATIONS: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
+# one example's activation elements by model and by input signature (:func:`example_activation_elements`):
+# {model: (signature, weak references to its modules and parameters, elements)}
+_ACTIVATIONS: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
+
+
+def _module_signature(modules: list[nn.Module]) -> tuple:
+    """What one example's activation count depends on besides the inputs and the modules' and parameters' identities
+    (checked through weak references beside it), module by module: its type, training flag, ``extra_repr`` (a layer's
+    sizes, an Upsample's scale factor) and its buffers' shapes. (The count was cached by the modules' ids alone: an
+    id, ``id(m)``, is reused by the next object once a module is freed, so a new module built in a freed one's slot,
+    or a layer reconfigured in place, kept the old count.)"""
+    return tuple((type(m), m.training, m.extra_repr(), tuple(b.shape for b in m._buffers.values() if b is not None))
+                 for m in modules)
 
 
 def example_activation_elements(model: nn.Module, forward: Callable, params: dict[str, torch.Tensor],
                                 example: tuple[torch.Tensor, ...]) -> int:
-    """Elements of every leaf module's output of one example (``example``: its inputs, batch dimension 1), as
-    ``cost.hooked_forward_counts`` counts them: one hooked ``forward(params, example)`` without grad, once per model,
-    input shapes and dtypes and set of modules (cached: the route runs it on its first call only, not per step)."""
-    key = (tuple((tuple(t.shape[1:]), t.dtype, t.device.type) for t in example),
-           tuple(id(m) for m in model.modules()))
-    known = _ACTIVATIONS.setdefault(model, {})
-    if key not in known:
-        with torch.no_grad(), _LeafOutputs(model, first=True) as counted:
-            forward(params, example)
-        known.clear()  # (one signature kept: a model whose modules or inputs change does not grow the cache)
-        known[key] = counted.elements
-    return known[key]
+    """Elements of every leaf module's output of one example (``example``: its inputs, batch dimension 1), every
+    tensor's whole (:class:`_LeafOutputs`; ``cost.hooked_forward_counts`` counts the same where each leaf returns one
+    batch-first tensor): one hooked ``forward(params, example)`` without grad, once per model,
+    input shapes and dtypes and modules (cached: the route runs it on its first call only, not per step; a module or
+    parameter replaced, or a module reconfigured, counts again)."""
+    modules = list(model.modules())
+    signature = (tuple((tuple(t.shape[1:]), t.dtype, t.device.type) for t in example), _module_signature(modules))
+    objects = modules + [p for m in modules for p in m._parameters.values() if p is not None]
+    known = _ACTIVATIONS.get(model)
+    if (known is not None and known[0] == signature and len(known[1]) == len(objects)
+            and all(ref() is o for ref, o in zip(known[1], objects))):
+        return known[2]
+    with torch.no_grad(), _LeafOutputs(model) as counted:
+        forward(params, example)
+    # (one signature kept: a model whose modules or inputs change does not grow the cache)
+    _ACTIVATIONS[model] = (signature, tuple(weakref.ref(o) for o in objects), counted.elements)
+    return counted.elements
 
 
 def membership_matrix(
@@ -217,6 +242,7 @@ def group_gradients(
     if route not in GRADIENT_ROUTES:
         raise ValueError(f"route must be one of {GRADIENT_ROUTES}, got {route!r}")
     memory_budget = check_memory_budget(memory_budget)
+    _check_params(params)
     batch = batch_size(inputs)
     _check_membership(membership, batch)
     group = route == "group" or (route == "auto" and 2 * membership.shape[0] <= batch)
@@ -226,6 +252,14 @@ def group_gradients(
     if route == "factored":
         return _factored_route(model, params, inputs, targets, loss_fn, membership, memory_budget)
     return _example_route(model, params, inputs, targets, loss_fn, membership, memory_budget)
+
+
+def _check_params(params: dict[str, torch.Tensor]) -> None:
+    """ValueError for no parameters at all (the routes read the first one's dtype and the largest one's size: an
+    empty dict failed inside them, "max() arg is an empty sequence" or a bare StopIteration)."""
+    if not params:
+        raise ValueError("params is empty: there is no parameter to take gradients of; pass the trainable parameters "
+                         "by name (e.g. dict(model.named_parameters()))")
 
 
 def _check_model(model: nn.Module, route: str) -> None:
@@ -390,6 +424,7 @@ def per_example_gradients(model: nn.Module, params: dict[str, torch.Tensor], inp
     (``coefficients`` c ``[B]``), vmapped in chunks as the "example" route forms them: each example's
     gradient scaled by its own coefficient (B·P multiply-adds; :func:`group_gradients` with the
     diagonal of c as its membership summed them into B rows by a B × B product, B²·P)."""
+    _check_params(params)
     _check_model(model, "example")
     coefficients = coefficients.detach().to(torch.float64)
     out = {name: torch.empty((coefficients.shape[0], *p.shape), dtype=torch.float64, device=p.device)
@@ -570,7 +605,7 @@ def _group_route(model, params, inputs, targets, loss_fn, membership, memory_bud
     num_params = sum(p.numel() for p in leaves.values())
     # 1. One forward of the batch at θ: the per-example losses ℓ_n, with their graph (its activations counted).
     with torch.enable_grad(), preserved_buffers(model), evaluated_at(model, leaves):
-        with _LeafOutputs(model, first=False) as counted:
+        with _LeafOutputs(model) as counted:
             out = output_tensor(model(*inputs))
         chunk = group_row_chunk(memory_budget, num_params, first.element_size(), counted.elements)
         losses = loss_fn(out, targets)
