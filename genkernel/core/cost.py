@@ -42,8 +42,9 @@ Memory (bytes):
   (:attr:`CostEstimate.existing_bytes`);
 - ``row_backward``: on the dense route's ``gradient_route="graph"`` (an observed loop's ``observe()``
   takes it whatever the route), the batched backward of the R group rows through the training graph,
-  every row at once (:data:`GRAPH_ROW_ACTIVATIONS` of the micro-batch's activations a row; the memory
-  budget does not bound it), two rows more for a float32 model;
+  every row at once (a row: the smaller of :data:`GRAPH_ROW_ACTIVATIONS` of the micro-batch's activations and
+  :data:`GRAPH_ROW_LARGEST_OUTPUTS` times its largest leaf output, ``engine.gradients.graph_row_elements``; the
+  memory budget does not bound it), two rows more for a float32 model;
 - ``rounding_sample``: with those two rows, a float32 model's sample of its own gradient's rounding
   (:mod:`genkernel.core.tracking.rounding`), one float64 copy of the parameters held from the training
   pass until the gradient check (an owned step on another route takes it only when a parameter fails
@@ -155,8 +156,8 @@ from torch import nn
 
 from .adapter import has_state_outside_training
 from .engine.factored import BlockShape, block_shapes, row_chunks
-from .engine.gradients import (EXAMPLE_PASS_ACTIVATIONS, GRAPH_ROW_ACTIVATIONS, ROUNDING_SEEDS, example_chunk,
-                               example_pass_bytes)
+from .engine.gradients import (EXAMPLE_PASS_ACTIVATIONS, GRAPH_ROW_ACTIVATIONS, GRAPH_ROW_LARGEST_OUTPUTS,
+                               ROUNDING_SEEDS, example_chunk, example_pass_bytes, graph_row_elements)
 from .push_memory import DEFAULT_PUSH_MEMORY, PushMemory, measure_push_memory
 from .engine.factors import covering_plan, dense_pair_is_cheaper, lean_materializes, self_kernel_materializes
 from .engine.projections import PROJECTION_CHUNK_BYTES, weight_projection_route
@@ -423,6 +424,9 @@ class GradientLayerCounts:
     frozen: int
     frozen_input_gradients: int
     one_sided: int
+    # The elements of the largest output one leaf module returned in the pass (not a multiply-add count: what a
+    # backward holds a few of at once, engine.gradients.graph_row_elements; the estimate's row_backward).
+    largest_output: int = 0
 
     @property
     def frozen_skipped(self) -> int:
@@ -474,13 +478,16 @@ def hooked_forward_counts(model: nn.Module, example: tuple[torch.Tensor, ...],
 
     counts = [0, 0, 0]
     layers = [0, 0, 0, 0]  # GradientLayerCounts' fields in order
+    largest = [0]
 
     def hook(module, args, output):
         # every element of every tensor it returns: the example is a batch of one, so this is the example's whatever
         # the layout (output[:1] was one row of dimension 0: d of T·d for a [T, 1, d] output inside a sequence-first
         # model; a tuple's or dict's tensors, an LSTM's (out, (h, c)), none), as engine.gradients._LeafOutputs counts
         leaves = [output] if isinstance(output, torch.Tensor) else tree_flatten(output)[0]
-        counts[0] += sum(t.numel() for t in leaves if isinstance(t, torch.Tensor))
+        elements = sum(t.numel() for t in leaves if isinstance(t, torch.Tensor))
+        counts[0] += elements
+        largest[0] = max(largest[0], elements)
 
     held = [p for p in (constants or {}).values() if p.requires_grad]
     model_tensors = {id(t) for t in (*model.parameters(), *model.buffers())}
@@ -561,7 +568,7 @@ def hooked_forward_counts(model: nn.Module, example: tuple[torch.Tensor, ...],
             p.requires_grad_(True)
         for handle in handles:
             handle.remove()
-    return counts[0], counts[1], counts[2], GradientLayerCounts(*layers)
+    return counts[0], counts[1], counts[2], GradientLayerCounts(*layers, largest_output=largest[0])
 
 
 def activation_elements(model: nn.Module, example: tuple[torch.Tensor, ...]) -> int:
@@ -589,9 +596,10 @@ def reads_training_pass(record_bytes_per_example: int, batch: int, memory_budget
     return record_bytes_per_example * batch <= memory_budget
 
 
-# GRAPH_ROW_ACTIVATIONS (engine.gradients, where the "group" route sizes its chunks of rows with it): what one group
-# row of the batched backward through the training graph holds per activation element of the micro-batch (the graph
-# route's total was 0.29-0.52 of its measured peak without it).
+# GRAPH_ROW_ACTIVATIONS and GRAPH_ROW_LARGEST_OUTPUTS (engine.gradients, where the "group" route sizes its chunks of
+# rows with them, graph_row_elements): what one group row of the batched backward through the training graph holds,
+# per example, as a share of its activations and as a multiple of its largest leaf output, the smaller counted (the
+# graph route's total was 0.29-0.52 of its measured peak without the part).
 
 
 # Tangents of the probes' activations one pushed row holds, as a share of the probes' activations
@@ -769,7 +777,8 @@ def estimate_cost(
             work["group_gradients"] = backward_rows * (bare - b)
             # batched, every row at once, beside the training graph (not bounded by the memory budget: rows taken in
             # chunks were rounded otherwise than the step's check allows, a conv bias's gap 1.7e-5 of its scale)
-            memory["row_backward"] = int(backward_rows * GRAPH_ROW_ACTIVATIONS * acts * micro * param_bytes)
+            memory["row_backward"] = int(backward_rows * graph_row_elements(acts, layers.largest_output) * micro
+                                         * param_bytes)
             if float32:
                 memory["rounding_sample"] = num * 8
         else:
@@ -1771,7 +1780,7 @@ def with_analysis_passes(tracker_cost: CostEstimate, passes: dict[str, Any]) -> 
 
 __all__ = [
     "COST_OPTIONS", "CostEstimate", "EXAMPLE_PASS_ACTIVATIONS", "PUSH_ROW_ACTIVATIONS", "TRAINING_PARTS", "available_memory", "cgroup_free_memory",
-    "GROUP_STATE_CHOICES", "GRAPH_ROW_ACTIVATIONS", "check_bytes", "cost_options", "estimate_cost", "factor_route_work", "forward_macs", "held_bytes", "ledger_bytes", "linear_state_rows",
+    "GROUP_STATE_CHOICES", "GRAPH_ROW_ACTIVATIONS", "GRAPH_ROW_LARGEST_OUTPUTS", "check_bytes", "cost_options", "estimate_cost", "factor_route_work", "forward_macs", "held_bytes", "ledger_bytes", "linear_state_rows",
     "frozen_bytes", "GradientLayerCounts", "gradient_layer_counts", "hooked_forward_counts", "optimizer_state_copies", "optimizer_state_values", "plain_hyperparameter", "plain_sgd", "projection_bytes", "push_pass_bytes", "push_pass_shape", "push_route", "reads_training_pass",
     "sketch_temporary_bytes", "sketch_work", "dense_gradient_work", "chunked_checks", "fallback_checks", "input_gradient_share", "row_sum_products", "sketchable", "splitter_state_copies",
     "tangent_bytes", "bare_step_forwards", "example_counts", "with_kernel_records",

@@ -71,13 +71,26 @@ WIDEN_BLOCK_BYTES = 8 * 2**20  # float64 columns add_rows widens at once
 # :func:`example_chunk` count the pass with it.
 EXAMPLE_PASS_ACTIVATIONS = 1.5
 # What one group row of a batched backward through a batch's graph holds (``gradients_from_losses``: the rows'
-# activation gradients at once, ``is_grads_batched``), per activation element of the batch: measured 0.48 (float32)
-# and 0.62 (float64) on a convolutional net (3 -> 16 channels at 64x64, B = 32, Adam; the peak RSS's growth from 1 to
-# 8 and 16 rows, glibc returning every block). The cost estimate's ``row_backward`` (every row at once through the
-# training graph) counts with it; :func:`group_row_chunk` sizes the "group" route's chunks of rows. (On the deeper
-# conv net above, 3 -> 16 -> 16 -> 32 channels, B = 32, float32, a row of the "group" route held 1.0: 23 MiB a row
-# for 23 MiB of the batch's activations, from 1 to 4 rows.)
-GRAPH_ROW_ACTIVATIONS = 0.625
+# activation gradients at once, ``is_grads_batched``) per example, besides the row's parameter gradients: a few
+# activations' gradients alive at once. Measured under push_memory.LiveBytes (float32, eval mode; the slope of the
+# per-row growth from 1 to 8 rows between B = 16 and 32), as multiples of the largest leaf output and shares of
+# all leaf outputs (every leaf module's output, engine and estimate alike): chains of convolutions 2.92-3.00 times
+# the largest (shares 0.49-1.03: 3 -> 16 -> 16 channels at 64x64; with two stride-2 layers after the first, 1.03;
+# three ReLU or GroupNorm + SiLU layers of 32 channels at 32x32), the tiny UNet2DModel 4.7 (0.21: the skip
+# connections' gradients wait for their consumers), a two-layer transformer encoder 5.0 (0.56), an MLP nothing
+# beyond its parameters'. The row is counted at the smaller of GRAPH_ROW_ACTIVATIONS of all outputs and
+# GRAPH_ROW_LARGEST_OUTPUTS times the largest (:func:`graph_row_elements`): no measured net above it, the chains
+# 1.4-2.0 times over, the UNet 1.3, the transformer 1.2. (It was 0.625 of all outputs, from the peak RSS of the
+# first net: 0.6 of the strided net's rows, and 3-11 times the UNet's and the transformer's.)
+GRAPH_ROW_ACTIVATIONS = 1.05
+GRAPH_ROW_LARGEST_OUTPUTS = 6.0
+
+
+def graph_row_elements(activation_elements: float, largest_output: float) -> float:
+    """Elements one group row of a batched backward holds through a graph of ``activation_elements`` leaf outputs
+    whose largest leaf output has ``largest_output`` (per example, or over a batch: both scale with it): the
+    smaller of :data:`GRAPH_ROW_ACTIVATIONS` x the first and :data:`GRAPH_ROW_LARGEST_OUTPUTS` x the second."""
+    return min(GRAPH_ROW_ACTIVATIONS * activation_elements, GRAPH_ROW_LARGEST_OUTPUTS * largest_output)
 
 
 def example_pass_bytes(chunk: int, num_params: int, largest: int, itemsize: int, activation_elements: int) -> int:
@@ -114,14 +127,16 @@ def example_chunk(memory_budget: int, num_params: int, largest: int, itemsize: i
     return chunk
 
 
-def group_row_chunk(memory_budget: int, num_params: int, itemsize: int, batch_activation_elements: int) -> int:
+def group_row_chunk(memory_budget: int, num_params: int, itemsize: int, batch_activation_elements: int,
+                    batch_largest_output: int) -> int:
     """Group rows per batched backward of the "group" route (:func:`_group_route`): as many as keep what each row
     holds, its gradients (3 x P values: the row in the parameters' dtype, its float64 copy counted as two) and its
-    activation gradients through the whole batch's graph (:data:`GRAPH_ROW_ACTIVATIONS` x
-    ``batch_activation_elements``, every leaf module's output over the batch), in ``itemsize`` bytes each, within
-    ``memory_budget``; at least one row (a row whose backward alone exceeds the budget runs alone). The batch's own
-    forward graph, which every row goes through, is held whatever the rows: not bounded by the budget."""
-    per_row = (3 * num_params + GRAPH_ROW_ACTIVATIONS * batch_activation_elements) * itemsize
+    activation gradients through the whole batch's graph (:func:`graph_row_elements` of
+    ``batch_activation_elements``, every leaf module's output over the batch, and ``batch_largest_output``, the
+    largest one's), in ``itemsize`` bytes each, within ``memory_budget``; at least one row (a row whose backward
+    alone exceeds the budget runs alone). The batch's own forward graph, which every row goes through, is held
+    whatever the rows: not bounded by the budget."""
+    per_row = (3 * num_params + graph_row_elements(batch_activation_elements, batch_largest_output)) * itemsize
     return max(1, int(memory_budget // per_row)) if per_row > 0 else max(1, memory_budget)
 
 
@@ -134,16 +149,18 @@ def _new_elements(output: Any) -> int:
 
 class _LeafOutputs:
     """Counts the elements of every leaf module's output while open (forward hooks): every element of every tensor
-    it returns (:func:`_new_elements`). On one example's forward (batch dimension 1) that is the example's
+    it returns (:func:`_new_elements`), in all (``elements``) and the largest one call returned (``largest``). On one example's forward (batch dimension 1) that is the example's
     activations whatever the layout: ``output[:1]`` counted the first row of dimension 0, which is one example's
     only where dimension 0 is the batch's (a sequence-first ``[T, 1, d]`` inside the model counted d of T·d values;
     a tuple's or dict's tensors none)."""
 
     def __init__(self, model: nn.Module):
-        self.model, self.elements, self.handles = model, 0, []
+        self.model, self.elements, self.largest, self.handles = model, 0, 0, []
 
     def _hook(self, module, args, output) -> None:
-        self.elements += _new_elements(output)
+        elements = _new_elements(output)
+        self.elements += elements
+        self.largest = max(self.largest, elements)
 
     def __enter__(self) -> "_LeafOutputs":
         self.handles = [m.register_forward_hook(self._hook) for m in self.model.modules() if not list(m.children())]
@@ -607,7 +624,7 @@ def _group_route(model, params, inputs, targets, loss_fn, membership, memory_bud
     with torch.enable_grad(), preserved_buffers(model), evaluated_at(model, leaves):
         with _LeafOutputs(model) as counted:
             out = output_tensor(model(*inputs))
-        chunk = group_row_chunk(memory_budget, num_params, first.element_size(), counted.elements)
+        chunk = group_row_chunk(memory_budget, num_params, first.element_size(), counted.elements, counted.largest)
         losses = loss_fn(out, targets)
         if losses.numel() != batch:
             raise ValueError(f"loss_fn must return one loss per example (shape [{batch}]; e.g. reduction='none'), "
@@ -663,6 +680,7 @@ def _factored_route(model, params, inputs, targets, loss_fn, membership, memory_
 
 __all__ = [
     "DEFAULT_GRADIENT_BUDGET", "EXAMPLE_PASS_ACTIVATIONS", "GRADIENT_ROUTES", "GRAPH_ROW_ACTIVATIONS",
+    "GRAPH_ROW_LARGEST_OUTPUTS", "graph_row_elements",
     "WIDEN_BLOCK_BYTES", "add_factor_rows", "add_rows", "example_activation_elements", "example_chunk",
     "example_pass_bytes", "factor_rows",
     "gradients_from_losses", "group_gradients", "group_row_chunk", "membership_matrix",
