@@ -158,21 +158,13 @@ def test_no_parameters_is_refused_naming_the_problem(route):
 
 
 MEASURE = textwrap.dedent("""
-    import gc, json
+    import gc, json, sys
     import torch
     from torch import nn
     torch.set_num_threads(1)
     from genkernel.core.engine import gradients as G
-
-    class SequenceFirst(nn.Module):
-        def __init__(self, width=128):
-            super().__init__()
-            self.a, self.t1, self.b, self.t2 = nn.Linear(4, width), nn.Tanh(), nn.Linear(width, width), nn.Tanh()
-            self.o = nn.Linear(width, 3)
-
-        def forward(self, x):
-            h = x.transpose(0, 1)
-            return self.o(self.t2(self.b(self.t1(self.a(h)))).mean(0))
+    sys.path.insert(0, "tests")
+    from test_example_chunk_review import SequenceFirst
 
     torch.manual_seed(0)
     net, batch, T = SequenceFirst(), 64, 512
