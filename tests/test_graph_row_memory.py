@@ -6,8 +6,10 @@ It was 0.625 of all leaf outputs, from one net's peak RSS. Measured here under `
 alive at once), as the slope of the per-row growth between two batch sizes (what a row adds per example, the row's
 parameter gradients, the same at both, left out): a chain of convolutions with two stride-2 layers holds 1.0 of its
 outputs a row (counted 0.6 before), a UNet2DModel 0.21 and a transformer encoder 0.56 (counted 3 and 1.1 times
-over). Now the smaller of 1.05 of all outputs and 6 times the largest one: none under; a plain chain, which holds 3
-times its largest output a row, twice over (6 counted), the others less."""
+over). Now the smaller of 1.05 of all outputs and 6 times the largest one: none of these four under; a plain chain,
+which holds 3 times its largest output a row, twice over (6 counted), the others less. (What no leaf module returns,
+attention's probabilities in plain operations, is not in the count: tests/test_graph_rows_review.py, the measured
+row.)"""
 
 from __future__ import annotations
 

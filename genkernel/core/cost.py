@@ -43,8 +43,9 @@ Memory (bytes):
 - ``row_backward``: on the dense route's ``gradient_route="graph"`` (an observed loop's ``observe()``
   takes it whatever the route), the batched backward of the R group rows through the training graph,
   every row at once (a row: the smaller of :data:`GRAPH_ROW_ACTIVATIONS` of the micro-batch's activations and
-  :data:`GRAPH_ROW_LARGEST_OUTPUTS` times its largest leaf output, ``engine.gradients.graph_row_elements``; the
-  memory budget does not bound it), two rows more for a float32 model;
+  :data:`GRAPH_ROW_LARGEST_OUTPUTS` times its largest leaf output, ``engine.gradients.graph_row_elements``, or a
+  row measured on the first probe where larger, :func:`graph_row_bytes`; the memory budget does not bound it), two
+  rows more for a float32 model;
 - ``rounding_sample``: with those two rows, a float32 model's sample of its own gradient's rounding
   (:mod:`genkernel.core.tracking.rounding`), one float64 copy of the parameters held from the training
   pass until the gradient check (an owned step on another route takes it only when a parameter fails
@@ -596,6 +597,60 @@ def reads_training_pass(record_bytes_per_example: int, batch: int, memory_budget
     return record_bytes_per_example * batch <= memory_budget
 
 
+def graph_row_bytes(model: nn.Module, probes: tuple[torch.Tensor, ...]) -> float:
+    """Bytes one row of a batched backward through a batch's graph holds per example
+    (``engine.gradients.gradients_from_losses``), measured under ``push_memory.LiveBytes``: the growth from 1 to 2
+    rows, at 1 and 2 copies of the first probe, the difference: the rows' gradients with respect to the floating
+    inputs (with respect to the parameters where there is none: a row's parameter-sized gradients, held beside the
+    activations' or not, can hide them at one or two examples). The model's mode as it is, its buffers and the
+    random state restored. Leaf outputs miss what the forward computes with plain operations: a self-attention's
+    probabilities written with matmul and softmax held 18 times graph_row_elements a row at T = 256, diffusers'
+    AttnProcessor in a UNet2DModel at 32x32 3.1 times, an LSTM 1.45, F.interpolate 3.4. 0.0 where the pass raises
+    or nothing is trained (the count alone then); one measure per architecture and probe shape (push_memory's key)."""
+    from .adapter import output_tensor, preserved_buffers
+    from .engine.gradients import gradients_from_losses
+    from .push_memory import LiveBytes, _architecture_key
+
+    params = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    if not params:
+        return 0.0
+    key = _architecture_key(model, params, probes, -1)
+    if key in _GRAPH_ROWS:
+        return _GRAPH_ROWS[key]
+    growth = []
+    try:
+        devices = sorted({p.device.index for p in model.parameters() if p.device.type == "cuda"})  # (as analysis_mode)
+        with torch.random.fork_rng(devices=devices), preserved_buffers(model), torch.enable_grad():
+            for batch in (1, 2):
+                inputs = tuple(t[:1].repeat(batch, *([1] * (t.dim() - 1))) for t in probes)
+                floating = [t.requires_grad_(True) for t in inputs if t.is_floating_point()]
+                losses = output_tensor(model(*inputs)).reshape(batch, -1).pow(2).sum(1)
+                peaks = []
+                for rows in (1, 2):
+                    weights = torch.ones(rows, batch, dtype=losses.dtype, device=losses.device)
+                    with LiveBytes((*params.values(), *inputs)) as live:
+                        if floating:  # to the inputs: every activation's gradient, no parameter-sized row to hide it
+                            torch.autograd.grad(losses, floating, grad_outputs=weights, retain_graph=True,
+                                                is_grads_batched=True)
+                        else:
+                            gradients_from_losses(losses, params, weights)
+                    peaks.append(live.peak)
+                growth.append(peaks[1] - peaks[0])
+                del losses
+        measured = float(max(growth[1] - growth[0], 0))
+    except torch.OutOfMemoryError:  # (as push_memory's measure: the device's, not the model's)
+        raise
+    except Exception:  # (any failure of the measure leaves the count; the step's own backward reports its errors)
+        measured = 0.0
+    _GRAPH_ROWS[key] = measured
+    if len(_GRAPH_ROWS) > 32:
+        _GRAPH_ROWS.pop(next(iter(_GRAPH_ROWS)))
+    return measured
+
+
+_GRAPH_ROWS: dict[tuple, float] = {}
+
+
 # GRAPH_ROW_ACTIVATIONS and GRAPH_ROW_LARGEST_OUTPUTS (engine.gradients, where the "group" route sizes its chunks of
 # rows with them, graph_row_elements): what one group row of the batched backward through the training graph holds,
 # per example, as a share of its activations and as a multiple of its largest leaf output, the smaller counted (the
@@ -777,8 +832,10 @@ def estimate_cost(
             work["group_gradients"] = backward_rows * (bare - b)
             # batched, every row at once, beside the training graph (not bounded by the memory budget: rows taken in
             # chunks were rounded otherwise than the step's check allows, a conv bias's gap 1.7e-5 of its scale)
-            memory["row_backward"] = int(backward_rows * graph_row_elements(acts, layers.largest_output) * micro
-                                         * param_bytes)
+            # a row per example: the larger of the count (leaf outputs) and a row measured on the first probe
+            # (graph_row_bytes: what no leaf returns, an attention's probabilities in plain operations, is in it)
+            row = max(graph_row_elements(acts, layers.largest_output) * param_bytes, graph_row_bytes(model, probes))
+            memory["row_backward"] = int(backward_rows * row * micro)
             if float32:
                 memory["rounding_sample"] = num * 8
         else:
@@ -1780,7 +1837,7 @@ def with_analysis_passes(tracker_cost: CostEstimate, passes: dict[str, Any]) -> 
 
 __all__ = [
     "COST_OPTIONS", "CostEstimate", "EXAMPLE_PASS_ACTIVATIONS", "PUSH_ROW_ACTIVATIONS", "TRAINING_PARTS", "available_memory", "cgroup_free_memory",
-    "GROUP_STATE_CHOICES", "GRAPH_ROW_ACTIVATIONS", "GRAPH_ROW_LARGEST_OUTPUTS", "check_bytes", "cost_options", "estimate_cost", "factor_route_work", "forward_macs", "held_bytes", "ledger_bytes", "linear_state_rows",
+    "GROUP_STATE_CHOICES", "GRAPH_ROW_ACTIVATIONS", "GRAPH_ROW_LARGEST_OUTPUTS", "check_bytes", "cost_options", "graph_row_bytes", "estimate_cost", "factor_route_work", "forward_macs", "held_bytes", "ledger_bytes", "linear_state_rows",
     "frozen_bytes", "GradientLayerCounts", "gradient_layer_counts", "hooked_forward_counts", "optimizer_state_copies", "optimizer_state_values", "plain_hyperparameter", "plain_sgd", "projection_bytes", "push_pass_bytes", "push_pass_shape", "push_route", "reads_training_pass",
     "sketch_temporary_bytes", "sketch_work", "dense_gradient_work", "chunked_checks", "fallback_checks", "input_gradient_share", "row_sum_products", "sketchable", "splitter_state_copies",
     "tangent_bytes", "bare_step_forwards", "example_counts", "with_kernel_records",

@@ -56,6 +56,7 @@ from ..adapter import (
     preserved_buffers,
     randomizing_modules,
 )
+from ..push_memory import LiveBytes
 from .factors import Factors, capture, covering_plan, loss_cotangents
 from .reference import per_example
 
@@ -79,9 +80,13 @@ EXAMPLE_PASS_ACTIVATIONS = 1.5
 # three ReLU or GroupNorm + SiLU layers of 32 channels at 32x32), the tiny UNet2DModel 4.7 (0.21: the skip
 # connections' gradients wait for their consumers), a two-layer transformer encoder 5.0 (0.56), an MLP nothing
 # beyond its parameters'. The row is counted at the smaller of GRAPH_ROW_ACTIVATIONS of all outputs and
-# GRAPH_ROW_LARGEST_OUTPUTS times the largest (:func:`graph_row_elements`): no measured net above it, the chains
-# 1.4-2.0 times over, the UNet 1.3, the transformer 1.2. (It was 0.625 of all outputs, from the peak RSS of the
-# first net: 0.6 of the strided net's rows, and 3-11 times the UNet's and the transformer's.)
+# GRAPH_ROW_LARGEST_OUTPUTS times the largest (:func:`graph_row_elements`): the chains 1.4-2.0 times over, the UNet
+# 1.3, the transformer 1.2. (It was 0.625 of all outputs, from the peak RSS of the first net: 0.6 of the strided
+# net's rows, and 3-11 times the UNet's and the transformer's.) Leaf outputs miss what a forward computes with plain
+# operations: attention's probabilities written with matmul and softmax (a row held 4.8-37 times the count at
+# T = 64-512), diffusers' AttnProcessor (1.1-11 times in a tiny UNet at 16-64 pixels), an LSTM's gates (1.45),
+# F.interpolate (3.4), an outer product (173); a one-layer encoder 1.06. So the "group" route measures its first
+# row and the cost estimate a row on the probes (cost.graph_row_bytes), each counting the larger.
 GRAPH_ROW_ACTIVATIONS = 1.05
 GRAPH_ROW_LARGEST_OUTPUTS = 6.0
 
@@ -632,8 +637,20 @@ def _group_route(model, params, inputs, targets, loss_fn, membership, memory_bud
         losses = losses.reshape(batch)
         sums = {name: torch.empty((rows_total, *p.shape), dtype=torch.float64, device=p.device)
                 for name, p in leaves.items()}
-        # 2. ĝ_r = ∇_θ Σ_n W[r, n] ℓ_n for a chunk of rows at once (W in the parameters' dtype).
-        for start in range(0, rows_total, chunk):
+        # 2. ĝ_r = ∇_θ Σ_n W[r, n] ℓ_n for a chunk of rows at once (W in the parameters' dtype). The first row
+        # alone, measured (push_memory.LiveBytes): the chunks are sized by the larger of the count and what that
+        # row held. The count sees leaf modules' outputs only: what the forward computes with plain operations (an
+        # attention's probabilities [heads, T, T] written with matmul and softmax, diffusers' AttnProcessor, an
+        # LSTM's gates, F.interpolate) was not in it, and a row held 4.8-37 times the count (T = 64-512).
+        start = 0
+        if rows_total > 1:
+            with LiveBytes((*leaves.values(), *(t for t in inputs if isinstance(t, torch.Tensor)), losses)) as live:
+                for name, g in gradients_from_losses(losses, leaves, membership[:1], dtype=torch.float64).items():
+                    sums[name][:1] = g
+            if live.peak > 0:
+                chunk = max(1, min(chunk, int(memory_budget // live.peak)))
+            start = 1
+        for start in range(start, rows_total, chunk):
             rows = slice(start, min(start + chunk, rows_total))
             for name, g in gradients_from_losses(losses, leaves, membership[rows], dtype=torch.float64).items():
                 sums[name][rows] = g
