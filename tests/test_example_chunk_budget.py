@@ -179,7 +179,8 @@ def test_chunked_rows_equal_the_per_example_loop(monkeypatch):
 def test_the_activation_count_is_taken_once_per_input_shape(monkeypatch):
     """A second call on the same model and input shape runs the model's forward only for its chunks (and the first
     example of each chunk of two or more, checked alone by engine.reference.per_example): the activation count's
-    hooked forward is cached, not run per step; the first call runs it once more. A new input shape counts again.
+    hooked forward and the measure of the pass (two vmapped passes) are cached, not run per step; the first call
+    runs them (three forwards more). A new input shape counts again.
     Fails before on the first call (10 forwards, its chunks' own: no count was taken; the second assertion held)."""
     model = small_conv()
     calls = []
@@ -193,13 +194,13 @@ def test_the_activation_count_is_taken_once_per_input_shape(monkeypatch):
         return len(calls), len(seen) + sum(1 for c in seen if c >= 2)
 
     first, own = forwards(x, y)
-    assert first == own + 1
+    assert first == own + 3
     second, own = forwards(x, y)
     assert second == own
     wider = torch.randn(40, 3, 8, 9, generator=g)
     model[3] = nn.Linear(4 * 8 * 9, 3)
     third, own = forwards(wider, y)
-    assert third == own + 1
+    assert third == own + 3
 
 
 class Scaled(nn.Module):
@@ -220,7 +221,7 @@ def test_the_fallbacks_pass_is_chunked_as_the_estimate_counts(monkeypatch):
     its chunks are those the estimate counts (cost._fallback_chunk, example_chunk over the fallback alone), and the
     pass over one chunk is within the budget. Before: chunks of 20 000 // (3 x 3 x 4 bytes) = 555 examples, the whole
     batch of 40 in one pass of 187 000 bytes for a 20 000-byte budget; after, chunks of 4 (18 700 bytes).
-    (Needs the patched cost.py: _fallback_chunk(plan, acts, ...).)"""
+    """
     from genkernel.core import cost
     from genkernel.core.engine.factors import covering_plan
 
@@ -231,7 +232,7 @@ def test_the_fallbacks_pass_is_chunked_as_the_estimate_counts(monkeypatch):
     plan = covering_plan(model, (x[:4],))
     assert list(plan.fallback) == ["scale"]
     seen, _ = engine_chunks(monkeypatch, model, x, y, budget, route="factored")
-    acts = hooked_forward_counts(model, (x[:1],), grad=True)[0]
-    chunk = cost._fallback_chunk(plan, acts, 4, budget)
+    acts = cost._pass_activations(model, (x[:1],), plan.fallback)
+    chunk = cost._fallback_chunk(model, (x[:1],), plan, 4, budget)
     assert seen == [chunk] * (batch // chunk) + ([batch % chunk] if batch % chunk else []), (seen, chunk)
     assert example_pass_bytes(seen[0], 3, 3, 4, acts) <= budget, seen

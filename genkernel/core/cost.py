@@ -158,7 +158,8 @@ from torch import nn
 from .adapter import has_state_outside_training
 from .engine.factored import BlockShape, block_shapes, row_chunks
 from .engine.gradients import (EXAMPLE_PASS_ACTIVATIONS, GRAPH_ROW_ACTIVATIONS, GRAPH_ROW_LARGEST_OUTPUTS,
-                               ROUNDING_SEEDS, example_chunk, example_pass_bytes, graph_row_elements)
+                               ROUNDING_SEEDS, example_activation_elements, example_chunk, example_pass_bytes,
+                               graph_row_elements)
 from .push_memory import DEFAULT_PUSH_MEMORY, PushMemory, measure_push_memory
 from .engine.factors import covering_plan, dense_pair_is_cheaper, lean_materializes, self_kernel_materializes
 from .engine.projections import PROJECTION_CHUNK_BYTES, weight_projection_route
@@ -791,8 +792,8 @@ def estimate_cost(
     # tangent) goes through and which are frozen, outside the trained blocks' shapes: every route's passes do
     # their forward work too, so they are in every route's unit (gradient_layer_counts). One pass for both.
     acts, macs, trainable_macs, layers = hooked_forward_counts(model, tuple(t[:1] for t in probes), grad=True)
+    trained = {name: p for name, p in model.named_parameters() if p.requires_grad}
     if push_memory is None:
-        trained = {name: p for name, p in model.named_parameters() if p.requires_grad}
         push_memory = measure_push_memory(model, trained, probes, acts * param_bytes)
     micro = -(-b // micro_batches)  # the largest micro-batch: what training's activations hold at once
     memory["training_step"] = (2 * num + optimizer_state) * param_bytes
@@ -855,14 +856,17 @@ def estimate_cost(
                 fallback_back = (max(layers.input_gradients - fallback_skipped, 0) + fallback_gradients) / max(macs, 1)
                 fallback_plan = covering_plan(model, probes)
                 fallback_largest = max((t.numel() for t in fallback_plan.fallback.values()), default=0)
-                fallback_chunk = _fallback_chunk(fallback_plan, acts, param_bytes, memory_budget)
+                fallback_chunk = _fallback_chunk(model, probes, fallback_plan, param_bytes, memory_budget)
             # the rows are added one chunk of examples at a time: the route's own chunks (engine.gradients)
             largest_bytes = max(largest, 1) * param_bytes
+            # (the pass's activations as the engine sizes its chunks by them: the leaf outputs, or what the pass is
+            # measured to hold where larger)
+            pass_acts = _pass_activations(model, probes, trained) if own_pass else acts
             chunk = (b if gradient_route == "example" and reads_training
-                     else example_chunk(memory_budget, num, largest, param_bytes, acts) if own_pass
+                     else example_chunk(memory_budget, num, largest, param_bytes, pass_acts) if own_pass
                      else max(1, memory_budget // (4 * largest_bytes)))
             if own_pass:  # the vmapped pass over one chunk: its activations, gradients, and add_rows' widened block
-                memory["example_pass"] = example_pass_bytes(min(chunk, b), num, largest, param_bytes, acts)
+                memory["example_pass"] = example_pass_bytes(min(chunk, b), num, largest, param_bytes, pass_acts)
             elif fallback_chunk is not None:
                 # The fallback parameters' own vmapped per-example pass (routes.DenseRoute._from_training_pass, the
                 # factored gradient route's _factored_route: engine.gradients' "example" route over the fallback
@@ -872,7 +876,8 @@ def estimate_cost(
                 # input scale (3 values, B = 32, 64 MB budget) the pass added 29.5 MiB to the gradients call, 1.3x
                 # the training records and half the step's measured peak (the training pass's over-count hid it).
                 memory["example_pass"] = example_pass_bytes(min(fallback_chunk, b), fallback, fallback_largest,
-                                                            param_bytes, acts)
+                                                            param_bytes,
+                                                            _pass_activations(model, probes, fallback_plan.fallback))
             # The unit, one example's forward: every product of it (hooked_forward_counts), those of the fallback
             # parameters (a raw weight in F.linear, einsum, MultiheadAttention's in_proj_weight) too, which the rows'
             # R·B·P and the per-example gradients below count in whole (they are trained: in the weight share too).
@@ -1434,23 +1439,36 @@ def _fallback_passes(model: nn.Module, probes: tuple[torch.Tensor, ...], layers:
     plan = covering_plan(model, probes)
     block_params = {name: p for name, p in model.named_parameters() if p.requires_grad and name not in plan.fallback}
     one = tuple(t[:1] for t in probes)
-    acts, _, _, captured = hooked_forward_counts(model, one, True, constants=plan.fallback)
-    capture_skipped = layers.input_gradients - captured.input_gradients
+    capture_skipped = layers.input_gradients - hooked_forward_counts(
+        model, one, True, constants=plan.fallback)[3].input_gradients
     _, _, fallback_gradients, fallback_layers = hooked_forward_counts(model, one, True, constants=block_params)
     fallback_skipped = layers.input_gradients - fallback_layers.input_gradients
     probe_checks = fallback_checks([s.stop - s.start for s in row_chunks(model, plan, probes, outputs, memory_budget)]
                                    ) if probe_side else 0
-    per_chunk = _fallback_chunk(plan, acts, param_bytes, memory_budget)
+    per_chunk = _fallback_chunk(model, probes, plan, param_bytes, memory_budget)
     batch_checks = chunked_checks(batch, per_chunk)
     return capture_skipped, fallback_skipped, fallback_gradients, probe_checks, batch_checks
 
 
-def _fallback_chunk(plan, acts: int, param_bytes: int, memory_budget: int) -> int:
+def _fallback_chunk(model: nn.Module, probes: tuple[torch.Tensor, ...], plan, param_bytes: int,
+                    memory_budget: int) -> int:
     """Examples per chunk of torch.func's per-example gradients of ``plan``'s fallback parameters alone
     (``engine.gradients._example_chunks``: :func:`~genkernel.core.engine.gradients.example_chunk` over them, the
-    pass's ``acts`` activation elements an example)."""
+    pass's activations an example as the engine takes them, :func:`_pass_activations`)."""
     sizes = [p.numel() for p in plan.fallback.values()]
-    return example_chunk(memory_budget, sum(sizes), max(sizes, default=0), param_bytes, acts)
+    return example_chunk(memory_budget, sum(sizes), max(sizes, default=0), param_bytes,
+                         _pass_activations(model, probes, plan.fallback))
+
+
+def _pass_activations(model: nn.Module, probes: tuple[torch.Tensor, ...], params: dict[str, torch.Tensor]) -> int:
+    """The activation elements the "example" route's pass over ``params`` sizes its chunks by, on the first probe:
+    the engine's own :func:`~genkernel.core.engine.gradients.example_activation_elements` (the leaf outputs, or
+    what the pass is measured to hold where larger; one measure per model, input shapes and parameters, shared
+    with the engine's)."""
+    from .adapter import functional_model
+
+    return example_activation_elements(model, functional_model(model, None, flatten=False),
+                                       {name: p.detach() for name, p in params.items()}, tuple(t[:1] for t in probes))
 
 
 def chunked_checks(batch: int, chunk: int) -> int:
