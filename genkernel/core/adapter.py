@@ -588,6 +588,16 @@ def preserved_buffers(module: nn.Module) -> Iterator[None]:
             m._buffers[name] = b
 
 
+@contextlib.contextmanager
+def preserved_state(module: nn.Module) -> Iterator[None]:
+    """A pass through ``module`` that changes none of its buffers (:func:`preserved_buffers`) and draws from no
+    global generator training sees: torch's CPU generator and those of the CUDA devices holding its parameters and
+    buffers are forked (a measuring pass's dropout or noise leaves training's draws where they were)."""
+    devices = _cuda_devices((*module.parameters(), *module.buffers()))
+    with preserved_buffers(module), torch.random.fork_rng(devices=devices):
+        yield
+
+
 def buffer_snapshot(*modules: nn.Module) -> list[tuple[nn.Module, str, torch.Tensor]]:
     """Copies of the buffers of ``modules`` (each submodule once, shared ones too): ``(module, name, copy)``,
     what :func:`restore_buffers` puts back after a step that failed part-way."""

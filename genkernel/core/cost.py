@@ -155,12 +155,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from .adapter import has_state_outside_training
+from .adapter import functional_model, has_state_outside_training, output_tensor, preserved_state
 from .engine.factored import BlockShape, block_shapes, row_chunks
 from .engine.gradients import (EXAMPLE_PASS_ACTIVATIONS, GRAPH_ROW_ACTIVATIONS, GRAPH_ROW_LARGEST_OUTPUTS,
                                ROUNDING_SEEDS, example_activation_elements, example_chunk, example_pass_bytes,
-                               graph_row_elements)
-from .push_memory import DEFAULT_PUSH_MEMORY, PushMemory, measure_push_memory
+                               gradients_from_losses, graph_row_elements, output_elements)
+from .push_memory import DEFAULT_PUSH_MEMORY, LiveBytes, PushMemory, architecture_key, measure_push_memory, remembered
 from .engine.factors import covering_plan, dense_pair_is_cheaper, lean_materializes, self_kernel_materializes
 from .engine.projections import PROJECTION_CHUNK_BYTES, weight_projection_route
 
@@ -486,8 +486,7 @@ def hooked_forward_counts(model: nn.Module, example: tuple[torch.Tensor, ...],
         # every element of every tensor it returns: the example is a batch of one, so this is the example's whatever
         # the layout (output[:1] was one row of dimension 0: d of T·d for a [T, 1, d] output inside a sequence-first
         # model; a tuple's or dict's tensors, an LSTM's (out, (h, c)), none), as engine.gradients._LeafOutputs counts
-        leaves = [output] if isinstance(output, torch.Tensor) else tree_flatten(output)[0]
-        elements = sum(t.numel() for t in leaves if isinstance(t, torch.Tensor))
+        elements = output_elements(output)  # (the engine's rule, engine.gradients._LeafOutputs)
         counts[0] += elements
         largest[0] = max(largest[0], elements)
 
@@ -608,20 +607,18 @@ def graph_row_bytes(model: nn.Module, probes: tuple[torch.Tensor, ...]) -> float
     probabilities written with matmul and softmax held 18 times graph_row_elements a row at T = 256, diffusers'
     AttnProcessor in a UNet2DModel at 32x32 3.1 times, an LSTM 1.45, F.interpolate 3.4. 0.0 where the pass raises
     or nothing is trained (the count alone then); one measure per architecture and probe shape (push_memory's key)."""
-    from .adapter import output_tensor, preserved_buffers
-    from .engine.gradients import gradients_from_losses
-    from .push_memory import LiveBytes, _architecture_key
-
     params = {name: p for name, p in model.named_parameters() if p.requires_grad}
     if not params:
         return 0.0
-    key = _architecture_key(model, params, probes, -1)
-    if key in _GRAPH_ROWS:
-        return _GRAPH_ROWS[key]
+    return remembered("graph row", architecture_key(model, params, probes, 0),
+                      lambda: _measured_graph_row(model, params, probes))
+
+
+def _measured_graph_row(model: nn.Module, params: dict[str, torch.Tensor], probes: tuple[torch.Tensor, ...]) -> float:
+    """:func:`graph_row_bytes`' passes, run."""
     growth = []
     try:
-        devices = sorted({p.device.index for p in model.parameters() if p.device.type == "cuda"})  # (as analysis_mode)
-        with torch.random.fork_rng(devices=devices), preserved_buffers(model), torch.enable_grad():
+        with preserved_state(model), torch.enable_grad():
             for batch in (1, 2):
                 inputs = tuple(t[:1].repeat(batch, *([1] * (t.dim() - 1))) for t in probes)
                 floating = [t.requires_grad_(True) for t in inputs if t.is_floating_point()]
@@ -638,18 +635,11 @@ def graph_row_bytes(model: nn.Module, probes: tuple[torch.Tensor, ...]) -> float
                     peaks.append(live.peak)
                 growth.append(peaks[1] - peaks[0])
                 del losses
-        measured = float(max(growth[1] - growth[0], 0))
+        return float(max(growth[1] - growth[0], 0))
     except torch.OutOfMemoryError:  # (as push_memory's measure: the device's, not the model's)
         raise
     except Exception:  # (any failure of the measure leaves the count; the step's own backward reports its errors)
-        measured = 0.0
-    _GRAPH_ROWS[key] = measured
-    if len(_GRAPH_ROWS) > 32:
-        _GRAPH_ROWS.pop(next(iter(_GRAPH_ROWS)))
-    return measured
-
-
-_GRAPH_ROWS: dict[tuple, float] = {}
+        return 0.0
 
 
 # GRAPH_ROW_ACTIVATIONS and GRAPH_ROW_LARGEST_OUTPUTS (engine.gradients, where the "group" route sizes its chunks of
@@ -872,8 +862,8 @@ def estimate_cost(
                 # factored gradient route's _factored_route: engine.gradients' "example" route over the fallback
                 # alone), beside the rows (and the training records it reads the other blocks from): the whole
                 # model's forward over a chunk of examples, the chunk sized by the budget to its activations and the
-                # fallback's gradients (engine.gradients.example_chunk). Uncounted before: on a 64x64 conv net with a raw
-                # input scale (3 values, B = 32, 64 MB budget) the pass added 29.5 MiB to the gradients call, 1.3x
+                # fallback's gradients (engine.gradients.example_chunk). Uncounted before: on a 64x64 conv net with a
+                # raw input scale (3 values, B = 32, 64 MB budget) the pass added 29.5 MiB to the gradients call, 1.3x
                 # the training records and half the step's measured peak (the training pass's over-count hid it).
                 memory["example_pass"] = example_pass_bytes(min(fallback_chunk, b), fallback, fallback_largest,
                                                             param_bytes,
@@ -1465,8 +1455,6 @@ def _pass_activations(model: nn.Module, probes: tuple[torch.Tensor, ...], params
     the engine's own :func:`~genkernel.core.engine.gradients.example_activation_elements` (the leaf outputs, or
     what the pass is measured to hold where larger; one measure per model, input shapes and parameters, shared
     with the engine's)."""
-    from .adapter import functional_model
-
     return example_activation_elements(model, functional_model(model, None, flatten=False),
                                        {name: p.detach() for name, p in params.items()}, tuple(t[:1] for t in probes))
 
@@ -1816,8 +1804,8 @@ def with_analysis_passes(tracker_cost: CostEstimate, passes: dict[str, Any]) -> 
     ``passes["held"]``: bytes the analyzer keeps from step to step (part ``analysis_state``, in no phase: held
     throughout); ``passes["listener"]``: the peak its listener (bookkeeping after each recorded step) allocates
     while ``track`` holds the recorded step: phase ``"listener"``, ``step_record`` (:func:`step_record_bytes`), its
-    ``group_updates`` and ``analysis_listener``. Both were uncounted: the GAN analyzer's, 0.44 of its measured peak on the 64×64 DCGAN at
-    M = 128."""
+    ``group_updates`` and ``analysis_listener``. Both were uncounted: the GAN analyzer's, 0.44 of its measured peak
+    on the 64×64 DCGAN at M = 128."""
     if not isinstance(passes, dict) or not isinstance(passes.get("work"), dict):
         raise TypeError("passes must be a dict with 'work' ({part: example-forwards per step}), 'once', 'bytes'")
     clash = sorted(set(passes["work"]) & set(tracker_cost.work))

@@ -34,7 +34,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -163,23 +163,30 @@ def measure_push_memory(module: nn.Module, params: dict[str, torch.Tensor], prob
     sweep building many trackers of one model would pay at every one."""
     if activation_bytes <= 0 or not params:
         return DEFAULT_PUSH_MEMORY
-    key = _architecture_key(module, params, probes, activation_bytes)
-    if key in _MEASURED:
-        _MEASURED.move_to_end(key)
-        return _MEASURED[key]
-    measured = _measured(module, params, probes, activation_bytes)
-    _MEASURED[key] = measured
+    return remembered("push", architecture_key(module, params, probes, activation_bytes),
+                      lambda: _measured(module, params, probes, activation_bytes))
+
+
+# Measures kept per process, of every kind (the least recently used dropped first).
+MEASURES_KEPT = 32
+_MEASURED: OrderedDict[tuple, Any] = OrderedDict()
+
+
+def remembered(kind: str, key: tuple, measure: Callable[[], Any]) -> Any:
+    """``measure()``, taken once per process for a ``kind`` of measure (this module's pass, ``cost.graph_row_bytes``'
+    row) and a model's :func:`architecture_key`: a later call with the same gets the value again
+    (:data:`MEASURES_KEPT` kept, of all kinds together)."""
+    full = (kind, key)
+    if full in _MEASURED:
+        _MEASURED.move_to_end(full)
+        return _MEASURED[full]
+    value = _MEASURED[full] = measure()
     if len(_MEASURED) > MEASURES_KEPT:
         _MEASURED.popitem(last=False)
-    return measured
+    return value
 
 
-# Measures kept per process (the least recently used dropped first).
-MEASURES_KEPT = 32
-_MEASURED: OrderedDict[tuple, PushMemory] = OrderedDict()
-
-
-def _architecture_key(module: nn.Module, params: dict[str, torch.Tensor], probes: tuple[torch.Tensor, ...],
+def architecture_key(module: nn.Module, params: dict[str, torch.Tensor], probes: tuple[torch.Tensor, ...],
                       activation_bytes: int) -> tuple:
     """What a pass's memory depends on besides the values: the module's class and structure (its ``repr``,
     which names every submodule with its settings, and the attention processors diffusers keeps outside it),

@@ -29,7 +29,7 @@ from torch import nn
 from torch.nn.utils.parametrizations import _SpectralNorm
 from torch.nn.utils.spectral_norm import SpectralNorm as _LegacySpectralNorm
 
-from ..core.adapter import preserved_buffers, unwrap
+from ..core.adapter import preserved_state, unwrap
 
 
 def power_iteration_modules(module: nn.Module) -> list[nn.Module]:
@@ -58,11 +58,10 @@ def preserved(module: nn.Module | None, *, reuse_power_iteration: bool = False) 
         yield
         return
     held = [(m, m.training) for m in power_iteration_modules(module)] if reuse_power_iteration else []
-    devices = sorted({t.device.index for t in [*module.parameters(), *module.buffers()] if t.device.type == "cuda"})
     try:
         for m, _ in held:
             m.training = False
-        with preserved_buffers(module), torch.random.fork_rng(devices=devices):
+        with preserved_state(module):
             yield
     finally:
         for m, training in held:

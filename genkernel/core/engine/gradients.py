@@ -54,6 +54,7 @@ from ..adapter import (
     functional_model,
     output_tensor,
     preserved_buffers,
+    preserved_state,
     randomizing_modules,
 )
 from ..push_memory import LiveBytes
@@ -145,7 +146,7 @@ def group_row_chunk(memory_budget: int, num_params: int, itemsize: int, batch_ac
     return max(1, int(memory_budget // per_row)) if per_row > 0 else max(1, memory_budget)
 
 
-def _new_elements(output: Any) -> int:
+def output_elements(output: Any) -> int:
     """Elements of the tensors a module's forward returned: a tensor, or those in a tuple, list or dict (an LSTM's
     ``(out, (h, c))``, a leaf returning ``{"h": ...}``: none of them was counted)."""
     leaves = [output] if isinstance(output, torch.Tensor) else tree_leaves(output)
@@ -154,16 +155,16 @@ def _new_elements(output: Any) -> int:
 
 class _LeafOutputs:
     """Counts the elements of every leaf module's output while open (forward hooks): every element of every tensor
-    it returns (:func:`_new_elements`), in all (``elements``) and the largest one call returned (``largest``). On one example's forward (batch dimension 1) that is the example's
-    activations whatever the layout: ``output[:1]`` counted the first row of dimension 0, which is one example's
-    only where dimension 0 is the batch's (a sequence-first ``[T, 1, d]`` inside the model counted d of T·d values;
-    a tuple's or dict's tensors none)."""
+    it returns (:func:`output_elements`), in all (``elements``) and the largest one call returned (``largest``). On
+    one example's forward (batch dimension 1) that is the example's activations whatever the layout: ``output[:1]``
+    counted the first row of dimension 0, which is one example's only where dimension 0 is the batch's (a
+    sequence-first ``[T, 1, d]`` inside the model counted d of T·d values; a tuple's or dict's tensors none)."""
 
     def __init__(self, model: nn.Module):
         self.model, self.elements, self.largest, self.handles = model, 0, 0, []
 
     def _hook(self, module, args, output) -> None:
-        elements = _new_elements(output)
+        elements = output_elements(output)
         self.elements += elements
         self.largest = max(self.largest, elements)
 
@@ -254,10 +255,9 @@ def _measured_pass_elements(model: nn.Module, forward: Callable, params: dict[st
         return output_tensor(forward(p, tuple(t.unsqueeze(0) for t in x))).pow(2).sum()
 
     pass_of = torch.func.vmap(torch.func.grad(stand_in), (None, 0))
-    devices = sorted({p.device.index for p in model.parameters() if p.device.type == "cuda"})
     peaks = []
     try:
-        with torch.random.fork_rng(devices=devices), preserved_buffers(model):
+        with preserved_state(model):
             for copies in (1, 2):
                 inputs = tuple(t[:1].repeat(copies, *([1] * (t.dim() - 1))) for t in example)
                 with LiveBytes((*params.values(), *detached.values(), *inputs)) as live:
@@ -758,6 +758,6 @@ __all__ = [
     "DEFAULT_GRADIENT_BUDGET", "EXAMPLE_PASS_ACTIVATIONS", "GRADIENT_ROUTES", "GRAPH_ROW_ACTIVATIONS",
     "GRAPH_ROW_LARGEST_OUTPUTS", "graph_row_elements",
     "WIDEN_BLOCK_BYTES", "add_factor_rows", "add_rows", "example_activation_elements", "example_chunk",
-    "example_pass_bytes", "factor_rows",
+    "example_pass_bytes", "factor_rows", "output_elements",
     "gradients_from_losses", "group_gradients", "group_row_chunk", "membership_matrix",
 ]
