@@ -1,6 +1,7 @@
 """The cost tests' measure of peak resident memory: a script run in a fresh process on Linux, glibc told to return
 every freed block of 64 KiB or more at once (``MALLOC_MMAP_THRESHOLD_``, ``MALLOC_TRIM_THRESHOLD_``), one thread.
-The script gets :data:`PRELUDE`'s ``rss()`` (VmRSS and VmHWM in bytes) and ``reset_peak()`` (VmHWM back to VmRSS),
+The script gets :data:`PRELUDE`'s ``rss()`` (VmRSS and VmHWM in bytes), ``reset_peak()`` (VmHWM back to VmRSS) and
+``rss_after_bare_step(build, loss_fn, inputs, targets)`` (a tracked step's baseline),
 and prints its result as JSON on its last line."""
 
 from __future__ import annotations
@@ -21,6 +22,18 @@ PRELUDE = textwrap.dedent("""
     def reset_peak():
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")  # VmHWM back to VmRSS
+
+    def rss_after_bare_step(build, loss_fn, inputs, targets):
+        # VmRSS after one bare Adam step of the model ``build()`` makes (its parameters, their gradients and
+        # Adam's state), all of it freed again: a tracked step's baseline
+        import gc
+        import torch
+        model = build()
+        optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+        loss_fn(model(inputs), targets).mean().backward()
+        optimizer.step()
+        gc.collect()
+        return rss()["VmRSS"]
 """)
 
 

@@ -61,14 +61,7 @@ MEASURE = textwrap.dedent("""
     warm = tracked()  # (a fresh process's one-time growth: imports, torch.func's and oneDNN's first calls)
     warm[2].step(x[:batch], y[:batch], groups)
     del warm
-    model, optimizer = net(), None
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
-    optimizer.zero_grad()
-    mse_loss(model(x[:batch]), y[:batch]).mean().backward()
-    optimizer.step()  # a bare step: the parameters, their gradients and Adam's state
-    gc.collect()
-    base = rss()["VmRSS"]
-    del model, optimizer
+    base = rss_after_bare_step(net, mse_loss, x[:batch], y[:batch])
     model, optimizer, tracker = tracked()
     pass_peak = {}
     gradients = routes.DenseRoute.gradients

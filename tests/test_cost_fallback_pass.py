@@ -92,14 +92,7 @@ MEASURE = textwrap.dedent("""
     warm = tracked()  # (a fresh process's one-time growth)
     warm[2].step(x[:batch], y[:batch], groups)
     del warm
-    torch.manual_seed(0)
-    model = Scaled()
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
-    mse_loss(model(x[:batch]), y[:batch]).mean().backward()
-    optimizer.step()  # a bare step: the parameters, their gradients and Adam's state
-    gc.collect()
-    base = rss()["VmRSS"]
-    del model, optimizer
+    base = rss_after_bare_step(lambda: (torch.manual_seed(0), Scaled())[1], mse_loss, x[:batch], y[:batch])
     model, optimizer, tracker = tracked()
     peak = {}
     gradients = routes.DenseRoute.gradients
