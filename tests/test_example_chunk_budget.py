@@ -21,7 +21,7 @@ from torch import nn
 
 from genkernel.core.cost import estimate_cost, hooked_forward_counts
 from genkernel.core.engine import gradients
-from genkernel.core.engine.gradients import (example_activation_elements, example_chunk, example_pass_bytes,
+from genkernel.core.engine.gradients import (example_pass_measure, example_chunk, example_pass_bytes,
                                              group_gradients, membership_matrix)
 from genkernel.core.adapter import functional_model
 from peak_rss import measure_script
@@ -149,7 +149,7 @@ def test_the_engines_activation_count_is_the_estimates():
              (layer, torch.randn(2, 6, 8))]
     for model, x in cases:
         params = {n: p.detach() for n, p in model.named_parameters()}
-        engine = example_activation_elements(model, functional_model(model, flatten=False), params, (x[:1],))
+        engine = example_pass_measure(model, functional_model(model, flatten=False), params, (x[:1],)).activations
         assert engine == hooked_forward_counts(model, (x[:1],), grad=True)[0], type(model)
 
 

@@ -1,4 +1,4 @@
-"""The "example" route's activation count (engine.gradients.example_activation_elements) and the "group" route's
+"""The "example" route's activation count (engine.gradients.example_pass_measure) and the "group" route's
 (_LeafOutputs over the batch's forward) count what the model's leaf modules return, whatever its layout, and a
 cached count is taken again when the model changes.
 
@@ -20,7 +20,7 @@ from torch import nn
 
 from genkernel.core.adapter import functional_model
 from genkernel.core.engine import gradients
-from genkernel.core.engine.gradients import (example_activation_elements, example_chunk, group_gradients,
+from genkernel.core.engine.gradients import (example_pass_measure, example_chunk, group_gradients,
                                              membership_matrix, per_example_gradients)
 from peak_rss import measure_script
 
@@ -61,13 +61,13 @@ def brute_force_count(model: nn.Module, example: tuple[torch.Tensor, ...]) -> in
 def count(model: nn.Module, x: torch.Tensor) -> int:
     """The engine's count of the leaf outputs alone (its measure of the pass, which takes the larger, left out)."""
     params = {n: p.detach() for n, p in model.named_parameters()}
-    measure = gradients._measured_pass_elements
+    measure = gradients._measured_pass
     gradients._ACTIVATIONS.pop(model, None)
-    gradients._measured_pass_elements = lambda *args: 0
+    gradients._measured_pass = lambda *args: gradients.ExamplePass(0, 0)
     try:
-        return example_activation_elements(model, functional_model(model, flatten=False), params, (x[:1],))
+        return example_pass_measure(model, functional_model(model, flatten=False), params, (x[:1],)).activations
     finally:
-        gradients._measured_pass_elements = measure
+        gradients._measured_pass = measure
         gradients._ACTIVATIONS.pop(model, None)
 
 
@@ -234,7 +234,7 @@ def test_the_cost_estimate_counts_an_examples_activations_as_the_engine_does():
 
 
 def test_a_chunk_of_a_plain_attention_model_stays_within_the_budget():
-    """Fails before the pass was measured (engine.gradients._measured_pass_elements): the chunk was sized by the
+    """Fails before the pass was measured (engine.gradients._measured_pass): the chunk was sized by the
     leaf modules' outputs, and a self-attention written with plain operations holds its probabilities [heads, T, T],
     which no leaf returns. At T = 256 (one block, d = 32, 4 heads, B = 32) the pass held 143 MB of storages for a
     16 MiB budget (136 MiB of peak RSS in a fresh process; 12.7 MiB now); here the storages alive at once
@@ -270,6 +270,6 @@ def test_the_pass_is_measured_where_the_leaf_outputs_miss_what_it_holds():
                             (nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 10)), torch.randn(2, 64), False)):
         leaves = count(model, x)
         params = {n: p.detach() for n, p in model.named_parameters()}
-        taken = example_activation_elements(model, functional_model(model, flatten=False), params, (x[:1],))
+        taken = example_pass_measure(model, functional_model(model, flatten=False), params, (x[:1],)).activations
         assert (taken > 4 * leaves) if above else (taken == leaves), (type(model).__name__, taken, leaves)
         assert cost._pass_activations(model, (x,), dict(model.named_parameters())) == taken

@@ -1,4 +1,4 @@
-"""The "example" route's measured pass (engine.gradients.example_activation_elements, shared with the cost estimate's
+"""The "example" route's measured pass (engine.gradients.example_pass_measure, shared with the cost estimate's
 cost._pass_activations) is cached per kernel context too: the estimate measures under adapter.analysis_mode, whose
 math SDPA backend keeps attention's T x T probabilities, and the engine's pass runs outside it.
 
@@ -19,7 +19,7 @@ from genkernel import PathKernelTracker
 from genkernel.core import cost
 from genkernel.core.adapter import analysis_mode, functional_model
 from genkernel.core.engine import gradients
-from genkernel.core.engine.gradients import _measured_pass_elements, example_activation_elements
+from genkernel.core.engine.gradients import _measured_pass, example_pass_measure
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -37,7 +37,7 @@ class Encoder(nn.Module):
 
 def engine_count(model, x):
     params = {n: p.detach() for n, p in model.named_parameters()}
-    return example_activation_elements(model, functional_model(model, None, flatten=False), params, (x[:1],))
+    return example_pass_measure(model, functional_model(model, None, flatten=False), params, (x[:1],)).activations
 
 
 def estimate_count(model, x):
@@ -83,8 +83,8 @@ def test_the_measure_leaves_random_state_and_buffers_as_they_were(norm, drop):
     model, x = Net(norm, drop).train(), torch.randn(4, 8, 12)
     buffers = {n: (b, b.clone(), b._version) for n, b in model.named_buffers()}
     state = torch.get_rng_state()
-    _measured_pass_elements(model, functional_model(model, flatten=False),
-                            {n: p.detach() for n, p in model.named_parameters()}, (x[:1],))
+    _measured_pass(model, functional_model(model, flatten=False),
+                   {n: p.detach() for n, p in model.named_parameters()}, (x[:1],), None, None)
     assert torch.equal(state, torch.get_rng_state())
     for name, b in model.named_buffers():
         original, copy, version = buffers[name]

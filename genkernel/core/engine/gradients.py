@@ -38,7 +38,7 @@ refuse BatchNorm with batch statistics, whose per-example gradients are undefine
 from __future__ import annotations
 
 import weakref
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, NamedTuple, Sequence
 
 import torch
 from torch import nn
@@ -99,27 +99,34 @@ def graph_row_elements(activation_elements: float, largest_output: float) -> flo
     return min(GRAPH_ROW_ACTIVATIONS * activation_elements, GRAPH_ROW_LARGEST_OUTPUTS * largest_output)
 
 
-def example_pass_bytes(chunk: int, num_params: int, largest: int, itemsize: int, activation_elements: int) -> int:
+def example_pass_bytes(chunk: int, num_params: int, largest: int, itemsize: int, activation_elements: int,
+                       fixed_bytes: int = 0) -> int:
     """Bytes the "example" route's vmapped per-example pass (:func:`_example_chunks`) holds over ``chunk`` examples
     of ``num_params`` parameter values (``largest``: the largest parameter's, ``itemsize`` bytes each): the chunk's
-    activations (:data:`EXAMPLE_PASS_ACTIVATIONS` x ``activation_elements``, one example's leaf module outputs,
-    :func:`example_activation_elements`, x ``chunk``), its per-example gradients twice (``chunk`` x P) and the float64
-    block :func:`add_rows` widens a narrower dtype's gradients in (at most :data:`WIDEN_BLOCK_BYTES`). What the cost
-    estimate counts as ``example_pass`` (measured 0.98 of the pass's peak RSS growth on a conv net, chunk 32)."""
+    activations (:data:`EXAMPLE_PASS_ACTIVATIONS` x ``activation_elements``, one example's, :func:`example_pass_measure`,
+    x ``chunk``), its per-example gradients twice (``chunk`` x P), the float64 block :func:`add_rows` widens a
+    narrower dtype's gradients in (at most :data:`WIDEN_BLOCK_BYTES`) and ``fixed_bytes``, what the pass holds once
+    whatever the chunk (:attr:`ExamplePass.fixed_bytes`). What the cost estimate counts as ``example_pass`` (measured
+    0.98 of the pass's peak RSS growth on a conv net, chunk 32)."""
     widened = 0 if itemsize >= 8 else min(WIDEN_BLOCK_BYTES, chunk * max(largest, 1) * 8)
-    return int(chunk * (EXAMPLE_PASS_ACTIVATIONS * activation_elements + 2 * num_params) * itemsize) + widened
+    return int(chunk * (EXAMPLE_PASS_ACTIVATIONS * activation_elements + 2 * num_params) * itemsize) + widened + fixed_bytes
 
 
-def example_chunk(memory_budget: int, num_params: int, largest: int, itemsize: int, activation_elements: int) -> int:
+def example_chunk(memory_budget: int, num_params: int, largest: int, itemsize: int, activation_elements: int,
+                  fixed_bytes: int = 0) -> int:
     """Examples per chunk of the "example" route's vmapped per-example pass (:func:`_example_chunks`), the one rule
     the engine runs and the cost estimate counts: the most examples whose pass (:func:`example_pass_bytes`: the
-    chunk's activations, its per-example gradients and add_rows' widening block) fits in ``memory_budget``.
+    chunk's activations, its per-example gradients and add_rows' widening block) fits in ``memory_budget`` beside
+    ``fixed_bytes``, what the pass holds once whatever the chunk (a matrix built from the parameters, a mask made in
+    ``forward``: :attr:`ExamplePass.fixed_bytes`; before, the budget went to the examples alone, and a net building a
+    1024 x 1024 float32 product of two factors in its forward held 1.52x an 8 MiB budget).
 
     At least one example: a single example whose pass alone exceeds the budget still runs alone (as before), and the
     pass then exceeds the budget by that one example's. With neither parameter values nor activations, the whole
     budget in examples (every batch in one chunk). (The chunk was sized to 3 x P values an example alone: on a conv
     net whose activations outweigh its parameters, 3 -> 16 -> 16 -> 32 channels at 64x64, P = 40k, one chunk's pass
     held 3.4-4.0x a 4-16 MiB budget.)"""
+    memory_budget = max(0, memory_budget - fixed_bytes)  # (what is left for the examples)
     base = (EXAMPLE_PASS_ACTIVATIONS * activation_elements + 2 * num_params) * itemsize  # per example
     widen = 0 if itemsize >= 8 else max(largest, 1) * 8  # per example, until the block reaches its cap
     if base + widen <= 0:
@@ -177,11 +184,20 @@ class _LeafOutputs:
             handle.remove()
 
 
-# one example's activation elements by model, input signature and differentiated parameters
-# (:func:`example_activation_elements`): {model: {signature: (weak references to its modules and parameters,
-# elements)}}, a few signatures a model (the route's parameters and its fallback's)
+class ExamplePass(NamedTuple):
+    """What the "example" route's vmapped per-example pass holds (:func:`example_pass_measure`): ``activations``,
+    elements per example of the chunk (sized by :data:`EXAMPLE_PASS_ACTIVATIONS`), and ``fixed_bytes``, bytes held
+    once whatever the chunk's size (a matrix built from the parameters, a mask made in ``forward``)."""
+
+    activations: int
+    fixed_bytes: int
+
+
+# one example's pass by model, input signature, differentiated parameters and loss (:func:`example_pass_measure`):
+# {model: {signature: (weak references to its modules, parameters and loss objects, ExamplePass)}}, a few signatures
+# a model (the route's parameters and its fallback's, the estimate's stand-in loss and the engine's own)
 _ACTIVATIONS: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
-SIGNATURES_KEPT = 4
+SIGNATURES_KEPT = 6
 
 
 def _module_signature(modules: list[nn.Module]) -> tuple:
@@ -194,31 +210,71 @@ def _module_signature(modules: list[nn.Module]) -> tuple:
                  for m in modules)
 
 
-def example_activation_elements(model: nn.Module, forward: Callable, params: dict[str, torch.Tensor],
-                                example: tuple[torch.Tensor, ...]) -> int:
-    """The activation elements, per example, that a chunk of the "example" route's pass over ``params`` is sized by
-    (:func:`example_chunk`): the larger of every leaf module's output of one example (``example``: its inputs, batch
-    dimension 1; every tensor's whole, :class:`_LeafOutputs`, as ``cost.hooked_forward_counts`` counts them where
-    each leaf returns one batch-first tensor; one hooked ``forward(params, example)`` without grad) and what the
-    pass is measured to hold (:func:`_measured_pass_elements`: what a forward computes with plain operations,
-    attention's probabilities in matmul and softmax, an LSTM's gates, is no leaf's output). Once per model, input
-    shapes and dtypes, modules and differentiated parameters (cached: the route runs it on its first call only, not
-    per step; a module or parameter replaced, or a module reconfigured, counts again)."""
+def _loss_signature(loss_fn: Callable | None) -> tuple[tuple, list]:
+    """``(key, objects)``: what identifies ``loss_fn`` for the measure's cache, and the objects whose identity the
+    cache checks through weak references. A function by its code (a closure made afresh each step is the same loss),
+    a bound method by its function's code and its object, a loss module by its modules' signature and the modules;
+    anything else by its type and itself."""
+    if loss_fn is None:
+        return ("stand-in",), []
+    code = getattr(loss_fn, "__code__", None)
+    if code is not None:
+        return ("function", code), []
+    owner, function = getattr(loss_fn, "__self__", None), getattr(loss_fn, "__func__", None)
+    if owner is not None and getattr(function, "__code__", None) is not None:
+        return ("method", function.__code__), [owner]
+    if isinstance(loss_fn, nn.Module):
+        modules = list(loss_fn.modules())
+        return ("module", _module_signature(modules)), modules
+    return ("object", type(loss_fn)), [loss_fn]
+
+
+def _tensor_signature(tensors: Any) -> tuple:
+    return tuple((tuple(t.shape[1:]), t.dtype, t.device.type) for t in tree_leaves(tensors) if isinstance(t, torch.Tensor))
+
+
+def example_pass_measure(model: nn.Module, forward: Callable, params: dict[str, torch.Tensor],
+                         example: tuple[torch.Tensor, ...], loss_fn: Callable | None = None,
+                         target: Any = None) -> ExamplePass:
+    """What a chunk of the "example" route's pass over ``params`` is sized by (:func:`example_chunk`), from one
+    example (``example``: its inputs, batch dimension 1; ``target``: its targets, a tensor or a tuple as the batch's,
+    or None): the activations an example, the larger of every leaf module's output (every tensor's whole,
+    :class:`_LeafOutputs`, as ``cost.hooked_forward_counts`` counts them; one hooked ``forward(params, example)``
+    without grad) and what the pass is measured to hold (:func:`_measured_pass`: what a forward computes with plain
+    operations, attention's probabilities in matmul and softmax, an LSTM's gates, is no leaf's output; and what
+    ``loss_fn`` builds, an outer product of the output, a frozen network's features), and what it holds once
+    whatever the chunk (measured). Without ``loss_fn`` (the cost estimate's, before any batch) a sum of squares of
+    the output stands in for the loss.
+
+    Once per model, input shapes and dtypes, modules, differentiated parameters, kernel context and loss (cached:
+    the route runs it on its first call only, not per step; a module or parameter replaced, or a module
+    reconfigured, measures again)."""
     modules = list(model.modules())
-    signature = (tuple((tuple(t.shape[1:]), t.dtype, t.device.type) for t in example), _module_signature(modules),
-                 tuple(sorted(params)), _kernel_context(example))
-    objects = modules + [p for m in modules for p in m._parameters.values() if p is not None]
+    loss_key, loss_objects = _loss_signature(loss_fn)
+    signature = (_tensor_signature(example), _module_signature(modules), tuple(sorted(params)),
+                 _kernel_context(example), loss_key, _tensor_signature(target))
+    objects = modules + [p for m in modules for p in m._parameters.values() if p is not None] + loss_objects
     kept = _ACTIVATIONS.setdefault(model, {})
     known = kept.get(signature)
     if known is not None and len(known[0]) == len(objects) and all(ref() is o for ref, o in zip(known[0], objects)):
         return known[1]
     with torch.no_grad(), _LeafOutputs(model) as counted:
         forward(params, example)
-    elements = max(counted.elements, _measured_pass_elements(model, forward, params, example))
-    kept[signature] = (tuple(weakref.ref(o) for o in objects), elements)
+    measured = _measured_pass(model, forward, params, example, loss_fn, target)
+    found = ExamplePass(max(counted.elements, measured.activations), measured.fixed_bytes)
+    try:
+        references = tuple(weakref.ref(o) for o in objects)
+    except TypeError:  # (a loss object that takes no weak reference: measured again each call, not kept)
+        return found
+    kept[signature] = (references, found)
     while len(kept) > SIGNATURES_KEPT:  # (a model whose modules or inputs change does not grow the cache)
         kept.pop(next(iter(kept)))
-    return elements
+    return found
+
+
+def example_activation_elements(model: nn.Module, forward: Callable, params: dict[str, torch.Tensor],
+                                example: tuple[torch.Tensor, ...]) -> int:
+    return example_pass_measure(model, forward, params, example).activations
 
 
 def _kernel_context(example: tuple[torch.Tensor, ...]) -> tuple:
@@ -235,40 +291,72 @@ def _kernel_context(example: tuple[torch.Tensor, ...]) -> tuple:
             tuple(sorted((d, torch.is_autocast_enabled(d)) for d in {t.device.type for t in example})))
 
 
-def _measured_pass_elements(model: nn.Module, forward: Callable, params: dict[str, torch.Tensor],
-                            example: tuple[torch.Tensor, ...]) -> int:
-    """Activation elements one example of the vmapped per-example pass holds, measured: per-example gradients
-    (``torch.func.vmap`` of ``grad``, a sum of squares of the output standing in for the loss) over 1 and 2 copies
-    of ``example`` under ``push_memory.LiveBytes``, the growth per example less its per-example gradients twice,
-    over :data:`EXAMPLE_PASS_ACTIVATIONS`; buffers and the random state kept. Measured against the leaf outputs:
-    a self-attention in plain operations (one block, d = 32) 4.8 times at T = 64 and 18 at T = 256 (a chunk sized by
-    the leaf outputs held 143 MB for a 16 MiB budget), an LSTM 45; convolutional nets and MLPs under them (the
-    leaf outputs count). The measure holds two examples' pass once, beside no other. 0 where the pass raises (the
-    leaf outputs alone then; the route's own pass reports its errors)."""
+def _one_example_loss(forward: Callable, loss_fn: Callable, tensor_targets: bool) -> Callable:
+    """ℓ_n(θ) = loss_fn(f(x_n; θ), y_n) of one example as a function of ``(θ, x_n, y_n)`` (``x_n``, ``y_n``: tuples
+    of one example's tensors, no batch dimension; ``y_n`` None without targets; ``tensor_targets``: the batch's
+    targets are one tensor, which ``loss_fn`` gets as one), a scalar: what the route's pass and its measure vmap."""
+
+    def example_loss(p, x, y):
+        out = forward(p, tuple(t.unsqueeze(0) for t in x))
+        target = None if y is None else tuple(t.unsqueeze(0) for t in y)
+        if target is not None and tensor_targets:
+            target = target[0]
+        loss = loss_fn(out, target)
+        if loss.numel() != 1:  # (an unreduced [1, d] loss: torch's reshape error named no cause)
+            raise ValueError(f"loss_fn must return one loss per example (shape [B]; e.g. reduction='none' averaged "
+                             f"over non-batch dimensions), got shape {tuple(loss.shape)} for one example")
+        return loss.reshape(())
+
+    return example_loss
+
+
+def _measured_pass(model: nn.Module, forward: Callable, params: dict[str, torch.Tensor],
+                   example: tuple[torch.Tensor, ...], loss_fn: Callable | None, target: Any) -> ExamplePass:
+    """The vmapped per-example pass measured: per-example gradients (``torch.func.vmap`` of ``grad`` of ``loss_fn``,
+    as :func:`_example_chunks` runs them, or of a sum of squares of the output standing in for the loss) over 1 and
+    2 copies of ``example`` (and ``target``) under ``push_memory.LiveBytes``; buffers and the random state kept. The
+    growth per example less its per-example gradients twice, over :data:`EXAMPLE_PASS_ACTIVATIONS`, is the
+    activations; what one copy holds beyond that slope is held once whatever the chunk (``fixed_bytes``; the pass is
+    linear in its copies, measured to the byte from 1 to 4 on a conv net, an MLP, a UNet and an encoder, where it is
+    0 or 17 KiB of 8 MiB).
+
+    Measured against the leaf outputs: a self-attention in plain operations (one block, d = 32) 4.8 times at T = 64
+    and 18 at T = 256 (a chunk sized by the leaf outputs held 143 MB for a 16 MiB budget), an LSTM 45; convolutional
+    nets and MLPs under them (the leaf outputs count). A loss building an outer product of a 256-wide output held
+    4.9x a 4 MiB budget, measured with the stand-in. The measure holds two examples' pass once, beside no other.
+    Zero where the pass raises (the leaf outputs alone then; the route's own pass reports its errors)."""
     if not params:
-        return 0
+        return ExamplePass(0, 0)
     per_values = sum(p.numel() for p in params.values())
     itemsize = next(iter(params.values())).element_size()
     detached = {name: p.detach() for name, p in params.items()}
-
-    def stand_in(p, x):
-        return output_tensor(forward(p, tuple(t.unsqueeze(0) for t in x))).pow(2).sum()
-
-    pass_of = torch.func.vmap(torch.func.grad(stand_in), (None, 0))
+    tensor_targets = isinstance(target, torch.Tensor)
+    target_tuple = None if target is None else ((target,) if tensor_targets else tuple(target))
+    if loss_fn is None:
+        def stand_in(out, y):
+            return output_tensor(out).pow(2).sum()
+        loss_fn = stand_in
+    pass_of = torch.func.vmap(torch.func.grad(_one_example_loss(forward, loss_fn, tensor_targets)),
+                              (None, 0, 0 if target_tuple is not None else None))
     peaks = []
+
+    def copies_of(tensors, copies):
+        return None if tensors is None else tuple(t[:1].repeat(copies, *([1] * (t.dim() - 1))) for t in tensors)
+
     try:
         with preserved_state(model):
             for copies in (1, 2):
-                inputs = tuple(t[:1].repeat(copies, *([1] * (t.dim() - 1))) for t in example)
-                with LiveBytes((*params.values(), *detached.values(), *inputs)) as live:
-                    pass_of(detached, inputs)
+                inputs, targets = copies_of(example, copies), copies_of(target_tuple, copies)
+                with LiveBytes((*params.values(), *detached.values(), *inputs, *(targets or ()))) as live:
+                    pass_of(detached, inputs, targets)
                 peaks.append(live.peak)
     except torch.OutOfMemoryError:  # (as push_memory's measure: the device's, not the model's)
         raise
     except Exception:
-        return 0
-    beyond = (peaks[1] - peaks[0]) / itemsize - 2 * per_values
-    return max(0, int(beyond / EXAMPLE_PASS_ACTIVATIONS))
+        return ExamplePass(0, 0)
+    slope = peaks[1] - peaks[0]
+    beyond = slope / itemsize - 2 * per_values
+    return ExamplePass(max(0, int(beyond / EXAMPLE_PASS_ACTIVATIONS)), max(0, int(peaks[0] - slope)))
 
 
 def membership_matrix(
@@ -525,25 +613,17 @@ def _example_chunks(model, params, inputs, targets, loss_fn, memory_budget, fixe
     batch = inputs[0].shape[0]
 
     # 1. One example's loss as a function of θ: ℓ_n(θ) = loss_fn(f(x_n; θ), y_n).
-    def example_loss(p, x, y):
-        out = forward(p, tuple(t.unsqueeze(0) for t in x))
-        target = None if y is None else tuple(t.unsqueeze(0) for t in y)
-        if target is not None and isinstance(targets, torch.Tensor):
-            target = target[0]
-        loss = loss_fn(out, target)
-        if loss.numel() != 1:  # (an unreduced [1, d] loss: torch's reshape error named no cause)
-            raise ValueError(f"loss_fn must return one loss per example (shape [B]; e.g. reduction='none' averaged "
-                             f"over non-batch dimensions), got shape {tuple(loss.shape)} for one example")
-        return loss.reshape(())
-
+    example_loss = _one_example_loss(forward, loss_fn, isinstance(targets, torch.Tensor))
     per_example_grads = per_example(grad_and_value(example_loss), (None, 0, 0 if targets is not None else None))
     target_tuple = None if targets is None else ((targets,) if isinstance(targets, torch.Tensor) else tuple(targets))
 
     num_params = sum(p.numel() for p in params.values())
     largest = max(p.numel() for p in params.values())
     itemsize = next(iter(params.values())).element_size()
-    activations = example_activation_elements(model, forward, detached, tuple(t[:1] for t in inputs))
-    chunk = example_chunk(memory_budget, num_params, largest, itemsize, activations)
+    # the chunk sized by what the pass holds, measured with this loss on the first example
+    measured = example_pass_measure(model, forward, detached, tuple(t[:1] for t in inputs), loss_fn,
+                                    _target_rows(targets, slice(0, 1)))
+    chunk = example_chunk(memory_budget, num_params, largest, itemsize, measured.activations, measured.fixed_bytes)
     for start in range(0, batch, chunk):
         rows = slice(start, min(start + chunk, batch))
         # 2. Per-example gradients ∇ℓ_n for a chunk of examples: {name: [c, *shape]}.
