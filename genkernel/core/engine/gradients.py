@@ -817,15 +817,36 @@ def _factored_route(model, params, inputs, targets, loss_fn, membership, memory_
     batch = batch_size(inputs)
     rows_total = membership.shape[0]
     sums = {n: torch.zeros((rows_total, *p.shape), dtype=torch.float64, device=p.device) for n, p in params.items()}
-    largest = max(1, max(p.numel() for p in params.values()))  # (parameters of no values only: every example)
-    rows = max(1, memory_budget // (4 * largest * next(iter(params.values())).element_size()))
     losses = []
-    for start in range(0, batch, rows):
-        chunk = slice(start, min(start + rows, batch))
+
+    def add_chunk(chunk: slice) -> None:
+        # 1-2. The chunk's factors (a forward with hooks, one backward of Σ_n ℓ_n), multiplied into the rows.
         cotangents, box = loss_cotangents(loss_fn, _target_rows(targets, chunk))
         factors, _ = capture(model, plan, tuple(t[chunk] for t in inputs), cotangents, parameters=at)
         losses.append(box["losses"])
         add_factor_rows(sums, membership[:, chunk], factors)
+
+    # The first chunk of one example and the second of two, measured (push_memory.LiveBytes): the rest sized by
+    # what an example adds (the slope) beside what a chunk holds once, within the budget; one example at a time
+    # where one alone takes the budget. The chunk of two is held once whatever the budget (one example more than
+    # the budget allows at most: a model that builds a large array once per chunk would otherwise run one example
+    # at a time, the array built for each). (Chunks were sized by the largest parameter alone, budget / (4 x its
+    # bytes): a conv net's factors, its recorded inputs and output gradients at every position, held 2.8x a 4-16 MiB
+    # budget, 3 -> 16 -> 16 -> 32 channels at 64x64.)
+    kept = (*params.values(), *(at or {}).values(), *sums.values(), membership,
+            *(t for t in tree_leaves((inputs, targets)) if isinstance(t, torch.Tensor)))
+    peaks, start = [], 0
+    for size in (1, 2):
+        if start < batch and (size == 1 or peaks[0] < memory_budget):
+            with LiveBytes(kept) as live:
+                add_chunk(slice(start, min(start + size, batch)))
+            peaks.append(live.peak)
+            start += size
+    slope = peaks[1] - peaks[0] if len(peaks) == 2 else 0
+    rows = (max(1, int((memory_budget - max(0, peaks[0] - slope)) // slope)) if slope > 0
+            else 1 if len(peaks) == 1 else batch)
+    for start in range(start, batch, rows):
+        add_chunk(slice(start, min(start + rows, batch)))
     fallback = {n: params[n] for n in plan.fallback if n in params}
     if fallback:
         others = {n: p.detach() for n, p in params.items() if n not in fallback}
