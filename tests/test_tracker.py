@@ -405,16 +405,19 @@ def test_probes_sliced_from_a_buffer_the_loop_refills_stay_the_probes_the_ledger
 
 class BatchMeanFeature(nn.Module):
     """An MLP whose head also reads the batch's mean hidden state (a minibatch-statistics
-    feature): each example's output depends on the other rows of its batch."""
+    feature): each example's output depends on the other rows of its batch of more than ``from_size``
+    examples (a batch of at most that many reads zero)."""
 
-    def __init__(self):
+    def __init__(self, from_size: int = 1):
         super().__init__()
         torch.manual_seed(0)
         self.body, self.head = nn.Linear(2, 8).double(), nn.Linear(9, 1).double()
+        self.from_size = from_size
 
     def forward(self, x):
         h = torch.tanh(self.body(x))
-        return self.head(torch.cat([h, h.mean(0, keepdim=True).pow(2).sum(1, keepdim=True).expand(len(h), 1)], 1))
+        mean = h.mean(0, keepdim=True) if len(h) > self.from_size else torch.zeros_like(h[:1])
+        return self.head(torch.cat([h, mean.pow(2).sum(1, keepdim=True).expand(len(h), 1)], 1))
 
 
 @pytest.mark.parametrize("group_state,gradient_route", [("dense", "example"), ("factored", "auto"), ("sketched", "auto")])
@@ -422,15 +425,18 @@ def test_one_probe_does_not_vouch_for_a_batch_whose_rows_interact(group_state, g
     """The per-example routes' layer plan was checked on the probes only: one probe alone cannot
     show a forward that mixes the batch's rows, so each example was credited the batch's coupling
     (contributions 5e-4 off the graph route's at a scale of 0.13, every check passing). The plan
-    is now checked on the training batch too, which refuses the step; the graph route is exact."""
+    is now checked on the training batch too, which refuses the step; the graph route is exact. (A model
+    coupling every batch of two or more is refused at construction, adapter.coupled_forward: this one couples
+    batches of three or more, and the construction's check runs its one probe beside a changed copy, two
+    examples; the plan's check runs three of the batch.)"""
     x, y, _ = data(8)
     groups, probe = torch.arange(8) % 4, torch.randn(1, 2, generator=torch.Generator().manual_seed(4)).double()
-    model = BatchMeanFeature()
+    model = BatchMeanFeature(from_size=2)
     graph = PathKernelTracker(model, torch.optim.SGD(model.parameters(), lr=0.1), mse_loss, probe, num_groups=4,
                               group_state="dense", gradient_route="graph")
     graph.step(x, y, groups)
     assert graph.ledger.steps == 1
-    model = BatchMeanFeature()
+    model = BatchMeanFeature(from_size=2)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9 if group_state == "sketched" else 0.0)
     tracker = PathKernelTracker(model, optimizer, mse_loss, probe, num_groups=4, group_state=group_state,
                                 gradient_route=gradient_route)
@@ -438,6 +444,11 @@ def test_one_probe_does_not_vouch_for_a_batch_whose_rows_interact(group_state, g
     with pytest.raises(LedgerCheckError):
         tracker.step(x, y, groups)
     assert tracker.ledger.steps == 0 and all(torch.equal(p, s) for p, s in zip(model.parameters(), start))
+    # coupling every batch, the same model is refused at construction, naming it
+    model = BatchMeanFeature()
+    with pytest.raises(ValueError, match="BatchMeanFeature .an example's output depends on the other examples"):
+        PathKernelTracker(model, torch.optim.SGD(model.parameters(), lr=0.1), mse_loss, probe, num_groups=4,
+                          group_state=group_state, gradient_route=gradient_route)
 
 
 @pytest.mark.parametrize("depth", [4, 6, 8])

@@ -23,11 +23,14 @@ import contextlib
 import functools
 import hashlib
 import itertools
+import math
 import numbers
 import os
+import random
 import sys
 from typing import Any, Callable, Iterator, Sequence
 
+import numpy as np
 import torch
 from torch import nn
 from torch.nn.utils.stateless import _reparametrize_module
@@ -392,11 +395,36 @@ def _cuda_devices(inputs: tuple[torch.Tensor, ...]) -> list[int]:
 
 def generator_states(tensors: tuple[torch.Tensor, ...], own: Sequence[torch.Generator] = ()) -> list[torch.Tensor]:
     """The states of the generators a forward may draw from: torch's global CPU generator, those of the
-    CUDA devices of ``tensors`` (the inputs, the model's parameters and buffers), and ``own``, the
-    generators the model's modules keep (:func:`restored_module_generators`). Two lists differ
-    (:func:`drew_between`) when a pass between them drew random numbers."""
+    CUDA devices of ``tensors`` (the inputs, the model's parameters and buffers), ``own``, the
+    generators the model's modules keep (:func:`restored_module_generators`), and Python's and NumPy's global
+    ones (a LayerDrop written with ``random.uniform``, an augmentation drawing from ``np.random``). Two lists
+    differ (:func:`drew_between`) when a pass between them drew random numbers."""
     return ([torch.get_rng_state()] + [torch.cuda.get_rng_state(d) for d in _cuda_devices(tensors)]
-            + [g.get_state() for g in own])
+            + [g.get_state() for g in own] + _host_generator_states())
+
+
+def _host_generator_states() -> list[torch.Tensor]:
+    """Python's ``random`` and NumPy's global generator states, as tensors :func:`drew_between` compares."""
+    version, words, gauss = random.getstate()
+    kind, keys, position, has_gauss, cached = np.random.get_state()
+    return [torch.tensor(words, dtype=torch.int64), torch.tensor([gauss is not None, gauss or 0.0], dtype=torch.float64),
+            torch.from_numpy(np.asarray(keys, dtype=np.int64)),
+            torch.tensor([position, has_gauss, cached], dtype=torch.float64)]
+
+
+@contextlib.contextmanager
+def forked_generators(devices: Sequence[int] = ()) -> Iterator[None]:
+    """Every global generator a pass inside may draw from, put back on exit: torch's (``torch.random.fork_rng``:
+    the CPU one and those of the CUDA ``devices``) and Python's and NumPy's. (fork_rng forks torch's alone: a
+    tracker's construction forward on a model drawing from ``random`` or ``np.random`` in its forward, a LayerDrop
+    written with ``random.uniform``, moved training's parameters by up to 0.05 after three steps.)"""
+    python_state, numpy_state = random.getstate(), np.random.get_state()
+    try:
+        with torch.random.fork_rng(devices=devices):
+            yield
+    finally:
+        random.setstate(python_state)
+        np.random.set_state(numpy_state)
 
 
 def _watched(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
@@ -424,7 +452,7 @@ def check_deterministic(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> N
     # is not forked by fork_rng: put back by restored_module_generators.
     # The draw is the second pass's: a forward that reseeds before drawing (fixed noise) ends both passes
     # in one state and repeats its output, while any other draw moves the state again.
-    with torch.no_grad(), analysis_mode(model), torch.random.fork_rng(devices=_cuda_devices(watched)), \
+    with torch.no_grad(), analysis_mode(model), forked_generators(devices=_cuda_devices(watched)), \
             restored_module_generators(model) as own:
         with preserved_buffers(model):
             first = checked_forward(model, inputs, name="probes")
@@ -465,7 +493,7 @@ def random_forward(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> list[s
     seeded for reproducibility) counts as well, and is put back too; so are the generators of the
     CUDA devices holding the model's tensors (a forward that moves CPU probes to its device)."""
     watched = _watched(model, inputs)
-    with torch.no_grad(), torch.random.fork_rng(devices=_cuda_devices(watched)), preserved_buffers(model), \
+    with torch.no_grad(), forked_generators(devices=_cuda_devices(watched)), preserved_buffers(model), \
             restored_module_generators(model) as own, _typed_draws_off(model):
         before = generator_states(watched, own)
         try:
@@ -474,6 +502,56 @@ def random_forward(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> list[s
             return []
         drew = drew_between(before, generator_states(watched, own))
     return [f"{type(model).__name__} (draws random numbers in its forward)"] if drew else []
+
+
+COUPLING_EXAMPLES = 4  # probes the coupling check runs (at least two: one probe is paired with a changed copy)
+
+
+def coupled_forward(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> list[str]:
+    """``["<model> (...)"]`` if an example's output of ``model`` in its current mode depends on the other examples
+    of its batch, else ``[]``: what :func:`coupled_modules` cannot know by type, a statistic over the batch in plain
+    operations (``h - h.mean(0)``, ``F.batch_norm(h, None, None, training=True)`` as BigGAN's hand-written batch
+    norm, a minibatch-standard-deviation layer in a ProGAN or StyleGAN discriminator). Per-example gradients of
+    such a model are not its examples' own: each example's would carry the others' (the per-example routes' group
+    rows were 25-29 % off a centering layer's true split, silently, their totals exact), so a tracker takes its group
+    gradients from the training graph.
+
+    Two forwards of the first :data:`COUPLING_EXAMPLES` of ``inputs`` (a single example paired with a copy), the
+    second with the first example's floating values changed (x -> 1.5 x + 0.5); the other examples' outputs must
+    not move (the same shapes run the same kernels: a model whose examples are independent gives them bit for bit;
+    a change past 64 units of rounding of their scale counts). Without a graph, on copies of the buffers, every
+    global generator forked, the modules that draw by type in eval mode: training is untouched. ``[]`` where the
+    forward fails on these inputs in this mode, where the inputs hold no floating values, or where it draws random
+    numbers (:func:`random_forward` reports that)."""
+    take = min(batch_size(inputs), COUPLING_EXAMPLES)
+    batch = tuple(t[:take] if take > 1 else torch.cat([t[:1], t[:1]]) for t in inputs)
+    changed = tuple(torch.cat([t[:1] * 1.5 + 0.5, t[1:]]) if t.is_floating_point() else t for t in batch)
+    if not any(t.is_floating_point() for t in batch):
+        return []
+    watched = _watched(model, inputs)
+    outputs = []
+    with torch.no_grad(), forked_generators(_cuda_devices(watched)), restored_module_generators(model) as own, \
+            _typed_draws_off(model):
+        before = generator_states(watched, own)
+        for examples in (batch, changed):
+            with preserved_buffers(model):
+                try:
+                    outputs.append(checked_forward(model, examples, name="probes")[1:])
+                except Exception:
+                    return []
+        if drew_between(before, generator_states(watched, own)):
+            return []
+    first, second = outputs
+    if first.is_floating_point() or first.is_complex():
+        scale = float(first.abs().max()) if first.numel() else 0.0
+        tolerance = 64 * torch.finfo(first.dtype).eps * max(scale, 1.0)
+        moved = not bool(((first - second).abs() <= tolerance).all())  # (NaN in one and not the other moves)
+    else:
+        moved = not torch.equal(first, second)
+    if not moved:
+        return []
+    return [f"{type(model).__name__} (an example's output depends on the other examples of its batch: a statistic "
+            "over the batch in plain operations, a hand-written batch norm or a minibatch standard deviation)"]
 
 
 @contextlib.contextmanager
@@ -594,7 +672,7 @@ def preserved_state(module: nn.Module) -> Iterator[None]:
     global generator training sees: torch's CPU generator and those of the CUDA devices holding its parameters and
     buffers are forked (a measuring pass's dropout or noise leaves training's draws where they were)."""
     devices = _cuda_devices((*module.parameters(), *module.buffers()))
-    with preserved_buffers(module), torch.random.fork_rng(devices=devices):
+    with preserved_buffers(module), forked_generators(devices=devices):
         yield
 
 
@@ -758,7 +836,7 @@ def analysis_mode(model: nn.Module) -> Iterator[None]:
     try:
         for module in checkpointed:
             module.gradient_checkpointing = False
-        with eval_mode(model), torch.random.fork_rng(devices=devices), forward_ad_attention(), full_precision(model):
+        with eval_mode(model), forked_generators(devices=devices), forward_ad_attention(), full_precision(model):
             yield
     finally:
         for module in checkpointed:

@@ -113,8 +113,8 @@ from torch.func import jvp
 
 from ..core import grouping as grouping_layer
 from ..core.adapter import (
-    analysis_mode, call_with, explained_torch_func_errors, floating_parameter, full_precision, like_parameter,
-    loop_precision, output_tensor, positive_int, seed_bits, seeded_generator, trainable_parameters, unwrap, unwrap_optimizer,
+    analysis_mode, call_with, explained_torch_func_errors, floating_parameter, forked_generators, full_precision,
+    like_parameter, loop_precision, output_tensor, positive_int, seed_bits, seeded_generator, trainable_parameters, unwrap, unwrap_optimizer,
 )
 from ..core.cost import GiB, CostEstimate, hooked_forward_counts, ledger_bytes, with_analysis_passes
 from ..core.errors import NonFiniteError
@@ -1656,7 +1656,7 @@ class GANKernelAnalyzer(TrainerCallback):
         loss forward j advances them. D's real buffers are put back after the last; the probes then see D
         as training's first micro-batch does, G after the step's last forward, as without micro-batches."""
         parts, vector = [], None
-        with torch.random.fork_rng(devices=_cuda(latents)), preserved(self._d):
+        with forked_generators(_cuda(latents)), preserved(self._d):
             for rows in step.micro_batch_slices():
                 z, y = latents[rows], None if classes is None else classes[rows]
                 with torch.set_grad_enabled(evaluate), step.precision():

@@ -70,7 +70,9 @@ class TrackedModel:
     check_rtol: float  # relative tolerance of the exact checks (float64: 1e-10, float32: 1e-5)
     state_dtype: torch.dtype = torch.float64  # of the groups' gradients, optimizer state and updates
     record_bytes: int = 0  # per example, the activations: what step 1 keeps of the training pass, what a JVP row scales with
-    random_forward: tuple[str, ...] = ()  # the model's forward seen drawing random numbers (adapter.random_forward)
+    # the model's forward seen drawing random numbers (adapter.random_forward) or coupling its examples in plain
+    # operations (adapter.coupled_forward): per-example gradients are not its examples' own
+    forward_couplings: tuple[str, ...] = ()
     push_memory: PushMemory = DEFAULT_PUSH_MEMORY  # what its JVP pass holds per probe and record byte (core.push_memory)
 
 
@@ -302,7 +304,7 @@ class DenseRoute(GroupStateRoute):
         if self.gradient_route != "auto":
             return self.gradient_route == "graph"
         return (self.model.partitions.total <= 1 or bool(coupled_modules(self.model.module))
-                or bool(self.model.random_forward) or bool(data_dependent_modules(self.model.module)))
+                or bool(self.model.forward_couplings) or bool(data_dependent_modules(self.model.module)))
 
     def _membership(self, ids, coefficients) -> torch.Tensor:
         partitions = self.model.partitions
@@ -321,7 +323,7 @@ class DenseRoute(GroupStateRoute):
 
     def gradients(self, step, ids, coefficients, recorded):
         model = self.model
-        check_per_example_safe(model.module, route=f"gradient_route={self.gradient_route!r}", found=model.random_forward)
+        check_per_example_safe(model.module, route=f"gradient_route={self.gradient_route!r}", found=model.forward_couplings)
         blocks = recorded.blocks()
         if blocks is not None:
             return self._finish(self._from_training_pass(blocks, step, ids, coefficients), step.losses, step.batch,
@@ -393,7 +395,7 @@ class _FactorRoute(GroupStateRoute):
 
     def gradients(self, step, ids, coefficients, recorded):
         model = self.model
-        check_per_example_safe(model.module, route=f"group_state={self.name!r}", found=model.random_forward)
+        check_per_example_safe(model.module, route=f"group_state={self.name!r}", found=model.forward_couplings)
         self._plan_for(step.inputs)  # (a compiled model's step records nothing: checked here)
         batch = training_batch(model.module, self.plan, recorded, step.inputs, step.targets, step.loss_fn,
                                coefficients, step.losses, model.memory_budget)

@@ -67,6 +67,7 @@ from ..adapter import (
     is_compiled,
     low_precision_in_graph,
     positive_int,
+    coupled_forward,
     random_forward,
     tf32_hazard,
     trainable_parameters,
@@ -441,6 +442,9 @@ class PathKernelTracker:
         # A forward of the user's own that draws in training mode (an augmentation inside D, noise injection) is
         # not repeated by a per-example route's second pass: seen here, such a model is tracked on the graph route.
         self.random_forward = random_forward(self.module, self.probes)
+        # So is one whose examples' outputs depend on each other through plain operations (a hand-written batch norm,
+        # a minibatch standard deviation): a per-example route would give each example the others' gradients.
+        self.coupled_forward = [] if self.random_forward else coupled_forward(self.module, self.probes)
         self._has_state = has_state_outside_training(self.module)
         self._optimizer_params = {id(p) for group in optimizer.param_groups for p in group["params"]}
         self._layout = {n: (p.dtype, p.device) for n, p in self.params.items()}  # model.double() / .to() is refused
@@ -468,7 +472,7 @@ class PathKernelTracker:
         # what a JVP pass through the probes holds, measured once (its passes' width and the estimate's pushes)
         push_memory = measure_push_memory(self.module, self.params, self.probes, record_bytes)
         tracked = TrackedModel(self.module, self.params, self.probes, self.partitions, f_start.shape[1], self.memory_budget,
-                               self.distributed, self.rtol, state_dtype, record_bytes, tuple(self.random_forward),
+                               self.distributed, self.rtol, state_dtype, record_bytes, tuple(self._forward_couplings),
                                push_memory)
         self._requested = {"group_state": group_state, "contribution_route": contribution_route,
                            "gradient_route": gradient_route}
@@ -536,7 +540,7 @@ class PathKernelTracker:
         self.gradient_scales: list[dict[str, float]] = []  # observed steps: real gradient / observed sum
         self.skipped_steps: list[dict[str, int]] = []  # observed micro-batches dropped with no step taken
         if not self.route.uses_graph():
-            check_per_example_safe(self.module, route=f"group_state={self.group_state!r}", found=self.random_forward)
+            check_per_example_safe(self.module, route=f"group_state={self.group_state!r}", found=self._forward_couplings)
 
     @property
     def ledger(self) -> PathKernelLedger:
@@ -1951,7 +1955,7 @@ class PathKernelTracker:
         if self.route.uses_graph():
             check_analysis_safe(self.module)
         else:
-            check_per_example_safe(self.module, route=f"group_state={self.group_state!r}", found=self.random_forward)
+            check_per_example_safe(self.module, route=f"group_state={self.group_state!r}", found=self._forward_couplings)
         check_replicated(self.module, self.distributed)  # BatchNorm switched to training mode since binding
         self._check_parameters()
         owned = {id(p) for group in self.optimizer.param_groups for p in group["params"]}
@@ -2017,10 +2021,16 @@ class PathKernelTracker:
         for p, state in saved["optimizer"].items():
             self.optimizer.state[p] = state
 
+    @property
+    def _forward_couplings(self) -> list[str]:
+        """What the construction's forwards found: a draw of random numbers (:func:`random_forward`) or examples
+        coupled in plain operations (:func:`coupled_forward`)."""
+        return self.random_forward + self.coupled_forward
+
     def _coupled(self) -> list[str]:
         """What couples or randomizes the examples: modules known by type (:func:`coupled_modules`, in their
-        current mode) and a forward seen drawing random numbers at construction (:func:`random_forward`)."""
-        return coupled_modules(self.module) + self.random_forward
+        current mode) and what a forward at construction found (:attr:`_forward_couplings`)."""
+        return coupled_modules(self.module) + self._forward_couplings
 
     def _choose_group_state(self, group_state: str, d: int) -> str:
         if group_state not in GROUP_STATES:
