@@ -142,9 +142,12 @@ def test_example_pass_from_its_definition():
     budget = 10 * records  # records of a batch of 12 do not fit
     common = dict(batch_size=12, group_state="dense", memory_budget=budget)
     own = estimate_cost(model, optimizer, probes, outputs=3, rows=3, gradient_route="example", **common)
-    chunk = min(example_chunk(budget, num, 768, 4, acts), 12)  # the largest parameter, the Linear weight (768 values)
+    # (what the pass holds once whatever the chunk, measured: a few bytes here)
+    fixed = cost._pass_measure(model, probes, dict(model.named_parameters())).fixed_bytes
+    chunk = min(example_chunk(budget, num, 768, 4, acts, fixed), 12)  # the largest parameter: the Linear weight's 768
     widened = min(8 * 2**20, chunk * 768 * 8)
-    assert own.memory["example_pass"] == int(chunk * (cost.EXAMPLE_PASS_ACTIVATIONS * acts + 2 * num) * 4) + widened
+    assert own.memory["example_pass"] == (int(chunk * (cost.EXAMPLE_PASS_ACTIVATIONS * acts + 2 * num) * 4) + widened
+                                          + fixed)
     assert own.memory["example_pass"] <= budget  # (the chunk sized to it)
     assert "example_pass" in own.phases["group gradients"] and "training_records" not in own.memory
     read = estimate_cost(model, optimizer, probes, outputs=3, rows=3, gradient_route="example", batch_size=8, group_state="dense",

@@ -51,12 +51,14 @@ def test_the_fallbacks_pass_from_its_definition():
     # (the pass's activations as the engine sizes its chunks: the leaf outputs, or the measured pass where larger)
     from genkernel.core.engine.factors import covering_plan
 
-    pass_acts = cost._pass_activations(model, probes, covering_plan(model, probes).fallback)
+    measured = cost._pass_measure(model, probes, covering_plan(model, probes).fallback)
+    pass_acts = measured.activations
     assert pass_acts >= acts
     read = estimate_cost(model, optimizer, probes, outputs=4, rows=4, gradient_route="example", batch_size=batch,
                          memory_budget=budget)
     chunk = min(budget // (3 * 3 * 4), batch)
-    assert read.memory["example_pass"] == int(chunk * (cost.EXAMPLE_PASS_ACTIVATIONS * pass_acts + 2 * 3) * 4) + chunk * 3 * 8
+    assert read.memory["example_pass"] == (int(chunk * (cost.EXAMPLE_PASS_ACTIVATIONS * pass_acts + 2 * 3) * 4)
+                                           + chunk * 3 * 8 + measured.fixed_bytes)
     assert {"example_pass", "training_records"} <= set(read.phases["group gradients"])
     torch.manual_seed(0)
     covered = nn.Sequential(*model.body)  # (the same layers, no raw parameter)

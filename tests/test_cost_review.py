@@ -32,8 +32,8 @@ def test_the_sketched_estimate_counts_the_projection_the_route_keeps():
 def test_the_projections_vector_columns_stop_at_the_cache_budget():
     params = [torch.zeros(10, 4), torch.zeros(100), torch.zeros(50)]
     # factors (10 + 4) k; the 100-vector (800 bytes at k = 2, float32) fits 1000 bytes, the 50-vector then not.
-    assert cost.projection_bytes(params, 2, 4, 1000) == 14 * 2 * 4 + 100 * 2 * 4
-    assert cost.projection_bytes(params, 2, 4, 10**9) == (14 + 150) * 2 * 4
+    assert cost.projection_bytes(params, 2, 1000) == 14 * 2 * 4 + 100 * 2 * 4
+    assert cost.projection_bytes(params, 2, 10**9) == (14 + 150) * 2 * 4
 
 
 def _write(directory, **files):

@@ -23,6 +23,7 @@ from genkernel.core.cost import estimate_cost, hooked_forward_counts
 from genkernel.core.engine import gradients
 from genkernel.core.engine.gradients import (example_pass_measure, example_chunk, example_pass_bytes,
                                              group_gradients, membership_matrix)
+from genkernel.core import cost
 from genkernel.core.adapter import functional_model
 from peak_rss import measure_script
 
@@ -134,8 +135,9 @@ def test_the_engine_runs_the_chunk_the_estimate_counts(monkeypatch):
     estimate = estimate_cost(model, optimizer, (x[:4],), outputs=3, rows=3, batch_size=batch, group_state="dense",
                              gradient_route="example", memory_budget=budget)
     assert "training_records" not in estimate.memory  # (the route's own pass, not the training pass's records)
-    assert estimate.memory["example_pass"] == example_pass_bytes(seen[0], num, largest, 4, acts)
-    assert estimate.memory["example_pass"] <= budget < example_pass_bytes(seen[0] + 1, num, largest, 4, acts)
+    fixed = cost._pass_measure(model, (x[:4],), dict(model.named_parameters())).fixed_bytes  # (a few bytes here)
+    assert estimate.memory["example_pass"] == example_pass_bytes(seen[0], num, largest, 4, acts, fixed)
+    assert estimate.memory["example_pass"] <= budget < example_pass_bytes(seen[0] + 1, num, largest, 4, acts, fixed)
 
 
 def test_the_engines_activation_count_is_the_estimates():
@@ -222,7 +224,6 @@ def test_the_fallbacks_pass_is_chunked_as_the_estimate_counts(monkeypatch):
     pass over one chunk is within the budget. Before: chunks of 20 000 // (3 x 3 x 4 bytes) = 555 examples, the whole
     batch of 40 in one pass of 187 000 bytes for a 20 000-byte budget; after, chunks of 4 (18 700 bytes).
     """
-    from genkernel.core import cost
     from genkernel.core.engine.factors import covering_plan
 
     torch.manual_seed(0)
@@ -232,7 +233,7 @@ def test_the_fallbacks_pass_is_chunked_as_the_estimate_counts(monkeypatch):
     plan = covering_plan(model, (x[:4],))
     assert list(plan.fallback) == ["scale"]
     seen, _ = engine_chunks(monkeypatch, model, x, y, budget, route="factored")
-    acts = cost._pass_activations(model, (x[:1],), plan.fallback)
+    measured = cost._pass_measure(model, (x[:1],), plan.fallback)
     chunk = cost._fallback_chunk(model, (x[:1],), plan, 4, budget)
     assert seen == [chunk] * (batch // chunk) + ([batch % chunk] if batch % chunk else []), (seen, chunk)
-    assert example_pass_bytes(seen[0], 3, 3, 4, acts) <= budget, seen
+    assert example_pass_bytes(seen[0], 3, 3, 4, measured.activations, measured.fixed_bytes) <= budget, seen

@@ -258,7 +258,7 @@ def test_the_pass_is_measured_where_the_leaf_outputs_miss_what_it_holds():
     """What a forward computes with plain operations is no leaf's output: the engine's count takes the larger of the
     leaf outputs and the measured pass. A plain-operations attention at T = 256 and an LSTM's gates measure well
     above their leaf outputs (18 and 45 times); a conv net and an MLP measure under them (the leaf outputs count),
-    and the estimate's example pass takes the engine's number (cost._pass_activations)."""
+    and the estimate's example pass takes the engine's number (cost._pass_measure)."""
     from genkernel.core import cost
     from test_graph_rows_review import PlainAttention
 
@@ -272,4 +272,4 @@ def test_the_pass_is_measured_where_the_leaf_outputs_miss_what_it_holds():
         params = {n: p.detach() for n, p in model.named_parameters()}
         taken = example_pass_measure(model, functional_model(model, flatten=False), params, (x[:1],)).activations
         assert (taken > 4 * leaves) if above else (taken == leaves), (type(model).__name__, taken, leaves)
-        assert cost._pass_activations(model, (x,), dict(model.named_parameters())) == taken
+        assert cost._pass_measure(model, (x,), dict(model.named_parameters())).activations == taken

@@ -1,5 +1,5 @@
 """The "example" route's measured pass (engine.gradients.example_pass_measure, shared with the cost estimate's
-cost._pass_activations) is cached per kernel context too: the estimate measures under adapter.analysis_mode, whose
+cost._pass_measure) is cached per kernel context too: the estimate measures under adapter.analysis_mode, whose
 math SDPA backend keeps attention's T x T probabilities, and the engine's pass runs outside it.
 
 Before: the signature left the context out, so for a model in eval mode (the same training flags in both) the first
@@ -42,7 +42,7 @@ def engine_count(model, x):
 
 def estimate_count(model, x):
     with analysis_mode(model):
-        return cost._pass_activations(model, (x,), dict(model.named_parameters()))
+        return cost._pass_measure(model, (x,), dict(model.named_parameters())).activations
 
 
 @pytest.mark.filterwarnings("ignore")

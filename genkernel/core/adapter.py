@@ -23,7 +23,6 @@ import contextlib
 import functools
 import hashlib
 import itertools
-import math
 import numbers
 import os
 import random

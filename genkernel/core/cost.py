@@ -158,8 +158,10 @@ from torch import nn
 from .adapter import functional_model, has_state_outside_training, output_tensor, preserved_state
 from .engine.factored import BlockShape, block_shapes, row_chunks
 from .engine.gradients import (EXAMPLE_PASS_ACTIVATIONS, GRAPH_ROW_ACTIVATIONS, GRAPH_ROW_LARGEST_OUTPUTS,
-                               ROUNDING_SEEDS, example_activation_elements, example_chunk, example_pass_bytes,
-                               gradients_from_losses, graph_row_elements, output_elements)
+                               ROUNDING_SEEDS, ExamplePass, example_chunk, example_pass_bytes, example_pass_measure,
+                               factored_chunk_peaks, factored_chunk_sizes, gradients_from_losses, graph_row_elements,
+                               output_elements)
+from .param_bytes import joined_itemsize, parameter_bytes, trains_float32, value_bytes
 from .push_memory import DEFAULT_PUSH_MEMORY, LiveBytes, PushMemory, architecture_key, measure_push_memory, remembered
 from .engine.factors import covering_plan, dense_pair_is_cheaper, lean_materializes, self_kernel_materializes
 from .engine.projections import PROJECTION_CHUNK_BYTES, weight_projection_route
@@ -765,14 +767,19 @@ def estimate_cost(
                      batch_size=batch_size, sketch_dim=sketch_dim, micro_batches=micro_batches)
     params = [p for p in model.parameters() if p.requires_grad]
     num = sum(p.numel() for p in params)
-    param_bytes = params[0].element_size() if params else 4
-    float32 = bool(params) and params[0].dtype == torch.float32
+    # Each parameter-sized array in its own parameter's dtype (param_bytes.py): ``p_bytes`` the bytes of one
+    # such copy of all parameters, ``param_bytes`` the bytes per value (the parameters' values weighted) for the
+    # counts that are per value (activations, factors, chunks), the single dtype's item size where they share one.
+    p_bytes = parameter_bytes(params)
+    param_bytes = value_bytes(params)
+    # a float32 parameter's rounding sample, taken (for every parameter) where any trained one is float32
+    float32 = trains_float32(params)
     state_bytes = torch.empty((), dtype=state_dtype).element_size()
     m = probes[0].shape[0]
     b = m if batch_size is None else batch_size
     device = params[0].device if device is None and params else torch.device(device or "cpu")
     linear_state = linear_state_rows(optimizer)
-    optimizer_state = optimizer_state_values(optimizer, params)
+    state_bytes_held = optimizer_state_bytes(optimizer, params)  # the optimizer's state, in each parameter's dtype
     largest = max((p.numel() for p in params), default=0)
 
     memory: dict[str, int] = {}
@@ -784,9 +791,9 @@ def estimate_cost(
     acts, macs, trainable_macs, layers = hooked_forward_counts(model, tuple(t[:1] for t in probes), grad=True)
     trained = {name: p for name, p in model.named_parameters() if p.requires_grad}
     if push_memory is None:
-        push_memory = measure_push_memory(model, trained, probes, acts * param_bytes)
+        push_memory = measure_push_memory(model, trained, probes, int(acts * param_bytes))
     micro = -(-b // micro_batches)  # the largest micro-batch: what training's activations hold at once
-    memory["training_step"] = (2 * num + optimizer_state) * param_bytes
+    memory["training_step"] = 2 * p_bytes + state_bytes_held
     memory["training_activations"] = int(TRAINING_ACTIVATIONS * acts * micro * param_bytes)
     # Weights that do not train (a LoRA base, a frozen encoder inside the model) are on the device all the
     # same: in the total, and, like the training step's own arrays, already out of the free memory.
@@ -801,11 +808,11 @@ def estimate_cost(
     tangent = (layers.input_gradients + trainable_macs) / macs if macs else 2.0
     # and per vmapped pass, the products with the zeros torch.func puts where one side has no tangent
     one_sided = layers.one_sided / macs if macs else 0.0
-    memory["parameter_copies"] = num * param_bytes * (2 + quadrature_nodes) + optimizer_state * param_bytes
+    memory["parameter_copies"] = p_bytes * (2 + quadrature_nodes) + state_bytes_held
     if witness_copies:
-        memory["witnesses"] = witness_copies * num * param_bytes
+        memory["witnesses"] = witness_copies * p_bytes
     # Adadelta's accumulated update from before the step, copied by the splitter until the step is recorded.
-    memory["parameter_copies"] += splitter_state_copies(optimizer) * num * param_bytes
+    memory["parameter_copies"] += splitter_state_copies(optimizer) * p_bytes
     # The splitter's rows: the dense route's groups, the rest and a rounding row per partition in
     # the state dtype; the other routes' exact totals (one partition of one group), float64.
     stacked, row_bytes = (rows + 1 + partitions, state_bytes) if group_state == "dense" else (3, 8)
@@ -832,7 +839,7 @@ def estimate_cost(
         else:
             own_pass = gradient_route == "example" and not reads_training
             if gradient_route == "example" and reads_training:
-                memory["training_records"] = acts * b * param_bytes
+                memory["training_records"] = int(acts * b * param_bytes)
             shapes, fallback = block_shapes(model, probes)
             # the fallback's torch.func pass (not on "example": its own pass forms every gradient): to the fallback
             # parameters alone, their own gradients, a check per chunk of the batch (as factor_route_work's)
@@ -847,17 +854,25 @@ def estimate_cost(
                 fallback_plan = covering_plan(model, probes)
                 fallback_largest = max((t.numel() for t in fallback_plan.fallback.values()), default=0)
                 fallback_chunk = _fallback_chunk(model, probes, fallback_plan, param_bytes, memory_budget)
-            # the rows are added one chunk of examples at a time: the route's own chunks (engine.gradients)
-            largest_bytes = max(largest, 1) * param_bytes
-            # (the pass's activations as the engine sizes its chunks by them: the leaf outputs, or what the pass is
+            # the rows are added one chunk of examples at a time: the route's own chunks (engine.gradients; the
+            # pass's activations as the engine sizes its chunks by them: the leaf outputs, or what the pass is
             # measured to hold where larger)
-            pass_acts = _pass_activations(model, probes, trained) if own_pass else acts
-            chunk = (b if gradient_route == "example" and reads_training
-                     else example_chunk(memory_budget, num, largest, param_bytes, pass_acts) if own_pass
-                     else max(1, memory_budget // (4 * largest_bytes)))
+            own = _pass_measure(model, probes, trained) if own_pass else ExamplePass(acts, 0)
+            if gradient_route == "example" and reads_training:
+                chunks = [b]
+            elif own_pass:
+                chunks = equal_chunks(b, example_chunk(memory_budget, num, largest, param_bytes, own.activations,
+                                                       own.fixed_bytes))
+            else:  # the factored gradient route's captures: its first two chunks measured (engine.gradients)
+                one, two = factored_chunk_bytes(model, probes, rows, partitions)
+                chunks = factored_chunk_sizes(b, memory_budget, one, two)
             if own_pass:  # the vmapped pass over one chunk: its activations, gradients, and add_rows' widened block
-                memory["example_pass"] = example_pass_bytes(min(chunk, b), num, largest, param_bytes, pass_acts)
-            elif fallback_chunk is not None:
+                memory["example_pass"] = example_pass_bytes(max(chunks), num, largest, param_bytes, own.activations,
+                                                            own.fixed_bytes)
+            elif gradient_route == "factored":  # the largest chunk's capture: what the first two held, extended
+                one, two = factored_chunk_bytes(model, probes, rows, partitions)
+                memory["example_pass"] = one + (max(chunks) - 1) * max(two - one, 0)
+            if fallback_chunk is not None:
                 # The fallback parameters' own vmapped per-example pass (routes.DenseRoute._from_training_pass, the
                 # factored gradient route's _factored_route: engine.gradients' "example" route over the fallback
                 # alone), beside the rows (and the training records it reads the other blocks from): the whole
@@ -865,16 +880,18 @@ def estimate_cost(
                 # fallback's gradients (engine.gradients.example_chunk). Uncounted before: on a 64x64 conv net with a
                 # raw input scale (3 values, B = 32, 64 MB budget) the pass added 29.5 MiB to the gradients call, 1.3x
                 # the training records and half the step's measured peak (the training pass's over-count hid it).
-                memory["example_pass"] = example_pass_bytes(min(fallback_chunk, b), fallback, fallback_largest,
-                                                            param_bytes,
-                                                            _pass_activations(model, probes, fallback_plan.fallback))
+                # (after the factored route's captures, not beside them: the larger of the two)
+                fallback_pass = _pass_measure(model, probes, fallback_plan.fallback)
+                memory["example_pass"] = max(memory.get("example_pass", 0), example_pass_bytes(
+                    min(fallback_chunk, b), fallback, fallback_largest, param_bytes, fallback_pass.activations,
+                    fallback_pass.fixed_bytes))
             # The unit, one example's forward: every product of it (hooked_forward_counts), those of the fallback
             # parameters (a raw weight in F.linear, einsum, MultiheadAttention's in_proj_weight) too, which the rows'
             # R·B·P and the per-example gradients below count in whole (they are trained: in the weight share too).
             forward = float(macs) if macs else forward_macs(shapes, fallback)
             share = trainable_macs / macs if macs else 1.0
             work["group_gradients"] = dense_gradient_work(
-                shapes, fallback, batch=b, rows=rows, partitions=partitions, example_chunk=chunk,
+                shapes, fallback, batch=b, rows=rows, partitions=partitions, chunks=chunks,
                 route="example" if own_pass else "training" if gradient_route == "example" else "factored",
                 forward=forward, weight_share=share, frozen_skipped=layers.frozen_skipped,
                 input_gradients=layers.input_gradients, fallback_back=fallback_back, batch_checks=batch_checks,
@@ -890,14 +907,14 @@ def estimate_cost(
         memory["group_gradients"] = 2 * num * 8  # the batch's exact total and sizes, float64
         if group_state == "sketched":
             memory["group_state"] += rows * sketch_dim * 8
-            memory["projection"] = projection_bytes(params, sketch_dim, param_bytes, memory_budget)
+            memory["projection"] = projection_bytes(params, sketch_dim, memory_budget)
         # Counted from the layers' shapes, in forwards of their blocks (what they leave out,
         # attention's products and elementwise work, is not in a bare step's count either).
         shapes, fallback = block_shapes(model, probes)
         # The batch's factors, held from step 1 to step 5 whether read from the training pass or from a capture
         # pass of the route's own (its chunks are joined into the whole batch's): not bounded by the budget.
-        memory["held_factors"] = held_factor_bytes(shapes, fallback, batch=b, itemsize=param_bytes,
-                                                   form="lean" if group_state == "factored" else "outer")
+        memory["held_factors"] = int(held_factor_bytes(shapes, fallback, batch=b, itemsize=param_bytes,
+                                                   form="lean" if group_state == "factored" else "outer"))
         # with fallback parameters: what the captures' and torch.func's backward passes skip, the fallback's own
         # gradients, and the examples torch.func checks alone (:func:`_fallback_passes`)
         capture_skipped, fallback_skipped, fallback_gradients, probe_checks, batch_checks = _fallback_passes(
@@ -925,7 +942,7 @@ def estimate_cost(
         tangent, one_sided = parts["tangent"], layers.one_sided / forward
         work["group_gradients"] = parts["batch_factors"]
         if reads_training:
-            memory["training_records"] = acts * b * param_bytes
+            memory["training_records"] = int(acts * b * param_bytes)
         else:  # a capture pass of its own
             work["group_gradients"] += parts["capture"]
         work["probe_factors"] = quadrature_nodes * parts["probe_factors"]
@@ -951,7 +968,7 @@ def estimate_cost(
     memory["step_contributions"] = 2 * m * moved * outputs * 8
     if group_state == "sketched":
         memory["step_contributions"] += sketch_temporary_bytes(
-            model, m, outputs, sketch_dim, param_bytes, preconditioned=type(optimizer) is not torch.optim.SGD)
+            model, m, outputs, sketch_dim, preconditioned=type(optimizer) is not torch.optim.SGD)
 
     def push_cost(rows_pushed: int, route: str) -> tuple[int, float]:
         """``(bytes, work)`` of pushing ``rows_pushed`` rows to the probes at every node on ``route``."""
@@ -963,7 +980,8 @@ def estimate_cost(
             # result on it: fallback_checks; one probe is not checked), and the
             # Jacobians times the rows, M·d·rows·P multiply-adds (in forwards of F multiply-adds, the frozen
             # layers' with the blocks': on an MLP P ≈ F, and this product dominates).
-            return ((2 * m * outputs + rows_pushed) * num * param_bytes,
+            # (the blocks in each parameter's dtype, their concatenation and the rows' in the dtypes joined)
+            return (m * outputs * p_bytes + (m * outputs + rows_pushed) * num * joined_itemsize(params),
                     quadrature_nodes * ((m + fallback_checks([m])) * (1.0 + outputs * tangent)
                                         + m * outputs * rows_pushed * num / unit))
         # One primal pass per vmapped pass and a tangent pass per row (J u through every product: Ẇx + Wẋ
@@ -972,20 +990,21 @@ def estimate_cost(
         # 1 + 2.05 R forwards on a UNet at R = 21 in one pass; per pass besides, the products with the zero
         # tangents torch.func materializes where one side has none (``one_sided``: a LoRA base after an
         # adapter, the first layer). Passes over chunks of the probes add up to one primal of them all.
-        per_pass, probes_per_pass = push_pass_shape(memory_budget, m, acts * param_bytes, push_memory)
-        return (push_pass_bytes(num, param_bytes, min(rows_pushed, per_pass), probes_per_pass * acts * param_bytes,
+        per_pass, probes_per_pass = push_pass_shape(memory_budget, m, int(acts * param_bytes), push_memory)
+        # (the tangents' parameter copy: p_bytes, given as that many values of one byte)
+        return (push_pass_bytes(p_bytes, 1, min(rows_pushed, per_pass), int(probes_per_pass * acts * param_bytes),
                                 push_memory),
                 quadrature_nodes * m * (math.ceil(rows_pushed / per_pass) * (1.0 + one_sided) + tangent * rows_pushed))
 
     if contribution_route == "auto":  # as routes.push_rows decides at every step
-        contribution_route = push_route(pushed, m, outputs, num * param_bytes, memory_budget)
+        contribution_route = push_route(pushed, m, outputs, p_bytes, memory_budget)
     if pushed == 0:
         memory["probe_pushes"] = 0
         work["contributions"] = 0.0
     else:
         memory["probe_pushes"], work["contributions"] = push_cost(pushed, contribution_route)
         # the rows converted to the parameters' dtype first where theirs differs
-        memory["push_tangents"] = tangent_bytes(pushed, num, row_bytes, param_bytes)
+        memory["push_tangents"] = tangent_bytes(pushed, params, row_bytes)
     # The elementwise checks' buffers, kept from step to step (tracking.checks): the update check's over a
     # partition's rows and the ones it shares (at most all of them), and an EMA sync's over its change rows.
     from .tracking.checks import check_scratch_bytes  # (here: tracking imports this module)
@@ -997,13 +1016,14 @@ def estimate_cost(
         # EMALedgers.sync pushes its R + 2 rows by push_rows' own "auto" choice (whatever the step's route):
         # the probes' Jacobians when 8 d <= R + 2 and they fit the budget, else JVPs in passes.
         ema_rows = rows + 2
-        ema_push, ema_work = push_cost(ema_rows, push_route(ema_rows, m, outputs, num * param_bytes, memory_budget))
+        ema_push, ema_work = push_cost(ema_rows, push_route(ema_rows, m, outputs, p_bytes, memory_budget))
         # EMALedgers.sync, between steps: the change rows (R + 2 + partitions), the R + 2 rows it pushes
         # (a float64 copy, and one in the parameters' dtype where that differs), its push, and the EMA's
         # and the model's weights read in float64; beyond the step's temporaries, freed by then.
-        narrow = param_bytes != 8
+        # (the parameters narrower than float64 alone: their rows' copies and their weights read in float64)
+        narrow = [p for p in params if p.element_size() != 8]
         sync = ((stacked + 1) + (rows + 2)) * num * 8 + ema_push
-        sync += ((rows + 2) * num * param_bytes + 2 * num * 8) if narrow else 0
+        sync += (rows + 2) * parameter_bytes(narrow) + 2 * sum(p.numel() for p in narrow) * 8
         transient = sum(memory.get(k, 0) for k in EMA_SYNC_REPLACES)
         memory["ema_sync"] = max(0, sync - transient)
     # After the step; before it too when buffers or frozen parameters may have moved the outputs.
@@ -1044,7 +1064,9 @@ def estimate_cost(
     })
     switchable = tuple(g for g in group_states if g == "dense" or (g == "factored" and plain_sgd(optimizer))
                        or (g == "sketched" and sketchable(optimizer)))
-    estimate.cheaper = _cheaper_options(estimate, group_state, state_dtype, param_bytes, options, switchable)
+    estimate.cheaper = _cheaper_options(estimate, group_state, state_dtype,
+                                        bool(params) and all(p.dtype == torch.float32 for p in params),
+                                        options, switchable)
     return estimate
 
 
@@ -1074,36 +1096,36 @@ def ledger_bytes(probes: int, outputs: int, rows: int, partitions: int) -> int:
     return 8 * probes * (rows * (outputs + 1) + 6 * partitions * outputs)
 
 
-def sketch_temporary_bytes(model: nn.Module, probes: int, outputs: int, k: int, param_bytes: int, *,
-                           preconditioned: bool) -> int:
+def sketch_temporary_bytes(model: nn.Module, probes: int, outputs: int, k: int, *, preconditioned: bool) -> int:
     """Bytes the sketched route holds while it projects the probes' side (routes.sketched): the
     ``[M, d, k]`` float64 sum and one chunk's ``[d, M, k]``; with a per-parameter preconditioner
     (Adam) also, one block and cotangent at a time, the probes' per-example gradients of the
     largest weight and their scaled copy ``2 × M × P_w``, and the projection's ``[M, O, k]``
-    product (at most its 64 MiB chunks). Counted for all M probes at once, an upper bound where
-    the probes are chunked."""
+    product (at most its 64 MiB chunks), each weight's in its own dtype. Counted for all M probes at once, an upper
+    bound where the probes are chunked."""
     total = 2 * probes * outputs * k * 8
     if preconditioned:
         matrices = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
         if matrices:
-            total += 2 * probes * max(p.numel() for p in matrices) * param_bytes
-            total += min(PROJECTION_CHUNK_BYTES, probes * max(p.shape[0] for p in matrices) * k * param_bytes)
+            total += 2 * probes * max(p.numel() * p.element_size() for p in matrices)
+            total += min(PROJECTION_CHUNK_BYTES, probes * max(p.shape[0] * p.element_size() for p in matrices) * k)
     return total
 
 
-def projection_bytes(params: list[torch.Tensor], k: int, param_bytes: int, cache_bytes: int) -> int:
+def projection_bytes(params: list[torch.Tensor], k: int, cache_bytes: int) -> int:
     """What the sketched route's projection R keeps for the tracker's lifetime
-    (:class:`~genkernel.core.engine.projections.ParameterProjection`, in the parameters' dtype):
+    (:class:`~genkernel.core.engine.projections.ParameterProjection`, each parameter's in its dtype):
     every matrix parameter's factors ``r [k, O]`` and ``s [k, I]``, (O + I) × k values, and the
     other parameters' i.i.d. columns, numel × k values each, while they fit in ``cache_bytes``
     (the tracker's memory budget; in the parameters' order, as they are first drawn). Measured:
     102 MB at k = 4096 on a 32-512-512-4 float64 MLP, which the estimate left out before."""
     factors = vectors = 0
     for p in params:
+        itemsize = p.element_size()
         if p.dim() >= 2:
-            factors += (p.shape[0] + math.prod(p.shape[1:])) * k * param_bytes
+            factors += (p.shape[0] + math.prod(p.shape[1:])) * k * itemsize
         else:
-            size = p.numel() * k * param_bytes
+            size = p.numel() * k * itemsize
             if vectors + size <= cache_bytes:
                 vectors += size
     return factors + vectors
@@ -1206,10 +1228,19 @@ def optimizer_state_values(optimizer: torch.optim.Optimizer, params: list[torch.
     return total
 
 
-def tangent_bytes(rows: int, num_params: int, row_bytes: int, param_bytes: int) -> int:
+def optimizer_state_bytes(optimizer: torch.optim.Optimizer, params: list[torch.Tensor]) -> int:
+    """Bytes of the per-parameter state :func:`optimizer_state_values` counts, each parameter's in its own dtype
+    (torch's optimizers keep their moments, buffers and sums like the parameter)."""
+    if not isinstance(optimizer, torch.optim.Adafactor):
+        return optimizer_state_copies(optimizer) * parameter_bytes(params)
+    return sum(optimizer_state_values(optimizer, [p]) * p.element_size() for p in params)
+
+
+def tangent_bytes(rows: int, params: list[torch.Tensor], row_bytes: int) -> int:
     """The pushed rows converted to the parameters' dtype (:func:`~genkernel.core.tracking.routes.push_rows`):
-    ``rows`` × P copies where the splitter's rows (``row_bytes`` per value) are in another dtype."""
-    return rows * num_params * param_bytes if row_bytes != param_bytes else 0
+    ``rows`` copies of each parameter whose item size is not the splitter's rows' (``row_bytes`` per value), in its
+    own dtype (``params``: the trained parameters)."""
+    return rows * parameter_bytes(p for p in params if p.element_size() != row_bytes)
 
 
 def check_bytes(num_params: int, partitions: int, row_bytes: int, linear_state: bool) -> int:
@@ -1444,24 +1475,49 @@ def _fallback_chunk(model: nn.Module, probes: tuple[torch.Tensor, ...], plan, pa
                     memory_budget: int) -> int:
     """Examples per chunk of torch.func's per-example gradients of ``plan``'s fallback parameters alone
     (``engine.gradients._example_chunks``: :func:`~genkernel.core.engine.gradients.example_chunk` over them, the
-    pass's activations an example as the engine takes them, :func:`_pass_activations`)."""
+    pass's activations an example and what it holds once as the engine takes them, :func:`_pass_measure`)."""
     sizes = [p.numel() for p in plan.fallback.values()]
-    return example_chunk(memory_budget, sum(sizes), max(sizes, default=0), param_bytes,
-                         _pass_activations(model, probes, plan.fallback))
+    measured = _pass_measure(model, probes, plan.fallback)
+    return example_chunk(memory_budget, sum(sizes), max(sizes, default=0), param_bytes, measured.activations,
+                         measured.fixed_bytes)
 
 
-def _pass_activations(model: nn.Module, probes: tuple[torch.Tensor, ...], params: dict[str, torch.Tensor]) -> int:
-    """The activation elements the "example" route's pass over ``params`` sizes its chunks by, on the first probe:
-    the engine's own :func:`~genkernel.core.engine.gradients.example_activation_elements` (the leaf outputs, or
-    what the pass is measured to hold where larger; one measure per model, input shapes and parameters, shared
-    with the engine's)."""
-    return example_activation_elements(model, functional_model(model, None, flatten=False),
-                                       {name: p.detach() for name, p in params.items()}, tuple(t[:1] for t in probes))
+def _pass_measure(model: nn.Module, probes: tuple[torch.Tensor, ...], params: dict[str, torch.Tensor]) -> ExamplePass:
+    """What the "example" route's pass over ``params`` sizes its chunks by, on the first probe: the engine's own
+    :func:`~genkernel.core.engine.gradients.example_pass_measure` (the activations an example, the leaf outputs or
+    what the pass is measured to hold where larger, and what it holds once whatever the chunk; one measure per
+    model, input shapes and parameters, shared with the engine's). The training loss is not known here: a sum of
+    squares of the output stands in for it, where the engine measures with its own (a loss heavier than that is
+    counted in the engine's chunks, within the budget, and under-counted here by at most the budget)."""
+    return example_pass_measure(model, functional_model(model, None, flatten=False),
+                                {name: p.detach() for name, p in params.items()}, tuple(t[:1] for t in probes))
+
+
+def factored_chunk_bytes(model: nn.Module, probes: tuple[torch.Tensor, ...], rows: int, partitions: int
+                         ) -> tuple[int, int]:
+    """``(one, two)``: what the factored gradient route's first two chunks (of one and two examples) hold at their
+    peaks, on copies of the first probe with ``rows`` group rows in ``partitions`` partitions
+    (:func:`~genkernel.core.engine.gradients.factored_chunk_peaks`, a sum of squares of the output standing in for
+    the loss): what its chunks are sized by (:func:`~genkernel.core.engine.gradients.factored_chunk_sizes`). One
+    measure per architecture, probe shape and rows (push_memory's key)."""
+    params = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    if not params:
+        return 0, 0
+    per_partition = max(1, min(3, rows // max(partitions, 1)))  # (the rows the measure lays its examples in)
+    return remembered("factored chunks", (architecture_key(model, params, probes, 0), per_partition, partitions),
+                      lambda: factored_chunk_peaks(model, params, tuple(t[:1] for t in probes), rows, partitions))
+
+
+def equal_chunks(batch: int, chunk: int) -> list[int]:
+    """``batch`` examples in chunks of ``chunk`` (at least one), the last one short: the "example" route's."""
+    chunk = max(1, min(chunk, batch))
+    full, remainder = divmod(batch, chunk)
+    return [chunk] * full + ([remainder] if remainder else [])
 
 
 def chunked_checks(batch: int, chunk: int) -> int:
     """:func:`fallback_checks` of ``batch`` examples in chunks of ``chunk`` (the last one short)."""
-    return fallback_checks([min(chunk, batch - start) for start in range(0, batch, chunk)])
+    return fallback_checks(equal_chunks(batch, chunk))
 
 
 def fallback_checks(chunk_sizes: list[int]) -> int:
@@ -1474,24 +1530,30 @@ def fallback_checks(chunk_sizes: list[int]) -> int:
     return sum(1 for size in chunk_sizes if size >= 2)
 
 
-def row_sum_products(rows: int, partitions: int, batch: int, example_chunk: int) -> float:
-    """Multiply-adds per parameter value of summing ``batch`` per-example gradients into ``rows``
-    group rows, ``example_chunk`` examples at a time, as
-    :func:`~genkernel.core.engine.gradients.add_rows` does: every row (an in-place product over
-    all of them, whatever the membership's zeros) where a chunk reaches at least a sixth of them,
-    else the rows it reaches; a chunk of b examples reaches at most ``partitions`` × b rows."""
-    chunk = max(1, min(example_chunk, batch))
+def row_sum_products(rows: int, partitions: int, chunks: list[int]) -> float:
+    """Multiply-adds per parameter value of summing per-example gradients into ``rows`` group rows in
+    ``chunks`` of examples (their sizes, in order), as :func:`~genkernel.core.engine.gradients.add_rows` does:
+    every row (an in-place product over all of them, whatever the membership's zeros) where a chunk reaches at
+    least a sixth of them, else the rows it reaches; a chunk of b examples reaches at most ``partitions`` × b
+    rows."""
 
     def products(b: int) -> float:
         reached = min(rows, partitions * b)
         return float((rows if 6 * reached >= rows else reached) * b)
 
-    full, remainder = divmod(batch, chunk)
-    return full * products(chunk) + (products(remainder) if remainder else 0.0)
+    return sum(products(b) for b in chunks if b)
+
+
+def outer_row_products(rows: int, partitions: int, chunks: list[int]) -> float:
+    """:func:`row_sum_products` for a weight whose rows are summed from its factors, a Linear layer's on one
+    position (``engine.gradients._add_outer_rows``: Σ_n W[r, n] g_n a_nᵀ over the rows a chunk reaches alone, all
+    of them in place only where it reaches every one): a chunk of b examples, ``partitions`` × b rows at most, b
+    multiply-adds a value for each row reached."""
+    return float(sum(min(rows, partitions * b) * b for b in chunks if b))
 
 
 def dense_gradient_work(shapes: list[BlockShape], fallback: int, *, batch: int, rows: int, partitions: int,
-                        route: str, example_chunk: int, forward: float, weight_share: float,
+                        route: str, chunks: list[int], forward: float, weight_share: float,
                         frozen_skipped: int = 0, input_gradients: float | None = None,
                         fallback_back: float | None = None, batch_checks: int = 0, capture_skipped: float = 0.0,
                         fallback_chunk: int | None = None) -> float:
@@ -1505,7 +1567,7 @@ def dense_gradient_work(shapes: list[BlockShape], fallback: int, *, batch: int, 
     - "training": the training pass's layer factors (``TrainingCapture``, compact form): no pass;
     - "factored": a capture pass of its own, a forward and its input gradients, B (1 + β);
     - "example": vmapped per-example gradients of a second forward and backward, B (1 + β + share), and the first
-      example of each chunk of two or more (``example_chunk``) once more (``engine.reference.per_example`` checks
+      example of each chunk of two or more (``chunks``: the route's chunks of examples, their sizes) once more (``engine.reference.per_example`` checks
       the batched result on it alone: :func:`fallback_checks`; 4 chunks of 2 left out were 5-6 % of a grouped
       convolution net's tracked step at a 60 kB budget, and the one chunk of a micro-batched step, which reads no
       training pass, 1-2 %);
@@ -1547,12 +1609,15 @@ def dense_gradient_work(shapes: list[BlockShape], fallback: int, *, batch: int, 
     unit = max(forward, 1.0)
     back = input_gradient_share(shapes, fallback, unit, frozen_skipped, input_gradients)
     parameters = sum(s.parameters for s in shapes) + fallback
-    products = row_sum_products(rows, partitions, batch, example_chunk) * parameters
+    products = row_sum_products(rows, partitions, chunks) * parameters
+    if route != "example":  # (a Linear weight on one position: summed from its factors over the rows reached)
+        outer = sum(s.parameters - (s.outputs if s.bias else 0) for s in shapes if s.kind == "linear" and s.positions == 1)
+        products += (outer_row_products(rows, partitions, chunks) - row_sum_products(rows, partitions, chunks)) * outer
     if route == "example":  # (and the first example of each chunk of two or more once more: per_example's check)
-        return (batch + chunked_checks(batch, max(1, example_chunk))) * (1.0 + back + weight_share) + products / unit
+        return (batch + fallback_checks(chunks)) * (1.0 + back + weight_share) + products / unit
     if fallback and fallback_back is not None and fallback_chunk is not None:  # (the fallback's rows: its own chunks)
-        products += (row_sum_products(rows, partitions, batch, fallback_chunk)
-                     - row_sum_products(rows, partitions, batch, example_chunk)) * fallback
+        products += (row_sum_products(rows, partitions, equal_chunks(batch, fallback_chunk))
+                     - row_sum_products(rows, partitions, chunks)) * fallback
     formed = sum(s.macs() for s in shapes if s.kind in ("linear", "conv") and s.positions > 1)
     passes = batch * (1.0 + max(back - capture_skipped / unit, 0.0)) if route == "factored" else 0.0
     if fallback and fallback_back is not None:
@@ -1658,7 +1723,7 @@ def _same_device(a: torch.device, b: torch.device) -> bool:
         b.index if b.index is not None else torch.cuda.current_device())
 
 
-def _cheaper_options(estimate: CostEstimate, group_state: str, state_dtype: torch.dtype, param_bytes: int,
+def _cheaper_options(estimate: CostEstimate, group_state: str, state_dtype: torch.dtype, all_float32: bool,
                      allowed: tuple[str, ...], switchable: tuple[str, ...]) -> list[str]:
     """What would make the step fit or run faster, each memory option with what it would save
     (from the parts it changes: the group arrays scale with the rows, the probes' pushes with the
@@ -1685,7 +1750,7 @@ def _cheaper_options(estimate: CostEstimate, group_state: str, state_dtype: torc
         if "group_state" in allowed and not settings.get("ema") and "sketched" in switchable:
             options.append("group_state='sketched' (k-dimensional sketches of each group's state instead of P-sized "
                            f"copies: most of the group arrays' {gib(group_parts)})")
-        if "state_dtype" in allowed and state_dtype == torch.float64 and param_bytes == 4:
+        if "state_dtype" in allowed and state_dtype == torch.float64 and all_float32:
             options.append(f"state_dtype=torch.float32 (halves the group arrays of a float32 model: saves "
                            f"{gib(state_dtype_parts / 2)}; on GPU float32 is also much faster)")
     pushes = memory.get("probe_pushes", 0)
@@ -1846,6 +1911,6 @@ __all__ = [
     "GROUP_STATE_CHOICES", "GRAPH_ROW_ACTIVATIONS", "GRAPH_ROW_LARGEST_OUTPUTS", "check_bytes", "cost_options", "graph_row_bytes", "estimate_cost", "factor_route_work", "forward_macs", "held_bytes", "ledger_bytes", "linear_state_rows",
     "frozen_bytes", "GradientLayerCounts", "gradient_layer_counts", "hooked_forward_counts", "optimizer_state_copies", "optimizer_state_values", "plain_hyperparameter", "plain_sgd", "projection_bytes", "push_pass_bytes", "push_pass_shape", "push_route", "reads_training_pass",
     "sketch_temporary_bytes", "sketch_work", "dense_gradient_work", "chunked_checks", "fallback_checks", "input_gradient_share", "row_sum_products", "sketchable", "splitter_state_copies",
-    "tangent_bytes", "bare_step_forwards", "example_counts", "with_kernel_records",
+    "tangent_bytes", "optimizer_state_bytes", "equal_chunks", "factored_chunk_bytes", "bare_step_forwards", "example_counts", "with_kernel_records",
     "with_analysis_passes",
 ]

@@ -22,6 +22,7 @@ from ..core.adapter import (  # eval_mode: re-exported, it was defined here
     analysis_mode, as_tuple, checked_forward, eval_mode, output_tensor, seeded_generator, trainable_parameters, unwrap,
 )
 from ..core.engine.kernels import gradient_kernel, kernel_plan, normalize_kernel
+from ..core.param_bytes import parameter_bytes, value_bytes
 from .objectives import check_timesteps, noisy_input
 
 __all__ = ["state_kernel", "state_kernel_work", "make_states", "eval_mode"]
@@ -210,7 +211,7 @@ def state_kernel_work(model: nn.Module, states: tuple[torch.Tensor, ...], *, out
             rows = _functional_rows(params, d, memory_budget)
             passes = example_passes(m, m, rows, True, False, "functional")
             kernel = passes * (1 + 2 * d) * forward + m * m * d * total + m * d * total
-            held = 2 * min(rows, m) * 2 * d * total * first.element_size()  # two chunks, vmap's doubling
+            held = 2 * min(rows, m) * 2 * d * parameter_bytes(params)  # two chunks, vmap's doubling (each parameter's dtype)
         else:
             sizes = _probe_sizes(target, plan, states)
             chunking = _chunking(target, plan, states, d, (m, m), True, sizes, memory_budget)
@@ -231,10 +232,11 @@ def state_kernel_work(model: nn.Module, states: tuple[torch.Tensor, ...], *, out
                       + (passes * (1 + 2 * d) * forward + m * m * d * fallback if fallback else 0))
             # the held side's factors and the streamed chunk's captures, or two chunks' captures recomputed per pair
             # (each of the engine's chunks of cotangents, c of the d outputs)
-            per_example = first.element_size() * (sizes.compact_factors(plan, c) + c * fallback)
+            # (as engine.kernels._chunking: the factors at the bytes per value, the fallback in its own dtypes)
+            per_example = value_bytes(plan.params) * sizes.compact_factors(plan, c) + c * parameter_bytes(plan.fallback)
             captured = min(chunking.rows, m) * per_example
             held = m * per_example + captured if chunking.held else 2 * captured
-            held += min(chunking.rows, m) * activations * first.element_size()  # the capture pass's activations
+            held += int(min(chunking.rows, m) * activations * value_bytes(params))  # the capture pass's activations
     # repeatable_output: two forward and backward passes of one example per engine call; sketched, once more for the
     # Gaussian direction's plan, and one no-grad forward for the outputs
     checks = 2 * forward * bare_step_forwards(forward, trainable, 1, layers.input_gradients)

@@ -117,6 +117,7 @@ from ..core.adapter import (
     like_parameter, loop_precision, output_tensor, positive_int, seed_bits, seeded_generator, trainable_parameters, unwrap, unwrap_optimizer,
 )
 from ..core.cost import GiB, CostEstimate, hooked_forward_counts, ledger_bytes, with_analysis_passes
+from ..core.param_bytes import parameter_bytes, value_bytes
 from ..core.errors import NonFiniteError
 from ..core.tracking.callbacks import TrainerCallback, perform_step
 from ..core.tracking.distributed import summed_over_ranks
@@ -1455,10 +1456,11 @@ class GANKernelAnalyzer(TrainerCallback):
         # step's gradients and temporaries too; a push of D also holds x's copy that requires grad and w (two
         # samples a row). The pulled vector: one micro-batch's, or with several the sum, the next one's and their
         # new sum.
-        gb = 4 if g_param is None else g_param.element_size()
-        db = gb if d_param is None else d_param.element_size()
-        g_graph, d_graph = int(1.25 * g_acts) * gb, (int(1.25 * d_acts) + 2 * x[0].numel()) * db
-        vector = sum(p.numel() for p in trainable_parameters(self._g).values()) * gb
+        # (bytes per value over every parameter's own dtype, and the pulled vector in each of G's: param_bytes)
+        gb = 4 if g_param is None else value_bytes([p for p in self._g.parameters() if p.is_floating_point()])
+        db = gb if d_param is None else value_bytes([p for p in self._d.parameters() if p.is_floating_point()])
+        g_graph, d_graph = int(int(1.25 * g_acts) * gb), int((int(1.25 * d_acts) + 2 * x[0].numel()) * db)
+        vector = parameter_bytes(trainable_parameters(self._g))
         pulled = (1 if micro_batches == 1 else 3) * vector
         micro = first
         peaks = {

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from ..adapter import Batch, as_tuple, batch_size, check_memory_budget, flat_output
+from ..param_bytes import joined_dtype, parameter_bytes, value_bytes
 from .factors import (
     DEFAULT_MEMORY_BUDGET, Plan, Unfactorable, _covering_key, _dense_is_cheaper, analysis, capture, covering_plan,
     output_cotangents, pair_covering_plan, same_kind,
@@ -235,23 +236,24 @@ def chunk_sizes(
     in one, 0.79 s in two). Otherwise the outer form's factors, and the graph as about 4 copies
     of every module output plus c output gradients."""
     memory_budget = check_memory_budget(memory_budget)
-    itemsize = next(iter(plan.params.values())).element_size()
+    # the factors and graph at the parameters' bytes per value, the fallback's Jacobians each in its own dtype
+    itemsize = value_bytes(plan.params)
+    fallback_bytes = parameter_bytes(plan.fallback)
     sizes = _probe_sizes(model, plan, inputs)
-    fb = sum(p.numel() for p in plan.fallback.values())
 
     def per_example(c: int) -> int:
         if compact:
             graph = sizes.compact_factors(plan, c) + sizes.xhat + (2 + c) * sizes.leaf_act
         else:  # factors + the graph (about 4 copies of every activation) + c output gradients
             graph = sizes.a + c * sizes.g + 4 * sizes.act + c * sizes.act
-        return itemsize * (graph + 2 * d * fb)  # + fallback Jacobians
+        return itemsize * graph + 2 * d * fallback_bytes  # + fallback Jacobians
 
     c = d
     while c > 1 and memory_budget // (held * per_example(c)) < min(rows_total, 8):
         c = (c + 1) // 2
-    rows = max(1, memory_budget // (held * per_example(c)))
+    rows = max(1, int(memory_budget // (held * per_example(c))))
     if compact:  # captures past an eighth of the budget are no faster per example, only larger
-        rows = min(rows, max(1, memory_budget // (CAPTURE_SHARE * per_example(c))))
+        rows = min(rows, max(1, int(memory_budget // (CAPTURE_SHARE * per_example(c)))))
     return min(rows, rows_total), c
 
 
@@ -389,9 +391,10 @@ def _held_kernel(model, plan, xs1, xs2, m_total, n_total, reduce, memory_budget,
     # 2. Stream x1 past it (symmetric: the held side's own chunks).
     shape = (m_total, n_total) if reduce == "trace" else (m_total, n_total, d, d)
     first = next(iter(plan.params.values()))  # held may be empty: every block moved to torch.func
-    kernel = torch.zeros(shape, dtype=first.dtype, device=first.device)
+    dtype = joined_dtype(plan.params)  # (the parameters' dtypes joined: not the first parameter's alone)
+    kernel = torch.zeros(shape, dtype=dtype, device=first.device)
     diag_shape = () if reduce == "trace" else (d,)
-    diag1 = torch.zeros((m_total, *diag_shape), dtype=first.dtype, device=first.device) if diagonals else None
+    diag1 = torch.zeros((m_total, *diag_shape), dtype=dtype, device=first.device) if diagonals else None
     for r in chunks(m_total, rows):
         if xs2 is None:
             whole = r.start == 0 and r.stop == m_total
@@ -413,7 +416,7 @@ def _held_kernel(model, plan, xs1, xs2, m_total, n_total, reduce, memory_budget,
     if xs2 is None or not diagonals:
         return kernel, diag1, diag1
     # From zeros: with every held block unused and no fallback, sum() of nothing was the int 0
-    diag2 = torch.zeros((n_total, *diag_shape), dtype=first.dtype, device=first.device)
+    diag2 = torch.zeros((n_total, *diag_shape), dtype=dtype, device=first.device)
     for f in held:
         if not f.is_unused:
             diag2 += f.self_kernel(reduce)
@@ -445,10 +448,11 @@ def _factored_kernel(
     c = d if reduce == "none" else c_fit
     out_chunks = [list(range(s.start, s.stop)) for s in chunks(d, c)]
     shape = (m_total, n_total) if reduce == "trace" else (m_total, n_total, d, d)
-    kernel = torch.zeros(shape, dtype=first.dtype, device=first.device)
+    dtype = joined_dtype(plan.params)  # (the parameters' dtypes joined: not the first parameter's alone)
+    kernel = torch.zeros(shape, dtype=dtype, device=first.device)
     diag_shape = () if reduce == "trace" else (d,)
-    diag1 = torch.zeros((m_total, *diag_shape), dtype=first.dtype, device=first.device)
-    diag2 = diag1 if x2 is None else torch.zeros((n_total, *diag_shape), dtype=first.dtype, device=first.device)
+    diag1 = torch.zeros((m_total, *diag_shape), dtype=dtype, device=first.device)
+    diag2 = diag1 if x2 is None else torch.zeros((n_total, *diag_shape), dtype=dtype, device=first.device)
     jac_fb = fallback_jacobian(model, plan)
     symmetric = x2 is None
     joint = symmetric or same_kind(xs1, xs2)  # both sides' rows can share one capture

@@ -57,6 +57,7 @@ from ..adapter import (
     preserved_state,
     randomizing_modules,
 )
+from ..param_bytes import parameter_bytes, value_bytes
 from ..push_memory import LiveBytes
 from .factors import Factors, capture, covering_plan, loss_cotangents
 from .reference import per_example
@@ -65,7 +66,7 @@ DEFAULT_GRADIENT_BUDGET = 256 * 2**20
 GRADIENT_ROUTES = ("auto", "example", "group", "factored")
 WIDEN_BLOCK_BYTES = 8 * 2**20  # float64 columns add_rows widens at once
 # What the "example" route's vmapped per-example pass (:func:`_example_chunks`, a chunk of c examples at once) holds
-# per activation element of its chunk (every leaf module's output of one example, :func:`example_activation_elements`,
+# per activation element of its chunk (every leaf module's output of one example, :func:`example_pass_measure`,
 # times c), beside its per-example gradients (twice: c x P) and add_rows' float64 widening block
 # (:func:`example_pass_bytes`): measured 1.50 on a conv net (3 -> 16 -> 16 -> 32 channels at 64x64, stride 2 twice,
 # a Linear head, P = 40k, float32, Adam; the "gradients" call's peak RSS growth at c = 8, 16 and 32 in a warmed
@@ -272,11 +273,6 @@ def example_pass_measure(model: nn.Module, forward: Callable, params: dict[str, 
     return found
 
 
-def example_activation_elements(model: nn.Module, forward: Callable, params: dict[str, torch.Tensor],
-                                example: tuple[torch.Tensor, ...]) -> int:
-    return example_pass_measure(model, forward, params, example).activations
-
-
 def _kernel_context(example: tuple[torch.Tensor, ...]) -> tuple:
     """What else the measured pass holds depends on: the SDPA backends allowed (``adapter.analysis_mode`` allows the
     math one alone, which keeps attention's T x T probabilities where the fused CPU or CUDA kernels do not: a
@@ -327,8 +323,10 @@ def _measured_pass(model: nn.Module, forward: Callable, params: dict[str, torch.
     Zero where the pass raises (the leaf outputs alone then; the route's own pass reports its errors)."""
     if not params:
         return ExamplePass(0, 0)
-    per_values = sum(p.numel() for p in params.values())
-    itemsize = next(iter(params.values())).element_size()
+    # (each per-example gradient in its parameter's dtype; the activations at the parameters' bytes per value, as the
+    # cost estimate counts them: param_bytes)
+    gradient_bytes = parameter_bytes(params)
+    itemsize = value_bytes(params)
     detached = {name: p.detach() for name, p in params.items()}
     tensor_targets = isinstance(target, torch.Tensor)
     target_tuple = None if target is None else ((target,) if tensor_targets else tuple(target))
@@ -355,7 +353,7 @@ def _measured_pass(model: nn.Module, forward: Callable, params: dict[str, torch.
     except Exception:
         return ExamplePass(0, 0)
     slope = peaks[1] - peaks[0]
-    beyond = slope / itemsize - 2 * per_values
+    beyond = (slope - 2 * gradient_bytes) / itemsize
     return ExamplePass(max(0, int(beyond / EXAMPLE_PASS_ACTIVATIONS)), max(0, int(peaks[0] - slope)))
 
 
@@ -619,7 +617,7 @@ def _example_chunks(model, params, inputs, targets, loss_fn, memory_budget, fixe
 
     num_params = sum(p.numel() for p in params.values())
     largest = max(p.numel() for p in params.values())
-    itemsize = next(iter(params.values())).element_size()
+    itemsize = value_bytes(params)  # (bytes per value over every parameter's own dtype: param_bytes)
     # the chunk sized by what the pass holds, measured with this loss on the first example
     measured = example_pass_measure(model, forward, detached, tuple(t[:1] for t in inputs), loss_fn,
                                     _target_rows(targets, slice(0, 1)))
@@ -761,14 +759,13 @@ def _group_route(model, params, inputs, targets, loss_fn, membership, memory_bud
     statistics to the copies, not the model's (torch.func refused the write, RuntimeError)."""
     batch = inputs[0].shape[0]
     leaves = {name: p.detach().requires_grad_(True) for name, p in params.items()}
-    first = next(iter(leaves.values()))
     rows_total = membership.shape[0]
     num_params = sum(p.numel() for p in leaves.values())
     # 1. One forward of the batch at θ: the per-example losses ℓ_n, with their graph (its activations counted).
     with torch.enable_grad(), preserved_buffers(model), evaluated_at(model, leaves):
         with _LeafOutputs(model) as counted:
             out = output_tensor(model(*inputs))
-        chunk = group_row_chunk(memory_budget, num_params, first.element_size(), counted.elements, counted.largest)
+        chunk = group_row_chunk(memory_budget, num_params, value_bytes(leaves), counted.elements, counted.largest)
         losses = loss_fn(out, targets)
         if losses.numel() != batch:
             raise ValueError(f"loss_fn must return one loss per example (shape [{batch}]; e.g. reduction='none'), "
@@ -803,20 +800,64 @@ def _factored_route(model, params, inputs, targets, loss_fn, membership, memory_
         1. One forward of a chunk with hooks; per-example losses ℓ_n = loss_fn(f(x_n), y_n).
         2. One backward of Σ_n ℓ_n gives each example's output gradients (examples are
            independent); per layer, per-example gradients Σ_t g_t a_tᵀ are materialized one block
-           at a time and multiplied into the rows in float64.
+           at a time and multiplied into the rows in float64. The chunks: :func:`factored_chunk_sizes`.
         3. Parameters outside supported modules: the "example" route, restricted to them.
 
     ``params`` other than the module's own parameters (θ_k elsewhere than where the module is) are
     where the forward and backward run, as in the other routes.
     """
+    rows_total = membership.shape[0]
+    sums = {n: torch.zeros((rows_total, *p.shape), dtype=torch.float64, device=p.device) for n, p in params.items()}
+    losses, _ = _factored_captures(model, params, inputs, targets, loss_fn, membership, memory_budget, sums)
+    plan = covering_plan(model, inputs)
+    fallback = {n: params[n] for n in plan.fallback if n in params}
+    if fallback:
+        others = {n: p.detach() for n, p in params.items() if n not in fallback}
+        extra, _ = _example_route(model, fallback, inputs, targets, loss_fn, membership, memory_budget, others)
+        sums.update(extra)
+    return sums, torch.cat(losses)
+
+
+def second_chunk_measured(batch: int, memory_budget: int, one: int) -> bool:
+    """Whether the factored route runs and measures a second chunk (of two examples, or the one left): where the
+    batch has more than one example and one example's chunk, ``one`` bytes at its peak, is under the budget (where
+    it is not, every chunk is one example, and a chunk of two would hold more than the budget for nothing)."""
+    return batch > 1 and one < memory_budget
+
+
+def factored_chunk_sizes(batch: int, memory_budget: int, one: int, two: int) -> list[int]:
+    """The factored gradient route's chunks of ``batch`` examples, in order, the rule the engine runs and the cost
+    estimate counts: the first of one example (``one``: the bytes it held at its peak) and, where
+    :func:`second_chunk_measured`, the second of two (``two``); the rest as many examples as keep a chunk within
+    ``memory_budget``: what an example adds (the slope, ``two - one``) beside what a chunk holds once whatever its
+    size (``one`` less the slope), one example at a time where one alone takes the budget. The second chunk is held
+    once whatever the budget: one example more than it allows at most (a model that builds a large array once per
+    chunk would otherwise run one example at a time, the array built for each). (Chunks were sized by the largest
+    parameter alone, budget / (4 x its bytes): a conv net's factors, its recorded inputs and output gradients at
+    every position, held 2.8x a 4-16 MiB budget, 3 -> 16 -> 16 -> 32 channels at 64x64.)"""
+    if batch <= 1:
+        return [batch]
+    if not second_chunk_measured(batch, memory_budget, one):
+        return [1] * batch
+    sizes = [1, min(2, batch - 1)]
+    slope = two - one
+    rest = max(1, int((memory_budget - max(0, one - slope)) // slope)) if slope > 0 else batch
+    left = batch - sum(sizes)
+    return sizes + [rest] * (left // rest) + ([left % rest] if left % rest else [])
+
+
+def _factored_captures(model, params, inputs, targets, loss_fn, membership, memory_budget, sums
+                       ) -> tuple[list[torch.Tensor], tuple[int, int]]:
+    """Steps 1-2 of :func:`_factored_route` over the batch, in :func:`factored_chunk_sizes`' chunks, the first two
+    measured (``push_memory.LiveBytes``), into ``sums`` (the covering plan's parameters; the fallback's left as they
+    are). Returns (the chunks' per-example losses, (one, two): the bytes the first and second chunks held at their
+    peaks, two 0 where no second chunk was measured)."""
     plan = covering_plan(model, inputs)
     own = dict(model.named_parameters())
     at = None if all(own.get(n) is p for n, p in params.items()) else {
         n: p.detach().requires_grad_(True) for n, p in params.items()  # capture needs θ with a graph
     }
     batch = batch_size(inputs)
-    rows_total = membership.shape[0]
-    sums = {n: torch.zeros((rows_total, *p.shape), dtype=torch.float64, device=p.device) for n, p in params.items()}
     losses = []
 
     def add_chunk(chunk: slice) -> None:
@@ -826,39 +867,60 @@ def _factored_route(model, params, inputs, targets, loss_fn, membership, memory_
         losses.append(box["losses"])
         add_factor_rows(sums, membership[:, chunk], factors)
 
-    # The first chunk of one example and the second of two, measured (push_memory.LiveBytes): the rest sized by
-    # what an example adds (the slope) beside what a chunk holds once, within the budget; one example at a time
-    # where one alone takes the budget. The chunk of two is held once whatever the budget (one example more than
-    # the budget allows at most: a model that builds a large array once per chunk would otherwise run one example
-    # at a time, the array built for each). (Chunks were sized by the largest parameter alone, budget / (4 x its
-    # bytes): a conv net's factors, its recorded inputs and output gradients at every position, held 2.8x a 4-16 MiB
-    # budget, 3 -> 16 -> 16 -> 32 channels at 64x64.)
     kept = (*params.values(), *(at or {}).values(), *sums.values(), membership,
             *(t for t in tree_leaves((inputs, targets)) if isinstance(t, torch.Tensor)))
-    peaks, start = [], 0
-    for size in (1, 2):
-        if start < batch and (size == 1 or peaks[0] < memory_budget):
-            with LiveBytes(kept) as live:
-                add_chunk(slice(start, min(start + size, batch)))
-            peaks.append(live.peak)
-            start += size
-    slope = peaks[1] - peaks[0] if len(peaks) == 2 else 0
-    rows = (max(1, int((memory_budget - max(0, peaks[0] - slope)) // slope)) if slope > 0
-            else 1 if len(peaks) == 1 else batch)
-    for start in range(start, batch, rows):
-        add_chunk(slice(start, min(start + rows, batch)))
-    fallback = {n: params[n] for n in plan.fallback if n in params}
-    if fallback:
-        others = {n: p.detach() for n, p in params.items() if n not in fallback}
-        extra, _ = _example_route(model, fallback, inputs, targets, loss_fn, membership, memory_budget, others)
-        sums.update(extra)
-    return sums, torch.cat(losses)
+
+    def measured(chunk: slice) -> int:
+        with LiveBytes(kept) as live:
+            add_chunk(chunk)
+        return live.peak
+
+    one = measured(slice(0, 1))
+    two = measured(slice(1, min(3, batch))) if second_chunk_measured(batch, memory_budget, one) else 0
+    sizes = factored_chunk_sizes(batch, memory_budget, one, two)
+    start = sum(sizes[:2]) if two else 1
+    for size in sizes[2 if two else 1:]:
+        add_chunk(slice(start, start + size))
+        start += size
+    return losses, (one, two)
+
+
+def factored_chunk_peaks(model: nn.Module, params: dict[str, torch.Tensor], example: tuple[torch.Tensor, ...],
+                         rows: int, partitions: int) -> tuple[int, int]:
+    """``(one, two)``: the bytes the factored gradient route's first two chunks hold at their peaks
+    (:func:`_factored_captures`), on copies of one example (``example``: its inputs, batch dimension 1), a sum of
+    squares of the output standing in for the loss: what the cost estimate sizes the route's chunks by
+    (:func:`factored_chunk_sizes`). The rows a chunk reaches set what it holds (a Linear weight's rows summed from
+    its factors are formed apart, [reached, O, I], where the chunk does not reach every row): the three examples
+    are put each in a row of its own in every one of ``partitions`` partitions, of ``rows`` rows in all (at most
+    three a partition). Buffers and the random state kept; (0, 0) where the pass raises."""
+    per_partition = max(1, min(3, rows // max(partitions, 1)))
+    inputs = tuple(t[:1].repeat(3, *([1] * (t.dim() - 1))) for t in example)
+    groups = [torch.arange(3) % per_partition for _ in range(partitions)]
+    membership = membership_matrix(groups, torch.ones(3, dtype=torch.float64), [per_partition] * partitions
+                                   ).to(inputs[0].device)
+    sums = {n: torch.zeros((membership.shape[0], *p.shape), dtype=torch.float64, device=p.device)
+            for n, p in params.items()}
+
+    def stand_in(out, y):
+        out = output_tensor(out)
+        return out.pow(2).reshape(out.shape[0], -1).sum(1)
+
+    try:
+        with preserved_state(model):
+            _, peaks = _factored_captures(model, params, inputs, None, stand_in, membership, 2**62, sums)
+    except torch.OutOfMemoryError:
+        raise
+    except Exception:
+        return 0, 0
+    return peaks
 
 
 __all__ = [
     "DEFAULT_GRADIENT_BUDGET", "EXAMPLE_PASS_ACTIVATIONS", "GRADIENT_ROUTES", "GRAPH_ROW_ACTIVATIONS",
     "GRAPH_ROW_LARGEST_OUTPUTS", "graph_row_elements",
-    "WIDEN_BLOCK_BYTES", "add_factor_rows", "add_rows", "example_activation_elements", "example_chunk",
+    "WIDEN_BLOCK_BYTES", "ExamplePass", "add_factor_rows", "add_rows", "example_chunk", "example_pass_measure",
+    "factored_chunk_peaks", "factored_chunk_sizes",
     "example_pass_bytes", "factor_rows", "output_elements",
     "gradients_from_losses", "group_gradients", "group_row_chunk", "membership_matrix",
 ]

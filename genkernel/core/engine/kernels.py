@@ -39,6 +39,7 @@ from ..adapter import (
     trainable_parameters,
     unwrap,
 )
+from ..param_bytes import joined_dtype, parameter_bytes, value_bytes
 from .factored import _probe_sizes, _Sizes, chunk_sizes, chunks, factored_gradient_kernel, factored_jacobian
 from .factors import DEFAULT_MEMORY_BUDGET, Plan, analysis, covering_plan, make_plan, pair_covering_plan
 from .reference import jacobian_pair_kernel, jacobian_self_kernel, per_example_jacobian
@@ -300,22 +301,21 @@ def _chunking(model: nn.Module, plan: Plan, xs: tuple[torch.Tensor, ...], d: int
     m, n = rows
     rows_f = _functional_rows(plan.params, d, memory_budget)
     rows_x, c = chunk_sizes(model, plan, xs, d, max(m, n), memory_budget, held=2, compact=True)
-    itemsize = next(iter(plan.params.values())).element_size()
-    fallback = sum(p.numel() for p in plan.fallback.values())
-    per_example = itemsize * (sizes.compact_factors(plan, d) + d * fallback)
+    # the factors at the parameters' bytes per value, the fallback's Jacobians each in its parameter's dtype
+    per_example = value_bytes(plan.params) * sizes.compact_factors(plan, d) + d * parameter_bytes(plan.fallback)
     held = c >= d and per_example * (m if symmetric else n) <= memory_budget // 2
     return Chunking(rows_f, rows_x, c, held, symmetric)
 
 
 def _functional_rows(params: dict[str, torch.Tensor], d: int, memory_budget: int) -> int:
     """Rows of the functional engine's chunks: two chunks of Jacobians in the budget."""
-    first = next(iter(params.values()))
-    return _rows_per_chunk(memory_budget, d, sum(p.numel() for p in params.values()), first.element_size(), held=2)
+    return _rows_per_chunk(memory_budget, d, parameter_bytes(params), held=2)
 
 
-def _rows_per_chunk(memory_budget: int, d: int, num_params: int, itemsize: int, held: int) -> int:
-    """Rows of Jacobians that fit when ``held`` chunks are alive at once (vmap roughly doubles)."""
-    per_row = 2 * d * num_params * itemsize
+def _rows_per_chunk(memory_budget: int, d: int, param_bytes: int, held: int) -> int:
+    """Rows of Jacobians that fit when ``held`` chunks are alive at once (vmap roughly doubles); ``param_bytes``:
+    one row's Jacobian of one output, Σ numel × item size over the parameters."""
+    per_row = 2 * d * param_bytes
     return max(1, memory_budget // (held * per_row))
 
 
@@ -406,11 +406,13 @@ def _gradient_kernel(model, x1, x2, normalize, reduce, memory_budget, engine) ->
         return _normalized(kernel, diag1, diag2) if normalize else kernel
 
     first = next(iter(params.values()))
+    # (in the parameters' dtypes joined, as their Jacobians' concatenation is: not the first parameter's alone)
+    dtype = joined_dtype(params)
     shape = (m_total, n_total) if reduce == "trace" else (m_total, n_total, d, d)
-    kernel = torch.empty(shape, dtype=first.dtype, device=first.device)
+    kernel = torch.empty(shape, dtype=dtype, device=first.device)
     diag_shape = (d,) if reduce == "none" else ()
-    diag1 = torch.empty((m_total, *diag_shape), dtype=first.dtype, device=first.device)
-    diag2 = torch.empty((n_total, *diag_shape), dtype=first.dtype, device=first.device)
+    diag1 = torch.empty((m_total, *diag_shape), dtype=dtype, device=first.device)
+    diag2 = torch.empty((n_total, *diag_shape), dtype=dtype, device=first.device)
     jac = per_example_jacobian(model, params)
     rows = _functional_rows(params, d, memory_budget)
 
@@ -482,9 +484,10 @@ def tangent_features(
     # Both engines hold each parameter's per-example block and their concatenation besides the
     # chunk's Jacobian (torch.func also its backward buffers): a peak of about three chunks
     # (measured: 1.4-1.7x the budget with one).
-    rows = _rows_per_chunk(memory_budget, d, num_params, first.element_size(), held=3)
+    rows = _rows_per_chunk(memory_budget, d, parameter_bytes(params), held=3)
     width = 1 if output_index is not None else d
-    features = torch.empty((m_total, width, num_params), dtype=first.dtype, device=first.device)
+    # (in the parameters' dtypes joined: a float32 first layer would round a float64 head's Jacobians)
+    features = torch.empty((m_total, width, num_params), dtype=joined_dtype(params), device=first.device)
     if choose_engine(make_plan(model), d, engine) == "factored":
         outs = list(range(d)) if output_index is None else [output_index % d]
         plan = covering_plan(model, xs)

@@ -39,6 +39,7 @@ from ..adapter import (
     explained_torch_func_errors, not_fitting_inputs,
 )
 from ..cost import plain_sgd, push_pass_shape, push_route, reads_training_pass
+from ..param_bytes import parameter_bytes
 from ..push_memory import DEFAULT_PUSH_MEMORY, PushMemory, jvp_pass
 from ..engine.factored import row_chunks
 from ..engine.factors import COVERAGE_SAMPLE, Plan, TrainingCapture, Unfactorable, covering_plan, pair_covering_plan
@@ -134,13 +135,13 @@ def push_rows(
     and the Jacobians fit in the memory budget.
     """
     names = list(model.params)
-    dtype = nodes[0][1][names[0]].dtype
-    tangents = {n: updates[n].to(dtype) for n in names}
+    # each row in its own parameter's dtype (a model of mixed dtypes: the first one's for all was refused by the
+    # JVP, "expected scalar type Double but found Float")
+    tangents = {n: updates[n].to(nodes[0][1][n].dtype) for n in names}
     rows = updates[names[0]].shape[0]
-    num_params = sum(t[0].numel() for t in tangents.values())
     m, d = model.probes[0].shape[0], model.outputs
     if route == "auto":
-        route = push_route(rows, m, d, num_params * tangents[names[0]].element_size(), model.memory_budget)
+        route = push_route(rows, m, d, parameter_bytes(t[0] for t in tangents.values()), model.memory_budget)
     total = None
     for weight, theta in nodes:
         if route == "jacobian":

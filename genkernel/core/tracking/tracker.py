@@ -78,6 +78,7 @@ from ..engine.factors import TrainingCapture
 from ..engine.gradients import DEFAULT_GRADIENT_BUDGET, rounding_of
 from ..push_memory import measure_push_memory
 from ..errors import LedgerCheckError, NonFiniteError
+from ..param_bytes import trains_float32, value_bytes
 from ..cost import (
     COST_OPTIONS, GROUP_STATE_CHOICES, activation_elements, cost_options as checked_cost_options, estimate_cost,
 )
@@ -455,20 +456,24 @@ class PathKernelTracker:
                 "split need real parameters. Hold each as a real tensor with a trailing dimension of 2 and use "
                 "torch.view_as_complex(p) in the forward"
             )
-        dtype = next(iter(self.params.values())).dtype
-        self.rtol = CHECK_RTOL.get(dtype, 1e-3)
-        # A float32 step's gradient check allows the rounding its own backward shows (tracking.rounding).
-        self._samples_rounding = dtype == torch.float32
+        # A model of mixed dtypes (a float64 head on a float32 trunk) is checked at its least precise trained dtype's
+        # tolerance, not its first parameter's: a float32 parameter's rounding would fail float64's 1e-10.
+        dtypes = {p.dtype for p in self.params.values()}
+        self.rtol = max(CHECK_RTOL.get(t, 1e-3) for t in dtypes)
+        # A float32 step's gradient check allows the rounding its own backward shows (tracking.rounding): sampled,
+        # for every parameter, where any trained one is float32.
+        self._samples_rounding = trains_float32(self.params)
         with torch.no_grad(), analysis_mode(self.module):
             f_start = self._probe_outputs()
         self.ledgers = {name: PathKernelLedger.empty(f_start, size) for name, size in self.partitions.sizes.items()}
         if state_dtype not in (torch.float64, torch.float32):
             raise ValueError(f"state_dtype must be torch.float64 or torch.float32, got {state_dtype!r}")
-        if state_dtype == torch.float32 and dtype == torch.float64:
+        if state_dtype == torch.float32 and torch.float64 in dtypes:
             raise ValueError("state_dtype=torch.float32 is for float32 models (half the memory of the group state); a "
                              "float64 model keeps float64 state, or its exact checks could not hold")
         with analysis_mode(self.module):  # what step 1 would keep of a training pass, per example
-            record_bytes = activation_elements(self.module, tuple(t[:1] for t in self.probes)) * torch.finfo(dtype).bits // 8
+            # (at the parameters' bytes per value, as the cost estimate counts the activations: param_bytes)
+            record_bytes = int(activation_elements(self.module, tuple(t[:1] for t in self.probes)) * value_bytes(self.params))
         # what a JVP pass through the probes holds, measured once (its passes' width and the estimate's pushes)
         push_memory = measure_push_memory(self.module, self.params, self.probes, record_bytes)
         tracked = TrackedModel(self.module, self.params, self.probes, self.partitions, f_start.shape[1], self.memory_budget,
@@ -2361,7 +2366,9 @@ class PathKernelTracker:
                     for partition, part in partitions.slices.items()}
         # A parameter whose true gradient is zero (a bias before a normalization) carries pure
         # rounding noise on both sides: compare it with rounding of the whole gradient too.
-        floor = 16 * torch.finfo(next(iter(self.params.values())).dtype).eps * math.sqrt(sum(v * v for v in scales.values()))
+        # (the least precise trained dtype's eps: a float64 first parameter's would hold a float32 one's noise to 1e-16)
+        eps = max(torch.finfo(p.dtype).eps for p in self.params.values())
+        floor = 16 * eps * math.sqrt(sum(v * v for v in scales.values()))
         if gradient_rtol > self.rtol and any(self._witnessed(real, w) for w in witnesses):
             return rounding
         measured: dict[str, float] | None = None
