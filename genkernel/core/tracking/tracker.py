@@ -1055,8 +1055,9 @@ class PathKernelTracker:
         self._observing = True
         self._armed = True
         self._observed["entries"][-1]["backward_at"] = self._mark_observed(losses, backward)
-        if precision is not None:
-            self._follow_seed(losses, self._observed["entries"][-1], coefficients)
+        # (every observed micro-batch: a loop weighing its examples otherwise than observed is refused by the seed
+        # where the gradient check cannot see it, gradients that span one direction, and in half precision)
+        self._follow_seed(losses, self._observed["entries"][-1], coefficients)
         return number
 
     @staticmethod
@@ -1227,13 +1228,15 @@ class PathKernelTracker:
         self._accumulation_hooks = True
 
     def _follow_seed(self, losses: torch.Tensor, entry: dict[str, Any], coefficients: torch.Tensor) -> None:
-        """For a micro-batch observed in half precision: the loop's seed ∂loss/∂ℓ_n (what its backward
-        hands the observed losses; summed over backward passes) into ``entry["seed_box"]["seed"]``, beside the
-        coefficients c_n observed (``[B]`` float64, :meth:`_observed_gradients`'), for :meth:`_check_seeds`.
-        The tracker held weakly."""
+        """For an observed micro-batch: the loop's seed ∂loss/∂ℓ_n (what its backward hands the observed losses;
+        summed over backward passes) into ``entry["seed_box"]["seed"]``, beside the coefficients c_n observed
+        (``[B]`` float64, :meth:`_observed_gradients`'), for :meth:`_check_seeds`. The tracker held weakly; losses
+        without a graph hand no seed."""
         this = weakref.ref(self)
         entry["coefficients"] = coefficients.detach().to("cpu")
         box = entry["seed_box"] = {"seed": None}  # (the hook holds this, not the entry and its rows)
+        if not losses.requires_grad:
+            return
 
         def seed_seen(grad: torch.Tensor) -> None:
             tracker = this()
@@ -1244,14 +1247,17 @@ class PathKernelTracker:
         losses.register_hook(seed_seen)
 
     def _check_seeds(self, index: int, kept: list[dict[str, Any]]) -> None:
-        """A half-precision step whose kept micro-batches' losses all saw the loop's seed: refuse one that
-        weighs its examples otherwise than observed, s_n ≠ λ c_n with one λ for the step (to the seeds'
-        float32 rounding, ``rtol``), across micro-batches and, under DDP, across ranks (the ranks' λ
+        """A step whose kept micro-batches' losses all saw the loop's seed: refuse one that weighs its examples
+        otherwise than observed, s_n ≠ λ c_n within a micro-batch (to ``rtol``: the seeds' rounding). In half
+        precision, with one λ for the step across micro-batches and, under DDP, across ranks (the ranks' λ
         compared through two small all-reduces every rank makes at every observed step of a tracker
         built with ``mixed_precision="observe"``: the setting, not the step, decides). The gradient check
         allows the precision's eps of the magnitudes, under which a micro-batch weighted 1 % off passes
-        (bfloat16); the seed shows it exactly. A loss built beside the observed losses
-        (F.mse_loss(outputs, y)) hands them no seed: the gradient check alone decides."""
+        (bfloat16); and it cannot see weights otherwise than observed where the per-example gradients span one
+        direction (a scalar temperature over a frozen body: a class weighted 0.1 by the loop, observed as the
+        plain mean, was credited 0.339 of the change for a true 0.050, the residual 5e-17). The seed shows both
+        exactly. A loss built beside the observed losses (F.mse_loss(outputs, y)) hands them no seed: the
+        gradient check alone decides."""
         seeded = bool(kept) and all(e.get("seed_box", {}).get("seed") is not None for e in kept)
         lambdas = []
         for entry in kept if seeded else []:
@@ -1266,6 +1272,8 @@ class PathKernelTracker:
                     "every multiple of the coefficients): pass the loss's own per-example coefficients to "
                     "observe(losses, groups, weights=)")
             lambdas.append((entry["number"], lam))
+        if not any(entry.get("precision") is not None for entry in kept):  # (full precision: within micro-batches)
+            lambdas = []
         if lambdas:
             first = lambdas[0][1]
             for number, lam in lambdas[1:]:
@@ -1591,8 +1599,10 @@ class PathKernelTracker:
                     "examples in each micro-batch), so the one scale fitted to the optimizer's gradient cannot show "
                     "whether the loop weighted them as observe() was told: any weighting fits, and the groups' "
                     "shares would follow the observed weights, not the loop's. Observe the step's examples in one "
-                    "call (torch.cat of the micro-batches' losses, with weights= the loss's coefficients), or call "
-                    "tracker.step() with the whole batch"
+                    "call (losses = torch.cat of the micro-batches' losses, observe(losses, groups, weights= the "
+                    "loss's coefficients), and the loop's loss built from those same losses, (weights * "
+                    "losses).sum(), so that the weights it hands them are checked), or call tracker.step() with the "
+                    "whole batch"
                 )
             # Combined across ranks once, there, and scaled after (the rows are this step's own arrays).
             gradients = self.route.from_graph(observed["grads"], losses, _Batch(losses.shape[0], scale))
