@@ -25,6 +25,7 @@ import hashlib
 import itertools
 import numbers
 import os
+import pickle
 import random
 import sys
 from typing import Any, Callable, Iterator, Sequence
@@ -392,23 +393,56 @@ def _cuda_devices(inputs: tuple[torch.Tensor, ...]) -> list[int]:
     return sorted({t.device.index for t in inputs if isinstance(t, torch.Tensor) and t.device.type == "cuda"})
 
 
-def generator_states(tensors: tuple[torch.Tensor, ...], own: Sequence[torch.Generator] = ()) -> list[torch.Tensor]:
+def generator_states(tensors: tuple[torch.Tensor, ...], own: Sequence[Any] = ()) -> list[torch.Tensor]:
     """The states of the generators a forward may draw from: torch's global CPU generator, those of the
     CUDA devices of ``tensors`` (the inputs, the model's parameters and buffers), ``own``, the
-    generators the model's modules keep (:func:`restored_module_generators`), and Python's and NumPy's global
-    ones (a LayerDrop written with ``random.uniform``, an augmentation drawing from ``np.random``). Two lists
-    differ (:func:`drew_between`) when a pass between them drew random numbers."""
+    generators the model's modules keep (:func:`restored_module_generators`: torch's, NumPy's and Python's), and
+    Python's and NumPy's global ones (a LayerDrop written with ``random.uniform``, an augmentation drawing from
+    ``np.random``). Two lists differ (:func:`drew_between`) when a pass between them drew random numbers."""
     return ([torch.get_rng_state()] + [torch.cuda.get_rng_state(d) for d in _cuda_devices(tensors)]
-            + [g.get_state() for g in own] + _host_generator_states())
+            + [_generator_state(g) for g in own] + _host_generator_states())
+
+
+def _digest(state: Any) -> torch.Tensor:
+    """A host generator's state as a tensor :func:`drew_between` compares (its pickle's SHA-256)."""
+    return torch.frombuffer(bytearray(hashlib.sha256(pickle.dumps(state)).digest()), dtype=torch.uint8)
+
+
+def _generator_state(generator: Any) -> torch.Tensor:
+    if isinstance(generator, torch.Generator):
+        return generator.get_state()
+    if isinstance(generator, random.Random):
+        return _digest(generator.getstate())
+    if isinstance(generator, np.random.Generator):
+        return _digest(generator.bit_generator.state)
+    return _digest(generator.get_state(legacy=False))  # np.random.RandomState
+
+
+def _set_generator_state(generator: Any, state: Any) -> None:
+    if isinstance(generator, torch.Generator):
+        generator.set_state(state)
+    elif isinstance(generator, random.Random):
+        generator.setstate(state)
+    elif isinstance(generator, np.random.Generator):
+        generator.bit_generator.state = state
+    else:
+        generator.set_state(state)
+
+
+def _saved_generator_state(generator: Any) -> Any:
+    if isinstance(generator, torch.Generator):
+        return generator.get_state()
+    if isinstance(generator, random.Random):
+        return generator.getstate()
+    if isinstance(generator, np.random.Generator):
+        return generator.bit_generator.state
+    return generator.get_state(legacy=False)
 
 
 def _host_generator_states() -> list[torch.Tensor]:
-    """Python's ``random`` and NumPy's global generator states, as tensors :func:`drew_between` compares."""
-    version, words, gauss = random.getstate()
-    kind, keys, position, has_gauss, cached = np.random.get_state()
-    return [torch.tensor(words, dtype=torch.int64), torch.tensor([gauss is not None, gauss or 0.0], dtype=torch.float64),
-            torch.from_numpy(np.asarray(keys, dtype=np.int64)),
-            torch.tensor([position, has_gauss, cached], dtype=torch.float64)]
+    """Python's ``random`` and NumPy's global generator states (whatever NumPy's bit generator), as tensors
+    :func:`drew_between` compares."""
+    return [_digest(random.getstate()), _digest(np.random.get_state(legacy=False))]
 
 
 @contextlib.contextmanager
@@ -417,7 +451,7 @@ def forked_generators(devices: Sequence[int] = ()) -> Iterator[None]:
     the CPU one and those of the CUDA ``devices``) and Python's and NumPy's. (fork_rng forks torch's alone: a
     tracker's construction forward on a model drawing from ``random`` or ``np.random`` in its forward, a LayerDrop
     written with ``random.uniform``, moved training's parameters by up to 0.05 after three steps.)"""
-    python_state, numpy_state = random.getstate(), np.random.get_state()
+    python_state, numpy_state = random.getstate(), np.random.get_state(legacy=False)
     try:
         with torch.random.fork_rng(devices=devices):
             yield
@@ -542,9 +576,12 @@ def coupled_forward(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> list[
             return []
     first, second = outputs
     if first.is_floating_point() or first.is_complex():
-        scale = float(first.abs().max()) if first.numel() else 0.0
+        finite = first[torch.isfinite(first)]
+        scale = float(finite.abs().max()) if finite.numel() else 0.0
         tolerance = 64 * torch.finfo(first.dtype).eps * max(scale, 1.0)
-        moved = not bool(((first - second).abs() <= tolerance).all())  # (NaN in one and not the other moves)
+        # (an entry non-finite alike in both forwards, inf == inf or NaN and NaN, stays; NaN in one moves)
+        same = (first == second) | (first.isnan() & second.isnan()) | ((first - second).abs() <= tolerance)
+        moved = not bool(same.all())
     else:
         moved = not torch.equal(first, second)
     if not moved:
@@ -554,22 +591,24 @@ def coupled_forward(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> list[
 
 
 @contextlib.contextmanager
-def restored_module_generators(model: nn.Module) -> Iterator[list[torch.Generator]]:
-    """Yield the distinct ``torch.Generator`` objects ``model``'s modules hold as attributes, and put
-    each one's state back on exit: ``torch.random.fork_rng`` forks only torch's global generators, so
-    a check's forward would otherwise advance a module's own and shift training's draws."""
-    found: dict[int, torch.Generator] = {}
+def restored_module_generators(model: nn.Module) -> Iterator[list[Any]]:
+    """Yield the distinct generators ``model``'s modules hold as attributes (``torch.Generator``,
+    ``np.random.Generator``, ``np.random.RandomState``, ``random.Random``), and put each one's state back on
+    exit: the forks of the global generators leave these alone, so a check's forward would otherwise advance a
+    module's own and shift training's draws."""
+    kinds = (torch.Generator, np.random.Generator, np.random.RandomState, random.Random)
+    found: dict[int, Any] = {}
     for module in model.modules():
         for value in vars(module).values():
-            if isinstance(value, torch.Generator):
+            if isinstance(value, kinds):
                 found.setdefault(id(value), value)
     own = list(found.values())
-    states = [g.get_state() for g in own]
+    states = [_saved_generator_state(g) for g in own]
     try:
         yield own
     finally:
         for generator, state in zip(own, states):
-            generator.set_state(state)
+            _set_generator_state(generator, state)
 
 
 CONVOLUTIONS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)

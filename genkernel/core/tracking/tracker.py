@@ -258,6 +258,15 @@ class _Batch:
     clip_factor: float
 
 
+def _backward_pass_id() -> int:
+    """Which backward pass is running (autograd's graph task; -1 outside one): the seed check tells the loop's
+    passes that reach a parameter from the others (an input gradient through the observed losses). torch's own
+    private counter, there since 1.x (checkpointing reads it); without it every pass is one (-1), and every pass's
+    seed counts."""
+    current = getattr(torch._C, "_current_graph_task_id", None)
+    return current() if current is not None else -1
+
+
 class PathKernelTracker:
     """Keeps the exact path-kernel ledgers of ``model`` trained by ``optimizer``.
 
@@ -446,6 +455,7 @@ class PathKernelTracker:
         # So is one whose examples' outputs depend on each other through plain operations (a hand-written batch norm,
         # a minibatch standard deviation): a per-example route would give each example the others' gradients.
         self.coupled_forward = [] if self.random_forward else coupled_forward(self.module, self.probes)
+        self._checked_modes = tuple(m.training for m in self.module.modules())  # (the mode they were found in)
         self._has_state = has_state_outside_training(self.module)
         self._optimizer_params = {id(p) for group in optimizer.param_groups for p in group["params"]}
         self._layout = {n: (p.dtype, p.device) for n, p in self.params.items()}  # model.double() / .to() is refused
@@ -517,6 +527,7 @@ class PathKernelTracker:
         self._observations = 0  # observe() calls so far: each micro-batch's observation number
         self._accumulations = 0  # the loop's backward passes into the tracked parameters (_follow_accumulation)
         self._accumulation_hooks = False
+        self._parameter_passes: set[int] = set()  # the loop's backward passes that reached a parameter
         self._armed = False  # an observe() since the loop's last backward into the tracked parameters began
         # The observation numbers the step being recorded was made of, in order (set before the listeners
         # run; empty for an owned step, tracker.step/track, which observes nothing).
@@ -1044,6 +1055,7 @@ class PathKernelTracker:
         number = self._observations
         backward = [False]  # set by the loop's backward through these losses
         if self._observed is None:
+            self._parameter_passes.clear()
             self._observed = self._new_observed()
             self._refused_observed = None
         self._observed["entries"].append({"number": number, "grads": grads, "folded": False, "ids": ids,
@@ -1219,6 +1231,8 @@ class PathKernelTracker:
             # gradients are then as the loop left them, where a clear shows also for a loss built beside the
             # observed losses (F.mse_loss(outputs, y)), whose backward passes no hook of theirs.
             tracker = this()
+            if tracker is not None and not tracker._own_pass:  # (a pass of the loop's that reaches the parameters)
+                tracker._parameter_passes.add(_backward_pass_id())
             if tracker is not None and tracker._armed and not tracker._own_pass:
                 tracker._armed = False
                 tracker._drop_cleared(at_pass=True)
@@ -1243,6 +1257,10 @@ class PathKernelTracker:
             if tracker is not None and not tracker._own_pass:
                 seed = grad.detach().to("cpu", torch.float64)
                 box["seed"] = seed if box["seed"] is None else box["seed"] + seed
+                # by backward pass: one that reaches no parameter (an input gradient, torch.autograd.grad(losses.sum(),
+                # x) for an adversarial example) weighs nothing of the step's gradient
+                task = _backward_pass_id()
+                box.setdefault("passes", {})[task] = box.setdefault("passes", {}).get(task, 0) + seed
 
         losses.register_hook(seed_seen)
 
@@ -1262,6 +1280,9 @@ class PathKernelTracker:
         lambdas = []
         for entry in kept if seeded else []:
             seed, c = entry["seed_box"]["seed"], entry["coefficients"]
+            reaching = [v for task, v in entry["seed_box"].get("passes", {}).items() if task in self._parameter_passes]
+            if reaching:  # (else the loop sets the gradients itself: every pass counts)
+                seed = sum(reaching[1:], reaching[0])
             lam = float(seed @ c) / float(c @ c)
             off = float((seed - lam * c).norm())
             if not math.isfinite(lam) or off > self.rtol * float(seed.norm()):
@@ -1967,6 +1988,7 @@ class PathKernelTracker:
     def _check_before(self, *, owned: bool, autocast_dtype: torch.dtype | None = None) -> None:
         """Everything that can be refused before the training forward (or the observed step) changes anything."""
         self._check_precision(owned=owned, autocast_dtype=autocast_dtype)
+        self._recheck_forward_couplings()
         if self.route.uses_graph():
             check_analysis_safe(self.module)
         else:
@@ -2035,6 +2057,21 @@ class PathKernelTracker:
                 del self.optimizer.state[p]
         for p, state in saved["optimizer"].items():
             self.optimizer.state[p] = state
+
+    def _recheck_forward_couplings(self) -> None:
+        """A model switched to another mode since its forward was checked (the tracker built in eval mode after an
+        evaluation, trained in training mode: 17.7 % off the graph route's split, silently): its couplings found
+        again in this mode (two forwards of the first probes, nothing changed), so that a batch statistic of
+        training mode in plain operations takes the graph route ("auto", dense) or is refused by a per-example
+        route, naming it."""
+        modes = tuple(m.training for m in self.module.modules())
+        if modes == self._checked_modes:
+            return
+        # (the draw check stays the construction's: the factored route takes its rows from the training pass's own
+        # activations, exact with draws, tests/test_random_forward_review.py)
+        self.coupled_forward = [] if self.random_forward else coupled_forward(self.module, self.probes)
+        self._checked_modes = modes
+        self._tracked.forward_couplings = tuple(self._forward_couplings)
 
     @property
     def _forward_couplings(self) -> list[str]:
