@@ -216,3 +216,42 @@ def test_a_forward_drawing_from_python_or_numpy_trains_as_without_the_tracker(dr
     (untracked, python_untracked, numpy_untracked), (tracked_params, python_tracked, numpy_tracked) = finals
     assert all(torch.equal(a, b) for a, b in zip(untracked, tracked_params))
     assert python_untracked == python_tracked and numpy_untracked == numpy_tracked
+
+
+class TokenBatchMean(nn.Module):
+    """Token ids in, a batch mean of their embeddings added to every example (a coupling of integer inputs)."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed, self.head = nn.Embedding(11, 8), nn.Linear(8, 2)
+
+    def forward(self, ids):
+        h = self.embed(ids).mean(1)
+        return self.head(h + h.mean(0, keepdim=True))
+
+
+class FloatIndex(nn.Module):
+    """A float timestep used as an index (``t.long()`` into a table of 1000 rows), independent examples."""
+
+    def __init__(self):
+        super().__init__()
+        self.table, self.head = nn.Embedding(1000, 4), nn.Linear(7, 2)
+
+    def forward(self, x, t):
+        return self.head(torch.cat([x, self.table(t.long())], 1))
+
+
+def test_integer_inputs_are_checked_and_a_changed_example_stays_in_range():
+    """The first example is replaced by another probe, whatever its dtype: token ids coupled through a batch mean
+    are found (before: integer inputs were never changed, the coupling missed); a float timestep of 999 used as an
+    index stays in range and an independent model is not flagged (before: 1.5 t + 0.5 indexed past the table, the
+    IndexError swallowed on CPU, a device-side assert on CUDA)."""
+    torch.manual_seed(0)
+    assert coupled_forward(TokenBatchMean(), (torch.randint(0, 11, (4, 5)),))
+    x, t = torch.randn(4, 3), torch.tensor([999.0, 3.0, 500.0, 0.0])
+    model = FloatIndex()
+    assert coupled_forward(model, (x, t)) == []
+    h = {}
+    model.table.register_forward_hook(lambda m, args, out: h.setdefault("max", []).append(int(args[0].max())))
+    coupled_forward(model, (x, t))
+    assert max(h["max"]) <= 999

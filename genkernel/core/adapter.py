@@ -550,16 +550,22 @@ def coupled_forward(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> list[
     gradients from the training graph.
 
     Two forwards of the first :data:`COUPLING_EXAMPLES` of ``inputs`` (a single example paired with a copy), the
-    second with the first example's floating values changed (x -> 1.5 x + 0.5); the other examples' outputs must
-    not move (the same shapes run the same kernels: a model whose examples are independent gives them bit for bit;
-    a change past 64 units of rounding of their scale counts). Without a graph, on copies of the buffers, every
-    global generator forked, the modules that draw by type in eval mode: training is untouched. ``[]`` where the
-    forward fails on these inputs in this mode, where the inputs hold no floating values, or where it draws random
-    numbers (:func:`random_forward` reports that)."""
+    second with the first example changed: replaced by the first other example that differs from it, every input
+    of any dtype (token ids too, and values the model takes, indices in range); where none differs, its floating
+    values scaled by 3/4 (towards zero: a float index stays in range). The other examples' outputs must not move
+    (the same shapes run the same kernels: a model whose examples are independent gives them bit for bit; a change
+    past 64 units of rounding of their scale counts). Without a graph, on copies of the buffers, every global
+    generator forked, the modules that draw by type in eval mode: training is untouched. ``[]`` where the forward
+    fails on these inputs in this mode, where nothing of the first example can change (one example of integers,
+    or of zeros), or where it draws random numbers (:func:`random_forward` reports that)."""
     take = min(batch_size(inputs), COUPLING_EXAMPLES)
     batch = tuple(t[:take] if take > 1 else torch.cat([t[:1], t[:1]]) for t in inputs)
-    changed = tuple(torch.cat([t[:1] * 1.5 + 0.5, t[1:]]) if t.is_floating_point() else t for t in batch)
-    if not any(t.is_floating_point() for t in batch):
+    other = next((k for k in range(1, take) if any(not torch.equal(t[k], t[0]) for t in batch)), None)
+    if other is not None:
+        changed = tuple(torch.cat([t[other:other + 1], t[1:]]) for t in batch)
+    else:
+        changed = tuple(torch.cat([t[:1] * 0.75, t[1:]]) if t.is_floating_point() else t for t in batch)
+    if all(torch.equal(a, b) for a, b in zip(batch, changed)):
         return []
     watched = _watched(model, inputs)
     outputs = []
@@ -587,7 +593,8 @@ def coupled_forward(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> list[
     if not moved:
         return []
     return [f"{type(model).__name__} (an example's output depends on the other examples of its batch: a statistic "
-            "over the batch in plain operations, a hand-written batch norm or a minibatch standard deviation)"]
+            "over the batch in plain operations, a hand-written batch norm or a minibatch standard deviation; or a "
+            "model that does not take its examples on dimension 0 of its inputs, a sequence-first one)"]
 
 
 @contextlib.contextmanager
