@@ -223,21 +223,21 @@ def test_the_cost_estimate_counts_the_group_gradient_route_the_tracker_takes():
                                     group_state="dense", gradient_route=route, batch_size=8)
         costs[route] = tracker.cost
     # "auto" reads the training pass (its records kept), "factored" captures a pass of its own (a forward and its
-    # input gradients, B (1 + β), more) in chunks of 1, 2 and the rest (engine.gradients.factored_chunk_sizes), where
-    # the training pass is one chunk of the batch: the same per-example products after it but a Linear weight's, which
-    # are summed over the rows each chunk reaches (cost.outer_row_products); "graph" runs R = 4 backward passes of
-    # the batch (a bare step less its forward each); tests/test_cost_dense_route.py checks each against the
-    # operation count
+    # input gradients, B (1 + β), more) in chunks (a step after the first: equal chunks of the size its first two
+    # measured gave, engine.gradients.factored_steady_chunk), where the training pass is one chunk of the batch: the
+    # same per-example products after it but a Linear weight's, which are summed over the rows each chunk reaches
+    # (cost.outer_row_products); "graph" runs R = 4 backward passes of the batch (a bare step less its forward
+    # each); tests/test_cost_dense_route.py checks each against the operation count
     from genkernel.core import cost
     from genkernel.core.engine.factored import block_shapes
-    from genkernel.core.engine.gradients import factored_chunk_sizes
+    from genkernel.core.engine.gradients import factored_steady_chunk
 
     assert "training_records" in costs["auto"].memory
     assert "training_records" not in costs["factored"].memory and "training_records" not in costs["graph"].memory
     bare = costs["factored"].bare_step
     share = bare / 8 - 2  # β, the input gradients' share of a forward: B (2 + β) is the bare step
-    chunks = factored_chunk_sizes(8, 256 * 2**20, *cost.factored_chunk_bytes(model, (x[:3],), 4, 1))
-    assert chunks == [1, 2, 5]
+    chunks = cost.equal_chunks(8, factored_steady_chunk(8, 256 * 2**20, *cost.factored_chunk_bytes(model, (x[:3],), 4, 1)))
+    assert chunks == [5, 3]
     shapes, _ = block_shapes(model, (x[:3],))
     outer = sum(s.parameters - (s.outputs if s.bias else 0) for s in shapes if s.kind == "linear" and s.positions == 1)
     forward = cost.hooked_forward_counts(model, (x[:1],), grad=True)[1]

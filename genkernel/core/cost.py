@@ -159,7 +159,7 @@ from .adapter import functional_model, has_state_outside_training, output_tensor
 from .engine.factored import BlockShape, block_shapes, row_chunks
 from .engine.gradients import (EXAMPLE_PASS_ACTIVATIONS, GRAPH_ROW_ACTIVATIONS, GRAPH_ROW_LARGEST_OUTPUTS,
                                ROUNDING_SEEDS, ExamplePass, example_chunk, example_pass_bytes, example_pass_measure,
-                               factored_chunk_peaks, factored_chunk_sizes, gradients_from_losses, graph_row_elements,
+                               factored_chunk_peaks, factored_steady_chunk, gradients_from_losses, graph_row_elements,
                                output_elements)
 from .param_bytes import joined_itemsize, parameter_bytes, trains_float32, value_bytes
 from .push_memory import DEFAULT_PUSH_MEMORY, LiveBytes, PushMemory, architecture_key, measure_push_memory, remembered
@@ -903,9 +903,10 @@ def estimate_cost(
             elif own_pass:
                 chunks = equal_chunks(b, example_chunk(memory_budget, num, largest, param_bytes, own.activations,
                                                        own.fixed_bytes))
-            else:  # the factored gradient route's captures: its first two chunks measured (engine.gradients)
+            else:  # the factored gradient route's captures, in the chunks its first two measured give (a step after
+                # the first, which measures them: engine.gradients.factored_steady_chunk)
                 one, two = factored_chunk_bytes(model, probes, rows, partitions)
-                chunks = factored_chunk_sizes(b, memory_budget, one, two)
+                chunks = equal_chunks(b, factored_steady_chunk(b, memory_budget, one, two))
             if own_pass:  # the vmapped pass over one chunk: its activations, gradients, and add_rows' widened block
                 memory["example_pass"] = example_pass_bytes(max(chunks), num, largest, param_bytes, own.activations,
                                                             own.fixed_bytes)
