@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from ..adapter import batch_size
+from ..param_bytes import joined_dtype
 from .factored import row_chunks
 from .factors import Factors, Plan, TrainingCapture, capture, loss_cotangents, output_cotangents
 from .gradients import per_example_gradients
@@ -181,7 +182,9 @@ def factored_contributions(
     # 1. The batch side of every block, scaled once.
     scaled = [None if f.is_unused else f.parameter_scaled(scale) for f in batch.factors]
     fallback = {name: g * scale[name] for name, g in batch.fallback.items()}
-    total = torch.zeros((batch_size(probes), batch.losses.shape[0], d), dtype=next(iter(plan.params.values())).dtype,
+    # (in the parameters' dtypes joined, as the sum of their blocks' cross kernels is: a float32 first layer rounded a
+    # float64 model's contributions to float32)
+    total = torch.zeros((batch_size(probes), batch.losses.shape[0], d), dtype=joined_dtype(plan.params),
                         device=batch.losses.device)
     for weight, theta in nodes:
         for rows in probe_chunks:

@@ -47,6 +47,7 @@ from ..adapter import (
     trainable_parameters,
     unwrap,
 )
+from ..param_bytes import joined_dtype, parameter_bytes
 from .factors import capture, covering_plan, output_cotangents
 from .kernels import ENGINES, in_full_precision, repeatable_output
 from .reference import per_example_jacobian, split_columns
@@ -313,10 +314,15 @@ def sketched_tangent_features(
     first = next(iter(params.values()))
     plan = covering_plan(model, xs) if engine != "functional" else None
     use_factored = plan is not None and (engine == "factored" or plan.blocks)
-    largest = max(p.numel() for p in params.values())
-    per_row = (2 * d * (largest if use_factored else sum(p.numel() for p in params.values()))) * first.element_size()
+    # A row's gradients of the largest parameter (factored: one layer at a time) or of all of them (torch.func), each
+    # in its parameter's dtype: not the first parameter's item size for all (a float32 first layer of a float64
+    # model halved the bytes and doubled the rows of a chunk)
+    largest = max(p.numel() * p.element_size() for p in params.values())
+    per_row = 2 * d * (largest if use_factored else parameter_bytes(params))
     rows = max(1, memory_budget // max(per_row, 1))
-    out = torch.zeros((m_total, d, k), dtype=first.dtype, device=first.device)
+    # (in the parameters' dtypes joined, as the sum of their projections is: a float32 first layer rounded the
+    # projections of a float64 model's other parameters to float32)
+    out = torch.zeros((m_total, d, k), dtype=joined_dtype(params), device=first.device)
     with analysis_mode(model):
         for start in range(0, m_total, rows):
             chunk = slice(start, min(start + rows, m_total))

@@ -519,9 +519,11 @@ class EMALedgers:
         #    (the rounding row's effect stays in the residual, as in the model's ledger).
         keep = list(range(self.rows + 1)) + [self.start_row]
         nodes = []
-        dtype = next(iter(self.model.params.values())).dtype
+        # (each parameter in its own dtype: the first one's for all rounded a float64 head's EMA weights to a float32
+        # first layer's dtype, or evaluated a float32 layer in float64)
+        dtypes = {n: p.dtype for n, p in self.model.params.items()}
         for s, w in zip(self.rule.nodes, self.rule.weights):
-            nodes.append((w, {n: (self.last_bar[n] + s * (bar[n] - self.last_bar[n])).to(dtype) for n in bar}))
+            nodes.append((w, {n: (self.last_bar[n] + s * (bar[n] - self.last_bar[n])).to(dtypes[n]) for n in bar}))
         with torch.no_grad(), analysis_mode(self.model.module), self._sampled_buffers():
             f_before = self._outputs(self.last_bar)
             pushed = push_rows(self.model, {n: c[keep] for n, c in change.items()}, nodes)  # [M, R + 2, d]
@@ -569,9 +571,9 @@ class EMALedgers:
                 m._buffers[name] = b
 
     def _outputs(self, theta: dict[str, torch.Tensor]) -> torch.Tensor:
-        dtype = next(iter(self.model.params.values())).dtype
+        params = self.model.params  # (each parameter in its own dtype, as in the pushes' nodes)
         forward = functional_model(self.model.module)
-        return forward({n: t.to(dtype) for n, t in theta.items()}, self.model.probes).to(torch.float64)
+        return forward({n: t.to(params[n].dtype) for n, t in theta.items()}, self.model.probes).to(torch.float64)
 
     def state_dict(self) -> dict[str, Any]:
         return {

@@ -222,7 +222,7 @@ class SketchedRoute(_FactorRoute):
         if self._pending is None or not exact:
             return
         reference = sum(
-            self.projection.project(n, v[0].unsqueeze(0).to(self._dtype()))[0].to(torch.float64)
+            self.projection.project(n, v[0].unsqueeze(0).to(self._dtype(n)))[0].to(torch.float64)
             * (-1.0 if self.splitter.hyper[n].get("maximize", False) else 1.0)
             for n, v in exact.items()
         )
@@ -256,7 +256,7 @@ class SketchedRoute(_FactorRoute):
         their factors, everything else from per-example gradients, one block at a time."""
         ones = {name: 1.0 for name in self.model.params}
         parts = [self._project_block(f, 0, ones) for f in batch.factors]
-        parts += [self.projection.project(n, g.to(self._dtype())).to(torch.float64) for n, g in batch.fallback.items()]
+        parts += [self.projection.project(n, g.to(self._dtype(n))).to(torch.float64) for n, g in batch.fallback.items()]
         return sum(p for p in parts if p is not None)
 
     def project_probes(self, nodes: list[tuple[float, dict[str, torch.Tensor]]]) -> torch.Tensor:
@@ -323,8 +323,10 @@ class SketchedRoute(_FactorRoute):
             out[name] = (value * sign).to(p.dtype) if isinstance(value, torch.Tensor) else value * sign
         return out
 
-    def _dtype(self) -> torch.dtype:
-        return next(iter(self.model.params.values())).dtype
+    def _dtype(self, name: str) -> torch.dtype:
+        """The dtype parameter ``name``'s values are projected in: its own (the first parameter's for all rounded a
+        float64 parameter's sketches to a float32 first layer's dtype)."""
+        return self.model.params[name].dtype
 
     # -- persistence -------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
