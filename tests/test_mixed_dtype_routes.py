@@ -240,3 +240,37 @@ def test_sketched_route_holds_each_parameters_projection_once_as_the_estimate_co
     held = sum(t.numel() * t.element_size() for t in projection.vectors._columns.values()) + \
         sum(r.numel() * r.element_size() + s.numel() * s.element_size() for r, s in projection._factors.values())
     assert held == projection_bytes(params, 32, tracker.memory_budget) == 118272
+
+
+class FrozenFloat32First(nn.Module):
+    """A frozen float32 first layer before trained float64 ones (a frozen encoder kept in a narrower dtype)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.l1 = nn.Linear(3, 16).float().requires_grad_(False)
+        self.l2, self.l3 = nn.Linear(16, 16).double(), nn.Linear(16, 2).double()
+
+    def forward(self, x):
+        return self.l3(torch.tanh(self.l2(torch.tanh(self.l1(x.float())).double())))
+
+
+def test_a_frozen_float32_layer_sets_the_checks_tolerance():
+    """The checks' tolerance is the least precise floating dtype's the forward uses, frozen parameters' too: the
+    dense route's factored gradient route passes a frozen float32 layer's rounding, which differs between its
+    per-example passes and the batch's (before: refused at step 1, a gap of 6.8e-9 of the scale against float64's
+    1e-10), and its ledger is the graph route's to float32 rounding."""
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(16, 3, generator=g, dtype=torch.float64), torch.randn(16, 2, generator=g, dtype=torch.float64)
+    ledgers = {}
+    for route in ("factored", "graph"):
+        model = FrozenFloat32First()
+        optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+        tracker = PathKernelTracker(model, optimizer, mse_loss, x[:4], num_groups=2, group_state="dense",
+                                    gradient_route=route)
+        for _ in range(3):
+            tracker.step(x, y, torch.arange(16) % 2)
+        assert tracker.rtol == 1e-5
+        ledgers[route] = tracker.ledger.contributions
+    scale = float(ledgers["graph"].abs().max())
+    assert float((ledgers["factored"] - ledgers["graph"]).abs().max()) <= 1e-6 * scale

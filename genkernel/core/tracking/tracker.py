@@ -466,10 +466,13 @@ class PathKernelTracker:
                 "split need real parameters. Hold each as a real tensor with a trailing dimension of 2 and use "
                 "torch.view_as_complex(p) in the forward"
             )
-        # A model of mixed dtypes (a float64 head on a float32 trunk) is checked at its least precise trained dtype's
-        # tolerance, not its first parameter's: a float32 parameter's rounding would fail float64's 1e-10.
+        # A model of mixed dtypes (a float64 head on a float32 trunk) is checked at its least precise floating dtype's
+        # tolerance, not its first parameter's: a float32 parameter's rounding would fail float64's 1e-10. Frozen
+        # ones too: a frozen float32 layer before trained float64 ones rounds the per-example passes otherwise than
+        # the batch's (the factored gradient route was refused, a gap of 6.8e-9 of the scale).
         dtypes = {p.dtype for p in self.params.values()}
-        self.rtol = max(CHECK_RTOL.get(t, 1e-3) for t in dtypes)
+        self._check_dtypes = dtypes | {p.dtype for p in self.module.parameters() if p.is_floating_point()}
+        self.rtol = max(CHECK_RTOL.get(t, 1e-3) for t in self._check_dtypes)
         # A float32 step's gradient check allows the rounding its own backward shows (tracking.rounding): sampled,
         # for every parameter, where any trained one is float32.
         self._samples_rounding = trains_float32(self.params)
@@ -2413,8 +2416,9 @@ class PathKernelTracker:
                     for partition, part in partitions.slices.items()}
         # A parameter whose true gradient is zero (a bias before a normalization) carries pure
         # rounding noise on both sides: compare it with rounding of the whole gradient too.
-        # (the least precise trained dtype's eps: a float64 first parameter's would hold a float32 one's noise to 1e-16)
-        eps = max(torch.finfo(p.dtype).eps for p in self.params.values())
+        # (the least precise floating dtype's eps, frozen parameters' too: a float64 first parameter's would hold a
+        # float32 one's noise to 1e-16)
+        eps = max(torch.finfo(dtype).eps for dtype in self._check_dtypes)
         floor = 16 * eps * math.sqrt(sum(v * v for v in scales.values()))
         if gradient_rtol > self.rtol and any(self._witnessed(real, w) for w in witnesses):
             return rounding
