@@ -233,7 +233,11 @@ def training_levels(scheduler) -> tuple[torch.Tensor, torch.Tensor]:
     # On the CPU: diffusers' add_noise moves the scheduler's alphas_cumprod to the samples' device
     # for good, and levels are bookkeeping, not model work.
     alphas = scheduler.alphas_cumprod.detach().to("cpu", torch.float64)
-    return torch.arange(alphas.numel()), torch.log(alphas / (1 - alphas).clamp_min(1e-300))
+    # A level with no noise (ᾱ = 1: β_0 = 0, or under 6e-8 in float32) has log SNR +inf, as a zero-terminal one
+    # has -inf: the bins span the finite range either way. (The clamp made it 690.8, and "equal log SNR" bins of
+    # [690.8, min] put nine of ten bins on t = 0..8 and 991 timesteps in the last.)
+    snr = torch.log(alphas / (1 - alphas).clamp_min(1e-300))
+    return torch.arange(alphas.numel()), torch.where(alphas >= 1, torch.full_like(snr, math.inf), snr)
 
 
 def _edm_grid(scheduler) -> tuple[torch.Tensor, torch.Tensor]:
