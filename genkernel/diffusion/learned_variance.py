@@ -35,7 +35,7 @@ import numbers
 import torch
 
 from ..core.tracking.step import LossFn
-from .objectives import DDPM_PROCESS, check_prediction_type, diffusion_loss, noise_process
+from .objectives import DDPM_PROCESS, check_prediction_type, diffusion_loss, noise_process, vp_alphas_cumprod
 
 LEARNED_RANGE = "learned_range"
 __all__ = ["LEARNED_RANGE", "HybridLoss", "describe_loss", "loss_targets", "mean_channels", "predicts_variance",
@@ -125,7 +125,7 @@ class HybridLoss:
         self.prediction_type = check_prediction_type(scheduler)
         self.vlb_weight = float(vlb_weight)
         # 1. the forward process's tables, in float64 (ᾱ_t near 1 loses the posterior variance in float32)
-        alphas_cumprod = scheduler.alphas_cumprod.detach().to("cpu", torch.float64)
+        alphas_cumprod = vp_alphas_cumprod(scheduler).detach().to("cpu", torch.float64)
         if self.prediction_type == "epsilon" and bool((alphas_cumprod <= 0).any()):
             # x̂_0 = (z_t − sqrt(1 − ᾱ_t) ε̂) / sqrt(ᾱ_t): at ᾱ_t = 0 (z_t = ε) an ε-prediction fixes no mean of p_θ
             raise ValueError(

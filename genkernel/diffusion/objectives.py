@@ -232,7 +232,7 @@ def training_levels(scheduler) -> tuple[torch.Tensor, torch.Tensor]:
         return levels, 2 * (math.log(scheduler.config.sigma_data) - torch.log(sigma))
     # On the CPU: diffusers' add_noise moves the scheduler's alphas_cumprod to the samples' device
     # for good, and levels are bookkeeping, not model work.
-    alphas = scheduler.alphas_cumprod.detach().to("cpu", torch.float64)
+    alphas = vp_alphas_cumprod(scheduler).detach().to("cpu", torch.float64)
     # A level with no noise (ᾱ = 1: β_0 = 0, or under 6e-8 in float32) has log SNR +inf, as a zero-terminal one
     # has -inf: the bins span the finite range either way. (The clamp made it 690.8, and "equal log SNR" bins of
     # [690.8, min] put nine of ten bins on t = 0..8 and 991 timesteps in the last.)
@@ -511,6 +511,19 @@ def dream_correction(scheduler, timesteps: torch.Tensor, noise: torch.Tensor, pr
     return noisy + (spread * delta).to(noisy.dtype), target + delta.to(target.dtype)
 
 
+def vp_alphas_cumprod(scheduler) -> torch.Tensor:
+    """``[T]`` ᾱ_t of a scheduler with ``alphas_cumprod``, as ``DDPMScheduler`` computes it for the same config: what
+    every DDPM training script (``DDPMScheduler.from_pretrained``) trains with. Euler, EulerAncestral, DPM-Solver and
+    UniPC with ``rescale_betas_zero_snr=True`` set ᾱ_{T-1} = 2**-24 for their sampling (so that σ stays finite),
+    where the rescaled schedule, and DDPMScheduler, have 0: it is 0 here. (With 2**-24 every inner log-SNR bin edge
+    moved, [0, 9, 82, ...] for [0, 8, 67, ...], and the noisy input at t = 999 kept 2.4e-4 of the signal.)"""
+    alphas = scheduler.alphas_cumprod
+    if getattr(scheduler.config, "rescale_betas_zero_snr", False) and float(alphas[-1]) == 2.0**-24:
+        alphas = alphas.clone()
+        alphas[-1] = 0.0
+    return alphas
+
+
 def _vp_coefficients(scheduler, timesteps: torch.Tensor, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``(sqrt(ᾱ_t), sqrt(1 − ᾱ_t))`` of integer ``timesteps [B]``, shaped to broadcast over ``like [B, *shape]``,
     in its dtype and on its device. Computed as ``DDPMScheduler.add_noise`` computes them (ᾱ_t cast to the samples'
@@ -526,7 +539,7 @@ def _vp_coefficients(scheduler, timesteps: torch.Tensor, like: torch.Tensor) -> 
     (the old code's noise was off by up to 227 for Euler's at t = 999)."""
     wide = torch.promote_types(like.dtype, torch.float32)
     # on the samples' device, as add_noise computes them there (a CUDA power may round otherwise than the CPU's)
-    alphas = scheduler.alphas_cumprod.detach().to(like.device, wide)[timesteps.detach().to(like.device)]
+    alphas = vp_alphas_cumprod(scheduler).detach().to(like.device, wide)[timesteps.detach().to(like.device)]
     shape = (-1, *([1] * (like.dim() - 1)))
     signal, spread = alphas**0.5, (1 - alphas) ** 0.5
     return signal.to(like.dtype).reshape(shape), spread.to(like.dtype).reshape(shape)
