@@ -31,6 +31,8 @@ from genkernel import PathKernelTracker
 from genkernel.core.adapter import coupled_forward
 from genkernel.supervised import mse_loss
 
+from test_forward_coupling import trained_with_and_without_a_tracker
+
 pytestmark = pytest.mark.usefixtures("one_thread")
 F64 = torch.float64
 
@@ -96,25 +98,9 @@ def test_a_module_drawing_from_its_own_numpy_or_python_generator_trains_as_witho
     """The tracker's construction and passes leave a module's own NumPy Generator / random.Random where training
     left it: the tracked run ends at the untracked run's parameters, bit for bit (before: 0.073 and 0.092 apart
     after three steps), and the draw is seen (the graph route)."""
-    x, y, probes = data()
-    finals = []
-    for tracked in (False, True):
-        torch.manual_seed(0)
-        model = OwnDraws(kind).to(F64)
-        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-        tracker = PathKernelTracker(model, optimizer, mse_loss, probes, num_groups=4) if tracked else None
-        for k in range(3):
-            rows = torch.arange(8 * k, 8 * k + 8)
-            if tracker is None:
-                optimizer.zero_grad()
-                mse_loss(model(x[rows]), y[rows]).mean().backward()
-                optimizer.step()
-            else:
-                tracker.step(x[rows], y[rows], rows % 4)
-        finals.append([p.detach().clone() for p in model.parameters()])
-        if tracker is not None:
-            assert tracker.random_forward and tracker.route.uses_graph()
-    assert all(torch.equal(a, b) for a, b in zip(*finals))
+    (untracked, _, _, _), (tracked, tracker, _, _) = trained_with_and_without_a_tracker(lambda: OwnDraws(kind).to(F64))
+    assert tracker.random_forward and tracker.route.uses_graph()
+    assert all(torch.equal(a, b) for a, b in zip(untracked, tracked))
 
 
 def test_a_numpy_global_generator_of_another_kind_does_not_break_the_construction():

@@ -188,18 +188,16 @@ class LayerDrop(nn.Module):
         return self.b(h)
 
 
-@pytest.mark.parametrize("draw", [random.random, np.random.rand], ids=["random", "numpy"])
-def test_a_forward_drawing_from_python_or_numpy_trains_as_without_the_tracker(draw):
-    """A LayerDrop drawing from ``random`` or ``np.random``: the tracker finds the draw (graph route) and trains to
-    the same parameters, bit for bit, with the global generators where an untracked run leaves them (before: the
-    construction's forward drew one number, and the parameters differed after three steps)."""
+def trained_with_and_without_a_tracker(build) -> list[tuple]:
+    """``[(parameters, None, Python's state, NumPy's keys), (parameters, tracker, ...)]`` after three SGD steps of
+    ``build()``, untracked and tracked, torch's, Python's and NumPy's global generators seeded alike before each."""
     x, y, probes = data()
     finals = []
     for tracked in (False, True):
         torch.manual_seed(0)
         random.seed(3)
         np.random.seed(3)
-        model = LayerDrop(draw).to(F64)
+        model = build()
         optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
         tracker = PathKernelTracker(model, optimizer, mse_loss, probes, num_groups=4) if tracked else None
         for k in range(3):
@@ -210,12 +208,21 @@ def test_a_forward_drawing_from_python_or_numpy_trains_as_without_the_tracker(dr
                 optimizer.step()
             else:
                 tracker.step(x[rows], y[rows], rows % 4)
-        finals.append(([p.detach().clone() for p in model.parameters()], random.getstate(), np.random.rand()))
-        if tracker is not None:
-            assert tracker.random_forward and tracker.route.uses_graph()
-    (untracked, python_untracked, numpy_untracked), (tracked_params, python_tracked, numpy_tracked) = finals
-    assert all(torch.equal(a, b) for a, b in zip(untracked, tracked_params))
-    assert python_untracked == python_tracked and numpy_untracked == numpy_tracked
+        finals.append(([p.detach().clone() for p in model.parameters()], tracker, random.getstate(),
+                       np.random.get_state()[1].copy()))
+    return finals
+
+
+@pytest.mark.parametrize("draw", [random.random, np.random.rand], ids=["random", "numpy"])
+def test_a_forward_drawing_from_python_or_numpy_trains_as_without_the_tracker(draw):
+    """A LayerDrop drawing from ``random`` or ``np.random``: the tracker finds the draw (graph route) and trains to
+    the same parameters, bit for bit, with the global generators where an untracked run leaves them (before: the
+    construction's forward drew one number, and the parameters differed after three steps)."""
+    (untracked, _, python_untracked, numpy_untracked), (tracked, tracker, python_tracked, numpy_tracked) = \
+        trained_with_and_without_a_tracker(lambda: LayerDrop(draw).to(F64))
+    assert tracker.random_forward and tracker.route.uses_graph()
+    assert all(torch.equal(a, b) for a, b in zip(untracked, tracked))
+    assert python_untracked == python_tracked and np.array_equal(numpy_untracked, numpy_tracked)
 
 
 class TokenBatchMean(nn.Module):

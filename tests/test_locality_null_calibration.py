@@ -11,7 +11,6 @@ alike."""
 from __future__ import annotations
 
 import numpy as np
-import pytest
 import torch
 
 from genkernel.core import grouping

@@ -19,52 +19,9 @@ from genkernel.core.engine.per_example import BatchFactors
 from genkernel.core.engine.projections import project_parameter, sketched_tangent_features
 from genkernel.supervised import mse_loss
 
+from test_cost_mixed_dtype import Gain, Mixed  # noqa: F401 (Gain: the fallback parameter's module)
+
 F32, F64 = torch.float32, torch.float64
-
-
-class Gain(nn.Module):
-    """h ⊙ gain, in the gain's dtype, returned as float64 (no layer block of the plan: its parameter is a fallback)."""
-
-    def __init__(self, gain: torch.Tensor):
-        super().__init__()
-        self.gain = nn.Parameter(gain)
-
-    def forward(self, h):
-        return (h.to(self.gain.dtype) * self.gain).to(F64)
-
-
-class Mixed(nn.Module):
-    """The MLP above; ``head_first`` registers the layers in reverse order (which parameter is first changes, the
-    function does not); ``gain``: the dtype of an elementwise gain on the second layer's output (None: no gain)."""
-
-    def __init__(self, dtypes, head_first: bool = False, gain=None, seed: int = 0):
-        super().__init__()
-        gen = torch.Generator().manual_seed(seed)
-        sizes = [(8, 4), (4, 64), (64, 64), (64, 1)]
-        layers = []
-        for (i, o), dtype in zip(sizes, dtypes):
-            layer = nn.Linear(i, o, dtype=F64)
-            with torch.no_grad():
-                layer.weight.copy_(torch.randn(o, i, generator=gen, dtype=F64) / i ** 0.5)
-                layer.bias.copy_(torch.randn(o, generator=gen, dtype=F64) * 0.1)
-            layers.append(layer.to(dtype))
-        self.names = [f"l{k}" for k in range(len(layers))]
-        for k in (reversed(range(len(layers))) if head_first else range(len(layers))):
-            self.add_module(self.names[k], layers[k])
-        # (in a module of its own, registered after the layers: a parameter of the root would come first)
-        self.scale = None if gain is None else Gain((1 + 0.1 * torch.randn(64, generator=gen, dtype=F64)).to(gain))
-
-    def forward(self, x):
-        h = x
-        for k, name in enumerate(self.names):
-            layer = getattr(self, name)
-            h = layer(h.to(layer.weight.dtype)).to(F64)
-            if k == 1 and self.scale is not None:
-                h = self.scale(h)
-            if k < len(self.names) - 1:
-                h = torch.tanh(h)
-        return h
-
 
 X = torch.randn(10, 8, generator=torch.Generator().manual_seed(3), dtype=F64)
 # (a float32 layer first, or a float32 head registered first: the first parameter float32 in a float64 model)
