@@ -19,7 +19,7 @@ from genkernel.core.engine.per_example import BatchFactors
 from genkernel.core.engine.projections import project_parameter, sketched_tangent_features
 from genkernel.supervised import mse_loss
 
-from test_cost_mixed_dtype import Gain, Mixed  # noqa: F401 (Gain: the fallback parameter's module)
+from test_cost_mixed_dtype import Mixed
 
 F32, F64 = torch.float32, torch.float64
 

@@ -34,6 +34,7 @@ import numpy as np
 import torch
 from torch import nn
 from torch.nn.utils.stateless import _reparametrize_module
+from torch.utils._pytree import tree_leaves
 
 Batch = torch.Tensor | tuple[torch.Tensor, ...]
 
@@ -595,6 +596,34 @@ def coupled_forward(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> list[
     return [f"{type(model).__name__} (an example's output depends on the other examples of its batch: a statistic "
             "over the batch in plain operations, a hand-written batch norm or a minibatch standard deviation; or a "
             "model that does not take its examples on dimension 0 of its inputs, a sequence-first one)"]
+
+
+def frozen_dtypes_used(module: nn.Module, probes: tuple[torch.Tensor, ...], trained: Any) -> set:
+    """The floating dtypes of the frozen parameters of ``module`` (those not in ``trained``, a dict of the trained
+    ones) that a forward on ``probes`` in analysis mode hands some torch operation: only their rounding can make the
+    per-example passes differ from the batch's. A frozen parameter the forward never reads (a spare head, a teacher
+    kept as a submodule) would otherwise set a float64 model's checks to float32's 1e-5. One forward without a
+    graph, on copies of the buffers, every generator put back; none without frozen floating parameters."""
+    from torch.overrides import TorchFunctionMode
+
+    trained_ids = {id(p) for p in trained.values()}
+    frozen = {id(p): p.dtype for p in module.parameters() if p.is_floating_point() and id(p) not in trained_ids}
+    if not frozen:
+        return set()
+    seen: set = set()
+
+    class _Seen(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            for leaf in tree_leaves((args, kwargs or {})):
+                if isinstance(leaf, torch.Tensor) and id(leaf) in frozen:
+                    seen.add(frozen[id(leaf)])
+            return func(*args, **(kwargs or {}))
+
+    watched = _watched(module, probes)
+    with torch.no_grad(), analysis_mode(module), preserved_buffers(module), \
+            forked_generators(_cuda_devices(watched)), restored_module_generators(module), _Seen():
+        checked_forward(module, probes, name="probes")
+    return seen
 
 
 @contextlib.contextmanager

@@ -278,8 +278,13 @@ def band_locality(
     # Clustered by probe level: probes at one level share its band of source bins and every training step, so they
     # are not independent (unclustered, the claims held 5.0 % of the time under a null of two controls, at a
     # nominal 2.5 %; the GAN analyzer's intervals are clustered by probe group likewise).
-    out["traffic"] = measured_minus_control(traffic_band, traffic_c, clusters=probe_level)
-    out["share"] = measured_minus_control(share_band, share_c, clusters=probe_level)
+    # (a cluster per distinct level: probe_levels that list a level twice are one level, as the saved-state summary,
+    # whose rows are the distinct levels, reads them)
+    distinct = torch.unique(torch.tensor([float(level) for level, _ in level_bins], dtype=torch.float64),
+                            return_inverse=True)[1]
+    clusters = distinct[torch.as_tensor(probe_level, device="cpu", dtype=torch.long)]
+    out["traffic"] = measured_minus_control(traffic_band, traffic_c, clusters=clusters)
+    out["share"] = measured_minus_control(share_band, share_c, clusters=clusters)
     if why is not None:
         for key in ("traffic", "share"):
             out[key] = {**out[key], "held": False, "why": why}

@@ -305,8 +305,9 @@ def same_noise_schedule(ours, theirs) -> bool:
     if noise_process(ours) != DDPM_PROCESS:
         a, b = training_levels(ours)[0].double(), training_levels(theirs)[0].double()
     else:
-        a = ours.alphas_cumprod.detach().to("cpu", torch.float64)
-        b = theirs.alphas_cumprod.detach().to("cpu", torch.float64)
+        # (as DDPMScheduler reads their config: a zero-terminal-SNR Euler/DPM/UniPC scheduler's 2**-24 at T-1 is 0)
+        a = vp_alphas_cumprod(ours).detach().to("cpu", torch.float64)
+        b = vp_alphas_cumprod(theirs).detach().to("cpu", torch.float64)
     return a.shape == b.shape and bool(torch.allclose(a, b, rtol=1e-6, atol=0))
 
 
@@ -505,7 +506,7 @@ def dream_correction(scheduler, timesteps: torch.Tensor, noise: torch.Tensor, pr
             "ε̂ to correct by: train it without DREAM)"
         )
     wide = torch.promote_types(noisy.dtype, torch.float32)
-    alphas = scheduler.alphas_cumprod.detach().to(noisy.device, wide)[timesteps.detach().to(noisy.device)]
+    alphas = vp_alphas_cumprod(scheduler).detach().to(noisy.device, wide)[timesteps.detach().to(noisy.device)]
     spread = ((1 - alphas) ** 0.5).reshape(-1, *([1] * (noisy.dim() - 1)))
     delta = (noise - prediction.detach().to(noise.dtype)) * (spread ** float(detail_preservation)).to(noise.dtype)
     return noisy + (spread * delta).to(noisy.dtype), target + delta.to(target.dtype)

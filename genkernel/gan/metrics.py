@@ -87,7 +87,13 @@ def coverage_radius(std: float, sigmas: float, dim: int) -> float:
         return sigmas * std
     from scipy.stats import chi2
 
-    return std * math.sqrt(float(chi2.ppf(-math.expm1(-sigmas * sigmas / 2), dim)))
+    # The tail exp(−sigmas²/2), not the share 1 − tail: from sigmas ≈ 8.6 the share rounds to 1 and χ²'s quantile
+    # there is inf (every sample on every mode, silently).
+    tail = math.exp(-sigmas * sigmas / 2)
+    if tail == 0.0:
+        raise ValueError(f"sigmas={sigmas} leaves a mode's share outside the radius, exp(-sigmas^2/2), below the "
+                         f"smallest float in {dim} dimensions: the radius would hold every sample; pass sigmas <= 38")
+    return std * math.sqrt(float(chi2.isf(tail, dim)))
 
 
 def _check_radius(value: Any, name: str, what: str) -> None:

@@ -68,6 +68,7 @@ from ..adapter import (
     low_precision_in_graph,
     positive_int,
     coupled_forward,
+    frozen_dtypes_used,
     random_forward,
     tf32_hazard,
     trainable_parameters,
@@ -468,10 +469,11 @@ class PathKernelTracker:
             )
         # A model of mixed dtypes (a float64 head on a float32 trunk) is checked at its least precise floating dtype's
         # tolerance, not its first parameter's: a float32 parameter's rounding would fail float64's 1e-10. Frozen
-        # ones too: a frozen float32 layer before trained float64 ones rounds the per-example passes otherwise than
-        # the batch's (the factored gradient route was refused, a gap of 6.8e-9 of the scale).
+        # ones the forward reads too: a frozen float32 layer before trained float64 ones rounds the per-example passes
+        # otherwise than the batch's (the factored gradient route was refused, a gap of 6.8e-9 of the scale); one it
+        # never reads (a spare head) leaves the checks as they are.
         dtypes = {p.dtype for p in self.params.values()}
-        self._check_dtypes = dtypes | {p.dtype for p in self.module.parameters() if p.is_floating_point()}
+        self._check_dtypes = dtypes | frozen_dtypes_used(self.module, self.probes, self.params)
         self.rtol = max(CHECK_RTOL.get(t, 1e-3) for t in self._check_dtypes)
         # A float32 step's gradient check allows the rounding its own backward shows (tracking.rounding): sampled,
         # for every parameter, where any trained one is float32.
