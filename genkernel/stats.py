@@ -230,4 +230,21 @@ def proportion_interval(successes: int, total: int, *, confidence: float = 0.95)
     return Interval(successes / total, float(ci.low), float(ci.high), int(total), confidence, "wilson")
 
 
-__all__ = ["Interval", "bootstrap_interval", "difference_interval", "mean_interval", "nan_median", "proportion_interval"]
+MIN_UNITS = 3  # a within-run interval over fewer independent units is not read as evidence
+
+
+def few_units(result: dict[str, Any], *, minimum: int = MIN_UNITS, units: str = "probe groups") -> dict[str, Any]:
+    """``result`` (an interval as a dict with ``"n"`` and ``"held"``) with ``held`` False and a ``why``
+    when it rests on fewer than ``minimum`` independent ``units`` (the GAN analyzer's probe groups, the diffusion
+    analyzer's probe levels). With two probe groups the interaction statistic's two cluster means can be equal by
+    construction (each group's column entry is the other's complement), which gives a zero-width interval: not
+    evidence of anything; with two probe levels a t-interval has one degree of freedom."""
+    n = result.get("n") or 0
+    if n < minimum:
+        result = {**result, "held": False,
+                  "why": f"{n} independent unit(s) ({units}); a within-run interval needs at least {minimum}"}
+    return result
+
+
+__all__ = ["Interval", "MIN_UNITS", "bootstrap_interval", "difference_interval", "few_units", "mean_interval", "nan_median",
+           "proportion_interval"]

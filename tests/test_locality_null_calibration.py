@@ -50,3 +50,19 @@ def test_the_locality_claim_holds_at_its_nominal_rate_under_a_null():
     clustered = held_rate(400, clustered=True)
     assert clustered <= 0.05, clustered
     assert held_rate(400, clustered=False) >= 0.15
+
+
+def test_fewer_than_three_probe_levels_hold_nothing_and_say_why():
+    """Two probe levels: a strong locality (every probe's band share 1 above the controls') is not held, and the
+    result says it rests on two probe levels (before: the interval had one degree of freedom and nothing said so);
+    three levels hold it."""
+    rng = np.random.default_rng(1)
+    for levels, held in ((2, False), (3, True)):
+        level = torch.arange(12) % levels
+        controls = [torch.from_numpy(0.01 * rng.normal(size=(12, levels))) for _ in range(2)]
+        measured = torch.zeros(12, levels, dtype=torch.float64)
+        measured[torch.arange(12), level] = 1.0  # (each probe's share all on its own level's bin)
+        out = grouping.band_locality(measured, measured, controls, controls, level, 0, levels, level,
+                                     [(float(i), i) for i in range(levels)])
+        assert out["traffic"]["held"] is held, out["traffic"]
+        assert ("probe levels" in out["traffic"].get("why", "")) is (not held)

@@ -29,7 +29,7 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
-from ..stats import difference_interval, mean_interval
+from ..stats import difference_interval, few_units, mean_interval
 
 DEFAULT_PARTITION = "groups"
 INTEGER_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
@@ -283,8 +283,10 @@ def band_locality(
     distinct = torch.unique(torch.tensor([float(level) for level, _ in level_bins], dtype=torch.float64),
                             return_inverse=True)[1]
     clusters = distinct[torch.as_tensor(probe_level, device="cpu", dtype=torch.long)]
-    out["traffic"] = measured_minus_control(traffic_band, traffic_c, clusters=clusters)
-    out["share"] = measured_minus_control(share_band, share_c, clusters=clusters)
+    # (and not held on fewer than three levels: with two a t-interval has one degree of freedom, as the GAN analyzer's
+    # intervals on fewer than three probe groups)
+    out["traffic"] = few_units(measured_minus_control(traffic_band, traffic_c, clusters=clusters), units="probe levels")
+    out["share"] = few_units(measured_minus_control(share_band, share_c, clusters=clusters), units="probe levels")
     if why is not None:
         for key in ("traffic", "share"):
             out[key] = {**out[key], "held": False, "why": why}

@@ -14,7 +14,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from ..stats import Interval, mean_interval
+from ..stats import MIN_UNITS, Interval, few_units, mean_interval  # (few_units, MIN_UNITS: re-exported)
 
 
 def cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -125,21 +125,6 @@ def push_field(loss_fn, samples: torch.Tensor, classes: torch.Tensor | None = No
 
 
 # -- coupling statistics ----------------------------------------------------------------------
-MIN_UNITS = 3  # a within-run interval over fewer probe groups is not read as evidence
-
-
-def few_units(result: dict[str, Any], *, minimum: int = MIN_UNITS) -> dict[str, Any]:
-    """``result`` (an interval as a dict with ``"n"`` and ``"held"``) with ``held`` False and a ``why``
-    when it rests on fewer than ``minimum`` independent units. With two probe groups the interaction
-    statistic's two cluster means can be equal by construction (each group's column entry is the
-    other's complement), which gives a zero-width interval: not evidence of anything."""
-    n = result.get("n") or 0
-    if n < minimum:
-        result = {**result, "held": False,
-                  "why": f"{n} independent unit(s) (probe groups); a within-run interval needs at least {minimum}"}
-    return result
-
-
 def _check_shares(shares: torch.Tensor, probe_groups: torch.Tensor, num_groups: int) -> None:
     """Raise ValueError unless ``shares`` is ``[M, num_groups]`` and ``probe_groups`` is ``[M]`` of
     integer ids in [0, num_groups): the source groups (columns) and the probes' own groups are the
