@@ -430,3 +430,15 @@ def test_the_report_names_the_loss_each_tracked_step_trained_with_and_keeps_it_a
         losses.mean().backward()
         optimizer.step()
     assert analyzer.report()["config"]["step_losses"] == {OBSERVED_LOSS: 2}
+
+
+def test_a_schedule_without_noise_at_a_level_is_refused_naming_it():
+    """beta_start = 0 leaves ᾱ_0 = 1, where the posterior q(x_{t-1} | x_t, x_0) has no variance: HybridLoss refuses
+    it at construction, naming the timesteps and the fix (before: the trainer stopped at its first step with a
+    NonFiniteError naming examples)."""
+    import diffusers
+
+    scheduler = diffusers.DDPMScheduler(num_train_timesteps=100, beta_start=0.0, beta_end=0.02,
+                                        variance_type="learned_range")
+    with pytest.raises(ValueError, match=r"no noise at timesteps \[0\].*beta_start > 0"):
+        HybridLoss(scheduler)

@@ -134,6 +134,15 @@ class HybridLoss:
                 "gradients at t = T − 1); train the learned variance with prediction_type='v_prediction' (or "
                 "'sample'), as zero-terminal-SNR schedules are meant to be trained"
             )
+        if bool((alphas_cumprod >= 1).any()):
+            # β_t = 0: q(x_{t−1} | x_t, x_0) has no variance at those levels (0/0: a NaN posterior mean and a log
+            # variance of −inf), and the trainer stopped with a NonFiniteError naming examples, not the schedule
+            levels = (alphas_cumprod >= 1).nonzero().flatten().tolist()
+            raise ValueError(
+                f"the schedule has no noise at timesteps {levels[:5]} (ᾱ_t = 1: beta_start = 0, or under 6e-8 in "
+                "float32), where the learned variance's posterior q(x_{t-1} | x_t, x_0) is undefined; build the "
+                "scheduler with beta_start > 0 (1e-4 is DDPM's)"
+            )
         previous = torch.cat([torch.ones(1, dtype=torch.float64), alphas_cumprod[:-1]])
         betas = 1.0 - alphas_cumprod / previous
         posterior_variance = betas * (1.0 - previous) / (1.0 - alphas_cumprod)
