@@ -195,11 +195,50 @@ class ExamplePass(NamedTuple):
     fixed_bytes: int
 
 
-# one example's pass by model, input signature, differentiated parameters and loss (:func:`example_pass_measure`):
-# {model: {signature: (weak references to its modules, parameters and loss objects, ExamplePass)}}, a few signatures
-# a model (the route's parameters and its fallback's, the estimate's stand-in loss and the engine's own)
-_ACTIVATIONS: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
 SIGNATURES_KEPT = 6
+
+
+class _Measures(weakref.WeakKeyDictionary):
+    """Measures of a model's passes, remembered: {model: {signature: (weak references to its modules, parameters and
+    loss objects, value)}}, a few signatures a model (:data:`SIGNATURES_KEPT`). A signature is the caller's key with
+    the modules' configuration (:func:`_module_signature`) and the loss's (:func:`_loss_signature`); a value is
+    recalled only while the same modules, parameters and loss objects are in place (a module or parameter replaced,
+    or a module reconfigured, measures again)."""
+
+    @staticmethod
+    def _signature(model: nn.Module, key: tuple, loss_fn: Callable | None) -> tuple[tuple, list]:
+        modules = list(model.modules())
+        loss_key, loss_objects = _loss_signature(loss_fn)
+        objects = modules + [p for m in modules for p in m._parameters.values() if p is not None] + loss_objects
+        return (key, _module_signature(modules), loss_key), objects
+
+    def recall(self, model: nn.Module, key: tuple, loss_fn: Callable | None) -> Any:
+        """The value remembered for ``model``, ``key`` and ``loss_fn``, or None."""
+        signature, objects = self._signature(model, key, loss_fn)
+        known = self.get(model, {}).get(signature)
+        if known is not None and len(known[0]) == len(objects) and all(r() is o for r, o in zip(known[0], objects)):
+            return known[1]
+        return None
+
+    def remember(self, model: nn.Module, key: tuple, loss_fn: Callable | None, value: Any) -> None:
+        """Keep ``value`` for ``model``, ``key`` and ``loss_fn`` (not kept where a loss object takes no weak
+        reference: measured again each call)."""
+        signature, objects = self._signature(model, key, loss_fn)
+        try:
+            references = tuple(weakref.ref(o) for o in objects)
+        except TypeError:
+            return
+        kept = self.setdefault(model, {})
+        kept[signature] = (references, value)
+        while len(kept) > SIGNATURES_KEPT:  # (a model whose modules or inputs change does not grow the cache)
+            kept.pop(next(iter(kept)))
+
+
+# one example's pass by model, inputs, differentiated parameters and loss (:func:`example_pass_measure`: the route's
+# parameters and its fallback's, the estimate's stand-in loss and the engine's own)
+_ACTIVATIONS = _Measures()
+# the factored route's first two chunks' peaks by model, inputs, parameters, rows and loss (:func:`_factored_captures`)
+_FACTORED_PEAKS = _Measures()
 
 
 def _module_signature(modules: list[nn.Module]) -> tuple:
@@ -285,26 +324,15 @@ def example_pass_measure(model: nn.Module, forward: Callable, params: dict[str, 
     Once per model, input shapes and dtypes, modules, differentiated parameters, kernel context and loss (cached:
     the route runs it on its first call only, not per step; a module or parameter replaced, or a module
     reconfigured, measures again)."""
-    modules = list(model.modules())
-    loss_key, loss_objects = _loss_signature(loss_fn)
-    signature = (_tensor_signature(example), _module_signature(modules), tuple(sorted(params)),
-                 _kernel_context(example), loss_key, _tensor_signature(target))
-    objects = modules + [p for m in modules for p in m._parameters.values() if p is not None] + loss_objects
-    kept = _ACTIVATIONS.setdefault(model, {})
-    known = kept.get(signature)
-    if known is not None and len(known[0]) == len(objects) and all(ref() is o for ref, o in zip(known[0], objects)):
-        return known[1]
+    key = (_tensor_signature(example), tuple(sorted(params)), _kernel_context(example), _tensor_signature(target))
+    known = _ACTIVATIONS.recall(model, key, loss_fn)
+    if known is not None:
+        return known
     with torch.no_grad(), _LeafOutputs(model) as counted:
         forward(params, example)
     measured = _measured_pass(model, forward, params, example, loss_fn, target)
     found = ExamplePass(max(counted.elements, measured.activations), measured.fixed_bytes)
-    try:
-        references = tuple(weakref.ref(o) for o in objects)
-    except TypeError:  # (a loss object that takes no weak reference: measured again each call, not kept)
-        return found
-    kept[signature] = (references, found)
-    while len(kept) > SIGNATURES_KEPT:  # (a model whose modules or inputs change does not grow the cache)
-        kept.pop(next(iter(kept)))
+    _ACTIVATIONS.remember(model, key, loss_fn, found)
     return found
 
 
@@ -928,15 +956,11 @@ def _factored_captures(model, params, inputs, targets, loss_fn, membership, memo
 
     # (measured once per model, inputs, parameters, rows and loss, as the example route's pass: the later calls run
     # chunks of the size the first two chunks gave, unmeasured; measuring every call cost 1.4-1.9x a small MLP's)
-    modules = list(model.modules())
-    loss_key, loss_objects = _loss_signature(loss_fn)
-    key = (_tensor_signature(inputs), _tensor_signature(targets), _module_signature(modules), tuple(sorted(params)),
-           at is None, membership.shape[0], int((membership[:, 0] != 0).sum()), loss_key, _kernel_context(inputs))
-    objects = modules + [p for m in modules for p in m._parameters.values() if p is not None] + loss_objects
-    remembered = _FACTORED_PEAKS.setdefault(model, {})
-    known = remembered.get(key)
-    if known is not None and len(known[0]) == len(objects) and all(r() is o for r, o in zip(known[0], objects)):
-        one, two = known[1]
+    key = (_tensor_signature(inputs), _tensor_signature(targets), tuple(sorted(params)), at is None,
+           membership.shape[0], int((membership[:, 0] != 0).sum()), _kernel_context(inputs))
+    known = _FACTORED_PEAKS.recall(model, key, loss_fn)
+    if known is not None:
+        one, two = known
         if two or not second_chunk_measured(batch, memory_budget, one):
             step = factored_steady_chunk(batch, memory_budget, one, two)
             for start in range(0, batch, step):
@@ -949,17 +973,8 @@ def _factored_captures(model, params, inputs, targets, loss_fn, membership, memo
     for size in sizes[2 if two else 1:]:
         add_chunk(slice(start, start + size))
         start += size
-    try:
-        remembered[key] = (tuple(weakref.ref(o) for o in objects), (one, two))
-    except TypeError:  # (a loss object that takes no weak reference: measured again each call)
-        pass
-    while len(remembered) > SIGNATURES_KEPT:
-        remembered.pop(next(iter(remembered)))
+    _FACTORED_PEAKS.remember(model, key, loss_fn, (one, two))
     return losses, (one, two)
-
-
-# the factored route's first two chunks' peaks by model, inputs, parameters, rows and loss (:func:`_factored_captures`)
-_FACTORED_PEAKS: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
 
 
 @contextlib.contextmanager
