@@ -410,13 +410,9 @@ def _digest(state: Any) -> torch.Tensor:
 
 
 def _generator_state(generator: Any) -> torch.Tensor:
-    if isinstance(generator, torch.Generator):
-        return generator.get_state()
-    if isinstance(generator, random.Random):
-        return _digest(generator.getstate())
-    if isinstance(generator, np.random.Generator):
-        return _digest(generator.bit_generator.state)
-    return _digest(generator.get_state(legacy=False))  # np.random.RandomState
+    """A module's generator's state as a tensor :func:`drew_between` compares (a host generator's by digest)."""
+    state = _saved_generator_state(generator)
+    return state if isinstance(generator, torch.Generator) else _digest(state)
 
 
 def _set_generator_state(generator: Any, state: Any) -> None:
@@ -431,6 +427,8 @@ def _set_generator_state(generator: Any, state: Any) -> None:
 
 
 def _saved_generator_state(generator: Any) -> Any:
+    """What :func:`_set_generator_state` puts back: a torch, Python or NumPy (Generator, RandomState) generator's
+    state."""
     if isinstance(generator, torch.Generator):
         return generator.get_state()
     if isinstance(generator, random.Random):
