@@ -150,7 +150,7 @@ import math
 import numbers
 import os
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -609,39 +609,55 @@ def graph_row_bytes(model: nn.Module, probes: tuple[torch.Tensor, ...]) -> float
     probabilities written with matmul and softmax held 18 times graph_row_elements a row at T = 256, diffusers'
     AttnProcessor in a UNet2DModel at 32x32 3.1 times, an LSTM 1.45, F.interpolate 3.4. 0.0 where the pass raises
     or nothing is trained (the count alone then); one measure per architecture and probe shape (push_memory's key)."""
+    return _measured_per_architecture("graph row", model, probes, _measured_graph_row)
+
+
+def _measured_per_architecture(kind: str, model: nn.Module, probes: tuple[torch.Tensor, ...],
+                               measure: Callable[[nn.Module, dict, tuple], float]) -> float:
+    """``measure(model, trained parameters, probes)`` on the model as it is, its buffers and the random state
+    restored (``adapter.preserved_state``), once per ``kind``, architecture and probe shape (push_memory's
+    ``remembered``); 0.0 where nothing is trained or the measure raises (any failure leaves the count: the step's
+    own passes report their errors), the device's out-of-memory error raised (as push_memory's measure)."""
     params = {name: p for name, p in model.named_parameters() if p.requires_grad}
     if not params:
         return 0.0
-    return remembered("graph row", architecture_key(model, params, probes, 0),
-                      lambda: _measured_graph_row(model, params, probes))
+
+    def guarded() -> float:
+        try:
+            with preserved_state(model), torch.enable_grad():
+                return measure(model, params, probes)
+        except torch.OutOfMemoryError:
+            raise
+        except Exception:
+            return 0.0
+
+    return remembered(kind, architecture_key(model, params, probes, 0), guarded)
+
+
+def _first_probe_copies(probes: tuple[torch.Tensor, ...], copies: int) -> tuple[torch.Tensor, ...]:
+    return tuple(t[:1].repeat(copies, *([1] * (t.dim() - 1))) for t in probes)
 
 
 def _measured_graph_row(model: nn.Module, params: dict[str, torch.Tensor], probes: tuple[torch.Tensor, ...]) -> float:
     """:func:`graph_row_bytes`' passes, run."""
     growth = []
-    try:
-        with preserved_state(model), torch.enable_grad():
-            for batch in (1, 2):
-                inputs = tuple(t[:1].repeat(batch, *([1] * (t.dim() - 1))) for t in probes)
-                floating = [t.requires_grad_(True) for t in inputs if t.is_floating_point()]
-                losses = output_tensor(model(*inputs)).reshape(batch, -1).pow(2).sum(1)
-                peaks = []
-                for rows in (1, 2):
-                    weights = torch.ones(rows, batch, dtype=losses.dtype, device=losses.device)
-                    with LiveBytes((*params.values(), *inputs)) as live:
-                        if floating:  # to the inputs: every activation's gradient, no parameter-sized row to hide it
-                            torch.autograd.grad(losses, floating, grad_outputs=weights, retain_graph=True,
-                                                is_grads_batched=True)
-                        else:
-                            gradients_from_losses(losses, params, weights)
-                    peaks.append(live.peak)
-                growth.append(peaks[1] - peaks[0])
-                del losses
-        return float(max(growth[1] - growth[0], 0))
-    except torch.OutOfMemoryError:  # (as push_memory's measure: the device's, not the model's)
-        raise
-    except Exception:  # (any failure of the measure leaves the count; the step's own backward reports its errors)
-        return 0.0
+    for batch in (1, 2):
+        inputs = _first_probe_copies(probes, batch)
+        floating = [t.requires_grad_(True) for t in inputs if t.is_floating_point()]
+        losses = output_tensor(model(*inputs)).reshape(batch, -1).pow(2).sum(1)
+        peaks = []
+        for rows in (1, 2):
+            weights = torch.ones(rows, batch, dtype=losses.dtype, device=losses.device)
+            with LiveBytes((*params.values(), *inputs)) as live:
+                if floating:  # to the inputs: every activation's gradient, no parameter-sized row to hide it
+                    torch.autograd.grad(losses, floating, grad_outputs=weights, retain_graph=True,
+                                        is_grads_batched=True)
+                else:
+                    gradients_from_losses(losses, params, weights)
+            peaks.append(live.peak)
+        growth.append(peaks[1] - peaks[0])
+        del losses
+    return float(max(growth[1] - growth[0], 0))
 
 
 def training_pass_bytes(model: nn.Module, probes: tuple[torch.Tensor, ...]) -> float:
@@ -654,31 +670,21 @@ def training_pass_bytes(model: nn.Module, probes: tuple[torch.Tensor, ...]) -> f
     softmax's saved output), measured exactly as a training pass's slope from B = 8 to 16; a conv net and an MLP
     hold less than the count (0.55, 0.25). 0.0 where the pass raises or nothing is trained (the
     count alone then); one measure per architecture and probe shape (push_memory's key)."""
-    params = {name: p for name, p in model.named_parameters() if p.requires_grad}
-    if not params:
-        return 0.0
-    return remembered("training pass", architecture_key(model, params, probes, 0),
-                      lambda: _measured_training_pass(model, params, probes))
+    return _measured_per_architecture("training pass", model, probes, _measured_training_pass)
 
 
 def _measured_training_pass(model: nn.Module, params: dict[str, torch.Tensor],
                             probes: tuple[torch.Tensor, ...]) -> float:
     """:func:`training_pass_bytes`' passes, run."""
     peaks = []
-    try:
-        with preserved_state(model), torch.enable_grad():
-            for batch in (1, 2):
-                inputs = tuple(t[:1].repeat(batch, *([1] * (t.dim() - 1))) for t in probes)
-                with LiveBytes((*params.values(), *inputs)) as live:
-                    loss = output_tensor(model(*inputs)).pow(2).sum()
-                    torch.autograd.grad(loss, list(params.values()), allow_unused=True)
-                    del loss
-                peaks.append(live.peak)
-        return float(max(peaks[1] - peaks[0], 0))
-    except torch.OutOfMemoryError:  # (as push_memory's measure: the device's, not the model's)
-        raise
-    except Exception:  # (any failure of the measure leaves the count; the step's own pass reports its errors)
-        return 0.0
+    for batch in (1, 2):
+        inputs = _first_probe_copies(probes, batch)
+        with LiveBytes((*params.values(), *inputs)) as live:
+            loss = output_tensor(model(*inputs)).pow(2).sum()
+            torch.autograd.grad(loss, list(params.values()), allow_unused=True)
+            del loss
+        peaks.append(live.peak)
+    return float(max(peaks[1] - peaks[0], 0))
 
 
 # GRAPH_ROW_ACTIVATIONS and GRAPH_ROW_LARGEST_OUTPUTS (engine.gradients, where the "group" route sizes its chunks of
