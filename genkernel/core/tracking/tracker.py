@@ -1247,13 +1247,13 @@ class PathKernelTracker:
         self._accumulation_hooks = True
 
     def _follow_seed(self, losses: torch.Tensor, entry: dict[str, Any], coefficients: torch.Tensor) -> None:
-        """For an observed micro-batch: the loop's seed ∂loss/∂ℓ_n (what its backward hands the observed losses;
-        summed over backward passes) into ``entry["seed_box"]["seed"]``, beside the coefficients c_n observed
-        (``[B]`` float64, :meth:`_observed_gradients`'), for :meth:`_check_seeds`. The tracker held weakly; losses
-        without a graph hand no seed."""
+        """For an observed micro-batch: the loop's seed ∂loss/∂ℓ_n (what its backward hands the observed losses)
+        into ``entry["seed_box"]["passes"]``, summed by backward pass (:func:`_backward_pass_id`), beside the
+        coefficients c_n observed (``[B]`` float64, :meth:`_observed_gradients`'), for :meth:`_check_seeds`. The
+        tracker held weakly; losses without a graph hand no seed."""
         this = weakref.ref(self)
         entry["coefficients"] = coefficients.detach().to("cpu")
-        box = entry["seed_box"] = {"seed": None}  # (the hook holds this, not the entry and its rows)
+        box = entry["seed_box"] = {"passes": {}}  # (the hook holds this, not the entry and its rows)
         if not losses.requires_grad:
             return
 
@@ -1261,11 +1261,10 @@ class PathKernelTracker:
             tracker = this()
             if tracker is not None and not tracker._own_pass:
                 seed = grad.detach().to("cpu", torch.float64)
-                box["seed"] = seed if box["seed"] is None else box["seed"] + seed
                 # by backward pass: one that reaches no parameter (an input gradient, torch.autograd.grad(losses.sum(),
                 # x) for an adversarial example) weighs nothing of the step's gradient
                 task = _backward_pass_id()
-                box.setdefault("passes", {})[task] = box.setdefault("passes", {}).get(task, 0) + seed
+                box["passes"][task] = box["passes"].get(task, 0) + seed
 
         losses.register_hook(seed_seen)
 
@@ -1281,13 +1280,13 @@ class PathKernelTracker:
         plain mean, was credited 0.339 of the change for a true 0.050, the residual 5e-17). The seed shows both
         exactly. A loss built beside the observed losses (F.mse_loss(outputs, y)) hands them no seed: the
         gradient check alone decides."""
-        seeded = bool(kept) and all(e.get("seed_box", {}).get("seed") is not None for e in kept)
+        seeded = bool(kept) and all(e.get("seed_box", {}).get("passes") for e in kept)
         lambdas = []
         for entry in kept if seeded else []:
-            seed, c = entry["seed_box"]["seed"], entry["coefficients"]
-            reaching = [v for task, v in entry["seed_box"].get("passes", {}).items() if task in self._parameter_passes]
-            if reaching:  # (else the loop sets the gradients itself: every pass counts)
-                seed = sum(reaching[1:], reaching[0])
+            passes, c = entry["seed_box"]["passes"], entry["coefficients"]
+            # (the passes that reach a parameter; where none does, the loop sets the gradients itself: every pass)
+            reaching = [v for task, v in passes.items() if task in self._parameter_passes] or list(passes.values())
+            seed = sum(reaching[1:], reaching[0])
             lam = float(seed @ c) / float(c @ c)
             off = float((seed - lam * c).norm())
             if not math.isfinite(lam) or off > self.rtol * float(seed.norm()):
