@@ -554,31 +554,28 @@ def coupled_forward(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> list[
     values scaled by 3/4 (towards zero: a float index stays in range). The other examples' outputs must not move
     (the same shapes run the same kernels: a model whose examples are independent gives them bit for bit; a change
     past 64 units of rounding of their scale counts). Without a graph, on copies of the buffers, every global
-    generator forked, the modules that draw by type in eval mode: training is untouched. ``[]`` where the forward
-    fails on these inputs in this mode, where nothing of the first example can change (one example of integers,
+    generator forked, the modules that draw by type in eval mode: training is untouched. Where the forward refuses
+    that batch (a minibatch-std layer whose fixed groups must divide it), the same on all of ``inputs``. ``[]`` where
+    the forward fails on both in this mode, where nothing of the first example can change (one example of integers,
     or of zeros), or where it draws random numbers (:func:`random_forward` reports that)."""
-    take = min(batch_size(inputs), COUPLING_EXAMPLES)
-    batch = tuple(t[:take] if take > 1 else torch.cat([t[:1], t[:1]]) for t in inputs)
-    other = next((k for k in range(1, take) if any(not torch.equal(t[k], t[0]) for t in batch)), None)
-    if other is not None:
-        changed = tuple(torch.cat([t[other:other + 1], t[1:]]) for t in batch)
-    else:
-        changed = tuple(torch.cat([t[:1] * 0.75, t[1:]]) if t.is_floating_point() else t for t in batch)
-    if all(torch.equal(a, b) for a, b in zip(batch, changed)):
-        return []
     watched = _watched(model, inputs)
-    outputs = []
-    with torch.no_grad(), forked_generators(_cuda_devices(watched)), restored_module_generators(model) as own, \
-            _typed_draws_off(model):
-        before = generator_states(watched, own)
-        for examples in (batch, changed):
-            with preserved_buffers(model):
-                try:
-                    outputs.append(checked_forward(model, examples, name="probes")[1:])
-                except Exception:
-                    return []
-        if drew_between(before, generator_states(watched, own)):
+    # The first COUPLING_EXAMPLES probes; where the forward refuses that batch (a minibatch-std layer whose groups
+    # of 8 must divide it), every probe: the probes' own forward runs on them, so a batch the model takes is known.
+    sizes = dict.fromkeys((min(batch_size(inputs), COUPLING_EXAMPLES), batch_size(inputs)))
+    for take in sizes:
+        batch = tuple(t[:take] if take > 1 else torch.cat([t[:1], t[:1]]) for t in inputs)
+        other = next((k for k in range(1, take) if any(not torch.equal(t[k], t[0]) for t in batch)), None)
+        if other is not None:
+            changed = tuple(torch.cat([t[other:other + 1], t[1:]]) for t in batch)
+        else:
+            changed = tuple(torch.cat([t[:1] * 0.75, t[1:]]) if t.is_floating_point() else t for t in batch)
+        if all(torch.equal(a, b) for a, b in zip(batch, changed)):
             return []
+        outputs = _paired_forwards(model, watched, batch, changed)
+        if outputs is not None:
+            break
+    else:
+        return []
     first, second = outputs
     if first.is_floating_point() or first.is_complex():
         finite = first[torch.isfinite(first)]
@@ -594,6 +591,25 @@ def coupled_forward(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> list[
     return [f"{type(model).__name__} (an example's output depends on the other examples of its batch: a statistic "
             "over the batch in plain operations, a hand-written batch norm or a minibatch standard deviation; or a "
             "model that does not take its examples on dimension 0 of its inputs, a sequence-first one)"]
+
+
+def _paired_forwards(model: nn.Module, watched: Any, batch: tuple, changed: tuple) -> Any:
+    """``(first, second)``: ``model``'s outputs past the first example on ``batch`` and on ``changed``, without a graph,
+    on copies of the buffers, every generator forked or put back, typed draws off; None where a forward raises or
+    draws random numbers."""
+    outputs = []
+    with torch.no_grad(), forked_generators(_cuda_devices(watched)), restored_module_generators(model) as own, \
+            _typed_draws_off(model):
+        before = generator_states(watched, own)
+        for examples in (batch, changed):
+            with preserved_buffers(model):
+                try:
+                    outputs.append(checked_forward(model, examples, name="probes")[1:])
+                except Exception:
+                    return None
+        if drew_between(before, generator_states(watched, own)):
+            return None
+    return tuple(outputs)
 
 
 def frozen_dtypes_used(module: nn.Module, probes: tuple[torch.Tensor, ...], trained: Any) -> set:

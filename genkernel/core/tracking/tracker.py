@@ -268,6 +268,20 @@ def _backward_pass_id() -> int:
     return current() if current is not None else -1
 
 
+def _one_example_elements(module: nn.Module, probes: tuple[torch.Tensor, ...]) -> int:
+    """:func:`~genkernel.core.cost.activation_elements` of the first probe alone; ValueError naming the cause where
+    ``module`` cannot take a batch of one (the tracker measures and splits passes of single examples)."""
+    try:
+        return activation_elements(module, tuple(t[:1] for t in probes))
+    except Exception as err:
+        raise ValueError(
+            f"the model's forward fails on a batch of one probe ({type(err).__name__}: {err}): the tracker measures, "
+            "and splits, passes of single examples, so the model must take a batch of one. A layer that needs its "
+            "batch to be a multiple of a group size (a minibatch standard deviation over fixed groups) can take "
+            "min(group_size, batch) as ProGAN and StyleGAN do"
+        ) from err
+
+
 class PathKernelTracker:
     """Keeps the exact path-kernel ledgers of ``model`` trained by ``optimizer``.
 
@@ -488,7 +502,7 @@ class PathKernelTracker:
                              "float64 model keeps float64 state, or its exact checks could not hold")
         with analysis_mode(self.module):  # what step 1 would keep of a training pass, per example
             # (at the parameters' bytes per value, as the cost estimate counts the activations: param_bytes)
-            record_bytes = int(activation_elements(self.module, tuple(t[:1] for t in self.probes)) * value_bytes(self.params))
+            record_bytes = int(_one_example_elements(self.module, self.probes) * value_bytes(self.params))
         # what a JVP pass through the probes holds, measured once (its passes' width and the estimate's pushes)
         push_memory = measure_push_memory(self.module, self.params, self.probes, record_bytes)
         tracked = TrackedModel(self.module, self.params, self.probes, self.partitions, f_start.shape[1], self.memory_budget,
