@@ -30,3 +30,26 @@ def test_zero_snr_sampling_schedulers_bin_and_noise_as_ddpm_of_their_config(name
     clean, noise = torch.randn(4, 3, 8, 8, generator=g), torch.randn(4, 3, 8, 8, generator=g)
     t = torch.tensor([0, 500, 998, 999])
     assert torch.equal(noisy_input(scheduler, clean, noise, t), ddpm.add_noise(clean, noise, t))
+
+
+@pytest.mark.parametrize("name", ["EulerDiscreteScheduler", "DPMSolverMultistepScheduler"])
+def test_min_snr_weights_and_refuses_as_ddpm_of_their_config(name):
+    """MinSNR reads DDPMScheduler's ᾱ of the config too: with epsilon prediction it is refused as DDPMScheduler's
+    (SNR 0 at the last level; before: accepted, SNR 6e-8 there), and v-prediction's weights are DDPMScheduler's bit
+    for bit (before: 6.0e-8 at t = 999 for DDPMScheduler's 0)."""
+    from genkernel.diffusion.timestep_sampling import MinSNR
+
+    for kind in ("epsilon", "v_prediction"):
+        scheduler = getattr(diffusers, name)(num_train_timesteps=1000, rescale_betas_zero_snr=True,
+                                             beta_schedule="scaled_linear", prediction_type=kind)
+        ddpm = diffusers.DDPMScheduler.from_config(scheduler.config)
+        if kind == "epsilon":
+            with pytest.raises(ValueError, match="divides by SNR, which is 0 at the last"):
+                MinSNR(5.0).check(ddpm)
+            with pytest.raises(ValueError, match="divides by SNR, which is 0 at the last"):
+                MinSNR(5.0).check(scheduler)
+        else:
+            MinSNR(5.0).check(scheduler)
+            t = torch.tensor([0, 500, 998, 999])
+            assert torch.equal(MinSNR(5.0).weights(scheduler, t), MinSNR(5.0).weights(ddpm, t))
+            assert float(MinSNR(5.0).weights(ddpm, t)[-1]) == 0.0

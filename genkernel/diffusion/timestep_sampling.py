@@ -42,12 +42,13 @@ from __future__ import annotations
 import inspect
 import math
 from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import Any, Union
 
 import torch
 from .objectives import (
     DDPM_PROCESS, EDM_PROCESS, EDM_SIGMA_BEYOND_MAX, FLOW_PROCESS, _flow_sigmas, check_prediction_type, level_dtype, noise_process,
-    num_train_timesteps,
+    num_train_timesteps, vp_alphas_cumprod,
 )
 
 __all__ = [
@@ -258,7 +259,7 @@ class MinSNR:
     def check(self, scheduler) -> None:
         _require_process(scheduler, (DDPM_PROCESS,), "loss_weighting='min_snr' (SNR from alphas_cumprod)",
                          "flow matching has 'sigma_sqrt' and 'cosmap'; EDM's loss is already weighted")
-        if check_prediction_type(scheduler) == "epsilon" and float(scheduler.alphas_cumprod[-1]) == 0.0:
+        if check_prediction_type(scheduler) == "epsilon" and float(vp_alphas_cumprod(scheduler)[-1]) == 0.0:
             raise ValueError(
                 "loss_weighting='min_snr' with prediction_type='epsilon' divides by SNR, which is 0 at the last "
                 "timestep of this zero-terminal-SNR schedule (rescale_betas_zero_snr=True): use "
@@ -266,8 +267,10 @@ class MinSNR:
             )
 
     def weights(self, scheduler, timesteps: torch.Tensor) -> torch.Tensor:
-        """w ``[B]`` float32 on ``timesteps``' device, as diffusers' scripts compute it."""
-        snr = _training_utils().compute_snr(scheduler, timesteps)
+        """w ``[B]`` float32 on ``timesteps``' device, as diffusers' scripts compute it: SNR of DDPMScheduler's ᾱ
+        for the same config (:func:`~genkernel.diffusion.objectives.vp_alphas_cumprod`), which the noisy inputs
+        use, not a zero-terminal-SNR sampler's 2**-24 at the last timestep."""
+        snr = _training_utils().compute_snr(SimpleNamespace(alphas_cumprod=vp_alphas_cumprod(scheduler)), timesteps)
         clipped = torch.minimum(snr, torch.full_like(snr, self.gamma))
         kind = scheduler.config.prediction_type
         if kind == "epsilon":
