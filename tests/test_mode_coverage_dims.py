@@ -36,3 +36,23 @@ def test_the_2d_radius_is_sigmas_std_exactly():
     samples = torch.tensor([[0.75, 0.0], [0.0, 0.7500001]], dtype=torch.float64)
     out = mode_coverage(samples, torch.zeros(1, 2, dtype=torch.float64), 0.25)
     assert out["mode_counts"] == [1]
+
+
+@pytest.mark.parametrize("setting, message", [
+    (dict(coverage_sigmas=float("inf")), "sigmas must be a finite number > 0"),
+    (dict(coverage_sigmas=-1.0), "sigmas must be a finite number > 0"),
+    (dict(mode_std=float("nan")), "std must be a finite number > 0"),
+])
+def test_the_analyzer_checks_its_coverage_settings_when_it_is_built(setting, message):
+    """Before: a coverage radius it cannot use was accepted, and the run stopped at its first coverage, after the
+    window's training steps."""
+    from genkernel.data import ring_mode_centers
+    from genkernel.gan import GANKernelAnalyzer, MLPDiscriminator, MLPGenerator
+
+    torch.manual_seed(0)
+    G = MLPGenerator(2, 2, hidden=8, depth=2).to(torch.float64)
+    D = MLPDiscriminator(2, hidden=8, depth=2).to(torch.float64)
+    probes = torch.randn(6, 2, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    options = dict(mode_centers=ring_mode_centers(8, 2.0), mode_std=0.05) | setting
+    with pytest.raises(ValueError, match=message):
+        GANKernelAnalyzer(G, D, probes, grouping="mode", **options)

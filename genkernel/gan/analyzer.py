@@ -134,7 +134,7 @@ from .losses import (
     GENERATED, PENALTY, REAL, ROLE_NAMES, AugmentedDiscriminatorObjective, AugmentedGeneratorLoss, DiscriminatorObjective,
     GeneratorLoss, check_classes, class_inputs, scores_of,
 )
-from .metrics import cosine, few_units, mode_coverage, own_minus_others
+from .metrics import check_coverage, cosine, few_units, mode_coverage, own_minus_others
 from .passes import classes_taken, power_iteration_modules, preserved
 
 GEOMETRY = "geometry"
@@ -402,6 +402,8 @@ class GANKernelAnalyzer(TrainerCallback):
             raise ValueError(f"mode_centers must be a finite [num_modes, dim] tensor of the real modes' centres, got shape "
                              f"{tuple(self.mode_centers.shape)}" + ("" if self.mode_centers.dim() != 2 else " with NaN or inf"))
         self.mode_std = mode_std
+        if self.mode_centers is not None:  # (as the first coverage will, rather than fail there mid-run)
+            check_coverage(mode_std, coverage_sigmas, self.mode_centers.shape[1])
         self._set_conditional(probe_classes, num_classes, reference_classes, discriminator_probes,
                               discriminator_probe_classes)
         for what, fn in (("generator_loss", generator_loss), ("geometry_loss", geometry_loss)):

@@ -96,6 +96,15 @@ def coverage_radius(std: float, sigmas: float, dim: int) -> float:
     return std * math.sqrt(float(chi2.isf(tail, dim)))
 
 
+def check_coverage(std: Any, sigmas: Any, dim: int) -> float:
+    """The radius :func:`mode_coverage` will use in ``dim`` dimensions; ValueError naming the argument where ``std``
+    or ``sigmas`` is not a finite number > 0, or ``sigmas`` is so large that the radius holds every sample: the
+    analyzer checks its settings with it when it is built, not at its first coverage."""
+    _check_radius(std, "std", "the modes' standard deviation")
+    _check_radius(sigmas, "sigmas", "how many std from a mode a sample counts as on it")
+    return coverage_radius(float(std), float(sigmas), dim)
+
+
 def _check_radius(value: Any, name: str, what: str) -> None:
     """ValueError unless ``value`` is a finite real number > 0 (a negative or NaN radius counts no
     sample as on a mode, silently; 0 only samples exactly on a centre)."""
