@@ -203,7 +203,8 @@ class _Measures(weakref.WeakKeyDictionary):
     loss objects, value)}}, a few signatures a model (:data:`SIGNATURES_KEPT`). A signature is the caller's key with
     the modules' configuration (:func:`_module_signature`) and the loss's (:func:`_loss_signature`); a value is
     recalled only while the same modules, parameters and loss objects are in place (a module or parameter replaced,
-    or a module reconfigured, measures again)."""
+    or a module reconfigured, measures again). Past :data:`SIGNATURES_KEPT` the least recently used goes: a loop
+    that alternates one steady signature with a stream of new ones keeps measuring only the new ones."""
 
     @staticmethod
     def _signature(model: nn.Module, key: tuple, loss_fn: Callable | None) -> tuple[tuple, list]:
@@ -215,8 +216,10 @@ class _Measures(weakref.WeakKeyDictionary):
     def recall(self, model: nn.Module, key: tuple, loss_fn: Callable | None) -> Any:
         """The value remembered for ``model``, ``key`` and ``loss_fn``, or None."""
         signature, objects = self._signature(model, key, loss_fn)
-        known = self.get(model, {}).get(signature)
+        kept = self.get(model, {})
+        known = kept.get(signature)
         if known is not None and len(known[0]) == len(objects) and all(r() is o for r, o in zip(known[0], objects)):
+            kept[signature] = kept.pop(signature)  # most recently used last: eviction takes the least recently used
             return known[1]
         return None
 
@@ -229,6 +232,7 @@ class _Measures(weakref.WeakKeyDictionary):
         except TypeError:
             return
         kept = self.setdefault(model, {})
+        kept.pop(signature, None)
         kept[signature] = (references, value)
         while len(kept) > SIGNATURES_KEPT:  # (a model whose modules or inputs change does not grow the cache)
             kept.pop(next(iter(kept)))
