@@ -1208,7 +1208,7 @@ class PathKernelTracker:
         if observed["direction"] is None:
             observed["direction"] = total.div_(norm)
             return
-        if not self._parallel(float(total @ observed["direction"]) / norm, observed["entries"]):
+        if not self._parallel(_sine_squared(total, observed["direction"]), observed["entries"]):
             observed["independent"], observed["direction"] = True, None
 
     def _primary_total(self, grads: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -1217,12 +1217,16 @@ class PathKernelTracker:
         first = self.partitions.slices[self.partitions.primary]
         return torch.cat([grads[name][first].sum(dim=0).reshape(-1).to(torch.float64) for name in self.params])
 
-    def _parallel(self, cosine: float, entries: list[dict[str, Any]]) -> bool:
-        """Whether two gradients at this cosine are parallel to within 100 rtol: a weighting that differs
-        between them by a fraction δ would move the real gradient off the fitted multiple by only about
-        δ·sin(angle), under the step's check for δ < 1 %. Micro-batches ``entries`` observed in half
+    def _parallel(self, sine_squared: float, entries: list[dict[str, Any]]) -> bool:
+        """Whether two gradients at this squared sine (:func:`_sine_squared`) are parallel to within 100 rtol: a
+        weighting that differs between them by a fraction δ would move the real gradient off the fitted multiple by
+        only about δ·sin(angle), under the step's check for δ < 1 %. Micro-batches ``entries`` observed in half
         precision: within that precision's eps (their directions carry its rounding)."""
-        return 1.0 - cosine * cosine <= max(100 * self.rtol, self._precision_rtol(entries)) ** 2
+        return sine_squared <= self._parallel_limit(entries)
+
+    def _parallel_limit(self, entries: list[dict[str, Any]]) -> float:
+        """The squared sine under which :meth:`_parallel` calls two gradients parallel."""
+        return max(100 * self.rtol, self._precision_rtol(entries)) ** 2
 
     def _precision_rtol(self, entries: list[dict[str, Any]]) -> float:
         """The gradient check's tolerance for a step of the observed micro-batches ``entries``: the model
@@ -1643,6 +1647,7 @@ class PathKernelTracker:
                     "losses).sum(), so that the weights it hands them are checked), or call tracker.step() with the "
                     "whole batch"
                 )
+            self._check_seedless_weighting(index, observed["grads"], observed["kept"])
             # Combined across ranks once, there, and scaled after (the rows are this step's own arrays).
             gradients = self.route.from_graph(observed["grads"], losses, _Batch(losses.shape[0], scale))
             # Kept once the step is recorded (a refused step leaves no entry).
@@ -1656,6 +1661,37 @@ class PathKernelTracker:
             self._pending_step = self._begin(index, "observed", ids, theta_before, saved, gradients, losses, scale,
                                              self._precision_rtol(observed["entries"]), observed["witnesses"],
                                              observed["rounding"])
+
+    def _check_seedless_weighting(self, index: int, grads: dict[str, torch.Tensor], kept: list[dict[str, Any]]) -> None:
+        """A kept micro-batch whose losses saw no seed (the loop's loss built beside them: recomputed from the
+        outputs, or from a part or a copy of the observed losses) is checked by the gradient alone; where the
+        primary partition's group rows all point one way (per-example gradients that span one direction: a
+        scalar temperature over a frozen body) any weighting of the groups fits the one fitted scale: refused
+        (a class the loop weighted 0.1, observed as the plain mean, was booked 0.20 of the largest contribution
+        off). Two passes over the parameters, one row block at a time: no float64 copy of all the rows."""
+        if all(e.get("seed_box", {}).get("passes") for e in kept):
+            return
+        first = self.partitions.slices[self.partitions.primary]
+        blocks = [grads[name][first].reshape(grads[name][first].shape[0], -1) for name in self.params]
+        squares = sum((b.to(torch.float64) ** 2).sum(dim=1) for b in blocks)  # [G] |g_k|²
+        moving = torch.nonzero(squares > 0).reshape(-1)
+        if moving.numel() < 2 or not bool(torch.isfinite(squares[moving]).all()):
+            return  # (one direction or none: nothing to weigh against; non-finite: refused by the step's checks)
+        reference = moving[0]
+        # sin² from the residual of each row's projection on the first moving one: 1 − cos² carries cos's rounding
+        dots = sum(b.to(torch.float64) @ b[reference].to(torch.float64) for b in blocks)  # [G] g_k · g_r
+        scale = dots / squares[reference]
+        residual = sum(((b.to(torch.float64) - scale[:, None] * b[reference].to(torch.float64)) ** 2).sum(dim=1)
+                       for b in blocks)
+        sines_squared = residual[moving] / squares[moving]
+        if bool((sines_squared <= self._parallel_limit(kept)).all()):
+            raise ValueError(
+                f"step {index}: the loop's loss is not built from the observed losses (no seed ∂loss/∂ℓ_n reached "
+                "them) and the groups' gradients all point one way (per-example gradients that span one direction), "
+                "so the gradient check cannot show how the loop weighted the groups: any weighting fits the one "
+                "fitted scale. Build the loop's loss from the observed losses ((weights * losses).sum() with "
+                "observe(losses, groups, weights=)), so that the weights it hands them are checked"
+            )
 
     def _after_observed_step(self, optimizer, args, kwargs) -> None:
         pending, self._pending_step = self._pending_step, None
@@ -1718,7 +1754,7 @@ class PathKernelTracker:
             norm = float(t.norm())
             if norm == 0.0 or not math.isfinite(norm):
                 continue
-            if self._parallel(float(t @ kept) / (norm * kept_norm), entries):
+            if self._parallel(_sine_squared(t, kept), entries):
                 raise ValueError(
                     f"step {index}: micro-batch(es) {which[:10]} of this step had no backward through the losses "
                     "observed for them and would be left out, but their gradient is parallel to the kept "
@@ -2566,6 +2602,18 @@ class _TrackerHook:
         if tracker is None or optimizer is not tracker.optimizer:  # (a copy of the optimizer: not the tracker's)
             return None
         return getattr(tracker, self.method)(optimizer, *args)
+
+
+def _sine_squared(a: torch.Tensor, b: torch.Tensor) -> float:
+    """sin² of the angle between two flat vectors, from the residual of a's projection on b: exact to the
+    rounding of the residual, where 1 − cos² carries cos's own rounding (a few ε: exactly parallel float64
+    gradients gave 1 − cos² ≈ 4e-16, past the (100 rtol)² = 1e-16 that the parallel test allows)."""
+    a, b = a.reshape(-1).to(torch.float64), b.reshape(-1).to(torch.float64)
+    na, nb = float(a.norm()), float(b.norm())
+    if na == 0.0 or nb == 0.0 or not math.isfinite(na * nb):
+        return 1.0
+    unit_a, unit_b = a / na, b / nb
+    return float((unit_a - (unit_a @ unit_b) * unit_b).norm()) ** 2
 
 
 def _digest(t: torch.Tensor) -> str:
