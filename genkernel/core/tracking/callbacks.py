@@ -187,7 +187,10 @@ class CallbackStates:
         keyed = self._keyed(callbacks)
         for key in list(self.pending):
             if key in keyed:
-                keyed[key].load_state_dict(self.pending.pop(key))
+                # popped only once loaded: a state its callback refuses (other settings) stays pending, so the next
+                # train() is refused again instead of starting a new ledger in the middle of the resumed run
+                keyed[key].load_state_dict(self.pending[key])
+                del self.pending[key]
         if strict and self.pending:
             names = sorted(self.pending)
             raise ValueError(

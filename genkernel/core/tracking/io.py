@@ -13,6 +13,7 @@ strict JSON for the reports written beside them.
 
 from __future__ import annotations
 
+import errno
 import glob
 import hashlib
 import math
@@ -132,8 +133,15 @@ def load_state(path: str | os.PathLike, expected_format: str | None = None) -> d
             "never writes such objects and never unpickles them (that could run arbitrary code): pass a file "
             f"written by save_checkpoint / save ({str(error).splitlines()[0][:120]})"
         ) from error
-    except OSError:
-        raise
+    except OSError as error:
+        # torch's zip reader reports a file cut off past its first records as EINVAL ("[Errno 22] Invalid
+        # argument"), without the path: a truncated checkpoint, not an I/O problem of the caller's
+        if error.errno != errno.EINVAL:
+            raise
+        raise ValueError(
+            f"{path} is not a readable genkernel state file (truncated, empty, or another format: "
+            f"{type(error).__name__}: {error}); pass a file written by save_checkpoint / save"
+        ) from error
     except Exception as error:  # a truncated, empty or foreign file: RuntimeError, EOFError, KeyError, ...
         raise ValueError(
             f"{path} is not a readable genkernel state file (truncated, empty, or another format: "
