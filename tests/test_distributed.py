@@ -89,6 +89,14 @@ def refusal(call):
 def disagreeing_ranks(rank, model, tracker, x, y, groups, shard):
     """Ranks that disagree: kernel inputs, the trackers' partitions, a group id or a loss on one rank only."""
     out = {"kernel_error": refusal(lambda: distributed_gradient_kernel(model, KERNEL_ROWS + rank, PROBES))}
+    # Equal parameters, a BatchNorm's running mean apart (DDP with broadcast_buffers=False): before, each rank's rows
+    # came from its own buffers and the gathered kernel mixed two models (0.23 off, normalized), silently.
+    torch.manual_seed(0)
+    norm = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Tanh(), nn.Linear(4, 2)).double().eval()
+    with torch.no_grad():
+        norm[1].running_mean.add_(float(rank))
+    out["buffer_error"] = refusal(lambda: distributed_gradient_kernel(norm, torch.randn(5, 3, dtype=torch.float64,
+                                                                      generator=torch.Generator().manual_seed(1))))
     # The same number of group rows in another order: summed row by row, the ranks' groups would mix.
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     partitions = {"a": 2, "b": 3} if rank == 0 else {"b": 3, "a": 2}
@@ -281,6 +289,12 @@ def test_ranks_that_pass_different_kernel_inputs_are_refused_on_every_rank(ranks
     for result in ranks:
         assert result["kernel_error"][0] == "ValueError"
         assert "the ranks passed different x1" in result["kernel_error"][1]
+
+
+def test_ranks_whose_models_differ_in_buffers_alone_are_refused_on_every_rank(ranks):
+    for result in ranks:
+        assert result["buffer_error"][0] == "ValueError"
+        assert "the model's parameters or buffers" in result["buffer_error"][1]
 
 
 def test_ranks_whose_trackers_lay_out_groups_differently_are_refused_on_every_rank(ranks):

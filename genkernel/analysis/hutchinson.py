@@ -63,7 +63,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import grad, hessian, jacrev, jvp, vmap
 
-from ..core.adapter import call_with, check_per_example_safe, forward_ad_attention, positive_int
+from ..core.adapter import call_with, check_per_example_safe, forward_ad_attention, positive_int, random_forward
 
 __all__ = [
     "hessian_vector_product",
@@ -131,6 +131,28 @@ def _as_inputs(x, name: str = "x") -> tuple[tuple[Tensor, ...], int]:
         raise ValueError(f"{name} contains NaN or infinite entries; every output derivative would be NaN. "
                          "Clean the inputs first.")
     return tuple(t.detach() for t in inputs), int(m)
+
+
+def _check_draws(model: nn.Module, inputs: tuple[Tensor, ...], name: str) -> None:
+    """Refuse a forward that draws random numbers outside the modules refused by type (F.dropout called with
+    training=True, noise injection, a random augmentation): every derivative would be taken at other draws
+    (measured: two hessian_quadratic_form calls on one direction gave 4.75 and -0.79 for the same probe)."""
+    # an RReLU of one slope (lower == upper) draws in training mode but gives its eval-mode output: not randomness
+    fixed = [mod for mod in model.modules() if isinstance(mod, nn.RReLU) and mod.training and mod.lower == mod.upper]
+    try:
+        for mod in fixed:
+            mod.training = False
+        found = random_forward(model, inputs)
+    finally:
+        for mod in fixed:
+            mod.training = True
+    if found:
+        raise ValueError(
+            f"{type(model).__name__} draws random numbers in its forward on {name} (F.dropout called with "
+            "training=True, noise injection, a random augmentation): its Hessians would change from pass to pass. "
+            "Remove the randomness from the forward in this mode (call F.dropout with training=self.training and "
+            "model.eval(), or pass the noise as an input)"
+        )
 
 
 def _keys(d, name: str) -> list[str]:
@@ -283,6 +305,7 @@ def hessian_vector_product(model: nn.Module, x: Inputs, v: Mapping[str, Tensor],
     _check_model(model)
     _check_output_index(output_index)
     inputs, m = _as_inputs(x)
+    _check_draws(model, inputs, "x")
     params = _params_for(model, _keys(v, "v"), "v")
     vv = _direction(v, params, "v")
 
@@ -316,6 +339,7 @@ def per_probe_hessian_vector_product(model: nn.Module, probe_x: Inputs,
     _check_model(model)
     _check_output_index(output_index)
     inputs, m = _as_inputs(probe_x, "probe_x")
+    _check_draws(model, inputs, "probe_x")
     params = _params_for(model, _keys(v, "v"), "v")
     vv = _direction(v, params, "v")
 
@@ -346,6 +370,7 @@ def hessian_quadratic_form(model: nn.Module, probe_x: Inputs, v: Mapping[str, Te
     _check_model(model)
     _check_output_index(output_index)
     inputs, m = _as_inputs(probe_x, "probe_x")
+    _check_draws(model, inputs, "probe_x")
     params = _params_for(model, _keys(v, "v"), "v")
     vv = _direction(v, params, "v")
     return _quad_form_fn(model, params, inputs, m, output_index)(vv).detach().to(torch.float64)
@@ -475,6 +500,7 @@ def ito_term_estimate(model: nn.Module, probe_x: Inputs,
     num_samples = int(num_samples)
     chunk_size = None if chunk_size is None else int(chunk_size)
     inputs, m = _as_inputs(probe_x, "probe_x")
+    _check_draws(model, inputs, "probe_x")
     params = _params_for(
         model, _keys(per_example_grads, "per_example_grads"),
         "per_example_grads")
@@ -532,6 +558,7 @@ def batch_ito_term(model: nn.Module, probe_x: Inputs, per_example_grads: Mapping
     _check_output_index(output_index)
     eta = _check_lr(lr)
     inputs, m = _as_inputs(probe_x, "probe_x")
+    _check_draws(model, inputs, "probe_x")
     params = _params_for(model, _keys(per_example_grads, "per_example_grads"), "per_example_grads")
     g, b = _per_example(per_example_grads, params, "per_example_grads")
     a2 = ito_scale(b, sampling=sampling, population=population)
@@ -568,6 +595,7 @@ def deterministic_second_order_term(model: nn.Module, probe_x: Inputs,
     _check_output_index(output_index)
     eta = _check_lr(lr)
     inputs, m = _as_inputs(probe_x, "probe_x")
+    _check_draws(model, inputs, "probe_x")
     params = _params_for(model, _keys(mean_grad, "mean_grad"),
                          "mean_grad")
     gbar = _direction(mean_grad, params, "mean_grad")
@@ -614,6 +642,7 @@ def exact_trace_sigma_hessian(model: nn.Module, probe_x: Inputs,
     if sampling not in SAMPLINGS:
         raise ValueError(f"sampling must be one of {SAMPLINGS}, got {sampling!r}.")
     inputs, m = _as_inputs(probe_x, "probe_x")
+    _check_draws(model, inputs, "probe_x")
     params = _params_for(
         model, _keys(per_example_grads, "per_example_grads"),
         "per_example_grads")

@@ -105,13 +105,14 @@ def _check_same_on_every_rank(model: nn.Module, x1: tuple, x2: tuple | None, wor
     """Raise ValueError on every rank when the ranks' ``x1``, ``x2`` or parameters differ: the
     gathered rows would come from different kernels."""
     device = next((p.device for p in model.parameters()), x1[0].device)
-    mine = [_digest(x1), -1 if x2 is None else _digest(x2), _digest(model.parameters())]
+    # buffers too: BatchNorm's running statistics (DDP with broadcast_buffers=False) enter every row's kernel
+    mine = [_digest(x1), -1 if x2 is None else _digest(x2), _digest([*model.parameters(), *model.buffers()])]
     gathered = [torch.zeros(3, dtype=torch.long, device=device) for _ in range(world)]
     dist.all_gather(gathered, torch.tensor(mine, dtype=torch.long, device=device), group=group)
     rows = [[int(v) for v in g] for g in gathered]
-    differ = [what for i, what in enumerate(("x1", "x2", "the model's parameters")) if len({r[i] for r in rows}) > 1]
+    differ = [what for i, what in enumerate(("x1", "x2", "the model's parameters or buffers")) if len({r[i] for r in rows}) > 1]
     if differ:
         raise ValueError(
             f"the ranks passed different {' and '.join(differ)}: each rank computes rows of one kernel, so every rank "
-            "must pass the same model (the same weights) and the same inputs; use gradient_kernel for a rank's own"
+            "must pass the same model (the same weights and buffers) and the same inputs; use gradient_kernel for a rank's own"
         )

@@ -35,6 +35,7 @@ from ..adapter import (
     full_precision,
     generator_states,
     outside_inference_mode,
+    preserved_buffers,
     restored_module_generators,
     trainable_parameters,
     unwrap,
@@ -207,11 +208,22 @@ def repeatable_output(model: nn.Module, one: tuple[torch.Tensor, ...], params: d
     of the whole batch gives the same output twice half of the time; a generator a module keeps of its
     own is watched and put back as well."""
     # the draw is the second pass's (a forward that reseeds before drawing ends both passes in one state)
+    before = {key: b.detach().clone() for key, b in model.named_buffers()}
     with analysis(model), restored_module_generators(model) as own:
-        out1, grad1 = _one_pass(model, one, params, name)
-        between = generator_states(one, own)
-        out2, grad2 = _one_pass(model, one, params, name)
-        drew = drew_between(between, generator_states(one, own))
+        with preserved_buffers(model):  # a pass that writes a buffer writes a copy, compared below
+            out1, grad1 = _one_pass(model, one, params, name)
+            written = [key for key, b in model.named_buffers() if key not in before or not _same(b, before[key])]
+        if written:
+            raise ValueError(
+                f"{type(model).__name__}'s eval-mode forward writes its buffers {written[:5]} (a call counter, a "
+                "quantization observer), so every analysis pass would change the model and the kernel's rows would "
+                "come from different models. Stop the writes for the analysis (observers: "
+                "model.apply(torch.ao.quantization.disable_observer)), or write them only when self.training"
+            )
+        with preserved_buffers(model):
+            between = generator_states(one, own)
+            out2, grad2 = _one_pass(model, one, params, name)
+            drew = drew_between(between, generator_states(one, own))
     if drew or not (_close(out1, out2) and _close(grad1, grad2)):
         what = "draw random numbers" if drew else "give other outputs or gradients"
         raise ValueError(
@@ -222,6 +234,13 @@ def repeatable_output(model: nn.Module, one: tuple[torch.Tensor, ...], params: d
             "training=self.training)"
         )
     return out1
+
+
+def _same(now: torch.Tensor, was: torch.Tensor) -> bool:
+    """Whether a buffer holds what it held (NaN where it held NaN)."""
+    if now.shape != was.shape or now.dtype != was.dtype:
+        return False
+    return torch.equal(now, was) or (now.is_floating_point() and torch.allclose(now, was, rtol=0, atol=0, equal_nan=True))
 
 
 def _one_pass(model: nn.Module, one: tuple[torch.Tensor, ...], params: dict[str, torch.Tensor],
@@ -509,8 +528,18 @@ def tangent_features(
 def normalize_kernel(kernel: torch.Tensor, diag1: torch.Tensor, diag2: torch.Tensor | None = None) -> torch.Tensor:
     """k / sqrt(k(x, x) k(x', x')) for a ``[M, N]`` kernel and its diagonals ``[M]``, ``[N]``:
     ``[M, N]``. An example with k(x, x) = 0 (a zero gradient) gets 0 against every example,
-    itself included, rather than 0/0."""
+    itself included, rather than 0/0. ``diag2=None`` (x1 against itself) needs a square kernel."""
+    if not isinstance(kernel, torch.Tensor) or kernel.dim() != 2:
+        raise ValueError(f"kernel must be a [M, N] Tensor, got {tuple(kernel.shape) if isinstance(kernel, torch.Tensor) else type(kernel).__name__}")
+    m, n = kernel.shape
+    if diag2 is None and m != n:
+        # diag1 for both sides broadcast a [M, 1] kernel to [M, M], divided by the wrong diagonal (silently)
+        raise ValueError(f"kernel is {m}×{n}: a kernel between two sets needs both diagonals, "
+                         "normalize_kernel(kernel, diag1 [M], diag2 [N])")
     diag2 = diag1 if diag2 is None else diag2
+    if tuple(diag1.shape) != (m,) or tuple(diag2.shape) != (n,):
+        raise ValueError(f"diagonals of shapes {tuple(diag1.shape)} and {tuple(diag2.shape)} do not fit a {m}×{n} "
+                         "kernel: pass k(x, x) of its rows [M] and of its columns [N]")
     scale = _roots(diag1)[:, None] * _roots(diag2)[None, :]
     return kernel / scale.clamp_min(torch.finfo(kernel.dtype).tiny)
 
