@@ -5,6 +5,8 @@
   steps of one seed), the unit means are the independent values.
 - :func:`difference_interval`: the paired "measured minus control" difference, with several
   controls per unit averaged first.
+- :func:`crossed_interval`: the mean over rows (samples) that share random columns (the training
+  inputs they are compared with): the rows' variance plus a delete-one-column jackknife.
 - :func:`bootstrap_interval`: ``scipy.stats.bootstrap`` (BCa by default, percentile on request)
   for statistics without a closed-form interval.
 - :func:`proportion_interval`: Wilson score interval of a proportion (``scipy.stats.binomtest``).
@@ -150,6 +152,49 @@ def difference_interval(measured: Any, controls: Any, *, confidence: float = 0.9
     return mean_interval(diff, confidence=confidence, clusters=clusters)
 
 
+def crossed_interval(
+    row_values: Any, column_estimates: Any, *, estimate: float | None = None, confidence: float = 0.95,
+) -> Interval:
+    """Student-t interval of a mean over the rows of a rows × columns design in which the columns are random
+    too (samples × the training inputs they are compared with): the rows share every column, so the row
+    values are independent only given the columns, and a t-interval over them misses the columns' spread.
+
+    The variance is the rows' s²/R plus the delete-one-column jackknife variance (N − 1)/N Σ (θ₋ₙ − θ̄)²
+    (Owen's crossed random-effects bound: it counts the interaction twice, so it errs wide); the degrees of
+    freedom are Welch-Satterthwaite's for the two parts.
+
+    Args:
+        row_values: ``[R]`` per-row values of the full design (non-finite ones dropped and counted).
+        column_estimates: ``[N]`` the statistic with column n left out (θ₋ₙ, the mean over rows of the row
+            values recomputed without column n); every one must be finite.
+        estimate: the statistic on the full design (default: the mean of the finite row values).
+
+    Returns:
+        :class:`Interval` (``method="crossed-jackknife-t"``, ``n = min(R, N)``); undefined (NaN ends) with
+        fewer than two finite rows, fewer than three columns, a non-finite θ₋ₙ, or no spread at all.
+    """
+    _check_confidence(confidence)
+    a, keep = _finite(row_values)
+    dropped = int((~keep).sum())
+    a = a[keep]
+    c = np.asarray(_numpy(column_estimates), dtype=np.float64).reshape(-1)
+    rows, columns = int(a.size), int(c.size)
+    mean = float(a.mean()) if rows else math.nan
+    estimate = mean if estimate is None else float(estimate)
+    n = min(rows, columns)
+    if rows < 2 or columns < 3 or not np.isfinite(c).all() or not math.isfinite(estimate):
+        return Interval(estimate, math.nan, math.nan, n, confidence, "crossed-jackknife-t", dropped)
+    v_rows = float(a.var(ddof=1)) / rows
+    v_columns = (columns - 1) / columns * float(((c - c.mean()) ** 2).sum())
+    variance = v_rows + v_columns
+    if not variance > 0:  # no spread: the standard error is unknown, not 0 (as in mean_interval)
+        return Interval(estimate, math.nan, math.nan, n, confidence, "crossed-jackknife-t", dropped)
+    # Welch-Satterthwaite degrees of freedom of the two parts (between min(R, N) − 1 and R + N − 2)
+    df = variance ** 2 / (v_rows ** 2 / (rows - 1) + v_columns ** 2 / (columns - 1))
+    half = float(scipy.stats.t.ppf(0.5 + confidence / 2, df)) * math.sqrt(variance)
+    return Interval(estimate, estimate - half, estimate + half, n, confidence, "crossed-jackknife-t", dropped)
+
+
 def bootstrap_interval(
     values: Any,
     statistic: Callable[..., float] = np.mean,
@@ -246,5 +291,5 @@ def few_units(result: dict[str, Any], *, minimum: int = MIN_UNITS, units: str = 
     return result
 
 
-__all__ = ["Interval", "MIN_UNITS", "bootstrap_interval", "difference_interval", "few_units", "mean_interval", "nan_median",
-           "proportion_interval"]
+__all__ = ["Interval", "MIN_UNITS", "bootstrap_interval", "crossed_interval", "difference_interval", "few_units",
+           "mean_interval", "nan_median", "proportion_interval"]

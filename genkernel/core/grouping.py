@@ -290,14 +290,49 @@ def band_locality(
     if why is not None:
         for key in ("traffic", "share"):
             out[key] = {**out[key], "held": False, "why": why}
-    # Per probe level: an average over levels can hide a sign flip between them.
+    # Per probe level: an average over levels can hide a sign flip between them. A level's probes share its draw of
+    # every partition (the measured one and each control alike), so the replicates of the null at one level are the
+    # control partitions, not its probes: the interval over its probes held at 46 % of levels under a null of
+    # exchangeable partitions (nominal 2.5 %). The level's interval is the measured partition's level mean against
+    # the spread of the controls' level means (between_partitions), not held on fewer than three controls.
     out["per_level"] = [
         {"level": level, "bin": int(group),
-         "traffic": measured_minus_control(traffic_band[rows], traffic_c[:, rows]),
-         "share": measured_minus_control(share_band[rows], share_c[:, rows])}
+         "traffic": between_partitions(measured_minus_control(traffic_band[rows], traffic_c[:, rows]),
+                                       traffic_c[:, rows]),
+         "share": between_partitions(measured_minus_control(share_band[rows], share_c[:, rows]), share_c[:, rows])}
         for i, (level, group) in enumerate(level_bins) for rows in [probe_level == i]
     ]
     return out
+
+
+def between_partitions(result: dict[str, Any], controls: torch.Tensor, *, minimum: int = 3) -> dict[str, Any]:
+    """``result`` (a :func:`measured_minus_control` of probes that share one draw of every partition, e.g. one
+    probe level's) with its interval replaced by one over the partitions: the measured partition is one draw and
+    the K control partitions' means (over the same probes) K more, exchangeable with it under the null, so
+    measured − mean(controls) has the standard error s_c·sqrt(1 + 1/K) with K − 1 degrees of freedom (s_c: the
+    controls' means' standard deviation). Fewer than ``minimum`` controls: no interval, held False with a ``why``."""
+    import scipy.stats
+
+    controls = controls.to(torch.float64)
+    if controls.dim() == 1:
+        controls = controls[None]
+    means = torch.stack([c[torch.isfinite(c)].mean() if bool(torch.isfinite(c).any()) else torch.tensor(math.nan,
+                         dtype=torch.float64) for c in controls])
+    means = means[torch.isfinite(means)]
+    k = int(means.numel())
+    out = {**result, "units": "control partitions", "n": k}
+    difference = result["difference"]
+    if k < minimum or not math.isfinite(difference):
+        return {**out, "interval": [math.nan, math.nan], "held": False,
+                "why": f"{k} control partition(s): a level's probes share every partition's draw, so its interval is "
+                       f"over the partitions and needs at least {minimum} controls"}
+    spread = float(means.std(unbiased=True))
+    if not spread > 0:
+        return {**out, "interval": [math.nan, math.nan], "held": False,
+                "why": "the control partitions' means are all equal: no spread to judge the difference by"}
+    half = float(scipy.stats.t.ppf(0.5 + result["confidence"] / 2, k - 1)) * spread * math.sqrt(1 + 1 / k)
+    return {**out, "interval": [difference - half, difference + half], "method": "between-partitions-t",
+            "held": bool(difference - half > 0)}
 
 
 def own_share(matrix: torch.Tensor, probe_groups: torch.Tensor) -> torch.Tensor:

@@ -35,12 +35,14 @@ from torch import nn
 from .kernels import eval_mode, state_kernel
 from ..core.adapter import as_tuple, first_tensor, like_parameter, positive_int, seed_bits
 from ..core.grouping import measured_minus_control
+from ..stats import crossed_interval
 from .objectives import EDM_PROCESS, FLOW_PROCESS, check_timesteps, level_dtype, noise_process, noisy_input, training_levels
 from .guidance import null_conditioning_rows
 from .learned_variance import predicts_variance
 from .trainer import reverse_sample
 
-__all__ = ["RetrievalResult", "retrieval_attribution", "normalized_entropy", "top_weight_share"]
+__all__ = ["RetrievalResult", "entropy_drop_claim", "leave_one_out_entropy", "retrieval_attribution",
+           "normalized_entropy", "top_weight_share"]
 
 
 def normalized_entropy(kernel: torch.Tensor) -> torch.Tensor:
@@ -61,6 +63,57 @@ def top_weight_share(kernel: torch.Tensor, indices: torch.Tensor) -> torch.Tenso
     weights = kernel.clamp_min(0).to(torch.float64)
     total = weights.sum(dim=-1)
     return weights.gather(-1, indices).sum(-1) / torch.where(total > 0, total, torch.full_like(total, math.nan))
+
+
+def leave_one_out_entropy(kernel: torch.Tensor) -> torch.Tensor:
+    """``[..., N]`` k̂ rows -> ``[..., N]``: entry n is :func:`normalized_entropy` of the row without training
+    input n (divided by log(N − 1)); NaN where the rest has no positive k̂. Needs N >= 3."""
+    n = kernel.shape[-1]
+    if n < 3:
+        raise ValueError(f"leaving one of {n} training inputs out leaves fewer than 2: no entropy to normalize")
+    w = kernel.clamp_min(0).to(torch.float64)
+    wlogw = torch.where(w > 0, w * w.log(), torch.zeros_like(w))
+    rest = w.sum(dim=-1, keepdim=True) - w  # Σ over the other inputs
+    rest_wlogw = wlogw.sum(dim=-1, keepdim=True) - wlogw
+    positive = rest > 0
+    safe = torch.where(positive, rest, torch.ones_like(rest))
+    entropy = safe.log() - rest_wlogw / safe  # −Σ p log p with p = w / rest
+    return torch.where(positive, entropy, torch.full_like(entropy, math.nan)) / math.log(n - 1)
+
+
+def entropy_drop_claim(first: torch.Tensor, last: torch.Tensor, *, confidence: float = 0.95) -> dict[str, Any]:
+    """The broad-to-narrow claim from the retrieval kernels ``[S, N]`` of two stages (noisiest first): per
+    sample, normalized entropy at ``first`` minus at ``last``, its mean, and the interval of that mean over
+    samples × training inputs (:func:`~genkernel.stats.crossed_interval`; :meth:`RetrievalResult.claim`).
+
+    Returns:
+        ``{"measured", "control", "difference", "interval", "confidence", "n", "samples", "training_inputs",
+        "controls", "method", "units", "held"}`` (and ``"why"`` where there is no interval).
+    """
+    if first.dim() != 2 or first.shape != last.shape:
+        raise ValueError(f"first and last must be two stages' [S, N] kernels of the same shape, got "
+                         f"{tuple(first.shape)} and {tuple(last.shape)}")
+    e_first, e_last = normalized_entropy(first), normalized_entropy(last)
+    out = measured_minus_control(e_first, e_last, confidence=confidence)
+    rows = torch.isfinite(e_first) & torch.isfinite(e_last)
+    n = first.shape[-1]
+    out.update(samples=int(rows.sum()), training_inputs=int(n), units="samples × training inputs (crossed)")
+    if n < 3 or int(rows.sum()) < 2:
+        why = (f"{n} training input(s): the interval's jackknife over the training inputs needs at least 3"
+               if n < 3 else
+               f"{int(rows.sum())} sample(s) with a defined entropy at both stages: the interval needs at least 2")
+        return {**out, "interval": [math.nan, math.nan], "method": "crossed-jackknife-t", "held": False, "why": why}
+    drop = (e_first - e_last)[rows]
+    # θ₋ₙ: the mean drop over the same samples with training input n left out at both stages (a sample whose only
+    # positive k̂ is input n has no entropy without it: left out of that θ₋ₙ)
+    leave_out = (leave_one_out_entropy(first[rows]) - leave_one_out_entropy(last[rows])).nanmean(dim=0)
+    interval = crossed_interval(drop, leave_out, estimate=out["difference"], confidence=confidence)
+    out.update(interval=[interval.low, interval.high], n=interval.n, method=interval.method,
+               held=interval.above(0.0))
+    if not interval.defined:
+        out["why"] = ("no interval: the drop has no spread over samples and training inputs, or leaving a training "
+                      "input out leaves a sample without a positive k̂ (no entropy)")
+    return out
 
 
 @dataclass
@@ -88,7 +141,19 @@ class RetrievalResult:
 
     def claim(self) -> dict[str, Any]:
         """"Broad at high noise, narrow at low noise": entropy at the first (noisiest) stage minus
-        entropy at the last, paired over samples, with a 95 % interval; held when it is > 0.
+        entropy at the last, paired over samples, with a 95 % interval; held when it lies above 0.
+
+        The samples are independent only given the training inputs they are compared with: every
+        sample meets the same N noised training inputs (x_n and its fixed noise ε_n), which move all
+        their entropies together. The interval is :func:`~genkernel.stats.crossed_interval`: the
+        samples' spread plus a delete-one-training-input jackknife (``method`` "crossed-jackknife-t").
+        Over samples alone (the interval before) it was too narrow: on a trained ring denoiser
+        (16 inputs, 8 samples) the mean drop's spread over draws of ε_n and the sampling noise was
+        0.030 against a mean standard error of 0.019 over samples, and over 300 draws of the samples,
+        ε_n and the 16 inputs (of 64) the interval lay above the drop's mean 10.3 % of the time at a
+        nominal 2.5 % (19 % with 8 inputs and 16 samples); the crossed interval 4.7 % (4.3 %). With
+        fewer than 3 training inputs or 2 samples with a defined entropy there is no interval:
+        ``held`` False with ``why``.
 
         Raises:
             ValueError: with fewer than two stages (one stage compared with itself would read as a
@@ -100,7 +165,7 @@ class RetrievalResult:
                 f"stage(s) {self.stages.tolist()}: pass at least two stages that are different reverse steps "
                 "(requested stages are snapped to the sampler's steps, so raise num_inference_steps or space them out)"
             )
-        return measured_minus_control(self.entropy[0], self.entropy[-1])
+        return entropy_drop_claim(self.kernel[0], self.kernel[-1])
 
     def to_json(self) -> dict[str, Any]:
         def finite(values: torch.Tensor) -> list[float | None]:  # strict JSON: NaN (no sample had weights) as None
@@ -111,8 +176,20 @@ class RetrievalResult:
             "mean_entropy": finite(self.entropy.nanmean(dim=1)),
             "mean_top_share": finite(self.top_share.nanmean(dim=1)),
             "top_indices": self.top_indices.tolist(),
-            "entropy_high_minus_low": self.claim() if self.stages.numel() >= 2 else None,  # None: one stage
+            # None: one stage; an undefined interval end (NaN) as None, as every number here
+            "entropy_high_minus_low": _strict(self.claim()) if self.stages.numel() >= 2 else None,
         }
+
+
+def _strict(value: Any) -> Any:
+    """``value`` with every non-finite float (in dicts and lists) as None: strict JSON."""
+    if isinstance(value, dict):
+        return {k: _strict(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_strict(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
 
 
 def retrieval_attribution(
