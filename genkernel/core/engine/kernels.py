@@ -385,12 +385,16 @@ def gradient_kernel(
     Returns:
         ``Tensor[M, N]`` for ``reduce="trace"``, ``Tensor[M, N, d, d]`` for ``reduce="none"``,
         in the model's dtype (computed in its own precision, autocast and TF32 off:
-        :func:`full_precision`).
+        :func:`full_precision`). Each example's gradient is that of the model applied to the
+        example alone, in eval mode: a forward that mixes a batch's examples in plain operations
+        (``h - h.mean(0)`` whatever the mode) gives the kernel of its one-example function, not of
+        a batch's (the factored engine's check moves such layers to per-example passes).
 
     Raises:
         ValueError: for a model whose eval-mode forward is random (two passes on one example
-            differ: :func:`repeatable_output`), or that couples examples (BatchNorm with batch
-            statistics, dropout in training mode).
+            differ: :func:`repeatable_output`) or writes its buffers (a call counter, a quantization
+            observer), or that couples examples by module type (BatchNorm with batch statistics,
+            dropout in training mode).
     """
     if reduce not in REDUCTIONS:
         raise ValueError(f"reduce must be one of {REDUCTIONS}, got {reduce!r}")
