@@ -74,7 +74,8 @@ from ..core.tracking.batches import (
 )
 from ..core.tracking.lr_schedules import LRSchedulerArg, build_lr_scheduler, lr_scheduler_settings, step_lr_scheduler
 from ..core.tracking.step import (
-    OptimizerStep, autocast_to, micro_batch_rows, model_output, trainer_autocast_dtype, trainer_grad_scaler, until_applied,
+    OptimizerStep, autocast_to, check_not_torn, micro_batch_rows, model_output, torn_update, trainer_autocast_dtype,
+    trainer_grad_scaler, until_applied,
 )
 from ..logging import LoggingCallback
 from .latents import LatentCoder
@@ -92,6 +93,11 @@ CONDITIONINGS = ("none", "class_labels", "embeddings")  # what the model is give
 CONDITIONING_NAMES = {"labels": "class labels", "embeddings": "conditioning embeddings"}  # by a batch's key
 FORMAT = "genkernel.DDPMTrainer/3"
 TENSOR_FORMAT_2 = "genkernel.DDPMTrainer/2"  # checkpoints of Tensor data before iterable data; still load
+
+# What a trainer holding a torn update (torn_update) must do to go on.
+_RESUME_FIX = ("Resume from the last checkpoint (trainer.resume(), or load_state_dict() of a saved state), which replaces "
+               "the model, the optimizer, the EMA and the counts (none written: build the trainer again); further steps "
+               "and checkpoints are refused until then")
 
 __all__ = ["DDPMTrainer", "make_optimizer", "make_sampler", "reverse_sample", "split_batch", "OPTIMIZERS"]
 
@@ -393,6 +399,9 @@ class DDPMTrainer:
         else:
             self.optimizer = make_optimizer(model, optimizer, lr, weight_decay=weight_decay, momentum=momentum)
         self.lr_scheduler = build_lr_scheduler(lr_scheduler, self.optimizer, "lr_scheduler")
+        # why the model, optimizer or EMA hold part of an update (an interrupt inside optimizer.step() or the EMA's
+        # update): every step and state refused until a checkpoint is loaded (torn_update)
+        self._torn: str | None = None
         self.max_grad_norm = max_grad_norm
         if ema is not None:
             check_trainable_ema(ema, model)
@@ -712,7 +721,11 @@ class DDPMTrainer:
         of their own). A step skipped for a non-finite loss or gradient
         (:class:`~genkernel.core.errors.NonFiniteError`; under "fp16" the GradScaler's
         :class:`~genkernel.core.errors.SkippedStep`) keeps its draws used up, as a GradScaler skips
-        such a step: drawn again, it would fail again."""
+        such a step: drawn again, it would fail again. An interrupt inside ``optimizer.step()`` (without an
+        analyzer to roll it back) or inside the EMA's update may leave part of that update written: the step
+        raises a RuntimeError saying so, and the trainer refuses every further step, :meth:`state_dict` and
+        :meth:`save_checkpoint` until :meth:`resume` (or :meth:`load_state_dict`) replaces its state."""
+        check_not_torn(self, "attempt_step()")
         position = self._data_position()
         batch = self.next_batch()
         global_rng = global_rng_state()
@@ -728,6 +741,9 @@ class DDPMTrainer:
         except BaseException as error:
             if step is not None and step.applied:
                 self._count_update(step)
+            elif step is not None and step.torn:  # (not rolled back: no analyzer, or one that could not undo it)
+                raise torn_update(self, f"optimizer.step() of step {self.global_step + 1}",
+                                  "the parameters and the optimizer's state", error, _RESUME_FIX) from error
             elif not isinstance(error, NonFiniteError):  # (a non-finite step is skipped: drawn again, it fails again)
                 self._hand_back(batch, position, global_rng)
                 restore_buffers(buffers)
@@ -769,16 +785,25 @@ class DDPMTrainer:
         set_global_rng_state(global_rng)
 
     def _count_update(self, step: OptimizerStep) -> float:
-        """Book an update that is in the weights: the EMA's update, ``global_step``, the loss it minimized
-        (returned)."""
-        if self.ema is not None:
-            step_ema(self.ema, self.model)
-        self.global_step += 1
+        """Book an update that is in the weights: ``global_step``, the loss it minimized (returned), the EMA's
+        update, the learning-rate schedule's step. Counted first: an interrupt in the EMA's update leaves the
+        update in the weights counted and the schedule stepped (``train()`` again would otherwise make one update
+        more than ``global_step`` says, the schedule one step behind), and refuses to go on, the EMA possibly
+        holding part of the update (:func:`~genkernel.core.tracking.step.torn_update`)."""
         losses = step.losses
         loss = float(losses.mean() if step.weights is None else (losses * step.weights.to(losses)).sum())
+        self.global_step += 1
         self.losses.append(loss)
-        # (last: a schedule that raises, such as OneCycleLR stepped past total_steps, leaves the update counted)
-        step_lr_scheduler(self.lr_scheduler)
+        try:
+            if self.ema is not None:
+                try:
+                    step_ema(self.ema, self.model)
+                except BaseException as error:
+                    raise torn_update(self, f"the EMA's update after step {self.global_step}", "the EMA's weights",
+                                      error, _RESUME_FIX) from error
+        finally:
+            # (last: a schedule that raises, such as OneCycleLR stepped past total_steps, leaves the update counted)
+            step_lr_scheduler(self.lr_scheduler)
         return loss
 
     def _conditioning_hint(self, batch: dict[str, torch.Tensor]) -> str | None:
@@ -799,6 +824,7 @@ class DDPMTrainer:
         (the means, or the weighted means Σ c_n ℓ_n under a loss weighting)."""
         if not isinstance(num_steps, int) or num_steps < 0:
             raise ValueError(f"num_steps must be a non-negative int, got {num_steps!r}")
+        check_not_torn(self, "train()")
         self.model.train()
         self._callback_states.claim(self.callbacks)
         fire(self.callbacks, "on_train_start", self)
@@ -1002,8 +1028,10 @@ class DDPMTrainer:
         }
 
     def state_dict(self) -> dict[str, Any]:
-        """Everything :meth:`load_state_dict` needs to continue exactly (see the module docstring)."""
+        """Everything :meth:`load_state_dict` needs to continue exactly (see the module docstring). Refused
+        while the trainer holds a torn update (:meth:`attempt_step`)."""
         check_between_steps(self, "state_dict()")
+        check_not_torn(self, "state_dict()")
         iterable = None
         if self._stream is not None:
             iterable = {**self._stream.state_dict(), "sample_shape": self.sample_shape,
@@ -1080,6 +1108,7 @@ class DDPMTrainer:
             self.grad_scaler.load_state_dict(state["grad_scaler"])
         self.skipped_steps = int(state.get("skipped_steps", 0))
         self._callback_states.load(self.callbacks, state["callbacks"])
+        self._torn = None  # (the model, the optimizer and the EMA are the checkpoint's: whole)
 
     def discard_callback_states(self, keys: Sequence[str]) -> None:
         """Drop loaded callback states no attached callback claims (training then goes on without them)."""
@@ -1087,7 +1116,8 @@ class DDPMTrainer:
 
     def save_checkpoint(self, path: str | os.PathLike | None = None) -> Path:
         """Write the trainer (model, optimizer, generator, data position, callbacks' state) atomically;
-        returns the path written."""
+        returns the path written. Refused while the trainer holds a torn update (:meth:`attempt_step`)."""
+        check_not_torn(self, "save_checkpoint()")
         if path is None:
             if self.checkpoint_dir is None:
                 raise ValueError("pass a path, or build the trainer with checkpoint_dir=")

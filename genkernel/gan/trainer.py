@@ -84,8 +84,8 @@ from ..core.tracking.ema import (
 )
 from ..core.tracking.lr_schedules import LRSchedulerArg, build_lr_scheduler, lr_scheduler_settings, step_lr_scheduler
 from ..core.tracking.step import (
-    OptimizerStep, SkipStreak, autocast_to, check_max_grad_norm, micro_batch_rows, trainer_autocast_dtype,
-    trainer_grad_scaler,
+    OptimizerStep, SkipStreak, autocast_to, check_max_grad_norm, check_not_torn, micro_batch_rows, torn_update,
+    trainer_autocast_dtype, trainer_grad_scaler,
 )
 from ..logging import LoggingCallback
 from .augment import DiffAugment
@@ -525,6 +525,9 @@ class GANTrainer:
             discriminator.parameters(), lr=1e-3 if lr_d is None else lr_d, betas=betas)
         self.lr_scheduler_g = build_lr_scheduler(lr_scheduler_g, self.g_optimizer, "lr_scheduler_g")
         self.lr_scheduler_d = build_lr_scheduler(lr_scheduler_d, self.d_optimizer, "lr_scheduler_d")
+        # why a player, its optimizer or the EMA hold part of an update (an interrupt inside optimizer.step() or the
+        # EMA's update): every step and state refused until a checkpoint is loaded (torn_update)
+        self._torn: str | None = None
         self.batch_size = batch_size
         self.d_steps = d_steps
         self.micro_batches = micro_batches
@@ -682,6 +685,7 @@ class GANTrainer:
         """One discriminator step; returns the per-example losses (None: a GradScaler skipped it). With lazy R1
         (``r1_interval`` k > 1) the k-th such step leaves its real rows for :meth:`regularization_step`, which
         must come before the next discriminator step (``train()`` makes it)."""
+        check_not_torn(self, "discriminator_step()")
         self._refuse_owed_regularization("discriminator")
         rng_before = self.rng.get_state()
         try:
@@ -721,6 +725,7 @@ class GANTrainer:
         is owed still). Draws nothing but, with ``augment=``, its rows' augmentation (a step a GradScaler skipped
         draws it again). A step refused for a non-finite loss or gradient is not made (its NonFiniteError says
         so) and not owed: it would fail again on the same rows."""
+        check_not_torn(self, "regularization_step()")
         if self._r1_batch is None:
             raise RuntimeError(
                 "no regularization step is owed: lazy R1 (r1_interval > 1) makes one after every "
@@ -936,6 +941,7 @@ class GANTrainer:
     def generator_step(self) -> torch.Tensor | None:
         """One generator step (D's parameters frozen, its modes kept); returns the per-example losses (None: a
         GradScaler skipped it). Refused while lazy R1's regularization step is owed (it comes first)."""
+        check_not_torn(self, "generator_step()")
         self._refuse_owed_regularization("generator")
         # the players' buffers too: the training forwards before a failure (micro-batch 0's when micro-batch 1 fails,
         # or the forward whose graph an analyzer refuses) update G's and, D keeping its mode, D's (spectral norm's
@@ -981,7 +987,10 @@ class GANTrainer:
         resume from a checkpoint written now) is the one an uninterrupted run makes. A step skipped for a non-finite loss or
         gradient keeps its draws used up, as a GradScaler skips such a step: drawn again it would
         fail again, and ``train()`` again goes on with the next draws. A GradScaler's skip (fp16) returns
-        None and is counted in :attr:`skipped_steps`; ``train()`` draws the step again."""
+        None and is counted in :attr:`skipped_steps`; ``train()`` draws the step again. An interrupt inside
+        ``optimizer.step()`` (without an analyzer to roll it back) or inside the EMA's update may leave part of that
+        update written: the step raises a RuntimeError saying so, and the trainer refuses every further step and
+        :meth:`state_dict` until a checkpoint is loaded (:meth:`load_checkpoint`, ``train(resume=True)``)."""
         try:
             losses = perform_step(self.callbacks, self, step)
         except SkippedStep as error:
@@ -995,15 +1004,20 @@ class GANTrainer:
                 "which is skipped: parameters, optimizers and any ledger keep their state from before it, and "
                 "train() again goes on with the next draws)"
             ) from error
-        except BaseException:
+        except BaseException as error:
+            if step.torn:  # (not rolled back: no analyzer, or one that could not undo it)
+                number = self.g_steps + 1 if step.phase == "generator" else self.d_steps_done + 1
+                raise torn_update(self, f"optimizer.step() of {step.phase} step {number}",
+                                  f"the {step.phase}'s parameters and its optimizer's state", error, _RESUME_FIX) from error
             self._count_applied(step)
             if not step.applied:
                 self._undo(draws)
             raise
-        self._count_applied(step, schedule=False)
-        self._skip_streak.applied()
         try:  # the logger reads the learning rate that trained this step: before the schedule steps it (an error
-            # in the logger still steps the schedule of the update, which is counted)
+            # in the logger, or an interrupt in the EMA's update, still steps the schedule of the update, which is
+            # counted)
+            self._count_applied(step, schedule=False)
+            self._skip_streak.applied()
             if self.logging is not None and _regularization(step):
                 self.logging.log_step(self.iteration + 1, loss=self.history["r1_penalty"][-1], phase="r1", trainer=self)
             elif self.logging is not None:
@@ -1026,21 +1040,32 @@ class GANTrainer:
     def _count_applied(self, step: OptimizerStep, *, schedule: bool = True) -> None:
         """Count an applied step; a generator step also updates the EMA (``ema=``): the EMA follows every update
         that is in G's weights, also one after which a callback raised (a run continued after it is the straight one).
-        ``schedule``: also step its player's learning-rate schedule (False: the caller does, after logging)."""
-        if step.applied:
+        ``schedule``: also step its player's learning-rate schedule (False: the caller does, after logging).
+        Counted before the EMA's update, the schedule stepped after it also when it raised: an interrupt there
+        leaves the update counted and scheduled, and refuses to go on, the EMA possibly holding part of it
+        (:func:`~genkernel.core.tracking.step.torn_update`)."""
+        if not step.applied:
+            return
+        try:
             if step.phase == "generator":
+                loss = float(step.losses.mean())
                 self.g_steps += 1
-                self.history["g_loss"].append(float(step.losses.mean()))
+                self.history["g_loss"].append(loss)
                 if self.ema is not None:
-                    step_ema(self.ema, self.generator)
+                    try:
+                        step_ema(self.ema, self.generator)
+                    except BaseException as error:
+                        raise torn_update(self, f"the EMA's update after generator step {self.g_steps}",
+                                          "the EMA's weights", error, _RESUME_FIX) from error
             else:
-                self.d_steps_done += 1
                 loss = float((step.losses * step.weights).sum())
+                self.d_steps_done += 1
                 if _regularization(step):
                     self.r1_steps_done += 1
                     self.history["r1_penalty"].append(loss)
                 else:
                     self.history["d_loss"].append(loss)
+        finally:
             if schedule:
                 self._step_schedule(step)
 
@@ -1060,6 +1085,7 @@ class GANTrainer:
             raise ValueError("resume=True reads checkpoint_dir/checkpoint.pt: build the trainer with checkpoint_dir=")
         if resume and (self.checkpoint_dir / "checkpoint.pt").exists():
             self.load_checkpoint(self.checkpoint_dir / "checkpoint.pt")
+        check_not_torn(self, "train()")
         self._check_generator_loss()  # (before any step: not after D's steps of the first iteration were made)
         self._check_critic()
         self._callback_states.claim(self.callbacks)
@@ -1132,8 +1158,10 @@ class GANTrainer:
 
     def state_dict(self) -> dict[str, Any]:
         """Everything :meth:`load_state_dict` needs to continue exactly, including the global RNG
-        (dropout in G or D draws from it) and the settings a resume must share."""
+        (dropout in G or D draws from it) and the settings a resume must share. Refused while the trainer
+        holds a torn update (:meth:`_perform`)."""
         check_between_steps(self, "state_dict()")
+        check_not_torn(self, "state_dict()")
         return {
             "format": "genkernel.GANTrainer/2",
             "generator": self.generator.state_dict(),
@@ -1208,6 +1236,7 @@ class GANTrainer:
             self.grad_scaler.load_state_dict(state["grad_scaler"])
         self.skipped_steps = dict(state.get("skipped_steps", {"generator": 0, "discriminator": 0}))
         self._callback_states.load(self.callbacks, state["callbacks"])
+        self._torn = None  # (the players, their optimizers and the EMA are the checkpoint's: whole)
 
     def discard_callback_states(self, keys: Sequence[str]) -> None:
         """Drop loaded callback states no attached callback claims (training then goes on without them)."""
@@ -1231,6 +1260,12 @@ class GANTrainer:
             raise ValueError(f"save_samples needs image samples [B, C, H, W], got shape {tuple(images.shape)}")
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         save_image((images.float().cpu() + 1) / 2, str(path), nrow=nrow)
+
+
+# What a trainer holding a torn update (torn_update) must do to go on.
+_RESUME_FIX = ("Load the last checkpoint (trainer.load_checkpoint(path), train(..., resume=True), or load_state_dict() "
+               "of a saved state), which replaces both players, their optimizers, the EMA and the counts (none written: "
+               "build the trainer again); further steps and checkpoints are refused until then")
 
 
 def _regularization(step: OptimizerStep) -> bool:

@@ -29,7 +29,8 @@ from ..core.tracking.io import (
     check_module_state, check_optimizer_state, check_resume_config, global_rng_state, set_global_rng_state,
 )
 from ..core.tracking.step import (
-    LossFn, OptimizerStep, check_max_grad_norm, trainer_autocast_dtype, trainer_grad_scaler, until_applied,
+    LossFn, OptimizerStep, check_max_grad_norm, check_not_torn, torn_update, trainer_autocast_dtype, trainer_grad_scaler,
+    until_applied,
 )
 from ..core.tracking.tracker import PathKernelTracker
 
@@ -58,7 +59,10 @@ class SupervisedTrainer:
     calls continue the stream, so ``fit(steps=a)`` then ``fit(steps=b)`` trains exactly as
     ``fit(steps=a + b)``, also when ``fit`` raised in between: an update made before the error (a
     callback's ``on_step_end``) is counted, a step that failed before its update gives its batch
-    and dropout draws back (a NonFiniteError step keeps them used up, as a GradScaler skips it).
+    and dropout draws back (a NonFiniteError step keeps them used up, as a GradScaler skips it). An
+    interrupt inside ``optimizer.step()`` without a :class:`LedgerCallback` to roll it back may leave part of
+    the update written: ``fit`` raises a RuntimeError saying so and refuses to go on (``fit``,
+    ``state_dict``) until :meth:`load_state_dict` loads a saved state.
     """
 
     FORMAT = "genkernel.SupervisedTrainer/1"
@@ -113,6 +117,9 @@ class SupervisedTrainer:
         # The stream's drawn but not yet trained-on indices, and the dataset size they index.
         self._order = torch.empty(0, dtype=torch.long)
         self._order_size: int | None = None
+        # why the model or the optimizer hold part of an update (an interrupt inside optimizer.step()): training and
+        # state_dict() refused until load_state_dict() (torn_update)
+        self._torn: str | None = None
 
     def batches(self, n: int, steps: int):
         """Yield ``steps`` index tensors of size ``batch_size``, epoch by epoch, continuing the
@@ -135,6 +142,7 @@ class SupervisedTrainer:
         """Train for ``steps`` optimizer steps. Returns the mean loss of every step."""
         if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps < 0:
             raise ValueError(f"steps must be a non-negative int, got {steps!r}")
+        check_not_torn(self, "fit()")
         steps = int(steps)
         xs = as_tuple(inputs, name="inputs")
         ys = targets if isinstance(targets, torch.Tensor) else as_tuple(targets, name="targets")
@@ -160,6 +168,7 @@ class SupervisedTrainer:
         (dropout), so ``fit`` again draws the same batch and masks: the run is the uninterrupted one.
         A step skipped for a non-finite loss or gradient (NonFiniteError) keeps its batch used up, as
         the other trainers (and a GradScaler) skip such a step: drawn again, it would fail again."""
+        check_not_torn(self, "fit()")
         # (_order is never changed in place, only rebound: keeping the tensor keeps the position)
         position = (self.generator.get_state(), self._order, self._order_size)
         global_rng = global_rng_state()
@@ -186,6 +195,11 @@ class SupervisedTrainer:
         except BaseException as error:
             if step is not None and step.applied:
                 self._count(step)
+            elif step is not None and step.torn:  # (not rolled back: no LedgerCallback, or one that could not undo it)
+                raise torn_update(
+                    self, f"optimizer.step() of step {self.global_step + 1}", "the parameters and the optimizer's state",
+                    error, "Load the last saved state (trainer.load_state_dict(state)), which replaces the model, the "
+                    "optimizer and the counts; fit() and state_dict() are refused until then") from error
             elif not isinstance(error, NonFiniteError):
                 self.generator.set_state(position[0])
                 self._order, self._order_size = position[1], position[2]
@@ -206,8 +220,10 @@ class SupervisedTrainer:
         optimizer, the batch order (generator and the current epoch's rest), the step count, the
         loss history and the global RNG (dropout draws from it). Callbacks keep their own state.
         The model's and optimizer's tensors are shared with the live ones, as in PyTorch's own
-        ``state_dict``: ``torch.save`` the state (or deep-copy it) before training on."""
+        ``state_dict``: ``torch.save`` the state (or deep-copy it) before training on. Refused while the
+        trainer holds a torn update (an interrupt inside ``optimizer.step()``)."""
         check_between_steps(self, "state_dict()")
+        check_not_torn(self, "state_dict()")
         return {
             "format": self.FORMAT,
             "model": self.model.state_dict(),
@@ -252,6 +268,7 @@ class SupervisedTrainer:
         if self.grad_scaler is not None:  # (the config check: an "fp16" state has one)
             self.grad_scaler.load_state_dict(state["grad_scaler"])
         self.skipped_steps = int(state.get("skipped_steps", 0))
+        self._torn = None  # (the model and the optimizer are the state's: whole)
 
 
 class LedgerCallback(TrainerCallback):

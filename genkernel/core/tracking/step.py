@@ -149,6 +149,11 @@ class OptimizerStep:
         applied: whether the update is in the parameters (set by :meth:`apply_update`; a tracker that
             rolls the step back after a failure sets it back to False), so that a trainer whose step
             raised can tell an update made (an error after it, in a callback) from one never made.
+        torn: ``optimizer.step()`` (a GradScaler's ``step``/``update()``) raised part-way, an interrupt or an
+            out-of-memory error: the parameters and the optimizer's state may hold part of the update (an Adam
+            without ``foreach`` updates them one at a time), neither the step made nor one never made. A tracker
+            that rolls the step back sets it back to False; a trainer that finds it set refuses to go on
+            (:func:`torn_update`).
     """
 
     model: nn.Module
@@ -166,6 +171,7 @@ class OptimizerStep:
     clip_factor: float = field(default=1.0, init=False)
     losses: torch.Tensor | None = field(default=None, init=False)
     applied: bool = field(default=False, init=False)
+    torn: bool = field(default=False, init=False)
     # The GradScaler's scale the step's backward ran at (1.0 without one), and its state before apply_update's
     # update() (undo_scaler_update puts it back).
     loss_scale: float = field(default=1.0, init=False)
@@ -371,14 +377,21 @@ class OptimizerStep:
             raise RuntimeError(
                 f"this {self.phase} step was already applied: only one analyzer may take over a step"
             )
-        if self.grad_scaler is None:
-            self.optimizer.step()
-        else:  # (the gradients were unscaled and found finite: scaler.step steps, update() counts a clean step)
-            scaler = self.grad_scaler
+        if self.grad_scaler is not None:
             # (what undo_scaler_update puts back: a tracker that rolls the update back rolls the scaler's count back too)
-            self._scaler_before = scaler.state_dict()
-            scaler.step(self.optimizer)
-            scaler.update()
+            self._scaler_before = self.grad_scaler.state_dict()
+        try:
+            if self.grad_scaler is None:
+                self.optimizer.step()
+            else:  # (the gradients were unscaled and found finite: scaler.step steps, update() counts a clean step)
+                self.grad_scaler.step(self.optimizer)
+                self.grad_scaler.update()
+        except BaseException:
+            # an interrupt (or an out-of-memory error) inside optimizer.step() may leave some parameters and their
+            # optimizer state updated and others not: neither the step made nor one never made (a tracker rolls it
+            # back and clears this; a trainer without one refuses to go on)
+            self.torn = True
+            raise
         self.applied = True
 
     def undo_scaler_update(self) -> None:
@@ -396,6 +409,26 @@ class OptimizerStep:
         losses = self.compute_gradients()
         self.apply_update()
         return losses
+
+
+def torn_update(trainer: Any, what: str, writes: str, error: BaseException, fix: str) -> RuntimeError:
+    """Mark ``trainer`` as holding a torn update and return the RuntimeError to raise (``from error``): ``what``
+    (``optimizer.step() of step 7``, ``the EMA's update after step 7``) raised ``error`` part-way, so ``writes``
+    (what it writes: the parameters and the optimizer's state, the EMA's weights) may hold part of an update that
+    no step can follow and no checkpoint may be written from. Until ``fix`` (a load of the last checkpoint, which
+    replaces that state) every further step and state is refused with the same message (:func:`check_not_torn`)."""
+    reason = (f"{what} raised {type(error).__name__} part-way ({error}): {writes} may hold part of that update, "
+              f"which neither training on nor a checkpoint written now can make whole. {fix}")
+    trainer._torn = reason
+    return RuntimeError(reason)
+
+
+def check_not_torn(trainer: Any, what: str) -> None:
+    """Raise the RuntimeError of :func:`torn_update` when ``trainer`` holds a torn update (``what``: the call
+    refused, e.g. ``"train()"``)."""
+    reason = getattr(trainer, "_torn", None)
+    if reason is not None:
+        raise RuntimeError(f"{type(trainer).__name__}.{what} is refused: {reason}")
 
 
 def model_output(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> torch.Tensor:

@@ -799,6 +799,7 @@ class PathKernelTracker:
             self._roll_back(error, index, step.phase, saved, theta_before, applied=applied)
             if self._broken is None:
                 step.applied = False  # undone: a trainer counting its applied steps does not count this one
+                step.torn = False  # (θ_k, its buffers and the optimizer's state are back: an interrupted optimizer.step())
                 if applied:  # (and its GradScaler's update(): the step run again runs at the scale it ran at)
                     step.undo_scaler_update()
             if isinstance(error, NonFiniteError) and not applied:
