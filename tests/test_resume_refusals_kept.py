@@ -1,9 +1,10 @@
 """A refused checkpoint stays refused, and a truncated one is named (a helper's hunt).
 
 Before:
-1. A resume whose analyzer state this analyzer refuses (other num_bins) raised, but the state had been popped
-   from the pending ones before it was tried: the next train() went on silently, the analyzer starting a new ledger
-   in the middle of the resumed run (ledger steps [4, 5] of a run at step 5).
+1. A resume whose analyzer state this analyzer refuses (other num_bins) raised after the model, the optimizer and
+   the step count were loaded (the trainer is to be "left as it was"), and the state had been popped from the
+   pending ones before it was tried: the next train() went on silently, the analyzer starting a new ledger in the
+   middle of the resumed run (ledger steps [4, 5] of a run at step 5).
 2. A checkpoint cut off past its first records raised torch's bare ``OSError: [Errno 22] Invalid argument``, with
    no path and no word of truncation."""
 
@@ -39,8 +40,12 @@ def test_a_refused_analyzer_state_keeps_training_refused(tmp_path):
     first, _ = trainer(3, checkpoint_dir=tmp_path, checkpoint_every=3)
     first.train(3)
     other, analyzer = trainer(4, checkpoint_dir=tmp_path)
+    fresh = {k: v.clone() for k, v in other.model.state_dict().items()}
     with pytest.raises(ValueError):
         other.resume()
+    # left as it was (before: the model, optimizer and step count were loaded before the analyzer refused)
+    assert other.global_step == 0 and not other.optimizer.state
+    assert all(torch.equal(v, fresh[k]) for k, v in other.model.state_dict().items())
     with pytest.raises(ValueError):  # (before: trained on, a new ledger from step 4)
         other.train(2)
     assert analyzer.global_steps == []  # (nothing tracked)

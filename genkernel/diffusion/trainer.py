@@ -1085,6 +1085,9 @@ class DDPMTrainer:
         check_optimizer_state(self.optimizer, state["optimizer"], "optimizer")
         if self.ema is not None:
             check_ema_state(self.ema, state["ema"])
+        # The callbacks' states first: one a callback refuses (an analyzer of other settings) leaves the trainer as
+        # it was, and stays pending, so that train() is refused until it is claimed or discarded.
+        self._callback_states.load(self.callbacks, state["callbacks"])
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         if self.ema is not None:
@@ -1107,7 +1110,6 @@ class DDPMTrainer:
         if self.grad_scaler is not None:  # (the config check above: a "fp16" checkpoint has one)
             self.grad_scaler.load_state_dict(state["grad_scaler"])
         self.skipped_steps = int(state.get("skipped_steps", 0))
-        self._callback_states.load(self.callbacks, state["callbacks"])
         self._torn = None  # (the model, the optimizer and the EMA are the checkpoint's: whole)
 
     def discard_callback_states(self, keys: Sequence[str]) -> None:

@@ -1212,6 +1212,9 @@ class GANTrainer:
             check_optimizer_state(getattr(self, name), state[name], name)
         if self.ema is not None:
             check_ema_state(self.ema, state.get("ema"))
+        # The callbacks' states first: one a callback refuses (an analyzer of other settings) leaves the trainer as
+        # it was, and stays pending, so that train() is refused until it is claimed or discarded.
+        self._callback_states.load(self.callbacks, state["callbacks"])
         self.generator.load_state_dict(state["generator"])
         self.discriminator.load_state_dict(state["discriminator"])
         self.g_optimizer.load_state_dict(state["g_optimizer"])
@@ -1235,7 +1238,6 @@ class GANTrainer:
         if self.grad_scaler is not None:  # (the config check: a "fp16" checkpoint has one)
             self.grad_scaler.load_state_dict(state["grad_scaler"])
         self.skipped_steps = dict(state.get("skipped_steps", {"generator": 0, "discriminator": 0}))
-        self._callback_states.load(self.callbacks, state["callbacks"])
         self._torn = None  # (the players, their optimizers and the EMA are the checkpoint's: whole)
 
     def discard_callback_states(self, keys: Sequence[str]) -> None:
