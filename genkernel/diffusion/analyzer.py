@@ -348,6 +348,8 @@ class NoiseLevelAnalyzer(TrainerCallback):
         self.model: nn.Module | None = None
         self._pending_state: dict[str, Any] | None = None
         self._overhead_pending = False  # a DataLoader trainer's VAE encode, counted at its first batch
+        # Why this analyzer refuses to go on (a step's bookkeeping cut off where it cannot be completed), else None.
+        self._broken: str | None = None
         self._reset_records()
 
     # -- binding -----------------------------------------------------------------------------
@@ -511,6 +513,8 @@ class NoiseLevelAnalyzer(TrainerCallback):
     def on_train_start(self, trainer: Any) -> None:
         self._check_trainer_scheduler(trainer)
         self._check_trainer_conditioning(trainer)
+        if self.tracker is not None and not self.stopped:
+            self._settle()  # (records owed by a step whose bookkeeping was interrupted: made before any new step)
         # Bound now inside the window, or to restore a saved state (one saved after the window
         # ended included: its ledgers are then read, not extended).
         if self.tracker is None and (self._in_window(getattr(trainer, "global_step", 0) + 1)
@@ -573,7 +577,9 @@ class NoiseLevelAnalyzer(TrainerCallback):
         if self.stopped:
             return
         if self.tracker is not None:
+            self._settle()
             self._record_kernel_of_last_step()
+            self._end_kernel = None  # the window's last θ: its record stays (no step of the window comes after it)
             self.tracker.close()
         self.stopped = True
 
@@ -629,6 +635,7 @@ class NoiseLevelAnalyzer(TrainerCallback):
             raise RuntimeError("call analyzer.bind(model, optimizer) before analyzer.observe(...)")
         if self.stopped:
             raise RuntimeError("the analyzer was stopped (its tracked window ended): do not observe later steps")
+        self._settle()  # (before this step's micro-batches: the owed records read the last step's ledger and θ)
         # A refused micro-batch draws nothing: the loop that catches the error and observes again (or the
         # same loop resumed) gets the control permutations an uninterrupted run draws.
         perm_state, sigma_like = self._perm_generator.get_state(), self._sigma_like
@@ -663,19 +670,39 @@ class NoiseLevelAnalyzer(TrainerCallback):
         self._pending_loss = OBSERVED_LOSS
 
     def finish(self) -> None:
-        """Record the kernel structure at the current θ unless the last tracked step has it already
-        (what a built-in trainer's end of training does; after :meth:`stop` the window's last θ
-        has it), and log the final numbers and matrices when the analyzer has a ``log``."""
+        """Record the kernel structure at the last tracked θ unless the last tracked step has it already
+        (what a built-in trainer's end of training, each ``train()`` call's, does; after :meth:`stop` the
+        window's last θ has it), and log the final numbers and matrices when the analyzer has a ``log``.
+
+        The end record is the last entry of ``kernel_history`` (and of a state saved now) while training
+        stays there; when training goes on (another ``train()``, a run resumed from a checkpoint saved after
+        ``train()`` returned, more observed steps), the next tracked step replaces it: the run trained in
+        pieces keeps the kernel history of the run trained straight through (the start, every
+        ``kernel_every`` tracked steps, the end). :meth:`record_kernel` keeps a record for good."""
         if self.tracker is not None and not self.stopped:
-            self._record_kernel_of_last_step()
+            self._settle()
+            self._record_kernel_of_last_step(at_end=True)
         if self.logging is not None:
             self.logging.on_train_end(None)
 
-    def _record_kernel_of_last_step(self) -> None:
-        """:meth:`record_kernel` unless no step is tracked or the last one has its entry."""
+    def _record_kernel_of_last_step(self, *, at_end: bool = False) -> None:
+        """:meth:`record_kernel` unless no step is tracked or the last one has its entry; ``at_end``: the
+        end-of-training record, replaced when a later step is tracked (:meth:`finish`)."""
         steps = self.tracker.ledger.steps
         if steps and (not self.kernel_history or self.kernel_history[-1]["tracked_step"] != steps):
+            count = len(self.kernel_history)
             self.record_kernel()
+            if at_end and len(self.kernel_history) > count:  # (marked only where an entry was appended)
+                self._end_kernel = len(self.kernel_history) - 1
+
+    def _drop_end_kernel(self) -> None:
+        """Training went on past an end-of-training record (:meth:`finish`): remove it. The run trained in pieces
+        (or resumed from a checkpoint saved after ``train()`` returned) then records the kernel where the run
+        trained straight through does, bit for bit."""
+        index, self._end_kernel = self._end_kernel, None
+        if (index is not None and 0 <= index < len(self.kernel_history)
+                and self.kernel_history[index]["tracked_step"] < self.tracker.ledger.steps):
+            del self.kernel_history[index]
 
     def step(
         self,
@@ -716,6 +743,7 @@ class NoiseLevelAnalyzer(TrainerCallback):
         class) and let the tracker take the step. A step that fails before its update puts the control
         permutations' generator back: the step run again (a built-in trainer hands its batch back) draws the
         permutations the uninterrupted run draws."""
+        self._settle()  # (records owed by the previous step, at its ledger and θ, before this step changes them)
         perm_state, sigma_like = self._perm_generator.get_state(), self._sigma_like
         try:
             return self._track(step, timesteps, class_labels)
@@ -827,9 +855,32 @@ class NoiseLevelAnalyzer(TrainerCallback):
         self._global_step = None
         self._start_step: int | None = None
         self._steps_at_bind = 0
+        # kernel_history's index of the end-of-training record (finish), replaced when training goes on; else None
+        self._end_kernel: int | None = None
+        # The records a recorded step still owes (its snapshot, kernel record and log: an interrupt cut them off),
+        # made at the next opportunity, at that step's ledger and θ; else None.
+        self._owed: dict[str, Any] | None = None
+        self._recording = False  # inside _record's counts (cut off there, the analyzer refuses to go on)
+        self._settling = False  # inside _settle (the records it makes may read the analyzer: not made twice)
 
     def _record(self, result: StepContributions) -> None:
-        """The tracker's listener: bookkeeping after every recorded step (owned or observed)."""
+        """The tracker's listener: bookkeeping after every recorded step (owned or observed).
+
+        The step's counts first (cut off there, the analyzer refuses to go on: :meth:`_settle`), then its
+        records (snapshot, kernel record, log): cut off there (a KeyboardInterrupt, a MemoryError), they are
+        owed and made at the next opportunity (the next ``train()``, step, observed micro-batch, save, report or
+        :meth:`finish`), at this step's ledger and θ, which nothing changes before the next step."""
+        if self._broken is None and self._recording:
+            self._broken = ("the bookkeeping of a recorded step was interrupted while it counted the step (bins, "
+                            "step numbers, losses)")
+        if self._broken is None and self._owed is not None:
+            # (a step taken past the analyzer's verbs, tracker.track called directly, after an interrupted bookkeeping)
+            self._broken = (f"the records of tracked step {self._owed['tracked_step']} (snapshot, kernel record, log) "
+                            "were interrupted and a later step was recorded before they could be made")
+        if self._broken is not None:
+            self._refuse_owed()
+        self._recording = True
+        self._drop_end_kernel()
         bins = step_payloads(self._pending_bins, self.tracker.step_observations)
         bins = torch.cat(bins) if bins else torch.zeros(0, dtype=torch.long)
         loss, self._pending_loss = self._pending_loss or OBSERVED_LOSS, None
@@ -843,12 +894,56 @@ class NoiseLevelAnalyzer(TrainerCallback):
         self.global_steps.append(step)
         self._global_step = None
         steps = self.tracker.ledger.steps
-        if self.snapshot_every and steps % self.snapshot_every == 0:
-            self.history.append(self._summary_row())
-        if self.kernel_every and steps % self.kernel_every == 0:
-            self.record_kernel()
-        if self.logging is not None:
-            self.logging.log_step(step)
+        self._owed = {"tracked_step": steps, "step": step,
+                      "snapshot": bool(self.snapshot_every and steps % self.snapshot_every == 0),
+                      "kernel": bool(self.kernel_every and steps % self.kernel_every == 0),
+                      "log": self.logging is not None}
+        self._recording = False
+        self._settle()
+
+    def _settle(self) -> None:
+        """Make the records the last recorded step owes (:meth:`_record`): its locality snapshot, kernel record
+        and log, each unless made already. Refuses (RuntimeError) where a step's counts were cut off half-way."""
+        if self._recording and self._broken is None:
+            self._broken = ("the bookkeeping of a recorded step was interrupted while it counted the step (bins, "
+                            "step numbers, losses)")
+        if self._broken is not None:
+            self._refuse_owed()
+        owed = self._owed
+        if owed is None or self._settling:  # (a log callable reading report() while the records are made)
+            return
+        steps = owed["tracked_step"]
+        if self.tracker is None or self.tracker.ledger.steps != steps:
+            self._broken = (f"the records of tracked step {steps} (snapshot, kernel record, log) were interrupted and "
+                            "a later step was recorded before they could be made")
+            self._refuse_owed()
+        self._settling = True
+        try:
+            if owed["snapshot"] and not (self.history and self.history[-1]["tracked_step"] == steps):
+                self.history.append(self._summary_row())
+            if owed["kernel"] and not (self.kernel_history and self.kernel_history[-1]["tracked_step"] == steps):
+                self.record_kernel()
+            if owed["log"] and self.logging is not None:
+                owed["log"] = False  # (a logger that raises is not called again for the step: as it was before)
+                self.logging.log_step(owed["step"])
+        except BaseException as error:
+            if hasattr(error, "add_note"):
+                error.add_note(
+                    f"genkernel: the records of tracked step {steps} (locality snapshot, kernel record, log) are not "
+                    "all made; the analyzer makes them at its next step, train(), save or report, at that step's "
+                    "ledger and weights (nothing changes them before the next step)"
+                )
+            raise
+        finally:
+            self._settling = False
+        self._owed = None
+
+    def _refuse_owed(self) -> None:
+        raise RuntimeError(
+            f"this analyzer refuses further steps, saves and reports: {self._broken}, "
+            "so its counts, history and kernel records no longer match its ledgers. Resume from the last "
+            "checkpoint (trainer.resume(path), or analyzer.load / load_state_dict) or build a new analyzer"
+        )
 
     def _summary_row(self) -> dict[str, Any]:
         row = {"tracked_step": self.tracker.ledger.steps, "global_step": self.global_steps[-1] if self.global_steps else None,
@@ -1073,6 +1168,7 @@ class NoiseLevelAnalyzer(TrainerCallback):
         the matrices named, the loop's step numbers, the EMA weights' ledger when one is kept, and
         notes on what the numbers cannot support (a large residual, with the rule that shrinks it)."""
         self._require()
+        self._settle()
         residual = self.residual()
         notes = []
         if residual["relative_residual"] > 1e-3:
@@ -1143,10 +1239,13 @@ class NoiseLevelAnalyzer(TrainerCallback):
             if self._pending_state is not None:  # loaded, not bound yet (a resumed trainer saving before it trains)
                 return self._pending_state
             return {"format": FORMAT, "bound": False}
+        self._settle()  # (a state saved after an interrupted bookkeeping holds the records the step owes)
         return {
             "format": FORMAT, "bound": True, "tracker": self.tracker.state_dict(), "stopped": self.stopped,
             "bin_counts": self.bin_counts, "global_steps": self.global_steps, "step_losses": dict(self.step_losses),
             "history": self.history, "kernel_history": self.kernel_history,
+            # the index of kernel_history's end-of-training record (finish), replaced when training goes on
+            "end_kernel": self._end_kernel,
             "perm_generator": self._perm_generator.get_state(),
             # the flow-matching sigma refusal's count of examples in a row at t <= 1, which may span a save
             "sigma_like": self._sigma_like,
@@ -1208,6 +1307,10 @@ class NoiseLevelAnalyzer(TrainerCallback):
         unknown = {"not recorded": len(self.bin_counts)} if self.bin_counts else {}
         self.step_losses = dict(state.get("step_losses", unknown))
         self.history, self.kernel_history = list(state["history"]), list(state["kernel_history"])
+        # (states of earlier versions did not mark their end record: it is kept, as they kept it)
+        self._end_kernel = state.get("end_kernel")
+        # the loaded state replaces whatever an interrupted bookkeeping left
+        self._owed, self._recording, self._broken = None, False, None
         self._perm_generator.set_state(state["perm_generator"])
         self._sigma_like = int(state.get("sigma_like", 0))  # (states of earlier versions did not save it)
         self._steps_at_bind = self.tracker.attempted_steps  # bind's start_step counts the loop's steps up to here

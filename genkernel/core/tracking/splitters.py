@@ -355,7 +355,10 @@ class UpdateSplitter:
     _state_changed_hint = (
         "was the optimizer's state loaded, reset or edited since the tracker's previous step "
         "(optimizer.load_state_dict, optimizer.state.clear())? The split cannot follow state it did not see: build a "
-        "new tracker after changing the optimizer's state"
+        "new tracker after changing the optimizer's state. When resuming: optimizer.load_state_dict(sd) keeps the "
+        "tensors of sd (same dtype and device) and steps them in place, so a state dict held in memory and loaded "
+        "again (a second resume in one process) holds the moments of the run that loaded it first: load from the "
+        "checkpoint file or from copy.deepcopy(sd)"
     )
 
     def state_dict(self) -> dict[str, Any]:
