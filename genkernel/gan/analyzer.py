@@ -128,7 +128,7 @@ from ..core.tracking.quadrature import residual_remedy
 from ..core.tracking.step import OptimizerStep, micro_batch_rows
 from ..core.tracking.tracker import MEMORY_CHECKS, MIXED_PRECISION, PathKernelTracker, StepContributions, step_payloads
 from ..logging import LoggingCallback
-from ..stats import mean_interval, nan_median
+from ..stats import MIN_PROBE_GROUPS, mean_interval, nan_median
 from .geometry import ClassGroups, DirectionGroups, GeometryGrouping, ModeGroups, NearestModeGroups, make_grouping
 from .losses import (
     GENERATED, PENALTY, REAL, ROLE_NAMES, AugmentedDiscriminatorObjective, AugmentedGeneratorLoss, DiscriminatorObjective,
@@ -1894,7 +1894,7 @@ class GANKernelAnalyzer(TrainerCallback):
                 stats["geometry_minus_spatial"][kind] = few_units({
                     **interval.as_dict(), "held": interval.above(0.0), "per_probe": diff.tolist(),
                     "statistic": f"{kind}: (geometry interaction − control) − (spatial interaction − control), per probe",
-                })
+                }, minimum=MIN_PROBE_GROUPS)
         return stats
 
     def _window_record(self, first: int, last: int, start: dict[str, PathKernelLedger], groups: torch.Tensor,
@@ -2466,9 +2466,10 @@ def partition_statistics(measured: PathKernelLedger, controls: list[PathKernelLe
             own_c = torch.stack([grouping_layer.own_share(o[kind], groups) for o in others])
             entry["own_control"] = mean_interval(own_c.mean(0), clusters=groups).as_dict()
             inter_c = torch.stack([own_minus_others(o[kind], groups, num_groups) for o in others])
-            entry["own_minus_control"] = few_units(grouping_layer.measured_minus_control(own, own_c, clusters=groups))
+            entry["own_minus_control"] = few_units(grouping_layer.measured_minus_control(own, own_c, clusters=groups),
+                                                   minimum=MIN_PROBE_GROUPS)
             entry["interaction_minus_control"] = few_units(
-                grouping_layer.measured_minus_control(interaction, inter_c, clusters=groups))
+                grouping_layer.measured_minus_control(interaction, inter_c, clusters=groups), minimum=MIN_PROBE_GROUPS)
             entry["per_probe"] = {"own_minus_control": (own - own_c.mean(0)).tolist(),
                                   "interaction_minus_control": (interaction - inter_c.mean(0)).tolist()}
         out[kind] = entry
