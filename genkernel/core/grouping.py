@@ -297,40 +297,47 @@ def band_locality(
     # the spread of the controls' level means (between_partitions), not held on fewer than three controls.
     out["per_level"] = [
         {"level": level, "bin": int(group),
-         "traffic": between_partitions(measured_minus_control(traffic_band[rows], traffic_c[:, rows]),
-                                       traffic_c[:, rows]),
-         "share": between_partitions(measured_minus_control(share_band[rows], share_c[:, rows]), share_c[:, rows])}
+         "traffic": between_partitions(traffic_band[rows], traffic_c[:, rows]),
+         "share": between_partitions(share_band[rows], share_c[:, rows])}
         for i, (level, group) in enumerate(level_bins) for rows in [probe_level == i]
     ]
     return out
 
 
-def between_partitions(result: dict[str, Any], controls: torch.Tensor, *, minimum: int = 3) -> dict[str, Any]:
-    """``result`` (a :func:`measured_minus_control` of probes that share one draw of every partition, e.g. one
-    probe level's) with its interval replaced by one over the partitions: the measured partition is one draw and
-    the K control partitions' means (over the same probes) K more, exchangeable with it under the null, so
-    measured − mean(controls) has the standard error s_c·sqrt(1 + 1/K) with K − 1 degrees of freedom (s_c: the
-    controls' means' standard deviation). Fewer than ``minimum`` controls: no interval, held False with a ``why``."""
+def between_partitions(measured: torch.Tensor, controls: torch.Tensor, *, confidence: float = 0.95,
+                       minimum: int = 3) -> dict[str, Any]:
+    """:func:`measured_minus_control` of probes that share one draw of every partition (e.g. one probe level's), with
+    its interval over the partitions: the measured partition is one draw and the K control partitions' means (over
+    the same probes) K more, exchangeable with it under the null, so measured − mean(controls) has the standard error
+    s_c·sqrt(1 + 1/K) with K − 1 degrees of freedom (s_c: the controls' means' standard deviation). A control with no
+    finite value here is left out; the rest, and the measured partition, are averaged over the same probes (those
+    finite in all of them), so that the difference is the measured mean minus the controls' means' mean. Fewer than
+    ``minimum`` controls, or no such probe: no interval, held False with a ``why``."""
     import scipy.stats
 
+    measured = measured.to(torch.float64).reshape(-1)
     controls = controls.to(torch.float64)
     if controls.dim() == 1:
         controls = controls[None]
-    means = torch.stack([c[torch.isfinite(c)].mean() if bool(torch.isfinite(c).any()) else torch.tensor(math.nan,
-                         dtype=torch.float64) for c in controls])
-    means = means[torch.isfinite(means)]
-    k = int(means.numel())
-    out = {**result, "units": "control partitions", "n": k}
-    difference = result["difference"]
-    if k < minimum or not math.isfinite(difference):
+    kept = controls[torch.isfinite(controls).any(dim=1)]
+    paired = torch.isfinite(measured) & torch.isfinite(kept).all(dim=0)
+    k = int(kept.shape[0])
+    out = {**measured_minus_control(measured[paired], kept[:, paired], confidence=confidence),
+           "units": "control partitions", "n": k, "controls": int(controls.shape[0])}
+    if k < minimum:
         return {**out, "interval": [math.nan, math.nan], "held": False,
-                "why": f"{k} control partition(s): a level's probes share every partition's draw, so its interval is "
-                       f"over the partitions and needs at least {minimum} controls"}
+                "why": f"{k} control partition(s) with a value at these probes: a level's probes share every "
+                       f"partition's draw, so its interval is over the partitions and needs at least {minimum}"}
+    if not bool(paired.any()):
+        return {**out, "interval": [math.nan, math.nan], "held": False,
+                "why": "no probe here has a finite value in the measured partition and in every control partition"}
+    means = kept[:, paired].mean(dim=1)
+    difference = out["difference"]
     spread = float(means.std(unbiased=True))
     if not spread > 0:
         return {**out, "interval": [math.nan, math.nan], "held": False,
                 "why": "the control partitions' means are all equal: no spread to judge the difference by"}
-    half = float(scipy.stats.t.ppf(0.5 + result["confidence"] / 2, k - 1)) * spread * math.sqrt(1 + 1 / k)
+    half = float(scipy.stats.t.ppf(0.5 + confidence / 2, k - 1)) * spread * math.sqrt(1 + 1 / k)
     return {**out, "interval": [difference - half, difference + half], "method": "between-partitions-t",
             "held": bool(difference - half > 0)}
 

@@ -105,12 +105,22 @@ def _check_same_on_every_rank(model: nn.Module, x1: tuple, x2: tuple | None, wor
     """Raise ValueError on every rank when the ranks' ``x1``, ``x2`` or parameters differ: the
     gathered rows would come from different kernels."""
     device = next((p.device for p in model.parameters()), x1[0].device)
-    # buffers too: BatchNorm's running statistics (DDP with broadcast_buffers=False) enter every row's kernel
-    mine = [_digest(x1), -1 if x2 is None else _digest(x2), _digest([*model.parameters(), *model.buffers()])]
-    gathered = [torch.zeros(3, dtype=torch.long, device=device) for _ in range(world)]
+    # buffers too: BatchNorm's running statistics enter every row's kernel. They differ after any training step under
+    # DDP (its broadcast_buffers=True copies rank 0's buffers at the start of the next forward, and each rank's
+    # forward then updates them with its own batch), so they are named apart, with the fix.
+    mine = [_digest(x1), -1 if x2 is None else _digest(x2), _digest(model.parameters()), _digest(model.buffers())]
+    gathered = [torch.zeros(4, dtype=torch.long, device=device) for _ in range(world)]
     dist.all_gather(gathered, torch.tensor(mine, dtype=torch.long, device=device), group=group)
     rows = [[int(v) for v in g] for g in gathered]
-    differ = [what for i, what in enumerate(("x1", "x2", "the model's parameters or buffers")) if len({r[i] for r in rows}) > 1]
+    differ = [what for i, what in enumerate(("x1", "x2", "the model's parameters", "the model's buffers"))
+              if len({r[i] for r in rows}) > 1]
+    if differ == ["the model's buffers"]:
+        raise ValueError(
+            "the ranks passed models whose buffers differ (BatchNorm's running statistics: DDP copies rank 0's "
+            "buffers only at the start of its next forward, and each rank's training forward updates its own): each "
+            "rank computes rows of one kernel. Copy rank 0's buffers to every rank before the call (for b in "
+            "model.buffers(): torch.distributed.broadcast(b, 0)), or train with SyncBatchNorm"
+        )
     if differ:
         raise ValueError(
             f"the ranks passed different {' and '.join(differ)}: each rank computes rows of one kernel, so every rank "

@@ -29,6 +29,7 @@ from ..adapter import (
     batch_size,
     check_finite,
     check_memory_budget,
+    buffer_snapshot,
     check_per_example_safe,
     checked_forward,
     drew_between,
@@ -36,6 +37,7 @@ from ..adapter import (
     generator_states,
     outside_inference_mode,
     preserved_buffers,
+    restore_buffers,
     restored_module_generators,
     trainable_parameters,
     unwrap,
@@ -208,17 +210,35 @@ def repeatable_output(model: nn.Module, one: tuple[torch.Tensor, ...], params: d
     of the whole batch gives the same output twice half of the time; a generator a module keeps of its
     own is watched and put back as well."""
     # the draw is the second pass's (a forward that reseeds before drawing ends both passes in one state)
-    before = {key: b.detach().clone() for key, b in model.named_buffers()}
+    snapshot = buffer_snapshot(model)  # put back where the forward is refused
+    before = {key: (b, b.detach().clone()) for key, b in model.named_buffers()}
     with analysis(model), restored_module_generators(model) as own:
-        with preserved_buffers(model):  # a pass that writes a buffer writes a copy, compared below
-            out1, grad1 = _one_pass(model, one, params, name)
-            written = [key for key, b in model.named_buffers() if key not in before or not _same(b, before[key])]
-        if written:
+        # The first pass runs as any forward: a cache it binds anew for these inputs' shape (a positional table grown
+        # to their length, transformers' dynamic RoPE inv_freq beside the attribute that records its length) stays,
+        # consistent with the module's attributes. (Written to copies and put back, it was refused, and the attribute
+        # kept a length its restored buffer no longer had: the model's later outputs moved.)
+        out1, grad1 = _one_pass(model, one, params, name)
+        now = dict(model.named_buffers())
+        in_place = [key for key, b in now.items() if key in before and b is before[key][0]
+                    and not _same(b, before[key][1])]
+        rebound = [key for key, b in now.items() if key not in before or (b is not before[key][0]
+                                                                        and not _same(b, before[key][1]))]
+        again = []
+        if rebound and not in_place:
+            # a cache is bound once; a counter or a statistic kept by rebinding writes again on a pass over another
+            # example of the same shape (the floating inputs scaled by 3/2, to copies)
+            filled = {key: b.detach().clone() for key, b in now.items()}
+            with preserved_buffers(model):
+                _one_pass(model, tuple(t * 1.5 if t.is_floating_point() else t for t in one), params, name)
+                again = [key for key, b in model.named_buffers() if key not in filled or not _same(b, filled[key])]
+        if in_place or again:
+            restore_buffers(snapshot)
             raise ValueError(
-                f"{type(model).__name__}'s eval-mode forward writes its buffers {written[:5]} (a call counter, a "
-                "quantization observer), so every analysis pass would change the model and the kernel's rows would "
-                "come from different models. Stop the writes for the analysis (observers: "
-                "model.apply(torch.ao.quantization.disable_observer)), or write them only when self.training"
+                f"{type(model).__name__}'s eval-mode forward writes its buffers {(in_place or again)[:5]} (a call "
+                "counter, a quantization observer, a data-dependent initialization), so every analysis pass would "
+                "change the model and the kernel's rows would come from different models. Stop the writes for the "
+                "analysis (observers: model.apply(torch.ao.quantization.disable_observer)), or write them only when "
+                "self.training"
             )
         with preserved_buffers(model):
             between = generator_states(one, own)

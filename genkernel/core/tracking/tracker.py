@@ -1674,16 +1674,22 @@ class PathKernelTracker:
             return
         first = self.partitions.slices[self.partitions.primary]
         blocks = [grads[name][first].reshape(grads[name][first].shape[0], -1) for name in self.params]
-        squares = sum((b.to(torch.float64) ** 2).sum(dim=1) for b in blocks)  # [G] |g_k|²
+
+        def pieces():  # float64 copies of at most CHECK_ELEMENTS values at a time (a block whole was 6x its rows)
+            for b in blocks:
+                width = max(1, CHECK_ELEMENTS // max(1, b.shape[0]))
+                for start in range(0, b.shape[1], width):
+                    yield b[:, start:start + width].to(torch.float64)
+
+        squares = sum((c ** 2).sum(dim=1) for c in pieces())  # [G] |g_k|²
         moving = torch.nonzero(squares > 0).reshape(-1)
         if moving.numel() < 2 or not bool(torch.isfinite(squares[moving]).all()):
             return  # (one direction or none: nothing to weigh against; non-finite: refused by the step's checks)
         reference = moving[0]
         # sin² from the residual of each row's projection on the first moving one: 1 − cos² carries cos's rounding
-        dots = sum(b.to(torch.float64) @ b[reference].to(torch.float64) for b in blocks)  # [G] g_k · g_r
+        dots = sum(c @ c[reference] for c in pieces())  # [G] g_k · g_r
         scale = dots / squares[reference]
-        residual = sum(((b.to(torch.float64) - scale[:, None] * b[reference].to(torch.float64)) ** 2).sum(dim=1)
-                       for b in blocks)
+        residual = sum(((c - scale[:, None] * c[reference]) ** 2).sum(dim=1) for c in pieces())
         sines_squared = residual[moving] / squares[moving]
         if bool((sines_squared <= self._parallel_limit(kept)).all()):
             raise ValueError(
@@ -2603,6 +2609,9 @@ class _TrackerHook:
         if tracker is None or optimizer is not tracker.optimizer:  # (a copy of the optimizer: not the tracker's)
             return None
         return getattr(tracker, self.method)(optimizer, *args)
+
+
+CHECK_ELEMENTS = 1 << 22  # float64 values the seedless check converts at a time (32 MiB)
 
 
 def _sine_squared(a: torch.Tensor, b: torch.Tensor) -> float:
