@@ -151,7 +151,7 @@ class RetrievalResult:
         (16 inputs, 8 samples) the mean drop's spread over draws of ε_n and the sampling noise was
         0.030 against a mean standard error of 0.019 over samples, and over 300 draws of the samples,
         ε_n and the 16 inputs (of 64) the interval lay above the drop's mean 10.3 % of the time at a
-        nominal 2.5 % (19 % with 8 inputs and 16 samples); the crossed interval 4.7 % (4.3 %). With
+        nominal 2.5 % (19 % with 8 inputs and 16 samples); the crossed interval 3.7 % (3.7 %). With
         fewer than 3 training inputs or 2 samples with a defined entropy there is no interval:
         ``held`` False with ``why``.
 
