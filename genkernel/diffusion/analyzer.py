@@ -1168,9 +1168,15 @@ class NoiseLevelAnalyzer(TrainerCallback):
         the matrices named, the loop's step numbers, the EMA weights' ledger when one is kept, and
         notes on what the numbers cannot support (a large residual, with the rule that shrinks it)."""
         self._require()
-        self._settle()
-        residual = self.residual()
         notes = []
+        try:
+            self._settle()
+        except Exception as error:  # (a record that fails each time, one that does not fit: the report reads the rest)
+            if self._broken is not None or self._owed is None:
+                raise
+            notes.append(f"the records of tracked step {self._owed['tracked_step']} (locality snapshot, kernel record, "
+                         f"log) are not all made: {type(error).__name__}: {error}")
+        residual = self.residual()
         if residual["relative_residual"] > 1e-3:
             notes.append(
                 f"the residual is {residual['relative_residual']:.2g} of the change (quadrature {self.quadrature!r}): "
@@ -1239,13 +1245,21 @@ class NoiseLevelAnalyzer(TrainerCallback):
             if self._pending_state is not None:  # loaded, not bound yet (a resumed trainer saving before it trains)
                 return self._pending_state
             return {"format": FORMAT, "bound": False}
-        self._settle()  # (a state saved after an interrupted bookkeeping holds the records the step owes)
+        try:
+            self._settle()  # (a state saved after an interrupted bookkeeping holds the records the step owes)
+        except Exception:
+            # a record that fails each time (one that does not fit beside training): the state carries it owed, and
+            # the run resumed from it makes it at its first opportunity (at the ledger's last θ: the same record)
+            if self._broken is not None or self._owed is None:
+                raise
         return {
             "format": FORMAT, "bound": True, "tracker": self.tracker.state_dict(), "stopped": self.stopped,
             "bin_counts": self.bin_counts, "global_steps": self.global_steps, "step_losses": dict(self.step_losses),
             "history": self.history, "kernel_history": self.kernel_history,
             # the index of kernel_history's end-of-training record (finish), replaced when training goes on
             "end_kernel": self._end_kernel,
+            # the records the last recorded step still owes (_record), made by the run resumed from this state
+            "owed": None if self._owed is None else dict(self._owed),
             "perm_generator": self._perm_generator.get_state(),
             # the flow-matching sigma refusal's count of examples in a row at t <= 1, which may span a save
             "sigma_like": self._sigma_like,
@@ -1310,7 +1324,8 @@ class NoiseLevelAnalyzer(TrainerCallback):
         # (states of earlier versions did not mark their end record: it is kept, as they kept it)
         self._end_kernel = state.get("end_kernel")
         # the loaded state replaces whatever an interrupted bookkeeping left
-        self._owed, self._recording, self._broken = None, False, None
+        self._owed = None if state.get("owed") is None else dict(state["owed"])
+        self._recording, self._broken = False, None
         self._perm_generator.set_state(state["perm_generator"])
         self._sigma_like = int(state.get("sigma_like", 0))  # (states of earlier versions did not save it)
         self._steps_at_bind = self.tracker.attempted_steps  # bind's start_step counts the loop's steps up to here

@@ -1006,8 +1006,11 @@ class GANTrainer:
             ) from error
         except BaseException as error:
             if step.torn:  # (not rolled back: no analyzer, or one that could not undo it)
-                number = self.g_steps + 1 if step.phase == "generator" else self.d_steps_done + 1
-                raise torn_update(self, f"optimizer.step() of {step.phase} step {number}",
+                # (numbered as the counts number them: d_steps_done counts lazy R1's regularization steps too)
+                what = (f"generator step {self.g_steps + 1}" if step.phase == "generator" else
+                        f"regularization step {self.r1_steps_done + 1}" if _regularization(step) else
+                        f"discriminator step {self.d_steps_done - self.r1_steps_done + 1}")
+                raise torn_update(self, f"optimizer.step() of {what}",
                                   f"the {step.phase}'s parameters and its optimizer's state", error, _RESUME_FIX) from error
             self._count_applied(step)
             if not step.applied:

@@ -151,6 +151,11 @@ class CallbackStates:
 
     def __init__(self) -> None:
         self.pending: dict[str, dict[str, Any]] = {}
+        # Why the last load stopped at a callback's refusal (the trainers load the callbacks' states first, so
+        # nothing else of that checkpoint was loaded either), else None: its pending states are then refused by
+        # claim and discard alike, since training on without them would train the trainer's own state, not the
+        # checkpoint's.
+        self.aborted: str | None = None
 
     @staticmethod
     def _keyed(callbacks: Sequence[TrainerCallback]) -> dict[str, TrainerCallback]:
@@ -180,10 +185,16 @@ class CallbackStates:
                 "this checkpoint stores callback states by position (an older genkernel); it cannot be matched to "
                 "callbacks safely: start the analysis anew from the model and optimizer it holds"
             )
-        self.pending = dict(saved)
-        self.claim(callbacks, strict=False)
+        self.pending, self.aborted = dict(saved), None
+        try:
+            self.claim(callbacks, strict=False)
+        except BaseException as error:
+            self.aborted = f"{type(error).__name__}: {error}"
+            raise
 
     def claim(self, callbacks: Sequence[TrainerCallback], *, strict: bool = True) -> None:
+        if strict and self.aborted is not None and self.pending:
+            raise ValueError(self._aborted_message())
         keyed = self._keyed(callbacks)
         for key in list(self.pending):
             if key in keyed:
@@ -199,7 +210,16 @@ class CallbackStates:
                 f"call trainer.discard_callback_states({names!r}) to continue without them"
             )
 
+    def _aborted_message(self) -> str:
+        return (f"the last resume (load_state_dict) stopped where a callback refused its state ({self.aborted}), "
+                f"before the model, the optimizer and the counts were loaded: the trainer holds its own state, not "
+                f"the checkpoint's. Resume again with a callback that takes the state (built with the checkpoint's "
+                f"settings), or with that callback detached (its state then waits for discard_callback_states)")
+
     def discard(self, keys: Sequence[str]) -> None:
+        if self.aborted is not None and any(key in self.pending for key in keys):
+            raise ValueError(f"{self._aborted_message()}: discarding the states now would train on from the "
+                             "trainer's own state as if it had resumed")
         for key in keys:
             self.pending.pop(key, None)
 

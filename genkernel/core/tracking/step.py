@@ -380,6 +380,7 @@ class OptimizerStep:
         if self.grad_scaler is not None:
             # (what undo_scaler_update puts back: a tracker that rolls the update back rolls the scaler's count back too)
             self._scaler_before = self.grad_scaler.state_dict()
+        marks = write_marks(self.optimizer)
         try:
             if self.grad_scaler is None:
                 self.optimizer.step()
@@ -389,8 +390,10 @@ class OptimizerStep:
         except BaseException:
             # an interrupt (or an out-of-memory error) inside optimizer.step() may leave some parameters and their
             # optimizer state updated and others not: neither the step made nor one never made (a tracker rolls it
-            # back and clears this; a trainer without one refuses to go on)
-            self.torn = True
+            # back and clears this; a trainer without one refuses to go on). An error raised before anything was
+            # written (a step pre-hook's refusal, Adam's refusal of sparse gradients) is not torn: the step was
+            # never made, and the trainer hands its batch back as for any other failure before the update.
+            self.torn = not unwritten(self.optimizer, marks)
             raise
         self.applied = True
 
@@ -409,6 +412,41 @@ class OptimizerStep:
         losses = self.compute_gradients()
         self.apply_update()
         return losses
+
+
+def write_marks(optimizer: torch.optim.Optimizer) -> tuple[list, dict] | None:
+    """What ``optimizer.step()`` may write, marked before it (:func:`unwritten` reads it after a failure): each
+    parameter's version counter and each state entry's values (a tensor's identity and version counter). None for
+    an optimizer not of ``torch.optim``'s own classes, which may write through ``.data`` (no version counter sees
+    that): its failed step is taken as torn."""
+    if not type(optimizer).__module__.startswith("torch.optim."):
+        return None
+    versions = [(p, p._version) for group in optimizer.param_groups for p in group["params"]]
+    state = {p: {k: (v, v._version if isinstance(v, torch.Tensor) else None) for k, v in entry.items()}
+             for p, entry in optimizer.state.items()}
+    return versions, state
+
+
+def unwritten(optimizer: torch.optim.Optimizer, marks: tuple[list, dict] | None) -> bool:
+    """Whether the ``optimizer.step()`` that raised after :func:`write_marks` gave ``marks`` wrote nothing: no
+    parameter and no state entry it held changed; the entries it created for parameters without state (a first
+    step's lazy initialization, made before the error) are removed, so the optimizer is as it was."""
+    if marks is None:
+        return False
+    versions, state = marks
+    if any(p._version != version for p, version in versions):
+        return False
+    for p, entry in optimizer.state.items():
+        before = state.get(p)
+        if before is None:
+            continue
+        if entry.keys() != before.keys() or any(
+                value is not before[k][0] or (before[k][1] is not None and value._version != before[k][1])
+                for k, value in entry.items()):
+            return False
+    for p in [p for p in optimizer.state if p not in state]:
+        del optimizer.state[p]
+    return True
 
 
 def torn_update(trainer: Any, what: str, writes: str, error: BaseException, fix: str) -> RuntimeError:
