@@ -640,18 +640,44 @@ def frozen_dtypes_used(module: nn.Module, probes: tuple[torch.Tensor, ...], trai
     return seen
 
 
+CONTAINER_ITEMS_SEARCHED = 64  # a list, tuple, set or dict attribute longer than this is not searched for generators
+
+
 @contextlib.contextmanager
 def restored_module_generators(model: nn.Module) -> Iterator[list[Any]]:
     """Yield the distinct generators ``model``'s modules hold as attributes (``torch.Generator``,
-    ``np.random.Generator``, ``np.random.RandomState``, ``random.Random``), and put each one's state back on
-    exit: the forks of the global generators leave these alone, so a check's forward would otherwise advance a
+    ``np.random.Generator``, ``np.random.RandomState``, ``random.Random``), directly or up to three levels down (in
+    a helper object that is not a module, in a list, tuple, set or dict of at most :data:`CONTAINER_ITEMS_SEARCHED`
+    items), and put each one's state back on exit: the forks of the global generators leave these alone, so a check's forward would otherwise advance a
     module's own and shift training's draws."""
     kinds = (torch.Generator, np.random.Generator, np.random.RandomState, random.Random)
     found: dict[int, Any] = {}
+    seen: set[int] = set()
+
+    def visit(value: Any, depth: int) -> None:
+        # a generator held a few levels down: in a helper object that is not a module (an augmentation object's
+        # own generator), in a list, tuple or dict attribute (at module scope none can be found: see observing.md)
+        if isinstance(value, kinds):
+            found.setdefault(id(value), value)
+            return
+        if depth == 0 or id(value) in seen or isinstance(value, (nn.Module, torch.Tensor, str, bytes, type)):
+            return
+        seen.add(id(value))
+        if isinstance(value, (list, tuple, set, dict)) and len(value) > CONTAINER_ITEMS_SEARCHED:
+            return  # (a data table kept on a module: not searched item by item at every check)
+        if isinstance(value, (list, tuple, set)):
+            for item in value:
+                visit(item, depth - 1)
+        elif isinstance(value, dict):
+            for item in value.values():
+                visit(item, depth - 1)
+        elif hasattr(value, "__dict__") and not callable(getattr(value, "__self__", None)):
+            for item in vars(value).values():
+                visit(item, depth - 1)
+
     for module in model.modules():
         for value in vars(module).values():
-            if isinstance(value, kinds):
-                found.setdefault(id(value), value)
+            visit(value, 3)
     own = list(found.values())
     states = [_saved_generator_state(g) for g in own]
     try:

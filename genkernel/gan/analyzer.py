@@ -99,6 +99,7 @@ or performing prepared steps yourself::
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 import math
 import numbers
@@ -114,7 +115,8 @@ from torch.func import jvp
 from ..core import grouping as grouping_layer
 from ..core.adapter import (
     analysis_mode, call_with, explained_torch_func_errors, floating_parameter, forked_generators, full_precision,
-    like_parameter, loop_precision, output_tensor, positive_int, seed_bits, seeded_generator, trainable_parameters, unwrap, unwrap_optimizer,
+    like_parameter, loop_precision, output_tensor, positive_int, preserved_buffers, seed_bits, seeded_generator,
+    trainable_parameters, unwrap, unwrap_optimizer,
 )
 from ..core.cost import GiB, CostEstimate, hooked_forward_counts, ledger_bytes, with_analysis_passes
 from ..core.param_bytes import parameter_bytes, value_bytes
@@ -181,6 +183,19 @@ def field_stride(last_evaluation: int, keep: int) -> int:
     while last_evaluation >= 0 and last_evaluation // stride + 1 > keep:
         stride *= 2
     return stride
+
+
+def _buffers_kept(method):
+    """An observe_* of a loop's micro-batch with G's and D's buffer slots holding copies: its backward passes through
+    the loop's graph rerun a non-reentrant activation checkpoint's forward, and a BatchNorm in it updated its running
+    statistics once more per pass (a checkpointed D's BatchNorm ended 12 updates ahead after 3 iterations)."""
+
+    @functools.wraps(method)
+    def observed(self, *args, **kwargs):
+        with preserved_buffers(self._g), preserved_buffers(self._d):
+            return method(self, *args, **kwargs)
+
+    return observed
 
 
 class GANKernelAnalyzer(TrainerCallback):
@@ -916,6 +931,7 @@ class GANKernelAnalyzer(TrainerCallback):
         geometry = self._geometry_loss
         return lambda samples, targets=None: geometry(samples, *class_inputs(targets))
 
+    @_buffers_kept
     def observe_generator(
         self, losses: torch.Tensor, latents: torch.Tensor, samples: torch.Tensor, *, weights: torch.Tensor | None = None,
         classes: torch.Tensor | None = None,
@@ -1016,6 +1032,7 @@ class GANKernelAnalyzer(TrainerCallback):
                                                "spatial": tracked.get(SPATIAL), "field": field}
         self._loss_checked = True
 
+    @_buffers_kept
     def observe_discriminator(
         self,
         losses: torch.Tensor,

@@ -198,7 +198,10 @@ class _KMeansGroups(GeometryGrouping):
         return raw
 
     def fit(self, z, x, w, scores):
-        from sklearn.cluster import KMeans
+        from ..core.adapter import forked_generators
+
+        with forked_generators():  # (importing sklearn.cluster draws from Python's random: rich's style ids)
+            from sklearn.cluster import KMeans
 
         who = type(self).__name__
         raw = self._raw(z, x, w)
@@ -211,7 +214,8 @@ class _KMeansGroups(GeometryGrouping):
                 f"num_groups={self.num_groups}: the groups cannot all be filled. Use a larger reference batch or "
                 "fewer groups."
             )
-        km = KMeans(self.num_groups, n_init=4, random_state=self.seed).fit(features)
+        with forked_generators():
+            km = KMeans(self.num_groups, n_init=4, random_state=self.seed).fit(features)
         self.centers = torch.as_tensor(km.cluster_centers_, dtype=torch.float64)
         self.fitted = True
         return self

@@ -67,6 +67,7 @@ from ..adapter import (
     is_compiled,
     low_precision_in_graph,
     positive_int,
+    preserved_buffers,
     coupled_forward,
     frozen_dtypes_used,
     random_forward,
@@ -1061,7 +1062,11 @@ class PathKernelTracker:
             self._fold_backwarded(self._observed)
         self._own_pass = True  # (losses observed before may be these: their hooks must not count this pass)
         try:
-            ids, grads, precision, witnesses, coefficients, difference = self._observed_gradients(losses, groups, weights)
+            # (each of these backward passes through the loop's graph reruns a non-reentrant activation checkpoint's
+            # forward, whose BatchNorm updated its running statistics once more per pass: the reruns write to copies)
+            with preserved_buffers(self.model):
+                ids, grads, precision, witnesses, coefficients, difference = self._observed_gradients(losses, groups,
+                                                                                                      weights)
         except BaseException as error:
             together.failed(error)
             raise
