@@ -354,7 +354,12 @@ class CSVWriter:
         self.image_dir.mkdir(parents=True, exist_ok=True)
         safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
         image = _as_uint8(array)
-        imsave(self.image_dir / f"{safe}_{int(step)}.png", image, cmap="gray" if image.ndim == 2 else None)
+        if image.ndim == 2:
+            # imsave draws a 2-D array through a colormap whose limits are the image's own min and max: a grey image
+            # was contrast-stretched (0..128 saved as 0..255; a uniform grey or white image saved black), and even
+            # with the limits pinned the gray colormap's table is off by one level for some values. As RGB it is exact.
+            image = np.repeat(image[:, :, None], 3, axis=2)
+        imsave(self.image_dir / f"{safe}_{int(step)}.png", image)
 
     def flush(self) -> None:
         pass

@@ -440,3 +440,22 @@ def test_a_row_cut_short_by_a_killed_run_is_dropped_on_resume_not_read_as_anothe
     resumed({"loss": 0.25}, 4)
     with open(path, newline="") as handle:
         assert [(r["step"], float(r["loss"])) for r in csv.DictReader(handle)] == [("1", 1.0), ("2", 0.5), ("4", 0.25)]
+
+
+def test_csv_writer_saves_grey_images_with_their_own_values(tmp_path):
+    """matplotlib's imsave drew a 2-D image through a colormap whose limits were the image's own min and max: a
+    0..128 ramp was saved as 0..255, a uniform grey or white image as black (errors up to 255 levels, silently)."""
+    from PIL import Image
+
+    from genkernel.logging import CSVWriter
+
+    writer = CSVWriter(tmp_path / "metrics.csv")
+    ramp = np.arange(256, dtype=np.uint8).reshape(16, 16)
+    cases = {"ramp": ramp, "dark": (ramp // 2).astype(np.uint8), "white": np.full((4, 4), 1.0),
+             "grey": np.full((4, 4, 1), 0.5), "floats": np.linspace(0.2, 0.6, 16).reshape(4, 4)}
+    for step, (name, image) in enumerate(cases.items()):
+        writer.log_image(name, image, step)
+        png = np.asarray(Image.open(writer.image_dir / f"{name}_{step}.png").convert("RGB")).astype(np.int64)
+        values = np.asarray(image, dtype=np.float64).reshape(png.shape[:2])
+        want = values if np.asarray(image).dtype == np.uint8 else np.round(values * 255)
+        assert np.array_equal(png, np.repeat(want[..., None], 3, axis=2).astype(np.int64)), name
