@@ -27,6 +27,7 @@ import numbers
 import os
 import pickle
 import random
+import types
 import sys
 from typing import Any, Callable, Iterator, Sequence
 
@@ -641,6 +642,12 @@ def frozen_dtypes_used(module: nn.Module, probes: tuple[torch.Tensor, ...], trai
 
 
 CONTAINER_ITEMS_SEARCHED = 64  # a list, tuple, set or dict attribute longer than this is not searched for generators
+# Not searched for generators: modules (searched as modules), tensors, strings, classes, bound methods (their
+# instance is searched where it is held), and Python modules held as attributes (self.backend = torch: the whole
+# library's namespace, 26 ms a check, whose deprecated names warn when read, and whose global generators are not a
+# module's own)
+SKIPPED_IN_GENERATOR_SEARCH = (nn.Module, torch.Tensor, str, bytes, type, types.ModuleType, types.MethodType,
+                               types.BuiltinMethodType)
 
 
 @contextlib.contextmanager
@@ -652,7 +659,7 @@ def restored_module_generators(model: nn.Module) -> Iterator[list[Any]]:
     module's own and shift training's draws."""
     kinds = (torch.Generator, np.random.Generator, np.random.RandomState, random.Random)
     found: dict[int, Any] = {}
-    seen: set[int] = set()
+    seen: dict[int, int] = {}  # id -> the most levels left it was searched with
 
     def visit(value: Any, depth: int) -> None:
         # a generator held a few levels down: in a helper object that is not a module (an augmentation object's
@@ -660,9 +667,11 @@ def restored_module_generators(model: nn.Module) -> Iterator[list[Any]]:
         if isinstance(value, kinds):
             found.setdefault(id(value), value)
             return
-        if depth == 0 or id(value) in seen or isinstance(value, (nn.Module, torch.Tensor, str, bytes, type)):
+        if depth == 0 or seen.get(id(value), 0) >= depth or isinstance(value, SKIPPED_IN_GENERATOR_SEARCH):
             return
-        seen.add(id(value))
+        # (an object reached again with more levels left is searched again: reached first from deeper in, from a
+        # settings dict naming it, its own generator two levels down was left out)
+        seen[id(value)] = depth
         if isinstance(value, (list, tuple, set, dict)) and len(value) > CONTAINER_ITEMS_SEARCHED:
             return  # (a data table kept on a module: not searched item by item at every check)
         if isinstance(value, (list, tuple, set)):
@@ -671,9 +680,16 @@ def restored_module_generators(model: nn.Module) -> Iterator[list[Any]]:
         elif isinstance(value, dict):
             for item in value.values():
                 visit(item, depth - 1)
-        elif hasattr(value, "__dict__") and not callable(getattr(value, "__self__", None)):
-            for item in vars(value).values():
-                visit(item, depth - 1)
+        else:
+            # the instance's own attributes, read without its __getattr__ (an attribute-style config raising
+            # KeyError for a name it lacks, a proxy): an object without a __dict__ holds none to search
+            try:
+                attributes = object.__getattribute__(value, "__dict__")
+            except Exception:
+                return
+            if isinstance(attributes, dict):
+                for item in list(attributes.values()):
+                    visit(item, depth - 1)
 
     for module in model.modules():
         for value in vars(module).values():

@@ -1285,6 +1285,10 @@ def output_cotangents(outputs: list[int]) -> Callable[[torch.Tensor], tuple[torc
     def make(raw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         out = raw.reshape(raw.shape[0], -1)
         cot = out.new_zeros((k, *out.shape))
+        if contiguous and first + k > out.shape[1]:
+            # (the diagonal of a slice cut short at the last output is shorter than k: the outputs past it would get
+            # a zero cotangent, a zero Jacobian row, where the indexed write raised)
+            raise IndexError(f"outputs {first}..{first + k - 1} past the model's {out.shape[1]} outputs")
         if contiguous:
             cot[:, :, first:first + k].diagonal(dim1=0, dim2=2).fill_(1)  # [B, k]: entry (b, i) is E_i[b, first + i]
         else:  # E_k[:, outputs[k]] = 1 in one indexed write, the index moved to the device once

@@ -26,7 +26,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from ..adapter import Batch, as_tuple, batch_size, floating_parameter, not_fitting_inputs, output_tensor
+from ..adapter import Batch, as_tuple, batch_size, floating_parameter, not_fitting_inputs, output_tensor, unwrap_optimizer
 from ..errors import NonFiniteError, SkippedStep
 
 LossFn = Callable[[torch.Tensor, Any], torch.Tensor]
@@ -414,26 +414,33 @@ class OptimizerStep:
         return losses
 
 
-def write_marks(optimizer: torch.optim.Optimizer) -> tuple[list, dict] | None:
-    """What ``optimizer.step()`` may write, marked before it (:func:`unwritten` reads it after a failure): each
+def write_marks(optimizer: torch.optim.Optimizer) -> tuple[torch.optim.Optimizer, list, dict] | None:
+    """What ``optimizer.step()`` may write, marked before it (:func:`unwritten` reads it after a failure): the
+    optimizer whose state is marked (the one inside accelerate's or Lightning's pass-through wrapper), each
     parameter's version counter and each state entry's values (a tensor's identity and version counter). None for
     an optimizer not of ``torch.optim``'s own classes, which may write through ``.data`` (no version counter sees
-    that): its failed step is taken as torn."""
-    if not type(optimizer).__module__.startswith("torch.optim."):
+    that), and for one with a fused group (``fused=True``: torch's fused kernels move no version counter, measured
+    for SGD and Adam): its failed step is taken as torn."""
+    try:
+        optimizer = unwrap_optimizer(optimizer)
+    except TypeError:
+        return None
+    if not type(optimizer).__module__.startswith("torch.optim.") or any(
+            group.get("fused") for group in optimizer.param_groups):
         return None
     versions = [(p, p._version) for group in optimizer.param_groups for p in group["params"]]
     state = {p: {k: (v, v._version if isinstance(v, torch.Tensor) else None) for k, v in entry.items()}
              for p, entry in optimizer.state.items()}
-    return versions, state
+    return optimizer, versions, state
 
 
-def unwritten(optimizer: torch.optim.Optimizer, marks: tuple[list, dict] | None) -> bool:
+def unwritten(optimizer: torch.optim.Optimizer, marks: tuple[torch.optim.Optimizer, list, dict] | None) -> bool:
     """Whether the ``optimizer.step()`` that raised after :func:`write_marks` gave ``marks`` wrote nothing: no
     parameter and no state entry it held changed; the entries it created for parameters without state (a first
     step's lazy initialization, made before the error) are removed, so the optimizer is as it was."""
     if marks is None:
         return False
-    versions, state = marks
+    optimizer, versions, state = marks
     if any(p._version != version for p, version in versions):
         return False
     for p, entry in optimizer.state.items():
