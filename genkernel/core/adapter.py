@@ -655,8 +655,8 @@ def restored_module_generators(model: nn.Module) -> Iterator[list[Any]]:
     """Yield the distinct generators ``model``'s modules hold as attributes (``torch.Generator``,
     ``np.random.Generator``, ``np.random.RandomState``, ``random.Random``), directly or up to three levels down (in
     a helper object that is not a module, in a list, tuple, set or dict of at most :data:`CONTAINER_ITEMS_SEARCHED`
-    items), and put each one's state back on exit: the forks of the global generators leave these alone, so a check's forward would otherwise advance a
-    module's own and shift training's draws."""
+    items), and put each one's state back on exit: the forks of the global generators leave these alone, so a
+    check's forward would otherwise advance a module's own and shift training's draws."""
     kinds = (torch.Generator, np.random.Generator, np.random.RandomState, random.Random)
     found: dict[int, Any] = {}
     seen: dict[int, int] = {}  # id -> the most levels left it was searched with
