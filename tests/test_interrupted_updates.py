@@ -29,6 +29,7 @@ from torch import nn
 from genkernel.diffusion import DDPMTrainer, MLPDenoiser, NoiseLevelAnalyzer, make_scheduler
 from genkernel.gan import GANKernelAnalyzer, GANTrainer, MLPDiscriminator, MLPGenerator
 from genkernel.supervised.trainer import SupervisedTrainer
+from states import state_differences
 
 F64 = torch.float64
 TORN = r"optimizer\.step\(\) of .*step 3 raised KeyboardInterrupt part-way"
@@ -47,24 +48,6 @@ def _ring(n, seed=0):
     return 2 * torch.stack([angle.cos(), angle.sin()], dim=1)
 
 
-def _same(a, b, where="state"):
-    """Every difference between two nested states (tensors compared bit for bit, NaN equal to NaN: an analyzer's
-    report holds NaN where a measure is undefined)."""
-    if isinstance(a, torch.Tensor):
-        same = isinstance(b, torch.Tensor) and a.dtype == b.dtype and a.shape == b.shape and (
-            torch.equal(a, b) or (a.is_floating_point() and bool(((a == b) | (a.isnan() & b.isnan())).all())))
-        return [] if same else [where]
-    if isinstance(a, float) and math.isnan(a):
-        return [] if isinstance(b, float) and math.isnan(b) else [where]
-    if isinstance(a, dict):
-        if not isinstance(b, dict) or a.keys() != b.keys():
-            return [where]
-        return [d for k in a for d in _same(a[k], b[k], f"{where}.{k}")]
-    if isinstance(a, (list, tuple)):
-        if not isinstance(b, (list, tuple)) or len(a) != len(b):
-            return [where]
-        return [d for i, (x, y) in enumerate(zip(a, b)) for d in _same(x, y, f"{where}[{i}]")]
-    return [] if a == b else [where]
 
 
 def _torn(call, match):
@@ -164,7 +147,7 @@ def test_ddpm_torn_optimizer_step_refuses_until_resumed(tmp_path):
     assert trainer.resume()  # the checkpoint of step 2
     assert trainer.global_step == 2 and _adam_steps(trainer.optimizer) == [2]
     trainer.train(3)
-    assert _same(straight.state_dict(), trainer.state_dict()) == []
+    assert state_differences(straight.state_dict(), trainer.state_dict()) == []
 
 
 def test_ddpm_interrupted_ema_update_counts_the_update_and_refuses(tmp_path):
@@ -200,7 +183,7 @@ def test_ddpm_interrupted_ema_update_counts_the_update_and_refuses(tmp_path):
     assert trainer.resume()
     assert trainer.global_step == 2
     trainer.train(3)
-    assert _same(straight.state_dict(), trainer.state_dict()) == []
+    assert state_differences(straight.state_dict(), trainer.state_dict()) == []
 
 
 def test_ddpm_analyzer_rolls_a_torn_optimizer_step_back():
@@ -214,7 +197,7 @@ def test_ddpm_analyzer_rolls_a_torn_optimizer_step_back():
     assert trainer.global_step == 2 and _adam_steps(trainer.optimizer) == [2]  # (rolled back)
     restore()
     trainer.train(2)
-    assert _same(straight.state_dict(), trainer.state_dict()) == []
+    assert state_differences(straight.state_dict(), trainer.state_dict()) == []
 
 
 # -- SupervisedTrainer -------------------------------------------------------------------------------------------------
@@ -240,7 +223,7 @@ def test_supervised_torn_optimizer_step_refuses_until_loaded():
     _refused(trainer, [lambda: trainer.fit(x, y, steps=3), trainer.state_dict])
     trainer.load_state_dict(saved)
     trainer.fit(x, y, steps=3)
-    assert _same(straight.state_dict(), trainer.state_dict()) == []
+    assert state_differences(straight.state_dict(), trainer.state_dict()) == []
 
 
 # -- GANTrainer --------------------------------------------------------------------------------------------------------
@@ -277,7 +260,7 @@ def test_gan_torn_optimizer_step_refuses_until_loaded(player, tmp_path):
                        trainer.state_dict, lambda: trainer.save_checkpoint(tmp_path / "other.pt")])
     trainer.load_checkpoint(tmp_path / "checkpoint.pt")
     trainer.train(5)
-    assert _same(straight.state_dict(), trainer.state_dict()) == []
+    assert state_differences(straight.state_dict(), trainer.state_dict()) == []
 
 
 def test_gan_interrupted_ema_update_steps_the_schedule_and_refuses(tmp_path):
@@ -305,7 +288,7 @@ def test_gan_interrupted_ema_update_steps_the_schedule_and_refuses(tmp_path):
     trainer.load_checkpoint(tmp_path / "checkpoint.pt")
     assert trainer.iteration == 2
     trainer.train(5)
-    assert _same(straight.state_dict(), trainer.state_dict()) == []
+    assert state_differences(straight.state_dict(), trainer.state_dict()) == []
 
 
 @pytest.mark.parametrize("player", ["g_optimizer", "d_optimizer"])
@@ -320,4 +303,4 @@ def test_gan_analyzer_rolls_a_torn_optimizer_step_back(player):
     assert _adam_steps(getattr(trainer, player)) == [2]  # (rolled back)
     restore()
     trainer.train(4)
-    assert _same(straight.state_dict(), trainer.state_dict()) == []
+    assert state_differences(straight.state_dict(), trainer.state_dict()) == []

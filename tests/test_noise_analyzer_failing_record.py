@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from genkernel.diffusion import DDPMTrainer, MLPDenoiser, NoiseLevelAnalyzer, make_scheduler
+from states import state_differences
 
 F64 = torch.float64
 T = 50
@@ -38,22 +39,6 @@ def _trainer(tmp_path=None):
     return DDPMTrainer(model, scheduler, data, batch_size=8, lr=1e-2, progress=False, callbacks=[analyzer], **kw), analyzer
 
 
-def _same(a, b, where="state"):
-    if isinstance(a, torch.Tensor):
-        same = isinstance(b, torch.Tensor) and a.dtype == b.dtype and a.shape == b.shape and (
-            torch.equal(a, b) or (a.is_floating_point() and bool(((a == b) | (a.isnan() & b.isnan())).all())))
-        return [] if same else [where]
-    if isinstance(a, float) and math.isnan(a):
-        return [] if isinstance(b, float) and math.isnan(b) else [where]
-    if isinstance(a, dict):
-        if not isinstance(b, dict) or a.keys() != b.keys():
-            return [where]
-        return [d for k in a for d in _same(a[k], b[k], f"{where}.{k}")]
-    if isinstance(a, (list, tuple)):
-        if not isinstance(b, (list, tuple)) or len(a) != len(b):
-            return [where]
-        return [d for i, (x, y) in enumerate(zip(a, b)) for d in _same(x, y, f"{where}[{i}]")]
-    return [] if a == b else [where]
 
 
 def test_a_record_failing_each_time_leaves_the_run_savable_and_resumable(tmp_path):
@@ -77,5 +62,5 @@ def test_a_record_failing_each_time_leaves_the_run_savable_and_resumable(tmp_pat
     assert resumed.resume(path)
     resumed.train(2)
     assert [k["tracked_step"] for k in resumed_analyzer.kernel_history] == [0, 2, 4]
-    assert _same(straight_analyzer.state_dict(), resumed_analyzer.state_dict()) == []
-    assert _same(straight.state_dict(), resumed.state_dict()) == []
+    assert state_differences(straight_analyzer.state_dict(), resumed_analyzer.state_dict()) == []
+    assert state_differences(straight.state_dict(), resumed.state_dict()) == []

@@ -12,6 +12,7 @@ import torch
 
 import genkernel.diffusion.analyzer as analyzer_module
 from genkernel.diffusion import DDPMTrainer, MLPDenoiser, NoiseLevelAnalyzer, make_scheduler
+from states import state_differences
 
 F64 = torch.float64
 T = 100
@@ -39,22 +40,6 @@ def make(kernel_every=2, **trainer_kw):
     return trainer, analyzer
 
 
-def differences(a, b, where="state"):
-    """Every place where two nested states differ (tensors bit for bit, NaN equal to NaN)."""
-    if isinstance(a, torch.Tensor):
-        same = isinstance(b, torch.Tensor) and a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
-        return [] if same else [where]
-    if isinstance(a, dict):
-        if not isinstance(b, dict) or a.keys() != b.keys():
-            return [where]
-        return [d for k in a for d in differences(a[k], b[k], f"{where}.{k}")]
-    if isinstance(a, (list, tuple)):
-        if not isinstance(b, (list, tuple)) or len(a) != len(b):
-            return [where]
-        return [d for i, (x, y) in enumerate(zip(a, b)) for d in differences(x, y, f"{where}[{i}]")]
-    if isinstance(a, float) and math.isnan(a):
-        return [] if isinstance(b, float) and math.isnan(b) else [where]
-    return [] if a == b else [where]
 
 
 def steps_of(records):
@@ -79,7 +64,7 @@ def test_resumed_from_a_checkpoint_saved_after_train_returns_is_the_straight_run
     # the final parameters' kernel is readable after train() returns: the last entry, at the trained θ
     end = analyzer.kernel_history[-1]
     assert (end["tracked_step"], end["global_step"]) == (3, 3)
-    assert not differences(end["locality"], analyzer.kernel_structure(first.model)["locality"])
+    assert not state_differences(end["locality"], analyzer.kernel_structure(first.model)["locality"])
     first.save_checkpoint(tmp_path / "c.pt")
     resumed, resumed_analyzer = make()
     assert resumed.resume(tmp_path / "c.pt")
@@ -87,7 +72,7 @@ def test_resumed_from_a_checkpoint_saved_after_train_returns_is_the_straight_run
     assert steps_of(resumed_analyzer.state_dict()["kernel_history"]) == [0, 2, 3]
     resumed.train(1)
     assert steps_of(resumed_analyzer.kernel_history) == [0, 2, 4]
-    assert differences(straight, resumed.state_dict()) == []
+    assert state_differences(straight, resumed.state_dict()) == []
 
 
 def test_a_run_trained_in_pieces_is_the_straight_run(straight):
@@ -96,7 +81,7 @@ def test_a_run_trained_in_pieces_is_the_straight_run(straight):
     trainer.train(3)
     trainer.train(1)
     assert steps_of(analyzer.kernel_history) == [0, 2, 4]
-    assert differences(straight, trainer.state_dict()) == []
+    assert state_differences(straight, trainer.state_dict()) == []
 
 
 def test_kernel_every_zero_keeps_the_start_and_the_end_only():
@@ -109,7 +94,7 @@ def test_kernel_every_zero_keeps_the_start_and_the_end_only():
         pieces.train(1)
         assert steps_of(analyzer.kernel_history) == expected
     assert steps_of(whole_analyzer.kernel_history) == [0, 2]
-    assert differences(whole.state_dict(), pieces.state_dict()) == []
+    assert state_differences(whole.state_dict(), pieces.state_dict()) == []
 
 
 @pytest.mark.parametrize("where, error", [("kernel_structure", KeyboardInterrupt), ("locality", KeyboardInterrupt),
@@ -135,7 +120,7 @@ def test_an_interrupted_bookkeeping_is_completed_at_the_next_step(straight, wher
     trainer.train(2)
     assert steps_of(analyzer.kernel_history) == [0, 2, 4]
     assert steps_of(analyzer.history) == [2, 4]
-    assert differences(straight, trainer.state_dict()) == []
+    assert state_differences(straight, trainer.state_dict()) == []
 
 
 def test_a_checkpoint_saved_after_an_interrupted_bookkeeping_resumes_the_straight_run(straight, tmp_path):
@@ -156,7 +141,7 @@ def test_a_checkpoint_saved_after_an_interrupted_bookkeeping_resumes_the_straigh
     resumed, _ = make()
     assert resumed.resume(tmp_path / "c.pt")
     resumed.train(2)
-    assert differences(straight, resumed.state_dict()) == []
+    assert state_differences(straight, resumed.state_dict()) == []
 
 
 def test_an_interrupt_inside_the_step_count_is_refused(monkeypatch):
@@ -239,7 +224,7 @@ def test_an_observed_loop_resumes_bit_for_bit_and_completes_an_interrupted_bookk
         for i in range(2, 5):
             _observed_step(m2, o2, a2, i, data)
         a2.finish()
-        assert differences(a.state_dict(), a2.state_dict()) == [], order
+        assert state_differences(a.state_dict(), a2.state_dict()) == [], order
 
     # #4 in an observed loop: the kernel record of step 3 interrupted inside optimizer.step()'s hook (the step is
     # recorded); the loop catches it and goes on, the record made at the next observe() (old code: [0, 5])
@@ -264,7 +249,7 @@ def test_an_observed_loop_resumes_bit_for_bit_and_completes_an_interrupted_bookk
     a3.kernel_structure = original
     a3.finish()
     assert raised and steps_of(a3.kernel_history) == [0, 3, 5]
-    assert differences(a.state_dict(), a3.state_dict()) == []
+    assert state_differences(a.state_dict(), a3.state_dict()) == []
 
 
 def test_an_interrupted_bookkeeping_logs_the_step_at_the_next_step():
@@ -297,4 +282,4 @@ def test_an_interrupted_bookkeeping_logs_the_step_at_the_next_step():
 
     straight, continued = run(False), run(True)
     assert [step for step, _ in straight][:3] == [1, 2, 3]
-    assert differences(straight, continued) == []
+    assert state_differences(straight, continued) == []
