@@ -207,7 +207,7 @@ def plot_locality_over_training(report: dict[str, Any], ax_row=None, *, runs: Se
     ax.axhline(0, color="k", lw=0.5)
     ax.set_xlabel("probe level s (timestep, log-SNR bin centres)")
     ax.set_ylabel("traffic within band − control")
-    ax.set_title("traffic locality per probe level (95% CI over its probes)", fontsize=8)
+    ax.set_title("traffic locality per probe level (95% CI over the control partitions)", fontsize=8)
     ax.legend(fontsize=6)
     fig.tight_layout()
     return fig
@@ -380,6 +380,7 @@ def plot_overview(report: dict[str, Any], retrieval_json: dict[str, Any] | None 
     share = (claims or {}).get("share_locality")
     note = "" if share is None else (
         "\nnet share − control: not measured" if share.get("measured") is False else
+        "\nnet share − control n/a (no level had a value)" if share.get("value") is None else
         f"\nnet share − control {share['value']:.2g} [{_fmt_interval(share.get('interval'))}] (κ in the tens: unstable)")
     ax.set_title(f"claims (±{report['config']['band']} bins): value, 95% CI, baseline" + note, fontsize=7)
     for i, entry in enumerate(report["kernel"]):

@@ -33,9 +33,15 @@ def _kernel_image(ax, kernel, title: str, *, vmin=-1.0, vmax=1.0, boundaries: Se
     if vmin < 0 < vmax:
         # A diverging map must put its white at k̂ = 0: on a plain [vmin, 1] scale with vmin > −1 the
         # white would sit at (vmin + 1) / 2 and a positive similarity would be drawn as "none".
-        from matplotlib.colors import TwoSlopeNorm
+        # The blue half of the map is cut to the depth |vmin| / vmax: stretched over the whole blue half, a low
+        # end of −0.03 drew k̂ = −0.03 as deep a blue as k̂ = 1 a red (a colour's depth is |k̂| / vmax either side).
+        import matplotlib
+        from matplotlib.colors import ListedColormap, TwoSlopeNorm
 
-        im = ax.imshow(k, cmap="RdBu_r", norm=TwoSlopeNorm(vcenter=0.0, vmin=vmin, vmax=vmax), interpolation="nearest")
+        depth = min(1.0, -vmin / vmax)
+        x = np.linspace(0.0, 1.0, 256)
+        cmap = ListedColormap(matplotlib.colormaps["RdBu_r"](np.where(x < 0.5, 0.5 - depth * (0.5 - x), x)))
+        im = ax.imshow(k, cmap=cmap, norm=TwoSlopeNorm(vcenter=0.0, vmin=vmin, vmax=vmax), interpolation="nearest")
     else:
         im = ax.imshow(k, cmap="RdBu_r" if vmin < 0 else "viridis", vmin=vmin, vmax=vmax, interpolation="nearest")
     for b in boundaries:

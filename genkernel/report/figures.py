@@ -15,6 +15,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 from ..plotting.arrays import colour_limit, float_array as _array  # (None, as JSON writes NaN, reads NaN)
 
@@ -52,6 +53,8 @@ def _heatmap(fig: Figure, ax: Any, matrix: Any, title: str, *, diverging: bool, 
     ax.set_xticks(range(values.shape[1]))
     if rows is not None:
         ax.set_yticks(range(len(rows)), [str(r) for r in rows])
+    else:  # rows are numbered groups or probes: whole numbers only (automatic ticks put "0.5" between rows)
+        ax.yaxis.set_major_locator(MaxNLocator(integer=True))
     ax.tick_params(labelsize=7)
     fig.colorbar(image, ax=ax, shrink=0.8)
 
@@ -332,6 +335,8 @@ def matrix_animation(frames: Sequence[Mapping[str, Any]], *, keys: Sequence[tupl
         ax.set_title(title, fontsize=9)
         ax.set_xlabel(xlabel, fontsize=8)
         ax.set_ylabel(ylabel, fontsize=8)
+        for axis in (ax.xaxis, ax.yaxis):  # rows and columns are numbered: whole numbers only
+            axis.set_major_locator(MaxNLocator(integer=True))
         ax.tick_params(labelsize=7)
         images.append(image)
         limits.append(key)

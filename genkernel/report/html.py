@@ -13,7 +13,6 @@ import base64
 import datetime as _dt
 import html
 import json
-import math
 import os
 import tempfile
 from pathlib import Path
@@ -21,7 +20,7 @@ from typing import Any, Mapping, Sequence
 
 from ..core.tracking.io import target_mode
 from . import figures as fg
-from .summary import find_states, read_state, summarize_state
+from .summary import _claim_number, find_states, read_state, summarize_state
 
 __all__ = ["render_report", "write_report"]
 
@@ -62,19 +61,6 @@ def _fmt(value: Any, digits: int = 3) -> str:
     if isinstance(value, (list, tuple)):
         return "[" + ", ".join(_fmt(v, digits) for v in value) + "]"
     return str(value)
-
-
-def _claim_number(value: Any) -> str:
-    """A claim's number, with digits added (up to 9) where 3 significant digits round it onto a
-    rounder number: a mean cosine of 0.98996 shown as "0.99" beside "≥ 0.99 … not held", or a
-    residual of 0.0010004 shown as "0.001" beside "below 0.001 … not held", read as the limit itself."""
-    if isinstance(value, bool) or not isinstance(value, float) or not math.isfinite(value):
-        return _fmt(value)
-    digits, text = 3, f"{value:.3g}"
-    while float(text) != value and digits < 9 and len(text.split("e")[0].replace("-", "").replace(".", "").strip("0")) < 3:
-        digits += 1
-        text = f"{value:.{digits}g}"
-    return text
 
 
 def _table(rows: Sequence[Sequence[Any]], header: Sequence[str] | None = None) -> str:
@@ -193,7 +179,8 @@ def _diffusion_section(s: Mapping[str, Any], animate: bool) -> str:
         _figure(fg.locality_figure(s), "locality",
                 "The state records no locality band: locality is not computed." if loc["band"] is None else
                 f"Share of each probe's traffic (or net change) from training within {loc['band']} bin(s) of its own level, "
-                "measured minus the permutation control, with 95 % Student-t intervals over probes."),
+                "measured minus the permutation control, with 95 % Student-t intervals over the probe levels (a level's "
+                "probes are one cluster); a level's own interval is over the control partitions (none below 3)."),
         _table(_difference_rows({"traffic": loc.get("traffic"), "net share": loc.get("share")}), DIFF_HEADER)
         + _table([["median κ (measured)", loc.get("median_kappa")], ["median κ (control)", loc.get("median_kappa_control")]])
         + (_table(per_level, ["level", "traffic m−c", "interval", "net share m−c", "interval"]) if per_level else "")))
@@ -284,6 +271,9 @@ def _gan_section(s: Mapping[str, Any], animate: bool) -> str:
             _table(_difference_rows({"traffic: own − others' share": coupling.get("traffic_interaction_minus_control"),
                                      "net: own − others' share": coupling.get("net_interaction_minus_control")}),
                    DIFF_HEADER)
+            + (_table([["own group's traffic share (no control partition)", coupling.get("traffic_own")],
+                       ["own group's net share (no control partition)", coupling.get("net_own")]])
+               if "traffic_own" in coupling else "")
             + _table([["median κ", coupling.get("kappa_median")], ["control partitions", coupling.get("controls")]])))
     spatial = (coupling or {}).get("spatial")
     if spatial and spatial.get("traffic_matrix") is not None:

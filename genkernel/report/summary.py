@@ -602,6 +602,20 @@ def _fmt(value: Any, digits: int = 3) -> str:
     return str(value)
 
 
+def _claim_number(value: Any) -> str:
+    """A claim's number, with digits added (up to 9) where 3 significant digits round it onto a
+    rounder number: a mean cosine of 0.98996 shown as "0.99" beside "≥ 0.99 … not held", or a
+    residual of 0.0010004 shown as "0.001" beside "below 0.001 … not held", read as the limit itself
+    (the text summary and the HTML page show the same digits)."""
+    if isinstance(value, bool) or not isinstance(value, float) or not math.isfinite(value):
+        return _fmt(value)
+    digits, text = 3, f"{value:.3g}"
+    while float(text) != value and digits < 9 and len(text.split("e")[0].replace("-", "").replace(".", "").strip("0")) < 3:
+        digits += 1
+        text = f"{value:.{digits}g}"
+    return text
+
+
 def _interval(result: Mapping[str, Any] | None) -> str:
     if not result or "difference" not in result:
         return "n/a" if not result else f"measured {_fmt(result.get('measured'))} (no control)"
@@ -696,8 +710,9 @@ def format_summary(summary: Mapping[str, Any], *, top_probes: int = 8) -> str:
                 lines.append(f"    locality net share {_interval(ema['locality'].get('share'))}")
         for claim in s.get("claims", []):
             mark = {True: "held", False: "not held", None: "n/a"}[claim["held"]]
-            lines.append(f"  claim [{mark}] {claim['statement']}: {_fmt(claim['value'])}"
-                         + (f" [{_fmt(claim['interval'][0])}, {_fmt(claim['interval'][1])}]" if claim.get("interval") else ""))
+            lines.append(f"  claim [{mark}] {claim['statement']}: {_claim_number(claim['value'])}"
+                         + (f" [{_claim_number(claim['interval'][0])}, {_claim_number(claim['interval'][1])}]"
+                            if claim.get("interval") else ""))
             if claim.get("why"):  # held is False whatever the interval: e.g. too few independent units
                 lines.append(f"    not held because: {claim['why']}")
             if claim.get("caveat"):
