@@ -124,7 +124,7 @@ def plot_alignment(ax, alignment: list[dict], *, title="alignment of each step's
             ax.plot(steps, _np([row[key] for row in alignment]), label=label, color=color, lw=1.2)
     ax.axhline(0, color="0.7", lw=0.6)
     ax.set_ylim(-1.05, 1.05)
-    ax.set_xlabel("generator step", fontsize=7)
+    ax.set_xlabel("tracked generator step (the analyzer's count, not the loop's iteration)", fontsize=7)
     ax.set_ylabel("mean cosine over probes", fontsize=7)
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=6, loc="lower left")
@@ -137,13 +137,13 @@ def plot_coverage_and_coupling(ax, coverage: list[dict], windows: list[dict], *,
     if coverage:
         steps = [c["step"] for c in coverage]
         ax.plot(steps, [c["modes_hit"] / c["num_modes"] for c in coverage], color="tab:green", label="modes hit (fraction)")
-        ax.plot(steps, [c["quality_share"] for c in coverage], color="tab:olive", label="samples within 3σ of a mode")
+        ax.plot(steps, [c["quality_share"] for c in coverage], color="tab:olive", label="samples on a mode (within the coverage radius)")
     rows = [w for w in windows if _stat(w, "geometry", kind) is not None]
     if rows:
         _errorbars(ax, rows, lambda w: _stat(w, "geometry", kind), 0.0, "tab:purple",
                    f"own-group {kind} interaction − control")
     ax.axhline(0, color="0.7", lw=0.6)
-    ax.set_xlabel("generator step", fontsize=7)
+    ax.set_xlabel("tracked generator step (the analyzer's count, not the loop's iteration)", fontsize=7)
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=6)
 
