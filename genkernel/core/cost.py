@@ -146,6 +146,7 @@ not in them.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import numbers
 import os
@@ -624,7 +625,9 @@ def _measured_per_architecture(kind: str, model: nn.Module, probes: tuple[torch.
 
     def guarded() -> float:
         try:
-            with preserved_state(model), torch.enable_grad():
+            # (the training graph's own attention kernels: an estimate made inside analysis_mode, as the tracker's,
+            # would otherwise measure the math SDPA backend's probabilities, which the training pass never holds)
+            with preserved_state(model), torch.enable_grad(), training_attention():
                 return measure(model, params, probes)
         except torch.OutOfMemoryError:
             raise
@@ -632,6 +635,26 @@ def _measured_per_architecture(kind: str, model: nn.Module, probes: tuple[torch.
             return 0.0
 
     return remembered(kind, architecture_key(model, params, probes, 0), guarded)
+
+
+@contextlib.contextmanager
+def training_attention():
+    """The attention kernels a training pass runs (every SDPA backend allowed, ``nn.MultiheadAttention``'s fast
+    path as torch's default), inside :func:`~genkernel.core.adapter.forward_ad_attention` too; restored after."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    mha = getattr(torch.backends, "mha", None)
+    fastpath = mha.get_fastpath_enabled() if mha is not None else None
+    try:
+        if mha is not None:
+            mha.set_fastpath_enabled(True)
+        backends = [getattr(SDPBackend, name) for name in ("FLASH_ATTENTION", "EFFICIENT_ATTENTION", "CUDNN_ATTENTION",
+                                                          "MATH") if hasattr(SDPBackend, name)]
+        with sdpa_kernel(backends):
+            yield
+    finally:
+        if mha is not None:
+            mha.set_fastpath_enabled(fastpath)
 
 
 def _first_probe_copies(probes: tuple[torch.Tensor, ...], copies: int) -> tuple[torch.Tensor, ...]:
