@@ -63,10 +63,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import grad, hessian, jacrev, jvp, vmap
 
-from ..core.adapter import (
-    _cuda_devices, _typed_draws_off, _watched, call_with, check_per_example_safe, checked_forward, drew_between,
-    forked_generators, forward_ad_attention, generator_states, positive_int, preserved_buffers, restored_module_generators,
-)
+from ..core.adapter import call_with, check_per_example_safe, draws_between_passes, forward_ad_attention, positive_int
 
 __all__ = [
     "hessian_vector_product",
@@ -145,7 +142,7 @@ def _check_draws(model: nn.Module, inputs: tuple[Tensor, ...], name: str) -> Non
     try:
         for mod in fixed:
             mod.training = False
-        found = _draws_between_passes(model, inputs)
+        found = draws_between_passes(model, inputs)
     finally:
         for mod in fixed:
             mod.training = True
@@ -156,24 +153,6 @@ def _check_draws(model: nn.Module, inputs: tuple[Tensor, ...], name: str) -> Non
             "Remove the randomness from the forward in this mode (call F.dropout with training=self.training and "
             "model.eval(), or pass the noise as an input)"
         )
-
-
-def _draws_between_passes(model: nn.Module, inputs: tuple[Tensor, ...]) -> bool:
-    """Whether a second forward on ``inputs`` draws other numbers than the first: the generators' states after the
-    first pass and after the second differ. A forward that reseeds before it draws (torch.manual_seed(0) in it, a
-    generator of its own reseeded) draws the same numbers every pass, so its Hessians are repeatable: the state after
-    one pass (what random_forward compares) moves, the state between passes does not. Without a graph, on copies of
-    the buffers, every generator forked or put back, the typed draws off; False where the forward fails."""
-    watched = _watched(model, inputs)
-    with torch.no_grad(), forked_generators(devices=_cuda_devices(watched)), preserved_buffers(model), \
-            restored_module_generators(model) as own, _typed_draws_off(model):
-        try:
-            checked_forward(model, inputs, name="probes")
-            between = generator_states(watched, own)
-            checked_forward(model, inputs, name="probes")
-        except Exception:
-            return False
-        return drew_between(between, generator_states(watched, own))
 
 
 def _keys(d, name: str) -> list[str]:

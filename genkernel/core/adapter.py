@@ -537,6 +537,24 @@ def random_forward(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> list[s
     return [f"{type(model).__name__} (draws random numbers in its forward)"] if drew else []
 
 
+def draws_between_passes(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> bool:
+    """Whether a second forward on ``inputs`` draws other numbers than the first: the generators' states after the
+    first pass and after the second differ. A forward that reseeds before it draws (torch.manual_seed(0) in it, a
+    generator of its own reseeded) draws the same numbers every pass, so its derivatives are repeatable: the state
+    after one pass (what :func:`random_forward` compares) moves, the state between passes does not. Without a graph, on copies of
+    the buffers, every generator forked or put back, the typed draws off; False where the forward fails."""
+    watched = _watched(model, inputs)
+    with torch.no_grad(), forked_generators(devices=_cuda_devices(watched)), preserved_buffers(model), \
+            restored_module_generators(model) as own, _typed_draws_off(model):
+        try:
+            checked_forward(model, inputs, name="probes")
+            between = generator_states(watched, own)
+            checked_forward(model, inputs, name="probes")
+        except Exception:
+            return False
+        return drew_between(between, generator_states(watched, own))
+
+
 COUPLING_EXAMPLES = 4  # probes the coupling check runs (at least two: one probe is paired with a changed copy)
 
 
