@@ -29,7 +29,6 @@ from ..adapter import (
     batch_size,
     check_finite,
     check_memory_budget,
-    buffer_snapshot,
     check_per_example_safe,
     checked_forward,
     drew_between,
@@ -210,8 +209,11 @@ def repeatable_output(model: nn.Module, one: tuple[torch.Tensor, ...], params: d
     of the whole batch gives the same output twice half of the time; a generator a module keeps of its
     own is watched and put back as well."""
     # the draw is the second pass's (a forward that reseeds before drawing ends both passes in one state)
-    snapshot = buffer_snapshot(model)  # put back where the forward is refused
-    before = {key: (b, b.detach().clone()) for key, b in model.named_buffers()}
+    # every buffer slot by its name, with the tensor it holds and one copy of it: what the first pass is compared
+    # with, and what is put back where the forward is refused
+    slots = [(f"{path}.{name}" if path else name, module, name, b) for path, module in model.named_modules()
+             for name, b in module._buffers.items() if b is not None]
+    before = {key: (b, b.detach().clone()) for key, _, _, b in slots}
     with analysis(model), restored_module_generators(model) as own:
         # The first pass runs as any forward: a cache it binds anew for these inputs' shape (a positional table grown
         # to their length, transformers' dynamic RoPE inv_freq beside the attribute that records its length) stays,
@@ -232,7 +234,7 @@ def repeatable_output(model: nn.Module, one: tuple[torch.Tensor, ...], params: d
                 _one_pass(model, tuple(t * 1.5 if t.is_floating_point() else t for t in one), params, name)
                 again = [key for key, b in model.named_buffers() if key not in filled or not _same(b, filled[key])]
         if in_place or again:
-            restore_buffers(snapshot)
+            restore_buffers([(module, name, before[key][1]) for key, module, name, _ in slots])
             raise ValueError(
                 f"{type(model).__name__}'s eval-mode forward writes its buffers {(in_place or again)[:5]} (a call "
                 "counter, a quantization observer, a data-dependent initialization), so every analysis pass would "
