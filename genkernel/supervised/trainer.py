@@ -168,7 +168,6 @@ class SupervisedTrainer:
         (dropout), so ``fit`` again draws the same batch and masks: the run is the uninterrupted one.
         A step skipped for a non-finite loss or gradient (NonFiniteError) keeps its batch used up, as
         the other trainers (and a GradScaler) skip such a step: drawn again, it would fail again."""
-        check_not_torn(self, "fit()")
         # (_order is never changed in place, only rebound: keeping the tensor keeps the position)
         position = (self.generator.get_state(), self._order, self._order_size)
         global_rng = global_rng_state()
