@@ -42,6 +42,22 @@ def make(kernel_every=2, **trainer_kw):
 
 
 
+def interrupt_once(analyzer, where: str, at_step: int, error: type[BaseException] = KeyboardInterrupt):
+    """Make ``analyzer.<where>`` raise ``error`` the first time it runs at tracked step ``at_step`` (as Ctrl-C or an
+    out-of-memory error inside that record would); returns the original method."""
+    original = getattr(analyzer, where)
+    raised = []
+
+    def faulty(*args, **kwargs):
+        if analyzer.tracker is not None and analyzer.tracker.ledger.steps == at_step and not raised:
+            raised.append(True)
+            raise error(f"inside {where}")
+        return original(*args, **kwargs)
+
+    setattr(analyzer, where, faulty)
+    return original
+
+
 def steps_of(records):
     return [r["tracked_step"] for r in records]
 
@@ -104,19 +120,10 @@ def test_an_interrupted_bookkeeping_is_completed_at_the_next_step(straight, wher
     it and trains on. The old code went on without the step's records: kernel records at [0, 4] (history
     [4]) against the straight run's [0, 2, 4] ([2, 4])."""
     trainer, analyzer = make()
-    original = getattr(analyzer, where)
-    raised = []
-
-    def faulty(*args, **kwargs):
-        if analyzer.tracker is not None and analyzer.tracker.ledger.steps == 2 and not raised:
-            raised.append(True)
-            raise error(f"inside {where}")
-        return original(*args, **kwargs)
-
-    setattr(analyzer, where, faulty)
+    interrupt_once(analyzer, where, 2, error)
     with pytest.raises(error):
         trainer.train(4)
-    assert raised and trainer.global_step == 2
+    assert trainer.global_step == 2
     trainer.train(2)
     assert steps_of(analyzer.kernel_history) == [0, 2, 4]
     assert steps_of(analyzer.history) == [2, 4]
@@ -126,14 +133,7 @@ def test_an_interrupted_bookkeeping_is_completed_at_the_next_step(straight, wher
 def test_a_checkpoint_saved_after_an_interrupted_bookkeeping_resumes_the_straight_run(straight, tmp_path):
     """#4: the checkpoint written right after the interrupt holds the step's owed records (made at the save)."""
     trainer, analyzer = make()
-    original = analyzer.kernel_structure
-
-    def faulty(*args, **kwargs):
-        if analyzer.tracker.ledger.steps == 2:
-            raise KeyboardInterrupt("inside the kernel record")
-        return original(*args, **kwargs)
-
-    analyzer.kernel_structure = faulty
+    original = interrupt_once(analyzer, "kernel_structure", 2)
     with pytest.raises(KeyboardInterrupt):
         trainer.train(4)
     analyzer.kernel_structure = original
@@ -231,24 +231,16 @@ def test_an_observed_loop_resumes_bit_for_bit_and_completes_an_interrupted_bookk
     m3, o3 = fresh()
     a3 = analyzer()
     a3.bind(m3, o3)
-    original = a3.kernel_structure
-    raised = []
-
-    def faulty(*args, **kwargs):
-        if a3.tracker.ledger.steps == 3 and not raised:
-            raised.append(True)
-            raise KeyboardInterrupt("inside the kernel record")
-        return original(*args, **kwargs)
-
-    a3.kernel_structure = faulty
+    original, interrupted = interrupt_once(a3, "kernel_structure", 3), []
     for i in range(5):
         try:
             _observed_step(m3, o3, a3, i, data)
         except KeyboardInterrupt:
-            assert i == 2 and a3.tracker.ledger.steps == 3 and steps_of(a3.kernel_history) == [0]
+            interrupted.append(i)
+            assert a3.tracker.ledger.steps == 3 and steps_of(a3.kernel_history) == [0]
     a3.kernel_structure = original
     a3.finish()
-    assert raised and steps_of(a3.kernel_history) == [0, 3, 5]
+    assert interrupted == [2] and steps_of(a3.kernel_history) == [0, 3, 5]
     assert state_differences(a.state_dict(), a3.state_dict()) == []
 
 
@@ -263,14 +255,7 @@ def test_an_interrupted_bookkeeping_logs_the_step_at_the_next_step():
         trainer = DDPMTrainer(model(), SCHEDULER, DATA, batch_size=16, lr=1e-2, max_grad_norm=0.5, progress=False,
                               callbacks=[analyzer])
         if interrupt:
-            original = analyzer.kernel_structure
-
-            def faulty(*args, **kwargs):
-                if analyzer.tracker.ledger.steps == 2:
-                    raise KeyboardInterrupt("inside the kernel record")
-                return original(*args, **kwargs)
-
-            analyzer.kernel_structure = faulty
+            original = interrupt_once(analyzer, "kernel_structure", 2)
             with pytest.raises(KeyboardInterrupt):
                 trainer.train(3)
             assert [step for step, _ in rows] == [1]
