@@ -141,7 +141,7 @@ def test_factored_kernel_equals_brute_force_at_every_budget(case):
 def test_factored_contributions_equal_brute_force(form):
     """Coverage: Σ_q w_q J(x; θ_q) u_n with u_n = scale_p c_n ∇ℓ_n, on a model with a tied weight,
     a module called twice, a bare parameter (fallback), at two nodes, probes of another kind (other
-    length), row chunks of 1 byte and of 1 GiB."""
+    length), row chunks of 1 byte and of 1 GiB, the outputs in one chunk and in two."""
 
     class Model(nn.Module):
         def __init__(self):
@@ -177,8 +177,10 @@ def test_factored_contributions_equal_brute_force(form):
         with analysis(model):
             plan = covering_plan(model, (x,))
             batch = capture_batch(model, plan, (x,), targets, loss_fn, coefficients, budget, form=form)
-            got = factored_contributions(model, plan, (probes,), nodes, batch, scale, 2, [slice(0, 1), slice(1, 4)], budget)
-        assert float((got - want).abs().max() / want.abs().max()) < 1e-12, budget
+            for outputs in ([slice(0, 2)], [slice(0, 1), slice(1, 2)]):
+                got = factored_contributions(model, plan, (probes,), nodes, batch, scale, 2,
+                                             ([slice(0, 1), slice(1, 4)], outputs), budget)
+                assert float((got - want).abs().max() / want.abs().max()) < 1e-12, (budget, outputs)
 
 
 def test_unknown_reduce_is_refused():

@@ -126,7 +126,8 @@ buffers, the frozen weights); the phases are
 - ``"group gradients"``: the training records read into the group rows (and held factors), or the
   "example" route's own per-example pass (``example_pass``);
 - ``"analysis"`` (:data:`STEP_TEMPORARIES`): after the optimizer's step, the group rows, the split
-  update, the checks, the pushes, the step's contributions, held factors, an EMA update's sync;
+  update, the checks, the pushes, the step's contributions, held factors and the probes' captures (factored
+  and sketched routes), an EMA update's sync;
 - with an EMA ledger, ``"EMA sync"``: an observed loop's ``optimizer.step()`` syncs the EMA ledger while the
   rows its ``observe()`` calls summed are held (on the dense route, conservatively, owned steps too);
 
@@ -150,14 +151,14 @@ import contextlib
 import math
 import numbers
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
 import torch
 from torch import nn
 
 from .adapter import functional_model, has_state_outside_training, output_tensor, preserved_state
-from .engine.factored import BlockShape, block_shapes, row_chunks
+from .engine.factored import BlockShape, block_shapes, probe_capture_bytes, row_chunks
 from .engine.gradients import (EXAMPLE_PASS_ACTIVATIONS, GRAPH_ROW_ACTIVATIONS, GRAPH_ROW_LARGEST_OUTPUTS,
                                ROUNDING_SEEDS, ExamplePass, example_chunk, example_pass_bytes, example_pass_measure,
                                factored_chunk_peaks, factored_steady_chunk, gradients_from_losses, graph_row_elements,
@@ -985,6 +986,11 @@ def estimate_cost(
         # pass of the route's own (its chunks are joined into the whole batch's): not bounded by the budget.
         memory["held_factors"] = int(held_factor_bytes(shapes, fallback, batch=b, itemsize=param_bytes,
                                                    form="lean" if group_state == "factored" else "outer"))
+        # At each node, a chunk of the probes' rows captured with a chunk of their output cotangents, beside the held
+        # factors (engine.factored.capture_chunks: half the budget at most). Uncounted before, when one capture took
+        # all d outputs: an MNIST-sized UNet at 16x16 (d = 256) held 1.4 GiB for 4 probes, estimated at 124 MiB.
+        memory["probe_captures"] = probe_capture_bytes(model, covering_plan(model, probes), probes, outputs,
+                                                       memory_budget)
         # with fallback parameters: what the captures' and torch.func's backward passes skip, the fallback's own
         # gradients, and the examples torch.func checks alone (:func:`_fallback_passes`)
         capture_skipped, fallback_skipped, fallback_gradients, probe_checks, batch_checks = _fallback_passes(
@@ -1793,40 +1799,54 @@ def _same_device(a: torch.device, b: torch.device) -> bool:
         b.index if b.index is not None else torch.cuda.current_device())
 
 
+def _peak_saving(estimate: CostEstimate, factors: dict[str, float]) -> int:
+    """How far the peak (:attr:`CostEstimate.total_bytes`) falls with each part in ``factors`` scaled by its factor:
+    nothing where those parts are not in the peak phase nor held throughout."""
+    memory = {part: int(value * factors.get(part, 1.0)) for part, value in estimate.memory.items()}
+    return estimate.total_bytes - replace(estimate, memory=memory).total_bytes
+
+
 def _cheaper_options(estimate: CostEstimate, group_state: str, state_dtype: torch.dtype, all_float32: bool,
                      allowed: tuple[str, ...], switchable: tuple[str, ...]) -> list[str]:
     """What would make the step fit or run faster, each memory option with what it would save
-    (from the parts it changes: the group arrays scale with the rows, the probes' pushes with the
-    probes), only where it applies and its setting is in ``allowed``; other group states only
-    those in ``switchable`` (built for this optimizer and model)."""
+    of the peak (the parts it changes, scaled in the phases they are in: the group arrays scale with
+    the rows, the probes' pushes with the probes; a part outside the peak phase saves nothing), only
+    where it applies and its setting is in ``allowed``; other group states only those in
+    ``switchable`` (built for this optimizer and model)."""
     options = []
     settings, memory = estimate.settings, estimate.memory
     gib = lambda value: f"{value / GiB:.2f} GiB"  # noqa: E731
-    group_parts = sum(memory.get(k, 0) for k in ("group_gradients", "group_state", "group_updates", "ema"))
-    state_dtype_parts = group_parts - memory.get("ema", 0)  # the EMA ledger's arrays are float64 whatever it is
-    ledger_parts = memory.get("ledgers", 0) + memory.get("step_contributions", 0)
+
+    def at_most(parts: tuple[str, ...]) -> str:
+        """The parts' bytes and the most their removal lowers the peak by."""
+        size = sum(memory.get(k, 0) for k in parts)
+        return f"{gib(size)}; the peak falls by at most {gib(_peak_saving(estimate, dict.fromkeys(parts, 0.0)))}"
+
+    group_keys = ("group_gradients", "group_state", "group_updates", "ema")
+    state_dtype_keys = tuple(k for k in group_keys if k != "ema")  # the EMA ledger's arrays are float64 whatever it is
+    ledger_keys = ("ledgers", "step_contributions")
     rows = max(int(settings["rows"]), 1)
     if rows > 1 and "groups" in allowed:
-        scaled = group_parts + ledger_parts if group_state == "dense" else ledger_parts
+        scaled = group_keys + ledger_keys if group_state == "dense" else ledger_keys
         options.append(f"fewer groups (now {rows} rows over all partitions: fewer bins or control partitions, "
-                       f"examples grouped by class or cluster; the group arrays and ledgers, {gib(scaled)}, scale "
-                       "with them)")
+                       f"examples grouped by class or cluster; the group arrays and ledgers scale with them: "
+                       f"{at_most(scaled)})")
     if group_state == "dense":
         # Neither route keeps the per-group rows an EMA ledger is built from (tracking.ema).
         if "group_state" in allowed and not settings.get("ema") and "factored" in switchable:
             options.append("group_state='factored' (plain SGD: no per-group copies at all, each example's "
                            "contribution a cross kernel of its layer factors with the probes': most of the group "
-                           f"arrays' {gib(group_parts)}; it needs a per-example loss)")
+                           f"arrays' {at_most(group_keys)}; it needs a per-example loss)")
         if "group_state" in allowed and not settings.get("ema") and "sketched" in switchable:
             options.append("group_state='sketched' (k-dimensional sketches of each group's state instead of P-sized "
-                           f"copies: most of the group arrays' {gib(group_parts)})")
+                           f"copies: most of the group arrays' {at_most(group_keys)})")
         if "state_dtype" in allowed and state_dtype == torch.float64 and all_float32:
-            options.append(f"state_dtype=torch.float32 (halves the group arrays of a float32 model: saves "
-                           f"{gib(state_dtype_parts / 2)}; on GPU float32 is also much faster)")
-    pushes = memory.get("probe_pushes", 0)
+            halved = _peak_saving(estimate, dict.fromkeys(state_dtype_keys, 0.5))
+            options.append(f"state_dtype=torch.float32 (halves the group arrays of a float32 model: the peak falls "
+                           f"by {gib(halved)}; on GPU float32 is also much faster)")
     if "probes" in allowed:
-        options.append(f"fewer probes (now {settings['probes']}; their pushes and the ledgers take "
-                       f"{gib(pushes + ledger_parts)})")
+        options.append(f"fewer probes (now {settings['probes']}; their pushes and the ledgers: "
+                       f"{at_most(('probe_pushes', 'probe_captures') + ledger_keys)})")
     if "window" in allowed:
         options.append("a shorter tracked window (track steps a..b, then stop paying: time, not memory per step)")
     if ("quadrature" in allowed and not math.isinf(estimate.ratio) and estimate.ratio > 10 and group_state == "dense"
@@ -1842,7 +1862,7 @@ def _cheaper_options(estimate: CostEstimate, group_state: str, state_dtype: torc
 # The step's temporaries an EMA ledger's sync takes as room (its part ``ema_sync`` is its excess over them).
 EMA_SYNC_REPLACES = ("group_gradients", "group_updates", "probe_pushes", "push_tangents")
 STEP_TEMPORARIES = ("group_gradients", "group_updates", "checks", "push_tangents", "witnesses", "probe_pushes",
-                    "step_contributions", "held_factors", "ema_sync")
+                    "step_contributions", "held_factors", "probe_captures", "ema_sync")
 
 
 def _beside_every_phase(phases: dict[str, tuple[str, ...]], part: str) -> dict[str, tuple[str, ...]]:

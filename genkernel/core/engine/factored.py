@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 import weakref
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 from torch import nn
@@ -219,6 +219,25 @@ def block_shapes(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> tuple[li
     return shapes, sum(p.numel() for p in plan.fallback.values())
 
 
+def capture_bytes(model: nn.Module, plan: Plan, inputs: tuple[torch.Tensor, ...], d: int, compact: bool = False
+                  ) -> Callable[[int], int]:
+    """``c -> bytes`` one example's capture holds with c output cotangents (of d outputs; see
+    :func:`chunk_sizes` for ``compact`` and what is counted)."""
+    # the factors and graph at the parameters' bytes per value, the fallback's Jacobians each in its own dtype
+    itemsize = value_bytes(plan.params)
+    fallback_bytes = parameter_bytes(plan.fallback)
+    sizes = _probe_sizes(model, plan, inputs)
+
+    def per_example(c: int) -> int:
+        if compact:
+            graph = sizes.compact_factors(plan, c) + sizes.xhat + (2 + c) * sizes.leaf_act
+        else:  # factors + the graph (about 4 copies of every activation) + c output gradients
+            graph = sizes.a + c * sizes.g + 4 * sizes.act + c * sizes.act
+        return itemsize * graph + 2 * d * fallback_bytes  # + fallback Jacobians
+
+    return per_example
+
+
 def chunk_sizes(
     model: nn.Module, plan: Plan, inputs: tuple[torch.Tensor, ...], d: int, rows_total: int, memory_budget: int, held: int = 2,
     compact: bool = False,
@@ -236,18 +255,7 @@ def chunk_sizes(
     in one, 0.79 s in two). Otherwise the outer form's factors, and the graph as about 4 copies
     of every module output plus c output gradients."""
     memory_budget = check_memory_budget(memory_budget)
-    # the factors and graph at the parameters' bytes per value, the fallback's Jacobians each in its own dtype
-    itemsize = value_bytes(plan.params)
-    fallback_bytes = parameter_bytes(plan.fallback)
-    sizes = _probe_sizes(model, plan, inputs)
-
-    def per_example(c: int) -> int:
-        if compact:
-            graph = sizes.compact_factors(plan, c) + sizes.xhat + (2 + c) * sizes.leaf_act
-        else:  # factors + the graph (about 4 copies of every activation) + c output gradients
-            graph = sizes.a + c * sizes.g + 4 * sizes.act + c * sizes.act
-        return itemsize * graph + 2 * d * fallback_bytes  # + fallback Jacobians
-
+    per_example = capture_bytes(model, plan, inputs, d, compact)
     c = d
     while c > 1 and memory_budget // (held * per_example(c)) < min(rows_total, 8):
         c = (c + 1) // 2
@@ -258,10 +266,42 @@ def chunk_sizes(
 
 
 def row_chunks(model: nn.Module, plan: Plan, inputs: tuple[torch.Tensor, ...], d: int, memory_budget: int) -> list[slice]:
-    """Row chunks of ``inputs`` whose capture with d cotangents takes at most half of the budget."""
+    """The row chunks of :func:`capture_chunks` (with d > 1 cotangents the capture of a chunk of rows fits
+    half of the budget only with the outputs chunked as well)."""
+    return capture_chunks(model, plan, inputs, d, memory_budget)[0]
+
+
+def capture_chunks(model: nn.Module, plan: Plan, inputs: tuple[torch.Tensor, ...], d: int, memory_budget: int
+                   ) -> tuple[list[slice], list[slice]]:
+    """(row chunks of ``inputs``, chunks of the d outputs) such that the capture of one chunk of rows
+    with one chunk of output cotangents (:func:`~genkernel.core.engine.factors.capture_by_outputs`)
+    takes at most half of the budget."""
     total = batch_size(inputs)
-    rows, _ = chunk_sizes(model, plan, inputs, d, total, memory_budget, held=2)
-    return list(chunks(total, rows))
+    rows, cotangents = chunk_sizes(model, plan, inputs, d, total, memory_budget, held=2)
+    if cotangents < d:  # outputs chunked: of the sizes that fit, the one with the most rows × cotangents per pass
+        per_example = capture_bytes(model, plan, inputs, d)
+        sizes = [(min(total, int(memory_budget // (2 * per_example(c)))), c) for c in _halvings(d)]
+        rows, cotangents = max(((r, c) for r, c in sizes if r >= 1), key=lambda rc: rc[0] * rc[1], default=(1, 1))
+    return list(chunks(total, rows)), list(chunks(d, cotangents))
+
+
+def probe_capture_bytes(model: nn.Module, plan: Plan, inputs: tuple[torch.Tensor, ...], d: int, memory_budget: int
+                        ) -> int:
+    """Bytes of the largest capture :func:`capture_chunks` sizes: its rows times one example's capture
+    with its cotangents (:func:`capture_bytes`)."""
+    row_chunks, output_chunks = capture_chunks(model, plan, inputs, d, memory_budget)
+    rows = max(s.stop - s.start for s in row_chunks)
+    cotangents = max(s.stop - s.start for s in output_chunks)
+    return rows * capture_bytes(model, plan, inputs, d)(cotangents)
+
+
+def _halvings(d: int) -> Iterator[int]:
+    """d, ⌈d/2⌉, ⌈d/4⌉, ..., 1."""
+    c = d
+    while c > 1:
+        yield c
+        c = (c + 1) // 2
+    yield 1
 
 
 def chunks(n: int, size: int) -> Iterator[slice]:
@@ -535,5 +575,5 @@ def factored_jacobian(
 
 __all__ = [
     "BlockShape", "block_shapes", "chunk_sizes", "chunks", "factored_gradient_kernel", "factored_jacobian",
-    "fallback_jacobian", "row_chunks", "weight_macs",
+    "capture_chunks", "fallback_jacobian", "probe_capture_bytes", "row_chunks", "weight_macs",
 ]

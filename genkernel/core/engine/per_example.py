@@ -14,7 +14,7 @@ gradient and no per-group update is ever formed.
 
 This module holds those pieces: :func:`capture_batch` (the batch's loss factors, weighted by
 c_n), :func:`batch_totals` (Σ_n c_n ∇ℓ_n and a rounding scale, for the tracker's exact
-checks), :func:`probe_factors` and :func:`factored_contributions` (the per-example contributions
+checks), :func:`probe_factors`, :func:`probe_fallback_jacobian` and :func:`factored_contributions` (the per-example contributions
 above). The sketched route (:mod:`genkernel.core.tracking.sketched`) reads the same batch factors.
 """
 
@@ -29,7 +29,7 @@ from torch import nn
 from ..adapter import batch_size
 from ..param_bytes import joined_dtype
 from .factored import row_chunks
-from .factors import Factors, Plan, TrainingCapture, capture, loss_cotangents, output_cotangents
+from .factors import Factors, Plan, TrainingCapture, capture, capture_by_outputs, loss_cotangents
 from .gradients import per_example_gradients
 from .reference import per_example_jacobian
 
@@ -138,19 +138,26 @@ def batch_totals(batch: BatchFactors) -> tuple[dict[str, torch.Tensor], dict[str
     return totals, scales
 
 
+def probe_fallback_jacobian(
+    model: nn.Module, plan: Plan, probes: tuple[torch.Tensor, ...], theta: dict[str, torch.Tensor]
+) -> torch.Tensor | None:
+    """For parameters outside the blocks, the probes' torch.func Jacobians ``[M, d, P_fb]`` at θ
+    (None when every parameter is in a block)."""
+    if not plan.fallback:
+        return None
+    others = {n: t for n, t in theta.items() if n not in plan.fallback}
+    return per_example_jacobian(model, {n: theta[n] for n in plan.fallback}, fixed=others)(*probes).detach()
+
+
 def probe_factors(
-    model: nn.Module, plan: Plan, probes: tuple[torch.Tensor, ...], theta: dict[str, torch.Tensor], d: int
-) -> tuple[list[Factors], torch.Tensor | None]:
-    """The probes' factors at θ (d output cotangents) and, for parameters outside the blocks,
-    their torch.func Jacobians ``[M, d, P_fb]`` at θ (None when every parameter is in a block)."""
+    model: nn.Module, plan: Plan, probes: tuple[torch.Tensor, ...], theta: dict[str, torch.Tensor],
+    output_chunks: list[slice], consume: Callable[[slice, list[Factors]], None],
+) -> None:
+    """The probes' factors at θ, ``consume(outputs, factors)`` once per chunk of the output
+    cotangents (:func:`~genkernel.core.engine.factors.capture_by_outputs`: one forward)."""
     # θ must require grad for the block outputs to have a graph.
     params = {n: t.detach().requires_grad_(True) for n, t in theta.items()}
-    factors, _ = capture(model, plan, probes, output_cotangents(list(range(d))), parameters=params)
-    if not plan.fallback:
-        return factors, None
-    others = {n: t for n, t in theta.items() if n not in plan.fallback}
-    jac = per_example_jacobian(model, {n: theta[n] for n in plan.fallback}, fixed=others)(*probes).detach()
-    return factors, jac
+    capture_by_outputs(model, plan, probes, output_chunks, consume, parameters=params)
 
 
 def factored_contributions(
@@ -161,55 +168,59 @@ def factored_contributions(
     batch: BatchFactors,
     scale: dict[str, float],
     d: int,
-    probe_chunks: list[slice],
+    probe_chunks: tuple[list[slice], list[slice]],
     memory_budget: int,
 ) -> torch.Tensor:
     """Per-example contributions ``[M, B, d]`` (model dtype): Σ_q w_q J(x; θ_q) u_n with
     u_n = scale_p c_n ∇ℓ_n(θ_k) per parameter p (``scale``: −η_p times the clipping factor).
 
-    ``nodes``: (weight w_q, parameters θ_q) of the quadrature rule. ``probe_chunks``: row
-    chunks of the probes (:func:`~genkernel.core.engine.factored.row_chunks`; fixed probes, so
-    callers compute them once).
+    ``nodes``: (weight w_q, parameters θ_q) of the quadrature rule. ``probe_chunks``: (row
+    chunks of the probes, chunks of the outputs) (:func:`~genkernel.core.engine.factored.capture_chunks`;
+    fixed probes, so callers compute them once).
 
     Algorithm:
         1. Scale the batch side once: each parameter's part of the factors by scale_p.
-        2. Per node, capture the probes' factors at θ_q with d output cotangents.
+        2. Per node and chunk of probes, capture the probes' factors at θ_q, a chunk of the output
+           cotangents at a time.
         3. Per block, the cross kernel between probe and batch factors (``reduce="none"``:
-           ``[M, B, d, 1]``), weighted by w_q and summed.
+           ``[m, B, c, 1]``), weighted by w_q and summed.
         4. Parameters outside the blocks: the probes' torch.func Jacobians at θ_q times the
            scaled per-example gradients.
     """
     # 1. The batch side of every block, scaled once.
     scaled = [None if f.is_unused else f.parameter_scaled(scale) for f in batch.factors]
     fallback = {name: g * scale[name] for name, g in batch.fallback.items()}
+    flat = (torch.cat([fallback[n].reshape(fallback[n].shape[0], -1) for n in plan.fallback], dim=1)
+            if plan.fallback else None)
     # (in the parameters' dtypes joined, as the sum of their blocks' cross kernels is: a float32 first layer rounded a
     # float64 model's contributions to float32)
     total = torch.zeros((batch_size(probes), batch.losses.shape[0], d), dtype=joined_dtype(plan.params),
                         device=batch.losses.device)
+    row_chunks, output_chunks = probe_chunks
     for weight, theta in nodes:
-        for rows in probe_chunks:
-            total[rows] += weight * _chunk_contributions(model, plan, tuple(t[rows] for t in probes), theta, scaled,
-                                                         fallback, d, memory_budget)
+        for rows in row_chunks:
+            chunk = tuple(t[rows] for t in probes)
+            part = total[rows]  # a view: each output chunk's cross kernels added in place
+
+            # 2-3. Probe factors at θ_q, cross kernels per block.
+            def add(outputs: slice, factors: list[Factors]) -> None:
+                value = None
+                for f_batch, f_probe in zip(scaled, factors):
+                    if f_batch is not None:
+                        block = f_probe.pair_kernel(f_batch, "none", memory_budget)[..., 0]  # [m, B, c]
+                        value = block if value is None else value + block
+                if value is not None:
+                    part[:, :, outputs] += weight * value
+
+            probe_factors(model, plan, chunk, theta, output_chunks, add)
+            # 4. torch.func for the rest of the parameters.
+            jac = probe_fallback_jacobian(model, plan, chunk, theta)
+            if jac is not None:
+                part += weight * torch.einsum("mdp,bp->mbd", jac.to(torch.float64), flat).to(jac.dtype)
     return total
 
 
-def _chunk_contributions(model, plan, probes, theta, scaled, fallback, d, memory_budget) -> torch.Tensor:
-    """Steps 2-4 of :func:`factored_contributions` for one chunk of probes at one node: ``[m, B, d]``."""
-    # 2. Probe factors at θ_q.
-    factors, jac = probe_factors(model, plan, probes, theta, d)
-    value = None
-    # 3. Cross kernels per block.
-    for f_batch, f_probe in zip(scaled, factors):
-        if f_batch is None:
-            continue
-        block = f_probe.pair_kernel(f_batch, "none", memory_budget)[..., 0]  # [m, B, d]
-        value = block if value is None else value + block
-    # 4. torch.func for the rest of the parameters.
-    if jac is not None:
-        flat = torch.cat([fallback[n].reshape(fallback[n].shape[0], -1) for n in plan.fallback], dim=1)
-        part = torch.einsum("mdp,bp->mbd", jac.to(torch.float64), flat).to(jac.dtype)
-        value = part if value is None else value + part
-    return value
-
-
-__all__ = ["BatchFactors", "batch_totals", "capture_batch", "factored_contributions", "probe_factors", "training_batch"]
+__all__ = [
+    "BatchFactors", "batch_totals", "capture_batch", "factored_contributions", "probe_factors", "probe_fallback_jacobian",
+    "training_batch",
+]

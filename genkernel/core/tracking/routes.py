@@ -41,7 +41,7 @@ from ..adapter import (
 from ..cost import plain_sgd, push_pass_shape, push_route, reads_training_pass
 from ..param_bytes import parameter_bytes
 from ..push_memory import DEFAULT_PUSH_MEMORY, PushMemory, jvp_pass
-from ..engine.factored import row_chunks
+from ..engine.factored import capture_chunks
 from ..engine.factors import COVERAGE_SAMPLE, Plan, TrainingCapture, Unfactorable, covering_plan, pair_covering_plan
 from ..engine.gradients import (factor_rows, gradients_and_rounding, gradients_from_losses, group_gradients,
                                 membership_matrix)
@@ -371,7 +371,7 @@ class DenseRoute(GroupStateRoute):
 
 class _FactorRoute(GroupStateRoute):
     """Shared by the factored and sketched routes: the batch's layer factors at θ_k (step 1), the
-    exact totals the splitter keeps, and the probes' row chunks."""
+    exact totals the splitter keeps, and the probes' chunks (of rows and of outputs)."""
 
     batch_form = "outer"  # the batch factors' form (factors.FACTOR_FORMS): the sketched route reads outer products
 
@@ -379,7 +379,7 @@ class _FactorRoute(GroupStateRoute):
         super().__init__(model, splitter, contribution_route)
         self._exclusions: set[str] = set()
         self.plan: Plan = covering_plan(model.module, model.probes)
-        self._probe_chunks: list[slice] | None = None  # fixed probes: sized once per plan
+        self._probe_chunks: tuple[list[slice], list[slice]] | None = None  # fixed probes: sized once per plan
 
     def recording(self, inputs: tuple[torch.Tensor, ...]) -> TrainingCapture:
         """The batch's factors from the training pass's own forward and backward (no second pass),
@@ -415,12 +415,13 @@ class _FactorRoute(GroupStateRoute):
         sizes = {n: sizes[n] * step.clip_factor for n in model.params}
         return StepGradients(grads, batch.losses, sizes, batch)
 
-    def probe_chunks(self) -> list[slice]:
-        """Row chunks of the probes (under analysis_mode)."""
+    def probe_chunks(self) -> tuple[list[slice], list[slice]]:
+        """(Row chunks of the probes, chunks of their outputs) for their captures (under analysis_mode)."""
         if self._probe_chunks is None:
             model = self.model
             with analysis_mode(model.module):
-                self._probe_chunks = row_chunks(model.module, self.plan, model.probes, model.outputs, model.memory_budget)
+                self._probe_chunks = capture_chunks(model.module, self.plan, model.probes, model.outputs,
+                                                    model.memory_budget)
         return self._probe_chunks
 
     def _rest(self, updates, nodes) -> torch.Tensor:

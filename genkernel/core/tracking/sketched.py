@@ -40,7 +40,7 @@ import torch
 from ..adapter import analysis_mode
 from ..cost import plain_hyperparameter
 from ..engine.factors import Factors
-from ..engine.per_example import BatchFactors, probe_factors
+from ..engine.per_example import BatchFactors, probe_factors, probe_fallback_jacobian
 from ..engine.projections import ParameterProjection
 from ..engine.reference import split_columns
 from ..errors import LedgerCheckError
@@ -267,23 +267,28 @@ class SketchedRoute(_FactorRoute):
         preconditioner = self.preconditioner()
         probes = model.probes
         total = torch.zeros((probes[0].shape[0], model.outputs, self.k), dtype=torch.float64, device=probes[0].device)
-        chunks = self.probe_chunks()
+        row_chunks, output_chunks = self.probe_chunks()
         with analysis_mode(model.module):
             for weight, theta in nodes:
-                for rows in chunks:
-                    total[rows] += weight * self._project_chunk(tuple(t[rows] for t in probes), theta, preconditioner)
+                for rows in row_chunks:
+                    total[rows] += weight * self._project_chunk(tuple(t[rows] for t in probes), theta, preconditioner,
+                                                                output_chunks)
         return total
 
-    def _project_chunk(self, probes, theta, preconditioner) -> torch.Tensor:
+    def _project_chunk(self, probes, theta, preconditioner, output_chunks: list[slice]) -> torch.Tensor:
         """``[m, d, k]`` float64: R D J(x; θ)ᵀ for one chunk of probes at one node."""
         d, m = self.model.outputs, probes[0].shape[0]
-        factors, fb = probe_factors(self.model.module, self.plan, probes, theta, d)
         value = torch.zeros((d, m, self.k), dtype=torch.float64, device=probes[0].device)
-        for f in factors:
-            for c in range(d):  # one output at a time: [m, k] each
-                part = self._project_block(f, c, preconditioner)
-                if part is not None:
-                    value[c] += part
+
+        def add(outputs: slice, factors: list[Factors]) -> None:
+            for f in factors:
+                for c in range(outputs.stop - outputs.start):  # one output at a time: [m, k] each
+                    part = self._project_block(f, c, preconditioner)
+                    if part is not None:
+                        value[outputs.start + c] += part
+
+        probe_factors(self.model.module, self.plan, probes, theta, output_chunks, add)
+        fb = probe_fallback_jacobian(self.model.module, self.plan, probes, theta)
         if fb is not None:
             for name, part in split_columns(fb, self.plan.fallback).items():
                 jac = part.transpose(0, 1).reshape(d * m, *self.plan.fallback[name].shape)
