@@ -875,7 +875,9 @@ def write_diffusion_outputs(name: str, args: argparse.Namespace, s: dict, timer:
                             retrieval, retrieval_data, *, images: bool) -> dict:
     """Saves a diffusion recipe's per-view figures (``OUT/NAME_<view>.png``), then the overview PNG
     and the JSON (claims from the runs, :func:`diffusion_claims`). Figures aggregate the runs: the
-    matrices are averaged over seeds, the per-level and kernel panels show every seed.
+    matrices are averaged over seeds and the locality panels show every seed; the kernel, matrix-evolution
+    and retrieval figures draw the first seed's run alone, and say so in their titles (``results.first_seed_figures``
+    in the JSON names them).
 
     ``retrieval``: seed 0's θ_T retrieval result (None when aggregating saved runs: the retrieval
     figure then shows the entropy only); ``retrieval_data``: the training inputs it retrieved from.
@@ -890,14 +892,15 @@ def write_diffusion_outputs(name: str, args: argparse.Namespace, s: dict, timer:
     report = plots.average_reports([r["report"] for r in runs])
     references = [r.get("reference") for r in runs]
     quality = runs[0]["sample_quality"]
+    first_seed = f"seed {runs[0]['seed']} of {len(runs)}" if len(runs) > 1 else None
     extra = {
         "noise_matrix": plots.plot_noise_matrices(report),
         "locality": plots.plot_locality_over_training(report, runs=runs, claims=claims),
-        "kernel_decay": plots.plot_kernel_decay(report, reference=references[0]),
-        "matrix_evolution": plots.plot_matrix_evolution(runs[0]["report"]),
+        "kernel_decay": plots.plot_kernel_decay(runs[0]["report"], reference=references[0], run_label=first_seed),
+        "matrix_evolution": plots.plot_matrix_evolution(runs[0]["report"], run_label=first_seed),
         "retrieval": plots.plot_retrieval(retrieval, retrieval_data, images=images, quality=quality,
                                           top=min(3, retrieval_data.shape[0]), entropy=runs[0]["retrieval_entropy"],
-                                          stages=runs[0]["retrieval"]["stages"]),
+                                          stages=runs[0]["retrieval"]["stages"], run_label=first_seed),
     }
     for key, fig in extra.items():
         fig.savefig(out / f"{name}_{key}.png", dpi=dpi)
@@ -915,6 +918,9 @@ def write_diffusion_outputs(name: str, args: argparse.Namespace, s: dict, timer:
             "residual": r["report"]["residual"], "measured": r["report"].get("measured"), "notes": r["report"].get("notes"),
             "locality": r["report"]["locality"]} for r in runs],
         "figures": [f"{name}_{key}.png" for key in extra],
+        # the figures drawn from the first seed's run alone (the others aggregate every seed)
+        "first_seed_figures": {"seed": first["seed"], "figures": [f"{name}_{key}.png" for key in
+                                                                   ("kernel_decay", "matrix_evolution", "retrieval")]},
         "final_loss": first["final_loss"],
         "timing": first["timing"],
         "what_ran": (f"{args.mode} settings, {len(runs)} seed(s) {[r['seed'] for r in runs]}: warm-up "

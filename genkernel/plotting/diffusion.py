@@ -213,10 +213,12 @@ def plot_locality_over_training(report: dict[str, Any], ax_row=None, *, runs: Se
     return fig
 
 
-def plot_kernel_decay(report: dict[str, Any], *, reference: dict | None = None) -> plt.Figure:
+def plot_kernel_decay(report: dict[str, Any], *, reference: dict | None = None, run_label: str | None = None
+                      ) -> plt.Figure:
     """Mean normalized gradient kernel k̂((x, s), (x', t)) against |bin(s) − bin(t)| at each
     checkpoint (the first is θ₀); dashed: the same clean input and noise at two levels; grey
-    dash-dot: the time-blind denoiser at θ_T (its decay comes from the inputs alone)."""
+    dash-dot: the time-blind denoiser at θ_T (its decay comes from the inputs alone). ``run_label``
+    (e.g. "seed 0 of 3") goes in the title: the run drawn, where the figure sits among seed-averaged ones."""
     fig, ax = plt.subplots(figsize=(6, 4))
     kernels = report["kernel"]
     cmap = plt.get_cmap("viridis")
@@ -232,26 +234,28 @@ def plot_kernel_decay(report: dict[str, Any], *, reference: dict | None = None) 
     ax.set_xlabel("|bin(s) − bin(t)|")
     ax.set_ylabel("mean k̂")
     sketch = report["config"].get("kernel_sketch")
-    ax.set_title("gradient-kernel similarity across noise levels" + (f" (sketch V={sketch})" if sketch else " (exact)"), fontsize=9)
+    ax.set_title("gradient-kernel similarity across noise levels" + (f" (sketch V={sketch})" if sketch else " (exact)")
+                 + (f", {run_label}" if run_label else ""), fontsize=9)
     ax.legend(fontsize=6, ncol=2)
     fig.tight_layout()
     return fig
 
 
 def plot_retrieval(result, train_data, *, images: bool, top: int = 3, quality: dict | None = None,
-                   entropy=None, stages=None) -> plt.Figure:
+                   entropy=None, stages=None, run_label: str | None = None) -> plt.Figure:
     """Stage-wise attribution: for each sample (rows) and reverse stage s (column blocks), the
     current sample x_s and its ``top`` training examples by k̂ at θ_T; entropy per stage below.
 
     Retrieval is shown only where the samples are not noise (``quality["noise"]`` False: their
     distance to the training set is nearer held-out data's than the training inputs' own spread): otherwise the figure shows the final samples beside
     training inputs and says why the retrieval is left out. ``result`` None (runs read back from
-    JSON): the entropy curve only, from ``entropy [K, S]`` and ``stages``."""
+    JSON): the entropy curve only, from ``entropy [K, S]`` and ``stages``. ``run_label`` as in
+    :func:`plot_kernel_decay` (in the entropy panel's title)."""
     if quality is not None and quality.get("noise"):
         return _noise_samples_figure(result, train_data, images=images, quality=quality)
     if result is None:
         fig, ax = plt.subplots(figsize=(6, 3.5))
-        _entropy_panel(ax, np.asarray(stages), _arr(entropy))
+        _entropy_panel(ax, np.asarray(stages), _arr(entropy), run_label)
         fig.tight_layout()
         return fig
     stages = result.stages.tolist()
@@ -289,19 +293,20 @@ def plot_retrieval(result, train_data, *, images: bool, top: int = 3, quality: d
             ax.set_title(f"s={s}: x_s (dots), top-{top} k̂ (x)", fontsize=8)
             ax.set_aspect("equal", adjustable="datalim")
         ax = fig.add_subplot(grid[1, :])
-    _entropy_panel(ax, np.asarray(stages), result.entropy.numpy())
+    _entropy_panel(ax, np.asarray(stages), result.entropy.numpy(), run_label)
     fig.tight_layout()
     return fig
 
 
-def _entropy_panel(ax, stages: np.ndarray, entropy: np.ndarray) -> None:
+def _entropy_panel(ax, stages: np.ndarray, entropy: np.ndarray, run_label: str | None = None) -> None:
     ax.plot(stages, np.nanmean(entropy, axis=1), "o-", color="k", label="mean over samples")
     for i in range(entropy.shape[1]):
         ax.plot(stages, entropy[:, i], "-", alpha=0.3, label="one sample" if i == 0 else None)
     ax.invert_xaxis()
     ax.set_xlabel("reverse step s (sampling runs left to right)")
     ax.set_ylabel("entropy / log N")
-    ax.set_title("retrieval entropy: broad averaging (1) vs few neighbours (0)", fontsize=8)
+    ax.set_title("retrieval entropy: broad averaging (1) vs few neighbours (0)" + (f", {run_label}" if run_label else ""),
+                 fontsize=8)
     ax.legend(fontsize=6)
 
 
@@ -407,9 +412,10 @@ def _fmt_interval(interval) -> str:
     return f"{interval[0]:.2g}, {interval[1]:.2g}"
 
 
-def plot_matrix_evolution(report: dict[str, Any], *, max_panels: int = 5) -> plt.Figure:
+def plot_matrix_evolution(report: dict[str, Any], *, max_panels: int = 5, run_label: str | None = None) -> plt.Figure:
     """Traffic matrices (rows: probe level; columns: training bin) at ledger snapshots: how the
-    noise × noise structure of the corrections builds up over the tracked window."""
+    noise × noise structure of the corrections builds up over the tracked window. ``run_label`` as in
+    :func:`plot_kernel_decay`."""
     history = [row for row in report["locality_over_training"] if "traffic_matrix" in row]
     if len(history) > max_panels:
         picks = np.linspace(0, len(history) - 1, max_panels).round().astype(int)
@@ -421,6 +427,7 @@ def plot_matrix_evolution(report: dict[str, Any], *, max_panels: int = 5) -> plt
     top = colour_limit(*[row["traffic_matrix"] for row in history])
     for ax, row in zip(axes[0], history):
         step = _step(row)
-        _heat(ax, row["traffic_matrix"], levels, f"traffic share, step {step}", vmin=0, vmax=top)
+        _heat(ax, row["traffic_matrix"], levels, f"traffic share, step {step}" + (f", {run_label}" if run_label else ""),
+              vmin=0, vmax=top)
     fig.tight_layout()
     return fig
