@@ -1029,7 +1029,8 @@ class GANKernelAnalyzer(TrainerCallback):
         if self._g_pending is None:
             self._g_pending = {"observed": {}, "loop_step": None}
         self._g_pending["observed"][number] = {"ids": tracked[GEOMETRY], "zero": self._zero_gradient(geo),
-                                               "spatial": tracked.get(SPATIAL), "field": field}
+                                               "spatial": tracked.get(SPATIAL), "field": field, "rows": batch,
+                                               "given": weights is not None}
         self._loss_checked = True
 
     @_buffers_kept
@@ -1760,9 +1761,14 @@ class GANKernelAnalyzer(TrainerCallback):
             self._g_pending = {"observed": observed, "loop_step": None} if observed else None
             pending = {"ids": [p["ids"] for p in parts], "zero": [p["zero"] for p in parts],
                        "spatial": [p["spatial"] for p in parts if p["spatial"] is not None], "loop_step": None}
-            fields = [p["field"] for p in parts if p["field"] is not None]
+            fields = [p for p in parts if p["field"] is not None]
             if fields and self._probe_state is not None:
-                self._probe_state["field"] = torch.stack(fields).sum(dim=0)
+                # A micro-batch observed without weights= pulled at c = 1/b of its own b rows; the step's field is at
+                # c = 1/B of the step's B rows, as an owned step's (a loop's loss.mean() / K is then the owned field,
+                # not K times it). Explicit weights are the loop's own coefficients, taken as given.
+                rows = sum(p.get("rows", 0) for p in parts)
+                self._probe_state["field"] = torch.stack(
+                    [p["field"] if p.get("given", True) else p["field"] * (p["rows"] / rows) for p in fields]).sum(dim=0)
         else:
             pending, self._g_pending = self._g_pending or {"ids": [], "spatial": [], "zero": [], "loop_step": None}, None
         index = self.g_steps + 1
@@ -1994,7 +2000,10 @@ class GANKernelAnalyzer(TrainerCallback):
                 "discriminator steps need step.info['roles'], a LongTensor[B] with 0 for generated, 1 for real and 2 "
                 "for gradient-penalty examples (GANTrainer sets it)"
             )
-        return self._discriminator_ids(roles, step.inputs[0], step.info.get("real_labels"))
+        # A conditional trainer's real_labels are its rows' classes (GANTrainer(labels=, num_classes=)), not mixture
+        # modes: its real rows are grouped by their nearest mode, as the generated rows are.
+        real_labels = None if self.conditional else step.info.get("real_labels")
+        return self._discriminator_ids(roles, step.inputs[0], real_labels)
 
     def discriminator_group_labels(self) -> list[str]:
         if self.discriminator_groups == "role":
@@ -2563,7 +2572,10 @@ def _loss_tolerance(losses: torch.Tensor, precision: torch.dtype | None) -> floa
 
 
 def _coefficients(weights: torch.Tensor | None, batch: int, like: torch.Tensor) -> torch.Tensor:
-    return (torch.full((batch,), 1.0 / batch) if weights is None else weights.detach()).to(like)
+    if weights is not None:
+        return weights.detach().to(like)
+    # in the pull's own dtype: 1/B made in the default dtype (float32) was rounded there (3e-8 at B = 6)
+    return torch.full((batch,), 1.0 / batch, dtype=like.dtype, device=like.device)
 
 
 def _positional_inputs(fn: Callable) -> int | None:
