@@ -16,7 +16,8 @@ formulas (docs/summaries.md):
   sharing a label (the noise × noise and coupling matrices); :func:`band_total` and
   :func:`own_share` read one number per probe from such a matrix;
 - :func:`measured_minus_control` compares a statistic of the measured partition with the same
-  statistic of control partitions on the same trajectory (:mod:`genkernel.stats`).
+  statistic of control partitions on the same trajectory (:mod:`genkernel.stats`), whose labels
+  :func:`permuted_labels` draws.
 
 Every function is pure tensor arithmetic: nothing here touches a model.
 """
@@ -32,6 +33,10 @@ import torch
 from ..stats import difference_interval, few_units, mean_interval
 
 DEFAULT_PARTITION = "groups"
+# A permutation control of an observed micro-batch of fewer than CONTROL_POOL_BELOW examples draws from its own labels
+# and those of up to CONTROL_POOL examples observed before it (permuted_labels).
+CONTROL_POOL = 64
+CONTROL_POOL_BELOW = 8
 INTEGER_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
 ABS_BLOCK_BYTES = 4 * 2**20  # rows × columns that abs_row_sum takes at once
 
@@ -114,6 +119,25 @@ class Partitions:
 
 
 # -- shares, κ and traffic --------------------------------------------------------------------
+def permuted_labels(labels: torch.Tensor, generator: torch.Generator, recent: torch.Tensor | None = None) -> torch.Tensor:
+    """A permutation control's labels ``[B]`` for a batch's ``labels [B]``: each example gets the label of another.
+
+    Without ``recent``, a random permutation of the batch's own labels. ``recent`` (an observed loop's micro-batch:
+    the labels of the examples observed before it, :func:`recent_labels`): a micro-batch of fewer than
+    ``CONTROL_POOL_BELOW`` examples draws its labels without replacement from those and its own, as a permutation of
+    one example's labels is the identity (every control ledger the measured one) and of two, half the time."""
+    pool = labels if recent is None or labels.numel() >= CONTROL_POOL_BELOW else torch.cat([recent.to(labels), labels])
+    order = torch.randperm(pool.numel(), generator=generator)
+    # (without a pool: labels[randperm(B)], the whole permutation)
+    return pool[order[pool.numel() - labels.numel():].to(pool.device)]
+
+
+def recent_labels(recent: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """The last ``CONTROL_POOL`` of ``recent`` followed by ``labels`` (on the CPU): what the next micro-batch's
+    :func:`permuted_labels` draws from beside its own."""
+    return torch.cat([recent, labels.detach().cpu().long()])[-CONTROL_POOL:]
+
+
 def _safe(values: torch.Tensor) -> torch.Tensor:
     """``values`` with zeros replaced by NaN (a ratio with a zero denominator is undefined)."""
     return torch.where(values > 0, values, torch.full_like(values, math.nan))

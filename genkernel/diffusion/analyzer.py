@@ -17,9 +17,9 @@ The permutation controls. For each of ``controls`` control partitions every exam
 *control* label: the bin of another example of the same batch (a random permutation of the
 batch's bin labels, from the analyzer's own generator). The tracker splits every step for the
 level partition and each control partition at once (:class:`~genkernel.core.grouping.Partitions`),
-so all come from one exact trajectory (same steps, same batches, same group sizes per step; an observed
-micro-batch of fewer than ``CONTROL_POOL_BELOW`` examples draws its control labels from its own and the last
-``CONTROL_POOL`` observed examples' bins, as a permutation of one example's is the identity), each
+so all come from one exact trajectory (same steps, same batches, same group sizes per step; a batch or observed
+micro-batch of fewer than 8 examples draws its control labels from its own and the last 64 examples' bins, as a
+permutation of one example's is the identity: :func:`~genkernel.core.grouping.permuted_labels`), each
 with its own ledger, at a cost that adds over partitions ((1 + controls) · G group rows).
 ``controls=0`` tracks the G bins only (no control, no claims).
 
@@ -123,12 +123,6 @@ AUTO_SKETCH_DIRECTIONS = 8
 LEVEL = "level"
 LEVEL_CLASS = "level_class"
 WEIGHTS = ("model", "ema")
-# An observed micro-batch of fewer than CONTROL_POOL_BELOW examples draws its control labels, without replacement,
-# from its own bins and those of up to CONTROL_POOL examples observed before it (in this step and the steps before): a
-# permutation within a micro-batch of one example is the identity (every control ledger the level ledger), within a
-# pair it is half the time. Larger micro-batches permute their own bins, as a whole batch does.
-CONTROL_POOL = 64
-CONTROL_POOL_BELOW = 8
 
 
 class NoiseLevelAnalyzer(TrainerCallback):
@@ -350,7 +344,7 @@ class NoiseLevelAnalyzer(TrainerCallback):
         self.kernel_noise = torch.randn(self.kernel_clean.shape, generator=generator, dtype=torch.float64)
         self._perm_generator = torch.Generator().manual_seed(seed_bits(seed + 1))
         self._sigma_like = 0  # examples in a row at a level t <= 1 (flow matching: sigmas passed as timesteps?)
-        self._control_pool = torch.zeros(0, dtype=torch.long)  # bins of the examples observed last (CONTROL_POOL)
+        self._control_pool = torch.zeros(0, dtype=torch.long)  # bins of the last examples (grouping.recent_labels)
 
         self.tracker: PathKernelTracker | None = None
         self._kernel_wrappers: dict = {}  # the kernel sketch's wrappers, kept between records (state_kernel)
@@ -657,8 +651,7 @@ class NoiseLevelAnalyzer(TrainerCallback):
             raise
 
     def _observe(self, losses, timesteps, class_labels, weights) -> None:
-        groups, bins = self._groups(timesteps, losses.shape[0] if isinstance(losses, torch.Tensor) else -1, class_labels,
-                                    pooled=True)
+        groups, bins = self._groups(timesteps, losses.shape[0] if isinstance(losses, torch.Tensor) else -1, class_labels)
         try:
             number = self.tracker.observe(losses, {k: v.to(losses.device) for k, v in groups.items()}, weights)
         except ValueError as error:
@@ -755,13 +748,14 @@ class NoiseLevelAnalyzer(TrainerCallback):
         permutations' generator back: the step run again (a built-in trainer hands its batch back) draws the
         permutations the uninterrupted run draws."""
         self._settle()  # (records owed by the previous step, at its ledger and θ, before this step changes them)
-        perm_state, sigma_like = self._perm_generator.get_state(), self._sigma_like
+        perm_state, sigma_like, pool = self._perm_generator.get_state(), self._sigma_like, self._control_pool
         try:
             return self._track(step, timesteps, class_labels)
         except BaseException:
             if not step.applied:
                 self._perm_generator.set_state(perm_state)
                 self._sigma_like = sigma_like
+                self._control_pool = pool
             raise
 
     def _track(self, step: OptimizerStep, timesteps: torch.Tensor, class_labels: torch.Tensor | None) -> StepContributions:
@@ -804,10 +798,10 @@ class NoiseLevelAnalyzer(TrainerCallback):
                 "(a tuple (sequence, pooled) for embeddings given as a tuple)"
             )
 
-    def _groups(self, timesteps, batch: int, class_labels, *, pooled: bool = False) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-        """Every partition's ids for a batch: level bins, permuted bins per control, level × class. ``pooled`` (an
-        observed micro-batch): the control labels are drawn from the micro-batch's bins and the last
-        ``CONTROL_POOL`` observed examples' (a whole step's batch: a permutation of its own bins, as before)."""
+    def _groups(self, timesteps, batch: int, class_labels) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """Every partition's ids for a batch (a step's or an observed micro-batch's): level bins, permuted bins per
+        control (a batch under 8 examples with the last examples' bins beside its own:
+        :func:`~genkernel.core.grouping.permuted_labels`), level × class."""
         # One read of the levels from their device (on a GPU, a host synchronization); the checks, the
         # sigma count and the binning below all read this CPU copy.
         timesteps = check_timesteps(timesteps.detach().cpu() if isinstance(timesteps, torch.Tensor) else timesteps,
@@ -835,11 +829,8 @@ class NoiseLevelAnalyzer(TrainerCallback):
                 )
         bins = self.bins(timesteps)
         groups = {LEVEL: bins}
-        recent = torch.cat([self._control_pool, bins])[-CONTROL_POOL:] if pooled else None
-        pool = torch.cat([self._control_pool, bins]) if pooled and bins.numel() < CONTROL_POOL_BELOW else bins
         for name in self.control_names:
-            # (without a pool: bins[randperm(B)], the permutation drawn before pools existed)
-            groups[name] = pool[torch.randperm(pool.numel(), generator=self._perm_generator)[pool.numel() - bins.numel():]]
+            groups[name] = grouping.permuted_labels(bins, self._perm_generator, self._control_pool)
         if self.num_classes is not None:
             if not isinstance(class_labels, torch.Tensor) or class_labels.shape != (batch,):
                 raise ValueError(f"this analyzer splits by level × class (num_classes={self.num_classes}): pass "
@@ -855,8 +846,8 @@ class NoiseLevelAnalyzer(TrainerCallback):
                 )
                 raise ValueError(f"class_labels must lie in [0, {self.num_classes}), got labels in [{low}, {high}]{hint}")
             groups[LEVEL_CLASS] = bins * self.num_classes + labels
-        if pooled and self.control_names:
-            self._control_pool = recent
+        if self.control_names:
+            self._control_pool = grouping.recent_labels(self._control_pool, bins)
         return groups, bins
 
     # -- recording -----------------------------------------------------------------------------
@@ -1281,7 +1272,7 @@ class NoiseLevelAnalyzer(TrainerCallback):
             "perm_generator": self._perm_generator.get_state(),
             # the flow-matching sigma refusal's count of examples in a row at t <= 1, which may span a save
             "sigma_like": self._sigma_like,
-            # the bins an observed loop's next micro-batch draws its control labels from beside its own
+            # the bins a next batch under 8 examples draws its control labels from beside its own
             "control_pool": self._control_pool.tolist(),
             # band: a reading setting (not checked on load), saved so that a summary of the state reads
             # locality at the analyzer's own half-width

@@ -424,6 +424,8 @@ class GANKernelAnalyzer(TrainerCallback):
         for what, fn in (("generator_loss", generator_loss), ("geometry_loss", geometry_loss)):
             self._check_loss_conditioning(fn, what)
         self.rng = seeded_generator(seed)  # (checks the seed: seed and seed + 2**32 drew the same controls)
+        # the geometry and spatial ids of the last examples (grouping.recent_labels)
+        self._control_pools = {GEOMETRY: torch.zeros(0, dtype=torch.long), SPATIAL: torch.zeros(0, dtype=torch.long)}
         # k-means takes 32-bit seeds: the same bits the generator reads
         self.grouping = self._make_grouping(grouping, num_groups, seed_bits(seed))
         self.num_groups = self.grouping.num_groups
@@ -789,12 +791,13 @@ class GANKernelAnalyzer(TrainerCallback):
                 self._ema = getattr(trainer, "ema", None)
             # A step that fails before its update puts the analyzer's generator back (its control permutations):
             # the step run again (GANTrainer hands its draws back) draws what the uninterrupted run draws.
-            rng_state = self.rng.get_state()
+            rng_state, pools = self.rng.get_state(), dict(self._control_pools)
             try:
                 return self._generator_step(step, _count(trainer, "g_steps"))
             except BaseException:
                 if not step.applied:
                     self.rng.set_state(rng_state)
+                    self._control_pools = pools
                 raise
         if step.phase == "discriminator":
             return self._discriminator_step(step, _count(trainer, "d_steps_done")) if self.track_discriminator else perform()
@@ -952,6 +955,17 @@ class GANKernelAnalyzer(TrainerCallback):
         The loop's ``g_optimizer.step()`` then records the step (gradient accumulation over several
         observed micro-batches and global-norm clipping are followed exactly).
         """
+        # A refused micro-batch draws nothing: the loop that catches the error and observes again (or the same loop
+        # resumed) gets the control permutations an uninterrupted run draws.
+        rng_state, pools = self.rng.get_state(), dict(self._control_pools)
+        try:
+            self._observe_generator(losses, latents, samples, weights, classes)
+        except BaseException:
+            self.rng.set_state(rng_state)
+            self._control_pools = pools
+            raise
+
+    def _observe_generator(self, losses, latents, samples, weights, classes) -> None:
         if not self._bound or self.g_tracker is None:
             raise RuntimeError("call analyzer.bind(g_optimizer, d_optimizer) before analyzer.observe_generator(...)")
         if self.stopped:
@@ -1248,16 +1262,19 @@ class GANKernelAnalyzer(TrainerCallback):
                 grouping.fit(_flat_latents(ref["z"]), ref["x"], ref["w"], ref["scores"])
 
     def _partition_ids(self, geo: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """2. Geometry ids (and the comparison's spatial ids) and the permuted control ids of the same step:
-        each control an independent permutation of the step's ids."""
+        """2. Geometry ids (and the comparison's spatial ids) and the permuted control ids of the same step (or
+        observed micro-batch): each control an independent permutation of its ids, under 8 examples with the last
+        examples' ids beside its own (:func:`~genkernel.core.grouping.permuted_labels`: a micro-batch of two latents
+        would otherwise give a control its own ids half the time)."""
         ids = self._assign(self.grouping, geo)
         tracked = {GEOMETRY: ids}
         if self.comparison is not None:
             tracked[SPATIAL] = self._assign(self.comparison, geo)
-        for control in self.control_names:
-            tracked[control] = ids[torch.randperm(ids.shape[0], generator=self.rng)]
-        for control in self.spatial_control_names:
-            tracked[control] = tracked[SPATIAL][torch.randperm(ids.shape[0], generator=self.rng)]
+        for measured, names in ((GEOMETRY, self.control_names), (SPATIAL, self.spatial_control_names)):
+            for control in names:
+                tracked[control] = grouping_layer.permuted_labels(tracked[measured], self.rng, self._control_pools[measured])
+            if names:
+                self._control_pools[measured] = grouping_layer.recent_labels(self._control_pools[measured], tracked[measured])
         return tracked
 
     def _zero_gradient(self, geo: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -2298,6 +2315,8 @@ class GANKernelAnalyzer(TrainerCallback):
             "grouping": self.grouping.state_dict() if self.grouping.fitted else None,
             "comparison": self.comparison.state_dict() if self.comparison is not None and self.comparison.fitted else None,
             "rng": self.rng.get_state(),
+            # the ids a next batch under 8 examples draws its control ids from beside its own
+            "control_pools": {k: v.tolist() for k, v in self._control_pools.items()},
             "g_steps": self.g_steps, "d_steps": self.d_steps,
             "alignment": list(self.alignment), "coverage": list(self.coverage), "windows": list(self.windows),
             # finish()'s window in progress: report() shows it, so a saved state (and genkernel summarize) keeps it
@@ -2380,6 +2399,8 @@ class GANKernelAnalyzer(TrainerCallback):
         if self.comparison is not None and state.get("comparison") is not None:
             self.comparison.load_state_dict(state["comparison"])
         self.rng.set_state(state["rng"])
+        pools = state.get("control_pools") or {}  # (states of earlier versions kept none)
+        self._control_pools = {k: torch.tensor(pools.get(k, []), dtype=torch.long) for k in (GEOMETRY, SPATIAL)}
         self.g_steps, self.d_steps = state["g_steps"], state["d_steps"]
         self.alignment, self.coverage, self.windows = list(state["alignment"]), list(state["coverage"]), list(state["windows"])
         self.partial_window = state.get("partial_window")  # (states saved before it was kept have none)
