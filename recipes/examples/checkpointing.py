@@ -56,6 +56,38 @@ def add_analyzer_arguments(parser: argparse.ArgumentParser, probes: str = "laten
     parser.add_argument("--controls", type=int, default=1, help="label-permutation controls")
 
 
+def check_analyzer_arguments(args: argparse.Namespace) -> None:  # genkernel
+    """A ValueError naming ``--num_probes`` when it is below 2, before anything is built or generated (the analyzer's
+    kernel structure needs two probes; 0 failed in torch.stack, 1 after train_dreambooth.py generated its class
+    images)."""
+    if getattr(args, "analyze", True) and args.num_probes < 2:
+        raise ValueError(f"--num_probes must be at least 2 (the kernel structure compares probes), got {args.num_probes}")
+
+
+def check_clipping_and_snr(args: argparse.Namespace) -> None:
+    """A ValueError naming ``--max_grad_norm`` unless it is a positive number (``clip_grad_norm_`` clamps its
+    coefficient max_norm / ‖g‖ from above only: a negative one reverses the gradient, 0 zeroes it), or ``--snr_gamma``
+    unless it is positive (Min-SNR's weights min(SNR, γ) / SNR would be negative, or zero)."""
+    max_grad_norm = getattr(args, "max_grad_norm", None)
+    if max_grad_norm is not None and not max_grad_norm > 0:
+        raise ValueError(f"--max_grad_norm must be a positive number (inf: no clipping), got {max_grad_norm}: "
+                         "clip_grad_norm_ multiplies the gradient by max_norm / its norm, so a negative one reverses it")
+    snr_gamma = getattr(args, "snr_gamma", None)
+    if snr_gamma is not None and not (math.isfinite(snr_gamma) and snr_gamma > 0):
+        raise ValueError(f"--snr_gamma must be a finite positive number (5.0 is common), got {snr_gamma}: the Min-SNR "
+                         "weights min(SNR, gamma) / SNR would be negative (gradient ascent) or zero")
+
+
+def drop_stale_report(accelerator, output_dir: str) -> None:  # genkernel
+    """An unanalyzed run's end: the ``genkernel_report.json`` an earlier run left in ``output_dir`` is removed (with a
+    warning), so that it is not read as the report of the model this run saves there."""
+    path = os.path.join(output_dir, "genkernel_report.json")
+    if accelerator.is_main_process and os.path.isfile(path):
+        warnings.warn(f"{path} was written by an earlier run, not this one (--no-analyze): removed, as the model it "
+                      "describes is replaced", stacklevel=2)
+        os.remove(path)
+
+
 def training_length(dataloader, gradient_accumulation_steps: int, max_train_steps: int | None,
                     num_train_epochs: int) -> tuple[int, int, int]:
     """``(optimizer steps an epoch, steps to train, epochs)`` of ``dataloader``: ``max_train_steps`` when given (as

@@ -109,7 +109,8 @@ from genkernel import set_exact_cuda_mode  # genkernel
 from genkernel.diffusion import ControlNetDenoiser, NoiseLevelAnalyzer, freeze_attention_key_biases  # genkernel
 
 from .checkpointing import (
-    EpochRNG, add_analyzer_arguments, add_checkpoint_arguments, check_checkpoint_arguments, register_unet_hooks,
+    EpochRNG, add_analyzer_arguments, add_checkpoint_arguments, check_analyzer_arguments, check_checkpoint_arguments,
+    check_clipping_and_snr, drop_stale_report, register_unet_hooks,
     resume_position, resume_settings, save_checkpoint, training_length, write_report,
 )
 from .stable_diffusion import (
@@ -168,6 +169,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(None if argv is None else list(argv))
     check_captioning(args.caption_template, args.proportion_empty_prompts)
     check_checkpoint_arguments(args)
+    check_analyzer_arguments(args)  # genkernel
+    check_clipping_and_snr(args)
     for name in ("train_batch_size", "gradient_accumulation_steps", "max_train_steps", "resolution"):
         value = getattr(args, name)
         if value is not None and value < 1:
@@ -504,6 +507,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
     if analyzer is not None:  # genkernel: the kernel structure at the final weights, then the report
         write_report(accelerator, args.output_dir, analyzer)  # genkernel
+    else:  # (an earlier run's report would stand beside the model saved below)
+        drop_stale_report(accelerator, args.output_dir)
 
     # Save the trained ControlNet (upstream), and the base components built here beside it
     controlnet = accelerator.unwrap_model(controlnet)

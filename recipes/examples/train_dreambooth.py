@@ -123,7 +123,8 @@ from genkernel import set_exact_cuda_mode  # genkernel
 from genkernel.diffusion import NoiseLevelAnalyzer, freeze_attention_key_biases  # genkernel
 
 from .checkpointing import (
-    EpochRNG, add_analyzer_arguments, add_checkpoint_arguments, check_checkpoint_arguments, register_unet_hooks,
+    EpochRNG, add_analyzer_arguments, add_checkpoint_arguments, check_analyzer_arguments, check_checkpoint_arguments,
+    check_clipping_and_snr, drop_stale_report, register_unet_hooks,
     resume_position, resume_settings, save_checkpoint, training_length, write_report,
 )
 from .stable_diffusion import (
@@ -203,6 +204,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         if args.class_prompt is not None:
             warnings.warn("--class_prompt is not used without --with_prior_preservation")
     check_checkpoint_arguments(args)
+    check_analyzer_arguments(args)  # genkernel
+    check_clipping_and_snr(args)
     if args.learning_rate is None:  # upstream's two scripts' defaults (adapters whose B starts at zero need the larger)
         args.learning_rate = 5e-6 if args.rank is None else 5e-4
     if args.rank is not None and args.rank < 1:
@@ -667,6 +670,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         # genkernel: with class images, per noise level, the instance rows' and the prior rows' shares
         write_report(accelerator, args.output_dir, analyzer, lambda: (  # genkernel
             {"prior_preservation": source_shares(analyzer, probe_is_instance)} if class_paths else {}))  # genkernel
+    else:  # (an earlier run's report would stand beside the model saved below)
+        drop_stale_report(accelerator, args.output_dir)
 
     # Create the pipeline using the trained modules and save it.
     unet, text_encoder = accelerator.unwrap_model(unet), accelerator.unwrap_model(text_encoder)

@@ -99,7 +99,8 @@ from genkernel import set_exact_cuda_mode  # genkernel
 from genkernel.diffusion import NoiseLevelAnalyzer, freeze_attention_key_biases  # genkernel
 
 from .checkpointing import (
-    EpochRNG, add_analyzer_arguments, add_checkpoint_arguments, check_checkpoint_arguments, register_unet_hooks,
+    EpochRNG, add_analyzer_arguments, add_checkpoint_arguments, check_analyzer_arguments, check_checkpoint_arguments,
+    drop_stale_report, register_unet_hooks,
     resume_position, resume_settings, save_checkpoint, write_report,
 )
 
@@ -185,9 +186,15 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     if allowed is not None and args.prediction_type not in allowed:
         raise ValueError(f"--prediction_type {args.prediction_type} does not go with --objective {args.objective}: "
                          f"choose one of {allowed}")
-    if args.max_train_steps is not None and args.max_train_steps < 1:
-        raise ValueError(f"--max_train_steps must be at least 1, got {args.max_train_steps}")
+    if args.objective == "flow_matching" and args.prediction_type != "epsilon":
+        raise ValueError(f"--prediction_type {args.prediction_type} does not go with --objective flow_matching: it "
+                         "trains the velocity noise - x whatever the prediction type; leave --prediction_type out")
+    for name in ("train_batch_size", "gradient_accumulation_steps", "max_train_steps"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise ValueError(f"--{name} must be at least 1, got {value}")
     check_checkpoint_arguments(args)
+    check_analyzer_arguments(args)  # genkernel
     return args
 
 
@@ -302,6 +309,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
     num_update_steps_per_epoch = math.ceil(len(train_dataloader) / args.gradient_accumulation_steps)
     max_train_steps = args.max_train_steps or args.num_epochs * num_update_steps_per_epoch
+    if max_train_steps > args.num_epochs * num_update_steps_per_epoch:  # (it stops early only: the loop is --num_epochs')
+        raise ValueError(f"--max_train_steps {args.max_train_steps} is more than the {args.num_epochs * num_update_steps_per_epoch} "
+                         f"optimizer steps of --num_epochs {args.num_epochs} ({num_update_steps_per_epoch} an epoch): here "
+                         "it only stops training early; raise --num_epochs")
     # Potentially load in the weights and states from a previous save
     # (genkernel: the analyzer registered for checkpointing, its ledgers in the checkpoints; a checkpoint saved without
     # it, training so far unanalyzed, is loaded first and the analyzer starts at its step)
@@ -425,6 +436,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
     if analyzer is not None:  # genkernel: the kernel structure at the final weights, then the report
         write_report(accelerator, args.output_dir, analyzer)
+    else:  # (an earlier run's report would stand beside the model saved below)
+        drop_stale_report(accelerator, args.output_dir)
 
     # Save the pipeline (with the EMA weights, as upstream)
     unet = accelerator.unwrap_model(model)
