@@ -50,3 +50,14 @@ def test_parts_in_the_peak_phase_save_down_to_the_next_phase():
     e = estimate(training_activations=2.0, pushes=3.0, group_state=0.0)
     assert e.peak_phase == "analysis"
     assert saving(options_of(e), "fewer probes") == 1.01
+
+
+def test_describe_says_what_is_free_and_what_is_held():
+    """Fails on the old code, which read "(...; 0.5 GiB, 2.00 GiB of the training step already held free)": the held
+    bytes are not free. Now "0.5 GiB free, beside the training step's 2.00 GiB already held"."""
+    e = estimate(training_activations=1.0, pushes=0.5, group_state=0.1)
+    e.available, e.held = int(0.5 * GiB), int(2 * GiB)
+    text = e.describe()
+    assert "0.5 GiB free, beside the training step's 2.00 GiB already held)" in text and "held free" not in text
+    e.available = None
+    assert "free memory unknown, beside" in e.describe()

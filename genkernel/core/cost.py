@@ -260,15 +260,15 @@ class CostEstimate:
     def describe(self) -> str:
         """The estimate in words, for errors and logs."""
         parts = ", ".join(f"{k} {v / GiB:.2f} GiB" for k, v in self.memory.items() if v)
-        free = "unknown" if self.available is None else f"{self.available / GiB:.1f} GiB"
+        free = ("free memory unknown" if self.available is None else f"{self.available / GiB:.1f} GiB free")
         if self.held:
-            free += f", {self.held / GiB:.2f} GiB of the training step already held"
+            free += f", beside the training step's {self.held / GiB:.2f} GiB already held"
         if self.memory.get("frozen_weights"):
-            free += f", the frozen weights' {self.memory['frozen_weights'] / GiB:.2f} GiB already held"
+            free += f", beside the frozen weights' {self.memory['frozen_weights'] / GiB:.2f} GiB already held"
         work = ", ".join(f"{k} {v:.0f}" for k, v in self.work.items() if v)
         if self.phases:
             parts += f"; at most one phase at a time, the peak in the {self.peak_phase}"
-        return (f"memory {self.total_bytes / GiB:.2f} GiB ({parts}; {free} free); work per step in example-forwards: "
+        return (f"memory {self.total_bytes / GiB:.2f} GiB ({parts}; {free}); work per step in example-forwards: "
                 f"{work} against {self.bare_step:.0f} for a bare step: about {self.ratio:.1f}x a bare step")
 
     def as_dict(self) -> dict[str, Any]:
