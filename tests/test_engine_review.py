@@ -140,7 +140,7 @@ def test_contributions_at_quadrature_nodes_past_a_zero_gate():
     with analysis(model):
         plan = covering_plan(model, (x,))  # at the zero gate
         batch = capture_batch(model, plan, (x,), targets, loss_fn, coefficients, 2**30)
-        got = factored_contributions(model, plan, (probes,), nodes, batch, scale, 3, [slice(0, 3)], 2**30)
+        got = factored_contributions(model, plan, (probes,), nodes, batch, scale, 3, ([slice(0, 3)], [slice(0, 3)]), 2**30)
     torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
 
 
