@@ -253,6 +253,14 @@ class GenkernelCallback(pl.Callback):
             )
         return getattr(pl_module, self.model_attribute)
 
+    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
+        """Number the step about to be recorded as Lightning numbers it (``global_step`` counts optimizer steps
+        taken): an accumulation Lightning abandons (``on_train_batch_start`` returning -1 mid-window, its gradients
+        cleared at the next window's ``zero_grad``) is no step of Lightning's, though the tracker counts the
+        cleared micro-batches as a skipped one."""
+        if pl_module.automatic_optimization and hasattr(self.analyzer, "_global_step"):
+            self.analyzer._global_step = int(trainer.global_step) + 1
+
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.analyzer.finish()
 
@@ -273,7 +281,9 @@ class GenkernelCallback(pl.Callback):
             exception.add_note(
                 "genkernel: Lightning steps the optimizer (with no gradient) after a training_step that returns None "
                 "as well: call analyzer.observe before any `return None` of training_step, and the skipped step is "
-                "recorded as one that moves nothing"
+                "recorded as one that moves nothing. A non-finite loss cannot be observed (observe raises "
+                "NonFiniteError): skip its step in the module's optimizer_step instead, `if optimizer_closure() is not "
+                "None: optimizer.step(closure=lambda: None)`, after a training_step that returns None for it unobserved"
             )
         precision = str(getattr(trainer, "precision", ""))
         if ("mixed precision is not supported" in str(exception) and ("mixed" in precision or "16" in precision)
