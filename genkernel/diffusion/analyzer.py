@@ -90,7 +90,7 @@ from ..core.tracking.io import atomic_save, check_saved_settings, jsonable, load
 from ..core.tracking.ledger import PathKernelLedger
 from ..core.tracking.quadrature import quadrature_rule, residual_remedy
 from ..core.tracking.ema import EMA_LEDGERS
-from ..core.tracking.sketched import SKETCHED_TRAFFIC_NOTE, sketch_error_note
+from ..core.tracking.sketched import SKETCHED_TRAFFIC_NOTE, sketch_error_note, sketch_noise_note
 from ..core.tracking.step import OptimizerStep
 from ..core.tracking.tracker import (
     GROUP_STATES, MEMORY_CHECKS, MIXED_PRECISION, OWNED_STEP, PathKernelTracker, StepContributions, step_payloads,
@@ -978,11 +978,17 @@ class NoiseLevelAnalyzer(TrainerCallback):
         # and the engine's chunk sizes divided by its factors' sizes, 0 (a ZeroDivisionError)
         model = unwrap(model)
         states, sketch = self._kernel_states(model)
+        errors: dict = {}
         with eval_mode(model):  # the function sampled from, as the probes see it (a trainer's model is in train mode)
             kernel = state_kernel(model, states, output_sketch=sketch, seed=self.seed, memory_budget=self.memory_budget,
-                                  progress=self.progress, wrappers=self._wrappers_for(model))
+                                  progress=self.progress, wrappers=self._wrappers_for(model), errors=errors)
         summary = kernel_locality(kernel.cpu(), self.kernel_clean.shape[0], torch.arange(self.num_bins), self.band, seed=self.seed)
-        return {"sketch": sketch, **summary}
+        # a sketched k̂'s own error (the locality interval is over clean inputs and does not hold it): the largest
+        # off-diagonal entry's jackknife standard error over the V directions (0 for the exact kernel)
+        spread = errors.get("standard_error")
+        off = ~torch.eye(kernel.shape[0], dtype=torch.bool, device=kernel.device)
+        error = 0.0 if spread is None else float(spread[off].max()) if bool(off.any()) else 0.0
+        return {"sketch": sketch, "sketch_standard_error": error, **summary}
 
     def _wrappers_for(self, model: nn.Module) -> dict | None:
         """The kept sketch wrappers (:func:`~genkernel.diffusion.kernels.state_kernel`'s ``wrappers``) for the bound
@@ -1207,6 +1213,9 @@ class NoiseLevelAnalyzer(TrainerCallback):
             sketch = sketch_error_note(self.tracker.ledgers[LEVEL].relative_sketch_error(), "the noise-level")
             if sketch is not None:  # (the controls' ledgers are sketched alike: one note)
                 notes.append(sketch)
+            noise = sketch_noise_note(self.tracker.ledgers[LEVEL].relative_sketch_noise(), "the noise-level")
+            if noise is not None:
+                notes.append(noise)
         if self.tracker.ema is not None:
             extra["ema"] = {
                 "residual": self.residual(weights="ema"),

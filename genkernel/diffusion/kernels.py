@@ -78,6 +78,7 @@ def state_kernel(
     progress: bool = False,
     normalize: bool = True,
     wrappers: dict | None = None,
+    errors: dict | None = None,
 ) -> torch.Tensor:
     """Normalized gradient kernel ``[M, N]`` (float64) between denoiser states (``normalize=False``: the
     kernel itself, Σ_o ⟨∇_θ f_o(state), ∇_θ f_o(other)⟩, or its sketch).
@@ -95,6 +96,9 @@ def state_kernel(
             one-output wrapper is kept there, so that the engine's covering check of the model's layers, remembered
             per module, runs at the first call only (without it, at every call: measured on a tiny UNet2DModel,
             a third of a two-direction record's multiply-adds).
+        errors: with ``output_sketch``, a dict this fills with ``"standard_error"``: the estimate's ``[M, N]``
+            standard error, a jackknife over the V directions (infinite for V = 1: no spread to read); left
+            empty for the exact kernel.
     """
     states = as_tuple(states, name="states")
     if output_sketch is None:
@@ -111,6 +115,7 @@ def state_kernel(
     directions, checked_along = _sketch_directions(output_sketch, d, seed)
     directions = directions.to(first)
     kernel = diag1 = diag2 = None
+    pieces: list[tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]] = []  # per direction, for errors
     # One wrapper for every direction, its buffer set to each in turn: the factored engine's covering check is
     # remembered per module, and a new wrapper per direction ran it V times (on a small cross-attention UNet,
     # 0.2 s each: most of an analyzer's kernel structure). The check runs here, once, along a Gaussian direction:
@@ -128,16 +133,35 @@ def state_kernel(
         k = gradient_kernel(one, states, others_t, memory_budget=memory_budget).to(torch.float64)
         kernel = k if kernel is None else kernel + k
         if not normalize:
+            if errors is not None:
+                pieces.append((k, None, None))
             continue
         d1 = k.diagonal() if others_t is None else _self_diagonal(one, states, memory_budget)
         d2 = k.diagonal() if others_t is None else _self_diagonal(one, others_t, memory_budget)
         diag1 = d1 if diag1 is None else diag1 + d1
         diag2 = d2 if diag2 is None else diag2 + d2
+        if errors is not None:
+            pieces.append((k, d1, d2))
+    if errors is not None:
+        errors["standard_error"] = _jackknife_error(pieces, kernel, diag1, diag2, normalize)
     if normalize:  # (the 1/V cancels in k / sqrt(k(x, x) k(x', x')))
         return normalize_kernel(kernel, diag1, diag2)
     # The mean over the V directions, (1/V) Σ_v ⟨J(z)ᵀ r_v, J(z')ᵀ r_v⟩, is the unbiased estimate of the trace
     # kernel; the sum was V times it.
     return kernel / output_sketch
+
+
+def _jackknife_error(pieces, kernel, diag1, diag2, normalize: bool) -> torch.Tensor:
+    """``[M, N]`` jackknife standard error over the V directions of the sketched (normalized) kernel."""
+    count = len(pieces)
+    if count < 2:
+        return torch.full_like(kernel, float("inf"))
+    leave = []
+    for k, d1, d2 in pieces:
+        rest = kernel - k
+        leave.append(normalize_kernel(rest, diag1 - d1, diag2 - d2) if normalize else rest / (count - 1))
+    stacked = torch.stack(leave)
+    return ((count - 1) / count * (stacked - stacked.mean(0)).square().sum(0)).sqrt()
 
 
 def _sketch_directions(output_sketch: int, outputs: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:

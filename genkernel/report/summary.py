@@ -28,7 +28,7 @@ from ..core import grouping
 from ..core.tracking.io import jsonable, load_state
 from ..core.tracking.ledger import PathKernelLedger
 from ..core.tracking.quadrature import half_precision_note, residual_remedy
-from ..core.tracking.sketched import SKETCH_ERROR_LIMIT, SKETCHED_TRAFFIC_NOTE, sketch_error_note
+from ..core.tracking.sketched import SKETCH_ERROR_LIMIT, SKETCHED_TRAFFIC_NOTE, sketch_error_note, sketch_noise_note
 from ..stats import nan_median
 
 __all__ = ["find_states", "format_summary", "kind_of", "ledger_from_state", "read_state", "summarize", "summarize_state"]
@@ -180,6 +180,15 @@ def _ledger_claims(summary: Mapping[str, Any], what: str = "ledger",
             f"The change is what the tracked examples caused (median rest share below {REST_LIMIT})",
             abs(rest) <= REST_LIMIT, rest))
     sketch = summary.get("relative_sketch_error")
+    noise = summary.get("relative_sketch_noise")
+    if noise:  # a sketched ledger kept since the groups' own noise is: their sum's error cancels where they do
+        claim = _claim(
+            f"The {what}'s groups, sketched, are each known to within {SKETCH_ERROR_LIMIT:g} of the change "
+            "(relative sketch noise: the groups' estimated standard errors)", noise <= SKETCH_ERROR_LIMIT, noise)
+        note = sketch_noise_note(noise, f"the {what}'s")
+        if note:
+            claim["caveat"] = note
+        claims.append(claim)
     if sketch:  # a sketched ledger (0 on the other routes; None when nothing moved)
         claim = _claim(
             f"The {what}'s sketched group contributions add up to the examples' exact total (relative sketch error "

@@ -23,7 +23,8 @@ from .io import atomic_save, load_state
 from ...stats import nan_median
 
 FORMAT = "genkernel.PathKernelLedger/1"
-_FIELDS = ("contributions", "rest", "residual", "f_start", "f_end", "traffic", "buffer_drift", "sketch_error")
+_FIELDS = ("contributions", "rest", "residual", "f_start", "f_end", "traffic", "buffer_drift", "sketch_error",
+           "sketch_noise")
 
 
 @dataclass
@@ -58,6 +59,9 @@ class PathKernelLedger:
             effect where a gradient cancels).
         sketch_error: ``[M, d]`` with sketched per-group state, the exact total of the examples'
             contributions minus the sum of their sketched estimates (zero otherwise).
+        sketch_noise: ``[M, G]`` with sketched per-group state, each group's estimated standard error
+            Σ_k sqrt(Σ_o Var̂[c_{k,g,o}(x)]) (summed over steps: one R, correlated errors); zero otherwise.
+            ``sketch_error`` is the error of the groups' sum only, which cancels where the groups do.
         f_start, f_end: ``[M, d]`` outputs at the first and latest parameters.
         traffic: ``[M, G]`` Σ_k ‖c_{k,g}(x)‖, norms of per-step contributions (no cancellation);
             biased upward on the sketched route, whose contributions are estimates.
@@ -73,6 +77,7 @@ class PathKernelLedger:
     traffic: torch.Tensor
     buffer_drift: torch.Tensor
     sketch_error: torch.Tensor | None = None
+    sketch_noise: torch.Tensor | None = None
     steps: int = 0
     history: list[dict[str, Any]] = field(default_factory=list)
 
@@ -100,11 +105,14 @@ class PathKernelLedger:
             traffic=f_start.new_zeros((m, num_groups)),
             buffer_drift=zeros.clone(),
             sketch_error=zeros.clone(),
+            sketch_noise=f_start.new_zeros((m, num_groups)),
         )
 
     def __post_init__(self) -> None:
         if self.sketch_error is None:  # ledgers saved before sketched state existed
             self.sketch_error = torch.zeros_like(self.rest) if isinstance(self.rest, torch.Tensor) else None
+        if self.sketch_noise is None:  # ledgers saved before the groups' sketch noise was kept
+            self.sketch_noise = torch.zeros_like(self.traffic) if isinstance(self.traffic, torch.Tensor) else None
         _check_fields(self)
 
     @property
@@ -119,7 +127,7 @@ class PathKernelLedger:
     def record(
         self, step_contributions: torch.Tensor, step_rest: torch.Tensor, f_new: torch.Tensor,
         step_sketch_error: torch.Tensor | None = None, step_drift: torch.Tensor | None = None,
-        columns: torch.Tensor | None = None,
+        columns: torch.Tensor | None = None, step_sketch_noise: torch.Tensor | None = None,
     ) -> None:
         """Add one step: ``step_contributions [M, G, d]`` (or ``[M, U, d]`` for the distinct
         groups ``columns [U]`` when only those moved: a plain-SGD step touches the batch's
@@ -139,6 +147,8 @@ class PathKernelLedger:
                        else _as_float64(step_sketch_error, "step_sketch_error", (m, d), self.rest.device))
         if step_drift is not None:
             step_drift = _as_float64(step_drift, "step_drift", (m, d), self.rest.device)
+        if step_sketch_noise is not None:
+            step_sketch_noise = _as_float64(step_sketch_noise, "step_sketch_noise", (m, width), self.rest.device)
         # One layout for the reductions below: on a permuted view (an einsum's result) torch's
         # norm over d runs 30-40x slower than on contiguous rows (measured: [64, 2304, 10] float64).
         step_contributions = step_contributions.contiguous()
@@ -146,9 +156,13 @@ class PathKernelLedger:
         if span is not None:  # every group, or a batch of consecutive ids: a view, no scattered writes
             self.contributions[:, span] += step_contributions
             self.traffic[:, span] += step_traffic
+            if step_sketch_noise is not None:
+                self.sketch_noise[:, span] += step_sketch_noise
         else:  # O(M U d) instead of O(M G d): with a group per training example G grows with the data
             self.contributions.index_add_(1, columns, step_contributions)
             self.traffic.index_add_(1, columns, step_traffic)
+            if step_sketch_noise is not None:
+                self.sketch_noise.index_add_(1, columns, step_sketch_noise)
         self.rest += step_rest
         if step_drift is not None:
             self.buffer_drift += step_drift
@@ -174,6 +188,7 @@ class PathKernelLedger:
             "index": index,
             "contributions": self.contributions[:, index].clone(),
             "traffic": self.traffic[:, index].clone(),
+            "sketch_noise": self.sketch_noise[:, index].clone(),
             **{key: getattr(self, key).clone()
                for key in ("rest", "residual", "f_end", "buffer_drift", "sketch_error")},
             "steps": self.steps,
@@ -186,9 +201,11 @@ class PathKernelLedger:
         if isinstance(index, slice):
             self.contributions[:, index] = mark["contributions"]
             self.traffic[:, index] = mark["traffic"]
+            self.sketch_noise[:, index] = mark["sketch_noise"]
         else:
             self.contributions.index_copy_(1, index, mark["contributions"])
             self.traffic.index_copy_(1, index, mark["traffic"])
+            self.sketch_noise.index_copy_(1, index, mark["sketch_noise"])
         for key in ("rest", "buffer_drift", "sketch_error"):  # record adds into these in place
             getattr(self, key).copy_(mark[key])
         self.residual, self.f_end = mark["residual"], mark["f_end"]
@@ -201,7 +218,8 @@ class PathKernelLedger:
             {
                 "step": self.steps,
                 **{key: getattr(self, key).clone()
-                   for key in ("contributions", "rest", "residual", "f_end", "traffic", "buffer_drift", "sketch_error")},
+                   for key in ("contributions", "rest", "residual", "f_end", "traffic", "buffer_drift", "sketch_error",
+                                "sketch_noise")},
             }
         )
 
@@ -222,6 +240,7 @@ class PathKernelLedger:
             traffic=self.traffic - earlier.traffic,
             buffer_drift=self.buffer_drift - earlier.buffer_drift,
             sketch_error=self.sketch_error - earlier.sketch_error,
+            sketch_noise=self.sketch_noise - earlier.sketch_noise,
             steps=self.steps - earlier.steps,
         )
         window.residual = window.delta - window.contributions.sum(dim=1) - window.rest - window.sketch_error
@@ -290,12 +309,20 @@ class PathKernelLedger:
             "mean_change_norm": float(change.mean()) if change.numel() else 0.0,
             "rest_norm": float(self.rest.norm()),
             "relative_sketch_error": self.relative_sketch_error(),
+            "relative_sketch_noise": self.relative_sketch_noise(),
         }
 
     def relative_sketch_error(self) -> float:
         """‖sketch_error‖ / ‖Δf‖ (0 without sketched state; NaN where no probe moved)."""
         change = self.delta.norm()
         return float(self.sketch_error.norm() / change) if change > 0 else float("nan")
+
+    def relative_sketch_noise(self) -> float:
+        """‖sketch_noise‖_F / ‖Δf‖: the groups' own estimated sketch noise (0 without sketched state; NaN
+        where no probe moved). Where groups cancel (κ large) it exceeds :meth:`relative_sketch_error`,
+        which sees only their sum."""
+        change = self.delta.norm()
+        return float(self.sketch_noise.norm() / change) if change > 0 else float("nan")
 
     # -- persistence ---------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -313,7 +340,7 @@ class PathKernelLedger:
         if not isinstance(state, dict) and not hasattr(state, "items"):
             raise TypeError(f"from_state_dict needs a ledger's state_dict(), got {type(state).__name__}")
         allowed = {*_FIELDS, "steps", "history", "format"}  # format: a saved file's tag, read by load
-        required = set(_FIELDS) - {"sketch_error"}  # sketch_error: states saved before sketched state existed
+        required = set(_FIELDS) - {"sketch_error", "sketch_noise"}  # sketch_error: states saved before sketched state existed
         missing, unexpected = sorted(required - set(state)), sorted(set(state) - allowed)
         if missing or unexpected:
             raise ValueError(f"not a PathKernelLedger state (missing {missing}, unexpected {unexpected}); pass "
@@ -387,7 +414,7 @@ def _check_fields(ledger: "PathKernelLedger") -> None:
         raise ValueError(f"PathKernelLedger.contributions must be [M, G, d], got {list(ledger.contributions.shape)}")
     m, g, d = ledger.contributions.shape
     expected = {key: (m, d) for key in ("rest", "residual", "f_start", "f_end", "buffer_drift", "sketch_error")}
-    expected["traffic"] = (m, g)
+    expected["traffic"] = expected["sketch_noise"] = (m, g)
     wrong = [f"{key} {list(getattr(ledger, key).shape)}" for key, shape in expected.items()
              if tuple(getattr(ledger, key).shape) != shape]
     if wrong:

@@ -106,13 +106,15 @@ class RouteContributions:
     columns: dict[str, torch.Tensor]
     rest: torch.Tensor
     sketch_error: dict[str, torch.Tensor]
+    sketch_noise: dict[str, torch.Tensor] | None = None  # sketched route: {partition: [M, G]} standard errors
 
     @classmethod
     def every_group(cls, contributions: dict[str, torch.Tensor], rest: torch.Tensor,
-                    sketch_error: dict[str, torch.Tensor]) -> "RouteContributions":
+                    sketch_error: dict[str, torch.Tensor],
+                    sketch_noise: dict[str, torch.Tensor] | None = None) -> "RouteContributions":
         """Contributions ``{partition: [M, G, d]}`` of every group of each partition."""
         columns = {name: torch.arange(c.shape[1], device=c.device) for name, c in contributions.items()}
-        return cls(contributions, columns, rest, sketch_error)
+        return cls(contributions, columns, rest, sketch_error, sketch_noise)
 
     def dense(self, name: str, num_groups: int) -> torch.Tensor:
         """``[M, G, d]`` partition ``name``'s contributions with zeros for the groups that did not move."""

@@ -82,6 +82,20 @@ def sketch_error_note(relative_sketch_error: float | None, which: str = "the") -
     )
 
 
+def sketch_noise_note(relative_sketch_noise: float | None, which: str = "the") -> str | None:
+    """A report's note when a sketched ledger's groups' own estimated noise (``ledger.relative_sketch_noise()``,
+    ‖sketch_noise‖_F / ‖Δf‖) exceeds :data:`SKETCH_ERROR_LIMIT` of the change; None otherwise. The sum's sketch
+    error cannot show it where the groups cancel (their sum small, each large)."""
+    if relative_sketch_noise is None or not relative_sketch_noise > SKETCH_ERROR_LIMIT:
+        return None
+    return (
+        f"{which} ledger's groups, sketched, each carry an estimated standard error of "
+        f"{relative_sketch_noise:.3g} of the change (‖sketch_noise‖ / ‖Δf‖), whatever their sum's sketch error: the "
+        "group contributions, their shares and every claim read from them carry sketch noise of that order. Raise "
+        "sketch_dim (the noise falls as 1/sqrt(sketch_dim)) or use group_state='dense'"
+    )
+
+
 class SketchedRoute(_FactorRoute):
     """Per-group linear optimizer state as k-dimensional sketches (see the module docstring).
 
@@ -248,7 +262,13 @@ class SketchedRoute(_FactorRoute):
         exact = push_rows(model, {n: u[0:2] for n, u in updates.items()}, nodes, self.contribution_route)  # [M, 2, d]
         contributions = {name: estimates[:, part] for name, part in model.partitions.slices.items()}
         sketch_error = {name: exact[:, 0] - c.sum(dim=1) for name, c in contributions.items()}
-        return RouteContributions.every_group(contributions, exact[:, 1], sketch_error)
+        # Each estimate's own standard error, Var[⟨Ra, Rv⟩] <= (|a|² |v|² + ⟨a, v⟩²) / k, from the sketches' norms
+        # (unbiased for |a|², |v|²): the sum's error above cancels where the groups do, a group's does not.
+        variance = (probe_side.square().sum(dim=2)[:, None, :] * directions.square().sum(dim=1)[None, :, None]
+                    + estimates.square()) / self.k  # [M, ΣG, d]
+        noise = variance.sum(dim=2).sqrt()
+        sketch_noise = {name: noise[:, part] for name, part in model.partitions.slices.items()}
+        return RouteContributions.every_group(contributions, exact[:, 1], sketch_error, sketch_noise)
 
     # -- the two sides of ⟨R D J̄(x)ᵀ, R v_g⟩ --------------------------------------------------
     def project_batch(self, batch: BatchFactors) -> torch.Tensor:

@@ -1889,7 +1889,8 @@ class PathKernelTracker:
             for name, ledger in self.ledgers.items():
                 written.append((ledger, ledger.mark(moved.columns[name])))
                 ledger.record(moved.contributions[name], result.rest, f_after, result.sketch_errors[name],
-                              pending.drift, columns=moved.columns[name])
+                              pending.drift, columns=moved.columns[name],
+                              step_sketch_noise=None if moved.sketch_noise is None else moved.sketch_noise[name])
                 if self.snapshot_every and ledger.steps % self.snapshot_every == 0:
                     ledger.snapshot()
         except BaseException:
