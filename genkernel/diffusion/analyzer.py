@@ -17,9 +17,10 @@ The permutation controls. For each of ``controls`` control partitions every exam
 *control* label: the bin of another example of the same batch (a random permutation of the
 batch's bin labels, from the analyzer's own generator). The tracker splits every step for the
 level partition and each control partition at once (:class:`~genkernel.core.grouping.Partitions`),
-so all come from one exact trajectory (same steps, same batches, same group sizes per step; a batch or observed
-micro-batch of fewer than 8 examples draws its control labels from its own and the last 64 examples' bins, as a
-permutation of one example's is the identity: :func:`~genkernel.core.grouping.permuted_labels`), each
+so all come from one exact trajectory (same steps, same batches, same group sizes per step, except that a batch or
+observed micro-batch of fewer than 8 examples draws its control labels from its own and the last 64 examples' bins,
+as a permutation of one example's is the identity, and its control group sizes then follow those recent examples':
+:func:`~genkernel.core.grouping.permuted_labels`), each
 with its own ledger, at a cost that adds over partitions ((1 + controls) · G group rows).
 ``controls=0`` tracks the G bins only (no control, no claims).
 

@@ -139,14 +139,20 @@ def batch_totals(batch: BatchFactors) -> tuple[dict[str, torch.Tensor], dict[str
 
 
 def probe_fallback_jacobian(
-    model: nn.Module, plan: Plan, probes: tuple[torch.Tensor, ...], theta: dict[str, torch.Tensor]
+    model: nn.Module, plan: Plan, probes: tuple[torch.Tensor, ...], theta: dict[str, torch.Tensor],
+    output_chunks: list[slice] | None = None,
 ) -> torch.Tensor | None:
     """For parameters outside the blocks, the probes' torch.func Jacobians ``[M, d, P_fb]`` at θ
-    (None when every parameter is in a block)."""
+    (None when every parameter is in a block), a chunk of ``output_chunks`` at a time
+    (:func:`~genkernel.core.engine.factored.capture_chunks` sizes them for this too)."""
     if not plan.fallback:
         return None
     others = {n: t for n, t in theta.items() if n not in plan.fallback}
-    return per_example_jacobian(model, {n: theta[n] for n in plan.fallback}, fixed=others)(*probes).detach()
+    params = {n: theta[n] for n in plan.fallback}
+    if output_chunks is None or len(output_chunks) == 1:
+        return per_example_jacobian(model, params, fixed=others)(*probes).detach()
+    return torch.cat([per_example_jacobian(model, params, fixed=others, outputs=o)(*probes).detach()
+                      for o in output_chunks], dim=1)
 
 
 def probe_factors(
@@ -214,7 +220,7 @@ def factored_contributions(
 
             probe_factors(model, plan, chunk, theta, output_chunks, add)
             # 4. torch.func for the rest of the parameters.
-            jac = probe_fallback_jacobian(model, plan, chunk, theta)
+            jac = probe_fallback_jacobian(model, plan, chunk, theta, output_chunks)
             if jac is not None:
                 part += weight * torch.einsum("mdp,bp->mbd", jac.to(torch.float64), flat).to(jac.dtype)
     return total

@@ -104,13 +104,17 @@ def _agrees(batched: Any, alone: Any) -> bool:
     return gap ** 0.5 <= rtol * size ** 0.5
 
 
-def per_example_jacobian(model: nn.Module, params: dict[str, torch.Tensor], fixed: dict[str, torch.Tensor] | None = None):
+def per_example_jacobian(model: nn.Module, params: dict[str, torch.Tensor], fixed: dict[str, torch.Tensor] | None = None,
+                         outputs: slice | None = None):
     """``jac(*inputs) -> Tensor[m, d, P]``: per-example Jacobians of a chunk of inputs with
-    respect to ``params``; ``fixed`` holds values for other parameters (default: the module's)."""
+    respect to ``params``; ``fixed`` holds values for other parameters (default: the module's).
+    ``outputs``: only those rows (``[m, outputs.stop - outputs.start, P]``): jacrev's backward
+    holds the gradients of the whole graph once per row it forms at once."""
     forward = functional_model(model, fixed)
 
     def single(p: dict[str, torch.Tensor], *x: torch.Tensor) -> torch.Tensor:
-        return forward(p, tuple(t.unsqueeze(0) for t in x))[0]
+        out = forward(p, tuple(t.unsqueeze(0) for t in x))[0]
+        return out if outputs is None else out[outputs]
 
     jac_single = jacrev(single)
 

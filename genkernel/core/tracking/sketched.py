@@ -308,7 +308,7 @@ class SketchedRoute(_FactorRoute):
                         value[outputs.start + c] += part
 
         probe_factors(self.model.module, self.plan, probes, theta, output_chunks, add)
-        fb = probe_fallback_jacobian(self.model.module, self.plan, probes, theta)
+        fb = probe_fallback_jacobian(self.model.module, self.plan, probes, theta, output_chunks)
         if fb is not None:
             for name, part in split_columns(fb, self.plan.fallback).items():
                 jac = part.transpose(0, 1).reshape(d * m, *self.plan.fallback[name].shape)
