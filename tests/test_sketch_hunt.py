@@ -231,3 +231,15 @@ def test_auto_does_not_book_a_batch_coupled_model_with_per_example_gradients():
         return  # refused: fine
     scale = float(reference.contributions.abs().max())
     assert float((tracker.ledger.contributions - reference.contributions).abs().max()) < 1e-10 * scale
+
+
+@pytest.mark.parametrize("group_state", ["dense", "auto", "factored"])
+@pytest.mark.parametrize("bad, error", [({"sketch_seed": 1.5}, TypeError), ({"sketch_seed": True}, TypeError),
+                                        ({"sketch_kind": "sparse"}, ValueError), ({"sketch_dim": 0}, ValueError)])
+def test_sketch_settings_are_checked_on_every_route(group_state, bad, error):
+    """Fails on the old code for the seed and the kind: the dense, auto and factored routes took them unread
+    (sketch_dim was checked by the cost estimate only)."""
+    model = nn.Linear(3, 2).double()
+    with pytest.raises(error):
+        PathKernelTracker(model, torch.optim.SGD(model.parameters(), lr=0.1), mse_loss,
+                          torch.randn(4, 3, dtype=torch.float64), num_groups=2, group_state=group_state, **bad)

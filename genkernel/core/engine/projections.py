@@ -57,7 +57,8 @@ KINDS = ("rademacher", "gaussian")
 DEFAULT_MEMORY_BUDGET = 256 * 2**20
 
 
-def _check(k: int, kind: str, seed: Any = 0) -> None:
+def check_sketch_settings(k: int, kind: str, seed: Any = 0) -> None:
+    """ValueError / TypeError unless ``k`` is a positive int, ``kind`` one of :data:`KINDS` and ``seed`` an int."""
     positive_int(k, "the projection dimension k")
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
@@ -93,7 +94,7 @@ def project_parameter(
     values: torch.Tensor, param_index: int, k: int, *, seed: int = 0, kind: str = "rademacher"
 ) -> torch.Tensor:
     """R_i v for per-row flattened values of parameter i: ``[..., numel] -> [..., k]``."""
-    _check(k, kind, seed)
+    check_sketch_settings(k, kind, seed)
     if not values.is_floating_point():
         raise TypeError(f"values must be floating point (R's entries are ±1/sqrt(k)), got dtype {values.dtype}")
     lead, numel = values.shape[:-1], values.shape[-1]
@@ -122,7 +123,7 @@ class Projector:
     """
 
     def __init__(self, k: int, *, seed: int = 0, kind: str = "rademacher", cache_bytes: int = DEFAULT_MEMORY_BUDGET):
-        _check(k, kind, seed)
+        check_sketch_settings(k, kind, seed)
         self.k, self.seed, self.kind, self.cache_bytes = k, seed, kind, cache_bytes
         self._columns: dict[tuple[int, torch.dtype, Any], torch.Tensor] = {}
         self._cached_bytes = 0
@@ -174,7 +175,7 @@ class ParameterProjection:
 
     def __init__(self, shapes: dict[str, tuple[int, ...]], k: int, *, seed: int = 0, kind: str = "rademacher",
                  cache_bytes: int = DEFAULT_MEMORY_BUDGET):
-        _check(k, kind, seed)
+        check_sketch_settings(k, kind, seed)
         self.k, self.seed, self.kind = k, seed, kind
         self.shapes = {name: tuple(shape) for name, shape in shapes.items()}
         self.index = {name: i for i, name in enumerate(shapes)}
@@ -259,7 +260,7 @@ def project_gradients(
     of a name seeds its columns); names missing from ``grads`` contribute zero. A name of
     ``grads`` that is not in ``order`` is refused (it would be left out of the projection).
     """
-    _check(k, kind, seed)
+    check_sketch_settings(k, kind, seed)
     unknown = [name for name in grads if name not in order]
     if unknown:
         raise ValueError(
@@ -299,7 +300,7 @@ def sketched_tangent_features(
         2. Each block's gradients are multiplied by R's columns for that block, generated on the
            fly, and summed into ``[m, d, k]``.
     """
-    _check(k, kind, seed)
+    check_sketch_settings(k, kind, seed)
     if engine not in ENGINES:
         raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
     memory_budget = check_memory_budget(memory_budget)

@@ -86,6 +86,7 @@ from ..cost import (
 )
 from ..grouping import Partitions
 from .checks import CheckScratch, largest_excess
+from ..engine.projections import check_sketch_settings
 from .rounding import ROUNDING_ALLOWANCE, ReplayedRounding, RoundingSample
 from .distributed import StepAgreement, check_replicated, ddp_context, summed_over_ranks
 from .ema import EMALedgers, check_ema_precision, ema_buffers, ema_callable, ema_parameters
@@ -417,6 +418,9 @@ class PathKernelTracker:
             raise ValueError(f"mixed_precision must be one of {MIXED_PRECISION}, got {mixed_precision!r}")
         self.memory_check = memory_check
         self.mixed_precision = mixed_precision
+        # on every route (not only the sketched one that reads them): a bad setting is refused, not carried unread
+        # into a state that a sketched tracker would later be compared with
+        check_sketch_settings(sketch_dim, sketch_kind, sketch_seed)
         cost_options = checked_cost_options(cost_options)
         self.partitions = Partitions(num_groups)
         if batch_size is not None:  # the training batch, for the cost estimate
