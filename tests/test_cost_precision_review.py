@@ -70,23 +70,31 @@ def learned_query():
 def test_a_dcgan_generators_fallback_jacobians_are_counted_per_chunk():
     """The factored route's probe side on a DCGAN generator (every parameter torch.func's fallback): M probes' captures
     (a forward each: no block) and M Jacobians of d = 4096 outputs, each exactly torch's count of one probe's Jacobian
-    (``engine.reference.per_example_jacobian``, one probe: the probes' chunks hold one each, and a chunk of one is
-    not checked again), in forwards; the bare step the counted one (a backward's input gradients, the first
+    (``engine.reference.per_example_jacobian``, by chunks of rows and of outputs since the probe side is chunked by
+    outputs, a chunk of two rows checked once more alone), in forwards; the bare step the counted one (a backward's input gradients, the first
     transposed convolution's not formed, and the weight gradients). Fails on the old code: M + 1 Jacobians at
     2 backward forwards an output, 41221 example-forwards for 32524 (a tracked step's ratio +22.6 % over its count
     on the factored route, +20.0 % sketched, ``counted_ratio``: 1918 and 2118 against 1564 and 1765)."""
     from genkernel.core.cost import estimate_cost
+    from genkernel.core.engine.factored import capture_chunks
+    from genkernel.core.engine.factors import DEFAULT_MEMORY_BUDGET, covering_plan
     from genkernel.core.engine.reference import per_example_jacobian
     from test_cost_dense_route import counted
 
     model, data = dcgan_generator()
     g = torch.Generator().manual_seed(1)
     (probes,), _ = data(4, g)
+    budget = DEFAULT_MEMORY_BUDGET
     cost = estimate_cost(model, torch.optim.SGD(model.parameters(), lr=1e-3), (probes,), outputs=64 * 64, rows=8,
-                         group_state="factored", batch_size=8, device="cpu")
+                         group_state="factored", batch_size=8, device="cpu", memory_budget=budget)
     forward = counted(lambda: model(probes[:1]))
     jacobian = counted(lambda: per_example_jacobian(model, dict(model.named_parameters()))(probes[:1])) / forward
-    assert cost.work["probe_factors"] == pytest.approx(4 * (1.0 + jacobian), rel=1e-9)
+    # The Jacobians a chunk of outputs at a time (capture_chunks: here 2 rows x 128 outputs a call): each call a
+    # forward of its rows, and of its first row alone where it has two (the check); d backward rows an example.
+    rows, outputs = capture_chunks(model, covering_plan(model, (probes,)), (probes,), 64 * 64, budget)
+    checks = sum(s.stop - s.start >= 2 for s in rows)
+    backward = jacobian - 1.0  # d backward rows of one probe, in forwards
+    assert cost.work["probe_factors"] == pytest.approx(4 + (4 + checks) * (len(outputs) + backward), rel=1e-9)
     batch = counted(lambda: model(torch.randn(8, 8, 1, 1, dtype=F64)).square().sum().backward()) / forward
     assert cost.bare_step == pytest.approx(batch, rel=1e-9)
 

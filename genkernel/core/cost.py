@@ -158,7 +158,7 @@ import torch
 from torch import nn
 
 from .adapter import functional_model, has_state_outside_training, output_tensor, preserved_state
-from .engine.factored import BlockShape, block_shapes, probe_capture_bytes, row_chunks
+from .engine.factored import BlockShape, block_shapes, capture_chunks, probe_capture_bytes
 from .engine.gradients import (EXAMPLE_PASS_ACTIVATIONS, GRAPH_ROW_ACTIVATIONS, GRAPH_ROW_LARGEST_OUTPUTS,
                                ROUNDING_SEEDS, ExamplePass, example_chunk, example_pass_bytes, example_pass_measure,
                                factored_chunk_peaks, factored_steady_chunk, gradients_from_losses, graph_row_elements,
@@ -1009,7 +1009,9 @@ def estimate_cost(
                                   capture_skipped=capture_skipped, fallback_skipped=fallback_skipped,
                                   outside=outside, outside_gradients=outside_gradients,
                                   input_gradients=layers.input_gradients, fallback_gradients=fallback_gradients,
-                                  probe_checks=probe_checks, batch_checks=batch_checks)
+                                  probe_checks=probe_checks, batch_checks=batch_checks,
+                                  probe_output_chunks=len(capture_chunks(model, covering_plan(model, probes), probes,
+                                                                         outputs, memory_budget)[1]) if fallback else 1)
         bare = parts["bare_step"]
         # the unit of every part: the trained blocks' forward, the trained products outside them and the others
         # (frozen layers', products between activations)
@@ -1166,10 +1168,10 @@ def push_route(rows: int, probes: int, outputs: int, parameter_bytes: int, memor
 
 
 def ledger_bytes(probes: int, outputs: int, rows: int, partitions: int) -> int:
-    """Bytes of one tracker's ledgers (float64): contributions ``[M, G, d]`` and traffic ``[M, G]``
-    of every partition (``rows`` = Σ G over the partitions), and each partition's ``[M, d]`` fields
+    """Bytes of one tracker's ledgers (float64): contributions ``[M, G, d]``, traffic and sketch noise
+    ``[M, G]`` of every partition (``rows`` = Σ G over the partitions), and each partition's ``[M, d]`` fields
     (rest, residual, f_start, f_end, buffer drift, sketch error)."""
-    return 8 * probes * (rows * (outputs + 1) + 6 * partitions * outputs)
+    return 8 * probes * (rows * (outputs + 2) + 6 * partitions * outputs)
 
 
 def sketch_temporary_bytes(model: nn.Module, probes: int, outputs: int, k: int, *, preconditioned: bool) -> int:
@@ -1403,7 +1405,7 @@ def factor_route_work(shapes: list[BlockShape], fallback: int, *, probes: int, b
                       capture_skipped: float = 0.0, fallback_skipped: float = 0.0,
                       outside: float = 0.0, outside_gradients: float | None = None,
                       input_gradients: float | None = None, fallback_gradients: float | None = None,
-                      probe_checks: int = 1, batch_checks: int = 1) -> dict[str, float]:
+                      probe_checks: int = 1, batch_checks: int = 1, probe_output_chunks: int = 1) -> dict[str, float]:
     """The factored and sketched routes' work per step, in example-forwards (F multiply-adds: the
     blocks' :func:`forward_macs` and the ``frozen`` layers' outside them), from the covering plan's blocks
     (:func:`~genkernel.core.engine.factored.block_shapes`) and the ``fallback`` parameters outside
@@ -1435,7 +1437,8 @@ def factor_route_work(shapes: list[BlockShape], fallback: int, *, probes: int, b
     (``trainable_macs`` of :func:`hooked_forward_counts` with the blocks' parameters held constant; default
     ``outside_gradients``). ``probe_checks``, ``batch_checks``: the extra example of each torch.func call that
     ``engine.reference.per_example`` runs alone to check the batched result, once per chunk of two or more
-    (:func:`fallback_checks`; one probe per chunk, as a large d × P_fb Jacobian makes them: none).
+    (:func:`fallback_checks`; one probe per chunk, as a large d × P_fb Jacobian makes them: none), ``probe_checks``
+    over the probes' row chunks and ``probe_output_chunks`` chunks of their outputs (a call per pair).
 
     Returns ``{part: example-forwards}``:
 
@@ -1453,8 +1456,8 @@ def factor_route_work(shapes: list[BlockShape], fallback: int, *, probes: int, b
     - ``capture``: a capture pass of the batch's own when the training pass cannot be read, B (1 + β_b);
     - ``probe_factors``, per quadrature node: a forward and d output-batched backward passes to the
       blocks' outputs, M (1 + d β_b); with fallback parameters, their torch.func Jacobians besides (the
-      sketched route's too), a forward and d backward passes of every probe and of the first of each
-      chunk of probes once more, (M + ``probe_checks``)(1 + d β_f);
+      sketched route's too), per chunk of the K outputs a forward and its backward passes of every probe and of
+      the first of each chunk of probes once more, M K + ``probe_checks`` + (M + ``probe_checks`` / K) d β_f;
     - ``cross_kernels``, per node, the factored route's kernels between the probes' d outputs and
       the B examples, as :meth:`~genkernel.core.engine.factors.Factors.pair_kernel` forms them:
       materialized where either side is (:func:`~genkernel.core.engine.factors.lean_materializes`)
@@ -1511,7 +1514,8 @@ def factor_route_work(shapes: list[BlockShape], fallback: int, *, probes: int, b
         fallback_back += (outside_gradients if fallback_gradients is None else fallback_gradients) / forward
         cross += m * n * d * fallback
         batch_fallback = (n + batch_checks) * (1.0 + fallback_back)
-        probe_fallback = (m + probe_checks) * (1.0 + d * fallback_back)
+        chunks = max(probe_output_chunks, 1)
+        probe_fallback = m * chunks + probe_checks + (m + probe_checks / chunks) * d * fallback_back
     return {"bare_step": n * (1.0 + back + weights), "batch_factors": n * sizes / forward + batch_fallback,
             "capture": n * (1.0 + block_back), "probe_factors": m * (1.0 + d * block_back) + probe_fallback,
             "cross_kernels": cross / forward, "tangent": back + weights}
@@ -1528,7 +1532,8 @@ def _fallback_passes(model: nn.Module, probes: tuple[torch.Tensor, ...], layers:
     tracker estimates under analysis_mode, its RNG forked besides), the fallback parameters' own gradients in those
     passes (the products they are an operand of, once per such operand, the blocks' weights held constant), and the
     examples torch.func's calls check alone (:func:`fallback_checks`): over the probes' chunks, the captures'
-    (``routes.probe_chunks``: :func:`~genkernel.core.engine.factored.row_chunks`, only with ``probe_side``), and
+    (``routes.probe_chunks``: :func:`~genkernel.core.engine.factored.capture_chunks`, one call per chunk of rows
+    and chunk of outputs, only with ``probe_side``), and
     over the batch's, those of ``engine.gradients``' per-example gradients of the fallback (its chunks,
     :func:`~genkernel.core.engine.gradients.example_chunk`: the pass's activations and 2 × P_fb values an example)."""
     if not fallback:
@@ -1540,8 +1545,9 @@ def _fallback_passes(model: nn.Module, probes: tuple[torch.Tensor, ...], layers:
         model, one, True, constants=plan.fallback)[3].input_gradients
     _, _, fallback_gradients, fallback_layers = hooked_forward_counts(model, one, True, constants=block_params)
     fallback_skipped = layers.input_gradients - fallback_layers.input_gradients
-    probe_checks = fallback_checks([s.stop - s.start for s in row_chunks(model, plan, probes, outputs, memory_budget)]
-                                   ) if probe_side else 0
+    # (a torch.func call per chunk of rows and chunk of outputs: each of two or more rows checks its first alone)
+    row_sizes, output_chunks = capture_chunks(model, plan, probes, outputs, memory_budget)
+    probe_checks = fallback_checks([s.stop - s.start for s in row_sizes]) * len(output_chunks) if probe_side else 0
     per_chunk = _fallback_chunk(model, probes, plan, param_bytes, memory_budget)
     batch_checks = chunked_checks(batch, per_chunk)
     return capture_skipped, fallback_skipped, fallback_gradients, probe_checks, batch_checks

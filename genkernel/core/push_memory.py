@@ -175,12 +175,16 @@ _MEASURED: OrderedDict[tuple, Any] = OrderedDict()
 def remembered(kind: str, key: tuple, measure: Callable[[], Any]) -> Any:
     """``measure()``, taken once per process for a ``kind`` of measure (this module's pass, ``cost.graph_row_bytes``'
     row) and a model's :func:`architecture_key`: a later call with the same gets the value again
-    (:data:`MEASURES_KEPT` kept, of all kinds together)."""
+    (:data:`MEASURES_KEPT` kept, of all kinds together). A measure that returns None (it could not be taken) is not
+    kept: the next call measures again."""
     full = (kind, key)
     if full in _MEASURED:
         _MEASURED.move_to_end(full)
         return _MEASURED[full]
-    value = _MEASURED[full] = measure()
+    value = measure()
+    if value is None:
+        return None
+    _MEASURED[full] = value
     if len(_MEASURED) > MEASURES_KEPT:
         _MEASURED.popitem(last=False)
     return value

@@ -219,10 +219,14 @@ def block_shapes(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> tuple[li
     return shapes, sum(p.numel() for p in plan.fallback.values())
 
 
-def capture_bytes(model: nn.Module, plan: Plan, inputs: tuple[torch.Tensor, ...], d: int, compact: bool = False
-                  ) -> Callable[[int], int]:
+def capture_bytes(model: nn.Module, plan: Plan, inputs: tuple[torch.Tensor, ...], d: int, compact: bool = False,
+                  *, jacobian_outputs: str = "all") -> Callable[[int], int]:
     """``c -> bytes`` one example's capture holds with c output cotangents (of d outputs; see
-    :func:`chunk_sizes` for ``compact`` and what is counted)."""
+    :func:`chunk_sizes` for ``compact`` and what is counted), with the fallback parameters' Jacobians over
+    ``jacobian_outputs``: "all" d outputs (the kernels') or the capture's "chunk" of c (the probe side's,
+    :func:`~genkernel.core.engine.per_example.probe_fallback_jacobians`)."""
+    if jacobian_outputs not in ("all", "chunk"):
+        raise ValueError(f"jacobian_outputs must be 'all' or 'chunk', got {jacobian_outputs!r}")
     # the factors and graph at the parameters' bytes per value, the fallback's Jacobians each in its own dtype
     itemsize = value_bytes(plan.params)
     fallback_bytes = parameter_bytes(plan.fallback)
@@ -233,7 +237,7 @@ def capture_bytes(model: nn.Module, plan: Plan, inputs: tuple[torch.Tensor, ...]
             graph = sizes.compact_factors(plan, c) + sizes.xhat + (2 + c) * sizes.leaf_act
         else:  # factors + the graph (about 4 copies of every activation) + c output gradients
             graph = sizes.a + c * sizes.g + 4 * sizes.act + c * sizes.act
-        return itemsize * graph + 2 * d * fallback_bytes  # + fallback Jacobians
+        return itemsize * graph + 2 * (d if jacobian_outputs == "all" else c) * fallback_bytes  # + fallback Jacobians
 
     return per_example
 
@@ -274,41 +278,48 @@ def row_chunks(model: nn.Module, plan: Plan, inputs: tuple[torch.Tensor, ...], d
 def capture_chunks(model: nn.Module, plan: Plan, inputs: tuple[torch.Tensor, ...], d: int, memory_budget: int
                    ) -> tuple[list[slice], list[slice]]:
     """(row chunks of ``inputs``, chunks of the d outputs) such that the capture of one chunk of rows
-    with one chunk of output cotangents (:func:`~genkernel.core.engine.factors.capture_by_outputs`)
-    takes at most half of the budget."""
+    with one chunk of output cotangents (:func:`~genkernel.core.engine.factors.capture_by_outputs`) and the
+    fallback parameters' Jacobians of those outputs take at most half of the budget: every output at once where
+    8 rows (or all) fit so, else of the sizes that fit, the one with the most rows × cotangents per pass."""
     total = batch_size(inputs)
-    rows, cotangents = chunk_sizes(model, plan, inputs, d, total, memory_budget, held=2)
-    if cotangents < d:  # outputs chunked: of the sizes that fit, the one with the most rows × cotangents per pass
-        per_example = capture_bytes(model, plan, inputs, d)
-        sizes = [(min(total, int(memory_budget // (2 * per_example(c)))), c) for c in _halvings(d)]
+    half = check_memory_budget(memory_budget) // 2
+    per_example = _probe_side_bytes(model, plan, inputs, d)
+    sizes = [(min(total, int(half // max(per_example(c), 1))), c) for c in _halvings(d)]
+    rows, cotangents = sizes[0]
+    if rows < min(total, 8):
         rows, cotangents = max(((r, c) for r, c in sizes if r >= 1), key=lambda rc: rc[0] * rc[1], default=(1, 1))
-    if d > 1:  # what a capture holds beyond the modelled module outputs (attention scores), and the fallback's Jacobian
-        measured = measured_capture(model, plan, inputs, d)
-        half = check_memory_budget(memory_budget) // 2
-        if rows * measured(cotangents) > half:
-            per_example = capture_bytes(model, plan, inputs, d)
-            sizes = [(min(total, int(half // max(per_example(c), measured(c)))), c) for c in _halvings(d)]
-            rows, cotangents = max(((r, c) for r, c in sizes if r >= 1), key=lambda rc: rc[0] * rc[1], default=(1, 1))
-    return list(chunks(total, rows)), list(chunks(d, cotangents))
+    return list(chunks(total, max(rows, 1))), list(chunks(d, cotangents))
+
+
+def _probe_side_bytes(model: nn.Module, plan: Plan, inputs: tuple[torch.Tensor, ...], d: int) -> Callable[[int], int]:
+    """``c -> bytes`` an example's capture and fallback Jacobians hold with c of the d outputs: the larger of the
+    count (:func:`capture_bytes`, the Jacobians by chunk) and, with d > 1, the measure (:func:`measured_capture`)."""
+    modelled = capture_bytes(model, plan, inputs, d, jacobian_outputs="chunk")
+    measured = measured_capture(model, plan, inputs, d) if d > 1 else None
+    return modelled if measured is None else (lambda c: max(modelled(c), measured(c)))
 
 
 def measured_capture(model: nn.Module, plan: Plan, inputs: tuple[torch.Tensor, ...], d: int) -> Callable[[int], int]:
     """``c -> bytes`` one example's probe side holds with c output cotangents at once: the larger of its capture
     (:func:`~genkernel.core.engine.factors.capture_by_outputs`) and, with fallback parameters, jacrev forming c rows
-    of their Jacobian, measured (push_memory.LiveBytes) on the first input at two values of c and extended linearly.
+    of their Jacobian, measured (push_memory.LiveBytes) on the first input at two values of c (min(d, 16) and a
+    quarter of it) and extended linearly.
     Each cotangent is a backward through the whole graph: through attention, its [heads, T, T] scores, which the
     module outputs :func:`capture_bytes` counts do not see (measured 3.8x and 5.5x its count on a conv net with
     attention from Linear blocks at 10x10 and 12x12). In analysis mode, the buffers and the random state restored,
-    once per architecture, input shape and d (push_memory's ``remembered``); 0 where the measure raises (the count
-    alone then: the capture itself reports its errors)."""
+    once per architecture, input shape and d (push_memory's ``remembered``), under no_grad and outside inference
+    mode whatever the caller's (the tracker's captures run under no_grad); 0 where the measure raises (the count
+    alone then, the measure taken again at the next call: the capture itself reports its errors)."""
     from ..adapter import analysis_mode, preserved_state
     from ..push_memory import LiveBytes, architecture_key, remembered
     from .factors import capture_by_outputs
 
     one = tuple(t[:1] for t in inputs)
-    low, high = (1, 2) if d < 4 else (2, 4)
+    # (two counts far apart: extended from 2 and 4 the measure under-counted a UNet2DModel's capture at 64 by 37 %)
+    high = min(d, 16)
+    low = max(1, high // 4)
 
-    def lines() -> tuple[tuple[int, int], ...]:
+    def lines() -> tuple[tuple[int, int], ...] | None:
         theta = {n: p.detach().requires_grad_(True) for n, p in plan.params.items()}
         fallback = {n: theta[n].detach() for n in plan.fallback}
 
@@ -332,25 +343,27 @@ def measured_capture(model: nn.Module, plan: Plan, inputs: tuple[torch.Tensor, .
         except torch.OutOfMemoryError:
             raise
         except Exception:
-            return ()
+            return None
         return tuple(found)
 
     key = (architecture_key(model, plan.params, one, d), tuple(b.name for b in plan.blocks))
-    measured = remembered("probe capture", key, lines)
+    # In the mode of the captures it sizes (the tracker's step runs them under no_grad), whatever the caller's: under
+    # inference mode the measure raised, and with grad enabled it held 1.6x more.
+    with torch.inference_mode(False), torch.no_grad():
+        measured = remembered("probe capture", key, lines)
+    if measured is None:  # a measure that raised (not kept: the next call measures again)
+        measured = ()
     return lambda c: max((fixed + c * slope for fixed, slope in measured), default=0)
 
 
 def probe_capture_bytes(model: nn.Module, plan: Plan, inputs: tuple[torch.Tensor, ...], d: int, memory_budget: int
                         ) -> int:
-    """Bytes of the largest capture :func:`capture_chunks` sizes: its rows times one example's capture
-    with its cotangents (:func:`capture_bytes`)."""
+    """Bytes of the largest capture :func:`capture_chunks` sizes: its rows times one example's capture and
+    fallback Jacobians with its cotangents."""
     row_chunks, output_chunks = capture_chunks(model, plan, inputs, d, memory_budget)
     rows = max(s.stop - s.start for s in row_chunks)
     cotangents = max(s.stop - s.start for s in output_chunks)
-    modelled = capture_bytes(model, plan, inputs, d)(cotangents)
-    if d == 1:
-        return rows * modelled
-    return rows * max(modelled, measured_capture(model, plan, inputs, d)(cotangents) + 2 * d * parameter_bytes(plan.fallback))
+    return rows * _probe_side_bytes(model, plan, inputs, d)(cotangents)
 
 
 def _halvings(d: int) -> Iterator[int]:

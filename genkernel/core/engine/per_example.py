@@ -14,7 +14,7 @@ gradient and no per-group update is ever formed.
 
 This module holds those pieces: :func:`capture_batch` (the batch's loss factors, weighted by
 c_n), :func:`batch_totals` (Σ_n c_n ∇ℓ_n and a rounding scale, for the tracker's exact
-checks), :func:`probe_factors`, :func:`probe_fallback_jacobian` and :func:`factored_contributions` (the per-example contributions
+checks), :func:`probe_factors`, :func:`probe_fallback_jacobians` and :func:`factored_contributions` (the per-example contributions
 above). The sketched route (:mod:`genkernel.core.tracking.sketched`) reads the same batch factors.
 """
 
@@ -138,21 +138,23 @@ def batch_totals(batch: BatchFactors) -> tuple[dict[str, torch.Tensor], dict[str
     return totals, scales
 
 
-def probe_fallback_jacobian(
+def probe_fallback_jacobians(
     model: nn.Module, plan: Plan, probes: tuple[torch.Tensor, ...], theta: dict[str, torch.Tensor],
-    output_chunks: list[slice] | None = None,
-) -> torch.Tensor | None:
-    """For parameters outside the blocks, the probes' torch.func Jacobians ``[M, d, P_fb]`` at θ
-    (None when every parameter is in a block), a chunk of ``output_chunks`` at a time
-    (:func:`~genkernel.core.engine.factored.capture_chunks` sizes them for this too)."""
+    output_chunks: list[slice], consume: Callable[[slice, torch.Tensor], None],
+) -> None:
+    """For parameters outside the blocks (none: nothing runs), the probes' torch.func Jacobians at θ,
+    ``consume(outputs, jacobian [M, c, P_fb])`` once per chunk of ``output_chunks``
+    (:func:`~genkernel.core.engine.factored.capture_chunks` sizes them for this too): neither jacrev's backward
+    passes nor the result are ever over all d outputs at once (a DCGAN generator's, d = 4096, is 4096 P_fb
+    values a probe)."""
     if not plan.fallback:
-        return None
+        return
     others = {n: t for n, t in theta.items() if n not in plan.fallback}
     params = {n: theta[n] for n in plan.fallback}
-    if output_chunks is None or len(output_chunks) == 1:
-        return per_example_jacobian(model, params, fixed=others)(*probes).detach()
-    return torch.cat([per_example_jacobian(model, params, fixed=others, outputs=o)(*probes).detach()
-                      for o in output_chunks], dim=1)
+    for outputs in output_chunks:
+        whole = len(output_chunks) == 1
+        consume(outputs, per_example_jacobian(model, params, fixed=others,
+                                              outputs=None if whole else outputs)(*probes).detach())
 
 
 def probe_factors(
@@ -219,14 +221,16 @@ def factored_contributions(
                     part[:, :, outputs] += weight * value
 
             probe_factors(model, plan, chunk, theta, output_chunks, add)
+
             # 4. torch.func for the rest of the parameters.
-            jac = probe_fallback_jacobian(model, plan, chunk, theta, output_chunks)
-            if jac is not None:
-                part += weight * torch.einsum("mdp,bp->mbd", jac.to(torch.float64), flat).to(jac.dtype)
+            def add_fallback(outputs: slice, jac: torch.Tensor) -> None:
+                part[:, :, outputs] += weight * torch.einsum("mcp,bp->mbc", jac.to(torch.float64), flat).to(jac.dtype)
+
+            probe_fallback_jacobians(model, plan, chunk, theta, output_chunks, add_fallback)
     return total
 
 
 __all__ = [
-    "BatchFactors", "batch_totals", "capture_batch", "factored_contributions", "probe_factors", "probe_fallback_jacobian",
+    "BatchFactors", "batch_totals", "capture_batch", "factored_contributions", "probe_factors", "probe_fallback_jacobians",
     "training_batch",
 ]

@@ -112,7 +112,11 @@ class PathKernelLedger:
         if self.sketch_error is None:  # ledgers saved before sketched state existed
             self.sketch_error = torch.zeros_like(self.rest) if isinstance(self.rest, torch.Tensor) else None
         if self.sketch_noise is None:  # ledgers saved before the groups' sketch noise was kept
-            self.sketch_noise = torch.zeros_like(self.traffic) if isinstance(self.traffic, torch.Tensor) else None
+            # zero where nothing was sketched; unknown (NaN) for a sketched ledger's saved steps, not zero: resumed,
+            # it would report only the steps after the resume
+            sketched = isinstance(self.sketch_error, torch.Tensor) and bool(self.sketch_error.any())
+            self.sketch_noise = (torch.full_like(self.traffic, float("nan")) if sketched else torch.zeros_like(self.traffic)
+                                 ) if isinstance(self.traffic, torch.Tensor) else None
         _check_fields(self)
 
     @property

@@ -40,7 +40,7 @@ import torch
 from ..adapter import analysis_mode
 from ..cost import plain_hyperparameter
 from ..engine.factors import Factors
-from ..engine.per_example import BatchFactors, probe_factors, probe_fallback_jacobian
+from ..engine.per_example import BatchFactors, probe_factors, probe_fallback_jacobians
 from ..engine.projections import ParameterProjection
 from ..engine.reference import split_columns
 from ..errors import LedgerCheckError
@@ -262,9 +262,12 @@ class SketchedRoute(_FactorRoute):
         exact = push_rows(model, {n: u[0:2] for n, u in updates.items()}, nodes, self.contribution_route)  # [M, 2, d]
         contributions = {name: estimates[:, part] for name, part in model.partitions.slices.items()}
         sketch_error = {name: exact[:, 0] - c.sum(dim=1) for name, c in contributions.items()}
-        # Each estimate's own standard error, Var[⟨Ra, Rv⟩] <= (|a|² |v|² + ⟨a, v⟩²) / k, from the sketches' norms
-        # (unbiased for |a|², |v|²): the sum's error above cancels where the groups do, a group's does not.
-        variance = (probe_side.square().sum(dim=2)[:, None, :] * directions.square().sum(dim=1)[None, :, None]
+        # Each estimate's own standard error, Var[⟨Ra, Rv⟩] <= (c |a|² |v|² + ⟨a, v⟩²) / k, from the sketches' norms
+        # (unbiased for |a|², |v|²): the sum's error above cancels where the groups do, a group's does not. c = 1 for
+        # an i.i.d. R; a weight matrix's Kronecker rows r ⊗ s add 2‖AᵀV‖² + 2‖AVᵀ‖² + 2 tr((AVᵀ)²) <= 6 |A|² |V|²
+        # per row (Gaussian; Rademacher less): c = 7 (rank-one A = V, an MLP layer's per-example gradient, reaches it).
+        spread = 7.0 if any(self.projection.is_matrix(n) for n in model.params) else 1.0
+        variance = (spread * probe_side.square().sum(dim=2)[:, None, :] * directions.square().sum(dim=1)[None, :, None]
                     + estimates.square()) / self.k  # [M, ΣG, d]
         noise = variance.sum(dim=2).sqrt()
         sketch_noise = {name: noise[:, part] for name, part in model.partitions.slices.items()}
@@ -308,12 +311,15 @@ class SketchedRoute(_FactorRoute):
                         value[outputs.start + c] += part
 
         probe_factors(self.model.module, self.plan, probes, theta, output_chunks, add)
-        fb = probe_fallback_jacobian(self.model.module, self.plan, probes, theta, output_chunks)
-        if fb is not None:
+
+        def add_fallback(outputs: slice, fb: torch.Tensor) -> None:  # fb [m, c, P_fb]
+            c = outputs.stop - outputs.start
             for name, part in split_columns(fb, self.plan.fallback).items():
-                jac = part.transpose(0, 1).reshape(d * m, *self.plan.fallback[name].shape)
+                jac = part.transpose(0, 1).reshape(c * m, *self.plan.fallback[name].shape)
                 scaled = jac * _as(preconditioner[name], jac)
-                value += self.projection.project(name, scaled).to(torch.float64).reshape(d, m, self.k)
+                value[outputs] += self.projection.project(name, scaled).to(torch.float64).reshape(c, m, self.k)
+
+        probe_fallback_jacobians(self.model.module, self.plan, probes, theta, output_chunks, add_fallback)
         return value.transpose(0, 1)
 
     def _project_block(self, f: Factors, cotangent: int, scale: dict[str, Any]) -> torch.Tensor | None:
