@@ -3,7 +3,6 @@ references written here (the same fit without the callback, per-example gradient
 optimizer's update by hand, the probe Jacobian at the step midpoint by forward-mode differentiation, the
 real change of the probes' outputs) and Lightning's own step count."""
 
-import warnings
 
 import pytest
 import torch
@@ -14,6 +13,7 @@ from genkernel.diffusion import MLPDenoiser, NoiseLevelAnalyzer, make_scheduler
 
 pl = pytest.importorskip("lightning.pytorch")
 from genkernel.integrations.lightning import GenkernelCallback  # noqa: E402
+from test_lightning_review import fit, trainer  # noqa: E402
 
 F64 = torch.float64
 T = 100
@@ -34,18 +34,6 @@ def denoiser():
 
 def analyzer():
     return NoiseLevelAnalyzer(SCHEDULER, ring(16, seed=3), num_bins=3, num_probes=6, kernel_points=2, progress=False)
-
-
-def trainer(callbacks, **kwargs):
-    settings = {"logger": False, "enable_checkpointing": False, "enable_progress_bar": False,
-                "enable_model_summary": False, "accelerator": "cpu", "devices": 1, "num_sanity_val_steps": 0, **kwargs}
-    return pl.Trainer(callbacks=callbacks, **settings)
-
-
-def fit(trainer, module, *loaders, **kwargs):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        trainer.fit(module, *loaders, **kwargs)
 
 
 def loader():

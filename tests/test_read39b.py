@@ -26,6 +26,7 @@ from genkernel.core.engine.factored import capture_chunks, measured_capture
 from genkernel.core.engine.factors import covering_plan
 from genkernel.core.tracking.ledger import PathKernelLedger
 from genkernel.supervised import mse_loss
+from test_read39 import ConvAttention
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -93,24 +94,10 @@ def test_coverage_kronecker_variance_formula_against_seeds():
 
 
 # -- 2. a measure taken under inference mode ----------------------------------------------------------------------
-class _ConvAttention(nn.Module):
-    def __init__(self, channels: int = 8):
-        super().__init__()
-        self.conv = nn.Conv2d(2, channels, 3, padding=1)
-        self.attention = nn.MultiheadAttention(channels, 2, batch_first=True)
-        self.out = nn.Conv2d(channels, 2, 3, padding=1)
-
-    def forward(self, x):
-        h = torch.tanh(self.conv(x))
-        b, c, height, width = h.shape
-        t = h.flatten(2).transpose(1, 2)
-        a, _ = self.attention(t, t, t, need_weights=False)
-        return self.out(h + a.transpose(1, 2).reshape(b, c, height, width))
-
-
 def _attention_setup():
     torch.manual_seed(0)
-    model = _ConvAttention().double()
+    model = ConvAttention(8).double()
+    model.norm = nn.Identity()
     probes = (torch.randn(3, 2, 8, 8, generator=torch.Generator().manual_seed(1), dtype=F64),)
     return model, covering_plan(model, probes), probes
 
