@@ -3,7 +3,6 @@ references written here (the same fit without the callback, per-example gradient
 optimizer's update by hand, the probe Jacobian at the step midpoint by forward-mode differentiation, the
 real change of the probes' outputs) and Lightning's own step count."""
 
-
 import pytest
 import torch
 from torch import nn
