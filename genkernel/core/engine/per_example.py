@@ -14,8 +14,8 @@ gradient and no per-group update is ever formed.
 
 This module holds those pieces: :func:`capture_batch` (the batch's loss factors, weighted by
 c_n), :func:`batch_totals` (Σ_n c_n ∇ℓ_n and a rounding scale, for the tracker's exact
-checks), :func:`probe_factors`, :func:`probe_fallback_jacobians` and :func:`factored_contributions` (the per-example contributions
-above). The sketched route (:mod:`genkernel.core.tracking.sketched`) reads the same batch factors.
+checks), :func:`probe_factors`, :func:`probe_fallback_jacobians` and :func:`factored_contributions`
+(the per-example contributions above, a chunk of the probes' outputs at a time). The sketched route (:mod:`genkernel.core.tracking.sketched`) reads the same batch factors.
 """
 
 from __future__ import annotations
@@ -151,8 +151,8 @@ def probe_fallback_jacobians(
         return
     others = {n: t for n, t in theta.items() if n not in plan.fallback}
     params = {n: theta[n] for n in plan.fallback}
+    whole = len(output_chunks) == 1  # (every output: the Jacobian unsliced)
     for outputs in output_chunks:
-        whole = len(output_chunks) == 1
         consume(outputs, per_example_jacobian(model, params, fixed=others,
                                               outputs=None if whole else outputs)(*probes).detach())
 
