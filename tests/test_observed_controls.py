@@ -146,3 +146,43 @@ def test_a_refused_gan_micro_batch_draws_no_control_ids():
     assert calls["n"] == 9
     for name, ledger in straight.g_tracker.ledgers.items():
         assert torch.equal(ledger.contributions, retried.g_tracker.ledgers[name].contributions), name
+
+
+def _accumulated_gan(batches, per_micro_batch):
+    """The generator loop of ``_observed_gan`` in micro-batches of ``per_micro_batch`` latents; the analyzer."""
+    analyzer = _analyzer()
+    G, D = analyzer._g, analyzer._d
+    g_opt = torch.optim.SGD(G.parameters(), lr=LR_G)
+    analyzer.bind(g_opt, None)
+    D.requires_grad_(False)
+    for z in batches:
+        g_opt.zero_grad()
+        for n in range(0, z.shape[0], per_micro_batch):
+            x = G(z[n:n + per_micro_batch])
+            losses = F.softplus(-D(x).reshape(-1))
+            analyzer.observe_generator(losses, z[n:n + per_micro_batch], x)
+            (losses.sum() / z.shape[0]).backward()
+        g_opt.step()
+    analyzer.finish()
+    return analyzer
+
+
+def test_a_gan_loop_of_one_latent_per_micro_batch_is_observed():
+    """Fails on the old code: the first observed micro-batch (one latent) was refused for having fewer examples than
+    the 2 groups, though the step accumulates 8. Now the step's total is what is checked, and the geometry ledger
+    equals the same steps observed as whole batches (to rounding), its controls drawn from the pool."""
+    generator = torch.Generator().manual_seed(25)
+    batches = [torch.randn(8, LAT, generator=generator, dtype=F64) for _ in range(2)]
+    ones, whole = _accumulated_gan(batches, 1), _accumulated_gan(batches, 8)
+    a, b = ones.g_tracker.ledgers["geometry"].contributions, whole.g_tracker.ledgers["geometry"].contributions
+    assert float((a - b).abs().max()) <= 1e-12 * float(b.abs().max())
+    controls = ones.g_tracker.ledgers["control_0"].contributions
+    assert float((controls - a).abs().max()) > 1e-3 * float(a.abs().max())
+
+
+def test_a_step_too_small_for_the_groups_is_warned_of():
+    """Fails on the old code (a ValueError at the first micro-batch, not a warning at the recorded step): a loop
+    whose whole step is one latent cannot fill 2 groups."""
+    batches = [torch.randn(1, LAT, generator=torch.Generator().manual_seed(3), dtype=F64)]
+    with pytest.warns(UserWarning, match="first observed generator step.*2 groups but the batch has only 1"):
+        _accumulated_gan(batches, 1)

@@ -685,6 +685,14 @@ class GANKernelAnalyzer(TrainerCallback):
         if not (self.grouping.uses_classes and (self.comparison is None or self.comparison.uses_classes)):
             self._check_fillable(self.num_groups, batch, f"grouping {type(self.grouping).__name__}")
 
+    def _warn_unfillable(self, batch: int) -> None:
+        """An observed loop's first step, recorded: a warning (the step is taken) where its ``batch`` examples over
+        all its micro-batches cannot fill the generator's groups (:meth:`_check_generator_fillable`)."""
+        try:
+            self._check_generator_fillable(batch)
+        except ValueError as error:
+            warnings.warn(f"the first observed generator step: {error}", stacklevel=4)
+
     def _check_fillable(self, groups: int, batch: int, what: str) -> None:
         if groups > batch:
             raise ValueError(
@@ -1030,8 +1038,8 @@ class GANKernelAnalyzer(TrainerCallback):
                     f"generator step {index} (phase generator): non-finite geometry_loss or its gradient (examples "
                     f"{bad[:10]}); this micro-batch was not observed"
                 )
-        if first and self.g_steps == 0:
-            self._check_generator_fillable(batch)
+        # (no fill check on a micro-batch: a loop accumulating micro-batches of 2 latents fills 4 groups over its
+        # step; the step's total is checked when its first step is recorded, _book_generator)
         self._fit_grouping(geo, loss_fn, after_forward=True)
         tracked = self._partition_ids(geo)
         vector = self._pull(samples, geo["w"], _coefficients(weights, batch, geo["w"])) if evaluate else None
@@ -1788,6 +1796,8 @@ class GANKernelAnalyzer(TrainerCallback):
                     [p["field"] if p.get("given", True) else p["field"] * (p["rows"] / rows) for p in fields]).sum(dim=0)
         else:
             pending, self._g_pending = self._g_pending or {"ids": [], "spatial": [], "zero": [], "loop_step": None}, None
+        if booked and self.g_steps == 0:
+            self._warn_unfillable(sum(int(p.shape[0]) for p in pending["ids"]))
         index = self.g_steps + 1
         self.g_steps = index
         # A window finish() closed as partial is out of date once a step goes on from it (it is closed again at
