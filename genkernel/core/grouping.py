@@ -33,8 +33,8 @@ import torch
 from ..stats import difference_interval, few_units, mean_interval
 
 DEFAULT_PARTITION = "groups"
-# A permutation control of an observed micro-batch of fewer than CONTROL_POOL_BELOW examples draws from its own labels
-# and those of up to CONTROL_POOL examples observed before it (permuted_labels).
+# A permutation control of a batch (or an observed micro-batch) of fewer than CONTROL_POOL_BELOW examples draws from its
+# own labels and those of up to CONTROL_POOL examples before it (permuted_labels).
 CONTROL_POOL = 64
 CONTROL_POOL_BELOW = 8
 INTEGER_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
@@ -122,10 +122,11 @@ class Partitions:
 def permuted_labels(labels: torch.Tensor, generator: torch.Generator, recent: torch.Tensor | None = None) -> torch.Tensor:
     """A permutation control's labels ``[B]`` for a batch's ``labels [B]``: each example gets the label of another.
 
-    Without ``recent``, a random permutation of the batch's own labels. ``recent`` (an observed loop's micro-batch:
-    the labels of the examples observed before it, :func:`recent_labels`): a micro-batch of fewer than
-    ``CONTROL_POOL_BELOW`` examples draws its labels without replacement from those and its own, as a permutation of
-    one example's labels is the identity (every control ledger the measured one) and of two, half the time."""
+    Without ``recent``, a random permutation of the batch's own labels. ``recent`` (the labels of the examples before
+    this batch or observed micro-batch, :func:`recent_labels`; the analyzers always pass theirs): a batch of fewer
+    than ``CONTROL_POOL_BELOW`` examples draws its labels without replacement from those and its own, as a
+    permutation of one example's labels is the identity (every control ledger the measured one) and of two, half the
+    time; a larger one is permuted within itself, the same draw as without ``recent``."""
     pool = labels if recent is None or labels.numel() >= CONTROL_POOL_BELOW else torch.cat([recent.to(labels), labels])
     order = torch.randperm(pool.numel(), generator=generator)
     # (without a pool: labels[randperm(B)], the whole permutation)
@@ -133,7 +134,7 @@ def permuted_labels(labels: torch.Tensor, generator: torch.Generator, recent: to
 
 
 def recent_labels(recent: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """The last ``CONTROL_POOL`` of ``recent`` followed by ``labels`` (on the CPU): what the next micro-batch's
+    """The last ``CONTROL_POOL`` of ``recent`` followed by ``labels`` (on the CPU): what the next batch's
     :func:`permuted_labels` draws from beside its own."""
     return torch.cat([recent, labels.detach().cpu().long()])[-CONTROL_POOL:]
 
