@@ -1780,6 +1780,9 @@ class GANKernelAnalyzer(TrainerCallback):
 
     def _book_generator(self, result: StepContributions) -> None:
         booked = self.g_tracker.step_observations
+        if booked and self.g_steps == 0:  # (before anything is booked: a warning raised as an error changes nothing)
+            observed = (self._g_pending or {}).get("observed", {})  # (read: step_payloads below takes them out)
+            self._warn_unfillable(sum(int(observed[n]["ids"].shape[0]) for n in booked if n in observed))
         if booked:  # an observed step: the micro-batches the tracker kept, in order; older ones discarded
             observed = (self._g_pending or {}).get("observed", {})
             parts = step_payloads(observed, booked)
@@ -1796,8 +1799,6 @@ class GANKernelAnalyzer(TrainerCallback):
                     [p["field"] if p.get("given", True) else p["field"] * (p["rows"] / rows) for p in fields]).sum(dim=0)
         else:
             pending, self._g_pending = self._g_pending or {"ids": [], "spatial": [], "zero": [], "loop_step": None}, None
-        if booked and self.g_steps == 0:
-            self._warn_unfillable(sum(int(p.shape[0]) for p in pending["ids"]))
         index = self.g_steps + 1
         self.g_steps = index
         # A window finish() closed as partial is out of date once a step goes on from it (it is closed again at
