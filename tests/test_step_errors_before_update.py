@@ -10,7 +10,6 @@ continued after it is the straight run, bit for bit; an update that did write pa
 (tests/test_interrupted_updates.py).
 """
 
-import math
 
 import pytest
 import torch
@@ -18,16 +17,12 @@ from torch import nn
 
 from genkernel.diffusion import DDPMTrainer, MLPDenoiser, make_scheduler
 from states import state_differences
+from test_third_read import _ring
 
 F64 = torch.float64
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def _ring(n, seed=0):
-    angle = torch.rand(n, generator=torch.Generator().manual_seed(seed), dtype=F64) * 2 * math.pi
-    return 2 * torch.stack([angle.cos(), angle.sin()], dim=1)
 
 
 def _ddpm(foreach):

@@ -989,8 +989,9 @@ def estimate_cost(
         # At each node, a chunk of the probes' rows captured with a chunk of their output cotangents, beside the held
         # factors (engine.factored.capture_chunks: half the budget at most). Uncounted before, when one capture took
         # all d outputs: an MNIST-sized UNet at 16x16 (d = 256) held 1.4 GiB for 4 probes, estimated at 124 MiB.
-        memory["probe_captures"] = probe_capture_bytes(model, covering_plan(model, probes), probes, outputs,
-                                                       memory_budget)
+        probe_plan = covering_plan(model, probes)
+        probe_chunks = capture_chunks(model, probe_plan, probes, outputs, memory_budget)  # (rows, outputs)
+        memory["probe_captures"] = probe_capture_bytes(model, probe_plan, probes, outputs, probe_chunks)
         # with fallback parameters: what the captures' and torch.func's backward passes skip, the fallback's own
         # gradients, and the examples torch.func checks alone (:func:`_fallback_passes`)
         capture_skipped, fallback_skipped, fallback_gradients, probe_checks, batch_checks = _fallback_passes(
@@ -1010,8 +1011,7 @@ def estimate_cost(
                                   outside=outside, outside_gradients=outside_gradients,
                                   input_gradients=layers.input_gradients, fallback_gradients=fallback_gradients,
                                   probe_checks=probe_checks, batch_checks=batch_checks,
-                                  probe_output_chunks=len(capture_chunks(model, covering_plan(model, probes), probes,
-                                                                         outputs, memory_budget)[1]) if fallback else 1)
+                                  probe_output_chunks=len(probe_chunks[1]))
         bare = parts["bare_step"]
         # the unit of every part: the trained blocks' forward, the trained products outside them and the others
         # (frozen layers', products between activations)

@@ -679,26 +679,31 @@ class GANKernelAnalyzer(TrainerCallback):
             )
 
     def _check_generator_fillable(self, batch: int) -> None:
-        """The generator's groups must be fillable by a batch, except by class (``grouping="class"``): a
-        class absent from a batch is an empty group by the data, not by construction, and a conditional
-        GAN may have more classes than a batch has examples (CIFAR-100 at batch 64)."""
-        if not (self.grouping.uses_classes and (self.comparison is None or self.comparison.uses_classes)):
-            self._check_fillable(self.num_groups, batch, f"grouping {type(self.grouping).__name__}")
+        """ValueError where a batch of ``batch`` latents cannot fill the generator's groups
+        (:meth:`_generator_fill_problem`)."""
+        problem = self._generator_fill_problem(batch)
+        if problem is not None:
+            raise ValueError(problem)
+
+    def _generator_fill_problem(self, batch: int) -> str | None:
+        """Why a batch cannot fill the generator's groups (None where it can, and always by class, ``grouping="class"``:
+        a class absent from a batch is an empty group by the data, not by construction, and a conditional GAN may
+        have more classes than a batch has examples, CIFAR-100 at batch 64)."""
+        if self.grouping.uses_classes and (self.comparison is None or self.comparison.uses_classes):
+            return None
+        return _fill_problem(self.num_groups, batch, f"grouping {type(self.grouping).__name__}")
 
     def _warn_unfillable(self, batch: int) -> None:
         """An observed loop's first step, recorded: a warning (the step is taken) where its ``batch`` examples over
-        all its micro-batches cannot fill the generator's groups (:meth:`_check_generator_fillable`)."""
-        try:
-            self._check_generator_fillable(batch)
-        except ValueError as error:
-            warnings.warn(f"the first observed generator step: {error}", stacklevel=4)
+        all its micro-batches cannot fill the generator's groups."""
+        problem = self._generator_fill_problem(batch)
+        if problem is not None:
+            warnings.warn(f"the first observed generator step: {problem}", stacklevel=4)
 
     def _check_fillable(self, groups: int, batch: int, what: str) -> None:
-        if groups > batch:
-            raise ValueError(
-                f"{what} has {groups} groups but the batch has only {batch} examples: the groups cannot all be filled "
-                "(groups would be empty by construction, not by geometry). Use fewer groups or a larger batch."
-            )
+        problem = _fill_problem(groups, batch, what)
+        if problem is not None:
+            raise ValueError(problem)
 
     # -- protocol ------------------------------------------------------------------------------
     def _check_consistent(self) -> None:
@@ -2601,6 +2606,14 @@ def _loss_tolerance(losses: torch.Tensor, precision: torch.dtype | None) -> floa
     if precision is not None:
         return 2 * torch.finfo(precision).eps
     return 1e-8 if losses.dtype == torch.float64 else 1e-4
+
+
+def _fill_problem(groups: int, batch: int, what: str) -> str | None:
+    """Why ``batch`` examples cannot fill ``groups`` groups of ``what`` (None where they can)."""
+    if groups <= batch:
+        return None
+    return (f"{what} has {groups} groups but the batch has only {batch} examples: the groups cannot all be filled "
+            "(groups would be empty by construction, not by geometry). Use fewer groups or a larger batch.")
 
 
 def _coefficients(weights: torch.Tensor | None, batch: int, like: torch.Tensor) -> torch.Tensor:

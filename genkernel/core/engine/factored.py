@@ -356,11 +356,11 @@ def measured_capture(model: nn.Module, plan: Plan, inputs: tuple[torch.Tensor, .
     return lambda c: max((fixed + c * slope for fixed, slope in measured), default=0)
 
 
-def probe_capture_bytes(model: nn.Module, plan: Plan, inputs: tuple[torch.Tensor, ...], d: int, memory_budget: int
-                        ) -> int:
-    """Bytes of the largest capture :func:`capture_chunks` sizes: its rows times one example's capture and
-    fallback Jacobians with its cotangents."""
-    row_chunks, output_chunks = capture_chunks(model, plan, inputs, d, memory_budget)
+def probe_capture_bytes(model: nn.Module, plan: Plan, inputs: tuple[torch.Tensor, ...], d: int,
+                        probe_chunks: tuple[list[slice], list[slice]]) -> int:
+    """Bytes of the largest capture of ``probe_chunks`` (:func:`capture_chunks`' sizes): its rows times one
+    example's capture and fallback Jacobians with its cotangents."""
+    row_chunks, output_chunks = probe_chunks
     rows = max(s.stop - s.start for s in row_chunks)
     cotangents = max(s.stop - s.start for s in output_chunks)
     return rows * _probe_side_bytes(model, plan, inputs, d)(cotangents)
