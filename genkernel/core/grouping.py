@@ -133,6 +133,15 @@ def permuted_labels(labels: torch.Tensor, generator: torch.Generator, recent: to
     return pool[order[pool.numel() - labels.numel():].to(pool.device)]
 
 
+def control_labels(labels: torch.Tensor, count: int, generator: torch.Generator, recent: torch.Tensor
+                   ) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """``count`` permutation controls' labels for a batch's ``labels`` (:func:`permuted_labels`, drawn in turn from
+    ``generator``) and the recent labels the next batch draws beside its own (``recent`` as it is without controls)."""
+    if count == 0:
+        return [], recent
+    return [permuted_labels(labels, generator, recent) for _ in range(count)], recent_labels(recent, labels)
+
+
 def recent_labels(recent: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """The last ``CONTROL_POOL`` of ``recent`` followed by ``labels`` (on the CPU): what the next batch's
     :func:`permuted_labels` draws from beside its own."""

@@ -830,8 +830,9 @@ class NoiseLevelAnalyzer(TrainerCallback):
                 )
         bins = self.bins(timesteps)
         groups = {LEVEL: bins}
-        for name in self.control_names:
-            groups[name] = grouping.permuted_labels(bins, self._perm_generator, self._control_pool)
+        controls, self._control_pool = grouping.control_labels(bins, len(self.control_names), self._perm_generator,
+                                                               self._control_pool)
+        groups.update(zip(self.control_names, controls))
         if self.num_classes is not None:
             if not isinstance(class_labels, torch.Tensor) or class_labels.shape != (batch,):
                 raise ValueError(f"this analyzer splits by level × class (num_classes={self.num_classes}): pass "
@@ -847,8 +848,6 @@ class NoiseLevelAnalyzer(TrainerCallback):
                 )
                 raise ValueError(f"class_labels must lie in [0, {self.num_classes}), got labels in [{low}, {high}]{hint}")
             groups[LEVEL_CLASS] = bins * self.num_classes + labels
-        if self.control_names:
-            self._control_pool = grouping.recent_labels(self._control_pool, bins)
         return groups, bins
 
     # -- recording -----------------------------------------------------------------------------

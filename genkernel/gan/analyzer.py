@@ -1284,10 +1284,10 @@ class GANKernelAnalyzer(TrainerCallback):
         if self.comparison is not None:
             tracked[SPATIAL] = self._assign(self.comparison, geo)
         for measured, names in ((GEOMETRY, self.control_names), (SPATIAL, self.spatial_control_names)):
-            for control in names:
-                tracked[control] = grouping_layer.permuted_labels(tracked[measured], self.rng, self._control_pools[measured])
             if names:
-                self._control_pools[measured] = grouping_layer.recent_labels(self._control_pools[measured], tracked[measured])
+                controls, self._control_pools[measured] = grouping_layer.control_labels(
+                    tracked[measured], len(names), self.rng, self._control_pools[measured])
+                tracked.update(zip(names, controls))
         return tracked
 
     def _zero_gradient(self, geo: dict[str, torch.Tensor]) -> torch.Tensor:
