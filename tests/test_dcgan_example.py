@@ -77,3 +77,35 @@ def test_the_added_block_is_at_most_16_marked_lines():
 
     marked = [line for line in inspect.getsource(example).splitlines() if "# genkernel" in line and "``# genkernel``" not in line]
     assert 0 < len(marked) <= 16, len(marked)
+
+
+def test_a_run_without_the_analyzer_removes_an_earlier_report_from_its_folder(image_folder, tmp_path):
+    """A --no-analyze run into a folder an analyzed run wrote to replaces the networks there; the report left beside
+    them described the old ones. Fails on the old code: the old report stayed, unwarned."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "genkernel_report.json").write_text(json.dumps({"generator_steps": 3}))
+    with pytest.warns(UserWarning, match="earlier run"):
+        result = run(image_folder, out, "--no-analyze")
+    assert result["analyzer"] is None and (out / "netG_epoch_0.pth").is_file()
+    assert not (out / "genkernel_report.json").exists()
+
+
+def test_a_report_that_fails_to_build_leaves_the_earlier_report_whole(image_folder, tmp_path, monkeypatch):
+    """The report is written beside its place and moved there at once. Fails on the old code: the file was opened
+    (emptied) before the report was built, so a failure there left an empty genkernel_report.json."""
+    import genkernel.gan
+
+    out = tmp_path / "out"
+    out.mkdir()
+    earlier = json.dumps({"generator_steps": 3})
+    (out / "genkernel_report.json").write_text(earlier)
+
+    def failing_report(self):
+        raise RuntimeError("report failed")
+
+    monkeypatch.setattr(genkernel.gan.GANKernelAnalyzer, "report", failing_report)
+    with pytest.raises(RuntimeError, match="report failed"):
+        run(image_folder, out)
+    assert (out / "genkernel_report.json").read_text() == earlier
+    assert [p.name for p in out.iterdir() if p.name.endswith(".tmp")] == []

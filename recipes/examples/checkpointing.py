@@ -78,6 +78,11 @@ def check_clipping_and_snr(args: argparse.Namespace) -> None:
                          "weights min(SNR, gamma) / SNR would be negative (gradient ascent) or zero")
 
 
+SINGLE_PROCESS = argparse.Namespace(is_main_process=True)
+"""The ``accelerator`` argument of :func:`write_report` and :func:`drop_stale_report` in a script that runs in one
+process without accelerate (recipes/examples/dcgan.py): it is the main process."""
+
+
 def drop_stale_report(accelerator, output_dir: str) -> None:  # genkernel
     """An unanalyzed run's end: the ``genkernel_report.json`` an earlier run left in ``output_dir`` is removed (with a
     warning), so that it is not read as the report of the model this run saves there."""

@@ -15,15 +15,16 @@ offline and from a test:
   defaults to "folder" and ``--manualSeed`` to 0 (upstream: random);
 - ``--cuda`` / ``--mps`` / ``--ngpu`` are as upstream; ``--dry-run`` runs one iteration.
 
-The 16 lines marked ``# genkernel`` attach :class:`~genkernel.gan.GANKernelAnalyzer` to the loop
-(docs/observing.md, "Observing a loop the user owns"): an import of ``json`` and one of
-``genkernel.gan``, on a GPU :func:`genkernel.set_exact_cuda_mode` (TF32 off, deterministic kernels,
+The 15 lines marked ``# genkernel`` attach :class:`~genkernel.gan.GANKernelAnalyzer` to the loop
+(docs/observing.md, "Observing a loop the user owns"): an import of ``genkernel.gan`` and one of
+the report writers the accelerate scripts use (recipes/examples/checkpointing.py), on a GPU :func:`genkernel.set_exact_cuda_mode` (TF32 off, deterministic kernels,
 analyzed or not, so that the two runs compare like for like), three options (``--analyze/--no-analyze``, ``--groups``, ``--probes``), a second
 criterion with ``reduction="none"`` (the per-example losses; upstream's ``criterion`` still gives the
 loss trained, their mean), the probes drawn from their own generator (training's random draws are
 unchanged) and the analyzer built and bound, one ``observe_*`` line before each of the three
-backwards, and the report written as strict JSON at the end. With ``--no-analyze`` the script is
-upstream's loop, and training is bit-for-bit the same with the analyzer (tests/test_dcgan_example.py).
+backwards, and the report written as strict JSON at the end (atomically: a run that fails there leaves an earlier
+report whole). With ``--no-analyze`` the script is upstream's loop (it removes, with a warning, a report an earlier
+run left in ``OUT``), and training is bit-for-bit the same with the analyzer (tests/test_dcgan_example.py).
 
     python -m recipes.examples.dcgan --dataroot DIR --outf OUT [--imageSize 64 --batchSize 64 --niter 25]
 
@@ -35,7 +36,6 @@ upstream's loop, and training is bit-for-bit the same with the analyzer (tests/t
 from __future__ import print_function
 
 import argparse
-import json  # genkernel
 import os
 import random
 from typing import Any, Sequence
@@ -51,6 +51,7 @@ import torchvision.transforms as transforms
 import torchvision.utils as vutils
 
 import genkernel.gan  # genkernel
+from recipes.examples.checkpointing import SINGLE_PROCESS, drop_stale_report, write_report  # genkernel
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -308,9 +309,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         torch.save(netG.state_dict(), '%s/netG_epoch_%d.pth' % (opt.outf, epoch))
         torch.save(netD.state_dict(), '%s/netD_epoch_%d.pth' % (opt.outf, epoch))
 
-    if analyzer:  # genkernel: close the window in progress, write the report as strict JSON (no NaN)
-        analyzer.finish()  # genkernel
-        with open(os.path.join(opt.outf, 'genkernel_report.json'), 'w') as f: json.dump(analyzer.report(), f, allow_nan=False, indent=1)  # genkernel
+    if analyzer: write_report(SINGLE_PROCESS, opt.outf, analyzer)  # genkernel: close the window in progress, write the report as strict JSON, atomically
+    else: drop_stale_report(SINGLE_PROCESS, opt.outf)  # genkernel: an earlier run's report does not describe these networks
     return {"netG": netG, "netD": netD, "optimizerG": optimizerG, "optimizerD": optimizerD, "analyzer": analyzer,
             "iterations": iterations}
 
