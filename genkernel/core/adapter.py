@@ -65,14 +65,28 @@ def like_parameter(tensor: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
 def outside_inference_mode(function: Callable) -> Callable:
     """``function`` run with inference mode off: an entry point whose passes differentiate,
     callable from code under ``torch.inference_mode`` (Lightning's validation and test loops),
-    where no pass records a graph. Its results are ordinary tensors."""
+    where no pass records a graph. Its tensor arguments made under inference mode (alone, or in a
+    tuple or list) are passed as ordinary copies (a view of one could not be saved for a backward
+    either); its results are ordinary tensors. An entry point that remembers what it measured (a
+    covering plan, a cost measure) would otherwise keep the outcome of passes that could not run."""
 
     @functools.wraps(function)
     def run(*args: Any, **kwargs: Any) -> Any:
         with torch.inference_mode(False):
+            args = tuple(_ordinary_argument(a) for a in args)
+            kwargs = {name: _ordinary_argument(value) for name, value in kwargs.items()}
             return function(*args, **kwargs)
 
     return run
+
+
+def _ordinary_argument(value: Any) -> Any:
+    """``value`` with an inference tensor in it (itself, or an item of a tuple or list) made ordinary."""
+    if isinstance(value, torch.Tensor):
+        return _ordinary(value)
+    if isinstance(value, (tuple, list)) and any(isinstance(t, torch.Tensor) and t.is_inference() for t in value):
+        return type(value)(_ordinary(t) if isinstance(t, torch.Tensor) else t for t in value)
+    return value
 
 
 def _ordinary(t: torch.Tensor) -> torch.Tensor:

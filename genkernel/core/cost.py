@@ -157,7 +157,8 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from .adapter import functional_model, has_state_outside_training, output_tensor, preserved_state
+from .adapter import (functional_model, has_state_outside_training, outside_inference_mode, output_tensor,
+                      preserved_state)
 from .engine.factored import BlockShape, block_shapes, capture_chunks, probe_capture_bytes
 from .engine.gradients import (EXAMPLE_PASS_ACTIVATIONS, GRAPH_ROW_ACTIVATIONS, GRAPH_ROW_LARGEST_OUTPUTS,
                                ROUNDING_SEEDS, ExamplePass, example_chunk, example_pass_bytes, example_pass_measure,
@@ -765,6 +766,7 @@ def push_pass_shape(memory_budget: int, probes: int, activation_bytes: int,
     return 1, max(1, int(memory_budget // (per_probe_primal + per_probe_row)))
 
 
+@outside_inference_mode
 def estimate_cost(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,

@@ -181,7 +181,8 @@ def remembered(kind: str, key: tuple, measure: Callable[[], Any]) -> Any:
     if full in _MEASURED:
         _MEASURED.move_to_end(full)
         return _MEASURED[full]
-    value = measure()
+    with torch.inference_mode(False):  # (passes that cannot record a graph would measure, and be kept, wrong)
+        value = measure()
     if value is None:
         return None
     _MEASURED[full] = value

@@ -42,7 +42,8 @@ from torch import nn
 from torch.autograd.graph import get_gradient_edge
 
 from ..adapter import (
-    analysis_mode, batch_size, data_dependent_modules, evaluated_at, flat_output, output_tensor, trainable_parameters,
+    analysis_mode, batch_size, data_dependent_modules, evaluated_at, flat_output, output_tensor, outside_inference_mode,
+    trainable_parameters,
 )
 
 DEFAULT_MEMORY_BUDGET = 512 * 2**20
@@ -211,6 +212,7 @@ COVERAGE_RTOL = {torch.float64: 1e-9, torch.float32: 1e-4}
 COVERAGE_SAMPLE = 3  # examples the covering check runs on (each alone, and together in two orders)
 
 
+@outside_inference_mode
 def covering_plan(model: nn.Module, inputs: tuple[torch.Tensor, ...], exclude: Iterable[str] = frozenset()) -> Plan:
     """:func:`make_plan`, checked on ``inputs``: a block whose factors do not give its parameters'
     whole gradient moves to the torch.func fallback.

@@ -64,6 +64,7 @@ from ..adapter import (
     coupled_modules,
     data_dependent_modules,
     has_state_outside_training,
+    outside_inference_mode,
     is_compiled,
     low_precision_in_graph,
     positive_int,
@@ -386,6 +387,7 @@ class PathKernelTracker:
     ledger a single process would keep on the global batches (equal shard sizes required).
     """
 
+    @outside_inference_mode
     def __init__(
         self,
         model: nn.Module,
