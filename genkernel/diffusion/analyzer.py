@@ -100,7 +100,7 @@ from ..logging import LoggingCallback
 from ..stats import nan_median
 from .kernels import eval_mode, make_states, state_kernel, state_kernel_work
 from .learned_variance import describe_loss, loss_targets, predicts_variance, training_loss
-from .locality import kernel_locality
+from .locality import kernel_locality, sketch_jackknife
 from .models import KEY_BIAS_SUFFIXES
 from .objectives import (
     check_prediction_type,
@@ -969,7 +969,11 @@ class NoiseLevelAnalyzer(TrainerCallback):
         k̂ between the states of ``kernel_points`` clean inputs at every bin centre (fixed noise):
         its decay with |Δbin| (different inputs, and the same input at two levels) and kernel
         locality against a level-label permutation (:func:`~genkernel.diffusion.locality.kernel_locality`).
-        Use it before training or a warm-up to get the structure at initialization.
+        Use it before training or a warm-up to get the structure at initialization. A sketched k̂
+        (``kernel_sketch`` V output directions) carries its own error, which the locality interval (over
+        clean inputs) does not hold: ``sketch_standard_error`` is its largest off-diagonal entry's
+        jackknife standard error over the V directions, ``sketch_standard_errors`` each summary number's
+        (``by_distance``, ``by_distance_same_input``, ``locality``'s difference); 0 for the exact kernel.
         """
         model = self.model if model is None else model
         if model is None:
@@ -982,13 +986,21 @@ class NoiseLevelAnalyzer(TrainerCallback):
         with eval_mode(model):  # the function sampled from, as the probes see it (a trainer's model is in train mode)
             kernel = state_kernel(model, states, output_sketch=sketch, seed=self.seed, memory_budget=self.memory_budget,
                                   progress=self.progress, wrappers=self._wrappers_for(model), errors=errors)
-        summary = kernel_locality(kernel.cpu(), self.kernel_clean.shape[0], torch.arange(self.num_bins), self.band, seed=self.seed)
-        # a sketched k̂'s own error (the locality interval is over clean inputs and does not hold it): the largest
-        # off-diagonal entry's jackknife standard error over the V directions (0 for the exact kernel)
+        points, bins = self.kernel_clean.shape[0], torch.arange(self.num_bins)
+        summary = kernel_locality(kernel.cpu(), points, bins, self.band, seed=self.seed)
+        # A sketched k̂'s own error (the locality interval is over clean inputs and does not hold it): the largest
+        # off-diagonal entry's jackknife standard error over the V directions, and each summary number's own
+        # (0 for the exact kernel; infinite with one direction, which has no spread to read).
         spread = errors.get("standard_error")
         off = ~torch.eye(kernel.shape[0], dtype=torch.bool, device=kernel.device)
         error = 0.0 if spread is None else float(spread[off].max()) if bool(off.any()) else 0.0
-        return {"sketch": sketch, "sketch_standard_error": error, **summary}
+        if "leave_one_out" in errors:
+            numbers = sketch_jackknife(errors["leave_one_out"].cpu(), points, bins, self.band, seed=self.seed)
+        else:
+            fill = 0.0 if spread is None else math.inf
+            numbers = {"by_distance": [fill] * len(summary["by_distance"]),
+                       "by_distance_same_input": [fill] * len(summary["by_distance_same_input"]), "locality": fill}
+        return {"sketch": sketch, "sketch_standard_error": error, "sketch_standard_errors": numbers, **summary}
 
     def _wrappers_for(self, model: nn.Module) -> dict | None:
         """The kept sketch wrappers (:func:`~genkernel.diffusion.kernels.state_kernel`'s ``wrappers``) for the bound

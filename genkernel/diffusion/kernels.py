@@ -97,8 +97,10 @@ def state_kernel(
             per module, runs at the first call only (without it, at every call: measured on a tiny UNet2DModel,
             a third of a two-direction record's multiply-adds).
         errors: with ``output_sketch``, a dict this fills with ``"standard_error"``: the estimate's ``[M, N]``
-            standard error, a jackknife over the V directions (infinite for V = 1: no spread to read); left
-            empty for the exact kernel.
+            standard error, a jackknife over the V directions (infinite for V = 1: no spread to read), and
+            ``"leave_one_out"``: the ``[V, M, N]`` estimates without each direction, from which any number read
+            off the kernel gets its own jackknife error (:func:`~genkernel.diffusion.locality.sketch_jackknife`;
+            absent for V = 1); left empty for the exact kernel.
     """
     states = as_tuple(states, name="states")
     if output_sketch is None:
@@ -143,7 +145,11 @@ def state_kernel(
         if errors is not None:
             pieces.append((k, d1, d2))
     if errors is not None:
-        errors["standard_error"] = _jackknife_error(pieces, kernel, diag1, diag2, normalize)
+        leave_one_out = _left_out(pieces, kernel, diag1, diag2, normalize)
+        errors["standard_error"] = (torch.full_like(kernel, float("inf")) if leave_one_out is None
+                                    else jackknife_error(leave_one_out))
+        if leave_one_out is not None:
+            errors["leave_one_out"] = leave_one_out
     if normalize:  # (the 1/V cancels in k / sqrt(k(x, x) k(x', x')))
         return normalize_kernel(kernel, diag1, diag2)
     # The mean over the V directions, (1/V) Σ_v ⟨J(z)ᵀ r_v, J(z')ᵀ r_v⟩, is the unbiased estimate of the trace
@@ -151,17 +157,23 @@ def state_kernel(
     return kernel / output_sketch
 
 
-def _jackknife_error(pieces, kernel, diag1, diag2, normalize: bool) -> torch.Tensor:
-    """``[M, N]`` jackknife standard error over the V directions of the sketched (normalized) kernel."""
+def _left_out(pieces, kernel, diag1, diag2, normalize: bool) -> torch.Tensor | None:
+    """``[V, M, N]``: the sketched (normalized) kernel estimated without each of the V directions; None for V = 1."""
     count = len(pieces)
     if count < 2:
-        return torch.full_like(kernel, float("inf"))
+        return None
     leave = []
     for k, d1, d2 in pieces:
         rest = kernel - k
         leave.append(normalize_kernel(rest, diag1 - d1, diag2 - d2) if normalize else rest / (count - 1))
-    stacked = torch.stack(leave)
-    return ((count - 1) / count * (stacked - stacked.mean(0)).square().sum(0)).sqrt()
+    return torch.stack(leave)
+
+
+def jackknife_error(leave_one_out: torch.Tensor) -> torch.Tensor:
+    """The delete-one jackknife standard error ``sqrt((V - 1) / V Σ_v (θ_(v) - θ̄)²)`` of an estimate whose V
+    leave-one-out values are ``leave_one_out [V, ...]``: shape ``[...]``."""
+    count = leave_one_out.shape[0]
+    return ((count - 1) / count * (leave_one_out - leave_one_out.mean(0)).square().sum(0)).sqrt()
 
 
 def _sketch_directions(output_sketch: int, outputs: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
