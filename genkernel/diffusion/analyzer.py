@@ -69,6 +69,7 @@ from __future__ import annotations
 import contextlib
 import math
 import numbers
+import operator
 import os
 import sys
 import warnings
@@ -608,7 +609,7 @@ class NoiseLevelAnalyzer(TrainerCallback):
             self._overhead_pending = False
             self._recount_overhead(self._trainer_overhead(trainer))
         current = getattr(trainer, "global_step", None)
-        self._global_step = None if current is None else current + 1  # 1-based index of this step
+        self.number_next_step(None if current is None else current + 1)  # 1-based index of this step
         return self.track(step, step.info["timesteps"], class_labels=step.info.get("class_labels")).losses
 
     def on_train_end(self, trainer: Any) -> None:
@@ -673,6 +674,24 @@ class NoiseLevelAnalyzer(TrainerCallback):
         # (a micro-batch left out, or dropped with a skipped step, is not counted in its bins).
         self._pending_bins[number] = bins
         self._pending_loss = OBSERVED_LOSS
+
+    def number_next_step(self, step: int | None) -> None:
+        """Say which of the loop's optimizer steps the next recorded step is: ``step``, 1-based (the loop's step
+        count once that step is taken, ``trainer.global_step + 1`` before it), its entry of ``global_steps`` (the
+        report's, the history's, the logs' step number). It holds for that one step; a step recorded without it is
+        numbered from bind's ``start_step`` (the steps recorded or skipped since bind). For a loop whose count
+        leaves out what the tracker counts, or counts what it does not see (a window of accumulation the loop
+        abandons, a step a module skips): GenkernelCallback calls it before every step of automatic optimization,
+        the built-in trainers before every step they take. ``None``: number the next step from ``start_step``."""
+        if step is not None:
+            try:
+                number = None if isinstance(step, bool) else operator.index(step)
+            except TypeError:
+                number = None
+            if number is None or number < 1:
+                raise ValueError(f"number_next_step takes the step's 1-based number (an int >= 1) or None, got {step!r}")
+            step = number
+        self._global_step = step
 
     def finish(self) -> None:
         """Record the kernel structure at the last tracked θ unless the last tracked step has it already

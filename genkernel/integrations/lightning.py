@@ -25,8 +25,9 @@ analyzer with ``track_steps`` (a window the built-in trainers follow) is refused
 belongs in ``training_step``: an error raised by one called in the sanity check or a validation loop
 says so. Under DDP the callback binds the wrapper Lightning trains, so the ranks' group gradients
 are combined as their gradients are. ``on_train_end`` records the final kernel structure. The
-analyzer's state is saved in, and restored from, Lightning checkpoints (a ``validate``/``test``/
-``predict`` with ``ckpt_path=`` leaves an analyzer bound in a fit as it is). Every ``fit`` builds
+analyzer's state is saved in, and restored from, Lightning checkpoints by a ``fit`` with ``ckpt_path=`` (a
+``validate``/``test``/``predict`` with ``ckpt_path=`` trains nothing and leaves the analyzer as it is, bound in
+an earlier fit or not). Every ``fit`` builds
 its optimizers anew, so an analyzer bound in an earlier fit is refused at the next one (give each
 fit its own analyzer and callback; ``ckpt_path=...`` carries the ledgers over). On a GPU, call
 :func:`genkernel.set_exact_cuda_mode` before ``fit`` (TF32 off, deterministic kernels): trackers
@@ -35,8 +36,11 @@ refuse TF32 convolutions, torch's default.
 A GAN (:class:`~genkernel.gan.GANKernelAnalyzer`) trains with manual optimization and two
 optimizers; the callback binds the analyzer to both, telling them apart by their parameters (the
 one over the generator's, the one over the discriminator's, in either order), and numbers each
-player's steps from its optimizer's own step count (Adam's ``state["step"]``; else from a loaded
-analyzer's last number, or the trainer's ``global_step``), so a resumed fit continues the numbering::
+player's steps from its own count, as an uninterrupted fit does: its optimizer's (Adam's ``state["step"]``),
+else the last number of the analyzer's state in the checkpoint, so a resumed fit continues the numbering.
+Under manual optimization ``global_step`` counts both players' steps: a fit resumed from a checkpoint without
+the analyzer's state, with an optimizer that keeps no count (SGD), needs each player's steps so far,
+``GenkernelCallback(analyzer, start_step=(generator_steps, discriminator_steps))``::
 
     class GAN(L.LightningModule):
         def __init__(self):
@@ -82,13 +86,28 @@ class GenkernelCallback(pl.Callback):
             callback (an ``AveragedModel`` of the module, updated after every step: EMA or SWA) gets
             the ledger of that average of the analyzed network, unless the analyzer says
             ``ema_ledger="none"``.
+        start_step: for a GAN analyzer, ``(generator_steps, discriminator_steps)``, the steps each player has
+            taken before this fit: needed only where neither the player's optimizer (SGD keeps no step count)
+            nor the analyzer's state in the checkpoint says it (a fit resumed from a checkpoint written without
+            the callback); a pair that contradicts them is refused.
     """
 
-    def __init__(self, analyzer: Any, *, model_attribute: str | None = None, ema: Any = None) -> None:
+    def __init__(self, analyzer: Any, *, model_attribute: str | None = None, ema: Any = None,
+                 start_step: tuple[int, int] | None = None) -> None:
         super().__init__()
+        if start_step is not None:
+            if not hasattr(analyzer, "observe_generator"):
+                raise ValueError("start_step= is for a GANKernelAnalyzer (each player's steps): a fit of one optimizer "
+                                 "numbers its steps from the trainer's global_step")
+            pair = tuple(start_step) if isinstance(start_step, (tuple, list)) else ()
+            if len(pair) != 2 or any(isinstance(v, bool) or not isinstance(v, int) or v < 0 for v in pair):
+                raise ValueError("start_step must be a pair (generator_steps, discriminator_steps) of non-negative "
+                                 f"ints, got {start_step!r}")
+            start_step = pair
         self.analyzer = analyzer
         self.model_attribute = model_attribute
         self.ema = ema
+        self.start_step = start_step
         self._averaging = None  # the WeightAveraging whose average is bound as the EMA
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -99,7 +118,9 @@ class GenkernelCallback(pl.Callback):
                 "GenkernelCallback tracks every step of the fit, so the ledger and report would cover other steps "
                 "than the window the report names. Build the analyzer without track_steps and attach it (module."
                 "analyzer and the callback) only to a fit of the window: resume with ckpt_path= from a checkpoint at "
-                "its first step - 1 and stop with max_steps= at its last"
+                "its first step - 1 and stop with max_steps= at its last (a GAN analyzer whose optimizers keep no step "
+                "count, SGD, is also told each player's steps then: GenkernelCallback(analyzer, start_step=(generator_"
+                "steps, discriminator_steps)))"
             )
         if hasattr(self.analyzer, "observe_generator"):  # a GAN analyzer: both players' optimizers
             self._bind_gan(trainer)
@@ -208,11 +229,54 @@ class GenkernelCallback(pl.Callback):
         if "generator" not in found:
             raise ValueError("no optimizer of the module trains the analyzer's generator: return one over G's parameters "
                              "from configure_optimizers (GANKernelAnalyzer(G, D, ...) must get the module's own G)")
-        numbered = {"generator": analyzer.g_loop_steps, "discriminator": analyzer.d_loop_steps}  # a loaded state's
-        steps = tuple(_optimizer_steps(found.get(player), numbered[player][-1] if numbered[player] else trainer.global_step)
-                      for player in players)
+        steps = self._gan_start_steps(trainer, found)
         analyzer.bind(found["generator"], found.get("discriminator"), ema=self._ema(trainer, trainer.lightning_module,
                                                                                    analyzer._g), start_step=steps)
+
+    def _gan_start_steps(self, trainer: pl.Trainer, found: dict[str, Any]) -> tuple[int, int]:
+        """Each player's steps so far, ``(generator, discriminator)``, which an uninterrupted fit's analyzer numbers
+        on from (each player from its own count: ``g_loop_steps`` 1, 2, ..., ``d_loop_steps`` 1, 2, ...): its
+        optimizer's own count (Adam's ``state["step"]``), else the last number of the analyzer's state loaded from
+        the checkpoint, else 0 in a fit that starts at ``global_step`` 0, else ``start_step=``. Under manual
+        optimization ``global_step`` counts both players' steps, so a fit resumed from a checkpoint without the
+        analyzer's state, whose optimizer keeps no count (SGD), is refused without ``start_step=`` rather than
+        numbered from it; a ``start_step=`` that contradicts a count read here is refused too."""
+        analyzer = self.analyzer
+        numbered = {"generator": analyzer.g_loop_steps, "discriminator": analyzer.d_loop_steps}  # a loaded state's
+        tracked = {"generator": True, "discriminator": found.get("discriminator") is not None
+                   and getattr(analyzer, "track_discriminator", True)}
+        given = None if self.start_step is None else dict(zip(("generator", "discriminator"), self.start_step))
+        global_step = int(trainer.global_step)
+        steps = []
+        for player in ("generator", "discriminator"):
+            count, source = _optimizer_steps(found.get(player)), "its optimizer's step count"
+            if count is None and numbered[player]:
+                count = int(numbered[player][-1])
+                source = "the last step number of the analyzer's state loaded from the checkpoint"
+            if count is None and global_step == 0:
+                count, source = 0, "the fit's start (global_step 0)"
+            if given is not None:
+                if count is not None and given[player] != count and tracked[player]:
+                    raise ValueError(
+                        f"GenkernelCallback(start_step={tuple(self.start_step)!r}) says the {player} has taken "
+                        f"{given[player]} steps, but {source} says {count}: drop start_step= (the callback numbers the "
+                        "players' steps from their optimizers' counts and the analyzer's state in the checkpoint), or "
+                        "pass the steps each player has taken")
+                count = given[player]
+            if count is None:
+                if tracked[player]:
+                    optimizer = type(found[player]).__name__
+                    raise ValueError(
+                        f"the fit resumes at global_step={global_step}, and neither the {player}'s optimizer "
+                        f"({optimizer}, which keeps no step count) nor the checkpoint (no analyzer state in it) says "
+                        f"how many of those steps were the {player}'s: under manual optimization global_step counts "
+                        "both players' steps, and the analyzer numbers each player's steps from its own count, as an "
+                        "uninterrupted fit does. Pass the steps each player has taken, "
+                        "GenkernelCallback(analyzer, start_step=(generator_steps, discriminator_steps)), or resume "
+                        "from a checkpoint written with the callback attached (it holds the analyzer's numbers)")
+                count = 0  # (a player not tracked: no step of it is numbered)
+            steps.append(count)
+        return steps[0], steps[1]
 
     @staticmethod
     def _check_bound_to(tracker: Any, trainer: pl.Trainer) -> None:
@@ -258,8 +322,9 @@ class GenkernelCallback(pl.Callback):
         taken): an accumulation Lightning abandons (``on_train_batch_start`` returning -1 mid-window, its gradients
         cleared at the next window's ``zero_grad``) is no step of Lightning's, though the tracker counts the
         cleared micro-batches as a skipped one."""
-        if pl_module.automatic_optimization and hasattr(self.analyzer, "_global_step"):
-            self.analyzer._global_step = int(trainer.global_step) + 1
+        number = getattr(self.analyzer, "number_next_step", None)
+        if pl_module.automatic_optimization and number is not None:
+            number(int(trainer.global_step) + 1)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.analyzer.finish()
@@ -308,27 +373,28 @@ class GenkernelCallback(pl.Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._stage = stage  # (called before a checkpoint's states are restored)
 
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._stage = None  # (a load_state_dict outside a trainer's run loads)
+
     def state_dict(self) -> dict[str, Any]:
         return {"analyzer": self.analyzer.state_dict()}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        # trainer.validate / test / predict(ckpt_path=...) restore the callbacks too: an analyzer bound in
-        # a fit keeps its ledgers (such a loop trains nothing), instead of refusing the checkpoint's older
-        # step numbers or taking its older ledgers
-        bound = getattr(self.analyzer, "tracker", None) is not None or getattr(self.analyzer, "_bound", False)
-        if getattr(self, "_stage", "fit") != "fit" and bound:
+        # trainer.validate / test / predict(ckpt_path=...) restore the callbacks too: such a loop trains nothing, so
+        # the analyzer is left as it is, bound in an earlier fit or not (an unbound one given the checkpoint's
+        # ledgers would refuse the next fit from step 0 and carry them into a fit that does not resume); a fit
+        # with ckpt_path=... loads them
+        if getattr(self, "_stage", None) not in (None, "fit"):
             return
         self.analyzer.load_state_dict(state_dict["analyzer"])
 
 
-def _optimizer_steps(optimizer: Any, fallback: int) -> int:
+def _optimizer_steps(optimizer: Any) -> int | None:
     """The steps an optimizer has taken (the largest ``state["step"]`` over its parameters: Adam, AdamW,
-    RMSprop keep one, restored with a checkpoint); ``fallback`` when it keeps none (the last step a
-    loaded analyzer numbered for that player, else the trainer's ``global_step``, which under manual
-    optimization counts every optimizer's steps)."""
+    RMSprop keep one, restored with a checkpoint); None when it keeps none (SGD, or no step taken yet)."""
     counts = [float(state["step"]) for state in ([] if optimizer is None else optimizer.state.values())
               if isinstance(state, dict) and "step" in state]
-    return int(max(counts)) if counts else int(fallback)
+    return int(max(counts)) if counts else None
 
 
 def _raised_in_observe(exception: BaseException) -> bool:
