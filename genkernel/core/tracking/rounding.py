@@ -36,18 +36,43 @@ Where d comes from:
 - an owned step on another route (example, factored, sketched): the training graph is gone when
   the check runs, so d is taken only when a parameter fails the plain tolerance, by a forward of the
   step's micro-batches again in analysis mode (:class:`ReplayedRounding`); those routes already
-  require a forward that reproduces the training losses.
+  require a forward that reproduces the training losses;
+- a float64 owned step on the graph route: likewise only on demand, by its training forward again
+  (:class:`TrainingReplay`, below), the RMS of 8 samples.
 
-Float32 models only: float64's ``rtol`` (1e-10) is 900 000 unit roundoffs, and a half-precision
-step has its own allowance (the precision's eps and its witnesses).
+Sampled with every float32 step's rows; a half-precision step has its own allowance (the precision's
+eps and its witnesses). A float64 step samples nothing with its rows: float64's ``rtol`` (1e-10) is
+900 000 unit roundoffs of a parameter's magnitudes, and two rows more in every graph-route backward
+would cost every float64 run for the few steps it matters in. It matters where a parameter's whole
+gradient is a cancellation: a generator's last bias in front of a discriminator's BatchNorm over
+the generated rows (translation invariant: every row of it is exactly zero, its entries pure rounding
+of terms the size of the weights) was refused at step 1 (gap 1.2e-17 against a floor, 16 ε the whole
+gradient's norm, of 7e-18), however correct the step. So an owned float64 step on the dense graph
+route measures d only when a parameter fails the plain tolerance (:class:`TrainingReplay`): its
+micro-batches' training forward again, as training ran it (the generators and buffers it started
+from, the modules' training modes), and the two seeded backward passes of :func:`rounding_of`. The
+replay must give the training losses to rounding, or it measures nothing (dropout drawing from a
+generator it did not restore, a forward that reads what training changed): the check then refuses
+as it did. A float64 step that passes the plain tolerance pays for nothing but the generators'
+states kept at its start (a few kB, 4-25 µs; no row, no pass). The gap of the correct steps replayed
+(35 replays in 480 float64 GAN runs with BatchNorm and dropout in both players, micro-batches of 2
+and 3 rows): at most 2.6 times the RMS ‖d‖, none refused. Not replayed, the plain tolerance as
+before: an observed float64 loop (its forward is the loop's), a step under DDP, a float64 step on
+another route.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
-from typing import Callable
+from typing import Any, Callable, Iterator
 
 import torch
+from torch import nn
+
+from ..adapter import forked_generators
+from ..engine.gradients import rounding_of
+from .step import model_output
 
 # How many times the measured rounding ‖d‖ a parameter's gap may reach. The gap of a correct step measured
 # (d is a difference of two roundings, the gap mostly one): at most 1.35 ‖d‖ on the conv nets of
@@ -110,3 +135,134 @@ class ReplayedRounding(RoundingSample):
             replay, self._replay = self._replay, None
             self.add(replay())
         return super().norms(scale)
+
+
+# The scales of a replay's coefficients: a sample each (the seeds 3/4 and 5/8 of :func:`rounding_of` times s,
+# divided back). One sample's ‖d‖ over a parameter of n elements scatters as a χ of n degrees of freedom: on a
+# bias of 2 elements the gap of a correct step reached 4.28 ‖d‖ (its gap 1.04e-16; 144 float64 GAN runs with
+# BatchNorm over micro-batches of 2 or 3 rows, 14 replays), and a χ₂ falls under a quarter of its RMS 1 time in
+# 17. The RMS of 8 (2 n · 8 degrees of freedom) rarely does, and a replay runs only where the plain tolerance
+# failed, so its 8 backward passes cost no step that passes.
+REPLAY_SCALES = (1.0, 0.9, 0.7, 0.55, 0.95, 0.85, 0.65, 0.6)
+
+
+class TrainingReplay:
+    """An owned float64 step's rounding sample d, taken only if its gradient check asks (tracking.rounding):
+    built just before the step's training forward, it keeps torch's generator states that forward starts
+    from (the CPU one, and every CUDA device's once CUDA is initialized), and :meth:`rounding` runs each
+    micro-batch's forward again from them, as training's ran it, with the two seeded backward passes of
+    :func:`~genkernel.core.engine.gradients.rounding_of`.
+
+    ``buffers``: the module's buffers as the step found them, ``[(buffer, copy)]`` (the tracker's
+    rolled-back state); ``modes``: its modules' training modes in the forward, ``module.modules()``'s
+    order (the tracker's own record; the check runs in eval mode). The replay runs on copies of these
+    buffers, and every other module it runs (a GAN's discriminator) on copies of its own: neither
+    training's buffers nor its generators move. Nothing is run here: what a step pays for is one copy
+    of each generator state (4-7 µs on CPU).
+    """
+
+    def __init__(self, module: nn.Module, params: dict[str, torch.Tensor], step: Any,
+                 buffers: list[tuple[torch.Tensor, torch.Tensor]], modes: tuple[bool, ...]) -> None:
+        # (measured on a 601-module net: reading every parameter's device took 0.8 ms a step, the modules' modes 1.4 ms)
+        self.devices = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
+        self.cpu_state = torch.get_rng_state()
+        self.cuda_states = [torch.cuda.get_rng_state(d) for d in self.devices]
+        self.module, self.params, self.step, self.buffers, self.modes = module, params, step, buffers, modes
+
+    def rounding(self, coefficients: torch.Tensor) -> dict[str, torch.Tensor]:
+        """d summed over the step's micro-batches, ``{name: Tensor[*shape]}`` float64; ``{}`` (no allowance)
+        when the replayed losses are not the training losses (``step.losses``) to rounding. Runs inside the
+        gradient check (θ_k; ``.grad`` untouched: the passes are ``autograd.grad``'s)."""
+        step, module = self.step, self.module
+        total = RoundingSample()
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(forked_generators(devices=self.devices))
+            stack.enter_context(_buffers_as(module, self.buffers))
+            stack.enter_context(_other_buffers_kept(module))
+            stack.enter_context(_modes(module, self.modes))
+            torch.set_rng_state(self.cpu_state)
+            for device, state in zip(self.devices, self.cuda_states):
+                torch.cuda.set_rng_state(state, device)
+            with torch.enable_grad():
+                for rows in step.micro_batch_slices():
+                    inputs, targets = step.micro_batch(rows)
+                    with step.precision():
+                        losses = step.loss_fn(model_output(module, inputs), targets)
+                    if not _reproduces(losses.detach(), step.losses[rows]):
+                        return {}
+                    c = coefficients[rows].to(losses.device)
+                    # (one stacked sample [k, *shape] per parameter: its norm / √k is the samples' RMS norm)
+                    samples = [rounding_of(losses, self.params, c * s) for s in REPLAY_SCALES]
+                    total.add({name: torch.stack([d[name] / s for d, s in zip(samples, REPLAY_SCALES)])
+                               / math.sqrt(len(REPLAY_SCALES)) for name in self.params})
+        return total.difference or {}
+
+
+def _reproduces(replayed: torch.Tensor, training: torch.Tensor) -> bool:
+    """Whether a replayed forward's losses are training's up to its rounding (a few units of the loss's
+    size; the same operations on the same values agree bit for bit on CPU): another dropout mask or
+    another batch statistic moves them by far more."""
+    if replayed.shape != training.shape or not bool(torch.isfinite(replayed).all()):
+        return False
+    if training.numel() == 0:
+        return True
+    training = training.to(replayed)
+    scale = float(training.abs().max())
+    return float((replayed - training).abs().max()) <= 64 * torch.finfo(replayed.dtype).eps * scale
+
+
+@contextlib.contextmanager
+def _buffers_as(module: nn.Module, saved: list[tuple[torch.Tensor, torch.Tensor]]) -> Iterator[None]:
+    """Every buffer slot of ``module`` holding a copy of the buffer's value in ``saved`` (its own value where
+    ``saved`` has none), the original tensors put back after, untouched (their version counters too)."""
+    values = {id(b): v for b, v in saved}
+    slots = [(m, name, b) for m in module.modules() for name, b in m._buffers.items() if b is not None]
+    try:
+        with torch.no_grad():
+            for m, name, b in slots:
+                m._buffers[name] = values.get(id(b), b).clone()
+        yield
+    finally:
+        for m, name, b in slots:
+            m._buffers[name] = b
+
+
+@contextlib.contextmanager
+def _modes(module: nn.Module, modes: tuple[bool, ...]) -> Iterator[None]:
+    """``module``'s modules in the training modes ``modes`` (the step's forward's, ``module.modules()``'s order),
+    their modes now put back after."""
+    now = [(m, m.training) for m in module.modules()]
+    try:
+        for (m, _), training in zip(now, modes, strict=True):
+            m.training = training
+        yield
+    finally:
+        for m, training in now:
+            m.training = training
+
+
+@contextlib.contextmanager
+def _other_buffers_kept(module: nn.Module) -> Iterator[None]:
+    """Every module outside ``module`` that runs a forward inside (a GAN's discriminator, however deep in the
+    loss: an augmented loss holds it in a loss it holds) runs on copies of its own buffers, from its first
+    call on; the original tensors are put back after, untouched (a global forward pre-hook while inside)."""
+    seen = {id(m) for m in module.modules()}
+    swapped: list[tuple[nn.Module, str, torch.Tensor]] = []
+
+    def keep(m: nn.Module, args: Any) -> None:
+        if id(m) in seen:
+            return
+        seen.add(id(m))
+        with torch.no_grad():
+            for name, b in m._buffers.items():
+                if b is not None:
+                    swapped.append((m, name, b))
+                    m._buffers[name] = b.clone()
+
+    handle = nn.modules.module.register_module_forward_pre_hook(keep)
+    try:
+        yield
+    finally:
+        handle.remove()
+        for m, name, b in reversed(swapped):
+            m._buffers[name] = b

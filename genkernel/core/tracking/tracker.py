@@ -88,7 +88,7 @@ from ..cost import (
 from ..grouping import Partitions
 from .checks import CheckScratch, largest_excess
 from ..engine.projections import check_sketch_settings
-from .rounding import ROUNDING_ALLOWANCE, ReplayedRounding, RoundingSample
+from .rounding import ROUNDING_ALLOWANCE, ReplayedRounding, RoundingSample, TrainingReplay
 from .distributed import StepAgreement, check_replicated, ddp_context, summed_over_ranks
 from .ema import EMALedgers, check_ema_precision, ema_buffers, ema_callable, ema_parameters
 from .io import atomic_save, load_state, to_device
@@ -737,7 +737,13 @@ class PathKernelTracker:
             # 1. ĝ_{k,g} = Σ_{n ∈ g} c_n ∇ℓ_n at θ_k (from the step's own graph or layer factors, or a second pass).
             if self.route.uses_graph() or own_graph is not None:
                 box: dict[str, Any] = {"entries": [], "witness": None}
-                rounding = RoundingSample()
+                # A float64 step samples no rounding with its rows (two rows more in every backward): if a parameter
+                # fails the plain tolerance, its micro-batches' training forward is run again from what it started
+                # from, kept here just before it (tracking.rounding.TrainingReplay; a few kB, nothing else).
+                replay = (TrainingReplay(self.module, self.params, step, saved["buffers"], self._checked_modes)
+                          if not self._samples_rounding and own_graph is None and self.distributed is None else None)
+                rounding = (RoundingSample() if replay is None else
+                            ReplayedRounding(lambda: replay.rounding(coefficients)))
 
                 def from_graph(graph_losses: torch.Tensor) -> None:
                     # one micro-batch's rows (the whole batch without accumulation), summed over them
