@@ -49,6 +49,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import statistics
 import time
 from pathlib import Path
 
@@ -545,7 +546,8 @@ def speed_child(model_name: str, n: int, repeats: int, out: str, quick: bool) ->
     """Section 1 for one row, in its own process: every speed method's in-process first call (on
     its own copy of the model, made before the clock starts; order-dependent, so the row's
     first-call times come from :func:`first_child` instead), then ``repeats`` interleaved rounds
-    (:func:`~recipes.benchmarks.harness.interleaved`); every method's kernel from its first call
+    (:func:`~recipes.benchmarks.harness.interleaved`), each method's on the copy its first call
+    warmed (never a model the method has not run on: the rounds are steady state); every method's kernel from its first call
     and from its last round is compared with vmap's. Saves ``{"methods": {method: timing},
     "plan": kernel_plan of auto, "max_rel_diff_vs_vmap" (the worse of the two per method),
     "max_rel_diff_vs_vmap_by_call", "vmap_work", "reference_kernel" (vmap's)}``."""
@@ -559,12 +561,16 @@ def speed_child(model_name: str, n: int, repeats: int, out: str, quick: bool) ->
 
     def first_call(name):
         def run():
-            firsts[name] = calls[name](copies.pop(name)).detach()
+            firsts[name] = calls[name](copies[name]).detach()
         return run
 
+    # Each method's rounds run on the copy its first call warmed: genkernel caches per model (the covering
+    # check, the probed layers), so rounds on a model no call had seen made round 0 a second first call
+    # (the committed UNet row: auto's round 0 took 0.361 s against 0.252-0.259 s in rounds 1-6), and
+    # whichever of auto and factored ran first on a shared model paid it for the other.
     def steady_call(name):
         def run():
-            lasts[name] = calls[name](model)
+            lasts[name] = calls[name](copies[name])
         return run
 
     timings = interleaved({name: steady_call(name) for name in calls}, repeats,
@@ -724,12 +730,14 @@ def _tracker_run(optimizer: str, group_state: str, batch: int, steps: int, profi
         for run in ((bare_step, tracked_step) if s % 2 == 0 else (tracked_step, bare_step)):
             run(rows)
     bare, tracked = min(bare_times[1:]), min(tracked_times[1:])
-    pair_ratios = sorted(t / b for t, b in zip(tracked_times[1:], bare_times[1:]))
+    pair_ratios = [t / b for t, b in zip(tracked_times[1:], bare_times[1:])]
     # the same steps on the same batches from the same start: a tracked step that trained differently is no step made slower
     same = all(torch.equal(p, q) for p, q in zip(bare_model.parameters(), tracked_model.parameters()))
     out = {"optimizer": optimizer, "group_state": tracker.group_state, "batch": batch, "groups": batch * steps,
            "bare_step_s": bare, "tracked_step_s": tracked, "ratio": tracked / bare,
-           "median_pair_ratio": pair_ratios[len(pair_ratios) // 2], "order": "alternating", "training_unchanged": same,
+           # a median (of an even count, the mean of the middle two: the upper one was the larger of 2 pairs' ratios)
+           "median_pair_ratio": statistics.median(pair_ratios), "order": "alternating", "training_unchanged": same,
+           "bare_steps_s": bare_times, "tracked_steps_s": tracked_times,  # the first of each a warm-up, left out
            "relative_residual": tracker.ledger.relative_residual(),
            "relative_sketch_error": tracker.ledger.relative_sketch_error()}
     if profiler is not None:
@@ -753,11 +761,12 @@ def tracker_ratio(quick: bool) -> dict:
             except Exception as error:  # noqa: BLE001 - one failure must not lose the others
                 rows.append({"optimizer": optimizer, "group_state": group_state, "batch": batch, "error": repr(error)[:500]})
             print("tracker", json.dumps({k: v for k, v in rows[-1].items() if k != "profile"}), flush=True)
-    # The dense route at one group per example, for comparison (its cost grows with G = B x steps).
+    # The dense route at one group per example, for comparison (its cost grows with G = B x steps): at the first
+    # batch's B and steps, so its G is that of the factored row it is compared with (it ran 3 steps, half the G)
     try:
-        rows.append(_tracker_run("sgd", "dense", 64, 3))
+        rows.append(_tracker_run("sgd", "dense", batches[0], steps))
     except Exception as error:  # noqa: BLE001
-        rows.append({"optimizer": "sgd", "group_state": "dense", "batch": 64, "error": repr(error)[:500]})
+        rows.append({"optimizer": "sgd", "group_state": "dense", "batch": batches[0], "error": repr(error)[:500]})
     print("tracker", json.dumps(rows[-1]), flush=True)
     target = [r for r in rows if r.get("group_state") == "factored" and "ratio" in r]
     entry = {"target_ratio": TRACKER_TARGET, "runs": rows,

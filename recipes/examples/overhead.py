@@ -85,10 +85,18 @@ def first_images(source: Path, root: Path, count: int) -> Path:
     return root
 
 
+def step_device(optimizer: torch.optim.Optimizer) -> torch.device:
+    """The device of the optimizer's first parameter (the CPU for an optimizer without any)."""
+    for group in optimizer.param_groups:
+        for param in group["params"]:
+            return param.device
+    return torch.device("cpu")
+
+
 def timed_run(train: Any, argv: Sequence[str]) -> dict[str, Any]:
     """Run the training script ``train`` once. Returns ``{"steps", "seconds_per_step" (mean time between the
     ends of consecutive optimizer steps, from the end of the first step of every optimizer on), "other_s"
-    (the rest of the wall time), "total_s"}``.
+    (the rest of the wall time), "total_s"}``. On CUDA each step's end is read after synchronizing the device.
 
     The steps up to the first step of the last optimizer to step are warm-up, left out: each optimizer's
     first step carries one-time work (the DCGAN at upstream's size, 8 steps, one thread: its first G step
@@ -98,6 +106,9 @@ def timed_run(train: Any, argv: Sequence[str]) -> dict[str, Any]:
     optimizers: list[int] = []
 
     def record(optimizer, args, kwargs):
+        device = step_device(optimizer)
+        if device.type == "cuda":  # the step's kernels still queued would otherwise land in the next step's time,
+            torch.cuda.synchronize(device)  # or past the last end: a bare run that never waits looked cheaper
         ends.append(time.perf_counter())
         optimizers.append(id(optimizer))
 
