@@ -875,9 +875,10 @@ def write_diffusion_outputs(name: str, args: argparse.Namespace, s: dict, timer:
                             retrieval, retrieval_data, *, images: bool) -> dict:
     """Saves a diffusion recipe's per-view figures (``OUT/NAME_<view>.png``), then the overview PNG
     and the JSON (claims from the runs, :func:`diffusion_claims`). Figures aggregate the runs: the
-    matrices are averaged over seeds and the locality panels show every seed; the kernel, matrix-evolution
-    and retrieval figures draw the first seed's run alone, and say so in their titles (``results.first_seed_figures``
-    in the JSON names them).
+    matrices are averaged over seeds and the per-level locality panel shows every seed; the kernel,
+    matrix-evolution and retrieval figures draw the first seed's run alone, and say so in their titles
+    (``results.first_seed_figures`` in the JSON names them), as do the locality figure's panels over
+    training and the overview's kernel and entropy panels (``results.first_seed_panels``).
 
     ``retrieval``: seed 0's θ_T retrieval result (None when aggregating saved runs: the retrieval
     figure then shows the entropy only); ``retrieval_data``: the training inputs it retrieved from.
@@ -895,7 +896,7 @@ def write_diffusion_outputs(name: str, args: argparse.Namespace, s: dict, timer:
     first_seed = f"seed {runs[0]['seed']} of {len(runs)}" if len(runs) > 1 else None
     extra = {
         "noise_matrix": plots.plot_noise_matrices(report),
-        "locality": plots.plot_locality_over_training(report, runs=runs, claims=claims),
+        "locality": plots.plot_locality_over_training(report, runs=runs, claims=claims, run_label=first_seed),
         "kernel_decay": plots.plot_kernel_decay(runs[0]["report"], reference=references[0], run_label=first_seed),
         "matrix_evolution": plots.plot_matrix_evolution(runs[0]["report"], run_label=first_seed),
         "retrieval": plots.plot_retrieval(retrieval, retrieval_data, images=images, quality=quality,
@@ -921,6 +922,9 @@ def write_diffusion_outputs(name: str, args: argparse.Namespace, s: dict, timer:
         # the figures drawn from the first seed's run alone (the others aggregate every seed)
         "first_seed_figures": {"seed": first["seed"], "figures": [f"{name}_{key}.png" for key in
                                                                    ("kernel_decay", "matrix_evolution", "retrieval")]},
+        # panels of the aggregate figures drawn from the first seed's run alone (their titles name it over several seeds)
+        "first_seed_panels": {f"{name}_locality.png": ["traffic locality", "net-share locality", "kernel locality"],
+                              f"{name}.png": ["kernel decay", "retrieval entropy"]},
         "final_loss": first["final_loss"],
         "timing": first["timing"],
         "what_ran": (f"{args.mode} settings, {len(runs)} seed(s) {[r['seed'] for r in runs]}: warm-up "
@@ -929,7 +933,8 @@ def write_diffusion_outputs(name: str, args: argparse.Namespace, s: dict, timer:
                      + f", then a tracked window of {s['window_steps']} steps, "
                      f"{s['num_probes']} probes, {s['num_bins']} log-SNR bins, {s['controls']} permutation controls"),
     }
-    return finish(name, args, plots.plot_overview(report, first["retrieval"], claims=claims), results, claims, s, timer)
+    overview = plots.plot_overview(report, first["retrieval"], claims=claims, run_label=first_seed)
+    return finish(name, args, overview, results, claims, s, timer)
 
 
 def run_diffusion_recipe(name: str, spec: dict, args: argparse.Namespace, s: dict) -> dict:

@@ -26,3 +26,17 @@ def colour_limit(*matrices, absolute: bool = False) -> float:
         values = np.abs(values)
     top = float(values.max()) if values.size else 0.0
     return top if top > 0 else 1.0
+
+
+NO_VALUE_COLOUR = "0.45"  # mid grey: on no diverging or sequential map drawn here, and far from a map's white or pale zero
+
+
+def heat_colormap(name: str):
+    """Matplotlib's colour map ``name`` with a missing (NaN) entry drawn in :data:`NO_VALUE_COLOUR`.
+
+    By default a NaN cell is left transparent, i.e. drawn in the axes' white: on a diverging map
+    (RdBu_r, coolwarm) that is the colour of 0, so a probe level or group without a value read as
+    "no share"; on magma, as nearly its top. Grey is none of the maps' colours."""
+    import matplotlib
+
+    return matplotlib.colormaps[name].with_extremes(bad=NO_VALUE_COLOUR)

@@ -11,7 +11,7 @@ from typing import Any, Sequence
 import matplotlib.pyplot as plt
 import numpy as np
 
-from .arrays import colour_limit, float_array as _arr
+from .arrays import colour_limit, float_array as _arr, heat_colormap
 
 __all__ = [
     "average_reports",
@@ -68,7 +68,8 @@ def _heat(ax, matrix, levels, title, *, diverging=False, kappa=None, vmin=None, 
         # a limit of 0 (an all-zero matrix) gave vmin = vmax = 0, where matplotlib draws every value
         # at the map's bottom: zeros looked strongly negative
         lim = lim if lim > 0 else 1.0
-        im = ax.imshow(m, cmap="RdBu_r", vmin=-lim, vmax=lim, origin="lower", aspect="auto")
+        # a NaN cell (a level or bin without a value) in grey: left transparent it was the white of 0
+        im = ax.imshow(m, cmap=heat_colormap("RdBu_r"), vmin=-lim, vmax=lim, origin="lower", aspect="auto")
     else:
         im = ax.imshow(m, cmap="viridis", vmin=0 if vmin is None else vmin, vmax=vmax, origin="lower", aspect="auto")
     ax.set_xlabel("training level t (bin)")
@@ -133,13 +134,18 @@ def _locality_series(history: Sequence[dict], key: str):
 
 
 def plot_locality_over_training(report: dict[str, Any], ax_row=None, *, runs: Sequence[dict] | None = None,
-                                claims: dict | None = None) -> plt.Figure:
+                                claims: dict | None = None, run_label: str | None = None) -> plt.Figure:
     """Traffic, net-share and kernel locality over training, each beside its permutation control,
     with the sanity models as reference lines (per-bin parameters: band share 1 by construction;
     the time-blind denoiser's measured value; θ₀ is the kernel's first checkpoint), and the
     locality per probe level (measured − control with its interval, per seed): an average over
     levels can hide a sign flip between them. The shaded band is control + the 95 % interval of
-    (measured − control) over probes."""
+    (measured − control) over probes.
+
+    The first three panels draw ``report``'s own history and kernel checkpoints (one run: of several
+    seeds, the report the caller passes, e.g. :func:`average_reports`' first run's); ``run_label``
+    (e.g. "seed 0 of 3") goes in their titles. The per-level panel draws every run of ``runs``."""
+    suffix = f", {run_label}" if run_label else ""
     history, kernels = report["locality_over_training"], report["kernel"]
     band = report["config"]["band"]
     runs = list(runs or [])
@@ -157,8 +163,8 @@ def plot_locality_over_training(report: dict[str, Any], ax_row=None, *, runs: Se
             ax.axhline(reference["locality"][key]["measured"], color="C3", lw=1, ls="-.",
                        label="time-blind denoiser, end of window")
         measured = (claims or {}).get(f"{key}_locality", {}).get("measured", True)
-        ax.set_title(f"{title} (share within ±{band} bins of s)" + ("" if measured else "\nNOT MEASURED: window mostly pre-window state"),
-                     fontsize=8)
+        ax.set_title(f"{title} (share within ±{band} bins of s){suffix}"
+                     + ("" if measured else "\nNOT MEASURED: window mostly pre-window state"), fontsize=8)
         ax.set_xlabel("training step")
         ax.legend(fontsize=6)
     xs, meas, ctrl, lo, hi = _locality_series(
@@ -174,7 +180,7 @@ def plot_locality_over_training(report: dict[str, Any], ax_row=None, *, runs: Se
     if kernel_claim.get("time_blind") is not None:
         ax.axhline(kernel_claim["time_blind"], color="C3", lw=1, ls="-.", label="time-blind denoiser at θ_T (− control)")
     ax.axhline(0, color="k", lw=0.5)
-    ax.set_title(f"kernel locality: mean k̂ within ±{band} bins minus outside", fontsize=8)
+    ax.set_title(f"kernel locality: mean k̂ within ±{band} bins minus outside{suffix}", fontsize=8)
     ax.set_xlabel("training step (kernel checkpoints)")
     ax.legend(fontsize=6)
     ax = axes[3]
@@ -250,9 +256,9 @@ def plot_retrieval(result, train_data, *, images: bool, top: int = 3, quality: d
     distance to the training set is nearer held-out data's than the training inputs' own spread): otherwise the figure shows the final samples beside
     training inputs and says why the retrieval is left out. ``result`` None (runs read back from
     JSON): the entropy curve only, from ``entropy [K, S]`` and ``stages``. ``run_label`` as in
-    :func:`plot_kernel_decay` (in the entropy panel's title)."""
+    :func:`plot_kernel_decay` (in the entropy panel's title, or the noise figure's)."""
     if quality is not None and quality.get("noise"):
-        return _noise_samples_figure(result, train_data, images=images, quality=quality)
+        return _noise_samples_figure(result, train_data, images=images, quality=quality, run_label=run_label)
     if result is None:
         fig, ax = plt.subplots(figsize=(6, 3.5))
         _entropy_panel(ax, np.asarray(stages), _arr(entropy), run_label)
@@ -310,11 +316,16 @@ def _entropy_panel(ax, stages: np.ndarray, entropy: np.ndarray, run_label: str |
     ax.legend(fontsize=6)
 
 
-def _noise_samples_figure(result, train_data, *, images: bool, quality: dict) -> plt.Figure:
-    """The final samples next to training inputs, and why retrieval is not shown."""
-    why = (f"samples are still noise: their distance to the training set is {quality['score']:.2f} of the way from "
-           f"held-out data's (0) to the training inputs' distance to one another (1), above {quality['limit']:g}: "
-           "retrieval not shown")
+def _noise_samples_figure(result, train_data, *, images: bool, quality: dict, run_label: str | None = None) -> plt.Figure:
+    """The final samples next to training inputs, and why retrieval is not shown (``run_label``: the run drawn)."""
+    score = quality.get("score")
+    if score is not None and np.isfinite(score):
+        where = (f"their distance to the training set is {score:.2f} of the way from held-out data's (0) to the "
+                 f"training inputs' distance to one another (1), above {quality['limit']:g}")
+    else:  # +inf or NaN, saved as None: formatting it raised TypeError after the whole run
+        where = ("their distance to the training set cannot be scaled (held-out data lie no nearer the training set than "
+                 "the training inputs lie to one another, or too few training inputs), counted as noise")
+    why = f"samples are still noise: {where}: retrieval not shown" + (f" ({run_label})" if run_label else "")
     if result is None:
         fig, ax = plt.subplots(figsize=(7, 2))
         ax.set_axis_off()
@@ -351,11 +362,18 @@ def _image(x):
 
 
 def plot_overview(report: dict[str, Any], retrieval_json: dict[str, Any] | None = None, *,
-                  claims: dict | None = None) -> plt.Figure:
+                  claims: dict | None = None, run_label: str | None = None) -> plt.Figure:
     """One-page summary: traffic matrix, the locality claims (value with its interval, baseline as
-    a cross; "not measured" where the settings cannot answer), kernel decay, retrieval entropy."""
+    a cross; "not measured" where the settings cannot answer), kernel decay, retrieval entropy.
+
+    The traffic matrix is ``report``'s (the mean over seeds when it averages several: its title says
+    so); the kernel-decay and entropy panels draw ``report``'s own kernel checkpoints and
+    ``retrieval_json``, one run's: ``run_label`` (e.g. "seed 0 of 3") goes in their titles."""
+    suffix = f", {run_label}" if run_label else ""
+    seeds = report.get("seeds_averaged")
     fig, axes = plt.subplots(1, 4, figsize=(18, 3.9))
-    _heat(axes[0], report["matrices"]["traffic"], report["config"]["probe_levels"], "traffic share (rows: probe level s)")
+    _heat(axes[0], report["matrices"]["traffic"], report["config"]["probe_levels"],
+          "traffic share (rows: probe level s)" + (f", mean of {seeds} seeds" if seeds else ""))
     names = ("traffic_locality", "kernel_locality", "retrieval_broad_to_narrow")  # net shares: own scale, in the note
     ax = axes[1]
     for i, key in enumerate(names):
@@ -392,14 +410,15 @@ def plot_overview(report: dict[str, Any], retrieval_json: dict[str, Any] | None 
         step = _step(entry)
         axes[2].plot(_arr(entry["by_distance"]), "o-", label=f"step {step}")
     axes[2].set_xlabel("|Δ bin|")
-    axes[2].set_title("mean k̂ across noise levels (first: θ₀)", fontsize=9)
+    axes[2].set_title(f"mean k̂ across noise levels (first: θ₀){suffix}", fontsize=9)
     axes[2].legend(fontsize=7)
     if retrieval_json is not None:
         axes[3].plot(retrieval_json["stages"], _arr(retrieval_json["mean_entropy"]), "o-")
         axes[3].invert_xaxis()
         axes[3].set_xlabel("reverse step s")
         measured = (claims or {}).get("retrieval_broad_to_narrow", {}).get("measured", True)
-        axes[3].set_title("retrieval entropy / log N" + ("" if measured else "\n(samples are noise: not measured)"), fontsize=9)
+        axes[3].set_title(f"retrieval entropy / log N{suffix}" + ("" if measured else "\n(samples are noise: not measured)"),
+                          fontsize=9)
     else:
         axes[3].set_axis_off()
     fig.tight_layout()

@@ -12,7 +12,7 @@ from typing import Sequence
 import matplotlib.pyplot as plt
 import numpy as np
 
-from .arrays import float_array as _np
+from .arrays import NO_VALUE_COLOUR, float_array as _np
 
 __all__ = [
     "plot_regression_kernels",
@@ -40,7 +40,9 @@ def _kernel_image(ax, kernel, title: str, *, vmin=-1.0, vmax=1.0, boundaries: Se
 
         depth = min(1.0, -vmin / vmax)
         x = np.linspace(0.0, 1.0, 256)
-        cmap = ListedColormap(matplotlib.colormaps["RdBu_r"](np.where(x < 0.5, 0.5 - depth * (0.5 - x), x)))
+        # (a NaN entry in grey: left transparent it was the white of k̂ = 0)
+        cmap = ListedColormap(matplotlib.colormaps["RdBu_r"](np.where(x < 0.5, 0.5 - depth * (0.5 - x), x))).with_extremes(
+            bad=NO_VALUE_COLOUR)
         im = ax.imshow(k, cmap=cmap, norm=TwoSlopeNorm(vcenter=0.0, vmin=vmin, vmax=vmax), interpolation="nearest")
     else:
         im = ax.imshow(k, cmap="RdBu_r" if vmin < 0 else "viridis", vmin=vmin, vmax=vmax, interpolation="nearest")
@@ -159,11 +161,11 @@ def _g(value, spec: str = "g") -> str:
     return "?" if value is None else format(float(value), spec)
 
 
-def plot_tangent_svm(panels: dict[str, dict]) -> plt.Figure:
+def plot_tangent_svm(panels: dict[str, dict], *, seed: int = 0) -> plt.Figure:
     """Figure 3. ``panels[task]`` holds ``grid_x, grid_y [G, G']``, ``tangent_scores``,
     ``rbf_scores`` (decision functions), ``x_test [M, 2]``, ``y_test [M]``, ``tangent_acc``,
     ``rbf_acc`` and the tuned ``tangent_C``, ``rbf_C``, ``rbf_gamma``. Equal aspect: each task's
-    columns are as wide as its data."""
+    columns are as wide as its data. ``seed``: the run drawn, named in the title."""
     tasks = list(panels)
     widths = [float(np.ptp(_np(panels[t]["grid_x"]))) / float(np.ptp(_np(panels[t]["grid_y"]))) for t in tasks]
     widths = [max(w, 0.35) for w in widths]  # room for the titles
@@ -183,14 +185,15 @@ def plot_tangent_svm(panels: dict[str, dict]) -> plt.Figure:
         if j == 0:
             points = ax.get_legend_handles_labels()[0]
     fig.legend(handles=handles + points, loc="lower center", ncol=4, fontsize=7, frameon=False)
-    fig.suptitle("seed 0; C and γ tuned by cross-validation; equal aspect", fontsize=9)
+    fig.suptitle(f"seed {seed}; C and γ tuned by cross-validation; equal aspect", fontsize=9)
     fig.tight_layout(rect=(0, 0.04, 1, 0.97))
     return fig
 
 
-def plot_tangent_embedding(panels: list[dict], *, method: str) -> plt.Figure:
+def plot_tangent_embedding(panels: list[dict], *, method: str, seed: int = 0) -> plt.Figure:
     """Figure 4. Each panel: ``coords [N, 2]``, ``labels [N]``, ``seen`` (classes trained on),
-    ``title``. Seen classes are drawn as filled dots, unseen as crosses."""
+    ``title``. Seen classes are drawn as filled dots, unseen as crosses. ``seed``: the run drawn,
+    named in the title."""
     fig, axes = plt.subplots(1, len(panels), figsize=(4.4 * len(panels), 4.4))
     axes = np.atleast_1d(axes)
     cmap = plt.get_cmap("tab10")
@@ -205,17 +208,18 @@ def plot_tangent_embedding(panels: list[dict], *, method: str) -> plt.Figure:
         ax.set_xticks([])
         ax.set_yticks([])
         ax.legend(fontsize=6, markerscale=1.5, ncol=2, loc="best", title="digit (o seen, x unseen)", title_fontsize=6)
-    fig.suptitle(f"tangent features embedded with {method} (distances from the normalized gradient kernel; seed 0)", fontsize=9)
+    fig.suptitle(f"tangent features embedded with {method} (distances from the normalized gradient kernel; seed {seed})", fontsize=9)
     fig.tight_layout()
     return fig
 
 
 def plot_printed_digits(init_kernel, final_kernel, confusion, per_class: int, examples, *, accuracy: float,
-                        gaps: dict[str, float], aucs: dict[str, float] | None = None) -> plt.Figure:
+                        gaps: dict[str, float], aucs: dict[str, float] | None = None, seed: int = 0) -> plt.Figure:
     """Figure 5: interleaved handwritten/printed kernels (blocks of ``per_class``: hand 0, printed 0,
     hand 1, ...) at init and after training on one colour scale, large enough that the blocks show
     (thick lines between digits, thin between the two domains of a digit, the digit at each pair
-    of blocks); the confusion matrix on printed digits and a strip of examples."""
+    of blocks); the confusion matrix on printed digits and a strip of examples. ``seed``: the run
+    drawn, named in the confusion panel's title."""
     pair = 2 * per_class
     n = _block_ticks(init_kernel, final_kernel, pair, "2 · per_class")
     fig = plt.figure(figsize=(15, 12))
@@ -248,7 +252,7 @@ def plot_printed_digits(init_kernel, final_kernel, confusion, per_class: int, ex
     ax.set_xticks(range(conf.shape[1]))
     ax.set_yticks(range(conf.shape[0]))
     ax.tick_params(labelsize=7)
-    ax.set_title(f"(c) confusion on printed digits (seed 0)\naccuracy {accuracy:.3f}", fontsize=9)
+    ax.set_title(f"(c) confusion on printed digits (seed {seed})\naccuracy {accuracy:.3f}", fontsize=9)
     ax = fig.add_subplot(grid[1, 1])
     ex = _np(examples)
     strip = np.concatenate([np.concatenate(list(row), axis=1) for row in ex], axis=0)
@@ -314,11 +318,13 @@ def plot_optimizer_weighting(weights: dict[str, np.ndarray], x_train, probe_x, k
 def plot_null_space(spectrum, energy_curve, x_train, x_test, y_test, pred_test, residual, error, *,
                     rho: float, interval: Sequence[float] | None, eigenfunctions=None, distance=None,
                     by_region: dict | None = None, operator_error: float | None = None,
-                    train_range: Sequence[float] = (-np.pi, np.pi)) -> plt.Figure:
+                    train_range: Sequence[float] = (-np.pi, np.pi), seed: int = 0) -> plt.Figure:
     """Generalization and the null space: spectrum, top-k target energy, predictions with the
     out-of-span part r(x), and error against r(x) (inside the training range ``train_range``, the
     interval the training inputs were drawn from and the regions of ``by_region``: filled; outside:
-    open), with the Spearman correlations per region beside the distance baseline."""
+    open), with the Spearman correlations per region beside the distance baseline. ``seed``: the
+    run drawn, named in the title; ``operator_error``: the kernel machine's relative error the
+    spectrum's note states (pass the number the JSON reports)."""
     low_x, high_x = (float(v) for v in train_range)
     xs = _np(x_train).reshape(-1)
     if xs.size and (xs.min() < low_x or xs.max() > high_x):
@@ -365,8 +371,8 @@ def plot_null_space(spectrum, energy_curve, x_train, x_test, y_test, pred_test, 
     axes[3].set_ylabel("test error |f(x) − y(x)| (floor 1e-16)", fontsize=8)
     # test points on a grid are strongly correlated: an interval over them (a bootstrap of the points) is too
     # narrow; interval=None draws ρ alone, the intervals over seeds are in by_region and the claims
-    title = (f"seed 0: Spearman ρ = {rho:.2f} over the test points" if interval is None
-             else f"seed 0: Spearman ρ = {rho:.2f}  [{interval[0]:.2f}, {interval[1]:.2f}] (test points)")
+    title = (f"seed {seed}: Spearman ρ = {rho:.2f} over the test points" if interval is None
+             else f"seed {seed}: Spearman ρ = {rho:.2f}  [{interval[0]:.2f}, {interval[1]:.2f}] (test points)")
     if by_region:
         title += "\nmean over seeds, ρ(r, err) vs ρ(distance to training, err):\n" + "; ".join(
             f"{k} {v['rho_residual']:.2f} vs {v['rho_distance']:.2f}" for k, v in by_region.items())

@@ -2,7 +2,7 @@
 ``*_figure`` functions build a whole figure).
 
 Inputs are plain tensors / lists from :class:`genkernel.gan.GANKernelAnalyzer` and its ``report()``
-(strict JSON: a None entry, how the report writes NaN, is drawn as a gap). Figures that summarize
+(strict JSON: a None entry, how the report writes NaN, is drawn as a gap in a curve, grey in a heat map). Figures that summarize
 several runs take one list of windows per seed and show every window of every seed: nothing is
 chosen by looking at the numbers first. Measured and control matrices share one colour scale, and
 every colour that carries meaning has a colour bar or a legend.
@@ -16,7 +16,7 @@ from typing import Sequence
 
 import numpy as np
 
-from .arrays import colour_limit, float_array as _np
+from .arrays import colour_limit, float_array as _np, heat_colormap
 
 
 def _unit(v: np.ndarray) -> np.ndarray:
@@ -82,10 +82,12 @@ def plot_coupling(ax, matrix, labels: Sequence[str] | None = None, *, title: str
     lim = limit if limit is not None else shared_limit(m, diverging=diverging)
     # a passed limit of 0 gives vmin = vmax, where matplotlib draws every value at the map's bottom
     lim = lim if lim > 0 else 1.0
+    # a None / NaN entry (a group without probes) in grey: left transparent it was the white of a zero net share
+    # (and next to magma's near-white top)
     if diverging:
-        im = ax.imshow(m, cmap="RdBu_r", vmin=-lim, vmax=lim)
+        im = ax.imshow(m, cmap=heat_colormap("RdBu_r"), vmin=-lim, vmax=lim)
     else:
-        im = ax.imshow(m, cmap="magma", vmin=0, vmax=lim)
+        im = ax.imshow(m, cmap=heat_colormap("magma"), vmin=0, vmax=lim)
     if colorbar:
         bar = ax.figure.colorbar(im, ax=ax, fraction=0.046, pad=0.03)
         bar.set_label(colorbar, fontsize=7)
@@ -171,6 +173,11 @@ def _errorbars(ax, windows: list[dict], pick, offset: float, color: str, label: 
         if result is None:
             continue
         e, low, high = _estimate_and_interval(result)
+        if result.get("why"):
+            # an interval the statistics refuse (too few probe groups, "why"): no bar. With two probe groups the
+            # interaction statistic is the same for both (each row sums to 1), so its interval has zero width and
+            # was drawn as an exact estimate
+            low = high = math.nan
         mids.append(0.5 * (w["steps"][0] + w["steps"][1]) + offset)
         est.append(e)
         # no interval: no bar (NaN), not a zero-length one, which would read as an exact estimate
@@ -190,8 +197,8 @@ SEED_MARKERS = "osD^v<>p*h"
 
 def plot_window_statistics(ax, windows_per_seed: Sequence[Sequence[dict]], *, kind: str = "traffic", title: str | None = None):
     """Every window of every seed: the geometry and the spatial partition's interaction statistic
-    minus control, and their difference, each with its interval (clustered by probe group). Colour:
-    the statistic (legend); marker: the seed."""
+    minus control, and their difference, each with its interval (clustered by probe group; none where
+    the statistics refuse one, e.g. too few probe groups). Colour: the statistic (legend); marker: the seed."""
     span = max((w["steps"][1] - w["steps"][0] + 1 for ws in windows_per_seed for w in ws), default=1)
     shift = 0.12 * span
     for i, windows in enumerate(windows_per_seed):

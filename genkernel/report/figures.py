@@ -17,7 +17,7 @@ import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from ..plotting.arrays import colour_limit, float_array as _array  # (None, as JSON writes NaN, reads NaN)
+from ..plotting.arrays import colour_limit, float_array as _array, heat_colormap  # (None, as JSON writes NaN, reads NaN)
 
 __all__ = [
     "alignment_figure", "coupling_figure", "gan_windows_figure", "group_shares_figure", "kernel_figure",
@@ -43,7 +43,8 @@ def _heatmap(fig: Figure, ax: Any, matrix: Any, title: str, *, diverging: bool, 
                          f"{values.shape}): the summary's levels and matrices disagree")
     if diverging:
         bound = limit if limit is not None else colour_limit(values, absolute=True)
-        image = ax.imshow(values, cmap="coolwarm", vmin=-bound, vmax=bound, aspect="auto")
+        # a NaN cell (a probe or group without a value) in grey: left transparent it was near coolwarm's 0
+        image = ax.imshow(values, cmap=heat_colormap("coolwarm"), vmin=-bound, vmax=bound, aspect="auto")
     else:
         image = ax.imshow(values, cmap="viridis", vmin=0.0, vmax=limit if limit is not None else colour_limit(values),
                           aspect="auto")
@@ -245,7 +246,7 @@ def level_class_figure(level_class: Mapping[str, Any], levels: Sequence[float], 
 
 def gan_windows_figure(windows: Sequence[Mapping[str, Any]]) -> Figure | None:
     """Own share minus the other probe groups' share from the same source (measured − control,
-    intervals clustered by probe group) and κ per coupling window."""
+    intervals clustered by probe group; none shaded where the statistics refuse one) and κ per coupling window."""
     rows = [w for w in windows if w.get("traffic_interaction_minus_control")]
     if not rows:
         return None
@@ -255,8 +256,10 @@ def gan_windows_figure(windows: Sequence[Mapping[str, Any]]) -> Figure | None:
     for kind, colour in (("traffic", "C0"), ("net", "C1")):
         results = [w.get(f"{kind}_interaction_minus_control") or {} for w in rows]
         mid = np.array([_nan(r.get("difference")) for r in results])
-        low = np.array([_nan((r.get("interval") or [None, None])[0]) for r in results])
-        high = np.array([_nan((r.get("interval") or [None, None])[1]) for r in results])
+        # an interval the statistics refuse ("why": too few probe groups) is not shaded: with two groups it has zero
+        # width (each row of shares sums to 1), an exact-looking estimate
+        low = np.array([math.nan if r.get("why") else _nan((r.get("interval") or [None, None])[0]) for r in results])
+        high = np.array([math.nan if r.get("why") else _nan((r.get("interval") or [None, None])[1]) for r in results])
         axes[0].plot(x, mid, "o-", ms=3, color=colour, label="traffic" if kind == "traffic" else "net share")
         axes[0].fill_between(x, low, high, color=colour, alpha=0.2)
     collapsed = [xi for xi, w in zip(x, rows) if w.get("collapsed")]
@@ -305,11 +308,15 @@ def alignment_figure(alignment: Sequence[Mapping[str, Any]], coverage: Sequence[
 
 
 def matrix_animation(frames: Sequence[Mapping[str, Any]], *, keys: Sequence[tuple[str, str, bool]],
-                     xlabel: str, ylabel: str, fps: float = 2.0, dpi: int = 80) -> bytes | None:
+                     xlabel: str, ylabel: str, fps: float = 2.0, dpi: int = 80,
+                     rows: Sequence[Any] | None = None) -> bytes | None:
     """An animated GIF (matplotlib's ``PillowWriter``) of matrices over the run.
 
     ``frames``: ``[{"label": str, key: matrix, ...}]``; ``keys``: ``(key, title, diverging)`` per
-    panel. Colour scales are fixed over the frames so the change is visible. None for < 2 frames.
+    panel. Colour scales are fixed over the frames so the change is visible. ``rows``: a label per
+    row (e.g. the probe levels "t=…"); without them the rows are numbered 0, 1, … (right where the
+    rows are numbered groups; beside the label "probe level" a row number read as a level). None
+    for < 2 frames.
     """
     from matplotlib.animation import FuncAnimation, PillowWriter
 
@@ -321,13 +328,16 @@ def matrix_animation(frames: Sequence[Mapping[str, Any]], *, keys: Sequence[tupl
             # set_data keeps the first frame's extent: another shape would be drawn stretched over it
             raise ValueError(f"matrix_animation: the frames' {key!r} matrices ({title}) differ in shape "
                              f"{sorted(shapes)}: every frame needs the same rows and columns")
+        if rows is not None and len(rows) != _array(frames[0][key]).shape[0]:
+            raise ValueError(f"matrix_animation: {len(rows)} row labels for {key!r} matrices of "
+                             f"{_array(frames[0][key]).shape[0]} rows: the labels would name other rows")
     fig = Figure(figsize=(3.6 * len(keys), 3.3), layout="constrained")
     axes = fig.subplots(1, len(keys), squeeze=False)[0]
     images, limits = [], []
     for ax, (key, title, diverging) in zip(axes, keys):
         if diverging:
             bound = colour_limit(*[f[key] for f in frames], absolute=True)
-            image = ax.imshow(_array(frames[0][key]), cmap="coolwarm", vmin=-bound, vmax=bound, aspect="auto")
+            image = ax.imshow(_array(frames[0][key]), cmap=heat_colormap("coolwarm"), vmin=-bound, vmax=bound, aspect="auto")
         else:
             image = ax.imshow(_array(frames[0][key]), cmap="viridis", vmin=0.0, vmax=colour_limit(*[f[key] for f in frames]),
                               aspect="auto")
@@ -335,8 +345,11 @@ def matrix_animation(frames: Sequence[Mapping[str, Any]], *, keys: Sequence[tupl
         ax.set_title(title, fontsize=9)
         ax.set_xlabel(xlabel, fontsize=8)
         ax.set_ylabel(ylabel, fontsize=8)
-        for axis in (ax.xaxis, ax.yaxis):  # rows and columns are numbered: whole numbers only
-            axis.set_major_locator(MaxNLocator(integer=True))
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # columns are numbered: whole numbers only
+        if rows is not None:
+            ax.set_yticks(range(len(rows)), [str(r) for r in rows])
+        else:
+            ax.yaxis.set_major_locator(MaxNLocator(integer=True))
         ax.tick_params(labelsize=7)
         images.append(image)
         limits.append(key)

@@ -107,6 +107,12 @@ def _claims(claims: Sequence[Mapping[str, Any]]) -> str:
     return "".join(out)
 
 
+def _held(r: Mapping[str, Any]) -> Any:
+    """The "held" cell: yes / no, and why where the statistics refuse the interval (too few units): an interval
+    above 0 is then not held (with two probe groups it has zero width), and "above 0: no" beside it contradicted it."""
+    return f"no: {r['why']}" if r.get("why") and not r.get("held") else r.get("held")
+
+
 def _difference_rows(results: Mapping[str, Mapping[str, Any] | None]) -> list[list[Any]]:
     rows = []
     for name, r in results.items():
@@ -114,13 +120,13 @@ def _difference_rows(results: Mapping[str, Mapping[str, Any] | None]) -> list[li
             continue
         if "difference" in r:
             rows.append([name, r.get("measured"), r.get("control"), r.get("difference"),
-                         f"[{_fmt(r['interval'][0])}, {_fmt(r['interval'][1])}]", r.get("n"), r.get("held")])
+                         f"[{_fmt(r['interval'][0])}, {_fmt(r['interval'][1])}]", r.get("n"), _held(r)])
         else:
             rows.append([name, r.get("measured"), None, None, None, None, None])
     return rows
 
 
-DIFF_HEADER = ["", "measured", "control", "measured − control", "95 % interval", "n", "above 0"]
+DIFF_HEADER = ["", "measured", "control", "measured − control", "95 % interval", "n", "held (interval above 0)"]
 
 
 def _ledger_numbers(ledger: Mapping[str, Any]) -> str:
@@ -191,9 +197,11 @@ def _diffusion_section(s: Mapping[str, Any], animate: bool) -> str:
                "traffic": h["traffic_matrix"], "share": h["share_matrix"], "row": h}
               for h in history if h.get("traffic_matrix") is not None and h.get("share_matrix") is not None]
     if animate and len(frames) >= 2:
+        # rows labelled by their levels, as in the matrices above (row numbers under "probe level" read as timesteps)
         gif = fg.matrix_animation(frames, keys=[("traffic", "traffic share (cumulative)", False),
                                                 ("share", "net share (cumulative)", True)],
-                                  xlabel="training bin", ylabel="probe level")
+                                  xlabel="training bin", ylabel="probe level",
+                                  rows=[f"t={t:g}" for t in s["settings"]["probe_levels"]])
         parts.append("<h2>The noise × noise matrix over the run</h2>")
         parts.append(_row(
             f'<figure class="figure">{_image(gif, "image/gif", "noise matrix over training")}'
@@ -279,7 +287,7 @@ def _gan_section(s: Mapping[str, Any], animate: bool) -> str:
     if spatial and spatial.get("traffic_matrix") is not None:
         versus = (coupling or {}).get("geometry_minus_spatial") or {}
         rows = [[f"{kind}: geometry − comparison", r.get("estimate"), f"[{_fmt(r.get('low'))}, {_fmt(r.get('high'))}]",
-                 r.get("n"), r.get("held")] for kind, r in versus.items() if r]
+                 r.get("n"), _held(r)] for kind, r in versus.items() if r]
         parts.append("<h2>The comparison grouping</h2>")
         parts.append(_row(
             _figure(fg.coupling_figure(spatial, "comparison"), "comparison coupling matrices",
@@ -287,7 +295,7 @@ def _gan_section(s: Mapping[str, Any], animate: bool) -> str:
                     "with its own permutation controls."),
             _table(_difference_rows({"traffic: own − others' share": spatial.get("traffic_interaction_minus_control"),
                                      "net: own − others' share": spatial.get("net_interaction_minus_control")}), DIFF_HEADER)
-            + (_table(rows, ["interaction m−c", "estimate", "95 % interval", "n", "above 0"]) if rows else "")))
+            + (_table(rows, ["interaction m−c", "estimate", "95 % interval", "n", "held (interval above 0)"]) if rows else "")))
     if s.get("ema") and s["ema"].get("ledger"):
         parts.append("<h2>The EMA generator's ledger</h2>" + _table([[k, v] for k, v in s["ema"]["ledger"].items()]))
     windows = s.get("windows") or []

@@ -224,7 +224,8 @@ def main(argv=None) -> dict:
     examples = np.stack([x_hand[::pc, 0].numpy(), x_print[::pc, 0].numpy()])
     fig = plot_printed_digits(first["k_init"], first["k_final"], confusion, pc, examples, accuracy=first["accuracy"],
                               gaps={"init": before.gap, "final": after.gap},
-                              aucs={"init": first["auc_init"].auc, "final": first["auc_final"].auc})
+                              aucs={"init": first["auc_init"].auc, "final": first["auc_final"].auc},
+                              seed=first["seed"])
     return finish(NAME, args, fig, results, claims, s, timer)
 
 

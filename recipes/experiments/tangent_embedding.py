@@ -184,7 +184,7 @@ def main(argv=None) -> dict:
          "title": f"after training, all digits\nsilhouette seen {results['silhouette_seen_final']:.3f}, "
                   f"unseen {results['silhouette_unseen_final']:.3f}"},
     ]
-    fig = plot_tangent_embedding(panels, method=method)
+    fig = plot_tangent_embedding(panels, method=method, seed=first["seed"])
     return finish(NAME, args, fig, results, claims, {**s, "embedding_method": method}, timer)
 
 

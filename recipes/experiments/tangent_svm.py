@@ -153,7 +153,7 @@ def main(argv=None) -> dict:
             "tangent_rise_from_init": rise.estimate, "tangent_rise_from_init_interval": [rise.low, rise.high],
             "per_seed": runs,
         }
-    fig = plot_tangent_svm(panels)
+    fig = plot_tangent_svm(panels, seed=args.seed)  # the panels are the first run's, seed --seed
     return finish(NAME, args, fig, results, claims, s, timer)
 
 
