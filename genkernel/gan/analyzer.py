@@ -122,7 +122,8 @@ from ..core.cost import GiB, CostEstimate, hooked_forward_counts, ledger_bytes, 
 from ..core.param_bytes import parameter_bytes, value_bytes
 from ..core.errors import NonFiniteError
 from ..core.tracking.callbacks import TrainerCallback, perform_step
-from ..core.tracking.distributed import summed_over_ranks
+from ..core.tracking.distributed import (StepAgreement, averaged_over_ranks, ddp_group, gathered_over_ranks,
+                                         summed_over_ranks)
 from ..core.tracking.ema import EMA_LEDGERS, ema_update_count
 from ..core.tracking.io import atomic_save, check_saved_settings, jsonable, load_state, to_device
 from ..core.tracking.ledger import PathKernelLedger
@@ -987,64 +988,71 @@ class GANKernelAnalyzer(TrainerCallback):
         # A previous g_optimizer.step() that raised half-way is rolled back (and refused) before any analysis
         # reads this micro-batch, whose forward saw the half-updated generator.
         self.g_tracker._check_consistent()
-        batch = _check_losses(losses)
-        for what, t in (("latents", latents), ("samples", samples)):
-            if not isinstance(t, torch.Tensor) or t.dim() < 1 or t.shape[0] != batch:
-                raise ValueError(f"{what} must be a Tensor [{batch}, ...] (one row per loss), got "
-                                 f"{getattr(t, 'shape', type(t).__name__)}")
-        if not samples.requires_grad:
-            raise ValueError("samples carry no graph: pass samples = G(latents) as computed in the forward that gave the losses")
-        self._check_step_latents(latents)
-        classes = self._step_classes(classes, batch, "observe_generator")
-        if weights is not None and (not isinstance(weights, torch.Tensor) or weights.shape != (batch,)):
-            raise ValueError(f"weights must be a Tensor of shape [{batch}] (one c_n per example)")
-        # A forward under autocast is refused here under the default, before any analysis pass meets its
-        # half-precision samples; observed, its precision is the tolerance of the losses' check, and the
-        # geometry is read in G's own dtype (the analysis passes run D in its own precision).
-        precision = self.g_tracker._check_precision(losses)
-        dtype = getattr(floating_parameter(self._g), "dtype", samples.dtype)
-        # Whether this micro-batch may open the step (nothing observed since the last step, or the gradients
-        # cleared): the probes' geometry at θ_k is taken then (again, at the same θ, for a second micro-batch
-        # observed before a joint backward). Which micro-batches the step counts is the tracker's decision,
-        # read at the step (step_observations), not guessed here.
-        first = _opens_step(self.g_tracker)
-        index = self.g_steps + 1
-        evaluate = (index - 1) % self.eval_every == 0
-        if not first and evaluate and not self._probes_read_at_this_discriminator():
-            # The micro-batch that read this step's probes was left without a step (a GradScaler that found inf, a
-            # loss guard) and D stepped since: it is dropped when the loop clears the gradients (after this
-            # observe), so this one opens the step, and the probes' geometry is read again at D as it is now.
-            first = True
-        with torch.enable_grad():
-            (w,) = torch.autograd.grad(losses.sum(), samples, retain_graph=True, allow_unused=True)
-        if w is None:
-            raise ValueError("the losses do not depend on samples: pass samples = G(latents), the tensor your loss fed to D")
-        w = w.detach().to(dtype)
-        if not torch.isfinite(losses).all() or not torch.isfinite(w).all():
-            bad = torch.nonzero(~torch.isfinite(losses.detach())).flatten().tolist()
-            raise NonFiniteError(
-                f"generator step {index} (phase generator): non-finite generator loss or discriminator gradient "
-                f"(examples {bad[:10]}); this micro-batch was not observed"
-            )
-        loss_fn = self._geometry_fn(self._loss_fn)
-        if self._geometry_loss is None:
-            if not self._loss_checked:
-                self._check_generator_losses(losses.detach(), samples.detach(), classes, precision)
-            x = samples.detach().to(dtype)
-            geo = {"z": latents.detach(), "x": x, "w": w, "losses": losses.detach().to(dtype),
-                   "scores": self._scores(x, after_forward=True, classes=classes)}
-            if classes is not None:
-                geo["classes"] = classes
-        else:  # the geometry of another loss (a null model): w from D at the samples, D's buffers kept
-            geo = self._push(latents.detach(), samples.detach().to(dtype), loss_fn, after_forward=True, classes=classes)
-            if not torch.isfinite(geo["losses"]).all() or not torch.isfinite(geo["w"]).all():
-                bad = torch.nonzero(~torch.isfinite(geo["losses"])).flatten().tolist()
+        # Under DDP the analyzer's own checks of this micro-batch (a non-finite loss or D gradient on one rank's shard)
+        # are agreed before its first collective: a rank that refuses it alone would skip to the loop's next
+        # collective (D's step) while the others wait in this micro-batch's, and the ranks fall apart (a crash or a
+        # hang until the process group's timeout); every rank now refuses it, with the failing rank's kind.
+        together = StepAgreement(self.g_tracker.distributed, "observe_generator() of this micro-batch (the analyzer's "
+                                 "checks)", points=1)
+        with together.meeting():
+            batch = _check_losses(losses)
+            for what, t in (("latents", latents), ("samples", samples)):
+                if not isinstance(t, torch.Tensor) or t.dim() < 1 or t.shape[0] != batch:
+                    raise ValueError(f"{what} must be a Tensor [{batch}, ...] (one row per loss), got "
+                                     f"{getattr(t, 'shape', type(t).__name__)}")
+            if not samples.requires_grad:
+                raise ValueError("samples carry no graph: pass samples = G(latents) as computed in the forward that gave the losses")
+            self._check_step_latents(latents)
+            classes = self._step_classes(classes, batch, "observe_generator")
+            if weights is not None and (not isinstance(weights, torch.Tensor) or weights.shape != (batch,)):
+                raise ValueError(f"weights must be a Tensor of shape [{batch}] (one c_n per example)")
+            # A forward under autocast is refused here under the default, before any analysis pass meets its
+            # half-precision samples; observed, its precision is the tolerance of the losses' check, and the
+            # geometry is read in G's own dtype (the analysis passes run D in its own precision).
+            precision = self.g_tracker._check_precision(losses)
+            dtype = getattr(floating_parameter(self._g), "dtype", samples.dtype)
+            # Whether this micro-batch may open the step (nothing observed since the last step, or the gradients
+            # cleared): the probes' geometry at θ_k is taken then (again, at the same θ, for a second micro-batch
+            # observed before a joint backward). Which micro-batches the step counts is the tracker's decision,
+            # read at the step (step_observations), not guessed here.
+            first = _opens_step(self.g_tracker)
+            index = self.g_steps + 1
+            evaluate = (index - 1) % self.eval_every == 0
+            if not first and evaluate and not self._probes_read_at_this_discriminator():
+                # The micro-batch that read this step's probes was left without a step (a GradScaler that found inf, a
+                # loss guard) and D stepped since: it is dropped when the loop clears the gradients (after this
+                # observe), so this one opens the step, and the probes' geometry is read again at D as it is now.
+                first = True
+            with torch.enable_grad():
+                (w,) = torch.autograd.grad(losses.sum(), samples, retain_graph=True, allow_unused=True)
+            if w is None:
+                raise ValueError("the losses do not depend on samples: pass samples = G(latents), the tensor your loss fed to D")
+            w = w.detach().to(dtype)
+            if not torch.isfinite(losses).all() or not torch.isfinite(w).all():
+                bad = torch.nonzero(~torch.isfinite(losses.detach())).flatten().tolist()
                 raise NonFiniteError(
-                    f"generator step {index} (phase generator): non-finite geometry_loss or its gradient (examples "
-                    f"{bad[:10]}); this micro-batch was not observed"
+                    f"generator step {index} (phase generator): non-finite generator loss or discriminator gradient "
+                    f"(examples {bad[:10]}); this micro-batch was not observed"
                 )
-        # (no fill check on a micro-batch: a loop accumulating micro-batches of 2 latents fills 4 groups over its
-        # step; the step's total is checked when its first step is recorded, _book_generator)
+            loss_fn = self._geometry_fn(self._loss_fn)
+            if self._geometry_loss is None:
+                if not self._loss_checked:
+                    self._check_generator_losses(losses.detach(), samples.detach(), classes, precision)
+                x = samples.detach().to(dtype)
+                geo = {"z": latents.detach(), "x": x, "w": w, "losses": losses.detach().to(dtype),
+                       "scores": self._scores(x, after_forward=True, classes=classes)}
+                if classes is not None:
+                    geo["classes"] = classes
+            else:  # the geometry of another loss (a null model): w from D at the samples, D's buffers kept
+                geo = self._push(latents.detach(), samples.detach().to(dtype), loss_fn, after_forward=True, classes=classes)
+                if not torch.isfinite(geo["losses"]).all() or not torch.isfinite(geo["w"]).all():
+                    bad = torch.nonzero(~torch.isfinite(geo["losses"])).flatten().tolist()
+                    raise NonFiniteError(
+                        f"generator step {index} (phase generator): non-finite geometry_loss or its gradient (examples "
+                        f"{bad[:10]}); this micro-batch was not observed"
+                    )
+            # (no fill check on a micro-batch: a loop accumulating micro-batches of 2 latents fills 4 groups over its
+            # step; the step's total is checked when its first step is recorded, _book_generator)
         self._fit_grouping(geo, loss_fn, after_forward=True)
         tracked = self._partition_ids(geo)
         vector = self._pull(samples, geo["w"], _coefficients(weights, batch, geo["w"])) if evaluate else None
@@ -1268,7 +1276,11 @@ class GANKernelAnalyzer(TrainerCallback):
                                  after_forward=after_forward, classes=self.reference_classes)
         else:
             probe = self._geometry(self.probe_latents, loss_fn, after_forward=after_forward, classes=self.probe_classes)
-            ref = {k: torch.cat([_flat_latents(geo[k]) if k == "z" else geo[k],
+            # Under DDP "the first batch" is the global one, every rank's shard in rank order, as one process holds
+            # it: fitted on its own shard, each rank's group g would be another cluster, and the ranks' group rows,
+            # summed row by row, would mix them (silently: the groups' sum stays exact).
+            group = ddp_group(self.generator, self.discriminator)
+            ref = {k: torch.cat([gathered_over_ranks(_flat_latents(geo[k]) if k == "z" else geo[k], group),
                                  _flat_latents(probe[k]) if k == "z" else probe[k]]) for k in ("z", "x", "w", "scores")}
         for grouping in (self.grouping, self.comparison):
             if grouping is not None and not grouping.fitted:
@@ -1762,7 +1774,10 @@ class GANKernelAnalyzer(TrainerCallback):
             seed = (c.view(-1, *([1] * (w.dim() - 1))) * w).to(samples.dtype)  # (a half-precision graph's dtype)
             grads = torch.autograd.grad(samples, list(params.values()), grad_outputs=seed,
                                         retain_graph=True, allow_unused=True)
-        return {n: (torch.zeros_like(p) if g is None else g.detach()) for (n, p), g in zip(params.items(), grads)}
+        pulled = {n: (torch.zeros_like(p) if g is None else g.detach()) for (n, p), g in zip(params.items(), grads)}
+        # Under DDP the field is the global batch's, averaged over the ranks as DDP averages the gradient (each rank's
+        # own is its shard's alone: every rank's cos_kernel_field would compare the step with another field).
+        return averaged_over_ranks(pulled, ddp_group(self.generator))
 
     def _field(self, vector: dict[str, torch.Tensor]) -> torch.Tensor:
         """``[M, d]`` −J_G(z') v at θ_k for the pulled vector v = Σ_i c_i J_G(z_i)ᵀ w_i: the plain
@@ -2057,6 +2072,12 @@ class GANKernelAnalyzer(TrainerCallback):
         if batch is not None:  # None: built at bind (observe mode), checked at the first observed micro-batch
             self._check_fillable(num, batch, f"discriminator grouping {self.discriminator_groups!r}")
         if self.discriminator_probes is None:
+            # Under DDP the first batch is the global one (every rank's rows in rank order): each rank's own rows
+            # would give each rank other probes, and the ranks' ledgers of D would describe other points.
+            group = ddp_group(self.discriminator, model)
+            x, roles = gathered_over_ranks(x.detach(), group), gathered_over_ranks(roles.to(x.device), group)
+            if self.conditional:
+                classes = gathered_over_ranks(classes.to(x.device), group)
             roles = roles.to(x.device)
             real, generated = x[roles == REAL][:32], x[roles == GENERATED][:32]
             # (in D's own dtype: the rows of a loop under autocast can be half precision, D's passes on its probes are not)

@@ -268,6 +268,63 @@ def summed_over_ranks(counts: torch.Tensor, context: DistributedContext | None) 
     return total.to(counts.device)
 
 
+def gathered_over_ranks(rows: torch.Tensor, group: object | None) -> torch.Tensor:
+    """``rows [n_r, ...]`` of every rank of ``group``, concatenated in rank order (the global batch as
+    one process holds it when rank r's shard is its r-th block); ``rows`` itself when ``group`` is
+    None. Every rank must call it at the same point with rows of one trailing shape and dtype
+    (checked: a ValueError on every rank); the ranks' row counts may differ. What an analyzer fits
+    once on "the first batch" (a grouping's k-means centres, default probes) is fitted on the global
+    batch this way, alike on every rank, as one process fits it."""
+    if group is None:
+        return rows
+    world = dist.get_world_size(group)
+    device = rows.device
+    mine = torch.tensor([rows.shape[0] if rows.dim() else 1, _code(str(tuple(rows.shape[1:]))), _code(str(rows.dtype))],
+                        dtype=torch.long, device=device)
+    heads = [torch.zeros_like(mine) for _ in range(world)]
+    dist.all_gather(heads, mine, group=group)
+    if len({tuple(int(v) for v in h[1:]) for h in heads}) > 1:
+        raise ValueError(
+            f"the ranks' rows to gather differ in shape or dtype (this rank: {tuple(rows.shape)} {rows.dtype}): every "
+            "rank must pass rows of one trailing shape and dtype"
+        )
+    counts = [int(h[0]) for h in heads]
+    flat = rows.detach().reshape(counts[dist.get_rank(group)], -1)
+    padded = flat.new_zeros((max(counts), flat.shape[1]))
+    padded[: flat.shape[0]] = flat
+    blocks = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(blocks, padded, group=group)
+    return torch.cat([b[:n] for b, n in zip(blocks, counts)]).reshape(sum(counts), *rows.shape[1:])
+
+
+def averaged_over_ranks(tensors: dict[str, torch.Tensor], group: object | None) -> dict[str, torch.Tensor]:
+    """``{name: tensor}`` averaged over the ranks of ``group`` as DDP averages gradients (Σ_r / R): a
+    quantity each rank sums over its shard with the loop's weights (a pulled vector Σ_i c_i J_iᵀ w_i)
+    becomes the global batch's; ``tensors`` itself when ``group`` is None. Every rank must call it at
+    the same point with tensors of the same names, shapes and dtypes."""
+    if group is None or not tensors:
+        return tensors
+    names = list(tensors)
+    flat = torch.cat([tensors[n].detach().reshape(-1).to(torch.float64) for n in names])
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
+    flat /= dist.get_world_size(group)
+    out, start = {}, 0
+    for n in names:
+        t = tensors[n]
+        out[n] = flat[start: start + t.numel()].reshape(t.shape).to(t.dtype)
+        start += t.numel()
+    return out
+
+
+def ddp_group(*modules: object) -> object | None:
+    """The process group of the first DistributedDataParallel among ``modules`` (None: none is, or
+    torch.distributed is not initialized)."""
+    for module in modules:
+        if isinstance(module, nn.parallel.DistributedDataParallel) and dist.is_available() and dist.is_initialized():
+            return module.process_group
+    return None
+
+
 # The error a rank raises when another rank refused the step: the refusing rank's kind, so that a
 # loop catching it (``except NonFiniteError``: skip the batch) catches it on every rank alike.
 _KINDS = (NonFiniteError, LedgerCheckError, ValueError, TypeError, MemoryError, RuntimeError)
