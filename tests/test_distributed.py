@@ -104,6 +104,10 @@ def disagreeing_ranks(rank, model, tracker, x, y, groups, shard):
     out["layout_error"] = refusal(lambda: swapped.step(x[0, shard], y[0, shard], {"a": groups[0, shard] % 2,
                                                                                  "b": groups[0, shard]}))
     swapped.close()
+    # Probes built from each rank's own data: each rank's ledger would be of its own probes.
+    own = PathKernelTracker(model, optimizer, mse_loss, PROBES + rank, num_groups=3)
+    out["probes_error"] = refusal(lambda: own.step(x[0, shard], y[0, shard], groups[0, shard]))
+    own.close()
     # Rank 1 alone refuses a step (a group id out of range), then every rank steps on.
     bad = torch.full_like(groups[0, shard], 7) if rank == 1 else groups[0, shard]
     out["one_rank_error"] = refusal(lambda: tracker.step(x[0, shard], y[0, shard], bad))
@@ -301,6 +305,13 @@ def test_ranks_whose_trackers_lay_out_groups_differently_are_refused_on_every_ra
     for result in ranks:
         assert result["layout_error"][0] == "ValueError"
         assert "lay out their group rows differently" in result["layout_error"][1]
+
+
+def test_ranks_whose_trackers_have_different_probes_are_refused_on_every_rank(ranks):
+    """Fails on the old code: each rank's ledger described its own probes, and nothing said so."""
+    for result in ranks:
+        assert result["probes_error"][0] == "ValueError"
+        assert "different probes" in result["probes_error"][1]
 
 
 def test_a_step_refused_on_one_rank_is_refused_on_every_rank_and_the_replicas_stay_equal(ranks):

@@ -55,7 +55,8 @@ class DistributedContext:
     ``layout``: what every rank's group rows must agree on (the partitions' names and sizes, in
     order); ``device``: where the tensors of the tracker's collectives live (the model's);
     ``model``: the DistributedDataParallel wrapper (whether its next backward averages gradients,
-    ``require_backward_grad_sync``, which ``no_sync()`` turns off, is part of every meeting)."""
+    ``require_backward_grad_sync``, which ``no_sync()`` turns off, is part of every meeting);
+    ``probes``: a digest of the tracker's probes' values, compared at every combination."""
 
     group: object
     world_size: int
@@ -63,18 +64,21 @@ class DistributedContext:
     layout: tuple = ()
     device: torch.device = torch.device("cpu")
     model: object = None
+    probes: int = 0
 
 
-def ddp_context(model: nn.Module, layout: tuple = ()) -> DistributedContext | None:
+def ddp_context(model: nn.Module, layout: tuple = (), probes: tuple[torch.Tensor, ...] = ()) -> DistributedContext | None:
     """The context of a DDP-wrapped ``model``; None for a plain module. ``layout``: the tracker's
-    partitions as ``((name, G), ...)``, checked to agree across ranks at every combination."""
+    partitions as ``((name, G), ...)``, and ``probes``: its probe inputs, both checked to agree across
+    ranks at every combination (the digest of the probes' values is taken here, once)."""
     if not isinstance(model, nn.parallel.DistributedDataParallel):
         return None
     if not (dist.is_available() and dist.is_initialized()):
         raise RuntimeError("the model is wrapped in DistributedDataParallel but torch.distributed is not initialized")
     group = model.process_group
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
-    context = DistributedContext(group, dist.get_world_size(group), dist.get_rank(group), tuple(layout), device, model)
+    context = DistributedContext(group, dist.get_world_size(group), dist.get_rank(group), tuple(layout), device, model,
+                                 _values_code(probes))
     check_replicated(model.module, context)
     return context
 
@@ -107,6 +111,16 @@ def check_replicated(module: nn.Module, context: DistributedContext | None) -> N
 def _code(text: str) -> int:
     """A digest of ``text`` equal on every process (Python's ``hash`` of a str is salted per process)."""
     return zlib.crc32(text.encode())
+
+
+def _values_code(tensors: tuple[torch.Tensor, ...]) -> int:
+    """A digest of ``tensors``' shapes, dtypes and values (the bytes of their CPU copies), equal on every process
+    and device for equal tensors."""
+    code = 0
+    for t in tensors:
+        raw = t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+        code = zlib.crc32(raw, zlib.crc32(f"{tuple(t.shape)}{t.dtype}".encode(), code))
+    return code
 
 
 # An odd factor (2**64 / golden ratio, as a wrapped int64) on the columns' weighted sum in the digest's third
@@ -170,7 +184,8 @@ def combine_group_gradients(grads: dict[str, torch.Tensor], local_batch: int, co
     # gradients, which DDP's averaging makes equal on every rank, and of its buffers, which DDP
     # broadcasts from rank 0 before each forward (the forward may have updated them since).
     digest = _replica_digest(context.model.module) if context.model is not None else [0] * 9
-    mine = [local_batch, *digest, rows, _code(repr(context.layout)), _code(shapes), _code(str(first.dtype))]
+    mine = [local_batch, *digest, rows, _code(repr(context.layout)), _code(shapes), _code(str(first.dtype)),
+            context.probes]
     gathered = [torch.zeros(len(mine), dtype=torch.long, device=first.device) for _ in range(context.world_size)]
     dist.all_gather(gathered, torch.tensor(mine, dtype=torch.long, device=first.device), group=context.group)
     gathered = [[int(v) for v in g] for g in gathered]
@@ -207,7 +222,15 @@ def combine_group_gradients(grads: dict[str, torch.Tensor], local_batch: int, co
             "the ranks' models differ; no rank's ledger would be the single-process run's. Keep such buffers frozen "
             "while tracking (eval mode for that module), or track on one process"
         )
-    differ = sorted(r for r, g in enumerate(gathered) if g[10:] != mine[10:])
+    apart = sorted(r for r, g in enumerate(gathered) if g[14] != mine[14])
+    if apart:
+        raise ValueError(
+            f"the ranks' trackers have different probes (rank {context.rank}'s differ from ranks {apart}'): each rank's "
+            "ledger would describe its own probes, and the ranks' reports (the one rank 0 writes among them) would "
+            "disagree. Build every rank's probes alike: from the same data and seed, not from the rank's own shard "
+            "(or broadcast rank 0's, torch.distributed.broadcast(probes, 0), before building the tracker)"
+        )
+    differ = sorted(r for r, g in enumerate(gathered) if g[10:14] != mine[10:14])
     if differ:
         raise ValueError(
             f"the ranks' trackers lay out their group rows differently (rank {context.rank}: partitions "

@@ -452,7 +452,7 @@ class PathKernelTracker:
         # Under DistributedDataParallel the real step runs through the wrapper (its gradient
         # averaging); the analysis runs on the wrapped module.
         self.module = unwrap(model)
-        self.distributed = ddp_context(model, tuple(self.partitions.sizes.items()))
+        self.distributed = ddp_context(model, tuple(self.partitions.sizes.items()), as_tuple(probes, name="probes"))
         self.optimizer = optimizer = unwrap_optimizer(optimizer)
         self.loss_fn = loss_fn
         self.rule = quadrature_rule(quadrature)
