@@ -85,7 +85,9 @@ def _ordinary_argument(value: Any) -> Any:
     if isinstance(value, torch.Tensor):
         return _ordinary(value)
     if isinstance(value, (tuple, list)) and any(isinstance(t, torch.Tensor) and t.is_inference() for t in value):
-        return type(value)(_ordinary(t) if isinstance(t, torch.Tensor) else t for t in value)
+        items = [_ordinary(t) if isinstance(t, torch.Tensor) else t for t in value]
+        # (a namedtuple takes its fields as arguments: built from one iterable it held that iterable as its first field)
+        return type(value)(*items) if hasattr(value, "_fields") else type(value)(items)
     return value
 
 

@@ -64,6 +64,7 @@ import os
 from typing import Any
 
 import lightning.pytorch as pl
+import torch
 from torch import nn
 
 from ..core.adapter import unwrap_optimizer
@@ -333,6 +334,7 @@ class GenkernelCallback(pl.Callback):
         """Name clip-by-value as the cause when the tracker's gradient check refused a step under it, the
         Trainer's setting when a tracker refused its (mixed or half) precision, the validation loop when
         the analyzer was called there, and a skipped batch when a step came without an observed one."""
+        self._stage = None  # (Lightning calls no teardown after an exception: a load_state_dict outside a run loads)
         stage = str(getattr(getattr(getattr(trainer, "state", None), "stage", None), "value", ""))
         if stage in ("sanity_check", "validate") and _raised_in_observe(exception) and hasattr(exception, "add_note"):
             loop = "sanity check" if stage == "sanity_check" else "validation"
@@ -389,12 +391,24 @@ class GenkernelCallback(pl.Callback):
         self.analyzer.load_state_dict(state_dict["analyzer"])
 
 
+# torch's optimizers that write state["step"] for every parameter at their first step: an empty state is no step taken
+_COUNTING_OPTIMIZERS = tuple(getattr(torch.optim, name) for name in (
+    "Adam", "AdamW", "Adamax", "NAdam", "RAdam", "RMSprop", "Adagrad", "Adadelta", "ASGD", "Rprop", "SparseAdam")
+    if hasattr(torch.optim, name))
+
+
 def _optimizer_steps(optimizer: Any) -> int | None:
     """The steps an optimizer has taken (the largest ``state["step"]`` over its parameters: Adam, AdamW,
-    RMSprop keep one, restored with a checkpoint); None when it keeps none (SGD, or no step taken yet)."""
+    RMSprop keep one, restored with a checkpoint; 0 for one of torch's counting optimizers with no state yet: a
+    player that has not stepped, a discriminator warm-up's generator); None when it keeps none (SGD)."""
     counts = [float(state["step"]) for state in ([] if optimizer is None else optimizer.state.values())
               if isinstance(state, dict) and "step" in state]
-    return int(max(counts)) if counts else None
+    if counts:
+        return int(max(counts))
+    inner = unwrap_optimizer(optimizer) if optimizer is not None else None
+    if type(inner) in _COUNTING_OPTIMIZERS and not inner.state:
+        return 0
+    return None
 
 
 def _raised_in_observe(exception: BaseException) -> bool:

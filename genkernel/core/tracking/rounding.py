@@ -156,9 +156,11 @@ class TrainingReplay:
     ``buffers``: the module's buffers as the step found them, ``[(buffer, copy)]`` (the tracker's
     rolled-back state); ``modes``: its modules' training modes in the forward, ``module.modules()``'s
     order (the tracker's own record; the check runs in eval mode). The replay runs on copies of these
-    buffers, and every other module it runs (a GAN's discriminator) on copies of its own: neither
-    training's buffers nor its generators move. Nothing is run here: what a step pays for is one copy
-    of each generator state (4-7 µs on CPU).
+    buffers, and every other module it runs (a GAN's discriminator) on copies of its own as the training
+    forward found them (:meth:`watching`: a spectral norm's power iteration, a BatchNorm's statistics moved by
+    that forward are not the values it ran from): neither training's buffers nor its generators move. Nothing
+    is run here: what a step pays for is one copy of each generator state (4-7 µs on CPU) and, during its
+    training forward, a copy of the buffers of each module outside ``module`` that it runs.
     """
 
     def __init__(self, module: nn.Module, params: dict[str, torch.Tensor], step: Any,
@@ -168,6 +170,28 @@ class TrainingReplay:
         self.cpu_state = torch.get_rng_state()
         self.cuda_states = [torch.cuda.get_rng_state(d) for d in self.devices]
         self.module, self.params, self.step, self.buffers, self.modes = module, params, step, buffers, modes
+        # id(module outside self.module) -> (that module, {buffer name: its value at the module's first call})
+        self.foreign: dict[int, tuple[nn.Module, dict[str, torch.Tensor]]] = {}
+
+    @contextlib.contextmanager
+    def watching(self) -> Iterator[None]:
+        """Around the step's training forward: every module outside ``module`` that runs in it (a GAN's
+        discriminator) has its buffers' values kept as its first call found them (a global forward pre-hook
+        while inside), so that the replay runs it from them, not from what training's forward left."""
+        inside = {id(m) for m in self.module.modules()}
+        foreign = self.foreign
+
+        def keep(m: nn.Module, args: Any) -> None:
+            if id(m) in inside or id(m) in foreign:
+                return
+            with torch.no_grad():
+                foreign[id(m)] = (m, {name: b.clone() for name, b in m._buffers.items() if b is not None})
+
+        handle = nn.modules.module.register_module_forward_pre_hook(keep)
+        try:
+            yield
+        finally:
+            handle.remove()
 
     def rounding(self, coefficients: torch.Tensor) -> dict[str, torch.Tensor]:
         """d summed over the step's micro-batches, ``{name: Tensor[*shape]}`` float64; ``{}`` (no allowance)
@@ -178,7 +202,7 @@ class TrainingReplay:
         with contextlib.ExitStack() as stack:
             stack.enter_context(forked_generators(devices=self.devices))
             stack.enter_context(_buffers_as(module, self.buffers))
-            stack.enter_context(_other_buffers_kept(module))
+            stack.enter_context(_other_buffers_kept(module, self.foreign))
             stack.enter_context(_modes(module, self.modes))
             torch.set_rng_state(self.cpu_state)
             for device, state in zip(self.devices, self.cuda_states):
@@ -242,10 +266,14 @@ def _modes(module: nn.Module, modes: tuple[bool, ...]) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def _other_buffers_kept(module: nn.Module) -> Iterator[None]:
+def _other_buffers_kept(module: nn.Module,
+                        found: dict[int, tuple[nn.Module, dict[str, torch.Tensor]]] | None = None) -> Iterator[None]:
     """Every module outside ``module`` that runs a forward inside (a GAN's discriminator, however deep in the
     loss: an augmented loss holds it in a loss it holds) runs on copies of its own buffers, from its first
-    call on; the original tensors are put back after, untouched (a global forward pre-hook while inside)."""
+    call on, of the values ``found`` keeps for it (:meth:`TrainingReplay.watching`: as the training forward
+    found them), else of its buffers now; the original tensors are put back after, untouched (a global
+    forward pre-hook while inside)."""
+    found = {} if found is None else found
     seen = {id(m) for m in module.modules()}
     swapped: list[tuple[nn.Module, str, torch.Tensor]] = []
 
@@ -253,11 +281,13 @@ def _other_buffers_kept(module: nn.Module) -> Iterator[None]:
         if id(m) in seen:
             return
         seen.add(id(m))
+        kept = found.get(id(m))
+        values = kept[1] if kept is not None and kept[0] is m else {}
         with torch.no_grad():
             for name, b in m._buffers.items():
                 if b is not None:
                     swapped.append((m, name, b))
-                    m._buffers[name] = b.clone()
+                    m._buffers[name] = values.get(name, b).clone()
 
     handle = nn.modules.module.register_module_forward_pre_hook(keep)
     try:

@@ -769,7 +769,11 @@ class PathKernelTracker:
                     if rows.start == 0:
                         together.passed()
 
-                losses = step.compute_gradients(from_graph)
+                # (the buffers of other modules its forward runs, a GAN's D, kept as it found them for a replay; not
+                # around a compiled model's forward, whose guards a global hook changed every step would recompile)
+                watched = None if replay is None or is_compiled(step.model) else replay.watching()
+                with contextlib.nullcontext() if watched is None else watched:
+                    losses = step.compute_gradients(from_graph)
                 with torch.no_grad():
                     gradients = self.route.from_graph(box["grads"], losses, step)
                 precision_entries, witnesses = box["entries"], box["witness"] or []
