@@ -197,6 +197,60 @@ def crossed_interval(
     return Interval(estimate, estimate - half, estimate + half, n, confidence, "crossed-jackknife-t", dropped)
 
 
+def two_way_interval(values: Any, clusters: Any, other_clusters: Any, *, confidence: float = 0.95) -> Interval:
+    """Student-t interval of the mean of ``values``' cluster means (:func:`mean_interval` with ``clusters``) when the
+    values are dependent along a second, crossed grouping too (``other_clusters``): a per-probe difference of two
+    partitions' statistics (the GAN analyzer's geometry minus spatial) shares its geometry group's source columns
+    and its spatial group's. Clustered by one grouping alone, the other's dependence is missed: with the traffic
+    driven by the probes' spatial groups, geometry minus spatial clustered by geometry group held 11.9 ± 1.0 % of
+    1000 null windows at a nominal 2.5 % (4 groups of each, 16 probes).
+
+    Two-way clustered variance (Cameron, Gelbach and Miller 2011) from delete-one-group jackknives of the estimate:
+    V = V_clusters + V_other − V_cells (cells: values sharing both labels), and at least the larger one-way part
+    (the sum can come out below it, or negative; floored at V_clusters alone, the null above held 4.1 %): V_clusters
+    is the cluster means' s²/R of :func:`mean_interval`, so the interval is never narrower than the one clustered by
+    ``clusters`` alone, and is that one when ``other_clusters`` equals ``clusters``. Degrees of freedom
+    min(R, S) − 1 (n = min(R, S)), as :func:`crossed_interval`. A group deleted with every value of a cluster drops
+    that cluster from the mean. Non-finite values are dropped and counted; undefined (NaN ends) with fewer than 2
+    clusters, fewer than 2 other groups, or no spread.
+    """
+    _check_confidence(confidence)
+    a, keep = _finite(values)
+    dropped = int((~keep).sum())
+    first = _cluster_labels(clusters, a.shape[0])[keep]
+    second = _cluster_labels(other_clusters, a.shape[0])[keep]
+    a = a[keep]
+    _, first = np.unique(first, return_inverse=True)
+    _, second = np.unique(second, return_inverse=True)
+    r = int(first.max()) + 1 if a.size else 0
+    s = int(second.max()) + 1 if a.size else 0
+
+    def estimate_without(mask: np.ndarray) -> float:
+        means = [a[mask & (first == u)].mean() for u in range(r) if (mask & (first == u)).any()]
+        return float(np.mean(means)) if means else math.nan
+
+    def jackknife(labels: np.ndarray) -> float:
+        groups = np.unique(labels)
+        theta = np.array([estimate_without(labels != g) for g in groups], dtype=np.float64)
+        k = groups.size
+        return (k - 1) / k * float(((theta - theta.mean()) ** 2).sum()) if np.isfinite(theta).all() else math.nan
+
+    estimate = estimate_without(np.ones(a.size, dtype=bool))
+    n = min(r, s)
+    undefined = Interval(estimate, math.nan, math.nan, n, confidence, "two-way-jackknife-t", dropped)
+    if r < 2 or s < 2:
+        return undefined
+    rows = np.array([a[first == u].mean() for u in range(r)], dtype=np.float64)
+    v_first = float(rows.var(ddof=1)) / r
+    v_second = jackknife(second)
+    v_cells = jackknife(first * s + second)
+    variance = max(v_first + v_second - v_cells, v_first, v_second)
+    if not (math.isfinite(variance) and variance > 0):
+        return undefined
+    half = float(scipy.stats.t.ppf(0.5 + confidence / 2, n - 1)) * math.sqrt(variance)
+    return Interval(estimate, estimate - half, estimate + half, n, confidence, "two-way-jackknife-t", dropped)
+
+
 def bootstrap_interval(
     values: Any,
     statistic: Callable[..., float] = np.mean,
@@ -298,4 +352,4 @@ def few_units(result: dict[str, Any], *, minimum: int = MIN_UNITS, units: str = 
 
 
 __all__ = ["Interval", "MIN_PROBE_GROUPS", "MIN_UNITS", "bootstrap_interval", "crossed_interval", "difference_interval", "few_units",
-           "mean_interval", "nan_median", "proportion_interval"]
+           "mean_interval", "nan_median", "proportion_interval", "two_way_interval"]

@@ -55,7 +55,14 @@ def kernel_locality(
       are dependent, and the t-interval over them held in 6.5-9 % of 200 null kernels at a nominal
       2.5 %. The jackknife drops an input with every entry it enters. With fewer than 3 inputs
       there is no jackknife: the interval is [NaN, NaN], ``held`` False and ``why`` says so; likewise
-      (difference NaN) when no level has states outside the band (band >= the span of the bins).
+      (difference NaN) when no level has states outside the band (band >= the span of the bins), and
+      when the pseudo-values differ by rounding alone (a kernel whose locality is exactly its control's).
+      The permutation control cancels level effects that add (k̂ = c + h(s) + h(t)) but not ones that
+      multiply: k̂ = c·g(s)·g(t), every state most alike the levels of largest g (lower noise, say), has
+      no |Δbin| structure, yet the rows' scale g(s) pairs with the band's mean around s and the
+      difference held. So the same difference is also taken with each state's entries to the other
+      inputs' states standardized (centred, unit spread: such a kernel's rows become one row, its
+      difference exactly its control's), reported under ``"standardized"``, and ``held`` needs both.
     """
     n = num_points
     level_bins = _check_levels(level_bins, band, num_permutations)
@@ -80,18 +87,49 @@ def kernel_locality(
         else:
             same.append(math.nan)
 
-    differences = _Differences(k, level_bins, band, num_permutations, seed)
+    locality = _jackknifed(_Differences(k, level_bins, band, num_permutations, seed), k, n, band, dist, num_permutations)
+    # The same on each row state's entries standardized (centred and scaled over the other inputs' states): a kernel
+    # whose states differ only in how strongly they go with every level, k̂ = c·g(s)·g(t) (lower-noise states more
+    # alike whatever the level), has no |Δbin| structure, yet its raw difference exceeds the control (the rows' scale
+    # g(s) pairs with the band's mean around s: held at [0.049, 0.061] for g falling from 1 to 0.2, 5 inputs); its
+    # standardized rows are one row repeated, whose difference is exactly its control's. The locality holds only
+    # where both do.
+    standard = _standardized_rows(k)
+    scaled = _jackknifed(_Differences(standard, level_bins, band, num_permutations, seed), standard, n, band, dist,
+                         num_permutations)
+    locality["standardized"] = {key: scaled[key] for key in ("difference", "interval", "held", "why") if key in scaled}
+    if locality["held"] and not scaled["held"]:
+        locality["held"] = False
+        locality["why"] = ("the excess within the band is the states' scale, not their distance: with each state's "
+                           "entries standardized over the other inputs' states the difference is "
+                           f"{scaled['difference']:.3g}, interval [{scaled['interval'][0]:.3g}, {scaled['interval'][1]:.3g}]"
+                           + (f" ({scaled['why']})" if scaled.get("why") else "") + ", not above its control: a kernel "
+                           "k̂ = c·g(s)·g(t), in which every state is most alike the levels of largest g, exceeds this "
+                           "control without |Δbin| structure")
+    return {"by_distance": by_distance, "by_distance_same_input": same, "locality": locality}
+
+
+def _jackknifed(differences: "_Differences", k: torch.Tensor, n: int, band: int, dist: torch.Tensor,
+                num_permutations: int) -> dict[str, Any]:
+    """:func:`kernel_locality`'s ``locality`` entry for one kernel ``k [n, L, n, L]``: measured − control over the
+    inputs, with its delete-one-input jackknife-t interval (or none, and why)."""
     measured, control = differences(torch.arange(n))
-    locality = measured_minus_control(measured, control)
+    # (the control is the mean of num_permutations relabellings: "controls" counts those, not the one averaged row)
+    locality = {**measured_minus_control(measured, control), "controls": num_permutations}
     pseudo = differences.pseudo_values()
     finite = torch.isfinite(pseudo)
     m = int(finite.sum())
-    if m >= 3 and math.isfinite(locality["difference"]):
+    spread = float(pseudo[finite].std(unbiased=True)) if m >= 3 else math.nan
+    # Pseudo-values that differ by rounding alone (n·D − (n − 1)·D₋ᵢ of means of k̂ entries: ~n·eps·max|k̂|) give no
+    # standard error: an interval of their width about a rounding residue held on kernels whose locality is exactly
+    # their control's ([1.50e-17, 1.97e-17] for k̂ = 0.2 + 0.1·(h(s) + h(t)), 5 inputs; [3.1e-33, 3.1e-33] for a
+    # constant k̂), as mean_interval refuses values without spread.
+    rounding = 64 * n * torch.finfo(torch.float64).eps * float(k.abs().max())
+    if m >= 3 and math.isfinite(locality["difference"]) and spread > rounding:
         # The jackknife-t interval: a t-interval over the pseudo-values, about the plain estimate.
         from scipy import stats as scipy_stats
 
-        error = float(pseudo[finite].std(unbiased=True)) / math.sqrt(m)
-        half = float(scipy_stats.t.ppf(0.5 + locality["confidence"] / 2, m - 1)) * error
+        half = float(scipy_stats.t.ppf(0.5 + locality["confidence"] / 2, m - 1)) * spread / math.sqrt(m)
         low, high = locality["difference"] - half, locality["difference"] + half
         locality.update(interval=[low, high], method="jackknife-t", n=m, held=bool(low > 0.0))
     else:
@@ -104,7 +142,24 @@ def kernel_locality(
                                f"pass band < {span}")
         elif n < 3:
             locality["why"] = f"{n} clean input(s): the jackknife interval needs at least 3 (kernel points)"
-    return {"by_distance": by_distance, "by_distance_same_input": same, "locality": locality}
+        elif m >= 3 and math.isfinite(locality["difference"]):
+            locality["why"] = (f"the jackknife pseudo-values differ by rounding alone (spread {spread:.2g}; no spread "
+                               f"over the inputs beyond {rounding:.2g}): the standard error is unknown, not 0, and the "
+                               f"difference {locality['difference']:.2g} is rounding")
+    return locality
+
+
+def _standardized_rows(k: torch.Tensor) -> torch.Tensor:
+    """``k [n, L, n, L]`` with each row state's entries to the other inputs' states centred and scaled to unit
+    spread (its entries to its own input's states, which no statistic here reads, left as they are); a row with
+    no spread is all zeros."""
+    n = k.shape[0]
+    other = (~torch.eye(n, dtype=torch.bool))[:, None, :, None].expand_as(k)  # [n, L, n, L]: x' != x
+    count = other.sum(dim=(2, 3), keepdim=True)
+    mean = (k * other).sum(dim=(2, 3), keepdim=True) / count
+    spread = (((k - mean) * other).square().sum(dim=(2, 3), keepdim=True) / count).sqrt()
+    tiny = spread <= 64 * torch.finfo(torch.float64).eps * k.abs().amax(dim=(2, 3), keepdim=True).clamp_min(1e-300)
+    return torch.where(other, torch.where(tiny, torch.zeros_like(k), (k - mean) / spread.clamp_min(1e-300)), k)
 
 
 def sketch_jackknife(leave_one_out: torch.Tensor, num_points: int, level_bins: torch.Tensor, band: int, *,

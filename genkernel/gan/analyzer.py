@@ -131,7 +131,7 @@ from ..core.tracking.quadrature import residual_remedy
 from ..core.tracking.step import OptimizerStep, micro_batch_rows
 from ..core.tracking.tracker import MEMORY_CHECKS, MIXED_PRECISION, PathKernelTracker, StepContributions, step_payloads
 from ..logging import LoggingCallback
-from ..stats import MIN_PROBE_GROUPS, mean_interval, nan_median
+from ..stats import MIN_PROBE_GROUPS, mean_interval, nan_median, two_way_interval
 from .geometry import ClassGroups, DirectionGroups, GeometryGrouping, ModeGroups, NearestModeGroups, make_grouping
 from .losses import (
     GENERATED, PENALTY, REAL, ROLE_NAMES, AugmentedDiscriminatorObjective, AugmentedGeneratorLoss, DiscriminatorObjective,
@@ -1961,7 +1961,9 @@ class GANKernelAnalyzer(TrainerCallback):
                 mine = torch.tensor(_floats(stats[GEOMETRY][kind]["per_probe"]["interaction_minus_control"]), dtype=torch.float64)
                 theirs = torch.tensor(_floats(spatial[kind]["per_probe"]["interaction_minus_control"]), dtype=torch.float64)
                 diff = mine - theirs
-                interval = mean_interval(diff, clusters=probe_groups.cpu())
+                # (clustered by both groupings: a probe's difference shares its geometry group's source columns and
+                # its spatial group's; by geometry group alone it held 11.9 % of null windows at a nominal 2.5 %)
+                interval = two_way_interval(diff, probe_groups.cpu(), spatial_groups.cpu())
                 stats["geometry_minus_spatial"][kind] = few_units({
                     **interval.as_dict(), "held": interval.above(0.0), "per_probe": diff.tolist(),
                     "statistic": f"{kind}: (geometry interaction − control) − (spatial interaction − control), per probe",

@@ -435,7 +435,7 @@ def _coupling(ledgers: Mapping[str, PathKernelLedger], probe_groups: torch.Tenso
         # The comparison grouping (GANKernelAnalyzer(comparison=)): its own partition and controls on the same
         # steps, read as the analyzer's statistics["spatial"] and ["geometry_minus_spatial"] are.
         from ..gan.metrics import few_units
-        from ..stats import MIN_PROBE_GROUPS, mean_interval
+        from ..stats import MIN_PROBE_GROUPS, two_way_interval
 
         spatial_controls = [ledgers[name] for name in ledgers if name.startswith("spatial_control_")]
         spatial = partition_statistics(ledgers["spatial"], spatial_controls, measured.delta.cpu(), spatial_groups, num_groups)
@@ -446,7 +446,7 @@ def _coupling(ledgers: Mapping[str, PathKernelLedger], probe_groups: torch.Tenso
             for kind in ("traffic", "net"):
                 mine = torch.tensor(_finite_or_nan(stats[kind]["per_probe"]["interaction_minus_control"]), dtype=torch.float64)
                 theirs = torch.tensor(_finite_or_nan(spatial[kind]["per_probe"]["interaction_minus_control"]), dtype=torch.float64)
-                interval = mean_interval(mine - theirs, clusters=probe_groups)
+                interval = two_way_interval(mine - theirs, probe_groups, spatial_groups)
                 out["geometry_minus_spatial"][kind] = few_units({**interval.as_dict(), "held": interval.above(0.0)},
                                                                 minimum=MIN_PROBE_GROUPS)
     return out
