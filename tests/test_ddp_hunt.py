@@ -22,16 +22,13 @@ tracker observing an accumulating loop.
 """
 
 import contextlib
-import datetime
-import os
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from test_distributed_review import outcome
+from test_distributed_review import run_scenarios
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -202,41 +199,13 @@ SCENARIOS = {"gan": gan_scenario, "accumulation": accumulation_scenario, "single
              "nan_on_one_rank": nan_on_one_rank}
 
 
-def worker(rank, rendezvous, out_dir):
-    """One rank of the 2-process gloo job: every scenario's :func:`outcome`, saved as ``{name}.rank{rank}.pt``."""
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=WORLD,
-                            timeout=datetime.timedelta(seconds=20))  # a hang ends the job instead of the suite
-    try:
-        for name, scenario in SCENARIOS.items():
-            torch.save(outcome(lambda: scenario(rank)), os.path.join(out_dir, f"{name}.rank{rank}.pt"))
-        dist.barrier()  # both ranks done before the group is torn down (see test_distributed.worker)
-    finally:
-        dist.destroy_process_group()
-
-
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """The 2-process job once (killed after 90 s): every scenario's per-rank results, and the single-process
-    references (computed by rank 0, each loop without DDP on the global batches). The workers are forked from
-    this process once it has imported what they use (torch._dynamo, which a first optimizer imports, takes 4 s
-    of a spawned process's start); no process group exists here to be inherited."""
-    import genkernel.gan  # noqa: F401 - imported once, here, for the forked workers
-
-    torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)  # (imports torch._dynamo)
-    out = tmp_path_factory.mktemp("ddp_hunt")
-    context = mp.start_processes(worker, args=(str(out / "rendezvous"), str(out)), nprocs=WORLD, join=False,
-                                 start_method="fork")
-    for process in context.processes:
-        process.join(timeout=90)
-    for process in context.processes:
-        if process.is_alive():
-            process.kill()
-            process.join()
-    results = {}
-    for name in SCENARIOS:
-        paths = [out / f"{name}.rank{rank}.pt" for rank in range(WORLD)]
-        results[name] = [torch.load(p, weights_only=False) if p.exists() else None for p in paths]
+    """The 2-process job once (test_distributed_review's :func:`run_scenarios`, spawned, killed after 120 s):
+    every scenario's per-rank results, and the single-process references (computed by rank 0, each loop without
+    DDP on the global batches). (Spawned, not forked: a worker forked from a pytest process that has run autograd
+    in threads, a torch.compile'd test before in the same xdist worker, fails in its first backward.)"""
+    results, _ = run_scenarios(tmp_path_factory.mktemp("ddp_hunt"), __name__, timeout=120)
     return results, results.pop("single")[0]
 
 

@@ -36,6 +36,7 @@ which is untested here.
 
 from __future__ import annotations
 
+import math
 import zlib
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -312,7 +313,8 @@ def gathered_over_ranks(rows: torch.Tensor, group: object | None) -> torch.Tenso
             "rank must pass rows of one trailing shape and dtype"
         )
     counts = [int(h[0]) for h in heads]
-    flat = rows.detach().reshape(counts[dist.get_rank(group)], -1)
+    # (the row width spelled out: reshape(0, -1) of a rank's empty shard raised, and the other ranks waited)
+    flat = rows.detach().reshape(counts[dist.get_rank(group)], math.prod(rows.shape[1:]))
     padded = flat.new_zeros((max(counts), flat.shape[1]))
     padded[: flat.shape[0]] = flat
     blocks = [torch.empty_like(padded) for _ in range(world)]

@@ -176,22 +176,26 @@ class TrainingReplay:
     @contextlib.contextmanager
     def watching(self) -> Iterator[None]:
         """Around the step's training forward: every module outside ``module`` that runs in it (a GAN's
-        discriminator) has its buffers' values kept as its first call found them (a global forward pre-hook
-        while inside), so that the replay runs it from them, not from what training's forward left."""
+        discriminator) has its buffers' values kept as its first call found them, with those of its submodules
+        (one global forward pre-hook, registered once per process and idle outside: :func:`_watch`), so that the
+        replay runs it from them, not from what training's forward left."""
         inside = {id(m) for m in self.module.modules()}
         foreign = self.foreign
 
-        def keep(m: nn.Module, args: Any) -> None:
+        def keep(m: nn.Module) -> None:
             if id(m) in inside or id(m) in foreign:
                 return
             with torch.no_grad():
-                foreign[id(m)] = (m, {name: b.clone() for name, b in m._buffers.items() if b is not None})
+                for sub in m.modules():  # (a compiled module's wrapper holds its buffers in its submodules)
+                    if id(sub) not in inside and id(sub) not in foreign:
+                        foreign[id(sub)] = (sub, {name: b.clone() for name, b in sub._buffers.items() if b is not None})
 
-        handle = nn.modules.module.register_module_forward_pre_hook(keep)
+        _watch_hook_registered()
+        _WATCHES.append(keep)
         try:
             yield
         finally:
-            handle.remove()
+            _WATCHES.remove(keep)
 
     def rounding(self, coefficients: torch.Tensor) -> dict[str, torch.Tensor]:
         """d summed over the step's micro-batches, ``{name: Tensor[*shape]}`` float64; ``{}`` (no allowance)
@@ -220,6 +224,26 @@ class TrainingReplay:
                     total.add({name: torch.stack([d[name] / s for d, s in zip(samples, REPLAY_SCALES)])
                                / math.sqrt(len(REPLAY_SCALES)) for name in self.params})
         return total.difference or {}
+
+
+# The watches of TrainingReplay.watching() in progress, and the one global forward pre-hook that serves them, registered
+# once per process: a hook registered and removed around every step changed the global hooks' dict, on which a
+# compiled module's guards depend (a compiled discriminator in the loss recompiled at every step, then ran eagerly
+# past dynamo's cache limit), and a hook traced inside a compiled frame failed in dynamo (the step was refused).
+_WATCHES: list[Callable[[nn.Module], None]] = []
+_WATCH_HANDLE: list[Any] = []
+_compiling = getattr(torch.compiler, "is_compiling", lambda: False)  # (torch >= 2.3; before, dynamo traced it)
+
+
+def _watch(module: nn.Module, args: Any) -> None:
+    if _WATCHES and not _compiling():
+        for keep in tuple(_WATCHES):  # (each watch in progress, as each registered hook of its own did)
+            keep(module)
+
+
+def _watch_hook_registered() -> None:
+    if not _WATCH_HANDLE:
+        _WATCH_HANDLE.append(nn.modules.module.register_module_forward_pre_hook(_watch))
 
 
 def _reproduces(replayed: torch.Tensor, training: torch.Tensor) -> bool:
