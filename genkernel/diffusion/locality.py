@@ -87,16 +87,14 @@ def kernel_locality(
         else:
             same.append(math.nan)
 
-    locality = _jackknifed(_Differences(k, level_bins, band, num_permutations, seed), k, n, band, dist, num_permutations)
+    locality = _jackknifed(_Differences(k, level_bins, band, num_permutations, seed))
     # The same on each row state's entries standardized (centred and scaled over the other inputs' states): a kernel
     # whose states differ only in how strongly they go with every level, k̂ = c·g(s)·g(t) (lower-noise states more
     # alike whatever the level), has no |Δbin| structure, yet its raw difference exceeds the control (the rows' scale
     # g(s) pairs with the band's mean around s: held at [0.049, 0.061] for g falling from 1 to 0.2, 5 inputs); its
     # standardized rows are one row repeated, whose difference is exactly its control's. The locality holds only
     # where both do.
-    standard = _standardized_rows(k)
-    scaled = _jackknifed(_Differences(standard, level_bins, band, num_permutations, seed), standard, n, band, dist,
-                         num_permutations)
+    scaled = _jackknifed(_Differences(_standardized_rows(k), level_bins, band, num_permutations, seed))
     locality["standardized"] = {key: scaled[key] for key in ("difference", "interval", "held", "why") if key in scaled}
     if locality["held"] and not scaled["held"]:
         locality["held"] = False
@@ -109,13 +107,14 @@ def kernel_locality(
     return {"by_distance": by_distance, "by_distance_same_input": same, "locality": locality}
 
 
-def _jackknifed(differences: "_Differences", k: torch.Tensor, n: int, band: int, dist: torch.Tensor,
-                num_permutations: int) -> dict[str, Any]:
-    """:func:`kernel_locality`'s ``locality`` entry for one kernel ``k [n, L, n, L]``: measured − control over the
-    inputs, with its delete-one-input jackknife-t interval (or none, and why)."""
+def _jackknifed(differences: "_Differences") -> dict[str, Any]:
+    """:func:`kernel_locality`'s ``locality`` entry for the kernel ``differences.k [n, L, n, L]``: measured − control
+    over the inputs, with its delete-one-input jackknife-t interval (or none, and why)."""
+    k, band = differences.k, differences.band
+    n = k.shape[0]
     measured, control = differences(torch.arange(n))
     # (the control is the mean of num_permutations relabellings: "controls" counts those, not the one averaged row)
-    locality = {**measured_minus_control(measured, control), "controls": num_permutations}
+    locality = {**measured_minus_control(measured, control), "controls": len(differences.perms)}
     pseudo = differences.pseudo_values()
     finite = torch.isfinite(pseudo)
     m = int(finite.sum())
@@ -136,7 +135,7 @@ def _jackknifed(differences: "_Differences", k: torch.Tensor, n: int, band: int,
         # No jackknife (fewer than 3 inputs, or no finite statistic): the t-interval over the per-input
         # values, which share kernel entries, is no valid interval (with 2 inputs it held on unstructured kernels).
         locality.update(interval=[math.nan, math.nan], method="jackknife-t", n=m, held=False)
-        span = int(dist.max())
+        span = int(differences.level_bins.max() - differences.level_bins.min())
         if band >= span:
             locality["why"] = (f"no state lies outside the band: the levels' bins are at most {span} apart and band={band}; "
                                f"pass band < {span}")

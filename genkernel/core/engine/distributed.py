@@ -60,13 +60,18 @@ def distributed_gradient_kernel(
     except Exception as caught:  # noqa: BLE001 - told to every rank below, then raised here
         block, error = None, caught
     _agree_on_failure(error, rows, world, rank, group, next((p.device for p in model.parameters()), x1s[0].device))
-    # all_gather needs equal shapes: pad every block to the largest and trim after.
-    widest = max(bounds[r + 1] - bounds[r] for r in range(world))
-    padded = block.new_zeros((widest, *block.shape[1:]))
-    padded[: block.shape[0]] = block
-    blocks = [torch.empty_like(padded) for _ in range(world)]
+    return gathered_rows(block, [bounds[r + 1] - bounds[r] for r in range(world)], group)
+
+
+def gathered_rows(rows: torch.Tensor, counts: list[int], group: object) -> torch.Tensor:
+    """Every rank's ``rows [counts[r], ...]`` concatenated in rank order, ``[Σ counts, ...]``: this rank's are
+    ``rows``, the ranks' counts ``counts`` are known to all of them. all_gather needs equal shapes: each rank's
+    rows are padded to the largest count and trimmed after."""
+    padded = rows.new_zeros((max(counts), *rows.shape[1:]))
+    padded[: rows.shape[0]] = rows
+    blocks = [torch.empty_like(padded) for _ in counts]
     dist.all_gather(blocks, padded, group=group)
-    return torch.cat([b[: bounds[r + 1] - bounds[r]] for r, b in enumerate(blocks)], dim=0)
+    return torch.cat([b[:n] for b, n in zip(blocks, counts)], dim=0)
 
 
 _KINDS = (ValueError, TypeError, MemoryError, RuntimeError)
@@ -90,7 +95,7 @@ def _agree_on_failure(error: Exception | None, rows: slice, world: int, rank: in
         )
 
 
-def _digest(tensors) -> int:
+def values_digest(tensors) -> int:
     """A CRC of the tensors' shapes, dtypes and bytes: equal on two ranks exactly when they are."""
     crc = 0
     for t in tensors:
@@ -108,7 +113,8 @@ def _check_same_on_every_rank(model: nn.Module, x1: tuple, x2: tuple | None, wor
     # buffers too: BatchNorm's running statistics enter every row's kernel. They differ after any training step under
     # DDP (its broadcast_buffers=True copies rank 0's buffers at the start of the next forward, and each rank's
     # forward then updates them with its own batch), so they are named apart, with the fix.
-    mine = [_digest(x1), -1 if x2 is None else _digest(x2), _digest(model.parameters()), _digest(model.buffers())]
+    mine = [values_digest(x1), -1 if x2 is None else values_digest(x2), values_digest(model.parameters()),
+            values_digest(model.buffers())]
     gathered = [torch.zeros(4, dtype=torch.long, device=device) for _ in range(world)]
     dist.all_gather(gathered, torch.tensor(mine, dtype=torch.long, device=device), group=group)
     rows = [[int(v) for v in g] for g in gathered]

@@ -36,7 +36,6 @@ which is untested here.
 
 from __future__ import annotations
 
-import math
 import zlib
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -46,6 +45,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from ..engine.distributed import gathered_rows, values_digest
 from ..errors import LedgerCheckError, NonFiniteError
 
 
@@ -79,7 +79,7 @@ def ddp_context(model: nn.Module, layout: tuple = (), probes: tuple[torch.Tensor
     group = model.process_group
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     context = DistributedContext(group, dist.get_world_size(group), dist.get_rank(group), tuple(layout), device, model,
-                                 _values_code(probes))
+                                 values_digest(probes))
     check_replicated(model.module, context)
     return context
 
@@ -113,15 +113,6 @@ def _code(text: str) -> int:
     """A digest of ``text`` equal on every process (Python's ``hash`` of a str is salted per process)."""
     return zlib.crc32(text.encode())
 
-
-def _values_code(tensors: tuple[torch.Tensor, ...]) -> int:
-    """A digest of ``tensors``' shapes, dtypes and values (the bytes of their CPU copies), equal on every process
-    and device for equal tensors."""
-    code = 0
-    for t in tensors:
-        raw = t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
-        code = zlib.crc32(raw, zlib.crc32(f"{tuple(t.shape)}{t.dtype}".encode(), code))
-    return code
 
 
 # An odd factor (2**64 / golden ratio, as a wrapped int64) on the columns' weighted sum in the digest's third
@@ -313,13 +304,8 @@ def gathered_over_ranks(rows: torch.Tensor, group: object | None) -> torch.Tenso
             "rank must pass rows of one trailing shape and dtype"
         )
     counts = [int(h[0]) for h in heads]
-    # (the row width spelled out: reshape(0, -1) of a rank's empty shard raised, and the other ranks waited)
-    flat = rows.detach().reshape(counts[dist.get_rank(group)], math.prod(rows.shape[1:]))
-    padded = flat.new_zeros((max(counts), flat.shape[1]))
-    padded[: flat.shape[0]] = flat
-    blocks = [torch.empty_like(padded) for _ in range(world)]
-    dist.all_gather(blocks, padded, group=group)
-    return torch.cat([b[:n] for b, n in zip(blocks, counts)]).reshape(sum(counts), *rows.shape[1:])
+    # (a 0-d value as one row: [R] gathered)
+    return gathered_rows(rows.detach().reshape(-1) if rows.dim() == 0 else rows.detach(), counts, group)
 
 
 def averaged_over_ranks(tensors: dict[str, torch.Tensor], group: object | None) -> dict[str, torch.Tensor]:
