@@ -219,13 +219,15 @@ def test_level_class_refuses_columns_that_do_not_split_into_bins():
 
 
 def test_kernel_legend_names_the_step():
-    """An entry recorded before any step has no global step: the legend read "step None" (old)."""
+    """An entry recorded before any step has no global step: the legend read "step None" (old). θ₀ without a
+    global step is "tracked step 0" (where tracking began: a loop without a step counter cannot tell it from the
+    initialization), as the report's table names it (genkernel.report.figures.checkpoint_label)."""
     summary = {"kernel": [{"tracked_step": 0, "global_step": None, "by_distance": [1.0, 0.5]},
                           {"tracked_step": 3, "global_step": 30, "by_distance": [1.0, None],
                            "by_distance_same_input": [0.9, 0.4]},
                           {"tracked_step": None, "global_step": 0, "by_distance": [1.0, 0.7]}]}  # a recipe's init entry
     fig = fg.kernel_figure(summary)
-    assert [t.get_text() for t in fig.axes[0].get_legend().get_texts()] == ["initialization", "step 30", "initialization"]
+    assert [t.get_text() for t in fig.axes[0].get_legend().get_texts()] == ["tracked step 0", "step 30", "initialization"]
     assert [t.get_text() for t in fig.axes[1].get_legend().get_texts()] == ["step 30"]
     np.testing.assert_array_equal(fig.axes[0].lines[1].get_ydata(), [1.0, np.nan])
 

@@ -94,10 +94,13 @@ class ExpectedOutputDecomposition:
                 Student t quantiles on R − 1 degrees of freedom (right at the few seeds a run has,
                 where a percentile bootstrap over seeds is too narrow); "percentile": the
                 percentile bootstrap over seeds (:func:`genkernel.stats.bootstrap_interval`, ``n_boot``
-                resamples from ``seed``). NaN ends with a single seed.
+                resamples from ``seed``). NaN ends with a single seed, and, with a ``"why"``, where the seeds
+                give no spread: the terms a value reads differ between seeds by rounding alone (a full batch),
+                or its leave-one-seed-out values are equal up to rounding (the standard error is unknown,
+                not 0, as :func:`genkernel.stats.mean_interval` reads values without spread).
 
         Returns:
-            ``{term: {"share": float, "interval": (lo, hi), "method", "n"}}`` for first_order,
+            ``{term: {"share": float, "interval": (lo, hi), "method", "n"[, "why"]}}`` for first_order,
             deterministic, ito, realized_second_order and remainder (change − first_order −
             deterministic − ito), plus ``second_order_gap_ratio``: ‖E[change − first_order −
             deterministic − ito]‖ / ‖E[change − first_order]‖ (below 1: the second-order terms
@@ -111,6 +114,14 @@ class ExpectedOutputDecomposition:
             raise ValueError(f"confidence must be a number in (0, 1), e.g. 0.95, got {confidence!r}")
         r = self.change.shape[0]
         stacks = {t: self._per_seed(t).numpy() for t in TERMS + ("remainder",)}
+        eps = float(np.finfo(np.float64).eps)
+
+        def rounding_only(values: np.ndarray) -> bool:
+            """True when the ``[R, ...]`` per-seed ``values`` differ by rounding alone (64 R eps of their largest)."""
+            values = np.asarray(values, dtype=np.float64).reshape(r, -1)
+            if not np.isfinite(values).all():
+                return False
+            return bool(np.abs(values - values[0]).max(initial=0.0) <= 64 * r * eps * np.abs(values).max(initial=0.0))
 
         def share(idx, term):
             d = stacks["change"][idx].mean(0)
@@ -120,22 +131,47 @@ class ExpectedOutputDecomposition:
             first_gap = (stacks["change"][idx] - stacks["first_order"][idx]).mean(0)
             return float(np.linalg.norm(stacks["remainder"][idx].mean(0)) / np.linalg.norm(first_gap))
 
-        def summarize(fn):
+        def no_spread(fn, reads) -> str | None:
+            """Why the seeds give ``fn`` no spread to judge it by (None when they do): the seeds' terms that ``fn``
+            reads are the same up to rounding (a full batch, B = N: every batch order takes the same steps), or its
+            leave-one-seed-out values are (e.g. an Itô term that is exactly 0 in every seed). As
+            :func:`genkernel.stats.mean_interval` refuses values without spread and the kernel locality's jackknife
+            refuses pseudo-values that differ by rounding alone: the standard error is then unknown, not 0, and a
+            zero-width (or rounding-width) interval claimed the share with no uncertainty."""
+            if r < 2:
+                return None
+            if all(rounding_only(stacks[name]) for name in reads):
+                return (f"the {r} seeds' {', '.join(reads)} differ by rounding alone (every batch order took the same "
+                        f"steps, e.g. a full batch): they are one replicate, not {r}, and give no spread")
+            leave_out = np.array([fn(np.delete(np.arange(r), i)) for i in range(r)])
+            if np.isfinite(leave_out).all() and rounding_only(leave_out):
+                return (f"its {r} leave-one-seed-out values are equal up to rounding ({leave_out[0]!r}): no spread over "
+                        "the seeds to judge it by (the standard error is unknown, not 0)")
+            return None
+
+        def summarize(fn, reads):
+            why = no_spread(fn, reads)
             if method == "percentile":
                 interval = bootstrap_interval(np.arange(r), lambda idx: fn(idx.astype(int)), confidence=confidence,
                                               resamples=n_boot, seed=seed, method="percentile")
-                return {"share": interval.estimate, "interval": (interval.low, interval.high), "method": interval.method,
-                        "n": r}
-            estimate = fn(np.arange(r))
-            if r < 2:
-                return {"share": estimate, "interval": (math.nan, math.nan), "method": "jackknife-t", "n": r}
-            leave_out = np.array([fn(np.delete(np.arange(r), i)) for i in range(r)])
-            se = math.sqrt((r - 1) / r * float(((leave_out - leave_out.mean()) ** 2).sum()))
-            half = float(scipy.stats.t.ppf(0.5 + confidence / 2, r - 1)) * se
-            return {"share": estimate, "interval": (estimate - half, estimate + half), "method": "jackknife-t", "n": r}
+                out = {"share": interval.estimate, "interval": (interval.low, interval.high), "method": interval.method,
+                       "n": r}
+            else:
+                estimate = fn(np.arange(r))
+                out = {"share": estimate, "interval": (math.nan, math.nan), "method": "jackknife-t", "n": r}
+                if r >= 2 and why is None:
+                    leave_out = np.array([fn(np.delete(np.arange(r), i)) for i in range(r)])
+                    se = math.sqrt((r - 1) / r * float(((leave_out - leave_out.mean()) ** 2).sum()))
+                    half = float(scipy.stats.t.ppf(0.5 + confidence / 2, r - 1)) * se
+                    out["interval"] = (estimate - half, estimate + half)
+            if why is not None:
+                out.update(interval=(math.nan, math.nan), why=why)
+            return out
 
-        out = {t: summarize(lambda i, t=t: share(i, t)) for t in ("first_order", "deterministic", "ito", "realized_second_order", "remainder")}
-        out["second_order_gap_ratio"] = summarize(gap_ratio)
+        parts = ("change", "first_order", "deterministic", "ito")  # what the remainder and the gap ratio read
+        out = {t: summarize(lambda i, t=t: share(i, t), parts if t == "remainder" else ("change", t))
+               for t in ("first_order", "deterministic", "ito", "realized_second_order", "remainder")}
+        out["second_order_gap_ratio"] = summarize(gap_ratio, parts)
         return out
 
 

@@ -345,7 +345,8 @@ def between_partitions(measured: torch.Tensor, controls: torch.Tensor, *, confid
     the same probes) K more, exchangeable with it under the null, so measured − mean(controls) has the standard error
     s_c·sqrt(1 + 1/K) with K − 1 degrees of freedom (s_c: the controls' means' standard deviation). A control with no
     finite value here is left out; the rest, and the measured partition, are averaged over the same probes (those
-    finite in all of them), so that the difference is the measured mean minus the controls' means' mean. Fewer than
+    finite in all of them, the others counted in ``dropped``), so that the difference is the measured mean minus the
+    controls' means' mean. Fewer than
     ``minimum`` controls, or no such probe: no interval, held False with a ``why``."""
     import scipy.stats
 
@@ -357,7 +358,8 @@ def between_partitions(measured: torch.Tensor, controls: torch.Tensor, *, confid
     paired = torch.isfinite(measured) & torch.isfinite(kept).all(dim=0)
     k = int(kept.shape[0])
     out = {**measured_minus_control(measured[paired], kept[:, paired], confidence=confidence),
-           "units": "control partitions", "n": k, "controls": int(controls.shape[0])}
+           "units": "control partitions", "n": k, "controls": int(controls.shape[0]),
+           "dropped": int(measured.numel() - int(paired.sum()))}
     if k < minimum:
         return {**out, "interval": [math.nan, math.nan], "held": False,
                 "why": f"{k} control partition(s) with a value at these probes: a level's probes share every "
@@ -398,9 +400,16 @@ def measured_minus_control(
             then over cluster means, :func:`genkernel.stats.mean_interval`).
 
     Returns:
-        ``{"measured", "control", "difference", "interval", "confidence", "n", "method",
-        "held"}``: the means, the paired difference's Student-t interval and ``held`` (the whole
-        interval above zero).
+        ``{"measured", "control", "difference", "interval", "confidence", "n", "controls", "dropped",
+        "method", "held"}``: the means, the paired difference's Student-t interval and ``held`` (the whole
+        interval above zero). ``n`` counts the independent values the interval rests on (the clusters with
+        a finite difference, when clustered) and ``dropped`` the probes left out because their measured
+        value or their controls' mean is not finite (NaN: a probe whose output did not move, or without
+        traffic); with ``clusters``, ``"clusters"`` is the number of distinct labels given and
+        ``"clusters_dropped"`` how many of them had no finite difference at all and are in no mean. A
+        dropped probe or cluster does not by itself refuse ``held``: the interval is over the clusters
+        left (:func:`~genkernel.stats.few_units` judges whether they are enough), and the counts say
+        what it is not over.
     """
     measured = measured.to(torch.float64)
     controls = controls.to(torch.float64)
@@ -413,7 +422,7 @@ def measured_minus_control(
     paired = torch.isfinite(measured) & torch.isfinite(control_mean)
     sides = [mean_interval(side[paired], clusters=None if clusters is None else torch.as_tensor(clusters)[paired])
              .estimate if bool(paired.any()) else math.nan for side in (measured, control_mean)]
-    return {
+    out = {
         "measured": sides[0],
         "control": sides[1],
         "difference": interval.estimate,
@@ -421,9 +430,16 @@ def measured_minus_control(
         "confidence": confidence,
         "n": interval.n,
         "controls": int(controls.shape[0]),
+        # (the interval's own count: a NaN probe used to shrink n without a word)
+        "dropped": int(interval.dropped),
         "method": interval.method,
         "held": interval.above(0.0),
     }
+    if clusters is not None:
+        labels = torch.as_tensor(clusters).detach().cpu().reshape(-1)
+        out["clusters"] = int(torch.unique(labels).numel())
+        out["clusters_dropped"] = out["clusters"] - int(interval.n)
+    return out
 
 
 __all__ = [

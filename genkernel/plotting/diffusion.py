@@ -6,6 +6,7 @@ Inputs are the plain numbers of :meth:`NoiseLevelAnalyzer.report` (nested lists 
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, Sequence
 
 import matplotlib.pyplot as plt
@@ -21,6 +22,7 @@ __all__ = [
     "plot_retrieval",
     "plot_overview",
     "plot_matrix_evolution",
+    "seeds_phrase",
 ]
 
 
@@ -33,7 +35,11 @@ def average_reports(reports: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """One report for the figures of several runs (seeds): the first run's, with its noise × noise
     matrices replaced by their mean over the runs (``seeds_averaged`` says how many) and its relative
     residual by the largest over the runs (None, drawn as n/a, when a run has none): a figure of the
-    seeds' mean states the worst seed's residual, as the recipes' ledger claim reads it, not seed 0's."""
+    seeds' mean states the worst seed's residual, as the recipes' ledger claim reads it, not seed 0's.
+
+    A cell missing (NaN, None) in some runs is the mean of the runs that have it: ``seeds_per_cell``
+    ``{key: counts}`` (each matrix's shape) says over how many, and the figures' titles say how many
+    cells rest on fewer than ``seeds_averaged`` runs (:func:`seeds_phrase`); a cell no run has stays NaN."""
     if len(reports) == 1:
         return reports[0]
     levels = [list(rep["config"]["probe_levels"]) for rep in reports]
@@ -45,17 +51,34 @@ def average_reports(reports: Sequence[dict[str, Any]]) -> dict[str, Any]:
     residuals = [rep["residual"]["relative_residual"] for rep in reports]
     worst = None if any(r is None or not np.isfinite(r) for r in residuals) else max(residuals)
     out["residual"] = {**reports[0]["residual"], "relative_residual": worst}
-    mats = {}
+    mats, counts = {}, {}
     for key in reports[0]["matrices"]:
         stack = [_arr(rep["matrices"][key]) for rep in reports if key in rep["matrices"]]
         if any(m.shape != stack[0].shape for m in stack):
             raise ValueError(f"matrices[{key!r}] differ in shape between the runs ({[m.shape for m in stack]}): "
                              "runs with other bins cannot be averaged")
-        with np.errstate(invalid="ignore"):
+        with np.errstate(invalid="ignore"), warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # (a cell no run has: "mean of empty slice", NaN)
             mats[key] = np.nanmean(np.stack(stack), axis=0).tolist()
+        # (a mean that ignores a seed's NaN was titled "mean of N seeds" and recorded without a word)
+        counts[key] = np.isfinite(np.stack(stack)).sum(axis=0).tolist()
     out["matrices"] = mats
     out["seeds_averaged"] = len(reports)
+    out["seeds_per_cell"] = counts
     return out
+
+
+def seeds_phrase(report: dict[str, Any], keys: Sequence[str]) -> str:
+    """"mean of N seeds" for a report of :func:`average_reports`, with how many cells of the matrices ``keys`` are
+    the mean of fewer seeds (a seed has no value there; ``seeds_per_cell``); "" for one run's report."""
+    seeds = report.get("seeds_averaged")
+    if not seeds:
+        return ""
+    per_cell = report.get("seeds_per_cell") or {}
+    fewer = sum(int(((c > 0) & (c < seeds)).sum()) for key in keys if key in per_cell
+                for c in [np.asarray(per_cell[key], dtype=np.int64)])
+    return f"mean of {seeds} seeds" + (f" ({fewer} cell{'s' if fewer != 1 else ''} of fewer: a seed has no value there)"
+                                       if fewer else "")
 
 
 def _heat(ax, matrix, levels, title, *, diverging=False, kappa=None, vmin=None, vmax=None):
@@ -103,11 +126,11 @@ def plot_noise_matrices(report: dict[str, Any]) -> plt.Figure:
               vmax=traffic_max)
         _heat(axes[1, 1], mats["share_control"], levels, "net share, permutation control (same scale)", diverging=True,
               vmax=share_max)
-    seeds = report.get("seeds_averaged")
+    seeds = seeds_phrase(report, ("traffic", "share", "traffic_control", "share_control", "kappa"))
     residual = _sci(report['residual']['relative_residual'])
     fig.suptitle(f"Which training noise level moved the denoiser at each probe level "
                  f"({report['tracked_steps']} tracked steps, "
-                 + (f"mean of {seeds} seeds, largest residual {residual}" if seeds else f"residual {residual}") + ")",
+                 + (f"{seeds}, largest residual {residual}" if seeds else f"residual {residual}") + ")",
                  fontsize=10)
     fig.tight_layout()
     return fig
@@ -370,10 +393,10 @@ def plot_overview(report: dict[str, Any], retrieval_json: dict[str, Any] | None 
     so); the kernel-decay and entropy panels draw ``report``'s own kernel checkpoints and
     ``retrieval_json``, one run's: ``run_label`` (e.g. "seed 0 of 3") goes in their titles."""
     suffix = f", {run_label}" if run_label else ""
-    seeds = report.get("seeds_averaged")
+    seeds = seeds_phrase(report, ("traffic",))
     fig, axes = plt.subplots(1, 4, figsize=(18, 3.9))
     _heat(axes[0], report["matrices"]["traffic"], report["config"]["probe_levels"],
-          "traffic share (rows: probe level s)" + (f", mean of {seeds} seeds" if seeds else ""))
+          "traffic share (rows: probe level s)" + (f", {seeds}" if seeds else ""))
     names = ("traffic_locality", "kernel_locality", "retrieval_broad_to_narrow")  # net shares: own scale, in the note
     ax = axes[1]
     for i, key in enumerate(names):

@@ -12,7 +12,7 @@ from typing import Sequence
 import matplotlib.pyplot as plt
 import numpy as np
 
-from .arrays import NO_VALUE_COLOUR, float_array as _np
+from .arrays import NO_VALUE_COLOUR, float_array as _np, heat_colormap
 
 __all__ = [
     "plot_regression_kernels",
@@ -29,7 +29,8 @@ def _kernel_image(ax, kernel, title: str, *, vmin=-1.0, vmax=1.0, boundaries: Se
                   ticks: Sequence[float] = (), ticklabels: Sequence[str] = (), line_width: float = 0.3):
     k = _np(kernel)
     if vmin is None:  # data range: a trained normalized kernel often lies within [0.5, 1]
-        vmin = float(np.percentile(k, 1))
+        # (NaN entries ignored: np.percentile of a kernel with one NaN is NaN, a colour scale of nothing)
+        vmin = float(np.nanpercentile(k, 1)) if np.isfinite(k).any() else -1.0
     if vmin < 0 < vmax:
         # A diverging map must put its white at k̂ = 0: on a plain [vmin, 1] scale with vmin > −1 the
         # white would sit at (vmin + 1) / 2 and a positive similarity would be drawn as "none".
@@ -45,7 +46,9 @@ def _kernel_image(ax, kernel, title: str, *, vmin=-1.0, vmax=1.0, boundaries: Se
             bad=NO_VALUE_COLOUR)
         im = ax.imshow(k, cmap=cmap, norm=TwoSlopeNorm(vcenter=0.0, vmin=vmin, vmax=vmax), interpolation="nearest")
     else:
-        im = ax.imshow(k, cmap="RdBu_r" if vmin < 0 else "viridis", vmin=vmin, vmax=vmax, interpolation="nearest")
+        # (a NaN entry in grey here too: transparent, it was the white of k̂ = 0 on RdBu_r)
+        im = ax.imshow(k, cmap=heat_colormap("RdBu_r" if vmin < 0 else "viridis"), vmin=vmin, vmax=vmax,
+                       interpolation="nearest")
     for b in boundaries:
         ax.axhline(b - 0.5, color="w" if vmin >= 0 else "k", lw=line_width)
         ax.axvline(b - 0.5, color="w" if vmin >= 0 else "k", lw=line_width)

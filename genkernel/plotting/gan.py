@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -195,10 +195,16 @@ WINDOW_SERIES = (
 SEED_MARKERS = "osD^v<>p*h"
 
 
-def plot_window_statistics(ax, windows_per_seed: Sequence[Sequence[dict]], *, kind: str = "traffic", title: str | None = None):
+def plot_window_statistics(ax, windows_per_seed: Sequence[Sequence[dict]], *, kind: str = "traffic", title: str | None = None,
+                           seeds: Sequence[Any] | None = None):
     """Every window of every seed: the geometry and the spatial partition's interaction statistic
     minus control, and their difference, each with its interval (clustered by probe group; none where
-    the statistics refuse one, e.g. too few probe groups). Colour: the statistic (legend); marker: the seed."""
+    the statistics refuse one, e.g. too few probe groups). Colour: the statistic; marker: the seed, both in
+    the legend (``seeds``: the seeds' names, one per entry of ``windows_per_seed``; default "run 1", "run 2", ...)."""
+    from matplotlib.lines import Line2D
+
+    if seeds is not None and len(seeds) != len(windows_per_seed):
+        raise ValueError(f"seeds names {len(seeds)} seeds for {len(windows_per_seed)} seeds' windows: give one per seed")
     span = max((w["steps"][1] - w["steps"][0] + 1 for ws in windows_per_seed for w in ws), default=1)
     shift = 0.12 * span
     for i, windows in enumerate(windows_per_seed):
@@ -209,9 +215,16 @@ def plot_window_statistics(ax, windows_per_seed: Sequence[Sequence[dict]], *, ki
     ax.axhline(0, color="0.6", lw=0.7)
     ax.set_xlabel("generator step (window centre)", fontsize=7)
     ax.set_ylabel(f"{kind} share difference", fontsize=7)
-    seeds = len(windows_per_seed)
-    ax.set_title(title or f"every window, {kind} ({seeds} seed{'s' if seeds != 1 else ''}; marker = seed)", fontsize=9)
-    ax.legend(fontsize=6, loc="best")
+    count = len(windows_per_seed)
+    ax.set_title(title or f"every window, {kind} ({count} seed{'s' if count != 1 else ''}; marker = seed)", fontsize=9)
+    handles, names = ax.get_legend_handles_labels()
+    if count > 1:
+        # (the markers said "marker = seed" with no key: which marker was which seed was nowhere)
+        for i in range(count):
+            handles.append(Line2D([], [], color="0.35", marker=SEED_MARKERS[i % len(SEED_MARKERS)], linestyle="none",
+                                  markersize=4))
+            names.append(f"seed {seeds[i]}" if seeds is not None else f"run {i + 1}")
+    ax.legend(handles, names, fontsize=6, loc="best")
 
 
 def average_window_matrices(windows_per_seed: Sequence[Sequence[dict]], partition: str, key: str) -> np.ndarray | None:
@@ -234,9 +247,10 @@ def average_window_matrices(windows_per_seed: Sequence[Sequence[dict]], partitio
 
 
 def coupling_figure(windows_per_seed: Sequence[Sequence[dict]], labels: Sequence[str], spatial_labels: Sequence[str] | None,
-                    *, title: str):
+                    *, title: str, seeds: Sequence[Any] | None = None):
     """The coupling matrices averaged over every window and seed, measured beside control on one colour
-    scale (rows: geometry, then spatial), and every window's statistics for traffic and net shares."""
+    scale (rows: geometry, then spatial), and every window's statistics for traffic and net shares
+    (:func:`plot_window_statistics`, ``seeds`` naming the seeds in its legend)."""
     import matplotlib.pyplot as plt
 
     partitions = [("geometry", labels)] + ([("spatial", spatial_labels)] if spatial_labels is not None else [])
@@ -256,8 +270,8 @@ def coupling_figure(windows_per_seed: Sequence[Sequence[dict]], labels: Sequence
                 ax.set_axis_off()
                 continue
             plot_coupling(ax, mats[key], names, title=f"{partition}: {what}", diverging=diverging, limit=lim, colorbar=bar)
-    plot_window_statistics(axes[-1, 0], windows_per_seed, kind="traffic")
-    plot_window_statistics(axes[-1, 1], windows_per_seed, kind="net")
+    plot_window_statistics(axes[-1, 0], windows_per_seed, kind="traffic", seeds=seeds)
+    plot_window_statistics(axes[-1, 1], windows_per_seed, kind="net", seeds=seeds)
     for ax in axes[-1, 2:]:
         ax.set_axis_off()
     axes[-1, 2].text(0.0, 0.95, COUPLING_NOTE, fontsize=7.5, va="top", ha="left", wrap=True, transform=axes[-1, 2].transAxes)

@@ -20,7 +20,7 @@ from matplotlib.ticker import MaxNLocator
 from ..plotting.arrays import colour_limit, float_array as _array, heat_colormap  # (None, as JSON writes NaN, reads NaN)
 
 __all__ = [
-    "alignment_figure", "coupling_figure", "gan_windows_figure", "group_shares_figure", "kernel_figure",
+    "alignment_figure", "checkpoint_label", "coupling_figure", "gan_windows_figure", "group_shares_figure", "kernel_figure",
     "ledger_figure", "locality_figure", "matrix_animation", "noise_matrix_figure", "png",
 ]
 
@@ -139,6 +139,18 @@ def locality_figure(summary: Mapping[str, Any]) -> Figure:
     return fig
 
 
+def checkpoint_label(entry: Mapping[str, Any]) -> str:
+    """A kernel record's name, the same in the report's figure and its table: "step G" by its global step G
+    ("initialization" at global step 0: no training step yet), else "tracked step t" ("tracked step 0": θ₀, where
+    tracking began, which a loop without a step counter cannot tell from the initialization), "before tracking"
+    when it has neither (a record taken before the tracked window). The figure called θ₀ without a global step
+    "initialization" and the table "tracked step 0"; "step None" named no step."""
+    step, tracked = entry.get("global_step"), entry.get("tracked_step")
+    if step is not None:
+        return "initialization" if step == 0 else f"step {step}"
+    return "before tracking" if tracked is None else f"tracked step {tracked}"
+
+
 def kernel_figure(summary: Mapping[str, Any]) -> Figure | None:
     """Normalized-kernel similarity against |Δbin| at every kernel checkpoint."""
     kernel = [k for k in summary.get("kernel") or [] if k.get("by_distance")]
@@ -147,10 +159,7 @@ def kernel_figure(summary: Mapping[str, Any]) -> Figure | None:
     fig = Figure(figsize=(7.0, 3.0), layout="constrained")
     axes = fig.subplots(1, 2)
     for i, entry in enumerate(kernel):
-        # (an entry recorded before any step may carry no global step: "step None" named no step)
-        step, tracked = entry.get("global_step"), entry.get("tracked_step")
-        label = ("initialization" if tracked is None or (step is None and not tracked) else
-                 f"step {step}" if step is not None else f"tracked step {tracked}")
+        label = checkpoint_label(entry)
         colour = f"C{i % 10}"
         axes[0].plot(_array(entry["by_distance"]), "o-", ms=3, color=colour, label=label)
         if entry.get("by_distance_same_input"):

@@ -214,8 +214,8 @@ def _diffusion_section(s: Mapping[str, Any], animate: bool) -> str:
     kernel = s.get("kernel") or []
     figure = fg.kernel_figure(s)
     if figure is not None:
-        rows = [[("initialization" if k.get("tracked_step") is None else f"tracked step {k['tracked_step']}"
-                  if k.get("global_step") is None else f"step {k['global_step']}"),
+        rows = [[fg.checkpoint_label(k),  # (the figure's legend names: the table called θ₀ "tracked step 0", the figure
+                 # "initialization")
                  (k.get("locality") or {}).get("difference"),
                  "[{}, {}]".format(*(_fmt(v) for v in (k.get("locality") or {}).get("interval", [None, None])))]
                 for k in kernel]

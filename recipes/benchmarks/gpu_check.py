@@ -206,8 +206,15 @@ def _diffusion_benchmark(device: torch.device, s: dict, deadline: float) -> dict
     out["ratio"] = out["seconds_per_step"]["analyzed"] / out["seconds_per_step"]["bare"]
     out["relative_residual"] = analyzer.ledger.relative_residual()
     out["tracked_steps"] = analyzer.ledger.steps
-    if out["analyzed_peak_bytes"] is not None:
-        out["estimate_over_measured_peak"] = out["estimate"]["total_bytes"] / out["analyzed_peak_bytes"]
+    # The estimate (tracker.cost.total_bytes) is a tracked step's peak (genkernel.core.cost: "the step's peak"), not
+    # the first step's, which also binds the analyzer (one-time work the estimate does not count): the comparison
+    # "predicted memory within 20 % of the measured peak" is with the steady steps' peak. The first step's ratio
+    # is kept beside it (a bind that outgrows the estimate would let the memory check pass a set-up that fails).
+    if steady_peak:
+        out["estimate_over_measured_peak"] = out["estimate"]["total_bytes"] / steady_peak
+        out["measured_peak"] = "analyzed_steady_peak_bytes: the timed steps after the first, the estimate's step"
+    if out["analyzed_peak_bytes"]:
+        out["estimate_over_first_step_peak"] = out["estimate"]["total_bytes"] / out["analyzed_peak_bytes"]
     steps = len(times["bare"]) + 1
 
     def parameters_equal(a, b):
@@ -275,19 +282,27 @@ def _diffusion_benchmark(device: torch.device, s: dict, deadline: float) -> dict
 
 def _interleaved_steps(device: torch.device, trainers: dict, steps: int, deadline: float, after=None) -> dict:
     """``{label: [seconds, ...]}``: up to ``steps`` rounds of one step of each trainer in turn (interleaved, so
-    the machine's load falls on all alike), stopping before a round the ``deadline`` would cut (at least one
-    round); ``after(label)`` runs after each timed step (a peak reading), the peak reset before it."""
+    the machine's load falls on all alike; the order rotated each round, as
+    :func:`~recipes.benchmarks.harness.interleaved` does: no trainer always runs first, on a cache or allocator the
+    other left), stopping before a round the ``deadline`` would cut (at least one round); ``after(label)`` runs
+    after each timed step (a peak reading), the peak reset before it."""
     times = {label: [] for label in trainers}
-    for _ in range(steps):
+    for round_ in range(steps):
         last = sum(v[-1] for v in times.values() if v)
         if last and time.perf_counter() + 1.5 * last > deadline:
             break
-        for label, trainer in trainers.items():
+        for label, trainer in rotated(list(trainers.items()), round_):
             _reset_peak(device)
             times[label].append(synced_seconds(device, functools.partial(trainer.train, 1)))
             if after is not None:
                 after(label)
     return times
+
+
+def rotated(items: list, round_: int) -> list:
+    """``items`` rotated left by ``round_`` (mod their count): the order of round ``round_``."""
+    shift = round_ % len(items) if items else 0
+    return items[shift:] + items[:shift]
 
 
 def main(argv=None) -> dict:
@@ -394,8 +409,14 @@ def gan_benchmark(device: torch.device, s: dict) -> dict:
     first = {}
     extra = {"bare": 0, "analyzed": 0}  # the most an iteration allocated above what was held before it
     _reset_peak(device)
+    order = [("bare", bare, None), ("analyzed", tracked, analyzer), ("control", control, None)]
+    out["orders"] = []
     for step in range(s["gan_steps"] + 1):
-        for label, (G, D, g_opt, d_opt), a in (("bare", bare, None), ("analyzed", tracked, analyzer), ("control", control, None)):
+        # the first iteration (it builds the trackers) in this order, then rotated each iteration as the diffusion
+        # section's steps: the analyzed pair always ran second, after the bare one, on what it left in the caches
+        this = rotated(order, step)
+        out["orders"].append([label for label, _, _ in this])
+        for label, (G, D, g_opt, d_opt), a in this:
             _sync(device)
             held = _allocated(device)
             _reset_peak(device)

@@ -133,7 +133,7 @@ def write_outputs(name: str, args, s: dict, timer, runs: list[dict], nulls: list
     labels = runs[0]["report"]["group_labels"]
     windows = [r["report"]["windows"] for r in runs]
     fig = coupling_figure(windows, labels, [f"z-cluster {g}" for g in range(len(labels))],
-                          title=f"{name}: coupling by gradient direction and by latent cluster")
+                          title=f"{name}: coupling by gradient direction and by latent cluster", seeds=[r["seed"] for r in runs])
     fig.savefig(out / f"{name}_coupling.png", dpi=dpi)
     plt.close(fig)
     first = runs[0]
@@ -188,8 +188,9 @@ def draw(runs: list[dict]):
                      title=f"generated after {first['report']['generator_steps']} generator steps")
     plot_alignment(axes[1, 0], first["report"]["alignment"], title=f"seed {first['seed']}: alignment of each step's ΔG(z')")
     windows = [r["report"]["windows"] for r in runs]
-    plot_window_statistics(axes[1, 1], windows, kind="traffic")
-    plot_window_statistics(axes[1, 2], windows, kind="net")
+    seeds = [r["seed"] for r in runs]  # (the legend names each marker's seed)
+    plot_window_statistics(axes[1, 1], windows, kind="traffic", seeds=seeds)
+    plot_window_statistics(axes[1, 2], windows, kind="net", seeds=seeds)
     fig.suptitle("GAN on 16×16 images: corrections grouped by discriminator gradient direction", fontsize=11)
     fig.tight_layout()
     return fig
