@@ -435,21 +435,33 @@ def sample_quality(samples: torch.Tensor, train: torch.Tensor, held_out: torch.T
     return out
 
 
-def _kernel_locality_per_input(analyzer, model, scheduler) -> np.ndarray:
+def _kernel_locality_per_input(analyzer, model, scheduler) -> dict[str, np.ndarray]:
     """Per clean input of the analyzer's kernel points, the delete-one-input jackknife pseudo-value
     of k̂ locality minus its permutation control (:func:`~genkernel.diffusion.locality.locality_pseudo_values`)
     for ``model`` at its current θ: the per-input values themselves share kernel entries, and a
     t-interval over them held in 6.5-9 % of null kernels at a nominal 2.5 %; one over the
-    pseudo-values is the jackknife interval."""
+    pseudo-values is the jackknife interval.
+
+    Returns ``{"raw": [n], "standardized": [n]}``: on the kernel as it is, and with each state's entries to the
+    other inputs' states standardized (:func:`~genkernel.diffusion.kernel_locality`'s ``"standardized"``; a kernel
+    whose states differ only in scale, k̂ = c·g(s)·g(t), passes the raw difference and not this one)."""
     from genkernel.diffusion import make_states, state_kernel
-    from genkernel.diffusion.locality import locality_pseudo_values
+    from genkernel.diffusion.locality import LOCALITY_ROWS, locality_pseudo_values
 
     param = next(model.parameters())
     states = make_states(scheduler, analyzer.kernel_clean.to(param), analyzer.kernel_noise.to(param), analyzer.bins.centers)
     kernel = state_kernel(model, states, output_sketch=analyzer.kernel_sketch, seed=analyzer.seed,
-                          memory_budget=analyzer.memory_budget)
-    return locality_pseudo_values(kernel.cpu(), analyzer.kernel_clean.shape[0], torch.arange(analyzer.num_bins),
-                                  analyzer.band, seed=analyzer.seed).numpy()
+                          memory_budget=analyzer.memory_budget).cpu()
+    return {rows: locality_pseudo_values(kernel, analyzer.kernel_clean.shape[0], torch.arange(analyzer.num_bins),
+                                         analyzer.band, seed=analyzer.seed, rows=rows).numpy()
+            for rows in LOCALITY_ROWS}
+
+
+def _kernel_locality_record(per_model: dict[str, dict[str, np.ndarray]]) -> dict:
+    """A run's ``kernel_locality_per_input`` from :func:`_kernel_locality_per_input` of each model
+    (``theta_0``, ``theta_T``, ``time_blind`` where it ran): ``{model: raw [n], "standardized": {model: [n]}}``."""
+    return {**{name: values["raw"] for name, values in per_model.items()},
+            "standardized": {name: values["standardized"] for name, values in per_model.items()}}
 
 
 def _per_level(report: dict, key: str) -> list[dict]:
@@ -544,8 +556,8 @@ def diffusion_seed_run(spec: dict, args: argparse.Namespace, s: dict, seed: int)
     if warmup:
         report["kernel"].insert(0, {"tracked_step": None, "global_step": 0, **analyzer.kernel_structure(theta0)})
     t0 = Timer()
-    kernel = {"theta_0": _kernel_locality_per_input(analyzer, theta0, scheduler),
-              "theta_T": _kernel_locality_per_input(analyzer, model, scheduler)}
+    locality_of = {"theta_0": _kernel_locality_per_input(analyzer, theta0, scheduler),
+                   "theta_T": _kernel_locality_per_input(analyzer, model, scheduler)}
     reference = blind = None
     if s.get("reference") and spec.get("time_blind") is not None:
         torch.manual_seed(seed)
@@ -557,7 +569,7 @@ def diffusion_seed_run(spec: dict, args: argparse.Namespace, s: dict, seed: int)
                                     callbacks=[blind_analyzer] if ledger else [], lr_scheduler=lr_decay_schedule(s),
                                     progress=progress)
         _train(blind_trainer, warmup, total)
-        kernel["time_blind"] = _kernel_locality_per_input(analyzer, blind, scheduler)
+        locality_of["time_blind"] = _kernel_locality_per_input(analyzer, blind, scheduler)
         reference = {"what": "time-blind denoiser (the same network fed t = 0), trained the same way"}
         if ledger:
             blind_report = blind_analyzer.report()
@@ -591,7 +603,7 @@ def diffusion_seed_run(spec: dict, args: argparse.Namespace, s: dict, seed: int)
     retrieval_time_blind_s = t0.seconds
     run = _clean({
         "seed": seed, "resumed": resumed, "report": report,
-        "kernel_locality_per_input": kernel,
+        "kernel_locality_per_input": _kernel_locality_record(locality_of),
         "reference": reference,
         "retrieval": retrieval.to_json(), "retrieval_entropy": retrieval.entropy,
         "retrieval_entropy_theta_0": entropy0, "sample_quality": quality,
@@ -625,6 +637,23 @@ def _paired_units(*arrays) -> tuple[np.ndarray, ...]:
     return tuple(np.where(bad, np.nan, v) for v in values)
 
 
+def _kernel_locality_terms(per_input: list[dict], blind_run: bool) -> tuple[Interval, ...]:
+    """The kernel-locality claim's intervals from each run's per-input values (``{"theta_0", "theta_T",
+    "time_blind"}``, the raw or the standardized ones), units paired across models (:func:`_paired_units`):
+    ``(θ_T − θ₀, θ₀, θ_T, time-blind − θ₀, θ_T − time-blind, time-blind)``, the last three None without the
+    time-blind denoiser."""
+    terms = [_paired_units(k["theta_T"], k["theta_0"], *([k["time_blind"]] if blind_run else [])) for k in per_input]
+    change = _within_or_over_seeds([t[0] - t[1] for t in terms])
+    at_0 = _within_or_over_seeds([t[1] for t in terms])
+    at_T = _within_or_over_seeds([t[0] for t in terms])
+    if not blind_run:
+        return change, at_0, at_T, None, None, None
+    null = _within_or_over_seeds([t[2] - t[1] for t in terms])  # the time-blind denoiser's θ_T − θ₀
+    beyond = _within_or_over_seeds([(t[0] - t[1]) - (t[2] - t[1]) for t in terms])  # value − baseline per unit
+    blind = _within_or_over_seeds([t[2] for t in terms])
+    return change, at_0, at_T, null, beyond, blind
+
+
 def _entropy_drop(entropy) -> np.ndarray:
     """Retrieval entropy at the noisiest stage minus at the cleanest, per sample (``entropy``: ``[stages, samples]``,
     or ``[stages]`` of means)."""
@@ -639,6 +668,9 @@ def _lowest(lows: list[float]) -> int:
     return int(np.nanargmin(values)) if np.isfinite(values).any() else 0
 
 
+KERNEL_NOT_STANDARDIZED_WHY = (
+    "the runs hold no standardized kernel locality (saved before it was computed): the raw difference alone is "
+    "passed by a kernel whose states differ only in scale (k̂ = c·g(s)·g(t)); rerun the recipe")
 KERNEL_NULL_NOT_RUN_WHY = (
     "the time-blind denoiser (the null model, settings reference) was not run: a denoiser that cannot tell the noise "
     "levels apart also gains kernel locality from training (quick toy settings, three seeds: time-blind at θ_T 0.055 "
@@ -763,18 +795,17 @@ def diffusion_claims(runs: list[dict]) -> dict:
     # null model: its θ_T locality minus the same θ₀ term), so value − baseline is θ_T − time-blind per input
     per_input = [r["kernel_locality_per_input"] for r in runs]  # NaN (saved as null) below 3 inputs
     blind_run = all(k.get("time_blind") is not None for k in per_input)
-    terms = [_paired_units(k["theta_T"], k["theta_0"], *([k["time_blind"]] if blind_run else [])) for k in per_input]
-    change = _within_or_over_seeds([t[0] - t[1] for t in terms])
-    at_0 = _within_or_over_seeds([t[1] for t in terms])
-    at_T = _within_or_over_seeds([t[0] for t in terms])
+    change, at_0, at_T, null, beyond, blind = _kernel_locality_terms(per_input, blind_run)
     extra = {"at_theta_T": at_T.estimate, "at_theta_T_interval": [at_T.low, at_T.high],
              "theta_0": at_0.estimate, "theta_0_interval": [at_0.low, at_0.high],
              "units": units or "jackknife pseudo-values of the kernel's clean inputs (one run)",
              "sketch": reports[0]["config"].get("kernel_sketch")}
     statement = (f"training makes k̂ noise-local: (mean k̂ within ±{band} bins − outside, minus a level-label permutation) "
                  "rises from θ₀ to θ_T, and (when a time-blind denoiser is trained beside it) exceeds the time-blind "
-                 "denoiser's at θ_T, whose locality comes from the inputs' similarity alone")
+                 "denoiser's at θ_T, whose locality comes from the inputs' similarity alone; both also with each "
+                 "state's kernel entries standardized (a change of the states' scale alone is no locality)")
     stat = "kernel locality (within − outside band, minus permutation), θ_T − θ₀"
+    scaled_run = all(isinstance(k.get("standardized"), dict) for k in per_input)
     if not blind_run:
         # the rise from θ₀ alone is passed by the null model: a time-blind denoiser gains kernel locality from
         # training too (its inputs' similarity), so without it the claim's second half is untested
@@ -784,15 +815,32 @@ def diffusion_claims(runs: list[dict]) -> dict:
             baseline=baseline(None, "null model: time-blind denoiser (not run"
                               + (f" in seeds {missing})" if len(missing) < len(runs) else ")")), **extra)
     else:
-        null = _within_or_over_seeds([t[2] - t[1] for t in terms])  # the time-blind denoiser's θ_T − θ₀
-        beyond = _within_or_over_seeds([(t[0] - t[1]) - (t[2] - t[1]) for t in terms])  # value − baseline per unit
-        blind = _within_or_over_seeds([t[2] for t in terms])
         extra.update(time_blind=blind.estimate, time_blind_interval=[blind.low, blind.high],
                      beyond_time_blind=beyond.estimate, beyond_time_blind_interval=[beyond.low, beyond.high])
-        out["kernel_locality"] = claim(
-            statement, change.above(0) and beyond.above(0), change.estimate, change, statistic=stat,
-            baseline=baseline(null.estimate, "null model: time-blind denoiser, trained the same way (its θ_T − the same "
-                              "θ₀)", null), **extra)
+        null_baseline = baseline(null.estimate, "null model: time-blind denoiser, trained the same way (its θ_T − the "
+                                 "same θ₀)", null)
+        if not scaled_run:
+            out["kernel_locality"] = claim(statement, False, change.estimate, change, measured=False,
+                                           why=KERNEL_NOT_STANDARDIZED_WHY, statistic=stat, baseline=null_baseline, **extra)
+        else:
+            # The raw difference exceeds its control for a kernel whose states differ only in scale (k̂ = c·g(s)·g(t):
+            # kernel_locality's docstring), a change a time-conditioned denoiser can make and a time-blind one cannot:
+            # the same two tests on standardized rows keep the claim to |Δbin| structure.
+            scaled = _kernel_locality_terms([k["standardized"] for k in per_input], True)
+            s_change, s_beyond = scaled[0], scaled[4]
+            extra["standardized"] = {"change": s_change.estimate, "change_interval": [s_change.low, s_change.high],
+                                     "beyond_time_blind": s_beyond.estimate,
+                                     "beyond_time_blind_interval": [s_beyond.low, s_beyond.high]}
+            raw_held = change.above(0) and beyond.above(0)
+            scaled_held = s_change.above(0) and s_beyond.above(0)
+            if raw_held and not scaled_held:
+                extra["not_held_because"] = (
+                    "the rise is the states' scale, not their distance: with each state's entries standardized the "
+                    f"change is {s_change.estimate:.3g} [{s_change.low:.3g}, {s_change.high:.3g}] and beyond the "
+                    f"time-blind denoiser {s_beyond.estimate:.3g} [{s_beyond.low:.3g}, {s_beyond.high:.3g}], not both "
+                    "above 0")
+            out["kernel_locality"] = claim(statement, raw_held and scaled_held, change.estimate, change, statistic=stat,
+                                           baseline=null_baseline, **extra)
     # retrieval: broad → narrow, against θ_0 and the time-blind denoiser (where it ran and its samples are not noise),
     # only where θ_T's samples are not noise
     quality = [r["sample_quality"] for r in runs]
@@ -912,6 +960,8 @@ def write_diffusion_outputs(name: str, args: argparse.Namespace, s: dict, timer:
         "report": first["report"],
         # what the noise-matrix and overview figures draw over several seeds (the report above is seed 0's alone)
         **({"averaged_over_seeds": {"seeds": report.get("seeds_averaged"), "matrices": report["matrices"],
+                                    # a cell missing in some seeds is the mean of those that have it: how many
+                                    "seeds_per_cell": report.get("seeds_per_cell"),
                                     "relative_residual_worst": report["residual"]["relative_residual"]}}
            if len(runs) > 1 else {}),
         "retrieval": first["retrieval"],

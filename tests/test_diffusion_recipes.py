@@ -65,7 +65,10 @@ def check_payload(out: Path, name: str, payload: dict) -> dict:
     # the baseline is the null model's value of the same statistic (θ_T − θ₀): value − baseline is what is judged
     if c["measured"]:
         assert "beyond_time_blind_interval" in c
-        assert c["held"] == (low is not None and low > 0 and beyond is not None and beyond > 0)
+        scaled = c["standardized"]  # the same two tests on standardized rows (no scale-only locality)
+        s_low, s_beyond = scaled["change_interval"][0], scaled["beyond_time_blind_interval"][0]
+        assert c["held"] == (low is not None and low > 0 and beyond is not None and beyond > 0
+                             and s_low is not None and s_low > 0 and s_beyond is not None and s_beyond > 0)
         assert c["baseline"]["what"].startswith("null model: time-blind denoiser")
         if c["value"] is not None and c["baseline"]["value"] is not None:
             assert math.isclose(c["value"] - c["baseline"]["value"], c["beyond_time_blind"], rel_tol=1e-9, abs_tol=1e-12)

@@ -196,6 +196,7 @@ def _diffusion_run(seed: int, *, time_blind: bool) -> dict:
     if time_blind:
         # the null model rises about as much: θ_T − time-blind is +0.03, −0.03, 0 in seeds 0, 1, 2
         kernel["time_blind"] = [v - (0.03, -0.03, 0.0)[seed % 3] for v in kernel["theta_T"]]
+    kernel["standardized"] = dict(kernel)  # the same values on standardized rows: no scale effect
     return {"seed": seed, "report": report, "reference": None, "kernel_locality_per_input": kernel,
             "sample_quality": {"score": 0.1, "noise": False}, "retrieval_entropy": [2.0, 1.0],
             "retrieval_entropy_theta_0": [2.0, 1.9]}

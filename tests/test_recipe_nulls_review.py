@@ -33,6 +33,7 @@ def _run(seed: int, *, rise: float = 0.5, blind_rise: float | None = None, blind
     kernel = {"theta_0": list(theta_0), "theta_T": list(theta_T)}
     if blind_rise is not None:
         kernel["time_blind"] = list(theta_0 + blind_rise + g.normal(0, 0.01, 6) + blind_offsets[seed % 3])
+    kernel["standardized"] = {name: list(values) for name, values in kernel.items()}  # no scale effect
     run = {"seed": seed, "report": report, "reference": None, "kernel_locality_per_input": kernel,
            "sample_quality": {"score": 0.1, "noise": False},
            "retrieval_entropy": entropy_T if entropy_T is not None else [[0.9] * 4, [0.2 + 0.01 * seed + d for d in

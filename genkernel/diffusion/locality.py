@@ -211,16 +211,27 @@ def locality_per_input(kernel: torch.Tensor, num_points: int, level_bins: torch.
     return _Differences(k, level_bins, band, num_permutations, seed)(torch.arange(num_points))
 
 
+LOCALITY_ROWS = ("raw", "standardized")
+
+
 def locality_pseudo_values(kernel: torch.Tensor, num_points: int, level_bins: torch.Tensor, band: int, *,
-                           num_permutations: int = 20, seed: int = 0) -> torch.Tensor:
+                           num_permutations: int = 20, seed: int = 0, rows: str = "raw") -> torch.Tensor:
     """``[n]`` delete-one-input jackknife pseudo-values of :func:`kernel_locality`'s statistic
     (mean over inputs of locality minus its permutation control): n·D − (n − 1)·D₍₋ᵢ₎, with D₍₋ᵢ₎ the
     statistic over the other inputs alone. Their mean is the jackknife estimate of D, and a
     t-interval over them is the jackknife interval; unlike the per-input values, which share
     kernel entries, they can be treated as independent. Pseudo-values of two kernels on the same
-    inputs (θ₀ and θ_T) subtract into those of the difference."""
+    inputs (θ₀ and θ_T) subtract into those of the difference.
+
+    ``rows``: "raw" (the kernel as it is) or "standardized": each state's entries to the other inputs'
+    states centred and scaled to unit spread first, :func:`kernel_locality`'s ``"standardized"`` difference,
+    which a kernel whose states differ only in scale (k̂ = c·g(s)·g(t)) does not pass."""
+    if rows not in LOCALITY_ROWS:
+        raise ValueError(f"rows must be one of {LOCALITY_ROWS}, got {rows!r}")
     level_bins = _check_levels(level_bins, band, num_permutations)
     k = _point_major(kernel, num_points, level_bins)
+    if rows == "standardized":
+        k = _standardized_rows(k)
     return _Differences(k, level_bins, band, num_permutations, seed).pseudo_values()
 
 
