@@ -65,7 +65,12 @@ def parse_args(argv):
                         help="only rewrite the claims table from the JSON files in --out-dir")
     # the folder of the experiment modules; its package name is PACKAGE's (the tests point it elsewhere)
     parser.add_argument("--experiments-dir", default=str(EXPERIMENTS_DIR), help=argparse.SUPPRESS)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    # (--timeout -5 ran nothing and reported every recipe FAILED (timeout -5 s) into the claims table; --timeout 0
+    # was taken for no --timeout)
+    if args.timeout is not None and not (math.isfinite(args.timeout) and args.timeout > 0):
+        parser.error(f"--timeout must be a finite number of seconds > 0, got {args.timeout}")
+    return args
 
 
 def claims_of(out_dir: Path, name: str) -> str:

@@ -423,7 +423,9 @@ def _integer_timesteps(timesteps: torch.Tensor, total: int, name: str) -> torch.
     """``timesteps`` as a LongTensor[B] on its device after checking they are integers in [0, T = total)."""
     if not isinstance(timesteps, torch.Tensor) or timesteps.dim() != 1:
         raise TypeError(f"{name} must be a 1-D integer Tensor [B], got {getattr(timesteps, 'shape', type(timesteps).__name__)}")
-    if timesteps.is_floating_point() or timesteps.is_complex():
+    # (a bool mask passed the old check as the levels 0 and 1: observe(losses, t > 50) booked every example to the
+    # first bin, silently)
+    if timesteps.is_floating_point() or timesteps.is_complex() or timesteps.dtype == torch.bool:
         raise TypeError(f"{name} must be integer timesteps (a LongTensor), got dtype {timesteps.dtype}")
     if timesteps.numel() and (int(timesteps.min()) < 0 or int(timesteps.max()) >= total):
         raise ValueError(

@@ -339,8 +339,11 @@ class DDPMTrainer:
         if batch_size is not None:
             batch_size = positive_int(batch_size, "batch_size")
         self.micro_batches = positive_int(micro_batches, "micro_batches")
-        if checkpoint_every < 0:
-            raise ValueError(f"checkpoint_every must be >= 0, got {checkpoint_every}")
+        # (a float passed the old check and wrote at the multiples of it that step counts hit: 1.5 every third step)
+        if (isinstance(checkpoint_every, bool) or not isinstance(checkpoint_every, numbers.Integral)
+                or checkpoint_every < 0):
+            raise ValueError(f"checkpoint_every must be an int >= 0 (0: never), got {checkpoint_every!r}")
+        checkpoint_every = int(checkpoint_every)
         if checkpoint_every and checkpoint_dir is None:
             raise ValueError("checkpoint_every needs a checkpoint_dir to write into")
         self.prediction_type = check_prediction_type(scheduler)

@@ -359,8 +359,13 @@ class GANKernelAnalyzer(TrainerCallback):
     ) -> None:
         if isinstance(controls, bool) or not isinstance(controls, int) or controls < 0:
             raise ValueError(f"controls must be a non-negative int (permutation control partitions), got {controls!r}")
-        if window < 1 or eval_every < 1 or window % eval_every:
-            raise ValueError(f"window ({window}) and eval_every ({eval_every}) must be positive, eval_every dividing window")
+        # (ints: window=3, eval_every=1.5 passed the divisibility check and evaluated every third step, the report
+        # and the cost estimate saying 1.5; window=2.0 failed later, slicing with a float)
+        if any(isinstance(v, bool) or not isinstance(v, numbers.Integral) for v in (window, eval_every)) \
+                or window < 1 or eval_every < 1 or window % eval_every:
+            raise ValueError(f"window ({window!r}) and eval_every ({eval_every!r}) must be positive ints, eval_every "
+                             "dividing window")
+        window, eval_every = int(window), int(eval_every)
         if field_snapshots != "all" and (isinstance(field_snapshots, bool) or not isinstance(field_snapshots, int)
                                          or field_snapshots < 1):
             raise ValueError(f"field_snapshots must be a positive int (the most evaluations' probe snapshots kept) or "
@@ -2218,7 +2223,9 @@ class GANKernelAnalyzer(TrainerCallback):
         """The ledgers of the generator's EMA weights (``bind(..., ema=...)``), per partition."""
         tracker = self._view("g_tracker")
         if tracker is None or tracker.ema is None:
-            raise RuntimeError("no EMA of the generator is tracked: bind(g_optimizer, ..., ema=ema)")
+            raise RuntimeError("no EMA of the generator is tracked: in your own loop, bind(g_optimizer, ..., ema=ema); "
+                               "attached to GANTrainer, build the trainer with ema= (and the analyzer with "
+                               "ema_ledger='trainer', the default)")
         return tracker.ema_ledgers
 
     @property

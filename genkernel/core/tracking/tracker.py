@@ -40,6 +40,7 @@ import contextlib
 import copy
 import hashlib
 import math
+import numbers
 import os
 import warnings
 import weakref
@@ -444,8 +445,11 @@ class PathKernelTracker:
         # replaces the stand-ins: callables of the tracker (self.cost the new estimate), raising to refuse the step
         # (leaving their records as they were), returning None or what puts their records back.
         self._cost_followers: list = []
-        if snapshot_every < 0:
-            raise ValueError(f"snapshot_every must be >= 0 (0: no snapshots), got {snapshot_every}")
+        # (a float passed the old check and snapshotted at the multiples of it that step counts hit: 1.5 every third
+        # step, 0.5 every step)
+        if isinstance(snapshot_every, bool) or not isinstance(snapshot_every, numbers.Integral) or snapshot_every < 0:
+            raise ValueError(f"snapshot_every must be an int >= 0 (steps; 0: no snapshots), got {snapshot_every!r}")
+        snapshot_every = int(snapshot_every)
         if contribution_route not in CONTRIBUTION_ROUTES:
             raise ValueError(f"contribution_route must be one of {CONTRIBUTION_ROUTES}, got {contribution_route!r}")
         self.model = model
@@ -583,6 +587,11 @@ class PathKernelTracker:
         self.skipped_steps: list[dict[str, int]] = []  # observed micro-batches dropped with no step taken
         if not self.route.uses_graph():
             check_per_example_safe(self.module, route=f"group_state={self.group_state!r}", found=self._forward_couplings)
+        # The gradients as the tracker found them: a backward of the loop's between the tracker's construction and its
+        # first owned step (gradient accumulation, loss.backward() before tracker.step) is refused as one between
+        # steps is; unchecked, the step's own backward started from zero and silently dropped it (the parameters
+        # moved otherwise than the loop's). Gradients left from before (an untracked loop's last step) stay allowed.
+        self._grad_marks = {n: (id(p.grad), p.grad._version) for n, p in self.params.items() if p.grad is not None}
 
     @property
     def ledger(self) -> PathKernelLedger:
@@ -1106,6 +1115,7 @@ class PathKernelTracker:
                                           # (whether its backward puts anything into the gradients)
                                           "moves": any(bool(g.any()) for g in grads.values())})
         self._observing = True
+        self._grad_marks = None  # an observed loop zeroes or keeps its gradients as it likes
         self._armed = True
         self._observed["entries"][-1]["backward_at"] = self._mark_observed(losses, backward)
         # (every observed micro-batch: a loop weighing its examples otherwise than observed is refused by the seed
