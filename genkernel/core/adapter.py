@@ -1194,7 +1194,20 @@ def not_fitting_inputs(error: BaseException) -> bool:
     as they are (a loop may catch ``torch.OutOfMemoryError``; blaming the inputs would mislead)."""
     distributed_error = getattr(torch.distributed, "DistError", ())
     return isinstance(error, (RuntimeError, TypeError, ValueError, IndexError)) and not isinstance(
-        error, (torch.OutOfMemoryError, distributed_error))
+        error, (torch.OutOfMemoryError, distributed_error)) and not _out_of_memory(error)
+
+
+# Allocation failures torch raises as a plain RuntimeError, not torch.OutOfMemoryError: the CPU allocator's
+# ("DefaultCPUAllocator: can't allocate memory"), MPS's ("MPS backend out of memory"), a CUDA kernel launch's
+# ("CUDA error: out of memory"), cuBLAS' and cuDNN's (CUBLAS_STATUS_ALLOC_FAILED, CUDNN_STATUS_ALLOC_FAILED).
+_OUT_OF_MEMORY = ("out of memory", "can't allocate memory", "cannot allocate memory", "not enough memory", "_ALLOC_FAILED")
+
+
+def _out_of_memory(error: BaseException) -> bool:
+    """Whether ``error``'s message says an allocation failed (blamed on the inputs, a real CPU out-of-memory in a
+    forward became "inputs of shapes ... do not fit", a ValueError a loop catching RuntimeError for it missed)."""
+    message = str(error).lower()
+    return any(marker.lower() in message for marker in _OUT_OF_MEMORY)
 
 
 def checked_forward(model: nn.Module, inputs: tuple[torch.Tensor, ...], *, name: str) -> torch.Tensor:

@@ -500,21 +500,37 @@ class DDPMTrainer:
             weighting) and, under ``class_dropout``, ``"data_labels"`` or ``"data_embeddings"`` (the
             data's) and ``"dropped"`` (BoolTensor[B]).
         """
-        # (where the draws stood, for an encode that fails: read only with a VAE, not on every step's path)
-        position = None if self.latent_coder is None else self._data_position()
-        batch = self._tensor_batch() if self._stream is None else self._stream.next()
+        # Where the draws stood: a failure anywhere in here (an encoder, or the noise's allocation, out of memory; an
+        # interrupt) hands the batch back, so that the next step (or a checkpoint written now) draws it again, as after
+        # a refused step. (Only the VAE's encode did: a failure after it, in the levels' or the noise's draw, kept the
+        # rows, levels and noise drawn, and a DataLoader's batch was lost, so the run continued was not the
+        # uninterrupted one.)
+        position = self._data_position()
+        if self._stream is None:
+            try:
+                batch = self._tensor_batch()
+            except BaseException:  # (its permutation drawn, the cursor moved, then the rows' copy failed)
+                state, self._order, self._cursor = position
+                self.generator.set_state(state)
+                raise
+        else:
+            batch = self._stream.next()
+        global_rng = global_rng_state()
+        try:
+            self._draw_into(batch)
+        except BaseException:
+            self._hand_back(batch, position, global_rng)
+            raise
+        return batch
+
+    def _draw_into(self, batch: dict[str, torch.Tensor]) -> None:
+        """:meth:`next_batch`'s draws for the data's ``batch``, written into it: a VAE's latents, the levels, the noise,
+        the noisy inputs and targets, the loss weights and the conditioning dropout."""
         if self.latent_coder is not None:  # the latents drawn first, as the scripts draw them
             batch["images"] = batch["clean"]
             chunk = -(-batch["clean"].shape[0] // self.micro_batches)  # (a micro-batch's memory, not the batch's)
-            global_rng = global_rng_state()
-            try:
-                batch["clean"] = self.latent_coder.sample_latents(batch["images"], self.generator, device=self.device,
-                                                                  dtype=self.dtype, chunk=chunk)
-            except BaseException:
-                # an encoder that fails (out of memory, an interrupt in its forward) hands the images back: the
-                # next step (or a checkpoint written now) draws this batch again, as after a refused step
-                self._hand_back(batch, position, global_rng)
-                raise
+            batch["clean"] = self.latent_coder.sample_latents(batch["images"], self.generator, device=self.device,
+                                                              dtype=self.dtype, chunk=chunk)
         clean = batch["clean"]
         self.sample_shape = tuple(clean.shape[1:])
         timesteps = self.timestep_density.draw(self.scheduler, self.levels, clean.shape[0], self.generator)
@@ -543,7 +559,6 @@ class DDPMTrainer:
             self.class_dropout.check_conditioning(batch[key], f"the batch's {CONDITIONING_NAMES[key]}")
             batch[f"data_{key}"] = batch[key]
             batch[key], batch["dropped"] = self.class_dropout.draw(batch[key], self.generator)
-        return batch
 
     @property
     def _model_key(self) -> str:
@@ -730,13 +745,13 @@ class DDPMTrainer:
         :meth:`save_checkpoint` until :meth:`resume` (or :meth:`load_state_dict`) replaces its state."""
         check_not_torn(self, "attempt_step()")
         position = self._data_position()
-        batch = self.next_batch()
-        global_rng = global_rng_state()
-        # the model's buffers (BatchNorm's running statistics): a forward that ran before a failure (DREAM's,
-        # micro-batch 0's when micro-batch 1 fails, or the one whose graph an analyzer refuses) advanced them
-        buffers = buffer_snapshot(self.model)
-        step = None
-        try:
+        batch = self.next_batch()  # (hands its batch back itself when it fails)
+        global_rng = buffers = step = None
+        try:  # (from here on a failure hands the batch back: reading the states below can run out of memory too)
+            global_rng = global_rng_state()
+            # the model's buffers (BatchNorm's running statistics): a forward that ran before a failure (DREAM's,
+            # micro-batch 0's when micro-batch 1 fails, or the one whose graph an analyzer refuses) advanced them
+            buffers = buffer_snapshot(self.model)
             if self.dream is not None:
                 self.dream_correct(batch)
             step = self.build_step(batch)
@@ -749,7 +764,8 @@ class DDPMTrainer:
                                   "the parameters and the optimizer's state", error, _RESUME_FIX) from error
             elif not isinstance(error, NonFiniteError):  # (a non-finite step is skipped: drawn again, it fails again)
                 self._hand_back(batch, position, global_rng)
-                restore_buffers(buffers)
+                if buffers is not None:
+                    restore_buffers(buffers)
             hint = self._conditioning_hint(batch) if isinstance(error, ValueError) else None
             if hint is None or "do not fit" not in str(error):
                 raise
@@ -770,7 +786,7 @@ class DDPMTrainer:
         return self.generator.get_state(), self._order, self._cursor
 
     def _hand_back(self, batch: dict[str, torch.Tensor], position: tuple[torch.Tensor, torch.Tensor, int],
-                   global_rng: dict[str, Any]) -> None:
+                   global_rng: dict[str, Any] | None) -> None:
         """Undo the draws of a step that failed before its update (an analyzer's refusal, an interrupt; not a
         non-finite loss, whose draws stay used up), so that the next step (or a checkpoint written now) trains on the same batch, timesteps and
         noise as an uninterrupted run: the generator, the epoch order and cursor go back to ``position``;
@@ -785,7 +801,8 @@ class DDPMTrainer:
                 if key in batch:  # the data's (the conditioning dropout draws again)
                     held[key] = batch.get(f"data_{key}", batch[key])
             self._stream.hand_back(held)
-        set_global_rng_state(global_rng)
+        if global_rng is not None:  # (None: the step failed before reading it, nothing drawn from it since the batch)
+            set_global_rng_state(global_rng)
 
     def _count_update(self, step: OptimizerStep) -> float:
         """Book an update that is in the weights: ``global_step``, the loss it minimized (returned), the EMA's

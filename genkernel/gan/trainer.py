@@ -696,7 +696,13 @@ class GANTrainer:
         # the state before the step's passes, the real batch loaded: the fake rows' pass draws from the global RNG
         # (dropout in G) and, G in training mode, updates G's buffers (BatchNorm's running statistics); the training
         # forwards before a failure (micro-batches before the one that fails) update D's
-        draws = StepDraws(rng_before, global_rng_state(), buffer_snapshot(self.generator, self.discriminator), batch)
+        try:  # (reading the states can fail too, out of memory copying the buffers: the batch is handed back)
+            draws = StepDraws(rng_before, global_rng_state(), buffer_snapshot(self.generator, self.discriminator), batch)
+        except BaseException:
+            self.rng.set_state(rng_before)
+            if self._stream is not None:
+                self._stream.hand_back(batch)
+            raise
         try:
             step = self._discriminator_step(batch)
         except BaseException:  # (G's pass, a batch shaped otherwise, an interrupt): nothing was updated

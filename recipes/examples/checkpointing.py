@@ -344,14 +344,33 @@ def saved_checkpoints(output_dir: str) -> list[str]:
 
 
 def save_checkpoint(accelerator, output_dir: str, global_step: int, total_limit: int | None) -> None:
-    """``accelerator.save_state(output_dir/checkpoint-STEP)``, first removing the oldest checkpoints so that at
-    most ``total_limit`` remain with the new one (upstream's ``--checkpoints_total_limit``)."""
+    """``accelerator.save_state(output_dir/checkpoint-STEP)``, then removing the oldest checkpoints so that at
+    most ``total_limit`` remain with the new one (upstream's ``--checkpoints_total_limit``).
+
+    Atomic, as genkernel's own checkpoints: the state is written into a hidden ``.checkpoint-STEP.partial`` folder
+    and renamed to ``checkpoint-STEP`` once complete, and older checkpoints are removed only after that. Upstream
+    removed them first and wrote in place: a save killed half-way (SIGKILL, a full disk) left a
+    ``checkpoint-STEP`` without its optimizer, random states or analyzer state, which ``--resume_from_checkpoint
+    latest`` then picked (a FileNotFoundError, or, cut off after the random states, a resume that silently
+    started the analyzer afresh), and under ``--checkpoints_total_limit 1`` no complete checkpoint was left."""
+    final = os.path.join(output_dir, f"checkpoint-{global_step}")
+    partial = os.path.join(output_dir, f".checkpoint-{global_step}.partial")
+    if os.path.isdir(partial):  # (left by a save killed half-way)
+        shutil.rmtree(partial)
+    accelerator.save_state(partial)
+    if os.path.isdir(final):  # (a run resumed from this step saving it again): replaced, never half there
+        replaced = os.path.join(output_dir, f".checkpoint-{global_step}.replaced")
+        if os.path.isdir(replaced):
+            shutil.rmtree(replaced)
+        os.replace(final, replaced)
+        os.replace(partial, final)
+        shutil.rmtree(replaced)
+    else:
+        os.replace(partial, final)
     if total_limit is not None:
         checkpoints = saved_checkpoints(output_dir)
-        # before we save the new checkpoint, we need to have at _most_ `checkpoints_total_limit - 1` checkpoints
-        for removing in checkpoints[: max(0, len(checkpoints) - total_limit + 1)]:
+        for removing in checkpoints[: max(0, len(checkpoints) - total_limit)]:
             shutil.rmtree(os.path.join(output_dir, removing))
-    accelerator.save_state(os.path.join(output_dir, f"checkpoint-{global_step}"))
 
 
 def register_unet_hooks(accelerator, model_cls: type, ema_model: Any = None, subfolder: str = "unet") -> None:

@@ -437,14 +437,21 @@ class EMALedgers:
     def ledger(self) -> PathKernelLedger:
         return self.ledgers[self.model.partitions.primary]
 
-    def after_step(self, updates: dict[str, torch.Tensor]) -> None:
-        """D_{k+1} = D_k + u_k, with the step's rows ``{name: [R + 1 + Π, *shape]}``."""
+    def after_step(self, updates: dict[str, torch.Tensor], live_buffers: dict[str, torch.Tensor] | None = None) -> None:
+        """D_{k+1} = D_k + u_k, with the step's rows ``{name: [R + 1 + Π, *shape]}``; ``live_buffers``: the copy of the
+        live model's buffers :meth:`live_buffers_after` made (made here when not given)."""
         for name, u in updates.items():
             if u.shape[0] != self.num_rows:
                 raise ValueError("an EMA ledger needs one update row per group: build the tracker with group_state='dense'")
+        for name, u in updates.items():
             self.displacement[name] += u
         if self.live_buffers is not None:
-            self.live_buffers = self._copy_live_buffers()
+            self.live_buffers = live_buffers if live_buffers is not None else self._copy_live_buffers()
+
+    def live_buffers_after(self) -> dict[str, torch.Tensor] | None:
+        """The copy of the live model's buffers :meth:`after_step` keeps (None when it keeps none), made before the
+        step is recorded: an allocation that fails there leaves nothing half-recorded."""
+        return self._copy_live_buffers() if self.live_buffers is not None else None
 
     def _copy_live_buffers(self) -> dict[str, torch.Tensor] | None:
         """Copies of the live model's buffers by name (None when it has none)."""

@@ -22,6 +22,7 @@ import pickle
 import socket
 import stat
 import tempfile
+import zipfile
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -123,6 +124,7 @@ def load_state(path: str | os.PathLike, expected_format: str | None = None) -> d
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no genkernel state at {path}")
+    _check_records(path)
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
@@ -151,6 +153,31 @@ def load_state(path: str | os.PathLike, expected_format: str | None = None) -> d
         found = state.get("format") if isinstance(state, dict) else type(state).__name__
         raise ValueError(f"{path} holds {found!r}, not a {expected_format!r} state")
     return state
+
+
+def _check_records(path: Path) -> None:
+    """Raise a ValueError naming the record of ``path`` (a ``torch.save`` zip archive) whose bytes do not match the
+    CRC-32 its writer recorded: torch's reader does not check them, so a bit flipped on disk or in a copy loaded
+    silently, as other parameters, ledger sums or optimizer moments. Records written without a checksum (CRC 0:
+    ``torch.utils.serialization.config.save.compute_crc32 = False``) and files that are not zip archives (torch's
+    loader then says what they are) are not checked. Reads the file once more, in blocks of 1 MiB."""
+    if not zipfile.is_zipfile(path):
+        return
+    try:
+        with zipfile.ZipFile(path) as archive:
+            for info in archive.infolist():
+                if info.CRC == 0 or info.is_dir():
+                    continue
+                with archive.open(info) as record:
+                    while record.read(1 << 20):
+                        pass
+    except zipfile.BadZipFile as error:
+        raise ValueError(
+            f"{path} is corrupted: {error} (its bytes differ from those written; a damaged disk or copy): "
+            "load an intact copy, or an earlier checkpoint"
+        ) from error
+    except (OSError, EOFError, NotImplementedError, RuntimeError):  # (a cut-off or foreign archive: torch's loader says what)
+        return
 
 
 def global_rng_state() -> dict[str, Any]:

@@ -1910,6 +1910,11 @@ class PathKernelTracker:
         that follows cannot be put back: a failure there leaves the tracker refusing further steps."""
         f_after, theta_after = after
         moved = result.moved
+        # The copies the commit keeps, made before any ledger is written: an allocation failing there (out of memory)
+        # once the ledgers held the step left the tracker refusing every further step; what follows the ledgers now
+        # only swaps and adds in place.
+        buffers_after = self._copy_buffers()
+        ema_buffers = self.ema.live_buffers_after() if self.ema is not None else None
         written = []
         try:
             for name, ledger in self.ledgers.items():
@@ -1927,10 +1932,10 @@ class PathKernelTracker:
                         "while its group state was being kept")
         self.route.commit()
         if self.ema is not None:
-            self.ema.after_step(result.group_updates)
+            self.ema.after_step(result.group_updates, live_buffers=ema_buffers)
         self._f_prev = f_after
         self._theta_after = theta_after
-        self._buffers_after = self._copy_buffers()
+        self._buffers_after = buffers_after
         if scale_entry is not None:  # an observed step, or an owned one split from half-precision gradients
             self.gradient_scales.append(scale_entry)
         if owned:
