@@ -127,6 +127,22 @@ def per_example_jacobian(model: nn.Module, params: dict[str, torch.Tensor], fixe
     return jac
 
 
+def batch_jacobian(model: nn.Module, params: dict[str, torch.Tensor], fixed: dict[str, torch.Tensor] | None = None):
+    """``jac(*inputs) -> Tensor[m, d, P]``: the Jacobians of a batch's outputs with respect to ``params``, the batch run
+    as one forward (:func:`per_example_jacobian` runs each input alone). The two agree where the examples are
+    independent; where an example's output depends on the others of its batch (BatchNorm without running statistics
+    normalizes with the batch's statistics in eval mode too) each row here is the batch's own, the one
+    ``f(batch)`` moves by."""
+    forward = functional_model(model, fixed)
+
+    def jac(*inputs: torch.Tensor) -> torch.Tensor:
+        m = inputs[0].shape[0]
+        blocks = jacrev(lambda p: forward(p, inputs))(params)  # {name: [m, d, *shape]}
+        return torch.cat([blocks[name].reshape(m, blocks[name].shape[1], -1) for name in params], dim=2)
+
+    return jac
+
+
 def split_columns(jac: torch.Tensor, params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Views of a Jacobian ``[m, d, P]`` whose columns run over ``params`` in order: ``{name: [m, d, numel]}``."""
     out, offset = {}, 0
