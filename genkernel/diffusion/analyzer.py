@@ -691,6 +691,8 @@ class NoiseLevelAnalyzer(TrainerCallback):
             if number is None or number < 1:
                 raise ValueError(f"number_next_step takes the step's 1-based number (an int >= 1) or None, got {step!r}")
             step = number
+        if self.tracker is not None and not self.stopped:
+            self._settle()  # (a step recorded whose bookkeeping is owed takes the number it was given, not this one)
         self._global_step = step
 
     def finish(self) -> None:
@@ -793,7 +795,8 @@ class NoiseLevelAnalyzer(TrainerCallback):
         try:
             return self.tracker.track(step, {k: v.to(timesteps.device) for k, v in groups.items()})
         except LedgerCheckError as error:
-            self._pending_bins = {}
+            if self.tracker._unheard is None:  # (else the recorded step's listener, owed, counts them: _settle)
+                self._pending_bins = {}
             if any(suffix in str(error) for suffix in KEY_BIAS_SUFFIXES):
                 raise LedgerCheckError(
                     f"{error}. Attention key biases have exactly zero gradient (softmax is shift invariant) and "
@@ -802,7 +805,8 @@ class NoiseLevelAnalyzer(TrainerCallback):
                 ) from error
             raise
         except BaseException:
-            self._pending_bins = {}
+            if self.tracker._unheard is None:  # (as above)
+                self._pending_bins = {}
             raise
 
     def _check_step_conditioning(self, step: OptimizerStep) -> None:
@@ -897,10 +901,16 @@ class NoiseLevelAnalyzer(TrainerCallback):
         The step's counts first (cut off there, the analyzer refuses to go on: :meth:`_settle`), then its
         records (snapshot, kernel record, log): cut off there (a KeyboardInterrupt, a MemoryError), they are
         owed and made at the next opportunity (the next ``train()``, step, observed micro-batch, save, report or
-        :meth:`finish`), at this step's ledger and θ, which nothing changes before the next step."""
+        :meth:`finish`), at this step's ledger and θ, which nothing changes before the next step. A listener call
+        the tracker never made (an interrupt between its commit and its listeners) is made then too
+        (:meth:`PathKernelTracker._hear`); one the tracker repeats for a step already counted counts nothing."""
         if self._broken is None and self._recording:
             self._broken = ("the bookkeeping of a recorded step was interrupted while it counted the step (bins, "
                             "step numbers, losses)")
+        if self._broken is None and len(self.bin_counts) == self.tracker.ledger.steps:
+            # Counted already: the tracker calls a listener again that was cut off before it returned (in the records
+            # below, which are owed and made by _settle at the analyzer's next verb).
+            return
         if self._broken is None and self._owed is not None:
             # (a step taken past the analyzer's verbs, tracker.track called directly, after an interrupted bookkeeping)
             self._broken = (f"the records of tracked step {self._owed['tracked_step']} (snapshot, kernel record, log) "
@@ -931,7 +941,10 @@ class NoiseLevelAnalyzer(TrainerCallback):
 
     def _settle(self) -> None:
         """Make the records the last recorded step owes (:meth:`_record`): its locality snapshot, kernel record
-        and log, each unless made already. Refuses (RuntimeError) where a step's counts were cut off half-way."""
+        and log, each unless made already, after the tracker's listener calls its last step still owes (this
+        analyzer's counts, :meth:`_record`). Refuses (RuntimeError) where a step's counts were cut off half-way."""
+        if self.tracker is not None and not self._recording and self._broken is None:
+            self.tracker._hear()  # (a step recorded whose listeners an interrupt kept from running: counted now)
         if self._recording and self._broken is None:
             self._broken = ("the bookkeeping of a recorded step was interrupted while it counted the step (bins, "
                             "step numbers, losses)")

@@ -525,6 +525,10 @@ class GANKernelAnalyzer(TrainerCallback):
         self._d_pending: dict[str, Any] | None = None
         # Why the bookkeeping no longer matches the ledgers: a listener cut off after its step was recorded.
         self._broken: str | None = None
+        # The records the last generator step still owes (its alignment row, the window it closes, its log: a failure
+        # there cut them off), made at the next opportunity (_settle), at that step's ledgers, probes and θ; else None.
+        self._g_owed: dict[str, Any] | None = None
+        self._settling = False  # inside _settle (a log callable reading report() while the records are made)
         # observe mode (bind)
         self._bound = False
         self._g_optimizer: torch.optim.Optimizer | None = None
@@ -735,6 +739,44 @@ class GANKernelAnalyzer(TrainerCallback):
                 error.add_note(f"genkernel: {self._broken}; this analyzer refuses further steps, saves and reports")
             raise
 
+    def _settle(self) -> None:
+        """The bookkeeping owed: the trackers' listeners an interrupt kept from a recorded step (their counts), then
+        the records the last generator step owes (:meth:`_book_generator`: its alignment row, the coupling window it
+        closes, its log), each unless made already, at that step's ledgers, probes and θ, which nothing changes before
+        the next generator step. Made before every step, observed micro-batch, save, report, finish and stop."""
+        self._check_consistent()
+        for tracker in (self.g_tracker, self.d_tracker):
+            if tracker is not None:
+                tracker._hear()
+        owed = self._g_owed
+        if owed is None or self._settling:
+            return
+        index = owed["index"]
+        if self._view("g_tracker") is None or self.g_steps != index or self._view("g_tracker").ledger.steps != index:
+            self._broken = (f"the records of generator step {index} (alignment, window, log) were interrupted and a "
+                            "later step was recorded before they could be made")
+            self._check_consistent()
+        self._settling = True
+        try:
+            if owed["alignment"] and not (self.alignment and self.alignment[-1]["step"] == index):
+                self._record_alignment(index, owed["result"], owed["change"], owed["drift"])
+            if owed["window"] and not (self.windows and self.windows[-1]["steps"][1] == index):
+                self._close_window(index)
+            if owed["log"] and self.logging is not None:  # after the window closed: its statistics are in the numbers
+                owed["log"] = False  # (a logger that raises is not called again for the step: as it was before)
+                self.logging.log_step(self.g_loop_steps[-1], phase="generator")
+        except BaseException as error:
+            if hasattr(error, "add_note"):
+                error.add_note(
+                    f"genkernel: the records of generator step {index} (alignment, window, log) are not all made; the "
+                    "analyzer makes them at its next step, save or report, at that step's ledgers and weights "
+                    "(nothing changes them before the next generator step)"
+                )
+            raise
+        finally:
+            self._settling = False
+        self._g_owed = None
+
     def _outside_window(self, trainer: Any) -> bool:
         """Whether the trainer's step about to run is outside ``track_steps`` (stopping the analyzer
         once past it): each of its steps belongs to the iteration that ends with generator step
@@ -763,7 +805,7 @@ class GANKernelAnalyzer(TrainerCallback):
         began)."""
         if self.stopped:
             return
-        self._check_consistent()
+        self._settle()
         self._warn_pending_ema()
         self._close_partial_window()
         for tracker in (self.g_tracker, self.d_tracker):
@@ -798,6 +840,8 @@ class GANKernelAnalyzer(TrainerCallback):
     def wrap_step(self, trainer: Any, step: OptimizerStep, perform: Callable[[], torch.Tensor]) -> torch.Tensor:
         if step.phase in ("generator", "discriminator"):
             self._check_consistent()
+            if not self.stopped and not self._bound:
+                self._settle()  # (what the last step owes, at its ledgers and θ, before this step changes them)
         if step.phase in ("generator", "discriminator") and not self._bound and self._outside_window(trainer):
             return perform()
         if self._bound and step.phase in ("generator", "discriminator"):
@@ -993,6 +1037,7 @@ class GANKernelAnalyzer(TrainerCallback):
         # A previous g_optimizer.step() that raised half-way is rolled back (and refused) before any analysis
         # reads this micro-batch, whose forward saw the half-updated generator.
         self.g_tracker._check_consistent()
+        self._settle()  # (what the last step owes, before this micro-batch's analysis reads the probes)
         # Under DDP the analyzer's own checks of this micro-batch (a non-finite loss or D gradient on one rank's shard)
         # are agreed before its first collective: a rank that refuses it alone would skip to the loop's next
         # collective (D's step) while the others wait in this micro-batch's, and the ranks fall apart (a crash or a
@@ -1109,6 +1154,7 @@ class GANKernelAnalyzer(TrainerCallback):
         self._check_consistent()
         if self.d_tracker is not None:
             self.d_tracker._check_consistent()  # as in observe_generator
+        self._settle()
         batch = _check_losses(losses)
         if not isinstance(inputs, torch.Tensor) or inputs.dim() < 1 or inputs.shape[0] != batch:
             raise ValueError(f"inputs must be the discriminator batch, a Tensor [{batch}, ...], got "
@@ -1161,6 +1207,8 @@ class GANKernelAnalyzer(TrainerCallback):
         training may go on: the next full window is unaffected), and log the final numbers and
         matrices when the analyzer has a ``log``. After :meth:`stop` the window it closed stays."""
         if not self.stopped:
+            if self._broken is None:  # (a refusing analyzer refuses at its next step, save or report)
+                self._settle()
             self._close_partial_window()
         if self.logging is not None:
             self.logging.on_train_end(None)
@@ -1706,7 +1754,8 @@ class GANKernelAnalyzer(TrainerCallback):
         try:
             contributions = self.g_tracker.track(step, {name: t.to(device) for name, t in tracked.items()})
         finally:
-            self._g_pending = None
+            if self.g_tracker._unheard is None:  # (else the step's listener, owed, books them: _settle)
+                self._g_pending = None
         return contributions.losses
 
     def _micro_batch_geometry(self, step: OptimizerStep, latents: torch.Tensor, classes: torch.Tensor | None, loss_fn,
@@ -1798,10 +1847,15 @@ class GANKernelAnalyzer(TrainerCallback):
         return field.detach().reshape(field.shape[0], -1).to(torch.float64)
 
     def _record_generator(self, result: StepContributions) -> None:
-        """5. The generator tracker's listener: bookkeeping after every recorded step, owned or observed;
-        cut off half-way (an interrupt), the analyzer refuses to go on."""
+        """5. The generator tracker's listener: bookkeeping after every recorded step, owned or observed. Its counts
+        cut off half-way (an interrupt), the analyzer refuses to go on; its records (alignment, window, log) cut off
+        are owed and made at the next opportunity (:meth:`_settle`). Called again for a step it counted (the tracker
+        repeats a listener cut off before it returned, :meth:`PathKernelTracker._hear`), it counts nothing."""
+        if self.g_steps == self.g_tracker.ledger.steps:
+            return
         with self._bookkeeping("generator"):
             self._book_generator(result)
+        self._settle()
 
     def _book_generator(self, result: StepContributions) -> None:
         booked = self.g_tracker.step_observations
@@ -1850,12 +1904,12 @@ class GANKernelAnalyzer(TrainerCallback):
         step_drift = (drift - self._g_drift_prev).cpu()
         change = (f_end - self._g_f_prev).cpu() - step_drift
         self._g_f_prev, self._g_drift_prev = f_end.clone(), drift.clone()
-        if (index - 1) % self.eval_every == 0 and self._probe_state is not None:
-            self._record_alignment(index, result, change, step_drift)
-        if index % self.window == 0 and self._window_start is not None:
-            self._close_window(index)
-        if self.logging is not None:  # after the window closed: its statistics are in this step's numbers
-            self.logging.log_step(self.g_loop_steps[-1], phase="generator")
+        # The records (made by _settle now, or at the next opportunity if they fail): they read this step's counts,
+        # ledgers, probes and θ, which nothing changes before the next generator step.
+        self._g_owed = {"index": index, "result": result, "change": change, "drift": step_drift,
+                        "alignment": (index - 1) % self.eval_every == 0 and self._probe_state is not None,
+                        "window": index % self.window == 0 and self._window_start is not None,
+                        "log": self.logging is not None}
 
     @property
     def partitions(self) -> dict[str, int]:
@@ -2162,7 +2216,8 @@ class GANKernelAnalyzer(TrainerCallback):
         try:
             result = self.d_tracker.track(step, ids.to(step.inputs[0].device))
         finally:
-            self._d_pending = None
+            if self.d_tracker._unheard is None:  # (else the step's listener, owed, books them: _settle)
+                self._d_pending = None
         return result.losses
 
     def _discriminator_step_classes(self, step: OptimizerStep, wrap_critic: bool) -> torch.Tensor | None:
@@ -2182,6 +2237,8 @@ class GANKernelAnalyzer(TrainerCallback):
 
     def _record_discriminator(self, result: StepContributions) -> None:
         """The discriminator tracker's listener (owned and observed steps); see :meth:`_record_generator`."""
+        if self.d_steps == self.d_tracker.ledger.steps:  # (counted: the tracker repeats a listener cut off)
+            return
         with self._bookkeeping("discriminator"):
             self._book_discriminator(result)
 
@@ -2266,6 +2323,14 @@ class GANKernelAnalyzer(TrainerCallback):
         its ledgers)."""
         self._check_consistent()
         notes = list(self.notes)
+        if not self.stopped:
+            try:
+                self._settle()  # (the records a step owes: the report reads them)
+            except Exception as error:  # (a record that fails each time, one that does not fit: the report reads the rest)
+                if self._broken is not None or self._g_owed is None:
+                    raise
+                notes.append(f"the records of generator step {self._g_owed['index']} (alignment, window, log) are not "
+                             f"all made: {type(error).__name__}: {error}")
         out: dict[str, Any] = {"generator_steps": self.g_steps, "discriminator_steps": self.d_steps,
                                "grouping": type(self.grouping).__name__, "group_labels": self.grouping.labels(),
                                "comparison": None if self.comparison is None else type(self.comparison).__name__,
@@ -2350,6 +2415,8 @@ class GANKernelAnalyzer(TrainerCallback):
         would stop it: the EMA's update after that step is in the state, where a run resumed from it
         could no longer record it."""
         self._check_consistent()
+        if not self.stopped:
+            self._settle()  # (a state holds no owed record: those the last step owes are made before it is written)
         if (self.track_steps is not None and not self.stopped and not self._bound and self.g_loop_steps
                 and self.g_loop_steps[-1] >= self.track_steps[1]):
             self.stop()
@@ -2480,6 +2547,7 @@ class GANKernelAnalyzer(TrainerCallback):
                          "d_tracker": to_device(state["d_tracker"], next(self._d.parameters()).device)}
         self._g_pending = self._d_pending = None
         self._broken = None  # the loaded state replaces what an interrupted step left
+        self._g_owed = None
         self._d_first_theta = None
         for tracker in (self.g_tracker, self.d_tracker):
             if tracker is not None:

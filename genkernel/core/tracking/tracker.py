@@ -583,6 +583,10 @@ class PathKernelTracker:
             optimizer.register_step_post_hook(_TrackerHook(this, "_after_observed_step")),
         ]
         self.listeners: list = []  # callables given every recorded StepContributions
+        # The last committed step's listeners not yet returned from: [result, its observation numbers, the index of the
+        # first listener owed] (marked by _commit before anything can fail), called by _hear; else None.
+        self._unheard: list | None = None
+        self._hearing = False  # inside _hear (a listener that settles its own records does not call itself again)
         self.gradient_scales: list[dict[str, float]] = []  # observed steps: real gradient / observed sum
         self.skipped_steps: list[dict[str, int]] = []  # observed micro-batches dropped with no step taken
         if not self.route.uses_graph():
@@ -704,6 +708,7 @@ class PathKernelTracker:
         the tracker then refuses further steps and saves, saying so.
         """
         self._check_open()
+        self._hear()  # (the listeners the last step owes, before this step changes what they read)
         if step.applied:  # (before the try: its roll-back would mark the applied step not applied)
             raise RuntimeError(
                 f"this {step.phase} step was already applied: a step is performed once, by one analyzer"
@@ -1074,6 +1079,7 @@ class PathKernelTracker:
         Returns this micro-batch's observation number (1, 2, ... over the tracker's life); a recorded
         step lists the numbers it was made of in :attr:`step_observations` while its listeners run.
         """
+        self._hear()  # (the listeners the last step owes, before this micro-batch of the next)
         # Under DDP a micro-batch one rank refuses is refused on every rank, before the loop's backward.
         together = StepAgreement(self.distributed, "observe() of this micro-batch", points=1)
         if self._observed is not None and any(e["tensor"]() is losses for e in self._observed["entries"]):
@@ -1845,9 +1851,29 @@ class PathKernelTracker:
         return scale
 
     def _recorded(self, result: StepContributions) -> None:
-        """After a step is committed: the listeners (an error there leaves the recorded step as it is)."""
-        for listener in self.listeners:
-            listener(result)
+        """After a step is committed: the listeners (an error there leaves the recorded step as it is), through
+        :meth:`_hear`: the step's ``result`` is the one :meth:`_commit` marked owed."""
+        self._hear()
+
+    def _hear(self) -> None:
+        """Call the listeners the last committed step still owes (:meth:`_commit` marks them all owed before its
+        ledgers are written): after the step, or, where an interrupt or an error came between the commit and a
+        listener's return, at the next step, observed micro-batch or save. A listener is owed until its call returns,
+        so one cut off is called again with the same result and :attr:`step_observations`: the analyzers' listeners
+        count a step once (they see from their counts and the ledger that it is counted) and make what it still owes."""
+        owed = self._unheard
+        if owed is None or self._hearing:
+            return
+        self._hearing = True
+        try:
+            result, self.step_observations = owed[0], owed[1]
+            while owed[2] < len(self.listeners):
+                position = owed[2]
+                self.listeners[position](result)
+                owed[2] = position + 1
+            self._unheard = None
+        finally:
+            self._hearing = False
 
     # -- the numbered steps, shared by owned and observed steps ---------------------------------
     def _begin(self, index, phase, ids, theta_before, saved, gradients, losses, clip_factor,
@@ -1915,6 +1941,8 @@ class PathKernelTracker:
         # only swaps and adds in place.
         buffers_after = self._copy_buffers()
         ema_buffers = self.ema.live_buffers_after() if self.ema is not None else None
+        # The listeners owed the step (_hear), marked with the ledgers: an interrupt before they return is made up.
+        unheard = [result, [] if owned else list(self._step_numbers), 0]
         written = []
         try:
             for name, ledger in self.ledgers.items():
@@ -1930,6 +1958,7 @@ class PathKernelTracker:
             raise
         self._broken = (f"step {pending.index} ({pending.phase}) was interrupted after its ledgers were written, "
                         "while its group state was being kept")
+        self._unheard = unheard
         self.route.commit()
         if self.ema is not None:
             self.ema.after_step(result.group_updates, live_buffers=ema_buffers)
@@ -2274,6 +2303,7 @@ class PathKernelTracker:
     def state_dict(self) -> dict[str, Any]:
         """Ledgers, per-group optimizer state and the last parameters (for the outside-change check)."""
         self._check_consistent()  # never save a state the ledgers do not describe
+        self._hear()  # (the listeners a step owes, before a state is written: the state holds none owed)
         return self._state()
 
     def _state(self) -> dict[str, Any]:
@@ -2365,6 +2395,7 @@ class PathKernelTracker:
         self._grad_marks = None
         # A loaded state replaces whatever a failed step left: the caller loads the model and optimizer beside it.
         self._broken, self._pending_step = None, None
+        self._unheard = None  # (the listeners of the replaced run's last step: its analyzer loads its own counts)
         # Micro-batches observed before the load belong to the run the state replaces (a state holds none): kept,
         # they came back as a skipped step or a dropped micro-batch of the loaded run's next step.
         self._observed = None
