@@ -209,7 +209,7 @@ def state_kernel_work(model: nn.Module, states: tuple[torch.Tensor, ...], *, out
                       memory_budget: int = 256 * 2**20, wrappers: dict | None = None, seed: int = 0) -> dict[str, float]:
     """Multiply-adds and bytes :func:`state_kernel` (``normalize=True``, ``others=None``) takes on ``states``, from
     the engine's own counts (:func:`~genkernel.core.engine.kernels.choose_engine`'s): ``{"kernel": the kernel's
-    passes and pair products, "checks": the repeatability checks (two forward and backward passes of one
+    passes and pair products, "checks": the repeatability checks (three forward and backward passes of one
     example per engine call), "forward_macs": one example's forward, "bytes": the engine's peak of Jacobians or
     factors held at once (two chunks of Jacobians, or the held side's factors, as the engine sizes them within
     ``memory_budget``) and the float64 kernel [M, M]}``. The covering check of a model's
@@ -273,9 +273,10 @@ def state_kernel_work(model: nn.Module, states: tuple[torch.Tensor, ...], *, out
             captured = min(chunking.rows, m) * per_example
             held = m * per_example + captured if chunking.held else 2 * captured
             held += int(min(chunking.rows, m) * activations * value_bytes(params))  # the capture pass's activations
-    # repeatable_output: two forward and backward passes of one example per engine call; sketched, once more for the
+    # repeatable_output: three forward and backward passes of one example per engine call (the third with the
+    # parameters substituted as torch.func substitutes them); sketched, once more for the
     # Gaussian direction's plan, and one no-grad forward for the outputs
-    checks = 2 * forward * bare_step_forwards(forward, trainable, 1, layers.input_gradients)
+    checks = 3 * forward * bare_step_forwards(forward, trainable, 1, layers.input_gradients)
     extra = checks + forward if output_sketch is not None else 0
     return {"kernel": float(calls * kernel), "checks": float(calls * checks + extra), "forward_macs": float(forward),
             "bytes": float(held + 3 * m * m * 8)}

@@ -476,7 +476,7 @@ def _held_kernel(model, plan, xs1, xs2, m_total, n_total, reduce, memory_budget,
 
     def side_chunk(xs, r):
         batch = tuple(t[r] for t in xs)
-        factors, _ = capture(model, plan, batch, output_cotangents(list(range(d))), form="compact")
+        factors, _ = capture(model, plan, batch, output_cotangents(list(range(d))), form="compact", alone=True)
         return factors, (None if jac_fb is None else jac_fb(*batch).detach())
 
     # 1. The held side: one capture, or chunk by chunk into preallocated storage.
@@ -588,11 +588,11 @@ def _factored_kernel(
                 # 2.-3. Factored blocks, per chunk of outputs.
                 for outs in out_chunks:
                     if batch is not None:
-                        factors, _ = capture(model, plan, batch, output_cotangents(outs), form="compact")
+                        factors, _ = capture(model, plan, batch, output_cotangents(outs), form="compact", alone=True)
                         pairs = [(f, f) if same else (f.select(slice(0, m)), f.select(slice(m, None))) for f in factors]
                     else:
-                        pairs = list(zip(capture(model, plan, rows1, output_cotangents(outs), form="compact")[0],
-                                         capture(model, plan, rows2, output_cotangents(outs), form="compact")[0]))
+                        pairs = list(zip(capture(model, plan, rows1, output_cotangents(outs), form="compact", alone=True)[0],
+                                         capture(model, plan, rows2, output_cotangents(outs), form="compact", alone=True)[0]))
                     for f1, f2 in pairs:
                         if f1.is_unused and f2.is_unused:
                             continue
@@ -632,7 +632,7 @@ def factored_jacobian(
     """Per-example Jacobians ``[B, c, P]`` (P in ``named_parameters`` order) for model outputs
     ``outputs``, materialized per layer from factors (one forward and one batched backward)."""
     plan = covering_plan(model, inputs) if plan is None else plan
-    factors, _ = capture(model, plan, inputs, output_cotangents(outputs))
+    factors, _ = capture(model, plan, inputs, output_cotangents(outputs), alone=True)
     grads: dict[str, torch.Tensor] = {}
     for f in factors:
         grads.update(f.gradients())

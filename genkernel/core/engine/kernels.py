@@ -33,6 +33,7 @@ from ..adapter import (
     checked_forward,
     drew_between,
     full_precision,
+    functional_model,
     generator_states,
     outside_inference_mode,
     preserved_buffers,
@@ -43,7 +44,7 @@ from ..adapter import (
 )
 from ..param_bytes import joined_dtype, parameter_bytes, value_bytes
 from .factored import _probe_sizes, _Sizes, chunk_sizes, chunks, factored_gradient_kernel, factored_jacobian
-from .factors import DEFAULT_MEMORY_BUDGET, Plan, analysis, covering_plan, make_plan, pair_covering_plan
+from .factors import DEFAULT_MEMORY_BUDGET, BatchDependent, Plan, analysis, covering_plan, make_plan, pair_covering_plan
 from .reference import jacobian_pair_kernel, jacobian_self_kernel, per_example_jacobian
 
 ENGINES = ("auto", "factored", "functional")
@@ -246,6 +247,17 @@ def repeatable_output(model: nn.Module, one: tuple[torch.Tensor, ...], params: d
             between = generator_states(one, own)
             out2, grad2 = _one_pass(model, one, params, name)
             drew = drew_between(between, generator_states(one, own))
+        if not drew and _close(out1, out2) and _close(grad1, grad2):
+            with preserved_buffers(model):
+                substituted = _substituted_pass(model, one, params, out1)
+            if substituted is not None and not _close(grad1, substituted):
+                raise ValueError(
+                    f"{type(model).__name__}'s forward reads a trainable parameter through a reference that torch.func "
+                    "cannot substitute (a parameter kept in a plain list, tuple or dict, or captured by a closure or "
+                    "functools.partial, rather than read as a module attribute): the per-example passes, which put "
+                    "their own values in the modules' attributes, would miss that read and give a wrong kernel. Read "
+                    "the parameter through its module (self.emb.weight) at every call"
+                )
     if drew or not (_close(out1, out2) and _close(grad1, grad2)):
         what = "draw random numbers" if drew else "give other outputs or gradients"
         raise ValueError(
@@ -275,6 +287,25 @@ def _one_pass(model: nn.Module, one: tuple[torch.Tensor, ...], params: dict[str,
             else [None] * len(params)
     flat = torch.cat([(torch.zeros_like(p) if g is None else g).detach().reshape(-1) for g, p in zip(grads, params.values())])
     return out.detach(), flat
+
+
+def _substituted_pass(model: nn.Module, one: tuple[torch.Tensor, ...], params: dict[str, torch.Tensor],
+                      out: torch.Tensor) -> torch.Tensor | None:
+    """The gradient of :func:`_one_pass` with the parameters substituted as torch.func substitutes them
+    (:func:`~genkernel.core.adapter.functional_model`, the reference's per-example passes): copies put in
+    the modules' attributes. A read the copies do not reach (a reference held elsewhere) keeps the gradient
+    of the parameter itself, not of its copy. None where the substituted forward gives no graph."""
+    copies = {n: p.detach().requires_grad_(True) for n, p in params.items()}
+    try:
+        with torch.enable_grad():
+            flat = functional_model(model)(copies, one)
+            if not flat.requires_grad:
+                return None
+            v = torch.randn(out.shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64).to(flat)
+            grads = torch.autograd.grad((flat * v).sum(), list(copies.values()), allow_unused=True)
+    except Exception:  # a forward torch.func cannot run: the reference's own passes say so, with their message
+        return None
+    return torch.cat([(torch.zeros_like(p) if g is None else g).detach().reshape(-1) for g, p in zip(grads, params.values())])
 
 
 def _close(first: torch.Tensor, second: torch.Tensor) -> bool:
@@ -444,11 +475,15 @@ def _gradient_kernel(model, x1, x2, normalize, reduce, memory_budget, engine) ->
 
     plan = _engine_plan(model, x1s, d, (m_total, n_total), engine, None if x2 is None else x2s, memory_budget)
     if plan is not None:
-        kernel, diag1, diag2 = factored_gradient_kernel(
-            model, x1s, None if x2 is None else x2s, reduce=reduce, memory_budget=memory_budget, d=d, diagonals=normalize,
-            plan=plan,
-        )
-        return _normalized(kernel, diag1, diag2) if normalize else kernel
+        try:
+            kernel, diag1, diag2 = factored_gradient_kernel(
+                model, x1s, None if x2 is None else x2s, reduce=reduce, memory_budget=memory_budget, d=d,
+                diagonals=normalize, plan=plan,
+            )
+        except BatchDependent:  # a forward that depends on the batch: every example alone, through torch.func
+            pass
+        else:
+            return _normalized(kernel, diag1, diag2) if normalize else kernel
 
     first = next(iter(params.values()))
     # (in the parameters' dtypes joined, as their Jacobians' concatenation is: not the first parameter's alone)
@@ -544,7 +579,11 @@ def tangent_features(
 
     with analysis(model):
         for chunk in chunks(m_total, rows):
-            j = jac(*(t[chunk] for t in xs)).detach()
+            try:
+                j = jac(*(t[chunk] for t in xs)).detach()
+            except BatchDependent:  # a forward that depends on the batch: every example alone, through torch.func
+                jac = per_example_jacobian(model, params)
+                j = jac(*(t[chunk] for t in xs)).detach()
             if j.shape[1] != width:
                 j = j[:, output_index % d : output_index % d + 1]
             features[chunk] = j

@@ -48,7 +48,7 @@ from ..adapter import (
     unwrap,
 )
 from ..param_bytes import joined_dtype, parameter_bytes
-from .factors import capture, covering_plan, output_cotangents
+from .factors import BatchDependent, capture, covering_plan, output_cotangents
 from .kernels import ENGINES, in_full_precision, repeatable_output
 from .reference import per_example_jacobian, split_columns
 
@@ -330,12 +330,16 @@ def sketched_tangent_features(
             batch = tuple(t[chunk] for t in xs)
             m = chunk.stop - chunk.start
             if use_factored:
-                factors, _ = capture(model, plan, batch, output_cotangents(list(range(d))))
+                try:
+                    factors, _ = capture(model, plan, batch, output_cotangents(list(range(d))), alone=True)
+                except BatchDependent:  # a forward that depends on the batch: every example alone, through torch.func
+                    use_factored, factors = False, []
                 for f in factors:
                     for name, g in f.gradients().items():  # [d, m, *shape]
                         flat = g.detach().reshape(d, m, -1).transpose(0, 1)
                         out[chunk] += project_parameter(flat, order.index(name), k, seed=seed, kind=kind)
                     del f
+            if use_factored:
                 fallback = plan.fallback
             else:
                 fallback = params
