@@ -95,7 +95,8 @@ from ..core.tracking.ema import EMA_LEDGERS
 from ..core.tracking.sketched import SKETCHED_TRAFFIC_NOTE, sketch_error_note, sketch_noise_note
 from ..core.tracking.step import OptimizerStep
 from ..core.tracking.tracker import (
-    GROUP_STATES, MEMORY_CHECKS, MIXED_PRECISION, OWNED_STEP, PathKernelTracker, StepContributions, step_payloads,
+    GROUP_STATES, MEMORY_CHECKS, MIXED_PRECISION, OWNED_STEP, REPEATABLE_LISTENER, PathKernelTracker, StepContributions,
+    step_payloads,
 )
 from ..logging import LoggingCallback
 from ..stats import nan_median
@@ -938,6 +939,8 @@ class NoiseLevelAnalyzer(TrainerCallback):
                       "log": self.logging is not None}
         self._recording = False
         self._settle()
+
+    setattr(_record, REPEATABLE_LISTENER, True)  # (it counts a step once: the tracker may call it again)
 
     def _settle(self) -> None:
         """Make the records the last recorded step owes (:meth:`_record`): its locality snapshot, kernel record

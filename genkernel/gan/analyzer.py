@@ -129,7 +129,9 @@ from ..core.tracking.io import atomic_save, check_saved_settings, jsonable, load
 from ..core.tracking.ledger import PathKernelLedger
 from ..core.tracking.quadrature import residual_remedy
 from ..core.tracking.step import OptimizerStep, micro_batch_rows
-from ..core.tracking.tracker import MEMORY_CHECKS, MIXED_PRECISION, PathKernelTracker, StepContributions, step_payloads
+from ..core.tracking.tracker import (
+    MEMORY_CHECKS, MIXED_PRECISION, REPEATABLE_LISTENER, PathKernelTracker, StepContributions, step_payloads,
+)
 from ..logging import LoggingCallback
 from ..stats import MIN_PROBE_GROUPS, mean_interval, nan_median, two_way_interval
 from .geometry import ClassGroups, DirectionGroups, GeometryGrouping, ModeGroups, NearestModeGroups, make_grouping
@@ -1857,6 +1859,8 @@ class GANKernelAnalyzer(TrainerCallback):
             self._book_generator(result)
         self._settle()
 
+    setattr(_record_generator, REPEATABLE_LISTENER, True)  # (it counts a step once: the tracker may call it again)
+
     def _book_generator(self, result: StepContributions) -> None:
         booked = self.g_tracker.step_observations
         if booked and self.g_steps == 0:  # (before anything is booked: a warning raised as an error changes nothing)
@@ -2241,6 +2245,8 @@ class GANKernelAnalyzer(TrainerCallback):
             return
         with self._bookkeeping("discriminator"):
             self._book_discriminator(result)
+
+    setattr(_record_discriminator, REPEATABLE_LISTENER, True)  # (as _record_generator)
 
     def _book_discriminator(self, result: StepContributions) -> None:
         booked = self.d_tracker.step_observations

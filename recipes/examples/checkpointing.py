@@ -368,8 +368,10 @@ def save_checkpoint(accelerator, output_dir: str, global_step: int, total_limit:
     else:
         os.replace(partial, final)
     if total_limit is not None:
-        checkpoints = saved_checkpoints(output_dir)
-        for removing in checkpoints[: max(0, len(checkpoints) - total_limit)]:
+        # The oldest of the others, so that total_limit remain with the new one (as upstream, which removed them before
+        # the save): never the new one, which a run resumed from an earlier checkpoint writes below later ones.
+        others = [name for name in saved_checkpoints(output_dir) if name != os.path.basename(final)]
+        for removing in others[: max(0, len(others) - total_limit + 1)]:
             shutil.rmtree(os.path.join(output_dir, removing))
 
 

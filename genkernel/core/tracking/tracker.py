@@ -286,6 +286,12 @@ def _one_example_elements(module: nn.Module, probes: tuple[torch.Tensor, ...]) -
         ) from err
 
 
+# A listener (a function, or a method's function) with this attribute set true counts a step once however often it
+# is called with it (the analyzers': they read their counts against the ledger), so the tracker calls it again after
+# any failure before it returned; any other listener is called again only after an interrupt (PathKernelTracker._hear).
+REPEATABLE_LISTENER = "genkernel_repeatable_listener"
+
+
 class PathKernelTracker:
     """Keeps the exact path-kernel ledgers of ``model`` trained by ``optimizer``.
 
@@ -1860,7 +1866,11 @@ class PathKernelTracker:
         ledgers are written): after the step, or, where an interrupt or an error came between the commit and a
         listener's return, at the next step, observed micro-batch or save. A listener is owed until its call returns,
         so one cut off is called again with the same result and :attr:`step_observations`: the analyzers' listeners
-        count a step once (they see from their counts and the ledger that it is counted) and make what it still owes."""
+        count a step once (they see from their counts and the ledger that it is counted) and make what it still owes.
+        A listener not marked :data:`REPEATABLE_LISTENER` (the user's own) that raises an error of its own (an
+        Exception, not an interrupt) is not owed the step again: its call had the step (it may have recorded it
+        before it raised: called again it would record it twice), and one failing on every call would refuse every
+        further step and save; the listeners after it are owed still."""
         owed = self._unheard
         if owed is None or self._hearing:
             return
@@ -1869,7 +1879,15 @@ class PathKernelTracker:
             result, self.step_observations = owed[0], owed[1]
             while owed[2] < len(self.listeners):
                 position = owed[2]
-                self.listeners[position](result)
+                listener = self.listeners[position]
+                try:
+                    listener(result)
+                except Exception:
+                    if not getattr(listener, REPEATABLE_LISTENER, False):
+                        owed[2] = position + 1  # (its own error: the step was its, as before; not called again)
+                        if owed[2] >= len(self.listeners):
+                            self._unheard = None
+                    raise
                 owed[2] = position + 1
             self._unheard = None
         finally:
@@ -2470,9 +2488,12 @@ class PathKernelTracker:
                     "resuming, load the model's weights from the same checkpoint."
                 )
         if self._grad_marks is not None:
+            # (a gradient zeroed in place, optimizer.zero_grad(set_to_none=False) or a logged backward zeroed after,
+            # is what the step's own backward starts from: nothing accumulated, nothing dropped)
             touched = [
                 n for n, p in self.params.items()
                 if p.grad is not None and self._grad_marks.get(n) != (id(p.grad), p.grad._version)
+                and bool(p.grad.any())
             ]
             if touched:
                 raise RuntimeError(
