@@ -69,7 +69,7 @@ def tracker_counts(monkeypatch):
 
     for verb in ("__init__", "track", "observe"):
         counting(PathKernelTracker, verb, "tracker")
-    counting(GANKernelAnalyzer, "_book_generator", "listener")
+    counting(GANKernelAnalyzer, "_record_generator", "listener")  # (its counts and the records it makes)
     return box
 
 
