@@ -330,6 +330,7 @@ def test_a_loaded_state_goes_back_beside_the_parameters():
     assert moved["c"] is None and moved["d"] == "text" and state["a"].device.type == "cpu"
 
 
+@pytest.mark.slow  # (a full-size model: the 35.7M-parameter CIFAR-10 UNet's push measure and two estimates, 46 s alone)
 def test_the_cifar_unet_estimate_points_at_what_does_not_fit():
     from genkernel.core.cost import activation_elements, push_pass_bytes, push_pass_shape
     from genkernel.core.push_memory import measure_push_memory
