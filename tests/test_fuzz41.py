@@ -86,9 +86,6 @@ def test_coupled_probes_pushed_as_one_batch(groups, route):
     assert ledger.relative_residual() <= 1e-4
 
 
-@pytest.mark.xfail(strict=True, reason="float32: a bias before a training-mode BatchNorm has per-example gradients that "
-                   "are exactly zero in exact arithmetic; Adam moves it by its float32 rounding noise and the split books "
-                   "that move to the groups in proportion to their noise (not fixed: see the fuzz helper's report)")
 def test_rounding_driven_update_not_booked_to_groups():
     """A float32 Linear → BatchNorm1d (training mode) → tanh → Linear under Adam, one owned step, two groups. The first
     Linear's bias cancels in the batch normalization: every example's loss gradient with respect to it is exactly zero

@@ -1171,9 +1171,9 @@ def push_route(rows: int, probes: int, outputs: int, parameter_bytes: int, memor
 
 def ledger_bytes(probes: int, outputs: int, rows: int, partitions: int) -> int:
     """Bytes of one tracker's ledgers (float64): contributions ``[M, G, d]``, traffic and sketch noise
-    ``[M, G]`` of every partition (``rows`` = Σ G over the partitions), and each partition's ``[M, d]`` fields
-    (rest, residual, f_start, f_end, buffer drift, sketch error)."""
-    return 8 * probes * (rows * (outputs + 2) + 6 * partitions * outputs)
+    ``[M, G]`` of every partition (``rows`` = Σ G over the partitions), and each partition's seven ``[M, d]`` fields
+    (rest, residual, f_start, f_end, buffer drift, sketch error, null parameters' moves)."""
+    return 8 * probes * (rows * (outputs + 2) + 7 * partitions * outputs)
 
 
 def sketch_temporary_bytes(model: nn.Module, probes: int, outputs: int, k: int, *, preconditioned: bool) -> int:

@@ -1627,12 +1627,12 @@ class GANKernelAnalyzer(TrainerCallback):
         per_evaluation = m * d * (16 + gb + db)
         snapshots = 8 * m * d if self.field_snapshots == "all" else self.field_snapshots * per_evaluation
         state = ledger_bytes(m, d, groups, partitions) + 3 * m * d * 8 + m * d * (gb + db) + snapshots
-        # The listener (_book_generator, inside the tracker's track, beside the recorded step), [M, d] float64
+        # The listener (_record_generator, inside the tracker's track, beside the recorded step), [M, d] float64
         # arrays alive at once, counted (live storages under a dispatch mode, tests/test_cost_listener.py):
         # 9 at an evaluation step (the change, the step's drift, the predicted change, the local push and the
-        # cosines' unit rows), 7 + R + 6 P when a window closes (its ledgers' differences, every partition's
-        # [M, G, d] and six [M, d] fields, beside 7).
-        listener = 8 * m * d * max(9, 7 + groups + 6 * partitions)
+        # cosines' unit rows), 7 + R + 7 P when a window closes (its ledgers' differences, every partition's
+        # [M, G, d] and seven [M, d] fields, the null parameters' moves among them, beside 7).
+        listener = 8 * m * d * max(9, 7 + groups + 7 * partitions)
         return {"work": work, "once": once, "bytes": int(peaks[largest]), "held": int(state), "listener": int(listener),
                 "peaks": {k: int(v) for k, v in peaks.items()}, "cheaper": cheaper,
                 "cheaper_memory": cheaper_memory, "bare_step": batch * (u + u_x),

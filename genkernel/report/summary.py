@@ -179,6 +179,12 @@ def _ledger_claims(summary: Mapping[str, Any], what: str = "ledger",
         claims.append(_claim(
             f"The change is what the tracked examples caused (median rest share below {REST_LIMIT})",
             abs(rest) <= REST_LIMIT, rest))
+        null = summary.get("null_parameters")
+        if null:  # (tracking.null_params: their moves are the rest's, no example caused them)
+            claims[-1]["caveat"] = (
+                f"the rest holds the whole moves of {null} ({summary.get('relative_null_moves', float('nan')):.3g} of "
+                "the change): parameters whose gradient is zero in exact arithmetic (a bias before a training-mode "
+                "BatchNorm), moved by the optimizer's normalization of their rounding noise")
     sketch = summary.get("relative_sketch_error")
     noise = summary.get("relative_sketch_noise")
     if noise:  # a sketched ledger kept since the groups' own noise is: their sum's error cancels where they do

@@ -24,7 +24,7 @@ from ...stats import nan_median
 
 FORMAT = "genkernel.PathKernelLedger/1"
 _FIELDS = ("contributions", "rest", "residual", "f_start", "f_end", "traffic", "buffer_drift", "sketch_error",
-           "sketch_noise")
+           "sketch_noise", "null_moves")
 
 
 @dataclass
@@ -53,6 +53,10 @@ class PathKernelLedger:
         rest: ``[M, d]`` what no tracked example caused: weight decay, optimizer state from before
             tracking, changes of buffers such as spectral norm's power iteration (``buffer_drift``).
         buffer_drift: ``[M, d]`` the part of ``rest`` due to buffers changing between steps.
+        null_moves: ``[M, d]`` the part of ``rest`` that is the whole update of structurally null parameters
+            (:mod:`genkernel.core.tracking.null_params`: a float32 bias before a training-mode BatchNorm, whose
+            gradient is rounding noise that an adaptive optimizer turns into a real move no example caused);
+            ``null_parameters`` names them.
         residual: ``[M, d]`` f_end − f_start − Σ_g contributions − rest − sketch_error: quadrature
             error and rounding, including the rounding gap between the optimizer's batched
             gradient and Σ_g ĝ_g (checked to be rounding-sized every step; Adam can magnify its
@@ -78,8 +82,10 @@ class PathKernelLedger:
     buffer_drift: torch.Tensor
     sketch_error: torch.Tensor | None = None
     sketch_noise: torch.Tensor | None = None
+    null_moves: torch.Tensor | None = None
     steps: int = 0
     history: list[dict[str, Any]] = field(default_factory=list)
+    null_parameters: tuple[str, ...] = ()
 
     @classmethod
     def empty(cls, f_start: torch.Tensor, num_groups: int) -> "PathKernelLedger":
@@ -106,9 +112,13 @@ class PathKernelLedger:
             buffer_drift=zeros.clone(),
             sketch_error=zeros.clone(),
             sketch_noise=f_start.new_zeros((m, num_groups)),
+            null_moves=zeros.clone(),
         )
 
     def __post_init__(self) -> None:
+        if self.null_moves is None:  # ledgers saved before the null parameters' moves were kept apart
+            self.null_moves = torch.zeros_like(self.rest) if isinstance(self.rest, torch.Tensor) else None
+        self.null_parameters = tuple(self.null_parameters)
         if self.sketch_error is None:  # ledgers saved before sketched state existed
             self.sketch_error = torch.zeros_like(self.rest) if isinstance(self.rest, torch.Tensor) else None
         if self.sketch_noise is None:  # ledgers saved before the groups' sketch noise was kept
@@ -132,11 +142,13 @@ class PathKernelLedger:
         self, step_contributions: torch.Tensor, step_rest: torch.Tensor, f_new: torch.Tensor,
         step_sketch_error: torch.Tensor | None = None, step_drift: torch.Tensor | None = None,
         columns: torch.Tensor | None = None, step_sketch_noise: torch.Tensor | None = None,
+        step_null: torch.Tensor | None = None, null_parameters: tuple[str, ...] = (),
     ) -> None:
         """Add one step: ``step_contributions [M, G, d]`` (or ``[M, U, d]`` for the distinct
         groups ``columns [U]`` when only those moved: a plain-SGD step touches the batch's
         groups only), ``step_rest [M, d]`` (buffer drift included, ``step_drift`` being its part),
-        new outputs ``[M, d]`` and, with sketched state, the step's ``[M, d]`` sketch error."""
+        new outputs ``[M, d]`` and, with sketched state, the step's ``[M, d]`` sketch error; ``step_null [M, d]``
+        the part of ``step_rest`` that is the whole update of the structurally null parameters ``null_parameters``."""
         # Everything is checked before anything is written: a wrong shape would otherwise broadcast
         # (a [M, 1, d] step into every group, a [d] rest into every probe) or an id outside
         # [0, G) drop a group's contribution, while the running residual kept its old value.
@@ -153,6 +165,8 @@ class PathKernelLedger:
             step_drift = _as_float64(step_drift, "step_drift", (m, d), self.rest.device)
         if step_sketch_noise is not None:
             step_sketch_noise = _as_float64(step_sketch_noise, "step_sketch_noise", (m, width), self.rest.device)
+        if step_null is not None:
+            step_null = _as_float64(step_null, "step_null", (m, d), self.rest.device)
         # One layout for the reductions below: on a permuted view (an einsum's result) torch's
         # norm over d runs 30-40x slower than on contiguous rows (measured: [64, 2304, 10] float64).
         step_contributions = step_contributions.contiguous()
@@ -170,6 +184,9 @@ class PathKernelLedger:
         self.rest += step_rest
         if step_drift is not None:
             self.buffer_drift += step_drift
+        if step_null is not None:
+            self.null_moves += step_null
+            self.null_parameters = tuple(dict.fromkeys((*self.null_parameters, *null_parameters)))
         self.sketch_error += step_sketch
         f_new = f_new.clone()
         # R = f_end − f_start − Σ_g C − C_rest − sketch error, updated by this step's terms (the same
@@ -194,7 +211,8 @@ class PathKernelLedger:
             "traffic": self.traffic[:, index].clone(),
             "sketch_noise": self.sketch_noise[:, index].clone(),
             **{key: getattr(self, key).clone()
-               for key in ("rest", "residual", "f_end", "buffer_drift", "sketch_error")},
+               for key in ("rest", "residual", "f_end", "buffer_drift", "sketch_error", "null_moves")},
+            "null_parameters": self.null_parameters,
             "steps": self.steps,
             "history": len(self.history),
         }
@@ -210,8 +228,9 @@ class PathKernelLedger:
             self.contributions.index_copy_(1, index, mark["contributions"])
             self.traffic.index_copy_(1, index, mark["traffic"])
             self.sketch_noise.index_copy_(1, index, mark["sketch_noise"])
-        for key in ("rest", "buffer_drift", "sketch_error"):  # record adds into these in place
+        for key in ("rest", "buffer_drift", "sketch_error", "null_moves"):  # record adds into these in place
             getattr(self, key).copy_(mark[key])
+        self.null_parameters = mark["null_parameters"]
         self.residual, self.f_end = mark["residual"], mark["f_end"]
         self.steps = mark["steps"]
         del self.history[mark["history"]:]
@@ -223,7 +242,7 @@ class PathKernelLedger:
                 "step": self.steps,
                 **{key: getattr(self, key).clone()
                    for key in ("contributions", "rest", "residual", "f_end", "traffic", "buffer_drift", "sketch_error",
-                                "sketch_noise")},
+                                "sketch_noise", "null_moves")},
             }
         )
 
@@ -245,14 +264,17 @@ class PathKernelLedger:
             buffer_drift=self.buffer_drift - earlier.buffer_drift,
             sketch_error=self.sketch_error - earlier.sketch_error,
             sketch_noise=self.sketch_noise - earlier.sketch_noise,
+            null_moves=self.null_moves - earlier.null_moves,
             steps=self.steps - earlier.steps,
+            null_parameters=self.null_parameters,
         )
         window.residual = window.delta - window.contributions.sum(dim=1) - window.rest - window.sketch_error
         return window
 
     def copy(self) -> "PathKernelLedger":
         """A deep copy (history excluded)."""
-        return PathKernelLedger(**{key: getattr(self, key).clone() for key in _FIELDS}, steps=self.steps)
+        return PathKernelLedger(**{key: getattr(self, key).clone() for key in _FIELDS}, steps=self.steps,
+                                null_parameters=self.null_parameters)
 
     # -- summaries ----------------------------------------------------------------------------
     def shares(self) -> NetShares:
@@ -314,7 +336,18 @@ class PathKernelLedger:
             "rest_norm": float(self.rest.norm()),
             "relative_sketch_error": self.relative_sketch_error(),
             "relative_sketch_noise": self.relative_sketch_noise(),
+            # the share of the change booked to the rest as structurally null parameters' moves, and their names
+            "relative_null_moves": self.relative_null_moves(),
+            **({"null_parameters": ", ".join(self.null_parameters)} if self.null_parameters else {}),
         }
+
+    def relative_null_moves(self) -> float:
+        """‖null_moves‖ / ‖Δf‖: the share of the change booked to the rest as structurally null parameters' moves
+        (0 without them; NaN where no probe moved)."""
+        change = self.delta.norm()
+        if not bool(self.null_moves.any()):
+            return 0.0
+        return float(self.null_moves.norm() / change) if change > 0 else float("nan")
 
     def relative_sketch_error(self) -> float:
         """‖sketch_error‖ / ‖Δf‖ (0 without sketched state; NaN where no probe moved)."""
@@ -334,6 +367,7 @@ class PathKernelLedger:
             **{key: getattr(self, key).clone() for key in _FIELDS},
             "steps": self.steps,
             "history": [{k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in h.items()} for h in self.history],
+            "null_parameters": list(self.null_parameters),
         }
 
     @classmethod
@@ -343,8 +377,8 @@ class PathKernelLedger:
         :meth:`record` adds in place)."""
         if not isinstance(state, dict) and not hasattr(state, "items"):
             raise TypeError(f"from_state_dict needs a ledger's state_dict(), got {type(state).__name__}")
-        allowed = {*_FIELDS, "steps", "history", "format"}  # format: a saved file's tag, read by load
-        required = set(_FIELDS) - {"sketch_error", "sketch_noise"}  # sketch_error: states saved before sketched state existed
+        allowed = {*_FIELDS, "steps", "history", "format", "null_parameters"}  # format: a saved file's tag, read by load
+        required = set(_FIELDS) - {"sketch_error", "sketch_noise", "null_moves", "null_parameters"}  # sketch_error: states saved before sketched state existed
         missing, unexpected = sorted(required - set(state)), sorted(set(state) - allowed)
         if missing or unexpected:
             raise ValueError(f"not a PathKernelLedger state (missing {missing}, unexpected {unexpected}); pass "
@@ -352,7 +386,8 @@ class PathKernelLedger:
         copy = lambda v: v.detach().to(torch.float64, copy=True) if isinstance(v, torch.Tensor) and v.is_floating_point() else v
         fields = {key: copy(value) for key, value in state.items() if key in _FIELDS}
         history = [{k: copy(v) for k, v in h.items()} for h in state.get("history", [])]
-        return cls(**fields, steps=int(state.get("steps", 0)), history=history)
+        return cls(**fields, steps=int(state.get("steps", 0)), history=history,
+                   null_parameters=tuple(str(n) for n in state.get("null_parameters", ())))
 
     def save(self, path: str | os.PathLike) -> None:
         """Write the ledger atomically (temporary file, then rename)."""
@@ -417,7 +452,8 @@ def _check_fields(ledger: "PathKernelLedger") -> None:
     if ledger.contributions.dim() != 3:
         raise ValueError(f"PathKernelLedger.contributions must be [M, G, d], got {list(ledger.contributions.shape)}")
     m, g, d = ledger.contributions.shape
-    expected = {key: (m, d) for key in ("rest", "residual", "f_start", "f_end", "buffer_drift", "sketch_error")}
+    expected = {key: (m, d) for key in ("rest", "residual", "f_start", "f_end", "buffer_drift", "sketch_error",
+                                        "null_moves")}
     expected["traffic"] = expected["sketch_noise"] = (m, g)
     wrong = [f"{key} {list(getattr(ledger, key).shape)}" for key, shape in expected.items()
              if tuple(getattr(ledger, key).shape) != shape]

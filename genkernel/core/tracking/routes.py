@@ -49,6 +49,7 @@ from ..engine.per_example import BatchFactors, batch_totals, capture_batch, fact
 from ..engine.reference import batch_jacobian, per_example_jacobian
 from ..grouping import Partitions, abs_row_sum
 from .distributed import DistributedContext, combine_group_gradients
+from .null_params import structurally_null
 from .splitters import UpdateSplitter
 
 CONTRIBUTION_ROUTES = ("auto", "jvp", "jacobian")
@@ -107,6 +108,10 @@ class RouteContributions:
     rest: torch.Tensor
     sketch_error: dict[str, torch.Tensor]
     sketch_noise: dict[str, torch.Tensor] | None = None  # sketched route: {partition: [M, G]} standard errors
+    # The part of ``rest`` [M, d] that is the structurally null parameters' whole update (tracking.null_params), and
+    # their names; None and () where the step had none.
+    null_rest: torch.Tensor | None = None
+    null_names: tuple[str, ...] = ()
 
     @classmethod
     def every_group(cls, contributions: dict[str, torch.Tensor], rest: torch.Tensor,
@@ -115,6 +120,12 @@ class RouteContributions:
         """Contributions ``{partition: [M, G, d]}`` of every group of each partition."""
         columns = {name: torch.arange(c.shape[1], device=c.device) for name, c in contributions.items()}
         return cls(contributions, columns, rest, sketch_error, sketch_noise)
+
+    def with_null(self, null_rest: torch.Tensor | None, names: tuple[str, ...]) -> "RouteContributions":
+        """This result with the structurally null parameters' part of the rest (None: none this step)."""
+        if null_rest is not None:
+            self.null_rest, self.null_names = null_rest, tuple(names)
+        return self
 
     def dense(self, name: str, num_groups: int) -> torch.Tensor:
         """``[M, G, d]`` partition ``name``'s contributions with zeros for the groups that did not move."""
@@ -204,6 +215,37 @@ class GroupStateRoute:
         self.splitter = splitter
         self.contribution_route = contribution_route
         self._checked: set[tuple] = set()  # kinds of training inputs a layer plan was checked on (input_kind)
+        self._null_modes: tuple[bool, ...] | None = None
+        self._null_found: dict[tuple[bool, ...], frozenset[str]] = {}  # per set of modes seen (a loop that evaluates)
+        self._refresh_null()
+
+    def _refresh_null(self) -> None:
+        """The structurally null parameters (:func:`~genkernel.core.tracking.null_params.structurally_null`) of the
+        module in its current modes, for the splitter: found at construction and again when a module's mode changed
+        (the invariance is training mode's: a BatchNorm in eval mode does not cancel its input's bias)."""
+        modes = tuple(m.training for m in self.model.module.modules())
+        if modes == self._null_modes:
+            return
+        if modes not in self._null_found:
+            self._null_found[modes] = frozenset(structurally_null(self.model.module, self.model.params,
+                                                                  self.model.probes))
+        self.splitter.null = self._null_found[modes]
+        self._null_modes = modes
+
+    @property
+    def null_names(self) -> tuple[str, ...]:
+        """The structurally null parameters that move at this step (in the parameters' order)."""
+        null = self.splitter.null
+        return tuple(n for n in self.model.params if n in null and n not in self.splitter.skipped)
+
+    def _null_row(self, updates: dict[str, torch.Tensor], rest_row: int) -> dict[str, torch.Tensor] | None:
+        """``{name: [1, *shape]}`` the rest row of ``updates`` on the structurally null parameters only (zero
+        elsewhere), or None where none moves at this step."""
+        names = set(self.null_names)
+        if not names:
+            return None
+        return {n: (u[rest_row : rest_row + 1] if n in names else torch.zeros_like(u[rest_row : rest_row + 1]))
+                for n, u in updates.items()}
 
     def _plan_for_new_kind(self, inputs: tuple[torch.Tensor, ...], exclude: frozenset | set) -> Plan | None:
         """:func:`training_plan` on ``inputs`` when their kind (:func:`input_kind`) was not checked
@@ -260,7 +302,8 @@ class GroupStateRoute:
         raise NotImplementedError
 
     def before_step(self) -> None:
-        pass
+        """Just before ``optimizer.step()``: the structurally null parameters, found again if a mode changed."""
+        self._refresh_null()
 
     def contributions(self, updates, nodes, gradients: StepGradients, ids: dict[str, torch.Tensor],
                       clip_factor: float) -> RouteContributions:
@@ -385,10 +428,15 @@ class DenseRoute(GroupStateRoute):
     def contributions(self, updates, nodes, gradients, ids, clip_factor):
         partitions = self.model.partitions
         rows = partitions.total
-        both = push_rows(self.model, {n: u[: rows + 1] for n, u in updates.items()}, nodes, self.contribution_route)
+        null = self._null_row(updates, rows)
+        pushed = {n: u[: rows + 1] for n, u in updates.items()}
+        if null is not None:  # one more row: the null parameters' part of the rest, reported apart
+            pushed = {n: torch.cat([u, null[n]]) for n, u in pushed.items()}
+        both = push_rows(self.model, pushed, nodes, self.contribution_route)
         rest = both[:, rows]
         contributions = {name: both[:, part] for name, part in partitions.slices.items()}
-        return RouteContributions.every_group(contributions, rest, self._no_sketch_error(rest))
+        result = RouteContributions.every_group(contributions, rest, self._no_sketch_error(rest))
+        return result.with_null(None if null is None else both[:, rows + 1], self.null_names)
 
 
 class _FactorRoute(GroupStateRoute):
@@ -446,13 +494,19 @@ class _FactorRoute(GroupStateRoute):
                                                     model.memory_budget)
         return self._probe_chunks
 
-    def _rest(self, updates, nodes) -> torch.Tensor:
-        """``[M, d]`` the rest row pushed to the probes (zero without weight decay or old state)."""
+    def _rest(self, updates, nodes) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``[M, d]`` the rest row pushed to the probes (zero without weight decay, old state or structurally null
+        parameters), and ``[M, d]`` its structurally null parameters' part (None where none moves)."""
         rest_update = {n: u[1:2] for n, u in updates.items()}
+        null = self._null_row(updates, 1)
+        if null is not None:
+            both = push_rows(self.model, {n: torch.cat([u, null[n]]) for n, u in rest_update.items()}, nodes,
+                             self.contribution_route)
+            return both[:, 0], both[:, 1]
         if any(bool(u.any()) for u in rest_update.values()):
-            return push_rows(self.model, rest_update, nodes, self.contribution_route)[:, 0]
+            return push_rows(self.model, rest_update, nodes, self.contribution_route)[:, 0], None
         return torch.zeros((self.model.probes[0].shape[0], self.model.outputs), dtype=torch.float64,
-                           device=next(iter(updates.values())).device)
+                           device=next(iter(updates.values())).device), None
 
 
 class FactoredRoute(_FactorRoute):
@@ -475,9 +529,11 @@ class FactoredRoute(_FactorRoute):
     def contributions(self, updates, nodes, gradients, ids, clip_factor):
         model = self.model
         scale = {}
+        null = set(self.null_names)
         for name in model.params:
             h = self.splitter.hyper[name]
-            scale[name] = -h["lr"] * clip_factor * (-1.0 if h["maximize"] else 1.0)
+            # (a structurally null parameter's update is the rest's: the splitter's rest row, pushed by _rest)
+            scale[name] = 0.0 if name in null else -h["lr"] * clip_factor * (-1.0 if h["maximize"] else 1.0)
         per_example = factored_contributions(
             model.module, self.plan, model.probes, nodes, gradients.batch, scale, model.outputs, self.probe_chunks(),
             model.memory_budget,
@@ -496,8 +552,9 @@ class FactoredRoute(_FactorRoute):
                 shared = True
             else:
                 contributions[name] = per_example.new_zeros((m, columns[name].numel(), d)).index_add_(1, position, per_example)
-        rest = self._rest(updates, nodes)
-        return RouteContributions(contributions, columns, rest, self._no_sketch_error(rest))
+        rest, null_rest = self._rest(updates, nodes)
+        result = RouteContributions(contributions, columns, rest, self._no_sketch_error(rest))
+        return result.with_null(null_rest, self.null_names)
 
 
 def training_plan(model: TrackedModel, inputs: tuple[torch.Tensor, ...], exclude: frozenset | set) -> Plan:

@@ -154,6 +154,7 @@ class SketchedRoute(_FactorRoute):
         """Reads the shared hyperparameters and, on the first step, whether SGD starts its momentum
         buffers now (b_1 = ĝ_1) or had them already (all, or some: the groups' then start from zero);
         refuses what one sketch of all parameters' state cannot follow."""
+        super().before_step()  # (the structurally null parameters: their update is the rest's, sketched nowhere)
         self.hyper = self._shared_hyperparameters()
         maximize = {n: bool(self.splitter.hyper[n].get("maximize", False)) for n in self.model.params}
         if self.state is not None and self._maximize is not None:
@@ -259,7 +260,9 @@ class SketchedRoute(_FactorRoute):
         self._check(model.check_rtol)
         probe_side = self.project_probes(nodes).to(directions.device)  # [M, d, k]
         estimates = torch.einsum("mdk,gk->mgd", probe_side, directions).contiguous()  # the sums below run along G
-        exact = push_rows(model, {n: u[0:2] for n, u in updates.items()}, nodes, self.contribution_route)  # [M, 2, d]
+        null = self._null_row(updates, 1)
+        pushed = {n: u[0:2] if null is None else torch.cat([u[0:2], null[n]]) for n, u in updates.items()}
+        exact = push_rows(model, pushed, nodes, self.contribution_route)  # [M, 2 (+1: the null parameters' part), d]
         contributions = {name: estimates[:, part] for name, part in model.partitions.slices.items()}
         sketch_error = {name: exact[:, 0] - c.sum(dim=1) for name, c in contributions.items()}
         # Each estimate's own standard error, Var[⟨Ra, Rv⟩] <= (c |a|² |v|² + ⟨a, v⟩²) / k, from the sketches' norms
@@ -271,15 +274,18 @@ class SketchedRoute(_FactorRoute):
                     + estimates.square()) / self.k  # [M, ΣG, d]
         noise = variance.sum(dim=2).sqrt()
         sketch_noise = {name: noise[:, part] for name, part in model.partitions.slices.items()}
-        return RouteContributions.every_group(contributions, exact[:, 1], sketch_error, sketch_noise)
+        result = RouteContributions.every_group(contributions, exact[:, 1], sketch_error, sketch_noise)
+        return result.with_null(None if null is None else exact[:, 2], self.null_names)
 
     # -- the two sides of ⟨R D J̄(x)ᵀ, R v_g⟩ --------------------------------------------------
     def project_batch(self, batch: BatchFactors) -> torch.Tensor:
         """``[B, k]`` float64: R c_n ∇ℓ_n; weight matrices of linear and convolutional layers from
         their factors, everything else from per-example gradients, one block at a time."""
-        ones = {name: 1.0 for name in self.model.params}
+        null = set(self.null_names)  # (a structurally null parameter's update is the rest's: no group sketches it)
+        ones = {name: 0.0 if name in null else 1.0 for name in self.model.params}
         parts = [self._project_block(f, 0, ones) for f in batch.factors]
-        parts += [self.projection.project(n, g.to(self._dtype(n))).to(torch.float64) for n, g in batch.fallback.items()]
+        parts += [self.projection.project(n, g.to(self._dtype(n))).to(torch.float64) for n, g in batch.fallback.items()
+                  if n not in null]
         return sum(p for p in parts if p is not None)
 
     def project_probes(self, nodes: list[tuple[float, dict[str, torch.Tensor]]]) -> torch.Tensor:
@@ -346,7 +352,8 @@ class SketchedRoute(_FactorRoute):
         ``maximize``: the groups' sketched state holds gradients, not ascent directions."""
         out = {}
         for name, p in self.model.params.items():
-            if name in self.splitter.skipped:  # the optimizer does not move it at this step
+            if name in self.splitter.skipped or name in self.splitter.null:
+                # the optimizer does not move it at this step, or its move is the rest's (structurally null)
                 out[name] = 0.0
                 continue
             sign = -1.0 if self.splitter.hyper[name].get("maximize", False) else 1.0

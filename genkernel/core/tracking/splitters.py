@@ -21,6 +21,10 @@ The dense route keeps the rows as float64 copies of the parameters (:meth:`Updat
 the sketched route (:mod:`genkernel.core.tracking.sketched`) runs the same ``advance`` on k-dim
 sketches of the rows and applies D on the probes' side.
 
+A structurally null parameter (:mod:`genkernel.core.tracking.null_params`: its exact gradient is zero, a float32
+bias before a training-mode BatchNorm) has group rows that are rounding noise only: :attr:`UpdateSplitter.null`
+names them, and their gradients and state go to the rest row (its groups' and rounding rows are zero).
+
 Rows: every partition's groups in order (:class:`~genkernel.core.grouping.Partitions`), then the
 rest, then each partition's rounding gap (the batched gradient minus that partition's Σ_g ĝ_g:
 different groupings round differently). The recurrences are linear per row, so one stack serves any
@@ -123,6 +127,8 @@ class UpdateSplitter:
         self.magnitude: dict[str, torch.Tensor] = {}
         self.pending_magnitude: dict[str, torch.Tensor] = {}
         self.rounding_scale: dict[str, torch.Tensor] = {}
+        # Structurally null parameters (tracking.null_params, set by the route): their whole update is the rest's.
+        self.null: frozenset[str] = frozenset()
 
     @staticmethod
     def _group_index(optimizer: torch.optim.Optimizer, params: dict[str, torch.nn.Parameter]) -> dict[str, int]:
@@ -246,14 +252,27 @@ class UpdateSplitter:
             if decay != 0 and not h.get("decoupled", False):
                 torch.mul(theta, decay, out=full[self.rows])
             full = self.prepare(name, full)
+            before = self._state_before(name, full)
+            if name in self.null:
+                # A structurally null parameter (tracking.null_params): its group rows are rounding noise that an
+                # adaptive optimizer turns into a move no example caused. Every row of its gradients and state goes to
+                # the rest row (one partition's rows, the rest and its rounding row add up to the whole): each
+                # partition's rows still add up to the update, the groups' are zero. (The rounding scale below is
+                # that of the rows as they were.)
+                size_rows = full.clone()
+                full = self._collapsed(full)
+                before = None if before is None else self._collapsed(before.clone())
+            else:
+                size_rows = full
             # 1. The recurrence on every row (the optimizer's own buffer goes to the rest row).
-            state, direction = self.advance(self._state_before(name, full), full, h)
+            state, direction = self.advance(before, full, h)
             preconditioner = self.preconditioner(name)
             if state is not None:
                 self.pending[name] = state
                 # 2. The rounding scale: the same recurrence on the magnitudes of one partition's rows.
                 primary = self.rounding_rows[self.partitions.primary]
-                size = abs_row_sum(full[first]).add_(full[self.rows].abs()).add_(full[primary].abs()).unsqueeze(0)
+                size = (abs_row_sum(size_rows[first]).add_(size_rows[self.rows].abs()).add_(size_rows[primary].abs())
+                        .unsqueeze(0))
                 previous = self.magnitude.get(name)
                 if previous is None and self.before.get(name) is not None:
                     previous = self.before[name].abs().to(self.dtype).unsqueeze(0)
@@ -272,6 +291,15 @@ class UpdateSplitter:
                 update[self.rows] -= self._decay_applied(theta_before[name], theta, h)
             updates[name] = update
         return updates
+
+    def _collapsed(self, rows: torch.Tensor) -> torch.Tensor:
+        """``rows`` ``[R + 1 + Π, *shape]`` with the primary partition's groups and rounding row added into the rest
+        row and every other row zero (in place; returned)."""
+        first = self.partitions.slices[self.partitions.primary]
+        rows[self.rows] += rows[first].sum(dim=0) + rows[self.rounding_rows[self.partitions.primary]]
+        rows[: self.rows].zero_()
+        rows[self.rows + 1:].zero_()
+        return rows
 
     @staticmethod
     def _decay_applied(theta_before: torch.Tensor, theta: torch.Tensor, h: dict[str, Any]) -> torch.Tensor:

@@ -1967,7 +1967,8 @@ class PathKernelTracker:
                 written.append((ledger, ledger.mark(moved.columns[name])))
                 ledger.record(moved.contributions[name], result.rest, f_after, result.sketch_errors[name],
                               pending.drift, columns=moved.columns[name],
-                              step_sketch_noise=None if moved.sketch_noise is None else moved.sketch_noise[name])
+                              step_sketch_noise=None if moved.sketch_noise is None else moved.sketch_noise[name],
+                              step_null=moved.null_rest, null_parameters=moved.null_names)
                 if self.snapshot_every and ledger.steps % self.snapshot_every == 0:
                     ledger.snapshot()
         except BaseException:

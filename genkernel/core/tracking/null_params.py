@@ -1,0 +1,106 @@
+"""Structurally null parameters: trainable parameters whose loss gradient is zero in exact arithmetic.
+
+A bias feeding a training-mode BatchNorm (the default ``nn.Linear``/``nn.Conv2d`` bias before it) shifts every
+example of a channel alike, which the normalization subtracts again: every example's gradient with respect to it is
+exactly zero for any loss. In float32 the backward leaves ~1e-9 of rounding noise there, which an adaptive optimizer
+(Adam, RMSprop, Adagrad, ...: per-coordinate normalization) turns into a move of order lr that the probes see in eval
+mode (running statistics). No example caused it: split to the groups, each group would get its own rounding noise
+times the preconditioner (0.015-0.95 of the change off a float64 brute force). The splitter books such a parameter's
+whole update to the rest instead (:attr:`UpdateSplitter.null`), and the ledger keeps that part apart
+(``PathKernelLedger.null_moves``).
+
+Found on a float64 copy of the module in its current modes: two forward and backward passes, on the first
+:data:`NULL_PROBES` probes and on a perturbed copy of them, with random output cotangents; a parameter whose gradient is at float64 rounding level
+(≤ :data:`NULL_TOLERANCE` of the largest entry of the whole gradient) in both passes, and not exactly zero in both
+(a unit the probes leave unused, a dead ReLU: not a cancellation, and it may come alive), is structurally null.
+Only parameters of a dtype coarser than float64 are looked at (in float64 the noise is at 1e-17: nothing to book
+apart, and float64 models keep their numbers bit for bit). The real module, the optimizer and every global random
+generator are left as they are."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..adapter import output_tensor
+
+# Relative to the largest entry of the whole float64 gradient: 1e3 units of float64 rounding.
+NULL_TOLERANCE = 1e3 * torch.finfo(torch.float64).eps
+# The passes run on the first this many probes (a batch statistic needs more than one; the cost stays two small passes).
+NULL_PROBES = 8
+
+
+def _strip_hooks(module: nn.Module) -> None:
+    """The copy's own module hooks removed (a capture of the real module's training pass must not see the copy)."""
+    for m in module.modules():
+        for key in ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks",
+                    "_forward_hooks_with_kwargs", "_forward_hooks_always_called", "_forward_pre_hooks_with_kwargs",
+                    "_state_dict_hooks", "_load_state_dict_pre_hooks"):
+            table = getattr(m, key, None)
+            if isinstance(table, dict):
+                table.clear()
+
+
+def structurally_null(module: nn.Module, params: dict[str, torch.Tensor], probes: tuple[torch.Tensor, ...],
+                      *, seed: int = 0) -> tuple[str, ...]:
+    """Names (in ``params``' order) of the structurally null parameters of ``module`` in its current modes (see the
+    module docstring); ``()`` where none is coarser than float64, or where the float64 copy cannot be made or run
+    (nothing is booked apart then, as before)."""
+    coarse = [n for n, p in params.items() if p.is_floating_point() and torch.finfo(p.dtype).eps > torch.finfo(torch.float64).eps]
+    if not coarse or not probes:
+        return ()
+    ids = {id(p): n for n, p in params.items()}
+    probes = tuple(t[:NULL_PROBES] for t in probes)
+    devices = sorted({t.device for t in probes if t.is_cuda}, key=str)
+    try:
+        with torch.random.fork_rng(devices=devices), torch.enable_grad():
+            twin = copy.deepcopy(module)
+            _strip_hooks(twin)
+            names = {}
+            for (_, p_twin), (_, p) in zip(twin.named_parameters(), module.named_parameters()):
+                if id(p) in ids:
+                    names[ids[id(p)]] = p_twin
+            if names.keys() != params.keys():
+                return ()
+            twin.double()
+            generator = torch.Generator(device="cpu").manual_seed(seed)
+            passes = []
+            for perturb in (False, True):
+                inputs = []
+                for t in probes:
+                    t = t.detach()
+                    if t.is_floating_point():
+                        t = t.double()
+                        if perturb:
+                            noise = torch.randn(t.shape, generator=generator, dtype=torch.float64).to(t.device)
+                            t = t + 0.1 * (t.abs().mean() + 1.0) * noise
+                    inputs.append(t)
+                out = output_tensor(twin(*inputs))
+                if not out.is_floating_point():
+                    return ()
+                cot = torch.randn(out.shape, generator=generator, dtype=torch.float64).to(out.device)
+                grads = torch.autograd.grad((out.double() * cot).sum(), [names[n] for n in params], allow_unused=True)
+                passes.append(dict(zip(params, grads)))
+    except Exception:  # (a module that cannot be copied or run in float64 this way: nothing found)
+        return ()
+    null = []
+    for n in coarse:
+        small, nonzero = True, False
+        for grads in passes:
+            g = grads[n]
+            scale = max((float(v.abs().max()) for v in grads.values() if v is not None and v.numel()), default=0.0)
+            if g is None or not g.numel() or not scale > 0 or not bool(torch.isfinite(g).all()):
+                small = False
+                break
+            size = float(g.abs().max())
+            small = small and size <= NULL_TOLERANCE * scale
+            nonzero = nonzero or size > 0
+        if small and nonzero:
+            null.append(n)
+    return tuple(null)
+
+
+__all__ = ["NULL_PROBES", "NULL_TOLERANCE", "structurally_null"]
