@@ -6,8 +6,6 @@ listener): every count, record, ledger and weight bit for bit.
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
 

@@ -20,7 +20,6 @@ generator are left as they are."""
 from __future__ import annotations
 
 import copy
-from typing import Any
 
 import torch
 from torch import nn
