@@ -32,12 +32,28 @@ NULL_TOLERANCE = 1e3 * torch.finfo(torch.float64).eps
 NULL_PROBES = 8
 
 
+_HOOK_TABLES = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks",
+                "_forward_hooks_with_kwargs", "_forward_hooks_always_called", "_forward_pre_hooks_with_kwargs",
+                "_state_dict_hooks", "_load_state_dict_pre_hooks")
+
+
+def _hookless_memo(module: nn.Module) -> dict[int, object]:
+    """A ``copy.deepcopy`` memo that gives the copy empty hook tables: a hook is not copied at all (a bound method's
+    object, a trainer or a logger behind it, would be deep-copied with it, or refuse the copy and with it the
+    search)."""
+    memo: dict[int, object] = {}
+    for m in module.modules():
+        for key in _HOOK_TABLES:
+            table = getattr(m, key, None)
+            if isinstance(table, dict):
+                memo[id(table)] = type(table)()
+    return memo
+
+
 def _strip_hooks(module: nn.Module) -> None:
     """The copy's own module hooks removed (a capture of the real module's training pass must not see the copy)."""
     for m in module.modules():
-        for key in ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks",
-                    "_forward_hooks_with_kwargs", "_forward_hooks_always_called", "_forward_pre_hooks_with_kwargs",
-                    "_state_dict_hooks", "_load_state_dict_pre_hooks"):
+        for key in _HOOK_TABLES:
             table = getattr(m, key, None)
             if isinstance(table, dict):
                 table.clear()
@@ -56,7 +72,7 @@ def structurally_null(module: nn.Module, params: dict[str, torch.Tensor], probes
     devices = sorted({t.device for t in probes if t.is_cuda}, key=str)
     try:
         with torch.random.fork_rng(devices=devices), torch.enable_grad():
-            twin = copy.deepcopy(module)
+            twin = copy.deepcopy(module, _hookless_memo(module))
             _strip_hooks(twin)
             names = {}
             for (_, p_twin), (_, p) in zip(twin.named_parameters(), module.named_parameters()):
