@@ -14,18 +14,10 @@ from genkernel.diffusion import NoiseLevelAnalyzer, make_scheduler
 from genkernel.diffusion.objectives import noisy_input
 from genkernel.supervised import mlp, mse_loss
 from test_ddpm_trainer import ring
+from test_owed41 import _steady
 from test_resume import DropoutDenoiser, same
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def _steady(state):
-    """``state`` without the free memory the cost estimates read (``available_bytes``: the machine's, not the run's)."""
-    if isinstance(state, dict):
-        return {k: _steady(v) for k, v in state.items() if k != "available_bytes"}
-    if isinstance(state, (list, tuple)):
-        return [_steady(v) for v in state]
-    return state
 
 
 # -- a user's listener that raises an error of its own ------------------------------------------------------------------
