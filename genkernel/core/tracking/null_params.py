@@ -50,15 +50,6 @@ def _hookless_memo(module: nn.Module) -> dict[int, object]:
     return memo
 
 
-def _strip_hooks(module: nn.Module) -> None:
-    """The copy's own module hooks removed (a capture of the real module's training pass must not see the copy)."""
-    for m in module.modules():
-        for key in _HOOK_TABLES:
-            table = getattr(m, key, None)
-            if isinstance(table, dict):
-                table.clear()
-
-
 def structurally_null(module: nn.Module, params: dict[str, torch.Tensor], probes: tuple[torch.Tensor, ...],
                       *, seed: int = 0) -> tuple[str, ...]:
     """Names (in ``params``' order) of the structurally null parameters of ``module`` in its current modes (see the
@@ -72,8 +63,7 @@ def structurally_null(module: nn.Module, params: dict[str, torch.Tensor], probes
     devices = sorted({t.device for t in probes if t.is_cuda}, key=str)
     try:
         with torch.random.fork_rng(devices=devices), torch.enable_grad():
-            twin = copy.deepcopy(module, _hookless_memo(module))
-            _strip_hooks(twin)
+            twin = copy.deepcopy(module, _hookless_memo(module))  # (no hook of the real module runs on the copy)
             names = {}
             for (_, p_twin), (_, p) in zip(twin.named_parameters(), module.named_parameters()):
                 if id(p) in ids:
@@ -101,12 +91,14 @@ def structurally_null(module: nn.Module, params: dict[str, torch.Tensor], probes
                 passes.append(dict(zip(params, grads)))
     except Exception:  # (a module that cannot be copied or run in float64 this way: nothing found)
         return ()
+    # each pass's largest gradient entry, once (not once per parameter: a full pass over the gradients each time)
+    scales = [max((float(v.abs().max()) for v in grads.values() if v is not None and v.numel()), default=0.0)
+              for grads in passes]
     null = []
     for n in coarse:
         small, nonzero = True, False
-        for grads in passes:
+        for grads, scale in zip(passes, scales):
             g = grads[n]
-            scale = max((float(v.abs().max()) for v in grads.values() if v is not None and v.numel()), default=0.0)
             if g is None or not g.numel() or not scale > 0 or not bool(torch.isfinite(g).all()):
                 small = False
                 break
