@@ -90,6 +90,7 @@ from ..core.tracking.callbacks import TrainerCallback
 from ..core.tracking.distributed import summed_over_ranks
 from ..core.tracking.io import atomic_save, check_saved_settings, jsonable, load_state
 from ..core.tracking.ledger import PathKernelLedger
+from ..core.tracking.owed import OwedRecord, make_owed
 from ..core.tracking.quadrature import quadrature_rule, residual_remedy
 from ..core.tracking.ema import EMA_LEDGERS
 from ..core.tracking.sketched import SKETCHED_TRAFFIC_NOTE, sketch_error_note, sketch_noise_note
@@ -963,21 +964,15 @@ class NoiseLevelAnalyzer(TrainerCallback):
             self._refuse_owed()
         self._settling = True
         try:
-            if owed["snapshot"] and not (self.history and self.history[-1]["tracked_step"] == steps):
-                self.history.append(self._summary_row())
-            if owed["kernel"] and not (self.kernel_history and self.kernel_history[-1]["tracked_step"] == steps):
-                self.record_kernel()
-            if owed["log"] and self.logging is not None:
-                owed["log"] = False  # (a logger that raises is not called again for the step: as it was before)
-                self.logging.log_step(owed["step"])
-        except BaseException as error:
-            if hasattr(error, "add_note"):
-                error.add_note(
-                    f"genkernel: the records of tracked step {steps} (locality snapshot, kernel record, log) are not "
-                    "all made; the analyzer makes them at its next step, train(), save or report, at that step's "
-                    "ledger and weights (nothing changes them before the next step)"
-                )
-            raise
+            make_owed(owed, (
+                OwedRecord("snapshot", lambda: bool(self.history) and self.history[-1]["tracked_step"] == steps,
+                           lambda: self.history.append(self._summary_row())),
+                OwedRecord("kernel",
+                           lambda: bool(self.kernel_history) and self.kernel_history[-1]["tracked_step"] == steps,
+                           self.record_kernel),
+                OwedRecord("log", lambda: self.logging is None, lambda: self.logging.log_step(owed["step"]), once=True),
+            ), label=f"tracked step {steps} (locality snapshot, kernel record, log)",
+                retry="step, train(), save or report")
         finally:
             self._settling = False
         self._owed = None

@@ -127,6 +127,7 @@ from ..core.tracking.distributed import (StepAgreement, averaged_over_ranks, ddp
 from ..core.tracking.ema import EMA_LEDGERS, ema_update_count
 from ..core.tracking.io import atomic_save, check_saved_settings, jsonable, load_state, to_device
 from ..core.tracking.ledger import PathKernelLedger
+from ..core.tracking.owed import OwedRecord, make_owed
 from ..core.tracking.quadrature import residual_remedy
 from ..core.tracking.step import OptimizerStep, micro_batch_rows
 from ..core.tracking.tracker import (
@@ -760,21 +761,15 @@ class GANKernelAnalyzer(TrainerCallback):
             self._check_consistent()
         self._settling = True
         try:
-            if owed["alignment"] and not (self.alignment and self.alignment[-1]["step"] == index):
-                self._record_alignment(index, owed["result"], owed["change"], owed["drift"])
-            if owed["window"] and not (self.windows and self.windows[-1]["steps"][1] == index):
-                self._close_window(index)
-            if owed["log"] and self.logging is not None:  # after the window closed: its statistics are in the numbers
-                owed["log"] = False  # (a logger that raises is not called again for the step: as it was before)
-                self.logging.log_step(self.g_loop_steps[-1], phase="generator")
-        except BaseException as error:
-            if hasattr(error, "add_note"):
-                error.add_note(
-                    f"genkernel: the records of generator step {index} (alignment, window, log) are not all made; the "
-                    "analyzer makes them at its next step, save or report, at that step's ledgers and weights "
-                    "(nothing changes them before the next generator step)"
-                )
-            raise
+            make_owed(owed, (
+                OwedRecord("alignment", lambda: bool(self.alignment) and self.alignment[-1]["step"] == index,
+                           lambda: self._record_alignment(index, owed["result"], owed["change"], owed["drift"])),
+                OwedRecord("window", lambda: bool(self.windows) and self.windows[-1]["steps"][1] == index,
+                           lambda: self._close_window(index)),
+                # (after the window closed: its statistics are in the numbers)
+                OwedRecord("log", lambda: self.logging is None,
+                           lambda: self.logging.log_step(self.g_loop_steps[-1], phase="generator"), once=True),
+            ), label=f"generator step {index} (alignment, window, log)", retry="step, save or report")
         finally:
             self._settling = False
         self._g_owed = None

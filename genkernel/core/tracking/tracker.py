@@ -255,6 +255,16 @@ _After = tuple[torch.Tensor, dict[str, torch.Tensor]]
 
 
 @dataclass
+class _OwedListeners:
+    """The listeners a committed step still owes (:meth:`PathKernelTracker._hear`): marked by ``_commit`` before its
+    ledgers are written, cleared once the last listener returns."""
+
+    result: StepContributions
+    observations: list  # the step's observation numbers (step_observations while the listeners run); [] if owned
+    next_listener: int = 0  # the position in ``listeners`` of the first listener not yet returned from
+
+
+@dataclass
 class _Batch:
     """What ``route.from_graph`` reads of an observed step: the examples and the gradient scale
     already applied."""
@@ -589,9 +599,9 @@ class PathKernelTracker:
             optimizer.register_step_post_hook(_TrackerHook(this, "_after_observed_step")),
         ]
         self.listeners: list = []  # callables given every recorded StepContributions
-        # The last committed step's listeners not yet returned from: [result, its observation numbers, the index of the
-        # first listener owed] (marked by _commit before anything can fail), called by _hear; else None.
-        self._unheard: list | None = None
+        # The last committed step's listeners not yet returned from (marked by _commit before anything can fail),
+        # called by _hear; else None.
+        self._unheard: _OwedListeners | None = None
         self._hearing = False  # inside _hear (a listener that settles its own records does not call itself again)
         self.gradient_scales: list[dict[str, float]] = []  # observed steps: real gradient / observed sum
         self.skipped_steps: list[dict[str, int]] = []  # observed micro-batches dropped with no step taken
@@ -1876,19 +1886,19 @@ class PathKernelTracker:
             return
         self._hearing = True
         try:
-            result, self.step_observations = owed[0], owed[1]
-            while owed[2] < len(self.listeners):
-                position = owed[2]
+            self.step_observations = owed.observations
+            while owed.next_listener < len(self.listeners):
+                position = owed.next_listener
                 listener = self.listeners[position]
                 try:
-                    listener(result)
+                    listener(owed.result)
                 except Exception:
                     if not getattr(listener, REPEATABLE_LISTENER, False):
-                        owed[2] = position + 1  # (its own error: the step was its, as before; not called again)
-                        if owed[2] >= len(self.listeners):
+                        owed.next_listener = position + 1  # (its own error: the step was its, as before; not again)
+                        if owed.next_listener >= len(self.listeners):
                             self._unheard = None
                     raise
-                owed[2] = position + 1
+                owed.next_listener = position + 1
             self._unheard = None
         finally:
             self._hearing = False
@@ -1960,7 +1970,7 @@ class PathKernelTracker:
         buffers_after = self._copy_buffers()
         ema_buffers = self.ema.live_buffers_after() if self.ema is not None else None
         # The listeners owed the step (_hear), marked with the ledgers: an interrupt before they return is made up.
-        unheard = [result, [] if owned else list(self._step_numbers), 0]
+        unheard = _OwedListeners(result, [] if owned else list(self._step_numbers))
         written = []
         try:
             for name, ledger in self.ledgers.items():
