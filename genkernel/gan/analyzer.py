@@ -115,8 +115,8 @@ from torch.func import jvp
 from ..core import grouping as grouping_layer
 from ..core.adapter import (
     analysis_mode, call_with, explained_torch_func_errors, floating_parameter, forked_generators, full_precision,
-    like_parameter, loop_precision, output_tensor, positive_int, preserved_buffers, seed_bits, seeded_generator,
-    trainable_parameters, unwrap, unwrap_optimizer,
+    like_parameter, loop_precision, not_fitting_inputs, output_tensor, positive_int, preserved_buffers, seed_bits,
+    seeded_generator, trainable_parameters, unwrap, unwrap_optimizer,
 )
 from ..core.cost import GiB, CostEstimate, hooked_forward_counts, ledger_bytes, with_analysis_passes
 from ..core.param_bytes import parameter_bytes, value_bytes
@@ -667,6 +667,8 @@ class GANKernelAnalyzer(TrainerCallback):
                 samples = output_tensor(self._g(latents, *conditions))
                 scores = self._d(samples, *conditions)
         except (RuntimeError, TypeError, IndexError) as error:
+            if not not_fitting_inputs(error):  # (an out-of-memory, a failed collective: not the latents' shape)
+                raise
             if self.conditional:
                 raise ValueError(
                     f"{name} of shape {tuple(latents.shape)} with their classes do not fit the conditional "
@@ -907,6 +909,7 @@ class GANKernelAnalyzer(TrainerCallback):
             raise RuntimeError("this analyzer already tracks steps a trainer performs; build a new one to observe a loop")
         if g_optimizer is None and d_optimizer is None:
             raise ValueError("bind needs g_optimizer, d_optimizer or both")
+        _check_not_swapped(g_optimizer, d_optimizer, self._g, self._d)
         if ema is not None and g_optimizer is None:
             raise ValueError("ema is an EMA of the generator's weights: bind it with the g_optimizer")
         start_step = list(start_step) if isinstance(start_step, (tuple, list)) else start_step
@@ -2777,6 +2780,25 @@ def _start_pair(start_step: Any) -> tuple[int, int]:
             f"discriminator_steps) of them, got {start_step!r}"
         )
     return pair
+
+
+def _check_not_swapped(g_optimizer: Any, d_optimizer: Any, generator: nn.Module, discriminator: nn.Module) -> None:
+    """ValueError where bind's optimizer for one network holds the other's parameters and none of its own (the two
+    swapped, or one passed in the other's place); said at bind, not at a first step (D's tracker is built there)."""
+    own = {"generator": {id(p) for p in generator.parameters()},
+           "discriminator": {id(p) for p in discriminator.parameters()}}
+    wrong = []
+    for name, optimizer, mine, theirs in (("g_optimizer", g_optimizer, "generator", "discriminator"),
+                                          ("d_optimizer", d_optimizer, "discriminator", "generator")):
+        if optimizer is None:
+            continue
+        held = {id(p) for group in unwrap_optimizer(optimizer).param_groups for p in group["params"]}
+        if held & own[theirs] and not held & own[mine]:
+            wrong.append(f"{name}'s parameters belong to the {theirs}")
+    if wrong:
+        swapped = "the optimizers look swapped" if len(wrong) == 2 else "the optimizer looks misplaced"
+        raise ValueError(f"{swapped}: {' and '.join(wrong)}. Call analyzer.bind(g_optimizer, d_optimizer), the "
+                         "generator's optimizer first (or by name: bind(g_optimizer=..., d_optimizer=...))")
 
 
 def _check_start_step(start_step: Any, g_numbers: list[int], d_numbers: list[int]) -> None:

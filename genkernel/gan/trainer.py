@@ -68,7 +68,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..core.adapter import (
-    analysis_mode, buffer_snapshot, first_tensor, output_tensor, positive_int, restore_buffers, seeded_generator, unwrap,
+    analysis_mode, buffer_snapshot, first_tensor, not_fitting_inputs, output_tensor, positive_int, restore_buffers,
+    seeded_generator, unwrap,
 )
 from ..core.tracking.batches import (
     IterableBatches, check_reiterable, dataset_class_labels, is_class_labels, split_floating_batch,
@@ -629,6 +630,8 @@ class GANTrainer:
                 # (the samples' shape [C, H, W]: a generator step draws its rows' augmentation for it)
                 self._sample_shape = tuple(output_tensor(self.generator(z, *conditions)).shape[1:])
         except (RuntimeError, TypeError, ValueError, IndexError) as error:
+            if not not_fitting_inputs(error):  # (an out-of-memory, a failed collective: not the latents' shape)
+                raise
             if self.conditional:
                 raise ValueError(
                     f"the conditional generator does not take the trainer's inputs G(z [B, {self.latent_dim}], classes "

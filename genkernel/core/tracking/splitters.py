@@ -134,6 +134,11 @@ class UpdateSplitter:
     def _group_index(optimizer: torch.optim.Optimizer, params: dict[str, torch.nn.Parameter]) -> dict[str, int]:
         owner = {id(p): i for i, group in enumerate(optimizer.param_groups) for p in group["params"]}
         missing = [name for name, p in params.items() if id(p) not in owner]
+        if missing and len(missing) == len(params):  # (freezing them all is not the fix: another model's optimizer)
+            raise ValueError(
+                f"the optimizer owns none of the tracked model's {len(params)} trainable parameters (another "
+                "model's optimizer?): pass the optimizer that trains this model"
+            )
         if missing:
             raise ValueError(
                 f"trainable parameters {missing[:5]} are not owned by the optimizer: add them to it, "
