@@ -38,6 +38,7 @@ import numpy as np
 import torch
 
 from .core.tracking.callbacks import TrainerCallback
+from .core.tracking.io import durable_replace
 from .stats import nan_median
 
 __all__ = [
@@ -346,7 +347,7 @@ class CSVWriter:
             writer.writerows(self.rows[:-1])
             self._last_row_at = handle.tell() if self.rows else None
             writer.writerows(self.rows[-1:])
-        os.replace(tmp, self.path)
+        durable_replace(tmp, self.path)
 
     def log_image(self, name: str, array: Any, step: int) -> None:
         from matplotlib.image import imsave

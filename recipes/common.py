@@ -32,6 +32,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from genkernel.core.tracking.io import durable_replace
 from genkernel.stats import Interval, mean_interval
 
 MODES = ("full", "quick", "smoke")
@@ -209,7 +210,7 @@ def write_json(path: Path, payload: Any, *, indent: int | None = None) -> None:
     later aggregation would fail to read."""
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(payload, indent=indent, allow_nan=False) + "\n")
-    os.replace(tmp, path)
+    durable_replace(tmp, path)
 
 
 def finish(

@@ -18,7 +18,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from ..core.tracking.io import target_mode
+from ..core.tracking.io import durable_replace, target_mode
 from . import figures as fg
 from .summary import _claim_number, find_states, read_state, summarize_state
 
@@ -419,7 +419,7 @@ def write_report(source: Any, path: str | os.PathLike, **kwargs: Any) -> Path:
     try:
         tmp.write_text(page, encoding="utf-8")
         os.chmod(tmp, target_mode(path))  # mkstemp's 0600 would make the page unreadable to others
-        os.replace(tmp, path)
+        durable_replace(tmp, path)  # (fsynced: a power loss leaves the previous page or this one)
     finally:
         if tmp.exists():
             tmp.unlink()

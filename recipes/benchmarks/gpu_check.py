@@ -353,9 +353,11 @@ def write_json(result: dict, path: Path) -> None:
             return [finite(v) for v in value]
         return value
 
+    from genkernel.core.tracking.io import durable_replace
+
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(finite(result), indent=2, allow_nan=False, default=str) + "\n")
-    os.replace(tmp, path)
+    durable_replace(tmp, path)
 
 
 def gan_benchmark(device: torch.device, s: dict) -> dict:

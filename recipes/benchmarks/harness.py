@@ -400,9 +400,11 @@ def write_outputs(report: dict, json_path: Path, png_path: Path, plot: Callable[
 def _replace_atomically(path: Path, write: Callable[[Path], object]) -> None:
     """``write(tmp)`` to a temporary file beside ``path`` (same suffix, so that writers that go
     by it still can), then renames it over ``path``; the temporary file is removed on failure."""
+    from genkernel.core.tracking.io import durable_replace
+
     tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")
     try:
         write(tmp)
-        os.replace(tmp, path)
+        durable_replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)

@@ -316,6 +316,8 @@ def write_report(accelerator, output_dir: str, analyzer, sections: Callable[[], 
         warnings.warn(f"the report's {', '.join(places)} were not finite: written as null (listed under "
                       "\"non_finite\")", stacklevel=2)
     text = json.dumps(report, allow_nan=False, indent=1)
+    from genkernel.core.tracking.io import durable_replace
+
     target = os.path.join(output_dir, "genkernel_report.json")
     handle, temporary = tempfile.mkstemp(prefix=".genkernel_report.", suffix=".json.tmp", dir=output_dir)
     umask = os.umask(0)
@@ -324,9 +326,7 @@ def write_report(accelerator, output_dir: str, analyzer, sections: Callable[[], 
         os.chmod(temporary, 0o666 & ~umask)  # (mkstemp's file is the owner's alone; open() made it by the umask)
         with os.fdopen(handle, "w") as file:
             file.write(text)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temporary, target)
+        durable_replace(temporary, target)  # (the file fsynced, renamed, and the folder fsynced)
     except BaseException:
         if os.path.exists(temporary):
             os.remove(temporary)

@@ -2,7 +2,9 @@
 
 Every state genkernel writes (ledgers, trackers, analyzers, trainers) goes through
 :func:`atomic_save`: a temporary file in the same folder, flushed and fsynced, then renamed over
-the target, so a save interrupted half-way (a kill, a full disk) leaves the previous file intact.
+the target, and the folder fsynced, so a save interrupted half-way (a kill, a full disk, a power loss)
+leaves the previous file intact or the new one whole. Other files written by rename (reports, logs)
+go through :func:`durable_replace`, the same steps for a temporary file their writer made.
 Left-over temporary files of interrupted saves are removed by the next save to the same path on the
 same host (a temporary file of a process still running, such as another rank saving the same path, is
 kept).
@@ -61,6 +63,54 @@ def atomic_save(obj: Any, path: str | os.PathLike) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+    # The rename is an entry in the folder: until the folder is synced, a power loss may bring back the old entry
+    # (or, on some file systems, keep the new name with the data lost). After the error handling above: the file
+    # is in place by now, so a failure here must not say "the previous file is intact".
+    fsync_directory(path.parent)
+
+
+def durable_replace(tmp: str | os.PathLike, path: str | os.PathLike) -> None:
+    """``os.replace(tmp, path)`` for a temporary file a writer made beside ``path``, closed: ``tmp``'s data
+    fsynced first (else a power loss can leave the new name with no data in it), then the rename, then the
+    folder fsynced (else the rename itself may be lost). The one piece genkernel's writers that write a
+    temporary file of their own (the HTML report, the CSV log) rename with; :func:`atomic_save` does the same."""
+    # (Windows' fsync, _commit, needs a handle open for writing; POSIX fsyncs a read-only one, which a file already
+    # given a read-only mode still opens)
+    fd = os.open(tmp, os.O_RDWR | os.O_BINARY if os.name == "nt" else os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+    fsync_directory(Path(path).parent)
+
+
+# A folder's fsync refused where the platform or file system has none: Windows opens no folder (EACCES), some
+# network and FUSE file systems answer EINVAL / ENOTSUP. Skipped quietly (nothing more can be done there); a real
+# I/O error (EIO) is raised.
+_NO_FOLDER_SYNC = frozenset(getattr(errno, name) for name in (
+    "EINVAL", "ENOTSUP", "EOPNOTSUPP", "EBADF", "EACCES", "EPERM", "EISDIR", "ENOSYS", "ENOTDIR")
+    if hasattr(errno, name))
+
+
+def fsync_directory(folder: str | os.PathLike) -> None:
+    """fsync ``folder``, so that the entries renamed into it last survive a power loss; skipped quietly on a
+    platform or file system without a folder's fsync (Windows, some network mounts)."""
+    if os.name == "nt":
+        return
+    try:
+        fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError as error:
+        if error.errno in _NO_FOLDER_SYNC:
+            return
+        raise
+    try:
+        os.fsync(fd)
+    except OSError as error:
+        if error.errno not in _NO_FOLDER_SYNC:
+            raise
+    finally:
+        os.close(fd)
 
 
 _HOST = "".join(c if c.isalnum() or c in "-_" else "_" for c in socket.gethostname()) or "host"
@@ -305,6 +355,6 @@ def jsonable(value: Any) -> Any:
 
 
 __all__ = [
-    "atomic_save", "check_module_state", "check_optimizer_state", "check_resume_config", "global_rng_state", "jsonable", "load_state",
-    "set_global_rng_state", "target_mode", "to_device",
+    "atomic_save", "check_module_state", "check_optimizer_state", "check_resume_config", "durable_replace",
+    "fsync_directory", "global_rng_state", "jsonable", "load_state", "set_global_rng_state", "target_mode", "to_device",
 ]
