@@ -29,8 +29,10 @@ analyzer's state is saved in, and restored from, Lightning checkpoints by a ``fi
 ``validate``/``test``/``predict`` with ``ckpt_path=`` trains nothing and leaves the analyzer as it is, bound in
 an earlier fit or not). Every ``fit`` builds
 its optimizers anew, so an analyzer bound in an earlier fit is refused at the next one (give each
-fit its own analyzer and callback; ``ckpt_path=...`` carries the ledgers over). On a GPU, call
-:func:`genkernel.set_exact_cuda_mode` before ``fit`` (TF32 off, deterministic kernels): trackers
+fit its own analyzer and callback; ``ckpt_path=...`` carries the ledgers over), unless
+``configure_optimizers`` returns the same optimizer object: the ledger then goes on, and a new Trainer's
+steps (its ``global_step`` from 0 again) are numbered on from the analyzer's last number, not from 1
+again. On a GPU, call :func:`genkernel.set_exact_cuda_mode` before ``fit`` (TF32 off, deterministic kernels): trackers
 refuse TF32 convolutions, torch's default.
 
 A GAN (:class:`~genkernel.gan.GANKernelAnalyzer`) trains with manual optimization and two
@@ -110,6 +112,8 @@ class GenkernelCallback(pl.Callback):
         self.ema = ema
         self.start_step = start_step
         self._averaging = None  # the WeightAveraging whose average is bound as the EMA
+        self._step_offset = 0  # added to this fit's global_step + 1 for a step's number (_numbered_before)
+        self._loaded_offset = 0  # the offset of the fit whose checkpoint this fit resumes (load_state_dict)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         window = getattr(self.analyzer, "track_steps", None)
@@ -126,9 +130,12 @@ class GenkernelCallback(pl.Callback):
         if hasattr(self.analyzer, "observe_generator"):  # a GAN analyzer: both players' optimizers
             self._bind_gan(trainer)
             return
+        # (a fit resumed from a checkpoint of a fit numbered ahead of its global_step numbers on as that fit did)
+        self._step_offset, self._loaded_offset = getattr(self, "_loaded_offset", 0), 0
         tracker = getattr(self.analyzer, "tracker", None)
         if tracker is not None:
             self._check_bound_to(tracker, trainer)
+            self._step_offset = self._numbered_before(trainer)
             return  # bound already, to this fit's optimizer
         if len(trainer.optimizers) != 1:
             raise ValueError(
@@ -137,8 +144,8 @@ class GenkernelCallback(pl.Callback):
             )
         model = self._model(trainer, pl_module)
         self.analyzer.bind(
-            model, trainer.optimizers[0], ema=self._ema(trainer, pl_module, model), start_step=trainer.global_step,
-            batch_size=_step_batch(trainer))
+            model, trainer.optimizers[0], ema=self._ema(trainer, pl_module, model),
+            start_step=trainer.global_step + self._step_offset, batch_size=_step_batch(trainer))
 
     def _ema(self, trainer: pl.Trainer, pl_module: pl.LightningModule, model: Any) -> Any:
         """The EMA to keep a ledger for: the one given, else the averaged copy of ``model`` that Lightning's
@@ -279,6 +286,16 @@ class GenkernelCallback(pl.Callback):
             steps.append(count)
         return steps[0], steps[1]
 
+    def _numbered_before(self, trainer: pl.Trainer) -> int:
+        """For a fit that trains on with the optimizer an earlier fit bound (``configure_optimizers`` returning
+        the same object): how far the analyzer's step numbers are ahead of this fit's ``global_step``. A new Trainer
+        counts from 0 while the optimizer, the model and the ledger go on; numbered ``global_step + 1`` again, its
+        steps took the earlier fit's numbers (two steps numbered 1). They are numbered on from the analyzer's last
+        number instead; a fit whose ``global_step`` is already there (the same Trainer fit again, a ``ckpt_path=``
+        at that step) is numbered by it, as before."""
+        numbers = [n for n in getattr(self.analyzer, "global_steps", None) or () if isinstance(n, int)]
+        return max(0, max(numbers, default=0) - int(trainer.global_step))
+
     @staticmethod
     def _check_bound_to(tracker: Any, trainer: pl.Trainer) -> None:
         """Refuse a fit whose optimizer is not the one the analyzer was bound to: every ``fit`` calls
@@ -325,7 +342,7 @@ class GenkernelCallback(pl.Callback):
         cleared micro-batches as a skipped one."""
         number = getattr(self.analyzer, "number_next_step", None)
         if pl_module.automatic_optimization and number is not None:
-            number(int(trainer.global_step) + 1)
+            number(int(trainer.global_step) + 1 + getattr(self, "_step_offset", 0))
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.analyzer.finish()
@@ -379,7 +396,7 @@ class GenkernelCallback(pl.Callback):
         self._stage = None  # (a load_state_dict outside a trainer's run loads)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"analyzer": self.analyzer.state_dict()}
+        return {"analyzer": self.analyzer.state_dict(), "step_offset": getattr(self, "_step_offset", 0)}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         # trainer.validate / test / predict(ckpt_path=...) restore the callbacks too: such a loop trains nothing, so
@@ -389,6 +406,7 @@ class GenkernelCallback(pl.Callback):
         if getattr(self, "_stage", None) not in (None, "fit"):
             return
         self.analyzer.load_state_dict(state_dict["analyzer"])
+        self._loaded_offset = int(state_dict.get("step_offset", 0))
 
 
 # torch's optimizers that write state["step"] for every parameter at their first step: an empty state is no step taken
