@@ -36,6 +36,7 @@ from ..adapter import (
     functional_model,
     generator_states,
     outside_inference_mode,
+    positive_int,
     preserved_buffers,
     restore_buffers,
     restored_module_generators,
@@ -321,8 +322,10 @@ def _close(first: torch.Tensor, second: torch.Tensor) -> bool:
 def kernel_plan(model: nn.Module, x: Batch, *, engine: str = "auto", memory_budget: int = DEFAULT_MEMORY_BUDGET,
                 rows_total: int | None = None) -> KernelPlan:
     """The engine and chunk sizes :func:`gradient_kernel` uses for ``model`` on inputs like ``x``
-    (``rows_total``: the larger side's example count, default ``x``'s)."""
+    (``rows_total``: the larger side's example count, default ``x``'s; a positive int)."""
     memory_budget = check_memory_budget(memory_budget)
+    if rows_total is not None:  # 0, -5 or True planned chunks of 0, -5 or True rows, silently
+        rows_total = positive_int(rows_total, "rows_total")
     model = unwrap(model)
     check_per_example_safe(model)
     with analysis(model):
