@@ -51,10 +51,13 @@ def _hookless_memo(module: nn.Module) -> dict[int, object]:
 
 
 def structurally_null(module: nn.Module, params: dict[str, torch.Tensor], probes: tuple[torch.Tensor, ...],
-                      *, seed: int = 0) -> tuple[str, ...]:
+                      *, seed: int = 0, through: nn.Module | None = None) -> tuple[str, ...]:
     """Names (in ``params``' order) of the structurally null parameters of ``module`` in its current modes (see the
     module docstring); ``()`` where none is coarser than float64, or where the float64 copy cannot be made or run
-    (nothing is booked apart then, as before)."""
+    (nothing is booked apart then, as before). ``through``: a module the loss reads ``module``'s outputs through,
+    called as ``through(output, *probes[1:])`` (a GAN generator's discriminator: a training-mode BatchNorm after D's
+    first linear layer cancels a shift of every sample, G's output bias); its float64 copy, in its current modes,
+    runs between ``module``'s output and the random cotangents."""
     coarse = [n for n, p in params.items() if p.is_floating_point() and torch.finfo(p.dtype).eps > torch.finfo(torch.float64).eps]
     if not coarse or not probes:
         return ()
@@ -64,6 +67,7 @@ def structurally_null(module: nn.Module, params: dict[str, torch.Tensor], probes
     try:
         with torch.random.fork_rng(devices=devices), torch.enable_grad():
             twin = copy.deepcopy(module, _hookless_memo(module))  # (no hook of the real module runs on the copy)
+            after = None if through is None else copy.deepcopy(through, _hookless_memo(through)).double()
             names = {}
             for (_, p_twin), (_, p) in zip(twin.named_parameters(), module.named_parameters()):
                 if id(p) in ids:
@@ -84,6 +88,8 @@ def structurally_null(module: nn.Module, params: dict[str, torch.Tensor], probes
                             t = t + 0.1 * (t.abs().mean() + 1.0) * noise
                     inputs.append(t)
                 out = output_tensor(twin(*inputs))
+                if after is not None:
+                    out = output_tensor(after(out, *inputs[1:]))
                 if not out.is_floating_point():
                     return ()
                 cot = torch.randn(out.shape, generator=generator, dtype=torch.float64).to(out.device)
