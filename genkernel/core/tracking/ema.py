@@ -423,6 +423,12 @@ class EMALedgers:
         self.offset = {n: torch.zeros((self.num_rows + 1, *t.shape), dtype=torch.float64, device=t.device)
                        for n, t in theta.items()}
         self.last_bar = {n: t.clone() for n, t in bar.items()}
+        # The structurally null parameters' share of D's and E's rest rows (tracking.null_params: the model's ledger
+        # keeps their moves apart as ``null_moves``), for those that have been null at some step: D_null sums their
+        # rest rows at the steps they were null, E_null follows D_null as E follows D; ΔE_null is pushed as one more
+        # row, part of the rest (the EMA ledger's ``null_moves``).
+        self.null_displacement: dict[str, torch.Tensor] = {}
+        self.null_offset: dict[str, torch.Tensor] = {}
         self.decays: list[float] = []
         # An EMA of parameters only is sampled with the live model's buffers as they were after the last
         # tracked step ({name: tensor}, copies; None when the EMA keeps its own or there are none).
@@ -437,14 +443,22 @@ class EMALedgers:
     def ledger(self) -> PathKernelLedger:
         return self.ledgers[self.model.partitions.primary]
 
-    def after_step(self, updates: dict[str, torch.Tensor], live_buffers: dict[str, torch.Tensor] | None = None) -> None:
+    def after_step(self, updates: dict[str, torch.Tensor], live_buffers: dict[str, torch.Tensor] | None = None,
+                   null_names: tuple[str, ...] = ()) -> None:
         """D_{k+1} = D_k + u_k, with the step's rows ``{name: [R + 1 + Π, *shape]}``; ``live_buffers``: the copy of the
-        live model's buffers :meth:`live_buffers_after` made (made here when not given)."""
+        live model's buffers :meth:`live_buffers_after` made (made here when not given); ``null_names``: the step's
+        structurally null parameters (their whole update is the rest row's: added to D_null too)."""
         for name, u in updates.items():
             if u.shape[0] != self.num_rows:
                 raise ValueError("an EMA ledger needs one update row per group: build the tracker with group_state='dense'")
+        for name in null_names:  # (made first: a failing allocation leaves D as it was)
+            if name not in self.null_displacement:
+                self.null_displacement[name] = torch.zeros_like(self.displacement[name][self.rows])
+                self.null_offset[name] = torch.zeros_like(self.displacement[name][self.rows])
         for name, u in updates.items():
             self.displacement[name] += u
+            if name in null_names:
+                self.null_displacement[name] += u[self.rows]
         if self.live_buffers is not None:
             self.live_buffers = live_buffers if live_buffers is not None else self._copy_live_buffers()
 
@@ -502,6 +516,7 @@ class EMALedgers:
             torch.sub(self.displacement[name], self.offset[name][:-1], out=rows[:-1])
             torch.sub(self.theta_start[name] - self.bar_start[name], self.offset[name][-1], out=rows[-1])
             change[name] = rows.mul_(gain)
+        null_change = {n: (d - self.null_offset[n]).mul_(gain) for n, d in self.null_displacement.items()}
         # 3. The check: for every partition, its rows and the shared ones add up to the EMA's real move.
         layout = {partition: (part, [self.rows, self.rounding_rows[partition], self.start_row])
                   for partition, part in self.model.partitions.slices.items()}
@@ -533,7 +548,12 @@ class EMALedgers:
             nodes.append((w, {n: (self.last_bar[n] + s * (bar[n] - self.last_bar[n])).to(dtypes[n]) for n in bar}))
         with torch.no_grad(), analysis_mode(self.model.module), self._sampled_buffers():
             f_before = self._outputs(self.last_bar)
-            pushed = push_rows(self.model, {n: c[keep] for n, c in change.items()}, nodes)  # [M, R + 2, d]
+            rows = {n: c[keep] for n, c in change.items()}
+            if null_change:  # one more row: E_null's change (part of the rest row's), reported apart
+                rows = {n: torch.cat([c, (null_change[n] if n in null_change else torch.zeros_like(c[-1])).unsqueeze(0)])
+                        for n, c in rows.items()}
+            pushed = push_rows(self.model, rows, nodes)  # [M, R + 2 (+ 1), d]
+            del rows
             f_after = self._outputs(bar)
         drift = f_before - self._f_prev  # the buffers moved the EMA weights' outputs
         rest = pushed[:, self.rows] + pushed[:, self.rows + 1] + drift  # the rest and the start rows
@@ -545,8 +565,11 @@ class EMALedgers:
         try:
             for name, part in self.model.partitions.slices.items():
                 written.append((self.ledgers[name], self.ledgers[name].mark()))
-                self.ledgers[name].record(pushed[:, part], rest, f_after, None, drift)
+                self.ledgers[name].record(pushed[:, part], rest, f_after, None, drift,
+                                          step_null=pushed[:, self.rows + 2] if null_change else None,
+                                          null_parameters=tuple(null_change))
             offset = {n: self.offset[n] + change.pop(n) for n in list(change)}  # each change freed as it is added
+            null_offset = {n: self.null_offset[n] + c for n, c in null_change.items()}
             start = self.start + pushed[:, self.rows + 1]
             last_bar = {n: t.clone() for n, t in bar.items()}
             decays = [*self.decays, beta]
@@ -555,6 +578,7 @@ class EMALedgers:
                 ledger.restore(mark)
             raise
         self.offset, self.start, self._f_prev, self.last_bar, self.decays = offset, start, f_after, last_bar, decays
+        self.null_offset = null_offset
 
     @contextlib.contextmanager
     def _sampled_buffers(self) -> Iterator[None]:
@@ -588,6 +612,7 @@ class EMALedgers:
             "displacement": self.displacement, "offset": self.offset, "last_bar": self.last_bar,
             "theta_start": self.theta_start, "bar_start": self.bar_start, "decays": list(self.decays),
             "f_prev": self._f_prev, "start": self.start, "live_buffers": self.live_buffers,
+            "null_displacement": self.null_displacement, "null_offset": self.null_offset,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -597,6 +622,9 @@ class EMALedgers:
         self.decays = list(state["decays"])
         self._f_prev = state["f_prev"].clone()
         self.start = state["start"].clone()
+        # (states saved before the null parameters' share was kept: none, as their ledgers booked none)
+        self.null_displacement = {n: t.clone() for n, t in state.get("null_displacement", {}).items()}
+        self.null_offset = {n: t.clone() for n, t in state.get("null_offset", {}).items()}
         if self.live_buffers is not None and state.get("live_buffers") is not None:  # (older states: the live ones now)
             self.live_buffers = {n: t.clone() for n, t in state["live_buffers"].items()}
 

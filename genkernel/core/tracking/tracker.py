@@ -1990,7 +1990,7 @@ class PathKernelTracker:
         self._unheard = unheard
         self.route.commit()
         if self.ema is not None:
-            self.ema.after_step(result.group_updates, live_buffers=ema_buffers)
+            self.ema.after_step(result.group_updates, live_buffers=ema_buffers, null_names=moved.null_names)
         self._f_prev = f_after
         self._theta_after = theta_after
         self._buffers_after = buffers_after
