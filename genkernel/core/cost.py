@@ -30,8 +30,10 @@ Memory (bytes):
   primal and each row's tangents, as shares of the probes' activations the model's own pass was
   measured to hold (:func:`push_pass_bytes`, :mod:`genkernel.core.push_memory`), as many rows per pass as the
   memory budget allows (one row through a chunk of the probes when not even one row through all
-  of them fits: :func:`push_pass_shape`), or the probes' Jacobians M × d × P (twice) and the rows
-  as one matrix on the "jacobian" route (which "auto" takes where :func:`push_route` says);
+  of them fits: :func:`push_pass_shape`; probes coupled in eval mode, BatchNorm without running statistics: all
+  in one pass), or the probes' Jacobians M × d × P (twice), the rows as one matrix and the reverse passes' M × d
+  cotangents of all M probes' activations where they are coupled on the "jacobian" route
+  (which "auto" takes where :func:`push_route` says);
 - ``training_step``: the parameters, their gradients and the optimizer's own state
   (:func:`optimizer_state_values`); ``training_activations``: what the training pass holds of a
   micro-batch's activations at its peak (a hook pass on one example, times the micro-batch and
@@ -60,6 +62,9 @@ Memory (bytes):
   ``add_rows`` widens a narrower dtype's gradients in; when the route reads the training pass (and on
   ``gradient_route="factored"``), the fallback parameters' own such pass (a raw ``nn.Parameter`` in the forward,
   a layer the plan leaves out), through the whole model, its chunk sized to the fallback's gradients;
+- ``null_search``: where a trained parameter is coarser than float64 and a module subtracts a mean in training mode
+  (:data:`NULL_SHIFT_NORMS`), the structurally null parameters' search on a float64 copy of the model
+  (:func:`null_search_bytes`), once, in its own phase ``"null search"`` beside the group rows;
 - ``probe_outputs``: the probes' outputs at the last recorded θ (the tracker's f_prev, [M, d] float64);
 - ``step_record``: only with an analyzer whose listener works inside ``track`` (:func:`with_kernel_records`,
   :func:`with_analysis_passes`), the recorded step it is handed (:func:`step_record_bytes`), in the
@@ -157,8 +162,8 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from .adapter import (functional_model, has_state_outside_training, outside_inference_mode, output_tensor,
-                      preserved_state)
+from .adapter import (coupled_modules, eval_mode, functional_model, has_state_outside_training, outside_inference_mode,
+                      output_tensor, preserved_state)
 from .engine.factored import BlockShape, block_shapes, capture_chunks, probe_capture_bytes
 from .engine.gradients import (EXAMPLE_PASS_ACTIVATIONS, GRAPH_ROW_ACTIVATIONS, GRAPH_ROW_LARGEST_OUTPUTS,
                                ROUNDING_SEEDS, ExamplePass, example_chunk, example_pass_bytes, example_pass_measure,
@@ -1050,6 +1055,11 @@ def estimate_cost(
         memory["step_contributions"] += sketch_temporary_bytes(
             model, m, outputs, sketch_dim, preconditioned=type(optimizer) is not torch.optim.SGD)
 
+    # Probes whose outputs depend on each other in the analysis passes' eval mode (routes.probes_coupled: BatchNorm
+    # without running statistics): pushed in one pass of them all, whatever the budget.
+    with eval_mode(model):
+        coupled = bool(coupled_modules(model))
+
     def push_cost(rows_pushed: int, route: str) -> tuple[int, float]:
         """``(bytes, work)`` of pushing ``rows_pushed`` rows to the probes at every node on ``route``."""
         if route == "jacobian":
@@ -1061,7 +1071,13 @@ def estimate_cost(
             # Jacobians times the rows, M·d·rows·P multiply-adds (in forwards of F multiply-adds, the frozen
             # layers' with the blocks': on an MLP P ≈ F, and this product dominates).
             # (the blocks in each parameter's dtype, their concatenation and the rows' in the dtypes joined)
-            return (m * outputs * p_bytes + (m * outputs + rows_pushed) * num * joined_itemsize(params),
+            # Coupled probes (batch_jacobian: jacrev vmapped over the M·d outputs, each a backward of the whole probe
+            # batch) hold besides those reverse passes' cotangents, M·d times all M probes' activations (measured,
+            # LiveBytes, conv nets with BatchNorm2d without running statistics, 4-16 probes: 0.67-0.72 of the count;
+            # without the part 2.5-16.7x over it). (An uncoupled pass's, per_example_jacobian's, M·d times one probe's
+            # activations, is not counted: 1.1-1.9x over the count there.)
+            cotangents = int(m * outputs * m * acts * param_bytes) if coupled else 0
+            return (m * outputs * p_bytes + (m * outputs + rows_pushed) * num * joined_itemsize(params) + cotangents,
                     quadrature_nodes * ((m + fallback_checks([m])) * (1.0 + outputs * tangent)
                                         + m * outputs * rows_pushed * num / unit))
         # One primal pass per vmapped pass and a tangent pass per row (J u through every product: Ẇx + Wẋ
@@ -1071,11 +1087,14 @@ def estimate_cost(
         # tangents torch.func materializes where one side has none (``one_sided``: a LoRA base after an
         # adapter, the first layer). Passes over chunks of the probes add up to one primal of them all.
         per_pass, probes_per_pass = push_pass_shape(memory_budget, m, int(acts * param_bytes), push_memory)
+        if coupled:  # (routes._jvp_rows: probes whose outputs depend on each other go through in one pass)
+            probes_per_pass = m
         # (the tangents' parameter copy: p_bytes, given as that many values of one byte)
         return (push_pass_bytes(p_bytes, 1, min(rows_pushed, per_pass), int(probes_per_pass * acts * param_bytes),
                                 push_memory),
                 quadrature_nodes * m * (math.ceil(rows_pushed / per_pass) * (1.0 + one_sided) + tangent * rows_pushed))
 
+    requested_route = contribution_route  # (another group state's estimate takes the same)
     if contribution_route == "auto":  # as routes.push_rows decides at every step
         contribution_route = push_route(pushed, m, outputs, p_bytes, memory_budget)
     if pushed == 0:
@@ -1106,6 +1125,9 @@ def estimate_cost(
         sync += (rows + 2) * parameter_bytes(narrow) + 2 * sum(p.numel() for p in narrow) * 8
         transient = sum(memory.get(k, 0) for k in EMA_SYNC_REPLACES)
         memory["ema_sync"] = max(0, sync - transient)
+    # The structurally null parameters' search (tracking.null_params), once per set of modes, just before the first
+    # optimizer step that has a gradient at rounding level, beside what step 1 holds (null_search_bytes).
+    memory["null_search"] = null_search_bytes(model, params, m, acts)
     # After the step; before it too when buffers or frozen parameters may have moved the outputs.
     work["probe_forwards"] = m * (2.0 if has_state_outside_training(model) else 1.0)
     if ema:
@@ -1130,6 +1152,11 @@ def estimate_cost(
                             "rounding_sample"),
         "analysis": STEP_TEMPORARIES,
     }
+    if memory["null_search"]:
+        # (routes.GroupStateRoute.before_step: after the gradient check, the group rows and the batch's factors held)
+        phases["null search"] = ("group_gradients", "held_factors", "witnesses", "null_search")
+    else:
+        del memory["null_search"]
     if "ema_sync" in memory:
         # An observed loop's optimizer.step() syncs the EMA ledger (the EMA's update after the previous step) before
         # the step, while the rows its observe() calls summed are held: the sync (``ema_sync``, its excess over the
@@ -1144,9 +1171,25 @@ def estimate_cost(
     })
     switchable = tuple(g for g in group_states if g == "dense" or (g == "factored" and plain_sgd(optimizer))
                        or (g == "sketched" and sketchable(optimizer)))
+    alternatives = None
+    if group_state == "dense" and "group_state" in options and not ema:
+        # Each other group state a refusal could name, estimated whole (its own parts may outweigh what it spares).
+        alternatives = {}
+        for other in switchable:
+            if other == "dense":
+                continue
+            try:
+                alternatives[other] = estimate_cost(
+                    model, optimizer, probes, outputs=outputs, rows=rows, partitions=partitions, group_state=other,
+                    contribution_route=requested_route, quadrature_nodes=quadrature_nodes, state_dtype=state_dtype,
+                    memory_budget=memory_budget, batch_size=batch_size, micro_batches=micro_batches,
+                    sketch_dim=sketch_dim, device=device, options=(), group_states=(other,),
+                    witness_copies=witness_copies, step_overhead=step_overhead, push_memory=push_memory).total_bytes
+            except Exception:  # (a route that cannot estimate this model: not named)
+                alternatives[other] = None
     estimate.cheaper = _cheaper_options(estimate, group_state, state_dtype,
                                         bool(params) and all(p.dtype == torch.float32 for p in params),
-                                        options, switchable)
+                                        options, switchable, alternatives)
     return estimate
 
 
@@ -1815,12 +1858,17 @@ def _peak_saving(estimate: CostEstimate, factors: dict[str, float]) -> int:
 
 
 def _cheaper_options(estimate: CostEstimate, group_state: str, state_dtype: torch.dtype, all_float32: bool,
-                     allowed: tuple[str, ...], switchable: tuple[str, ...]) -> list[str]:
+                     allowed: tuple[str, ...], switchable: tuple[str, ...],
+                     alternatives: dict[str, int | None] | None = None) -> list[str]:
     """What would make the step fit or run faster, each memory option with what it would save
     of the peak (the parts it changes, scaled in the phases they are in: the group arrays scale with
     the rows, the probes' pushes with the probes; a part outside the peak phase saves nothing), only
     where it applies and its setting is in ``allowed``; other group states only those in
-    ``switchable`` (built for this optimizer and model)."""
+    ``switchable`` (built for this optimizer and model). ``alternatives``: ``{group state: its whole estimate's
+    total}`` (None where it could not be made) where known (:func:`estimate_cost` makes them): another group state
+    is named only where its estimate is below this one, with its total (its own parts, the sketches, the
+    projection, the batch's factors, can outweigh the group arrays it spares: "at most" stayed true where the
+    sketched route's peak was 1.6x the dense one's)."""
     options = []
     settings, memory = estimate.settings, estimate.memory
     gib = lambda value: f"{value / GiB:.2f} GiB"  # noqa: E731
@@ -1845,15 +1893,29 @@ def _cheaper_options(estimate: CostEstimate, group_state: str, state_dtype: torc
         options.append(f"fewer groups (now {rows} rows over all partitions: fewer bins or control partitions, "
                        f"examples grouped by class or cluster; the group arrays and ledgers scale with them: "
                        f"{at_most(scaled)})")
+    def lowers(state: str) -> bool:
+        """Whether group_state=``state`` lowers the estimate (unknown without ``alternatives``: as before)."""
+        if alternatives is None:
+            return True
+        total = alternatives.get(state)
+        return total is not None and total < estimate.total_bytes
+
+    def whole(state: str) -> str:
+        """The whole estimate with group_state=``state``, where known."""
+        total = None if alternatives is None else alternatives.get(state)
+        return "" if total is None else f"; the whole estimate {gib(total)} against {gib(estimate.total_bytes)} now"
+
     if group_state == "dense":
         # Neither route keeps the per-group rows an EMA ledger is built from (tracking.ema).
-        if "group_state" in allowed and not settings.get("ema") and "factored" in switchable:
+        if "group_state" in allowed and not settings.get("ema") and "factored" in switchable and lowers("factored"):
             options.append("group_state='factored' (plain SGD: no per-group copies at all, each example's "
                            "contribution a cross kernel of its layer factors with the probes': most of the group "
-                           f"arrays and their pushes' {at_most(routed_keys)}; it needs a per-example loss)")
-        if "group_state" in allowed and not settings.get("ema") and "sketched" in switchable:
+                           f"arrays and their pushes' {at_most(routed_keys)}{whole('factored')}; it needs a "
+                           "per-example loss)")
+        if "group_state" in allowed and not settings.get("ema") and "sketched" in switchable and lowers("sketched"):
             options.append("group_state='sketched' (k-dimensional sketches of each group's state instead of P-sized "
-                           f"copies: most of the group arrays and their pushes' {at_most(routed_keys)})")
+                           f"copies: most of the group arrays and their pushes' {at_most(routed_keys)}"
+                           f"{whole('sketched')})")
         if "state_dtype" in allowed and state_dtype == torch.float64 and all_float32:
             # (the pushed rows then need no copy in the parameters' dtype: push_tangents go; left out, the fall was
             # understated by them, 11.4 MiB said where 16.0 MiB came off)
@@ -1885,6 +1947,31 @@ def _beside_every_phase(phases: dict[str, tuple[str, ...]], part: str) -> dict[s
     """``phases`` with ``part`` in each (a between-steps peak counted as its excess over the analysis phase's parts,
     :data:`STEP_TEMPORARIES`: the total grows by it whichever phase is largest, as a part held throughout would)."""
     return {name: (*parts, part) for name, parts in phases.items()}
+
+
+# Modules whose training-mode forward subtracts a mean over a set of values (BatchNorm and InstanceNorm, GroupNorm,
+# LayerNorm): a parameter that shifts that whole set alike (a bias before them) has a gradient that is rounding noise
+# in float32, and the tracker searches for such parameters (tracking.null_params) on a float64 copy of the model.
+NULL_SHIFT_NORMS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
+
+
+def null_search_bytes(model: nn.Module, params: list[torch.Tensor], probes: int, activation_elements: float) -> int:
+    """Bytes of the structurally null parameters' search (:func:`~genkernel.core.tracking.null_params.structurally_null`),
+    a transient peak at the first step with a rounding-level gradient, where it can run: a trained parameter coarser
+    than float64 and a module of :data:`NULL_SHIFT_NORMS`; else 0. The module's deep copy (every parameter and
+    buffer, in its own dtype, then in float64), the two float64 passes' gradients held together and the backward's
+    own (3 × 8 bytes per trained value) and the float64 activations of the first ``NULL_PROBES`` probes. Measured
+    (LiveBytes): 0.72-0.93 of this on MLPs and conv nets with BatchNorm of 7e3-2e6 parameters; uncounted before
+    (7.9-27 times the float32 parameters' bytes)."""
+    from .tracking.null_params import NULL_PROBES  # (here: tracking imports this module)
+
+    coarse = any(p.is_floating_point() and torch.finfo(p.dtype).eps > torch.finfo(torch.float64).eps for p in params)
+    if not coarse or not any(isinstance(module, NULL_SHIFT_NORMS) for module in model.modules()):
+        return 0
+    values = [*model.parameters(), *model.buffers()]
+    copy = sum(t.numel() * (8 + (t.element_size() if t.is_floating_point() else 0)) for t in values)
+    trained = sum(p.numel() for p in params)
+    return int(copy + 3 * 8 * trained + 8 * activation_elements * min(probes, NULL_PROBES))
 
 
 def step_record_bytes(probes: int, outputs: int, rows: int, partitions: int) -> int:
