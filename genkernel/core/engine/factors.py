@@ -1271,6 +1271,13 @@ def check_rows_alone(model: nn.Module, inputs: tuple[torch.Tensor, ...], out: to
     seen.add(key)
 
 
+def rows_alone_known(model: nn.Module, inputs: tuple[torch.Tensor, ...], batch: int) -> bool:
+    """Whether :func:`check_rows_alone` has passed ``model`` on inputs like ``inputs`` in a batch of ``batch`` (it
+    is remembered then, and a caller may skip the batch's forward too)."""
+    seen = _ALONE_CHECKED.get(model)
+    return batch <= 1 or (seen is not None and (_covering_key(model, inputs, frozenset()), batch) in seen)
+
+
 def _batch_dependent_message(model: nn.Module, batch: int, row: int) -> str:
     return (f"{type(model).__name__}'s forward on a batch of {batch} gives row {row} another output than that example "
             "alone: the model depends on the batch (its size or its other rows), so the factored engine's per-example "

@@ -32,6 +32,7 @@ from ..adapter import (
     check_per_example_safe,
     checked_forward,
     drew_between,
+    flat_output,
     full_precision,
     functional_model,
     generator_states,
@@ -45,7 +46,8 @@ from ..adapter import (
 )
 from ..param_bytes import joined_dtype, parameter_bytes, value_bytes
 from .factored import _probe_sizes, _Sizes, chunk_sizes, chunks, factored_gradient_kernel, factored_jacobian
-from .factors import DEFAULT_MEMORY_BUDGET, BatchDependent, Plan, analysis, covering_plan, make_plan, pair_covering_plan
+from .factors import (DEFAULT_MEMORY_BUDGET, BatchDependent, Plan, _any_attention, analysis, check_rows_alone,
+                      covering_plan, make_plan, pair_covering_plan, rows_alone_known)
 from .reference import jacobian_pair_kernel, jacobian_self_kernel, per_example_jacobian
 
 ENGINES = ("auto", "factored", "functional")
@@ -339,7 +341,36 @@ def _plan(model, params, xs, d: int, rows_total: int, engine: str, memory_budget
     if plan is None:
         return KernelPlan("functional", d, min(_functional_rows(params, d, memory_budget), rows_total), d, 0.0)
     rows, c = chunk_sizes(model, plan, xs, d, rows_total, memory_budget, held=2, compact=True)
+    held = _chunking(model, plan, xs, d, (rows_total, rows_total), True, _probe_sizes(model, plan, xs), memory_budget).held
+    if not _rows_alone(model, xs, rows_total, rows, joined=not held):
+        # (the factored kernel's capture finds the batch's rows not its examples' own and runs torch.func instead)
+        return KernelPlan("functional", d, min(_functional_rows(params, d, memory_budget), rows_total), d, 0.0)
     return KernelPlan("factored", d, rows, c, plan.factored_fraction)
+
+
+def _rows_alone(model: nn.Module, xs: tuple[torch.Tensor, ...], total: int, rows: int, *, joined: bool) -> bool:
+    """Whether the factored kernel's captures of ``total`` examples in chunks of ``rows`` pass the row check they
+    make (:func:`~genkernel.core.engine.factors.check_rows_alone`, remembered per batch size where it passes): on
+    batches of every size a capture runs, each chunk and, where no side is held (``joined``), two chunks joined
+    (the kernel's pairs of chunks), made of ``xs``' examples (cycled where a batch is larger). A forward that mixes
+    the rows only of larger batches passes the covering check's sample; the kernel then falls back to torch.func,
+    which the plan has to say."""
+    sizes = [s.stop - s.start for s in chunks(total, rows)]
+    pairs = {a + b for i, a in enumerate(sizes) for b in sizes[i + 1 :]} if joined else set()
+    batches = set(sizes) | pairs
+    n = batch_size(xs)
+    for size in sorted(batches):
+        index = torch.arange(size, device=xs[0].device) % n
+        batch = tuple(t[index] for t in xs)
+        if rows_alone_known(model, batch, size):  # (passed before: no forward again)
+            continue
+        try:
+            with torch.enable_grad(), _any_attention():  # (as the capture's forward)
+                out = flat_output(model(*batch), size).detach()
+            check_rows_alone(model, batch, out)
+        except BatchDependent:
+            return False
+    return True
 
 
 def _engine_plan(model: nn.Module, xs: tuple[torch.Tensor, ...], d: int, rows: tuple[int, int], engine: str,
