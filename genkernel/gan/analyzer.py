@@ -227,7 +227,8 @@ class GANKernelAnalyzer(TrainerCallback):
             :class:`GeometryGrouping`, or a callable
             ``fn(z, x, w, scores) -> LongTensor[B]`` (with ``num_groups``). Groupings see latents
             flattened per example, ``z [B, k]``.
-        num_groups: G for the groupings that take a count.
+        num_groups: G for the groupings that take a count (default 8); "mode" and "nearest_mode" have one group
+            per mode centre: a ``num_groups`` other than their count is refused.
         comparison: a discriminator-independent grouping of the same size (one that reads D's gradient or
             scores, "direction", "mode", "magnitude", "confidence", is refused), tracked as a second partition
             ``"spatial"`` on the same steps (with its own permutation controls ``"spatial_control_i"``):
@@ -332,7 +333,7 @@ class GANKernelAnalyzer(TrainerCallback):
         reference_classes: torch.Tensor | None = None,
         discriminator_probe_classes: torch.Tensor | None = None,
         grouping: str | GeometryGrouping | Callable = "direction",
-        num_groups: int = 8,
+        num_groups: int | None = None,
         comparison: str | GeometryGrouping | Callable | None = None,
         mode_centers: torch.Tensor | None = None,
         mode_std: float | None = None,
@@ -438,8 +439,10 @@ class GANKernelAnalyzer(TrainerCallback):
         # k-means takes 32-bit seeds: the same bits the generator reads
         self.grouping = self._make_grouping(grouping, num_groups, seed_bits(seed))
         self.num_groups = self.grouping.num_groups
-        self.comparison = None if comparison is None else self._make_grouping(comparison, self.num_groups,
-                                                                               seed_bits(seed))
+        # (a mode comparison has the centres' count, checked against the grouping's below)
+        by_mode = isinstance(comparison, str) and comparison in ("mode", "nearest_mode")
+        self.comparison = None if comparison is None else self._make_grouping(
+            comparison, None if by_mode else self.num_groups, seed_bits(seed))
         if self.comparison is not None and self.comparison.reads_discriminator:
             # geometry minus spatial credits D with what the comparison does not explain; a comparison that reads
             # D (its w or scores) explains part of D's own coupling, and the examples D is flat at (w = 0) take its
@@ -610,7 +613,7 @@ class GANKernelAnalyzer(TrainerCallback):
                 "GeneratorLoss(D, ..., conditional=True)"
             )
 
-    def _make_grouping(self, spec: Any, num_groups: int, seed: int) -> GeometryGrouping:
+    def _make_grouping(self, spec: Any, num_groups: int | None, seed: int) -> GeometryGrouping:
         """:func:`make_grouping`, plus ``"class"``: a conditional GAN's classes (:class:`ClassGroups`)."""
         if isinstance(spec, str) and spec == "class":
             if not self.conditional:

@@ -449,18 +449,34 @@ GROUPINGS = {"direction": DirectionGroups, "mode": ModeGroups, "nearest_mode": N
              "magnitude": MagnitudeGroups, "confidence": ConfidenceGroups, "latent_kmeans": LatentKMeansGroups}
 
 
-def make_grouping(spec, *, num_groups: int = 8, centers: torch.Tensor | None = None, seed: int = 0) -> GeometryGrouping:
+# The groups of a grouping that takes a count, where ``num_groups`` is not given.
+DEFAULT_NUM_GROUPS = 8
+
+
+def make_grouping(spec, *, num_groups: int | None = None, centers: torch.Tensor | None = None,
+                  seed: int = 0) -> GeometryGrouping:
     """A grouping from a name ("direction", "mode", "nearest_mode", "magnitude", "confidence", "latent_kmeans"), a
-    :class:`GeometryGrouping`, or a callable ``fn(z, x, w, scores)`` (then ``num_groups`` is required)."""
+    :class:`GeometryGrouping`, or a callable ``fn(z, x, w, scores)`` (then ``num_groups`` is required).
+    ``num_groups`` (default :data:`DEFAULT_NUM_GROUPS` for the groupings that take a count): "mode" and
+    "nearest_mode" have one group per mode centre, and a ``num_groups`` other than the centres' count is refused
+    (it was ignored: 4 asked, the centres' 8 given, silently)."""
     if isinstance(spec, GeometryGrouping):
         return spec
     _refuse_grouping_class(spec)
-    if callable(spec):
-        return FunctionGroups(spec, num_groups)
-    if spec in ("mode", "nearest_mode"):
+    if not callable(spec) and isinstance(spec, str) and spec in ("mode", "nearest_mode"):
         if centers is None:
             raise ValueError(f"grouping {spec!r} needs the real mode centres (mode_centers=[num_modes, dim])")
-        return GROUPINGS[spec](centers)
+        grouping = GROUPINGS[spec](centers)
+        if num_groups is not None and (isinstance(num_groups, bool) or num_groups != grouping.num_groups):
+            raise ValueError(
+                f"grouping {spec!r} has one group per mode centre ({grouping.num_groups} in mode_centers), but "
+                f"num_groups={num_groups!r}: leave num_groups out (or pass {grouping.num_groups}), or pass as many "
+                "mode centres as groups"
+            )
+        return grouping
+    num_groups = DEFAULT_NUM_GROUPS if num_groups is None else num_groups
+    if callable(spec):
+        return FunctionGroups(spec, num_groups)
     if spec == "direction":
         return DirectionGroups(num_groups, seed=seed)
     if spec == "latent_kmeans":
