@@ -23,6 +23,8 @@ import copy
 
 import torch
 from torch import nn
+from torch.nn.utils.spectral_norm import SpectralNorm
+from torch.nn.utils.weight_norm import WeightNorm
 
 from ..adapter import output_tensor
 
@@ -37,16 +39,31 @@ _HOOK_TABLES = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_bac
                 "_state_dict_hooks", "_load_state_dict_pre_hooks")
 
 
+# Forward pre-hooks that are part of the module's function: torch.nn.utils.spectral_norm and weight_norm (the hook
+# forms, common in GAN discriminators) compute the weight from weight_orig (or weight_g, weight_v) before every forward.
+# Without them the copy ran with the weight last computed (float32 beside float64 inputs: the copy failed, and with it
+# the search, silently: G's output bias before such a D's BatchNorm was split to the groups, 4e-3 off, residual 0.08).
+_FUNCTIONAL_PRE_HOOKS = (SpectralNorm, WeightNorm)
+
+
 def _hookless_memo(module: nn.Module) -> dict[int, object]:
     """A ``copy.deepcopy`` memo that gives the copy empty hook tables: a hook is not copied at all (a bound method's
     object, a trainer or a logger behind it, would be deep-copied with it, or refuse the copy and with it the
-    search)."""
+    search). Spectral and weight norm's hooks (:data:`_FUNCTIONAL_PRE_HOOKS`, their settings only) are kept, shared,
+    and the weight they computed last is copied detached (deepcopy refuses a tensor with a graph)."""
     memo: dict[int, object] = {}
     for m in module.modules():
         for key in _HOOK_TABLES:
             table = getattr(m, key, None)
             if isinstance(table, dict):
                 memo[id(table)] = type(table)()
+        pre_hooks = getattr(m, "_forward_pre_hooks", None)
+        for hook_id, hook in (pre_hooks.items() if isinstance(pre_hooks, dict) else ()):
+            if isinstance(hook, _FUNCTIONAL_PRE_HOOKS):
+                memo[id(pre_hooks)][hook_id] = hook
+                weight = m.__dict__.get(hook.name)
+                if isinstance(weight, torch.Tensor):
+                    memo[id(weight)] = weight.detach().clone()
     return memo
 
 
