@@ -358,6 +358,7 @@ def save_checkpoint(accelerator, output_dir: str, global_step: int, total_limit:
     if os.path.isdir(partial):  # (left by a save killed half-way)
         shutil.rmtree(partial)
     accelerator.save_state(partial)
+    _sync_tree(partial)  # (its files whole on disk before the rename makes it the checkpoint a resume picks)
     if os.path.isdir(final):  # (a run resumed from this step saving it again): replaced, never half there
         replaced = os.path.join(output_dir, f".checkpoint-{global_step}.replaced")
         if os.path.isdir(replaced):
@@ -367,12 +368,31 @@ def save_checkpoint(accelerator, output_dir: str, global_step: int, total_limit:
         shutil.rmtree(replaced)
     else:
         os.replace(partial, final)
+    from genkernel.core.tracking.io import fsync_directory
+
+    fsync_directory(output_dir)  # (the rename kept through a power loss before older checkpoints are removed)
     if total_limit is not None:
         # The oldest of the others, so that total_limit remain with the new one (as upstream, which removed them before
         # the save): never the new one, which a run resumed from an earlier checkpoint writes below later ones.
         others = [name for name in saved_checkpoints(output_dir) if name != os.path.basename(final)]
         for removing in others[: max(0, len(others) - total_limit + 1)]:
             shutil.rmtree(os.path.join(output_dir, removing))
+
+
+def _sync_tree(folder: str) -> None:
+    """fsync every file under ``folder``, then every folder in it and ``folder`` itself (deepest first): the
+    state ``save_state`` wrote there survives a power loss once renamed (unsynced, the renamed checkpoint could come
+    back with empty files after the older ones were removed under ``--checkpoints_total_limit``)."""
+    from genkernel.core.tracking.io import fsync_directory
+
+    for root, dirs, files in os.walk(folder, topdown=False):
+        for name in files:
+            fd = os.open(os.path.join(root, name), os.O_RDWR | os.O_BINARY if os.name == "nt" else os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        fsync_directory(root)
 
 
 def register_unet_hooks(accelerator, model_cls: type, ema_model: Any = None, subfolder: str = "unet") -> None:
