@@ -1329,8 +1329,15 @@ class NoiseLevelAnalyzer(TrainerCallback):
             # locality at the analyzer's own half-width
             "config": {"num_bins": self.num_bins, "controls": self.controls, "probe_timesteps": self.probe_timesteps.tolist(),
                        "bin_edges": self.bins.edges.tolist(), "band": self.band,
-                       **self._noise_process()},
+                       **self._noise_process(), **self._record_settings()},
         }
+
+    def _record_settings(self) -> dict[str, Any]:
+        """What the saved records were made under, which a resumed run must share: the tracked window (a ledger
+        begun at step 1 resumed as a window from step 2 would be reported as that window, and the reverse) and the
+        kernel records' inputs (the records of one run made at one ``kernel_points``)."""
+        return {"track_steps": None if self.track_steps is None else [int(s) for s in self.track_steps],
+                "kernel_points": int(self.kernel_clean.shape[0])}
 
     def _noise_process(self) -> dict[str, Any]:
         """What the saved state records of the noise process: its kind and the config entries that set its levels."""
@@ -1348,8 +1355,8 @@ class NoiseLevelAnalyzer(TrainerCallback):
         # Equal edges and probe levels do not make the same noise process: timestep bins are [0, T) split
         # alike for DDPM and flow matching, and for flow grids of any shift. Checked where saved (states
         # written before these keys existed are DDPM ones and have neither).
-        for key, value in self._noise_process().items():
-            if key in state["config"]:
+        for key, value in (*self._noise_process().items(), *self._record_settings().items()):
+            if key in state["config"]:  # (states saved before the window and the kernel inputs were kept have neither)
                 mine[key] = value
         check_saved_settings({key: state["config"][key] for key in mine}, mine, "analyzer")
         if self.tracker is None:

@@ -2482,7 +2482,10 @@ class GANKernelAnalyzer(TrainerCallback):
                 "field_snapshots": self.field_snapshots,
                 # ModeGroups / NearestModeGroups and D's role_mode groups read the centres, which no grouping state keeps
                 "mode_centers": None if self.mode_centers is None else self.mode_centers.tolist(),
-                "discriminator_groups": self.discriminator_groups}
+                "discriminator_groups": self.discriminator_groups,
+                # D's ledger runs with the run or not at all: one resumed without it reports the steps before the save
+                # as the run's, one resumed with it books D's steps from the save on as if from the start
+                "track_discriminator": bool(self.track_discriminator)}
 
     def save(self, path: str | os.PathLike) -> None:
         """Write the analyzer state (:meth:`state_dict`) atomically."""
@@ -2503,7 +2506,8 @@ class GANKernelAnalyzer(TrainerCallback):
         saved = {"comparison": None, "num_classes": None, "state_dtype": "float64", "track_steps": None,
                  "window": self.window, "eval_every": self.eval_every, "mode_centers": mine["mode_centers"],
                  "field_snapshots": self.field_snapshots,
-                 "discriminator_groups": self.discriminator_groups, **state["config"]}
+                 "discriminator_groups": self.discriminator_groups, "track_discriminator": mine["track_discriminator"],
+                 **state["config"]}
         check_saved_settings(saved, mine, "analyzer")
         if self._bound:
             _check_start_step(self._start_step, list(state["g_loop_steps"]), list(state["d_loop_steps"]))

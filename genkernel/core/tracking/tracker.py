@@ -2351,6 +2351,9 @@ class PathKernelTracker:
             "gradient_scales": list(self.gradient_scales), "skipped_steps": list(self.skipped_steps),
             "observations": self._observations,
             "ema": None if self.ema is None else self.ema.state_dict(),
+            # the dtype of the group state kept in "splitter": loaded into a tracker of the other state_dtype, it
+            # would go on in the saved dtype (SGD's momentum) or fail at the next step (Adam's lerp of mixed dtypes)
+            "state_dtype": str(self._tracked.state_dtype).replace("torch.", ""),
             # the first recorded step's (B, K), for the cost estimate of a tracker resumed from this state
             "cost_first_step": self._first_step if self._first_step is not None else self._saved_first_step,
         }
@@ -2379,6 +2382,12 @@ class PathKernelTracker:
             raise ValueError(
                 f"the saved tracker had partitions={saved[0]}, quadrature={saved[1]!r}, group_state={saved[2]!r}; "
                 f"this one has partitions={mine[0]}, quadrature={mine[1]!r}, group_state={mine[2]!r}"
+            )
+        saved_dtype, my_dtype = _saved_state_dtype(state), str(self._tracked.state_dtype).replace("torch.", "")
+        if saved_dtype is not None and saved_dtype != my_dtype:
+            raise ValueError(
+                f"the saved tracker kept its group state in {saved_dtype}, this one in {my_dtype}: build it with "
+                f"state_dtype=torch.{saved_dtype}, as the saved run was built"
             )
         differences = _differences(state["identity"], self._identity())
         if differences:
@@ -2730,6 +2739,23 @@ def _digest(t: torch.Tensor) -> str:
     """A short SHA-256 of a tensor's values (bytes of its CPU copy)."""
     raw = t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
     return hashlib.sha256(raw).hexdigest()[:16]
+
+
+def _saved_state_dtype(state: dict[str, Any]) -> str | None:
+    """The group state's dtype of a saved dense tracker state ("float64" / "float32"): its ``state_dtype`` entry, or
+    for a state saved before it was kept, the dtype of the splitter's saved rows; None where nothing tells (no group
+    state kept yet) or it does not matter (the sketched route keeps float64 sketches, the factored one no state)."""
+    if state.get("group_state") != "dense":
+        return None
+    if state.get("state_dtype") is not None:
+        return str(state["state_dtype"])
+    splitter = state.get("splitter")
+    rows = splitter.get("state") if isinstance(splitter, dict) else None
+    for entries in (rows or {}).values():
+        for value in (entries or {}).values():
+            if isinstance(value, torch.Tensor) and value.is_floating_point():
+                return str(value.dtype).replace("torch.", "")
+    return None
 
 
 def _differences(saved: dict[str, Any], mine: dict[str, Any]) -> list[str]:
