@@ -520,15 +520,28 @@ class EMALedgers:
         # 3. The check: for every partition, its rows and the shared ones add up to the EMA's real move.
         layout = {partition: (part, [self.rows, self.rounding_rows[partition], self.start_row])
                   for partition, part in self.model.partitions.slices.items()}
+        primary, shared_rows = self.model.partitions.slices[self.model.partitions.primary], layout[
+            self.model.partitions.primary][1]
         for name in bar:
             eps = torch.finfo(self.model.params[name].dtype).eps
             bar_flat, last_flat, theta_flat = bar[name].reshape(-1), self.last_bar[name].reshape(-1), theta[name].reshape(-1)
+            # The offsets' carried drift: Σ E_k is the EMA of the exact recurrence with the earlier steps' fitted gains,
+            # θ̄_k the EMA's own writes; they part by the earlier gains' imprecision (the slack allowed at those steps,
+            # times |θ − θ̄| then) and the EMA's rounding, decayed by β since. This step's rows move Σ E by
+            # gain (θ − θ̄_0 − Σ E_k), the EMA by gain (θ − θ̄_k): they may differ by gain |drift| on top of this step's
+            # own error. (Without it, a float32 run whose moves shrank below the earlier steps' slack, a StepLR
+            # halving the rate, was refused with the rows correct to rounding: 1.0e-11 of carried drift on a move
+            # of 1.0e-9, a floor of 4.8e-12.)
+            offset = self.offset[name]
+            carried = ((self.last_bar[name] - self.bar_start[name]) - offset[primary].sum(0) - offset[shared_rows].sum(0))
+            carried_flat = carried.reshape(-1).abs_().mul_(abs(gain))
 
             def reference(columns, real, floor, spare, bar_flat=bar_flat, last_flat=last_flat, theta_flat=theta_flat,
-                          eps=eps):
+                          eps=eps, carried_flat=carried_flat):
                 torch.sub(bar_flat[columns], last_flat[columns], out=real)
                 torch.abs(bar_flat[columns], out=floor).mul_(4 * eps)
                 floor.add_(torch.sub(theta_flat[columns], last_flat[columns], out=spare).abs_(), alpha=gain_slack)
+                floor.add_(carried_flat[columns])
 
             worst = largest_excess(change[name], layout, reference, self.rtol, self._check_scratch)
             for partition, excess in worst.items():
