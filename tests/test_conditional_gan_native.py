@@ -150,8 +150,8 @@ def _run_owned(route, kind, steps=3, grouping=by_sign):
     z, y = probes()
     wg, wd = WithClassG(g), WithClassD(d)
     if route == "native":
-        analyzer = GANKernelAnalyzer(g, d, z, probe_classes=y, num_classes=C, grouping=grouping, num_groups=2,
-                                     controls=1, window=2, eval_every=1)
+        analyzer = GANKernelAnalyzer(g, d, z, probe_classes=y, num_classes=C, grouping=grouping,
+                                     num_groups=2 if grouping is by_sign else None, controls=1, window=2, eval_every=1)
     else:
         wrapper_grouping = by_sign if grouping is by_sign else (lambda z, x, w, scores: z[:, NZ:].argmax(dim=1))
         analyzer = GANKernelAnalyzer(wg, wd, with_class(z, y), grouping=wrapper_grouping,

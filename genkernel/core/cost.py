@@ -1961,8 +1961,9 @@ def null_search_bytes(model: nn.Module, params: list[torch.Tensor], probes: int,
     than float64 and a module of :data:`NULL_SHIFT_NORMS`; else 0. The module's deep copy (every parameter and
     buffer, in its own dtype, then in float64), the two float64 passes' gradients held together and the backward's
     own (3 × 8 bytes per trained value) and the float64 activations of the first ``NULL_PROBES`` probes. Measured
-    (LiveBytes): 0.72-0.93 of this on MLPs and conv nets with BatchNorm of 7e3-2e6 parameters; uncounted before
-    (7.9-27 times the float32 parameters' bytes)."""
+    (LiveBytes): 0.72-0.93 of this on MLPs and conv nets with BatchNorm of 7e3-2e6 parameters, but 1.11-1.14 of it on
+    conv nets with GroupNorm (under-counted: a strict xfail in tests/test_read42b.py); uncounted before (7.9-27
+    times the float32 parameters' bytes)."""
     from .tracking.null_params import NULL_PROBES  # (here: tracking imports this module)
 
     coarse = any(p.is_floating_point() and torch.finfo(p.dtype).eps > torch.finfo(torch.float64).eps for p in params)

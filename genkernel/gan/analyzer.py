@@ -440,9 +440,11 @@ class GANKernelAnalyzer(TrainerCallback):
         self.grouping = self._make_grouping(grouping, num_groups, seed_bits(seed))
         self.num_groups = self.grouping.num_groups
         # (a mode comparison has the centres' count, checked against the grouping's below)
-        by_mode = isinstance(comparison, str) and comparison in ("mode", "nearest_mode")
+        # (as a grouping object or the classes: its own count, checked against the grouping's below too)
+        fixed = (isinstance(comparison, str) and comparison in ("mode", "nearest_mode", "class")
+                 or isinstance(comparison, GeometryGrouping))
         self.comparison = None if comparison is None else self._make_grouping(
-            comparison, None if by_mode else self.num_groups, seed_bits(seed))
+            comparison, None if fixed else self.num_groups, seed_bits(seed))
         if self.comparison is not None and self.comparison.reads_discriminator:
             # geometry minus spatial credits D with what the comparison does not explain; a comparison that reads
             # D (its w or scores) explains part of D's own coupling, and the examples D is flat at (w = 0) take its
@@ -619,6 +621,9 @@ class GANKernelAnalyzer(TrainerCallback):
             if not self.conditional:
                 raise ValueError("grouping 'class' groups a conditional GAN's examples by class: pass probe_classes= and "
                                  "num_classes=, or choose a geometry grouping")
+            if num_groups is not None and (isinstance(num_groups, bool) or num_groups != self.num_classes):
+                raise ValueError(f"grouping 'class' has one group per class ({self.num_classes}, num_classes), but "
+                                 f"num_groups={num_groups!r}: leave num_groups out (or pass {self.num_classes})")
             return ClassGroups(self.num_classes)
         grouping = make_grouping(spec, num_groups=num_groups, centers=self.mode_centers, seed=seed)
         if grouping.uses_classes and not self.conditional:

@@ -453,6 +453,14 @@ GROUPINGS = {"direction": DirectionGroups, "mode": ModeGroups, "nearest_mode": N
 DEFAULT_NUM_GROUPS = 8
 
 
+def _refuse_other_count(what: str, count: int, num_groups) -> None:
+    """Refuse a ``num_groups`` given beside a grouping whose count is fixed (``count``) and other than it (it was
+    ignored, silently)."""
+    if num_groups is not None and (isinstance(num_groups, bool) or num_groups != count):
+        raise ValueError(f"grouping {what} has {count} groups, but num_groups={num_groups!r}: leave num_groups out "
+                         f"(or pass {count})")
+
+
 def make_grouping(spec, *, num_groups: int | None = None, centers: torch.Tensor | None = None,
                   seed: int = 0) -> GeometryGrouping:
     """A grouping from a name ("direction", "mode", "nearest_mode", "magnitude", "confidence", "latent_kmeans"), a
@@ -461,6 +469,7 @@ def make_grouping(spec, *, num_groups: int | None = None, centers: torch.Tensor 
     "nearest_mode" have one group per mode centre, and a ``num_groups`` other than the centres' count is refused
     (it was ignored: 4 asked, the centres' 8 given, silently)."""
     if isinstance(spec, GeometryGrouping):
+        _refuse_other_count(type(spec).__name__, spec.num_groups, num_groups)
         return spec
     _refuse_grouping_class(spec)
     if not callable(spec) and isinstance(spec, str) and spec in ("mode", "nearest_mode"):
