@@ -5,7 +5,6 @@ density, weighting, model, dtype, optimizer, lr schedule, micro-batches, clippin
 quadrature, group state, trainer / observed loop / analyzer.step, track_steps windows and save/load, and checked
 each against references written independently of genkernel. These tests pin what it found.
 """
-import math
 import warnings
 
 import pytest

@@ -41,7 +41,6 @@ import argparse
 import functools
 import json
 import math
-import os
 import statistics
 import subprocess
 import sys
