@@ -32,6 +32,7 @@ from genkernel.core.cost import estimate_cost
 from genkernel.core.push_memory import LiveBytes
 from genkernel.core.tracking.null_params import structurally_null
 from genkernel.core.tracking.routes import push_rows
+from test_engine_fuzz41 import _BatchSizeDependent
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -208,31 +209,9 @@ def test_sketched_is_named_only_where_its_estimate_is_lower():
 
 # -- 4. the kernel plan says what runs ------------------------------------------------------------------------------
 
-class _BatchSizeDependent(nn.Module):
-    """Linear layers around an operation on the batch taken only for some batch sizes (as tests/test_engine_fuzz41):
-    centring the rows of batches of more than three ("large"), reversing an even batch ("even"), or none."""
-
-    def __init__(self, kind: str):
-        super().__init__()
-        self.kind = kind
-        self.a, self.b, self.head = nn.Linear(3, 4), nn.Linear(4, 4), nn.Linear(4, 2)
-
-    def forward(self, x):
-        h = torch.tanh(self.a(x))
-        if self.kind == "large" and h.shape[0] > 3:
-            h = h - h.mean(0, keepdim=True)
-        if self.kind == "even" and h.shape[0] % 2 == 0:
-            h = h.flip(0)
-        return self.head(torch.tanh(self.b(h)))
-
-
-@pytest.mark.parametrize("kind", ["large", "even"])
-def test_kernel_plan_reports_the_engine_the_kernel_runs(float64, kind, monkeypatch):
-    """For forwards that mix or reorder the rows only of some batch sizes (and the same layers without it), at
-    budgets that give one chunk, chunks held and chunks joined in pairs: the plan says "factored" exactly where the
-    factored kernel completes (it falls back to torch.func where its row check fails), "functional" otherwise.
-
-    Fails on the old code: "factored" for the "large" and "even" forwards, whose kernels ran torch.func."""
+def factored_kernels_finished(monkeypatch) -> list:
+    """A list that gets one entry per factored kernel that completes (the engine's factored_gradient_kernel returns;
+    one that falls back to torch.func raises inside it): cleared by the caller between kernels."""
     finished = []
     original = kernels.factored_gradient_kernel
 
@@ -242,6 +221,17 @@ def test_kernel_plan_reports_the_engine_the_kernel_runs(float64, kind, monkeypat
         return out
 
     monkeypatch.setattr(kernels, "factored_gradient_kernel", recorded)
+    return finished
+
+
+@pytest.mark.parametrize("kind", ["large", "even"])
+def test_kernel_plan_reports_the_engine_the_kernel_runs(float64, kind, monkeypatch):
+    """For forwards that mix or reorder the rows only of some batch sizes (and the same layers without it), at
+    budgets that give one chunk, chunks held and chunks joined in pairs: the plan says "factored" exactly where the
+    factored kernel completes (it falls back to torch.func where its row check fails), "functional" otherwise.
+
+    Fails on the old code: "factored" for the "large" and "even" forwards, whose kernels ran torch.func."""
+    finished = factored_kernels_finished(monkeypatch)
     torch.manual_seed(0)
     for model in (_BatchSizeDependent(kind), _BatchSizeDependent("none")):
         for budget in (2**10, 2**12, 2**20):

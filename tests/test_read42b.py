@@ -31,6 +31,7 @@ from genkernel.core.adapter import eval_mode
 from genkernel.core.cost import estimate_cost
 from genkernel.core.push_memory import LiveBytes
 from genkernel.core.tracking.null_params import structurally_null
+from test_mend42b import factored_kernels_finished
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -188,15 +189,7 @@ def test_kernel_plan_made_first_says_what_the_kernel_runs(float64, period, above
     Fails on the old code: "factored" where the kernel fell back to torch.func (every fifth batch size rolled, 5
     examples in one chunk; every fourth, 5 examples in chunks of 2 joined in pairs; batches above 6 centred, 7 in one
     chunk)."""
-    finished = []
-    original = kernels.factored_gradient_kernel
-
-    def recorded(*args, **kwargs):
-        out = original(*args, **kwargs)
-        finished.append(True)
-        return out
-
-    monkeypatch.setattr(kernels, "factored_gradient_kernel", recorded)
+    finished = factored_kernels_finished(monkeypatch)
     torch.manual_seed(0)
     for budget in (2**10, 2**11, 2**12, 2**20):
         for n in (2, 5, 7, 9, 12):

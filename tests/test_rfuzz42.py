@@ -32,6 +32,7 @@ from torch import nn
 from genkernel import PathKernelTracker
 from genkernel.diffusion import DDPMTrainer, MLPDenoiser, NoiseLevelAnalyzer, make_scheduler
 from genkernel.gan import GANKernelAnalyzer, GANTrainer, MLPDiscriminator, MLPGenerator
+from states import state_differences
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -51,23 +52,7 @@ def _without_cost(report):
     return report
 
 
-def _differences(a, b, where="state"):
-    """Every place two nested states differ, tensors bit for bit (NaN equal to NaN)."""
-    if isinstance(a, torch.Tensor):
-        same = isinstance(b, torch.Tensor) and a.dtype == b.dtype and a.shape == b.shape and (
-            torch.equal(a, b) or (a.is_floating_point() and bool(((a == b) | (a.isnan() & b.isnan())).all())))
-        return [] if same else [where]
-    if isinstance(a, float) and math.isnan(a):
-        return [] if isinstance(b, float) and math.isnan(b) else [where]
-    if isinstance(a, dict):
-        if not isinstance(b, dict) or a.keys() != b.keys():
-            return [where]
-        return [d for k in a for d in _differences(a[k], b[k], f"{where}.{k}")]
-    if isinstance(a, (list, tuple)):
-        if not isinstance(b, (list, tuple)) or len(a) != len(b):
-            return [where]
-        return [d for i, (x, y) in enumerate(zip(a, b)) for d in _differences(x, y, f"{where}[{i}]")]
-    return [] if a == b else [where]
+_differences = state_differences  # (every place two nested states differ, tensors bit for bit)
 
 
 # ------------------------------------------------------------------------------------------
