@@ -22,7 +22,7 @@ Memory (bytes):
   optimizer state;
 - ``witnesses``: under ``mixed_precision="observe"``, the observed micro-batches' own backward passes
   summed per seed scale (one in bfloat16, two in float16), in the parameters' dtype;
-- ``ema``: the EMA ledger's displacements and offsets, 2 (R + 3) × P, and its θ_0, θ̄_0 and last θ̄,
+- ``ema``: the EMA ledger's displacements and offsets, 2 (R + 3) × P, and its θ_0, θ̄_0, last θ̄ and carried drift's bound,
   float64 whatever the state dtype; ``ema_sync``: what recording an EMA update takes between steps
   (its change rows, the rows it pushes, their pass, the weights read in float64) beyond the step's
   own temporaries, freed by then;
@@ -898,8 +898,8 @@ def estimate_cost(
     memory["checks"] = check_bytes(num, partitions if group_state == "dense" else 1, row_bytes, linear_state)
     if group_state == "dense":
         memory["group_gradients"] = rows * num * state_bytes
-        if ema:  # D and E (with the start row), θ_0, θ̄_0 and the last θ̄: float64 (tracking.ema)
-            memory["ema"] = (2 * stacked + 1 + 3) * num * 8
+        if ema:  # D and E (with the start row), θ_0, θ̄_0, the last θ̄ and the carried drift's bound: float64 (tracking.ema)
+            memory["ema"] = (2 * stacked + 1 + 4) * num * 8
         pushed = rows + 1
         if gradient_route == "graph":  # R backward passes of the batch: a bare step's, less its forward
             # (a float32 model's two more, its rounding sample's seeded rows, held summed until the check: tracking.rounding)

@@ -423,6 +423,12 @@ class EMALedgers:
         self.offset = {n: torch.zeros((self.num_rows + 1, *t.shape), dtype=torch.float64, device=t.device)
                        for n, t in theta.items()}
         self.last_bar = {n: t.clone() for n, t in bar.items()}
+        # The bound on the offsets' carried drift (θ̄_k − θ̄_0) − Σ E_k, built from the EMA's measured moves alone:
+        # A_{k+1} = β A_k + |Δθ̄_k − (1 − β)(θ − θ̄_k)| + (1 − β)|Σ D + θ_0 − θ| (the carried drift obeys the same
+        # recurrence with signs), so an error in the offsets themselves is not taken as carried drift (measured from
+        # the offsets alone, it was: any error in them widened the floor by itself). None: a state saved before it was
+        # kept (the drift as measured, as before).
+        self.drift_allowance: dict[str, torch.Tensor] | None = {n: torch.zeros_like(t) for n, t in bar.items()}
         # The structurally null parameters' share of D's and E's rest rows (tracking.null_params: the model's ledger
         # keeps their moves apart as ``null_moves``), for those that have been null at some step: D_null sums their
         # rest rows at the steps they were null, E_null follows D_null as E follows D; ΔE_null is pushed as one more
@@ -522,6 +528,8 @@ class EMALedgers:
                   for partition, part in self.model.partitions.slices.items()}
         primary, shared_rows = self.model.partitions.slices[self.model.partitions.primary], layout[
             self.model.partitions.primary][1]
+        allowance = {}
+        d_shared_rows = [self.rows, self.rounding_rows[self.model.partitions.primary]]
         for name in bar:
             eps = torch.finfo(self.model.params[name].dtype).eps
             bar_flat, last_flat, theta_flat = bar[name].reshape(-1), self.last_bar[name].reshape(-1), theta[name].reshape(-1)
@@ -534,7 +542,22 @@ class EMALedgers:
             # of 1.0e-9, a floor of 4.8e-12.)
             offset = self.offset[name]
             carried = ((self.last_bar[name] - self.bar_start[name]) - offset[primary].sum(0) - offset[shared_rows].sum(0))
-            carried_flat = carried.reshape(-1).abs_().mul_(abs(gain))
+            carried.abs_()
+            if self.drift_allowance is not None:
+                # at most what the EMA's own moves can have carried (with float64's rounding of the offsets' sums):
+                # offsets gone wrong are not drift (measured from the offsets alone, any error in them was allowed)
+                cap = self.drift_allowance[name] * (1 + 1e-6) + (self.last_bar[name] - self.bar_start[name]).abs_().mul_(1e-10)
+                torch.minimum(carried, cap, out=carried)
+                del cap
+                # carried_{k+1} = β carried_k + [Δθ̄ − gain (θ − θ̄_k)] − gain [Σ D + θ_0 − θ] (D's rows against the
+                # parameters' own writes, rounded in their dtype): bounded term by term
+                displacement = self.displacement[name]
+                written = displacement[primary].sum(0).add_(displacement[d_shared_rows].sum(0)).add_(
+                    self.theta_start[name]).sub_(theta[name]).abs_()
+                fit = (bar[name] - self.last_bar[name]).sub_(theta[name] - self.last_bar[name], alpha=gain).abs_()
+                allowance[name] = fit.add_(self.drift_allowance[name], alpha=abs(beta)).add_(written, alpha=abs(gain))
+                del written
+            carried_flat = carried.reshape(-1).mul_(abs(gain))
 
             def reference(columns, real, floor, spare, bar_flat=bar_flat, last_flat=last_flat, theta_flat=theta_flat,
                           eps=eps, carried_flat=carried_flat):
@@ -592,6 +615,8 @@ class EMALedgers:
             raise
         self.offset, self.start, self._f_prev, self.last_bar, self.decays = offset, start, f_after, last_bar, decays
         self.null_offset = null_offset
+        if self.drift_allowance is not None:
+            self.drift_allowance = allowance
 
     @contextlib.contextmanager
     def _sampled_buffers(self) -> Iterator[None]:
@@ -626,6 +651,7 @@ class EMALedgers:
             "theta_start": self.theta_start, "bar_start": self.bar_start, "decays": list(self.decays),
             "f_prev": self._f_prev, "start": self.start, "live_buffers": self.live_buffers,
             "null_displacement": self.null_displacement, "null_offset": self.null_offset,
+            "drift_allowance": self.drift_allowance,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -638,6 +664,9 @@ class EMALedgers:
         # (states saved before the null parameters' share was kept: none, as their ledgers booked none)
         self.null_displacement = {n: t.clone() for n, t in state.get("null_displacement", {}).items()}
         self.null_offset = {n: t.clone() for n, t in state.get("null_offset", {}).items()}
+        # (states saved before the carried drift's bound was kept: the drift as measured, uncapped)
+        allowance = state.get("drift_allowance")
+        self.drift_allowance = None if allowance is None else {n: t.clone() for n, t in allowance.items()}
         if self.live_buffers is not None and state.get("live_buffers") is not None:  # (older states: the live ones now)
             self.live_buffers = {n: t.clone() for n, t in state["live_buffers"].items()}
 
