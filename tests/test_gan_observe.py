@@ -467,7 +467,7 @@ def test_the_report_is_strict_json_with_loop_steps_collapse_flags_and_notes():
     G, D = nets()
     g_opt, d_opt = optimizers(G, D)
     one_group = FunctionGroups(lambda z, x, w, s: torch.zeros(z.shape[0], dtype=torch.long), 4, name="everything")
-    analyzer = analyzer_for(G, D, grouping=one_group)
+    analyzer = analyzer_for(G, D, grouping=one_group, num_groups=None)  # (the object's own count)
     analyzer.bind(g_opt, d_opt, start_step=100)
     plain_loop(G, D, g_opt, d_opt, batches(3), analyzer)
     analyzer.finish()

@@ -1333,11 +1333,26 @@ class NoiseLevelAnalyzer(TrainerCallback):
         }
 
     def _record_settings(self) -> dict[str, Any]:
-        """What the saved records were made under, which a resumed run must share: the tracked window (a ledger
-        begun at step 1 resumed as a window from step 2 would be reported as that window, and the reverse) and the
-        kernel records' inputs (the records of one run made at one ``kernel_points``)."""
-        return {"track_steps": None if self.track_steps is None else [int(s) for s in self.track_steps],
+        """What the saved records were made under, which a resumed run must share: the tracked window's first step
+        (a ledger begun at step 1 resumed as a window from step 2 would be reported as that window, and the reverse;
+        its last step may move, within what the saved ledger holds: :meth:`_check_window_end`) and the kernel
+        records' inputs (the records of one run made at one ``kernel_points``)."""
+        return {"track_start": None if self.track_steps is None else int(self.track_steps[0]),
                 "kernel_points": int(self.kernel_clean.shape[0])}
+
+    def _check_window_end(self, state: dict[str, Any]) -> None:
+        """Refuse a tracked window that ends before a step the saved ledger holds (a run stopped inside its window
+        and resumed with a longer one goes on; one resumed with a window its ledger is past would be reported as
+        that window)."""
+        if self.track_steps is None or "track_start" not in state["config"]:
+            return
+        numbered = [int(s) for s in state.get("global_steps") or () if s is not None]
+        if numbered and max(numbered) > self.track_steps[1]:
+            raise ValueError(
+                f"the saved analyzer's ledger holds step {max(numbered)}, past this analyzer's window "
+                f"track_steps={tuple(self.track_steps)}: resume with a window that ends at step {max(numbered)} or "
+                "later (its first step as saved)"
+            )
 
     def _noise_process(self) -> dict[str, Any]:
         """What the saved state records of the noise process: its kind and the config entries that set its levels."""
@@ -1359,6 +1374,7 @@ class NoiseLevelAnalyzer(TrainerCallback):
             if key in state["config"]:  # (states saved before the window and the kernel inputs were kept have neither)
                 mine[key] = value
         check_saved_settings({key: state["config"][key] for key in mine}, mine, "analyzer")
+        self._check_window_end(state)
         if self.tracker is None:
             self._pending_state = state
             self.stopped = bool(state.get("stopped", False))
