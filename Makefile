@@ -34,8 +34,9 @@ $(STAMP): $(PY) pyproject.toml $(TORCH_CHOICE)
 
 install: $(STAMP)
 
-# Two pytest-xdist workers, whole files to one worker (a module's fixtures built once): the 2845 tests in
-# 414 s on 2 cores, where one process took 680-816 s on the same machine. TEST_WORKERS=0: one process.
+# Two pytest-xdist workers, whole files to one worker (a module's fixtures built once): the 3477 tests in
+# 628 s on 2 idle cores (2026-12-07), the two workers balanced: the tests' CPU (about 1050 s, the example
+# scripts' tests the heaviest) over two cores, plus each worker's collection (about 27 s). TEST_WORKERS=0: one process.
 TEST_WORKERS ?= 2
 test: $(STAMP)
 	$(PY) -m pytest -q $(if $(filter-out 0,$(TEST_WORKERS)),-n $(TEST_WORKERS) --dist loadfile)
