@@ -1432,10 +1432,10 @@ class GANKernelAnalyzer(TrainerCallback):
             group_state="dense", gradient_route="graph", batch_size=batch, micro_batches=micro_batches,
             memory_check=self.memory_check, state_dtype=self.state_dtype, cost_options=GAN_COST_OPTIONS,
             mixed_precision=self.mixed_precision,
+            # G's loss reads its samples through D: a parameter D cancels (G's output bias before a training-mode
+            # BatchNorm after D's first linear layer) is structurally null, its float32 rounding times Adam no group's.
+            outputs_read_through=self._d,
         )
-        # G's loss reads its samples through D: a parameter D cancels (G's output bias before a training-mode
-        # BatchNorm after D's first linear layer) is structurally null, its float32 rounding times Adam no group's.
-        tracker.route.null_through = self._d
         try:
             if self._ema is not None:
                 tracker.track_ema(self._ema)

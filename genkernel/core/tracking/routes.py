@@ -83,6 +83,9 @@ class TrackedModel:
     # operations (adapter.coupled_forward): per-example gradients are not its examples' own
     forward_couplings: tuple[str, ...] = ()
     push_memory: PushMemory = DEFAULT_PUSH_MEMORY  # what its JVP pass holds per probe and record byte (core.push_memory)
+    # A module the loss reads the model's outputs through (a GAN generator's discriminator), for the null search
+    # (:func:`~genkernel.core.tracking.null_params.structurally_null`'s ``through``); None: the model's own outputs.
+    read_through: nn.Module | None = None
 
 
 @dataclass
@@ -223,9 +226,6 @@ class GroupStateRoute:
         self.contribution_route = contribution_route
         self._checked: set[tuple] = set()  # kinds of training inputs a layer plan was checked on (input_kind)
         self._null_found: dict[tuple[bool, ...], frozenset[str]] = {}  # per set of modes seen (a loop that evaluates)
-        # A module the loss reads the model's outputs through (a GAN generator's discriminator), for the null search
-        # (:func:`~genkernel.core.tracking.null_params.structurally_null`'s ``through``); None: the model's own outputs.
-        self.null_through: nn.Module | None = None
         self._refresh_null()
 
     def _refresh_null(self) -> None:
@@ -255,16 +255,16 @@ class GroupStateRoute:
         if not math.isfinite(scale) or not scale > 0:
             return
         small = {n: s for n, s in sizes.items() if s <= NULL_STEP_TOLERANCE * torch.finfo(grads[n].dtype).eps * scale}
+        through = self.model.read_through
         modes = tuple(m.training for m in self.model.module.modules())
-        if self.null_through is not None:
-            modes += tuple(m.training for m in self.null_through.modules())
+        if through is not None:
+            modes += tuple(m.training for m in through.modules())
         if not small or (modes not in self._null_found and not any(s > 0 for s in small.values())):
             return  # (no parameter's gradient is rounding noise: the float64 passes are not run)
         if modes not in self._null_found:
             found = structurally_null(self.model.module, self.model.params, self.model.probes)
-            if self.null_through is not None:  # (a superset where the pass through it runs; else the model's own)
-                found += structurally_null(self.model.module, self.model.params, self.model.probes,
-                                           through=self.null_through)
+            if through is not None:  # (a superset where the pass through it runs; else the model's own)
+                found += structurally_null(self.model.module, self.model.params, self.model.probes, through=through)
             self._null_found[modes] = frozenset(found)
         self.splitter.null = self._null_found[modes] & small.keys()
 

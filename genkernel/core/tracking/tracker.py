@@ -398,6 +398,11 @@ class PathKernelTracker:
             ``mixed_precision="bf16"``, or the caller's ``with torch.autocast``) are split the same
             way, from their own graph (the dense group state), their seed known: one more backward of
             each micro-batch is the witness.
+        outputs_read_through: a module the loss reads the model's outputs through (a GAN generator's
+            discriminator), or None. A parameter it cancels (G's output bias before a training-mode
+            BatchNorm after D's first linear layer) is structurally null: its float32 rounding, which an
+            adaptive optimizer turns into a move, is booked to the rest (``null_moves``), not split to
+            the groups (:mod:`~genkernel.core.tracking.null_params`, ``through=``).
 
     Under torch.distributed, pass the DistributedDataParallel-wrapped model and each rank's shard:
     the ranks' group gradients are averaged as DDP averages gradients, so every rank keeps the
@@ -430,6 +435,7 @@ class PathKernelTracker:
         memory_check: str = "refuse",
         cost_options: tuple[str, ...] = COST_OPTIONS,
         mixed_precision: str = "refuse",
+        outputs_read_through: nn.Module | None = None,
     ) -> None:
         if memory_check not in MEMORY_CHECKS:
             raise ValueError(f"memory_check must be one of {MEMORY_CHECKS}, got {memory_check!r}")
@@ -534,7 +540,7 @@ class PathKernelTracker:
         push_memory = measure_push_memory(self.module, self.params, self.probes, record_bytes)
         tracked = TrackedModel(self.module, self.params, self.probes, self.partitions, f_start.shape[1], self.memory_budget,
                                self.distributed, self.rtol, state_dtype, record_bytes, tuple(self._forward_couplings),
-                               push_memory)
+                               push_memory, outputs_read_through)
         self._requested = {"group_state": group_state, "contribution_route": contribution_route,
                            "gradient_route": gradient_route}
         self.group_state = self._choose_group_state(group_state, f_start.shape[1])
