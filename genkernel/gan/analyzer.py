@@ -135,7 +135,8 @@ from ..core.tracking.tracker import (
 )
 from ..logging import LoggingCallback
 from ..stats import MIN_PROBE_GROUPS, mean_interval, nan_median, two_way_interval
-from .geometry import ClassGroups, DirectionGroups, GeometryGrouping, ModeGroups, NearestModeGroups, make_grouping
+from .geometry import (ClassGroups, DirectionGroups, GeometryGrouping, ModeGroups, NearestModeGroups, make_grouping,
+                       refuse_other_count)
 from .losses import (
     GENERATED, PENALTY, REAL, ROLE_NAMES, AugmentedDiscriminatorObjective, AugmentedGeneratorLoss, DiscriminatorObjective,
     GeneratorLoss, check_classes, class_inputs, scores_of,
@@ -621,9 +622,8 @@ class GANKernelAnalyzer(TrainerCallback):
             if not self.conditional:
                 raise ValueError("grouping 'class' groups a conditional GAN's examples by class: pass probe_classes= and "
                                  "num_classes=, or choose a geometry grouping")
-            if num_groups is not None and (isinstance(num_groups, bool) or num_groups != self.num_classes):
-                raise ValueError(f"grouping 'class' has one group per class ({self.num_classes}, num_classes), but "
-                                 f"num_groups={num_groups!r}: leave num_groups out (or pass {self.num_classes})")
+            refuse_other_count(f"'class' has one group per class ({self.num_classes}, num_classes)", self.num_classes,
+                               num_groups)
             return ClassGroups(self.num_classes)
         grouping = make_grouping(spec, num_groups=num_groups, centers=self.mode_centers, seed=seed)
         if grouping.uses_classes and not self.conditional:

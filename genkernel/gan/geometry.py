@@ -453,12 +453,13 @@ GROUPINGS = {"direction": DirectionGroups, "mode": ModeGroups, "nearest_mode": N
 DEFAULT_NUM_GROUPS = 8
 
 
-def _refuse_other_count(what: str, count: int, num_groups) -> None:
-    """Refuse a ``num_groups`` given beside a grouping whose count is fixed (``count``) and other than it (it was
-    ignored, silently)."""
+def refuse_other_count(described: str, count: int, num_groups, also: str = "") -> None:
+    """ValueError where a ``num_groups`` is given beside a grouping whose count is fixed (``count``; ``described``:
+    "DirectionGroups has 4 groups", "'mode' has one group per mode centre (8 in mode_centers)") and differs from it
+    (it was ignored, silently); ``also``: another fix, appended."""
     if num_groups is not None and (isinstance(num_groups, bool) or num_groups != count):
-        raise ValueError(f"grouping {what} has {count} groups, but num_groups={num_groups!r}: leave num_groups out "
-                         f"(or pass {count})")
+        raise ValueError(f"grouping {described}, but num_groups={num_groups!r}: leave num_groups out "
+                         f"(or pass {count}){also}")
 
 
 def make_grouping(spec, *, num_groups: int | None = None, centers: torch.Tensor | None = None,
@@ -469,19 +470,16 @@ def make_grouping(spec, *, num_groups: int | None = None, centers: torch.Tensor 
     "nearest_mode" have one group per mode centre, and a ``num_groups`` other than the centres' count is refused
     (it was ignored: 4 asked, the centres' 8 given, silently)."""
     if isinstance(spec, GeometryGrouping):
-        _refuse_other_count(type(spec).__name__, spec.num_groups, num_groups)
+        refuse_other_count(f"{type(spec).__name__} has {spec.num_groups} groups", spec.num_groups, num_groups)
         return spec
     _refuse_grouping_class(spec)
     if not callable(spec) and isinstance(spec, str) and spec in ("mode", "nearest_mode"):
         if centers is None:
             raise ValueError(f"grouping {spec!r} needs the real mode centres (mode_centers=[num_modes, dim])")
         grouping = GROUPINGS[spec](centers)
-        if num_groups is not None and (isinstance(num_groups, bool) or num_groups != grouping.num_groups):
-            raise ValueError(
-                f"grouping {spec!r} has one group per mode centre ({grouping.num_groups} in mode_centers), but "
-                f"num_groups={num_groups!r}: leave num_groups out (or pass {grouping.num_groups}), or pass as many "
-                "mode centres as groups"
-            )
+        count = grouping.num_groups
+        refuse_other_count(f"{spec!r} has one group per mode centre ({count} in mode_centers)", count, num_groups,
+                           ", or pass as many mode centres as groups")
         return grouping
     num_groups = DEFAULT_NUM_GROUPS if num_groups is None else num_groups
     if callable(spec):
