@@ -343,14 +343,13 @@ def kernel_plan(model: nn.Module, x: Batch, *, engine: str = "auto", memory_budg
 def _plan(model, params, xs, d: int, rows_total: int, engine: str, memory_budget: int) -> KernelPlan:
     n = batch_size(xs)
     plan = _engine_plan(model, xs, d, (n, rows_total), engine, memory_budget=memory_budget)
-    if plan is None:
-        return KernelPlan("functional", d, min(_functional_rows(params, d, memory_budget), rows_total), d, 0.0)
-    rows, c = chunk_sizes(model, plan, xs, d, rows_total, memory_budget, held=2, compact=True)
-    held = _chunking(model, plan, xs, d, (rows_total, rows_total), True, _probe_sizes(model, plan, xs), memory_budget).held
-    if not _rows_alone(model, xs, rows_total, rows, joined=not held):
-        # (the factored kernel's capture finds the batch's rows not its examples' own and runs torch.func instead)
-        return KernelPlan("functional", d, min(_functional_rows(params, d, memory_budget), rows_total), d, 0.0)
-    return KernelPlan("factored", d, rows, c, plan.factored_fraction)
+    if plan is not None:
+        chunking = _chunking(model, plan, xs, d, (rows_total, rows_total), True, _probe_sizes(model, plan, xs),
+                             memory_budget)
+        if _rows_alone(model, xs, rows_total, chunking.rows, joined=not chunking.held):
+            return KernelPlan("factored", d, chunking.rows, chunking.cotangents, plan.factored_fraction)
+        # (else the factored kernel's capture finds the batch's rows not its examples' own and runs torch.func)
+    return KernelPlan("functional", d, min(_functional_rows(params, d, memory_budget), rows_total), d, 0.0)
 
 
 def _rows_alone(model: nn.Module, xs: tuple[torch.Tensor, ...], total: int, rows: int, *, joined: bool) -> bool:
