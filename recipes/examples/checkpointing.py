@@ -383,15 +383,11 @@ def _sync_tree(folder: str) -> None:
     """fsync every file under ``folder``, then every folder in it and ``folder`` itself (deepest first): the
     state ``save_state`` wrote there survives a power loss once renamed (unsynced, the renamed checkpoint could come
     back with empty files after the older ones were removed under ``--checkpoints_total_limit``)."""
-    from genkernel.core.tracking.io import fsync_directory
+    from genkernel.core.tracking.io import fsync_directory, fsync_file
 
     for root, dirs, files in os.walk(folder, topdown=False):
         for name in files:
-            fd = os.open(os.path.join(root, name), os.O_RDWR | os.O_BINARY if os.name == "nt" else os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            fsync_file(os.path.join(root, name))
         fsync_directory(root)
 
 

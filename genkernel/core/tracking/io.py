@@ -74,15 +74,20 @@ def durable_replace(tmp: str | os.PathLike, path: str | os.PathLike) -> None:
     fsynced first (else a power loss can leave the new name with no data in it), then the rename, then the
     folder fsynced (else the rename itself may be lost). The one piece genkernel's writers that write a
     temporary file of their own (the HTML report, the CSV log) rename with; :func:`atomic_save` does the same."""
+    fsync_file(tmp)
+    os.replace(tmp, path)
+    fsync_directory(Path(path).parent)
+
+
+def fsync_file(path: str | os.PathLike) -> None:
+    """fsync the closed file at ``path``: its data on disk before a rename makes it the one a reader finds."""
     # (Windows' fsync, _commit, needs a handle open for writing; POSIX fsyncs a read-only one, which a file already
     # given a read-only mode still opens)
-    fd = os.open(tmp, os.O_RDWR | os.O_BINARY if os.name == "nt" else os.O_RDONLY)
+    fd = os.open(path, os.O_RDWR | os.O_BINARY if os.name == "nt" else os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
-    os.replace(tmp, path)
-    fsync_directory(Path(path).parent)
 
 
 # A folder's fsync refused where the platform or file system has none: Windows opens no folder (EACCES), some
@@ -356,5 +361,6 @@ def jsonable(value: Any) -> Any:
 
 __all__ = [
     "atomic_save", "check_module_state", "check_optimizer_state", "check_resume_config", "durable_replace",
-    "fsync_directory", "global_rng_state", "jsonable", "load_state", "set_global_rng_state", "target_mode", "to_device",
+    "fsync_directory", "fsync_file", "global_rng_state", "jsonable", "load_state", "set_global_rng_state",
+    "target_mode", "to_device",
 ]
