@@ -131,7 +131,7 @@ class GenkernelCallback(pl.Callback):
             self._bind_gan(trainer)
             return
         # (a fit resumed from a checkpoint of a fit numbered ahead of its global_step numbers on as that fit did)
-        self._step_offset, self._loaded_offset = getattr(self, "_loaded_offset", 0), 0
+        self._step_offset, self._loaded_offset = self._loaded_offset, 0
         tracker = getattr(self.analyzer, "tracker", None)
         if tracker is not None:
             self._check_bound_to(tracker, trainer)
@@ -342,7 +342,7 @@ class GenkernelCallback(pl.Callback):
         cleared micro-batches as a skipped one."""
         number = getattr(self.analyzer, "number_next_step", None)
         if pl_module.automatic_optimization and number is not None:
-            number(int(trainer.global_step) + 1 + getattr(self, "_step_offset", 0))
+            number(int(trainer.global_step) + 1 + self._step_offset)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.analyzer.finish()
@@ -396,7 +396,7 @@ class GenkernelCallback(pl.Callback):
         self._stage = None  # (a load_state_dict outside a trainer's run loads)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"analyzer": self.analyzer.state_dict(), "step_offset": getattr(self, "_step_offset", 0)}
+        return {"analyzer": self.analyzer.state_dict(), "step_offset": self._step_offset}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         # trainer.validate / test / predict(ckpt_path=...) restore the callbacks too: such a loop trains nothing, so

@@ -526,10 +526,11 @@ class EMALedgers:
         # 3. The check: for every partition, its rows and the shared ones add up to the EMA's real move.
         layout = {partition: (part, [self.rows, self.rounding_rows[partition], self.start_row])
                   for partition, part in self.model.partitions.slices.items()}
-        primary, shared_rows = self.model.partitions.slices[self.model.partitions.primary], layout[
-            self.model.partitions.primary][1]
+        primary_name = self.model.partitions.primary
+        primary = self.model.partitions.slices[primary_name]
+        d_shared_rows = [self.rows, self.rounding_rows[primary_name]]  # D's rest and rounding rows
+        shared_rows = [*d_shared_rows, self.start_row]  # E's, and its start row (layout's for the primary)
         allowance = {}
-        d_shared_rows = [self.rows, self.rounding_rows[self.model.partitions.primary]]
         for name in bar:
             eps = torch.finfo(self.model.params[name].dtype).eps
             bar_flat, last_flat, theta_flat = bar[name].reshape(-1), self.last_bar[name].reshape(-1), theta[name].reshape(-1)
