@@ -38,7 +38,7 @@ import numpy as np
 import torch
 
 from .core.tracking.callbacks import TrainerCallback
-from .core.tracking.io import durable_replace
+from .core.tracking.io import atomic_file
 from .stats import nan_median
 
 __all__ = [
@@ -340,14 +340,12 @@ class CSVWriter:
         self._rewrite()
 
     def _rewrite(self) -> None:
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        with tmp.open("w", newline="") as handle:
+        with atomic_file(self.path, "w", newline="") as handle:
             writer = csv.DictWriter(handle, self.columns)
             writer.writeheader()
             writer.writerows(self.rows[:-1])
             self._last_row_at = handle.tell() if self.rows else None
             writer.writerows(self.rows[-1:])
-        durable_replace(tmp, self.path)
 
     def log_image(self, name: str, array: Any, step: int) -> None:
         from matplotlib.image import imsave

@@ -31,7 +31,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from genkernel.core.tracking.io import durable_replace
+from genkernel.core.tracking.io import atomic_file
 from genkernel.stats import Interval, mean_interval
 
 MODES = ("full", "quick", "smoke")
@@ -207,9 +207,9 @@ def write_json(path: Path, payload: Any, *, indent: int | None = None) -> None:
     """``payload`` as strict JSON (no NaN) at ``path``, atomically: a temporary file beside it, then a
     rename, so an interrupted run leaves the previous file or none, never a truncated one that a
     later aggregation would fail to read."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=indent, allow_nan=False) + "\n")
-    durable_replace(tmp, path)
+    text = json.dumps(payload, indent=indent, allow_nan=False) + "\n"
+    with atomic_file(path, "w") as handle:
+        handle.write(text)
 
 
 def finish(

@@ -168,9 +168,10 @@ def write_claims_table(out_dir: Path, names=RECIPES, failed: dict[str, str] | No
         text = text[: text.index(BEGIN)] + block + text[text.index(END) + len(END):]
     else:
         text = text.rstrip("\n") + "\n\n## Claims\n\n" + block + "\n"
-    tmp = readme.with_suffix(".md.tmp")
-    tmp.write_text(text)
-    tmp.replace(readme)
+    from genkernel.core.tracking.io import atomic_file  # (a table-only run imports no more than it needs)
+
+    with atomic_file(readme, "w") as handle:
+        handle.write(text)
     return readme
 
 

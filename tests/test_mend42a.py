@@ -178,15 +178,15 @@ def test_atomic_save_fsyncs_the_file_before_the_rename_and_the_folder_after(tmp_
 
 
 def test_the_other_atomic_writers_fsync_through_the_same_helper(tmp_path, monkeypatch):
-    """The CSV log's rewrite, the recipes' JSON results and the benchmark harness's files rename a temporary file of
-    their own: each goes through genkernel.core.tracking.io.durable_replace (file fsync, rename, folder fsync); the
-    file written holds what was written.
+    """The CSV log's rewrite, the recipes' JSON results and the benchmark harness's files each go through
+    genkernel.core.tracking.io.atomic_file (file fsync, rename, folder fsync); the file written holds what was
+    written.
 
     Fails on the old code: each wrote ["replace"] alone (no fsync at all)."""
     import json
 
     from genkernel.logging import CSVWriter
-    from recipes.benchmarks.harness import _replace_atomically
+    from recipes.benchmarks.harness import write_outputs
     from recipes.common import write_json
 
     writer = CSVWriter(tmp_path / "log.csv")
@@ -199,9 +199,10 @@ def test_the_other_atomic_writers_fsync_through_the_same_helper(tmp_path, monkey
     assert events == ["fsync file", "replace", "fsync folder"]
     assert json.loads((tmp_path / "result.json").read_text()) == {"a": 1}
     events.clear()
-    _replace_atomically(tmp_path / "bench.json", lambda tmp: tmp.write_text("{}"))
-    assert events == ["fsync file", "replace", "fsync folder"]
-    assert (tmp_path / "bench.json").read_text() == "{}"
+    write_outputs({"b": 2}, tmp_path / "bench.json", tmp_path / "bench.png", lambda report, file: file.write(b"png"))
+    assert events == ["fsync file", "replace", "fsync folder"] * 2
+    assert json.loads((tmp_path / "bench.json").read_text()) == {"b": 2}
+    assert (tmp_path / "bench.png").read_bytes() == b"png"
 
 
 def test_a_folder_fsync_the_file_system_refuses_is_skipped_and_an_io_error_is_raised(tmp_path, monkeypatch):

@@ -302,19 +302,17 @@ def test_kernel_plan_takes_a_numpy_row_count_as_the_same_int_and_refuses_a_count
             kernel_plan(model, x, rows_total=bad)
 
 
-# -- durable_replace keeps the writer's file as written ----------------------------------------------------------------
-def test_durable_replace_over_a_read_only_page_keeps_the_new_content_and_the_mode(tmp_path):
-    """Coverage: write_report's steps over an existing page made read-only (0444) by its owner (the temporary file
-    given the page's mode, then durable_replace, which opens it read-only to fsync it): the new page has the new
+# -- atomic_file keeps the writer's file as written ---------------------------------------------------------------------
+def test_an_atomic_write_over_a_read_only_page_keeps_the_new_content_and_the_mode(tmp_path):
+    """Coverage: a page made read-only (0444) by its owner written again through io.atomic_file (the temporary file
+    given the page's mode while it is still open for writing, fsynced through that handle): the new page has the new
     content and mode 0444, and no temporary file is left."""
-    from genkernel.core.tracking.io import durable_replace, target_mode
+    from genkernel.core.tracking.io import atomic_file
 
     target = tmp_path / "report.html"
     target.write_text("old")
     os.chmod(target, 0o444)
-    tmp = tmp_path / ".report.html.tmp"
-    tmp.write_text("new page")
-    os.chmod(tmp, target_mode(target))
-    durable_replace(tmp, target)
+    with atomic_file(target, "w", encoding="utf-8") as handle:
+        handle.write("new page")
     assert target.read_text() == "new page" and stat.S_IMODE(os.stat(target).st_mode) == 0o444
-    assert not tmp.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["report.html"]

@@ -14,11 +14,10 @@ import datetime as _dt
 import html
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from ..core.tracking.io import durable_replace, target_mode
+from ..core.tracking.io import atomic_file
 from . import figures as fg
 from .summary import _claim_number, find_states, read_state, summarize_state
 
@@ -412,15 +411,6 @@ def write_report(source: Any, path: str | os.PathLike, **kwargs: Any) -> Path:
         raise ValueError(f"{path} is a folder: pass the page's file name, e.g. {path / 'report.html'}")
     page = render_report(source, **kwargs)  # first: a state it cannot read leaves no folder or file behind
     path.parent.mkdir(parents=True, exist_ok=True)
-    # a temporary file of its own (not PATH.tmp: that could be the user's file, or a concurrent writer's)
-    handle, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(handle)
-    tmp = Path(name)
-    try:
-        tmp.write_text(page, encoding="utf-8")
-        os.chmod(tmp, target_mode(path))  # mkstemp's 0600 would make the page unreadable to others
-        durable_replace(tmp, path)  # (fsynced: a power loss leaves the previous page or this one)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    with atomic_file(path, "w", encoding="utf-8") as handle:  # (fsynced: a power loss leaves the previous page or this one)
+        handle.write(page)
     return path

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import statistics
 from pathlib import Path
+from typing import BinaryIO
 
 import torch
 
@@ -142,7 +143,7 @@ def main(argv=None) -> dict:
     return payload
 
 
-def plot(payload: dict, path: Path) -> None:
+def plot(payload: dict, path: Path | BinaryIO) -> None:
     """Draws each configuration's ratio to the bare step as a bar, with the target line, to
     ``path``; returns nothing."""
     import matplotlib.pyplot as plt
@@ -156,7 +157,7 @@ def plot(payload: dict, path: Path) -> None:
     ax.set_ylabel("generator step / bare step")
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=50 if payload["mode"] == "smoke" else 110)
+    fig.savefig(path, format="png", dpi=50 if payload["mode"] == "smoke" else 110)
     plt.close(fig)
 
 

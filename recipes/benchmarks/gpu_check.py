@@ -352,11 +352,11 @@ def write_json(result: dict, path: Path) -> None:
             return [finite(v) for v in value]
         return value
 
-    from genkernel.core.tracking.io import durable_replace
+    from genkernel.core.tracking.io import atomic_file
 
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(finite(result), indent=2, allow_nan=False, default=str) + "\n")
-    durable_replace(tmp, path)
+    text = json.dumps(finite(result), indent=2, allow_nan=False, default=str) + "\n"
+    with atomic_file(path, "w") as handle:
+        handle.write(text)
 
 
 def gan_benchmark(device: torch.device, s: dict) -> dict:

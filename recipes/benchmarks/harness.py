@@ -21,7 +21,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, BinaryIO, Callable, Iterator, Sequence
 
 import torch
 
@@ -384,27 +384,19 @@ def print_ratios(title: str, table: dict[str, dict[str, float | None]]) -> str:
     return text
 
 
-def write_outputs(report: dict, json_path: Path, png_path: Path, plot: Callable[[dict, Path], None]) -> None:
-    """Writes ``report`` as indented JSON to ``json_path``, then ``plot(report, path)``'s figure
-    to ``png_path``; each file is written beside its target and renamed into place, so a run
-    that fails midway never leaves a half-written file. The JSON is strict: non-finite numbers
+def write_outputs(report: dict, json_path: Path, png_path: Path, plot: Callable[[dict, BinaryIO], None]) -> None:
+    """Writes ``report`` as indented JSON to ``json_path``, then ``plot(report, file)``'s figure
+    (a PNG written to an open binary file) to ``png_path``; each file is written beside its target
+    and renamed into place (``io.atomic_file``), so a run that fails midway never leaves a
+    half-written file. The JSON is strict: non-finite numbers
     are written as null (``NaN``/``Infinity`` tokens are not JSON; genkernel's ``jsonable``).
     Returns nothing."""
     from genkernel.core.tracking.io import jsonable
 
     text = json.dumps(jsonable(report), indent=2, allow_nan=False)
-    _replace_atomically(Path(json_path), lambda tmp: tmp.write_text(text))
-    _replace_atomically(Path(png_path), lambda tmp: plot(report, tmp))
+    from genkernel.core.tracking.io import atomic_file
 
-
-def _replace_atomically(path: Path, write: Callable[[Path], object]) -> None:
-    """``write(tmp)`` to a temporary file beside ``path`` (same suffix, so that writers that go
-    by it still can), then renames it over ``path``; the temporary file is removed on failure."""
-    from genkernel.core.tracking.io import durable_replace
-
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")
-    try:
-        write(tmp)
-        durable_replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with atomic_file(json_path, "w") as handle:
+        handle.write(text)
+    with atomic_file(png_path, "wb") as handle:
+        plot(report, handle)

@@ -52,6 +52,7 @@ import math
 import statistics
 import time
 from pathlib import Path
+from typing import BinaryIO
 
 import torch
 from torch import nn
@@ -987,7 +988,7 @@ def _num(value) -> float:
     return float("nan") if value is None else value
 
 
-def plot(report: dict, path: Path) -> None:
+def plot(report: dict, path: Path | BinaryIO) -> None:
     """Seconds and working memory per model and method; sketch error (measured, expected) vs k."""
     import matplotlib
 
@@ -1032,7 +1033,7 @@ def plot(report: dict, path: Path) -> None:
     axes[3].set_title("tracker (64 probes, one group per example): step / bare step")
     axes[3].set_xlabel("batch size")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, format="png", dpi=120)
     plt.close(fig)
 
 

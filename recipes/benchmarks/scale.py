@@ -87,7 +87,7 @@ from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, BinaryIO, Callable
 
 import torch
 
@@ -707,7 +707,7 @@ def claims_of(report: dict) -> list[dict]:
     return claims
 
 
-def plot(report: dict, path: Path) -> None:
+def plot(report: dict, path: Path | BinaryIO) -> None:
     """Three panels: memory predicted against measured, SGD ratios, the tiny UNet's breakdown."""
     import matplotlib
 
@@ -749,7 +749,7 @@ def plot(report: dict, path: Path) -> None:
     ax.set_xlabel("fraction of an analyzed step")
     ax.set_title(f"tiny UNet: analyzed step {report['tiny_unet']['ratio']:.1f}x bare", fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    fig.savefig(path, format="png", dpi=100)
     plt.close(fig)
 
 

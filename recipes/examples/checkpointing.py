@@ -27,7 +27,6 @@ import os
 import random
 import re
 import shutil
-import tempfile
 import warnings
 from typing import Any, Callable, Sequence
 
@@ -316,21 +315,10 @@ def write_report(accelerator, output_dir: str, analyzer, sections: Callable[[], 
         warnings.warn(f"the report's {', '.join(places)} were not finite: written as null (listed under "
                       "\"non_finite\")", stacklevel=2)
     text = json.dumps(report, allow_nan=False, indent=1)
-    from genkernel.core.tracking.io import durable_replace
+    from genkernel.core.tracking.io import atomic_file
 
-    target = os.path.join(output_dir, "genkernel_report.json")
-    handle, temporary = tempfile.mkstemp(prefix=".genkernel_report.", suffix=".json.tmp", dir=output_dir)
-    umask = os.umask(0)
-    os.umask(umask)
-    try:
-        os.chmod(temporary, 0o666 & ~umask)  # (mkstemp's file is the owner's alone; open() made it by the umask)
-        with os.fdopen(handle, "w") as file:
-            file.write(text)
-        durable_replace(temporary, target)  # (the file fsynced, renamed, and the folder fsynced)
-    except BaseException:
-        if os.path.exists(temporary):
-            os.remove(temporary)
-        raise
+    with atomic_file(os.path.join(output_dir, "genkernel_report.json"), "w") as file:
+        file.write(text)
 
 
 def saved_checkpoints(output_dir: str) -> list[str]:

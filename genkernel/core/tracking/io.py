@@ -3,8 +3,8 @@
 Every state genkernel writes (ledgers, trackers, analyzers, trainers) goes through
 :func:`atomic_save`: a temporary file in the same folder, flushed and fsynced, then renamed over
 the target, and the folder fsynced, so a save interrupted half-way (a kill, a full disk, a power loss)
-leaves the previous file intact or the new one whole. Other files written by rename (reports, logs)
-go through :func:`durable_replace`, the same steps for a temporary file their writer made.
+leaves the previous file intact or the new one whole. Other files written by rename (reports, logs,
+JSON results) go through :func:`atomic_file`, the same steps for any writer.
 Left-over temporary files of interrupted saves are removed by the next save to the same path on the
 same host (a temporary file of a process still running, such as another rank saving the same path, is
 kept).
@@ -15,6 +15,7 @@ strict JSON for the reports written beside them.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import glob
 import hashlib
@@ -26,37 +27,60 @@ import stat
 import tempfile
 import zipfile
 from pathlib import Path
-from typing import Any, Mapping
+from typing import IO, Any, Iterator, Mapping
 
 import torch
 import torch.utils._pytree as pytree
 
 
 def atomic_save(obj: Any, path: str | os.PathLike) -> None:
-    """``torch.save`` to a temporary file in the same folder, then rename over ``path``."""
+    """``torch.save`` to a temporary file in the same folder, then rename over ``path`` (:func:`atomic_file`)."""
+    with atomic_file(path, "wb") as handle:
+        try:
+            torch.save(obj, handle)
+        except RuntimeError as error:
+            # torch.save reports a full disk as a RuntimeError from its zip writer ("enforce fail ..."): a write
+            # failure like any other (atomic_file says the previous file is intact); anything else is raised as is
+            if "write" not in str(error).lower() and "enforce" not in str(error).lower():
+                raise
+            raise OSError(getattr(error, "errno", None), str(error)) from error
+
+
+@contextlib.contextmanager
+def atomic_file(path: str | os.PathLike, mode: str = "wb", *, encoding: str | None = None,
+                newline: str | None = None) -> Iterator[IO]:
+    """An open handle (``mode`` "w" or "wb", ``encoding`` and ``newline`` as :func:`open`'s) on a new temporary file
+    beside ``path``, of a name no other writer uses (this host, this process, a unique tail: concurrent writers of the
+    same path, ranks or threads, never share one); on a clean exit its data flushed and fsynced, renamed over
+    ``path``, and the folder fsynced, so a write interrupted half-way (a kill, a full disk, a power loss) leaves the
+    previous file intact or the new one whole; on an error the temporary file removed and ``path`` untouched. The
+    new file keeps the old one's permission bits, or what :func:`open` would give (0666 less the umask). Every file
+    genkernel and its recipes write by rename goes through here: checkpoints (:func:`atomic_save`), reports, logs,
+    JSON results.
+
+    A failure to write, sync or rename raises OSError naming ``path`` and saying the previous file is intact;
+    one syncing the folder after the rename (the new file in place by then) is raised as itself."""
+    if mode not in ("w", "wb"):
+        raise ValueError(f"mode must be 'w' or 'wb', got {mode!r}")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     _remove_left_over_temporaries(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{_HOST}~{os.getpid()}~", suffix=".tmp", dir=path.parent)
     try:
-        # mkstemp makes the file owner-only (0600), and the rename kept that: every save turned a
-        # shared results file unreadable to the group. The new file gets the old one's mode, or
-        # what open() would give (0666 less the umask).
-        with os.fdopen(fd, "wb") as handle:
+        with os.fdopen(fd, mode, encoding=encoding, newline=newline) as handle:
+            # mkstemp makes the file owner-only (0600), and the rename kept that: every save turned a
+            # shared results file unreadable to the group
             try:
                 os.fchmod(handle.fileno(), target_mode(path))
             except OSError:  # a file system without modes (some network mounts): the save still matters more
                 pass
-            torch.save(obj, handle)
+            yield handle
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
-    except (OSError, RuntimeError) as error:
+    except OSError as error:
         if os.path.exists(tmp):
             os.unlink(tmp)
-        # torch.save reports a full disk as a RuntimeError from its zip writer ("enforce fail ...").
-        if isinstance(error, RuntimeError) and "write" not in str(error).lower() and "enforce" not in str(error).lower():
-            raise
         raise OSError(getattr(error, "errno", None), f"could not write {path} ({getattr(error, 'strerror', None) or error}); "
                       "the previous file, if any, is intact: free disk space or choose another folder") from error
     except BaseException:
@@ -67,16 +91,6 @@ def atomic_save(obj: Any, path: str | os.PathLike) -> None:
     # (or, on some file systems, keep the new name with the data lost). After the error handling above: the file
     # is in place by now, so a failure here must not say "the previous file is intact".
     fsync_directory(path.parent)
-
-
-def durable_replace(tmp: str | os.PathLike, path: str | os.PathLike) -> None:
-    """``os.replace(tmp, path)`` for a temporary file a writer made beside ``path``, closed: ``tmp``'s data
-    fsynced first (else a power loss can leave the new name with no data in it), then the rename, then the
-    folder fsynced (else the rename itself may be lost). The one piece genkernel's writers that write a
-    temporary file of their own (the HTML report, the CSV log) rename with; :func:`atomic_save` does the same."""
-    fsync_file(tmp)
-    os.replace(tmp, path)
-    fsync_directory(Path(path).parent)
 
 
 def fsync_file(path: str | os.PathLike) -> None:
@@ -360,7 +374,7 @@ def jsonable(value: Any) -> Any:
 
 
 __all__ = [
-    "atomic_save", "check_module_state", "check_optimizer_state", "check_resume_config", "durable_replace",
+    "atomic_save", "check_module_state", "check_optimizer_state", "check_resume_config", "atomic_file",
     "fsync_directory", "fsync_file", "global_rng_state", "jsonable", "load_state", "set_global_rng_state",
     "target_mode", "to_device",
 ]
