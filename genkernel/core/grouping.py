@@ -329,12 +329,23 @@ def band_locality(
     # control partitions, not its probes: the interval over its probes held at 46 % of levels under a null of
     # exchangeable partitions (nominal 2.5 %). The level's interval is the measured partition's level mean against
     # the spread of the controls' level means (between_partitions), not held on fewer than three controls.
-    out["per_level"] = [
-        {"level": level, "bin": int(group),
-         "traffic": between_partitions(traffic_band[rows], traffic_c[:, rows]),
-         "share": between_partitions(share_band[rows], share_c[:, rows])}
-        for i, (level, group) in enumerate(level_bins) for rows in [probe_level == i]
-    ]
+    # A level whose own band holds all num_groups groups has nothing outside it either (its measured and control
+    # totals are the whole share, equal but for rounding): never held, as the covering band above. (Its interval over
+    # the partitions is then a rounding-sized one: band=4 of 6 bins, a level in bin 1 read traffic "held" with a
+    # difference of 3.3e-16 and the interval [1.1e-17, 6.6e-16].)
+    out["per_level"] = []
+    for i, (level, group) in enumerate(level_bins):
+        rows = probe_level == i
+        entry = {"level": level, "bin": int(group),
+                 "traffic": between_partitions(traffic_band[rows], traffic_c[:, rows]),
+                 "share": between_partitions(share_band[rows], share_c[:, rows])}
+        if int(group) - band <= 0 and int(group) + band >= num_groups - 1:
+            level_why = (f"band={band} holds all {num_groups} bins around this level's bin {int(group)}: nothing lies "
+                         "outside it, so its locality is the whole share for the measured and the control partitions "
+                         "alike")
+            for key in ("traffic", "share"):
+                entry[key] = {**entry[key], "held": False, "why": level_why}
+        out["per_level"].append(entry)
     return out
 
 
