@@ -475,7 +475,11 @@ def ito_term_estimate(model: nn.Module, probe_x: Inputs,
         (mean, stderr), each Tensor[M] float64: the average of (η²/2) v_sᵀ H_m v_s over the
         S draws and its standard error std_s / sqrt(S) over the signs. Its expectation over the
         signs is :func:`batch_ito_term`; over the signs and the batch draw, (η²/2) tr(Σ_k H_m)
-        (:func:`exact_trace_sigma_hessian`).
+        (:func:`exact_trace_sigma_hessian`). Where every draw gives the same direction up to
+        its sign (r_s = ±r_1: at B = 2 in one call of 2^(S-1), since v is then 0 or ±2a d_1),
+        the draws' spread is 0 whatever the signs' is, and the standard error is the exact one,
+        sqrt(Var_r / S) with Var_r[vᵀ H_m v] = 4 Σ_{n<n'} (a² d_nᵀ H_m d_n')² (B(B − 1)
+        quadratic forms); 0 only where the term has no sign noise.
 
     Note:
         The signs' expectation is B quadratic forms (:func:`batch_ito_term`); when S would be
@@ -487,6 +491,7 @@ def ito_term_estimate(model: nn.Module, probe_x: Inputs,
         3. v_s = a Σ_n r_{s,n} d_n                                                          (V)
         4. q_{s,m} = v_sᵀ H_m v_s by forward-over-forward directional derivatives, in chunks.
         5. t = (η²/2) q; mean over s and standard error std(ddof=1)/sqrt(S).        (Itô)
+           (Where every draw gives one direction up to its sign: the signs' exact std.)
     """
     _check_model(model)
     _check_output_index(output_index)
@@ -525,29 +530,58 @@ def ito_term_estimate(model: nn.Module, probe_x: Inputs,
                           device=generator.device).to(device=device, dtype=torch.float64) * 2.0 - 1.0
     quad = _quad_form_fn(model, params, inputs, m, output_index)
     batched = vmap(quad) if chunk_size > 1 else None
-    values = []
-    for start in range(0, num_samples, chunk_size):
-        r = signs[start:start + chunk_size]
-        # 3. v_s = a Σ_n r_{s,n} d_n, cast to the parameters' dtype
-        vs = {}
-        for k, t in d.items():
-            r_k = r.to(t.device)
-            vs[k] = (a * torch.tensordot(r_k, t, dims=([1], [0]))).to(params[k].dtype)
-        # 4. quadratic forms
-        if batched is None:
-            values.append(quad({k: t[0] for k, t in vs.items()})[None])
-        else:
-            try:
-                values.append(batched(vs))
-            except RuntimeError as exc:
-                if "vmap" not in str(exc) and "batching rule" not in str(exc):
-                    raise
-                raise RuntimeError(f"an operation of the model has no vmap batching rule ({exc}); pass chunk_size=1 "
-                                   "to evaluate one Rademacher draw at a time without vmap (the same values).") from exc
-    q = torch.cat(values, dim=0).detach().to(torch.float64)  # [S, M]
+
+    def forms(weights: Tensor) -> Tensor:
+        """[vᵀ H_m v]: ``[K, M]`` float64 for the K directions v = a Σ_n weights_{·,n} d_n, chunk_size at a time."""
+        values = []
+        for start in range(0, weights.shape[0], chunk_size):
+            r = weights[start:start + chunk_size]
+            # 3. v_s = a Σ_n r_{s,n} d_n, cast to the parameters' dtype
+            vs = {}
+            for k, t in d.items():
+                r_k = r.to(t.device)
+                vs[k] = (a * torch.tensordot(r_k, t, dims=([1], [0]))).to(params[k].dtype)
+            # 4. quadratic forms
+            if batched is None:
+                values.append(quad({k: t[0] for k, t in vs.items()})[None])
+            else:
+                try:
+                    values.append(batched(vs))
+                except RuntimeError as exc:
+                    if "vmap" not in str(exc) and "batching rule" not in str(exc):
+                        raise
+                    raise RuntimeError(f"an operation of the model has no vmap batching rule ({exc}); pass "
+                                       "chunk_size=1 to evaluate one Rademacher draw at a time without vmap (the same "
+                                       "values).") from exc
+        return torch.cat(values, dim=0).detach().to(torch.float64)
+
+    q = forms(signs)  # [S, M]
     # 5. scale, mean, standard error
     terms = 0.5 * eta**2 * q
-    return terms.mean(dim=0), terms.std(dim=0, correction=1) / math.sqrt(num_samples)
+    stderr = terms.std(dim=0, correction=1) / math.sqrt(num_samples)
+    one_direction = bool(((signs == signs[:1]).all(dim=1) | (signs == -signs[:1]).all(dim=1)).all())
+    if one_direction and a > 0:
+        # Every draw gave the same direction up to its sign (r_s = ±r_1), so every draw the same value and a sample
+        # spread of exactly 0, whatever the signs' true spread: at B = 2 (v is 0 or ±2a d_1, half of the draws each)
+        # one call of 2^(S-1) (1 in 128 at S = 8), at B = 3 one in 4^(S-1). The spread over the signs is known
+        # exactly (pairs of distinct r_n r_n' are uncorrelated): Var_r[vᵀHv] = 4 Σ_{n<n'} (a² d_nᵀ H d_n')², the
+        # bilinear forms by polarization, 2 quadratic forms per pair (B small wherever the event is likely).
+        stderr = _exact_sign_stderr(forms, b, signs.device) * (0.5 * eta**2) / math.sqrt(num_samples)
+    return terms.mean(dim=0), stderr
+
+
+def _exact_sign_stderr(forms, b: int, device) -> Tensor:
+    """sqrt(Var_r[vᵀ H_m v]) over Rademacher signs r for v = a Σ_n r_n d_n: ``[M]`` float64, from
+    ``forms(weights [K, B]) -> [K, M]`` (quadratic forms of a Σ_n weights_{k,n} d_n), as
+    sqrt(4 Σ_{n<n'} β_{nn'}²) with β_{nn'} = a² d_nᵀ H_m d_n' = (q(e_n + e_n') − q(e_n − e_n')) / 4."""
+    pairs = [(i, j) for i in range(b) for j in range(i + 1, b)]
+    weights = torch.zeros((2 * len(pairs), b), dtype=torch.float64, device=device)
+    for k, (i, j) in enumerate(pairs):
+        weights[2 * k, i] = weights[2 * k, j] = weights[2 * k + 1, i] = 1.0
+        weights[2 * k + 1, j] = -1.0
+    q = forms(weights)
+    beta = (q[0::2] - q[1::2]) / 4  # [pairs, M]
+    return (4 * beta.square().sum(dim=0)).sqrt()
 
 
 @_attention_safe

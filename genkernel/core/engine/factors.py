@@ -45,6 +45,7 @@ from ..adapter import (
     analysis_mode, batch_size, data_dependent_modules, evaluated_at, flat_output, output_tensor, outside_inference_mode,
     trainable_parameters,
 )
+from .reference import RootSumSquares, in_common_scale, scaled_alike
 
 DEFAULT_MEMORY_BUDGET = 512 * 2**20
 
@@ -389,7 +390,9 @@ def _uncovered_blocks(model: nn.Module, plan: Plan, sample: tuple[torch.Tensor, 
             E = torch.randn(raw.shape, generator=generator, dtype=torch.float64).to(raw)
         edges = [edge for calls in records.values() for _, edge, _ in calls]
         with torch.enable_grad():
-            grads = torch.autograd.grad((raw * E[order.to(E.device)]).sum(), edges, allow_unused=True) if edges else []
+            # (an output that no parameter reaches has no graph: every edge's gradient is zero, as the reference's)
+            grads = (torch.autograd.grad((raw * E[order.to(E.device)]).sum(), edges, allow_unused=True)
+                     if edges and raw.requires_grad else [None] * len(edges))
         grads = [None if g is None else g.unsqueeze(0) for g in grads]
         # A block whose calls do not fit its layout comes back as its name (moved to the fallback).
         passes.append((order.tolist(), list(_assembled(plan, records, grads, 1, out, "outer", tolerant=True))))
@@ -403,7 +406,9 @@ def _uncovered_blocks(model: nn.Module, plan: Plan, sample: tuple[torch.Tensor, 
                 continue
             reference.append(dict(zip(map(id, params), torch.autograd.grad((raw * E[n : n + 1]).sum(), params,
                                                                            allow_unused=True))))
-    sums = {block.name: [0.0, 0.0, 0.0] for block in plan.blocks}  # gap², reference², factors²
+    # gap, reference and factors norms, over the block's parameters and examples (kept scale-safe: squares formed
+    # directly overflowed past 1.3e154, an OverflowError, and underflowed to 0 below 1.5e-154)
+    sums = {block.name: (RootSumSquares(), RootSumSquares(), RootSumSquares()) for block in plan.blocks}
     unreadable = set()
     for order, factors in passes:
         for f in factors:  # each block's per-example gradients formed once, one block at a time
@@ -418,17 +423,18 @@ def _uncovered_blocks(model: nn.Module, plan: Plan, sample: tuple[torch.Tensor, 
                 continue
             for name, rows in gradients.items():
                 for row, example in enumerate(order):
-                    got = rows[0, row].to(torch.float64)
+                    got = rows[0, row]
                     want = reference[example].get(id(f.block.parameter(name)))
-                    want = torch.zeros_like(got) if want is None else want.to(torch.float64)
-                    acc[0] += float((got - want).norm()) ** 2
-                    acc[1] += float(want.norm()) ** 2
-                    acc[2] += float(got.norm()) ** 2
+                    want = torch.zeros_like(got) if want is None else want
+                    (got, want), scale = scaled_alike(got, want)
+                    acc[0].add(got - want, scale)
+                    acc[1].add(want, scale)
+                    acc[2].add(got, scale)
     uncovered = _read_outside_their_calls(model, plan, sample, E) | unreadable
     for block in plan.blocks:
-        gap2, ref2, got2 = sums[block.name]
+        (gap, ref, got), scale = in_common_scale(*sums[block.name])
         rtol = COVERAGE_RTOL.get(block.parameter(block.names[0]).dtype, 1e-3)
-        if gap2**0.5 > rtol * (ref2**0.5 + got2**0.5) + torch.finfo(torch.float64).tiny:
+        if gap > rtol * (ref + got) + torch.finfo(torch.float64).tiny / scale:
             uncovered.add(block.name)
     return [block.name for block in plan.blocks if block.name in uncovered]
 
@@ -1261,8 +1267,10 @@ def check_rows_alone(model: nn.Module, inputs: tuple[torch.Tensor, ...], out: to
         if alone.shape != want.shape or bool((alone.isnan() ^ want.isnan()).any()):
             raise BatchDependent(_batch_dependent_message(model, batch, row))
         both = alone.isnan()
-        a, b = alone.double().masked_fill(both, 0), want.double().masked_fill(both, 0)
-        if float((a - b).norm()) > rtol * (float(a.norm()) + float(b.norm())) + torch.finfo(torch.float64).tiny:
+        # in a common scale (formed directly, norms of outputs past about 1.3e154 overflowed: inf > rtol * 2inf is
+        # false, and any difference passed; below 1.5e-154 they underflowed to 0); the absolute floor read in it
+        (a, b), scale = scaled_alike(alone.masked_fill(both, 0), want.masked_fill(both, 0))
+        if float((a - b).norm()) > rtol * (float(a.norm()) + float(b.norm())) + torch.finfo(torch.float64).tiny / scale:
             raise BatchDependent(_batch_dependent_message(model, batch, row))
     if seen is None:
         seen = _ALONE_CHECKED[model] = set()
@@ -1321,6 +1329,14 @@ def capture(
         if alone:
             check_rows_alone(model, inputs, out)
         edges = [edge for i in range(len(plan.blocks)) for _, edge, _ in records[i]]
+        if alone and edges and not raw.requires_grad:
+            # Blocks ran but the batch's output has no graph: a forward that detaches by the data (a branch on any
+            # row), which would give every row a zero gradient where examples alone may have one (the first example's
+            # was checked to have one: kernels.repeatable_output). torch.func takes each example alone, exactly.
+            raise BatchDependent(
+                f"{type(model).__name__}'s output on a batch of {batch_size(inputs)} has no graph to the parameters "
+                "(a forward that detaches by the data), so the factored engine's per-example factors would all be "
+                "zero. engine='functional' computes every example alone.")
         with torch.enable_grad():  # callers may run under no_grad: the cotangents' target needs its graph
             target, cot = cotangents(raw)
             grads = _batched_grad(target, edges, cot)
@@ -1368,6 +1384,8 @@ def _batched_grad(target: torch.Tensor, zs: list, cot: torch.Tensor, keep_graph:
     ``[c, *z.shape]`` each (None: unused). ``keep_graph``: another backward through the graph follows."""
     if not zs:
         return []
+    if not target.requires_grad:  # an output that no parameter reaches (detached for this batch): every z unused
+        return [None] * len(zs)
     if cot.shape[0] == 1:
         grads = torch.autograd.grad(target, zs, grad_outputs=cot[0], retain_graph=keep_graph, allow_unused=True)
         return [None if g is None else g.unsqueeze(0) for g in grads]

@@ -47,8 +47,8 @@ from ..adapter import (
 from ..param_bytes import joined_dtype, parameter_bytes, value_bytes
 from .factored import _probe_sizes, _Sizes, chunk_sizes, chunks, factored_gradient_kernel, factored_jacobian
 from .factors import (DEFAULT_MEMORY_BUDGET, BatchDependent, Plan, _any_attention, analysis, check_rows_alone,
-                      covering_plan, make_plan, pair_covering_plan, rows_alone_known)
-from .reference import jacobian_pair_kernel, jacobian_self_kernel, per_example_jacobian
+                      covering_plan, make_plan, pair_covering_plan, rows_alone_known, same_kind)
+from .reference import jacobian_pair_kernel, jacobian_self_kernel, per_example_jacobian, scaled_alike
 
 ENGINES = ("auto", "factored", "functional")
 REDUCTIONS = ("trace", "none")
@@ -200,7 +200,8 @@ def repeatable_output(model: nn.Module, one: tuple[torch.Tensor, ...], params: d
     backward passes (in analysis mode: one forked random stream) must give the same output and
     the same gradient of a fixed random combination of the outputs with respect to ``params``,
     up to rounding (:data:`REPEAT_RTOL` of their norms; NaN where both are NaN). Raises
-    ValueError otherwise.
+    ValueError otherwise, and for an output that no trainable parameter reaches (a detached
+    output, a forward under ``torch.no_grad()``: every engine's kernel would be all zeros).
 
     Randomness that eval mode does not switch off (a generator's noise injection, ``F.dropout``
     called with its default ``training=True``) draws other values in every pass, so each
@@ -223,7 +224,7 @@ def repeatable_output(model: nn.Module, one: tuple[torch.Tensor, ...], params: d
         # to their length, transformers' dynamic RoPE inv_freq beside the attribute that records its length) stays,
         # consistent with the module's attributes. (Written to copies and put back, it was refused, and the attribute
         # kept a length its restored buffer no longer had: the model's later outputs moved.)
-        out1, grad1 = _one_pass(model, one, params, name)
+        out1, grad1, reached = _one_pass(model, one, params, name)
         now = dict(model.named_buffers())
         in_place = [key for key, b in now.items() if key in before and b is before[key][0]
                     and not _same(b, before[key][1])]
@@ -248,7 +249,7 @@ def repeatable_output(model: nn.Module, one: tuple[torch.Tensor, ...], params: d
             )
         with preserved_buffers(model):
             between = generator_states(one, own)
-            out2, grad2 = _one_pass(model, one, params, name)
+            out2, grad2, _ = _one_pass(model, one, params, name)
             drew = drew_between(between, generator_states(one, own))
         if not drew and _close(out1, out2) and _close(grad1, grad2):
             with preserved_buffers(model):
@@ -270,6 +271,18 @@ def repeatable_output(model: nn.Module, one: tuple[torch.Tensor, ...], params: d
             "undefined. Remove the randomness from eval mode (pass the noise as an input, or call F.dropout with "
             "training=self.training)"
         )
+    if not reached:
+        # Every engine would give a zero kernel (torch.func: zero Jacobians; the factored engine's capture has no graph
+        # to differentiate), which reads as a model without sensitivity rather than the usual cause, a forward run
+        # without autograd. (An output component, or x2 of another kind, that no parameter reaches still gets zeros.)
+        raise ValueError(
+            f"{type(model).__name__}'s output on the first example of {name} depends on none of its {len(params)} "
+            "trainable parameters (no gradient reaches any of them), so its gradient kernel and tangent features "
+            "would be all zeros: the forward detaches its output (.detach(), .data, .item(), a NumPy round trip) or runs "
+            "under torch.no_grad() / torch.inference_mode(), or it reads only frozen parameters. Compute the output "
+            "with autograd on (remove the detach or the no_grad from forward), or set requires_grad=True on the "
+            "parameters it reads"
+        )
     return out1
 
 
@@ -281,15 +294,16 @@ def _same(now: torch.Tensor, was: torch.Tensor) -> bool:
 
 
 def _one_pass(model: nn.Module, one: tuple[torch.Tensor, ...], params: dict[str, torch.Tensor],
-              name: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """(output ``[1, d]``, gradient of Σ_o v_o f_o over ``params`` flattened, v fixed and random)."""
+              name: str) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """(output ``[1, d]``, gradient of Σ_o v_o f_o over ``params`` flattened, v fixed and random; whether the
+    output's graph reaches any of ``params`` at all: False for an output that depends on none of them)."""
     with torch.enable_grad():
         out = checked_forward(model, one, name=name)
         v = torch.randn(out.shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64).to(out)
         grads = torch.autograd.grad((out * v).sum(), list(params.values()), allow_unused=True) if out.requires_grad \
             else [None] * len(params)
     flat = torch.cat([(torch.zeros_like(p) if g is None else g).detach().reshape(-1) for g, p in zip(grads, params.values())])
-    return out.detach(), flat
+    return out.detach(), flat, any(g is not None for g in grads)
 
 
 def _substituted_pass(model: nn.Module, one: tuple[torch.Tensor, ...], params: dict[str, torch.Tensor],
@@ -320,24 +334,50 @@ def _close(first: torch.Tensor, second: torch.Tensor) -> bool:
     if bool(((first.isinf() | second.isinf()) & ~same).any()):
         # an infinity in one pass only, or of the other sign: the norms below would be inf <= inf, accepted
         return False
-    a, b = first.double().masked_fill(same, 0), second.double().masked_fill(same, 0)
+    # divided by their largest magnitude first: formed directly, the norms overflow for outputs past about 1.3e154
+    # (inf <= rtol * inf accepted any difference) and underflow below about 1.5e-154 (0 <= rtol * 0 did too)
+    (a, b), _ = scaled_alike(first.masked_fill(same, 0), second.masked_fill(same, 0))
     return float((a - b).norm()) <= REPEAT_RTOL.get(first.dtype, 1e-2) * float(a.norm())
 
 
 @outside_inference_mode
 @in_full_precision
-def kernel_plan(model: nn.Module, x: Batch, *, engine: str = "auto", memory_budget: int = DEFAULT_MEMORY_BUDGET,
-                rows_total: int | None = None) -> KernelPlan:
-    """The engine and chunk sizes :func:`gradient_kernel` uses for ``model`` on inputs like ``x``
-    (``rows_total``: the larger side's example count, default ``x``'s; a positive int)."""
+def kernel_plan(model: nn.Module, x: Batch, x2: Batch | None = None, *, engine: str = "auto",
+                memory_budget: int = DEFAULT_MEMORY_BUDGET, rows_total: int | None = None) -> KernelPlan:
+    """The engine and chunk sizes :func:`gradient_kernel` uses for ``model`` on inputs like ``x``: against
+    themselves, or against ``x2`` (the plan of ``gradient_kernel(model, x, x2)``: the second side's
+    batches are row-checked too, and the chunks are those of an M×N kernel). ``rows_total``: for ``x``
+    against itself, the example count to plan for, default ``x``'s (a positive int); with ``x2``, the
+    sides' own counts are planned for and ``rows_total`` is refused."""
     memory_budget = check_memory_budget(memory_budget)
     if rows_total is not None:  # 0, -5 or True planned chunks of 0, -5 or True rows, silently
         rows_total = positive_int(rows_total, "rows_total")
+        if x2 is not None:
+            raise ValueError("rows_total plans x against itself at another example count; with x2 the plan is that "
+                             "of x against x2 at their own counts: pass x2 or rows_total, not both")
     model = unwrap(model)
     check_per_example_safe(model)
     with analysis(model):
         params, xs, n, d = _prepare(model, x, "x", checked=True)
+        if x2 is not None:
+            xs2 = _second_side(model, xs, x2, d, "x", "x2")
+            return _pair_plan(model, params, xs, xs2, d, engine, memory_budget)
         return _plan(model, params, xs, d, n if rows_total is None else rows_total, engine, memory_budget)
+
+
+def _second_side(model: nn.Module, xs1: tuple[torch.Tensor, ...], x2: Batch, d: int, name1: str,
+                 name2: str) -> tuple[torch.Tensor, ...]:
+    """``x2`` as a tuple of tensors, checked (finite, a batch, and, where its inputs are of another kind than
+    ``xs1``'s, giving as many outputs per example, d)."""
+    xs2 = as_tuple(x2, name=name2)
+    batch_size(xs2, name=name2)
+    check_finite(xs2, name=name2)
+    if _kind(xs2) != _kind(xs1):  # inputs like x1's give x1's d outputs
+        with torch.no_grad(), analysis(model):
+            d2 = checked_forward(model, tuple(t[:1] for t in xs2), name=name2).shape[1]
+        if d2 != d:
+            raise ValueError(f"{name1} gives {d} outputs per example but {name2} gives {d2}")
+    return xs2
 
 
 def _plan(model, params, xs, d: int, rows_total: int, engine: str, memory_budget: int) -> KernelPlan:
@@ -350,6 +390,51 @@ def _plan(model, params, xs, d: int, rows_total: int, engine: str, memory_budget
             return KernelPlan("factored", d, chunking.rows, chunking.cotangents, plan.factored_fraction)
         # (else the factored kernel's capture finds the batch's rows not its examples' own and runs torch.func)
     return KernelPlan("functional", d, min(_functional_rows(params, d, memory_budget), rows_total), d, 0.0)
+
+
+def _pair_plan(model, params, xs1, xs2, d: int, engine: str, memory_budget: int) -> KernelPlan:
+    """:func:`_plan` for an M×N kernel between ``xs1`` and ``xs2`` (what :func:`_gradient_kernel` decides for them)."""
+    m, n = batch_size(xs1), batch_size(xs2)
+    plan = _engine_plan(model, xs1, d, (m, n), engine, xs2, memory_budget)
+    if plan is not None:
+        chunking = _chunking(model, plan, xs1, d, (m, n), False, _probe_sizes(model, plan, xs1), memory_budget)
+        if _pair_rows_alone(model, xs1, xs2, chunking, d):
+            return KernelPlan("factored", d, chunking.rows, chunking.cotangents, plan.factored_fraction)
+    return KernelPlan("functional", d, min(_functional_rows(params, d, memory_budget), max(m, n)), d, 0.0)
+
+
+def _pair_rows_alone(model: nn.Module, xs1: tuple[torch.Tensor, ...], xs2: tuple[torch.Tensor, ...],
+                     chunking: Chunking, d: int) -> bool:
+    """:func:`_rows_alone` for the captures of the factored kernel between ``xs1`` and ``xs2``
+    (:func:`~genkernel.core.engine.factored._factored_kernel`): with all d outputs in one backward, the held side's
+    (x2's) chunks, its first at least (captured before the held factors' size is measured); where x2 is held,
+    x1's chunks; else each pair of chunks joined into one batch (inputs of one kind) or each side's chunks alone."""
+    rows = chunking.rows
+    parts1 = [tuple(t[r] for t in xs1) for r in chunks(batch_size(xs1), rows)]
+    parts2 = [tuple(t[r] for t in xs2) for r in chunks(batch_size(xs2), rows)]
+    batches = []
+    if chunking.cotangents >= d:
+        batches += parts2 if chunking.held else parts2[:1]
+    if chunking.held:
+        batches += parts1
+    elif same_kind(xs1, xs2):
+        batches += [tuple(torch.cat([a, b]) for a, b in zip(p1, p2)) for p1 in parts1 for p2 in parts2]
+    else:
+        batches += parts1 + parts2
+    checked = set()
+    for batch in batches:
+        size = batch_size(batch)
+        key = (_kind(batch), size)
+        if key in checked or rows_alone_known(model, batch, size):  # (passed before: no forward again)
+            continue
+        checked.add(key)
+        try:
+            with torch.enable_grad(), _any_attention():  # (as the capture's forward)
+                out = flat_output(model(*batch), size).detach()
+            check_rows_alone(model, batch, out)
+        except BatchDependent:
+            return False
+    return True
 
 
 def _rows_alone(model: nn.Module, xs: tuple[torch.Tensor, ...], total: int, rows: int, *, joined: bool) -> bool:
@@ -485,7 +570,9 @@ def gradient_kernel(
         ValueError: for a model whose eval-mode forward is random (two passes on one example
             differ: :func:`repeatable_output`) or writes its buffers (a call counter, a quantization
             observer), or that couples examples by module type (BatchNorm with batch statistics,
-            dropout in training mode).
+            dropout in training mode), or whose output on x1's first example depends on no trainable
+            parameter (a detached output, a forward under ``torch.no_grad()``); output components
+            that no parameter reaches get zero rows and columns.
     """
     if reduce not in REDUCTIONS:
         raise ValueError(f"reduce must be one of {REDUCTIONS}, got {reduce!r}")
@@ -502,14 +589,8 @@ def gradient_kernel(
 
 def _gradient_kernel(model, x1, x2, normalize, reduce, memory_budget, engine) -> torch.Tensor:
     params, x1s, m_total, d = _prepare(model, x1, "x1", checked=True)
-    x2s = x1s if x2 is None else as_tuple(x2, name="x2")
+    x2s = x1s if x2 is None else _second_side(model, x1s, x2, d, "x1", "x2")
     n_total = batch_size(x2s, name="x2")
-    check_finite(x2s, name="x2")
-    if x2 is not None and _kind(x2s) != _kind(x1s):  # inputs like x1's give x1's d outputs
-        with torch.no_grad(), analysis(model):
-            d2 = checked_forward(model, tuple(t[:1] for t in x2s), name="x2").shape[1]
-        if d2 != d:
-            raise ValueError(f"x1 gives {d} outputs per example but x2 gives {d2}")
 
     plan = _engine_plan(model, x1s, d, (m_total, n_total), engine, None if x2 is None else x2s, memory_budget)
     if plan is not None:

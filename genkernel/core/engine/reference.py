@@ -6,6 +6,7 @@ examples, d flattened outputs, P parameters (the columns of ``params`` in order)
 
 from __future__ import annotations
 
+import math
 import warnings
 from typing import Any, Callable
 
@@ -87,6 +88,57 @@ def _untransformable_error(error: BaseException) -> ValueError | None:
     )
 
 
+class RootSumSquares:
+    """sqrt(Σ ‖t‖²) over the tensors :meth:`add` is given, kept as ``scale`` · sqrt(``sumsq``): the largest finite
+    magnitude seen and the sum of squares relative to it. Formed directly in float64, the squares overflow for
+    entries past about 1.3e154 (a norm of inf, and ``inf <= rtol * inf`` accepted any difference) and underflow
+    below about 1.5e-154 (a norm of 0, and ``0 <= rtol * 0`` accepted any difference too); :func:`in_common_scale`
+    compares several such norms without forming them. An infinity or a NaN among the entries makes ``sumsq``
+    inf or NaN, as the plain norm would be."""
+
+    def __init__(self) -> None:
+        self.scale, self.sumsq = 0.0, 0.0
+
+    def add(self, t: torch.Tensor, times: float = 1.0) -> None:
+        """Add ‖t · times‖ (``times``: the scale :func:`scaled_alike` divided ``t`` by; positive)."""
+        t = t.detach().double()
+        m = _finite_max(t)
+        m = torch.where(m > 0, m, torch.ones_like(m))  # (only zeros, or infinities and NaNs: their squares as they are)
+        m, s = torch.stack([m, (t / m).square().sum()]).tolist()  # (one read of the device)
+        m *= times
+        if s == 0:
+            return
+        if m > self.scale:
+            self.sumsq = (self.sumsq * (self.scale / m) ** 2 if self.sumsq else 0.0) + s
+            self.scale = m
+        else:
+            self.sumsq += s * (m / self.scale) ** 2
+
+
+def in_common_scale(*norms: RootSumSquares) -> tuple[list[float], float]:
+    """(the norms, each divided by one common scale S; S): ratios and sums of the values are those of the norms
+    themselves (a relative comparison, ``gap <= rtol * size``, reads the same), and no value overflows or
+    underflows; an absolute threshold ``a`` reads ``a / S``. S is the largest of their scales (1 for all zeros)."""
+    scale = max((n.scale for n in norms), default=0.0) or 1.0
+    return [(n.scale / scale) * math.sqrt(n.sumsq) if n.sumsq else 0.0 for n in norms], scale
+
+
+def scaled_alike(*tensors: torch.Tensor) -> tuple[tuple[torch.Tensor, ...], float]:
+    """(float64 copies of ``tensors`` divided by their common largest finite magnitude, that magnitude; 1 where it is
+    0): norms and differences formed from the copies neither overflow nor underflow (see :class:`RootSumSquares`),
+    with the same ratios as the originals'; infinities and NaNs stay."""
+    doubles = [t.detach().double() for t in tensors]
+    scale = float(torch.stack([_finite_max(t) for t in doubles]).max()) if doubles else 0.0
+    return (tuple(doubles), 1.0) if scale == 0 else (tuple(t / scale for t in doubles), scale)
+
+
+def _finite_max(t: torch.Tensor) -> torch.Tensor:
+    """The largest finite magnitude among ``t``'s entries, a 0-dim tensor on its device (0 for none)."""
+    if t.numel() == 0:
+        return t.new_zeros(())
+    return torch.where(t.isfinite(), t.abs(), t.new_zeros(())).max()
+
+
 def _agrees(batched: Any, alone: Any) -> bool:
     """Whether two results (pytrees of tensors) agree up to rounding: relative to their norm, over all
     floating leaves together, 1e-3 where any leaf is coarser than float64, else 1e-5 (a confused
@@ -94,7 +146,7 @@ def _agrees(batched: Any, alone: Any) -> bool:
     float32 body under a float64 head (its leaves float32, or float64 leaves carrying float32 rounding,
     1e-7) was taken for a batching-rule error, and every Jacobian was formed one example at a time
     (48x slower on a 3-layer MLP at 128 examples), with a warning naming a fault that was not there."""
-    gap = size = 0.0
+    gap, size = RootSumSquares(), RootSumSquares()  # (squares formed directly overflow past 1.3e154: inf <= inf)
     rtol = 1e-5
     for a, b in zip(pytree.tree_leaves(batched), pytree.tree_leaves(alone)):
         if not isinstance(a, torch.Tensor) or not a.is_floating_point():
@@ -102,10 +154,11 @@ def _agrees(batched: Any, alone: Any) -> bool:
         if a.shape != b.shape:
             return False
         rtol = rtol if a.dtype == torch.float64 else 1e-3
-        a, b = a.detach().double(), b.detach().double()
-        gap += float((a - b).norm()) ** 2
-        size += float(b.norm()) ** 2
-    return gap ** 0.5 <= rtol * size ** 0.5
+        (a, b), scale = scaled_alike(a, b)
+        gap.add(a - b, scale)
+        size.add(b, scale)
+    (gap_norm, size_norm), _ = in_common_scale(gap, size)
+    return gap_norm <= rtol * size_norm
 
 
 def per_example_jacobian(model: nn.Module, params: dict[str, torch.Tensor], fixed: dict[str, torch.Tensor] | None = None,
