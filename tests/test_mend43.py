@@ -66,3 +66,37 @@ def test_an_atomic_file_that_fails_part_way_leaves_the_previous_file_and_no_temp
     with pytest.raises(ValueError, match="mode must be 'w' or 'wb'"):
         with atomic_file(path, "a"):
             pass
+
+
+def test_the_cost_estimate_of_a_model_left_in_training_mode_is_the_trackers_and_leaves_it_as_it_was():
+    """estimate_cost on a model in training mode with a BatchNorm1d (as a training loop leaves it): the estimate is
+    made (its one-example passes in eval mode, as the tracker makes its own), its parts equal the tracker's estimate
+    of the same set-up, and the model is left in training mode with its running statistics and the RNG untouched.
+
+    Fails on the old code: BatchNorm1d refused the one-example pass ("Expected more than 1 value per channel when
+    training")."""
+    import torch
+    from torch import nn
+
+    from genkernel.core import PathKernelTracker
+    from genkernel.core.cost import estimate_cost
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 2)).double()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    probes = torch.randn(5, 3, dtype=torch.float64)
+    model.train()
+    tracker = PathKernelTracker(model, optimizer, lambda out, y: ((out - y) ** 2).sum(1), probes, num_groups=4,
+                                batch_size=6, memory_budget=2**20)
+    running = {name: b.clone() for name, b in model.named_buffers()}
+    rng = torch.get_rng_state()
+    # (the tracker's own call, tracker._check_cost, made by hand outside analysis_mode)
+    estimate = estimate_cost(model, optimizer, (probes,), outputs=2, rows=tracker.partitions.total,
+                             partitions=len(tracker.partitions), group_state=tracker.group_state,
+                             gradient_route=tracker._gradient_route_of_estimate(),
+                             contribution_route=tracker.route.contribution_route, **tracker._cost_settings)
+    assert model.training and all(m.training for m in model.modules())
+    assert all(torch.equal(b, running[name]) for name, b in model.named_buffers())
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert tracker.cost.memory == estimate.memory and tracker.cost.work == estimate.work
+    tracker.close()

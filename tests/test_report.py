@@ -298,8 +298,6 @@ def test_gan_summary_names_groups_by_the_analyzers_saved_labels():
 def test_write_report_is_atomic(tmp_path, monkeypatch):
     """A write interrupted half-way (disk full, a kill) left a truncated page in place of the previous
     one; now the previous page stays whole and no temporary file is left behind."""
-    import pathlib
-
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(2, 4), torch.nn.Tanh(), torch.nn.Linear(4, 1)).double()
     loss = lambda out, y: ((out - y) ** 2).mean(dim=1)  # noqa: E731
@@ -308,13 +306,22 @@ def test_write_report_is_atomic(tmp_path, monkeypatch):
     tracker.step(torch.randn(6, 2, dtype=torch.float64), torch.randn(6, 1, dtype=torch.float64), torch.arange(6) % 2)
     path = tmp_path / "report.html"
     path.write_text("the previous page", encoding="utf-8")
-    original = pathlib.Path.write_text
+    import contextlib
 
-    def interrupted(self, data, *args, **kwargs):
-        original(self, data[:100], *args, **kwargs)
-        raise OSError("No space left on device")
+    import genkernel.report.html as html_module
 
-    monkeypatch.setattr(pathlib.Path, "write_text", interrupted)
+    real = html_module.atomic_file
+
+    @contextlib.contextmanager
+    def interrupted(target, *args, **kwargs):  # the page's file fills up after 100 characters
+        with real(target, *args, **kwargs) as handle:
+            class Full:
+                def write(self, data):
+                    handle.write(data[:100])
+                    raise OSError(28, "No space left on device")
+            yield Full()
+
+    monkeypatch.setattr(html_module, "atomic_file", interrupted)
     with pytest.raises(OSError, match="No space left"):
         write_report(tracker, path, animate=False)
     monkeypatch.undo()

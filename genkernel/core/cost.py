@@ -153,6 +153,7 @@ not in them.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import numbers
 import os
@@ -162,7 +163,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from .adapter import (coupled_modules, eval_mode, functional_model, has_state_outside_training, outside_inference_mode,
+from .adapter import (analysis_mode, coupled_modules, eval_mode, functional_model, has_state_outside_training, outside_inference_mode,
                       output_tensor, preserved_state)
 from .engine.factored import BlockShape, block_shapes, capture_chunks, probe_capture_bytes
 from .engine.gradients import (EXAMPLE_PASS_ACTIVATIONS, GRAPH_ROW_ACTIVATIONS, GRAPH_ROW_LARGEST_OUTPUTS,
@@ -771,7 +772,21 @@ def push_pass_shape(memory_budget: int, probes: int, activation_bytes: int,
     return 1, max(1, int(memory_budget // (per_probe_primal + per_probe_row)))
 
 
+def _in_analysis_mode(function: Callable) -> Callable:
+    """``function(model, ...)`` run under :func:`~genkernel.core.adapter.analysis_mode` of ``model``: the estimate's
+    one-example passes in eval mode (a training-mode BatchNorm1d cannot run a batch of one), as a tracker makes its
+    estimate, whatever mode the caller left the model in (restored after)."""
+
+    @functools.wraps(function)
+    def run(model: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        with analysis_mode(model):
+            return function(model, *args, **kwargs)
+
+    return run
+
+
 @outside_inference_mode
+@_in_analysis_mode
 def estimate_cost(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
