@@ -482,4 +482,4 @@ def test_a_gan_checkpoint_of_another_probe_set_stays_refused_when_training_is_ca
         resumed.train(4, resume=True)
     with pytest.raises(ValueError, match="the probes have the same shapes but other values"):
         resumed.train(4)  # the loop calls it again
-    assert analyzer.g_tracker is None and analyzer.g_steps == 2 == resumed.g_steps
+    assert analyzer.g_tracker is None and analyzer.g_steps == 0 == resumed.g_steps  # (refused before the load)

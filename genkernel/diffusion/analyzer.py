@@ -67,6 +67,7 @@ Conditional denoisers ``model(x_t, t, *conditioning)`` (class labels, ``encoder_
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import math
 import numbers
 import operator
@@ -97,7 +98,7 @@ from ..core.tracking.sketched import SKETCHED_TRAFFIC_NOTE, sketch_error_note, s
 from ..core.tracking.step import OptimizerStep
 from ..core.tracking.tracker import (
     GROUP_STATES, MEMORY_CHECKS, MIXED_PRECISION, OWNED_STEP, REPEATABLE_LISTENER, PathKernelTracker, StepContributions,
-    step_payloads,
+    probe_identity, saved_tracker_settings, step_payloads,
 )
 from ..logging import LoggingCallback
 from ..stats import nan_median
@@ -354,6 +355,10 @@ class NoiseLevelAnalyzer(TrainerCallback):
         self._kernel_wrappers: dict = {}  # the kernel sketch's wrappers, kept between records (state_kernel)
         self.model: nn.Module | None = None
         self._pending_state: dict[str, Any] | None = None
+        # The trainer whose load_state_dict is loading this analyzer's state, set by the built-in trainers for that
+        # call alone: a state loaded before bind is compared with the EMA ledger that trainer's train() would bind
+        # (_check_saved_tracker); None otherwise.
+        self.resuming_trainer: Any = None
         self._overhead_pending = False  # a DataLoader trainer's VAE encode, counted at its first batch
         # Why this analyzer refuses to go on (a step's bookkeeping cut off where it cannot be completed), else None.
         self._broken: str | None = None
@@ -1328,17 +1333,104 @@ class NoiseLevelAnalyzer(TrainerCallback):
             # band: a reading setting (not checked on load), saved so that a summary of the state reads
             # locality at the analyzer's own half-width
             "config": {"num_bins": self.num_bins, "controls": self.controls, "probe_timesteps": self.probe_timesteps.tolist(),
-                       "bin_edges": self.bins.edges.tolist(), "band": self.band,
+                       "bin_edges": self.bins.edges.tolist(), "band": self.band, "probe_inputs": self._probe_inputs(),
                        **self._noise_process(), **self._record_settings()},
         }
 
     def _record_settings(self) -> dict[str, Any]:
         """What the saved records were made under, which a resumed run must share: the tracked window's first step
         (a ledger begun at step 1 resumed as a window from step 2 would be reported as that window, and the reverse;
-        its last step may move, within what the saved ledger holds: :meth:`_check_window_end`) and the kernel
-        records' inputs (the records of one run made at one ``kernel_points``)."""
+        its last step may move, within what the saved ledger holds: :meth:`_check_window_end`), the kernel
+        records' inputs (the records of one run made at one ``kernel_points``) and the cadences of the history and
+        the kernel records (``snapshot_every``, ``kernel_every``: resumed at another, one list would hold rows
+        every 5 tracked steps up to the save and every step after it, read as one run's curve)."""
         return {"track_start": None if self.track_steps is None else int(self.track_steps[0]),
-                "kernel_points": int(self.kernel_clean.shape[0])}
+                "kernel_points": int(self.kernel_clean.shape[0]),
+                "snapshot_every": self.snapshot_every, "kernel_every": self.kernel_every}
+
+    def _probe_inputs(self) -> str:
+        """A digest (16 hex digits of a SHA-256) of what the probes and the kernel records are made from: the clean
+        rows, their fixed noise, the probe levels and conditioning, as the constructor drew them (``probe_data``,
+        ``num_probes``, ``probe_levels``, ``probe_conditioning``, ``seed``), on the CPU in float64 (the same on any
+        device, for a model of any dtype). A saved state's ledgers and kernel records belong to these inputs."""
+        digest = hashlib.sha256()
+        for t in (self.probe_clean, self.probe_noise, self.probe_timesteps, *self.probe_conditioning,
+                  self.kernel_clean, self.kernel_noise, *self.kernel_conditioning):
+            t = t.detach().cpu()
+            t = t.to(torch.float64) if t.is_floating_point() else t
+            digest.update(f"{tuple(t.shape)} {t.dtype};".encode())
+            digest.update(t.contiguous().numpy().tobytes())
+        return digest.hexdigest()[:16]
+
+    def _check_probe_inputs(self, state: dict[str, Any]) -> None:
+        """Refuse a saved state whose probes or kernel inputs were drawn from other inputs than this analyzer's
+        (:meth:`_probe_inputs`; states saved before it was kept have none): its tracker would refuse the ledgers at
+        bind, after a resuming trainer had loaded its model, and the kernel records would go on at other inputs."""
+        saved = state["config"].get("probe_inputs")
+        if saved is not None and saved != self._probe_inputs():
+            raise ValueError(
+                f"the saved analyzer's probes and kernel inputs were drawn from other inputs than this one's (digest "
+                f"saved {saved}, here {self._probe_inputs()}): its ledgers describe other probes. Build the analyzer "
+                "with the saved run's probe_data, num_probes, probe_levels, probe_conditioning and seed"
+            )
+
+    def _check_saved_tracker(self, state: dict[str, Any]) -> None:
+        """Refuse a saved state whose tracker state the tracker :meth:`bind` builds would refuse
+        (:meth:`PathKernelTracker.load_state_dict`), before anything is loaded. A state loaded before bind is
+        otherwise compared there only, at a trainer's next ``train()`` start, after the trainer had loaded the
+        checkpoint's model and optimizer. Compared: what this analyzer's constructor arguments set (the partitions'
+        ``num_classes``, ``quadrature``, ``group_state`` where not "auto", ``state_dtype``, ``sketch_dim``, the
+        probes' shapes) and, while a built-in trainer loads it (:attr:`resuming_trainer`), whether that trainer's
+        ``train()`` binds an EMA ledger (``ema_ledger``). "auto" resolves at bind with the model and optimizer: a
+        saved "factored" state is left to the tracker there."""
+        saved = saved_tracker_settings(state["tracker"])
+        problems: list[tuple[str, Any, Any, str]] = []  # (setting, saved, here, the argument that fits the state)
+        if saved["partitions"] != self.partitions:
+            if {k: v for k, v in saved["partitions"].items() if k != LEVEL_CLASS} == {
+                    k: v for k, v in self.partitions.items() if k != LEVEL_CLASS}:
+                classes = saved["partitions"].get(LEVEL_CLASS)
+                classes = None if classes is None else classes // saved["partitions"][LEVEL]
+                problems.append(("num_classes", classes, self.num_classes, f"num_classes={classes}"))
+            else:
+                problems.append(("partitions", saved["partitions"], self.partitions,
+                                 "num_bins, controls and num_classes as saved"))
+        rule = quadrature_rule(self.quadrature).name
+        if saved["quadrature"] != rule:
+            problems.append(("quadrature", saved["quadrature"], rule, f"quadrature={saved['quadrature']!r}"))
+        if (self.group_state != "auto" and saved["group_state"] != self.group_state) or (
+                self.group_state == "auto" and saved["group_state"] == "sketched"):  # ("auto" never sketches)
+            problems.append(("group_state", saved["group_state"], self.group_state,
+                             f"group_state={saved['group_state']!r}"))
+        dtype = str(self.state_dtype).replace("torch.", "")
+        if saved["state_dtype"] is not None and saved["state_dtype"] != dtype:
+            problems.append(("state_dtype", saved["state_dtype"], dtype, f"state_dtype=torch.{saved['state_dtype']}"))
+        if saved["sketch"] is not None and self.group_state == "sketched" and saved["sketch"][0] != self.sketch_dim:
+            problems.append(("sketch_dim", saved["sketch"][0], self.sketch_dim, f"sketch_dim={saved['sketch'][0]}"))
+        shapes = [shape for shape, _, _ in saved["probes"]]
+        mine = [tuple(t.shape) for t in self.probes()]
+        if saved["probes"] and shapes != mine:
+            problems.append(("probe shapes", shapes, mine,
+                             "probe_data, num_probes and probe_conditioning shaped as saved"))
+        trainer = self.resuming_trainer
+        if trainer is not None and saved["probes"] and shapes == mine and "probe_inputs" not in state["config"]:
+            # (a state saved before the probes' inputs were kept: their values as bind computes them, on the model's
+            # device and in its dtype, compared as the tracker compares them)
+            values = [digest for _, _, digest in probe_identity(self.probes(next(unwrap(trainer.model).parameters())))]
+            if values != [digest for _, _, digest in saved["probes"]]:
+                problems.append(("probe values (digests)", [digest for _, _, digest in saved["probes"]], values,
+                                 "the saved run's probe_data, num_probes, probe_levels, probe_conditioning and seed"))
+        if trainer is not None:
+            ema = self._trainer_ema(trainer) is not None
+            if saved["ema"] != ema:
+                problems.append(("EMA ledger", "kept" if saved["ema"] else "none", "kept" if ema else "none",
+                                 f"ema_ledger={'trainer' if saved['ema'] else 'none'!r}"))
+        if problems:
+            raise ValueError(
+                "the saved analyzer's tracker was built with other settings than this analyzer builds ("
+                + "; ".join(f"{name}: saved {old!r}, here {new!r}" for name, old, new, _ in problems)
+                + "): its ledgers cannot go on under these. Build the analyzer with "
+                + ", ".join(fix for _, _, _, fix in problems) + ", as the saved run's was"
+            )
 
     def _check_window_end(self, state: dict[str, Any]) -> None:
         """Refuse a tracked window that ends before a step the saved ledger holds (a run stopped inside its window
@@ -1375,7 +1467,9 @@ class NoiseLevelAnalyzer(TrainerCallback):
                 mine[key] = value
         check_saved_settings({key: state["config"][key] for key in mine}, mine, "analyzer")
         self._check_window_end(state)
+        self._check_probe_inputs(state)
         if self.tracker is None:
+            self._check_saved_tracker(state)  # (bound, the tracker's own load compares them, before anything changes)
             self._pending_state = state
             self.stopped = bool(state.get("stopped", False))
         else:

@@ -1107,7 +1107,9 @@ class DDPMTrainer:
             check_ema_state(self.ema, state["ema"])
         # The callbacks' states first: one a callback refuses (an analyzer of other settings) leaves the trainer as
         # it was, and stays pending, so that train() is refused until it is claimed or discarded.
-        self._callback_states.load(self.callbacks, state["callbacks"])
+        # (an analyzer whose trackers are not built yet compares the saved trackers' settings with those its trackers
+        # will have, this trainer's EMA ledger among them)
+        self._callback_states.load(self.callbacks, state["callbacks"], trainer=self)
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         if self.ema is not None:

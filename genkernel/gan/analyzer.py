@@ -131,7 +131,8 @@ from ..core.tracking.owed import OwedRecord, make_owed
 from ..core.tracking.quadrature import residual_remedy
 from ..core.tracking.step import OptimizerStep, micro_batch_rows
 from ..core.tracking.tracker import (
-    MEMORY_CHECKS, MIXED_PRECISION, REPEATABLE_LISTENER, PathKernelTracker, StepContributions, step_payloads,
+    MEMORY_CHECKS, MIXED_PRECISION, REPEATABLE_LISTENER, PathKernelTracker, StepContributions, probe_identity,
+    saved_tracker_settings, step_payloads,
 )
 from ..logging import LoggingCallback
 from ..stats import MIN_PROBE_GROUPS, mean_interval, nan_median, two_way_interval
@@ -435,6 +436,7 @@ class GANKernelAnalyzer(TrainerCallback):
         for what, fn in (("generator_loss", generator_loss), ("geometry_loss", geometry_loss)):
             self._check_loss_conditioning(fn, what)
         self.rng = seeded_generator(seed)  # (checks the seed: seed and seed + 2**32 drew the same controls)
+        self.seed = seed  # (what drew the coverage latents: a resumed run's coverage rows must use the same, _config)
         # the geometry and spatial ids of the last examples (grouping.recent_labels)
         self._control_pools = {GEOMETRY: torch.zeros(0, dtype=torch.long), SPATIAL: torch.zeros(0, dtype=torch.long)}
         # k-means takes 32-bit seeds: the same bits the generator reads
@@ -500,6 +502,10 @@ class GANKernelAnalyzer(TrainerCallback):
         self.d_tracker: PathKernelTracker | None = None
         self._pass_record: dict[str, Any] | None = None  # analysis_pass_cost() when the generator tracker was built
         self._pending: dict[str, Any] | None = None
+        # The trainer whose load_state_dict is loading this analyzer's state, set by the built-in trainers for that
+        # call alone: a loaded state is compared with the EMA ledger that trainer's steps would track
+        # (_check_saved_trackers); None otherwise.
+        self.resuming_trainer: Any = None
         self.g_steps = 0
         self.d_steps = 0
         self._steps_at_bind = (0, 0)  # each player's attempted steps (_attempted) when the loop's count was start_step
@@ -2490,7 +2496,20 @@ class GANKernelAnalyzer(TrainerCallback):
                 "discriminator_groups": self.discriminator_groups,
                 # D's ledger runs with the run or not at all: one resumed without it reports the steps before the save
                 # as the run's, one resumed with it books D's steps from the save on as if from the start
-                "track_discriminator": bool(self.track_discriminator)}
+                "track_discriminator": bool(self.track_discriminator),
+                **self._coverage_settings()}
+
+    def _coverage_settings(self) -> dict[str, Any]:
+        """What a mode-coverage row (``coverage``, with ``mode_centers``) is measured with: the number of fixed
+        latents, the seed that drew them, and the radius (``coverage_sigmas`` times ``mode_std``). A run resumed
+        with another would append rows of another definition to the saved ones (other samples, counts out of
+        another total, another radius), read as one run's curve. None each without ``mode_centers`` (no coverage
+        is measured: then they are not the records' settings)."""
+        measured = self.mode_centers is not None
+        return {"coverage_latents": int(self.coverage_latents.shape[0]) if measured else None,
+                "coverage_sigmas": float(self.coverage_sigmas) if measured else None,
+                "mode_std": float(self.mode_std) if measured else None,
+                "seed": self.seed if measured else None}
 
     def save(self, path: str | os.PathLike) -> None:
         """Write the analyzer state (:meth:`state_dict`) atomically."""
@@ -2512,8 +2531,9 @@ class GANKernelAnalyzer(TrainerCallback):
                  "window": self.window, "eval_every": self.eval_every, "mode_centers": mine["mode_centers"],
                  "field_snapshots": self.field_snapshots,
                  "discriminator_groups": self.discriminator_groups, "track_discriminator": mine["track_discriminator"],
-                 **state["config"]}
+                 **self._coverage_settings(), **state["config"]}
         check_saved_settings(saved, mine, "analyzer")
+        self._check_saved_trackers(state)
         if self._bound:
             _check_start_step(self._start_step, list(state["g_loop_steps"]), list(state["d_loop_steps"]))
         try:
@@ -2524,6 +2544,57 @@ class GANKernelAnalyzer(TrainerCallback):
             self._broken = (f"loading a saved state failed half-way ({type(error).__name__}: {str(error)[:200]}); load a "
                             "state saved with these networks, optimizers and settings")
             raise
+
+    def _check_saved_trackers(self, state: dict[str, Any]) -> None:
+        """Refuse a saved state whose tracker states the trackers rebuilt after the load would refuse
+        (:meth:`PathKernelTracker.load_state_dict`), before anything is loaded: a trainer's analyzer rebuilds them
+        at the next step of each player, after the trainer had loaded the checkpoint's networks and optimizers,
+        and refused there the run stopped in its first iteration. Compared: ``quadrature`` (both trackers), the
+        generator's probes (``probe_latents``, ``probe_classes``: shapes, dtypes and values, as the tracker
+        compares them) and, while a built-in trainer loads the state (:attr:`resuming_trainer`) or in observe mode
+        (bind's ``ema``), whether the generator's tracker keeps an EMA ledger (``ema_ledger``). The partitions and
+        ``state_dtype`` are the config's (:meth:`_config`); D's probes are the saved ones. A state saved after its
+        window ended rebuilds no tracker: nothing is compared."""
+        if state.get("stopped", False):
+            return
+        problems: list[tuple[str, Any, Any, str]] = []  # (setting, saved, here, the argument that fits the state)
+        saved_rules = {saved_tracker_settings(state[which])["quadrature"] for which in ("g_tracker", "d_tracker")
+                       if state.get(which) is not None}
+        for rule in sorted(saved_rules - {self.quadrature}):
+            problems.append(("quadrature", rule, self.quadrature, f"quadrature={rule!r}"))
+        if state.get("g_tracker") is not None:
+            saved = saved_tracker_settings(state["g_tracker"])
+            probes = (self.probe_latents,) if not self.conditional else (self.probe_latents, self.probe_classes)
+            # as a trainer's steps take them, and as bind moves them to G's device and floating dtype (_follow_networks)
+            parameter = floating_parameter(self._g)
+            candidates = [probe_identity(probes)]
+            if parameter is not None:
+                candidates.append(probe_identity(tuple(like_parameter(t, parameter) for t in probes)))
+            if saved["probes"] and saved["probes"] not in candidates:
+                layout = lambda identity: [(shape, dtype) for shape, dtype, _ in identity]
+                # (the tracker's words where only the values differ)
+                what = ("generator probes (the probes have the same shapes but other values; shape, dtype, digest)"
+                        if layout(saved["probes"]) in [layout(c) for c in candidates]
+                        else "generator probes (shape, dtype, digest)")
+                problems.append((what, saved["probes"], candidates[-1],
+                                 "the saved run's probe_latents (and probe_classes)"))
+            trainer = self.resuming_trainer
+            ema = None
+            if self._bound:
+                ema = self._ema is not None
+            elif trainer is not None:
+                ema = self.ema_ledger == "trainer" and getattr(trainer, "ema", None) is not None
+            if ema is not None and saved["ema"] != ema:
+                problems.append(("EMA ledger", "kept" if saved["ema"] else "none", "kept" if ema else "none",
+                                 f"ema_ledger={'trainer' if saved['ema'] else 'none'!r}" if not self._bound
+                                 else f"bind(..., ema={'the EMA' if saved['ema'] else 'None'})"))
+        if problems:
+            raise ValueError(
+                "the saved analyzer's trackers were built with other settings than this analyzer builds ("
+                + "; ".join(f"{name}: saved {old!r}, here {new!r}" for name, old, new, _ in problems)
+                + "): their ledgers cannot go on under these. Build the analyzer with "
+                + ", ".join(fix for _, _, _, fix in problems) + ", as the saved run's was"
+            )
 
     def _load_checked_state(self, state: dict[str, Any]) -> None:
         if state["grouping"] is not None:

@@ -1226,7 +1226,9 @@ class GANTrainer:
             check_ema_state(self.ema, state.get("ema"))
         # The callbacks' states first: one a callback refuses (an analyzer of other settings) leaves the trainer as
         # it was, and stays pending, so that train() is refused until it is claimed or discarded.
-        self._callback_states.load(self.callbacks, state["callbacks"])
+        # (an analyzer whose trackers are not built yet compares the saved trackers' settings with those its trackers
+        # will have, this trainer's EMA ledger among them)
+        self._callback_states.load(self.callbacks, state["callbacks"], trainer=self)
         self.generator.load_state_dict(state["generator"])
         self.discriminator.load_state_dict(state["discriminator"])
         self.g_optimizer.load_state_dict(state["g_optimizer"])

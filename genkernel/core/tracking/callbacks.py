@@ -179,18 +179,28 @@ class CallbackStates:
         # States loaded from a checkpoint whose callback is not attached yet travel on.
         return {**{k: v for k, v in self.pending.items() if k not in out}, **out}
 
-    def load(self, callbacks: Sequence[TrainerCallback], saved: dict[str, dict[str, Any]]) -> None:
+    def load(self, callbacks: Sequence[TrainerCallback], saved: dict[str, dict[str, Any]], *,
+             trainer: Any = None) -> None:
+        """Restore ``saved`` into the callbacks attached now (the others pending). ``trainer``: the trainer whose
+        checkpoint this is, told for this call alone to the callbacks that compare a state with it before their
+        trackers exist (an analyzer's ``resuming_trainer``: whether that trainer keeps an EMA, its model's device)."""
         if not isinstance(saved, dict):
             raise ValueError(
                 "this checkpoint stores callback states by position (an older genkernel); it cannot be matched to "
                 "callbacks safely: start the analysis anew from the model and optimizer it holds"
             )
         self.pending, self.aborted = dict(saved), None
+        told = [c for c in callbacks if hasattr(c, "resuming_trainer")] if trainer is not None else []
+        for callback in told:
+            callback.resuming_trainer = trainer
         try:
             self.claim(callbacks, strict=False)
         except BaseException as error:
             self.aborted = f"{type(error).__name__}: {error}"
             raise
+        finally:
+            for callback in told:
+                callback.resuming_trainer = None
 
     def claim(self, callbacks: Sequence[TrainerCallback], *, strict: bool = True) -> None:
         if strict and self.aborted is not None and self.pending:

@@ -45,7 +45,7 @@ import os
 import warnings
 import weakref
 from dataclasses import dataclass, field, replace
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -2347,6 +2347,12 @@ class PathKernelTracker:
             "ledgers": {name: ledger.state_dict() for name, ledger in self.ledgers.items()},
             "splitter": self.splitter.state_dict(),
             "route": self.route.state_dict(),
+            # The structurally null parameters the route found, per set of module modes (routes.GroupStateRoute
+            # ._refresh_null): found once, at the first step that asked, with the parameters of then. A resumed
+            # tracker without them searched again at its first step, with later parameters: a parameter found null at
+            # step 1 (a layer behind a nearly zero one) and not at the resume had its update booked to the groups
+            # where the uninterrupted run booked it to the rest (null_moves), the ledgers no longer bit for bit.
+            "null_found": [[list(modes), sorted(names)] for modes, names in self.route._null_found.items()],
             "f_prev": self._f_prev.clone(),
             "theta_after": None if self._theta_after is None else {k: v.clone() for k, v in self._theta_after.items()},
             "buffers_after": None if self._buffers_after is None else {k: v.clone() for k, v in self._buffers_after.items()},
@@ -2368,7 +2374,7 @@ class PathKernelTracker:
         """What a saved state belongs to: the probes (shapes, dtypes and a digest of their values),
         the model's trainable parameters (names and shapes) and the optimizer's kind."""
         return {
-            "probes": [(tuple(t.shape), str(t.dtype), _digest(t)) for t in self.probes],
+            "probes": probe_identity(self.probes),
             "parameters": {name: tuple(p.shape) for name, p in self.params.items()},
             "optimizer": type(self.optimizer).__name__,
         }
@@ -2382,14 +2388,15 @@ class PathKernelTracker:
             # an observed loop (or track_ema) switched "auto" to the dense route; this fresh tracker resolved
             # "auto" again (plain SGD: "factored") and would refuse the state as another set-up
             self._need_dense("a state saved with the dense group state")
-        saved = (state["partitions"], state["quadrature"], state["group_state"])
+        settings = saved_tracker_settings(state)
+        saved = (settings["partitions"], settings["quadrature"], settings["group_state"])
         mine = (self.partitions.state_dict(), self.rule.name, self.group_state)
         if saved != mine:
             raise ValueError(
                 f"the saved tracker had partitions={saved[0]}, quadrature={saved[1]!r}, group_state={saved[2]!r}; "
                 f"this one has partitions={mine[0]}, quadrature={mine[1]!r}, group_state={mine[2]!r}"
             )
-        saved_dtype, my_dtype = _saved_state_dtype(state), str(self._tracked.state_dtype).replace("torch.", "")
+        saved_dtype, my_dtype = settings["state_dtype"], str(self._tracked.state_dtype).replace("torch.", "")
         if saved_dtype is not None and saved_dtype != my_dtype:
             raise ValueError(
                 f"the saved tracker kept its group state in {saved_dtype}, this one in {my_dtype}: build it with "
@@ -2425,6 +2432,9 @@ class PathKernelTracker:
         """Set every part of the tracker from a checked :meth:`state_dict` (the route first: it
         refuses another sketch before anything changes)."""
         self.route.load_state_dict(state["route"])
+        found = state.get("null_found")  # (None in a state saved before it was kept: searched again at the next step)
+        self.route._null_found = {} if found is None else {
+            tuple(bool(m) for m in modes): frozenset(names) for modes, names in found}
         self.splitter.load_state_dict(state["splitter"])
         self.ledgers = {name: PathKernelLedger.from_state_dict(s) for name, s in state["ledgers"].items()}
         self._f_prev = state["f_prev"].clone()
@@ -2745,6 +2755,32 @@ def _digest(t: torch.Tensor) -> str:
     """A short SHA-256 of a tensor's values (bytes of its CPU copy)."""
     raw = t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
     return hashlib.sha256(raw).hexdigest()[:16]
+
+
+def probe_identity(probes: Sequence[torch.Tensor]) -> list[tuple[tuple[int, ...], str, str]]:
+    """``[(shape, dtype, digest)]`` of each probe tensor: what a saved state records of its probes (``identity``),
+    the digest a SHA-256 of the values' bytes (:func:`_digest`: the same on any device)."""
+    return [(tuple(t.shape), str(t.dtype), _digest(t)) for t in probes]
+
+
+def saved_tracker_settings(state: dict[str, Any]) -> dict[str, Any]:
+    """What a saved tracker state (:meth:`PathKernelTracker.state_dict`) was built with, as its load compares it with
+    the tracker it is loaded into, for a caller that checks a state before building that tracker (an analyzer
+    loaded before its trackers are built). Returns ``{"partitions": {name: G}, "quadrature": rule name,
+    "group_state": route, "state_dtype": "float64" / "float32" or None (:func:`_saved_state_dtype`), "sketch":
+    (k, seed, kind) of a sketched route's projection or None, "probes": [(shape, dtype, digest)]
+    (:func:`probe_identity`), "optimizer": class name, "ema": whether it keeps an EMA ledger}``."""
+    route = state.get("route")
+    sketch = None
+    if state.get("group_state") == "sketched" and isinstance(route, dict) and "k" in route:
+        sketch = (int(route["k"]), int(route["seed"]), str(route["kind"]))
+    identity = state.get("identity") or {}
+    return {
+        "partitions": state["partitions"], "quadrature": state["quadrature"], "group_state": state["group_state"],
+        "state_dtype": _saved_state_dtype(state), "sketch": sketch,
+        "probes": [(tuple(shape), str(dtype), str(digest)) for shape, dtype, digest in identity.get("probes", [])],
+        "optimizer": identity.get("optimizer"), "ema": state.get("ema") is not None,
+    }
 
 
 def _saved_state_dtype(state: dict[str, Any]) -> str | None:
