@@ -98,6 +98,16 @@ class GenkernelCallback(pl.Callback):
     def __init__(self, analyzer: Any, *, model_attribute: str | None = None, ema: Any = None,
                  start_step: tuple[int, int] | None = None) -> None:
         super().__init__()
+        if not callable(getattr(analyzer, "bind", None)) and not hasattr(analyzer, "observe_generator"):
+            # (it failed at the fit's start with "object has no attribute 'bind'", after Lightning's set-up)
+            from ..core.tracking.tracker import PathKernelTracker
+
+            fix = ("a PathKernelTracker follows the optimizer it was built on by itself: build it on the optimizer "
+                   "configure_optimizers returns, call tracker.observe(losses, groups) in training_step, and train "
+                   "without GenkernelCallback" if isinstance(analyzer, PathKernelTracker) else
+                   "pass a NoiseLevelAnalyzer, a GANKernelAnalyzer or an object with bind(model, optimizer, ...)")
+            raise TypeError(f"GenkernelCallback binds an analyzer to the fit's model and optimizer at the start of "
+                            f"training, and {type(analyzer).__name__} has no bind(): {fix}")
         if start_step is not None:
             if not hasattr(analyzer, "observe_generator"):
                 raise ValueError("start_step= is for a GANKernelAnalyzer (each player's steps): a fit of one optimizer "
@@ -339,9 +349,16 @@ class GenkernelCallback(pl.Callback):
         """Number the step about to be recorded as Lightning numbers it (``global_step`` counts optimizer steps
         taken): an accumulation Lightning abandons (``on_train_batch_start`` returning -1 mid-window, its gradients
         cleared at the next window's ``zero_grad``) is no step of Lightning's, though the tracker counts the
-        cleared micro-batches as a skipped one."""
+        cleared micro-batches as a skipped one. Under manual optimization too: the module's one optimizer is the
+        analyzer's (a fit of several is refused at binding), so ``global_step`` counts its steps, and gradients
+        cleared mid-accumulation (Lightning's ``on_validation_model_zero_grad`` before a validation loop inside a
+        window the module accumulates by hand) are no step either; numbered from the tracker's count, those steps
+        were numbered ahead of ``global_step`` (2, 3 where Lightning's were 1, 2) and a fit resumed from a checkpoint
+        of the run was refused (the analyzer's numbers past the checkpoint's step). A GAN analyzer (two optimizers,
+        ``global_step`` counting both players' steps) numbers each player's steps itself and has no
+        ``number_next_step``."""
         number = getattr(self.analyzer, "number_next_step", None)
-        if pl_module.automatic_optimization and number is not None:
+        if number is not None:
             number(int(trainer.global_step) + 1 + self._step_offset)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
