@@ -688,8 +688,8 @@ class NoiseLevelAnalyzer(TrainerCallback):
         report's, the history's, the logs' step number). It holds for that one step; a step recorded without it is
         numbered from bind's ``start_step`` (the steps recorded or skipped since bind). For a loop whose count
         leaves out what the tracker counts, or counts what it does not see (a window of accumulation the loop
-        abandons, a step a module skips): GenkernelCallback calls it before every step (automatic or manual optimization),
-        the built-in trainers before every step they take. ``None``: number the next step from ``start_step``."""
+        abandons, a step a module skips): GenkernelCallback calls it before every step (automatic or manual
+        optimization), the built-in trainers before every step they take. ``None``: number the next step from ``start_step``."""
         if step is not None:
             try:
                 number = None if isinstance(step, bool) else operator.index(step)
