@@ -29,14 +29,49 @@ def colour_limit(*matrices, absolute: bool = False) -> float:
 
 
 NO_VALUE_COLOUR = "0.45"  # mid grey: on no diverging or sequential map drawn here, and far from a map's white or pale zero
+NO_VALUE_LABEL = "grey: no value"  # what a heat map's colour bar says where some cell is NaN
 
 
-def heat_colormap(name: str):
-    """Matplotlib's colour map ``name`` with a missing (NaN) entry drawn in :data:`NO_VALUE_COLOUR`.
+def heat_colormap(cmap):
+    """Matplotlib's colour map ``cmap`` (a name, or a :class:`~matplotlib.colors.Colormap`) with a missing (NaN)
+    entry drawn in :data:`NO_VALUE_COLOUR`; returns a new Colormap (the registered one is left as it is).
 
     By default a NaN cell is left transparent, i.e. drawn in the axes' white: on a diverging map
     (RdBu_r, coolwarm) that is the colour of 0, so a probe level or group without a value read as
-    "no share"; on magma, as nearly its top. Grey is none of the maps' colours."""
+    "no share"; on magma, as nearly its top; on viridis, as a cell beside the map. Grey is none of the
+    maps' colours. Every heat map of the package takes its map from here, sequential or diverging."""
     import matplotlib
 
-    return matplotlib.colormaps[name].with_extremes(bad=NO_VALUE_COLOUR)
+    base = matplotlib.colormaps[cmap] if isinstance(cmap, str) else cmap
+    return base.with_extremes(bad=NO_VALUE_COLOUR)
+
+
+def no_value_note(*matrices) -> str:
+    """:data:`NO_VALUE_LABEL` when some entry of ``matrices`` (None entries skipped as matrices; None inside a
+    matrix read as NaN) is NaN, else "": the text a heat map's colour bar carries so that its grey cells are read
+    as missing numbers, not as a colour of the scale."""
+    return NO_VALUE_LABEL if any(np.isnan(float_array(m)).any() for m in matrices if m is not None) else ""
+
+
+def colour_range(vmin: float, vmax: float) -> tuple[float, float]:
+    """``(vmin, vmax)`` as a colour scale can draw it: unchanged where ``vmin < vmax``; where the two are equal
+    (a constant matrix, e.g. an all-ones normalized kernel), widened symmetrically about the value as matplotlib
+    widens a single-valued colour bar's scale (by 10 % of |value|, ±0.1 about 0), so the value is drawn at the
+    map's middle and reads as itself on the bar. Left equal, matplotlib's ``Normalize`` drew every cell at the
+    map's bottom (as the scale's minimum) while a colour bar of the same image moved its own scale to the widened
+    one, so two panels of one value showed two colours.
+
+    Raises ValueError for ``vmin > vmax`` or a non-finite end (an inverted or undefined scale draws no value
+    honestly)."""
+    vmin, vmax = float(vmin), float(vmax)
+    if not (np.isfinite(vmin) and np.isfinite(vmax)):
+        raise ValueError(f"colour range [{vmin}, {vmax}] has a non-finite end: pass the finite range of the values "
+                         "drawn (colour_limit skips NaN entries)")
+    if vmin > vmax:
+        raise ValueError(f"colour range [{vmin:g}, {vmax:g}] is inverted (vmin > vmax): pass vmin <= vmax")
+    # a range within rounding of one value is one value (matplotlib's colour bar widens below ~1e-15 relative too)
+    if vmax - vmin <= 1e-15 * max(abs(vmin), abs(vmax)) or vmax == vmin:
+        centre = 0.5 * (vmin + vmax)
+        half = 0.1 * abs(centre) if centre != 0 else 0.1
+        return centre - half, centre + half
+    return vmin, vmax

@@ -1,7 +1,10 @@
 """Figures of the diffusion analyzer (docs/diffusion.md). Each function returns a Figure.
 
 Inputs are the plain numbers of :meth:`NoiseLevelAnalyzer.report` (nested lists are fine) and a
-:class:`~genkernel.diffusion.retrieval.RetrievalResult`, so figures can be redrawn from JSON.
+:class:`~genkernel.diffusion.retrieval.RetrievalResult`, so figures can be redrawn from JSON. A heat map's
+missing number (NaN, None in the JSON) is drawn grey, its colour bar then saying "grey: no value"; an interval
+that carries a ``why`` (refused: too few probe levels or control partitions, a band covering every bin) is not
+drawn.
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ from typing import Any, Sequence
 import matplotlib.pyplot as plt
 import numpy as np
 
-from .arrays import colour_limit, float_array as _arr, heat_colormap
+from .arrays import colour_limit, colour_range, float_array as _arr, heat_colormap, no_value_note
 
 __all__ = [
     "average_reports",
@@ -94,7 +97,14 @@ def _heat(ax, matrix, levels, title, *, diverging=False, kappa=None, vmin=None, 
         # a NaN cell (a level or bin without a value) in grey: left transparent it was the white of 0
         im = ax.imshow(m, cmap=heat_colormap("RdBu_r"), vmin=-lim, vmax=lim, origin="lower", aspect="auto")
     else:
-        im = ax.imshow(m, cmap="viridis", vmin=0 if vmin is None else vmin, vmax=vmax, origin="lower", aspect="auto")
+        # grey for NaN here too (on viridis, transparent, it was the axes' white: a colour beside the scale read as a
+        # value). vmax None: the matrix's colour_limit, as the report's heat maps (matplotlib's autoscale gave an
+        # all-zero or all-NaN matrix the range 0..0, which the colour bar widened to −0.1..0.1: half a scale of
+        # negative traffic); colour_range widens a single-valued range passed in the same way for every panel
+        low = 0.0 if vmin is None else vmin
+        top = vmax if vmax is not None else max(colour_limit(m), low)
+        low, top = colour_range(low, top)
+        im = ax.imshow(m, cmap=heat_colormap("viridis"), vmin=low, vmax=top, origin="lower", aspect="auto")
     ax.set_xlabel("training level t (bin)")
     # columns are bins 0, 1, ...: ticks at whole bins only (automatic ticks put "0.5" between bins)
     ax.set_xticks(range(m.shape[1]) if m.shape[1] <= 12 else np.unique(np.linspace(0, m.shape[1] - 1, 7).round().astype(int)))
@@ -106,7 +116,8 @@ def _heat(ax, matrix, levels, title, *, diverging=False, kappa=None, vmin=None, 
         for i, k in enumerate(_arr(kappa)):
             if np.isfinite(k):
                 ax.text(m.shape[1] - 0.5, i, f" κ={k:.1f}", va="center", ha="left", fontsize=6, clip_on=False)
-    plt.colorbar(im, ax=ax, fraction=0.046, pad=0.12 if kappa is not None else 0.04)
+    bar = plt.colorbar(im, ax=ax, fraction=0.046, pad=0.12 if kappa is not None else 0.04)
+    bar.set_label(no_value_note(m), fontsize=7)
 
 
 def plot_noise_matrices(report: dict[str, Any]) -> plt.Figure:
@@ -142,6 +153,9 @@ def _sci(value) -> str:
 
 
 def _locality_series(history: Sequence[dict], key: str):
+    """``xs, measured, control, low, high`` float arrays of the snapshots with ``key``; the band's ends are NaN
+    (nothing shaded) where the interval is missing or carries a ``why`` (refused: too few units, a covering band),
+    as the GAN figures leave a refused interval out: a finite one of rounding width read as an exact estimate."""
     xs, meas, ctrl, lo, hi = [], [], [], [], []
     for row in history:
         entry = row.get(key)
@@ -150,7 +164,7 @@ def _locality_series(history: Sequence[dict], key: str):
         xs.append(_step(row))
         meas.append(entry["measured"])
         ctrl.append(entry["control"])
-        interval = entry["interval"] or [None, None]
+        interval = [None, None] if entry.get("why") else entry["interval"] or [None, None]
         lo.append(np.nan if interval[0] is None else entry["control"] + interval[0])
         hi.append(np.nan if interval[1] is None else entry["control"] + interval[1])
     return [np.array(v, dtype=float) for v in (xs, meas, ctrl, lo, hi)]
@@ -163,7 +177,7 @@ def plot_locality_over_training(report: dict[str, Any], ax_row=None, *, runs: Se
     the time-blind denoiser's measured value; θ₀ is the kernel's first checkpoint), and the
     locality per probe level (measured − control with its interval, per seed): an average over
     levels can hide a sign flip between them. The shaded band is control + the 95 % interval of
-    (measured − control) over probes.
+    (measured − control) over probes; an interval that carries a ``why`` (refused) is neither shaded nor barred.
 
     The first three panels draw ``report``'s own history and kernel checkpoints (one run: of several
     seeds, the report the caller passes, e.g. :func:`average_reports`' first run's); ``run_label``
@@ -218,8 +232,10 @@ def plot_locality_over_training(report: dict[str, Any], ax_row=None, *, runs: Se
                              "per-level panel draws level j of every run at one x; pass runs with the same probe levels")
         levels = mine
         diff = np.array([row["traffic"]["difference"] for row in rows], dtype=float)
-        low = np.array([np.nan if row["traffic"]["interval"][0] is None else row["traffic"]["interval"][0] for row in rows])
-        high = np.array([np.nan if row["traffic"]["interval"][1] is None else row["traffic"]["interval"][1] for row in rows])
+        # no bar where the interval is refused ("why": fewer than three control partitions, a band covering every bin)
+        ends = [[None, None] if row["traffic"].get("why") else row["traffic"]["interval"] for row in rows]
+        low = np.array([np.nan if e[0] is None else e[0] for e in ends], dtype=float)
+        high = np.array([np.nan if e[1] is None else e[1] for e in ends], dtype=float)
         x = np.arange(len(rows)) + 0.12 * (i - (len(runs) - 1) / 2 if runs else 0)
         ax.errorbar(x, diff, yerr=[diff - low, high - diff], fmt="o", capsize=2, ms=3, color=f"C{i % 10}",
                     label=f"seed {run.get('seed', i)}")

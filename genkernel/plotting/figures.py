@@ -12,7 +12,7 @@ from typing import Sequence
 import matplotlib.pyplot as plt
 import numpy as np
 
-from .arrays import NO_VALUE_COLOUR, float_array as _np, heat_colormap
+from .arrays import colour_range, float_array as _np, heat_colormap
 
 __all__ = [
     "plot_regression_kernels",
@@ -30,7 +30,11 @@ def _kernel_image(ax, kernel, title: str, *, vmin=-1.0, vmax=1.0, boundaries: Se
     k = _np(kernel)
     if vmin is None:  # data range: a trained normalized kernel often lies within [0.5, 1]
         # (NaN entries ignored: np.percentile of a kernel with one NaN is NaN, a colour scale of nothing)
-        vmin = float(np.nanpercentile(k, 1)) if np.isfinite(k).any() else -1.0
+        # (at most vmax: a constant kernel, e.g. all ones, has its 1st percentile at its top)
+        vmin = min(float(np.nanpercentile(k, 1)), float(vmax)) if np.isfinite(k).any() else -1.0
+    # vmin = vmax (a constant kernel): widened about the value, which is then drawn at the map's middle and reads
+    # as itself on the colour bar; left equal, every cell was drawn at the map's bottom, as the scale's minimum
+    vmin, vmax = colour_range(vmin, vmax)
     if vmin < 0 < vmax:
         # A diverging map must put its white at k̂ = 0: on a plain [vmin, 1] scale with vmin > −1 the
         # white would sit at (vmin + 1) / 2 and a positive similarity would be drawn as "none".
@@ -42,8 +46,7 @@ def _kernel_image(ax, kernel, title: str, *, vmin=-1.0, vmax=1.0, boundaries: Se
         depth = min(1.0, -vmin / vmax)
         x = np.linspace(0.0, 1.0, 256)
         # (a NaN entry in grey: left transparent it was the white of k̂ = 0)
-        cmap = ListedColormap(matplotlib.colormaps["RdBu_r"](np.where(x < 0.5, 0.5 - depth * (0.5 - x), x))).with_extremes(
-            bad=NO_VALUE_COLOUR)
+        cmap = heat_colormap(ListedColormap(matplotlib.colormaps["RdBu_r"](np.where(x < 0.5, 0.5 - depth * (0.5 - x), x))))
         im = ax.imshow(k, cmap=cmap, norm=TwoSlopeNorm(vcenter=0.0, vmin=vmin, vmax=vmax), interpolation="nearest")
     else:
         # (a NaN entry in grey here too: transparent, it was the white of k̂ = 0 on RdBu_r)
@@ -62,13 +65,17 @@ def _kernel_image(ax, kernel, title: str, *, vmin=-1.0, vmax=1.0, boundaries: Se
 
 
 def shared_range(*kernels, low_percentile: float = 1.0) -> tuple[float, float]:
-    """One colour range for several normalized kernels: from the lowest of their ``low_percentile``
-    percentiles (NaN entries ignored) to 1 (panels compared by eye must share their scale)."""
+    """One colour range ``(vmin, vmax)`` for several normalized kernels: from the lowest of their ``low_percentile``
+    percentiles (NaN entries ignored) to 1 (panels compared by eye must share their scale). Kernels whose
+    percentiles all reach 1 (all-ones kernels: every input alike) give 1 ± 0.1 (:func:`~.arrays.colour_range`),
+    so a k̂ of 1 is drawn at the map's middle and reads as 1 on the colour bar: the range (1, 1) drew it at the
+    map's bottom, as the scale's minimum."""
     lows = [float(np.nanpercentile(_np(k), low_percentile)) if np.isfinite(_np(k)).any() else np.nan for k in kernels]
     lows = [v for v in lows if np.isfinite(v)]
     if not lows:
         raise ValueError("shared_range: no kernel has a finite entry")
-    return min(lows), 1.0
+    # (a percentile above 1 is rounding of a normalized kernel's 1: the scale ends at 1 all the same)
+    return colour_range(min(min(lows), 1.0), 1.0)
 
 
 def _block_ticks(init_kernel, final_kernel, block: int, what: str) -> int:

@@ -16,7 +16,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from .arrays import colour_limit, float_array as _np, heat_colormap
+from .arrays import colour_limit, float_array as _np, heat_colormap, no_value_note
 
 
 def _unit(v: np.ndarray) -> np.ndarray:
@@ -90,7 +90,8 @@ def plot_coupling(ax, matrix, labels: Sequence[str] | None = None, *, title: str
         im = ax.imshow(m, cmap=heat_colormap("magma"), vmin=0, vmax=lim)
     if colorbar:
         bar = ax.figure.colorbar(im, ax=ax, fraction=0.046, pad=0.03)
-        bar.set_label(colorbar, fontsize=7)
+        # (the grey of a missing entry is named where there is one: no colour of the bar stands for it)
+        bar.set_label("; ".join(t for t in (colorbar, no_value_note(m)) if t), fontsize=7)
         bar.ax.tick_params(labelsize=6)
     g = m.shape[0]
     if g <= 10:

@@ -3,6 +3,11 @@
 Every function returns a :class:`matplotlib.figure.Figure` built without pyplot, so no backend is
 chosen or needed (the PNG and GIF bytes come from Agg). :func:`png` and :func:`matrix_animation`
 turn them into bytes for the page.
+
+In every heat map a missing number (NaN, None in the JSON: e.g. the shares of a probe whose output did not
+change) is drawn grey (:data:`~genkernel.plotting.arrays.NO_VALUE_COLOUR`, on sequential and diverging maps
+alike), and the colour bar then says "grey: no value". An interval the statistics refuse (it carries a
+``why``: too few units, a band that covers every bin) is not drawn; its numbers stay in the summary.
 """
 
 from __future__ import annotations
@@ -17,7 +22,9 @@ import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from ..plotting.arrays import colour_limit, float_array as _array, heat_colormap  # (None, as JSON writes NaN, reads NaN)
+from ..plotting.arrays import (  # (None, as JSON writes NaN, reads NaN)
+    colour_limit, float_array as _array, heat_colormap, no_value_note,
+)
 
 __all__ = [
     "alignment_figure", "checkpoint_label", "coupling_figure", "gan_windows_figure", "group_shares_figure", "kernel_figure",
@@ -41,13 +48,14 @@ def _heatmap(fig: Figure, ax: Any, matrix: Any, title: str, *, diverging: bool, 
         # the labels would name other rows than they sit beside, silently
         raise ValueError(f"{title}: {len(rows)} row labels for a matrix of {values.shape[0]} rows (shape "
                          f"{values.shape}): the summary's levels and matrices disagree")
+    # a NaN cell (a probe or group without a value) in grey on either map: left transparent it was near coolwarm's 0,
+    # and on viridis the axes' white, a colour beside the scale that read as a value
     if diverging:
         bound = limit if limit is not None else colour_limit(values, absolute=True)
-        # a NaN cell (a probe or group without a value) in grey: left transparent it was near coolwarm's 0
         image = ax.imshow(values, cmap=heat_colormap("coolwarm"), vmin=-bound, vmax=bound, aspect="auto")
     else:
-        image = ax.imshow(values, cmap="viridis", vmin=0.0, vmax=limit if limit is not None else colour_limit(values),
-                          aspect="auto")
+        image = ax.imshow(values, cmap=heat_colormap("viridis"), vmin=0.0,
+                          vmax=limit if limit is not None else colour_limit(values), aspect="auto")
     ax.set_title(title, fontsize=9)
     ax.set_xlabel(xlabel, fontsize=8)
     ax.set_ylabel(ylabel, fontsize=8)
@@ -57,7 +65,8 @@ def _heatmap(fig: Figure, ax: Any, matrix: Any, title: str, *, diverging: bool, 
     else:  # rows are numbered groups or probes: whole numbers only (automatic ticks put "0.5" between rows)
         ax.yaxis.set_major_locator(MaxNLocator(integer=True))
     ax.tick_params(labelsize=7)
-    fig.colorbar(image, ax=ax, shrink=0.8)
+    bar = fig.colorbar(image, ax=ax, shrink=0.8)
+    bar.set_label(no_value_note(values), fontsize=7)
 
 
 def noise_matrix_figure(summary: Mapping[str, Any]) -> Figure:
@@ -79,7 +88,9 @@ def noise_matrix_figure(summary: Mapping[str, Any]) -> Figure:
 
 def locality_figure(summary: Mapping[str, Any]) -> Figure:
     """Locality per probe level (measured minus control with intervals) and, when snapshots exist,
-    over training; κ and the residual per level."""
+    over training; κ and the residual per level. An interval that carries a ``why`` (refused: too few probe
+    levels or control partitions, a band that covers every bin) is not drawn, as in :func:`gan_windows_figure`:
+    its point is, and its numbers stay in the summary."""
     loc = summary["locality"]
     history = summary.get("locality_over_training") or []
     ncols = 3 if history else 2
@@ -91,8 +102,7 @@ def locality_figure(summary: Mapping[str, Any]) -> Figure:
         x = np.arange(len(per_level))
         for offset, kind, colour in ((-0.12, "traffic", "C0"), (0.12, "share", "C1")):
             mid = np.array([_nan(r[kind].get("difference")) for r in per_level])
-            low = np.array([_nan((r[kind].get("interval") or [None, None])[0]) for r in per_level])
-            high = np.array([_nan((r[kind].get("interval") or [None, None])[1]) for r in per_level])
+            low, high = _drawn_interval([r[kind] for r in per_level])
             ax.errorbar(x + offset, mid, yerr=[mid - low, high - mid], fmt="o", color=colour, capsize=3,
                         label="traffic" if kind == "traffic" else "net share")
         ax.set_xticks(x, [f"t={r['level']:g}" for r in per_level])
@@ -111,8 +121,7 @@ def locality_figure(summary: Mapping[str, Any]) -> Figure:
         for kind, colour in (("traffic", "C0"), ("share", "C1")):
             rows = [row.get(kind) or {} for row in history]
             mid = np.array([_nan(r.get("difference")) for r in rows])
-            low = np.array([_nan((r.get("interval") or [None, None])[0]) for r in rows])
-            high = np.array([_nan((r.get("interval") or [None, None])[1]) for r in rows])
+            low, high = _drawn_interval(rows)
             ax.plot(steps, mid, "o-", color=colour, ms=3, label="traffic" if kind == "traffic" else "net share")
             ax.fill_between(steps, low, high, color=colour, alpha=0.2)
         ax.axhline(0.0, color="grey", lw=0.8)
@@ -137,6 +146,15 @@ def locality_figure(summary: Mapping[str, Any]) -> Figure:
     ax.tick_params(labelsize=7)
     twin.tick_params(labelsize=7)
     return fig
+
+
+def _drawn_interval(results: Sequence[Mapping[str, Any]]) -> tuple[np.ndarray, np.ndarray]:
+    """The ends of the intervals to draw, as two float arrays, NaN (nothing drawn) where a result has no interval
+    or carries a ``why``: a refused interval (too few units, a covering band, where it can be finite and of
+    rounding width) drawn as a bar or a band read as evidence, as the GAN windows' once did."""
+    low = np.array([math.nan if r.get("why") else _nan((r.get("interval") or [None, None])[0]) for r in results])
+    high = np.array([math.nan if r.get("why") else _nan((r.get("interval") or [None, None])[1]) for r in results])
+    return low, high
 
 
 def checkpoint_label(entry: Mapping[str, Any]) -> str:
@@ -267,8 +285,7 @@ def gan_windows_figure(windows: Sequence[Mapping[str, Any]]) -> Figure | None:
         mid = np.array([_nan(r.get("difference")) for r in results])
         # an interval the statistics refuse ("why": too few probe groups) is not shaded: with two groups it has zero
         # width (each row of shares sums to 1), an exact-looking estimate
-        low = np.array([math.nan if r.get("why") else _nan((r.get("interval") or [None, None])[0]) for r in results])
-        high = np.array([math.nan if r.get("why") else _nan((r.get("interval") or [None, None])[1]) for r in results])
+        low, high = _drawn_interval(results)
         axes[0].plot(x, mid, "o-", ms=3, color=colour, label="traffic" if kind == "traffic" else "net share")
         axes[0].fill_between(x, low, high, color=colour, alpha=0.2)
     collapsed = [xi for xi, w in zip(x, rows) if w.get("collapsed")]
@@ -348,9 +365,11 @@ def matrix_animation(frames: Sequence[Mapping[str, Any]], *, keys: Sequence[tupl
             bound = colour_limit(*[f[key] for f in frames], absolute=True)
             image = ax.imshow(_array(frames[0][key]), cmap=heat_colormap("coolwarm"), vmin=-bound, vmax=bound, aspect="auto")
         else:
-            image = ax.imshow(_array(frames[0][key]), cmap="viridis", vmin=0.0, vmax=colour_limit(*[f[key] for f in frames]),
-                              aspect="auto")
-        fig.colorbar(image, ax=ax, shrink=0.8)
+            # (NaN in grey here too: on viridis it was the figure's white)
+            image = ax.imshow(_array(frames[0][key]), cmap=heat_colormap("viridis"), vmin=0.0,
+                              vmax=colour_limit(*[f[key] for f in frames]), aspect="auto")
+        bar = fig.colorbar(image, ax=ax, shrink=0.8)
+        bar.set_label(no_value_note(*[f[key] for f in frames]), fontsize=7)
         ax.set_title(title, fontsize=9)
         ax.set_xlabel(xlabel, fontsize=8)
         ax.set_ylabel(ylabel, fontsize=8)
