@@ -61,6 +61,12 @@ def test_an_atomic_file_that_fails_part_way_leaves_the_previous_file_and_no_temp
         with atomic_file(path, "wb") as handle:
             handle.write(b"half")
             raise OSError(28, "No space left on device")
+    # a writer's own error (a font file missing while drawing): named, without a disk-space advice that misleads
+    with pytest.raises(OSError) as raised:
+        with atomic_file(path, "wb") as handle:
+            raise FileNotFoundError(2, "No such file or directory", "DejaVuSans.ttf")
+    assert "could not write" in str(raised.value) and "No such file or directory" in str(raised.value)
+    assert "free disk space" not in str(raised.value) and raised.value.errno == 2
     assert path.read_bytes() == b"previous"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["figure.png"]
     with pytest.raises(ValueError, match="mode must be 'w' or 'wb'"):

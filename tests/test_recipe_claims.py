@@ -100,7 +100,7 @@ def test_the_claims_table_says_when_units_were_dropped(tmp_path):
 # ------------------------------------------------------------------------------ benchmarks
 def test_benchmark_json_is_strict(tmp_path):
     report = {"ratio": math.nan, "speedup": math.inf, "rows": [1.0, -math.inf], "ok": 2.5}
-    write_outputs(report, tmp_path / "b.json", tmp_path / "b.png", lambda r, p: Path(p).write_bytes(b"png"))
+    write_outputs(report, tmp_path / "b.json", tmp_path / "b.png", lambda r, file: file.write(b"png"))
     data = strict_json((tmp_path / "b.json").read_text())
     assert data == {"ratio": None, "speedup": None, "rows": [1.0, None], "ok": 2.5}
 

@@ -277,6 +277,13 @@ def band_total(matrix: torch.Tensor, probe_groups: torch.Tensor, band: int) -> t
     return (matrix * mask).sum(dim=1)
 
 
+def band_covers(groups: torch.Tensor, band: int, num_groups: int) -> torch.Tensor:
+    """Bool tensor shaped as ``groups``: whether the band of ``band`` groups around each group id holds all
+    ``num_groups`` groups (nothing lies outside it, so its locality is the whole share, measured and control alike:
+    :func:`band_locality` never holds it, overall or per level)."""
+    return (groups - band <= 0) & (groups + band >= num_groups - 1)
+
+
 def band_locality(
     traffic: torch.Tensor,
     share: torch.Tensor,
@@ -293,10 +300,12 @@ def band_locality(
     control" (:func:`measured_minus_control`, its interval over the probe levels' means) with ``"per_level"`` rows (probe level i, whose probes are
     ``probe_level == i``, at ``level_bins[i] = (level, group)``); without controls, the measured means only.
     A band that holds all ``num_groups`` groups around every probe's own group leaves nothing outside it
-    (measured and control are the whole share alike): never held, with the reason in ``"why"``. The
+    (measured and control are the whole share alike): never held, with the reason in ``"why"``; a level whose own
+    band does (:func:`band_covers`) is never held in ``"per_level"`` either, its ``"why"`` naming the band that reads
+    it. The
     diffusion analyzer's ``locality()`` and the saved-state summary both read it here."""
     traffic_band, share_band = band_total(traffic, probe_groups, band), band_total(share, probe_groups, band)
-    covering = bool(((probe_groups - band <= 0) & (probe_groups + band >= num_groups - 1)).all())
+    covering = bool(band_covers(probe_groups, band, num_groups).all())
     why = (f"band={band} holds all {num_groups} bins around every probe's level: nothing lies outside it, so the "
            f"locality is the whole share for the measured and the control partitions alike (pass band <= "
            f"{num_groups - 2} with num_bins >= 3)") if covering else None
@@ -339,10 +348,12 @@ def band_locality(
         entry = {"level": level, "bin": int(group),
                  "traffic": between_partitions(traffic_band[rows], traffic_c[:, rows]),
                  "share": between_partitions(share_band[rows], share_c[:, rows])}
-        if int(group) - band <= 0 and int(group) + band >= num_groups - 1:
+        if bool(band_covers(torch.tensor(int(group)), band, num_groups)):
+            widest = max(int(group), num_groups - 1 - int(group)) - 1  # (the widest band that leaves a bin outside)
             level_why = (f"band={band} holds all {num_groups} bins around this level's bin {int(group)}: nothing lies "
                          "outside it, so its locality is the whole share for the measured and the control partitions "
-                         "alike")
+                         "alike (" + (f"pass band <= {widest} to read this level)" if widest >= 0 else
+                                      "one bin: pass num_bins >= 2)"))
             for key in ("traffic", "share"):
                 entry[key] = {**entry[key], "held": False, "why": level_why}
         out["per_level"].append(entry)

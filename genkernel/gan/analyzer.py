@@ -436,7 +436,9 @@ class GANKernelAnalyzer(TrainerCallback):
         for what, fn in (("generator_loss", generator_loss), ("geometry_loss", geometry_loss)):
             self._check_loss_conditioning(fn, what)
         self.rng = seeded_generator(seed)  # (checks the seed: seed and seed + 2**32 drew the same controls)
-        self.seed = seed  # (what drew the coverage latents: a resumed run's coverage rows must use the same, _config)
+        # (what drew the coverage latents: a resumed run's coverage rows must use the same, _config). A Python int:
+        # a NumPy integer, which the seed check accepts, in the saved config made the state one the safe loader refuses
+        self.seed = int(seed)
         # the geometry and spatial ids of the last examples (grouping.recent_labels)
         self._control_pools = {GEOMETRY: torch.zeros(0, dtype=torch.long), SPATIAL: torch.zeros(0, dtype=torch.long)}
         # k-means takes 32-bit seeds: the same bits the generator reads

@@ -1,4 +1,6 @@
-"""What every figure function needs: arrays from tensors or JSON lists, and shared colour limits."""
+"""What every figure function needs: arrays from tensors or JSON lists, shared colour limits and ranges, the heat
+maps' colour map with its grey for a missing number (and the colour bar's note of it), and the ends of the claims'
+intervals to draw (none for a refused one)."""
 
 from __future__ import annotations
 
@@ -46,6 +48,18 @@ def heat_colormap(cmap):
     return base.with_extremes(bad=NO_VALUE_COLOUR)
 
 
+def drawn_interval(results) -> tuple[np.ndarray, np.ndarray]:
+    """``(low, high)``: the ends of the intervals of ``results`` (claim dicts with ``"interval"``: ``[low, high]``,
+    ends or the whole None where there is none) to draw, two float arrays, NaN (nothing drawn) where a result has no
+    interval or carries a ``why``: a refused interval (too few units, a covering band, where it can be finite and
+    of rounding width) drawn as a bar or a band read as evidence. Every figure that draws a claim's interval, the
+    report's and the plotting module's, reads its ends here."""
+    ends = [(None, None) if r.get("why") else (r.get("interval") or (None, None)) for r in results]
+    low = float_array([e[0] for e in ends]).reshape(-1)
+    high = float_array([e[1] for e in ends]).reshape(-1)
+    return low, high
+
+
 def no_value_note(*matrices) -> str:
     """:data:`NO_VALUE_LABEL` when some entry of ``matrices`` (None entries skipped as matrices; None inside a
     matrix read as NaN) is NaN, else "": the text a heat map's colour bar carries so that its grey cells are read
@@ -68,7 +82,8 @@ def colour_range(vmin: float, vmax: float) -> tuple[float, float]:
         raise ValueError(f"colour range [{vmin}, {vmax}] has a non-finite end: pass the finite range of the values "
                          "drawn (colour_limit skips NaN entries)")
     if vmin > vmax:
-        raise ValueError(f"colour range [{vmin:g}, {vmax:g}] is inverted (vmin > vmax): pass vmin <= vmax")
+        # (both ends in full: ends a rounding apart read "[1, 1]" at 6 digits, an inversion of equal numbers)
+        raise ValueError(f"colour range [{vmin!r}, {vmax!r}] is inverted (vmin > vmax): pass vmin <= vmax")
     # a range within rounding of one value is one value (matplotlib's colour bar widens below ~1e-15 relative too)
     if vmax - vmin <= 1e-15 * max(abs(vmin), abs(vmax)) or vmax == vmin:
         centre = 0.5 * (vmin + vmax)

@@ -15,7 +15,7 @@ from typing import Any, Sequence
 import matplotlib.pyplot as plt
 import numpy as np
 
-from .arrays import colour_limit, colour_range, float_array as _arr, heat_colormap, no_value_note
+from .arrays import colour_limit, colour_range, drawn_interval, float_array as _arr, heat_colormap, no_value_note
 
 __all__ = [
     "average_reports",
@@ -156,18 +156,13 @@ def _locality_series(history: Sequence[dict], key: str):
     """``xs, measured, control, low, high`` float arrays of the snapshots with ``key``; the band's ends are NaN
     (nothing shaded) where the interval is missing or carries a ``why`` (refused: too few units, a covering band),
     as the GAN figures leave a refused interval out: a finite one of rounding width read as an exact estimate."""
-    xs, meas, ctrl, lo, hi = [], [], [], [], []
-    for row in history:
-        entry = row.get(key)
-        if not isinstance(entry, dict) or "control" not in entry:
-            continue
-        xs.append(_step(row))
-        meas.append(entry["measured"])
-        ctrl.append(entry["control"])
-        interval = [None, None] if entry.get("why") else entry["interval"] or [None, None]
-        lo.append(np.nan if interval[0] is None else entry["control"] + interval[0])
-        hi.append(np.nan if interval[1] is None else entry["control"] + interval[1])
-    return [np.array(v, dtype=float) for v in (xs, meas, ctrl, lo, hi)]
+    kept = [row for row in history if isinstance(row.get(key), dict) and "control" in row[key]]
+    entries = [row[key] for row in kept]
+    xs = np.array([_step(row) for row in kept], dtype=float)
+    meas = np.array([entry["measured"] for entry in entries], dtype=float)
+    ctrl = np.array([entry["control"] for entry in entries], dtype=float)
+    low, high = drawn_interval(entries)  # (NaN where refused or missing: nothing shaded)
+    return [xs, meas, ctrl, ctrl + low, ctrl + high]
 
 
 def plot_locality_over_training(report: dict[str, Any], ax_row=None, *, runs: Sequence[dict] | None = None,
@@ -233,9 +228,7 @@ def plot_locality_over_training(report: dict[str, Any], ax_row=None, *, runs: Se
         levels = mine
         diff = np.array([row["traffic"]["difference"] for row in rows], dtype=float)
         # no bar where the interval is refused ("why": fewer than three control partitions, a band covering every bin)
-        ends = [[None, None] if row["traffic"].get("why") else row["traffic"]["interval"] for row in rows]
-        low = np.array([np.nan if e[0] is None else e[0] for e in ends], dtype=float)
-        high = np.array([np.nan if e[1] is None else e[1] for e in ends], dtype=float)
+        low, high = drawn_interval([row["traffic"] for row in rows])
         x = np.arange(len(rows)) + 0.12 * (i - (len(runs) - 1) / 2 if runs else 0)
         ax.errorbar(x, diff, yerr=[diff - low, high - diff], fmt="o", capsize=2, ms=3, color=f"C{i % 10}",
                     label=f"seed {run.get('seed', i)}")

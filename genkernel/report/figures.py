@@ -23,7 +23,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from ..plotting.arrays import (  # (None, as JSON writes NaN, reads NaN)
-    colour_limit, float_array as _array, heat_colormap, no_value_note,
+    colour_limit, drawn_interval as _drawn_interval, float_array as _array, heat_colormap, no_value_note,
 )
 
 __all__ = [
@@ -146,15 +146,6 @@ def locality_figure(summary: Mapping[str, Any]) -> Figure:
     ax.tick_params(labelsize=7)
     twin.tick_params(labelsize=7)
     return fig
-
-
-def _drawn_interval(results: Sequence[Mapping[str, Any]]) -> tuple[np.ndarray, np.ndarray]:
-    """The ends of the intervals to draw, as two float arrays, NaN (nothing drawn) where a result has no interval
-    or carries a ``why``: a refused interval (too few units, a covering band, where it can be finite and of
-    rounding width) drawn as a bar or a band read as evidence, as the GAN windows' once did."""
-    low = np.array([math.nan if r.get("why") else _nan((r.get("interval") or [None, None])[0]) for r in results])
-    high = np.array([math.nan if r.get("why") else _nan((r.get("interval") or [None, None])[1]) for r in results])
-    return low, high
 
 
 def checkpoint_label(entry: Mapping[str, Any]) -> str:

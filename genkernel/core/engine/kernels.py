@@ -15,9 +15,10 @@ computing a kernel never disturbs training.
 from __future__ import annotations
 
 import functools
+import itertools
 import numbers
 from dataclasses import dataclass
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable, Iterable, Iterator, NamedTuple
 
 import numpy as np
 import torch
@@ -410,31 +411,30 @@ def _pair_rows_alone(model: nn.Module, xs1: tuple[torch.Tensor, ...], xs2: tuple
     (x2's) chunks, its first at least (captured before the held factors' size is measured); where x2 is held,
     x1's chunks; else each pair of chunks joined into one batch (inputs of one kind) or each side's chunks alone."""
     rows = chunking.rows
-    parts1 = [tuple(t[r] for t in xs1) for r in chunks(batch_size(xs1), rows)]
+    parts1 = [tuple(t[r] for t in xs1) for r in chunks(batch_size(xs1), rows)]  # (views: no copies)
     parts2 = [tuple(t[r] for t in xs2) for r in chunks(batch_size(xs2), rows)]
-    batches = []
+
+    def joined() -> Iterator[tuple[torch.Tensor, ...]]:
+        # Each pair of chunks joined, the first of each size alone: a later one of a size checked is not run again
+        # (_batches_rows_alone), and all of them made at once held M·N/rows² joined copies of the inputs.
+        sizes = set()
+        for p1 in parts1:
+            for p2 in parts2:
+                size = batch_size(p1) + batch_size(p2)
+                if size not in sizes:
+                    sizes.add(size)
+                    yield tuple(torch.cat([a, b]) for a, b in zip(p1, p2))
+
+    batches: list | Iterator = []
     if chunking.cotangents >= d:
         batches += parts2 if chunking.held else parts2[:1]
     if chunking.held:
         batches += parts1
     elif same_kind(xs1, xs2):
-        batches += [tuple(torch.cat([a, b]) for a, b in zip(p1, p2)) for p1 in parts1 for p2 in parts2]
+        batches = itertools.chain(batches, joined())
     else:
         batches += parts1 + parts2
-    checked = set()
-    for batch in batches:
-        size = batch_size(batch)
-        key = (_kind(batch), size)
-        if key in checked or rows_alone_known(model, batch, size):  # (passed before: no forward again)
-            continue
-        checked.add(key)
-        try:
-            with torch.enable_grad(), _any_attention():  # (as the capture's forward)
-                out = flat_output(model(*batch), size).detach()
-            check_rows_alone(model, batch, out)
-        except BatchDependent:
-            return False
-    return True
+    return _batches_rows_alone(model, batches)
 
 
 def _rows_alone(model: nn.Module, xs: tuple[torch.Tensor, ...], total: int, rows: int, *, joined: bool) -> bool:
@@ -446,13 +446,23 @@ def _rows_alone(model: nn.Module, xs: tuple[torch.Tensor, ...], total: int, rows
     which the plan has to say."""
     sizes = [s.stop - s.start for s in chunks(total, rows)]
     pairs = {a + b for i, a in enumerate(sizes) for b in sizes[i + 1 :]} if joined else set()
-    batches = set(sizes) | pairs
     n = batch_size(xs)
-    for size in sorted(batches):
-        index = torch.arange(size, device=xs[0].device) % n
-        batch = tuple(t[index] for t in xs)
-        if rows_alone_known(model, batch, size):  # (passed before: no forward again)
+    # (made one at a time as they are checked: a joined pair of chunks is twice a chunk's inputs)
+    return _batches_rows_alone(model, (tuple(t[torch.arange(size, device=xs[0].device) % n] for t in xs)
+                                       for size in sorted(set(sizes) | pairs)))
+
+
+def _batches_rows_alone(model: nn.Module, batches: Iterable[tuple[torch.Tensor, ...]]) -> bool:
+    """Whether every batch of ``batches`` passes the row check a capture of it makes
+    (:func:`~genkernel.core.engine.factors.check_rows_alone`): a batch of a kind and size checked before, here or
+    by an earlier pass (remembered where it passed), is not run again; False at the first that fails."""
+    checked = set()
+    for batch in batches:
+        size = batch_size(batch)
+        key = (_kind(batch), size)
+        if key in checked or rows_alone_known(model, batch, size):  # (passed before: no forward again)
             continue
+        checked.add(key)
         try:
             with torch.enable_grad(), _any_attention():  # (as the capture's forward)
                 out = flat_output(model(*batch), size).detach()

@@ -190,17 +190,23 @@ class CallbackStates:
                 "callbacks safely: start the analysis anew from the model and optimizer it holds"
             )
         self.pending, self.aborted = dict(saved), None
-        told = [c for c in callbacks if hasattr(c, "resuming_trainer")] if trainer is not None else []
-        for callback in told:
-            callback.resuming_trainer = trainer
+        # Each told callback's own value put back afterwards, whatever happens: None after a trainer's load, the
+        # outer load's trainer after a load nested in a callback's load_state_dict (reset to None there, a callback
+        # claimed later in the outer load compared its state with no trainer, the EMA ledger unchecked).
+        told: list[tuple[Any, Any]] = []
         try:
+            for callback in callbacks if trainer is not None else ():
+                if hasattr(callback, "resuming_trainer"):
+                    before = callback.resuming_trainer
+                    callback.resuming_trainer = trainer
+                    told.append((callback, before))
             self.claim(callbacks, strict=False)
         except BaseException as error:
             self.aborted = f"{type(error).__name__}: {error}"
             raise
         finally:
-            for callback in told:
-                callback.resuming_trainer = None
+            for callback, before in reversed(told):
+                callback.resuming_trainer = before
 
     def claim(self, callbacks: Sequence[TrainerCallback], *, strict: bool = True) -> None:
         if strict and self.aborted is not None and self.pending:

@@ -81,8 +81,8 @@ def atomic_file(path: str | os.PathLike, mode: str = "wb", *, encoding: str | No
     except OSError as error:
         if os.path.exists(tmp):
             os.unlink(tmp)
-        raise OSError(getattr(error, "errno", None), f"could not write {path} ({getattr(error, 'strerror', None) or error}); "
-                      "the previous file, if any, is intact: free disk space or choose another folder") from error
+        raise OSError(error.errno, f"could not write {path} ({error.strerror or error}); the previous file, if any, is "
+                      f"intact{_write_advice(error.errno)}") from error
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
@@ -91,6 +91,23 @@ def atomic_file(path: str | os.PathLike, mode: str = "wb", *, encoding: str | No
     # (or, on some file systems, keep the new name with the data lost). After the error handling above: the file
     # is in place by now, so a failure here must not say "the previous file is intact".
     fsync_directory(path.parent)
+
+
+# errno values of a write that ran out of room (None: torch.save's zip writer, which reports no errno), and of a
+# folder that cannot be written: what the advice of atomic_file's error names
+_FULL_DEVICE = frozenset(v for v in (errno.ENOSPC, getattr(errno, "EDQUOT", None), errno.EFBIG, errno.EIO) if v)
+_NOT_WRITABLE = frozenset((errno.EACCES, errno.EPERM, errno.EROFS))
+
+
+def _write_advice(code: int | None) -> str:
+    """The fix :func:`atomic_file`'s error names for a write that failed with ``code``: room on the device, a folder
+    that can be written, or none (an error of the writer's own, a missing font while drawing a figure: its message
+    says what it is)."""
+    if code is None or code in _FULL_DEVICE:
+        return ": free disk space or choose another folder"
+    if code in _NOT_WRITABLE:
+        return ": choose a folder you can write to"
+    return ""
 
 
 def fsync_file(path: str | os.PathLike) -> None:
