@@ -282,6 +282,23 @@ def _backward_pass_id() -> int:
     return current() if current is not None else -1
 
 
+def _power_of_two_multiple(seed: torch.Tensor, fed: torch.Tensor) -> bool:
+    """Whether ``seed`` (a loop's ∂loss/∂ℓ_n, float64) is one power of two (or zero) times ``fed`` (the c_n that
+    observe()'s witness seeded, as rounded to the losses' dtype), element by element and exactly: then that
+    witness, scaled, is the loop's gradient bit for bit (a power of two commutes with every rounding short of
+    under- and overflow) and no witness with the loop's own seed is needed."""
+    if seed.shape != fed.shape:
+        return False
+    fed_nonzero = fed != 0
+    if bool(seed[~fed_nonzero].any()) or not bool(fed_nonzero.any()):  # (an example weighted 0 the loop seeded)
+        return not bool(seed.any())
+    ratio = seed[fed_nonzero] / fed[fed_nonzero]
+    first = float(ratio[0])
+    if first == 0.0:
+        return not bool(seed.any())
+    return math.isfinite(first) and math.frexp(abs(first))[0] == 0.5 and bool((ratio == first).all())
+
+
 def _one_example_elements(module: nn.Module, probes: tuple[torch.Tensor, ...]) -> int:
     """:func:`~genkernel.core.cost.activation_elements` of the first probe alone; ValueError naming the cause where
     ``module`` cannot take a batch of one (the tracker measures and splits passes of single examples)."""
@@ -388,8 +405,9 @@ class PathKernelTracker:
             (:meth:`observe`) may run its forward and backward in half precision. Its group gradients
             come from that half-precision graph; the loop's weighting is checked at the model dtype's
             tolerance through the seed its backward hands the observed losses and one more backward
-            of each micro-batch (float16: two; a real gradient one scalar times their sum passes),
-            else the groups' sum against the real gradient at ``torch.finfo(dtype).eps`` of the
+            of each micro-batch (float16: two; a loop seeding no power of two times c_n, loss / 3:
+            one more, with its own seed, in its backward; a real gradient one scalar times their sum
+            passes), else the groups' sum against the real gradient at ``torch.finfo(dtype).eps`` of the
             magnitudes. What the groups do not add up to is the rounding row, carried through the
             optimizer and left in the residual, so the residual reports the precision's cost
             (docs/observing.md, "Mixed precision"). The tracker's own passes (probes,
@@ -1162,6 +1180,7 @@ class PathKernelTracker:
 
     def _fold(self, observed: dict[str, Any], entry: dict[str, Any]) -> None:
         """Add one micro-batch's group gradients to the running sum (and to the directions followed)."""
+        self._take_seeded_witness(entry)
         self._fold_witness(observed, entry)
         observed["rounding"].add(entry["rounding"])
         entry["rounding"] = None
@@ -1175,6 +1194,39 @@ class PathKernelTracker:
         for name, g in grads.items():
             observed["grads"][name] += g
         observed["folded"] += 1
+
+    def _take_seeded_witness(self, entry: dict[str, Any]) -> None:
+        """Where the loop's backward through a half-precision micro-batch was witnessed with its own seed s_n
+        (:meth:`_witness_seeded`) in every pass of its that reached a parameter (as :meth:`_check_seeds` reads
+        them), that witness, summed over those passes and divided by λ = s·c / c·c (the seed's one multiple of
+        the coefficients c_n observed), replaces the micro-batch's own witnesses: theirs (seeds c_n times a
+        power of two) cannot be the loop's rounding, this one is, to the division's (at most 2 units in the
+        last place of the parameters' dtype per entry, 1.2e-7 in float32, against :meth:`_witnessed`'s model
+        tolerance of 1e-5). Divided by λ it stands for the micro-batch at its observed c_n, as the witnesses it
+        replaces do: the step's sum of witnesses still weighs every micro-batch alike, and a loop that weighs
+        one micro-batch otherwise than the rest (its own λ, or a loss built beside the observed losses) still
+        fails the witness. Frees the box's copies either way."""
+        box = entry.get("seed_box")
+        seeded = None if box is None else box.get("witness")
+        if box is not None:
+            box["witness"] = None  # (a later pass through these losses adds to no witness: the check decides)
+        if not seeded or not box["passes"]:
+            return
+        reaching = [task for task in box["passes"] if task in self._parameter_passes] or list(box["passes"])
+        if any(task not in seeded for task in reaching):
+            return
+        seed = sum((box["passes"][task] for task in reaching[1:]), box["passes"][reaching[0]])
+        c = entry["coefficients"]
+        lam = float(seed @ c) / float(c @ c)
+        if lam == 0.0 or not math.isfinite(lam):  # (no multiple to divide by: the check decides)
+            return
+        total = seeded[reaching[0]]
+        for task in reaching[1:]:
+            for name, w in seeded[task].items():
+                total[name] += w
+        for w in total.values():
+            w.div_(lam)
+        entry["witness"] = [total]
 
     @staticmethod
     def _fold_witness(observed: dict[str, Any], entry: dict[str, Any]) -> None:
@@ -1331,9 +1383,14 @@ class PathKernelTracker:
         tracker held weakly; losses without a graph hand no seed."""
         this = weakref.ref(self)
         entry["coefficients"] = coefficients.detach().to("cpu")
-        box = entry["seed_box"] = {"passes": {}}  # (the hook holds this, not the entry and its rows)
+        box = entry["seed_box"] = {"passes": {}, "witness": {}}  # (the hook holds this, not the entry and its rows)
         if not losses.requires_grad:
             return
+        # A half-precision micro-batch (no DDP): its witness again with the loop's own seed where that seed is no
+        # power of two times the one observe() took it with (loss / 3 of a window of 3 micro-batches).
+        witnessed = entry.get("precision") is not None and self.distributed is None
+        tensor = weakref.ref(losses)  # (the hook on losses must not hold them: a cycle keeps the graph alive)
+        fed = coefficients.detach().to(losses.dtype).to("cpu", torch.float64)  # the c_n observe()'s witness was fed
 
         def seed_seen(grad: torch.Tensor) -> None:
             tracker = this()
@@ -1343,8 +1400,43 @@ class PathKernelTracker:
                 # x) for an adversarial example) weighs nothing of the step's gradient
                 task = _backward_pass_id()
                 box["passes"][task] = box["passes"].get(task, 0) + seed
+                if witnessed and box["witness"] is not None and not _power_of_two_multiple(seed, fed):
+                    tracker._witness_seeded(tensor(), grad, task, box)
 
         losses.register_hook(seed_seen)
+
+    def _witness_seeded(self, losses: torch.Tensor | None, seed: torch.Tensor, task: int, box: dict[str, Any]) -> None:
+        """In the loop's backward through an observed half-precision micro-batch, from the hook that sees its seed
+        ``seed`` (before the graph under the losses has run): the micro-batch's own backward once more with that
+        very seed, into ``box["witness"][task]`` (summed by pass; a parameter the graph misses: zeros). It is the
+        loop's gradient of this micro-batch bit for bit, as the witnesses observe() takes with c_n times a power of
+        two are for a loop seeding c_n times a power of two (rounding commutes with those): for any other seed
+        (λ c_n with λ = 1/3) the half precision rounds the loop's backward otherwise than theirs, entry by entry,
+        and a gradient summed over examples after that rounding (a bias's) differs from β times theirs by far more
+        than the model dtype's tolerance. Losses already freed (the loop kept only the loss built from them) or a
+        pass that fails leave no witness for the micro-batch (``box["witness"] = None``): the per-parameter check
+        decides as before."""
+        if losses is None:
+            box["witness"] = None
+            return
+        self._own_pass = True  # (the tracker's hooks, this one's included, ignore this pass)
+        try:
+            with preserved_buffers(self.model):  # (a non-reentrant checkpoint's rerun writes to copies)
+                rows = torch.autograd.grad(losses, list(self.params.values()), grad_outputs=seed, retain_graph=True,
+                                           allow_unused=True)
+        except RuntimeError:  # (a graph the pass cannot enter again: the witness is only an aid to the check)
+            box["witness"] = None
+            return
+        finally:
+            self._own_pass = False
+        sums = box["witness"].get(task)
+        if sums is None:
+            box["witness"][task] = {name: torch.zeros_like(p) if g is None else g.detach()
+                                    for (name, p), g in zip(self.params.items(), rows)}
+        else:  # (a second pass of the loop's through the same losses, retain_graph=True)
+            for (name, _), g in zip(self.params.items(), rows):
+                if g is not None:
+                    sums[name] += g
 
     def _check_seeds(self, index: int, kept: list[dict[str, Any]]) -> None:
         """A step whose kept micro-batches' losses all saw the loop's seed: refuse one that weighs its examples
@@ -2647,13 +2739,15 @@ class PathKernelTracker:
         """Whether a half-precision step's real gradient is one scalar β times the witness (the
         micro-batches' own backward passes, Σ_m ∇ Σ_n c_n ℓ_n, rounded as the loop's: equal bit for bit
         in a loop that seeds its backward with c_n times one power of two per step, clipping by the
-        global norm after it) to the model dtype's tolerance. Then the loop weighted its examples as
-        observed (to 1e-5, not to the precision's eps), and what the groups (masked passes through the
-        same graph) do not add up to is the precision's rounding, however many times the model's
-        kernels round an entry (a CPU LayerNorm's weight gradient under autocast): the step's rounding
-        row, left in the residual. Otherwise (a loop seeding its backward otherwise: unequal
-        micro-batch weights, loss / 3 over 3 micro-batches) the per-parameter check against the
-        groups decides, at the precision's eps."""
+        global norm after it; for a loop seeding λ c_n with λ no power of two, loss / 3 over 3
+        micro-batches, each micro-batch's backward with the loop's own seed divided by its λ,
+        :meth:`_take_seeded_witness`, to 1.2e-7) to the model dtype's tolerance. Then the loop weighted
+        its examples as observed (to 1e-5, not to the precision's eps), and what the groups (masked
+        passes through the same graph) do not add up to is the precision's rounding, however many times
+        the model's kernels round an entry (a CPU LayerNorm's weight gradient under autocast): the
+        step's rounding row, left in the residual. Otherwise (a loop weighing its micro-batches
+        unequally, a term beside the observed losses, a witness lost) the per-parameter check against
+        the groups decides, at the precision's eps."""
         dot = norm = real_norm = 0.0
         for name in self.params:
             w = witness[name]
