@@ -26,6 +26,17 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def measures_of_this_file():
+    """Each test file starts with no remembered measures (``push_memory.remembered``: push and pass measures, the
+    cost estimate's counts, kept per process by architecture): a file's estimates then do not depend on which files
+    ran before it on its worker (``--dist loadfile`` runs a file's tests in order, on one worker)."""
+    from genkernel.core import push_memory
+
+    push_memory._MEASURED.clear()
+    yield
+
+
 @pytest.fixture
 def float64():
     """Run a test with float64 as the default dtype, restoring the previous one afterwards."""

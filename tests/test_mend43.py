@@ -106,3 +106,64 @@ def test_the_cost_estimate_of_a_model_left_in_training_mode_is_the_trackers_and_
     assert torch.equal(torch.get_rng_state(), rng)
     assert tracker.cost.memory == estimate.memory and tracker.cost.work == estimate.work
     tracker.close()
+
+
+def test_a_repeat_check_kept_once_per_example_is_taken_again_after_an_in_place_change_and_never_keeps_a_refusal(
+        monkeypatch):
+    """Inside engine.kernels.repeat_checked_once, gradient_kernel's repeatability check (three passes of the first
+    example) runs once per example and state of the parameters: a second call on the same inputs, of either engine,
+    runs no check, one after an in-place change of a parameter (an optimizer step) or of the input runs it again,
+    and the kernels are bit for bit those computed without the block. A model that draws random numbers in eval mode
+    is refused at every call inside the block (a refusal is not kept).
+
+    Coverage of the mechanism (new in this session: state_kernel ran the check once per output direction)."""
+    import torch
+    from torch import nn
+
+    from genkernel.core.engine import kernels
+    from genkernel.core.engine.kernels import gradient_kernel, repeat_checked_once
+
+    checks = []
+    original = kernels._checked_output
+
+    def counted(*args, **kwargs):
+        checks.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(kernels, "_checked_output", counted)
+
+    class Noisy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = nn.Linear(3, 2).double()
+
+        def forward(self, x):
+            out = self.net(x)
+            return out + torch.randn_like(out)
+
+    torch.manual_seed(0)
+    model, x = nn.Sequential(nn.Linear(3, 6), nn.Tanh(), nn.Linear(6, 2)).double(), torch.randn(5, 3, dtype=torch.float64)
+    plain = [gradient_kernel(model, x, engine=engine) for engine in ("functional", "factored")]
+    assert len(checks) == 2  # (outside the block: every call checks)
+    checks.clear()
+    with repeat_checked_once(model):
+        kept = [gradient_kernel(model, x, engine=engine) for engine in ("functional", "factored", "functional")]
+        assert len(checks) == 1  # checked at the first call only
+        with torch.no_grad():
+            model[0].weight.mul_(1.5)  # (version bumped: another state of the parameters)
+        gradient_kernel(model, x, engine="functional")
+        assert len(checks) == 2
+        with torch.no_grad():
+            model[0].weight.div_(1.5)
+        x.mul_(1.0)  # (the input written in place: another example for the check)
+        gradient_kernel(model, x, engine="functional")
+        assert len(checks) == 3
+    assert torch.equal(kept[0], plain[0]) and torch.equal(kept[1], plain[1]) and torch.equal(kept[2], plain[0])
+    gradient_kernel(model, x, engine="functional")  # (after the block: checked again)
+    assert len(checks) == 4
+
+    noisy = Noisy()
+    with repeat_checked_once(noisy):
+        for _ in range(2):
+            with pytest.raises(ValueError, match="random"):
+                gradient_kernel(noisy, x)

@@ -169,7 +169,7 @@ from .engine.factored import BlockShape, block_shapes, capture_chunks, probe_cap
 from .engine.gradients import (EXAMPLE_PASS_ACTIVATIONS, GRAPH_ROW_ACTIVATIONS, GRAPH_ROW_LARGEST_OUTPUTS,
                                ROUNDING_SEEDS, ExamplePass, example_chunk, example_pass_bytes, example_pass_measure,
                                factored_chunk_peaks, factored_steady_chunk, gradients_from_losses, graph_row_elements,
-                               output_elements)
+                               kernel_context, output_elements)
 from .param_bytes import joined_itemsize, parameter_bytes, trains_float32, value_bytes
 from .push_memory import DEFAULT_PUSH_MEMORY, LiveBytes, PushMemory, architecture_key, measure_push_memory, remembered
 from .engine.factors import covering_plan, dense_pair_is_cheaper, lean_materializes, self_kernel_materializes
@@ -453,6 +453,30 @@ def gradient_layer_counts(model: nn.Module, example: tuple[torch.Tensor, ...]) -
     example not requiring grad, so that a layer's input requires grad exactly where it depends on a
     trained parameter); the layers' multiply-adds as :func:`example_counts` counts them."""
     return hooked_forward_counts(model, example, grad=True)[3]
+
+
+def _remembered_counts(model: nn.Module, example: tuple[torch.Tensor, ...], grad: bool,
+                       constants: dict[str, torch.Tensor] | None = None) -> tuple[int, int, int, GradientLayerCounts]:
+    """:func:`hooked_forward_counts` as the estimate takes it: once per architecture, ``grad`` and parameters held
+    ``constants`` (:func:`per_architecture`; the counts are the shapes' and the operations', not the values')."""
+    return per_architecture("hooked forward counts", model, example, (bool(grad), tuple(sorted(constants or {}))),
+                            lambda: hooked_forward_counts(model, example, grad, constants))
+
+
+def per_architecture(kind: str, model: nn.Module, inputs: tuple[torch.Tensor, ...], extra: tuple,
+                     measure: Callable[[], Any]) -> Any:
+    """``measure()`` of ``model`` on ``inputs``, taken once per ``kind``, architecture (push_memory's ``remembered``
+    under :func:`~genkernel.core.push_memory.architecture_key`: the module's structure, its parameters' and buffers'
+    names, shapes, dtypes and devices, which are trained, the inputs' shapes), modules' modes, attention and
+    autocast settings (:func:`~genkernel.core.engine.gradients.kernel_context`) and ``extra`` (the call's own
+    arguments): for what a pass's shapes and operations decide, not its values (counts, chunk sizes, the covering
+    plan's shapes). A tracker estimates its cost at construction, at its first step and once per other group state
+    it could name; every tracker of one architecture (a resumed run, a second analyzer, a second fit) took the same
+    hooked passes and covering checks again, on the examples' small UNets a sixth of a tracker's construction."""
+    trained = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    key = (architecture_key(model, trained, inputs, 0), tuple(m.training for m in model.modules()),
+           kernel_context(inputs), extra)
+    return remembered(kind, key, measure)
 
 
 def hooked_forward_counts(model: nn.Module, example: tuple[torch.Tensor, ...],
@@ -877,7 +901,7 @@ def estimate_cost(
     # One example's activations and products (example_counts), and which layers a backward (and a JVP's
     # tangent) goes through and which are frozen, outside the trained blocks' shapes: every route's passes do
     # their forward work too, so they are in every route's unit (gradient_layer_counts). One pass for both.
-    acts, macs, trainable_macs, layers = hooked_forward_counts(model, tuple(t[:1] for t in probes), grad=True)
+    acts, macs, trainable_macs, layers = _remembered_counts(model, tuple(t[:1] for t in probes), grad=True)
     trained = {name: p for name, p in model.named_parameters() if p.requires_grad}
     if push_memory is None:
         push_memory = measure_push_memory(model, trained, probes, int(acts * param_bytes))
@@ -932,7 +956,7 @@ def estimate_cost(
             own_pass = gradient_route == "example" and not reads_training
             if gradient_route == "example" and reads_training:
                 memory["training_records"] = int(acts * b * param_bytes)
-            shapes, fallback = block_shapes(model, probes)
+            shapes, fallback = per_architecture("block shapes", model, probes, (), lambda: block_shapes(model, probes))
             # the fallback's torch.func pass (not on "example": its own pass forms every gradient): to the fallback
             # parameters alone, their own gradients, a check per chunk of the batch (as factor_route_work's)
             # (the factored route's capture pass holds the fallback constant: what its backward skips; the fallback's
@@ -943,13 +967,14 @@ def estimate_cost(
                     model, probes, layers, fallback, outputs=outputs, batch=b, param_bytes=param_bytes,
                     memory_budget=memory_budget, probe_side=False)
                 fallback_back = (max(layers.input_gradients - fallback_skipped, 0) + fallback_gradients) / max(macs, 1)
-                fallback_plan = covering_plan(model, probes)
-                fallback_largest = max((t.numel() for t in fallback_plan.fallback.values()), default=0)
-                fallback_chunk = _fallback_chunk(model, probes, fallback_plan, param_bytes, memory_budget)
+                fallback_largest, fallback_chunk, fallback_pass = per_architecture(
+                    "fallback pass", model, probes, (param_bytes, memory_budget),
+                    lambda: _fallback_pass(model, probes, param_bytes, memory_budget))
             # the rows are added one chunk of examples at a time: the route's own chunks (engine.gradients; the
             # pass's activations as the engine sizes its chunks by them: the leaf outputs, or what the pass is
             # measured to hold where larger)
-            own = _pass_measure(model, probes, trained) if own_pass else ExamplePass(acts, 0)
+            own = per_architecture("example pass", model, probes, tuple(sorted(trained)),
+                                   lambda: _pass_measure(model, probes, trained)) if own_pass else ExamplePass(acts, 0)
             if gradient_route == "example" and reads_training:
                 chunks = [b]
             elif own_pass:
@@ -974,7 +999,6 @@ def estimate_cost(
                 # raw input scale (3 values, B = 32, 64 MB budget) the pass added 29.5 MiB to the gradients call, 1.3x
                 # the training records and half the step's measured peak (the training pass's over-count hid it).
                 # (after the factored route's captures, not beside them: the larger of the two)
-                fallback_pass = _pass_measure(model, probes, fallback_plan.fallback)
                 memory["example_pass"] = max(memory.get("example_pass", 0), example_pass_bytes(
                     min(fallback_chunk, b), fallback, fallback_largest, param_bytes, fallback_pass.activations,
                     fallback_pass.fixed_bytes))
@@ -1003,7 +1027,7 @@ def estimate_cost(
             memory["projection"] = projection_bytes(params, sketch_dim, memory_budget)
         # Counted from the layers' shapes, in forwards of their blocks (what they leave out,
         # attention's products and elementwise work, is not in a bare step's count either).
-        shapes, fallback = block_shapes(model, probes)
+        shapes, fallback = per_architecture("block shapes", model, probes, (), lambda: block_shapes(model, probes))
         # The batch's factors, held from step 1 to step 5 whether read from the training pass or from a capture
         # pass of the route's own (its chunks are joined into the whole batch's): not bounded by the budget.
         memory["held_factors"] = int(held_factor_bytes(shapes, fallback, batch=b, itemsize=param_bytes,
@@ -1011,9 +1035,9 @@ def estimate_cost(
         # At each node, a chunk of the probes' rows captured with a chunk of their output cotangents, beside the held
         # factors (engine.factored.capture_chunks: half the budget at most). Uncounted before, when one capture took
         # all d outputs: an MNIST-sized UNet at 16x16 (d = 256) held 1.4 GiB for 4 probes, estimated at 124 MiB.
-        probe_plan = covering_plan(model, probes)
-        probe_chunks = capture_chunks(model, probe_plan, probes, outputs, memory_budget)  # (rows, outputs)
-        memory["probe_captures"] = probe_capture_bytes(model, probe_plan, probes, outputs, probe_chunks)
+        memory["probe_captures"], probe_output_chunks = per_architecture(
+            "probe captures", model, probes, (outputs, memory_budget),
+            lambda: _probe_captures(model, probes, outputs, memory_budget))
         # with fallback parameters: what the captures' and torch.func's backward passes skip, the fallback's own
         # gradients, and the examples torch.func checks alone (:func:`_fallback_passes`)
         capture_skipped, fallback_skipped, fallback_gradients, probe_checks, batch_checks = _fallback_passes(
@@ -1033,7 +1057,7 @@ def estimate_cost(
                                   outside=outside, outside_gradients=outside_gradients,
                                   input_gradients=layers.input_gradients, fallback_gradients=fallback_gradients,
                                   probe_checks=probe_checks, batch_checks=batch_checks,
-                                  probe_output_chunks=len(probe_chunks[1]))
+                                  probe_output_chunks=probe_output_chunks)
         bare = parts["bare_step"]
         # the unit of every part: the trained blocks' forward, the trained products outside them and the others
         # (frozen layers', products between activations)
@@ -1598,12 +1622,23 @@ def _fallback_passes(model: nn.Module, probes: tuple[torch.Tensor, ...], layers:
     :func:`~genkernel.core.engine.gradients.example_chunk`: the pass's activations and 2 × P_fb values an example)."""
     if not fallback:
         return 0, 0, None, 1, 1
+    return per_architecture("fallback passes", model, probes,
+                            (layers.input_gradients, outputs, batch, param_bytes, memory_budget, probe_side),
+                            lambda: _measured_fallback_passes(model, probes, layers, outputs=outputs, batch=batch,
+                                                              param_bytes=param_bytes, memory_budget=memory_budget,
+                                                              probe_side=probe_side))
+
+
+def _measured_fallback_passes(model: nn.Module, probes: tuple[torch.Tensor, ...], layers: GradientLayerCounts, *,
+                              outputs: int, batch: int, param_bytes: int, memory_budget: int, probe_side: bool,
+                              ) -> tuple[int, int, int | None, int, int]:
+    """:func:`_fallback_passes`' passes, run."""
     plan = covering_plan(model, probes)
     block_params = {name: p for name, p in model.named_parameters() if p.requires_grad and name not in plan.fallback}
     one = tuple(t[:1] for t in probes)
-    capture_skipped = layers.input_gradients - hooked_forward_counts(
+    capture_skipped = layers.input_gradients - _remembered_counts(
         model, one, True, constants=plan.fallback)[3].input_gradients
-    _, _, fallback_gradients, fallback_layers = hooked_forward_counts(model, one, True, constants=block_params)
+    _, _, fallback_gradients, fallback_layers = _remembered_counts(model, one, True, constants=block_params)
     fallback_skipped = layers.input_gradients - fallback_layers.input_gradients
     # (a torch.func call per chunk of rows and chunk of outputs: each of two or more rows checks its first alone)
     row_sizes, output_chunks = capture_chunks(model, plan, probes, outputs, memory_budget)
@@ -1622,6 +1657,27 @@ def _fallback_chunk(model: nn.Module, probes: tuple[torch.Tensor, ...], plan, pa
     measured = _pass_measure(model, probes, plan.fallback)
     return example_chunk(memory_budget, sum(sizes), max(sizes, default=0), param_bytes, measured.activations,
                          measured.fixed_bytes)
+
+
+def _fallback_pass(model: nn.Module, probes: tuple[torch.Tensor, ...], param_bytes: int, memory_budget: int
+                   ) -> tuple[int, int, ExamplePass]:
+    """``(largest, chunk, measured)``: the covering plan's largest fallback parameter (elements), the examples per
+    chunk of torch.func's per-example gradients of the fallback alone (:func:`_fallback_chunk`) and what that pass
+    holds (:func:`_pass_measure`)."""
+    plan = covering_plan(model, probes)
+    largest = max((t.numel() for t in plan.fallback.values()), default=0)
+    return (largest, _fallback_chunk(model, probes, plan, param_bytes, memory_budget),
+            _pass_measure(model, probes, plan.fallback))
+
+
+def _probe_captures(model: nn.Module, probes: tuple[torch.Tensor, ...], outputs: int, memory_budget: int
+                    ) -> tuple[int, int]:
+    """``(bytes, output chunks)``: the probes' largest capture at a node
+    (:func:`~genkernel.core.engine.factored.probe_capture_bytes`) and how many chunks of the outputs the captures
+    take, in the chunks of :func:`~genkernel.core.engine.factored.capture_chunks`."""
+    plan = covering_plan(model, probes)
+    chunked = capture_chunks(model, plan, probes, outputs, memory_budget)
+    return probe_capture_bytes(model, plan, probes, outputs, chunked), len(chunked[1])
 
 
 def _pass_measure(model: nn.Module, probes: tuple[torch.Tensor, ...], params: dict[str, torch.Tensor]) -> ExamplePass:

@@ -168,7 +168,7 @@ def measure_push_memory(module: nn.Module, params: dict[str, torch.Tensor], prob
 
 
 # Measures kept per process, of every kind (the least recently used dropped first).
-MEASURES_KEPT = 32
+MEASURES_KEPT = 256
 _MEASURED: OrderedDict[tuple, Any] = OrderedDict()
 
 

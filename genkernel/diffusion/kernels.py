@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from ..core.adapter import (  # eval_mode: re-exported, it was defined here
     analysis_mode, as_tuple, checked_forward, eval_mode, output_tensor, seeded_generator, trainable_parameters, unwrap,
 )
-from ..core.engine.kernels import gradient_kernel, kernel_plan, normalize_kernel
+from ..core.engine.kernels import gradient_kernel, kernel_plan, normalize_kernel, repeat_checked_once
 from ..core.param_bytes import parameter_bytes, value_bytes
 from .objectives import check_timesteps, noisy_input
 
@@ -125,25 +125,28 @@ def state_kernel(
     # gradient passes the check whatever its factors miss, an outcome then kept for the directions that do not
     # cancel it (measured: a block seeing its batch reversed, 38 % of the kernel's scale off)
     one = _directional(model, d, first, wrappers)
-    one.direction.copy_(checked_along)
-    for inputs in (states, others_t) if others_t is not None else (states,):
-        kernel_plan(one, inputs, memory_budget=memory_budget)
-        if normalize and others_t is not None:  # _self_diagonal's one-example kernels: a check of one example
-            kernel_plan(one, tuple(t[:1] for t in inputs), memory_budget=memory_budget)
-    for r in tqdm(directions, desc="state kernel (sketched)", disable=not progress, leave=False):
-        one.direction.copy_(r)
-        k = gradient_kernel(one, states, others_t, memory_budget=memory_budget).to(torch.float64)
-        kernel = k if kernel is None else kernel + k
-        if not normalize:
+    # (every direction is a read-out of one model on the same states: its repeatability checked once, along the
+    # Gaussian direction, not again per direction, which was half of a record's passes)
+    with repeat_checked_once(one):
+        one.direction.copy_(checked_along)
+        for inputs in (states, others_t) if others_t is not None else (states,):
+            kernel_plan(one, inputs, memory_budget=memory_budget)
+            if normalize and others_t is not None:  # _self_diagonal's one-example kernels: a check of one example
+                kernel_plan(one, tuple(t[:1] for t in inputs), memory_budget=memory_budget)
+        for r in tqdm(directions, desc="state kernel (sketched)", disable=not progress, leave=False):
+            one.direction.copy_(r)
+            k = gradient_kernel(one, states, others_t, memory_budget=memory_budget).to(torch.float64)
+            kernel = k if kernel is None else kernel + k
+            if not normalize:
+                if errors is not None:
+                    pieces.append((k, None, None))
+                continue
+            d1 = k.diagonal() if others_t is None else _self_diagonal(one, states, memory_budget)
+            d2 = k.diagonal() if others_t is None else _self_diagonal(one, others_t, memory_budget)
+            diag1 = d1 if diag1 is None else diag1 + d1
+            diag2 = d2 if diag2 is None else diag2 + d2
             if errors is not None:
-                pieces.append((k, None, None))
-            continue
-        d1 = k.diagonal() if others_t is None else _self_diagonal(one, states, memory_budget)
-        d2 = k.diagonal() if others_t is None else _self_diagonal(one, others_t, memory_budget)
-        diag1 = d1 if diag1 is None else diag1 + d1
-        diag2 = d2 if diag2 is None else diag2 + d2
-        if errors is not None:
-            pieces.append((k, d1, d2))
+                pieces.append((k, d1, d2))
     if errors is not None:
         leave_one_out = _left_out(pieces, kernel, diag1, diag2, normalize)
         errors["standard_error"] = (torch.full_like(kernel, float("inf")) if leave_one_out is None
@@ -209,8 +212,8 @@ def state_kernel_work(model: nn.Module, states: tuple[torch.Tensor, ...], *, out
                       memory_budget: int = 256 * 2**20, wrappers: dict | None = None, seed: int = 0) -> dict[str, float]:
     """Multiply-adds and bytes :func:`state_kernel` (``normalize=True``, ``others=None``) takes on ``states``, from
     the engine's own counts (:func:`~genkernel.core.engine.kernels.choose_engine`'s): ``{"kernel": the kernel's
-    passes and pair products, "checks": the repeatability checks (three forward and backward passes of one
-    example per engine call), "forward_macs": one example's forward, "bytes": the engine's peak of Jacobians or
+    passes and pair products, "checks": the repeatability check (three forward and backward passes of one
+    example, once per record), "forward_macs": one example's forward, "bytes": the engine's peak of Jacobians or
     factors held at once (two chunks of Jacobians, or the held side's factors, as the engine sizes them within
     ``memory_budget``) and the float64 kernel [M, M]}``. The covering check of a model's
     layers runs once per model and kind of input (with ``wrappers``, :func:`state_kernel`'s, once for the sketch's
@@ -273,10 +276,10 @@ def state_kernel_work(model: nn.Module, states: tuple[torch.Tensor, ...], *, out
             captured = min(chunking.rows, m) * per_example
             held = m * per_example + captured if chunking.held else 2 * captured
             held += int(min(chunking.rows, m) * activations * value_bytes(params))  # the capture pass's activations
-    # repeatable_output: three forward and backward passes of one example per engine call (the third with the
-    # parameters substituted as torch.func substitutes them); sketched, once more for the
-    # Gaussian direction's plan, and one no-grad forward for the outputs
+    # repeatable_output: three forward and backward passes of one example (the third with the parameters
+    # substituted as torch.func substitutes them), once per record: sketched, along the Gaussian direction's plan,
+    # its verdict kept for the directions (engine.kernels.repeat_checked_once), and one no-grad forward for the outputs
     checks = 3 * forward * bare_step_forwards(forward, trainable, 1, layers.input_gradients)
-    extra = checks + forward if output_sketch is not None else 0
-    return {"kernel": float(calls * kernel), "checks": float(calls * checks + extra), "forward_macs": float(forward),
+    extra = forward if output_sketch is not None else 0
+    return {"kernel": float(calls * kernel), "checks": float(checks + extra), "forward_macs": float(forward),
             "bytes": float(held + 3 * m * m * 8)}

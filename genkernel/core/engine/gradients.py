@@ -328,7 +328,7 @@ def example_pass_measure(model: nn.Module, forward: Callable, params: dict[str, 
     Once per model, input shapes and dtypes, modules, differentiated parameters, kernel context and loss (cached:
     the route runs it on its first call only, not per step; a module or parameter replaced, or a module
     reconfigured, measures again)."""
-    key = (_tensor_signature(example), tuple(sorted(params)), _kernel_context(example), _tensor_signature(target))
+    key = (_tensor_signature(example), tuple(sorted(params)), kernel_context(example), _tensor_signature(target))
     known = _ACTIVATIONS.recall(model, key, loss_fn)
     if known is not None:
         return known
@@ -340,7 +340,7 @@ def example_pass_measure(model: nn.Module, forward: Callable, params: dict[str, 
     return found
 
 
-def _kernel_context(example: tuple[torch.Tensor, ...]) -> tuple:
+def kernel_context(example: tuple[torch.Tensor, ...]) -> tuple:
     """What else the measured pass holds depends on: the SDPA backends allowed (``adapter.analysis_mode`` allows the
     math one alone, which keeps attention's T x T probabilities where the fused CPU or CUDA kernels do not: a
     TransformerEncoderLayer at T = 256 measured 675 288 elements an example under it, 124 376 outside), the
@@ -961,7 +961,7 @@ def _factored_captures(model, params, inputs, targets, loss_fn, membership, memo
     # (measured once per model, inputs, parameters, rows and loss, as the example route's pass: the later calls run
     # chunks of the size the first two chunks gave, unmeasured; measuring every call cost 1.4-1.9x a small MLP's)
     key = (_tensor_signature(inputs), _tensor_signature(targets), tuple(sorted(params)), at is None,
-           membership.shape[0], int((membership[:, 0] != 0).sum()), _kernel_context(inputs))
+           membership.shape[0], int((membership[:, 0] != 0).sum()), kernel_context(inputs))
     known = _FACTORED_PEAKS.recall(model, key, loss_fn)
     if known is not None:
         one, two = known

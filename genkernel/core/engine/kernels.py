@@ -17,6 +17,8 @@ from __future__ import annotations
 import functools
 import itertools
 import numbers
+import contextlib
+import weakref
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator, NamedTuple
 
@@ -195,6 +197,40 @@ def in_full_precision(function: Callable) -> Callable:
 REPEAT_RTOL = {torch.float64: 1e-10, torch.float32: 1e-5}  # else 1e-2 (half precision)
 
 
+# Models inside repeat_checked_once: {model: {(example, parameters' versions): output}}.
+_CHECKED_ONCE: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
+
+
+@contextlib.contextmanager
+def repeat_checked_once(model: nn.Module) -> Iterator[None]:
+    """Within: :func:`repeatable_output`'s three passes on ``model`` run once per example (its tensors' storage,
+    shape, strides, dtype and version) and state of the trained parameters (their versions), not at every engine
+    call, for a caller that calls the engine on one model and inputs several times with only a linear read-out
+    of the output changed between calls: :func:`~genkernel.diffusion.kernels.state_kernel`'s output directions
+    (a buffer its wrapper multiplies the output by, which neither makes a pass random, nor writes a buffer, nor
+    detaches the output). Its sketch's V directions each ran the check again: about half of an analyzer's kernel
+    record on the examples' small UNets. A parameter or input changed in place (an optimizer step) is checked
+    again; leaving the block forgets every verdict."""
+    model = unwrap(model)
+    outer = model in _CHECKED_ONCE
+    if not outer:
+        _CHECKED_ONCE[model] = {}
+    try:
+        yield
+    finally:
+        if not outer:
+            _CHECKED_ONCE.pop(model, None)
+
+
+def _example_key(one: tuple[Any, ...], params: dict[str, torch.Tensor]) -> tuple:
+    """What :func:`repeat_checked_once` keeps a verdict under: the example's tensors as they are now (storage,
+    shape, strides, dtype, device, version: a view of an input changed in place is another example) and the
+    trained parameters' identities and versions."""
+    tensors = tuple((t.data_ptr(), tuple(t.shape), t.stride(), t.dtype, t.device, t._version)
+                    if isinstance(t, torch.Tensor) else ("object", id(t)) for t in one)
+    return tensors, tuple((key, id(p), p._version) for key, p in params.items())
+
+
 def repeatable_output(model: nn.Module, one: tuple[torch.Tensor, ...], params: dict[str, torch.Tensor],
                       name: str) -> torch.Tensor:
     """The model's output ``[1, d]`` on one example, checked to be repeatable: two forward and
@@ -213,7 +249,21 @@ def repeatable_output(model: nn.Module, one: tuple[torch.Tensor, ...], params: d
     The tolerance lets through the last bits of a GPU's atomic additions (scatter, index_add). A
     pass that draws from torch's generators is refused too, whatever the draws give: a random flip
     of the whole batch gives the same output twice half of the time; a generator a module keeps of its
-    own is watched and put back as well."""
+    own is watched and put back as well.
+
+    Inside :func:`repeat_checked_once` the verdict on one example is kept (a refusal never is)."""
+    memo = _CHECKED_ONCE.get(model)
+    if memo is None:
+        return _checked_output(model, one, params, name)
+    key = _example_key(one, params)  # (the name is the message's: kernel_plan's "x" is gradient_kernel's "x1")
+    if key not in memo:
+        memo[key] = _checked_output(model, one, params, name)
+    return memo[key]
+
+
+def _checked_output(model: nn.Module, one: tuple[torch.Tensor, ...], params: dict[str, torch.Tensor],
+                    name: str) -> torch.Tensor:
+    """:func:`repeatable_output`'s passes, run."""
     # the draw is the second pass's (a forward that reseeds before drawing ends both passes in one state)
     # every buffer slot by its name, with the tensor it holds and one copy of it: what the first pass is compared
     # with, and what is put back where the forward is refused
