@@ -34,6 +34,8 @@ from genkernel.core.engine import (
 )
 from genkernel.core.engine.factors import BatchDependent, check_rows_alone, covering_plan
 from genkernel.core.engine.projections import project_parameter
+from test_mend42b import factored_kernels_finished
+from test_read42b import _SizeDependent
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -181,38 +183,6 @@ def test_components_and_examples_no_parameter_reaches_get_zeros_on_every_engine(
 
 # -- 2. kernel_plan of a pair -----------------------------------------------------------------------------------------
 
-class _SizeDependent(nn.Module):
-    """Linear layers around a roll of the rows of batches whose size is a multiple of ``period``, or a centring of
-    batches larger than ``above``; inputs ``[B, 3]`` or sequences ``[B, L, 3]`` (averaged over positions)."""
-
-    def __init__(self, period: int = 0, above: int = 0):
-        super().__init__()
-        self.period, self.above = period, above
-        self.a, self.b, self.head = nn.Linear(3, 4), nn.Linear(4, 4), nn.Linear(4, 2)
-
-    def forward(self, x):
-        h = torch.tanh(self.a(x))
-        h = h.mean(1) if h.dim() == 3 else h
-        if self.period and h.shape[0] % self.period == 0:
-            h = h.roll(1, 0)
-        if self.above and h.shape[0] > self.above:
-            h = h - h.mean(0, keepdim=True)
-        return self.head(torch.tanh(self.b(h)))
-
-
-def _factored_kernels_finished(monkeypatch) -> list:
-    """One entry per factored kernel that completes (one that falls back to torch.func raises inside it)."""
-    finished, original = [], kernels.factored_gradient_kernel
-
-    def recorded(*args, **kwargs):
-        out = original(*args, **kwargs)
-        finished.append(True)
-        return out
-
-    monkeypatch.setattr(kernels, "factored_gradient_kernel", recorded)
-    return finished
-
-
 @pytest.mark.parametrize("period, above", [(5, 0), (4, 0), (3, 0), (0, 4)])
 def test_kernel_plan_of_a_pair_says_the_engine_the_pair_kernel_runs(float64, period, above, monkeypatch):
     """Fresh models, the plan of (x1, x2) made before gradient_kernel(model, x1, x2), at budgets that hold a side,
@@ -220,7 +190,7 @@ def test_kernel_plan_of_a_pair_says_the_engine_the_pair_kernel_runs(float64, per
 
     Fails on the old code: kernel_plan took no second input set (TypeError); planned as x1 against itself at the
     larger count, it said "factored" for 25 of 400 such pairs whose kernel ran torch.func."""
-    finished = _factored_kernels_finished(monkeypatch)
+    finished = factored_kernels_finished(monkeypatch)
     torch.manual_seed(0)
     for budget in (2**10, 2**12, 2**20):
         for m, n in ((1, 4), (2, 5), (5, 4), (7, 5), (3, 9)):
@@ -238,7 +208,7 @@ def test_kernel_plan_of_inputs_of_two_kinds_and_its_arguments(float64, monkeypat
     against itself), and an x2 with another number of outputs is refused as gradient_kernel refuses it.
 
     Fails on the old code: kernel_plan took no second input set (TypeError)."""
-    finished = _factored_kernels_finished(monkeypatch)
+    finished = factored_kernels_finished(monkeypatch)
     torch.manual_seed(0)
     for budget in (2**10, 2**12, 2**20):
         for period in (3, 4, 5):

@@ -165,7 +165,8 @@ def test_the_null_search_estimate_covers_what_the_search_holds(build, found):
 
 class _SizeDependent(nn.Module):
     """Linear layers around a roll of the batch's rows applied to batches whose size is a multiple of ``period``, or a
-    centring of batches larger than ``above``."""
+    centring of batches larger than ``above``; inputs ``[B, 3]`` or sequences ``[B, L, 3]`` (averaged over
+    positions)."""
 
     def __init__(self, period: int = 0, above: int = 0):
         super().__init__()
@@ -174,6 +175,7 @@ class _SizeDependent(nn.Module):
 
     def forward(self, x):
         h = torch.tanh(self.a(x))
+        h = h.mean(1) if h.dim() == 3 else h
         if self.period and h.shape[0] % self.period == 0:
             h = h.roll(1, 0)
         if self.above and h.shape[0] > self.above:

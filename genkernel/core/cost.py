@@ -956,7 +956,7 @@ def estimate_cost(
             own_pass = gradient_route == "example" and not reads_training
             if gradient_route == "example" and reads_training:
                 memory["training_records"] = int(acts * b * param_bytes)
-            shapes, fallback = per_architecture("block shapes", model, probes, (), lambda: block_shapes(model, probes))
+            shapes, fallback = _block_shapes(model, probes)
             # the fallback's torch.func pass (not on "example": its own pass forms every gradient): to the fallback
             # parameters alone, their own gradients, a check per chunk of the batch (as factor_route_work's)
             # (the factored route's capture pass holds the fallback constant: what its backward skips; the fallback's
@@ -1027,7 +1027,7 @@ def estimate_cost(
             memory["projection"] = projection_bytes(params, sketch_dim, memory_budget)
         # Counted from the layers' shapes, in forwards of their blocks (what they leave out,
         # attention's products and elementwise work, is not in a bare step's count either).
-        shapes, fallback = per_architecture("block shapes", model, probes, (), lambda: block_shapes(model, probes))
+        shapes, fallback = _block_shapes(model, probes)
         # The batch's factors, held from step 1 to step 5 whether read from the training pass or from a capture
         # pass of the route's own (its chunks are joined into the whole batch's): not bounded by the budget.
         memory["held_factors"] = int(held_factor_bytes(shapes, fallback, batch=b, itemsize=param_bytes,
@@ -1657,6 +1657,16 @@ def _fallback_chunk(model: nn.Module, probes: tuple[torch.Tensor, ...], plan, pa
     measured = _pass_measure(model, probes, plan.fallback)
     return example_chunk(memory_budget, sum(sizes), max(sizes, default=0), param_bytes, measured.activations,
                          measured.fixed_bytes)
+
+
+def _block_shapes(model: nn.Module, probes: tuple[torch.Tensor, ...]) -> tuple[tuple[BlockShape, ...], int]:
+    """:func:`~genkernel.core.engine.factored.block_shapes` once per architecture (:func:`per_architecture`; a
+    tuple, so that no caller changes the shapes another is given)."""
+    def measure() -> tuple[tuple[BlockShape, ...], int]:
+        shapes, fallback = block_shapes(model, probes)
+        return tuple(shapes), fallback
+
+    return per_architecture("block shapes", model, probes, (), measure)
 
 
 def _fallback_pass(model: nn.Module, probes: tuple[torch.Tensor, ...], param_bytes: int, memory_budget: int

@@ -89,7 +89,7 @@ from ..core.errors import LedgerCheckError
 from ..core.cost import CostEstimate, example_counts, with_kernel_records
 from ..core.tracking.callbacks import TrainerCallback
 from ..core.tracking.distributed import summed_over_ranks
-from ..core.tracking.io import atomic_save, check_saved_settings, jsonable, load_state
+from ..core.tracking.io import atomic_save, check_saved_settings, jsonable, load_state, refuse_tracker_settings
 from ..core.tracking.ledger import PathKernelLedger
 from ..core.tracking.owed import OwedRecord, make_owed
 from ..core.tracking.quadrature import quadrature_rule, residual_remedy
@@ -1424,13 +1424,7 @@ class NoiseLevelAnalyzer(TrainerCallback):
             if saved["ema"] != ema:
                 problems.append(("EMA ledger", "kept" if saved["ema"] else "none", "kept" if ema else "none",
                                  f"ema_ledger={'trainer' if saved['ema'] else 'none'!r}"))
-        if problems:
-            raise ValueError(
-                "the saved analyzer's tracker was built with other settings than this analyzer builds ("
-                + "; ".join(f"{name}: saved {old!r}, here {new!r}" for name, old, new, _ in problems)
-                + "): its ledgers cannot go on under these. Build the analyzer with "
-                + ", ".join(fix for _, _, _, fix in problems) + ", as the saved run's was"
-            )
+        refuse_tracker_settings(problems, "tracker")
 
     def _check_window_end(self, state: dict[str, Any]) -> None:
         """Refuse a tracked window that ends before a step the saved ledger holds (a run stopped inside its window

@@ -125,7 +125,8 @@ from ..core.tracking.callbacks import TrainerCallback, perform_step
 from ..core.tracking.distributed import (StepAgreement, averaged_over_ranks, ddp_group, gathered_over_ranks,
                                          summed_over_ranks)
 from ..core.tracking.ema import EMA_LEDGERS, ema_update_count
-from ..core.tracking.io import atomic_save, check_saved_settings, jsonable, load_state, to_device
+from ..core.tracking.io import (atomic_save, check_saved_settings, jsonable, load_state, refuse_tracker_settings,
+                                to_device)
 from ..core.tracking.ledger import PathKernelLedger
 from ..core.tracking.owed import OwedRecord, make_owed
 from ..core.tracking.quadrature import residual_remedy
@@ -2590,13 +2591,7 @@ class GANKernelAnalyzer(TrainerCallback):
                 problems.append(("EMA ledger", "kept" if saved["ema"] else "none", "kept" if ema else "none",
                                  f"ema_ledger={'trainer' if saved['ema'] else 'none'!r}" if not self._bound
                                  else f"bind(..., ema={'the EMA' if saved['ema'] else 'None'})"))
-        if problems:
-            raise ValueError(
-                "the saved analyzer's trackers were built with other settings than this analyzer builds ("
-                + "; ".join(f"{name}: saved {old!r}, here {new!r}" for name, old, new, _ in problems)
-                + "): their ledgers cannot go on under these. Build the analyzer with "
-                + ", ".join(fix for _, _, _, fix in problems) + ", as the saved run's was"
-            )
+        refuse_tracker_settings(problems, "trackers")
 
     def _load_checked_state(self, state: dict[str, Any]) -> None:
         if state["grouping"] is not None:

@@ -328,6 +328,22 @@ def check_saved_settings(saved: Mapping[str, Any], here: Mapping[str, Any], what
         )
 
 
+def refuse_tracker_settings(problems: list[tuple[str, Any, Any, str]], trackers: str = "tracker") -> None:
+    """Raise a ValueError naming every ``(setting, saved, here, fix)`` in ``problems`` (none: return): a saved
+    analyzer state whose ``trackers`` ("tracker", "trackers") were built with other settings than the analyzer
+    loading it builds, each fix a constructor argument that fits the state."""
+    if not problems:
+        return
+    were = "were" if trackers.endswith("s") else "was"
+    their = "their ledgers" if trackers.endswith("s") else "its ledgers"
+    raise ValueError(
+        f"the saved analyzer's {trackers} {were} built with other settings than this analyzer builds ("
+        + "; ".join(f"{name}: saved {old!r}, here {new!r}" for name, old, new, _ in problems)
+        + f"): {their} cannot go on under these. Build the analyzer with "
+        + ", ".join(fix for _, _, _, fix in problems) + ", as the saved run's was"
+    )
+
+
 def check_module_state(module: torch.nn.Module, saved: Mapping[str, torch.Tensor], what: str) -> None:
     """Raise a ValueError unless ``saved`` (a ``state_dict``) has exactly ``module``'s entries with
     their shapes and dtypes, before anything is loaded (``load_state_dict`` would cast another
