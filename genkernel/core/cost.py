@@ -466,17 +466,25 @@ def _remembered_counts(model: nn.Module, example: tuple[torch.Tensor, ...], grad
 def per_architecture(kind: str, model: nn.Module, inputs: tuple[torch.Tensor, ...], extra: tuple,
                      measure: Callable[[], Any]) -> Any:
     """``measure()`` of ``model`` on ``inputs``, taken once per ``kind``, architecture (push_memory's ``remembered``
-    under :func:`~genkernel.core.push_memory.architecture_key`: the module's structure, its parameters' and buffers'
-    names, shapes, dtypes and devices, which are trained, the inputs' shapes), modules' modes, attention and
-    autocast settings (:func:`~genkernel.core.engine.gradients.kernel_context`) and ``extra`` (the call's own
-    arguments): for what a pass's shapes and operations decide, not its values (counts, chunk sizes, the covering
-    plan's shapes). A tracker estimates its cost at construction, at its first step and once per other group state
+    under :func:`~genkernel.core.push_memory.architecture_key`: the module's structure, the plain attributes, flags,
+    small boolean buffers and hooks ``repr`` leaves out, its parameters' and buffers' names, shapes, dtypes and
+    devices, which are trained, the inputs' shapes), modules' modes, attention and autocast settings
+    (:func:`~genkernel.core.engine.gradients.kernel_context`) and ``extra`` (the call's own arguments): for what a
+    pass's shapes and operations decide, not its values (counts, chunk sizes, the covering plan's shapes). A forward
+    that branches on a parameter's or an input's value (a weight read outside its layer's call only while a bias is
+    positive) is estimated as the first model of its key was: the estimate moves, never a ledger or a kernel (they
+    take each module's own covering plan). A tracker estimates its cost at construction, at its first step and once per other group state
     it could name; every tracker of one architecture (a resumed run, a second analyzer, a second fit) took the same
     hooked passes and covering checks again, on the examples' small UNets a sixth of a tracker's construction."""
-    trained = {name: p for name, p in model.named_parameters() if p.requires_grad}
-    key = (architecture_key(model, trained, inputs, 0), tuple(m.training for m in model.modules()),
-           kernel_context(inputs), extra)
-    return remembered(kind, key, measure)
+    shapes = tuple((tuple(t.shape), t.dtype, str(t.device)) if isinstance(t, torch.Tensor) else id(t) for t in inputs)
+    known = None if _ESTIMATE_KEYS is None else _ESTIMATE_KEYS.get((id(model), shapes))
+    if known is None:
+        trained = {name: p for name, p in model.named_parameters() if p.requires_grad}
+        known = (architecture_key(model, trained, inputs, 0), tuple(m.training for m in model.modules()),
+                 kernel_context(inputs))
+        if _ESTIMATE_KEYS is not None:
+            _ESTIMATE_KEYS[(id(model), shapes)] = known
+    return remembered(kind, (*known, extra), measure)
 
 
 def hooked_forward_counts(model: nn.Module, example: tuple[torch.Tensor, ...],
@@ -803,10 +811,24 @@ def _in_analysis_mode(function: Callable) -> Callable:
 
     @functools.wraps(function)
     def run(model: nn.Module, *args: Any, **kwargs: Any) -> Any:
-        with analysis_mode(model):
-            return function(model, *args, **kwargs)
+        global _ESTIMATE_KEYS
+        outer = _ESTIMATE_KEYS is not None  # (an estimate of another group state inside an estimate: the same model)
+        if not outer:
+            _ESTIMATE_KEYS = {}
+        try:
+            with analysis_mode(model):
+                return function(model, *args, **kwargs)
+        finally:
+            if not outer:
+                _ESTIMATE_KEYS = None
 
     return run
+
+
+# The architecture keys made during one estimate (estimate_cost sets it, per_architecture reads it): the model
+# does not change inside an estimate, and its key (a repr and every module's settings) was made again for each
+# measure, on the examples' UNets a tenth of the estimate.
+_ESTIMATE_KEYS: dict | None = None
 
 
 @outside_inference_mode

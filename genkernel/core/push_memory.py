@@ -157,7 +157,7 @@ def measure_push_memory(module: nn.Module, params: dict[str, torch.Tensor], prob
     layer: a LoRA base) is counted whole in a pass of one probe, not as half of a two-probe pass.
     A model whose pass raises (no forward-mode rule: the tracker then takes the Jacobian route) gets
     :data:`DEFAULT_PUSH_MEMORY`. A model of the same architecture (its class, its modules as ``repr`` lists
-    them, their attention processors), parameter and buffer shapes, trained parameters and probe shapes as
+    them, their attention processors, the settings ``repr`` leaves out: :func:`module_settings`), parameter and buffer shapes, trained parameters and probe shapes as
     one measured before in this process gets that measure again (:data:`MEASURES_KEPT` kept): the passes
     cost several plain passes under the counter (0.25 s on the tiny UNet), which a test suite or a
     sweep building many trackers of one model would pay at every one."""
@@ -195,13 +195,79 @@ def architecture_key(module: nn.Module, params: dict[str, torch.Tensor], probes:
                       activation_bytes: int) -> tuple:
     """What a pass's memory depends on besides the values: the module's class and structure (its ``repr``,
     which names every submodule with its settings, and the attention processors diffusers keeps outside it),
-    every parameter's and buffer's name, shape, dtype and device, which parameters are trained, and the probes'
-    shapes."""
+    the settings ``repr`` leaves out (:func:`module_settings`: every module's plain attributes, its hooks and an
+    instance's own ``forward``), every parameter's and buffer's name, shape, dtype and device, which parameters
+    are trained, and the probes' shapes."""
     processors = tuple(type(getattr(m, "processor")).__qualname__ for m in module.modules() if hasattr(m, "processor"))
-    return (type(module), repr(module), processors,
+    return (type(module), repr(module), processors, module_settings(module),
             tuple((n, tuple(p.shape), p.dtype, str(p.device), n in params) for n, p in module.named_parameters()),
             tuple((n, tuple(b.shape), b.dtype, str(b.device)) for n, b in module.named_buffers()),
             tuple((tuple(t.shape), t.dtype, str(t.device)) for t in probes), activation_bytes)
+
+
+# nn.Module's own slots (the parameters, buffers, submodules and hook tables, keyed apart) and its mode
+# (cost.per_architecture keys the modes itself; the push pass runs in analysis mode whatever the mode)
+_MODULE_SLOTS = frozenset(vars(nn.Module()).keys()) | {"training"}
+_NOT_PLAIN = object()
+
+
+def module_settings(module: nn.Module) -> tuple:
+    """What a forward can branch on that ``repr`` does not name, for every submodule: its plain attributes
+    (numbers, strings, flags, dtypes, devices and tuples, lists and dicts of them: a token count, a tied-weight
+    switch, a LoRA scaling or adapter switch, ``gradient_checkpointing``, a config dict), the names of its forward
+    hooks and pre-hooks and of an instance's own ``forward``, the values of its small boolean buffers (a switch
+    saved with the state dict), and the global module hooks'. Returns a tuple of
+    them, comparable by equality. Measured counts, chunk sizes and covering-plan shapes shared by two models
+    equal in ``repr`` alone were another model's: a module repeating its tokens by an attribute (64 copies)
+    kept the one-copy model's activations, its estimate 64 times low. (Tensors, other objects and a hook's
+    captured values are not seen.)"""
+    out = []
+    for name, m in module.named_modules(remove_duplicate=False):
+        attributes = []
+        for key, value in vars(m).items():
+            if key in _MODULE_SLOTS:
+                continue
+            plain = _plain(value)
+            if plain is not _NOT_PLAIN:
+                attributes.append((key, plain))
+        # a flag kept as a buffer (a switch saved with the state dict): its value, as a plain attribute's
+        flags = tuple((key, tuple(b.reshape(-1).tolist())) for key, b in m._buffers.items()
+                      if b is not None and b.dtype == torch.bool and b.numel() <= 64)
+        hooks = tuple(_callable_name(h) for table in (m._forward_hooks, m._forward_pre_hooks) for h in table.values())
+        out.append((name, tuple(sorted(attributes, key=lambda item: item[0])), flags, hooks,
+                    _callable_name(m.__dict__["forward"]) if "forward" in m.__dict__ else None))
+    hooks = tuple(_callable_name(h) for table in (nn.modules.module._global_forward_hooks,
+                                                  nn.modules.module._global_forward_pre_hooks) for h in table.values())
+    return tuple(out), hooks
+
+
+def _plain(value: Any, depth: int = 0) -> Any:
+    """``value`` as a key where it is a plain setting (None, a number, a string, a dtype, a device, or a tuple,
+    list or dict of them, three levels deep at most), else ``_NOT_PLAIN``."""
+    if value is None or isinstance(value, (bool, int, float, str, torch.dtype, torch.device)):
+        return (type(value).__name__, repr(value))  # (repr: a NaN equal to itself, 1 apart from True)
+    if depth >= 3:
+        return _NOT_PLAIN
+    if isinstance(value, (tuple, list)):  # (one kind: a config saved and loaded turns tuples into lists)
+        items = tuple(_plain(v, depth + 1) for v in value)
+        return _NOT_PLAIN if any(v is _NOT_PLAIN for v in items) else ("sequence", items)
+    if isinstance(value, dict):
+        # (a dict's private keys are bookkeeping, not settings: diffusers' config carries the folder a model was
+        # loaded from, its version and which entries took defaults, and a model loaded from a checkpoint missed
+        # every measure of the same model built in the process)
+        items = tuple((repr(k), _plain(v, depth + 1)) for k, v in value.items()
+                      if not (isinstance(k, str) and k.startswith("_")))
+        return _NOT_PLAIN if any(v is _NOT_PLAIN for _, v in items) else ("dict", tuple(sorted(items, key=lambda i: i[0])))
+    return _NOT_PLAIN
+
+
+def _callable_name(function: Any) -> str:
+    """A hook's or forward's module, qualified name and first line (its class's, for a callable object; a bound
+    method's function's): two lambdas of one function are told apart."""
+    function = getattr(function, "__func__", function)
+    name = getattr(function, "__qualname__", None) or type(function).__qualname__
+    line = getattr(getattr(function, "__code__", None), "co_firstlineno", None)
+    return f"{getattr(function, '__module__', None) or type(function).__module__}.{name}:{line}"
 
 
 def _measured(module: nn.Module, params: dict[str, torch.Tensor], probes: tuple[torch.Tensor, ...],
