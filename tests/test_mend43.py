@@ -108,6 +108,20 @@ def test_the_cost_estimate_of_a_model_left_in_training_mode_is_the_trackers_and_
     tracker.close()
 
 
+def counted_repeat_checks(monkeypatch) -> list:
+    """A list that gets one entry per repeatability check the engine runs (engine.kernels._checked_output)."""
+    from genkernel.core.engine import kernels
+
+    checks, original = [], kernels._checked_output
+
+    def counted(*args, **kwargs):
+        checks.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(kernels, "_checked_output", counted)
+    return checks
+
+
 def test_a_repeat_check_kept_once_per_example_is_taken_again_after_an_in_place_change_and_never_keeps_a_refusal(
         monkeypatch):
     """Inside engine.kernels.repeat_checked_once, gradient_kernel's repeatability check (three passes of the first
@@ -120,17 +134,9 @@ def test_a_repeat_check_kept_once_per_example_is_taken_again_after_an_in_place_c
     import torch
     from torch import nn
 
-    from genkernel.core.engine import kernels
     from genkernel.core.engine.kernels import gradient_kernel, repeat_checked_once
 
-    checks = []
-    original = kernels._checked_output
-
-    def counted(*args, **kwargs):
-        checks.append(1)
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(kernels, "_checked_output", counted)
+    checks = counted_repeat_checks(monkeypatch)
 
     class Noisy(nn.Module):
         def __init__(self):

@@ -9,6 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from test_mend43 import counted_repeat_checks
+
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
@@ -118,17 +120,9 @@ def test_a_repeat_check_kept_once_is_taken_again_after_the_input_alone_is_writte
     Coverage: the old code keys the input's version already; test_mend43's in-place input case changed the
     parameters' versions just before it (mul_ then div_), so a key without the input's version passed it too
     (injected into a copy: that test passed, this one fails)."""
-    from genkernel.core.engine import kernels
     from genkernel.core.engine.kernels import gradient_kernel, repeat_checked_once
 
-    checks = []
-    original = kernels._checked_output
-
-    def counted(*args, **kwargs):
-        checks.append(1)
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(kernels, "_checked_output", counted)
+    checks = counted_repeat_checks(monkeypatch)
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
     x = torch.randn(3, 3, dtype=torch.float64)
