@@ -674,7 +674,7 @@ def _measured_per_architecture(kind: str, model: nn.Module, probes: tuple[torch.
         except Exception:
             return 0.0
 
-    return remembered(kind, architecture_key(model, params, probes, 0), guarded)
+    return per_architecture(kind, model, probes, (), guarded)
 
 
 @contextlib.contextmanager
@@ -1734,8 +1734,8 @@ def factored_chunk_bytes(model: nn.Module, probes: tuple[torch.Tensor, ...], row
     if not params:
         return 0, 0
     per_partition = max(1, min(3, rows // max(partitions, 1)))  # (the rows the measure lays its examples in)
-    return remembered("factored chunks", (architecture_key(model, params, probes, 0), per_partition, partitions),
-                      lambda: factored_chunk_peaks(model, params, tuple(t[:1] for t in probes), rows, partitions))
+    return per_architecture("factored chunks", model, probes, (per_partition, partitions),
+                            lambda: factored_chunk_peaks(model, params, tuple(t[:1] for t in probes), rows, partitions))
 
 
 def equal_chunks(batch: int, chunk: int) -> list[int]:
