@@ -157,6 +157,7 @@ import functools
 import math
 import numbers
 import os
+import threading
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
@@ -477,13 +478,14 @@ def per_architecture(kind: str, model: nn.Module, inputs: tuple[torch.Tensor, ..
     it could name; every tracker of one architecture (a resumed run, a second analyzer, a second fit) took the same
     hooked passes and covering checks again, on the examples' small UNets a sixth of a tracker's construction."""
     shapes = tuple((tuple(t.shape), t.dtype, str(t.device)) if isinstance(t, torch.Tensor) else id(t) for t in inputs)
-    known = None if _ESTIMATE_KEYS is None else _ESTIMATE_KEYS.get((id(model), shapes))
+    keys = getattr(_ESTIMATE, "keys", None)
+    known = None if keys is None else keys.get((id(model), shapes))
     if known is None:
         trained = {name: p for name, p in model.named_parameters() if p.requires_grad}
         known = (architecture_key(model, trained, inputs, 0), tuple(m.training for m in model.modules()),
                  kernel_context(inputs))
-        if _ESTIMATE_KEYS is not None:
-            _ESTIMATE_KEYS[(id(model), shapes)] = known
+        if keys is not None:
+            keys[(id(model), shapes)] = known
     return remembered(kind, (*known, extra), measure)
 
 
@@ -811,24 +813,24 @@ def _in_analysis_mode(function: Callable) -> Callable:
 
     @functools.wraps(function)
     def run(model: nn.Module, *args: Any, **kwargs: Any) -> Any:
-        global _ESTIMATE_KEYS
-        outer = _ESTIMATE_KEYS is not None  # (an estimate of another group state inside an estimate: the same model)
+        # (an estimate of another group state inside an estimate: the same model, the same keys)
+        outer = getattr(_ESTIMATE, "keys", None) is not None
         if not outer:
-            _ESTIMATE_KEYS = {}
+            _ESTIMATE.keys = {}
         try:
             with analysis_mode(model):
                 return function(model, *args, **kwargs)
         finally:
             if not outer:
-                _ESTIMATE_KEYS = None
+                _ESTIMATE.keys = None
 
     return run
 
 
-# The architecture keys made during one estimate (estimate_cost sets it, per_architecture reads it): the model
-# does not change inside an estimate, and its key (a repr and every module's settings) was made again for each
-# measure, on the examples' UNets a tenth of the estimate.
-_ESTIMATE_KEYS: dict | None = None
+# The architecture keys made during one estimate, per thread (estimate_cost sets them, per_architecture reads them):
+# the model does not change inside an estimate, and its key (a repr and every module's settings) was made again for
+# each measure, on the examples' UNets a tenth of the estimate.
+_ESTIMATE = threading.local()
 
 
 @outside_inference_mode
