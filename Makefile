@@ -35,7 +35,7 @@ $(STAMP): $(PY) pyproject.toml $(TORCH_CHOICE)
 install: $(STAMP)
 
 # Two pytest-xdist workers, whole files to one worker (a module's fixtures built once): the 3560 tests in
-# 509-572 s on 2 idle cores (2026-12-07, clean clones; 628 s before the cost estimate's measures were kept per
+# 509-591 s on 2 idle cores (2026-12-07, clean clones; 628 s before the cost estimate's measures were kept per
 # architecture), the tests' CPU over two cores (the example scripts' tests the heaviest), plus each worker's
 # collection (about 27 s).
 # TEST_WORKERS=0: one process.
