@@ -422,6 +422,8 @@ class NoiseLevelAnalyzer(TrainerCallback):
             raise RuntimeError("this analyzer is already bound to a model; build a new one for another run")
         if self._pending_state is not None:  # before any hook is attached to the optimizer
             self._check_start_step(self._pending_state, start_step if self._start_step is None else self._start_step)
+            # (loaded by hand, not by a trainer: whether the saved run kept an EMA ledger is known here, from ema=)
+            self._check_saved_tracker(self._pending_state, ema=ema is not None)
         optimizer = unwrap_optimizer(optimizer)
         param = next(unwrap(model).parameters())
         probes = self.probes(param)
@@ -460,14 +462,24 @@ class NoiseLevelAnalyzer(TrainerCallback):
             raise
         if self.progress:
             print(f"[genkernel] NoiseLevelAnalyzer: {self.cost.describe()}", file=sys.stderr)
-        self._start_step = start_step if self._start_step is None else self._start_step
+        start_before, self._start_step = self._start_step, start_step if self._start_step is None else self._start_step
+        try:
+            if self._pending_state is not None:
+                self._check_auto_route(self._pending_state)
+                self._load(self._pending_state)
+            elif not self.kernel_history:
+                self.record_kernel()
+        except BaseException:
+            # Unbound again (a loaded state still pending): left bound, a trainer's next train() found the analyzer
+            # bound and went on without what failed here: a refused state's ledgers (a fresh ledger from the resume
+            # on, its steps numbered on, the saved ones dropped), or the start's kernel record (the history lacked it).
+            self.tracker.close(record_ema=False)
+            self.tracker, self._start_step = None, start_before
+            raise
         if self._pending_state is not None:
-            self._load(self._pending_state)
             self._pending_state = None
             if self.stopped:  # saved after its window ended: the ledgers are for reading only
                 self.tracker.close(record_ema=False)
-        elif not self.kernel_history:
-            self.record_kernel()
         self._steps_at_bind = self.tracker.attempted_steps
 
     def _follow_kernel_fit(self, tracker: PathKernelTracker) -> None:
@@ -1238,6 +1250,11 @@ class NoiseLevelAnalyzer(TrainerCallback):
                 raise
             notes.append(f"the records of tracked step {self._owed['tracked_step']} (locality snapshot, kernel record, "
                          f"log) are not all made: {type(error).__name__}: {error}")
+        numbered = [s for s in self.global_steps if s is not None]
+        if self.track_steps is None and numbered and numbered[0] > 1:
+            # (an analyzer attached to a trainer that had trained, or resumed without the analyzer's state, or bound
+            # with start_step=: its ledgers are the window from there, which no other field of the report names)
+            notes.append(_late_start_note(numbered[0], numbered[-1]))
         residual = self.residual()
         if residual["relative_residual"] > 1e-3:
             notes.append(
@@ -1374,15 +1391,16 @@ class NoiseLevelAnalyzer(TrainerCallback):
                 "with the saved run's probe_data, num_probes, probe_levels, probe_conditioning and seed"
             )
 
-    def _check_saved_tracker(self, state: dict[str, Any]) -> None:
+    def _check_saved_tracker(self, state: dict[str, Any], *, ema: bool | None = None) -> None:
         """Refuse a saved state whose tracker state the tracker :meth:`bind` builds would refuse
         (:meth:`PathKernelTracker.load_state_dict`), before anything is loaded. A state loaded before bind is
         otherwise compared there only, at a trainer's next ``train()`` start, after the trainer had loaded the
         checkpoint's model and optimizer. Compared: what this analyzer's constructor arguments set (the partitions'
         ``num_classes``, ``quadrature``, ``group_state`` where not "auto", ``state_dtype``, ``sketch_dim``, the
         probes' shapes) and, while a built-in trainer loads it (:attr:`resuming_trainer`), whether that trainer's
-        ``train()`` binds an EMA ledger (``ema_ledger``). "auto" resolves at bind with the model and optimizer: a
-        saved "factored" state is left to the tracker there."""
+        ``train()`` binds an EMA ledger (``ema_ledger``), or (``ema``, from :meth:`bind`: a state loaded by hand)
+        whether an EMA is bound. "auto" resolves at bind with the model and optimizer: a saved "factored" state is
+        compared there (:meth:`_check_auto_route`)."""
         saved = saved_tracker_settings(state["tracker"])
         problems: list[tuple[str, Any, Any, str]] = []  # (setting, saved, here, the argument that fits the state)
         if saved["partitions"] != self.partitions:
@@ -1419,12 +1437,31 @@ class NoiseLevelAnalyzer(TrainerCallback):
             if values != [digest for _, _, digest in saved["probes"]]:
                 problems.append(("probe values (digests)", [digest for _, _, digest in saved["probes"]], values,
                                  "the saved run's probe_data, num_probes, probe_levels, probe_conditioning and seed"))
-        if trainer is not None:
-            ema = self._trainer_ema(trainer) is not None
+        if ema is not None or trainer is not None:
+            fix = (f"ema_ledger={'trainer' if saved['ema'] else 'none'!r} (attached to a trainer"
+                   + (" with ema=" if saved["ema"] else "") + ")")
+            if ema is None:
+                ema = self._trainer_ema(trainer) is not None
+            else:  # (bind: in a loop of one's own, the EMA given there decides; a trainer's train() passes its own)
+                fix += f" or bind(..., ema={'the EMA the saved run updated' if saved['ema'] else 'None'})"
             if saved["ema"] != ema:
-                problems.append(("EMA ledger", "kept" if saved["ema"] else "none", "kept" if ema else "none",
-                                 f"ema_ledger={'trainer' if saved['ema'] else 'none'!r}"))
+                problems.append(("EMA ledger", "kept" if saved["ema"] else "none", "kept" if ema else "none", fix))
         refuse_tracker_settings(problems, "tracker")
+
+    def _check_auto_route(self, state: dict[str, Any]) -> None:
+        """Refuse, at bind, a saved "factored" group state that ``group_state="auto"`` did not resolve to again on
+        this model and optimizer (another optimizer, an EMA, a model bound in training mode whose dropout draws or
+        whose batch statistics couple the examples: "dense"): the tracker would refuse it naming no fix. (A saved
+        "dense" state switches a fresh "auto" tracker to dense; the same set-up resolves "auto" as it did.)"""
+        saved = saved_tracker_settings(state["tracker"])["group_state"]
+        if self.group_state == "auto" and saved == "factored" and self.tracker.group_state != "factored":
+            raise ValueError(
+                f"the saved analyzer's tracker kept the 'factored' group state and group_state='auto' resolves to "
+                f"{self.tracker.group_state!r} on this model and optimizer (another optimizer, an EMA ledger, or the "
+                "model bound in another mode: dropout or batch statistics in training mode): its ledgers cannot go on "
+                "under another route. Bind as the saved run did (its optimizer, its model's mode), or build the "
+                "analyzer with group_state='factored' (plain SGD, no EMA ledger), as the saved run resolved it"
+            )
 
     def _check_window_end(self, state: dict[str, Any]) -> None:
         """Refuse a tracked window that ends before a step the saved ledger holds (a run stopped inside its window
@@ -1510,6 +1547,16 @@ class NoiseLevelAnalyzer(TrainerCallback):
 
     def load(self, path: str | os.PathLike) -> None:
         self.load_state_dict(load_state(path, FORMAT))
+
+
+def _late_start_note(first: int, last: int) -> str:
+    """The report's note for ledgers whose first tracked step is step ``first`` > 1 of the run, without a
+    ``track_steps`` window: which steps their numbers cover (``first`` to ``last``), not the whole run."""
+    return (f"the ledgers begin at step {first} of the run, not at its first: the analyzer was attached or bound after "
+            "the run's start (a trainer that had trained, or resumed from a checkpoint without this analyzer's state), "
+            f"or the steps before it made no update. Every share, matrix and residual here covers steps {first}-{last} "
+            f"only, not the whole run: what training did before step {first} is in no ledger. For the whole run, "
+            "attach the analyzer before the first step and resume with its saved state")
 
 
 def train_with_window(trainer: Any, analyzer: NoiseLevelAnalyzer, *, warmup_steps: int, window_steps: int) -> dict[str, Any]:

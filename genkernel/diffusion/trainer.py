@@ -846,7 +846,9 @@ class DDPMTrainer:
             raise ValueError(f"num_steps must be a non-negative int, got {num_steps!r}")
         check_not_torn(self, "train()")
         self.model.train()
-        self._callback_states.claim(self.callbacks)
+        # (told this trainer: a callback attached after resume() compares its state with it as resume() would have,
+        # before any step)
+        self._callback_states.claim(self.callbacks, trainer=self)
         fire(self.callbacks, "on_train_start", self)
         out = []
         bar = tqdm(range(num_steps), desc="ddpm", disable=not self.progress, leave=False)

@@ -931,6 +931,8 @@ class GANKernelAnalyzer(TrainerCallback):
             raise ValueError("ema is an EMA of the generator's weights: bind it with the g_optimizer")
         start_step = list(start_step) if isinstance(start_step, (tuple, list)) else start_step
         _check_start_step(start_step, self.g_loop_steps, self.d_loop_steps)  # after a load: no step numbered again
+        if g_optimizer is not None:  # (a state loaded by hand: the EMA given here decides, before anything is set)
+            self._check_pending_ema(ema is not None, f"bind(..., ema={{}})")
         if self._generator_loss is None and self._geometry_loss is None:
             self._generator_loss = self._default_generator_loss()
         self._follow_networks()
@@ -1215,6 +1217,28 @@ class GANKernelAnalyzer(TrainerCallback):
             "builds the discriminator's tracker at bind, before any step; or call observe_discriminator and the "
             "backward before d_optimizer.step(), without a closure"
         )
+
+    def on_train_start(self, trainer: Any) -> None:
+        # A state loaded before the trainer's run (by hand, or claimed by a train() after the trainer's resume) keeps
+        # the generator's tracker until the first generator step rebuilds it: its EMA ledger compared now, before the
+        # iteration's discriminator steps move D (refused at the rebuild, the trainer was left one D update on).
+        if not self._bound:
+            ema = self.ema_ledger == "trainer" and getattr(trainer, "ema", None) is not None
+            self._check_pending_ema(ema, "ema_ledger={}")
+
+    def _check_pending_ema(self, ema: bool, fix: str) -> None:
+        """Refuse a loaded generator tracker state (not rebuilt yet) whose EMA ledger the tracker built now would not
+        have (``ema``) or would lack: its load would refuse it at the rebuild. ``fix``: the argument that fits, with a
+        ``{}`` for its value. A state saved after its window ended rebuilds no tracker: nothing compared."""
+        saved = (self._pending or {}).get("g_tracker")
+        if saved is None or self.stopped:
+            return
+        kept = saved_tracker_settings(saved)["ema"]
+        if kept != ema:
+            value = ("'trainer'" if kept else "'none'") if fix.startswith("ema_ledger") else (
+                "the EMA the saved run updated" if kept else "None")
+            refuse_tracker_settings([("EMA ledger", "kept" if kept else "none", "kept" if ema else "none",
+                                      fix.format(value))], "trackers")
 
     def on_train_end(self, trainer: Any) -> None:
         self.finish()
@@ -2393,6 +2417,16 @@ class GANKernelAnalyzer(TrainerCallback):
             if self.partial_window is not None:
                 out["partial_window"] = self.partial_window
             notes.append(self._residual_note("generator", ledger, g_tracker))
+            if self.track_steps is None and self.g_loop_steps and self.g_loop_steps[0] > 1:
+                # (coupling_whole_run, the windows and the shares cover the tracked steps: not the whole run here)
+                first, last = self.g_loop_steps[0], self.g_loop_steps[-1]
+                notes.append(
+                    f"the ledgers begin at generator step {first} of the run, not at its first: the analyzer was "
+                    "attached or bound after the run's start (a trainer that had trained, or resumed from a checkpoint "
+                    f"without this analyzer's state), or the generator steps before it made no update. The shares, "
+                    f"windows, alignment and coupling_whole_run cover generator steps {first}-{last} only, not the "
+                    f"whole run: what training did before step {first} is in no ledger. For the whole run, attach the "
+                    "analyzer before the first step and resume with its saved state")
             if sum(self.g_zero_counts):
                 notes.append(
                     f"{sum(self.g_zero_counts)} training examples had a zero discriminator gradient w (D flat at their "

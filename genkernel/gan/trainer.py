@@ -1100,7 +1100,9 @@ class GANTrainer:
         check_not_torn(self, "train()")
         self._check_generator_loss()  # (before any step: not after D's steps of the first iteration were made)
         self._check_critic()
-        self._callback_states.claim(self.callbacks)
+        # (told this trainer: a callback attached after resume() compares its state with it as resume() would have,
+        # before any step)
+        self._callback_states.claim(self.callbacks, trainer=self)
         fire(self.callbacks, "on_train_start", self)
         bar = tqdm(total=iterations, initial=self.iteration, disable=not self.progress, desc="gan")
         while self.iteration < iterations:

@@ -190,34 +190,39 @@ class CallbackStates:
                 "callbacks safely: start the analysis anew from the model and optimizer it holds"
             )
         self.pending, self.aborted = dict(saved), None
+        try:
+            self.claim(callbacks, strict=False, trainer=trainer)
+        except BaseException as error:
+            self.aborted = f"{type(error).__name__}: {error}"
+            raise
+
+    def claim(self, callbacks: Sequence[TrainerCallback], *, strict: bool = True, trainer: Any = None) -> None:
+        """Load the pending states into the callbacks attached now (``strict``: and raise naming any state left
+        without one). ``trainer``: the trainer whose run the states belong to, told for this call alone to the
+        callbacks that compare a state with it before their trackers exist (:meth:`load`; a trainer's ``train()``
+        claiming the states of callbacks attached after its resume: compared as at the resume, e.g. whether the
+        trainer keeps an EMA, before a step could move the trainer)."""
+        if strict and self.aborted is not None and self.pending:
+            raise ValueError(self._aborted_message())
+        keyed = self._keyed(callbacks)
         # Each told callback's own value put back afterwards, whatever happens: None after a trainer's load, the
         # outer load's trainer after a load nested in a callback's load_state_dict (reset to None there, a callback
         # claimed later in the outer load compared its state with no trainer, the EMA ledger unchecked).
         told: list[tuple[Any, Any]] = []
         try:
-            for callback in callbacks if trainer is not None else ():
-                if hasattr(callback, "resuming_trainer"):
-                    before = callback.resuming_trainer
-                    callback.resuming_trainer = trainer
-                    told.append((callback, before))
-            self.claim(callbacks, strict=False)
-        except BaseException as error:
-            self.aborted = f"{type(error).__name__}: {error}"
-            raise
+            for key in list(self.pending):
+                if key in keyed:
+                    callback = keyed[key]
+                    if trainer is not None and hasattr(callback, "resuming_trainer"):
+                        told.append((callback, callback.resuming_trainer))
+                        callback.resuming_trainer = trainer
+                    # popped only once loaded: a state its callback refuses (other settings) stays pending, so the
+                    # next train() is refused again instead of starting a new ledger in the middle of the resumed run
+                    callback.load_state_dict(self.pending[key])
+                    del self.pending[key]
         finally:
             for callback, before in reversed(told):
                 callback.resuming_trainer = before
-
-    def claim(self, callbacks: Sequence[TrainerCallback], *, strict: bool = True) -> None:
-        if strict and self.aborted is not None and self.pending:
-            raise ValueError(self._aborted_message())
-        keyed = self._keyed(callbacks)
-        for key in list(self.pending):
-            if key in keyed:
-                # popped only once loaded: a state its callback refuses (other settings) stays pending, so the next
-                # train() is refused again instead of starting a new ledger in the middle of the resumed run
-                keyed[key].load_state_dict(self.pending[key])
-                del self.pending[key]
         if strict and self.pending:
             names = sorted(self.pending)
             raise ValueError(
