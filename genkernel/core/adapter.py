@@ -1210,6 +1210,27 @@ def _out_of_memory(error: BaseException) -> bool:
     return any(marker.lower() in message for marker in _OUT_OF_MEMORY)
 
 
+def not_fitting_message(name: str, model: nn.Module, inputs: Sequence[Any], error: BaseException) -> str:
+    """The message of a ValueError for ``inputs`` (named ``name``: "inputs", "probes") that ``model`` refused with
+    ``error``: their shapes, torch's own words, and where their floating dtypes or devices differ from the model's
+    parameters, which is which and the fix (torch's "mat1 and mat2 must have the same dtype, but got Float and
+    Double" said neither)."""
+    tensors = [t for t in inputs if isinstance(t, torch.Tensor)]
+    message = f"{name} of shapes {[tuple(t.shape) for t in tensors]} do not fit {type(model).__name__}: {error}"
+    parameter = floating_parameter(model)
+    if parameter is None:
+        return message
+    floats = [t for t in tensors if t.is_floating_point()]
+    dtypes = sorted({str(t.dtype) for t in floats if t.dtype != parameter.dtype})
+    devices = sorted({str(t.device) for t in tensors if t.device != parameter.device})
+    if dtypes or devices:
+        given = ", ".join(dtypes + [f"on {d}" for d in devices])
+        message += (f" (the {name} are {given}; the model's parameters are {parameter.dtype} on {parameter.device}: "
+                    f"pass the {name} as .to(device={str(parameter.device)!r}, dtype={parameter.dtype}), or move the "
+                    "model before building the tracker)")
+    return message
+
+
 def checked_forward(model: nn.Module, inputs: tuple[torch.Tensor, ...], *, name: str) -> torch.Tensor:
     """Plain forward pass, ``Tensor[B, d]``, with a clear error when ``inputs`` do not fit."""
     try:
@@ -1217,6 +1238,5 @@ def checked_forward(model: nn.Module, inputs: tuple[torch.Tensor, ...], *, name:
     except Exception as error:
         if not not_fitting_inputs(error):
             raise
-        shapes = [tuple(t.shape) for t in inputs]
-        raise ValueError(f"{name} of shapes {shapes} do not fit {type(model).__name__}: {error}") from error
+        raise ValueError(not_fitting_message(name, model, inputs, error)) from error
     return flat_output(out, batch_size(inputs, name=name))

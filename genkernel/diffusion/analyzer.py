@@ -650,7 +650,7 @@ class NoiseLevelAnalyzer(TrainerCallback):
                 (min-SNR and the like); your loss is their mean, or Σ_n c_n ℓ_n with ``weights``.
             timesteps: ``LongTensor[B]`` the training timesteps (flow matching: the model's float t = σ·T;
                 EDM: its float t = ¼ ln σ, ``scheduler.timesteps[indices]``).
-            class_labels: ``LongTensor[B]`` in [0, C), with ``num_classes``.
+            class_labels: ``LongTensor[B]`` in [0, C), with ``num_classes`` (a ValueError without it).
 
         The loop's ``optimizer.step()`` records the step (gradient accumulation over several
         observed micro-batches and global-norm clipping are followed exactly).
@@ -659,6 +659,13 @@ class NoiseLevelAnalyzer(TrainerCallback):
             raise RuntimeError("call analyzer.bind(model, optimizer) before analyzer.observe(...)")
         if self.stopped:
             raise RuntimeError("the analyzer was stopped (its tracked window ended): do not observe later steps")
+        if class_labels is not None and self.num_classes is None:
+            # (the labels were dropped without a word: the loop got no level × class ledger and no error)
+            raise ValueError(
+                "class_labels were given, but this analyzer was built without num_classes, so it keeps no level × "
+                "class ledger and would ignore them: build it with num_classes=C (and probe_conditioning=, the probes' "
+                "labels, for a class-conditional model), or drop class_labels="
+            )
         self._settle()  # (before this step's micro-batches: the owed records read the last step's ledger and θ)
         # A refused micro-batch draws nothing: the loop that catches the error and observes again (or the
         # same loop resumed) gets the control permutations an uninterrupted run draws.

@@ -77,6 +77,40 @@ def check_clipping_and_snr(args: argparse.Namespace) -> None:
                          "weights min(SNR, gamma) / SNR would be negative (gradient ascent) or zero")
 
 
+def check_image_folder(folder: str, option: str) -> None:
+    """A ValueError naming ``option`` and the layout to use when ``folder`` is not a torchvision ``ImageFolder``
+    (one sub-folder of images per class): missing or a file, no sub-folder (the images put in it directly), or a
+    sub-folder without an image file (another data set's files, MNIST's idx files, an empty or stray folder), each of
+    which torchvision's ``ImageFolder`` refuses. Returns None.
+
+    Called first thing in each script's ``main``: torchvision's own FileNotFoundError came from deep inside
+    ``ImageFolder`` after the accelerator, the model and the output folder were made, and for the images put in
+    the folder directly it said "Couldn't find any class folder", naming no fix."""
+    from torchvision.datasets.folder import IMG_EXTENSIONS
+
+    layout = f"{option} DIR needs one sub-folder of images per class (DIR/<class>/<name>.png; one class is fine)"
+    if not os.path.isdir(folder):
+        what = "is a file, not a folder" if os.path.exists(folder) else "does not exist"
+        raise ValueError(f"{option} {folder} {what}: {layout}")
+    entries = list(os.scandir(folder))
+    classes = sorted(e.name for e in entries if e.is_dir())  # every sub-folder, hidden ones too, as torchvision's
+    loose = [e.name for e in entries if e.is_file() and e.name.lower().endswith(IMG_EXTENSIONS)]
+    if not classes:
+        found = (f"its {len(loose)} images lie in it directly; {layout}: move them to e.g. "
+                 f"{os.path.join(folder, 'images')}") if loose else f"it holds no sub-folder (no image); {layout}"
+        raise ValueError(f"{option} {folder}: {found}")
+
+    def has_image(path: str) -> bool:
+        return any(f.lower().endswith(IMG_EXTENSIONS) for _, _, files in os.walk(path, followlinks=True) for f in files)
+
+    # (ImageFolder refuses a class folder without an image, a stray .ipynb_checkpoints among them too)
+    empty = [name for name in classes if not has_image(os.path.join(folder, name))]
+    if empty:
+        raise ValueError(f"{option} {folder}: no image file ({', '.join(IMG_EXTENSIONS)}) in its sub-folder(s) "
+                         f"{empty[:5]} (another data set's files? an empty or stray folder?): remove them or put "
+                         f"images in them; {layout}")
+
+
 SINGLE_PROCESS = argparse.Namespace(is_main_process=True)
 """The ``accelerator`` argument of :func:`write_report` and :func:`drop_stale_report` in a script that runs in one
 process without accelerate (recipes/examples/dcgan.py): it is the main process."""

@@ -14,6 +14,10 @@ offline and from a test:
   classes take ``nz``, ``ngf``, ``ndf``, ``nc`` as arguments instead of reading globals; ``--dataset``
   defaults to "folder" and ``--manualSeed`` to 0 (upstream: random);
 - ``--cuda`` / ``--mps`` / ``--ngpu`` are as upstream; ``--dry-run`` runs one iteration.
+- ``--dataroot`` is checked to be an ``ImageFolder`` before anything runs: a ValueError naming the option and the
+  layout, where upstream fails inside torchvision.
+- ``--imageSize`` other than 64 (the only size upstream's networks take) is a ValueError before anything runs,
+  where upstream fails in D's first forward, inside torch.
 
 The 15 lines marked ``# genkernel`` attach :class:`~genkernel.gan.GANKernelAnalyzer` to the loop
 (docs/observing.md, "Observing a loop the user owns"): an import of ``genkernel.gan`` and one of
@@ -52,6 +56,7 @@ import torchvision.utils as vutils
 
 import genkernel.gan  # genkernel
 from recipes.examples.checkpointing import SINGLE_PROCESS, drop_stale_report, write_report  # genkernel
+from recipes.examples.checkpointing import check_image_folder
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -165,6 +170,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Train; returns ``{"netG", "netD", "optimizerG", "optimizerD", "analyzer" (or None), "iterations"}``."""
     opt = parse_args(argv)
     print(opt)
+    # Upstream's networks take 64×64 images only (G always outputs 64×64; D's last 4×4 convolution needs a 64×64
+    # input): any other size failed in D's first forward, inside torch, after the analyzer was built.
+    if opt.imageSize != 64:
+        raise ValueError(f"--imageSize {opt.imageSize}: the DCGAN networks here, as upstream's, take 64×64 images "
+                         "only; pass --imageSize 64 (the images are resized and cropped to it)")
+    if opt.dataset == 'folder' and opt.dataroot is not None:  # (torchvision's own error came from deep inside ImageFolder)
+        check_image_folder(opt.dataroot, "--dataroot")
 
     try:
         os.makedirs(opt.outf)

@@ -89,6 +89,7 @@ from genkernel.diffusion import NoiseLevelAnalyzer, freeze_attention_key_biases 
 
 from .checkpointing import (
     EpochRNG, add_analyzer_arguments, add_checkpoint_arguments, check_analyzer_arguments, check_checkpoint_arguments,
+    check_image_folder,
     check_clipping_and_snr, drop_stale_report, register_unet_hooks,
     resume_position, resume_settings, save_checkpoint, training_length, write_report,
 )
@@ -164,6 +165,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Train; returns ``{"unet": the trained UNet, "ema_unet": EMAModel or None, "analyzer":
     NoiseLevelAnalyzer or None, "global_step": optimizer steps made}``."""
     args = parse_args(argv)
+    check_image_folder(args.train_data_dir, "--train_data_dir")  # before the accelerator, the model, the output folder
     accelerator = Accelerator(gradient_accumulation_steps=args.gradient_accumulation_steps,
                               mixed_precision=args.mixed_precision)
     set_seed(args.seed)

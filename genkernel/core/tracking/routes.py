@@ -37,7 +37,7 @@ from torch.func import vmap
 
 from ..adapter import (
     analysis_mode, batch_size, check_per_example_safe, coupled_modules, data_dependent_modules,
-    explained_torch_func_errors, not_fitting_inputs,
+    explained_torch_func_errors, not_fitting_inputs, not_fitting_message,
 )
 from ..cost import plain_sgd, push_pass_shape, push_route, reads_training_pass
 from ..param_bytes import parameter_bytes
@@ -606,8 +606,7 @@ def training_plan(model: TrackedModel, inputs: tuple[torch.Tensor, ...], exclude
     except Exception as error:
         if not not_fitting_inputs(error):
             raise
-        shapes = [tuple(t.shape) for t in inputs]
-        raise ValueError(f"inputs of shapes {shapes} do not fit {type(model.module).__name__}: {error}") from error
+        raise ValueError(not_fitting_message("inputs", model.module, inputs, error)) from error
 
 
 def input_kind(inputs: tuple[torch.Tensor, ...]) -> tuple:

@@ -26,7 +26,8 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from ..adapter import Batch, as_tuple, batch_size, floating_parameter, not_fitting_inputs, output_tensor, unwrap_optimizer
+from ..adapter import (Batch, as_tuple, batch_size, floating_parameter, not_fitting_inputs, not_fitting_message,
+                       output_tensor, unwrap_optimizer)
 from ..errors import NonFiniteError, SkippedStep
 
 LossFn = Callable[[torch.Tensor, Any], torch.Tensor]
@@ -484,8 +485,7 @@ def model_output(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> torch.Te
     except Exception as error:
         if not not_fitting_inputs(error):
             raise
-        shapes = [tuple(t.shape) for t in inputs]
-        raise ValueError(f"inputs of shapes {shapes} do not fit {type(model).__name__}: {error}") from error
+        raise ValueError(not_fitting_message("inputs", model, inputs, error)) from error
 
 
 def micro_batch_rows(batch: int, micro_batches: int) -> list[slice]:

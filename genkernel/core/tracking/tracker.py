@@ -2603,9 +2603,11 @@ class PathKernelTracker:
             if changed and not self.ledger.steps:
                 raise RuntimeError(
                     f"parameters {changed[:5]} changed since the tracker was built, before its first step (untracked "
-                    "training, a warm-up, a checkpoint loaded into the model): its ledger starts at the outputs it saw "
-                    "when built, so that change would land in the residual. Build the tracker when tracking starts, "
-                    "after the warm-up or the load"
+                    "training: an optimizer.step() with no tracker.observe(per_example_losses, groups) before its "
+                    "backward, or another tracker's or analyzer's step on this optimizer; a warm-up; a checkpoint loaded "
+                    "into the model): its ledger starts at the outputs it saw when built, so that change would land in "
+                    "the residual. Observe every step from the first, or build the tracker when tracking starts, after "
+                    "the warm-up or the load"
                 )
             if changed:
                 raise RuntimeError(
