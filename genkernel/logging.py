@@ -79,22 +79,50 @@ def _as_uint8(array: Any) -> np.ndarray:
 
 def matrix_image(matrix: Any, *, cmap: str = "viridis", vmin: float | None = None, vmax: float | None = None,
                  cell: int = 16) -> np.ndarray:
-    """A matrix as an ``[H, W, 3]`` uint8 image, one ``cell``×``cell`` block per entry (NaN in grey).
+    """A matrix as an ``[H, W, 3]`` uint8 image, one ``cell``×``cell`` block per entry.
 
-    No pyplot and no backend: the colours come from ``matplotlib.colormaps[cmap]``.
+    Colours: ``matplotlib.colormaps[cmap]`` over ``[vmin, vmax]`` (default: the finite entries' min and max),
+    widened to every finite entry beyond a passed end, so no value is drawn at an end's colour as if it were the
+    end's value (the image has no colour bar that could say so); a constant range (a constant matrix, or vmin =
+    vmax) is widened about its value as the figures' colour scales are
+    (:func:`~genkernel.plotting.arrays.colour_range`), so a constant matrix is drawn at the map's middle, not at its
+    bottom as its smallest value. A non-finite entry (NaN, ±inf) is drawn mid grey (128, 128, 128), no colour of
+    the maps used here. No pyplot and no backend.
+
+    Raises ValueError for a matrix that is not 1- or 2-D, a non-finite or inverted ``vmin``/``vmax``, or a
+    ``cell`` below 1.
     """
     import matplotlib
 
+    from .plotting.arrays import colour_range
+
+    if isinstance(cell, bool) or not isinstance(cell, (int, np.integer)) or cell < 1:
+        raise ValueError(f"cell must be a whole number of pixels >= 1 per entry, got {cell!r}")
     values = matrix.detach().cpu().double().numpy() if isinstance(matrix, torch.Tensor) else np.asarray(matrix, dtype=np.float64)
     if values.ndim == 1:
         values = values[None]
     if values.ndim != 2:
         raise ValueError(f"matrix_image takes a 2-D matrix, got shape {values.shape}")
     finite = np.isfinite(values)
-    low = float(values[finite].min()) if vmin is None and finite.any() else (0.0 if vmin is None else vmin)
-    high = float(values[finite].max()) if vmax is None and finite.any() else (1.0 if vmax is None else vmax)
-    scaled = (values - low) / (high - low) if high > low else np.zeros_like(values)
-    rgb = matplotlib.colormaps[cmap](np.clip(np.nan_to_num(scaled), 0, 1))[..., :3]
+    data = values[finite]
+    if vmin is not None and vmax is not None and float(vmin) > float(vmax):
+        raise ValueError(f"matrix_image: vmin {vmin!r} > vmax {vmax!r}: pass vmin <= vmax")
+    # the passed ends, widened to the finite entries beyond them: with vmin=0 a negative-only matrix had high < low and
+    # was drawn all in the map's bottom colour, and an entry beyond a passed end in that end's colour
+    low = [float(vmin)] if vmin is not None else []
+    high = [float(vmax)] if vmax is not None else []
+    if data.size:
+        low.append(float(data.min()))
+        high.append(float(data.max()))
+    low, high = min(low, default=0.0), max(high, default=1.0)
+    if low > high:  # one end passed and no finite entry (e.g. vmin=2 over an all-NaN matrix): the passed end's value
+        low, high = (low, low) if vmin is not None else (high, high)
+    # a constant range about its value (colour_range also refuses a non-finite end): left equal, every cell was
+    # drawn at the map's bottom, the colour of the smallest value, whatever the value
+    low, high = colour_range(low, high)
+    with np.errstate(invalid="ignore", over="ignore"):  # (halves: the range of ±1e308 overflows, halved it does not)
+        scaled = (values / 2 - low / 2) / (high / 2 - low / 2)
+    rgb = matplotlib.colormaps[cmap](np.clip(np.where(finite, scaled, 0.0), 0, 1))[..., :3]
     rgb[~finite] = 0.5
     rgb = np.repeat(np.repeat(rgb, cell, axis=0), cell, axis=1)
     return (rgb * 255).round().astype(np.uint8)

@@ -1,6 +1,7 @@
 """What every figure function needs: arrays from tensors or JSON lists, shared colour limits and ranges, the heat
-maps' colour map with its grey for a missing number (and the colour bar's note of it), and the ends of the claims'
-intervals to draw (none for a refused one)."""
+maps' colour map with its grey for a missing number (and the colour bar's note of it, and its extend where a value
+lies beyond the scale), and the ends of the claims' intervals to draw (none for a refused one) with their bars'
+lengths."""
 
 from __future__ import annotations
 
@@ -60,11 +61,34 @@ def drawn_interval(results) -> tuple[np.ndarray, np.ndarray]:
     return low, high
 
 
+# where some cell is ±inf (imshow draws ±inf in the bad colour too, the grey of a NaN)
+NO_FINITE_LABEL = "grey: no value or ±inf"
+
+
 def no_value_note(*matrices) -> str:
     """:data:`NO_VALUE_LABEL` when some entry of ``matrices`` (None entries skipped as matrices; None inside a
-    matrix read as NaN) is NaN, else "": the text a heat map's colour bar carries so that its grey cells are read
-    as missing numbers, not as a colour of the scale."""
-    return NO_VALUE_LABEL if any(np.isnan(float_array(m)).any() for m in matrices if m is not None) else ""
+    matrix read as NaN) is NaN, :data:`NO_FINITE_LABEL` when some entry is ±inf, else "": the text a heat map's
+    colour bar carries so that its grey cells are read as missing numbers, not as a colour of the scale.
+
+    (±inf counts: matplotlib's imshow masks every non-finite entry and draws it in the map's bad colour, the grey
+    of a NaN, and the note read only NaN, so an infinite cell was grey with nothing saying what grey meant.)"""
+    arrays = [float_array(m) for m in matrices if m is not None]
+    if any(np.isinf(a).any() for a in arrays):
+        return NO_FINITE_LABEL
+    return NO_VALUE_LABEL if any(np.isnan(a).any() for a in arrays) else ""
+
+
+def clip_extend(vmin: float, vmax: float, *matrices) -> str:
+    """A colour bar's ``extend`` for the scale ``[vmin, vmax]`` drawing ``matrices`` (None entries skipped):
+    "min" / "max" / "both" where some finite entry lies below / above the scale (drawn at its end's colour, as if
+    it were the end's value), "neither" where every finite entry is drawn at its own colour. Non-finite entries are
+    grey (:func:`no_value_note`), not clipped."""
+    arrays = [float_array(m).reshape(-1) for m in matrices if m is not None]
+    values = np.concatenate(arrays) if arrays else np.zeros(0)
+    values = values[np.isfinite(values)]
+    low = bool(values.size) and float(values.min()) < float(vmin)
+    high = bool(values.size) and float(values.max()) > float(vmax)
+    return {(False, False): "neither", (True, False): "min", (False, True): "max", (True, True): "both"}[(low, high)]
 
 
 def colour_range(vmin: float, vmax: float) -> tuple[float, float]:
@@ -90,3 +114,27 @@ def colour_range(vmin: float, vmax: float) -> tuple[float, float]:
         half = 0.1 * abs(centre) if centre != 0 else 0.1
         return centre - half, centre + half
     return vmin, vmax
+
+
+def error_lengths(estimate, low, high) -> tuple[np.ndarray, np.ndarray]:
+    """``(below, above)``: the lengths of the error bars from ``estimate`` down to ``low`` and up to ``high`` (float
+    arrays of one shape, or scalars), as ``errorbar(yerr=[below, above])`` takes them: NaN (no bar) where an end or the
+    estimate is not finite (NaN: no interval; ±inf: a bar of infinite length, which matplotlib refused with "'yerr'
+    must not contain negative values" and lost the whole figure), 0 where the estimate lies beyond an end by rounding
+    only (a zero-width interval whose ends were summed in another order than the estimate).
+
+    Raises ValueError where the estimate lies outside its interval beyond rounding: its bar cannot be drawn about
+    it, and a bar clipped to the estimate would state another interval than the one recorded."""
+    est, lo, hi = (np.asarray(float_array(v), dtype=np.float64) for v in (estimate, low, high))
+    est, lo, hi = np.broadcast_arrays(est, lo, hi)
+    ok = np.isfinite(est) & np.isfinite(lo) & np.isfinite(hi)
+    with np.errstate(invalid="ignore", over="ignore"):
+        below, above = np.where(ok, est - lo, np.nan), np.where(ok, hi - est, np.nan)
+        scale = np.maximum(np.maximum(np.abs(est), np.abs(lo)), np.abs(hi))
+    rounding = 1e-9 * np.where(ok, scale, 0.0)
+    outside = ok & ((below < -rounding) | (above < -rounding))
+    if outside.any():
+        i = tuple(np.argwhere(outside)[0]) if outside.ndim else ()
+        raise ValueError(f"estimate {float(est[i])!r} lies outside its interval [{float(lo[i])!r}, {float(hi[i])!r}]: "
+                         "an error bar is drawn about its estimate; pass the interval computed for this estimate")
+    return np.where(ok, np.maximum(below, 0.0), np.nan), np.where(ok, np.maximum(above, 0.0), np.nan)

@@ -15,7 +15,8 @@ from typing import Any, Sequence
 import matplotlib.pyplot as plt
 import numpy as np
 
-from .arrays import colour_limit, colour_range, drawn_interval, float_array as _arr, heat_colormap, no_value_note
+from .arrays import (clip_extend, colour_limit, colour_range, drawn_interval, error_lengths, float_array as _arr,
+                     heat_colormap, no_value_note)
 
 __all__ = [
     "average_reports",
@@ -116,7 +117,10 @@ def _heat(ax, matrix, levels, title, *, diverging=False, kappa=None, vmin=None, 
         for i, k in enumerate(_arr(kappa)):
             if np.isfinite(k):
                 ax.text(m.shape[1] - 0.5, i, f" κ={k:.1f}", va="center", ha="left", fontsize=6, clip_on=False)
-    bar = plt.colorbar(im, ax=ax, fraction=0.046, pad=0.12 if kappa is not None else 0.04)
+    # (a value beyond the scale, e.g. a negative traffic share below its 0 or one above a passed vmax, is drawn at the
+    # scale's end: the bar extends there, which it did not)
+    bar = plt.colorbar(im, ax=ax, fraction=0.046, pad=0.12 if kappa is not None else 0.04,
+                       extend=clip_extend(im.norm.vmin, im.norm.vmax, m))
     bar.set_label(no_value_note(m), fontsize=7)
 
 
@@ -230,7 +234,7 @@ def plot_locality_over_training(report: dict[str, Any], ax_row=None, *, runs: Se
         # no bar where the interval is refused ("why": fewer than three control partitions, a band covering every bin)
         low, high = drawn_interval([row["traffic"] for row in rows])
         x = np.arange(len(rows)) + 0.12 * (i - (len(runs) - 1) / 2 if runs else 0)
-        ax.errorbar(x, diff, yerr=[diff - low, high - diff], fmt="o", capsize=2, ms=3, color=f"C{i % 10}",
+        ax.errorbar(x, diff, yerr=error_lengths(diff, low, high), fmt="o", capsize=2, ms=3, color=f"C{i % 10}",
                     label=f"seed {run.get('seed', i)}")
     if reference is not None and "locality" in reference and reference["locality"].get("per_level"):
         rows = reference["locality"]["per_level"]
@@ -421,7 +425,7 @@ def plot_overview(report: dict[str, Any], retrieval_json: dict[str, Any] | None 
         # no interval: no bar (NaN), not a zero-length one, which would read as an exact value
         low = np.nan if interval[0] is None else interval[0]
         high = np.nan if interval[1] is None else interval[1]
-        ax.errorbar([i], [value], yerr=[[value - low], [high - value]], fmt="o", capsize=3,
+        ax.errorbar([i], [value], yerr=[v.reshape(1) for v in error_lengths(value, low, high)], fmt="o", capsize=3,
                     color="C2" if c.get("held") else "C3", label="held" if c.get("held") else "not held")
         base = (c.get("baseline") or {}).get("value")
         if base is not None:

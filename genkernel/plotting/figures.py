@@ -12,7 +12,7 @@ from typing import Sequence
 import matplotlib.pyplot as plt
 import numpy as np
 
-from .arrays import colour_range, float_array as _np, heat_colormap
+from .arrays import clip_extend, colour_range, float_array as _np, heat_colormap, no_value_note
 
 __all__ = [
     "plot_regression_kernels",
@@ -29,9 +29,11 @@ def _kernel_image(ax, kernel, title: str, *, vmin=-1.0, vmax=1.0, boundaries: Se
                   ticks: Sequence[float] = (), ticklabels: Sequence[str] = (), line_width: float = 0.3):
     k = _np(kernel)
     if vmin is None:  # data range: a trained normalized kernel often lies within [0.5, 1]
-        # (NaN entries ignored: np.percentile of a kernel with one NaN is NaN, a colour scale of nothing)
+        # (non-finite entries ignored: np.percentile of a kernel with one NaN is NaN, with a −inf it can be −inf,
+        # a colour scale of nothing)
         # (at most vmax: a constant kernel, e.g. all ones, has its 1st percentile at its top)
-        vmin = min(float(np.nanpercentile(k, 1)), float(vmax)) if np.isfinite(k).any() else -1.0
+        finite = k[np.isfinite(k)]
+        vmin = min(float(np.percentile(finite, 1)), float(vmax)) if finite.size else -1.0
     # vmin = vmax (a constant kernel): widened about the value, which is then drawn at the map's middle and reads
     # as itself on the colour bar; left equal, every cell was drawn at the map's bottom, as the scale's minimum
     vmin, vmax = colour_range(vmin, vmax)
@@ -66,16 +68,47 @@ def _kernel_image(ax, kernel, title: str, *, vmin=-1.0, vmax=1.0, boundaries: Se
 
 def shared_range(*kernels, low_percentile: float = 1.0) -> tuple[float, float]:
     """One colour range ``(vmin, vmax)`` for several normalized kernels: from the lowest of their ``low_percentile``
-    percentiles (NaN entries ignored) to 1 (panels compared by eye must share their scale). Kernels whose
-    percentiles all reach 1 (all-ones kernels: every input alike) give 1 ± 0.1 (:func:`~.arrays.colour_range`),
-    so a k̂ of 1 is drawn at the map's middle and reads as 1 on the colour bar: the range (1, 1) drew it at the
-    map's bottom, as the scale's minimum."""
-    lows = [float(np.nanpercentile(_np(k), low_percentile)) if np.isfinite(_np(k)).any() else np.nan for k in kernels]
-    lows = [v for v in lows if np.isfinite(v)]
-    if not lows:
-        raise ValueError("shared_range: no kernel has a finite entry")
-    # (a percentile above 1 is rounding of a normalized kernel's 1: the scale ends at 1 all the same)
-    return colour_range(min(min(lows), 1.0), 1.0)
+    percentiles of the finite entries (NaN and ±inf ignored; the entries below it are drawn at the scale's bottom,
+    which the colour bar's ``extend`` shows) to 1, or to the largest finite entry where one lies above 1 (panels
+    compared by eye must share their scale). Kernels whose percentiles all reach the top (all-ones kernels: every
+    input alike) give 1 ± 0.1 (:func:`~.arrays.colour_range`), so a k̂ of 1 is drawn at the map's middle and reads
+    as 1 on the colour bar: the range (1, 1) drew it at the map's bottom, as the scale's minimum.
+
+    The top is never below a finite entry: a cosine is at most 1, but a float32 kernel's rounding, a sketched or a
+    preconditioned kernel, or a path kernel that is no cosine can exceed it, and the scale that ended at 1 drew every
+    such entry in 1's colour with nothing on the colour bar saying so (an entry of 5 read as 1).
+
+    Raises ValueError where no kernel has a finite entry."""
+    finite = [k[np.isfinite(k)] for k in (_np(k) for k in kernels)]
+    finite = [v for v in finite if v.size]
+    if not finite:
+        raise ValueError("shared_range: no kernel has a finite entry (all NaN or ±inf): there is no scale to draw; "
+                         "check the kernels passed")
+    top = max(1.0, max(float(v.max()) for v in finite))
+    low = min(float(np.percentile(v, low_percentile)) for v in finite)
+    return colour_range(min(low, top), top)
+
+
+def kernel_range(*kernels) -> tuple[float, float]:
+    """The colour range ``(vmin, vmax)`` of normalized kernels drawn whole: −1..1, widened to the kernels' finite
+    entries beyond it (NaN and ±inf ignored; see :func:`shared_range` for why a "normalized" kernel can exceed 1),
+    so every finite entry is drawn at its own colour. The range ±1 it replaces drew an entry of 5 in 1's colour
+    with nothing saying so."""
+    finite = [k[np.isfinite(k)] for k in (_np(k) for k in kernels)]
+    finite = [v for v in finite if v.size]
+    low = min([-1.0] + [float(v.min()) for v in finite])
+    high = max([1.0] + [float(v.max()) for v in finite])
+    return low, high
+
+
+def kernel_label(label: str, *kernels) -> str:
+    """A kernel image's colour-bar label: ``label``, then "entries above 1" where a finite entry of ``kernels``
+    exceeds a cosine's 1 beyond float32 rounding (these kernels are no cosines, and the scale was widened to them:
+    :func:`shared_range`), then the grey note of ``kernels`` (:func:`~.arrays.no_value_note`)."""
+    finite = [k[np.isfinite(k)] for k in (_np(k) for k in kernels)]
+    top = max([float(v.max()) for v in finite if v.size], default=-np.inf)
+    parts = [label, f"entries above 1 (to {top:.3g}): no cosine" if top > 1.0 + 1e-6 else "", no_value_note(*kernels)]
+    return "; ".join(p for p in parts if p)
 
 
 def _block_ticks(init_kernel, final_kernel, block: int, what: str) -> int:
@@ -88,11 +121,6 @@ def _block_ticks(init_kernel, final_kernel, block: int, what: str) -> int:
         raise ValueError(f"a {n} × {n} kernel is not tiled by {what} = {block}: the block ticks and boundaries "
                          "would name the wrong rows; pass the kernels of whole blocks")
     return n
-
-
-def _clip_extend(vmin: float, *kernels) -> str:
-    """Colour-bar ``extend``: "min" where some finite entry lies below the scale's low end (drawn at it)."""
-    return "min" if any(np.nanmin(_np(k)) < vmin for k in kernels if np.isfinite(_np(k)).any()) else "neither"
 
 
 def plot_regression_kernels(panels: dict[str, dict]) -> plt.Figure:
@@ -118,13 +146,15 @@ def plot_regression_kernels(panels: dict[str, dict]) -> plt.Figure:
             raise ValueError(f"{kind}: kernel of shape {kernel.shape} for {x_train.size} training inputs: pass the "
                              "[N, N] kernel over x_train")
         order = np.argsort(x_train, kind="stable")
+        # (−1..1 widened to entries beyond it: the fixed ±1 drew them at its ends, with nothing saying so)
+        vmin, vmax = kernel_range(kernel)
         im = _kernel_image(
             axes[1, j], kernel[np.ix_(order, order)],
             f"({letters[2 * j + 1]}) normalized kernel after {p['steps']} steps\n"
-            f"centered alignment {p['alignment']['init']:.2f} → {p['alignment']['final']:.2f}",
+            f"centered alignment {p['alignment']['init']:.2f} → {p['alignment']['final']:.2f}", vmin=vmin, vmax=vmax,
         )
         axes[1, j].set_xlabel("training inputs, sorted by x", fontsize=8)
-        fig.colorbar(im, ax=axes[1, j], fraction=0.046)
+        fig.colorbar(im, ax=axes[1, j], fraction=0.046, label=kernel_label("", kernel))
     fig.tight_layout()
     return fig
 
@@ -145,7 +175,8 @@ def plot_class_kernels(init_kernel, final_kernel, per_class: int, *, dataset: st
         im = _kernel_image(fig.add_subplot(grid[0, i]), kernel, f"{dataset}: {when}\n{auc}within − between {gaps[key]:.3f}",
                            vmin=vmin, vmax=vmax, boundaries=bounds, ticks=ticks,
                            ticklabels=[str(c) for c in range(len(ticks))], line_width=0.6)
-    fig.colorbar(im, cax=fig.add_subplot(grid[0, 2]), label="k̂ (shared scale)", extend=_clip_extend(vmin, init_kernel, final_kernel))
+    fig.colorbar(im, cax=fig.add_subplot(grid[0, 2]), extend=clip_extend(vmin, vmax, init_kernel, final_kernel),
+                 label=kernel_label("k̂ (shared scale)", init_kernel, final_kernel))
     fig.tight_layout()
     return fig
 
@@ -247,7 +278,8 @@ def plot_printed_digits(init_kernel, final_kernel, confusion, per_class: int, ex
             ax.axhline(b - 0.5, color="w", lw=0.4, ls=":")
             ax.axvline(b - 0.5, color="w", lw=0.4, ls=":")
         ax.set_xlabel("digit (each: handwritten block, then printed block)", fontsize=8)
-    fig.colorbar(im, cax=fig.add_subplot(grid[0, 2]), label="k̂ (shared scale)", extend=_clip_extend(vmin, init_kernel, final_kernel))
+    fig.colorbar(im, cax=fig.add_subplot(grid[0, 2]), extend=clip_extend(vmin, vmax, init_kernel, final_kernel),
+                 label=kernel_label("k̂ (shared scale)", init_kernel, final_kernel))
     ax = fig.add_subplot(grid[1, 0])
     conf = _np(confusion)
     if conf.ndim != 2 or conf.shape[0] != conf.shape[1]:
@@ -295,9 +327,13 @@ def plot_optimizer_weighting(weights: dict[str, np.ndarray], x_train, probe_x, k
     axes[0].set_title("per-example contribution at the probe x* (dotted)\n"
                       + ", ".join(f"{k} {v:.2f}" for k, v in correlations.items()), fontsize=8)
     axes[0].legend(fontsize=7)
-    _kernel_image(axes[1], kernels["plain"], "normalized kernel J Jᵀ at θ_T (probes × train)")
-    im = _kernel_image(axes[2], kernels["preconditioned"], "Adam-preconditioned J P Jᵀ at θ_T")
-    fig.colorbar(im, ax=axes[2], fraction=0.046)
+    # one colour bar for both kernels: one scale, −1..1 widened to entries beyond it (each panel's own, or ±1 with
+    # an entry beyond it, drew a colour the bar beside them gave another value)
+    vmin, vmax = kernel_range(kernels["plain"], kernels["preconditioned"])
+    _kernel_image(axes[1], kernels["plain"], "normalized kernel J Jᵀ at θ_T (probes × train)", vmin=vmin, vmax=vmax)
+    im = _kernel_image(axes[2], kernels["preconditioned"], "Adam-preconditioned J P Jᵀ at θ_T", vmin=vmin, vmax=vmax)
+    fig.colorbar(im, ax=axes[2], fraction=0.046,
+                 label=kernel_label("k̂ (both panels)", kernels["plain"], kernels["preconditioned"]))
     # The first-order share sits near 1, the others near 0: the panel shows what the first-order
     # ledger leaves (1 − first order) and the terms that explain it, on a linear axis (points and
     # interval bars, no bars on a log axis); the first-order share is in the title.

@@ -16,7 +16,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from .arrays import colour_limit, float_array as _np, heat_colormap, no_value_note
+from .arrays import clip_extend, colour_limit, error_lengths, float_array as _np, heat_colormap, no_value_note
 
 
 def _unit(v: np.ndarray) -> np.ndarray:
@@ -68,11 +68,14 @@ def shared_limit(*matrices, diverging: bool = False) -> float:
 
 
 def plot_coupling(ax, matrix, labels: Sequence[str] | None = None, *, title: str, diverging: bool = False, fmt="{:.2f}",
-                  limit: float | None = None, colorbar: str | None = None):
+                  limit: float | None = None, colorbar: str | None = None, shared_with: Sequence[Any] = ()):
     """Heat map of a ``[G, G]`` coupling matrix (rows: probe group a, columns: source group b).
 
     ``limit``: the colour scale's end (pass :func:`shared_limit` of the matrices shown side by side);
-    default this matrix's own. ``colorbar``: a label draws a colour bar with it."""
+    default this matrix's own. ``colorbar``: a label draws a colour bar with it, which says "grey: no value"
+    where a cell is missing and extends where a value lies beyond the scale (drawn at its end's colour).
+    ``shared_with``: the other matrices drawn on this scale without a colour bar of their own (the measured
+    panel beside the control one that carries it): the bar's note and extend speak for them too."""
     m = _np(matrix)
     if m.ndim != 2 or m.shape[0] != m.shape[1]:
         raise ValueError(f"a coupling matrix is square [G, G] (rows: probe group, columns: source group, one grouping); "
@@ -89,9 +92,12 @@ def plot_coupling(ax, matrix, labels: Sequence[str] | None = None, *, title: str
     else:
         im = ax.imshow(m, cmap=heat_colormap("magma"), vmin=0, vmax=lim)
     if colorbar:
-        bar = ax.figure.colorbar(im, ax=ax, fraction=0.046, pad=0.03)
-        # (the grey of a missing entry is named where there is one: no colour of the bar stands for it)
-        bar.set_label("; ".join(t for t in (colorbar, no_value_note(m)) if t), fontsize=7)
+        # (a value beyond a passed limit, or a negative traffic share, is drawn at the scale's end: the bar extends)
+        bar = ax.figure.colorbar(im, ax=ax, fraction=0.046, pad=0.03,
+                                 extend=clip_extend(im.norm.vmin, im.norm.vmax, m, *shared_with))
+        # (the grey of a missing entry is named where there is one, in this panel or a panel the bar speaks for: the
+        # note read this matrix only, so a NaN of the measured panel, whose bar sits beside the control, had none)
+        bar.set_label("; ".join(t for t in (colorbar, no_value_note(m, *shared_with)) if t), fontsize=7)
         bar.ax.tick_params(labelsize=6)
     g = m.shape[0]
     if g <= 10:
@@ -182,10 +188,12 @@ def _errorbars(ax, windows: list[dict], pick, offset: float, color: str, label: 
         mids.append(0.5 * (w["steps"][0] + w["steps"][1]) + offset)
         est.append(e)
         # no interval: no bar (NaN), not a zero-length one, which would read as an exact estimate
-        lo.append(e - low if np.isfinite(low) else np.nan)
-        hi.append(high - e if np.isfinite(high) else np.nan)
+        lo.append(low)
+        hi.append(high)
     if mids:
-        ax.errorbar(mids, est, yerr=[lo, hi], fmt=marker, color=color, ms=3.5, lw=1, capsize=2, label=label)
+        # (error_lengths: NaN, no bar, where an end or the estimate is not finite; an infinite one raised in errorbar)
+        ax.errorbar(mids, est, yerr=error_lengths(est, lo, hi), fmt=marker, color=color, ms=3.5, lw=1, capsize=2,
+                    label=label)
 
 
 WINDOW_SERIES = (
@@ -261,16 +269,23 @@ def coupling_figure(windows_per_seed: Sequence[Sequence[dict]], labels: Sequence
                 for k in ("traffic_matrix", "traffic_matrix_control", "net_matrix", "net_matrix_control")}
         t_lim = shared_limit(mats["traffic_matrix"], mats["traffic_matrix_control"])
         n_lim = shared_limit(mats["net_matrix"], mats["net_matrix_control"], diverging=True)
-        panels = [("traffic_matrix", "traffic share, measured", False, t_lim, None),
-                  ("traffic_matrix_control", "traffic share, permutation controls", False, t_lim, "traffic share"),
-                  ("net_matrix", "net share, measured", True, n_lim, None),
-                  ("net_matrix_control", "net share, permutation controls", True, n_lim, "net share")]
-        for col, (key, what, diverging, lim, bar) in enumerate(panels):
+        # (the control panel's colour bar is the pair's: it names the measured panel's grey cells too)
+        panels = [("traffic_matrix", "traffic share, measured", False, t_lim, None, None),
+                  ("traffic_matrix_control", "traffic share, permutation controls", False, t_lim, "traffic share",
+                   "traffic_matrix"),
+                  ("net_matrix", "net share, measured", True, n_lim, None, None),
+                  ("net_matrix_control", "net share, permutation controls", True, n_lim, "net share", "net_matrix")]
+        for col, (key, what, diverging, lim, bar, beside) in enumerate(panels):
             ax = axes[row, col]
             if mats[key] is None:
                 ax.set_axis_off()
                 continue
-            plot_coupling(ax, mats[key], names, title=f"{partition}: {what}", diverging=diverging, limit=lim, colorbar=bar)
+            if bar is None and mats[key + "_control"] is None:
+                # no control panel to carry the pair's colour bar: the measured panel carries its own (its colours
+                # were read against no scale)
+                bar = "traffic share" if key.startswith("traffic") else "net share"
+            plot_coupling(ax, mats[key], names, title=f"{partition}: {what}", diverging=diverging, limit=lim,
+                          colorbar=bar, shared_with=[mats[beside]] if beside and mats[beside] is not None else ())
     plot_window_statistics(axes[-1, 0], windows_per_seed, kind="traffic", seeds=seeds)
     plot_window_statistics(axes[-1, 1], windows_per_seed, kind="net", seeds=seeds)
     for ax in axes[-1, 2:]:

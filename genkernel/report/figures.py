@@ -6,8 +6,9 @@ turn them into bytes for the page.
 
 In every heat map a missing number (NaN, None in the JSON: e.g. the shares of a probe whose output did not
 change) is drawn grey (:data:`~genkernel.plotting.arrays.NO_VALUE_COLOUR`, on sequential and diverging maps
-alike), and the colour bar then says "grey: no value". An interval the statistics refuse (it carries a
-``why``: too few units, a band that covers every bin) is not drawn; its numbers stay in the summary.
+alike), and the colour bar then says "grey: no value" (the page's caption too: :func:`no_value_caption`); a value
+beyond a colour scale is drawn at its end and the colour bar extends there. An interval the statistics refuse (it
+carries a ``why``: too few units, a band that covers every bin) is not drawn; its numbers stay in the summary.
 """
 
 from __future__ import annotations
@@ -23,12 +24,13 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from ..plotting.arrays import (  # (None, as JSON writes NaN, reads NaN)
-    colour_limit, drawn_interval as _drawn_interval, float_array as _array, heat_colormap, no_value_note,
+    clip_extend, colour_limit, drawn_interval as _drawn_interval, error_lengths as _error_lengths,
+    float_array as _array, heat_colormap, no_value_note,
 )
 
 __all__ = [
     "alignment_figure", "checkpoint_label", "coupling_figure", "gan_windows_figure", "group_shares_figure", "kernel_figure",
-    "ledger_figure", "locality_figure", "matrix_animation", "noise_matrix_figure", "png",
+    "ledger_figure", "locality_figure", "matrix_animation", "no_value_caption", "noise_matrix_figure", "png",
 ]
 
 
@@ -65,8 +67,34 @@ def _heatmap(fig: Figure, ax: Any, matrix: Any, title: str, *, diverging: bool, 
     else:  # rows are numbered groups or probes: whole numbers only (automatic ticks put "0.5" between rows)
         ax.yaxis.set_major_locator(MaxNLocator(integer=True))
     ax.tick_params(labelsize=7)
-    bar = fig.colorbar(image, ax=ax, shrink=0.8)
+    # (a value beyond the scale, e.g. below a traffic map's 0, is drawn at its end's colour: the bar extends there)
+    bar = fig.colorbar(image, ax=ax, shrink=0.8, extend=clip_extend(image.norm.vmin, image.norm.vmax, values))
     bar.set_label(no_value_note(values), fontsize=7)
+
+
+def heat_map_values(figure: Figure) -> list[np.ndarray]:
+    """The matrices the heat maps (images) of ``figure`` draw, as float arrays: a NaN or ±inf entry as it was passed
+    (imshow masks both, and draws both grey), any other masked cell NaN."""
+    out = []
+    for ax in figure.axes:
+        for image in ax.images:
+            data = image.get_array()
+            values = np.array(np.ma.getdata(data), dtype=np.float64)
+            values[np.ma.getmaskarray(data) & np.isfinite(values)] = np.nan
+            out.append(values)
+    return out
+
+
+def no_value_caption(*matrices: Any) -> str:
+    """The sentence a figure's caption on the page adds where some cell of ``matrices`` (None entries skipped; None
+    inside read as NaN) is drawn grey, "" where none is: the colour bar's "grey: no value" is small print beside the
+    scale, and the caption said nothing, so a reader saw grey cells with no explanation where one reads first."""
+    note = no_value_note(*matrices)
+    if not note:
+        return ""
+    what = "no value (NaN, None in the JSON" + (", or ±inf" if "inf" in note else "") + ")"
+    return (f"Grey cells have {what}: e.g. a probe whose output did not change, or a group without probes; "
+            "grey is no colour of the scale.")
 
 
 def noise_matrix_figure(summary: Mapping[str, Any]) -> Figure:
@@ -103,7 +131,7 @@ def locality_figure(summary: Mapping[str, Any]) -> Figure:
         for offset, kind, colour in ((-0.12, "traffic", "C0"), (0.12, "share", "C1")):
             mid = np.array([_nan(r[kind].get("difference")) for r in per_level])
             low, high = _drawn_interval([r[kind] for r in per_level])
-            ax.errorbar(x + offset, mid, yerr=[mid - low, high - mid], fmt="o", color=colour, capsize=3,
+            ax.errorbar(x + offset, mid, yerr=_error_lengths(mid, low, high), fmt="o", color=colour, capsize=3,
                         label="traffic" if kind == "traffic" else "net share")
         ax.set_xticks(x, [f"t={r['level']:g}" for r in per_level])
         ax.legend(fontsize=7)
@@ -359,7 +387,9 @@ def matrix_animation(frames: Sequence[Mapping[str, Any]], *, keys: Sequence[tupl
             # (NaN in grey here too: on viridis it was the figure's white)
             image = ax.imshow(_array(frames[0][key]), cmap=heat_colormap("viridis"), vmin=0.0,
                               vmax=colour_limit(*[f[key] for f in frames]), aspect="auto")
-        bar = fig.colorbar(image, ax=ax, shrink=0.8)
+        # (the scale spans every frame's finite values: an extend here would mean a frame's value beyond it)
+        bar = fig.colorbar(image, ax=ax, shrink=0.8,
+                           extend=clip_extend(image.norm.vmin, image.norm.vmax, *[f[key] for f in frames]))
         bar.set_label(no_value_note(*[f[key] for f in frames]), fontsize=7)
         ax.set_title(title, fontsize=9)
         ax.set_xlabel(xlabel, fontsize=8)

@@ -78,11 +78,21 @@ def _image(data: bytes, mime: str, alt: str) -> str:
 
 
 def _figure(figure: Any, alt: str, caption: str = "") -> str:
+    """The figure as an embedded PNG with its caption; where a heat map of it has grey (missing) cells, the caption
+    says what grey means (a figure without a caption gets one saying only that)."""
     if figure is None:
         return ""
+    grey = fg.no_value_caption(*fg.heat_map_values(figure))
+    caption = " ".join(t for t in (caption, grey) if t)
     body = _image(fg.png(figure), "image/png", alt)
     return f'<figure class="figure">{body}<figcaption>{_e(caption)}</figcaption></figure>' if caption else \
         f'<div class="figure">{body}</div>'
+
+
+def _grey(*matrices: Any) -> str:
+    """" " and the caption's sentence on grey cells where some cell of ``matrices`` is missing, else ""."""
+    note = fg.no_value_caption(*matrices)
+    return f" {note}" if note else ""
 
 
 def _row(figure_html: str, numbers_html: str) -> str:
@@ -205,7 +215,8 @@ def _diffusion_section(s: Mapping[str, Any], animate: bool) -> str:
         parts.append(_row(
             f'<figure class="figure">{_image(gif, "image/gif", "noise matrix over training")}'
             f"<figcaption>{len(frames)} snapshots (every snapshot_every tracked steps), ledger totals up to each; "
-            "colour scales fixed over the run.</figcaption></figure>",
+            "colour scales fixed over the run."
+            + _e(_grey(*(f[k] for f in frames for k in ("traffic", "share")))) + "</figcaption></figure>",
             # each frame's own snapshot: history rows without matrices have no frame
             _table([[f["label"].split(" (")[0], f["row"].get("relative_residual"),
                      (f["row"].get("traffic") or {}).get("difference")] for f in frames],
@@ -321,7 +332,8 @@ def _gan_section(s: Mapping[str, Any], animate: bool) -> str:
                                   xlabel="training geometry group", ylabel="probe's group")
         parts.append("<h2>The coupling matrix over the run</h2>")
         parts.append(_row(f'<figure class="figure">{_image(gif, "image/gif", "coupling matrix over training")}'
-                          f"<figcaption>{len(frames)} windows; colour scales fixed over the run.</figcaption></figure>",
+                          f"<figcaption>{len(frames)} windows; colour scales fixed over the run."
+                          + _e(_grey(*(f[k] for f in frames for k in ("traffic", "net")))) + "</figcaption></figure>",
                           "<p>One frame per coupling window (the window's own steps, not cumulative).</p>"))
     figure = fg.alignment_figure(s.get("alignment") or [], s.get("coverage") or [])
     if figure is not None:
