@@ -12,9 +12,9 @@
 - :func:`proportion_interval`: Wilson score interval of a proportion (``scipy.stats.binomtest``).
 
 Non-finite values are dropped and counted in ``dropped``; an interval that cannot be computed
-(fewer than two independent values, or values without any spread: the standard error is then
-unknown, not zero) has ``low = high = NaN`` and :meth:`Interval.above` and :meth:`Interval.below`
-are then False: "not shown", never "held".
+(fewer than two independent values, or values without any spread beyond rounding: the standard error
+is then unknown, not zero) has ``low = high = NaN`` and a ``why`` that says which, and
+:meth:`Interval.above` and :meth:`Interval.below` are then False: "not shown", never "held".
 """
 
 from __future__ import annotations
@@ -38,6 +38,7 @@ class Interval:
         confidence: the nominal coverage, e.g. 0.95.
         method: "student-t", "bootstrap-bca", "bootstrap-percentile" or "wilson".
         dropped: non-finite values left out.
+        why: for an undefined interval (NaN ends), why it could not be computed; None for a defined one.
     """
 
     estimate: float
@@ -47,6 +48,7 @@ class Interval:
     confidence: float
     method: str
     dropped: int = 0
+    why: str | None = None
 
     @property
     def defined(self) -> bool:
@@ -61,14 +63,31 @@ class Interval:
         return self.defined and self.high < value
 
     def as_dict(self) -> dict[str, Any]:
-        """Plain numbers (non-finite as None), for JSON."""
-        return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in asdict(self).items()}
+        """Plain numbers (non-finite as None), for JSON; ``why`` only where the interval is undefined."""
+        return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in asdict(self).items()
+                if k != "why" or v is not None}
 
 
 def _finite(values: Any) -> tuple[np.ndarray, np.ndarray]:
     """(values as float64, mask of the finite ones)."""
     a = np.asarray(_numpy(values), dtype=np.float64).reshape(-1)
     return a, np.isfinite(a)
+
+
+# Unit means that differ by at most this many units of rounding (the values' dtype's eps times their largest finite
+# magnitude) have no spread to estimate a standard error from: a statistic whose unit means are equal by
+# construction (the GAN interaction with two probe groups: each group's mean is the other's, 1 - x - (1 - y) against
+# y - x) came out with a t-interval 1e-15 wide around its estimate, or NaN, by rounding alone. (Unit means of
+# random data differ by 5e11 such units and more.)
+ROUNDING_UNITS = 64
+
+
+def _rounding(values: Any, finite: np.ndarray) -> float:
+    """The rounding scale of ``values``: their dtype's eps (float64's for integers and Python numbers) times the
+    largest finite magnitude among them (``finite``: those values as float64)."""
+    kind = np.asarray(_numpy(values)).dtype
+    eps = float(np.finfo(kind).eps) if kind.kind == "f" else float(np.finfo(np.float64).eps)
+    return eps * float(np.abs(finite).max()) if finite.size else 0.0
 
 
 def _numpy(values: Any) -> Any:
@@ -108,26 +127,38 @@ def mean_interval(values: Any, *, confidence: float = 0.95, clusters: Any | None
             mean of the unit means. Labels must not be NaN or None.
 
     Returns:
-        :class:`Interval` (``method="student-t"``); undefined (NaN ends) with fewer than two
-        independent values or when they are all equal.
+        :class:`Interval` (``method="student-t"``); undefined (NaN ends, with a ``why``) with fewer than
+        two independent values, or when they are all equal, or equal up to rounding (their spread at most
+        :data:`ROUNDING_UNITS` times the values' eps times their largest magnitude).
     """
     _check_confidence(confidence)
     a, keep = _finite(values)
     dropped = int((~keep).sum())
+    rounding = _rounding(values, a[keep])
+    units = "values"
     if clusters is not None:
         labels = _cluster_labels(clusters, a.shape[0])[keep]
         a = a[keep]
         a = np.array([a[labels == u].mean() for u in np.unique(labels)], dtype=np.float64)
+        units = "cluster means"
     else:
         a = a[keep]
     n = int(a.size)
     if n == 0:
-        return Interval(math.nan, math.nan, math.nan, 0, confidence, "student-t", dropped)
+        return Interval(math.nan, math.nan, math.nan, 0, confidence, "student-t", dropped,
+                        f"no finite values ({dropped} dropped)")
     mean = float(a.mean())
-    if n == 1 or np.all(a == a[0]):
+    if n == 1:
+        return Interval(mean, math.nan, math.nan, n, confidence, "student-t", dropped,
+                        f"1 independent value ({units}): a t-interval needs at least 2")
+    spread = float(a.max() - a.min())
+    if spread <= ROUNDING_UNITS * rounding:
         # No spread: the standard error is unknown, not 0. A zero-width interval here would claim
-        # certainty, e.g. five 0/1 outcomes that all came out 1 (p = 0.9: 59 % of the time).
-        return Interval(mean, math.nan, math.nan, n, confidence, "student-t", dropped)
+        # certainty, e.g. five 0/1 outcomes that all came out 1 (p = 0.9: 59 % of the time); one as
+        # narrow as the rounding of the values is the same claim.
+        what = "all equal" if spread == 0 else f"equal up to rounding (spread {spread:.3g})"
+        return Interval(mean, math.nan, math.nan, n, confidence, "student-t", dropped,
+                        f"the {n} independent {units} are {what}: no spread to estimate a standard error from")
     half = float(scipy.stats.t.ppf(0.5 + confidence / 2, n - 1)) * float(a.std(ddof=1)) / math.sqrt(n)
     return Interval(mean, mean - half, mean + half, n, confidence, "student-t", dropped)
 
@@ -182,13 +213,18 @@ def crossed_interval(
     mean = float(a.mean()) if rows else math.nan
     estimate = mean if estimate is None else float(estimate)
     n = min(rows, columns)
-    if rows < 2 or columns < 3 or not np.isfinite(c).all() or not math.isfinite(estimate):
-        return Interval(estimate, math.nan, math.nan, n, confidence, "crossed-jackknife-t", dropped)
+    why = (f"{rows} finite row(s): the interval needs at least 2" if rows < 2 else
+           f"{columns} column(s): the jackknife needs at least 3" if columns < 3 else
+           "a column's leave-one-out estimate is not finite" if not np.isfinite(c).all() else
+           "the estimate is not finite" if not math.isfinite(estimate) else None)
+    if why is not None:
+        return Interval(estimate, math.nan, math.nan, n, confidence, "crossed-jackknife-t", dropped, why)
     v_rows = float(a.var(ddof=1)) / rows
     v_columns = (columns - 1) / columns * float(((c - c.mean()) ** 2).sum())
     variance = v_rows + v_columns
     if not variance > 0:  # no spread: the standard error is unknown, not 0 (as in mean_interval)
-        return Interval(estimate, math.nan, math.nan, n, confidence, "crossed-jackknife-t", dropped)
+        return Interval(estimate, math.nan, math.nan, n, confidence, "crossed-jackknife-t", dropped,
+                        "no spread in the rows or the columns: the standard error is unknown")
     # min(R, N) − 1 degrees of freedom: Welch-Satterthwaite's, from the two parts' estimated variances, missed the
     # mean 12 % of the time (nominal 5 %) with 2 rows and 50 columns of equal spread, 7.5 % with 50 rows and 3 columns:
     # a part with few degrees of freedom that happens to come out small also makes the plug-in degrees large.
@@ -237,16 +273,24 @@ def two_way_interval(values: Any, clusters: Any, other_clusters: Any, *, confide
 
     estimate = estimate_without(np.ones(a.size, dtype=bool))
     n = min(r, s)
-    undefined = Interval(estimate, math.nan, math.nan, n, confidence, "two-way-jackknife-t", dropped)
+
+    def undefined(why: str) -> Interval:
+        return Interval(estimate, math.nan, math.nan, n, confidence, "two-way-jackknife-t", dropped, why)
+
     if r < 2 or s < 2:
-        return undefined
+        return undefined(f"{r} cluster(s) and {s} other group(s) with finite values: the interval needs at least 2 "
+                         "of each")
     rows = np.array([a[first == u].mean() for u in range(r)], dtype=np.float64)
     v_first = float(rows.var(ddof=1)) / r
     v_second = jackknife(second)
     v_cells = jackknife(first * s + second)
     variance = max(v_first + v_second - v_cells, v_first, v_second)
-    if not (math.isfinite(variance) and variance > 0):
-        return undefined
+    if not math.isfinite(variance):
+        return undefined("a leave-one-group-out estimate is not finite")
+    if not math.sqrt(variance) > ROUNDING_UNITS * _rounding(values, a):
+        # (as in mean_interval: a standard error as small as the values' rounding is no spread at all)
+        return undefined("no spread beyond rounding between the clusters or the other groups: the standard error "
+                         "is unknown")
     half = float(scipy.stats.t.ppf(0.5 + confidence / 2, n - 1)) * math.sqrt(variance)
     return Interval(estimate, estimate - half, estimate + half, n, confidence, "two-way-jackknife-t", dropped)
 
@@ -283,17 +327,20 @@ def bootstrap_interval(
         raise ValueError("bootstrap_interval: every paired array needs the same number of rows as values")
     label = f"bootstrap-{method.lower()}"
     if n_total == 0:
-        return Interval(math.nan, math.nan, math.nan, 0, confidence, label)
+        return Interval(math.nan, math.nan, math.nan, 0, confidence, label, why="no values")
     keep = np.ones(n_total, dtype=bool)
     for a in arrays:
         keep &= np.isfinite(a.reshape(n_total, -1)).all(axis=1)
     arrays = [a[keep] for a in arrays]
     n = int(keep.sum())
     if n == 0:
-        return Interval(math.nan, math.nan, math.nan, 0, confidence, label, n_total - n)
+        return Interval(math.nan, math.nan, math.nan, 0, confidence, label, n_total - n,
+                        f"no finite rows ({n_total} dropped)")
     estimate = float(statistic(*arrays))
     if n < 3 or all(np.all(a == a[0]) for a in arrays):  # nothing varies: no resampling spread
-        return Interval(estimate, math.nan, math.nan, n, confidence, label, n_total - n)
+        return Interval(estimate, math.nan, math.nan, n, confidence, label, n_total - n,
+                        f"{n} finite row(s): a bootstrap needs at least 3" if n < 3 else
+                        "no array varies: no resampling spread")
     # Resample row indices: scipy's bootstrap treats every axis but the first of an [n, ...] array
     # as a batch of separate samples, so rows of several numbers are resampled as whole rows here.
     result = scipy.stats.bootstrap(
@@ -306,7 +353,11 @@ def bootstrap_interval(
         # the statistic took one value on every resample (BCa is then NaN in scipy; the percentile
         # ends would be a zero-width [c, c]) or is not finite on the data: no interval, as above
         low = high = math.nan
-    return Interval(estimate, low, high, n, confidence, label, n_total - n)
+    why = None if math.isfinite(low) and math.isfinite(high) else (
+        "the statistic is not finite on the data" if not np.isfinite(estimate) else
+        "the statistic took one value on every resample" if np.all(spread == spread[0]) else
+        "scipy's bootstrap gave no finite interval")
+    return Interval(estimate, low, high, n, confidence, label, n_total - n, why)
 
 
 def nan_median(values: Any) -> float:
@@ -324,7 +375,7 @@ def proportion_interval(successes: int, total: int, *, confidence: float = 0.95)
     if total < 0:
         raise ValueError(f"total must be a count (>= 0), got {total}")
     if total == 0:
-        return Interval(math.nan, math.nan, math.nan, 0, confidence, "wilson")
+        return Interval(math.nan, math.nan, math.nan, 0, confidence, "wilson", why="no trials (total = 0)")
     if not 0 <= successes <= total:
         raise ValueError(f"successes must lie in [0, total={total}], got {successes}")
     ci = scipy.stats.binomtest(int(successes), int(total)).proportion_ci(confidence_level=confidence, method="wilson")
@@ -343,11 +394,15 @@ def few_units(result: dict[str, Any], *, minimum: int = MIN_UNITS, units: str = 
     when it rests on fewer than ``minimum`` independent ``units`` (the GAN analyzer's probe groups, the diffusion
     analyzer's probe levels). With two probe groups the interaction statistic's two cluster means can be equal by
     construction (each group's column entry is the other's complement), which gives a zero-width interval: not
-    evidence of anything; with two probe levels a t-interval has one degree of freedom."""
+    evidence of anything; with two probe levels a t-interval has one degree of freedom. The interval is left as it
+    is (:func:`mean_interval` leaves one of unit means equal up to rounding undefined, with a ``why`` that is kept
+    after this one)."""
     n = result.get("n") or 0
     if n < minimum:
-        result = {**result, "held": False,
-                  "why": f"{n} independent unit(s) ({units}); a within-run interval needs at least {minimum}"}
+        why = f"{n} independent unit(s) ({units}); a within-run interval needs at least {minimum}"
+        if result.get("why"):  # (an undefined interval's own reason, from Interval.as_dict: kept beside this one)
+            why = f"{why}; {result['why']}"
+        result = {**result, "held": False, "why": why}
     return result
 
 

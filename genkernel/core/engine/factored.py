@@ -410,6 +410,7 @@ def factored_gradient_kernel(
     d: int | None = None,
     diagonals: bool = True,
     plan: Plan | None = None,
+    output_scale: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """Gradient kernel from captured factors (unnormalized) and both diagonals.
 
@@ -420,6 +421,8 @@ def factored_gradient_kernel(
         memory_budget: bytes of captured factors (and the graph they come from) held at once.
         diagonals: also compute k(x, x) and k(x', x') (what normalizing needs); False: None.
         plan: x1's covering plan, when the caller has it (else computed here).
+        output_scale: σ, the kernel of the outputs times σ (σ² times the kernel): a power of two keeps every
+            product exact, and brings a kernel that a normalization divides out into range.
 
     Returns:
         ``(kernel, diag1, diag2)``: ``[M, N]`` and ``[M]``, ``[N]`` for ``"trace"``;
@@ -451,14 +454,28 @@ def factored_gradient_kernel(
             plan = pair_covering_plan(model, xs1, xs2, excluded) if plan is None or excluded else plan
             try:
                 kernel, diag1, diag2 = _factored_kernel(model, x1, x2, reduce=reduce, memory_budget=memory_budget, d=d,
-                                                        plan=plan, diagonals=diagonals)
+                                                        plan=plan, diagonals=diagonals, output_scale=output_scale)
             except Unfactorable as error:
                 excluded.add(error.module_name)
                 continue
             return (kernel, diag1, diag2) if diagonals else (kernel, None, None)
 
 
-def _held_kernel(model, plan, xs1, xs2, m_total, n_total, reduce, memory_budget, d, jac_fb, rows, c, diagonals=True):
+def _output_cotangents(outputs: list[int], scale: float) -> Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+    """:func:`~genkernel.core.engine.factors.output_cotangents` times ``scale`` (they themselves for 1)."""
+    make = output_cotangents(outputs)
+    if scale == 1.0:
+        return make
+
+    def scaled(raw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        target, cot = make(raw)
+        return target, cot * scale
+
+    return scaled
+
+
+def _held_kernel(model, plan, xs1, xs2, m_total, n_total, reduce, memory_budget, d, jac_fb, rows, c, diagonals=True,
+                 output_scale=1.0):
     """The kernel with one side's factors held: x2 (x1 when symmetric) is captured once and kept
     in compact form, x1 is streamed past it in chunks, so every example is captured once.
     Returns ``(kernel, diag1, diag2)`` (diagonals None unless ``diagonals``), or None when the
@@ -476,7 +493,8 @@ def _held_kernel(model, plan, xs1, xs2, m_total, n_total, reduce, memory_budget,
 
     def side_chunk(xs, r):
         batch = tuple(t[r] for t in xs)
-        factors, _ = capture(model, plan, batch, output_cotangents(list(range(d))), form="compact", alone=True)
+        factors, _ = capture(model, plan, batch, _output_cotangents(list(range(d)), output_scale), form="compact",
+                             alone=True)
         return factors, (None if jac_fb is None else jac_fb(*batch).detach())
 
     # 1. The held side: one capture, or chunk by chunk into preallocated storage.
@@ -546,6 +564,7 @@ def _factored_kernel(
     d: int | None = None,
     plan: Plan,
     diagonals: bool = True,
+    output_scale: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     xs1 = as_tuple(x1, name="x1")
     xs2 = xs1 if x2 is None else as_tuple(x2, name="x2")
@@ -565,13 +584,19 @@ def _factored_kernel(
     diag1 = torch.zeros((m_total, *diag_shape), dtype=dtype, device=first.device)
     diag2 = diag1 if x2 is None else torch.zeros((n_total, *diag_shape), dtype=dtype, device=first.device)
     jac_fb = fallback_jacobian(model, plan)
+    if jac_fb is not None and output_scale != 1.0:
+        unscaled = jac_fb
+
+        def jac_fb(*inputs: torch.Tensor) -> torch.Tensor:
+            return unscaled(*inputs) * output_scale
+
     symmetric = x2 is None
     joint = symmetric or same_kind(xs1, xs2)  # both sides' rows can share one capture
 
     with analysis(model):
         # 2. When one side's factors fit, capture each side once (no recomputation per pair).
         held = _held_kernel(model, plan, xs1, None if symmetric else xs2, m_total, n_total, reduce, memory_budget, d, jac_fb,
-                            rows, c_fit, diagonals)
+                            rows, c_fit, diagonals, output_scale)
         if held is not None:
             return held
 
@@ -588,11 +613,13 @@ def _factored_kernel(
                 # 2.-3. Factored blocks, per chunk of outputs.
                 for outs in out_chunks:
                     if batch is not None:
-                        factors, _ = capture(model, plan, batch, output_cotangents(outs), form="compact", alone=True)
+                        factors, _ = capture(model, plan, batch, _output_cotangents(outs, output_scale), form="compact",
+                                             alone=True)
                         pairs = [(f, f) if same else (f.select(slice(0, m)), f.select(slice(m, None))) for f in factors]
                     else:
-                        pairs = list(zip(capture(model, plan, rows1, output_cotangents(outs), form="compact", alone=True)[0],
-                                         capture(model, plan, rows2, output_cotangents(outs), form="compact", alone=True)[0]))
+                        cotangents = _output_cotangents(outs, output_scale)
+                        pairs = list(zip(capture(model, plan, rows1, cotangents, form="compact", alone=True)[0],
+                                         capture(model, plan, rows2, cotangents, form="compact", alone=True)[0]))
                     for f1, f2 in pairs:
                         if f1.is_unused and f2.is_unused:
                             continue

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+import math
 import numbers
 import contextlib
 import weakref
@@ -51,7 +52,7 @@ from ..param_bytes import joined_dtype, parameter_bytes, value_bytes
 from .factored import _probe_sizes, _Sizes, chunk_sizes, chunks, factored_gradient_kernel, factored_jacobian
 from .factors import (DEFAULT_MEMORY_BUDGET, BatchDependent, Plan, _any_attention, analysis, check_rows_alone,
                       covering_plan, make_plan, pair_covering_plan, rows_alone_known, same_kind)
-from .reference import jacobian_pair_kernel, jacobian_self_kernel, per_example_jacobian, scaled_alike
+from .reference import _finite_max, jacobian_pair_kernel, jacobian_self_kernel, per_example_jacobian, scaled_alike
 
 ENGINES = ("auto", "factored", "functional")
 REDUCTIONS = ("trace", "none")
@@ -252,6 +253,13 @@ def repeatable_output(model: nn.Module, one: tuple[torch.Tensor, ...], params: d
     own is watched and put back as well.
 
     Inside :func:`repeat_checked_once` the verdict on one example is kept (a refusal never is)."""
+    return _repeatable(model, one, params, name)[0]
+
+
+def _repeatable(model: nn.Module, one: tuple[torch.Tensor, ...], params: dict[str, torch.Tensor],
+                name: str) -> tuple[torch.Tensor, float]:
+    """:func:`repeatable_output`'s output and the largest finite magnitude of its checked gradient (of a random
+    combination of the outputs: the size of the example's Jacobian, within a small factor)."""
     memo = _CHECKED_ONCE.get(model)
     if memo is None:
         return _checked_output(model, one, params, name)
@@ -262,8 +270,8 @@ def repeatable_output(model: nn.Module, one: tuple[torch.Tensor, ...], params: d
 
 
 def _checked_output(model: nn.Module, one: tuple[torch.Tensor, ...], params: dict[str, torch.Tensor],
-                    name: str) -> torch.Tensor:
-    """:func:`repeatable_output`'s passes, run."""
+                    name: str) -> tuple[torch.Tensor, float]:
+    """:func:`repeatable_output`'s passes, run: (the output, the gradient's largest finite magnitude)."""
     # the draw is the second pass's (a forward that reseeds before drawing ends both passes in one state)
     # every buffer slot by its name, with the tensor it holds and one copy of it: what the first pass is compared
     # with, and what is put back where the forward is refused
@@ -323,18 +331,56 @@ def _checked_output(model: nn.Module, one: tuple[torch.Tensor, ...], params: dic
             "training=self.training)"
         )
     if not reached:
-        # Every engine would give a zero kernel (torch.func: zero Jacobians; the factored engine's capture has no graph
-        # to differentiate), which reads as a model without sensitivity rather than the usual cause, a forward run
-        # without autograd. (An output component, or x2 of another kind, that no parameter reaches still gets zeros.)
-        raise ValueError(
-            f"{type(model).__name__}'s output on the first example of {name} depends on none of its {len(params)} "
-            "trainable parameters (no gradient reaches any of them), so its gradient kernel and tangent features "
-            "would be all zeros: the forward detaches its output (.detach(), .data, .item(), a NumPy round trip) or runs "
-            "under torch.no_grad() / torch.inference_mode(), or it reads only frozen parameters. Compute the output "
-            "with autograd on (remove the detach or the no_grad from forward), or set requires_grad=True on the "
-            "parameters it reads"
-        )
-    return out1
+        # (first_reaching looks at the other examples before this becomes the caller's refusal)
+        raise Unreached(_unreached_message(model, f"the first example of {name}", len(params)))
+    return out1, float(_finite_max(grad1))
+
+
+class Unreached(ValueError):
+    """:func:`repeatable_output`'s refusal of an example whose output no trainable parameter reaches."""
+
+
+def _unreached_message(model: nn.Module, where: str, count: int) -> str:
+    return (f"{type(model).__name__}'s output on {where} depends on none of its {count} trainable parameters (no "
+            "gradient reaches any of them), so its gradient kernel and tangent features would be all zeros: the "
+            "forward detaches its output (.detach(), .data, .item(), a NumPy round trip) or runs under torch.no_grad() "
+            "/ torch.inference_mode(), or it reads only frozen parameters. Compute the output with autograd on (remove "
+            "the detach or the no_grad from forward), or set requires_grad=True on the parameters it reads")
+
+
+def first_reaching_output(model: nn.Module, xs: tuple[torch.Tensor, ...], params: dict[str, torch.Tensor],
+                          name: str) -> torch.Tensor:
+    """:func:`first_reaching`'s output alone."""
+    return first_reaching(model, xs, params, name)[0]
+
+
+def first_reaching(model: nn.Module, xs: tuple[torch.Tensor, ...], params: dict[str, torch.Tensor],
+                   name: str) -> tuple[torch.Tensor, float]:
+    """:func:`repeatable_output` of ``xs``' first example, or, where no trainable parameter reaches that example's
+    output, of the first example whose output one reaches: (the output ``[1, d]``, the largest finite magnitude of its
+    checked gradient). Raises ValueError (:class:`Unreached`) only when no example's output is reached: every engine
+    would give a zero kernel (torch.func: zero Jacobians; the factored engine's capture has no graph to
+    differentiate), which reads as a model without sensitivity rather than the usual cause, a forward run without
+    autograd. An example, output component, or x2 that no parameter
+    reaches still gets zeros, as its per-example gradient is.
+
+    (The refusal read the first example alone: a forward that detaches by the data (a row computed under no_grad
+    when its first feature is positive) was refused for a batch whose first example was such a row, though its
+    kernel, zero in that row and column only, was well defined. The other examples are looked at only on the way to
+    a refusal, one forward and backward each, until one is reached.)"""
+    try:
+        return _repeatable(model, tuple(t[:1] for t in xs), params, name)
+    except Unreached:
+        pass
+    for i in range(1, batch_size(xs)):
+        one = tuple(t[i : i + 1] for t in xs)
+        with analysis(model), restored_module_generators(model), preserved_buffers(model):
+            reached = _one_pass(model, one, params, name)[2]
+        if reached:
+            return _repeatable(model, one, params, name)
+    count = batch_size(xs)
+    where = f"the first example of {name}" if count == 1 else f"every one of the {count} examples of {name}"
+    raise Unreached(_unreached_message(model, where, len(params))) from None
 
 
 def _same(now: torch.Tensor, was: torch.Tensor) -> bool:
@@ -409,7 +455,7 @@ def kernel_plan(model: nn.Module, x: Batch, x2: Batch | None = None, *, engine: 
     model = unwrap(model)
     check_per_example_safe(model)
     with analysis(model):
-        params, xs, n, d = _prepare(model, x, "x", checked=True)
+        params, xs, n, d, _ = _prepare(model, x, "x", checked=True)
         if x2 is not None:
             xs2 = _second_side(model, xs, x2, d, "x", "x2")
             return _pair_plan(model, params, xs, xs2, d, engine, memory_budget)
@@ -586,8 +632,8 @@ def _prepare(model: nn.Module, x: Batch, name: str, checked: bool = False):
     xs = as_tuple(x, name=name)
     n = batch_size(xs, name=name)
     check_finite(xs, name=name)
-    d = repeatable_output(model, tuple(t[:1] for t in xs), params, name).shape[1]
-    return params, xs, n, d
+    out, peak = first_reaching(model, xs, params, name)
+    return params, xs, n, out.shape[1], peak
 
 
 @outside_inference_mode
@@ -615,8 +661,9 @@ def gradient_kernel(
         memory_budget: bytes of per-example Jacobians (or captured factors) held at once.
         engine: ``"factored"`` computes per-layer kernels from activations and output gradients
             (:mod:`genkernel.core.engine.factored`; unsupported modules go through torch.func in
-            the same call); ``"functional"`` materializes per-example Jacobians with torch.func
-            (the reference); ``"auto"``: :func:`choose_engine`.
+            the same call; a kernel that comes out not finite from factors, with finite parameters, is
+            formed again through torch.func); ``"functional"`` materializes per-example Jacobians with
+            torch.func (the reference); ``"auto"``: :func:`choose_engine`.
 
     Returns:
         ``Tensor[M, N]`` for ``reduce="trace"``, ``Tensor[M, N, d, d]`` for ``reduce="none"``,
@@ -648,7 +695,8 @@ def gradient_kernel(
 
 
 def _gradient_kernel(model, x1, x2, normalize, reduce, memory_budget, engine) -> torch.Tensor:
-    params, x1s, m_total, d = _prepare(model, x1, "x1", checked=True)
+    params, x1s, m_total, d, peak = _prepare(model, x1, "x1", checked=True)
+    sigma = _normalizing_scale(peak) if normalize else 1.0
     x2s = x1s if x2 is None else _second_side(model, x1s, x2, d, "x1", "x2")
     n_total = batch_size(x2s, name="x2")
 
@@ -657,12 +705,17 @@ def _gradient_kernel(model, x1, x2, normalize, reduce, memory_budget, engine) ->
         try:
             kernel, diag1, diag2 = factored_gradient_kernel(
                 model, x1s, None if x2 is None else x2s, reduce=reduce, memory_budget=memory_budget, d=d,
-                diagonals=normalize, plan=plan,
+                diagonals=normalize, plan=plan, output_scale=sigma,
             )
         except BatchDependent:  # a forward that depends on the batch: every example alone, through torch.func
             pass
         else:
-            return _normalized(kernel, diag1, diag2) if normalize else kernel
+            # Products of factors overflow where the gradients they make do not: activations past about 1.8e19 in
+            # float32 (a·a' = inf) times output gradients of 0 (a saturated tanh) gave inf · 0 = NaN, or inf, where
+            # the Jacobians' own kernel is finite. torch.func forms the Jacobians themselves: a kernel that is not
+            # finite from factors is formed again there (with finite parameters; it is then the reference's own).
+            if _finite(kernel, diag1, diag2) or not _finite(*params.values()):
+                return _normalized(kernel, diag1, diag2) if normalize else kernel
 
     first = next(iter(params.values()))
     # (in the parameters' dtypes joined, as their Jacobians' concatenation is: not the first parameter's alone)
@@ -678,16 +731,44 @@ def _gradient_kernel(model, x1, x2, normalize, reduce, memory_budget, engine) ->
     with analysis(model):
         # 1. Outer loop over row chunks of x1: J1 [m, d, P].
         for rows1 in chunks(m_total, rows):
-            j1 = jac(*(t[rows1] for t in x1s)).detach()
+            j1 = _times(jac(*(t[rows1] for t in x1s)).detach(), sigma)
             diag1[rows1] = jacobian_self_kernel(j1, reduce)
             # 2. Inner loop over row chunks of x2: J2 [n, d, P]; K = J1 J2ᵀ (Section 2, K_θ).
             for rows2 in chunks(n_total, rows):
-                j2 = j1 if (x2 is None and rows2 == rows1) else jac(*(t[rows2] for t in x2s)).detach()
+                j2 = j1 if (x2 is None and rows2 == rows1) else _times(jac(*(t[rows2] for t in x2s)).detach(), sigma)
                 if rows1.start == 0:
                     diag2[rows2] = jacobian_self_kernel(j2, reduce)
                 kernel[rows1, rows2] = jacobian_pair_kernel(j1, j2, reduce)
     # 3. Normalized kernel k̂ = k / sqrt(k(x, x) k(x', x')) (Section 2).
     return _normalized(kernel, diag1, diag2) if normalize else kernel
+
+
+NORMALIZING_RANGE = 32  # Jacobians of the first example within 2^±32: normalized kernels formed as they are
+
+
+def _normalizing_scale(peak: float) -> float:
+    """σ for a normalized kernel whose first example's Jacobian is of magnitude ``peak``: 1 where ``peak`` lies within
+    2^±:data:`NORMALIZING_RANGE` (or is 0 or not finite), else the power of two that brings it to 1.
+
+    Normalized, the kernel is that of the outputs times any σ, and a power of two scales every product exactly (the
+    same bits, in range). Formed at the outputs' own magnitude, float32 kernels overflowed past Jacobians of about
+    1e19 (inf / inf: NaN) and underflowed below 1e-19 (k̂ of an example with itself came out 0, or 3e-4, not 1). Only
+    an example far out of range moves the others: a batch whose examples' Jacobians differ by 30 orders of magnitude
+    is brought to the first one's."""
+    if not 0 < peak < math.inf:
+        return 1.0
+    exponent = round(math.log2(peak))
+    return 1.0 if abs(exponent) <= NORMALIZING_RANGE else 2.0 ** -exponent
+
+
+def _finite(*tensors: torch.Tensor | None) -> bool:
+    """Whether every entry of the tensors (None: none) is finite."""
+    return all(t is None or bool(t.isfinite().all()) for t in tensors)
+
+
+def _times(t: torch.Tensor, sigma: float) -> torch.Tensor:
+    """``t`` times ``sigma`` (a power of two: exact), ``t`` itself for 1."""
+    return t if sigma == 1.0 else t * sigma
 
 
 def _normalized(kernel: torch.Tensor, diag1: torch.Tensor, diag2: torch.Tensor) -> torch.Tensor:
@@ -733,7 +814,7 @@ def tangent_features(
         raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
     memory_budget = check_memory_budget(memory_budget)
     model = unwrap(model)
-    params, xs, m_total, d = _prepare(model, x, "x")
+    params, xs, m_total, d, _ = _prepare(model, x, "x")
     if output_index is not None and (isinstance(output_index, bool) or not isinstance(output_index, numbers.Integral)):
         raise TypeError(f"output_index must be None or an int, got {type(output_index).__name__} ({output_index!r})")
     if output_index is not None and not (-d <= output_index < d):

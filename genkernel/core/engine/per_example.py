@@ -31,7 +31,7 @@ from ..param_bytes import joined_dtype
 from .factored import row_chunks
 from .factors import Factors, Plan, TrainingCapture, capture, capture_by_outputs, loss_cotangents
 from .gradients import per_example_gradients
-from .reference import per_example_jacobian
+from .reference import _finite_max, per_example_jacobian, scaled_alike
 
 
 @dataclass
@@ -124,18 +124,40 @@ def _rows_of(targets: Any, rows: slice) -> Any:
 
 def batch_totals(batch: BatchFactors) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
     """Σ_n c_n ∇ℓ_n per parameter (float64, from factors: no per-example gradient is formed) and,
-    per parameter, Σ_n ‖c_n ∇_block ℓ_n‖: the size against which its rounding is judged."""
+    per parameter, Σ_n ‖c_n ∇_block ℓ_n‖ (a float, of any magnitude: :func:`_block_size`): the size against which
+    its rounding is judged."""
     totals: dict[str, torch.Tensor] = {}
     scales: dict[str, float] = {}
     for f in batch.factors:
-        size = 0.0 if f.is_unused else float(f.self_kernel("trace").clamp_min(0).sqrt().sum())
+        size = _block_size(f)
         for name, total in f.totals().items():
             totals[name] = total
             scales[name] = size
     for name, g in batch.fallback.items():
         totals[name] = g.sum(dim=0)
-        scales[name] = float(g.reshape(g.shape[0], -1).norm(dim=1).sum())
+        (flat,), times = scaled_alike(g.reshape(g.shape[0], -1))
+        scales[name] = float(flat.norm(dim=1).sum()) * times
     return totals, scales
+
+
+def _block_size(f: Factors) -> float:
+    """Σ_n ‖∇_block ℓ_n‖ of one block's factors, formed on copies divided by their largest magnitudes (activations
+    and output gradients apart: the per-example gradient is divided by their product, which multiplies the sum
+    back). Formed directly, the squares in ``self_kernel`` (in the factors' own dtype) overflowed to inf past about
+    1.8e19 in float32 (1.3e154 in float64) and underflowed to 0 below about 1e-19 (1.5e-154): the tracker's check of
+    the groups' sum against the training gradient then allowed an infinite gap (any group gradient passed) or no
+    rounding at all. An infinity or a NaN among the factors still gives inf or NaN."""
+    if f.is_unused:
+        return 0.0
+    a, times = f.a, 1.0
+    if a is not None and a.is_floating_point():
+        peak = float(_finite_max(a))
+        if peak > 0:
+            a, times = a / peak, peak
+    peak = float(_finite_max(f.g))
+    g = f.g / peak if peak > 0 else f.g
+    per = Factors(f.block, f.kind, a, g).self_kernel("trace").to(torch.float64).clamp_min(0).sqrt()
+    return float(per.sum()) * times * (peak if peak > 0 else 1.0)
 
 
 def probe_fallback_jacobians(

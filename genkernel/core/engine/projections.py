@@ -49,7 +49,7 @@ from ..adapter import (
 )
 from ..param_bytes import joined_dtype, parameter_bytes
 from .factors import BatchDependent, capture, covering_plan, output_cotangents
-from .kernels import ENGINES, in_full_precision, repeatable_output
+from .kernels import ENGINES, first_reaching_output, in_full_precision
 from .reference import per_example_jacobian, split_columns
 
 GENERATION_BLOCK = 1024
@@ -311,7 +311,7 @@ def sketched_tangent_features(
     xs = as_tuple(x, name="x")
     m_total = batch_size(xs, name="x")
     check_finite(xs, name="x")
-    d = repeatable_output(model, tuple(t[:1] for t in xs), params, "x").shape[1]
+    d = first_reaching_output(model, xs, params, "x").shape[1]
     first = next(iter(params.values()))
     plan = covering_plan(model, xs) if engine != "functional" else None
     use_factored = plan is not None and (engine == "factored" or plan.blocks)
