@@ -660,12 +660,14 @@ def _measured_per_architecture(kind: str, model: nn.Module, probes: tuple[torch.
     """``measure(model, trained parameters, probes)`` on the model as it is, its buffers and the random state
     restored (``adapter.preserved_state``), once per ``kind``, architecture and probe shape (push_memory's
     ``remembered``); 0.0 where nothing is trained or the measure raises (any failure leaves the count: the step's
-    own passes report their errors), the device's out-of-memory error raised (as push_memory's measure)."""
+    own passes report their errors), the device's out-of-memory error raised (as push_memory's measure). A measure
+    that raised is not kept: a passing failure (a user's hook, an interrupted pass) gave 0.0 to every later
+    estimate of the architecture in the process, and with it other chunk sizes than a fresh process plans."""
     params = {name: p for name, p in model.named_parameters() if p.requires_grad}
     if not params:
         return 0.0
 
-    def guarded() -> float:
+    def guarded() -> float | None:
         try:
             # (the training graph's own attention kernels: an estimate made inside analysis_mode, as the tracker's,
             # would otherwise measure the math SDPA backend's probabilities, which the training pass never holds)
@@ -674,9 +676,10 @@ def _measured_per_architecture(kind: str, model: nn.Module, probes: tuple[torch.
         except torch.OutOfMemoryError:
             raise
         except Exception:
-            return 0.0
+            return None  # (remembered keeps no None)
 
-    return per_architecture(kind, model, probes, (), guarded)
+    measured = per_architecture(kind, model, probes, (), guarded)
+    return 0.0 if measured is None else measured
 
 
 @contextlib.contextmanager
