@@ -21,7 +21,11 @@ Memory (bytes):
 - ``parameter_copies``: θ_k, θ_{k+1}, the quadrature nodes in between, the rolled-back step's
   optimizer state;
 - ``witnesses``: under ``mixed_precision="observe"``, the observed micro-batches' own backward passes
-  summed per seed scale (one in bfloat16, two in float16), in the parameters' dtype;
+  summed per seed scale (one in bfloat16, two in float16), in the parameters' dtype, beside those of the
+  micro-batch observed last (until the next ``observe()`` or the step adds them in) and, where the loop seeds
+  its backward no power of two times the observed c_n (loss / 3), the witness of its own seed taken in its
+  backward: counted for the worst case (the tracker cannot know the loop's seed, nor its half precision,
+  beforehand), five copies;
 - ``ema``: the EMA ledger's displacements and offsets, 2 (R + 3) × P, and its θ_0, θ̄_0, last θ̄ and carried drift's bound,
   float64 whatever the state dtype; ``ema_sync``: what recording an EMA update takes between steps
   (its change rows, the rows it pushes, their pass, the weights read in float64) beyond the step's
@@ -113,6 +117,9 @@ frozen layers to earlier adapters) run through the frozen layers too:
   kernels between the probes' d outputs and the batch's examples (sketched: the projections,
   :func:`sketch_work`); their group gradients (the batch's totals and sizes) and bare step are
   counted from the same shapes (the first layer's input gradient is not formed);
+- under ``mixed_precision="observe"``, the witnesses: backward passes of the batch through its training
+  graph, one per seed scale (one in bfloat16, two in float16) and one more with the loop's own seed where that
+  is no power of two times c_n, counted for the worst case (three);
 - the probe forwards after the step, and before it too when the model has buffers or frozen
   parameters;
 - with an EMA ledger, its sync per step: R + 2 rows pushed through every node by push_rows' own
@@ -860,6 +867,7 @@ def estimate_cost(
     options: tuple[str, ...] = COST_OPTIONS,
     group_states: tuple[str, ...] = GROUP_STATE_CHOICES,
     witness_copies: int = 0,
+    witness_passes: int = 0,
     step_overhead: float = 0.0,
     push_memory: PushMemory | None = None,
 ) -> CostEstimate:
@@ -884,8 +892,17 @@ def estimate_cost(
             "dense" alone; one whose model couples its examples, training-mode BatchNorm or dropout:
             not "factored"); :attr:`CostEstimate.cheaper` names only those, and only where the
             optimizer suits them (factored: plain SGD; sketched: :func:`sketchable`).
-        witness_copies: parameter-sized sums an observed half-precision step keeps
-            (``PathKernelTracker(mixed_precision="observe")``: 2, the float16 case; else 0).
+        witness_copies: parameter-sized witnesses an observed half-precision step holds at once
+            (``PathKernelTracker(mixed_precision="observe")``: 5, the worst case: float16's two seed scales
+            summed for the step and two taken for the micro-batch observed last, and the witness of the loop's
+            own seed its backward takes where that seed is no power of two times c_n, loss / 3; bfloat16 holds
+            at most 3, a loop seeding a power of two times c_n at most 4; else 0). A loop that backpropagates
+            one micro-batch's losses several times (retain_graph=True) holds one more per further pass: not
+            counted.
+        witness_passes: backward passes of every example an observed half-precision step runs besides its group
+            rows (``mixed_precision="observe"``: 3, the worst case: the witnesses at float16's two seed scales
+            and the one with the loop's own seed; bfloat16 runs at most 2; else 0), each counted as a bare
+            step's backward (in ``work["witnesses"]``).
         step_overhead: example-forwards of the model that a bare step runs per training example besides its
             forward and backward (a ``DDPMTrainer(dream=)``'s no-grad forward: 1; a ``vae=`` trainer's encode:
             the encoder's multiply-adds over the model's), added to the bare step the ratio compares with.
@@ -895,6 +912,8 @@ def estimate_cost(
     options = cost_options(options)
     if isinstance(witness_copies, bool) or not isinstance(witness_copies, int) or witness_copies < 0:
         raise ValueError(f"witness_copies must be an int >= 0, got {witness_copies!r}")
+    if isinstance(witness_passes, bool) or not isinstance(witness_passes, int) or witness_passes < 0:
+        raise ValueError(f"witness_passes must be an int >= 0 (backward passes of the batch), got {witness_passes!r}")
     if isinstance(step_overhead, bool) or not isinstance(step_overhead, numbers.Real) or not (
             math.isfinite(step_overhead) and step_overhead >= 0):
         raise ValueError(f"step_overhead must be a finite number >= 0 (example-forwards), got {step_overhead!r}")
@@ -954,6 +973,8 @@ def estimate_cost(
     memory["parameter_copies"] = p_bytes * (2 + quadrature_nodes) + state_bytes_held
     if witness_copies:
         memory["witnesses"] = witness_copies * p_bytes
+    if witness_passes:  # (each a backward of the batch through the training graph: a bare step less its forward)
+        work["witnesses"] = witness_passes * (bare - b)
     # Adadelta's accumulated update from before the step, copied by the splitter until the step is recorded.
     memory["parameter_copies"] += splitter_state_copies(optimizer) * p_bytes
     # The splitter's rows: the dense route's groups, the rest and a rounding row per partition in
@@ -1250,7 +1271,8 @@ def estimate_cost(
                     contribution_route=requested_route, quadrature_nodes=quadrature_nodes, state_dtype=state_dtype,
                     memory_budget=memory_budget, batch_size=batch_size, micro_batches=micro_batches,
                     sketch_dim=sketch_dim, device=device, options=(), group_states=(other,),
-                    witness_copies=witness_copies, step_overhead=step_overhead, push_memory=push_memory).total_bytes
+                    witness_copies=witness_copies, witness_passes=witness_passes, step_overhead=step_overhead,
+                    push_memory=push_memory).total_bytes
             except Exception:  # (a route that cannot estimate this model: not named)
                 alternatives[other] = None
     estimate.cheaper = _cheaper_options(estimate, group_state, state_dtype,

@@ -45,7 +45,7 @@ import os
 import warnings
 import weakref
 from dataclasses import dataclass, field, replace
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -280,6 +280,48 @@ def _backward_pass_id() -> int:
     seed counts."""
     current = getattr(torch._C, "_current_graph_task_id", None)
     return current() if current is not None else -1
+
+
+# The key (with the losses' output number) under which observe() marks the graph node of half-precision losses in
+# its metadata, for the witness pass of the loop's own seed to start from where the losses are freed (_losses_edge).
+_WITNESS_MARK = "genkernel observed losses"
+
+
+def _losses_edge(output_nr: int, mark: object) -> torch.autograd.graph.GradientEdge:
+    """From the hook the loop's backward fires on observed losses that are freed by then (the loop kept only the loss
+    built from them: Lightning's ``training_step`` returning ``losses.mean()``), their gradient edge: the node the
+    engine is running (torch's private current-node read, which checkpointing uses too), checked to be the one
+    observe() marked with ``mark``, and their output number. RuntimeError where the read is missing or the node
+    is another."""
+    current = getattr(torch._C, "_current_autograd_node", None)
+    node = current() if current is not None else None
+    if node is None or node.metadata.get((_WITNESS_MARK, output_nr)) is not mark:
+        raise RuntimeError("the observed losses were freed before the loop's backward, and the graph node the "
+                           "backward runs is not theirs")
+    return torch.autograd.graph.GradientEdge(node, output_nr)
+
+
+@contextlib.contextmanager
+def _parameter_hooks_held(params: Iterable[torch.Tensor]) -> Iterator[None]:
+    """A witness pass with the parameters' gradient hooks (``p.register_hook``: the loop's, the tracker's own) out
+    of their tables, put back after it in their order: the pass is the tracker's, so a loop's hook neither runs an
+    extra time (a hook that counts or accumulates would train otherwise than without the tracker) nor shapes the
+    witness (an elementwise clip would be in the witness as in the loop's gradient, and the witness check would
+    pass a gradient that is no scalar times the observed sum)."""
+    held = []
+    try:
+        for p in params:
+            hooks = p._backward_hooks
+            if hooks:
+                held.append((hooks, dict(hooks)))
+                hooks.clear()
+        yield
+    finally:
+        for hooks, saved in held:
+            added = dict(hooks)  # (none in the tracker's pass; kept after the old ones all the same)
+            hooks.clear()
+            hooks.update(saved)
+            hooks.update(added)
 
 
 def _power_of_two_multiple(seed: torch.Tensor, fed: torch.Tensor) -> bool:
@@ -573,8 +615,12 @@ class PathKernelTracker:
                                    batch_size=batch_size, micro_batches=1 if micro_batches is None else micro_batches,
                                    step_overhead=step_overhead,
                                    options=cost_options, group_states=buildable,
-                                   # a half-precision step's witnesses: two sums in float16 (_fold_witness)
-                                   witness_copies=2 if mixed_precision == "observe" else 0)
+                                   # a half-precision step's witnesses, the worst case (the loop's seed and its
+                                   # half precision unknown here): float16's two sums for the step and two of the
+                                   # micro-batch observed last (_fold_witness), and the one with the loop's own seed
+                                   # (_witness_seeded); their backward passes: two seed scales and the loop's seed
+                                   witness_copies=5 if mixed_precision == "observe" else 0,
+                                   witness_passes=3 if mixed_precision == "observe" else 0)
         # The device's free memory differs between ranks (another process on one GPU): a set-up that fits on one rank
         # only is refused on every rank, or the ranks that built their trackers would wait for the others in the
         # first step's meeting until the process group's timeout.
@@ -1105,7 +1151,9 @@ class PathKernelTracker:
         records the step through the optimizer's step hooks: its real gradient must be the sum of
         the step's observed groups times one scalar (gradient accumulation, global-norm clipping, a
         constant loss scale; reported per step in ``gradient_scales``), else the step is refused
-        before the parameters move.
+        before the parameters move. In half precision (``mixed_precision="observe"``) the entry's
+        ``witness_lost`` names the micro-batches whose witness with the loop's own seed could not be
+        taken (the step was then checked without a witness) and why.
 
         Which observed micro-batches a step is made of follows the loop's backward (a hook on
         ``losses``): several micro-batches may be observed before one backward of their summed loss;
@@ -1203,22 +1251,40 @@ class PathKernelTracker:
         power of two) cannot be the loop's rounding, this one is, to the division's (at most 2 units in the
         last place of the parameters' dtype per entry, 1.2e-7 in float32, against :meth:`_witnessed`'s model
         tolerance of 1e-5). Divided by λ it stands for the micro-batch at its observed c_n, as the witnesses it
-        replaces do: the step's sum of witnesses still weighs every micro-batch alike, and a loop that weighs
-        one micro-batch otherwise than the rest (its own λ, or a loss built beside the observed losses) still
-        fails the witness. Frees the box's copies either way."""
+        replaces do: the step's sum of witnesses still weighs every micro-batch alike. The division shows where
+        a step's micro-batches are witnessed both ways, one seeded exactly a power of two times its c_n (its own
+        witness, at c_n) and one seeded a hair off that (to :meth:`_check_seeds`' tolerance: the loop's own,
+        at λ c_n): without it the sum would weigh them 1 : λ and fail the witness check of a loop that weighs
+        them alike. A loop that weighs one micro-batch otherwise than the rest (its own λ, or a loss built beside
+        the observed losses) still fails the witness. Where a pass that reached a parameter was seeded no power
+        of two times c_n and its witness with that seed is missing (the pass failed, or the loop's seeds were a
+        power of two in one pass and not in another), the micro-batch's own witnesses are not the loop's
+        rounding either: it leaves the step no witness (``entry["witness"] = []``; the per-parameter check at
+        the precision's eps decides, as before the witness of the loop's seed) and the reason in
+        ``entry["witness_lost"]`` (the step's ``gradient_scales`` entry lists it). Frees the box's copies
+        either way. Returns nothing."""
         box = entry.get("seed_box")
         seeded = None if box is None else box.get("witness")
         if box is not None:
             box["witness"] = None  # (a later pass through these losses adds to no witness: the check decides)
-        if not seeded or not box["passes"]:
+        if box is None or not box["passes"]:
             return
         reaching = [task for task in box["passes"] if task in self._parameter_passes] or list(box["passes"])
-        if any(task not in seeded for task in reaching):
+        needed = box.get("needed", set())
+        if not any(task in needed for task in reaching):  # (every such pass seeded a power of two times c_n)
             return
-        seed = sum((box["passes"][task] for task in reaching[1:]), box["passes"][reaching[0]])
-        c = entry["coefficients"]
-        lam = float(seed @ c) / float(c @ c)
-        if lam == 0.0 or not math.isfinite(lam):  # (no multiple to divide by: the check decides)
+        lost = box.get("lost")
+        if lost is None and (not seeded or any(task not in seeded for task in reaching)):
+            lost = "a backward pass through the losses seeded a power of two times c_n and another not"
+        lam = 0.0
+        if lost is None:
+            seed = sum((box["passes"][task] for task in reaching[1:]), box["passes"][reaching[0]])
+            c = entry["coefficients"]
+            lam = float(seed @ c) / float(c @ c)
+            if lam == 0.0 or not math.isfinite(lam):  # (no multiple to divide by)
+                lost = f"the loop's seed is no multiple of the coefficients observed (λ = {lam})"
+        if lost is not None:
+            entry["witness"], entry["witness_lost"] = [], lost
             return
         total = seeded[reaching[0]]
         for task in reaching[1:]:
@@ -1379,10 +1445,13 @@ class PathKernelTracker:
     def _follow_seed(self, losses: torch.Tensor, entry: dict[str, Any], coefficients: torch.Tensor) -> None:
         """For an observed micro-batch: the loop's seed ∂loss/∂ℓ_n (what its backward hands the observed losses)
         into ``entry["seed_box"]["passes"]``, summed by backward pass (:func:`_backward_pass_id`), beside the
-        coefficients c_n observed (``[B]`` float64, :meth:`_observed_gradients`'), for :meth:`_check_seeds`. The
-        tracker held weakly; losses without a graph hand no seed."""
+        coefficients c_n observed (``[B]`` float64, :meth:`_observed_gradients`'), for :meth:`_check_seeds`, as
+        rounded to the losses' dtype: the group rows and the witnesses are seeded with them so rounded, and so is
+        a loop's losses.mean() (bfloat16 losses of micro-batches of 3 and 4: 1/3 is 0.333984375, and the seeds
+        of a plain mean were refused as 0.998 times each other against the exact 1/3). The tracker held weakly;
+        losses without a graph hand no seed."""
         this = weakref.ref(self)
-        entry["coefficients"] = coefficients.detach().to("cpu")
+        entry["coefficients"] = coefficients.detach().to(losses.dtype).to("cpu", torch.float64)
         box = entry["seed_box"] = {"passes": {}, "witness": {}}  # (the hook holds this, not the entry and its rows)
         if not losses.requires_grad:
             return
@@ -1390,7 +1459,14 @@ class PathKernelTracker:
         # power of two times the one observe() took it with (loss / 3 of a window of 3 micro-batches).
         witnessed = entry.get("precision") is not None and self.distributed is None
         tensor = weakref.ref(losses)  # (the hook on losses must not hold them: a cycle keeps the graph alive)
-        fed = coefficients.detach().to(losses.dtype).to("cpu", torch.float64)  # the c_n observe()'s witness was fed
+        fed = entry["coefficients"]  # the c_n observe()'s witness was fed
+        # (their node marked, for the witness pass to start from where the loop frees the losses before its backward)
+        where = (losses.output_nr, object())
+        if witnessed and losses.grad_fn is not None:
+            try:
+                losses.grad_fn.metadata[(_WITNESS_MARK, where[0])] = where[1]
+            except (AttributeError, RuntimeError):  # (a node without metadata: freed losses' witness is then lost)
+                pass
 
         def seed_seen(grad: torch.Tensor) -> None:
             tracker = this()
@@ -1400,12 +1476,15 @@ class PathKernelTracker:
                 # x) for an adversarial example) weighs nothing of the step's gradient
                 task = _backward_pass_id()
                 box["passes"][task] = box["passes"].get(task, 0) + seed
-                if witnessed and box["witness"] is not None and not _power_of_two_multiple(seed, fed):
-                    tracker._witness_seeded(tensor(), grad, task, box)
+                if witnessed and not _power_of_two_multiple(seed, fed):
+                    box.setdefault("needed", set()).add(task)
+                    if box["witness"] is not None:
+                        tracker._witness_seeded(tensor(), where, grad, task, box)
 
         losses.register_hook(seed_seen)
 
-    def _witness_seeded(self, losses: torch.Tensor | None, seed: torch.Tensor, task: int, box: dict[str, Any]) -> None:
+    def _witness_seeded(self, losses: torch.Tensor | None, where: tuple[int, object], seed: torch.Tensor, task: int,
+                        box: dict[str, Any]) -> None:
         """In the loop's backward through an observed half-precision micro-batch, from the hook that sees its seed
         ``seed`` (before the graph under the losses has run): the micro-batch's own backward once more with that
         very seed, into ``box["witness"][task]`` (summed by pass; a parameter the graph misses: zeros). It is the
@@ -1413,30 +1492,41 @@ class PathKernelTracker:
         two are for a loop seeding c_n times a power of two (rounding commutes with those): for any other seed
         (λ c_n with λ = 1/3) the half precision rounds the loop's backward otherwise than theirs, entry by entry,
         and a gradient summed over examples after that rounding (a bias's) differs from β times theirs by far more
-        than the model dtype's tolerance. Losses already freed (the loop kept only the loss built from them) or a
-        pass that fails leave no witness for the micro-batch (``box["witness"] = None``): the per-parameter check
-        decides as before."""
-        if losses is None:
-            box["witness"] = None
-            return
+        than the model dtype's tolerance. ``losses``: None where the loop freed them before its backward (it kept
+        only the loss built from them), and the pass starts from their graph node (``where``: their output number
+        and observe()'s mark on the node, :func:`_losses_edge`). The parameters' gradient hooks are out of their
+        tables for the pass (:func:`_parameter_hooks_held`). Returns nothing: a pass that fails (any Exception: a
+        graph it cannot enter, out of memory, a hook of the loop's on an activation) leaves the micro-batch no
+        witness (``box["witness"] = None``) and its reason in ``box["lost"]``; the loop's backward goes on as
+        without the tracker, and the step's check decides without a witness (:meth:`_take_seeded_witness`). An
+        interrupt (KeyboardInterrupt, SystemExit) propagates, out of the loop's backward before the graph under
+        the losses ran (the tracker out of its pass, the buffers its own): as after any backward that raised
+        half-way, the loop zeroes the gradients and observes the step's micro-batches again."""
         self._own_pass = True  # (the tracker's hooks, this one's included, ignore this pass)
         try:
-            with preserved_buffers(self.model):  # (a non-reentrant checkpoint's rerun writes to copies)
-                rows = torch.autograd.grad(losses, list(self.params.values()), grad_outputs=seed, retain_graph=True,
-                                           allow_unused=True)
-        except RuntimeError:  # (a graph the pass cannot enter again: the witness is only an aid to the check)
+            outputs = losses if losses is not None else _losses_edge(*where)
+            with preserved_buffers(self.model), _parameter_hooks_held(self.params.values()):
+                # (a non-reentrant checkpoint's rerun writes to copies of the buffers)
+                rows = torch.autograd.grad([outputs], list(self.params.values()), grad_outputs=[seed],
+                                           retain_graph=True, allow_unused=True)
+            sums = box["witness"].get(task)
+            if sums is None:
+                box["witness"][task] = {name: torch.zeros_like(p) if g is None else g.detach()
+                                        for (name, p), g in zip(self.params.items(), rows)}
+            else:  # (a second pass of the loop's through the same losses, retain_graph=True)
+                for (name, _), g in zip(self.params.items(), rows):
+                    if g is not None:
+                        sums[name] += g
+        except Exception as error:  # (the witness is only an aid to the check: the loop's backward must go on)
             box["witness"] = None
-            return
+            reason = " ".join(str(error).split())
+            box["lost"] = f"{type(error).__name__}: {reason[:200]}"
+        except BaseException as error:
+            box["witness"] = None
+            box["lost"] = f"{type(error).__name__} in the witness pass"
+            raise
         finally:
             self._own_pass = False
-        sums = box["witness"].get(task)
-        if sums is None:
-            box["witness"][task] = {name: torch.zeros_like(p) if g is None else g.detach()
-                                    for (name, p), g in zip(self.params.items(), rows)}
-        else:  # (a second pass of the loop's through the same losses, retain_graph=True)
-            for (name, _), g in zip(self.params.items(), rows):
-                if g is not None:
-                    sums[name] += g
 
     def _check_seeds(self, index: int, kept: list[dict[str, Any]]) -> None:
         """A step whose kept micro-batches' losses all saw the loop's seed: refuse one that weighs its examples
@@ -1604,9 +1694,11 @@ class PathKernelTracker:
         witnesses = []
         if self.distributed is None:
             for seed_scale in sorted({1.0, boost} if seed_scales is None else set(seed_scales)):
-                rows = torch.autograd.grad(losses, list(self.params.values()),
-                                           grad_outputs=(coefficients * seed_scale).to(losses.dtype),
-                                           retain_graph=True, allow_unused=True)
+                # (the parameters' gradient hooks out of the pass: a loop's elementwise clip must not be in the witness)
+                with _parameter_hooks_held(self.params.values()):
+                    rows = torch.autograd.grad(losses, list(self.params.values()),
+                                               grad_outputs=(coefficients * seed_scale).to(losses.dtype),
+                                               retain_graph=True, allow_unused=True)
                 # In the parameters' dtype, as the loop's gradient is (a power of two divided out exactly).
                 witnesses.append({name: torch.zeros_like(p) if g is None else g.detach().div(seed_scale)
                                   for (name, p), g in zip(self.params.items(), rows)})
@@ -1807,7 +1899,11 @@ class PathKernelTracker:
                                  "scale_times_micro_batches": scale * observed["micro_batches"],
                                  "dropped_micro_batches": observed["dropped"],
                                  # the half precision the step's gradients were rounded in (None: the model's)
-                                 "gradient_precision": _precision_name(observed["entries"])}
+                                 "gradient_precision": _precision_name(observed["entries"]),
+                                 # the micro-batches whose witness with the loop's own seed was lost, and why
+                                 # (_take_seeded_witness): the step was checked without a witness
+                                 "witness_lost": [f"micro-batch {e['number']}: {e['witness_lost']}"
+                                                  for e in observed["kept"] if e.get("witness_lost")]}
             self._step_numbers = list(observed["numbers"])
             ids = {name: torch.cat([i[name] for i in observed["ids"]]) for name in self.partitions.names}
             self._pending_step = self._begin(index, "observed", ids, theta_before, saved, gradients, losses, scale,
