@@ -115,6 +115,20 @@ class RootSumSquares:
             self.sumsq += s * (m / self.scale) ** 2
 
 
+def norm_of(t: torch.Tensor) -> float:
+    """‖t‖ (float64) as a float that neither overflows nor underflows where the norm itself is in range: the plain
+    norm where it lies safely inside float64's range (the common case: one pass), else formed through
+    :class:`RootSumSquares` (squares of entries past about 1.3e154 gave inf, and a check of a gap against
+    ``rtol * inf`` passed any gap; entries below about 1.5e-154 gave 0). An infinity or a NaN among the entries
+    gives inf or NaN, as the plain norm."""
+    plain = float(torch.linalg.vector_norm(t.detach(), dtype=torch.float64))
+    if math.isnan(plain) or 1e-140 < plain < 1e140 or plain == 0.0 and not bool(t.any()):
+        return plain
+    total = RootSumSquares()
+    total.add(t)
+    return total.scale * math.sqrt(total.sumsq) if total.sumsq else 0.0
+
+
 def in_common_scale(*norms: RootSumSquares) -> tuple[list[float], float]:
     """(the norms, each divided by one common scale S; S): ratios and sums of the values are those of the norms
     themselves (a relative comparison, ``gap <= rtol * size``, reads the same), and no value overflows or

@@ -47,7 +47,7 @@ from ..engine.factors import COVERAGE_SAMPLE, Plan, TrainingCapture, Unfactorabl
 from ..engine.gradients import (factor_rows, gradients_and_rounding, gradients_from_losses, group_gradients,
                                 membership_matrix)
 from ..engine.per_example import BatchFactors, batch_totals, capture_batch, factored_contributions, training_batch
-from ..engine.reference import batch_jacobian, per_example_jacobian
+from ..engine.reference import batch_jacobian, norm_of, per_example_jacobian
 from ..grouping import Partitions, abs_row_sum
 from .distributed import DistributedContext, combine_group_gradients
 from .null_params import structurally_null
@@ -458,7 +458,8 @@ class DenseRoute(GroupStateRoute):
         if scale != 1.0:  # clipping or loss scaling; the rows are this step's own arrays (R × P each: no copy)
             grads = {name: g.mul_(scale) for name, g in grads.items()}
         first = model.partitions.slices[model.partitions.primary]
-        sizes = {name: float(abs_row_sum(g[first]).norm()) for name, g in grads.items()}
+        # (norm_of: squares formed directly overflowed past 1e154, and the check then allowed an infinite gap)
+        sizes = {name: norm_of(abs_row_sum(g[first])) for name, g in grads.items()}
         return StepGradients(grads, losses, sizes)
 
     def contributions(self, updates, nodes, gradients, ids, clip_factor):

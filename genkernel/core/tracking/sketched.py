@@ -42,7 +42,7 @@ from ..cost import plain_hyperparameter
 from ..engine.factors import Factors
 from ..engine.per_example import BatchFactors, probe_factors, probe_fallback_jacobians
 from ..engine.projections import ParameterProjection
-from ..engine.reference import split_columns
+from ..engine.reference import norm_of, split_columns
 from ..errors import LedgerCheckError
 from ..grouping import abs_row_sum
 from .routes import RouteContributions, TrackedModel, _FactorRoute, push_rows
@@ -243,8 +243,8 @@ class SketchedRoute(_FactorRoute):
         )
         for name, part in self.model.partitions.slices.items():
             rows = self._pending[part]
-            scale = float(reference.norm() + abs_row_sum(rows).norm())
-            gap = float((rows.sum(dim=0) - reference).norm())
+            scale = norm_of(reference) + norm_of(abs_row_sum(rows))  # (squares formed directly overflowed past 1e154)
+            gap = norm_of(rows.sum(dim=0) - reference)
             if gap > rtol * scale + 1e-300:
                 raise LedgerCheckError(
                     f"the sketched per-group state of partition '{name}' does not add up to the sketch of the "

@@ -80,6 +80,7 @@ from ..adapter import (
 )
 from ..engine.factors import TrainingCapture
 from ..engine.gradients import DEFAULT_GRADIENT_BUDGET, rounding_of
+from ..engine.reference import norm_of, scaled_alike
 from ..push_memory import measure_push_memory
 from ..errors import LedgerCheckError, NonFiniteError
 from ..param_bytes import trains_float32, value_bytes
@@ -1379,7 +1380,7 @@ class PathKernelTracker:
         if observed["independent"]:
             return
         total = self._primary_total(grads)
-        norm = float(total.norm())
+        norm = norm_of(total)
         if norm == 0.0 or not math.isfinite(norm):  # no gradient: its weight moves nothing (non-finite: refused later)
             return
         observed["moving"] += 1
@@ -1548,12 +1549,12 @@ class PathKernelTracker:
             reaching = [v for task, v in passes.items() if task in self._parameter_passes] or list(passes.values())
             seed = sum(reaching[1:], reaching[0])
             lam = float(seed @ c) / float(c @ c)
-            off = float((seed - lam * c).norm())
-            if not math.isfinite(lam) or off > self.rtol * float(seed.norm()):
+            off = norm_of(seed - lam * c)
+            if not math.isfinite(lam) or off > self.rtol * norm_of(seed):
                 raise LedgerCheckError(
                     f"step {index}: the observed group gradients do not add up to the real gradient: the loop's "
                     f"backward weighed the examples of observed micro-batch {entry['number']} otherwise than "
-                    f"observe() was told (its seed ∂loss/∂ℓ_n is {off / max(float(seed.norm()), 1e-300):.2e} off "
+                    f"observe() was told (its seed ∂loss/∂ℓ_n is {off / max(norm_of(seed), 1e-300):.2e} off "
                     "every multiple of the coefficients): pass the loss's own per-example coefficients to "
                     "observe(losses, groups, weights=)")
             lambdas.append((entry["number"], lam))
@@ -1998,14 +1999,14 @@ class PathKernelTracker:
         if not left_out:
             return
         kept = self._primary_total(grads)
-        kept_norm = float(kept.norm())
+        kept_norm = norm_of(kept)
         if kept_norm == 0.0 or not math.isfinite(kept_norm):  # (then a left-out gradient fails the check itself)
             return
         candidates = [([i], self._primary_total(rows)) for i, rows in left_out]
         if len(candidates) > 1:
             candidates.append(([i for i, _ in left_out], sum(t for _, t in candidates)))
         for which, t in candidates:
-            norm = float(t.norm())
+            norm = norm_of(t)
             if norm == 0.0 or not math.isfinite(norm):
                 continue
             if self._parallel(_sine_squared(t, kept), entries):
@@ -2035,9 +2036,14 @@ class PathKernelTracker:
         if self.distributed is not None:
             flat = summed_over_ranks(torch.cat(totals), self.distributed) / self.distributed.world_size
             totals = flat.split([t.numel() for t in totals])
+        reals = [torch.zeros_like(total) if p.grad is None else p.grad.to(torch.float64).reshape(-1)
+                 for p, total in zip(self.params.values(), totals)]
+        # α = (real · total) / (total · total), formed on each side divided by its largest finite magnitude: products
+        # formed directly overflowed past 1.3e154 (a finite float64 gradient refused as "not finite") or underflowed
+        # below 1.5e-154 (every step's α read 1.0); an infinity or a NaN still makes α non-finite
+        (totals, total_peak), (reals, real_peak) = scaled_alike(*totals), scaled_alike(*reals)
         dot, norm, nonzero = 0.0, 0.0, 0
-        for p, total in zip(self.params.values(), totals):
-            real = torch.zeros_like(total) if p.grad is None else p.grad.to(torch.float64).reshape(-1)
+        for real, total in zip(reals, totals):
             dot += float((real * total).sum())
             norm += float((total * total).sum())
             if micro_batches > 1 and nonzero < 2:
@@ -2051,7 +2057,7 @@ class PathKernelTracker:
                 "were weighted alike (the one scale it fits would hide any weighting). Observe one micro-batch "
                 "per optimizer step here, or call tracker.step() with the whole batch"
             )
-        scale = dot / norm if norm > 0 else 1.0
+        scale = (real_peak / total_peak) * (dot / norm) if norm > 0 else 1.0
         if not math.isfinite(scale):
             raise NonFiniteError(
                 f"step {index}: the optimizer's gradient is not finite (a GradScaler hands a fused optimizer its "
@@ -2754,8 +2760,8 @@ class PathKernelTracker:
         ones, first, second = parts
         lhs, rhs = second * ones, first * first
         tolerance = 1e3 * torch.finfo(outputs.dtype).eps if outputs.is_floating_point() else 1e-10
-        gap = float((lhs - rhs).norm())
-        if gap > tolerance * float(lhs.norm() + rhs.norm()):
+        gap = norm_of(lhs - rhs)  # (norm_of: squares formed directly overflowed past 1e154, and inf > inf is False)
+        if gap > tolerance * (norm_of(lhs) + norm_of(rhs)):
             raise ValueError(
                 f"loss_fn couples the examples of a batch (an example's loss depends on other examples' outputs: a "
                 f"batch mean, a contrastive term, batch statistics inside the loss), so the per-example route of "
@@ -2784,7 +2790,7 @@ class PathKernelTracker:
         real, scales = {}, {}
         for name, p in self.params.items():
             real[name] = torch.zeros_like(p, dtype=torch.float64) if p.grad is None else p.grad.to(torch.float64, copy=True)
-            scales[name] = float(real[name].norm()) + gradients.sizes[name]
+            scales[name] = norm_of(real[name]) + gradients.sizes[name]  # (norm_of: squares past 1e154 gave inf)
         rounding = {partition: {name: real[name] - gradients.grads[name][part].sum(dim=0) for name in self.params}
                     for partition, part in partitions.slices.items()}
         # A parameter whose true gradient is zero (a bias before a normalization) carries pure
@@ -2792,13 +2798,13 @@ class PathKernelTracker:
         # (the least precise floating dtype's eps, frozen parameters' too: a float64 first parameter's would hold a
         # float32 one's noise to 1e-16)
         eps = max(torch.finfo(dtype).eps for dtype in self._check_dtypes)
-        floor = 16 * eps * math.sqrt(sum(v * v for v in scales.values()))
+        floor = 16 * eps * math.hypot(*scales.values())
         if gradient_rtol > self.rtol and any(self._witnessed(real, w) for w in witnesses):
             return rounding
         measured: dict[str, float] | None = None
         for partition, part in partitions.slices.items():
             for name in self.params:
-                gap = float(rounding[partition][name].norm())
+                gap = norm_of(rounding[partition][name])
                 allowed = gradient_rtol * scales[name] + floor
                 if gap > allowed:
                     measured = rounding_norms() if measured is None else measured
@@ -2936,8 +2942,8 @@ def _sine_squared(a: torch.Tensor, b: torch.Tensor) -> float:
     rounding of the residual, where 1 − cos² carries cos's own rounding (a few ε: exactly parallel float64
     gradients gave 1 − cos² ≈ 4e-16, past the (100 rtol)² = 1e-16 that the parallel test allows)."""
     a, b = a.reshape(-1).to(torch.float64), b.reshape(-1).to(torch.float64)
-    na, nb = float(a.norm()), float(b.norm())
-    if na == 0.0 or nb == 0.0 or not math.isfinite(na * nb):
+    na, nb = norm_of(a), norm_of(b)
+    if na == 0.0 or nb == 0.0 or not (math.isfinite(na) and math.isfinite(nb)):  # (na · nb overflowed past 1e154)
         return 1.0
     unit_a, unit_b = a / na, b / nb
     return float((unit_a - (unit_a @ unit_b) * unit_b).norm()) ** 2
