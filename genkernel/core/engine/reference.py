@@ -146,6 +146,14 @@ def scaled_alike(*tensors: torch.Tensor) -> tuple[tuple[torch.Tensor, ...], floa
     return (tuple(doubles), 1.0) if scale == 0 else (tuple(t / scale for t in doubles), scale)
 
 
+def largest_finite(tensors) -> float:
+    """The largest finite magnitude among the entries of ``tensors`` (an iterable of tensors), 1.0 where there is
+    none or it is 0: a common scale to divide them by before forming products (``scaled_alike``'s, without its
+    copies)."""
+    peaks = [float(_finite_max(t.detach())) for t in tensors]
+    return max(peaks, default=0.0) or 1.0
+
+
 def _finite_max(t: torch.Tensor) -> torch.Tensor:
     """The largest finite magnitude among ``t``'s entries, a 0-dim tensor on its device (0 for none)."""
     if t.numel() == 0:

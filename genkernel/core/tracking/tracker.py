@@ -80,7 +80,7 @@ from ..adapter import (
 )
 from ..engine.factors import TrainingCapture
 from ..engine.gradients import DEFAULT_GRADIENT_BUDGET, rounding_of
-from ..engine.reference import norm_of, scaled_alike
+from ..engine.reference import largest_finite, norm_of
 from ..push_memory import measure_push_memory
 from ..errors import LedgerCheckError, NonFiniteError
 from ..param_bytes import trains_float32, value_bytes
@@ -2036,16 +2036,18 @@ class PathKernelTracker:
         if self.distributed is not None:
             flat = summed_over_ranks(torch.cat(totals), self.distributed) / self.distributed.world_size
             totals = flat.split([t.numel() for t in totals])
-        reals = [torch.zeros_like(total) if p.grad is None else p.grad.to(torch.float64).reshape(-1)
-                 for p, total in zip(self.params.values(), totals)]
-        # α = (real · total) / (total · total), formed on each side divided by its largest finite magnitude: products
-        # formed directly overflowed past 1.3e154 (a finite float64 gradient refused as "not finite") or underflowed
-        # below 1.5e-154 (every step's α read 1.0); an infinity or a NaN still makes α non-finite
-        (totals, total_peak), (reals, real_peak) = scaled_alike(*totals), scaled_alike(*reals)
+        # α = (real · total) / (total · total), formed on each side divided by its largest finite magnitude (one
+        # parameter at a time, as before): products formed directly overflowed past 1.3e154 (a finite float64
+        # gradient refused as "not finite") or underflowed below 1.5e-154 (α read 1.0); an infinity or a NaN still
+        # makes α non-finite
+        total_peak = largest_finite(totals)
+        real_peak = largest_finite(p.grad for p in self.params.values() if p.grad is not None)
         dot, norm, nonzero = 0.0, 0.0, 0
-        for real, total in zip(reals, totals):
-            dot += float((real * total).sum())
-            norm += float((total * total).sum())
+        for p, total in zip(self.params.values(), totals):
+            real = torch.zeros_like(total) if p.grad is None else p.grad.to(torch.float64).reshape(-1) / real_peak
+            scaled = total / total_peak
+            dot += float((real * scaled).sum())
+            norm += float((scaled * scaled).sum())
             if micro_batches > 1 and nonzero < 2:
                 nonzero += int(torch.count_nonzero(total))
         # (a step whose every row is zero, each micro-batch's examples already fit: no weighting changes its
