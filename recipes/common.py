@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -32,9 +33,11 @@ import numpy as np
 import torch
 
 from genkernel.core.tracking.io import atomic_file
+from genkernel.data.torchvision_sets import DATA_ROOT_ENV
 from genkernel.stats import Interval, mean_interval
 
 MODES = ("full", "quick", "smoke")
+FILE_DATASETS = ("mnist", "cifar10")  # --dataset values read from local files (--data-root)
 
 
 def make_parser(description: str, *, datasets: Sequence[str] | None = None) -> argparse.ArgumentParser:
@@ -68,6 +71,12 @@ def parse(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> argpar
         parser.error(f"--device {args.device!r} is not a torch device: {error}")
     if args.threads < 1:
         parser.error(f"--threads must be >= 1, got {args.threads}")
+    dataset = getattr(args, "dataset", None)
+    if dataset in FILE_DATASETS and getattr(args, "data_root", None) is None and not os.environ.get(DATA_ROOT_ENV):
+        # refused here, in the command line's words: the data module's message names the Python argument data_root=
+        parser.error(f"--dataset {dataset} is read from local files: pass --data-root DIR (the folder holding the "
+                     f"{dataset} files; see genkernel.data.torchvision_sets for the layout) or set the environment "
+                     f"variable {DATA_ROOT_ENV}; nothing is downloaded")
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     np.random.seed(args.seed % 2**32)
@@ -919,6 +928,22 @@ def diffusion_claims(runs: list[dict]) -> dict:
     return out
 
 
+def retrieval_drawn(result, train_data: torch.Tensor, *, images: bool, top: int) -> dict:
+    """What the retrieval figure (:func:`genkernel.plotting.diffusion.plot_retrieval`, or its samples-are-noise
+    form) draws of the θ_T retrieval ``result``, for the JSON: ``stages [K]``, ``states [K, S, ...]`` (the samples
+    x_s at each stage), ``samples [S, ...]`` (the final ones), ``top_indices [K, S, top]`` with their k̂,
+    ``top_kernel [K, S, top]`` (the image titles), ``entropy [K, S]``, and the training inputs drawn,
+    ``training [R, ...]`` with their rows ``training_rows [R]`` in ``train_data``: every row for 2-D points (the grey
+    cloud), for images only the rows drawn (the top rows and the first 8, which the samples-are-noise figure shows).
+    Images are stored as trained, in [−1, 1]: the figure draws (clamp(x, −1, 1) + 1) / 2. Returns that dict."""
+    top_indices = result.top_indices[..., :top]
+    rows = (sorted(set(top_indices.reshape(-1).tolist()) | set(range(min(8, len(train_data))))) if images
+            else list(range(len(train_data))))
+    return {"stages": result.stages, "states": result.states, "samples": result.samples, "top_indices": top_indices,
+            "top_kernel": torch.gather(result.kernel, 2, top_indices.long()), "entropy": result.entropy,
+            "training_rows": rows, "training": train_data[rows]}
+
+
 def write_diffusion_outputs(name: str, args: argparse.Namespace, s: dict, timer: Timer, runs: list[dict],
                             retrieval, retrieval_data, *, images: bool) -> dict:
     """Saves a diffusion recipe's per-view figures (``OUT/NAME_<view>.png``), then the overview PNG
@@ -929,7 +954,9 @@ def write_diffusion_outputs(name: str, args: argparse.Namespace, s: dict, timer:
     training and the overview's kernel and entropy panels (``results.first_seed_panels``).
 
     ``retrieval``: seed 0's θ_T retrieval result (None when aggregating saved runs: the retrieval
-    figure then shows the entropy only); ``retrieval_data``: the training inputs it retrieved from.
+    figure then shows the entropy only); ``retrieval_data``: the training inputs it retrieved from. What the
+    retrieval figure draws is ``results.retrieval_drawn`` (:func:`retrieval_drawn`; None when aggregating: the
+    entropy it then draws is ``results.runs[0].retrieval_entropy``).
     Returns the JSON payload (see :func:`finish`).
     """
     from genkernel.plotting import diffusion as plots
@@ -965,6 +992,8 @@ def write_diffusion_outputs(name: str, args: argparse.Namespace, s: dict, timer:
                                     "relative_residual_worst": report["residual"]["relative_residual"]}}
            if len(runs) > 1 else {}),
         "retrieval": first["retrieval"],
+        "retrieval_drawn": None if retrieval is None else retrieval_drawn(
+            retrieval, retrieval_data, images=images, top=min(3, retrieval_data.shape[0])),
         "runs": [{k: v for k, v in r.items() if k not in ("report", "retrieval")} | {
             "residual": r["report"]["residual"], "measured": r["report"].get("measured"), "notes": r["report"].get("notes"),
             "locality": r["report"]["locality"]} for r in runs],

@@ -49,6 +49,8 @@ MNIST_FILES = (
 CIFAR10_FOLDER = "cifar-10-batches-py"
 CIFAR10_FILES = tuple(f"data_batch_{i}" for i in range(1, 6)) + ("test_batch", "batches.meta")
 CIFAR10_TARBALL = "cifar-10-python.tar.gz"
+# the recipes' command-line form of data_root: the messages name both, read from Python or from a recipe's command line
+CLI_OPTION = "--data-root"
 _HOW_TO_GET = "download them on a machine with internet access and copy them here (genkernel never downloads)"
 
 
@@ -57,8 +59,9 @@ def _resolve_root(name: str, data_root) -> Path:
         env = os.environ.get(DATA_ROOT_ENV)
         if not env:
             raise ValueError(
-                f"{name!r} is read from local files: pass data_root=<folder> (or set the environment "
-                f"variable {DATA_ROOT_ENV}); see genkernel.data.torchvision_sets for the expected layout"
+                f"{name!r} is read from local files: pass data_root=<folder> ({CLI_OPTION} <folder> on a recipe's "
+                f"command line), or set the environment variable {DATA_ROOT_ENV}; see genkernel.data.torchvision_sets "
+                "for the expected layout"
             )
         data_root = env
     if not isinstance(data_root, (str, os.PathLike)):
@@ -147,7 +150,8 @@ def _prepare_mnist(root: Path) -> Path:
                 if root.name == inside and (inside == "MNIST" or root.parent.name == "MNIST"):
                     parent = root.parent if inside == "MNIST" else root.parent.parent
                     hint = (f" (data_root is the MNIST/{'' if inside == 'MNIST' else 'raw/'} folder itself: pass "
-                            f"data_root={str(parent)!r}; torchvision reads DATA_ROOT/MNIST/raw)")
+                            f"data_root={str(parent)!r}, {CLI_OPTION} {str(parent)!r} on a recipe's command line; "
+                            "torchvision reads DATA_ROOT/MNIST/raw)")
                 else:
                     hint = f" (MNIST files were found in {alt}: move them to {raw})"
                 break
@@ -228,7 +232,8 @@ def _prepare_cifar10(root: Path) -> None:
         missing = [folder / f for f in CIFAR10_FILES if not (folder / f).is_file()]
     if missing:
         if (root / CIFAR10_FILES[0]).is_file():
-            hint = (f"data_root is the {CIFAR10_FOLDER} folder itself: pass its parent, data_root={str(root.parent)!r}"
+            hint = (f"data_root is the {CIFAR10_FOLDER} folder itself: pass its parent, data_root={str(root.parent)!r} "
+                    f"({CLI_OPTION} {str(root.parent)!r} on a recipe's command line)"
                     if root.name == CIFAR10_FOLDER else f"CIFAR-10 files were found in {root}: move them into {folder}")
             raise FileNotFoundError(
                 f"CIFAR-10 files missing in {folder} ({hint}; torchvision reads DATA_ROOT/{CIFAR10_FOLDER})")

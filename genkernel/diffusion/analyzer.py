@@ -128,6 +128,10 @@ AUTO_SKETCH_DIRECTIONS = 8
 LEVEL = "level"
 LEVEL_CLASS = "level_class"
 WEIGHTS = ("model", "ema")
+# report() before any tracked step: every share and interval is undefined, not zero
+NOTHING_RECORDED_NOTE = ("nothing is recorded yet: no training step has been tracked, so every share, locality and "
+                         "residual is undefined (None); train at least one step with the analyzer bound before reading "
+                         "the report")
 
 
 class NoiseLevelAnalyzer(TrainerCallback):
@@ -345,7 +349,10 @@ class NoiseLevelAnalyzer(TrainerCallback):
         self.probe_noise = torch.randn(self.probe_clean.shape, generator=generator, dtype=torch.float64)
         self.kernel_clean = probe_data[: kernel_points].detach().to(device="cpu", dtype=torch.float64, copy=True)
         if self.kernel_clean.shape[0] < 2:
-            raise ValueError("probe_data needs at least 2 rows for the kernel structure")
+            raise ValueError(f"probe_data needs at least 2 rows for the kernel structure, got {probe_data.shape[0]} "
+                             f"(probe_data of shape {tuple(probe_data.shape)}): pass 2 or more held-out examples as "
+                             "probe_data, a batch [n, ...] with n >= 2 (one image needs its batch dimension and a second "
+                             "image: the kernel compares pairs of different inputs)")
         self.kernel_noise = torch.randn(self.kernel_clean.shape, generator=generator, dtype=torch.float64)
         self._perm_generator = torch.Generator().manual_seed(seed_bits(seed + 1))
         self._sigma_like = 0  # examples in a row at a level t <= 1 (flow matching: sigmas passed as timesteps?)
@@ -1244,10 +1251,22 @@ class NoiseLevelAnalyzer(TrainerCallback):
             "steps": summary["steps"],
         }
 
+    def _report_locality(self, empty: bool, **options: Any) -> dict[str, Any]:
+        """:meth:`locality` for :meth:`report`; returns its dict. ``empty`` (no tracked step): the same
+        fields, every share undefined (None in the report), without NumPy's "Mean of empty slice" warnings that
+        the control comparison of no defined value raises (the report's notes say nothing is recorded yet)."""
+        if not empty:
+            return self.locality(**options)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", "Mean of empty slice", RuntimeWarning)
+            return self.locality(**options)
+
     def report(self) -> dict[str, Any]:
         """Everything as strict-JSON numbers (matrices as nested lists, NaN as None), with the axes of
         the matrices named, the loop's step numbers, the EMA weights' ledger when one is kept, and
-        notes on what the numbers cannot support (a large residual, with the rule that shrinks it)."""
+        notes on what the numbers cannot support (a large residual, with the rule that shrinks it).
+        Before any tracked step: the same fields, undefined values as None, ``"measured": False`` and a
+        note saying that nothing is recorded yet."""
         self._require()
         notes = []
         try:
@@ -1263,6 +1282,9 @@ class NoiseLevelAnalyzer(TrainerCallback):
             # with start_step=: its ledgers are the window from there, which no other field of the report names)
             notes.append(_late_start_note(numbered[0], numbered[-1]))
         residual = self.residual()
+        empty = residual["steps"] == 0
+        if empty:
+            notes.append(NOTHING_RECORDED_NOTE)
         if residual["relative_residual"] > 1e-3:
             notes.append(
                 f"the residual is {residual['relative_residual']:.2g} of the change (quadrature {self.quadrature!r}): "
@@ -1270,7 +1292,9 @@ class NoiseLevelAnalyzer(TrainerCallback):
             )
         extra: dict[str, Any] = {}
         rest_share = residual["median_rest_share"]
-        if math.isfinite(rest_share) and abs(rest_share) > 0.5:
+        if empty:
+            extra["measured"] = False  # (no share is defined before a tracked step)
+        elif math.isfinite(rest_share) and abs(rest_share) > 0.5:
             extra["measured"] = False
             notes.append(
                 f"the window's change is mostly the rest (median rest share {rest_share:.2f}): optimizer state from "
@@ -1291,7 +1315,7 @@ class NoiseLevelAnalyzer(TrainerCallback):
             extra["ema"] = {
                 "residual": self.residual(weights="ema"),
                 "matrices": self.matrices(weights="ema"),
-                "locality": self.locality(weights="ema"),
+                "locality": self._report_locality(empty, weights="ema"),
                 "decays": list(self.tracker.ema.decays),
                 "start_share_mean": float(grouping.part_share(self.tracker.ema.start.cpu(),
                                                              self.ema_ledgers[LEVEL].delta.cpu()).nanmean()),
@@ -1322,7 +1346,7 @@ class NoiseLevelAnalyzer(TrainerCallback):
             "global_steps": [self.global_steps[0], self.global_steps[-1]] if self.global_steps else None,
             "residual": residual,
             "matrices": self.matrices(),
-            "locality": self.locality(),
+            "locality": self._report_locality(empty),
             "locality_over_training": self.history,
             "kernel": self.kernel_history,
             "bin_counts_total": torch.tensor(self.bin_counts).sum(0).tolist() if self.bin_counts else [],

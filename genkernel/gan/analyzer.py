@@ -2463,6 +2463,11 @@ class GANKernelAnalyzer(TrainerCallback):
             notes.append(self._residual_note("discriminator", ledger, d_tracker))
         if g_tracker is not None and g_tracker.gradient_scales and "generator" in out:
             out["generator"]["gradient_scales"] = g_tracker.gradient_scales
+        if not self.g_steps and not self.d_steps:
+            # (the report then holds the settings alone: a reader should not take the missing sections for a fault)
+            notes.append("nothing is recorded yet: no generator or discriminator step has been tracked; bind the "
+                         "analyzer (GANTrainer(callbacks=[analyzer]) or analyzer.bind(g_optimizer, d_optimizer)) and "
+                         "train at least one step before reading the report")
         out["notes"] = [n for n in notes if n]
         return jsonable(out)
 

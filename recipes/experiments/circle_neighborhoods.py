@@ -10,6 +10,10 @@ random anchors, and compare θ_T with θ₀ (the same network before training); 
 judged against the null model, the same runs trained on randomly permuted labels (paired by seed).
 
     python -m recipes.experiments.circle_neighborhoods [--quick] [--out-dir figures] [--seed 0]
+
+JSON: ``results["drawn"]`` holds what the figure draws (:func:`drawn_numbers`): the training points and labels,
+the decision grid's axis and the network's scores on it (121 × 121 floats, the decision regions and their
+boundary), and each neighbourhood panel's indices into the points (3 anchors × k).
 """
 
 from __future__ import annotations
@@ -28,6 +32,16 @@ from .. import common
 
 NAME = "circle_neighborhoods"
 ANCHORS = [(0.0, 0.95), (0.55, 0.55), (-0.3, -0.2)]
+
+
+def drawn_numbers(panels: dict, grid: torch.Tensor) -> dict:
+    """What :func:`~genkernel.plotting.core.circle_neighborhoods_figure` draws of ``panels``, for the JSON:
+    ``points [N, 2]``, ``labels [N]`` (±1), ``anchors [3, 2]``, ``grid [G]`` (the decision grid's axis: x and y
+    alike) with ``scores [G, G]`` (row i at y = grid[i]; the regions are their sign), and ``neighbors``: panel
+    title → ``[3, k]`` indices into ``points``. Returns that dict."""
+    return {"points": panels["points"], "labels": panels["labels"], "anchors": panels["anchors"], "grid": grid,
+            "scores": panels["decision"][2],
+            "neighbors": {title: idx for title, idx, _ in panels["neighborhoods"]}}
 
 
 def summary(interval: Interval) -> dict:
@@ -207,7 +221,7 @@ def main(argv=None) -> dict:
         "anchor_class_shares": shares.groups[:a].tolist(),
         "anchor_kappa": shares.kappa[:a].tolist(),
     }
-    # 5. Figure.
+    # 5. Figure, and the numbers it draws.
     titles = {"init": "(d) k̂ neighbours at initialization", "mid": f"(e) k̂ neighbours at step {settings['steps'] // 2}",
               "end": f"(f) k̂ neighbours at the end (step {settings['steps']})"}
     panels = {
@@ -216,6 +230,7 @@ def main(argv=None) -> dict:
         "neighborhoods": [("(c) Euclidean neighbours", euclid, purity["euclidean"])]
         + [(titles[s], stages[s][0][:a], purity[f"kernel_{s}"]) for s in ("init", "mid", "end")],
     }
+    results["drawn"] = drawn_numbers(panels, grid)
     return common.finish(NAME, args, circle_neighborhoods_figure(panels), results, claims, settings, timer)
 
 

@@ -156,6 +156,10 @@ def write_outputs(name: str, args, s: dict, timer, runs: list[dict], nulls: list
         # what the coupling figure and the overview's window panels draw: every seed, not seed 0's alone
         "drawn_over_seeds": drawn_numbers(runs),
         "alignment": first["report"]["alignment"],
+        # what the sample sheet and the overview's top row draw (seed 0, images [B, C, H, W] in [-1, 1]; the grids show
+        # (x + 1) / 2, the overview the first 32 of each): 64 real images, and the generator's images of the same 64
+        # latents before and after training
+        "drawn_samples": {"seed": first["seed"], **first["figure"]},
         "coverage_end": first["coverage_end"],
         "convergence": [dict(seed=r["seed"], **r["convergence"]) for r in runs],
         "group_labels": labels,

@@ -696,10 +696,12 @@ def write_outputs(name: str, args, s: dict, timer, runs: list[dict], nulls: list
         "coverage": first["report"]["coverage"],
         # what the overview's coverage panel draws: one line per seed (the entry above is seed 0's alone)
         "coverage_per_seed": [{"seed": r["seed"], "coverage": r["report"]["coverage"]} for r in runs],
-        # what the overview's top row draws (seed 0): D's push −w on the grid at the end, and at the snapshot step the
-        # probes' samples x with their raw push −w and the kernel-smoothed field (the samples scattered are not kept)
+        # what the overview's top row draws (seed 0): D's push −w on the grid at the end with the real and generated
+        # samples scattered over it and the mode centres, and at the snapshot step the probes' samples x with their raw
+        # push −w and the kernel-smoothed field (arrows: unit directions; colour: log10 |w|)
         "drawn_fields": {"seed": first["seed"], "grid": first["figure"]["grid"], "push": first["figure"]["push"],
-                         "snapshot": first["figure"]["snapshot"]},
+                         "real": first["figure"]["real"], "end_samples": first["figure"]["end_samples"],
+                         "centers": centers, "snapshot": first["figure"]["snapshot"]},
         "coverage_start": first["coverage_start"],
         "coverage_end": first["coverage_end"],
         "convergence": [dict(seed=r["seed"], **r["convergence"]) for r in runs],

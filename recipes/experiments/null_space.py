@@ -29,6 +29,12 @@ operator K^p = Σ_k η_k k_{θ_k} over the stated checkpoints, built from this n
 features along its training, not this network's exact path kernel (the per-step ledger,
 ``PathKernelTracker``, is exact; its kernel J̄_k(x) J_k(x_n)ᵀ is not symmetric and has no spectrum of
 this kind). The JSON says so under ``results.operator``.
+
+JSON: beside the spectrum, the energy curve, r(x) and the errors it draws (``operator_spectrum``,
+``target_energy_curve``, ``out_of_span_residual``, ``test_error``), ``results["drawn"]`` holds the rest of the
+figure's numbers for the first seed (:func:`drawn_numbers`): the training and test inputs, the target and the
+network's prediction at the test inputs, and the Nyström eigenfunctions drawn (unscaled: the figure divides each
+by its largest absolute value).
 """
 
 from __future__ import annotations
@@ -194,6 +200,15 @@ def claims_from_runs(runs: list[dict], region_stats: dict | None = None) -> dict
     return claims
 
 
+def drawn_numbers(run: dict, eigenfunctions) -> dict:
+    """What :func:`~genkernel.plotting.figures.plot_null_space` draws of ``run`` (the first seed's) besides the
+    spectrum, energy curve, r(x) and errors the results hold, for the JSON: ``x_train [N]``, ``x_test [M]``,
+    ``y_test [M]``, ``pred_test [M]`` (the network at θ_T) and ``eigenfunctions [M, k]`` (the first k ≤ 3 Nyström
+    eigenfunctions at the test inputs, unscaled). Returns that dict."""
+    return {"x_train": run["x"], "x_test": run["x_test"], "y_test": run["y_test"], "pred_test": run["pred"],
+            "eigenfunctions": eigenfunctions[:, :3]}
+
+
 def main(argv=None) -> dict:
     """Runs the experiment on the command line ``argv``; returns the JSON payload it wrote (OUT/NAME.json)."""
     timer = Timer()
@@ -256,6 +271,7 @@ def main(argv=None) -> dict:
     # the worst seed, as the claim takes it (np.max: Python's max() skipped a NaN seed that was not first)
     results["domingos_relative_error"] = float(np.max(np.asarray([r["domingos_relative_error"] for r in runs],
                                                                  dtype=np.float64)))
+    results["drawn"] = drawn_numbers(first, phi)  # the figure's panels: the first seed's run
     fig = plot_null_space(spectrum, energy, first["x"], first["x_test"], first["y_test"], first["pred"],
                           residual, error, rho=rho, interval=None, eigenfunctions=phi, distance=first["distance"],
                           by_region={region: {"rho_residual": region_stats[region]["rho_residual"].estimate,

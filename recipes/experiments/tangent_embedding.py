@@ -17,6 +17,9 @@ Steps:
      untrained network's kernel already clusters digits). Each is judged against the null model:
      the same network (initialization and batch order) trained on randomly permuted labels of
      digits 0–4, whose change from θ_0 is the baseline (paired by seed).
+
+JSON: ``results["drawn"]`` holds what the figure draws (:func:`drawn_numbers`): per panel, the first seed's
+2-D embedding coordinates and the digit of every point.
 """
 
 from __future__ import annotations
@@ -140,6 +143,13 @@ def claims_from_runs(runs: list[dict], nulls: list[dict] | None = None) -> dict:
     return out
 
 
+def drawn_numbers(panels: list[dict]) -> list[dict]:
+    """What :func:`~genkernel.plotting.figures.plot_tangent_embedding` draws, for the JSON: per panel (left to
+    right) its ``title``, ``coords [N, 2]`` (the 2-D embedding) and ``labels [N]`` (the digits; ``seen``: the
+    digits trained on, drawn as dots, the others as crosses). Returns that list."""
+    return [{"title": p["title"], "coords": p["coords"], "labels": p["labels"], "seen": list(p["seen"])} for p in panels]
+
+
 def main(argv=None) -> dict:
     """Runs the experiment on the command line ``argv``; returns the JSON payload it wrote (OUT/NAME.json)."""
     timer = Timer()
@@ -184,6 +194,7 @@ def main(argv=None) -> dict:
          "title": f"after training, all digits\nsilhouette seen {results['silhouette_seen_final']:.3f}, "
                   f"unseen {results['silhouette_unseen_final']:.3f}"},
     ]
+    results["drawn"] = drawn_numbers(panels)  # the figure's panels: the first seed's run
     fig = plot_tangent_embedding(panels, method=method, seed=first["seed"])
     return finish(NAME, args, fig, results, claims, {**s, "embedding_method": method}, timer)
 

@@ -16,6 +16,10 @@ Steps:
      interval of the accuracy difference lies above −MARGIN: non-inferiority; ``strictly_better``
      when above 0), and training made it so (its accuracy rose from θ_0: interval above 0). The
      network alone is reported beside them.
+
+JSON: ``results[task]["drawn"]`` holds what the figure draws of the first seed's run (:func:`drawn_numbers`):
+the decision grid's axes, both SVMs' decision scores on it (the regions are their sign; 150 × 150 at the full
+settings) and the test points with their labels.
 """
 
 from __future__ import annotations
@@ -85,6 +89,14 @@ def run_task(task: str, a: float, s: dict, seed: int, device, *, panel: bool) ->
     }
 
 
+def drawn_numbers(panel: dict) -> dict:
+    """What :func:`~genkernel.plotting.figures.plot_tangent_svm` draws of one task's ``panel`` (:func:`run_task`),
+    for the JSON: ``grid_x [W]`` and ``grid_y [H]`` (the grid's axes), ``tangent_scores`` and ``rbf_scores``
+    ``[H, W]`` (row i at y = grid_y[i]), ``x_test [M, 2]`` and ``y_test [M]`` (±1). Returns that dict."""
+    return {"grid_x": panel["grid_x"][0], "grid_y": panel["grid_y"][:, 0], "tangent_scores": panel["tangent_scores"],
+            "rbf_scores": panel["rbf_scores"], "x_test": panel["x_test"], "y_test": panel["y_test"]}
+
+
 def task_claim(task: str, runs: list[dict], folds: int):
     """The claim of ``task`` from its runs (one per seed, :func:`run_task`); returns ``(claim,
     difference interval, rise interval)``."""
@@ -152,6 +164,7 @@ def main(argv=None) -> dict:
             "tangent_minus_rbf_n": difference.n, "tangent_minus_rbf_method": difference.method,
             "tangent_rise_from_init": rise.estimate, "tangent_rise_from_init_interval": [rise.low, rise.high],
             "per_seed": runs,
+            "drawn": drawn_numbers(panels[task]),  # the figure's panels: the first seed's run
         }
     fig = plot_tangent_svm(panels, seed=args.seed)  # the panels are the first run's, seed --seed
     return finish(NAME, args, fig, results, claims, s, timer)
