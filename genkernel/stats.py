@@ -178,8 +178,11 @@ def difference_interval(measured: Any, controls: Any, *, confidence: float = 0.9
         c = c[None]
     if c.ndim != 2 or c.shape[1] != m.shape[0]:
         raise ValueError(f"controls must be [{m.shape[0]}] or [k, {m.shape[0]}], got {tuple(c.shape)}")
-    with np.errstate(invalid="ignore"):
-        diff = m - c.mean(axis=0)
+    if c.shape[0] == 0:  # (no control replicate: no difference is defined; NumPy's mean of none warned)
+        diff = np.full_like(m, np.nan)
+    else:
+        with np.errstate(invalid="ignore"):
+            diff = m - c.mean(axis=0)
     return mean_interval(diff, confidence=confidence, clusters=clusters)
 
 

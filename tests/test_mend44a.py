@@ -363,3 +363,15 @@ def test_gan_ring2d_json_holds_the_samples_and_centres_its_field_panel_draws(tmp
     quiver = overview.axes[0].collections[0]
     np.testing.assert_array_equal(np.asarray(quiver.get_offsets()), np.asarray(fields["grid"]))
     plt.close("all")
+
+
+def test_a_difference_with_no_control_replicate_is_undefined_without_a_numpy_warning():
+    """Fails on the old code: NumPy's "Mean of empty slice" RuntimeWarning (the report silenced it around its
+    call; a direct ``locality()`` before any step still printed it). No replicate defines no difference."""
+    from genkernel.stats import difference_interval
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        interval = difference_interval(np.arange(4.0), np.zeros((0, 4)))
+    assert interval.estimate is None or np.isnan(interval.estimate)
+    assert interval.why

@@ -1251,16 +1251,6 @@ class NoiseLevelAnalyzer(TrainerCallback):
             "steps": summary["steps"],
         }
 
-    def _report_locality(self, empty: bool, **options: Any) -> dict[str, Any]:
-        """:meth:`locality` for :meth:`report`; returns its dict. ``empty`` (no tracked step): the same
-        fields, every share undefined (None in the report), without NumPy's "Mean of empty slice" warnings that
-        the control comparison of no defined value raises (the report's notes say nothing is recorded yet)."""
-        if not empty:
-            return self.locality(**options)
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", "Mean of empty slice", RuntimeWarning)
-            return self.locality(**options)
-
     def report(self) -> dict[str, Any]:
         """Everything as strict-JSON numbers (matrices as nested lists, NaN as None), with the axes of
         the matrices named, the loop's step numbers, the EMA weights' ledger when one is kept, and
@@ -1315,7 +1305,7 @@ class NoiseLevelAnalyzer(TrainerCallback):
             extra["ema"] = {
                 "residual": self.residual(weights="ema"),
                 "matrices": self.matrices(weights="ema"),
-                "locality": self._report_locality(empty, weights="ema"),
+                "locality": self.locality(weights="ema"),
                 "decays": list(self.tracker.ema.decays),
                 "start_share_mean": float(grouping.part_share(self.tracker.ema.start.cpu(),
                                                              self.ema_ledgers[LEVEL].delta.cpu()).nanmean()),
@@ -1346,7 +1336,7 @@ class NoiseLevelAnalyzer(TrainerCallback):
             "global_steps": [self.global_steps[0], self.global_steps[-1]] if self.global_steps else None,
             "residual": residual,
             "matrices": self.matrices(),
-            "locality": self._report_locality(empty),
+            "locality": self.locality(),
             "locality_over_training": self.history,
             "kernel": self.kernel_history,
             "bin_counts_total": torch.tensor(self.bin_counts).sum(0).tolist() if self.bin_counts else [],
