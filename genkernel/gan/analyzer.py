@@ -2718,7 +2718,9 @@ def partition_statistics(measured: PathKernelLedger, controls: list[PathKernelLe
     Per kind ("traffic": traffic shares; "net": net shares ⟨C, Δf⟩/‖Δf‖², read with κ):
     ``matrix`` / ``matrix_control`` (probe group × source group), ``own`` (each probe's share from its
     own group), ``interaction`` (:func:`~genkernel.gan.metrics.own_minus_others`: own share minus the
-    other probe groups' mean share from the same source group, which removes source-group strength),
+    other probe groups' mean share from the same source group, which removes source-group strength; over fewer
+    than :data:`~genkernel.stats.MIN_PROBE_GROUPS` probe groups with ``held`` False and a ``why``,
+    :func:`~genkernel.stats.few_units`),
     and with controls ``own_control`` (the controls' own share, averaged per probe), ``own_minus_control``
     and ``interaction_minus_control``
     (:func:`~genkernel.core.grouping.measured_minus_control`, every control its own permutation, averaged
@@ -2745,7 +2747,11 @@ def partition_statistics(measured: PathKernelLedger, controls: list[PathKernelLe
         entry: dict[str, Any] = {
             "matrix": grouping_layer.average_by_probe_group(mine[kind], groups, num_groups).tolist(),
             "own": mean_interval(own, clusters=groups).as_dict(),
-            "interaction": mean_interval(interaction, clusters=groups).as_dict(),
+            # (few_units: with two probe groups the interaction's two cluster means are equal by construction for
+            # traffic shares, and with lopsided shares the rounding of 1 - x is far more eps of the values than
+            # mean_interval reads as rounding: a t-interval of rounding alone came out defined, without a why, for
+            # 189 of 300 random lopsided matrices, tests/test_mend44b.py)
+            "interaction": few_units(mean_interval(interaction, clusters=groups).as_dict(), minimum=MIN_PROBE_GROUPS),
         }
         if others:
             entry["matrix_control"] = torch.stack(

@@ -19,6 +19,7 @@ import itertools
 import math
 import numbers
 import contextlib
+import warnings
 import weakref
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator, NamedTuple
@@ -61,10 +62,15 @@ AUTO_FACTORED_MAX_OUTPUTS = 64
 
 @dataclass(frozen=True)
 class KernelPlan:
-    """What :func:`gradient_kernel` does for a model and inputs.
+    """What :func:`gradient_kernel` does for a model and inputs: decided, as the call decides it, before any kernel
+    is formed.
 
     Attributes:
-        engine: "factored" or "functional", the engine the call runs.
+        engine: "factored" or "functional", the engine the call starts with. A "factored" call falls back to
+            torch.func (the functional engine's passes and chunks, after the factored ones) where the kernel it forms
+            cannot be returned: not finite (products of factors that overflow), or, normalizing, a k(x, x) that
+            underflowed at the batch's one scale (a batch whose Jacobians span more than about 1e19 in float32, or
+            an example whose gradient is 0); :func:`gradient_kernel` then warns (RuntimeWarning) that it did.
         outputs: d, outputs per example.
         rows: examples per chunk of work (functional: Jacobian rows held at once; factored: rows
             per capture, when one side's factors do not fit in half the budget and are recomputed
@@ -257,21 +263,32 @@ def repeatable_output(model: nn.Module, one: tuple[torch.Tensor, ...], params: d
 
 
 def _repeatable(model: nn.Module, one: tuple[torch.Tensor, ...], params: dict[str, torch.Tensor],
-                name: str) -> tuple[torch.Tensor, float]:
+                name: str, index: int = 0) -> tuple[torch.Tensor, float]:
     """:func:`repeatable_output`'s output and the largest finite magnitude of its checked gradient (of a random
-    combination of the outputs: the size of the example's Jacobian, within a small factor)."""
+    combination of the outputs: the size of the example's Jacobian, within a small factor). ``index``: which example
+    of ``name`` ``one`` is, for the refusals' messages."""
     memo = _CHECKED_ONCE.get(model)
     if memo is None:
-        return _checked_output(model, one, params, name)
+        return _checked_output(model, one, params, name, index)
     key = _example_key(one, params)  # (the name is the message's: kernel_plan's "x" is gradient_kernel's "x1")
     if key not in memo:
-        memo[key] = _checked_output(model, one, params, name)
+        memo[key] = _checked_output(model, one, params, name, index)
     return memo[key]
 
 
+def _example_words(name: str, index: int) -> str:
+    """How the refusals name example ``index`` of ``name``: "the first example of x1", or, for one that
+    :func:`first_reaching` checked because the examples before it reach no parameter, "example 3 of x1 (the first
+    whose output a trainable parameter reaches)"."""
+    if index == 0:
+        return f"the first example of {name}"
+    return f"example {index} of {name} (0-based; the first whose output a trainable parameter reaches)"
+
+
 def _checked_output(model: nn.Module, one: tuple[torch.Tensor, ...], params: dict[str, torch.Tensor],
-                    name: str) -> tuple[torch.Tensor, float]:
-    """:func:`repeatable_output`'s passes, run: (the output, the gradient's largest finite magnitude)."""
+                    name: str, index: int = 0) -> tuple[torch.Tensor, float]:
+    """:func:`repeatable_output`'s passes, run: (the output, the gradient's largest finite magnitude). ``index``: which
+    example of ``name`` ``one`` is (the messages name it)."""
     # the draw is the second pass's (a forward that reseeds before drawing ends both passes in one state)
     # every buffer slot by its name, with the tensor it holds and one copy of it: what the first pass is compared
     # with, and what is put back where the forward is refused
@@ -324,7 +341,7 @@ def _checked_output(model: nn.Module, one: tuple[torch.Tensor, ...], params: dic
     if drew or not (_close(out1, out2) and _close(grad1, grad2)):
         what = "draw random numbers" if drew else "give other outputs or gradients"
         raise ValueError(
-            f"{type(model).__name__} is not deterministic in eval mode: two passes on the first example of {name} "
+            f"{type(model).__name__} is not deterministic in eval mode: two passes on {_example_words(name, index)} "
             f"{what} (noise injection, F.dropout called with training=True, a random augmentation, or other "
             "randomness that eval mode does not switch off), so its gradient kernel and tangent features are "
             "undefined. Remove the randomness from eval mode (pass the noise as an input, or call F.dropout with "
@@ -332,7 +349,7 @@ def _checked_output(model: nn.Module, one: tuple[torch.Tensor, ...], params: dic
         )
     if not reached:
         # (first_reaching looks at the other examples before this becomes the caller's refusal)
-        raise Unreached(_unreached_message(model, f"the first example of {name}", len(params)))
+        raise Unreached(_unreached_message(model, _example_words(name, index), len(params)))
     return out1, float(_finite_max(grad1))
 
 
@@ -377,7 +394,7 @@ def first_reaching(model: nn.Module, xs: tuple[torch.Tensor, ...], params: dict[
         with analysis(model), restored_module_generators(model), preserved_buffers(model):
             reached = _one_pass(model, one, params, name)[2]
         if reached:
-            return _repeatable(model, one, params, name)
+            return _repeatable(model, one, params, name, i)
     count = batch_size(xs)
     where = f"the first example of {name}" if count == 1 else f"every one of the {count} examples of {name}"
     raise Unreached(_unreached_message(model, where, len(params))) from None
@@ -441,7 +458,9 @@ def _close(first: torch.Tensor, second: torch.Tensor) -> bool:
 @in_full_precision
 def kernel_plan(model: nn.Module, x: Batch, x2: Batch | None = None, *, engine: str = "auto",
                 memory_budget: int = DEFAULT_MEMORY_BUDGET, rows_total: int | None = None) -> KernelPlan:
-    """The engine and chunk sizes :func:`gradient_kernel` uses for ``model`` on inputs like ``x``: against
+    """The engine and chunk sizes :func:`gradient_kernel` starts with for ``model`` on inputs like ``x`` (a plan: the
+    factored engine's fallback to torch.func for a kernel it cannot return is known only once the kernel is formed,
+    and is warned of then: :class:`KernelPlan`): against
     themselves, or against ``x2`` (the plan of ``gradient_kernel(model, x, x2)``: the second side's
     batches are row-checked too, and the chunks are those of an M×N kernel). ``rows_total``: for ``x``
     against itself, the example count to plan for, default ``x``'s (a positive int); with ``x2``, the
@@ -661,8 +680,9 @@ def gradient_kernel(
         memory_budget: bytes of per-example Jacobians (or captured factors) held at once.
         engine: ``"factored"`` computes per-layer kernels from activations and output gradients
             (:mod:`genkernel.core.engine.factored`; unsupported modules go through torch.func in
-            the same call; a kernel that comes out not finite from factors, with finite parameters, is
-            formed again through torch.func); ``"functional"`` materializes per-example Jacobians with
+            the same call; a kernel that comes out not finite from factors, or, normalizing, with a
+            k(x, x) that underflowed, is formed again through torch.func with finite parameters, and a
+            RuntimeWarning says so); ``"functional"`` materializes per-example Jacobians with
             torch.func (the reference); ``"auto"``: :func:`choose_engine`.
 
     Returns:
@@ -677,9 +697,11 @@ def gradient_kernel(
         ValueError: for a model whose eval-mode forward is random (two passes on one example
             differ: :func:`repeatable_output`) or writes its buffers (a call counter, a quantization
             observer), or that couples examples by module type (BatchNorm with batch statistics,
-            dropout in training mode), or whose output on x1's first example depends on no trainable
-            parameter (a detached output, a forward under ``torch.no_grad()``); output components
-            that no parameter reaches get zero rows and columns.
+            dropout in training mode), or whose output on every example of x1 depends on no trainable
+            parameter (a detached output, a forward under ``torch.no_grad()``); examples and output
+            components that no parameter reaches get zero rows and columns. With ``normalize``, for a
+            kernel that is not finite though the parameters are (a Jacobian that itself overflows the
+            dtype: compute in float64).
     """
     if reduce not in REDUCTIONS:
         raise ValueError(f"reduce must be one of {REDUCTIONS}, got {reduce!r}")
@@ -712,10 +734,19 @@ def _gradient_kernel(model, x1, x2, normalize, reduce, memory_budget, engine) ->
         else:
             # Products of factors overflow where the gradients they make do not: activations past about 1.8e19 in
             # float32 (a·a' = inf) times output gradients of 0 (a saturated tanh) gave inf · 0 = NaN, or inf, where
-            # the Jacobians' own kernel is finite. torch.func forms the Jacobians themselves: a kernel that is not
-            # finite from factors is formed again there (with finite parameters; it is then the reference's own).
-            if _finite(kernel, diag1, diag2) or not _finite(*params.values()):
+            # the Jacobians' own kernel is finite. And the factors are formed at one scale (the first reached
+            # example's, normalizing): in a batch whose Jacobians span more than about 1e19 in float32, another
+            # example's k(x, x) overflowed (NaN) or underflowed (0 or a few bits: k̂(x, x) of 0, or 3e-4, not 1).
+            # torch.func forms the Jacobians themselves, each example at its own scale when normalizing: such a
+            # kernel is formed again there (with finite parameters; it is then the reference's own), and the
+            # warning says so (kernel_plan's "factored" was decided before any kernel was formed).
+            why = _unreliable(kernel, diag1, diag2, normalize)
+            if why is None or not _finite(*params.values()):
                 return _normalized(kernel, diag1, diag2) if normalize else kernel
+            warnings.warn(
+                f"the factored engine's kernel {why}, though the parameters are finite: it is formed again with "
+                "torch.func (the functional engine's time and memory; kernel_plan, decided before any kernel is "
+                "formed, says 'factored')", RuntimeWarning, stacklevel=5)
 
     first = next(iter(params.values()))
     # (in the parameters' dtypes joined, as their Jacobians' concatenation is: not the first parameter's alone)
@@ -731,19 +762,33 @@ def _gradient_kernel(model, x1, x2, normalize, reduce, memory_budget, engine) ->
     with analysis(model):
         # 1. Outer loop over row chunks of x1: J1 [m, d, P].
         for rows1 in chunks(m_total, rows):
-            j1 = _times(jac(*(t[rows1] for t in x1s)).detach(), sigma)
+            j1 = _scaled(jac(*(t[rows1] for t in x1s)).detach(), reduce, normalize)
             diag1[rows1] = jacobian_self_kernel(j1, reduce)
             # 2. Inner loop over row chunks of x2: J2 [n, d, P]; K = J1 J2ᵀ (Section 2, K_θ).
             for rows2 in chunks(n_total, rows):
-                j2 = j1 if (x2 is None and rows2 == rows1) else _times(jac(*(t[rows2] for t in x2s)).detach(), sigma)
+                j2 = j1 if (x2 is None and rows2 == rows1) else _scaled(jac(*(t[rows2] for t in x2s)).detach(), reduce,
+                                                                        normalize)
                 if rows1.start == 0:
                     diag2[rows2] = jacobian_self_kernel(j2, reduce)
                 kernel[rows1, rows2] = jacobian_pair_kernel(j1, j2, reduce)
     # 3. Normalized kernel k̂ = k / sqrt(k(x, x) k(x', x')) (Section 2).
-    return _normalized(kernel, diag1, diag2) if normalize else kernel
+    if not normalize:
+        return kernel
+    if not _finite(kernel, diag1, diag2) and _finite(*params.values()):
+        # Each example's Jacobian was brought near 1: what is left is a Jacobian not finite in the dtype itself (an
+        # output gradient past 3.4e38 in float32), whose cosines no scale gives back. (Non-finite parameters: the
+        # kernel of a diverged model, NaN as its outputs are.)
+        sides = (("x1", diag1),) if x2 is None else (("x1", diag1), ("x2", diag2))
+        where = [f"{name}'s example(s) {rows[:5]}" for name, rows in ((n, _not_finite_rows(d)) for n, d in sides) if rows]
+        raise ValueError(
+            f"the normalized gradient kernel is not finite though the parameters are: the Jacobian of "
+            f"{' and '.join(where) or 'an example'} is not finite in {dtype} (a gradient past its range, or a NaN of "
+            "its backward), so no cosine can be formed from it. Compute in float64 (model.double() and float64 "
+            "inputs), or bring the outputs into range")
+    return _normalized(kernel, diag1, diag2)
 
 
-NORMALIZING_RANGE = 32  # Jacobians of the first example within 2^±32: normalized kernels formed as they are
+NORMALIZING_RANGE = 32  # Jacobians within 2^±32 (the first example's; torch.func: each example's): formed as they are
 
 
 def _normalizing_scale(peak: float) -> float:
@@ -752,9 +797,10 @@ def _normalizing_scale(peak: float) -> float:
 
     Normalized, the kernel is that of the outputs times any σ, and a power of two scales every product exactly (the
     same bits, in range). Formed at the outputs' own magnitude, float32 kernels overflowed past Jacobians of about
-    1e19 (inf / inf: NaN) and underflowed below 1e-19 (k̂ of an example with itself came out 0, or 3e-4, not 1). Only
-    an example far out of range moves the others: a batch whose examples' Jacobians differ by 30 orders of magnitude
-    is brought to the first one's."""
+    1e19 (inf / inf: NaN) and underflowed below 1e-19 (k̂ of an example with itself came out 0, or 3e-4, not 1). This is
+    the factored engine's one scale, the first reached example's: where the batch's Jacobians span more than it
+    leaves room for, a k(x, x) comes out of range and the kernel is formed again through torch.func, each example at
+    its own scale (:func:`_scaled`)."""
     if not 0 < peak < math.inf:
         return 1.0
     exponent = round(math.log2(peak))
@@ -766,9 +812,53 @@ def _finite(*tensors: torch.Tensor | None) -> bool:
     return all(t is None or bool(t.isfinite().all()) for t in tensors)
 
 
-def _times(t: torch.Tensor, sigma: float) -> torch.Tensor:
-    """``t`` times ``sigma`` (a power of two: exact), ``t`` itself for 1."""
-    return t if sigma == 1.0 else t * sigma
+def _not_finite_rows(diag: torch.Tensor) -> list[int]:
+    """The examples (rows of ``diag [M]`` or ``[M, d]``) with a diagonal entry that is not finite."""
+    return (~diag.isfinite()).reshape(diag.shape[0], -1).any(dim=1).nonzero().reshape(-1).tolist()
+
+
+def _unreliable(kernel: torch.Tensor, diag1: torch.Tensor | None, diag2: torch.Tensor | None,
+                normalize: bool) -> str | None:
+    """Why the factored engine's kernel (and, normalizing, its diagonals) cannot be returned, or None where it can:
+    an entry that is not finite, or, normalizing, a diagonal below tiny / eps of the dtype (0 included), where the
+    squares it sums lost their bits to underflow and k̂ of the example with itself would not be 1. (A diagonal of
+    an example, or an output, that no parameter reaches is 0 by right, and is formed again all the same: the
+    factors cannot tell it from one that underflowed.)"""
+    if not _finite(kernel, diag1, diag2):
+        return "is not finite (a product of factors, or a k(x, x) at the first example's scale, overflowed)"
+    if normalize and math.log2(torch.finfo(kernel.dtype).max) > NORMALIZING_RANGE:  # (float16: no room to scale in)
+        floor = torch.finfo(kernel.dtype).tiny / torch.finfo(kernel.dtype).eps
+        if any(bool((d < floor).any()) for d in (diag1, diag2) if d is not None):
+            return (f"has a k(x, x) below {floor:.3g} (its squares underflowed at the first example's scale, or the "
+                    "example's gradient is 0)")
+    return None
+
+
+def _scaled(j: torch.Tensor, reduce: str, normalize: bool) -> torch.Tensor:
+    """Jacobians ``j [m, d, P]`` for a normalized kernel (``normalize``; else ``j`` itself): each example's (each
+    example's output's, for ``reduce="none"``, whose blocks are normalized output by output) times the power of
+    two that brings its largest magnitude to [1/2, 1), where that lies outside 2^±:data:`NORMALIZING_RANGE`.
+
+    k̂ is the same for any positive scale of an example's Jacobian, and a power of two scales every product, sum
+    and square root of the kernel exactly (the same bits, short of under- and overflow): one scale for the batch
+    (the first example's) overflowed or underflowed the others' k(x, x) where the batch's Jacobians span more than
+    about 1e19 in float32. Each scale is applied as two factors, each in range where 2^-e itself is not (2^149 in
+    float32, for a Jacobian of subnormals)."""
+    if not normalize or j.numel() == 0:
+        return j
+    # (reduced without a temporary of j's size: the chunks fill the memory budget. A row with an infinity or a NaN is
+    # left as it is: its kernel is not finite at any scale.)
+    peak = torch.maximum(j.amax(dim=-1), -j.amin(dim=-1))  # [m, d]
+    if reduce == "trace":
+        peak = peak.amax(dim=1, keepdim=True)  # [m, 1]: one scale per example, the trace sums over its outputs
+    exponent = torch.frexp(peak).exponent  # peak = mantissa · 2^exponent, mantissa in [1/2, 1) (0 for peak 0)
+    shift = torch.where((peak > 0) & peak.isfinite() & (exponent.abs() > NORMALIZING_RANGE), -exponent,
+                        torch.zeros_like(exponent))
+    if not bool(shift.any()):
+        return j
+    half = torch.div(shift, 2, rounding_mode="floor")
+    two = torch.tensor(2.0, dtype=j.dtype, device=j.device)
+    return j * two.pow(half.to(j.dtype))[..., None] * two.pow((shift - half).to(j.dtype))[..., None]
 
 
 def _normalized(kernel: torch.Tensor, diag1: torch.Tensor, diag2: torch.Tensor) -> torch.Tensor:

@@ -70,6 +70,7 @@ from ..adapter import (
     low_precision_in_graph,
     positive_int,
     preserved_buffers,
+    preserved_state,
     coupled_forward,
     frozen_dtypes_used,
     random_forward,
@@ -344,10 +345,28 @@ def _power_of_two_multiple(seed: torch.Tensor, fed: torch.Tensor) -> bool:
 
 def _one_example_elements(module: nn.Module, probes: tuple[torch.Tensor, ...]) -> int:
     """:func:`~genkernel.core.cost.activation_elements` of the first probe alone; ValueError naming the cause where
-    ``module`` cannot take a batch of one (the tracker measures and splits passes of single examples)."""
+    ``module`` cannot take a batch of one (the tracker measures and splits passes of single examples).
+
+    Only the model's own failure on one probe is blamed on it, told by contrast: its forward ran on the whole probe
+    batch (the tracker's outputs at the probes, before this), and it fails again on the first probe alone without the
+    measure's hooks. An error of the device's memory, an interrupt (not an Exception), or a failure of the measure
+    itself (the forward takes one probe without its hooks) is raised as it came: "the model must take a batch of one"
+    was wrong for each of them."""
+    one = tuple(t[:1] for t in probes)
     try:
-        return activation_elements(module, tuple(t[:1] for t in probes))
+        return activation_elements(module, one)
+    except (torch.OutOfMemoryError, MemoryError):
+        raise  # (the device's memory, not the model: raised as it came)
     except Exception as err:
+        try:
+            with torch.no_grad(), preserved_state(module):  # (a buffer a forward moves stays as training left it)
+                module(*one)
+        except (torch.OutOfMemoryError, MemoryError):
+            raise err from None
+        except Exception:
+            pass  # the model's own forward fails on one probe, where it ran on all of them: the model's
+        else:
+            raise  # the forward takes one probe: the measure failed, not the model (its own error, as it came)
         raise ValueError(
             f"the model's forward fails on a batch of one probe ({type(err).__name__}: {err}): the tracker measures, "
             "and splits, passes of single examples, so the model must take a batch of one. A layer that needs its "
