@@ -932,7 +932,7 @@ class GANKernelAnalyzer(TrainerCallback):
         start_step = list(start_step) if isinstance(start_step, (tuple, list)) else start_step
         _check_start_step(start_step, self.g_loop_steps, self.d_loop_steps)  # after a load: no step numbered again
         if g_optimizer is not None:  # (a state loaded by hand: the EMA given here decides, before anything is set)
-            self._check_pending_ema(ema is not None, f"bind(..., ema={{}})")
+            self._check_pending_ema(ema is not None, "bind(..., ema={})")
         if self._generator_loss is None and self._geometry_loss is None:
             self._generator_loss = self._default_generator_loss()
         self._follow_networks()
