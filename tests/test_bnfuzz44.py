@@ -301,3 +301,33 @@ def test_a_coupling_that_persists_in_eval_mode_is_pushed_through_all_the_probes_
         assert float((result.contributions - expected).abs().max()) <= 1e-9 * float(expected.abs().max()), step
         change = _eval_outputs(plain, probes) - before
         assert float(result.residual.abs().max()) <= 1e-2 * float(change.abs().max()), step
+
+
+def _proposed_losses(outputs, targets):
+    return ((outputs - targets) ** 2).mean(dim=1)
+
+
+def test_group_state_auto_with_a_dense_only_gradient_route_resolves_to_dense_instead_of_refusing_factored():
+    """group_state='auto' (the default) with gradient_route='example' or 'graph' asked for by name, plain SGD and
+    d <= G + 1: "auto" resolved to "factored" and the tracker refused the user's gradient_route, naming
+    group_state='factored', which the user never asked for. The dense route that gradient_route belongs to runs."""
+    torch.manual_seed(0)
+    for route in ("example", "graph"):
+        model = nn.Sequential(nn.Linear(3, 6), nn.Tanh(), nn.Linear(6, 1)).double()
+        tracker = PathKernelTracker(model, torch.optim.SGD(model.parameters(), lr=0.1), _proposed_losses,
+                                    torch.randn(4, 3, dtype=torch.float64), num_groups=2, gradient_route=route)
+        assert tracker.group_state == "dense"
+        tracker.step(torch.randn(6, 3, dtype=torch.float64), torch.randn(6, 1, dtype=torch.float64),
+                     torch.arange(6) % 2)
+        assert tracker.ledger.summary()["relative_residual"] < 1e-3
+
+
+def test_a_batchnorm1d_without_running_statistics_is_refused_naming_track_running_stats():
+    """BatchNorm1d(track_running_stats=False) normalizes with batch statistics in eval mode too, and refuses the
+    tracker's single-example analysis passes: the refusal named a ProGAN minibatch-std fix that does not apply;
+    it names the layer and track_running_stats=True (or GroupNorm/LayerNorm)."""
+    model = nn.Sequential(nn.Linear(3, 6), nn.BatchNorm1d(6, track_running_stats=False), nn.Tanh(),
+                          nn.Linear(6, 1)).double()
+    with pytest.raises(ValueError, match=r"1 \(BatchNorm1d\).*track_running_stats=True"):
+        PathKernelTracker(model, torch.optim.SGD(model.parameters(), lr=0.1), _proposed_losses,
+                          torch.randn(4, 3, dtype=torch.float64), num_groups=2)

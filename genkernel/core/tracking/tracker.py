@@ -309,21 +309,31 @@ def _parameter_hooks_held(params: Iterable[torch.Tensor]) -> Iterator[None]:
     of their tables, put back after it in their order: the pass is the tracker's, so a loop's hook neither runs an
     extra time (a hook that counts or accumulates would train otherwise than without the tracker) nor shapes the
     witness (an elementwise clip would be in the witness as in the loop's gradient, and the witness check would
-    pass a gradient that is no scalar times the observed sum)."""
+    pass a gradient that is no scalar times the observed sum). Each hook is swapped in place for one that changes
+    nothing, its key kept: a handle removed during the pass (by a hook of the loop's on an activation, which the
+    pass runs) stays removed, where a table emptied and refilled brought the removed hook back into the loop's
+    backward; a hook added during the pass stays, after the old ones. Returns nothing (a context manager)."""
     held = []
     try:
         for p in params:
             hooks = p._backward_hooks
             if hooks:
-                held.append((hooks, dict(hooks)))
-                hooks.clear()
+                saved = dict(hooks)
+                held.append((hooks, saved))
+                for key in saved:
+                    hooks[key] = _unchanged
         yield
     finally:
         for hooks, saved in held:
-            added = dict(hooks)  # (none in the tracker's pass; kept after the old ones all the same)
-            hooks.clear()
-            hooks.update(saved)
-            hooks.update(added)
+            for key, hook in saved.items():
+                if hooks.get(key) is _unchanged:  # (a key gone was removed by its handle in the pass: left gone)
+                    hooks[key] = hook
+
+
+def _unchanged(grad: torch.Tensor) -> None:
+    """A parameter hook that leaves the gradient as it is (returns None), standing in for the loop's own hooks
+    during the tracker's witness passes (:func:`_parameter_hooks_held`)."""
+    return None
 
 
 def _power_of_two_multiple(seed: torch.Tensor, fed: torch.Tensor) -> bool:
@@ -367,6 +377,21 @@ def _one_example_elements(module: nn.Module, probes: tuple[torch.Tensor, ...]) -
             pass  # the model's own forward fails on one probe, where it ran on all of them: the model's
         else:
             raise  # the forward takes one probe: the measure failed, not the model (its own error, as it came)
+        # (called in analysis mode: a BatchNorm keeping no running statistics normalizes with the batch's own in eval
+        # mode too, and BatchNorm1d refuses a batch of one there; the ProGAN advice below does not apply to it)
+        batch_statistics = [f"{name or type(module).__name__} ({type(m).__name__})"
+                            for name, m in module.named_modules()
+                            if isinstance(m, nn.modules.batchnorm._BatchNorm)
+                            and m.running_mean is None and m.running_var is None]
+        if batch_statistics:
+            raise ValueError(
+                f"the model's forward fails on a batch of one probe ({type(err).__name__}: {err}): "
+                f"the normalization layers {', '.join(batch_statistics)} keep no running statistics "
+                "(track_running_stats=False), so they normalize every batch by its own statistics in eval mode too, "
+                "and the tracker's analysis passes (single examples among them) run in eval mode. Build them with "
+                "track_running_stats=True (the training pass is unchanged: batch statistics in training mode), or use "
+                "GroupNorm or LayerNorm"
+            ) from err
         raise ValueError(
             f"the model's forward fails on a batch of one probe ({type(err).__name__}: {err}): the tracker measures, "
             "and splits, passes of single examples, so the model must take a batch of one. A layer that needs its "
@@ -623,7 +648,7 @@ class PathKernelTracker:
                                push_memory, outputs_read_through)
         self._requested = {"group_state": group_state, "contribution_route": contribution_route,
                            "gradient_route": gradient_route}
-        self.group_state = self._choose_group_state(group_state, f_start.shape[1])
+        self.group_state = self._choose_group_state(group_state, f_start.shape[1], gradient_route)
         contribution_route = self._differentiable_route(tracked, contribution_route)
         self.route = self._make_route(tracked, contribution_route, gradient_route, sketch_dim, sketch_seed, sketch_kind)
         self._tracked = tracked
@@ -2461,12 +2486,17 @@ class PathKernelTracker:
         current mode) and what a forward at construction found (:attr:`_forward_couplings`)."""
         return coupled_modules(self.module) + self._forward_couplings
 
-    def _choose_group_state(self, group_state: str, d: int) -> str:
+    def _choose_group_state(self, group_state: str, d: int, gradient_route: str = "auto") -> str:
+        """The group state the tracker runs: ``group_state``, or what "auto" resolves to for outputs of size ``d``
+        and the requested ``gradient_route``; ValueError for a choice the optimizer or the process rules out."""
         if group_state not in GROUP_STATES:
             raise ValueError(f"group_state must be one of {GROUP_STATES}, got {group_state!r}")
         plain = plain_sgd(self.optimizer)
         if group_state == "auto":
-            factored = plain and self.distributed is None and d <= self.partitions.total + 1
+            # (a gradient_route asked for by name that only the dense route has, "graph" or "example", makes "auto"
+            # dense: resolved to "factored" it was refused, naming a group_state the user never asked for)
+            factored = (plain and self.distributed is None and d <= self.partitions.total + 1
+                        and gradient_route in ("auto", "factored"))
             # (a forward that branches on its inputs' values leaves the factored route no layer factors: every
             # example through torch.func, slower than the dense route's graph)
             return "factored" if factored and not self._coupled() and not data_dependent_modules(self.module) else "dense"
