@@ -1,0 +1,72 @@
+"""Classifier-free guidance's null class checked against the class embedding of a UNet inside a wrapper.
+
+A conditional-model fuzz of the noise-level analyzer (diffusers' class-conditional and cross-attention UNets, CFG
+dropout, level × class ledgers, every noise process, SGD/Adam against a brute force) found the ledgers exact; it found
+that ``DDPMTrainer(class_dropout=, null_class=K)`` checked the null class against the class table of the model it was
+given only, so a diffusers UNet of K class rows inside a wrapper (``PositionalInputs``, a module of the user's) was
+accepted and the run failed later with an index error at whichever step first drew a dropped label.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from genkernel.diffusion import DDPMTrainer, make_scheduler
+from genkernel.diffusion.models import PositionalInputs
+
+diffusers = pytest.importorskip("diffusers")
+
+F64 = torch.float64
+K = 3  # classes; the null class is K
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def tiny_class_unet(num_class_embeds):
+    torch.manual_seed(0)
+    return diffusers.UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16),
+                                 layers_per_block=1, norm_num_groups=4, down_block_types=("DownBlock2D", "DownBlock2D"),
+                                 up_block_types=("UpBlock2D", "UpBlock2D"), num_class_embeds=num_class_embeds).double()
+
+
+class OwnWrapper(nn.Module):
+    """A user's wrapper: ``model(x_t, t, y)`` returning the UNet's tensor (it has no ``config`` of its own)."""
+
+    def __init__(self, unet):
+        super().__init__()
+        self.unet = unet
+
+    def forward(self, x, t, labels):
+        return self.unet(x, t, labels).sample
+
+
+WRAPPERS = {
+    "positional_inputs": (lambda unet: PositionalInputs(unet, ("sample", "timestep", "class_labels")), "model.model"),
+    "own_module": (OwnWrapper, "model.unet"),
+}
+
+
+def trainer_of(model, **kwargs):
+    data = torch.randn(8, 1, 8, 8, generator=torch.Generator().manual_seed(0), dtype=F64)
+    labels = torch.arange(8) % K
+    return DDPMTrainer(model, make_scheduler(50), data, labels=labels, conditional=True, class_dropout=0.5,
+                       null_class=K, batch_size=8, optimizer="sgd", lr=1e-2, progress=False, **kwargs)
+
+
+@pytest.mark.parametrize("wrapper", list(WRAPPERS))
+def test_a_null_class_outside_a_wrapped_unets_class_embedding_is_refused_at_construction_naming_the_submodule(wrapper):
+    """The table of K rows inside the wrapper: refused when the trainer is built, naming the submodule and the
+    num_class_embeds it needs (old code: accepted; the first step that dropped a label raised "index out of range")."""
+    wrap, path = WRAPPERS[wrapper]
+    model = wrap(tiny_class_unet(K))
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(ValueError, match=rf"null_class=3 is not a row.*num_class_embeds=3.*build {path} with "
+                                         r"num_class_embeds=4"):
+        trainer_of(model)
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    # the fix the message names: one row more, the null row; the step trains on the dropped labels
+    run = trainer_of(wrap(tiny_class_unet(K + 1)))
+    run.train(1)
+    assert run.global_step == 1
