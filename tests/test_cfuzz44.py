@@ -70,3 +70,44 @@ def test_a_null_class_outside_a_wrapped_unets_class_embedding_is_refused_at_cons
     run = trainer_of(wrap(tiny_class_unet(K + 1)))
     run.train(1)
     assert run.global_step == 1
+
+
+def _latent_unet(in_channels: int, classes: int = 3):
+    import diffusers
+
+    torch.manual_seed(0)
+    return diffusers.UNet2DModel(sample_size=8, in_channels=in_channels, out_channels=in_channels,
+                                 block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=4,
+                                 down_block_types=("DownBlock2D", "DownBlock2D"),
+                                 up_block_types=("UpBlock2D", "UpBlock2D"), num_class_embeds=classes).double()
+
+
+def test_image_probes_on_a_latent_trainer_and_float_labels_on_a_class_trainer_are_refused_before_any_step():
+    """Probes given as images to a latent trainer (vae=) failed as the analyzer attached, with the convolution's
+    own "expected input to have 2 channels"; a floating probe_conditioning on a class-label trainer with torch's
+    "Expected tensor for argument #1 'indices'". Fails on the old code: those RuntimeErrors, not the named
+    refusals. Nothing moves, and no step is taken."""
+    import diffusers
+
+    from genkernel.diffusion import DDPMTrainer, NoiseLevelAnalyzer, make_scheduler
+
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randn(8, 1, 16, 16, generator=generator, dtype=torch.float64)
+    labels = torch.randint(0, 2, (8,), generator=generator)
+    torch.manual_seed(5)
+    vae = diffusers.AutoencoderKL(in_channels=1, out_channels=1, down_block_types=("DownEncoderBlock2D",) * 2,
+                                  up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 8),
+                                  latent_channels=2, norm_num_groups=4, sample_size=16).double()
+    cases = [(images, images[:4], labels[:4], 2, vae, ValueError, r"trainer\.encode\(probe_images\)"),
+             (images[:, :, :8, :8].contiguous(), images[:4, :, :8, :8], torch.randn(4, 3, dtype=torch.float64), 1,
+              None, TypeError, "LongTensor")]
+    for data, probes, conditioning, channels, coder, error, match in cases:
+        analyzer = NoiseLevelAnalyzer(make_scheduler(50), probes, num_bins=2, num_probes=4, kernel_points=2,
+                                      progress=False, probe_conditioning=conditioning)
+        trainer = DDPMTrainer(_latent_unet(channels), make_scheduler(50), data, labels=labels, conditional=True,
+                              vae=coder, batch_size=4, progress=False, callbacks=[analyzer])
+        before = [p.detach().clone() for p in trainer.model.parameters()]
+        with pytest.raises(error, match=match):
+            trainer.train(1)
+        assert trainer.global_step == 0
+        assert all(torch.equal(a, b) for a, b in zip(before, trainer.model.parameters()))

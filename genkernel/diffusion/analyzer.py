@@ -541,6 +541,24 @@ class NoiseLevelAnalyzer(TrainerCallback):
                 "trainer.encode(probe_images), ...)"
             )
 
+    def _check_latent_probe_images(self, trainer: Any) -> None:
+        """Refuse, before :meth:`bind` runs the probes through the model, probes shaped as a latent-diffusion
+        trainer's images (``DDPMTrainer(vae=)``, Tensor data) where its VAE makes latents of another shape: bind's
+        first forward failed on them with the model's own error (a convolution's channel count), which named
+        neither the probes nor the fix (:meth:`_check_latent_probes` checks the steps' latents at the first step)."""
+        coder, images = getattr(trainer, "latent_coder", None), getattr(trainer, "input_shape", None)
+        probes = tuple(self.probe_clean.shape[1:])
+        if coder is None or images is None or probes != tuple(images):
+            return
+        latents = tuple(coder.mode_latents(torch.zeros((1, *images), dtype=torch.float64), device=torch.device("cpu"),
+                                           dtype=torch.float64).shape[1:])
+        if latents != probes:
+            raise ValueError(
+                f"the trainer denoises latents shaped {latents} per example (vae=), this analyzer's probes are shaped "
+                f"{probes}, as its images: build the analyzer with the probes' latents, NoiseLevelAnalyzer(scheduler, "
+                "trainer.encode(probe_images), ...)"
+            )
+
     def on_train_start(self, trainer: Any) -> None:
         self._check_trainer_scheduler(trainer)
         self._check_trainer_conditioning(trainer)
@@ -550,6 +568,7 @@ class NoiseLevelAnalyzer(TrainerCallback):
         # ended included: its ledgers are then read, not extended).
         if self.tracker is None and (self._in_window(getattr(trainer, "global_step", 0) + 1)
                                      or self._pending_state is not None):
+            self._check_latent_probe_images(trainer)  # (before bind runs the probes through the model)
             self._start_step = getattr(trainer, "global_step", None)
             batch_size = getattr(trainer, "batch_size", None)
             micro_batches = getattr(trainer, "micro_batches", 1)  # (as its steps split a batch: at most one example each)
@@ -585,6 +604,14 @@ class NoiseLevelAnalyzer(TrainerCallback):
         """Refuse probes without conditioning for a trainer that conditions its model (``DDPMTrainer(conditional=)``):
         the probes' forward ``model(z, s)`` would miss the input every training step gives."""
         conditioning = getattr(trainer, "conditioning", "none")  # (DDPMTrainer's; another trainer's may be anything)
+        if conditioning == "class_labels" and self.probe_conditioning and self.probe_conditioning[0].is_floating_point():
+            # (the model's embedding lookup refused them at bind with torch's words: "Expected tensor for argument #1
+            # 'indices' to have one of the following scalar types: Long, Int")
+            raise TypeError(
+                "the trainer gives its model class labels (conditional=True), but this analyzer's probe_conditioning is "
+                f"a floating tensor ({self.probe_conditioning[0].dtype}, shaped {tuple(self.probe_conditioning[0].shape)}): "
+                "pass the probes' class labels, a LongTensor[N0] (embeddings are for conditional='embeddings')"
+            )
         if isinstance(conditioning, str) and conditioning in ("class_labels", "embeddings") and not self.probe_conditioning:
             what = ("embeddings, a floating Tensor [N0, *E] (the probes' prompts encoded)" if conditioning == "embeddings"
                     else "class labels, a LongTensor[N0]")
