@@ -20,6 +20,7 @@ checks), :func:`probe_factors`, :func:`probe_fallback_jacobians` and :func:`fact
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -135,9 +136,36 @@ def batch_totals(batch: BatchFactors) -> tuple[dict[str, torch.Tensor], dict[str
             scales[name] = size
     for name, g in batch.fallback.items():
         totals[name] = g.sum(dim=0)
-        (flat,), times = scaled_alike(g.reshape(g.shape[0], -1))
-        scales[name] = float(flat.norm(dim=1).sum()) * times
+        if _in_reach(_peak(g), g.dtype):  # (the common case: no copy of the example rows, which fill the budget)
+            scales[name] = float(g.reshape(g.shape[0], -1).norm(dim=1).sum())
+        else:
+            (flat,), times = scaled_alike(g.reshape(g.shape[0], -1))
+            scales[name] = float(flat.norm(dim=1).sum()) * times
     return totals, scales
+
+
+def _peak(t: torch.Tensor) -> float:
+    """The largest magnitude among ``t``'s entries (0.0 for none), read without a copy of ``t`` (its minimum and
+    maximum); where an infinity or a NaN is among them, the largest finite one (``reference._finite_max``, which
+    forms |t|)."""
+    if t.numel() == 0:
+        return 0.0
+    if not t.is_floating_point():
+        return float(t.abs().max())
+    low, high = torch.aminmax(t)
+    peak = float(torch.maximum(-low, high))
+    return peak if math.isfinite(peak) else float(_finite_max(t))
+
+
+def _in_reach(peak: float, dtype: torch.dtype) -> bool:
+    """Whether factors (or example rows) of largest magnitude ``peak`` form their squared norms directly in ``dtype``
+    without over- or underflow: 0, or within 2^±(max exponent / 4 − 8) (2^±24 in float32 and bfloat16, 2^±248 in
+    float64; never in float16): the squares of two such factors' products, summed over up to 2^30 terms, stay in
+    range."""
+    if peak == 0.0:
+        return True
+    reach = math.log2(torch.finfo(dtype).max) / 4 - 8 if dtype.is_floating_point else 0.0
+    return reach > 0 and 2.0 ** -reach <= peak <= 2.0 ** reach
 
 
 def _block_size(f: Factors) -> float:
@@ -146,15 +174,18 @@ def _block_size(f: Factors) -> float:
     back). Formed directly, the squares in ``self_kernel`` (in the factors' own dtype) overflowed to inf past about
     1.8e19 in float32 (1.3e154 in float64) and underflowed to 0 below about 1e-19 (1.5e-154): the tracker's check of
     the groups' sum against the training gradient then allowed an infinite gap (any group gradient passed) or no
-    rounding at all. An infinity or a NaN among the factors still gives inf or NaN."""
+    rounding at all. An infinity or a NaN among the factors still gives inf or NaN. Factors whose magnitudes are in
+    reach of the dtype (:func:`_in_reach`: the common case) are used as they are: the copies would hold a second set
+    of the block's factors, which fill the memory budget, for every step."""
     if f.is_unused:
         return 0.0
+    floating = f.a is not None and f.a.is_floating_point()
+    peak_a, peak = (_peak(f.a) if floating else 0.0), _peak(f.g)
+    if _in_reach(peak_a, f.a.dtype if floating else f.g.dtype) and _in_reach(peak, f.g.dtype):
+        return float(f.self_kernel("trace").to(torch.float64).clamp_min(0).sqrt().sum())
     a, times = f.a, 1.0
-    if a is not None and a.is_floating_point():
-        peak = float(_finite_max(a))
-        if peak > 0:
-            a, times = a / peak, peak
-    peak = float(_finite_max(f.g))
+    if floating and peak_a > 0:
+        a, times = a / peak_a, peak_a
     g = f.g / peak if peak > 0 else f.g
     per = Factors(f.block, f.kind, a, g).self_kernel("trace").to(torch.float64).clamp_min(0).sqrt()
     return float(per.sum()) * times * (peak if peak > 0 else 1.0)
