@@ -32,7 +32,7 @@ from ..param_bytes import joined_dtype
 from .factored import row_chunks
 from .factors import Factors, Plan, TrainingCapture, capture, capture_by_outputs, loss_cotangents
 from .gradients import per_example_gradients
-from .reference import _finite_max, per_example_jacobian, scaled_alike
+from .reference import finite_peak, per_example_jacobian, scaled_alike
 
 
 @dataclass
@@ -136,25 +136,12 @@ def batch_totals(batch: BatchFactors) -> tuple[dict[str, torch.Tensor], dict[str
             scales[name] = size
     for name, g in batch.fallback.items():
         totals[name] = g.sum(dim=0)
-        if _in_reach(_peak(g), g.dtype):  # (the common case: no copy of the example rows, which fill the budget)
+        if _in_reach(finite_peak(g), g.dtype):  # (the common case: no copy of the example rows, which fill the budget)
             scales[name] = float(g.reshape(g.shape[0], -1).norm(dim=1).sum())
         else:
             (flat,), times = scaled_alike(g.reshape(g.shape[0], -1))
             scales[name] = float(flat.norm(dim=1).sum()) * times
     return totals, scales
-
-
-def _peak(t: torch.Tensor) -> float:
-    """The largest magnitude among ``t``'s entries (0.0 for none), read without a copy of ``t`` (its minimum and
-    maximum); where an infinity or a NaN is among them, the largest finite one (``reference._finite_max``, which
-    forms |t|)."""
-    if t.numel() == 0:
-        return 0.0
-    if not t.is_floating_point():
-        return float(t.abs().max())
-    low, high = torch.aminmax(t)
-    peak = float(torch.maximum(-low, high))
-    return peak if math.isfinite(peak) else float(_finite_max(t))
 
 
 def _in_reach(peak: float, dtype: torch.dtype) -> bool:
@@ -180,7 +167,7 @@ def _block_size(f: Factors) -> float:
     if f.is_unused:
         return 0.0
     floating = f.a is not None and f.a.is_floating_point()
-    peak_a, peak = (_peak(f.a) if floating else 0.0), _peak(f.g)
+    peak_a, peak = (finite_peak(f.a) if floating else 0.0), finite_peak(f.g)
     if _in_reach(peak_a, f.a.dtype if floating else f.g.dtype) and _in_reach(peak, f.g.dtype):
         return float(f.self_kernel("trace").to(torch.float64).clamp_min(0).sqrt().sum())
     a, times = f.a, 1.0

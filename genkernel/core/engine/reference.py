@@ -150,8 +150,19 @@ def largest_finite(tensors) -> float:
     """The largest finite magnitude among the entries of ``tensors`` (an iterable of tensors), 1.0 where there is
     none or it is 0: a common scale to divide them by before forming products (``scaled_alike``'s, without its
     copies)."""
-    peaks = [float(_finite_max(t.detach())) for t in tensors]
-    return max(peaks, default=0.0) or 1.0
+    return max((finite_peak(t.detach()) for t in tensors), default=0.0) or 1.0
+
+
+def finite_peak(t: torch.Tensor) -> float:
+    """The largest finite magnitude among ``t``'s entries (0.0 for none), read without a copy of ``t`` where every
+    entry is finite (its minimum and maximum); where an infinity or a NaN is among them, through ``|t|``."""
+    if t.numel() == 0:
+        return 0.0
+    if not t.is_floating_point():
+        return float(t.abs().max())
+    low, high = torch.aminmax(t)
+    peak = float(torch.maximum(-low, high))
+    return peak if math.isfinite(peak) else float(_finite_max(t))
 
 
 def _finite_max(t: torch.Tensor) -> torch.Tensor:
