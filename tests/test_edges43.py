@@ -37,26 +37,11 @@ from genkernel.core.engine.projections import project_parameter
 from test_mend42b import factored_kernels_finished
 from test_read42b import _SizeDependent
 
+from brute import brute_jacobian
+
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 ENGINES = ("functional", "factored", "auto")
-
-
-def _brute_jacobian(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """``[n, d, P]``: every example alone, eval mode, one autograd.grad per output over the trainable parameters in
-    ``named_parameters`` order; a parameter the output does not reach (or an output with no graph) gives zeros."""
-    model.eval()
-    params = [p for p in model.parameters() if p.requires_grad]
-    rows = []
-    for i in range(x.shape[0]):
-        out = model(x[i : i + 1]).reshape(-1)
-        grads = []
-        for o in range(out.numel()):
-            gs = (torch.autograd.grad(out[o], params, retain_graph=True, allow_unused=True) if out.requires_grad
-                  else [None] * len(params))
-            grads.append(torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1) for g, p in zip(gs, params)]))
-        rows.append(torch.stack(grads))
-    return torch.stack(rows)
 
 
 # -- 1. outputs that no trained parameter reaches ---------------------------------------------------------------------
@@ -161,7 +146,7 @@ def test_components_and_examples_no_parameter_reaches_get_zeros_on_every_engine(
     model = cls()
     x, y = torch.randn(5, 3), torch.randn(3, 3)
     x[3, 0] = y[1, 0] = 9.0  # (detaches the batches that hold them, for _DetachedByTheData)
-    jx, jy = _brute_jacobian(model, x), _brute_jacobian(model, y)
+    jx, jy = brute_jacobian(model, x), brute_jacobian(model, y)
     assert not jx[3].any() if cls is _DetachedByTheData else not jx[:, 2:].any()
     scale = float(jx.abs().max()) ** 2
     for engine in ENGINES:

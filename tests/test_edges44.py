@@ -42,24 +42,9 @@ from genkernel.core.engine.projections import project_parameter
 from genkernel.gan.metrics import own_minus_others
 from genkernel.stats import few_units, mean_interval, two_way_interval
 
+from brute import brute_jacobian
+
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def _brute_jacobian(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """``[n, d, P]``: every example alone, eval mode, one autograd.grad per output over the trainable parameters in
-    ``named_parameters`` order; a parameter the output does not reach (or an output with no graph) gives zeros."""
-    model.eval()
-    params = [p for p in model.parameters() if p.requires_grad]
-    rows = []
-    for i in range(x.shape[0]):
-        out = model(x[i : i + 1]).reshape(-1)
-        grads = []
-        for o in range(out.numel()):
-            gs = (torch.autograd.grad(out[o], params, retain_graph=True, allow_unused=True) if out.requires_grad
-                  else [None] * len(params))
-            grads.append(torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1) for g, p in zip(gs, params)]))
-        rows.append(torch.stack(grads))
-    return torch.stack(rows)
 
 
 # -- 1. examples that no trained parameter reaches, the first among them ----------------------------------------------
@@ -118,7 +103,7 @@ def test_kernels_of_a_batch_whose_first_example_no_parameter_reaches_are_the_bru
     torch.manual_seed(0)
     model = cls()
     x, y = _inputs(cls, first_reached)
-    jx, jy = _brute_jacobian(model, x), _brute_jacobian(model, y)
+    jx, jy = brute_jacobian(model, x), brute_jacobian(model, y)
     assert bool(jx[0].any()) is first_reached and not jy[0].any() and jx[1:].any() and jy[1:].any()
     scale = float(jx.abs().max()) ** 2
     for engine in ("functional", "factored"):
@@ -366,7 +351,7 @@ def test_normalized_kernels_do_not_depend_on_the_outputs_magnitude():
     y = torch.cat([torch.randn(3, 4), torch.tensor([[3.0], [1.0], [0.0]])], dim=1)
     torch.manual_seed(1)
     reference = _OutputTimes(1.0).double()
-    jx, jy = _brute_jacobian(reference, x.double()), _brute_jacobian(reference, y.double())
+    jx, jy = brute_jacobian(reference, x.double()), brute_jacobian(reference, y.double())
     unit_x, unit_y = (j.flatten(1) / j.flatten(1).norm(dim=1, keepdim=True) for j in (jx, jy))
     cosines = {None: unit_x @ unit_x.T, "y": unit_x @ unit_y.T}
     at_one = {}
@@ -403,7 +388,7 @@ def test_kernel_of_activations_whose_products_overflow_is_the_brute_force(engine
     torch.manual_seed(0)
     model = _Saturated()
     x, y = torch.randn(5, 3) * 1e25, torch.randn(3, 3) * 1e25
-    jx, jy = _brute_jacobian(model, x).double(), _brute_jacobian(model, y).double()
+    jx, jy = brute_jacobian(model, x).double(), brute_jacobian(model, y).double()
     assert not jx[:, :, :16].any() and jx.abs().max() <= 1  # (the first layer's 16 parameters: no gradient)
     for other, j2 in ((None, jx), (y, jy)):
         want = torch.einsum("mip,njp->mnij", jx, j2)
