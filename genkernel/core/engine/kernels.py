@@ -53,7 +53,7 @@ from ..param_bytes import joined_dtype, parameter_bytes, value_bytes
 from .factored import _probe_sizes, _Sizes, chunk_sizes, chunks, factored_gradient_kernel, factored_jacobian
 from .factors import (DEFAULT_MEMORY_BUDGET, BatchDependent, Plan, _any_attention, analysis, check_rows_alone,
                       covering_plan, make_plan, pair_covering_plan, rows_alone_known, same_kind)
-from .reference import _finite_max, jacobian_pair_kernel, jacobian_self_kernel, per_example_jacobian, scaled_alike
+from .reference import finite_peak, jacobian_pair_kernel, jacobian_self_kernel, per_example_jacobian, scaled_alike
 
 ENGINES = ("auto", "factored", "functional")
 REDUCTIONS = ("trace", "none")
@@ -351,7 +351,7 @@ def _checked_output(model: nn.Module, one: tuple[torch.Tensor, ...], params: dic
     if not reached:
         # (first_reaching looks at the other examples before this becomes the caller's refusal)
         raise Unreached(_unreached_message(model, _example_words(name, index), len(params)))
-    return out1, float(_finite_max(grad1))
+    return out1, finite_peak(grad1)
 
 
 class Unreached(ValueError):
@@ -364,6 +364,13 @@ def _unreached_message(model: nn.Module, where: str, count: int) -> str:
             "forward detaches its output (.detach(), .data, .item(), a NumPy round trip) or runs under torch.no_grad() "
             "/ torch.inference_mode(), or it reads only frozen parameters. Compute the output with autograd on (remove "
             "the detach or the no_grad from forward), or set requires_grad=True on the parameters it reads")
+
+
+def _alone(model: nn.Module, one: tuple[torch.Tensor, ...], params: dict[str, torch.Tensor], name: str):
+    """:func:`_one_pass` on one example ``one`` in analysis mode, the model's generators and buffers as they were
+    after it: (the output, the gradient of a random combination of its outputs, whether a parameter is reached)."""
+    with analysis(model), restored_module_generators(model), preserved_buffers(model):
+        return _one_pass(model, one, params, name)
 
 
 def first_reaching_output(model: nn.Module, xs: tuple[torch.Tensor, ...], params: dict[str, torch.Tensor],
@@ -392,9 +399,7 @@ def first_reaching(model: nn.Module, xs: tuple[torch.Tensor, ...], params: dict[
         pass
     for i in range(1, batch_size(xs)):
         one = tuple(t[i : i + 1] for t in xs)
-        with analysis(model), restored_module_generators(model), preserved_buffers(model):
-            reached = _one_pass(model, one, params, name)[2]
-        if reached:
+        if _alone(model, one, params, name)[2]:
             return _repeatable(model, one, params, name, i)
     count = batch_size(xs)
     where = f"the first example of {name}" if count == 1 else f"every one of the {count} examples of {name}"
@@ -822,6 +827,11 @@ def _not_finite_rows(diag: torch.Tensor) -> list[int]:
     return (~diag.isfinite()).reshape(diag.shape[0], -1).any(dim=1).nonzero().reshape(-1).tolist()
 
 
+def _underflow_floor(dtype: torch.dtype) -> float:
+    """tiny / eps of ``dtype``: a k(x, x) below it summed squares that lost their bits to underflow."""
+    return torch.finfo(dtype).tiny / torch.finfo(dtype).eps
+
+
 def _unreliable(kernel: torch.Tensor, diag1: torch.Tensor | None, diag2: torch.Tensor | None,
                 normalize: bool) -> str | None:
     """Why the factored engine's kernel (and, normalizing, its diagonals) cannot be returned, or None where it can:
@@ -832,7 +842,7 @@ def _unreliable(kernel: torch.Tensor, diag1: torch.Tensor | None, diag2: torch.T
     if not _finite(kernel, diag1, diag2):
         return "is not finite (a product of factors, or a k(x, x) at the first example's scale, overflowed)"
     if normalize and math.log2(torch.finfo(kernel.dtype).max) > NORMALIZING_RANGE:  # (float16: no room to scale in)
-        floor = torch.finfo(kernel.dtype).tiny / torch.finfo(kernel.dtype).eps
+        floor = _underflow_floor(kernel.dtype)
         if any(bool((d < floor).any()) for d in (diag1, diag2) if d is not None):
             return (f"has a k(x, x) below {floor:.3g} (its squares underflowed at the first example's scale, or, "
                     "for blocks or many such examples, the example's gradient is 0)")
@@ -855,15 +865,13 @@ def _zero_by_right(model: nn.Module, params: dict[str, torch.Tensor], xs: tuple[
     batched pass of torch.func is then cheaper)."""
     if reduce != "trace" or diag.dim() != 1 or not bool(diag.isfinite().all()):
         return False
-    floor = torch.finfo(diag.dtype).tiny / torch.finfo(diag.dtype).eps
+    floor = _underflow_floor(diag.dtype)
     low = (diag < floor).nonzero().reshape(-1).tolist()
     if len(low) > ZERO_CHECKS or any(float(diag[i]) != 0.0 for i in low):
         return False
     for i in low:
         one = tuple(t[i : i + 1] for t in xs)
-        with analysis(model), restored_module_generators(model), preserved_buffers(model):
-            gradient = _one_pass(model, one, params, name)[1]
-        if bool(gradient.any()):
+        if bool(_alone(model, one, params, name)[1].any()):
             return False
     return True
 
