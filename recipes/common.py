@@ -205,6 +205,16 @@ class Timer:
 NULL_SEED_OFFSET = 7919  # a null model's permutation of seed s is drawn from s + this (not the batch order's seed)
 
 
+def kernel_pair_drawn(run: dict, per_class: int) -> dict:
+    """What a figure of the kernels at θ₀ and θ_T draws of one run, for the JSON: ``k_init`` and ``k_final``
+    ``[N, N]`` in the figure's order (blocks of ``per_class``), ``per_class``, and ``colour_range``, the ``[vmin,
+    vmax]`` both panels share (:func:`~genkernel.plotting.figures.shared_range`). Returns that dict."""
+    from genkernel.plotting.figures import shared_range
+
+    return {"k_init": run["k_init"], "k_final": run["k_final"], "per_class": per_class,
+            "colour_range": list(shared_range(run["k_init"], run["k_final"]))}
+
+
 def permuted_labels(y: torch.Tensor, seed: int) -> torch.Tensor:
     """``y`` in a random order drawn from ``seed``: the random-label (or shuffled-target) null
     model's training targets, the same values and class sizes with no relation to the inputs."""

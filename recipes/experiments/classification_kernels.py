@@ -34,10 +34,11 @@ import torch
 from genkernel import gradient_kernel
 from genkernel.analysis.kernel_stats import block_auc, within_between_gap
 from genkernel.data import load_image_dataset
-from genkernel.plotting.figures import plot_class_kernels, shared_range
+from genkernel.plotting.figures import plot_class_kernels
 from genkernel.supervised import SmallConvNet, SupervisedTrainer, cross_entropy_loss
 
-from ..common import Timer, baseline, claim, finish, make_parser, over_seeds, parse, permuted_labels, pick
+from ..common import (Timer, baseline, claim, finish, kernel_pair_drawn, make_parser, over_seeds, parse,
+                      permuted_labels, pick)
 
 NAME = "classification_kernels"
 DATASETS = ("digits", "mnist", "cifar10")
@@ -70,8 +71,7 @@ def drawn_numbers(run: dict, per_class: int) -> dict:
     ``k_init`` and ``k_final`` ``[N, N]`` over the probe images in class order (the figure's rows and columns,
     class blocks of ``per_class``), and ``colour_range``, the ``[vmin, vmax]`` both panels share
     (:func:`~genkernel.plotting.figures.shared_range`). Returns that dict."""
-    return {"k_init": run["k_init"], "k_final": run["k_final"], "per_class": per_class,
-            "colour_range": list(shared_range(run["k_init"], run["k_final"]))}
+    return kernel_pair_drawn(run, per_class)
 
 
 def claims_from_runs(runs: list[dict], nulls: list[dict] | None = None) -> dict:

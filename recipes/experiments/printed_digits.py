@@ -38,11 +38,11 @@ import torch
 from genkernel import gradient_kernel
 from genkernel.analysis.kernel_stats import block_auc, within_between_gap
 from genkernel.data import load_digits_images, render_printed_digits
-from genkernel.plotting.figures import plot_printed_digits, shared_range
+from genkernel.plotting.figures import plot_printed_digits
 from genkernel.stats import mean_interval, proportion_interval
 from genkernel.supervised import SmallConvNet, SupervisedTrainer, cross_entropy_loss
 
-from ..common import Timer, baseline, claim, finish, make_parser, parse, permuted_labels, pick
+from ..common import Timer, baseline, claim, finish, kernel_pair_drawn, make_parser, parse, permuted_labels, pick
 from .classification_kernels import block_rise_claim
 
 NAME = "printed_digits"
@@ -158,8 +158,7 @@ def drawn_numbers(run: dict, examples: np.ndarray, per_class: int) -> dict:
     ``per_class``: handwritten 0, printed 0, handwritten 1, ...), ``colour_range``, the ``[vmin, vmax]`` both
     kernel panels share (:func:`~genkernel.plotting.figures.shared_range`), and ``examples`` ``[2, 10, H, W]``
     (top row handwritten, bottom printed, one image per digit). Returns that dict."""
-    return {"k_init": run["k_init"], "k_final": run["k_final"], "per_class": per_class,
-            "colour_range": list(shared_range(run["k_init"], run["k_final"])), "examples": examples}
+    return {**kernel_pair_drawn(run, per_class), "examples": examples}
 
 
 def claims_from_runs(runs: list[dict], num_printed: int, nulls: list[dict] | None = None) -> dict:
