@@ -1,5 +1,5 @@
-"""Brute-force references the engine tests share, written apart from genkernel: one example and one output at a
-time through plain ``torch.autograd.grad``."""
+"""Brute-force references the engine tests share, written apart from genkernel (one example and one output at a
+time through plain ``torch.autograd.grad``), and the small models they share."""
 
 from __future__ import annotations
 
@@ -22,3 +22,15 @@ def brute_jacobian(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
             grads.append(torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1) for g, p in zip(gs, params)]))
         rows.append(torch.stack(grads))
     return torch.stack(rows)
+
+
+class Saturated(nn.Module):
+    """Linear(3, 4) -> tanh -> Linear(4, 2): large inputs saturate the tanh (output gradients of 0 times activations
+    that overflow their products in float32)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(3, 4), nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.b(torch.tanh(self.a(x)))

@@ -42,7 +42,7 @@ from genkernel.core.engine.projections import project_parameter
 from genkernel.gan.metrics import own_minus_others
 from genkernel.stats import few_units, mean_interval, two_way_interval
 
-from brute import brute_jacobian
+from brute import Saturated, brute_jacobian
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -369,15 +369,6 @@ def test_normalized_kernels_do_not_depend_on_the_outputs_magnitude():
                 assert all(torch.equal(a, b) for a, b in zip(got, at_one[engine, other])), (k, engine, other)
 
 
-class _Saturated(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.a, self.b = nn.Linear(3, 4), nn.Linear(4, 2)
-
-    def forward(self, x):
-        return self.b(torch.tanh(self.a(x)))
-
-
 @pytest.mark.parametrize("engine", ["factored", "auto"])
 def test_kernel_of_activations_whose_products_overflow_is_the_brute_force(engine):
     """float32 inputs of about 1e25 saturate the tanh: the first layer's Jacobian is exactly 0 and the kernel is the
@@ -386,7 +377,7 @@ def test_kernel_of_activations_whose_products_overflow_is_the_brute_force(engine
 
     Fails on the old code: NaN in every entry (a·a' = 1e50 overflowed float32, times output gradients of 0)."""
     torch.manual_seed(0)
-    model = _Saturated()
+    model = Saturated()
     x, y = torch.randn(5, 3) * 1e25, torch.randn(3, 3) * 1e25
     jx, jy = brute_jacobian(model, x).double(), brute_jacobian(model, y).double()
     assert not jx[:, :, :16].any() and jx.abs().max() <= 1  # (the first layer's 16 parameters: no gradient)

@@ -28,6 +28,8 @@ from genkernel.core.engine import gradient_kernel, kernel_plan
 from genkernel.core.tracking.ledger import PathKernelLedger
 from genkernel.gan.analyzer import partition_statistics
 
+from brute import Saturated
+
 
 # -- 1. the raw interaction interval over too few probe groups --------------------------------------------------------
 
@@ -189,15 +191,6 @@ def test_a_jacobian_not_finite_in_float32_is_refused_by_name_on_both_engines():
                     gradient_kernel(model, x, other, engine=engine, normalize=True)
 
 
-class _Saturated(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.a, self.b = nn.Linear(3, 4), nn.Linear(4, 2)
-
-    def forward(self, x):
-        return self.b(torch.tanh(self.a(x)))
-
-
 def test_a_factored_kernel_formed_again_with_torch_func_is_warned_of_beside_the_plan_that_said_factored():
     """Inputs of about 1e25 in float32 saturate the tanh: the factors' products overflow, and the kernel is formed
     again with torch.func. kernel_plan says "factored" (decided before any kernel is formed, as its docstring now says);
@@ -206,13 +199,13 @@ def test_a_factored_kernel_formed_again_with_torch_func_is_warned_of_beside_the_
 
     Fails on the old code: no warning (the plan's "factored" was all a user could read)."""
     torch.manual_seed(0)
-    model = _Saturated()
+    model = Saturated()
     x = torch.randn(5, 3, generator=torch.Generator().manual_seed(6)) * 1e25
     assert kernel_plan(model, x, engine="factored").engine == "factored"
     with pytest.warns(RuntimeWarning, match=r"factored engine's kernel is not finite.*formed again with torch\.func"):
         got = gradient_kernel(model, x, engine="factored").double()
     assert "before any kernel" in kernel_plan.__doc__ + type(kernel_plan(model, x)).__doc__
-    reference = _Saturated().double()
+    reference = Saturated().double()
     reference.load_state_dict(model.state_dict())
     j = _brute_jacobian(reference, x.double())
     want = torch.einsum("mip,nip->mn", j, j)
