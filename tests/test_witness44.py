@@ -19,26 +19,9 @@ from genkernel import PathKernelTracker
 from genkernel.core.errors import LedgerCheckError
 from genkernel.core.param_bytes import parameter_bytes
 from genkernel.core.push_memory import LiveBytes
-from genkernel.diffusion import MLPDenoiser
+from test_bf16fix43 import LR, G, _batch, _net, _probes  # the same draws (module docstring)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-LR, G, SEED = 0.02, 3, 4
-
-
-def _net():
-    torch.manual_seed(SEED)
-    return MLPDenoiser(2, hidden=8, depth=2).float()
-
-
-def _batch(b, k=0):
-    g = torch.Generator().manual_seed(SEED + 100 + k)
-    return torch.randn(b, 2, generator=g), torch.randn(b, 2, generator=g), torch.randint(0, 100, (b,), generator=g)
-
-
-def _probes():
-    g = torch.Generator().manual_seed(7)
-    return torch.randn(4, 2, generator=g), torch.tensor([5, 30, 60, 90])
 
 
 def _setup(tracked, dtype=torch.bfloat16):
