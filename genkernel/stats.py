@@ -68,26 +68,44 @@ class Interval:
                 if k != "why" or v is not None}
 
 
-def _finite(values: Any) -> tuple[np.ndarray, np.ndarray]:
-    """(values as float64, mask of the finite ones)."""
-    a = np.asarray(_numpy(values), dtype=np.float64).reshape(-1)
-    return a, np.isfinite(a)
+def _finite(values: Any) -> tuple[np.ndarray, np.ndarray, float]:
+    """(values as float64, mask of the finite ones, the eps of the dtype they came in: :func:`_float64`)."""
+    a, eps = _float64(values)
+    a = a.reshape(-1)
+    return a, np.isfinite(a), eps
 
 
-# Unit means that differ by at most this many units of rounding (the values' dtype's eps times their largest finite
-# magnitude) have no spread to estimate a standard error from: a statistic whose unit means are equal by
-# construction (the GAN interaction with two probe groups: each group's mean is the other's, 1 - x - (1 - y) against
-# y - x) came out with a t-interval 1e-15 wide around its estimate, or NaN, by rounding alone. (Unit means of
-# random data differ by 5e11 such units and more.)
-ROUNDING_UNITS = 64
+# Unit means that differ by at most this many units of rounding (the eps of the values' dtype times the largest
+# finite magnitude of what they were formed from here: the values, or a difference's two sides) have no spread to
+# estimate a standard error from: a statistic whose unit means are equal by construction (the GAN interaction with
+# two probe groups: each group's mean is the other's, 1 - x - (1 - y) against y - x) came out with a t-interval
+# 1e-15 wide around its estimate, or NaN, by rounding alone. Its two unit means differ by at most 1.8 such units
+# (200 random share matrices, tests/test_edges44.py), and a unit mean formed here adds at most log2(values) more
+# (numpy's pairwise sum): 16 units is that with room. It was 64, which in float32 (eps 1.2e-7) called a real spread
+# of 6e-6 of the values' magnitude rounding: float32 values near 1000 spread over 5e-3, 80 float32 ulps apart, had
+# no interval (tests/test_stats45.py). (Unit means of random data differ by 5e11 such units and more.)
+ROUNDING_UNITS = 16
 
 
-def _rounding(values: Any, finite: np.ndarray) -> float:
-    """The rounding scale of ``values``: their dtype's eps (float64's for integers and Python numbers) times the
-    largest finite magnitude among them (``finite``: those values as float64)."""
-    kind = np.asarray(_numpy(values)).dtype
-    eps = float(np.finfo(kind).eps) if kind.kind == "f" else float(np.finfo(np.float64).eps)
+def _rounding(finite: np.ndarray, eps: float) -> float:
+    """The rounding scale of values formed from ``finite`` (float64, the finite ones): ``eps`` (their dtype's,
+    :func:`_float64`) times the largest magnitude among them; 0 when there are none."""
     return eps * float(np.abs(finite).max()) if finite.size else 0.0
+
+
+def _float64(values: Any) -> tuple[np.ndarray, float]:
+    """(``values`` as a float64 array, the eps of the dtype they came in: float64's for integers, booleans and
+    Python numbers, bfloat16's for a bfloat16 tensor, which numpy cannot hold and is widened exactly)."""
+    eps = None
+    if hasattr(values, "detach"):  # a torch tensor, without importing torch here
+        values = values.detach().cpu()
+        if str(values.dtype) == "torch.bfloat16":  # numpy has no bfloat16: widen (exactly) first, keep its eps
+            values, eps = values.float(), 2.0 ** -7
+        values = values.numpy()
+    a = np.asarray(values)
+    if eps is None:
+        eps = float(np.finfo(a.dtype).eps) if a.dtype.kind == "f" else float(np.finfo(np.float64).eps)
+    return a.astype(np.float64, copy=False), eps
 
 
 def _numpy(values: Any) -> Any:
@@ -132,9 +150,14 @@ def mean_interval(values: Any, *, confidence: float = 0.95, clusters: Any | None
         :data:`ROUNDING_UNITS` times the values' eps times their largest magnitude).
     """
     _check_confidence(confidence)
-    a, keep = _finite(values)
+    a, keep, eps = _finite(values)
+    return _t_interval(a, keep, _rounding(a[keep], eps), confidence, clusters)
+
+
+def _t_interval(a: np.ndarray, keep: np.ndarray, rounding: float, confidence: float, clusters: Any | None) -> Interval:
+    """:func:`mean_interval` of the float64 values ``a`` (``keep``: the finite ones) whose rounding scale is
+    ``rounding`` (:func:`_rounding` of what they were formed from). Returns the :class:`Interval`."""
     dropped = int((~keep).sum())
-    rounding = _rounding(values, a[keep])
     units = "values"
     if clusters is not None:
         labels = _cluster_labels(clusters, a.shape[0])[keep]
@@ -171,9 +194,16 @@ def difference_interval(measured: Any, controls: Any, *, confidence: float = 0.9
         measured: ``[n]`` values.
         controls: ``[n]`` or ``[k, n]`` (k control replicates of every value, e.g. k permutations).
         clusters: as for :func:`mean_interval`.
+
+    Returns:
+        :class:`Interval` as :func:`mean_interval` gives it for the differences, except that their rounding is
+        read from the two sides (their dtypes' eps times the largest magnitude among them): differences of sides
+        equal up to their rounding have no spread, however small the differences themselves.
     """
-    m = np.asarray(_numpy(measured), dtype=np.float64).reshape(-1)
-    c = np.asarray(_numpy(controls), dtype=np.float64)
+    _check_confidence(confidence)
+    m, eps_m = _float64(measured)
+    c, eps_c = _float64(controls)
+    m = m.reshape(-1)
     if c.ndim == 1:
         c = c[None]
     if c.ndim != 2 or c.shape[1] != m.shape[0]:
@@ -183,7 +213,13 @@ def difference_interval(measured: Any, controls: Any, *, confidence: float = 0.9
     else:
         with np.errstate(invalid="ignore"):
             diff = m - c.mean(axis=0)
-    return mean_interval(diff, confidence=confidence, clusters=clusters)
+    keep = np.isfinite(diff)
+    # The differences carry the rounding of their two sides, not their own: float32 sides near 1000 that agree up
+    # to their float32 rounding differ by 1e-4, which read against the difference's float64 eps was a spread 1e11
+    # roundings wide, and an interval of rounding alone came out defined.
+    sides = np.concatenate([m[keep], c[:, keep].reshape(-1)])
+    rounding = _rounding(sides[np.isfinite(sides)], max(eps_m, eps_c))
+    return _t_interval(diff, keep, rounding, confidence, clusters)
 
 
 def crossed_interval(
@@ -208,7 +244,7 @@ def crossed_interval(
         fewer than two finite rows, fewer than three columns, a non-finite θ₋ₙ, or no spread at all.
     """
     _check_confidence(confidence)
-    a, keep = _finite(row_values)
+    a, keep, _ = _finite(row_values)
     dropped = int((~keep).sum())
     a = a[keep]
     c = np.asarray(_numpy(column_estimates), dtype=np.float64).reshape(-1)
@@ -251,10 +287,11 @@ def two_way_interval(values: Any, clusters: Any, other_clusters: Any, *, confide
     ``clusters`` alone, and is that one when ``other_clusters`` equals ``clusters``. Degrees of freedom
     min(R, S) − 1 (n = min(R, S)), as :func:`crossed_interval`. A group deleted with every value of a cluster drops
     that cluster from the mean. Non-finite values are dropped and counted; undefined (NaN ends) with fewer than 2
-    clusters, fewer than 2 other groups, or no spread.
+    clusters, fewer than 2 other groups, or no spread beyond rounding (the unit means of both groupings within
+    :data:`ROUNDING_UNITS` roundings of the values, as in :func:`mean_interval`).
     """
     _check_confidence(confidence)
-    a, keep = _finite(values)
+    a, keep, eps = _finite(values)
     dropped = int((~keep).sum())
     first = _cluster_labels(clusters, a.shape[0])[keep]
     second = _cluster_labels(other_clusters, a.shape[0])[keep]
@@ -290,8 +327,11 @@ def two_way_interval(values: Any, clusters: Any, other_clusters: Any, *, confide
     variance = max(v_first + v_second - v_cells, v_first, v_second)
     if not math.isfinite(variance):
         return undefined("a leave-one-group-out estimate is not finite")
-    if not math.sqrt(variance) > ROUNDING_UNITS * _rounding(values, a):
-        # (as in mean_interval: a standard error as small as the values' rounding is no spread at all)
+    columns = np.array([a[second == v].mean() for v in range(s)], dtype=np.float64)
+    if not variance > 0 or max(np.ptp(rows), np.ptp(columns)) <= ROUNDING_UNITS * _rounding(a, eps):
+        # (as in mean_interval, on the unit means of each grouping: a standard error compared with the rounding
+        # instead called a real spread rounding where mean_interval of the same clusters had an interval, the
+        # standard error being the spread over about sqrt(clusters))
         return undefined("no spread beyond rounding between the clusters or the other groups: the standard error "
                          "is unknown")
     half = float(scipy.stats.t.ppf(0.5 + confidence / 2, n - 1)) * math.sqrt(variance)

@@ -433,11 +433,14 @@ def measured_minus_control(
         left (:func:`~genkernel.stats.few_units` judges whether they are enough), and the counts say
         what it is not over.
     """
+    # (the interval reads the sides' rounding from their own dtype: a float32 ledger's shares converted first were
+    # judged by float64's eps)
+    interval = difference_interval(measured, controls if controls.dim() > 1 else controls[None], confidence=confidence,
+                                   clusters=clusters)
     measured = measured.to(torch.float64)
     controls = controls.to(torch.float64)
     if controls.dim() == 1:
         controls = controls[None]
-    interval = difference_interval(measured, controls, confidence=confidence, clusters=clusters)
     control_mean = controls.mean(dim=0)
     # "measured" and "control" are averaged as "difference" is (its paired rows, by cluster when
     # clustered), so that difference = measured − control.

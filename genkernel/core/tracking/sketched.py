@@ -123,6 +123,10 @@ class SketchedRoute(_FactorRoute):
         self.adam = type(optimizer) is not torch.optim.SGD
         self.state: torch.Tensor | None = None  # [Σ G_π, k] float64
         self._pending: torch.Tensor | None = None  # this step's new state, until commit()
+        # The magnitude the groups' sketched state was summed from: the recurrence of the state run on Σ_n ‖R c_n ∇ℓ_n‖
+        # (``[1, 1]`` float64), the scale of its rounding in :meth:`_check`; with its pending value until commit().
+        self.magnitude: torch.Tensor | None = None
+        self._pending_magnitude: torch.Tensor | None = None
         self._fresh: bool | None = None
         # maximize per parameter at the steps the sketches hold (they hold the groups' gradients, not
         # negated: the sign is applied on the probes' side, so it must not change under them).
@@ -206,29 +210,42 @@ class SketchedRoute(_FactorRoute):
         for name, part in partitions.slices.items():
             step.index_add_(0, ids[name].to(step.device) + part.start, sketched_grads)
         state = self.state  # advance() leaves it as it is: committed only at commit()
+        magnitude = self.magnitude
+        size = sketched_grads.norm(dim=1).sum().reshape(1, 1)  # Σ_n ‖R c_n ∇ℓ_n‖: what the groups' sums round from
         if state is None and not self.adam and not self._fresh and self.hyper["momentum"] != 0:
             state = torch.zeros_like(step)  # the optimizer's buffers predate tracking: their part is the rest's
+        if magnitude is None and state is not None:
+            magnitude = torch.zeros_like(size)  # (a state loaded without its magnitude, or zeros as above)
         pending, direction = self.splitter.advance(state, step, self.hyper)
+        pending_magnitude, _ = self.splitter.advance(magnitude, size, self.hyper)
         # SGD with momentum 0 at this step (a schedule through 0) leaves the optimizer's buffers as
         # they are, to be used again when momentum returns: so are the groups' sketches.
         self._pending = self.state if pending is None else pending
+        self._pending_magnitude = self.magnitude if pending is None else pending_magnitude.abs()
         return direction
 
     def commit(self) -> None:
         self.state = self._pending
         self._pending = None
+        self.magnitude, self._pending_magnitude = self._pending_magnitude, None
         if self._pending_maximize is not None:
             self._maximize = self._pending_maximize
         super().commit()
 
     def discard(self) -> None:
         self._pending = None
+        self._pending_magnitude = None
         super().discard()
 
     def _check(self, rtol: float) -> None:
         """Σ_g R s_g must equal R s_total for every partition, s_total being the exact state the
         splitter keeps for all groups together (under ``maximize`` it holds negated gradients,
         the sketches do not).
+
+        The gap is judged against the sketches' norms and the magnitude the groups' state was summed from
+        (:attr:`magnitude`: each example's sketch R c_n ∇ℓ_n is rounded in the parameters' dtype, relative to its own
+        norm): near a minimum the examples' gradients cancel, and a float32 step whose gradients summed to 1e-3 of
+        their norms was refused for a gap of 4e-5 of its sums, rounding alone (tests/test_sketch45.py).
 
         A parameter without exact state (one the optimizer has not stepped with state since tracking
         began: a branch or head without gradients) has none in any group either, and adds nothing:
@@ -241,9 +258,11 @@ class SketchedRoute(_FactorRoute):
             * (-1.0 if self.splitter.hyper[n].get("maximize", False) else 1.0)
             for n, v in exact.items()
         )
+        summed = 0.0 if self._pending_magnitude is None else float(self._pending_magnitude.sum())
         for name, part in self.model.partitions.slices.items():
             rows = self._pending[part]
-            scale = norm_of(reference) + norm_of(abs_row_sum(rows))  # (squares formed directly overflowed past 1e154)
+            # (norm_of: squares formed directly overflowed past 1e154)
+            scale = norm_of(reference) + norm_of(abs_row_sum(rows)) + summed
             gap = norm_of(rows.sum(dim=0) - reference)
             if gap > rtol * scale + 1e-300:
                 raise LedgerCheckError(
@@ -369,6 +388,7 @@ class SketchedRoute(_FactorRoute):
     # -- persistence -------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         return {"state": None if self.state is None else self.state.clone(), "fresh": self._fresh,
+                "magnitude": None if self.magnitude is None else self.magnitude.clone(),
                 "k": self.k, "seed": self.projection.seed, "kind": self.projection.kind,
                 "maximize": None if self._maximize is None else dict(self._maximize),
                 "order": list(self.projection.index)}
@@ -394,6 +414,8 @@ class SketchedRoute(_FactorRoute):
                                                   seed=projection.seed, kind=projection.kind,
                                                   cache_bytes=self.model.memory_budget)
         self.state = None if state["state"] is None else state["state"].clone()
+        magnitude = state.get("magnitude")  # absent from states saved before it was kept: judged from zero on
+        self.magnitude = None if magnitude is None else magnitude.clone()
         self._fresh = state["fresh"]
         maximize = state.get("maximize")  # absent from states saved before it was kept
         self._maximize = None if maximize is None else dict(maximize)
