@@ -24,7 +24,9 @@ analyzer with ``track_steps`` (a window the built-in trainers follow) is refused
 ``model_attribute``, a module with no ``forward`` (the probes call the bound network). ``observe``
 belongs in ``training_step``: an error raised by one called in the sanity check or a validation loop
 says so. Under DDP the callback binds the wrapper Lightning trains, so the ranks' group gradients
-are combined as their gradients are. ``on_train_end`` records the final kernel structure. The
+are combined as their gradients are. ``on_train_end`` records the final kernel structure. Lightning's
+``StochasticWeightAveraging`` over a module with BatchNorm is refused at the start (its extra epoch copies
+the average into the module outside any step): average with ``WeightAveraging()``. The
 analyzer's state is saved in, and restored from, Lightning checkpoints by a ``fit`` with ``ckpt_path=`` (a
 ``validate``/``test``/``predict`` with ``ckpt_path=`` trains nothing and leaves the analyzer as it is, bound in
 an earlier fit or not). Every ``fit`` builds
@@ -137,6 +139,7 @@ class GenkernelCallback(pl.Callback):
                 "count, SGD, is also told each player's steps then: GenkernelCallback(analyzer, start_step=(generator_"
                 "steps, discriminator_steps)))"
             )
+        _refuse_batch_norm_swa(trainer, pl_module)
         if hasattr(self.analyzer, "observe_generator"):  # a GAN analyzer: both players' optimizers
             self._bind_gan(trainer)
             return
@@ -444,6 +447,33 @@ def _optimizer_steps(optimizer: Any) -> int | None:
     if type(inner) in _COUNTING_OPTIMIZERS and not inner.state:
         return 0
     return None
+
+
+def _refuse_batch_norm_swa(trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    """Refuse, before any step, a fit with Lightning's ``StochasticWeightAveraging`` over a module with BatchNorm
+    and a finite ``max_epochs``: after the last epoch that callback copies its average into the module and runs
+    one more epoch of ``training_step`` with no backward (to recompute the BatchNorm statistics). The analyzer's
+    hooks found the parameters changed outside any step there and the fit failed at its very end, after every
+    training step, naming no averaging (a run that trains to the end without the analyzer)."""
+    try:
+        from lightning.pytorch.callbacks import StochasticWeightAveraging
+    except ImportError:  # (a Lightning without it)
+        return
+    if not any(isinstance(c, StochasticWeightAveraging) for c in getattr(trainer, "callbacks", ())):
+        return
+    if trainer.max_epochs in (None, -1):  # (no extra BatchNorm epoch: the average is copied in at the end only)
+        return
+    norms = [name for name, m in pl_module.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if norms:
+        raise ValueError(
+            f"the fit has Lightning's StochasticWeightAveraging and the module has BatchNorm ({norms[0]!r}): after the "
+            "last epoch that callback copies its average into the module and runs one more epoch of training_step "
+            "without backward to recompute the BatchNorm statistics, a change of the weights outside any optimizer "
+            "step that no ledger can book (the fit would fail at its end). Average with Lightning's WeightAveraging "
+            "instead (WeightAveraging() averages as SWA does, and GenkernelCallback keeps a ledger of the average), "
+            "then recompute the average's statistics after the fit (torch.optim.swa_utils.update_bn); or train "
+            "without the analyzer"
+        )
 
 
 def _raised_in_observe(exception: BaseException) -> bool:
