@@ -1219,6 +1219,16 @@ class GANKernelAnalyzer(TrainerCallback):
         )
 
     def on_train_start(self, trainer: Any) -> None:
+        trained = getattr(trainer, "num_classes", None)
+        if (self.conditional and isinstance(trained, numbers.Integral) and not isinstance(trained, bool)
+                and trained > self.num_classes):
+            # (checked per step only, it was refused at the first batch that happened to hold a class id of at least
+            # the analyzer's count: iterations later, both players updated and the run cut off mid-way)
+            raise ValueError(
+                f"the trainer draws classes 0..{int(trained) - 1} (num_classes={int(trained)}) but this analyzer takes "
+                f"class ids in [0, {self.num_classes}) (num_classes={self.num_classes}): build the analyzer with "
+                f"num_classes={int(trained)}, as the trainer's"
+            )
         # A state loaded before the trainer's run (by hand, or claimed by a train() after the trainer's resume) keeps
         # the generator's tracker until the first generator step rebuilds it: its EMA ledger compared now, before the
         # iteration's discriminator steps move D (refused at the rebuild, the trainer was left one D update on).
