@@ -24,8 +24,9 @@ Memory (bytes):
   summed per seed scale (one in bfloat16, two in float16), in the parameters' dtype, beside those of the
   micro-batch observed last (until the next ``observe()`` or the step adds them in) and, where the loop seeds
   its backward no power of two times the observed c_n (loss / 3), the witness of its own seed taken in its
-  backward: counted for the worst case (the tracker cannot know the loop's seed, nor its half precision,
-  beforehand), five copies;
+  backward: counted for the worst case of the half precision in use (the tracker cannot know the loop's seed
+  beforehand), :func:`witness_counts`: five copies in float16, three in bfloat16, five where the precision is
+  not known yet (float16's);
 - ``ema``: the EMA ledger's displacements and offsets, 2 (R + 3) × P, and its θ_0, θ̄_0, last θ̄ and carried drift's bound,
   float64 whatever the state dtype; ``ema_sync``: what recording an EMA update takes between steps
   (its change rows, the rows it pushes, their pass, the weights read in float64) beyond the step's
@@ -34,9 +35,9 @@ Memory (bytes):
   primal and each row's tangents, as shares of the probes' activations the model's own pass was
   measured to hold (:func:`push_pass_bytes`, :mod:`genkernel.core.push_memory`), as many rows per pass as the
   memory budget allows (one row through a chunk of the probes when not even one row through all
-  of them fits: :func:`push_pass_shape`; probes coupled in eval mode, BatchNorm without running statistics: all
-  in one pass), or the probes' Jacobians M × d × P (twice), the rows as one matrix and the reverse passes' M × d
-  cotangents of all M probes' activations where they are coupled on the "jacobian" route
+  of them fits: :func:`push_pass_shape`; probes coupled in eval mode, BatchNorm without running statistics or a
+  centering ``h - h.mean(0)`` in plain operations, as the run decides it: all in one pass), or the probes'
+  Jacobians M × d × P (twice), the rows as one matrix and the reverse passes' M × d cotangents of all M probes' activations where they are coupled on the "jacobian" route
   (which "auto" takes where :func:`push_route` says);
 - ``training_step``: the parameters, their gradients and the optimizer's own state
   (:func:`optimizer_state_values`); ``training_activations``: what the training pass holds of a
@@ -119,7 +120,8 @@ frozen layers to earlier adapters) run through the frozen layers too:
   counted from the same shapes (the first layer's input gradient is not formed);
 - under ``mixed_precision="observe"``, the witnesses: backward passes of the batch through its training
   graph, one per seed scale (one in bfloat16, two in float16) and one more with the loop's own seed where that
-  is no power of two times c_n, counted for the worst case (three);
+  is no power of two times c_n, counted for the worst case (:func:`witness_counts`: three in float16 or where the
+  precision is not known, two in bfloat16);
 - the probe forwards after the step, and before it too when the model has buffers or frozen
   parameters;
 - with an EMA ledger, its sync per step: R + 2 rows pushed through every node by push_rows' own
@@ -171,7 +173,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from .adapter import (analysis_mode, coupled_modules, eval_mode, functional_model, has_state_outside_training, outside_inference_mode,
+from .adapter import (analysis_mode, coupled_forward, coupled_modules, eval_mode, functional_model, has_state_outside_training, outside_inference_mode,
                       output_tensor, preserved_state)
 from .engine.factored import BlockShape, block_shapes, capture_chunks, probe_capture_bytes
 from .engine.gradients import (EXAMPLE_PASS_ACTIVATIONS, GRAPH_ROW_ACTIVATIONS, GRAPH_ROW_LARGEST_OUTPUTS,
@@ -870,6 +872,7 @@ def estimate_cost(
     witness_passes: int = 0,
     step_overhead: float = 0.0,
     push_memory: PushMemory | None = None,
+    probes_coupled: bool | None = None,
 ) -> CostEstimate:
     """Memory and work of a tracked step before the run (see the module docstring).
 
@@ -893,21 +896,24 @@ def estimate_cost(
             not "factored"); :attr:`CostEstimate.cheaper` names only those, and only where the
             optimizer suits them (factored: plain SGD; sketched: :func:`sketchable`).
         witness_copies: parameter-sized witnesses an observed half-precision step holds at once
-            (``PathKernelTracker(mixed_precision="observe")``: 5, the worst case: float16's two seed scales
-            summed for the step and two taken for the micro-batch observed last, and the witness of the loop's
-            own seed its backward takes where that seed is no power of two times c_n, loss / 3; bfloat16 holds
-            at most 3, a loop seeding a power of two times c_n at most 4; else 0). A loop that backpropagates
-            one micro-batch's losses several times (retain_graph=True) holds one more per further pass: not
-            counted.
+            (``PathKernelTracker(mixed_precision="observe")``: :func:`witness_counts`, the worst case: 5 in
+            float16, its two seed scales summed for the step and two taken for the micro-batch observed last, and
+            the witness of the loop's own seed its backward takes where that seed is no power of two times c_n,
+            loss / 3; 3 in bfloat16, its one seed scale; a loop seeding a power of two times c_n at most 4 and 2;
+            else 0). A loop that backpropagates one micro-batch's losses several times (retain_graph=True) holds
+            one more per further pass: not counted.
         witness_passes: backward passes of every example an observed half-precision step runs besides its group
-            rows (``mixed_precision="observe"``: 3, the worst case: the witnesses at float16's two seed scales
-            and the one with the loop's own seed; bfloat16 runs at most 2; else 0), each counted as a bare
-            step's backward (in ``work["witnesses"]``).
+            rows (``mixed_precision="observe"``: :func:`witness_counts`, the worst case: 3 in float16, the
+            witnesses at its two seed scales and the one with the loop's own seed; 2 in bfloat16; else 0), each
+            counted as a bare step's backward (in ``work["witnesses"]``).
         step_overhead: example-forwards of the model that a bare step runs per training example besides its
             forward and backward (a ``DDPMTrainer(dream=)``'s no-grad forward: 1; a ``vae=`` trainer's encode:
             the encoder's multiply-adds over the model's), added to the bare step the ratio compares with.
         push_memory: what the model's JVP pass holds (:class:`~genkernel.core.push_memory.PushMemory`, the
             tracker's measure); default measured here (:func:`~genkernel.core.push_memory.measure_push_memory`).
+        probes_coupled: whether the probes' outputs depend on each other in the analysis passes, so that every push
+            runs them all in one pass (a tracker's decision, ``tracking.routes.probes_coupled``, the one its pushes
+            take); None: decided here the same way without a tracker's findings (:func:`probes_couple`).
     """
     options = cost_options(options)
     if isinstance(witness_copies, bool) or not isinstance(witness_copies, int) or witness_copies < 0:
@@ -1142,10 +1148,14 @@ def estimate_cost(
         memory["step_contributions"] += sketch_temporary_bytes(
             model, m, outputs, sketch_dim, preconditioned=type(optimizer) is not torch.optim.SGD)
 
-    # Probes whose outputs depend on each other in the analysis passes' eval mode (routes.probes_coupled: BatchNorm
-    # without running statistics): pushed in one pass of them all, whatever the budget.
-    with eval_mode(model):
-        coupled = bool(coupled_modules(model))
+    # Probes whose outputs depend on each other in the analysis passes' eval mode (BatchNorm without running
+    # statistics, a centering h - h.mean(0) in plain operations): pushed in one pass of them all, whatever the budget,
+    # as the run decides it (routes.probes_coupled, the tracker's; the modules by type alone counted a centering
+    # model's pushes in chunks of the probes, under the peak its pass of them all holds).
+    if probes_coupled is None:
+        with eval_mode(model):
+            probes_coupled = probes_couple(model, probes)
+    coupled = bool(probes_coupled)
 
     def push_cost(rows_pushed: int, route: str) -> tuple[int, float]:
         """``(bytes, work)`` of pushing ``rows_pushed`` rows to the probes at every node on ``route``."""
@@ -1272,13 +1282,43 @@ def estimate_cost(
                     memory_budget=memory_budget, batch_size=batch_size, micro_batches=micro_batches,
                     sketch_dim=sketch_dim, device=device, options=(), group_states=(other,),
                     witness_copies=witness_copies, witness_passes=witness_passes, step_overhead=step_overhead,
-                    push_memory=push_memory).total_bytes
+                    push_memory=push_memory, probes_coupled=coupled).total_bytes
             except Exception:  # (a route that cannot estimate this model: not named)
                 alternatives[other] = None
     estimate.cheaper = _cheaper_options(estimate, group_state, state_dtype,
                                         bool(params) and all(p.dtype == torch.float32 for p in params),
                                         options, switchable, alternatives)
     return estimate
+
+
+# (parameter copies, backward passes of the batch) an observed half-precision step's witnesses hold and run at worst
+# (a loop seeding a micro-batch exactly a power of two times c_n, then another one no such multiple, loss / 2 then
+# loss / 2·(1 + 1e-6)), measured from the tracker's own arrays after each observe() and inside each loop backward:
+# float16's two seed scales (unscaled and HALF_ROW_SCALE) summed for the step and two for the micro-batch observed
+# last, and the witness of the loop's own seed: 5 copies, 3 passes; bfloat16's one seed scale: 3 copies, 2 passes.
+WITNESS_COUNTS = {torch.float16: (5, 3), torch.bfloat16: (3, 2)}
+
+
+def witness_counts(precision: torch.dtype | None) -> tuple[int, int]:
+    """``(witness_copies, witness_passes)`` for :func:`estimate_cost` of a tracker observing half-precision steps in
+    ``precision`` (torch.float16 or torch.bfloat16; :data:`WITNESS_COUNTS`); None, where the half precision is not
+    known yet, float16's, the larger: the estimate is never below the peak whichever the loop runs. ValueError for
+    any other dtype."""
+    if precision is None:
+        return WITNESS_COUNTS[torch.float16]
+    if precision not in WITNESS_COUNTS:
+        raise ValueError(f"precision must be torch.float16, torch.bfloat16 or None (not known), got {precision!r}")
+    return WITNESS_COUNTS[precision]
+
+
+def probes_couple(model: nn.Module, probes: tuple[torch.Tensor, ...]) -> bool:
+    """Whether the probes' outputs depend on each other in ``model``'s current mode, for an estimate made without a
+    tracker: a module known by type to couple its examples (:func:`~genkernel.core.adapter.coupled_modules`:
+    BatchNorm without running statistics), or a forward of the probes that couples them in plain operations
+    (:func:`~genkernel.core.adapter.coupled_forward`: a centering ``h - h.mean(0)``). It is what a tracker's pushes
+    decide (``tracking.routes.probes_coupled``) where its forward check found a coupling, which this one cannot know
+    of: checked here by the forward itself (two forwards of the first probes, no graph)."""
+    return bool(coupled_modules(model)) or bool(coupled_forward(model, probes))
 
 
 def cost_options(options: Any) -> tuple[str, ...]:
@@ -1756,13 +1796,16 @@ def factored_chunk_bytes(model: nn.Module, probes: tuple[torch.Tensor, ...], row
     peaks, on copies of the first probe with ``rows`` group rows in ``partitions`` partitions
     (:func:`~genkernel.core.engine.gradients.factored_chunk_peaks`, a sum of squares of the output standing in for
     the loss): what its chunks are sized by (:func:`~genkernel.core.engine.gradients.factored_chunk_sizes`). One
-    measure per architecture, probe shape and rows (push_memory's key)."""
+    measure per architecture, probe shape and rows (push_memory's key); (0, 0) where the pass raises, not kept (the
+    next estimate measures again, as a fresh process would)."""
     params = {name: p for name, p in model.named_parameters() if p.requires_grad}
     if not params:
         return 0, 0
     per_partition = max(1, min(3, rows // max(partitions, 1)))  # (the rows the measure lays its examples in)
-    return per_architecture("factored chunks", model, probes, (per_partition, partitions),
-                            lambda: factored_chunk_peaks(model, params, tuple(t[:1] for t in probes), rows, partitions))
+    example = tuple(t[:1] for t in probes)
+    peaks = per_architecture("factored chunks", model, probes, (per_partition, partitions),
+                             lambda: factored_chunk_peaks(model, params, example, rows, partitions))
+    return (0, 0) if peaks is None else peaks
 
 
 def equal_chunks(batch: int, chunk: int) -> list[int]:
@@ -2232,7 +2275,7 @@ def with_analysis_passes(tracker_cost: CostEstimate, passes: dict[str, Any]) -> 
 
 __all__ = [
     "COST_OPTIONS", "CostEstimate", "EXAMPLE_PASS_ACTIVATIONS", "PUSH_ROW_ACTIVATIONS", "TRAINING_PARTS", "available_memory", "cgroup_free_memory",
-    "GROUP_STATE_CHOICES", "GRAPH_ROW_ACTIVATIONS", "GRAPH_ROW_LARGEST_OUTPUTS", "check_bytes", "cost_options", "graph_row_bytes", "estimate_cost", "factor_route_work", "forward_macs", "held_bytes", "ledger_bytes", "linear_state_rows",
+    "GROUP_STATE_CHOICES", "GRAPH_ROW_ACTIVATIONS", "GRAPH_ROW_LARGEST_OUTPUTS", "check_bytes", "cost_options", "graph_row_bytes", "probes_couple", "witness_counts", "WITNESS_COUNTS", "estimate_cost", "factor_route_work", "forward_macs", "held_bytes", "ledger_bytes", "linear_state_rows",
     "frozen_bytes", "GradientLayerCounts", "gradient_layer_counts", "hooked_forward_counts", "optimizer_state_copies", "optimizer_state_values", "plain_hyperparameter", "plain_sgd", "projection_bytes", "push_pass_bytes", "push_pass_shape", "push_route", "reads_training_pass",
     "sketch_temporary_bytes", "sketch_work", "dense_gradient_work", "chunked_checks", "fallback_checks", "input_gradient_share", "row_sum_products", "sketchable", "splitter_state_copies",
     "tangent_bytes", "optimizer_state_bytes", "equal_chunks", "factored_chunk_bytes", "training_pass_bytes", "bare_step_forwards", "example_counts", "with_kernel_records",

@@ -327,7 +327,8 @@ def example_pass_measure(model: nn.Module, forward: Callable, params: dict[str, 
 
     Once per model, input shapes and dtypes, modules, differentiated parameters, kernel context and loss (cached:
     the route runs it on its first call only, not per step; a module or parameter replaced, or a module
-    reconfigured, measures again)."""
+    reconfigured, measures again). Where the measured pass raises (a user's hook, an interrupted pass), the leaf
+    outputs alone, not cached: the next call measures again."""
     key = (_tensor_signature(example), tuple(sorted(params)), kernel_context(example), _tensor_signature(target))
     known = _ACTIVATIONS.recall(model, key, loss_fn)
     if known is not None:
@@ -335,6 +336,9 @@ def example_pass_measure(model: nn.Module, forward: Callable, params: dict[str, 
     with torch.no_grad(), _LeafOutputs(model) as counted:
         forward(params, example)
     measured = _measured_pass(model, forward, params, example, loss_fn, target)
+    if measured is None:  # (the pass raised: the leaf outputs alone, not kept, or that fallback would size every
+        # later call's chunks of the model in the process where the measure would pass, as a fresh process's does)
+        return ExamplePass(counted.elements, 0)
     found = ExamplePass(max(counted.elements, measured.activations), measured.fixed_bytes)
     _ACTIVATIONS.remember(model, key, loss_fn, found)
     return found
@@ -374,7 +378,7 @@ def _one_example_loss(forward: Callable, loss_fn: Callable, tensor_targets: bool
 
 
 def _measured_pass(model: nn.Module, forward: Callable, params: dict[str, torch.Tensor],
-                   example: tuple[torch.Tensor, ...], loss_fn: Callable | None, target: Any) -> ExamplePass:
+                   example: tuple[torch.Tensor, ...], loss_fn: Callable | None, target: Any) -> ExamplePass | None:
     """The vmapped per-example pass measured: per-example gradients (``torch.func.vmap`` of ``grad`` of ``loss_fn``,
     as :func:`_example_chunks` runs them, or of a sum of squares of the output standing in for the loss) over 1 and
     2 copies of ``example`` (and ``target``) under ``push_memory.LiveBytes``; buffers and the random state kept. The
@@ -387,7 +391,8 @@ def _measured_pass(model: nn.Module, forward: Callable, params: dict[str, torch.
     and 18 at T = 256 (a chunk sized by the leaf outputs held 143 MB for a 16 MiB budget), an LSTM 45; convolutional
     nets and MLPs under them (the leaf outputs count). A loss building an outer product of a 256-wide output held
     4.9x a 4 MiB budget, measured with the stand-in. The measure holds two examples' pass once, beside no other.
-    Zero where the pass raises (the leaf outputs alone then; the route's own pass reports its errors)."""
+    None where the pass raises (nothing measured: the leaf outputs alone then, not kept; the route's own pass reports
+    its errors)."""
     if not params:
         return ExamplePass(0, 0)
     # (each per-example gradient in its parameter's dtype; the activations at the parameters' bytes per value, as the
@@ -418,7 +423,7 @@ def _measured_pass(model: nn.Module, forward: Callable, params: dict[str, torch.
     except torch.OutOfMemoryError:  # (as push_memory's measure: the device's, not the model's)
         raise
     except Exception:
-        return ExamplePass(0, 0)
+        return None
     slope = peaks[1] - peaks[0]
     beyond = (slope - 2 * gradient_bytes) / itemsize
     return ExamplePass(max(0, int(beyond / EXAMPLE_PASS_ACTIVATIONS)), max(0, int(peaks[0] - slope)))
@@ -995,14 +1000,16 @@ def _covering_outcomes_kept(model: nn.Module):
 
 
 def factored_chunk_peaks(model: nn.Module, params: dict[str, torch.Tensor], example: tuple[torch.Tensor, ...],
-                         rows: int, partitions: int) -> tuple[int, int]:
+                         rows: int, partitions: int) -> tuple[int, int] | None:
     """``(one, two)``: the bytes the factored gradient route's first two chunks hold at their peaks
     (:func:`_factored_captures`), on copies of one example (``example``: its inputs, batch dimension 1), a sum of
     squares of the output standing in for the loss: what the cost estimate sizes the route's chunks by
     (:func:`factored_chunk_sizes`). The rows a chunk reaches set what it holds (a Linear weight's rows summed from
     its factors are formed apart, [reached, O, I], where the chunk does not reach every row): the three examples
     are put each in a row of its own in every one of ``partitions`` partitions, of ``rows`` rows in all (at most
-    three a partition). Buffers and the random state kept; (0, 0) where the pass raises."""
+    three a partition). Buffers and the random state kept; None where the pass raises (nothing measured: the cost
+    estimate then counts (0, 0) without keeping it for the architecture,
+    :func:`~genkernel.core.cost.factored_chunk_bytes`)."""
     per_partition = max(1, min(3, rows // max(partitions, 1)))
     inputs = tuple(t[:1].repeat(3, *([1] * (t.dim() - 1))) for t in example)
     groups = [torch.arange(3) % per_partition for _ in range(partitions)]
@@ -1021,7 +1028,7 @@ def factored_chunk_peaks(model: nn.Module, params: dict[str, torch.Tensor], exam
     except torch.OutOfMemoryError:
         raise
     except Exception:
-        return 0, 0
+        return None  # (push_memory.remembered keeps no None)
     return peaks
 
 

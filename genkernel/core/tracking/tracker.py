@@ -87,6 +87,7 @@ from ..errors import LedgerCheckError, NonFiniteError
 from ..param_bytes import trains_float32, value_bytes
 from ..cost import (
     COST_OPTIONS, GROUP_STATE_CHOICES, activation_elements, cost_options as checked_cost_options, estimate_cost,
+    witness_counts,
 )
 from ..grouping import Partitions
 from .checks import CheckScratch, largest_excess
@@ -99,7 +100,7 @@ from .ledger import PathKernelLedger
 from .quadrature import quadrature_rule
 from .routes import (
     CONTRIBUTION_ROUTES, DenseRoute, FactoredRoute, GroupStateRoute, RouteContributions, TrackedModel, plain_sgd,
-    push_rows,
+    probes_coupled, push_rows,
 )
 from .sketched import SketchedRoute
 from .splitters import make_splitter
@@ -147,6 +148,16 @@ def _least_precise(entries: list[dict[str, Any]]) -> torch.dtype | None:
 def _autocast_devices() -> list[str]:
     """The device types ("cpu", "cuda") on which ``torch.autocast`` is on here."""
     return [device for device in ("cpu", "cuda") if torch.is_autocast_enabled(device)]
+
+
+def _construction_precision(params: Mapping[str, torch.Tensor]) -> torch.dtype | None:
+    """The half precision a tracker built now will observe, where it shows: the dtype of the ``torch.autocast`` on
+    around the construction on the devices of ``params`` (one dtype on all of them); else None (not known: a loop's
+    autocast usually starts after the tracker is built, and float16 and bfloat16 differ in what their witnesses
+    hold, :func:`~genkernel.core.cost.witness_counts`)."""
+    dtypes = {torch.get_autocast_dtype(device) for device in _autocast_devices()
+              if any(p.device.type == device for p in params.values())}
+    return dtypes.pop() if len(dtypes) == 1 and dtypes <= {torch.float16, torch.bfloat16} else None
 
 
 def _precision_name(entries: list[dict[str, Any]]) -> str | None:
@@ -656,16 +667,17 @@ class PathKernelTracker:
         # A refusal names only the group states this tracker could be built with: dense alone under DDP, and
         # not the per-example ones (factored, sketched) for a model that couples or randomizes its examples.
         buildable = ("dense",) if self.distributed is not None or self._coupled() else GROUP_STATE_CHOICES
+        # A half-precision step's witnesses, the worst case of its half precision (the loop's seed unknown here):
+        # float16's two sums for the step and two of the micro-batch observed last (_fold_witness), and the one with
+        # the loop's own seed (_witness_seeded), 5 copies, their backward passes 3 (two seed scales and the loop's
+        # seed); bfloat16's one seed scale, 3 and 2. Where the loop's half precision is not known here (no autocast
+        # on around the construction, :func:`_construction_precision`), float16's: never under the step's peak.
+        witnesses = witness_counts(_construction_precision(self.params)) if mixed_precision == "observe" else (0, 0)
         self._cost_settings = dict(state_dtype=state_dtype, memory_budget=self.memory_budget, sketch_dim=sketch_dim,
                                    batch_size=batch_size, micro_batches=1 if micro_batches is None else micro_batches,
                                    step_overhead=step_overhead,
                                    options=cost_options, group_states=buildable,
-                                   # a half-precision step's witnesses, the worst case (the loop's seed and its
-                                   # half precision unknown here): float16's two sums for the step and two of the
-                                   # micro-batch observed last (_fold_witness), and the one with the loop's own seed
-                                   # (_witness_seeded); their backward passes: two seed scales and the loop's seed
-                                   witness_copies=5 if mixed_precision == "observe" else 0,
-                                   witness_passes=3 if mixed_precision == "observe" else 0)
+                                   witness_copies=witnesses[0], witness_passes=witnesses[1])
         # The device's free memory differs between ranks (another process on one GPU): a set-up that fits on one rank
         # only is refused on every rank, or the ranks that built their trackers would wait for the others in the
         # first step's meeting until the process group's timeout.
@@ -1006,7 +1018,9 @@ class PathKernelTracker:
                 partitions=len(self.partitions), group_state=self.group_state,
                 gradient_route=self._gradient_route_of_estimate(), contribution_route=self.route.contribution_route,
                 quadrature_nodes=len(self.rule.nodes), ema=ema, push_memory=self._tracked.push_memory,
-                **self._cost_settings,
+                # (the pushes' own decision, in the same analysis mode: a coupling the forward check found, a
+                # centering h - h.mean(0), pushes the probes in one pass, which the estimate must count)
+                probes_coupled=probes_coupled(self._tracked), **self._cost_settings,
             )
         cost.settings.update(batch_from=self._cost_from["batch"], micro_batches=self._cost_settings["micro_batches"],
                              micro_batches_from=self._cost_from["micro_batches"])
