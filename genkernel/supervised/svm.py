@@ -52,7 +52,9 @@ def _labels(y) -> np.ndarray:
 
 
 def _check_labels(labels: np.ndarray, n: int) -> None:
-    """Refuse labels that are not one per example or name fewer than two classes."""
+    """Refuse no examples, labels that are not one per example or name fewer than two classes."""
+    if n == 0:  # (np.unique of no labels named none, and the message below read labels[0]: an IndexError)
+        raise ValueError("x has no examples: an SVM needs training examples of at least two classes")
     if labels.shape[0] != n:
         raise ValueError(f"y has {labels.shape[0]} labels for {n} examples: pass one label per example")
     if np.unique(labels).size < 2:
@@ -228,7 +230,8 @@ def fit_tangent_svm(model: nn.Module, x: torch.Tensor, y, *, C: float = DEFAULT_
     Args:
         model: a network with one output (or pick one with ``output_index``; required with several).
         x: ``[N, ...]`` training inputs (or a tuple of Tensors, the model's positional inputs; predict
-            with the same layout); y: ``[N]`` labels (any two or more values).
+            with the same layout); y: ``[N]`` labels of two or more classes (ints, strings or whole-valued
+            floats: sklearn refuses continuous values such as 0.5).
         C: SVM regularization (larger: fit the training set harder), when not tuned.
         tune: choose C from ``Cs`` by stratified ``folds``-fold cross-validation (seeded by ``seed``);
             a ``C`` other than the default beside it is refused (it would be ignored).
@@ -279,9 +282,13 @@ def fit_rbf_svm(x: torch.Tensor, y, *, C: float = DEFAULT_C, gamma: str | float 
     default beside it is refused, as it would be ignored). A fit libsvm stops at its iteration cap is refused."""
     from sklearn.svm import SVC
 
-    xs = x.detach().cpu().to(torch.float64).reshape(x.shape[0], -1).numpy()
+    if not isinstance(x, torch.Tensor) or x.dim() == 0:
+        raise TypeError(f"x must be a Tensor [N, ...] of training inputs, got "
+                        f"{type(x).__name__ if not isinstance(x, torch.Tensor) else 'a 0-dim Tensor'}: "
+                        "pass torch.as_tensor(x)")
     labels = _labels(y)
-    _check_labels(labels, xs.shape[0])
+    _check_labels(labels, x.shape[0])  # (before the reshape: [0, -1] of no examples is ambiguous, a RuntimeError)
+    xs = x.detach().cpu().to(torch.float64).reshape(x.shape[0], -1).numpy()
     if tune:
         _check_untuned({"C": (C, DEFAULT_C), "gamma": (gamma, "scale")})
         # sklearn's gamma="scale", 1 / (D · Var(x)), and as sklearn 1.0 for constant inputs (it was 1 / 0 = inf, which

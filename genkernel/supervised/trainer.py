@@ -20,7 +20,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..core.adapter import (
-    Batch, as_tuple, batch_size, buffer_snapshot, first_tensor, positive_int, restore_buffers, seeded_generator, select,
+    Batch, analysis_mode, as_tuple, batch_size, buffer_snapshot, first_tensor, positive_int, restore_buffers,
+    seeded_generator, select,
 )
 from ..core.errors import NonFiniteError
 from ..core.grouping import INTEGER_DTYPES
@@ -33,6 +34,11 @@ from ..core.tracking.step import (
     until_applied,
 )
 from ..core.tracking.tracker import PathKernelTracker
+from .losses import cross_entropy_loss, logistic_loss, mse_loss
+
+# The losses whose checks of the targets' values (class ids in [0, C), labels in {-1, +1}, shapes) fit reads before
+# any step on the whole dataset (they run on zero outputs; another loss function may need real ones).
+CHECKED_LOSSES = (cross_entropy_loss, logistic_loss, mse_loss)
 
 
 class SupervisedTrainer:
@@ -139,7 +145,9 @@ class SupervisedTrainer:
         return batch
 
     def fit(self, inputs: Batch, targets: Batch, *, steps: int) -> list[float]:
-        """Train for ``steps`` optimizer steps. Returns the mean loss of every step."""
+        """Train for ``steps`` optimizer steps. Returns the mean loss of every step. With one of this module's
+        losses, targets it refuses (a class id outside [0, C), a logistic label not ±1, a shape that does not fit
+        the outputs) are refused on the whole dataset before the first step, not at the step that draws them."""
         if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps < 0:
             raise ValueError(f"steps must be a non-negative int, got {steps!r}")
         check_not_torn(self, "fit()")
@@ -153,12 +161,38 @@ class SupervisedTrainer:
             raise ValueError(f"inputs have {n} examples but targets have {m}: pass one target per input (dimension 0)")
         if n < self.batch_size:
             raise ValueError(f"the dataset has {n} examples, fewer than batch_size={self.batch_size}")
+        self._check_targets(xs, ys)
         self.num_examples = n
         fire(self.callbacks, "on_train_start", self)
         for _ in tqdm(range(steps), total=steps, disable=not self.progress, desc="train"):
             until_applied(lambda: self._train_step(xs, ys, n), self.grad_scaler, self._count_skip)
         fire(self.callbacks, "on_train_end", self)
         return self.history
+
+    def _check_targets(self, xs: tuple[torch.Tensor, ...], ys) -> None:
+        """Refuse, before any step, targets that one of this module's losses (:data:`CHECKED_LOSSES`) refuses: their
+        checks of values ran only on the batches drawn, so a class id out of range (or a label 0 for the logistic
+        loss) was refused at the first step whose batch held it, after the steps before had trained on the data.
+        The loss is called on zero outputs shaped as the model's (one eval-mode forward of two examples, RNG
+        untouched); a model whose forward fails there is left to the steps, which report it. Returns nothing."""
+        if self.loss_fn not in CHECKED_LOSSES or not isinstance(ys, torch.Tensor):
+            return
+        try:
+            with torch.no_grad(), analysis_mode(self.model):
+                out = self.model(*(t[:2] for t in xs))
+        except Exception:  # (the first step's forward reports it, in its words)
+            return
+        if not isinstance(out, torch.Tensor) or out.dim() == 0:
+            return
+        zeros = out.new_zeros((ys.shape[0], *out.shape[1:]))
+        try:
+            with torch.no_grad():
+                self.loss_fn(zeros, ys.to(out.device))
+        except (ValueError, TypeError) as error:
+            raise type(error)(f"the targets do not fit {self.loss_fn.__name__} (checked on all {ys.shape[0]} examples "
+                              f"before any step): {error}") from None
+        except RuntimeError:  # (torch's own, e.g. of dtypes the steps' autocast reconciles: left to the steps)
+            return
 
     def _train_step(self, xs: tuple[torch.Tensor, ...], ys, n: int) -> None:
         """One update through the callbacks, counted (``global_step``, ``history``) once it is in the
