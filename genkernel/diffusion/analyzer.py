@@ -82,8 +82,8 @@ from torch import nn
 
 from ..core import grouping
 from ..core.adapter import (
-    analysis_mode, as_tuple, check_memory_budget, like_parameter, positive_int, seed_bits, seeded_generator, unwrap,
-    unwrap_optimizer,
+    analysis_mode, as_tuple, check_memory_budget, like_parameter, not_fitting_inputs, not_fitting_message, positive_int,
+    seed_bits, seeded_generator, unwrap, unwrap_optimizer,
 )
 from ..core.errors import LedgerCheckError
 from ..core.cost import CostEstimate, example_counts, with_kernel_records
@@ -106,6 +106,7 @@ from .kernels import eval_mode, make_states, state_kernel, state_kernel_work
 from .learned_variance import describe_loss, loss_targets, predicts_variance, training_loss
 from .locality import kernel_locality, sketch_jackknife
 from .models import KEY_BIAS_SUFFIXES
+from .guidance import check_class_labels, class_tables
 from .objectives import (
     check_prediction_type,
     check_timesteps,
@@ -427,6 +428,8 @@ class NoiseLevelAnalyzer(TrainerCallback):
         """
         if self.tracker is not None:
             raise RuntimeError("this analyzer is already bound to a model; build a new one for another run")
+        self._check_probe_labels(model)  # (before the probes' first forward: torch's "index out of range" otherwise)
+        self._class_tables = class_tables(unwrap(model))  # (read once: the steps' labels are checked against them)
         if self._pending_state is not None:  # before any hook is attached to the optimizer
             self._check_start_step(self._pending_state, start_step if self._start_step is None else self._start_step)
             # (loaded by hand, not by a trainer: whether the saved run kept an EMA ledger is known here, from ema=)
@@ -543,21 +546,66 @@ class NoiseLevelAnalyzer(TrainerCallback):
 
     def _check_latent_probe_images(self, trainer: Any) -> None:
         """Refuse, before :meth:`bind` runs the probes through the model, probes shaped as a latent-diffusion
-        trainer's images (``DDPMTrainer(vae=)``, Tensor data) where its VAE makes latents of another shape: bind's
-        first forward failed on them with the model's own error (a convolution's channel count), which named
-        neither the probes nor the fix (:meth:`_check_latent_probes` checks the steps' latents at the first step)."""
+        trainer's images (``DDPMTrainer(vae=)``) where its VAE makes latents of another shape: bind's first forward
+        failed on them with the model's own error (a convolution's channel count), which named neither the probes
+        nor the fix (:meth:`_check_latent_probes` checks the steps' latents at the first step). Tensor data: the
+        images' shape is known. A DataLoader's images are shaped by its first batch, not drawn yet: probes the
+        VAE encodes (its ``in_channels``) to latents of another shape are refused where one of them does not fit
+        the model (a trial forward that changes nothing); probes that run stay for the first step's check (latents
+        with as many channels as the images, LDM's f4 VAE, are not told apart from images before it). Returns None."""
         coder, images = getattr(trainer, "latent_coder", None), getattr(trainer, "input_shape", None)
         probes = tuple(self.probe_clean.shape[1:])
-        if coder is None or images is None or probes != tuple(images):
+        if coder is None:
             return
-        latents = tuple(coder.mode_latents(torch.zeros((1, *images), dtype=torch.float64), device=torch.device("cpu"),
-                                           dtype=torch.float64).shape[1:])
+        error = None
+        if images is None:
+            if len(probes) != 3 or (coder.in_channels is not None and probes[0] != coder.in_channels):
+                return  # (not images the VAE encodes: the model's own error, or the first step's check, tells)
+            error = self._probes_fail(trainer.model)
+            if error is None:
+                return
+            images = probes
+        if probes != tuple(images):
+            return
+        try:
+            latents = tuple(coder.mode_latents(torch.zeros((1, *images), dtype=torch.float64),
+                                               device=torch.device("cpu"), dtype=torch.float64).shape[1:])
+        except Exception:  # (the VAE does not encode this shape: not its images; the model's error tells)
+            if error is None:
+                raise
+            raise error from None
         if latents != probes:
             raise ValueError(
                 f"the trainer denoises latents shaped {latents} per example (vae=), this analyzer's probes are shaped "
                 f"{probes}, as its images: build the analyzer with the probes' latents, NoiseLevelAnalyzer(scheduler, "
                 "trainer.encode(probe_images), ...)"
-            )
+            ) from error
+
+    def _check_probe_labels(self, model: nn.Module) -> None:
+        """Refuse probe class labels (the integer ``[N0]`` parts of ``probe_conditioning``) outside the model's
+        class-label table (:func:`~genkernel.diffusion.guidance.check_class_labels`): the probes' first forward
+        failed on them with torch's "index out of range in self", which named neither the labels nor the table.
+        Returns None."""
+        labels = [torch.cat([p, k]) for p, k in zip(self.probe_conditioning, self.kernel_conditioning)
+                  if p.dim() == 1 and not (p.is_floating_point() or p.is_complex() or p.dtype == torch.bool)]
+        tables = class_tables(unwrap(model)) if labels else []
+        for values in labels:
+            check_class_labels(tables, values, "the probes' class labels (probe_conditioning=)")
+
+    def _probes_fail(self, model: nn.Module) -> BaseException | None:
+        """The error one probe's forward raises where its inputs do not fit ``model`` (None where it runs), run
+        under :func:`~genkernel.core.adapter.analysis_mode` and ``no_grad`` (eval mode, the global RNG forked:
+        nothing of the training changes)."""
+        model = unwrap(model)
+        probes = self.probes(next(model.parameters()))
+        try:
+            with analysis_mode(model), torch.no_grad():
+                model(*(t[:1] for t in probes))
+        except Exception as error:  # (out-of-memory errors and failed collectives pass through as they are)
+            if not not_fitting_inputs(error):
+                raise
+            return error
+        return None
 
     def on_train_start(self, trainer: Any) -> None:
         self._check_trainer_scheduler(trainer)
@@ -568,7 +616,8 @@ class NoiseLevelAnalyzer(TrainerCallback):
         # ended included: its ledgers are then read, not extended).
         if self.tracker is None and (self._in_window(getattr(trainer, "global_step", 0) + 1)
                                      or self._pending_state is not None):
-            self._check_latent_probe_images(trainer)  # (before bind runs the probes through the model)
+            self._check_probe_labels(trainer.model)  # (before _trainer_overhead's and bind's forwards of the probes)
+            self._check_latent_probe_images(trainer)
             self._start_step = getattr(trainer, "global_step", None)
             batch_size = getattr(trainer, "batch_size", None)
             micro_batches = getattr(trainer, "micro_batches", 1)  # (as its steps split a batch: at most one example each)
@@ -596,14 +645,45 @@ class NoiseLevelAnalyzer(TrainerCallback):
             return 0.0
         model = unwrap(trainer.model)
         probes = self.probes(next(model.parameters()))
-        with analysis_mode(model):  # (eval mode, the global RNG forked: the count's forward disturbs no training draw)
-            macs = example_counts(model, tuple(t[:1] for t in probes))[1]
+        try:
+            with analysis_mode(model):  # (eval mode, the global RNG forked: the count disturbs no training draw)
+                macs = example_counts(model, tuple(t[:1] for t in probes))[1]
+        except Exception as error:  # (the probes' first forward: torch's words named neither them nor their shapes)
+            if not not_fitting_inputs(error):
+                raise
+            raise ValueError(not_fitting_message("probes", model, probes, error)) from error
         return float(overhead_of(macs))
 
     def _check_trainer_conditioning(self, trainer: Any) -> None:
         """Refuse probes without conditioning for a trainer that conditions its model (``DDPMTrainer(conditional=)``):
-        the probes' forward ``model(z, s)`` would miss the input every training step gives."""
+        the probes' forward ``model(z, s)`` would miss the input every training step gives; probes with conditioning
+        for a trainer that gives its model none; probe embeddings shaped otherwise than the trainer's data's (known
+        for Tensor data); and a level × class split the trainer's labels do not fit (:meth:`_check_trainer_classes`).
+        Returns None."""
         conditioning = getattr(trainer, "conditioning", "none")  # (DDPMTrainer's; another trainer's may be anything)
+        if getattr(trainer, "conditioning", None) == "none" and self.probe_conditioning:
+            # (the probes' forward model(z, s, *conditioning) failed in the model's words, "class_embedding needs to
+            # be initialized", or ran a model the steps call otherwise)
+            raise ValueError(
+                f"the trainer calls its model as model(x_t, t) (conditional=False), but this analyzer's probes carry "
+                f"probe_conditioning shaped {[tuple(c.shape) for c in self.probe_conditioning]}: drop "
+                "probe_conditioning= (and num_classes= unless the steps pass class labels), or build the trainer with "
+                "conditional=True (class labels) or conditional='embeddings'"
+            )
+        self._check_trainer_classes(trainer)
+        shapes = getattr(trainer, "embedding_shape", None)
+        if conditioning == "embeddings" and isinstance(shapes, tuple) and shapes and self.probe_conditioning:
+            # (the data's embeddings are known: probes of another width failed at their first forward in torch's
+            # words, "mat1 and mat2 shapes cannot be multiplied"; another length at the first step)
+            given = [shapes] if all(isinstance(d, int) for d in shapes) else [tuple(part) for part in shapes]
+            probes = [tuple(c.shape[1:]) for c in self.probe_conditioning]
+            if given != probes:
+                raise ValueError(
+                    f"the trainer gives its model {len(given)} embedding input(s) shaped {given} per example (its data's "
+                    f"embeddings), this analyzer's probes {len(probes)} shaped {probes}: build it with probe_conditioning= "
+                    "encoded as the data's (the probes' prompts through the same text encoder; a tuple (sequence, "
+                    "pooled) for embeddings given as a tuple)"
+                )
         if conditioning == "class_labels" and self.probe_conditioning and self.probe_conditioning[0].is_floating_point():
             # (the model's embedding lookup refused them at bind with torch's words: "Expected tensor for argument #1
             # 'indices' to have one of the following scalar types: Long, Int")
@@ -619,6 +699,37 @@ class NoiseLevelAnalyzer(TrainerCallback):
                 f"the trainer gives its model {conditioning.replace('_', ' ')} as a third input (conditional="
                 f"{'True' if conditioning == 'class_labels' else repr(conditioning)}), but this analyzer's probes have "
                 f"none: build it with probe_conditioning=, the probes' {what}"
+            )
+
+    def _check_trainer_classes(self, trainer: Any) -> None:
+        """Refuse, before any step, a level × class split (``num_classes=C``) that a DDPMTrainer's Tensor data cannot
+        fill: data without class labels (every step refused at the tracked steps), or labels, or a classifier-free
+        guidance null class, at C or above (refused at the first step that drew them, after the analyzer had bound
+        and the untracked steps before had trained). Returns None."""
+        if self.num_classes is None or not isinstance(getattr(trainer, "data", None), torch.Tensor):
+            return
+        if not hasattr(trainer, "labels"):
+            return
+        labels = trainer.labels
+        if labels is None:
+            raise ValueError(
+                f"this analyzer splits by level × class (num_classes={self.num_classes}), but the trainer's data has no "
+                "class labels: pass the trainer labels= (a LongTensor[N]; they reach the analyzers for an unconditional "
+                "model too), or build the analyzer without num_classes="
+            )
+        dropout = getattr(trainer, "class_dropout", None)
+        null = getattr(dropout, "null_class", None) if getattr(dropout, "active", False) else None
+        if labels.numel() and int(labels.min()) < 0:
+            raise ValueError(f"the trainer's labels go down to {int(labels.min())}, outside this analyzer's level × "
+                             f"class split (classes 0 to {self.num_classes - 1}): pass the trainer class indices from 0")
+        high = max(int(labels.max()) if labels.numel() else -1, -1 if null is None else int(null))
+        if high >= self.num_classes:
+            what = (f"the classifier-free guidance null class {null}" if null is not None and null == high
+                    else f"labels up to {high}")
+            raise ValueError(
+                f"the trainer gives {what}, outside this analyzer's level × class split (num_classes={self.num_classes}, "
+                f"classes 0 to {self.num_classes - 1}): build the analyzer with num_classes={high + 1} (a null class is "
+                "a class of its own in the split)"
             )
 
     def _trainer_ema(self, trainer: Any) -> Any:
@@ -655,6 +766,7 @@ class NoiseLevelAnalyzer(TrainerCallback):
         self._check_latent_probes(trainer, step)
         if self.tracker is None:
             self._check_trainer_scheduler(trainer)
+            self._check_probe_labels(step.model)  # (before _trainer_overhead's forward of the probes)
             self.bind(step.model, step.optimizer, ema=self._trainer_ema(trainer), max_grad_norm=step.max_grad_norm,
                       batch_size=step.batch, micro_batches=step.micro_batches, start_step=index - 1,
                       step_overhead=self._trainer_overhead(trainer))
@@ -875,6 +987,17 @@ class NoiseLevelAnalyzer(TrainerCallback):
         reaches a model whose ``forward`` defaults it, silently, as None)."""
         given = [tuple(c.shape[1:]) for c in step.inputs[2:]]
         probes = [tuple(c.shape[1:]) for c in self.probe_conditioning]
+        for part in step.inputs[2:]:  # (class labels past the model's table: torch's "index out of range in self")
+            if isinstance(part, torch.Tensor) and part.dim() == 1 and not (
+                    part.is_floating_point() or part.is_complex() or part.dtype == torch.bool):
+                check_class_labels(getattr(self, "_class_tables", []), part, "the step's class labels (conditioning=)")
+        if probes and not given:  # (the model's own error otherwise: "class_labels should be provided", or none)
+            raise ValueError(
+                f"the step gives the model no input beside (x_t, t), this analyzer's probes {len(probes)} "
+                f"(probe_conditioning shaped {probes} per example): pass the step's conditioning, the inputs the model "
+                "trains with (analyzer.step(..., conditioning=labels)), or build the analyzer without probe_conditioning= "
+                "for a model called as model(x_t, t)"
+            )
         if given and probes and given != probes:
             raise ValueError(
                 f"the step gives the model {len(given)} input(s) beside (x_t, t) shaped {given} per example, this "

@@ -235,6 +235,44 @@ class EmbeddingDropout:
         return config
 
 
+def class_tables(model: nn.Module) -> list[tuple[str, int]]:
+    """The class-label embedding tables inside ``model`` as ``(where, rows)`` pairs: diffusers' ``UNet2DModel`` /
+    ``UNet2DConditionModel`` ``config.num_class_embeds`` when ``class_embed_type`` is None (the only case with a
+    table; where "name.num_class_embeds"), DiT's ``LabelEmbedding`` ``embedding_table`` (where
+    "name.embedding_table"), the model's submodules read too (a UNet inside a wrapper); empty for a model with
+    none (an unconditional model, one conditioned on embeddings or a module of the user's)."""
+    tables = []
+    for name, module in model.named_modules():
+        config = getattr(module, "config", None)
+        embeds = getattr(config, "num_class_embeds", None)
+        if isinstance(embeds, int) and not isinstance(embeds, bool) and getattr(config, "class_embed_type", None) is None:
+            tables.append((f"{name}.num_class_embeds" if name else "num_class_embeds", embeds))
+        table = getattr(module, "embedding_table", None)
+        if callable(getattr(module, "token_drop", None)) and isinstance(table, nn.Embedding):
+            tables.append((f"{name}.embedding_table" if name else "embedding_table", table.num_embeddings))
+    return tables
+
+
+def check_class_labels(tables: list[tuple[str, int]], labels: torch.Tensor, what: str) -> None:
+    """Refuse class ``labels`` (an integer Tensor, ``what`` names them) outside any of the model's class-label
+    ``tables`` (:func:`class_tables`): the model's embedding lookup failed on them with torch's "index out of range
+    in self", which named neither the labels nor the table. A ValueError saying what the table holds, what was
+    given and the fix; returns None."""
+    for where, rows in tables:
+        outside = labels[(labels < 0) | (labels >= rows)]
+        if outside.numel() == 0:
+            continue
+        bad = sorted({int(v) for v in outside.tolist()})
+        shown = ", ".join(map(str, bad[:8])) + (", ..." if len(bad) > 8 else "")
+        wider = (f", or build the model with a class embedding of {bad[-1] + 1} rows or more (UNet2DModel("
+                 f"num_class_embeds={bad[-1] + 1}))" if bad[-1] >= rows else "")
+        raise ValueError(
+            f"{what} hold {shown}, outside the model's class embedding ({where} = {rows} rows: labels 0 to {rows - 1}): "
+            f"pass class indices in [0, {rows - 1}] (a classifier-free guidance null class is one of those rows, the "
+            f"last){wider}"
+        )
+
+
 def null_conditioning_rows(null_conditioning: Any, conditioning: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
     """``null_conditioning`` (guidance's unconditional rows) as a tuple of tensors, a part given as None taken from
     ``conditioning`` (the samples' own: SDXL's ``time_ids``, which the null prompt does not replace); a TypeError

@@ -80,7 +80,10 @@ from ..core.tracking.step import (
 from ..logging import LoggingCallback
 from .latents import LatentCoder
 from .models import wrapper_settings
-from .guidance import ClassDropout, EmbeddingDropout, check_guidance_scale, guided_output, null_conditioning_rows
+from .guidance import (
+    ClassDropout, EmbeddingDropout, check_class_labels, check_guidance_scale, class_tables, guided_output,
+    null_conditioning_rows,
+)
 from .learned_variance import LEARNED_RANGE, loss_targets, mean_channels, predicts_variance, training_loss
 from .timestep_sampling import Density, Weighting, make_loss_weighting, make_timestep_density
 from .objectives import (
@@ -124,6 +127,41 @@ def conditioning_dropout(conditioning: str, probability: Any, null_class: Any,
         raise ValueError("null_embedding is what dropped embeddings become: build the trainer with "
                          "conditional='embeddings' (class labels drop to null_class=)")
     return ClassDropout.build(probability, null_class, conditioning == "class_labels")
+
+
+def check_takes_labels(model: nn.Module, conditioning: str) -> None:
+    """Refuse class labels (``conditioning == "class_labels"``) for a diffusers ``UNet2DModel`` without a class
+    embedding (``num_class_embeds`` and ``class_embed_type`` None): its first step failed in diffusers' words,
+    "class_embedding needs to be initialized in order to use class conditioning", which named no fix. Other
+    models are left to their first step. Returns None."""
+    config = getattr(model, "config", None)
+    if (conditioning != "class_labels" or type(model).__name__ != "UNet2DModel"
+            or getattr(config, "num_class_embeds", 0) is not None or getattr(config, "class_embed_type", 0) is not None):
+        return
+    raise ValueError(
+        "conditional=True gives the model class labels, but this UNet2DModel has no class embedding "
+        "(num_class_embeds=None): build it with UNet2DModel(..., num_class_embeds=K) for K classes (K + 1 with "
+        "class_dropout=, the null class K), or train it unconditionally (conditional=False, labels left out)"
+    )
+
+
+def check_embedding_width(model: nn.Module, sequence: torch.Tensor, what: str) -> None:
+    """Refuse a sequence embedding ``[N, L, D]`` (``what`` names it) whose width D is not the cross-attention width
+    of a diffusers ``UNet2DConditionModel`` given it as ``encoder_hidden_states`` (``config.cross_attention_dim``,
+    one int, no ``encoder_hid_dim`` projection): its first step failed in torch's words, "mat1 and mat2 shapes
+    cannot be multiplied". Other models (a wrapper, a transformer) are left to their first step. Returns None."""
+    config = getattr(model, "config", None)
+    width = getattr(config, "cross_attention_dim", None)
+    if (type(model).__name__ != "UNet2DConditionModel" or isinstance(width, bool) or not isinstance(width, int)
+            or getattr(config, "encoder_hid_dim", None) is not None or sequence.dim() != 3
+            or sequence.shape[-1] == width):
+        return
+    raise ValueError(
+        f"{what} are {sequence.shape[-1]} wide per token (shaped {tuple(sequence.shape[1:])} per example), but the "
+        f"UNet2DConditionModel attends to encoder_hidden_states of width cross_attention_dim={width}: encode the "
+        f"prompts with the text encoder the UNet was built for (hidden size {width}), or build the UNet with "
+        f"cross_attention_dim={sequence.shape[-1]}"
+    )
 
 
 def noise_scale(value: Any, name: str) -> float:
@@ -368,6 +406,10 @@ class DDPMTrainer:
         self.conditioning = conditioning_kind(conditional)
         self.class_dropout = conditioning_dropout(self.conditioning, class_dropout, null_class, null_embedding)
         self.class_dropout.check_model(model)
+        # the model's class-label tables, read once: the labels it is given are checked against them (a label past
+        # the table failed at the first step with torch's "index out of range in self")
+        self._class_tables = class_tables(model) if self.conditioning == "class_labels" else []
+        check_takes_labels(model, self.conditioning)
         self.shuffle = bool(shuffle)
         param = first_tensor(model, "the model")
         self.device, self.dtype = param.device, param.dtype
@@ -444,6 +486,8 @@ class DDPMTrainer:
             )
         self.data = data.to(**self._input_placement())
         self.labels = None if labels is None else class_labels(labels, data.shape[0], "labels").to(self.device)
+        if self.conditioning == "class_labels":
+            check_class_labels(self._class_tables, self.labels, "labels=")
         self.embeddings = None
         if embeddings is not None:
             self.embeddings = self._checked_embeddings(embeddings, data.shape[0], "embeddings")
@@ -580,6 +624,7 @@ class DDPMTrainer:
                                 f"them, each with the {n} rows), got {found}{which}")
         if self.embedding_shape is None:
             self._check_model_takes(len(parts))
+            check_embedding_width(self.model, parts[0], what)
         shape = embedding_shapes(embeddings)
         if self.embedding_shape is not None and shape != self.embedding_shape:
             raise ValueError(f"{what} are shaped {shape} per example, the data's embeddings {self.embedding_shape}")
@@ -662,6 +707,7 @@ class DDPMTrainer:
                 self._checked_embeddings(embeddings, clean.shape[0], "a batch's conditioning embeddings"))
         if self.conditioning == "class_labels":
             batch["labels"] = class_labels(labels, clean.shape[0], "the batch's class labels (conditional=True)")
+            check_class_labels(self._class_tables, batch["labels"], "the batch's class labels (conditional=True)")
         elif is_class_labels(labels, clean.shape[0]):
             batch["labels"] = labels.long()
         if "labels" in batch:
@@ -933,7 +979,9 @@ class DDPMTrainer:
             raise ValueError(f"this trainer's model is conditioned on {wanted.replace('labels', 'class labels')}: pass {form} to "
                              "sample" + (f", not {unwanted}" if unwanted else ""))
         if wanted == "labels":
-            return class_labels(labels, num_samples, "labels").to(self.device)
+            labels = class_labels(labels, num_samples, "labels").to(self.device)
+            check_class_labels(self._class_tables, labels, "the labels to sample")
+            return labels
         if wanted == "embeddings":
             return self._on_model(self._checked_embeddings(embeddings, num_samples, "embeddings"))
         return None
