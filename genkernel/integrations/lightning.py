@@ -26,7 +26,8 @@ belongs in ``training_step``: an error raised by one called in the sanity check 
 says so. Under DDP the callback binds the wrapper Lightning trains, so the ranks' group gradients
 are combined as their gradients are. ``on_train_end`` records the final kernel structure. Lightning's
 ``StochasticWeightAveraging`` over a module with BatchNorm is refused at the start (its extra epoch copies
-the average into the module outside any step): average with ``WeightAveraging()``. The
+the average into the module outside any step; not where ``max_steps`` ends the fit before that epoch): average
+with ``WeightAveraging()``. The
 analyzer's state is saved in, and restored from, Lightning checkpoints by a ``fit`` with ``ckpt_path=`` (a
 ``validate``/``test``/``predict`` with ``ckpt_path=`` trains nothing and leaves the analyzer as it is, bound in
 an earlier fit or not). Every ``fit`` builds
@@ -454,14 +455,19 @@ def _refuse_batch_norm_swa(trainer: pl.Trainer, pl_module: pl.LightningModule) -
     and a finite ``max_epochs``: after the last epoch that callback copies its average into the module and runs
     one more epoch of ``training_step`` with no backward (to recompute the BatchNorm statistics). The analyzer's
     hooks found the parameters changed outside any step there and the fit failed at its very end, after every
-    training step, naming no averaging (a run that trains to the end without the analyzer)."""
+    training step, naming no averaging (a run that trains to the end without the analyzer). A fit whose
+    ``max_steps`` ends it before that epoch (Lightning stops at ``max_steps`` before starting another epoch) never
+    runs it and is not refused: it trains as it would without the callback."""
     try:
         from lightning.pytorch.callbacks import StochasticWeightAveraging
     except ImportError:  # (a Lightning without it)
         return
-    if not any(isinstance(c, StochasticWeightAveraging) for c in getattr(trainer, "callbacks", ())):
+    swa = [c for c in getattr(trainer, "callbacks", ()) if isinstance(c, StochasticWeightAveraging)]
+    if not swa:
         return
     if trainer.max_epochs in (None, -1):  # (no extra BatchNorm epoch: the average is copied in at the end only)
+        return
+    if not _reaches_swa_batch_norm_epoch(trainer, swa[0]):
         return
     norms = [name for name, m in pl_module.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     if norms:
@@ -474,6 +480,26 @@ def _refuse_batch_norm_swa(trainer: pl.Trainer, pl_module: pl.LightningModule) -
             "then recompute the average's statistics after the fit (torch.optim.swa_utils.update_bn); or train "
             "without the analyzer"
         )
+
+
+def _reaches_swa_batch_norm_epoch(trainer: pl.Trainer, swa: Any) -> bool:
+    """Whether the fit can reach the epoch ``swa`` (a ``StochasticWeightAveraging``) adds after the last one for the
+    BatchNorm statistics: False only where ``max_steps`` is hit first (every epoch before it steps
+    ceil(batches / accumulate_grad_batches) times: 2 epochs of 2 batches and max_steps=4 stop before it, and trained
+    as without the callback when they were refused); True where that cannot be known (an iterable dataset's unknown
+    length, a ``max_time``, a Lightning without these attributes)."""
+    max_steps = getattr(trainer, "max_steps", -1)
+    batches = getattr(trainer, "num_training_batches", None)
+    accumulate = getattr(trainer, "accumulate_grad_batches", None)
+    try:
+        last = int(swa.swa_end)  # (the last epoch of the fit as asked for, 0-based: the extra one comes after it)
+    except Exception:  # (its on_fit_start not run, or a Lightning that names it otherwise)
+        return True
+    if (isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps < 0
+            or not isinstance(batches, int) or isinstance(batches, bool) or batches <= 0
+            or not isinstance(accumulate, int) or accumulate <= 0):
+        return True
+    return max_steps > (last + 1) * -(-batches // accumulate)
 
 
 def _raised_in_observe(exception: BaseException) -> bool:
