@@ -91,3 +91,26 @@ def test_float32_sketches_that_drift_or_lose_an_example_are_still_refused():
             with pytest.raises(LedgerCheckError, match="does not add up to the sketch of the optimizer's total"):
                 tracker.track(OptimizerStep(model, optimizer, _loss, inputs, targets, None, micro_batches=2), groups)
             assert tracker.ledger.steps == 0
+
+
+@pytest.mark.parametrize("kind", ["momentum", "adam"])
+def test_a_drift_of_the_sketched_state_of_8e_5_is_refused_on_an_ordinary_float32_step(kind, monkeypatch):
+    """Ordinary steps (64 examples, no cancellation), then one whose examples' sketches are all scaled by 1 + 8e-5 (a
+    drift of the groups' state against the exact total): refused. The magnitude the state was summed from is judged
+    by float32 units (SKETCH_ROUNDING_UNITS eps), not at rtol: at rtol (1e-5 of the summed magnitude) a drift up to
+    1.2e-4 passed here; by units it is refused from about 5e-5, as before the magnitude was counted (3e-5)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 16), nn.Tanh(), nn.Linear(16, 2))
+    optimizer = (torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9) if kind == "momentum" else
+                 torch.optim.Adam(model.parameters(), lr=1e-3))
+    tracker = PathKernelTracker(model, optimizer, _loss, torch.randn(4, 3), num_groups=4, group_state="sketched",
+                                sketch_dim=64)
+    project = SketchedRoute.project_batch
+    for step in range(3):
+        x, y = torch.randn(64, 3), torch.randn(64, 2)
+        if step == 2:
+            monkeypatch.setattr(SketchedRoute, "project_batch", lambda self, batch: project(self, batch) * (1 + 8e-5))
+            with pytest.raises(LedgerCheckError, match="does not add up to the sketch"):
+                tracker.track(OptimizerStep(model, optimizer, _loss, x, y, None, micro_batches=1), torch.arange(64) % 4)
+        else:
+            tracker.track(OptimizerStep(model, optimizer, _loss, x, y, None, micro_batches=1), torch.arange(64) % 4)
