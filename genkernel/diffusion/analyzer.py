@@ -82,8 +82,8 @@ from torch import nn
 
 from ..core import grouping
 from ..core.adapter import (
-    analysis_mode, as_tuple, check_memory_budget, like_parameter, not_fitting_inputs, not_fitting_message, positive_int,
-    seed_bits, seeded_generator, unwrap, unwrap_optimizer,
+    analysis_mode, as_tuple, buffer_snapshot, check_memory_budget, like_parameter, not_fitting_inputs,
+    not_fitting_message, positive_int, restore_buffers, seed_bits, seeded_generator, unwrap, unwrap_optimizer,
 )
 from ..core.errors import LedgerCheckError
 from ..core.cost import CostEstimate, example_counts, with_kernel_records
@@ -574,6 +574,12 @@ class NoiseLevelAnalyzer(TrainerCallback):
             if error is None:
                 raise
             raise error from None
+        if latents != probes and error is not None and self._probes_fail(trainer.model, latents) is not None:
+            # (latents of the VAE's shape fail too: the probes' shape is not what the model refused, their
+            # conditioning is, embeddings of another width, and "build with the probes' latents" misled)
+            model = unwrap(trainer.model)
+            first = [t[:1] for t in self.probes(next(model.parameters()))]
+            raise ValueError(not_fitting_message("probes", model, first, error)) from error
         if latents != probes:
             raise ValueError(
                 f"the trainer denoises latents shaped {latents} per example (vae=), this analyzer's probes are shaped "
@@ -592,19 +598,26 @@ class NoiseLevelAnalyzer(TrainerCallback):
         for values in labels:
             check_class_labels(tables, values, "the probes' class labels (probe_conditioning=)")
 
-    def _probes_fail(self, model: nn.Module) -> BaseException | None:
-        """The error one probe's forward raises where its inputs do not fit ``model`` (None where it runs), run
-        under :func:`~genkernel.core.adapter.analysis_mode` and ``no_grad`` (eval mode, the global RNG forked:
-        nothing of the training changes)."""
+    def _probes_fail(self, model: nn.Module, shape: tuple[int, ...] | None = None) -> BaseException | None:
+        """The error one probe's forward raises where its inputs do not fit ``model`` (None where it runs; with
+        ``shape``, zeros of that shape per example in place of its noisy input, the rest of its inputs kept), run
+        under :func:`~genkernel.core.adapter.analysis_mode` and ``no_grad`` (eval mode, the global RNG forked) with
+        the buffers put back (a forward that updates one in eval mode too, a quantization observer's): nothing of
+        the training changes."""
         model = unwrap(model)
-        probes = self.probes(next(model.parameters()))
+        probes = tuple(t[:1] for t in self.probes(next(model.parameters())))
+        if shape is not None:
+            probes = (probes[0].new_zeros((1, *shape)), *probes[1:])
+        buffers = buffer_snapshot(model)
         try:
             with analysis_mode(model), torch.no_grad():
-                model(*(t[:1] for t in probes))
+                model(*probes)
         except Exception as error:  # (out-of-memory errors and failed collectives pass through as they are)
             if not not_fitting_inputs(error):
                 raise
             return error
+        finally:
+            restore_buffers(buffers)
         return None
 
     def on_train_start(self, trainer: Any) -> None:

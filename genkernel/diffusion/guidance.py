@@ -32,7 +32,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..core.adapter import as_tuple, output_tensor
+from ..core.adapter import as_tuple, output_tensor, unwrap
 from ..core.tracking.batches import embedding_form, embedding_parts, embedding_shapes, map_embeddings
 from ..core.tracking.io import data_fingerprint
 
@@ -239,8 +239,19 @@ def class_tables(model: nn.Module) -> list[tuple[str, int]]:
     """The class-label embedding tables inside ``model`` as ``(where, rows)`` pairs: diffusers' ``UNet2DModel`` /
     ``UNet2DConditionModel`` ``config.num_class_embeds`` when ``class_embed_type`` is None (the only case with a
     table; where "name.num_class_embeds"), DiT's ``LabelEmbedding`` ``embedding_table`` (where
-    "name.embedding_table"), the model's submodules read too (a UNet inside a wrapper); empty for a model with
-    none (an unconditional model, one conditioned on embeddings or a module of the user's)."""
+    "name.embedding_table"), the model's submodules read too; empty for a model with none (an unconditional
+    model, one conditioned on embeddings). Only where the labels reach the tables as given: a diffusers model,
+    bare or inside DDP / ``torch.compile`` / :class:`~genkernel.diffusion.models.PositionalInputs` /
+    :class:`~genkernel.diffusion.models.ControlNetDenoiser`. A module of the user's around a UNet gives none: its
+    forward may map the labels before the lookup (-1 to the null row, a label offset), which a check of the labels
+    as given refused although the model runs them (its first step reports a label it cannot look up)."""
+    from .models import ControlNetDenoiser, PositionalInputs  # (models imports nothing of this module's; kept lazy)
+
+    model = unwrap(model)
+    while isinstance(model, PositionalInputs):
+        model = unwrap(model.model)
+    if not (isinstance(model, ControlNetDenoiser) or type(model).__module__.split(".")[0] == "diffusers"):
+        return []
     tables = []
     for name, module in model.named_modules():
         config = getattr(module, "config", None)
@@ -258,10 +269,13 @@ def check_class_labels(tables: list[tuple[str, int]], labels: torch.Tensor, what
     ``tables`` (:func:`class_tables`): the model's embedding lookup failed on them with torch's "index out of range
     in self", which named neither the labels nor the table. A ValueError saying what the table holds, what was
     given and the fix; returns None."""
-    for where, rows in tables:
-        outside = labels[(labels < 0) | (labels >= rows)]
-        if outside.numel() == 0:
-            continue
+    if not tables:
+        return
+    # (one check, against the smallest table, a label outside any is outside it: DiT holds a table per block, each
+    # read once a batch, a device sync each for labels on the GPU)
+    where, rows = min(tables, key=lambda table: table[1])
+    outside = labels[(labels < 0) | (labels >= rows)]
+    if outside.numel():
         bad = sorted({int(v) for v in outside.tolist()})
         shown = ", ".join(map(str, bad[:8])) + (", ..." if len(bad) > 8 else "")
         wider = (f", or build the model with a class embedding of {bad[-1] + 1} rows or more (UNet2DModel("

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import weakref
 from typing import Callable, Mapping, Sequence
 
 import torch
@@ -39,6 +40,8 @@ from .losses import cross_entropy_loss, logistic_loss, mse_loss
 # The losses whose checks of the targets' values (class ids in [0, C), labels in {-1, +1}, shapes) fit reads before
 # any step on the whole dataset (they run on zero outputs; another loss function may need real ones).
 CHECKED_LOSSES = (cross_entropy_loss, logistic_loss, mse_loss)
+# Output values per call of that check (a chunk of the targets): 4M zeros, 16 MiB of float32.
+TARGET_CHECK_ELEMENTS = 1 << 22
 
 
 class SupervisedTrainer:
@@ -123,6 +126,9 @@ class SupervisedTrainer:
         # The stream's drawn but not yet trained-on indices, and the dataset size they index.
         self._order = torch.empty(0, dtype=torch.long)
         self._order_size: int | None = None
+        # the targets _check_targets last passed: (weak reference, (their _version, the loss, the parameters'
+        # shapes)), or None
+        self._targets_checked: tuple | None = None
         # why the model or the optimizer hold part of an update (an interrupt inside optimizer.step()): training and
         # state_dict() refused until load_state_dict() (torn_update)
         self._torn: str | None = None
@@ -173,26 +179,43 @@ class SupervisedTrainer:
         """Refuse, before any step, targets that one of this module's losses (:data:`CHECKED_LOSSES`) refuses: their
         checks of values ran only on the batches drawn, so a class id out of range (or a label 0 for the logistic
         loss) was refused at the first step whose batch held it, after the steps before had trained on the data.
-        The loss is called on zero outputs shaped as the model's (one eval-mode forward of two examples, RNG
-        untouched); a model whose forward fails there is left to the steps, which report it. Returns nothing."""
+        The loss is called on zero outputs shaped as the model's (one eval-mode forward of two examples, the RNG and
+        the buffers put back: a quantization observer counts in eval mode too), :data:`TARGET_CHECK_ELEMENTS` output
+        values at a time on the targets' device (all N at once made an N × C tensor: 5 GB for 1.28M examples of
+        1000 classes, on the model's device); a model whose forward fails there is left to the steps, which report
+        it. Targets checked once are not read again by a later ``fit`` (the same tensor, unchanged: ``fit(steps=1)``
+        in a loop read all N every step). Returns nothing."""
         if self.loss_fn not in CHECKED_LOSSES or not isinstance(ys, torch.Tensor):
             return
+        # (the model's parameter shapes too: a head replaced between fits, another class count, checks them again)
+        key = (ys._version, self.loss_fn, tuple(tuple(p.shape) for p in self.model.parameters()))
+        done = getattr(self, "_targets_checked", None)
+        if done is not None and done[0]() is ys and done[1] == key:
+            return
+        buffers = buffer_snapshot(self.model)
         try:
             with torch.no_grad(), analysis_mode(self.model):
                 out = self.model(*(t[:2] for t in xs))
         except Exception:  # (the first step's forward reports it, in its words)
             return
+        finally:
+            restore_buffers(buffers)
         if not isinstance(out, torch.Tensor) or out.dim() == 0:
             return
-        zeros = out.new_zeros((ys.shape[0], *out.shape[1:]))
-        try:
-            with torch.no_grad():
-                self.loss_fn(zeros, ys.to(out.device))
-        except (ValueError, TypeError) as error:
-            raise type(error)(f"the targets do not fit {self.loss_fn.__name__} (checked on all {ys.shape[0]} examples "
-                              f"before any step): {error}") from None
-        except RuntimeError:  # (torch's own, e.g. of dtypes the steps' autocast reconciles: left to the steps)
-            return
+        n, per = ys.shape[0], max(1, math.prod(out.shape[1:]))
+        rows = max(1, TARGET_CHECK_ELEMENTS // per)
+        for start in range(0, n, rows):
+            part = ys[start:start + rows]
+            try:
+                with torch.no_grad():
+                    self.loss_fn(out.new_zeros((part.shape[0], *out.shape[1:]), device=part.device), part)
+            except (ValueError, TypeError) as error:
+                where = "" if rows >= n else f"; examples {start} to {start + part.shape[0] - 1} hold it"
+                raise type(error)(f"the targets do not fit {self.loss_fn.__name__} (checked on all {n} examples "
+                                  f"before any step{where}): {error}") from None
+            except RuntimeError:  # (torch's own, e.g. of dtypes the steps' autocast reconciles: left to the steps)
+                return
+        self._targets_checked = (weakref.ref(ys), key)
 
     def _train_step(self, xs: tuple[torch.Tensor, ...], ys, n: int) -> None:
         """One update through the callbacks, counted (``global_step``, ``history``) once it is in the
