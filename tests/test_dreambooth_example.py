@@ -43,6 +43,13 @@ def folders(tmp_path):
     return write_images(tmp_path / "dog", 4, seed=0), write_images(tmp_path / "dogs", 2, seed=1)
 
 
+@pytest.fixture
+def full_folders(tmp_path):
+    """4 instance images and all 4 class images the runs use: none to generate (the prior pipeline's 50 steps), for
+    the tests that read nothing of the generation."""
+    return write_images(tmp_path / "dog", 4, seed=0), write_images(tmp_path / "dogs", 4, seed=1)
+
+
 def run(folders, out, *extra):
     # batches of 1 example (1 instance row + 1 class row), accumulation over 2: 4 examples are 2 optimizer steps an
     # epoch; 3 steps run into the second epoch
@@ -136,15 +143,17 @@ def test_dreambooth_with_prior_preservation_keeps_exact_ledgers_split_by_source_
         assert torch.equal(resumed["analyzer"].ledgers[name].contributions, ledger.contributions), name
 
 
-def test_a_trained_text_encoder_is_in_the_ledger_trains_bit_for_bit_and_resumes_bit_for_bit(folders, tmp_path):
+def test_a_trained_text_encoder_is_in_the_ledger_trains_bit_for_bit_and_resumes_bit_for_bit(full_folders, tmp_path):
     """--train_text_encoder: the analyzer tracks the UNet and the text encoder as one model (its probes conditioned
     on token ids) and the step check passes over both; the ledgers add up; the checkpoints hold the text encoder,
     which moved after step 2; training is bit for bit the unanalyzed run's, and a run resumed from checkpoint-2 (the
     epoch's end; the hooks reading both models back) equals the straight one, both models and the ledgers."""
     from transformers import CLIPTextModel
 
-    options = ("--train_text_encoder", "--max_grad_norm", "0.05", "--prior_loss_weight", "0.5")
-    analyzed = run(folders, tmp_path / "analyzed", *options, "--checkpointing_steps", "2")
+    # (2 probes, 1 instance and 1 class: nothing here reads the probes' kinds, and the kernel records at bind and at
+    # the end run over the probes, min(8, their count) inputs)
+    options = ("--train_text_encoder", "--max_grad_norm", "0.05", "--prior_loss_weight", "0.5", "--num_probes", "2")
+    analyzed = run(full_folders, tmp_path / "analyzed", *options, "--checkpointing_steps", "2")
     analyzer = analyzed["analyzer"]
     assert analyzer.ledger.steps == 3
     assert {name.split(".")[0] for name in analyzer.tracker.params} == {"unet", "text_encoder"}
@@ -157,23 +166,25 @@ def test_a_trained_text_encoder_is_in_the_ledger_trains_bit_for_bit_and_resumes_
         return same_weights(first, second) and all(torch.equal(p, q) for p, q in zip(
             first["text_encoder"].parameters(), second["text_encoder"].parameters()))
 
-    assert same_models(analyzed, run(folders, tmp_path / "bare", *options, "--no-analyze"))
-    resumed = run(folders, tmp_path / "resumed", *options, "--resume_from_checkpoint",
+    assert same_models(analyzed, run(full_folders, tmp_path / "bare", *options, "--no-analyze"))
+    resumed = run(full_folders, tmp_path / "resumed", *options, "--resume_from_checkpoint",
                   str(tmp_path / "analyzed" / "checkpoint-2"))
     assert same_models(analyzed, resumed)
     for name, ledger in analyzer.ledgers.items():
         assert torch.equal(resumed["analyzer"].ledgers[name].contributions, ledger.contributions), name
 
 
-def test_the_lora_flow_books_the_adapters_of_both_models_trains_bit_for_bit_resumes_and_saves_them(folders, tmp_path):
+def test_the_lora_flow_books_the_adapters_of_both_models_trains_bit_for_bit_resumes_and_saves_them(full_folders,
+                                                                                                     tmp_path):
     """--rank 2 --train_text_encoder (train_dreambooth_lora.py): the ledger covers the UNet's and the text encoder's
     adapters alone and adds up; training is bit for bit the unanalyzed run's; a run resumed from checkpoint-2 equals
     the straight one; the saved pytorch_lora_weights hold both models' adapters, and loaded into the UNet they give
     the trained adapters' outputs."""
     import copy
 
-    options = ("--rank", "2", "--train_text_encoder", "--max_grad_norm", "0.05", "--learning_rate", "1e-2")
-    analyzed = run(folders, tmp_path / "analyzed", *options, "--checkpointing_steps", "2")
+    options = ("--rank", "2", "--train_text_encoder", "--max_grad_norm", "0.05", "--learning_rate", "1e-2",
+               "--num_probes", "2")  # (1 instance and 1 class probe: nothing here reads the probes' kinds)
+    analyzed = run(full_folders, tmp_path / "analyzed", *options, "--checkpointing_steps", "2")
     analyzer, unet = analyzed["analyzer"], analyzed["unet"]
     assert analyzer.ledger.steps == 3
     names = list(analyzer.tracker.params)
@@ -181,8 +192,8 @@ def test_the_lora_flow_books_the_adapters_of_both_models_trains_bit_for_bit_resu
     assert {name.split(".")[0] for name in names} == {"unet", "text_encoder"}
     for name, ledger in analyzer.ledgers.items():
         assert_identity(ledger, name)
-    assert same_weights(analyzed, run(folders, tmp_path / "bare", *options, "--no-analyze"))
-    resumed = run(folders, tmp_path / "resumed", *options, "--resume_from_checkpoint",
+    assert same_weights(analyzed, run(full_folders, tmp_path / "bare", *options, "--no-analyze"))
+    resumed = run(full_folders, tmp_path / "resumed", *options, "--resume_from_checkpoint",
                   str(tmp_path / "analyzed" / "checkpoint-2"))
     assert same_weights(analyzed, resumed)
     assert all(torch.equal(p, q) for p, q in zip(analyzed["text_encoder"].parameters(),
@@ -204,11 +215,11 @@ def test_the_lora_flow_books_the_adapters_of_both_models_trains_bit_for_bit_resu
                                    rtol=0, atol=0)
 
 
-def test_the_prior_loss_weight_is_in_the_ledger(folders, tmp_path):
+def test_the_prior_loss_weight_is_in_the_ledger(full_folders, tmp_path):
     """--prior_loss_weight 0: the class rows are in every batch but move nothing, so the prior groups' contributions
     are zero and the instance groups' are not; with no clipping each step's real gradient is the observed Σ c_n ℓ_n's
     (accelerate divides each micro-batch's loss by the 2 accumulation steps: scale × micro-batches = 1)."""
-    analyzed = run(folders, tmp_path / "out", "--prior_loss_weight", "0", "--max_grad_norm", "1e9",
+    analyzed = run(full_folders, tmp_path / "out", "--prior_loss_weight", "0", "--max_grad_norm", "1e9",
                    "--max_train_steps", "1")
     analyzer = analyzed["analyzer"]
     for name, ledger in analyzer.ledgers.items():
@@ -226,7 +237,7 @@ def test_without_prior_preservation_the_instance_rows_alone_are_observed(folders
     instance_dir, _ = folders
     result = main(["--instance_data_dir", str(instance_dir), "--instance_prompt", INSTANCE_PROMPT, "--output_dir",
                    str(tmp_path / "out"), "--train_batch_size", "2", "--max_train_steps", "2", "--max_grad_norm", "1e9",
-                   "--learning_rate", "1e-3", "--num_bins", "2", "--num_probes", "3"])
+                   "--learning_rate", "1e-3", "--num_bins", "2", "--num_probes", "2"])
     analyzer = result["analyzer"]
     assert analyzer.ledger.steps == 2 and "level_class" not in analyzer.ledgers
     assert bool(result["probe_is_instance"].all())

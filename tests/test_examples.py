@@ -23,11 +23,13 @@ def image_folder(make_image_folder):
 
 
 def run(image_folder, out, *extra):
-    # 16 images, batches of 2, accumulation over 2: 8 micro-batches, 4 optimizer steps
+    # 16 images, batches of 2, accumulation over 2: 8 micro-batches, 4 optimizer steps. 2 probes (the least): a kernel
+    # record (at bind and at the end) runs over the probes, and one count in every run of the file lets the runs share
+    # the cost estimate's measures (push_memory.remembered: kept per architecture and probe shape)
     return main([
         "--train_data_dir", str(image_folder), "--output_dir", str(out), "--resolution", "16", "--train_batch_size", "2",
         "--gradient_accumulation_steps", "2", "--use_ema", "--lr_warmup_steps", "1", "--num_bins", "2",
-        "--num_probes", "4", "--controls", "1", *extra,
+        "--num_probes", "2", "--controls", "1", *extra,
     ])
 
 
