@@ -204,3 +204,29 @@ def test_a_factored_chunk_measure_that_raised_is_taken_again_by_the_next_estimat
     fresh = cost.factored_chunk_bytes(model, probes, 4, 1)
     assert fresh[0] > 0 and again == fresh
     assert any(kind == "factored chunks" for kind, _ in push_memory._MEASURED)
+
+
+def test_a_tracker_built_under_bfloat16_whose_loop_runs_float16_counts_float16s_witnesses_from_its_first_step():
+    """Built under a bfloat16 autocast (3 witness copies counted), the loop then runs float16 (micro-batches of 6, 4,
+    2, float16's worst case of seeds): the witnesses held peak at 5 parameter copies and 3 passes, and the estimate
+    after the first step counts those (tracker.cost, made again at the first step from the precision observed); a
+    loop that runs bfloat16 as the construction's keeps 3.
+
+    Fails on the old code: the estimate stayed at 3 copies and 2 passes, under the measured peak (read45)."""
+    odd = 0.5 * (1 + 1e-6)
+    p_bytes = None
+    for loop, copies, passes_counted in ((torch.float16, 5, 3), (torch.bfloat16, 3, 2)):
+        net = _net()
+        optimizer = torch.optim.SGD(net.parameters(), lr=LR)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            tracker = PathKernelTracker(net, optimizer, None, _probes(), num_groups=G, mixed_precision="observe")
+        p_bytes = parameter_bytes(list(net.parameters()))
+        assert tracker.cost.memory["witnesses"] == 3 * p_bytes
+        peak, passes = _witness_peak(tracker, net, loop, [0.5, odd, odd])
+        optimizer.step()
+        assert tracker.ledger.steps == 1
+        assert peak == copies * p_bytes and max(passes) == passes_counted
+        estimate = tracker.cost
+        assert estimate.memory["witnesses"] == copies * p_bytes
+        assert estimate.work["witnesses"] == passes_counted * (estimate.bare_step - estimate.settings["batch"])
+    assert peak == 3 * p_bytes  # (the bfloat16 loop's own peak: the construction's count was right)

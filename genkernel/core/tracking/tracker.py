@@ -1074,7 +1074,8 @@ class PathKernelTracker:
         one saved before its first step), which :meth:`_follow_batch` takes in place of the resumed run's."""
         return self._saved_first_step
 
-    def _follow_batch(self, index: int, batch: int, micro_batches: int) -> Callable[[], None] | None:
+    def _follow_batch(self, index: int, batch: int, micro_batches: int,
+                      precision: torch.dtype | None = None) -> Callable[[], None] | None:
         """At the first recorded step (before anything of it changes, at its first meeting under DDP): the
         estimate made again with the step's batch ``batch`` (this rank's rows) and ``micro_batches`` in place
         of the stand-ins the tracker was built with (no ``batch_size``: the probes' count; no
@@ -1083,8 +1084,10 @@ class PathKernelTracker:
         (``_cost_followers``); a refusal (MemoryError under ``memory_check="refuse"``) leaves the estimate
         and its settings as they were, so the step is refused again until it fits. A given ``batch_size`` or
         ``micro_batches`` is kept (the estimate is the one asked for); one the step differs from warns once,
-        naming both. Once per tracker; an estimate whose B and K do not change is not made again. Returns
-        what puts the estimate back (another rank refused the step at the meeting after), or None."""
+        naming both. Once per tracker; an estimate whose B and K do not change is not made again. ``precision``:
+        an observed step's half precision (None: full precision or not known), whose witnesses are counted where
+        the construction counted fewer (built under a bfloat16 autocast, 3 copies; the loop runs float16, 5).
+        Returns what puts the estimate back (another rank refused the step at the meeting after), or None."""
         if self._batch_followed:
             return None
         resumed = self._saved_first_step is not None
@@ -1109,6 +1112,9 @@ class PathKernelTracker:
                 "batch_size= and micro_batches= per optimizer step, or without them to take the first step's (shown "
                 "once per tracker)", UserWarning, stacklevel=4)
         previous = (self.cost, dict(settings), dict(origin), self._first_step)
+        witnesses = witness_counts(precision) if precision is not None and settings["witness_copies"] else None
+        if witnesses is not None and witnesses[0] <= settings["witness_copies"]:
+            witnesses = None  # (counted as many or more: an estimate is never lowered once made)
 
         followers_back: list = []  # what puts the analyzers' records back
 
@@ -1127,11 +1133,13 @@ class PathKernelTracker:
             # (an observed loop's first step: its rows came from the loop's graph, which a tracker built before its
             # first observe() did not count)
             route_changed = self.cost.settings.get("gradient_route") not in (None, self._gradient_route_of_estimate())
-            if after == before and not route_changed:  # the same estimate: only where its numbers came from changes
+            if after == before and not route_changed and witnesses is None:  # only where its numbers came from changes
                 self.cost = replace(self.cost, settings={**self.cost.settings, "batch_from": origin["batch"],
                                                          "micro_batches_from": origin["micro_batches"]})
             else:
                 settings.update(batch_size=after[0], micro_batches=after[1])
+                if witnesses is not None:
+                    settings.update(witness_copies=witnesses[0], witness_passes=witnesses[1])
                 stand_ins = [f"{name}= (the estimate took {was}, {why})"
                              for name, was, now, why in (("batch_size", before[0], after[0], "the probes' count"),
                                                          ("micro_batches", before[1], after[1], "one"))
@@ -1143,6 +1151,10 @@ class PathKernelTracker:
                     why = (f"{refused}: the tracker was built without {' and '.join(stand_ins)}, and with {which} of "
                            f"{batch} examples in {micro_batches} micro-batch{'es' if micro_batches > 1 else ''} as "
                            "batch_size and micro_batches")
+                elif witnesses is not None:
+                    why = (f"{refused}: the tracker was built under a bfloat16 autocast and counted its witnesses, but "
+                           f"this step runs {str(precision).removeprefix('torch.')}, whose witnesses hold "
+                           f"{witnesses[0]} parameter copies")
                 else:
                     why = (f"{refused}: an observed loop forms the group rows from its own training graph, in batched "
                            "backward passes beside it that the estimate made before its first observe() did not count")
@@ -1897,7 +1909,10 @@ class PathKernelTracker:
             kept = [e for e in entries if e["backward"][0]] or entries
             # (the first step's batch into the cost estimate, checked before anything of the step runs; under DDP
             # at this first meeting, before any collective of the step, so a rank that refuses is heard by all)
-            undo = self._follow_batch(index, sum(int(e["losses"].shape[0]) for e in kept), len(kept))
+            # (float16 where any micro-batch ran it: its witnesses hold the most, whatever _least_precise names)
+            halves = {e.get("precision") for e in kept} - {None}
+            undo = self._follow_batch(index, sum(int(e["losses"].shape[0]) for e in kept), len(kept),
+                                      torch.float16 if torch.float16 in halves else _least_precise(kept))
         except BaseException as error:
             together.failed(error)
             raise
