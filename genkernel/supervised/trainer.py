@@ -184,13 +184,18 @@ class SupervisedTrainer:
         values at a time on the targets' device (all N at once made an N × C tensor: 5 GB for 1.28M examples of
         1000 classes, on the model's device); a model whose forward fails there is left to the steps, which report
         it. Targets checked once are not read again by a later ``fit`` (the same tensor, unchanged: ``fit(steps=1)``
-        in a loop read all N every step). Returns nothing."""
+        in a loop read all N every step); "unchanged" is read from the tensor's version counter, which writes through
+        another alias of its memory (``ys.data``, a NumPy array it was made from) do not move, so such targets are
+        not checked again (inference tensors, which have no counter, are checked at every fit). Returns nothing."""
         if self.loss_fn not in CHECKED_LOSSES or not isinstance(ys, torch.Tensor):
             return
-        # (the model's parameter shapes too: a head replaced between fits, another class count, checks them again)
-        key = (ys._version, self.loss_fn, tuple(tuple(p.shape) for p in self.model.parameters()))
+        # (the model's parameter shapes too: a head replaced between fits, another class count, checks them again;
+        # targets made under torch.inference_mode keep no version counter, reading it raised a RuntimeError: they
+        # are checked at every fit)
+        key = None if ys.is_inference() else (
+            ys._version, self.loss_fn, tuple(tuple(p.shape) for p in self.model.parameters()))
         done = getattr(self, "_targets_checked", None)
-        if done is not None and done[0]() is ys and done[1] == key:
+        if key is not None and done is not None and done[0]() is ys and done[1] == key:
             return
         buffers = buffer_snapshot(self.model)
         try:
@@ -215,7 +220,7 @@ class SupervisedTrainer:
                                   f"before any step{where}): {error}") from None
             except RuntimeError:  # (torch's own, e.g. of dtypes the steps' autocast reconciles: left to the steps)
                 return
-        self._targets_checked = (weakref.ref(ys), key)
+        self._targets_checked = None if key is None else (weakref.ref(ys), key)
 
     def _train_step(self, xs: tuple[torch.Tensor, ...], ys, n: int) -> None:
         """One update through the callbacks, counted (``global_step``, ``history``) once it is in the
