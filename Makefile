@@ -34,8 +34,8 @@ $(STAMP): $(PY) pyproject.toml $(TORCH_CHOICE)
 
 install: $(STAMP)
 
-# Two pytest-xdist workers, whole files to one worker (a module's fixtures built once): the 3730 tests in
-# 537 s on 2 idle cores (a clean clone, 2026-12-08 late; 3677 tests: 539-653 s earlier that day),
+# Two pytest-xdist workers, whole files to one worker (a module's fixtures built once): the 3736 tests in
+# 555 s on 2 idle cores (a clean clone, 2026-12-08 late; 537-600 s over that evening's three clean clones),
 # the tests' CPU over two cores (the scale benchmark's smoke fixture, the DDP spawns and the example scripts' tests
 # the heaviest), plus each worker's collection (about 27 s).
 # TEST_WORKERS=0: one process.
