@@ -12,8 +12,8 @@ from torch import nn
 import genkernel.core.tracking.sketched as sketched
 from genkernel.core.errors import LedgerCheckError
 from genkernel.core.tracking.step import OptimizerStep
-from genkernel.core.tracking.tracker import PathKernelTracker
 from genkernel.supervised import SupervisedTrainer, cross_entropy_loss
+from test_sketch45 import _loss, _setup  # the same sketched runs
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -68,10 +68,6 @@ def test_targets_that_are_a_view_changed_through_their_base_or_replaced_by_new_o
     assert trainer.global_step == 1
 
 
-def _loss(out, y):
-    return ((out - y) ** 2).mean(1)
-
-
 @pytest.mark.parametrize("kind", ["momentum", "adam"])
 def test_float32_cancelling_steps_of_fast_optimizers_pass_the_sketched_check_at_a_sixteenth_of_its_units(
         kind, monkeypatch):
@@ -80,12 +76,7 @@ def test_float32_cancelling_steps_of_fast_optimizers_pass_the_sketched_check_at_
     rounding alone), under SGD with momentum 0.99 or Adam at lr 1e-2, are recorded with the units cut from 16 to 1
     (measured: they pass down to 0.25 units and are refused at 1/16)."""
     monkeypatch.setattr(sketched, "SKETCH_ROUNDING_UNITS", 1)
-    torch.manual_seed(1)
-    model = nn.Sequential(nn.Linear(3, 32), nn.Tanh(), nn.Linear(32, 2))
-    optimizer = (torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.99) if kind == "momentum" else
-                 torch.optim.Adam(model.parameters(), lr=1e-2))
-    tracker = PathKernelTracker(model, optimizer, _loss, torch.randn(4, 3), num_groups=4, group_state="sketched",
-                                sketch_dim=64)
+    model, optimizer, _, tracker = _setup(kind, 1, width=32, momentum=0.99, adam_lr=1e-2, groups=4)
     for _ in range(3):
         x, y = torch.randn(128, 3), torch.randn(128, 2)
         with torch.no_grad():
@@ -101,11 +92,7 @@ def test_a_drift_of_the_sketched_state_of_1e_8_is_refused_on_a_float64_step_whos
     in pairs to 1e-3, its examples' sketches all scaled by 1 + 1e-8, is refused: the float64 eps (16 units) bounds the
     drift, not float32's. Measured smallest refused drift here: 5e-10 (before eeb85fb: 2.5e-6, judged at rtol of the
     summed magnitude)."""
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(3, 16), nn.Tanh(), nn.Linear(16, 2)).double()
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
-    tracker = PathKernelTracker(model, optimizer, _loss, torch.randn(4, 3, dtype=torch.float64), num_groups=4,
-                                group_state="sketched", sketch_dim=64)
+    model, optimizer, _, tracker = _setup("adam", 0, groups=4, dtype=torch.float64)
     project = sketched.SketchedRoute.project_batch
     for step in range(3):
         x, y = torch.randn(32, 3, dtype=torch.float64), torch.randn(32, 2, dtype=torch.float64)

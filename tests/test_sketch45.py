@@ -23,13 +23,18 @@ def _loss(out, y):
     return ((out - y) ** 2).mean(1)
 
 
-def _setup(kind: str, seed: int):
+def _setup(kind: str, seed: int, *, width: int = 16, momentum: float = 0.9, adam_lr: float = 1e-3, groups: int = 2,
+           dtype: torch.dtype = torch.float32):
+    """``(model, optimizer, probes, tracker)``: a 3-``width``-2 tanh MLP in ``dtype`` seeded with ``seed``, SGD (lr 0.05,
+    ``momentum``) for ``kind`` "momentum" else Adam (``adam_lr``), 4 probes, a sketched tracker of ``groups`` groups
+    (tests/test_read45c.py builds its runs here too)."""
     torch.manual_seed(seed)
-    model = nn.Sequential(nn.Linear(3, 16), nn.Tanh(), nn.Linear(16, 2))
-    optimizer = (torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9) if kind == "momentum" else
-                 torch.optim.Adam(model.parameters(), lr=1e-3))
-    probes = torch.randn(4, 3)
-    tracker = PathKernelTracker(model, optimizer, _loss, probes, num_groups=2, group_state="sketched", sketch_dim=64)
+    model = nn.Sequential(nn.Linear(3, width), nn.Tanh(), nn.Linear(width, 2)).to(dtype)
+    optimizer = (torch.optim.SGD(model.parameters(), lr=0.05, momentum=momentum) if kind == "momentum" else
+                 torch.optim.Adam(model.parameters(), lr=adam_lr))
+    probes = torch.randn(4, 3, dtype=dtype)
+    tracker = PathKernelTracker(model, optimizer, _loss, probes, num_groups=groups, group_state="sketched",
+                                sketch_dim=64)
     return model, optimizer, probes, tracker
 
 
@@ -99,12 +104,7 @@ def test_a_drift_of_the_sketched_state_of_8e_5_is_refused_on_an_ordinary_float32
     drift of the groups' state against the exact total): refused. The magnitude the state was summed from is judged
     by float32 units (SKETCH_ROUNDING_UNITS eps), not at rtol: at rtol (1e-5 of the summed magnitude) a drift up to
     1.2e-4 passed here; by units it is refused from about 5e-5, as before the magnitude was counted (3e-5)."""
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(3, 16), nn.Tanh(), nn.Linear(16, 2))
-    optimizer = (torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9) if kind == "momentum" else
-                 torch.optim.Adam(model.parameters(), lr=1e-3))
-    tracker = PathKernelTracker(model, optimizer, _loss, torch.randn(4, 3), num_groups=4, group_state="sketched",
-                                sketch_dim=64)
+    model, optimizer, _, tracker = _setup(kind, 0, groups=4)
     project = SketchedRoute.project_batch
     for step in range(3):
         x, y = torch.randn(64, 3), torch.randn(64, 2)
