@@ -96,14 +96,10 @@ def _rounding(finite: np.ndarray, eps: float) -> float:
 def _float64(values: Any) -> tuple[np.ndarray, float]:
     """(``values`` as a float64 array, the eps of the dtype they came in: float64's for integers, booleans and
     Python numbers, bfloat16's for a bfloat16 tensor, which numpy cannot hold and is widened exactly)."""
-    eps = None
-    if hasattr(values, "detach"):  # a torch tensor, without importing torch here
-        values = values.detach().cpu()
-        if str(values.dtype) == "torch.bfloat16":  # numpy has no bfloat16: widen (exactly) first, keep its eps
-            values, eps = values.float(), 2.0 ** -7
-        values = values.numpy()
-    a = np.asarray(values)
-    if eps is None:
+    a = np.asarray(_numpy(values))  # (a bfloat16 tensor arrives widened to float32: its eps is read before)
+    if str(getattr(values, "dtype", "")) == "torch.bfloat16":
+        eps = 2.0 ** -7
+    else:
         eps = float(np.finfo(a.dtype).eps) if a.dtype.kind == "f" else float(np.finfo(np.float64).eps)
     return a.astype(np.float64, copy=False), eps
 
